@@ -1,0 +1,43 @@
+"""zmqmesh: brokerless peer-to-peer messaging on ZeroMQ.
+
+Every process runs a `Node` (or an `AsyncNode` in asyncio programs). Nodes find each other
+(ZRE discovery), watch each other (heartbeats), and compose pub/sub, push/pull and
+request/reply into one mesh with plain callbacks as handlers.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import NodeConfig
+from .errors import (
+    ConfigError,
+    DecodeError,
+    MeshTimeoutError,
+    MessageTooLargeError,
+    NodeClosedError,
+    NoProviderError,
+    PeerLostError,
+    RemoteError,
+    ZmqMeshError,
+)
+from .message import Message, Peer
+from .node import AsyncNode, Node
+
+__all__ = [
+    "__version__",
+    "Node",
+    "AsyncNode",
+    "NodeConfig",
+    "Message",
+    "Peer",
+    "ZmqMeshError",
+    "ConfigError",
+    "DecodeError",
+    "MeshTimeoutError",
+    "MessageTooLargeError",
+    "NodeClosedError",
+    "NoProviderError",
+    "PeerLostError",
+    "RemoteError",
+]

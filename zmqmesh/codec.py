@@ -1,0 +1,85 @@
+"""msgpack encoding of payloads, with explicit size limits on decoding; no pickle anywhere.
+
+Payloads may be anything msgpack represents: None, bool, int, float, str, bytes, lists
+(tuples are sent as lists) and dicts. ``bytes`` stay ``bytes`` (bin type), ``str`` stay
+``str``. An object msgpack cannot represent raises ``TypeError`` in the caller, before
+anything is sent.
+
+One frame may carry a *batch*: several msgpack objects concatenated back to back. A
+frame holding a single object is the batch of one, so a sender never has to batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import DecodeError, MessageTooLargeError
+
+__all__ = ["Codec"]
+
+_DECODE_ERRORS = (ValueError, TypeError, msgpack.UnpackException, OverflowError, RecursionError)
+
+
+class Codec:
+    """Encodes payloads to msgpack bytes and decodes them within fixed limits.
+
+    ``max_message_bytes`` bounds one encoded payload and every string, binary, array and
+    map decoded from a frame; deeper nesting than msgpack's own stack limit is refused.
+    """
+
+    __slots__ = ("max_message_bytes", "_limits")
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._limits = dict(
+            raw=False,
+            strict_map_key=False,
+            max_str_len=max_message_bytes,
+            max_bin_len=max_message_bytes,
+            max_array_len=max_message_bytes,
+            max_map_len=max_message_bytes,
+            max_ext_len=max_message_bytes,
+        )
+
+    def encode(self, data: Any) -> bytes:
+        """Encode one payload. Raises `TypeError` for unencodable data, `MessageTooLargeError` if too big."""
+        try:
+            body = msgpack.packb(data, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from exc
+        if len(body) > self.max_message_bytes:
+            raise MessageTooLargeError(
+                f"payload is {len(body)} bytes; max_message_bytes is {self.max_message_bytes}"
+            )
+        return body
+
+    def decode(self, frame: bytes) -> Any:
+        """Decode a frame holding exactly one object. Raises `DecodeError`."""
+        if len(frame) > self.max_message_bytes:
+            raise DecodeError(f"frame of {len(frame)} bytes exceeds max_message_bytes")
+        try:
+            return msgpack.unpackb(frame, **self._limits)
+        except _DECODE_ERRORS as exc:
+            raise DecodeError(f"malformed msgpack payload: {exc}") from exc
+
+    def decode_batch(self, frame: bytes) -> list[Any]:
+        """Decode a frame holding one or more concatenated objects. Raises `DecodeError`."""
+        if len(frame) > self.max_message_bytes:
+            raise DecodeError(f"frame of {len(frame)} bytes exceeds max_message_bytes")
+        try:
+            return [msgpack.unpackb(frame, **self._limits)]
+        except msgpack.ExtraData as extra:
+            items = [extra.unpacked]
+            unpacker = msgpack.Unpacker(max_buffer_size=self.max_message_bytes, **self._limits)
+            try:
+                unpacker.feed(extra.extra)
+                items.extend(unpacker)
+            except _DECODE_ERRORS as exc:
+                raise DecodeError(f"malformed msgpack batch: {exc}") from exc
+            if unpacker.tell() != len(extra.extra):
+                raise DecodeError("truncated msgpack batch")
+            return items
+        except _DECODE_ERRORS as exc:
+            raise DecodeError(f"malformed msgpack payload: {exc}") from exc

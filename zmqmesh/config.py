@@ -1,0 +1,125 @@
+"""Node configuration: one frozen dataclass, every field named with its unit, sane defaults.
+
+Defaults keep a node on loopback: it binds 127.0.0.1 and beacons to 127.255.255.255, so
+nothing leaves the machine until the user names an interface or an address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["NodeConfig", "DEFAULT_BEACON_PORT"]
+
+DEFAULT_BEACON_PORT = 5670
+"""UDP port of ZRE discovery (ZRE-DISC, assigned by IANA)."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Every option of a node. Pass fields as keyword arguments to `Node` / `AsyncNode`.
+
+    Discovery and membership:
+        mesh: name of the mesh; nodes of different meshes ignore each other even on one
+            network. Plain ZRE peers (pyre, zyre) carry no mesh name and are accepted
+            when ``accept_plain_zre`` is true.
+        interface: network interface to join (e.g. ``"eth0"``); ``None`` stays on loopback.
+        bind_address: IPv4 address to bind sockets to; derived from ``interface`` by default.
+        advertise_address: address peers should use to reach this node; by default the
+            bound address (never 0.0.0.0).
+        beacon_address: where UDP beacons go; by default the interface's broadcast
+            address (127.255.255.255 on loopback).
+        beacon_port: UDP port of beacons (ZRE uses 5670).
+        beacon_interval_s: seconds between beacons (the first goes out at once).
+        discovery: send and listen to UDP beacons; turn off to rely on ``seeds`` only.
+        seeds: mailbox endpoints (``tcp://host:port``) to greet directly where broadcast
+            does not reach; a node met through a seed tells us the rest of the mesh.
+        heartbeat_interval_s: a peer silent this long is sent a PING.
+        peer_timeout_s: a peer silent this long (no traffic, no PING-OK) is declared gone.
+        disconnect_grace_s: after the TCP link to a peer drops, how long it may take to
+            reconnect before the peer is declared gone (a crashed process on this host is
+            seen this fast).
+        accept_plain_zre: accept ZRE peers that are not zmqmesh nodes (pyre, zyre).
+
+    Messaging:
+        max_message_bytes: largest payload or frame accepted or sent (bytes).
+        send_hwm / recv_hwm: ZeroMQ high-water marks (messages per connection).
+        send_queue_max: messages queued inside the node before ``push`` / ``publish``
+            callers are held back (back-pressure).
+        push_timeout_s: how long ``push`` waits for a puller or for room.
+        request_timeout_s: default timeout of ``request``.
+        handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up
+            to N at once (order no longer kept).
+        linger_s: how long ``stop`` lets queued outgoing messages drain before dropping them.
+    """
+
+    mesh: str = "zmqmesh"
+    interface: str | None = None
+    bind_address: str | None = None
+    advertise_address: str | None = None
+    beacon_address: str | None = None
+    beacon_port: int = DEFAULT_BEACON_PORT
+    beacon_interval_s: float = 1.0
+    discovery: bool = True
+    seeds: tuple[str, ...] = ()
+    heartbeat_interval_s: float = 1.0
+    peer_timeout_s: float = 3.0
+    disconnect_grace_s: float = 0.3
+    accept_plain_zre: bool = True
+    max_message_bytes: int = 16 * 1024 * 1024
+    send_hwm: int = 100_000
+    recv_hwm: int = 100_000
+    send_queue_max: int = 10_000
+    push_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0
+    handler_concurrency: int = 1
+    linger_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, (list, str)):
+            seeds = (self.seeds,) if isinstance(self.seeds, str) else tuple(self.seeds)
+            object.__setattr__(self, "seeds", seeds)
+        positive = (
+            "beacon_interval_s",
+            "heartbeat_interval_s",
+            "peer_timeout_s",
+            "disconnect_grace_s",
+            "max_message_bytes",
+            "send_hwm",
+            "recv_hwm",
+            "send_queue_max",
+            "handler_concurrency",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("push_timeout_s", "request_timeout_s", "linger_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if not (0 <= self.beacon_port <= 65535):
+            raise ConfigError(f"beacon_port must be 0..65535, got {self.beacon_port!r}")
+        if self.peer_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError("peer_timeout_s must be longer than heartbeat_interval_s")
+        if not self.mesh or len(self.mesh) > 200:
+            raise ConfigError("mesh must be a non-empty name of at most 200 characters")
+        for seed in self.seeds:
+            if not isinstance(seed, str) or not seed.startswith("tcp://"):
+                raise ConfigError(f"seeds must be tcp:// endpoints, got {seed!r}")
+
+    @classmethod
+    def from_options(cls, config: NodeConfig | None = None, **options: Any) -> NodeConfig:
+        """A config from a base ``config`` (or the defaults) with ``options`` replaced.
+
+        Raises `ConfigError` for an unknown option name.
+        """
+        base = config if config is not None else cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+        return dataclasses.replace(base, **options) if options else base

@@ -1,0 +1,755 @@
+"""The engine under `Node` and `AsyncNode`: one implementation, run on an asyncio loop.
+
+For `AsyncNode` the loop is the caller's; for `Node` it is a private loop on a background
+I/O thread. The core owns membership (ZRE), the outbound pattern sockets (XPUB and one
+PUSH per queue, connected to what peers offer as they come and go), the request sockets
+of coroutines, and the waits callers block on. The inbound sockets belong to the inbox
+(see `inbox`), which runs where the handlers run.
+
+Publishing and pushing never cross threads per message: callers encode and append to a
+queue, and the loop sends whatever has accumulated, several messages to one frame, as
+soon as it gets to it (it never waits for a batch to fill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid as uuid_module
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import zmq
+
+from . import __version__ as _version
+from .codec import Codec
+from .config import NodeConfig
+from .discovery import BeaconSocket
+from .errors import MeshTimeoutError, NodeClosedError, NoProviderError, ZmqMeshError
+from .inbox import Call, LoopInbox, ThreadInbox
+from .membership import HEADER, OFFER_PREFIXES, Membership, MembershipEvents, PeerState
+from .message import Message, Peer
+from .netif import LOOPBACK_ADDRESS, LOOPBACK_BROADCAST, interface_addresses, is_loopback
+from .reqrep import LoopRequester, ThreadRequester
+from .stats import Stats
+
+__all__ = ["MeshCore", "Registry", "Provider"]
+
+log = logging.getLogger("zmqmesh.node")
+
+_BATCH_MESSAGES = 256
+_BATCH_BYTES = 64 * 1024
+_LARGE_FRAME = 64 * 1024
+_RETRY_S = 0.002
+_OFFER_KINDS = ("services", "queues", "topics")
+
+
+class Provider(NamedTuple):
+    """A node offering something, and the endpoint to reach that offer."""
+
+    id: str
+    endpoint: str
+
+
+class Registry:
+    """The handlers registered on a node. Replaced copy-on-write so other threads read safely."""
+
+    def __init__(self) -> None:
+        self.topics: dict[str, list[Callable[..., Any]]] = {}
+        self.queues: dict[str, Callable[..., Any]] = {}
+        self.services: dict[str, Callable[..., Any]] = {}
+        self.callbacks: dict[str, list[Callable[..., Any]]] = {"join": [], "leave": [], "whisper": [], "shout": []}
+        self.version = 0
+
+    def offers(self) -> dict[str, frozenset[str]]:
+        """What this node offers, by kind."""
+        return {
+            "services": frozenset(self.services),
+            "queues": frozenset(self.queues),
+            "topics": frozenset(self.topics),
+        }
+
+    def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
+        """Register ``handler`` for a topic prefix, queue or service. Raises `ValueError` on a clash."""
+        if kind == "topics":
+            topics = dict(self.topics)
+            topics[name] = [*topics.get(name, []), handler]
+            self.topics = topics
+        else:
+            table = dict(getattr(self, kind))
+            if name in table and table[name] is not handler:
+                what = "queue" if kind == "queues" else "service"
+                raise ValueError(f"this node already has a handler for the {what} {name!r}")
+            table[name] = handler
+            setattr(self, kind, table)
+        self.version += 1
+
+    def remove(self, kind: str, name: str, handler: Callable[..., Any] | None = None) -> bool:
+        """Remove the handler(s) of a name; True if anything was removed."""
+        table = dict(getattr(self, kind))
+        if name not in table:
+            return False
+        if kind == "topics" and handler is not None:
+            left = [h for h in table[name] if h is not handler]
+            if len(left) == len(table[name]):
+                return False
+            if left:
+                table[name] = left
+            else:
+                del table[name]
+        elif handler is not None and kind != "topics" and table[name] is not handler:
+            return False
+        else:
+            del table[name]
+        setattr(self, kind, table)
+        self.version += 1
+        return True
+
+    def remove_handler(self, handler: Callable[..., Any]) -> bool:
+        """Remove ``handler`` wherever it is registered; True if it was."""
+        found = False
+        for kind in _OFFER_KINDS:
+            for name, entry in list(getattr(self, kind).items()):
+                if entry is handler or (isinstance(entry, list) and handler in entry):
+                    found |= self.remove(kind, name, handler)
+        for callbacks in self.callbacks.values():
+            if handler in callbacks:
+                callbacks.remove(handler)
+                found = True
+        return found
+
+
+class MeshCore(MembershipEvents):
+    """State and sockets of one node, driven by one asyncio loop."""
+
+    def __init__(self, name: str, config: NodeConfig, registry: Registry, threaded: bool) -> None:
+        self.uuid = uuid_module.uuid4().bytes
+        self.node_id = self.uuid.hex()
+        self.name = name or f"node-{self.node_id[:6]}"
+        self.config = config
+        self.registry = registry
+        self.threaded = threaded
+        self.codec = Codec(config.max_message_bytes)
+        self.stats = Stats()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.loop_thread = 0
+        self.ctx: zmq.Context[Any] = None  # type: ignore[assignment]
+        self.closed = True
+        self.started = False
+        self.membership: Membership = None  # type: ignore[assignment]
+        self.inbox: ThreadInbox | LoopInbox = None  # type: ignore[assignment]
+        self.requester: LoopRequester = None  # type: ignore[assignment]
+        self.endpoints: dict[str, str] = {}
+        self.inproc: dict[str, str] = {}
+        self.alive_ids: frozenset[str] = frozenset()
+        self.membership_epoch = 0
+        self.offers: dict[str, dict[str, tuple[str, ...]]] = {k: {} for k in _OFFER_KINDS}
+        self._peer_index: dict[str, PeerState] = {}
+        self._user_groups: set[str] = set()
+        self._rr = itertools.count()
+        self._skip: dict[tuple[str, str], float] = {}
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        # outbound
+        self._xpub: zmq.Socket[Any] | None = None
+        self._xpub_connected: set[str] = set()
+        self._sub_counts: defaultdict[bytes, int] = defaultdict(int)
+        self._pub_q: deque[tuple[bytes, bytes]] = deque()
+        self._pub_seq: dict[bytes, int] = {}
+        self._push_q: dict[str, deque[bytes]] = {}
+        self._push_socks: dict[str, zmq.Socket[Any]] = {}
+        self._push_connected: dict[str, set[str]] = {}
+        self._flush_scheduled = False
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._space = threading.Condition()
+        self._space_waiters = 0
+        self._space_event: asyncio.Event | None = None
+        self._thread_requesters: list[ThreadRequester] = []
+        self._requester_local = threading.local()
+        self._requests_active = 0
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the context and sockets, bind, and begin discovery (on the node's loop)."""
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        self._space_event = asyncio.Event()
+        cfg = self.config
+        if cfg.interface:
+            address, broadcast = interface_addresses(cfg.interface)
+        else:
+            address, broadcast = LOOPBACK_ADDRESS, LOOPBACK_BROADCAST
+        bind_address = cfg.bind_address or address
+        advertise = cfg.advertise_address or (address if bind_address == "0.0.0.0" else bind_address)
+        if advertise == "0.0.0.0":
+            raise ZmqMeshError("advertise_address must be an address peers can reach, not 0.0.0.0")
+        beacon_target = cfg.beacon_address or broadcast
+        self.ctx = zmq.Context(io_threads=1)
+        try:
+            self._open_sockets(bind_address)
+            beacon = None
+            if cfg.discovery:
+                beacon = BeaconSocket(beacon_target, cfg.beacon_port, loopback_only=is_loopback(advertise))
+            self.membership = Membership(
+                loop=self.loop,
+                ctx=self.ctx,
+                config=cfg,
+                uuid=self.uuid,
+                name=self.name,
+                codec=self.codec,
+                stats=self.stats,
+                events=self,
+                bind_address=bind_address,
+                advertise_address=advertise,
+                beacon=beacon,
+            )
+            self.membership.bind()
+        except Exception:
+            self.ctx.destroy(linger=0)
+            raise
+        headers = {
+            HEADER["version"]: _version,
+            HEADER["mesh"]: cfg.mesh,
+            HEADER["pub"]: self._advertised("pub", advertise),
+            HEADER["sub"]: self._advertised("sub", advertise),
+            HEADER["pull"]: self._advertised("pull", advertise),
+            HEADER["service"]: self._advertised("service", advertise),
+            HEADER["host"]: socket.gethostname(),
+            HEADER["pid"]: str(os.getpid()),
+        }
+        self.requester = LoopRequester(self)
+        self.inbox.start()
+        self.closed = False
+        self.started = True
+        self._rebuild()
+        self.membership.start(headers, self._own_groups())
+        self.loop.add_reader(self._xpub.FD, self._on_xpub)  # type: ignore[union-attr]
+        log.info("node %s (%s) started, mailbox %s", self.name, self.node_id[:8], self.membership.endpoint)
+
+    def _advertised(self, key: str, advertise: str) -> str:
+        return "tcp://{}:{}".format(advertise, self.endpoints[key].rsplit(":", 1)[1])
+
+    def _open_sockets(self, bind_address: str) -> None:
+        cfg = self.config
+        ctx = self.ctx
+        limit = cfg.max_message_bytes + 4096
+        sockets: dict[str, zmq.Socket[Any]] = {}
+        for key, kind in (("sub", zmq.SUB), ("pull", zmq.PULL), ("service", zmq.ROUTER), ("pub", zmq.XPUB)):
+            sock = ctx.socket(kind)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, cfg.recv_hwm)
+            sock.setsockopt(zmq.SNDHWM, cfg.send_hwm)
+            sock.setsockopt(zmq.MAXMSGSIZE, limit)
+            if kind == zmq.ROUTER:
+                sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if kind == zmq.XPUB:
+                sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+            sock.bind(f"tcp://{bind_address}:*")
+            self.endpoints[key] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if kind != zmq.XPUB:
+                self.inproc[key] = f"inproc://zmqmesh-{self.node_id}-{key}"
+                sock.bind(self.inproc[key])
+            sockets[key] = sock
+        self._xpub = sockets["pub"]
+        self._xpub.connect(self.inproc["sub"])  # the publisher's own subscriptions
+        inbox_type = ThreadInbox if self.threaded else LoopInbox
+        self.inbox = inbox_type(self, sockets["sub"], sockets["pull"], sockets["service"])
+
+    async def stop(self, timeout: float) -> None:
+        """Drain queued sends, stop handlers, say goodbye, close everything (bounded)."""
+        if self.closed:
+            return
+        self.closed = True
+        deadline = time.monotonic() + min(self.config.linger_s, timeout)
+        while self._queued() and time.monotonic() < deadline:
+            self._flush()
+            await asyncio.sleep(0.005)
+        left = self._queued()
+        if left:
+            self.stats.pattern["pipeline"]["dropped"] += left
+            log.warning("node %s stopped with %d queued message(s) unsent (no room or no puller)", self.name, left)
+        self.membership.say_goodbye()
+        for _predicate, future in self._waiters:
+            if not future.done():
+                future.set_exception(NodeClosedError("the node stopped"))
+        self.requester.close()
+        if isinstance(self.inbox, LoopInbox):
+            await self.inbox.stop(timeout)
+        else:
+            await self.loop.run_in_executor(None, self.inbox.stop, timeout)
+        self.membership.close()
+        for handle in (self._retry_handle,):
+            if handle is not None:
+                handle.cancel()
+        for sock in [self._xpub, *self._push_socks.values()]:
+            if sock is not None:
+                try:
+                    self.loop.remove_reader(sock.FD)
+                except Exception:
+                    pass
+                sock.close(0)
+        self._push_socks.clear()
+        with self._space:
+            self._space.notify_all()
+        for requester in list(self._thread_requesters):
+            requester.close()
+        self.ctx.destroy(linger=0)
+        log.info("node %s (%s) stopped", self.name, self.node_id[:8])
+
+    def _queued(self) -> int:
+        return len(self._pub_q) + sum(len(q) for q in self._push_q.values())
+
+    # -- offers, providers and waiting ---------------------------------------------------------
+
+    def _own_groups(self) -> set[str]:
+        groups = set(self._user_groups)
+        for kind, names in self.registry.offers().items():
+            groups.update(OFFER_PREFIXES[kind] + name for name in names)
+        return groups
+
+    def _rebuild(self) -> None:
+        """Recompute the offer tables and connections after any membership or registry change."""
+        offers: dict[str, defaultdict[str, list[str]]] = {k: defaultdict(list) for k in _OFFER_KINDS}
+        for kind, names in self.registry.offers().items():
+            for name in names:
+                offers[kind][name].append(self.node_id)
+        index: dict[str, PeerState] = {}
+        for peer in self.membership.ready_peers():
+            index[peer.id] = peer
+            if peer.is_zmqmesh:
+                for kind in _OFFER_KINDS:
+                    for name in peer.offers(kind):
+                        offers[kind][name].append(peer.id)
+        self._peer_index = index
+        self.offers = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
+        self.alive_ids = frozenset(index) | {self.node_id}
+        self.membership_epoch += 1
+        self._sync_connections()
+        self._check_waiters()
+
+    def _endpoint_of(self, node_id: str, key: str) -> str | None:
+        if node_id == self.node_id:
+            return self.inproc[key]
+        peer = self._peer_index.get(node_id)
+        return peer.endpoint_of(key) if peer is not None else None
+
+    def _sync_connections(self) -> None:
+        if self._xpub is not None:
+            wanted = {
+                ep for p in self._peer_index.values() if p.is_zmqmesh and (ep := p.endpoint_of("sub")) is not None
+            }
+            _reconnect(self._xpub, self._xpub_connected, wanted)
+        for queue, sock in self._push_socks.items():
+            endpoints = {self._endpoint_of(i, "pull") for i in self.offers["queues"].get(queue, ())}
+            endpoints.discard(None)
+            _reconnect(sock, self._push_connected[queue], endpoints)  # type: ignore[arg-type]
+
+    def providers(self, kind: str, name: str) -> tuple[str, ...]:
+        """Ids of the nodes (this one included) offering ``name`` of ``kind``."""
+        return self.offers[kind].get(name, ())
+
+    def pick_provider(self, service: str) -> Provider | None:
+        """One provider of ``service``, round-robin, skipping those that just refused it."""
+        ids = self.offers["services"].get(service, ())
+        if not ids:
+            return None
+        now = time.monotonic()
+        candidates = [i for i in ids if self._skip.get((service, i), 0) < now] or list(ids)
+        start = next(self._rr)
+        for k in range(len(candidates)):
+            node_id = candidates[(start + k) % len(candidates)]
+            endpoint = self._endpoint_of(node_id, "service")
+            if endpoint is not None:
+                return Provider(node_id, endpoint)
+        return None
+
+    def skip_provider(self, service: str, node_id: str) -> None:
+        """Avoid ``node_id`` for ``service`` for a moment (it said it no longer offers it)."""
+        self._skip[(service, node_id)] = time.monotonic() + 2.0
+
+    def wait_for_provider_sync(self, service: str, deadline: float) -> Provider:
+        """A provider of ``service``, waiting until ``deadline`` (from any thread but the loop's)."""
+        provider = self.pick_provider(service)
+        while provider is None:
+            self.ensure_running()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoProviderError(f"no node offers the service {service!r}")
+            try:
+                self.run_sync(self.wait_until(lambda: bool(self.offers["services"].get(service)), remaining))
+            except MeshTimeoutError:
+                raise NoProviderError(f"no node offers the service {service!r}") from None
+            provider = self.pick_provider(service)
+        return provider
+
+    async def wait_for_provider(self, service: str, deadline: float) -> Provider:
+        """A provider of ``service``, awaiting until ``deadline`` (on the loop)."""
+        provider = self.pick_provider(service)
+        while provider is None:
+            self.ensure_running()
+            remaining = deadline - time.monotonic()
+            try:
+                await self.wait_until(lambda: bool(self.offers["services"].get(service)), remaining)
+            except MeshTimeoutError:
+                raise NoProviderError(f"no node offers the service {service!r}") from None
+            provider = self.pick_provider(service)
+        return provider
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> None:
+        """Return once ``predicate()`` holds (re-checked on every change); raises `MeshTimeoutError`."""
+        self.ensure_running()
+        if predicate():
+            return
+        future: asyncio.Future[None] = self.loop.create_future()
+        entry = (predicate, future)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise MeshTimeoutError(f"condition not met within {timeout} s") from None
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def _check_waiters(self) -> None:
+        for predicate, future in list(self._waiters):
+            if not future.done():
+                try:
+                    if predicate():
+                        future.set_result(None)
+                except Exception as exc:
+                    future.set_exception(exc)
+
+    def subscribers_ready(self, topic: str, n: int) -> bool:
+        """True once ``n`` nodes subscribing to ``topic`` have their subscription at our XPUB."""
+        nodes: set[str] = set()
+        needed: dict[str, int] = {}
+        for prefix, ids in self.offers["topics"].items():
+            if topic.startswith(prefix):
+                nodes.update(ids)
+                needed[prefix] = len(ids)
+        if len(nodes) < n:
+            return False
+        in_place = sum(min(self._sub_counts.get(p.encode(), 0), c) for p, c in needed.items())
+        return in_place >= n
+
+    def run_sync(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run ``coro`` on the loop from another thread and return its result."""
+        if threading.get_ident() == self.loop_thread:
+            coro.close()
+            raise ZmqMeshError("a blocking Node call was made on the node's own event loop; use await with AsyncNode")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError from 3.11
+            future.cancel()
+            raise MeshTimeoutError("the node did not answer in time") from exc
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the loop soon (from any thread)."""
+        if threading.get_ident() == self.loop_thread:
+            self.loop.call_soon(fn, *args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def ensure_running(self) -> None:
+        """Raise `NodeClosedError` unless the node is running."""
+        if self.closed:
+            raise NodeClosedError("the node is not running (start it first, or it was stopped)")
+
+    # -- peers ----------------------------------------------------------------------------------
+
+    def lookup_peer(self, node_id: str) -> Peer | None:
+        """The `Peer` with this id (this node included), or None."""
+        if node_id == self.node_id:
+            return self.self_peer()
+        peer = self._peer_index.get(node_id)
+        return peer.snapshot() if peer is not None else None
+
+    def self_peer(self) -> Peer:
+        """This node, described as its peers see it."""
+        offers = self.registry.offers()
+        groups = frozenset(self._own_groups())
+        return Peer(
+            id=self.node_id,
+            name=self.name,
+            address=self.membership.advertise_address if self.membership else "",
+            endpoint=self.membership.endpoint if self.membership else "",
+            groups=groups,
+            services=offers["services"],
+            queues=offers["queues"],
+            topics=offers["topics"],
+            headers=dict(self.membership.headers) if self.membership else {},
+            last_seen=time.time(),
+        )
+
+    def peers(self) -> list[Peer]:
+        """Snapshots of every ready peer."""
+        return [p.snapshot() for p in list(self._peer_index.values())]
+
+    # membership events (on the loop) ----------------------------------------------------------
+
+    def peer_ready(self, peer: PeerState) -> None:
+        self._rebuild()
+        self._post("join", peer.snapshot())
+
+    def peer_gone(self, peer: PeerState, reason: str) -> None:
+        self._rebuild()
+        self.requester.peer_gone(peer.id)
+        self._post("leave", peer.snapshot())
+
+    def peer_groups_changed(self, peer: PeerState) -> None:
+        self._rebuild()
+
+    def zre_message(self, kind: str, peer: PeerState, group: str, frames: list[bytes]) -> None:
+        msg = Message(kind, group, frames, peer.id, self.lookup_peer)
+        self._post(kind, msg)
+
+    def _post(self, event: str, arg: Any) -> None:
+        callbacks = self.registry.callbacks[event]
+        if callbacks and not self.inbox_stopped():
+            self.inbox.post([Call(cb, arg, None, "zre") for cb in callbacks])
+
+    def inbox_stopped(self) -> bool:
+        """True once the inbox no longer takes work."""
+        return self.inbox is None or self.inbox._stopping
+
+    # -- registry and groups ----------------------------------------------------------------------
+
+    def registry_changed(self) -> None:
+        """Apply a handler registered or removed at run time (from any thread)."""
+        if not self.closed:
+            self.call_soon(self._apply_registry)
+
+    def _apply_registry(self) -> None:
+        if self.closed:
+            return
+        wanted = self._own_groups()
+        current = set(self.membership.groups)
+        for group in sorted(current - wanted):
+            self.membership.leave(group)
+        for group in sorted(wanted - current):
+            self.membership.join(group)
+        self.inbox.registry_changed()
+        self._rebuild()
+
+    def join_group(self, group: str) -> None:
+        """Join a user ZRE group (loop only)."""
+        if group.startswith("zmqmesh/"):
+            raise ValueError("group names starting with 'zmqmesh/' are reserved")
+        self._user_groups.add(group)
+        self.membership.join(group)
+
+    def leave_group(self, group: str) -> None:
+        """Leave a user ZRE group (loop only)."""
+        self._user_groups.discard(group)
+        self.membership.leave(group)
+
+    # -- publishing and pushing -------------------------------------------------------------------
+
+    def enqueue_publish(self, topic: bytes, body: bytes) -> None:
+        """Queue one encoded message for publication (from any thread)."""
+        self._pub_q.append((topic, body))
+        self._wake_flush()
+
+    def push_queue(self, queue: str) -> deque[bytes] | None:
+        """The send queue of ``queue`` once its PUSH socket exists."""
+        return self._push_q.get(queue)
+
+    def ensure_push_socket(self, queue: str) -> None:
+        """Create and connect the PUSH socket of ``queue`` (loop only)."""
+        if queue in self._push_socks:
+            return
+        self.ensure_running()
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+        self._push_socks[queue] = sock
+        self._push_connected[queue] = set()
+        self._push_q[queue] = deque()
+        self._sync_connections()
+        self.loop.add_reader(sock.FD, self._wake_flush)
+
+    async def ensure_push_socket_async(self, queue: str) -> None:
+        """`ensure_push_socket` as a coroutine (for `run_sync`)."""
+        self.ensure_push_socket(queue)
+
+    def enqueue_push(self, queue: str, body: bytes) -> None:
+        """Queue one encoded message for ``queue`` (its socket must exist; from any thread)."""
+        self._push_q[queue].append(body)
+        self._wake_flush()
+
+    def wait_for_room_sync(self, q: deque[Any], deadline: float) -> None:
+        """Block while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
+        limit = self.config.send_queue_max
+        with self._space:
+            self._space_waiters += 1
+            try:
+                while len(q) >= limit:
+                    self.ensure_running()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise MeshTimeoutError("send queue full: the receivers are not keeping up")
+                    self._wake_flush()
+                    self._space.wait(min(remaining, 0.1))
+            finally:
+                self._space_waiters -= 1
+
+    async def wait_for_room(self, q: deque[Any], deadline: float) -> None:
+        """Await while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
+        limit = self.config.send_queue_max
+        while len(q) >= limit:
+            self.ensure_running()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MeshTimeoutError("send queue full: the receivers are not keeping up")
+            event = self._space_event
+            assert event is not None
+            event.clear()
+            self._wake_flush()
+            try:
+                await asyncio.wait_for(event.wait(), min(remaining, 0.1))
+            except asyncio.TimeoutError:
+                pass
+
+    def _wake_flush(self) -> None:
+        if self._flush_scheduled or self.loop is None:
+            return
+        self._flush_scheduled = True
+        try:
+            self.call_soon(self._flush)
+        except RuntimeError:  # the loop is closed
+            self._flush_scheduled = False
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._xpub is None or self._xpub.closed:
+            return
+        blocked = False
+        if self._pub_q:
+            self._flush_pub()
+        for queue, q in self._push_q.items():
+            if q and self._flush_push(queue, q):
+                blocked = True
+        if blocked and self._retry_handle is None:
+            self._retry_handle = self.loop.call_later(_RETRY_S, self._retry)
+        if self._space_waiters:
+            with self._space:
+                self._space.notify_all()
+        if self._space_event is not None:
+            self._space_event.set()
+
+    def _retry(self) -> None:
+        self._retry_handle = None
+        self._flush()
+
+    def _flush_pub(self) -> None:
+        q = self._pub_q
+        xpub = self._xpub
+        assert xpub is not None
+        uuid = self.uuid
+        sent = 0
+        while q:
+            topic, body = q.popleft()
+            bodies = [body]
+            size = len(body)
+            while q and q[0][0] == topic and len(bodies) < _BATCH_MESSAGES and size < _BATCH_BYTES:
+                more = q.popleft()[1]
+                bodies.append(more)
+                size += len(more)
+            seq = self._pub_seq.get(topic, 0)
+            self._pub_seq[topic] = seq + len(bodies)
+            payload = body if len(bodies) == 1 else b"".join(bodies)
+            try:
+                xpub.send_multipart([topic, uuid + seq.to_bytes(8, "big"), payload], zmq.NOBLOCK, copy=size < _LARGE_FRAME)
+                sent += len(bodies)
+            except zmq.ZMQError:
+                self.stats.pattern["pubsub"]["dropped"] += len(bodies)
+        self.stats.pattern["pubsub"]["sent"] += sent
+        if xpub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.loop.call_soon(self._on_xpub)
+
+    def _flush_push(self, queue: str, q: deque[bytes]) -> bool:
+        sock = self._push_socks.get(queue)
+        if sock is None:
+            return False
+        name = queue.encode()
+        uuid = self.uuid
+        counters = self.stats.pattern["pipeline"]
+        while q:
+            n = 0
+            size = 0
+            bodies = []
+            for body in q:
+                if n and (n >= _BATCH_MESSAGES or size + len(body) > _BATCH_BYTES):
+                    break
+                bodies.append(body)
+                n += 1
+                size += len(body)
+            payload = bodies[0] if n == 1 else b"".join(bodies)
+            try:
+                sock.send_multipart([name, uuid, payload], zmq.NOBLOCK, copy=size < _LARGE_FRAME)
+            except zmq.Again:
+                return True
+            except zmq.ZMQError as exc:
+                log.error("push to %r failed: %s", queue, exc)
+                return True
+            for _ in range(n):
+                q.popleft()
+            counters["sent"] += n
+        return False
+
+    def _on_xpub(self) -> None:
+        xpub = self._xpub
+        if xpub is None or xpub.closed:
+            return
+        changed = False
+        for _ in range(1024):
+            try:
+                event = xpub.recv(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            if not event:
+                continue
+            prefix = event[1:]
+            if event[0] == 1:
+                self._sub_counts[prefix] += 1
+            elif event[0] == 0:
+                self._sub_counts[prefix] -= 1
+                if self._sub_counts[prefix] <= 0:
+                    del self._sub_counts[prefix]
+            changed = True
+        if changed:
+            self._check_waiters()
+
+    # -- requests from threads ------------------------------------------------------------------
+
+    def thread_requester(self) -> ThreadRequester:
+        """The calling thread's requester (created on first use)."""
+        requester: ThreadRequester | None = getattr(self._requester_local, "requester", None)
+        if requester is None or requester.core is not self:
+            requester = ThreadRequester(self)
+            self._requester_local.requester = requester
+            self._thread_requesters.append(requester)
+        return requester
+
+
+def _reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: set[str]) -> None:
+    for endpoint in connected - wanted:
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass
+        connected.discard(endpoint)
+    for endpoint in wanted - connected:
+        try:
+            sock.connect(endpoint)
+            connected.add(endpoint)
+        except zmq.ZMQError as exc:
+            log.warning("cannot connect to %s: %s", endpoint, exc)

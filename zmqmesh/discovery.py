@@ -1,0 +1,92 @@
+"""UDP beacons: announcing this node's mailbox and hearing others' (ZRE discovery).
+
+The socket is non-blocking; the node's event loop calls `BeaconSocket.receive` when the
+descriptor is readable and `BeaconSocket.send` on its beacon timer. Several nodes on one
+host share the beacon port (SO_REUSEADDR + SO_REUSEPORT); a broadcast reaches all of them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+__all__ = ["BeaconSocket"]
+
+log = logging.getLogger("zmqmesh.discovery")
+
+_MAX_DATAGRAM = 512
+_RECEIVE_BURST = 256
+
+
+class BeaconSocket:
+    """One UDP socket that both sends beacons to ``target`` and receives them on ``port``.
+
+    ``target`` is a broadcast address (127.255.255.255 on loopback, the interface's
+    broadcast address on a real network). Only datagrams sent to that broadcast address
+    are received when it is bindable, so a loopback node never hears the LAN.
+    """
+
+    def __init__(self, target: str, port: int, loopback_only: bool) -> None:
+        self.target = target
+        self.port = port
+        self.loopback_only = loopback_only
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.bind((self._bind_address(target), port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+
+    @staticmethod
+    def _bind_address(target: str) -> str:
+        """Bind to the broadcast address itself when possible: then only broadcasts to it arrive."""
+        try:
+            ipaddress.IPv4Address(target)
+        except ValueError:
+            return ""
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind((target, 0))
+        except OSError:
+            return ""
+        finally:
+            probe.close()
+        return target
+
+    def fileno(self) -> int:
+        """The descriptor to watch for readability."""
+        return self._sock.fileno()
+
+    def send(self, payload: bytes) -> None:
+        """Send one beacon; a failure is logged, never raised (the next tick tries again)."""
+        try:
+            self._sock.sendto(payload, (self.target, self.port))
+        except OSError as exc:
+            log.debug("beacon to %s:%s failed: %s", self.target, self.port, exc)
+
+    def receive(self) -> list[tuple[bytes, str]]:
+        """Every datagram waiting now (bounded burst), as ``(payload, source_ip)``."""
+        out: list[tuple[bytes, str]] = []
+        for _ in range(_RECEIVE_BURST):
+            try:
+                data, (source, _port) = self._sock.recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("beacon receive failed: %s", exc)
+                break
+            if self.loopback_only and not source.startswith("127."):
+                continue
+            out.append((data, source))
+        return out
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        self._sock.close()

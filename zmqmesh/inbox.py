@@ -1,0 +1,494 @@
+"""The inbound side of a node: its SUB, PULL and service ROUTER, and the handlers they feed.
+
+The sockets are drained in bounded bursts; each message is decoded once and handed to its
+handler in place (no task and no thread hand-off per message). Where handlers run:
+
+* `ThreadInbox` (the sync `Node`): a dedicated thread owns the sockets and calls ``def``
+  handlers directly; ``async def`` handlers are run on the node's event loop.
+* `LoopInbox` (`AsyncNode`): the caller's event loop owns the sockets and awaits
+  ``async def`` handlers in place; ``def`` handlers run on a worker thread, a burst at a
+  time, so they never block the loop.
+
+Either way the event loop that answers heartbeats never runs a sync handler. With
+``handler_concurrency == 1`` handlers run one at a time in arrival order; above 1, up
+to that many run at once.
+
+A handler that raises is logged and counted; for a service the exception's type, message
+and traceback travel back to the caller. Undecodable input is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import wire
+from .errors import DecodeError
+from .message import Message
+
+if TYPE_CHECKING:
+    from .core import MeshCore
+
+__all__ = ["Inbox", "ThreadInbox", "LoopInbox", "Call"]
+
+log = logging.getLogger("zmqmesh.inbox")
+
+_BURST = 256
+_PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
+
+
+class Call:
+    """One handler invocation: ``handler(arg)``, and where its reply goes, if anywhere."""
+
+    __slots__ = ("handler", "arg", "route", "pattern")
+
+    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | None, pattern: str) -> None:
+        self.handler = handler
+        self.arg = arg
+        self.route = route
+        self.pattern = pattern
+
+
+def is_async(handler: Callable[..., Any]) -> bool:
+    """True for ``async def`` handlers (and callables whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None))
+
+
+class Inbox:
+    """Decoding and dispatch shared by both drivers; owns the three inbound sockets."""
+
+    def __init__(self, core: MeshCore, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+        self.core = core
+        self.sub = sub
+        self.pull = pull
+        self.router = router
+        self.sockets = ((router, "req"), (pull, "pull"), (sub, "sub"))
+        self.events: deque[Call] = deque()
+        self.pub_sequences: dict[tuple[bytes, bytes], int] = {}
+        self.subscribed: set[str] = set()
+        self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]]]] = {}
+        self._cache_version = -1
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def drain(self, sock: zmq.Socket[Any], kind: str, calls: list[Call]) -> bool:
+        """Receive up to a burst from ``sock`` into ``calls``; True if more may be waiting."""
+        for _ in range(_BURST):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            except zmq.ZMQError as exc:
+                log.debug("receive failed: %s", exc)
+                return False
+            try:
+                if kind == "req":
+                    self._decode_request(frames, calls)
+                else:
+                    self._decode_stream(kind, frames, calls)
+            except Exception as exc:  # malformed input from the wire
+                self.core.stats.pattern[_PATTERN_OF[kind]]["errors"] += 1
+                self.core.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
+                log.debug("dropping a malformed %s message: %s", kind, exc)
+        return True
+
+    def _decode_stream(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
+        core = self.core
+        pattern = _PATTERN_OF[kind]
+        counters = core.stats.pattern[pattern]
+        if len(frames) != 3:
+            raise DecodeError(f"{len(frames)} frames, expected 3")
+        name_b, sender_b, body = frames
+        uuid, sequence = wire.parse_sender(sender_b)
+        sender_id = uuid.hex() if uuid is not None else None
+        items = core.codec.decode_batch(body)
+        counters["received"] += len(items)
+        if sender_id is not None:
+            core.stats.peer_received[sender_id] += len(items)
+        if kind == "sub":
+            if uuid is not None and sequence is not None:
+                key = (uuid, name_b)
+                expected = self.pub_sequences.get(key)
+                if expected is not None and sequence > expected:
+                    counters["dropped"] += sequence - expected  # lost at a high-water mark
+                self.pub_sequences[key] = sequence + len(items)
+            topic, handlers = self._topic_handlers(name_b)
+        else:
+            topic = name_b.decode("utf-8", "replace")
+            handler = core.registry.queues.get(topic)
+            handlers = [handler] if handler is not None else []
+            if not handlers:
+                counters["dropped"] += len(items)
+                core.stats.reject("pipeline_no_handler", len(items))
+                log.warning("%d message(s) for queue %r which this node no longer pulls", len(items), topic)
+                return
+        lookup = core.lookup_peer
+        for data in items:
+            msg = Message(pattern, topic, data, sender_id, lookup)
+            for handler in handlers:
+                calls.append(Call(handler, msg, None, pattern))
+
+    def _topic_handlers(self, name_b: bytes) -> tuple[str, list[Callable[..., Any]]]:
+        registry = self.core.registry
+        if self._cache_version != registry.version or len(self._topic_cache) > 4096:
+            self._topic_cache.clear()
+            self._cache_version = registry.version
+        hit = self._topic_cache.get(name_b)
+        if hit is None:
+            topic = name_b.decode("utf-8", "replace")
+            handlers = [h for prefix, hs in registry.topics.items() if topic.startswith(prefix) for h in hs]
+            hit = self._topic_cache[name_b] = (topic, handlers)
+        return hit
+
+    def _decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
+        core = self.core
+        counters = core.stats.pattern["service"]
+        if len(frames) != 4 or len(frames[2]) > wire.MAX_REQUEST_ID_BYTES:
+            raise DecodeError("malformed request envelope")
+        routing_id, service_b, request_id, body = frames
+        route = (routing_id, request_id)
+        service = service_b.decode("utf-8", "replace")
+        handler = core.registry.services.get(service)
+        counters["received"] += 1
+        if handler is None:
+            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
+            return
+        try:
+            data = core.codec.decode(body)
+        except DecodeError:
+            counters["errors"] += 1
+            core.stats.reject("service_malformed")
+            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+            return
+        sender_id = routing_id[: wire.UUID_SIZE].hex() if len(routing_id) == wire.UUID_SIZE + 4 else None
+        calls.append(Call(handler, Message("request", service, data, sender_id, core.lookup_peer), route, "service"))
+
+    # -- running and replying --------------------------------------------------------------
+
+    def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
+        """Account for a finished call and send the reply of a request (owner thread only)."""
+        if error is not None:
+            self.core.stats.pattern[call.pattern]["errors"] += 1
+            if call.route is None:
+                log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
+        if call.route is None:
+            return
+        codec = self.core.codec
+        if error is None:
+            try:
+                body = codec.encode(result)
+                status = wire.STATUS_OK
+            except Exception as exc:  # an unencodable return value is the handler's failure
+                error = exc
+        if error is not None:
+            tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            body = codec.encode({"type": type(error).__name__, "message": str(error), "traceback": tb})
+            status = wire.STATUS_ERROR
+        self.send_reply(call.route, status, body)
+        self.core.stats.pattern["service"]["sent"] += 1
+
+    def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
+        """Send ``[routing_id, request_id, status, body]``; an unreachable caller is counted."""
+        try:
+            self.router.send_multipart([route[0], route[1], status, body], zmq.NOBLOCK, copy=len(body) < 65536)
+        except zmq.ZMQError:
+            self.core.stats.pattern["service"]["dropped"] += 1
+
+    @staticmethod
+    def run_sync(call: Call) -> tuple[Any, BaseException | None]:
+        """Call a sync handler, capturing its outcome."""
+        try:
+            return call.handler(call.arg), None
+        except Exception as exc:
+            return None, exc
+
+    @staticmethod
+    async def run_async(call: Call) -> tuple[Any, BaseException | None]:
+        """Await a handler (sync handlers here are only the loop's own callbacks)."""
+        try:
+            result = call.handler(call.arg)
+            if inspect.isawaitable(result):
+                result = await result
+            return result, None
+        except Exception as exc:
+            return None, exc
+
+    def apply_subscriptions(self) -> None:
+        """Bring the SUB socket's subscriptions in line with the registry (owner thread only)."""
+        wanted = set(self.core.registry.topics)
+        for prefix in wanted - self.subscribed:
+            self.sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        for prefix in self.subscribed - wanted:
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, prefix.encode())
+        self.subscribed = wanted
+
+    def close_sockets(self) -> None:
+        """Close the three sockets (owner thread only)."""
+        for sock, _kind in self.sockets:
+            sock.close(0)
+
+
+class ThreadInbox(Inbox):
+    """Runs the inbox on its own thread: ``def`` handlers run here, in place."""
+
+    def __init__(self, core: MeshCore, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+        super().__init__(core, sub, pull, router)
+        self._wake_recv = core.ctx.socket(zmq.PAIR)
+        self._wake_address = f"inproc://zmqmesh-inbox-{core.node_id}"
+        self._wake_recv.bind(self._wake_address)
+        self._wake_send = core.ctx.socket(zmq.PAIR)
+        self._wake_send.connect(self._wake_address)
+        self._wake_lock = threading.Lock()
+        self._woken = False
+        self._stopping = False
+        self._resubscribe = True
+        self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
+        concurrency = core.config.handler_concurrency
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler") if concurrency > 1 else None
+        self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
+        self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{core.name}", daemon=True)
+
+    def start(self) -> None:
+        """Start the inbox thread."""
+        self.thread.start()
+
+    def wake(self) -> None:
+        """Make the inbox thread look at its queues (any thread)."""
+        with self._wake_lock:
+            if self._woken or self._wake_send.closed:
+                return
+            self._woken = True
+            try:
+                self._wake_send.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def post(self, calls: list[Call]) -> None:
+        """Queue event callbacks (joins, leaves, whispers) to run in order with messages."""
+        self.events.extend(calls)
+        self.wake()
+
+    def registry_changed(self) -> None:
+        """Subscriptions may have changed: re-apply them on the inbox thread."""
+        self._resubscribe = True
+        self.wake()
+
+    def stop(self, timeout: float) -> None:
+        """Stop the thread after the handler now running returns (bounded by ``timeout``)."""
+        self._stopping = True
+        self.wake()
+        if threading.get_ident() != self.thread.ident and self.thread.is_alive():
+            self.thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._wake_lock:
+            self._wake_send.close(0)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_recv, zmq.POLLIN)
+        for sock, _kind in self.sockets:
+            poller.register(sock, zmq.POLLIN)
+        calls: list[Call] = []
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(500))
+                if self._wake_recv in ready:
+                    with self._wake_lock:
+                        self._woken = False
+                        while True:
+                            try:
+                                self._wake_recv.recv(zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                if self._resubscribe:
+                    self._resubscribe = False
+                    self.apply_subscriptions()
+                while self._done:
+                    self.complete(*self._done.popleft())
+                more = True
+                while more and not self._stopping:
+                    more = False
+                    while self.events:
+                        calls.append(self.events.popleft())
+                    for sock, kind in self.sockets:
+                        if self.drain(sock, kind, calls):
+                            more = True
+                    if calls:
+                        self._execute(calls)
+                        calls.clear()
+        except Exception:
+            log.exception("inbox thread failed")
+        finally:
+            self.close_sockets()
+            self._wake_recv.close(0)
+
+    def _execute(self, calls: list[Call]) -> None:
+        for call in calls:
+            if self._stopping:
+                return
+            if self._pool is not None:
+                self._submit(call)
+                continue
+            if is_async(call.handler):
+                result, error = self._run_on_loop(call)
+            else:
+                result, error = self.run_sync(call)
+            self.complete(call, result, error)
+
+    def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
+        future = asyncio.run_coroutine_threadsafe(self.run_async(call), self.core.loop)
+        while not self._stopping:
+            try:
+                return future.result(0.5)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # the loop went away
+                return None, exc
+        future.cancel()
+        return None, None
+
+    def _submit(self, call: Call) -> None:
+        assert self._pool is not None and self._slots is not None
+        self._slots.acquire()
+        runner = self._run_on_loop if is_async(call.handler) else self.run_sync
+
+        def finished(fut: Future[tuple[Any, BaseException | None]]) -> None:
+            self._slots.release()  # type: ignore[union-attr]
+            if not fut.cancelled():
+                self._done.append((call, *fut.result()))
+                self.wake()
+
+        try:
+            self._pool.submit(runner, call).add_done_callback(finished)
+        except RuntimeError:  # shutting down
+            self._slots.release()
+
+
+class LoopInbox(Inbox):
+    """Runs the inbox on the caller's event loop: ``async def`` handlers are awaited in place."""
+
+    def __init__(self, core: MeshCore, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+        super().__init__(core, sub, pull, router)
+        self.loop = core.loop
+        concurrency = core.config.handler_concurrency
+        self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler")
+        self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    def start(self) -> None:
+        """Watch the sockets' descriptors."""
+        self.apply_subscriptions()
+        for sock, _kind in self.sockets:
+            self.loop.add_reader(sock.FD, self.wake)
+        self.wake()
+
+    def wake(self) -> None:
+        """Start a drain unless one is running (then it goes round once more)."""
+        if self._stopping:
+            return
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._drain())
+        else:
+            self._again = True
+
+    def post(self, calls: list[Call]) -> None:
+        """Queue event callbacks to run in order with messages (loop thread only)."""
+        self.events.extend(calls)
+        self.wake()
+
+    def registry_changed(self) -> None:
+        """Re-apply subscriptions (loop thread only)."""
+        self.apply_subscriptions()
+
+    async def _drain(self) -> None:
+        calls: list[Call] = []
+        try:
+            while not self._stopping:
+                self._again = False
+                while self.events:
+                    calls.append(self.events.popleft())
+                more = False
+                for sock, kind in self.sockets:
+                    if self.drain(sock, kind, calls):
+                        more = True
+                if calls:
+                    await self._execute(calls)
+                    calls.clear()
+                if not (more or self._again or self.events or any(
+                    sock.getsockopt(zmq.EVENTS) & zmq.POLLIN for sock, _ in self.sockets
+                )):
+                    return
+                await asyncio.sleep(0)  # let the loop breathe between bursts
+        except Exception:
+            if not self._stopping:
+                log.exception("inbox drain failed")
+
+    async def _execute(self, calls: list[Call]) -> None:
+        if self._concurrency is not None:
+            for call in calls:
+                await self._concurrency.acquire()
+                task = self.loop.create_task(self._run_one(call))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
+        batch: list[Call] = []
+        for call in calls:
+            if is_async(call.handler):
+                if batch:
+                    await self._run_sync_batch(batch)
+                    batch = []
+                result, error = await self.run_async(call)
+                self.complete(call, result, error)
+            else:
+                batch.append(call)
+        if batch:
+            await self._run_sync_batch(batch)
+
+    async def _run_sync_batch(self, batch: list[Call]) -> None:
+        outcomes = await self.loop.run_in_executor(self._worker, _run_batch, batch)
+        for call, (result, error) in zip(batch, outcomes):
+            self.complete(call, result, error)
+
+    async def _run_one(self, call: Call) -> None:
+        try:
+            if is_async(call.handler):
+                result, error = await self.run_async(call)
+            else:
+                result, error = await self.loop.run_in_executor(self._worker, self.run_sync, call)
+            self.complete(call, result, error)
+        finally:
+            assert self._concurrency is not None
+            self._concurrency.release()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop draining, wait (bounded) for the handler now running, close the sockets."""
+        self._stopping = True
+        for sock, _kind in self.sockets:
+            try:
+                self.loop.remove_reader(sock.FD)
+            except Exception:
+                pass
+        pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
+        if pending:
+            _done, still = await asyncio.wait(pending, timeout=timeout)
+            for task in still:
+                task.cancel()
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.close_sockets()
+
+
+def _run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:
+    return [Inbox.run_sync(call) for call in batch]

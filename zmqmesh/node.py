@@ -1,0 +1,516 @@
+"""`Node` (blocking API, core on a background I/O thread) and `AsyncNode` (coroutines, core
+on the caller's event loop): the same decorators and method names over one `MeshCore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from .config import NodeConfig
+from .core import MeshCore, Registry
+from .errors import MeshTimeoutError, NodeClosedError, NoProviderError, ZmqMeshError
+from .message import Message, Peer
+
+__all__ = ["Node", "AsyncNode"]
+
+log = logging.getLogger("zmqmesh.node")
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+_NAME_LIMIT = 200
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or len(name.encode()) > _NAME_LIMIT or (kind != "topic" and not name):
+        raise ValueError(f"a {kind} must be a string of at most {_NAME_LIMIT} bytes" + ("" if kind == "topic" else ", not empty"))
+    return name
+
+
+class _NodeBase(Generic[Handler]):
+    """Registration of handlers and the read-only views shared by both node kinds."""
+
+    _threaded = True
+
+    def __init__(self, name: str | None = None, *, config: NodeConfig | None = None, **options: Any) -> None:
+        self.config = NodeConfig.from_options(config, **options)
+        self._registry = Registry()
+        self._core = MeshCore(name or "", self.config, self._registry, threaded=self._threaded)
+        self._stopped = False
+
+    # identity ------------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """This node's ZRE UUID as 32 hex characters."""
+        return self._core.node_id
+
+    @property
+    def name(self) -> str:
+        """This node's name."""
+        return self._core.name
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """The bound endpoints: ``mailbox`` (ZRE), ``pub`` (XPUB), ``sub``, ``pull``, ``service``."""
+        core = self._core
+        core.ensure_running()
+        return {"mailbox": core.membership.endpoint, **{k: core._advertised(k, core.membership.advertise_address) for k in core.endpoints}}
+
+    @property
+    def running(self) -> bool:
+        """True between `start` and `stop`."""
+        return not self._core.closed
+
+    # registration ---------------------------------------------------------------------------
+
+    def _register(self, kind: str, name: str, handler: Callable[..., Any] | None) -> Any:
+        def decorate(fn: Handler) -> Handler:
+            if not callable(fn):
+                raise TypeError("a handler must be callable")
+            self._registry.add(kind, name, fn)
+            self._core.registry_changed()
+            return fn
+
+        return decorate(handler) if handler is not None else decorate  # type: ignore[arg-type]
+
+    def subscribe(self, prefix: str, handler: Callable[[Message], Any] | None = None) -> Any:
+        """Handle every message whose topic starts with ``prefix`` (decorator or direct call).
+
+        May be called before or while the node runs; peers learn of the subscription.
+        Raises `ValueError` for a prefix longer than 200 bytes.
+        """
+        return self._register("topics", _check_name("topic", prefix), handler)
+
+    def pull(self, queue: str, handler: Callable[[Message], Any] | None = None) -> Any:
+        """Take messages from the work queue ``queue``: each message goes to one puller.
+
+        Raises `ValueError` if this node already pulls ``queue`` with another handler.
+        """
+        return self._register("queues", _check_name("queue", queue), handler)
+
+    def service(self, name: str, handler: Callable[[Message], Any] | None = None) -> Any:
+        """Answer requests to service ``name``; the handler's return value is the reply.
+
+        Raises `ValueError` if this node already offers ``name`` with another handler.
+        """
+        return self._register("services", _check_name("service", name), handler)
+
+    def unsubscribe(self, prefix: str, handler: Callable[..., Any] | None = None) -> bool:
+        """Stop handling ``prefix`` (one handler, or all of them); True if anything was removed."""
+        return self._unregister("topics", prefix, handler)
+
+    def unpull(self, queue: str) -> bool:
+        """Stop pulling ``queue``; True if this node pulled it."""
+        return self._unregister("queues", queue, None)
+
+    def unservice(self, name: str) -> bool:
+        """Stop offering service ``name``; True if this node offered it."""
+        return self._unregister("services", name, None)
+
+    def remove_handler(self, handler: Callable[..., Any]) -> bool:
+        """Remove ``handler`` wherever it is registered (topics, queues, services, callbacks)."""
+        found = self._registry.remove_handler(handler)
+        if found:
+            self._registry.version += 1
+            self._core.registry_changed()
+        return found
+
+    def _unregister(self, kind: str, name: str, handler: Callable[..., Any] | None) -> bool:
+        removed = self._registry.remove(kind, name, handler)
+        if removed:
+            self._core.registry_changed()
+        return removed
+
+    def _callback(self, event: str, handler: Any) -> Any:
+        if not callable(handler):
+            raise TypeError("a callback must be callable")
+        self._registry.callbacks[event].append(handler)
+        return handler
+
+    def on_join(self, handler: Handler) -> Handler:
+        """Call ``handler(peer)`` when a peer joins the mesh (decorator)."""
+        return self._callback("join", handler)
+
+    def on_leave(self, handler: Handler) -> Handler:
+        """Call ``handler(peer)`` when a peer leaves, crashes or goes silent (decorator)."""
+        return self._callback("leave", handler)
+
+    def on_whisper(self, handler: Handler) -> Handler:
+        """Call ``handler(msg)`` for each ZRE WHISPER; ``msg.data`` is the list of frames."""
+        return self._callback("whisper", handler)
+
+    def on_shout(self, handler: Handler) -> Handler:
+        """Call ``handler(msg)`` for each ZRE SHOUT to a joined group (``msg.group``, ``msg.data`` frames)."""
+        return self._callback("shout", handler)
+
+    # views -------------------------------------------------------------------------------------
+
+    def peers(self) -> list[Peer]:
+        """The peers present now (snapshots): id, name, address, groups, offers, last seen."""
+        return self._core.peers()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: sent/received/dropped/errors per pattern, received per peer, rejects by reason."""
+        return self._core.stats.snapshot()
+
+    def _encode(self, data: Any) -> bytes:
+        return self._core.codec.encode(data)
+
+    def _check_open(self) -> None:
+        self._core.ensure_running()
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None and core.started and not getattr(self, "_stopped", True):
+            warnings.warn(f"zmqmesh node {core.name!r} was garbage-collected without stop()", ResourceWarning, stacklevel=2)
+
+
+def _frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
+    out = [f.encode() if isinstance(f, str) else bytes(f) for f in frames]
+    if not out:
+        raise ValueError("at least one frame is needed")
+    return out
+
+
+class Node(_NodeBase[Any]):
+    """A mesh node with a blocking API; its core runs on a background I/O thread.
+
+    Handlers (``def`` or ``async def``) run on the node's inbox thread, never on the I/O
+    thread, so a slow handler delays only this node's deliveries, never its heartbeats.
+    Every method is safe to call from any thread.
+
+    Example::
+
+        node = zmqmesh.Node("worker-1")
+
+        @node.service("add")
+        def add(msg):
+            return msg.data["a"] + msg.data["b"]
+
+        with node:
+            node.request("add", {"a": 1, "b": 2}, timeout=2.0)   # -> 3
+    """
+
+    _threaded = True
+
+    def __init__(self, name: str | None = None, *, config: NodeConfig | None = None, **options: Any) -> None:
+        super().__init__(name, config=config, **options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> Node:
+        """Bind, start discovery and handlers; returns the node. Raises `ZmqMeshError` on failure."""
+        with self._lock:
+            if self._thread is not None:
+                if self._stopped:
+                    raise NodeClosedError("a stopped node cannot be started again; create a new one")
+                return self
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+            thread = threading.Thread(target=self._run_loop, args=(loop, ready), name=f"zmqmesh-io-{self.name}", daemon=True)
+            thread.start()
+            ready.wait()
+            self._loop, self._thread = loop, thread
+            try:
+                asyncio.run_coroutine_threadsafe(self._core.start(), loop).result(30)
+            except Exception as exc:
+                self._stopped = True
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(5)
+                if isinstance(exc, ZmqMeshError):
+                    raise
+                raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
+        return self
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain queued sends (up to ``linger_s``), say goodbye, close everything. Idempotent.
+
+        Never hangs: each step is bounded, and the whole by about ``timeout`` seconds.
+        """
+        with self._lock:
+            if self._stopped or self._loop is None or self._thread is None:
+                self._stopped = True
+                return
+            self._stopped = True
+            loop, thread = self._loop, self._thread
+        if threading.current_thread() is thread:
+            raise ZmqMeshError("stop() cannot be called from the node's own I/O thread")
+        try:
+            asyncio.run_coroutine_threadsafe(self._core.stop(timeout), loop).result(timeout + self.config.linger_s + 1)
+        except Exception as exc:  # never let stop() raise on a half-dead node
+            log.warning("node %s did not stop cleanly: %s", self.name, exc)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # messaging ------------------------------------------------------------------------------------
+
+    def publish(self, topic: str, data: Any) -> None:
+        """Publish ``data`` on ``topic`` to every node subscribed to a prefix of it (this one too).
+
+        Returns once queued; order per publisher is kept. Raises `TypeError` for data msgpack
+        cannot encode, `NodeClosedError` if the node is not running.
+        """
+        core = self._core
+        core.ensure_running()
+        body = core.codec.encode(data)
+        topic_b = _check_name("topic", topic).encode()
+        q = core._pub_q
+        if len(q) >= self.config.send_queue_max:
+            core.wait_for_room_sync(q, time.monotonic() + self.config.push_timeout_s)
+        core.enqueue_publish(topic_b, body)
+
+    def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
+        """Send ``data`` to exactly one node pulling ``queue`` (load-balanced round-robin).
+
+        Waits up to ``timeout`` (default ``push_timeout_s``) for a puller to exist and for
+        room in the send queue. Raises `NoProviderError` if nobody pulls ``queue``,
+        `MeshTimeoutError` if the pullers do not keep up, `TypeError` for unencodable data.
+        """
+        core = self._core
+        core.ensure_running()
+        body = core.codec.encode(data)
+        deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else timeout)
+        q = core.push_queue(queue)
+        if q is None:
+            core.run_sync(core.ensure_push_socket_async(_check_name("queue", queue)))
+            q = core.push_queue(queue)
+            assert q is not None
+        if not core.offers["queues"].get(queue):
+            try:
+                core.run_sync(core.wait_until(lambda: bool(core.offers["queues"].get(queue)), max(deadline - time.monotonic(), 0)))
+            except MeshTimeoutError:
+                raise NoProviderError(f"no node pulls the queue {queue!r}") from None
+        if len(q) >= self.config.send_queue_max:
+            core.wait_for_room_sync(q, deadline)
+        core.enqueue_push(queue, body)
+
+    def request(self, service: str, data: Any = None, timeout: float | None = None) -> Any:
+        """Call ``service`` on one provider and return its reply.
+
+        Waits up to ``timeout`` (default ``request_timeout_s``) in all. Raises
+        `NoProviderError` (nobody offers it), `MeshTimeoutError`, `PeerLostError` (the
+        provider left mid-request, raised as soon as that is known), `RemoteError` (the
+        handler raised), `TypeError` for unencodable data.
+        """
+        core = self._core
+        core.ensure_running()
+        body = core.codec.encode(data)
+        return core.thread_requester().request(
+            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout
+        )
+
+    def whisper(self, peer_id: str, *frames: bytes | str) -> None:
+        """Send a ZRE WHISPER (raw frames) to one peer, zmqmesh or plain ZRE."""
+        self._call(self._whisper, peer_id, _frames(frames))
+
+    def shout(self, group: str, *frames: bytes | str) -> int:
+        """Send a ZRE SHOUT (raw frames) to every peer in ``group``; returns how many got it."""
+        return int(self._call(self._shout, group, _frames(frames)))
+
+    def join(self, group: str) -> None:
+        """Join a ZRE group (to receive its shouts)."""
+        self._call(self._join, group)
+
+    def leave(self, group: str) -> None:
+        """Leave a ZRE group."""
+        self._call(self._leave, group)
+
+    async def _whisper(self, peer_id: str, frames: list[bytes]) -> None:
+        self._core.membership.whisper(peer_id, frames)
+
+    async def _shout(self, group: str, frames: list[bytes]) -> int:
+        return self._core.membership.shout(group, frames)
+
+    async def _join(self, group: str) -> None:
+        self._core.join_group(group)
+
+    async def _leave(self, group: str) -> None:
+        self._core.leave_group(group)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._core.ensure_running()
+        return self._core.run_sync(fn(*args), 10.0)
+
+    # waiting ----------------------------------------------------------------------------------------
+
+    def wait_for_peers(self, n: int, timeout: float = 10.0) -> list[Peer]:
+        """Block until at least ``n`` peers are present; returns them. Raises `MeshTimeoutError`."""
+        core = self._core
+        core.ensure_running()
+        core.run_sync(core.wait_until(lambda: len(core._peer_index) >= n, timeout))
+        return self.peers()
+
+    def wait_for_subscribers(self, topic: str, n: int, timeout: float = 10.0) -> None:
+        """Block until ``n`` nodes' subscriptions matching ``topic`` are in place at this publisher.
+
+        Uses the XPUB's subscription events, not a sleep: what is published afterwards
+        reaches them. Raises `MeshTimeoutError`.
+        """
+        core = self._core
+        core.ensure_running()
+        core.run_sync(core.wait_until(lambda: core.subscribers_ready(topic, n), timeout))
+
+    def wait_for_service(self, name: str, n: int = 1, timeout: float = 10.0) -> None:
+        """Block until ``n`` nodes offer service ``name``. Raises `MeshTimeoutError`."""
+        self._wait_offer("services", name, n, timeout)
+
+    def wait_for_pullers(self, queue: str, n: int = 1, timeout: float = 10.0) -> None:
+        """Block until ``n`` nodes pull ``queue``. Raises `MeshTimeoutError`."""
+        self._wait_offer("queues", queue, n, timeout)
+
+    def _wait_offer(self, kind: str, name: str, n: int, timeout: float) -> None:
+        core = self._core
+        core.ensure_running()
+        core.run_sync(core.wait_until(lambda: len(core.providers(kind, name)) >= n, timeout))
+
+
+class AsyncNode(_NodeBase[Any]):
+    """A mesh node for asyncio programs; its core runs on the caller's event loop.
+
+    Same decorators and method names as `Node`; the calls are coroutines. ``async def``
+    handlers are awaited on the loop, in arrival order; ``def`` handlers run on a worker
+    thread so they never block the loop.
+
+    Example::
+
+        async with zmqmesh.AsyncNode("client") as node:
+            print(await node.request("add", {"a": 1, "b": 2}))
+    """
+
+    _threaded = False
+
+    async def start(self) -> AsyncNode:
+        """Bind, start discovery and handlers on the running loop; returns the node."""
+        if self._core.started:
+            if self._stopped:
+                raise NodeClosedError("a stopped node cannot be started again; create a new one")
+            return self
+        try:
+            await self._core.start()
+        except ZmqMeshError:
+            self._stopped = True
+            raise
+        except Exception as exc:
+            self._stopped = True
+            raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
+        return self
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Drain queued sends, say goodbye, close everything. Idempotent and bounded."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._core.started:
+            try:
+                await asyncio.wait_for(self._core.stop(timeout), timeout + self.config.linger_s + 1)
+            except Exception as exc:
+                log.warning("node %s did not stop cleanly: %s", self.name, exc)
+
+    async def __aenter__(self) -> AsyncNode:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def publish(self, topic: str, data: Any) -> None:
+        """Publish ``data`` on ``topic`` (see `Node.publish`)."""
+        core = self._core
+        core.ensure_running()
+        body = core.codec.encode(data)
+        topic_b = _check_name("topic", topic).encode()
+        q = core._pub_q
+        if len(q) >= self.config.send_queue_max:
+            await core.wait_for_room(q, time.monotonic() + self.config.push_timeout_s)
+        core.enqueue_publish(topic_b, body)
+
+    async def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
+        """Send ``data`` to one puller of ``queue`` (see `Node.push`)."""
+        core = self._core
+        core.ensure_running()
+        body = core.codec.encode(data)
+        deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else timeout)
+        q = core.push_queue(queue)
+        if q is None:
+            core.ensure_push_socket(_check_name("queue", queue))
+            q = core.push_queue(queue)
+            assert q is not None
+        if not core.offers["queues"].get(queue):
+            try:
+                await core.wait_until(lambda: bool(core.offers["queues"].get(queue)), max(deadline - time.monotonic(), 0))
+            except MeshTimeoutError:
+                raise NoProviderError(f"no node pulls the queue {queue!r}") from None
+        if len(q) >= self.config.send_queue_max:
+            await core.wait_for_room(q, deadline)
+        core.enqueue_push(queue, body)
+
+    async def request(self, service: str, data: Any = None, timeout: float | None = None) -> Any:
+        """Call ``service`` on one provider and return its reply (see `Node.request`)."""
+        core = self._core
+        core.ensure_running()
+        body = core.codec.encode(data)
+        return await core.requester.request(
+            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout
+        )
+
+    async def whisper(self, peer_id: str, *frames: bytes | str) -> None:
+        """Send a ZRE WHISPER to one peer."""
+        self._check_open()
+        self._core.membership.whisper(peer_id, _frames(frames))
+
+    async def shout(self, group: str, *frames: bytes | str) -> int:
+        """Send a ZRE SHOUT to every peer in ``group``; returns how many got it."""
+        self._check_open()
+        return self._core.membership.shout(group, _frames(frames))
+
+    async def join(self, group: str) -> None:
+        """Join a ZRE group."""
+        self._check_open()
+        self._core.join_group(group)
+
+    async def leave(self, group: str) -> None:
+        """Leave a ZRE group."""
+        self._check_open()
+        self._core.leave_group(group)
+
+    async def wait_for_peers(self, n: int, timeout: float = 10.0) -> list[Peer]:
+        """Wait until at least ``n`` peers are present; returns them. Raises `MeshTimeoutError`."""
+        core = self._core
+        await core.wait_until(lambda: len(core._peer_index) >= n, timeout)
+        return self.peers()
+
+    async def wait_for_subscribers(self, topic: str, n: int, timeout: float = 10.0) -> None:
+        """Wait until ``n`` nodes' subscriptions matching ``topic`` are in place (see `Node`)."""
+        core = self._core
+        await core.wait_until(lambda: core.subscribers_ready(topic, n), timeout)
+
+    async def wait_for_service(self, name: str, n: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``n`` nodes offer service ``name``."""
+        core = self._core
+        await core.wait_until(lambda: len(core.providers("services", name)) >= n, timeout)
+
+    async def wait_for_pullers(self, queue: str, n: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``n`` nodes pull ``queue``."""
+        core = self._core
+        await core.wait_until(lambda: len(core.providers("queues", queue)) >= n, timeout)

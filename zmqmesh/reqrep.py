@@ -1,0 +1,272 @@
+"""Request/reply: the request and reply envelopes, and the two ways of waiting for a reply.
+
+A request is ``[service, request_id, body]`` sent by a DEALER to the provider's service
+ROUTER; the reply is ``[request_id, status, body]``. Request ids make any number of
+requests outstanding at once (no REQ lockstep); a reply whose id nobody waits for any
+more (its request timed out) is dropped and counted.
+
+`ThreadRequester` serves the sync `Node`: one per calling thread, each with its own
+DEALER per provider, so a blocking call waits on its own socket with no hand-off to
+another thread. `LoopRequester` serves `AsyncNode`: DEALERs owned by the event loop and a
+future per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import wire
+from .errors import (
+    DecodeError,
+    MeshTimeoutError,
+    NodeClosedError,
+    NoProviderError,
+    PeerLostError,
+    RemoteError,
+    ZmqMeshError,
+)
+
+if TYPE_CHECKING:
+    from .core import MeshCore, Provider
+
+__all__ = ["ThreadRequester", "LoopRequester", "RetryElsewhere", "decode_reply"]
+
+log = logging.getLogger("zmqmesh.reqrep")
+
+_POLL_SLICE_S = 0.05
+_socket_serial = itertools.count(1)
+
+
+class RetryElsewhere(Exception):
+    """The provider no longer offers the service: try another one."""
+
+
+def decode_reply(core: MeshCore, status: bytes, body: bytes) -> Any:
+    """The result a reply carries, or the error it reports (raised)."""
+    if status == wire.STATUS_OK:
+        return core.codec.decode(body)
+    if status == wire.STATUS_ERROR:
+        try:
+            info = core.codec.decode(body)
+            return_error = RemoteError(
+                str(info.get("type", "Exception")),
+                str(info.get("message", "")),
+                str(info.get("traceback", "")),
+            )
+        except (DecodeError, AttributeError):
+            return_error = RemoteError("Exception", "remote failure (undecodable details)")
+        raise return_error
+    if status == wire.STATUS_NO_SERVICE:
+        raise RetryElsewhere()
+    if status == wire.STATUS_BAD_REQUEST:
+        raise DecodeError("the provider could not decode the request")
+    raise DecodeError(f"reply with unknown status {status!r}")
+
+
+def _dealer(core: MeshCore, endpoint: str) -> zmq.Socket[Any]:
+    sock = core.ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, core.uuid + next(_socket_serial).to_bytes(4, "big"))
+    sock.setsockopt(zmq.MAXMSGSIZE, core.config.max_message_bytes + 4096)
+    sock.setsockopt(zmq.SNDHWM, core.config.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, core.config.recv_hwm)
+    sock.connect(endpoint)
+    return sock
+
+
+class ThreadRequester:
+    """Blocking requests from one thread (never shared between threads)."""
+
+    def __init__(self, core: MeshCore) -> None:
+        self.core = core
+        self.thread = threading.get_ident()
+        self.sockets: dict[str, zmq.Socket[Any]] = {}
+        self._ids = itertools.count(1)
+        self._membership_epoch = -1
+        self._poller_cache: dict[str, zmq.Poller] = {}
+
+    def request(self, service: str, body: bytes, timeout: float) -> Any:
+        """Send ``body`` to one provider of ``service`` and wait for its reply."""
+        core = self.core
+        deadline = time.monotonic() + timeout
+        service_b = service.encode()
+        while True:
+            provider = core.wait_for_provider_sync(service, deadline)
+            self._prune()
+            sock = self._socket(provider)
+            request_id = next(self._ids).to_bytes(8, "big")
+            try:
+                sock.send_multipart([service_b, request_id, body], zmq.NOBLOCK, copy=len(body) < 65536)
+            except zmq.Again as exc:
+                raise MeshTimeoutError(f"provider {provider.id[:8]} of {service!r} is not accepting requests") from exc
+            core.stats.pattern["request"]["sent"] += 1
+            try:
+                return self._wait(sock, request_id, provider, service, deadline)
+            except RetryElsewhere:
+                core.skip_provider(service, provider.id)
+                continue
+
+    def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str, deadline: float) -> Any:
+        core = self.core
+        poller = self._poller_cache.get(provider.id)
+        if poller is None:
+            poller = self._poller_cache[provider.id] = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                core.stats.pattern["request"]["errors"] += 1
+                raise MeshTimeoutError(f"request to {service!r} timed out")
+            if poller.poll(min(remaining, _POLL_SLICE_S) * 1000):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if len(frames) != 3 or frames[0] != request_id:
+                        core.stats.pattern["request"]["dropped"] += 1  # a late reply
+                        continue
+                    core.stats.pattern["request"]["received"] += 1
+                    return decode_reply(core, frames[1], frames[2])
+            if core.closed:
+                raise NodeClosedError("the node stopped while a request was outstanding")
+            if provider.id not in core.alive_ids:
+                core.stats.pattern["request"]["errors"] += 1
+                raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying", provider.id)
+
+    def _socket(self, provider: Provider) -> zmq.Socket[Any]:
+        sock = self.sockets.get(provider.id)
+        if sock is None:
+            sock = self.sockets[provider.id] = _dealer(self.core, provider.endpoint)
+        return sock
+
+    def _prune(self) -> None:
+        """Close sockets to providers that left (only when membership changed)."""
+        epoch = self.core.membership_epoch
+        if epoch == self._membership_epoch:
+            return
+        self._membership_epoch = epoch
+        alive = self.core.alive_ids
+        for pid in [p for p in self.sockets if p not in alive]:
+            self._poller_cache.pop(pid, None)
+            self.sockets.pop(pid).close(0)
+
+    def close(self) -> None:
+        """Close every socket of this requester."""
+        self._poller_cache.clear()
+        for sock in self.sockets.values():
+            sock.close(0)
+        self.sockets.clear()
+
+
+class LoopRequester:
+    """Requests from coroutines: DEALERs owned by the event loop, one future per request."""
+
+    def __init__(self, core: MeshCore) -> None:
+        self.core = core
+        self.sockets: dict[str, zmq.Socket[Any]] = {}
+        self.pending: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], str]] = {}
+        self._ids = itertools.count(1)
+
+    async def request(self, service: str, body: bytes, timeout: float) -> Any:
+        """Send ``body`` to one provider of ``service`` and await its reply."""
+        core = self.core
+        loop = core.loop
+        deadline = time.monotonic() + timeout
+        service_b = service.encode()
+        while True:
+            provider = await core.wait_for_provider(service, deadline)
+            sock = self._socket(provider)
+            request_id = next(self._ids).to_bytes(8, "big")
+            future: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+            self.pending[request_id] = (future, provider.id)
+            try:
+                try:
+                    sock.send_multipart([service_b, request_id, body], zmq.NOBLOCK, copy=len(body) < 65536)
+                except zmq.Again as exc:
+                    raise MeshTimeoutError(f"provider {provider.id[:8]} of {service!r} is not accepting requests") from exc
+                core.stats.pattern["request"]["sent"] += 1
+                self._kick(provider.id)
+                remaining = deadline - time.monotonic()
+                try:
+                    status, reply = await asyncio.wait_for(future, max(remaining, 0))
+                except asyncio.TimeoutError:
+                    core.stats.pattern["request"]["errors"] += 1
+                    raise MeshTimeoutError(f"request to {service!r} timed out") from None
+            finally:
+                self.pending.pop(request_id, None)
+            try:
+                return decode_reply(core, status, reply)
+            except RetryElsewhere:
+                core.skip_provider(service, provider.id)
+
+    def _socket(self, provider: Provider) -> zmq.Socket[Any]:
+        sock = self.sockets.get(provider.id)
+        if sock is None:
+            sock = self.sockets[provider.id] = _dealer(self.core, provider.endpoint)
+            self.core.loop.add_reader(sock.FD, self._on_readable, provider.id)
+        return sock
+
+    def _kick(self, provider_id: str) -> None:
+        sock = self.sockets.get(provider_id)
+        if sock is not None and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.core.loop.call_soon(self._on_readable, provider_id)
+
+    def _on_readable(self, provider_id: str) -> None:
+        sock = self.sockets.get(provider_id)
+        stats = self.core.stats.pattern["request"]
+        for _ in range(1024):
+            if sock is None:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            entry = self.pending.get(frames[0]) if len(frames) == 3 else None
+            if entry is None or entry[0].done():
+                stats["dropped"] += 1
+                continue
+            stats["received"] += 1
+            entry[0].set_result((frames[1], frames[2]))
+            sock = self.sockets.get(provider_id)
+        self.core.loop.call_soon(self._on_readable, provider_id)
+
+    def peer_gone(self, peer_id: str) -> None:
+        """Fail the requests waiting on a departed provider at once, and close its socket."""
+        for future, pid in list(self.pending.values()):
+            if pid == peer_id and not future.done():
+                future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
+        sock = self.sockets.pop(peer_id, None)
+        if sock is not None:
+            try:
+                self.core.loop.remove_reader(sock.FD)
+            except Exception:
+                pass
+            sock.close(0)
+
+    def close(self) -> None:
+        """Fail every waiting request with `NodeClosedError` and close every socket."""
+        for future, _pid in list(self.pending.values()):
+            if not future.done():
+                future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
+        for pid in list(self.sockets):
+            sock = self.sockets.pop(pid)
+            try:
+                self.core.loop.remove_reader(sock.FD)
+            except Exception:
+                pass
+            sock.close(0)
+
+
+def no_provider(service: str) -> ZmqMeshError:
+    """The error for a service nobody offers."""
+    return NoProviderError(f"no node offers the service {service!r}")

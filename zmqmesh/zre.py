@@ -1,0 +1,232 @@
+"""The ZRE wire format (ZeroMQ RFC 36, version 2): UDP beacons and mailbox commands.
+
+Pure functions and small value types, no sockets: encoding what we send and parsing,
+strictly, what we receive. Every parse failure raises `ZreError`, so the caller can log,
+count and drop it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ZreError",
+    "Beacon",
+    "Command",
+    "ZreMessage",
+    "BEACON_SIZE",
+    "SEQUENCE_MODULUS",
+    "encode_beacon",
+    "decode_beacon",
+    "encode_command",
+    "decode_command",
+    "next_sequence",
+]
+
+SIGNATURE = b"\xaa\xa1"
+PROTOCOL_VERSION = 2
+BEACON_PREFIX = b"ZRE\x01"
+BEACON_SIZE = 22
+SEQUENCE_MODULUS = 1 << 16
+_BEACON = struct.Struct("!4s16sH")
+
+
+class ZreError(ValueError):
+    """A beacon or mailbox message that does not follow the ZRE grammar."""
+
+
+class Command:
+    """ZRE command identifiers."""
+
+    HELLO = 1
+    WHISPER = 2
+    SHOUT = 3
+    JOIN = 4
+    LEAVE = 5
+    PING = 6
+    PING_OK = 7
+
+    NAMES = {1: "HELLO", 2: "WHISPER", 3: "SHOUT", 4: "JOIN", 5: "LEAVE", 6: "PING", 7: "PING-OK"}
+
+
+@dataclass(frozen=True)
+class Beacon:
+    """A decoded 22-byte ZRE beacon; ``port == 0`` means the sender is leaving."""
+
+    uuid: bytes
+    port: int
+
+
+def encode_beacon(uuid: bytes, port: int) -> bytes:
+    """The 22-byte beacon announcing ``uuid``'s mailbox ``port`` (0 to say goodbye)."""
+    return _BEACON.pack(BEACON_PREFIX, uuid, port)
+
+
+def decode_beacon(data: bytes) -> Beacon:
+    """Parse a beacon; raises `ZreError` unless it is exactly a ZRE version-1 beacon."""
+    if len(data) != BEACON_SIZE:
+        raise ZreError(f"beacon of {len(data)} bytes (expected {BEACON_SIZE})")
+    prefix, uuid, port = _BEACON.unpack(data)
+    if prefix != BEACON_PREFIX:
+        raise ZreError("beacon with an unknown header or version")
+    return Beacon(uuid, port)
+
+
+def next_sequence(sequence: int) -> int:
+    """The sequence number after ``sequence`` (uint16, wrapping at 65536)."""
+    return (sequence + 1) % SEQUENCE_MODULUS
+
+
+@dataclass
+class ZreMessage:
+    """One mailbox command; fields beyond ``command`` and ``sequence`` depend on the command."""
+
+    command: int
+    sequence: int
+    endpoint: str = ""
+    groups: list[str] = field(default_factory=list)
+    status: int = 0
+    name: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    group: str = ""
+    content: list[bytes] = field(default_factory=list)
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+
+def _string(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > 255:
+        raise ValueError(f"ZRE string longer than 255 bytes: {value[:40]!r}...")
+    return bytes((len(raw),)) + raw
+
+
+def _longstr(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return struct.pack("!I", len(raw)) + raw
+
+
+def _strings(values: list[str]) -> bytes:
+    return struct.pack("!I", len(values)) + b"".join(_longstr(v) for v in values)
+
+
+def _dictionary(values: dict[str, str]) -> bytes:
+    parts = [struct.pack("!I", len(values))]
+    for key, value in values.items():
+        parts.append(_string(key))
+        parts.append(_longstr(value))
+    return b"".join(parts)
+
+
+def encode_command(msg: ZreMessage) -> list[bytes]:
+    """Encode ``msg`` as the frames a DEALER sends (command frame, then any content frames)."""
+    head = SIGNATURE + struct.pack("!BBH", msg.command, PROTOCOL_VERSION, msg.sequence)
+    cmd = msg.command
+    if cmd == Command.HELLO:
+        body = (
+            _string(msg.endpoint)
+            + _strings(msg.groups)
+            + bytes((msg.status & 0xFF,))
+            + _string(msg.name)
+            + _dictionary(msg.headers)
+        )
+        return [head + body]
+    if cmd == Command.WHISPER:
+        return [head, *msg.content]
+    if cmd == Command.SHOUT:
+        return [head + _string(msg.group), *msg.content]
+    if cmd in (Command.JOIN, Command.LEAVE):
+        return [head + _string(msg.group) + bytes((msg.status & 0xFF,))]
+    if cmd in (Command.PING, Command.PING_OK):
+        return [head]
+    raise ValueError(f"unknown ZRE command {cmd}")
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, size: int) -> bytes:
+        end = self.pos + size
+        if end > len(self.data):
+            raise ZreError("truncated ZRE message")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def number1(self) -> int:
+        return self.take(1)[0]
+
+    def number4(self) -> int:
+        return int.from_bytes(self.take(4), "big")
+
+    def string(self) -> str:
+        return self.take(self.number1()).decode("utf-8", "replace")
+
+    def longstr(self) -> str:
+        return self.take(self.number4()).decode("utf-8", "replace")
+
+    def count(self, max_items: int) -> int:
+        n = self.number4()
+        # each item takes at least 4 bytes, so a count beyond what is left is a lie
+        if n > max_items or n * 4 > len(self.data) - self.pos:
+            raise ZreError("ZRE list count exceeds the message")
+        return n
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise ZreError("trailing bytes after a ZRE command")
+
+
+def decode_command(frames: list[bytes], max_items: int = 10_000) -> ZreMessage:
+    """Parse a mailbox message (the frames after the ROUTER's identity frame).
+
+    Raises `ZreError` for a bad signature, version, unknown command or malformed field.
+    """
+    if not frames:
+        raise ZreError("empty ZRE message")
+    reader = _Reader(frames[0])
+    if reader.take(2) != SIGNATURE:
+        raise ZreError("bad ZRE signature")
+    command = reader.number1()
+    version = reader.number1()
+    if version != PROTOCOL_VERSION:
+        raise ZreError(f"unsupported ZRE version {version}")
+    sequence = int.from_bytes(reader.take(2), "big")
+    msg = ZreMessage(command, sequence)
+    if command == Command.HELLO:
+        msg.endpoint = reader.string()
+        msg.groups = [reader.longstr() for _ in range(reader.count(max_items))]
+        msg.status = reader.number1()
+        msg.name = reader.string()
+        n = reader.count(max_items)
+        for _ in range(n):
+            key = reader.string()
+            msg.headers[key] = reader.longstr()
+        reader.done()
+    elif command == Command.WHISPER:
+        reader.done()
+        msg.content = list(frames[1:])
+    elif command == Command.SHOUT:
+        msg.group = reader.string()
+        reader.done()
+        msg.content = list(frames[1:])
+    elif command in (Command.JOIN, Command.LEAVE):
+        msg.group = reader.string()
+        msg.status = reader.number1()
+        reader.done()
+    elif command in (Command.PING, Command.PING_OK):
+        reader.done()
+    else:
+        raise ZreError(f"unknown ZRE command {command}")
+    if command not in (Command.WHISPER, Command.SHOUT) and len(frames) > 1:
+        raise ZreError(f"{Command.NAMES[command]} with unexpected extra frames")
+    return msg
