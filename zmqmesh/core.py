@@ -230,6 +230,7 @@ class MeshCore(MembershipEvents):
         self._rebuild()
         self.membership.start(headers, self._own_groups())
         self.loop.add_reader(self._xpub.FD, self._on_xpub)  # type: ignore[union-attr]
+        self.loop.call_soon(self._on_xpub)  # descriptors are edge-triggered: look once now
         log.info("node %s (%s) started, mailbox %s", self.name, self.node_id[:8], self.membership.endpoint)
 
     def _advertised(self, key: str, advertise: str) -> str:
@@ -575,6 +576,7 @@ class MeshCore(MembershipEvents):
         self._push_q[queue] = deque()
         self._sync_connections()
         self.loop.add_reader(sock.FD, self._wake_flush)
+        self._wake_flush()
 
     async def ensure_push_socket_async(self, queue: str) -> None:
         """`ensure_push_socket` as a coroutine (for `run_sync`)."""

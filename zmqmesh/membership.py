@@ -331,6 +331,7 @@ class Membership:
         peer.monitor = monitor
         peer.out_sequence = 0
         self.loop.add_reader(monitor.FD, self._on_monitor, peer)
+        self.loop.call_soon(self._on_monitor, peer)  # the descriptor is edge-triggered
         self._send_hello(peer)
 
     def _close_link(self, peer: PeerState) -> None:

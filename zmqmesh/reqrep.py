@@ -212,6 +212,7 @@ class LoopRequester:
         if sock is None:
             sock = self.sockets[provider.id] = _dealer(self.core, provider.endpoint)
             self.core.loop.add_reader(sock.FD, self._on_readable, provider.id)
+            self.core.loop.call_soon(self._on_readable, provider.id)
         return sock
 
     def _kick(self, provider_id: str) -> None:

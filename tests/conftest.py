@@ -1,0 +1,37 @@
+"""Shared fixtures: isolated mesh options per test, and node processes that are always cleaned up."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from helpers import NodeProcess, free_udp_port
+
+
+@pytest.fixture
+def mesh() -> dict[str, Any]:
+    """Options isolating a test: its own beacon port and mesh name, fast failure detection."""
+    return {
+        "beacon_port": free_udp_port(),
+        "mesh": f"test-{uuid.uuid4().hex[:10]}",
+        "heartbeat_interval_s": 0.5,
+        "peer_timeout_s": 2.0,
+    }
+
+
+@pytest.fixture
+def spawn(mesh: dict[str, Any]) -> Iterator[Callable[..., NodeProcess]]:
+    """Start node processes in this test's mesh; every one is stopped or killed at teardown."""
+    started: list[NodeProcess] = []
+
+    def start(name: str, wait_ready: bool = True, options: dict[str, Any] | None = None, **spec: Any) -> NodeProcess:
+        proc = NodeProcess({"name": name, "options": {**mesh, **(options or {})}, **spec})
+        started.append(proc)
+        return proc.ready() if wait_ready else proc
+
+    yield start
+    for proc in started:
+        proc.stop(timeout=5)

@@ -1,0 +1,123 @@
+"""Test helpers: node processes with a line protocol, free ports, and waiting on conditions."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NODE_PROCESS = HERE / "node_process.py"
+
+
+def free_udp_port() -> int:
+    """A UDP port nobody on this host uses right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy; fail the test at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class NodeProcess:
+    """A zmqmesh node in a child process (see node_process.py), read line by line."""
+
+    def __init__(self, spec: dict, extra_env: dict[str, str] | None = None) -> None:
+        self.name = spec["name"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", str(NODE_PROCESS), json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.id = ""
+        self.mailbox = ""
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append((time.monotonic(), line))
+
+    def wait_line(self, prefix: str, timeout: float = 10.0, count: int = 1) -> str:
+        """Wait until ``count`` lines start with ``prefix``; returns the last such line."""
+        def found() -> str | None:
+            hits = [l for _, l in self.lines if l.startswith(prefix)]
+            return hits[count - 1] if len(hits) >= count else None
+        try:
+            return str(wait_until(found, timeout, f"{self.name}: {prefix!r}"))
+        except AssertionError:
+            tail = "\n".join(l for _, l in self.lines[-30:])
+            raise AssertionError(f"{self.name} never printed {prefix!r} (x{count}); last output:\n{tail}") from None
+
+    def line_time(self, prefix: str) -> float | None:
+        """Monotonic time when the first line starting with ``prefix`` arrived."""
+        for t, line in self.lines:
+            if line.startswith(prefix):
+                return t
+        return None
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        """Every line so far that starts with ``prefix``."""
+        return [l for _, l in self.lines if l.startswith(prefix)]
+
+    def ready(self, timeout: float = 15.0) -> NodeProcess:
+        """Wait for READY and record the node's id and mailbox endpoint."""
+        _, self.id, self.mailbox = self.wait_line("READY", timeout).split()
+        return self
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to the process."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Ask for a clean stop (SIGTERM); kill it if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def _close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass

@@ -1,0 +1,103 @@
+"""A node in its own process, for the multi-process tests. Not a test module.
+
+Usage: python node_process.py SPEC_JSON
+SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
+       "pull": [queue...], "service": [name...], "kind": "sync" | "async",
+       "block_s": seconds a handler named "block" sleeps, "groups": [zre groups]}
+
+It prints one line per event, flushed at once:
+  READY <id> | JOIN <name> <id> | LEAVE <name> <id> | SUB <topic> <json> |
+  PULL <queue> <json> | WHISPER <json frames> | SHOUT <group> <json frames>
+and stops cleanly on SIGTERM (printing STOPPED), or when stdin closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+
+import zmqmesh
+
+
+def say(*parts: object) -> None:
+    sys.stdout.write(" ".join(str(p) for p in parts) + "\n")
+    sys.stdout.flush()
+
+
+def _json(data: object) -> str:
+    return json.dumps(data, default=lambda b: b.decode("latin-1"), separators=(",", ":"))
+
+
+def install(node: zmqmesh.Node | zmqmesh.AsyncNode, spec: dict) -> None:
+    is_async = spec.get("kind") == "async"
+    block_s = float(spec.get("block_s", 0))
+
+    for prefix in spec.get("subscribe", []):
+        node.subscribe(prefix, lambda msg: say("SUB", msg.topic, _json(msg.data)))
+    for queue in spec.get("pull", []):
+        node.pull(queue, lambda msg: say("PULL", msg.queue, _json(msg.data)))
+    for name in spec.get("service", []):
+        if name == "block":
+            def block(msg: zmqmesh.Message) -> str:
+                say("BLOCKING")
+                time.sleep(block_s)
+                return "unblocked"
+            node.service(name, block)
+        elif name == "boom":
+            def boom(msg: zmqmesh.Message) -> None:
+                raise ValueError(f"boom {msg.data}")
+            node.service(name, boom)
+        elif is_async:
+            async def echo_async(msg: zmqmesh.Message) -> object:
+                await asyncio.sleep(0)
+                return {"echo": msg.data, "by": node.name}
+            node.service(name, echo_async)
+        else:
+            node.service(name, lambda msg: {"echo": msg.data, "by": node.name})
+    node.on_join(lambda peer: say("JOIN", peer.name, peer.id))
+    node.on_leave(lambda peer: say("LEAVE", peer.name, peer.id))
+    node.on_whisper(lambda msg: say("WHISPER", _json(msg.data)))
+    node.on_shout(lambda msg: say("SHOUT", msg.group, _json(msg.data)))
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    options = spec.get("options", {})
+    if "seeds" in options:
+        options["seeds"] = tuple(options["seeds"])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    if spec.get("kind") == "async":
+        asyncio.run(run_async(spec, options, stop))
+        return
+    node = zmqmesh.Node(spec["name"], **options)
+    install(node, spec)
+    node.start()
+    for group in spec.get("groups", []):
+        node.join(group)
+    say("READY", node.id, node.endpoints["mailbox"])
+    while not stop.wait(0.05):
+        pass
+    node.stop()
+    say("STOPPED")
+
+
+async def run_async(spec: dict, options: dict, stop: threading.Event) -> None:
+    node = zmqmesh.AsyncNode(spec["name"], **options)
+    install(node, spec)
+    async with node:
+        for group in spec.get("groups", []):
+            await node.join(group)
+        say("READY", node.id, node.endpoints["mailbox"])
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+    say("STOPPED")
+
+
+if __name__ == "__main__":
+    main()

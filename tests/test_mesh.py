@@ -1,0 +1,196 @@
+"""Membership across real processes: discovery, seeds and gossip, departures, ghosts, meshes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from helpers import wait_until
+
+
+def names(node: zmqmesh.Node) -> set[str]:
+    return {p.name for p in node.peers()}
+
+
+def test_zero_config_discovery_of_four_processes(spawn: Any, mesh: dict[str, Any]) -> None:
+    procs = [spawn(f"p{i}") for i in range(4)]
+    with zmqmesh.Node("observer", **mesh) as node:
+        peers = node.wait_for_peers(4, timeout=10)
+        assert {p.name for p in peers} == {"p0", "p1", "p2", "p3"}
+        assert all(p.address == "127.0.0.1" and p.is_zmqmesh for p in peers)
+        assert all(p.endpoint.startswith("tcp://127.0.0.1:") for p in peers)
+    for proc in procs:  # every process saw every other one (and the observer)
+        proc.wait_line("JOIN", count=4)
+
+
+def test_two_meshes_on_one_beacon_port_stay_apart(spawn: Any, mesh: dict[str, Any]) -> None:
+    spawn("ours")
+    spawn("theirs", options={"mesh": mesh["mesh"] + "-other"})
+    with zmqmesh.Node("observer", **mesh) as node:
+        node.wait_for_peers(1, timeout=10)
+        time.sleep(1.5)  # a negative check: give the other mesh's beacons time to arrive
+        assert names(node) == {"ours"}
+        assert node.stats()["membership"].get("foreign_ignored", 0) >= 1
+
+
+def test_seeds_and_gossip_without_beacons(spawn: Any, mesh: dict[str, Any]) -> None:
+    quiet = {"discovery": False}
+    seed = spawn("seed", options=quiet)
+    spawn("b", options={**quiet, "seeds": [seed.mailbox]})
+    with zmqmesh.Node("c", **{**mesh, **quiet}, seeds=(seed.mailbox,)) as node:
+        # c only knows the seed; it learns b from the seed's gossip
+        wait_until(lambda: names(node) == {"seed", "b"}, 10, "gossip to reveal b")
+
+
+def test_seed_started_later_is_greeted_when_it_comes_up(spawn: Any, mesh: dict[str, Any]) -> None:
+    quiet = {**mesh, "discovery": False}
+    with zmqmesh.Node("early", **quiet) as seed_node:
+        endpoint = seed_node.endpoints["mailbox"]
+        with zmqmesh.Node("late", **quiet, seeds=(endpoint,)) as node:
+            node.wait_for_peers(1, timeout=10)
+            seed_node.wait_for_peers(1, timeout=10)
+
+
+def test_sigkilled_peer_is_reported_within_one_second(spawn: Any, mesh: dict[str, Any]) -> None:
+    victim = spawn("victim")
+    left: list[tuple[float, str]] = []
+    node = zmqmesh.Node("observer", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0})
+    node.on_leave(lambda peer: left.append((time.monotonic(), peer.name)))
+    with node:
+        node.wait_for_peers(1, timeout=10)
+        killed_at = time.monotonic()
+        victim.kill()
+        wait_until(lambda: left, 5, "the leave event")
+        assert left[0][1] == "victim"
+        assert left[0][0] - killed_at < 1.0, "a crashed peer on this host must be seen within 1 s"
+        assert names(node) == set()
+
+
+def test_silent_peer_is_reported_within_the_timeout(spawn: Any, mesh: dict[str, Any]) -> None:
+    frozen = spawn("frozen")
+    left: list[float] = []
+    node = zmqmesh.Node("observer", **mesh)
+    node.on_leave(lambda peer: left.append(time.monotonic()))
+    with node:
+        node.wait_for_peers(1, timeout=10)
+        stopped_at = time.monotonic()
+        frozen.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: left, mesh["peer_timeout_s"] + 2, "the silent peer to be declared gone")
+        finally:
+            frozen.signal(signal.SIGCONT)
+        elapsed = left[0] - stopped_at
+        assert mesh["peer_timeout_s"] - 0.6 < elapsed < mesh["peer_timeout_s"] + 1.0
+
+
+def test_default_silent_timeout_is_at_most_three_seconds() -> None:
+    assert zmqmesh.NodeConfig().peer_timeout_s <= 3.0
+
+
+def test_polite_stop_is_seen_at_once(spawn: Any, mesh: dict[str, Any]) -> None:
+    leaver = spawn("leaver")
+    left: list[float] = []
+    node = zmqmesh.Node("observer", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0})
+    node.on_leave(lambda peer: left.append(time.monotonic()))
+    with node:
+        node.wait_for_peers(1, timeout=10)
+        asked = time.monotonic()
+        leaver.signal(signal.SIGTERM)
+        wait_until(lambda: left, 5, "the leave event")
+        assert left[0] - asked < 0.5
+
+
+def test_restarted_node_retires_its_ghost_at_once(spawn: Any, mesh: dict[str, Any]) -> None:
+    events: list[tuple[str, str, float]] = []
+    node = zmqmesh.Node("observer", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0})
+    node.on_join(lambda p: events.append(("join", p.id, time.monotonic())))
+    node.on_leave(lambda p: events.append(("leave", p.id, time.monotonic())))
+    with node:
+        first = spawn("worker")
+        node.wait_for_peers(1, timeout=10)
+        first.kill()
+        second = spawn("worker")
+        wait_until(lambda: any(e[0] == "join" and e[1] == second.id for e in events), 10, "the restarted node")
+        wait_until(lambda: any(e[0] == "leave" and e[1] == first.id for e in events), 2, "the ghost to go")
+        assert [p.id for p in node.peers()] == [second.id]
+
+
+def test_no_false_departure_while_a_handler_blocks(spawn: Any, mesh: dict[str, Any]) -> None:
+    busy = spawn("busy", service=["block"], block_s=6.0)
+    left: list[str] = []
+    node = zmqmesh.Node("observer", **mesh)
+    node.on_leave(lambda p: left.append(p.name))
+    with node:
+        node.wait_for_service("block", timeout=10)
+        assert node.request("block", None, timeout=10) == "unblocked"  # 3x the peer timeout
+        assert left == []
+        busy.wait_line("BLOCKING")
+        assert not busy.with_prefix("LEAVE"), "the busy node must not drop its peers either"
+
+
+def test_stop_is_idempotent_and_bounded_with_dead_peers(spawn: Any, mesh: dict[str, Any]) -> None:
+    victim = spawn("victim", pull=["jobs"])
+    node = zmqmesh.Node("n", **mesh).start()
+    node.wait_for_pullers("jobs", timeout=10)
+    victim.signal(signal.SIGSTOP)
+    try:
+        for i in range(100):
+            node.push("jobs", i)  # queued towards a frozen peer
+        started = time.monotonic()
+        node.stop()
+        node.stop()
+        assert time.monotonic() - started < 3.0
+    finally:
+        victim.signal(signal.SIGCONT)
+    with pytest.raises(zmqmesh.NodeClosedError):
+        node.publish("x", 1)
+
+
+def test_unstopped_node_warns_when_collected(mesh: dict[str, Any]) -> None:
+    import gc
+
+    node = zmqmesh.Node("forgotten", **mesh).start()
+    core = node._core
+    with pytest.warns(ResourceWarning):
+        del node
+        gc.collect()
+    # clean up what the test leaked on purpose
+    import asyncio
+
+    asyncio.run_coroutine_threadsafe(core.stop(1.0), core.loop).result(5)
+    core.loop.call_soon_threadsafe(core.loop.stop)
+
+
+def test_user_callbacks_that_raise_do_not_stop_the_node(spawn: Any, mesh: dict[str, Any]) -> None:
+    node = zmqmesh.Node("n", **mesh)
+
+    @node.on_join
+    def bad(peer: zmqmesh.Peer) -> None:
+        raise RuntimeError("callback bug")
+
+    with node:
+        spawn("a")
+        spawn("b")
+        node.wait_for_peers(2, timeout=10)
+        wait_until(lambda: node.stats()["zre"]["errors"] >= 2, 5, "callback errors to be counted")
+        assert node.running
+
+
+def test_async_node_discovers_and_sees_departure(spawn: Any, mesh: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with zmqmesh.AsyncNode("async-observer", **mesh) as node:
+            proc = spawn("p")
+            peers = await node.wait_for_peers(1, timeout=10)
+            assert peers[0].name == "p"
+            proc.kill()
+            deadline = time.monotonic() + 3
+            while node.peers() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert node.peers() == []
+
+    asyncio.run(scenario())
