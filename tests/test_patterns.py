@@ -1,0 +1,349 @@
+"""pub/sub, push/pull and request/reply across processes, sync and async, with every error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from helpers import wait_until
+
+
+def payloads(proc: Any, prefix: str) -> list[Any]:
+    return [json.loads(line.split(" ", 2)[2]) for line in proc.with_prefix(prefix)]
+
+
+# -- pub/sub ---------------------------------------------------------------------------------------
+
+
+def test_publish_reaches_every_subscriber_and_the_publisher_in_order(spawn: Any, mesh: dict[str, Any]) -> None:
+    subs = [spawn(f"s{i}", subscribe=["prices."]) for i in range(2)]
+    other = spawn("other", subscribe=["news."])
+    own: list[Any] = []
+    node = zmqmesh.Node("pub", **mesh)
+    node.subscribe("prices.", lambda msg: own.append((msg.topic, msg.data, msg.sender.name)))
+    with node:
+        node.wait_for_subscribers("prices.eur", 3, timeout=10)  # two processes and itself
+        for i in range(500):
+            node.publish("prices.eur", {"seq": i})
+        node.publish("news.x", "not for price subscribers")
+        for proc in subs:
+            proc.wait_line("SUB prices.eur", count=500)
+            assert [p["seq"] for p in payloads(proc, "SUB prices.eur")] == list(range(500))
+        wait_until(lambda: len(own) == 500, 5, "the publisher's own delivery")
+        assert [d["seq"] for _, d, _ in own] == list(range(500))
+        assert own[0][2] == "pub"
+        other.wait_line("SUB news.x")
+        assert not other.with_prefix("SUB prices")
+        assert not any(proc.with_prefix("SUB news") for proc in subs)
+
+
+def test_wait_for_subscribers_times_out_without_enough_subscribers(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("lonely", **mesh) as node:
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            node.wait_for_subscribers("t", 1, timeout=0.3)
+
+
+def test_bytes_stay_bytes_and_unencodable_data_raises_before_sending(mesh: dict[str, Any]) -> None:
+    got: list[Any] = []
+    node = zmqmesh.Node("n", **mesh)
+    node.subscribe("b", lambda msg: got.append(msg.data))
+    with node:
+        node.wait_for_subscribers("b", 1, timeout=5)
+        with pytest.raises(TypeError):
+            node.publish("b", {"obj": object()})
+        with pytest.raises(TypeError):
+            node.request("nothing", {1, 2}, timeout=0.1)
+        node.publish("b", {"raw": b"\x00\xff", "text": "é", "n": [1, 2.5, None, True]})
+        wait_until(lambda: got, 5, "the message")
+        assert got == [{"raw": b"\x00\xff", "text": "é", "n": [1, 2.5, None, True]}]
+        assert node.stats()["pubsub"]["sent"] == 1
+
+
+def test_async_node_publishes_and_subscribes_with_async_handlers(spawn: Any, mesh: dict[str, Any]) -> None:
+    sub = spawn("sub", subscribe=["a."], kind="async")
+
+    async def scenario() -> None:
+        got: list[Any] = []
+        node = zmqmesh.AsyncNode("apub", **mesh)
+
+        @node.subscribe("a.")
+        async def on_a(msg: zmqmesh.Message) -> None:
+            await asyncio.sleep(0)
+            got.append(msg.data)
+
+        async with node:
+            await node.wait_for_subscribers("a.1", 2, timeout=10)
+            for i in range(100):
+                await node.publish("a.1", i)
+            deadline = time.monotonic() + 5
+            while len(got) < 100 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert got == list(range(100))
+
+    asyncio.run(scenario())
+    sub.wait_line("SUB a.1", count=100)
+    assert [int(line.split()[2]) for line in sub.with_prefix("SUB a.1")] == list(range(100))
+
+
+# -- push/pull -------------------------------------------------------------------------------------
+
+
+def test_three_pullers_share_3000_jobs_fairly_and_exactly_once(spawn: Any, mesh: dict[str, Any]) -> None:
+    pullers = [spawn(f"w{i}", pull=["jobs"]) for i in range(3)]
+    with zmqmesh.Node("ventilator", **mesh) as node:
+        node.wait_for_pullers("jobs", 3, timeout=10)
+        for i in range(3000):
+            node.push("jobs", i)
+        wait_until(lambda: sum(len(p.with_prefix("PULL")) for p in pullers) >= 3000, 20, "all jobs")
+    counts = [len(p.with_prefix("PULL jobs")) for p in pullers]
+    seen = Counter(j for p in pullers for j in payloads(p, "PULL jobs"))
+    assert sorted(seen) == list(range(3000)) and set(seen.values()) == {1}, "each job exactly once"
+    for c in counts:
+        assert 0.23 * 3000 <= c <= 0.43 * 3000, f"unfair split {counts}"
+
+
+def test_push_without_puller_waits_then_raises(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("n", **mesh) as node:
+        started = time.monotonic()
+        with pytest.raises(zmqmesh.NoProviderError):
+            node.push("nobody", 1, timeout=0.5)
+        assert 0.4 < time.monotonic() - started < 3
+
+
+def test_push_waits_for_a_puller_that_appears(spawn: Any, mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("n", **mesh) as node:
+        threading.Timer(0.3, lambda: spawn("late", pull=["later"])).start()
+        node.push("later", "hello", timeout=10)
+        wait_until(lambda: any(p.name == "late" for p in node.peers()), 10, "the late puller")
+
+
+def test_back_pressure_reaches_the_pusher(mesh: dict[str, Any]) -> None:
+    gate = threading.Event()
+    small = {**mesh, "send_queue_max": 10, "send_hwm": 10, "recv_hwm": 10}
+    puller = zmqmesh.Node("slow", **small)
+    puller.pull("slow", lambda msg: gate.wait(10))
+    with puller, zmqmesh.Node("fast", **small) as pusher:
+        pusher.wait_for_pullers("slow", timeout=10)
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            for i in range(1_000_000):
+                pusher.push("slow", b"x" * 1000, timeout=0.5)
+        assert i < 100_000, "the pusher must be held back long before a million messages"
+        gate.set()
+
+
+def test_async_push_and_pull(mesh: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        got: list[int] = []
+        async with zmqmesh.AsyncNode("a", **mesh) as a, zmqmesh.AsyncNode("b", **mesh) as b:
+
+            @b.pull("q")
+            async def take(msg: zmqmesh.Message) -> None:
+                got.append(msg.data)
+
+            await a.wait_for_pullers("q", timeout=10)
+            for i in range(1000):
+                await a.push("q", i)
+            deadline = time.monotonic() + 5
+            while len(got) < 1000 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert got == list(range(1000))
+
+    asyncio.run(scenario())
+
+
+# -- request/reply ------------------------------------------------------------------------------------
+
+
+def test_request_reply_across_processes_sync_and_async_providers(spawn: Any, mesh: dict[str, Any]) -> None:
+    spawn("sync-provider", service=["echo"])
+    spawn("async-provider", service=["aecho"], kind="async")
+    with zmqmesh.Node("client", **mesh) as node:
+        assert node.request("echo", {"x": 1}, timeout=10) == {"echo": {"x": 1}, "by": "sync-provider"}
+        assert node.request("aecho", [1, b"2"], timeout=10) == {"echo": [1, b"2"], "by": "async-provider"}
+
+
+def test_remote_failure_carries_type_message_and_traceback(spawn: Any, mesh: dict[str, Any]) -> None:
+    spawn("p", service=["boom"])
+    with zmqmesh.Node("client", **mesh) as node:
+        with pytest.raises(zmqmesh.RemoteError) as info:
+            node.request("boom", 42, timeout=10)
+        err = info.value
+        assert isinstance(err, zmqmesh.ZmqMeshError)
+        assert err.remote_type == "ValueError" and err.remote_message == "boom 42"
+        assert "Traceback" in err.remote_traceback and "raise ValueError" in err.remote_traceback
+
+
+def test_request_timeout_and_no_provider(spawn: Any, mesh: dict[str, Any]) -> None:
+    spawn("slow", service=["block"], block_s=3.0)
+    with zmqmesh.Node("client", **mesh) as node:
+        with pytest.raises(zmqmesh.NoProviderError):
+            node.request("missing", 1, timeout=0.3)
+        node.wait_for_service("block", timeout=10)
+        started = time.monotonic()
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            node.request("block", None, timeout=0.5)
+        assert time.monotonic() - started < 1.5
+
+
+def test_provider_killed_mid_request_raises_peer_lost_quickly(spawn: Any, mesh: dict[str, Any]) -> None:
+    provider = spawn("doomed", service=["block"], block_s=30.0)
+    with zmqmesh.Node("client", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}) as node:
+        node.wait_for_service("block", timeout=10)
+        threading.Timer(0.5, provider.kill).start()
+        started = time.monotonic()
+        with pytest.raises(zmqmesh.PeerLostError):
+            node.request("block", None, timeout=20)
+        assert time.monotonic() - started < 2.5, "raised when the departure is known, not at the timeout"
+
+
+def test_async_request_peer_lost_and_remote_error(spawn: Any, mesh: dict[str, Any]) -> None:
+    doomed = spawn("doomed", service=["block", "boom"], block_s=30.0)
+
+    async def scenario() -> None:
+        async with zmqmesh.AsyncNode("client", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}) as node:
+            await node.wait_for_service("block", timeout=10)
+            with pytest.raises(zmqmesh.RemoteError):
+                await node.request("boom", 1, timeout=5)
+            asyncio.get_running_loop().call_later(0.5, doomed.kill)
+            started = time.monotonic()
+            with pytest.raises(zmqmesh.PeerLostError):
+                await node.request("block", None, timeout=20)
+            assert time.monotonic() - started < 2.5
+
+    asyncio.run(scenario())
+
+
+def test_eight_threads_request_at_once(spawn: Any, mesh: dict[str, Any]) -> None:
+    spawn("p1", service=["echo"])
+    spawn("p2", service=["echo"])
+    results: dict[int, list[Any]] = {}
+    errors: list[BaseException] = []
+    with zmqmesh.Node("client", **mesh) as node:
+        node.wait_for_service("echo", 2, timeout=10)
+
+        def worker(k: int) -> None:
+            try:
+                results[k] = [node.request("echo", [k, i], timeout=10) for i in range(200)]
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors
+    for k in range(8):
+        assert [r["echo"] for r in results[k]] == [[k, i] for i in range(200)]
+    by = Counter(r["by"] for rs in results.values() for r in rs)
+    assert set(by) == {"p1", "p2"}, "requests are spread over providers"
+
+
+def test_many_concurrent_async_requests(mesh: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with zmqmesh.AsyncNode("a", **mesh) as server, zmqmesh.AsyncNode("b", **mesh) as client:
+
+            @server.service("double")
+            async def double(msg: zmqmesh.Message) -> int:
+                return msg.data * 2
+
+            await client.wait_for_service("double", timeout=10)
+            replies = await asyncio.gather(*(client.request("double", i, timeout=10) for i in range(500)))
+            assert replies == [2 * i for i in range(500)]
+
+    asyncio.run(scenario())
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+
+
+def test_handlers_added_and_removed_at_run_time_and_peers_learn_of_it(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("server", **mesh) as server, zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_peers(1, timeout=10)
+        with pytest.raises(zmqmesh.NoProviderError):
+            client.request("late", 1, timeout=0.2)
+        server.service("late", lambda msg: "here now")
+        assert client.request("late", 1, timeout=5) == "here now"
+        assert "late" in client.peers()[0].services
+        server.unservice("late")
+        wait_until(lambda: "late" not in client.peers()[0].services, 5, "the service to be withdrawn")
+        with pytest.raises(zmqmesh.NoProviderError):
+            client.request("late", 1, timeout=0.3)
+
+        got: list[Any] = []
+        handler = server.subscribe("live.", lambda msg: got.append(msg.data))
+        client.wait_for_subscribers("live.x", 1, timeout=5)
+        client.publish("live.x", 1)
+        wait_until(lambda: got == [1], 5, "delivery to the new subscription")
+        assert server.remove_handler(handler)
+        wait_until(lambda: "live." not in client.peers()[0].topics, 5, "the subscription to be withdrawn")
+        client.publish("live.x", 2)
+        time.sleep(0.3)  # a negative check: nothing may arrive
+        assert got == [1]
+
+
+def test_raising_handlers_are_counted_and_the_node_goes_on(mesh: dict[str, Any]) -> None:
+    seen: list[int] = []
+    node = zmqmesh.Node("n", **mesh)
+
+    @node.pull("q")
+    def flaky(msg: zmqmesh.Message) -> None:
+        seen.append(msg.data)
+        if msg.data % 2:
+            raise RuntimeError("odd")
+
+    with node:
+        for i in range(10):
+            node.push("q", i, timeout=5)
+        wait_until(lambda: len(seen) == 10, 5, "all messages")
+        assert node.stats()["pipeline"]["errors"] == 5
+        assert node.stats()["pipeline"]["received"] == 10
+
+
+def test_slow_handler_does_not_stall_requests_with_concurrency(mesh: dict[str, Any]) -> None:
+    release = threading.Event()
+    with zmqmesh.Node("server", **{**mesh, "handler_concurrency": 4}) as server:
+        server.service("wait", lambda msg: release.wait(10))
+        server.service("fast", lambda msg: "fast")
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("fast", timeout=10)
+            slow = threading.Thread(target=lambda: client.request("wait", None, timeout=10))
+            slow.start()
+            time.sleep(0.1)
+            assert client.request("fast", None, timeout=2) == "fast"
+            release.set()
+            slow.join(10)
+
+
+def test_handler_order_is_kept_by_default(mesh: dict[str, Any]) -> None:
+    got: list[int] = []
+    node = zmqmesh.Node("n", **mesh)
+
+    @node.pull("ordered")
+    def take(msg: zmqmesh.Message) -> None:
+        if msg.data == 0:
+            time.sleep(0.2)
+        got.append(msg.data)
+
+    with node:
+        for i in range(50):
+            node.push("ordered", i, timeout=5)
+        wait_until(lambda: len(got) == 50, 5, "all messages")
+    assert got == list(range(50))
+
+
+def test_stats_count_per_peer(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("a", **mesh) as a, zmqmesh.Node("b", **mesh) as b:
+        b.pull("q", lambda msg: None)
+        a.wait_for_pullers("q", timeout=10)
+        for i in range(20):
+            a.push("q", i)
+        wait_until(lambda: b.stats()["pipeline"]["received"] == 20, 5, "the messages")
+        assert b.stats()["peers"][a.id]["received"] == 20
