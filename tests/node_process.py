@@ -80,6 +80,7 @@ def main() -> None:
     node.start()
     for group in spec.get("groups", []):
         node.join(group)
+    say("ENDPOINTS", json.dumps(node.endpoints))
     say("READY", node.id, node.endpoints["mailbox"])
     while not stop.wait(0.05):
         pass

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid as uuid_module
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -428,17 +428,19 @@ class MeshCore(MembershipEvents):
                     future.set_exception(exc)
 
     def subscribers_ready(self, topic: str, n: int) -> bool:
-        """True once ``n`` nodes subscribing to ``topic`` have their subscription at our XPUB."""
-        nodes: set[str] = set()
-        needed: dict[str, int] = {}
+        """True once ``n`` subscribers matching ``topic`` have their subscription at our XPUB.
+
+        Counts the XPUB's subscription events (so subscribers from outside the mesh count
+        too); a member subscribed with several matching prefixes is counted once.
+        """
+        topic_b = topic.encode()
+        total = sum(c for p, c in self._sub_counts.items() if topic_b.startswith(p))
+        per_node: Counter[str] = Counter()
         for prefix, ids in self.offers["topics"].items():
             if topic.startswith(prefix):
-                nodes.update(ids)
-                needed[prefix] = len(ids)
-        if len(nodes) < n:
-            return False
-        in_place = sum(min(self._sub_counts.get(p.encode(), 0), c) for p, c in needed.items())
-        return in_place >= n
+                per_node.update(ids)
+        overcount = sum(k - 1 for k in per_node.values())
+        return total - overcount >= n
 
     def run_sync(self, coro: Any, timeout: float | None = None) -> Any:
         """Run ``coro`` on the loop from another thread and return its result."""
