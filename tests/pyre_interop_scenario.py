@@ -51,8 +51,8 @@ EXIT_NO_VETH = 4
 # pyre's expiry, shortened so that step 3b checks both sides' failure detection in seconds
 # (zmqmesh: peer_timeout_s=3): longer than DEPARTURE_LIMIT_S, so a departure seen within
 # that limit can only come from the goodbye, never from expiry.
-PYRE_EVASIVE_S = 1.0
-PYRE_EXPIRED_S = 4.0
+PYRE_EVASIVE_S = 1  # ints: pyre also derives a socket option (SNDHWM) from PEER_EXPIRED
+PYRE_EXPIRED_S = 4
 PYRE_REAP_INTERVAL_S = 0.25
 STEADY_WINDOW_S = 4.5
 
@@ -255,6 +255,16 @@ def stop_bounded(label: str, stop: Callable[[], None], timeout: float = 5.0) -> 
 # -- the scenario -----------------------------------------------------------------------------
 
 
+def shorten_pyre_timers() -> None:
+    """pyre reads these at run time; set them before any pyre node starts."""
+    import pyre.pyre_node
+    import pyre.pyre_peer
+
+    pyre.pyre_peer.PyrePeer.PEER_EVASIVE = PYRE_EVASIVE_S
+    pyre.pyre_peer.PyrePeer.PEER_EXPIRED = PYRE_EXPIRED_S
+    pyre.pyre_node.REAP_INTERVAL = PYRE_REAP_INTERVAL_S
+
+
 def make_pyre(name: str) -> Any:
     import pyre
 
@@ -273,6 +283,7 @@ def scenario(cleanup: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
     timings: dict[str, float] = {}
 
     log("STEP 0: start the zmqmesh node and a pyre node on zre0")
+    shorten_pyre_timers()
     node = zmqmesh.Node(
         "zm",
         interface=IFACE,
@@ -289,13 +300,13 @@ def scenario(cleanup: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
     log(f"  zmqmesh node started: id {node.id} mailbox {node.endpoints['mailbox']}")
     check(node.endpoints["mailbox"].startswith(f"tcp://{ADDRESS}:"), "zmqmesh mailbox is not on zre0")
 
+    t = time.monotonic()
     p1 = make_pyre("pyre-1")
     cleanup.append(("pyre-1", p1.stop))
     p1_id = p1.uuid().hex
     p1_events = PyreEvents(p1, "pyre-1")
 
     log("STEP 1: discovery both ways")
-    t = time.monotonic()
     joined = poll_until(lambda: zm.find("joins", lambda p: p.id == p1_id), 10, "zmqmesh on_join for pyre-1")
     check(joined.name == "pyre-1", f"zmqmesh saw the pyre peer named {joined.name!r}")
     check(joined.is_zmqmesh is False, "zmqmesh marked the pyre peer as a zmqmesh node")
@@ -308,7 +319,7 @@ def scenario(cleanup: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
     check(enter[4].decode() == node.endpoints["mailbox"], f"pyre ENTER endpoint {enter[4]!r}")
     check(uuid.UUID(bytes=zm_uuid) in p1.peers(), "zmqmesh node missing from pyre.peers()")
     timings["discovery"] = time.monotonic() - t
-    log(f"  discovered both ways in {timings['discovery']:.3f}s")
+    log(f"  discovered both ways {timings['discovery']:.3f}s after pyre-1 began to start")
 
     log(f"STEP 2: both join {GROUP!r}")
     t = time.monotonic()
@@ -351,6 +362,23 @@ def scenario(cleanup: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
     timings["messages"] = time.monotonic() - t
     log(f"  4 messages checked in {timings['messages']:.3f}s")
 
+    log(f"STEP 3b: the link stays up for {STEADY_WINDOW_S} s, longer than both sides' expiry")
+    # zmqmesh PINGs a peer silent for heartbeat_interval_s and drops it after peer_timeout_s
+    # (3 s); pyre, patched, PINGs after 1 s and sends EXIT after 4 s. Only working
+    # PING / PING-OK in both directions keeps the peers together through this window.
+    t = time.monotonic()
+    seen_before = next(p.last_seen for p in node.peers() if p.id == p1_id)
+    deadline = t + STEADY_WINDOW_S
+    while time.monotonic() < deadline:
+        with zm.lock:
+            check(not zm.leaves, f"zmqmesh dropped the idle pyre peer: {zm.leaves}")
+        p1_events._drain(50)
+        check(p1_events.find(lambda f: f[0] == b"EXIT") is None, "pyre dropped the idle zmqmesh node (EXIT)")
+    check(p1.actor.thread.is_alive(), "pyre's node thread died while idle")
+    seen_after = next((p.last_seen for p in node.peers() if p.id == p1_id), None)
+    check(seen_after is not None and seen_after > seen_before, "no traffic from pyre while idle (no PING-OK?)")
+    log(f"  still peers after {time.monotonic() - t:.3f}s idle; pyre last seen {time.time() - seen_after:.3f}s ago")
+
     log(f"STEP 4: zmqmesh leaves {GROUP!r}")
     t = time.monotonic()
     node.leave(GROUP)
@@ -361,8 +389,11 @@ def scenario(cleanup: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
     p1.shout(GROUP, [b"after leave"])
     p1.whisper(uuid.UUID(bytes=zm_uuid), [b"marker after leave"])
     poll_until(
-        lambda: zm.find("whispers", lambda m: m.data == [b"marker after leave"]), 5, "the marker whisper"
+        lambda: zm.find("whispers", lambda m: m.data == [b"marker after leave"]) or not p1.actor.thread.is_alive(),
+        5,
+        "the marker whisper",
     )
+    check(p1.actor.thread.is_alive(), "pyre's node thread died after our LEAVE (status byte rejected by its assert?)")
     with zm.lock:
         late = [m for m in zm.shouts if m.data == [b"after leave"]]
     check(not late, "zmqmesh delivered a shout to a group it had left")

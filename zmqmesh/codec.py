@@ -70,16 +70,20 @@ class Codec:
             raise DecodeError(f"frame of {len(frame)} bytes exceeds max_message_bytes")
         try:
             return [msgpack.unpackb(frame, **self._limits)]
-        except msgpack.ExtraData as extra:
-            items = [extra.unpacked]
-            unpacker = msgpack.Unpacker(max_buffer_size=self.max_message_bytes, **self._limits)
-            try:
-                unpacker.feed(extra.extra)
-                items.extend(unpacker)
-            except _DECODE_ERRORS as exc:
-                raise DecodeError(f"malformed msgpack batch: {exc}") from exc
-            if unpacker.tell() != len(extra.extra):
-                raise DecodeError("truncated msgpack batch")
-            return items
+        except msgpack.ExtraData:
+            pass  # a batch of several objects
         except _DECODE_ERRORS as exc:
             raise DecodeError(f"malformed msgpack payload: {exc}") from exc
+        unpacker = msgpack.Unpacker(max_buffer_size=max(len(frame), 1), **self._limits)
+        items = []
+        end = 0
+        try:
+            unpacker.feed(frame)
+            for item in unpacker:
+                items.append(item)
+                end = unpacker.tell()
+        except _DECODE_ERRORS as exc:
+            raise DecodeError(f"malformed msgpack batch: {exc}") from exc
+        if end != len(frame):
+            raise DecodeError("truncated msgpack batch")
+        return items

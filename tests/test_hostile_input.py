@@ -1,0 +1,168 @@
+"""Malformed and hostile input: beacons, ZRE messages and pattern frames are counted and dropped.
+
+The node never crashes or hangs and keeps answering a service throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+import zmqmesh
+from helpers import wait_until
+from zmqmesh import zre
+from zmqmesh.zre import Command, ZreMessage
+
+
+@pytest.fixture
+def target(mesh: dict[str, Any]) -> Any:
+    node = zmqmesh.Node("target", **{**mesh, "max_message_bytes": 64 * 1024})
+    node.service("ping", lambda msg: "pong")
+    left: list[str] = []
+    node.on_leave(lambda peer: left.append(peer.id))
+    node.left = left  # type: ignore[attr-defined]
+    with node:
+        yield node
+
+
+@pytest.fixture
+def ctx() -> Any:
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def rejected(node: zmqmesh.Node, reason: str) -> int:
+    return node.stats()["rejected"].get(reason, 0)
+
+
+def still_serving(node: zmqmesh.Node) -> None:
+    assert node.request("ping", None, timeout=5) == "pong"
+
+
+def test_malformed_beacons_are_counted_and_ignored(target: zmqmesh.Node, mesh: dict[str, Any]) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    bad = [
+        b"",
+        b"ZRE",
+        b"ZRE\x01" + os.urandom(17),  # 21 bytes
+        b"ZRE\x01" + os.urandom(19),  # 23 bytes
+        b"ZRX\x01" + os.urandom(18),
+        b"ZRE\x02" + os.urandom(18),
+        b"ZRE\x03" + os.urandom(50),  # a zyre version-3 beacon: not ours to speak
+        os.urandom(400),
+    ]
+    for payload in bad:
+        sock.sendto(payload, ("127.255.255.255", mesh["beacon_port"]))
+    # a beacon from an unknown node pointing at a closed port: greeted, then forgotten
+    sock.sendto(zre.encode_beacon(os.urandom(16), 1), ("127.255.255.255", mesh["beacon_port"]))
+    sock.close()
+    wait_until(lambda: rejected(target, "beacon_malformed") >= len(bad) - 1, 5, "beacons to be counted")
+    still_serving(target)
+    assert target.peers() == []
+
+
+def zre_frames(command: int, sequence: int, **fields: Any) -> list[bytes]:
+    return zre.encode_command(ZreMessage(command, sequence, **fields))
+
+
+def test_invalid_zre_messages_are_counted_and_a_gap_drops_the_peer(target: zmqmesh.Node, ctx: zmq.Context) -> None:
+    mailbox = target.endpoints["mailbox"]
+    # A fake ZRE peer: a ROUTER for the node to connect back to, and a DEALER to talk.
+    inbox = ctx.socket(zmq.ROUTER)
+    port = inbox.bind_to_random_port("tcp://127.0.0.1")
+    fake_uuid = os.urandom(16)
+
+    anonymous = ctx.socket(zmq.DEALER)  # no ZRE identity at all
+    anonymous.connect(mailbox)
+    anonymous.send_multipart(zre_frames(Command.PING, 1))
+
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + fake_uuid)
+    dealer.connect(mailbox)
+    dealer.send_multipart([b"\xaa\xa0\x01\x02\x00\x01"])  # bad signature
+    dealer.send_multipart([b"\xaa\xa1\x63\x02\x00\x01"])  # unknown command 99
+    dealer.send_multipart([b"\xaa\xa1\x01\x09\x00\x01"])  # unknown version
+    dealer.send_multipart([b"\xaa\xa1\x01\x02\x00\x01\x30"])  # truncated HELLO
+    dealer.send_multipart([b"\xaa\xa1\x01\x02\x00\x01" + b"\x00" + b"\xff\xff\xff\xff"])  # lying count
+    dealer.send_multipart(zre_frames(Command.WHISPER, 5, content=[b"before hello"]))
+    wait_until(lambda: rejected(target, "zre_malformed") >= 5, 5, "malformed ZRE to be counted")
+    assert rejected(target, "zre_bad_identity") >= 1
+    assert rejected(target, "zre_before_hello") >= 1
+
+    hello = zre_frames(
+        Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{port}", groups=[], status=0, name="fake", headers={}
+    )
+    dealer.send_multipart(hello)
+    wait_until(lambda: [p for p in target.peers() if p.name == "fake"], 5, "the fake peer to join")
+    assert not target.peers()[0].is_zmqmesh
+    # a JOIN with a wrong status byte: counted, tolerated (C zyre would abort here)
+    dealer.send_multipart(zre_frames(Command.JOIN, 2, group="g", status=77))
+    wait_until(lambda: rejected(target, "zre_status_mismatch") >= 1, 5, "the bad status byte")
+    assert "g" in target.peers()[0].groups
+    # a control whisper from a plain ZRE peer is refused
+    dealer.send_multipart(zre_frames(Command.WHISPER, 3, content=[b"\x00zmqmesh-control", msgpack.packb({"t": "bye"})]))
+    wait_until(lambda: rejected(target, "control_from_plain_peer") >= 1, 5, "the refused control message")
+    # a sequence gap drops the peer, as RFC 36 says
+    dealer.send_multipart(zre_frames(Command.PING, 9))
+    wait_until(lambda: target.left, 5, "the peer to be dropped")  # type: ignore[attr-defined]
+    assert rejected(target, "zre_sequence_gap") == 1
+    # an oversized frame closes only that connection
+    big = ctx.socket(zmq.DEALER)
+    big.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+    big.connect(mailbox)
+    big.send(b"\xaa\xa1" + b"x" * (200 * 1024))
+    still_serving(target)
+    for sock in (inbox, anonymous, dealer, big):
+        sock.close(0)
+
+
+def test_wire_sequence_numbers_wrap_at_65536() -> None:
+    assert zre.next_sequence(65535) == 0
+    assert zre.next_sequence(0) == 1
+
+
+def test_garbage_on_pattern_sockets_is_counted(target: zmqmesh.Node, ctx: zmq.Context) -> None:
+    got: list[Any] = []
+    target.pull("q", lambda msg: got.append(msg.data))
+    ep = target.endpoints
+    push = ctx.socket(zmq.PUSH)
+    push.connect(ep["pull"])
+    deep = b"\x91" * 60_000 + b"\x00"  # nesting far past msgpack's stack limit
+    lying = b"\xdb\xff\xff\xff\xff" + b"abc"  # str32 claiming 4 GiB
+    for frames in (
+        [b"q"],  # wrong frame count
+        [b"q", b"", b"\xc1"],  # never-used msgpack byte
+        [b"q", b"", deep],
+        [b"q", b"", lying],
+        [b"q", b"", msgpack.packb(1) + b"\x92"],  # truncated batch
+        [b"q", b"", msgpack.packb("ok")],
+    ):
+        push.send_multipart(frames)
+    wait_until(lambda: got == ["ok"], 10, "the good message after the bad ones")
+    assert target.stats()["rejected"].get("pipeline_malformed", 0) == 5
+
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(ep["service"])
+    dealer.send_multipart([b"ping", b"id", b"\xc1"])  # undecodable request
+    assert dealer.poll(5000)
+    assert dealer.recv_multipart() == [b"id", b"\x03", b""]
+    dealer.send_multipart([b"ping"])  # wrong frame count: dropped and counted
+    dealer.send_multipart([b"ping", b"x" * 100, b"\xc0"])  # request id too long
+    wait_until(lambda: target.stats()["rejected"].get("service_malformed", 0) >= 3, 5, "bad requests")
+    still_serving(target)
+
+    pub = ctx.socket(zmq.PUB)
+    pub.connect(ep["sub"])
+    time.sleep(0.2)  # a plain PUB cannot see subscriptions; the node has none to match anyway
+    pub.send_multipart([b"x", b"", b"\xc1"])
+    still_serving(target)
+    for sock in (push, dealer, pub):
+        sock.close(0)
