@@ -201,7 +201,7 @@ class PyreEvents:
         self.poller = zmq.Poller()
         self.poller.register(node.socket(), zmq.POLLIN)
 
-    def _drain(self, wait_ms: float) -> None:
+    def drain(self, wait_ms: float) -> None:
         import zmq
 
         sock = self.node.socket()
@@ -227,7 +227,7 @@ class PyreEvents:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Failure(f"timed out after {timeout} s waiting for pyre {self.label}: {what}")
-            self._drain(min(left, 0.1) * 1000)
+            self.drain(min(left, 0.1) * 1000)
 
 
 def event(kind: bytes, peer: bytes, *rest: bytes) -> Callable[[list[bytes]], bool]:
@@ -372,7 +372,7 @@ def scenario(cleanup: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
     while time.monotonic() < deadline:
         with zm.lock:
             check(not zm.leaves, f"zmqmesh dropped the idle pyre peer: {zm.leaves}")
-        p1_events._drain(50)
+        p1_events.drain(50)
         check(p1_events.find(lambda f: f[0] == b"EXIT") is None, "pyre dropped the idle zmqmesh node (EXIT)")
     check(p1.actor.thread.is_alive(), "pyre's node thread died while idle")
     seen_after = next((p.last_seen for p in node.peers() if p.id == p1_id), None)
@@ -435,8 +435,8 @@ def scenario(cleanup: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
     t = time.monotonic()
     stop_s = stop_bounded("zmqmesh", node.stop, timeout=10)
     cleanup.remove(("zmqmesh", node.stop))
-    exit_at, _ = p2_events.wait(event(b"EXIT", zm_uuid), max(DEPARTURE_LIMIT_S - (time.monotonic() - t), 0.01),
-                                "EXIT of the zmqmesh node")
+    left = max(DEPARTURE_LIMIT_S - (time.monotonic() - t), 0.01)
+    exit_at, _ = p2_events.wait(event(b"EXIT", zm_uuid), left, "EXIT of the zmqmesh node")
     timings["zmqmesh_departure"] = exit_at - t
     log(f"  node.stop() took {stop_s:.3f}s; pyre EXIT {timings['zmqmesh_departure']:.3f}s after stop began")
     check(timings["zmqmesh_departure"] <= DEPARTURE_LIMIT_S, "pyre saw EXIT too late")
@@ -450,7 +450,9 @@ def scenario(cleanup: list[tuple[str, Callable[[], None]]]) -> dict[str, float]:
 def main() -> None:
     require_private_netns()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's zmqmesh
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(relativeCreated)8.0fms %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(relativeCreated)8.0fms %(name)s %(levelname)s %(message)s"
+    )
 
     def watchdog() -> None:
         log(f"FAIL: scenario watchdog: not finished after {WATCHDOG_S} s")

@@ -686,12 +686,16 @@ class MeshCore(MembershipEvents):
         name = queue.encode()
         uuid = self.uuid
         counters = self.stats.pattern["pipeline"]
+        # ZeroMQ deals whole frames round-robin: keep frames small enough that what is
+        # queued now is spread over every puller.
+        pullers = max(1, len(self.offers["queues"].get(queue, ())))
+        limit = max(1, min(_BATCH_MESSAGES, len(q) // pullers))
         while q:
             n = 0
             size = 0
             bodies = []
             for body in q:
-                if n and (n >= _BATCH_MESSAGES or size + len(body) > _BATCH_BYTES):
+                if n and (n >= limit or size + len(body) > _BATCH_BYTES):
                     break
                 bodies.append(body)
                 n += 1

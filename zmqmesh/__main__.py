@@ -1,0 +1,5 @@
+"""``python -m zmqmesh`` is the ``zmqmesh`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""`zmqmesh demo`: a live mesh of five processes on loopback, narrated as it runs.
+
+The conductor (this process) starts four node processes with no configuration beyond a
+mesh name of their own, so two demos on one machine never meet:
+
+* ``pricer`` publishes prices on ``prices.<pair>`` several times a second;
+* ``quoter`` subscribes to prices and answers the ``quote`` service with the last price;
+* ``worker-a`` and ``worker-b`` pull ``orders``, ask ``quote`` for each, and push the
+  filled order to ``fills``, which the conductor pulls.
+
+Then it pushes orders, shows which worker filled each, stops the processes one by one
+and shows the mesh noticing. Everything stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from .message import Message, Peer
+from .node import Node
+
+__all__ = ["run_demo", "run_role"]
+
+PAIRS = ("EURUSD", "GBPUSD", "USDJPY")
+ROLES = ("pricer", "quoter", "worker-a", "worker-b")
+_T0 = [time.time()]
+
+
+def _say(who: str, text: str) -> None:
+    sys.stdout.write(f"{time.time() - _T0[0]:6.2f}s  {who:<10} {text}\n")
+    sys.stdout.flush()
+
+
+def run_role(role: str, mesh: str, beacon_port: int) -> None:
+    """Body of one demo process (``python -m zmqmesh.demo ROLE``)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    node = Node(role, mesh=mesh, beacon_port=beacon_port)
+    prices: dict[str, float] = {}
+
+    if role == "quoter":
+        node.subscribe("prices.", lambda msg: prices.__setitem__(msg.topic.split(".", 1)[1], msg.data["bid"]))
+
+        @node.service("quote")
+        def quote(msg: Message) -> dict[str, Any]:
+            pair = msg.data["pair"]
+            if pair not in prices:
+                raise LookupError(f"no price for {pair} yet")
+            return {"pair": pair, "price": prices[pair], "total": round(prices[pair] * msg.data["qty"], 2)}
+
+    elif role.startswith("worker"):
+
+        @node.pull("orders")
+        def fill(msg: Message) -> None:
+            order = msg.data
+            quote = node.request("quote", {"pair": order["pair"], "qty": order["qty"]}, timeout=5)
+            node.push("fills", {**order, **quote, "filled_by": role}, timeout=5)
+
+    with node:
+        _say(role, f"up, mailbox {node.endpoints['mailbox']}")
+        tick = 0
+        while not stop.wait(0.1 if role == "pricer" else 0.2):
+            if role == "pricer":
+                for i, pair in enumerate(PAIRS):
+                    base = (1.08, 1.27, 151.2)[i]
+                    node.publish(f"prices.{pair}", {"bid": round(base + 0.001 * ((tick * (i + 3)) % 17), 4)})
+                tick += 1
+    _say(role, "stopped cleanly")
+
+
+def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
+    """Run the whole demo; returns the process exit code (0 when everything worked)."""
+    mesh = f"demo-{os.getpid()}"
+    _say("conductor", f"starting a mesh named {mesh!r} on loopback (beacon port {beacon_port})")
+    node = Node("conductor", mesh=mesh, beacon_port=beacon_port)
+    fills: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    @node.on_join
+    def joined(peer: Peer) -> None:
+        offers = ", ".join(
+            [f"service {s}" for s in sorted(peer.services)]
+            + [f"queue {q}" for q in sorted(peer.queues)]
+            + [f"topic {t}*" for t in sorted(peer.topics)]
+        )
+        _say("conductor", f"+ {peer.name} joined from {peer.endpoint}" + (f" (offers {offers})" if offers else ""))
+
+    @node.on_leave
+    def left(peer: Peer) -> None:
+        _say("conductor", f"- {peer.name} left")
+
+    @node.pull("fills")
+    def filled(msg: Message) -> None:
+        f = msg.data
+        _say("conductor", f"order {f['id']}: {f['qty']} {f['pair']} at {f['price']} = {f['total']}  (by {f['filled_by']})")
+        fills.append(f)
+        if len(fills) == orders:
+            done.set()
+
+    procs: list[subprocess.Popen[bytes]] = []
+    code = 1
+    with node:
+        try:
+            for role in ROLES:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "zmqmesh.demo", role, "--mesh", mesh, "--beacon-port", str(beacon_port),
+                         "--t0", repr(_T0[0])]
+                    )
+                )
+            started = time.monotonic()
+            node.wait_for_peers(len(ROLES), timeout=20)
+            _say("conductor", f"full mesh of {len(ROLES) + 1} nodes formed {time.monotonic() - started:.2f}s after spawning")
+            node.wait_for_pullers("orders", 2, timeout=10)
+            node.wait_for_service("quote", timeout=10)
+            # give the quoter its first prices, then trade
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    quote = node.request("quote", {"pair": PAIRS[-1], "qty": 1}, timeout=2)
+                    _say("conductor", f"request quote -> {quote}")
+                    break
+                except Exception as exc:
+                    _say("conductor", f"request quote -> {type(exc).__name__}: {exc} (retrying)")
+                    time.sleep(0.2)
+            for i in range(orders):
+                node.push("orders", {"id": i + 1, "pair": PAIRS[i % len(PAIRS)], "qty": 100 * (i + 1)})
+            if not done.wait(20):
+                _say("conductor", f"only {len(fills)} of {orders} orders filled")
+            else:
+                by = {w: sum(1 for f in fills if f["filled_by"] == w) for w in ("worker-a", "worker-b")}
+                _say("conductor", f"all {orders} orders filled; load balanced as {by}")
+                stats = node.stats()
+                _say("conductor", f"my counters: pipeline {stats['pipeline']}, requests {stats['request']}")
+                code = 0
+        finally:
+            for proc in reversed(procs):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait(5)
+                        code = 1
+            deadline = time.monotonic() + 3
+            while node.peers() and time.monotonic() < deadline:
+                time.sleep(0.05)
+    _say("conductor", "demo finished, every process stopped" if code == 0 else "demo FAILED")
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the demo's child processes."""
+    parser = argparse.ArgumentParser(prog="python -m zmqmesh.demo")
+    parser.add_argument("role", choices=ROLES)
+    parser.add_argument("--mesh", required=True)
+    parser.add_argument("--beacon-port", type=int, default=5670)
+    parser.add_argument("--t0", type=float, default=None, help="the conductor's start time, for aligned clocks")
+    args = parser.parse_args(argv)
+    if args.t0 is not None:
+        _T0[0] = args.t0
+    run_role(args.role, args.mesh, args.beacon_port)
+
+
+if __name__ == "__main__":
+    main()
