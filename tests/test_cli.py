@@ -1,0 +1,54 @@
+"""The zmqmesh command, run as a user runs it: a real mesh, real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import zmqmesh
+from helpers import free_udp_port
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zmqmesh", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"zmqmesh {zmqmesh.__version__}"
+
+
+def test_demo_runs_a_live_mesh_and_exits_cleanly() -> None:
+    result = run("demo", "--beacon-port", str(free_udp_port()), "--orders", "6")
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "full mesh of 5 nodes formed" in out
+    assert "all 6 orders filled" in out
+    assert "'worker-a': 3, 'worker-b': 3" in out
+    for role in ("pricer", "quoter", "worker-a", "worker-b"):
+        assert f"- {role} left" in out
+        assert f"{role:<10} stopped cleanly" in out
+    assert "Traceback" not in out + result.stderr
+
+
+def test_peers_lists_the_mesh_as_json_and_table(mesh: dict[str, Any]) -> None:
+    node = zmqmesh.Node("listed", **mesh)
+    node.service("svc", lambda m: None)
+    node.subscribe("t.", lambda m: None)
+    with node:
+        args = ("peers", "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5")
+        listed = json.loads(run(*args, "--json").stdout)
+        assert [(p["name"], p["services"], p["topics"]) for p in listed] == [("listed", ["svc"], ["t."])]
+        table = run(*args).stdout.splitlines()
+        assert table[0].split()[:3] == ["NAME", "ADDRESS", "SERVICES"]
+        assert table[1].startswith("listed")
+
+
+def test_bad_arguments_give_one_line_errors() -> None:
+    result = run("peers", "--interface", "no-such-if0", "--wait", "0")
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("zmqmesh: error:") and len(result.stderr.strip().splitlines()) == 1
+    result = run("peers", "--beacon-port", "notanumber")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
