@@ -166,3 +166,23 @@ def test_garbage_on_pattern_sockets_is_counted(target: zmqmesh.Node, ctx: zmq.Co
     still_serving(target)
     for sock in (push, dealer, pub):
         sock.close(0)
+
+
+def test_pyre_style_sequence_wrap_is_tolerated_from_plain_peers(target: zmqmesh.Node, ctx: zmq.Context) -> None:
+    inbox = ctx.socket(zmq.ROUTER)
+    port = inbox.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+    dealer.connect(target.endpoints["mailbox"])
+    # start the link just below the wrap (the HELLO's odd sequence is counted, not fatal)
+    dealer.send_multipart(zre_frames(Command.HELLO, 65533, endpoint=f"tcp://127.0.0.1:{port}", name="pyre-like"))
+    wait_until(lambda: target.peers(), 5, "the peer")
+    dealer.send_multipart(zre_frames(Command.PING, 65534))
+    dealer.send_multipart(zre_frames(Command.PING, 0))  # pyre wraps at 65535
+    dealer.send_multipart(zre_frames(Command.PING, 1))
+    dealer.send_multipart(zre_frames(Command.WHISPER, 2, content=[b"still here"]))
+    wait_until(lambda: target.stats()["zre"]["received"] == 1, 5, "the whisper after the wrap")
+    assert target.left == []  # type: ignore[attr-defined]
+    assert rejected(target, "zre_sequence_gap") == 0
+    inbox.close(0)
+    dealer.close(0)

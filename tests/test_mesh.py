@@ -194,3 +194,15 @@ def test_async_node_discovers_and_sees_departure(spawn: Any, mesh: dict[str, Any
             assert node.peers() == []
 
     asyncio.run(scenario())
+
+
+def test_links_survive_the_sequence_wrap(mesh: dict[str, Any]) -> None:
+    received: list[int] = []
+    with zmqmesh.Node("a", **mesh) as a, zmqmesh.Node("b", **mesh) as b:
+        b.on_whisper(lambda msg: received.append(1))
+        a.wait_for_peers(1, timeout=10)
+        for i in range(70_000):  # past 65,536: pyre drops a sender at 65,533
+            a.whisper(b.id, b"x")
+        wait_until(lambda: len(received) == 70_000, 30, "every whisper")
+        assert [p.id for p in b.peers()] == [a.id]
+        assert b.stats()["rejected"] == {}
