@@ -347,3 +347,15 @@ def test_stats_count_per_peer(mesh: dict[str, Any]) -> None:
             a.push("q", i)
         wait_until(lambda: b.stats()["pipeline"]["received"] == 20, 5, "the messages")
         assert b.stats()["peers"][a.id]["received"] == 20
+
+
+def test_request_to_a_chosen_provider_and_providers_list(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("a", **mesh) as a, zmqmesh.Node("b", **mesh) as b, zmqmesh.Node("c", **mesh) as c:
+        a.service("who", lambda m: "a")
+        b.service("who", lambda m: "b")
+        c.wait_for_service("who", 2, timeout=10)
+        assert sorted(p.name for p in c.providers("who")) == ["a", "b"]
+        for provider in c.providers("who"):
+            assert c.request("who", None, timeout=5, peer=provider) == provider.name
+        with pytest.raises(zmqmesh.NoProviderError):
+            c.request("who", None, timeout=0.2, peer=c.id)

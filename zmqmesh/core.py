@@ -355,9 +355,12 @@ class MeshCore(MembershipEvents):
         """Ids of the nodes (this one included) offering ``name`` of ``kind``."""
         return self.offers[kind].get(name, ())
 
-    def pick_provider(self, service: str) -> Provider | None:
-        """One provider of ``service``, round-robin, skipping those that just refused it."""
+    def pick_provider(self, service: str, only: str | None = None) -> Provider | None:
+        """One provider of ``service`` (``only`` that node, if given), round-robin, skipping
+        those that just refused it."""
         ids = self.offers["services"].get(service, ())
+        if only is not None:
+            ids = (only,) if only in ids else ()
         if not ids:
             return None
         now = time.monotonic()
@@ -374,32 +377,32 @@ class MeshCore(MembershipEvents):
         """Avoid ``node_id`` for ``service`` for a moment (it said it no longer offers it)."""
         self._skip[(service, node_id)] = time.monotonic() + 2.0
 
-    def wait_for_provider_sync(self, service: str, deadline: float) -> Provider:
+    def wait_for_provider_sync(self, service: str, deadline: float, only: str | None = None) -> Provider:
         """A provider of ``service``, waiting until ``deadline`` (from any thread but the loop's)."""
-        provider = self.pick_provider(service)
+        provider = self.pick_provider(service, only)
         while provider is None:
             self.ensure_running()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise NoProviderError(f"no node offers the service {service!r}")
+                raise _no_provider(service, only)
             try:
-                self.run_sync(self.wait_until(lambda: bool(self.offers["services"].get(service)), remaining))
+                self.run_sync(self.wait_until(lambda: self.pick_provider(service, only) is not None, remaining))
             except MeshTimeoutError:
-                raise NoProviderError(f"no node offers the service {service!r}") from None
-            provider = self.pick_provider(service)
+                raise _no_provider(service, only) from None
+            provider = self.pick_provider(service, only)
         return provider
 
-    async def wait_for_provider(self, service: str, deadline: float) -> Provider:
+    async def wait_for_provider(self, service: str, deadline: float, only: str | None = None) -> Provider:
         """A provider of ``service``, awaiting until ``deadline`` (on the loop)."""
-        provider = self.pick_provider(service)
+        provider = self.pick_provider(service, only)
         while provider is None:
             self.ensure_running()
             remaining = deadline - time.monotonic()
             try:
-                await self.wait_until(lambda: bool(self.offers["services"].get(service)), remaining)
+                await self.wait_until(lambda: self.pick_provider(service, only) is not None, max(remaining, 0))
             except MeshTimeoutError:
-                raise NoProviderError(f"no node offers the service {service!r}") from None
-            provider = self.pick_provider(service)
+                raise _no_provider(service, only) from None
+            provider = self.pick_provider(service, only)
         return provider
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> None:
@@ -746,6 +749,11 @@ class MeshCore(MembershipEvents):
             self._requester_local.requester = requester
             self._thread_requesters.append(requester)
         return requester
+
+
+def _no_provider(service: str, only: str | None) -> NoProviderError:
+    where = f"node {only[:8]}" if only else "no node"
+    return NoProviderError(f"{where} offers the service {service!r}" if only else f"no node offers the service {service!r}")
 
 
 def _reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: set[str]) -> None:

@@ -154,6 +154,12 @@ class _NodeBase(Generic[Handler]):
         """The peers present now (snapshots): id, name, address, groups, offers, last seen."""
         return self._core.peers()
 
+    def providers(self, service: str) -> list[Peer]:
+        """The nodes offering ``service`` now, this one included (for scatter-gather)."""
+        core = self._core
+        found = (core.lookup_peer(i) for i in core.providers("services", service))
+        return [p for p in found if p is not None]
+
     def stats(self) -> dict[str, Any]:
         """Counters: sent/received/dropped/errors per pattern, received per peer, rejects by reason."""
         return self._core.stats.snapshot()
@@ -168,6 +174,10 @@ class _NodeBase(Generic[Handler]):
         core = getattr(self, "_core", None)
         if core is not None and core.started and not getattr(self, "_stopped", True):
             warnings.warn(f"zmqmesh node {core.name!r} was garbage-collected without stop()", ResourceWarning, stacklevel=2)
+
+
+def _peer_id(peer: str | Peer | None) -> str | None:
+    return peer.id if isinstance(peer, Peer) else peer
 
 
 def _frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
@@ -306,8 +316,8 @@ class Node(_NodeBase[Any]):
             core.wait_for_room_sync(q, deadline)
         core.enqueue_push(queue, body)
 
-    def request(self, service: str, data: Any = None, timeout: float | None = None) -> Any:
-        """Call ``service`` on one provider and return its reply.
+    def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
+        """Call ``service`` on one provider (round-robin, or the given ``peer``) and return its reply.
 
         Waits up to ``timeout`` (default ``request_timeout_s``) in all. Raises
         `NoProviderError` (nobody offers it), `MeshTimeoutError`, `PeerLostError` (the
@@ -318,7 +328,8 @@ class Node(_NodeBase[Any]):
         core.ensure_running()
         body = core.codec.encode(data)
         return core.thread_requester().request(
-            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout
+            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout,
+            _peer_id(peer),
         )
 
     def whisper(self, peer_id: str, *frames: bytes | str) -> None:
@@ -465,13 +476,14 @@ class AsyncNode(_NodeBase[Any]):
             await core.wait_for_room(q, deadline)
         core.enqueue_push(queue, body)
 
-    async def request(self, service: str, data: Any = None, timeout: float | None = None) -> Any:
+    async def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
         core = self._core
         core.ensure_running()
         body = core.codec.encode(data)
         return await core.requester.request(
-            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout
+            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout,
+            _peer_id(peer),
         )
 
     async def whisper(self, peer_id: str, *frames: bytes | str) -> None:

@@ -92,13 +92,13 @@ class ThreadRequester:
         self._membership_epoch = -1
         self._poller_cache: dict[str, zmq.Poller] = {}
 
-    def request(self, service: str, body: bytes, timeout: float) -> Any:
-        """Send ``body`` to one provider of ``service`` and wait for its reply."""
+    def request(self, service: str, body: bytes, timeout: float, only: str | None = None) -> Any:
+        """Send ``body`` to one provider of ``service`` (``only`` that node, if given) and wait for its reply."""
         core = self.core
         deadline = time.monotonic() + timeout
         service_b = service.encode()
         while True:
-            provider = core.wait_for_provider_sync(service, deadline)
+            provider = core.wait_for_provider_sync(service, deadline, only)
             self._prune()
             sock = self._socket(provider)
             request_id = next(self._ids).to_bytes(8, "big")
@@ -175,14 +175,14 @@ class LoopRequester:
         self.pending: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], str]] = {}
         self._ids = itertools.count(1)
 
-    async def request(self, service: str, body: bytes, timeout: float) -> Any:
-        """Send ``body`` to one provider of ``service`` and await its reply."""
+    async def request(self, service: str, body: bytes, timeout: float, only: str | None = None) -> Any:
+        """Send ``body`` to one provider of ``service`` (``only`` that node, if given) and await its reply."""
         core = self.core
         loop = core.loop
         deadline = time.monotonic() + timeout
         service_b = service.encode()
         while True:
-            provider = await core.wait_for_provider(service, deadline)
+            provider = await core.wait_for_provider(service, deadline, only)
             sock = self._socket(provider)
             request_id = next(self._ids).to_bytes(8, "big")
             future: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
