@@ -1,6 +1,15 @@
-"""The ``zmqmesh`` command: ``demo``, ``peers``, and ``--version``.
+"""The ``zmqmesh`` command.
 
-Every error is a one-line message on stderr and a non-zero exit status, never a traceback.
+    zmqmesh demo                           a live multi-process mesh on loopback
+    zmqmesh launch FILE.toml               start and supervise the processes a file names
+    zmqmesh peers [--json] [--watch]       list the nodes of a mesh (and follow it)
+    zmqmesh publish TOPIC JSON             one-shot calls, for poking a running mesh
+    zmqmesh subscribe PREFIX [--count N]
+    zmqmesh push QUEUE JSON
+    zmqmesh request SERVICE JSON
+    zmqmesh --version
+
+Every error is one line on stderr and a non-zero exit status, never a traceback.
 """
 
 from __future__ import annotations
@@ -8,18 +17,51 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .errors import ZmqMeshError
+from .message import Message, Peer
 from .node import Node
 
 __all__ = ["main"]
 
 
+class CliError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+def _payload(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"payload is not valid JSON: {exc}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
+    mesh = argparse.ArgumentParser(add_help=False)
+    group = mesh.add_argument_group("mesh")
+    group.add_argument("--mesh", default=None, help="mesh name (default: $ZMQMESH_MESH or 'zmqmesh')")
+    group.add_argument("--beacon-port", type=int, default=None, help="UDP beacon port (default 5670)")
+    group.add_argument("--interface", default=None, help="network interface to join (default: loopback)")
+    group.add_argument("--seed", action="append", default=[], help="mailbox endpoint to greet (repeatable)")
+    group.add_argument("--wait", type=float, default=1.0, help="seconds to listen for peers first (default 1)")
+
     parser = argparse.ArgumentParser(prog="zmqmesh", description="Brokerless peer-to-peer messaging on ZeroMQ.")
     parser.add_argument("--version", action="version", version=f"zmqmesh {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
@@ -29,42 +71,138 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--beacon-port", type=int, default=5670, help="UDP beacon port (default 5670)")
     demo.add_argument("--orders", type=int, default=8, help="orders to push through the mesh")
 
-    peers = sub.add_parser("peers", help="join the mesh briefly and list its nodes")
-    peers.add_argument("--mesh", default="zmqmesh", help="mesh name (default zmqmesh)")
-    peers.add_argument("--beacon-port", type=int, default=5670)
-    peers.add_argument("--interface", default=None, help="network interface (default: loopback)")
-    peers.add_argument("--seed", action="append", default=[], help="mailbox endpoint to greet (repeatable)")
-    peers.add_argument("--wait", type=float, default=1.5, help="seconds to listen before printing")
+    launch = sub.add_parser("launch", help="start and supervise the processes a TOML file names")
+    launch.add_argument("file", help="launch file (TOML)")
+
+    peers = sub.add_parser("peers", parents=[mesh], help="join the mesh briefly and list its nodes")
     peers.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    peers.add_argument("--watch", action="store_true", help="then follow joins and leaves until Ctrl-C")
+    peers.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)
+
+    publish = sub.add_parser("publish", parents=[mesh], help="publish one message")
+    publish.add_argument("topic")
+    publish.add_argument("data", help="JSON payload")
+
+    subscribe = sub.add_parser("subscribe", parents=[mesh], help="print messages on topics with a prefix")
+    subscribe.add_argument("prefix")
+    subscribe.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    subscribe.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+
+    push = sub.add_parser("push", parents=[mesh], help="push one message to a queue")
+    push.add_argument("queue")
+    push.add_argument("data", help="JSON payload")
+    push.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a puller")
+
+    request = sub.add_parser("request", parents=[mesh], help="call a service and print the reply")
+    request.add_argument("service")
+    request.add_argument("data", help="JSON payload")
+    request.add_argument("--timeout", type=float, default=5.0)
     return parser
 
 
-def _peers(args: argparse.Namespace) -> int:
-    options = {"mesh": args.mesh, "beacon_port": args.beacon_port, "interface": args.interface, "seeds": tuple(args.seed)}
-    with Node("zmqmesh-cli", **options) as node:
-        time.sleep(args.wait)  # listening for beacons is the point of this command
-        peers = sorted(node.peers(), key=lambda p: p.name)
-    if args.json:
-        print(json.dumps([
-            {
-                "id": p.id, "name": p.name, "address": p.address, "endpoint": p.endpoint,
-                "services": sorted(p.services), "queues": sorted(p.queues), "topics": sorted(p.topics),
-                "groups": sorted(p.groups), "headers": dict(p.headers), "last_seen": p.last_seen,
-            }
-            for p in peers
-        ], indent=2))
-        return 0
-    if not peers:
-        print(f"no peers found in mesh {args.mesh!r} within {args.wait} s")
-        return 1
+def _node(args: argparse.Namespace, name: str) -> Node:
+    options: dict[str, Any] = {}
+    if args.mesh is not None:
+        options["mesh"] = args.mesh
+    if args.beacon_port is not None:
+        options["beacon_port"] = args.beacon_port
+    if args.interface is not None:
+        options["interface"] = args.interface
+    if args.seed:
+        options["seeds"] = tuple(args.seed)
+    return Node(name, **options)
+
+
+def _listen(node: Node, seconds: float) -> None:
+    """Give beacons time to arrive: this command's whole point is to look at the mesh."""
+    time.sleep(max(0.0, seconds))
+
+
+def _peer_json(p: Peer) -> dict[str, Any]:
+    return {
+        "id": p.id, "name": p.name, "address": p.address, "endpoint": p.endpoint,
+        "services": sorted(p.services), "queues": sorted(p.queues), "topics": sorted(p.topics),
+        "groups": sorted(p.groups), "headers": dict(p.headers), "last_seen": p.last_seen,
+    }
+
+
+def _table(peers: list[Peer]) -> str:
     rows = [("NAME", "ADDRESS", "SERVICES", "QUEUES", "TOPICS", "LAST SEEN")]
     now = time.time()
     for p in peers:
         rows.append((p.name, p.endpoint, ",".join(sorted(p.services)) or "-", ",".join(sorted(p.queues)) or "-",
-                     ",".join(sorted(p.topics)) or "-", f"{now - p.last_seen:.1f}s ago"))
+                     ",".join(sorted(p.topics)) or "-", f"{max(0.0, now - p.last_seen):.1f}s ago"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _peers(args: argparse.Namespace) -> int:
+    node = _node(args, "zmqmesh-peers")
+    stop = threading.Event()
+    if args.watch:
+        node.on_join(lambda p: print(f"{time.strftime('%H:%M:%S')} + {p.name} {p.endpoint}", flush=True))
+        node.on_leave(lambda p: print(f"{time.strftime('%H:%M:%S')} - {p.name} {p.endpoint}", flush=True))
+    with node:
+        _listen(node, args.wait)
+        peers = sorted(node.peers(), key=lambda p: (p.name, p.id))
+        if args.json:
+            print(json.dumps([_peer_json(p) for p in peers], indent=2), flush=True)
+        elif peers:
+            print(_table(peers), flush=True)
+        else:
+            print(f"no peers found in mesh {node.config.mesh!r} within {args.wait} s", flush=True)
+        if args.watch:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            print("watching joins and leaves (Ctrl-C to stop)", flush=True)
+            stop.wait(args.duration)
+    return 0 if peers or args.watch else 1
+
+
+def _publish(args: argparse.Namespace) -> int:
+    data = _payload(args.data)
+    with _node(args, "zmqmesh-publish") as node:
+        _listen(node, args.wait)
+        subscribers = sum(1 for p in node.peers() if any(args.topic.startswith(t) for t in p.topics))
+        if subscribers:
+            node.wait_for_subscribers(args.topic, subscribers, timeout=5)
+        node.publish(args.topic, data)
+    print(f"published to {subscribers} subscriber(s)")
+    return 0
+
+
+def _subscribe(args: argparse.Namespace) -> int:
+    done = threading.Event()
+    seen = [0]
+    node = _node(args, "zmqmesh-subscribe")
+
+    @node.subscribe(args.prefix)
+    def show(msg: Message) -> None:
+        sender = msg.sender.name if msg.sender else "-"
+        print(f"{msg.topic} {_dumps(msg.data)} (from {sender})", flush=True)
+        seen[0] += 1
+        if args.count is not None and seen[0] >= args.count:
+            done.set()
+
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with node:
+        print(f"subscribed to {args.prefix!r}", flush=True)
+        done.wait(args.timeout)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    data = _payload(args.data)
+    with _node(args, "zmqmesh-push") as node:
+        node.push(args.queue, data, timeout=args.timeout)
+    print(f"pushed to {args.queue!r}")
+    return 0
+
+
+def _request(args: argparse.Namespace) -> int:
+    data = _payload(args.data)
+    with _node(args, "zmqmesh-request") as node:
+        reply = node.request(args.service, data, timeout=args.timeout)
+    print(_dumps(reply))
     return 0
 
 
@@ -73,19 +211,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("zmqmesh").setLevel(logging.ERROR)
     try:
         if args.command == "demo":
             from .demo import run_demo
 
             code = run_demo(beacon_port=args.beacon_port, orders=args.orders)
-        elif args.command == "peers":
-            code = _peers(args)
+        elif args.command == "launch":
+            from .launch import launch
+
+            code = launch(args.file)
+        elif args.command in ("peers", "publish", "subscribe", "push", "request"):
+            code = {"peers": _peers, "publish": _publish, "subscribe": _subscribe, "push": _push, "request": _request}[
+                args.command
+            ](args)
         else:
             parser.print_help()
             code = 2
     except KeyboardInterrupt:
         code = 130
-    except (ZmqMeshError, OSError, ValueError) as exc:
-        print(f"zmqmesh: error: {exc}", file=sys.stderr)
+    except (CliError, ZmqMeshError, OSError, ValueError) as exc:
+        message = str(exc) or type(exc).__name__
+        print(f"zmqmesh: error: {message}", file=sys.stderr)
         code = 1
     sys.exit(code)

@@ -7,6 +7,7 @@ nothing leaves the machine until the user names an interface or an address.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,13 +114,45 @@ class NodeConfig:
 
     @classmethod
     def from_options(cls, config: NodeConfig | None = None, **options: Any) -> NodeConfig:
-        """A config from a base ``config`` (or the defaults) with ``options`` replaced.
+        """A config from a base ``config`` (or the defaults and the environment) with ``options`` replaced.
 
-        Raises `ConfigError` for an unknown option name.
+        Without a base ``config``, every field not given in ``options`` may come from an
+        environment variable ``ZMQMESH_<FIELD>`` (e.g. ``ZMQMESH_MESH``,
+        ``ZMQMESH_BEACON_PORT``, ``ZMQMESH_SEEDS`` as a comma-separated list); this is how
+        ``zmqmesh launch`` and deployments configure nodes without code changes.
+        Raises `ConfigError` for an unknown option name or an unparsable variable.
         """
-        base = config if config is not None else cls()
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(known))
         if unknown:
             raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
-        return dataclasses.replace(base, **options) if options else base
+        if config is None:
+            options = {**_from_environment(known, set(options)), **options}
+            return cls(**options)
+        return dataclasses.replace(config, **options) if options else config
+
+
+def _from_environment(fields: dict[str, dataclasses.Field[Any]], given: set[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    defaults = NodeConfig.__dataclass_fields__
+    for name in fields:
+        raw = os.environ.get(f"ZMQMESH_{name.upper()}")
+        if raw is None or name in given:
+            continue
+        default = defaults[name].default
+        try:
+            if name == "seeds":
+                values[name] = tuple(s.strip() for s in raw.split(",") if s.strip())
+            elif isinstance(default, bool):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                values[name] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                values[name] = int(raw)
+            elif isinstance(default, float):
+                values[name] = float(raw)
+            else:
+                values[name] = raw or None
+        except ValueError:
+            raise ConfigError(f"environment variable ZMQMESH_{name.upper()}={raw!r} is not valid") from None
+    return values

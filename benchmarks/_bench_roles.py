@@ -1,0 +1,656 @@
+"""The processes of the benchmark: each function here is one role, run in its own process.
+
+Every role takes a `Ctl` (its pipe to the orchestrator) and keyword arguments, reports
+``("ready" | "warm" | "result", {...})`` messages, and ends after the orchestrator's
+``"stop"``. Raw pyzmq roles and zmqmesh roles do the same job, message for message, so
+their figures can be compared:
+
+* push/pull: the sender sends ``warm`` messages, waits until the receiver has seen them
+  (relayed by the orchestrator), notes ``t0 = time.monotonic()`` and sends ``n`` more.
+  The receiver notes ``t_done`` when the last of them has been handled. Throughput is
+  ``n / (t_done - t0)``: both clocks are CLOCK_MONOTONIC, shared by every process on the
+  host, so this is the sender's first timed send to the receiver's last delivery.
+* request/reply: the client times each call (``time.perf_counter`` around it) or the
+  whole window of calls.
+* pub/sub: the publisher notes ``t0`` before its first message, then sends an end marker
+  on another topic until told to stop; each subscriber notes when the first end marker
+  arrives (after every data message it will get, since order per publisher is kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import threading
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+from _bench_proc import Ctl, rss_now_kb, rss_peak_kb
+
+PAYLOAD = "x" * 45  # {"id": i, "payload": PAYLOAD} packs to 62-64 bytes
+BARE = b"x" * 64
+QUEUE = "jobs"
+TOPIC = "prices.x"
+END_TOPIC = "end.x"
+SERVICE = "echo"
+SUB_PREFIXES = (b"prices.", b"end.")  # what subscribers subscribe to (zmqmesh: same prefixes)
+HWM = 100_000  # zmqmesh's default high-water marks; raw sockets that queue a lot get the same
+
+
+def _rss() -> dict[str, int]:
+    return {"rss_peak_kb": rss_peak_kb(), "rss_now_kb": rss_now_kb()}
+
+
+def _mesh_node(cls: Any, name: str, beacon_port: int, mesh: str, **options: Any) -> Any:
+    import zmqmesh
+
+    return getattr(zmqmesh, cls)(name, beacon_port=beacon_port, mesh=mesh, **options)
+
+
+def _large(size: int) -> bytes:
+    return os.urandom(size)
+
+
+# =========================================================================== push / pull ==
+
+
+def raw_pull(ctl: Ctl, mode: str, n: int, warm: int, size: int = 0, hwm: int | None = None, **_: Any) -> None:
+    """Raw PULL: ``msgpack`` (unpackb each), ``bare`` (bytes), ``large`` (recv copy=False)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 20_000)  # a stall raises zmq.Again instead of hanging
+    if hwm:
+        sock.setsockopt(zmq.RCVHWM, hwm)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    rss_base = rss_now_kb()
+    ctl.send("ready", endpoint=f"tcp://127.0.0.1:{port}")
+    recv = sock.recv
+    unpackb = msgpack.unpackb
+
+    def take(count: int) -> None:
+        if mode == "msgpack":
+            for _ in range(count):
+                unpackb(recv())
+        elif mode == "bare":
+            for _ in range(count):
+                recv()
+        else:
+            for _ in range(count):
+                recv(copy=False).buffer  # noqa: B018  zero-copy view, as a raw user would
+
+    take(warm)
+    ctl.send("warm")
+    take(n)
+    t_done = time.monotonic()
+    ctl.send("result", t_done=t_done, rss_base_kb=rss_base, **_rss())
+    ctl.wait("stop")
+    sock.close(0)
+    ctx.term()
+
+
+def raw_push(ctl: Ctl, mode: str, n: int, warm: int, size: int = 0, hwm: int | None = None, **_: Any) -> None:
+    """Raw PUSH: packb per message (``msgpack``), 64 bare bytes, or a large buffer copy=False."""
+    go = ctl.wait("go")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    if hwm:
+        sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.connect(go["endpoint"])
+    send = sock.send
+    packb = msgpack.packb
+    blob = _large(size) if mode == "large" else b""
+    rss_base = rss_now_kb()
+
+    def give(lo: int, hi: int) -> None:
+        if mode == "msgpack":
+            for i in range(lo, hi):
+                send(packb({"id": i, "payload": PAYLOAD}))
+        elif mode == "bare":
+            for _ in range(lo, hi):
+                send(BARE)
+        else:
+            for _ in range(lo, hi):
+                send(blob, copy=False)
+
+    give(0, warm)
+    ctl.wait("warm")
+    t0 = time.monotonic()
+    give(warm, warm + n)
+    t_sent = time.monotonic()
+    ctl.send("result", t0=t0, t_sent=t_sent, rss_base_kb=rss_base, **_rss())
+    ctl.wait("stop")
+    sock.close(0)
+    ctx.term()
+
+
+def _counting_handler(warm: int, n: int, is_async: bool) -> tuple[Any, threading.Event, threading.Event, dict[str, float]]:
+    """A pull handler that counts, and marks when ``warm`` and then ``warm + n`` arrived."""
+    warmed = threading.Event()
+    done = threading.Event()
+    times: dict[str, float] = {}
+    count = 0
+    nxt = warm
+
+    def mark() -> None:
+        nonlocal nxt
+        if count >= warm + n:
+            times["done"] = time.monotonic()
+            nxt = 1 << 62
+            warmed.set()
+            done.set()
+        elif count >= warm:
+            times["warm"] = time.monotonic()
+            nxt = warm + n
+            warmed.set()
+
+    if is_async:
+
+        async def handler(msg: Any) -> None:
+            nonlocal count
+            count += 1
+            if count >= nxt:
+                mark()
+
+    else:
+
+        def handler(msg: Any) -> None:  # type: ignore[misc]
+            nonlocal count
+            count += 1
+            if count >= nxt:
+                mark()
+
+    return handler, warmed, done, times
+
+
+def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async: bool = False, **_: Any) -> None:
+    """zmqmesh puller: sync `Node` with a ``def`` handler, or `AsyncNode` with ``async def``."""
+    handler, warmed, done, times = _counting_handler(warm, n, use_async)
+
+    def finish(stats: dict[str, Any], rss_base: int) -> None:
+        ctl.send("result", t_done=times["done"], rss_base_kb=rss_base, stats=stats["pipeline"], **_rss())
+
+    if not use_async:
+        node = _mesh_node("Node", "bench-pull", beacon_port, mesh)
+        node.pull(QUEUE, handler)
+        node.start()
+        try:
+            rss_base = rss_now_kb()
+            ctl.send("ready")
+            if not warmed.wait(ctl.remaining()):
+                raise TimeoutError("warm-up messages did not arrive")
+            ctl.send("warm")
+            if not done.wait(ctl.remaining()):
+                raise TimeoutError(f"only part of the {n} messages arrived: {node.stats()['pipeline']}")
+            finish(node.stats(), rss_base)
+            ctl.wait("stop")
+        finally:
+            node.stop()
+        return
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        node = _mesh_node("AsyncNode", "bench-apull", beacon_port, mesh)
+        node.pull(QUEUE, handler)
+        await node.start()
+        try:
+            rss_base = rss_now_kb()
+            ctl.send("ready")
+            if not await loop.run_in_executor(None, warmed.wait, ctl.remaining()):
+                raise TimeoutError("warm-up messages did not arrive")
+            ctl.send("warm")
+            if not await loop.run_in_executor(None, done.wait, ctl.remaining()):
+                raise TimeoutError(f"only part of the {n} messages arrived: {node.stats()['pipeline']}")
+            finish(node.stats(), rss_base)
+            await loop.run_in_executor(None, ctl.wait, "stop")
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
+
+
+def zm_push(
+    ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh: str, size: int = 0, use_async: bool = False, **_: Any
+) -> None:
+    """zmqmesh pusher: ``Node.push`` in a loop, or ``await AsyncNode.push`` in a loop."""
+    blob = _large(size) if mode == "large" else b""
+
+    if not use_async:
+        node = _mesh_node("Node", "bench-push", beacon_port, mesh)
+        node.start()
+        try:
+            node.wait_for_pullers(QUEUE, 1, timeout=min(20.0, ctl.remaining()))
+            ctl.wait("go")
+            push = node.push
+            rss_base = rss_now_kb()
+
+            def give(lo: int, hi: int) -> None:
+                if mode == "large":
+                    for _ in range(lo, hi):
+                        push(QUEUE, blob)
+                else:
+                    for i in range(lo, hi):
+                        push(QUEUE, {"id": i, "payload": PAYLOAD})
+
+            give(0, warm)
+            ctl.wait("warm")
+            t0 = time.monotonic()
+            give(warm, warm + n)
+            t_sent = time.monotonic()
+            ctl.send("result", t0=t0, t_sent=t_sent, rss_base_kb=rss_base, stats=node.stats()["pipeline"], **_rss())
+            ctl.wait("stop")
+        finally:
+            node.stop()
+        return
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        node = _mesh_node("AsyncNode", "bench-apush", beacon_port, mesh)
+        await node.start()
+        try:
+            await node.wait_for_pullers(QUEUE, 1, timeout=min(20.0, ctl.remaining()))
+            await loop.run_in_executor(None, ctl.wait, "go")
+            push = node.push
+            rss_base = rss_now_kb()
+
+            async def give(lo: int, hi: int) -> None:
+                if mode == "large":
+                    for _ in range(lo, hi):
+                        await push(QUEUE, blob)
+                else:
+                    for i in range(lo, hi):
+                        await push(QUEUE, {"id": i, "payload": PAYLOAD})
+
+            await give(0, warm)
+            await loop.run_in_executor(None, ctl.wait, "warm")
+            t0 = time.monotonic()
+            await give(warm, warm + n)
+            t_sent = time.monotonic()
+            ctl.send("result", t0=t0, t_sent=t_sent, rss_base_kb=rss_base, stats=node.stats()["pipeline"], **_rss())
+            await loop.run_in_executor(None, ctl.wait, "stop")
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
+
+
+# ========================================================================= request / reply ==
+
+
+def _echo_data(i: int) -> dict[str, Any]:
+    return {"id": i, "payload": PAYLOAD}
+
+
+def raw_router(ctl: Ctl, slow_first_s: float = 0.0, **_: Any) -> None:
+    """Raw blocking ROUTER echo service: unpackb the request, packb the reply."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.RCVTIMEO, 100)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    rss_base = rss_now_kb()
+    ctl.send("ready", endpoint=f"tcp://127.0.0.1:{port}")
+    recv = sock.recv_multipart
+    send = sock.send_multipart
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    served = 0
+    slow = slow_first_s > 0
+    while True:
+        try:
+            ident, body = recv()
+        except zmq.Again:
+            if ctl.poll(0):
+                break
+            continue
+        if slow:
+            slow = False
+            time.sleep(slow_first_s)
+        send([ident, packb(unpackb(body))])
+        served += 1
+    # "stop" is waiting in the pipe: report before leaving
+    ctl.conn.recv()
+    ctl.send("result", served=served, rss_base_kb=rss_base, **_rss())
+    sock.close(0)
+    ctx.term()
+
+
+def zm_service(ctl: Ctl, beacon_port: int, mesh: str, slow_first_s: float = 0.0, **_: Any) -> None:
+    """zmqmesh echo service on a sync `Node` (the handler runs on the inbox thread)."""
+    node = _mesh_node("Node", "bench-service", beacon_port, mesh)
+    slow = [slow_first_s > 0]
+
+    @node.service(SERVICE)
+    def echo(msg: Any) -> Any:
+        if slow[0]:
+            slow[0] = False
+            time.sleep(slow_first_s)
+        return msg.data
+
+    node.start()
+    try:
+        rss_base = rss_now_kb()
+        ctl.send("ready")
+        ctl.wait("stop")
+        ctl.send("result", served=node.stats()["service"]["sent"], rss_base_kb=rss_base, **_rss())
+    finally:
+        node.stop()
+
+
+def _lat_summary(lats: list[float]) -> dict[str, float]:
+    lats = sorted(lats)
+    p99 = lats[min(len(lats) - 1, int(round(0.99 * len(lats))) - 1)]
+    return {"median_us": statistics.median(lats) * 1e6, "p99_us": p99 * 1e6, "mean_us": statistics.fmean(lats) * 1e6}
+
+
+def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_: Any) -> None:
+    """Raw DEALER client: ``sync_lat`` (blocking), ``async_lat`` (zmq.asyncio),
+    ``inflight`` (blocking, ``window`` outstanding), ``outstanding`` (asyncio, all ``n`` at once)."""
+    go = ctl.wait("go")
+    endpoint = go["endpoint"]
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    if mode in ("sync_lat", "inflight"):
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(endpoint)
+        send, recv = sock.send, sock.recv
+        for i in range(warm):
+            send(packb(_echo_data(i)))
+            unpackb(recv())
+        if mode == "sync_lat":
+            pc = time.perf_counter
+            lats = []
+            for i in range(n):
+                t = pc()
+                send(packb({"id": i, "payload": PAYLOAD}))
+                unpackb(recv())
+                lats.append(pc() - t)
+            ctl.send("result", **_lat_summary(lats), **_rss())
+        else:
+            t0 = time.perf_counter()
+            sent = 0
+            for _ in range(min(window, n)):
+                send(packb({"id": sent, "payload": PAYLOAD}))
+                sent += 1
+            for _ in range(n):
+                unpackb(recv())
+                if sent < n:
+                    send(packb({"id": sent, "payload": PAYLOAD}))
+                    sent += 1
+            elapsed = time.perf_counter() - t0
+            ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, **_rss())
+        ctl.wait("stop")
+        sock.close(0)
+        ctx.term()
+        return
+
+    import zmq.asyncio
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        actx = zmq.asyncio.Context()
+        sock = actx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, HWM)
+        sock.setsockopt(zmq.RCVHWM, HWM)
+        sock.connect(endpoint)
+        try:
+            for i in range(warm):
+                await sock.send(packb(_echo_data(i)))
+                unpackb(await asyncio.wait_for(sock.recv(), 10))
+            if mode == "async_lat":
+                pc = time.perf_counter
+                lats = []
+                for i in range(n):
+                    t = pc()
+                    await sock.send(packb({"id": i, "payload": PAYLOAD}))
+                    unpackb(await sock.recv())
+                    lats.append(pc() - t)
+                ctl.send("result", **_lat_summary(lats), **_rss())
+            else:  # outstanding: n requests at once, one future each, like a request API would
+                rss_base = rss_now_kb()
+                pending: dict[int, asyncio.Future[Any]] = {}
+                state = {"in_flight": 0, "max_in_flight": 0}
+
+                async def reader() -> None:
+                    while True:
+                        reply = unpackb(await sock.recv())
+                        fut = pending.pop(reply["id"], None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(reply)
+
+                async def call(i: int) -> Any:
+                    fut = loop.create_future()
+                    pending[i] = fut
+                    state["in_flight"] += 1
+                    state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+                    await sock.send(packb({"id": i, "payload": PAYLOAD}))
+                    try:
+                        return await fut
+                    finally:
+                        state["in_flight"] -= 1
+
+                t0 = time.perf_counter()
+                read_task = asyncio.ensure_future(reader())
+                await asyncio.wait_for(asyncio.gather(*(call(i) for i in range(n))), ctl.remaining())
+                elapsed = time.perf_counter() - t0
+                read_task.cancel()
+                ctl.send(
+                    "result", elapsed_s=elapsed, max_in_flight=state["max_in_flight"], rss_base_kb=rss_base, **_rss()
+                )
+            await loop.run_in_executor(None, ctl.wait, "stop")
+        finally:
+            sock.close(0)
+            actx.term()
+
+    asyncio.run(main())
+
+
+def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh: str, window: int = 1, **_: Any) -> None:
+    """zmqmesh client: ``sync_lat`` (`Node.request`), ``async_lat`` (`AsyncNode.request`),
+    ``inflight`` (``window`` coroutines calling in a loop), ``outstanding`` (``n`` at once)."""
+    if mode == "sync_lat":
+        node = _mesh_node("Node", "bench-client", beacon_port, mesh)
+        node.start()
+        try:
+            node.wait_for_service(SERVICE, timeout=min(20.0, ctl.remaining()))
+            ctl.wait("go")
+            request = node.request
+            for i in range(warm):
+                request(SERVICE, _echo_data(i), timeout=10)
+            pc = time.perf_counter
+            lats = []
+            for i in range(n):
+                t = pc()
+                request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=10)
+                lats.append(pc() - t)
+            ctl.send("result", **_lat_summary(lats), stats=node.stats()["request"], **_rss())
+            ctl.wait("stop")
+        finally:
+            node.stop()
+        return
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        node = _mesh_node("AsyncNode", "bench-aclient", beacon_port, mesh)
+        await node.start()
+        try:
+            await node.wait_for_service(SERVICE, timeout=min(20.0, ctl.remaining()))
+            await loop.run_in_executor(None, ctl.wait, "go")
+            request = node.request
+            for i in range(warm):
+                await request(SERVICE, _echo_data(i), timeout=10)
+            if mode == "async_lat":
+                pc = time.perf_counter
+                lats = []
+                for i in range(n):
+                    t = pc()
+                    await request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=10)
+                    lats.append(pc() - t)
+                ctl.send("result", **_lat_summary(lats), stats=node.stats()["request"], **_rss())
+            elif mode == "inflight":
+                ids = iter(range(n))
+
+                async def worker() -> None:
+                    for i in ids:
+                        await request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=20)
+
+                t0 = time.perf_counter()
+                await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(window))), ctl.remaining())
+                elapsed = time.perf_counter() - t0
+                ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, stats=node.stats()["request"], **_rss())
+            else:  # outstanding
+                rss_base = rss_now_kb()
+                state = {"in_flight": 0, "max_in_flight": 0}
+
+                async def call(i: int) -> Any:
+                    state["in_flight"] += 1
+                    state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+                    try:
+                        return await request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=60)
+                    finally:
+                        state["in_flight"] -= 1
+
+                t0 = time.perf_counter()
+                await asyncio.wait_for(asyncio.gather(*(call(i) for i in range(n))), ctl.remaining())
+                elapsed = time.perf_counter() - t0
+                ctl.send(
+                    "result",
+                    elapsed_s=elapsed,
+                    max_in_flight=state["max_in_flight"],
+                    rss_base_kb=rss_base,
+                    stats=node.stats()["request"],
+                    **_rss(),
+                )
+            await loop.run_in_executor(None, ctl.wait, "stop")
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
+
+
+# ============================================================================== pub / sub ==
+
+
+def raw_pub(ctl: Ctl, n: int, nsubs: int, **_: Any) -> None:
+    """Raw XPUB publisher: waits for every subscriber's subscriptions (XPUB_VERBOSE), then
+    sends ``[topic, packb(data)]`` ``n`` times, then end markers until told to stop."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XPUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    sock.setsockopt(zmq.RCVTIMEO, 200)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    ctl.send("ready", endpoint=f"tcp://127.0.0.1:{port}")
+    topic, end = TOPIC.encode(), END_TOPIC.encode()
+    want = {b"\x01" + prefix: nsubs for prefix in SUB_PREFIXES}
+    while any(v > 0 for v in want.values()):
+        if ctl.remaining() <= 0:
+            raise TimeoutError(f"subscriptions missing: {want}")
+        try:
+            event = sock.recv()
+        except zmq.Again:
+            continue
+        if event in want:
+            want[event] -= 1
+    send = sock.send_multipart
+    packb = msgpack.packb
+    t0 = time.monotonic()
+    for i in range(n):
+        send([topic, packb({"id": i, "payload": PAYLOAD})])
+    t_sent = time.monotonic()
+    ctl.send("result", t0=t0, t_sent=t_sent, **_rss())
+    while not ctl.poll(0.001):
+        send([end, b"\xc0"])
+    sock.close(0)
+    ctx.term()
+
+
+def raw_sub(ctl: Ctl, **_: Any) -> None:
+    """Raw SUB: counts ``prices.`` messages (unpackb each) until the first ``end.`` marker."""
+    go = ctl.wait("go")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.RCVTIMEO, 20_000)
+    for prefix in SUB_PREFIXES:
+        sock.setsockopt(zmq.SUBSCRIBE, prefix)
+    sock.connect(go["endpoint"])
+    ctl.send("ready")
+    recv = sock.recv_multipart
+    unpackb = msgpack.unpackb
+    data_topic = TOPIC.encode()
+    count = 0
+    while True:
+        topic, body = recv()
+        if topic != data_topic:
+            break
+        unpackb(body)
+        count += 1
+    t_end = time.monotonic()
+    ctl.send("result", count=count, t_end=t_end, dropped=None, **_rss())
+    ctl.wait("stop")
+    sock.close(0)
+    ctx.term()
+
+
+def zm_pub(ctl: Ctl, n: int, nsubs: int, beacon_port: int, mesh: str, **_: Any) -> None:
+    """zmqmesh publisher: ``wait_for_subscribers`` then ``publish`` ``n`` times, then end markers."""
+    node = _mesh_node("Node", "bench-pub", beacon_port, mesh)
+    node.start()
+    try:
+        ctl.send("ready")
+        node.wait_for_subscribers(TOPIC, nsubs, timeout=min(20.0, ctl.remaining()))
+        node.wait_for_subscribers(END_TOPIC, nsubs, timeout=min(20.0, ctl.remaining()))
+        publish = node.publish
+        t0 = time.monotonic()
+        for i in range(n):
+            publish(TOPIC, {"id": i, "payload": PAYLOAD})
+        t_sent = time.monotonic()
+        ctl.send("result", t0=t0, t_sent=t_sent, stats=node.stats()["pubsub"], **_rss())
+        while not ctl.poll(0.001):
+            publish(END_TOPIC, None)
+    finally:
+        node.stop()
+
+
+def zm_sub(ctl: Ctl, beacon_port: int, mesh: str, **_: Any) -> None:
+    """zmqmesh subscriber (sync `Node`): counts ``prices.`` messages until the first ``end.``."""
+    node = _mesh_node("Node", "bench-sub", beacon_port, mesh)
+    count = 0
+    ended = threading.Event()
+    times: dict[str, float] = {}
+
+    @node.subscribe("prices.")
+    def on_price(msg: Any) -> None:
+        nonlocal count
+        count += 1
+
+    @node.subscribe("end.")
+    def on_end(msg: Any) -> None:
+        if not ended.is_set():
+            times["end"] = time.monotonic()
+            times["count"] = count
+            ended.set()
+
+    node.start()
+    try:
+        ctl.wait("go")
+        ctl.send("ready")
+        if not ended.wait(ctl.remaining()):
+            raise TimeoutError(f"no end marker; {count} messages so far")
+        stats = node.stats()["pubsub"]
+        ctl.send("result", count=times["count"], t_end=times["end"], dropped=stats["dropped"], stats=stats, **_rss())
+        ctl.wait("stop")
+    finally:
+        node.stop()

@@ -1,0 +1,231 @@
+"""`zmqmesh launch FILE.toml`: start the processes a file names, watch them, stop them all.
+
+The file::
+
+    [mesh]                       # optional: given to every process as ZMQMESH_* variables
+    name = "shop"
+    beacon_port = 5670
+
+    [[process]]
+    name = "worker"              # output lines are prefixed with [worker-1], [worker-2]
+    command = ["python3", "examples/order_processing.py", "worker"]   # or one string
+    count = 2                    # optional, default 1
+    restart = "on-failure"       # "never" (default), "on-failure" or "always"
+    env = { LOG_LEVEL = "info" } # optional
+    cwd = "."                    # optional, relative to the file
+
+Ctrl-C or SIGTERM stops every process (SIGTERM, then SIGKILL after ``stop_timeout_s``).
+Without restarts, the launcher ends when every process has ended: status 0 if all
+exited 0. A crashed process that asks for it is restarted, with a growing delay.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
+
+_RESTARTS = ("never", "on-failure", "always")
+_MESH_KEYS = {"name": "MESH", "beacon_port": "BEACON_PORT", "interface": "INTERFACE", "seeds": "SEEDS"}
+
+
+class LaunchError(ValueError):
+    """The launch file is missing, unreadable or describes something impossible."""
+
+
+@dataclass
+class ProcessSpec:
+    """One process to run (after ``count`` expansion)."""
+
+    name: str
+    command: list[str]
+    restart: str = "never"
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = "."
+
+
+def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
+    """Parse and check a launch file; returns the processes and the stop timeout.
+
+    Raises `LaunchError` with a one-line reason.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise LaunchError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LaunchError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LaunchError(f"{path}: not valid TOML: {exc}") from None
+    mesh = data.get("mesh", {})
+    if not isinstance(mesh, dict):
+        raise LaunchError(f"{path}: [mesh] must be a table")
+    base_env: dict[str, str] = {}
+    for key, value in mesh.items():
+        if key not in _MESH_KEYS:
+            raise LaunchError(f"{path}: unknown key mesh.{key} (known: {', '.join(_MESH_KEYS)})")
+        base_env[f"ZMQMESH_{_MESH_KEYS[key]}"] = ",".join(value) if isinstance(value, list) else str(value)
+    entries = data.get("process")
+    if not isinstance(entries, list) or not entries:
+        raise LaunchError(f"{path}: no [[process]] entries")
+    specs: list[ProcessSpec] = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: process #{i + 1}"
+        if not isinstance(entry, dict):
+            raise LaunchError(f"{where}: must be a table")
+        unknown = set(entry) - {"name", "command", "count", "restart", "env", "cwd"}
+        if unknown:
+            raise LaunchError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        name = entry.get("name")
+        command = entry.get("command")
+        if not isinstance(name, str) or not name:
+            raise LaunchError(f"{where}: 'name' must be a non-empty string")
+        if isinstance(command, str):
+            command = shlex.split(command)
+        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+            raise LaunchError(f"{where} ({name}): 'command' must be a string or a list of strings")
+        count = entry.get("count", 1)
+        restart = entry.get("restart", "never")
+        env = entry.get("env", {})
+        if not isinstance(count, int) or not 1 <= count <= 1000:
+            raise LaunchError(f"{where} ({name}): 'count' must be an integer 1..1000")
+        if restart not in _RESTARTS:
+            raise LaunchError(f"{where} ({name}): 'restart' must be one of {', '.join(_RESTARTS)}")
+        if not isinstance(env, dict) or not all(isinstance(v, (str, int, float, bool)) for v in env.values()):
+            raise LaunchError(f"{where} ({name}): 'env' must be a table of strings")
+        cwd = str((path.parent / entry.get("cwd", ".")).resolve())
+        for k in range(count):
+            specs.append(
+                ProcessSpec(
+                    name=name if count == 1 else f"{name}-{k + 1}",
+                    command=[sys.executable if c in ("python", "python3") and j == 0 else c for j, c in enumerate(command)],
+                    restart=restart,
+                    env={**base_env, **{k2: str(v) for k2, v in env.items()}},
+                    cwd=cwd,
+                )
+            )
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise LaunchError(f"{path}: process names must be unique")
+    timeout = data.get("stop_timeout_s", 10.0)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise LaunchError(f"{path}: stop_timeout_s must be a positive number")
+    return specs, float(timeout)
+
+
+class Launcher:
+    """Runs the processes of a launch file and multiplexes their output."""
+
+    def __init__(self, specs: list[ProcessSpec], stop_timeout_s: float = 10.0, out: TextIO = sys.stdout) -> None:
+        self.specs = specs
+        self.stop_timeout_s = stop_timeout_s
+        self.out = out
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.restarts: dict[str, int] = {s.name: 0 for s in specs}
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._width = max(len(s.name) for s in specs)
+
+    def say(self, name: str, line: str) -> None:
+        """Print one line prefixed with the process name."""
+        with self._lock:
+            self.out.write(f"[{name:<{self._width}}] {line}\n")
+            self.out.flush()
+
+    def _start(self, spec: ProcessSpec) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+        try:
+            proc = subprocess.Popen(
+                spec.command, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )
+        except OSError as exc:
+            raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
+        self.procs[spec.name] = proc
+        threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True).start()
+        self.say(spec.name, f"started (pid {proc.pid})")
+
+    def _pump(self, name: str, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.say(name, line.rstrip("\n"))
+        proc.stdout.close()
+
+    def run(self) -> int:
+        """Start everything and supervise until all ended or a stop is asked; returns the exit status."""
+        previous = {sig: signal.signal(sig, lambda *_: self._stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        status = 0
+        try:
+            for spec in self.specs:
+                self._start(spec)
+            by_name = {s.name: s for s in self.specs}
+            pending_restart: dict[str, float] = {}
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                for name, proc in list(self.procs.items()):
+                    code = proc.poll()
+                    if code is None or name in pending_restart:
+                        continue
+                    spec = by_name[name]
+                    wants = spec.restart == "always" or (spec.restart == "on-failure" and code != 0)
+                    self.say(name, f"exited with status {code}" + ("; restarting" if wants else ""))
+                    if wants:
+                        self.restarts[name] += 1
+                        pending_restart[name] = now + min(0.5 * 2 ** min(self.restarts[name] - 1, 5), 10.0)
+                    else:
+                        del self.procs[name]
+                        if code != 0:
+                            status = 1
+                for name, when in list(pending_restart.items()):
+                    if now >= when:
+                        del pending_restart[name]
+                        self._start(by_name[name])
+                if not self.procs:
+                    return status
+                self._stopping.wait(0.1)
+            self._stop_all()
+            return status
+        finally:
+            self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_all(self) -> None:
+        live = {n: p for n, p in self.procs.items() if p.poll() is None}
+        for name, proc in live.items():
+            self.say(name, "stopping")
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.stop_timeout_s
+        for name, proc in live.items():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+                self.say(name, f"stopped (status {proc.returncode})")
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+                self.say(name, "killed: it did not stop in time")
+        self.procs.clear()
+
+
+def launch(path: str, out: TextIO = sys.stdout) -> int:
+    """Run a launch file; returns the exit status. Raises `LaunchError`."""
+    specs, timeout = load_launch_file(path)
+    return Launcher(specs, timeout, out).run()
