@@ -2,7 +2,7 @@
 
 Usage (the benchmark starts it; each line it prints is flushed at once)::
 
-    python3 _mesh_node.py zmqmesh NAME EXPECTED_PEERS BEACON_PORT MESH
+    python3 _mesh_node.py zmqmesh NAME EXPECTED_PEERS BEACON_PORT MESH [OPTIONS_JSON]
     python3 _mesh_node.py pyre    NAME EXPECTED_PEERS BEACON_PORT IFACE   # private netns only
 
 Lines printed (times are wall-clock ``time.time()``, this host's shared clock)::
@@ -61,11 +61,11 @@ class Tracker:
         out("LEFT", name, repr(t))
 
 
-def run_zmqmesh(name, expected, port, mesh):
+def run_zmqmesh(name, expected, port, mesh, options):
     import zmqmesh
 
     tracker = Tracker(expected)
-    node = zmqmesh.Node(name, beacon_port=port, mesh=mesh)  # loopback by default
+    node = zmqmesh.Node(name, beacon_port=port, mesh=mesh, **options)  # loopback by default
     node.on_join(lambda peer: tracker.join(peer.id, peer.name))
     node.on_leave(lambda peer: tracker.leave(peer.id, peer.name))
     node.start()
@@ -145,10 +145,15 @@ def _exit(code):
 
 def main():
     impl, name, expected, port, where = sys.argv[1:6]
+    options = {}
+    if len(sys.argv) > 6:  # extra NodeConfig options as JSON (zmqmesh only)
+        import json
+
+        options = json.loads(sys.argv[6])
     out("BOOT", repr(_BOOT))
     try:
         if impl == "zmqmesh":
-            run_zmqmesh(name, int(expected), int(port), where)
+            run_zmqmesh(name, int(expected), int(port), where, options)
         elif impl == "pyre":
             run_pyre(name, int(expected), int(port), where)
         else:

@@ -244,8 +244,9 @@ def rss_mib(pid: int) -> float | None:
 # -- one repetition -----------------------------------------------------------------------------
 
 
-def node_argv(impl: str, name: str, n: int, port: int, where: str) -> list[str]:
-    return [sys.executable, "-u", str(NODE_SCRIPT), impl, name, str(n - 1), str(port), where]
+def node_argv(impl: str, name: str, n: int, port: int, where: str, options: str = "") -> list[str]:
+    argv = [sys.executable, "-u", str(NODE_SCRIPT), impl, name, str(n - 1), str(port), where]
+    return argv + [options] if options else argv
 
 
 def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> list[dict]:
@@ -265,7 +266,8 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
     try:
         t0 = time.time()
         for i in range(n):
-            group.spawn(i, f"n{i:02d}", node_argv(impl, f"n{i:02d}", n, port, where))
+            group.spawn(i, f"n{i:02d}", node_argv(impl, f"n{i:02d}", n, port, where,
+                                                  args.zmqmesh_options if impl == "zmqmesh" else ""))
         formed = group.wait_for(
             lambda: all(p.full is not None for p in group.nodes) or any(p.error or p.eof for p in group.nodes),
             args.form_timeout,
@@ -575,6 +577,8 @@ def report(samples: list[dict], args, pyre_status: str, versions: dict[str, str]
               f"--pyre-kill-repeat N to repeat)." + (f" {pyre_status[3:].strip()}" if pyre_status != "ran" else ""))
     else:
         print(f"       pyre: {pyre_status}")
+    if args.zmqmesh_options:
+        print(f"       zmqmesh nodes ran with non-default options {args.zmqmesh_options}")
     print(f"       total run time {elapsed:.1f} s; zmqmesh targets: {failures} failed")
     print()
     for s in samples:
@@ -582,6 +586,7 @@ def report(samples: list[dict], args, pyre_status: str, versions: dict[str, str]
     for s in summaries:
         print(json.dumps(s))
     print(json.dumps({"kind": "run", "nodes": args.nodes, "repeat": args.repeat, "idle_seconds": args.idle_seconds,
+                      "zmqmesh_options": json.loads(args.zmqmesh_options or "{}"),
                       "pyre": pyre_status, "versions": versions, "elapsed_s": round(elapsed, 1),
                       "zmqmesh_targets_failed": failures}))
     sys.stdout.flush()
@@ -596,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=1.0, help="wait after formation before idle window (s)")
     ap.add_argument("--form-timeout", type=float, default=20.0, help="bound on mesh formation (s)")
     ap.add_argument("--kill-bound", type=float, default=5.0, help="bound on zmqmesh SIGKILL detection (s)")
+    ap.add_argument("--zmqmesh-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra zmqmesh NodeConfig option for the nodes, VALUE as JSON (repeatable; "
+                         "e.g. heartbeat_interval_s=2); printed with the results")
     ap.add_argument("--no-pyre", action="store_true", help="skip the pyre comparison")
     ap.add_argument("--no-zmqmesh", action="store_true", help="skip zmqmesh (pyre only)")
     ap.add_argument("--pyre-kill-repeat", type=int, default=1,
@@ -606,6 +614,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes < 2 or args.repeat < 1 or args.idle_seconds <= 0:
         ap.error("need --nodes >= 2, --repeat >= 1, --idle-seconds > 0")
     args.pyre_kill_repeat = max(0, min(args.pyre_kill_repeat, args.repeat))
+    options = {}
+    for item in args.zmqmesh_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            ap.error(f"--zmqmesh-option wants KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    args.zmqmesh_options = json.dumps(options, separators=(",", ":")) if options else ""
 
     if args.pyre_inner:
         return pyre_inner(args)

@@ -1,0 +1,610 @@
+#!/usr/bin/env python3
+"""Throughput, latency and memory of zmqmesh against raw pyzmq doing the same job.
+
+    python3 benchmarks/bench.py                         # everything (~5 min on 2 cores)
+    python3 benchmarks/bench.py --quick                 # smaller counts (~2 min)
+    python3 benchmarks/bench.py --only push_sync,req_sync --repeats 5
+    python3 benchmarks/bench.py --list                  # the scenarios
+    python3 benchmarks/bench.py --json out.jsonl        # also write the JSON lines to a file
+
+Every figure is measured ``--repeats`` times (at least 3), zmqmesh and raw pyzmq
+alternating within each repeat, each run in fresh processes (sender and receiver are
+separate processes, started with multiprocessing "spawn"). The table gives the median and
+min-max of each, and zmqmesh/raw (ratio of the medians; in brackets the range of the
+per-repeat paired ratios). One JSON line per figure follows the table.
+
+How things are measured (identically for zmqmesh and raw):
+
+* push/pull throughput: after a warm-up the receiver has acknowledged, the sender notes
+  ``t0 = time.monotonic()`` and sends N messages; the receiver notes the time the N-th
+  was handled. rate = N / (t_done - t0). Both are CLOCK_MONOTONIC, which every process
+  on the host shares; this is measured at the receiver, so a zmqmesh ``push`` that
+  returns once queued gains nothing.
+* request latency: the client times each call; median and p99 of the calls of a run.
+  In-flight throughput: calls / wall time of the whole run at the client.
+* pub/sub: publisher ``t0`` to the last subscriber's arrival of the end marker (sent
+  after the data, on another topic, repeated every ms until all have it); delivered =
+  the data messages counted by all subscribers.
+* memory: peak RSS (``ru_maxrss``) of each process at the end of the run.
+
+Everything is on 127.0.0.1; each zmqmesh run gets its own free UDP beacon port and mesh
+name. Every run has a deadline; children are stopped, then killed, in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _bench_proc import Trial, TrialError  # noqa: E402
+
+# ============================================================================ parameters ==
+
+FULL = {
+    "push_n": 200_000,
+    "push_warm": 2_000,
+    "n_64k": 10_000,
+    "n_1m": 1_000,
+    "req_n": 5_000,
+    "req_warm": 300,
+    "inflight_n": 20_000,
+    "window": 64,
+    "pub_n": 200_000,
+    "burst_n": 1_000_000,
+    "outstanding_n": 10_000,
+    "slow_first_s": 1.0,
+    "timeout": 60.0,
+}
+QUICK = {
+    **FULL,
+    "push_n": 40_000,
+    "push_warm": 1_000,
+    "n_64k": 2_000,
+    "n_1m": 200,
+    "req_n": 1_000,
+    "req_warm": 100,
+    "inflight_n": 4_000,
+    "pub_n": 40_000,
+    "burst_n": 200_000,
+    "outstanding_n": 10_000,
+    "timeout": 30.0,
+}
+
+# ============================================================================ trials ==
+
+
+def free_udp_port() -> int:
+    """A UDP port nobody on this host uses right now (for a run's beacons)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mesh_options() -> dict[str, Any]:
+    return {"beacon_port": free_udp_port(), "mesh": f"bench-{os.getpid()}-{uuid.uuid4().hex[:10]}"}
+
+
+def _mib(kb: int) -> float:
+    return kb / 1024.0
+
+
+def trial_push(t: Trial, impl: str, mode: str, n: int, warm: int, size: int = 0, use_async: bool = False, hwm: int | None = None) -> dict[str, Any]:
+    """Sender and receiver processes; throughput measured at the receiver (see module doc)."""
+    common: dict[str, Any] = {"mode": mode, "n": n, "warm": warm, "size": size}
+    if impl == "raw":
+        t.spawn("recv", "raw_pull", **common, hwm=hwm)
+        t.spawn("send", "raw_push", **common, hwm=hwm)
+    else:
+        mesh = mesh_options()
+        t.spawn("recv", "zm_pull", **common, **mesh, use_async=use_async)
+        t.spawn("send", "zm_push", **common, **mesh, use_async=use_async)
+    ready = t.expect("recv", "ready")
+    t.tell("send", "go", **ready)
+    t.expect("recv", "warm")
+    t.tell("send", "warm")
+    sent = t.expect("send", "result")
+    got = t.expect("recv", "result")
+    elapsed = got["t_done"] - sent["t0"]
+    payload = size if mode == "large" else 64
+    return {
+        "msgs_per_s": n / elapsed,
+        "mb_per_s": n * payload / elapsed / 1e6,
+        "elapsed_s": elapsed,
+        "send_returned_s": sent["t_sent"] - sent["t0"],
+        "rss_send_mib": _mib(sent["rss_peak_kb"]),
+        "rss_recv_mib": _mib(got["rss_peak_kb"]),
+        "rss_send_base_mib": _mib(sent["rss_base_kb"]),
+        "rss_recv_base_mib": _mib(got["rss_base_kb"]),
+        "recv_stats": got.get("stats"),
+    }
+
+
+def trial_req(t: Trial, impl: str, mode: str, n: int, warm: int, window: int = 1, slow_first_s: float = 0.0) -> dict[str, Any]:
+    """An echo service process and a client process; the client measures."""
+    if impl == "raw":
+        t.spawn("service", "raw_router", slow_first_s=slow_first_s)
+        t.spawn("client", "raw_req_client", mode=mode, n=n, warm=warm, window=window)
+    else:
+        mesh = mesh_options()
+        t.spawn("service", "zm_service", slow_first_s=slow_first_s, **mesh)
+        t.spawn("client", "zm_req_client", mode=mode, n=n, warm=warm, window=window, **mesh)
+    ready = t.expect("service", "ready")
+    t.tell("client", "go", **ready)
+    res = t.expect("client", "result")
+    t.tell("service", "stop")
+    served = t.expect("service", "result")
+    out = {k: v for k, v in res.items() if k not in ("rss_peak_kb", "rss_now_kb", "rss_base_kb")}
+    out["rss_client_mib"] = _mib(res["rss_peak_kb"])
+    out["rss_service_mib"] = _mib(served["rss_peak_kb"])
+    if "rss_base_kb" in res:
+        out["rss_client_base_mib"] = _mib(res["rss_base_kb"])
+    out["rss_service_base_mib"] = _mib(served["rss_base_kb"])
+    out["served"] = served["served"]
+    return out
+
+
+def trial_pubsub(t: Trial, impl: str, n: int, nsubs: int) -> dict[str, Any]:
+    """One publisher process and ``nsubs`` subscriber processes."""
+    names = [f"sub{i}" for i in range(nsubs)]
+    if impl == "raw":
+        t.spawn("pub", "raw_pub", n=n, nsubs=nsubs)
+        for name in names:
+            t.spawn(name, "raw_sub")
+    else:
+        mesh = mesh_options()
+        t.spawn("pub", "zm_pub", n=n, nsubs=nsubs, **mesh)
+        for name in names:
+            t.spawn(name, "zm_sub", **mesh)
+    ready = t.expect("pub", "ready")
+    for name in names:
+        t.tell(name, "go", **ready)
+    for name in names:
+        t.expect(name, "ready")
+    pub = t.expect("pub", "result")
+    subs = [t.expect(name, "result") for name in names]
+    t.tell("pub", "stop")
+    delivered = sum(s["count"] for s in subs)
+    elapsed = max(s["t_end"] for s in subs) - pub["t0"]
+    dropped = [s["dropped"] for s in subs]
+    return {
+        "delivered_per_s": delivered / elapsed,
+        "delivered": delivered,
+        "lost": n * nsubs - delivered,
+        "dropped_stats": None if dropped[0] is None else sum(dropped),
+        "elapsed_s": elapsed,
+        "publish_returned_s": pub["t_sent"] - pub["t0"],
+        "pub_stats": pub.get("stats"),
+    }
+
+
+@dataclass
+class Measurement:
+    key: str
+    run: Callable[[Trial, dict[str, Any]], dict[str, Any]]
+    describe: str
+    timeout_scale: float = 1.0
+
+
+def _m(key: str, describe: str, run: Callable[[Trial, dict[str, Any]], dict[str, Any]], scale: float = 1.0) -> Measurement:
+    return Measurement(key, run, describe, scale)
+
+
+MEASUREMENTS: dict[str, Measurement] = {
+    m.key: m
+    for m in [
+        _m("raw_push_msgpack", "pyzmq PUSH/PULL, packb/unpackb per message",
+           lambda t, p: trial_push(t, "raw", "msgpack", p["push_n"], p["push_warm"])),
+        _m("raw_push_bare", "pyzmq PUSH/PULL, 64 bare bytes",
+           lambda t, p: trial_push(t, "raw", "bare", p["push_n"], p["push_warm"])),
+        _m("zm_push_sync", "Node.push -> @pull (def)",
+           lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"])),
+        _m("zm_push_async", "await AsyncNode.push -> @pull (async def)",
+           lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], use_async=True)),
+        _m("raw_push_64k", "pyzmq PUSH/PULL 64 KiB, copy=False",
+           lambda t, p: trial_push(t, "raw", "large", p["n_64k"], 100, size=64 * 1024)),
+        _m("zm_push_64k", "Node.push 64 KiB bytes",
+           lambda t, p: trial_push(t, "zm", "large", p["n_64k"], 100, size=64 * 1024)),
+        _m("raw_push_1m", "pyzmq PUSH/PULL 1 MiB, copy=False",
+           lambda t, p: trial_push(t, "raw", "large", p["n_1m"], 10, size=1024 * 1024)),
+        _m("zm_push_1m", "Node.push 1 MiB bytes",
+           lambda t, p: trial_push(t, "zm", "large", p["n_1m"], 10, size=1024 * 1024)),
+        _m("raw_req_sync", "blocking DEALER -> ROUTER, msgpack",
+           lambda t, p: trial_req(t, "raw", "sync_lat", p["req_n"], p["req_warm"])),
+        _m("zm_req_sync", "Node.request -> @service (Node)",
+           lambda t, p: trial_req(t, "zm", "sync_lat", p["req_n"], p["req_warm"])),
+        _m("raw_req_async", "zmq.asyncio DEALER -> blocking ROUTER, msgpack",
+           lambda t, p: trial_req(t, "raw", "async_lat", p["req_n"], p["req_warm"])),
+        _m("zm_req_async", "await AsyncNode.request -> @service (Node)",
+           lambda t, p: trial_req(t, "zm", "async_lat", p["req_n"], p["req_warm"])),
+        _m("raw_req_inflight", "blocking DEALER, 64 outstanding",
+           lambda t, p: trial_req(t, "raw", "inflight", p["inflight_n"], p["req_warm"], window=p["window"])),
+        _m("zm_req_inflight", "AsyncNode, 64 coroutines calling in a loop",
+           lambda t, p: trial_req(t, "zm", "inflight", p["inflight_n"], p["req_warm"], window=p["window"])),
+        _m("raw_pubsub_1", "XPUB -> 1 SUB process, msgpack",
+           lambda t, p: trial_pubsub(t, "raw", p["pub_n"], 1)),
+        _m("zm_pubsub_1", "Node.publish -> 1 subscriber process",
+           lambda t, p: trial_pubsub(t, "zm", p["pub_n"], 1)),
+        _m("raw_pubsub_4", "XPUB -> 4 SUB processes, msgpack",
+           lambda t, p: trial_pubsub(t, "raw", p["pub_n"], 4), 1.5),
+        _m("zm_pubsub_4", "Node.publish -> 4 subscriber processes",
+           lambda t, p: trial_pubsub(t, "zm", p["pub_n"], 4), 1.5),
+        _m("raw_mem_burst", "pyzmq PUSH/PULL msgpack burst (default HWM)",
+           lambda t, p: trial_push(t, "raw", "msgpack", p["burst_n"], p["push_warm"]), 2.0),
+        _m("zm_mem_burst", "Node.push burst -> @pull",
+           lambda t, p: trial_push(t, "zm", "msgpack", p["burst_n"], p["push_warm"]), 2.0),
+        _m("raw_mem_outstanding", "zmq.asyncio DEALER, all requests outstanding, one future each",
+           lambda t, p: trial_req(t, "raw", "outstanding", p["outstanding_n"], 10, slow_first_s=p["slow_first_s"])),
+        _m("zm_mem_outstanding", "AsyncNode.request, all outstanding (gather)",
+           lambda t, p: trial_req(t, "zm", "outstanding", p["outstanding_n"], 10, slow_first_s=p["slow_first_s"])),
+    ]
+}
+
+# ============================================================================ figures ==
+
+
+@dataclass
+class Figure:
+    name: str
+    what: str
+    zm: str
+    raw: str
+    metric: str
+    unit: str
+    higher_is_better: bool
+    target: float | None = None
+    extra: Callable[[list[dict[str, Any]], list[dict[str, Any]]], str] | None = None
+
+
+def _drops(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
+    zd = [r["dropped_stats"] for r in zm]
+    zl = [r["lost"] for r in zm]
+    rl = [r["lost"] for r in raw]
+    return f"drops per run: zmqmesh stats()['pubsub']['dropped'] {zd}, not delivered {zl}; raw not delivered {rl}"
+
+
+def _push_extra(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
+    zs = [f"{r['send_returned_s']:.2f}" for r in zm]
+    rs = [f"{r['send_returned_s']:.2f}" for r in raw]
+    return f"sender loop returned after (s): zmqmesh {zs}, raw {rs}; elapsed to last delivery (s): zmqmesh {[round(r['elapsed_s'], 2) for r in zm]}"
+
+
+def _burst_extra(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
+    def f(rs: list[dict[str, Any]]) -> str:
+        if not rs:
+            return "-"
+        med = statistics.median
+        return (f"{med(r['msgs_per_s'] for r in rs) / 1e3:.0f} k msgs/s; RSS before burst send "
+                f"{med(r['rss_send_base_mib'] for r in rs):.0f} MiB, recv {med(r['rss_recv_base_mib'] for r in rs):.0f} MiB")
+    return f"zmqmesh {f(zm)} | raw {f(raw)}"
+
+
+def _outstanding_extra(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
+    def f(rs: list[dict[str, Any]]) -> str:
+        if not rs:
+            return "-"
+        return (f"max in flight {[r['max_in_flight'] for r in rs]}, all done in "
+                f"{[round(r['elapsed_s'], 2) for r in rs]} s, client RSS before "
+                f"{statistics.median(r['rss_client_base_mib'] for r in rs):.0f} MiB")
+    return f"zmqmesh {f(zm)} | raw {f(raw)}"
+
+
+SCENARIOS: dict[str, list[Figure]] = {
+    "push_sync": [
+        Figure("push_sync/msgpack", "64 B msgpack dict: Node.push -> @pull vs pyzmq+msgpack", "zm_push_sync", "raw_push_msgpack", "msgs_per_s", "msgs/s", True, 0.9, _push_extra),
+        Figure("push_sync/bare", "64 B msgpack dict: Node.push -> @pull vs pyzmq bare 64 B", "zm_push_sync", "raw_push_bare", "msgs_per_s", "msgs/s", True, 1.0),
+    ],
+    "push_async": [
+        Figure("push_async/msgpack", "64 B: await AsyncNode.push -> async handler vs pyzmq+msgpack", "zm_push_async", "raw_push_msgpack", "msgs_per_s", "msgs/s", True, 0.9, _push_extra),
+        Figure("push_async/bare", "64 B: await AsyncNode.push -> async handler vs pyzmq bare 64 B", "zm_push_async", "raw_push_bare", "msgs_per_s", "msgs/s", True, 1.0),
+    ],
+    "push_64k": [
+        Figure("push_64k", "64 KiB bytes: Node.push vs pyzmq copy=False", "zm_push_64k", "raw_push_64k", "mb_per_s", "MB/s", True, 0.85),
+    ],
+    "push_1m": [
+        Figure("push_1m", "1 MiB bytes: Node.push vs pyzmq copy=False", "zm_push_1m", "raw_push_1m", "mb_per_s", "MB/s", True, 0.85),
+    ],
+    "req_sync": [
+        Figure("req_sync/median", "round trip: Node.request vs blocking DEALER/ROUTER, median", "zm_req_sync", "raw_req_sync", "median_us", "us", False, 1.2),
+        Figure("req_sync/p99", "round trip: Node.request vs blocking DEALER/ROUTER, p99", "zm_req_sync", "raw_req_sync", "p99_us", "us", False, 1.5),
+    ],
+    "req_async": [
+        Figure("req_async/median", "round trip: await AsyncNode.request vs zmq.asyncio DEALER, median", "zm_req_async", "raw_req_async", "median_us", "us", False, 1.2),
+        Figure("req_async/p99", "round trip: await AsyncNode.request vs zmq.asyncio DEALER, p99", "zm_req_async", "raw_req_async", "p99_us", "us", False, None),
+    ],
+    "req_inflight": [
+        Figure("req_inflight", "64 requests in flight: AsyncNode (64 coroutines) vs DEALER 64 outstanding", "zm_req_inflight", "raw_req_inflight", "per_s", "req/s", True, 0.8),
+    ],
+    "pubsub_1": [
+        Figure("pubsub_1", "64 B msgpack, 1 subscriber process: delivered", "zm_pubsub_1", "raw_pubsub_1", "delivered_per_s", "msgs/s", True, 0.8, _drops),
+    ],
+    "pubsub_4": [
+        Figure("pubsub_4", "64 B msgpack, 4 subscriber processes: delivered (sum)", "zm_pubsub_4", "raw_pubsub_4", "delivered_per_s", "msgs/s", True, 0.8, _drops),
+    ],
+    "mem_burst": [
+        Figure("mem_burst/sender", "burst of N x 64 B push: peak RSS of the sender", "zm_mem_burst", "raw_mem_burst", "rss_send_mib", "MiB", False, None, _burst_extra),
+        Figure("mem_burst/receiver", "burst of N x 64 B push: peak RSS of the receiver", "zm_mem_burst", "raw_mem_burst", "rss_recv_mib", "MiB", False, None),
+    ],
+    "mem_outstanding": [
+        Figure("mem_outstanding/client", "N async requests outstanding to a slow service: peak RSS of the client", "zm_mem_outstanding", "raw_mem_outstanding", "rss_client_mib", "MiB", False, None, _outstanding_extra),
+        Figure("mem_outstanding/service", "the same: peak RSS of the service", "zm_mem_outstanding", "raw_mem_outstanding", "rss_service_mib", "MiB", False, None),
+    ],
+}
+
+# ============================================================================ running ==
+
+
+@dataclass
+class Outcome:
+    ok: list[dict[str, Any]] = field(default_factory=list)
+    by_repeat: dict[int, dict[str, Any]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_measurement(m: Measurement, params: dict[str, Any], repeat: int, log_dir: str, out: Outcome) -> None:
+    timeout = params["timeout"] * m.timeout_scale
+    label = f"{m.key}.r{repeat}"
+    started = time.monotonic()
+    trial = Trial(label, timeout, log_dir)
+    try:
+        try:
+            result = m.run(trial, params)
+        finally:
+            trial.close()
+        result["_wall_s"] = time.monotonic() - started
+        out.ok.append(result)
+        out.by_repeat[repeat] = result
+        brief = ", ".join(
+            f"{k}={_short(v)}" for k, v in result.items() if isinstance(v, (int, float)) and not k.startswith(("rss_", "_"))
+        )
+        log(f"  [{repeat + 1}] {m.key:<22} ok   {time.monotonic() - started:5.1f} s  {brief}")
+    except Exception as exc:  # TrialError, or a bug in a trial function: record and go on
+        text = str(exc) if isinstance(exc, TrialError) else "".join(traceback.format_exception(exc)).strip()
+        out.errors.append(f"run {repeat + 1}: {text}")
+        first = text.splitlines()[0] if text else type(exc).__name__
+        log(f"  [{repeat + 1}] {m.key:<22} FAIL {time.monotonic() - started:5.1f} s  {first}")
+    out.notes.extend(f"run {repeat + 1}: {n}" for n in trial.notes)
+
+
+def _short(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+# ============================================================================ reporting ==
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit in ("msgs/s", "req/s"):
+        return f"{value / 1e6:.3f} M" if value >= 1e6 else f"{value / 1e3:.1f} k"
+    if unit == "us":
+        return f"{value:.0f}"
+    if unit in ("MB/s", "MiB"):
+        return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def stats_of(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[str, Any]:
+    zo, ro = outcomes[fig.zm], outcomes[fig.raw]
+    zv = [r[fig.metric] for r in zo.ok]
+    rv = [r[fig.metric] for r in ro.ok]
+    zs, rs = stats_of(zv), stats_of(rv)
+    ratio = zs["median"] / rs["median"] if zs and rs and rs["median"] else None
+    paired = [zo.by_repeat[i][fig.metric] / ro.by_repeat[i][fig.metric] for i in range(repeats) if i in zo.by_repeat and i in ro.by_repeat and ro.by_repeat[i][fig.metric]]
+    if not zv:
+        status = "failed"
+    elif zo.errors:
+        status = "partial"
+    elif not rv:
+        status = "no baseline"
+    else:
+        status = "ok"
+    meets = None
+    if fig.target is not None and ratio is not None:
+        meets = ratio >= fig.target if fig.higher_is_better else ratio <= fig.target
+    extra = ""
+    if fig.extra is not None:
+        try:
+            extra = fig.extra(zo.ok, ro.ok)
+        except Exception as exc:
+            extra = f"(extra info unavailable: {exc})"
+    return {
+        "figure": fig.name,
+        "what": fig.what,
+        "unit": fig.unit,
+        "better": "higher" if fig.higher_is_better else "lower",
+        "zmqmesh": zs,
+        "raw": rs,
+        "ratio": ratio,
+        "ratio_paired_min": min(paired) if paired else None,
+        "ratio_paired_max": max(paired) if paired else None,
+        "target": None if fig.target is None else ((">= " if fig.higher_is_better else "<= ") + f"{fig.target}"),
+        "meets_target": meets,
+        "status": status,
+        "runs": {"zmqmesh": len(zv), "raw": len(rv), "requested": repeats},
+        "errors": {"zmqmesh": zo.errors, "raw": ro.errors},
+        "notes": zo.notes + [f"raw: {n}" for n in ro.notes],
+        "extra": extra,
+        "measured": {"zmqmesh": MEASUREMENTS[fig.zm].describe, "raw": MEASUREMENTS[fig.raw].describe},
+    }
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    head = ["figure", "unit", "zmqmesh median [min-max]", "raw median [min-max]", "zm/raw [paired]", "target", "verdict"]
+    lines = []
+    for r in rows:
+        unit = r["unit"]
+
+        def cell(s: dict[str, Any] | None) -> str:
+            if s is None:
+                return "-"
+            return f"{fmt(s['median'], unit)} [{fmt(s['min'], unit)}-{fmt(s['max'], unit)}]"
+
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        if r["ratio_paired_min"] is not None:
+            ratio += f" [{r['ratio_paired_min']:.2f}-{r['ratio_paired_max']:.2f}]"
+        if r["status"] == "failed":
+            verdict = "FAILED"
+        elif r["meets_target"] is None:
+            verdict = "(info)" if r["target"] is None else "no baseline"
+        else:
+            verdict = "meets" if r["meets_target"] else "MISSES"
+        if r["status"] == "partial":
+            verdict += f" ({r['runs']['zmqmesh']}/{r['runs']['requested']} runs ok)"
+        lines.append([r["figure"], unit, cell(r["zmqmesh"]), cell(r["raw"]), ratio, r["target"] or "-", verdict])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
+    details = []
+    for r in rows:
+        bits = []
+        if r["extra"]:
+            bits.append(r["extra"])
+        for side in ("zmqmesh", "raw"):
+            for e in r["errors"][side]:
+                first = e.strip().splitlines()
+                bits.append(f"{side} error: " + " / ".join(x.strip() for x in first[:1] + first[-3:] if x.strip()))
+        bits.extend(r["notes"])
+        if bits:
+            details.append(f"  {r['figure']}: " + "\n    ".join(bits))
+    if details:
+        out.append("")
+        out.append("details:")
+        out.extend(details)
+    return "\n".join(out)
+
+
+# ============================================================================ main ==
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="", help="comma-separated scenarios (see --list); default: all")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per figure (at least 3; default 3)")
+    ap.add_argument("--quick", action="store_true", help="smaller message counts (~2 min)")
+    ap.add_argument("--json", metavar="PATH", help="also write the JSON lines to PATH")
+    ap.add_argument("--logs", metavar="DIR", help="keep the children's stderr logs in DIR (default: a temp dir, kept only on failure)")
+    ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every run's deadline")
+    ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    args = ap.parse_args(argv)
+    if args.repeats < 3:
+        ap.error("--repeats must be at least 3")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, figs in SCENARIOS.items():
+            print(f"{name:<16} " + "; ".join(f.what for f in figs))
+        return 0
+    selected = [s.strip() for s in args.only.split(",") if s.strip()] or list(SCENARIOS)
+    unknown = [s for s in selected if s not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    params = dict(QUICK if args.quick else FULL)
+    params["timeout"] *= args.timeout_scale
+
+    # the measurements needed, grouped by scenario so zmqmesh and raw runs alternate
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for name in selected:
+        keys = []
+        for fig in SCENARIOS[name]:
+            for key in (fig.raw, fig.zm):
+                if key not in seen:
+                    seen.add(key)
+                    keys.append(key)
+        if keys:
+            groups.append(keys)
+
+    log_dir = args.logs or tempfile.mkdtemp(prefix="zmqmesh-bench-")
+    os.makedirs(log_dir, exist_ok=True)
+    import msgpack
+    import zmq
+
+    import zmqmesh
+
+    env = {
+        "python": platform.python_version(),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "msgpack": ".".join(map(str, msgpack.version)),
+        "zmqmesh": zmqmesh.__version__,
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "repeats": args.repeats,
+    }
+    log(f"zmqmesh bench: {', '.join(selected)}; {args.repeats} repeats{' (quick)' if args.quick else ''}; logs in {log_dir}")
+    log("  " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    t_start = time.monotonic()
+    outcomes = {key: Outcome() for group in groups for key in group}
+    for repeat in range(args.repeats):
+        log(f"repeat {repeat + 1}/{args.repeats}")
+        for group in groups:
+            # alternate which goes first, so neither side always runs on a "warmer" machine
+            order = group if repeat % 2 == 0 else list(reversed(group))
+            for key in order:
+                run_measurement(MEASUREMENTS[key], params, repeat, log_dir, outcomes[key])
+    wall = time.monotonic() - t_start
+
+    rows = [evaluate(fig, outcomes, args.repeats) for name in selected for fig in SCENARIOS[name]]
+    print()
+    print(f"zmqmesh vs raw pyzmq - {', '.join(f'{k} {v}' for k, v in env.items())}")
+    print(f"counts: {', '.join(f'{k}={v}' for k, v in params.items() if k != 'timeout')}")
+    print()
+    print(render_table(rows))
+    print()
+    print(f"total run time: {wall:.0f} s")
+    print()
+    print("JSON lines (one per figure):")
+    lines = [json.dumps({**row, "env": env, "params": params}, sort_keys=True) for row in rows]
+    for line in lines:
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    failed = any(o.errors for o in outcomes.values())
+    if failed:
+        log(f"some runs failed; children's stderr logs are in {log_dir}")
+    elif not args.logs:
+        for name in os.listdir(log_dir):
+            os.unlink(os.path.join(log_dir, name))
+        os.rmdir(log_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
