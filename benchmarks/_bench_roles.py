@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 import zmq
+import zmq.asyncio
 
 from _bench_proc import Ctl, rss_now_kb, rss_peak_kb
 
@@ -297,22 +298,25 @@ def raw_router(ctl: Ctl, slow_first_s: float = 0.0, **_: Any) -> None:
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     rss_base = rss_now_kb()
     ctl.send("ready", endpoint=f"tcp://127.0.0.1:{port}")
-    recv = sock.recv_multipart
-    send = sock.send_multipart
+    # one recv/send per frame: in pyzmq this is about twice as fast as recv_multipart/send_multipart
+    recv, send = sock.recv, sock.send
+    more = zmq.SNDMORE
     packb, unpackb = msgpack.packb, msgpack.unpackb
     served = 0
     slow = slow_first_s > 0
     while True:
         try:
-            ident, body = recv()
+            ident = recv()
         except zmq.Again:
             if ctl.poll(0):
                 break
             continue
+        body = recv()
         if slow:
             slow = False
             time.sleep(slow_first_s)
-        send([ident, packb(unpackb(body))])
+        send(ident, more)
+        send(packb(unpackb(body)))
         served += 1
     # "stop" is waiting in the pipe: report before leaving
     ctl.conn.recv()
@@ -391,8 +395,6 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
         sock.close(0)
         ctx.term()
         return
-
-    import zmq.asyncio
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -562,15 +564,19 @@ def raw_pub(ctl: Ctl, n: int, nsubs: int, **_: Any) -> None:
             continue
         if event in want:
             want[event] -= 1
-    send = sock.send_multipart
+    # [topic, body] sent frame by frame: in pyzmq about twice as fast as send_multipart
+    send = sock.send
+    more = zmq.SNDMORE
     packb = msgpack.packb
     t0 = time.monotonic()
     for i in range(n):
-        send([topic, packb({"id": i, "payload": PAYLOAD})])
+        send(topic, more)
+        send(packb({"id": i, "payload": PAYLOAD}))
     t_sent = time.monotonic()
     ctl.send("result", t0=t0, t_sent=t_sent, **_rss())
     while not ctl.poll(0.001):
-        send([end, b"\xc0"])
+        send(end, more)
+        send(b"\xc0")
     sock.close(0)
     ctx.term()
 
@@ -587,12 +593,13 @@ def raw_sub(ctl: Ctl, **_: Any) -> None:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
     sock.connect(go["endpoint"])
     ctl.send("ready")
-    recv = sock.recv_multipart
+    recv = sock.recv
     unpackb = msgpack.unpackb
     data_topic = TOPIC.encode()
     count = 0
     while True:
-        topic, body = recv()
+        topic = recv()
+        body = recv()
         if topic != data_topic:
             break
         unpackb(body)

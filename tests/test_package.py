@@ -1,0 +1,48 @@
+"""The package's public surface and documentation stay in step with the code."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import zmqmesh
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_all_matches_the_public_exports() -> None:
+    public = {n for n in vars(zmqmesh) if (not n.startswith("_") or n == "__version__") and n != "annotations"}
+    modules = {name for name, value in vars(zmqmesh).items() if type(value).__name__ == "module"}
+    assert set(zmqmesh.__all__) == public - modules
+    for name in zmqmesh.__all__:
+        obj = getattr(zmqmesh, name)
+        if callable(obj):
+            assert obj.__doc__, f"{name} has no docstring"
+
+
+def test_every_error_derives_from_zmqmesh_error() -> None:
+    errors = [getattr(zmqmesh, n) for n in zmqmesh.__all__ if n.endswith("Error")]
+    assert len(errors) >= 8
+    assert all(issubclass(e, zmqmesh.ZmqMeshError) for e in errors)
+
+
+def test_every_option_is_documented_with_its_default() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    for field in dataclasses.fields(zmqmesh.NodeConfig):
+        assert f"| `{field.name}` |" in text, f"{field.name} missing from docs/configuration.md"
+
+
+def test_package_is_typed() -> None:
+    assert (ROOT / "zmqmesh" / "py.typed").exists()
+
+
+def test_docs_build_strictly(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "api" / "index.html").exists()
