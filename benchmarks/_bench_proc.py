@@ -96,6 +96,13 @@ def child_entry(module: str, role: str, conn: Any, kwargs: dict[str, Any], hard_
         os._exit(124)
 
     threading.Thread(target=watchdog, name="bench-watchdog", daemon=True).start()
+    level = os.environ.get("ZMQMESH_BENCH_LOG_LEVEL")
+    if level:  # --child-log-level: the library's logging into this role's log file
+        import logging
+
+        logging.basicConfig(
+            level=level.upper(), stream=sys.stderr, format=f"%(created).3f {role} %(threadName)s %(name)s %(levelname)s %(message)s"
+        )
     ctl = Ctl(conn, time.monotonic() + hard_timeout)
     code = 0
     try:
@@ -149,6 +156,9 @@ class Trial:
         self.notes: list[str] = []
         self.stage = "starting"
         self.pids: dict[str, int] = {}
+        self.started = time.monotonic()
+        self.timeline: list[tuple[float, str, str]] = []  # (seconds since start, child, tag received)
+        self.close_s = 0.0
 
     def __enter__(self) -> Trial:
         return self
@@ -156,7 +166,7 @@ class Trial:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def spawn(self, name: str, role: str, **kwargs: Any) -> None:
+    def spawn(self, name: str, role: str, /, **kwargs: Any) -> None:
         """Start ``role`` (a function of the roles module) in a new process called ``name``."""
         parent, child = _MP.Pipe()
         log_path = None
@@ -225,6 +235,7 @@ class Trial:
             if got == "error":
                 last = data.get("traceback", "").strip().splitlines()
                 raise TrialError(f"{c.name} raised: {last[-1] if last else '?'}\n{data.get('traceback', '')}")
+            self.timeline.append((time.monotonic() - self.started, c.name, got))
             c.inbox.append((got, data))
 
     def _tail(self, child: _Child, lines: int = 6) -> str:
@@ -239,6 +250,7 @@ class Trial:
 
     def close(self, grace: float = 8.0) -> None:
         """Ask every child to stop, wait ``grace`` seconds in all, then terminate and kill."""
+        begun = time.monotonic()
         self.tell_all("stop")
         end = time.monotonic() + grace
         for child in self.children.values():
@@ -257,3 +269,4 @@ class Trial:
                 child.conn.close()
             except Exception:
                 pass
+        self.close_s = time.monotonic() - begun

@@ -631,9 +631,9 @@ def zm_pub(ctl: Ctl, n: int, nsubs: int, beacon_port: int, mesh: str, **_: Any) 
         node.stop()
 
 
-def zm_sub(ctl: Ctl, beacon_port: int, mesh: str, **_: Any) -> None:
+def zm_sub(ctl: Ctl, beacon_port: int, mesh: str, name: str = "bench-sub", **_: Any) -> None:
     """zmqmesh subscriber (sync `Node`): counts ``prices.`` messages until the first ``end.``."""
-    node = _mesh_node("Node", "bench-sub", beacon_port, mesh)
+    node = _mesh_node("Node", name, beacon_port, mesh)
     count = 0
     ended = threading.Event()
     times: dict[str, float] = {}

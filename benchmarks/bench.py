@@ -170,7 +170,9 @@ def trial_pubsub(t: Trial, impl: str, n: int, nsubs: int) -> dict[str, Any]:
         mesh = mesh_options()
         t.spawn("pub", "zm_pub", n=n, nsubs=nsubs, **mesh)
         for name in names:
-            t.spawn(name, "zm_sub", **mesh)
+            # distinct names: same-named nodes started together on one host evict each other
+            # for seconds at start-up (see the report); start-up is not what is measured here
+            t.spawn(name, "zm_sub", name=f"bench-{name}", **mesh)
     ready = t.expect("pub", "ready")
     for name in names:
         t.tell(name, "go", **ready)
@@ -367,17 +369,27 @@ def run_measurement(m: Measurement, params: dict[str, Any], repeat: int, log_dir
     started = time.monotonic()
     trial = Trial(label, timeout, log_dir)
     try:
+        failed = True
         try:
             result = m.run(trial, params)
+            failed = False
         finally:
-            trial.close()
+            trial.close(grace=2.0 if failed else 8.0)
         result["_wall_s"] = time.monotonic() - started
         out.ok.append(result)
         out.by_repeat[repeat] = result
         brief = ", ".join(
             f"{k}={_short(v)}" for k, v in result.items() if isinstance(v, (int, float)) and not k.startswith(("rss_", "_"))
         )
-        log(f"  [{repeat + 1}] {m.key:<22} ok   {time.monotonic() - started:5.1f} s  {brief}")
+        first = trial.timeline[0][0] if trial.timeline else 0.0
+        result["_first_reply_s"] = first
+        result["_close_s"] = trial.close_s
+        log(f"  [{repeat + 1}] {m.key:<22} ok   {time.monotonic() - started:5.1f} s (first reply {first:.1f} s, stop {trial.close_s:.1f} s)  {brief}")
+        if time.monotonic() - started > 2.5 + result.get("elapsed_s", 0.0) + (1.0 if "outstanding" in m.key else 0.0):
+            # a slow run: say where the time went (messages from the children, seconds since spawn)
+            line = ", ".join(f"{name}:{tag}@{at:.2f}" for at, name, tag in trial.timeline)
+            out.notes.append(f"run {repeat + 1} took {time.monotonic() - started:.1f} s; timeline {line}")
+            log(f"      slow run; timeline: {line}")
     except Exception as exc:  # TrialError, or a bug in a trial function: record and go on
         text = str(exc) if isinstance(exc, TrialError) else "".join(traceback.format_exception(exc)).strip()
         out.errors.append(f"run {repeat + 1}: {text}")
@@ -516,6 +528,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", metavar="PATH", help="also write the JSON lines to PATH")
     ap.add_argument("--logs", metavar="DIR", help="keep the children's stderr logs in DIR (default: a temp dir, kept only on failure)")
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every run's deadline")
+    ap.add_argument("--child-log-level", metavar="LEVEL", help="log the library at LEVEL (e.g. DEBUG) into the children's log files")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
     if args.repeats < 3:
@@ -534,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
+    if args.child_log_level:
+        os.environ["ZMQMESH_BENCH_LOG_LEVEL"] = args.child_log_level
     params = dict(QUICK if args.quick else FULL)
     params["timeout"] *= args.timeout_scale
 

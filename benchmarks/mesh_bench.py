@@ -64,6 +64,9 @@ METRICS = [
     ("idle_cpu_pct", "idle CPU per node (median)", "%", 0.3, 0.3),
     ("idle_cpu_max_pct", "  (idle CPU, busiest node)", "%", None, None),
     ("rss_mib", "RSS per node (median)", "MiB", 25.0, 20.0),
+    ("pss_mib", "  (PSS per node: shared libs split)", "MiB", None, None),
+    ("background_cpu_before_pct", "other processes' CPU before the rep", "%", None, None),
+    ("background_cpu_pct", "other processes' CPU during idle window", "%", None, None),
 ]
 
 
@@ -230,15 +233,54 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of the line)
 
 
-def rss_mib(pid: int) -> float | None:
+def _proc_kib(path: str, key: str) -> float | None:
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return None
+
+
+def rss_mib(pid: int) -> float | None:
+    """VmRSS: resident memory, shared library pages counted in full."""
+    return _proc_kib(f"/proc/{pid}/status", "VmRSS:")
+
+
+def pss_mib(pid: int) -> float | None:
+    """Pss: resident memory with shared pages divided among the processes sharing them."""
+    return _proc_kib(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
+def machine_busy_ticks() -> int | None:
+    """Busy clock ticks of all CPUs since boot (/proc/stat: everything but idle and iowait)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq + steal
+
+
+def wait_for_quiet(limit_s: float, threshold_pct: float = 25.0) -> float | None:
+    """Wait (up to ``limit_s``) until the rest of the machine has used under ``threshold_pct`` % of
+    one CPU for 2 s in a row; returns the last 1 s reading. Other jobs skew every figure here."""
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    reading = None
+    while True:
+        a, t = machine_busy_ticks(), time.monotonic()
+        time.sleep(1.0)
+        b = machine_busy_ticks()
+        if a is None or b is None:
+            return None
+        reading = 100.0 * (b - a) / CLK_TCK / (time.monotonic() - t)
+        quiet = quiet + 1 if reading < threshold_pct else 0
+        if quiet >= 2 or time.monotonic() >= deadline:
+            return reading
 
 
 # -- one repetition -----------------------------------------------------------------------------
@@ -262,6 +304,13 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
     def sample(metric: str, value: float | None, **extra: object) -> None:
         samples.append({"kind": "sample", "impl": impl, "metric": metric, "rep": rep, "value": value, **extra})
 
+    if args.quiet_wait > 0:
+        before = wait_for_quiet(args.quiet_wait)
+        if before is not None:
+            sample("background_cpu_before_pct", before)
+            if before >= 25.0:
+                progress(f"[{impl} rep {rep}] machine still busy ({before:.0f} % of a CPU used by others) "
+                         f"after waiting {args.quiet_wait:g} s; measuring anyway")
     group = NodeGroup()
     try:
         t0 = time.time()
@@ -292,14 +341,22 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
 
         # idle cost
         group.wait_for(lambda: False, args.settle)
+        busy_a, self_a = machine_busy_ticks(), cpu_ticks(os.getpid())
         before = {p.pid: cpu_ticks(p.pid) for p in group.nodes}
         t_a = time.monotonic()
         group.wait_for(lambda: False, args.idle_seconds)
         elapsed = time.monotonic() - t_a
         after = {p.pid: cpu_ticks(p.pid) for p in group.nodes}
+        busy_b, self_b = machine_busy_ticks(), cpu_ticks(os.getpid())
+        if None not in (busy_a, busy_b, self_a, self_b):
+            ours = (self_b - self_a) + sum(after[pid] - before[pid] for pid in before
+                                           if before[pid] is not None and after[pid] is not None)
+            # what the rest of the machine burned meanwhile: contention that can skew every figure
+            sample("background_cpu_pct", max(0.0, 100.0 * (busy_b - busy_a - ours) / CLK_TCK / elapsed))
         cpu = [100.0 * (after[pid] - before[pid]) / CLK_TCK / elapsed
                for pid in before if before[pid] is not None and after[pid] is not None]
         rss = [r for r in (rss_mib(p.pid) for p in group.nodes) if r is not None]
+        pss = [r for r in (pss_mib(p.pid) for p in group.nodes) if r is not None]
         churn = sum(len(p.left) for p in group.nodes)
         if cpu:
             sample("idle_cpu_pct", statistics.median(cpu), nodes=len(cpu), window_s=round(elapsed, 2),
@@ -307,6 +364,8 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
             sample("idle_cpu_max_pct", max(cpu))
         if rss:
             sample("rss_mib", statistics.median(rss), min=min(rss), max=max(rss))
+        if pss:
+            sample("pss_mib", statistics.median(pss), min=min(pss), max=max(pss))
         progress(f"[{impl} rep {rep}] idle {elapsed:.1f} s: CPU median {statistics.median(cpu):.2f} % "
                  f"(max {max(cpu):.2f}), RSS median {statistics.median(rss):.1f} MiB"
                  + (f"; WARNING {churn} spurious departures while idle" if churn else ""))
@@ -403,7 +462,7 @@ def pyre_inner(args) -> int:
 
 
 def inner_budget(args) -> float:
-    per_rep = args.form_timeout + args.settle + args.idle_seconds + 15
+    per_rep = args.form_timeout + args.settle + args.idle_seconds + args.quiet_wait + 15
     return args.repeat * per_rep + args.pyre_kill_repeat * args.pyre_kill_bound + 30
 
 
@@ -414,7 +473,7 @@ def run_pyre_outer(args) -> tuple[list[dict], str | None, str | None]:
     argv = [
         "unshare", "-n", "--", sys.executable, "-u", str(Path(__file__).resolve()), "--pyre-inner",
         "--nodes", str(args.nodes), "--repeat", str(args.repeat), "--idle-seconds", str(args.idle_seconds),
-        "--settle", str(args.settle), "--form-timeout", str(args.form_timeout),
+        "--settle", str(args.settle), "--quiet-wait", str(args.quiet_wait), "--form-timeout", str(args.form_timeout),
         "--pyre-kill-repeat", str(args.pyre_kill_repeat), "--pyre-kill-bound", str(args.pyre_kill_bound),
     ]
     budget = inner_budget(args)
@@ -579,6 +638,10 @@ def report(samples: list[dict], args, pyre_status: str, versions: dict[str, str]
         print(f"       pyre: {pyre_status}")
     if args.zmqmesh_options:
         print(f"       zmqmesh nodes ran with non-default options {args.zmqmesh_options}")
+    loads = [s["value"] for s in samples if s["metric"] == "background_cpu_pct" and s["value"] is not None]
+    if loads:
+        print(f"       other processes on this machine used {min(loads):.0f}-{max(loads):.0f} % of one CPU during "
+              f"the idle windows (of {100 * (os.cpu_count() or 1)} %); above a few % they compete with the nodes.")
     print(f"       total run time {elapsed:.1f} s; zmqmesh targets: {failures} failed")
     print()
     for s in samples:
@@ -604,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zmqmesh-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra zmqmesh NodeConfig option for the nodes, VALUE as JSON (repeatable; "
                          "e.g. heartbeat_interval_s=2); printed with the results")
+    ap.add_argument("--quiet-wait", type=float, default=20.0,
+                    help="before each repetition wait up to this long for other processes to go quiet (0: don't)")
     ap.add_argument("--no-pyre", action="store_true", help="skip the pyre comparison")
     ap.add_argument("--no-zmqmesh", action="store_true", help="skip zmqmesh (pyre only)")
     ap.add_argument("--pyre-kill-repeat", type=int, default=1,

@@ -7,6 +7,7 @@
     zmqmesh subscribe PREFIX [--count N]
     zmqmesh push QUEUE JSON
     zmqmesh request SERVICE JSON
+    zmqmesh keygen NAME [--dir DIR]        write a CURVE key pair (secret file mode 600)
     zmqmesh --version
 
 Every error is one line on stderr and a non-zero exit status, never a traceback.
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a live multi-process mesh on loopback")
     demo.add_argument("--beacon-port", type=int, default=5670, help="UDP beacon port (default 5670)")
     demo.add_argument("--orders", type=int, default=8, help="orders to push through the mesh")
+
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key and NAME.key_secret (mode 600)")
+    keygen.add_argument("name", help="file name stem")
+    keygen.add_argument("--dir", default=".", help="directory to write to (default: current)")
 
     launch = sub.add_parser("launch", help="start and supervise the processes a TOML file names")
     launch.add_argument("file", help="launch file (TOML)")
@@ -218,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             from .demo import run_demo
 
             code = run_demo(beacon_port=args.beacon_port, orders=args.orders)
+        elif args.command == "keygen":
+            from .security import read_public_key, write_keypair
+
+            public, secret = write_keypair(args.dir, args.name)
+            print(f"public key {read_public_key(public)}\nwrote {public} and {secret} (mode 600)")
+            code = 0
         elif args.command == "launch":
             from .launch import launch
 
@@ -235,4 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         message = str(exc) or type(exc).__name__
         print(f"zmqmesh: error: {message}", file=sys.stderr)
         code = 1
+    except Exception as exc:  # a bug of ours: still one line, with a hint
+        print(f"zmqmesh: internal error: {type(exc).__name__}: {exc} (run with -v and report it)", file=sys.stderr)
+        code = 70
     sys.exit(code)

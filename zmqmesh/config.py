@@ -45,6 +45,14 @@ class NodeConfig:
             seen this fast).
         accept_plain_zre: accept ZRE peers that are not zmqmesh nodes (pyre, zyre).
 
+    Security (CURVE; see docs/security.md):
+        curve_secret_key: this node's Z85 secret key; with it every socket is encrypted
+            and authenticated, and only peers in ``curve_allow`` are admitted.
+        curve_key_file: path of a ``.key_secret`` file (``zmqmesh keygen``), instead of
+            ``curve_secret_key``.
+        curve_allow: Z85 public keys of the peers admitted (this node's own is implied).
+            A secure node's seeds are written ``PUBLICKEY@tcp://host:port``.
+
     Messaging:
         max_message_bytes: largest payload or frame accepted or sent (bytes).
         send_hwm / recv_hwm: ZeroMQ high-water marks (messages per connection).
@@ -70,6 +78,9 @@ class NodeConfig:
     peer_timeout_s: float = 3.0
     disconnect_grace_s: float = 0.3
     accept_plain_zre: bool = True
+    curve_secret_key: str | None = None
+    curve_key_file: str | None = None
+    curve_allow: tuple[str, ...] = ()
     max_message_bytes: int = 16 * 1024 * 1024
     send_hwm: int = 100_000
     recv_hwm: int = 100_000
@@ -80,9 +91,10 @@ class NodeConfig:
     linger_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.seeds, (list, str)):
-            seeds = (self.seeds,) if isinstance(self.seeds, str) else tuple(self.seeds)
-            object.__setattr__(self, "seeds", seeds)
+        for name in ("seeds", "curve_allow"):
+            value = getattr(self, name)
+            if isinstance(value, (list, str)):
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         positive = (
             "beacon_interval_s",
             "heartbeat_interval_s",
@@ -109,8 +121,11 @@ class NodeConfig:
         if not self.mesh or len(self.mesh) > 200:
             raise ConfigError("mesh must be a non-empty name of at most 200 characters")
         for seed in self.seeds:
-            if not isinstance(seed, str) or not seed.startswith("tcp://"):
-                raise ConfigError(f"seeds must be tcp:// endpoints, got {seed!r}")
+            endpoint = seed[41:] if isinstance(seed, str) and seed[40:41] == "@" else seed
+            if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+                raise ConfigError(f"seeds must be tcp:// endpoints (KEY@tcp://... for secure nodes), got {seed!r}")
+        if self.curve_secret_key is not None and self.curve_key_file is not None:
+            raise ConfigError("give curve_secret_key or curve_key_file, not both")
 
     @classmethod
     def from_options(cls, config: NodeConfig | None = None, **options: Any) -> NodeConfig:
@@ -141,7 +156,7 @@ def _from_environment(fields: dict[str, dataclasses.Field[Any]], given: set[str]
             continue
         default = defaults[name].default
         try:
-            if name == "seeds":
+            if isinstance(default, tuple):
                 values[name] = tuple(s.strip() for s in raw.split(",") if s.strip())
             elif isinstance(default, bool):
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):

@@ -37,6 +37,7 @@ from .membership import HEADER, OFFER_PREFIXES, Membership, MembershipEvents, Pe
 from .message import Message, Peer
 from .netif import LOOPBACK_ADDRESS, LOOPBACK_BROADCAST, interface_addresses, is_loopback
 from .reqrep import LoopRequester, ThreadRequester
+from .security import KeyPair, ZapHandler, check_key, make_client, make_server, read_secret_key
 from .stats import Stats
 
 __all__ = ["MeshCore", "Registry", "Provider"]
@@ -51,10 +52,11 @@ _OFFER_KINDS = ("services", "queues", "topics")
 
 
 class Provider(NamedTuple):
-    """A node offering something, and the endpoint to reach that offer."""
+    """A node offering something, the endpoint to reach that offer, and its CURVE key."""
 
     id: str
     endpoint: str
+    key: str | None = None
 
 
 class Registry:
@@ -172,6 +174,8 @@ class MeshCore(MembershipEvents):
         self._thread_requesters: list[ThreadRequester] = []
         self._requester_local = threading.local()
         self._requests_active = 0
+        self.keys: KeyPair | None = None
+        self._zap: ZapHandler | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -190,8 +194,15 @@ class MeshCore(MembershipEvents):
         if advertise == "0.0.0.0":
             raise ZmqMeshError("advertise_address must be an address peers can reach, not 0.0.0.0")
         beacon_target = cfg.beacon_address or broadcast
+        secret = cfg.curve_secret_key
+        if cfg.curve_key_file is not None:
+            secret = read_secret_key(cfg.curve_key_file)
+        self.keys = KeyPair.from_secret(secret) if secret is not None else None
+        allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
         self.ctx = zmq.Context(io_threads=1)
         try:
+            if self.keys is not None:  # the ZAP handler must exist before any socket binds
+                self._zap = ZapHandler(self.ctx, self.loop, self.keys, allowed, self.stats)
             self._open_sockets(bind_address)
             beacon = None
             if cfg.discovery:
@@ -208,6 +219,8 @@ class MeshCore(MembershipEvents):
                 bind_address=bind_address,
                 advertise_address=advertise,
                 beacon=beacon,
+                keys=self.keys,
+                allowed=allowed,
             )
             self.membership.bind()
         except Exception:
@@ -223,6 +236,8 @@ class MeshCore(MembershipEvents):
             HEADER["host"]: socket.gethostname(),
             HEADER["pid"]: str(os.getpid()),
         }
+        if self.keys is not None:
+            headers[HEADER["key"]] = self.keys.public
         self.requester = LoopRequester(self)
         self.inbox.start()
         self.closed = False
@@ -251,6 +266,8 @@ class MeshCore(MembershipEvents):
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if kind == zmq.XPUB:
                 sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+            if self.keys is not None:
+                make_server(sock, self.keys)
             sock.bind(f"tcp://{bind_address}:*")
             self.endpoints[key] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             if kind != zmq.XPUB:
@@ -300,6 +317,8 @@ class MeshCore(MembershipEvents):
             self._space.notify_all()
         for requester in list(self._thread_requesters):
             requester.close()
+        if self._zap is not None:
+            self._zap.close()
         self.ctx.destroy(linger=0)
         log.info("node %s (%s) stopped", self.name, self.node_id[:8])
 
@@ -334,22 +353,45 @@ class MeshCore(MembershipEvents):
         self._sync_connections()
         self._check_waiters()
 
-    def _endpoint_of(self, node_id: str, key: str) -> str | None:
+    def _endpoint_of(self, node_id: str, key: str) -> tuple[str, str | None] | None:
+        """The endpoint of a node's pattern socket, and the node's CURVE key."""
         if node_id == self.node_id:
-            return self.inproc[key]
+            return self.inproc[key], None
         peer = self._peer_index.get(node_id)
-        return peer.endpoint_of(key) if peer is not None else None
+        endpoint = peer.endpoint_of(key) if peer is not None else None
+        return (endpoint, peer.key) if endpoint is not None else None  # type: ignore[union-attr]
+
+    def connect(self, sock: zmq.Socket[Any], endpoint: str, peer_key: str | None) -> None:
+        """Connect ``sock``, as a CURVE client of ``peer_key`` when this node is secure."""
+        if self.keys is not None and not endpoint.startswith("inproc://"):
+            make_client(sock, self.keys, peer_key or self.keys.public)
+        sock.connect(endpoint)
 
     def _sync_connections(self) -> None:
         if self._xpub is not None:
             wanted = {
-                ep for p in self._peer_index.values() if p.is_zmqmesh and (ep := p.endpoint_of("sub")) is not None
+                ep: p.key for p in self._peer_index.values() if p.is_zmqmesh and (ep := p.endpoint_of("sub")) is not None
             }
-            _reconnect(self._xpub, self._xpub_connected, wanted)
+            self._reconnect(self._xpub, self._xpub_connected, wanted)
         for queue, sock in self._push_socks.items():
-            endpoints = {self._endpoint_of(i, "pull") for i in self.offers["queues"].get(queue, ())}
-            endpoints.discard(None)
-            _reconnect(sock, self._push_connected[queue], endpoints)  # type: ignore[arg-type]
+            targets = (self._endpoint_of(i, "pull") for i in self.offers["queues"].get(queue, ()))
+            self._reconnect(sock, self._push_connected[queue], dict(t for t in targets if t is not None))
+
+    def _reconnect(self, sock: zmq.Socket[Any], connected: set[str], wanted: dict[str, str | None]) -> None:
+        for endpoint in connected - set(wanted):
+            try:
+                sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
+            connected.discard(endpoint)
+        for endpoint, key in wanted.items():
+            if endpoint in connected:
+                continue
+            try:
+                self.connect(sock, endpoint, key)
+                connected.add(endpoint)
+            except zmq.ZMQError as exc:
+                log.warning("cannot connect to %s: %s", endpoint, exc)
 
     def providers(self, kind: str, name: str) -> tuple[str, ...]:
         """Ids of the nodes (this one included) offering ``name`` of ``kind``."""
@@ -368,9 +410,9 @@ class MeshCore(MembershipEvents):
         start = next(self._rr)
         for k in range(len(candidates)):
             node_id = candidates[(start + k) % len(candidates)]
-            endpoint = self._endpoint_of(node_id, "service")
-            if endpoint is not None:
-                return Provider(node_id, endpoint)
+            target = self._endpoint_of(node_id, "service")
+            if target is not None:
+                return Provider(node_id, *target)
         return None
 
     def skip_provider(self, service: str, node_id: str) -> None:
@@ -753,19 +795,4 @@ class MeshCore(MembershipEvents):
 
 def _no_provider(service: str, only: str | None) -> NoProviderError:
     where = f"node {only[:8]}" if only else "no node"
-    return NoProviderError(f"{where} offers the service {service!r}" if only else f"no node offers the service {service!r}")
-
-
-def _reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: set[str]) -> None:
-    for endpoint in connected - wanted:
-        try:
-            sock.disconnect(endpoint)
-        except zmq.ZMQError:
-            pass
-        connected.discard(endpoint)
-    for endpoint in wanted - connected:
-        try:
-            sock.connect(endpoint)
-            connected.add(endpoint)
-        except zmq.ZMQError as exc:
-            log.warning("cannot connect to %s: %s", endpoint, exc)
+    return NoProviderError(f"{where} offers the service {service!r}")

@@ -23,11 +23,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
+from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from . import zre
 from .errors import MessageTooLargeError, ZmqMeshError
 from .message import Peer
+from .security import KeyPair, make_client, make_server
 from .zre import Command, ZreMessage
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ HEADER = {
     "service": "X-ZMQMESH-SERVICE",
     "host": "X-ZMQMESH-HOST",
     "pid": "X-ZMQMESH-PID",
+    "key": "X-ZMQMESH-KEY",
 }
 OFFER_PREFIXES = {"services": "zmqmesh/svc/", "queues": "zmqmesh/queue/", "topics": "zmqmesh/sub/"}
 
@@ -82,6 +85,7 @@ class PeerState:
         self.address = address
         self.link: zmq.Socket[Any] | None = None
         self.monitor: zmq.Socket[Any] | None = None
+        self.key: str | None = None
         self.out_sequence = 0
         self.in_sequence = 0
         self.ready = False
@@ -171,6 +175,8 @@ class Membership:
         bind_address: str,
         advertise_address: str,
         beacon: BeaconSocket | None,
+        keys: KeyPair | None = None,
+        allowed: frozenset[str] = frozenset(),
     ) -> None:
         self.loop = loop
         self.ctx = ctx
@@ -183,6 +189,9 @@ class Membership:
         self.bind_address = bind_address
         self.advertise_address = advertise_address
         self.beacon = beacon
+        self.keys = keys
+        self.allowed = allowed | ({keys.public} if keys else set())
+        self._beacon_key = keys.public_bytes() if keys else None
         self.peers: dict[bytes, PeerState] = {}
         self.groups: set[str] = set()
         self.status = 0
@@ -204,6 +213,8 @@ class Membership:
         mailbox.setsockopt(zmq.LINGER, 0)
         mailbox.setsockopt(zmq.RCVHWM, self.config.recv_hwm)
         mailbox.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 4096)
+        if self.keys is not None:
+            make_server(mailbox, self.keys)
         try:
             self.port = mailbox.bind_to_random_port(
                 f"tcp://{self.bind_address}", min_port=0xC000, max_port=0x10000, max_tries=200
@@ -233,7 +244,7 @@ class Membership:
             if peer.ready and peer.is_zmqmesh:
                 self._send_control(peer, {"t": "bye"})
         if self.beacon is not None:
-            self.beacon.send(zre.encode_beacon(self.uuid, 0))
+            self.beacon.send(zre.encode_beacon(self.uuid, 0, self._beacon_key))
 
     def close(self) -> None:
         """Close every socket and cancel every timer (idempotent; fires no events)."""
@@ -326,6 +337,9 @@ class Membership:
         link.setsockopt(zmq.HEARTBEAT_IVL, hb_ms)
         link.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.config.peer_timeout_s * 1000))
         monitor = link.get_monitor_socket(_MONITOR_EVENTS)
+        if self.keys is not None:
+            assert peer.key is not None, "secure links need the peer's key"
+            make_client(link, self.keys, peer.key)
         link.connect(peer.endpoint)
         peer.link = link
         peer.monitor = monitor
@@ -379,28 +393,43 @@ class Membership:
         frames = [CONTROL_MAGIC, self.codec.encode(body)]
         self._send(peer, ZreMessage(Command.WHISPER, 0, content=frames))
 
-    def _learn(self, uuid: bytes, endpoint: str) -> PeerState | None:
+    def key_allowed(self, key: str | None) -> bool:
+        """Whether a peer with this public key may be greeted (always True for a plain node)."""
+        if self.keys is None:
+            return key is None
+        return key is not None and key in self.allowed
+
+    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None) -> PeerState | None:
         """Start greeting a peer heard of (beacon, gossip); None if it must be ignored."""
         if uuid == self.uuid or uuid in self.peers or self._is_foreign(uuid):
+            return None
+        if not self.key_allowed(key):
+            self.stats.reject("curve_key_not_allowed" if self.keys else "secure_peer_ignored")
             return None
         parsed = parse_endpoint(endpoint)
         if parsed is None or (self.loopback_only and not parsed[0].startswith("127.")):
             self.stats.reject("bad_endpoint")
             return None
-        seed = self._seed_links.pop(endpoint, None)
-        if seed is not None:  # a seed we already greet: adopt its link
+        seed = self._seed_links.get(endpoint)
+        if seed is not None and seed.key == key:  # a seed we already greet: adopt its link
+            del self._seed_links[endpoint]
             seed.uuid = uuid
             seed.id = uuid.hex()
             seed.touch()
             self.peers[uuid] = seed
             return seed
         peer = PeerState(uuid, endpoint, parsed[0])
+        peer.key = key
         self.peers[uuid] = peer
         self._new_link(peer)
         return peer
 
-    def _open_seed_link(self, endpoint: str) -> None:
+    def _open_seed_link(self, seed: str) -> None:
+        key, endpoint = (seed[:40], seed[41:]) if seed[40:41] == "@" else (None, seed)
         if self._closed or endpoint == self.endpoint:
+            return
+        if self.keys is not None and key is None:
+            log.warning("ignoring seed %r: a secure node needs the seed's key (KEY@tcp://...)", seed)
             return
         if endpoint in self._seed_links or any(p.endpoint == endpoint for p in self.peers.values()):
             return
@@ -409,6 +438,8 @@ class Membership:
             log.warning("ignoring seed %r: not a tcp://ip:port endpoint", endpoint)
             return
         peer = PeerState(b"", endpoint, parsed[0])
+        peer.key = key
+        peer.seed = seed  # type: ignore[attr-defined]
         self._seed_links[endpoint] = peer
         self._new_link(peer)
 
@@ -434,8 +465,9 @@ class Membership:
                 self.events.peer_gone(peer, reason)
             except Exception:
                 log.exception("error while handling the departure of %s", peer.id)
-        if peer.endpoint in self.config.seeds:
-            self._later(1.0, self._open_seed_link, peer.endpoint)
+        for seed in self.config.seeds:
+            if seed.endswith(peer.endpoint) and (seed == peer.endpoint or seed[40:41] == "@"):
+                self._later(1.0, self._open_seed_link, seed)
 
     def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
         if not self._closed:
@@ -455,13 +487,17 @@ class Membership:
                 continue
             if beacon.uuid == self.uuid:
                 continue
+            if (beacon.key is None) != (self.keys is None):
+                self.stats.reject("beacon_other_security")  # secure and plain nodes don't mix
+                continue
+            key = z85.encode(beacon.key).decode() if beacon.key is not None else None
             peer = self.peers.get(beacon.uuid)
             if beacon.port == 0:
                 if peer is not None:
                     self.remove(peer, "left (goodbye beacon)")
                 continue
             if peer is None:
-                self._learn(beacon.uuid, f"tcp://{source}:{beacon.port}")
+                self._learn(beacon.uuid, f"tcp://{source}:{beacon.port}", key)
 
     def _on_mailbox(self) -> None:
         mailbox = self._mailbox
@@ -561,8 +597,9 @@ class Membership:
             return
         if msg.sequence != 1:
             self.stats.reject("zre_hello_sequence")
+        key = msg.headers.get(HEADER["key"]) if self.keys is not None else None
         if peer is None:
-            peer = self._learn(uuid, msg.endpoint)
+            peer = self._learn(uuid, msg.endpoint, key)
             if peer is None:
                 return
         elif peer.ready:
@@ -608,7 +645,7 @@ class Membership:
                 self.remove(old, "replaced by a restarted node")
 
     def _gossip_to(self, peer: PeerState) -> None:
-        known = [[p.id, p.endpoint] for p in self.peers.values() if p.ready and p is not peer]
+        known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values() if p.ready and p is not peer]
         if known:
             self._send_control(peer, {"t": "peers", "peers": known})
 
@@ -631,16 +668,15 @@ class Membership:
             for entry in entries[:10_000]:
                 if (
                     isinstance(entry, list)
-                    and len(entry) == 2
-                    and isinstance(entry[0], str)
-                    and isinstance(entry[1], str)
+                    and len(entry) in (2, 3)
+                    and all(isinstance(e, str) for e in entry)
                     and len(entry[0]) == 32
                 ):
                     try:
                         uuid = bytes.fromhex(entry[0])
                     except ValueError:
                         continue
-                    self._learn(uuid, entry[1])
+                    self._learn(uuid, entry[1], (entry[2] or None) if len(entry) == 3 else None)
         else:
             self.stats.reject("control_unknown")
 
@@ -679,7 +715,7 @@ class Membership:
     def _send_beacon(self) -> None:
         if self._closed or self.beacon is None:
             return
-        self.beacon.send(zre.encode_beacon(self.uuid, self.port))
+        self.beacon.send(zre.encode_beacon(self.uuid, self.port, self._beacon_key))
         self._later(self.config.beacon_interval_s, self._send_beacon)
 
     def _tick(self) -> None:
@@ -704,7 +740,7 @@ class Membership:
             if now - seed.last_rx > cfg.peer_timeout_s:  # re-greet a seed that never answered
                 self._close_link(seed)
                 del self._seed_links[endpoint]
-                self._open_seed_link(endpoint)
+                self._open_seed_link(seed.seed)  # type: ignore[attr-defined]
         self._later(min(cfg.heartbeat_interval_s / 2, 0.5), self._tick)
 
     def _remove_reader(self, fd: int) -> None:

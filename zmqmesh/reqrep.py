@@ -70,14 +70,14 @@ def decode_reply(core: MeshCore, status: bytes, body: bytes) -> Any:
     raise DecodeError(f"reply with unknown status {status!r}")
 
 
-def _dealer(core: MeshCore, endpoint: str) -> zmq.Socket[Any]:
+def _dealer(core: MeshCore, provider: Provider) -> zmq.Socket[Any]:
     sock = core.ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, core.uuid + next(_socket_serial).to_bytes(4, "big"))
     sock.setsockopt(zmq.MAXMSGSIZE, core.config.max_message_bytes + 4096)
     sock.setsockopt(zmq.SNDHWM, core.config.send_hwm)
     sock.setsockopt(zmq.RCVHWM, core.config.recv_hwm)
-    sock.connect(endpoint)
+    core.connect(sock, provider.endpoint, provider.key)
     return sock
 
 
@@ -144,7 +144,7 @@ class ThreadRequester:
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets.get(provider.id)
         if sock is None:
-            sock = self.sockets[provider.id] = _dealer(self.core, provider.endpoint)
+            sock = self.sockets[provider.id] = _dealer(self.core, provider)
         return sock
 
     def _prune(self) -> None:
@@ -210,7 +210,7 @@ class LoopRequester:
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets.get(provider.id)
         if sock is None:
-            sock = self.sockets[provider.id] = _dealer(self.core, provider.endpoint)
+            sock = self.sockets[provider.id] = _dealer(self.core, provider)
             self.core.loop.add_reader(sock.FD, self._on_readable, provider.id)
             self.core.loop.call_soon(self._on_readable, provider.id)
         return sock

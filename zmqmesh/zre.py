@@ -28,6 +28,8 @@ SIGNATURE = b"\xaa\xa1"
 PROTOCOL_VERSION = 2
 BEACON_PREFIX = b"ZRE\x01"
 BEACON_SIZE = 22
+SECURE_BEACON_PREFIX = b"ZRE\x03"
+SECURE_BEACON_SIZE = 54
 SEQUENCE_MODULUS = 1 << 16
 _BEACON = struct.Struct("!4s16sH")
 
@@ -52,25 +54,38 @@ class Command:
 
 @dataclass(frozen=True)
 class Beacon:
-    """A decoded 22-byte ZRE beacon; ``port == 0`` means the sender is leaving."""
+    """A decoded ZRE beacon; ``port == 0`` means the sender is leaving.
+
+    ``key`` is the sender's 32-byte CURVE public key in a version-3 (secure) beacon,
+    ``None`` in a plain version-1 beacon.
+    """
 
     uuid: bytes
     port: int
+    key: bytes | None = None
 
 
-def encode_beacon(uuid: bytes, port: int) -> bytes:
-    """The 22-byte beacon announcing ``uuid``'s mailbox ``port`` (0 to say goodbye)."""
-    return _BEACON.pack(BEACON_PREFIX, uuid, port)
+def encode_beacon(uuid: bytes, port: int, key: bytes | None = None) -> bytes:
+    """The beacon announcing ``uuid``'s mailbox ``port`` (0 to say goodbye).
+
+    22 bytes (version 1) or, with a CURVE public ``key``, 54 bytes (version 3).
+    """
+    if key is None:
+        return _BEACON.pack(BEACON_PREFIX, uuid, port)
+    return _BEACON.pack(SECURE_BEACON_PREFIX, uuid, port) + key
 
 
 def decode_beacon(data: bytes) -> Beacon:
-    """Parse a beacon; raises `ZreError` unless it is exactly a ZRE version-1 beacon."""
-    if len(data) != BEACON_SIZE:
-        raise ZreError(f"beacon of {len(data)} bytes (expected {BEACON_SIZE})")
-    prefix, uuid, port = _BEACON.unpack(data)
-    if prefix != BEACON_PREFIX:
-        raise ZreError("beacon with an unknown header or version")
-    return Beacon(uuid, port)
+    """Parse a beacon; raises `ZreError` unless it is a well-formed version-1 or -3 beacon."""
+    if len(data) == BEACON_SIZE:
+        prefix, uuid, port = _BEACON.unpack(data)
+        if prefix == BEACON_PREFIX:
+            return Beacon(uuid, port)
+    elif len(data) == SECURE_BEACON_SIZE:
+        prefix, uuid, port = _BEACON.unpack(data[:BEACON_SIZE])
+        if prefix == SECURE_BEACON_PREFIX:
+            return Beacon(uuid, port, data[BEACON_SIZE:])
+    raise ZreError(f"not a ZRE beacon ({len(data)} bytes)")
 
 
 def next_sequence(sequence: int) -> int:

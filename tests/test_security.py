@@ -1,0 +1,136 @@
+"""CURVE on every socket, with an allow-list enforced by ZAP: strangers learn and deliver nothing."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+import zmqmesh
+from helpers import wait_until
+from zmqmesh.security import generate_keypair, read_public_key, read_secret_key
+
+
+def test_secure_mesh_admits_only_allowed_keys(mesh: dict[str, Any]) -> None:
+    a, b, c = generate_keypair(), generate_keypair(), generate_keypair()
+    got_b: list[Any] = []
+    got_c: list[Any] = []
+    alice = zmqmesh.Node("alice", **mesh, curve_secret_key=a.secret, curve_allow=(b.public,))
+    bob = zmqmesh.Node("bob", **mesh, curve_secret_key=b.secret, curve_allow=(a.public,))
+    bob.service("echo", lambda m: m.data)
+    bob.pull("jobs", lambda m: got_b.append(("job", m.data)))
+    bob.subscribe("t.", lambda m: got_b.append((m.topic, m.data)))
+    # carol is secure and trusts both, but neither trusts her
+    carol = zmqmesh.Node("carol", **mesh, curve_secret_key=c.secret, curve_allow=(a.public, b.public))
+    carol.subscribe("t.", lambda m: got_c.append(m.data))
+    carol.service("echo", lambda m: "from carol")
+    dave = zmqmesh.Node("dave", **mesh)  # plain
+    with alice, bob, carol, dave:
+        alice.wait_for_peers(1, timeout=10)
+        bob.wait_for_peers(1, timeout=10)
+        # everything works between alice and bob, encrypted
+        assert alice.request("echo", {"x": 1}, timeout=5) == {"x": 1}
+        alice.push("jobs", 7, timeout=5)
+        alice.wait_for_subscribers("t.x", 1, timeout=5)
+        alice.publish("t.x", "hello")
+        wait_until(lambda: len(got_b) == 2, 5, "bob's deliveries")
+        # carol is refused at the handshake and told nothing
+        wait_until(lambda: alice.stats()["rejected"].get("curve_denied", 0) >= 1, 10, "carol refused by ZAP")
+        assert alice.stats()["rejected"].get("curve_key_not_allowed", 0) >= 1  # her beacons ignored
+        assert [p.name for p in alice.peers()] == ["bob"] and [p.name for p in bob.peers()] == ["alice"]
+        assert carol.peers() == [] and dave.peers() == []
+        assert alice.stats()["rejected"].get("beacon_other_security", 0) >= 1  # dave's plain beacons
+        with pytest.raises(zmqmesh.NoProviderError):
+            carol.push("jobs", "intrusion", timeout=0.5)
+        with pytest.raises(zmqmesh.NoProviderError):
+            carol.request("echo", None, timeout=0.5, peer=bob.id)
+        carol.publish("t.x", "intrusion")
+        alice.publish("t.y", "secret")  # carol subscribes t. but receives nothing
+        wait_until(lambda: len(got_b) == 3, 5, "alice's second publication")
+        time.sleep(0.3)  # a negative check: nothing of carol's may arrive
+        assert sorted(got_b, key=str) == sorted([("job", 7), ("t.x", "hello"), ("t.y", "secret")], key=str)
+        assert got_c == []
+        # the requests of alice never go to carol, who offers the same service
+        assert {alice.request("echo", i, timeout=5) for i in range(5)} == set(range(5))
+
+
+def test_bare_curve_client_with_unknown_key_is_refused(mesh: dict[str, Any]) -> None:
+    server, stranger = generate_keypair(), generate_keypair()
+    got: list[Any] = []
+    node = zmqmesh.Node("guarded", **mesh, curve_secret_key=server.secret)
+    node.pull("jobs", lambda m: got.append(m.data))
+    with node:
+        ctx = zmq.Context()
+        sockets = []
+        try:
+            for keys, payload in ((stranger, "stranger"), (server, "insider")):
+                push = ctx.socket(zmq.PUSH)
+                sockets.append(push)
+                push.setsockopt(zmq.LINGER, 0)
+                push.curve_publickey = keys.public.encode()
+                push.curve_secretkey = keys.secret.encode()
+                push.curve_serverkey = server.public.encode()
+                push.connect(node.endpoints["pull"])
+                push.send_multipart([b"jobs", b"", msgpack.packb(payload)])
+                if payload == "insider":
+                    wait_until(lambda: got, 5, "the allowed client's message")
+            plain = ctx.socket(zmq.PUSH)
+            plain.setsockopt(zmq.LINGER, 0)
+            plain.connect(node.endpoints["pull"])
+            plain.send_multipart([b"jobs", b"", msgpack.packb("plain")])
+            wait_until(lambda: node.stats()["rejected"].get("curve_denied", 0) >= 1, 5, "the stranger refused")
+            time.sleep(0.3)  # a negative check: neither the stranger nor the plain client delivers
+            assert got == ["insider"]
+        finally:
+            ctx.destroy(linger=0)
+
+
+def test_keygen_writes_a_private_secret_file_and_nodes_read_it(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    result = subprocess.run([sys.executable, "-m", "zmqmesh", "keygen", "node1", "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    secret_file = tmp_path / "node1.key_secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    public = read_public_key(tmp_path / "node1.key")
+    assert public in result.stdout and read_public_key(secret_file) == public
+    other = generate_keypair()
+    with zmqmesh.Node("from-file", **mesh, curve_key_file=str(secret_file), curve_allow=(other.public,)) as a, \
+            zmqmesh.Node("from-env", **mesh, curve_secret_key=other.secret, curve_allow=(public,)) as b:
+        a.wait_for_peers(1, timeout=10)
+        assert b.peers()[0].headers["X-ZMQMESH-KEY"] == public
+    again = subprocess.run([sys.executable, "-m", "zmqmesh", "keygen", "node1", "--dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_secret_key_files_readable_by_others_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "k.key_secret"
+    keys = generate_keypair()
+    path.write_text(f'public-key = "{keys.public}"\nsecret-key = "{keys.secret}"\n')
+    os.chmod(path, 0o644)
+    with pytest.raises(zmqmesh.ConfigError, match="readable by others"):
+        read_secret_key(path)
+    os.chmod(path, 0o600)
+    assert read_secret_key(path) == keys.secret
+
+
+def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys, friend = generate_keypair(), generate_keypair()
+    monkeypatch.setenv("ZMQMESH_CURVE_SECRET_KEY", keys.secret)
+    monkeypatch.setenv("ZMQMESH_CURVE_ALLOW", friend.public)
+    config = zmqmesh.NodeConfig.from_options()
+    assert config.curve_secret_key == keys.secret and config.curve_allow == (friend.public,)
+
+
+def test_bad_keys_are_config_errors(mesh: dict[str, Any]) -> None:
+    node = zmqmesh.Node("bad", **mesh, curve_secret_key="too short")
+    with pytest.raises(zmqmesh.ConfigError):
+        node.start()

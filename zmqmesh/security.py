@@ -1,0 +1,188 @@
+"""CURVE security: key pairs, key files, and the ZAP handler that enforces an allow-list.
+
+When a node is given a secret key, every socket it binds is a CURVE server and every
+connection it makes is a CURVE client that knows the peer's public key. Its ZAP handler
+admits only clients whose public key is in the node's allow-list (its own key is always
+allowed). A node whose key is not allowed cannot complete a handshake with any socket of
+the mesh: it learns nothing and delivers nothing. Secure and plain nodes never mix:
+secure nodes send and hear only version-3 beacons, which carry the public key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from zmq.utils import z85
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .stats import Stats
+
+__all__ = ["KeyPair", "generate_keypair", "write_keypair", "read_secret_key", "ZapHandler", "ZAP_DOMAIN"]
+
+log = logging.getLogger("zmqmesh.security")
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = "zmqmesh"
+KEY_LENGTH = 40  # a Z85-encoded 32-byte key
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A CURVE key pair, both keys Z85-encoded (40 characters)."""
+
+    public: str
+    secret: str
+
+    @classmethod
+    def from_secret(cls, secret: str) -> KeyPair:
+        """The key pair of a Z85 secret key. Raises `ConfigError` if it is not one."""
+        check_key(secret, "secret key")
+        return cls(zmq.curve_public(secret.encode()).decode(), secret)
+
+    def public_bytes(self) -> bytes:
+        """The public key as 32 raw bytes (as beacons carry it)."""
+        return z85.decode(self.public)
+
+
+def check_key(key: str, what: str = "key") -> str:
+    """Return ``key`` if it is a Z85-encoded 32-byte key, else raise `ConfigError`."""
+    if not isinstance(key, str) or len(key) != KEY_LENGTH:
+        raise ConfigError(f"a CURVE {what} must be 40 Z85 characters")
+    try:
+        z85.decode(key)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"a CURVE {what} must be Z85-encoded") from exc
+    return key
+
+
+def generate_keypair() -> KeyPair:
+    """A new random CURVE key pair."""
+    public, secret = zmq.curve_keypair()
+    return KeyPair(public.decode(), secret.decode())
+
+
+def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public) and ``NAME.key_secret`` (secret, mode 600) into ``directory``.
+
+    Returns both paths. Refuses to overwrite existing files (raises `FileExistsError`).
+    """
+    keys = generate_keypair()
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    public_path = folder / f"{name}.key"
+    secret_path = folder / f"{name}.key_secret"
+    for path in (public_path, secret_path):
+        if path.exists():
+            raise FileExistsError(f"{path} already exists")
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# zmqmesh CURVE secret key: keep private\npublic-key = \"{keys.public}\"\nsecret-key = \"{keys.secret}\"\n")
+    public_path.write_text(f"# zmqmesh CURVE public key\npublic-key = \"{keys.public}\"\n")
+    return public_path, secret_path
+
+
+def _read_field(path: Path, field: str) -> str:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == field:
+            return value.strip().strip('"')
+    raise ConfigError(f"{path} has no {field}")
+
+
+def read_secret_key(path: str | Path) -> str:
+    """The secret key stored in a ``.key_secret`` file. Raises `ConfigError`.
+
+    A secret key file readable by group or others is refused.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{path} is readable by others: chmod 600 it")
+    return check_key(_read_field(path, "secret-key"), "secret key")
+
+
+def read_public_key(path: str | Path) -> str:
+    """The public key stored in a ``.key`` (or ``.key_secret``) file. Raises `ConfigError`."""
+    return check_key(_read_field(Path(path), "public-key"), "public key")
+
+
+def make_server(sock: zmq.Socket[Any], keys: KeyPair) -> None:
+    """Make ``sock``'s next bind a CURVE server checked by the ZAP handler."""
+    sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret.encode())
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+
+
+def make_client(sock: zmq.Socket[Any], keys: KeyPair, server_public: str) -> None:
+    """Make ``sock``'s next connect a CURVE client of the server with key ``server_public``."""
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public.encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret.encode())
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public.encode())
+
+
+class ZapHandler:
+    """Answers ZAP requests on the node's loop: CURVE clients whose key is allowed pass."""
+
+    def __init__(self, ctx: zmq.Context[Any], loop: asyncio.AbstractEventLoop, keys: KeyPair,
+                 allowed: frozenset[str], stats: Stats) -> None:
+        self.loop = loop
+        self.allowed = allowed | {keys.public}
+        self.stats = stats
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(ZAP_ENDPOINT)
+        loop.add_reader(self.sock.FD, self._on_request)
+        loop.call_soon(self._on_request)
+
+    def _on_request(self) -> None:
+        sock = self.sock
+        while not sock.closed:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            # [routing id, empty, version, request id, domain, address, identity, mechanism, credentials...]
+            if len(frames) < 8 or frames[2] != b"1.0":
+                self.stats.reject("zap_malformed")
+                continue
+            routing, _empty, version, request_id, _domain, address, _identity, mechanism = frames[:8]
+            user = b""
+            if mechanism == b"CURVE" and len(frames) >= 9 and len(frames[8]) == 32:
+                key = z85.encode(frames[8]).decode()
+                ok = key in self.allowed
+                user = key.encode()
+            else:
+                ok = False
+            if not ok:
+                self.stats.reject("curve_denied")
+                log.warning("refused a %s connection from %s", mechanism.decode(errors="replace"), address.decode(errors="replace"))
+            reply = [routing, b"", version, request_id, b"200" if ok else b"400", b"OK" if ok else b"key not allowed", user, b""]
+            try:
+                sock.send_multipart(reply, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def close(self) -> None:
+        """Stop answering (closes the socket)."""
+        try:
+            self.loop.remove_reader(self.sock.FD)
+        except Exception:
+            pass
+        self.sock.close(0)
