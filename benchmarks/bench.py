@@ -57,15 +57,15 @@ from _bench_proc import Trial, TrialError  # noqa: E402
 # ============================================================================ parameters ==
 
 FULL = {
-    "push_n": 200_000,
+    "push_n": 500_000,
     "push_warm": 2_000,
     "n_64k": 10_000,
     "n_1m": 1_000,
     "req_n": 5_000,
     "req_warm": 300,
-    "inflight_n": 20_000,
+    "inflight_n": 50_000,
     "window": 64,
-    "pub_n": 200_000,
+    "pub_n": 300_000,
     "burst_n": 1_000_000,
     "outstanding_n": 10_000,
     "slow_first_s": 1.0,
@@ -520,6 +520,14 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 # ============================================================================ main ==
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated scenarios (see --list); default: all")
@@ -579,9 +587,12 @@ def main(argv: list[str] | None = None) -> int:
         "msgpack": ".".join(map(str, msgpack.version)),
         "zmqmesh": zmqmesh.__version__,
         "cpus": os.cpu_count(),
+        "loadavg_start": _loadavg(),
         "quick": args.quick,
         "repeats": args.repeats,
     }
+    if float(env["loadavg_start"].split()[0]) > 0.5 if env["loadavg_start"] != "?" else False:
+        log(f"warning: the machine is busy (load average {env['loadavg_start']}); figures will be noisy")
     log(f"zmqmesh bench: {', '.join(selected)}; {args.repeats} repeats{' (quick)' if args.quick else ''}; logs in {log_dir}")
     log("  " + ", ".join(f"{k} {v}" for k, v in env.items()))
     t_start = time.monotonic()
@@ -594,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in order:
                 run_measurement(MEASUREMENTS[key], params, repeat, log_dir, outcomes[key])
     wall = time.monotonic() - t_start
+    env["loadavg_end"] = _loadavg()
 
     rows = [evaluate(fig, outcomes, args.repeats) for name in selected for fig in SCENARIOS[name]]
     print()
