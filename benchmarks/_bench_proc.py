@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -43,7 +44,19 @@ def rss_now_kb() -> int:
 
 
 def rss_peak_kb() -> int:
-    """Peak resident set size of this process so far (KiB; Linux ru_maxrss)."""
+    """Peak resident set size of this process image so far (KiB).
+
+    VmHWM, not ``ru_maxrss``: a spawned child is forked from the orchestrator before it
+    execs Python, and Linux carries the forked copy's peak into ``ru_maxrss`` across exec,
+    so ``ru_maxrss`` never reads below the orchestrator's own size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
@@ -146,7 +159,9 @@ class Trial:
     Use as a context manager; leaving it (normally or by an exception) stops every child.
     """
 
-    def __init__(self, label: str, timeout: float, log_dir: str | None, module: str = "_bench_roles") -> None:
+    def __init__(
+        self, label: str, timeout: float, log_dir: str | None, module: str = "_bench_roles", profile_dir: str | None = None
+    ) -> None:
         self.label = label
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
@@ -159,6 +174,8 @@ class Trial:
         self.started = time.monotonic()
         self.timeline: list[tuple[float, str, str]] = []  # (seconds since start, child, tag received)
         self.close_s = 0.0
+        self.profile_dir = profile_dir
+        self._profilers: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Trial:
         return self
@@ -184,6 +201,21 @@ class Trial:
         child.close()
         self.children[name] = _Child(name, proc, parent, log_path)
         self.pids[name] = proc.pid
+        if self.profile_dir:
+            self._profile(name, proc.pid)
+
+    def _profile(self, name: str, pid: int) -> None:
+        """Sample the child with py-spy (all threads, native frames off) until it exits."""
+        out = os.path.join(self.profile_dir or ".", f"{self.label}.{name}.txt")
+        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "400", "--format", "raw", "--threads", "--nonblocking", "-o", out]
+        extra = os.environ.get("ZMQMESH_BENCH_PYSPY_ARGS", "").split()  # e.g. "--native" or "--gil"
+        if "--native" in extra:  # py-spy cannot unwind native stacks without pausing the process
+            cmd.remove("--nonblocking")
+        cmd += extra
+        try:
+            self._profilers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        except OSError as exc:
+            self.notes.append(f"py-spy not started: {exc}")
 
     def tell(self, name: str, tag: str, **data: Any) -> None:
         """Send ``(tag, data)`` to one child."""
@@ -269,4 +301,10 @@ class Trial:
                 child.conn.close()
             except Exception:
                 pass
+        for prof in self._profilers:  # each ends when its target exits
+            try:
+                prof.wait(5.0)
+            except subprocess.TimeoutExpired:
+                prof.kill()
+                prof.wait(1.0)
         self.close_s = time.monotonic() - begun

@@ -25,7 +25,7 @@ How things are measured (identically for zmqmesh and raw):
 * pub/sub: publisher ``t0`` to the last subscriber's arrival of the end marker (sent
   after the data, on another topic, repeated every ms until all have it); delivered =
   the data messages counted by all subscribers.
-* memory: peak RSS (``ru_maxrss``) of each process at the end of the run.
+* memory: peak RSS (VmHWM) of each process at the end of the run.
 
 Everything is on 127.0.0.1; each zmqmesh run gets its own free UDP beacon port and mesh
 name. Every run has a deadline; children are stopped, then killed, in ``finally``.
@@ -359,6 +359,9 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
+PROFILE_DIR: str | None = None  # --py-spy DIR
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -367,7 +370,8 @@ def run_measurement(m: Measurement, params: dict[str, Any], repeat: int, log_dir
     timeout = params["timeout"] * m.timeout_scale
     label = f"{m.key}.r{repeat}"
     started = time.monotonic()
-    trial = Trial(label, timeout, log_dir)
+    profile_dir = PROFILE_DIR if m.key.startswith("zm_") else None
+    trial = Trial(label, timeout, log_dir, profile_dir=profile_dir)
     try:
         failed = True
         try:
@@ -537,6 +541,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--logs", metavar="DIR", help="keep the children's stderr logs in DIR (default: a temp dir, kept only on failure)")
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every run's deadline")
     ap.add_argument("--child-log-level", metavar="LEVEL", help="log the library at LEVEL (e.g. DEBUG) into the children's log files")
+    ap.add_argument("--py-spy", metavar="DIR", dest="py_spy", help="sample every zmqmesh process with py-spy (raw collapsed stacks, per thread) into DIR; slows them down, so for diagnosis only")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
     if args.repeats < 3:
@@ -557,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.child_log_level:
         os.environ["ZMQMESH_BENCH_LOG_LEVEL"] = args.child_log_level
+    if args.py_spy:
+        global PROFILE_DIR
+        os.makedirs(args.py_spy, exist_ok=True)
+        PROFILE_DIR = os.path.abspath(args.py_spy)
+        log(f"profiling zmqmesh processes with py-spy into {PROFILE_DIR} (figures are not representative)")
     params = dict(QUICK if args.quick else FULL)
     params["timeout"] *= args.timeout_scale
 

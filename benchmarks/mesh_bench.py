@@ -65,8 +65,8 @@ METRICS = [
     ("idle_cpu_max_pct", "  (idle CPU, busiest node)", "%", None, None),
     ("rss_mib", "RSS per node (median)", "MiB", 25.0, 20.0),
     ("pss_mib", "  (PSS per node: shared libs split)", "MiB", None, None),
-    ("background_cpu_before_pct", "other processes' CPU before the rep", "%", None, None),
-    ("background_cpu_pct", "other processes' CPU during idle window", "%", None, None),
+    ("background_cpu_before_pct", "other processes' CPU before the rep", "%cpu", None, None),
+    ("background_cpu_pct", "other processes' CPU during idle window", "%cpu", None, None),
 ]
 
 
@@ -302,7 +302,10 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
     samples: list[dict] = []
 
     def sample(metric: str, value: float | None, **extra: object) -> None:
-        samples.append({"kind": "sample", "impl": impl, "metric": metric, "rep": rep, "value": value, **extra})
+        record = {"kind": "sample", "impl": impl, "metric": metric, "rep": rep, "value": value, **extra}
+        samples.append(record)
+        if args.emit is not None:  # the pyre run streams its figures to the parent as they come
+            args.emit(record)
 
     if args.quiet_wait > 0:
         before = wait_for_quiet(args.quiet_wait)
@@ -456,8 +459,8 @@ def pyre_inner(args) -> int:
     except ImportError as exc:
         result({"kind": "skip", "reason": f"pyre not importable: {exc}"})
         return 5
-    for record in run_impl("pyre", args):
-        result(record)
+    args.emit = result
+    run_impl("pyre", args)
     return 0
 
 
@@ -562,6 +565,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.3f}" if value < 10 else f"{value:.1f}"
     if unit == "%":
         return f"{value:.2f}"
+    if unit == "%cpu":
+        return f"{value:.0f}"
     return f"{value:.1f}"
 
 
@@ -569,7 +574,8 @@ def cell(summary: dict | None, unit: str) -> str:
     if summary is None:
         return "n/a"
     if summary["n"] == 0:
-        return "FAILED (" + summary.get("note", "no value") + ")"
+        note = summary.get("note", "no value")
+        return "FAILED (" + (note if len(note) <= 40 else note[:37] + "...") + ")"
     text = fmt(summary["median"], unit)
     if summary["n"] > 1:
         text += f" [{fmt(summary['min'], unit)}-{fmt(summary['max'], unit)}]"
@@ -679,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes < 2 or args.repeat < 1 or args.idle_seconds <= 0:
         ap.error("need --nodes >= 2, --repeat >= 1, --idle-seconds > 0")
     args.pyre_kill_repeat = max(0, min(args.pyre_kill_repeat, args.repeat))
+    args.emit = None
     options = {}
     for item in args.zmqmesh_option:
         key, sep, value = item.partition("=")

@@ -3,7 +3,8 @@
 Usage (inside a lab namespace): ``ip netns exec NS python3 -u host_node.py SPEC_JSON``
 
 SPEC: {"name": str, "options": {Node options}, "allowed_interfaces": [names],
-       "subscribe": [prefix...], "pull": [queue...], "service": [name...]}
+       "subscribe": [prefix...], "pull": [queue...], "service": [name...],
+       "log_level": "debug" | "info" | ... (optional: library logs, prefixed "log")}
 
 Options not given may come from ZMQMESH_* environment variables, as with `zmqmesh launch`.
 
@@ -77,7 +78,7 @@ def refuse_outside_lab(allowed: list[str]) -> None:
 
 
 def own_sockets() -> list[dict[str, Any]]:
-    """This process's TCP/UDP sockets (local address, state), from /proc (this namespace's view)."""
+    """This process's IPv4 TCP/UDP sockets (local and remote address, state), from /proc (this namespace's view)."""
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -92,19 +93,42 @@ def own_sockets() -> list[dict[str, Any]]:
             next(f)
             for line in f:
                 fields = line.split()
-                local, state, inode = fields[1], fields[3], fields[9]
+                local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
                 if inode not in inodes:
                     continue
-                hex_ip, hex_port = local.split(":")
-                ip = socket.inet_ntoa(bytes.fromhex(hex_ip)[::-1])
-                out.append({"proto": proto, "address": ip, "port": int(hex_port, 16),
-                            "listening": proto == "tcp" and state == "0A", "state": state})
+                ip, port = _address(local)
+                remote_ip, remote_port = _address(remote)
+                out.append({"proto": proto, "address": ip, "port": port, "remote": remote_ip,
+                            "remote_port": remote_port, "listening": proto == "tcp" and state == "0A",
+                            "established": proto == "tcp" and state == "01"})
     return out
+
+
+def setup_logging(level: str) -> None:
+    """Library logs on stderr (merged into the output the test keeps), stamped with time.monotonic()."""
+    import logging
+
+    class Mono(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.mono = time.monotonic()
+            return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Mono())
+    handler.setFormatter(logging.Formatter("log %(mono).3f %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def _address(field: str) -> tuple[str, int]:
+    hex_ip, hex_port = field.split(":")
+    return socket.inet_ntoa(bytes.fromhex(hex_ip)[::-1]), int(hex_port, 16)
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
     refuse_outside_lab(spec.get("allowed_interfaces", []))
+    if spec.get("log_level"):
+        setup_logging(spec["log_level"])
     import zmqmesh
 
     options = dict(spec.get("options", {}))

@@ -275,7 +275,8 @@ class HostNode:
         self._cond = threading.Condition()
         self._serial = 0
         self._write_lock = threading.Lock()
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ZMQMESH_")}  # only what the test says
+        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", host.ns, sys.executable, "-u", str(HOST_NODE), json.dumps(spec)],
             stdin=subprocess.PIPE,

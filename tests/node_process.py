@@ -2,12 +2,13 @@
 
 Usage: python node_process.py SPEC_JSON
 SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
-       "pull": [queue...], "service": [name...], "kind": "sync" | "async",
+       "pull": [queue...], "ack_pull": [at-least-once queue...], "service": [name...],
+       "idempotent": [service...], "kind": "sync" | "async",
        "block_s": seconds a handler named "block" sleeps, "groups": [zre groups]}
 
 It prints one line per event, flushed at once:
   READY <id> | JOIN <name> <id> | LEAVE <name> <id> | SUB <topic> <json> |
-  PULL <queue> <json> | WHISPER <json frames> | SHOUT <group> <json frames>
+  PULL <queue> <json> | APULL <queue> <json> <redelivered 0|1> | SERVING <json> | WHISPER <json frames> | SHOUT <group> <json frames>
 and stops cleanly on SIGTERM (printing STOPPED), or when stdin closes.
 """
 
@@ -40,6 +41,14 @@ def install(node: zmqmesh.Node | zmqmesh.AsyncNode, spec: dict) -> None:
         node.subscribe(prefix, lambda msg: say("SUB", msg.topic, _json(msg.data)))
     for queue in spec.get("pull", []):
         node.pull(queue, lambda msg: say("PULL", msg.queue, _json(msg.data)))
+    for queue in spec.get("ack_pull", []):
+        node.pull(queue, lambda msg: say("APULL", msg.queue, _json(msg.data), int(msg.redelivered)), at_least_once=True)
+    for name in spec.get("idempotent", []):
+        def slow_idempotent(msg: zmqmesh.Message) -> str:
+            say("SERVING", msg.data)
+            time.sleep(float(spec.get("idempotent_delay_s", 1.0)))
+            return node.name
+        node.service(name, slow_idempotent, idempotent=True)
     for name in spec.get("service", []):
         if name == "block":
             def block(msg: zmqmesh.Message) -> str:

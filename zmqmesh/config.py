@@ -63,6 +63,8 @@ class NodeConfig:
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up
             to N at once (order no longer kept).
         linger_s: how long ``stop`` lets queued outgoing messages drain before dropping them.
+        ack_window: at-least-once queues: messages a puller may hold unacknowledged; also
+            the most that can be handled twice when a puller dies.
     """
 
     mesh: str = "zmqmesh"
@@ -89,6 +91,7 @@ class NodeConfig:
     request_timeout_s: float = 10.0
     handler_concurrency: int = 1
     linger_s: float = 1.0
+    ack_window: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("seeds", "curve_allow"):
@@ -105,6 +108,7 @@ class NodeConfig:
             "recv_hwm",
             "send_queue_max",
             "handler_concurrency",
+            "ack_window",
         )
         for name in positive:
             value = getattr(self, name)

@@ -36,6 +36,7 @@ from .inbox import Call, LoopInbox, ThreadInbox
 from .membership import HEADER, OFFER_PREFIXES, Membership, MembershipEvents, PeerState
 from .message import Message, Peer
 from .netif import LOOPBACK_ADDRESS, LOOPBACK_BROADCAST, interface_addresses, is_loopback
+from .reliable import ReliableSender
 from .reqrep import LoopRequester, ThreadRequester
 from .security import KeyPair, ZapHandler, check_key, make_client, make_server, read_secret_key
 from .stats import Stats
@@ -48,7 +49,7 @@ _BATCH_MESSAGES = 256
 _BATCH_BYTES = 64 * 1024
 _LARGE_FRAME = 64 * 1024
 _RETRY_S = 0.002
-_OFFER_KINDS = ("services", "queues", "topics")
+_OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent")
 
 
 class Provider(NamedTuple):
@@ -67,6 +68,8 @@ class Registry:
         self.queues: dict[str, Callable[..., Any]] = {}
         self.services: dict[str, Callable[..., Any]] = {}
         self.callbacks: dict[str, list[Callable[..., Any]]] = {"join": [], "leave": [], "whisper": [], "shout": []}
+        self.ack_queues: frozenset[str] = frozenset()
+        self.idempotent: frozenset[str] = frozenset()
         self.version = 0
 
     def offers(self) -> dict[str, frozenset[str]]:
@@ -75,6 +78,8 @@ class Registry:
             "services": frozenset(self.services),
             "queues": frozenset(self.queues),
             "topics": frozenset(self.topics),
+            "ackqueues": frozenset(self.queues) & self.ack_queues,
+            "idempotent": frozenset(self.services) & self.idempotent,
         }
 
     def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
@@ -116,7 +121,7 @@ class Registry:
     def remove_handler(self, handler: Callable[..., Any]) -> bool:
         """Remove ``handler`` wherever it is registered; True if it was."""
         found = False
-        for kind in _OFFER_KINDS:
+        for kind in ("services", "queues", "topics"):
             for name, entry in list(getattr(self, kind).items()):
                 if entry is handler or (isinstance(entry, list) and handler in entry):
                     found |= self.remove(kind, name, handler)
@@ -239,6 +244,7 @@ class MeshCore(MembershipEvents):
         if self.keys is not None:
             headers[HEADER["key"]] = self.keys.public
         self.requester = LoopRequester(self)
+        self.reliable = ReliableSender(self)
         self.inbox.start()
         self.closed = False
         self.started = True
@@ -292,6 +298,7 @@ class MeshCore(MembershipEvents):
         if left:
             self.stats.pattern["pipeline"]["dropped"] += left
             log.warning("node %s stopped with %d queued message(s) unsent (no room or no puller)", self.name, left)
+        self.reliable.close()
         self.membership.say_goodbye()
         for _predicate, future in self._waiters:
             if not future.done():
@@ -323,7 +330,8 @@ class MeshCore(MembershipEvents):
         log.info("node %s (%s) stopped", self.name, self.node_id[:8])
 
     def _queued(self) -> int:
-        return len(self._pub_q) + sum(len(q) for q in self._push_q.values())
+        queued = len(self._pub_q) + sum(len(q) for q in self._push_q.values())
+        return queued + (self.reliable.pending() if self.started else 0)
 
     # -- offers, providers and waiting ---------------------------------------------------------
 
@@ -360,6 +368,18 @@ class MeshCore(MembershipEvents):
         peer = self._peer_index.get(node_id)
         endpoint = peer.endpoint_of(key) if peer is not None else None
         return (endpoint, peer.key) if endpoint is not None else None  # type: ignore[union-attr]
+
+    def offers_endpoint(self, node_id: str) -> tuple[str, str | None] | None:
+        """The service endpoint (which also takes at-least-once queues) of a node, and its key."""
+        return self._endpoint_of(node_id, "service")
+
+    def is_idempotent_anywhere(self, service: str, lost_id: str) -> bool:
+        """Whether a request to ``service`` lost with ``lost_id`` may be retried.
+
+        The lost provider is gone from the offer tables by now, so this asks whether the
+        remaining providers declare the service idempotent.
+        """
+        return bool(self.offers["idempotent"].get(service))
 
     def connect(self, sock: zmq.Socket[Any], endpoint: str, peer_key: str | None) -> None:
         """Connect ``sock``, as a CURVE client of ``peer_key`` when this node is secure."""
@@ -550,6 +570,7 @@ class MeshCore(MembershipEvents):
     def peer_gone(self, peer: PeerState, reason: str) -> None:
         self._rebuild()
         self.requester.peer_gone(peer.id)
+        self.reliable.peer_gone(peer.id)
         self._post("leave", peer.snapshot())
 
     def peer_groups_changed(self, peer: PeerState) -> None:
@@ -667,6 +688,10 @@ class MeshCore(MembershipEvents):
             except asyncio.TimeoutError:
                 pass
 
+    def wake_flush(self) -> None:
+        """Have the loop send what is queued, soon (from any thread)."""
+        self._wake_flush()
+
     def _wake_flush(self) -> None:
         if self._flush_scheduled or self.loop is None:
             return
@@ -683,8 +708,12 @@ class MeshCore(MembershipEvents):
         blocked = False
         if self._pub_q:
             self._flush_pub()
+        reliable = self.offers["ackqueues"]
         for queue, q in self._push_q.items():
-            if q and self._flush_push(queue, q):
+            if queue in reliable:
+                if self.reliable.flush(queue, q):
+                    blocked = True
+            elif q and self._flush_push(queue, q):
                 blocked = True
         if blocked and self._retry_handle is None:
             self._retry_handle = self.loop.call_later(_RETRY_S, self._retry)

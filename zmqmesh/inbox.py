@@ -34,6 +34,7 @@ import zmq
 from . import wire
 from .errors import DecodeError
 from .message import Message
+from .reliable import QUEUE_SERVICE_PREFIX
 
 if TYPE_CHECKING:
     from .core import MeshCore
@@ -46,12 +47,22 @@ _BURST = 256
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 
 
+class BatchAck:
+    """Acknowledges an at-least-once batch once every message of it has been handled."""
+
+    __slots__ = ("route", "remaining")
+
+    def __init__(self, route: tuple[bytes, bytes], remaining: int) -> None:
+        self.route = route
+        self.remaining = remaining
+
+
 class Call:
     """One handler invocation: ``handler(arg)``, and where its reply goes, if anywhere."""
 
     __slots__ = ("handler", "arg", "route", "pattern")
 
-    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | None, pattern: str) -> None:
+    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | BatchAck | None, pattern: str) -> None:
         self.handler = handler
         self.arg = arg
         self.route = route
@@ -157,6 +168,10 @@ class Inbox:
         routing_id, service_b, request_id, body = frames
         route = (routing_id, request_id)
         service = service_b.decode("utf-8", "replace")
+        sender_id = routing_id[: wire.UUID_SIZE].hex() if len(routing_id) == wire.UUID_SIZE + 4 else None
+        if service.startswith(QUEUE_SERVICE_PREFIX):
+            self._decode_reliable(service[len(QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
+            return
         handler = core.registry.services.get(service)
         counters["received"] += 1
         if handler is None:
@@ -169,18 +184,42 @@ class Inbox:
             core.stats.reject("service_malformed")
             self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
             return
-        sender_id = routing_id[: wire.UUID_SIZE].hex() if len(routing_id) == wire.UUID_SIZE + 4 else None
         calls.append(Call(handler, Message("request", service, data, sender_id, core.lookup_peer), route, "service"))
+
+    def _decode_reliable(self, queue: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
+                         calls: list[Call]) -> None:
+        core = self.core
+        handler = core.registry.queues.get(queue)
+        if handler is None or queue not in core.registry.ack_queues:
+            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")  # the pusher deals them elsewhere
+            return
+        items = core.codec.decode_batch(body)
+        if not all(isinstance(i, list) and len(i) == 2 and isinstance(i[0], bool) for i in items):
+            raise DecodeError("malformed at-least-once batch")
+        core.stats.pattern["pipeline"]["received"] += len(items)
+        if sender_id is not None:
+            core.stats.peer_received[sender_id] += len(items)
+        ack = BatchAck(route, len(items))
+        for redelivered, data in items:
+            msg = Message("pipeline", queue, data, sender_id, core.lookup_peer)
+            msg.redelivered = redelivered
+            calls.append(Call(handler, msg, ack, "pipeline"))
 
     # -- running and replying --------------------------------------------------------------
 
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
         """Account for a finished call and send the reply of a request (owner thread only)."""
+        route = call.route
         if error is not None:
             self.core.stats.pattern[call.pattern]["errors"] += 1
-            if call.route is None:
+            if not isinstance(route, tuple):
                 log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
-        if call.route is None:
+        if isinstance(route, BatchAck):
+            route.remaining -= 1
+            if route.remaining == 0:
+                self.send_reply(route.route, wire.STATUS_OK, b"")
+            return
+        if route is None:
             return
         codec = self.core.codec
         if error is None:
@@ -193,7 +232,7 @@ class Inbox:
             tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
             body = codec.encode({"type": type(error).__name__, "message": str(error), "traceback": tb})
             status = wire.STATUS_ERROR
-        self.send_reply(call.route, status, body)
+        self.send_reply(route, status, body)
         self.core.stats.pattern["service"]["sent"] += 1
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:

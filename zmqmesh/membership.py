@@ -58,7 +58,13 @@ HEADER = {
     "pid": "X-ZMQMESH-PID",
     "key": "X-ZMQMESH-KEY",
 }
-OFFER_PREFIXES = {"services": "zmqmesh/svc/", "queues": "zmqmesh/queue/", "topics": "zmqmesh/sub/"}
+OFFER_PREFIXES = {
+    "services": "zmqmesh/svc/",
+    "queues": "zmqmesh/queue/",
+    "topics": "zmqmesh/sub/",
+    "ackqueues": "zmqmesh/ackqueue/",  # queues pulled at-least-once
+    "idempotent": "zmqmesh/idem/",  # services safe to retry on another provider
+}
 
 _ENDPOINT = re.compile(r"^tcp://(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})$")
 _MAILBOX_BURST = 512

@@ -52,9 +52,11 @@ class Message:
         sender: the sending `Peer`, or ``None`` when the sender is not a known member
             (a bare ZeroMQ client, or a peer that already left).
         sender_id: the sender's id (hex) when the wire carried one, else ``None``.
+        redelivered: on an at-least-once queue, True when an earlier delivery of this
+            message went to a puller that died before acknowledging it.
     """
 
-    __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup")
+    __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered")
 
     def __init__(
         self,
@@ -69,6 +71,7 @@ class Message:
         self.data = data
         self.sender_id = sender_id
         self._lookup = lookup
+        self.redelivered = False
 
     @property
     def sender(self) -> Peer | None:

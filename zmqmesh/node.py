@@ -86,18 +86,28 @@ class _NodeBase(Generic[Handler]):
         """
         return self._register("topics", _check_name("topic", prefix), handler)
 
-    def pull(self, queue: str, handler: Callable[[Message], Any] | None = None) -> Any:
+    def pull(self, queue: str, handler: Callable[[Message], Any] | None = None, *, at_least_once: bool = False) -> Any:
         """Take messages from the work queue ``queue``: each message goes to one puller.
 
+        With ``at_least_once=True`` every message is acknowledged when the handler
+        returns, and what a puller that dies had not acknowledged is redelivered to
+        another (``msg.redelivered`` is then True). All pullers of a queue should agree.
         Raises `ValueError` if this node already pulls ``queue`` with another handler.
         """
+        if at_least_once:
+            self._registry.ack_queues = self._registry.ack_queues | {queue}
         return self._register("queues", _check_name("queue", queue), handler)
 
-    def service(self, name: str, handler: Callable[[Message], Any] | None = None) -> Any:
+    def service(self, name: str, handler: Callable[[Message], Any] | None = None, *, idempotent: bool = False) -> Any:
         """Answer requests to service ``name``; the handler's return value is the reply.
 
-        Raises `ValueError` if this node already offers ``name`` with another handler.
+        ``idempotent=True`` declares that running a request twice is harmless: a caller
+        whose provider dies mid-request then retries on another provider instead of
+        raising `PeerLostError`. Raises `ValueError` if this node already offers ``name``
+        with another handler.
         """
+        if idempotent:
+            self._registry.idempotent = self._registry.idempotent | {name}
         return self._register("services", _check_name("service", name), handler)
 
     def unsubscribe(self, prefix: str, handler: Callable[..., Any] | None = None) -> bool:

@@ -112,6 +112,10 @@ class ThreadRequester:
             except RetryElsewhere:
                 core.skip_provider(service, provider.id)
                 continue
+            except PeerLostError:
+                if not core.is_idempotent_anywhere(service, provider.id) or time.monotonic() >= deadline:
+                    raise
+                log.info("provider %s of idempotent %r left: retrying elsewhere", provider.id[:8], service)
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str, deadline: float) -> Any:
         core = self.core
@@ -200,6 +204,11 @@ class LoopRequester:
                 except asyncio.TimeoutError:
                     core.stats.pattern["request"]["errors"] += 1
                     raise MeshTimeoutError(f"request to {service!r} timed out") from None
+            except PeerLostError:
+                if not core.is_idempotent_anywhere(service, provider.id) or time.monotonic() >= deadline:
+                    raise
+                log.info("provider %s of idempotent %r left: retrying elsewhere", provider.id[:8], service)
+                continue
             finally:
                 self.pending.pop(request_id, None)
             try:

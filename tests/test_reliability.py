@@ -1,0 +1,86 @@
+"""Crashes and at-least-once delivery: nothing promised is lost when a process dies."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from helpers import wait_until
+
+
+def handled(procs: list[Any]) -> Counter[int]:
+    return Counter(int(line.split()[2]) for p in procs for line in p.with_prefix("APULL jobs"))
+
+
+@pytest.mark.timeout(180)
+def test_at_least_once_queue_survives_a_puller_killed_mid_stream(spawn: Any, mesh: dict[str, Any]) -> None:
+    jobs = 100_000
+    window = 1000
+    pullers = [spawn(f"w{i}", ack_pull=["jobs"], options={"ack_window": window}) for i in range(3)]
+    with zmqmesh.Node("pusher", **{**mesh, "ack_window": window}) as node:
+        node.wait_for_pullers("jobs", 3, timeout=10)
+        feeder = threading.Thread(target=lambda: [node.push("jobs", i, timeout=30) for i in range(jobs)])
+        feeder.start()
+        pullers[0].wait_line("APULL jobs", count=10_000, timeout=60)
+        pullers[0].kill()  # mid-stream, with unacknowledged work in hand
+        feeder.join(120)
+        wait_until(lambda: len(handled(pullers)) == jobs, 120, "every job to be handled")
+        stats = node.stats()["pipeline"]
+    counts = handled(pullers)
+    assert sorted(counts) == list(range(jobs)), "every job handled at least once"
+    duplicates = sum(counts.values()) - jobs
+    assert duplicates <= window, f"{duplicates} duplicates for a window of {window}"
+    redelivered = [line for p in pullers[1:] for line in p.with_prefix("APULL jobs") if line.endswith(" 1")]
+    assert redelivered, "redeliveries are marked on the message"
+    assert stats["redelivered"] >= len(redelivered) - duplicates
+    assert all(len(p.with_prefix("APULL")) > 10_000 for p in pullers[1:])
+
+
+def test_at_least_once_messages_wait_for_a_puller_and_are_not_lost_on_its_stop(mesh: dict[str, Any]) -> None:
+    got: list[Any] = []
+    first = zmqmesh.Node("first", **mesh)
+    first.pull("q", lambda m: (got.append(m.data), time.sleep(0.002)), at_least_once=True)
+    with zmqmesh.Node("pusher", **mesh) as pusher:
+        first.start()
+        pusher.wait_for_pullers("q", timeout=10)
+        for i in range(2000):
+            pusher.push("q", i, timeout=10)
+        wait_until(lambda: len(got) >= 100, 10, "some deliveries")
+        first.stop()  # a polite stop in the middle: what it had not acknowledged comes back
+        second = zmqmesh.Node("second", **mesh)
+        second.pull("q", lambda m: got.append(m.data), at_least_once=True)
+        with second:
+            wait_until(lambda: set(got) == set(range(2000)), 20, "every message")
+        assert pusher.stats()["pipeline"]["sent"] >= 2000
+
+
+def test_idempotent_service_is_retried_on_another_provider(spawn: Any, mesh: dict[str, Any]) -> None:
+    doomed = spawn("doomed", idempotent=["lookup"], idempotent_delay_s=30)
+    spawn("steady", idempotent=["lookup"], idempotent_delay_s=0.1)
+    quick = {**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}
+    with zmqmesh.Node("client", **quick) as node:
+        node.wait_for_service("lookup", 2, timeout=10)
+        answers = []
+        started = time.monotonic()
+        threading.Timer(0.5, doomed.kill).start()
+        for i in range(4):  # round-robin: at least one goes to the doomed provider
+            answers.append(node.request("lookup", i, timeout=20))
+        assert set(answers) == {"steady"}
+        assert doomed.with_prefix("SERVING"), "the doomed provider had taken a request"
+        assert time.monotonic() - started < 10
+
+
+def test_non_idempotent_service_raises_peer_lost(spawn: Any, mesh: dict[str, Any]) -> None:
+    doomed = spawn("doomed", service=["block"], block_s=30)
+    spawn("steady", service=["block"], block_s=0)
+    with zmqmesh.Node("client", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}) as node:
+        node.wait_for_service("block", 2, timeout=10)
+        threading.Timer(0.5, doomed.kill).start()
+        with pytest.raises(zmqmesh.PeerLostError):
+            for _ in range(4):
+                node.request("block", None, timeout=20)
