@@ -219,10 +219,15 @@ class Lab:
     # -- nodes ----------------------------------------------------------------------------
 
     def node(self, host: Host, name: str, options: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-             **spec: Any) -> HostNode:
-        """Start a node process (tests/host_node.py) inside ``host``; see `HostNode`."""
+             ifname: str | None = None, **spec: Any) -> HostNode:
+        """Start a node process (tests/host_node.py) inside ``host``; see `HostNode`.
+
+        ``ifname`` names the interface the node should advertise (``node.advertised``);
+        by default the host's only one.
+        """
         full = {"name": name, "options": options or {}, "allowed_interfaces": sorted(host.interfaces()), **spec}
         node = HostNode(self, host, full, env or {})
+        node.advertised = host.address(ifname) if ifname or len(host.addresses) == 1 else ""
         self.nodes.append(node)
         return node
 
@@ -271,6 +276,7 @@ class HostNode:
         self.id = ""
         self.mailbox = ""
         self.endpoints: dict[str, str] = {}
+        self.advertised = ""  # the address the node should advertise (set by Lab.node)
         self._replies: dict[int, dict[str, Any]] = {}
         self._cond = threading.Condition()
         self._serial = 0
@@ -382,8 +388,14 @@ class HostNode:
 
     # -- commands -------------------------------------------------------------------------
 
-    def call(self, op: str, timeout: float = 15.0, **args: Any) -> Any:
-        """Run command ``op`` in the node process and return its value; `NodeError` on failure."""
+    def call(self, op: str, reply_timeout: float | None = None, **args: Any) -> Any:
+        """Run command ``op`` in the node process and return its value; `NodeError` on failure.
+
+        ``args`` go to the command (``timeout`` included); the reply is awaited for
+        ``reply_timeout`` seconds, by default the command's own timeout plus 15.
+        """
+        if reply_timeout is None:
+            reply_timeout = float(args.get("timeout") or 0) + 15.0
         with self._write_lock:
             self._serial += 1
             serial = self._serial
@@ -394,7 +406,7 @@ class HostNode:
                 self.proc.stdin.flush()
             except (OSError, ValueError) as exc:
                 raise NodeError(f"{self.name}: cannot send {op!r}: {exc}\n{self.output()}") from None
-        reply = self.wait_for(lambda: self._replies.get(serial), timeout, f"the reply to {op!r}")
+        reply = self.wait_for(lambda: self._replies.get(serial), reply_timeout, f"the reply to {op!r}")
         if not reply.get("ok"):
             raise NodeError(f"{self.name}: {op} {args} failed: {reply.get('error')}")
         return reply.get("value")

@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -88,6 +89,12 @@ class Inbox:
         self.subscribed: set[str] = set()
         self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]]]] = {}
         self._cache_version = -1
+        self._stopping = False
+        self._deadline: float | None = None
+
+    def abandoned(self) -> bool:
+        """True once a stop's deadline has passed: work still queued is then dropped."""
+        return self._deadline is not None and time.monotonic() > self._deadline
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -322,11 +329,12 @@ class ThreadInbox(Inbox):
         self.wake()
 
     def stop(self, timeout: float) -> None:
-        """Stop the thread after the handler now running returns (bounded by ``timeout``)."""
+        """Handle what has already arrived, then stop the thread (all within ``timeout``)."""
+        self._deadline = time.monotonic() + timeout
         self._stopping = True
         self.wake()
         if threading.get_ident() != self.thread.ident and self.thread.is_alive():
-            self.thread.join(timeout)
+            self.thread.join(timeout + 0.5)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         with self._wake_lock:
@@ -354,27 +362,35 @@ class ThreadInbox(Inbox):
                     self.apply_subscriptions()
                 while self._done:
                     self.complete(*self._done.popleft())
-                more = True
-                while more and not self._stopping:
-                    more = False
-                    while self.events:
-                        calls.append(self.events.popleft())
-                    for sock, kind in self.sockets:
-                        if self.drain(sock, kind, calls):
-                            more = True
-                    if calls:
-                        self._execute(calls)
-                        calls.clear()
+                self._drain_all(calls)
+            self._drain_all(calls)  # stopping: finish what has already arrived, within the deadline
         except Exception:
             log.exception("inbox thread failed")
         finally:
             self.close_sockets()
             self._wake_recv.close(0)
 
+    def _drain_all(self, calls: list[Call]) -> None:
+        more = True
+        while more and not self.abandoned():
+            more = False
+            while self.events:
+                calls.append(self.events.popleft())
+            for sock, kind in self.sockets:
+                if self.drain(sock, kind, calls):
+                    more = True
+            if calls:
+                self._execute(calls)
+                calls.clear()
+                more = True
+            while self._done:
+                self.complete(*self._done.popleft())
+
     def _execute(self, calls: list[Call]) -> None:
         for call in calls:
-            if self._stopping:
-                return
+            if self.abandoned():
+                self.core.stats.pattern[call.pattern]["dropped"] += 1
+                continue
             if self._pool is not None:
                 self._submit(call)
                 continue
@@ -386,7 +402,7 @@ class ThreadInbox(Inbox):
 
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
         future = asyncio.run_coroutine_threadsafe(self.run_async(call), self.core.loop)
-        while not self._stopping:
+        while not self.abandoned():
             try:
                 return future.result(0.5)
             except TimeoutError:
@@ -425,7 +441,6 @@ class LoopInbox(Inbox):
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = False
 
     def start(self) -> None:
         """Watch the sockets' descriptors."""
@@ -436,7 +451,7 @@ class LoopInbox(Inbox):
 
     def wake(self) -> None:
         """Start a drain unless one is running (then it goes round once more)."""
-        if self._stopping:
+        if self.abandoned():
             return
         if self._task is None or self._task.done():
             self._task = self.loop.create_task(self._drain())
@@ -455,7 +470,7 @@ class LoopInbox(Inbox):
     async def _drain(self) -> None:
         calls: list[Call] = []
         try:
-            while not self._stopping:
+            while not self.abandoned():
                 self._again = False
                 while self.events:
                     calls.append(self.events.popleft())
@@ -472,7 +487,7 @@ class LoopInbox(Inbox):
                     return
                 await asyncio.sleep(0)  # let the loop breathe between bursts
         except Exception:
-            if not self._stopping:
+            if not self.abandoned():
                 log.exception("inbox drain failed")
 
     async def _execute(self, calls: list[Call]) -> None:
@@ -485,6 +500,9 @@ class LoopInbox(Inbox):
             return
         batch: list[Call] = []
         for call in calls:
+            if self.abandoned():
+                self.core.stats.pattern[call.pattern]["dropped"] += 1
+                continue
             if is_async(call.handler):
                 if batch:
                     await self._run_sync_batch(batch)
@@ -513,13 +531,15 @@ class LoopInbox(Inbox):
             self._concurrency.release()
 
     async def stop(self, timeout: float) -> None:
-        """Stop draining, wait (bounded) for the handler now running, close the sockets."""
+        """Handle what has already arrived (bounded by ``timeout``), then close the sockets."""
+        self._deadline = time.monotonic() + timeout
         self._stopping = True
         for sock, _kind in self.sockets:
             try:
                 self.loop.remove_reader(sock.FD)
             except Exception:
                 pass
+        self.wake()  # one last pass over what is already in the sockets
         pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
         if pending:
             _done, still = await asyncio.wait(pending, timeout=timeout)
