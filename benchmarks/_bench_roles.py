@@ -56,6 +56,15 @@ def _large(size: int) -> bytes:
     return os.urandom(size)
 
 
+def _describe(item: Any) -> Any:
+    """What a receiver saw last, for the orchestrator's sanity check: the id, or the size."""
+    if isinstance(item, dict):
+        return {"id": item.get("id")}
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return {"len": len(item)}
+    return {"type": type(item).__name__}
+
+
 # =========================================================================== push / pull ==
 
 
@@ -73,21 +82,24 @@ def raw_pull(ctl: Ctl, mode: str, n: int, warm: int, size: int = 0, hwm: int | N
     recv = sock.recv
     unpackb = msgpack.unpackb
 
-    def take(count: int) -> None:
+    def take(count: int) -> Any:
+        item: Any = None
         if mode == "msgpack":
             for _ in range(count):
-                unpackb(recv())
+                item = unpackb(recv())
         elif mode == "bare":
             for _ in range(count):
-                recv()
+                item = recv()
         else:
             for _ in range(count):
-                recv(copy=False).buffer  # noqa: B018  zero-copy view, as a raw user would
+                item = recv(copy=False).buffer  # zero-copy view, as a raw user would
+        return item
 
     take(warm)
     ctl.send("warm")
-    take(n)
+    last = take(n)
     t_done = time.monotonic()
+    ctl.send("check", last=_describe(last))
     ctl.send("result", t_done=t_done, rss_base_kb=rss_base, **_rss())
     ctl.wait("stop")
     sock.close(0)
@@ -138,10 +150,11 @@ def _counting_handler(warm: int, n: int, is_async: bool) -> tuple[Any, threading
     count = 0
     nxt = warm
 
-    def mark() -> None:
+    def mark(msg: Any) -> None:
         nonlocal nxt
         if count >= warm + n:
             times["done"] = time.monotonic()
+            times["last"] = _describe(msg.data)  # type: ignore[assignment]
             nxt = 1 << 62
             warmed.set()
             done.set()
@@ -156,7 +169,7 @@ def _counting_handler(warm: int, n: int, is_async: bool) -> tuple[Any, threading
             nonlocal count
             count += 1
             if count >= nxt:
-                mark()
+                mark(msg)
 
     else:
 
@@ -164,7 +177,7 @@ def _counting_handler(warm: int, n: int, is_async: bool) -> tuple[Any, threading
             nonlocal count
             count += 1
             if count >= nxt:
-                mark()
+                mark(msg)
 
     return handler, warmed, done, times
 
@@ -174,6 +187,7 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
     handler, warmed, done, times = _counting_handler(warm, n, use_async)
 
     def finish(stats: dict[str, Any], rss_base: int) -> None:
+        ctl.send("check", last=times["last"])
         ctl.send("result", t_done=times["done"], rss_base_kb=rss_base, stats=stats["pipeline"], **_rss())
 
     if not use_async:
@@ -287,8 +301,11 @@ def _echo_data(i: int) -> dict[str, Any]:
     return {"id": i, "payload": PAYLOAD}
 
 
-def raw_router(ctl: Ctl, slow_first_s: float = 0.0, **_: Any) -> None:
-    """Raw blocking ROUTER echo service: unpackb the request, packb the reply."""
+def raw_router(ctl: Ctl, slow_first_s: float = 0.0, slow_at: int = 0, **_: Any) -> None:
+    """Raw blocking ROUTER echo service: unpackb the request, packb the reply.
+
+    With ``slow_first_s``, request number ``slow_at`` (0-based, i.e. the first one after a
+    warm-up of ``slow_at``) sleeps that long, so everything sent meanwhile piles up."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -312,7 +329,7 @@ def raw_router(ctl: Ctl, slow_first_s: float = 0.0, **_: Any) -> None:
                 break
             continue
         body = recv()
-        if slow:
+        if slow and served == slow_at:
             slow = False
             time.sleep(slow_first_s)
         send(ident, more)
@@ -325,16 +342,17 @@ def raw_router(ctl: Ctl, slow_first_s: float = 0.0, **_: Any) -> None:
     ctx.term()
 
 
-def zm_service(ctl: Ctl, beacon_port: int, mesh: str, slow_first_s: float = 0.0, **_: Any) -> None:
-    """zmqmesh echo service on a sync `Node` (the handler runs on the inbox thread)."""
+def zm_service(ctl: Ctl, beacon_port: int, mesh: str, slow_first_s: float = 0.0, slow_at: int = 0, **_: Any) -> None:
+    """zmqmesh echo service on a sync `Node` (the handler runs on the inbox thread); see
+    `raw_router` for ``slow_first_s`` and ``slow_at``."""
     node = _mesh_node("Node", "bench-service", beacon_port, mesh)
-    slow = [slow_first_s > 0]
+    served = [0]
 
     @node.service(SERVICE)
     def echo(msg: Any) -> Any:
-        if slow[0]:
-            slow[0] = False
+        if slow_first_s > 0 and served[0] == slow_at:
             time.sleep(slow_first_s)
+        served[0] += 1
         return msg.data
 
     node.start()
@@ -345,6 +363,11 @@ def zm_service(ctl: Ctl, beacon_port: int, mesh: str, slow_first_s: float = 0.0,
         ctl.send("result", served=node.stats()["service"]["sent"], rss_base_kb=rss_base, **_rss())
     finally:
         node.stop()
+
+
+def _check_reply(reply: Any, want_id: int) -> None:
+    if not isinstance(reply, dict) or reply.get("id") != want_id or reply.get("payload") != PAYLOAD:
+        raise AssertionError(f"wrong echo reply: {reply!r:.80}, expected id {want_id}")
 
 
 def _lat_summary(lats: list[float]) -> dict[str, float]:
@@ -372,11 +395,13 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
         if mode == "sync_lat":
             pc = time.perf_counter
             lats = []
+            reply = None
             for i in range(n):
                 t = pc()
                 send(packb({"id": i, "payload": PAYLOAD}))
-                unpackb(recv())
+                reply = unpackb(recv())
                 lats.append(pc() - t)
+            _check_reply(reply, n - 1)
             ctl.send("result", **_lat_summary(lats), **_rss())
         else:
             t0 = time.perf_counter()
@@ -411,11 +436,13 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
             if mode == "async_lat":
                 pc = time.perf_counter
                 lats = []
+                reply = None
                 for i in range(n):
                     t = pc()
                     await sock.send(packb({"id": i, "payload": PAYLOAD}))
-                    unpackb(await sock.recv())
+                    reply = unpackb(await sock.recv())
                     lats.append(pc() - t)
+                _check_reply(reply, n - 1)
                 ctl.send("result", **_lat_summary(lats), **_rss())
             else:  # outstanding: n requests at once, one future each, like a request API would
                 rss_base = rss_now_kb()
@@ -470,10 +497,12 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
                 request(SERVICE, _echo_data(i), timeout=10)
             pc = time.perf_counter
             lats = []
+            reply = None
             for i in range(n):
                 t = pc()
-                request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=10)
+                reply = request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=10)
                 lats.append(pc() - t)
+            _check_reply(reply, n - 1)
             ctl.send("result", **_lat_summary(lats), stats=node.stats()["request"], **_rss())
             ctl.wait("stop")
         finally:
@@ -493,10 +522,12 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
             if mode == "async_lat":
                 pc = time.perf_counter
                 lats = []
+                reply = None
                 for i in range(n):
                     t = pc()
-                    await request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=10)
+                    reply = await request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=10)
                     lats.append(pc() - t)
+                _check_reply(reply, n - 1)
                 ctl.send("result", **_lat_summary(lats), stats=node.stats()["request"], **_rss())
             elif mode == "inflight":
                 ids = iter(range(n))

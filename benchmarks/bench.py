@@ -119,7 +119,12 @@ def trial_push(t: Trial, impl: str, mode: str, n: int, warm: int, size: int = 0,
     t.expect("recv", "warm")
     t.tell("send", "warm")
     sent = t.expect("send", "result")
+    last = t.expect("recv", "check")["last"]
     got = t.expect("recv", "result")
+    # the last message handled must be the last one sent (one sender, one receiver: in order)
+    want = {"len": size} if mode == "large" else ({"len": 64} if mode == "bare" else {"id": warm + n - 1})
+    if last != want:
+        raise TrialError(f"content check failed: the last message handled was {last}, expected {want}")
     elapsed = got["t_done"] - sent["t0"]
     payload = size if mode == "large" else 64
     return {
@@ -138,11 +143,11 @@ def trial_push(t: Trial, impl: str, mode: str, n: int, warm: int, size: int = 0,
 def trial_req(t: Trial, impl: str, mode: str, n: int, warm: int, window: int = 1, slow_first_s: float = 0.0) -> dict[str, Any]:
     """An echo service process and a client process; the client measures."""
     if impl == "raw":
-        t.spawn("service", "raw_router", slow_first_s=slow_first_s)
+        t.spawn("service", "raw_router", slow_first_s=slow_first_s, slow_at=warm)
         t.spawn("client", "raw_req_client", mode=mode, n=n, warm=warm, window=window)
     else:
         mesh = mesh_options()
-        t.spawn("service", "zm_service", slow_first_s=slow_first_s, **mesh)
+        t.spawn("service", "zm_service", slow_first_s=slow_first_s, slow_at=warm, **mesh)
         t.spawn("client", "zm_req_client", mode=mode, n=n, warm=warm, window=window, **mesh)
     ready = t.expect("service", "ready")
     t.tell("client", "go", **ready)

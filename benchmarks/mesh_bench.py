@@ -321,10 +321,11 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
             group.spawn(i, f"n{i:02d}", node_argv(impl, f"n{i:02d}", n, port, where,
                                                   args.zmqmesh_options if impl == "zmqmesh" else ""))
         formed = group.wait_for(
-            lambda: all(p.full is not None for p in group.nodes) or any(p.error or p.eof for p in group.nodes),
+            lambda: all(p.full is not None and p.started is not None for p in group.nodes)
+            or any(p.error or p.eof for p in group.nodes),
             args.form_timeout,
         )
-        if not formed or not all(p.full is not None for p in group.nodes):
+        if not formed or not all(p.full is not None and p.started is not None for p in group.nodes):
             counts = sorted(len(p.peers) for p in group.nodes)
             bad = next((p for p in group.nodes if p.error or p.eof), None)
             why = f"peer counts {counts}"
@@ -369,13 +370,18 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
             sample("rss_mib", statistics.median(rss), min=min(rss), max=max(rss))
         if pss:
             sample("pss_mib", statistics.median(pss), min=min(pss), max=max(pss))
-        progress(f"[{impl} rep {rep}] idle {elapsed:.1f} s: CPU median {statistics.median(cpu):.2f} % "
-                 f"(max {max(cpu):.2f}), RSS median {statistics.median(rss):.1f} MiB"
-                 + (f"; WARNING {churn} spurious departures while idle" if churn else ""))
+        if cpu and rss:
+            progress(f"[{impl} rep {rep}] idle {elapsed:.1f} s: CPU median {statistics.median(cpu):.2f} % "
+                     f"(max {max(cpu):.2f}), RSS median {statistics.median(rss):.1f} MiB")
+        if churn:
+            progress(f"[{impl} rep {rep}] WARNING: {churn} spurious departures reported before the kill")
+            sample("spurious_departures", churn)
 
         if kill:
             victim = group.nodes[(n // 2 + rep) % n]
-            observers = [p for p in group.nodes if p is not victim]
+            observers = [p for p in group.nodes if p is not victim and p.popen.poll() is None]
+            for p in observers:  # only departures after the kill count
+                p.left.pop(victim.name, None)
             t_kill = group.kill_one(victim)
             group.wait_for(lambda: all(victim.name in p.left for p in observers), kill_bound)
             seen = [p.left[victim.name] - t_kill for p in observers if victim.name in p.left]

@@ -4,7 +4,7 @@ Usage (inside a lab namespace): ``ip netns exec NS python3 -u host_node.py SPEC_
 
 SPEC: {"name": str, "options": {Node options}, "allowed_interfaces": [names],
        "subscribe": [prefix...], "pull": [queue...], "service": [name...],
-       "log_level": "debug" | "info" | ... (optional: library logs, prefixed "log")}
+       "log_level": "debug" | "info" | ... (optional: library logs as "log ..." lines)}
 
 Options not given may come from ZMQMESH_* environment variables, as with `zmqmesh launch`.
 
@@ -105,17 +105,22 @@ def own_sockets() -> list[dict[str, Any]]:
 
 
 def setup_logging(level: str) -> None:
-    """Library logs on stderr (merged into the output the test keeps), stamped with time.monotonic()."""
+    """Library logs as ``log <time.monotonic()> ...`` lines on stdout, under the same lock as
+    the JSON lines (long lines from two streams sharing one pipe could interleave)."""
     import logging
 
-    class Mono(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            record.mono = time.monotonic()
-            return True
+    class LineHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                line = f"log {time.monotonic():.3f} {self.format(record)}\n"
+            except Exception:
+                return
+            with _OUT:
+                sys.stdout.write(line)
+                sys.stdout.flush()
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(Mono())
-    handler.setFormatter(logging.Formatter("log %(mono).3f %(name)s %(levelname)s %(message)s"))
+    handler = LineHandler()
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 

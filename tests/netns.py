@@ -168,6 +168,7 @@ class Lab:
         self.label = label
         self.namespaces: list[str] = []
         self.nodes: list[HostNode] = []
+        self.processes: list[LabProcess] = []
         self._closed = False
         self._port_serial = 0
 
@@ -223,13 +224,20 @@ class Lab:
         """Start a node process (tests/host_node.py) inside ``host``; see `HostNode`.
 
         ``ifname`` names the interface the node should advertise (``node.advertised``);
-        by default the host's only one.
+        by default the host's only one. ``spec`` adds handlers (see host_node.py).
         """
-        full = {"name": name, "options": options or {}, "allowed_interfaces": sorted(host.interfaces()), **spec}
+        full = {"name": name, "options": options or {}, "allowed_interfaces": sorted(host.interfaces()),
+                "log_level": "info", **spec}  # membership logs end up in failure messages
         node = HostNode(self, host, full, env or {})
         node.advertised = host.address(ifname) if ifname or len(host.addresses) == 1 else ""
         self.nodes.append(node)
         return node
+
+    def spawn(self, host: Host, argv: list[str], env: dict[str, str] | None = None, label: str = "") -> LabProcess:
+        """Run any command inside ``host`` (e.g. ``zmqmesh launch``), its output collected line by line."""
+        proc = LabProcess(host, argv, env or {}, label or argv[-1])
+        self.processes.append(proc)
+        return proc
 
     # -- cleaning up ----------------------------------------------------------------------
 
@@ -240,9 +248,13 @@ class Lab:
         self._closed = True
         for node in self.nodes:
             node.request_stop()
+        for proc in self.processes:
+            proc.signal(signal.SIGTERM)
         deadline = time.monotonic() + 5.0
         for node in self.nodes:
             node.finish(max(0.1, deadline - time.monotonic()))
+        for proc in self.processes:
+            proc.finish(max(0.1, deadline - time.monotonic()))
         for ns in reversed(self.namespaces):
             _kill_namespace_processes(ns)
             run(["ip", "netns", "del", ns], check=False)
@@ -253,6 +265,88 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _lab_env(env: dict[str, str]) -> dict[str, str]:
+    """Our environment without ZMQMESH_* variables (a child gets only those the test gives)."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("ZMQMESH_")}
+    return {**inherited, "PYTHONUNBUFFERED": "1", **env}
+
+
+class LabProcess:
+    """A command running inside a lab host, with its output (stdout and stderr) kept by line."""
+
+    def __init__(self, host: Host, argv: list[str], env: dict[str, str], label: str) -> None:
+        self.host = host
+        self.label = label
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", host.ns, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_lab_env(env),
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"read-{label}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def output(self, last: int = 60) -> str:
+        with self._cond:
+            tail = self.lines[-last:]
+        return f"--- {self.label} on {self.host.short} (exit {self.proc.poll()}) ---\n" + "\n".join(tail)
+
+    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait for a line matching the regular expression ``pattern``; returns the match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    break
+                self._cond.wait(min(left, 0.1))
+        raise NodeError(f"{self.label}: no line matching {pattern!r} within {timeout} s\n{self.output()}")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def finish(self, timeout: float) -> int:
+        """Wait for the exit (kill its process group after ``timeout``); returns the status."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(5)
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            try:
+                self.proc.stdout.close()
+            except OSError:
+                pass
+        return self.proc.returncode
 
 
 class NodeError(AssertionError):
@@ -281,15 +375,13 @@ class HostNode:
         self._cond = threading.Condition()
         self._serial = 0
         self._write_lock = threading.Lock()
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ZMQMESH_")}  # only what the test says
-        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", host.ns, sys.executable, "-u", str(HOST_NODE), json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=full_env,
+            env=_lab_env(env),
             start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, name=f"read-{self.name}", daemon=True)
@@ -461,5 +553,5 @@ def wait_all(condition: Callable[[], Any], timeout: float, what: str, nodes: Ite
         time.sleep(0.02)
 
 
-__all__ = ["Lab", "Host", "Switch", "HostNode", "LabError", "NodeError", "run", "sweep_stale", "unavailable_reason",
+__all__ = ["Lab", "Host", "Switch", "HostNode", "LabProcess", "LabError", "NodeError", "run", "sweep_stale", "unavailable_reason",
            "wait_all"]

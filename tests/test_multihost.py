@@ -17,15 +17,21 @@ or sent on, the root namespace.
 4. Partition and heal: a host's cable is pulled; both sides see the departure within the
    peer timeout; after plugging it back in, everyone rejoins with no ghost, duplicate or
    flapping peer; pub/sub, push/pull and request/reply work across hosts before and after.
+5. The deployment example (examples/multihost: three launch files, two sites) runs as its
+   README says, with ``zmqmesh launch`` on each host.
 
 Needs root (CI runs these as root); skipped with the reason otherwise.
 """
 
 from __future__ import annotations
 
+import re
+import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +39,7 @@ import pytest
 import netns
 from netns import HostNode, Lab, wait_all
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "multihost"
 HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = 2.0
 BEACON_INTERVAL_S = 1.0
@@ -293,7 +300,7 @@ def test_partition_is_detected_on_both_sides_and_heals_without_ghosts_or_storms(
     for host in hosts.values():
         for k in (1, 2):
             name = f"{host.short}{k}"
-            nodes.append(lab.node(host, name, options, subscribe=["news."], log_level="info", **roles.get(name, {})))
+            nodes.append(lab.node(host, name, options, subscribe=["news."], **roles.get(name, {})))
     start_all(nodes)
     by_name = {n.name: n for n in nodes}
     a1, c1 = by_name["a1"], by_name["c1"]
@@ -349,3 +356,59 @@ def test_partition_is_detected_on_both_sides_and_heals_without_ghosts_or_storms(
             )
     print(f"\npartition: slowest detection {slowest:.2f} s (timeout {PEER_TIMEOUT_S} s), rejoin {rejoin:.2f} s")
     assert rejoin < PEER_TIMEOUT_S + 2 * BEACON_INTERVAL_S + 1.0, f"rejoin took {rejoin:.2f} s"
+
+
+# -- 5. the deployment example ------------------------------------------------------------------
+
+
+def launch_file(tmp_path: Path, name: str, seed: str | None = None) -> Path:
+    """A copy of examples/multihost/NAME runnable from anywhere (and with the real seed)."""
+    text = (EXAMPLE / name).read_text().replace("python3 fleet.py", f"python3 {EXAMPLE / 'fleet.py'}")
+    if seed is not None:
+        text, count = re.subn(r'(?m)^seeds = \[.*\]', f'seeds = ["{seed}"]', text)
+        assert count == 1, f"{name} has no seeds line"
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.timeout(90)
+def test_the_multihost_example_runs_on_two_sites_with_zmqmesh_launch(lab: Lab, tmp_path: Path) -> None:
+    # The README's network: site 1 = 10.0.1.0/24 (hosts a, b), site 2 = 10.0.2.0/24 (host c), one router.
+    site1, site2 = lab.switch("sw1"), lab.switch("sw2")
+    router = lab.host("r")
+    lab.wire(router, "eth1", site1, "10.0.1.1/24")
+    lab.wire(router, "eth2", site2, "10.0.2.1/24")
+    lab.sysctl(router, "net.ipv4.ip_forward=1")
+    hosts = {}
+    for short, switch, cidr, gateway in (("a", site1, "10.0.1.10/24", "10.0.1.1"),
+                                         ("b", site1, "10.0.1.11/24", "10.0.1.1"),
+                                         ("c", site2, "10.0.2.10/24", "10.0.2.1")):
+        host = hosts[short] = lab.host(short)
+        lab.wire(host, "eth0", switch, cidr)
+        host.ip("route", "add", "default", "via", gateway)
+
+    def launch(short: str, path: Path) -> netns.LabProcess:
+        return lab.spawn(hosts[short], [sys.executable, "-m", "zmqmesh", "launch", str(path)], label=f"host-{short}")
+
+    host_a = launch("a", launch_file(tmp_path, "host-a.toml"))
+    seed = host_a.wait_line(r"anchor: ready, mailbox (tcp://10\.0\.1\.10:\d+)", 30).group(1)
+    host_b = launch("b", launch_file(tmp_path, "host-b.toml"))
+    host_c = launch("c", launch_file(tmp_path, "host-c.toml", seed=seed))
+    launchers = [host_a, host_b, host_c]
+    try:
+        done = host_c.wait_line(r"producer: 60 jobs done by (\d+) workers on (\d+) hosts", 60)
+        assert (done.group(1), done.group(2)) == ("6", "3"), done.group(0)
+        for address in ("10.0.1.10", "10.0.1.11", "10.0.2.10"):  # fleet.status, from the anchor
+            host_c.wait_line(rf"producer:   {re.escape(address)}: .*worker@", 10)
+        host_c.wait_line(r"\[producer\s*\] exited with status 0", 20)
+        host_a.wait_line(r"anchor: progress 60/60", 10)  # pub/sub from site 2 to site 1
+        host_a.wait_line(r"anchor: \+ producer\.\d+@\S+ at 10\.0\.2\.10", 1)
+    finally:
+        for proc in launchers:
+            proc.signal(signal.SIGTERM)
+        codes = [proc.finish(20) for proc in launchers]
+    assert codes == [0, 0, 0], "\n".join(p.output() for p in launchers)
+    for proc in launchers:
+        assert "Traceback" not in "\n".join(proc.lines), proc.output()
+    print("\n" + "\n".join(line for line in host_c.lines if "producer:" in line))

@@ -312,13 +312,16 @@ class MeshCore(MembershipEvents):
         for handle in (self._retry_handle,):
             if handle is not None:
                 handle.cancel()
+        # what the sockets still hold may go out until the linger deadline (bounded: dead
+        # peers cannot hold up the stop beyond it)
+        linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
         for sock in [self._xpub, *self._push_socks.values()]:
             if sock is not None:
                 try:
                     self.loop.remove_reader(sock.FD)
                 except Exception:
                     pass
-                sock.close(0)
+                sock.close(linger_ms)
         self._push_socks.clear()
         with self._space:
             self._space.notify_all()
@@ -326,7 +329,7 @@ class MeshCore(MembershipEvents):
             requester.close()
         if self._zap is not None:
             self._zap.close()
-        self.ctx.destroy(linger=0)
+        await self.loop.run_in_executor(None, self.ctx.destroy, 0)  # waits out the lingers above
         log.info("node %s (%s) stopped", self.name, self.node_id[:8])
 
     def _queued(self) -> int:

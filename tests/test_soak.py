@@ -1,0 +1,37 @@
+"""A short soak: 8 node processes, mixed traffic, a victim SIGKILLed and restarted twice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOAK = Path(__file__).resolve().parent.parent / "benchmarks" / "soak.py"
+CHECKS = {"departures", "aq_delivery", "requests", "pubsub", "pushes", "rss", "health"}
+
+
+@pytest.mark.timeout(120)
+def test_soak_with_kills() -> None:
+    try:
+        done = subprocess.run(
+            [sys.executable, str(SOAK), "--duration", "20", "--kill-every", "7"],
+            capture_output=True, text=True, timeout=110,
+        )
+    except subprocess.TimeoutExpired as exc:  # the soak's children stop when its pipes close
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        pytest.fail(f"the soak did not finish within 110 s; output so far:\n{out[-4000:]}")
+    output = done.stdout + ("\n" + done.stderr if done.stderr else "")
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"soak"')]
+    checks = {r["check"]: r for r in records if r.get("soak") == "check"}
+    summary = [r for r in records if r.get("soak") == "summary"]
+    assert done.returncode == 0, f"soak exited {done.returncode}:\n{output[-6000:]}"
+    assert set(checks) == CHECKS, f"missing checks {CHECKS - set(checks)}:\n{output[-6000:]}"
+    failed = [name for name, r in checks.items() if not r["ok"]]
+    assert not failed, f"checks failed: {failed}\n{output[-6000:]}"
+    assert summary and summary[-1]["ok"] is True and summary[-1]["kills"] == 2
+    assert checks["departures"]["kills"] == 2 and checks["departures"]["false_departures"] == 0
+    assert checks["aq_delivery"]["lost"] == 0 and checks["aq_delivery"]["pushed"] > 0
+    assert checks["pubsub"]["dropped_counted"] == 0
