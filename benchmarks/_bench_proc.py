@@ -94,7 +94,9 @@ class Ctl:
         return self.conn.poll(timeout)
 
 
-def child_entry(module: str, role: str, conn: Any, kwargs: dict[str, Any], hard_timeout: float, log_path: str | None) -> None:
+def child_entry(
+    module: str, role: str, conn: Any, kwargs: dict[str, Any], soft_timeout: float, hard_timeout: float, log_path: str | None
+) -> None:
     """Run ``module.role(ctl, **kwargs)`` in this (spawned) process, then exit hard."""
     if log_path:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -116,7 +118,9 @@ def child_entry(module: str, role: str, conn: Any, kwargs: dict[str, Any], hard_
         logging.basicConfig(
             level=level.upper(), stream=sys.stderr, format=f"%(created).3f {role} %(threadName)s %(name)s %(levelname)s %(message)s"
         )
-    ctl = Ctl(conn, time.monotonic() + hard_timeout)
+    # roles give up (and say why, with their counters) at the soft deadline, a little before
+    # the orchestrator's; the watchdog ends the process at the hard one whatever happens
+    ctl = Ctl(conn, time.monotonic() + soft_timeout)
     code = 0
     try:
         mod = __import__(module)
@@ -190,10 +194,11 @@ class Trial:
         if self.log_dir:
             log_path = os.path.join(self.log_dir, f"{self.label}.{name}.log")
         # the child's own watchdog fires a little after our deadline, so we see our timeout first
+        soft = max(self.timeout - 4.0, self.timeout * 0.8)
         hard = self.timeout + 15.0
         proc = _MP.Process(
             target=child_entry,
-            args=(self.module, role, child, kwargs, hard, log_path),
+            args=(self.module, role, child, kwargs, soft, hard, log_path),
             name=f"bench-{self.label}-{name}",
             daemon=True,
         )

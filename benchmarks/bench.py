@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Throughput, latency and memory of zmqmesh against raw pyzmq doing the same job.
 
-    python3 benchmarks/bench.py                         # everything (~5 min on 2 cores)
-    python3 benchmarks/bench.py --quick                 # smaller counts (~2 min)
+    python3 benchmarks/bench.py                         # everything (~2-3 min on an idle 2-core box)
+    python3 benchmarks/bench.py --quick                 # smaller counts (~1 min)
     python3 benchmarks/bench.py --only push_sync,req_sync --repeats 5
     python3 benchmarks/bench.py --list                  # the scenarios
     python3 benchmarks/bench.py --json out.jsonl        # also write the JSON lines to a file
+    python3 benchmarks/bench.py --wait-quiet 60         # on a shared box: wait for other load to pass
+    python3 benchmarks/bench.py --only push_sync --py-spy /tmp/prof   # where zmqmesh's time goes
 
 Every figure is measured ``--repeats`` times (at least 3), zmqmesh and raw pyzmq
 alternating within each repeat, each run in fresh processes (sender and receiver are
@@ -26,6 +28,11 @@ How things are measured (identically for zmqmesh and raw):
   after the data, on another topic, repeated every ms until all have it); delivered =
   the data messages counted by all subscribers.
 * memory: peak RSS (VmHWM) of each process at the end of the run.
+
+Each run also records how much of the machine's CPU other processes used meanwhile
+(/proc/stat minus this benchmark's own processes); figures taken on a busy machine are
+marked NOISY. Sanity checks: the last message a receiver handled must be the last one
+sent, and echo replies must match their request; a run that fails them fails.
 
 Everything is on 127.0.0.1; each zmqmesh run gets its own free UDP beacon port and mesh
 name. Every run has a deadline; children are stopped, then killed, in ``finally``.
@@ -57,9 +64,9 @@ from _bench_proc import Trial, TrialError  # noqa: E402
 # ============================================================================ parameters ==
 
 FULL = {
-    "push_n": 500_000,
+    "push_n": 1_000_000,
     "push_warm": 2_000,
-    "n_64k": 10_000,
+    "n_64k": 20_000,
     "n_1m": 1_000,
     "req_n": 5_000,
     "req_warm": 300,
@@ -365,14 +372,58 @@ class Outcome:
 
 
 PROFILE_DIR: str | None = None  # --py-spy DIR
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot() -> tuple[float, float, float, float]:
+    """(wall, machine busy CPU-seconds, hypervisor steal seconds, CPU-seconds of this process and its reaped children)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        busy, steal = (fields[0] + fields[1] + fields[2]) / _CLK, fields[7] / _CLK
+    except (OSError, ValueError, IndexError):
+        busy = steal = 0.0
+    t = os.times()
+    return time.monotonic(), busy, steal, t.user + t.system + t.children_user + t.children_system
+
+
+def other_load(before: tuple[float, float, float, float], after: tuple[float, float, float, float]) -> tuple[float, float]:
+    """% of the machine's CPU used by other processes between two snapshots, and % stolen by the hypervisor."""
+    wall = max(after[0] - before[0], 1e-6) * (os.cpu_count() or 1)
+    other = (after[1] - before[1]) - (after[3] - before[3])
+    return max(other, 0.0) / wall * 100.0, (after[2] - before[2]) / wall * 100.0
+
+
+def wait_quiet(max_wait: float, threshold: float = 15.0) -> None:
+    """Wait (up to ``max_wait`` s) until other processes use less than ``threshold`` % of the CPUs."""
+    if max_wait <= 0:
+        return
+    end = time.monotonic() + max_wait
+    waited = False
+    while True:
+        before = cpu_snapshot()
+        time.sleep(0.5)
+        busy, _steal = other_load(before, cpu_snapshot())
+        if busy < threshold:
+            if waited:
+                log(f"  machine quiet again ({busy:.0f} % busy)")
+            return
+        if time.monotonic() > end:
+            log(f"  machine still {busy:.0f} % busy after waiting {max_wait:.0f} s; measuring anyway")
+            return
+        if not waited:
+            log(f"  machine {busy:.0f} % busy with other work; waiting up to {max_wait:.0f} s for it to calm down")
+            waited = True
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_measurement(m: Measurement, params: dict[str, Any], repeat: int, log_dir: str, out: Outcome) -> None:
+def run_measurement(m: Measurement, params: dict[str, Any], repeat: int, log_dir: str, out: Outcome, quiet_wait: float = 0.0) -> None:
+    wait_quiet(quiet_wait)
     timeout = params["timeout"] * m.timeout_scale
+    cpu_before = cpu_snapshot()
     label = f"{m.key}.r{repeat}"
     started = time.monotonic()
     profile_dir = PROFILE_DIR if m.key.startswith("zm_") else None
@@ -385,6 +436,7 @@ def run_measurement(m: Measurement, params: dict[str, Any], repeat: int, log_dir
         finally:
             trial.close(grace=2.0 if failed else 8.0)
         result["_wall_s"] = time.monotonic() - started
+        result["_other_cpu_pct"], result["_steal_pct"] = other_load(cpu_before, cpu_snapshot())
         out.ok.append(result)
         out.by_repeat[repeat] = result
         brief = ", ".join(
@@ -393,11 +445,13 @@ def run_measurement(m: Measurement, params: dict[str, Any], repeat: int, log_dir
         first = trial.timeline[0][0] if trial.timeline else 0.0
         result["_first_reply_s"] = first
         result["_close_s"] = trial.close_s
-        log(f"  [{repeat + 1}] {m.key:<22} ok   {time.monotonic() - started:5.1f} s (first reply {first:.1f} s, stop {trial.close_s:.1f} s)  {brief}")
+        log(
+            f"  [{repeat + 1}] {m.key:<22} ok   {time.monotonic() - started:5.1f} s (first reply {first:.1f} s, stop {trial.close_s:.1f} s,"
+            f" other load {result['_other_cpu_pct']:.0f} %)  {brief}"
+        )
         if time.monotonic() - started > 2.5 + result.get("elapsed_s", 0.0) + (1.0 if "outstanding" in m.key else 0.0):
             # a slow run: say where the time went (messages from the children, seconds since spawn)
             line = ", ".join(f"{name}:{tag}@{at:.2f}" for at, name, tag in trial.timeline)
-            out.notes.append(f"run {repeat + 1} took {time.monotonic() - started:.1f} s; timeline {line}")
             log(f"      slow run; timeline: {line}")
     except Exception as exc:  # TrialError, or a bug in a trial function: record and go on
         text = str(exc) if isinstance(exc, TrialError) else "".join(traceback.format_exception(exc)).strip()
@@ -454,6 +508,7 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
     meets = None
     if fig.target is not None and ratio is not None:
         meets = ratio >= fig.target if fig.higher_is_better else ratio <= fig.target
+    loads = [r.get("_other_cpu_pct", 0.0) for r in zo.ok + ro.ok]
     extra = ""
     if fig.extra is not None:
         try:
@@ -478,11 +533,15 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
         "notes": zo.notes + [f"raw: {n}" for n in ro.notes],
         "extra": extra,
         "measured": {"zmqmesh": MEASUREMENTS[fig.zm].describe, "raw": MEASUREMENTS[fig.raw].describe},
+        "other_load_pct_max": max(loads) if loads else None,
     }
 
 
+NOISY_PCT = 15.0  # other processes using more than this share of the CPUs during a run make it noisy
+
+
 def render_table(rows: list[dict[str, Any]]) -> str:
-    head = ["figure", "unit", "zmqmesh median [min-max]", "raw median [min-max]", "zm/raw [paired]", "target", "verdict"]
+    head = ["figure", "unit", "zmqmesh median [min-max]", "raw median [min-max]", "zm/raw [paired]", "target", "verdict", "other load"]
     lines = []
     for r in rows:
         unit = r["unit"]
@@ -503,7 +562,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             verdict = "meets" if r["meets_target"] else "MISSES"
         if r["status"] == "partial":
             verdict += f" ({r['runs']['zmqmesh']}/{r['runs']['requested']} runs ok)"
-        lines.append([r["figure"], unit, cell(r["zmqmesh"]), cell(r["raw"]), ratio, r["target"] or "-", verdict])
+        load = r["other_load_pct_max"]
+        load_cell = "-" if load is None else f"{load:.0f} %" + (" NOISY" if load > NOISY_PCT else "")
+        lines.append([r["figure"], unit, cell(r["zmqmesh"]), cell(r["raw"]), ratio, r["target"] or "-", verdict, load_cell])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     out = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     out += [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
@@ -519,6 +580,11 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         bits.extend(r["notes"])
         if bits:
             details.append(f"  {r['figure']}: " + "\n    ".join(bits))
+    out.append("")
+    out.append(
+        "other load: the largest share of the machine's CPU used by processes outside this benchmark during any run of the"
+        f" figure (from /proc/stat); above {NOISY_PCT:.0f} % the figure is NOISY."
+    )
     if details:
         out.append("")
         out.append("details:")
@@ -541,12 +607,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated scenarios (see --list); default: all")
     ap.add_argument("--repeats", type=int, default=3, help="runs per figure (at least 3; default 3)")
-    ap.add_argument("--quick", action="store_true", help="smaller message counts (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="smaller message counts (~1 min)")
     ap.add_argument("--json", metavar="PATH", help="also write the JSON lines to PATH")
     ap.add_argument("--logs", metavar="DIR", help="keep the children's stderr logs in DIR (default: a temp dir, kept only on failure)")
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every run's deadline")
     ap.add_argument("--child-log-level", metavar="LEVEL", help="log the library at LEVEL (e.g. DEBUG) into the children's log files")
     ap.add_argument("--py-spy", metavar="DIR", dest="py_spy", help="sample every zmqmesh process with py-spy (raw collapsed stacks, per thread) into DIR; slows them down, so for diagnosis only")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS", help="before each run, wait up to SECONDS for other processes to leave the CPUs (<15 %% busy)")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
     if args.repeats < 3:
@@ -618,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             # alternate which goes first, so neither side always runs on a "warmer" machine
             order = group if repeat % 2 == 0 else list(reversed(group))
             for key in order:
-                run_measurement(MEASUREMENTS[key], params, repeat, log_dir, outcomes[key])
+                run_measurement(MEASUREMENTS[key], params, repeat, log_dir, outcomes[key], args.wait_quiet)
     wall = time.monotonic() - t_start
     env["loadavg_end"] = _loadavg()
 

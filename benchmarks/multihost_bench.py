@@ -201,10 +201,12 @@ def main() -> int:
               f"{fmt(row['min'], row['unit']):>8} | {fmt(row['max'], row['unit']):>8}")
     print()
     print(f"notes: median [min-max] over runs; detection pairs per run: {samples[0]['detect_pairs']} "
-          f"(every node on one side x every node on the other); the cut is at the switch, so a")
-    print(f"       departure can only be seen by silence: expected within peer_timeout_s ({args.peer_timeout} s) "
-          f"plus one check tick. {platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}; total {elapsed:.1f} s")
+          f"(every node on one side x every node on the other).")
+    print(f"       The cut is at the switch, so a departure is seen only by silence: peer_timeout_s "
+          f"({args.peer_timeout} s) after the last traffic,")
+    print("       which precedes the cut by up to about one heartbeat interval (hence pairs below the timeout).")
+    print(f"       {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"total {elapsed:.1f} s")
     print()
     for sample in samples:
         print(json.dumps(sample))

@@ -73,8 +73,9 @@ def unavailable_reason() -> str | None:
             try:
                 run(["ip", "-n", probe, "link", "add", "br0", "type", "bridge"])
                 run(["ip", "-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+                run(["ip", "netns", "exec", probe, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
             except (LabError, OSError, subprocess.SubprocessError) as exc:
-                reason = f"cannot create a bridge or veth pair in a network namespace: {exc}"
+                reason = f"cannot build a network in a namespace (bridge, veth, ip netns exec, sysctl): {exc}"
             finally:
                 run(["ip", "netns", "del", probe], check=False)
     _availability.append(reason)

@@ -15,8 +15,9 @@ or sent on, the root namespace.
 3. Two subnets joined by a router (no broadcast between them) form one mesh through one
    seed and gossip.
 4. Partition and heal: a host's cable is pulled; both sides see the departure within the
-   peer timeout; after plugging it back in, everyone rejoins with no ghost, duplicate or
-   flapping peer; pub/sub, push/pull and request/reply work across hosts before and after.
+   peer timeout; after plugging it back in, everyone rejoins at the next beacons with no
+   ghost, duplicate or flapping peer (exactly one leave and one rejoin per pair across
+   the cut); pub/sub, push/pull and request/reply work across hosts before and after.
 5. The deployment example (examples/multihost: three launch files, two sites) runs as its
    README says, with ``zmqmesh launch`` on each host.
 
@@ -37,7 +38,7 @@ from typing import Any
 import pytest
 
 import netns
-from netns import HostNode, Lab, wait_all
+from netns import HostNode, Lab
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "multihost"
 HEARTBEAT_S = 0.5
@@ -276,10 +277,9 @@ def exchange(tag: str, a1: HostNode, c1: HostNode, everyone: list[HostNode]) -> 
         sender.call("push", queue=f"jobs.{other}", data={"tag": tag, "from": sender.name}, timeout=5)
         reply = sender.call("request", service=f"echo.{other}", data={"tag": tag}, timeout=5)
         assert reply["by"] == receiver.name and reply["echo"] == {"tag": tag}, reply
-        receiver.wait_for(
-            lambda: receiver.find("pull", queue=f"jobs.{other}", data={"tag": tag, "from": sender.name}),
-            10, f"the {tag} job from {sender.name}",
-        )
+        job = {"tag": tag, "from": sender.name}
+        receiver.wait_for(lambda: receiver.find("pull", queue=f"jobs.{other}", data=job), 10, f"the {tag} job")
+        assert len(receiver.find("pull", queue=f"jobs.{other}", data=job)) == 1, f"{receiver.name} got {job} twice"
     for node in everyone:
         for side, sender in (("a", a1), ("c", c1)):
             topic = f"news.{side}.{tag}"
@@ -319,8 +319,9 @@ def test_partition_is_detected_on_both_sides_and_heals_without_ghosts_or_storms(
     detection: dict[str, float] = {}
     for observer in nodes:
         for gone in (side_c if observer in side_ab else side_ab):
-            (leave,) = events_between(observer, "leave", gone)
-            detection[f"{observer.name} saw {gone.name} leave"] = leave["t"] - cut
+            leaves = [e for e in events_between(observer, "leave", gone) if e["t"] >= cut]
+            assert len(leaves) == 1, f"{observer.name} saw {gone.name} leave {len(leaves)} times"
+            detection[f"{observer.name} saw {gone.name} leave"] = leaves[0]["t"] - cut
     slowest = max(detection.values())
     assert slowest < PEER_TIMEOUT_S + DETECTION_SLACK_S, f"departures seen too late: {detection}"
     with pytest.raises(netns.NodeError, match="NoProviderError"):
@@ -355,7 +356,9 @@ def test_partition_is_detected_on_both_sides_and_heals_without_ghosts_or_storms(
                 f"rejected input: {observer.call('stats').get('rejected')}\n{observer.output(40)}"
             )
     print(f"\npartition: slowest detection {slowest:.2f} s (timeout {PEER_TIMEOUT_S} s), rejoin {rejoin:.2f} s")
-    assert rejoin < PEER_TIMEOUT_S + 2 * BEACON_INTERVAL_S + 1.0, f"rejoin took {rejoin:.2f} s"
+    # The first beacon after the heal starts the greeting, which takes milliseconds: a
+    # rejoin slower than that waited for stale state (e.g. a half-open connection) to expire.
+    assert rejoin < BEACON_INTERVAL_S + 1.5, f"rejoin took {rejoin:.2f} s after the heal"
 
 
 # -- 5. the deployment example ------------------------------------------------------------------
@@ -400,7 +403,7 @@ def test_the_multihost_example_runs_on_two_sites_with_zmqmesh_launch(lab: Lab, t
         done = host_c.wait_line(r"producer: 60 jobs done by (\d+) workers on (\d+) hosts", 60)
         assert (done.group(1), done.group(2)) == ("6", "3"), done.group(0)
         for address in ("10.0.1.10", "10.0.1.11", "10.0.2.10"):  # fleet.status, from the anchor
-            host_c.wait_line(rf"producer:   {re.escape(address)}: .*worker@", 10)
+            host_c.wait_line(rf"producer:   {re.escape(address)}: .*worker\.\d+@", 10)
         host_c.wait_line(r"\[producer\s*\] exited with status 0", 20)
         host_a.wait_line(r"anchor: progress 60/60", 10)  # pub/sub from site 2 to site 1
         host_a.wait_line(r"anchor: \+ producer\.\d+@\S+ at 10\.0\.2\.10", 1)

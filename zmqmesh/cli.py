@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--beacon-port", type=int, default=5670, help="UDP beacon port (default 5670)")
     demo.add_argument("--orders", type=int, default=8, help="orders to push through the mesh")
 
+    gateway = sub.add_parser("gateway", parents=[mesh], help="serve HTTP (JSON routes, SSE, dashboard) for the mesh")
+    gateway.add_argument("--listen", default="127.0.0.1:8080", help="host:port (default 127.0.0.1:8080)")
+    gateway.add_argument("--token", default=None, help="bearer token (required off loopback; or ZMQMESH_GATEWAY_TOKEN)")
+
     keygen = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key and NAME.key_secret (mode 600)")
     keygen.add_argument("name", help="file name stem")
     keygen.add_argument("--dir", default=".", help="directory to write to (default: current)")
@@ -211,6 +215,38 @@ def _request(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    try:
+        from .gateway import GatewayError, run_gateway
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    options: dict[str, Any] = {"name": "gateway"}
+    for key in ("mesh", "beacon_port", "interface"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.seed:
+        options["seeds"] = tuple(args.seed)
+    token = args.token or os.environ.get("ZMQMESH_GATEWAY_TOKEN")
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        await run_gateway(args.listen, token, ready=lambda url: print(f"gateway listening on {url}", flush=True), **options)
+
+    try:
+        asyncio.run(serve())
+    except asyncio.CancelledError:
+        pass
+    except GatewayError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line; exits with the command's status."""
     parser = _parser()
@@ -223,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             from .demo import run_demo
 
             code = run_demo(beacon_port=args.beacon_port, orders=args.orders)
+        elif args.command == "gateway":
+            code = _gateway(args)
         elif args.command == "keygen":
             from .security import read_public_key, write_keypair
 

@@ -49,6 +49,7 @@ _BATCH_MESSAGES = 256
 _BATCH_BYTES = 64 * 1024
 _LARGE_FRAME = 64 * 1024
 _RETRY_S = 0.002
+_MAX_TRACKED_TOPICS = 65_536
 _OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent")
 
 
@@ -425,7 +426,8 @@ class MeshCore(MembershipEvents):
         those that just refused it."""
         ids = self.offers["services"].get(service, ())
         if only is not None:
-            ids = (only,) if only in ids else ()
+            builtin = service.startswith("\x00") and only in self.alive_ids
+            ids = (only,) if only in ids or builtin else ()
         if not ids:
             return None
         now = time.monotonic()
@@ -712,11 +714,14 @@ class MeshCore(MembershipEvents):
         if self._pub_q:
             self._flush_pub()
         reliable = self.offers["ackqueues"]
-        for queue, q in self._push_q.items():
-            if queue in reliable:
-                if self.reliable.flush(queue, q):
+        for queue, q in list(self._push_q.items()):
+            try:
+                if queue in reliable:
+                    blocked |= self.reliable.flush(queue, q)
+                elif q and self._flush_push(queue, q):
                     blocked = True
-            elif q and self._flush_push(queue, q):
+            except Exception:  # one queue's failure must not starve the others
+                log.exception("sending on queue %r failed", queue)
                 blocked = True
         if blocked and self._retry_handle is None:
             self._retry_handle = self.loop.call_later(_RETRY_S, self._retry)
@@ -745,6 +750,8 @@ class MeshCore(MembershipEvents):
                 bodies.append(more)
                 size += len(more)
             seq = self._pub_seq.get(topic, 0)
+            if len(self._pub_seq) >= _MAX_TRACKED_TOPICS and topic not in self._pub_seq:
+                self._pub_seq.clear()  # subscribers take a restarted sequence as a new baseline
             self._pub_seq[topic] = seq + len(bodies)
             payload = body if len(bodies) == 1 else b"".join(bodies)
             try:
@@ -770,23 +777,21 @@ class MeshCore(MembershipEvents):
         while q:
             n = 0
             size = 0
-            bodies = []
-            for body in q:
-                if n and (n >= limit or size + len(body) > _BATCH_BYTES):
-                    break
+            bodies: list[bytes] = []
+            # pop, never iterate: callers' threads append to q while the loop runs this
+            while q and (n == 0 or (n < limit and size + len(q[0]) <= _BATCH_BYTES)):
+                body = q.popleft()
                 bodies.append(body)
                 n += 1
                 size += len(body)
             payload = bodies[0] if n == 1 else b"".join(bodies)
             try:
                 sock.send_multipart([name, uuid, payload], zmq.NOBLOCK, copy=size < _LARGE_FRAME)
-            except zmq.Again:
-                return True
             except zmq.ZMQError as exc:
-                log.error("push to %r failed: %s", queue, exc)
+                q.extendleft(reversed(bodies))  # back at the front, in order
+                if not isinstance(exc, zmq.Again):
+                    log.error("push to %r failed: %s", queue, exc)
                 return True
-            for _ in range(n):
-                q.popleft()
             counters["sent"] += n
         return False
 

@@ -37,6 +37,8 @@ from .errors import DecodeError
 from .message import Message
 from .reliable import QUEUE_SERVICE_PREFIX
 
+STATS_SERVICE = "\x00stats"
+
 if TYPE_CHECKING:
     from .core import MeshCore
 
@@ -45,6 +47,7 @@ __all__ = ["Inbox", "ThreadInbox", "LoopInbox", "Call"]
 log = logging.getLogger("zmqmesh.inbox")
 
 _BURST = 256
+_MAX_TRACKED_STREAMS = 65_536
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 
 
@@ -138,6 +141,8 @@ class Inbox:
                 expected = self.pub_sequences.get(key)
                 if expected is not None and sequence > expected:
                     counters["dropped"] += sequence - expected  # lost at a high-water mark
+                elif expected is None and len(self.pub_sequences) >= _MAX_TRACKED_STREAMS:
+                    self.pub_sequences.clear()  # bounded memory: gap counting restarts
                 self.pub_sequences[key] = sequence + len(items)
             topic, handlers = self._topic_handlers(name_b)
         else:
@@ -178,6 +183,10 @@ class Inbox:
         sender_id = routing_id[: wire.UUID_SIZE].hex() if len(routing_id) == wire.UUID_SIZE + 4 else None
         if service.startswith(QUEUE_SERVICE_PREFIX):
             self._decode_reliable(service[len(QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
+            return
+        if service == STATS_SERVICE:  # built in: every node reports its counters
+            snapshot = {"id": core.node_id, "name": core.name, **core.stats.snapshot()}
+            self.send_reply(route, wire.STATUS_OK, core.codec.encode(snapshot))
             return
         handler = core.registry.services.get(service)
         counters["received"] += 1

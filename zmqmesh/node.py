@@ -342,6 +342,13 @@ class Node(_NodeBase[Any]):
             _peer_id(peer),
         )
 
+    def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
+        """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""
+        core = self._core
+        core.ensure_running()
+        result: dict[str, Any] = core.thread_requester().request("\x00stats", core.codec.encode(None), timeout, _peer_id(peer))
+        return result
+
     def whisper(self, peer_id: str, *frames: bytes | str) -> None:
         """Send a ZRE WHISPER (raw frames) to one peer, zmqmesh or plain ZRE."""
         self._call(self._whisper, peer_id, _frames(frames))
@@ -495,6 +502,13 @@ class AsyncNode(_NodeBase[Any]):
             _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout,
             _peer_id(peer),
         )
+
+    async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
+        """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""
+        core = self._core
+        core.ensure_running()
+        result: dict[str, Any] = await core.requester.request("\x00stats", core.codec.encode(None), timeout, _peer_id(peer))
+        return result
 
     async def whisper(self, peer_id: str, *frames: bytes | str) -> None:
         """Send a ZRE WHISPER to one peer."""

@@ -1,0 +1,216 @@
+"""The HTTP gateway against a real mesh: every route with a real HTTP client, and the live
+dashboard in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import wait_until
+
+pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def gateway(mesh: dict[str, Any]) -> Any:
+    port = free_tcp_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
+         "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "gateway listening on" in line, line + proc.stdout.read()
+    yield f"http://127.0.0.1:{port}"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+
+
+def call(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_every_route_against_a_real_mesh(gateway: str, spawn: Any) -> None:
+    worker = spawn("worker", service=["echo", "boom", "block"], pull=["jobs"], subscribe=["news."], block_s=3)
+    wait_until(lambda: any(p["name"] == "worker" for p in call(gateway + "/peers")[1]), 10, "the worker at the gateway")
+    status, peers = call(gateway + "/peers")
+    names = {p["name"]: p for p in peers}
+    assert status == 200 and set(names) == {"gateway", "worker"}
+    assert names["worker"]["services"] == ["block", "boom", "echo"] and names["worker"]["queues"] == ["jobs"]
+
+    assert call(gateway + "/request/echo", "POST", b'{"a": [1, 2]}') == (200, {"echo": {"a": [1, 2]}, "by": "worker"})
+    status, err = call(gateway + "/request/boom", "POST", b"5")
+    assert status == 500 and err["error"] == "RemoteError" and err["remote_type"] == "ValueError"
+    assert "raise ValueError" in err["traceback"]
+    status, err = call(gateway + "/request/missing?timeout=0.3", "POST", b"{}")
+    assert status == 503 and err["error"] == "NoProviderError"
+    status, err = call(gateway + "/request/block?timeout=0.3", "POST", b"null")
+    assert status == 504 and err["error"] == "MeshTimeoutError"
+
+    assert call(gateway + "/publish/news.today", "POST", b'"hello"') == (202, {"status": "published"})
+    worker.wait_line('SUB news.today "hello"')
+    assert call(gateway + "/push/jobs", "POST", b'{"id": 1}') == (202, {"status": "queued"})
+    worker.wait_line('PULL jobs {"id":1}')
+    status, err = call(gateway + "/push/nobody?timeout=0.3", "POST", b"1")
+    assert status == 503 and err["error"] == "NoProviderError"
+
+    assert call(gateway + "/request/echo", "POST", b"{not json")[0] == 400
+    assert call(gateway + "/nowhere")[0] == 404
+    assert call(gateway + "/publish/x")[0] == 405
+    status, err = call(gateway + "/publish/x", "POST", b"[" + b"1," * 600_000 + b"1]")
+    assert status == 413 and err["error"] == "PayloadTooLarge"
+
+
+def test_provider_lost_mid_request_is_a_502(gateway: str, spawn: Any) -> None:
+    doomed = spawn("doomed", service=["block"], block_s=30, options={"peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0})
+    wait_until(lambda: any(p["name"] == "doomed" for p in call(gateway + "/peers")[1]), 10, "the provider")
+    import threading
+
+    threading.Timer(0.5, doomed.kill).start()
+    status, err = call(gateway + "/request/block?timeout=20", "POST", b"null")
+    assert status == 502 and err["error"] == "PeerLostError"
+
+
+def test_events_stream_joins_leaves_and_counters(gateway: str, spawn: Any) -> None:
+    response = urllib.request.urlopen(gateway + "/events", timeout=30)
+    events: list[tuple[str, Any]] = []
+
+    def read_event() -> tuple[str, Any]:
+        kind, data = "", None
+        while True:
+            line = response.readline().decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif line == "" and kind:
+                return kind, data
+
+    assert read_event()[0] == "snapshot"
+    proc = spawn("visitor")
+    while not any(k == "join" and d["name"] == "visitor" for k, d in events):
+        events.append(read_event())
+    while not any(k == "stats" and len(d["nodes"]) == 2 for k, d in events):
+        events.append(read_event())
+    proc.kill()
+    while not any(k == "leave" and d["name"] == "visitor" for k, d in events):
+        events.append(read_event())
+    response.close()
+
+
+def test_public_listen_address_needs_a_token(mesh: dict[str, Any]) -> None:
+    result = subprocess.run([sys.executable, "-m", "zmqmesh", "gateway", "--listen", "0.0.0.0:0",
+                             "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "needs a bearer token" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_token_is_enforced(mesh: dict[str, Any]) -> None:
+    port = free_tcp_port()
+    env = {**os.environ, "ZMQMESH_GATEWAY_TOKEN": "s3cret"}
+    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
+                             "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}/peers"
+        assert call(url)[0] == 401
+        assert call(url, headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert call(url, headers={"Authorization": "Bearer s3cret"})[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def _chrome() -> Any:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,800"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+@pytest.mark.timeout(180)
+def test_dashboard_shows_nodes_join_and_leave_live(gateway: str, spawn: Any, mesh: dict[str, Any]) -> None:
+    mesh_options = mesh
+    spawn("pricer", subscribe=["prices."], service=["quote"])
+    browser = _chrome()
+    try:
+        browser.get(gateway + "/")
+        from selenium.webdriver.common.by import By
+
+        def shown(name: str) -> bool:
+            return bool(browser.find_elements(By.CSS_SELECTOR, f'g.node[data-node-name="{name}"]'))
+
+        wait_until(lambda: shown("pricer") and shown("gateway"), 20, "the first nodes on the page")
+        late = spawn("late-joiner", pull=["jobs"])  # started after the page loaded
+        wait_until(lambda: shown("late-joiner"), 20, "the late node to appear")
+        wait_until(lambda: browser.find_element(By.ID, "status").text == "live", 10, "the live status")
+        wait_until(lambda: "queue jobs" in browser.page_source, 10, "the offers on the page")
+        for i in range(5):
+            spawn(f"extra-{i}", service=[f"svc{i}"])
+        wait_until(lambda: browser.find_element(By.ID, "count").text == "8", 20, "every node")
+        ARTIFACTS.mkdir(exist_ok=True)
+        time.sleep(1.5)  # let a counters event arrive so the screenshot shows message rates
+        browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        late.kill()
+        wait_until(lambda: not shown("late-joiner"), 20, "the killed node to disappear")
+        assert "- late-joiner" in browser.find_element(By.ID, "log").text
+        browser.save_screenshot(str(ARTIFACTS / "dashboard-after-kill.png"))
+        # fifty nodes: still one readable picture
+        import zmqmesh
+
+        crowd = [zmqmesh.Node(f"n{i:02d}", mesh=mesh_options["mesh"], beacon_port=mesh_options["beacon_port"]).start()
+                 for i in range(43)]
+        try:
+            wait_until(lambda: browser.find_element(By.ID, "count").text == "50", 60, "fifty nodes")
+            time.sleep(1.5)
+            browser.save_screenshot(str(ARTIFACTS / "dashboard-50-nodes.png"))
+        finally:
+            for node in crowd:
+                node.stop()
+    finally:
+        browser.quit()
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -1,0 +1,296 @@
+"""`zmqmesh gateway`: an HTTP door into the mesh, and a live dashboard.
+
+The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
+``zmqmesh[gateway]`` extra):
+
+    POST /request/{service}   JSON body in, the reply as JSON out
+    POST /publish/{topic}     JSON body; 202 once handed to the mesh
+    POST /push/{queue}        JSON body; 202 once handed to the mesh
+    GET  /peers               the membership as JSON
+    GET  /events              Server-Sent Events: joins, leaves, per-node counters
+    GET  /                    the dashboard (one self-contained page, no CDN)
+
+Errors are JSON ``{"error": type, "message": ..., ...}`` with a status per kind:
+400 bad JSON, 401 missing or wrong token, 404 unknown route, 405 wrong method,
+413 body too large, 500 the remote handler raised (with its type and traceback text),
+502 the provider was lost mid-request, 503 nobody offers it, 504 timeout.
+It listens on loopback by default; on any other address a bearer token is required.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from importlib import resources
+from typing import Any
+
+from .errors import MeshTimeoutError, NoProviderError, PeerLostError, RemoteError, ZmqMeshError
+from .message import Peer
+from .node import AsyncNode
+
+try:
+    from aiohttp import web
+except ImportError as exc:  # pragma: no cover - depends on the extra
+    raise ImportError("the gateway needs aiohttp: pip install 'zmqmesh[gateway]'") from exc
+
+__all__ = ["create_app", "run_gateway", "GatewayError"]
+
+log = logging.getLogger("zmqmesh.gateway")
+
+_STATS_INTERVAL_S = 1.0
+
+
+class GatewayError(ValueError):
+    """The gateway cannot start as asked (e.g. a public address without a token)."""
+
+
+def _error(status: int, kind: str, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": kind, "message": message, **extra}, status=status)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default)
+
+
+def peer_json(peer: Peer, gateway: bool = False) -> dict[str, Any]:
+    """A peer as the gateway shows it."""
+    return {
+        "id": peer.id,
+        "name": peer.name,
+        "address": peer.address,
+        "endpoint": peer.endpoint,
+        "services": sorted(peer.services),
+        "queues": sorted(peer.queues),
+        "topics": sorted(peer.topics),
+        "groups": sorted(g for g in peer.groups if not g.startswith("zmqmesh/")),
+        "last_seen": peer.last_seen,
+        "zmqmesh": peer.is_zmqmesh,
+        "gateway": gateway,
+    }
+
+
+class Gateway:
+    """The routes, bound to one running `AsyncNode`."""
+
+    def __init__(self, node: AsyncNode, token: str | None, request_timeout_s: float, max_body_bytes: int) -> None:
+        self.node = node
+        self.max_body_bytes = max_body_bytes
+        self.token = token
+        self.request_timeout_s = request_timeout_s
+        self.listeners: set[asyncio.Queue[str]] = set()
+        self._stats_task: asyncio.Task[None] | None = None
+
+    # middleware --------------------------------------------------------------------------------
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Turn every failure into a JSON error; check the token."""
+        if self.token is not None and request.path != "/":
+            supplied = request.headers.get("Authorization", "")
+            supplied = supplied[7:] if supplied.startswith("Bearer ") else request.query.get("token", "")
+            if not hmac.compare_digest(supplied.encode(), self.token.encode()):
+                return _error(401, "Unauthorized", "a valid bearer token is required")
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "PayloadTooLarge", f"the body exceeds {self.max_body_bytes} bytes")
+        except web.HTTPNotFound:
+            return _error(404, "NotFound", f"no route {request.method} {request.path}")
+        except web.HTTPMethodNotAllowed as exc:
+            return _error(405, "MethodNotAllowed", f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}")
+        except web.HTTPException as exc:
+            return _error(exc.status, exc.reason or "HTTPError", exc.text or exc.reason or "")
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as exc:  # a bug of ours: logged here, never a traceback to the client
+            log.exception("error serving %s %s", request.method, request.path)
+            return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")
+
+    async def _body(self, request: web.Request) -> Any:
+        raw = await request.read()
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _BadRequest(f"the body is not valid JSON: {exc}") from None
+
+    # routes -----------------------------------------------------------------------------------
+
+    async def request(self, request: web.Request) -> web.Response:
+        """POST /request/{service}."""
+        service = request.match_info["service"]
+        try:
+            data = await self._body(request)
+            timeout = float(request.query.get("timeout", self.request_timeout_s))
+            reply = await self.node.request(service, data, timeout=timeout)
+        except _BadRequest as exc:
+            return _error(400, "BadRequest", str(exc))
+        except ValueError as exc:
+            return _error(400, "BadRequest", str(exc))
+        except RemoteError as exc:
+            return _error(500, "RemoteError", exc.remote_message, remote_type=exc.remote_type, traceback=exc.remote_traceback)
+        except PeerLostError as exc:
+            return _error(502, "PeerLostError", str(exc))
+        except NoProviderError as exc:
+            return _error(503, "NoProviderError", str(exc))
+        except MeshTimeoutError as exc:
+            return _error(504, "MeshTimeoutError", str(exc))
+        except TypeError as exc:
+            return _error(400, "BadRequest", str(exc))
+        return web.Response(text=_dumps(reply), content_type="application/json")
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """POST /publish/{topic}."""
+        try:
+            data = await self._body(request)
+            await self.node.publish(request.match_info["topic"], data)
+        except (_BadRequest, ValueError, TypeError) as exc:
+            return _error(400, "BadRequest", str(exc))
+        return web.json_response({"status": "published"}, status=202)
+
+    async def push(self, request: web.Request) -> web.Response:
+        """POST /push/{queue}."""
+        try:
+            data = await self._body(request)
+            timeout = float(request.query.get("timeout", self.request_timeout_s))
+            await self.node.push(request.match_info["queue"], data, timeout=timeout)
+        except (_BadRequest, ValueError, TypeError) as exc:
+            return _error(400, "BadRequest", str(exc))
+        except NoProviderError as exc:
+            return _error(503, "NoProviderError", str(exc))
+        except MeshTimeoutError as exc:
+            return _error(504, "MeshTimeoutError", str(exc))
+        return web.json_response({"status": "queued"}, status=202)
+
+    def membership(self) -> list[dict[str, Any]]:
+        """Every node, the gateway included."""
+        me = self.node._core.self_peer()
+        return [peer_json(me, gateway=True)] + [peer_json(p) for p in sorted(self.node.peers(), key=lambda p: p.name)]
+
+    async def peers(self, request: web.Request) -> web.Response:
+        """GET /peers."""
+        return web.Response(text=_dumps(self.membership()), content_type="application/json")
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """GET /events: a Server-Sent Events stream."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+        self.listeners.add(queue)
+        try:
+            await response.write(_sse("snapshot", self.membership()))
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(queue.get(), 15)
+                except asyncio.TimeoutError:
+                    chunk = ": keep-alive\n\n"
+                await response.write(chunk.encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.listeners.discard(queue)
+        return response
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        """GET /: the dashboard page."""
+        page = resources.files("zmqmesh").joinpath("dashboard.html").read_text()
+        return web.Response(text=page, content_type="text/html")
+
+    # events -----------------------------------------------------------------------------------
+
+    def broadcast(self, event: str, data: Any) -> None:
+        """Queue an event for every open /events stream (a stream that lags loses events)."""
+        chunk = _sse_text(event, data)
+        for queue in list(self.listeners):
+            try:
+                queue.put_nowait(chunk)
+            except asyncio.QueueFull:
+                pass
+
+    async def poll_stats(self) -> None:
+        """Every second, collect every zmqmesh node's counters and broadcast them."""
+        while True:
+            await asyncio.sleep(_STATS_INTERVAL_S)
+            if not self.listeners:
+                continue
+            targets = [p for p in self.node.peers() if p.is_zmqmesh] + [self.node._core.self_peer()]
+            results = await asyncio.gather(*(self.node.node_stats(p, timeout=1.0) for p in targets), return_exceptions=True)
+            stats = {}
+            for peer, result in zip(targets, results):
+                if isinstance(result, dict):
+                    stats[peer.id] = {k: result[k] for k in ("pubsub", "pipeline", "request", "service", "zre")}
+            self.broadcast("stats", {"time": time.time(), "nodes": stats})
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _sse_text(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {_dumps(data)}\n\n"
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return _sse_text(event, data).encode()
+
+
+def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 1024 * 1024,
+               request_timeout_s: float = 10.0) -> tuple[web.Application, Gateway]:
+    """The aiohttp application of a gateway on a running ``node``."""
+    gateway = Gateway(node, token, request_timeout_s, max_body_bytes)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[gateway.errors])
+    app.router.add_post("/request/{service}", gateway.request)
+    app.router.add_post("/publish/{topic}", gateway.publish)
+    app.router.add_post("/push/{queue}", gateway.push)
+    app.router.add_get("/peers", gateway.peers)
+    app.router.add_get("/events", gateway.events)
+    app.router.add_get("/", gateway.dashboard)
+    node.on_join(lambda peer: gateway.broadcast("join", peer_json(peer)))
+    node.on_leave(lambda peer: gateway.broadcast("leave", peer_json(peer)))
+    return app, gateway
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def run_gateway(listen: str, token: str | None = None, ready: Any = None, **node_options: Any) -> None:
+    """Join the mesh and serve HTTP on ``listen`` (``host:port``) until cancelled."""
+    host, _, port_text = listen.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise GatewayError(f"--listen must be host:port, got {listen!r}")
+    if not _is_loopback(host) and not token:
+        raise GatewayError(f"listening on {host} (not loopback) needs a bearer token (--token or ZMQMESH_GATEWAY_TOKEN)")
+    async with AsyncNode(node_options.pop("name", "gateway"), **node_options) as node:
+        app, gateway = create_app(node, token)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, int(port_text))
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise GatewayError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        stats_task = asyncio.create_task(gateway.poll_stats())
+        log.info("gateway on http://%s (mesh %r)", listen, node.config.mesh)
+        if ready is not None:
+            ready(f"http://{listen}")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stats_task.cancel()
+            await runner.cleanup()
