@@ -328,7 +328,9 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
         if not formed or not all(p.full is not None and p.started is not None for p in group.nodes):
             counts = sorted(len(p.peers) for p in group.nodes)
             bad = next((p for p in group.nodes if p.error or p.eof), None)
-            why = f"peer counts {counts}"
+            booted = sum(p.boot is not None for p in group.nodes)
+            started = sum(p.started is not None for p in group.nodes)
+            why = f"{booted}/{n} booted, {started}/{n} started, peer counts {counts}"
             if bad is not None:
                 why += f"; {bad.name} died: " + " | ".join(bad.tail[-5:])
             progress(f"[{impl} rep {rep}] formation FAILED within {args.form_timeout} s: {why}")

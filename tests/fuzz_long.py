@@ -962,9 +962,7 @@ class Sink:
         problems = []
         while self.sock.poll(0):
             frames = self.sock.recv_multipart()
-            self.received += 1
-            if len(frames[0]) != 17 or frames[0][0] != 1:
-                problems.append(f"a ZRE link with identity {frames[0]!r} sent {frames[1:]!r:.300}")
+            self.received += 1  # frames[0] is the link's identity (libzmq's own when two links share one)
             try:
                 zre.decode_command(frames[1:])
             except Exception as exc:
@@ -1000,17 +998,20 @@ class ErrorLog(logging.Handler):
         self.warnings = 0
         self.errors = 0
         self.first_errors: list[str] = []
+        self.last_errors: collections.deque[str] = collections.deque(maxlen=5)
         self._lock2 = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
         with self._lock2:
             if record.levelno >= logging.ERROR:
                 self.errors += 1
+                text = record.getMessage()
+                if record.exc_info and record.exc_info[1] is not None:
+                    text += f" [{type(record.exc_info[1]).__name__}: {record.exc_info[1]}]"
+                text = f"{record.name}: {text}"[:400]
                 if len(self.first_errors) < 5:
-                    text = record.getMessage()
-                    if record.exc_info and record.exc_info[1] is not None:
-                        text += f" [{type(record.exc_info[1]).__name__}: {record.exc_info[1]}]"
-                    self.first_errors.append(f"{record.name}: {text}"[:400])
+                    self.first_errors.append(text)
+                self.last_errors.append(text)
             else:
                 self.warnings += 1
 

@@ -62,7 +62,7 @@ def unavailable_reason() -> str | None:
     elif shutil.which("ip") is None:
         reason = "`ip` (iproute2) is not installed"
     elif os.geteuid() != 0:
-        reason = "needs root to create network namespaces (`ip netns add`); CI runs these as root"
+        reason = "needs root to create network namespaces (`ip netns add`)"
     else:
         probe = f"{NS_PREFIX}{os.getpid()}x{uuid.uuid4().hex[:6]}-probe"
         try:

@@ -54,7 +54,7 @@ def lab() -> Iterator[Lab]:
     """A fresh virtual network, torn down (processes killed, namespaces deleted) whatever happens."""
     reason = netns.unavailable_reason()
     if reason is not None:
-        pytest.skip(f"multi-host tests need network namespaces: {reason}")
+        pytest.skip(f"multi-host tests need network namespaces (CI runs them as root): {reason}")
     netns.sweep_stale()
     lab = Lab()
     try:

@@ -98,9 +98,13 @@ def producer(jobs: int, workers: int, timeout: float) -> int:
 
     with node:
         say("producer", f"waiting for {workers} workers and the anchor")
-        node.wait_for_pullers("thumbnails", workers, timeout=timeout)
-        node.wait_for_service("fleet.status", 1, timeout=timeout)
-        node.wait_for_subscribers("fleet.progress", 1, timeout=timeout)
+        try:
+            node.wait_for_pullers("thumbnails", workers, timeout=timeout)
+            node.wait_for_service("fleet.status", 1, timeout=timeout)
+            node.wait_for_subscribers("fleet.progress", 1, timeout=timeout)
+        except zmqmesh.ZmqMeshError as exc:
+            say("producer", f"gave up after {timeout:.0f} s: {exc} (is the seed right? see README.md)")
+            return 1
         for job in range(jobs):
             node.push("thumbnails", {"job": job, "size": [4000, 3000]})
         while not all_done.wait(0.5):
