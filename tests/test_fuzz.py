@@ -324,9 +324,26 @@ def test_a_peer_that_moves_to_another_mesh_is_reported_gone(lone: Any) -> None:
         wait_until(lambda: node.providers("moved"), 5, "the fake peer to offer 'moved'")
         dealer.send_multipart(zre.encode_command(ZreMessage(
             Command.HELLO, 1, endpoint=endpoint, name="mover", headers={"X-ZMQMESH-MESH": "another"})))
-        wait_until(lambda: node.left, 5, "on_leave for the peer that moved")  # type: ignore[attr-defined]
+        wait_until(lambda: node.left, 2.5, "on_leave for the peer that moved")  # type: ignore[attr-defined]
         assert not node.providers("moved")
         assert node.stats()["membership"].get("left") == 1
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: parse_endpoint's regex ends in '$', which also matches before a trailing "
+                   "newline; libzmq refuses 'tcp://127.0.0.1:5670\\n', so connect() raises out of the HELLO (or gossip) "
+                   "handler: zre_handler_error and an ERROR traceback in the log for every such message")
+def test_an_endpoint_with_a_trailing_newline_is_refused(lone: Any) -> None:
+    node, log, _mesh = lone
+    ctx = zmq.Context()
+    try:
+        _inbox, dealer, _endpoint = _fake_peer(ctx, node)
+        dealer.send_multipart(zre.encode_command(ZreMessage(Command.HELLO, 1, endpoint="tcp://127.0.0.1:5670\n", name="nl")))
+        rejected = lambda: node.stats()["rejected"]  # noqa: E731
+        wait_until(lambda: rejected().get("bad_endpoint") or rejected().get("zre_handler_error"), 5, "the HELLO to be handled")
+        assert rejected() == {"bad_endpoint": 1}
+        assert log.errors == 0, log.first_errors
     finally:
         ctx.destroy(linger=0)
 

@@ -34,6 +34,8 @@ class NodeConfig:
         beacon_address: where UDP beacons go; by default the interface's broadcast
             address (127.255.255.255 on loopback).
         beacon_port: UDP port of beacons (ZRE uses 5670).
+        mailbox_port: fixed TCP port of the ZRE mailbox (0: a random port in
+            49152-65535); a fixed port lets seeds be written down ahead of time.
         beacon_interval_s: seconds between beacons (the first goes out at once).
         discovery: send and listen to UDP beacons; turn off to rely on ``seeds`` only.
         seeds: mailbox endpoints (``tcp://host:port``) to greet directly where broadcast
@@ -73,6 +75,7 @@ class NodeConfig:
     advertise_address: str | None = None
     beacon_address: str | None = None
     beacon_port: int = DEFAULT_BEACON_PORT
+    mailbox_port: int = 0
     beacon_interval_s: float = 1.0
     discovery: bool = True
     seeds: tuple[str, ...] = ()
@@ -118,8 +121,10 @@ class NodeConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
-        if not (0 <= self.beacon_port <= 65535):
-            raise ConfigError(f"beacon_port must be 0..65535, got {self.beacon_port!r}")
+        for name in ("beacon_port", "mailbox_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ConfigError(f"{name} must be 0..65535, got {value!r}")
         if self.peer_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("peer_timeout_s must be longer than heartbeat_interval_s")
         if not self.mesh or len(self.mesh) > 200:

@@ -3,7 +3,7 @@
 The file::
 
     [mesh]                       # optional: given to every process as ZMQMESH_* variables
-    name = "shop"
+    name = "shop"                # and any node option: beacon_port, interface, seeds, ...
     beacon_port = 5670
 
     [[process]]
@@ -40,7 +40,14 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
 
 _RESTARTS = ("never", "on-failure", "always")
-_MESH_KEYS = {"name": "MESH", "beacon_port": "BEACON_PORT", "interface": "INTERFACE", "seeds": "SEEDS"}
+def _mesh_keys() -> dict[str, str]:
+    from .config import NodeConfig
+
+    keys = {f: f.upper() for f in NodeConfig.__dataclass_fields__ if f != "mesh"}
+    return {"name": "MESH", **keys}
+
+
+_MESH_KEYS = _mesh_keys()
 
 
 class LaunchError(ValueError):
@@ -78,7 +85,7 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
     base_env: dict[str, str] = {}
     for key, value in mesh.items():
         if key not in _MESH_KEYS:
-            raise LaunchError(f"{path}: unknown key mesh.{key} (known: {', '.join(_MESH_KEYS)})")
+            raise LaunchError(f"{path}: unknown key mesh.{key} (known: name and every node option)")
         base_env[f"ZMQMESH_{_MESH_KEYS[key]}"] = ",".join(value) if isinstance(value, list) else str(value)
     entries = data.get("process")
     if not isinstance(entries, list) or not entries:

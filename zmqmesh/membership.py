@@ -214,19 +214,30 @@ class Membership:
     # -- life cycle ----------------------------------------------------------------------
 
     def bind(self) -> None:
-        """Bind the mailbox ROUTER to an ephemeral port in 0xC000-0xFFFF (as ZRE asks)."""
+        """Bind the mailbox ROUTER to ``mailbox_port``, or to a random port in 0xC000-0xFFFF (as ZRE asks)."""
         mailbox = self.ctx.socket(zmq.ROUTER)
         mailbox.setsockopt(zmq.LINGER, 0)
         mailbox.setsockopt(zmq.RCVHWM, self.config.recv_hwm)
         mailbox.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 4096)
+        # a peer reconnecting after a cut link takes over its routing id at once, instead
+        # of being shut out by its own half-open previous connection
+        mailbox.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if self.keys is not None:
             make_server(mailbox, self.keys)
         try:
-            self.port = mailbox.bind_to_random_port(
-                f"tcp://{self.bind_address}", min_port=0xC000, max_port=0x10000, max_tries=200
-            )
-        except zmq.ZMQError:
-            self.port = _bind_ephemeral(mailbox, self.bind_address)
+            if self.config.mailbox_port:
+                mailbox.bind(f"tcp://{self.bind_address}:{self.config.mailbox_port}")
+                self.port = self.config.mailbox_port
+            else:
+                try:
+                    self.port = mailbox.bind_to_random_port(
+                        f"tcp://{self.bind_address}", min_port=0xC000, max_port=0xFFFF, max_tries=200
+                    )
+                except zmq.ZMQBindError:
+                    self.port = _bind_ephemeral(mailbox, self.bind_address)
+        except zmq.ZMQError as exc:
+            mailbox.close(0)
+            raise ZmqMeshError(f"cannot bind the mailbox on {self.bind_address}: {exc}") from exc
         self.endpoint = f"tcp://{self.advertise_address}:{self.port}"
         self._mailbox = mailbox
 
