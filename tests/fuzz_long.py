@@ -57,7 +57,7 @@ BROADCAST = "127.255.255.255"  # beacons go to loopback broadcast only, never an
 CONTROL_MAGIC = b"\x00zmqmesh-control"
 ZRE_SIGNATURE = b"\xaa\xa1"
 HELLO, WHISPER, SHOUT, JOIN, LEAVE, PING, PING_OK = range(1, 8)
-SERVICES = ("ping", "nope", "\x00queue/aq", "\x00queue/q", "\x00queue/", "")
+SERVICES = ("ping", "nope", "\x00queue/aq", "\x00queue/q", "\x00queue/", "\x00stats", "")
 QUEUES = ("q", "aq", "nope", "")
 TOPICS = (b"t", b"t.x", b"tt", b"t\x00\xff")
 
@@ -1058,7 +1058,7 @@ def serve(config_json: str) -> int:
                 "internals": node_internals(node)}
 
     node.service("ping", lambda msg: "pong")
-    node.service("stats", report)
+    node.service("stats", lambda msg: json.dumps(report()))
     node.pull("q", lambda msg: None)
     node.pull("aq", lambda msg: None, at_least_once=True)
     node.subscribe("t", lambda msg: None)
@@ -1103,64 +1103,80 @@ def run(args: argparse.Namespace) -> int:
         return 1
     info = json.loads(ready[len("READY "):])
     print(f"target pid {proc.pid}, node {info['id'][:8]}, mesh {mesh}, beacon port {beacon_port}, "
-          f"max_message_bytes {args.max_message_bytes}, seed {args.seed}, inputs {args.inputs}", flush=True)
+          f"max_message_bytes {args.max_message_bytes}, seed {args.seed}, inputs {args.inputs}, "
+          f"link rate {args.link_rate}/s", flush=True)
 
     ctx = zmq.Context()
     sinks = [Sink(ctx, handover=False), Sink(ctx, handover=True)]
     env = make_env(mesh, info["id"], info["endpoints"], beacon_port, args.max_message_bytes, sinks)
-    rng = random.Random(args.seed)
-    src = RandomSource(rng)
+    src = RandomSource(random.Random(args.seed))
     driver = Driver(env, ctx, random.Random(args.seed + 1), link_rate=args.link_rate)
     recent: collections.deque[str] = collections.deque(maxlen=20)
-    failure = None
+    failures: list[str] = []  # the run goes on after a failure, unless the target died or hung
     answered = 0
+    builtin = "not asked"
+    sent = 0
     try:
         for i in range(1, args.inputs + 1):
             inp = gen_any(src, env)
             recent.append(f"#{i} {inp!r}"[:600])
             driver.send(inp)
-            if i % args.check_every == 0 or i == args.inputs:
-                if proc.poll() is not None:
-                    failure = f"the target process died (exit code {proc.returncode}) within inputs {i - args.check_every + 1}..{i}"
-                    break
-                try:
-                    latency = driver.ping(args.timeout)
-                    answered += 1
-                except AssertionError as exc:
-                    failure = f"{exc} after input {i}" + (" (the target process died)" if proc.poll() is not None else "")
-                    break
-                problems = driver.drain() + [p for s in sinks for p in s.drain()]
-                if problems:
-                    failure = f"protocol violations after input {i}: " + "; ".join(problems[:3])
-                    break
-                if i % (args.check_every * 10) == 0 or i == args.inputs:
-                    print(f"[{i:>7}/{args.inputs}] {time.monotonic() - started:6.1f} s  ping {latency * 1000:6.1f} ms  "
-                          f"sent {dict(driver.sent)}", flush=True)
-        final_stats = None
-        if failure is None:
+            sent = i
+            if i % args.check_every and i != args.inputs:
+                continue
+            if proc.poll() is not None:
+                failures.append(f"the target process died (exit code {proc.returncode}) within inputs "
+                                f"{i - args.check_every + 1}..{i}")
+                break
             try:
-                final_stats = call_service(ctx, env, "stats", args.timeout)
+                latency = driver.ping(args.timeout)
                 answered += 1
             except AssertionError as exc:
-                failure = f"the stats service did not answer: {exc}"
-        if failure is None and final_stats is not None:
-            if final_stats["log_errors"]:
-                failure = f"{final_stats['log_errors']} internal error(s) logged by the target: {final_stats['first_errors'][:2]}"
-            elif final_stats["stats"]["rejected"].get("zre_handler_error"):
-                failure = "the ZRE handler raised on input (zre_handler_error counted)"
-            elif sum(final_stats["stats"]["rejected"].values()) == 0:
-                failure = "no input was counted as rejected"
-        if failure is None:  # a fresh, well-behaved node can still discover the target and call it
+                failures.append(f"{exc} after input {i}" + (" (the target died)" if proc.poll() is not None else ""))
+                break
+            problems = driver.drain() + [p for s in sinks for p in s.drain()]
+            if problems and not any(f.startswith("protocol") for f in failures):
+                failures.append(f"protocol violations (first after input {i}): " + "; ".join(problems[:3]))
+            if i % (args.check_every * 10) == 0 or i == args.inputs:
+                print(f"[{i:>7}/{args.inputs}] {time.monotonic() - started:6.1f} s  ping {latency * 1000:6.1f} ms  "
+                      f"sent {dict(driver.sent)}", flush=True)
+        alive = not failures
+        if alive:
+            try:
+                report = json.loads(call_service(ctx, env, "stats", args.timeout))
+                answered += 1
+                rejected = report["stats"]["rejected"]
+                if report["log_errors"]:
+                    failures.append(f"{report['log_errors']} internal error(s) logged by the target, e.g. "
+                                    f"{report['first_errors'][:2]}")
+                if rejected.get("zre_handler_error"):
+                    failures.append(f"the ZRE handler raised on {rejected['zre_handler_error']} input(s) (zre_handler_error)")
+                if not sum(rejected.values()):
+                    failures.append("no input was counted as rejected")
+                huge = {p: c for p in ("pubsub", "pipeline", "request", "service", "zre")
+                        for f, c in report["stats"].get(p, {}).items() if c >= 2**63}
+                if huge:
+                    failures.append(f"counters beyond int64, msgpack cannot carry them: {huge}")
+            except AssertionError as exc:
+                failures.append(f"the stats service did not answer: {exc}")
+            try:
+                call_service(ctx, env, "\x00stats", min(args.timeout, 3))
+                builtin = "answered"
+                answered += 1
+            except AssertionError as exc:
+                builtin = f"UNANSWERED ({exc})"
+                failures.append("the built-in \\x00stats service (node_stats) no longer answers")
+            # a fresh, well-behaved node can still discover the target and call it
             client = zmqmesh.Node("fuzz-client", beacon_port=beacon_port, mesh=mesh, max_message_bytes=args.max_message_bytes)
             client.start()
             try:
                 client.wait_for_service("ping", timeout=args.timeout)
                 reply = client.request("ping", None, timeout=args.timeout)
                 if reply != "pong":
-                    failure = f"the fresh client got {reply!r}"
+                    failures.append(f"the fresh client got {reply!r}")
                 answered += 1
             except Exception as exc:
-                failure = f"a fresh node could not call ping through discovery: {type(exc).__name__}: {exc}"
+                failures.append(f"a fresh node could not call ping through discovery: {type(exc).__name__}: {exc}")
             finally:
                 client.stop()
     finally:
@@ -1175,26 +1191,26 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-                failure = failure or "the target did not stop within 15 s of SIGTERM"
+                failures.append("the target did not stop within 15 s of SIGTERM")
     time.sleep(0.2)
     stats_line = next((l for l in lines if l.startswith("STATS ")), None)
     final = json.loads(stats_line[len("STATS "):]) if stats_line else None
-    if failure is None and proc.returncode != 0:
-        failure = f"the target exited with code {proc.returncode}"
-    if failure is None and final is None:
-        failure = "the target printed no final stats"
+    if proc.returncode != 0 and not any("died" in f for f in failures):
+        failures.append(f"the target exited with code {proc.returncode}")
+    if final is None:
+        failures.append("the target printed no final stats")
     elapsed = time.monotonic() - started
 
     print()
-    print("=" * 72)
-    print(f"zmqmesh fuzz summary   seed {args.seed}   inputs {sum(v for k, v in driver.sent.items() if k != 'dropped_by_driver')}   "
-          f"elapsed {elapsed:.1f} s")
+    print("=" * 78)
+    print(f"zmqmesh fuzz summary: seed {args.seed}, {sent} inputs, {elapsed:.1f} s")
     print("inputs sent per target:")
     for target in ("beacon", "mailbox", "service", "pull", "sub", "xpub", "oversize"):
         print(f"  {target:<10} {driver.sent.get(target, 0):>8}")
     if driver.sent.get("dropped_by_driver"):
         print(f"  (messages the driver could not queue: {driver.sent['dropped_by_driver']})")
-    print(f"ping requests answered: {answered} (slowest {driver.ping_max_s * 1000:.1f} ms)")
+    print(f"requests answered: {answered} ({driver.pings} liveness pings, slowest {driver.ping_max_s * 1000:.1f} ms; "
+          f"built-in \\x00stats {builtin})")
     if final is not None:
         stats = final["stats"]
         print("node rejected counters:")
@@ -1204,16 +1220,19 @@ def run(args: argparse.Namespace) -> int:
         for pattern in ("pubsub", "pipeline", "service", "zre"):
             print(f"node {pattern:<8} {stats[pattern]}")
         print(f"node membership {stats['membership']}")
-        print(f"target logs: {final['log_warnings']} warning(s), {final['log_errors']} error(s); stop took {final.get('stop_s')} s")
+        print(f"target log: {final['log_warnings']} warning(s), {final['log_errors']} error(s); "
+              f"stop took {final.get('stop_s')} s")
         start_int, end_int = info.get("internals", {}), final["internals"]
         print("target internals (start -> end): " + ", ".join(f"{k} {start_int.get(k)} -> {v}" for k, v in end_int.items()))
-        print(f"ZRE messages the node sent to fake peers (all parsed): {sum(s.received for s in sinks)}")
-    if failure is not None:
-        print(f"target stderr (tail):\n  " + "\n  ".join(list(err_lines)[-15:]) if err_lines else "target stderr: (empty)")
-        print("last inputs:")
-        for line in list(recent)[-8:]:
-            print("  " + line)
-        print(f"FUZZ FAILED: {failure}")
+        print(f"ZRE messages the target sent to fake peers, all parsed: {sum(s.received for s in sinks)}")
+    if failures:
+        if err_lines:
+            print("target stderr (tail):\n  " + "\n  ".join(list(err_lines)[-15:]))
+        if not alive:
+            print("last inputs:")
+            for line in list(recent)[-8:]:
+                print("  " + line)
+        print("FUZZ FAILED: " + " | ".join(failures))
         return 1
     print("FUZZ OK")
     return 0
@@ -1238,10 +1257,10 @@ def call_service(ctx: zmq.Context[Any], env: Env, service: str, timeout: float) 
     try:
         sock.send_multipart([service.encode(), b"1", pack(None)])
         if not sock.poll(timeout * 1000):
-            raise AssertionError(f"{service} unanswered within {timeout} s")
+            raise AssertionError(f"{service!r} unanswered within {timeout} s")
         rid, status, body = sock.recv_multipart()
         if status != b"\x00":
-            raise AssertionError(f"{service} answered status {status!r}: {body[:200]!r}")
+            raise AssertionError(f"{service!r} answered status {status!r}: {body[:200]!r}")
         return msgpack.unpackb(body, raw=False, strict_map_key=False)
     finally:
         sock.close()

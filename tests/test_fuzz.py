@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import socket
-import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -107,6 +106,7 @@ class Fuzz:
         self.driver = fz.Driver(self.env, self.ctx, random.Random(0), link_rate=80)
         self.recent: collections.deque[str] = collections.deque(maxlen=12)
         self.broken: str | None = None
+        self.stats_broken = False
         self.examples = 0
 
     def close(self) -> None:
@@ -123,7 +123,7 @@ class Fuzz:
     def throw(self, inp: fz.Input) -> None:
         """Send one input, then check the node still runs and answers ``ping``."""
         if self.broken is not None:  # the node is gone: fail fast instead of timing out again
-            raise AssertionError(self.broken)
+            self.fail(self.broken)
         self.recent.append(repr(inp)[:500])
         self.driver.send(inp)
         self.examples += 1
@@ -134,7 +134,12 @@ class Fuzz:
                 self.assert_protocol_kept()
         except AssertionError as exc:
             self.broken = f"{exc}\nlast inputs, oldest first:\n  " + "\n  ".join(self.recent)
-            raise AssertionError(self.broken) from None
+            self.fail(self.broken)
+
+    @staticmethod
+    def fail(message: str) -> None:
+        """Every per-example failure raises here: one origin, so hypothesis sees one failure, not a flaky one."""
+        raise AssertionError(message)
 
     def assert_protocol_kept(self) -> None:
         problems = self.driver.drain() + [p for sink in self.sinks for p in sink.drain()]
@@ -163,7 +168,18 @@ class Fuzz:
         if expect_rejects:
             wait_until(lambda: sum(self.rejected().values()) > before, 5, "the rejects to be counted")
         assert self.client.request("ping", None, timeout=PING_TIMEOUT_S) == "pong"
+        self.assert_stats_answer()
         self.assert_nothing_raised(baseline)
+
+    def assert_stats_answer(self) -> None:
+        """The built-in \\x00stats service (`Node.node_stats`) still answers (asked until it first fails)."""
+        if self.stats_broken:
+            return
+        try:
+            self.client.node_stats(self.target.id, timeout=PING_TIMEOUT_S)
+        except zmqmesh.ZmqMeshError as exc:
+            self.stats_broken = True
+            raise AssertionError(f"node_stats() no longer answers: {type(exc).__name__}: {exc}") from None
 
     def internal_errors(self) -> tuple[int, int]:
         """(errors logged by the nodes, inputs the ZRE handler raised on)."""
@@ -240,11 +256,11 @@ def test_after_the_fuzz_the_node_is_whole(fuzz: Fuzz) -> None:
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {[(p.name, p.endpoint, p.headers) for p in target.peers()]}") from None
     assert fuzz.client.request("ping", None, timeout=PING_TIMEOUT_S) == "pong"
+    fuzz.assert_stats_answer()
     fuzz.driver.ping(PING_TIMEOUT_S)
     fuzz.assert_protocol_kept()
-    fuzz.assert_nothing_raised()
-    gone = collections.Counter(fuzz.joined) - collections.Counter(fuzz.left)
-    assert list(gone) == [fuzz.client.id], f"{len(gone) - 1} peer(s) joined but never left: on_leave was not called"
+    never_left = set(collections.Counter(fuzz.joined) - collections.Counter(fuzz.left)) - {fuzz.client.id}
+    assert not never_left, f"{len(never_left)} fake peer(s) joined, are gone, and on_leave was never called for them"
     membership = target.stats()["membership"]
     assert membership.get("joined", 0) - membership.get("left", 0) == 1, membership
     started = time.monotonic()
@@ -348,26 +364,48 @@ def test_an_endpoint_with_a_trailing_newline_is_refused(lone: Any) -> None:
         ctx.destroy(linger=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: every JOIN/LEAVE from a zmqmesh peer rebuilds all offer tables "
-                   "(core._rebuild, O(total groups)); a peer's JOIN flood of distinct groups is quadratic and "
-                   "stalls the event loop (8,000 JOINs: ~50 s), so heartbeats stop and the mesh drops the node")
+@pytest.mark.xfail(strict=True, reason="bug: Inbox._decode_stream adds any sequence jump a publisher claims to "
+                   "pubsub 'dropped'; two jumps to 2**64-1 push it past uint64, msgpack cannot encode the stats, and "
+                   "the built-in \\x00stats service (node_stats) never answers again (miscounted as service_malformed)")
+def test_claimed_sequence_jumps_do_not_break_node_stats(lone: Any) -> None:
+    node, _log, _mesh = lone
+    node.subscribe("t", lambda msg: None)
+    ctx = zmq.Context()
+    try:
+        pub = ctx.socket(zmq.XPUB)
+        pub.connect(node.endpoints["sub"])
+        assert pub.poll(5000) and pub.recv() == b"\x01t"
+        for sender in (b"\x11" * 16, b"\x22" * 16):
+            for sequence in (0, 2**64 - 1):
+                pub.send_multipart([b"t", sender + sequence.to_bytes(8, "big"), fz.pack(1)])
+        wait_until(lambda: node.stats()["pubsub"]["received"] == 4, 5, "the four messages")
+        assert node.node_stats(node.id, timeout=3)["pubsub"]["dropped"] < 2**63
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: every JOIN/LEAVE from a zmqmesh peer rebuilds all offer tables at once "
+                   "(MeshCore.peer_groups_changed -> _rebuild, O(every peer's groups)); a JOIN flood is quadratic and "
+                   "stalls the event loop (8,000 JOINs of new groups: ~50 s), so heartbeats stop and the mesh drops the node")
 def test_a_join_flood_does_not_stall_the_event_loop(lone: Any) -> None:
     node, _log, mesh = lone
     ctx = zmq.Context()
     try:
         inbox, dealer, endpoint = _fake_peer(ctx, node)
         dealer.send_multipart(zre.encode_command(ZreMessage(
-            Command.HELLO, 1, endpoint=endpoint, name="joiner", headers={"X-ZMQMESH-MESH": mesh["mesh"]})))
-        joins = 3000
+            Command.HELLO, 1, endpoint=endpoint, name="joiner", headers={"X-ZMQMESH-MESH": mesh["mesh"]},
+            groups=[f"group-{i}" for i in range(9000)])))
+        wait_until(lambda: node.peers(), 5, "the fake peer")
+        joins = 1000
+        started = time.monotonic()
         for i in range(joins):
             dealer.send_multipart(zre.encode_command(ZreMessage(Command.JOIN, i + 2, group=f"g{i}", status=(i + 1) % 256)))
-        started = time.monotonic()
         dealer.send_multipart(zre.encode_command(ZreMessage(Command.PING, joins + 2)))
-        deadline = started + 1.5
-        while time.monotonic() < deadline:  # the node's PING-OK arrives once it has worked through the JOINs
-            if inbox.poll(50) and zre.decode_command(inbox.recv_multipart()[1:]).command == Command.PING_OK:
+        deadline = started + 0.5
+        while time.monotonic() < deadline:  # the PING-OK comes once the node has worked through the JOINs
+            if inbox.poll(20) and zre.decode_command(inbox.recv_multipart()[1:]).command == Command.PING_OK:
                 break
         else:
-            raise AssertionError(f"{joins} JOINs kept the event loop busy for more than 1.5 s")
+            raise AssertionError(f"{joins} JOINs kept the event loop busy for more than 0.5 s")
     finally:
         ctx.destroy(linger=0)
