@@ -1021,6 +1021,7 @@ def node_internals(node: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     core = getattr(node, "_core", None)
     probes = {
+        "ready_peers": lambda: len(core.membership.ready_peers()),
         "zre_peers": lambda: len(core.membership.peers),
         "foreign_remembered": lambda: len(core.membership._foreign),
         "zmq_sockets": lambda: sum(1 for s in list(core.ctx._sockets) if not s.closed),
@@ -1116,6 +1117,7 @@ def run(args: argparse.Namespace) -> int:
     answered = 0
     builtin = "not asked"
     sent = 0
+    at_end: dict[str, Any] = {}
     try:
         for i in range(1, args.inputs + 1):
             inp = gen_any(src, env)
@@ -1139,7 +1141,7 @@ def run(args: argparse.Namespace) -> int:
                 failures.append(f"protocol violations (first after input {i}): " + "; ".join(problems[:3]))
             if i % (args.check_every * 10) == 0 or i == args.inputs:
                 print(f"[{i:>7}/{args.inputs}] {time.monotonic() - started:6.1f} s  ping {latency * 1000:6.1f} ms  "
-                      f"sent {dict(driver.sent)}", flush=True)
+                      f"target rss {proc_status(proc.pid, 'VmRSS')} fds {proc_fds(proc.pid)}", flush=True)
         alive = not failures
         if alive:
             try:
@@ -1153,6 +1155,13 @@ def run(args: argparse.Namespace) -> int:
                     failures.append(f"the ZRE handler raised on {rejected['zre_handler_error']} input(s) (zre_handler_error)")
                 if not sum(rejected.values()):
                     failures.append("no input was counted as rejected")
+                membership = report["stats"]["membership"]
+                ready = report["internals"].get("ready_peers")
+                vanished = membership.get("joined", 0) - membership.get("left", 0) - (ready or 0)
+                if ready is not None and vanished:
+                    failures.append(f"{vanished} peer(s) joined and vanished without a leave (joined "
+                                    f"{membership.get('joined', 0)}, left {membership.get('left', 0)}, ready now {ready})")
+                at_end = report["internals"]
                 huge = {p: c for p in ("pubsub", "pipeline", "request", "service", "zre")
                         for f, c in report["stats"].get(p, {}).items() if c >= 2**63}
                 if huge:
@@ -1222,8 +1231,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"node membership {stats['membership']}")
         print(f"target log: {final['log_warnings']} warning(s), {final['log_errors']} error(s); "
               f"stop took {final.get('stop_s')} s")
-        start_int, end_int = info.get("internals", {}), final["internals"]
-        print("target internals (start -> end): " + ", ".join(f"{k} {start_int.get(k)} -> {v}" for k, v in end_int.items()))
+        start_int = info.get("internals", {})
+        print("target internals (start -> after the last input): "
+              + ", ".join(f"{k} {v} -> {at_end.get(k)}" for k, v in start_int.items()))
         print(f"ZRE messages the target sent to fake peers, all parsed: {sum(s.received for s in sinks)}")
     if failures:
         if err_lines:
@@ -1236,6 +1246,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("FUZZ OK")
     return 0
+
+
+def proc_status(pid: int, field_name: str) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(" ".join(line.split()[1:]) for line in f if line.startswith(field_name + ":"))
+    except (OSError, StopIteration):
+        return "?"
+
+
+def proc_fds(pid: int) -> str:
+    try:
+        return str(len(os.listdir(f"/proc/{pid}/fd")))
+    except OSError:
+        return "?"
 
 
 def wait_line(lines: collections.deque[str], prefix: str, proc: subprocess.Popen[str], timeout: float) -> str | None:

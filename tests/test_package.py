@@ -46,3 +46,13 @@ def test_docs_build_strictly(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+def test_lint_and_types_are_clean() -> None:
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "zmqmesh", "--select", "E,F,W,B,UP,I",
+                           "--ignore", "E501,B905", "--output-format", "concise"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    types = subprocess.run([sys.executable, "-m", "mypy", "zmqmesh", "--ignore-missing-imports"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert types.returncode == 0, types.stdout + types.stderr

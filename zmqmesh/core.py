@@ -35,10 +35,23 @@ from .errors import MeshTimeoutError, NodeClosedError, NoProviderError, ZmqMeshE
 from .inbox import Call, LoopInbox, ThreadInbox
 from .membership import HEADER, OFFER_PREFIXES, Membership, MembershipEvents, PeerState
 from .message import Message, Peer
-from .netif import LOOPBACK_ADDRESS, LOOPBACK_BROADCAST, interface_addresses, is_loopback
+from .netif import (
+    LOOPBACK_ADDRESS,
+    LOOPBACK_BROADCAST,
+    interface_addresses,
+    is_loopback,
+)
 from .reliable import ReliableSender
 from .reqrep import LoopRequester, ThreadRequester
-from .security import KeyPair, ZapHandler, check_key, make_client, make_server, read_secret_key
+from .security import (
+    KeyPair,
+    ZapHandler,
+    check_key,
+    make_client,
+    make_server,
+    read_secret_key,
+)
+from .sockets import has_input
 from .stats import Stats
 
 __all__ = ["MeshCore", "Registry", "Provider"]
@@ -760,7 +773,7 @@ class MeshCore(MembershipEvents):
             except zmq.ZMQError:
                 self.stats.pattern["pubsub"]["dropped"] += len(bodies)
         self.stats.pattern["pubsub"]["sent"] += sent
-        if xpub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if has_input(xpub):
             self.loop.call_soon(self._on_xpub)
 
     def _flush_push(self, queue: str, q: deque[bytes]) -> bool:

@@ -28,7 +28,12 @@ import time
 from importlib import resources
 from typing import Any
 
-from .errors import MeshTimeoutError, NoProviderError, PeerLostError, RemoteError, ZmqMeshError
+from .errors import (
+    MeshTimeoutError,
+    NoProviderError,
+    PeerLostError,
+    RemoteError,
+)
 from .message import Peer
 from .node import AsyncNode
 

@@ -36,6 +36,7 @@ from . import wire
 from .errors import DecodeError
 from .message import Message
 from .reliable import QUEUE_SERVICE_PREFIX
+from .sockets import has_input
 
 STATS_SERVICE = "\x00stats"
 
@@ -75,7 +76,7 @@ class Call:
 
 def is_async(handler: Callable[..., Any]) -> bool:
     """True for ``async def`` handlers (and callables whose ``__call__`` is one)."""
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None))
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
 
 
 class Inbox:
@@ -491,7 +492,7 @@ class LoopInbox(Inbox):
                     await self._execute(calls)
                     calls.clear()
                 if not (more or self._again or self.events or any(
-                    sock.getsockopt(zmq.EVENTS) & zmq.POLLIN for sock, _ in self.sockets
+                    has_input(sock) for sock, _ in self.sockets
                 )):
                     return
                 await asyncio.sleep(0)  # let the loop breathe between bursts

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import wire
+from .sockets import has_input
 
 if TYPE_CHECKING:
     from .core import MeshCore
@@ -102,7 +103,7 @@ class ReliableSender:
                 progress = True
         for puller in pullers:  # sending may have consumed the edge that announces acks
             sock = self.sockets.get(puller)
-            if sock is not None and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if sock is not None and has_input(sock):
                 core.loop.call_soon(self._on_acks, puller)
         return bool(q or again)
 

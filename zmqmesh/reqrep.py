@@ -32,6 +32,7 @@ from .errors import (
     RemoteError,
     ZmqMeshError,
 )
+from .sockets import has_input
 
 if TYPE_CHECKING:
     from .core import MeshCore, Provider
@@ -128,7 +129,7 @@ class ThreadRequester:
             if remaining <= 0:
                 core.stats.pattern["request"]["errors"] += 1
                 raise MeshTimeoutError(f"request to {service!r} timed out")
-            if poller.poll(min(remaining, _POLL_SLICE_S) * 1000):
+            if poller.poll(int(min(remaining, _POLL_SLICE_S) * 1000) + 1):
                 while True:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -226,7 +227,7 @@ class LoopRequester:
 
     def _kick(self, provider_id: str) -> None:
         sock = self.sockets.get(provider_id)
-        if sock is not None and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if sock is not None and has_input(sock):
             self.core.loop.call_soon(self._on_readable, provider_id)
 
     def _on_readable(self, provider_id: str) -> None:
