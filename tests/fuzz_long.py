@@ -22,7 +22,9 @@ running the same seed with ``--inputs N+1``.
 Inputs that make the node open a ZRE link (a valid beacon from a new UUID, a HELLO naming
 a reachable endpoint, gossip entries) are paced to ``--link-rate`` per second: each link
 holds three ZeroMQ sockets until the fake peer times out, and an unpaced stream of them
-exhausts the node's socket limit (see the report in test_fuzz.py).
+exhausts the node's socket limit (test_fuzz.py::test_beacon_flood_leaves_the_node_intact).
+
+``--only beacon,sub`` restricts the run to some generators (all by default).
 
 ``python3 tests/fuzz_long.py --serve CONFIG_JSON`` is the target process itself.
 """
@@ -170,7 +172,7 @@ class Input:
     ``identity`` picks the sending socket for the mailbox and the service ROUTER:
     ``("slot", i)`` a pooled DEALER with a valid ZRE identity that the driver renews now
     and then, ``("fresh", id)``/``("raw", id)`` a DEALER with exactly that routing id,
-    ``("self",)`` the target's own ZRE identity, ``("anon",)`` libzmq's generated one.
+    ``("self", id)`` the target's own ZRE identity, ``("anon",)`` libzmq's generated one.
     ``via`` names the socket an oversized input goes to. ``links`` is how many ZRE links
     the input may make the node open (for pacing).
     """
@@ -708,9 +710,9 @@ GENERATORS: dict[str, Callable[[Source, Env], Input]] = {
 WEIGHTS = {"beacon": 16, "mailbox": 16, "conversation": 12, "service": 16, "pull": 14, "sub": 14, "xpub": 6, "oversize": 1}
 
 
-def gen_any(src: Source, env: Env) -> Input:
-    """An input for any target, in the proportions of `WEIGHTS`."""
-    return GENERATORS[src.weighted([(w, k) for k, w in WEIGHTS.items()])](src, env)
+def gen_any(src: Source, env: Env, only: Sequence[str] = ()) -> Input:
+    """An input for any target (or one of ``only``), in the proportions of `WEIGHTS`."""
+    return GENERATORS[src.weighted([(w, k) for k, w in WEIGHTS.items() if not only or k in only])](src, env)
 
 
 # ---------------------------------------------------------------------------------------
@@ -751,7 +753,7 @@ class Driver:
 
     SLOT_USES = 64  # a pooled ZRE identity is renewed after this many inputs
 
-    def __init__(self, env: Env, ctx: zmq.Context[Any], rng: random.Random, link_rate: float = 50.0) -> None:
+    def __init__(self, env: Env, ctx: zmq.Context[Any], rng: random.Random, link_rate: float = 80.0) -> None:
         self.env = env
         self.ctx = ctx
         self.rng = rng
@@ -915,6 +917,7 @@ class Driver:
             sock.close()
 
     def close(self) -> None:
+        """Close the UDP socket (the ZeroMQ sockets go with the caller's context)."""
         self.udp.close()
 
 
@@ -1096,8 +1099,8 @@ def run(args: argparse.Namespace) -> int:
     )
     lines: collections.deque[str] = collections.deque()
     err_lines: collections.deque[str] = collections.deque(maxlen=60)
-    threading.Thread(target=lambda: [lines.append(l.rstrip("\n")) for l in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-    threading.Thread(target=lambda: [err_lines.append(l.rstrip("\n")) for l in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+    threading.Thread(target=lambda: [lines.append(line.rstrip("\n")) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    threading.Thread(target=lambda: [err_lines.append(line.rstrip("\n")) for line in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
     ready = wait_line(lines, "READY ", proc, 30)
     if ready is None:
         print("FUZZ FAILED: the target never became ready\n" + "\n".join(err_lines))
@@ -1120,7 +1123,7 @@ def run(args: argparse.Namespace) -> int:
     at_end: dict[str, Any] = {}
     try:
         for i in range(1, args.inputs + 1):
-            inp = gen_any(src, env)
+            inp = gen_any(src, env, args.only)
             recent.append(f"#{i} {inp!r}"[:600])
             driver.send(inp)
             sent = i
@@ -1202,7 +1205,7 @@ def run(args: argparse.Namespace) -> int:
                 proc.wait(5)
                 failures.append("the target did not stop within 15 s of SIGTERM")
     time.sleep(0.2)
-    stats_line = next((l for l in lines if l.startswith("STATS ")), None)
+    stats_line = next((line for line in lines if line.startswith("STATS ")), None)
     final = json.loads(stats_line[len("STATS "):]) if stats_line else None
     if proc.returncode != 0 and not any("died" in f for f in failures):
         failures.append(f"the target exited with code {proc.returncode}")
@@ -1299,8 +1302,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds a ping may take (default 10)")
     parser.add_argument("--max-message-bytes", type=int, default=64 * 1024, help="the target's max_message_bytes (default 65536)")
     parser.add_argument("--link-rate", type=float, default=80.0, help="link-creating inputs per second, 0 = unpaced (default 80)")
+    parser.add_argument("--only", type=lambda v: [g for g in v.split(",") if g], default=[],
+                        help=f"comma-separated generators to use (default all: {','.join(GENERATORS)})")
     parser.add_argument("--serve", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.only) - set(GENERATORS)
+    if unknown:
+        parser.error(f"unknown generators: {', '.join(sorted(unknown))}")
     if args.serve is not None:
         return serve(args.serve)
     return run(args)

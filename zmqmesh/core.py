@@ -640,11 +640,6 @@ class MeshCore(MembershipEvents):
 
     # -- publishing and pushing -------------------------------------------------------------------
 
-    def enqueue_publish(self, topic: bytes, body: bytes) -> None:
-        """Queue one encoded message for publication (from any thread)."""
-        self._pub_q.append((topic, body))
-        self._wake_flush()
-
     def push_queue(self, queue: str) -> deque[bytes] | None:
         """The send queue of ``queue`` once its PUSH socket exists."""
         return self._push_q.get(queue)
@@ -667,11 +662,6 @@ class MeshCore(MembershipEvents):
     async def ensure_push_socket_async(self, queue: str) -> None:
         """`ensure_push_socket` as a coroutine (for `run_sync`)."""
         self.ensure_push_socket(queue)
-
-    def enqueue_push(self, queue: str, body: bytes) -> None:
-        """Queue one encoded message for ``queue`` (its socket must exist; from any thread)."""
-        self._push_q[queue].append(body)
-        self._wake_flush()
 
     def wait_for_room_sync(self, q: deque[Any], deadline: float) -> None:
         """Block while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
@@ -708,7 +698,8 @@ class MeshCore(MembershipEvents):
 
     def wake_flush(self) -> None:
         """Have the loop send what is queued, soon (from any thread)."""
-        self._wake_flush()
+        if not self._flush_scheduled:
+            self._wake_flush()
 
     def _wake_flush(self) -> None:
         if self._flush_scheduled or self.loop is None:

@@ -41,6 +41,15 @@ class _NodeBase(Generic[Handler]):
         self._registry = Registry()
         self._core = MeshCore(name or "", self.config, self._registry, threaded=self._threaded)
         self._stopped = False
+        self._topic_names: dict[str, bytes] = {}
+
+    def _topic_name(self, topic: str) -> bytes:
+        """A checked topic as bytes, remembered for the next publish (bounded)."""
+        encoded = _check_name("topic", topic).encode()
+        if len(self._topic_names) >= 4096:
+            self._topic_names.clear()
+        self._topic_names[topic] = encoded
+        return encoded
 
     # identity ------------------------------------------------------------------------------
 
@@ -293,13 +302,15 @@ class Node(_NodeBase[Any]):
         cannot encode, `NodeClosedError` if the node is not running.
         """
         core = self._core
-        core.ensure_running()
+        if core.closed:
+            core.ensure_running()
         body = core.codec.encode(data)
-        topic_b = _check_name("topic", topic).encode()
+        topic_b = self._topic_names.get(topic) or self._topic_name(topic)
         q = core._pub_q
         if len(q) >= self.config.send_queue_max:
             core.wait_for_room_sync(q, time.monotonic() + self.config.push_timeout_s)
-        core.enqueue_publish(topic_b, body)
+        q.append((topic_b, body))
+        core.wake_flush()
 
     def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
         """Send ``data`` to exactly one node pulling ``queue`` (load-balanced round-robin).
@@ -309,8 +320,18 @@ class Node(_NodeBase[Any]):
         `MeshTimeoutError` if the pullers do not keep up, `TypeError` for unencodable data.
         """
         core = self._core
-        core.ensure_running()
+        if core.closed:
+            core.ensure_running()
         body = core.codec.encode(data)
+        q = core.push_queue(queue)
+        if q is None or not core.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
+            q = self._push_slow_path(queue, timeout)
+        q.append(body)
+        core.wake_flush()
+
+    def _push_slow_path(self, queue: str, timeout: float | None) -> Any:
+        """Create the queue's socket, wait for a puller, wait for room: whatever push lacks."""
+        core = self._core
         deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else timeout)
         q = core.push_queue(queue)
         if q is None:
@@ -324,7 +345,7 @@ class Node(_NodeBase[Any]):
                 raise NoProviderError(f"no node pulls the queue {queue!r}") from None
         if len(q) >= self.config.send_queue_max:
             core.wait_for_room_sync(q, deadline)
-        core.enqueue_push(queue, body)
+        return q
 
     def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
         """Call ``service`` on one provider (round-robin, or the given ``peer``) and return its reply.
@@ -465,19 +486,31 @@ class AsyncNode(_NodeBase[Any]):
     async def publish(self, topic: str, data: Any) -> None:
         """Publish ``data`` on ``topic`` (see `Node.publish`)."""
         core = self._core
-        core.ensure_running()
+        if core.closed:
+            core.ensure_running()
         body = core.codec.encode(data)
-        topic_b = _check_name("topic", topic).encode()
+        topic_b = self._topic_names.get(topic) or self._topic_name(topic)
         q = core._pub_q
         if len(q) >= self.config.send_queue_max:
             await core.wait_for_room(q, time.monotonic() + self.config.push_timeout_s)
-        core.enqueue_publish(topic_b, body)
+        q.append((topic_b, body))
+        core.wake_flush()
 
     async def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
         """Send ``data`` to one puller of ``queue`` (see `Node.push`)."""
         core = self._core
-        core.ensure_running()
+        if core.closed:
+            core.ensure_running()
         body = core.codec.encode(data)
+        q = core.push_queue(queue)
+        if q is None or not core.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
+            q = await self._push_slow_path(queue, timeout)
+        q.append(body)
+        core.wake_flush()
+
+    async def _push_slow_path(self, queue: str, timeout: float | None) -> Any:
+        """Create the queue's socket, wait for a puller, wait for room: whatever push lacks."""
+        core = self._core
         deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else timeout)
         q = core.push_queue(queue)
         if q is None:
@@ -491,7 +524,7 @@ class AsyncNode(_NodeBase[Any]):
                 raise NoProviderError(f"no node pulls the queue {queue!r}") from None
         if len(q) >= self.config.send_queue_max:
             await core.wait_for_room(q, deadline)
-        core.enqueue_push(queue, body)
+        return q
 
     async def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
