@@ -357,6 +357,9 @@ class Node(_NodeBase[Any]):
         """
         core = self._core
         core.ensure_running()
+        if threading.get_ident() == core.loop_thread:
+            raise ZmqMeshError("Node.request would block the node's own event loop (an async handler?): "
+                               "use AsyncNode and await its request")
         body = core.codec.encode(data)
         return core.thread_requester().request(
             _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout,
