@@ -291,14 +291,14 @@ def gen_body(src: Source, env: Env) -> bytes:
         leaf = src.pick([b"\x00", b"", b"\xc1", b"\xa3abc"])
         body = nester * min(depth, (env.max_frame - 8) // len(nester)) + leaf
     elif kind == "mutated":
-        data = bytearray(pack(gen_value(src)))
+        damaged = bytearray(pack(gen_value(src)))
         for _ in range(src.integer(1, 4)):
-            data[src.integer(0, len(data) - 1)] = src.integer(0, 255)
-        body = bytes(data)
+            damaged[src.integer(0, len(damaged) - 1)] = src.integer(0, 255)
+        body = bytes(damaged)
     elif kind == "invalid_byte":
-        data = pack(gen_value(src))
-        at = src.integer(0, len(data))
-        body = data[:at] + b"\xc1" + data[at:]
+        packed = pack(gen_value(src))
+        at = src.integer(0, len(packed))
+        body = packed[:at] + b"\xc1" + packed[at:]
     elif kind == "ext":
         code = src.pick([-1, 0, 1, 127, -128, src.integer(-128, 127)]) & 0xFF
         size = src.pick([1, 2, 4, 8, 16, 3, 12, 0, 5])
@@ -598,9 +598,9 @@ def gen_beacon(src: Source, env: Env) -> Input:
         data = data[: src.pick([len(data), 21, 22, 23, 53, 54, 55])]
         data += src.blob(0, 40) if src.chance(0.3) else b""
     elif kind == "mutated":
-        data = bytearray(b"ZRE\x01" + uuid + struct.pack("!H", src.integer(1, 65535)))
-        data[src.integer(0, 3)] = src.integer(0, 255)
-        data = bytes(data)
+        damaged = bytearray(b"ZRE\x01" + uuid + struct.pack("!H", src.integer(1, 65535)))
+        damaged[src.integer(0, 3)] = src.integer(0, 255)
+        data = bytes(damaged)
     elif kind == "goodbye_unknown":
         data = b"ZRE\x01" + uuid + b"\x00\x00"
     elif kind == "self":
@@ -880,7 +880,7 @@ class Driver:
         deadline = start + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.checker.poll(remaining * 1000):
+            if remaining <= 0 or not self.checker.poll(int(remaining * 1000) + 1):
                 raise AssertionError(f"ping unanswered within {timeout} s")
             frames = self.checker.recv_multipart()
             if frames[0] == rid:
@@ -1022,8 +1022,8 @@ class ErrorLog(logging.Handler):
 def node_internals(node: Any) -> dict[str, Any]:
     """Sizes of the node's internal tables (best effort: the library may change under us)."""
     out: dict[str, Any] = {}
-    core = getattr(node, "_core", None)
-    probes = {
+    core: Any = getattr(node, "_core", None)
+    probes: dict[str, Callable[[], Any]] = {
         "ready_peers": lambda: len(core.membership.ready_peers()),
         "zre_peers": lambda: len(core.membership.peers),
         "foreign_remembered": lambda: len(core.membership._foreign),
@@ -1099,8 +1099,8 @@ def run(args: argparse.Namespace) -> int:
     )
     lines: collections.deque[str] = collections.deque()
     err_lines: collections.deque[str] = collections.deque(maxlen=60)
-    threading.Thread(target=lambda: [lines.append(line.rstrip("\n")) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-    threading.Thread(target=lambda: [err_lines.append(line.rstrip("\n")) for line in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+    threading.Thread(target=pump, args=(proc.stdout, lines), daemon=True).start()
+    threading.Thread(target=pump, args=(proc.stderr, err_lines), daemon=True).start()
     ready = wait_line(lines, "READY ", proc, 30)
     if ready is None:
         print("FUZZ FAILED: the target never became ready\n" + "\n".join(err_lines))
@@ -1249,6 +1249,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("FUZZ OK")
     return 0
+
+
+def pump(stream: Any, into: collections.deque[str]) -> None:
+    """Read a child's output line by line into a deque (a reader thread)."""
+    for line in stream:
+        into.append(line.rstrip("\n"))
 
 
 def proc_status(pid: int, field_name: str) -> str:

@@ -9,15 +9,15 @@ After every example the target must still be running and answer ``ping`` (a bare
 speaking docs/protocol.md). After every campaign: its rejected counters grew, the client
 still gets ``pong`` through the mesh, nothing the node sent back broke the protocol (service
 replies, ZRE messages to fake peers), and nothing raised inside the node (no error logged,
-no ``zre_handler_error``). ``ZMQMESH_FUZZ_EXAMPLES`` sets the examples per campaign.
+no ``zre_handler_error``). ``ZMQMESH_FUZZ_EXAMPLES`` sets the examples per campaign; the
+examples are the same every run (reproducible) unless ``ZMQMESH_FUZZ_RANDOM=1``.
 
 Generated inputs may make the target open ZRE links (a beacon or HELLO naming a port of
 ours); those are paced (`fuzz_long.Pacer`) because links are ZeroMQ sockets and a flood of
 them exhausts the context: see `test_beacon_flood_leaves_the_node_intact`.
 
-The tests at the end are minimal reproductions of bugs the fuzzing found, marked
-``xfail(strict=True)`` until fixed: once a fix lands its test XPASSes, which fails the run
-so that the marker gets removed.
+The tests at the end are minimal reproductions of bugs the fuzzing found (all fixed),
+kept as regression tests.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ pytestmark = pytest.mark.timeout(180)
 
 T = TypeVar("T")
 EXAMPLES = int(os.environ.get("ZMQMESH_FUZZ_EXAMPLES", "250"))
+RANDOM = bool(os.environ.get("ZMQMESH_FUZZ_RANDOM"))  # a new random sequence each run instead of the fixed one
 MAX_MESSAGE_BYTES = 64 * 1024
 PING_TIMEOUT_S = 5.0
 TIMING = {"heartbeat_interval_s": 0.5, "peer_timeout_s": 2.0}
@@ -88,7 +89,7 @@ class Fuzz:
     """The module's target, client and fuzzing sockets, and the checks between examples."""
 
     def __init__(self) -> None:
-        options = {"beacon_port": free_udp_port(), "mesh": f"fuzz-{uuid.uuid4().hex[:10]}", **TIMING}
+        options: dict[str, Any] = {"beacon_port": free_udp_port(), "mesh": f"fuzz-{uuid.uuid4().hex[:10]}", **TIMING}
         self.log = fz.ErrorLog()
         logging.getLogger().addHandler(self.log)
         self.joined: list[str] = []
@@ -160,7 +161,7 @@ class Fuzz:
         before = sum(self.rejected().values())
         baseline = self.internal_errors()
 
-        @settings(max_examples=examples, deadline=None, database=None, print_blob=True,
+        @settings(max_examples=examples, deadline=None, database=None, print_blob=True, derandomize=not RANDOM,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                          HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
         @given(inp=inputs(generator, self.env))
@@ -273,7 +274,7 @@ def test_after_the_fuzz_the_node_is_whole(fuzz: Fuzz) -> None:
     assert not target.running
 
 
-# -- bugs found while fuzzing (xfail until fixed; see each reason) ----------------------------------
+# -- regressions: bugs the fuzzer found, fixed ----------------------------------------------------
 
 
 def _beacon_socket() -> socket.socket:
@@ -299,9 +300,6 @@ def lone(mesh: dict[str, Any]) -> Iterator[tuple[zmqmesh.Node, fz.ErrorLog, dict
         logging.getLogger().removeHandler(log)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: every beacon from a new UUID opens a link (3 ZeroMQ sockets) with no bound; "
-                   "~340 of them exhaust the context's 1023 sockets and Membership._on_beacon raises ZMQError into the "
-                   "event loop (the rest of the burst is dropped uncounted, and no new peer can be linked meanwhile)")
 def test_beacon_flood_leaves_the_node_intact(lone: Any) -> None:
     node, log, mesh = lone
     ctx = zmq.Context()
@@ -331,8 +329,6 @@ def _fake_peer(ctx: zmq.Context[Any], node: zmqmesh.Node) -> tuple[zmq.Socket[An
     return inbox, dealer, f"tcp://127.0.0.1:{port}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Membership._on_hello drops a ready peer whose new HELLO names another mesh "
-                   "with peers.pop() instead of remove(): no on_leave, no 'left' count, and its offers stay routable")
 def test_a_peer_that_moves_to_another_mesh_is_reported_gone(lone: Any) -> None:
     node, _log, mesh = lone
     ctx = zmq.Context()
@@ -351,9 +347,6 @@ def test_a_peer_that_moves_to_another_mesh_is_reported_gone(lone: Any) -> None:
         ctx.destroy(linger=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: parse_endpoint's regex ends in '$', which also matches before a trailing "
-                   "newline; libzmq refuses 'tcp://127.0.0.1:5670\\n', so connect() raises out of the HELLO (or gossip) "
-                   "handler: zre_handler_error and an ERROR traceback in the log for every such message")
 def test_an_endpoint_with_a_trailing_newline_is_refused(lone: Any) -> None:
     node, log, _mesh = lone
     ctx = zmq.Context()
@@ -368,9 +361,6 @@ def test_an_endpoint_with_a_trailing_newline_is_refused(lone: Any) -> None:
         ctx.destroy(linger=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Inbox._decode_stream adds any sequence jump a publisher claims to "
-                   "pubsub 'dropped'; two jumps to 2**64-1 push it past uint64, msgpack cannot encode the stats, and "
-                   "the built-in \\x00stats service (node_stats) never answers again (miscounted as service_malformed)")
 def test_claimed_sequence_jumps_do_not_break_node_stats(lone: Any) -> None:
     node, _log, _mesh = lone
     node.subscribe("t", lambda msg: None)
@@ -388,9 +378,6 @@ def test_claimed_sequence_jumps_do_not_break_node_stats(lone: Any) -> None:
         ctx.destroy(linger=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: every JOIN/LEAVE from a zmqmesh peer rebuilds all offer tables at once "
-                   "(MeshCore.peer_groups_changed -> _rebuild, O(every peer's groups)); a JOIN flood is quadratic and "
-                   "stalls the event loop (8,000 JOINs of new groups: ~50 s), so heartbeats stop and the mesh drops the node")
 def test_a_join_flood_does_not_stall_the_event_loop(lone: Any) -> None:
     node, _log, mesh = lone
     ctx = zmq.Context()

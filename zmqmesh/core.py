@@ -194,6 +194,7 @@ class MeshCore(MembershipEvents):
         self._requester_local = threading.local()
         self._requests_active = 0
         self.keys: KeyPair | None = None
+        self._rebuild_pending = False
         self._zap: ZapHandler | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -592,7 +593,15 @@ class MeshCore(MembershipEvents):
         self._post("leave", peer.snapshot())
 
     def peer_groups_changed(self, peer: PeerState) -> None:
-        self._rebuild()
+        # at most one rebuild per loop turn: a burst of JOINs must not cost a rebuild each
+        if not self._rebuild_pending:
+            self._rebuild_pending = True
+            self.loop.call_soon(self._deferred_rebuild)
+
+    def _deferred_rebuild(self) -> None:
+        self._rebuild_pending = False
+        if not self.closed:
+            self._rebuild()
 
     def zre_message(self, kind: str, peer: PeerState, group: str, frames: list[bytes]) -> None:
         msg = Message(kind, group, frames, peer.id, self.lookup_peer)

@@ -49,6 +49,7 @@ log = logging.getLogger("zmqmesh.inbox")
 
 _BURST = 256
 _MAX_TRACKED_STREAMS = 65_536
+_MAX_GAP = 1 << 32  # a larger jump is a restarted or lying sequence, not a count of drops
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 
 
@@ -145,13 +146,15 @@ class Inbox:
         sender_id = uuid.hex() if uuid is not None else None
         items = core.codec.decode_batch(body)
         counters["received"] += len(items)
-        if sender_id is not None:
-            core.stats.peer_received[sender_id] += len(items)
+        # only members are counted per sender: a stranger could claim any number of ids
+        known = sender_id is not None and sender_id in core.alive_ids
+        if known:
+            core.stats.peer_received[sender_id] += len(items)  # type: ignore[index]
         if kind == "sub":
-            if uuid is not None and sequence is not None:
+            if known and sequence is not None:
                 key = (uuid, name_b)
                 expected = self.pub_sequences.get(key)
-                if expected is not None and sequence > expected:
+                if expected is not None and expected < sequence <= expected + _MAX_GAP:
                     counters["dropped"] += sequence - expected  # lost at a high-water mark
                 elif expected is None and len(self.pub_sequences) >= _MAX_TRACKED_STREAMS:
                     self.pub_sequences.clear()  # bounded memory: gap counting restarts
@@ -216,7 +219,11 @@ class Inbox:
             return
         if service == STATS_SERVICE:  # built in: every node reports its counters
             snapshot = {"id": core.node_id, "name": core.name, **core.stats.snapshot()}
-            self.send_reply(route, wire.STATUS_OK, core.codec.encode(snapshot))
+            try:
+                self.send_reply(route, wire.STATUS_OK, core.codec.encode(snapshot))
+            except (TypeError, ValueError) as exc:
+                info = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
+                self.send_reply(route, wire.STATUS_ERROR, core.codec.encode(info))
             return
         handler = core.registry.services.get(service)
         counters["received"] += 1

@@ -69,12 +69,13 @@ OFFER_PREFIXES = {
 _ENDPOINT = re.compile(r"^tcp://(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})$")
 _MAILBOX_BURST = 512
 _FOREIGN_MEMORY_S = 30.0
+_MAX_PENDING_PEERS = 128  # peers greeted but not yet answered: bounds what a beacon flood costs
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int] | None:
     """``(ip, port)`` of a ``tcp://a.b.c.d:port`` endpoint, or ``None`` if it is not one."""
-    match = _ENDPOINT.match(endpoint)
+    match = _ENDPOINT.fullmatch(endpoint)
     if not match:
         return None
     port = int(match.group(2))
@@ -344,6 +345,17 @@ class Membership:
 
     def _new_link(self, peer: PeerState) -> None:
         link = self.ctx.socket(zmq.DEALER)
+        try:
+            self._setup_link(peer, link)
+        except zmq.ZMQError:
+            link.close(0)
+            if peer.monitor is not None:
+                peer.monitor.close(0)
+                peer.monitor = None
+            peer.link = None
+            raise
+
+    def _setup_link(self, peer: PeerState, link: zmq.Socket[Any]) -> None:
         link.setsockopt(zmq.ROUTING_ID, b"\x01" + self.uuid)
         link.setsockopt(zmq.LINGER, 0)
         link.setsockopt(zmq.SNDHWM, self.config.send_hwm)
@@ -353,7 +365,7 @@ class Membership:
         hb_ms = int(self.config.heartbeat_interval_s * 1000)
         link.setsockopt(zmq.HEARTBEAT_IVL, hb_ms)
         link.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.config.peer_timeout_s * 1000))
-        monitor = link.get_monitor_socket(_MONITOR_EVENTS)
+        monitor = peer.monitor = link.get_monitor_socket(_MONITOR_EVENTS)
         if self.keys is not None:
             assert peer.key is not None, "secure links need the peer's key"
             make_client(link, self.keys, peer.key)
@@ -435,10 +447,18 @@ class Membership:
             seed.touch()
             self.peers[uuid] = seed
             return seed
+        if sum(1 for p in self.peers.values() if not p.ready) >= _MAX_PENDING_PEERS:
+            self.stats.reject("too_many_pending_peers")
+            return None
         peer = PeerState(uuid, endpoint, parsed[0])
         peer.key = key
+        try:
+            self._new_link(peer)
+        except zmq.ZMQError as exc:
+            self.stats.reject("link_failed")
+            log.warning("cannot open a link to %s: %s", endpoint, exc)
+            return None
         self.peers[uuid] = peer
-        self._new_link(peer)
         return peer
 
     def _open_seed_link(self, seed: str) -> None:
@@ -457,8 +477,12 @@ class Membership:
         peer = PeerState(b"", endpoint, parsed[0])
         peer.key = key
         peer.seed = seed  # type: ignore[attr-defined]
+        try:
+            self._new_link(peer)
+        except zmq.ZMQError as exc:
+            log.warning("cannot greet seed %s: %s", endpoint, exc)
+            return
         self._seed_links[endpoint] = peer
-        self._new_link(peer)
 
     def _is_foreign(self, uuid: bytes) -> bool:
         expiry = self._foreign.get(uuid)
@@ -498,23 +522,30 @@ class Membership:
         assert self.beacon is not None
         for data, source in self.beacon.receive():
             try:
-                beacon = zre.decode_beacon(data)
-            except zre.ZreError:
-                self.stats.reject("beacon_malformed")
-                continue
-            if beacon.uuid == self.uuid:
-                continue
-            if (beacon.key is None) != (self.keys is None):
-                self.stats.reject("beacon_other_security")  # secure and plain nodes don't mix
-                continue
-            key = z85.encode(beacon.key).decode() if beacon.key is not None else None
-            peer = self.peers.get(beacon.uuid)
-            if beacon.port == 0:
-                if peer is not None:
-                    self.remove(peer, "left (goodbye beacon)")
-                continue
-            if peer is None:
-                self._learn(beacon.uuid, f"tcp://{source}:{beacon.port}", key)
+                self._handle_beacon(data, source)
+            except Exception:  # never let one datagram take the node down
+                self.stats.reject("beacon_handler_error")
+                log.exception("error handling a beacon from %s", source)
+
+    def _handle_beacon(self, data: bytes, source: str) -> None:
+        try:
+            beacon = zre.decode_beacon(data)
+        except zre.ZreError:
+            self.stats.reject("beacon_malformed")
+            return
+        if beacon.uuid == self.uuid:
+            return
+        if (beacon.key is None) != (self.keys is None):
+            self.stats.reject("beacon_other_security")  # secure and plain nodes don't mix
+            return
+        key = z85.encode(beacon.key).decode() if beacon.key is not None else None
+        peer = self.peers.get(beacon.uuid)
+        if beacon.port == 0:
+            if peer is not None:
+                self.remove(peer, "left (goodbye beacon)")
+            return
+        if peer is None:
+            self._learn(beacon.uuid, f"tcp://{source}:{beacon.port}", key)
 
     def _on_mailbox(self) -> None:
         mailbox = self._mailbox
@@ -606,11 +637,17 @@ class Membership:
         if (mesh is None and not self.config.accept_plain_zre) or (
             mesh is not None and mesh != self.config.mesh
         ):
-            self._foreign[uuid] = time.monotonic() + _FOREIGN_MEMORY_S
+            now = time.monotonic()
+            if len(self._foreign) > 1024:
+                self._foreign = {u: t for u, t in self._foreign.items() if t > now}
+            self._foreign[uuid] = now + _FOREIGN_MEMORY_S
             self.stats.membership["foreign_ignored"] += 1
             if peer is not None:
-                self.peers.pop(uuid, None)
-                self._close_link(peer)
+                if peer.ready:
+                    self.remove(peer, "moved to another mesh")
+                else:
+                    self.peers.pop(uuid, None)
+                    self._close_link(peer)
             return
         if msg.sequence != 1:
             self.stats.reject("zre_hello_sequence")
@@ -627,7 +664,7 @@ class Membership:
             self._new_link(peer)
         peer.in_sequence = msg.sequence
         peer.name = msg.name
-        peer.headers = dict(msg.headers)
+        peer.headers = self._checked_headers(msg.headers)
         peer.groups = set(msg.groups)
         peer.status = msg.status
         peer.is_zmqmesh = mesh is not None
@@ -643,6 +680,19 @@ class Membership:
         self.events.peer_ready(peer)
         if peer.is_zmqmesh:
             self._gossip_to(peer)
+
+    def _checked_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """The headers of a HELLO, less pattern endpoints this node must not connect to."""
+        checked = dict(headers)
+        for key in ("pub", "sub", "pull", "service"):
+            value = checked.get(HEADER[key])
+            if value is None:
+                continue
+            parsed = parse_endpoint(value)
+            if parsed is None or (self.loopback_only and not parsed[0].startswith("127.")):
+                self.stats.reject("bad_endpoint")
+                del checked[HEADER[key]]
+        return checked
 
     def _retire_ghosts(self, newcomer: PeerState) -> None:
         """A restarted node replaces its previous incarnation at once."""
