@@ -24,7 +24,7 @@ import traceback
 from collections import deque
 from typing import Any
 
-__all__ = ["Trial", "TrialError", "Ctl", "child_entry", "rss_now_kb", "rss_peak_kb"]
+__all__ = ["Ctl", "Trial", "TrialError", "child_entry", "rss_now_kb", "rss_peak_kb"]
 
 _MP = multiprocessing.get_context("spawn")
 
@@ -102,7 +102,7 @@ def child_entry(
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 2)
         os.close(fd)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
 
     def watchdog() -> None:
         time.sleep(hard_timeout)

@@ -59,7 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from _bench_proc import Trial, TrialError  # noqa: E402
+from _bench_proc import Trial, TrialError
 
 # ============================================================================ parameters ==
 
@@ -659,7 +659,6 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(log_dir, exist_ok=True)
     import msgpack
     import zmq
-
     import zmqmesh
 
     env = {

@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zmqmesh-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra zmqmesh NodeConfig option for the nodes, VALUE as JSON (repeatable; "
                          "e.g. heartbeat_interval_s=2); printed with the results")
-    ap.add_argument("--quiet-wait", type=float, default=20.0,
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
                     help="before each repetition wait up to this long for other processes to go quiet (0: don't)")
     ap.add_argument("--no-pyre", action="store_true", help="skip the pyre comparison")
     ap.add_argument("--no-zmqmesh", action="store_true", help="skip zmqmesh (pyre only)")

@@ -7,8 +7,8 @@ HELLOs from unknown peers), greets them, tracks their groups, and declares them 
 * within ``disconnect_grace_s`` when the TCP link drops and cannot be re-established
   (a crashed process on this host; seen through a socket monitor);
 * within ``peer_timeout_s`` when the peer falls silent (a stopped process, a cut link):
-  a peer silent for ``heartbeat_interval_s`` is PINGed, and beacons never count as a sign
-  of life, only traffic on the link does.
+  a peer silent for ``heartbeat_interval_s`` is PINGed; a beacon counts as a sign of
+  life only while the link is up, which ZMTP heartbeats keep honest.
 
 Hostile or malformed input is counted in `Stats.rejected` and dropped; a sequence gap
 drops the peer as RFC 36 requires. Nothing here raises into the event loop.
@@ -546,6 +546,11 @@ class Membership:
             return
         if peer is None:
             self._learn(beacon.uuid, f"tcp://{source}:{beacon.port}", key)
+        elif peer.ready and peer.link_up and peer.endpoint == f"tcp://{source}:{beacon.port}":
+            # A beacon proves the process runs; that its link works, the ZMTP heartbeats on
+            # the link prove (they clear link_up within peer_timeout_s). Together they spare
+            # a PING per peer per second.
+            peer.touch()
 
     def _on_mailbox(self) -> None:
         mailbox = self._mailbox
