@@ -372,7 +372,7 @@ def _check_reply(reply: Any, want_id: int) -> None:
 
 def _lat_summary(lats: list[float]) -> dict[str, float]:
     lats = sorted(lats)
-    p99 = lats[min(len(lats) - 1, int(round(0.99 * len(lats))) - 1)]
+    p99 = lats[min(len(lats) - 1, round(0.99 * len(lats)) - 1)]
     return {"median_us": statistics.median(lats) * 1e6, "p99_us": p99 * 1e6, "mean_us": statistics.fmean(lats) * 1e6}
 
 

@@ -453,7 +453,7 @@ def run_measurement(m: Measurement, params: dict[str, Any], repeat: int, log_dir
             # a slow run: say where the time went (messages from the children, seconds since spawn)
             line = ", ".join(f"{name}:{tag}@{at:.2f}" for at, name, tag in trial.timeline)
             log(f"      slow run; timeline: {line}")
-    except Exception as exc:  # TrialError, or a bug in a trial function: record and go on
+    except Exception as exc:  # noqa: BLE001  TrialError, or a bug in a trial function: record and go on
         text = str(exc) if isinstance(exc, TrialError) else "".join(traceback.format_exception(exc)).strip()
         out.errors.append(f"run {repeat + 1}: {text}")
         first = text.splitlines()[0] if text else type(exc).__name__
@@ -513,7 +513,7 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
     if fig.extra is not None:
         try:
             extra = fig.extra(zo.ok, ro.ok)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  a summary line must not sink the report
             extra = f"(extra info unavailable: {exc})"
     return {
         "figure": fig.name,
@@ -546,7 +546,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         unit = r["unit"]
 
-        def cell(s: dict[str, Any] | None) -> str:
+        def cell(s: dict[str, Any] | None, unit: str = unit) -> str:
             if s is None:
                 return "-"
             return f"{fmt(s['median'], unit)} [{fmt(s['min'], unit)}-{fmt(s['max'], unit)}]"

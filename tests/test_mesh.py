@@ -206,3 +206,20 @@ def test_links_survive_the_sequence_wrap(mesh: dict[str, Any]) -> None:
         wait_until(lambda: len(received) == 70_000, 30, "every whisper")
         assert [p.id for p in b.peers()] == [a.id]
         assert b.stats()["rejected"] == {}
+
+
+def test_same_named_nodes_started_together_do_not_evict_each_other(mesh: dict[str, Any]) -> None:
+    left: list[str] = []
+    observer = zmqmesh.Node("observer", **mesh)
+    observer.on_leave(lambda p: left.append(p.id))
+    with observer:
+        workers = [zmqmesh.Node("worker", **mesh) for _ in range(4)]
+        for w in workers:
+            w.start()
+        try:
+            observer.wait_for_peers(4, timeout=10)
+            time.sleep(1.0)  # a negative check: nobody may be retired as a "ghost"
+            assert left == [] and len(observer.peers()) == 4
+        finally:
+            for w in workers:
+                w.stop()

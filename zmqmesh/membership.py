@@ -707,7 +707,7 @@ class Membership:
                 continue
             same_endpoint = old.endpoint == newcomer.endpoint
             same_node_down = (
-                not old.link_up
+                old.disconnected_at is not None  # its link was up and dropped: not a slow start
                 and old.name == newcomer.name
                 and host is not None
                 and old.headers.get(HEADER["host"]) == host
