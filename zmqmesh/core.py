@@ -444,8 +444,12 @@ class MeshCore(MembershipEvents):
             ids = (only,) if only in ids or builtin else ()
         if not ids:
             return None
-        now = time.monotonic()
-        candidates = [i for i in ids if self._skip.get((service, i), 0) < now] or list(ids)
+        candidates: Any = ids
+        if self._skip:
+            now = time.monotonic()
+            candidates = [i for i in ids if self._skip.get((service, i), 0) < now] or ids
+            if len(self._skip) > 1024:
+                self._skip = {k: t for k, t in self._skip.items() if t > now}
         start = next(self._rr)
         for k in range(len(candidates)):
             node_id = candidates[(start + k) % len(candidates)]

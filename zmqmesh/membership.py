@@ -120,9 +120,8 @@ class PeerState:
         return frozenset(g[len(prefix) :] for g in self.groups if g.startswith(prefix))
 
     def endpoint_of(self, key: str) -> str | None:
-        """A pattern endpoint from the peer's HELLO headers, if valid."""
-        value = self.headers.get(HEADER[key])
-        return value if value and parse_endpoint(value) else None
+        """A pattern endpoint from the peer's HELLO headers (checked when the HELLO came)."""
+        return self.headers.get(HEADER[key])
 
     def snapshot(self) -> Peer:
         """An immutable `Peer` view (cached until the peer's groups or headers change)."""
