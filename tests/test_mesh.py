@@ -121,13 +121,13 @@ def test_restarted_node_retires_its_ghost_at_once(spawn: Any, mesh: dict[str, An
 
 
 def test_no_false_departure_while_a_handler_blocks(spawn: Any, mesh: dict[str, Any]) -> None:
-    busy = spawn("busy", service=["block"], block_s=6.0)
+    busy = spawn("busy", service=["block"], block_s=10.0)
     left: list[str] = []
     node = zmqmesh.Node("observer", **mesh)
     node.on_leave(lambda p: left.append(p.name))
     with node:
         node.wait_for_service("block", timeout=10)
-        assert node.request("block", None, timeout=10) == "unblocked"  # 3x the peer timeout
+        assert node.request("block", None, timeout=15) == "unblocked"  # 5x the peer timeout
         assert left == []
         busy.wait_line("BLOCKING")
         assert not busy.with_prefix("LEAVE"), "the busy node must not drop its peers either"

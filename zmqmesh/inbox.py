@@ -151,7 +151,7 @@ class Inbox:
         if known:
             core.stats.peer_received[sender_id] += len(items)  # type: ignore[index]
         if kind == "sub":
-            if known and sequence is not None:
+            if known and sequence is not None and uuid is not None:
                 key = (uuid, name_b)
                 expected = self.pub_sequences.get(key)
                 if expected is not None and expected < sequence <= expected + _MAX_GAP:
