@@ -51,7 +51,7 @@ from .security import (
     make_server,
     read_secret_key,
 )
-from .sockets import has_input
+from .sockets import close_watched, has_input
 from .stats import Stats
 
 __all__ = ["MeshCore", "Registry", "Provider"]
@@ -332,11 +332,7 @@ class MeshCore(MembershipEvents):
         linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
         for sock in [self._xpub, *self._push_socks.values()]:
             if sock is not None:
-                try:
-                    self.loop.remove_reader(sock.FD)
-                except Exception:
-                    pass
-                sock.close(linger_ms)
+                close_watched(self.loop, sock, linger_ms)
         self._push_socks.clear()
         with self._space:
             self._space.notify_all()

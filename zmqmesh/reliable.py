@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import wire
-from .sockets import has_input
+from .sockets import close_watched, has_input
 
 if TYPE_CHECKING:
     from .core import MeshCore
@@ -155,21 +155,12 @@ class ReliableSender:
         self.inflight_count.pop(puller, None)
         sock = self.sockets.pop(puller, None)
         if sock is not None:
-            try:
-                self.core.loop.remove_reader(sock.FD)
-            except Exception:
-                pass
-            sock.close(0)
+            close_watched(self.core.loop, sock)
         self.core.wake_flush()
 
     def close(self) -> int:
         """Close every socket; returns how many messages were still unacknowledged."""
         left = self.pending()
         for puller in list(self.sockets):
-            sock = self.sockets.pop(puller)
-            try:
-                self.core.loop.remove_reader(sock.FD)
-            except Exception:
-                pass
-            sock.close(0)
+            close_watched(self.core.loop, self.sockets.pop(puller))
         return left

@@ -32,7 +32,7 @@ from .errors import (
     RemoteError,
     ZmqMeshError,
 )
-from .sockets import has_input
+from .sockets import close_watched, has_input
 
 if TYPE_CHECKING:
     from .core import MeshCore, Provider
@@ -270,11 +270,7 @@ class LoopRequester:
                 future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
         sock = self.sockets.pop(peer_id, None)
         if sock is not None:
-            try:
-                self.core.loop.remove_reader(sock.FD)
-            except Exception:
-                pass
-            sock.close(0)
+            close_watched(self.core.loop, sock)
 
     def close(self) -> None:
         """Fail every waiting request with `NodeClosedError` and close every socket."""
@@ -282,12 +278,7 @@ class LoopRequester:
             if not future.done():
                 future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
         for pid in list(self.sockets):
-            sock = self.sockets.pop(pid)
-            try:
-                self.core.loop.remove_reader(sock.FD)
-            except Exception:
-                pass
-            sock.close(0)
+            close_watched(self.core.loop, self.sockets.pop(pid))
 
 
 def no_provider(service: str) -> ZmqMeshError:

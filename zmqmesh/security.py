@@ -21,6 +21,7 @@ import zmq
 from zmq.utils import z85
 
 from .errors import ConfigError
+from .sockets import close_watched
 
 if TYPE_CHECKING:
     import asyncio
@@ -181,8 +182,4 @@ class ZapHandler:
 
     def close(self) -> None:
         """Stop answering (closes the socket)."""
-        try:
-            self.loop.remove_reader(self.sock.FD)
-        except Exception:
-            pass
-        self.sock.close(0)
+        close_watched(self.loop, self.sock)
