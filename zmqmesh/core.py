@@ -192,7 +192,6 @@ class MeshCore(MembershipEvents):
         self._space_event: asyncio.Event | None = None
         self._thread_requesters: list[ThreadRequester] = []
         self._requester_local = threading.local()
-        self._requests_active = 0
         self.keys: KeyPair | None = None
         self._rebuild_pending = False
         self._zap: ZapHandler | None = None
@@ -324,9 +323,8 @@ class MeshCore(MembershipEvents):
         else:
             await self.loop.run_in_executor(None, self.inbox.stop, timeout)
         self.membership.close()
-        for handle in (self._retry_handle,):
-            if handle is not None:
-                handle.cancel()
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
         # what the sockets still hold may go out until the linger deadline (bounded: dead
         # peers cannot hold up the stop beyond it)
         linger_ms = max(0, int((deadline - time.monotonic()) * 1000))

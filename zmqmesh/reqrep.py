@@ -27,10 +27,8 @@ from .errors import (
     DecodeError,
     MeshTimeoutError,
     NodeClosedError,
-    NoProviderError,
     PeerLostError,
     RemoteError,
-    ZmqMeshError,
 )
 from .sockets import close_watched, has_input
 
@@ -279,8 +277,3 @@ class LoopRequester:
                 future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
         for pid in list(self.sockets):
             close_watched(self.core.loop, self.sockets.pop(pid))
-
-
-def no_provider(service: str) -> ZmqMeshError:
-    """The error for a service nobody offers."""
-    return NoProviderError(f"no node offers the service {service!r}")
