@@ -385,13 +385,16 @@ class MeshCore(MembershipEvents):
         """The service endpoint (which also takes at-least-once queues) of a node, and its key."""
         return self._endpoint_of(node_id, "service")
 
-    def is_idempotent_anywhere(self, service: str, lost_id: str) -> bool:
-        """Whether a request to ``service`` lost with ``lost_id`` may be retried.
+    def may_retry(self, service: str, lost_id: str, deadline: float) -> bool:
+        """Whether a request to ``service`` lost with provider ``lost_id`` is to be resent.
 
         The lost provider is gone from the offer tables by now, so this asks whether the
-        remaining providers declare the service idempotent.
+        remaining providers declare the service idempotent (and time is left).
         """
-        return bool(self.offers["idempotent"].get(service))
+        if not self.offers["idempotent"].get(service) or time.monotonic() >= deadline:
+            return False
+        log.info("provider %s of idempotent %r left: retrying elsewhere", lost_id[:8], service)
+        return True
 
     def connect(self, sock: zmq.Socket[Any], endpoint: str, peer_key: str | None) -> None:
         """Connect ``sock``, as a CURVE client of ``peer_key`` when this node is secure."""

@@ -93,7 +93,6 @@ class Gateway:
         self.token = token
         self.request_timeout_s = request_timeout_s
         self.listeners: set[asyncio.Queue[str]] = set()
-        self._stats_task: asyncio.Task[None] | None = None
 
     # middleware --------------------------------------------------------------------------------
 

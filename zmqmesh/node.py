@@ -16,18 +16,18 @@ from .config import NodeConfig
 from .core import MeshCore, Registry
 from .errors import MeshTimeoutError, NodeClosedError, NoProviderError, ZmqMeshError
 from .message import Message, Peer
+from .wire import MAX_NAME_BYTES
 
 __all__ = ["Node", "AsyncNode"]
 
 log = logging.getLogger("zmqmesh.node")
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
-_NAME_LIMIT = 200
 
 
 def _check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or len(name.encode()) > _NAME_LIMIT or (kind != "topic" and not name):
-        raise ValueError(f"a {kind} must be a string of at most {_NAME_LIMIT} bytes" + ("" if kind == "topic" else ", not empty"))
+    if not isinstance(name, str) or len(name.encode()) > MAX_NAME_BYTES or (kind != "topic" and not name):
+        raise ValueError(f"a {kind} must be a string of at most {MAX_NAME_BYTES} bytes" + ("" if kind == "topic" else ", not empty"))
     return name
 
 
@@ -135,7 +135,6 @@ class _NodeBase(Generic[Handler]):
         """Remove ``handler`` wherever it is registered (topics, queues, services, callbacks)."""
         found = self._registry.remove_handler(handler)
         if found:
-            self._registry.version += 1
             self._core.registry_changed()
         return found
 
@@ -182,9 +181,6 @@ class _NodeBase(Generic[Handler]):
     def stats(self) -> dict[str, Any]:
         """Counters: sent/received/dropped/errors per pattern, received per peer, rejects by reason."""
         return self._core.stats.snapshot()
-
-    def _encode(self, data: Any) -> bytes:
-        return self._core.codec.encode(data)
 
     def _check_open(self) -> None:
         self._core.ensure_running()

@@ -121,9 +121,8 @@ class ThreadRequester:
                 core.skip_provider(service, provider.id)
                 continue
             except PeerLostError:
-                if not core.is_idempotent_anywhere(service, provider.id) or time.monotonic() >= deadline:
+                if not core.may_retry(service, provider.id, deadline):
                     raise
-                log.info("provider %s of idempotent %r left: retrying elsewhere", provider.id[:8], service)
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str, deadline: float) -> Any:
         core = self.core
@@ -216,9 +215,8 @@ class LoopRequester:
                 finally:
                     timer.cancel()
             except PeerLostError:
-                if not core.is_idempotent_anywhere(service, provider.id) or time.monotonic() >= deadline:
+                if not core.may_retry(service, provider.id, deadline):
                     raise
-                log.info("provider %s of idempotent %r left: retrying elsewhere", provider.id[:8], service)
                 continue
             finally:
                 self.pending.pop(request_id, None)
