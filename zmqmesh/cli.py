@@ -27,6 +27,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ZmqMeshError
+from .jsonview import dumps, peer_dict
 from .message import Message, Peer
 from .node import Node
 
@@ -35,16 +36,6 @@ __all__ = ["main"]
 
 class CliError(Exception):
     """A user-facing error: printed as one line."""
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default, ensure_ascii=False)
 
 
 def _payload(text: str) -> Any:
@@ -127,14 +118,6 @@ def _listen(node: Node, seconds: float) -> None:
     time.sleep(max(0.0, seconds))
 
 
-def _peer_json(p: Peer) -> dict[str, Any]:
-    return {
-        "id": p.id, "name": p.name, "address": p.address, "endpoint": p.endpoint,
-        "services": sorted(p.services), "queues": sorted(p.queues), "topics": sorted(p.topics),
-        "groups": sorted(p.groups), "headers": dict(p.headers), "last_seen": p.last_seen,
-    }
-
-
 def _table(peers: list[Peer]) -> str:
     rows = [("NAME", "ADDRESS", "SERVICES", "QUEUES", "TOPICS", "LAST SEEN")]
     now = time.time()
@@ -155,7 +138,7 @@ def _peers(args: argparse.Namespace) -> int:
         _listen(node, args.wait)
         peers = sorted(node.peers(), key=lambda p: (p.name, p.id))
         if args.json:
-            print(json.dumps([_peer_json(p) for p in peers], indent=2), flush=True)
+            print(dumps([peer_dict(p) for p in peers], indent=2), flush=True)
         elif peers:
             print(_table(peers), flush=True)
         else:
@@ -187,7 +170,7 @@ def _subscribe(args: argparse.Namespace) -> int:
     @node.subscribe(args.prefix)
     def show(msg: Message) -> None:
         sender = msg.sender.name if msg.sender else "-"
-        print(f"{msg.topic} {_dumps(msg.data)} (from {sender})", flush=True)
+        print(f"{msg.topic} {dumps(msg.data)} (from {sender})", flush=True)
         seen[0] += 1
         if args.count is not None and seen[0] >= args.count:
             done.set()
@@ -211,7 +194,7 @@ def _request(args: argparse.Namespace) -> int:
     data = _payload(args.data)
     with _node(args, "zmqmesh-request") as node:
         reply = node.request(args.service, data, timeout=args.timeout)
-    print(_dumps(reply))
+    print(dumps(reply))
     return 0
 
 

@@ -34,6 +34,7 @@ from .errors import (
     PeerLostError,
     RemoteError,
 )
+from .jsonview import dumps, peer_dict
 from .message import Peer
 from .node import AsyncNode
 
@@ -57,31 +58,9 @@ def _error(status: int, kind: str, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": kind, "message": message, **extra}, status=status)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, default=_json_default)
-
-
 def peer_json(peer: Peer, gateway: bool = False) -> dict[str, Any]:
-    """A peer as the gateway shows it."""
-    return {
-        "id": peer.id,
-        "name": peer.name,
-        "address": peer.address,
-        "endpoint": peer.endpoint,
-        "services": sorted(peer.services),
-        "queues": sorted(peer.queues),
-        "topics": sorted(peer.topics),
-        "groups": sorted(g for g in peer.groups if not g.startswith("zmqmesh/")),
-        "last_seen": peer.last_seen,
-        "zmqmesh": peer.is_zmqmesh,
-        "gateway": gateway,
-    }
+    """A peer as the gateway shows it: `peer_dict`, and whether it is this gateway."""
+    return {**peer_dict(peer), "gateway": gateway}
 
 
 class Gateway:
@@ -152,7 +131,7 @@ class Gateway:
             return _error(504, "MeshTimeoutError", str(exc))
         except TypeError as exc:
             return _error(400, "BadRequest", str(exc))
-        return web.Response(text=_dumps(reply), content_type="application/json")
+        return web.Response(text=dumps(reply), content_type="application/json")
 
     async def publish(self, request: web.Request) -> web.Response:
         """POST /publish/{topic}."""
@@ -184,7 +163,7 @@ class Gateway:
 
     async def peers(self, request: web.Request) -> web.Response:
         """GET /peers."""
-        return web.Response(text=_dumps(self.membership()), content_type="application/json")
+        return web.Response(text=dumps(self.membership()), content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """GET /events: a Server-Sent Events stream."""
@@ -242,7 +221,7 @@ class _BadRequest(Exception):
 
 
 def _sse_text(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {_dumps(data)}\n\n"
+    return f"event: {event}\ndata: {dumps(data)}\n\n"
 
 
 def _sse(event: str, data: Any) -> bytes:
