@@ -274,6 +274,25 @@ def _lab_env(env: dict[str, str]) -> dict[str, str]:
     return {**inherited, "PYTHONUNBUFFERED": "1", **env}
 
 
+def _finish(proc: subprocess.Popen[str], reader: threading.Thread, timeout: float) -> int:
+    """Wait for ``proc`` to exit (kill its process group after ``timeout``); returns the status."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+    reader.join(5)
+    if proc.stdout is not None:
+        try:
+            proc.stdout.close()
+        except OSError:
+            pass
+    return proc.returncode
+
+
 class LabProcess:
     """A command running inside a lab host, with its output (stdout and stderr) kept by line."""
 
@@ -333,21 +352,7 @@ class LabProcess:
 
     def finish(self, timeout: float) -> int:
         """Wait for the exit (kill its process group after ``timeout``); returns the status."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(5)
-        self._reader.join(5)
-        if self.proc.stdout is not None:
-            try:
-                self.proc.stdout.close()
-            except OSError:
-                pass
-        return self.proc.returncode
+        return _finish(self.proc, self._reader, timeout)
 
 
 class NodeError(AssertionError):
@@ -520,39 +525,11 @@ class HostNode:
 
     def finish(self, timeout: float) -> int:
         """Wait for the exit (kill the process group after ``timeout``); returns the status."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(5)
-        self._reader.join(5)
-        if self.proc.stdout is not None:
-            try:
-                self.proc.stdout.close()
-            except OSError:
-                pass
-        return self.proc.returncode
+        return _finish(self.proc, self._reader, timeout)
 
     def stop(self, timeout: float = 5.0) -> int:
         self.request_stop()
         return self.finish(timeout)
 
 
-def wait_all(condition: Callable[[], Any], timeout: float, what: str, nodes: Iterable[HostNode] = ()) -> Any:
-    """Poll ``condition`` (every 20 ms, bounded); on timeout fail with the nodes' output."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            details = "\n".join(n.output(10) for n in nodes)
-            raise NodeError(f"timed out after {timeout} s waiting for {what}\n{details}")
-        time.sleep(0.02)
-
-
-__all__ = ["Lab", "Host", "Switch", "HostNode", "LabProcess", "LabError", "NodeError", "run", "sweep_stale", "unavailable_reason",
-           "wait_all"]
+__all__ = ["Lab", "Host", "Switch", "HostNode", "LabProcess", "LabError", "NodeError", "run", "sweep_stale", "unavailable_reason"]
