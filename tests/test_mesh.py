@@ -160,10 +160,12 @@ def test_unstopped_node_warns_when_collected(mesh: dict[str, Any]) -> None:
         del node
         gc.collect()
     # clean up what the test leaked on purpose
-    import asyncio
+    import threading
 
-    asyncio.run_coroutine_threadsafe(core.stop(1.0), core.loop).result(5)
-    core.loop.call_soon_threadsafe(core.loop.stop)
+    from zmqmesh.node import stop_core
+
+    (io_thread,) = [t for t in threading.enumerate() if t.name == "zmqmesh-io-forgotten"]
+    stop_core(core, core.loop, io_thread, 1.0)
 
 
 def test_user_callbacks_that_raise_do_not_stop_the_node(spawn: Any, mesh: dict[str, Any]) -> None:

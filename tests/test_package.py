@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_all_matches_the_public_exports() -> None:
+    for name in zmqmesh.__all__:  # AsyncNode is imported on first access
+        getattr(zmqmesh, name)
     public = {n for n in vars(zmqmesh) if (not n.startswith("_") or n == "__version__") and n != "annotations"}
     modules = {name for name, value in vars(zmqmesh).items() if type(value).__name__ == "module"}
     assert set(zmqmesh.__all__) == public - modules
@@ -56,3 +58,14 @@ def test_lint_and_types_are_clean() -> None:
     types = subprocess.run([sys.executable, "-m", "mypy", "zmqmesh", "--ignore-missing-imports"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert types.returncode == 0, types.stdout + types.stderr
+
+
+def test_a_sync_node_does_not_import_asyncio() -> None:
+    # asyncio (and the ssl module it loads) is most of a node's memory; Node must not need it
+    code = ("import sys, zmqmesh\n"
+            "node = zmqmesh.Node('lean', mesh='lean-import', discovery=False).start()\n"
+            "node.stop()\n"
+            "print(sorted(m for m in ('asyncio', 'ssl') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

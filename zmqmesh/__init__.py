@@ -7,6 +7,8 @@ request/reply into one mesh with plain callbacks as handlers.
 
 from __future__ import annotations
 
+import typing
+
 __version__ = "0.1.0"
 
 from .config import NodeConfig
@@ -22,7 +24,10 @@ from .errors import (
     ZmqMeshError,
 )
 from .message import Message, Peer
-from .node import AsyncNode, Node
+from .node import Node
+
+if typing.TYPE_CHECKING:
+    from .asyncnode import AsyncNode
 
 __all__ = [
     "__version__",
@@ -41,3 +46,14 @@ __all__ = [
     "PeerLostError",
     "RemoteError",
 ]
+
+
+def __getattr__(name: str) -> typing.Any:
+    # AsyncNode is imported on first use: a process that only runs a sync Node never
+    # loads asyncio (and ssl with it), which keeps every node process smaller.
+    if name == "AsyncNode":
+        from .asyncnode import AsyncNode
+
+        globals()["AsyncNode"] = AsyncNode
+        return AsyncNode
+    raise AttributeError(f"module 'zmqmesh' has no attribute {name!r}")

@@ -1,9 +1,10 @@
-"""The engine under `Node` and `AsyncNode`: one implementation, run on an asyncio loop.
+"""The engine under `Node` and `AsyncNode`: one implementation, driven by one event loop.
 
-For `AsyncNode` the loop is the caller's; for `Node` it is a private loop on a background
-I/O thread. The core owns membership (ZRE), the outbound pattern sockets (XPUB and one
-PUSH per queue, connected to what peers offer as they come and go), the request sockets
-of coroutines, and the waits callers block on. The inbound sockets belong to the inbox
+For `AsyncNode` the loop is the caller's asyncio loop; for `Node` it is a `Reactor` on a
+background I/O thread. The core uses only the callback API both loops share (readers,
+timers, ``call_soon``), so it never imports asyncio itself. It owns membership (ZRE),
+the outbound pattern sockets (XPUB and one PUSH per queue, connected to what peers offer
+as they come and go), the request sockets of coroutines, and the waits callers block on. The inbound sockets belong to the inbox
 (see `inbox`), which runs where the handlers run.
 
 Publishing and pushing never cross threads per message: callers encode and append to a
@@ -13,7 +14,6 @@ soon as it gets to it (it never waits for a batch to fill).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
@@ -23,7 +23,8 @@ import time
 import uuid as uuid_module
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from concurrent import futures
+from typing import Any, NamedTuple, Protocol
 
 import zmq
 
@@ -32,7 +33,7 @@ from .codec import Codec
 from .config import NodeConfig
 from .discovery import BeaconSocket
 from .errors import MeshTimeoutError, NodeClosedError, NoProviderError, ZmqMeshError
-from .inbox import Call, LoopInbox, ThreadInbox
+from .inbox import Call, Inbox
 from .membership import HEADER, OFFER_PREFIXES, Membership, MembershipEvents, PeerState
 from .message import Message, Peer
 from .netif import (
@@ -41,8 +42,9 @@ from .netif import (
     interface_addresses,
     is_loopback,
 )
+from .reactor import run_on
 from .reliable import ReliableSender
-from .reqrep import LoopRequester, ThreadRequester
+from .reqrep import ThreadRequester
 from .security import (
     KeyPair,
     ZapHandler,
@@ -54,7 +56,7 @@ from .security import (
 from .sockets import close_watched, has_input
 from .stats import Stats
 
-__all__ = ["MeshCore", "Registry", "Provider"]
+__all__ = ["MeshCore", "Registry", "Provider", "no_provider"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -62,8 +64,17 @@ _BATCH_MESSAGES = 256
 _BATCH_BYTES = 64 * 1024
 _LARGE_FRAME = 64 * 1024
 _RETRY_S = 0.002
+_GOODBYE_LINGER_MS = 200
 _MAX_TRACKED_TOPICS = 65_536
 _OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent")
+
+
+class Waiter(Protocol):
+    """What waits on a condition: an asyncio or a concurrent.futures future."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: None) -> None: ...
+    def set_exception(self, exception: BaseException) -> None: ...
 
 
 class Provider(NamedTuple):
@@ -147,25 +158,32 @@ class Registry:
 
 
 class MeshCore(MembershipEvents):
-    """State and sockets of one node, driven by one asyncio loop."""
+    """State and sockets of one node, driven by one event loop.
 
-    def __init__(self, name: str, config: NodeConfig, registry: Registry, threaded: bool) -> None:
+    ``inbox_type`` says where handlers run (`ThreadInbox` for `Node`, the asyncio
+    ``LoopInbox`` for `AsyncNode`); ``requester_type``, if given, makes the requester of
+    coroutines (``LoopRequester``). Threads use `thread_requester` instead.
+    """
+
+    def __init__(self, name: str, config: NodeConfig, registry: Registry,
+                 inbox_type: type[Inbox], requester_type: Callable[[MeshCore], Any] | None = None) -> None:
         self.uuid = uuid_module.uuid4().bytes
         self.node_id = self.uuid.hex()
         self.name = name or f"node-{self.node_id[:6]}"
         self.config = config
         self.registry = registry
-        self.threaded = threaded
+        self._inbox_type = inbox_type
+        self._requester_type = requester_type
         self.codec = Codec(config.max_message_bytes)
         self.stats = Stats()
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.loop: Any = None  # the Reactor or the asyncio loop, set by start
         self.loop_thread = 0
         self.ctx: zmq.Context[Any] = None  # type: ignore[assignment]
         self.closed = True
         self.started = False
         self.membership: Membership = None  # type: ignore[assignment]
-        self.inbox: ThreadInbox | LoopInbox = None  # type: ignore[assignment]
-        self.requester: LoopRequester = None  # type: ignore[assignment]
+        self.inbox: Any = None  # a ThreadInbox or a LoopInbox
+        self.requester: Any = None  # a LoopRequester, for AsyncNode
         self.endpoints: dict[str, str] = {}
         self.inproc: dict[str, str] = {}
         self.alive_ids: frozenset[str] = frozenset()
@@ -175,7 +193,7 @@ class MeshCore(MembershipEvents):
         self._user_groups: set[str] = set()
         self._rr = itertools.count()
         self._skip: dict[tuple[str, str], float] = {}
-        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._waiters: list[tuple[Callable[[], bool], Waiter]] = []
         # outbound
         self._xpub: zmq.Socket[Any] | None = None
         self._xpub_connected: set[str] = set()
@@ -186,10 +204,10 @@ class MeshCore(MembershipEvents):
         self._push_socks: dict[str, zmq.Socket[Any]] = {}
         self._push_connected: dict[str, set[str]] = {}
         self._flush_scheduled = False
-        self._retry_handle: asyncio.TimerHandle | None = None
+        self._retry_handle: Any = None
         self._space = threading.Condition()
         self._space_waiters = 0
-        self._space_event: asyncio.Event | None = None
+        self.space_event: Any = None  # set() whenever queues drain; AsyncNode's waits install one
         self._thread_requesters: list[ThreadRequester] = []
         self._requester_local = threading.local()
         self.keys: KeyPair | None = None
@@ -198,11 +216,10 @@ class MeshCore(MembershipEvents):
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Create the context and sockets, bind, and begin discovery (on the node's loop)."""
-        self.loop = asyncio.get_running_loop()
+    def start(self, loop: Any) -> None:
+        """Create the context and sockets, bind, and begin discovery (on ``loop``'s thread)."""
+        self.loop = loop
         self.loop_thread = threading.get_ident()
-        self._space_event = asyncio.Event()
         cfg = self.config
         if cfg.interface:
             address, broadcast = interface_addresses(cfg.interface)
@@ -257,7 +274,8 @@ class MeshCore(MembershipEvents):
         }
         if self.keys is not None:
             headers[HEADER["key"]] = self.keys.public
-        self.requester = LoopRequester(self)
+        if self._requester_type is not None:
+            self.requester = self._requester_type(self)
         self.reliable = ReliableSender(self)
         self.inbox.start()
         self.closed = False
@@ -296,38 +314,53 @@ class MeshCore(MembershipEvents):
             sockets[key] = sock
         self._xpub = sockets["pub"]
         self._xpub.connect(self.inproc["sub"])  # the publisher's own subscriptions
-        inbox_type = ThreadInbox if self.threaded else LoopInbox
-        self.inbox = inbox_type(self, sockets["sub"], sockets["pull"], sockets["service"])
+        self.inbox = self._inbox_type(self, sockets["sub"], sockets["pull"], sockets["service"])
 
-    async def stop(self, timeout: float) -> None:
-        """Drain queued sends, stop handlers, say goodbye, close everything (bounded)."""
-        if self.closed:
-            return
+    # The stop sequence, in steps: the node kinds run them in this order, each step where it
+    # belongs (``loop``: on the loop's thread), and wait between them in their own way.
+    #   deadline = begin_stop(timeout)          loop; None if already stopping
+    #   while send_queued(deadline): pause 5 ms  loop
+    #   close_outbound()                        loop
+    #   inbox.stop(timeout)                     blocking for ThreadInbox, awaited for LoopInbox
+    #   close_sockets(deadline)                 loop
+    #   ctx.destroy(0)                          off the loop: waits out the lingers
+
+    def begin_stop(self, timeout: float) -> float | None:
+        """Refuse new work; the deadline for draining queued sends (None if already stopping)."""
+        if self.closed or not self.started:
+            return None
         self.closed = True
-        deadline = time.monotonic() + min(self.config.linger_s, timeout)
-        while self._queued() and time.monotonic() < deadline:
-            self._flush()
-            await asyncio.sleep(0.005)
+        return time.monotonic() + min(self.config.linger_s, timeout)
+
+    def send_queued(self, deadline: float) -> bool:
+        """Send what is queued; True while some remains and ``deadline`` has not passed."""
+        if not self._queued():
+            return False
+        self._flush()
+        return bool(self._queued()) and time.monotonic() < deadline
+
+    def close_outbound(self) -> None:
+        """Count what could not be sent, say goodbye, fail the waits and outstanding requests."""
         left = self._queued()
         if left:
             self.stats.pattern["pipeline"]["dropped"] += left
             log.warning("node %s stopped with %d queued message(s) unsent (no room or no puller)", self.name, left)
         self.reliable.close()
         self.membership.say_goodbye()
-        for _predicate, future in self._waiters:
-            if not future.done():
-                future.set_exception(NodeClosedError("the node stopped"))
-        self.requester.close()
-        if isinstance(self.inbox, LoopInbox):
-            await self.inbox.stop(timeout)
-        else:
-            await self.loop.run_in_executor(None, self.inbox.stop, timeout)
-        self.membership.close()
+        for _predicate, waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_exception(NodeClosedError("the node stopped"))
+        if self.requester is not None:
+            self.requester.close()
+
+    def close_sockets(self, deadline: float) -> None:
+        """Close membership and the outbound sockets; what they hold may go out until ``deadline``."""
+        # bounded: dead peers cannot hold up the stop beyond the deadline; the goodbyes (and
+        # a greeting still in flight) get a moment even when draining used the deadline up
+        linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        self.membership.close(max(linger_ms, min(_GOODBYE_LINGER_MS, int(self.config.linger_s * 1000))))
         if self._retry_handle is not None:
             self._retry_handle.cancel()
-        # what the sockets still hold may go out until the linger deadline (bounded: dead
-        # peers cannot hold up the stop beyond it)
-        linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
         for sock in [self._xpub, *self._push_socks.values()]:
             if sock is not None:
                 close_watched(self.loop, sock, linger_ms)
@@ -338,7 +371,10 @@ class MeshCore(MembershipEvents):
             requester.close()
         if self._zap is not None:
             self._zap.close()
-        await self.loop.run_in_executor(None, self.ctx.destroy, 0)  # waits out the lingers above
+
+    def destroy_context(self) -> None:
+        """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above)."""
+        self.ctx.destroy(0)
         log.info("node %s (%s) stopped", self.name, self.node_id[:8])
 
     def _queued(self) -> int:
@@ -466,51 +502,70 @@ class MeshCore(MembershipEvents):
             self.ensure_running()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _no_provider(service, only)
+                raise no_provider(service, only)
             try:
-                self.run_sync(self.wait_until(lambda: self.pick_provider(service, only) is not None, remaining))
+                self.wait_until_sync(lambda: self.pick_provider(service, only) is not None, remaining)
             except MeshTimeoutError:
-                raise _no_provider(service, only) from None
+                raise no_provider(service, only) from None
             provider = self.pick_provider(service, only)
         return provider
 
-    async def wait_for_provider(self, service: str, deadline: float, only: str | None = None) -> Provider:
-        """A provider of ``service``, awaiting until ``deadline`` (on the loop)."""
-        provider = self.pick_provider(service, only)
-        while provider is None:
-            self.ensure_running()
-            remaining = deadline - time.monotonic()
-            try:
-                await self.wait_until(lambda: self.pick_provider(service, only) is not None, max(remaining, 0))
-            except MeshTimeoutError:
-                raise _no_provider(service, only) from None
-            provider = self.pick_provider(service, only)
-        return provider
+    def add_waiter(self, predicate: Callable[[], bool], waiter: Waiter) -> None:
+        """Complete ``waiter`` once ``predicate()`` holds, re-checked on every change (loop only).
 
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> None:
-        """Return once ``predicate()`` holds (re-checked on every change); raises `MeshTimeoutError`."""
-        self.ensure_running()
-        if predicate():
+        A waiter cancelled meanwhile is dropped at the next check.
+        """
+        if waiter.done():
             return
-        future: asyncio.Future[None] = self.loop.create_future()
-        entry = (predicate, future)
-        self._waiters.append(entry)
+        if self.closed:
+            waiter.set_exception(NodeClosedError("the node is not running"))
+            return
         try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise MeshTimeoutError(f"condition not met within {timeout} s") from None
-        finally:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
+            if predicate():
+                waiter.set_result(None)
+                return
+        except Exception as exc:
+            waiter.set_exception(exc)
+            return
+        if len(self._waiters) >= 64:
+            self._waiters = [entry for entry in self._waiters if not entry[1].done()]
+        self._waiters.append((predicate, waiter))
+
+    def remove_waiter(self, waiter: Waiter) -> None:
+        """Forget ``waiter`` (after it completed or its caller gave up; loop only)."""
+        self._waiters = [entry for entry in self._waiters if entry[1] is not waiter]
+
+    def wait_until_sync(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Block the calling thread (not the loop's) until ``predicate()`` holds on the loop.
+
+        Raises `MeshTimeoutError` after ``timeout`` seconds, `NodeClosedError` if the node stops.
+        """
+        self.ensure_running()
+        if threading.get_ident() == self.loop_thread:
+            raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
+        waiter: futures.Future[None] = futures.Future()
+        self.call_soon(self.add_waiter, predicate, waiter)
+        try:
+            waiter.result(max(timeout, 0))
+        except futures.TimeoutError:
+            waiter.cancel()  # the loop drops it at its next check
+            raise MeshTimeoutError(f"condition not met within {timeout:.3g} s") from None
 
     def _check_waiters(self) -> None:
-        for predicate, future in list(self._waiters):
-            if not future.done():
-                try:
-                    if predicate():
-                        future.set_result(None)
-                except Exception as exc:
-                    future.set_exception(exc)
+        done = False
+        for predicate, waiter in list(self._waiters):
+            if waiter.done():
+                done = True
+                continue
+            try:
+                if predicate():
+                    waiter.set_result(None)
+                    done = True
+            except Exception as exc:
+                waiter.set_exception(exc)
+                done = True
+        if done:
+            self._waiters = [entry for entry in self._waiters if not entry[1].done()]
 
     def subscribers_ready(self, topic: str, n: int) -> bool:
         """True once ``n`` subscribers matching ``topic`` have their subscription at our XPUB.
@@ -527,17 +582,11 @@ class MeshCore(MembershipEvents):
         overcount = sum(k - 1 for k in per_node.values())
         return total - overcount >= n
 
-    def run_sync(self, coro: Any, timeout: float | None = None) -> Any:
-        """Run ``coro`` on the loop from another thread and return its result."""
+    def call_on_loop(self, fn: Callable[..., Any], *args: Any, timeout: float | None = 10.0) -> Any:
+        """Run ``fn(*args)`` on the loop from another thread and return its result."""
         if threading.get_ident() == self.loop_thread:
-            coro.close()
-            raise ZmqMeshError("a blocking Node call was made on the node's own event loop; use await with AsyncNode")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError from 3.11
-            future.cancel()
-            raise MeshTimeoutError("the node did not answer in time") from exc
+            raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
+        return run_on(self.loop, fn, *args, timeout=timeout)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the loop soon (from any thread)."""
@@ -589,7 +638,8 @@ class MeshCore(MembershipEvents):
 
     def peer_gone(self, peer: PeerState, reason: str) -> None:
         self._rebuild()
-        self.requester.peer_gone(peer.id)
+        if self.requester is not None:
+            self.requester.peer_gone(peer.id)
         self.reliable.peer_gone(peer.id)
         self._post("leave", peer.snapshot())
 
@@ -669,10 +719,6 @@ class MeshCore(MembershipEvents):
         self.loop.add_reader(sock.FD, self._wake_flush)
         self._wake_flush()
 
-    async def ensure_push_socket_async(self, queue: str) -> None:
-        """`ensure_push_socket` as a coroutine (for `run_sync`)."""
-        self.ensure_push_socket(queue)
-
     def wait_for_room_sync(self, q: deque[Any], deadline: float) -> None:
         """Block while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
         limit = self.config.send_queue_max
@@ -688,23 +734,6 @@ class MeshCore(MembershipEvents):
                     self._space.wait(min(remaining, 0.1))
             finally:
                 self._space_waiters -= 1
-
-    async def wait_for_room(self, q: deque[Any], deadline: float) -> None:
-        """Await while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
-        limit = self.config.send_queue_max
-        while len(q) >= limit:
-            self.ensure_running()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MeshTimeoutError("send queue full: the receivers are not keeping up")
-            event = self._space_event
-            assert event is not None
-            event.clear()
-            self._wake_flush()
-            try:
-                await asyncio.wait_for(event.wait(), min(remaining, 0.1))
-            except asyncio.TimeoutError:
-                pass
 
     def wake_flush(self) -> None:
         """Have the loop send what is queued, soon (from any thread)."""
@@ -742,8 +771,8 @@ class MeshCore(MembershipEvents):
         if self._space_waiters:
             with self._space:
                 self._space.notify_all()
-        if self._space_event is not None:
-            self._space_event.set()
+        if self.space_event is not None:
+            self.space_event.set()
 
     def _retry(self) -> None:
         self._retry_handle = None
@@ -844,6 +873,7 @@ class MeshCore(MembershipEvents):
         return requester
 
 
-def _no_provider(service: str, only: str | None) -> NoProviderError:
+def no_provider(service: str, only: str | None) -> NoProviderError:
+    """The error for a service nobody (or not the node ``only``) offers."""
     where = f"node {only[:8]}" if only else "no node"
     return NoProviderError(f"{where} offers the service {service!r}")

@@ -28,6 +28,7 @@ import time
 from importlib import resources
 from typing import Any
 
+from .asyncnode import AsyncNode
 from .errors import (
     MeshTimeoutError,
     NoProviderError,
@@ -36,7 +37,6 @@ from .errors import (
 )
 from .jsonview import dumps, peer_dict
 from .message import Peer
-from .node import AsyncNode
 
 try:
     from aiohttp import web

@@ -4,12 +4,13 @@ The sockets are drained in bounded bursts; each message is decoded once and hand
 handler in place (no task and no thread hand-off per message). Where handlers run:
 
 * `ThreadInbox` (the sync `Node`): a dedicated thread owns the sockets and calls ``def``
-  handlers directly; ``async def`` handlers are run on the node's event loop.
-* `LoopInbox` (`AsyncNode`): the caller's event loop owns the sockets and awaits
-  ``async def`` handlers in place; ``def`` handlers run on a worker thread, a burst at a
-  time, so they never block the loop.
+  handlers directly; ``async def`` handlers run on an asyncio loop of their own, on a
+  thread started the first time one is called (so a node without them never loads asyncio).
+* ``LoopInbox`` (`AsyncNode`, in `aio`): the caller's event loop owns the sockets and
+  awaits ``async def`` handlers in place; ``def`` handlers run on a worker thread, a burst
+  at a time, so they never block the loop.
 
-Either way the event loop that answers heartbeats never runs a sync handler. With
+Either way the event loop that answers heartbeats never runs a handler of the user's. With
 ``handler_concurrency == 1`` handlers run one at a time in arrival order; above 1, up
 to that many run at once.
 
@@ -19,7 +20,6 @@ and traceback travel back to the caller. Undecodable input is counted and droppe
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import threading
@@ -28,6 +28,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -36,14 +37,13 @@ from . import wire
 from .errors import DecodeError
 from .message import Message
 from .reliable import QUEUE_SERVICE_PREFIX
-from .sockets import has_input
 
 STATS_SERVICE = "\x00stats"
 
 if TYPE_CHECKING:
     from .core import MeshCore
 
-__all__ = ["Inbox", "ThreadInbox", "LoopInbox", "Call"]
+__all__ = ["Inbox", "ThreadInbox", "Call", "is_async"]
 
 log = logging.getLogger("zmqmesh.inbox")
 
@@ -348,6 +348,8 @@ class ThreadInbox(Inbox):
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler") if concurrency > 1 else None
         self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{core.name}", daemon=True)
+        self._async_loop: Any = None  # an aio.HandlerLoop, made for the first async def handler
+        self._async_lock = threading.Lock()
 
     def start(self) -> None:
         """Start the inbox thread."""
@@ -387,6 +389,9 @@ class ThreadInbox(Inbox):
             self.thread.join(timeout + 0.5)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._async_lock:
+            if self._async_loop is not None:
+                self._async_loop.close()
         with self._wake_lock:
             self._wake_send.close(0)
 
@@ -451,11 +456,24 @@ class ThreadInbox(Inbox):
             self.complete(call, result, error)
 
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
-        future = asyncio.run_coroutine_threadsafe(self.run_async(call), self.core.loop)
+        with self._async_lock:
+            if self._async_loop is None:
+                if self._stopping and self.abandoned():
+                    return None, None
+                from .aio import (
+                    HandlerLoop,  # asyncio is loaded only by nodes that need it
+                )
+
+                self._async_loop = HandlerLoop(f"zmqmesh-async-{self.core.name}")
+            handler_loop = self._async_loop
+        try:
+            future = handler_loop.submit(self.run_async(call))
+        except RuntimeError as exc:  # the handler loop is closed: the node is stopping
+            return None, exc
         while not self.abandoned():
             try:
                 return future.result(0.5)
-            except TimeoutError:
+            except FutureTimeoutError:
                 continue
             except Exception as exc:  # the loop went away
                 return None, exc
@@ -477,132 +495,3 @@ class ThreadInbox(Inbox):
             self._pool.submit(runner, call).add_done_callback(finished)
         except RuntimeError:  # shutting down
             self._slots.release()
-
-
-class LoopInbox(Inbox):
-    """Runs the inbox on the caller's event loop: ``async def`` handlers are awaited in place."""
-
-    def __init__(self, core: MeshCore, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
-        super().__init__(core, sub, pull, router)
-        self.loop = core.loop
-        concurrency = core.config.handler_concurrency
-        self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler")
-        self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
-        self._task: asyncio.Task[None] | None = None
-        self._again = False
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def start(self) -> None:
-        """Watch the sockets' descriptors."""
-        self.apply_subscriptions()
-        for sock, _kind in self.sockets:
-            self.loop.add_reader(sock.FD, self.wake)
-        self.wake()
-
-    def wake(self) -> None:
-        """Start a drain unless one is running (then it goes round once more)."""
-        if self.abandoned():
-            return
-        if self._task is None or self._task.done():
-            self._task = self.loop.create_task(self._drain())
-        else:
-            self._again = True
-
-    def post(self, calls: list[Call]) -> None:
-        """Queue event callbacks to run in order with messages (loop thread only)."""
-        self.events.extend(calls)
-        self.wake()
-
-    def registry_changed(self) -> None:
-        """Re-apply subscriptions (loop thread only)."""
-        self.apply_subscriptions()
-
-    async def _drain(self) -> None:
-        calls: list[Call] = []
-        try:
-            while not self.abandoned():
-                self._again = False
-                while self.events:
-                    calls.append(self.events.popleft())
-                more = False
-                for sock, kind in self.sockets:
-                    if self.drain(sock, kind, calls):
-                        more = True
-                if calls:
-                    await self._execute(calls)
-                    calls.clear()
-                if not (more or self._again or self.events or any(
-                    has_input(sock) for sock, _ in self.sockets
-                )):
-                    return
-                await asyncio.sleep(0)  # let the loop breathe between bursts
-        except Exception:
-            if not self.abandoned():
-                log.exception("inbox drain failed")
-
-    async def _execute(self, calls: list[Call]) -> None:
-        if self._concurrency is not None:
-            for call in calls:
-                await self._concurrency.acquire()
-                task = self.loop.create_task(self._run_one(call))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            return
-        batch: list[Call] = []
-        for call in calls:
-            if self.abandoned():
-                self.core.stats.pattern[call.pattern]["dropped"] += 1
-                continue
-            if is_async(call.handler):
-                if batch:
-                    await self._run_sync_batch(batch)
-                    batch = []
-                try:
-                    result, error = await call.handler(call.arg), None
-                except Exception as exc:
-                    result, error = None, exc
-                if call.route is None and error is None:
-                    continue  # nothing to reply or count
-                self.complete(call, result, error)
-            else:
-                batch.append(call)
-        if batch:
-            await self._run_sync_batch(batch)
-
-    async def _run_sync_batch(self, batch: list[Call]) -> None:
-        outcomes = await self.loop.run_in_executor(self._worker, _run_batch, batch)
-        for call, (result, error) in zip(batch, outcomes):
-            self.complete(call, result, error)
-
-    async def _run_one(self, call: Call) -> None:
-        try:
-            if is_async(call.handler):
-                result, error = await self.run_async(call)
-            else:
-                result, error = await self.loop.run_in_executor(self._worker, self.run_sync, call)
-            self.complete(call, result, error)
-        finally:
-            assert self._concurrency is not None
-            self._concurrency.release()
-
-    async def stop(self, timeout: float) -> None:
-        """Handle what has already arrived (bounded by ``timeout``), then close the sockets."""
-        self._deadline = time.monotonic() + timeout
-        self._stopping = True
-        for sock, _kind in self.sockets:
-            try:
-                self.loop.remove_reader(sock.FD)
-            except Exception:
-                pass
-        self.wake()  # one last pass over what is already in the sockets
-        pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
-        if pending:
-            _done, still = await asyncio.wait(pending, timeout=timeout)
-            for task in still:
-                task.cancel()
-        self._worker.shutdown(wait=False, cancel_futures=True)
-        self.close_sockets()
-
-
-def _run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:
-    return [Inbox.run_sync(call) for call in batch]

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 from . import zre
 from .errors import MessageTooLargeError, ZmqMeshError
@@ -80,6 +80,17 @@ def parse_endpoint(endpoint: str) -> tuple[str, int] | None:
         return None
     port = int(match.group(2))
     return (match.group(1), port) if 0 < port < 65536 else None
+
+
+def _monitor_event(frames: list[bytes]) -> int | None:
+    """The event id of a socket-monitor message, or None if it is not one.
+
+    libzmq sends two frames: a 16-bit event id and a 32-bit value in native byte order,
+    then the endpoint. (pyzmq's own parser lives in a module that imports asyncio.)
+    """
+    if len(frames) != 2 or len(frames[0]) != 6:
+        return None
+    return int.from_bytes(frames[0][:2], sys.byteorder)
 
 
 class PeerState:
@@ -263,8 +274,11 @@ class Membership:
         if self.beacon is not None:
             self.beacon.send(zre.encode_beacon(self.uuid, 0, self._beacon_key))
 
-    def close(self) -> None:
-        """Close every socket and cancel every timer (idempotent; fires no events)."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Close every socket and cancel every timer (idempotent; fires no events).
+
+        The links keep ``linger_ms`` to deliver what is still queued (the goodbyes).
+        """
         if self._closed:
             return
         self._closed = True
@@ -272,7 +286,7 @@ class Membership:
             timer.cancel()
         self._timers.clear()
         for peer in list(self.peers.values()) + list(self._seed_links.values()):
-            self._close_link(peer)
+            self._close_link(peer, linger_ms)
         self.peers.clear()
         self._seed_links.clear()
         if self._mailbox is not None:
@@ -376,7 +390,7 @@ class Membership:
         self.loop.call_soon(self._on_monitor, peer)  # the descriptor is edge-triggered
         self._send_hello(peer)
 
-    def _close_link(self, peer: PeerState) -> None:
+    def _close_link(self, peer: PeerState, linger_ms: int = 0) -> None:
         if peer.monitor is not None:
             self._remove_reader(peer.monitor.FD)
             try:
@@ -386,7 +400,7 @@ class Membership:
             peer.monitor.close(0)
             peer.monitor = None
         if peer.link is not None:
-            peer.link.close(0)
+            peer.link.close(linger_ms)
             peer.link = None
         peer.link_up = False
 
@@ -758,10 +772,7 @@ class Membership:
                 frames = monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.ZMQError:
                 return
-            try:
-                event = parse_monitor_message(frames)["event"]
-            except Exception:
-                continue
+            event = _monitor_event(frames)
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 peer.link_up = True
                 peer.disconnected_at = None

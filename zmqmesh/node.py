@@ -1,10 +1,11 @@
-"""`Node` (blocking API, core on a background I/O thread) and `AsyncNode` (coroutines, core
-on the caller's event loop): the same decorators and method names over one `MeshCore`.
+"""`Node`: the blocking API, its core driven by a `Reactor` on a background I/O thread.
+
+`AsyncNode` (in `asyncnode`) has the same decorators and method names as coroutines, over
+the same `MeshCore`; both share `_NodeBase` for registration and the read-only views.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -15,10 +16,12 @@ from typing import Any, Generic, TypeVar
 from .config import NodeConfig
 from .core import MeshCore, Registry
 from .errors import MeshTimeoutError, NodeClosedError, NoProviderError, ZmqMeshError
+from .inbox import Inbox, ThreadInbox
 from .message import Message, Peer
+from .reactor import Reactor, run_on
 from .wire import MAX_NAME_BYTES
 
-__all__ = ["Node", "AsyncNode"]
+__all__ = ["Node"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -34,12 +37,13 @@ def _check_name(kind: str, name: str) -> str:
 class _NodeBase(Generic[Handler]):
     """Registration of handlers and the read-only views shared by both node kinds."""
 
-    _threaded = True
+    _inbox_type: type[Inbox] = ThreadInbox
+    _requester_type: Any = None
 
     def __init__(self, name: str | None = None, *, config: NodeConfig | None = None, **options: Any) -> None:
         self.config = NodeConfig.from_options(config, **options)
         self._registry = Registry()
-        self._core = MeshCore(name or "", self.config, self._registry, threaded=self._threaded)
+        self._core = MeshCore(name or "", self.config, self._registry, self._inbox_type, self._requester_type)
         self._stopped = False
         self._topic_names: dict[str, bytes] = {}
 
@@ -202,12 +206,32 @@ def _frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
     return out
 
 
+def stop_core(core: MeshCore, loop: Reactor, thread: threading.Thread, timeout: float) -> None:
+    """Run the core's stop sequence from a caller's thread, then end the I/O thread (bounded)."""
+    step = core.config.linger_s + 1  # no loop step takes long; this bounds a wedged loop
+    try:
+        deadline = run_on(loop, core.begin_stop, timeout, timeout=step)
+        if deadline is not None:
+            while run_on(loop, core.send_queued, deadline, timeout=step):
+                time.sleep(0.005)
+            run_on(loop, core.close_outbound, timeout=step)
+            core.inbox.stop(timeout)
+            run_on(loop, core.close_sockets, deadline, timeout=step)
+            core.destroy_context()
+    except Exception as exc:  # never let stop() raise on a half-dead node
+        log.warning("node %s did not stop cleanly: %s", core.name, exc)
+    finally:
+        loop.stop()
+        thread.join(timeout)
+
+
 class Node(_NodeBase[Any]):
     """A mesh node with a blocking API; its core runs on a background I/O thread.
 
-    Handlers (``def`` or ``async def``) run on the node's inbox thread, never on the I/O
-    thread, so a slow handler delays only this node's deliveries, never its heartbeats.
-    Every method is safe to call from any thread.
+    ``def`` handlers run on the node's inbox thread, ``async def`` handlers on an asyncio
+    loop of the node's own (started on first use), never on the I/O thread, so a slow
+    handler delays only this node's deliveries, never its heartbeats. Every method is
+    safe to call from any thread.
 
     Example::
 
@@ -221,11 +245,9 @@ class Node(_NodeBase[Any]):
             node.request("add", {"a": 1, "b": 2}, timeout=2.0)   # -> 3
     """
 
-    _threaded = True
-
     def __init__(self, name: str | None = None, *, config: NodeConfig | None = None, **options: Any) -> None:
         super().__init__(name, config=config, **options)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: Reactor | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -236,17 +258,15 @@ class Node(_NodeBase[Any]):
                 if self._stopped:
                     raise NodeClosedError("a stopped node cannot be started again; create a new one")
                 return self
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
-            thread = threading.Thread(target=self._run_loop, args=(loop, ready), name=f"zmqmesh-io-{self.name}", daemon=True)
+            loop = Reactor()
+            thread = threading.Thread(target=self._run_loop, args=(loop,), name=f"zmqmesh-io-{self.name}", daemon=True)
             thread.start()
-            ready.wait()
             self._loop, self._thread = loop, thread
             try:
-                asyncio.run_coroutine_threadsafe(self._core.start(), loop).result(30)
+                run_on(loop, self._core.start, loop, timeout=30)
             except Exception as exc:
                 self._stopped = True
-                loop.call_soon_threadsafe(loop.stop)
+                loop.stop()
                 thread.join(5)
                 if isinstance(exc, ZmqMeshError):
                     raise
@@ -254,9 +274,7 @@ class Node(_NodeBase[Any]):
         return self
 
     @staticmethod
-    def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
-        asyncio.set_event_loop(loop)
-        loop.call_soon(ready.set)
+    def _run_loop(loop: Reactor) -> None:
         try:
             loop.run_forever()
         finally:
@@ -275,13 +293,7 @@ class Node(_NodeBase[Any]):
             loop, thread = self._loop, self._thread
         if threading.current_thread() is thread:
             raise ZmqMeshError("stop() cannot be called from the node's own I/O thread")
-        try:
-            asyncio.run_coroutine_threadsafe(self._core.stop(timeout), loop).result(timeout + self.config.linger_s + 1)
-        except Exception as exc:  # never let stop() raise on a half-dead node
-            log.warning("node %s did not stop cleanly: %s", self.name, exc)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
+        stop_core(self._core, loop, thread, timeout)
 
     def __enter__(self) -> Node:
         return self.start()
@@ -331,12 +343,12 @@ class Node(_NodeBase[Any]):
         deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else timeout)
         q = core.push_queue(queue)
         if q is None:
-            core.run_sync(core.ensure_push_socket_async(_check_name("queue", queue)))
+            core.call_on_loop(core.ensure_push_socket, _check_name("queue", queue))
             q = core.push_queue(queue)
             assert q is not None
         if not core.offers["queues"].get(queue):
             try:
-                core.run_sync(core.wait_until(lambda: bool(core.offers["queues"].get(queue)), max(deadline - time.monotonic(), 0)))
+                core.wait_until_sync(lambda: bool(core.offers["queues"].get(queue)), deadline - time.monotonic())
             except MeshTimeoutError:
                 raise NoProviderError(f"no node pulls the queue {queue!r}") from None
         if len(q) >= self.config.send_queue_max:
@@ -354,8 +366,7 @@ class Node(_NodeBase[Any]):
         core = self._core
         core.ensure_running()
         if threading.get_ident() == core.loop_thread:
-            raise ZmqMeshError("Node.request would block the node's own event loop (an async handler?): "
-                               "use AsyncNode and await its request")
+            raise ZmqMeshError("Node.request would block the node's own I/O thread")
         body = core.codec.encode(data)
         return core.thread_requester().request(
             _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout,
@@ -385,21 +396,21 @@ class Node(_NodeBase[Any]):
         """Leave a ZRE group."""
         self._call(self._leave, group)
 
-    async def _whisper(self, peer_id: str, frames: list[bytes]) -> None:
+    def _whisper(self, peer_id: str, frames: list[bytes]) -> None:
         self._core.membership.whisper(peer_id, frames)
 
-    async def _shout(self, group: str, frames: list[bytes]) -> int:
+    def _shout(self, group: str, frames: list[bytes]) -> int:
         return self._core.membership.shout(group, frames)
 
-    async def _join(self, group: str) -> None:
+    def _join(self, group: str) -> None:
         self._core.join_group(group)
 
-    async def _leave(self, group: str) -> None:
+    def _leave(self, group: str) -> None:
         self._core.leave_group(group)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         self._core.ensure_running()
-        return self._core.run_sync(fn(*args), 10.0)
+        return self._core.call_on_loop(fn, *args)
 
     # waiting ----------------------------------------------------------------------------------------
 
@@ -407,7 +418,7 @@ class Node(_NodeBase[Any]):
         """Block until at least ``n`` peers are present; returns them. Raises `MeshTimeoutError`."""
         core = self._core
         core.ensure_running()
-        core.run_sync(core.wait_until(lambda: len(core._peer_index) >= n, timeout))
+        core.wait_until_sync(lambda: len(core._peer_index) >= n, timeout)
         return self.peers()
 
     def wait_for_subscribers(self, topic: str, n: int, timeout: float = 10.0) -> None:
@@ -418,7 +429,7 @@ class Node(_NodeBase[Any]):
         """
         core = self._core
         core.ensure_running()
-        core.run_sync(core.wait_until(lambda: core.subscribers_ready(topic, n), timeout))
+        core.wait_until_sync(lambda: core.subscribers_ready(topic, n), timeout)
 
     def wait_for_service(self, name: str, n: int = 1, timeout: float = 10.0) -> None:
         """Block until ``n`` nodes offer service ``name``. Raises `MeshTimeoutError`."""
@@ -431,154 +442,4 @@ class Node(_NodeBase[Any]):
     def _wait_offer(self, kind: str, name: str, n: int, timeout: float) -> None:
         core = self._core
         core.ensure_running()
-        core.run_sync(core.wait_until(lambda: len(core.providers(kind, name)) >= n, timeout))
-
-
-class AsyncNode(_NodeBase[Any]):
-    """A mesh node for asyncio programs; its core runs on the caller's event loop.
-
-    Same decorators and method names as `Node`; the calls are coroutines. ``async def``
-    handlers are awaited on the loop, in arrival order; ``def`` handlers run on a worker
-    thread so they never block the loop.
-
-    Example::
-
-        async with zmqmesh.AsyncNode("client") as node:
-            print(await node.request("add", {"a": 1, "b": 2}))
-    """
-
-    _threaded = False
-
-    async def start(self) -> AsyncNode:
-        """Bind, start discovery and handlers on the running loop; returns the node."""
-        if self._core.started:
-            if self._stopped:
-                raise NodeClosedError("a stopped node cannot be started again; create a new one")
-            return self
-        try:
-            await self._core.start()
-        except ZmqMeshError:
-            self._stopped = True
-            raise
-        except Exception as exc:
-            self._stopped = True
-            raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
-        return self
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Drain queued sends, say goodbye, close everything. Idempotent and bounded."""
-        if self._stopped:
-            return
-        self._stopped = True
-        if self._core.started:
-            try:
-                await asyncio.wait_for(self._core.stop(timeout), timeout + self.config.linger_s + 1)
-            except Exception as exc:
-                log.warning("node %s did not stop cleanly: %s", self.name, exc)
-
-    async def __aenter__(self) -> AsyncNode:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def publish(self, topic: str, data: Any) -> None:
-        """Publish ``data`` on ``topic`` (see `Node.publish`)."""
-        core = self._core
-        if core.closed:
-            core.ensure_running()
-        body = core.codec.encode(data)
-        topic_b = self._topic_names.get(topic) or self._topic_name(topic)
-        q = core._pub_q
-        if len(q) >= self.config.send_queue_max:
-            await core.wait_for_room(q, time.monotonic() + self.config.push_timeout_s)
-        q.append((topic_b, body))
-        core.wake_flush()
-
-    async def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
-        """Send ``data`` to one puller of ``queue`` (see `Node.push`)."""
-        core = self._core
-        if core.closed:
-            core.ensure_running()
-        body = core.codec.encode(data)
-        q = core.push_queue(queue)
-        if q is None or not core.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
-            q = await self._push_slow_path(queue, timeout)
-        q.append(body)
-        core.wake_flush()
-
-    async def _push_slow_path(self, queue: str, timeout: float | None) -> Any:
-        """Create the queue's socket, wait for a puller, wait for room: whatever push lacks."""
-        core = self._core
-        deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else timeout)
-        q = core.push_queue(queue)
-        if q is None:
-            core.ensure_push_socket(_check_name("queue", queue))
-            q = core.push_queue(queue)
-            assert q is not None
-        if not core.offers["queues"].get(queue):
-            try:
-                await core.wait_until(lambda: bool(core.offers["queues"].get(queue)), max(deadline - time.monotonic(), 0))
-            except MeshTimeoutError:
-                raise NoProviderError(f"no node pulls the queue {queue!r}") from None
-        if len(q) >= self.config.send_queue_max:
-            await core.wait_for_room(q, deadline)
-        return q
-
-    async def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
-        """Call ``service`` on one provider and return its reply (see `Node.request`)."""
-        core = self._core
-        core.ensure_running()
-        body = core.codec.encode(data)
-        return await core.requester.request(
-            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout,
-            _peer_id(peer),
-        )
-
-    async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
-        """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""
-        core = self._core
-        core.ensure_running()
-        result: dict[str, Any] = await core.requester.request("\x00stats", core.codec.encode(None), timeout, _peer_id(peer))
-        return result
-
-    async def whisper(self, peer_id: str, *frames: bytes | str) -> None:
-        """Send a ZRE WHISPER to one peer."""
-        self._check_open()
-        self._core.membership.whisper(peer_id, _frames(frames))
-
-    async def shout(self, group: str, *frames: bytes | str) -> int:
-        """Send a ZRE SHOUT to every peer in ``group``; returns how many got it."""
-        self._check_open()
-        return self._core.membership.shout(group, _frames(frames))
-
-    async def join(self, group: str) -> None:
-        """Join a ZRE group."""
-        self._check_open()
-        self._core.join_group(group)
-
-    async def leave(self, group: str) -> None:
-        """Leave a ZRE group."""
-        self._check_open()
-        self._core.leave_group(group)
-
-    async def wait_for_peers(self, n: int, timeout: float = 10.0) -> list[Peer]:
-        """Wait until at least ``n`` peers are present; returns them. Raises `MeshTimeoutError`."""
-        core = self._core
-        await core.wait_until(lambda: len(core._peer_index) >= n, timeout)
-        return self.peers()
-
-    async def wait_for_subscribers(self, topic: str, n: int, timeout: float = 10.0) -> None:
-        """Wait until ``n`` nodes' subscriptions matching ``topic`` are in place (see `Node`)."""
-        core = self._core
-        await core.wait_until(lambda: core.subscribers_ready(topic, n), timeout)
-
-    async def wait_for_service(self, name: str, n: int = 1, timeout: float = 10.0) -> None:
-        """Wait until ``n`` nodes offer service ``name``."""
-        core = self._core
-        await core.wait_until(lambda: len(core.providers("services", name)) >= n, timeout)
-
-    async def wait_for_pullers(self, queue: str, n: int = 1, timeout: float = 10.0) -> None:
-        """Wait until ``n`` nodes pull ``queue``."""
-        core = self._core
-        await core.wait_until(lambda: len(core.providers("queues", queue)) >= n, timeout)
+        core.wait_until_sync(lambda: len(core.providers(kind, name)) >= n, timeout)

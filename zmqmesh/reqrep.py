@@ -7,13 +7,12 @@ more (its request timed out) is dropped and counted.
 
 `ThreadRequester` serves the sync `Node`: one per calling thread, each with its own
 DEALER per provider, so a blocking call waits on its own socket with no hand-off to
-another thread. `LoopRequester` serves `AsyncNode`: DEALERs owned by the event loop and a
-future per request.
+another thread. ``LoopRequester`` (in `aio`) serves `AsyncNode`: DEALERs owned by the
+event loop and a future per request.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import threading
@@ -30,26 +29,17 @@ from .errors import (
     PeerLostError,
     RemoteError,
 )
-from .sockets import close_watched, has_input
 
 if TYPE_CHECKING:
     from .core import MeshCore, Provider
 
-__all__ = ["ThreadRequester", "LoopRequester", "RetryElsewhere", "decode_reply"]
+__all__ = ["ThreadRequester", "RetryElsewhere", "decode_reply", "new_dealer"]
 
 log = logging.getLogger("zmqmesh.reqrep")
 
 _POLL_SLICE_S = 0.05
 _socket_serial = itertools.count(1)
 
-
-class _Expired(Exception):
-    """A request's deadline passed (turned into `MeshTimeoutError`)."""
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(_Expired())
 
 
 class RetryElsewhere(Exception):
@@ -78,7 +68,7 @@ def decode_reply(core: MeshCore, status: bytes, body: bytes) -> Any:
     raise DecodeError(f"reply with unknown status {status!r}")
 
 
-def _dealer(core: MeshCore, provider: Provider) -> zmq.Socket[Any]:
+def new_dealer(core: MeshCore, provider: Provider) -> zmq.Socket[Any]:
     sock = core.ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, core.uuid + next(_socket_serial).to_bytes(4, "big"))
@@ -155,7 +145,7 @@ class ThreadRequester:
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets.get(provider.id)
         if sock is None:
-            sock = self.sockets[provider.id] = _dealer(self.core, provider)
+            sock = self.sockets[provider.id] = new_dealer(self.core, provider)
         return sock
 
     def _prune(self) -> None:
@@ -175,103 +165,3 @@ class ThreadRequester:
         for sock in self.sockets.values():
             sock.close(0)
         self.sockets.clear()
-
-
-class LoopRequester:
-    """Requests from coroutines: DEALERs owned by the event loop, one future per request."""
-
-    def __init__(self, core: MeshCore) -> None:
-        self.core = core
-        self.sockets: dict[str, zmq.Socket[Any]] = {}
-        self.pending: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], str]] = {}
-        self._ids = itertools.count(1)
-
-    async def request(self, service: str, body: bytes, timeout: float, only: str | None = None) -> Any:
-        """Send ``body`` to one provider of ``service`` (``only`` that node, if given) and await its reply."""
-        core = self.core
-        loop = core.loop
-        deadline = time.monotonic() + timeout
-        service_b = service.encode()
-        while True:
-            provider = await core.wait_for_provider(service, deadline, only)
-            sock = self._socket(provider)
-            request_id = next(self._ids).to_bytes(8, "big")
-            future: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
-            self.pending[request_id] = (future, provider.id)
-            try:
-                try:
-                    sock.send_multipart([service_b, request_id, body], zmq.NOBLOCK, copy=len(body) < 65536)
-                except zmq.Again as exc:
-                    raise MeshTimeoutError(f"provider {provider.id[:8]} of {service!r} is not accepting requests") from exc
-                core.stats.pattern["request"]["sent"] += 1
-                self._kick(provider.id)
-                # a timer on the future itself: cheaper than asyncio.wait_for's extra task
-                timer = loop.call_at(loop.time() + max(deadline - time.monotonic(), 0), _expire, future)
-                try:
-                    status, reply = await future
-                except _Expired:
-                    core.stats.pattern["request"]["errors"] += 1
-                    raise MeshTimeoutError(f"request to {service!r} timed out") from None
-                finally:
-                    timer.cancel()
-            except PeerLostError:
-                if not core.may_retry(service, provider.id, deadline):
-                    raise
-                continue
-            finally:
-                self.pending.pop(request_id, None)
-            try:
-                return decode_reply(core, status, reply)
-            except RetryElsewhere:
-                core.skip_provider(service, provider.id)
-
-    def _socket(self, provider: Provider) -> zmq.Socket[Any]:
-        sock = self.sockets.get(provider.id)
-        if sock is None:
-            sock = self.sockets[provider.id] = _dealer(self.core, provider)
-            self.core.loop.add_reader(sock.FD, self._on_readable, provider.id)
-            self.core.loop.call_soon(self._on_readable, provider.id)
-        return sock
-
-    def _kick(self, provider_id: str) -> None:
-        sock = self.sockets.get(provider_id)
-        if sock is not None and has_input(sock):
-            self.core.loop.call_soon(self._on_readable, provider_id)
-
-    def _on_readable(self, provider_id: str) -> None:
-        sock = self.sockets.get(provider_id)
-        stats = self.core.stats.pattern["request"]
-        for _ in range(1024):
-            if sock is None:
-                return
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return
-            entry = self.pending.get(frames[0]) if len(frames) == 3 else None
-            if entry is None or entry[0].done():
-                stats["dropped"] += 1
-                continue
-            stats["received"] += 1
-            entry[0].set_result((frames[1], frames[2]))
-            sock = self.sockets.get(provider_id)
-        self.core.loop.call_soon(self._on_readable, provider_id)
-
-    def peer_gone(self, peer_id: str) -> None:
-        """Fail the requests waiting on a departed provider at once, and close its socket."""
-        for future, pid in list(self.pending.values()):
-            if pid == peer_id and not future.done():
-                future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
-        sock = self.sockets.pop(peer_id, None)
-        if sock is not None:
-            close_watched(self.core.loop, sock)
-
-    def close(self) -> None:
-        """Fail every waiting request with `NodeClosedError` and close every socket."""
-        for future, _pid in list(self.pending.values()):
-            if not future.done():
-                future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
-        for pid in list(self.sockets):
-            close_watched(self.core.loop, self.sockets.pop(pid))
