@@ -25,6 +25,13 @@ any other interface. If ``unshare`` is not possible, pyre is skipped and the rea
 pyre notices a SIGKILLed peer only at its 30 s expiry, so that figure is measured once
 (bounded at 45 s) unless ``--pyre-kill-repeat`` asks for more.
 
+Bytecode: pyre is installed with compiled ``.pyc`` files, as pip installs every package. An
+editable zmqmesh checkout has none, and where PYTHONDONTWRITEBYTECODE is set every node
+process would compile zmqmesh from source, which costs time and about 2 MiB of RSS per
+process. By default (``--bytecode compiled``) the benchmark therefore compiles zmqmesh's
+``.pyc`` files first, as an installed package has them (removing the ones it created at the
+end); ``--bytecode source`` measures the uncompiled case.
+
 Every wait is bounded; every process started is killed in ``finally``.
 """
 
@@ -405,6 +412,21 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
         group.close()
 
 
+def compile_zmqmesh() -> list[Path]:
+    """Write the .pyc files an installed zmqmesh has; returns the ones created here."""
+    import compileall
+    import importlib.util
+
+    import zmqmesh
+
+    package = Path(zmqmesh.__file__).parent
+    sources = sorted(package.glob("*.py"))
+    before = {src: Path(importlib.util.cache_from_source(str(src))).exists() for src in sources}
+    if not compileall.compile_dir(str(package), maxlevels=0, quiet=1):
+        raise RuntimeError(f"could not compile {package}")
+    return [Path(importlib.util.cache_from_source(str(src))) for src in sources if not before[src]]
+
+
 def run_impl(impl: str, args) -> list[dict]:
     samples: list[dict] = []
     for rep in range(1, args.repeat + 1):
@@ -652,6 +674,8 @@ def report(samples: list[dict], args, pyre_status: str, versions: dict[str, str]
         print(f"       pyre: {pyre_status}")
     if args.zmqmesh_options:
         print(f"       zmqmesh nodes ran with non-default options {args.zmqmesh_options}")
+    print("       zmqmesh bytecode: " + ("compiled .pyc files, as installed (--bytecode source: without)"
+                                         if args.bytecode == "compiled" else "none: every node compiled zmqmesh from source"))
     loads = [s["value"] for s in samples if s["metric"] == "background_cpu_pct" and s["value"] is not None]
     if loads:
         print(f"       other processes on this machine used {min(loads):.0f}-{max(loads):.0f} % of one CPU during "
@@ -663,7 +687,7 @@ def report(samples: list[dict], args, pyre_status: str, versions: dict[str, str]
     for s in summaries:
         print(json.dumps(s))
     print(json.dumps({"kind": "run", "nodes": args.nodes, "repeat": args.repeat, "idle_seconds": args.idle_seconds,
-                      "zmqmesh_options": json.loads(args.zmqmesh_options or "{}"),
+                      "zmqmesh_options": json.loads(args.zmqmesh_options or "{}"), "bytecode": args.bytecode,
                       "pyre": pyre_status, "versions": versions, "elapsed_s": round(elapsed, 1),
                       "zmqmesh_targets_failed": failures}))
     sys.stdout.flush()
@@ -684,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet-wait", type=float, default=10.0,
                     help="before each repetition wait up to this long for other processes to go quiet (0: don't)")
     ap.add_argument("--no-pyre", action="store_true", help="skip the pyre comparison")
+    ap.add_argument("--bytecode", choices=("compiled", "source"), default="compiled",
+                    help="zmqmesh nodes load compiled .pyc files as an installed package does (default), "
+                         "or compile from source")
     ap.add_argument("--no-zmqmesh", action="store_true", help="skip zmqmesh (pyre only)")
     ap.add_argument("--pyre-kill-repeat", type=int, default=1,
                     help="repetitions in which pyre's (~30 s) SIGKILL detection is measured (default 1)")
@@ -719,8 +746,13 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"zmqmesh not importable: {exc}")
         args.no_zmqmesh = True
     if not args.no_zmqmesh:
-        progress(f"zmqmesh: {args.nodes} nodes x {args.repeat} repetitions on loopback")
-        samples += run_impl("zmqmesh", args)
+        progress(f"zmqmesh: {args.nodes} nodes x {args.repeat} repetitions on loopback, bytecode {args.bytecode}")
+        created = compile_zmqmesh() if args.bytecode == "compiled" else []
+        try:
+            samples += run_impl("zmqmesh", args)
+        finally:
+            for pyc in created:
+                pyc.unlink(missing_ok=True)
     if args.no_pyre:
         pyre_status = "skipped (--no-pyre)"
     else:
