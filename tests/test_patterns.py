@@ -359,3 +359,35 @@ def test_request_to_a_chosen_provider_and_providers_list(mesh: dict[str, Any]) -
             assert c.request("who", None, timeout=5, peer=provider) == provider.name
         with pytest.raises(zmqmesh.NoProviderError):
             c.request("who", None, timeout=0.2, peer=c.id)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_async_def_handlers_on_a_sync_node(mesh: dict[str, Any], concurrency: int) -> None:
+    # a sync Node runs them on an asyncio loop of its own, off the I/O and inbox threads
+    threads_before = threading.active_count()
+    server = zmqmesh.Node("server", handler_concurrency=concurrency, **mesh)
+    seen_threads: set[str] = set()
+
+    @server.service("double")
+    async def double(msg: zmqmesh.Message) -> int:
+        await asyncio.sleep(0.01)
+        seen_threads.add(threading.current_thread().name)
+        return int(msg.data) * 2
+
+    got: list[int] = []
+
+    @server.subscribe("n.")
+    async def collect(msg: zmqmesh.Message) -> None:
+        await asyncio.sleep(0)
+        got.append(msg.data)
+
+    with server, zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("double", timeout=10)
+        assert [client.request("double", i, timeout=5) for i in range(5)] == [0, 2, 4, 6, 8]
+        client.wait_for_subscribers("n.x", 1, timeout=10)
+        for i in range(20):
+            client.publish("n.x", i)
+        wait_until(lambda: len(got) == 20, 5, "the async subscriber's deliveries")
+        assert sorted(got) == list(range(20))
+    assert seen_threads == {"zmqmesh-async-server"}
+    wait_until(lambda: threading.active_count() <= threads_before, 5, "the node's threads to end")

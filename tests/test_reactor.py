@@ -1,0 +1,114 @@
+"""The sync Node's event loop: readers, timers, thread hand-offs, failures, shutdown."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from zmqmesh.errors import MeshTimeoutError
+from zmqmesh.reactor import Reactor, run_on
+
+
+@pytest.fixture
+def reactor() -> Iterator[Reactor]:
+    loop = Reactor()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    loop.close()
+
+
+def test_timers_run_in_time_order_and_cancelled_ones_never(reactor: Reactor) -> None:
+    ran: list[str] = []
+    done = threading.Event()
+
+    def schedule() -> None:
+        reactor.call_later(0.06, ran.append, "late")
+        reactor.call_later(0.02, ran.append, "early")
+        reactor.call_later(0.04, ran.append, "cancelled").cancel()
+        reactor.call_at(reactor.time() + 0.08, done.set)
+
+    reactor.call_soon_threadsafe(schedule)
+    assert done.wait(5)
+    assert ran == ["early", "late"]
+
+
+def test_a_reader_is_called_while_its_descriptor_is_readable(reactor: Reactor) -> None:
+    a, b = socket.socketpair()
+    got: list[bytes] = []
+    three = threading.Event()
+
+    def readable() -> None:
+        got.append(a.recv(1))
+        if len(got) == 3:
+            three.set()
+
+    try:
+        run_on(reactor, reactor.add_reader, a.fileno(), readable, timeout=5)
+        b.sendall(b"xyz")
+        assert three.wait(5)
+        assert b"".join(got) == b"xyz"
+        assert run_on(reactor, reactor.remove_reader, a.fileno(), timeout=5) is True
+        assert run_on(reactor, reactor.remove_reader, a.fileno(), timeout=5) is False
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_failing_callback_is_logged_and_the_loop_goes_on(reactor: Reactor, caplog: pytest.LogCaptureFixture) -> None:
+    def boom() -> None:
+        raise RuntimeError("handler bug")
+
+    reactor.call_soon_threadsafe(boom)
+    assert run_on(reactor, lambda: "still running", timeout=5) == "still running"
+    assert any("handler bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_run_on_returns_results_raises_errors_and_times_out(reactor: Reactor) -> None:
+    assert run_on(reactor, lambda x: x * 2, 21, timeout=5) == 42
+    with pytest.raises(ValueError, match="bad"):
+        run_on(reactor, lambda: (_ for _ in ()).throw(ValueError("bad")), timeout=5)
+    release = threading.Event()
+    reactor.call_soon_threadsafe(release.wait, 5)  # the loop is busy for a while
+    try:
+        started = time.monotonic()
+        with pytest.raises(MeshTimeoutError):
+            run_on(reactor, lambda: None, timeout=0.2)
+        assert time.monotonic() - started < 3
+    finally:
+        release.set()
+
+
+def test_calls_from_many_threads_all_arrive(reactor: Reactor) -> None:
+    count = [0]
+
+    def bump() -> None:
+        count[0] += 1
+
+    def sender() -> None:
+        for _ in range(2000):
+            reactor.call_soon_threadsafe(bump)
+
+    threads = [threading.Thread(target=sender) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert run_on(reactor, lambda: count[0], timeout=5) == 8000
+
+
+def test_a_closed_reactor_refuses_work() -> None:
+    loop = Reactor()
+    loop.close()
+    with pytest.raises(RuntimeError):
+        loop.call_soon_threadsafe(lambda: None)
+    with pytest.raises(MeshTimeoutError):
+        run_on(loop, lambda: None, timeout=1)
+    assert loop.remove_reader(0) is False
