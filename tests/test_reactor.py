@@ -112,3 +112,14 @@ def test_a_closed_reactor_refuses_work() -> None:
     with pytest.raises(MeshTimeoutError):
         run_on(loop, lambda: None, timeout=1)
     assert loop.remove_reader(0) is False
+
+
+def test_cancelled_timers_do_not_pile_up(reactor: Reactor) -> None:
+    # heartbeat timers are set and cancelled all the time: the heap must not keep them
+    def churn() -> None:
+        for _ in range(10_000):
+            reactor.call_later(3600, lambda: None).cancel()
+
+    run_on(reactor, churn, timeout=10)
+    run_on(reactor, lambda: None, timeout=5)  # one more turn: the sweep has run
+    assert run_on(reactor, lambda: len(reactor._timers), timeout=5) <= 64

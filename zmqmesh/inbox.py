@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import wire
-from .errors import DecodeError
+from .errors import DecodeError, NodeClosedError
 from .message import Message
 from .reliable import QUEUE_SERVICE_PREFIX
 
@@ -350,6 +350,7 @@ class ThreadInbox(Inbox):
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{core.name}", daemon=True)
         self._async_loop: Any = None  # an aio.HandlerLoop, made for the first async def handler
         self._async_lock = threading.Lock()
+        self._async_closed = False
 
     def start(self) -> None:
         """Start the inbox thread."""
@@ -390,6 +391,7 @@ class ThreadInbox(Inbox):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         with self._async_lock:
+            self._async_closed = True
             if self._async_loop is not None:
                 self._async_loop.close()
         with self._wake_lock:
@@ -458,8 +460,8 @@ class ThreadInbox(Inbox):
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
         with self._async_lock:
             if self._async_loop is None:
-                if self._stopping and self.abandoned():
-                    return None, None
+                if self._async_closed:
+                    return None, NodeClosedError("the node stopped")
                 from .aio import (
                     HandlerLoop,  # asyncio is loaded only by nodes that need it
                 )

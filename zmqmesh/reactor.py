@@ -36,17 +36,21 @@ _MAX_SLEEP_S = 3600.0
 class Timer:
     """A callback scheduled for a moment on the `Reactor`'s clock; `cancel` to drop it."""
 
-    __slots__ = ("_when", "_callback", "_args", "_cancelled")
+    __slots__ = ("_when", "_callback", "_args", "_cancelled", "_reactor")
 
-    def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...], reactor: Reactor) -> None:
         self._when = when
         self._callback = callback
         self._args = args
         self._cancelled = False
+        self._reactor: Reactor | None = reactor  # None once it left the reactor's heap
 
     def cancel(self) -> None:
         """Do not run the callback (harmless once it ran)."""
-        self._cancelled = True
+        if not self._cancelled:
+            self._cancelled = True
+            if self._reactor is not None:
+                self._reactor._cancelled_timers += 1
 
     def cancelled(self) -> bool:
         """True once `cancel` was called."""
@@ -68,6 +72,7 @@ class Reactor:
         self._selector = selectors.DefaultSelector()
         self._ready: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled_timers = 0  # cancelled but still in the heap
         self._order = itertools.count()
         self._stopping = False
         self._closed = False
@@ -83,10 +88,10 @@ class Reactor:
 
     def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None:
         """Call ``callback(*args)`` whenever ``fd`` is readable (replaces an earlier reader)."""
-        try:
-            self._selector.modify(fd, selectors.EVENT_READ, (callback, args))
-        except KeyError:
-            self._selector.register(fd, selectors.EVENT_READ, (callback, args))
+        # unregister first rather than modify: the number may belong to a descriptor that was
+        # closed and reused since, which the kernel's poll set no longer holds
+        self.remove_reader(fd)
+        self._selector.register(fd, selectors.EVENT_READ, (callback, args))
 
     def remove_reader(self, fd: int) -> bool:
         """Stop watching ``fd``; False if it was not watched."""
@@ -120,7 +125,7 @@ class Reactor:
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
         """Run ``callback(*args)`` at ``when`` on the loop's clock (loop thread only)."""
-        timer = Timer(when, callback, args)
+        timer = Timer(when, callback, args, self)
         heapq.heappush(self._timers, (when, next(self._order), timer))
         return timer
 
@@ -170,11 +175,18 @@ class Reactor:
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)[2]
-            if not timer._cancelled:
+            timer._reactor = None
+            if timer._cancelled:
+                self._cancelled_timers -= 1
+            else:
                 ready.append((timer._callback, timer._args))
-        if len(timers) > 64 and sum(1 for t in timers if t[2]._cancelled) > len(timers) // 2:
+        if self._cancelled_timers > 64 and self._cancelled_timers > len(timers) // 2:
+            for entry in timers:
+                if entry[2]._cancelled:
+                    entry[2]._reactor = None
             self._timers = timers = [t for t in timers if not t[2]._cancelled]
             heapq.heapify(timers)
+            self._cancelled_timers = 0
         for _ in range(len(ready)):  # what is added meanwhile waits for the next turn
             callback, args = ready.popleft()
             try:
