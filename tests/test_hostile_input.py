@@ -143,11 +143,15 @@ def test_garbage_on_pattern_sockets_is_counted(target: zmqmesh.Node, ctx: zmq.Co
         [b"q", b"", deep],
         [b"q", b"", lying],
         [b"q", b"", msgpack.packb(1) + b"\x92"],  # truncated batch
+        [b"q", b"", b"\x01" * 257],  # a batch past the 256-message limit: 257 handler calls
+        [b"q", b"", b"\x07" * 256],  # a full batch is fine
+        [b"q" * 201, b"", msgpack.packb(1)],  # a queue name no sender may use
         [b"q", b"", msgpack.packb("ok")],
     ):
         push.send_multipart(frames)
-    wait_until(lambda: got == ["ok"], 10, "the good message after the bad ones")
-    assert target.stats()["rejected"].get("pipeline_malformed", 0) == 5
+    wait_until(lambda: got[-1:] == ["ok"], 10, "the good message after the bad ones")
+    assert got == [7] * 256 + ["ok"]
+    assert target.stats()["rejected"].get("pipeline_malformed", 0) == 7
 
     dealer = ctx.socket(zmq.DEALER)
     dealer.connect(ep["service"])

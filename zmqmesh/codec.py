@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from .errors import DecodeError, MessageTooLargeError
+from .wire import MAX_BATCH_ITEMS
 
 __all__ = ["Codec"]
 
@@ -71,8 +72,8 @@ class Codec:
         except _DECODE_ERRORS as exc:
             raise DecodeError(f"malformed msgpack payload: {exc}") from exc
 
-    def decode_batch(self, frame: bytes) -> list[Any]:
-        """Decode a frame holding one or more concatenated objects. Raises `DecodeError`."""
+    def decode_batch(self, frame: bytes, max_items: int = MAX_BATCH_ITEMS) -> list[Any]:
+        """Decode a frame holding one to ``max_items`` concatenated objects. Raises `DecodeError`."""
         if len(frame) > self.max_message_bytes:
             raise DecodeError(f"frame of {len(frame)} bytes exceeds max_message_bytes")
         try:
@@ -87,6 +88,8 @@ class Codec:
         try:
             unpacker.feed(frame)
             for item in unpacker:
+                if len(items) == max_items:
+                    raise DecodeError(f"a batch of more than {max_items} messages")
                 items.append(item)
                 end = unpacker.tell()
         except _DECODE_ERRORS as exc:

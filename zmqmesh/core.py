@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol
 import zmq
 
 from . import __version__ as _version
+from . import wire
 from .codec import Codec
 from .config import NodeConfig
 from .discovery import BeaconSocket
@@ -60,7 +61,7 @@ __all__ = ["MeshCore", "Registry", "Provider", "no_provider"]
 
 log = logging.getLogger("zmqmesh.node")
 
-_BATCH_MESSAGES = 256
+_BATCH_MESSAGES = wire.MAX_BATCH_ITEMS
 _BATCH_BYTES = 64 * 1024
 _LARGE_FRAME = 64 * 1024
 _RETRY_S = 0.002
@@ -851,6 +852,8 @@ class MeshCore(MembershipEvents):
             if not event:
                 continue
             prefix = event[1:]
+            if len(prefix) > wire.MAX_NAME_BYTES:
+                continue  # longer than any topic: it can match nothing we publish
             if event[0] == 1:
                 self._sub_counts[prefix] += 1
             elif event[0] == 0:

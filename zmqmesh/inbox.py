@@ -142,6 +142,8 @@ class Inbox:
         if len(frames) != 3:
             raise DecodeError(f"{len(frames)} frames, expected 3")
         name_b, sender_b, body = frames
+        if len(name_b) > wire.MAX_NAME_BYTES:  # no sender may use one; it would bloat the caches
+            raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
         uuid, sequence = wire.parse_sender(sender_b)
         sender_id = uuid.hex() if uuid is not None else None
         items = core.codec.decode_batch(body)

@@ -34,7 +34,7 @@ __all__ = ["ReliableSender", "QUEUE_SERVICE_PREFIX", "wrap_item"]
 log = logging.getLogger("zmqmesh.reliable")
 
 QUEUE_SERVICE_PREFIX = "\x00queue/"
-_BATCH = 256
+_BATCH = wire.MAX_BATCH_ITEMS
 _TRUE, _FALSE, _ARRAY2 = b"\xc3", b"\xc2", b"\x92"
 
 

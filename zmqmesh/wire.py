@@ -7,7 +7,8 @@ reply (ROUTER -> the requesting DEALER):    [request_id, status, body]
 
 ``sender`` is empty or 16 bytes of the sender's UUID followed, on pub/sub, by an 8-byte
 big-endian sequence number of the first message in ``body``. ``body`` is one or more
-concatenated msgpack objects (a batch), except in requests and replies (exactly one).
+concatenated msgpack objects (a batch of at most `MAX_BATCH_ITEMS`), except in requests
+and replies (exactly one).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "STATUS_BAD_REQUEST",
     "MAX_NAME_BYTES",
     "MAX_REQUEST_ID_BYTES",
+    "MAX_BATCH_ITEMS",
     "pub_sender",
     "parse_sender",
 ]
@@ -27,6 +29,9 @@ __all__ = [
 UUID_SIZE = 16
 MAX_NAME_BYTES = 200
 MAX_REQUEST_ID_BYTES = 64
+MAX_BATCH_ITEMS = 256
+"""Most messages one frame may carry. A receiver rejects a frame holding more: without the
+bound, one 64 KiB frame of one-byte objects would make 65,536 handler calls."""
 
 STATUS_OK = b"\x00"
 STATUS_ERROR = b"\x01"
