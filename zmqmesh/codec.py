@@ -83,7 +83,7 @@ class Codec:
         except _DECODE_ERRORS as exc:
             raise DecodeError(f"malformed msgpack payload: {exc}") from exc
         unpacker = msgpack.Unpacker(max_buffer_size=max(len(frame), 1), **self._limits)
-        items = []
+        items: list[Any] = []
         end = 0
         try:
             unpacker.feed(frame)
