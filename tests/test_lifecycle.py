@@ -84,6 +84,29 @@ def test_stop_is_bounded_even_when_a_handler_never_returns(mesh: dict[str, Any])
         caller.join(15)
 
 
+def test_a_handler_may_stop_its_own_node(mesh: dict[str, Any]) -> None:
+    threads = threading.active_count()
+    node = zmqmesh.Node("quitter", **mesh)
+    took: list[float] = []
+
+    @node.service("quit")
+    def quit_now(msg: zmqmesh.Message) -> str:
+        started = time.monotonic()
+        node.stop(timeout=5.0)
+        took.append(time.monotonic() - started)
+        return "bye"
+
+    with zmqmesh.Node("client", **mesh) as client:
+        node.start()
+        client.wait_for_service("quit", timeout=10)
+        with pytest.raises(zmqmesh.PeerLostError):  # the node is gone before its reply
+            client.request("quit", timeout=10)
+        wait_until(lambda: took, 10, "the handler's stop() to return")
+    assert took[0] < 4.0  # it does not wait for its own thread to end
+    assert not node.running
+    wait_until(lambda: threading.active_count() <= threads, 5, "the node's threads to end")
+
+
 def test_slow_subscriber_never_stalls_the_publisher_and_its_drops_are_counted(mesh: dict[str, Any]) -> None:
     small = {**mesh, "recv_hwm": 10, "send_hwm": 10}
     received: list[int] = []
