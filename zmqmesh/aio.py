@@ -27,7 +27,7 @@ from .core import no_provider
 from .errors import MeshTimeoutError, NodeClosedError, PeerLostError
 from .inbox import Call, Inbox, is_async
 from .reqrep import RetryElsewhere, decode_reply, new_dealer
-from .sockets import close_watched, has_input
+from .sockets import close_watched, has_input, send_frames
 
 if TYPE_CHECKING:
     from .core import MeshCore, Provider
@@ -286,7 +286,7 @@ class LoopRequester:
             self.pending[request_id] = (future, provider.id)
             try:
                 try:
-                    sock.send_multipart([service_b, request_id, body], zmq.NOBLOCK, copy=len(body) < 65536)
+                    send_frames(sock, [service_b, request_id, body], copy=len(body) < 65536)
                 except zmq.Again as exc:
                     raise MeshTimeoutError(f"provider {provider.id[:8]} of {service!r} is not accepting requests") from exc
                 core.stats.pattern["request"]["sent"] += 1

@@ -54,7 +54,7 @@ from .security import (
     make_server,
     read_secret_key,
 )
-from .sockets import close_watched, has_input
+from .sockets import close_watched, has_input, send_frames
 from .stats import Stats
 
 __all__ = ["MeshCore", "Registry", "Provider", "no_provider"]
@@ -799,7 +799,7 @@ class MeshCore(MembershipEvents):
             self._pub_seq[topic] = seq + len(bodies)
             payload = body if len(bodies) == 1 else b"".join(bodies)
             try:
-                xpub.send_multipart([topic, uuid + seq.to_bytes(8, "big"), payload], zmq.NOBLOCK, copy=size < _LARGE_FRAME)
+                send_frames(xpub, [topic, uuid + seq.to_bytes(8, "big"), payload], copy=size < _LARGE_FRAME)
                 sent += len(bodies)
             except zmq.ZMQError:
                 self.stats.pattern["pubsub"]["dropped"] += len(bodies)
@@ -830,7 +830,7 @@ class MeshCore(MembershipEvents):
                 size += len(body)
             payload = bodies[0] if n == 1 else b"".join(bodies)
             try:
-                sock.send_multipart([name, uuid, payload], zmq.NOBLOCK, copy=size < _LARGE_FRAME)
+                send_frames(sock, [name, uuid, payload], copy=size < _LARGE_FRAME)
             except zmq.ZMQError as exc:
                 q.extendleft(reversed(bodies))  # back at the front, in order
                 if not isinstance(exc, zmq.Again):

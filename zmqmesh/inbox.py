@@ -37,6 +37,7 @@ from . import wire
 from .errors import DecodeError, NodeClosedError
 from .message import Message
 from .reliable import QUEUE_SERVICE_PREFIX
+from .sockets import has_input, send_frames
 
 STATS_SERVICE = "\x00stats"
 
@@ -116,7 +117,9 @@ class Inbox:
 
     def drain(self, sock: zmq.Socket[Any], kind: str, calls: list[Call]) -> bool:
         """Receive up to a burst from ``sock`` into ``calls``; True if more may be waiting."""
-        for _ in range(_BURST):
+        for i in range(_BURST):
+            if i == 1 and not has_input(sock):
+                return False  # the common single message: a flag check, not a raised Again
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -293,7 +296,7 @@ class Inbox:
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
         """Send ``[routing_id, request_id, status, body]``; an unreachable caller is counted."""
         try:
-            self.router.send_multipart([route[0], route[1], status, body], zmq.NOBLOCK, copy=len(body) < 65536)
+            send_frames(self.router, [route[0], route[1], status, body], copy=len(body) < 65536)
         except zmq.ZMQError:
             self.core.stats.pattern["service"]["dropped"] += 1
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import wire
-from .sockets import close_watched, has_input
+from .sockets import close_watched, has_input, send_frames
 
 if TYPE_CHECKING:
     from .core import MeshCore
@@ -92,7 +92,7 @@ class ReliableSender:
                 batch_id = next(self._batch_ids).to_bytes(8, "big")
                 payload = b"".join(wrap_item(b, f) for b, f in zip(bodies, flags))
                 try:
-                    self._socket(puller).send_multipart([name, batch_id, payload], zmq.NOBLOCK)
+                    send_frames(self._socket(puller), [name, batch_id, payload])
                 except zmq.ZMQError:
                     for body in reversed(bodies):
                         again.appendleft(body)

@@ -29,6 +29,7 @@ from .errors import (
     PeerLostError,
     RemoteError,
 )
+from .sockets import send_frames
 
 if TYPE_CHECKING:
     from .core import MeshCore, Provider
@@ -101,7 +102,7 @@ class ThreadRequester:
             sock = self._socket(provider)
             request_id = next(self._ids).to_bytes(8, "big")
             try:
-                sock.send_multipart([service_b, request_id, body], zmq.NOBLOCK, copy=len(body) < 65536)
+                send_frames(sock, [service_b, request_id, body], copy=len(body) < 65536)
             except zmq.Again as exc:
                 raise MeshTimeoutError(f"provider {provider.id[:8]} of {service!r} is not accepting requests") from exc
             core.stats.pattern["request"]["sent"] += 1

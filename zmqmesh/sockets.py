@@ -6,7 +6,10 @@ from typing import Any, cast
 
 import zmq
 
-__all__ = ["has_input"]
+__all__ = ["has_input", "send_frames", "close_watched"]
+
+_MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 def has_input(sock: zmq.Socket[Any]) -> bool:
@@ -16,6 +19,19 @@ def has_input(sock: zmq.Socket[Any]) -> bool:
     signal of a message that arrived meanwhile: callers check this after sending.
     """
     return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
+def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -> None:
+    """Send ``frames`` as one message without blocking; raises `zmq.Again` if it cannot go now.
+
+    What ``send_multipart(frames, NOBLOCK)`` does, at half the cost: pyzmq combines its
+    flag enums in Python on every frame, which a request's round trip pays four times.
+    ZeroMQ takes a multipart message whole or not at all, so only the first frame can fail.
+    """
+    send = sock.send
+    for frame in frames[:-1]:
+        send(frame, _MORE_NOBLOCK, copy=copy)
+    send(frames[-1], _NOBLOCK, copy=copy)
 
 
 def close_watched(loop: Any, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
