@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -123,3 +124,29 @@ def test_cancelled_timers_do_not_pile_up(reactor: Reactor) -> None:
     run_on(reactor, churn, timeout=10)
     run_on(reactor, lambda: None, timeout=5)  # one more turn: the sweep has run
     assert run_on(reactor, lambda: len(reactor._timers), timeout=5) <= 64
+
+
+def test_a_timer_cancelled_earlier_in_the_same_turn_does_not_run(reactor: Reactor) -> None:
+    ran: list[str] = []
+    done = threading.Event()
+
+    def schedule() -> None:
+        when = reactor.time() + 0.05
+        victim: list[Any] = []
+        reactor.call_at(when, lambda: victim[0].cancel())  # due together with the victim, and first
+        victim.append(reactor.call_at(when, ran.append, "victim"))
+        reactor.call_at(when + 0.05, done.set)
+
+    reactor.call_soon_threadsafe(schedule)
+    assert done.wait(5)
+    assert ran == []
+
+
+def test_a_stop_before_run_forever_is_kept() -> None:
+    loop = Reactor()
+    loop.stop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive()
+    loop.close()

@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str) -> typing.Any:
     # AsyncNode is imported on first use: a process that only runs a sync Node never
     # loads asyncio (and ssl with it), which keeps every node process smaller.

@@ -279,7 +279,7 @@ class LoopRequester:
         deadline = time.monotonic() + timeout
         service_b = service.encode()
         while True:
-            provider = await wait_for_provider(core, service, deadline, only)
+            provider = core.pick_provider(service, only) or await wait_for_provider(core, service, deadline, only)
             sock = self._socket(provider)
             request_id = next(self._ids).to_bytes(8, "big")
             future: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()

@@ -24,7 +24,7 @@ import uuid as uuid_module
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import zmq
 
@@ -514,7 +514,8 @@ class MeshCore(MembershipEvents):
     def add_waiter(self, predicate: Callable[[], bool], waiter: Waiter) -> None:
         """Complete ``waiter`` once ``predicate()`` holds, re-checked on every change (loop only).
 
-        A waiter cancelled meanwhile is dropped at the next check.
+        Only the loop completes waiters; one its caller gave up on is removed with
+        `remove_waiter` (an asyncio future cancelled on the loop is skipped as done).
         """
         if waiter.done():
             return
@@ -536,20 +537,35 @@ class MeshCore(MembershipEvents):
         """Forget ``waiter`` (after it completed or its caller gave up; loop only)."""
         self._waiters = [entry for entry in self._waiters if entry[1] is not waiter]
 
-    def wait_until_sync(self, predicate: Callable[[], bool], timeout: float) -> None:
+    def wait_until_sync(self, predicate: Callable[[], bool], timeout: float | None) -> None:
         """Block the calling thread (not the loop's) until ``predicate()`` holds on the loop.
 
-        Raises `MeshTimeoutError` after ``timeout`` seconds, `NodeClosedError` if the node stops.
+        The condition is checked at least once, also with ``timeout=0``; ``None`` waits as
+        long as the node runs. Raises `MeshTimeoutError` after ``timeout`` seconds,
+        `NodeClosedError` if the node stops.
         """
         self.ensure_running()
         if threading.get_ident() == self.loop_thread:
             raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
-        waiter: futures.Future[None] = futures.Future()
-        self.call_soon(self.add_waiter, predicate, waiter)
+        if timeout is not None and timeout <= 0:
+            if self.call_on_loop(predicate):
+                return
+            raise MeshTimeoutError("condition not met (timeout 0)")
+        waiter: futures.Future[None] = futures.Future()  # completed by the loop thread only
         try:
-            waiter.result(max(timeout, 0))
+            self.call_soon(self.add_waiter, predicate, waiter)
+        except RuntimeError:  # the I/O loop is gone
+            raise NodeClosedError("the node is not running") from None
+        try:
+            waiter.result(timeout)
         except futures.TimeoutError:
-            waiter.cancel()  # the loop drops it at its next check
+            try:
+                self.call_soon(self.remove_waiter, waiter)
+            except RuntimeError:
+                pass
+            if waiter.done():  # completed as the time ran out
+                waiter.result()
+                return
             raise MeshTimeoutError(f"condition not met within {timeout:.3g} s") from None
 
     def _check_waiters(self) -> None:
@@ -717,7 +733,7 @@ class MeshCore(MembershipEvents):
         self._push_connected[queue] = set()
         self._push_q[queue] = deque()
         self._sync_connections()
-        self.loop.add_reader(sock.FD, self._wake_flush)
+        self.loop.add_reader(sock.FD, self._on_push_socket, sock)
         self._wake_flush()
 
     def wait_for_room_sync(self, q: deque[Any], deadline: float) -> None:
@@ -739,6 +755,15 @@ class MeshCore(MembershipEvents):
     def wake_flush(self) -> None:
         """Have the loop send what is queued, soon (from any thread)."""
         if not self._flush_scheduled:
+            self._wake_flush()
+
+    def _on_push_socket(self, sock: zmq.Socket[Any]) -> None:
+        # The descriptor stays readable until someone reads ZMQ_EVENTS: with nothing queued
+        # no send does, and the loop would spin. Reading it rearms the descriptor.
+        if sock.closed:
+            return
+        events = cast(int, sock.getsockopt(zmq.EVENTS))
+        if events & zmq.POLLOUT and any(self._push_q.values()):
             self._wake_flush()
 
     def _wake_flush(self) -> None:

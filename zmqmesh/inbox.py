@@ -10,7 +10,8 @@ handler in place (no task and no thread hand-off per message). Where handlers ru
   awaits ``async def`` handlers in place; ``def`` handlers run on a worker thread, a burst
   at a time, so they never block the loop.
 
-Either way the event loop that answers heartbeats never runs a handler of the user's. With
+Either way the event loop that answers heartbeats never runs a sync handler (and with
+`Node`, no handler at all). With
 ``handler_concurrency == 1`` handlers run one at a time in arrival order; above 1, up
 to that many run at once.
 
@@ -360,6 +361,12 @@ class ThreadInbox(Inbox):
     def start(self) -> None:
         """Start the inbox thread."""
         self.thread.start()
+
+    def runs_handlers_here(self) -> bool:
+        """True on a thread that runs this node's handlers (the inbox or the async handler loop)."""
+        current = threading.current_thread()
+        handler_loop = self._async_loop
+        return current is self.thread or (handler_loop is not None and current is handler_loop.thread)
 
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Sync handlers, one at a time: called on this thread as messages are decoded."""

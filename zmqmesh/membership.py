@@ -33,11 +33,10 @@ from .security import KeyPair, make_client, make_server
 from .zre import Command, ZreMessage
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .codec import Codec
     from .config import NodeConfig
     from .discovery import BeaconSocket
+    from .reactor import EventLoop, TimerLike
     from .stats import Stats
 
 __all__ = ["Membership", "PeerState", "CONTROL_MAGIC", "OFFER_PREFIXES", "HEADER"]
@@ -181,7 +180,7 @@ class Membership:
     def __init__(
         self,
         *,
-        loop: asyncio.AbstractEventLoop,
+        loop: EventLoop,
         ctx: zmq.Context[Any],
         config: NodeConfig,
         uuid: bytes,
@@ -218,7 +217,7 @@ class Membership:
         self._mailbox: zmq.Socket[Any] | None = None
         self._foreign: dict[bytes, float] = {}
         self._seed_links: dict[str, PeerState] = {}
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: list[TimerLike] = []
         self._closed = False
         self.loopback_only = advertise_address.startswith("127.")
 

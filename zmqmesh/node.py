@@ -207,22 +207,38 @@ def _frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
 
 
 def stop_core(core: MeshCore, loop: Reactor, thread: threading.Thread, timeout: float) -> None:
-    """Run the core's stop sequence from a caller's thread, then end the I/O thread (bounded)."""
+    """Run the core's stop sequence from a caller's thread, then end the I/O thread (bounded).
+
+    Never raises: a step that fails is logged and the later steps still run, so a half-dead
+    node still releases its threads and sockets.
+    """
     step = core.config.linger_s + 1  # no loop step takes long; this bounds a wedged loop
-    try:
-        deadline = run_on(loop, core.begin_stop, timeout, timeout=step)
-        if deadline is not None:
-            while run_on(loop, core.send_queued, deadline, timeout=step):
-                time.sleep(0.005)
-            run_on(loop, core.close_outbound, timeout=step)
-            core.inbox.stop(timeout)
-            run_on(loop, core.close_sockets, deadline, timeout=step)
-            core.destroy_context()
-    except Exception as exc:  # never let stop() raise on a half-dead node
-        log.warning("node %s did not stop cleanly: %s", core.name, exc)
-    finally:
-        loop.stop()
-        thread.join(timeout)
+
+    def send_queued(deadline: float) -> None:
+        while run_on(loop, core.send_queued, deadline, timeout=step):
+            time.sleep(0.005)
+
+    def attempt(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            log.warning("node %s: %s failed while stopping: %s", core.name, what, exc)
+            return None
+
+    deadline = attempt("starting the stop", run_on, loop, core.begin_stop, timeout)
+    if deadline is not None:
+        attempt("sending what is queued", send_queued, deadline)
+        attempt("saying goodbye", run_on, loop, core.close_outbound)
+        attempt("stopping the handlers", core.inbox.stop, timeout)
+        attempt("closing the sockets", run_on, loop, core.close_sockets, deadline)
+    loop.stop()
+    thread.join(timeout)
+    if deadline is None:
+        return
+    if thread.is_alive():  # a wedged loop may still use its sockets: leak them rather than crash
+        log.warning("node %s: the I/O thread did not end; its ZeroMQ context is left open", core.name)
+        return
+    attempt("terminating the ZeroMQ context", core.destroy_context)
 
 
 class Node(_NodeBase[Any]):
@@ -283,7 +299,9 @@ class Node(_NodeBase[Any]):
     def stop(self, timeout: float = 5.0) -> None:
         """Drain queued sends (up to ``linger_s``), say goodbye, close everything. Idempotent.
 
-        Never hangs: each step is bounded, and the whole by about ``timeout`` seconds.
+        Never hangs: each step is bounded, the whole by about ``linger_s + timeout`` seconds.
+        Called from one of this node's own handlers, it starts the stop on another thread
+        and returns at once (waiting there would wait for the handler itself).
         """
         with self._lock:
             if self._stopped or self._loop is None or self._thread is None:
@@ -293,6 +311,10 @@ class Node(_NodeBase[Any]):
             loop, thread = self._loop, self._thread
         if threading.current_thread() is thread:
             raise ZmqMeshError("stop() cannot be called from the node's own I/O thread")
+        if self._core.inbox is not None and self._core.inbox.runs_handlers_here():
+            threading.Thread(target=stop_core, args=(self._core, loop, thread, timeout),
+                             name=f"zmqmesh-stop-{self.name}", daemon=True).start()
+            return
         stop_core(self._core, loop, thread, timeout)
 
     def __enter__(self) -> Node:

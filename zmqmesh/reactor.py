@@ -22,15 +22,35 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import MeshTimeoutError
 
-__all__ = ["Reactor", "Timer", "run_on"]
+__all__ = ["EventLoop", "Reactor", "Timer", "TimerLike", "run_on"]
 
 log = logging.getLogger("zmqmesh.reactor")
 
 _MAX_SLEEP_S = 3600.0
+
+
+class TimerLike(Protocol):
+    """A scheduled callback: a `Timer`, or an asyncio ``TimerHandle``."""
+
+    def cancel(self) -> None: ...
+    def cancelled(self) -> bool: ...
+    def when(self) -> float: ...
+
+
+class EventLoop(Protocol):
+    """The part of an event loop the core uses: a `Reactor`, or an asyncio loop."""
+
+    def time(self) -> float: ...
+    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None: ...
+    def remove_reader(self, fd: int) -> bool: ...
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> Any: ...
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> Any: ...
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> TimerLike: ...
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> TimerLike: ...
 
 
 class Timer:
@@ -137,15 +157,13 @@ class Reactor:
         except RuntimeError:
             pass
 
-    def is_closed(self) -> bool:
-        """True once `close` was called."""
-        return self._closed
-
     def run_forever(self) -> None:
-        """Run callbacks, timers and readers until `stop`."""
-        self._stopping = False
-        while not self._stopping:
-            self._run_once()
+        """Run callbacks, timers and readers until `stop` (also one called before this)."""
+        try:
+            while not self._stopping:
+                self._run_once()
+        finally:
+            self._stopping = False
 
     def close(self) -> None:
         """Release the selector and the wake-up pair (after `run_forever` returned)."""
@@ -171,7 +189,7 @@ class Reactor:
             if key.data is None:
                 self._drain_wake()
             else:
-                ready.append(key.data)
+                ready.append((self._fire_reader, (key.fd, key.data)))
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             timer = heapq.heappop(timers)[2]
@@ -179,7 +197,7 @@ class Reactor:
             if timer._cancelled:
                 self._cancelled_timers -= 1
             else:
-                ready.append((timer._callback, timer._args))
+                ready.append((self._fire_timer, (timer,)))
         if self._cancelled_timers > 64 and self._cancelled_timers > len(timers) // 2:
             for entry in timers:
                 if entry[2]._cancelled:
@@ -193,6 +211,17 @@ class Reactor:
                 callback(*args)
             except Exception:
                 log.exception("reactor callback %r failed", callback)
+
+    def _fire_reader(self, fd: int, data: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
+        # a callback earlier in this turn may have removed or replaced the reader
+        key = self._selector.get_map().get(fd)
+        if key is not None and key.data is data:
+            data[0](*data[1])
+
+    @staticmethod
+    def _fire_timer(timer: Timer) -> None:
+        if not timer._cancelled:  # cancelled by a callback earlier in this turn
+            timer._callback(*timer._args)
 
     def _drain_wake(self) -> None:
         try:

@@ -24,8 +24,7 @@ from .errors import ConfigError
 from .sockets import close_watched
 
 if TYPE_CHECKING:
-    import asyncio
-
+    from .reactor import EventLoop
     from .stats import Stats
 
 __all__ = ["KeyPair", "generate_keypair", "write_keypair", "read_secret_key", "ZapHandler", "ZAP_DOMAIN"]
@@ -141,7 +140,7 @@ def make_client(sock: zmq.Socket[Any], keys: KeyPair, server_public: str) -> Non
 class ZapHandler:
     """Answers ZAP requests on the node's loop: CURVE clients whose key is allowed pass."""
 
-    def __init__(self, ctx: zmq.Context[Any], loop: asyncio.AbstractEventLoop, keys: KeyPair,
+    def __init__(self, ctx: zmq.Context[Any], loop: EventLoop, keys: KeyPair,
                  allowed: frozenset[str], stats: Stats) -> None:
         self.loop = loop
         self.allowed = allowed | {keys.public}
