@@ -27,7 +27,7 @@ from .core import no_provider
 from .errors import MeshTimeoutError, NodeClosedError, PeerLostError
 from .inbox import Call, Inbox, is_async
 from .reqrep import RetryElsewhere, decode_reply, new_dealer
-from .sockets import close_watched, has_input, send_frames
+from .sockets import close_watched, has_input, recv_frames, send_frames
 
 if TYPE_CHECKING:
     from .core import MeshCore, Provider
@@ -331,7 +331,7 @@ class LoopRequester:
             if sock is None:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             except zmq.ZMQError:

@@ -38,7 +38,7 @@ from . import wire
 from .errors import DecodeError, NodeClosedError
 from .message import Message
 from .reliable import QUEUE_SERVICE_PREFIX
-from .sockets import has_input, send_frames
+from .sockets import has_input, recv_frames, send_frames
 
 STATS_SERVICE = "\x00stats"
 
@@ -122,7 +122,7 @@ class Inbox:
             if i == 1 and not has_input(sock):
                 return False  # the common single message: a flag check, not a raised Again
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return False
             except zmq.ZMQError as exc:

@@ -29,7 +29,7 @@ from .errors import (
     PeerLostError,
     RemoteError,
 )
-from .sockets import send_frames
+from .sockets import recv_frames, send_frames
 
 if TYPE_CHECKING:
     from .core import MeshCore, Provider
@@ -129,7 +129,7 @@ class ThreadRequester:
             if poller.poll(int(min(remaining, _POLL_SLICE_S) * 1000) + 1):
                 while True:
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_frames(sock)
                     except zmq.Again:
                         break
                     if len(frames) != 3 or frames[0] != request_id:

@@ -6,10 +6,14 @@ from typing import Any, cast
 
 import zmq
 
-__all__ = ["has_input", "send_frames", "close_watched"]
+__all__ = ["has_input", "recv_frames", "send_frames", "close_watched"]
 
+# plain ints: pyzmq's flag enums cost a Python-level operation each time they are combined
 _MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
 
 
 def has_input(sock: zmq.Socket[Any]) -> bool:
@@ -18,7 +22,20 @@ def has_input(sock: zmq.Socket[Any]) -> bool:
     ZeroMQ's descriptor only signals changes, and sending on a socket can swallow the
     signal of a message that arrived meanwhile: callers check this after sending.
     """
-    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+    return bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
+
+
+def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
+    """Receive one whole message without blocking; raises `zmq.Again` if none is waiting.
+
+    ``recv_multipart(NOBLOCK)`` with the flag arithmetic done once instead of per frame
+    (the frames after the first of a message are always there: ZeroMQ delivers it whole).
+    """
+    recv, get = sock.recv, sock.get
+    frames = [recv(_NOBLOCK)]
+    while get(_RCVMORE):
+        frames.append(recv(_NOBLOCK))
+    return frames  # type: ignore[return-value]
 
 
 def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -> None:
