@@ -146,3 +146,22 @@ def test_slow_subscriber_never_stalls_the_publisher_and_its_drops_are_counted(me
         assert stats["dropped"] > 0
         assert stats["received"] + stats["dropped"] == 50_001, stats
         assert received == sorted(received), "what arrives keeps the publisher's order"
+
+
+def test_an_idle_async_node_that_has_pushed_does_not_spin(mesh: dict[str, Any]) -> None:
+    async def scenario() -> float:
+        got: list[Any] = []
+        async with zmqmesh.AsyncNode("apusher", **{**mesh, "discovery": False}) as node:
+            node.pull("q", got.append)
+            for i in range(3):
+                await node.push("q", i, timeout=5)
+            for _ in range(100):
+                if len(got) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(got) == 3
+            cpu = time.process_time()
+            await asyncio.sleep(1.0)
+            return time.process_time() - cpu
+
+    assert asyncio.run(scenario()) < 0.5
