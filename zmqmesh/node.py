@@ -214,8 +214,11 @@ def stop_core(core: MeshCore, loop: Reactor, thread: threading.Thread, timeout: 
     """
     step = core.config.linger_s + 1  # no loop step takes long; this bounds a wedged loop
 
+    def on_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return run_on(loop, fn, *args, timeout=step)
+
     def send_queued(deadline: float) -> None:
-        while run_on(loop, core.send_queued, deadline, timeout=step):
+        while on_loop(core.send_queued, deadline):
             time.sleep(0.005)
 
     def attempt(what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -225,12 +228,12 @@ def stop_core(core: MeshCore, loop: Reactor, thread: threading.Thread, timeout: 
             log.warning("node %s: %s failed while stopping: %s", core.name, what, exc)
             return None
 
-    deadline = attempt("starting the stop", run_on, loop, core.begin_stop, timeout)
+    deadline = attempt("starting the stop", on_loop, core.begin_stop, timeout)
     if deadline is not None:
         attempt("sending what is queued", send_queued, deadline)
-        attempt("saying goodbye", run_on, loop, core.close_outbound)
+        attempt("saying goodbye", on_loop, core.close_outbound)
         attempt("stopping the handlers", core.inbox.stop, timeout)
-        attempt("closing the sockets", run_on, loop, core.close_sockets, deadline)
+        attempt("closing the sockets", on_loop, core.close_sockets, deadline)
     loop.stop()
     thread.join(timeout)
     if deadline is None:
