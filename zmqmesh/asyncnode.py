@@ -68,12 +68,16 @@ class AsyncNode(_NodeBase[Any]):
         deadline = core.begin_stop(timeout)
         if deadline is None:
             return
-        while core.send_queued(deadline):
-            await asyncio.sleep(0.005)
-        core.close_outbound()
-        await core.inbox.stop(timeout)
-        core.close_sockets(deadline)
-        await asyncio.get_running_loop().run_in_executor(None, core.destroy_context)
+        try:  # the later steps run even if an earlier one fails or the stop times out
+            while core.send_queued(deadline):
+                await asyncio.sleep(0.005)
+        finally:
+            try:
+                core.close_outbound()
+                await core.inbox.stop(timeout)
+            finally:
+                core.close_sockets(deadline)
+                await asyncio.get_running_loop().run_in_executor(None, core.destroy_context)
 
     async def __aenter__(self) -> AsyncNode:
         return await self.start()
