@@ -84,10 +84,10 @@ def test_stop_is_bounded_even_when_a_handler_never_returns(mesh: dict[str, Any])
         caller.join(15)
 
 
-@pytest.mark.parametrize("kind", ["def", "async def"])
-def test_a_handler_may_stop_its_own_node(mesh: dict[str, Any], kind: str) -> None:
+@pytest.mark.parametrize("kind,concurrency", [("def", 1), ("async def", 1), ("def", 4)])
+def test_a_handler_may_stop_its_own_node(mesh: dict[str, Any], kind: str, concurrency: int) -> None:
     threads = threading.active_count()
-    node = zmqmesh.Node("quitter", **mesh)
+    node = zmqmesh.Node("quitter", handler_concurrency=concurrency, **mesh)
     took: list[float] = []
 
     def quit_now(msg: zmqmesh.Message) -> str:

@@ -351,7 +351,10 @@ class ThreadInbox(Inbox):
         self._resubscribe = True
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
         concurrency = core.config.handler_concurrency
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler") if concurrency > 1 else None
+        self._pool_threads: set[int] = set()
+        self._pool = ThreadPoolExecutor(
+            concurrency, thread_name_prefix="zmqmesh-handler", initializer=self._pool_thread_started,
+        ) if concurrency > 1 else None
         self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{core.name}", daemon=True)
         self._async_loop: Any = None  # an aio.HandlerLoop, made for the first async def handler
@@ -363,10 +366,14 @@ class ThreadInbox(Inbox):
         self.thread.start()
 
     def runs_handlers_here(self) -> bool:
-        """True on a thread that runs this node's handlers (the inbox or the async handler loop)."""
+        """True on a thread that runs this node's handlers (inbox, handler pool, async handler loop)."""
         current = threading.current_thread()
         handler_loop = self._async_loop
-        return current is self.thread or (handler_loop is not None and current is handler_loop.thread)
+        return (current is self.thread or current.ident in self._pool_threads
+                or (handler_loop is not None and current is handler_loop.thread))
+
+    def _pool_thread_started(self) -> None:
+        self._pool_threads.add(threading.get_ident())
 
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Sync handlers, one at a time: called on this thread as messages are decoded."""
