@@ -87,28 +87,21 @@ class AsyncNode(_NodeBase[Any]):
 
     async def publish(self, topic: str, data: Any) -> None:
         """Publish ``data`` on ``topic`` (see `Node.publish`)."""
+        item = self._encode_publication(topic, data)
         core = self._core
-        if core.closed:
-            core.ensure_running()
-        body = core.codec.encode(data)
-        topic_b = self._topic_names.get(topic) or self._topic_name(topic)
         q = core._pub_q
         if len(q) >= self.config.send_queue_max:
             await wait_for_room(core, q, time.monotonic() + self.config.push_timeout_s)
-        q.append((topic_b, body))
+        q.append(item)
         core.wake_flush()
 
     async def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
         """Send ``data`` to one puller of ``queue`` (see `Node.push`)."""
-        core = self._core
-        if core.closed:
-            core.ensure_running()
-        body = core.codec.encode(data)
-        q = core.push_queue(queue)
-        if q is None or not core.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
+        body, q = self._encode_push(queue, data)
+        if q is None:
             q = await self._push_slow_path(queue, timeout)
         q.append(body)
-        core.wake_flush()
+        self._core.wake_flush()
 
     async def _push_slow_path(self, queue: str, timeout: float | None) -> Any:
         """Create the queue's socket, wait for a puller, wait for room: whatever push lacks."""

@@ -24,7 +24,7 @@ import uuid as uuid_module
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol
 
 import zmq
 
@@ -54,7 +54,7 @@ from .security import (
     make_server,
     read_secret_key,
 )
-from .sockets import close_watched, has_input, send_frames
+from .sockets import can_send, close_watched, has_input, send_frames
 from .stats import Stats
 
 __all__ = ["MeshCore", "Registry", "Provider", "no_provider"]
@@ -760,10 +760,7 @@ class MeshCore(MembershipEvents):
     def _on_push_socket(self, sock: zmq.Socket[Any]) -> None:
         # The descriptor stays readable until someone reads ZMQ_EVENTS: with nothing queued
         # no send does, and the loop would spin. Reading it rearms the descriptor.
-        if sock.closed:
-            return
-        events = cast(int, sock.getsockopt(zmq.EVENTS))
-        if events & zmq.POLLOUT and any(self._push_q.values()):
+        if not sock.closed and can_send(sock) and any(self._push_q.values()):
             self._wake_flush()
 
     def _wake_flush(self) -> None:

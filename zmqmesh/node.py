@@ -47,6 +47,26 @@ class _NodeBase(Generic[Handler]):
         self._stopped = False
         self._topic_names: dict[str, bytes] = {}
 
+    def _encode_publication(self, topic: str, data: Any) -> tuple[bytes, bytes]:
+        """``(topic, body)`` for the publish queue; raises for a stopped node or bad data."""
+        core = self._core
+        if core.closed:
+            core.ensure_running()
+        body = core.codec.encode(data)
+        return self._topic_names.get(topic) or self._topic_name(topic), body
+
+    def _encode_push(self, queue: str, data: Any) -> tuple[bytes, Any]:
+        """The encoded body, and the send queue of ``queue`` if it takes it right now
+        (None when the socket, a puller or room is missing: the caller's slow path)."""
+        core = self._core
+        if core.closed:
+            core.ensure_running()
+        body = core.codec.encode(data)
+        q = core.push_queue(queue)
+        if q is None or not core.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
+            return body, None
+        return body, q
+
     def _topic_name(self, topic: str) -> bytes:
         """A checked topic as bytes, remembered for the next publish (bounded)."""
         encoded = _check_name("topic", topic).encode()
@@ -334,15 +354,12 @@ class Node(_NodeBase[Any]):
         Returns once queued; order per publisher is kept. Raises `TypeError` for data msgpack
         cannot encode, `NodeClosedError` if the node is not running.
         """
+        item = self._encode_publication(topic, data)
         core = self._core
-        if core.closed:
-            core.ensure_running()
-        body = core.codec.encode(data)
-        topic_b = self._topic_names.get(topic) or self._topic_name(topic)
         q = core._pub_q
         if len(q) >= self.config.send_queue_max:
             core.wait_for_room_sync(q, time.monotonic() + self.config.push_timeout_s)
-        q.append((topic_b, body))
+        q.append(item)
         core.wake_flush()
 
     def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
@@ -352,15 +369,11 @@ class Node(_NodeBase[Any]):
         room in the send queue. Raises `NoProviderError` if nobody pulls ``queue``,
         `MeshTimeoutError` if the pullers do not keep up, `TypeError` for unencodable data.
         """
-        core = self._core
-        if core.closed:
-            core.ensure_running()
-        body = core.codec.encode(data)
-        q = core.push_queue(queue)
-        if q is None or not core.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
+        body, q = self._encode_push(queue, data)
+        if q is None:
             q = self._push_slow_path(queue, timeout)
         q.append(body)
-        core.wake_flush()
+        self._core.wake_flush()
 
     def _push_slow_path(self, queue: str, timeout: float | None) -> Any:
         """Create the queue's socket, wait for a puller, wait for room: whatever push lacks."""

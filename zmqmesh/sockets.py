@@ -6,13 +6,14 @@ from typing import Any, cast
 
 import zmq
 
-__all__ = ["has_input", "recv_frames", "send_frames", "close_watched"]
+__all__ = ["has_input", "can_send", "recv_frames", "send_frames", "close_watched"]
 
 # plain ints: pyzmq's flag enums cost a Python-level operation each time they are combined
 _MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 _RCVMORE = int(zmq.RCVMORE)
 
 
@@ -23,6 +24,11 @@ def has_input(sock: zmq.Socket[Any]) -> bool:
     signal of a message that arrived meanwhile: callers check this after sending.
     """
     return bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
+
+
+def can_send(sock: zmq.Socket[Any]) -> bool:
+    """True if ``sock`` takes a message now. Reading ``ZMQ_EVENTS`` also rearms its descriptor."""
+    return bool(cast(int, sock.get(_EVENTS)) & _POLLOUT)
 
 
 def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
