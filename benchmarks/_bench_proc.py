@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import resource
+import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +36,13 @@ class TrialError(Exception):
 
 class CtlAbort(Exception):
     """The orchestrator told this role to give up."""
+
+
+def free_udp_port() -> int:
+    """A UDP port nobody on this host uses right now (a loopback probe), for a run's beacons."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def rss_now_kb() -> int:

@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -59,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from _bench_proc import Trial, TrialError
+from _bench_proc import Trial, TrialError, free_udp_port
 
 # ============================================================================ parameters ==
 
@@ -95,12 +94,6 @@ QUICK = {
 
 # ============================================================================ trials ==
 
-
-def free_udp_port() -> int:
-    """A UDP port nobody on this host uses right now (for a run's beacons)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def mesh_options() -> dict[str, Any]:

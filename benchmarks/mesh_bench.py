@@ -52,6 +52,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _bench_proc import free_udp_port
+
 HERE = Path(__file__).resolve().parent
 NODE_SCRIPT = HERE / "_mesh_node.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -82,12 +84,6 @@ def progress(*parts: object) -> None:
     sys.stderr.write(" ".join(str(p) for p in parts) + "\n")
     sys.stderr.flush()
 
-
-def free_udp_port() -> int:
-    """A UDP port nobody on this host uses right now (loopback probe only)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- node processes -----------------------------------------------------------------------------

@@ -46,7 +46,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,14 +56,11 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
+from _bench_proc import free_udp_port
+
 HERE = Path(__file__).resolve().parent
 NODE = HERE / "_soak_node.py"
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def note(text: str) -> None:

@@ -53,6 +53,8 @@ from typing import Any, TypeVar
 import msgpack
 import zmq
 
+from helpers import free_udp_port
+
 T = TypeVar("T")
 
 BROADCAST = "127.255.255.255"  # beacons go to loopback broadcast only, never anywhere else
@@ -719,11 +721,6 @@ def gen_any(src: Source, env: Env, only: Sequence[str] = ()) -> Input:
 # The driver: the sockets that deliver inputs, liveness checks, and conformance checks.
 # ---------------------------------------------------------------------------------------
 
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def closed_tcp_endpoint() -> str:

@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Any
 
+from zmqmesh.jsonview import peer_dict  # imports nothing that touches the network
+
 EXIT_REFUSED = 3
 _OUT = threading.Lock()
 
@@ -54,19 +56,6 @@ def _default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return str(value)
-
-
-def peer_dict(peer: Any) -> dict[str, Any]:
-    return {
-        "id": peer.id,
-        "name": peer.name,
-        "address": peer.address,
-        "endpoint": peer.endpoint,
-        "headers": dict(peer.headers),
-        "services": sorted(peer.services),
-        "queues": sorted(peer.queues),
-        "topics": sorted(peer.topics),
-    }
 
 
 def refuse_outside_lab(allowed: list[str]) -> None:
