@@ -54,6 +54,9 @@ from pathlib import Path
 
 from _bench_proc import free_udp_port
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import netns  # noqa: E402  (tests/netns.py: the veth pyre needs)
+
 HERE = Path(__file__).resolve().parent
 NODE_SCRIPT = HERE / "_mesh_node.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -454,22 +457,11 @@ def pyre_inner(args) -> int:
         # Only ever configure a FRESH namespace: pyre broadcasts must not reach a real network.
         result({"kind": "skip", "reason": f"refusing: namespace is not fresh (interfaces {sorted(names)})"})
         return 3
-    commands = [
-        ["ip", "link", "set", "lo", "up"],
-        ["ip", "link", "add", "zre0", "type", "veth", "peer", "name", "zre0p"],
-        ["ip", "addr", "add", f"{PYRE_ADDRESS}/24", "brd", "+", "dev", "zre0"],
-        ["ip", "link", "set", "zre0p", "up"],
-        ["ip", "link", "set", "zre0", "up"],
-    ]
-    for cmd in commands:
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError) as exc:
-            result({"kind": "skip", "reason": f"{' '.join(cmd)} failed: {exc}"})
-            return 4
-        if r.returncode != 0:
-            result({"kind": "skip", "reason": f"{' '.join(cmd)} failed: {r.stderr.strip()}"})
-            return 4
+    try:
+        netns.add_veth_here(PYRE_ADDRESS, PYRE_IFACE)
+    except netns.LabError as exc:
+        result({"kind": "skip", "reason": str(exc)})
+        return 4
     names = interface_names()
     if not names <= ALLOWED_IFACES or PYRE_IFACE not in names:
         result({"kind": "skip", "reason": f"unexpected interfaces after setup: {sorted(names)}"})

@@ -49,6 +49,23 @@ def run(cmd: list[str], check: bool = True, timeout: float = _COMMAND_TIMEOUT_S)
     return result
 
 
+def add_veth_here(address: str, iface: str = "zre0", peer: str = "zre0p") -> None:
+    """In this process's own fresh namespace (``unshare -n``): bring ``lo`` up and add a veth
+    pair whose end ``iface`` has ``address``/24, for software that can only beacon on a
+    broadcast-capable interface (pyre). Raises `LabError` if a command fails."""
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "link", "add", iface, "type", "veth", "peer", "name", peer],
+        ["ip", "addr", "add", f"{address}/24", "brd", "+", "dev", iface],
+        ["ip", "link", "set", peer, "up"],
+        ["ip", "link", "set", iface, "up"],
+    ):
+        try:
+            run(cmd)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise LabError(f"`{' '.join(cmd)}` failed: {exc}") from exc
+
+
 _availability: list[str | None] = []
 
 

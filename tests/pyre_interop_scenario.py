@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +37,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from netns import LabError, add_veth_here  # tests/netns.py, next to this script
 
 ALLOWED_IFACES = {"lo", "zre0", "zre0p"}
 IFACE = "zre0"
@@ -101,22 +102,11 @@ def require_private_netns() -> None:
         finish(EXIT_REFUSED)
     if IFACE in names:
         return
-    commands = [
-        ["ip", "link", "set", "lo", "up"],
-        ["ip", "link", "add", "zre0", "type", "veth", "peer", "name", "zre0p"],
-        ["ip", "addr", "add", f"{ADDRESS}/24", "brd", "+", "dev", "zre0"],
-        ["ip", "link", "set", "zre0p", "up"],
-        ["ip", "link", "set", "zre0", "up"],
-    ]
-    for cmd in commands:
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError) as exc:
-            print(f"NO VETH: {' '.join(cmd)} failed: {exc}", flush=True)
-            finish(EXIT_NO_VETH)
-        if result.returncode != 0:
-            print(f"NO VETH: {' '.join(cmd)} failed: {result.stderr.strip()}", flush=True)
-            finish(EXIT_NO_VETH)
+    try:
+        add_veth_here(ADDRESS, IFACE)
+    except LabError as exc:
+        print(f"NO VETH: {exc}", flush=True)
+        finish(EXIT_NO_VETH)
     names = interface_names()
     if not names <= ALLOWED_IFACES or IFACE not in names:
         print(f"REFUSED: unexpected interfaces after setup: {sorted(names)}", flush=True)
