@@ -272,12 +272,12 @@ class LoopRequester:
         self.pending: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], str]] = {}
         self._ids = itertools.count(1)
 
-    async def request(self, service: str, body: bytes, timeout: float, only: str | None = None) -> Any:
-        """Send ``body`` to one provider of ``service`` (``only`` that node, if given) and await its reply."""
+    async def request(self, service: str, service_b: bytes, body: bytes, timeout: float, only: str | None = None) -> Any:
+        """Send ``body`` to one provider of ``service`` (``service_b``: its name, checked and
+        encoded by the node) and await the reply; ``only``: that node's."""
         core = self.core
         loop = core.loop
         deadline = time.monotonic() + timeout
-        service_b = service.encode()
         while True:
             provider = core.pick_provider(service, only) or await wait_for_provider(core, service, deadline, only)
             sock = self._socket(provider)

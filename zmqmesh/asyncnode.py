@@ -127,7 +127,7 @@ class AsyncNode(_NodeBase[Any]):
         core.ensure_running()
         body = core.codec.encode(data)
         return await core.requester.request(
-            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout,
+            service, self._service_name(service), body, self.config.request_timeout_s if timeout is None else timeout,
             _peer_id(peer),
         )
 
@@ -135,7 +135,8 @@ class AsyncNode(_NodeBase[Any]):
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""
         core = self._core
         core.ensure_running()
-        result: dict[str, Any] = await core.requester.request("\x00stats", core.codec.encode(None), timeout, _peer_id(peer))
+        result: dict[str, Any] = await core.requester.request(
+            "\x00stats", b"\x00stats", core.codec.encode(None), timeout, _peer_id(peer))
         return result
 
     async def whisper(self, peer_id: str, *frames: bytes | str) -> None:

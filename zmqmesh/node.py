@@ -46,6 +46,7 @@ class _NodeBase(Generic[Handler]):
         self._core = MeshCore(name or "", self.config, self._registry, self._inbox_type, self._requester_type)
         self._stopped = False
         self._topic_names: dict[str, bytes] = {}
+        self._service_names: dict[str, bytes] = {"\x00stats": b"\x00stats"}
 
     def _encode_publication(self, topic: str, data: Any) -> tuple[bytes, bytes]:
         """``(topic, body)`` for the publish queue; raises for a stopped node or bad data."""
@@ -53,7 +54,11 @@ class _NodeBase(Generic[Handler]):
         if core.closed:
             core.ensure_running()
         body = core.codec.encode(data)
-        return self._topic_names.get(topic) or self._topic_name(topic), body
+        return self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic), body
+
+    def _service_name(self, service: str) -> bytes:
+        """``service`` checked and encoded (remembered: requests repeat their service names)."""
+        return self._service_names.get(service) or self._name_bytes(self._service_names, "service", service)
 
     def _encode_push(self, queue: str, data: Any) -> tuple[bytes, Any]:
         """The encoded body, and the send queue of ``queue`` if it takes it right now
@@ -67,12 +72,13 @@ class _NodeBase(Generic[Handler]):
             return body, None
         return body, q
 
-    def _topic_name(self, topic: str) -> bytes:
-        """A checked topic as bytes, remembered for the next publish (bounded)."""
-        encoded = _check_name("topic", topic).encode()
-        if len(self._topic_names) >= 4096:
-            self._topic_names.clear()
-        self._topic_names[topic] = encoded
+    @staticmethod
+    def _name_bytes(cache: dict[str, bytes], kind: str, name: str) -> bytes:
+        """``name`` checked and encoded, remembered in ``cache`` for the next call (bounded)."""
+        encoded = _check_name(kind, name).encode()
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[name] = encoded
         return encoded
 
     # identity ------------------------------------------------------------------------------
@@ -407,7 +413,7 @@ class Node(_NodeBase[Any]):
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
         body = core.codec.encode(data)
         return core.thread_requester().request(
-            _check_name("service", service), body, self.config.request_timeout_s if timeout is None else timeout,
+            service, self._service_name(service), body, self.config.request_timeout_s if timeout is None else timeout,
             _peer_id(peer),
         )
 
@@ -415,7 +421,8 @@ class Node(_NodeBase[Any]):
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""
         core = self._core
         core.ensure_running()
-        result: dict[str, Any] = core.thread_requester().request("\x00stats", core.codec.encode(None), timeout, _peer_id(peer))
+        result: dict[str, Any] = core.thread_requester().request(
+            "\x00stats", b"\x00stats", core.codec.encode(None), timeout, _peer_id(peer))
         return result
 
     def whisper(self, peer_id: str, *frames: bytes | str) -> None:

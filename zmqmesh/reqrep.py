@@ -91,11 +91,11 @@ class ThreadRequester:
         self._membership_epoch = -1
         self._poller_cache: dict[str, zmq.Poller] = {}
 
-    def request(self, service: str, body: bytes, timeout: float, only: str | None = None) -> Any:
-        """Send ``body`` to one provider of ``service`` (``only`` that node, if given) and wait for its reply."""
+    def request(self, service: str, service_b: bytes, body: bytes, timeout: float, only: str | None = None) -> Any:
+        """Send ``body`` to one provider of ``service`` (``service_b``: its name, checked and
+        encoded by the node) and wait for the reply; ``only``: that node's."""
         core = self.core
         deadline = time.monotonic() + timeout
-        service_b = service.encode()
         while True:
             provider = core.wait_for_provider_sync(service, deadline, only)
             self._prune()
