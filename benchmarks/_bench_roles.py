@@ -193,8 +193,7 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
     if not use_async:
         node = _mesh_node("Node", "bench-pull", beacon_port, mesh)
         node.pull(QUEUE, handler)
-        node.start()
-        try:
+        with node:
             rss_base = rss_now_kb()
             ctl.send("ready")
             if not warmed.wait(ctl.remaining()):
@@ -204,16 +203,13 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
                 raise TimeoutError(f"only part of the {n} messages arrived: {node.stats()['pipeline']}")
             finish(node.stats(), rss_base)
             ctl.wait("stop")
-        finally:
-            node.stop()
         return
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         node = _mesh_node("AsyncNode", "bench-apull", beacon_port, mesh)
         node.pull(QUEUE, handler)
-        await node.start()
-        try:
+        async with node:
             rss_base = rss_now_kb()
             ctl.send("ready")
             if not await loop.run_in_executor(None, warmed.wait, ctl.remaining()):
@@ -223,8 +219,6 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
                 raise TimeoutError(f"only part of the {n} messages arrived: {node.stats()['pipeline']}")
             finish(node.stats(), rss_base)
             await loop.run_in_executor(None, ctl.wait, "stop")
-        finally:
-            await node.stop()
 
     asyncio.run(main())
 
@@ -237,8 +231,7 @@ def zm_push(
 
     if not use_async:
         node = _mesh_node("Node", "bench-push", beacon_port, mesh)
-        node.start()
-        try:
+        with node:
             node.wait_for_pullers(QUEUE, 1, timeout=min(20.0, ctl.remaining()))
             ctl.wait("go")
             push = node.push
@@ -259,15 +252,12 @@ def zm_push(
             t_sent = time.monotonic()
             ctl.send("result", t0=t0, t_sent=t_sent, rss_base_kb=rss_base, stats=node.stats()["pipeline"], **_rss())
             ctl.wait("stop")
-        finally:
-            node.stop()
         return
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         node = _mesh_node("AsyncNode", "bench-apush", beacon_port, mesh)
-        await node.start()
-        try:
+        async with node:
             await node.wait_for_pullers(QUEUE, 1, timeout=min(20.0, ctl.remaining()))
             await loop.run_in_executor(None, ctl.wait, "go")
             push = node.push
@@ -288,8 +278,6 @@ def zm_push(
             t_sent = time.monotonic()
             ctl.send("result", t0=t0, t_sent=t_sent, rss_base_kb=rss_base, stats=node.stats()["pipeline"], **_rss())
             await loop.run_in_executor(None, ctl.wait, "stop")
-        finally:
-            await node.stop()
 
     asyncio.run(main())
 
@@ -355,14 +343,11 @@ def zm_service(ctl: Ctl, beacon_port: int, mesh: str, slow_first_s: float = 0.0,
         served[0] += 1
         return msg.data
 
-    node.start()
-    try:
+    with node:
         rss_base = rss_now_kb()
         ctl.send("ready")
         ctl.wait("stop")
         ctl.send("result", served=node.stats()["service"]["sent"], rss_base_kb=rss_base, **_rss())
-    finally:
-        node.stop()
 
 
 def _check_reply(reply: Any, want_id: int) -> None:
@@ -488,8 +473,7 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
     ``inflight`` (``window`` coroutines calling in a loop), ``outstanding`` (``n`` at once)."""
     if mode == "sync_lat":
         node = _mesh_node("Node", "bench-client", beacon_port, mesh)
-        node.start()
-        try:
+        with node:
             node.wait_for_service(SERVICE, timeout=min(20.0, ctl.remaining()))
             ctl.wait("go")
             request = node.request
@@ -505,15 +489,12 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
             _check_reply(reply, n - 1)
             ctl.send("result", **_lat_summary(lats), stats=node.stats()["request"], **_rss())
             ctl.wait("stop")
-        finally:
-            node.stop()
         return
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         node = _mesh_node("AsyncNode", "bench-aclient", beacon_port, mesh)
-        await node.start()
-        try:
+        async with node:
             await node.wait_for_service(SERVICE, timeout=min(20.0, ctl.remaining()))
             await loop.run_in_executor(None, ctl.wait, "go")
             request = node.request
@@ -564,8 +545,6 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
                     **_rss(),
                 )
             await loop.run_in_executor(None, ctl.wait, "stop")
-        finally:
-            await node.stop()
 
     asyncio.run(main())
 
@@ -645,8 +624,7 @@ def raw_sub(ctl: Ctl, **_: Any) -> None:
 def zm_pub(ctl: Ctl, n: int, nsubs: int, beacon_port: int, mesh: str, **_: Any) -> None:
     """zmqmesh publisher: ``wait_for_subscribers`` then ``publish`` ``n`` times, then end markers."""
     node = _mesh_node("Node", "bench-pub", beacon_port, mesh)
-    node.start()
-    try:
+    with node:
         ctl.send("ready")
         node.wait_for_subscribers(TOPIC, nsubs, timeout=min(20.0, ctl.remaining()))
         node.wait_for_subscribers(END_TOPIC, nsubs, timeout=min(20.0, ctl.remaining()))
@@ -658,8 +636,6 @@ def zm_pub(ctl: Ctl, n: int, nsubs: int, beacon_port: int, mesh: str, **_: Any) 
         ctl.send("result", t0=t0, t_sent=t_sent, stats=node.stats()["pubsub"], **_rss())
         while not ctl.poll(0.001):
             publish(END_TOPIC, None)
-    finally:
-        node.stop()
 
 
 def zm_sub(ctl: Ctl, beacon_port: int, mesh: str, name: str = "bench-sub", **_: Any) -> None:
@@ -681,8 +657,7 @@ def zm_sub(ctl: Ctl, beacon_port: int, mesh: str, name: str = "bench-sub", **_: 
             times["count"] = count
             ended.set()
 
-    node.start()
-    try:
+    with node:
         ctl.wait("go")
         ctl.send("ready")
         if not ended.wait(ctl.remaining()):
@@ -690,5 +665,3 @@ def zm_sub(ctl: Ctl, beacon_port: int, mesh: str, name: str = "bench-sub", **_: 
         stats = node.stats()["pubsub"]
         ctl.send("result", count=times["count"], t_end=times["end"], dropped=stats["dropped"], stats=stats, **_rss())
         ctl.wait("stop")
-    finally:
-        node.stop()
