@@ -957,7 +957,7 @@ class Sink:
         self.received = 0
 
     def drain(self) -> list[str]:
-        from zmqmesh import zre  # the library's own strict parser
+        from zmqmesh._wire import zre  # the library's own strict parser
 
         problems = []
         while self.sock.poll(0):
@@ -1019,15 +1019,15 @@ class ErrorLog(logging.Handler):
 def node_internals(node: Any) -> dict[str, Any]:
     """Sizes of the node's internal tables (best effort: the library may change under us)."""
     out: dict[str, Any] = {}
-    core: Any = getattr(node, "_core", None)
+    core: Any = getattr(node, "_engine", None)
     probes: dict[str, Callable[[], Any]] = {
         "ready_peers": lambda: len(core.membership.ready_peers()),
         "zre_peers": lambda: len(core.membership.peers),
-        "foreign_remembered": lambda: len(core.membership._foreign),
+        "foreign_remembered": lambda: core.membership.foreign_count(),
         "zmq_sockets": lambda: sum(1 for s in list(core.ctx._sockets) if not s.closed),
-        "pub_sequences": lambda: len(core.inbox.pub_sequences),
+        "pub_sequences": lambda: len(core.inbox.gaps),
         "peer_received": lambda: len(core.stats.peer_received),
-        "sub_counts": lambda: len(core._sub_counts),
+        "sub_counts": lambda: core.publisher.subscription_count(),
     }
     for key, probe in probes.items():
         try:

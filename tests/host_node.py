@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Any
 
-from zmqmesh.jsonview import peer_dict  # imports nothing that touches the network
+from zmqmesh.tools.jsonview import peer_dict  # imports nothing that touches the network
 
 EXIT_REFUSED = 3
 _OUT = threading.Lock()

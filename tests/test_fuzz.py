@@ -40,8 +40,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zmqmesh
-from zmqmesh import zre
-from zmqmesh.zre import Command, ZreMessage
+from zmqmesh._wire import zre
+from zmqmesh._wire.zre import Command, ZreMessage
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -312,7 +312,7 @@ def test_beacon_flood_leaves_the_node_intact(lone: Any) -> None:
             if i % 100 == 99:
                 time.sleep(0.02)  # let the node read: the kernel drops what overflows its buffer
         assert node.request("ping", None, timeout=5) == "pong"
-        wait_until(lambda: not node._core.membership.peers, 10, "the flood's peers to time out")
+        wait_until(lambda: not node._engine.membership.peers, 10, "the flood's peers to time out")
         assert log.errors == 0, log.first_errors
         assert "zre_handler_error" not in node.stats()["rejected"]
     finally:

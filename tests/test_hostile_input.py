@@ -16,8 +16,8 @@ import zmq
 
 import zmqmesh
 from helpers import wait_until
-from zmqmesh import zre
-from zmqmesh.zre import Command, ZreMessage
+from zmqmesh._wire import zre
+from zmqmesh._wire.zre import Command, ZreMessage
 
 
 @pytest.fixture

@@ -155,17 +155,17 @@ def test_unstopped_node_warns_when_collected(mesh: dict[str, Any]) -> None:
     import gc
 
     node = zmqmesh.Node("forgotten", **mesh).start()
-    core = node._core
+    core = node._engine
     with pytest.warns(ResourceWarning):
         del node
         gc.collect()
     # clean up what the test leaked on purpose
     import threading
 
-    from zmqmesh.node import stop_core
+    from zmqmesh._drivers.thread import stop_blocking
 
     (io_thread,) = [t for t in threading.enumerate() if t.name == "zmqmesh-io-forgotten"]
-    stop_core(core, core.loop, io_thread, 1.0)
+    stop_blocking(core, core.inbox, core.loop, io_thread, 1.0)
 
 
 def test_user_callbacks_that_raise_do_not_stop_the_node(spawn: Any, mesh: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from zmqmesh.errors import MeshTimeoutError
-from zmqmesh.reactor import Reactor, run_on
+from zmqmesh._io.reactor import Reactor, run_on
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import zmq
 
 import zmqmesh
 from helpers import wait_until
-from zmqmesh.security import generate_keypair, read_public_key, read_secret_key
+from zmqmesh import generate_keypair, read_public_key, read_secret_key
 
 
 def test_secure_mesh_admits_only_allowed_keys(mesh: dict[str, Any]) -> None:

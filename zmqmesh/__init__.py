@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import typing
 
-__version__ = "0.1.0"
-
+from ._io.curve import generate_keypair, read_public_key, read_secret_key, write_keypair
+from ._version import __version__
 from .config import NodeConfig
 from .errors import (
     ConfigError,
@@ -45,6 +45,10 @@ __all__ = [
     "NoProviderError",
     "PeerLostError",
     "RemoteError",
+    "generate_keypair",
+    "write_keypair",
+    "read_public_key",
+    "read_secret_key",
 ]
 
 

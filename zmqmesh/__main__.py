@@ -1,5 +1,5 @@
 """``python -m zmqmesh`` is the ``zmqmesh`` command."""
 
-from .cli import main
+from .tools.cli import main
 
 main()

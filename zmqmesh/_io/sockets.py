@@ -1,12 +1,16 @@
-"""Small helpers for the edge-triggered ZeroMQ descriptors the event loops watch."""
+"""Socket helpers: options set in one place, and the edge-triggered descriptors the loops watch."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import zmq
 
-__all__ = ["has_input", "can_send", "recv_frames", "send_frames", "close_watched"]
+__all__ = ["new_socket", "has_input", "can_send", "recv_frames", "send_frames", "close_watched", "reconnect"]
+
+log = logging.getLogger("zmqmesh.sockets")
 
 # plain ints: pyzmq's flag enums cost a Python-level operation each time they are combined
 _MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
@@ -15,6 +19,19 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _RCVMORE = int(zmq.RCVMORE)
+
+
+def new_socket(ctx: zmq.Context[Any], kind: int, options: Mapping[int, int | bytes] | None = None) -> zmq.Socket[Any]:
+    """A socket of ``kind`` with LINGER 0 and then ``options`` applied, before any bind or connect.
+
+    Every socket of a node is made here, so its options are set in one place. A caller
+    that wants a linger at close passes it to `close_watched` or ``close``.
+    """
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    for option, value in (options or {}).items():
+        sock.setsockopt(option, value)
+    return sock
 
 
 def has_input(sock: zmq.Socket[Any]) -> bool:
@@ -66,3 +83,26 @@ def close_watched(loop: Any, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
     except Exception:  # not watched, or the loop is closed
         pass
     sock.close(linger_ms)
+
+
+def reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: Mapping[str, str | None],
+              connect: Callable[[zmq.Socket[Any], str, str | None], None]) -> None:
+    """Make ``sock`` connected to exactly the ``wanted`` endpoints (endpoint -> CURVE key).
+
+    ``connected`` is the caller's record of what ``sock`` is connected to; it is updated.
+    An endpoint that cannot be connected is logged and left out (tried again next time).
+    """
+    for endpoint in connected - set(wanted):
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass
+        connected.discard(endpoint)
+    for endpoint, key in wanted.items():
+        if endpoint in connected:
+            continue
+        try:
+            connect(sock, endpoint, key)
+            connected.add(endpoint)
+        except zmq.ZMQError as exc:
+            log.warning("cannot connect to %s: %s", endpoint, exc)

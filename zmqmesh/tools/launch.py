@@ -41,7 +41,7 @@ __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
 
 _RESTARTS = ("never", "on-failure", "always")
 def _mesh_keys() -> dict[str, str]:
-    from .config import NodeConfig
+    from zmqmesh import NodeConfig
 
     keys = {f: f.upper() for f in NodeConfig.__dataclass_fields__ if f != "mesh"}
     return {"name": "MESH", **keys}

@@ -1,14 +1,14 @@
 """A small event loop for the sync `Node`'s I/O thread: descriptors, timers and callbacks.
 
-`MeshCore` is written against the callback half of the asyncio event loop API
-(``add_reader``, ``remove_reader``, ``call_soon``, ``call_soon_threadsafe``,
-``call_later``, ``call_at``, ``time``). `AsyncNode` drives the core with the caller's
-asyncio loop; the sync `Node` drives the very same core with this `Reactor`, so a process
-that only uses `Node` never imports asyncio (and with it ``ssl``), which keeps a node's
-memory near that of a bare pyzmq program.
+The engine (and everything it drives) is written against the callback half of the
+asyncio event loop API, `EventLoop` below (``add_reader``, ``remove_reader``,
+``call_soon``, ``call_soon_threadsafe``, ``call_later``, ``call_at``, ``time``).
+`AsyncNode` hands the engine the caller's asyncio loop; the sync `Node` hands the very
+same engine this `Reactor`, so a process that only uses `Node` never imports asyncio (and
+with it ``ssl``), which keeps a node's memory near that of a bare pyzmq program.
 
 Like asyncio's selector loop it is level-triggered on the descriptors it watches; the
-ZeroMQ descriptors are edge-triggered, which the core allows for the same way on both.
+ZeroMQ descriptors are edge-triggered, which the engine allows for the same way on both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent import futures
 from typing import Any, Protocol
 
-from .errors import MeshTimeoutError
+from ..errors import MeshTimeoutError
 
 __all__ = ["EventLoop", "Reactor", "Timer", "TimerLike", "run_on"]
 
@@ -42,7 +42,7 @@ class TimerLike(Protocol):
 
 
 class EventLoop(Protocol):
-    """The part of an event loop the core uses: a `Reactor`, or an asyncio loop."""
+    """The part of an event loop the engine uses: a `Reactor`, or an asyncio loop."""
 
     def time(self) -> float: ...
     def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None: ...

@@ -20,14 +20,26 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils import z85
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .sockets import close_watched
 
 if TYPE_CHECKING:
+    from .._stats import Stats
     from .reactor import EventLoop
-    from .stats import Stats
 
-__all__ = ["KeyPair", "generate_keypair", "write_keypair", "read_secret_key", "ZapHandler", "ZAP_DOMAIN"]
+__all__ = [
+    "KeyPair",
+    "generate_keypair",
+    "write_keypair",
+    "read_secret_key",
+    "read_public_key",
+    "check_key",
+    "make_server",
+    "make_client",
+    "connect",
+    "ZapHandler",
+    "ZAP_DOMAIN",
+]
 
 log = logging.getLogger("zmqmesh.security")
 
@@ -182,3 +194,13 @@ class ZapHandler:
     def close(self) -> None:
         """Stop answering (closes the socket)."""
         close_watched(self.loop, self.sock)
+
+
+def connect(sock: zmq.Socket[Any], endpoint: str, keys: KeyPair | None, peer_key: str | None) -> None:
+    """Connect ``sock`` to ``endpoint``: as a CURVE client of ``peer_key`` when ``keys`` are given.
+
+    In-process endpoints need no CURVE. Raises `zmq.ZMQError` if the endpoint is refused.
+    """
+    if keys is not None and not endpoint.startswith("inproc://"):
+        make_client(sock, keys, peer_key or keys.public)
+    sock.connect(endpoint)

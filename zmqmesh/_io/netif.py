@@ -7,7 +7,7 @@ import ipaddress
 import socket
 import struct
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["LOOPBACK_ADDRESS", "LOOPBACK_BROADCAST", "interface_addresses", "is_loopback"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .message import Peer
+from zmqmesh import Peer
 
 __all__ = ["dumps", "peer_dict"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import msgpack
 
-from .errors import DecodeError, MessageTooLargeError
-from .wire import MAX_BATCH_ITEMS
+from ..errors import DecodeError, MessageTooLargeError
+from .frames import MAX_BATCH_ITEMS
 
 __all__ = ["Codec"]
 

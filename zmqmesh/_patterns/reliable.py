@@ -19,36 +19,47 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
-from . import wire
-from .sockets import close_watched, has_input, send_frames
+from .._io.reactor import EventLoop
+from .._io.sockets import close_watched, has_input, new_socket, send_frames
+from .._mesh.directory import Directory
+from .._stats import Stats
+from .._wire.frames import (
+    MAX_BATCH_ITEMS,
+    STATUS_OK,
+    acker_id,
+    parse_reply,
+    queue_service,
+    wrap_item,
+)
+from ..config import NodeConfig
 
-if TYPE_CHECKING:
-    from .core import MeshCore
-
-__all__ = ["ReliableSender", "QUEUE_SERVICE_PREFIX", "wrap_item"]
+__all__ = ["ReliableSender"]
 
 log = logging.getLogger("zmqmesh.reliable")
 
-QUEUE_SERVICE_PREFIX = "\x00queue/"
-_BATCH = wire.MAX_BATCH_ITEMS
-_TRUE, _FALSE, _ARRAY2 = b"\xc3", b"\xc2", b"\x92"
-
-
-def wrap_item(body: bytes, redelivered: bool) -> bytes:
-    """The msgpack array ``[redelivered, data]`` around an already encoded payload."""
-    return _ARRAY2 + (_TRUE if redelivered else _FALSE) + body
-
 
 class ReliableSender:
-    """Deals the at-least-once queues of one node; runs on the node's loop."""
+    """Deals the at-least-once queues of one node; runs on the node's loop.
 
-    def __init__(self, core: MeshCore) -> None:
-        self.core = core
-        self.window = core.config.ack_window
+    ``wake`` asks the loop to flush (acknowledgements made room in a window).
+    """
+
+    def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
+                 uuid: bytes, directory: Directory,
+                 connect: Callable[[zmq.Socket[Any], str, str | None], None], wake: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.loop = loop
+        self.stats = stats
+        self.uuid = uuid
+        self.directory = directory
+        self.connect = connect
+        self.wake = wake
+        self.window = config.ack_window
         self.redeliver: dict[str, deque[bytes]] = {}
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         self.inflight: dict[bytes, tuple[str, str, list[bytes], list[bool]]] = {}
@@ -62,12 +73,12 @@ class ReliableSender:
 
     def flush(self, queue: str, q: deque[bytes]) -> bool:
         """Deal what is queued to pullers with room in their window; True if some had to wait."""
-        core = self.core
-        pullers = [i for i in core.offers["ackqueues"].get(queue, ()) if core.offers_endpoint(i)]
+        directory = self.directory
+        pullers = [i for i in directory.providers("ackqueues", queue) if directory.endpoint_of(i, "service")]
         again = self.redeliver.setdefault(queue, deque())
         if not pullers:
             return bool(q or again)
-        name = (QUEUE_SERVICE_PREFIX + queue).encode()
+        name = queue_service(queue)
         start = next(self._rr)
         progress = True
         while (q or again) and progress:
@@ -76,7 +87,7 @@ class ReliableSender:
                 puller = pullers[(start + k) % len(pullers)]
                 room = self.window - self.inflight_count.get(puller, 0)
                 share = max(1, (len(q) + len(again)) // len(pullers))
-                n = min(room, _BATCH, share)
+                n = min(room, MAX_BATCH_ITEMS, share)
                 if n <= 0:
                     continue
                 bodies: list[bytes] = []
@@ -99,26 +110,23 @@ class ReliableSender:
                     continue
                 self.inflight[batch_id] = (queue, puller, bodies, flags)
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(bodies)
-                core.stats.pattern["pipeline"]["sent"] += len(bodies)
+                self.stats.pattern["pipeline"]["sent"] += len(bodies)
                 progress = True
         for puller in pullers:  # sending may have consumed the edge that announces acks
             sock = self.sockets.get(puller)
             if sock is not None and has_input(sock):
-                core.loop.call_soon(self._on_acks, puller)
+                self.loop.call_soon(self._on_acks, puller)
         return bool(q or again)
 
     def _socket(self, puller: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(puller)
         if sock is None:
-            endpoint, key = self.core.offers_endpoint(puller)  # type: ignore[misc]
-            sock = self.core.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTING_ID, self.core.uuid + b"\xff\xff\xff\xff")
-            sock.setsockopt(zmq.SNDHWM, 0)
-            self.core.connect(sock, endpoint, key)
+            endpoint, key = self.directory.endpoint_of(puller, "service")  # type: ignore[misc]
+            sock = new_socket(self.ctx, zmq.DEALER, {zmq.ROUTING_ID: acker_id(self.uuid), zmq.SNDHWM: 0})
+            self.connect(sock, endpoint, key)
             self.sockets[puller] = sock
-            self.core.loop.add_reader(sock.FD, self._on_acks, puller)
-            self.core.loop.call_soon(self._on_acks, puller)
+            self.loop.add_reader(sock.FD, self._on_acks, puller)
+            self.loop.call_soon(self._on_acks, puller)
         return sock
 
     def _on_acks(self, puller: str) -> None:
@@ -129,16 +137,17 @@ class ReliableSender:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.ZMQError:
                 break
-            entry = self.inflight.pop(frames[0], None) if len(frames) == 3 else None
-            if entry is None:
+            reply = parse_reply(frames)
+            entry = self.inflight.pop(reply[0], None) if reply is not None else None
+            if entry is None or reply is None:
                 continue
             queue, owner, bodies, _flags = entry
             self.inflight_count[owner] -= len(bodies)
             freed = True
-            if frames[1] != wire.STATUS_OK:  # the puller stopped pulling: deal them again
+            if reply[1] != STATUS_OK:  # the puller stopped pulling: deal them again
                 self.redeliver.setdefault(queue, deque()).extendleft(reversed(bodies))
         if freed:
-            self.core.wake_flush()
+            self.wake()
 
     def peer_gone(self, puller: str) -> None:
         """Put back what a departed puller had not acknowledged, marked as redelivered."""
@@ -146,8 +155,8 @@ class ReliableSender:
         for batch_id, (queue, _owner, bodies, _flags) in reversed(lost):
             del self.inflight[batch_id]
             self.redeliver.setdefault(queue, deque()).extendleft(reversed(bodies))
-            self.core.stats.pattern["pipeline"]["redelivered"] = (
-                self.core.stats.pattern["pipeline"].get("redelivered", 0) + len(bodies)
+            self.stats.pattern["pipeline"]["redelivered"] = (
+                self.stats.pattern["pipeline"].get("redelivered", 0) + len(bodies)
             )
         if lost:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
@@ -155,12 +164,12 @@ class ReliableSender:
         self.inflight_count.pop(puller, None)
         sock = self.sockets.pop(puller, None)
         if sock is not None:
-            close_watched(self.core.loop, sock)
-        self.core.wake_flush()
+            close_watched(self.loop, sock)
+        self.wake()
 
     def close(self) -> int:
         """Close every socket; returns how many messages were still unacknowledged."""
         left = self.pending()
         for puller in list(self.sockets):
-            close_watched(self.core.loop, self.sockets.pop(puller))
+            close_watched(self.loop, self.sockets.pop(puller))
         return left

@@ -28,15 +28,16 @@ import time
 from importlib import resources
 from typing import Any
 
-from .asyncnode import AsyncNode
-from .errors import (
+from zmqmesh import (
+    AsyncNode,
     MeshTimeoutError,
     NoProviderError,
+    Peer,
     PeerLostError,
     RemoteError,
 )
+
 from .jsonview import dumps, peer_dict
-from .message import Peer
 
 try:
     from aiohttp import web
@@ -158,7 +159,7 @@ class Gateway:
 
     def membership(self) -> list[dict[str, Any]]:
         """Every node, the gateway included."""
-        me = self.node._core.self_peer()
+        me = self.node.as_peer()
         return [peer_json(me, gateway=True)] + [peer_json(p) for p in sorted(self.node.peers(), key=lambda p: p.name)]
 
     async def peers(self, request: web.Request) -> web.Response:
@@ -187,7 +188,7 @@ class Gateway:
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """GET /: the dashboard page."""
-        page = resources.files("zmqmesh").joinpath("dashboard.html").read_text()
+        page = resources.files("zmqmesh.tools").joinpath("dashboard.html").read_text()
         return web.Response(text=page, content_type="text/html")
 
     # events -----------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class Gateway:
             await asyncio.sleep(_STATS_INTERVAL_S)
             if not self.listeners:
                 continue
-            targets = [p for p in self.node.peers() if p.is_zmqmesh] + [self.node._core.self_peer()]
+            targets = [p for p in self.node.peers() if p.is_zmqmesh] + [self.node.as_peer()]
             results = await asyncio.gather(*(self.node.node_stats(p, timeout=1.0) for p in targets), return_exceptions=True)
             stats = {}
             for peer, result in zip(targets, results):

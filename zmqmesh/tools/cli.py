@@ -25,11 +25,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from .errors import ZmqMeshError
+from zmqmesh import Message, Node, Peer, ZmqMeshError, __version__
+
 from .jsonview import dumps, peer_dict
-from .message import Message, Peer
-from .node import Node
 
 __all__ = ["main"]
 
@@ -245,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "gateway":
             code = _gateway(args)
         elif args.command == "keygen":
-            from .security import read_public_key, write_keypair
+            from zmqmesh import read_public_key, write_keypair
 
             public, secret = write_keypair(args.dir, args.name)
             print(f"public key {read_public_key(public)}\nwrote {public} and {secret} (mode 600)")

@@ -23,8 +23,7 @@ import threading
 import time
 from typing import Any
 
-from .message import Message, Peer
-from .node import Node
+from zmqmesh import Message, Node, Peer
 
 __all__ = ["run_demo", "run_role"]
 
@@ -39,7 +38,7 @@ def _say(who: str, text: str) -> None:
 
 
 def run_role(role: str, mesh: str, beacon_port: int) -> None:
-    """Body of one demo process (``python -m zmqmesh.demo ROLE``)."""
+    """Body of one demo process (``python -m zmqmesh.tools.demo ROLE``)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -112,7 +111,7 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
             for role in ROLES:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "zmqmesh.demo", role, "--mesh", mesh, "--beacon-port", str(beacon_port),
+                        [sys.executable, "-m", "zmqmesh.tools.demo", role, "--mesh", mesh, "--beacon-port", str(beacon_port),
                          "--t0", repr(_T0[0])]
                     )
                 )
@@ -160,7 +159,7 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the demo's child processes."""
-    parser = argparse.ArgumentParser(prog="python -m zmqmesh.demo")
+    parser = argparse.ArgumentParser(prog="python -m zmqmesh.tools.demo")
     parser.add_argument("role", choices=ROLES)
     parser.add_argument("--mesh", required=True)
     parser.add_argument("--beacon-port", type=int, default=5670)

@@ -1,0 +1,364 @@
+"""The asyncio driver of `AsyncNode`: awaited waits, requests from coroutines, the inbox on
+the caller's loop.
+
+The twin of `_drivers.thread`, and like it only a way of waiting: the logic lives below.
+Kept apart so that a process using only the sync `Node` never imports asyncio.
+
+* `AsyncRunner` carries out a plan's steps by awaiting them.
+* `LoopRequester`: DEALERs owned by the event loop, a future per request.
+* `LoopInbox`: ``async def`` handlers awaited in place; ``def`` handlers run on a worker
+  thread, a burst at a time, so they never block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from .._engine.api import OnLoop, Plan, advance
+from .._engine.engine import Engine
+from .._engine.stop import AFTER_LOOP, INBOX, ON_LOOP, stop_plan
+from .._io.sockets import close_watched, has_input, recv_frames, send_frames
+from .._mesh.directory import Provider
+from .._mesh.waiters import Room, Until
+from .._patterns.dispatch import (
+    Call,
+    Dispatcher,
+    is_async,
+    run_async,
+    run_batch,
+    run_sync,
+)
+from .._patterns.reqrep import Exchange
+from .._wire import frames as wire
+from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
+
+__all__ = ["AsyncRunner", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
+
+log = logging.getLogger("zmqmesh.aio")
+
+_ROOM_SLICE_S = 0.1
+_READ_BURST = 1024
+
+
+class AsyncRunner:
+    """Runs plans on the node's event loop, awaiting where they wait."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def run(self, plan: Plan) -> Any:
+        """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
+        error becomes `ZmqMeshError`."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            finished, step = advance(plan, value, error)
+            if finished:
+                return step
+            value, error = None, None
+            try:
+                if isinstance(step, Exchange):
+                    requester = self.engine.requests
+                    assert isinstance(requester, LoopRequester), "the node is not started"
+                    value = await requester.exchange(step)
+                elif isinstance(step, Until):
+                    await wait_until(self.engine, step.predicate, step.deadline, step.what)
+                elif isinstance(step, Room):
+                    await wait_for_room(self.engine, step.q, step.deadline)
+                elif isinstance(step, OnLoop):
+                    value = step.fn(*step.args)
+                else:
+                    raise TypeError(f"unknown step {step!r}")
+            except Exception as exc:
+                error = exc
+
+
+async def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | None, what: str) -> None:
+    """Return once ``predicate()`` holds (re-checked on every change); raises `MeshTimeoutError`
+    at ``deadline``, `NodeClosedError` if the node stops."""
+    engine.ensure_running()
+    if predicate():
+        return
+    timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+    future: asyncio.Future[None] = engine.loop.create_future()
+    engine.add_waiter(predicate, future)
+    try:
+        await asyncio.wait_for(future, timeout)
+    except asyncio.TimeoutError:
+        raise MeshTimeoutError(
+            f"waited {timeout or 0:.3g} s for {what} in mesh {engine.config.mesh!r}: not met") from None
+    finally:
+        engine.remove_waiter(future)
+
+
+async def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
+    """Await while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
+    limit = engine.config.send_queue_max
+    space = engine.space
+    if space.event is None:
+        space.event = asyncio.Event()
+    event: asyncio.Event = space.event
+    while len(q) >= limit:
+        engine.ensure_running()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise MeshTimeoutError("send queue full: the receivers are not keeping up")
+        event.clear()
+        engine.outbound.wake()  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(event.wait(), min(remaining, _ROOM_SLICE_S))
+        except asyncio.TimeoutError:
+            pass
+
+
+class LoopInbox(Dispatcher):
+    """Runs the inbox on the caller's event loop: ``async def`` handlers are awaited in place."""
+
+    def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+        super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
+                         codec=engine.codec, stats=engine.stats, describe=engine.describe,
+                         sub=sub, pull=pull, router=router)
+        self.loop = engine.loop
+        concurrency = engine.config.handler_concurrency
+        self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler")
+        self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """Watch the sockets' descriptors."""
+        self.apply_subscriptions()
+        for sock, _kind in self.sockets:
+            self.loop.add_reader(sock.FD, self.wake)
+        self.wake()
+
+    def runs_handlers_here(self) -> bool:
+        """Always False: stopping from a handler is awaited, never blocked on."""
+        return False
+
+    def wake(self) -> None:
+        """Start a drain unless one is running (then it goes round once more)."""
+        if self.abandoned():
+            return
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._drain())
+        else:
+            self._again = True
+
+    def registry_changed(self) -> None:
+        """Re-apply subscriptions (loop thread only)."""
+        self.apply_subscriptions()
+
+    async def _drain(self) -> None:
+        calls: list[Call] = []
+        try:
+            while not self.abandoned():
+                self._again = False
+                more = bool(self.gather(calls, self.sockets))
+                if calls:
+                    await self._execute(calls)
+                    calls.clear()
+                if not (more or self._again or self.events or any(has_input(sock) for sock, _ in self.sockets)):
+                    return
+                await asyncio.sleep(0)  # let the loop breathe between bursts
+        except Exception:
+            if not self.abandoned():
+                log.exception("inbox drain failed")
+
+    async def _execute(self, calls: list[Call]) -> None:
+        if self._concurrency is not None:
+            for call in calls:
+                await self._concurrency.acquire()
+                task = self.loop.create_task(self._run_one(call))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
+        batch: list[Call] = []
+        for call in calls:
+            if self.abandoned():
+                self.drop(call)
+                continue
+            if is_async(call.handler):
+                if batch:
+                    await self._run_sync_batch(batch)
+                    batch = []
+                try:
+                    result, error = await call.handler(call.arg), None
+                except Exception as exc:
+                    result, error = None, exc
+                if call.route is None and error is None:
+                    continue  # nothing to reply or count
+                self.complete(call, result, error)
+            else:
+                batch.append(call)
+        if batch:
+            await self._run_sync_batch(batch)
+
+    async def _run_sync_batch(self, batch: list[Call]) -> None:
+        outcomes = await self.loop.run_in_executor(self._worker, run_batch, batch)
+        for call, (result, error) in zip(batch, outcomes):
+            self.complete(call, result, error)
+
+    async def _run_one(self, call: Call) -> None:
+        try:
+            if is_async(call.handler):
+                result, error = await run_async(call)
+            else:
+                result, error = await self.loop.run_in_executor(self._worker, run_sync, call)
+            self.complete(call, result, error)
+        finally:
+            assert self._concurrency is not None
+            self._concurrency.release()
+
+    async def stop(self, timeout: float) -> None:
+        """Handle what has already arrived (bounded by ``timeout``), then close the sockets."""
+        self.begin_stop(timeout)
+        for sock, _kind in self.sockets:
+            try:
+                self.loop.remove_reader(sock.FD)
+            except Exception:
+                pass
+        self.wake()  # one last pass over what is already in the sockets
+        pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
+        if pending:
+            _done, still = await asyncio.wait(pending, timeout=timeout)
+            for task in still:
+                task.cancel()
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.close_sockets()
+
+
+class _Expired(Exception):
+    """A request's deadline passed (turned into `MeshTimeoutError`)."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
+class LoopRequester:
+    """Requests from coroutines: DEALERs owned by the event loop, one future per request."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sockets: dict[str, zmq.Socket[Any]] = {}
+        self.pending: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], str]] = {}
+        self._ids = itertools.count(1)
+
+    async def exchange(self, step: Exchange) -> tuple[bytes, bytes]:
+        """Send one request and await its reply: ``(status, body)``. Raises
+        `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`."""
+        engine = self.engine
+        loop = engine.loop
+        provider = step.provider
+        sock = self._socket(provider)
+        request_id = next(self._ids).to_bytes(8, "big")
+        future: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        self.pending[request_id] = (future, provider.id)
+        try:
+            try:
+                send_frames(sock, wire.request_frames(step.service_b, request_id, step.body),
+                            copy=len(step.body) < 65536)
+            except zmq.Again as exc:
+                raise MeshTimeoutError(
+                    f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
+            engine.stats.add("request", "sent")
+            self._kick(provider.id)
+            # a timer on the future itself: cheaper than asyncio.wait_for's extra task
+            timer = loop.call_at(loop.time() + max(step.deadline - time.monotonic(), 0), _expire, future)
+            try:
+                return await future
+            except _Expired:
+                engine.stats.add("request", "errors")
+                raise MeshTimeoutError(f"request to {step.service!r} timed out") from None
+            finally:
+                timer.cancel()
+        finally:
+            self.pending.pop(request_id, None)
+
+    def _socket(self, provider: Provider) -> zmq.Socket[Any]:
+        sock = self.sockets.get(provider.id)
+        if sock is None:
+            sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
+            self.engine.loop.add_reader(sock.FD, self._on_readable, provider.id)
+            self.engine.loop.call_soon(self._on_readable, provider.id)
+        return sock
+
+    def _kick(self, provider_id: str) -> None:
+        sock = self.sockets.get(provider_id)
+        if sock is not None and has_input(sock):
+            self.engine.loop.call_soon(self._on_readable, provider_id)
+
+    def _on_readable(self, provider_id: str) -> None:
+        sock = self.sockets.get(provider_id)
+        stats = self.engine.stats
+        for _ in range(_READ_BURST):
+            if sock is None:
+                return
+            try:
+                frames = recv_frames(sock)
+            except zmq.ZMQError:
+                return
+            reply = wire.parse_reply(frames)
+            entry = self.pending.get(reply[0]) if reply is not None else None
+            if entry is None or reply is None or entry[0].done():
+                stats.add("request", "dropped")
+                continue
+            stats.add("request", "received")
+            entry[0].set_result((reply[1], reply[2]))
+            sock = self.sockets.get(provider_id)
+        self.engine.loop.call_soon(self._on_readable, provider_id)
+
+    def peer_gone(self, peer_id: str) -> None:
+        """Fail the requests waiting on a departed provider at once, and close its socket."""
+        for future, pid in list(self.pending.values()):
+            if pid == peer_id and not future.done():
+                future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
+        sock = self.sockets.pop(peer_id, None)
+        if sock is not None:
+            close_watched(self.engine.loop, sock)
+
+    def fail_outstanding(self) -> None:
+        """Fail every waiting request with `NodeClosedError` and close every socket."""
+        for future, _pid in list(self.pending.values()):
+            if not future.done():
+                future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
+        for pid in list(self.sockets):
+            close_watched(self.engine.loop, self.sockets.pop(pid))
+
+    def close(self) -> None:
+        """Nothing left to close: `fail_outstanding` closed the sockets."""
+
+
+async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
+    """Run the stop plan on the node's loop. Never raises: a step that fails is logged and
+    the later steps still run."""
+    plan = stop_plan(engine, timeout)
+    value: Any = None
+    while True:
+        finished, step = advance(plan, value, None)
+        if finished:
+            return
+        value = None
+        try:
+            if step.where == ON_LOOP:
+                value = step.fn(*step.args)  # type: ignore[misc]
+            elif step.where == INBOX:
+                await inbox.stop(*step.args)
+            elif step.where == AFTER_LOOP:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, step.fn), timeout)  # type: ignore[arg-type]
+            else:
+                await asyncio.sleep(step.args[0])
+        except Exception as exc:
+            log.warning("node %s: %s failed while stopping: %s", engine.name, step.what, exc)

@@ -1,0 +1,462 @@
+"""The thread driver of `Node`: blocking waits, requests from threads, and the inbox thread.
+
+Everything here only waits; the logic it waits for lives below (plans in `_engine.api`
+and `_patterns.reqrep`, decoding in `_patterns.dispatch`, the stop plan in
+`_engine.stop`). Its asyncio twin is `_drivers.aio`.
+
+* `BlockingRunner` carries out a plan's steps by blocking the calling thread.
+* `ThreadRequester`: one per calling thread, each with its own DEALER per provider, so a
+  blocking call waits on its own socket with no hand-off to another thread.
+* `ThreadInbox`: a dedicated thread owns the inbound sockets and calls ``def`` handlers
+  in place; ``async def`` handlers run on a `HandlerLoop` started on first use (so a
+  node without them never loads asyncio).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from typing import Any
+
+import zmq
+
+from .._engine.api import OnLoop, Plan, advance
+from .._engine.engine import Engine
+from .._engine.stop import AFTER_LOOP, INBOX, ON_LOOP, stop_plan
+from .._io.reactor import Reactor, run_on
+from .._io.sockets import new_socket, recv_frames, send_frames
+from .._mesh.directory import Provider
+from .._mesh.waiters import Room, Until
+from .._patterns.dispatch import Call, Dispatcher, is_async, run_async, run_sync
+from .._patterns.reqrep import Exchange
+from .._wire import frames as wire
+from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
+
+__all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox", "stop_blocking", "wait_until", "wait_for_room"]
+
+log = logging.getLogger("zmqmesh.node")
+
+_POLL_SLICE_S = 0.05
+_ROOM_SLICE_S = 0.1
+
+
+class BlockingRunner:
+    """Runs plans on the calling thread (never the loop's), blocking where they wait."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(self, plan: Plan) -> Any:
+        """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
+        error becomes `ZmqMeshError`."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            finished, step = advance(plan, value, error)
+            if finished:
+                return step
+            value, error = None, None
+            try:
+                if isinstance(step, Exchange):
+                    requesters = self.engine.requests
+                    assert isinstance(requesters, ThreadRequesters), "the node is not started"
+                    value = requesters.current().exchange(step)
+                elif isinstance(step, Until):
+                    wait_until(self.engine, step.predicate, step.deadline, step.what)
+                elif isinstance(step, Room):
+                    wait_for_room(self.engine, step.q, step.deadline)
+                elif isinstance(step, OnLoop):
+                    value = self.engine.call_on_loop(step.fn, *step.args)
+                else:
+                    raise TypeError(f"unknown step {step!r}")
+            except Exception as exc:
+                error = exc
+
+
+def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | None, what: str) -> None:
+    """Block the calling thread (not the loop's) until ``predicate()`` holds on the loop.
+
+    The condition is checked at least once, also when the deadline has passed; None waits
+    as long as the node runs. Raises `MeshTimeoutError` at the deadline, `NodeClosedError`
+    if the node stops.
+    """
+    engine.ensure_running()
+    if engine.on_loop_thread():
+        raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
+    timeout = None if deadline is None else deadline - time.monotonic()
+    if timeout is not None and timeout <= 0:
+        if engine.call_on_loop(predicate):
+            return
+        raise _timed_out(engine, what, 0)
+    waiter: futures.Future[None] = futures.Future()  # completed by the loop thread only
+    try:
+        engine.call_soon(engine.add_waiter, predicate, waiter)
+    except RuntimeError:  # the I/O loop is gone
+        raise NodeClosedError("the node is not running") from None
+    try:
+        waiter.result(timeout)
+    except futures.TimeoutError:
+        try:
+            engine.call_soon(engine.remove_waiter, waiter)
+        except RuntimeError:
+            pass
+        if waiter.done():  # completed as the time ran out
+            waiter.result()
+            return
+        raise _timed_out(engine, what, timeout) from None
+
+
+def _timed_out(engine: Engine, what: str, timeout: float | None) -> MeshTimeoutError:
+    return MeshTimeoutError(f"waited {timeout or 0:.3g} s for {what} in mesh {engine.config.mesh!r}: not met")
+
+
+def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
+    """Block while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
+    limit = engine.config.send_queue_max
+    space = engine.space
+    with space.condition:
+        space.waiting += 1
+        try:
+            while len(q) >= limit:
+                engine.ensure_running()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MeshTimeoutError("send queue full: the receivers are not keeping up")
+                engine.outbound.wake()  # type: ignore[union-attr]
+                space.condition.wait(min(remaining, _ROOM_SLICE_S))
+        finally:
+            space.waiting -= 1
+
+
+class ThreadRequester:
+    """Blocking requests from one thread (never shared between threads)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.thread = threading.get_ident()
+        self.sockets: dict[str, zmq.Socket[Any]] = {}
+        self._ids = itertools.count(1)
+        self._membership_epoch = -1
+        self._pollers: dict[str, zmq.Poller] = {}
+
+    def exchange(self, step: Exchange) -> tuple[bytes, bytes]:
+        """Send one request and wait for its reply: ``(status, body)``. Raises
+        `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`."""
+        engine = self.engine
+        provider = step.provider
+        self._prune()
+        sock = self._socket(provider)
+        request_id = next(self._ids).to_bytes(8, "big")
+        try:
+            send_frames(sock, wire.request_frames(step.service_b, request_id, step.body), copy=len(step.body) < 65536)
+        except zmq.Again as exc:
+            raise MeshTimeoutError(f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
+        engine.stats.add("request", "sent")
+        return self._wait(sock, request_id, provider, step.service, step.deadline)
+
+    def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
+              deadline: float) -> tuple[bytes, bytes]:
+        engine = self.engine
+        poller = self._pollers.get(provider.id)
+        if poller is None:
+            poller = self._pollers[provider.id] = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                engine.stats.add("request", "errors")
+                raise MeshTimeoutError(f"request to {service!r} timed out")
+            if poller.poll(int(min(remaining, _POLL_SLICE_S) * 1000) + 1):
+                while True:
+                    try:
+                        frames = recv_frames(sock)
+                    except zmq.Again:
+                        break
+                    reply = wire.parse_reply(frames)
+                    if reply is None or reply[0] != request_id:
+                        engine.stats.add("request", "dropped")  # a late reply
+                        continue
+                    engine.stats.add("request", "received")
+                    return reply[1], reply[2]
+            if engine.closed:
+                raise NodeClosedError("the node stopped while a request was outstanding")
+            if provider.id not in engine.directory.alive_ids:
+                engine.stats.add("request", "errors")
+                raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying", provider.id)
+
+    def _socket(self, provider: Provider) -> zmq.Socket[Any]:
+        sock = self.sockets.get(provider.id)
+        if sock is None:
+            sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
+        return sock
+
+    def _prune(self) -> None:
+        """Close sockets to providers that left (only when membership changed)."""
+        directory = self.engine.directory
+        if directory.epoch == self._membership_epoch:
+            return
+        self._membership_epoch = directory.epoch
+        alive = directory.alive_ids
+        for pid in [p for p in self.sockets if p not in alive]:
+            self._pollers.pop(pid, None)
+            self.sockets.pop(pid).close(0)
+
+    def close(self) -> None:
+        """Close every socket of this requester."""
+        self._pollers.clear()
+        for sock in self.sockets.values():
+            sock.close(0)
+        self.sockets.clear()
+
+
+class ThreadRequesters:
+    """The requesters of the threads that called `Node.request`, one per thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._local = threading.local()
+        self._all: list[ThreadRequester] = []
+
+    def current(self) -> ThreadRequester:
+        """The calling thread's requester (created on first use)."""
+        requester: ThreadRequester | None = getattr(self._local, "requester", None)
+        if requester is None:
+            requester = ThreadRequester(self.engine)
+            self._local.requester = requester
+            self._all.append(requester)
+        return requester
+
+    def peer_gone(self, peer_id: str) -> None:
+        """Nothing to do: a waiting thread sees the provider leave the directory itself."""
+
+    def fail_outstanding(self) -> None:
+        """Nothing to do: a waiting thread sees the node close itself."""
+
+    def close(self) -> None:
+        """Close every thread's sockets."""
+        for requester in list(self._all):
+            requester.close()
+
+
+class ThreadInbox(Dispatcher):
+    """Runs the inbox on its own thread: ``def`` handlers run here, in place."""
+
+    def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+        super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
+                         codec=engine.codec, stats=engine.stats, describe=engine.describe,
+                         sub=sub, pull=pull, router=router)
+        self.name = engine.name
+        self._wake_recv = new_socket(engine.ctx, zmq.PAIR)
+        wake_address = wire.inproc_endpoint(engine.node_id, "inbox")
+        self._wake_recv.bind(wake_address)
+        self._wake_send = new_socket(engine.ctx, zmq.PAIR)
+        self._wake_send.connect(wake_address)
+        self._wake_lock = threading.Lock()
+        self._woken = False
+        self._resubscribe = True
+        self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
+        concurrency = engine.config.handler_concurrency
+        self._pool_threads: set[int] = set()
+        self._pool = ThreadPoolExecutor(
+            concurrency, thread_name_prefix="zmqmesh-handler", initializer=self._pool_thread_started,
+        ) if concurrency > 1 else None
+        self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
+        self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{engine.name}", daemon=True)
+        self._async_loop: Any = None  # a HandlerLoop, made for the first async def handler
+        self._async_lock = threading.Lock()
+        self._async_closed = False
+
+    def start(self) -> None:
+        """Start the inbox thread."""
+        self.thread.start()
+
+    def runs_handlers_here(self) -> bool:
+        """True on a thread that runs this node's handlers (inbox, handler pool, async handler loop)."""
+        current = threading.current_thread()
+        handler_loop = self._async_loop
+        return (current is self.thread or current.ident in self._pool_threads
+                or (handler_loop is not None and current is handler_loop.thread))
+
+    def _pool_thread_started(self) -> None:
+        self._pool_threads.add(threading.get_ident())
+
+    def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
+        """Sync handlers, one at a time: called on this thread as messages are decoded."""
+        return self._pool is None and not self.abandoned() and not any(is_async(h) for h in handlers)
+
+    def wake(self) -> None:
+        """Make the inbox thread look at its queues (any thread)."""
+        with self._wake_lock:
+            if self._woken or self._wake_send.closed:
+                return
+            self._woken = True
+            try:
+                self._wake_send.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def registry_changed(self) -> None:
+        """Subscriptions may have changed: re-apply them on the inbox thread."""
+        self._resubscribe = True
+        self.wake()
+
+    def stop(self, timeout: float) -> None:
+        """Handle what has already arrived, then stop the thread (all within ``timeout``)."""
+        self.begin_stop(timeout)
+        self.wake()
+        if threading.get_ident() != self.thread.ident and self.thread.is_alive():
+            self.thread.join(timeout + 0.5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._async_lock:
+            self._async_closed = True
+            if self._async_loop is not None:
+                self._async_loop.close()
+        with self._wake_lock:
+            self._wake_send.close(0)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_recv, zmq.POLLIN)
+        for sock, _kind in self.sockets:
+            poller.register(sock, zmq.POLLIN)
+        calls: list[Call] = []
+        try:
+            while not self.stopping:
+                ready = dict(poller.poll(500))
+                if self._wake_recv in ready:
+                    with self._wake_lock:
+                        self._woken = False
+                        while True:
+                            try:
+                                self._wake_recv.recv(zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                if self._resubscribe:
+                    self._resubscribe = False
+                    self.apply_subscriptions()
+                while self._done:
+                    self.complete(*self._done.popleft())
+                self._drain_all(calls, [(s, k) for s, k in self.sockets if s in ready])
+            self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
+        except Exception:
+            log.exception("inbox thread failed")
+        finally:
+            self.close_sockets()
+            self._wake_recv.close(0)
+
+    def _drain_all(self, calls: list[Call], active: Any) -> None:
+        """Drain the sockets the poller found ready, in bursts, until they run dry.
+
+        Sockets that fill up meanwhile are found by the next poll (it is level-triggered),
+        so no time goes into receive attempts on empty sockets.
+        """
+        while not self.abandoned():
+            active = self.gather(calls, active)
+            if calls:
+                self._execute(calls)
+                calls.clear()
+            while self._done:
+                self.complete(*self._done.popleft())
+            if not active and not self.events:
+                return
+
+    def _execute(self, calls: list[Call]) -> None:
+        for call in calls:
+            if self.abandoned():
+                self.drop(call)
+                continue
+            if self._pool is not None:
+                self._submit(call)
+                continue
+            if is_async(call.handler):
+                result, error = self._run_on_loop(call)
+            else:
+                result, error = run_sync(call)
+            self.complete(call, result, error)
+
+    def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
+        with self._async_lock:
+            if self._async_loop is None:
+                if self._async_closed:
+                    return None, NodeClosedError("the node stopped")
+                from .handler_loop import (
+                    HandlerLoop,  # asyncio is loaded only by nodes that need it
+                )
+
+                self._async_loop = HandlerLoop(f"zmqmesh-async-{self.name}")
+            handler_loop = self._async_loop
+        try:
+            future = handler_loop.submit(run_async(call))
+        except RuntimeError as exc:  # the handler loop is closed: the node is stopping
+            return None, exc
+        while not self.abandoned():
+            try:
+                return future.result(0.5)  # type: ignore[no-any-return]
+            except FutureTimeoutError:
+                continue
+            except Exception as exc:  # the loop went away
+                return None, exc
+        future.cancel()
+        return None, None
+
+    def _submit(self, call: Call) -> None:
+        assert self._pool is not None and self._slots is not None
+        self._slots.acquire()
+        runner = self._run_on_loop if is_async(call.handler) else run_sync
+
+        def finished(fut: Future[tuple[Any, BaseException | None]]) -> None:
+            self._slots.release()  # type: ignore[union-attr]
+            if not fut.cancelled():
+                self._done.append((call, *fut.result()))
+                self.wake()
+
+        try:
+            self._pool.submit(runner, call).add_done_callback(finished)
+        except RuntimeError:  # shutting down
+            self._slots.release()
+
+
+def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: threading.Thread, timeout: float) -> None:
+    """Run the stop plan from a caller's thread, then end the I/O thread (bounded).
+
+    Never raises: a step that fails is logged and the later steps still run, so a half-dead
+    node still releases its threads and sockets.
+    """
+    step_timeout = engine.config.linger_s + 1  # no loop step takes long; this bounds a wedged loop
+    plan = stop_plan(engine, timeout)
+    value: Any = None
+    while True:
+        finished, step = advance(plan, value, None)
+        if finished:
+            break
+        value = None
+        try:
+            if step.where == ON_LOOP:
+                value = run_on(loop, step.fn, *step.args, timeout=step_timeout)  # type: ignore[arg-type]
+            elif step.where == INBOX:
+                inbox.stop(*step.args)
+            elif step.where == AFTER_LOOP:
+                _end_loop(loop, thread, timeout)
+                if thread.is_alive():  # a wedged loop may still use its sockets: leak them rather than crash
+                    log.warning("node %s: the I/O thread did not end; its ZeroMQ context is left open", engine.name)
+                    continue
+                step.fn()  # type: ignore[misc]
+            else:
+                time.sleep(step.args[0])
+        except Exception as exc:
+            log.warning("node %s: %s failed while stopping: %s", engine.name, step.what, exc)
+    _end_loop(loop, thread, timeout)
+
+
+def _end_loop(loop: Reactor, thread: threading.Thread, timeout: float) -> None:
+    loop.stop()
+    if thread is not threading.current_thread():
+        thread.join(timeout)

@@ -1,0 +1,335 @@
+"""What `Node` and `AsyncNode` share: registration, the read-only views, and the logic of
+every call as a plan of steps. The two node kinds differ only in how they carry out the
+steps that wait (a blocking driver, or an awaiting one).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import zmq
+
+from .._mesh.registry import Registry
+from .._mesh.waiters import Room, Until
+from .._patterns.reqrep import Exchange, request_plan
+from .._wire.frames import MAX_NAME_BYTES, STATS_SERVICE, STATS_SERVICE_BYTES
+from ..config import NodeConfig
+from ..errors import MeshTimeoutError, NoProviderError, ZmqMeshError
+from ..message import Message, Peer
+from .engine import Engine, InboxFactory, RequestsFactory
+
+__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "check_name", "peer_id_of", "as_frames"]
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+_NAME_CACHE_MAX = 4096
+
+
+class OnLoop(NamedTuple):
+    """Run ``fn(*args)`` on the node's loop and send back its result."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+Plan = Generator["Until | Room | Exchange | OnLoop", Any, Any]
+"""The logic of one call: it yields the steps that wait, and returns the call's result."""
+
+
+def advance(plan: Generator[Any, Any, Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Resume ``plan`` with the outcome of its last step: ``(False, next step)``, or
+    ``(True, result)`` once it finished. Raises what the plan raises; a raw ZeroMQ error
+    becomes `ZmqMeshError`."""
+    try:
+        return False, (plan.send(value) if error is None else plan.throw(error))
+    except StopIteration as done:
+        return True, done.value
+    except zmq.ZMQError as exc:
+        raise ZmqMeshError(f"ZeroMQ failed: {exc}") from exc
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a valid topic, queue or service name. Raises `ValueError`."""
+    if not isinstance(name, str) or len(name.encode()) > MAX_NAME_BYTES or (kind != "topic" and not name):
+        raise ValueError(f"a {kind} must be a string of at most {MAX_NAME_BYTES} bytes"
+                         + ("" if kind == "topic" else ", not empty"))
+    return name
+
+
+def peer_id_of(peer: str | Peer | None) -> str | None:
+    """The id of a `Peer`, or the id given."""
+    return peer.id if isinstance(peer, Peer) else peer
+
+
+def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
+    """Raw ZRE frames from bytes or str. Raises `ValueError` for none."""
+    out = [f.encode() if isinstance(f, str) else bytes(f) for f in frames]
+    if not out:
+        raise ValueError("at least one frame is needed")
+    return out
+
+
+class NodeBase(Generic[Handler]):
+    """Registration of handlers, the read-only views, and the plans of the calls."""
+
+    def __init__(self, name: str | None, config: NodeConfig, inbox_factory: InboxFactory,
+                 requests_factory: RequestsFactory) -> None:
+        self.config = config
+        self._registry = Registry()
+        self._engine = Engine(name or "", self.config, self._registry, inbox_factory, requests_factory)
+        self._stopped = False
+        self._topic_names: dict[str, bytes] = {}
+        self._service_names: dict[str, bytes] = {STATS_SERVICE: STATS_SERVICE_BYTES}
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else ("stopped" if self._stopped else "not started")
+        return f"<{type(self).__name__} {self.name!r} id={self.id[:8]} {state}>"
+
+    # identity ------------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """This node's ZRE UUID as 32 hex characters."""
+        return self._engine.node_id
+
+    @property
+    def name(self) -> str:
+        """This node's name."""
+        return self._engine.name
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """The bound endpoints: ``mailbox`` (ZRE), ``pub`` (XPUB), ``sub``, ``pull``, ``service``.
+
+        Raises `NodeClosedError` unless the node runs.
+        """
+        return self._engine.endpoints()
+
+    @property
+    def running(self) -> bool:
+        """True between `start` and `stop`."""
+        return not self._engine.closed
+
+    # registration ---------------------------------------------------------------------------
+
+    def _register(self, kind: str, name: str, handler: Callable[..., Any] | None) -> Any:
+        def decorate(fn: Handler) -> Handler:
+            if not callable(fn):
+                raise TypeError("a handler must be callable")
+            self._registry.add(kind, name, fn)
+            self._engine.registry_changed()
+            return fn
+
+        return decorate(handler) if handler is not None else decorate  # type: ignore[arg-type]
+
+    def subscribe(self, prefix: str, handler: Callable[[Message], Any] | None = None) -> Any:
+        """Handle every message whose topic starts with ``prefix`` (decorator or direct call).
+
+        May be called before or while the node runs; peers learn of the subscription.
+        Raises `ValueError` for a prefix longer than 200 bytes.
+        """
+        return self._register("topics", check_name("topic", prefix), handler)
+
+    def pull(self, queue: str, handler: Callable[[Message], Any] | None = None, *, at_least_once: bool = False) -> Any:
+        """Take messages from the work queue ``queue``: each message goes to one puller.
+
+        With ``at_least_once=True`` every message is acknowledged when the handler
+        returns, and what a puller that dies had not acknowledged is redelivered to
+        another (``msg.redelivered`` is then True). All pullers of a queue should agree.
+        Raises `ValueError` if this node already pulls ``queue`` with another handler.
+        """
+        if at_least_once:
+            self._registry.mark_at_least_once(queue)
+        return self._register("queues", check_name("queue", queue), handler)
+
+    def service(self, name: str, handler: Callable[[Message], Any] | None = None, *, idempotent: bool = False) -> Any:
+        """Answer requests to service ``name``; the handler's return value is the reply.
+
+        ``idempotent=True`` declares that running a request twice is harmless: a caller
+        whose provider dies mid-request then retries on another provider instead of
+        raising `PeerLostError`. Raises `ValueError` if this node already offers ``name``
+        with another handler.
+        """
+        if idempotent:
+            self._registry.mark_idempotent(name)
+        return self._register("services", check_name("service", name), handler)
+
+    def unsubscribe(self, prefix: str, handler: Callable[..., Any] | None = None) -> bool:
+        """Stop handling ``prefix`` (one handler, or all of them); True if anything was removed."""
+        return self._unregister("topics", prefix, handler)
+
+    def unpull(self, queue: str) -> bool:
+        """Stop pulling ``queue``; True if this node pulled it."""
+        return self._unregister("queues", queue, None)
+
+    def unservice(self, name: str) -> bool:
+        """Stop offering service ``name``; True if this node offered it."""
+        return self._unregister("services", name, None)
+
+    def remove_handler(self, handler: Callable[..., Any]) -> bool:
+        """Remove ``handler`` wherever it is registered (topics, queues, services, callbacks)."""
+        found = self._registry.remove_handler(handler)
+        if found:
+            self._engine.registry_changed()
+        return found
+
+    def _unregister(self, kind: str, name: str, handler: Callable[..., Any] | None) -> bool:
+        removed = self._registry.remove(kind, name, handler)
+        if removed:
+            self._engine.registry_changed()
+        return removed
+
+    def _callback(self, event: str, handler: Any) -> Any:
+        if not callable(handler):
+            raise TypeError("a callback must be callable")
+        self._registry.add_callback(event, handler)
+        return handler
+
+    def on_join(self, handler: Handler) -> Handler:
+        """Call ``handler(peer)`` when a peer joins the mesh (decorator)."""
+        return self._callback("join", handler)  # type: ignore[no-any-return]
+
+    def on_leave(self, handler: Handler) -> Handler:
+        """Call ``handler(peer)`` when a peer leaves, crashes or goes silent (decorator)."""
+        return self._callback("leave", handler)  # type: ignore[no-any-return]
+
+    def on_whisper(self, handler: Handler) -> Handler:
+        """Call ``handler(msg)`` for each ZRE WHISPER; ``msg.data`` is the list of frames."""
+        return self._callback("whisper", handler)  # type: ignore[no-any-return]
+
+    def on_shout(self, handler: Handler) -> Handler:
+        """Call ``handler(msg)`` for each ZRE SHOUT to a joined group (``msg.group``, ``msg.data`` frames)."""
+        return self._callback("shout", handler)  # type: ignore[no-any-return]
+
+    # views -------------------------------------------------------------------------------------
+
+    def peers(self) -> list[Peer]:
+        """The peers present now (snapshots): id, name, address, groups, offers, last seen."""
+        return self._engine.directory.peers()
+
+    def as_peer(self) -> Peer:
+        """This node, described as its peers see it."""
+        return self._engine.self_peer()
+
+    def providers(self, service: str) -> list[Peer]:
+        """The nodes offering ``service`` now, this one included (for scatter-gather)."""
+        directory = self._engine.directory
+        found = (directory.lookup_peer(i) for i in directory.providers("services", service))
+        return [p for p in found if p is not None]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: sent/received/dropped/errors per pattern, received per peer, rejects by reason."""
+        return self._engine.stats.snapshot()
+
+    def _check_open(self) -> None:
+        self._engine.ensure_running()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None and engine.started and not getattr(self, "_stopped", True):
+            warnings.warn(f"zmqmesh node {engine.name!r} was garbage-collected without stop()",
+                          ResourceWarning, stacklevel=2)
+
+    # the calls, as plans (the node kinds run them) -----------------------------------------------
+
+    def _encode_publication(self, topic: str, data: Any) -> tuple[tuple[bytes, bytes], deque[Any]]:
+        """``(topic, body)`` and the publish queue. Raises `NodeClosedError`, `TypeError`,
+        `MessageTooLargeError`, `ValueError` for a bad topic."""
+        engine = self._engine
+        if engine.closed:
+            engine.ensure_running()
+        body = engine.codec.encode(data)
+        name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
+        return (name, body), engine.publisher.queue  # type: ignore[union-attr]
+
+    def _encode_push(self, queue: str, data: Any) -> tuple[bytes, deque[bytes] | None]:
+        """The encoded body, and the send queue of ``queue`` if it takes it right now
+        (None when the socket, a puller or room is missing: then `_push_plan` waits)."""
+        engine = self._engine
+        if engine.closed:
+            engine.ensure_running()
+        body = engine.codec.encode(data)
+        q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
+        if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
+            return body, None
+        return body, q
+
+    def _room_plan(self, q: deque[Any], timeout: float) -> Plan:
+        """Wait for room in a full send queue (back-pressure)."""
+        yield Room(q, time.monotonic() + timeout)
+
+    def _push_plan(self, queue: str, timeout: float | None) -> Plan:
+        """Create the queue's socket, wait for a puller, wait for room: whatever push lacks.
+
+        Raises `NoProviderError` when nobody pulls ``queue`` in time, `MeshTimeoutError`
+        when there is no room in time.
+        """
+        engine = self._engine
+        pusher = engine.pusher
+        assert pusher is not None
+        deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else timeout)
+        q = pusher.queue_of(queue)
+        if q is None:
+            yield OnLoop(self._ensure_push_socket, (check_name("queue", queue),))
+            q = pusher.queue_of(queue)
+            assert q is not None
+        if not engine.directory.offers["queues"].get(queue):
+            try:
+                yield Until(lambda: bool(engine.directory.offers["queues"].get(queue)), deadline,
+                            f"a puller of {queue!r}")
+            except MeshTimeoutError:
+                raise NoProviderError(f"no node pulls the queue {queue!r}") from None
+        if len(q) >= self.config.send_queue_max:
+            yield Room(q, deadline)
+        return q
+
+    def _ensure_push_socket(self, queue: str) -> None:
+        self._engine.ensure_running()
+        self._engine.pusher.ensure_socket(queue)  # type: ignore[union-attr]
+
+    def _request_plan(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None) -> Plan:
+        """Call ``service`` (see `Node.request` for what it raises)."""
+        engine = self._engine
+        engine.ensure_running()
+        body = engine.codec.encode(data)
+        service_b = self._service_name(service)
+        deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else timeout)
+        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, peer_id_of(peer))
+
+    def _until(self, predicate: Callable[[], bool], timeout: float | None, what: str) -> Plan:
+        """Wait until ``predicate()`` holds on the loop. Raises `MeshTimeoutError`."""
+        self._engine.ensure_running()
+        yield Until(predicate, None if timeout is None else time.monotonic() + timeout, what)
+
+    def _peers_plan(self, n: int, timeout: float) -> Plan:
+        directory = self._engine.directory
+        yield from self._until(lambda: directory.peer_count() >= n, timeout, f"{n} peer(s)")
+        return directory.peers()
+
+    def _subscribers_plan(self, topic: str, n: int, timeout: float) -> Plan:
+        publisher = self._engine.publisher
+        assert publisher is not None
+        return self._until(lambda: publisher.subscribers_ready(topic, n), timeout,
+                           f"{n} subscriber(s) of {topic!r}")
+
+    def _offer_plan(self, kind: str, name: str, n: int, timeout: float) -> Plan:
+        directory = self._engine.directory
+        what = {"services": "provider(s) of service", "queues": "puller(s) of queue"}[kind]
+        return self._until(lambda: len(directory.providers(kind, name)) >= n, timeout, f"{n} {what} {name!r}")
+
+    def _service_name(self, service: str) -> bytes:
+        """``service`` checked and encoded (remembered: requests repeat their service names)."""
+        return self._service_names.get(service) or self._name_bytes(self._service_names, "service", service)
+
+    @staticmethod
+    def _name_bytes(cache: dict[str, bytes], kind: str, name: str) -> bytes:
+        """``name`` checked and encoded, remembered in ``cache`` for the next call (bounded)."""
+        encoded = check_name(kind, name).encode()
+        if len(cache) >= _NAME_CACHE_MAX:
+            cache.clear()
+        cache[name] = encoded
+        return encoded

@@ -1,0 +1,475 @@
+"""The engine under `Node` and `AsyncNode`: it composes the layers below and drives them
+from one event loop, and it holds the one stop plan both node kinds follow.
+
+For `AsyncNode` the loop is the caller's asyncio loop; for `Node` it is a `Reactor` on a
+background I/O thread. The engine uses only the callback API both loops share (readers,
+timers, ``call_soon``), so it never imports asyncio itself, and it never imports a
+driver: the node hands it the driver's inbox and requester factories.
+
+What it owns: the ZeroMQ context, membership (ZRE), the directory of offers, the
+outbound senders (pub/sub, pipeline, at-least-once), the waiters, and the start and
+stop of all of them. It turns membership events into directory rebuilds, connection
+updates, and callbacks for the inbox to run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid as uuid_module
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zmq
+
+from .._io.beacon import BeaconSocket
+from .._io.curve import (
+    KeyPair,
+    ZapHandler,
+    check_key,
+    connect,
+    make_server,
+    read_secret_key,
+)
+from .._io.netif import (
+    LOOPBACK_ADDRESS,
+    LOOPBACK_BROADCAST,
+    interface_addresses,
+    is_loopback,
+)
+from .._io.reactor import EventLoop, run_on
+from .._io.sockets import new_socket
+from .._membership.engine import Membership
+from .._membership.peer import PeerState
+from .._mesh.directory import Directory, Provider
+from .._mesh.registry import Registry
+from .._mesh.waiters import Space, Waiter, Waiters
+from .._patterns.dispatch import Call
+from .._patterns.pipeline import Pusher
+from .._patterns.pubsub import Publisher
+from .._patterns.reliable import ReliableSender
+from .._stats import Stats
+from .._version import __version__ as _version
+from .._wire.codec import Codec
+from .._wire.frames import (
+    ENDPOINT_KEYS,
+    HEADER,
+    OFFER_PREFIXES,
+    inproc_endpoint,
+    requester_id,
+)
+from ..config import NodeConfig
+from ..errors import NodeClosedError, ZmqMeshError
+from ..message import Message, Peer
+from .outbound import Outbound
+
+__all__ = ["Engine", "Inbox", "Requests", "InboxFactory", "RequestsFactory"]
+
+log = logging.getLogger("zmqmesh.node")
+
+_GOODBYE_LINGER_MS = 200
+_RESERVED_GROUP_PREFIX = "zmqmesh/"
+
+
+class Inbox(Protocol):
+    """What the engine needs of the driver that runs handlers (`ThreadInbox`, `LoopInbox`)."""
+
+    stopping: bool
+
+    def start(self) -> None: ...
+    def post(self, calls: list[Call]) -> None: ...
+    def registry_changed(self) -> None: ...
+
+
+class Requests(Protocol):
+    """What the engine needs of the driver's requesters."""
+
+    def peer_gone(self, peer_id: str) -> None: ...
+    def fail_outstanding(self) -> None: ...
+    def close(self) -> None: ...
+
+
+InboxFactory = Callable[["Engine", zmq.Socket[Any], zmq.Socket[Any], zmq.Socket[Any]], Inbox]
+RequestsFactory = Callable[["Engine"], Requests]
+
+
+class Engine:
+    """State and sockets of one node, driven by one event loop.
+
+    ``inbox_factory`` builds the driver that runs handlers from the SUB, PULL and
+    service ROUTER sockets; ``requests_factory`` the driver's requesters.
+    """
+
+    def __init__(self, name: str, config: NodeConfig, registry: Registry,
+                 inbox_factory: InboxFactory, requests_factory: RequestsFactory) -> None:
+        self.uuid = uuid_module.uuid4().bytes
+        self.node_id = self.uuid.hex()
+        self.name = name or f"node-{self.node_id[:6]}"
+        self.config = config
+        self.registry = registry
+        self._inbox_factory = inbox_factory
+        self._requests_factory = requests_factory
+        self.codec = Codec(config.max_message_bytes)
+        self.stats = Stats()
+        self.directory = Directory(self.node_id, self.stats, self.self_peer, loopback_only=True)
+        self.waiters = Waiters()
+        self.space = Space()
+        self.loop: Any = None  # the Reactor or the asyncio loop, set by start
+        self.loop_thread = 0
+        self.ctx: zmq.Context[Any] = None  # type: ignore[assignment]
+        self.closed = True
+        self.started = False
+        self.membership: Membership | None = None
+        self.inbox: Inbox | None = None
+        self.requests: Requests | None = None
+        self.outbound: Outbound | None = None
+        self.publisher: Publisher | None = None
+        self.pusher: Pusher | None = None
+        self.reliable: ReliableSender | None = None
+        self.keys: KeyPair | None = None
+        self._advertise = ""
+        self._bound: dict[str, str] = {}
+        self._user_groups: set[str] = set()
+        self._rebuild_pending = False
+        self._zap: ZapHandler | None = None
+        self._dealer_serial = itertools.count(1)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self, loop: EventLoop) -> None:
+        """Create the context and sockets, bind, and begin discovery (on ``loop``'s thread).
+
+        Raises `ZmqMeshError` (or `ConfigError`) when an address, a key or a bind fails.
+        """
+        self.loop = loop
+        self.loop_thread = threading.get_ident()
+        cfg = self.config
+        if cfg.interface:
+            address, broadcast = interface_addresses(cfg.interface)
+        else:
+            address, broadcast = LOOPBACK_ADDRESS, LOOPBACK_BROADCAST
+        bind_address = cfg.bind_address or address
+        advertise = cfg.advertise_address or (address if bind_address == "0.0.0.0" else bind_address)
+        if advertise == "0.0.0.0":
+            raise ZmqMeshError("advertise_address must be an address peers can reach, not 0.0.0.0")
+        self._advertise = advertise
+        self.directory.loopback_only = advertise.startswith("127.")
+        secret = cfg.curve_secret_key
+        if cfg.curve_key_file is not None:
+            secret = read_secret_key(cfg.curve_key_file)
+        self.keys = KeyPair.from_secret(secret) if secret is not None else None
+        allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
+        self.ctx = zmq.Context(io_threads=1)
+        try:
+            if self.keys is not None:  # the ZAP handler must exist before any socket binds
+                self._zap = ZapHandler(self.ctx, loop, self.keys, allowed, self.stats)
+            sockets = self._open_sockets(bind_address)
+            self.outbound = Outbound(loop, self.loop_thread, self.directory, self.space)
+            self.publisher = Publisher(
+                loop=loop, stats=self.stats, uuid=self.uuid, xpub=sockets["pub"], directory=self.directory,
+                connect=self.connect, on_subscriptions=self.waiters.check,
+            )
+            senders = dict(ctx=self.ctx, loop=loop, config=cfg, stats=self.stats, uuid=self.uuid,
+                           directory=self.directory, connect=self.connect, wake=self.outbound.wake)
+            self.pusher = Pusher(**senders)  # type: ignore[arg-type]
+            self.reliable = ReliableSender(**senders)  # type: ignore[arg-type]
+            self.outbound.attach(self.publisher, self.pusher, self.reliable)
+            self.inbox = self._inbox_factory(self, sockets["sub"], sockets["pull"], sockets["service"])
+            beacon = None
+            if cfg.discovery:
+                beacon = BeaconSocket(cfg.beacon_address or broadcast, cfg.beacon_port,
+                                      loopback_only=is_loopback(advertise))
+            self.membership = Membership(
+                loop=loop, ctx=self.ctx, config=cfg, uuid=self.uuid, name=self.name, codec=self.codec,
+                stats=self.stats, events=self, bind_address=bind_address, advertise_address=advertise,
+                beacon=beacon, keys=self.keys, allowed=allowed,
+            )
+            self.membership.bind()
+        except Exception:
+            self.ctx.destroy(linger=0)
+            raise
+        headers = {
+            HEADER["version"]: _version,
+            HEADER["mesh"]: cfg.mesh,
+            **{HEADER[key]: self.advertised(key) for key in ENDPOINT_KEYS},
+            HEADER["host"]: socket.gethostname(),
+            HEADER["pid"]: str(os.getpid()),
+        }
+        if self.keys is not None:
+            headers[HEADER["key"]] = self.keys.public
+        self.requests = self._requests_factory(self)
+        self.inbox.start()
+        self.closed = False
+        self.started = True
+        self._rebuild()
+        self.membership.start(headers, self._own_groups())
+        self.publisher.start()
+        log.info("node %s (%s) started, mailbox %s", self.name, self.node_id[:8], self.membership.endpoint)
+
+    def advertised(self, key: str) -> str:
+        """The endpoint peers use to reach this node's pattern socket ``key``."""
+        return "tcp://{}:{}".format(self._advertise, self._bound[key].rsplit(":", 1)[1])
+
+    def endpoints(self) -> dict[str, str]:
+        """Every endpoint peers reach this node at: ``mailbox`` and the pattern sockets."""
+        self.ensure_running()
+        assert self.membership is not None
+        return {"mailbox": self.membership.endpoint, **{k: self.advertised(k) for k in ENDPOINT_KEYS}}
+
+    def _open_sockets(self, bind_address: str) -> dict[str, zmq.Socket[Any]]:
+        cfg = self.config
+        sockets: dict[str, zmq.Socket[Any]] = {}
+        for key, kind in (("sub", zmq.SUB), ("pull", zmq.PULL), ("service", zmq.ROUTER), ("pub", zmq.XPUB)):
+            options: dict[int, int | bytes] = {
+                zmq.RCVHWM: cfg.recv_hwm, zmq.SNDHWM: cfg.send_hwm, zmq.MAXMSGSIZE: cfg.max_message_bytes + 4096,
+            }
+            if kind == zmq.ROUTER:
+                options[zmq.ROUTER_MANDATORY] = 1
+            if kind == zmq.XPUB:
+                options[zmq.XPUB_VERBOSER] = 1
+            sock = new_socket(self.ctx, kind, options)
+            if self.keys is not None:
+                make_server(sock, self.keys)
+            sock.bind(f"tcp://{bind_address}:*")
+            self._bound[key] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if kind != zmq.XPUB:
+                own = inproc_endpoint(self.node_id, key)
+                self.directory.own_endpoints[key] = own
+                sock.bind(own)
+            sockets[key] = sock
+        sockets["pub"].connect(self.directory.own_endpoints["sub"])  # the publisher's own subscriptions
+        return sockets
+
+    def dealer_to(self, provider: Provider) -> zmq.Socket[Any]:
+        """A DEALER connected to ``provider``'s service socket, under a fresh routing id."""
+        cfg = self.config
+        sock = new_socket(self.ctx, zmq.DEALER, {
+            zmq.ROUTING_ID: requester_id(self.uuid, next(self._dealer_serial)),
+            zmq.MAXMSGSIZE: cfg.max_message_bytes + 4096,
+            zmq.SNDHWM: cfg.send_hwm,
+            zmq.RCVHWM: cfg.recv_hwm,
+        })
+        self.connect(sock, provider.endpoint, provider.key)
+        return sock
+
+    def connect(self, sock: zmq.Socket[Any], endpoint: str, peer_key: str | None) -> None:
+        """Connect ``sock``, as a CURVE client of ``peer_key`` when this node is secure."""
+        connect(sock, endpoint, self.keys, peer_key)
+
+    # The stop plan (see `stop_plan`): each step runs where it belongs, and the node kinds
+    # wait between the steps in their own way.
+
+    def begin_stop(self, timeout: float) -> float | None:
+        """Refuse new work; the deadline for draining queued sends (None if already stopping)."""
+        if self.closed or not self.started:
+            return None
+        self.closed = True
+        return time.monotonic() + min(self.config.linger_s, timeout)
+
+    def send_queued(self, deadline: float) -> bool:
+        """Send what is queued; True while some remains and ``deadline`` has not passed."""
+        assert self.outbound is not None
+        if not self.outbound.queued():
+            return False
+        self.outbound.flush()
+        return bool(self.outbound.queued()) and time.monotonic() < deadline
+
+    def close_outbound(self) -> None:
+        """Count what could not be sent, say goodbye, fail the waits and outstanding requests."""
+        assert self.outbound is not None and self.reliable is not None and self.membership is not None
+        left = self.outbound.queued()
+        if left:
+            self.stats.pattern["pipeline"]["dropped"] += left
+            log.warning("node %s stopped with %d queued message(s) unsent (no room or no puller)", self.name, left)
+        self.reliable.close()
+        self.membership.say_goodbye()
+        self.waiters.close()
+        if self.requests is not None:
+            self.requests.fail_outstanding()
+
+    def close_sockets(self, deadline: float) -> None:
+        """Close membership and the outbound sockets; what they hold may go out until ``deadline``."""
+        assert self.outbound is not None and self.publisher is not None and self.pusher is not None
+        assert self.membership is not None
+        # bounded: dead peers cannot hold up the stop beyond the deadline; the goodbyes (and
+        # a greeting still in flight) get a moment even when draining used the deadline up
+        linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        self.membership.close(max(linger_ms, min(_GOODBYE_LINGER_MS, int(self.config.linger_s * 1000))))
+        self.outbound.cancel()
+        self.publisher.close(linger_ms)
+        self.pusher.close(linger_ms)
+        self.space.notify()
+        if self.requests is not None:
+            self.requests.close()
+        if self._zap is not None:
+            self._zap.close()
+
+    def destroy_context(self) -> None:
+        """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above)."""
+        self.ctx.destroy(0)
+        log.info("node %s (%s) stopped", self.name, self.node_id[:8])
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def on_loop_thread(self) -> bool:
+        """True on the thread that runs the loop."""
+        return threading.get_ident() == self.loop_thread
+
+    def call_on_loop(self, fn: Callable[..., Any], *args: Any, timeout: float | None = 10.0) -> Any:
+        """Run ``fn(*args)`` on the loop from another thread and return its result.
+
+        Raises what ``fn`` raised, `MeshTimeoutError` if the loop does not answer in time,
+        `ZmqMeshError` when called on the loop's own thread.
+        """
+        if self.on_loop_thread():
+            raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
+        return run_on(self.loop, fn, *args, timeout=timeout)
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the loop soon (from any thread). Raises `RuntimeError` once the loop is closed."""
+        if self.on_loop_thread():
+            self.loop.call_soon(fn, *args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def ensure_running(self) -> None:
+        """Raise `NodeClosedError` unless the node is running."""
+        if self.closed:
+            raise NodeClosedError("the node is not running (start it first, or it was stopped)")
+
+    def add_waiter(self, predicate: Callable[[], bool], waiter: Waiter) -> None:
+        """Complete ``waiter`` once ``predicate()`` holds (loop only; see `Waiters.add`)."""
+        self.waiters.add(predicate, waiter)
+
+    def remove_waiter(self, waiter: Waiter) -> None:
+        """Forget ``waiter`` (loop only)."""
+        self.waiters.remove(waiter)
+
+    # -- describing this node ----------------------------------------------------------------------
+
+    def self_peer(self) -> Peer:
+        """This node, described as its peers see it."""
+        offers = self.registry.offers()
+        membership = self.membership
+        return Peer(
+            id=self.node_id,
+            name=self.name,
+            address=membership.advertise_address if membership else "",
+            endpoint=membership.endpoint if membership else "",
+            groups=frozenset(self._own_groups()),
+            services=offers["services"],
+            queues=offers["queues"],
+            topics=offers["topics"],
+            headers=dict(membership.headers) if membership else {},
+            last_seen=time.time(),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What the built-in stats service answers: id, name and counters."""
+        return {"id": self.node_id, "name": self.name, **self.stats.snapshot()}
+
+    # -- membership events (on the loop) -----------------------------------------------------------
+
+    def peer_ready(self, peer: PeerState) -> None:
+        """A peer joined: update the tables and connections, tell the join callbacks."""
+        self._rebuild()
+        self._post("join", self.directory.snapshot(peer))
+
+    def peer_gone(self, peer: PeerState, reason: str) -> None:
+        """A peer left: fail its requests, redeal its unacknowledged work, tell the callbacks."""
+        snapshot = self.directory.snapshot(peer)
+        self._rebuild()
+        if self.requests is not None:
+            self.requests.peer_gone(peer.id)
+        if self.reliable is not None:
+            self.reliable.peer_gone(peer.id)
+        self._post("leave", snapshot)
+
+    def peer_groups_changed(self, peer: PeerState) -> None:
+        """A peer's offers may have changed: rebuild once per loop turn, not per JOIN."""
+        if not self._rebuild_pending:
+            self._rebuild_pending = True
+            self.loop.call_soon(self._deferred_rebuild)
+
+    def zre_message(self, kind: str, peer: PeerState, group: str, frames: list[bytes]) -> None:
+        """A WHISPER or SHOUT for the user's callbacks."""
+        self._post(kind, Message(kind, group, frames, peer.id, self.directory.lookup_peer))
+
+    def _deferred_rebuild(self) -> None:
+        self._rebuild_pending = False
+        if not self.closed:
+            self._rebuild()
+
+    def _post(self, event: str, arg: Any) -> None:
+        callbacks = self.registry.callbacks[event]
+        if callbacks and not self.inbox_stopped():
+            assert self.inbox is not None
+            self.inbox.post([Call(cb, arg, None, "zre") for cb in callbacks])
+
+    def inbox_stopped(self) -> bool:
+        """True once the inbox no longer takes work."""
+        return self.inbox is None or self.inbox.stopping
+
+    def _rebuild(self) -> None:
+        """Recompute the offer tables and connections after any membership or registry change."""
+        assert self.membership is not None
+        self.directory.rebuild(self.registry.offers(), self.membership.ready_peers())
+        if self.publisher is not None:
+            self.publisher.sync_connections()
+        if self.pusher is not None:
+            self.pusher.sync_connections()
+        self.waiters.check()
+
+    # -- registry and groups ----------------------------------------------------------------------
+
+    def registry_changed(self) -> None:
+        """Apply a handler registered or removed at run time (from any thread)."""
+        if not self.closed:
+            self.call_soon(self._apply_registry)
+
+    def _apply_registry(self) -> None:
+        if self.closed:
+            return
+        assert self.membership is not None and self.inbox is not None
+        wanted = self._own_groups()
+        current = set(self.membership.groups)
+        for group in sorted(current - wanted):
+            self.membership.leave(group)
+        for group in sorted(wanted - current):
+            self.membership.join(group)
+        self.inbox.registry_changed()
+        self._rebuild()
+
+    def _own_groups(self) -> set[str]:
+        groups = set(self._user_groups)
+        for kind, names in self.registry.offers().items():
+            groups.update(OFFER_PREFIXES[kind] + name for name in names)
+        return groups
+
+    def join_group(self, group: str) -> None:
+        """Join a user ZRE group (loop only). Raises `ValueError` for a reserved or bad name."""
+        if group.startswith(_RESERVED_GROUP_PREFIX):
+            raise ValueError("group names starting with 'zmqmesh/' are reserved")
+        assert self.membership is not None
+        self._user_groups.add(group)
+        self.membership.join(group)
+
+    def leave_group(self, group: str) -> None:
+        """Leave a user ZRE group (loop only)."""
+        assert self.membership is not None
+        self._user_groups.discard(group)
+        self.membership.leave(group)
+
+    def whisper(self, peer_id: str, frames: list[bytes]) -> None:
+        """Send a ZRE WHISPER (loop only; see `Membership.whisper`)."""
+        assert self.membership is not None
+        self.membership.whisper(peer_id, frames)
+
+    def shout(self, group: str, frames: list[bytes]) -> int:
+        """Send a ZRE SHOUT (loop only; see `Membership.shout`)."""
+        assert self.membership is not None
+        return self.membership.shout(group, frames)

@@ -1,0 +1,97 @@
+"""The send side of a node on its loop: when to flush the pub/sub, pipeline and
+at-least-once queues, and what to do when a socket cannot take more.
+
+Publishing and pushing never cross threads per message: callers encode and append to a
+queue, and the loop sends whatever has accumulated, several messages to one frame, as
+soon as it gets to it (it never waits for a batch to fill).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from .._io.reactor import EventLoop
+from .._mesh.directory import Directory
+from .._mesh.waiters import Space
+from .._patterns.pipeline import Pusher
+from .._patterns.pubsub import Publisher
+from .._patterns.reliable import ReliableSender
+
+__all__ = ["Outbound"]
+
+log = logging.getLogger("zmqmesh.node")
+
+_RETRY_S = 0.002
+
+
+class Outbound:
+    """Schedules flushes of every outbound queue on the loop; `wake` works from any thread."""
+
+    def __init__(self, loop: EventLoop, loop_thread: int, directory: Directory, space: Space) -> None:
+        self.loop = loop
+        self.loop_thread = loop_thread
+        self.directory = directory
+        self.space = space
+        self.publisher: Publisher | None = None
+        self.pusher: Pusher | None = None
+        self.reliable: ReliableSender | None = None
+        self._scheduled = False
+        self._retry: Any = None
+
+    def attach(self, publisher: Publisher, pusher: Pusher, reliable: ReliableSender) -> None:
+        """The pattern senders to flush."""
+        self.publisher, self.pusher, self.reliable = publisher, pusher, reliable
+
+    def wake(self) -> None:
+        """Have the loop send what is queued, soon (from any thread)."""
+        if self._scheduled:
+            return
+        self._scheduled = True
+        try:
+            if threading.get_ident() == self.loop_thread:
+                self.loop.call_soon(self.flush)
+            else:
+                self.loop.call_soon_threadsafe(self.flush)
+        except RuntimeError:  # the loop is closed
+            self._scheduled = False
+
+    def queued(self) -> int:
+        """Messages not yet sent, or sent at-least-once and not yet acknowledged."""
+        if self.publisher is None or self.pusher is None or self.reliable is None:
+            return 0
+        return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending()
+
+    def flush(self) -> None:
+        """Send what every queue holds; retry shortly where a socket could not take it all."""
+        self._scheduled = False
+        publisher, pusher, reliable = self.publisher, self.pusher, self.reliable
+        if publisher is None or pusher is None or reliable is None or publisher.closed:
+            return
+        blocked = False
+        if publisher.queue:
+            publisher.flush()
+        at_least_once = self.directory.offers["ackqueues"]
+        for queue, q in list(pusher.queues.items()):
+            try:
+                if queue in at_least_once:
+                    blocked |= reliable.flush(queue, q)
+                elif q and pusher.flush(queue, q):
+                    blocked = True
+            except Exception:  # one queue's failure must not starve the others
+                log.exception("sending on queue %r failed", queue)
+                blocked = True
+        if blocked and self._retry is None:
+            self._retry = self.loop.call_later(_RETRY_S, self._on_retry)
+        self.space.notify()
+
+    def _on_retry(self) -> None:
+        self._retry = None
+        self.flush()
+
+    def cancel(self) -> None:
+        """Cancel a pending retry (the node stops)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None

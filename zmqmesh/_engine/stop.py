@@ -1,0 +1,52 @@
+"""The one stop plan both node kinds follow, as steps their drivers carry out.
+
+The order (CONVENTIONS: stop handlers -> say goodbye -> close sockets -> terminate):
+
+1. ``begin_stop`` (loop): refuse new work; None if the node was not running.
+2. ``send_queued`` (loop), with a short pause between rounds: drain the send queues
+   until they are empty or ``linger_s`` has passed.
+3. ``close_outbound`` (loop): count what is left, say goodbye, fail waits and requests.
+4. the inbox's stop: handle what already arrived, within ``timeout``.
+5. ``close_sockets`` (loop): close membership and the outbound sockets.
+6. ``destroy_context`` (off the loop, once it stopped): terminate ZeroMQ.
+
+A driver runs each step where it says, logs a step that fails and goes on with the
+next (the step's result is then None), so a half-dead node still releases what it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any, NamedTuple
+
+from .engine import Engine
+
+__all__ = ["StopStep", "stop_plan", "ON_LOOP", "INBOX", "AFTER_LOOP", "PAUSE_S"]
+
+ON_LOOP = "on the loop"
+INBOX = "the inbox"
+AFTER_LOOP = "after the loop"
+PAUSE = "pause"
+PAUSE_S = 0.005
+
+
+class StopStep(NamedTuple):
+    """One step: ``what`` it does (for the log), ``where`` it runs, and the call."""
+
+    what: str
+    where: str
+    fn: Callable[..., Any] | None
+    args: tuple[Any, ...] = ()
+
+
+def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
+    """The steps stopping ``engine`` within about ``linger_s + timeout`` seconds."""
+    deadline = yield StopStep("starting the stop", ON_LOOP, engine.begin_stop, (timeout,))
+    if deadline is None:
+        return
+    while (yield StopStep("sending what is queued", ON_LOOP, engine.send_queued, (deadline,))):
+        yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
+    yield StopStep("saying goodbye", ON_LOOP, engine.close_outbound)
+    yield StopStep("stopping the handlers", INBOX, None, (timeout,))
+    yield StopStep("closing the sockets", ON_LOOP, engine.close_sockets, (deadline,))
+    yield StopStep("terminating the ZeroMQ context", AFTER_LOOP, engine.destroy_context)

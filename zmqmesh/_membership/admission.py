@@ -1,0 +1,98 @@
+"""Who may become a peer: the mesh filter, CURVE key admission, endpoint checks, ghosts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from .._stats import Stats
+from .._wire.frames import HEADER, parse_endpoint
+from .peer import PeerState
+
+__all__ = ["Admission"]
+
+_FOREIGN_MEMORY_S = 30.0
+_MAX_FOREIGN = 1024
+
+
+class Admission:
+    """Decides whom this node greets and keeps, counting every refusal in ``stats``.
+
+    ``keys_public`` is this node's public key (None for a plain node); ``allowed`` the
+    public keys it admits besides its own.
+    """
+
+    def __init__(self, *, mesh: str, accept_plain_zre: bool, keys_public: str | None,
+                 allowed: frozenset[str], loopback_only: bool, stats: Stats) -> None:
+        self.mesh = mesh
+        self.accept_plain_zre = accept_plain_zre
+        self.secure = keys_public is not None
+        self.allowed = allowed | ({keys_public} if keys_public else set())
+        self.loopback_only = loopback_only
+        self.stats = stats
+        self._foreign: dict[bytes, float] = {}
+
+    def key_allowed(self, key: str | None) -> bool:
+        """Whether a peer with this public key may be greeted (always True for a plain node)."""
+        if not self.secure:
+            return key is None
+        return key is not None and key in self.allowed
+
+    def endpoint_ok(self, endpoint: str) -> str | None:
+        """The IP address of a usable ``tcp://ip:port`` endpoint, or None (counted as rejected)."""
+        parsed = parse_endpoint(endpoint)
+        if parsed is None or (self.loopback_only and not parsed[0].startswith("127.")):
+            self.stats.reject("bad_endpoint")
+            return None
+        return parsed[0]
+
+    def mesh_of(self, headers: dict[str, str]) -> tuple[bool, bool]:
+        """``(welcome, is_zmqmesh)`` for a HELLO's headers: another mesh, or a plain ZRE
+        node when those are not accepted, is not welcome."""
+        mesh = headers.get(HEADER["mesh"])
+        if mesh is None:
+            return self.accept_plain_zre, False
+        return mesh == self.mesh, True
+
+    def is_foreign(self, uuid: bytes) -> bool:
+        """True while ``uuid`` is remembered as a node of another mesh."""
+        expiry = self._foreign.get(uuid)
+        if expiry is None:
+            return False
+        if expiry < time.monotonic():
+            del self._foreign[uuid]
+            return False
+        return True
+
+    def remember_foreign(self, uuid: bytes) -> None:
+        """Ignore ``uuid`` for a while (bounded memory)."""
+        now = time.monotonic()
+        if len(self._foreign) > _MAX_FOREIGN:
+            self._foreign = {u: t for u, t in self._foreign.items() if t > now}
+        self._foreign[uuid] = now + _FOREIGN_MEMORY_S
+        self.stats.membership["foreign_ignored"] += 1
+
+    def foreign_count(self) -> int:
+        """How many other-mesh nodes are remembered now."""
+        return len(self._foreign)
+
+    @staticmethod
+    def ghosts(newcomer: PeerState, peers: Iterable[PeerState]) -> list[PeerState]:
+        """Ready peers that ``newcomer`` replaces: a restarted node at the same endpoint, or
+        with the same name on the same host whose link dropped."""
+        host = newcomer.headers.get(HEADER["host"])
+        found = []
+        for old in peers:
+            if old is newcomer or not old.ready:
+                continue
+            same_endpoint = old.endpoint == newcomer.endpoint
+            same_node_down = (
+                old.disconnected_at is not None  # its link was up and dropped: not a slow start
+                and old.name == newcomer.name
+                and host is not None
+                and old.headers.get(HEADER["host"]) == host
+                and old.address == newcomer.address
+            )
+            if same_endpoint or same_node_down:
+                found.append(old)
+        return found

@@ -1,0 +1,568 @@
+"""ZRE membership: the mailbox, the peers, their groups, and their comings and goings.
+
+Runs entirely on the node's event loop. It finds peers (beacons, seeds, gossip, and
+HELLOs from unknown peers), greets them over their `Links`, tracks their groups, and
+declares them gone:
+
+* at once on a polite goodbye (a port-0 beacon, or zmqmesh's ``bye`` control whisper);
+* when the `FailureDetector` says so (a dropped link, or silence).
+
+It knows nothing of what the groups mean to the patterns above it: it reports through
+`MembershipEvents`. Hostile or malformed input is counted in `Stats.rejected` and
+dropped; a sequence gap drops the peer as RFC 36 requires. Nothing here raises into the
+event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from zmq.utils import z85
+
+from .._io.beacon import BeaconSocket
+from .._io.curve import KeyPair, make_server
+from .._io.reactor import EventLoop, TimerLike
+from .._io.sockets import new_socket
+from .._stats import Stats
+from .._wire import zre
+from .._wire.codec import Codec
+from .._wire.frames import HEADER, parse_endpoint
+from .._wire.zre import Command, ZreMessage
+from ..config import NodeConfig
+from ..errors import MessageTooLargeError, ZmqMeshError
+from . import control
+from .admission import Admission
+from .detector import FailureDetector
+from .events import MembershipEvents
+from .links import Links
+from .peer import PeerState
+
+__all__ = ["Membership"]
+
+log = logging.getLogger("zmqmesh.membership")
+
+_MAILBOX_BURST = 512
+_MAX_PENDING_PEERS = 128  # peers greeted but not yet answered: bounds what a beacon flood costs
+_MAX_TIMERS = 64
+_SEED_RETRY_S = 1.0
+
+
+class Membership:
+    """The ZRE engine of one node. Create, `bind`, `start`, and `close` on the node's loop."""
+
+    def __init__(
+        self,
+        *,
+        loop: EventLoop,
+        ctx: zmq.Context[Any],
+        config: NodeConfig,
+        uuid: bytes,
+        name: str,
+        codec: Codec,
+        stats: Stats,
+        events: MembershipEvents,
+        bind_address: str,
+        advertise_address: str,
+        beacon: BeaconSocket | None,
+        keys: KeyPair | None = None,
+        allowed: frozenset[str] = frozenset(),
+    ) -> None:
+        self.loop = loop
+        self.ctx = ctx
+        self.config = config
+        self.uuid = uuid
+        self.name = name
+        self.codec = codec
+        self.stats = stats
+        self.events = events
+        self.bind_address = bind_address
+        self.advertise_address = advertise_address
+        self.beacon = beacon
+        self.keys = keys
+        self.loopback_only = advertise_address.startswith("127.")
+        self.admission = Admission(
+            mesh=config.mesh, accept_plain_zre=config.accept_plain_zre,
+            keys_public=keys.public if keys else None, allowed=allowed,
+            loopback_only=self.loopback_only, stats=stats,
+        )
+        self.detector = FailureDetector(config.heartbeat_interval_s, config.peer_timeout_s, config.disconnect_grace_s)
+        self.links = Links(ctx=ctx, loop=loop, config=config, uuid=uuid, keys=keys, stats=stats, on_link=self._on_link)
+        self._beacon_key = keys.public_bytes() if keys else None
+        self.peers: dict[bytes, PeerState] = {}
+        self.groups: set[str] = set()
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.endpoint = ""
+        self.port = 0
+        self._mailbox: zmq.Socket[Any] | None = None
+        self._seed_links: dict[str, PeerState] = {}
+        self._timers: list[TimerLike] = []
+        self._closed = False
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind the mailbox ROUTER to ``mailbox_port``, or to a random port in 0xC000-0xFFFF
+        (as ZRE asks). Raises `ZmqMeshError` if it cannot."""
+        mailbox = new_socket(self.ctx, zmq.ROUTER, {
+            zmq.RCVHWM: self.config.recv_hwm,
+            zmq.MAXMSGSIZE: self.config.max_message_bytes + 4096,
+            # a peer reconnecting after a cut link takes over its routing id at once,
+            # instead of being shut out by its own half-open previous connection
+            zmq.ROUTER_HANDOVER: 1,
+        })
+        if self.keys is not None:
+            make_server(mailbox, self.keys)
+        try:
+            if self.config.mailbox_port:
+                mailbox.bind(f"tcp://{self.bind_address}:{self.config.mailbox_port}")
+                self.port = self.config.mailbox_port
+            else:
+                try:
+                    self.port = mailbox.bind_to_random_port(
+                        f"tcp://{self.bind_address}", min_port=0xC000, max_port=0xFFFF, max_tries=200
+                    )
+                except zmq.ZMQBindError:
+                    self.port = _bind_ephemeral(mailbox, self.bind_address)
+        except zmq.ZMQError as exc:
+            mailbox.close(0)
+            raise ZmqMeshError(f"cannot bind the mailbox on {self.bind_address}: {exc}") from exc
+        self.endpoint = f"tcp://{self.advertise_address}:{self.port}"
+        self._mailbox = mailbox
+
+    def start(self, headers: dict[str, str], groups: set[str]) -> None:
+        """Start reading the mailbox and beacons, beaconing, heartbeating, and greeting seeds."""
+        assert self._mailbox is not None, "bind() first"
+        self.headers = headers
+        self.groups = set(groups)
+        self.loop.add_reader(self._mailbox.FD, self._on_mailbox)
+        if self.beacon is not None:
+            self.loop.add_reader(self.beacon.fileno(), self._on_beacon)
+            self._send_beacon()  # the first beacon goes out at once
+        self._sweep()
+        for seed in self.config.seeds:
+            self._open_seed_link(seed)
+        self.loop.call_soon(self._on_mailbox)
+
+    def say_goodbye(self) -> None:
+        """Tell everyone we leave: ``bye`` to zmqmesh peers, a port-0 beacon to everyone."""
+        for peer in list(self.peers.values()):
+            if peer.ready and peer.is_zmqmesh:
+                self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.bye(self.codec)))
+        if self.beacon is not None:
+            self.beacon.send(zre.encode_beacon(self.uuid, 0, self._beacon_key))
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close every socket and cancel every timer (idempotent; fires no events).
+
+        The links keep ``linger_ms`` to deliver what is still queued (the goodbyes).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        for peer in list(self.peers.values()) + list(self._seed_links.values()):
+            self.links.close(peer, linger_ms)
+        self.peers.clear()
+        self._seed_links.clear()
+        if self._mailbox is not None:
+            self._remove_reader(self._mailbox.FD)
+            self._mailbox.close(0)
+            self._mailbox = None
+        if self.beacon is not None:
+            self._remove_reader(self.beacon.fileno())
+            self.beacon.close()
+
+    # -- what the node asks of membership ------------------------------------------------
+
+    def ready_peers(self) -> list[PeerState]:
+        """Peers that completed their greeting."""
+        return [p for p in self.peers.values() if p.ready]
+
+    def join(self, group: str) -> None:
+        """Join a ZRE group and tell every peer (JOIN with the new status).
+
+        Raises `ValueError` for a name that is empty or longer than 255 bytes.
+        """
+        if group in self.groups:
+            return
+        _check_group(group)
+        self.groups.add(group)
+        self.status = (self.status + 1) % 256
+        for peer in list(self.peers.values()):
+            self.links.send(peer, ZreMessage(Command.JOIN, 0, group=group, status=self.status))
+
+    def leave(self, group: str) -> None:
+        """Leave a ZRE group and tell every peer."""
+        if group not in self.groups:
+            return
+        self.groups.discard(group)
+        self.status = (self.status + 1) % 256
+        for peer in list(self.peers.values()):
+            self.links.send(peer, ZreMessage(Command.LEAVE, 0, group=group, status=self.status))
+
+    def whisper(self, peer_id: str, frames: list[bytes]) -> None:
+        """Send a WHISPER to one ready peer. Raises `ZmqMeshError` if it is unknown or its
+        send buffer is full, `MessageTooLargeError` past ``max_message_bytes``."""
+        peer = self._ready_peer(peer_id)
+        self._check_size(frames)
+        if not self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=frames)):
+            raise ZmqMeshError(f"peer {peer_id} is not accepting messages (send buffer full)")
+        self.stats.pattern["zre"]["sent"] += 1
+
+    def shout(self, group: str, frames: list[bytes]) -> int:
+        """SHOUT to every ready peer in ``group``; returns how many peers it went to.
+
+        Raises `MessageTooLargeError` past ``max_message_bytes``.
+        """
+        self._check_size(frames)
+        sent = 0
+        for peer in list(self.peers.values()):
+            if peer.ready and group in peer.groups:
+                if self.links.send(peer, ZreMessage(Command.SHOUT, 0, group=group, content=frames)):
+                    sent += 1
+        self.stats.pattern["zre"]["sent"] += sent
+        return sent
+
+    def foreign_count(self) -> int:
+        """How many nodes of other meshes are remembered (and ignored) now."""
+        return self.admission.foreign_count()
+
+    def _check_size(self, frames: list[bytes]) -> None:
+        if sum(len(f) for f in frames) > self.config.max_message_bytes:
+            raise MessageTooLargeError("whisper/shout content exceeds max_message_bytes")
+
+    def _ready_peer(self, peer_id: str) -> PeerState:
+        try:
+            peer = self.peers.get(bytes.fromhex(peer_id))
+        except ValueError:
+            peer = None
+        if peer is None or not peer.ready:
+            raise ZmqMeshError(f"no such peer: {peer_id}")
+        return peer
+
+    # -- peers coming and going -------------------------------------------------------------
+
+    def _hello(self) -> ZreMessage:
+        return ZreMessage(
+            Command.HELLO, 0, endpoint=self.endpoint, groups=sorted(self.groups),
+            status=self.status, name=self.name, headers=self.headers,
+        )
+
+    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None) -> PeerState | None:
+        """Start greeting a peer heard of (beacon, gossip); None if it must be ignored."""
+        if uuid == self.uuid or uuid in self.peers or self.admission.is_foreign(uuid):
+            return None
+        if not self.admission.key_allowed(key):
+            self.stats.reject("curve_key_not_allowed" if self.keys else "secure_peer_ignored")
+            return None
+        address = self.admission.endpoint_ok(endpoint)
+        if address is None:
+            return None
+        seed = self._seed_links.get(endpoint)
+        if seed is not None and seed.key == key:  # a seed we already greet: adopt its link
+            del self._seed_links[endpoint]
+            seed.uuid = uuid
+            seed.id = uuid.hex()
+            seed.touch()
+            self.peers[uuid] = seed
+            return seed
+        if sum(1 for p in self.peers.values() if not p.ready) >= _MAX_PENDING_PEERS:
+            self.stats.reject("too_many_pending_peers")
+            return None
+        peer = PeerState(uuid, endpoint, address)
+        peer.key = key
+        try:
+            self.links.open(peer, self._hello())
+        except zmq.ZMQError as exc:
+            self.stats.reject("link_failed")
+            log.warning("cannot open a link to %s: %s", endpoint, exc)
+            return None
+        self.peers[uuid] = peer
+        return peer
+
+    def _open_seed_link(self, seed: str) -> None:
+        key, endpoint = (seed[:40], seed[41:]) if seed[40:41] == "@" else (None, seed)
+        if self._closed or endpoint == self.endpoint:
+            return
+        if self.keys is not None and key is None:
+            log.warning("ignoring seed %r: a secure node needs the seed's key (KEY@tcp://...)", seed)
+            return
+        if endpoint in self._seed_links or any(p.endpoint == endpoint for p in self.peers.values()):
+            return
+        parsed = parse_endpoint(endpoint)
+        if parsed is None:
+            log.warning("ignoring seed %r: not a tcp://ip:port endpoint", endpoint)
+            return
+        peer = PeerState(b"", endpoint, parsed[0], seed=seed)
+        peer.key = key
+        try:
+            self.links.open(peer, self._hello())
+        except zmq.ZMQError as exc:
+            log.warning("cannot greet seed %s: %s", endpoint, exc)
+            return
+        self._seed_links[endpoint] = peer
+
+    def remove(self, peer: PeerState, reason: str) -> None:
+        """Forget a peer, close its link, and report it gone if it had been ready."""
+        if self.peers.get(peer.uuid) is not peer:
+            return
+        del self.peers[peer.uuid]
+        self.links.close(peer)
+        if peer.ready:
+            self.stats.membership["left"] += 1
+            log.info("peer %s (%s) gone: %s", peer.name, peer.id[:8], reason)
+            try:
+                self.events.peer_gone(peer, reason)
+            except Exception:
+                log.exception("error while handling the departure of %s", peer.id)
+        for seed in self.config.seeds:
+            if seed.endswith(peer.endpoint) and (seed == peer.endpoint or seed[40:41] == "@"):
+                self._later(_SEED_RETRY_S, self._open_seed_link, seed)
+
+    def _drop(self, peer: PeerState, reason: str) -> None:
+        """Remove a ready peer (reported), or forget one still being greeted (not reported)."""
+        if peer.ready:
+            self.remove(peer, reason)
+        elif self.peers.get(peer.uuid) is peer:
+            del self.peers[peer.uuid]
+            self.links.close(peer)
+
+    def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        if not self._closed:
+            self._timers.append(self.loop.call_later(delay, fn, *args))
+            if len(self._timers) > _MAX_TIMERS:
+                self._timers = [t for t in self._timers if not t.cancelled() and t.when() > self.loop.time()]
+
+    # -- incoming -------------------------------------------------------------------------
+
+    def _on_beacon(self) -> None:
+        assert self.beacon is not None
+        for data, source in self.beacon.receive():
+            try:
+                self._handle_beacon(data, source)
+            except Exception:  # never let one datagram take the node down
+                self.stats.reject("beacon_handler_error")
+                log.exception("error handling a beacon from %s", source)
+
+    def _handle_beacon(self, data: bytes, source: str) -> None:
+        try:
+            beacon = zre.decode_beacon(data)
+        except zre.ZreError:
+            self.stats.reject("beacon_malformed")
+            return
+        if beacon.uuid == self.uuid:
+            return
+        if (beacon.key is None) != (self.keys is None):
+            self.stats.reject("beacon_other_security")  # secure and plain nodes don't mix
+            return
+        key = z85.encode(beacon.key).decode() if beacon.key is not None else None
+        peer = self.peers.get(beacon.uuid)
+        if beacon.port == 0:
+            if peer is not None:
+                self.remove(peer, "left (goodbye beacon)")
+            return
+        if peer is None:
+            self._learn(beacon.uuid, f"tcp://{source}:{beacon.port}", key)
+        elif peer.ready and peer.link_up and peer.endpoint == f"tcp://{source}:{beacon.port}":
+            # A beacon proves the process runs; that its link works, the ZMTP heartbeats on
+            # the link prove (they clear link_up within peer_timeout_s). Together they spare
+            # a PING per peer per second.
+            peer.touch()
+
+    def _on_mailbox(self) -> None:
+        mailbox = self._mailbox
+        if mailbox is None:
+            return
+        for _ in range(_MAILBOX_BURST):
+            try:
+                frames = mailbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.debug("mailbox receive failed: %s", exc)
+                return
+            try:
+                self._handle(frames)
+            except Exception:  # never let one message take the node down
+                self.stats.reject("zre_handler_error")
+                log.exception("error handling a ZRE message")
+        self.loop.call_soon(self._on_mailbox)  # more may be waiting: yield, then go on
+
+    def _handle(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(identity) != 17 or identity[0] != 1:
+            self.stats.reject("zre_bad_identity")
+            return
+        try:
+            msg = zre.decode_command(frames[1:])
+        except zre.ZreError as exc:
+            self.stats.reject("zre_malformed")
+            log.debug("malformed ZRE message: %s", exc)
+            return
+        uuid = identity[1:]
+        peer = self.peers.get(uuid)
+        if msg.command == Command.HELLO:
+            self._on_hello(uuid, peer, msg)
+            return
+        if peer is None or not peer.ready:
+            self.stats.reject("zre_before_hello")
+            return
+        expected = zre.next_sequence(peer.in_sequence)
+        if msg.sequence != expected and not (
+            # pyre wraps its sequence at 65535 instead of 65536: tolerate that from plain peers
+            not peer.is_zmqmesh and peer.in_sequence == 65534 and msg.sequence == 0
+        ):
+            self.stats.reject("zre_sequence_gap")
+            log.warning(
+                "sequence gap from %s (expected %d, got %d): dropping the peer",
+                peer.id[:8], expected, msg.sequence,
+            )
+            self.remove(peer, "sequence gap")
+            return
+        peer.in_sequence = msg.sequence
+        peer.touch()
+        cmd = msg.command
+        if cmd == Command.WHISPER:
+            if control.is_control(msg.content):
+                if peer.is_zmqmesh:
+                    self._on_control(peer, msg.content)
+                else:
+                    self.stats.reject("control_from_plain_peer")
+            else:
+                self.stats.pattern["zre"]["received"] += 1
+                self.events.zre_message("whisper", peer, "", msg.content)
+        elif cmd == Command.SHOUT:
+            if msg.group in self.groups:
+                self.stats.pattern["zre"]["received"] += 1
+                self.events.zre_message("shout", peer, msg.group, msg.content)
+        elif cmd in (Command.JOIN, Command.LEAVE):
+            if msg.status != (peer.status + 1) % 256:
+                self.stats.reject("zre_status_mismatch")
+            peer.status = msg.status
+            if cmd == Command.JOIN:
+                peer.groups.add(msg.group)
+            else:
+                peer.groups.discard(msg.group)
+            peer.changed()
+            self.events.peer_groups_changed(peer)
+        elif cmd == Command.PING:
+            self.links.send(peer, ZreMessage(Command.PING_OK, 0))
+
+    def _on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
+        if uuid == self.uuid or self.admission.is_foreign(uuid):
+            return
+        if self.admission.endpoint_ok(msg.endpoint) is None:
+            return
+        welcome, is_zmqmesh = self.admission.mesh_of(msg.headers)
+        if not welcome:
+            self.admission.remember_foreign(uuid)
+            if peer is not None:
+                self._drop(peer, "moved to another mesh")
+            return
+        if msg.sequence != 1:
+            self.stats.reject("zre_hello_sequence")
+        key = msg.headers.get(HEADER["key"]) if self.keys is not None else None
+        if peer is None:
+            peer = self._learn(uuid, msg.endpoint, key)
+            if peer is None:
+                return
+        elif peer.ready:
+            # The peer greeted us again: it had lost us. Restart our side of the link so
+            # that our sequence starts afresh too.
+            self.links.close(peer)
+            peer.endpoint = msg.endpoint
+            self.links.open(peer, self._hello())
+        peer.in_sequence = msg.sequence
+        peer.name = msg.name
+        peer.headers = dict(msg.headers)
+        peer.groups = set(msg.groups)
+        peer.status = msg.status
+        peer.is_zmqmesh = is_zmqmesh
+        peer.touch()
+        peer.changed()
+        if peer.ready:
+            self.events.peer_groups_changed(peer)
+            return
+        for ghost in self.admission.ghosts(peer, list(self.peers.values())):
+            self.remove(ghost, "replaced by a restarted node")
+        peer.ready = True
+        self.stats.membership["joined"] += 1
+        log.info("peer %s (%s) joined from %s", peer.name, peer.id[:8], peer.endpoint)
+        self.events.peer_ready(peer)
+        if peer.is_zmqmesh:
+            self._gossip_to(peer)
+
+    def _gossip_to(self, peer: PeerState) -> None:
+        known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values() if p.ready and p is not peer]
+        if known:
+            self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.gossip(self.codec, known)))
+
+    def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
+        parsed = control.parse(self.codec, content)
+        if parsed is None:
+            self.stats.reject("control_malformed")
+        elif parsed[0] == "bye":
+            self.remove(peer, "left")
+        elif parsed[0] == "peers":
+            for uuid, endpoint, key in parsed[1]:
+                self._learn(uuid, endpoint, key)
+        else:
+            self.stats.reject("control_unknown")
+
+    def _on_link(self, peer: PeerState, up: bool) -> None:
+        if up:
+            self.detector.link_up(peer)
+        elif self.detector.link_down(peer, time.monotonic()):
+            self._later(self.config.disconnect_grace_s, self._check_disconnected, peer)
+
+    def _check_disconnected(self, peer: PeerState) -> None:
+        if self.peers.get(peer.uuid) is peer and self.detector.still_disconnected(peer):
+            self._drop(peer, "connection lost")
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _send_beacon(self) -> None:
+        if self._closed or self.beacon is None:
+            return
+        self.beacon.send(zre.encode_beacon(self.uuid, self.port, self._beacon_key))
+        self._later(self.config.beacon_interval_s, self._send_beacon)
+
+    def _sweep(self) -> None:
+        if self._closed:
+            return
+        now = time.monotonic()
+        sweep = self.detector.sweep(list(self.peers.values()), now)
+        for peer, reason in sweep.expired:
+            self._drop(peer, reason)
+        for peer in sweep.ping:
+            self.links.send(peer, ZreMessage(Command.PING, 0))
+        for endpoint, seed in list(self._seed_links.items()):
+            if now - seed.last_rx > self.config.peer_timeout_s:  # re-greet a seed that never answered
+                self.links.close(seed)
+                del self._seed_links[endpoint]
+                if seed.seed is not None:
+                    self._open_seed_link(seed.seed)
+        self._later(self.detector.sweep_interval_s, self._sweep)
+
+    def _remove_reader(self, fd: int) -> None:
+        try:
+            self.loop.remove_reader(fd)
+        except Exception:
+            pass
+
+def _check_group(group: str) -> None:
+    if not group or len(group.encode()) > 255:
+        raise ValueError("a group name must be 1 to 255 bytes of UTF-8")
+
+
+def _bind_ephemeral(sock: zmq.Socket[Any], address: str) -> int:
+    sock.bind(f"tcp://{address}:*")
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return int(endpoint.rsplit(":", 1)[1])

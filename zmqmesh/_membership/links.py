@@ -1,0 +1,129 @@
+"""The outgoing half of ZRE: one DEALER link per peer, its socket monitor, and sequenced sends."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .._io.curve import KeyPair, make_client
+from .._io.reactor import EventLoop
+from .._io.sockets import new_socket
+from .._stats import Stats
+from .._wire import zre
+from .._wire.frames import link_id
+from .._wire.zre import ZreMessage
+from ..config import NodeConfig
+from .peer import PeerState
+
+__all__ = ["Links", "monitor_event"]
+
+log = logging.getLogger("zmqmesh.membership")
+
+_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+def monitor_event(frames: list[bytes]) -> int | None:
+    """The event id of a socket-monitor message, or None if it is not one.
+
+    libzmq sends two frames: a 16-bit event id and a 32-bit value in native byte order,
+    then the endpoint. (pyzmq's own parser lives in a module that imports asyncio.)
+    """
+    if len(frames) != 2 or len(frames[0]) != 6:
+        return None
+    return int.from_bytes(frames[0][:2], sys.byteorder)
+
+
+class Links:
+    """Opens, watches and closes the links to peers; reports link up/down to ``on_link``."""
+
+    def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, uuid: bytes,
+                 keys: KeyPair | None, stats: Stats, on_link: Callable[[PeerState, bool], None]) -> None:
+        self.ctx = ctx
+        self.loop = loop
+        self.config = config
+        self.uuid = uuid
+        self.keys = keys
+        self.stats = stats
+        self.on_link = on_link
+
+    def open(self, peer: PeerState, hello: ZreMessage) -> None:
+        """Connect a link to ``peer.endpoint`` and send ``hello`` first. Raises `zmq.ZMQError`."""
+        cfg = self.config
+        link = new_socket(self.ctx, zmq.DEALER, {
+            zmq.ROUTING_ID: link_id(self.uuid),
+            zmq.SNDHWM: cfg.send_hwm,
+            zmq.SNDTIMEO: 0,
+            zmq.RECONNECT_IVL: 100,
+            zmq.RECONNECT_IVL_MAX: 1000,
+            zmq.HEARTBEAT_IVL: int(cfg.heartbeat_interval_s * 1000),
+            zmq.HEARTBEAT_TIMEOUT: int(cfg.peer_timeout_s * 1000),
+        })
+        try:
+            peer.monitor = link.get_monitor_socket(_MONITOR_EVENTS)
+            if self.keys is not None:
+                assert peer.key is not None, "secure links need the peer's key"
+                make_client(link, self.keys, peer.key)
+            link.connect(peer.endpoint)
+        except zmq.ZMQError:
+            link.close(0)
+            if peer.monitor is not None:
+                peer.monitor.close(0)
+                peer.monitor = None
+            raise
+        peer.link = link
+        peer.out_sequence = 0
+        self.loop.add_reader(peer.monitor.FD, self._on_monitor, peer)
+        self.loop.call_soon(self._on_monitor, peer)  # the descriptor is edge-triggered
+        self.send(peer, hello)
+
+    def close(self, peer: PeerState, linger_ms: int = 0) -> None:
+        """Close the link and its monitor; ``linger_ms`` lets queued commands go out."""
+        if peer.monitor is not None:
+            try:
+                self.loop.remove_reader(peer.monitor.FD)
+            except Exception:
+                pass
+            try:
+                peer.link.disable_monitor()  # type: ignore[union-attr]
+            except zmq.ZMQError:
+                pass
+            peer.monitor.close(0)
+            peer.monitor = None
+        if peer.link is not None:
+            peer.link.close(linger_ms)
+            peer.link = None
+        peer.link_up = False
+
+    def send(self, peer: PeerState, msg: ZreMessage) -> bool:
+        """Send one command with the link's next sequence number; False if it cannot go now."""
+        if peer.link is None:
+            return False
+        msg.sequence = zre.next_sequence(peer.out_sequence)
+        try:
+            peer.link.send_multipart(zre.encode_command(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self.stats.membership["send_blocked"] += 1
+            return False
+        except zmq.ZMQError as exc:
+            log.debug("send to %s failed: %s", peer.id, exc)
+            return False
+        peer.out_sequence = msg.sequence
+        return True
+
+    def _on_monitor(self, peer: PeerState) -> None:
+        monitor = peer.monitor
+        while monitor is not None:
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            event = monitor_event(frames)
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.on_link(peer, True)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.on_link(peer, False)
+            monitor = peer.monitor

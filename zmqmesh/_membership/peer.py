@@ -1,0 +1,52 @@
+"""What membership knows of one peer: ZRE facts only (the pattern layer reads its groups)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import zmq
+
+__all__ = ["PeerState"]
+
+
+class PeerState:
+    """One peer as the ZRE engine tracks it: identity, link, sequences, groups, liveness.
+
+    Mutated on the node's event loop only. ``version`` changes whenever the groups or the
+    headers do, so readers can cache what they derive from them.
+    """
+
+    def __init__(self, uuid: bytes, endpoint: str, address: str, seed: str | None = None) -> None:
+        self.uuid = uuid
+        self.id = uuid.hex()
+        self.endpoint = endpoint
+        self.address = address
+        self.seed = seed  # the seed option this link was opened for, until the peer answers
+        self.link: zmq.Socket[Any] | None = None
+        self.monitor: zmq.Socket[Any] | None = None
+        self.key: str | None = None
+        self.out_sequence = 0
+        self.in_sequence = 0
+        self.ready = False
+        self.name = ""
+        self.headers: dict[str, str] = {}
+        self.groups: set[str] = set()
+        self.status = 0
+        self.last_rx = time.monotonic()
+        self.last_seen = time.time()
+        self.ping_sent: float | None = None
+        self.link_up = False
+        self.disconnected_at: float | None = None
+        self.is_zmqmesh = False
+        self.version = 0
+
+    def touch(self) -> None:
+        """Record traffic from the peer (a sign of life)."""
+        self.last_rx = time.monotonic()
+        self.last_seen = time.time()
+        self.ping_sent = None
+
+    def changed(self) -> None:
+        """Note that the groups or headers changed."""
+        self.version += 1

@@ -1,0 +1,217 @@
+"""Who offers what: the mesh's offer tables, peer snapshots, and the choice of a provider.
+
+Rebuilt on the event loop after every membership or registry change; read from any
+thread (every table is replaced whole, never changed in place).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+from .._membership.peer import PeerState
+from .._stats import Stats
+from .._wire.frames import (
+    ENDPOINT_KEYS,
+    HEADER,
+    OFFER_KINDS,
+    OFFER_PREFIXES,
+    parse_endpoint,
+)
+from ..errors import NoProviderError
+from ..message import Peer
+
+__all__ = ["Directory", "Provider", "no_provider", "offers_of"]
+
+log = logging.getLogger("zmqmesh.mesh")
+
+_SKIP_S = 2.0
+_MAX_SKIPS = 1024
+
+
+class Provider(NamedTuple):
+    """A node offering something, the endpoint to reach that offer, and its CURVE key."""
+
+    id: str
+    endpoint: str
+    key: str | None = None
+
+
+def no_provider(service: str, only: str | None) -> NoProviderError:
+    """The error for a service nobody (or not the node ``only``) offers."""
+    where = f"node {only[:8]}" if only else "no node"
+    return NoProviderError(f"{where} offers the service {service!r}")
+
+
+def offers_of(groups: Iterable[str], kind: str) -> frozenset[str]:
+    """The names of ``kind`` that a member of ``groups`` offers."""
+    prefix = OFFER_PREFIXES[kind]
+    return frozenset(g[len(prefix):] for g in groups if g.startswith(prefix))
+
+
+class Directory:
+    """The offer tables of the mesh as this node sees it, and provider choice.
+
+    ``self_peer`` describes this node; ``own_endpoints`` are its in-process pattern
+    endpoints (this node reaches its own offers through them). With ``loopback_only``,
+    a peer's pattern endpoint off loopback is refused (counted in ``stats``).
+    """
+
+    def __init__(self, node_id: str, stats: Stats, self_peer: Callable[[], Peer], loopback_only: bool) -> None:
+        self.node_id = node_id
+        self.stats = stats
+        self.self_peer = self_peer
+        self.loopback_only = loopback_only
+        self.own_endpoints: dict[str, str] = {}
+        self.offers: dict[str, dict[str, tuple[str, ...]]] = {k: {} for k in OFFER_KINDS}
+        self.alive_ids: frozenset[str] = frozenset({node_id})
+        self.epoch = 0
+        self._peers: dict[str, PeerState] = {}
+        self._endpoints: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+        self._snapshots: dict[str, tuple[float, int, Peer]] = {}
+        self._rr = itertools.count()
+        self._skip: dict[tuple[str, str], float] = {}
+
+    # -- rebuilding (loop only) ------------------------------------------------------------
+
+    def rebuild(self, own_offers: dict[str, frozenset[str]], ready: Iterable[PeerState]) -> None:
+        """Recompute every table from this node's offers and the ready peers."""
+        offers: dict[str, defaultdict[str, list[str]]] = {k: defaultdict(list) for k in OFFER_KINDS}
+        for kind, names in own_offers.items():
+            for name in names:
+                offers[kind][name].append(self.node_id)
+        peers: dict[str, PeerState] = {}
+        for peer in ready:
+            peers[peer.id] = peer
+            if peer.is_zmqmesh:
+                for kind in OFFER_KINDS:
+                    for name in offers_of(peer.groups, kind):
+                        offers[kind][name].append(peer.id)
+        self._peers = peers
+        for gone in [pid for pid in self._endpoints if pid not in peers]:
+            del self._endpoints[gone]
+        for gone in [pid for pid in self._snapshots if pid not in peers]:
+            del self._snapshots[gone]
+        self.offers = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
+        self.alive_ids = frozenset(peers) | {self.node_id}
+        self.epoch += 1
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def peer_count(self) -> int:
+        """How many peers are present."""
+        return len(self._peers)
+
+    def mesh_peers(self) -> list[PeerState]:
+        """The ready zmqmesh peers (not plain ZRE ones)."""
+        return [p for p in list(self._peers.values()) if p.is_zmqmesh]
+
+    def providers(self, kind: str, name: str) -> tuple[str, ...]:
+        """Ids of the nodes (this one included) offering ``name`` of ``kind``."""
+        return self.offers[kind].get(name, ())
+
+    def endpoint_of(self, node_id: str, key: str) -> tuple[str, str | None] | None:
+        """The endpoint of a node's pattern socket ``key`` (one of `ENDPOINT_KEYS`) and its CURVE key."""
+        if node_id == self.node_id:
+            return self.own_endpoints[key], None
+        peer = self._peers.get(node_id)
+        if peer is None:
+            return None
+        endpoint = self.peer_endpoints(peer).get(key)
+        return (endpoint, peer.key) if endpoint is not None else None
+
+    def peer_endpoints(self, peer: PeerState) -> dict[str, str]:
+        """The pattern endpoints a peer's HELLO announced, less those this node must not use."""
+        cached = self._endpoints.get(peer.id)
+        if cached is not None and cached[0] is peer.headers:
+            return cached[1]
+        checked: dict[str, str] = {}
+        for key in ENDPOINT_KEYS:
+            value = peer.headers.get(HEADER[key])
+            if value is None:
+                continue
+            parsed = parse_endpoint(value)
+            if parsed is None or (self.loopback_only and not parsed[0].startswith("127.")):
+                self.stats.reject("bad_endpoint")
+                continue
+            checked[key] = value
+        self._endpoints[peer.id] = (peer.headers, checked)
+        return checked
+
+    def lookup_peer(self, node_id: str) -> Peer | None:
+        """The `Peer` with this id (this node included), or None."""
+        if node_id == self.node_id:
+            return self.self_peer()
+        peer = self._peers.get(node_id)
+        return self.snapshot(peer) if peer is not None else None
+
+    def peers(self) -> list[Peer]:
+        """Snapshots of every ready peer."""
+        return [self.snapshot(p) for p in list(self._peers.values())]
+
+    def snapshot(self, peer: PeerState) -> Peer:
+        """An immutable `Peer` view of ``peer`` (cached until it changes)."""
+        cached = self._snapshots.get(peer.id)
+        if cached is not None and cached[0] == peer.last_seen and cached[1] == peer.version:
+            return cached[2]
+        groups = frozenset(peer.groups)
+        snap = Peer(
+            id=peer.id,
+            name=peer.name,
+            address=peer.address,
+            endpoint=peer.endpoint,
+            groups=groups,
+            services=offers_of(groups, "services"),
+            queues=offers_of(groups, "queues"),
+            topics=offers_of(groups, "topics"),
+            headers=dict(peer.headers),
+            last_seen=peer.last_seen,
+            is_zmqmesh=peer.is_zmqmesh,
+        )
+        if peer.id in self._peers:
+            self._snapshots[peer.id] = (peer.last_seen, peer.version, snap)
+        return snap
+
+    # -- choosing a provider ---------------------------------------------------------------
+
+    def pick_provider(self, service: str, only: str | None = None) -> Provider | None:
+        """One provider of ``service`` (``only`` that node, if given), round-robin, skipping
+        those that just refused it; None if there is none."""
+        ids = self.offers["services"].get(service, ())
+        if only is not None:
+            builtin = service.startswith("\x00") and only in self.alive_ids
+            ids = (only,) if only in ids or builtin else ()
+        if not ids:
+            return None
+        candidates: Any = ids
+        if self._skip:
+            now = time.monotonic()
+            candidates = [i for i in ids if self._skip.get((service, i), 0) < now] or ids
+            if len(self._skip) > _MAX_SKIPS:
+                self._skip = {k: t for k, t in self._skip.items() if t > now}
+        start = next(self._rr)
+        for k in range(len(candidates)):
+            node_id = candidates[(start + k) % len(candidates)]
+            target = self.endpoint_of(node_id, "service")
+            if target is not None:
+                return Provider(node_id, *target)
+        return None
+
+    def skip_provider(self, service: str, node_id: str) -> None:
+        """Avoid ``node_id`` for ``service`` for a moment (it said it no longer offers it)."""
+        self._skip[(service, node_id)] = time.monotonic() + _SKIP_S
+
+    def may_retry(self, service: str, lost_id: str, deadline: float) -> bool:
+        """Whether a request to ``service`` lost with provider ``lost_id`` is to be resent.
+
+        The lost provider is gone from the offer tables by now, so this asks whether the
+        remaining providers declare the service idempotent (and time is left).
+        """
+        if not self.offers["idempotent"].get(service) or time.monotonic() >= deadline:
+            return False
+        log.info("provider %s of idempotent %r left: retrying elsewhere", lost_id[:8], service)
+        return True

@@ -1,0 +1,100 @@
+"""The handlers registered on one node, and what they make the node offer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Registry", "EVENTS"]
+
+EVENTS = ("join", "leave", "whisper", "shout")
+
+
+class Registry:
+    """Topic, queue and service handlers and event callbacks of one node.
+
+    Every table is replaced, never changed in place, so a thread reading one (the inbox,
+    the loop) always sees a whole table; `version` counts the replacements.
+    """
+
+    def __init__(self) -> None:
+        self.topics: dict[str, list[Callable[..., Any]]] = {}
+        self.queues: dict[str, Callable[..., Any]] = {}
+        self.services: dict[str, Callable[..., Any]] = {}
+        self.callbacks: dict[str, tuple[Callable[..., Any], ...]] = dict.fromkeys(EVENTS, ())
+        self.ack_queues: frozenset[str] = frozenset()
+        self.idempotent: frozenset[str] = frozenset()
+        self.version = 0
+
+    def offers(self) -> dict[str, frozenset[str]]:
+        """What this node offers, by kind (the kinds of `OFFER_KINDS`)."""
+        return {
+            "services": frozenset(self.services),
+            "queues": frozenset(self.queues),
+            "topics": frozenset(self.topics),
+            "ackqueues": frozenset(self.queues) & self.ack_queues,
+            "idempotent": frozenset(self.services) & self.idempotent,
+        }
+
+    def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
+        """Register ``handler`` for a topic prefix, queue or service. Raises `ValueError` on a clash."""
+        if kind == "topics":
+            topics = dict(self.topics)
+            topics[name] = [*topics.get(name, []), handler]
+            self.topics = topics
+        else:
+            table = dict(getattr(self, kind))
+            if name in table and table[name] is not handler:
+                what = "queue" if kind == "queues" else "service"
+                raise ValueError(f"this node already has a handler for the {what} {name!r}")
+            table[name] = handler
+            setattr(self, kind, table)
+        self.version += 1
+
+    def mark_at_least_once(self, queue: str) -> None:
+        """Pull ``queue`` at-least-once (acknowledged batches)."""
+        self.ack_queues = self.ack_queues | {queue}
+
+    def mark_idempotent(self, service: str) -> None:
+        """Declare ``service`` safe to retry on another provider."""
+        self.idempotent = self.idempotent | {service}
+
+    def add_callback(self, event: str, handler: Callable[..., Any]) -> None:
+        """Call ``handler`` on ``event`` (one of `EVENTS`)."""
+        callbacks = dict(self.callbacks)
+        callbacks[event] = (*callbacks[event], handler)
+        self.callbacks = callbacks
+
+    def remove(self, kind: str, name: str, handler: Callable[..., Any] | None = None) -> bool:
+        """Remove the handler(s) of a name; True if anything was removed."""
+        table = dict(getattr(self, kind))
+        if name not in table:
+            return False
+        if kind == "topics" and handler is not None:
+            left = [h for h in table[name] if h is not handler]
+            if len(left) == len(table[name]):
+                return False
+            if left:
+                table[name] = left
+            else:
+                del table[name]
+        elif handler is not None and kind != "topics" and table[name] is not handler:
+            return False
+        else:
+            del table[name]
+        setattr(self, kind, table)
+        self.version += 1
+        return True
+
+    def remove_handler(self, handler: Callable[..., Any]) -> bool:
+        """Remove ``handler`` wherever it is registered; True if it was."""
+        found = False
+        for kind in ("services", "queues", "topics"):
+            for name, entry in list(getattr(self, kind).items()):
+                if entry is handler or (isinstance(entry, list) and handler in entry):
+                    found |= self.remove(kind, name, handler)
+        callbacks = {event: tuple(cb for cb in cbs if cb is not handler) for event, cbs in self.callbacks.items()}
+        if callbacks != self.callbacks:
+            self.callbacks = callbacks
+            found = True
+        return found

@@ -1,0 +1,363 @@
+"""The inbound side of a node, sans threads: decode what the SUB, PULL and service ROUTER
+received, hand each message to its handler, and send replies and acknowledgements.
+
+The sockets are drained in bounded bursts; each message is decoded once and handed to its
+handler in place (no task and no thread hand-off per message). `Dispatcher` holds every
+rule; the drivers (`ThreadInbox` for `Node`, `LoopInbox` for `AsyncNode`) only decide
+where and when handlers run:
+
+* `ThreadInbox`: a dedicated thread owns the sockets and calls ``def`` handlers
+  directly; ``async def`` handlers run on an asyncio loop of their own.
+* `LoopInbox`: the caller's event loop owns the sockets and awaits ``async def``
+  handlers in place; ``def`` handlers run on a worker thread, a burst at a time.
+
+Either way the event loop that answers heartbeats never runs a sync handler (and with
+`Node`, no handler at all). With ``handler_concurrency == 1`` handlers run one at a time
+in arrival order; above 1, up to that many run at once.
+
+A handler that raises is logged and counted; for a service the exception's type, message
+and traceback travel back to the caller. Undecodable input is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .._io.sockets import has_input, recv_frames, send_frames
+from .._mesh.directory import Directory
+from .._mesh.registry import Registry
+from .._stats import Stats
+from .._wire import frames as wire
+from .._wire.codec import Codec
+from ..config import NodeConfig
+from ..errors import DecodeError
+from ..message import Message
+from .pubsub import GapCounter
+
+__all__ = ["Dispatcher", "Call", "BatchAck", "is_async", "run_sync", "run_async", "run_batch"]
+
+log = logging.getLogger("zmqmesh.inbox")
+
+_BURST = 256
+_PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
+
+
+class BatchAck:
+    """Acknowledges an at-least-once batch once every message of it has been handled."""
+
+    __slots__ = ("route", "remaining")
+
+    def __init__(self, route: tuple[bytes, bytes], remaining: int) -> None:
+        self.route = route
+        self.remaining = remaining
+
+
+class Call:
+    """One handler invocation: ``handler(arg)``, and where its reply goes, if anywhere."""
+
+    __slots__ = ("handler", "arg", "route", "pattern")
+
+    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | BatchAck | None, pattern: str) -> None:
+        self.handler = handler
+        self.arg = arg
+        self.route = route
+        self.pattern = pattern
+
+
+_ASYNC: dict[Any, bool] = {}
+
+
+def is_async(handler: Callable[..., Any]) -> bool:
+    """True for ``async def`` handlers (and callables whose ``__call__`` is one); cached."""
+    try:
+        return _ASYNC[handler]
+    except (KeyError, TypeError):
+        found = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
+        try:
+            _ASYNC[handler] = found
+        except TypeError:  # unhashable callable
+            pass
+        return found
+
+
+class Dispatcher:
+    """Decoding, dispatch and replies, shared by both inbox drivers; owns the three inbound
+    sockets. ``describe`` gives the built-in stats service its answer."""
+
+    def __init__(self, *, config: NodeConfig, registry: Registry, directory: Directory, codec: Codec,
+                 stats: Stats, describe: Callable[[], dict[str, Any]],
+                 sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+        self.config = config
+        self.registry = registry
+        self.directory = directory
+        self.codec = codec
+        self.stats = stats
+        self.describe = describe
+        self.sub = sub
+        self.pull = pull
+        self.router = router
+        self.sockets = ((router, "req"), (pull, "pull"), (sub, "sub"))
+        self.events: deque[Call] = deque()
+        self.gaps = GapCounter()
+        self.subscribed: set[str] = set()
+        self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]]]] = {}
+        self._cache_version = -1
+        self.stopping = False
+        self._deadline: float | None = None
+
+    def abandoned(self) -> bool:
+        """True once a stop's deadline has passed: work still queued is then dropped."""
+        return self._deadline is not None and time.monotonic() > self._deadline
+
+    def begin_stop(self, timeout: float) -> None:
+        """Take no new work; what has arrived may still be handled for ``timeout`` seconds."""
+        self._deadline = time.monotonic() + timeout
+        self.stopping = True
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def gather(self, calls: list[Call], active: Any) -> list[tuple[zmq.Socket[Any], str]]:
+        """Queue the pending event callbacks, then a burst from each of the ``active``
+        ``(socket, kind)`` pairs, into ``calls``; returns the pairs that may hold more."""
+        events = self.events
+        while events:
+            calls.append(events.popleft())
+        return [(sock, kind) for sock, kind in active if self.drain(sock, kind, calls)]
+
+    def post(self, calls: list[Call]) -> None:
+        """Queue event callbacks (joins, leaves, whispers) to run in order with messages."""
+        self.events.extend(calls)
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the driver look at its queues (the drivers say how)."""
+        raise NotImplementedError
+
+    def drain(self, sock: zmq.Socket[Any], kind: str, calls: list[Call]) -> bool:
+        """Receive up to a burst from ``sock`` into ``calls``; True if more may be waiting."""
+        for i in range(_BURST):
+            if i == 1 and not has_input(sock):
+                return False  # the common single message: a flag check, not a raised Again
+            try:
+                frames = recv_frames(sock)
+            except zmq.Again:
+                return False
+            except zmq.ZMQError as exc:
+                log.debug("receive failed: %s", exc)
+                return False
+            try:
+                if kind == "req":
+                    self._decode_request(frames, calls)
+                else:
+                    self._decode_stream(kind, frames, calls)
+            except Exception as exc:  # malformed input from the wire
+                self.stats.pattern[_PATTERN_OF[kind]]["errors"] += 1
+                self.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
+                log.debug("dropping a malformed %s message: %s", kind, exc)
+        return True
+
+    def _decode_stream(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
+        stats = self.stats
+        pattern = _PATTERN_OF[kind]
+        counters = stats.pattern[pattern]
+        if len(frames) != 3:
+            raise DecodeError(f"{len(frames)} frames, expected 3")
+        name_b, sender_b, body = frames
+        if len(name_b) > wire.MAX_NAME_BYTES:  # no sender may use one; it would bloat the caches
+            raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
+        uuid, sequence = wire.parse_sender(sender_b)
+        sender_id = uuid.hex() if uuid is not None else None
+        items = self.codec.decode_batch(body)
+        counters["received"] += len(items)
+        # only members are counted per sender: a stranger could claim any number of ids
+        known = sender_id is not None and sender_id in self.directory.alive_ids
+        if known:
+            stats.peer_received[sender_id] += len(items)  # type: ignore[index]
+        if kind == "sub":
+            if known and sequence is not None and uuid is not None:
+                lost = self.gaps.missed(uuid, name_b, sequence, len(items))
+                if lost:
+                    counters["dropped"] += lost  # lost at a high-water mark
+            topic, handlers = self._topic_handlers(name_b)
+        else:
+            topic = name_b.decode("utf-8", "replace")
+            handler = self.registry.queues.get(topic)
+            handlers = [handler] if handler is not None else []
+            if not handlers:
+                counters["dropped"] += len(items)
+                stats.reject("pipeline_no_handler", len(items))
+                log.warning("%d message(s) for queue %r which this node no longer pulls", len(items), topic)
+                return
+        lookup = self.directory.lookup_peer
+        if self.runs_in_place(handlers):
+            # the hot path: call the handlers right here, no Call objects, no hand-off
+            errors = 0
+            for data in items:
+                msg = Message(pattern, topic, data, sender_id, lookup)
+                for handler in handlers:
+                    try:
+                        handler(msg)
+                    except Exception:
+                        errors += 1
+                        log.exception("handler %s raised", getattr(handler, "__qualname__", handler))
+            if errors:
+                counters["errors"] += errors
+            return
+        for data in items:
+            msg = Message(pattern, topic, data, sender_id, lookup)
+            for handler in handlers:
+                calls.append(Call(handler, msg, None, pattern))
+
+    def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
+        """Whether these handlers may be called directly while draining (see the drivers)."""
+        return False
+
+    def _topic_handlers(self, name_b: bytes) -> tuple[str, list[Callable[..., Any]]]:
+        registry = self.registry
+        if self._cache_version != registry.version or len(self._topic_cache) > 4096:
+            self._topic_cache.clear()
+            self._cache_version = registry.version
+        hit = self._topic_cache.get(name_b)
+        if hit is None:
+            topic = name_b.decode("utf-8", "replace")
+            handlers = [h for prefix, hs in registry.topics.items() if topic.startswith(prefix) for h in hs]
+            hit = self._topic_cache[name_b] = (topic, handlers)
+        return hit
+
+    def _decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
+        counters = self.stats.pattern["service"]
+        request = wire.parse_request(frames)
+        if request is None:
+            raise DecodeError("malformed request envelope")
+        route, service_b, body = request
+        service = service_b.decode("utf-8", "replace")
+        sender_id = wire.sender_of_requester(route[0])
+        if service.startswith(wire.QUEUE_SERVICE_PREFIX):
+            self._decode_reliable(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
+            return
+        if service == wire.STATS_SERVICE:  # built in: every node reports its counters
+            try:
+                self.send_reply(route, wire.STATUS_OK, self.codec.encode(self.describe()))
+            except (TypeError, ValueError) as exc:
+                info = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
+                self.send_reply(route, wire.STATUS_ERROR, self.codec.encode(info))
+            return
+        handler = self.registry.services.get(service)
+        counters["received"] += 1
+        if handler is None:
+            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
+            return
+        try:
+            data = self.codec.decode(body)
+        except DecodeError:
+            counters["errors"] += 1
+            self.stats.reject("service_malformed")
+            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+            return
+        msg = Message("request", service, data, sender_id, self.directory.lookup_peer)
+        calls.append(Call(handler, msg, route, "service"))
+
+    def _decode_reliable(self, queue: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
+                         calls: list[Call]) -> None:
+        handler = self.registry.queues.get(queue)
+        if handler is None or queue not in self.registry.ack_queues:
+            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")  # the pusher deals them elsewhere
+            return
+        items = self.codec.decode_batch(body)
+        if not all(isinstance(i, list) and len(i) == 2 and isinstance(i[0], bool) for i in items):
+            raise DecodeError("malformed at-least-once batch")
+        self.stats.pattern["pipeline"]["received"] += len(items)
+        if sender_id is not None:
+            self.stats.peer_received[sender_id] += len(items)
+        ack = BatchAck(route, len(items))
+        for redelivered, data in items:
+            msg = Message("pipeline", queue, data, sender_id, self.directory.lookup_peer)
+            msg.redelivered = redelivered
+            calls.append(Call(handler, msg, ack, "pipeline"))
+
+    # -- replying ---------------------------------------------------------------------------
+
+    def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
+        """Account for a finished call and send the reply of a request (owner thread only)."""
+        route = call.route
+        if error is not None:
+            self.stats.pattern[call.pattern]["errors"] += 1
+            if not isinstance(route, tuple):
+                log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
+        if isinstance(route, BatchAck):
+            route.remaining -= 1
+            if route.remaining == 0:
+                self.send_reply(route.route, wire.STATUS_OK, b"")
+            return
+        if route is None:
+            return
+        codec = self.codec
+        if error is None:
+            try:
+                body = codec.encode(result)
+                status = wire.STATUS_OK
+            except Exception as exc:  # an unencodable return value is the handler's failure
+                error = exc
+        if error is not None:
+            tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            body = codec.encode({"type": type(error).__name__, "message": str(error), "traceback": tb})
+            status = wire.STATUS_ERROR
+        self.send_reply(route, status, body)
+        self.stats.pattern["service"]["sent"] += 1
+
+    def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
+        """Send a reply to ``route``; an unreachable caller is counted."""
+        try:
+            send_frames(self.router, wire.reply_frames(route, status, body), copy=len(body) < 65536)
+        except zmq.ZMQError:
+            self.stats.pattern["service"]["dropped"] += 1
+
+    def drop(self, call: Call) -> None:
+        """Count a call abandoned at a stop's deadline."""
+        self.stats.pattern[call.pattern]["dropped"] += 1
+
+    def apply_subscriptions(self) -> None:
+        """Bring the SUB socket's subscriptions in line with the registry (owner thread only)."""
+        wanted = set(self.registry.topics)
+        for prefix in wanted - self.subscribed:
+            self.sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        for prefix in self.subscribed - wanted:
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, prefix.encode())
+        self.subscribed = wanted
+
+    def close_sockets(self) -> None:
+        """Close the three sockets (owner thread only)."""
+        for sock, _kind in self.sockets:
+            sock.close(0)
+
+
+def run_sync(call: Call) -> tuple[Any, BaseException | None]:
+    """Call a sync handler, capturing its outcome."""
+    try:
+        return call.handler(call.arg), None
+    except Exception as exc:
+        return None, exc
+
+
+async def run_async(call: Call) -> tuple[Any, BaseException | None]:
+    """Await a handler (sync handlers here are only the loop's own callbacks)."""
+    try:
+        result = call.handler(call.arg)
+        if inspect.isawaitable(result):
+            result = await result
+        return result, None
+    except Exception as exc:
+        return None, exc
+
+
+def run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:
+    """Call the sync handlers of a burst in order (on a worker thread), capturing outcomes."""
+    return [run_sync(call) for call in batch]

@@ -1,0 +1,123 @@
+"""push/pull: one PUSH socket per queue name, connected to every puller of that queue.
+
+Callers append encoded messages to the queue's send queue; the loop sends what has
+accumulated, several messages to a frame, split so that ZeroMQ's round-robin spreads
+what is queued now over every puller. At-least-once queues go through `ReliableSender` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .._io.reactor import EventLoop
+from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
+from .._mesh.directory import Directory
+from .._stats import Stats
+from .._wire.frames import MAX_BATCH_ITEMS
+from ..config import NodeConfig
+from .pubsub import BATCH_BYTES, LARGE_FRAME
+
+__all__ = ["Pusher"]
+
+log = logging.getLogger("zmqmesh.pipeline")
+
+
+class Pusher:
+    """The PUSH sockets and send queues of one node. Loop only, but for appending to a queue.
+
+    ``wake`` asks the loop to flush (a socket can take more again).
+    """
+
+    def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
+                 uuid: bytes, directory: Directory,
+                 connect: Callable[[zmq.Socket[Any], str, str | None], None], wake: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.loop = loop
+        self.config = config
+        self.stats = stats
+        self.uuid = uuid
+        self.directory = directory
+        self.connect = connect
+        self.wake = wake
+        self.queues: dict[str, deque[bytes]] = {}
+        self._sockets: dict[str, zmq.Socket[Any]] = {}
+        self._connected: dict[str, set[str]] = {}
+
+    def queue_of(self, queue: str) -> deque[bytes] | None:
+        """The send queue of ``queue`` once its socket exists (any thread)."""
+        return self.queues.get(queue)
+
+    def queued(self) -> int:
+        """Messages waiting in every send queue."""
+        return sum(len(q) for q in list(self.queues.values()))
+
+    def ensure_socket(self, queue: str) -> None:
+        """Create and connect the PUSH socket of ``queue``."""
+        if queue in self._sockets:
+            return
+        sock = new_socket(self.ctx, zmq.PUSH, {zmq.SNDHWM: self.config.send_hwm})
+        self._sockets[queue] = sock
+        self._connected[queue] = set()
+        self.queues[queue] = deque()
+        self._sync(queue, sock)
+        self.loop.add_reader(sock.FD, self._on_socket, sock)
+        self.wake()
+
+    def sync_connections(self) -> None:
+        """Connect every queue's socket to that queue's pullers, and only to them."""
+        for queue, sock in self._sockets.items():
+            self._sync(queue, sock)
+
+    def _sync(self, queue: str, sock: zmq.Socket[Any]) -> None:
+        targets = (self.directory.endpoint_of(i, "pull") for i in self.directory.providers("queues", queue))
+        reconnect(sock, self._connected[queue], dict(t for t in targets if t is not None), self.connect)
+
+    def _on_socket(self, sock: zmq.Socket[Any]) -> None:
+        # The descriptor stays readable until someone reads ZMQ_EVENTS: with nothing queued
+        # no send does, and the loop would spin. Reading it rearms the descriptor.
+        if not sock.closed and can_send(sock) and any(self.queues.values()):
+            self.wake()
+
+    def flush(self, queue: str, q: deque[bytes]) -> bool:
+        """Send what ``q`` holds; True if the socket could not take it all now."""
+        sock = self._sockets.get(queue)
+        if sock is None or not q:
+            return False
+        name = queue.encode()
+        uuid = self.uuid
+        counters = self.stats.pattern["pipeline"]
+        # ZeroMQ deals whole frames round-robin: keep frames small enough that what is
+        # queued now is spread over every puller.
+        pullers = max(1, len(self.directory.providers("queues", queue)))
+        limit = max(1, min(MAX_BATCH_ITEMS, len(q) // pullers))
+        while q:
+            n = 0
+            size = 0
+            bodies: list[bytes] = []
+            # pop, never iterate: callers' threads append to q while the loop runs this
+            while q and (n == 0 or (n < limit and size + len(q[0]) <= BATCH_BYTES)):
+                body = q.popleft()
+                bodies.append(body)
+                n += 1
+                size += len(body)
+            payload = bodies[0] if n == 1 else b"".join(bodies)
+            try:
+                send_frames(sock, [name, uuid, payload], copy=size < LARGE_FRAME)
+            except zmq.ZMQError as exc:
+                q.extendleft(reversed(bodies))  # back at the front, in order
+                if not isinstance(exc, zmq.Again):
+                    log.error("push to %r failed: %s", queue, exc)
+                return True
+            counters["sent"] += n
+        return False
+
+    def close(self, linger_ms: int) -> None:
+        """Close every PUSH socket; what they hold may go out for ``linger_ms``."""
+        for sock in self._sockets.values():
+            close_watched(self.loop, sock, linger_ms)
+        self._sockets.clear()

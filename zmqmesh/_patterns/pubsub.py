@@ -1,0 +1,177 @@
+"""pub/sub: the publishing side (one XPUB, batching, sequence numbers, subscription counts)
+and the receiving side's count of messages lost at a high-water mark.
+
+The XPUB is connected to every zmqmesh peer's SUB (and to this node's own), so a
+publication reaches each subscriber once, in order per publisher.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .._io.reactor import EventLoop
+from .._io.sockets import close_watched, has_input, reconnect, send_frames
+from .._mesh.directory import Directory
+from .._stats import Stats
+from .._wire.frames import MAX_BATCH_ITEMS, MAX_NAME_BYTES, pub_sender
+
+__all__ = ["Publisher", "GapCounter", "BATCH_BYTES", "LARGE_FRAME"]
+
+BATCH_BYTES = 64 * 1024
+"""A frame is closed once its batch reaches this size."""
+LARGE_FRAME = 64 * 1024
+"""From this size up, frames are sent without a copy."""
+_MAX_TRACKED_TOPICS = 65_536
+_MAX_TRACKED_STREAMS = 65_536
+_MAX_GAP = 1 << 32  # a larger jump is a restarted or lying sequence, not a count of drops
+_XPUB_BURST = 1024
+
+
+class Publisher:
+    """Sends what callers queued on ``queue`` as batches, and counts the XPUB's subscriptions.
+
+    ``on_subscriptions`` is called (on the loop) when a subscription came or went.
+    Every method but `queue.append` runs on the loop.
+    """
+
+    def __init__(self, *, loop: EventLoop, stats: Stats, uuid: bytes, xpub: zmq.Socket[Any],
+                 directory: Directory, connect: Callable[[zmq.Socket[Any], str, str | None], None],
+                 on_subscriptions: Callable[[], None]) -> None:
+        self.loop = loop
+        self.stats = stats
+        self.uuid = uuid
+        self.xpub = xpub
+        self.directory = directory
+        self.connect = connect
+        self.on_subscriptions = on_subscriptions
+        self.queue: deque[tuple[bytes, bytes]] = deque()
+        self._sequences: dict[bytes, int] = {}
+        self._sub_counts: Counter[bytes] = Counter()
+        self._connected: set[str] = set()
+
+    def start(self) -> None:
+        """Watch the XPUB for subscriptions."""
+        self.loop.add_reader(self.xpub.FD, self.on_xpub)
+        self.loop.call_soon(self.on_xpub)  # descriptors are edge-triggered: look once now
+
+    @property
+    def closed(self) -> bool:
+        """True once the XPUB is closed."""
+        return self.xpub.closed
+
+    def subscription_count(self) -> int:
+        """How many distinct prefixes subscribers hold at this publisher."""
+        return len(self._sub_counts)
+
+    def sync_connections(self) -> None:
+        """Connect to every zmqmesh peer's SUB endpoint, and only to those."""
+        wanted = {}
+        for peer in self.directory.mesh_peers():
+            endpoint = self.directory.peer_endpoints(peer).get("sub")
+            if endpoint is not None:
+                wanted[endpoint] = peer.key
+        reconnect(self.xpub, self._connected, wanted, self.connect)
+
+    def flush(self) -> None:
+        """Send everything queued: consecutive messages of one topic share a frame."""
+        q = self.queue
+        xpub = self.xpub
+        uuid = self.uuid
+        sent = 0
+        while q:
+            topic, body = q.popleft()
+            bodies = [body]
+            size = len(body)
+            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size < BATCH_BYTES:
+                more = q.popleft()[1]
+                bodies.append(more)
+                size += len(more)
+            seq = self._sequences.get(topic, 0)
+            if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:
+                self._sequences.clear()  # subscribers take a restarted sequence as a new baseline
+            self._sequences[topic] = seq + len(bodies)
+            payload = body if len(bodies) == 1 else b"".join(bodies)
+            try:
+                send_frames(xpub, [topic, pub_sender(uuid, seq), payload], copy=size < LARGE_FRAME)
+                sent += len(bodies)
+            except zmq.ZMQError:
+                self.stats.add("pubsub", "dropped", len(bodies))
+        self.stats.pattern["pubsub"]["sent"] += sent
+        if has_input(xpub):
+            self.loop.call_soon(self.on_xpub)
+
+    def on_xpub(self) -> None:
+        """Count the subscription events waiting on the XPUB."""
+        xpub = self.xpub
+        if xpub.closed:
+            return
+        changed = False
+        counts = self._sub_counts
+        for _ in range(_XPUB_BURST):
+            try:
+                event = xpub.recv(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            if not event:
+                continue
+            prefix = event[1:]
+            if len(prefix) > MAX_NAME_BYTES:
+                continue  # longer than any topic: it can match nothing we publish
+            if event[0] == 1:
+                counts[prefix] += 1
+            elif event[0] == 0:
+                counts[prefix] -= 1
+                if counts[prefix] <= 0:
+                    del counts[prefix]
+            changed = True
+        if changed:
+            self.on_subscriptions()
+
+    def subscribers_ready(self, topic: str, n: int) -> bool:
+        """True once ``n`` subscribers matching ``topic`` have their subscription at the XPUB.
+
+        Counts the XPUB's subscription events (so subscribers from outside the mesh count
+        too); a member subscribed with several matching prefixes is counted once.
+        """
+        topic_b = topic.encode()
+        total = sum(c for p, c in self._sub_counts.items() if topic_b.startswith(p))
+        per_node: Counter[str] = Counter()
+        for prefix, ids in self.directory.offers["topics"].items():
+            if topic.startswith(prefix):
+                per_node.update(ids)
+        overcount = sum(k - 1 for k in per_node.values())
+        return total - overcount >= n
+
+    def close(self, linger_ms: int) -> None:
+        """Stop watching the XPUB and close it."""
+        close_watched(self.loop, self.xpub, linger_ms)
+
+
+class GapCounter:
+    """Counts, per publisher and topic, the messages a subscriber never received.
+
+    Publishers number the messages of each topic; a jump in the numbers is a loss at a
+    high-water mark. Bounded: past `_MAX_TRACKED_STREAMS` streams counting restarts.
+    """
+
+    def __init__(self) -> None:
+        self.expected: dict[tuple[bytes, bytes], int] = {}
+
+    def __len__(self) -> int:
+        return len(self.expected)
+
+    def missed(self, uuid: bytes, topic: bytes, sequence: int, count: int) -> int:
+        """How many messages before these ``count`` (numbered from ``sequence``) were lost."""
+        key = (uuid, topic)
+        expected = self.expected.get(key)
+        lost = 0
+        if expected is not None and expected < sequence <= expected + _MAX_GAP:
+            lost = sequence - expected
+        elif expected is None and len(self.expected) >= _MAX_TRACKED_STREAMS:
+            self.expected.clear()  # bounded memory: gap counting restarts
+        self.expected[key] = sequence + count
+        return lost

@@ -1,0 +1,97 @@
+"""Request/reply, sans I/O: the retry policy of a request, and what a reply means.
+
+A request is ``[service, request_id, body]`` sent by a DEALER to the provider's service
+ROUTER; the reply is ``[request_id, status, body]`` (see `_wire.frames`). Request ids make
+any number of requests outstanding at once (no REQ lockstep); a reply whose id nobody
+waits for any more (its request timed out) is dropped and counted.
+
+`request_plan` is the whole logic of one call, shared by `Node` and `AsyncNode`: it
+yields the steps it needs (wait for a provider, exchange with one) and the drivers carry
+them out, blocking a thread or awaiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, NamedTuple
+
+from .._mesh.directory import Directory, Provider, no_provider
+from .._mesh.waiters import Until
+from .._wire import frames as wire
+from .._wire.codec import Codec
+from ..errors import DecodeError, MeshTimeoutError, PeerLostError, RemoteError
+
+__all__ = ["Exchange", "RetryElsewhere", "decode_reply", "request_plan", "RequestPlan"]
+
+
+class Exchange(NamedTuple):
+    """Send ``body`` to ``provider`` as a request to ``service`` and wait for the reply
+    until ``deadline``: the driver answers ``(status, body)``, or raises `PeerLostError`,
+    `MeshTimeoutError` or `NodeClosedError` into the plan."""
+
+    provider: Provider
+    service: str
+    service_b: bytes
+    body: bytes
+    deadline: float
+
+
+RequestPlan = Generator["Until | Exchange", Any, Any]
+
+
+class RetryElsewhere(Exception):
+    """The provider no longer offers the service: try another one."""
+
+
+def decode_reply(codec: Codec, status: bytes, body: bytes) -> Any:
+    """The result a reply carries, or the error it reports (raised): `RemoteError`,
+    `DecodeError`, or `RetryElsewhere` when the provider no longer offers the service."""
+    if status == wire.STATUS_OK:
+        return codec.decode(body)
+    if status == wire.STATUS_ERROR:
+        try:
+            info = codec.decode(body)
+            return_error = RemoteError(
+                str(info.get("type", "Exception")),
+                str(info.get("message", "")),
+                str(info.get("traceback", "")),
+            )
+        except (DecodeError, AttributeError):
+            return_error = RemoteError("Exception", "remote failure (undecodable details)")
+        raise return_error
+    if status == wire.STATUS_NO_SERVICE:
+        raise RetryElsewhere()
+    if status == wire.STATUS_BAD_REQUEST:
+        raise DecodeError("the provider could not decode the request")
+    raise DecodeError(f"reply with unknown status {status!r}")
+
+
+def request_plan(directory: Directory, codec: Codec, service: str, service_b: bytes, body: bytes,
+                 deadline: float, only: str | None = None) -> RequestPlan:
+    """One call of ``service`` (``only`` on that node, if given) until ``deadline``.
+
+    Picks a provider (waiting for one), exchanges with it, and decodes the reply. A
+    provider that no longer offers the service is skipped for a moment and another tried;
+    one that is lost mid-request is retried elsewhere only for idempotent services.
+    Raises `NoProviderError`, `PeerLostError`, `MeshTimeoutError`, `RemoteError`,
+    `DecodeError`.
+    """
+    while True:
+        provider = directory.pick_provider(service, only)
+        if provider is None:
+            try:
+                yield Until(lambda: directory.pick_provider(service, only) is not None, deadline,
+                            f"a provider of {service!r}")
+            except MeshTimeoutError:
+                raise no_provider(service, only) from None
+            continue
+        try:
+            status, reply = yield Exchange(provider, service, service_b, body, deadline)
+        except PeerLostError:
+            if not directory.may_retry(service, provider.id, deadline):
+                raise
+            continue
+        try:
+            return decode_reply(codec, status, reply)
+        except RetryElsewhere:
+            directory.skip_provider(service, provider.id)

@@ -1,0 +1,52 @@
+"""Counters a node keeps and `Node.stats()` reports: per pattern, per peer, and rejects by reason.
+
+Most counters are written by one thread only: the event loop's (the outbound sockets,
+membership) or the inbox's (what arrives). Those are plain ``+=`` on the hot paths. A
+counter that several threads write (what requesting threads and the loop both count)
+goes through `Stats.add`, which takes a lock: ``+=`` on a dict item is not atomic.
+Readers take a `snapshot`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+__all__ = ["Stats", "PATTERNS"]
+
+PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
+_FIELDS = ("sent", "received", "dropped", "errors")
+
+
+class Stats:
+    """Mutable counters. ``stats.pattern["pipeline"]["sent"] += n`` from the counter's one
+    writer thread; ``stats.add("request", "sent")`` where several threads write."""
+
+    def __init__(self) -> None:
+        self.pattern: dict[str, dict[str, int]] = {p: dict.fromkeys(_FIELDS, 0) for p in PATTERNS}
+        self.peer_received: defaultdict[str, int] = defaultdict(int)
+        self.rejected: defaultdict[str, int] = defaultdict(int)
+        self.membership: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def add(self, pattern: str, counter: str, count: int = 1) -> None:
+        """Add ``count`` to a pattern's counter, safely from any thread."""
+        with self._lock:
+            counters = self.pattern[pattern]
+            counters[counter] = counters.get(counter, 0) + count
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        """Count an input dropped for ``reason`` (malformed, oversized, unknown sender...)."""
+        with self._lock:
+            self.rejected[reason] += count
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain-dict copy: ``{pattern: {sent, received, dropped, errors}, peers, rejected, membership}``."""
+        with self._lock:
+            return {
+                **{p: dict(c) for p, c in self.pattern.items()},
+                "peers": {pid: {"received": n} for pid, n in list(self.peer_received.items())},
+                "rejected": dict(self.rejected),
+                "membership": dict(self.membership),
+            }

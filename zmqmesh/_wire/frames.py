@@ -1,0 +1,190 @@
+"""The frames of the pattern sockets, and every name and id layout they reserve.
+
+docs/protocol.md is normative; this module is its one home in code. Pure: no sockets.
+
+pub/sub (PUB or XPUB -> the node's SUB):   [topic, sender, body]
+pipeline (PUSH -> the node's PULL):         [queue, sender, body]
+request (DEALER -> the node's ROUTER):      [service, request_id, body]
+reply (ROUTER -> the requesting DEALER):    [request_id, status, body]
+
+``sender`` is empty or 16 bytes of the sender's UUID followed, on pub/sub, by an 8-byte
+big-endian sequence number of the first message in ``body``. ``body`` is one or more
+concatenated msgpack objects (a batch of at most `MAX_BATCH_ITEMS`), except in requests
+and replies (exactly one).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "UUID_SIZE",
+    "STATUS_OK",
+    "STATUS_ERROR",
+    "STATUS_NO_SERVICE",
+    "STATUS_BAD_REQUEST",
+    "MAX_NAME_BYTES",
+    "MAX_REQUEST_ID_BYTES",
+    "MAX_BATCH_ITEMS",
+    "STATS_SERVICE",
+    "STATS_SERVICE_BYTES",
+    "QUEUE_SERVICE_PREFIX",
+    "CONTROL_MAGIC",
+    "HEADER",
+    "ENDPOINT_KEYS",
+    "OFFER_KINDS",
+    "OFFER_PREFIXES",
+    "pub_sender",
+    "parse_sender",
+    "requester_id",
+    "acker_id",
+    "link_id",
+    "sender_of_requester",
+    "request_frames",
+    "reply_frames",
+    "parse_request",
+    "parse_reply",
+    "queue_service",
+    "wrap_item",
+    "inproc_endpoint",
+    "parse_endpoint",
+]
+
+UUID_SIZE = 16
+MAX_NAME_BYTES = 200
+MAX_REQUEST_ID_BYTES = 64
+MAX_BATCH_ITEMS = 256
+"""Most messages one frame may carry. A receiver rejects a frame holding more: without the
+bound, one 64 KiB frame of one-byte objects would make 65,536 handler calls."""
+
+STATUS_OK = b"\x00"
+STATUS_ERROR = b"\x01"
+STATUS_NO_SERVICE = b"\x02"
+STATUS_BAD_REQUEST = b"\x03"
+
+STATS_SERVICE = "\x00stats"
+"""The built-in service every node answers with its counters."""
+STATS_SERVICE_BYTES = STATS_SERVICE.encode()
+QUEUE_SERVICE_PREFIX = "\x00queue/"
+"""At-least-once batches travel as requests to the service ``"\\x00queue/<name>"``."""
+
+CONTROL_MAGIC = b"\x00zmqmesh-control"
+"""First frame of the WHISPERs zmqmesh nodes exchange among themselves (never sent to plain ZRE peers)."""
+
+HEADER = {
+    "version": "X-ZMQMESH-VERSION",
+    "mesh": "X-ZMQMESH-MESH",
+    "pub": "X-ZMQMESH-PUB",
+    "sub": "X-ZMQMESH-SUB",
+    "pull": "X-ZMQMESH-PULL",
+    "service": "X-ZMQMESH-SERVICE",
+    "host": "X-ZMQMESH-HOST",
+    "pid": "X-ZMQMESH-PID",
+    "key": "X-ZMQMESH-KEY",
+}
+"""The HELLO headers of a zmqmesh node (plain ZRE peers send none of them)."""
+ENDPOINT_KEYS = ("pub", "sub", "pull", "service")
+"""The HELLO headers that carry a pattern socket's endpoint."""
+
+OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent")
+OFFER_PREFIXES = {
+    "services": "zmqmesh/svc/",
+    "queues": "zmqmesh/queue/",
+    "topics": "zmqmesh/sub/",
+    "ackqueues": "zmqmesh/ackqueue/",  # queues pulled at-least-once
+    "idempotent": "zmqmesh/idem/",  # services safe to retry on another provider
+}
+"""A node announces what it offers by joining the ZRE group ``prefix + name``."""
+
+_REQUESTER_SUFFIX = 4
+_ACKER_SUFFIX = b"\xff\xff\xff\xff"
+_ENDPOINT = re.compile(r"^tcp://(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})$")
+
+
+def pub_sender(uuid: bytes, sequence: int) -> bytes:
+    """The sender frame of a pub/sub message: UUID plus the sequence of its first message."""
+    return uuid + sequence.to_bytes(8, "big")
+
+
+def parse_sender(frame: bytes) -> tuple[bytes | None, int | None]:
+    """``(uuid, sequence)`` from a sender frame; either may be ``None`` when absent."""
+    size = len(frame)
+    if size == UUID_SIZE:
+        return frame, None
+    if size == UUID_SIZE + 8:
+        return frame[:UUID_SIZE], int.from_bytes(frame[UUID_SIZE:], "big")
+    return None, None
+
+
+def requester_id(uuid: bytes, serial: int) -> bytes:
+    """The routing id of a requesting DEALER: the node's UUID and a 4-byte serial."""
+    return uuid + serial.to_bytes(_REQUESTER_SUFFIX, "big")
+
+
+def acker_id(uuid: bytes) -> bytes:
+    """The routing id of the DEALER that deals at-least-once batches (serial all ones)."""
+    return uuid + _ACKER_SUFFIX
+
+
+def link_id(uuid: bytes) -> bytes:
+    """The routing id of a ZRE link: ``0x01`` and the UUID, as RFC 36 asks."""
+    return b"\x01" + uuid
+
+
+def sender_of_requester(routing_id: bytes) -> str | None:
+    """The node id (hex) in a requester's or acker's routing id, or None for a foreign one."""
+    if len(routing_id) == UUID_SIZE + _REQUESTER_SUFFIX:
+        return routing_id[:UUID_SIZE].hex()
+    return None
+
+
+def request_frames(service: bytes, request_id: bytes, body: bytes) -> list[bytes]:
+    """The frames a DEALER sends for one request."""
+    return [service, request_id, body]
+
+
+def reply_frames(route: tuple[bytes, bytes], status: bytes, body: bytes) -> list[bytes]:
+    """The frames a ROUTER sends back: ``route`` is ``(routing_id, request_id)``."""
+    return [route[0], route[1], status, body]
+
+
+def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, bytes] | None:
+    """``(route, service, body)`` of a request as the ROUTER receives it, or None if malformed."""
+    if len(frames) != 4 or len(frames[2]) > MAX_REQUEST_ID_BYTES:
+        return None
+    routing_id, service, request_id, body = frames
+    return (routing_id, request_id), service, body
+
+
+def parse_reply(frames: list[bytes]) -> tuple[bytes, bytes, bytes] | None:
+    """``(request_id, status, body)`` of a reply as the DEALER receives it, or None if malformed."""
+    if len(frames) != 3:
+        return None
+    return frames[0], frames[1], frames[2]
+
+
+def queue_service(queue: str) -> bytes:
+    """The service name at-least-once batches of ``queue`` are sent to."""
+    return (QUEUE_SERVICE_PREFIX + queue).encode()
+
+
+_TRUE, _FALSE, _ARRAY2 = b"\xc3", b"\xc2", b"\x92"
+
+
+def wrap_item(body: bytes, redelivered: bool) -> bytes:
+    """The msgpack array ``[redelivered, data]`` around an already encoded payload."""
+    return _ARRAY2 + (_TRUE if redelivered else _FALSE) + body
+
+
+def inproc_endpoint(node_id: str, what: str) -> str:
+    """The in-process endpoint of one of a node's sockets (its own deliveries, its wake-ups)."""
+    return f"inproc://zmqmesh-{node_id}-{what}"
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """``(ip, port)`` of a ``tcp://a.b.c.d:port`` endpoint, or ``None`` if it is not one."""
+    match = _ENDPOINT.fullmatch(endpoint)
+    if not match:
+        return None
+    port = int(match.group(2))
+    return (match.group(1), port) if 0 < port < 65536 else None
