@@ -1,10 +1,10 @@
 """Counters a node keeps and `Node.stats()` reports: per pattern, per peer, and rejects by reason.
 
-Most counters are written by one thread only: the event loop's (the outbound sockets,
-membership) or the inbox's (what arrives). Those are plain ``+=`` on the hot paths. A
-counter that several threads write (what requesting threads and the loop both count)
-goes through `Stats.add`, which takes a lock: ``+=`` on a dict item is not atomic.
-Readers take a `snapshot`.
+Each counter in `Stats.pattern` is written by one thread only: the event loop's (the
+outbound sockets, membership, the requests of coroutines) or the inbox's (what arrives).
+Those are plain ``+=`` on the hot paths. What other threads count (the requests of the
+sync `Node`'s calling threads, rejects) goes through `Stats.add` and `Stats.reject`, which
+take a lock, into counters of their own; `snapshot` adds the two up.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ class Stats:
         self.rejected: defaultdict[str, int] = defaultdict(int)
         self.membership: defaultdict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
+        self._shared: dict[tuple[str, str], int] = {}
 
     def add(self, pattern: str, counter: str, count: int = 1) -> None:
-        """Add ``count`` to a pattern's counter, safely from any thread."""
+        """Add ``count`` to a pattern's counter from any thread (under a lock)."""
         with self._lock:
-            counters = self.pattern[pattern]
-            counters[counter] = counters.get(counter, 0) + count
+            key = (pattern, counter)
+            self._shared[key] = self._shared.get(key, 0) + count
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count an input dropped for ``reason`` (malformed, oversized, unknown sender...)."""
@@ -44,8 +45,11 @@ class Stats:
     def snapshot(self) -> dict[str, Any]:
         """A plain-dict copy: ``{pattern: {sent, received, dropped, errors}, peers, rejected, membership}``."""
         with self._lock:
+            patterns = {p: dict(c) for p, c in self.pattern.items()}
+            for (pattern, counter), count in self._shared.items():
+                patterns[pattern][counter] = patterns[pattern].get(counter, 0) + count
             return {
-                **{p: dict(c) for p, c in self.pattern.items()},
+                **patterns,
                 "peers": {pid: {"received": n} for pid, n in list(self.peer_received.items())},
                 "rejected": dict(self.rejected),
                 "membership": dict(self.membership),

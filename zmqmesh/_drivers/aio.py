@@ -69,7 +69,7 @@ class AsyncRunner:
                 if isinstance(step, Exchange):
                     requester = self.engine.requests
                     assert isinstance(requester, LoopRequester), "the node is not started"
-                    value = await requester.exchange(step)
+                    value = await requester.exchange(step)  # a future: no coroutine per request
                 elif isinstance(step, Until):
                     await wait_until(self.engine, step.predicate, step.deadline, step.what)
                 elif isinstance(step, Room):
@@ -238,54 +238,48 @@ class LoopInbox(Dispatcher):
         self.close_sockets()
 
 
-class _Expired(Exception):
-    """A request's deadline passed (turned into `MeshTimeoutError`)."""
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(_Expired())
-
-
 class LoopRequester:
-    """Requests from coroutines: DEALERs owned by the event loop, one future per request."""
+    """Requests from coroutines: DEALERs owned by the event loop, one future per request.
+
+    Every pending request has a timer on the loop; whichever comes first, the reply, the
+    timer, or the provider's departure, completes the future and forgets the request.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sockets: dict[str, zmq.Socket[Any]] = {}
-        self.pending: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], str]] = {}
+        self.pending: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], str, Any]] = {}
         self._ids = itertools.count(1)
 
-    async def exchange(self, step: Exchange) -> tuple[bytes, bytes]:
-        """Send one request and await its reply: ``(status, body)``. Raises
-        `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`."""
+    def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
+        """Send one request; the future of its reply ``(status, body)``. The future fails
+        with `MeshTimeoutError`, `PeerLostError` or `NodeClosedError`; the send itself
+        raises `MeshTimeoutError` when the provider takes no more requests."""
         engine = self.engine
         loop = engine.loop
         provider = step.provider
         sock = self._socket(provider)
         request_id = next(self._ids).to_bytes(8, "big")
-        future: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
-        self.pending[request_id] = (future, provider.id)
         try:
-            try:
-                send_frames(sock, wire.request_frames(step.service_b, request_id, step.body),
-                            copy=len(step.body) < 65536)
-            except zmq.Again as exc:
-                raise MeshTimeoutError(
-                    f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
-            engine.stats.add("request", "sent")
-            self._kick(provider.id)
-            # a timer on the future itself: cheaper than asyncio.wait_for's extra task
-            timer = loop.call_at(loop.time() + max(step.deadline - time.monotonic(), 0), _expire, future)
-            try:
-                return await future
-            except _Expired:
-                engine.stats.add("request", "errors")
-                raise MeshTimeoutError(f"request to {step.service!r} timed out") from None
-            finally:
-                timer.cancel()
-        finally:
-            self.pending.pop(request_id, None)
+            send_frames(sock, wire.request_frames(step.service_b, request_id, step.body),
+                        copy=len(step.body) < 65536)
+        except zmq.Again as exc:
+            raise MeshTimeoutError(
+                f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
+        engine.stats.pattern["request"]["sent"] += 1
+        future: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        # a timer per request: cheaper than asyncio.wait_for's extra task
+        timer = loop.call_at(loop.time() + max(step.deadline - time.monotonic(), 0),
+                             self._expire, request_id, step.service)
+        self.pending[request_id] = (future, provider.id, timer)
+        self._kick(provider.id)
+        return future
+
+    def _expire(self, request_id: bytes, service: str) -> None:
+        entry = self.pending.pop(request_id, None)
+        if entry is not None and not entry[0].done():
+            self.engine.stats.pattern["request"]["errors"] += 1
+            entry[0].set_exception(MeshTimeoutError(f"request to {service!r} timed out"))
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets.get(provider.id)
@@ -302,7 +296,7 @@ class LoopRequester:
 
     def _on_readable(self, provider_id: str) -> None:
         sock = self.sockets.get(provider_id)
-        stats = self.engine.stats
+        counters = self.engine.stats.pattern["request"]
         for _ in range(_READ_BURST):
             if sock is None:
                 return
@@ -311,29 +305,35 @@ class LoopRequester:
             except zmq.ZMQError:
                 return
             reply = wire.parse_reply(frames)
-            entry = self.pending.get(reply[0]) if reply is not None else None
+            entry = self.pending.pop(reply[0], None) if reply is not None else None
             if entry is None or reply is None or entry[0].done():
-                stats.add("request", "dropped")
+                counters["dropped"] += 1  # a late reply, or one nobody asked for
                 continue
-            stats.add("request", "received")
+            counters["received"] += 1
+            entry[2].cancel()
             entry[0].set_result((reply[1], reply[2]))
             sock = self.sockets.get(provider_id)
         self.engine.loop.call_soon(self._on_readable, provider_id)
 
     def peer_gone(self, peer_id: str) -> None:
         """Fail the requests waiting on a departed provider at once, and close its socket."""
-        for future, pid in list(self.pending.values()):
-            if pid == peer_id and not future.done():
-                future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
+        for request_id, (future, pid, timer) in list(self.pending.items()):
+            if pid == peer_id:
+                del self.pending[request_id]
+                timer.cancel()
+                if not future.done():
+                    future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
         sock = self.sockets.pop(peer_id, None)
         if sock is not None:
             close_watched(self.engine.loop, sock)
 
     def fail_outstanding(self) -> None:
         """Fail every waiting request with `NodeClosedError` and close every socket."""
-        for future, _pid in list(self.pending.values()):
+        for future, _pid, timer in list(self.pending.values()):
+            timer.cancel()
             if not future.done():
                 future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
+        self.pending.clear()
         for pid in list(self.sockets):
             close_watched(self.engine.loop, self.sockets.pop(pid))
 

@@ -283,7 +283,7 @@ class Engine:
         assert self.outbound is not None and self.reliable is not None and self.membership is not None
         left = self.outbound.queued()
         if left:
-            self.stats.pattern["pipeline"]["dropped"] += left
+            self.stats.add("pipeline", "dropped", left)  # the inbox counts drops too
             log.warning("node %s stopped with %d queued message(s) unsent (no room or no puller)", self.name, left)
         self.reliable.close()
         self.membership.say_goodbye()

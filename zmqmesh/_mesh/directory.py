@@ -75,6 +75,7 @@ class Directory:
         self._snapshots: dict[str, tuple[float, int, Peer]] = {}
         self._rr = itertools.count()
         self._skip: dict[tuple[str, str], float] = {}
+        self._service_providers: dict[str, Provider | None] = {}
 
     # -- rebuilding (loop only) ------------------------------------------------------------
 
@@ -98,6 +99,7 @@ class Directory:
             del self._snapshots[gone]
         self.offers = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
         self.alive_ids = frozenset(peers) | {self.node_id}
+        self._service_providers = {}
         self.epoch += 1
 
     # -- reading ---------------------------------------------------------------------------
@@ -194,11 +196,16 @@ class Directory:
             if len(self._skip) > _MAX_SKIPS:
                 self._skip = {k: t for k, t in self._skip.items() if t > now}
         start = next(self._rr)
+        known = self._service_providers
         for k in range(len(candidates)):
             node_id = candidates[(start + k) % len(candidates)]
-            target = self.endpoint_of(node_id, "service")
-            if target is not None:
-                return Provider(node_id, *target)
+            if node_id in known:
+                provider = known[node_id]
+            else:
+                target = self.endpoint_of(node_id, "service")
+                provider = known[node_id] = Provider(node_id, *target) if target is not None else None
+            if provider is not None:
+                return provider
         return None
 
     def skip_provider(self, service: str, node_id: str) -> None:

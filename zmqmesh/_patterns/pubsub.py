@@ -99,7 +99,7 @@ class Publisher:
                 send_frames(xpub, [topic, pub_sender(uuid, seq), payload], copy=size < LARGE_FRAME)
                 sent += len(bodies)
             except zmq.ZMQError:
-                self.stats.add("pubsub", "dropped", len(bodies))
+                self.stats.add("pubsub", "dropped", len(bodies))  # the inbox counts drops too
         self.stats.pattern["pubsub"]["sent"] += sent
         if has_input(xpub):
             self.loop.call_soon(self.on_xpub)
