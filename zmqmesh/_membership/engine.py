@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-from zmq.utils import z85
 
 from .._io.beacon import BeaconSocket
 from .._io.curve import KeyPair, make_server
@@ -30,13 +29,14 @@ from .._io.sockets import new_socket
 from .._stats import Stats
 from .._wire import zre
 from .._wire.codec import Codec
-from .._wire.frames import HEADER, parse_endpoint
+from .._wire.frames import HEADER
 from .._wire.zre import Command, ZreMessage
 from ..config import NodeConfig
 from ..errors import MessageTooLargeError, ZmqMeshError
 from . import control
 from .admission import Admission
 from .detector import FailureDetector
+from .discovery import Beacons, Seeds
 from .events import MembershipEvents
 from .links import Links
 from .peer import PeerState
@@ -81,7 +81,6 @@ class Membership:
         self.events = events
         self.bind_address = bind_address
         self.advertise_address = advertise_address
-        self.beacon = beacon
         self.keys = keys
         self.loopback_only = advertise_address.startswith("127.")
         self.admission = Admission(
@@ -91,7 +90,12 @@ class Membership:
         )
         self.detector = FailureDetector(config.heartbeat_interval_s, config.peer_timeout_s, config.disconnect_grace_s)
         self.links = Links(ctx=ctx, loop=loop, config=config, uuid=uuid, keys=keys, stats=stats, on_link=self._on_link)
-        self._beacon_key = keys.public_bytes() if keys else None
+        self.beacons = None if beacon is None else Beacons(
+            loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
+            interval_s=config.beacon_interval_s, later=self._later, on_beacon=self._on_beacon,
+        )
+        self.seeds = Seeds(seeds=config.seeds, secure=keys is not None, links=self.links, hello=self._hello,
+                           later=self._later, retry_s=_SEED_RETRY_S)
         self.peers: dict[bytes, PeerState] = {}
         self.groups: set[str] = set()
         self.status = 0
@@ -99,7 +103,6 @@ class Membership:
         self.endpoint = ""
         self.port = 0
         self._mailbox: zmq.Socket[Any] | None = None
-        self._seed_links: dict[str, PeerState] = {}
         self._timers: list[TimerLike] = []
         self._closed = False
 
@@ -140,12 +143,10 @@ class Membership:
         self.headers = headers
         self.groups = set(groups)
         self.loop.add_reader(self._mailbox.FD, self._on_mailbox)
-        if self.beacon is not None:
-            self.loop.add_reader(self.beacon.fileno(), self._on_beacon)
-            self._send_beacon()  # the first beacon goes out at once
+        if self.beacons is not None:
+            self.beacons.start(self.port)  # the first beacon goes out at once
         self._sweep()
-        for seed in self.config.seeds:
-            self._open_seed_link(seed)
+        self.seeds.start(self.endpoint, lambda endpoint: any(p.endpoint == endpoint for p in self.peers.values()))
         self.loop.call_soon(self._on_mailbox)
 
     def say_goodbye(self) -> None:
@@ -153,8 +154,8 @@ class Membership:
         for peer in list(self.peers.values()):
             if peer.ready and peer.is_zmqmesh:
                 self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.bye(self.codec)))
-        if self.beacon is not None:
-            self.beacon.send(zre.encode_beacon(self.uuid, 0, self._beacon_key))
+        if self.beacons is not None:
+            self.beacons.goodbye()
 
     def close(self, linger_ms: int = 0) -> None:
         """Close every socket and cancel every timer (idempotent; fires no events).
@@ -167,17 +168,16 @@ class Membership:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        for peer in list(self.peers.values()) + list(self._seed_links.values()):
+        for peer in list(self.peers.values()):
             self.links.close(peer, linger_ms)
         self.peers.clear()
-        self._seed_links.clear()
+        self.seeds.close(linger_ms)
         if self._mailbox is not None:
             self._remove_reader(self._mailbox.FD)
             self._mailbox.close(0)
             self._mailbox = None
-        if self.beacon is not None:
-            self._remove_reader(self.beacon.fileno())
-            self.beacon.close()
+        if self.beacons is not None:
+            self.beacons.close()
 
     # -- what the node asks of membership ------------------------------------------------
 
@@ -265,9 +265,8 @@ class Membership:
         address = self.admission.endpoint_ok(endpoint)
         if address is None:
             return None
-        seed = self._seed_links.get(endpoint)
-        if seed is not None and seed.key == key:  # a seed we already greet: adopt its link
-            del self._seed_links[endpoint]
+        seed = self.seeds.adopt(endpoint, key)
+        if seed is not None:  # a seed we already greet: its link becomes the peer's
             seed.uuid = uuid
             seed.id = uuid.hex()
             seed.touch()
@@ -287,28 +286,6 @@ class Membership:
         self.peers[uuid] = peer
         return peer
 
-    def _open_seed_link(self, seed: str) -> None:
-        key, endpoint = (seed[:40], seed[41:]) if seed[40:41] == "@" else (None, seed)
-        if self._closed or endpoint == self.endpoint:
-            return
-        if self.keys is not None and key is None:
-            log.warning("ignoring seed %r: a secure node needs the seed's key (KEY@tcp://...)", seed)
-            return
-        if endpoint in self._seed_links or any(p.endpoint == endpoint for p in self.peers.values()):
-            return
-        parsed = parse_endpoint(endpoint)
-        if parsed is None:
-            log.warning("ignoring seed %r: not a tcp://ip:port endpoint", endpoint)
-            return
-        peer = PeerState(b"", endpoint, parsed[0], seed=seed)
-        peer.key = key
-        try:
-            self.links.open(peer, self._hello())
-        except zmq.ZMQError as exc:
-            log.warning("cannot greet seed %s: %s", endpoint, exc)
-            return
-        self._seed_links[endpoint] = peer
-
     def remove(self, peer: PeerState, reason: str) -> None:
         """Forget a peer, close its link, and report it gone if it had been ready."""
         if self.peers.get(peer.uuid) is not peer:
@@ -322,9 +299,7 @@ class Membership:
                 self.events.peer_gone(peer, reason)
             except Exception:
                 log.exception("error while handling the departure of %s", peer.id)
-        for seed in self.config.seeds:
-            if seed.endswith(peer.endpoint) and (seed == peer.endpoint or seed[40:41] == "@"):
-                self._later(_SEED_RETRY_S, self._open_seed_link, seed)
+        self.seeds.peer_left(peer.endpoint)
 
     def _drop(self, peer: PeerState, reason: str) -> None:
         """Remove a ready peer (reported), or forget one still being greeted (not reported)."""
@@ -342,35 +317,15 @@ class Membership:
 
     # -- incoming -------------------------------------------------------------------------
 
-    def _on_beacon(self) -> None:
-        assert self.beacon is not None
-        for data, source in self.beacon.receive():
-            try:
-                self._handle_beacon(data, source)
-            except Exception:  # never let one datagram take the node down
-                self.stats.reject("beacon_handler_error")
-                log.exception("error handling a beacon from %s", source)
-
-    def _handle_beacon(self, data: bytes, source: str) -> None:
-        try:
-            beacon = zre.decode_beacon(data)
-        except zre.ZreError:
-            self.stats.reject("beacon_malformed")
-            return
-        if beacon.uuid == self.uuid:
-            return
-        if (beacon.key is None) != (self.keys is None):
-            self.stats.reject("beacon_other_security")  # secure and plain nodes don't mix
-            return
-        key = z85.encode(beacon.key).decode() if beacon.key is not None else None
-        peer = self.peers.get(beacon.uuid)
-        if beacon.port == 0:
+    def _on_beacon(self, uuid: bytes, endpoint: str | None, key: str | None) -> None:
+        peer = self.peers.get(uuid)
+        if endpoint is None:
             if peer is not None:
                 self.remove(peer, "left (goodbye beacon)")
             return
         if peer is None:
-            self._learn(beacon.uuid, f"tcp://{source}:{beacon.port}", key)
-        elif peer.ready and peer.link_up and peer.endpoint == f"tcp://{source}:{beacon.port}":
+            self._learn(uuid, endpoint, key)
+        elif peer.ready and peer.link_up and peer.endpoint == endpoint:
             # A beacon proves the process runs; that its link works, the ZMTP heartbeats on
             # the link prove (they clear link_up within peer_timeout_s). Together they spare
             # a PING per peer per second.
@@ -528,12 +483,6 @@ class Membership:
 
     # -- timers ---------------------------------------------------------------------------
 
-    def _send_beacon(self) -> None:
-        if self._closed or self.beacon is None:
-            return
-        self.beacon.send(zre.encode_beacon(self.uuid, self.port, self._beacon_key))
-        self._later(self.config.beacon_interval_s, self._send_beacon)
-
     def _sweep(self) -> None:
         if self._closed:
             return
@@ -543,12 +492,7 @@ class Membership:
             self._drop(peer, reason)
         for peer in sweep.ping:
             self.links.send(peer, ZreMessage(Command.PING, 0))
-        for endpoint, seed in list(self._seed_links.items()):
-            if now - seed.last_rx > self.config.peer_timeout_s:  # re-greet a seed that never answered
-                self.links.close(seed)
-                del self._seed_links[endpoint]
-                if seed.seed is not None:
-                    self._open_seed_link(seed.seed)
+        self.seeds.regreet_silent(now, self.config.peer_timeout_s)
         self._later(self.detector.sweep_interval_s, self._sweep)
 
     def _remove_reader(self, fd: int) -> None:
