@@ -419,9 +419,9 @@ def compile_zmqmesh() -> list[Path]:
     import zmqmesh
 
     package = Path(zmqmesh.__file__).parent
-    sources = sorted(package.glob("*.py"))
+    sources = sorted(package.rglob("*.py"))  # the layers' subpackages too
     before = {src: Path(importlib.util.cache_from_source(str(src))).exists() for src in sources}
-    if not compileall.compile_dir(str(package), maxlevels=0, quiet=1):
+    if not compileall.compile_dir(str(package), quiet=1):
         raise RuntimeError(f"could not compile {package}")
     return [Path(importlib.util.cache_from_source(str(src))) for src in sources if not before[src]]
 
