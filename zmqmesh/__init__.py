@@ -21,6 +21,9 @@ from .errors import (
     NoProviderError,
     PeerLostError,
     RemoteError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
     ZmqMeshError,
 )
 from .message import Message, Peer
@@ -45,6 +48,9 @@ __all__ = [
     "NoProviderError",
     "PeerLostError",
     "RemoteError",
+    "StoreError",
+    "StoreFullError",
+    "StoreLockedError",
     "generate_keypair",
     "write_keypair",
     "read_public_key",

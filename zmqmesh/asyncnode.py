@@ -81,8 +81,14 @@ class AsyncNode(NodeBase[Any]):
         q.append(item)
         self._engine.outbound.wake()  # type: ignore[union-attr]
 
-    async def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
-        """Send ``data`` to one puller of ``queue`` (see `Node.push`)."""
+    async def push(self, queue: str, data: Any, timeout: float | None = None, *, durable: bool = False,
+                   headers: dict[str, str] | None = None) -> None:
+        """Send ``data`` to one puller of ``queue`` (see `Node.push`). A durable push commits
+        on the loop's thread (a short write; with ``store_synchronous="full"``, a disk sync)."""
+        self._check_push_options(durable, headers)
+        if durable:
+            self._push_durable(queue, data, headers)
+            return
         body, q = self._encode_push(queue, data)
         if q is None:
             q = await self._runner.run(self._push_plan(queue, timeout))

@@ -65,6 +65,12 @@ class NodeConfig:
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up
             to N at once (order no longer kept).
         linger_s: how long ``stop`` lets queued outgoing messages drain before dropping them.
+        store: directory of this node's durable store (an SQLite database, created on first
+            use); needed by durable pushes, dedupe pullers and keepers. ``None``: no store.
+        store_max_bytes: the most the store may hold (bytes); a durable call past it raises
+            `StoreFullError`.
+        store_synchronous: ``"normal"`` (a commit survives the process being killed) or
+            ``"full"`` (it survives a power cut too, at about half the write rate).
         ack_window: at-least-once queues: messages a puller may hold unacknowledged; also
             the most that can be handled twice when a puller dies.
     """
@@ -95,6 +101,9 @@ class NodeConfig:
     handler_concurrency: int = 1
     linger_s: float = 1.0
     ack_window: int = 1000
+    store: str | None = None
+    store_max_bytes: int = 1 << 30
+    store_synchronous: str = "normal"
 
     def __post_init__(self) -> None:
         for name in ("seeds", "curve_allow"):
@@ -112,6 +121,7 @@ class NodeConfig:
             "send_queue_max",
             "handler_concurrency",
             "ack_window",
+            "store_max_bytes",
         )
         for name in positive:
             value = getattr(self, name)
@@ -133,6 +143,8 @@ class NodeConfig:
             endpoint = seed[41:] if isinstance(seed, str) and seed[40:41] == "@" else seed
             if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
                 raise ConfigError(f"seeds must be tcp:// endpoints (KEY@tcp://... for secure nodes), got {seed!r}")
+        if self.store_synchronous not in ("normal", "full"):
+            raise ConfigError(f"store_synchronous must be 'normal' or 'full', got {self.store_synchronous!r}")
         if self.curve_secret_key is not None and self.curve_key_file is not None:
             raise ConfigError("give curve_secret_key or curve_key_file, not both")
 

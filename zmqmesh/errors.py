@@ -16,6 +16,9 @@ __all__ = [
     "RemoteError",
     "DecodeError",
     "MessageTooLargeError",
+    "StoreError",
+    "StoreFullError",
+    "StoreLockedError",
 ]
 
 
@@ -67,3 +70,15 @@ class DecodeError(ZmqMeshError, ValueError):
 
 class MessageTooLargeError(ZmqMeshError, ValueError):
     """A payload exceeds the configured ``max_message_bytes`` and was not sent."""
+
+
+class StoreError(ZmqMeshError):
+    """The node's durable store cannot be used: a foreign or damaged file, a failed write."""
+
+
+class StoreFullError(StoreError):
+    """The store reached ``store_max_bytes``; the message was not stored, and nothing stored was lost."""
+
+
+class StoreLockedError(StoreError, ConfigError):
+    """Another running node holds the store directory (one store, one node)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,10 +54,19 @@ class Message:
             (a bare ZeroMQ client, or a peer that already left).
         sender_id: the sender's id (hex) when the wire carried one, else ``None``.
         redelivered: on an at-least-once queue, True when an earlier delivery of this
-            message went to a puller that died before acknowledging it.
+            message may have been seen by another puller (it died, or did not acknowledge
+            in time), or by this one (its handler raised).
+        timestamp: the sender's wall-clock time (``time.time()``) when it sent the message,
+            or ``None`` when the wire did not carry it.
+        headers: string headers the sender attached (``headers=`` of `push`), empty by
+            default; a dead letter carries ``x-original-queue``, ``x-attempts`` and
+            ``x-last-error``.
+        attempts: on a durable queue, how many deliveries of this message failed before
+            this one (its handler raised, or did not return within ``ack_timeout_s``).
     """
 
-    __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered")
+    __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_id", "timestamp",
+                 "headers", "attempts")
 
     def __init__(
         self,
@@ -72,6 +82,22 @@ class Message:
         self.sender_id = sender_id
         self._lookup = lookup
         self.redelivered = False
+        self._id: str | None = None
+        self.timestamp: float | None = None
+        self.headers: dict[str, str] = {}
+        self.attempts = 0
+
+    @property
+    def id(self) -> str:
+        """A unique id: on a durable queue, the one the pusher gave the message, the same on
+        every delivery and across restarts; elsewhere one made here on first use."""
+        if self._id is None:
+            self._id = uuid.uuid4().hex
+        return self._id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._id = value
 
     @property
     def sender(self) -> Peer | None:

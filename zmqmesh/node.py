@@ -131,13 +131,23 @@ class Node(NodeBase[Any]):
         q.append(item)
         self._engine.outbound.wake()  # type: ignore[union-attr]
 
-    def push(self, queue: str, data: Any, timeout: float | None = None) -> None:
+    def push(self, queue: str, data: Any, timeout: float | None = None, *, durable: bool = False,
+             headers: dict[str, str] | None = None) -> None:
         """Send ``data`` to exactly one node pulling ``queue`` (load-balanced round-robin).
 
         Waits up to ``timeout`` (default ``push_timeout_s``) for a puller to exist and for
         room in the send queue. Raises `NoProviderError` if nobody pulls ``queue``,
         `MeshTimeoutError` if the pullers do not keep up, `TypeError` for unencodable data.
+
+        With ``durable=True`` (needs a store) the message is committed to this node's
+        store before ``push`` returns and delivered at least once to an at-least-once
+        puller, whenever one is there, also after this node restarts; ``headers`` travel
+        with it. Raises `StoreFullError` when the store is full, `ConfigError` without one.
         """
+        self._check_push_options(durable, headers)
+        if durable:
+            self._push_durable(queue, data, headers)
+            return
         body, q = self._encode_push(queue, data)
         if q is None:
             q = self._runner.run(self._push_plan(queue, timeout))

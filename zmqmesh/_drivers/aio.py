@@ -126,7 +126,7 @@ class LoopInbox(Dispatcher):
     def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
         super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
                          codec=engine.codec, stats=engine.stats, describe=engine.describe,
-                         sub=sub, pull=pull, router=router)
+                         sub=sub, pull=pull, router=router, store=engine.store)
         self.loop = engine.loop
         concurrency = engine.config.handler_concurrency
         self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler")

@@ -6,6 +6,7 @@ steps that wait (a blocking driver, or an awaiting one).
 from __future__ import annotations
 
 import time
+import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator
@@ -13,12 +14,17 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import zmq
 
-from .._mesh.registry import Registry
+from .._mesh.registry import PullOptions, Registry
 from .._mesh.waiters import Room, Until
 from .._patterns.reqrep import Exchange, request_plan
-from .._wire.frames import MAX_NAME_BYTES, STATS_SERVICE, STATS_SERVICE_BYTES
+from .._wire.frames import (
+    MAX_NAME_BYTES,
+    STATS_SERVICE,
+    STATS_SERVICE_BYTES,
+    check_headers,
+)
 from ..config import NodeConfig
-from ..errors import MeshTimeoutError, NoProviderError, ZmqMeshError
+from ..errors import ConfigError, MeshTimeoutError, NoProviderError, ZmqMeshError
 from ..message import Message, Peer
 from .engine import Engine, InboxFactory, RequestsFactory
 
@@ -134,17 +140,49 @@ class NodeBase(Generic[Handler]):
         """
         return self._register("topics", check_name("topic", prefix), handler)
 
-    def pull(self, queue: str, handler: Callable[[Message], Any] | None = None, *, at_least_once: bool = False) -> Any:
+    def pull(self, queue: str, handler: Callable[[Message], Any] | None = None, *, at_least_once: bool = False,
+             ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,
+             dedupe: bool = False, dedupe_window: int = 100_000) -> Any:
         """Take messages from the work queue ``queue``: each message goes to one puller.
 
         With ``at_least_once=True`` every message is acknowledged when the handler
         returns, and what a puller that dies had not acknowledged is redelivered to
         another (``msg.redelivered`` is then True). All pullers of a queue should agree.
-        Raises `ValueError` if this node already pulls ``queue`` with another handler.
+        Durable pushes (``push(..., durable=True)``) reach at-least-once pullers only, and
+        for them:
+
+        * ``ack_timeout_s``: a delivery not acknowledged in time (a stuck handler) is
+          given to another puller; the late acknowledgement is ignored.
+        * ``max_deliveries``: a message whose handler failed (raised, or timed out) that
+          many times moves to the durable queue ``dead_letter`` (default
+          ``"<queue>.dead"``) with headers ``x-original-queue``, ``x-attempts`` and
+          ``x-last-error``; pull that queue to handle dead letters.
+        * ``dedupe=True`` (needs a store): the ids of the last ``dedupe_window`` messages
+          handled are remembered, so a redelivery after a crash or a lost acknowledgement
+          is not handled twice.
+
+        Raises `ValueError` if this node already pulls ``queue`` with another handler,
+        `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store).
         """
+        check_name("queue", queue)
+        extras = ack_timeout_s is not None or dead_letter is not None or dedupe or max_deliveries != 5
+        if extras and not at_least_once:
+            raise ConfigError("ack_timeout_s, max_deliveries, dead_letter and dedupe need at_least_once=True")
+        if ack_timeout_s is not None and (not isinstance(ack_timeout_s, (int, float)) or ack_timeout_s <= 0):
+            raise ConfigError(f"ack_timeout_s must be a positive number of seconds, got {ack_timeout_s!r}")
+        if not isinstance(max_deliveries, int) or isinstance(max_deliveries, bool) or max_deliveries < 1:
+            raise ConfigError(f"max_deliveries must be a whole number >= 1, got {max_deliveries!r}")
+        if dead_letter is not None:
+            check_name("queue", dead_letter)
+        if dedupe and self.config.store is None:
+            raise ConfigError("dedupe=True needs a store: Node(..., store='path/dir')")
+        if not isinstance(dedupe_window, int) or dedupe_window < 1:
+            raise ConfigError(f"dedupe_window must be a whole number >= 1, got {dedupe_window!r}")
         if at_least_once:
-            self._registry.mark_at_least_once(queue)
-        return self._register("queues", check_name("queue", queue), handler)
+            self._registry.set_pull_options(queue, PullOptions(
+                True, None if ack_timeout_s is None else float(ack_timeout_s), max_deliveries, dead_letter,
+                dedupe, dedupe_window))
+        return self._register("queues", queue, handler)
 
     def service(self, name: str, handler: Callable[[Message], Any] | None = None, *, idempotent: bool = False) -> Any:
         """Answer requests to service ``name``; the handler's return value is the reply.
@@ -257,6 +295,26 @@ class NodeBase(Generic[Handler]):
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
             return body, None
         return body, q
+
+    def _push_durable(self, queue: str, data: Any, headers: dict[str, str] | None) -> None:
+        """Commit one durable message to the store; the loop delivers it when a puller is there.
+
+        Raises `ConfigError` without a store, `StoreFullError`, `StoreError`, `TypeError`
+        for unencodable data or headers, `MessageTooLargeError`, `NodeClosedError`.
+        """
+        engine = self._engine
+        engine.ensure_running()
+        if engine.durable is None:
+            raise ConfigError("durable=True needs a store: Node(..., store='path/dir')")
+        check_name("queue", queue)
+        body = engine.codec.encode(data)
+        packed = engine.codec.encode(check_headers(headers)) if headers else None
+        engine.durable.submit(queue, uuid.uuid4().hex, time.time(), packed, body)
+
+    @staticmethod
+    def _check_push_options(durable: bool, headers: dict[str, str] | None) -> None:
+        if headers is not None and not durable:
+            raise ConfigError("headers= is carried by durable pushes only (durable=True)")
 
     def _room_plan(self, q: deque[Any], timeout: float) -> Plan:
         """Wait for room in a full send queue (back-pressure)."""

@@ -49,10 +49,12 @@ from .._mesh.directory import Directory, Provider
 from .._mesh.registry import Registry
 from .._mesh.waiters import Space, Waiter, Waiters
 from .._patterns.dispatch import Call
+from .._patterns.durable import DurableQueues
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
 from .._stats import Stats
+from .._store.sqlite import Store
 from .._version import __version__ as _version
 from .._wire.codec import Codec
 from .._wire.frames import (
@@ -130,6 +132,8 @@ class Engine:
         self.publisher: Publisher | None = None
         self.pusher: Pusher | None = None
         self.reliable: ReliableSender | None = None
+        self.store: Store | None = None
+        self.durable: DurableQueues | None = None
         self.keys: KeyPair | None = None
         self._advertise = ""
         self._bound: dict[str, str] = {}
@@ -163,6 +167,8 @@ class Engine:
             secret = read_secret_key(cfg.curve_key_file)
         self.keys = KeyPair.from_secret(secret) if secret is not None else None
         allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
+        if cfg.store is not None:  # first: a locked or foreign store stops the start cleanly
+            self.store = Store(cfg.store, max_bytes=cfg.store_max_bytes, synchronous=cfg.store_synchronous)
         self.ctx = zmq.Context(io_threads=1)
         try:
             if self.keys is not None:  # the ZAP handler must exist before any socket binds
@@ -176,8 +182,12 @@ class Engine:
             senders = dict(ctx=self.ctx, loop=loop, config=cfg, stats=self.stats, uuid=self.uuid,
                            directory=self.directory, connect=self.connect, wake=self.outbound.wake)
             self.pusher = Pusher(**senders)  # type: ignore[arg-type]
-            self.reliable = ReliableSender(**senders)  # type: ignore[arg-type]
-            self.outbound.attach(self.publisher, self.pusher, self.reliable)
+            self.reliable = ReliableSender(codec=self.codec, **senders)  # type: ignore[arg-type]
+            if self.store is not None:
+                self.durable = DurableQueues(self.store, self.codec, self.stats, self.outbound.wake)
+                self.reliable.settle = self.durable.settle
+                self.durable.recover()
+            self.outbound.attach(self.publisher, self.pusher, self.reliable, self.durable)
             self.inbox = self._inbox_factory(self, sockets["sub"], sockets["pull"], sockets["service"])
             beacon = None
             if cfg.discovery:
@@ -191,6 +201,8 @@ class Engine:
             self.membership.bind()
         except Exception:
             self.ctx.destroy(linger=0)
+            if self.store is not None:
+                self.store.close()
             raise
         headers = {
             HEADER["version"]: _version,
@@ -281,7 +293,7 @@ class Engine:
     def close_outbound(self) -> None:
         """Count what could not be sent, say goodbye, fail the waits and outstanding requests."""
         assert self.outbound is not None and self.reliable is not None and self.membership is not None
-        left = self.outbound.queued()
+        left = self.outbound.unsent_in_memory()
         if left:
             self.stats.add("pipeline", "dropped", left)  # the inbox counts drops too
             log.warning("node %s stopped with %d queued message(s) unsent (no room or no puller)", self.name, left)
@@ -311,6 +323,8 @@ class Engine:
     def destroy_context(self) -> None:
         """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above)."""
         self.ctx.destroy(0)
+        if self.store is not None:
+            self.store.close()
         log.info("node %s (%s) stopped", self.name, self.node_id[:8])
 
     # -- the loop -------------------------------------------------------------------------------
@@ -422,6 +436,8 @@ class Engine:
             self.publisher.sync_connections()
         if self.pusher is not None:
             self.pusher.sync_connections()
+        if self.outbound is not None:
+            self.outbound.wake()  # waiting durable or redelivered messages may have a puller now
         self.waiters.check()
 
     # -- registry and groups ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 from .._io.reactor import EventLoop
 from .._mesh.directory import Directory
 from .._mesh.waiters import Space
+from .._patterns.durable import DurableQueues
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
@@ -37,12 +38,14 @@ class Outbound:
         self.publisher: Publisher | None = None
         self.pusher: Pusher | None = None
         self.reliable: ReliableSender | None = None
+        self.durable: DurableQueues | None = None
         self._scheduled = False
         self._retry: Any = None
 
-    def attach(self, publisher: Publisher, pusher: Pusher, reliable: ReliableSender) -> None:
-        """The pattern senders to flush."""
-        self.publisher, self.pusher, self.reliable = publisher, pusher, reliable
+    def attach(self, publisher: Publisher, pusher: Pusher, reliable: ReliableSender,
+               durable: DurableQueues | None) -> None:
+        """The pattern senders to flush (``durable`` only with a store)."""
+        self.publisher, self.pusher, self.reliable, self.durable = publisher, pusher, reliable, durable
 
     def wake(self) -> None:
         """Have the loop send what is queued, soon (from any thread)."""
@@ -58,10 +61,17 @@ class Outbound:
             self._scheduled = False
 
     def queued(self) -> int:
-        """Messages not yet sent, or sent at-least-once and not yet acknowledged."""
+        """Messages not yet sent, or sent at-least-once and not yet acknowledged; durable
+        messages waiting in the store for a puller do not count (they are kept)."""
         if self.publisher is None or self.pusher is None or self.reliable is None:
             return 0
         return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending()
+
+    def unsent_in_memory(self) -> int:
+        """What `queued` counts that a stop would lose (durable messages stay stored)."""
+        if self.publisher is None or self.pusher is None or self.reliable is None:
+            return 0
+        return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending_in_memory()
 
     def flush(self) -> None:
         """Send what every queue holds; retry shortly where a socket could not take it all."""
@@ -82,6 +92,19 @@ class Outbound:
             except Exception:  # one queue's failure must not starve the others
                 log.exception("sending on queue %r failed", queue)
                 blocked = True
+        if self.durable is not None:
+            try:
+                buffers = self.durable.refill()
+            except Exception:
+                log.exception("reading the store failed")
+                buffers = {}
+            for queue, buffer in buffers.items():
+                try:
+                    if (buffer or reliable.redeliver.get(queue)) and reliable.flush(queue, buffer):
+                        blocked |= bool(self.directory.providers("ackqueues", queue))
+                except Exception:
+                    log.exception("sending durable queue %r failed", queue)
+                    blocked = True
         if blocked and self._retry is None:
             self._retry = self.loop.call_later(_RETRY_S, self._on_retry)
         self.space.notify()

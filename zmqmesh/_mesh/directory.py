@@ -112,6 +112,14 @@ class Directory:
         """The ready zmqmesh peers (not plain ZRE ones)."""
         return [p for p in list(self._peers.values()) if p.is_zmqmesh]
 
+    def ack_timeout_s(self, queue: str, node_id: str) -> float | None:
+        """The ``ack_timeout_s`` the puller ``node_id`` announced for ``queue``, if any."""
+        for name, ids in self.offers["acktimeouts"].items():
+            millis, _, announced = name.partition("/")
+            if announced == queue and node_id in ids and millis.isdigit():
+                return int(millis) / 1000
+        return None
+
     def providers(self, kind: str, name: str) -> tuple[str, ...]:
         """Ids of the nodes (this one included) offering ``name`` of ``kind``."""
         return self.offers[kind].get(name, ())

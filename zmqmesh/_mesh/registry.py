@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Registry", "EVENTS"]
+__all__ = ["Registry", "PullOptions", "EVENTS"]
 
 EVENTS = ("join", "leave", "whisper", "shout")
+
+
+class PullOptions(NamedTuple):
+    """How a node pulls one queue (see `Node.pull`)."""
+
+    at_least_once: bool = False
+    ack_timeout_s: float | None = None
+    max_deliveries: int = 5
+    dead_letter: str | None = None
+    dedupe: bool = False
+    dedupe_window: int = 100_000
+
+    def dead_letter_queue(self, queue: str) -> str:
+        """Where messages of ``queue`` that used up their deliveries go."""
+        return self.dead_letter or f"{queue}.dead"
 
 
 class Registry:
@@ -23,6 +38,7 @@ class Registry:
         self.services: dict[str, Callable[..., Any]] = {}
         self.callbacks: dict[str, tuple[Callable[..., Any], ...]] = dict.fromkeys(EVENTS, ())
         self.ack_queues: frozenset[str] = frozenset()
+        self.pull_options: dict[str, PullOptions] = {}
         self.idempotent: frozenset[str] = frozenset()
         self.version = 0
 
@@ -34,6 +50,9 @@ class Registry:
             "topics": frozenset(self.topics),
             "ackqueues": frozenset(self.queues) & self.ack_queues,
             "idempotent": frozenset(self.services) & self.idempotent,
+            "acktimeouts": frozenset(
+                f"{round(o.ack_timeout_s * 1000)}/{q}" for q, o in self.pull_options.items()
+                if o.ack_timeout_s is not None and q in self.queues and q in self.ack_queues),
         }
 
     def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
@@ -54,6 +73,12 @@ class Registry:
     def mark_at_least_once(self, queue: str) -> None:
         """Pull ``queue`` at-least-once (acknowledged batches)."""
         self.ack_queues = self.ack_queues | {queue}
+
+    def set_pull_options(self, queue: str, options: PullOptions) -> None:
+        """How ``queue`` is pulled (at-least-once and its delivery limits)."""
+        self.pull_options = {**self.pull_options, queue: options}
+        if options.at_least_once:
+            self.mark_at_least_once(queue)
 
     def mark_idempotent(self, service: str) -> None:
         """Declare ``service`` safe to retry on another provider."""

@@ -33,10 +33,11 @@ import zmq
 
 from .._io.sockets import has_input, recv_frames, send_frames
 from .._mesh.directory import Directory
-from .._mesh.registry import Registry
+from .._mesh.registry import PullOptions, Registry
 from .._stats import Stats
+from .._store.sqlite import Store
 from .._wire import frames as wire
-from .._wire.codec import Codec
+from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
 from ..config import NodeConfig
 from ..errors import DecodeError
 from ..message import Message
@@ -47,29 +48,37 @@ __all__ = ["Dispatcher", "Call", "BatchAck", "is_async", "run_sync", "run_async"
 log = logging.getLogger("zmqmesh.inbox")
 
 _BURST = 256
+_TRIM_EVERY = 10_000  # remembered ids between trims of a dedupe window
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 
 
 class BatchAck:
-    """Acknowledges an at-least-once batch once every message of it has been handled."""
+    """Acknowledges an at-least-once batch once every message of it has been handled,
+    naming the durable items whose handler failed (``failures``)."""
 
-    __slots__ = ("route", "remaining")
+    __slots__ = ("route", "remaining", "queue", "options", "failures")
 
-    def __init__(self, route: tuple[bytes, bytes], remaining: int) -> None:
+    def __init__(self, route: tuple[bytes, bytes], remaining: int, queue: str = "",
+                 options: PullOptions | None = None) -> None:
         self.route = route
         self.remaining = remaining
+        self.queue = queue
+        self.options = options or PullOptions(at_least_once=True)
+        self.failures: list[list[Any]] = []
 
 
 class Call:
     """One handler invocation: ``handler(arg)``, and where its reply goes, if anywhere."""
 
-    __slots__ = ("handler", "arg", "route", "pattern")
+    __slots__ = ("handler", "arg", "route", "pattern", "index")
 
-    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | BatchAck | None, pattern: str) -> None:
+    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | BatchAck | None,
+                 pattern: str, index: int = 0) -> None:
         self.handler = handler
         self.arg = arg
         self.route = route
         self.pattern = pattern
+        self.index = index  # in its at-least-once batch
 
 
 _ASYNC: dict[Any, bool] = {}
@@ -94,7 +103,10 @@ class Dispatcher:
 
     def __init__(self, *, config: NodeConfig, registry: Registry, directory: Directory, codec: Codec,
                  stats: Stats, describe: Callable[[], dict[str, Any]],
-                 sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+                 sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any],
+                 store: Store | None = None) -> None:
+        self.store = store
+        self._remembered: dict[str, int] = {}
         self.config = config
         self.registry = registry
         self.directory = directory
@@ -272,16 +284,34 @@ class Dispatcher:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")  # the pusher deals them elsewhere
             return
         items = self.codec.decode_batch(body)
-        if not all(isinstance(i, list) and len(i) == 2 and isinstance(i[0], bool) for i in items):
+        if not all(_valid_item(i) for i in items):
             raise DecodeError("malformed at-least-once batch")
         self.stats.pattern["pipeline"]["received"] += len(items)
         if sender_id is not None:
             self.stats.peer_received[sender_id] += len(items)
-        ack = BatchAck(route, len(items))
-        for redelivered, data in items:
-            msg = Message("pipeline", queue, data, sender_id, self.directory.lookup_peer)
-            msg.redelivered = redelivered
-            calls.append(Call(handler, msg, ack, "pipeline"))
+        options = self.registry.pull_options.get(queue) or PullOptions(at_least_once=True)
+        ack = BatchAck(route, len(items), queue, options)
+        seen: set[str] = set()
+        if options.dedupe and self.store is not None:
+            seen = self.store.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
+        for index, item in enumerate(items):
+            msg = Message("pipeline", queue, item[1], sender_id, self.directory.lookup_peer)
+            msg.redelivered = item[0]
+            if len(item) == DURABLE_ITEM_FIELDS:
+                msg.id, msg.timestamp, msg.headers, msg.attempts = item[2], float(item[3]), item[4] or {}, item[5]
+                if msg.id in seen:  # handled before (its ack was lost): effectively once
+                    counters = self.stats.pattern["pipeline"]
+                    counters["deduplicated"] = counters.get("deduplicated", 0) + 1
+                    ack.remaining -= 1
+                    continue
+                if msg.attempts >= options.max_deliveries:  # e.g. it timed out every time
+                    ack.failures.append([index, options.dead_letter_queue(queue),
+                                         f"no acknowledgement after {msg.attempts} deliveries"])
+                    ack.remaining -= 1
+                    continue
+            calls.append(Call(handler, msg, ack, "pipeline", index))
+        if ack.remaining == 0:
+            self._acknowledge(ack)
 
     # -- replying ---------------------------------------------------------------------------
 
@@ -293,9 +323,17 @@ class Dispatcher:
             if not isinstance(route, tuple):
                 log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
         if isinstance(route, BatchAck):
+            msg = call.arg
+            if msg.timestamp is not None:  # a durable item: its outcome goes back to the pusher
+                if error is not None:
+                    attempts = msg.attempts + 1
+                    dead = route.options.dead_letter_queue(route.queue) if attempts >= route.options.max_deliveries else None
+                    route.failures.append([call.index, dead, f"{type(error).__name__}: {error}"])
+                elif route.options.dedupe:
+                    self._remember(route, msg.id)
             route.remaining -= 1
             if route.remaining == 0:
-                self.send_reply(route.route, wire.STATUS_OK, b"")
+                self._acknowledge(route)
             return
         if route is None:
             return
@@ -312,6 +350,24 @@ class Dispatcher:
             status = wire.STATUS_ERROR
         self.send_reply(route, status, body)
         self.stats.pattern["service"]["sent"] += 1
+
+    def _remember(self, ack: BatchAck, msg_id: str) -> None:
+        """Commit that a dedupe puller handled ``msg_id``, as soon as its handler returned
+        (a crash after this point cannot make it run again)."""
+        assert self.store is not None
+        try:
+            self.store.remember(ack.queue, [msg_id])
+            count = self._remembered[ack.queue] = self._remembered.get(ack.queue, 0) + 1
+            if count >= _TRIM_EVERY:
+                self._remembered[ack.queue] = 0
+                self.store.trim_handled(ack.queue, ack.options.dedupe_window)
+        except Exception as exc:
+            log.error("cannot record message %s of %r as handled: %s", msg_id[:12], ack.queue, exc)
+
+    def _acknowledge(self, ack: BatchAck) -> None:
+        """Tell the pusher the batch is done, naming the items whose handler failed."""
+        body = self.codec.encode(ack.failures) if ack.failures else b""
+        self.send_reply(ack.route, wire.STATUS_OK, body)
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
         """Send a reply to ``route``; an unreachable caller is counted."""
@@ -337,6 +393,30 @@ class Dispatcher:
         """Close the three sockets (owner thread only)."""
         for sock, _kind in self.sockets:
             sock.close(0)
+
+
+def _valid_item(item: Any) -> bool:
+    """An at-least-once item: ``[redelivered, data]`` or the durable
+    ``[redelivered, data, id, timestamp, headers, attempts]``."""
+    if not isinstance(item, list) or not item or not isinstance(item[0], bool):
+        return False
+    if len(item) == 2:
+        return True
+    if len(item) != DURABLE_ITEM_FIELDS:
+        return False
+    _flag, _data, msg_id, timestamp, headers, attempts = item
+    if not isinstance(msg_id, str) or len(msg_id) > wire.MAX_ID_CHARS:
+        return False
+    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
+        return False
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+        return False
+    if headers is not None:
+        try:
+            wire.check_headers(headers)
+        except (TypeError, ValueError):
+            return False
+    return True
 
 
 def run_sync(call: Call) -> tuple[Any, BaseException | None]:

@@ -1,26 +1,33 @@
-"""At-least-once queues: the pusher's side.
+"""At-least-once and durable queues: the pusher's side.
 
 A queue whose pullers announce ``at_least_once`` is not sent over PUSH/PULL. The pusher
 deals batches to the pullers itself, over a DEALER to each puller's service ROUTER,
 keeping every batch until the puller acknowledges it. A puller acknowledges a batch once
 its handler has returned for every message of it. When a puller leaves (crash,
-shutdown, silence), what it had not acknowledged goes back to the front of the queue,
-marked as redelivered, and is dealt to the remaining pullers. So every message is
-handled at least once, and at most ``ack_window`` messages per lost puller are handled
-twice.
+shutdown, silence), or does not acknowledge within its announced ``ack_timeout_s``, what
+it had not acknowledged goes back to the front of the queue, marked as redelivered, and
+is dealt to the remaining pullers. So every message is handled at least once, and at
+most ``ack_window`` messages per lost puller are handled twice.
+
+Items are the encoded payloads of in-memory pushes, or `StoredMessage` rows of durable
+pushes (see `durable`); a durable item carries its id, timestamp, headers and failed
+attempts, and its outcome (delivered, failed, dead-lettered) goes to ``settle``.
 
 Frames: request ``["\\x00queue/<name>", batch_id, body]`` where ``body`` is a batch of
-msgpack arrays ``[redelivered, data]``; reply ``[batch_id, status, b""]`` (status as for
-requests; 0x02 means the node no longer pulls the queue).
+msgpack arrays ``[redelivered, data]`` or ``[redelivered, data, id, timestamp, headers,
+attempts]``; reply ``[batch_id, status, body]`` (status as for requests; 0x02 means the
+node no longer pulls the queue). ``body`` is empty, or lists the items whose handler
+failed: ``[[index, dead_letter_queue or nil, error], ...]``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -28,6 +35,8 @@ from .._io.reactor import EventLoop
 from .._io.sockets import close_watched, has_input, new_socket, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
+from .._store.sqlite import StoredMessage
+from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     MAX_BATCH_ITEMS,
     STATUS_OK,
@@ -38,40 +47,67 @@ from .._wire.frames import (
 )
 from ..config import NodeConfig
 
-__all__ = ["ReliableSender"]
+__all__ = ["ReliableSender", "Failure"]
 
 log = logging.getLogger("zmqmesh.reliable")
 
+_TIMEOUT_CHECK_S = 0.05
+
+
+class Failure(NamedTuple):
+    """A delivered item whose handler failed: the puller names a dead-letter queue when
+    the item used up its deliveries."""
+
+    position: int
+    dead_letter: str | None
+    error: str
+
+
+class _Batch(NamedTuple):
+    queue: str
+    puller: str
+    items: list[Any]
+    sent_at: float
+
 
 class ReliableSender:
-    """Deals the at-least-once queues of one node; runs on the node's loop.
+    """Deals the at-least-once and durable queues of one node; runs on the node's loop.
 
-    ``wake`` asks the loop to flush (acknowledgements made room in a window).
+    ``wake`` asks the loop to flush (acknowledgements made room in a window); ``settle``
+    (set by the durable queues) learns the outcome of every batch of durable items.
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
-                 uuid: bytes, directory: Directory,
+                 uuid: bytes, directory: Directory, codec: Codec,
                  connect: Callable[[zmq.Socket[Any], str, str | None], None], wake: Callable[[], None]) -> None:
         self.ctx = ctx
         self.loop = loop
         self.stats = stats
         self.uuid = uuid
         self.directory = directory
+        self.codec = codec
         self.connect = connect
         self.wake = wake
         self.window = config.ack_window
-        self.redeliver: dict[str, deque[bytes]] = {}
+        self.settle: Callable[[str, list[Any], list[Failure]], list[Any]] | None = None
+        self.redeliver: dict[str, deque[Any]] = {}
         self.sockets: dict[str, zmq.Socket[Any]] = {}
-        self.inflight: dict[bytes, tuple[str, str, list[bytes], list[bool]]] = {}
+        self.inflight: dict[bytes, _Batch] = {}
         self.inflight_count: dict[str, int] = {}
         self._batch_ids = itertools.count(1)
         self._rr = itertools.count()
+        self._timeout_check: Any = None
 
     def pending(self) -> int:
         """Messages sent but not yet acknowledged, plus those waiting to be resent."""
-        return sum(len(v[2]) for v in self.inflight.values()) + sum(len(q) for q in self.redeliver.values())
+        return sum(len(b.items) for b in self.inflight.values()) + sum(len(q) for q in self.redeliver.values())
 
-    def flush(self, queue: str, q: deque[bytes]) -> bool:
+    def pending_in_memory(self) -> int:
+        """The part of `pending` that lives only in memory (not in the store)."""
+        inflight = sum(1 for b in self.inflight.values() for i in b.items if isinstance(i, bytes))
+        return inflight + sum(1 for q in self.redeliver.values() for i in q if isinstance(i, bytes))
+
+    def flush(self, queue: str, q: deque[Any]) -> bool:
         """Deal what is queued to pullers with room in their window; True if some had to wait."""
         directory = self.directory
         pullers = [i for i in directory.providers("ackqueues", queue) if directory.endpoint_of(i, "service")]
@@ -90,33 +126,42 @@ class ReliableSender:
                 n = min(room, MAX_BATCH_ITEMS, share)
                 if n <= 0:
                     continue
-                bodies: list[bytes] = []
+                items: list[Any] = []
                 flags: list[bool] = []
-                while len(bodies) < n and again:
-                    bodies.append(again.popleft())
+                while len(items) < n and again:
+                    items.append(again.popleft())
                     flags.append(True)
-                while len(bodies) < n and q:
-                    bodies.append(q.popleft())
-                    flags.append(False)
-                if not bodies:
+                while len(items) < n and q:
+                    item = q.popleft()
+                    items.append(item)
+                    flags.append(isinstance(item, StoredMessage) and (item.attempts > 0 or item.recovered))
+                if not items:
                     break
                 batch_id = next(self._batch_ids).to_bytes(8, "big")
-                payload = b"".join(wrap_item(b, f) for b, f in zip(bodies, flags))
+                payload = b"".join(self._wrap(item, flag) for item, flag in zip(items, flags))
                 try:
                     send_frames(self._socket(puller), [name, batch_id, payload])
                 except zmq.ZMQError:
-                    for body in reversed(bodies):
-                        again.appendleft(body)
+                    for item in reversed(items):
+                        again.appendleft(item)
                     continue
-                self.inflight[batch_id] = (queue, puller, bodies, flags)
-                self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(bodies)
-                self.stats.pattern["pipeline"]["sent"] += len(bodies)
+                self.inflight[batch_id] = _Batch(queue, puller, items, time.monotonic())
+                self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
+                self.stats.pattern["pipeline"]["sent"] += len(items)
                 progress = True
         for puller in pullers:  # sending may have consumed the edge that announces acks
             sock = self.sockets.get(puller)
             if sock is not None and has_input(sock):
                 self.loop.call_soon(self._on_acks, puller)
+        if self.inflight and self._timeout_check is None and directory.offers["acktimeouts"]:
+            self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
         return bool(q or again)
+
+    @staticmethod
+    def _wrap(item: Any, redelivered: bool) -> bytes:
+        if isinstance(item, bytes):
+            return wrap_item(item, redelivered)
+        return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts)
 
     def _socket(self, puller: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(puller)
@@ -138,29 +183,72 @@ class ReliableSender:
             except zmq.ZMQError:
                 break
             reply = parse_reply(frames)
-            entry = self.inflight.pop(reply[0], None) if reply is not None else None
-            if entry is None or reply is None:
-                continue
-            queue, owner, bodies, _flags = entry
-            self.inflight_count[owner] -= len(bodies)
+            batch = self.inflight.pop(reply[0], None) if reply is not None else None
+            if batch is None or reply is None:
+                continue  # late: the batch timed out and went to another puller
+            self.inflight_count[batch.puller] -= len(batch.items)
             freed = True
             if reply[1] != STATUS_OK:  # the puller stopped pulling: deal them again
-                self.redeliver.setdefault(queue, deque()).extendleft(reversed(bodies))
+                self._put_back(batch.queue, batch.items)
+                continue
+            failures = self._failures(reply[2], len(batch.items))
+            if failures:
+                self.stats.pattern["pipeline"]["errors"] += len(failures)
+            if self.settle is not None and any(isinstance(i, StoredMessage) for i in batch.items):
+                retry = self.settle(batch.queue, batch.items, failures)
+                if retry:
+                    self._put_back(batch.queue, retry)
         if freed:
             self.wake()
 
+    def _failures(self, body: bytes, count: int) -> list[Failure]:
+        if not body:
+            return []
+        try:
+            entries = self.codec.decode(body)
+            failures = [Failure(int(i), dl if isinstance(dl, str) else None, str(err)) for i, dl, err in entries]
+        except Exception:
+            self.stats.reject("ack_malformed")
+            return []
+        return [f for f in failures if 0 <= f.position < count]
+
+    def _put_back(self, queue: str, items: list[Any]) -> None:
+        self.redeliver.setdefault(queue, deque()).extendleft(reversed(items))
+        counters = self.stats.pattern["pipeline"]
+        counters["redelivered"] = counters.get("redelivered", 0) + len(items)
+
+    def _check_timeouts(self) -> None:
+        self._timeout_check = None
+        now = time.monotonic()
+        expired = []
+        for batch_id, batch in self.inflight.items():
+            timeout = self.directory.ack_timeout_s(batch.queue, batch.puller)
+            if timeout is not None and now - batch.sent_at > timeout:
+                expired.append(batch_id)
+        for batch_id in expired:
+            batch = self.inflight.pop(batch_id)
+            self.inflight_count[batch.puller] -= len(batch.items)
+            log.warning("puller %s did not acknowledge %d message(s) of %r in time: redelivering",
+                        batch.puller[:8], len(batch.items), batch.queue)
+            items = batch.items
+            if self.settle is not None:  # a timeout counts as a failed delivery
+                failures = [Failure(i, None, "ack timeout") for i in range(len(items))]
+                items = self.settle(batch.queue, items, failures)
+            self._put_back(batch.queue, items)
+        if expired:
+            self.wake()
+        if self.inflight and self.directory.offers["acktimeouts"]:
+            self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
+
     def peer_gone(self, puller: str) -> None:
         """Put back what a departed puller had not acknowledged, marked as redelivered."""
-        lost = [(bid, e) for bid, e in self.inflight.items() if e[1] == puller]
-        for batch_id, (queue, _owner, bodies, _flags) in reversed(lost):
+        lost = [(bid, b) for bid, b in self.inflight.items() if b.puller == puller]
+        for batch_id, batch in reversed(lost):
             del self.inflight[batch_id]
-            self.redeliver.setdefault(queue, deque()).extendleft(reversed(bodies))
-            self.stats.pattern["pipeline"]["redelivered"] = (
-                self.stats.pattern["pipeline"].get("redelivered", 0) + len(bodies)
-            )
+            self._put_back(batch.queue, batch.items)
         if lost:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
-                        puller[:8], sum(len(e[2]) for _, e in lost))
+                        puller[:8], sum(len(b.items) for _, b in lost))
         self.inflight_count.pop(puller, None)
         sock = self.sockets.pop(puller, None)
         if sock is not None:
@@ -168,8 +256,12 @@ class ReliableSender:
         self.wake()
 
     def close(self) -> int:
-        """Close every socket; returns how many messages were still unacknowledged."""
-        left = self.pending()
+        """Close every socket; returns how many in-memory messages were still unacknowledged
+        (durable ones stay in the store)."""
+        left = self.pending_in_memory()
+        if self._timeout_check is not None:
+            self._timeout_check.cancel()
+            self._timeout_check = None
         for puller in list(self.sockets):
             close_watched(self.loop, self.sockets.pop(puller))
         return left

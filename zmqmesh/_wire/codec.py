@@ -19,7 +19,20 @@ import msgpack
 from ..errors import DecodeError, MessageTooLargeError
 from .frames import MAX_BATCH_ITEMS
 
-__all__ = ["Codec"]
+__all__ = ["Codec", "durable_item", "DURABLE_ITEM_FIELDS"]
+
+DURABLE_ITEM_FIELDS = 6
+"""A durable queue item: ``[redelivered, data, id, timestamp, headers, attempts]``; an
+in-memory at-least-once item is ``[redelivered, data]``."""
+_TRUE, _FALSE, _ARRAY6, _NIL = b"\xc3", b"\xc2", b"\x96", b"\xc0"
+
+
+def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, headers: bytes | None,
+                 attempts: int) -> bytes:
+    """The msgpack array of one durable queue item around an already encoded payload and
+    already encoded headers (a map, or None)."""
+    return b"".join((_ARRAY6, _TRUE if redelivered else _FALSE, body, msgpack.packb(msg_id),
+                     msgpack.packb(timestamp), headers or _NIL, msgpack.packb(attempts)))
 
 _DECODE_ERRORS = (ValueError, TypeError, msgpack.UnpackException, OverflowError, RecursionError)
 

@@ -46,6 +46,10 @@ __all__ = [
     "parse_reply",
     "queue_service",
     "wrap_item",
+    "MAX_ID_CHARS",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
+    "check_headers",
     "inproc_endpoint",
     "parse_endpoint",
 ]
@@ -86,13 +90,14 @@ HEADER = {
 ENDPOINT_KEYS = ("pub", "sub", "pull", "service")
 """The HELLO headers that carry a pattern socket's endpoint."""
 
-OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent")
+OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent", "acktimeouts")
 OFFER_PREFIXES = {
     "services": "zmqmesh/svc/",
     "queues": "zmqmesh/queue/",
     "topics": "zmqmesh/sub/",
     "ackqueues": "zmqmesh/ackqueue/",  # queues pulled at-least-once
     "idempotent": "zmqmesh/idem/",  # services safe to retry on another provider
+    "acktimeouts": "zmqmesh/ackto/",  # "<milliseconds>/<queue>": redeal what is not acknowledged in time
 }
 """A node announces what it offers by joining the ZRE group ``prefix + name``."""
 
@@ -174,6 +179,31 @@ _TRUE, _FALSE, _ARRAY2 = b"\xc3", b"\xc2", b"\x92"
 def wrap_item(body: bytes, redelivered: bool) -> bytes:
     """The msgpack array ``[redelivered, data]`` around an already encoded payload."""
     return _ARRAY2 + (_TRUE if redelivered else _FALSE) + body
+
+
+MAX_ID_CHARS = 128
+"""Longest message id accepted."""
+MAX_HEADERS = 64
+"""Most headers one message may carry."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Most bytes the headers of one message may take, names and values together."""
+
+
+def check_headers(headers: object) -> dict[str, str]:
+    """``headers`` if it is a ``dict[str, str]`` within `MAX_HEADERS` and
+    `MAX_HEADER_BYTES`. Raises `ValueError` (`TypeError` for a wrong type)."""
+    if not isinstance(headers, dict):
+        raise TypeError(f"headers must be a dict of str to str, not {type(headers).__name__}")
+    if len(headers) > MAX_HEADERS:
+        raise ValueError(f"{len(headers)} headers; at most {MAX_HEADERS}")
+    size = 0
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("headers must be a dict of str to str")
+        size += len(key.encode()) + len(value.encode())
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(f"headers of {size} bytes; at most {MAX_HEADER_BYTES}")
+    return headers
 
 
 def inproc_endpoint(node_id: str, what: str) -> str:

@@ -1,0 +1,326 @@
+"""The node store: one SQLite database (WAL mode) in a directory, written by one node.
+
+Durability (``synchronous``):
+
+* ``"normal"`` (the default): a write is committed before the call that made it returns
+  and survives the process being killed (SIGKILL); the last transactions may be lost if
+  the machine loses power.
+* ``"full"``: each commit also waits for the disk; it survives a power cut too, and costs
+  about half the write rate.
+
+The directory holds ``zmqmesh.db`` (and SQLite's ``-wal``/``-shm`` files) and
+``zmqmesh.lock``: a node holds an exclusive lock on it while it runs, so a second node
+opening the same store gets `StoreLockedError` instead of corrupting it. A file that is
+not a zmqmesh store, or is damaged, raises `StoreError` at open, never a silent reset.
+``max_bytes`` bounds the database; a write that would pass it raises `StoreFullError`
+and leaves what is stored intact.
+
+Thread-safe: one connection, one lock; every public method is one transaction.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
+
+__all__ = ["Store", "StoredMessage", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE"]
+
+SCHEMA_VERSION = 1
+DB_FILE = "zmqmesh.db"
+LOCK_FILE = "zmqmesh.lock"
+_APP = "zmqmesh"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_PAGE_SIZE = 4096
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # durable messages this node owns until a puller acknowledges them (or a keeper takes them)
+    "CREATE TABLE outbox ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " queue TEXT NOT NULL,"
+    " id TEXT NOT NULL,"
+    " ts REAL NOT NULL,"
+    " headers BLOB,"
+    " body BLOB NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0)",
+    "CREATE INDEX outbox_queue ON outbox (queue, seq)",
+    # ids of messages a dedupe puller handled, per queue
+    "CREATE TABLE handled (queue TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (queue, id))"
+    " WITHOUT ROWID",
+    "CREATE INDEX handled_age ON handled (queue, at)",
+)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One durable message as stored: its place in the outbox and what travels."""
+
+    seq: int
+    queue: str
+    id: str
+    timestamp: float
+    headers: bytes | None
+    body: bytes
+    attempts: int
+    recovered: bool = False
+    """Stored before this node started: it may have been delivered already."""
+
+
+class Store:
+    """A node's durable store in ``directory`` (created if missing).
+
+    Raises `StoreLockedError` if another process holds the store, `StoreError` for a
+    file that is not a zmqmesh store or is damaged, `ConfigError` for bad options.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int = 1 << 30,
+                 synchronous: str = "normal") -> None:
+        if synchronous not in ("normal", "full"):
+            raise ConfigError(f"store_synchronous must be 'normal' or 'full', not {synchronous!r}")
+        if max_bytes < 1 << 20:
+            raise ConfigError("store_max_bytes must be at least 1 MiB")
+        self.directory = Path(directory)
+        self.path = self.directory / DB_FILE
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the store directory {self.directory}: {exc}") from exc
+        self._lock_file = self._take_lock()
+        self._lock = threading.Lock()
+        try:
+            self._check_file()
+            self._db = self._connect(max_bytes, synchronous)
+        except BaseException:
+            self._release_lock()
+            raise
+        self.max_bytes = max_bytes
+        self._closed = False
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _take_lock(self) -> Any:
+        lock_path = self.directory / LOCK_FILE
+        try:
+            handle = open(lock_path, "a+")  # noqa: SIM115 - held for the store's lifetime
+        except OSError as exc:
+            raise ConfigError(f"cannot open {lock_path}: {exc}") from exc
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreLockedError(f"the store {self.directory} is in use by another node (locked)") from None
+        return handle
+
+    def _release_lock(self) -> None:
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+        finally:
+            self._lock_file.close()
+
+    def _check_file(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+        if head != _SQLITE_MAGIC:
+            raise StoreError(f"{self.path} is not a zmqmesh store (not an SQLite database); "
+                             "move it away or name another store directory")
+
+    def _connect(self, max_bytes: int, synchronous: str) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+        try:
+            fresh = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+            if fresh:
+                db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"the store {self.path} cannot use WAL mode (got {mode!r})")
+            db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {max(max_bytes // page_size, 16)}")
+            if fresh:
+                db.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.executemany("INSERT INTO meta VALUES (?, ?)",
+                               [("app", _APP), ("schema_version", str(SCHEMA_VERSION)), ("created", str(time.time()))])
+                db.execute("COMMIT")
+            else:
+                self._check_schema(db)
+        except StoreError:
+            db.close()
+            raise
+        except sqlite3.Error as exc:
+            db.close()
+            raise StoreError(f"the store {self.path} is damaged or not a zmqmesh store: {exc}") from exc
+        return db
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError:
+            raise StoreError(f"{self.path} is an SQLite database but not a zmqmesh store") from None
+        if meta.get("app") != _APP:
+            raise StoreError(f"{self.path} is an SQLite database but not a zmqmesh store")
+        version = int(meta.get("schema_version", "0"))
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the store {self.path} was written by a newer zmqmesh (schema {version}, "
+                             f"this one reads up to {SCHEMA_VERSION})")
+        # schema 1 is the first: migrations from older schemas go here, one step per version
+        problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if problem != "ok":
+            raise StoreError(f"the store {self.path} is damaged: {problem}")
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _write(self, statements: Iterable[tuple[str, Any]]) -> list[int]:
+        """Run ``(sql, params)`` pairs in one transaction; the last row id of each insert."""
+        ids: list[int] = []
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for sql, params in statements:
+                    if isinstance(params, list):
+                        db.executemany(sql, params)
+                    else:
+                        cur = db.execute(sql, params)
+                        if cur.lastrowid:
+                            ids.append(cur.lastrowid)
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                    raise StoreFullError(
+                        f"the store {self.directory} is full (store_max_bytes={self.max_bytes}); "
+                        "nothing already stored was lost") from exc
+                raise StoreError(f"store write failed: {exc}") from exc
+        return ids
+
+    def append(self, messages: Sequence[tuple[str, str, float, bytes | None, bytes]]) -> list[int]:
+        """Store ``(queue, id, timestamp, headers, body)`` messages in one transaction;
+        their outbox sequence numbers. Raises `StoreFullError`, `StoreError`."""
+        sql = "INSERT INTO outbox (queue, id, ts, headers, body) VALUES (?, ?, ?, ?, ?)"
+        return self._write((sql, m) for m in messages)
+
+    def acknowledge(self, seqs: Iterable[int]) -> None:
+        """Forget delivered messages."""
+        self._write([("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])])
+
+    def count_attempt(self, seqs: Iterable[int]) -> None:
+        """Count one more failed delivery of each message."""
+        self._write([("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs])])
+
+    def move(self, seq: int, queue: str, headers: bytes | None) -> int:
+        """Move a message to the end of another queue (a dead-letter queue), with new
+        headers and no attempts; its new sequence number."""
+        return self._write([
+            ("INSERT INTO outbox (queue, id, ts, headers, body) "
+             "SELECT ?, id, ts, ?, body FROM outbox WHERE seq = ?", (queue, headers, seq)),
+            ("DELETE FROM outbox WHERE seq = ?", (seq,)),
+        ])[0]
+
+    def drop_queue(self, queue: str) -> int:
+        """Delete every message of ``queue``; how many there were."""
+        with self._lock:
+            n = self._db.execute("SELECT count(*) FROM outbox WHERE queue = ?", (queue,)).fetchone()[0]
+        self._write([("DELETE FROM outbox WHERE queue = ?", (queue,))])
+        return int(n)
+
+    def requeue(self, source: str, target: str) -> int:
+        """Move every message of ``source`` to the end of ``target``; how many moved."""
+        with self._lock:
+            n = self._db.execute("SELECT count(*) FROM outbox WHERE queue = ?", (source,)).fetchone()[0]
+        self._write([
+            ("INSERT INTO outbox (queue, id, ts, headers, body) "
+             "SELECT ?, id, ts, headers, body FROM outbox WHERE queue = ? ORDER BY seq", (target, source)),
+            ("DELETE FROM outbox WHERE queue = ?", (source,)),
+        ])
+        return int(n)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def pending(self, queue: str, after: int = 0, limit: int = 256) -> list[StoredMessage]:
+        """Up to ``limit`` messages of ``queue`` after sequence ``after``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, queue, id, ts, headers, body, attempts FROM outbox "
+                "WHERE queue = ? AND seq > ? ORDER BY seq LIMIT ?", (queue, after, limit)).fetchall()
+        return [StoredMessage(*row) for row in rows]
+
+    def last_seq(self) -> int:
+        """The highest outbox sequence number used so far (0 for none)."""
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        return int(row[0]) if row else 0
+
+    def queues(self) -> dict[str, dict[str, Any]]:
+        """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT queue, count(*), sum(length(body) + ifnull(length(headers), 0)), min(ts) "
+                "FROM outbox GROUP BY queue ORDER BY queue").fetchall()
+        return {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows}
+
+    def size_bytes(self) -> int:
+        """The database's size on disk, WAL included."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.path.getsize(str(self.path) + suffix)
+            except OSError:
+                pass
+        return total
+
+    # -- effectively-once ----------------------------------------------------------------------
+
+    def seen(self, queue: str, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` were already handled on ``queue``."""
+        if not ids:
+            return set()
+        with self._lock:
+            marks = ",".join("?" * len(ids))
+            rows = self._db.execute(f"SELECT id FROM handled WHERE queue = ? AND id IN ({marks})",
+                                    (queue, *ids)).fetchall()
+        return {r[0] for r in rows}
+
+    def remember(self, queue: str, ids: Sequence[str]) -> None:
+        """Record ``ids`` as handled on ``queue``."""
+        now = time.time()
+        self._write([("INSERT OR IGNORE INTO handled (queue, id, at) VALUES (?, ?, ?)",
+                      [(queue, i, now) for i in ids])])
+
+    def trim_handled(self, queue: str, keep: int) -> None:
+        """Forget all but about the newest ``keep`` handled ids of ``queue``."""
+        self._write([("DELETE FROM handled WHERE queue = ? AND at < (SELECT at FROM handled WHERE queue = ? "
+                      "ORDER BY at DESC LIMIT 1 OFFSET ?)", (queue, queue, keep))])
+
+    def handled_count(self, queue: str) -> int:
+        """How many handled ids of ``queue`` are remembered."""
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM handled WHERE queue = ?", (queue,)).fetchone()[0])
+
+    def close(self) -> None:
+        """Close the database and release the lock (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            try:
+                self._db.close()
+            finally:
+                self._release_lock()
