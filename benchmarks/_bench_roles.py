@@ -20,8 +20,10 @@ their figures can be compared:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import statistics
+import tempfile
 import threading
 import time
 from typing import Any
@@ -182,9 +184,12 @@ def _counting_handler(warm: int, n: int, is_async: bool) -> tuple[Any, threading
     return handler, warmed, done, times
 
 
-def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async: bool = False, **_: Any) -> None:
-    """zmqmesh puller: sync `Node` with a ``def`` handler, or `AsyncNode` with ``async def``."""
+def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async: bool = False,
+            flavor: str = "plain", **_: Any) -> None:
+    """zmqmesh puller: sync `Node` with a ``def`` handler, or `AsyncNode` with ``async def``;
+    at-least-once unless ``flavor`` is ``plain``."""
     handler, warmed, done, times = _counting_handler(warm, n, use_async)
+    at_least_once = flavor != "plain"
 
     def finish(stats: dict[str, Any], rss_base: int) -> None:
         ctl.send("check", last=times["last"])
@@ -192,7 +197,7 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
 
     if not use_async:
         node = _mesh_node("Node", "bench-pull", beacon_port, mesh)
-        node.pull(QUEUE, handler)
+        node.pull(QUEUE, handler, at_least_once=at_least_once)
         with node:
             rss_base = rss_now_kb()
             ctl.send("ready")
@@ -208,7 +213,7 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         node = _mesh_node("AsyncNode", "bench-apull", beacon_port, mesh)
-        node.pull(QUEUE, handler)
+        node.pull(QUEUE, handler, at_least_once=at_least_once)
         async with node:
             rss_base = rss_now_kb()
             ctl.send("ready")
@@ -224,17 +229,21 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
 
 
 def zm_push(
-    ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh: str, size: int = 0, use_async: bool = False, **_: Any
+    ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh: str, size: int = 0, use_async: bool = False,
+    flavor: str = "plain", **_: Any
 ) -> None:
-    """zmqmesh pusher: ``Node.push`` in a loop, or ``await AsyncNode.push`` in a loop."""
+    """zmqmesh pusher: ``Node.push`` in a loop, or ``await AsyncNode.push`` in a loop;
+    ``flavor == "durable"``: ``push(..., durable=True)`` with a store in a temporary directory."""
     blob = _large(size) if mode == "large" else b""
 
     if not use_async:
-        node = _mesh_node("Node", "bench-push", beacon_port, mesh)
+        store = tempfile.TemporaryDirectory(prefix="zmqmesh-bench-store-") if flavor == "durable" else None
+        options = {"store": store.name} if store is not None else {}
+        node = _mesh_node("Node", "bench-push", beacon_port, mesh, **options)
         with node:
             node.wait_for_pullers(QUEUE, 1, timeout=min(20.0, ctl.remaining()))
             ctl.wait("go")
-            push = node.push
+            push = functools.partial(node.push, durable=True) if store is not None else node.push
             rss_base = rss_now_kb()
 
             def give(lo: int, hi: int) -> None:
@@ -252,6 +261,8 @@ def zm_push(
             t_sent = time.monotonic()
             ctl.send("result", t0=t0, t_sent=t_sent, rss_base_kb=rss_base, stats=node.stats()["pipeline"], **_rss())
             ctl.wait("stop")
+        if store is not None:
+            store.cleanup()
         return
 
     async def main() -> None:

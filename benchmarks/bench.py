@@ -104,9 +104,14 @@ def _mib(kb: int) -> float:
     return kb / 1024.0
 
 
-def trial_push(t: Trial, impl: str, mode: str, n: int, warm: int, size: int = 0, use_async: bool = False, hwm: int | None = None) -> dict[str, Any]:
-    """Sender and receiver processes; throughput measured at the receiver (see module doc)."""
-    common: dict[str, Any] = {"mode": mode, "n": n, "warm": warm, "size": size}
+def trial_push(t: Trial, impl: str, mode: str, n: int, warm: int, size: int = 0, use_async: bool = False,
+               hwm: int | None = None, flavor: str = "plain") -> dict[str, Any]:
+    """Sender and receiver processes; throughput measured at the receiver (see module doc).
+
+    ``flavor`` (zmqmesh only): ``plain`` push/pull, ``alo`` in-memory at-least-once, or
+    ``durable`` pushes committed to the sender's store (a temporary directory).
+    """
+    common: dict[str, Any] = {"mode": mode, "n": n, "warm": warm, "size": size, "flavor": flavor}
     if impl == "raw":
         t.spawn("recv", "raw_pull", **common, hwm=hwm)
         t.spawn("send", "raw_push", **common, hwm=hwm)
@@ -251,6 +256,10 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_pubsub(t, "raw", p["pub_n"], 4), 1.5),
         _m("zm_pubsub_4", "Node.publish -> 4 subscriber processes",
            lambda t, p: trial_pubsub(t, "zm", p["pub_n"], 4), 1.5),
+        _m("zm_push_alo", "Node.push -> @pull(at_least_once=True), in memory",
+           lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], flavor="alo")),
+        _m("zm_push_durable", "Node.push(durable=True) -> @pull(at_least_once=True), SQLite WAL NORMAL",
+           lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], flavor="durable")),
         _m("raw_mem_burst", "pyzmq PUSH/PULL msgpack burst (default HWM)",
            lambda t, p: trial_push(t, "raw", "msgpack", p["burst_n"], p["push_warm"]), 2.0),
         _m("zm_mem_burst", "Node.push burst -> @pull",
@@ -342,6 +351,10 @@ SCENARIOS: dict[str, list[Figure]] = {
     ],
     "pubsub_4": [
         Figure("pubsub_4", "64 B msgpack, 4 subscriber processes: delivered (sum)", "zm_pubsub_4", "raw_pubsub_4", "delivered_per_s", "msgs/s", True, 0.8, _drops),
+    ],
+    "durable": [
+        Figure("durable/vs_memory", "64 B: durable push -> at-least-once pull vs the same in memory",
+               "zm_push_durable", "zm_push_alo", "msgs_per_s", "msgs/s", True, 0.5),
     ],
     "mem_burst": [
         Figure("mem_burst/sender", "burst of N x 64 B push: peak RSS of the sender", "zm_mem_burst", "raw_mem_burst", "rss_send_mib", "MiB", False, None, _burst_extra),

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("zmqmesh._version", "zmqmesh.errors", "zmqmesh.config", "zmqmesh.message", "zmqmesh._stats")),
     ("wire", ("zmqmesh._wire",)),
     ("io", ("zmqmesh._io",)),
+    ("store", ("zmqmesh._store",)),
     ("membership", ("zmqmesh._membership",)),
     ("mesh", ("zmqmesh._mesh",)),
     ("patterns", ("zmqmesh._patterns",)),

@@ -1,3 +1,3 @@
-"""Layer 7, drivers: how the plans wait. `thread` blocks threads (the sync `Node`), `aio`
+"""Layer 8, drivers: how the plans wait. `thread` blocks threads (the sync `Node`), `aio`
 awaits (the `AsyncNode`); they differ in nothing else. The engine never imports them:
 the node facades hand their factories to it."""

@@ -1,3 +1,3 @@
-"""Layer 3, membership: ZRE only. The engine (mailbox and state machine), links, the
+"""Layer 4, membership: ZRE only. The engine (mailbox and state machine), links, the
 failure detector, admission and control whispers. It reports `MembershipEvents` and
 knows nothing of the patterns."""

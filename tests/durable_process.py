@@ -1,0 +1,55 @@
+"""A durable pusher or puller in its own process, for the durability tests (killed at will).
+
+    python durable_process.py pusher STORE MESH PORT QUEUE FIRST LAST PROGRESS
+        push FIRST..LAST-1 durably, appending each pushed number to PROGRESS once committed
+    python durable_process.py puller MESH PORT QUEUE OUT [STORE]
+        pull at-least-once (dedupe when a STORE is given); append "id number" per message to OUT
+
+Both print "ready" once started and run until killed or their stdin closes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import zmqmesh
+
+
+def wait_for_stdin_close() -> None:
+    sys.stdin.read()
+
+
+def pusher(store: str, mesh: str, port: int, queue: str, first: int, last: int, progress: str) -> None:
+    fd = os.open(progress, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with zmqmesh.Node("pusher", mesh=mesh, beacon_port=port, store=store) as node:
+        print("ready", flush=True)
+        for i in range(first, last):
+            node.push(queue, {"n": i}, durable=True)
+            os.write(fd, b"%d\n" % i)
+        print("pushed", flush=True)
+        wait_for_stdin_close()
+
+
+def puller(mesh: str, port: int, queue: str, out: str, store: str | None) -> None:
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    lock = threading.Lock()
+    node = zmqmesh.Node("puller", mesh=mesh, beacon_port=port, store=store)
+
+    @node.pull(queue, at_least_once=True, dedupe=store is not None)
+    def handle(msg: zmqmesh.Message) -> None:
+        with lock:
+            os.write(fd, f"{msg.id} {msg.data['n']}\n".encode())
+
+    with node:
+        print("ready", flush=True)
+        wait_for_stdin_close()
+
+
+if __name__ == "__main__":
+    role, args = sys.argv[1], sys.argv[2:]
+    if role == "pusher":
+        pusher(args[0], args[1], int(args[2]), args[3], int(args[4]), int(args[5]), args[6])
+    else:
+        puller(args[0], int(args[1]), args[2], args[3], args[4] if len(args) > 4 else None)

@@ -1,0 +1,301 @@
+"""Durable queues: a store per node, messages that outlive processes, dead letters, ack
+timeouts and effectively-once pullers. Real processes, real SQLite, SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from helpers import wait_until
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "durable_process.py"
+
+
+class Proc:
+    """A durable_process.py child: started, waited for, killed or closed."""
+
+    def __init__(self, *args: Any) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-u", str(WORKER), *map(str, args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        wait_until(lambda: text in self.lines or self.proc.poll() is not None, timeout, text)
+        assert text in self.lines, "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def handled(path: Path) -> list[tuple[str, int]]:
+    """``(id, number)`` for every message a puller handled, in order."""
+    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r[0], int(r[1])) for r in rows if len(r) == 2]
+
+
+def stored(store: Path) -> int:
+    with sqlite3.connect(store / "zmqmesh.db") as db:
+        return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+def test_a_store_serves_one_node_at_a_time(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("first", store=str(tmp_path), **mesh):
+        second = zmqmesh.Node("second", store=str(tmp_path), **mesh)
+        with pytest.raises(zmqmesh.StoreLockedError, match="in use"):
+            second.start()
+        assert isinstance(zmqmesh.StoreLockedError("x"), zmqmesh.ConfigError)
+    with zmqmesh.Node("third", store=str(tmp_path), **mesh):  # free again once the first stopped
+        pass
+
+
+def test_a_foreign_or_damaged_file_is_refused_not_reset(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "zmqmesh.db").write_bytes(b"these are somebody's notes")
+    with pytest.raises(zmqmesh.StoreError, match="not a zmqmesh store"):
+        zmqmesh.Node("n", store=str(foreign), **mesh).start()
+    assert (foreign / "zmqmesh.db").read_bytes() == b"these are somebody's notes"
+
+    other_app = tmp_path / "other"
+    other_app.mkdir()
+    with sqlite3.connect(other_app / "zmqmesh.db") as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    with pytest.raises(zmqmesh.StoreError, match="not a zmqmesh store"):
+        zmqmesh.Node("n", store=str(other_app), **mesh).start()
+
+    damaged = tmp_path / "damaged"
+    with zmqmesh.Node("n", store=str(damaged), **mesh) as node:
+        for i in range(2000):
+            node.push("q", {"i": i, "pad": "x" * 200}, durable=True)
+    data = bytearray((damaged / "zmqmesh.db").read_bytes())
+    assert len(data) > 5 * 4096
+    data[4 * 4096:5 * 4096] = os.urandom(4096)  # a page of the outbox overwritten
+    (damaged / "zmqmesh.db").write_bytes(bytes(data))
+    with pytest.raises(zmqmesh.StoreError):
+        zmqmesh.Node("n", store=str(damaged), **mesh).start()
+
+
+def test_a_full_store_refuses_the_next_message_and_keeps_the_others(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    got: list[int] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), store_max_bytes=1 << 20, **mesh) as node:
+        accepted = 0
+        with pytest.raises(zmqmesh.StoreFullError, match="full"):
+            for i in range(100):
+                node.push("q", {"i": i, "blob": b"\0" * 50_000}, durable=True)
+                accepted += 1
+        assert 5 < accepted < 100
+        assert stored(tmp_path) == accepted
+        puller = zmqmesh.Node("puller", **mesh)
+        puller.pull("q", lambda msg: got.append(msg.data["i"]), at_least_once=True)
+        with puller:
+            wait_until(lambda: len(got) == accepted, 20, "every stored message")
+    assert got == list(range(accepted))
+    assert stored(tmp_path) == 0
+
+
+def test_durable_options_are_checked(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("plain", **mesh) as node:
+        with pytest.raises(zmqmesh.ConfigError, match="store"):
+            node.push("q", 1, durable=True)
+        with pytest.raises(zmqmesh.ConfigError, match="durable"):
+            node.push("q", 1, headers={"a": "b"})
+        with pytest.raises(zmqmesh.ConfigError, match="store"):
+            node.pull("q", print, at_least_once=True, dedupe=True)
+        with pytest.raises(zmqmesh.ConfigError, match="at_least_once"):
+            node.pull("q", print, max_deliveries=3)
+        with pytest.raises(zmqmesh.ConfigError, match="ack_timeout_s"):
+            node.pull("q", print, at_least_once=True, ack_timeout_s=0)
+    with zmqmesh.Node("stored", store=str(tmp_path), **mesh) as node:
+        with pytest.raises(TypeError):
+            node.push("q", 1, durable=True, headers={"a": 1})  # type: ignore[dict-item]
+        with pytest.raises(ValueError):
+            node.push("q", 1, durable=True, headers={f"h{i}": "v" for i in range(100)})
+        with pytest.raises(TypeError):
+            node.push("q", object(), durable=True)
+    assert stored(tmp_path) == 0
+
+
+# -- messages that outlive processes ----------------------------------------------------------------
+
+def test_durable_messages_wait_for_a_puller_and_survive_the_pushers_death(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
+    store, progress, out = tmp_path / "store", tmp_path / "progress", tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+    pusher = Proc("pusher", store, name, port, "jobs", 0, 2000, progress)
+    procs.append(pusher)
+    pusher.wait_for("pushed")  # no puller anywhere: no NoProviderError, all stored
+    pusher.kill()
+    assert stored(store) == 2000
+    restarted = Proc("pusher", store, name, port, "jobs", 2000, 2000, progress)
+    procs.append(restarted)
+    restarted.wait_for("pushed")
+    puller = Proc("puller", name, port, "jobs", out)
+    procs.append(puller)
+    wait_until(lambda: len(lines(out)) >= 4000, 30, "2000 messages at the puller")
+    numbers = [n for _id, n in handled(out)]
+    assert numbers == list(range(2000)), "FIFO, each once"
+    wait_until(lambda: stored(store) == 0, 10, "acknowledged messages forgotten")
+
+
+def test_100k_durable_pushes_survive_killed_pushers_and_a_killed_puller(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
+    total = 100_000
+    store, progress, out = tmp_path / "store", tmp_path / "progress", tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+    puller = Proc("puller", name, port, "jobs", out)
+    procs.append(puller)
+    puller.wait_for("ready")
+    first = 0
+    for kill_at in (total // 3, 2 * total // 3):
+        pusher = Proc("pusher", store, name, port, "jobs", first, total, progress)
+        procs.append(pusher)
+        wait_until(lambda: len(lines(progress)) >= kill_at, 60, f"{kill_at} pushes")
+        pusher.kill()
+        first = int(lines(progress)[-1]) + 1
+        if kill_at == total // 3:  # and the puller once, mid-stream
+            puller.kill()
+            puller = Proc("puller", name, port, "jobs", out)
+            procs.append(puller)
+    pusher = Proc("pusher", store, name, port, "jobs", first, total, progress)
+    procs.append(pusher)
+    pusher.wait_for("pushed", 60)
+    wait_until(lambda: {n for _id, n in handled(out)} >= set(range(total)), 60, "every message handled")
+    wait_until(lambda: stored(store) == 0, 20, "every message acknowledged")
+    numbers = Counter(n for _id, n in handled(out))
+    assert set(numbers) == set(range(total)), "0 lost"
+    pusher.close()
+    puller.close()
+
+
+def test_a_dedupe_puller_handles_nothing_twice_across_pusher_kills(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
+    total = 20_000
+    store, puller_store = tmp_path / "store", tmp_path / "puller-store"
+    progress, out = tmp_path / "progress", tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+    puller = Proc("puller", name, port, "jobs", out, puller_store)
+    procs.append(puller)
+    puller.wait_for("ready")
+    first = 0
+    for kill_at in (total // 3, 2 * total // 3):
+        pusher = Proc("pusher", store, name, port, "jobs", first, total, progress)
+        procs.append(pusher)
+        wait_until(lambda: len(handled(out)) >= kill_at, 60, f"{kill_at} handled")
+        pusher.kill()  # acknowledgements in flight are lost: those messages are dealt again
+        first = int(lines(progress)[-1]) + 1
+    pusher = Proc("pusher", store, name, port, "jobs", first, total, progress)
+    procs.append(pusher)
+    pusher.wait_for("pushed", 60)
+    wait_until(lambda: stored(store) == 0, 60, "every message acknowledged")
+    ids = Counter(msg_id for msg_id, _n in handled(out))
+    assert {n for _id, n in handled(out)} == set(range(total)), "0 lost"
+    twice = [msg_id for msg_id, count in ids.items() if count > 1]
+    assert twice == [], f"{len(twice)} message(s) handled twice"
+    pusher.close()
+    puller.close()
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+def test_a_poison_message_lands_in_the_dead_letter_queue(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    attempts: list[int] = []
+    dead: list[zmqmesh.Message] = []
+    good: list[str] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        puller = zmqmesh.Node("puller", **mesh)
+
+        @puller.pull("orders", at_least_once=True, max_deliveries=3)
+        def handle(msg: zmqmesh.Message) -> None:
+            if msg.data == "poison":
+                attempts.append(msg.attempts)
+                raise ValueError("cannot parse this order")
+            good.append(msg.data)
+
+        puller.pull("orders.dead", dead.append, at_least_once=True)
+        with puller:
+            for data in ("a", "poison", "b"):
+                pusher.push("orders", data, durable=True, headers={"origin": "test"})
+            wait_until(lambda: dead, 20, "a dead letter")
+    assert attempts == [0, 1, 2]
+    assert good == ["a", "b"]
+    (letter,) = dead
+    assert letter.data == "poison"
+    assert letter.headers["origin"] == "test"
+    assert letter.headers["x-original-queue"] == "orders"
+    assert letter.headers["x-attempts"] == "3"
+    assert "ValueError: cannot parse this order" in letter.headers["x-last-error"]
+    assert pusher.stats()["pipeline"]["dead_lettered"] == 1
+    assert stored(tmp_path) == 0
+
+
+def test_a_stuck_handlers_message_goes_to_another_puller_after_the_ack_timeout(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    release = threading.Event()
+    seen: list[tuple[str, int, bool]] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        stuck = zmqmesh.Node("stuck", **mesh)
+
+        @stuck.pull("slow", at_least_once=True, ack_timeout_s=0.5)
+        def hang(msg: zmqmesh.Message) -> None:
+            seen.append(("stuck", msg.attempts, msg.redelivered))
+            release.wait(10)
+
+        with stuck:
+            pusher.wait_for_pullers("slow", 1)
+            pusher.push("slow", "job", durable=True)
+            wait_until(lambda: seen, 10, "the stuck handler to start")
+            healthy = zmqmesh.Node("healthy", **mesh)
+
+            @healthy.pull("slow", at_least_once=True, ack_timeout_s=0.5)
+            def work(msg: zmqmesh.Message) -> None:
+                seen.append(("healthy", msg.attempts, msg.redelivered))
+
+            with healthy:
+                wait_until(lambda: len(seen) == 2, 10, "the redelivery")
+                release.set()
+                wait_until(lambda: stored(tmp_path) == 0, 10, "the acknowledgement")
+    assert seen == [("stuck", 0, False), ("healthy", 1, True)]
