@@ -69,7 +69,12 @@ class AsyncRunner:
                 if isinstance(step, Exchange):
                     requester = self.engine.requests
                     assert isinstance(requester, LoopRequester), "the node is not started"
-                    value = await requester.exchange(step)  # a future: no coroutine per request
+                    future = requester.exchange(step)  # a future: no coroutine per request
+                    try:
+                        value = await future
+                    except asyncio.CancelledError:
+                        requester.abandon(future)
+                        raise
                 elif isinstance(step, Until):
                     await wait_until(self.engine, step.predicate, step.deadline, step.what)
                 elif isinstance(step, Room):
@@ -242,7 +247,8 @@ class LoopRequester:
     """Requests from coroutines: DEALERs owned by the event loop, one future per request.
 
     Every pending request has a timer on the loop; whichever comes first, the reply, the
-    timer, or the provider's departure, completes the future and forgets the request.
+    timer, the provider's departure, or the caller's cancellation (`abandon`), completes
+    the future and forgets the request.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -274,6 +280,14 @@ class LoopRequester:
         self.pending[request_id] = (future, provider.id, timer)
         self._kick(provider.id)
         return future
+
+    def abandon(self, future: asyncio.Future[Any]) -> None:
+        """Forget the request of ``future``: its caller was cancelled."""
+        for request_id, (pending, _pid, timer) in list(self.pending.items()):
+            if pending is future:
+                del self.pending[request_id]
+                timer.cancel()
+                return
 
     def _expire(self, request_id: bytes, service: str) -> None:
         entry = self.pending.pop(request_id, None)
@@ -357,7 +371,8 @@ async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
             elif step.where == INBOX:
                 await inbox.stop(*step.args)
             elif step.where == AFTER_LOOP:
-                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, step.fn), timeout)  # type: ignore[arg-type]
+                bound = engine.config.linger_s + 1  # the lingers were set within linger_s
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, step.fn), bound)  # type: ignore[arg-type]
             else:
                 await asyncio.sleep(step.args[0])
         except Exception as exc:

@@ -433,6 +433,7 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
     step_timeout = engine.config.linger_s + 1  # no loop step takes long; this bounds a wedged loop
     plan = stop_plan(engine, timeout)
     value: Any = None
+    loop_ended = False
     while True:
         finished, step = advance(plan, value, None)
         if finished:
@@ -444,6 +445,7 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
             elif step.where == INBOX:
                 inbox.stop(*step.args)
             elif step.where == AFTER_LOOP:
+                loop_ended = True
                 _end_loop(loop, thread, timeout)
                 if thread.is_alive():  # a wedged loop may still use its sockets: leak them rather than crash
                     log.warning("node %s: the I/O thread did not end; its ZeroMQ context is left open", engine.name)
@@ -453,7 +455,8 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
                 time.sleep(step.args[0])
         except Exception as exc:
             log.warning("node %s: %s failed while stopping: %s", engine.name, step.what, exc)
-    _end_loop(loop, thread, timeout)
+    if not loop_ended:
+        _end_loop(loop, thread, timeout)
 
 
 def _end_loop(loop: Reactor, thread: threading.Thread, timeout: float) -> None:

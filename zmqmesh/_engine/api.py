@@ -369,15 +369,16 @@ class NodeBase(Generic[Handler]):
         return directory.peers()
 
     def _subscribers_plan(self, topic: str, n: int, timeout: float) -> Plan:
+        self._engine.ensure_running()
         publisher = self._engine.publisher
         assert publisher is not None
-        return self._until(lambda: publisher.subscribers_ready(topic, n), timeout,
-                           f"{n} subscriber(s) of {topic!r}")
+        yield from self._until(lambda: publisher.subscribers_ready(topic, n), timeout,
+                               f"{n} subscriber(s) of {topic!r}")
 
     def _offer_plan(self, kind: str, name: str, n: int, timeout: float) -> Plan:
         directory = self._engine.directory
         what = {"services": "provider(s) of service", "queues": "puller(s) of queue"}[kind]
-        return self._until(lambda: len(directory.providers(kind, name)) >= n, timeout, f"{n} {what} {name!r}")
+        yield from self._until(lambda: len(directory.providers(kind, name)) >= n, timeout, f"{n} {what} {name!r}")
 
     def _service_name(self, service: str) -> bytes:
         """``service`` checked and encoded (remembered: requests repeat their service names)."""

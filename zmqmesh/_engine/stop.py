@@ -1,6 +1,7 @@
 """The one stop plan both node kinds follow, as steps their drivers carry out.
 
-The order (CONVENTIONS: stop handlers -> say goodbye -> close sockets -> terminate):
+The order: refuse new work, drain, say goodbye (while the handlers finish what already
+arrived), stop the handlers, close the sockets, terminate the context:
 
 1. ``begin_stop`` (loop): refuse new work; None if the node was not running.
 2. ``send_queued`` (loop), with a short pause between rounds: drain the send queues
@@ -40,7 +41,8 @@ class StopStep(NamedTuple):
 
 
 def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
-    """The steps stopping ``engine`` within about ``linger_s + timeout`` seconds."""
+    """The steps stopping ``engine``: draining takes at most ``min(linger_s, timeout)``, the
+    handlers ``timeout``, and the rest about ``linger_s``."""
     deadline = yield StopStep("starting the stop", ON_LOOP, engine.begin_stop, (timeout,))
     if deadline is None:
         return

@@ -1,7 +1,9 @@
 """Who offers what: the mesh's offer tables, peer snapshots, and the choice of a provider.
 
 Rebuilt on the event loop after every membership or registry change; read from any
-thread (every table is replaced whole, never changed in place).
+thread. The offer tables are replaced whole, never changed in place; the caches of
+snapshots, endpoints and providers are filled by whichever thread asks first (single
+dict assignments) and pruned by the loop without iterating them in Python.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Directory:
         self._snapshots: dict[str, tuple[float, int, Peer]] = {}
         self._rr = itertools.count()
         self._skip: dict[tuple[str, str], float] = {}
-        self._service_providers: dict[str, Provider | None] = {}
+        self._pick: tuple[dict[str, tuple[str, ...]], dict[str, Provider | None]] = ({}, {})
 
     # -- rebuilding (loop only) ------------------------------------------------------------
 
@@ -93,13 +95,14 @@ class Directory:
                     for name in offers_of(peer.groups, kind):
                         offers[kind][name].append(peer.id)
         self._peers = peers
-        for gone in [pid for pid in self._endpoints if pid not in peers]:
-            del self._endpoints[gone]
-        for gone in [pid for pid in self._snapshots if pid not in peers]:
-            del self._snapshots[gone]
-        self.offers = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
+        for gone in self._endpoints.keys() - peers.keys():  # a set operation in C: other threads add keys
+            self._endpoints.pop(gone, None)
+        for gone in self._snapshots.keys() - peers.keys():
+            self._snapshots.pop(gone, None)
+        tables = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
+        self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
+        self.offers = tables
         self.alive_ids = frozenset(peers) | {self.node_id}
-        self._service_providers = {}
         self.epoch += 1
 
     # -- reading ---------------------------------------------------------------------------
@@ -178,7 +181,7 @@ class Directory:
             services=offers_of(groups, "services"),
             queues=offers_of(groups, "queues"),
             topics=offers_of(groups, "topics"),
-            headers=dict(peer.headers),
+            headers=self._visible_headers(peer),
             last_seen=peer.last_seen,
             is_zmqmesh=peer.is_zmqmesh,
         )
@@ -186,12 +189,22 @@ class Directory:
             self._snapshots[peer.id] = (peer.last_seen, peer.version, snap)
         return snap
 
+    def _visible_headers(self, peer: PeerState) -> dict[str, str]:
+        """The peer's headers, less the pattern endpoints this node refused to use."""
+        headers = dict(peer.headers)
+        usable = self.peer_endpoints(peer)
+        for key in ENDPOINT_KEYS:
+            if HEADER[key] in headers and key not in usable:
+                del headers[HEADER[key]]
+        return headers
+
     # -- choosing a provider ---------------------------------------------------------------
 
     def pick_provider(self, service: str, only: str | None = None) -> Provider | None:
         """One provider of ``service`` (``only`` that node, if given), round-robin, skipping
         those that just refused it; None if there is none."""
-        ids = self.offers["services"].get(service, ())
+        services, known = self._pick
+        ids = services.get(service, ())
         if only is not None:
             builtin = service.startswith("\x00") and only in self.alive_ids
             ids = (only,) if only in ids or builtin else ()
@@ -204,7 +217,6 @@ class Directory:
             if len(self._skip) > _MAX_SKIPS:
                 self._skip = {k: t for k, t in self._skip.items() if t > now}
         start = next(self._rr)
-        known = self._service_providers
         for k in range(len(candidates)):
             node_id = candidates[(start + k) % len(candidates)]
             if node_id in known:

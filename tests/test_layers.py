@@ -1,0 +1,153 @@
+"""The sans-I/O layers on their own: no sockets, no threads, no event loop.
+
+The directory of offers, the failure detector, the control whispers and the request plan
+are pure logic; here they are driven directly, as the engine and the drivers drive them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from zmqmesh._membership import control
+from zmqmesh._membership.detector import FailureDetector
+from zmqmesh._membership.peer import PeerState
+from zmqmesh._mesh.directory import Directory
+from zmqmesh._mesh.waiters import Until
+from zmqmesh._patterns.reqrep import Exchange, request_plan
+from zmqmesh._stats import Stats
+from zmqmesh._wire import frames
+from zmqmesh._wire.codec import Codec
+
+
+def peer(n: int, groups: set[str], sub_endpoint: str = "tcp://127.0.0.1:6000") -> PeerState:
+    state = PeerState(bytes([n]) * 16, f"tcp://127.0.0.1:{5000 + n}", "127.0.0.1")
+    state.ready = True
+    state.is_zmqmesh = True
+    state.groups = groups
+    state.headers = {frames.HEADER["service"]: f"tcp://127.0.0.1:{7000 + n}", frames.HEADER["sub"]: sub_endpoint}
+    return state
+
+
+def directory() -> Directory:
+    me = zmqmesh.Peer(id="me" * 16, name="me", address="127.0.0.1", endpoint="")
+    d = Directory("me" * 16, Stats(), lambda: me, loopback_only=True)
+    d.own_endpoints.update({k: f"inproc://me-{k}" for k in ("sub", "pull", "service")})
+    return d
+
+
+def test_the_directory_reads_offers_from_groups_and_round_robins() -> None:
+    d = directory()
+    a, b = peer(1, {"zmqmesh/svc/add", "zmqmesh/idem/add"}), peer(2, {"zmqmesh/svc/add", "zmqmesh/queue/jobs"})
+    d.rebuild({"services": frozenset({"local"})}, [a, b])
+    assert d.providers("services", "add") == (a.id, b.id)
+    assert d.providers("queues", "jobs") == (b.id,)
+    assert d.providers("services", "local") == ("me" * 16,)
+    picked = {d.pick_provider("add").id for _ in range(4)}  # type: ignore[union-attr]
+    assert picked == {a.id, b.id}
+    d.skip_provider("add", a.id)
+    assert {d.pick_provider("add").id for _ in range(4)} == {b.id}  # type: ignore[union-attr]
+    assert d.pick_provider("add", only=a.id).id == a.id  # type: ignore[union-attr]
+    assert d.pick_provider("missing") is None
+    assert d.may_retry("add", b.id, time.monotonic() + 1)
+    d.rebuild({}, [b])  # a left
+    assert d.providers("services", "add") == (b.id,)
+    assert a.id not in d.alive_ids
+    assert d.lookup_peer(a.id) is None
+
+
+def test_the_directory_refuses_and_hides_endpoints_off_loopback() -> None:
+    d = directory()
+    stranger = peer(3, {"zmqmesh/sub/x"}, sub_endpoint="tcp://10.1.2.3:6000")
+    d.rebuild({}, [stranger])
+    assert "sub" not in d.peer_endpoints(stranger)
+    assert d.stats.rejected["bad_endpoint"] == 1
+    snapshot = d.lookup_peer(stranger.id)
+    assert snapshot is not None and frames.HEADER["sub"] not in snapshot.headers
+    assert snapshot.topics == frozenset({"x"})
+
+
+def test_the_failure_detector_pings_then_expires_and_waits_out_a_dropped_link() -> None:
+    detector = FailureDetector(heartbeat_interval_s=1.0, peer_timeout_s=3.0, disconnect_grace_s=0.3)
+    quiet = peer(1, set())
+    now = time.monotonic()
+    quiet.last_rx = now - 1.5
+    sweep = detector.sweep([quiet], now)
+    assert sweep.ping == [quiet] and not sweep.expired
+    assert detector.sweep([quiet], now + 0.1).ping == []  # one PING per heartbeat interval
+    quiet.last_rx = now - 3.5
+    assert [p for p, _reason in detector.sweep([quiet], now).expired] == [quiet]
+    linked = peer(2, set())
+    assert detector.link_down(linked, now) is True
+    assert detector.link_down(linked, now + 0.1) is False  # one check per drop
+    detector.link_up(linked)
+    assert not detector.still_disconnected(linked)
+
+
+def test_control_whispers_round_trip_and_refuse_junk() -> None:
+    codec = Codec(1 << 20)
+    assert control.parse(codec, control.bye(codec)) == ("bye", [])
+    known = [["ab" * 16, "tcp://127.0.0.1:5000", ""], ["zz", "x", ""], ["cd" * 16, "tcp://127.0.0.1:5001", "k" * 40]]
+    kind, entries = control.parse(codec, control.gossip(codec, known))  # type: ignore[misc]
+    assert kind == "peers"
+    assert entries == [(bytes.fromhex("ab" * 16), "tcp://127.0.0.1:5000", None),
+                       (bytes.fromhex("cd" * 16), "tcp://127.0.0.1:5001", "k" * 40)]
+    assert control.parse(codec, [frames.CONTROL_MAGIC, b"\xc1"]) is None
+    assert control.parse(codec, [frames.CONTROL_MAGIC, codec.encode({"t": "later"})]) == ("unknown", [])
+
+
+def test_the_request_plan_waits_retries_idempotent_calls_and_decodes_replies() -> None:
+    d = directory()
+    codec = Codec(1 << 20)
+    a, b = peer(1, {"zmqmesh/svc/add", "zmqmesh/idem/add"}), peer(2, {"zmqmesh/svc/add", "zmqmesh/idem/add"})
+    plan = request_plan(d, codec, "add", b"add", codec.encode([1, 2]), time.monotonic() + 5)
+    step = next(plan)
+    assert isinstance(step, Until)  # nobody offers it yet
+    d.rebuild({}, [a, b])
+    assert step.predicate()
+    step = plan.send(None)
+    assert isinstance(step, Exchange) and step.body == codec.encode([1, 2])
+    d.rebuild({}, [b if step.provider.id == a.id else a])  # the provider left mid-call
+    step = plan.throw(zmqmesh.PeerLostError("gone", step.provider.id))
+    assert isinstance(step, Exchange)  # idempotent: tried on the other provider
+    step = plan.send((frames.STATUS_NO_SERVICE, b""))  # it no longer offers it: skipped
+    assert isinstance(step, Exchange)
+    with pytest.raises(StopIteration) as done:
+        plan.send((frames.STATUS_OK, codec.encode(3)))
+    assert done.value.value == 3
+    failing = request_plan(d, codec, "add", b"add", b"\x90", time.monotonic() + 5)
+    next(failing)
+    info = codec.encode({"type": "ValueError", "message": "no", "traceback": "tb"})
+    with pytest.raises(zmqmesh.RemoteError, match="ValueError: no"):
+        failing.send((frames.STATUS_ERROR, info))
+
+
+def test_waits_on_a_node_that_is_not_running_raise_node_closed() -> None:
+    node = zmqmesh.Node("idle")
+    for wait in (lambda: node.wait_for_peers(1, 0.1), lambda: node.wait_for_subscribers("t", 1, 0.1),
+                 lambda: node.wait_for_service("s", 1, 0.1), lambda: node.wait_for_pullers("q", 1, 0.1)):
+        with pytest.raises(zmqmesh.NodeClosedError):
+            wait()
+
+
+def test_a_cancelled_async_request_is_forgotten(mesh: dict[str, Any]) -> None:
+    async def main() -> None:
+        service = zmqmesh.AsyncNode("slow", **mesh)
+
+        @service.service("slow")
+        async def slow(msg: zmqmesh.Message) -> int:
+            await asyncio.sleep(1)
+            return 1
+
+        async with service, zmqmesh.AsyncNode("caller", **mesh) as caller:
+            await caller.wait_for_service("slow")
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(caller.request("slow", timeout=30), 0.2)
+            requester: Any = caller._engine.requests
+            assert requester.pending == {}
+
+    asyncio.run(main())
