@@ -233,11 +233,13 @@ def zm_push(
     flavor: str = "plain", **_: Any
 ) -> None:
     """zmqmesh pusher: ``Node.push`` in a loop, or ``await AsyncNode.push`` in a loop;
-    ``flavor == "durable"``: ``push(..., durable=True)`` with a store in a temporary directory."""
+    ``flavor == "durable"``: ``push(..., durable=True)`` with a store in a temporary directory;
+    ``"durable_batch"``: ``push_many(..., durable=True)`` of 256 messages at a time."""
     blob = _large(size) if mode == "large" else b""
 
     if not use_async:
-        store = tempfile.TemporaryDirectory(prefix="zmqmesh-bench-store-") if flavor == "durable" else None
+        durable = flavor in ("durable", "durable_batch")
+        store = tempfile.TemporaryDirectory(prefix="zmqmesh-bench-store-") if durable else None
         options = {"store": store.name} if store is not None else {}
         node = _mesh_node("Node", "bench-push", beacon_port, mesh, **options)
         with node:
@@ -250,6 +252,10 @@ def zm_push(
                 if mode == "large":
                     for _ in range(lo, hi):
                         push(QUEUE, blob)
+                elif flavor == "durable_batch":  # one transaction per 256 messages
+                    for start in range(lo, hi, 256):
+                        node.push_many(QUEUE, [{"id": i, "payload": PAYLOAD} for i in range(start, min(start + 256, hi))],
+                                       durable=True)
                 else:
                     for i in range(lo, hi):
                         push(QUEUE, {"id": i, "payload": PAYLOAD})

@@ -109,7 +109,8 @@ def trial_push(t: Trial, impl: str, mode: str, n: int, warm: int, size: int = 0,
     """Sender and receiver processes; throughput measured at the receiver (see module doc).
 
     ``flavor`` (zmqmesh only): ``plain`` push/pull, ``alo`` in-memory at-least-once, or
-    ``durable`` pushes committed to the sender's store (a temporary directory).
+    ``durable`` pushes committed to the sender's store (a temporary directory), one
+    transaction each, or ``durable_batch`` (``push_many`` of 256, one transaction each).
     """
     common: dict[str, Any] = {"mode": mode, "n": n, "warm": warm, "size": size, "flavor": flavor}
     if impl == "raw":
@@ -260,6 +261,8 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], flavor="alo")),
         _m("zm_push_durable", "Node.push(durable=True) -> @pull(at_least_once=True), SQLite WAL NORMAL",
            lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], flavor="durable")),
+        _m("zm_push_durable_batch", "Node.push_many(256 msgs, durable=True) -> @pull(at_least_once=True)",
+           lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], flavor="durable_batch")),
         _m("raw_mem_burst", "pyzmq PUSH/PULL msgpack burst (default HWM)",
            lambda t, p: trial_push(t, "raw", "msgpack", p["burst_n"], p["push_warm"]), 2.0),
         _m("zm_mem_burst", "Node.push burst -> @pull",
@@ -355,6 +358,8 @@ SCENARIOS: dict[str, list[Figure]] = {
     "durable": [
         Figure("durable/vs_memory", "64 B: durable push -> at-least-once pull vs the same in memory",
                "zm_push_durable", "zm_push_alo", "msgs_per_s", "msgs/s", True, 0.5),
+        Figure("durable/batch_vs_memory", "64 B: durable push_many(256) -> at-least-once pull vs in memory",
+               "zm_push_durable_batch", "zm_push_alo", "msgs_per_s", "msgs/s", True, 0.5),
     ],
     "mem_burst": [
         Figure("mem_burst/sender", "burst of N x 64 B push: peak RSS of the sender", "zm_mem_burst", "raw_mem_burst", "rss_send_mib", "MiB", False, None, _burst_extra),

@@ -8,6 +8,7 @@ never imports asyncio.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, stop_async
@@ -87,13 +88,23 @@ class AsyncNode(NodeBase[Any]):
         on the loop's thread (a short write; with ``store_synchronous="full"``, a disk sync)."""
         self._check_push_options(durable, headers)
         if durable:
-            self._push_durable(queue, data, headers)
+            self._push_durable(queue, (data,), headers)
             return
         body, q = self._encode_push(queue, data)
         if q is None:
             q = await self._runner.run(self._push_plan(queue, timeout))
         q.append(body)
         self._engine.outbound.wake()  # type: ignore[union-attr]
+
+    async def push_many(self, queue: str, items: Iterable[Any], timeout: float | None = None, *,
+                        durable: bool = False, headers: dict[str, str] | None = None) -> None:
+        """`push` each of ``items``, in order (see `Node.push_many`)."""
+        self._check_push_options(durable, headers)
+        if durable:
+            self._push_durable(queue, items, headers)
+            return
+        for data in items:
+            await self.push(queue, data, timeout)
 
     async def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""

@@ -8,6 +8,7 @@ the plans out with the thread driver, blocking the calling thread where they wai
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from ._drivers.thread import (
@@ -146,13 +147,25 @@ class Node(NodeBase[Any]):
         """
         self._check_push_options(durable, headers)
         if durable:
-            self._push_durable(queue, data, headers)
+            self._push_durable(queue, (data,), headers)
             return
         body, q = self._encode_push(queue, data)
         if q is None:
             q = self._runner.run(self._push_plan(queue, timeout))
         q.append(body)
         self._engine.outbound.wake()  # type: ignore[union-attr]
+
+    def push_many(self, queue: str, items: Iterable[Any], timeout: float | None = None, *, durable: bool = False,
+                  headers: dict[str, str] | None = None) -> None:
+        """`push` each of ``items``, in order. With ``durable=True`` all of them are committed
+        in one transaction (much faster than one `push` each) before this returns, or none
+        is. Raises as `push` does."""
+        self._check_push_options(durable, headers)
+        if durable:
+            self._push_durable(queue, items, headers)
+            return
+        for data in items:
+            self.push(queue, data, timeout)
 
     def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
         """Call ``service`` on one provider (round-robin, or the given ``peer``) and return its reply.

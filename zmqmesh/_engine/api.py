@@ -9,7 +9,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import zmq
@@ -296,20 +296,25 @@ class NodeBase(Generic[Handler]):
             return body, None
         return body, q
 
-    def _push_durable(self, queue: str, data: Any, headers: dict[str, str] | None) -> None:
-        """Commit one durable message to the store; the loop delivers it when a puller is there.
+    def _push_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
+        """Commit durable messages to the store, all in one transaction; the loop delivers
+        them when a puller is there.
 
         Raises `ConfigError` without a store, `StoreFullError`, `StoreError`, `TypeError`
-        for unencodable data or headers, `MessageTooLargeError`, `NodeClosedError`.
+        for unencodable data or headers, `MessageTooLargeError`, `NodeClosedError`; when
+        it raises, none of ``items`` is stored.
         """
         engine = self._engine
         engine.ensure_running()
         if engine.durable is None:
             raise ConfigError("durable=True needs a store: Node(..., store='path/dir')")
         check_name("queue", queue)
-        body = engine.codec.encode(data)
-        packed = engine.codec.encode(check_headers(headers)) if headers else None
-        engine.durable.submit(queue, uuid.uuid4().hex, time.time(), packed, body)
+        encode = engine.codec.encode
+        packed = encode(check_headers(headers)) if headers else None
+        now = time.time()
+        entries = [(uuid.uuid4().hex, now, packed, encode(data)) for data in items]
+        if entries:
+            engine.durable.submit(queue, entries)
 
     @staticmethod
     def _check_push_options(durable: bool, headers: dict[str, str] | None) -> None:

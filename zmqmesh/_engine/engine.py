@@ -184,7 +184,10 @@ class Engine:
             self.pusher = Pusher(**senders)  # type: ignore[arg-type]
             self.reliable = ReliableSender(codec=self.codec, **senders)  # type: ignore[arg-type]
             if self.store is not None:
-                self.durable = DurableQueues(self.store, self.codec, self.stats, self.outbound.wake)
+                outbound = self.outbound
+                self.durable = DurableQueues(
+                    self.store, self.codec, self.stats, outbound.wake, loop.call_later,
+                    lambda delay: self.call_soon(loop.call_later, delay, outbound.wake))
                 self.reliable.settle = self.durable.settle
                 self.durable.recover()
             self.outbound.attach(self.publisher, self.pusher, self.reliable, self.durable)
@@ -312,6 +315,8 @@ class Engine:
         linger_ms = max(0, int((deadline - time.monotonic()) * 1000))
         self.membership.close(max(linger_ms, min(_GOODBYE_LINGER_MS, int(self.config.linger_s * 1000))))
         self.outbound.cancel()
+        if self.durable is not None:
+            self.durable.flush_acknowledged()
         self.publisher.close(linger_ms)
         self.pusher.close(linger_ms)
         self.space.notify()

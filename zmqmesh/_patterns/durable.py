@@ -4,6 +4,10 @@ before it returns; the loop deals stored messages to at-least-once pullers (thro
 acknowledged it. Messages still stored when the node starts (it was killed or stopped
 before they were acknowledged) are dealt again, marked as redelivered.
 
+A freshly committed message also goes straight into its queue's buffer in memory, so
+the loop reads the store only for what does not fit there: a backlog past `BUFFER`
+messages, the messages of an earlier run, dead letters.
+
 A message whose handler failed comes back with one more attempt counted; the puller
 names a dead-letter queue when it used up its deliveries, and the message moves there
 (to the end of that durable queue) with headers saying why.
@@ -23,72 +27,114 @@ from .._store.sqlite import Store, StoredMessage
 from .._wire.codec import Codec
 from .reliable import Failure
 
-__all__ = ["DurableQueues", "DEAD_LETTER_HEADERS"]
+__all__ = ["DurableQueues", "DEAD_LETTER_HEADERS", "BUFFER"]
 
 log = logging.getLogger("zmqmesh.durable")
 
 DEAD_LETTER_HEADERS = ("x-original-queue", "x-attempts", "x-last-error")
-_BUFFER = 2048  # stored messages of one queue held in memory, ready to deal
+BUFFER = 4096
+"""Stored messages of one queue held in memory, ready to deal."""
+_REFILL_BELOW = BUFFER // 4
 _MAX_ERROR_CHARS = 1000
+_ACK_BATCH = 2048
+_COALESCE_S = 0.001
+_ACK_DELAY_S = 0.05
+
+
+class _Queue:
+    """One durable queue's buffer, and whether the store holds more than the buffer."""
+
+    __slots__ = ("buffer", "loaded", "overflow", "generation")
+
+    def __init__(self) -> None:
+        self.buffer: deque[StoredMessage] = deque()
+        self.loaded = 0  # the highest sequence number ever put in the buffer
+        self.overflow = False  # the store holds messages after `loaded` not in the buffer
+        self.generation = 0  # bumped whenever a message goes to the store only
 
 
 class DurableQueues:
     """The durable queues of one node: `submit` from any thread, everything else on the loop."""
 
-    def __init__(self, store: Store, codec: Codec, stats: Stats, wake: Callable[[], None]) -> None:
+    def __init__(self, store: Store, codec: Codec, stats: Stats, wake: Callable[[], None],
+                 later: Callable[[float, Callable[[], None]], Any], wake_soon: Callable[[float], None]) -> None:
         self.store = store
         self.codec = codec
         self.stats = stats
         self.wake = wake
-        self.buffers: dict[str, deque[StoredMessage]] = {}
-        self._loaded: dict[str, int] = {}
-        self._generation: dict[str, int] = {}  # bumped by every submit: more may be stored
-        self._clean: dict[str, int] = {}  # the generation up to which everything stored is loaded
+        self.later = later
+        self.wake_soon = wake_soon
+        self._wake_pending = False
+        self._acked: list[int] = []
+        self._ack_timer: Any = None
+        self.queues: dict[str, _Queue] = {}
         self._lock = threading.Lock()
         self._recovered_upto = 0
 
+    def _queue(self, name: str) -> _Queue:
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = _Queue()
+        return queue
+
+    def _overflowed(self, name: str) -> None:
+        with self._lock:
+            queue = self._queue(name)
+            queue.overflow = True
+            queue.generation += 1
+
     def recover(self) -> int:
         """Note the messages left in the store by an earlier run; how many there are."""
-        queues = self.store.queues()
-        with self._lock:
-            for queue in queues:
-                self._generation[queue] = self._generation.get(queue, 0) + 1
+        stored = self.store.queues()
+        for name in stored:
+            self._overflowed(name)
         self._recovered_upto = self.store.last_seq()
-        total = sum(q["messages"] for q in queues.values())
+        total = sum(q["messages"] for q in stored.values())
         if total:
-            log.info("%d durable message(s) in %d queue(s) left from an earlier run", total, len(queues))
+            log.info("%d durable message(s) in %d queue(s) left from an earlier run", total, len(stored))
         return total
 
-    def submit(self, queue: str, msg_id: str, timestamp: float, headers: bytes | None, body: bytes) -> None:
-        """Commit one message to the store (any thread); the loop deals it. Raises
-        `StoreFullError`, `StoreError`."""
-        self.store.append([(queue, msg_id, timestamp, headers, body)])
+    def submit(self, name: str, entries: list[tuple[str, float, bytes | None, bytes]]) -> None:
+        """Commit ``(id, timestamp, headers, body)`` messages to the store in one transaction
+        (any thread); the loop deals them. Raises `StoreFullError`, `StoreError`."""
+        seqs = self.store.append([(name, *entry) for entry in entries])
         with self._lock:
-            self._generation[queue] = self._generation.get(queue, 0) + 1
-        self.wake()
+            queue = self._queue(name)
+            if queue.overflow or len(queue.buffer) + len(seqs) > BUFFER:
+                queue.overflow = True
+                queue.generation += 1
+            else:
+                queue.buffer.extend(StoredMessage(seq, name, *entry, 0) for seq, entry in zip(seqs, entries))
+                queue.loaded = max(queue.loaded, seqs[-1])
+        if not self._wake_pending:
+            # the loop deals durable messages a moment later, several to a batch: a
+            # producer that commits one at a time would otherwise get batches of one
+            self._wake_pending = True
+            self.wake_soon(_COALESCE_S)
 
     def backlog(self) -> int:
         """Stored messages loaded and waiting to be dealt."""
-        return sum(len(b) for b in self.buffers.values())
+        return sum(len(q.buffer) for q in list(self.queues.values()))
 
     def refill(self) -> dict[str, deque[StoredMessage]]:
-        """Top up each queue's buffer from the store, in order; the buffers (loop only)."""
+        """Top up from the store the buffers of queues it holds more of; every buffer (loop only)."""
+        self._wake_pending = False
         with self._lock:
-            dirty = [(q, g) for q, g in self._generation.items() if self._clean.get(q) != g]
-        for queue, generation in dirty:
-            buffer = self.buffers.setdefault(queue, deque())
-            room = _BUFFER - len(buffer)
-            if room <= 0:
-                continue
-            rows = self.store.pending(queue, after=self._loaded.get(queue, 0), limit=room)
-            if rows:
-                self._loaded[queue] = rows[-1].seq
-                recovered = self._recovered_upto
-                buffer.extend(dataclasses.replace(r, recovered=True) if r.seq <= recovered else r for r in rows)
-            if len(rows) < room:  # all that was stored when this generation began is loaded
-                with self._lock:
-                    self._clean[queue] = generation
-        return self.buffers
+            due = [(name, q.loaded, q.generation) for name, q in self.queues.items()
+                   if q.overflow and len(q.buffer) < _REFILL_BELOW]
+        for name, after, generation in due:
+            queue = self.queues[name]
+            room = BUFFER - len(queue.buffer)
+            rows = self.store.pending(name, after=after, limit=room)
+            recovered = self._recovered_upto
+            with self._lock:
+                queue.buffer.extend(dataclasses.replace(r, recovered=True) if r.seq <= recovered else r
+                                    for r in rows)
+                if rows:
+                    queue.loaded = max(queue.loaded, rows[-1].seq)
+                if len(rows) < room and queue.generation == generation:
+                    queue.overflow = False  # everything stored is in the buffer now
+        return {name: q.buffer for name, q in list(self.queues.items())}
 
     def settle(self, queue: str, items: list[Any], failures: list[Failure]) -> list[Any]:
         """A puller answered for a batch: forget what it handled, dead-letter what it gave
@@ -98,7 +144,11 @@ class DurableQueues:
         retry: list[Any] = []
         attempted: list[int] = []
         if done:
-            self.store.acknowledge(done)
+            self._acked.extend(done)
+            if len(self._acked) >= _ACK_BATCH:
+                self.flush_acknowledged()
+            elif self._ack_timer is None:
+                self._ack_timer = self.later(_ACK_DELAY_S, self.flush_acknowledged)
         for index, failure in failed.items():
             item = items[index]
             if not isinstance(item, StoredMessage):
@@ -111,6 +161,23 @@ class DurableQueues:
         if attempted:
             self.store.count_attempt(attempted)
         return retry
+
+    def flush_acknowledged(self) -> None:
+        """Delete the acknowledged messages from the store, in one transaction.
+
+        Acknowledgements are gathered for up to `_ACK_DELAY_S` (or `_ACK_BATCH` of them):
+        one delete per message would halve the rate of durable pushes. A crash before the
+        delete only means those messages are delivered again (marked redelivered).
+        """
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._acked:
+            acked, self._acked = self._acked, []
+            try:
+                self.store.acknowledge(acked)
+            except Exception as exc:  # they stay stored and are delivered again after a restart
+                log.error("cannot forget %d acknowledged message(s): %s", len(acked), exc)
 
     def _dead_letter(self, queue: str, item: StoredMessage, failure: Failure) -> None:
         headers: dict[str, str] = {}
@@ -125,11 +192,10 @@ class DurableQueues:
             "x-attempts": str(item.attempts + 1),
             "x-last-error": failure.error[:_MAX_ERROR_CHARS],
         })
-        self.store.move(item.seq, failure.dead_letter or f"{queue}.dead", self.codec.encode(headers))
-        with self._lock:
-            dead = failure.dead_letter or f"{queue}.dead"
-            self._generation[dead] = self._generation.get(dead, 0) + 1
+        dead = failure.dead_letter or f"{queue}.dead"
+        self.store.move(item.seq, dead, self.codec.encode(headers))
+        self._overflowed(dead)
         counters = self.stats.pattern["pipeline"]
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1
         log.warning("message %s of %r dead-lettered to %r after %d attempt(s): %s",
-                    item.id[:12], queue, failure.dead_letter, item.attempts + 1, failure.error[:200])
+                    item.id[:12], queue, dead, item.attempts + 1, failure.error[:200])

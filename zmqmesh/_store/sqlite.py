@@ -43,15 +43,16 @@ _PAGE_SIZE = 4096
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # durable messages this node owns until a puller acknowledges them (or a keeper takes them)
+    # seq is given by the store (never reused while it runs): no AUTOINCREMENT, no second
+    # index, so a commit writes one b-tree (about twice the rate)
     "CREATE TABLE outbox ("
-    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " seq INTEGER PRIMARY KEY,"
     " queue TEXT NOT NULL,"
     " id TEXT NOT NULL,"
     " ts REAL NOT NULL,"
     " headers BLOB,"
     " body BLOB NOT NULL,"
     " attempts INTEGER NOT NULL DEFAULT 0)",
-    "CREATE INDEX outbox_queue ON outbox (queue, seq)",
     # ids of messages a dedupe puller handled, per queue
     "CREATE TABLE handled (queue TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (queue, id))"
     " WITHOUT ROWID",
@@ -103,6 +104,7 @@ class Store:
             raise
         self.max_bytes = max_bytes
         self._closed = False
+        self._next_seq = self._db.execute("SELECT ifnull(max(seq), 0) + 1 FROM outbox").fetchone()[0]
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -184,38 +186,59 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _write(self, statements: Iterable[tuple[str, Any]]) -> list[int]:
-        """Run ``(sql, params)`` pairs in one transaction; the last row id of each insert."""
-        ids: list[int] = []
+    def _write(self, statements: Iterable[tuple[str, Any]]) -> None:
+        """Run ``(sql, params)`` pairs in one transaction (``params`` a list: executemany)."""
         with self._lock:
-            db = self._db
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for sql, params in statements:
-                    if isinstance(params, list):
-                        db.executemany(sql, params)
-                    else:
-                        cur = db.execute(sql, params)
-                        if cur.lastrowid:
-                            ids.append(cur.lastrowid)
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
+            self._write_locked(statements)
+
+    def _write_locked(self, statements: Iterable[tuple[str, Any]]) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            for sql, params in statements:
+                if isinstance(params, list):
+                    db.executemany(sql, params)
+                else:
+                    db.execute(sql, params)
+
+        self._commit(run)
+
+    def _commit(self, work: Any, single: bool = False) -> None:
+        """Run ``work(db)`` as one transaction (a single statement is its own transaction).
+        Raises `StoreFullError`, `StoreError`; nothing of a failed transaction is kept."""
+        db = self._db
+        try:
+            if single:
+                work(db)
+                return
+            db.execute("BEGIN IMMEDIATE")
+            work(db)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
                 try:
                     db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
-                    raise StoreFullError(
-                        f"the store {self.directory} is full (store_max_bytes={self.max_bytes}); "
-                        "nothing already stored was lost") from exc
-                raise StoreError(f"store write failed: {exc}") from exc
-        return ids
+            if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                raise StoreFullError(
+                    f"the store {self.directory} is full (store_max_bytes={self.max_bytes}); "
+                    "nothing already stored was lost") from exc
+            if isinstance(exc, sqlite3.ProgrammingError) and self._closed:
+                raise StoreError("the store is closed (the node stopped)") from exc
+            raise StoreError(f"store write failed: {exc}") from exc
 
     def append(self, messages: Sequence[tuple[str, str, float, bytes | None, bytes]]) -> list[int]:
         """Store ``(queue, id, timestamp, headers, body)`` messages in one transaction;
-        their outbox sequence numbers. Raises `StoreFullError`, `StoreError`."""
-        sql = "INSERT INTO outbox (queue, id, ts, headers, body) VALUES (?, ?, ?, ?, ?)"
-        return self._write((sql, m) for m in messages)
+        their outbox sequence numbers, increasing. Raises `StoreFullError`, `StoreError`."""
+        with self._lock:
+            first = self._next_seq
+            rows = [(first + i, *m) for i, m in enumerate(messages)]
+            self._commit(lambda db: db.executemany(
+                "INSERT INTO outbox (seq, queue, id, ts, headers, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                if len(rows) > 1 else db.execute(
+                "INSERT INTO outbox (seq, queue, id, ts, headers, body) VALUES (?, ?, ?, ?, ?, ?)", rows[0]),
+                single=len(rows) == 1)
+            self._next_seq = first + len(rows)
+        return [r[0] for r in rows]
 
     def acknowledge(self, seqs: Iterable[int]) -> None:
         """Forget delivered messages."""
@@ -228,29 +251,37 @@ class Store:
     def move(self, seq: int, queue: str, headers: bytes | None) -> int:
         """Move a message to the end of another queue (a dead-letter queue), with new
         headers and no attempts; its new sequence number."""
-        return self._write([
-            ("INSERT INTO outbox (queue, id, ts, headers, body) "
-             "SELECT ?, id, ts, ?, body FROM outbox WHERE seq = ?", (queue, headers, seq)),
-            ("DELETE FROM outbox WHERE seq = ?", (seq,)),
-        ])[0]
+        with self._lock:
+            new = self._next_seq
+            self._write_locked([
+                ("INSERT INTO outbox (seq, queue, id, ts, headers, body) "
+                 "SELECT ?, ?, id, ts, ?, body FROM outbox WHERE seq = ?", (new, queue, headers, seq)),
+                ("DELETE FROM outbox WHERE seq = ?", (seq,)),
+            ])
+            self._next_seq = new + 1
+        return new
 
     def drop_queue(self, queue: str) -> int:
         """Delete every message of ``queue``; how many there were."""
         with self._lock:
             n = self._db.execute("SELECT count(*) FROM outbox WHERE queue = ?", (queue,)).fetchone()[0]
-        self._write([("DELETE FROM outbox WHERE queue = ?", (queue,))])
+            self._write_locked([("DELETE FROM outbox WHERE queue = ?", (queue,))])
         return int(n)
 
     def requeue(self, source: str, target: str) -> int:
-        """Move every message of ``source`` to the end of ``target``; how many moved."""
+        """Move every message of ``source`` to the end of ``target``, in order; how many moved."""
         with self._lock:
-            n = self._db.execute("SELECT count(*) FROM outbox WHERE queue = ?", (source,)).fetchone()[0]
-        self._write([
-            ("INSERT INTO outbox (queue, id, ts, headers, body) "
-             "SELECT ?, id, ts, headers, body FROM outbox WHERE queue = ? ORDER BY seq", (target, source)),
-            ("DELETE FROM outbox WHERE queue = ?", (source,)),
-        ])
-        return int(n)
+            seqs = [r[0] for r in self._db.execute(
+                "SELECT seq FROM outbox WHERE queue = ? ORDER BY seq", (source,)).fetchall()]
+            first = self._next_seq
+            self._write_locked([
+                ("INSERT INTO outbox (seq, queue, id, ts, headers, body) "
+                 "SELECT ?, ?, id, ts, headers, body FROM outbox WHERE seq = ?",
+                 [(first + i, target, s) for i, s in enumerate(seqs)]),
+                ("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]),
+            ])
+            self._next_seq = first + len(seqs)
+        return len(seqs)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -259,14 +290,13 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, queue, id, ts, headers, body, attempts FROM outbox "
-                "WHERE queue = ? AND seq > ? ORDER BY seq LIMIT ?", (queue, after, limit)).fetchall()
+                "WHERE seq > ? AND queue = ? ORDER BY seq LIMIT ?", (after, queue, limit)).fetchall()
         return [StoredMessage(*row) for row in rows]
 
     def last_seq(self) -> int:
-        """The highest outbox sequence number used so far (0 for none)."""
+        """The highest outbox sequence number given so far in this run (0 for none)."""
         with self._lock:
-            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-        return int(row[0]) if row else 0
+            return int(self._next_seq) - 1
 
     def queues(self) -> dict[str, dict[str, Any]]:
         """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
@@ -301,8 +331,12 @@ class Store:
     def remember(self, queue: str, ids: Sequence[str]) -> None:
         """Record ``ids`` as handled on ``queue``."""
         now = time.time()
-        self._write([("INSERT OR IGNORE INTO handled (queue, id, at) VALUES (?, ?, ?)",
-                      [(queue, i, now) for i in ids])])
+        sql = "INSERT OR IGNORE INTO handled (queue, id, at) VALUES (?, ?, ?)"
+        with self._lock:
+            if len(ids) == 1:
+                self._commit(lambda db: db.execute(sql, (queue, ids[0], now)), single=True)
+            else:
+                self._write_locked([(sql, [(queue, i, now) for i in ids])])
 
     def trim_handled(self, queue: str, keep: int) -> None:
         """Forget all but about the newest ``keep`` handled ids of ``queue``."""
