@@ -299,3 +299,66 @@ def test_a_stuck_handlers_message_goes_to_another_puller_after_the_ack_timeout(
                 release.set()
                 wait_until(lambda: stored(tmp_path) == 0, 10, "the acknowledgement")
     assert seen == [("stuck", 0, False), ("healthy", 1, True)]
+
+
+# -- keepers and the command line -----------------------------------------------------------------
+
+def test_a_stopping_pusher_hands_its_messages_to_a_keeper(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    got: list[tuple[Any, str, dict[str, str]]] = []
+    keeper = zmqmesh.Node("keeper", store=str(tmp_path / "keeper"), **mesh)
+    keeper.keep("orders")
+    with keeper:
+        with zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), **mesh) as pusher:
+            pusher.wait_for_keepers("orders")
+            pusher.push_many("orders", [{"n": i} for i in range(100)], durable=True, headers={"batch": "7"})
+        assert stored(tmp_path / "pusher") == 0, "handed over"
+        assert stored(tmp_path / "keeper") == 100
+        puller = zmqmesh.Node("late-puller", **mesh)
+        puller.pull("orders", lambda m: got.append((m.data["n"], m.id, m.headers)), at_least_once=True)
+        with puller:
+            wait_until(lambda: len(got) == 100, 20, "the kept messages")
+            wait_until(lambda: stored(tmp_path / "keeper") == 0, 10, "the keeper's acknowledgements")
+    assert [n for n, _id, _h in got] == list(range(100))
+    ids = {msg_id for _n, msg_id, _h in got}
+    assert len(ids) == 100
+    assert all(h == {"batch": "7"} for _n, _id, h in got)
+
+
+def zmqmesh_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zmqmesh", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_command_line_pushes_durably_through_a_keeper_and_manages_dead_letters(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    common = ["--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])]
+    keeper_store = tmp_path / "keeper"
+    keeper = subprocess.Popen([sys.executable, "-m", "zmqmesh", "keep", "orders", "--store", str(keeper_store), *common],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert keeper.stdout is not None
+        assert "keeping 'orders'" in keeper.stdout.readline()
+        pushed = zmqmesh_cli("push", "orders", '{"id": 1}', "--durable", *common)
+        assert pushed.returncode == 0, pushed.stderr
+        assert "durable" in pushed.stdout
+        shown = zmqmesh_cli("store", "inspect", str(keeper_store), "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert '"orders"' in shown.stdout
+    finally:
+        keeper.send_signal(signal.SIGTERM)
+        keeper.wait(15)
+    assert stored(keeper_store) == 1
+    alone = zmqmesh_cli("push", "orders", '{"id": 2}', "--durable", "--timeout", "0.5", "--mesh", "nobody-here",
+                        "--beacon-port", str(mesh["beacon_port"]))
+    assert alone.returncode == 1
+    assert "no puller or keeper" in alone.stderr and "kept in the store" in alone.stderr
+
+    with sqlite3.connect(keeper_store / "zmqmesh.db") as db:  # make its message a dead letter
+        db.execute("UPDATE outbox SET queue = 'orders.dead'")
+    assert "1 dead letter(s)" in zmqmesh_cli("store", "dead-letters", str(keeper_store), "orders").stdout
+    assert "moved 1" in zmqmesh_cli("store", "dead-letters", str(keeper_store), "orders", "--retry").stdout
+    assert "orders " in zmqmesh_cli("store", "inspect", str(keeper_store)).stdout
+    with zmqmesh.Node("holder", store=str(keeper_store), **mesh):
+        locked = zmqmesh_cli("store", "dead-letters", str(keeper_store), "orders", "--drop")
+        assert locked.returncode == 1 and "in use" in locked.stderr
+    missing = zmqmesh_cli("store", "inspect", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "no zmqmesh store" in missing.stderr

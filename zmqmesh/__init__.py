@@ -10,6 +10,7 @@ from __future__ import annotations
 import typing
 
 from ._io.curve import generate_keypair, read_public_key, read_secret_key, write_keypair
+from ._store.sqlite import drop_dead_letters, inspect_store, retry_dead_letters
 from ._version import __version__
 from .config import NodeConfig
 from .errors import (
@@ -55,6 +56,9 @@ __all__ = [
     "write_keypair",
     "read_public_key",
     "read_secret_key",
+    "inspect_store",
+    "retry_dead_letters",
+    "drop_dead_letters",
 ]
 
 

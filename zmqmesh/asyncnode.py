@@ -152,3 +152,7 @@ class AsyncNode(NodeBase[Any]):
     async def wait_for_pullers(self, queue: str, n: int = 1, timeout: float = 10.0) -> None:
         """Wait until ``n`` nodes pull ``queue``. Raises `MeshTimeoutError`."""
         await self._runner.run(self._offer_plan("queues", queue, n, timeout))
+
+    async def wait_for_keepers(self, queue: str, n: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``n`` nodes keep ``queue`` (see `keep`). Raises `MeshTimeoutError`."""
+        await self._runner.run(self._offer_plan("keepers", queue, n, timeout))

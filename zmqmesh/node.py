@@ -233,3 +233,7 @@ class Node(NodeBase[Any]):
         """Block until ``n`` nodes pull ``queue``. Raises `MeshTimeoutError`."""
         self._runner.run(self._offer_plan("queues", queue, n, timeout))
 
+    def wait_for_keepers(self, queue: str, n: int = 1, timeout: float = 10.0) -> None:
+        """Block until ``n`` nodes keep ``queue`` (see `keep`). Raises `MeshTimeoutError`."""
+        self._runner.run(self._offer_plan("keepers", queue, n, timeout))
+

@@ -131,7 +131,8 @@ class LoopInbox(Dispatcher):
     def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
         super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
                          codec=engine.codec, stats=engine.stats, describe=engine.describe,
-                         sub=sub, pull=pull, router=router, store=engine.store)
+                         sub=sub, pull=pull, router=router, store=engine.store,
+                         keeper=engine.durable.submit if engine.durable is not None else None)
         self.loop = engine.loop
         concurrency = engine.config.handler_concurrency
         self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler")

@@ -251,7 +251,8 @@ class ThreadInbox(Dispatcher):
     def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
         super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
                          codec=engine.codec, stats=engine.stats, describe=engine.describe,
-                         sub=sub, pull=pull, router=router, store=engine.store)
+                         sub=sub, pull=pull, router=router, store=engine.store,
+                         keeper=engine.durable.submit if engine.durable is not None else None)
         self.name = engine.name
         self._wake_recv = new_socket(engine.ctx, zmq.PAIR)
         wake_address = wire.inproc_endpoint(engine.node_id, "inbox")

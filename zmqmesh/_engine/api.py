@@ -196,6 +196,16 @@ class NodeBase(Generic[Handler]):
             self._registry.mark_idempotent(name)
         return self._register("services", check_name("service", name), handler)
 
+    def keep(self, queue: str) -> None:
+        """Become a keeper of ``queue``: a pusher that stops with durable messages of it not
+        yet delivered hands them to a keeper (within its stop deadline), which stores them
+        and delivers them to pullers when they appear. Several keepers may run; each
+        message is kept by one. Raises `ConfigError` without a store."""
+        if self.config.store is None:
+            raise ConfigError("keep() needs a store: Node(..., store='path/dir')")
+        self._registry.keep(check_name("queue", queue))
+        self._engine.registry_changed()
+
     def unsubscribe(self, prefix: str, handler: Callable[..., Any] | None = None) -> bool:
         """Stop handling ``prefix`` (one handler, or all of them); True if anything was removed."""
         return self._unregister("topics", prefix, handler)
@@ -382,7 +392,7 @@ class NodeBase(Generic[Handler]):
 
     def _offer_plan(self, kind: str, name: str, n: int, timeout: float) -> Plan:
         directory = self._engine.directory
-        what = {"services": "provider(s) of service", "queues": "puller(s) of queue"}[kind]
+        what = {"services": "provider(s) of service", "queues": "puller(s) of queue", "keepers": "keeper(s) of queue"}[kind]
         yield from self._until(lambda: len(directory.providers(kind, name)) >= n, timeout, f"{n} {what} {name!r}")
 
     def _service_name(self, service: str) -> bytes:

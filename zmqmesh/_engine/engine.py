@@ -293,6 +293,27 @@ class Engine:
         self.outbound.flush()
         return bool(self.outbound.queued()) and time.monotonic() < deadline
 
+    def hand_over(self, deadline: float) -> bool:
+        """Deal the durable messages this stopping node still stores to the keepers of their
+        queues (they store them, then acknowledge); True while some remain to hand over to
+        a keeper that is there, and ``deadline`` has not passed. What no keeper takes stays
+        in this node's store."""
+        durable, reliable, outbound = self.durable, self.reliable, self.outbound
+        if durable is None or reliable is None or outbound is None or time.monotonic() >= deadline:
+            return False
+        if not outbound.handing_over:
+            outbound.handing_over = True  # from now on durable messages go to keepers only
+            for queue in list(durable.queues):
+                reliable.recall(queue)
+        busy = False
+        for queue, buffer in durable.refill().items():
+            if not any(k != self.node_id for k in self.directory.providers("keepers", queue)):
+                continue
+            reliable.flush(queue, buffer, to_keepers=True)
+            if buffer or reliable.redeliver.get(queue) or reliable.in_flight(queue):
+                busy = True
+        return busy
+
     def close_outbound(self) -> None:
         """Count what could not be sent, say goodbye, fail the waits and outstanding requests."""
         assert self.outbound is not None and self.reliable is not None and self.membership is not None

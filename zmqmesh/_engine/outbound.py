@@ -39,6 +39,7 @@ class Outbound:
         self.pusher: Pusher | None = None
         self.reliable: ReliableSender | None = None
         self.durable: DurableQueues | None = None
+        self.handing_over = False  # a stopping node deals durable messages to keepers only
         self._scheduled = False
         self._retry: Any = None
 
@@ -62,10 +63,14 @@ class Outbound:
 
     def queued(self) -> int:
         """Messages not yet sent, or sent at-least-once and not yet acknowledged; durable
-        messages waiting in the store for a puller do not count (they are kept)."""
+        messages count while a puller is there to take them (the others are kept)."""
         if self.publisher is None or self.pusher is None or self.reliable is None:
             return 0
-        return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending()
+        deliverable = 0
+        if self.durable is not None and not self.handing_over:  # stored, and a puller is there to take them
+            deliverable = sum(len(q.buffer) for name, q in list(self.durable.queues.items())
+                              if q.buffer and self.directory.providers("ackqueues", name))
+        return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending() + deliverable
 
     def unsent_in_memory(self) -> int:
         """What `queued` counts that a stop would lose (durable messages stay stored)."""
@@ -92,7 +97,7 @@ class Outbound:
             except Exception:  # one queue's failure must not starve the others
                 log.exception("sending on queue %r failed", queue)
                 blocked = True
-        if self.durable is not None:
+        if self.durable is not None and not self.handing_over:
             try:
                 buffers = self.durable.refill()
             except Exception:

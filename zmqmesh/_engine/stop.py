@@ -5,7 +5,8 @@ arrived), stop the handlers, close the sockets, terminate the context:
 
 1. ``begin_stop`` (loop): refuse new work; None if the node was not running.
 2. ``send_queued`` (loop), with a short pause between rounds: drain the send queues
-   until they are empty or ``linger_s`` has passed.
+   until they are empty or ``linger_s`` has passed; then ``hand_over`` the durable
+   messages still stored to the keepers of their queues, within the same deadline.
 3. ``close_outbound`` (loop): count what is left, say goodbye, fail waits and requests.
 4. the inbox's stop: handle what already arrived, within ``timeout``.
 5. ``close_sockets`` (loop): close membership and the outbound sockets.
@@ -48,6 +49,8 @@ def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
         return
     while (yield StopStep("sending what is queued", ON_LOOP, engine.send_queued, (deadline,))):
         yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
+    while (yield StopStep("handing durable messages to keepers", ON_LOOP, engine.hand_over, (deadline,))):
+        yield StopStep("waiting for the keepers", PAUSE, None, (PAUSE_S,))
     yield StopStep("saying goodbye", ON_LOOP, engine.close_outbound)
     yield StopStep("stopping the handlers", INBOX, None, (timeout,))
     yield StopStep("closing the sockets", ON_LOOP, engine.close_sockets, (deadline,))

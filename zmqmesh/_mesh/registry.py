@@ -40,6 +40,7 @@ class Registry:
         self.ack_queues: frozenset[str] = frozenset()
         self.pull_options: dict[str, PullOptions] = {}
         self.idempotent: frozenset[str] = frozenset()
+        self.keeps: frozenset[str] = frozenset()
         self.version = 0
 
     def offers(self) -> dict[str, frozenset[str]]:
@@ -53,6 +54,7 @@ class Registry:
             "acktimeouts": frozenset(
                 f"{round(o.ack_timeout_s * 1000)}/{q}" for q, o in self.pull_options.items()
                 if o.ack_timeout_s is not None and q in self.queues and q in self.ack_queues),
+            "keepers": self.keeps,
         }
 
     def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
@@ -79,6 +81,11 @@ class Registry:
         self.pull_options = {**self.pull_options, queue: options}
         if options.at_least_once:
             self.mark_at_least_once(queue)
+
+    def keep(self, queue: str) -> None:
+        """Keep the durable messages of ``queue`` that stopping pushers hand over."""
+        self.keeps = self.keeps | {queue}
+        self.version += 1
 
     def mark_idempotent(self, service: str) -> None:
         """Declare ``service`` safe to retry on another provider."""

@@ -25,6 +25,7 @@ import inspect
 import logging
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -104,8 +105,10 @@ class Dispatcher:
     def __init__(self, *, config: NodeConfig, registry: Registry, directory: Directory, codec: Codec,
                  stats: Stats, describe: Callable[[], dict[str, Any]],
                  sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any],
-                 store: Store | None = None) -> None:
+                 store: Store | None = None,
+                 keeper: Callable[[str, list[tuple[str, float, bytes | None, bytes]]], None] | None = None) -> None:
         self.store = store
+        self.keeper = keeper
         self._remembered: dict[str, int] = {}
         self.config = config
         self.registry = registry
@@ -255,6 +258,9 @@ class Dispatcher:
         if service.startswith(wire.QUEUE_SERVICE_PREFIX):
             self._decode_reliable(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
             return
+        if service.startswith(wire.KEEP_SERVICE_PREFIX):
+            self._keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
+            return
         if service == wire.STATS_SERVICE:  # built in: every node reports its counters
             try:
                 self.send_reply(route, wire.STATUS_OK, self.codec.encode(self.describe()))
@@ -312,6 +318,32 @@ class Dispatcher:
             calls.append(Call(handler, msg, ack, "pipeline", index))
         if ack.remaining == 0:
             self._acknowledge(ack)
+
+    def _keep(self, queue: str, route: tuple[bytes, bytes], body: bytes) -> None:
+        """A stopping pusher hands over durable messages of a queue this node keeps: store
+        them (committed) before acknowledging; they are then this node's to deliver."""
+        if queue not in self.registry.keeps or self.keeper is None:
+            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
+            return
+        items = self.codec.decode_batch(body)
+        if not all(_valid_item(i) for i in items):
+            raise DecodeError("malformed batch handed to a keeper")
+        encode = self.codec.encode
+        now = time.time()
+        entries = [
+            (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1])) if len(i) == DURABLE_ITEM_FIELDS
+            else (uuid.uuid4().hex, now, None, encode(i[1]))
+            for i in items
+        ]
+        try:
+            self.keeper(queue, entries)
+        except Exception as exc:  # full or failing store: the pusher keeps them
+            log.error("cannot keep %d message(s) of %r: %s", len(entries), queue, exc)
+            self.send_reply(route, wire.STATUS_ERROR, b"")
+            return
+        counters = self.stats.pattern["pipeline"]
+        counters["kept"] = counters.get("kept", 0) + len(entries)
+        self.send_reply(route, wire.STATUS_OK, b"")
 
     # -- replying ---------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from .._wire.frames import (
     MAX_BATCH_ITEMS,
     STATUS_OK,
     acker_id,
+    keep_service,
     parse_reply,
     queue_service,
     wrap_item,
@@ -107,14 +108,18 @@ class ReliableSender:
         inflight = sum(1 for b in self.inflight.values() for i in b.items if isinstance(i, bytes))
         return inflight + sum(1 for q in self.redeliver.values() for i in q if isinstance(i, bytes))
 
-    def flush(self, queue: str, q: deque[Any]) -> bool:
-        """Deal what is queued to pullers with room in their window; True if some had to wait."""
+    def flush(self, queue: str, q: deque[Any], to_keepers: bool = False) -> bool:
+        """Deal what is queued to pullers with room in their window; True if some had to wait.
+
+        ``to_keepers``: deal to the keepers of ``queue`` instead (a stopping node's hand-over).
+        """
         directory = self.directory
-        pullers = [i for i in directory.providers("ackqueues", queue) if directory.endpoint_of(i, "service")]
+        kind, name = ("keepers", keep_service(queue)) if to_keepers else ("ackqueues", queue_service(queue))
+        pullers = [i for i in directory.providers(kind, queue)  # a node keeps its own messages anyway
+                   if not (to_keepers and i == directory.node_id) and directory.endpoint_of(i, "service")]
         again = self.redeliver.setdefault(queue, deque())
         if not pullers:
             return bool(q or again)
-        name = queue_service(queue)
         start = next(self._rr)
         progress = True
         while (q or again) and progress:
@@ -239,6 +244,20 @@ class ReliableSender:
             self.wake()
         if self.inflight and self.directory.offers["acktimeouts"]:
             self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
+
+    def in_flight(self, queue: str) -> int:
+        """Messages of ``queue`` sent and not yet acknowledged."""
+        return sum(len(b.items) for b in self.inflight.values() if b.queue == queue)
+
+    def recall(self, queue: str) -> int:
+        """Take back what is in flight on ``queue`` (to be dealt again, e.g. to a keeper);
+        a late acknowledgement of it is ignored. How many messages came back."""
+        recalled = [(bid, b) for bid, b in self.inflight.items() if b.queue == queue]
+        for batch_id, batch in reversed(recalled):
+            del self.inflight[batch_id]
+            self.inflight_count[batch.puller] -= len(batch.items)
+            self.redeliver.setdefault(queue, deque()).extendleft(reversed(batch.items))
+        return sum(len(b.items) for _, b in recalled)
 
     def peer_gone(self, puller: str) -> None:
         """Put back what a departed puller had not acknowledged, marked as redelivered."""

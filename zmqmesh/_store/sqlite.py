@@ -32,7 +32,8 @@ from typing import Any
 
 from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 
-__all__ = ["Store", "StoredMessage", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE"]
+__all__ = ["Store", "StoredMessage", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
+           "drop_dead_letters"]
 
 SCHEMA_VERSION = 1
 DB_FILE = "zmqmesh.db"
@@ -358,3 +359,65 @@ class Store:
                 self._db.close()
             finally:
                 self._release_lock()
+
+
+def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a store holds, read without taking it (the node using it may run):
+    ``{"path", "bytes", "schema", "queues": {name: {messages, bytes, oldest}}, "handled": {queue: ids}}``.
+
+    Raises `StoreError` if there is no zmqmesh store there, or it cannot be read.
+    """
+    path = Path(directory) / DB_FILE
+    if not path.exists():
+        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    with open(path, "rb") as f:
+        if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+            raise StoreError(f"{path} is not a zmqmesh store (not an SQLite database)")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the store {path}: {exc}") from exc
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("app") != _APP:
+            raise StoreError(f"{path} is an SQLite database but not a zmqmesh store")
+        rows = db.execute("SELECT queue, count(*), sum(length(body) + ifnull(length(headers), 0)), min(ts) "
+                          "FROM outbox GROUP BY queue ORDER BY queue").fetchall()
+        handled = dict(db.execute("SELECT queue, count(*) FROM handled GROUP BY queue").fetchall())
+    except sqlite3.Error as exc:
+        raise StoreError(f"the store {path} is damaged or not a zmqmesh store: {exc}") from exc
+    finally:
+        db.close()
+    size = sum(os.path.getsize(str(path) + s) for s in ("", "-wal") if os.path.exists(str(path) + s))
+    return {
+        "path": str(path),
+        "bytes": size,
+        "schema": int(meta.get("schema_version", "0")),
+        "queues": {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows},
+        "handled": handled,
+    }
+
+
+def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
+    """Move every dead letter of ``queue`` (the queue ``dead_letter``, default
+    ``"<queue>.dead"``) back to the end of ``queue``; how many moved. The store must not be
+    in use: raises `StoreLockedError` while its node runs, `StoreError` if there is none."""
+    if not (Path(directory) / DB_FILE).exists():
+        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    store = Store(directory)
+    try:
+        return store.requeue(dead_letter or f"{queue}.dead", queue)
+    finally:
+        store.close()
+
+
+def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
+    """Delete every dead letter of ``queue``; how many there were. Raises as
+    `retry_dead_letters` does."""
+    if not (Path(directory) / DB_FILE).exists():
+        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    store = Store(directory)
+    try:
+        return store.drop_queue(dead_letter or f"{queue}.dead")
+    finally:
+        store.close()

@@ -29,6 +29,8 @@ __all__ = [
     "STATS_SERVICE",
     "STATS_SERVICE_BYTES",
     "QUEUE_SERVICE_PREFIX",
+    "KEEP_SERVICE_PREFIX",
+    "keep_service",
     "CONTROL_MAGIC",
     "HEADER",
     "ENDPOINT_KEYS",
@@ -71,6 +73,8 @@ STATS_SERVICE = "\x00stats"
 STATS_SERVICE_BYTES = STATS_SERVICE.encode()
 QUEUE_SERVICE_PREFIX = "\x00queue/"
 """At-least-once batches travel as requests to the service ``"\\x00queue/<name>"``."""
+KEEP_SERVICE_PREFIX = "\x00keep/"
+"""Durable messages handed to a keeper travel as requests to ``"\\x00keep/<name>"``."""
 
 CONTROL_MAGIC = b"\x00zmqmesh-control"
 """First frame of the WHISPERs zmqmesh nodes exchange among themselves (never sent to plain ZRE peers)."""
@@ -90,7 +94,7 @@ HEADER = {
 ENDPOINT_KEYS = ("pub", "sub", "pull", "service")
 """The HELLO headers that carry a pattern socket's endpoint."""
 
-OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent", "acktimeouts")
+OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent", "acktimeouts", "keepers")
 OFFER_PREFIXES = {
     "services": "zmqmesh/svc/",
     "queues": "zmqmesh/queue/",
@@ -98,6 +102,7 @@ OFFER_PREFIXES = {
     "ackqueues": "zmqmesh/ackqueue/",  # queues pulled at-least-once
     "idempotent": "zmqmesh/idem/",  # services safe to retry on another provider
     "acktimeouts": "zmqmesh/ackto/",  # "<milliseconds>/<queue>": redeal what is not acknowledged in time
+    "keepers": "zmqmesh/keep/",  # keeps the durable messages of a queue that stopping pushers hand over
 }
 """A node announces what it offers by joining the ZRE group ``prefix + name``."""
 
@@ -171,6 +176,11 @@ def parse_reply(frames: list[bytes]) -> tuple[bytes, bytes, bytes] | None:
 def queue_service(queue: str) -> bytes:
     """The service name at-least-once batches of ``queue`` are sent to."""
     return (QUEUE_SERVICE_PREFIX + queue).encode()
+
+
+def keep_service(queue: str) -> bytes:
+    """The service name a keeper of ``queue`` takes durable messages on."""
+    return (KEEP_SERVICE_PREFIX + queue).encode()
 
 
 _TRUE, _FALSE, _ARRAY2 = b"\xc3", b"\xc2", b"\x92"

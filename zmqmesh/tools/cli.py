@@ -5,8 +5,11 @@
     zmqmesh peers [--json] [--watch]       list the nodes of a mesh (and follow it)
     zmqmesh publish TOPIC JSON             one-shot calls, for poking a running mesh
     zmqmesh subscribe PREFIX [--count N]
-    zmqmesh push QUEUE JSON
+    zmqmesh push QUEUE JSON [--durable]
     zmqmesh request SERVICE JSON
+    zmqmesh keep QUEUE... --store DIR      keep durable messages that stopping pushers hand over
+    zmqmesh store inspect DIR              what a node's store holds
+    zmqmesh store dead-letters DIR QUEUE [--retry | --drop]
     zmqmesh keygen NAME [--dir DIR]        write a CURVE key pair (secret file mode 600)
     zmqmesh --version
 
@@ -18,14 +21,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from zmqmesh import Message, Node, Peer, ZmqMeshError, __version__
+from zmqmesh import (
+    MeshTimeoutError,
+    Message,
+    Node,
+    Peer,
+    ZmqMeshError,
+    __version__,
+    drop_dead_letters,
+    inspect_store,
+    retry_dead_letters,
+)
 
 from .jsonview import dumps, peer_dict
 
@@ -89,7 +104,27 @@ def _parser() -> argparse.ArgumentParser:
     push = sub.add_parser("push", parents=[mesh], help="push one message to a queue")
     push.add_argument("queue")
     push.add_argument("data", help="JSON payload")
-    push.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a puller")
+    push.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a puller (or a keeper)")
+    push.add_argument("--durable", action="store_true",
+                      help="commit the message first; with no puller, hand it to a keeper of the queue")
+    push.add_argument("--store", default=None, help="the store for --durable (default: a temporary one)")
+
+    keep = sub.add_parser("keep", parents=[mesh], help="keep the durable messages stopping pushers hand over")
+    keep.add_argument("queues", nargs="+", metavar="QUEUE")
+    keep.add_argument("--store", required=True, help="the keeper's store directory")
+
+    store = sub.add_parser("store", help="look into a node's store")
+    store_sub = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    inspect = store_sub.add_parser("inspect", help="queues, backlog, dead letters, size")
+    inspect.add_argument("dir")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    dead = store_sub.add_parser("dead-letters", help="show, retry or drop the dead letters of a queue")
+    dead.add_argument("dir")
+    dead.add_argument("queue")
+    dead.add_argument("--dead-letter", default=None, help="the dead-letter queue (default QUEUE.dead)")
+    action = dead.add_mutually_exclusive_group()
+    action.add_argument("--retry", action="store_true", help="move them back to QUEUE (the node must be stopped)")
+    action.add_argument("--drop", action="store_true", help="delete them (the node must be stopped)")
 
     request = sub.add_parser("request", parents=[mesh], help="call a service and print the reply")
     request.add_argument("service")
@@ -98,8 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _node(args: argparse.Namespace, name: str) -> Node:
-    options: dict[str, Any] = {}
+def _node(args: argparse.Namespace, name: str, **options: Any) -> Node:
     if args.mesh is not None:
         options["mesh"] = args.mesh
     if args.beacon_port is not None:
@@ -182,9 +216,83 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     data = _payload(args.data)
+    if args.durable:
+        return _push_durable(args, data)
     with _node(args, "zmqmesh-push") as node:
         node.push(args.queue, data, timeout=args.timeout)
     print(f"pushed to {args.queue!r}")
+    return 0
+
+
+def _taker_present(node: Node, queue: str) -> bool:
+    """Whether an at-least-once puller or a keeper of ``queue`` is there now."""
+    for wait in (node.wait_for_pullers, node.wait_for_keepers):
+        try:
+            wait(queue, 1, timeout=0)
+            return True
+        except MeshTimeoutError:
+            pass
+    return False
+
+
+def _push_durable(args: argparse.Namespace, data: Any) -> int:
+    """Commit, then deliver to a puller or hand to a keeper before exiting; a message that
+    neither took stays in the store (a temporary one is kept, and named)."""
+    store = args.store or tempfile.mkdtemp(prefix="zmqmesh-push-")
+    with _node(args, "zmqmesh-push", store=store) as node:
+        deadline = time.monotonic() + args.timeout
+        while not _taker_present(node, args.queue) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        node.push(args.queue, data, durable=True)
+        mesh = node.config.mesh
+    left = sum(q["messages"] for q in inspect_store(store)["queues"].values())
+    if left:
+        raise CliError(f"no puller or keeper of {args.queue!r} took the message within {args.timeout} s in mesh "
+                       f"{mesh!r}; it is kept in the store {store}")
+    if not args.store:
+        shutil.rmtree(store, ignore_errors=True)
+    print(f"pushed to {args.queue!r} (durable)")
+    return 0
+
+
+def _keep(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    node = _node(args, "zmqmesh-keeper", store=args.store)
+    for queue in args.queues:
+        node.keep(queue)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with node:
+        print(f"keeping {', '.join(repr(q) for q in args.queues)} in {args.store} (Ctrl-C to stop)", flush=True)
+        stop.wait()
+    return 0
+
+
+def _store(args: argparse.Namespace) -> int:
+    if args.store_command == "inspect":
+        info = inspect_store(args.dir)
+        if args.json:
+            print(dumps(info, indent=2))
+            return 0
+        print(f"{info['path']}: {info['bytes']} bytes, schema {info['schema']}")
+        now = time.time()
+        rows = [("QUEUE", "MESSAGES", "BYTES", "OLDEST")]
+        for name, q in info["queues"].items():
+            rows.append((name + (" (dead letters)" if name.endswith(".dead") else ""), str(q["messages"]),
+                         str(q["bytes"]), f"{max(0.0, now - q['oldest']):.0f}s ago"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        print("\n".join(lines) if len(rows) > 1 else "no messages stored")
+        for queue, count in info["handled"].items():
+            print(f"dedupe: {count} handled id(s) remembered for {queue!r}")
+        return 0
+    dead = args.dead_letter or f"{args.queue}.dead"
+    if args.retry:
+        print(f"moved {retry_dead_letters(args.dir, args.queue, dead)} dead letter(s) back to {args.queue!r}")
+    elif args.drop:
+        print(f"dropped {drop_dead_letters(args.dir, args.queue, dead)} dead letter(s) of {args.queue!r}")
+    else:
+        count = inspect_store(args.dir)["queues"].get(dead, {"messages": 0})["messages"]
+        print(f"{count} dead letter(s) in {dead!r}")
     return 0
 
 
@@ -252,10 +360,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             from .launch import launch
 
             code = launch(args.file)
-        elif args.command in ("peers", "publish", "subscribe", "push", "request"):
-            code = {"peers": _peers, "publish": _publish, "subscribe": _subscribe, "push": _push, "request": _request}[
-                args.command
-            ](args)
+        elif args.command in ("peers", "publish", "subscribe", "push", "request", "keep", "store"):
+            code = {"peers": _peers, "publish": _publish, "subscribe": _subscribe, "push": _push, "request": _request,
+                    "keep": _keep, "store": _store}[args.command](args)
         else:
             parser.print_help()
             code = 2
