@@ -5,8 +5,8 @@ steps that wait (a blocking driver, or an awaiting one).
 
 from __future__ import annotations
 
+import itertools
 import time
-import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
@@ -88,6 +88,8 @@ class NodeBase(Generic[Handler]):
         self._registry = Registry()
         self._engine = Engine(name or "", self.config, self._registry, inbox_factory, requests_factory)
         self._stopped = False
+        self._id_prefix = self._engine.node_id[:24] + "-"
+        self._id_serial = itertools.count(1)
         self._topic_names: dict[str, bytes] = {}
         self._service_names: dict[str, bytes] = {STATS_SERVICE: STATS_SERVICE_BYTES}
 
@@ -322,7 +324,9 @@ class NodeBase(Generic[Handler]):
         encode = engine.codec.encode
         packed = encode(check_headers(headers)) if headers else None
         now = time.time()
-        entries = [(uuid.uuid4().hex, now, packed, encode(data)) for data in items]
+        # unique without a uuid4 each: this run's node id (random) and a counter
+        prefix, serial = self._id_prefix, self._id_serial
+        entries = [(f"{prefix}{next(serial):x}", now, packed, encode(data)) for data in items]
         if entries:
             engine.durable.submit(queue, entries)
 
