@@ -74,9 +74,9 @@ class AsyncNode(NodeBase[Any]):
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def publish(self, topic: str, data: Any) -> None:
+    async def publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` on ``topic`` (see `Node.publish`)."""
-        item, q = self._encode_publication(topic, data)
+        item, q = self._encode_publication(topic, data, headers)
         if len(q) >= self.config.send_queue_max:
             await self._runner.run(self._room_plan(q, self.config.push_timeout_s))
         q.append(item)
@@ -86,11 +86,10 @@ class AsyncNode(NodeBase[Any]):
                    headers: dict[str, str] | None = None) -> None:
         """Send ``data`` to one puller of ``queue`` (see `Node.push`). A durable push commits
         on the loop's thread (a short write; with ``store_synchronous="full"``, a disk sync)."""
-        self._check_push_options(durable, headers)
         if durable:
             self._push_durable(queue, (data,), headers)
             return
-        body, q = self._encode_push(queue, data)
+        body, q = self._encode_push(queue, data, headers)
         if q is None:
             q = await self._runner.run(self._push_plan(queue, timeout))
         q.append(body)
@@ -99,16 +98,16 @@ class AsyncNode(NodeBase[Any]):
     async def push_many(self, queue: str, items: Iterable[Any], timeout: float | None = None, *,
                         durable: bool = False, headers: dict[str, str] | None = None) -> None:
         """`push` each of ``items``, in order (see `Node.push_many`)."""
-        self._check_push_options(durable, headers)
         if durable:
             self._push_durable(queue, items, headers)
             return
         for data in items:
-            await self.push(queue, data, timeout)
+            await self.push(queue, data, timeout, headers=headers)
 
-    async def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
+    async def request(self, service: str, data: Any = None, timeout: float | None = None,
+                      peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
-        return await self._runner.run(self._request_plan(service, data, timeout, peer))
+        return await self._runner.run(self._request_plan(service, data, timeout, peer, headers))
 
     async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""

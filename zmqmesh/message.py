@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Peer", "Message"]
+__all__ = ["Peer", "Message", "Origin"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,21 @@ class Peer:
         return f"{self.name}({self.id[:8]})@{self.address}"
 
 
+class Origin:
+    """What the sender said of a whole frame of messages: the stem of their ids, the
+    number of the first, its wall clock, and each message's headers (shared by the
+    `Message` objects of the frame, so a delivery costs no more than before)."""
+
+    __slots__ = ("stem", "first", "timestamp", "headers")
+
+    def __init__(self, stem: str, first: int, timestamp: float | None,
+                 headers: list[dict[str, str] | None] | None = None) -> None:
+        self.stem = stem
+        self.first = first
+        self.timestamp = timestamp
+        self.headers = headers
+
+
 class Message:
     """One delivery to a handler.
 
@@ -53,20 +68,23 @@ class Message:
         sender: the sending `Peer`, or ``None`` when the sender is not a known member
             (a bare ZeroMQ client, or a peer that already left).
         sender_id: the sender's id (hex) when the wire carried one, else ``None``.
+        id: unique; from a zmqmesh sender, the same on every delivery (and, on a durable
+            queue, across restarts); from a bare ZeroMQ client, made here.
+        timestamp: the sender's wall-clock time (``time.time()``) when it sent the message,
+            or ``None`` when the wire did not carry it (a bare client; a request without
+            headers).
+        headers: string headers the sender attached (``headers=`` of `publish`, `push`,
+            `request`), empty by default; a dead letter carries ``x-original-queue``,
+            ``x-attempts`` and ``x-last-error``.
         redelivered: on an at-least-once queue, True when an earlier delivery of this
             message may have been seen by another puller (it died, or did not acknowledge
             in time), or by this one (its handler raised).
-        timestamp: the sender's wall-clock time (``time.time()``) when it sent the message,
-            or ``None`` when the wire did not carry it.
-        headers: string headers the sender attached (``headers=`` of `push`), empty by
-            default; a dead letter carries ``x-original-queue``, ``x-attempts`` and
-            ``x-last-error``.
         attempts: on a durable queue, how many deliveries of this message failed before
             this one (its handler raised, or did not return within ``ack_timeout_s``).
     """
 
-    __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_id", "timestamp",
-                 "headers", "attempts")
+    __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_origin", "_index", "_id",
+                 "_timestamp", "_headers", "attempts")
 
     def __init__(
         self,
@@ -75,29 +93,57 @@ class Message:
         data: Any,
         sender_id: str | None,
         lookup: Callable[[str], Peer | None] | None = None,
+        origin: Origin | None = None,
+        index: int = 0,
     ) -> None:
         self.pattern = pattern
         self.topic = topic
         self.data = data
         self.sender_id = sender_id
         self._lookup = lookup
+        self._origin = origin
+        self._index = index
         self.redelivered = False
         self._id: str | None = None
-        self.timestamp: float | None = None
-        self.headers: dict[str, str] = {}
+        self._timestamp: float | None = None
+        self._headers: dict[str, str] | None = None
         self.attempts = 0
 
     @property
     def id(self) -> str:
-        """A unique id: on a durable queue, the one the pusher gave the message, the same on
-        every delivery and across restarts; elsewhere one made here on first use."""
+        """The message's unique id (see the class attributes)."""
         if self._id is None:
-            self._id = uuid.uuid4().hex
+            origin = self._origin
+            self._id = f"{origin.stem}{origin.first + self._index}" if origin is not None else uuid.uuid4().hex
         return self._id
 
     @id.setter
     def id(self, value: str) -> None:
         self._id = value
+
+    @property
+    def timestamp(self) -> float | None:
+        """The sender's wall clock when it sent the message, if the wire carried it."""
+        if self._timestamp is None and self._origin is not None:
+            return self._origin.timestamp
+        return self._timestamp
+
+    @timestamp.setter
+    def timestamp(self, value: float | None) -> None:
+        self._timestamp = value
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers the sender attached (empty by default)."""
+        if self._headers is None:
+            origin = self._origin
+            found = origin.headers[self._index] if origin is not None and origin.headers is not None else None
+            self._headers = found if found is not None else {}
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: dict[str, str]) -> None:
+        self._headers = value
 
     @property
     def sender(self) -> Peer | None:

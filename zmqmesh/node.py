@@ -119,14 +119,15 @@ class Node(NodeBase[Any]):
 
     # messaging ------------------------------------------------------------------------------------
 
-    def publish(self, topic: str, data: Any) -> None:
+    def publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` on ``topic`` to every node subscribed to a prefix of it (this one too).
 
-        Returns once queued; order per publisher is kept. Raises `TypeError` for data msgpack
-        cannot encode, `MessageTooLargeError`, `NodeClosedError` if the node is not running,
+        Returns once queued; order per publisher is kept. ``headers`` (a ``dict[str, str]``,
+        at most 64 of them, 16 KiB in all) travel with it. Raises `TypeError` for data msgpack
+        cannot encode or bad headers, `MessageTooLargeError`, `NodeClosedError` if the node is not running,
         `MeshTimeoutError` if the send queue stays full for ``push_timeout_s``.
         """
-        item, q = self._encode_publication(topic, data)
+        item, q = self._encode_publication(topic, data, headers)
         if len(q) >= self.config.send_queue_max:
             self._runner.run(self._room_plan(q, self.config.push_timeout_s))
         q.append(item)
@@ -137,19 +138,19 @@ class Node(NodeBase[Any]):
         """Send ``data`` to exactly one node pulling ``queue`` (load-balanced round-robin).
 
         Waits up to ``timeout`` (default ``push_timeout_s``) for a puller to exist and for
-        room in the send queue. Raises `NoProviderError` if nobody pulls ``queue``,
-        `MeshTimeoutError` if the pullers do not keep up, `TypeError` for unencodable data.
+        room in the send queue. ``headers`` (a ``dict[str, str]``) travel with it. Raises
+        `NoProviderError` if nobody pulls ``queue``, `MeshTimeoutError` if the pullers do
+        not keep up, `TypeError` for unencodable data or headers.
 
         With ``durable=True`` (needs a store) the message is committed to this node's
         store before ``push`` returns and delivered at least once to an at-least-once
-        puller, whenever one is there, also after this node restarts; ``headers`` travel
-        with it. Raises `StoreFullError` when the store is full, `ConfigError` without one.
+        puller, whenever one is there, also after this node restarts. Raises
+        `StoreFullError` when the store is full, `ConfigError` without one.
         """
-        self._check_push_options(durable, headers)
         if durable:
             self._push_durable(queue, (data,), headers)
             return
-        body, q = self._encode_push(queue, data)
+        body, q = self._encode_push(queue, data, headers)
         if q is None:
             q = self._runner.run(self._push_plan(queue, timeout))
         q.append(body)
@@ -160,14 +161,14 @@ class Node(NodeBase[Any]):
         """`push` each of ``items``, in order. With ``durable=True`` all of them are committed
         in one transaction (much faster than one `push` each) before this returns, or none
         is. Raises as `push` does."""
-        self._check_push_options(durable, headers)
         if durable:
             self._push_durable(queue, items, headers)
             return
         for data in items:
-            self.push(queue, data, timeout)
+            self.push(queue, data, timeout, headers=headers)
 
-    def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None) -> Any:
+    def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None,
+                *, headers: dict[str, str] | None = None) -> Any:
         """Call ``service`` on one provider (round-robin, or the given ``peer``) and return its reply.
 
         Waits up to ``timeout`` (default ``request_timeout_s``) in all. Raises
@@ -177,7 +178,7 @@ class Node(NodeBase[Any]):
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
-        return self._runner.run(self._request_plan(service, data, timeout, peer))
+        return self._runner.run(self._request_plan(service, data, timeout, peer, headers))
 
     def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there.

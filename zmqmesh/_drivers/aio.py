@@ -268,7 +268,7 @@ class LoopRequester:
         sock = self._socket(provider)
         request_id = next(self._ids).to_bytes(8, "big")
         try:
-            send_frames(sock, wire.request_frames(step.service_b, request_id, step.body),
+            send_frames(sock, wire.request_frames(step.service_b, request_id, step.body, step.meta),
                         copy=len(step.body) < 65536)
         except zmq.Again as exc:
             raise MeshTimeoutError(

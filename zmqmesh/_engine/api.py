@@ -21,6 +21,7 @@ from .._wire.frames import (
     MAX_NAME_BYTES,
     STATS_SERVICE,
     STATS_SERVICE_BYTES,
+    Headed,
     check_headers,
 )
 from ..config import NodeConfig
@@ -286,23 +287,38 @@ class NodeBase(Generic[Handler]):
 
     # the calls, as plans (the node kinds run them) -----------------------------------------------
 
-    def _encode_publication(self, topic: str, data: Any) -> tuple[tuple[bytes, bytes], deque[Any]]:
+    def _headed(self, body: bytes, headers: dict[str, str]) -> Headed:
+        """``body`` carrying ``headers`` (checked), an id and the time. Raises `TypeError`,
+        `ValueError` for bad headers."""
+        headed = Headed(body)
+        headed.headers = self._engine.codec.encode(check_headers(headers))
+        headed.id = f"{self._id_prefix}{next(self._id_serial):x}"
+        headed.timestamp = time.time()
+        return headed
+
+    def _encode_publication(self, topic: str, data: Any, headers: dict[str, str] | None = None,
+                            ) -> tuple[tuple[bytes, bytes], deque[Any]]:
         """``(topic, body)`` and the publish queue. Raises `NodeClosedError`, `TypeError`,
-        `MessageTooLargeError`, `ValueError` for a bad topic."""
+        `MessageTooLargeError`, `ValueError` for a bad topic or headers."""
         engine = self._engine
         if engine.closed:
             engine.ensure_running()
         body = engine.codec.encode(data)
+        if headers:
+            body = self._headed(body, headers)
         name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
         return (name, body), engine.publisher.queue  # type: ignore[union-attr]
 
-    def _encode_push(self, queue: str, data: Any) -> tuple[bytes, deque[bytes] | None]:
+    def _encode_push(self, queue: str, data: Any, headers: dict[str, str] | None = None,
+                     ) -> tuple[bytes, deque[bytes] | None]:
         """The encoded body, and the send queue of ``queue`` if it takes it right now
         (None when the socket, a puller or room is missing: then `_push_plan` waits)."""
         engine = self._engine
         if engine.closed:
             engine.ensure_running()
         body = engine.codec.encode(data)
+        if headers:
+            body = self._headed(body, headers)
         q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
             return body, None
@@ -329,11 +345,6 @@ class NodeBase(Generic[Handler]):
         entries = [(f"{prefix}{next(serial):x}", now, packed, encode(data)) for data in items]
         if entries:
             engine.durable.submit(queue, entries)
-
-    @staticmethod
-    def _check_push_options(durable: bool, headers: dict[str, str] | None) -> None:
-        if headers is not None and not durable:
-            raise ConfigError("headers= is carried by durable pushes only (durable=True)")
 
     def _room_plan(self, q: deque[Any], timeout: float) -> Plan:
         """Wait for room in a full send queue (back-pressure)."""
@@ -368,14 +379,16 @@ class NodeBase(Generic[Handler]):
         self._engine.ensure_running()
         self._engine.pusher.ensure_socket(queue)  # type: ignore[union-attr]
 
-    def _request_plan(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None) -> Plan:
+    def _request_plan(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
+                      headers: dict[str, str] | None = None) -> Plan:
         """Call ``service`` (see `Node.request` for what it raises)."""
         engine = self._engine
         engine.ensure_running()
         body = engine.codec.encode(data)
+        meta = engine.codec.encode({"h": check_headers(headers), "t": time.time()}) if headers else None
         service_b = self._service_name(service)
         deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else timeout)
-        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, peer_id_of(peer))
+        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, peer_id_of(peer), meta)
 
     def _until(self, predicate: Callable[[], bool], timeout: float | None, what: str) -> Plan:
         """Wait until ``predicate()`` holds on the loop. Raises `MeshTimeoutError`."""

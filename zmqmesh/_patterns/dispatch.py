@@ -25,7 +25,7 @@ import inspect
 import logging
 import time
 import traceback
-import uuid
+import uuid as uuid_module  # "uuid" names the sender's UUID in the decoders
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +41,7 @@ from .._wire import frames as wire
 from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
 from ..config import NodeConfig
 from ..errors import DecodeError
-from ..message import Message
+from ..message import Message, Origin
 from .pubsub import GapCounter
 
 __all__ = ["Dispatcher", "Call", "BatchAck", "is_async", "run_sync", "run_async", "run_batch"]
@@ -183,14 +183,24 @@ class Dispatcher:
         stats = self.stats
         pattern = _PATTERN_OF[kind]
         counters = stats.pattern[pattern]
-        if len(frames) != 3:
-            raise DecodeError(f"{len(frames)} frames, expected 3")
-        name_b, sender_b, body = frames
+        if len(frames) not in (3, 4):
+            raise DecodeError(f"{len(frames)} frames, expected 3 or 4")
+        name_b, sender_b, body = frames[:3]
         if len(name_b) > wire.MAX_NAME_BYTES:  # no sender may use one; it would bloat the caches
             raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
         uuid, sequence = wire.parse_sender(sender_b)
         sender_id = uuid.hex() if uuid is not None else None
         items = self.codec.decode_batch(body)
+        origin = None
+        if len(frames) == 4 or (kind == "sub" and sequence is not None):
+            headers, timestamp, first = self._meta_of(frames[3], len(items)) if len(frames) == 4 else (None, None, None)
+            if kind == "sub":
+                first = sequence
+            if first is not None and sender_id is not None:
+                stem = f"{sender_id}/{name_b.decode('utf-8', 'replace')}/" if kind == "sub" else f"{sender_id}/"
+            else:  # no numbers on the wire: ids made here
+                stem, first = f"{uuid_module.uuid4().hex}/", 0
+            origin = Origin(stem, first, timestamp, headers)
         counters["received"] += len(items)
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids
@@ -215,8 +225,8 @@ class Dispatcher:
         if self.runs_in_place(handlers):
             # the hot path: call the handlers right here, no Call objects, no hand-off
             errors = 0
-            for data in items:
-                msg = Message(pattern, topic, data, sender_id, lookup)
+            for index, data in enumerate(items):
+                msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
                 for handler in handlers:
                     try:
                         handler(msg)
@@ -226,10 +236,28 @@ class Dispatcher:
             if errors:
                 counters["errors"] += errors
             return
-        for data in items:
-            msg = Message(pattern, topic, data, sender_id, lookup)
+        for index, data in enumerate(items):
+            msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
             for handler in handlers:
                 calls.append(Call(handler, msg, None, pattern))
+
+    def _meta_of(self, frame: bytes, count: int) -> tuple[list[dict[str, str] | None], float | None, int | None]:
+        """``(headers per message, timestamp, first number)`` from the meta frame of a batch
+        of ``count`` messages. Raises `DecodeError`."""
+        meta = self.codec.decode(frame)
+        headers = meta.get("h") if isinstance(meta, dict) else None
+        if not isinstance(headers, list) or len(headers) != count:
+            raise DecodeError("a meta frame that does not match its messages")
+        for entry in headers:
+            if entry is not None:
+                try:
+                    wire.check_headers(entry)
+                except (TypeError, ValueError) as exc:
+                    raise DecodeError(f"bad headers: {exc}") from None
+        stamp, first = meta.get("t"), meta.get("n")
+        timestamp = float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else None
+        number = first if isinstance(first, int) and not isinstance(first, bool) and first >= 0 else None
+        return headers, timestamp, number
 
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Whether these handlers may be called directly while draining (see the drivers)."""
@@ -252,7 +280,7 @@ class Dispatcher:
         request = wire.parse_request(frames)
         if request is None:
             raise DecodeError("malformed request envelope")
-        route, service_b, body = request
+        route, service_b, body, meta = request
         service = service_b.decode("utf-8", "replace")
         sender_id = wire.sender_of_requester(route[0])
         if service.startswith(wire.QUEUE_SERVICE_PREFIX):
@@ -281,6 +309,18 @@ class Dispatcher:
             self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
             return
         msg = Message("request", service, data, sender_id, self.directory.lookup_peer)
+        msg.id = f"{route[0].hex()}/{route[1].hex()}"
+        if meta is not None:
+            try:
+                info = self.codec.decode(meta)
+                msg.headers = wire.check_headers(info.get("h") or {})
+                stamp = info.get("t")
+                msg.timestamp = float(stamp) if isinstance(stamp, (int, float)) else None
+            except Exception:
+                counters["errors"] += 1
+                self.stats.reject("service_malformed")
+                self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+                return
         calls.append(Call(handler, msg, route, "service"))
 
     def _decode_reliable(self, queue: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
@@ -332,7 +372,7 @@ class Dispatcher:
         now = time.time()
         entries = [
             (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1])) if len(i) == DURABLE_ITEM_FIELDS
-            else (uuid.uuid4().hex, now, None, encode(i[1]))
+            else (uuid_module.uuid4().hex, now, None, encode(i[1]))
             for i in items
         ]
         try:

@@ -8,6 +8,7 @@ what is queued now over every puller. At-least-once queues go through `ReliableS
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +19,9 @@ from .._io.reactor import EventLoop
 from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._wire.frames import MAX_BATCH_ITEMS
+from .._wire.frames import MAX_BATCH_ITEMS, Headed
 from ..config import NodeConfig
-from .pubsub import BATCH_BYTES, LARGE_FRAME
+from .pubsub import BATCH_BYTES, LARGE_FRAME, meta_frame
 
 __all__ = ["Pusher"]
 
@@ -45,6 +46,7 @@ class Pusher:
         self.connect = connect
         self.wake = wake
         self.queues: dict[str, deque[bytes]] = {}
+        self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._connected: dict[str, set[str]] = {}
 
@@ -90,6 +92,7 @@ class Pusher:
             return False
         name = queue.encode()
         uuid = self.uuid
+        now = time.time()
         counters = self.stats.pattern["pipeline"]
         # ZeroMQ deals whole frames round-robin: keep frames small enough that what is
         # queued now is spread over every puller.
@@ -106,13 +109,17 @@ class Pusher:
                 n += 1
                 size += len(body)
             payload = bodies[0] if n == 1 else b"".join(bodies)
+            frames = [name, uuid, payload]
+            if any(type(b) is Headed for b in bodies):
+                frames.append(meta_frame(bodies, now, self._sequence))
             try:
-                send_frames(sock, [name, uuid, payload], copy=size < LARGE_FRAME)
+                send_frames(sock, frames, copy=size < LARGE_FRAME)
             except zmq.ZMQError as exc:
                 q.extendleft(reversed(bodies))  # back at the front, in order
                 if not isinstance(exc, zmq.Again):
                     log.error("push to %r failed: %s", queue, exc)
                 return True
+            self._sequence += n
             counters["sent"] += n
         return False
 

@@ -7,19 +7,21 @@ publication reaches each subscriber once, in order per publisher.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import zmq
 
 from .._io.reactor import EventLoop
 from .._io.sockets import close_watched, has_input, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._wire.frames import MAX_BATCH_ITEMS, MAX_NAME_BYTES, pub_sender
+from .._wire.frames import MAX_BATCH_ITEMS, MAX_NAME_BYTES, Headed, pub_sender
 
-__all__ = ["Publisher", "GapCounter", "BATCH_BYTES", "LARGE_FRAME"]
+__all__ = ["Publisher", "GapCounter", "BATCH_BYTES", "LARGE_FRAME", "meta_frame"]
 
 BATCH_BYTES = 64 * 1024
 """A frame is closed once its batch reaches this size."""
@@ -29,6 +31,19 @@ _MAX_TRACKED_TOPICS = 65_536
 _MAX_TRACKED_STREAMS = 65_536
 _MAX_GAP = 1 << 32  # a larger jump is a restarted or lying sequence, not a count of drops
 _XPUB_BURST = 1024
+
+
+def meta_frame(bodies: list[bytes], timestamp: float, first: int | None = None) -> bytes:
+    """The fourth frame of a batch some of whose messages carry headers: the msgpack map
+    ``{"h": [headers map or nil per message], "t": timestamp}`` (and ``"n": first``, the
+    number of the batch's first message, on pipelines)."""
+    parts = [getattr(b, "headers", b"\xc0") for b in bodies]
+    count = len(parts)
+    array = bytes([0x90 | count]) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
+    entries = b"\xa1h" + array + b"".join(parts) + b"\xa1t" + msgpack.packb(timestamp)
+    if first is None:
+        return b"\x82" + entries
+    return b"\x83" + entries + b"\xa1n" + msgpack.packb(first)
 
 
 class Publisher:
@@ -82,6 +97,7 @@ class Publisher:
         xpub = self.xpub
         uuid = self.uuid
         sent = 0
+        now = time.time()
         while q:
             topic, body = q.popleft()
             bodies = [body]
@@ -95,8 +111,11 @@ class Publisher:
                 self._sequences.clear()  # subscribers take a restarted sequence as a new baseline
             self._sequences[topic] = seq + len(bodies)
             payload = body if len(bodies) == 1 else b"".join(bodies)
+            frames = [topic, pub_sender(uuid, seq), payload]
+            if any(type(b) is Headed for b in bodies):
+                frames.append(meta_frame(bodies, now))
             try:
-                send_frames(xpub, [topic, pub_sender(uuid, seq), payload], copy=size < LARGE_FRAME)
+                send_frames(xpub, frames, copy=size < LARGE_FRAME)
                 sent += len(bodies)
             except zmq.ZMQError:
                 self.stats.add("pubsub", "dropped", len(bodies))  # the inbox counts drops too

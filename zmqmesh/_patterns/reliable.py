@@ -40,6 +40,7 @@ from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     MAX_BATCH_ITEMS,
     STATUS_OK,
+    Headed,
     acker_id,
     keep_service,
     parse_reply,
@@ -164,6 +165,8 @@ class ReliableSender:
 
     @staticmethod
     def _wrap(item: Any, redelivered: bool) -> bytes:
+        if type(item) is Headed:  # carries headers: the item form that has room for them
+            return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0)
         if isinstance(item, bytes):
             return wrap_item(item, redelivered)
         return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts)

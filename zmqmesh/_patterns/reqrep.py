@@ -34,6 +34,7 @@ class Exchange(NamedTuple):
     service_b: bytes
     body: bytes
     deadline: float
+    meta: bytes | None = None
 
 
 RequestPlan = Generator["Until | Exchange", Any, Any]
@@ -67,7 +68,7 @@ def decode_reply(codec: Codec, status: bytes, body: bytes) -> Any:
 
 
 def request_plan(directory: Directory, codec: Codec, service: str, service_b: bytes, body: bytes,
-                 deadline: float, only: str | None = None) -> RequestPlan:
+                 deadline: float, only: str | None = None, meta: bytes | None = None) -> RequestPlan:
     """One call of ``service`` (``only`` on that node, if given) until ``deadline``.
 
     Picks a provider (waiting for one), exchanges with it, and decodes the reply. A
@@ -86,7 +87,7 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
                 raise no_provider(service, only) from None
             continue
         try:
-            status, reply = yield Exchange(provider, service, service_b, body, deadline)
+            status, reply = yield Exchange(provider, service, service_b, body, deadline, meta)
         except PeerLostError:
             if not directory.may_retry(service, provider.id, deadline):
                 raise

@@ -10,7 +10,11 @@ reply (ROUTER -> the requesting DEALER):    [request_id, status, body]
 ``sender`` is empty or 16 bytes of the sender's UUID followed, on pub/sub, by an 8-byte
 big-endian sequence number of the first message in ``body``. ``body`` is one or more
 concatenated msgpack objects (a batch of at most `MAX_BATCH_ITEMS`), except in requests
-and replies (exactly one).
+and replies (exactly one). A batch some of whose messages carry headers has a fourth
+frame, ``meta``: a msgpack map ``{"h": [headers or nil per message], "t": wall clock,
+"n": number of the first message}`` (``n`` on pipelines only); so has a request with
+headers: ``{"h": headers, "t": wall clock}``. Without headers the frames are exactly
+those of protocol 1, so a client written for it keeps working.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "OFFER_PREFIXES",
     "pub_sender",
     "parse_sender",
+    "Headed",
     "requester_id",
     "acker_id",
     "link_id",
@@ -126,6 +131,15 @@ def parse_sender(frame: bytes) -> tuple[bytes | None, int | None]:
     return None, None
 
 
+class Headed(bytes):
+    """An encoded payload that carries headers (checked, and encoded as a msgpack map),
+    an id and the sender's wall clock, on its way to the loop."""
+
+    headers: bytes
+    id: str
+    timestamp: float
+
+
 def requester_id(uuid: bytes, serial: int) -> bytes:
     """The routing id of a requesting DEALER: the node's UUID and a 4-byte serial."""
     return uuid + serial.to_bytes(_REQUESTER_SUFFIX, "big")
@@ -148,9 +162,9 @@ def sender_of_requester(routing_id: bytes) -> str | None:
     return None
 
 
-def request_frames(service: bytes, request_id: bytes, body: bytes) -> list[bytes]:
-    """The frames a DEALER sends for one request."""
-    return [service, request_id, body]
+def request_frames(service: bytes, request_id: bytes, body: bytes, meta: bytes | None = None) -> list[bytes]:
+    """The frames a DEALER sends for one request (``meta``: headers and timestamp, if any)."""
+    return [service, request_id, body] if meta is None else [service, request_id, body, meta]
 
 
 def reply_frames(route: tuple[bytes, bytes], status: bytes, body: bytes) -> list[bytes]:
@@ -158,12 +172,13 @@ def reply_frames(route: tuple[bytes, bytes], status: bytes, body: bytes) -> list
     return [route[0], route[1], status, body]
 
 
-def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, bytes] | None:
-    """``(route, service, body)`` of a request as the ROUTER receives it, or None if malformed."""
-    if len(frames) != 4 or len(frames[2]) > MAX_REQUEST_ID_BYTES:
+def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, bytes, bytes | None] | None:
+    """``(route, service, body, meta)`` of a request as the ROUTER receives it (``meta``:
+    the optional frame with headers and timestamp), or None if malformed."""
+    if len(frames) not in (4, 5) or len(frames[2]) > MAX_REQUEST_ID_BYTES:
         return None
-    routing_id, service, request_id, body = frames
-    return (routing_id, request_id), service, body
+    routing_id, service, request_id, body = frames[:4]
+    return (routing_id, request_id), service, body, frames[4] if len(frames) == 5 else None
 
 
 def parse_reply(frames: list[bytes]) -> tuple[bytes, bytes, bytes] | None:

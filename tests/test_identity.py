@@ -1,0 +1,62 @@
+"""Every delivered message has an id, and carries the headers and clock its sender gave it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from helpers import wait_until
+
+
+def test_headers_ids_and_timestamps_travel_with_every_pattern(mesh: dict[str, Any]) -> None:
+    seen: dict[str, list[zmqmesh.Message]] = {"sub": [], "pull": [], "alo": [], "req": []}
+    receiver = zmqmesh.Node("receiver", **mesh)
+    receiver.subscribe("news.", seen["sub"].append)
+    receiver.pull("jobs", seen["pull"].append)
+    receiver.pull("orders", seen["alo"].append, at_least_once=True)
+
+    @receiver.service("echo")
+    def echo(msg: zmqmesh.Message) -> Any:
+        seen["req"].append(msg)
+        return msg.data
+
+    with receiver, zmqmesh.Node("sender", **mesh) as sender:
+        sender.wait_for_subscribers("news.today", 1)
+        sender.wait_for_pullers("jobs")
+        sender.wait_for_pullers("orders")
+        before = time.time()
+        sender.publish("news.today", 1, headers={"lang": "en"})
+        sender.publish("news.today", 2)
+        sender.push("jobs", 1, headers={"trace": "t-1"})
+        sender.push("orders", 1, headers={"tenant": "acme"})
+        assert sender.request("echo", 5, headers={"caller": "test"}) == 5
+        assert sender.request("echo", 6) == 6
+        wait_until(lambda: len(seen["sub"]) == 2 and seen["pull"] and seen["alo"], 10, "every delivery")
+    sub1, sub2 = seen["sub"]
+    assert sub1.headers == {"lang": "en"} and sub2.headers == {}
+    assert sub1.id == f"{sender.id}/news.today/0" and sub2.id == f"{sender.id}/news.today/1"
+    assert sub1.timestamp is not None and before <= sub1.timestamp <= time.time()
+    (job,) = seen["pull"]
+    assert job.headers == {"trace": "t-1"} and job.id.startswith(sender.id)
+    (order,) = seen["alo"]
+    assert order.headers == {"tenant": "acme"} and order.timestamp is not None
+    with_headers, without = seen["req"]
+    assert with_headers.headers == {"caller": "test"} and with_headers.timestamp is not None
+    assert without.headers == {} and without.timestamp is None
+    assert with_headers.id != without.id
+    ids = [m.id for ms in seen.values() for m in ms]
+    assert len(set(ids)) == len(ids)
+
+
+def test_bad_headers_are_refused_before_anything_is_sent(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("n", **mesh) as node:
+        with pytest.raises(TypeError):
+            node.publish("t", 1, headers={"n": 1})  # type: ignore[dict-item]
+        with pytest.raises(ValueError):
+            node.publish("t", 1, headers={"big": "x" * 20_000})
+        with pytest.raises(TypeError):
+            node.push("q", 1, headers=["not", "a", "dict"], timeout=0.1)  # type: ignore[arg-type]
+        assert node.stats()["pubsub"]["sent"] == 0
