@@ -21,6 +21,7 @@ EXPECTED = {
     "notification_fanout.py": ["handled by ['analytics', 'audit', 'email', 'sms']"],
     "log_collection.py": ["1000 records from 5 producers", "'app-4': 200"],
     "worker_pools.py": ["multiprocessing.Pool: 40 jobs done by 3 workers", "ProcessPoolExecutor: 40 jobs done by 3 workers"],
+    "durable_orders.py": ["killed frontdesk", "killed payments", "killed shipping", "nothing lost, nothing charged twice"],
 }
 
 

@@ -83,8 +83,10 @@ class Message:
             this one (its handler raised, or did not return within ``ack_timeout_s``).
     """
 
+    # A delivery is made per message on the hot paths: __init__ sets only what every
+    # message has; the rest is set when known, and read with a default otherwise.
     __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_origin", "_index", "_id",
-                 "_timestamp", "_headers", "attempts")
+                 "_timestamp", "_headers", "_attempts")
 
     def __init__(
         self,
@@ -93,29 +95,28 @@ class Message:
         data: Any,
         sender_id: str | None,
         lookup: Callable[[str], Peer | None] | None = None,
-        origin: Origin | None = None,
-        index: int = 0,
     ) -> None:
         self.pattern = pattern
         self.topic = topic
         self.data = data
         self.sender_id = sender_id
         self._lookup = lookup
+        self.redelivered = False
+
+    def from_origin(self, origin: Origin, index: int) -> Message:
+        """Take the id, clock and headers of message ``index`` of ``origin``'s frame."""
         self._origin = origin
         self._index = index
-        self.redelivered = False
-        self._id: str | None = None
-        self._timestamp: float | None = None
-        self._headers: dict[str, str] | None = None
-        self.attempts = 0
+        return self
 
     @property
     def id(self) -> str:
         """The message's unique id (see the class attributes)."""
-        if self._id is None:
-            origin = self._origin
-            self._id = f"{origin.stem}{origin.first + self._index}" if origin is not None else uuid.uuid4().hex
-        return self._id
+        found: str | None = getattr(self, "_id", None)
+        if found is None:
+            origin: Origin | None = getattr(self, "_origin", None)
+            found = self._id = f"{origin.stem}{origin.first + self._index}" if origin is not None else uuid.uuid4().hex
+        return found
 
     @id.setter
     def id(self, value: str) -> None:
@@ -124,9 +125,11 @@ class Message:
     @property
     def timestamp(self) -> float | None:
         """The sender's wall clock when it sent the message, if the wire carried it."""
-        if self._timestamp is None and self._origin is not None:
-            return self._origin.timestamp
-        return self._timestamp
+        found: float | None = getattr(self, "_timestamp", None)
+        if found is None:
+            origin: Origin | None = getattr(self, "_origin", None)
+            return origin.timestamp if origin is not None else None
+        return found
 
     @timestamp.setter
     def timestamp(self, value: float | None) -> None:
@@ -135,15 +138,25 @@ class Message:
     @property
     def headers(self) -> dict[str, str]:
         """The headers the sender attached (empty by default)."""
-        if self._headers is None:
-            origin = self._origin
-            found = origin.headers[self._index] if origin is not None and origin.headers is not None else None
-            self._headers = found if found is not None else {}
-        return self._headers
+        found: dict[str, str] | None = getattr(self, "_headers", None)
+        if found is None:
+            origin: Origin | None = getattr(self, "_origin", None)
+            listed = origin.headers[self._index] if origin is not None and origin.headers is not None else None
+            found = self._headers = listed if listed is not None else {}
+        return found
 
     @headers.setter
     def headers(self, value: dict[str, str]) -> None:
         self._headers = value
+
+    @property
+    def attempts(self) -> int:
+        """Failed deliveries before this one (durable queues)."""
+        return getattr(self, "_attempts", 0)
+
+    @attempts.setter
+    def attempts(self, value: int) -> None:
+        self._attempts = value
 
     @property
     def sender(self) -> Peer | None:

@@ -226,7 +226,9 @@ class Dispatcher:
             # the hot path: call the handlers right here, no Call objects, no hand-off
             errors = 0
             for index, data in enumerate(items):
-                msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
+                msg = Message(pattern, topic, data, sender_id, lookup)
+                if origin is not None:
+                    msg.from_origin(origin, index)
                 for handler in handlers:
                     try:
                         handler(msg)
@@ -237,7 +239,9 @@ class Dispatcher:
                 counters["errors"] += errors
             return
         for index, data in enumerate(items):
-            msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
+            msg = Message(pattern, topic, data, sender_id, lookup)
+            if origin is not None:
+                msg.from_origin(origin, index)
             for handler in handlers:
                 calls.append(Call(handler, msg, None, pattern))
 
