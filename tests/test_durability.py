@@ -104,8 +104,15 @@ def test_a_foreign_or_damaged_file_is_refused_not_reset(tmp_path: Path, mesh: di
     other_app.mkdir()
     with sqlite3.connect(other_app / "zmqmesh.db") as db:
         db.execute("CREATE TABLE notes (text TEXT)")
+    before = (other_app / "zmqmesh.db").read_bytes()
     with pytest.raises(zmqmesh.StoreError, match="not a zmqmesh store"):
         zmqmesh.Node("n", store=str(other_app), **mesh).start()
+    assert (other_app / "zmqmesh.db").read_bytes() == before, "a foreign database is left as it was"
+
+    directory_in_the_way = tmp_path / "odd"
+    (directory_in_the_way / "zmqmesh.db").mkdir(parents=True)
+    with pytest.raises(zmqmesh.StoreError):
+        zmqmesh.Node("n", store=str(directory_in_the_way), **mesh).start()
 
     damaged = tmp_path / "damaged"
     with zmqmesh.Node("n", store=str(damaged), **mesh) as node:

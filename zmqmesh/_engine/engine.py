@@ -61,6 +61,7 @@ from .._wire.frames import (
     ENDPOINT_KEYS,
     HEADER,
     OFFER_PREFIXES,
+    PROTOCOL,
     inproc_endpoint,
     requester_id,
 )
@@ -169,6 +170,9 @@ class Engine:
         allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
         if cfg.store is not None:  # first: a locked or foreign store stops the start cleanly
             self.store = Store(cfg.store, max_bytes=cfg.store_max_bytes, synchronous=cfg.store_synchronous)
+            for queue, options in self.registry.pull_options.items():
+                if options.dedupe:  # the window stays bounded however often the node restarts
+                    self.store.trim_handled(queue, options.dedupe_window)
         self.ctx = zmq.Context(io_threads=1)
         try:
             if self.keys is not None:  # the ZAP handler must exist before any socket binds
@@ -209,6 +213,7 @@ class Engine:
             raise
         headers = {
             HEADER["version"]: _version,
+            HEADER["protocol"]: str(PROTOCOL),
             HEADER["mesh"]: cfg.mesh,
             **{HEADER[key]: self.advertised(key) for key in ENDPOINT_KEYS},
             HEADER["host"]: socket.gethostname(),

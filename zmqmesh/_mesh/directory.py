@@ -123,6 +123,15 @@ class Directory:
                 return int(millis) / 1000
         return None
 
+    def speaks(self, node_id: str, protocol: int) -> bool:
+        """Whether the node ``node_id`` (this one included) speaks wire protocol ``protocol``
+        or later (announced in its HELLO; a node that announces none speaks 1)."""
+        if node_id == self.node_id:
+            return True
+        peer = self._peers.get(node_id)
+        announced = peer.headers.get(HEADER["protocol"], "1") if peer is not None else "1"
+        return announced.isdigit() and int(announced) >= protocol
+
     def providers(self, kind: str, name: str) -> tuple[str, ...]:
         """Ids of the nodes (this one included) offering ``name`` of ``kind``."""
         return self.offers[kind].get(name, ())

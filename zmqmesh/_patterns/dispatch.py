@@ -50,6 +50,7 @@ log = logging.getLogger("zmqmesh.inbox")
 
 _BURST = 256
 _TRIM_EVERY = 10_000  # remembered ids between trims of a dedupe window
+_MAX_GUARDS = 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 
 
@@ -109,6 +110,7 @@ class Dispatcher:
                  keeper: Callable[[str, list[tuple[str, float, bytes | None, bytes]]], None] | None = None) -> None:
         self.store = store
         self.keeper = keeper
+        self._guards: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
         self._remembered: dict[str, int] = {}
         self.config = config
         self.registry = registry
@@ -341,7 +343,7 @@ class Dispatcher:
             self.stats.peer_received[sender_id] += len(items)
         options = self.registry.pull_options.get(queue) or PullOptions(at_least_once=True)
         ack = BatchAck(route, len(items), queue, options)
-        seen: set[str] = set()
+        seen: set[str] | None = None
         if options.dedupe and self.store is not None:
             seen = self.store.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
         for index, item in enumerate(items):
@@ -349,7 +351,7 @@ class Dispatcher:
             msg.redelivered = item[0]
             if len(item) == DURABLE_ITEM_FIELDS:
                 msg.id, msg.timestamp, msg.headers, msg.attempts = item[2], float(item[3]), item[4] or {}, item[5]
-                if msg.id in seen:  # handled before (its ack was lost): effectively once
+                if seen is not None and msg.id in seen:  # handled before (its ack was lost): effectively once
                     counters = self.stats.pattern["pipeline"]
                     counters["deduplicated"] = counters.get("deduplicated", 0) + 1
                     ack.remaining -= 1
@@ -359,9 +361,44 @@ class Dispatcher:
                                          f"no acknowledgement after {msg.attempts} deliveries"])
                     ack.remaining -= 1
                     continue
-            calls.append(Call(handler, msg, ack, "pipeline", index))
+            guarded = self._once(handler, queue) if seen is not None and msg.timestamp is not None else handler
+            calls.append(Call(guarded, msg, ack, "pipeline", index))
         if ack.remaining == 0:
             self._acknowledge(ack)
+
+    def _once(self, handler: Callable[..., Any], queue: str) -> Callable[..., Any]:
+        """``handler``, skipped for a message already handled: checked again as it is
+        called, since a redelivery may arrive while the first delivery still runs. One
+        guard per handler and queue (made once, kept while the registry holds them)."""
+        key = (handler, queue)
+        guard = self._guards.get(key)
+        if guard is None:
+            if len(self._guards) >= _MAX_GUARDS:
+                self._guards.clear()
+            guard = self._guards[key] = self._make_once(handler, queue)
+        return guard
+
+    def _make_once(self, handler: Callable[..., Any], queue: str) -> Callable[..., Any]:
+        store = self.store
+        assert store is not None
+        counters = self.stats.pattern["pipeline"]
+
+        def skip(msg: Message) -> bool:
+            if store.seen(queue, [msg.id]):
+                counters["deduplicated"] = counters.get("deduplicated", 0) + 1
+                return True
+            return False
+
+        if is_async(handler):
+            async def once_async(msg: Message) -> Any:
+                return None if skip(msg) else await handler(msg)
+
+            return once_async
+
+        def once(msg: Message) -> Any:
+            return None if skip(msg) else handler(msg)
+
+        return once
 
     def _keep(self, queue: str, route: tuple[bytes, bytes], body: bytes) -> None:
         """A stopping pusher hands over durable messages of a queue this node keeps: store

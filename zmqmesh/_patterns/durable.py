@@ -44,13 +44,12 @@ _ACK_DELAY_S = 0.05
 class _Queue:
     """One durable queue's buffer, and whether the store holds more than the buffer."""
 
-    __slots__ = ("buffer", "loaded", "overflow", "generation")
+    __slots__ = ("buffer", "loaded", "overflow")
 
     def __init__(self) -> None:
         self.buffer: deque[StoredMessage] = deque()
         self.loaded = 0  # the highest sequence number ever put in the buffer
         self.overflow = False  # the store holds messages after `loaded` not in the buffer
-        self.generation = 0  # bumped whenever a message goes to the store only
 
 
 class DurableQueues:
@@ -79,9 +78,7 @@ class DurableQueues:
 
     def _overflowed(self, name: str) -> None:
         with self._lock:
-            queue = self._queue(name)
-            queue.overflow = True
-            queue.generation += 1
+            self._queue(name).overflow = True
 
     def recover(self) -> int:
         """Note the messages left in the store by an earlier run; how many there are."""
@@ -97,15 +94,16 @@ class DurableQueues:
     def submit(self, name: str, entries: list[tuple[str, float, bytes | None, bytes]]) -> None:
         """Commit ``(id, timestamp, headers, body)`` messages to the store in one transaction
         (any thread); the loop deals them. Raises `StoreFullError`, `StoreError`."""
-        seqs = self.store.append([(name, *entry) for entry in entries])
+        # one lock around the commit and the buffer: the order of sequence numbers and the
+        # buffer (and the loop's refill) can then never disagree
         with self._lock:
+            seqs = self.store.append([(name, *entry) for entry in entries])
             queue = self._queue(name)
             if queue.overflow or len(queue.buffer) + len(seqs) > BUFFER:
                 queue.overflow = True
-                queue.generation += 1
             else:
                 queue.buffer.extend(StoredMessage(seq, name, *entry, 0) for seq, entry in zip(seqs, entries))
-                queue.loaded = max(queue.loaded, seqs[-1])
+                queue.loaded = seqs[-1]
         if not self._wake_pending:
             # the loop deals durable messages a moment later, several to a batch: a
             # producer that commits one at a time would otherwise get batches of one
@@ -119,22 +117,20 @@ class DurableQueues:
     def refill(self) -> dict[str, deque[StoredMessage]]:
         """Top up from the store the buffers of queues it holds more of; every buffer (loop only)."""
         self._wake_pending = False
+        recovered = self._recovered_upto
         with self._lock:
-            due = [(name, q.loaded, q.generation) for name, q in self.queues.items()
-                   if q.overflow and len(q.buffer) < _REFILL_BELOW]
-        for name, after, generation in due:
-            queue = self.queues[name]
-            room = BUFFER - len(queue.buffer)
-            rows = self.store.pending(name, after=after, limit=room)
-            recovered = self._recovered_upto
-            with self._lock:
+            for name, queue in self.queues.items():
+                if not queue.overflow or len(queue.buffer) >= _REFILL_BELOW:
+                    continue
+                room = BUFFER - len(queue.buffer)
+                rows = self.store.pending(name, after=queue.loaded, limit=room)
                 queue.buffer.extend(dataclasses.replace(r, recovered=True) if r.seq <= recovered else r
                                     for r in rows)
                 if rows:
-                    queue.loaded = max(queue.loaded, rows[-1].seq)
-                if len(rows) < room and queue.generation == generation:
+                    queue.loaded = rows[-1].seq
+                if len(rows) < room:
                     queue.overflow = False  # everything stored is in the buffer now
-        return {name: q.buffer for name, q in list(self.queues.items())}
+            return {name: q.buffer for name, q in self.queues.items()}
 
     def settle(self, queue: str, items: list[Any], failures: list[Failure]) -> list[Any]:
         """A puller answered for a batch: forget what it handled, dead-letter what it gave
@@ -154,12 +150,18 @@ class DurableQueues:
             if not isinstance(item, StoredMessage):
                 continue
             if failure.dead_letter:
-                self._dead_letter(queue, item, failure)
-            else:
-                attempted.append(item.seq)
-                retry.append(dataclasses.replace(item, attempts=item.attempts + 1))
+                try:
+                    self._dead_letter(queue, item, failure)
+                    continue
+                except Exception as exc:  # e.g. a full store: deal it again rather than strand it
+                    log.error("cannot dead-letter message %s of %r: %s", item.id[:12], queue, exc)
+            attempted.append(item.seq)
+            retry.append(dataclasses.replace(item, attempts=item.attempts + 1))
         if attempted:
-            self.store.count_attempt(attempted)
+            try:
+                self.store.count_attempt(attempted)
+            except Exception as exc:  # the count is lost, the messages are not
+                log.error("cannot count failed deliveries of %r: %s", queue, exc)
         return retry
 
     def flush_acknowledged(self) -> None:

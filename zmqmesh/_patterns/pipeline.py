@@ -103,14 +103,16 @@ class Pusher:
             size = 0
             bodies: list[bytes] = []
             # pop, never iterate: callers' threads append to q while the loop runs this
-            while q and (n == 0 or (n < limit and size + len(q[0]) <= BATCH_BYTES)):
+            # messages with headers travel in frames of their own (the extra frame is theirs)
+            headed = type(q[0]) is Headed
+            while q and (n == 0 or (n < limit and size + len(q[0]) <= BATCH_BYTES and (type(q[0]) is Headed) == headed)):
                 body = q.popleft()
                 bodies.append(body)
                 n += 1
                 size += len(body)
             payload = bodies[0] if n == 1 else b"".join(bodies)
             frames = [name, uuid, payload]
-            if any(type(b) is Headed for b in bodies):
+            if headed:
                 frames.append(meta_frame(bodies, now, self._sequence))
             try:
                 send_frames(sock, frames, copy=size < LARGE_FRAME)

@@ -102,7 +102,9 @@ class Publisher:
             topic, body = q.popleft()
             bodies = [body]
             size = len(body)
-            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size < BATCH_BYTES:
+            headed = type(body) is Headed  # messages with headers travel in frames of their own
+            while (q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size < BATCH_BYTES
+                   and (type(q[0][1]) is Headed) == headed):
                 more = q.popleft()[1]
                 bodies.append(more)
                 size += len(more)
@@ -112,7 +114,7 @@ class Publisher:
             self._sequences[topic] = seq + len(bodies)
             payload = body if len(bodies) == 1 else b"".join(bodies)
             frames = [topic, pub_sender(uuid, seq), payload]
-            if any(type(b) is Headed for b in bodies):
+            if headed:
                 frames.append(meta_frame(bodies, now))
             try:
                 send_frames(xpub, frames, copy=size < LARGE_FRAME)

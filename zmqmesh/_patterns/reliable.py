@@ -144,7 +144,13 @@ class ReliableSender:
                 if not items:
                     break
                 batch_id = next(self._batch_ids).to_bytes(8, "big")
-                payload = b"".join(self._wrap(item, flag) for item, flag in zip(items, flags))
+                if not directory.speaks(puller, 2):  # protocol 1: items of two fields only
+                    stripped = sum(1 for i in items if type(i) is Headed)
+                    if stripped:
+                        self.stats.reject("headers_not_carried", stripped)
+                    payload = b"".join(wrap_item(i if isinstance(i, bytes) else i.body, f) for i, f in zip(items, flags))
+                else:
+                    payload = b"".join(self._wrap(item, flag) for item, flag in zip(items, flags))
                 try:
                     send_frames(self._socket(puller), [name, batch_id, payload])
                 except zmq.ZMQError:
@@ -203,7 +209,11 @@ class ReliableSender:
             if failures:
                 self.stats.pattern["pipeline"]["errors"] += len(failures)
             if self.settle is not None and any(isinstance(i, StoredMessage) for i in batch.items):
-                retry = self.settle(batch.queue, batch.items, failures)
+                try:
+                    retry = self.settle(batch.queue, batch.items, failures)
+                except Exception:  # never strand a batch: deal it again
+                    log.exception("settling a batch of %r failed", batch.queue)
+                    retry = batch.items
                 if retry:
                     self._put_back(batch.queue, retry)
         if freed:
@@ -227,6 +237,13 @@ class ReliableSender:
 
     def _check_timeouts(self) -> None:
         self._timeout_check = None
+        try:
+            self._redeal_expired()
+        finally:
+            if self.inflight and self.directory.offers["acktimeouts"]:
+                self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
+
+    def _redeal_expired(self) -> None:
         now = time.monotonic()
         expired = []
         for batch_id, batch in self.inflight.items():
@@ -238,15 +255,20 @@ class ReliableSender:
             self.inflight_count[batch.puller] -= len(batch.items)
             log.warning("puller %s did not acknowledge %d message(s) of %r in time: redelivering",
                         batch.puller[:8], len(batch.items), batch.queue)
-            items = batch.items
-            if self.settle is not None:  # a timeout counts as a failed delivery
-                failures = [Failure(i, None, "ack timeout") for i in range(len(items))]
-                items = self.settle(batch.queue, items, failures)
-            self._put_back(batch.queue, items)
+            self._put_back(batch.queue, self._failed(batch, "ack timeout"))
         if expired:
             self.wake()
-        if self.inflight and self.directory.offers["acktimeouts"]:
-            self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
+
+    def _failed(self, batch: _Batch, why: str) -> list[Any]:
+        """The items of a batch nobody acknowledged, to deal again: durable ones with one
+        more attempt counted (so a message that keeps killing its pullers is dead-lettered)."""
+        if self.settle is None or not any(isinstance(i, StoredMessage) for i in batch.items):
+            return batch.items
+        try:
+            return self.settle(batch.queue, batch.items, [Failure(i, None, why) for i in range(len(batch.items))])
+        except Exception:
+            log.exception("settling a batch of %r failed", batch.queue)
+            return batch.items
 
     def in_flight(self, queue: str) -> int:
         """Messages of ``queue`` sent and not yet acknowledged."""
@@ -267,7 +289,7 @@ class ReliableSender:
         lost = [(bid, b) for bid, b in self.inflight.items() if b.puller == puller]
         for batch_id, batch in reversed(lost):
             del self.inflight[batch_id]
-            self._put_back(batch.queue, batch.items)
+            self._put_back(batch.queue, self._failed(batch, "the puller left"))
         if lost:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
                         puller[:8], sum(len(b.items) for _, b in lost))

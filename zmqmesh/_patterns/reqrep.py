@@ -87,7 +87,8 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
                 raise no_provider(service, only) from None
             continue
         try:
-            status, reply = yield Exchange(provider, service, service_b, body, deadline, meta)
+            carried = meta if meta is None or directory.speaks(provider.id, 2) else None  # protocol 1: no meta
+            status, reply = yield Exchange(provider, service, service_b, body, deadline, carried)
         except PeerLostError:
             if not directory.may_retry(service, provider.id, deadline):
                 raise

@@ -54,7 +54,7 @@ _SCHEMA = (
     " headers BLOB,"
     " body BLOB NOT NULL,"
     " attempts INTEGER NOT NULL DEFAULT 0)",
-    # ids of messages a dedupe puller handled, per queue
+    # ids of messages a dedupe puller handled, per queue; "at" numbers them in order
     "CREATE TABLE handled (queue TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (queue, id))"
     " WITHOUT ROWID",
     "CREATE INDEX handled_age ON handled (queue, at)",
@@ -105,7 +105,6 @@ class Store:
             raise
         self.max_bytes = max_bytes
         self._closed = False
-        self._next_seq = self._db.execute("SELECT ifnull(max(seq), 0) + 1 FROM outbox").fetchone()[0]
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -129,13 +128,7 @@ class Store:
             self._lock_file.close()
 
     def _check_file(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
-        with open(self.path, "rb") as f:
-            head = f.read(len(_SQLITE_MAGIC))
-        if head != _SQLITE_MAGIC:
-            raise StoreError(f"{self.path} is not a zmqmesh store (not an SQLite database); "
-                             "move it away or name another store directory")
+        _check_sqlite_file(self.path)
 
     def _connect(self, max_bytes: int, synchronous: str) -> sqlite3.Connection:
         try:
@@ -146,6 +139,8 @@ class Store:
             fresh = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
             if fresh:
                 db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
+            else:  # before anything that writes: a foreign database is left as it was
+                self._check_schema(db)
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"the store {self.path} cannot use WAL mode (got {mode!r})")
@@ -159,8 +154,8 @@ class Store:
                 db.executemany("INSERT INTO meta VALUES (?, ?)",
                                [("app", _APP), ("schema_version", str(SCHEMA_VERSION)), ("created", str(time.time()))])
                 db.execute("COMMIT")
-            else:
-                self._check_schema(db)
+            self._next_seq = db.execute("SELECT ifnull(max(seq), 0) + 1 FROM outbox").fetchone()[0]
+            self._handled_serial = int(db.execute("SELECT ifnull(max(at), 0) + 1 FROM handled").fetchone()[0])
         except StoreError:
             db.close()
             raise
@@ -176,7 +171,10 @@ class Store:
             raise StoreError(f"{self.path} is an SQLite database but not a zmqmesh store") from None
         if meta.get("app") != _APP:
             raise StoreError(f"{self.path} is an SQLite database but not a zmqmesh store")
-        version = int(meta.get("schema_version", "0"))
+        try:
+            version = int(meta.get("schema_version", ""))
+        except ValueError:
+            raise StoreError(f"the store {self.path} has no valid schema version") from None
         if version > SCHEMA_VERSION:
             raise StoreError(f"the store {self.path} was written by a newer zmqmesh (schema {version}, "
                              f"this one reads up to {SCHEMA_VERSION})")
@@ -213,15 +211,17 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             work(db)
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if db.in_transaction:
+        except BaseException as exc:
+            if db.in_transaction:  # whatever went wrong, the next write starts clean
                 try:
                     db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+            if not isinstance(exc, sqlite3.Error):
+                raise
             if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
                 raise StoreFullError(
-                    f"the store {self.directory} is full (store_max_bytes={self.max_bytes}); "
+                    f"the store {self.directory} is full (store_max_bytes={self.max_bytes}, or the disk); "
                     "nothing already stored was lost") from exc
             if isinstance(exc, sqlite3.ProgrammingError) and self._closed:
                 raise StoreError("the store is closed (the node stopped)") from exc
@@ -257,14 +257,12 @@ class Store:
 
     def move(self, seq: int, queue: str, headers: bytes | None) -> int:
         """Move a message to the end of another queue (a dead-letter queue), with new
-        headers and no attempts; its new sequence number."""
+        headers and no attempts, in place (a full store can still do it); its new
+        sequence number."""
         with self._lock:
             new = self._next_seq
-            self._write_locked([
-                ("INSERT INTO outbox (seq, queue, id, ts, headers, body) "
-                 "SELECT ?, ?, id, ts, ?, body FROM outbox WHERE seq = ?", (new, queue, headers, seq)),
-                ("DELETE FROM outbox WHERE seq = ?", (seq,)),
-            ])
+            self._write_locked([("UPDATE outbox SET seq = ?, queue = ?, headers = ?, attempts = 0 WHERE seq = ?",
+                                 (new, queue, headers, seq))])
             self._next_seq = new + 1
         return new
 
@@ -281,12 +279,8 @@ class Store:
             seqs = [r[0] for r in self._db.execute(
                 "SELECT seq FROM outbox WHERE queue = ? ORDER BY seq", (source,)).fetchall()]
             first = self._next_seq
-            self._write_locked([
-                ("INSERT INTO outbox (seq, queue, id, ts, headers, body) "
-                 "SELECT ?, ?, id, ts, headers, body FROM outbox WHERE seq = ?",
-                 [(first + i, target, s) for i, s in enumerate(seqs)]),
-                ("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]),
-            ])
+            self._write_locked([("UPDATE outbox SET seq = ?, queue = ?, attempts = 0 WHERE seq = ?",
+                                 [(first + i, target, s) for i, s in enumerate(seqs)])])
             self._next_seq = first + len(seqs)
         return len(seqs)
 
@@ -336,14 +330,15 @@ class Store:
         return {r[0] for r in rows}
 
     def remember(self, queue: str, ids: Sequence[str]) -> None:
-        """Record ``ids`` as handled on ``queue``."""
-        now = time.time()
+        """Record ``ids`` as handled on ``queue`` (numbered in order: the trim keeps the newest)."""
         sql = "INSERT OR IGNORE INTO handled (queue, id, at) VALUES (?, ?, ?)"
         with self._lock:
+            first = self._handled_serial
+            self._handled_serial += len(ids)
             if len(ids) == 1:
-                self._commit(lambda db: db.execute(sql, (queue, ids[0], now)), single=True)
+                self._commit(lambda db: db.execute(sql, (queue, ids[0], first)), single=True)
             else:
-                self._write_locked([(sql, [(queue, i, now) for i in ids])])
+                self._write_locked([(sql, [(queue, i, first + k) for k, i in enumerate(ids)])])
 
     def trim_handled(self, queue: str, keep: int) -> None:
         """Forget all but about the newest ``keep`` handled ids of ``queue``."""
@@ -367,6 +362,20 @@ class Store:
                 self._release_lock()
 
 
+def _check_sqlite_file(path: Path) -> None:
+    """Raise `StoreError` unless ``path`` is missing, empty, or an SQLite database."""
+    try:
+        if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+            return
+        with open(path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    if head != _SQLITE_MAGIC:
+        raise StoreError(f"{path} is not a zmqmesh store (not an SQLite database); "
+                         "move it away or name another store directory")
+
+
 def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What a store holds, read without taking it (the node using it may run):
     ``{"path", "bytes", "schema", "queues": {name: {messages, bytes, oldest}}, "handled": {queue: ids}}``.
@@ -376,9 +385,7 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / DB_FILE
     if not path.exists():
         raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
-    with open(path, "rb") as f:
-        if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
-            raise StoreError(f"{path} is not a zmqmesh store (not an SQLite database)")
+    _check_sqlite_file(path)
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
@@ -390,7 +397,7 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
         rows = db.execute("SELECT queue, count(*), sum(length(body) + ifnull(length(headers), 0)), min(ts) "
                           "FROM outbox GROUP BY queue ORDER BY queue").fetchall()
         handled = dict(db.execute("SELECT queue, count(*) FROM handled GROUP BY queue").fetchall())
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, AttributeError) as exc:
         raise StoreError(f"the store {path} is damaged or not a zmqmesh store: {exc}") from exc
     finally:
         db.close()

@@ -37,6 +37,7 @@ __all__ = [
     "keep_service",
     "CONTROL_MAGIC",
     "HEADER",
+    "PROTOCOL",
     "ENDPOINT_KEYS",
     "OFFER_KINDS",
     "OFFER_PREFIXES",
@@ -84,8 +85,12 @@ KEEP_SERVICE_PREFIX = "\x00keep/"
 CONTROL_MAGIC = b"\x00zmqmesh-control"
 """First frame of the WHISPERs zmqmesh nodes exchange among themselves (never sent to plain ZRE peers)."""
 
+PROTOCOL = 2
+"""The wire protocol this package speaks: 2 adds headers, ids and durable items to 1."""
+
 HEADER = {
     "version": "X-ZMQMESH-VERSION",
+    "protocol": "X-ZMQMESH-PROTOCOL",
     "mesh": "X-ZMQMESH-MESH",
     "pub": "X-ZMQMESH-PUB",
     "sub": "X-ZMQMESH-SUB",

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from zmqmesh import (
-    MeshTimeoutError,
     Message,
     Node,
     Peer,
@@ -225,14 +224,10 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _taker_present(node: Node, queue: str) -> bool:
-    """Whether an at-least-once puller or a keeper of ``queue`` is there now."""
-    for wait in (node.wait_for_pullers, node.wait_for_keepers):
-        try:
-            wait(queue, 1, timeout=0)
-            return True
-        except MeshTimeoutError:
-            pass
-    return False
+    """Whether an at-least-once puller or a keeper of ``queue`` is there now (durable
+    messages go to no other; the groups are those of docs/protocol.md)."""
+    wanted = {f"zmqmesh/ackqueue/{queue}", f"zmqmesh/keep/{queue}"}
+    return any(wanted & p.groups for p in node.peers())
 
 
 def _push_durable(args: argparse.Namespace, data: Any) -> int:
@@ -245,7 +240,7 @@ def _push_durable(args: argparse.Namespace, data: Any) -> int:
             time.sleep(0.02)
         node.push(args.queue, data, durable=True)
         mesh = node.config.mesh
-    left = sum(q["messages"] for q in inspect_store(store)["queues"].values())
+    left = inspect_store(store)["queues"].get(args.queue, {"messages": 0})["messages"]
     if left:
         raise CliError(f"no puller or keeper of {args.queue!r} took the message within {args.timeout} s in mesh "
                        f"{mesh!r}; it is kept in the store {store}")
