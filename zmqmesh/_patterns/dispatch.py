@@ -75,12 +75,17 @@ class Call:
     __slots__ = ("handler", "arg", "route", "pattern", "index")
 
     def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | BatchAck | None,
-                 pattern: str, index: int = 0) -> None:
+                 pattern: str) -> None:
         self.handler = handler
         self.arg = arg
         self.route = route
         self.pattern = pattern
-        self.index = index  # in its at-least-once batch
+
+    def in_batch(self, index: int) -> Call:
+        """Note the call's place in its at-least-once batch (set only there: calls are
+        made per message on the hot paths)."""
+        self.index = index
+        return self
 
 
 _ASYNC: dict[Any, bool] = {}
@@ -240,10 +245,14 @@ class Dispatcher:
             if errors:
                 counters["errors"] += errors
             return
+        if origin is None:
+            for data in items:
+                msg = Message(pattern, topic, data, sender_id, lookup)
+                for handler in handlers:
+                    calls.append(Call(handler, msg, None, pattern))
+            return
         for index, data in enumerate(items):
-            msg = Message(pattern, topic, data, sender_id, lookup)
-            if origin is not None:
-                msg.from_origin(origin, index)
+            msg = Message(pattern, topic, data, sender_id, lookup).from_origin(origin, index)
             for handler in handlers:
                 calls.append(Call(handler, msg, None, pattern))
 
@@ -362,7 +371,7 @@ class Dispatcher:
                     ack.remaining -= 1
                     continue
             guarded = self._once(handler, queue) if seen is not None and msg.timestamp is not None else handler
-            calls.append(Call(guarded, msg, ack, "pipeline", index))
+            calls.append(Call(guarded, msg, ack, "pipeline").in_batch(index))
         if ack.remaining == 0:
             self._acknowledge(ack)
 

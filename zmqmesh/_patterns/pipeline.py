@@ -21,7 +21,7 @@ from .._mesh.directory import Directory
 from .._stats import Stats
 from .._wire.frames import MAX_BATCH_ITEMS, Headed
 from ..config import NodeConfig
-from .pubsub import BATCH_BYTES, LARGE_FRAME, meta_frame
+from .pubsub import BATCH_BYTES, LARGE_FRAME, meta_frame, split_headed
 
 __all__ = ["Pusher"]
 
@@ -103,13 +103,16 @@ class Pusher:
             size = 0
             bodies: list[bytes] = []
             # pop, never iterate: callers' threads append to q while the loop runs this
-            # messages with headers travel in frames of their own (the extra frame is theirs)
-            headed = type(q[0]) is Headed
-            while q and (n == 0 or (n < limit and size + len(q[0]) <= BATCH_BYTES and (type(q[0]) is Headed) == headed)):
+            while q and (n == 0 or (n < limit and size + len(q[0]) <= BATCH_BYTES)):
                 body = q.popleft()
                 bodies.append(body)
                 n += 1
                 size += len(body)
+            headed = False
+            if Headed in map(type, bodies):  # C-level: no per-message cost without headers
+                bodies, rest, headed = split_headed(bodies)
+                q.extendleft(reversed(rest))
+                n, size = len(bodies), sum(len(b) for b in bodies)
             payload = bodies[0] if n == 1 else b"".join(bodies)
             frames = [name, uuid, payload]
             if headed:

@@ -33,6 +33,15 @@ _MAX_GAP = 1 << 32  # a larger jump is a restarted or lying sequence, not a coun
 _XPUB_BURST = 1024
 
 
+def split_headed(bodies: list[bytes]) -> tuple[list[bytes], list[bytes], bool]:
+    """Messages with headers travel in frames of their own (the meta frame is theirs):
+    ``(kept, rest, headed)``, where ``kept`` is the leading run of ``bodies`` that agree
+    on carrying headers, and ``rest`` goes back to the front of the queue."""
+    headed = type(bodies[0]) is Headed
+    cut = next((i for i, b in enumerate(bodies) if (type(b) is Headed) != headed), len(bodies))
+    return bodies[:cut], bodies[cut:], headed
+
+
 def meta_frame(bodies: list[bytes], timestamp: float, first: int | None = None) -> bytes:
     """The fourth frame of a batch some of whose messages carry headers: the msgpack map
     ``{"h": [headers map or nil per message], "t": timestamp}`` (and ``"n": first``, the
@@ -102,12 +111,16 @@ class Publisher:
             topic, body = q.popleft()
             bodies = [body]
             size = len(body)
-            headed = type(body) is Headed  # messages with headers travel in frames of their own
-            while (q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size < BATCH_BYTES
-                   and (type(q[0][1]) is Headed) == headed):
+            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size < BATCH_BYTES:
                 more = q.popleft()[1]
                 bodies.append(more)
                 size += len(more)
+            headed = False
+            if Headed in map(type, bodies):  # C-level: no per-message cost without headers
+                bodies, rest, headed = split_headed(bodies)
+                q.extendleft((topic, b) for b in reversed(rest))
+                size = sum(len(b) for b in bodies)
+                body = bodies[0]
             seq = self._sequences.get(topic, 0)
             if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:
                 self._sequences.clear()  # subscribers take a restarted sequence as a new baseline
