@@ -300,25 +300,25 @@ class NodeBase(Generic[Handler]):
                             ) -> tuple[tuple[bytes, bytes], deque[Any]]:
         """``(topic, body)`` and the publish queue. Raises `NodeClosedError`, `TypeError`,
         `MessageTooLargeError`, `ValueError` for a bad topic or headers."""
+        body = self._encode(data, headers)
+        name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
+        return (name, body), self._engine.publisher.queue  # type: ignore[union-attr]
+
+    def _encode(self, data: Any, headers: dict[str, str] | None) -> bytes:
+        """``data`` encoded (carrying ``headers``, if any) by a running node. Raises
+        `NodeClosedError`, `TypeError`, `MessageTooLargeError`, `ValueError`."""
         engine = self._engine
         if engine.closed:
             engine.ensure_running()
         body = engine.codec.encode(data)
-        if headers:
-            body = self._headed(body, headers)
-        name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
-        return (name, body), engine.publisher.queue  # type: ignore[union-attr]
+        return self._headed(body, headers) if headers else body
 
     def _encode_push(self, queue: str, data: Any, headers: dict[str, str] | None = None,
                      ) -> tuple[bytes, deque[bytes] | None]:
         """The encoded body, and the send queue of ``queue`` if it takes it right now
         (None when the socket, a puller or room is missing: then `_push_plan` waits)."""
+        body = self._encode(data, headers)
         engine = self._engine
-        if engine.closed:
-            engine.ensure_running()
-        body = engine.codec.encode(data)
-        if headers:
-            body = self._headed(body, headers)
         q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
             return body, None
