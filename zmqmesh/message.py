@@ -97,6 +97,8 @@ class Message:
         data: Any,
         sender_id: str | None,
         lookup: Callable[[str], Peer | None] | None = None,
+        origin: Origin | None = None,
+        index: int = 0,
     ) -> None:
         self.pattern = pattern
         self.topic = topic
@@ -104,12 +106,9 @@ class Message:
         self.sender_id = sender_id
         self._lookup = lookup
         self.redelivered = False
-
-    def from_origin(self, origin: Origin, index: int) -> Message:
-        """Take the id, clock and headers of message ``index`` of ``origin``'s frame."""
-        self._origin = origin
-        self._index = index
-        return self
+        if origin is not None:  # message ``index`` of a frame whose sender said ``origin``
+            self._origin = origin
+            self._index = index
 
     @property
     def id(self) -> str:

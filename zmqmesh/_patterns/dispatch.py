@@ -233,9 +233,7 @@ class Dispatcher:
             # the hot path: call the handlers right here, no Call objects, no hand-off
             errors = 0
             for index, data in enumerate(items):
-                msg = Message(pattern, topic, data, sender_id, lookup)
-                if origin is not None:
-                    msg.from_origin(origin, index)
+                msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
                 for handler in handlers:
                     try:
                         handler(msg)
@@ -245,14 +243,8 @@ class Dispatcher:
             if errors:
                 counters["errors"] += errors
             return
-        if origin is None:
-            for data in items:
-                msg = Message(pattern, topic, data, sender_id, lookup)
-                for handler in handlers:
-                    calls.append(Call(handler, msg, None, pattern))
-            return
         for index, data in enumerate(items):
-            msg = Message(pattern, topic, data, sender_id, lookup).from_origin(origin, index)
+            msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
             for handler in handlers:
                 calls.append(Call(handler, msg, None, pattern))
 
