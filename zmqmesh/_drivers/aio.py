@@ -29,14 +29,8 @@ from .._engine.stop import AFTER_LOOP, INBOX, ON_LOOP, stop_plan
 from .._io.sockets import close_watched, has_input, recv_frames, send_frames
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
-from .._patterns.dispatch import (
-    Call,
-    Dispatcher,
-    is_async,
-    run_async,
-    run_batch,
-    run_sync,
-)
+from .._patterns.calls import Call, is_async, run_async, run_batch, run_sync
+from .._patterns.dispatch import Dispatcher
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError

@@ -34,7 +34,8 @@ from .._io.reactor import Reactor, run_on
 from .._io.sockets import new_socket, recv_frames, send_frames
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
-from .._patterns.dispatch import Call, Dispatcher, is_async, run_async, run_sync
+from .._patterns.calls import Call, is_async, run_async, run_sync
+from .._patterns.dispatch import Dispatcher
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError

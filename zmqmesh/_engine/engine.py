@@ -48,7 +48,7 @@ from .._membership.peer import PeerState
 from .._mesh.directory import Directory, Provider
 from .._mesh.registry import Registry
 from .._mesh.waiters import Space, Waiter, Waiters
-from .._patterns.dispatch import Call
+from .._patterns.calls import Call
 from .._patterns.durable import DurableQueues
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher

@@ -3,7 +3,7 @@ received, hand each message to its handler, and send replies and acknowledgement
 
 The sockets are drained in bounded bursts; each message is decoded once and handed to its
 handler in place (no task and no thread hand-off per message). `Dispatcher` holds every
-rule; the drivers (`ThreadInbox` for `Node`, `LoopInbox` for `AsyncNode`) only decide
+rule (at-least-once batches and the keeper's intake in `intake`); the drivers (`ThreadInbox` for `Node`, `LoopInbox` for `AsyncNode`) only decide
 where and when handlers run:
 
 * `ThreadInbox`: a dedicated thread owns the sockets and calls ``def`` handlers
@@ -21,7 +21,6 @@ and traceback travel back to the caller. Undecodable input is counted and droppe
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 import traceback
@@ -34,74 +33,24 @@ import zmq
 
 from .._io.sockets import has_input, recv_frames, send_frames
 from .._mesh.directory import Directory
-from .._mesh.registry import PullOptions, Registry
+from .._mesh.registry import Registry
 from .._stats import Stats
 from .._store.sqlite import Store
 from .._wire import frames as wire
-from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
+from .._wire.codec import Codec
 from ..config import NodeConfig
 from ..errors import DecodeError
 from ..message import Message, Origin
+from .calls import BatchAck, Call
+from .intake import AckedIntake
 from .pubsub import GapCounter
 
-__all__ = ["Dispatcher", "Call", "BatchAck", "is_async", "run_sync", "run_async", "run_batch"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger("zmqmesh.inbox")
 
 _BURST = 256
-_TRIM_EVERY = 10_000  # remembered ids between trims of a dedupe window
-_MAX_GUARDS = 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
-
-
-class BatchAck:
-    """Acknowledges an at-least-once batch once every message of it has been handled,
-    naming the durable items whose handler failed (``failures``)."""
-
-    __slots__ = ("route", "remaining", "queue", "options", "failures")
-
-    def __init__(self, route: tuple[bytes, bytes], remaining: int, queue: str = "",
-                 options: PullOptions | None = None) -> None:
-        self.route = route
-        self.remaining = remaining
-        self.queue = queue
-        self.options = options or PullOptions(at_least_once=True)
-        self.failures: list[list[Any]] = []
-
-
-class Call:
-    """One handler invocation: ``handler(arg)``, and where its reply goes, if anywhere."""
-
-    __slots__ = ("handler", "arg", "route", "pattern", "index")
-
-    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | BatchAck | None,
-                 pattern: str) -> None:
-        self.handler = handler
-        self.arg = arg
-        self.route = route
-        self.pattern = pattern
-
-    def in_batch(self, index: int) -> Call:
-        """Note the call's place in its at-least-once batch (set only there: calls are
-        made per message on the hot paths)."""
-        self.index = index
-        return self
-
-
-_ASYNC: dict[Any, bool] = {}
-
-
-def is_async(handler: Callable[..., Any]) -> bool:
-    """True for ``async def`` handlers (and callables whose ``__call__`` is one); cached."""
-    try:
-        return _ASYNC[handler]
-    except (KeyError, TypeError):
-        found = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
-        try:
-            _ASYNC[handler] = found
-        except TypeError:  # unhashable callable
-            pass
-        return found
 
 
 class Dispatcher:
@@ -113,10 +62,8 @@ class Dispatcher:
                  sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any],
                  store: Store | None = None,
                  keeper: Callable[[str, list[tuple[str, float, bytes | None, bytes]]], None] | None = None) -> None:
-        self.store = store
-        self.keeper = keeper
-        self._guards: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
-        self._remembered: dict[str, int] = {}
+        self.acked = AckedIntake(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
+                                 keeper=keeper, reply=self.send_reply)
         self.config = config
         self.registry = registry
         self.directory = directory
@@ -291,10 +238,10 @@ class Dispatcher:
         service = service_b.decode("utf-8", "replace")
         sender_id = wire.sender_of_requester(route[0])
         if service.startswith(wire.QUEUE_SERVICE_PREFIX):
-            self._decode_reliable(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
+            self.acked.decode(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
             return
         if service.startswith(wire.KEEP_SERVICE_PREFIX):
-            self._keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
+            self.acked.keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
             return
         if service == wire.STATS_SERVICE:  # built in: every node reports its counters
             try:
@@ -330,103 +277,6 @@ class Dispatcher:
                 return
         calls.append(Call(handler, msg, route, "service"))
 
-    def _decode_reliable(self, queue: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
-                         calls: list[Call]) -> None:
-        handler = self.registry.queues.get(queue)
-        if handler is None or queue not in self.registry.ack_queues:
-            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")  # the pusher deals them elsewhere
-            return
-        items = self.codec.decode_batch(body)
-        if not all(_valid_item(i) for i in items):
-            raise DecodeError("malformed at-least-once batch")
-        self.stats.pattern["pipeline"]["received"] += len(items)
-        if sender_id is not None:
-            self.stats.peer_received[sender_id] += len(items)
-        options = self.registry.pull_options.get(queue) or PullOptions(at_least_once=True)
-        ack = BatchAck(route, len(items), queue, options)
-        seen: set[str] | None = None
-        if options.dedupe and self.store is not None:
-            seen = self.store.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
-        for index, item in enumerate(items):
-            msg = Message("pipeline", queue, item[1], sender_id, self.directory.lookup_peer)
-            msg.redelivered = item[0]
-            if len(item) == DURABLE_ITEM_FIELDS:
-                msg.id, msg.timestamp, msg.headers, msg.attempts = item[2], float(item[3]), item[4] or {}, item[5]
-                if seen is not None and msg.id in seen:  # handled before (its ack was lost): effectively once
-                    counters = self.stats.pattern["pipeline"]
-                    counters["deduplicated"] = counters.get("deduplicated", 0) + 1
-                    ack.remaining -= 1
-                    continue
-                if msg.attempts >= options.max_deliveries:  # e.g. it timed out every time
-                    ack.failures.append([index, options.dead_letter_queue(queue),
-                                         f"no acknowledgement after {msg.attempts} deliveries"])
-                    ack.remaining -= 1
-                    continue
-            guarded = self._once(handler, queue) if seen is not None and msg.timestamp is not None else handler
-            calls.append(Call(guarded, msg, ack, "pipeline").in_batch(index))
-        if ack.remaining == 0:
-            self._acknowledge(ack)
-
-    def _once(self, handler: Callable[..., Any], queue: str) -> Callable[..., Any]:
-        """``handler``, skipped for a message already handled: checked again as it is
-        called, since a redelivery may arrive while the first delivery still runs. One
-        guard per handler and queue (made once, kept while the registry holds them)."""
-        key = (handler, queue)
-        guard = self._guards.get(key)
-        if guard is None:
-            if len(self._guards) >= _MAX_GUARDS:
-                self._guards.clear()
-            guard = self._guards[key] = self._make_once(handler, queue)
-        return guard
-
-    def _make_once(self, handler: Callable[..., Any], queue: str) -> Callable[..., Any]:
-        store = self.store
-        assert store is not None
-        counters = self.stats.pattern["pipeline"]
-
-        def skip(msg: Message) -> bool:
-            if store.seen(queue, [msg.id]):
-                counters["deduplicated"] = counters.get("deduplicated", 0) + 1
-                return True
-            return False
-
-        if is_async(handler):
-            async def once_async(msg: Message) -> Any:
-                return None if skip(msg) else await handler(msg)
-
-            return once_async
-
-        def once(msg: Message) -> Any:
-            return None if skip(msg) else handler(msg)
-
-        return once
-
-    def _keep(self, queue: str, route: tuple[bytes, bytes], body: bytes) -> None:
-        """A stopping pusher hands over durable messages of a queue this node keeps: store
-        them (committed) before acknowledging; they are then this node's to deliver."""
-        if queue not in self.registry.keeps or self.keeper is None:
-            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
-            return
-        items = self.codec.decode_batch(body)
-        if not all(_valid_item(i) for i in items):
-            raise DecodeError("malformed batch handed to a keeper")
-        encode = self.codec.encode
-        now = time.time()
-        entries = [
-            (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1])) if len(i) == DURABLE_ITEM_FIELDS
-            else (uuid_module.uuid4().hex, now, None, encode(i[1]))
-            for i in items
-        ]
-        try:
-            self.keeper(queue, entries)
-        except Exception as exc:  # full or failing store: the pusher keeps them
-            log.error("cannot keep %d message(s) of %r: %s", len(entries), queue, exc)
-            self.send_reply(route, wire.STATUS_ERROR, b"")
-            return
-        counters = self.stats.pattern["pipeline"]
-        counters["kept"] = counters.get("kept", 0) + len(entries)
-        self.send_reply(route, wire.STATUS_OK, b"")
-
     # -- replying ---------------------------------------------------------------------------
 
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
@@ -437,17 +287,7 @@ class Dispatcher:
             if not isinstance(route, tuple):
                 log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
         if isinstance(route, BatchAck):
-            msg = call.arg
-            if msg.timestamp is not None:  # a durable item: its outcome goes back to the pusher
-                if error is not None:
-                    attempts = msg.attempts + 1
-                    dead = route.options.dead_letter_queue(route.queue) if attempts >= route.options.max_deliveries else None
-                    route.failures.append([call.index, dead, f"{type(error).__name__}: {error}"])
-                elif route.options.dedupe:
-                    self._remember(route, msg.id)
-            route.remaining -= 1
-            if route.remaining == 0:
-                self._acknowledge(route)
+            self.acked.complete(call, route, error)
             return
         if route is None:
             return
@@ -464,24 +304,6 @@ class Dispatcher:
             status = wire.STATUS_ERROR
         self.send_reply(route, status, body)
         self.stats.pattern["service"]["sent"] += 1
-
-    def _remember(self, ack: BatchAck, msg_id: str) -> None:
-        """Commit that a dedupe puller handled ``msg_id``, as soon as its handler returned
-        (a crash after this point cannot make it run again)."""
-        assert self.store is not None
-        try:
-            self.store.remember(ack.queue, [msg_id])
-            count = self._remembered[ack.queue] = self._remembered.get(ack.queue, 0) + 1
-            if count >= _TRIM_EVERY:
-                self._remembered[ack.queue] = 0
-                self.store.trim_handled(ack.queue, ack.options.dedupe_window)
-        except Exception as exc:
-            log.error("cannot record message %s of %r as handled: %s", msg_id[:12], ack.queue, exc)
-
-    def _acknowledge(self, ack: BatchAck) -> None:
-        """Tell the pusher the batch is done, naming the items whose handler failed."""
-        body = self.codec.encode(ack.failures) if ack.failures else b""
-        self.send_reply(ack.route, wire.STATUS_OK, body)
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
         """Send a reply to ``route``; an unreachable caller is counted."""
@@ -509,49 +331,3 @@ class Dispatcher:
             sock.close(0)
 
 
-def _valid_item(item: Any) -> bool:
-    """An at-least-once item: ``[redelivered, data]`` or the durable
-    ``[redelivered, data, id, timestamp, headers, attempts]``."""
-    if not isinstance(item, list) or not item or not isinstance(item[0], bool):
-        return False
-    if len(item) == 2:
-        return True
-    if len(item) != DURABLE_ITEM_FIELDS:
-        return False
-    _flag, _data, msg_id, timestamp, headers, attempts = item
-    if not isinstance(msg_id, str) or len(msg_id) > wire.MAX_ID_CHARS:
-        return False
-    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
-        return False
-    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
-        return False
-    if headers is not None:
-        try:
-            wire.check_headers(headers)
-        except (TypeError, ValueError):
-            return False
-    return True
-
-
-def run_sync(call: Call) -> tuple[Any, BaseException | None]:
-    """Call a sync handler, capturing its outcome."""
-    try:
-        return call.handler(call.arg), None
-    except Exception as exc:
-        return None, exc
-
-
-async def run_async(call: Call) -> tuple[Any, BaseException | None]:
-    """Await a handler (sync handlers here are only the loop's own callbacks)."""
-    try:
-        result = call.handler(call.arg)
-        if inspect.isawaitable(result):
-            result = await result
-        return result, None
-    except Exception as exc:
-        return None, exc
-
-
-def run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:
-    """Call the sync handlers of a burst in order (on a worker thread), capturing outcomes."""
-    return [run_sync(call) for call in batch]

@@ -1,0 +1,85 @@
+"""A handler invocation and the ways to run one, shared by the inbox and its drivers."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .._mesh.registry import PullOptions
+
+__all__ = ["Call", "BatchAck", "is_async", "run_sync", "run_async", "run_batch"]
+
+
+class BatchAck:
+    """Acknowledges an at-least-once batch once every message of it has been handled,
+    naming the durable items whose handler failed (``failures``)."""
+
+    __slots__ = ("route", "remaining", "queue", "options", "failures")
+
+    def __init__(self, route: tuple[bytes, bytes], remaining: int, queue: str = "",
+                 options: PullOptions | None = None) -> None:
+        self.route = route
+        self.remaining = remaining
+        self.queue = queue
+        self.options = options or PullOptions(at_least_once=True)
+        self.failures: list[list[Any]] = []
+
+
+class Call:
+    """One handler invocation: ``handler(arg)``, and where its reply goes, if anywhere."""
+
+    __slots__ = ("handler", "arg", "route", "pattern", "index")
+
+    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | BatchAck | None,
+                 pattern: str) -> None:
+        self.handler = handler
+        self.arg = arg
+        self.route = route
+        self.pattern = pattern
+
+    def in_batch(self, index: int) -> Call:
+        """Note the call's place in its at-least-once batch (set only there: calls are
+        made per message on the hot paths)."""
+        self.index = index
+        return self
+
+
+_ASYNC: dict[Any, bool] = {}
+
+
+def is_async(handler: Callable[..., Any]) -> bool:
+    """True for ``async def`` handlers (and callables whose ``__call__`` is one); cached."""
+    try:
+        return _ASYNC[handler]
+    except (KeyError, TypeError):
+        found = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
+        try:
+            _ASYNC[handler] = found
+        except TypeError:  # unhashable callable
+            pass
+        return found
+
+
+def run_sync(call: Call) -> tuple[Any, BaseException | None]:
+    """Call a sync handler, capturing its outcome."""
+    try:
+        return call.handler(call.arg), None
+    except Exception as exc:
+        return None, exc
+
+
+async def run_async(call: Call) -> tuple[Any, BaseException | None]:
+    """Await a handler (sync handlers here are only the loop's own callbacks)."""
+    try:
+        result = call.handler(call.arg)
+        if inspect.isawaitable(result):
+            result = await result
+        return result, None
+    except Exception as exc:
+        return None, exc
+
+
+def run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:
+    """Call the sync handlers of a burst in order (on a worker thread), capturing outcomes."""
+    return [run_sync(call) for call in batch]

@@ -1,0 +1,204 @@
+"""The puller's side of at-least-once and durable queues, and the keeper's intake.
+
+A batch dealt to this node becomes one call per message, with a `BatchAck` that answers
+the pusher once every message of the batch was handled, naming the durable items whose
+handler failed (and the dead-letter queue of those that used up their deliveries). A
+dedupe puller skips what it already handled and commits each id as its handler returns.
+A keeper stores what a stopping pusher hands over before acknowledging it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .._mesh.directory import Directory
+from .._mesh.registry import PullOptions, Registry
+from .._stats import Stats
+from .._store.sqlite import Store
+from .._wire import frames as wire
+from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
+from ..errors import DecodeError
+from ..message import Message
+from .calls import BatchAck, Call, is_async
+
+__all__ = ["AckedIntake"]
+
+log = logging.getLogger("zmqmesh.inbox")
+
+_TRIM_EVERY = 10_000  # remembered ids between trims of a dedupe window
+_MAX_GUARDS = 1024
+
+
+class AckedIntake:
+    """At-least-once batches in, acknowledgements out (on the inbox's owner thread)."""
+
+    def __init__(self, *, registry: Registry, directory: Directory, codec: Codec, stats: Stats,
+                 store: Store | None, keeper: Callable[[str, list[tuple[str, float, bytes | None, bytes]]], None] | None,
+                 reply: Callable[[tuple[bytes, bytes], bytes, bytes], None]) -> None:
+        self.registry = registry
+        self.directory = directory
+        self.codec = codec
+        self.stats = stats
+        self.store = store
+        self.keeper = keeper
+        self.reply = reply
+        self._guards: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
+        self._remembered: dict[str, int] = {}
+
+    def decode(self, queue: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
+               calls: list[Call]) -> None:
+        """Turn a batch dealt to this node into calls, answering at once what needs no handler."""
+        handler = self.registry.queues.get(queue)
+        if handler is None or queue not in self.registry.ack_queues:
+            self.reply(route, wire.STATUS_NO_SERVICE, b"")  # the pusher deals them elsewhere
+            return
+        items = self.codec.decode_batch(body)
+        if not all(_valid_item(i) for i in items):
+            raise DecodeError("malformed at-least-once batch")
+        self.stats.pattern["pipeline"]["received"] += len(items)
+        if sender_id is not None:
+            self.stats.peer_received[sender_id] += len(items)
+        options = self.registry.pull_options.get(queue) or PullOptions(at_least_once=True)
+        ack = BatchAck(route, len(items), queue, options)
+        seen: set[str] | None = None
+        if options.dedupe and self.store is not None:
+            seen = self.store.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
+        for index, item in enumerate(items):
+            msg = Message("pipeline", queue, item[1], sender_id, self.directory.lookup_peer)
+            msg.redelivered = item[0]
+            if len(item) == DURABLE_ITEM_FIELDS:
+                msg.id, msg.timestamp, msg.headers, msg.attempts = item[2], float(item[3]), item[4] or {}, item[5]
+                if seen is not None and msg.id in seen:  # handled before (its ack was lost): effectively once
+                    counters = self.stats.pattern["pipeline"]
+                    counters["deduplicated"] = counters.get("deduplicated", 0) + 1
+                    ack.remaining -= 1
+                    continue
+                if msg.attempts >= options.max_deliveries:  # e.g. it timed out every time
+                    ack.failures.append([index, options.dead_letter_queue(queue),
+                                         f"no acknowledgement after {msg.attempts} deliveries"])
+                    ack.remaining -= 1
+                    continue
+            guarded = self._once(handler, queue) if seen is not None and msg.timestamp is not None else handler
+            calls.append(Call(guarded, msg, ack, "pipeline").in_batch(index))
+        if ack.remaining == 0:
+            self._acknowledge(ack)
+
+    def _once(self, handler: Callable[..., Any], queue: str) -> Callable[..., Any]:
+        """``handler``, skipped for a message already handled: checked again as it is
+        called, since a redelivery may arrive while the first delivery still runs. One
+        guard per handler and queue (made once, kept while the registry holds them)."""
+        key = (handler, queue)
+        guard = self._guards.get(key)
+        if guard is None:
+            if len(self._guards) >= _MAX_GUARDS:
+                self._guards.clear()
+            guard = self._guards[key] = self._make_once(handler, queue)
+        return guard
+
+    def _make_once(self, handler: Callable[..., Any], queue: str) -> Callable[..., Any]:
+        store = self.store
+        assert store is not None
+        counters = self.stats.pattern["pipeline"]
+
+        def skip(msg: Message) -> bool:
+            if store.seen(queue, [msg.id]):
+                counters["deduplicated"] = counters.get("deduplicated", 0) + 1
+                return True
+            return False
+
+        if is_async(handler):
+            async def once_async(msg: Message) -> Any:
+                return None if skip(msg) else await handler(msg)
+
+            return once_async
+
+        def once(msg: Message) -> Any:
+            return None if skip(msg) else handler(msg)
+
+        return once
+
+    def keep(self, queue: str, route: tuple[bytes, bytes], body: bytes) -> None:
+        """A stopping pusher hands over durable messages of a queue this node keeps: store
+        them (committed) before acknowledging; they are then this node's to deliver."""
+        if queue not in self.registry.keeps or self.keeper is None:
+            self.reply(route, wire.STATUS_NO_SERVICE, b"")
+            return
+        items = self.codec.decode_batch(body)
+        if not all(_valid_item(i) for i in items):
+            raise DecodeError("malformed batch handed to a keeper")
+        encode = self.codec.encode
+        now = time.time()
+        entries = [
+            (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1])) if len(i) == DURABLE_ITEM_FIELDS
+            else (uuid.uuid4().hex, now, None, encode(i[1]))
+            for i in items
+        ]
+        try:
+            self.keeper(queue, entries)
+        except Exception as exc:  # full or failing store: the pusher keeps them
+            log.error("cannot keep %d message(s) of %r: %s", len(entries), queue, exc)
+            self.reply(route, wire.STATUS_ERROR, b"")
+            return
+        counters = self.stats.pattern["pipeline"]
+        counters["kept"] = counters.get("kept", 0) + len(entries)
+        self.reply(route, wire.STATUS_OK, b"")
+
+    def _remember(self, ack: BatchAck, msg_id: str) -> None:
+        """Commit that a dedupe puller handled ``msg_id``, as soon as its handler returned
+        (a crash after this point cannot make it run again)."""
+        assert self.store is not None
+        try:
+            self.store.remember(ack.queue, [msg_id])
+            count = self._remembered[ack.queue] = self._remembered.get(ack.queue, 0) + 1
+            if count >= _TRIM_EVERY:
+                self._remembered[ack.queue] = 0
+                self.store.trim_handled(ack.queue, ack.options.dedupe_window)
+        except Exception as exc:
+            log.error("cannot record message %s of %r as handled: %s", msg_id[:12], ack.queue, exc)
+
+    def _acknowledge(self, ack: BatchAck) -> None:
+        """Tell the pusher the batch is done, naming the items whose handler failed."""
+        body = self.codec.encode(ack.failures) if ack.failures else b""
+        self.reply(ack.route, wire.STATUS_OK, body)
+
+    def complete(self, call: Call, ack: BatchAck, error: BaseException | None) -> None:
+        """Account for one handled message of a batch; acknowledge once all are."""
+        msg = call.arg
+        if msg.timestamp is not None:  # a durable item: its outcome goes back to the pusher
+            if error is not None:
+                attempts = msg.attempts + 1
+                dead = ack.options.dead_letter_queue(ack.queue) if attempts >= ack.options.max_deliveries else None
+                ack.failures.append([call.index, dead, f"{type(error).__name__}: {error}"])
+            elif ack.options.dedupe:
+                self._remember(ack, msg.id)
+        ack.remaining -= 1
+        if ack.remaining == 0:
+            self._acknowledge(ack)
+
+
+def _valid_item(item: Any) -> bool:
+    """An at-least-once item: ``[redelivered, data]`` or the durable
+    ``[redelivered, data, id, timestamp, headers, attempts]``."""
+    if not isinstance(item, list) or not item or not isinstance(item[0], bool):
+        return False
+    if len(item) == 2:
+        return True
+    if len(item) != DURABLE_ITEM_FIELDS:
+        return False
+    _flag, _data, msg_id, timestamp, headers, attempts = item
+    if not isinstance(msg_id, str) or len(msg_id) > wire.MAX_ID_CHARS:
+        return False
+    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
+        return False
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+        return False
+    if headers is not None:
+        try:
+            wire.check_headers(headers)
+        except (TypeError, ValueError):
+            return False
+    return True
