@@ -70,7 +70,7 @@ class NodeConfig:
         store_max_bytes: the most the store may hold (bytes); a durable call past it raises
             `StoreFullError`.
         store_synchronous: ``"normal"`` (a commit survives the process being killed) or
-            ``"full"`` (it survives a power cut too, at about half the write rate).
+            ``"full"`` (it survives a power cut too; each commit waits for the disk).
         ack_window: at-least-once queues: messages a puller may hold unacknowledged; also
             the most that can be handled twice when a puller dies.
     """

