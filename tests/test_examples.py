@@ -109,6 +109,7 @@ def test_launch_restarts_a_crashed_process(tmp_path: Path) -> None:
         ("[[process]]\nname = 'x'\n", "'command' must be"),
         ("[[process]]\nname = 'x'\ncommand = 'true'\nrestart = 'sometimes'\n", "'restart' must be one of"),
         ("[mesh]\ncolour = 'red'\n[[process]]\nname = 'x'\ncommand = 'true'\n", "unknown key mesh.colour"),
+        ("[mesh]\nstore = 'state'\n[[process]]\nname = 'x'\ncommand = 'true'\n", "a store serves one node"),
     ],
 )
 def test_launch_rejects_bad_files_in_one_line(tmp_path: Path, content: str, message: str) -> None:
@@ -117,6 +118,18 @@ def test_launch_rejects_bad_files_in_one_line(tmp_path: Path, content: str, mess
     result = subprocess.run([sys.executable, "-m", "zmqmesh", "launch", str(toml)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_launch_gives_each_process_its_own_store(tmp_path: Path) -> None:
+    from zmqmesh.tools.launch import load_launch_file
+
+    toml = tmp_path / "app.toml"
+    toml.write_text("[[process]]\nname = 'w'\ncommand = 'true'\ncount = 2\nstore = 'state/w'\n"
+                    "[[process]]\nname = 'k'\ncommand = 'true'\nstore = 'state/k'\n")
+    specs, _timeout = load_launch_file(toml)
+    stores = {s.name: s.env.get("ZMQMESH_STORE") for s in specs}
+    assert stores == {"w-1": str(tmp_path / "state" / "w-1"), "w-2": str(tmp_path / "state" / "w-2"),
+                      "k": str(tmp_path / "state" / "k")}
 
 
 def test_one_shot_commands_against_a_live_mesh(mesh: dict[str, Any]) -> None:

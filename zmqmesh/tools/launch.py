@@ -13,6 +13,7 @@ The file::
     restart = "on-failure"       # "never" (default), "on-failure" or "always"
     env = { LOG_LEVEL = "info" } # optional
     cwd = "."                    # optional, relative to the file
+    store = "state/worker"       # optional: a durable store per process (state/worker-1, ...)
 
 Ctrl-C or SIGTERM stops every process (SIGTERM, then SIGKILL after ``stop_timeout_s``).
 Without restarts, the launcher ends when every process has ended: status 0 if all
@@ -84,6 +85,8 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         raise LaunchError(f"{path}: [mesh] must be a table")
     base_env: dict[str, str] = {}
     for key, value in mesh.items():
+        if key == "store":
+            raise LaunchError(f"{path}: a store serves one node: give 'store' per [[process]], not in [mesh]")
         if key not in _MESH_KEYS:
             raise LaunchError(f"{path}: unknown key mesh.{key} (known: name and every node option)")
         base_env[f"ZMQMESH_{_MESH_KEYS[key]}"] = ",".join(value) if isinstance(value, list) else str(value)
@@ -95,7 +98,7 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         where = f"{path}: process #{i + 1}"
         if not isinstance(entry, dict):
             raise LaunchError(f"{where}: must be a table")
-        unknown = set(entry) - {"name", "command", "count", "restart", "env", "cwd"}
+        unknown = set(entry) - {"name", "command", "count", "restart", "env", "cwd", "store"}
         if unknown:
             raise LaunchError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         name = entry.get("name")
@@ -116,13 +119,20 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         if not isinstance(env, dict) or not all(isinstance(v, (str, int, float, bool)) for v in env.values()):
             raise LaunchError(f"{where} ({name}): 'env' must be a table of strings")
         cwd = str((path.parent / entry.get("cwd", ".")).resolve())
+        store = entry.get("store")
+        if store is not None and (not isinstance(store, str) or not store):
+            raise LaunchError(f"{where} ({name}): 'store' must be a directory name")
         for k in range(count):
+            stored: dict[str, str] = {}
+            if store is not None:  # one store per process: each of count gets its own
+                directory = path.parent / (store if count == 1 else f"{store}-{k + 1}")
+                stored = {"ZMQMESH_STORE": str(directory.resolve())}
             specs.append(
                 ProcessSpec(
                     name=name if count == 1 else f"{name}-{k + 1}",
                     command=[sys.executable if c in ("python", "python3") and j == 0 else c for j, c in enumerate(command)],
                     restart=restart,
-                    env={**base_env, **{k2: str(v) for k2, v in env.items()}},
+                    env={**base_env, **stored, **{k2: str(v) for k2, v in env.items()}},
                     cwd=cwd,
                 )
             )
