@@ -151,3 +151,23 @@ def test_a_cancelled_async_request_is_forgotten(mesh: dict[str, Any]) -> None:
             assert requester.pending == {}
 
     asyncio.run(main())
+
+
+def test_requests_from_short_lived_threads_do_not_keep_sockets(mesh: dict[str, Any]) -> None:
+    import threading
+
+    service = zmqmesh.Node("svc", **mesh)
+    service.service("echo", lambda msg: msg.data)
+    with service, zmqmesh.Node("caller", **mesh) as caller:
+        caller.wait_for_service("echo")
+        for batch in range(5):
+            threads = [threading.Thread(target=caller.request, args=("echo", i)) for i in range(20)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+        assert caller.request("echo", "last") == "last"  # a new thread: the ended ones are released
+        requesters: Any = caller._engine.requests
+        assert len(requesters) <= 2, f"{len(requesters)} requesters kept for 101 threads, 1 alive"
+        open_sockets = sum(1 for s in list(caller._engine.ctx._sockets) if not s.closed)
+        assert open_sockets < 40, f"{open_sockets} sockets open after 100 finished threads"

@@ -141,7 +141,7 @@ class ThreadRequester:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.thread = threading.get_ident()
+        self.owner = threading.current_thread()
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         self._ids = itertools.count(1)
         self._membership_epoch = -1
@@ -218,12 +218,15 @@ class ThreadRequester:
 
 
 class ThreadRequesters:
-    """The requesters of the threads that called `Node.request`, one per thread."""
+    """The requesters of the threads that called `Node.request`, one per live thread: the
+    sockets of a thread that ended are closed when the next new thread asks (so a
+    program that calls from short-lived threads does not run out of descriptors)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._local = threading.local()
         self._all: list[ThreadRequester] = []
+        self._lock = threading.Lock()
 
     def current(self) -> ThreadRequester:
         """The calling thread's requester (created on first use)."""
@@ -231,8 +234,15 @@ class ThreadRequesters:
         if requester is None:
             requester = ThreadRequester(self.engine)
             self._local.requester = requester
-            self._all.append(requester)
+            with self._lock:
+                for ended in [r for r in self._all if not r.owner.is_alive()]:
+                    ended.close()  # its thread is gone: nobody else uses these sockets
+                    self._all.remove(ended)
+                self._all.append(requester)
         return requester
+
+    def __len__(self) -> int:
+        return len(self._all)
 
     def peer_gone(self, peer_id: str) -> None:
         """Nothing to do: a waiting thread sees the provider leave the directory itself."""
@@ -242,8 +252,9 @@ class ThreadRequesters:
 
     def close(self) -> None:
         """Close every thread's sockets."""
-        for requester in list(self._all):
-            requester.close()
+        with self._lock:
+            for requester in self._all:
+                requester.close()
 
 
 class ThreadInbox(Dispatcher):
