@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import zmqmesh
@@ -67,14 +65,9 @@ def run_role(role: str) -> None:
             order = node.request("order.charge", order, timeout=5)
             return node.request("order.ship", order, timeout=5)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with node:
-        print(f"{role}: ready", flush=True)
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
+    node.start()
+    print(f"{role}: ready", flush=True)
+    node.run_forever()  # until SIGTERM or Ctrl-C, then a clean stop
 
 
 ORDERS = [

@@ -8,6 +8,7 @@ never imports asyncio.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +20,8 @@ from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
 
 __all__ = ["AsyncNode"]
+
+_RUN_POLL_S = 0.5  # how often serve_forever looks whether the node was stopped meanwhile
 
 
 class AsyncNode(NodeBase[Any]):
@@ -67,6 +70,30 @@ class AsyncNode(NodeBase[Any]):
         if not isinstance(inbox, LoopInbox):  # never started
             return
         await stop_async(self._engine, inbox, timeout)
+
+    async def serve_forever(self) -> None:
+        """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
+        the node is stopped, then stop it cleanly and return.
+
+        Uses the running loop's signal handlers for the time it runs (removed after).
+        Raises what `start` raises.
+        """
+        await self.start()
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, signalled.set)
+        try:
+            while self.running and not signalled.is_set():
+                try:
+                    await asyncio.wait_for(signalled.wait(), _RUN_POLL_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.stop()
 
     async def __aenter__(self) -> AsyncNode:
         return await self.start()

@@ -7,6 +7,7 @@ the plans out with the thread driver, blocking the calling thread where they wai
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +26,8 @@ from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
 
 __all__ = ["Node"]
+
+_RUN_POLL_S = 0.5  # how often run_forever looks whether the node was stopped meanwhile
 
 
 class Node(NodeBase[Any]):
@@ -110,6 +113,27 @@ class Node(NodeBase[Any]):
                              name=f"zmqmesh-stop-{self.name}", daemon=True).start()
             return
         stop_blocking(self._engine, inbox, loop, thread, timeout)
+
+    def run_forever(self) -> None:
+        """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
+        the node is stopped, then stop it cleanly and return.
+
+        Installs its signal handlers for the time it runs (and restores the previous
+        ones), so it must be called from the main thread: raises `ZmqMeshError` from any
+        other, and what `start` raises.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise ZmqMeshError("run_forever() handles SIGINT and SIGTERM: call it from the main thread")
+        self.start()
+        signalled = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: signalled.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.running and not signalled.wait(_RUN_POLL_S):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()
 
     def __enter__(self) -> Node:
         return self.start()

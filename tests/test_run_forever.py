@@ -1,0 +1,79 @@
+"""A long-running node serves until SIGINT or SIGTERM, then stops cleanly."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+from helpers import wait_until
+
+SYNC = """
+import sys, zmqmesh
+node = zmqmesh.Node("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+node.service("ping", lambda msg: "pong")
+node.on_join(lambda peer: None)
+print("serving", flush=True)
+node.run_forever()
+print("stopped", node.running, flush=True)
+"""
+
+ASYNC = """
+import asyncio, sys, zmqmesh
+async def main():
+    node = zmqmesh.AsyncNode("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    node.service("ping", lambda msg: "pong")
+    print("serving", flush=True)
+    await node.serve_forever()
+    print("stopped", node.running, flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("code", [SYNC, ASYNC], ids=["Node.run_forever", "AsyncNode.serve_forever"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serving_ends_cleanly_on_a_signal(code: str, sig: int, mesh: dict[str, Any]) -> None:
+    import zmqmesh
+
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), mesh["mesh"], str(mesh["beacon_port"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "serving"
+        with zmqmesh.Node("client", **mesh) as client:
+            assert client.request("ping", timeout=10) == "pong"
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=20)
+            wait_until(lambda: not client.peers(), 5, "the server's goodbye")  # it left politely
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped False" in out
+    assert "Traceback" not in err
+
+
+def test_run_forever_wants_the_main_thread(mesh: dict[str, Any]) -> None:
+    import threading
+
+    import zmqmesh
+
+    node = zmqmesh.Node("n", **mesh)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            node.run_forever()
+        except BaseException as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    assert raised and isinstance(raised[0], zmqmesh.ZmqMeshError)
+    assert not node.running
