@@ -27,11 +27,10 @@ from .._store.sqlite import Store, StoredMessage
 from .._wire.codec import Codec
 from .reliable import Failure
 
-__all__ = ["DurableQueues", "DEAD_LETTER_HEADERS", "BUFFER"]
+__all__ = ["DurableQueues", "BUFFER"]
 
 log = logging.getLogger("zmqmesh.durable")
 
-DEAD_LETTER_HEADERS = ("x-original-queue", "x-attempts", "x-last-error")
 BUFFER = 4096
 """Stored messages of one queue held in memory, ready to deal."""
 _REFILL_BELOW = BUFFER // 4
@@ -110,13 +109,11 @@ class DurableQueues:
             self._wake_pending = True
             self.wake_soon(_COALESCE_S)
 
-    def backlog(self) -> int:
-        """Stored messages loaded and waiting to be dealt."""
-        return sum(len(q.buffer) for q in list(self.queues.values()))
-
     def refill(self) -> dict[str, deque[StoredMessage]]:
         """Top up from the store the buffers of queues it holds more of; every buffer (loop only)."""
         self._wake_pending = False
+        if not self.queues:  # the common case on a node with a store: nothing durable yet
+            return {}
         recovered = self._recovered_upto
         with self._lock:
             for name, queue in self.queues.items():

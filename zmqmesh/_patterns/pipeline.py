@@ -8,7 +8,6 @@ what is queued now over every puller. At-least-once queues go through `ReliableS
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +91,6 @@ class Pusher:
             return False
         name = queue.encode()
         uuid = self.uuid
-        now = time.time()
         counters = self.stats.pattern["pipeline"]
         # ZeroMQ deals whole frames round-robin: keep frames small enough that what is
         # queued now is spread over every puller.
@@ -116,7 +114,7 @@ class Pusher:
             payload = bodies[0] if n == 1 else b"".join(bodies)
             frames = [name, uuid, payload]
             if headed:
-                frames.append(meta_frame(bodies, now, self._sequence))
+                frames.append(meta_frame(bodies, self._sequence))  # type: ignore[arg-type]
             try:
                 send_frames(sock, frames, copy=size < LARGE_FRAME)
             except zmq.ZMQError as exc:

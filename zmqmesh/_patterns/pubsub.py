@@ -7,7 +7,6 @@ publication reaches each subscriber once, in order per publisher.
 
 from __future__ import annotations
 
-import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
@@ -42,11 +41,12 @@ def split_headed(bodies: list[bytes]) -> tuple[list[bytes], list[bytes], bool]:
     return bodies[:cut], bodies[cut:], headed
 
 
-def meta_frame(bodies: list[bytes], timestamp: float, first: int | None = None) -> bytes:
-    """The fourth frame of a batch some of whose messages carry headers: the msgpack map
-    ``{"h": [headers map or nil per message], "t": timestamp}`` (and ``"n": first``, the
+def meta_frame(bodies: list[Headed], first: int | None = None) -> bytes:
+    """The fourth frame of a batch of messages with headers: the msgpack map ``{"h":
+    [headers map per message], "t": the first one's send time}`` (and ``"n": first``, the
     number of the batch's first message, on pipelines)."""
-    parts = [getattr(b, "headers", b"\xc0") for b in bodies]
+    timestamp = bodies[0].timestamp
+    parts = [b.headers for b in bodies]
     count = len(parts)
     array = bytes([0x90 | count]) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
     entries = b"\xa1h" + array + b"".join(parts) + b"\xa1t" + msgpack.packb(timestamp)
@@ -106,7 +106,6 @@ class Publisher:
         xpub = self.xpub
         uuid = self.uuid
         sent = 0
-        now = time.time()
         while q:
             topic, body = q.popleft()
             bodies = [body]
@@ -128,7 +127,7 @@ class Publisher:
             payload = body if len(bodies) == 1 else b"".join(bodies)
             frames = [topic, pub_sender(uuid, seq), payload]
             if headed:
-                frames.append(meta_frame(bodies, now))
+                frames.append(meta_frame(bodies))  # type: ignore[arg-type]
             try:
                 send_frames(xpub, frames, copy=size < LARGE_FRAME)
                 sent += len(bodies)
