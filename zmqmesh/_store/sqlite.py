@@ -20,12 +20,13 @@ Thread-safe: one connection, one lock; every public method is one transaction.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,16 +166,7 @@ class Store:
         return db
 
     def _check_schema(self, db: sqlite3.Connection) -> None:
-        try:
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.OperationalError:
-            raise StoreError(f"{self.path} is an SQLite database but not a zmqmesh store") from None
-        if meta.get("app") != _APP:
-            raise StoreError(f"{self.path} is an SQLite database but not a zmqmesh store")
-        try:
-            version = int(meta.get("schema_version", ""))
-        except ValueError:
-            raise StoreError(f"the store {self.path} has no valid schema version") from None
+        version = _schema_version(db, self.path)
         if version > SCHEMA_VERSION:
             raise StoreError(f"the store {self.path} was written by a newer zmqmesh (schema {version}, "
                              f"this one reads up to {SCHEMA_VERSION})")
@@ -302,20 +294,7 @@ class Store:
     def queues(self) -> dict[str, dict[str, Any]]:
         """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT queue, count(*), sum(length(body) + ifnull(length(headers), 0)), min(ts) "
-                "FROM outbox GROUP BY queue ORDER BY queue").fetchall()
-        return {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows}
-
-    def size_bytes(self) -> int:
-        """The database's size on disk, WAL included."""
-        total = 0
-        for suffix in ("", "-wal"):
-            try:
-                total += os.path.getsize(str(self.path) + suffix)
-            except OSError:
-                pass
-        return total
+            return _queue_summary(self._db)
 
     # -- effectively-once ----------------------------------------------------------------------
 
@@ -345,11 +324,6 @@ class Store:
         self._write([("DELETE FROM handled WHERE queue = ? AND at < (SELECT at FROM handled WHERE queue = ? "
                       "ORDER BY at DESC LIMIT 1 OFFSET ?)", (queue, queue, keep))])
 
-    def handled_count(self, queue: str) -> int:
-        """How many handled ids of ``queue`` are remembered."""
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM handled WHERE queue = ?", (queue,)).fetchone()[0])
-
     def close(self) -> None:
         """Close the database and release the lock (idempotent)."""
         if self._closed:
@@ -360,6 +334,27 @@ class Store:
                 self._db.close()
             finally:
                 self._release_lock()
+
+
+def _schema_version(db: sqlite3.Connection, path: Path) -> int:
+    """The schema version of the zmqmesh store open as ``db``. Raises `StoreError` for
+    another SQLite database or a missing version."""
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.OperationalError:
+        raise StoreError(f"{path} is an SQLite database but not a zmqmesh store") from None
+    if meta.get("app") != _APP:
+        raise StoreError(f"{path} is an SQLite database but not a zmqmesh store")
+    try:
+        return int(meta.get("schema_version", ""))
+    except ValueError:
+        raise StoreError(f"the store {path} has no valid schema version") from None
+
+
+def _queue_summary(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    rows = db.execute("SELECT queue, count(*), sum(length(body) + ifnull(length(headers), 0)), min(ts) "
+                      "FROM outbox GROUP BY queue ORDER BY queue").fetchall()
+    return {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows}
 
 
 def _check_sqlite_file(path: Path) -> None:
@@ -391,13 +386,10 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read the store {path}: {exc}") from exc
     try:
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("app") != _APP:
-            raise StoreError(f"{path} is an SQLite database but not a zmqmesh store")
-        rows = db.execute("SELECT queue, count(*), sum(length(body) + ifnull(length(headers), 0)), min(ts) "
-                          "FROM outbox GROUP BY queue ORDER BY queue").fetchall()
+        schema = _schema_version(db, path)
+        queues = _queue_summary(db)
         handled = dict(db.execute("SELECT queue, count(*) FROM handled GROUP BY queue").fetchall())
-    except (sqlite3.Error, AttributeError) as exc:
+    except sqlite3.Error as exc:
         raise StoreError(f"the store {path} is damaged or not a zmqmesh store: {exc}") from exc
     finally:
         db.close()
@@ -405,8 +397,8 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return {
         "path": str(path),
         "bytes": size,
-        "schema": int(meta.get("schema_version", "0")),
-        "queues": {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows},
+        "schema": schema,
+        "queues": queues,
         "handled": handled,
     }
 
@@ -415,22 +407,24 @@ def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_lette
     """Move every dead letter of ``queue`` (the queue ``dead_letter``, default
     ``"<queue>.dead"``) back to the end of ``queue``; how many moved. The store must not be
     in use: raises `StoreLockedError` while its node runs, `StoreError` if there is none."""
-    if not (Path(directory) / DB_FILE).exists():
-        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
-    store = Store(directory)
-    try:
+    with _existing(directory) as store:
         return store.requeue(dead_letter or f"{queue}.dead", queue)
-    finally:
-        store.close()
 
 
 def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
     """Delete every dead letter of ``queue``; how many there were. Raises as
     `retry_dead_letters` does."""
+    with _existing(directory) as store:
+        return store.drop_queue(dead_letter or f"{queue}.dead")
+
+
+@contextlib.contextmanager
+def _existing(directory: str | os.PathLike[str]) -> Iterator[Store]:
+    """The store in ``directory``, which must exist (never created here), closed after use."""
     if not (Path(directory) / DB_FILE).exists():
         raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
     store = Store(directory)
     try:
-        return store.drop_queue(dead_letter or f"{queue}.dead")
+        yield store
     finally:
         store.close()
