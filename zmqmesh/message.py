@@ -44,13 +44,13 @@ class Peer:
 
 
 class Origin:
-    """What the sender said of a whole frame of messages: the stem of their ids, the
-    number of the first, its wall clock, and each message's headers (shared by the
+    """What the sender said of a whole frame of messages: the stem of their ids (None when
+    it numbered them not: ids are then made here), the number of the first, its wall clock, and each message's headers (shared by the
     `Message` objects of the frame, so a delivery costs no more than before)."""
 
     __slots__ = ("stem", "first", "timestamp", "headers")
 
-    def __init__(self, stem: str, first: int, timestamp: float | None,
+    def __init__(self, stem: str | None, first: int, timestamp: float | None,
                  headers: list[dict[str, str] | None] | None = None) -> None:
         self.stem = stem
         self.first = first
@@ -116,7 +116,11 @@ class Message:
         found: str | None = getattr(self, "_id", None)
         if found is None:
             origin: Origin | None = getattr(self, "_origin", None)
-            found = self._id = f"{origin.stem}{origin.first + self._index}" if origin is not None else uuid.uuid4().hex
+            if origin is not None and origin.stem is not None:
+                found = f"{origin.stem}{origin.first + self._index}"
+            else:
+                found = uuid.uuid4().hex
+            self._id = found
         return found
 
     @id.setter

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-import uuid as uuid_module  # "uuid" names the sender's UUID in the decoders
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -142,27 +141,17 @@ class Dispatcher:
         name_b, sender_b, body = frames[:3]
         if len(name_b) > wire.MAX_NAME_BYTES:  # no sender may use one; it would bloat the caches
             raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
-        uuid, sequence = wire.parse_sender(sender_b)
-        sender_id = uuid.hex() if uuid is not None else None
+        sender_uuid, sequence = wire.parse_sender(sender_b)
+        sender_id = sender_uuid.hex() if sender_uuid is not None else None
         items = self.codec.decode_batch(body)
-        origin = None
-        if len(frames) == 4 or (kind == "sub" and sequence is not None):
-            headers, timestamp, first = self._meta_of(frames[3], len(items)) if len(frames) == 4 else (None, None, None)
-            if kind == "sub":
-                first = sequence
-            if first is not None and sender_id is not None:
-                stem = f"{sender_id}/{name_b.decode('utf-8', 'replace')}/" if kind == "sub" else f"{sender_id}/"
-            else:  # no numbers on the wire: ids made here
-                stem, first = f"{uuid_module.uuid4().hex}/", 0
-            origin = Origin(stem, first, timestamp, headers)
         counters["received"] += len(items)
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids
         if known:
             stats.peer_received[sender_id] += len(items)  # type: ignore[index]
         if kind == "sub":
-            if known and sequence is not None and uuid is not None:
-                lost = self.gaps.missed(uuid, name_b, sequence, len(items))
+            if known and sequence is not None and sender_uuid is not None:
+                lost = self.gaps.missed(sender_uuid, name_b, sequence, len(items))
                 if lost:
                     counters["dropped"] += lost  # lost at a high-water mark
             topic, handlers = self._topic_handlers(name_b)
@@ -175,6 +164,7 @@ class Dispatcher:
                 stats.reject("pipeline_no_handler", len(items))
                 log.warning("%d message(s) for queue %r which this node no longer pulls", len(items), topic)
                 return
+        origin = self._origin(kind, frames, sender_id, sequence if kind == "sub" else None, topic, len(items))
         lookup = self.directory.lookup_peer
         if self.runs_in_place(handlers):
             # the hot path: call the handlers right here, no Call objects, no hand-off
@@ -194,6 +184,22 @@ class Dispatcher:
             msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
             for handler in handlers:
                 calls.append(Call(handler, msg, None, pattern))
+
+    def _origin(self, kind: str, frames: list[bytes], sender_id: str | None, sequence: int | None, topic: str,
+                count: int) -> Origin | None:
+        """What the sender said of a frame's ``count`` messages: their numbers (pub/sub
+        sequence, or the meta frame's), clock and headers; None when it said nothing."""
+        headers = timestamp = first = None
+        if len(frames) == 4:
+            headers, timestamp, first = self._meta_of(frames[3], count)
+        if sequence is not None:
+            first = sequence
+        if headers is None and first is None:
+            return None
+        stem = None
+        if first is not None and sender_id is not None:
+            stem = f"{sender_id}/{topic}/" if kind == "sub" else f"{sender_id}/"
+        return Origin(stem, first or 0, timestamp, headers)
 
     def _meta_of(self, frame: bytes, count: int) -> tuple[list[dict[str, str] | None], float | None, int | None]:
         """``(headers per message, timestamp, first number)`` from the meta frame of a batch
