@@ -77,6 +77,7 @@ class Directory:
         self._snapshots: dict[str, tuple[float, int, Peer]] = {}
         self._rr = itertools.count()
         self._skip: dict[tuple[str, str], float] = {}
+        self._ack_timeouts: dict[tuple[str, str], float] = {}
         self._pick: tuple[dict[str, tuple[str, ...]], dict[str, Provider | None]] = ({}, {})
 
     # -- rebuilding (loop only) ------------------------------------------------------------
@@ -100,6 +101,12 @@ class Directory:
         for gone in self._snapshots.keys() - peers.keys():
             self._snapshots.pop(gone, None)
         tables = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
+        ack_timeouts: dict[tuple[str, str], float] = {}
+        for name, ids in tables["acktimeouts"].items():  # "<milliseconds>/<queue>"
+            millis, _, queue = name.partition("/")
+            if millis.isdigit():
+                ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
+        self._ack_timeouts = ack_timeouts
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
         self.offers = tables
         self.alive_ids = frozenset(peers) | {self.node_id}
@@ -117,11 +124,7 @@ class Directory:
 
     def ack_timeout_s(self, queue: str, node_id: str) -> float | None:
         """The ``ack_timeout_s`` the puller ``node_id`` announced for ``queue``, if any."""
-        for name, ids in self.offers["acktimeouts"].items():
-            millis, _, announced = name.partition("/")
-            if announced == queue and node_id in ids and millis.isdigit():
-                return int(millis) / 1000
-        return None
+        return self._ack_timeouts.get((queue, node_id))
 
     def speaks(self, node_id: str, protocol: int) -> bool:
         """Whether the node ``node_id`` (this one included) speaks wire protocol ``protocol``
