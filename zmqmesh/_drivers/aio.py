@@ -89,14 +89,14 @@ async def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: fl
         return
     timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
     future: asyncio.Future[None] = engine.loop.create_future()
-    engine.add_waiter(predicate, future)
+    engine.waiters.add(predicate, future)
     try:
         await asyncio.wait_for(future, timeout)
     except asyncio.TimeoutError:
         raise MeshTimeoutError(
             f"waited {timeout or 0:.3g} s for {what} in mesh {engine.config.mesh!r}: not met") from None
     finally:
-        engine.remove_waiter(future)
+        engine.waiters.remove(future)
 
 
 async def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:

@@ -98,14 +98,14 @@ def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | 
         raise _timed_out(engine, what, 0)
     waiter: futures.Future[None] = futures.Future()  # completed by the loop thread only
     try:
-        engine.call_soon(engine.add_waiter, predicate, waiter)
+        engine.call_soon(engine.waiters.add, predicate, waiter)
     except RuntimeError:  # the I/O loop is gone
         raise NodeClosedError("the node is not running") from None
     try:
         waiter.result(timeout)
     except futures.TimeoutError:
         try:
-            engine.call_soon(engine.remove_waiter, waiter)
+            engine.call_soon(engine.waiters.remove, waiter)
         except RuntimeError:
             pass
         if waiter.done():  # completed as the time ran out

@@ -47,7 +47,7 @@ from .._membership.engine import Membership
 from .._membership.peer import PeerState
 from .._mesh.directory import Directory, Provider
 from .._mesh.registry import Registry
-from .._mesh.waiters import Space, Waiter, Waiters
+from .._mesh.waiters import Space, Waiters
 from .._patterns.calls import Call
 from .._patterns.durable import DurableQueues
 from .._patterns.pipeline import Pusher
@@ -385,14 +385,6 @@ class Engine:
         """Raise `NodeClosedError` unless the node is running."""
         if self.closed:
             raise NodeClosedError("the node is not running (start it first, or it was stopped)")
-
-    def add_waiter(self, predicate: Callable[[], bool], waiter: Waiter) -> None:
-        """Complete ``waiter`` once ``predicate()`` holds (loop only; see `Waiters.add`)."""
-        self.waiters.add(predicate, waiter)
-
-    def remove_waiter(self, waiter: Waiter) -> None:
-        """Forget ``waiter`` (loop only)."""
-        self.waiters.remove(waiter)
 
     # -- describing this node ----------------------------------------------------------------------
 
