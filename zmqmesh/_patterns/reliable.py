@@ -208,14 +208,9 @@ class ReliableSender:
             failures = self._failures(reply[2], len(batch.items))
             if failures:
                 self.stats.pattern["pipeline"]["errors"] += len(failures)
-            if self.settle is not None and any(isinstance(i, StoredMessage) for i in batch.items):
-                try:
-                    retry = self.settle(batch.queue, batch.items, failures)
-                except Exception:  # never strand a batch: deal it again
-                    log.exception("settling a batch of %r failed", batch.queue)
-                    retry = batch.items
-                if retry:
-                    self._put_back(batch.queue, retry)
+            retry = self._settle(batch, failures, [])
+            if retry:
+                self._put_back(batch.queue, retry)
         if freed:
             self.wake()
 
@@ -262,10 +257,16 @@ class ReliableSender:
     def _failed(self, batch: _Batch, why: str) -> list[Any]:
         """The items of a batch nobody acknowledged, to deal again: durable ones with one
         more attempt counted (so a message that keeps killing its pullers is dead-lettered)."""
+        return self._settle(batch, [Failure(i, None, why) for i in range(len(batch.items))], batch.items)
+
+    def _settle(self, batch: _Batch, failures: list[Failure], otherwise: list[Any]) -> list[Any]:
+        """What of ``batch`` to deal again after its outcome: the durable queues decide for a
+        batch with durable items, ``otherwise`` is the answer for the others; a failure to
+        settle deals the whole batch again rather than strand it."""
         if self.settle is None or not any(isinstance(i, StoredMessage) for i in batch.items):
-            return batch.items
+            return otherwise
         try:
-            return self.settle(batch.queue, batch.items, [Failure(i, None, why) for i in range(len(batch.items))])
+            return self.settle(batch.queue, batch.items, failures)
         except Exception:
             log.exception("settling a batch of %r failed", batch.queue)
             return batch.items
