@@ -37,6 +37,7 @@ from _bench_proc import Ctl, rss_now_kb, rss_peak_kb
 PAYLOAD = "x" * 45  # {"id": i, "payload": PAYLOAD} packs to 62-64 bytes
 BARE = b"x" * 64
 QUEUE = "jobs"
+TASKS = 64  # concurrent pushing tasks of the "durable_tasks" flavor
 TOPIC = "prices.x"
 END_TOPIC = "end.x"
 SERVICE = "echo"
@@ -234,7 +235,8 @@ def zm_push(
 ) -> None:
     """zmqmesh pusher: ``Node.push`` in a loop, or ``await AsyncNode.push`` in a loop;
     ``flavor == "durable"``: ``push(..., durable=True)`` with a store in a temporary directory;
-    ``"durable_batch"``: ``push_many(..., durable=True)`` of 256 messages at a time."""
+    ``"durable_batch"``: ``push_many(..., durable=True)`` of 256 messages at a time;
+    ``"durable_tasks"`` (async): `TASKS` tasks each awaiting ``push(..., durable=True)``."""
     blob = _large(size) if mode == "large" else b""
 
     if not use_async:
@@ -273,17 +275,27 @@ def zm_push(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        node = _mesh_node("AsyncNode", "bench-apush", beacon_port, mesh)
+        store = tempfile.TemporaryDirectory(prefix="zmqmesh-bench-store-") if flavor == "durable_tasks" else None
+        options = {"store": store.name} if store is not None else {}
+        node = _mesh_node("AsyncNode", "bench-apush", beacon_port, mesh, **options)
         async with node:
             await node.wait_for_pullers(QUEUE, 1, timeout=min(20.0, ctl.remaining()))
             await loop.run_in_executor(None, ctl.wait, "go")
             push = node.push
             rss_base = rss_now_kb()
 
+            async def pusher_task(first: int, hi: int) -> None:
+                for i in range(first, hi, TASKS):
+                    await push(QUEUE, {"id": i, "payload": PAYLOAD}, durable=True)
+
             async def give(lo: int, hi: int) -> None:
                 if mode == "large":
                     for _ in range(lo, hi):
                         await push(QUEUE, blob)
+                elif flavor == "durable_tasks":
+                    # TASKS tasks in lockstep (the loop resumes them in order): the puller still
+                    # sees the ids in order, and each pass of the loop is one group commit
+                    await asyncio.gather(*(pusher_task(lo + k, hi) for k in range(TASKS)))
                 else:
                     for i in range(lo, hi):
                         await push(QUEUE, {"id": i, "payload": PAYLOAD})
@@ -562,6 +574,8 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
                     **_rss(),
                 )
             await loop.run_in_executor(None, ctl.wait, "stop")
+        if store is not None:
+            store.cleanup()
 
     asyncio.run(main())
 

@@ -3,6 +3,7 @@ timeouts and effectively-once pullers. Real processes, real SQLite, SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ import pytest
 
 import zmqmesh
 from helpers import wait_until
+from zmqmesh import inspect_store
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "durable_process.py"
@@ -76,8 +78,8 @@ def handled(path: Path) -> list[tuple[str, int]]:
 
 
 def stored(store: Path) -> int:
-    with sqlite3.connect(store / "zmqmesh.db") as db:
-        return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    """How many durable messages ``store`` holds (read beside the node, as an operator would)."""
+    return sum(q["messages"] for q in inspect_store(store)["queues"].values())
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -142,6 +144,52 @@ def test_a_full_store_refuses_the_next_message_and_keeps_the_others(tmp_path: Pa
             wait_until(lambda: len(got) == accepted, 20, "every stored message")
     assert got == list(range(accepted))
     assert stored(tmp_path) == 0
+
+
+def test_concurrent_durable_pushes_share_commits_and_a_failing_call_fails_alone(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """Group commit: tasks pushing in the same pass of the loop share one transaction; a
+    call too big for the store fails alone, its group's other calls are stored."""
+    async def main() -> dict[str, Any]:
+        async with zmqmesh.AsyncNode("pusher", store=str(tmp_path), store_max_bytes=1 << 20, **mesh) as node:
+            async def producer(k: int) -> None:
+                for i in range(10):
+                    await node.push("q", {"k": k, "i": i}, durable=True)
+
+            await asyncio.gather(*(producer(k) for k in range(64)))
+            results = await asyncio.gather(
+                node.push_many("q", [b"\0" * 60_000] * 40, durable=True),  # 2.4 MB: never fits
+                *(node.push("q", {"k": k, "i": 10}, durable=True) for k in range(8)),
+                return_exceptions=True)
+            assert isinstance(results[0], zmqmesh.StoreFullError)
+            assert results[1:] == [None] * 8
+            return node.stats()["pipeline"]
+
+    counters = asyncio.run(main())
+    assert stored(tmp_path) == counters["durable_stored"] == 64 * 10 + 8
+    assert counters["durable_commits"] < 64 * 10 / 4  # gathered, not one each
+
+
+def test_durable_pushes_from_many_threads_are_all_stored_once(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    got: list[tuple[int, int]] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node:
+        def producer(k: int) -> None:
+            for i in range(200):
+                node.push("q", {"k": k, "i": i}, durable=True)
+
+        threads = [threading.Thread(target=producer, args=(k,)) for k in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert stored(tmp_path) == node.stats()["pipeline"]["durable_stored"] == 1600
+        puller = zmqmesh.Node("puller", **mesh)
+        puller.pull("q", lambda msg: got.append((msg.data["k"], msg.data["i"])), at_least_once=True)
+        with puller:
+            wait_until(lambda: len(got) >= 1600, 20, "every stored message")
+    assert sorted(got) == [(k, i) for k in range(8) for i in range(200)]
+    for k in range(8):  # each thread's messages in the order it pushed them
+        assert [i for kk, i in got if kk == k] == list(range(200))
 
 
 def test_durable_options_are_checked(tmp_path: Path, mesh: dict[str, Any]) -> None:
@@ -358,7 +406,7 @@ def test_the_command_line_pushes_durably_through_a_keeper_and_manages_dead_lette
     assert "no puller or keeper" in alone.stderr and "kept in the store" in alone.stderr
 
     with sqlite3.connect(keeper_store / "zmqmesh.db") as db:  # make its message a dead letter
-        db.execute("UPDATE outbox SET queue = 'orders.dead'")
+        db.execute("UPDATE outbox SET queue = 'orders.dead'")  # (the store's layout: a test may know it)
     assert "1 dead letter(s)" in zmqmesh_cli("store", "dead-letters", str(keeper_store), "orders").stdout
     assert "moved 1" in zmqmesh_cli("store", "dead-letters", str(keeper_store), "orders", "--retry").stdout
     assert "orders " in zmqmesh_cli("store", "inspect", str(keeper_store)).stdout

@@ -112,9 +112,11 @@ class AsyncNode(NodeBase[Any]):
     async def push(self, queue: str, data: Any, timeout: float | None = None, *, durable: bool = False,
                    headers: dict[str, str] | None = None) -> None:
         """Send ``data`` to one puller of ``queue`` (see `Node.push`). A durable push commits
-        on the loop's thread (a short write; with ``store_synchronous="full"``, a disk sync)."""
+        on the loop's thread, in one transaction with the durable pushes other tasks made
+        in the same pass of the loop (a group commit). A durable push cancelled while it
+        waits for that commit may still be stored."""
         if durable:
-            self._push_durable(queue, (data,), headers)
+            await self._commit_durable(queue, (data,), headers)
             return
         body, q = self._encode_push(queue, data, headers)
         if q is None:
@@ -126,10 +128,15 @@ class AsyncNode(NodeBase[Any]):
                         durable: bool = False, headers: dict[str, str] | None = None) -> None:
         """`push` each of ``items``, in order (see `Node.push_many`)."""
         if durable:
-            self._push_durable(queue, items, headers)
+            await self._commit_durable(queue, items, headers)
             return
         for data in items:
             await self.push(queue, data, timeout, headers=headers)
+
+    async def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
+        ticket = self._durable_ticket(queue, items, headers)
+        if ticket is not None:
+            await self._runner.commits.commit(ticket)
 
     async def request(self, service: str, data: Any = None, timeout: float | None = None,
                       peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Any:

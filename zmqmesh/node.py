@@ -172,7 +172,7 @@ class Node(NodeBase[Any]):
         `StoreFullError` when the store is full, `ConfigError` without one.
         """
         if durable:
-            self._push_durable(queue, (data,), headers)
+            self._commit_durable(queue, (data,), headers)
             return
         body, q = self._encode_push(queue, data, headers)
         if q is None:
@@ -186,10 +186,15 @@ class Node(NodeBase[Any]):
         in one transaction (much faster than one `push` each) before this returns, or none
         is. Raises as `push` does."""
         if durable:
-            self._push_durable(queue, items, headers)
+            self._commit_durable(queue, items, headers)
             return
         for data in items:
             self.push(queue, data, timeout, headers=headers)
+
+    def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
+        ticket = self._durable_ticket(queue, items, headers)
+        if ticket is not None:
+            self._engine.durable.commit_in_turn(ticket)  # type: ignore[union-attr]
 
     def request(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None,
                 *, headers: dict[str, str] | None = None) -> Any:

@@ -31,16 +31,18 @@ from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
 from .._patterns.calls import Call, is_async, run_async, run_batch, run_sync
 from .._patterns.dispatch import Dispatcher
+from .._patterns.durable import Ticket
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
 
-__all__ = ["AsyncRunner", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
+__all__ = ["AsyncRunner", "LoopCommits", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
 
 log = logging.getLogger("zmqmesh.aio")
 
 _ROOM_SLICE_S = 0.1
 _READ_BURST = 1024
+_LONE_PASSES = 16
 
 
 class AsyncRunner:
@@ -48,6 +50,7 @@ class AsyncRunner:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.commits = LoopCommits(engine)
 
     async def run(self, plan: Plan) -> Any:
         """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
@@ -79,6 +82,56 @@ class AsyncRunner:
                     raise TypeError(f"unknown step {step!r}")
             except Exception as exc:
                 error = exc
+
+
+class LoopCommits:
+    """Group commit for tasks (the twin of the threads' turns in
+    `DurableQueues.commit_in_turn`).
+
+    The durable pushes of the tasks that push during one pass of the loop gather, and are
+    committed together, in one transaction, at its end. A lone producer (a single task
+    pushing, `_LONE_PASSES` passes in a row) commits at once instead, without giving up
+    the loop, until another task pushes too. A push cancelled while it waits for its group
+    may still be stored.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._gathered: list[tuple[Ticket, asyncio.Future[None], asyncio.Task[Any] | None]] = []
+        self._lone_passes = 0
+        self._lone_task: asyncio.Task[Any] | None = None
+
+    async def commit(self, ticket: Ticket) -> None:
+        """Store ``ticket``'s messages; raises what kept them out (`StoreFullError`,
+        `StoreError`)."""
+        task = asyncio.current_task()
+        if task is self._lone_task and task is not None:
+            self.engine.durable.commit_group([ticket])  # type: ignore[union-attr]
+        else:
+            self._lone_task = None
+            loop = self.engine.loop
+            stored: asyncio.Future[None] = loop.create_future()
+            if not self._gathered:
+                loop.call_soon(self._end_pass)
+            self._gathered.append((ticket, stored, task))
+            await stored
+        if ticket.error is not None:
+            raise ticket.error
+
+    def _end_pass(self) -> None:
+        gathered, self._gathered = self._gathered, []
+        if len(gathered) == 1:
+            self._lone_passes += 1
+            if self._lone_passes >= _LONE_PASSES:
+                self._lone_task, self._lone_passes = gathered[0][2], 0
+        else:
+            self._lone_passes = 0
+        try:
+            self.engine.durable.commit_group([ticket for ticket, _, _ in gathered])  # type: ignore[union-attr]
+        finally:
+            for _, stored, _ in gathered:
+                if not stored.done():  # cancelled meanwhile
+                    stored.set_result(None)
 
 
 async def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | None, what: str) -> None:

@@ -16,6 +16,7 @@ import zmq
 
 from .._mesh.registry import PullOptions, Registry
 from .._mesh.waiters import Room, Until
+from .._patterns.durable import Ticket
 from .._patterns.reqrep import Exchange, request_plan
 from .._wire.frames import (
     MAX_NAME_BYTES,
@@ -324,13 +325,13 @@ class NodeBase(Generic[Handler]):
             return body, None
         return body, q
 
-    def _push_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
-        """Commit durable messages to the store, all in one transaction; the loop delivers
-        them when a puller is there.
+    def _durable_ticket(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> Ticket | None:
+        """Durable messages encoded for the store, as one call to commit (None for no
+        items). The facades then commit it in turn with the calls of other threads or
+        tasks (a group commit), and the loop delivers them when a puller is there.
 
-        Raises `ConfigError` without a store, `StoreFullError`, `StoreError`, `TypeError`
-        for unencodable data or headers, `MessageTooLargeError`, `NodeClosedError`; when
-        it raises, none of ``items`` is stored.
+        Raises `ConfigError` without a store, `TypeError` for unencodable data or headers,
+        `MessageTooLargeError`, `NodeClosedError`.
         """
         engine = self._engine
         engine.ensure_running()
@@ -342,9 +343,8 @@ class NodeBase(Generic[Handler]):
         now = time.time()
         # unique without a uuid4 each: this run's node id (random) and a counter
         prefix, serial = self._id_prefix, self._id_serial
-        entries = [(f"{prefix}{next(serial):x}", now, packed, encode(data)) for data in items]
-        if entries:
-            engine.durable.submit(queue, entries)
+        entries = [(f"{prefix}{next(serial):x}", now, packed, encode(data), 0) for data in items]
+        return Ticket(queue, entries) if entries else None
 
     def _room_plan(self, q: deque[Any], timeout: float) -> Plan:
         """Wait for room in a full send queue (back-pressure)."""

@@ -8,6 +8,12 @@ A freshly committed message also goes straight into its queue's buffer in memory
 the loop reads the store only for what does not fit there: a backlog past `BUFFER`
 messages, the messages of an earlier run, dead letters.
 
+The store keeps what one commit stored for a queue as one segment (a row), so the loop
+counts the messages of each segment still unsettled, and forgets the segment once all of
+them are: acknowledged, or moved to a dead-letter queue. Acknowledgements inside segments
+still stored are marked in the store too, as ranges, so a restart delivers again only
+what was never acknowledged.
+
 A message whose handler failed comes back with one more attempt counted; the puller
 names a dead-letter queue when it used up its deliveries, and the message moves there
 (to the end of that durable queue) with headers saying why.
@@ -15,7 +21,6 @@ names a dead-letter queue when it used up its deliveries, and the message moves 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections import deque
@@ -23,11 +28,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .._stats import Stats
-from .._store.sqlite import Store, StoredMessage
+from .._store.sqlite import Entry, Store, StoredMessage
 from .._wire.codec import Codec
 from .reliable import Failure
 
-__all__ = ["DurableQueues", "BUFFER"]
+__all__ = ["DurableQueues", "BUFFER", "Ticket"]
 
 log = logging.getLogger("zmqmesh.durable")
 
@@ -38,6 +43,18 @@ _MAX_ERROR_CHARS = 1000
 _ACK_BATCH = 2048
 _COALESCE_S = 0.001
 _ACK_DELAY_S = 0.05
+
+
+class Ticket:
+    """One `DurableQueues.submit` call waiting for its group commit."""
+
+    __slots__ = ("queue", "entries", "done", "error")
+
+    def __init__(self, queue: str, entries: list[Entry]) -> None:
+        self.queue = queue
+        self.entries = entries
+        self.done = False
+        self.error: BaseException | None = None
 
 
 class _Queue:
@@ -63,10 +80,16 @@ class DurableQueues:
         self.later = later
         self.wake_soon = wake_soon
         self._wake_pending = False
-        self._acked: list[int] = []
         self._ack_timer: Any = None
+        # segment first seq -> [count, messages not settled]: registered when committed
+        # (under the lock) or read back; then the loop's alone
+        self._segments: dict[int, list[int]] = {}
+        self._done: list[tuple[int, int]] = []  # segments all settled, to forget
+        self._settled: dict[int, list[int]] = {}  # messages settled in segments still open, by segment
+        self._unflushed = 0
         self.queues: dict[str, _Queue] = {}
         self._lock = threading.Lock()
+        self._gathered: deque[Ticket] = deque()  # calls waiting for their turn (see commit_in_turn)
         self._recovered_upto = 0
 
     def _queue(self, name: str) -> _Queue:
@@ -90,42 +113,120 @@ class DurableQueues:
             log.info("%d durable message(s) in %d queue(s) left from an earlier run", total, len(stored))
         return total
 
-    def submit(self, name: str, entries: list[tuple[str, float, bytes | None, bytes]]) -> None:
-        """Commit ``(id, timestamp, headers, body)`` messages to the store in one transaction
-        (any thread); the loop deals them. Raises `StoreFullError`, `StoreError`."""
-        # one lock around the commit and the buffer: the order of sequence numbers and the
-        # buffer (and the loop's refill) can then never disagree
+    def submit(self, name: str, entries: list[Entry]) -> None:
+        """Commit ``(id, timestamp, headers, body, attempts)`` messages to the store (any thread but
+        the loop's); the loop deals them. Raises `StoreFullError`, `StoreError`: then none
+        of them is stored."""
+        self.commit_in_turn(Ticket(name, entries))
+
+    def commit_in_turn(self, ticket: Ticket) -> None:
+        """Commit ``ticket``'s messages, blocking the calling thread until they are stored;
+        raises what kept them out (`StoreFullError`, `StoreError`).
+
+        Group commit: while one thread commits, the calls of other threads gather, and the
+        next thread to take the turn commits all of them in one transaction (the others
+        find theirs done). A lone caller commits at once, as without grouping.
+        """
+        self._gathered.append(ticket)
         with self._lock:
-            seqs = self.store.append([(name, *entry) for entry in entries])
-            queue = self._queue(name)
-            if queue.overflow or len(queue.buffer) + len(seqs) > BUFFER:
-                queue.overflow = True
-            else:
-                queue.buffer.extend(StoredMessage(seq, name, *entry, 0) for seq, entry in zip(seqs, entries))
-                queue.loaded = seqs[-1]
+            if not ticket.done:
+                gathered, group = self._gathered, []
+                while gathered:  # only the turn's holder takes from it
+                    group.append(gathered.popleft())
+                self._commit_group(group)
+        if ticket.error is not None:
+            raise ticket.error
+
+    def commit_group(self, group: list[Ticket]) -> None:
+        """Commit the tickets' messages in one transaction and buffer them for the loop;
+        each ticket ends done, with the error that kept it out of the store if any. When
+        the group's transaction fails, each ticket is tried alone, so one call's error (a
+        full store) is never another's."""
+        with self._lock:
+            self._commit_group(group)
+
+    def _commit_group(self, group: list[Ticket]) -> None:
+        # the lock is held around the commit and the buffer: the order of sequence numbers
+        # and the buffer (and the loop's refill) can then never disagree
+        commits = 0
+        try:
+            try:
+                self._commit([(t.queue, t.entries) for t in group])
+                commits = 1
+            except BaseException as exc:
+                if len(group) == 1:
+                    raise
+                log.debug("a group commit of %d calls failed (%s); committing them one by one", len(group), exc)
+                for ticket in group:
+                    try:
+                        self._commit([(ticket.queue, ticket.entries)])
+                        commits += 1
+                    except BaseException as alone:
+                        ticket.error = alone
+                    ticket.done = True
+        except BaseException as exc:
+            for ticket in group:
+                if not ticket.done:
+                    ticket.error = exc
+        for ticket in group:
+            ticket.done = True
+        if commits:
+            self.stats.add("pipeline", "durable_commits", commits)
+            self.stats.add("pipeline", "durable_stored", sum(len(t.entries) for t in group if t.error is None))
         if not self._wake_pending:
             # the loop deals durable messages a moment later, several to a batch: a
             # producer that commits one at a time would otherwise get batches of one
             self._wake_pending = True
             self.wake_soon(_COALESCE_S)
 
+    def _commit(self, calls: list[tuple[str, list[Entry]]]) -> None:
+        """One transaction for the messages of ``calls``, then into their buffers. Calls
+        for the same queue are stored together, in order: one segment, not one each."""
+        merged: dict[str, list[Entry]] = {}
+        for name, entries in calls:
+            merged.setdefault(name, []).extend(entries)
+        order = list(merged.items())
+        segments = iter(self.store.append(order))
+        for name, entries in order:
+            queue = self._queue(name)
+            stored: list[StoredMessage] = []
+            while len(stored) < len(entries):
+                first, count = next(segments)
+                self._segments[first] = [count, count]
+                base = len(stored)
+                stored.extend(StoredMessage(first + i, name, *entries[base + i], first) for i in range(count))
+            if queue.overflow or len(queue.buffer) + len(stored) > BUFFER:
+                queue.overflow = True
+            else:
+                queue.buffer.extend(stored)
+                queue.loaded = stored[-1].seq
+
     def refill(self) -> dict[str, deque[StoredMessage]]:
         """Top up from the store the buffers of queues it holds more of; every buffer (loop only)."""
         self._wake_pending = False
         if not self.queues:  # the common case on a node with a store: nothing durable yet
             return {}
+        queues = list(self.queues.items())  # one step: a committing thread may add a queue
+        if not any(q.overflow for _, q in queues):
+            # nothing to read, so no lock either (a committing thread holds it); a queue
+            # that overflows after this look wakes the loop for another refill
+            return {name: q.buffer for name, q in queues}
         recovered = self._recovered_upto
         with self._lock:
             for name, queue in self.queues.items():
                 if not queue.overflow or len(queue.buffer) >= _REFILL_BELOW:
                     continue
                 room = BUFFER - len(queue.buffer)
-                rows = self.store.pending(name, after=queue.loaded, limit=room)
-                queue.buffer.extend(dataclasses.replace(r, recovered=True) if r.seq <= recovered else r
-                                    for r in rows)
-                if rows:
-                    queue.loaded = rows[-1].seq
-                if len(rows) < room:
+                loaded = 0
+                for segment in self.store.pending(name, after=queue.loaded, limit=room):
+                    if segment.first not in self._segments:  # stored by an earlier run
+                        self._segments[segment.first] = [segment.count, len(segment.messages)]
+                        if not segment.messages:  # all settled, only not yet forgotten
+                            self._forget_segment(segment.first)
+                    queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
+                    queue.loaded = segment.first + segment.count - 1
+                    loaded += segment.count
+                if loaded < room:
                     queue.overflow = False  # everything stored is in the buffer now
             return {name: q.buffer for name, q in self.queues.items()}
 
@@ -133,15 +234,11 @@ class DurableQueues:
         """A puller answered for a batch: forget what it handled, dead-letter what it gave
         up on, count an attempt on the rest and return them to be dealt again."""
         failed = {f.position: f for f in failures}
-        done = [item.seq for i, item in enumerate(items) if isinstance(item, StoredMessage) and i not in failed]
         retry: list[Any] = []
         attempted: list[int] = []
-        if done:
-            self._acked.extend(done)
-            if len(self._acked) >= _ACK_BATCH:
-                self.flush_acknowledged()
-            elif self._ack_timer is None:
-                self._ack_timer = self.later(_ACK_DELAY_S, self.flush_acknowledged)
+        for i, item in enumerate(items):
+            if i not in failed and isinstance(item, StoredMessage):
+                self._settle_one(item)
         for index, failure in failed.items():
             item = items[index]
             if not isinstance(item, StoredMessage):
@@ -149,34 +246,66 @@ class DurableQueues:
             if failure.dead_letter:
                 try:
                     self._dead_letter(queue, item, failure)
+                    self._settle_one(item)
                     continue
                 except Exception as exc:  # e.g. a full store: deal it again rather than strand it
                     log.error("cannot dead-letter message %s of %r: %s", item.id[:12], queue, exc)
             attempted.append(item.seq)
-            retry.append(dataclasses.replace(item, attempts=item.attempts + 1))
+            retry.append(item.with_attempt())
         if attempted:
             try:
                 self.store.count_attempt(attempted)
             except Exception as exc:  # the count is lost, the messages are not
                 log.error("cannot count failed deliveries of %r: %s", queue, exc)
+        if self._unflushed >= _ACK_BATCH:
+            self.flush_acknowledged()
+        elif self._unflushed and self._ack_timer is None:
+            self._ack_timer = self.later(_ACK_DELAY_S, self.flush_acknowledged)
         return retry
 
-    def flush_acknowledged(self) -> None:
-        """Delete the acknowledged messages from the store, in one transaction.
+    def _settle_one(self, item: StoredMessage) -> None:
+        segment = self._segments.get(item.segment)
+        if segment is None:  # settled before (a late answer)
+            return
+        segment[1] -= 1
+        self._unflushed += 1
+        if segment[1] <= 0:
+            self._forget_segment(item.segment)
+        else:
+            self._settled.setdefault(item.segment, []).append(item.seq)
 
-        Acknowledgements are gathered for up to `_ACK_DELAY_S` (or `_ACK_BATCH` of them):
-        one delete per message would halve the rate of durable pushes. A crash before the
-        delete only means those messages are delivered again (marked redelivered).
+    def _forget_segment(self, first: int) -> None:
+        count = self._segments.pop(first)[0]
+        self._settled.pop(first, None)
+        self._done.append((first, count))
+
+    def flush_acknowledged(self) -> None:
+        """Forget the segments whose messages are all settled, and mark the messages
+        settled in the others, in one transaction.
+
+        Settlements are gathered for up to `_ACK_DELAY_S` (or `_ACK_BATCH` of them): a write
+        per acknowledgement would halve the rate of durable pushes. A crash before the
+        write only means those messages are delivered again (marked redelivered).
         """
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        if self._acked:
-            acked, self._acked = self._acked, []
-            try:
-                self.store.acknowledge(acked)
-            except Exception as exc:  # they stay stored and are delivered again after a restart
-                log.error("cannot forget %d acknowledged message(s): %s", len(acked), exc)
+        if not self._unflushed:
+            return
+        done, self._done = self._done, []
+        ranges: list[tuple[int, int]] = []
+        for seqs in self._settled.values():
+            for seq in sorted(seqs):
+                if ranges and seq == ranges[-1][1] + 1:
+                    ranges[-1] = (ranges[-1][0], seq)
+                else:
+                    ranges.append((seq, seq))
+            seqs.clear()
+        self._unflushed = 0
+        try:
+            self.store.forget(done, ranges)
+        except Exception as exc:  # they stay stored and are delivered again after a restart
+            log.error("cannot forget %d settled segment(s): %s", len(done), exc)
 
     def _dead_letter(self, queue: str, item: StoredMessage, failure: Failure) -> None:
         headers: dict[str, str] = {}
@@ -192,7 +321,7 @@ class DurableQueues:
             "x-last-error": failure.error[:_MAX_ERROR_CHARS],
         })
         dead = failure.dead_letter or f"{queue}.dead"
-        self.store.move(item.seq, dead, self.codec.encode(headers))
+        self.store.move(item, dead, self.codec.encode(headers))
         self._overflowed(dead)
         counters = self.stats.pattern["pipeline"]
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1

@@ -133,8 +133,8 @@ class AckedIntake:
         encode = self.codec.encode
         now = time.time()
         entries = [
-            (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1])) if len(i) == DURABLE_ITEM_FIELDS
-            else (uuid.uuid4().hex, now, None, encode(i[1]))
+            (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1]), i[5]) if len(i) == DURABLE_ITEM_FIELDS
+            else (uuid.uuid4().hex, now, None, encode(i[1]), 0)
             for i in items
         ]
         try:

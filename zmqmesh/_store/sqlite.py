@@ -27,34 +27,42 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import msgpack
 
 from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 
-__all__ = ["Store", "StoredMessage", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
+__all__ = ["Store", "StoredMessage", "StoredSegment", "Entry", "SEGMENT_MAX", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_FILE = "zmqmesh.db"
 LOCK_FILE = "zmqmesh.lock"
 _APP = "zmqmesh"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _PAGE_SIZE = 4096
-_SCHEMA = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    # durable messages this node owns until a puller acknowledges them (or a keeper takes them)
-    # seq is given by the store (never reused while it runs): no AUTOINCREMENT, no second
-    # index, so a commit writes one b-tree (about twice the rate)
+SEGMENT_MAX = 1024
+"""Messages in one stored segment at most: a larger call is stored as several."""
+_OUTBOX = (
+    # durable messages this node owns until pullers acknowledge them (or a keeper takes
+    # them), in segments: the messages one commit stored for one queue, numbered seq ..
+    # seq + count - 1 and packed in one row (a row each costs several times as much)
     "CREATE TABLE outbox ("
     " seq INTEGER PRIMARY KEY,"
     " queue TEXT NOT NULL,"
-    " id TEXT NOT NULL,"
+    " count INTEGER NOT NULL,"
     " ts REAL NOT NULL,"
-    " headers BLOB,"
-    " body BLOB NOT NULL,"
-    " attempts INTEGER NOT NULL DEFAULT 0)",
+    " items BLOB NOT NULL)",
+    # single messages of segments still stored: failed deliveries counted so far, and
+    # ranges [lo, hi] settled (acknowledged, or moved to a dead-letter queue)
+    "CREATE TABLE attempts (seq INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
+    "CREATE TABLE settled (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL)",
+)
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    *_OUTBOX,
     # ids of messages a dedupe puller handled, per queue; "at" numbers them in order
     "CREATE TABLE handled (queue TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (queue, id))"
     " WITHOUT ROWID",
@@ -62,9 +70,9 @@ _SCHEMA = (
 )
 
 
-@dataclass(frozen=True)
-class StoredMessage:
-    """One durable message as stored: its place in the outbox and what travels."""
+class StoredMessage(NamedTuple):
+    """One durable message as stored: its place in the outbox and what travels. (A named
+    tuple: made once per message on the hot path, where a frozen dataclass costs over 3x.)"""
 
     seq: int
     queue: str
@@ -73,8 +81,30 @@ class StoredMessage:
     headers: bytes | None
     body: bytes
     attempts: int
+    segment: int
+    """The sequence number of the first message of its segment (see `Store.append`)."""
     recovered: bool = False
     """Stored before this node started: it may have been delivered already."""
+
+    def as_recovered(self) -> StoredMessage:
+        """This message, marked as stored before this node started."""
+        return self._replace(recovered=True)
+
+    def with_attempt(self) -> StoredMessage:
+        """This message with one more failed delivery counted."""
+        return self._replace(attempts=self.attempts + 1)
+
+
+class StoredSegment(NamedTuple):
+    """A segment read back from the store: its numbers and its messages not yet settled."""
+
+    first: int
+    count: int
+    messages: list[StoredMessage]
+
+
+Entry = tuple[str, float, bytes | None, bytes, int]
+"""A message to store: ``(id, timestamp, headers, body, attempts)``."""
 
 
 class Store:
@@ -138,10 +168,11 @@ class Store:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         try:
             fresh = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+            version = SCHEMA_VERSION
             if fresh:
                 db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
             else:  # before anything that writes: a foreign database is left as it was
-                self._check_schema(db)
+                version = self._check_schema(db)
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"the store {self.path} cannot use WAL mode (got {mode!r})")
@@ -155,7 +186,10 @@ class Store:
                 db.executemany("INSERT INTO meta VALUES (?, ?)",
                                [("app", _APP), ("schema_version", str(SCHEMA_VERSION)), ("created", str(time.time()))])
                 db.execute("COMMIT")
-            self._next_seq = db.execute("SELECT ifnull(max(seq), 0) + 1 FROM outbox").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                _migrate(db, version)
+            last = db.execute("SELECT seq + count FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+            self._next_seq = int(last[0]) if last else 1
             self._handled_serial = int(db.execute("SELECT ifnull(max(at), 0) + 1 FROM handled").fetchone()[0])
         except StoreError:
             db.close()
@@ -165,15 +199,15 @@ class Store:
             raise StoreError(f"the store {self.path} is damaged or not a zmqmesh store: {exc}") from exc
         return db
 
-    def _check_schema(self, db: sqlite3.Connection) -> None:
+    def _check_schema(self, db: sqlite3.Connection) -> int:
         version = _schema_version(db, self.path)
         if version > SCHEMA_VERSION:
             raise StoreError(f"the store {self.path} was written by a newer zmqmesh (schema {version}, "
                              f"this one reads up to {SCHEMA_VERSION})")
-        # schema 1 is the first: migrations from older schemas go here, one step per version
         problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
         if problem != "ok":
             raise StoreError(f"the store {self.path} is damaged: {problem}")
+        return version
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -219,72 +253,156 @@ class Store:
                 raise StoreError("the store is closed (the node stopped)") from exc
             raise StoreError(f"store write failed: {exc}") from exc
 
-    def append(self, messages: Sequence[tuple[str, str, float, bytes | None, bytes]]) -> list[int]:
-        """Store ``(queue, id, timestamp, headers, body)`` messages in one transaction;
-        their outbox sequence numbers, increasing. Raises `StoreFullError`, `StoreError`."""
+    def append(self, calls: Sequence[tuple[str, Sequence[Entry]]]) -> list[tuple[int, int]]:
+        """Store each ``(queue, entries)`` call as a segment (or several, of at most
+        `SEGMENT_MAX` messages), all in one transaction; the segments as ``(first, count)``,
+        in order. A message's sequence number is its segment's ``first`` plus its place in
+        it. Raises `StoreFullError`, `StoreError`."""
         with self._lock:
             first = self._next_seq
-            rows = [(first + i, *m) for i, m in enumerate(messages)]
-            self._commit(lambda db: db.executemany(
-                "INSERT INTO outbox (seq, queue, id, ts, headers, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
-                if len(rows) > 1 else db.execute(
-                "INSERT INTO outbox (seq, queue, id, ts, headers, body) VALUES (?, ?, ?, ?, ?, ?)", rows[0]),
-                single=len(rows) == 1)
-            self._next_seq = first + len(rows)
-        return [r[0] for r in rows]
-
-    def acknowledge(self, seqs: Iterable[int]) -> None:
-        """Forget delivered messages."""
-        ranges: list[tuple[int, int]] = []
-        for seq in sorted(seqs):  # consecutive numbers delete as one range: far cheaper
-            if ranges and seq == ranges[-1][1] + 1:
-                ranges[-1] = (ranges[-1][0], seq)
+            rows: list[tuple[int, str, int, float, bytes]] = []
+            marks: list[tuple[int, int]] = []
+            for queue, entries in calls:
+                for start in range(0, len(entries), SEGMENT_MAX):
+                    part = entries[start:start + SEGMENT_MAX]
+                    rows.append((first, queue, len(part), part[0][1], msgpack.packb([e[:4] for e in part])))
+                    marks.extend((first + i, e[4]) for i, e in enumerate(part) if e[4])
+                    first += len(part)
+            statements: list[tuple[str, Any]] = [
+                ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)]
+            if marks:
+                statements.append(("INSERT INTO attempts (seq, n) VALUES (?, ?)", marks))
+            if len(rows) == 1 and not marks:
+                self._commit(lambda db: db.execute(statements[0][0], rows[0]), single=True)
             else:
-                ranges.append((seq, seq))
-        self._write([("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", ranges)])
+                self._write_locked(statements)
+            self._next_seq = first
+        return [(r[0], r[2]) for r in rows]
+
+    def forget(self, segments: Iterable[tuple[int, int]], settled: Iterable[tuple[int, int]] = ()) -> None:
+        """Delete whole segments, given as ``(first, count)``, with what was marked of
+        their messages; and mark the ranges ``(lo, hi)`` of messages ``settled`` in
+        segments still stored (so that a restart does not deliver them again)."""
+        runs: list[list[int]] = []
+        for first, count in sorted(segments):  # adjacent segments delete as one range: far cheaper
+            if runs and first == runs[-1][1] + 1:
+                runs[-1][1] = first + count - 1
+            else:
+                runs.append([first, first + count - 1])
+        spans = [tuple(r) for r in runs]
+        statements: list[tuple[str, Any]] = []
+        if spans:
+            statements += [("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", spans),
+                           ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
+                           ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans)]
+        marks = list(settled)
+        if marks:
+            statements.append(("INSERT OR REPLACE INTO settled (lo, hi) VALUES (?, ?)", marks))
+        if statements:
+            self._write(statements)
 
     def count_attempt(self, seqs: Iterable[int]) -> None:
         """Count one more failed delivery of each message."""
-        self._write([("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs])])
+        self._write([("INSERT INTO attempts (seq, n) VALUES (?, 1) ON CONFLICT (seq) DO UPDATE SET n = n + 1",
+                      [(s,) for s in seqs])])
 
-    def move(self, seq: int, queue: str, headers: bytes | None) -> int:
+    def move(self, message: StoredMessage, queue: str, headers: bytes | None) -> int:
         """Move a message to the end of another queue (a dead-letter queue), with new
-        headers and no attempts, in place (a full store can still do it); its new
-        sequence number."""
+        headers and no attempts; its new sequence number. A message alone in its segment
+        moves in place (a full store can still do that)."""
+        items = msgpack.packb([[message.id, message.timestamp, headers, message.body]])
         with self._lock:
             new = self._next_seq
-            self._write_locked([("UPDATE outbox SET seq = ?, queue = ?, headers = ?, attempts = 0 WHERE seq = ?",
-                                 (new, queue, headers, seq))])
+
+            def run(db: sqlite3.Connection) -> None:
+                moved = db.execute("UPDATE outbox SET seq = ?, queue = ?, items = ? WHERE seq = ? AND count = 1",
+                                   (new, queue, items, message.seq)).rowcount
+                if moved:
+                    db.execute("DELETE FROM attempts WHERE seq = ?", (message.seq,))
+                else:
+                    db.execute("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, 1, ?, ?)",
+                               (new, queue, message.timestamp, items))
+                    db.execute("INSERT OR REPLACE INTO settled (lo, hi) VALUES (?, ?)", (message.seq, message.seq))
+
+            self._commit(run)
             self._next_seq = new + 1
         return new
 
     def drop_queue(self, queue: str) -> int:
         """Delete every message of ``queue``; how many there were."""
         with self._lock:
-            n = self._db.execute("SELECT count(*) FROM outbox WHERE queue = ?", (queue,)).fetchone()[0]
-            self._write_locked([("DELETE FROM outbox WHERE queue = ?", (queue,))])
-        return int(n)
+            segments = self._segments_of(queue)
+            n = sum(len(s.messages) for s in segments)
+            self._forget_locked([(s.first, s.count) for s in segments])
+        return n
 
     def requeue(self, source: str, target: str) -> int:
-        """Move every message of ``source`` to the end of ``target``, in order; how many moved."""
+        """Move every message of ``source`` to the end of ``target``, in order, with no
+        attempts counted; how many moved."""
         with self._lock:
-            seqs = [r[0] for r in self._db.execute(
-                "SELECT seq FROM outbox WHERE queue = ? ORDER BY seq", (source,)).fetchall()]
+            segments = self._segments_of(source)
             first = self._next_seq
-            self._write_locked([("UPDATE outbox SET seq = ?, queue = ?, attempts = 0 WHERE seq = ?",
-                                 [(first + i, target, s) for i, s in enumerate(seqs)])])
-            self._next_seq = first + len(seqs)
-        return len(seqs)
+            rows = []
+            for segment in segments:
+                if segment.messages:
+                    rows.append((first, target, len(segment.messages), segment.messages[0].timestamp,
+                                 msgpack.packb([[m.id, m.timestamp, m.headers, m.body] for m in segment.messages])))
+                    first += len(segment.messages)
+            spans = [(s.first, s.first + s.count - 1) for s in segments]
+            self._write_locked([
+                ("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", spans),
+                ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
+                ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans),
+                ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)])
+            self._next_seq = first
+        return sum(r[2] for r in rows)
+
+    def _forget_locked(self, segments: list[tuple[int, int]]) -> None:
+        spans = [(f, f + c - 1) for f, c in segments]
+        self._write_locked([("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", spans),
+                            ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
+                            ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans)])
 
     # -- reading ----------------------------------------------------------------------------
 
-    def pending(self, queue: str, after: int = 0, limit: int = 256) -> list[StoredMessage]:
-        """Up to ``limit`` messages of ``queue`` after sequence ``after``, oldest first."""
+    def pending(self, queue: str, after: int = 0, limit: int = 256) -> list[StoredSegment]:
+        """The segments of ``queue`` after sequence ``after``, oldest first, whole, until
+        they hold ``limit`` messages or more (at most `SEGMENT_MAX` - 1 more)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, queue, id, ts, headers, body, attempts FROM outbox "
-                "WHERE seq > ? AND queue = ? ORDER BY seq LIMIT ?", (after, queue, limit)).fetchall()
-        return [StoredMessage(*row) for row in rows]
+            return self._read_segments(queue, after, limit)
+
+    def _segments_of(self, queue: str) -> list[StoredSegment]:
+        return self._read_segments(queue, 0, None)
+
+    def _read_segments(self, queue: str, after: int, limit: int | None) -> list[StoredSegment]:
+        db = self._db
+        sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
+        rows = db.execute(sql + " LIMIT ?", (queue, after, limit)).fetchall() if limit else \
+            db.execute(sql, (queue, after)).fetchall()
+        if limit:  # whole segments until ``limit`` messages
+            total = 0
+            for k, row in enumerate(rows):
+                total += row[1]
+                if total >= limit:
+                    del rows[k + 1:]
+                    break
+        if not rows:
+            return []
+        lo, hi = rows[0][0], rows[-1][0] + rows[-1][1] - 1
+        attempts = dict(db.execute("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?", (lo, hi)).fetchall())
+        settled: set[int] = set()
+        for a, b in db.execute("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)).fetchall():
+            settled.update(range(a, b + 1))
+        segments = []
+        for first, count, items in rows:
+            try:
+                entries = msgpack.unpackb(items, raw=False, use_list=False)
+            except Exception as exc:
+                raise StoreError(f"the store {self.path} holds a damaged segment at {first}: {exc}") from exc
+            messages = [StoredMessage(first + i, queue, e[0], e[1], e[2], e[3], attempts.get(first + i, 0), first)
+                        for i, e in enumerate(entries) if first + i not in settled]
+            segments.append(StoredSegment(first, count, messages))
+        return segments
 
     def last_seq(self) -> int:
         """The highest outbox sequence number given so far in this run (0 for none)."""
@@ -352,9 +470,29 @@ def _schema_version(db: sqlite3.Connection, path: Path) -> int:
 
 
 def _queue_summary(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-    rows = db.execute("SELECT queue, count(*), sum(length(body) + ifnull(length(headers), 0)), min(ts) "
-                      "FROM outbox GROUP BY queue ORDER BY queue").fetchall()
-    return {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows}
+    rows = db.execute(
+        "SELECT queue, sum(count - (SELECT ifnull(sum(hi - lo + 1), 0) FROM settled "
+        "WHERE lo BETWEEN o.seq AND o.seq + o.count - 1)), sum(length(items)), min(ts) "
+        "FROM outbox o GROUP BY queue ORDER BY queue").fetchall()
+    return {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows if n}
+
+
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    """Bring a store of an older schema up to `SCHEMA_VERSION`, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    if version == 1:  # a row per message: each becomes a segment of one
+        db.execute("ALTER TABLE outbox RENAME TO outbox_v1")
+        for statement in _OUTBOX:
+            db.execute(statement)
+        for seq, queue, msg_id, ts, headers, body, attempts in db.execute(
+                "SELECT seq, queue, id, ts, headers, body, attempts FROM outbox_v1 ORDER BY seq").fetchall():
+            db.execute("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, 1, ?, ?)",
+                       (seq, queue, ts, msgpack.packb([[msg_id, ts, headers, body]])))
+            if attempts:
+                db.execute("INSERT INTO attempts (seq, n) VALUES (?, ?)", (seq, attempts))
+        db.execute("DROP TABLE outbox_v1")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    db.execute("COMMIT")
 
 
 def _check_sqlite_file(path: Path) -> None:
