@@ -37,7 +37,7 @@ from _bench_proc import Ctl, rss_now_kb, rss_peak_kb
 PAYLOAD = "x" * 45  # {"id": i, "payload": PAYLOAD} packs to 62-64 bytes
 BARE = b"x" * 64
 QUEUE = "jobs"
-TASKS = 64  # concurrent pushing tasks of the "durable_tasks" flavor
+TASKS = 64  # concurrent pushing tasks of the "durable_tasks" and "alo_tasks" flavors
 TOPIC = "prices.x"
 END_TOPIC = "end.x"
 SERVICE = "echo"
@@ -236,7 +236,8 @@ def zm_push(
     """zmqmesh pusher: ``Node.push`` in a loop, or ``await AsyncNode.push`` in a loop;
     ``flavor == "durable"``: ``push(..., durable=True)`` with a store in a temporary directory;
     ``"durable_batch"``: ``push_many(..., durable=True)`` of 256 messages at a time;
-    ``"durable_tasks"`` (async): `TASKS` tasks each awaiting ``push(..., durable=True)``."""
+    ``"durable_tasks"`` (async): `TASKS` tasks each awaiting ``push(..., durable=True)``;
+    ``"alo_tasks"``: the same tasks pushing in memory to an at-least-once puller."""
     blob = _large(size) if mode == "large" else b""
 
     if not use_async:
@@ -284,15 +285,17 @@ def zm_push(
             push = node.push
             rss_base = rss_now_kb()
 
+            durable = flavor == "durable_tasks"
+
             async def pusher_task(first: int, hi: int) -> None:
                 for i in range(first, hi, TASKS):
-                    await push(QUEUE, {"id": i, "payload": PAYLOAD}, durable=True)
+                    await push(QUEUE, {"id": i, "payload": PAYLOAD}, durable=durable)
 
             async def give(lo: int, hi: int) -> None:
                 if mode == "large":
                     for _ in range(lo, hi):
                         await push(QUEUE, blob)
-                elif flavor == "durable_tasks":
+                elif flavor in ("durable_tasks", "alo_tasks"):
                     # TASKS tasks in lockstep (the loop resumes them in order): the puller still
                     # sees the ids in order, and each pass of the loop is one group commit
                     await asyncio.gather(*(pusher_task(lo + k, hi) for k in range(TASKS)))

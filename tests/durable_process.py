@@ -1,7 +1,8 @@
 """A durable pusher or puller in its own process, for the durability tests (killed at will).
 
-    python durable_process.py pusher STORE MESH PORT QUEUE FIRST LAST PROGRESS
-        push FIRST..LAST-1 durably, appending each pushed number to PROGRESS once committed
+    python durable_process.py pusher STORE MESH PORT QUEUE FIRST LAST PROGRESS [BATCH]
+        push FIRST..LAST-1 durably (with push_many, BATCH at a time, if given), appending
+        each pushed number to PROGRESS once committed
     python durable_process.py puller MESH PORT QUEUE OUT [STORE]
         pull at-least-once (dedupe when a STORE is given); append "id number" per message to OUT
 
@@ -21,11 +22,17 @@ def wait_for_stdin_close() -> None:
     sys.stdin.read()
 
 
-def pusher(store: str, mesh: str, port: int, queue: str, first: int, last: int, progress: str) -> None:
+def pusher(store: str, mesh: str, port: int, queue: str, first: int, last: int, progress: str,
+           batch: int = 0) -> None:
     fd = os.open(progress, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with zmqmesh.Node("pusher", mesh=mesh, beacon_port=port, store=store) as node:
         print("ready", flush=True)
-        for i in range(first, last):
+        if batch:
+            for start in range(first, last, batch):
+                numbers = range(start, min(start + batch, last))
+                node.push_many(queue, [{"n": i} for i in numbers], durable=True)
+                os.write(fd, b"".join(b"%d\n" % i for i in numbers))
+        for i in range(first, last) if not batch else ():
             node.push(queue, {"n": i}, durable=True)
             os.write(fd, b"%d\n" % i)
         print("pushed", flush=True)
@@ -50,6 +57,7 @@ def puller(mesh: str, port: int, queue: str, out: str, store: str | None) -> Non
 if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
     if role == "pusher":
-        pusher(args[0], args[1], int(args[2]), args[3], int(args[4]), int(args[5]), args[6])
+        pusher(args[0], args[1], int(args[2]), args[3], int(args[4]), int(args[5]), args[6],
+               int(args[7]) if len(args) > 7 else 0)
     else:
         puller(args[0], int(args[1]), args[2], args[3], args[4] if len(args) > 4 else None)

@@ -243,8 +243,9 @@ def test_100k_durable_pushes_survive_killed_pushers_and_a_killed_puller(
     procs.append(puller)
     puller.wait_for("ready")
     first = 0
-    for kill_at in (total // 3, 2 * total // 3):
-        pusher = Proc("pusher", store, name, port, "jobs", first, total, progress)
+    # one push per call first, then push_many of 100 (segments acknowledged in part when killed)
+    for kill_at, batch in ((total // 3, 0), (2 * total // 3, 100)):
+        pusher = Proc("pusher", store, name, port, "jobs", first, total, progress, batch)
         procs.append(pusher)
         wait_until(lambda: len(lines(progress)) >= kill_at, 60, f"{kill_at} pushes")
         pusher.kill()
@@ -253,7 +254,7 @@ def test_100k_durable_pushes_survive_killed_pushers_and_a_killed_puller(
             puller.kill()
             puller = Proc("puller", name, port, "jobs", out)
             procs.append(puller)
-    pusher = Proc("pusher", store, name, port, "jobs", first, total, progress)
+    pusher = Proc("pusher", store, name, port, "jobs", first, total, progress, 100)
     procs.append(pusher)
     pusher.wait_for("pushed", 60)
     wait_until(lambda: {n for _id, n in handled(out)} >= set(range(total)), 60, "every message handled")
@@ -323,6 +324,32 @@ def test_a_poison_message_lands_in_the_dead_letter_queue(tmp_path: Path, mesh: d
     assert "ValueError: cannot parse this order" in letter.headers["x-last-error"]
     assert pusher.stats()["pipeline"]["dead_lettered"] == 1
     assert stored(tmp_path) == 0
+
+
+def test_a_poison_message_in_a_batch_is_dead_lettered_alone(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """One message of a `push_many` batch (stored together) moves to the dead letters; the
+    others are handled once, and a restart of the pusher delivers nothing again."""
+    good: list[str] = []
+    dead: list[str] = []
+    puller = zmqmesh.Node("puller", **mesh)
+
+    @puller.pull("orders", at_least_once=True, max_deliveries=2)
+    def handle(msg: zmqmesh.Message) -> None:
+        if msg.data == "poison":
+            raise ValueError("no")
+        good.append(msg.data)
+
+    with puller:
+        with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+            pusher.push_many("orders", ["a", "poison", "b", "c"], durable=True)
+            wait_until(lambda: stored(tmp_path) == 1 and len(good) == 3, 20, "the poison message dead-lettered")
+        assert inspect_store(tmp_path)["queues"] == {"orders.dead": inspect_store(tmp_path)["queues"]["orders.dead"]}
+        puller.pull("orders.dead", lambda msg: dead.append(msg.data), at_least_once=True)
+        with zmqmesh.Node("pusher", store=str(tmp_path), **mesh):
+            wait_until(lambda: dead, 20, "the dead letter")
+            wait_until(lambda: stored(tmp_path) == 0, 20, "nothing left stored")
+    assert sorted(good) == ["a", "b", "c"]
+    assert dead == ["poison"]
 
 
 def test_a_stuck_handlers_message_goes_to_another_puller_after_the_ack_timeout(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -60,3 +61,34 @@ def test_bad_headers_are_refused_before_anything_is_sent(mesh: dict[str, Any]) -
         with pytest.raises(TypeError):
             node.push("q", 1, headers=["not", "a", "dict"], timeout=0.1)  # type: ignore[arg-type]
         assert node.stats()["pubsub"]["sent"] == 0
+
+
+def test_an_in_memory_at_least_once_message_keeps_its_id_when_redelivered(mesh: dict[str, Any]) -> None:
+    """No headers, no store: the redelivery after an ack timeout still has the first id."""
+    release = threading.Event()
+    seen: list[tuple[str, str, bool, bool]] = []
+    with zmqmesh.Node("pusher", **mesh) as pusher:
+        stuck = zmqmesh.Node("stuck", **mesh)
+
+        @stuck.pull("slow", at_least_once=True, ack_timeout_s=0.5)
+        def hang(msg: zmqmesh.Message) -> None:
+            seen.append(("stuck", msg.id, msg.redelivered, msg.timestamp is None))
+            release.wait(10)
+
+        with stuck:
+            pusher.wait_for_pullers("slow", 1)
+            pusher.push("slow", "job")
+            wait_until(lambda: seen, 10, "the stuck handler to start")
+            healthy = zmqmesh.Node("healthy", **mesh)
+
+            @healthy.pull("slow", at_least_once=True, ack_timeout_s=0.5)
+            def work(msg: zmqmesh.Message) -> None:
+                seen.append(("healthy", msg.id, msg.redelivered, msg.timestamp is None))
+
+            with healthy:
+                wait_until(lambda: any(who == "healthy" for who, *_ in seen), 10, "the redelivery")
+                release.set()
+    first, *again = seen  # (the stuck node may be dealt it again too, once released)
+    assert first[0] == "stuck" and first[2] is False and first[3] is True
+    assert {msg_id for _, msg_id, _, _ in again} == {first[1]} and first[1].startswith(pusher.id)
+    assert all(redelivered and not untimed for _, _, redelivered, untimed in again)  # with the first send's time

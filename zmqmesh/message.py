@@ -68,10 +68,11 @@ class Message:
         sender: the sending `Peer`, or ``None`` when the sender is not a known member
             (a bare ZeroMQ client, or a peer that already left).
         sender_id: the sender's id (hex) when the wire carried one, else ``None``.
-        id: unique. Durable messages and messages sent with headers keep theirs on every
-            delivery and across restarts; a pub/sub message is named by its publisher and
-            sequence; an in-memory push without headers (and anything a bare ZeroMQ
-            client sends) gets one made here, new on a redelivery.
+        id: unique, and the same on every delivery of the message: durable messages keep
+            theirs across restarts too; a pub/sub message is named by its publisher and
+            sequence, an at-least-once one without headers by its pusher and batch; a
+            fire-and-forget push without headers (never delivered twice) and anything a
+            bare ZeroMQ client sends get one made here.
         timestamp: the sender's wall-clock time (``time.time()``) when it sent the message,
             or ``None`` when the wire did not carry it (a bare client; a request without
             headers).

@@ -34,7 +34,7 @@ from .._io.sockets import has_input, recv_frames, send_frames
 from .._mesh.directory import Directory
 from .._mesh.registry import Registry
 from .._stats import Stats
-from .._store.sqlite import Store
+from .._store.sqlite import Entry, Store
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..config import NodeConfig
@@ -60,7 +60,7 @@ class Dispatcher:
                  stats: Stats, describe: Callable[[], dict[str, Any]],
                  sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any],
                  store: Store | None = None,
-                 keeper: Callable[[str, list[tuple[str, float, bytes | None, bytes]]], None] | None = None) -> None:
+                 keeper: Callable[[str, list[Entry]], None] | None = None) -> None:
         self.acked = AckedIntake(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                  keeper=keeper, reply=self.send_reply)
         self.config = config

@@ -219,13 +219,16 @@ class DurableQueues:
                 room = BUFFER - len(queue.buffer)
                 loaded = 0
                 for segment in self.store.pending(name, after=queue.loaded, limit=room):
-                    if segment.first not in self._segments:  # stored by an earlier run
-                        self._segments[segment.first] = [segment.count, len(segment.messages)]
+                    if segment.damaged:  # left in the store for an operator, never forgotten
+                        log.error("store %s, queue %r: %s; skipped", self.store.directory, name, segment.damaged)
+                        self.stats.reject("store_damaged", segment.size)
+                    elif segment.first not in self._segments:  # stored by an earlier run
+                        self._segments[segment.first] = [segment.size, len(segment.messages)]
                         if not segment.messages:  # all settled, only not yet forgotten
                             self._forget_segment(segment.first)
                     queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
-                    queue.loaded = segment.first + segment.count - 1
-                    loaded += segment.count
+                    queue.loaded = segment.first + segment.size - 1
+                    loaded += segment.size
                 if loaded < room:
                     queue.overflow = False  # everything stored is in the buffer now
             return {name: q.buffer for name, q in self.queues.items()}

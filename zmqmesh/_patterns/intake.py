@@ -18,11 +18,11 @@ from typing import Any
 from .._mesh.directory import Directory
 from .._mesh.registry import PullOptions, Registry
 from .._stats import Stats
-from .._store.sqlite import Store
+from .._store.sqlite import Entry, Store
 from .._wire import frames as wire
 from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
 from ..errors import DecodeError
-from ..message import Message
+from ..message import Message, Origin
 from .calls import BatchAck, Call, is_async
 
 __all__ = ["AckedIntake"]
@@ -37,7 +37,7 @@ class AckedIntake:
     """At-least-once batches in, acknowledgements out (on the inbox's owner thread)."""
 
     def __init__(self, *, registry: Registry, directory: Directory, codec: Codec, stats: Stats,
-                 store: Store | None, keeper: Callable[[str, list[tuple[str, float, bytes | None, bytes]]], None] | None,
+                 store: Store | None, keeper: Callable[[str, list[Entry]], None] | None,
                  reply: Callable[[tuple[bytes, bytes], bytes, bytes], None]) -> None:
         self.registry = registry
         self.directory = directory
@@ -67,8 +67,10 @@ class AckedIntake:
         seen: set[str] | None = None
         if options.dedupe and self.store is not None:
             seen = self.store.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
+        # a bare item is named by its batch and place, as the pusher names it on a redelivery
+        origin = Origin(f"{sender_id}/{route[1].hex()}/", 0, None) if sender_id is not None else None
         for index, item in enumerate(items):
-            msg = Message("pipeline", queue, item[1], sender_id, self.directory.lookup_peer)
+            msg = Message("pipeline", queue, item[1], sender_id, self.directory.lookup_peer, origin, index)
             msg.redelivered = item[0]
             if len(item) == DURABLE_ITEM_FIELDS:
                 msg.id, msg.timestamp, msg.headers, msg.attempts = item[2], float(item[3]), item[4] or {}, item[5]

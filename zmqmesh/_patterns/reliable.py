@@ -66,10 +66,12 @@ class Failure(NamedTuple):
 
 
 class _Batch(NamedTuple):
+    id: bytes
     queue: str
     puller: str
     items: list[Any]
-    sent_at: float
+    sent_at: float  # monotonic
+    sent_wall: float  # the wall clock a redelivery reports as its time
 
 
 class ReliableSender:
@@ -145,7 +147,7 @@ class ReliableSender:
                     break
                 batch_id = next(self._batch_ids).to_bytes(8, "big")
                 if not directory.speaks(puller, 2):  # protocol 1: items of two fields only
-                    stripped = sum(1 for i in items if type(i) is Headed)
+                    stripped = sum(1 for i in items if type(i) is Headed and i.headers)
                     if stripped:
                         self.stats.reject("headers_not_carried", stripped)
                     payload = b"".join(wrap_item(i if isinstance(i, bytes) else i.body, f) for i, f in zip(items, flags))
@@ -157,7 +159,7 @@ class ReliableSender:
                     for item in reversed(items):
                         again.appendleft(item)
                     continue
-                self.inflight[batch_id] = _Batch(queue, puller, items, time.monotonic())
+                self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time())
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
                 self.stats.pattern["pipeline"]["sent"] += len(items)
                 progress = True
@@ -203,7 +205,7 @@ class ReliableSender:
             self.inflight_count[batch.puller] -= len(batch.items)
             freed = True
             if reply[1] != STATUS_OK:  # the puller stopped pulling: deal them again
-                self._put_back(batch.queue, batch.items)
+                self._put_back(batch.queue, self._named(batch))
                 continue
             failures = self._failures(reply[2], len(batch.items))
             if failures:
@@ -257,7 +259,20 @@ class ReliableSender:
     def _failed(self, batch: _Batch, why: str) -> list[Any]:
         """The items of a batch nobody acknowledged, to deal again: durable ones with one
         more attempt counted (so a message that keeps killing its pullers is dead-lettered)."""
-        return self._settle(batch, [Failure(i, None, why) for i in range(len(batch.items))], batch.items)
+        return self._settle(batch, [Failure(i, None, why) for i in range(len(batch.items))], self._named(batch))
+
+    def _named(self, batch: _Batch) -> list[Any]:
+        """The items of ``batch``, each in-memory payload named as its puller named it (from
+        the batch id and its place in it), so that a redelivery keeps the message's id."""
+        stem = None
+        named: list[Any] = []
+        for index, item in enumerate(batch.items):
+            if type(item) is bytes:
+                stem = stem or f"{self.uuid.hex()}/{batch.id.hex()}/"
+                item = Headed(item)
+                item.id, item.timestamp, item.headers = f"{stem}{index}", batch.sent_wall, b""
+            named.append(item)
+        return named
 
     def _settle(self, batch: _Batch, failures: list[Failure], otherwise: list[Any]) -> list[Any]:
         """What of ``batch`` to deal again after its outcome: the durable queues decide for a

@@ -99,8 +99,11 @@ class StoredSegment(NamedTuple):
     """A segment read back from the store: its numbers and its messages not yet settled."""
 
     first: int
-    count: int
+    size: int
+    """How many messages it was stored with (numbered ``first`` .. ``first + size - 1``)."""
     messages: list[StoredMessage]
+    damaged: str | None = None
+    """Why its messages cannot be read (then none are given); the segment stays stored."""
 
 
 Entry = tuple[str, float, bytes | None, bytes, int]
@@ -333,7 +336,7 @@ class Store:
         with self._lock:
             segments = self._segments_of(queue)
             n = sum(len(s.messages) for s in segments)
-            self._forget_locked([(s.first, s.count) for s in segments])
+            self._forget_locked([(s.first, s.size) for s in segments])
         return n
 
     def requeue(self, source: str, target: str) -> int:
@@ -348,7 +351,7 @@ class Store:
                     rows.append((first, target, len(segment.messages), segment.messages[0].timestamp,
                                  msgpack.packb([[m.id, m.timestamp, m.headers, m.body] for m in segment.messages])))
                     first += len(segment.messages)
-            spans = [(s.first, s.first + s.count - 1) for s in segments]
+            spans = [(s.first, s.first + s.size - 1) for s in segments]
             self._write_locked([
                 ("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", spans),
                 ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
@@ -397,10 +400,14 @@ class Store:
         for first, count, items in rows:
             try:
                 entries = msgpack.unpackb(items, raw=False, use_list=False)
+                messages = [StoredMessage(first + i, queue, str(e[0]), float(e[1]), e[2], bytes(e[3]),
+                                          attempts.get(first + i, 0), first)
+                            for i, e in enumerate(entries) if first + i not in settled]
+                if len(entries) != count:
+                    raise ValueError(f"{len(entries)} messages where {count} were stored")
             except Exception as exc:
-                raise StoreError(f"the store {self.path} holds a damaged segment at {first}: {exc}") from exc
-            messages = [StoredMessage(first + i, queue, e[0], e[1], e[2], e[3], attempts.get(first + i, 0), first)
-                        for i, e in enumerate(entries) if first + i not in settled]
+                segments.append(StoredSegment(first, count, [], f"damaged segment {first} ({count} messages): {exc}"))
+                continue
             segments.append(StoredSegment(first, count, messages))
         return segments
 

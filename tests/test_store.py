@@ -1,0 +1,128 @@
+"""The node store on its own (real SQLite files): segments, what is marked of their
+messages, what a restart reads back, and the upgrade of a store written by schema 1."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+import zmqmesh
+from helpers import wait_until
+from zmqmesh import inspect_store
+from zmqmesh._store.sqlite import SEGMENT_MAX, Store
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def entries(*names: str) -> list[tuple[str, float, bytes | None, bytes, int]]:
+    return [(f"id-{n}", 1000.0 + i, None, msgpack.packb(n), 0) for i, n in enumerate(names)]
+
+
+def live(store: Store, queue: str) -> list[tuple[str, int]]:
+    return [(msgpack.unpackb(m.body), m.attempts) for s in store.pending(queue, limit=10_000) for m in s.messages]
+
+
+def test_a_restart_reads_back_only_what_was_not_settled_with_the_attempts_counted(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    ((first, count),) = store.append([("orders", entries("a", "b", "c", "d", "e"))])
+    assert count == 5
+    store.forget([], settled=[(first, first + 1), (first + 3, first + 3)])  # a, b and d acknowledged
+    store.count_attempt([first + 2])
+    store.count_attempt([first + 2])
+    store.close()
+
+    store = Store(tmp_path)
+    assert live(store, "orders") == [("c", 2), ("e", 0)]
+    (segment,) = store.pending("orders")
+    c = segment.messages[0]
+    assert (c.seq, c.segment, c.id) == (first + 2, first, "id-c")
+    store.move(c, "orders.dead", msgpack.packb({"x-attempts": "3"}))  # out of a segment of five
+    store.close()
+
+    assert {q: v["messages"] for q, v in inspect_store(tmp_path)["queues"].items()} == {"orders": 1, "orders.dead": 1}
+    store = Store(tmp_path)
+    assert live(store, "orders") == [("e", 0)]
+    (dead,) = store.pending("orders.dead")[0].messages
+    assert (msgpack.unpackb(dead.body), msgpack.unpackb(dead.headers), dead.attempts) == ("c", {"x-attempts": "3"}, 0)
+    store.forget([(first, 5)])  # the whole segment: its marks go with it
+    assert live(store, "orders") == []
+    assert store.requeue("orders.dead", "orders") == 1
+    assert live(store, "orders") == [("c", 0)]
+    store.close()
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        assert db.execute("SELECT count(*) FROM attempts").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM settled").fetchone()[0] == 0
+
+
+def test_a_large_call_is_stored_as_several_segments_read_back_whole(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    names = [str(i) for i in range(2 * SEGMENT_MAX + 10)]
+    segments = store.append([("q", entries(*names)), ("other", entries("x"))])
+    assert [c for _, c in segments] == [SEGMENT_MAX, SEGMENT_MAX, 10, 1]
+    assert [f for f, _ in segments] == [1, 1 + SEGMENT_MAX, 1 + 2 * SEGMENT_MAX, 11 + 2 * SEGMENT_MAX]
+    read = store.pending("q", limit=SEGMENT_MAX + 1)  # whole segments, until the limit is reached
+    assert [len(s.messages) for s in read] == [SEGMENT_MAX, SEGMENT_MAX]
+    assert [len(s.messages) for s in store.pending("q", after=2 * SEGMENT_MAX, limit=5)] == [10]
+    assert store.drop_queue("q") == len(names)
+    assert live(store, "other") == [("x", 0)]
+    store.close()
+
+
+def test_a_store_written_by_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:  # the layout schema 1 wrote, a row per message
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            INSERT INTO meta VALUES ('app', 'zmqmesh'), ('schema_version', '1'), ('created', '0');
+            CREATE TABLE outbox (seq INTEGER PRIMARY KEY, queue TEXT NOT NULL, id TEXT NOT NULL,
+                ts REAL NOT NULL, headers BLOB, body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
+            CREATE TABLE handled (queue TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL,
+                PRIMARY KEY (queue, id)) WITHOUT ROWID;
+            CREATE INDEX handled_age ON handled (queue, at);
+        """)
+        db.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)", [
+            (4, "orders", "id-a", 1.0, None, msgpack.packb("a"), 0),
+            (9, "orders", "id-b", 2.0, msgpack.packb({"k": "v"}), msgpack.packb("b"), 2)])
+    store = Store(tmp_path)
+    assert live(store, "orders") == [("a", 0), ("b", 2)]
+    b = store.pending("orders")[1].messages[0]
+    assert (b.seq, b.id, b.timestamp, msgpack.unpackb(b.headers)) == (9, "id-b", 2.0, {"k": "v"})
+    ((first, _),) = store.append([("orders", entries("c"))])
+    assert first == 10  # numbering goes on after the old rows
+    store.close()
+    assert inspect_store(tmp_path)["schema"] == 2
+
+
+def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.append([("q", entries("a", "b"))])
+    store.append([("q", entries("c"))])
+    store.close()
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        db.execute("UPDATE outbox SET items = x'c1' WHERE seq = 1")  # 0xc1: never used by msgpack
+    store = Store(tmp_path)
+    damaged, good = store.pending("q")
+    assert damaged.messages == [] and "damaged segment 1 (2 messages)" in (damaged.damaged or "")
+    assert [msgpack.unpackb(m.body) for m in good.messages] == ["c"]
+    store.close()
+    assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 3  # still there for an operator
+
+
+def test_a_node_delivers_around_a_damaged_segment_and_counts_it(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    store = Store(tmp_path)
+    store.append([("q", entries("a", "b"))])
+    store.append([("q", entries("c"))])
+    store.close()
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        db.execute("UPDATE outbox SET items = x'c1' WHERE seq = 1")
+    got: list[str] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        puller = zmqmesh.Node("puller", **mesh)
+        puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
+        with puller:
+            wait_until(lambda: got == ["c"], 20, "the readable message")
+            assert pusher.stats()["rejected"]["store_damaged"] == 2
+    assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 2
