@@ -52,7 +52,6 @@ from typing import Any, TypeVar
 
 import msgpack
 import zmq
-
 from helpers import free_udp_port
 
 T = TypeVar("T")

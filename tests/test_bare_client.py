@@ -9,7 +9,6 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-
 from helpers import wait_until
 
 

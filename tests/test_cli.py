@@ -7,8 +7,9 @@ import subprocess
 import sys
 from typing import Any
 
-import zmqmesh
 from helpers import free_udp_port
+
+import zmqmesh
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+import zmq
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 from zmqmesh import inspect_store
 
 HERE = Path(__file__).resolve().parent
@@ -402,6 +404,36 @@ def test_a_stopping_pusher_hands_its_messages_to_a_keeper(tmp_path: Path, mesh: 
     ids = {msg_id for _n, msg_id, _h in got}
     assert len(ids) == 100
     assert all(h == {"batch": "7"} for _n, _id, h in got)
+
+
+def test_a_keeper_keeps_the_attempts_of_what_it_is_handed(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """The hand-over as docs/protocol.md states it, from a bare DEALER: durable items with
+    attempts counted reach the keeper's pullers with those attempts."""
+    keeper = zmqmesh.Node("keeper", store=str(tmp_path), **mesh)
+    keeper.keep("orders")
+    got: list[tuple[Any, str, int, dict[str, str]]] = []
+    ctx = zmq.Context()
+    try:
+        with keeper:
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.connect(keeper.endpoints["service"])
+            items = b"".join(msgpack.packb([False, {"n": n}, f"order-{n}", 1700000000.0 + n, {"k": "v"}, n])
+                             for n in range(3))
+            dealer.send_multipart([b"\x00keep/orders", b"h1", items])
+            assert dealer.poll(5000)
+            assert dealer.recv_multipart() == [b"h1", b"\x00", b""]
+            dealer.send_multipart([b"\x00keep/other", b"h2", items])
+            assert dealer.poll(5000)
+            assert dealer.recv_multipart()[:2] == [b"h2", b"\x02"]
+            assert stored(tmp_path) == 3
+            puller = zmqmesh.Node("puller", **mesh)
+            puller.pull("orders", lambda m: got.append((m.data["n"], m.id, m.attempts, m.headers)),
+                        at_least_once=True, max_deliveries=5)
+            with puller:
+                wait_until(lambda: len(got) == 3, 20, "the kept messages")
+    finally:
+        ctx.destroy(linger=0)
+    assert got == [(n, f"order-{n}", n, {"k": "v"}) for n in range(3)]
 
 
 def zmqmesh_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import free_udp_port
 
 ROOT = Path(__file__).resolve().parent.parent

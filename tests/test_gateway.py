@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import wait_until
 
 pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")

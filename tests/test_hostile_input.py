@@ -13,9 +13,9 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 from zmqmesh._wire import zre
 from zmqmesh._wire.zre import Command, ZreMessage
 

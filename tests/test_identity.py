@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
 
+import msgpack
 import pytest
+import zmq
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
+from zmqmesh._wire import zre
+from zmqmesh._wire.zre import Command, ZreMessage
 
 
 def test_headers_ids_and_timestamps_travel_with_every_pattern(mesh: dict[str, Any]) -> None:
@@ -92,3 +97,39 @@ def test_an_in_memory_at_least_once_message_keeps_its_id_when_redelivered(mesh: 
     assert first[0] == "stuck" and first[2] is False and first[3] is True
     assert {msg_id for _, msg_id, _, _ in again} == {first[1]} and first[1].startswith(pusher.id)
     assert all(redelivered and not untimed for _, _, redelivered, untimed in again)  # with the first send's time
+
+
+def test_a_protocol_1_provider_gets_requests_without_headers_and_the_loss_is_counted(
+        mesh: dict[str, Any]) -> None:
+    """A foreign provider written against protocol 1 (three request frames, no meta frame)
+    is still served; the headers it cannot take are counted, never silently dropped."""
+    ctx = zmq.Context()
+    try:
+        with zmqmesh.Node("caller", **mesh) as node:
+            router = ctx.socket(zmq.ROUTER)
+            port = router.bind_to_random_port("tcp://127.0.0.1")
+            inbox = ctx.socket(zmq.ROUTER)
+            inbox_port = inbox.bind_to_random_port("tcp://127.0.0.1")
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+            dealer.connect(node.endpoints["mailbox"])
+            dealer.send_multipart(zre.encode_command(ZreMessage(
+                Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{inbox_port}", name="old-provider",
+                headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"},
+                groups=["zmqmesh/svc/old"])))
+            wait_until(lambda: node.providers("old"), 5, "the protocol-1 provider to offer 'old'")
+            results: list[Any] = []
+            caller = threading.Thread(target=lambda: results.append(
+                node.request("old", {"q": 1}, timeout=5, headers={"trace": "t1"})))
+            caller.start()
+            assert router.poll(5000), "the request never reached the provider"
+            frames = router.recv_multipart()
+            assert len(frames) == 4  # routing id, service, request id, body: no meta frame
+            routing, service, request_id, body = frames
+            assert (service, msgpack.unpackb(body)) == (b"old", {"q": 1})
+            router.send_multipart([routing, request_id, b"\x00", msgpack.packb("answered")])
+            caller.join(10)
+            assert results == ["answered"]
+            assert node.stats()["rejected"].get("headers_not_carried") == 1
+    finally:
+        ctx.destroy(linger=0)

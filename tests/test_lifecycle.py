@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 
 
 def open_fds() -> int:

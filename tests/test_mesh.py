@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 
 
 def names(node: zmqmesh.Node) -> set[str]:

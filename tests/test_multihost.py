@@ -35,9 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import netns
+import pytest
 from netns import HostNode, Lab
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "multihost"

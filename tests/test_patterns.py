@@ -10,9 +10,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 
 
 def payloads(proc: Any, prefix: str) -> list[Any]:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from zmqmesh.errors import MeshTimeoutError
 from zmqmesh._io.reactor import Reactor, run_on
+from zmqmesh.errors import MeshTimeoutError
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 
 
 def handled(procs: list[Any]) -> Counter[int]:

@@ -9,7 +9,6 @@ import textwrap
 from typing import Any
 
 import pytest
-
 from helpers import wait_until
 
 SYNC = """

@@ -13,9 +13,9 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 from zmqmesh import generate_keypair, read_public_key, read_secret_key
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import msgpack
 import pytest
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 from zmqmesh import inspect_store
 from zmqmesh._store.sqlite import SEGMENT_MAX, Store
 

@@ -388,7 +388,8 @@ class NodeBase(Generic[Handler]):
         meta = engine.codec.encode({"h": check_headers(headers), "t": time.time()}) if headers else None
         service_b = self._service_name(service)
         deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else timeout)
-        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, peer_id_of(peer), meta)
+        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, peer_id_of(peer), meta,
+                            engine.stats)
 
     def _until(self, predicate: Callable[[], bool], timeout: float | None, what: str) -> Plan:
         """Wait until ``predicate()`` holds on the loop. Raises `MeshTimeoutError`."""

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from .._mesh.directory import Directory, Provider, no_provider
 from .._mesh.waiters import Until
+from .._stats import Stats
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..errors import DecodeError, MeshTimeoutError, PeerLostError, RemoteError
@@ -68,12 +69,14 @@ def decode_reply(codec: Codec, status: bytes, body: bytes) -> Any:
 
 
 def request_plan(directory: Directory, codec: Codec, service: str, service_b: bytes, body: bytes,
-                 deadline: float, only: str | None = None, meta: bytes | None = None) -> RequestPlan:
+                 deadline: float, only: str | None = None, meta: bytes | None = None,
+                 stats: Stats | None = None) -> RequestPlan:
     """One call of ``service`` (``only`` on that node, if given) until ``deadline``.
 
     Picks a provider (waiting for one), exchanges with it, and decodes the reply. A
     provider that no longer offers the service is skipped for a moment and another tried;
-    one that is lost mid-request is retried elsewhere only for idempotent services.
+    one that is lost mid-request is retried elsewhere only for idempotent services. A
+    provider of protocol 1 gets the request without its headers (counted in ``stats``).
     Raises `NoProviderError`, `PeerLostError`, `MeshTimeoutError`, `RemoteError`,
     `DecodeError`.
     """
@@ -88,6 +91,8 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
             continue
         try:
             carried = meta if meta is None or directory.speaks(provider.id, 2) else None  # protocol 1: no meta
+            if carried is None and meta is not None and stats is not None:
+                stats.reject("headers_not_carried")  # the provider would not understand them
             status, reply = yield Exchange(provider, service, service_b, body, deadline, carried)
         except PeerLostError:
             if not directory.may_retry(service, provider.id, deadline):
