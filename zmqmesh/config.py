@@ -8,15 +8,63 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
-__all__ = ["NodeConfig", "DEFAULT_BEACON_PORT"]
+__all__ = ["NodeConfig", "DEFAULT_BEACON_PORT", "HistoryPolicy", "parse_history"]
 
 DEFAULT_BEACON_PORT = 5670
 """UDP port of ZRE discovery (ZRE-DISC, assigned by IANA)."""
+
+
+class HistoryPolicy(NamedTuple):
+    """What is kept of the topics under ``prefix``: the last ``max_messages`` of each topic,
+    and (if given) nothing older than ``max_age_s``."""
+
+    prefix: str
+    max_messages: int
+    max_age_s: float | None = None
+
+
+def parse_history(value: Any) -> tuple[HistoryPolicy, ...]:
+    """``history=`` as given (``{prefix: max_messages}``, ``{prefix: {"max_messages": n,
+    "max_age_s": s}}``, or ``"prefix=n,prefix=n"`` from the environment) as policies.
+    Raises `ConfigError` for anything else."""
+    if value is None or value == ():
+        return ()
+    if isinstance(value, tuple) and all(isinstance(p, HistoryPolicy) for p in value):
+        return value
+    if isinstance(value, tuple) and all(isinstance(p, str) for p in value):  # from the environment
+        value = ",".join(value)
+    if isinstance(value, str):
+        try:
+            value = {k.strip(): int(v) for k, v in (part.rsplit("=", 1) for part in value.split(",") if part.strip())}
+        except ValueError:
+            raise ConfigError(f"history must look like 'prefix=max_messages,...', got {value!r}") from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"history must map topic prefixes to what is kept, got {value!r}")
+    policies = []
+    for prefix, kept in value.items():
+        if not isinstance(prefix, str) or len(prefix.encode()) > 200:
+            raise ConfigError(f"history: a topic prefix must be a string of at most 200 bytes, got {prefix!r}")
+        if isinstance(kept, Mapping):
+            unknown = set(kept) - {"max_messages", "max_age_s"}
+            if unknown:
+                raise ConfigError(f"history[{prefix!r}]: unknown key(s) {sorted(unknown)}")
+            max_messages, max_age_s = kept.get("max_messages", 100_000), kept.get("max_age_s")
+        else:
+            max_messages, max_age_s = kept, None
+        if not isinstance(max_messages, int) or isinstance(max_messages, bool) or max_messages < 1:
+            raise ConfigError(f"history[{prefix!r}]: max_messages must be a whole number >= 1, got {max_messages!r}")
+        if max_age_s is not None and (not isinstance(max_age_s, (int, float)) or max_age_s <= 0):
+            raise ConfigError(f"history[{prefix!r}]: max_age_s must be a positive number, got {max_age_s!r}")
+        policies.append(HistoryPolicy(prefix, max_messages, None if max_age_s is None else float(max_age_s)))
+    # the longest prefix decides for a topic under several
+    return tuple(sorted(policies, key=lambda p: len(p.prefix), reverse=True))
+
 
 
 @dataclass(frozen=True)
@@ -73,6 +121,10 @@ class NodeConfig:
             ``"full"`` (it survives a power cut too; each commit waits for the disk).
         ack_window: at-least-once queues: messages a puller may hold unacknowledged; also
             the most that can be handled twice when a puller dies.
+        history: topics this node keeps in its store as it publishes them, for subscribers
+            that replay: ``{prefix: max_messages}`` or ``{prefix: {"max_messages": n,
+            "max_age_s": s}}`` (``ZMQMESH_HISTORY``: ``"prefix=n,prefix=n"``); needs a
+            store. Empty: nothing kept.
     """
 
     mesh: str = "zmqmesh"
@@ -104,8 +156,10 @@ class NodeConfig:
     store: str | None = None
     store_max_bytes: int = 1 << 30
     store_synchronous: str = "normal"
+    history: Any = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "history", parse_history(self.history))
         for name in ("seeds", "curve_allow"):
             value = getattr(self, name)
             if isinstance(value, (list, str)):

@@ -84,12 +84,15 @@ class Message:
             in time), or by this one (its handler raised).
         attempts: on a durable queue, how many deliveries of this message failed before
             this one (its handler raised, or did not return within ``ack_timeout_s``).
+        gap: on a replaying subscription, how many messages of the topic were missed
+            just before this one (see `Node.subscribe`).
+        sequence: pub/sub: the message's number in its publisher's topic, if known.
     """
 
     # A delivery is made per message on the hot paths: __init__ sets only what every
     # message has; the rest is set when known, and read with a default otherwise.
     __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_origin", "_index", "_id",
-                 "_timestamp", "_headers", "_attempts")
+                 "_timestamp", "_headers", "_attempts", "_gap", "_sequence")
 
     def __init__(
         self,
@@ -163,6 +166,32 @@ class Message:
     @attempts.setter
     def attempts(self, value: int) -> None:
         self._attempts = value
+
+    @property
+    def gap(self) -> int:
+        """pub/sub with a replaying subscription: how many messages of this topic and
+        publisher were missed just before this one (they fell out of the publisher's
+        history before they could be replayed, or it keeps none); 0 when none."""
+        return getattr(self, "_gap", 0)
+
+    @gap.setter
+    def gap(self, value: int) -> None:
+        self._gap = value
+
+    @property
+    def sequence(self) -> int | None:
+        """pub/sub: the message's number in its publisher's topic, when the wire carried
+        one (kept topics number their messages for good, across restarts)."""
+        found: int | None = getattr(self, "_sequence", None)
+        if found is None:
+            origin: Origin | None = getattr(self, "_origin", None)
+            if origin is not None and origin.stem is not None and self.pattern == "pubsub":
+                return origin.first + self._index
+        return found
+
+    @sequence.setter
+    def sequence(self, value: int | None) -> None:
+        self._sequence = value
 
     @property
     def sender(self) -> Peer | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from .._engine.api import OnLoop, Plan, advance
+from .._engine.api import OnLoop, Plan, advance, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, INBOX, ON_LOOP, stop_plan
 from .._io.sockets import close_watched, has_input, recv_frames, send_frames
@@ -32,6 +32,7 @@ from .._mesh.waiters import Room, Until
 from .._patterns.calls import Call, is_async, run_async, run_batch, run_sync
 from .._patterns.dispatch import Dispatcher
 from .._patterns.durable import Ticket
+from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
@@ -43,6 +44,7 @@ log = logging.getLogger("zmqmesh.aio")
 _ROOM_SLICE_S = 0.1
 _READ_BURST = 1024
 _LONE_PASSES = 16
+_FETCH_TIMEOUT_S = 10.0
 
 
 class AsyncRunner:
@@ -179,7 +181,9 @@ class LoopInbox(Dispatcher):
         super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
                          codec=engine.codec, stats=engine.stats, describe=engine.describe,
                          sub=sub, pull=pull, router=router, store=engine.store,
-                         keeper=engine.durable.submit if engine.durable is not None else None)
+                         keeper=engine.durable.submit if engine.durable is not None else None,
+                         history=engine.history)
+        self.engine = engine
         self.loop = engine.loop
         concurrency = engine.config.handler_concurrency
         self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler")
@@ -211,6 +215,21 @@ class LoopInbox(Dispatcher):
     def registry_changed(self) -> None:
         """Re-apply subscriptions (loop thread only)."""
         self.apply_subscriptions()
+        self.peers_changed()
+
+    def fetch_history(self, fetch: Fetch) -> None:
+        """Fetch a page of history in a task of the loop."""
+        task = self.loop.create_task(self._fetch(fetch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, fetch: Fetch) -> None:
+        try:
+            page = await AsyncRunner(self.engine).run(fetch_plan(self.engine, fetch, _FETCH_TIMEOUT_S))
+        except Exception as exc:
+            self.post_page(fetch, None, exc)
+        else:
+            self.post_page(fetch, page, None)
 
     async def _drain(self) -> None:
         calls: list[Call] = []
@@ -219,9 +238,11 @@ class LoopInbox(Dispatcher):
                 self._again = False
                 more = bool(self.gather(calls, self.sockets))
                 if calls:
+                    self.before_handling(calls)
                     await self._execute(calls)
                     calls.clear()
-                if not (more or self._again or self.events or any(has_input(sock) for sock, _ in self.sockets)):
+                self.after_handling()
+                if not (more or self._again or self.has_posted() or any(has_input(sock) for sock, _ in self.sockets)):
                     return
                 await asyncio.sleep(0)  # let the loop breathe between bursts
         except Exception:

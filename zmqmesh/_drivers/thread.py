@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from .._engine.api import OnLoop, Plan, advance
+from .._engine.api import OnLoop, Plan, advance, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, INBOX, ON_LOOP, stop_plan
 from .._io.reactor import Reactor, run_on
@@ -36,6 +37,7 @@ from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
 from .._patterns.calls import Call, is_async, run_async, run_sync
 from .._patterns.dispatch import Dispatcher
+from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
@@ -45,6 +47,7 @@ __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox
 log = logging.getLogger("zmqmesh.node")
 
 _POLL_SLICE_S = 0.05
+_FETCH_TIMEOUT_S = 10.0
 _ROOM_SLICE_S = 0.1
 
 
@@ -257,6 +260,44 @@ class ThreadRequesters:
                 requester.close()
 
 
+class ThreadFetcher:
+    """Fetches pages of history for the replaying subscriptions of a `Node`, one at a time,
+    on a thread of its own (started when first needed), and posts each outcome back."""
+
+    def __init__(self, engine: Engine, post: Callable[[Fetch, Any, BaseException | None], None]) -> None:
+        self.engine = engine
+        self.post = post
+        self._queue: queue.SimpleQueue[Fetch | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fetch: Fetch) -> None:
+        """Queue a fetch (any thread)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"zmqmesh-fetch-{self.engine.name}",
+                                                daemon=True)
+                self._thread.start()
+        self._queue.put(fetch)
+
+    def stop(self) -> None:
+        """Let the thread end after the fetch it is in (bounded by its timeout)."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        runner = BlockingRunner(self.engine)
+        while True:
+            fetch = self._queue.get()
+            if fetch is None or self.engine.closed:
+                return
+            try:
+                page = runner.run(fetch_plan(self.engine, fetch, _FETCH_TIMEOUT_S))
+            except Exception as exc:
+                self.post(fetch, None, exc)
+            else:
+                self.post(fetch, page, None)
+
+
 class ThreadInbox(Dispatcher):
     """Runs the inbox on its own thread: ``def`` handlers run here, in place."""
 
@@ -264,8 +305,10 @@ class ThreadInbox(Dispatcher):
         super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
                          codec=engine.codec, stats=engine.stats, describe=engine.describe,
                          sub=sub, pull=pull, router=router, store=engine.store,
-                         keeper=engine.durable.submit if engine.durable is not None else None)
+                         keeper=engine.durable.submit if engine.durable is not None else None,
+                         history=engine.history)
         self.name = engine.name
+        self._fetcher = ThreadFetcher(engine, self.post_page)
         self._wake_recv = new_socket(engine.ctx, zmq.PAIR)
         wake_address = wire.inproc_endpoint(engine.node_id, "inbox")
         self._wake_recv.bind(wake_address)
@@ -318,7 +361,7 @@ class ThreadInbox(Dispatcher):
     def registry_changed(self) -> None:
         """Subscriptions may have changed: re-apply them on the inbox thread."""
         self._resubscribe = True
-        self.wake()
+        self.peers_changed()
 
     def stop(self, timeout: float) -> None:
         """Handle what has already arrived, then stop the thread (all within ``timeout``)."""
@@ -334,6 +377,11 @@ class ThreadInbox(Dispatcher):
                 self._async_loop.close()
         with self._wake_lock:
             self._wake_send.close(0)
+        self._fetcher.stop()
+
+    def fetch_history(self, fetch: Fetch) -> None:
+        """Fetch a page of history on the fetcher's thread (never this one)."""
+        self._fetcher.submit(fetch)
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -374,11 +422,13 @@ class ThreadInbox(Dispatcher):
         while not self.abandoned():
             active = self.gather(calls, active)
             if calls:
+                self.before_handling(calls)
                 self._execute(calls)
                 calls.clear()
             while self._done:
                 self.complete(*self._done.popleft())
-            if not active and not self.events:
+            self.after_handling()
+            if not active and not self.has_posted():
                 return
 
     def _execute(self, calls: list[Call]) -> None:

@@ -14,11 +14,14 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import zmq
 
-from .._mesh.registry import PullOptions, Registry
+from .._mesh.registry import PullOptions, Registry, SubscribeOptions
 from .._mesh.waiters import Room, Until
 from .._patterns.durable import Ticket
+from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, request_plan
 from .._wire.frames import (
+    HISTORY_SERVICE,
+    HISTORY_SERVICE_BYTES,
     MAX_NAME_BYTES,
     STATS_SERVICE,
     STATS_SERVICE_BYTES,
@@ -58,6 +61,14 @@ def advance(plan: Generator[Any, Any, Any], value: Any, error: BaseException | N
         return True, done.value
     except zmq.ZMQError as exc:
         raise ZmqMeshError(f"ZeroMQ failed: {exc}") from exc
+
+
+def fetch_plan(engine: Engine, fetch: Fetch, timeout: float) -> Plan:
+    """Ask a publisher for a page of its history, for a replaying subscription (see
+    `_patterns.replay`). Raises as `request` does."""
+    body = engine.codec.encode(fetch.request)
+    return request_plan(engine.directory, engine.codec, HISTORY_SERVICE, HISTORY_SERVICE_BYTES, body,
+                        time.monotonic() + timeout, fetch.node_id, None, engine.stats)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -126,23 +137,52 @@ class NodeBase(Generic[Handler]):
 
     # registration ---------------------------------------------------------------------------
 
-    def _register(self, kind: str, name: str, handler: Callable[..., Any] | None) -> Any:
+    def _register(self, kind: str, name: str, handler: Callable[..., Any] | None,
+                  options: SubscribeOptions | None = None) -> Any:
         def decorate(fn: Handler) -> Handler:
             if not callable(fn):
                 raise TypeError("a handler must be callable")
             self._registry.add(kind, name, fn)
+            if options is not None:
+                self._registry.set_subscribe_options(name, fn, options)
             self._engine.registry_changed()
             return fn
 
         return decorate(handler) if handler is not None else decorate  # type: ignore[arg-type]
 
-    def subscribe(self, prefix: str, handler: Callable[[Message], Any] | None = None) -> Any:
+    def subscribe(self, prefix: str, handler: Callable[[Message], Any] | None = None, *,
+                  replay: str | float = "new", durable_name: str | None = None) -> Any:
         """Handle every message whose topic starts with ``prefix`` (decorator or direct call).
 
         May be called before or while the node runs; peers learn of the subscription.
-        Raises `ValueError` for a prefix longer than 200 bytes.
+        This node's own publications reach its subscriptions directly, from the first one.
+
+        Publishers that keep their topics (``history=``) can be replayed:
+
+        * ``replay="new"`` (the default): live messages only, from now on.
+        * ``replay="all"``: first everything each matching publisher still keeps, then its
+          live messages, with no gap and no duplicate, in order per publisher.
+        * ``replay=<seconds>``: the same, from that many seconds ago.
+        * ``durable_name="name"`` (needs a store): the subscription remembers, per
+          publisher and topic, the last message handled, and after a restart resumes right
+          after it (a first start follows ``replay``). Messages that may have been handled
+          just before a crash come again with ``msg.redelivered`` set.
+
+        What fell out of a publisher's history before it could be replayed is reported on
+        the next message (``msg.gap``, the number missed) and in ``stats()["pubsub"]["gap"]``.
+        Raises `ValueError` for a prefix longer than 200 bytes, `ConfigError` for a bad
+        ``replay`` or a ``durable_name`` without a store.
         """
-        return self._register("topics", check_name("topic", prefix), handler)
+        check_name("topic", prefix)
+        if not (replay in ("new", "all") or (isinstance(replay, (int, float)) and not isinstance(replay, bool)
+                                             and 0 < replay < float("inf"))):
+            raise ConfigError(f"replay must be 'new', 'all' or a positive number of seconds, got {replay!r}")
+        if durable_name is not None:
+            if not isinstance(durable_name, str) or not durable_name or len(durable_name) > 200:
+                raise ConfigError(f"durable_name must be a name of 1 to 200 characters, got {durable_name!r}")
+            if self.config.store is None:
+                raise ConfigError("durable_name needs a store: Node(..., store='path/dir')")
+        return self._register("topics", prefix, handler, SubscribeOptions(replay, durable_name))
 
     def pull(self, queue: str, handler: Callable[[Message], Any] | None = None, *, at_least_once: bool = False,
              ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,

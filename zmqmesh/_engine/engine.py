@@ -50,6 +50,7 @@ from .._mesh.registry import Registry
 from .._mesh.waiters import Space, Waiters
 from .._patterns.calls import Call
 from .._patterns.durable import DurableQueues
+from .._patterns.history import History
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
@@ -66,7 +67,7 @@ from .._wire.frames import (
     requester_id,
 )
 from ..config import NodeConfig
-from ..errors import NodeClosedError, ZmqMeshError
+from ..errors import ConfigError, NodeClosedError, ZmqMeshError
 from ..message import Message, Peer
 from .outbound import Outbound
 
@@ -75,6 +76,7 @@ __all__ = ["Engine", "Inbox", "Requests", "InboxFactory", "RequestsFactory"]
 log = logging.getLogger("zmqmesh.node")
 
 _GOODBYE_LINGER_MS = 200
+_EXPIRE_EVERY_S = 1.0
 _RESERVED_GROUP_PREFIX = "zmqmesh/"
 
 
@@ -85,6 +87,8 @@ class Inbox(Protocol):
 
     def start(self) -> None: ...
     def post(self, calls: list[Call]) -> None: ...
+    def post_frames(self, frames: list[bytes]) -> None: ...
+    def peers_changed(self) -> None: ...
     def registry_changed(self) -> None: ...
 
 
@@ -135,6 +139,7 @@ class Engine:
         self.reliable: ReliableSender | None = None
         self.store: Store | None = None
         self.durable: DurableQueues | None = None
+        self.history: History | None = None
         self.keys: KeyPair | None = None
         self._advertise = ""
         self._bound: dict[str, str] = {}
@@ -179,9 +184,16 @@ class Engine:
                 self._zap = ZapHandler(self.ctx, loop, self.keys, allowed, self.stats)
             sockets = self._open_sockets(bind_address)
             self.outbound = Outbound(loop, self.loop_thread, self.directory, self.space)
+            if cfg.history:
+                if self.store is None:
+                    raise ConfigError("history= needs a store: Node(..., store='path/dir')")
+                self.history = History(self.store, cfg.history, self.stats)
+                self.registry.kept_topics = frozenset(p.prefix for p in cfg.history)
             self.publisher = Publisher(
                 loop=loop, stats=self.stats, uuid=self.uuid, xpub=sockets["pub"], directory=self.directory,
                 connect=self.connect, on_subscriptions=self.waiters.check,
+                local=lambda frames: self.inbox.post_frames(frames),  # type: ignore[union-attr]  # (made below)
+                own_prefixes=lambda: self.registry.topics, history=self.history,
             )
             senders = dict(ctx=self.ctx, loop=loop, config=cfg, stats=self.stats, uuid=self.uuid,
                            directory=self.directory, connect=self.connect, wake=self.outbound.wake)
@@ -221,6 +233,9 @@ class Engine:
         }
         if self.keys is not None:
             headers[HEADER["key"]] = self.keys.public
+        if self.history is not None:
+            headers[HEADER["stream"]] = self.history.stream_id
+            self._expire_history()
         self.requests = self._requests_factory(self)
         self.inbox.start()
         self.closed = False
@@ -261,7 +276,6 @@ class Engine:
                 self.directory.own_endpoints[key] = own
                 sock.bind(own)
             sockets[key] = sock
-        sockets["pub"].connect(self.directory.own_endpoints["sub"])  # the publisher's own subscriptions
         return sockets
 
     def dealer_to(self, provider: Provider) -> zmq.Socket[Any]:
@@ -461,7 +475,17 @@ class Engine:
             self.pusher.sync_connections()
         if self.outbound is not None:
             self.outbound.wake()  # waiting durable or redelivered messages may have a puller now
+        if self.inbox is not None:
+            self.inbox.peers_changed()  # replaying subscriptions may have a publisher to follow
         self.waiters.check()
+
+    def _expire_history(self) -> None:
+        """Forget, every second, what the history keeps past its age (loop only)."""
+        if self.closed or self.history is None:
+            return
+        if any(p.max_age_s is not None for p in self.config.history):
+            self.history.expire()
+            self.loop.call_later(_EXPIRE_EVERY_S, self._expire_history)
 
     # -- registry and groups ----------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ class Directory:
         self._rr = itertools.count()
         self._skip: dict[tuple[str, str], float] = {}
         self._ack_timeouts: dict[tuple[str, str], float] = {}
+        self.streams: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer id -> (stream id, kept prefixes)
         self._pick: tuple[dict[str, tuple[str, ...]], dict[str, Provider | None]] = ({}, {})
 
     # -- rebuilding (loop only) ------------------------------------------------------------
@@ -107,12 +108,28 @@ class Directory:
             if millis.isdigit():
                 ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
         self._ack_timeouts = ack_timeouts
+        streams: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for prefix, ids in tables["history"].items():
+            for i in ids:
+                holder = peers.get(i)
+                stream = holder.headers.get(HEADER["stream"]) if holder is not None else None
+                if stream is not None and 0 < len(stream) <= 64:
+                    streams[i] = (stream, (*streams.get(i, (stream, ()))[1], prefix))
+        self.streams = streams
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
         self.offers = tables
         self.alive_ids = frozenset(peers) | {self.node_id}
         self.epoch += 1
 
     # -- reading ---------------------------------------------------------------------------
+
+    def stream_of(self, node_id: str, topic: str) -> str | None:
+        """The stream id of the history in which the peer ``node_id`` keeps ``topic``, if
+        it keeps it (this node never replays from itself)."""
+        found = self.streams.get(node_id)
+        if found is None or not any(topic.startswith(p) for p in found[1]):
+            return None
+        return found[0]
 
     def peer_count(self) -> int:
         """How many peers are present."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["Registry", "PullOptions", "EVENTS"]
+__all__ = ["Registry", "PullOptions", "SubscribeOptions", "EVENTS"]
 
 EVENTS = ("join", "leave", "whisper", "shout")
 
@@ -25,6 +25,19 @@ class PullOptions(NamedTuple):
         return self.dead_letter or f"{queue}.dead"
 
 
+class SubscribeOptions(NamedTuple):
+    """How one handler subscribes to one prefix (see `Node.subscribe`)."""
+
+    replay: str | float = "new"
+    durable_name: str | None = None
+
+    @property
+    def replays(self) -> bool:
+        """Whether the subscription is sequenced against publishers' histories (it replays,
+        or resumes where it was)."""
+        return self.replay != "new" or self.durable_name is not None
+
+
 class Registry:
     """Topic, queue and service handlers and event callbacks of one node.
 
@@ -41,6 +54,9 @@ class Registry:
         self.pull_options: dict[str, PullOptions] = {}
         self.idempotent: frozenset[str] = frozenset()
         self.keeps: frozenset[str] = frozenset()
+        self.kept_topics: frozenset[str] = frozenset()  # prefixes this node keeps (``history=``)
+        # (prefix, handler) -> options, for the subscriptions that replay
+        self.replays: dict[tuple[str, Callable[..., Any]], SubscribeOptions] = {}
         self.version = 0
 
     def offers(self) -> dict[str, frozenset[str]]:
@@ -55,6 +71,7 @@ class Registry:
                 f"{round(o.ack_timeout_s * 1000)}/{q}" for q, o in self.pull_options.items()
                 if o.ack_timeout_s is not None and q in self.queues and q in self.ack_queues),
             "keepers": self.keeps,
+            "history": self.kept_topics,
         }
 
     def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
@@ -70,6 +87,14 @@ class Registry:
                 raise ValueError(f"this node already has a handler for the {what} {name!r}")
             table[name] = handler
             setattr(self, kind, table)
+        self.version += 1
+
+    def set_subscribe_options(self, prefix: str, handler: Callable[..., Any], options: SubscribeOptions) -> None:
+        """How ``handler`` subscribes to ``prefix`` (only replaying subscriptions are listed)."""
+        replays = {k: v for k, v in self.replays.items() if k != (prefix, handler)}
+        if options.replays:
+            replays[(prefix, handler)] = options
+        self.replays = replays
         self.version += 1
 
     def mark_at_least_once(self, queue: str) -> None:
@@ -115,6 +140,8 @@ class Registry:
         else:
             del table[name]
         setattr(self, kind, table)
+        if kind == "topics":
+            self.replays = {(p, h): o for (p, h), o in self.replays.items() if h in table.get(p, ())}
         self.version += 1
         return True
 

@@ -41,8 +41,10 @@ from ..config import NodeConfig
 from ..errors import DecodeError
 from ..message import Message, Origin
 from .calls import BatchAck, Call
+from .history import History
 from .intake import AckedIntake
 from .pubsub import GapCounter
+from .replay import CursorMark, Fetch, Replays
 
 __all__ = ["Dispatcher"]
 
@@ -60,9 +62,16 @@ class Dispatcher:
                  stats: Stats, describe: Callable[[], dict[str, Any]],
                  sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any],
                  store: Store | None = None,
-                 keeper: Callable[[str, list[Entry]], None] | None = None) -> None:
+                 keeper: Callable[[str, list[Entry]], None] | None = None,
+                 history: History | None = None) -> None:
         self.acked = AckedIntake(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                  keeper=keeper, reply=self.send_reply)
+        self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
+                               fetch=self.fetch_history)
+        self.history = history
+        self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
+        self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
+        self.streams_changed = True
         self.config = config
         self.registry = registry
         self.directory = directory
@@ -93,12 +102,61 @@ class Dispatcher:
     # -- decoding -------------------------------------------------------------------------
 
     def gather(self, calls: list[Call], active: Any) -> list[tuple[zmq.Socket[Any], str]]:
-        """Queue the pending event callbacks, then a burst from each of the ``active``
-        ``(socket, kind)`` pairs, into ``calls``; returns the pairs that may hold more."""
+        """Queue the pending event callbacks, this node's own publications and the pages of
+        history fetched, then a burst from each of the ``active`` ``(socket, kind)`` pairs,
+        into ``calls``; returns the pairs that may hold more."""
         events = self.events
         while events:
             calls.append(events.popleft())
+        if self.streams_changed:
+            self.streams_changed = False
+            if self.replays.active():
+                self.replays.sync(calls)
+        local = self.local_frames
+        for _ in range(min(len(local), _BURST)):
+            frames = local.popleft()
+            try:
+                self._decode_stream("sub", frames, calls)
+            except Exception:
+                log.exception("delivering a publication of this node failed")
+        pages = self.pages
+        while pages:
+            self.replays.on_page(*pages.popleft(), calls)
         return [(sock, kind) for sock, kind in active if self.drain(sock, kind, calls)]
+
+    def has_posted(self) -> bool:
+        """Whether events, own publications or history pages wait to be gathered."""
+        return bool(self.events or self.local_frames or self.pages)
+
+    def post_frames(self, frames: list[bytes]) -> None:
+        """A publication of this node for its own subscriptions (the loop's thread)."""
+        self.local_frames.append(frames)
+        self.wake()
+
+    def post_page(self, fetch: Fetch, page: Any, error: BaseException | None) -> None:
+        """The outcome of a history fetch (any thread)."""
+        self.pages.append((fetch, page, error))
+        self.wake()
+
+    def peers_changed(self) -> None:
+        """Publishers may have come or gone: replaying subscriptions look again (any thread)."""
+        self.streams_changed = True
+        self.wake()
+
+    def fetch_history(self, fetch: Fetch) -> None:
+        """Get a page of history for a replaying subscription (the drivers say how), then
+        `post_page` its outcome."""
+        raise NotImplementedError
+
+    def before_handling(self, calls: list[Call]) -> None:
+        """Called before a burst of calls is handled (durable subscriptions record it)."""
+        if self.registry.replays:
+            self.replays.before_handling(calls)
+
+    def after_handling(self) -> None:
+        """Called after a burst was handled (durable subscriptions commit where they are)."""
+        if self.registry.replays:
+            self.replays.flush()
 
     def post(self, calls: list[Call]) -> None:
         """Queue event callbacks (joins, leaves, whispers) to run in order with messages."""
@@ -155,6 +213,11 @@ class Dispatcher:
                 if lost:
                     counters["dropped"] += lost  # lost at a high-water mark
             topic, handlers = self._topic_handlers(name_b)
+            if self.registry.replays:
+                subscriptions = self.replays.matching(topic)
+                if subscriptions:
+                    origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
+                    self.replays.live(topic, sequence, items, origin, sender_id, subscriptions, calls)
         else:
             topic = name_b.decode("utf-8", "replace")
             handler = self.registry.queues.get(topic)
@@ -198,7 +261,10 @@ class Dispatcher:
             return None
         stem = None
         if first is not None and sender_id is not None:
-            stem = f"{sender_id}/{topic}/" if kind == "sub" else f"{sender_id}/"
+            if kind == "sub":  # a kept topic's messages are named by the history's stream, for good
+                stem = f"{self.directory.stream_of(sender_id, topic) or sender_id}/{topic}/"
+            else:
+                stem = f"{sender_id}/"
         return Origin(stem, first or 0, timestamp, headers)
 
     def _meta_of(self, frame: bytes, count: int) -> tuple[list[dict[str, str] | None], float | None, int | None]:
@@ -231,7 +297,9 @@ class Dispatcher:
         hit = self._topic_cache.get(name_b)
         if hit is None:
             topic = name_b.decode("utf-8", "replace")
-            handlers = [h for prefix, hs in registry.topics.items() if topic.startswith(prefix) for h in hs]
+            replays = registry.replays  # (those are sequenced: see replay.py)
+            handlers = [h for prefix, hs in registry.topics.items() if topic.startswith(prefix) for h in hs
+                        if (prefix, h) not in replays]
             hit = self._topic_cache[name_b] = (topic, handlers)
         return hit
 
@@ -248,6 +316,9 @@ class Dispatcher:
             return
         if service.startswith(wire.KEEP_SERVICE_PREFIX):
             self.acked.keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
+            return
+        if service == wire.HISTORY_SERVICE:
+            self._serve_history(route, body)
             return
         if service == wire.STATS_SERVICE:  # built in: every node reports its counters
             try:
@@ -283,6 +354,30 @@ class Dispatcher:
                 return
         calls.append(Call(handler, msg, route, "service"))
 
+    def _serve_history(self, route: tuple[bytes, bytes], body: bytes) -> None:
+        """One page of a replay: ``{"p": prefix, "a": after position, "s": since (epoch
+        seconds) or absent}``; see `History.page`."""
+        if self.history is None:
+            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
+            return
+        try:
+            request = self.codec.decode(body)
+            prefix, after, since = request["p"], request.get("a", 0), request.get("s")
+            if not isinstance(prefix, str) or not isinstance(after, int) or isinstance(after, bool) or \
+                    (since is not None and not isinstance(since, (int, float))):
+                raise ValueError("bad field types")
+        except Exception:
+            self.stats.reject("history_malformed")
+            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+            return
+        try:
+            page = self.history.page(prefix, after, since, min(1 << 20, self.codec.max_message_bytes // 2))
+            self.send_reply(route, wire.STATUS_OK, self.codec.encode(page))
+        except Exception as exc:
+            log.error("cannot serve a page of history: %s", exc)
+            info = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
+            self.send_reply(route, wire.STATUS_ERROR, self.codec.encode(info))
+
     # -- replying ---------------------------------------------------------------------------
 
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
@@ -294,6 +389,9 @@ class Dispatcher:
                 log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
         if isinstance(route, BatchAck):
             self.acked.complete(call, route, error)
+            return
+        if type(route) is CursorMark:
+            self.replays.handled(route)
             return
         if route is None:
             return

@@ -1,8 +1,11 @@
 """pub/sub: the publishing side (one XPUB, batching, sequence numbers, subscription counts)
 and the receiving side's count of messages lost at a high-water mark.
 
-The XPUB is connected to every zmqmesh peer's SUB (and to this node's own), so a
-publication reaches each subscriber once, in order per publisher.
+The XPUB is connected to every zmqmesh peer's SUB, so a publication reaches each
+subscriber once, in order per publisher. This node's own subscriptions get its
+publications directly (``local``), never through a socket: none is lost while a
+subscription would still be on its way. Frames of kept topics (``history=``) are numbered
+by the history and committed to it before they are sent.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .._io.sockets import close_watched, has_input, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
 from .._wire.frames import MAX_BATCH_ITEMS, MAX_NAME_BYTES, Headed, pub_sender
+from .history import History
 
 __all__ = ["Publisher", "GapCounter", "BATCH_BYTES", "LARGE_FRAME", "meta_frame"]
 
@@ -64,7 +68,8 @@ class Publisher:
 
     def __init__(self, *, loop: EventLoop, stats: Stats, uuid: bytes, xpub: zmq.Socket[Any],
                  directory: Directory, connect: Callable[[zmq.Socket[Any], str, str | None], None],
-                 on_subscriptions: Callable[[], None]) -> None:
+                 on_subscriptions: Callable[[], None], local: Callable[[list[bytes]], None],
+                 own_prefixes: Callable[[], Any], history: History | None = None) -> None:
         self.loop = loop
         self.stats = stats
         self.uuid = uuid
@@ -72,10 +77,15 @@ class Publisher:
         self.directory = directory
         self.connect = connect
         self.on_subscriptions = on_subscriptions
+        self.local = local
+        self.own_prefixes = own_prefixes
+        self.history = history
         self.queue: deque[tuple[bytes, bytes]] = deque()
         self._sequences: dict[bytes, int] = {}
         self._sub_counts: Counter[bytes] = Counter()
         self._connected: set[str] = set()
+        self._routes: dict[bytes, tuple[bool, bool]] = {}  # topic -> (subscribed here, subscribed elsewhere)
+        self._routes_key: Any = None
 
     def start(self) -> None:
         """Watch the XPUB for subscriptions."""
@@ -101,11 +111,12 @@ class Publisher:
         reconnect(self.xpub, self._connected, wanted, self.connect)
 
     def flush(self) -> None:
-        """Send everything queued: consecutive messages of one topic share a frame."""
+        """Send everything queued: consecutive messages of one topic share a frame. Frames
+        of kept topics are committed to the history first, all in one transaction."""
         q = self.queue
-        xpub = self.xpub
-        uuid = self.uuid
-        sent = 0
+        history = self.history
+        kept: list[tuple[list[bytes], int, int, bool, bool]] = []
+        sent = unrouted = 0
         while q:
             topic, body = q.popleft()
             bodies = [body]
@@ -120,22 +131,66 @@ class Publisher:
                 q.extendleft((topic, b) for b in reversed(rest))
                 size = sum(len(b) for b in bodies)
                 body = bodies[0]
+            payload = body if len(bodies) == 1 else b"".join(bodies)
+            meta = meta_frame(bodies) if headed else None  # type: ignore[arg-type]
+            here, elsewhere = self._route(topic)
+            if history is not None and history.policy(topic) is not None:
+                seq = history.number(topic, len(bodies))
+                history.record(topic, seq, len(bodies), payload, meta)
+                frames = [topic, pub_sender(self.uuid, seq), payload]
+                if meta is not None:
+                    frames.append(meta)
+                kept.append((frames, size, len(bodies), here, elsewhere))
+                continue
             seq = self._sequences.get(topic, 0)
             if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:
                 self._sequences.clear()  # subscribers take a restarted sequence as a new baseline
             self._sequences[topic] = seq + len(bodies)
-            payload = body if len(bodies) == 1 else b"".join(bodies)
-            frames = [topic, pub_sender(uuid, seq), payload]
-            if headed:
-                frames.append(meta_frame(bodies))  # type: ignore[arg-type]
-            try:
-                send_frames(xpub, frames, copy=size < LARGE_FRAME)
-                sent += len(bodies)
-            except zmq.ZMQError:
-                self.stats.add("pubsub", "dropped", len(bodies))  # the inbox counts drops too
+            frames = [topic, pub_sender(self.uuid, seq), payload]
+            if meta is not None:
+                frames.append(meta)
+            n = self._send(frames, size, len(bodies), here, elsewhere)
+            sent += n
+            unrouted += len(bodies) - n if not (here or elsewhere) else 0
+        if kept:
+            history.commit()  # type: ignore[union-attr]
+            for frames, size, count, here, elsewhere in kept:
+                n = self._send(frames, size, count, here, elsewhere)
+                sent += n
+                unrouted += count - n if not (here or elsewhere) else 0
         self.stats.pattern["pubsub"]["sent"] += sent
-        if has_input(xpub):
+        if unrouted:
+            self.stats.add("pubsub", "unrouted", unrouted)
+        if has_input(self.xpub):
             self.loop.call_soon(self.on_xpub)
+
+    def _send(self, frames: list[bytes], size: int, count: int, here: bool, elsewhere: bool) -> int:
+        """Deliver a frame to this node's subscriptions and the others'; how many of its
+        ``count`` messages went to someone."""
+        if here:
+            self.local(frames)
+        if elsewhere:
+            try:
+                send_frames(self.xpub, frames, copy=size < LARGE_FRAME)
+            except zmq.ZMQError:
+                self.stats.add("pubsub", "dropped", count)  # the inbox counts drops too
+                return count if here else 0
+        return count if here or elsewhere else 0
+
+    def _route(self, topic: bytes) -> tuple[bool, bool]:
+        """Whether a subscription here, and one elsewhere, match ``topic`` (cached until the
+        subscriptions change)."""
+        own = self.own_prefixes()
+        if self._routes_key is not own:
+            self._routes, self._routes_key = {}, own
+        found = self._routes.get(topic)
+        if found is None:
+            name = topic.decode("utf-8", "replace")
+            found = (any(name.startswith(p) for p in own), any(topic.startswith(p) for p in self._sub_counts))
+            if len(self._routes) >= _MAX_TRACKED_TOPICS:
+                self._routes.clear()
+            self._routes[topic] = found
+        return found
 
     def on_xpub(self) -> None:
         """Count the subscription events waiting on the XPUB."""
@@ -162,22 +217,25 @@ class Publisher:
                     del counts[prefix]
             changed = True
         if changed:
+            self._routes = {}
             self.on_subscriptions()
 
     def subscribers_ready(self, topic: str, n: int) -> bool:
         """True once ``n`` subscribers matching ``topic`` have their subscription at the XPUB.
 
         Counts the XPUB's subscription events (so subscribers from outside the mesh count
-        too); a member subscribed with several matching prefixes is counted once.
+        too), and this node if it subscribes; a member subscribed with several matching
+        prefixes is counted once.
         """
         topic_b = topic.encode()
         total = sum(c for p, c in self._sub_counts.items() if topic_b.startswith(p))
         per_node: Counter[str] = Counter()
         for prefix, ids in self.directory.offers["topics"].items():
             if topic.startswith(prefix):
-                per_node.update(ids)
+                per_node.update(i for i in ids if i != self.directory.node_id)
         overcount = sum(k - 1 for k in per_node.values())
-        return total - overcount >= n
+        here = any(topic.startswith(p) for p in self.own_prefixes())  # delivered directly, never missed
+        return total - overcount + here >= n
 
     def close(self, linger_ms: int) -> None:
         """Stop watching the XPUB and close it."""

@@ -26,6 +26,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,7 +38,7 @@ from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 __all__ = ["Store", "StoredMessage", "StoredSegment", "Entry", "SEGMENT_MAX", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_FILE = "zmqmesh.db"
 LOCK_FILE = "zmqmesh.lock"
 _APP = "zmqmesh"
@@ -60,9 +61,34 @@ _OUTBOX = (
     "CREATE TABLE attempts (seq INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
     "CREATE TABLE settled (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL)",
 )
+_HISTORY = (
+    # what a publisher keeps of its topics (``history=``): a row per frame it sent, the
+    # messages ``seq`` .. ``seq + count - 1`` of ``topic``, as they travelled (the payload
+    # frame and the meta frame); ``pos`` orders them across topics, never reused
+    "CREATE TABLE history ("
+    " pos INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " topic TEXT NOT NULL,"
+    " seq INTEGER NOT NULL,"
+    " count INTEGER NOT NULL,"
+    " ts REAL NOT NULL,"
+    " payload BLOB NOT NULL,"
+    " meta BLOB)",
+    "CREATE INDEX history_topic ON history (topic, seq)",
+    # where a durable subscription is, per publisher stream and topic: ``seq`` handled,
+    # ``upto`` perhaps handled (a restart delivers seq+1 .. upto again, as redelivered)
+    "CREATE TABLE cursors ("
+    " name TEXT NOT NULL,"
+    " stream TEXT NOT NULL,"
+    " topic TEXT NOT NULL,"
+    " seq INTEGER NOT NULL,"
+    " upto INTEGER NOT NULL,"
+    " pos INTEGER NOT NULL,"
+    " PRIMARY KEY (name, stream, topic)) WITHOUT ROWID",
+)
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     *_OUTBOX,
+    *_HISTORY,
     # ids of messages a dedupe puller handled, per queue; "at" numbers them in order
     "CREATE TABLE handled (queue TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (queue, id))"
     " WITHOUT ROWID",
@@ -187,10 +213,12 @@ class Store:
                 for statement in _SCHEMA:
                     db.execute(statement)
                 db.executemany("INSERT INTO meta VALUES (?, ?)",
-                               [("app", _APP), ("schema_version", str(SCHEMA_VERSION)), ("created", str(time.time()))])
+                               [("app", _APP), ("schema_version", str(SCHEMA_VERSION)), ("created", str(time.time())),
+                                ("stream", uuid.uuid4().hex)])
                 db.execute("COMMIT")
             if version < SCHEMA_VERSION:
                 _migrate(db, version)
+            self.stream_id = str(db.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0])
             last = db.execute("SELECT seq + count FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
             self._next_seq = int(last[0]) if last else 1
             self._handled_serial = int(db.execute("SELECT ifnull(max(at), 0) + 1 FROM handled").fetchone()[0])
@@ -421,6 +449,64 @@ class Store:
         with self._lock:
             return _queue_summary(self._db)
 
+    # -- kept topics (a publisher's history) -----------------------------------------------
+
+    def history_state(self) -> dict[str, tuple[int, int]]:
+        """Every kept topic: ``{topic: (first kept seq, next seq)}``."""
+        with self._lock:
+            rows = self._db.execute("SELECT topic, min(seq), max(seq + count) FROM history GROUP BY topic").fetchall()
+        return {t: (int(a), int(b)) for t, a, b in rows}
+
+    def keep_history(self, rows: Sequence[tuple[str, int, int, float, bytes, bytes | None]]) -> None:
+        """Keep frames a publisher sent, ``(topic, seq, count, ts, payload, meta)``, in one
+        transaction. Raises `StoreFullError`, `StoreError`."""
+        self._write([("INSERT INTO history (topic, seq, count, ts, payload, meta) VALUES (?, ?, ?, ?, ?, ?)",
+                      list(rows))])
+
+    def trim_history(self, topic: str, before_seq: int) -> None:
+        """Forget the frames of ``topic`` whose messages all come before ``before_seq``."""
+        self._write([("DELETE FROM history WHERE topic = ? AND seq < ? AND seq + count <= ?",
+                      (topic, before_seq, before_seq))])
+
+    def expire_history(self, prefix: str, before_ts: float) -> None:
+        """Forget the frames of the topics under ``prefix`` kept since before ``before_ts``."""
+        low, high = _prefix_range(prefix)
+        self._write([("DELETE FROM history WHERE ts < ? AND topic >= ? AND topic < ?", (before_ts, low, high))])
+
+    def read_history(self, prefix: str, after_pos: int, since_ts: float | None, max_rows: int,
+                     max_bytes: int) -> tuple[list[tuple[int, str, int, int, float, bytes, bytes | None]], bool]:
+        """Kept frames of the topics under ``prefix``, oldest first, after position
+        ``after_pos`` (and kept since ``since_ts``, if given): at most ``max_rows`` rows and
+        about ``max_bytes``; and whether more follow."""
+        low, high = _prefix_range(prefix)
+        sql = ("SELECT pos, topic, seq, count, ts, payload, meta FROM history WHERE pos > ? "
+               "AND topic >= ? AND topic < ?" + (" AND ts >= ?" if since_ts is not None else "") + " ORDER BY pos LIMIT ?")
+        params: tuple[Any, ...] = (after_pos, low, high, *((since_ts,) if since_ts is not None else ()), max_rows + 1)
+        rows: list[tuple[int, str, int, int, float, bytes, bytes | None]] = []
+        size = 0
+        with self._lock:
+            for row in self._db.execute(sql, params):
+                if len(rows) == max_rows or (rows and size + len(row[5]) > max_bytes):
+                    return rows, True
+                rows.append(row)
+                size += len(row[5]) + len(row[6] or b"")
+        return rows, False
+
+    def load_cursors(self, name: str) -> dict[str, dict[str, tuple[int, int, int]]]:
+        """Where the durable subscription ``name`` is: ``{stream: {topic: (seq, upto, pos)}}``."""
+        with self._lock:
+            rows = self._db.execute("SELECT stream, topic, seq, upto, pos FROM cursors WHERE name = ?",
+                                    (name,)).fetchall()
+        found: dict[str, dict[str, tuple[int, int, int]]] = {}
+        for stream, topic, seq, upto, pos in rows:
+            found.setdefault(stream, {})[topic] = (seq, upto, pos)
+        return found
+
+    def save_cursors(self, rows: Sequence[tuple[str, str, str, int, int, int]]) -> None:
+        """Record ``(name, stream, topic, seq, upto, pos)`` cursors, in one transaction."""
+        self._write([("INSERT OR REPLACE INTO cursors (name, stream, topic, seq, upto, pos) VALUES (?, ?, ?, ?, ?, ?)",
+                      list(rows))])
+
     # -- effectively-once ----------------------------------------------------------------------
 
     def seen(self, queue: str, ids: Sequence[str]) -> set[str]:
@@ -484,6 +570,21 @@ def _queue_summary(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows if n}
 
 
+def _topic_summary(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    rows = db.execute("SELECT topic, sum(count), sum(length(payload) + ifnull(length(meta), 0)), min(ts), "
+                      "min(seq), max(seq + count) FROM history GROUP BY topic ORDER BY topic").fetchall()
+    return {t: {"messages": n, "bytes": b or 0, "oldest": oldest, "first_seq": first, "next_seq": nxt}
+            for t, n, b, oldest, first, nxt in rows}
+
+
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """``(low, high)``: the topics starting with ``prefix`` are those with low <= topic < high."""
+    if not prefix:
+        return "", "\U0010ffff\U0010ffff"
+    last = ord(prefix[-1])
+    return prefix, prefix[:-1] + (chr(last + 1) if last < 0x10FFFF else prefix[-1] + "\U0010ffff")
+
+
 def _migrate(db: sqlite3.Connection, version: int) -> None:
     """Bring a store of an older schema up to `SCHEMA_VERSION`, in one transaction."""
     db.execute("BEGIN IMMEDIATE")
@@ -498,6 +599,10 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
             if attempts:
                 db.execute("INSERT INTO attempts (seq, n) VALUES (?, ?)", (seq, attempts))
         db.execute("DROP TABLE outbox_v1")
+    if version <= 2:  # kept topics and durable subscriptions; the store's stream id
+        for statement in _HISTORY:
+            db.execute(statement)
+        db.execute("INSERT INTO meta VALUES ('stream', ?)", (uuid.uuid4().hex,))
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     db.execute("COMMIT")
 
@@ -518,7 +623,8 @@ def _check_sqlite_file(path: Path) -> None:
 
 def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What a store holds, read without taking it (the node using it may run):
-    ``{"path", "bytes", "schema", "queues": {name: {messages, bytes, oldest}}, "handled": {queue: ids}}``.
+    ``{"path", "bytes", "schema", "queues": {name: {messages, bytes, oldest}}, "handled": {queue: ids},
+    "topics": {topic: {messages, bytes, oldest, first_seq, next_seq}}, "subscriptions": {name: cursors}}``.
 
     Raises `StoreError` if there is no zmqmesh store there, or it cannot be read.
     """
@@ -532,8 +638,13 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise StoreError(f"cannot read the store {path}: {exc}") from exc
     try:
         schema = _schema_version(db, path)
+        if schema < SCHEMA_VERSION:
+            raise StoreError(f"the store {path} was written by an older zmqmesh (schema {schema}): "
+                             "a node opening it upgrades it")
         queues = _queue_summary(db)
+        topics = _topic_summary(db)
         handled = dict(db.execute("SELECT queue, count(*) FROM handled GROUP BY queue").fetchall())
+        subscriptions = dict(db.execute("SELECT name, count(*) FROM cursors GROUP BY name").fetchall())
     except sqlite3.Error as exc:
         raise StoreError(f"the store {path} is damaged or not a zmqmesh store: {exc}") from exc
     finally:
@@ -545,6 +656,8 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "schema": schema,
         "queues": queues,
         "handled": handled,
+        "topics": topics,
+        "subscriptions": subscriptions,
     }
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "STATS_SERVICE_BYTES",
     "QUEUE_SERVICE_PREFIX",
     "KEEP_SERVICE_PREFIX",
+    "HISTORY_SERVICE",
+    "HISTORY_SERVICE_BYTES",
     "keep_service",
     "CONTROL_MAGIC",
     "HEADER",
@@ -80,6 +82,9 @@ STATS_SERVICE_BYTES = STATS_SERVICE.encode()
 QUEUE_SERVICE_PREFIX = "\x00queue/"
 """At-least-once batches travel as requests to the service ``"\\x00queue/<name>"``."""
 KEEP_SERVICE_PREFIX = "\x00keep/"
+HISTORY_SERVICE = "\x00history"
+"""The built-in service of a publisher that keeps topics: one page of a replay."""
+HISTORY_SERVICE_BYTES = HISTORY_SERVICE.encode()
 """Durable messages handed to a keeper travel as requests to ``"\\x00keep/<name>"``."""
 
 CONTROL_MAGIC = b"\x00zmqmesh-control"
@@ -99,12 +104,13 @@ HEADER = {
     "host": "X-ZMQMESH-HOST",
     "pid": "X-ZMQMESH-PID",
     "key": "X-ZMQMESH-KEY",
+    "stream": "X-ZMQMESH-STREAM",
 }
 """The HELLO headers of a zmqmesh node (plain ZRE peers send none of them)."""
 ENDPOINT_KEYS = ("pub", "sub", "pull", "service")
 """The HELLO headers that carry a pattern socket's endpoint."""
 
-OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent", "acktimeouts", "keepers")
+OFFER_KINDS = ("services", "queues", "topics", "ackqueues", "idempotent", "acktimeouts", "keepers", "history")
 OFFER_PREFIXES = {
     "services": "zmqmesh/svc/",
     "queues": "zmqmesh/queue/",
@@ -113,6 +119,7 @@ OFFER_PREFIXES = {
     "idempotent": "zmqmesh/idem/",  # services safe to retry on another provider
     "acktimeouts": "zmqmesh/ackto/",  # "<milliseconds>/<queue>": redeal what is not acknowledged in time
     "keepers": "zmqmesh/keep/",  # keeps the durable messages of a queue that stopping pushers hand over
+    "history": "zmqmesh/hist/",  # keeps the topics under a prefix (``history=``), served by \x00history
 }
 """A node announces what it offers by joining the ZRE group ``prefix + name``."""
 

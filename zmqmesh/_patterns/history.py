@@ -1,0 +1,120 @@
+"""Kept topics, the publisher's side: what ``history=`` keeps, numbered for good.
+
+A publisher with ``history={"logs.": 100_000}`` keeps, in its store, the frames it sends
+on the topics under ``logs.``: each frame a row, committed before it is sent, so that what
+any subscriber saw live is also in the history. The messages of a kept topic are numbered
+from the store (the numbering goes on across restarts), so a subscriber can say where it
+is in a topic and resume there. The store's stream id names the history across runs.
+
+`History` decides and records (the loop's thread); subscribers read it through the
+built-in service ``\\x00history`` (`page`), answered on the inbox's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .._stats import Stats
+from .._store.sqlite import Store
+from ..config import HistoryPolicy
+
+__all__ = ["History", "PAGE_ROWS"]
+
+log = logging.getLogger("zmqmesh.history")
+
+PAGE_ROWS = 2048
+"""Frames in one page of a replay, at most."""
+_TRIM_SLACK = 0.05  # a topic is trimmed once it holds this much more than its limit
+_MAX_CACHED_TOPICS = 65_536
+
+
+class History:
+    """The kept topics of one publisher (loop thread, but `page`, which any thread may call)."""
+
+    def __init__(self, store: Store, policies: tuple[HistoryPolicy, ...], stats: Stats) -> None:
+        self.store = store
+        self.policies = policies
+        self.stats = stats
+        self.stream_id = store.stream_id
+        self._policy_of: dict[bytes, HistoryPolicy | None] = {}
+        state = store.history_state()
+        self._first = {t.encode(): first for t, (first, _next) in state.items()}
+        self._next = {t.encode(): nxt for t, (_first, nxt) in state.items()}
+        self._rows: list[tuple[str, int, int, float, bytes, bytes | None]] = []
+
+    def policy(self, topic: bytes) -> HistoryPolicy | None:
+        """The policy that keeps ``topic``, if any."""
+        try:
+            return self._policy_of[topic]
+        except KeyError:
+            pass
+        name = topic.decode("utf-8", "replace")
+        found = next((p for p in self.policies if name.startswith(p.prefix)), None)
+        if len(self._policy_of) >= _MAX_CACHED_TOPICS:
+            self._policy_of.clear()
+        self._policy_of[topic] = found
+        return found
+
+    def number(self, topic: bytes, count: int) -> int:
+        """The number of the first of ``count`` messages about to be sent on a kept topic."""
+        seq = self._next.get(topic, 0)
+        self._next[topic] = seq + count
+        self._first.setdefault(topic, seq)
+        return seq
+
+    def record(self, topic: bytes, seq: int, count: int, payload: bytes, meta: bytes | None) -> None:
+        """Keep a frame about to be sent (committed by `commit`, before it is sent)."""
+        self._rows.append((topic.decode("utf-8", "replace"), seq, count, time.time(), payload, meta))
+
+    def commit(self) -> bool:
+        """Store the recorded frames in one transaction, then trim what grew past its
+        limit. False (logged, counted) if the store refused them: they go out unkept."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return True
+        try:
+            self.store.keep_history(rows)
+        except Exception as exc:
+            self.stats.add("pubsub", "history_failed", sum(r[2] for r in rows))
+            log.error("cannot keep %d published frame(s) in the history: %s", len(rows), exc)
+            return False
+        for topic in {r[0] for r in rows}:
+            self._trim(topic.encode())
+        return True
+
+    def _trim(self, topic: bytes) -> None:
+        policy = self.policy(topic)
+        if policy is None:
+            return
+        first, nxt = self._first.get(topic, 0), self._next.get(topic, 0)
+        if nxt - first <= policy.max_messages * (1 + _TRIM_SLACK):
+            return
+        keep_from = nxt - policy.max_messages
+        try:
+            self.store.trim_history(topic.decode("utf-8", "replace"), keep_from)
+            self._first[topic] = keep_from
+        except Exception as exc:
+            log.error("cannot trim the history of %r: %s", topic, exc)
+
+    def expire(self) -> None:
+        """Forget what is older than the policies keep (called every second or so)."""
+        now = time.time()
+        for policy in self.policies:
+            if policy.max_age_s is not None:
+                try:
+                    self.store.expire_history(policy.prefix, now - policy.max_age_s)
+                except Exception as exc:
+                    log.error("cannot expire the history under %r: %s", policy.prefix, exc)
+        if any(p.max_age_s is not None for p in self.policies):
+            state = self.store.history_state()
+            self._first = {t.encode(): first for t, (first, _next) in state.items()} | {
+                t: n for t, n in self._next.items() if t.decode("utf-8", "replace") not in state}
+
+    def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int) -> dict[str, Any]:
+        """One page of a replay (the reply of ``\\x00history``): ``{"rows": [[pos, topic, seq,
+        count, ts, payload, meta], ...], "more": bool, "first": {topic: first kept seq}}``."""
+        rows, more = self.store.read_history(prefix, after_pos, since_ts, PAGE_ROWS, max_bytes)
+        first = {t: f for t, (f, _n) in self.store.history_state().items() if t.startswith(prefix)}
+        return {"rows": [list(r) for r in rows], "more": more, "first": first}

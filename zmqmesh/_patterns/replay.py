@@ -1,0 +1,369 @@
+"""Replaying subscriptions, the subscriber's side: a publisher's kept history first, then
+its live messages, with no gap and no duplicate, in order per publisher.
+
+A subscription that replays (``replay="all"`` or a number of seconds) or resumes
+(``durable_name``) follows each publisher that keeps its topics (``history=``) with a
+`Cursor`: the next number it expects per topic. While the cursor catches up it fetches
+pages of the history (the built-in service ``\\x00history``) and holds the live frames
+that arrive meanwhile; once the history is exhausted, the held frames are released (those
+already replayed are skipped). Live, a frame whose numbers jump is a gap: the missing
+messages are fetched from the history, and what the history no longer holds is reported
+on the next message (``msg.gap``) and counted (``stats()["pubsub"]["gap"]``).
+
+A durable subscription keeps, in the node's store, the last number handled per publisher
+stream and topic, so that a restarted subscriber resumes right after it. Before a burst
+is handled the highest number it reaches is recorded too: after a crash, messages up to
+it are delivered again marked ``redelivered`` (they may have been handled).
+
+Everything here runs on the inbox's thread; the drivers only carry out the fetches
+(`Fetch`) and post their outcome back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .._mesh.directory import Directory
+from .._mesh.registry import Registry, SubscribeOptions
+from .._stats import Stats
+from .._store.sqlite import Store
+from .._wire.codec import Codec
+from ..message import Message, Origin
+from .calls import Call
+
+__all__ = ["Replays", "Fetch", "CursorMark", "MAX_HELD"]
+
+log = logging.getLogger("zmqmesh.replay")
+
+MAX_HELD = 100_000
+"""Live messages a catching-up cursor holds; past it, they are fetched from the history."""
+_MAX_CURSORS = 65_536
+
+Key = tuple[str, Callable[..., Any]]
+
+
+class Fetch(NamedTuple):
+    """A page of history to fetch from ``node_id``, for the cursor ``(key, stream)``."""
+
+    node_id: str
+    key: Key
+    stream: str
+    request: dict[str, Any]
+
+
+class CursorMark(NamedTuple):
+    """The place of one message of a durable subscription (a call's route)."""
+
+    name: str
+    stream: str
+    topic: str
+    seq: int
+    pos: int
+
+
+class Cursor:
+    """One replaying subscription's place in one publisher's stream."""
+
+    __slots__ = ("stream", "node_id", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start")
+
+    def __init__(self, stream: str, node_id: str, from_start: bool) -> None:
+        self.stream = stream
+        self.node_id = node_id
+        self.catching_up = False
+        self.next: dict[str, int] = {}  # topic -> the number expected next
+        self.pos = 0  # the history position replayed last
+        self.held: deque[_Frame] | None = deque()  # None: too many held, refetch instead
+        self.held_count = 0
+        self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
+        self.from_start = from_start  # a topic seen first mid-stream has missed its start
+
+
+class _Frame(NamedTuple):
+    topic: str
+    seq: int
+    items: list[Any]
+    origin: Origin | None
+    sender_id: str | None
+
+
+class Replays:
+    """The replaying subscriptions of one node (the inbox's thread only).
+
+    ``fetch`` hands a `Fetch` to the driver, which later calls `on_page` with the reply
+    (or the error) on this thread.
+    """
+
+    def __init__(self, *, registry: Registry, directory: Directory, codec: Codec, stats: Stats,
+                 store: Store | None, fetch: Callable[[Fetch], None]) -> None:
+        self.registry = registry
+        self.directory = directory
+        self.codec = codec
+        self.stats = stats
+        self.store = store
+        self.fetch = fetch
+        self.cursors: dict[tuple[Key, str], Cursor] = {}
+        self._durable: dict[str, dict[str, dict[str, tuple[int, int, int]]]] = {}  # name -> stored cursors
+        self._dirty: dict[tuple[str, str, str], list[int]] = {}  # (name, stream, topic) -> [seq, upto, pos]
+        self._pending: dict[tuple[str, str, str], deque[int]] = {}  # durable: numbers handed out, in order
+        self._finished: dict[tuple[str, str, str], set[int]] = {}
+        self._matching: dict[str, list[tuple[Key, SubscribeOptions]]] = {}
+        self._version = -1
+
+    # -- which subscriptions ----------------------------------------------------------------
+
+    def active(self) -> bool:
+        """Whether any subscription replays (else the inbox takes its plain path)."""
+        return bool(self.registry.replays)
+
+    def matching(self, topic: str) -> list[tuple[Key, SubscribeOptions]]:
+        """The replaying subscriptions whose prefix matches ``topic``."""
+        if self._version != self.registry.version or len(self._matching) > 4096:
+            self._matching, self._version = {}, self.registry.version
+        found = self._matching.get(topic)
+        if found is None:
+            found = self._matching[topic] = [(k, o) for k, o in self.registry.replays.items()
+                                             if topic.startswith(k[0])]
+        return found
+
+    def sync(self, calls: list[Call]) -> None:
+        """Follow every publisher that keeps topics a replaying subscription wants (after
+        a subscription or a peer came): a new cursor starts catching up at once."""
+        for key, options in list(self.registry.replays.items()):
+            if options.replay == "new" and options.durable_name is None:
+                continue
+            for node_id, (stream, prefixes) in list(self.directory.streams.items()):
+                if any(p.startswith(key[0]) or key[0].startswith(p) for p in prefixes):
+                    self._cursor(key, options, stream, node_id, calls)
+
+    # -- live frames ------------------------------------------------------------------------
+
+    def live(self, topic: str, seq: int | None, items: list[Any], origin: Origin | None, sender_id: str | None,
+             subscriptions: list[tuple[Key, SubscribeOptions]], calls: list[Call]) -> None:
+        """A frame from a publisher, for the replaying ``subscriptions`` matching its topic."""
+        stream = self.directory.stream_of(sender_id, topic) if sender_id is not None else None
+        for key, options in subscriptions:
+            if stream is None or seq is None:  # the publisher keeps no history of it: plain delivery
+                for index, data in enumerate(items):
+                    calls.append(Call(key[1], Message("pubsub", topic, data, sender_id, self.directory.lookup_peer,
+                                                      origin, index), None, "pubsub"))
+                continue
+            cursor = self._cursor(key, options, stream, sender_id, calls)  # type: ignore[arg-type]
+            cursor.node_id = sender_id  # type: ignore[assignment]  # (a restarted publisher: a new id)
+            self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id), calls)
+
+    def _take(self, key: Key, options: SubscribeOptions, cursor: Cursor, frame: _Frame, calls: list[Call],
+              settled: bool = False) -> None:
+        """A live frame for a cursor. A jump in the numbers makes the cursor catch up from
+        the history; once it has (``settled``), what is still missing is reported instead."""
+        if cursor.catching_up:
+            self._hold(cursor, frame)
+            return
+        expected = cursor.next.get(frame.topic)
+        if expected is None and (frame.seq == 0 or not cursor.from_start):
+            expected = frame.seq  # a topic that starts now (or a subscription that starts now)
+        missed = 0
+        if expected is None or frame.seq > expected:
+            if not settled:  # missed some: the history may have them
+                self._hold(cursor, frame)
+                self._catch_up(key, options, cursor)
+                return
+            missed = frame.seq - (expected or 0)
+        self._deliver(key, options, cursor, frame.topic, frame.seq, frame.items, frame.origin, frame.sender_id,
+                      missed, None, calls)
+
+    def _hold(self, cursor: Cursor, frame: _Frame) -> None:
+        if cursor.held is None:
+            return  # already too many: the history has them
+        cursor.held.append(frame)
+        cursor.held_count += len(frame.items)
+        if cursor.held_count > MAX_HELD:
+            cursor.held, cursor.held_count = None, 0
+            log.info("a replay of stream %s holds over %d live messages: they will come from the history",
+                     cursor.stream[:8], MAX_HELD)
+
+    # -- catching up ------------------------------------------------------------------------
+
+    def _cursor(self, key: Key, options: SubscribeOptions, stream: str, node_id: str, calls: list[Call]) -> Cursor:
+        cursor = self.cursors.get((key, stream))
+        if cursor is not None:
+            return cursor
+        if len(self.cursors) >= _MAX_CURSORS:
+            raise OverflowError("too many publisher streams followed")  # (counted as a malformed frame)
+        stored = self._stored(options.durable_name, stream)
+        cursor = Cursor(stream, node_id, from_start=options.replay == "all" or bool(stored))
+        self.cursors[(key, stream)] = cursor
+        if stored:
+            for topic, (seq, upto, _pos) in stored.items():
+                cursor.next[topic] = seq + 1
+                if upto > seq:
+                    cursor.upto[topic] = upto
+            cursor.pos = min(pos for _s, _u, pos in stored.values())
+        if stored or options.replay != "new":
+            self._catch_up(key, options, cursor, first=not stored)
+        return cursor
+
+    def _catch_up(self, key: Key, options: SubscribeOptions, cursor: Cursor, first: bool = False) -> None:
+        if cursor.catching_up:
+            return
+        cursor.catching_up = True
+        request: dict[str, Any] = {"p": key[0], "a": cursor.pos}
+        if first and not isinstance(options.replay, str):  # replay the last N seconds
+            request["s"] = time.time() - float(options.replay)
+        self.fetch(Fetch(cursor.node_id, key, cursor.stream, request))
+
+    def on_page(self, fetch: Fetch, page: Any, error: BaseException | None, calls: list[Call]) -> None:
+        """Apply one page of history (or the failure to get it) to its cursor."""
+        cursor = self.cursors.get((fetch.key, fetch.stream))
+        options = self.registry.replays.get(fetch.key)
+        if cursor is None or options is None:
+            return  # unsubscribed meanwhile
+        if error is None:
+            try:
+                rows, more, first = page["rows"], bool(page["more"]), page.get("first") or {}
+                for row in rows:
+                    self._replay_row(fetch.key, options, cursor, row, first, calls)
+            except Exception as exc:  # a malformed page: what is held is released as it is
+                error = exc
+                self.stats.reject("history_malformed")
+        if error is not None:
+            log.warning("cannot replay stream %s from %s: %s", fetch.stream[:8], fetch.node_id[:8], error)
+            self.stats.add("pubsub", "replay_failed")
+            more = False
+        if more:
+            self.fetch(Fetch(cursor.node_id, fetch.key, cursor.stream, {"p": fetch.key[0], "a": cursor.pos}))
+            return
+        cursor.catching_up = False
+        held, cursor.held, cursor.held_count = cursor.held, deque(), 0
+        if held is None:  # more came live than could be held: fetch them too
+            if error is None:
+                self._catch_up(fetch.key, options, cursor)
+            return
+        while held:
+            self._take(fetch.key, options, cursor, held.popleft(), calls, settled=True)
+
+    def _replay_row(self, key: Key, options: SubscribeOptions, cursor: Cursor, row: list[Any],
+                    first: dict[str, int], calls: list[Call]) -> None:
+        pos, topic, seq, count, ts, payload, meta = row
+        if not isinstance(topic, str) or not topic.startswith(key[0]):
+            return
+        cursor.pos = max(cursor.pos, int(pos))
+        expected = cursor.next.get(topic)
+        if expected is None:
+            expected = 0 if cursor.from_start else seq
+        if seq + count <= expected:
+            return  # replayed already
+        items = self.codec.decode_batch(payload)
+        headers = None
+        if meta:
+            decoded = self.codec.decode(meta)
+            headers = decoded.get("h") if isinstance(decoded, dict) else None
+        origin = Origin(f"{cursor.stream}/{topic}/", seq, float(ts),
+                        headers if isinstance(headers, list) and len(headers) == len(items) else None)
+        missed = max(0, seq - expected)
+        self._deliver(key, options, cursor, topic, seq, items, origin, cursor.node_id, missed, int(pos), calls)
+
+    # -- delivering -------------------------------------------------------------------------
+
+    def _deliver(self, key: Key, options: SubscribeOptions, cursor: Cursor, topic: str, seq: int, items: list[Any],
+                 origin: Origin | None, sender_id: str | None, missed: int, pos: int | None, calls: list[Call]) -> None:
+        """Hand the messages of a frame numbered from ``seq`` that the cursor expects to the
+        subscription's handler; ``missed`` were lost just before them."""
+        expected = cursor.next.get(topic, seq)
+        skip = max(0, expected - seq) if missed == 0 else 0
+        if missed:
+            self.stats.add("pubsub", "gap", missed)
+            log.warning("stream %s, topic %r: %d message(s) missed (no longer in the history)",
+                        cursor.stream[:8], topic, missed)
+        if origin is None or origin.stem is None or origin.first != seq:  # name it by the stream, as replays are
+            origin = Origin(f"{cursor.stream}/{topic}/", seq, origin.timestamp if origin else None,
+                            origin.headers if origin else None)
+        name = options.durable_name
+        upto = cursor.upto.get(topic, -1)
+        lookup = self.directory.lookup_peer
+        for index in range(skip, len(items)):
+            number = seq + index
+            msg = Message("pubsub", topic, items[index], sender_id, lookup, origin, index)
+            if missed:
+                msg.gap, missed = missed, 0
+            if number <= upto:
+                msg.redelivered = True  # perhaps handled before a crash
+            mark = None
+            if name is not None:
+                mark = CursorMark(name, cursor.stream, topic, number, cursor.pos if pos is None else pos)
+                self._pending.setdefault((name, cursor.stream, topic), deque()).append(number)
+            calls.append(Call(key[1], msg, mark, "pubsub"))  # type: ignore[arg-type]
+        cursor.next[topic] = seq + len(items)
+        if upto >= 0 and seq + len(items) > upto:
+            cursor.upto.pop(topic, None)
+
+    # -- durable subscriptions ----------------------------------------------------------------
+
+    def _stored(self, name: str | None, stream: str) -> dict[str, tuple[int, int, int]]:
+        if name is None or self.store is None:
+            return {}
+        if name not in self._durable:
+            self._durable[name] = self.store.load_cursors(name)
+        return self._durable[name].get(stream, {})
+
+    def before_handling(self, calls: list[Call]) -> None:
+        """Record, before a burst is handled, the highest number each durable subscription
+        reaches in it (a crash then redelivers up to there, marked)."""
+        reached: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for call in calls:
+            mark = call.route
+            if type(mark) is CursorMark:
+                reached[(mark.name, mark.stream, mark.topic)] = (mark.seq, mark.pos)
+        if not reached:
+            return
+        rows = []
+        for (name, stream, topic), (seq, pos) in reached.items():
+            state = self._dirty.get((name, stream, topic)) or self._saved(name, stream, topic)
+            state[1], state[2] = seq, max(state[2], pos)
+            rows.append((name, stream, topic, state[0], seq, state[2]))
+            self._dirty.pop((name, stream, topic), None)
+            self._durable.setdefault(name, {}).setdefault(stream, {})[topic] = (state[0], seq, state[2])
+        self._save(rows)
+
+    def handled(self, mark: CursorMark) -> None:
+        """A durable subscription's handler finished with a message (whatever the outcome)."""
+        key = (mark.name, mark.stream, mark.topic)
+        pending = self._pending.get(key)
+        if not pending:
+            return
+        finished = self._finished.setdefault(key, set())
+        finished.add(mark.seq)
+        last = None
+        while pending and pending[0] in finished:  # handlers may finish out of order (a pool)
+            last = pending.popleft()
+            finished.discard(last)
+        if last is not None:
+            state = self._dirty.get(key) or self._saved(*key)
+            state[0], state[2] = last, max(state[2], mark.pos)
+            self._dirty[key] = state
+
+    def flush(self) -> None:
+        """Commit what the durable subscriptions handled since the last flush."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        rows = []
+        for (name, stream, topic), (seq, upto, pos) in dirty.items():
+            rows.append((name, stream, topic, seq, max(upto, seq), pos))
+            self._durable.setdefault(name, {}).setdefault(stream, {})[topic] = (seq, max(upto, seq), pos)
+        self._save(rows)
+
+    def _saved(self, name: str, stream: str, topic: str) -> list[int]:
+        seq, upto, pos = self._durable.get(name, {}).get(stream, {}).get(topic, (-1, -1, 0))
+        return [seq, upto, pos]
+
+    def _save(self, rows: list[tuple[str, str, str, int, int, int]]) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.save_cursors(rows)
+        except Exception as exc:  # the subscription resumes from an older place: redeliveries, no loss
+            log.error("cannot record where durable subscriptions are: %s", exc)
