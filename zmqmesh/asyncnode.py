@@ -170,7 +170,8 @@ class AsyncNode(NodeBase[Any]):
         self._engine.leave_group(group)
 
     async def wait_for_peers(self, n: int, timeout: float = 10.0) -> list[Peer]:
-        """Wait until at least ``n`` peers are present; returns them. Raises `MeshTimeoutError`."""
+        """Wait until at least ``n`` peers are present (see `Node.wait_for_peers`); returns
+        them. Raises `MeshTimeoutError`."""
         peers: list[Peer] = await self._runner.run(self._peers_plan(n, timeout))
         return peers
 

@@ -243,7 +243,10 @@ class Node(NodeBase[Any]):
     # waiting ----------------------------------------------------------------------------------------
 
     def wait_for_peers(self, n: int, timeout: float = 10.0) -> list[Peer]:
-        """Block until at least ``n`` peers are present; returns them. Raises `MeshTimeoutError`."""
+        """Block until at least ``n`` peers are present; returns them. A peer is present once
+        it is known and its subscriptions are in place at this node's publisher: what this
+        node publishes afterwards reaches every matching subscriber among them. Raises
+        `MeshTimeoutError`."""
         peers: list[Peer] = self._runner.run(self._peers_plan(n, timeout))
         return peers
 

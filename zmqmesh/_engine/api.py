@@ -437,8 +437,18 @@ class NodeBase(Generic[Handler]):
         yield Until(predicate, None if timeout is None else time.monotonic() + timeout, what)
 
     def _peers_plan(self, n: int, timeout: float) -> Plan:
-        directory = self._engine.directory
-        yield from self._until(lambda: directory.peer_count() >= n, timeout, f"{n} peer(s)")
+        """Wait for ``n`` peers present: known, and their subscriptions in place here (a
+        publication made afterwards reaches them)."""
+        engine = self._engine
+        engine.ensure_running()
+        directory, publisher = engine.directory, engine.publisher
+        assert publisher is not None
+
+        def present() -> bool:
+            own = directory.node_id
+            return sum(1 for i in directory.alive_ids if i != own and publisher.subscriptions_in_place(i)) >= n
+
+        yield from self._until(present, timeout, f"{n} peer(s)")
         return directory.peers()
 
     def _subscribers_plan(self, topic: str, n: int, timeout: float) -> Plan:

@@ -235,7 +235,6 @@ class Engine:
             headers[HEADER["key"]] = self.keys.public
         if self.history is not None:
             headers[HEADER["stream"]] = self.history.stream_id
-            self._expire_history()
         self.requests = self._requests_factory(self)
         self.inbox.start()
         self.closed = False
@@ -243,6 +242,8 @@ class Engine:
         self._rebuild()
         self.membership.start(headers, self._own_groups())
         self.publisher.start()
+        if self.history is not None:
+            self.call_soon(self._expire_history)
         log.info("node %s (%s) started, mailbox %s", self.name, self.node_id[:8], self.membership.endpoint)
 
     def advertised(self, key: str) -> str:

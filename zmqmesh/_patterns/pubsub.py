@@ -237,6 +237,17 @@ class Publisher:
         here = any(topic.startswith(p) for p in self.own_prefixes())  # delivered directly, never missed
         return total - overcount + here >= n
 
+    def subscriptions_in_place(self, node_id: str) -> bool:
+        """Whether every subscription the member ``node_id`` announced has reached this
+        node's XPUB (counted per prefix: as many subscriptions as members announce it)."""
+        own = self.directory.node_id
+        for prefix, ids in self.directory.offers["topics"].items():
+            if node_id in ids:
+                members = sum(1 for i in ids if i != own)
+                if self._sub_counts.get(prefix.encode(), 0) < members:
+                    return False
+        return True
+
     def close(self, linger_ms: int) -> None:
         """Stop watching the XPUB and close it."""
         close_watched(self.loop, self.xpub, linger_ms)

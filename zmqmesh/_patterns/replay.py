@@ -296,6 +296,8 @@ class Replays:
                 mark = CursorMark(name, cursor.stream, topic, number, cursor.pos if pos is None else pos)
                 self._pending.setdefault((name, cursor.stream, topic), deque()).append(number)
             calls.append(Call(key[1], msg, mark, "pubsub"))  # type: ignore[arg-type]
+        if skip >= len(items):
+            return  # all had been delivered
         cursor.next[topic] = seq + len(items)
         if upto >= 0 and seq + len(items) > upto:
             cursor.upto.pop(topic, None)

@@ -1,0 +1,54 @@
+"""A publisher that keeps its topics, or a durable subscriber, in its own process (killed
+at will) for the replay tests.
+
+    python replay_process.py publisher STORE MESH PORT TOTAL RATE
+        publish TOTAL messages {"n": i} on the topics app.0 .. app.2 (round robin), RATE
+        per second, keeping them (history=), then print "published" and wait
+    python replay_process.py subscriber STORE MESH PORT OUT
+        subscribe to "app." with replay="all" and durable_name="collector"; append
+        "<topic> <n> <redelivered 0|1> <gap>" per message to OUT
+
+Both print "ready" once started and run until killed or their stdin closes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import zmqmesh
+
+
+def publisher(store: str, mesh: str, port: int, total: int, rate: float) -> None:
+    with zmqmesh.Node("publisher", mesh=mesh, beacon_port=port, store=store, history={"app.": 1_000_000}) as node:
+        print("ready", flush=True)
+        start = time.monotonic()
+        for i in range(total):
+            node.publish(f"app.{i % 3}", {"n": i})
+            ahead = i / rate - (time.monotonic() - start)
+            if ahead > 0.005:
+                time.sleep(ahead)
+        print("published", flush=True)
+        sys.stdin.read()
+
+
+def subscriber(store: str, mesh: str, port: int, out: str) -> None:
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    node = zmqmesh.Node("subscriber", mesh=mesh, beacon_port=port, store=store)
+
+    @node.subscribe("app.", replay="all", durable_name="collector")
+    def collect(msg: zmqmesh.Message) -> None:
+        os.write(fd, f"{msg.topic} {msg.data['n']} {int(msg.redelivered)} {msg.gap}\n".encode())
+
+    with node:
+        print("ready", flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    role, args = sys.argv[1], sys.argv[2:]
+    if role == "publisher":
+        publisher(args[0], args[1], int(args[2]), int(args[3]), float(args[4]))
+    else:
+        subscriber(args[0], args[1], int(args[2]), args[3])

@@ -1,0 +1,183 @@
+"""Replayable topics and durable subscriptions: a publisher keeps its topics (history=), a
+subscriber replays them (replay=), resumes where it was (durable_name=), and is told of
+what it missed (msg.gap). Real sockets, real stores, real processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from helpers import wait_until
+from zmqmesh import inspect_store
+
+pytestmark = pytest.mark.timeout(120)
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "replay_process.py"
+
+
+class Proc:
+    """A replay_process.py child: started, waited for, killed or closed."""
+
+    def __init__(self, *args: Any) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-u", str(WORKER), *map(str, args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        wait_until(lambda: text in self.lines or self.proc.poll() is not None, timeout, text)
+        assert text in self.lines, "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
+def publish_all(node: zmqmesh.Node, topics: list[str], first: int, count: int) -> None:
+    for i in range(first, first + count):
+        node.publish(topics[i % len(topics)], {"n": i})
+
+
+def test_a_late_subscriber_replays_the_history_then_goes_live_with_no_gap_or_duplicate(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    live: list[tuple[str, int, str]] = []
+    late: list[tuple[str, int, str, int]] = []
+    publisher = zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 10_000}, **mesh)
+    with publisher:
+        early = zmqmesh.Node("early", **mesh)
+        early.subscribe("logs.", lambda m: live.append((m.topic, m.data["n"], m.id)))
+        with early:
+            publisher.wait_for_peers(1)
+            publish_all(publisher, ["logs.a", "logs.b"], 0, 3000)
+            wait_until(lambda: len(live) == 3000, 20, "the live messages")
+            subscriber = zmqmesh.Node("late", **mesh)
+            subscriber.subscribe("logs.", lambda m: late.append((m.topic, m.data["n"], m.id, m.gap)), replay="all")
+            with subscriber:
+                wait_until(lambda: len(late) >= 3000, 20, "the replay")
+                publisher.wait_for_peers(2)
+                publish_all(publisher, ["logs.a", "logs.b"], 3000, 1000)  # live again, right after the replay
+                wait_until(lambda: len(late) >= 4000 and len(live) >= 4000, 20, "the live messages")
+                assert subscriber.stats()["pubsub"].get("gap", 0) == 0
+    assert [n for _t, n, _i, _g in late] == list(range(4000)), "in order per publisher, no gap, no duplicate"
+    assert all(g == 0 for *_rest, g in late)
+    assert [(t, n, i) for t, n, i, _g in late] == live, "a replayed message has the id it had live"
+
+
+def test_what_fell_out_of_the_history_is_reported_as_a_gap(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    got: list[tuple[int, int]] = []
+    recent: list[tuple[int, int]] = []
+    history = {"count.": 100, "age.": {"max_messages": 1000, "max_age_s": 0.5}}
+    with zmqmesh.Node("publisher", store=str(tmp_path), history=history, **mesh) as publisher:
+        publish_all(publisher, ["count.x"], 0, 500)  # only about the last 100 are kept
+        publish_all(publisher, ["age.x"], 0, 50)
+        wait_until(lambda: "age.x" in inspect_store(tmp_path)["topics"], 10, "the messages kept")
+        wait_until(lambda: "age.x" not in inspect_store(tmp_path)["topics"], 10, "the old messages to expire")
+        publish_all(publisher, ["age.x"], 50, 10)
+        subscriber = zmqmesh.Node("late", **mesh)
+        subscriber.subscribe("count.", lambda m: got.append((m.data["n"], m.gap)), replay="all")
+        subscriber.subscribe("age.", lambda m: recent.append((m.data["n"], m.gap)), replay="all")
+        with subscriber:
+            wait_until(lambda: got and got[-1][0] == 499 and recent and recent[-1][0] == 59, 20, "the replays")
+            counted = subscriber.stats()["pubsub"]["gap"]
+    first, gap = got[0]
+    # (whole frames are trimmed: at least the last 100 are kept)
+    assert 0 < first <= 400 and gap == first, "the messages trimmed by max_messages are reported"
+    assert [n for n, _g in got] == list(range(first, 500)) and all(g == 0 for _n, g in got[1:])
+    assert recent == [(50, 50), *[(n, 0) for n in range(51, 60)]], "and those expired by max_age_s"
+    assert counted == first + 50
+
+
+def test_a_publication_right_after_start_reaches_every_subscribed_member(mesh: dict[str, Any]) -> None:
+    """The start-up window: the publisher's own handler, and every subscriber among the
+    peers wait_for_peers returned, get a publication made at once; none is reported
+    sent when it reached no one."""
+    seen: dict[str, list[Any]] = {"publisher": [], "a": [], "b": []}
+    subscribers = [zmqmesh.Node(name, **mesh) for name in ("a", "b")]
+    for node in subscribers:
+        node.subscribe("news.", lambda m, name=node.name: seen[name].append(m.data))
+        node.start()
+    try:
+        publisher = zmqmesh.Node("publisher", **mesh)
+        publisher.subscribe("news.", lambda m: seen["publisher"].append(m.data))
+        with publisher:
+            publisher.publish("news.first", 1)  # before any peer is known: its own handler still gets it
+            publisher.wait_for_peers(2)
+            publisher.publish("news.second", 2)
+            publisher.publish("nobody.listens", 3)
+            wait_until(lambda: all(len(v) >= (2 if k == "publisher" else 1) for k, v in seen.items()), 10,
+                       "every subscriber")
+            counters = publisher.stats()["pubsub"]
+    finally:
+        for node in subscribers:
+            node.stop()
+    assert seen["publisher"] == [1, 2]
+    assert seen["a"][-1] == 2 and seen["b"][-1] == 2
+    assert counters["unrouted"] == 1, "the publication nobody subscribed to is counted as such"
+
+
+def test_a_durable_subscriber_killed_mid_stream_handles_every_message_once_in_order(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
+    total = 50_000
+    out = tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+    publisher = Proc("publisher", tmp_path / "publisher", name, port, total, 10_000)
+    procs.append(publisher)
+    publisher.wait_for("ready")
+    for kill_at in (total // 4, total // 2):
+        subscriber = Proc("subscriber", tmp_path / "subscriber", name, port, out)
+        procs.append(subscriber)
+        wait_until(lambda: out.exists() and out.stat().st_size > 0 and len(out.read_text().splitlines()) >= kill_at,
+                   60, f"{kill_at} messages handled")
+        subscriber.kill()
+    subscriber = Proc("subscriber", tmp_path / "subscriber", name, port, out)
+    procs.append(subscriber)
+    publisher.wait_for("published", 60)
+    wait_until(lambda: len(out.read_text().splitlines()) >= total, 60, "every message handled")
+    handled: list[int] = []
+    repeats = Counter[int]()
+    for line in out.read_text().splitlines():
+        topic, n, redelivered, gap = line.split()
+        assert gap == "0" and topic == f"app.{int(n) % 3}"
+        if handled and int(n) <= handled[-1]:
+            assert redelivered == "1", f"message {n} handled twice, not marked redelivered"
+            repeats[int(n)] += 1
+            continue
+        handled.append(int(n))
+    assert handled == list(range(total)), "every message exactly once, in order"
+    assert sum(repeats.values()) <= 2 * 256, "at most a burst marked again per kill"
+    subscriber.close()
+    publisher.close()
