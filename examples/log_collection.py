@@ -1,8 +1,15 @@
-"""Log collection: many producers push log records, one aggregator summarises them.
+"""Log collection that survives its collector: every line exactly once, in order per app.
 
-Five producer processes push records to the "logs" queue, then a final "eof" record.
-The aggregator pulls them all (nothing is dropped: with nobody pulling, push waits and
-then raises) and prints counts per level and per producer.
+Five app processes publish their log lines on "logs.<app>" and keep them (``history=``,
+each in its own store). One collector process subscribes to "logs." with a
+``durable_name``: it writes every line to a file and the node remembers where it is in
+each app's stream. Midway, the collector is killed (SIGKILL) and started again: it
+resumes right after the last line it handled, replaying what the apps published while it
+was down from their histories, then follows them live.
+
+A line the collector may have written just before it was killed comes again marked
+``msg.redelivered``; the collector skips those it already wrote (its own file says which),
+so the file ends with every line exactly once, in order per app.
 Run: python examples/log_collection.py
 """
 
@@ -10,60 +17,92 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import random
+import tempfile
 import threading
-from collections import Counter
+import time
+from collections import defaultdict
+from pathlib import Path
 
 import zmqmesh
 
 MESH = f"logs-{os.getpid()}"
-PRODUCERS = 5
-RECORDS = 200
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+APPS = 5
+LINES = 1000
+RATE = 1000  # lines per second per app
 
 
-def producer(name: str, mesh: str) -> None:
-    rng = random.Random(name)
-    with zmqmesh.Node(name, mesh=mesh) as node:
-        for i in range(RECORDS):
-            level = rng.choices(LEVELS, weights=(50, 35, 10, 5))[0]
-            node.push("logs", {"source": name, "level": level, "line": f"{name} event {i}"}, timeout=20)
-        node.push("logs", {"source": name, "level": "eof"}, timeout=20)
-    # leaving the with-block drains what is still queued before the node stops
+def app(name: str, mesh: str, store: str, stop: mp.synchronize.Event) -> None:
+    with zmqmesh.Node(name, mesh=mesh, store=store, history={"logs.": 100_000}) as node:
+        start = time.monotonic()
+        for i in range(LINES):
+            node.publish(f"logs.{name}", {"app": name, "n": i, "line": f"{name} event {i}"})
+            ahead = i / RATE - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+        stop.wait(120)  # an app keeps its history available until the collector is done
+
+
+def written(out: Path) -> dict[str, int]:
+    """The last line number per app in the collector's file (-1 for none)."""
+    last: dict[str, int] = defaultdict(lambda: -1)
+    if out.exists():
+        for row in out.read_text().splitlines():
+            name, n, _text = row.split(" ", 2)
+            last[name] = max(last[name], int(n))
+    return last
+
+
+def collector(mesh: str, store: str, out: Path) -> None:
+    last = written(out)  # what an earlier run of this collector already wrote
+    done = threading.Event()
+    node = zmqmesh.Node("collector", mesh=mesh, store=store)
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    @node.subscribe("logs.", replay="all", durable_name="collector")
+    def collect(msg: zmqmesh.Message) -> None:
+        record = msg.data
+        if msg.redelivered and record["n"] <= last[record["app"]]:
+            return  # written before the crash
+        os.write(fd, f"{record['app']} {record['n']} {record['line']}\n".encode())
+        last[record["app"]] = record["n"]
+        if len(last) == APPS and all(n == LINES - 1 for n in last.values()):
+            done.set()
+
+    with node:
+        done.wait(120)  # every line of every app written
 
 
 def main() -> None:
-    levels: Counter[str] = Counter()
-    sources: Counter[str] = Counter()
-    finished: set[str] = set()
-    all_done = threading.Event()
-    aggregator = zmqmesh.Node("aggregator", mesh=MESH)
-
-    @aggregator.pull("logs")
-    def collect(msg: zmqmesh.Message) -> None:
-        record = msg.data
-        if record["level"] == "eof":
-            finished.add(record["source"])
-            if len(finished) == PRODUCERS:
-                all_done.set()
-            return
-        levels[record["level"]] += 1
-        sources[record["source"]] += 1
-
-    with aggregator:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=producer, args=(f"app-{i}", MESH)) for i in range(PRODUCERS)]
-        for p in procs:
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()  # (never shared with the collector: a process killed inside an Event's wait breaks it)
+    with tempfile.TemporaryDirectory(prefix="zmqmesh-logs-") as tmp:
+        out = Path(tmp) / "collected.log"
+        apps = [ctx.Process(target=app, args=(f"app-{i}", MESH, f"{tmp}/app-{i}", stop)) for i in range(APPS)]
+        first = ctx.Process(target=collector, args=(MESH, f"{tmp}/collector", out))
+        first.start()
+        for p in apps:
             p.start()
-        if not all_done.wait(60):
-            raise SystemExit(f"only {len(finished)} producers finished")
-        for p in procs:
-            p.join(10)
-    total = sum(levels.values())
-    print(f"aggregator: {total} records from {len(sources)} producers")
-    print("aggregator: by level:", dict(sorted(levels.items())))
-    print("aggregator: by producer:", dict(sorted(sources.items())))
-    assert total == PRODUCERS * RECORDS and set(sources.values()) == {RECORDS}
+        deadline = time.monotonic() + 60
+        while sum(written(out).values()) < APPS * LINES // 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.kill()  # SIGKILL, mid-stream
+        first.join(10)
+        print(f"collector: killed after {sum(n + 1 for n in written(out).values())} lines; starting it again")
+        second = ctx.Process(target=collector, args=(MESH, f"{tmp}/collector", out))
+        second.start()
+        second.join(60)  # it ends once it wrote every line
+        finished = second.exitcode == 0
+        stop.set()
+        for p in apps:
+            p.join(15)
+        lines: dict[str, list[int]] = defaultdict(list)
+        for row in out.read_text().splitlines():
+            name, n, _text = row.split(" ", 2)
+            lines[name].append(int(n))
+    exact = all(numbers == list(range(LINES)) for numbers in lines.values())
+    total = sum(len(numbers) for numbers in lines.values())
+    print(f"collector: {total} lines from {len(lines)} apps; each exactly once and in order: {exact}")
+    assert finished and exact and len(lines) == APPS
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 import zmqmesh
-from helpers import wait_until
 from zmqmesh import inspect_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -113,6 +113,10 @@ def test_what_fell_out_of_the_history_is_reported_as_a_gap(tmp_path: Path, mesh:
         with subscriber:
             wait_until(lambda: got and got[-1][0] == 499 and recent and recent[-1][0] == 59, 20, "the replays")
             counted = subscriber.stats()["pubsub"]["gap"]
+            shown = subprocess.run([sys.executable, "-m", "zmqmesh", "store", "inspect", str(tmp_path)],
+                                   capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert "KEPT TOPIC" in shown.stdout and "count.x" in shown.stdout and "..499" in shown.stdout
     first, gap = got[0]
     # (whole frames are trimmed: at least the last 100 are kept)
     assert 0 < first <= 400 and gap == first, "the messages trimmed by max_messages are reported"
@@ -181,3 +185,30 @@ def test_a_durable_subscriber_killed_mid_stream_handles_every_message_once_in_or
     assert sum(repeats.values()) <= 2 * 256, "at most a burst marked again per kill"
     subscriber.close()
     publisher.close()
+
+
+def test_an_async_node_replays_and_resumes_as_a_node_does(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    import asyncio
+
+    async def collect(got: list[int], until: int) -> None:
+        subscriber = zmqmesh.AsyncNode("async-late", store=str(tmp_path / "subscriber"), **mesh)
+
+        @subscriber.subscribe("jobs.", replay="all", durable_name="worker")
+        async def handle(msg: zmqmesh.Message) -> None:
+            got.append(msg.data["n"])
+
+        async with subscriber:
+            for _ in range(400):
+                if got and got[-1] == until:
+                    break
+                await asyncio.sleep(0.025)
+
+    first: list[int] = []
+    second: list[int] = []
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"jobs.": 10_000}, **mesh) as publisher:
+        publish_all(publisher, ["jobs.x", "jobs.y"], 0, 500)
+        asyncio.run(collect(first, 499))
+        publish_all(publisher, ["jobs.x", "jobs.y"], 500, 500)
+        asyncio.run(collect(second, 999))
+    assert first == list(range(500))
+    assert second == list(range(500, 1000)), "resumed right after the last message handled"

@@ -114,7 +114,10 @@ class History:
 
     def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int) -> dict[str, Any]:
         """One page of a replay (the reply of ``\\x00history``): ``{"rows": [[pos, topic, seq,
-        count, ts, payload, meta], ...], "more": bool, "first": {topic: first kept seq}}``."""
+        count, ts, payload, meta], ...], "more": bool, "first": {topic: first kept seq},
+        "next": {topic: the number of the next message}}`` (``first`` and ``next`` as they
+        were just before the rows were read)."""
+        state = {t: v for t, v in self.store.history_state().items() if t.startswith(prefix)}
         rows, more = self.store.read_history(prefix, after_pos, since_ts, PAGE_ROWS, max_bytes)
-        first = {t: f for t, (f, _n) in self.store.history_state().items() if t.startswith(prefix)}
-        return {"rows": [list(r) for r in rows], "more": more, "first": first}
+        return {"rows": [list(r) for r in rows], "more": more, "first": {t: f for t, (f, _n) in state.items()},
+                "next": {t: n for t, (_f, n) in state.items()}}

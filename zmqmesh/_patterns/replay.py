@@ -68,7 +68,8 @@ class CursorMark(NamedTuple):
 class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
-    __slots__ = ("stream", "node_id", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start")
+    __slots__ = ("stream", "node_id", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start",
+                 "kept_next")
 
     def __init__(self, stream: str, node_id: str, from_start: bool) -> None:
         self.stream = stream
@@ -80,6 +81,7 @@ class Cursor:
         self.held_count = 0
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
         self.from_start = from_start  # a topic seen first mid-stream has missed its start
+        self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
 
 
 class _Frame(NamedTuple):
@@ -156,9 +158,11 @@ class Replays:
             self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id), calls)
 
     def _take(self, key: Key, options: SubscribeOptions, cursor: Cursor, frame: _Frame, calls: list[Call],
-              settled: bool = False) -> None:
+              settled: bool = False, final: bool = False) -> None:
         """A live frame for a cursor. A jump in the numbers makes the cursor catch up from
-        the history; once it has (``settled``), what is still missing is reported instead."""
+        the history; once it has (``settled``), what is still missing is reported instead,
+        unless the history was read before those messages were kept. ``final``: there is
+        no history to be had (a failed fetch): report at once."""
         if cursor.catching_up:
             self._hold(cursor, frame)
             return
@@ -167,7 +171,8 @@ class Replays:
             expected = frame.seq  # a topic that starts now (or a subscription that starts now)
         missed = 0
         if expected is None or frame.seq > expected:
-            if not settled:  # missed some: the history may have them
+            # missed some: the history may have them, unless it was just read up to past them
+            if not settled or (not final and frame.seq > cursor.kept_next.get(frame.topic, 0)):
                 self._hold(cursor, frame)
                 self._catch_up(key, options, cursor)
                 return
@@ -224,6 +229,7 @@ class Replays:
         if error is None:
             try:
                 rows, more, first = page["rows"], bool(page["more"]), page.get("first") or {}
+                cursor.kept_next.update((t, int(n)) for t, n in (page.get("next") or {}).items())
                 for row in rows:
                     self._replay_row(fetch.key, options, cursor, row, first, calls)
             except Exception as exc:  # a malformed page: what is held is released as it is
@@ -243,7 +249,7 @@ class Replays:
                 self._catch_up(fetch.key, options, cursor)
             return
         while held:
-            self._take(fetch.key, options, cursor, held.popleft(), calls, settled=True)
+            self._take(fetch.key, options, cursor, held.popleft(), calls, settled=True, final=error is not None)
 
     def _replay_row(self, key: Key, options: SubscribeOptions, cursor: Cursor, row: list[Any],
                     first: dict[str, int], calls: list[Call]) -> None:
@@ -264,6 +270,8 @@ class Replays:
         origin = Origin(f"{cursor.stream}/{topic}/", seq, float(ts),
                         headers if isinstance(headers, list) and len(headers) == len(items) else None)
         missed = max(0, seq - expected)
+        counters = self.stats.pattern["pubsub"]  # (written by the inbox's thread only)
+        counters["replayed"] = counters.get("replayed", 0) + len(items)
         self._deliver(key, options, cursor, topic, seq, items, origin, cursor.node_id, missed, int(pos), calls)
 
     # -- delivering -------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
     store = sub.add_parser("store", help="look into a node's store")
     store_sub = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
-    inspect = store_sub.add_parser("inspect", help="queues, backlog, dead letters, size")
+    inspect = store_sub.add_parser("inspect", help="queues, backlog, dead letters, kept topics, size")
     inspect.add_argument("dir")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     dead = store_sub.add_parser("dead-letters", help="show, retry or drop the dead letters of a queue")
@@ -262,6 +262,12 @@ def _keep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Columns padded to their widest cell."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows))
+
+
 def _store(args: argparse.Namespace) -> int:
     if args.store_command == "inspect":
         info = inspect_store(args.dir)
@@ -270,15 +276,17 @@ def _store(args: argparse.Namespace) -> int:
             return 0
         print(f"{info['path']}: {info['bytes']} bytes, schema {info['schema']}")
         now = time.time()
-        rows = [("QUEUE", "MESSAGES", "BYTES", "OLDEST")]
-        for name, q in info["queues"].items():
-            rows.append((name + (" (dead letters)" if name.endswith(".dead") else ""), str(q["messages"]),
-                         str(q["bytes"]), f"{max(0.0, now - q['oldest']):.0f}s ago"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        print("\n".join(lines) if len(rows) > 1 else "no messages stored")
+        queues = [(name + (" (dead letters)" if name.endswith(".dead") else ""), str(q["messages"]),
+                   str(q["bytes"]), f"{max(0.0, now - q['oldest']):.0f}s ago") for name, q in info["queues"].items()]
+        print(_table(("QUEUE", "MESSAGES", "BYTES", "OLDEST"), queues) if queues else "no messages stored")
+        topics = [(name, str(t["messages"]), str(t["bytes"]), f"{max(0.0, now - t['oldest']):.0f}s ago",
+                   f"{t['first_seq']}..{t['next_seq'] - 1}") for name, t in info["topics"].items()]
+        if topics:
+            print(_table(("KEPT TOPIC", "MESSAGES", "BYTES", "OLDEST", "NUMBERS"), topics))
         for queue, count in info["handled"].items():
             print(f"dedupe: {count} handled id(s) remembered for {queue!r}")
+        for name, count in info["subscriptions"].items():
+            print(f"durable subscription {name!r}: its place in {count} publisher topic(s)")
         return 0
     dead = args.dead_letter or f"{args.queue}.dead"
     if args.retry:
