@@ -262,7 +262,7 @@ def _keep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """Columns padded to their widest cell."""
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows))
@@ -278,11 +278,11 @@ def _store(args: argparse.Namespace) -> int:
         now = time.time()
         queues = [(name + (" (dead letters)" if name.endswith(".dead") else ""), str(q["messages"]),
                    str(q["bytes"]), f"{max(0.0, now - q['oldest']):.0f}s ago") for name, q in info["queues"].items()]
-        print(_table(("QUEUE", "MESSAGES", "BYTES", "OLDEST"), queues) if queues else "no messages stored")
+        print(_columns(("QUEUE", "MESSAGES", "BYTES", "OLDEST"), queues) if queues else "no messages stored")
         topics = [(name, str(t["messages"]), str(t["bytes"]), f"{max(0.0, now - t['oldest']):.0f}s ago",
                    f"{t['first_seq']}..{t['next_seq'] - 1}") for name, t in info["topics"].items()]
         if topics:
-            print(_table(("KEPT TOPIC", "MESSAGES", "BYTES", "OLDEST", "NUMBERS"), topics))
+            print(_columns(("KEPT TOPIC", "MESSAGES", "BYTES", "OLDEST", "NUMBERS"), topics))
         for queue, count in info["handled"].items():
             print(f"dedupe: {count} handled id(s) remembered for {queue!r}")
         for name, count in info["subscriptions"].items():
