@@ -262,7 +262,7 @@ def _keep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _columns(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     """Columns padded to their widest cell."""
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows))
