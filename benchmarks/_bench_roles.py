@@ -655,9 +655,12 @@ def raw_sub(ctl: Ctl, **_: Any) -> None:
     ctx.term()
 
 
-def zm_pub(ctl: Ctl, n: int, nsubs: int, beacon_port: int, mesh: str, **_: Any) -> None:
-    """zmqmesh publisher: ``wait_for_subscribers`` then ``publish`` ``n`` times, then end markers."""
-    node = _mesh_node("Node", "bench-pub", beacon_port, mesh)
+def zm_pub(ctl: Ctl, n: int, nsubs: int, beacon_port: int, mesh: str, history: bool = False, **_: Any) -> None:
+    """zmqmesh publisher: ``wait_for_subscribers`` then ``publish`` ``n`` times, then end markers;
+    ``history``: keeping the ``prices.`` topics in a store (a temporary directory)."""
+    store = tempfile.TemporaryDirectory(prefix="zmqmesh-bench-history-") if history else None
+    options = {"store": store.name, "history": {"prices.": 10_000_000}} if store is not None else {}
+    node = _mesh_node("Node", "bench-pub", beacon_port, mesh, **options)
     with node:
         ctl.send("ready")
         node.wait_for_subscribers(TOPIC, nsubs, timeout=min(20.0, ctl.remaining()))
@@ -670,6 +673,51 @@ def zm_pub(ctl: Ctl, n: int, nsubs: int, beacon_port: int, mesh: str, **_: Any) 
         ctl.send("result", t0=t0, t_sent=t_sent, stats=node.stats()["pubsub"], **_rss())
         while not ctl.poll(0.001):
             publish(END_TOPIC, None)
+    if store is not None:
+        store.cleanup()
+
+
+def zm_history_pub(ctl: Ctl, n: int, beacon_port: int, mesh: str, **_: Any) -> None:
+    """zmqmesh publisher keeping ``prices.``: publishes ``n`` messages to nobody (they are
+    kept), says "published" once all are in the history, then serves replays."""
+    with tempfile.TemporaryDirectory(prefix="zmqmesh-bench-history-") as store:
+        node = _mesh_node("Node", "bench-history", beacon_port, mesh, store=store, history={"prices.": 10_000_000})
+        with node:
+            for i in range(n):
+                node.publish(TOPIC, {"id": i, "payload": PAYLOAD})
+            while node.stats()["pubsub"].get("unrouted", 0) < n:  # flushed: kept before counted
+                time.sleep(0.01)
+            ctl.send("published")
+            ctl.wait("stop")
+
+
+def zm_replay_sub(ctl: Ctl, n: int, beacon_port: int, mesh: str, **_: Any) -> None:
+    """zmqmesh late subscriber, ``replay="all"``: the time from the first replayed message to
+    the ``n``-th."""
+    node = _mesh_node("Node", "bench-replay", beacon_port, mesh)
+    count = 0
+    done = threading.Event()
+    times: dict[str, float] = {}
+    last: list[Any] = []
+
+    def on_price(msg: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == 1:
+            times["first"] = time.monotonic()
+        if count == n:
+            times["last"] = time.monotonic()
+            last.append(msg.data["id"])
+            done.set()
+
+    node.subscribe("prices.", on_price, replay="all")
+    t0 = time.monotonic()
+    with node:
+        if not done.wait(ctl.remaining()):
+            raise TimeoutError(f"replayed {count} of {n}")
+        ctl.send("result", t0=t0, t_first=times["first"], t_last=times["last"], last=last[0],
+                 stats=node.stats()["pubsub"], **_rss())
+        ctl.wait("stop")
 
 
 def zm_sub(ctl: Ctl, beacon_port: int, mesh: str, name: str = "bench-sub", **_: Any) -> None:

@@ -170,8 +170,25 @@ def trial_req(t: Trial, impl: str, mode: str, n: int, warm: int, window: int = 1
     return out
 
 
-def trial_pubsub(t: Trial, impl: str, n: int, nsubs: int) -> dict[str, Any]:
-    """One publisher process and ``nsubs`` subscriber processes."""
+def trial_replay(t: Trial, n: int) -> dict[str, Any]:
+    """A publisher keeps ``n`` messages nobody received; then a subscriber process with
+    ``replay="all"`` gets them all: msgs/s from its first replayed message to the last."""
+    mesh = mesh_options()
+    t.spawn("pub", "zm_history_pub", n=n, **mesh)
+    t.expect("pub", "published")
+    t.spawn("sub", "zm_replay_sub", n=n, **mesh)
+    got = t.expect("sub", "result")
+    t.tell("sub", "stop")
+    t.tell("pub", "stop")
+    if got["last"] != n - 1:
+        raise TrialError(f"content check failed: the last message replayed was {got['last']}, expected {n - 1}")
+    elapsed = got["t_last"] - got["t_first"]
+    return {"delivered_per_s": (n - 1) / elapsed, "elapsed_s": elapsed, "start_to_last_s": got["t_last"] - got["t0"]}
+
+
+def trial_pubsub(t: Trial, impl: str, n: int, nsubs: int, history: bool = False) -> dict[str, Any]:
+    """One publisher process and ``nsubs`` subscriber processes (``history``: the publisher
+    keeps what it publishes)."""
     names = [f"sub{i}" for i in range(nsubs)]
     if impl == "raw":
         t.spawn("pub", "raw_pub", n=n, nsubs=nsubs)
@@ -179,7 +196,7 @@ def trial_pubsub(t: Trial, impl: str, n: int, nsubs: int) -> dict[str, Any]:
             t.spawn(name, "raw_sub")
     else:
         mesh = mesh_options()
-        t.spawn("pub", "zm_pub", n=n, nsubs=nsubs, **mesh)
+        t.spawn("pub", "zm_pub", n=n, nsubs=nsubs, history=history, **mesh)
         for name in names:
             # distinct names: same-named nodes started together on one host evict each other
             # for seconds at start-up (see the report); start-up is not what is measured here
@@ -251,6 +268,10 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_req(t, "zm", "inflight", p["inflight_n"], p["req_warm"], window=p["window"])),
         _m("raw_pubsub_1", "XPUB -> 1 SUB process, msgpack",
            lambda t, p: trial_pubsub(t, "raw", p["pub_n"], 1)),
+        _m("zm_pubsub_history_1", "Node(history=...).publish -> 1 subscriber process",
+           lambda t, p: trial_pubsub(t, "zm", p["pub_n"], 1, history=True)),
+        _m("zm_replay", "replay='all' of N kept messages by a late subscriber process",
+           lambda t, p: trial_replay(t, p["pub_n"])),
         _m("zm_pubsub_1", "Node.publish -> 1 subscriber process",
            lambda t, p: trial_pubsub(t, "zm", p["pub_n"], 1)),
         _m("raw_pubsub_4", "XPUB -> 4 SUB processes, msgpack",
@@ -309,6 +330,13 @@ def _push_extra(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
     return f"sender loop returned after (s): zmqmesh {zs}, raw {rs}; elapsed to last delivery (s): zmqmesh {[round(r['elapsed_s'], 2) for r in zm]}"
 
 
+def _at_least_200k(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
+    if not zm:
+        return "-"
+    rate = statistics.median(r["delivered_per_s"] for r in zm)
+    return f"absolute target >= 200 k msgs/s: {'meets' if rate >= 200_000 else 'MISSES'} ({rate / 1e3:.1f} k)"
+
+
 def _at_least_100k(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
     if not zm:
         return "-"
@@ -364,6 +392,12 @@ SCENARIOS: dict[str, list[Figure]] = {
     ],
     "pubsub_1": [
         Figure("pubsub_1", "64 B msgpack, 1 subscriber process: delivered", "zm_pubsub_1", "raw_pubsub_1", "delivered_per_s", "msgs/s", True, 0.8, _drops),
+    ],
+    "history": [
+        Figure("history/publish_cost", "64 B msgpack, 1 subscriber: publishing with history= vs without",
+               "zm_pubsub_history_1", "zm_pubsub_1", "delivered_per_s", "msgs/s", True, 0.7, _drops),
+        Figure("history/replay", "replay='all' of the kept messages vs live delivery to 1 subscriber",
+               "zm_replay", "zm_pubsub_1", "delivered_per_s", "msgs/s", True, None, _at_least_200k),
     ],
     "pubsub_4": [
         Figure("pubsub_4", "64 B msgpack, 4 subscriber processes: delivered (sum)", "zm_pubsub_4", "raw_pubsub_4", "delivered_per_s", "msgs/s", True, 0.8, _drops),
