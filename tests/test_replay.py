@@ -153,6 +153,19 @@ def test_a_publication_right_after_start_reaches_every_subscribed_member(mesh: d
     assert counters["unrouted"] == 1, "the publication nobody subscribed to is counted as such"
 
 
+def test_kept_and_unkept_topics_of_a_publisher_arrive_in_the_order_published(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    got: list[int] = []
+    subscriber = zmqmesh.Node("subscriber", **mesh)
+    subscriber.subscribe("", lambda m: got.append(m.data))
+    with subscriber, zmqmesh.Node("publisher", store=str(tmp_path), history={"kept.": 1000}, **mesh) as publisher:
+        publisher.wait_for_peers(1)
+        for i in range(2000):
+            publisher.publish("kept.x" if i % 7 < 3 else "other.x", i)
+        wait_until(lambda: len(got) == 2000, 20, "every publication")
+    assert got == list(range(2000))
+
+
 def test_a_durable_subscriber_killed_mid_stream_handles_every_message_once_in_order(
         tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
     total = 50_000

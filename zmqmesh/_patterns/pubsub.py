@@ -111,8 +111,9 @@ class Publisher:
         reconnect(self.xpub, self._connected, wanted, self.connect)
 
     def flush(self) -> None:
-        """Send everything queued: consecutive messages of one topic share a frame. Frames
-        of kept topics are committed to the history first, all in one transaction."""
+        """Send everything queued: consecutive messages of one topic share a frame. With a
+        history, the frames of kept topics are committed to it first, all in one
+        transaction, and every frame is sent after that commit, in order."""
         q = self.queue
         history = self.history
         kept: list[tuple[list[bytes], int, int, bool, bool]] = []
@@ -137,27 +138,26 @@ class Publisher:
             if history is not None and history.policy(topic) is not None:
                 seq = history.number(topic, len(bodies))
                 history.record(topic, seq, len(bodies), payload, meta)
-                frames = [topic, pub_sender(self.uuid, seq), payload]
-                if meta is not None:
-                    frames.append(meta)
-                kept.append((frames, size, len(bodies), here, elsewhere))
-                continue
-            seq = self._sequences.get(topic, 0)
-            if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:
-                self._sequences.clear()  # subscribers take a restarted sequence as a new baseline
-            self._sequences[topic] = seq + len(bodies)
+            else:
+                seq = self._sequences.get(topic, 0)
+                if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:
+                    self._sequences.clear()  # subscribers take a restarted sequence as a new baseline
+                self._sequences[topic] = seq + len(bodies)
             frames = [topic, pub_sender(self.uuid, seq), payload]
             if meta is not None:
                 frames.append(meta)
-            n = self._send(frames, size, len(bodies), here, elsewhere)
-            sent += n
-            unrouted += len(bodies) - n if not (here or elsewhere) else 0
+            if history is not None:  # every frame waits for the history's commit: the order holds
+                kept.append((frames, size, len(bodies), here, elsewhere))
+                continue
+            sent += self._send(frames, size, len(bodies), here, elsewhere)
+            if not (here or elsewhere):
+                unrouted += len(bodies)
         if kept:
             history.commit()  # type: ignore[union-attr]
             for frames, size, count, here, elsewhere in kept:
-                n = self._send(frames, size, count, here, elsewhere)
-                sent += n
-                unrouted += count - n if not (here or elsewhere) else 0
+                sent += self._send(frames, size, count, here, elsewhere)
+                if not (here or elsewhere):
+                    unrouted += count
         self.stats.pattern["pubsub"]["sent"] += sent
         if unrouted:
             self.stats.add("pubsub", "unrouted", unrouted)
