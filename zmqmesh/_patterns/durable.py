@@ -36,8 +36,8 @@ __all__ = ["DurableQueues", "BUFFER", "Ticket"]
 
 log = logging.getLogger("zmqmesh.durable")
 
-BUFFER = 4096
-"""Stored messages of one queue held in memory, ready to deal."""
+BUFFER = 16_384
+"""Stored messages of one queue held in memory, ready to deal (a few MiB at most)."""
 _REFILL_BELOW = BUFFER // 4
 _MAX_ERROR_CHARS = 1000
 _ACK_BATCH = 2048
@@ -60,12 +60,13 @@ class Ticket:
 class _Queue:
     """One durable queue's buffer, and whether the store holds more than the buffer."""
 
-    __slots__ = ("buffer", "loaded", "overflow")
+    __slots__ = ("buffer", "loaded", "overflow", "committed")
 
     def __init__(self) -> None:
         self.buffer: deque[StoredMessage] = deque()
         self.loaded = 0  # the highest sequence number ever put in the buffer
         self.overflow = False  # the store holds messages after `loaded` not in the buffer
+        self.committed = 0  # the highest sequence number stored for the queue (as far as known)
 
 
 class DurableQueues:
@@ -98,16 +99,18 @@ class DurableQueues:
             queue = self.queues[name] = _Queue()
         return queue
 
-    def _overflowed(self, name: str) -> None:
+    def _overflowed(self, name: str, upto: int) -> None:
         with self._lock:
-            self._queue(name).overflow = True
+            queue = self._queue(name)
+            queue.overflow = True
+            queue.committed = max(queue.committed, upto)
 
     def recover(self) -> int:
         """Note the messages left in the store by an earlier run; how many there are."""
         stored = self.store.queues()
-        for name in stored:
-            self._overflowed(name)
         self._recovered_upto = self.store.last_seq()
+        for name in stored:
+            self._overflowed(name, self._recovered_upto)
         total = sum(q["messages"] for q in stored.values())
         if total:
             log.info("%d durable message(s) in %d queue(s) left from an earlier run", total, len(stored))
@@ -195,6 +198,7 @@ class DurableQueues:
                 self._segments[first] = [count, count]
                 base = len(stored)
                 stored.extend(StoredMessage(first + i, name, *entries[base + i], first) for i in range(count))
+            queue.committed = stored[-1].seq
             if queue.overflow or len(queue.buffer) + len(stored) > BUFFER:
                 queue.overflow = True
             else:
@@ -212,13 +216,16 @@ class DurableQueues:
             # that overflows after this look wakes the loop for another refill
             return {name: q.buffer for name, q in queues}
         recovered = self._recovered_upto
-        with self._lock:
-            for name, queue in self.queues.items():
-                if not queue.overflow or len(queue.buffer) >= _REFILL_BELOW:
-                    continue
-                room = BUFFER - len(queue.buffer)
+        for name, queue in queues:
+            if not queue.overflow or len(queue.buffer) >= _REFILL_BELOW:
+                continue
+            room = BUFFER - len(queue.buffer)
+            # read without the lock (committers wait for it): while a queue overflows they
+            # leave its buffer alone, and only note how far they stored
+            segments = self.store.pending(name, after=queue.loaded, limit=room)
+            with self._lock:
                 loaded = 0
-                for segment in self.store.pending(name, after=queue.loaded, limit=room):
+                for segment in segments:
                     if segment.damaged:  # left in the store for an operator, never forgotten
                         log.error("store %s, queue %r: %s; skipped", self.store.directory, name, segment.damaged)
                         self.stats.reject("store_damaged", segment.size)
@@ -229,9 +236,9 @@ class DurableQueues:
                     queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
                     queue.loaded = segment.first + segment.size - 1
                     loaded += segment.size
-                if loaded < room:
+                if loaded < room and queue.committed <= queue.loaded:
                     queue.overflow = False  # everything stored is in the buffer now
-            return {name: q.buffer for name, q in self.queues.items()}
+        return {name: q.buffer for name, q in queues}
 
     def settle(self, queue: str, items: list[Any], failures: list[Failure]) -> list[Any]:
         """A puller answered for a batch: forget what it handled, dead-letter what it gave
@@ -239,9 +246,16 @@ class DurableQueues:
         failed = {f.position: f for f in failures}
         retry: list[Any] = []
         attempted: list[int] = []
+        handled: dict[int, list[int]] = {}  # by segment: a batch is mostly one or two segments
         for i, item in enumerate(items):
-            if i not in failed and isinstance(item, StoredMessage):
-                self._settle_one(item)
+            if type(item) is StoredMessage and i not in failed:
+                seqs = handled.get(item.segment)
+                if seqs is None:
+                    handled[item.segment] = [item.seq]
+                else:
+                    seqs.append(item.seq)
+        for segment, seqs in handled.items():
+            self._settle_in(segment, seqs)
         for index, failure in failed.items():
             item = items[index]
             if not isinstance(item, StoredMessage):
@@ -267,15 +281,19 @@ class DurableQueues:
         return retry
 
     def _settle_one(self, item: StoredMessage) -> None:
-        segment = self._segments.get(item.segment)
+        self._settle_in(item.segment, [item.seq])
+
+    def _settle_in(self, first: int, seqs: list[int]) -> None:
+        """Messages ``seqs`` of the segment ``first`` are settled."""
+        segment = self._segments.get(first)
         if segment is None:  # settled before (a late answer)
             return
-        segment[1] -= 1
-        self._unflushed += 1
+        segment[1] -= len(seqs)
+        self._unflushed += len(seqs)
         if segment[1] <= 0:
-            self._forget_segment(item.segment)
+            self._forget_segment(first)
         else:
-            self._settled.setdefault(item.segment, []).append(item.seq)
+            self._settled.setdefault(first, []).extend(seqs)
 
     def _forget_segment(self, first: int) -> None:
         count = self._segments.pop(first)[0]
@@ -324,8 +342,8 @@ class DurableQueues:
             "x-last-error": failure.error[:_MAX_ERROR_CHARS],
         })
         dead = failure.dead_letter or f"{queue}.dead"
-        self.store.move(item, dead, self.codec.encode(headers))
-        self._overflowed(dead)
+        moved = self.store.move(item, dead, self.codec.encode(headers))
+        self._overflowed(dead, moved)
         counters = self.stats.pattern["pipeline"]
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1
         log.warning("message %s of %r dead-lettered to %r after %d attempt(s): %s",

@@ -25,14 +25,16 @@ DURABLE_ITEM_FIELDS = 6
 """A durable queue item: ``[redelivered, data, id, timestamp, headers, attempts]``; an
 in-memory at-least-once item is ``[redelivered, data]``."""
 _TRUE, _FALSE, _ARRAY6, _NIL = b"\xc3", b"\xc2", b"\x96", b"\xc0"
+_FIXINT = [bytes((i,)) for i in range(128)]  # msgpack's positive fixint: the integer is its byte
 
 
 def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, headers: bytes | None,
                  attempts: int) -> bytes:
     """The msgpack array of one durable queue item around an already encoded payload and
     already encoded headers (a map, or None)."""
-    return b"".join((_ARRAY6, _TRUE if redelivered else _FALSE, body, msgpack.packb(msg_id),
-                     msgpack.packb(timestamp), headers or _NIL, msgpack.packb(attempts)))
+    id_and_time = msgpack.packb((msg_id, timestamp))[1:]  # one packing for both: less the array's header
+    return b"".join((_ARRAY6, _TRUE if redelivered else _FALSE, body, id_and_time, headers or _NIL,
+                     _FIXINT[attempts] if 0 <= attempts < 128 else msgpack.packb(attempts)))
 
 _DECODE_ERRORS = (ValueError, TypeError, msgpack.UnpackException, OverflowError, RecursionError)
 
