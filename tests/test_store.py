@@ -126,3 +126,33 @@ def test_a_node_delivers_around_a_damaged_segment_and_counts_it(tmp_path: Path, 
             wait_until(lambda: got == ["c"], 20, "the readable message")
             assert pusher.stats()["rejected"]["store_damaged"] == 2
     assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 2
+
+
+def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(tmp_path: Path) -> None:
+    """The durable queues over a real store: in one segment of three, the first message is
+    acknowledged and the second dead-lettered in the same moment; the third, not yet
+    acknowledged, must still be there after a restart (and only it)."""
+    from zmqmesh._patterns.durable import DurableQueues, Ticket
+    from zmqmesh._patterns.reliable import Failure
+    from zmqmesh._stats import Stats
+    from zmqmesh._wire.codec import Codec
+
+    store = Store(tmp_path)
+    queues = DurableQueues(store, Codec(1 << 20), Stats(), wake=lambda: None,
+                           later=lambda delay, fn: None, wake_soon=lambda delay: None)
+    queues.commit_in_turn(Ticket("q", entries("a", "b", "c")))
+    batch = list(queues.refill()["q"])
+    retry = queues.settle("q", batch[:2], [Failure(1, "q.dead", "ValueError: no")])
+    assert retry == []
+    queues.flush_acknowledged()
+    store.close()
+
+    store = Store(tmp_path)
+    assert live(store, "q") == [("c", 0)]
+    assert [msgpack.unpackb(m.body) for s in store.pending("q.dead") for m in s.messages] == ["b"]
+    assert {q: v["messages"] for q, v in store.queues().items()} == {"q": 1, "q.dead": 1}
+    recovered = DurableQueues(store, Codec(1 << 20), Stats(), wake=lambda: None,
+                              later=lambda delay, fn: None, wake_soon=lambda delay: None)
+    assert recovered.recover() == 2
+    assert [msgpack.unpackb(m.body) for m in recovered.refill()["q"]] == ["c"]
+    store.close()

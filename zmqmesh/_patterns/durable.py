@@ -109,7 +109,7 @@ class DurableQueues:
         """Note the messages left in the store by an earlier run; how many there are."""
         stored = self.store.queues()
         self._recovered_upto = self.store.last_seq()
-        for name in stored:
+        for name in self.store.queue_names():  # every queue with a row, whatever its count says
             self._overflowed(name, self._recovered_upto)
         total = sum(q["messages"] for q in stored.values())
         if total:
@@ -262,8 +262,8 @@ class DurableQueues:
                 continue
             if failure.dead_letter:
                 try:
-                    self._dead_letter(queue, item, failure)
-                    self._settle_one(item)
+                    self._dead_letter(queue, item, failure)  # (the move marks it settled in the store)
+                    self._settle_in(item.segment, [item.seq], marked=True)
                     continue
                 except Exception as exc:  # e.g. a full store: deal it again rather than strand it
                     log.error("cannot dead-letter message %s of %r: %s", item.id[:12], queue, exc)
@@ -280,11 +280,9 @@ class DurableQueues:
             self._ack_timer = self.later(_ACK_DELAY_S, self.flush_acknowledged)
         return retry
 
-    def _settle_one(self, item: StoredMessage) -> None:
-        self._settle_in(item.segment, [item.seq])
-
-    def _settle_in(self, first: int, seqs: list[int]) -> None:
-        """Messages ``seqs`` of the segment ``first`` are settled."""
+    def _settle_in(self, first: int, seqs: list[int], marked: bool = False) -> None:
+        """Messages ``seqs`` of the segment ``first`` are settled (``marked``: the store
+        already says so)."""
         segment = self._segments.get(first)
         if segment is None:  # settled before (a late answer)
             return
@@ -292,7 +290,7 @@ class DurableQueues:
         self._unflushed += len(seqs)
         if segment[1] <= 0:
             self._forget_segment(first)
-        else:
+        elif not marked:
             self._settled.setdefault(first, []).extend(seqs)
 
     def _forget_segment(self, first: int) -> None:
@@ -316,8 +314,9 @@ class DurableQueues:
         done, self._done = self._done, []
         ranges: list[tuple[int, int]] = []
         for seqs in self._settled.values():
+            start = len(ranges)  # each segment's ranges stay within it (they go with it)
             for seq in sorted(seqs):
-                if ranges and seq == ranges[-1][1] + 1:
+                if len(ranges) > start and seq == ranges[-1][1] + 1:
                     ranges[-1] = (ranges[-1][0], seq)
                 else:
                     ranges.append((seq, seq))

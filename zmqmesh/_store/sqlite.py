@@ -362,7 +362,7 @@ class Store:
     def drop_queue(self, queue: str) -> int:
         """Delete every message of ``queue``; how many there were."""
         with self._lock:
-            segments = self._segments_of(queue)
+            segments = [s for s in self._segments_of(queue) if not s.damaged]  # damaged ones stay, for an operator
             n = sum(len(s.messages) for s in segments)
             self._forget_locked([(s.first, s.size) for s in segments])
         return n
@@ -371,7 +371,7 @@ class Store:
         """Move every message of ``source`` to the end of ``target``, in order, with no
         attempts counted; how many moved."""
         with self._lock:
-            segments = self._segments_of(source)
+            segments = [s for s in self._segments_of(source) if not s.damaged]  # damaged ones stay, for an operator
             first = self._next_seq
             rows = []
             for segment in segments:
@@ -443,6 +443,11 @@ class Store:
         """The highest outbox sequence number given so far in this run (0 for none)."""
         with self._lock:
             return int(self._next_seq) - 1
+
+    def queue_names(self) -> list[str]:
+        """Every queue with a segment stored."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT DISTINCT queue FROM outbox").fetchall()]
 
     def queues(self) -> dict[str, dict[str, Any]]:
         """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
