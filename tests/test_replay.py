@@ -125,6 +125,27 @@ def test_what_fell_out_of_the_history_is_reported_as_a_gap(tmp_path: Path, mesh:
     assert counted == first + 50
 
 
+def test_numbering_goes_on_after_a_restart_even_when_everything_kept_expired(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A subscriber's place must never be taken by reused numbers; and a topic kept by a
+    longer prefix follows that prefix's rule, not a shorter prefix's age limit."""
+    history = {"logs.": {"max_messages": 1000, "max_age_s": 0.5}, "logs.audit.": 1000}
+    with zmqmesh.Node("publisher", store=str(tmp_path), history=history, **mesh) as publisher:
+        publish_all(publisher, ["logs.x"], 0, 10)
+        publish_all(publisher, ["logs.audit.x"], 0, 10)
+        wait_until(lambda: "logs.x" in inspect_store(tmp_path)["topics"], 10, "the messages kept")
+        wait_until(lambda: "logs.x" not in inspect_store(tmp_path)["topics"], 10, "the old messages to expire")
+    assert inspect_store(tmp_path)["topics"]["logs.audit.x"]["messages"] == 10
+    got: list[tuple[int, int | None]] = []
+    subscriber = zmqmesh.Node("subscriber", **mesh)
+    subscriber.subscribe("logs.", lambda m: got.append((m.data["n"], m.sequence)))
+    with subscriber, zmqmesh.Node("publisher", store=str(tmp_path), history=history, **mesh) as publisher:
+        publisher.wait_for_peers(1)
+        publish_all(publisher, ["logs.x"], 10, 1)
+        wait_until(lambda: got, 10, "the publication")
+    assert got == [(10, 10)]
+
+
 def test_a_publication_right_after_start_reaches_every_subscribed_member(mesh: dict[str, Any]) -> None:
     """The start-up window: the publisher's own handler, and every subscriber among the
     peers wait_for_peers returned, get a publication made at once; none is reported

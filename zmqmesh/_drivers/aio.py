@@ -92,9 +92,9 @@ class LoopCommits:
 
     The durable pushes of the tasks that push during one pass of the loop gather, and are
     committed together, in one transaction, at its end. A lone producer (a single task
-    pushing, `_LONE_PASSES` passes in a row) commits at once instead, without giving up
-    the loop, until another task pushes too. A push cancelled while it waits for its group
-    may still be stored.
+    pushing, `_LONE_PASSES` passes in a row) commits at once instead, and gives up the loop
+    only every `_LONE_PASSES` pushes (so that other tasks run: one that pushes too ends the
+    lone mode). A push cancelled while it waits for its group may still be stored.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -102,6 +102,7 @@ class LoopCommits:
         self._gathered: list[tuple[Ticket, asyncio.Future[None], asyncio.Task[Any] | None]] = []
         self._lone_passes = 0
         self._lone_task: asyncio.Task[Any] | None = None
+        self._lone_pushes = 0
 
     async def commit(self, ticket: Ticket) -> None:
         """Store ``ticket``'s messages; raises what kept them out (`StoreFullError`,
@@ -109,6 +110,9 @@ class LoopCommits:
         task = asyncio.current_task()
         if task is self._lone_task and task is not None:
             self.engine.durable.commit_group([ticket])  # type: ignore[union-attr]
+            self._lone_pushes += 1
+            if self._lone_pushes % _LONE_PASSES == 0:
+                await asyncio.sleep(0)
         else:
             self._lone_task = None
             loop = self.engine.loop

@@ -485,8 +485,10 @@ class Engine:
         if self.closed or self.history is None:
             return
         if any(p.max_age_s is not None for p in self.config.history):
-            self.history.expire()
-            self.loop.call_later(_EXPIRE_EVERY_S, self._expire_history)
+            try:
+                self.history.expire()
+            finally:
+                self.loop.call_later(_EXPIRE_EVERY_S, self._expire_history)
 
     # -- registry and groups ----------------------------------------------------------------------
 

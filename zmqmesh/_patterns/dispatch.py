@@ -111,7 +111,10 @@ class Dispatcher:
         if self.streams_changed:
             self.streams_changed = False
             if self.replays.active():
-                self.replays.sync(calls)
+                try:
+                    self.replays.sync(calls)
+                except Exception:  # e.g. a failing store: the subscriptions stay live, the inbox runs on
+                    log.exception("following the publishers' histories failed")
         local = self.local_frames
         for _ in range(min(len(local), _BURST)):
             frames = local.popleft()
@@ -121,7 +124,11 @@ class Dispatcher:
                 log.exception("delivering a publication of this node failed")
         pages = self.pages
         while pages:
-            self.replays.on_page(*pages.popleft(), calls)
+            try:
+                self.replays.on_page(*pages.popleft(), calls)
+            except Exception:
+                self.stats.add("pubsub", "replay_failed")
+                log.exception("applying a page of history failed")
         return [(sock, kind) for sock, kind in active if self.drain(sock, kind, calls)]
 
     def has_posted(self) -> bool:
@@ -129,7 +136,11 @@ class Dispatcher:
         return bool(self.events or self.local_frames or self.pages)
 
     def post_frames(self, frames: list[bytes]) -> None:
-        """A publication of this node for its own subscriptions (the loop's thread)."""
+        """A publication of this node for its own subscriptions (the loop's thread). Past
+        ``recv_hwm`` frames waiting, it is dropped and counted, as a SUB socket would."""
+        if len(self.local_frames) >= self.config.recv_hwm:
+            self.stats.add("pubsub", "dropped", max(1, len(self.codec.decode_batch(frames[2]))))
+            return
         self.local_frames.append(frames)
         self.wake()
 

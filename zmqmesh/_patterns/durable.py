@@ -117,9 +117,9 @@ class DurableQueues:
         return total
 
     def submit(self, name: str, entries: list[Entry]) -> None:
-        """Commit ``(id, timestamp, headers, body, attempts)`` messages to the store (any thread but
-        the loop's); the loop deals them. Raises `StoreFullError`, `StoreError`: then none
-        of them is stored."""
+        """Commit ``(id, timestamp, headers, body, attempts)`` messages to the store (any
+        thread; on the loop's, the loop waits for the commit); the loop deals them. Raises
+        `StoreFullError`, `StoreError`: then none of them is stored."""
         self.commit_in_turn(Ticket(name, entries))
 
     def commit_in_turn(self, ticket: Ticket) -> None:

@@ -40,7 +40,7 @@ class History:
         self.stream_id = store.stream_id
         self._policy_of: dict[bytes, HistoryPolicy | None] = {}
         state = store.history_state()
-        self._first = {t.encode(): first for t, (first, _next) in state.items()}
+        self._first = {t.encode(): first for t, (first, _next) in state.items()}  # (may lag: trims go by it)
         self._next = {t.encode(): nxt for t, (_first, nxt) in state.items()}
         self._rows: list[tuple[str, int, int, float, bytes, bytes | None]] = []
 
@@ -70,15 +70,20 @@ class History:
 
     def commit(self) -> bool:
         """Store the recorded frames in one transaction, then trim what grew past its
-        limit. False (logged, counted) if the store refused them: they go out unkept."""
+        limit. False if the store refused them (full, failing): then their numbers are
+        taken back, and they must not be sent (logged, counted as ``history_failed``), so
+        that no subscriber ever sees a message its publisher's history lacks."""
         rows, self._rows = self._rows, []
         if not rows:
             return True
         try:
             self.store.keep_history(rows)
         except Exception as exc:
+            for topic, seq, *_rest in rows:
+                key = topic.encode()
+                self._next[key] = min(self._next.get(key, seq), seq)
             self.stats.add("pubsub", "history_failed", sum(r[2] for r in rows))
-            log.error("cannot keep %d published frame(s) in the history: %s", len(rows), exc)
+            log.error("cannot keep %d published frame(s) in the history; not sent: %s", len(rows), exc)
             return False
         for topic in {r[0] for r in rows}:
             self._trim(topic.encode())
@@ -99,25 +104,22 @@ class History:
             log.error("cannot trim the history of %r: %s", topic, exc)
 
     def expire(self) -> None:
-        """Forget what is older than the policies keep (called every second or so)."""
+        """Forget what is older than the policies keep (called every second or so); a topic
+        under a longer prefix follows that prefix's rule only."""
         now = time.time()
         for policy in self.policies:
             if policy.max_age_s is not None:
+                longer = [p.prefix for p in self.policies if len(p.prefix) > len(policy.prefix)
+                          and p.prefix.startswith(policy.prefix)]
                 try:
-                    self.store.expire_history(policy.prefix, now - policy.max_age_s)
+                    self.store.expire_history(policy.prefix, now - policy.max_age_s, longer)
                 except Exception as exc:
                     log.error("cannot expire the history under %r: %s", policy.prefix, exc)
-        if any(p.max_age_s is not None for p in self.policies):
-            state = self.store.history_state()
-            self._first = {t.encode(): first for t, (first, _next) in state.items()} | {
-                t: n for t, n in self._next.items() if t.decode("utf-8", "replace") not in state}
 
     def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int) -> dict[str, Any]:
         """One page of a replay (the reply of ``\\x00history``): ``{"rows": [[pos, topic, seq,
-        count, ts, payload, meta], ...], "more": bool, "first": {topic: first kept seq},
-        "next": {topic: the number of the next message}}`` (``first`` and ``next`` as they
-        were just before the rows were read)."""
-        state = {t: v for t, v in self.store.history_state().items() if t.startswith(prefix)}
+        count, ts, payload, meta], ...], "more": bool, "next": {topic: the number of the
+        next message}}`` (``next`` as it was just before the rows were read)."""
+        nxt = self.store.history_next(prefix)
         rows, more = self.store.read_history(prefix, after_pos, since_ts, PAGE_ROWS, max_bytes)
-        return {"rows": [list(r) for r in rows], "more": more, "first": {t: f for t, (f, _n) in state.items()},
-                "next": {t: n for t, (_f, n) in state.items()}}
+        return {"rows": [list(r) for r in rows], "more": more, "next": nxt}

@@ -116,7 +116,9 @@ class Publisher:
         transaction, and every frame is sent after that commit, in order."""
         q = self.queue
         history = self.history
-        kept: list[tuple[list[bytes], int, int, bool, bool]] = []
+        if has_input(self.xpub):  # count the subscriptions that came meanwhile first
+            self.on_xpub()
+        kept: list[tuple[list[bytes], int, int, bool, bool, bool]] = []
         sent = unrouted = 0
         while q:
             topic, body = q.popleft()
@@ -147,14 +149,16 @@ class Publisher:
             if meta is not None:
                 frames.append(meta)
             if history is not None:  # every frame waits for the history's commit: the order holds
-                kept.append((frames, size, len(bodies), here, elsewhere))
+                kept.append((frames, size, len(bodies), here, elsewhere, history.policy(topic) is not None))
                 continue
             sent += self._send(frames, size, len(bodies), here, elsewhere)
             if not (here or elsewhere):
                 unrouted += len(bodies)
         if kept:
-            history.commit()  # type: ignore[union-attr]
-            for frames, size, count, here, elsewhere in kept:
+            stored = history.commit()  # type: ignore[union-attr]
+            for frames, size, count, here, elsewhere, keeps in kept:
+                if keeps and not stored:
+                    continue  # counted by the history: never seen live what it lacks
                 sent += self._send(frames, size, count, here, elsewhere)
                 if not (here or elsewhere):
                     unrouted += count
@@ -165,16 +169,17 @@ class Publisher:
             self.loop.call_soon(self.on_xpub)
 
     def _send(self, frames: list[bytes], size: int, count: int, here: bool, elsewhere: bool) -> int:
-        """Deliver a frame to this node's subscriptions and the others'; how many of its
-        ``count`` messages went to someone."""
+        """Deliver a frame to this node's subscriptions and the others' (the XPUB filters:
+        a subscription it holds but this node has not counted yet still gets it); how many
+        of its ``count`` messages went to someone as far as this node knows."""
         if here:
             self.local(frames)
-        if elsewhere:
-            try:
-                send_frames(self.xpub, frames, copy=size < LARGE_FRAME)
-            except zmq.ZMQError:
+        try:
+            send_frames(self.xpub, frames, copy=size < LARGE_FRAME)
+        except zmq.ZMQError:
+            if elsewhere:
                 self.stats.add("pubsub", "dropped", count)  # the inbox counts drops too
-                return count if here else 0
+            return count if here else 0
         return count if here or elsewhere else 0
 
     def _route(self, topic: bytes) -> tuple[bool, bool]:

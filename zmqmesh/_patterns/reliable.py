@@ -281,10 +281,12 @@ class ReliableSender:
         if self.settle is None or not any(isinstance(i, StoredMessage) for i in batch.items):
             return otherwise
         try:
-            return self.settle(batch.queue, batch.items, failures)
+            retry = self.settle(batch.queue, batch.items, failures)
         except Exception:
             log.exception("settling a batch of %r failed", batch.queue)
             return batch.items
+        # a batch may mix in-memory items with durable ones: those go by ``otherwise``
+        return retry + [i for i in otherwise if not isinstance(i, StoredMessage)]
 
     def in_flight(self, queue: str) -> int:
         """Messages of ``queue`` sent and not yet acknowledged."""

@@ -196,8 +196,8 @@ class Replays:
         cursor = self.cursors.get((key, stream))
         if cursor is not None:
             return cursor
-        if len(self.cursors) >= _MAX_CURSORS:
-            raise OverflowError("too many publisher streams followed")  # (counted as a malformed frame)
+        if len(self.cursors) >= _MAX_CURSORS:  # (the caller counts and drops what brought it)
+            raise OverflowError("too many publisher streams followed")
         stored = self._stored(options.durable_name, stream)
         cursor = Cursor(stream, node_id, from_start=options.replay == "all" or bool(stored))
         self.cursors[(key, stream)] = cursor
@@ -228,10 +228,10 @@ class Replays:
             return  # unsubscribed meanwhile
         if error is None:
             try:
-                rows, more, first = page["rows"], bool(page["more"]), page.get("first") or {}
+                rows, more = page["rows"], bool(page["more"])
                 cursor.kept_next.update((t, int(n)) for t, n in (page.get("next") or {}).items())
                 for row in rows:
-                    self._replay_row(fetch.key, options, cursor, row, first, calls)
+                    self._replay_row(fetch.key, options, cursor, row, calls)
             except Exception as exc:  # a malformed page: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
@@ -252,7 +252,7 @@ class Replays:
             self._take(fetch.key, options, cursor, held.popleft(), calls, settled=True, final=error is not None)
 
     def _replay_row(self, key: Key, options: SubscribeOptions, cursor: Cursor, row: list[Any],
-                    first: dict[str, int], calls: list[Call]) -> None:
+                    calls: list[Call]) -> None:
         pos, topic, seq, count, ts, payload, meta = row
         if not isinstance(topic, str) or not topic.startswith(key[0]):
             return
@@ -301,7 +301,10 @@ class Replays:
                 msg.redelivered = True  # perhaps handled before a crash
             mark = None
             if name is not None:
-                mark = CursorMark(name, cursor.stream, topic, number, cursor.pos if pos is None else pos)
+                # the history position to resume from once this message is handled: its row's
+                # (the one before, while the row has more after it); a live message, the last replayed
+                at = cursor.pos if pos is None else (pos if index == len(items) - 1 else pos - 1)
+                mark = CursorMark(name, cursor.stream, topic, number, at)
                 self._pending.setdefault((name, cursor.stream, topic), deque()).append(number)
             calls.append(Call(key[1], msg, mark, "pubsub"))  # type: ignore[arg-type]
         if skip >= len(items):
@@ -322,17 +325,17 @@ class Replays:
     def before_handling(self, calls: list[Call]) -> None:
         """Record, before a burst is handled, the highest number each durable subscription
         reaches in it (a crash then redelivers up to there, marked)."""
-        reached: dict[tuple[str, str, str], tuple[int, int]] = {}
+        reached: dict[tuple[str, str, str], int] = {}
         for call in calls:
             mark = call.route
             if type(mark) is CursorMark:
-                reached[(mark.name, mark.stream, mark.topic)] = (mark.seq, mark.pos)
+                reached[(mark.name, mark.stream, mark.topic)] = mark.seq
         if not reached:
             return
         rows = []
-        for (name, stream, topic), (seq, pos) in reached.items():
+        for (name, stream, topic), seq in reached.items():
             state = self._dirty.get((name, stream, topic)) or self._saved(name, stream, topic)
-            state[1], state[2] = seq, max(state[2], pos)
+            state[1] = seq  # (the position moves only with what was handled)
             rows.append((name, stream, topic, state[0], seq, state[2]))
             self._dirty.pop((name, stream, topic), None)
             self._durable.setdefault(name, {}).setdefault(stream, {})[topic] = (state[0], seq, state[2])

@@ -74,6 +74,10 @@ _HISTORY = (
     " payload BLOB NOT NULL,"
     " meta BLOB)",
     "CREATE INDEX history_topic ON history (topic, seq)",
+    "CREATE INDEX history_age ON history (ts)",
+    # the number of the next message of each kept topic: numbering goes on after a restart
+    # even when every row of a topic was trimmed or expired
+    "CREATE TABLE history_topics (topic TEXT PRIMARY KEY, next INTEGER NOT NULL) WITHOUT ROWID",
     # where a durable subscription is, per publisher stream and topic: ``seq`` handled,
     # ``upto`` perhaps handled (a restart delivers seq+1 .. upto again, as redelivered)
     "CREATE TABLE cursors ("
@@ -406,10 +410,9 @@ class Store:
         return self._read_segments(queue, 0, None)
 
     def _read_segments(self, queue: str, after: int, limit: int | None) -> list[StoredSegment]:
-        db = self._db
         sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
-        rows = db.execute(sql + " LIMIT ?", (queue, after, limit)).fetchall() if limit else \
-            db.execute(sql, (queue, after)).fetchall()
+        rows = self._read(lambda db: db.execute(sql + " LIMIT ?", (queue, after, limit)) if limit else
+                          db.execute(sql, (queue, after)))
         if limit:  # whole segments until ``limit`` messages
             total = 0
             for k, row in enumerate(rows):
@@ -420,9 +423,10 @@ class Store:
         if not rows:
             return []
         lo, hi = rows[0][0], rows[-1][0] + rows[-1][1] - 1
-        attempts = dict(db.execute("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?", (lo, hi)).fetchall())
+        attempts = dict(self._read(lambda db: db.execute("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?",
+                                                         (lo, hi))))
         settled: set[int] = set()
-        for a, b in db.execute("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)).fetchall():
+        for a, b in self._read(lambda db: db.execute("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi))):
             settled.update(range(a, b + 1))
         segments = []
         for first, count, items in rows:
@@ -457,26 +461,47 @@ class Store:
     # -- kept topics (a publisher's history) -----------------------------------------------
 
     def history_state(self) -> dict[str, tuple[int, int]]:
-        """Every kept topic: ``{topic: (first kept seq, next seq)}``."""
+        """Every topic ever kept: ``{topic: (first kept seq, next seq)}`` (first == next when
+        nothing is kept of it any more). Raises `StoreError`."""
         with self._lock:
-            rows = self._db.execute("SELECT topic, min(seq), max(seq + count) FROM history GROUP BY topic").fetchall()
-        return {t: (int(a), int(b)) for t, a, b in rows}
+            first: dict[str, int] = dict(self._read(lambda db: db.execute(
+                "SELECT topic, min(seq) FROM history GROUP BY topic")))
+            nxt: dict[str, int] = dict(self._read(lambda db: db.execute("SELECT topic, next FROM history_topics")))
+        return {t: (int(first.get(t, n)), int(n)) for t, n in nxt.items()}
+
+    def history_next(self, prefix: str) -> dict[str, int]:
+        """The number of the next message of each kept topic under ``prefix``. Raises `StoreError`."""
+        low, high = _prefix_range(prefix)
+        with self._lock:
+            return dict(self._read(lambda db: db.execute(
+                "SELECT topic, next FROM history_topics WHERE topic >= ? AND topic < ?", (low, high))))
 
     def keep_history(self, rows: Sequence[tuple[str, int, int, float, bytes, bytes | None]]) -> None:
-        """Keep frames a publisher sent, ``(topic, seq, count, ts, payload, meta)``, in one
-        transaction. Raises `StoreFullError`, `StoreError`."""
+        """Keep frames a publisher sent, ``(topic, seq, count, ts, payload, meta)``, and the
+        numbering of their topics, in one transaction. Raises `StoreFullError`, `StoreError`."""
+        nxt: dict[str, int] = {}
+        for topic, seq, count, *_rest in rows:
+            nxt[topic] = max(nxt.get(topic, 0), seq + count)
         self._write([("INSERT INTO history (topic, seq, count, ts, payload, meta) VALUES (?, ?, ?, ?, ?, ?)",
-                      list(rows))])
+                      list(rows)),
+                     ("INSERT INTO history_topics (topic, next) VALUES (?, ?) "
+                      "ON CONFLICT (topic) DO UPDATE SET next = max(next, excluded.next)", list(nxt.items()))])
 
     def trim_history(self, topic: str, before_seq: int) -> None:
         """Forget the frames of ``topic`` whose messages all come before ``before_seq``."""
         self._write([("DELETE FROM history WHERE topic = ? AND seq < ? AND seq + count <= ?",
                       (topic, before_seq, before_seq))])
 
-    def expire_history(self, prefix: str, before_ts: float) -> None:
-        """Forget the frames of the topics under ``prefix`` kept since before ``before_ts``."""
+    def expire_history(self, prefix: str, before_ts: float, keep: Sequence[str] = ()) -> None:
+        """Forget the frames of the topics under ``prefix`` kept since before ``before_ts``,
+        but those under the prefixes ``keep`` (kept by other rules)."""
         low, high = _prefix_range(prefix)
-        self._write([("DELETE FROM history WHERE ts < ? AND topic >= ? AND topic < ?", (before_ts, low, high))])
+        sql = "DELETE FROM history WHERE ts < ? AND topic >= ? AND topic < ?"
+        params: list[Any] = [before_ts, low, high]
+        for other in keep:
+            sql += " AND NOT (topic >= ? AND topic < ?)"
+            params.extend(_prefix_range(other))
+        self._write([(sql, tuple(params))])
 
     def read_history(self, prefix: str, after_pos: int, since_ts: float | None, max_rows: int,
                      max_bytes: int) -> tuple[list[tuple[int, str, int, int, float, bytes, bytes | None]], bool]:
@@ -490,18 +515,26 @@ class Store:
         rows: list[tuple[int, str, int, int, float, bytes, bytes | None]] = []
         size = 0
         with self._lock:
-            for row in self._db.execute(sql, params):
+            for row in self._read(lambda db: db.execute(sql, params)):
                 if len(rows) == max_rows or (rows and size + len(row[5]) > max_bytes):
                     return rows, True
                 rows.append(row)
                 size += len(row[5]) + len(row[6] or b"")
         return rows, False
 
+    def _read(self, query: Any) -> list[Any]:
+        """The rows of ``query(db)`` (lock held); a failing read raises `StoreError`."""
+        try:
+            return list(query(self._db))
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+
     def load_cursors(self, name: str) -> dict[str, dict[str, tuple[int, int, int]]]:
-        """Where the durable subscription ``name`` is: ``{stream: {topic: (seq, upto, pos)}}``."""
+        """Where the durable subscription ``name`` is: ``{stream: {topic: (seq, upto, pos)}}``.
+        Raises `StoreError`."""
         with self._lock:
-            rows = self._db.execute("SELECT stream, topic, seq, upto, pos FROM cursors WHERE name = ?",
-                                    (name,)).fetchall()
+            rows = self._read(lambda db: db.execute("SELECT stream, topic, seq, upto, pos FROM cursors WHERE name = ?",
+                                                    (name,)))
         found: dict[str, dict[str, tuple[int, int, int]]] = {}
         for stream, topic, seq, upto, pos in rows:
             found.setdefault(stream, {})[topic] = (seq, upto, pos)
@@ -577,9 +610,10 @@ def _queue_summary(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
 
 def _topic_summary(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     rows = db.execute("SELECT topic, sum(count), sum(length(payload) + ifnull(length(meta), 0)), min(ts), "
-                      "min(seq), max(seq + count) FROM history GROUP BY topic ORDER BY topic").fetchall()
-    return {t: {"messages": n, "bytes": b or 0, "oldest": oldest, "first_seq": first, "next_seq": nxt}
-            for t, n, b, oldest, first, nxt in rows}
+                      "min(seq) FROM history GROUP BY topic ORDER BY topic").fetchall()
+    numbering = dict(db.execute("SELECT topic, next FROM history_topics").fetchall())
+    return {t: {"messages": n, "bytes": b or 0, "oldest": oldest, "first_seq": first,
+                "next_seq": numbering.get(t, first + n)} for t, n, b, oldest, first in rows}
 
 
 def _prefix_range(prefix: str) -> tuple[str, str]:

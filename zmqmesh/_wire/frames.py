@@ -82,10 +82,10 @@ STATS_SERVICE_BYTES = STATS_SERVICE.encode()
 QUEUE_SERVICE_PREFIX = "\x00queue/"
 """At-least-once batches travel as requests to the service ``"\\x00queue/<name>"``."""
 KEEP_SERVICE_PREFIX = "\x00keep/"
+"""Durable messages handed to a keeper travel as requests to ``"\\x00keep/<name>"``."""
 HISTORY_SERVICE = "\x00history"
 """The built-in service of a publisher that keeps topics: one page of a replay."""
 HISTORY_SERVICE_BYTES = HISTORY_SERVICE.encode()
-"""Durable messages handed to a keeper travel as requests to ``"\\x00keep/<name>"``."""
 
 CONTROL_MAGIC = b"\x00zmqmesh-control"
 """First frame of the WHISPERs zmqmesh nodes exchange among themselves (never sent to plain ZRE peers)."""
