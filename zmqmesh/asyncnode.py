@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, stop_async
-from ._engine.api import NodeBase, as_frames, peer_id_of
+from ._engine.api import NodeBase, as_frames, check_timeout, peer_id_of
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
@@ -62,7 +62,9 @@ class AsyncNode(NodeBase[Any]):
         return self
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Drain queued sends, say goodbye, close everything. Idempotent, bounded, never raises."""
+        """Drain queued sends, say goodbye, close everything. Idempotent and bounded; raises
+        only `ConfigError`, for a ``timeout`` that is not a finite number >= 0."""
+        timeout = check_timeout(timeout)
         if self._stopped:
             return
         self._stopped = True
@@ -118,7 +120,7 @@ class AsyncNode(NodeBase[Any]):
         if durable:
             await self._commit_durable(queue, (data,), headers)
             return
-        body, q = self._encode_push(queue, data, headers)
+        body, q = self._encode_push(queue, data, headers, timeout)
         if q is None:
             q = await self._runner.run(self._push_plan(queue, timeout))
         q.append(body)

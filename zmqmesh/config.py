@@ -7,6 +7,7 @@ nothing leaves the machine until the user names an interface or an address.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -179,12 +180,12 @@ class NodeConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
+                raise ConfigError(f"{name} must be a finite positive number, got {value!r}")
         for name in ("push_timeout_s", "request_timeout_s", "linger_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("beacon_port", "mailbox_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 65535:

@@ -18,7 +18,7 @@ from ._drivers.thread import (
     ThreadRequesters,
     stop_blocking,
 )
-from ._engine.api import NodeBase, as_frames, peer_id_of
+from ._engine.api import NodeBase, as_frames, check_timeout, peer_id_of
 from ._io.reactor import Reactor, run_on
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
@@ -96,8 +96,10 @@ class Node(NodeBase[Any]):
         Never hangs: each step is bounded, the whole by about ``linger_s + timeout`` seconds.
         Called from one of this node's own handlers, it starts the stop on another thread
         and returns at once (waiting there would wait for the handler itself). Raises
-        `ZmqMeshError` only when called on the node's own I/O thread.
+        `ZmqMeshError` only when called on the node's own I/O thread, `ConfigError` for a
+        ``timeout`` that is not a finite number >= 0.
         """
+        timeout = check_timeout(timeout)
         with self._lock:
             if self._stopped or self._loop is None or self._thread is None:
                 self._stopped = True
@@ -174,7 +176,7 @@ class Node(NodeBase[Any]):
         if durable:
             self._commit_durable(queue, (data,), headers)
             return
-        body, q = self._encode_push(queue, data, headers)
+        body, q = self._encode_push(queue, data, headers, timeout)
         if q is None:
             q = self._runner.run(self._push_plan(queue, timeout))
         q.append(body)

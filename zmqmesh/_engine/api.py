@@ -6,6 +6,7 @@ steps that wait (a blocking driver, or an awaiting one).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from collections import deque
@@ -69,6 +70,14 @@ def fetch_plan(engine: Engine, fetch: Fetch, timeout: float) -> Plan:
     body = engine.codec.encode(fetch.request)
     return request_plan(engine.directory, engine.codec, HISTORY_SERVICE, HISTORY_SERVICE_BYTES, body,
                         time.monotonic() + timeout, fetch.node_id, None, engine.stats)
+
+
+def check_timeout(value: Any, name: str = "timeout") -> float:
+    """``value`` as seconds to wait: a finite number >= 0. Raises `ConfigError` (a
+    `ValueError`) for anything else: NaN, a negative or infinite number, a non-number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -212,8 +221,8 @@ class NodeBase(Generic[Handler]):
         extras = ack_timeout_s is not None or dead_letter is not None or dedupe or max_deliveries != 5
         if extras and not at_least_once:
             raise ConfigError("ack_timeout_s, max_deliveries, dead_letter and dedupe need at_least_once=True")
-        if ack_timeout_s is not None and (not isinstance(ack_timeout_s, (int, float)) or ack_timeout_s <= 0):
-            raise ConfigError(f"ack_timeout_s must be a positive number of seconds, got {ack_timeout_s!r}")
+        if ack_timeout_s is not None and (check_timeout(ack_timeout_s, "ack_timeout_s") == 0 or ack_timeout_s > 86_400):
+            raise ConfigError(f"ack_timeout_s must be a positive number of seconds (at most a day), got {ack_timeout_s!r}")
         if not isinstance(max_deliveries, int) or isinstance(max_deliveries, bool) or max_deliveries < 1:
             raise ConfigError(f"max_deliveries must be a whole number >= 1, got {max_deliveries!r}")
         if dead_letter is not None:
@@ -355,11 +364,13 @@ class NodeBase(Generic[Handler]):
         return self._headed(body, headers) if headers else body
 
     def _encode_push(self, queue: str, data: Any, headers: dict[str, str] | None = None,
-                     ) -> tuple[bytes, deque[bytes] | None]:
+                     timeout: float | None = None) -> tuple[bytes, deque[bytes] | None]:
         """The encoded body, and the send queue of ``queue`` if it takes it right now
         (None when the socket, a puller or room is missing: then `_push_plan` waits)."""
         body = self._encode(data, headers)
         engine = self._engine
+        if timeout is not None:
+            check_timeout(timeout)
         q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
             return body, None
@@ -399,7 +410,7 @@ class NodeBase(Generic[Handler]):
         engine = self._engine
         pusher = engine.pusher
         assert pusher is not None
-        deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else timeout)
+        deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else check_timeout(timeout))
         q = pusher.queue_of(queue)
         if q is None:
             yield OnLoop(self._ensure_push_socket, (check_name("queue", queue),))
@@ -427,14 +438,14 @@ class NodeBase(Generic[Handler]):
         body = engine.codec.encode(data)
         meta = engine.codec.encode({"h": check_headers(headers), "t": time.time()}) if headers else None
         service_b = self._service_name(service)
-        deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else timeout)
+        deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else check_timeout(timeout))
         return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, peer_id_of(peer), meta,
                             engine.stats)
 
-    def _until(self, predicate: Callable[[], bool], timeout: float | None, what: str) -> Plan:
+    def _until(self, predicate: Callable[[], bool], timeout: float, what: str) -> Plan:
         """Wait until ``predicate()`` holds on the loop. Raises `MeshTimeoutError`."""
         self._engine.ensure_running()
-        yield Until(predicate, None if timeout is None else time.monotonic() + timeout, what)
+        yield Until(predicate, time.monotonic() + check_timeout(timeout), what)  # (no wait is endless)
 
     def _peers_plan(self, n: int, timeout: float) -> Plan:
         """Wait for ``n`` peers present: known, and their subscriptions in place here (a

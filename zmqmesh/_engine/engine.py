@@ -60,6 +60,7 @@ from .._version import __version__ as _version
 from .._wire.codec import Codec
 from .._wire.frames import (
     ENDPOINT_KEYS,
+    FRAME_HEADROOM,
     HEADER,
     OFFER_PREFIXES,
     PROTOCOL,
@@ -261,7 +262,7 @@ class Engine:
         sockets: dict[str, zmq.Socket[Any]] = {}
         for key, kind in (("sub", zmq.SUB), ("pull", zmq.PULL), ("service", zmq.ROUTER), ("pub", zmq.XPUB)):
             options: dict[int, int | bytes] = {
-                zmq.RCVHWM: cfg.recv_hwm, zmq.SNDHWM: cfg.send_hwm, zmq.MAXMSGSIZE: cfg.max_message_bytes + 4096,
+                zmq.RCVHWM: cfg.recv_hwm, zmq.SNDHWM: cfg.send_hwm, zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
             }
             if kind == zmq.ROUTER:
                 options[zmq.ROUTER_MANDATORY] = 1
@@ -284,7 +285,7 @@ class Engine:
         cfg = self.config
         sock = new_socket(self.ctx, zmq.DEALER, {
             zmq.ROUTING_ID: requester_id(self.uuid, next(self._dealer_serial)),
-            zmq.MAXMSGSIZE: cfg.max_message_bytes + 4096,
+            zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
             zmq.SNDHWM: cfg.send_hwm,
             zmq.RCVHWM: cfg.recv_hwm,
         })

@@ -29,7 +29,7 @@ from .._io.sockets import new_socket
 from .._stats import Stats
 from .._wire import zre
 from .._wire.codec import Codec
-from .._wire.frames import HEADER
+from .._wire.frames import FRAME_HEADROOM, HEADER
 from .._wire.zre import Command, ZreMessage
 from ..config import NodeConfig
 from ..errors import MessageTooLargeError, ZmqMeshError
@@ -113,7 +113,7 @@ class Membership:
         (as ZRE asks). Raises `ZmqMeshError` if it cannot."""
         mailbox = new_socket(self.ctx, zmq.ROUTER, {
             zmq.RCVHWM: self.config.recv_hwm,
-            zmq.MAXMSGSIZE: self.config.max_message_bytes + 4096,
+            zmq.MAXMSGSIZE: self.config.max_message_bytes + FRAME_HEADROOM,
             # a peer reconnecting after a cut link takes over its routing id at once,
             # instead of being shut out by its own half-open previous connection
             zmq.ROUTER_HANDOVER: 1,

@@ -18,9 +18,9 @@ from .._io.reactor import EventLoop
 from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._wire.frames import MAX_BATCH_ITEMS, Headed
+from .._wire.frames import BATCH_BYTES, MAX_BATCH_ITEMS, Headed
 from ..config import NodeConfig
-from .pubsub import BATCH_BYTES, LARGE_FRAME, meta_frame, split_headed
+from .pubsub import LARGE_FRAME, meta_frame, split_headed
 
 __all__ = ["Pusher"]
 

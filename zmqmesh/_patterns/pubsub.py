@@ -21,13 +21,17 @@ from .._io.reactor import EventLoop
 from .._io.sockets import close_watched, has_input, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._wire.frames import MAX_BATCH_ITEMS, MAX_NAME_BYTES, Headed, pub_sender
+from .._wire.frames import (
+    BATCH_BYTES,
+    MAX_BATCH_ITEMS,
+    MAX_NAME_BYTES,
+    Headed,
+    pub_sender,
+)
 from .history import History
 
-__all__ = ["Publisher", "GapCounter", "BATCH_BYTES", "LARGE_FRAME", "meta_frame"]
+__all__ = ["Publisher", "GapCounter", "LARGE_FRAME", "meta_frame"]
 
-BATCH_BYTES = 64 * 1024
-"""A frame is closed once its batch reaches this size."""
 LARGE_FRAME = 64 * 1024
 """From this size up, frames are sent without a copy."""
 _MAX_TRACKED_TOPICS = 65_536
@@ -124,7 +128,7 @@ class Publisher:
             topic, body = q.popleft()
             bodies = [body]
             size = len(body)
-            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size < BATCH_BYTES:
+            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size + len(q[0][1]) <= BATCH_BYTES:
                 more = q.popleft()[1]
                 bodies.append(more)
                 size += len(more)

@@ -38,6 +38,7 @@ from .._stats import Stats
 from .._store.sqlite import StoredMessage
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
+    BATCH_BYTES,
     MAX_BATCH_ITEMS,
     STATUS_OK,
     Headed,
@@ -72,6 +73,13 @@ class _Batch(NamedTuple):
     items: list[Any]
     sent_at: float  # monotonic
     sent_wall: float  # the wall clock a redelivery reports as its time
+
+
+def _size(item: Any) -> int:
+    """About the bytes an item takes in a batch."""
+    if type(item) is StoredMessage:
+        return len(item.body) + len(item.headers or b"") + len(item.id) + 16
+    return len(item) + len(getattr(item, "headers", b"")) + 48 if type(item) is Headed else len(item)
 
 
 class ReliableSender:
@@ -136,13 +144,17 @@ class ReliableSender:
                     continue
                 items: list[Any] = []
                 flags: list[bool] = []
-                while len(items) < n and again:
-                    items.append(again.popleft())
+                size = 0  # a batch never passes BATCH_BYTES, but for a single large message
+                while len(items) < n and again and (not items or size + _size(again[0]) <= BATCH_BYTES):
+                    item = again.popleft()
+                    items.append(item)
                     flags.append(True)
-                while len(items) < n and q:
+                    size += _size(item)
+                while len(items) < n and q and (not items or size + _size(q[0]) <= BATCH_BYTES):
                     item = q.popleft()
                     items.append(item)
                     flags.append(isinstance(item, StoredMessage) and (item.attempts > 0 or item.recovered))
+                    size += _size(item)
                 if not items:
                     break
                 batch_id = next(self._batch_ids).to_bytes(8, "big")

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from ..errors import DecodeError, MessageTooLargeError
-from .frames import MAX_BATCH_ITEMS
+from .frames import FRAME_HEADROOM, MAX_BATCH_ITEMS
 
 __all__ = ["Codec", "durable_item", "DURABLE_ITEM_FIELDS"]
 
@@ -88,8 +88,10 @@ class Codec:
             raise DecodeError(f"malformed msgpack payload: {exc}") from exc
 
     def decode_batch(self, frame: bytes, max_items: int = MAX_BATCH_ITEMS) -> list[Any]:
-        """Decode a frame holding one to ``max_items`` concatenated objects. Raises `DecodeError`."""
-        if len(frame) > self.max_message_bytes:
+        """Decode a frame holding one to ``max_items`` concatenated objects (at most
+        ``max_message_bytes`` each, the frame at most `FRAME_HEADROOM` more: a message of
+        the largest size in its item form). Raises `DecodeError`."""
+        if len(frame) > self.max_message_bytes + FRAME_HEADROOM:
             raise DecodeError(f"frame of {len(frame)} bytes exceeds max_message_bytes")
         try:
             return [msgpack.unpackb(frame, **self._limits)]

@@ -30,6 +30,8 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MAX_REQUEST_ID_BYTES",
     "MAX_BATCH_ITEMS",
+    "BATCH_BYTES",
+    "FRAME_HEADROOM",
     "STATS_SERVICE",
     "STATS_SERVICE_BYTES",
     "QUEUE_SERVICE_PREFIX",
@@ -70,6 +72,12 @@ MAX_REQUEST_ID_BYTES = 64
 MAX_BATCH_ITEMS = 256
 """Most messages one frame may carry. A receiver rejects a frame holding more: without the
 bound, one 64 KiB frame of one-byte objects would make 65,536 handler calls."""
+BATCH_BYTES = 64 * 1024
+"""A batch is closed before it passes this size (a larger message travels alone)."""
+FRAME_HEADROOM = 64 * 1024
+"""What a frame may carry past ``max_message_bytes``: the wrapping of one message of the
+largest size (its item form, headers of up to 16 KiB, the meta frame). Sockets refuse
+frames larger than ``max_message_bytes + FRAME_HEADROOM``; senders never build one."""
 
 STATUS_OK = b"\x00"
 STATUS_ERROR = b"\x01"

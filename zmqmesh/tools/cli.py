@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", parents=[mesh], help="serve HTTP (JSON routes, SSE, dashboard) for the mesh")
     gateway.add_argument("--listen", default="127.0.0.1:8080", help="host:port (default 127.0.0.1:8080)")
     gateway.add_argument("--token", default=None, help="bearer token (required off loopback; or ZMQMESH_GATEWAY_TOKEN)")
+    gateway.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                         help="a Host name to answer besides loopback and the listen host (repeatable)")
+    gateway.add_argument("--tracebacks", action="store_true",
+                         help="send the remote handler's traceback with a 500 (default: only to the log)")
 
     keygen = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key and NAME.key_secret (mode 600)")
     keygen.add_argument("name", help="file name stem")
@@ -328,7 +332,8 @@ def _gateway(args: argparse.Namespace) -> int:
         task = asyncio.current_task()
         assert task is not None
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        await run_gateway(args.listen, token, ready=lambda url: print(f"gateway listening on {url}", flush=True), **options)
+        await run_gateway(args.listen, token, ready=lambda url: print(f"gateway listening on {url}", flush=True),
+                          hosts=tuple(args.allow_host), tracebacks=args.tracebacks, **options)
 
     try:
         asyncio.run(serve())

@@ -11,10 +11,17 @@ The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
     GET  /                    the dashboard (one self-contained page, no CDN)
 
 Errors are JSON ``{"error": type, "message": ..., ...}`` with a status per kind:
-400 bad JSON, 401 missing or wrong token, 404 unknown route, 405 wrong method,
-413 body too large, 500 the remote handler raised (with its type and traceback text),
-502 the provider was lost mid-request, 503 nobody offers it, 504 timeout.
+400 bad JSON or a bad ``?timeout=``, 401 missing or wrong token, 403 a foreign ``Host`` or
+``Origin``, 404 unknown route, 405 wrong method, 413 body too large, 415 a POST whose body
+is not ``application/json``, 500 the remote handler raised (its type and message; the
+traceback only with ``tracebacks=True``), 502 the provider was lost mid-request, 503
+nobody offers it (at once) or too many requests in flight, 504 timeout.
+
 It listens on loopback by default; on any other address a bearer token is required.
+Without a token it answers only the ``Host`` names it serves (against DNS rebinding), and
+with or without one it refuses cross-site requests: a POST must say ``application/json``
+(which a page on another site cannot send without a CORS preflight, never granted here)
+and a request whose ``Origin`` is another site is refused.
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ __all__ = ["create_app", "run_gateway", "GatewayError"]
 log = logging.getLogger("zmqmesh.gateway")
 
 _STATS_INTERVAL_S = 1.0
+MAX_TIMEOUT_S = 300.0
+"""The longest ``?timeout=`` a request may ask for."""
+MAX_IN_FLIGHT = 256
+"""Requests served at once; past it, 503 at once."""
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class GatewayError(ValueError):
@@ -67,23 +79,34 @@ def peer_json(peer: Peer, gateway: bool = False) -> dict[str, Any]:
 class Gateway:
     """The routes, bound to one running `AsyncNode`."""
 
-    def __init__(self, node: AsyncNode, token: str | None, request_timeout_s: float, max_body_bytes: int) -> None:
+    def __init__(self, node: AsyncNode, token: str | None, request_timeout_s: float, max_body_bytes: int,
+                 hosts: frozenset[str] = LOOPBACK_HOSTS, tracebacks: bool = False) -> None:
         self.node = node
         self.max_body_bytes = max_body_bytes
         self.token = token
         self.request_timeout_s = request_timeout_s
+        self.hosts = frozenset(h.lower() for h in hosts)
+        self.tracebacks = tracebacks
         self.listeners: set[asyncio.Queue[str]] = set()
+        self.in_flight = 0
 
     # middleware --------------------------------------------------------------------------------
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Turn every failure into a JSON error; check the token."""
+        """Turn every failure into a JSON error; refuse foreign hosts and cross-site
+        requests; check the token; bound the requests in flight."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         if self.token is not None and request.path != "/":
             supplied = request.headers.get("Authorization", "")
             supplied = supplied[7:] if supplied.startswith("Bearer ") else request.query.get("token", "")
             if not hmac.compare_digest(supplied.encode(), self.token.encode()):
                 return _error(401, "Unauthorized", "a valid bearer token is required")
+        if self.in_flight >= MAX_IN_FLIGHT:
+            return _error(503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
+        self.in_flight += 1
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -99,6 +122,33 @@ class Gateway:
         except Exception as exc:  # a bug of ours: logged here, never a traceback to the client
             log.exception("error serving %s %s", request.method, request.path)
             return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")
+        finally:
+            self.in_flight -= 1
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """A 403 or 415 for a request from where it must not come, else None."""
+        if self.token is None and _host_of(request.host) not in self.hosts:
+            return _error(403, "Forbidden", f"this gateway does not serve the host {request.host!r}")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != "null":
+            origin_host = _host_of(origin.split("://", 1)[-1])
+            if origin_host not in self.hosts | {_host_of(request.host)}:
+                return _error(403, "Forbidden", f"cross-site request from {origin!r} refused")
+        if request.method == "POST" and request.content_type != "application/json":
+            return _error(415, "UnsupportedMediaType", "a POST body must be JSON, sent as 'application/json'")
+        return None
+
+    def _timeout(self, request: web.Request) -> float:
+        raw = request.query.get("timeout")
+        if raw is None:
+            return self.request_timeout_s
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise _BadRequest(f"?timeout= must be a number of seconds, got {raw!r}") from None
+        if not 0 <= timeout <= MAX_TIMEOUT_S:  # (NaN fails it too)
+            raise _BadRequest(f"?timeout= must be between 0 and {MAX_TIMEOUT_S:g} seconds, got {raw!r}")
+        return timeout
 
     async def _body(self, request: web.Request) -> Any:
         raw = await request.read()
@@ -116,14 +166,19 @@ class Gateway:
         service = request.match_info["service"]
         try:
             data = await self._body(request)
-            timeout = float(request.query.get("timeout", self.request_timeout_s))
+            timeout = self._timeout(request)
+            if not self.node.providers(service):
+                raise NoProviderError(f"no node offers the service {service!r} in mesh {self.node.config.mesh!r}")
             reply = await self.node.request(service, data, timeout=timeout)
         except _BadRequest as exc:
             return _error(400, "BadRequest", str(exc))
         except ValueError as exc:
             return _error(400, "BadRequest", str(exc))
         except RemoteError as exc:
-            return _error(500, "RemoteError", exc.remote_message, remote_type=exc.remote_type, traceback=exc.remote_traceback)
+            log.warning("the handler of %r raised %s: %s\n%s", service, exc.remote_type, exc.remote_message,
+                        exc.remote_traceback)
+            extra = {"traceback": exc.remote_traceback} if self.tracebacks else {}
+            return _error(500, "RemoteError", exc.remote_message, remote_type=exc.remote_type, **extra)
         except PeerLostError as exc:
             return _error(502, "PeerLostError", str(exc))
         except NoProviderError as exc:
@@ -147,7 +202,7 @@ class Gateway:
         """POST /push/{queue}."""
         try:
             data = await self._body(request)
-            timeout = float(request.query.get("timeout", self.request_timeout_s))
+            timeout = self._timeout(request)
             await self.node.push(request.match_info["queue"], data, timeout=timeout)
         except (_BadRequest, ValueError, TypeError) as exc:
             return _error(400, "BadRequest", str(exc))
@@ -230,9 +285,11 @@ def _sse(event: str, data: Any) -> bytes:
 
 
 def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 1024 * 1024,
-               request_timeout_s: float = 10.0) -> tuple[web.Application, Gateway]:
-    """The aiohttp application of a gateway on a running ``node``."""
-    gateway = Gateway(node, token, request_timeout_s, max_body_bytes)
+               request_timeout_s: float = 10.0, hosts: frozenset[str] = LOOPBACK_HOSTS,
+               tracebacks: bool = False) -> tuple[web.Application, Gateway]:
+    """The aiohttp application of a gateway on a running ``node``: it answers the ``Host``
+    names ``hosts`` (without a token), and sends remote tracebacks only with ``tracebacks``."""
+    gateway = Gateway(node, token, request_timeout_s, max_body_bytes, hosts, tracebacks)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[gateway.errors])
     app.router.add_post("/request/{service}", gateway.request)
     app.router.add_post("/publish/{topic}", gateway.publish)
@@ -245,6 +302,14 @@ def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 
     return app, gateway
 
 
+def _host_of(authority: str) -> str:
+    """The host of a ``host[:port]`` (IPv6 in brackets), lower-cased."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -252,16 +317,20 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def run_gateway(listen: str, token: str | None = None, ready: Any = None, **node_options: Any) -> None:
-    """Join the mesh and serve HTTP on ``listen`` (``host:port``) until cancelled."""
+async def run_gateway(listen: str, token: str | None = None, ready: Any = None, hosts: tuple[str, ...] = (),
+                      tracebacks: bool = False, **node_options: Any) -> None:
+    """Join the mesh and serve HTTP on ``listen`` (``host:port``) until cancelled. Without a
+    token, it answers the loopback names, the listen host and ``hosts``. Raises
+    `GatewayError` for a bad address or one it cannot listen on."""
     host, _, port_text = listen.rpartition(":")
-    if not host or not port_text.isdigit():
-        raise GatewayError(f"--listen must be host:port, got {listen!r}")
+    if not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise GatewayError(f"--listen must be host:port with a port from 0 to 65535, got {listen!r}")
     if not _is_loopback(host) and not token:
         raise GatewayError(f"listening on {host} (not loopback) needs a bearer token (--token or ZMQMESH_GATEWAY_TOKEN)")
     async with AsyncNode(node_options.pop("name", "gateway"), **node_options) as node:
-        app, gateway = create_app(node, token)
-        runner = web.AppRunner(app, access_log=None)
+        app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(host)} | set(hosts),
+                                  tracebacks=tracebacks)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=15.0)  # idle connections end
         await runner.setup()
         site = web.TCPSite(runner, host, int(port_text))
         try:
