@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Any
 
 import pytest
@@ -89,3 +90,154 @@ def test_large_messages_near_the_limit_arrive_in_every_pattern(mesh: dict[str, A
     for kind, sizes in got.items():
         assert sorted(sizes) == sorted([len(small), len(big)] * 3), kind
     assert receiver.stats()["rejected"].get("pipeline_malformed", 0) == 0
+
+
+def test_a_handler_calling_its_own_node_fails_at_once_or_goes_elsewhere(mesh: dict[str, Any]) -> None:
+    outcomes: list[Any] = []
+    node = zmqmesh.Node("looping", **mesh)
+    node.service("inner", lambda m: "inner")
+
+    @node.service("outer")
+    def outer(msg: zmqmesh.Message) -> Any:
+        try:
+            return node.request("inner", None, timeout=30)
+        except zmqmesh.ConfigError as exc:
+            outcomes.append(exc)
+            return "refused"
+
+    with node:
+        started = time.monotonic()
+        assert node.request("outer", None, timeout=30) == "refused"
+        assert time.monotonic() - started < 20, "at once, not after the timeout"
+        assert "handler_concurrency" in str(outcomes[0])
+        with zmqmesh.Node("helper", **mesh) as helper:
+            helper.service("inner", lambda m: "from the helper")
+            node.wait_for_service("inner", 2)
+            for _ in range(4):  # never this node, whatever the round-robin says
+                assert node.request("outer", None, timeout=30) == "from the helper"
+
+
+def test_an_async_handler_calling_its_own_node_fails_at_once(mesh: dict[str, Any]) -> None:
+    async def main() -> str:
+        async with zmqmesh.AsyncNode("looping", **mesh) as node:
+            node.service("inner", lambda m: "inner")
+
+            @node.service("outer")
+            async def outer(msg: zmqmesh.Message) -> str:
+                try:
+                    return str(await node.request("inner", None, timeout=30))
+                except zmqmesh.ConfigError as exc:
+                    return f"refused: {exc}"
+
+            return str(await node.request("outer", None, timeout=30))
+
+    started = time.monotonic()
+    assert "handler_concurrency" in asyncio.run(main())
+    assert time.monotonic() - started < 20
+
+
+def test_failed_and_removed_registrations_leave_no_flags(mesh: dict[str, Any]) -> None:
+    node = zmqmesh.Node("registrar", **mesh)
+    node.service("clash", lambda m: 1)
+    with pytest.raises(ValueError):
+        node.service("clash", lambda m: 2, idempotent=True)
+    node.service("gone", lambda m: 1, idempotent=True)
+    node.unservice("gone")
+    node.pull("q", lambda m: None)
+    with pytest.raises(ValueError):
+        node.pull("q", lambda m: None, at_least_once=True, ack_timeout_s=5)
+    with node, zmqmesh.Node("observer", **mesh) as observer:
+        observer.wait_for_peers(1)
+        wait_until(lambda: "zmqmesh/svc/clash" in observer.peers()[0].groups, 10, "the offers")
+        groups = observer.peers()[0].groups
+        assert not {g for g in groups if g.startswith(("zmqmesh/idem/", "zmqmesh/ackqueue/", "zmqmesh/ackto/"))}, groups
+    for i in range(zmqmesh._mesh.registry.MAX_OFFERS - 2):  # the node offers "clash" and "q" already
+        node.subscribe(f"topic.{i}.", lambda m: None)
+    with pytest.raises(zmqmesh.ConfigError, match="at most"):
+        node.subscribe("one.too.many.", lambda m: None)
+
+
+def _start_in_child(node: zmqmesh.Node, out: Any) -> None:
+    try:
+        node.start()
+        out.put("started")
+    except zmqmesh.ZmqMeshError as exc:
+        out.put(str(exc))
+
+
+def test_a_node_built_before_a_fork_is_refused_in_the_child(mesh: dict[str, Any]) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    node = zmqmesh.Node("forked", **mesh)
+    child = ctx.Process(target=_start_in_child, args=(node, out))
+    child.start()
+    said = out.get(timeout=30)
+    child.join(10)
+    assert "before a fork" in said
+
+
+def test_an_async_node_refuses_another_event_loop(mesh: dict[str, Any]) -> None:
+    import threading
+
+    ready = threading.Event()
+    done = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        async def main() -> None:
+            async with zmqmesh.AsyncNode("loop-a", **mesh) as node:
+                node.service("echo", lambda m: m.data)
+                holder["node"] = node
+                ready.set()
+                while not done.is_set():
+                    await asyncio.sleep(0.02)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        assert ready.wait(20)
+        node = holder["node"]
+
+        async def from_loop_b() -> None:
+            with pytest.raises(zmqmesh.ZmqMeshError, match="another event loop"):
+                await node.request("echo", 1, timeout=2)
+            with pytest.raises(zmqmesh.ZmqMeshError, match="another event loop"):
+                await node.publish("x", 1)
+
+        asyncio.run(from_loop_b())
+    finally:
+        done.set()
+        thread.join(20)
+
+
+def test_stop_while_threads_wait_in_requests_raises_only_typed_errors(mesh: dict[str, Any]) -> None:
+    import threading
+
+    arrived: list[int] = []
+    release = threading.Event()
+    errors: list[BaseException] = []
+    with zmqmesh.Node("slow", **mesh) as slow:
+        slow.service("block", lambda m: arrived.append(1) or release.wait(10))
+        caller = zmqmesh.Node("caller", **mesh).start()
+        caller.wait_for_service("block")
+
+        def call() -> None:
+            try:
+                caller.request("block", None, timeout=20)
+            except BaseException as exc:  # what a caller can see, whatever it is
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: arrived, 10, "a request in the service")
+        caller.stop()
+        for thread in threads:
+            thread.join(20)
+        release.set()
+    assert len(errors) == 8
+    assert all(isinstance(e, zmqmesh.ZmqMeshError) for e in errors), {type(e) for e in errors}

@@ -47,9 +47,11 @@ class AsyncNode(NodeBase[Any]):
         Raises `ZmqMeshError` (or `ConfigError`) on failure, `NodeClosedError` for a node
         that was stopped.
         """
+        self._check_process()
         if self._engine.started:
             if self._stopped:
                 raise NodeClosedError("a stopped node cannot be started again; create a new one")
+            self._check_loop()
             return self
         try:
             self._engine.start(asyncio.get_running_loop())
@@ -103,8 +105,16 @@ class AsyncNode(NodeBase[Any]):
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def _check_loop(self) -> None:
+        """Raises `ZmqMeshError` when called from another event loop than the node's: its
+        sockets and futures belong to that one loop."""
+        if asyncio.get_running_loop() is not self._engine.loop:
+            raise ZmqMeshError("this AsyncNode runs on another event loop; use it from the loop that "
+                               "started it (or start a node per loop)")
+
     async def publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` on ``topic`` (see `Node.publish`)."""
+        self._check_loop()
         item, q = self._encode_publication(topic, data, headers)
         if len(q) >= self.config.send_queue_max:
             await self._runner.run(self._room_plan(q, self.config.push_timeout_s))
@@ -117,6 +127,7 @@ class AsyncNode(NodeBase[Any]):
         on the loop's thread, in one transaction with the durable pushes other tasks made
         in the same pass of the loop (a group commit). A durable push cancelled while it
         waits for that commit may still be stored."""
+        self._check_loop()
         if durable:
             await self._commit_durable(queue, (data,), headers)
             return

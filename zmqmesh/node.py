@@ -63,6 +63,7 @@ class Node(NodeBase[Any]):
         Raises `ZmqMeshError` (or `ConfigError`) on failure, `NodeClosedError` for a node
         that was stopped.
         """
+        self._check_process()
         with self._lock:
             if self._thread is not None:
                 if self._stopped:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from .._patterns.durable import Ticket
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
-from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
+from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
 __all__ = ["AsyncRunner", "LoopCommits", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
 
@@ -56,7 +57,11 @@ class AsyncRunner:
 
     async def run(self, plan: Plan) -> Any:
         """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
-        error becomes `ZmqMeshError`."""
+        error becomes `ZmqMeshError`, and so does a call from another event loop."""
+        if self.engine.started and asyncio.get_running_loop() is not self.engine.loop:
+            plan.close()
+            raise ZmqMeshError("this AsyncNode runs on another event loop; use it from the loop that "
+                               "started it (or start a node per loop)")
         value: Any = None
         error: BaseException | None = None
         while True:
@@ -190,7 +195,9 @@ class LoopInbox(Dispatcher):
         self.engine = engine
         self.loop = engine.loop
         concurrency = engine.config.handler_concurrency
-        self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler")
+        self._worker_threads: set[int] = set()
+        self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler",
+                                          initializer=lambda: self._worker_threads.add(threading.get_ident()))
         self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
         self._task: asyncio.Task[None] | None = None
         self._again = False
@@ -206,6 +213,18 @@ class LoopInbox(Dispatcher):
     def runs_handlers_here(self) -> bool:
         """Always False: stopping from a handler is awaited, never blocked on."""
         return False
+
+    def waits_for_caller(self) -> bool:
+        """True when the caller is one of this node's handlers and they run one at a time
+        (an ``async def`` one awaited in the drain, a ``def`` one on the worker thread)."""
+        if self._concurrency is not None:
+            return False
+        if threading.get_ident() in self._worker_threads:
+            return True
+        try:
+            return asyncio.current_task() is self._task
+        except RuntimeError:  # no running loop on this thread
+            return False
 
     def wake(self) -> None:
         """Start a drain unless one is running (then it goes round once more)."""

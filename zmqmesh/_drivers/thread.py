@@ -340,6 +340,11 @@ class ThreadInbox(Dispatcher):
         return (current is self.thread or current.ident in self._pool_threads
                 or (handler_loop is not None and current is handler_loop.thread))
 
+    def waits_for_caller(self) -> bool:
+        """True when the calling thread runs one of this node's handlers and they run one
+        at a time: the node then serves nothing until the caller returns."""
+        return self._pool is None and self.runs_handlers_here()
+
     def _pool_thread_started(self) -> None:
         self._pool_threads.add(threading.get_ident())
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 import warnings
 from collections import deque
@@ -109,11 +110,19 @@ class NodeBase(Generic[Handler]):
         self.config = config
         self._registry = Registry()
         self._engine = Engine(name or "", self.config, self._registry, inbox_factory, requests_factory)
+        self._pid = os.getpid()  # a node serves the process that built it (see _check_process)
         self._stopped = False
         self._id_prefix = self._engine.node_id[:24] + "-"
         self._id_serial = itertools.count(1)
         self._topic_names: dict[str, bytes] = {}
         self._service_names: dict[str, bytes] = {STATS_SERVICE: STATS_SERVICE_BYTES}
+
+    def _check_process(self) -> None:
+        """Raises `ZmqMeshError` in a process forked after this node was built: its identity
+        (and any thread it started) belongs to the parent, and every child would share it."""
+        if os.getpid() != self._pid:
+            raise ZmqMeshError(f"this node was built in process {self._pid}, before a fork; build a node in "
+                               "each process that uses one (after the fork)")
 
     def __repr__(self) -> str:
         state = "running" if self.running else ("stopped" if self._stopped else "not started")
@@ -147,13 +156,15 @@ class NodeBase(Generic[Handler]):
     # registration ---------------------------------------------------------------------------
 
     def _register(self, kind: str, name: str, handler: Callable[..., Any] | None,
-                  options: SubscribeOptions | None = None) -> Any:
+                  then: Callable[[Callable[..., Any]], None] | None = None) -> Any:
+        """Register ``handler`` (or return a decorator that does); ``then(handler)`` records
+        its options, only once the registration succeeded (a failed one leaves nothing)."""
         def decorate(fn: Handler) -> Handler:
             if not callable(fn):
                 raise TypeError("a handler must be callable")
             self._registry.add(kind, name, fn)
-            if options is not None:
-                self._registry.set_subscribe_options(name, fn, options)
+            if then is not None:
+                then(fn)
             self._engine.registry_changed()
             return fn
 
@@ -191,7 +202,9 @@ class NodeBase(Generic[Handler]):
                 raise ConfigError(f"durable_name must be a name of 1 to 200 characters, got {durable_name!r}")
             if self.config.store is None:
                 raise ConfigError("durable_name needs a store: Node(..., store='path/dir')")
-        return self._register("topics", prefix, handler, SubscribeOptions(replay, durable_name))
+        options = SubscribeOptions(replay, durable_name)
+        return self._register("topics", prefix, handler,
+                              lambda fn: self._registry.set_subscribe_options(prefix, fn, options))
 
     def pull(self, queue: str, handler: Callable[[Message], Any] | None = None, *, at_least_once: bool = False,
              ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,
@@ -231,11 +244,10 @@ class NodeBase(Generic[Handler]):
             raise ConfigError("dedupe=True needs a store: Node(..., store='path/dir')")
         if not isinstance(dedupe_window, int) or dedupe_window < 1:
             raise ConfigError(f"dedupe_window must be a whole number >= 1, got {dedupe_window!r}")
-        if at_least_once:
-            self._registry.set_pull_options(queue, PullOptions(
-                True, None if ack_timeout_s is None else float(ack_timeout_s), max_deliveries, dead_letter,
-                dedupe, dedupe_window))
-        return self._register("queues", queue, handler)
+        options = PullOptions(True, None if ack_timeout_s is None else float(ack_timeout_s), max_deliveries,
+                              dead_letter, dedupe, dedupe_window)
+        return self._register("queues", queue, handler,
+                              (lambda fn: self._registry.set_pull_options(queue, options)) if at_least_once else None)
 
     def service(self, name: str, handler: Callable[[Message], Any] | None = None, *, idempotent: bool = False) -> Any:
         """Answer requests to service ``name``; the handler's return value is the reply.
@@ -245,9 +257,9 @@ class NodeBase(Generic[Handler]):
         raising `PeerLostError`. Raises `ValueError` if this node already offers ``name``
         with another handler.
         """
-        if idempotent:
-            self._registry.mark_idempotent(name)
-        return self._register("services", check_name("service", name), handler)
+        check_name("service", name)
+        return self._register("services", name, handler,
+                              (lambda fn: self._registry.mark_idempotent(name)) if idempotent else None)
 
     def keep(self, queue: str) -> None:
         """Become a keeper of ``queue``: a pusher that stops with durable messages of it not
@@ -439,8 +451,18 @@ class NodeBase(Generic[Handler]):
         meta = engine.codec.encode({"h": check_headers(headers), "t": time.time()}) if headers else None
         service_b = self._service_name(service)
         deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else check_timeout(timeout))
-        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, peer_id_of(peer), meta,
-                            engine.stats)
+        only, avoid = peer_id_of(peer), None
+        if engine.inbox is not None and engine.inbox.waits_for_caller():
+            # a handler of this node calling: this node serves nothing until it returns
+            own = engine.directory.node_id
+            if only == own or (only is None and engine.directory.providers("services", service) == (own,)):
+                raise ConfigError(
+                    f"the service {service!r} is offered only by this node, whose handler is calling it: with "
+                    f"handler_concurrency={self.config.handler_concurrency} the call would wait for its own caller. "
+                    "Call the function directly, or raise handler_concurrency")
+            avoid = own
+        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, only, meta,
+                            engine.stats, avoid)
 
     def _until(self, predicate: Callable[[], bool], timeout: float, what: str) -> Plan:
         """Wait until ``predicate()`` holds on the loop. Raises `MeshTimeoutError`."""

@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["Registry", "PullOptions", "SubscribeOptions", "EVENTS"]
+from ..errors import ConfigError
+
+__all__ = ["Registry", "PullOptions", "SubscribeOptions", "EVENTS", "MAX_OFFERS"]
 
 EVENTS = ("join", "leave", "whisper", "shout")
+MAX_OFFERS = 2000
+"""Topics, queues and services one node may offer: each is one to three ZRE groups, and a
+peer takes at most 10,000 groups in a HELLO."""
 
 
 class PullOptions(NamedTuple):
@@ -75,7 +80,11 @@ class Registry:
         }
 
     def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
-        """Register ``handler`` for a topic prefix, queue or service. Raises `ValueError` on a clash."""
+        """Register ``handler`` for a topic prefix, queue or service. Raises `ValueError` on a
+        clash, `ConfigError` past `MAX_OFFERS` names (peers could not take the HELLO)."""
+        if name not in getattr(self, kind) and len(self.topics) + len(self.queues) + len(self.services) >= MAX_OFFERS:
+            raise ConfigError(f"a node offers at most {MAX_OFFERS} topics, queues and services in all "
+                              "(each is a ZRE group its peers must take in one HELLO)")
         if kind == "topics":
             topics = dict(self.topics)
             topics[name] = [*topics.get(name, []), handler]
@@ -142,6 +151,12 @@ class Registry:
         setattr(self, kind, table)
         if kind == "topics":
             self.replays = {(p, h): o for (p, h), o in self.replays.items() if h in table.get(p, ())}
+        elif name not in table:  # what was said of the name goes with it
+            if kind == "queues":
+                self.ack_queues = self.ack_queues - {name}
+                self.pull_options = {q: o for q, o in self.pull_options.items() if q != name}
+            else:
+                self.idempotent = self.idempotent - {name}
         self.version += 1
         return True
 

@@ -70,7 +70,7 @@ def decode_reply(codec: Codec, status: bytes, body: bytes) -> Any:
 
 def request_plan(directory: Directory, codec: Codec, service: str, service_b: bytes, body: bytes,
                  deadline: float, only: str | None = None, meta: bytes | None = None,
-                 stats: Stats | None = None) -> RequestPlan:
+                 stats: Stats | None = None, avoid: str | None = None) -> RequestPlan:
     """One call of ``service`` (``only`` on that node, if given) until ``deadline``.
 
     Picks a provider (waiting for one), exchanges with it, and decodes the reply. A
@@ -81,10 +81,10 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
     `DecodeError`.
     """
     while True:
-        provider = directory.pick_provider(service, only)
+        provider = directory.pick_provider(service, only, avoid)
         if provider is None:
             try:
-                yield Until(lambda: directory.pick_provider(service, only) is not None, deadline,
+                yield Until(lambda: directory.pick_provider(service, only, avoid) is not None, deadline,
                             f"a provider of {service!r}")
             except MeshTimeoutError:
                 raise no_provider(service, only) from None
