@@ -190,3 +190,51 @@ def test_pyre_style_sequence_wrap_is_tolerated_from_plain_peers(target: zmqmesh.
     assert rejected(target, "zre_sequence_gap") == 0
     inbox.close(0)
     dealer.close(0)
+
+
+def test_a_whisper_flood_into_a_slow_handler_is_bounded_and_counted(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """Received work waits in a bounded queue: past recv_hwm events, WHISPERs are dropped
+    and counted, and the ones kept are still handled."""
+    import threading
+
+    release = threading.Event()
+    handled: list[bytes] = []
+    node = zmqmesh.Node("flooded", recv_hwm=100, **mesh)
+
+    @node.on_whisper
+    def slow(msg: zmqmesh.Message) -> None:
+        release.wait(20)
+        handled.append(msg.data[0])
+
+    with node:
+        inbox = ctx.socket(zmq.ROUTER)
+        port = inbox.bind_to_random_port("tcp://127.0.0.1")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+        dealer.connect(node.endpoints["mailbox"])
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{port}", name="flooder"))
+        wait_until(lambda: node.peers(), 5, "the flooder")
+        for seq in range(2, 1002):
+            dealer.send_multipart(zre_frames(Command.WHISPER, seq % 65536, content=[b"x" * 1000]))
+        wait_until(lambda: node.stats()["zre"]["received"] == 1000, 10, "the flood")
+        dropped = node.stats()["zre"]["dropped"]
+        release.set()
+        wait_until(lambda: len(handled) + dropped == 1000, 20, "the kept whispers handled")
+        inbox.close(0)
+        dealer.close(0)
+    assert 800 <= dropped <= 1000 - 100, "at most about recv_hwm waited; the rest was dropped, counted"
+
+
+def test_counters_forget_departed_peers(mesh: dict[str, Any]) -> None:
+    got: list[Any] = []
+    node = zmqmesh.Node("counting", **mesh)
+    node.subscribe("t.", got.append)
+    with node:
+        for i in range(3):
+            with zmqmesh.Node(f"visitor-{i}", **mesh) as visitor:
+                visitor.wait_for_subscribers("t.x", 1)
+                visitor.publish("t.x", i)
+                wait_until(lambda: len(got) == i + 1, 10, "the visitor's message")
+                assert visitor.id in node.stats()["peers"]
+            wait_until(lambda: not node.peers(), 10, "the visitor gone")
+            assert node.stats()["peers"] == {}

@@ -42,6 +42,11 @@ class Stats:
         with self._lock:
             self.rejected[reason] += count
 
+    def forget_peer(self, peer_id: str) -> None:
+        """Drop the counters kept for a departed peer (a stranger's fresh ids must not
+        pile up)."""
+        self.peer_received.pop(peer_id, None)
+
     def snapshot(self) -> dict[str, Any]:
         """A plain-dict copy: ``{pattern: {sent, received, dropped, errors}, peers, rejected, membership}``."""
         with self._lock:

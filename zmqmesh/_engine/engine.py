@@ -441,6 +441,7 @@ class Engine:
             self.requests.peer_gone(peer.id)
         if self.reliable is not None:
             self.reliable.peer_gone(peer.id)
+        self.stats.forget_peer(peer.id)
         self._post("leave", snapshot)
 
     def peer_groups_changed(self, peer: PeerState) -> None:

@@ -46,6 +46,7 @@ class Call:
 
 
 _ASYNC: dict[Any, bool] = {}
+_MAX_CACHED = 4096
 
 
 def is_async(handler: Callable[..., Any]) -> bool:
@@ -55,6 +56,8 @@ def is_async(handler: Callable[..., Any]) -> bool:
     except (KeyError, TypeError):
         found = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
         try:
+            if len(_ASYNC) >= _MAX_CACHED:  # bounded: callables made per call would grow it
+                _ASYNC.clear()
             _ASYNC[handler] = found
         except TypeError:  # unhashable callable
             pass

@@ -22,6 +22,7 @@ and traceback travel back to the caller. Undecodable input is counted and droppe
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections import deque
@@ -51,6 +52,7 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("zmqmesh.inbox")
 
 _BURST = 256
+_EVENT_BYTES = 64 * 1024 * 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 
 
@@ -83,6 +85,8 @@ class Dispatcher:
         self.router = router
         self.sockets = ((router, "req"), (pull, "pull"), (sub, "sub"))
         self.events: deque[Call] = deque()
+        self.event_bytes = 0  # WHISPER and SHOUT frames waiting in ``events``
+        self._event_lock = threading.Lock()
         self.gaps = GapCounter()
         self.subscribed: set[str] = set()
         self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]]]] = {}
@@ -107,7 +111,11 @@ class Dispatcher:
         into ``calls``; returns the pairs that may hold more."""
         events = self.events
         while events:
-            calls.append(events.popleft())
+            call = events.popleft()
+            if isinstance(call.arg, Message) and call.arg.pattern in ("whisper", "shout"):
+                with self._event_lock:  # (posted on the loop's thread, taken on this one)
+                    self.event_bytes -= sum(len(f) for f in call.arg.data)
+            calls.append(call)
         if self.streams_changed:
             self.streams_changed = False
             if self.replays.active():
@@ -170,7 +178,18 @@ class Dispatcher:
             self.replays.flush()
 
     def post(self, calls: list[Call]) -> None:
-        """Queue event callbacks (joins, leaves, whispers) to run in order with messages."""
+        """Queue event callbacks (joins, leaves, whispers) to run in order with messages.
+        WHISPERs and SHOUTs past a backlog of `recv_hwm` events or about `_EVENT_BYTES`
+        (twice ``max_message_bytes`` if larger) are dropped and counted; joins and leaves
+        are never dropped (a peer makes only one of each at a time)."""
+        if calls and isinstance(calls[0].arg, Message) and calls[0].arg.pattern in ("whisper", "shout"):
+            size = sum(len(f) for f in calls[0].arg.data)
+            if len(self.events) >= self.config.recv_hwm or \
+                    self.event_bytes + size > max(_EVENT_BYTES, 2 * self.config.max_message_bytes):
+                self.stats.add("zre", "dropped", len(calls))
+                return
+            with self._event_lock:
+                self.event_bytes += size * len(calls)
         self.events.extend(calls)
         self.wake()
 
