@@ -241,3 +241,21 @@ def test_stop_while_threads_wait_in_requests_raises_only_typed_errors(mesh: dict
         release.set()
     assert len(errors) == 8
     assert all(isinstance(e, zmqmesh.ZmqMeshError) for e in errors), {type(e) for e in errors}
+
+
+def test_pushes_to_queues_nobody_pulls_leave_no_sockets_behind(mesh: dict[str, Any]) -> None:
+    import os
+
+    with zmqmesh.Node("pusher", **mesh) as node:
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(300):
+            with pytest.raises(zmqmesh.NoProviderError, match=f"queue 'nobody.{i}'"):
+                node.push(f"nobody.{i}", i, timeout=0)
+        after = len(os.listdir("/proc/self/fd"))
+        assert after - before < 20, f"{after - before} descriptors more after 300 failed pushes"
+        got: list[int] = []
+        with zmqmesh.Node("puller", **mesh) as puller:
+            puller.pull("nobody.7", lambda m: got.append(m.data))
+            node.wait_for_pullers("nobody.7")
+            node.push("nobody.7", 7)
+            wait_until(lambda: got == [7], 10, "a push to a queue that now has a puller")

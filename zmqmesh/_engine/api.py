@@ -433,7 +433,8 @@ class NodeBase(Generic[Handler]):
                 yield Until(lambda: bool(engine.directory.offers["queues"].get(queue)), deadline,
                             f"a puller of {queue!r}")
             except MeshTimeoutError:
-                raise NoProviderError(f"no node pulls the queue {queue!r}") from None
+                yield OnLoop(pusher.release, (queue,))  # a failed queue keeps no socket
+                raise NoProviderError(f"no node pulls the queue {queue!r} in mesh {self.config.mesh!r}") from None
         if len(q) >= self.config.send_queue_max:
             yield Room(q, deadline)
         return q

@@ -20,11 +20,16 @@ from .._mesh.directory import Directory
 from .._stats import Stats
 from .._wire.frames import BATCH_BYTES, MAX_BATCH_ITEMS, Headed
 from ..config import NodeConfig
+from ..errors import ZmqMeshError
 from .pubsub import LARGE_FRAME, meta_frame, split_headed
 
-__all__ = ["Pusher"]
+__all__ = ["Pusher", "MAX_PUSH_SOCKETS"]
 
 log = logging.getLogger("zmqmesh.pipeline")
+
+
+MAX_PUSH_SOCKETS = 512
+"""PUSH sockets (one per queue pushed to) a node keeps open at most."""
 
 
 class Pusher:
@@ -58,9 +63,17 @@ class Pusher:
         return sum(len(q) for q in list(self.queues.values()))
 
     def ensure_socket(self, queue: str) -> None:
-        """Create and connect the PUSH socket of ``queue``."""
+        """Create and connect the PUSH socket of ``queue``. Past `MAX_PUSH_SOCKETS`, the
+        sockets of idle queues (no puller, nothing queued) are released first; raises
+        `ZmqMeshError` if none is idle."""
         if queue in self._sockets:
             return
+        if len(self._sockets) >= MAX_PUSH_SOCKETS:
+            for idle in [q for q in self._sockets if not self.queues[q] and not self.directory.providers("queues", q)]:
+                self.release(idle)
+            if len(self._sockets) >= MAX_PUSH_SOCKETS:
+                raise ZmqMeshError(f"this node already pushes to {MAX_PUSH_SOCKETS} queues with pullers or "
+                                   "messages waiting; push to fewer queue names")
         sock = new_socket(self.ctx, zmq.PUSH, {zmq.SNDHWM: self.config.send_hwm})
         self._sockets[queue] = sock
         self._connected[queue] = set()
@@ -68,6 +81,16 @@ class Pusher:
         self._sync(queue, sock)
         self.loop.add_reader(sock.FD, self._on_socket, sock)
         self.wake()
+
+    def release(self, queue: str) -> None:
+        """Close the socket of ``queue`` if nothing waits in its send queue and nobody pulls
+        it (a push that found no puller leaves nothing behind)."""
+        q = self.queues.get(queue)
+        if q is None or q or self.directory.providers("queues", queue):
+            return
+        close_watched(self.loop, self._sockets.pop(queue), 0)
+        del self._connected[queue]
+        del self.queues[queue]
 
     def sync_connections(self) -> None:
         """Connect every queue's socket to that queue's pullers, and only to them."""
