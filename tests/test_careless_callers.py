@@ -259,3 +259,27 @@ def test_pushes_to_queues_nobody_pulls_leave_no_sockets_behind(mesh: dict[str, A
             node.wait_for_pullers("nobody.7")
             node.push("nobody.7", 7)
             wait_until(lambda: got == [7], 10, "a push to a queue that now has a puller")
+
+
+def test_a_map_keyed_by_tuples_arrives_as_sent_and_takes_no_batch_with_it(mesh: dict[str, Any]) -> None:
+    """msgpack sends a tuple key as an array, which Python cannot hash: such a message used
+    to take its whole batch with it (and an at-least-once batch never got acknowledged)."""
+    odd = {(1, 2): "pair", ("a", (3, 4)): [1, 2], "plain": {(5,): None}}
+    got: dict[str, list[Any]] = {"sub": [], "alo": [], "plain": []}
+    receiver = zmqmesh.Node("receiver", **mesh)
+    receiver.subscribe("odd.", lambda m: got["sub"].append(m.data))
+    receiver.pull("alo", lambda m: got["alo"].append(m.data), at_least_once=True)
+    receiver.pull("plain", lambda m: got["plain"].append(m.data))
+    receiver.service("echo", lambda m: m.data)
+    with receiver, zmqmesh.Node("sender", **mesh) as sender:
+        sender.wait_for_subscribers("odd.x", 1)
+        sender.wait_for_pullers("alo")
+        sender.wait_for_pullers("plain")
+        for kind, send in (("sub", lambda d: sender.publish("odd.x", d)), ("alo", lambda d: sender.push("alo", d)),
+                           ("plain", lambda d: sender.push("plain", d))):
+            for data in (1, odd, 2):  # in one batch, around the odd one
+                send(data)
+        wait_until(lambda: all(len(v) == 3 for v in got.values()), 10, "every message")
+        assert sender.request("echo", odd, timeout=10) == odd
+    for kind, messages in got.items():
+        assert messages == [1, odd, 2], kind

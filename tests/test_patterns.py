@@ -30,6 +30,7 @@ def test_publish_reaches_every_subscriber_and_the_publisher_in_order(spawn: Any,
     node.subscribe("prices.", lambda msg: own.append((msg.topic, msg.data, msg.sender.name)))
     with node:
         node.wait_for_subscribers("prices.eur", 3, timeout=10)  # two processes and itself
+        node.wait_for_peers(3, timeout=10)  # and every peer's subscriptions in place (news. too)
         for i in range(500):
             node.publish("prices.eur", {"seq": i})
         node.publish("news.x", "not for price subscribers")

@@ -39,6 +39,19 @@ def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, 
 _DECODE_ERRORS = (ValueError, TypeError, msgpack.UnpackException, OverflowError, RecursionError)
 
 
+def _frozen(value: Any) -> Any:
+    """``value`` made hashable: lists become tuples, maps tuples of pairs (recursively)."""
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((_frozen(k), _frozen(v)) for k, v in value.items())
+    return value
+
+
+def _map_of_frozen_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    return {_frozen(k): v for k, v in pairs}
+
+
 class Codec:
     """Encodes payloads to msgpack bytes and decodes them within fixed limits.
 
@@ -84,6 +97,10 @@ class Codec:
             raise DecodeError(f"frame of {len(frame)} bytes exceeds max_message_bytes")
         try:
             return msgpack.unpackb(frame, **self._limits)
+        except TypeError as exc:
+            if "unhashable" not in str(exc):
+                raise DecodeError(f"malformed msgpack payload: {exc}") from exc
+            return self._decode_keys_frozen(frame)[0]
         except _DECODE_ERRORS as exc:
             raise DecodeError(f"malformed msgpack payload: {exc}") from exc
 
@@ -97,9 +114,26 @@ class Codec:
             return [msgpack.unpackb(frame, **self._limits)]
         except msgpack.ExtraData:
             pass  # a batch of several objects
+        except TypeError as exc:
+            if "unhashable" not in str(exc):
+                raise DecodeError(f"malformed msgpack payload: {exc}") from exc
+            return self._decode_keys_frozen(frame, max_items)
         except _DECODE_ERRORS as exc:
             raise DecodeError(f"malformed msgpack payload: {exc}") from exc
-        unpacker = msgpack.Unpacker(max_buffer_size=max(len(frame), 1), **self._limits)
+        try:
+            return self._decode_many(frame, max_items, self._limits)
+        except DecodeError as exc:
+            if "unhashable" not in str(exc):
+                raise
+            return self._decode_keys_frozen(frame, max_items)
+
+    def _decode_keys_frozen(self, frame: bytes, max_items: int = 1) -> list[Any]:
+        """The slow path for maps keyed by arrays or maps (a tuple key encodes as an array,
+        which Python cannot hash): such keys come back as tuples, as they were sent."""
+        return self._decode_many(frame, max_items, {**self._limits, "object_pairs_hook": _map_of_frozen_keys})
+
+    def _decode_many(self, frame: bytes, max_items: int, limits: dict[str, Any]) -> list[Any]:
+        unpacker = msgpack.Unpacker(max_buffer_size=max(len(frame), 1), **limits)
         items: list[Any] = []
         end = 0
         try:
