@@ -165,6 +165,15 @@ def _start_in_child(node: zmqmesh.Node, out: Any) -> None:
         out.put(str(exc))
 
 
+def _use_in_child(node: zmqmesh.Node, out: Any) -> None:
+    try:
+        node.publish("t", 1)
+        out.put("published")
+    except zmqmesh.ZmqMeshError as exc:
+        node.stop()  # returns at once: the sockets are the parent's
+        out.put(str(exc))
+
+
 def test_a_node_built_before_a_fork_is_refused_in_the_child(mesh: dict[str, Any]) -> None:
     import multiprocessing
 
@@ -176,6 +185,12 @@ def test_a_node_built_before_a_fork_is_refused_in_the_child(mesh: dict[str, Any]
     said = out.get(timeout=30)
     child.join(10)
     assert "before a fork" in said
+    with node:  # started here, then forked: the child may not use it either
+        child = ctx.Process(target=_use_in_child, args=(node, out))
+        child.start()
+        said = out.get(timeout=30)
+        child.join(10)
+        assert "before a fork" in said and child.exitcode == 0
 
 
 def test_an_async_node_refuses_another_event_loop(mesh: dict[str, Any]) -> None:
@@ -283,3 +298,18 @@ def test_a_map_keyed_by_tuples_arrives_as_sent_and_takes_no_batch_with_it(mesh: 
         assert sender.request("echo", odd, timeout=10) == odd
     for kind, messages in got.items():
         assert messages == [1, odd, 2], kind
+
+
+def test_a_push_waiting_for_a_puller_survives_another_push_giving_up(mesh: dict[str, Any]) -> None:
+    import threading
+
+    got: list[Any] = []
+    with zmqmesh.Node("pusher", **mesh) as node:
+        waiting = threading.Thread(target=lambda: node.push("later", "kept", timeout=20))
+        waiting.start()
+        with pytest.raises(zmqmesh.NoProviderError):
+            node.push("later", "given up", timeout=0.3)  # releases the queue's socket
+        with zmqmesh.Node("puller", **mesh) as puller:
+            puller.pull("later", lambda m: got.append(m.data))
+            waiting.join(20)
+            wait_until(lambda: got == ["kept"], 10, "the waiting push delivered")

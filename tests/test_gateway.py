@@ -106,6 +106,10 @@ def test_the_gateway_refuses_foreign_hosts_cross_site_requests_and_bad_numbers(g
     assert status == 403 and "cross-site" in err["message"]
     status, err = call(gateway + "/peers", headers={"Host": "evil.example:8080"})  # a rebound DNS name
     assert status == 403 and "host" in err["message"]
+    status, err = call(gateway + "/request/echo", "POST", b"1",
+                       {"Content-Type": "application/json", "Origin": "null"})  # a sandboxed page
+    assert status == 403
+    assert call(gateway + "/request/echo", "POST", None, {})[0] == 200, "curl -X POST with no body is fine"
     same_site = gateway.replace("http://", "")
     assert call(gateway + "/request/echo", "POST", b"1",
                 {"Content-Type": "application/json", "Origin": f"http://{same_site}"})[0] == 200

@@ -93,7 +93,7 @@ def test_a_store_written_by_schema_1_is_upgraded_in_place(tmp_path: Path) -> Non
     ((first, _),) = store.append([("orders", entries("c"))])
     assert first == 10  # numbering goes on after the old rows
     store.close()
-    assert inspect_store(tmp_path)["schema"] == 3
+    assert inspect_store(tmp_path)["schema"] == 4
 
 
 def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_path: Path) -> None:

@@ -67,7 +67,8 @@ class AsyncNode(NodeBase[Any]):
         """Drain queued sends, say goodbye, close everything. Idempotent and bounded; raises
         only `ConfigError`, for a ``timeout`` that is not a finite number >= 0."""
         timeout = check_timeout(timeout)
-        if self._stopped:
+        if self._stopped or self._forked():  # (after a fork the sockets are the parent's)
+            self._stopped = True
             return
         self._stopped = True
         inbox = self._engine.inbox
@@ -108,7 +109,7 @@ class AsyncNode(NodeBase[Any]):
     def _check_loop(self) -> None:
         """Raises `ZmqMeshError` when called from another event loop than the node's: its
         sockets and futures belong to that one loop."""
-        if asyncio.get_running_loop() is not self._engine.loop:
+        if self._engine.started and asyncio.get_running_loop() is not self._engine.loop:
             raise ZmqMeshError("this AsyncNode runs on another event loop; use it from the loop that "
                                "started it (or start a node per loop)")
 

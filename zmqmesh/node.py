@@ -101,6 +101,9 @@ class Node(NodeBase[Any]):
         ``timeout`` that is not a finite number >= 0.
         """
         timeout = check_timeout(timeout)
+        if self._forked():  # the sockets and threads are the parent's: leave them alone
+            self._stopped = True
+            return
         with self._lock:
             if self._stopped or self._loop is None or self._thread is None:
                 self._stopped = True

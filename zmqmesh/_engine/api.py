@@ -65,6 +65,10 @@ def advance(plan: Generator[Any, Any, Any], value: Any, error: BaseException | N
         raise ZmqMeshError(f"ZeroMQ failed: {exc}") from exc
 
 
+_FORKS = [0]  # how many forks this process descends from, since zmqmesh was imported
+os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
+
+
 def fetch_plan(engine: Engine, fetch: Fetch, timeout: float) -> Plan:
     """Ask a publisher for a page of its history, for a replaying subscription (see
     `_patterns.replay`). Raises as `request` does."""
@@ -111,6 +115,7 @@ class NodeBase(Generic[Handler]):
         self._registry = Registry()
         self._engine = Engine(name or "", self.config, self._registry, inbox_factory, requests_factory)
         self._pid = os.getpid()  # a node serves the process that built it (see _check_process)
+        self._forks = _FORKS[0]
         self._stopped = False
         self._id_prefix = self._engine.node_id[:24] + "-"
         self._id_serial = itertools.count(1)
@@ -119,10 +124,15 @@ class NodeBase(Generic[Handler]):
 
     def _check_process(self) -> None:
         """Raises `ZmqMeshError` in a process forked after this node was built: its identity
-        (and any thread it started) belongs to the parent, and every child would share it."""
-        if os.getpid() != self._pid:
+        (and any thread it started) belongs to the parent, and every child would share it.
+        (An integer compare: it guards the hot paths too.)"""
+        if self._forks != _FORKS[0]:
             raise ZmqMeshError(f"this node was built in process {self._pid}, before a fork; build a node in "
                                "each process that uses one (after the fork)")
+
+    def _forked(self) -> bool:
+        """Whether this process was forked after the node was built."""
+        return self._forks != _FORKS[0]
 
     def __repr__(self) -> str:
         state = "running" if self.running else ("stopped" if self._stopped else "not started")
@@ -370,7 +380,8 @@ class NodeBase(Generic[Handler]):
         """``data`` encoded (carrying ``headers``, if any) by a running node. Raises
         `NodeClosedError`, `TypeError`, `MessageTooLargeError`, `ValueError`."""
         engine = self._engine
-        if engine.closed:
+        if engine.closed or self._forks != _FORKS[0]:
+            self._check_process()
             engine.ensure_running()
         body = engine.codec.encode(data)
         return self._headed(body, headers) if headers else body
@@ -397,6 +408,7 @@ class NodeBase(Generic[Handler]):
         `MessageTooLargeError`, `NodeClosedError`.
         """
         engine = self._engine
+        self._check_process()
         engine.ensure_running()
         if engine.durable is None:
             raise ConfigError("durable=True needs a store: Node(..., store='path/dir')")
@@ -423,11 +435,8 @@ class NodeBase(Generic[Handler]):
         pusher = engine.pusher
         assert pusher is not None
         deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else check_timeout(timeout))
-        q = pusher.queue_of(queue)
-        if q is None:
+        if pusher.queue_of(queue) is None:
             yield OnLoop(self._ensure_push_socket, (check_name("queue", queue),))
-            q = pusher.queue_of(queue)
-            assert q is not None
         if not engine.directory.offers["queues"].get(queue):
             try:
                 yield Until(lambda: bool(engine.directory.offers["queues"].get(queue)), deadline,
@@ -435,6 +444,10 @@ class NodeBase(Generic[Handler]):
             except MeshTimeoutError:
                 yield OnLoop(pusher.release, (queue,))  # a failed queue keeps no socket
                 raise NoProviderError(f"no node pulls the queue {queue!r} in mesh {self.config.mesh!r}") from None
+        q = pusher.queue_of(queue)
+        while q is None:  # released while this call waited (another push to it gave up): again
+            yield OnLoop(self._ensure_push_socket, (queue,))
+            q = pusher.queue_of(queue)
         if len(q) >= self.config.send_queue_max:
             yield Room(q, deadline)
         return q
@@ -447,6 +460,7 @@ class NodeBase(Generic[Handler]):
                       headers: dict[str, str] | None = None) -> Plan:
         """Call ``service`` (see `Node.request` for what it raises)."""
         engine = self._engine
+        self._check_process()
         engine.ensure_running()
         body = engine.codec.encode(data)
         meta = engine.codec.encode({"h": check_headers(headers), "t": time.time()}) if headers else None
@@ -467,6 +481,7 @@ class NodeBase(Generic[Handler]):
 
     def _until(self, predicate: Callable[[], bool], timeout: float, what: str) -> Plan:
         """Wait until ``predicate()`` holds on the loop. Raises `MeshTimeoutError`."""
+        self._check_process()
         self._engine.ensure_running()
         yield Until(predicate, time.monotonic() + check_timeout(timeout), what)  # (no wait is endless)
 

@@ -18,7 +18,7 @@ from .._io.reactor import EventLoop
 from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._wire.frames import BATCH_BYTES, MAX_BATCH_ITEMS, Headed
+from .._wire.frames import BATCH_BYTES, MAX_BATCH_ITEMS, Headed, wire_size
 from ..config import NodeConfig
 from ..errors import ZmqMeshError
 from .pubsub import LARGE_FRAME, meta_frame, split_headed
@@ -124,16 +124,16 @@ class Pusher:
             size = 0
             bodies: list[bytes] = []
             # pop, never iterate: callers' threads append to q while the loop runs this
-            while q and (n == 0 or (n < limit and size + len(q[0]) <= BATCH_BYTES)):
+            while q and (n == 0 or (n < limit and size + wire_size(q[0]) <= BATCH_BYTES)):
                 body = q.popleft()
                 bodies.append(body)
                 n += 1
-                size += len(body)
+                size += wire_size(body)
             headed = False
             if Headed in map(type, bodies):  # C-level: no per-message cost without headers
                 bodies, rest, headed = split_headed(bodies)
                 q.extendleft(reversed(rest))
-                n, size = len(bodies), sum(len(b) for b in bodies)
+                n, size = len(bodies), sum(wire_size(b) for b in bodies)
             payload = bodies[0] if n == 1 else b"".join(bodies)
             frames = [name, uuid, payload]
             if headed:

@@ -27,6 +27,7 @@ from .._wire.frames import (
     MAX_NAME_BYTES,
     Headed,
     pub_sender,
+    wire_size,
 )
 from .history import History
 
@@ -127,16 +128,16 @@ class Publisher:
         while q:
             topic, body = q.popleft()
             bodies = [body]
-            size = len(body)
-            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size + len(q[0][1]) <= BATCH_BYTES:
+            size = wire_size(body)
+            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size + wire_size(q[0][1]) <= BATCH_BYTES:
                 more = q.popleft()[1]
                 bodies.append(more)
-                size += len(more)
+                size += wire_size(more)
             headed = False
             if Headed in map(type, bodies):  # C-level: no per-message cost without headers
                 bodies, rest, headed = split_headed(bodies)
                 q.extendleft((topic, b) for b in reversed(rest))
-                size = sum(len(b) for b in bodies)
+                size = sum(wire_size(b) for b in bodies)
                 body = bodies[0]
             payload = body if len(bodies) == 1 else b"".join(bodies)
             meta = meta_frame(bodies) if headed else None  # type: ignore[arg-type]

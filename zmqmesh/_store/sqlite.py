@@ -38,7 +38,7 @@ from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 __all__ = ["Store", "StoredMessage", "StoredSegment", "Entry", "SEGMENT_MAX", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_FILE = "zmqmesh.db"
 LOCK_FILE = "zmqmesh.lock"
 _APP = "zmqmesh"
@@ -61,6 +61,12 @@ _OUTBOX = (
     "CREATE TABLE attempts (seq INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
     "CREATE TABLE settled (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL)",
 )
+_HISTORY_4 = (  # (added by schema 4)
+    "CREATE INDEX history_age ON history (ts)",
+    # the number of the next message of each kept topic: numbering goes on after a restart
+    # even when every row of a topic was trimmed or expired
+    "CREATE TABLE history_topics (topic TEXT PRIMARY KEY, next INTEGER NOT NULL) WITHOUT ROWID",
+)
 _HISTORY = (
     # what a publisher keeps of its topics (``history=``): a row per frame it sent, the
     # messages ``seq`` .. ``seq + count - 1`` of ``topic``, as they travelled (the payload
@@ -74,10 +80,7 @@ _HISTORY = (
     " payload BLOB NOT NULL,"
     " meta BLOB)",
     "CREATE INDEX history_topic ON history (topic, seq)",
-    "CREATE INDEX history_age ON history (ts)",
-    # the number of the next message of each kept topic: numbering goes on after a restart
-    # even when every row of a topic was trimmed or expired
-    "CREATE TABLE history_topics (topic TEXT PRIMARY KEY, next INTEGER NOT NULL) WITHOUT ROWID",
+    *_HISTORY_4,
     # where a durable subscription is, per publisher stream and topic: ``seq`` handled,
     # ``upto`` perhaps handled (a restart delivers seq+1 .. upto again, as redelivered)
     "CREATE TABLE cursors ("
@@ -642,6 +645,10 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
         for statement in _HISTORY:
             db.execute(statement)
         db.execute("INSERT INTO meta VALUES ('stream', ?)", (uuid.uuid4().hex,))
+    elif version == 3:  # the numbering of kept topics stored apart from their rows
+        for statement in _HISTORY_4:
+            db.execute(statement)
+        db.execute("INSERT INTO history_topics (topic, next) SELECT topic, max(seq + count) FROM history GROUP BY topic")
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     db.execute("COMMIT")
 

@@ -32,6 +32,7 @@ __all__ = [
     "MAX_BATCH_ITEMS",
     "BATCH_BYTES",
     "FRAME_HEADROOM",
+    "wire_size",
     "STATS_SERVICE",
     "STATS_SERVICE_BYTES",
     "QUEUE_SERVICE_PREFIX",
@@ -158,6 +159,11 @@ class Headed(bytes):
     headers: bytes
     id: str
     timestamp: float
+
+
+def wire_size(body: bytes) -> int:
+    """The bytes an encoded message adds to a frame, its headers included."""
+    return len(body) + len(body.headers) if type(body) is Headed else len(body)
 
 
 def requester_id(uuid: bytes, serial: int) -> bytes:

@@ -59,7 +59,10 @@ _STATS_INTERVAL_S = 1.0
 MAX_TIMEOUT_S = 300.0
 """The longest ``?timeout=`` a request may ask for."""
 MAX_IN_FLIGHT = 256
-"""Requests served at once; past it, 503 at once."""
+"""Requests served at once (event streams aside); past it, 503 at once."""
+MAX_LISTENERS = 64
+"""Event streams (``/events``) open at once; past it, 503."""
+_DISCOVERY_GRACE_S = 3.0
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -89,6 +92,7 @@ class Gateway:
         self.tracebacks = tracebacks
         self.listeners: set[asyncio.Queue[str]] = set()
         self.in_flight = 0
+        self.started_at = time.monotonic()  # an unknown service is answered at once after a grace
 
     # middleware --------------------------------------------------------------------------------
 
@@ -104,9 +108,10 @@ class Gateway:
             supplied = supplied[7:] if supplied.startswith("Bearer ") else request.query.get("token", "")
             if not hmac.compare_digest(supplied.encode(), self.token.encode()):
                 return _error(401, "Unauthorized", "a valid bearer token is required")
-        if self.in_flight >= MAX_IN_FLIGHT:
+        streaming = request.path == "/events"  # (streams have their own bound: MAX_LISTENERS)
+        if not streaming and self.in_flight >= MAX_IN_FLIGHT:
             return _error(503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
-        self.in_flight += 1
+        self.in_flight += not streaming
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -123,18 +128,18 @@ class Gateway:
             log.exception("error serving %s %s", request.method, request.path)
             return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")
         finally:
-            self.in_flight -= 1
+            self.in_flight -= not streaming
 
     def _refused(self, request: web.Request) -> web.Response | None:
         """A 403 or 415 for a request from where it must not come, else None."""
         if self.token is None and _host_of(request.host) not in self.hosts:
             return _error(403, "Forbidden", f"this gateway does not serve the host {request.host!r}")
         origin = request.headers.get("Origin")
-        if origin is not None and origin != "null":
-            origin_host = _host_of(origin.split("://", 1)[-1])
+        if origin is not None:  # ("null": a sandboxed page, a file: always another site)
+            origin_host = _host_of(origin.split("://", 1)[-1]) if origin != "null" else None
             if origin_host not in self.hosts | {_host_of(request.host)}:
                 return _error(403, "Forbidden", f"cross-site request from {origin!r} refused")
-        if request.method == "POST" and request.content_type != "application/json":
+        if request.method == "POST" and request.content_type != "application/json" and request.body_exists:
             return _error(415, "UnsupportedMediaType", "a POST body must be JSON, sent as 'application/json'")
         return None
 
@@ -167,7 +172,8 @@ class Gateway:
         try:
             data = await self._body(request)
             timeout = self._timeout(request)
-            if not self.node.providers(service):
+            if not self.node.providers(service) and (
+                    self.node.peers() or time.monotonic() - self.started_at > _DISCOVERY_GRACE_S):
                 raise NoProviderError(f"no node offers the service {service!r} in mesh {self.node.config.mesh!r}")
             reply = await self.node.request(service, data, timeout=timeout)
         except _BadRequest as exc:
@@ -223,6 +229,8 @@ class Gateway:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """GET /events: a Server-Sent Events stream."""
+        if len(self.listeners) >= MAX_LISTENERS:
+            return _error(503, "Busy", f"{MAX_LISTENERS} event streams are open; try again")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
@@ -323,12 +331,13 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
     token, it answers the loopback names, the listen host and ``hosts``. Raises
     `GatewayError` for a bad address or one it cannot listen on."""
     host, _, port_text = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:8080
     if not host or not port_text.isdigit() or int(port_text) > 65535:
         raise GatewayError(f"--listen must be host:port with a port from 0 to 65535, got {listen!r}")
     if not _is_loopback(host) and not token:
         raise GatewayError(f"listening on {host} (not loopback) needs a bearer token (--token or ZMQMESH_GATEWAY_TOKEN)")
     async with AsyncNode(node_options.pop("name", "gateway"), **node_options) as node:
-        app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(host)} | set(hosts),
+        app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(h) for h in (host, *hosts)},
                                   tracebacks=tracebacks)
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=15.0)  # idle connections end
         await runner.setup()
