@@ -384,6 +384,9 @@ class Membership:
         peer.in_sequence = msg.sequence
         peer.touch()
         cmd = msg.command
+        if cmd not in Command.NAMES:  # e.g. Zyre's leader election: not ours, but in sequence
+            self.stats.reject("zre_unknown_command")
+            return
         if cmd == Command.WHISPER:
             if control.is_control(msg.content):
                 if peer.is_zmqmesh:

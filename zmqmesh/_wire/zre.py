@@ -204,7 +204,8 @@ class _Reader:
 def decode_command(frames: list[bytes], max_items: int = 10_000) -> ZreMessage:
     """Parse a mailbox message (the frames after the ROUTER's identity frame).
 
-    Raises `ZreError` for a bad signature, version, unknown command or malformed field.
+    A command this module does not know comes back with only its number and sequence
+    (its body unread). Raises `ZreError` for a bad signature, version or malformed field.
     """
     if not frames:
         raise ZreError("empty ZRE message")
@@ -240,8 +241,8 @@ def decode_command(frames: list[bytes], max_items: int = 10_000) -> ZreMessage:
         reader.done()
     elif command in (Command.PING, Command.PING_OK):
         reader.done()
-    else:
-        raise ZreError(f"unknown ZRE command {command}")
+    else:  # a command of a later ZRE (Zyre's ELECT, LEADER): the caller counts it, keeps the sequence
+        return msg
     if command not in (Command.WHISPER, Command.SHOUT) and len(frames) > 1:
         raise ZreError(f"{Command.NAMES[command]} with unexpected extra frames")
     return msg
