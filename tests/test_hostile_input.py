@@ -245,3 +245,51 @@ def test_counters_forget_departed_peers(mesh: dict[str, Any]) -> None:
                 assert visitor.id in node.stats()["peers"]
             wait_until(lambda: not node.peers(), 10, "the visitor gone")
             assert node.stats()["peers"] == {}
+
+
+def test_a_hello_with_megabytes_of_headers_is_refused_and_costs_nothing(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    with zmqmesh.Node("target", **mesh) as node:
+        inbox = ctx.socket(zmq.ROUTER)
+        port = inbox.bind_to_random_port("tcp://127.0.0.1")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+        dealer.connect(node.endpoints["mailbox"])
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{port}", name="fat",
+                                         headers={f"X-{i}": "v" * 100_000 for i in range(20)}))
+        wait_until(lambda: rejected(node, "zre_hello_too_large") == 1, 5, "the HELLO to be refused")
+        assert node.peers() == []
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{port}", name="lean",
+                                         headers={"X-small": "v"}))
+        wait_until(lambda: [p.name for p in node.peers()] == ["lean"], 5, "a sensible HELLO still admitted")
+        inbox.close(0)
+        dealer.close(0)
+
+
+def test_routing_ids_are_not_guessable(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """Requesters' routing ids end in 4 bytes the node picks at random (a stranger who
+    knows the public UUID cannot connect first under them)."""
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    suffixes = set()
+    for _ in range(3):
+        with zmqmesh.Node("caller", **mesh) as node:
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+            dealer.connect(node.endpoints["mailbox"])
+            inbox = ctx.socket(zmq.ROUTER)
+            inbox_port = inbox.bind_to_random_port("tcp://127.0.0.1")
+            dealer.send_multipart(zre_frames(
+                Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{inbox_port}", name="provider",
+                headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"},
+                groups=["zmqmesh/svc/echo"]))
+            wait_until(lambda: node.providers("echo"), 5, "the provider")
+            try:
+                node.request("echo", 1, timeout=0.3)
+            except zmqmesh.ZmqMeshError:
+                pass
+            assert router.poll(2000)
+            routing, *_rest = router.recv_multipart()
+            suffixes.add(routing[16:])
+            dealer.close(0)
+            inbox.close(0)
+    assert len(suffixes) == 3 and b"\x00\x00\x00\x01" not in suffixes

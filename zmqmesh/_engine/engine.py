@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -148,7 +149,7 @@ class Engine:
         self._user_groups: set[str] = set()
         self._rebuild_pending = False
         self._zap: ZapHandler | None = None
-        self._dealer_serial = itertools.count(1)
+        self._dealer_serial = itertools.count(secrets.randbits(32))  # routing ids no stranger can guess
 
     # -- life cycle ---------------------------------------------------------------------------
 

@@ -47,6 +47,12 @@ log = logging.getLogger("zmqmesh.membership")
 
 _MAILBOX_BURST = 512
 _MAX_PENDING_PEERS = 128  # peers greeted but not yet answered: bounds what a beacon flood costs
+MAX_PEERS = 1024
+"""Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted."""
+MAX_HELLO_HEADER_BYTES = 64 * 1024
+"""What a peer's HELLO headers may hold in all (zmqmesh's own take under 1 KiB)."""
+MAX_HELLO_GROUP_BYTES = 1024 * 1024
+"""What a peer's HELLO group names may hold in all (2,000 offers take about 150 KiB)."""
 _MAX_TIMERS = 64
 _SEED_RETRY_S = 1.0
 
@@ -275,6 +281,9 @@ class Membership:
         if sum(1 for p in self.peers.values() if not p.ready) >= _MAX_PENDING_PEERS:
             self.stats.reject("too_many_pending_peers")
             return None
+        if len(self.peers) >= MAX_PEERS:
+            self.stats.reject("too_many_peers")
+            return None
         peer = PeerState(uuid, endpoint, address)
         peer.key = key
         try:
@@ -423,6 +432,10 @@ class Membership:
             self.admission.remember_foreign(uuid)
             if peer is not None:
                 self._drop(peer, "moved to another mesh")
+            return
+        if sum(len(k) + len(v) for k, v in msg.headers.items()) > MAX_HELLO_HEADER_BYTES or \
+                sum(len(g) for g in msg.groups) > MAX_HELLO_GROUP_BYTES:
+            self.stats.reject("zre_hello_too_large")  # never kept: a stranger's megabytes stay his
             return
         if msg.sequence != 1:
             self.stats.reject("zre_hello_sequence")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class ReliableSender:
         self.loop = loop
         self.stats = stats
         self.uuid = uuid
+        self._acker_id = acker_id(uuid, secrets.token_bytes(4))
         self.directory = directory
         self.codec = codec
         self.connect = connect
@@ -195,7 +197,7 @@ class ReliableSender:
         sock = self.sockets.get(puller)
         if sock is None:
             endpoint, key = self.directory.endpoint_of(puller, "service")  # type: ignore[misc]
-            sock = new_socket(self.ctx, zmq.DEALER, {zmq.ROUTING_ID: acker_id(self.uuid), zmq.SNDHWM: 0})
+            sock = new_socket(self.ctx, zmq.DEALER, {zmq.ROUTING_ID: self._acker_id, zmq.SNDHWM: 0})
             self.connect(sock, endpoint, key)
             self.sockets[puller] = sock
             self.loop.add_reader(sock.FD, self._on_acks, puller)

@@ -133,7 +133,6 @@ OFFER_PREFIXES = {
 """A node announces what it offers by joining the ZRE group ``prefix + name``."""
 
 _REQUESTER_SUFFIX = 4
-_ACKER_SUFFIX = b"\xff\xff\xff\xff"
 _ENDPOINT = re.compile(r"^tcp://(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})$")
 
 
@@ -167,13 +166,15 @@ def wire_size(body: bytes) -> int:
 
 
 def requester_id(uuid: bytes, serial: int) -> bytes:
-    """The routing id of a requesting DEALER: the node's UUID and a 4-byte serial."""
-    return uuid + serial.to_bytes(_REQUESTER_SUFFIX, "big")
+    """The routing id of a requesting DEALER: the node's UUID and 4 bytes, the serial
+    (which its node starts at random: a stranger cannot take an id before the node)."""
+    return uuid + (serial & 0xFFFFFFFF).to_bytes(_REQUESTER_SUFFIX, "big")
 
 
-def acker_id(uuid: bytes) -> bytes:
-    """The routing id of the DEALER that deals at-least-once batches (serial all ones)."""
-    return uuid + _ACKER_SUFFIX
+def acker_id(uuid: bytes, suffix: bytes) -> bytes:
+    """The routing id of the DEALER that deals at-least-once batches: the node's UUID and
+    4 random bytes (unguessable, as requesters' are)."""
+    return uuid + suffix[:_REQUESTER_SUFFIX].rjust(_REQUESTER_SUFFIX, b"\0")
 
 
 def link_id(uuid: bytes) -> bytes:
