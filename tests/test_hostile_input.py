@@ -293,3 +293,20 @@ def test_routing_ids_are_not_guessable(mesh: dict[str, Any], ctx: zmq.Context) -
             dealer.close(0)
             inbox.close(0)
     assert len(suffixes) == 3 and b"\x00\x00\x00\x01" not in suffixes
+
+
+def test_a_hello_claiming_a_live_nodes_endpoint_does_not_retire_it(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    left: list[str] = []
+    node = zmqmesh.Node("target", **mesh)
+    node.on_leave(lambda peer: left.append(peer.name))
+    with node, zmqmesh.Node("victim", **mesh) as victim:
+        node.wait_for_peers(1)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+        dealer.connect(node.endpoints["mailbox"])
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=victim.endpoints["mailbox"], name="victim",
+                                         headers={"X-ZMQMESH-MESH": mesh["mesh"]}))
+        wait_until(lambda: len(node.peers()) == 2, 5, "the impostor's HELLO handled")
+        assert victim.id in {p.id for p in node.peers()}, "the live node was retired on a stranger's word"
+        assert left == []
+        dealer.close(0)

@@ -77,15 +77,19 @@ class Admission:
         return len(self._foreign)
 
     @staticmethod
-    def ghosts(newcomer: PeerState, peers: Iterable[PeerState]) -> list[PeerState]:
+    def ghosts(newcomer: PeerState, peers: Iterable[PeerState], quiet_s: float) -> list[PeerState]:
         """Ready peers that ``newcomer`` replaces: a restarted node at the same endpoint, or
-        with the same name on the same host whose link dropped."""
+        with the same name on the same host whose link dropped. A peer still heard from
+        (within ``quiet_s``) over a link still up is never replaced on a newcomer's word:
+        anyone can claim an endpoint in a HELLO."""
         host = newcomer.headers.get(HEADER["host"])
+        now = time.time()
         found = []
         for old in peers:
             if old is newcomer or not old.ready:
                 continue
-            same_endpoint = old.endpoint == newcomer.endpoint
+            alive = old.disconnected_at is None and now - old.last_seen <= quiet_s
+            same_endpoint = old.endpoint == newcomer.endpoint and not alive
             same_node_down = (
                 old.disconnected_at is not None  # its link was up and dropped: not a slow start
                 and old.name == newcomer.name

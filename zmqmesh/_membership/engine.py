@@ -461,7 +461,8 @@ class Membership:
         if peer.ready:
             self.events.peer_groups_changed(peer)
             return
-        for ghost in self.admission.ghosts(peer, list(self.peers.values())):
+        quiet_s = 1.5 * self.config.heartbeat_interval_s  # (a live peer pings at least this often)
+        for ghost in self.admission.ghosts(peer, list(self.peers.values()), quiet_s):
             self.remove(ghost, "replaced by a restarted node")
         peer.ready = True
         self.stats.membership["joined"] += 1
