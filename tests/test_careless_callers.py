@@ -313,3 +313,29 @@ def test_a_push_waiting_for_a_puller_survives_another_push_giving_up(mesh: dict[
             puller.pull("later", lambda m: got.append(m.data))
             waiting.join(20)
             wait_until(lambda: got == ["kept"], 10, "the waiting push delivered")
+
+
+def test_a_call_cycle_between_two_nodes_fails_at_once_naming_the_option(mesh: dict[str, Any]) -> None:
+    """a's handler calls b, whose handler calls a again: with one handler at a time a
+    cannot serve it. Before, the whole chain waited out its timeout."""
+    a, b = zmqmesh.Node("a", **mesh), zmqmesh.Node("b", **mesh)
+    a.service("start", lambda m: a.request("middle", None, timeout=30))
+    b.service("middle", lambda m: b.request("back", None, timeout=30))
+    a.service("back", lambda m: "never reached")
+    with a, b, zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("start")
+        client.wait_for_service("back")
+        a.wait_for_service("middle")
+        b.wait_for_service("back")
+        started = time.monotonic()
+        with pytest.raises(zmqmesh.RemoteError) as caught:
+            client.request("start", None, timeout=30)
+        assert time.monotonic() - started < 20, "at once, not after the timeout"
+        assert "cycle" in str(caught.value) and "handler_concurrency" in str(caught.value)
+        assert b.stats()["rejected"]["call_cycle"] == 1  # refused by b, before it sent to a
+        # the same chain without the cycle still works, and the chain does not linger
+        b.service("end", lambda m: "done")
+        a.service("straight", lambda m: a.request("end", None, timeout=30))
+        client.wait_for_service("straight")
+        a.wait_for_service("end")
+        assert client.request("straight", None, timeout=30) == "done"

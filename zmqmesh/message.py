@@ -92,7 +92,7 @@ class Message:
     # A delivery is made per message on the hot paths: __init__ sets only what every
     # message has; the rest is set when known, and read with a default otherwise.
     __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_origin", "_index", "_id",
-                 "_timestamp", "_headers", "_attempts", "_gap", "_sequence")
+                 "_timestamp", "_headers", "_attempts", "_gap", "_sequence", "via")
 
     def __init__(
         self,
@@ -110,6 +110,7 @@ class Message:
         self.sender_id = sender_id
         self._lookup = lookup
         self.redelivered = False
+        self.via: tuple[str, ...] = ()  # a request: the nodes whose handlers wait for it (see reqrep)
         if origin is not None:  # message ``index`` of a frame whose sender said ``origin``
             self._origin = origin
             self._index = index

@@ -30,7 +30,15 @@ from .._engine.stop import AFTER_LOOP, INBOX, ON_LOOP, stop_plan
 from .._io.sockets import close_watched, has_input, recv_frames, send_frames
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
-from .._patterns.calls import Call, is_async, run_async, run_batch, run_sync
+from .._patterns.calls import (
+    Call,
+    is_async,
+    run_async,
+    run_batch,
+    run_sync,
+    serve_as,
+    served,
+)
 from .._patterns.dispatch import Dispatcher
 from .._patterns.durable import Ticket
 from .._patterns.replay import Fetch
@@ -289,10 +297,13 @@ class LoopInbox(Dispatcher):
                 if batch:
                     await self._run_sync_batch(batch)
                     batch = []
+                token = serve_as(call)
                 try:
                     result, error = await call.handler(call.arg), None
                 except Exception as exc:
                     result, error = None, exc
+                finally:
+                    served(token)
                 if call.route is None and error is None:
                     continue  # nothing to reply or count
                 self.complete(call, result, error)

@@ -18,9 +18,10 @@ import zmq
 
 from .._mesh.registry import PullOptions, Registry, SubscribeOptions
 from .._mesh.waiters import Room, Until
+from .._patterns.calls import serving_chain
 from .._patterns.durable import Ticket
 from .._patterns.replay import Fetch
-from .._patterns.reqrep import Exchange, request_plan
+from .._patterns.reqrep import MAX_CHAIN, Exchange, request_plan
 from .._wire.frames import (
     HISTORY_SERVICE,
     HISTORY_SERVICE_BYTES,
@@ -463,21 +464,36 @@ class NodeBase(Generic[Handler]):
         self._check_process()
         engine.ensure_running()
         body = engine.codec.encode(data)
-        meta = engine.codec.encode({"h": check_headers(headers), "t": time.time()}) if headers else None
         service_b = self._service_name(service)
         deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else check_timeout(timeout))
-        only, avoid = peer_id_of(peer), None
+        only = peer_id_of(peer)
+        # the nodes whose handlers wait for this call and serve nothing until it returns: up
+        # the chain of requests made from handlers, and this node if a handler of it calls
+        chain = serving_chain()
         if engine.inbox is not None and engine.inbox.waits_for_caller():
-            # a handler of this node calling: this node serves nothing until it returns
-            own = engine.directory.node_id
-            if only == own or (only is None and engine.directory.providers("services", service) == (own,)):
-                raise ConfigError(
-                    f"the service {service!r} is offered only by this node, whose handler is calling it: with "
+            chain = (*chain, engine.directory.node_id)[-MAX_CHAIN:]
+        blocked = frozenset(chain)
+        if blocked:
+            offered = engine.directory.providers("services", service) if only is None else (only,)
+            if offered and all(i in blocked for i in offered):
+                engine.stats.reject("call_cycle")
+                raise ConfigError(self._cycle_message(service, chain, offered))
+        meta = None
+        if headers or chain:  # (the chain lets a provider refuse a call cycle at once: see reqrep)
+            meta = engine.codec.encode({"h": check_headers(headers) if headers else {}, "t": time.time(),
+                                        **({"v": list(chain)} if chain else {})})
+        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, only, meta,
+                            engine.stats, blocked)
+
+    def _cycle_message(self, service: str, chain: tuple[str, ...], offered: tuple[str, ...]) -> str:
+        if set(offered) == {self._engine.directory.node_id}:
+            return (f"the service {service!r} is offered only by this node, whose handler is calling it: with "
                     f"handler_concurrency={self.config.handler_concurrency} the call would wait for its own caller. "
                     "Call the function directly, or raise handler_concurrency")
-            avoid = own
-        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, only, meta,
-                            engine.stats, avoid)
+        names = " -> ".join(i[:8] for i in (*chain, offered[0]))
+        return (f"a call cycle ({names}): every provider of {service!r} waits, up this chain of requests, for "
+                "this very call, and runs one handler at a time. Raise handler_concurrency on the nodes of the "
+                "cycle, or break it")
 
     def _until(self, predicate: Callable[[], bool], timeout: float, what: str) -> Plan:
         """Wait until ``predicate()`` holds on the loop. Raises `MeshTimeoutError`."""

@@ -229,16 +229,17 @@ class Directory:
 
     # -- choosing a provider ---------------------------------------------------------------
 
-    def pick_provider(self, service: str, only: str | None = None, avoid: str | None = None) -> Provider | None:
-        """One provider of ``service`` (``only`` that node, if given; never ``avoid``),
+    def pick_provider(self, service: str, only: str | None = None, avoid: frozenset[str] = frozenset()
+                      ) -> Provider | None:
+        """One provider of ``service`` (``only`` that node, if given; none of ``avoid``),
         round-robin, skipping those that just refused it; None if there is none."""
         services, known = self._pick
         ids = services.get(service, ())
         if only is not None:
             builtin = service.startswith("\x00") and only in self.alive_ids
             ids = (only,) if only in ids or builtin else ()
-        if avoid is not None and avoid in ids:
-            ids = tuple(i for i in ids if i != avoid)
+        if avoid:
+            ids = tuple(i for i in ids if i not in avoid)
         if not ids:
             return None
         candidates: Any = ids

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from .._mesh.registry import PullOptions
 
-__all__ = ["Call", "BatchAck", "is_async", "run_sync", "run_async", "run_batch"]
+__all__ = ["Call", "BatchAck", "is_async", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served"]
 
 
 class BatchAck:
@@ -64,16 +65,39 @@ def is_async(handler: Callable[..., Any]) -> bool:
         return found
 
 
+_SERVING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("zmqmesh_serving", default=())
+"""The chain of waiting nodes of the request the current service handler serves (a
+context variable: per thread, and per task on an event loop)."""
+
+
+def serving_chain() -> tuple[str, ...]:
+    """The nodes whose handlers wait, up the chain, for the request being served here."""
+    return _SERVING.get()
+
+
 def run_sync(call: Call) -> tuple[Any, BaseException | None]:
     """Call a sync handler, capturing its outcome."""
+    if call.pattern == "service":
+        return _run_serving(call)
     try:
         return call.handler(call.arg), None
     except Exception as exc:
         return None, exc
 
 
+def _run_serving(call: Call) -> tuple[Any, BaseException | None]:
+    token = _SERVING.set(call.arg.via)
+    try:
+        return call.handler(call.arg), None
+    except Exception as exc:
+        return None, exc
+    finally:
+        _SERVING.reset(token)
+
+
 async def run_async(call: Call) -> tuple[Any, BaseException | None]:
     """Await a handler (sync handlers here are only the loop's own callbacks)."""
+    token = _SERVING.set(call.arg.via) if call.pattern == "service" else None
     try:
         result = call.handler(call.arg)
         if inspect.isawaitable(result):
@@ -81,8 +105,23 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
         return result, None
     except Exception as exc:
         return None, exc
+    finally:
+        if token is not None:
+            _SERVING.reset(token)
 
 
 def run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:
     """Call the sync handlers of a burst in order (on a worker thread), capturing outcomes."""
     return [run_sync(call) for call in batch]
+
+
+def serve_as(call: Call) -> contextvars.Token[tuple[str, ...]] | None:
+    """Mark the current context as serving ``call`` (for a driver that awaits a handler
+    in place); give the token back to `served`."""
+    return _SERVING.set(call.arg.via) if call.pattern == "service" else None
+
+
+def served(token: contextvars.Token[tuple[str, ...]] | None) -> None:
+    """Undo `serve_as`."""
+    if token is not None:
+        _SERVING.reset(token)

@@ -46,6 +46,7 @@ from .history import History
 from .intake import AckedIntake
 from .pubsub import GapCounter
 from .replay import CursorMark, Fetch, Replays
+from .reqrep import MAX_CHAIN
 
 __all__ = ["Dispatcher"]
 
@@ -377,6 +378,11 @@ class Dispatcher:
                 msg.headers = wire.check_headers(info.get("h") or {})
                 stamp = info.get("t")
                 msg.timestamp = float(stamp) if isinstance(stamp, (int, float)) else None
+                via = info.get("v") or []
+                if not isinstance(via, list) or len(via) > MAX_CHAIN or \
+                        not all(isinstance(v, str) and len(v) <= 64 for v in via):
+                    raise DecodeError("a bad chain of waiting nodes")
+                msg.via = tuple(via)
             except Exception:
                 counters["errors"] += 1
                 self.stats.reject("service_malformed")

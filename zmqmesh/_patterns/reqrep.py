@@ -22,7 +22,13 @@ from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..errors import DecodeError, MeshTimeoutError, PeerLostError, RemoteError
 
-__all__ = ["Exchange", "RetryElsewhere", "decode_reply", "request_plan", "RequestPlan"]
+__all__ = ["MAX_CHAIN", "Exchange", "RetryElsewhere", "decode_reply", "request_plan", "RequestPlan"]
+
+MAX_CHAIN = 32
+"""Nodes a request's chain names at most: the nodes whose handlers wait for it (they run
+one at a time), up the chain of requests made from handlers. A caller never picks one of
+them as the provider (it could not serve before the call returns), and fails at once if
+every provider is one of them: a call cycle."""
 
 
 class Exchange(NamedTuple):
@@ -70,7 +76,7 @@ def decode_reply(codec: Codec, status: bytes, body: bytes) -> Any:
 
 def request_plan(directory: Directory, codec: Codec, service: str, service_b: bytes, body: bytes,
                  deadline: float, only: str | None = None, meta: bytes | None = None,
-                 stats: Stats | None = None, avoid: str | None = None) -> RequestPlan:
+                 stats: Stats | None = None, avoid: frozenset[str] = frozenset()) -> RequestPlan:
     """One call of ``service`` (``only`` on that node, if given) until ``deadline``.
 
     Picks a provider (waiting for one), exchanges with it, and decodes the reply. A
