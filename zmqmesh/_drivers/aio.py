@@ -54,6 +54,7 @@ _ROOM_SLICE_S = 0.1
 _READ_BURST = 1024
 _LONE_PASSES = 16
 _FETCH_TIMEOUT_S = 10.0
+_WAITING_LOOK_S = 0.5
 
 
 class AsyncRunner:
@@ -274,6 +275,8 @@ class LoopInbox(Dispatcher):
                     calls.clear()
                 self.after_handling()
                 if not (more or self._again or self.has_posted() or any(has_input(sock) for sock, _ in self.sockets)):
+                    if self.has_waiting():  # frames wait for their sender: look again in a moment
+                        self.loop.call_later(_WAITING_LOOK_S, self.wake)
                     return
                 await asyncio.sleep(0)  # let the loop breathe between bursts
         except Exception:

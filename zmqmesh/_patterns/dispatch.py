@@ -124,6 +124,11 @@ class Dispatcher:
                     self.replays.sync(calls)
                 except Exception:  # e.g. a failing store: the subscriptions stay live, the inbox runs on
                     log.exception("following the publishers' histories failed")
+        if self.replays.waiting():
+            try:
+                self.replays.release_unknown(calls)
+            except Exception:
+                log.exception("delivering frames that waited for their sender failed")
         local = self.local_frames
         for _ in range(min(len(local), _BURST)):
             frames = local.popleft()
@@ -143,6 +148,11 @@ class Dispatcher:
     def has_posted(self) -> bool:
         """Whether events, own publications or history pages wait to be gathered."""
         return bool(self.events or self.local_frames or self.pages)
+
+    def has_waiting(self) -> bool:
+        """Whether frames wait for their sender to be known (see `Replays.live`): the driver
+        looks again now and then (a timer, its poll's timeout)."""
+        return self.replays.waiting()
 
     def post_frames(self, frames: list[bytes]) -> None:
         """A publication of this node for its own subscriptions (the loop's thread). Past

@@ -42,6 +42,8 @@ log = logging.getLogger("zmqmesh.replay")
 MAX_HELD = 100_000
 """Live messages a catching-up cursor holds; past it, they are fetched from the history."""
 _MAX_CURSORS = 65_536
+_UNKNOWN_WAIT_S = 2.0  # how long frames wait for their sender's HELLO
+_MAX_UNKNOWN = 1024  # senders whose frames may wait at once
 
 Key = tuple[str, Callable[..., Any]]
 
@@ -113,6 +115,8 @@ class Replays:
         self._pending: dict[tuple[str, str, str], deque[int]] = {}  # durable: numbers handed out, in order
         self._finished: dict[tuple[str, str, str], set[int]] = {}
         self._matching: dict[str, list[tuple[Key, SubscribeOptions]]] = {}
+        # frames of senders not known yet: sender id -> (first seen, frames)
+        self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
         self._version = -1
 
     # -- which subscriptions ----------------------------------------------------------------
@@ -120,6 +124,10 @@ class Replays:
     def active(self) -> bool:
         """Whether any subscription replays (else the inbox takes its plain path)."""
         return bool(self.registry.replays)
+
+    def waiting(self) -> bool:
+        """Whether frames wait for their sender (see `live`)."""
+        return bool(self._unknown)
 
     def matching(self, topic: str) -> list[tuple[Key, SubscribeOptions]]:
         """The replaying subscriptions whose prefix matches ``topic``."""
@@ -144,8 +152,19 @@ class Replays:
     # -- live frames ------------------------------------------------------------------------
 
     def live(self, topic: str, seq: int | None, items: list[Any], origin: Origin | None, sender_id: str | None,
-             subscriptions: list[tuple[Key, SubscribeOptions]], calls: list[Call]) -> None:
-        """A frame from a publisher, for the replaying ``subscriptions`` matching its topic."""
+             subscriptions: list[tuple[Key, SubscribeOptions]], calls: list[Call], wait: bool = True) -> None:
+        """A frame from a publisher, for the replaying ``subscriptions`` matching its topic.
+
+        A frame from a sender not known yet (its HELLO, which says whether it keeps a
+        history, is still on its way) waits for it, up to `_UNKNOWN_WAIT_S` (``wait``);
+        delivered plainly at once, it would come again in the replay of that history.
+        """
+        if wait and seq is not None and sender_id is not None and sender_id not in self.directory.alive_ids:
+            since, frames = self._unknown.setdefault(sender_id, (time.monotonic(), deque()))
+            frames.append((topic, seq, items, origin, subscriptions))
+            if len(frames) > MAX_HELD or len(self._unknown) > _MAX_UNKNOWN:
+                self.release_unknown(calls, sender_id)
+            return
         stream = self.directory.stream_of(sender_id, topic) if sender_id is not None else None
         for key, options in subscriptions:
             if stream is None or seq is None:  # the publisher keeps no history of it: plain delivery
@@ -156,6 +175,16 @@ class Replays:
             cursor = self._cursor(key, options, stream, sender_id, calls)  # type: ignore[arg-type]
             cursor.node_id = sender_id  # type: ignore[assignment]  # (a restarted publisher: a new id)
             self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id), calls)
+
+    def release_unknown(self, calls: list[Call], now_for: str | None = None) -> None:
+        """Take the frames that waited for their sender: those of senders now known, of
+        senders waited for long enough (delivered plainly), and of ``now_for``."""
+        deadline = time.monotonic() - _UNKNOWN_WAIT_S
+        for sender_id, (since, frames) in list(self._unknown.items()):
+            if sender_id == now_for or sender_id in self.directory.alive_ids or since < deadline:
+                del self._unknown[sender_id]
+                for topic, seq, items, origin, subscriptions in frames:
+                    self.live(topic, seq, items, origin, sender_id, subscriptions, calls, wait=False)
 
     def _take(self, key: Key, options: SubscribeOptions, cursor: Cursor, frame: _Frame, calls: list[Call],
               settled: bool = False, final: bool = False) -> None:
