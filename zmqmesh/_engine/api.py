@@ -479,7 +479,7 @@ class NodeBase(Generic[Handler]):
                 engine.stats.reject("call_cycle")
                 raise ConfigError(self._cycle_message(service, chain, offered))
         meta = None
-        if headers or chain:  # (the chain lets a provider refuse a call cycle at once: see reqrep)
+        if headers or chain:  # (the chain travels on: the provider's own calls must avoid these nodes too)
             meta = engine.codec.encode({"h": check_headers(headers) if headers else {}, "t": time.time(),
                                         **({"v": list(chain)} if chain else {})})
         return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, only, meta,

@@ -159,10 +159,11 @@ class Replays:
         history, is still on its way) waits for it, up to `_UNKNOWN_WAIT_S` (``wait``);
         delivered plainly at once, it would come again in the replay of that history.
         """
-        if wait and seq is not None and sender_id is not None and sender_id not in self.directory.alive_ids:
+        if wait and seq is not None and sender_id is not None and (
+                sender_id not in self.directory.alive_ids or sender_id in self._unknown):
             since, frames = self._unknown.setdefault(sender_id, (time.monotonic(), deque()))
-            frames.append((topic, seq, items, origin, subscriptions))
-            if len(frames) > MAX_HELD or len(self._unknown) > _MAX_UNKNOWN:
+            frames.append((topic, seq, items, origin, subscriptions))  # (behind those waiting: in order)
+            if sender_id in self.directory.alive_ids or len(frames) > MAX_HELD or len(self._unknown) > _MAX_UNKNOWN:
                 self.release_unknown(calls, sender_id)
             return
         stream = self.directory.stream_of(sender_id, topic) if sender_id is not None else None
