@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import NodeProcess, free_udp_port
+from helpers import NodeProcess, ScriptProcess, free_udp_port
 
 
 @pytest.fixture
@@ -34,3 +34,12 @@ def spawn(mesh: dict[str, Any]) -> Iterator[Callable[..., NodeProcess]]:
     yield start
     for proc in started:
         proc.stop(timeout=5)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[ScriptProcess]]:
+    """Script processes a test starts (it appends them); every one is killed at teardown."""
+    started: list[ScriptProcess] = []
+    yield started
+    for proc in started:
+        proc.kill()

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 NODE_PROCESS = HERE / "node_process.py"
@@ -123,3 +124,52 @@ class NodeProcess:
                     stream.close()
                 except OSError:
                     pass
+
+
+class ScriptProcess:
+    """A test script run as a child process (``python -u SCRIPT ARGS``), whose output
+    lines are collected; it is waited for, killed, or closed through its stdin."""
+
+    def __init__(self, script: Path, *args: object) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-u", str(script), *map(str, args)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        wait_until(lambda: text in self.lines or self.proc.poll() is not None, timeout, text)
+        assert text in self.lines, "\n".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def fake_zre_peer(ctx: Any, mailbox: str) -> tuple[Any, Any, str]:
+    """A stranger speaking ZRE to the node whose mailbox is ``mailbox``: ``(inbox, dealer,
+    endpoint)``, a ROUTER for the node to connect back to (at ``endpoint``) and a DEALER
+    under a fresh ZRE identity, connected to the mailbox. The caller closes both."""
+    import zmq
+
+    inbox = ctx.socket(zmq.ROUTER)
+    port = inbox.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+    dealer.connect(mailbox)
+    return inbox, dealer, f"tcp://127.0.0.1:{port}"

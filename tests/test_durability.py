@@ -11,14 +11,13 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from helpers import wait_until
+from helpers import ScriptProcess, wait_until
 
 import zmqmesh
 from zmqmesh import inspect_store
@@ -27,46 +26,9 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "durable_process.py"
 
 
-class Proc:
-    """A durable_process.py child: started, waited for, killed or closed."""
-
-    def __init__(self, *args: Any) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-u", str(WORKER), *map(str, args)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        wait_until(lambda: text in self.lines or self.proc.poll() is not None, timeout, text)
-        assert text in self.lines, "\n".join(self.lines)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        proc.kill()
+def worker(*args: Any) -> ScriptProcess:
+    """A durable_process.py child (see its docstring for the roles)."""
+    return ScriptProcess(WORKER, *args)
 
 
 def lines(path: Path) -> list[str]:
@@ -217,18 +179,18 @@ def test_durable_options_are_checked(tmp_path: Path, mesh: dict[str, Any]) -> No
 # -- messages that outlive processes ----------------------------------------------------------------
 
 def test_durable_messages_wait_for_a_puller_and_survive_the_pushers_death(
-        tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
     store, progress, out = tmp_path / "store", tmp_path / "progress", tmp_path / "out"
     port, name = mesh["beacon_port"], mesh["mesh"]
-    pusher = Proc("pusher", store, name, port, "jobs", 0, 2000, progress)
+    pusher = worker("pusher", store, name, port, "jobs", 0, 2000, progress)
     procs.append(pusher)
     pusher.wait_for("pushed")  # no puller anywhere: no NoProviderError, all stored
     pusher.kill()
     assert stored(store) == 2000
-    restarted = Proc("pusher", store, name, port, "jobs", 2000, 2000, progress)
+    restarted = worker("pusher", store, name, port, "jobs", 2000, 2000, progress)
     procs.append(restarted)
     restarted.wait_for("pushed")
-    puller = Proc("puller", name, port, "jobs", out)
+    puller = worker("puller", name, port, "jobs", out)
     procs.append(puller)
     wait_until(lambda: len(lines(out)) >= 4000, 30, "2000 messages at the puller")
     numbers = [n for _id, n in handled(out)]
@@ -237,26 +199,26 @@ def test_durable_messages_wait_for_a_puller_and_survive_the_pushers_death(
 
 
 def test_100k_durable_pushes_survive_killed_pushers_and_a_killed_puller(
-        tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
     total = 100_000
     store, progress, out = tmp_path / "store", tmp_path / "progress", tmp_path / "out"
     port, name = mesh["beacon_port"], mesh["mesh"]
-    puller = Proc("puller", name, port, "jobs", out)
+    puller = worker("puller", name, port, "jobs", out)
     procs.append(puller)
     puller.wait_for("ready")
     first = 0
     # one push per call first, then push_many of 100 (segments acknowledged in part when killed)
     for kill_at, batch in ((total // 3, 0), (2 * total // 3, 100)):
-        pusher = Proc("pusher", store, name, port, "jobs", first, total, progress, batch)
+        pusher = worker("pusher", store, name, port, "jobs", first, total, progress, batch)
         procs.append(pusher)
         wait_until(lambda: len(lines(progress)) >= kill_at, 60, f"{kill_at} pushes")
         pusher.kill()
         first = int(lines(progress)[-1]) + 1
         if kill_at == total // 3:  # and the puller once, mid-stream
             puller.kill()
-            puller = Proc("puller", name, port, "jobs", out)
+            puller = worker("puller", name, port, "jobs", out)
             procs.append(puller)
-    pusher = Proc("pusher", store, name, port, "jobs", first, total, progress, 100)
+    pusher = worker("pusher", store, name, port, "jobs", first, total, progress, 100)
     procs.append(pusher)
     pusher.wait_for("pushed", 60)
     wait_until(lambda: {n for _id, n in handled(out)} >= set(range(total)), 60, "every message handled")
@@ -268,22 +230,22 @@ def test_100k_durable_pushes_survive_killed_pushers_and_a_killed_puller(
 
 
 def test_a_dedupe_puller_handles_nothing_twice_across_pusher_kills(
-        tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
     total = 20_000
     store, puller_store = tmp_path / "store", tmp_path / "puller-store"
     progress, out = tmp_path / "progress", tmp_path / "out"
     port, name = mesh["beacon_port"], mesh["mesh"]
-    puller = Proc("puller", name, port, "jobs", out, puller_store)
+    puller = worker("puller", name, port, "jobs", out, puller_store)
     procs.append(puller)
     puller.wait_for("ready")
     first = 0
     for kill_at in (total // 3, 2 * total // 3):
-        pusher = Proc("pusher", store, name, port, "jobs", first, total, progress)
+        pusher = worker("pusher", store, name, port, "jobs", first, total, progress)
         procs.append(pusher)
         wait_until(lambda: len(handled(out)) >= kill_at, 60, f"{kill_at} handled")
         pusher.kill()  # acknowledgements in flight are lost: those messages are dealt again
         first = int(lines(progress)[-1]) + 1
-    pusher = Proc("pusher", store, name, port, "jobs", first, total, progress)
+    pusher = worker("pusher", store, name, port, "jobs", first, total, progress)
     procs.append(pusher)
     pusher.wait_for("pushed", 60)
     wait_until(lambda: stored(store) == 0, 60, "every message acknowledged")

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import fuzz_long as fz
 import pytest
 import zmq
-from helpers import free_udp_port, wait_until
+from helpers import fake_zre_peer, free_udp_port, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -320,20 +320,11 @@ def test_beacon_flood_leaves_the_node_intact(lone: Any) -> None:
         ctx.destroy(linger=0)
 
 
-def _fake_peer(ctx: zmq.Context[Any], node: zmqmesh.Node) -> tuple[zmq.Socket[Any], zmq.Socket[Any], str]:
-    inbox = ctx.socket(zmq.ROUTER)
-    port = inbox.bind_to_random_port("tcp://127.0.0.1")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
-    dealer.connect(node.endpoints["mailbox"])
-    return inbox, dealer, f"tcp://127.0.0.1:{port}"
-
-
 def test_a_peer_that_moves_to_another_mesh_is_reported_gone(lone: Any) -> None:
     node, _log, mesh = lone
     ctx = zmq.Context()
     try:
-        inbox, dealer, endpoint = _fake_peer(ctx, node)
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
         headers = {"X-ZMQMESH-MESH": mesh["mesh"]}
         dealer.send_multipart(zre.encode_command(ZreMessage(
             Command.HELLO, 1, endpoint=endpoint, name="mover", headers=headers, groups=["zmqmesh/svc/moved"])))
@@ -351,7 +342,7 @@ def test_an_endpoint_with_a_trailing_newline_is_refused(lone: Any) -> None:
     node, log, _mesh = lone
     ctx = zmq.Context()
     try:
-        _inbox, dealer, _endpoint = _fake_peer(ctx, node)
+        _inbox, dealer, _endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
         dealer.send_multipart(zre.encode_command(ZreMessage(Command.HELLO, 1, endpoint="tcp://127.0.0.1:5670\n", name="nl")))
         rejected = lambda: node.stats()["rejected"]  # noqa: E731
         wait_until(lambda: rejected().get("bad_endpoint") or rejected().get("zre_handler_error"), 5, "the HELLO to be handled")
@@ -382,7 +373,7 @@ def test_a_join_flood_does_not_stall_the_event_loop(lone: Any) -> None:
     node, _log, mesh = lone
     ctx = zmq.Context()
     try:
-        inbox, dealer, endpoint = _fake_peer(ctx, node)
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
         dealer.send_multipart(zre.encode_command(ZreMessage(
             Command.HELLO, 1, endpoint=endpoint, name="joiner", headers={"X-ZMQMESH-MESH": mesh["mesh"]},
             groups=[f"group-{i}" for i in range(9000)])))

@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import wait_until
+from helpers import fake_zre_peer, wait_until
 
 import zmqmesh
 from zmqmesh._wire import zre
@@ -173,13 +173,9 @@ def test_garbage_on_pattern_sockets_is_counted(target: zmqmesh.Node, ctx: zmq.Co
 
 
 def test_pyre_style_sequence_wrap_is_tolerated_from_plain_peers(target: zmqmesh.Node, ctx: zmq.Context) -> None:
-    inbox = ctx.socket(zmq.ROUTER)
-    port = inbox.bind_to_random_port("tcp://127.0.0.1")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
-    dealer.connect(target.endpoints["mailbox"])
+    inbox, dealer, endpoint = fake_zre_peer(ctx, target.endpoints["mailbox"])
     # start the link just below the wrap (the HELLO's odd sequence is counted, not fatal)
-    dealer.send_multipart(zre_frames(Command.HELLO, 65533, endpoint=f"tcp://127.0.0.1:{port}", name="pyre-like"))
+    dealer.send_multipart(zre_frames(Command.HELLO, 65533, endpoint=endpoint, name="pyre-like"))
     wait_until(lambda: target.peers(), 5, "the peer")
     dealer.send_multipart(zre_frames(Command.PING, 65534))
     dealer.send_multipart(zre_frames(Command.PING, 0))  # pyre wraps at 65535
@@ -213,12 +209,8 @@ def test_a_whisper_flood_into_a_slow_handler_is_bounded_and_counted(mesh: dict[s
         handled.append(msg.data[0])
 
     with node:
-        inbox = ctx.socket(zmq.ROUTER)
-        port = inbox.bind_to_random_port("tcp://127.0.0.1")
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
-        dealer.connect(node.endpoints["mailbox"])
-        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{port}", name="flooder"))
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=endpoint, name="flooder"))
         wait_until(lambda: node.peers(), 5, "the flooder")
         for seq in range(2, 1002):
             dealer.send_multipart(zre_frames(Command.WHISPER, seq % 65536, content=[b"x" * 1000]))
@@ -249,16 +241,12 @@ def test_counters_forget_departed_peers(mesh: dict[str, Any]) -> None:
 
 def test_a_hello_with_megabytes_of_headers_is_refused_and_costs_nothing(mesh: dict[str, Any], ctx: zmq.Context) -> None:
     with zmqmesh.Node("target", **mesh) as node:
-        inbox = ctx.socket(zmq.ROUTER)
-        port = inbox.bind_to_random_port("tcp://127.0.0.1")
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
-        dealer.connect(node.endpoints["mailbox"])
-        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{port}", name="fat",
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=endpoint, name="fat",
                                          headers={f"X-{i}": "v" * 100_000 for i in range(20)}))
         wait_until(lambda: rejected(node, "zre_hello_too_large") == 1, 5, "the HELLO to be refused")
         assert node.peers() == []
-        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{port}", name="lean",
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=endpoint, name="lean",
                                          headers={"X-small": "v"}))
         wait_until(lambda: [p.name for p in node.peers()] == ["lean"], 5, "a sensible HELLO still admitted")
         inbox.close(0)
@@ -273,13 +261,9 @@ def test_routing_ids_are_not_guessable(mesh: dict[str, Any], ctx: zmq.Context) -
     suffixes = set()
     for _ in range(3):
         with zmqmesh.Node("caller", **mesh) as node:
-            dealer = ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
-            dealer.connect(node.endpoints["mailbox"])
-            inbox = ctx.socket(zmq.ROUTER)
-            inbox_port = inbox.bind_to_random_port("tcp://127.0.0.1")
+            inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
             dealer.send_multipart(zre_frames(
-                Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{inbox_port}", name="provider",
+                Command.HELLO, 1, endpoint=endpoint, name="provider",
                 headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"},
                 groups=["zmqmesh/svc/echo"]))
             wait_until(lambda: node.providers("echo"), 5, "the provider")
@@ -301,9 +285,7 @@ def test_a_hello_claiming_a_live_nodes_endpoint_does_not_retire_it(mesh: dict[st
     node.on_leave(lambda peer: left.append(peer.name))
     with node, zmqmesh.Node("victim", **mesh) as victim:
         node.wait_for_peers(1)
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
-        dealer.connect(node.endpoints["mailbox"])
+        _inbox, dealer, _endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
         dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=victim.endpoints["mailbox"], name="victim",
                                          headers={"X-ZMQMESH-MESH": mesh["mesh"]}))
         wait_until(lambda: len(node.peers()) == 2, 5, "the impostor's HELLO handled")

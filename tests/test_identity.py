@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import wait_until
+from helpers import fake_zre_peer, wait_until
 
 import zmqmesh
 from zmqmesh._wire import zre
@@ -108,13 +107,9 @@ def test_a_protocol_1_provider_gets_requests_without_headers_and_the_loss_is_cou
         with zmqmesh.Node("caller", **mesh) as node:
             router = ctx.socket(zmq.ROUTER)
             port = router.bind_to_random_port("tcp://127.0.0.1")
-            inbox = ctx.socket(zmq.ROUTER)
-            inbox_port = inbox.bind_to_random_port("tcp://127.0.0.1")
-            dealer = ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
-            dealer.connect(node.endpoints["mailbox"])
+            _inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
             dealer.send_multipart(zre.encode_command(ZreMessage(
-                Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{inbox_port}", name="old-provider",
+                Command.HELLO, 1, endpoint=endpoint, name="old-provider",
                 headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"},
                 groups=["zmqmesh/svc/old"])))
             wait_until(lambda: node.providers("old"), 5, "the protocol-1 provider to offer 'old'")

@@ -4,17 +4,14 @@ what it missed (msg.gap). Real sockets, real stores, real processes killed with 
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import ScriptProcess, wait_until
 
 import zmqmesh
 from zmqmesh import inspect_store
@@ -25,46 +22,9 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "replay_process.py"
 
 
-class Proc:
-    """A replay_process.py child: started, waited for, killed or closed."""
-
-    def __init__(self, *args: Any) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-u", str(WORKER), *map(str, args)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        wait_until(lambda: text in self.lines or self.proc.poll() is not None, timeout, text)
-        assert text in self.lines, "\n".join(self.lines)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for proc in started:
-        proc.kill()
+def worker(*args: Any) -> ScriptProcess:
+    """A replay_process.py child (see its docstring for the roles)."""
+    return ScriptProcess(WORKER, *args)
 
 
 def publish_all(node: zmqmesh.Node, topics: list[str], first: int, count: int) -> None:
@@ -188,20 +148,20 @@ def test_kept_and_unkept_topics_of_a_publisher_arrive_in_the_order_published(
 
 
 def test_a_durable_subscriber_killed_mid_stream_handles_every_message_once_in_order(
-        tmp_path: Path, mesh: dict[str, Any], procs: list[Proc]) -> None:
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
     total = 50_000
     out = tmp_path / "out"
     port, name = mesh["beacon_port"], mesh["mesh"]
-    publisher = Proc("publisher", tmp_path / "publisher", name, port, total, 10_000)
+    publisher = worker("publisher", tmp_path / "publisher", name, port, total, 10_000)
     procs.append(publisher)
     publisher.wait_for("ready")
     for kill_at in (total // 4, total // 2):
-        subscriber = Proc("subscriber", tmp_path / "subscriber", name, port, out)
+        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out)
         procs.append(subscriber)
         wait_until(lambda: out.exists() and out.stat().st_size > 0 and len(out.read_text().splitlines()) >= kill_at,
                    60, f"{kill_at} messages handled")
         subscriber.kill()
-    subscriber = Proc("subscriber", tmp_path / "subscriber", name, port, out)
+    subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out)
     procs.append(subscriber)
     publisher.wait_for("published", 60)
     wait_until(lambda: len(out.read_text().splitlines()) >= total, 60, "every message handled")
