@@ -138,7 +138,7 @@ def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(t
     from zmqmesh._wire.codec import Codec
 
     store = Store(tmp_path)
-    queues = DurableQueues(store, Codec(1 << 20), Stats(), wake=lambda: None,
+    queues = DurableQueues(store, Codec(1 << 20), Stats(),
                            later=lambda delay, fn: None, wake_soon=lambda delay: None)
     queues.commit_in_turn(Ticket("q", entries("a", "b", "c")))
     batch = list(queues.refill()["q"])
@@ -151,7 +151,7 @@ def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(t
     assert live(store, "q") == [("c", 0)]
     assert [msgpack.unpackb(m.body) for s in store.pending("q.dead") for m in s.messages] == ["b"]
     assert {q: v["messages"] for q, v in store.queues().items()} == {"q": 1, "q.dead": 1}
-    recovered = DurableQueues(store, Codec(1 << 20), Stats(), wake=lambda: None,
+    recovered = DurableQueues(store, Codec(1 << 20), Stats(),
                               later=lambda delay, fn: None, wake_soon=lambda delay: None)
     assert recovered.recover() == 2
     assert [msgpack.unpackb(m.body) for m in recovered.refill()["q"]] == ["c"]

@@ -92,7 +92,7 @@ class Message:
     # A delivery is made per message on the hot paths: __init__ sets only what every
     # message has; the rest is set when known, and read with a default otherwise.
     __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_origin", "_index", "_id",
-                 "_timestamp", "_headers", "_attempts", "_gap", "_sequence", "via")
+                 "_timestamp", "_headers", "_attempts", "_gap", "_sequence", "_via")
 
     def __init__(
         self,
@@ -110,7 +110,6 @@ class Message:
         self.sender_id = sender_id
         self._lookup = lookup
         self.redelivered = False
-        self.via: tuple[str, ...] = ()  # a request: the nodes whose handlers wait for it (see reqrep)
         if origin is not None:  # message ``index`` of a frame whose sender said ``origin``
             self._origin = origin
             self._index = index
@@ -193,6 +192,16 @@ class Message:
     @sequence.setter
     def sequence(self, value: int | None) -> None:
         self._sequence = value
+
+    @property
+    def via(self) -> tuple[str, ...]:
+        """A request: the ids of the nodes whose handlers wait for it, up the chain of
+        requests made from handlers (empty by default; see `Node.request`)."""
+        return getattr(self, "_via", ())
+
+    @via.setter
+    def via(self, value: tuple[str, ...]) -> None:
+        self._via = value
 
     @property
     def sender(self) -> Peer | None:

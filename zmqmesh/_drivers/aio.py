@@ -53,7 +53,6 @@ log = logging.getLogger("zmqmesh.aio")
 _ROOM_SLICE_S = 0.1
 _READ_BURST = 1024
 _LONE_PASSES = 16
-_FETCH_TIMEOUT_S = 10.0
 _WAITING_LOOK_S = 0.5
 
 
@@ -257,7 +256,7 @@ class LoopInbox(Dispatcher):
 
     async def _fetch(self, fetch: Fetch) -> None:
         try:
-            page = await AsyncRunner(self.engine).run(fetch_plan(self.engine, fetch, _FETCH_TIMEOUT_S))
+            page = await AsyncRunner(self.engine).run(fetch_plan(self.engine, fetch))
         except Exception as exc:
             self.post_page(fetch, None, exc)
         else:

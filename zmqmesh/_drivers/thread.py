@@ -47,7 +47,6 @@ __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox
 log = logging.getLogger("zmqmesh.node")
 
 _POLL_SLICE_S = 0.05
-_FETCH_TIMEOUT_S = 10.0
 _ROOM_SLICE_S = 0.1
 
 
@@ -291,7 +290,7 @@ class ThreadFetcher:
             if fetch is None or self.engine.closed:
                 return
             try:
-                page = runner.run(fetch_plan(self.engine, fetch, _FETCH_TIMEOUT_S))
+                page = runner.run(fetch_plan(self.engine, fetch))
             except Exception as exc:
                 self.post(fetch, None, exc)
             else:

@@ -70,7 +70,7 @@ _FORKS = [0]  # how many forks this process descends from, since zmqmesh was imp
 os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
 
 
-def fetch_plan(engine: Engine, fetch: Fetch, timeout: float) -> Plan:
+def fetch_plan(engine: Engine, fetch: Fetch, timeout: float = 10.0) -> Plan:
     """Ask a publisher for a page of its history, for a replaying subscription (see
     `_patterns.replay`). Raises as `request` does."""
     body = engine.codec.encode(fetch.request)
@@ -122,6 +122,10 @@ class NodeBase(Generic[Handler]):
         self._id_serial = itertools.count(1)
         self._topic_names: dict[str, bytes] = {}
         self._service_names: dict[str, bytes] = {STATS_SERVICE: STATS_SERVICE_BYTES}
+
+    def _next_id(self) -> str:
+        """A message id, unique without a uuid4 each: this run's node id (random) and a counter."""
+        return f"{self._id_prefix}{next(self._id_serial):x}"
 
     def _check_process(self) -> None:
         """Raises `ZmqMeshError` in a process forked after this node was built: its identity
@@ -365,7 +369,7 @@ class NodeBase(Generic[Handler]):
         `ValueError` for bad headers."""
         headed = Headed(body)
         headed.headers = self._engine.codec.encode(check_headers(headers))
-        headed.id = f"{self._id_prefix}{next(self._id_serial):x}"
+        headed.id = self._next_id()
         headed.timestamp = time.time()
         return headed
 
@@ -417,9 +421,8 @@ class NodeBase(Generic[Handler]):
         encode = engine.codec.encode
         packed = encode(check_headers(headers)) if headers else None
         now = time.time()
-        # unique without a uuid4 each: this run's node id (random) and a counter
-        prefix, serial = self._id_prefix, self._id_serial
-        entries = [(f"{prefix}{next(serial):x}", now, packed, encode(data), 0) for data in items]
+        next_id = self._next_id
+        entries = [(next_id(), now, packed, encode(data), 0) for data in items]
         return Ticket(queue, entries) if entries else None
 
     def _room_plan(self, q: deque[Any], timeout: float) -> Plan:

@@ -205,7 +205,7 @@ class Engine:
             if self.store is not None:
                 outbound = self.outbound
                 self.durable = DurableQueues(
-                    self.store, self.codec, self.stats, outbound.wake, loop.call_later,
+                    self.store, self.codec, self.stats, loop.call_later,
                     lambda delay: self.call_soon(loop.call_later, delay, outbound.wake))
                 self.reliable.settle = self.durable.settle
                 self.durable.recover()

@@ -77,27 +77,18 @@ def serving_chain() -> tuple[str, ...]:
 
 def run_sync(call: Call) -> tuple[Any, BaseException | None]:
     """Call a sync handler, capturing its outcome."""
-    if call.pattern == "service":
-        return _run_serving(call)
-    try:
-        return call.handler(call.arg), None
-    except Exception as exc:
-        return None, exc
-
-
-def _run_serving(call: Call) -> tuple[Any, BaseException | None]:
-    token = _SERVING.set(call.arg.via)
+    token = serve_as(call)
     try:
         return call.handler(call.arg), None
     except Exception as exc:
         return None, exc
     finally:
-        _SERVING.reset(token)
+        served(token)
 
 
 async def run_async(call: Call) -> tuple[Any, BaseException | None]:
     """Await a handler (sync handlers here are only the loop's own callbacks)."""
-    token = _SERVING.set(call.arg.via) if call.pattern == "service" else None
+    token = serve_as(call)
     try:
         result = call.handler(call.arg)
         if inspect.isawaitable(result):
@@ -106,8 +97,7 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
     except Exception as exc:
         return None, exc
     finally:
-        if token is not None:
-            _SERVING.reset(token)
+        served(token)
 
 
 def run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:

@@ -119,7 +119,7 @@ class Dispatcher:
             calls.append(call)
         if self.streams_changed:
             self.streams_changed = False
-            if self.replays.active():
+            if self.registry.replays:
                 try:
                     self.replays.sync(calls)
                 except Exception:  # e.g. a failing store: the subscriptions stay live, the inbox runs on
@@ -254,10 +254,10 @@ class Dispatcher:
                 if lost:
                     counters["dropped"] += lost  # lost at a high-water mark
             topic, handlers = self._topic_handlers(name_b)
+            origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
             if self.registry.replays:
                 subscriptions = self.replays.matching(topic)
                 if subscriptions:
-                    origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
                     self.replays.live(topic, sequence, items, origin, sender_id, subscriptions, calls)
         else:
             topic = name_b.decode("utf-8", "replace")
@@ -268,7 +268,7 @@ class Dispatcher:
                 stats.reject("pipeline_no_handler", len(items))
                 log.warning("%d message(s) for queue %r which this node no longer pulls", len(items), topic)
                 return
-        origin = self._origin(kind, frames, sender_id, sequence if kind == "sub" else None, topic, len(items))
+            origin = self._origin(kind, frames, sender_id, None, topic, len(items))
         lookup = self.directory.lookup_peer
         if self.runs_in_place(handlers):
             # the hot path: call the handlers right here, no Call objects, no hand-off

@@ -72,12 +72,11 @@ class _Queue:
 class DurableQueues:
     """The durable queues of one node: `submit` from any thread, everything else on the loop."""
 
-    def __init__(self, store: Store, codec: Codec, stats: Stats, wake: Callable[[], None],
+    def __init__(self, store: Store, codec: Codec, stats: Stats,
                  later: Callable[[float, Callable[[], None]], Any], wake_soon: Callable[[float], None]) -> None:
         self.store = store
         self.codec = codec
         self.stats = stats
-        self.wake = wake
         self.later = later
         self.wake_soon = wake_soon
         self._wake_pending = False
@@ -151,26 +150,22 @@ class DurableQueues:
     def _commit_group(self, group: list[Ticket]) -> None:
         # the lock is held around the commit and the buffer: the order of sequence numbers
         # and the buffer (and the loop's refill) can then never disagree
-        commits = 0
         try:
-            try:
-                self._commit([(t.queue, t.entries) for t in group])
-                commits = 1
-            except BaseException as exc:
-                if len(group) == 1:
-                    raise
+            self._commit([(t.queue, t.entries) for t in group])
+            commits = 1
+        except BaseException as exc:
+            commits = 0
+            if len(group) > 1:
                 log.debug("a group commit of %d calls failed (%s); committing them one by one", len(group), exc)
-                for ticket in group:
-                    try:
+            for ticket in group:  # each alone: one call's error is never another's
+                try:
+                    if len(group) > 1:
                         self._commit([(ticket.queue, ticket.entries)])
                         commits += 1
-                    except BaseException as alone:
-                        ticket.error = alone
-                    ticket.done = True
-        except BaseException as exc:
-            for ticket in group:
-                if not ticket.done:
-                    ticket.error = exc
+                    else:
+                        ticket.error = exc
+                except BaseException as alone:
+                    ticket.error = alone
         for ticket in group:
             ticket.done = True
         if commits:

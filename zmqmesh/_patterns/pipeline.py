@@ -124,11 +124,13 @@ class Pusher:
             size = 0
             bodies: list[bytes] = []
             # pop, never iterate: callers' threads append to q while the loop runs this
-            while q and (n == 0 or (n < limit and size + wire_size(q[0]) <= BATCH_BYTES)):
-                body = q.popleft()
-                bodies.append(body)
+            while q:
+                grown = size + wire_size(q[0])
+                if n and (n >= limit or grown > BATCH_BYTES):
+                    break
+                bodies.append(q.popleft())
                 n += 1
-                size += wire_size(body)
+                size = grown
             headed = False
             if Headed in map(type, bodies):  # C-level: no per-message cost without headers
                 bodies, rest, headed = split_headed(bodies)

@@ -121,18 +121,20 @@ class Publisher:
         transaction, and every frame is sent after that commit, in order."""
         q = self.queue
         history = self.history
-        if has_input(self.xpub):  # count the subscriptions that came meanwhile first
-            self.on_xpub()
         kept: list[tuple[list[bytes], int, int, bool, bool, bool]] = []
         sent = unrouted = 0
         while q:
             topic, body = q.popleft()
             bodies = [body]
             size = wire_size(body)
-            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS and size + wire_size(q[0][1]) <= BATCH_BYTES:
-                more = q.popleft()[1]
+            while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS:
+                more = q[0][1]
+                grown = size + wire_size(more)
+                if grown > BATCH_BYTES:
+                    break
+                q.popleft()
                 bodies.append(more)
-                size += wire_size(more)
+                size = grown
             headed = False
             if Headed in map(type, bodies):  # C-level: no per-message cost without headers
                 bodies, rest, headed = split_headed(bodies)
@@ -142,9 +144,10 @@ class Publisher:
             payload = body if len(bodies) == 1 else b"".join(bodies)
             meta = meta_frame(bodies) if headed else None  # type: ignore[arg-type]
             here, elsewhere = self._route(topic)
-            if history is not None and history.policy(topic) is not None:
-                seq = history.number(topic, len(bodies))
-                history.record(topic, seq, len(bodies), payload, meta)
+            keeps = history is not None and history.policy(topic) is not None
+            if keeps:
+                seq = history.number(topic, len(bodies))  # type: ignore[union-attr]
+                history.record(topic, seq, len(bodies), payload, meta)  # type: ignore[union-attr]
             else:
                 seq = self._sequences.get(topic, 0)
                 if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:
@@ -154,7 +157,7 @@ class Publisher:
             if meta is not None:
                 frames.append(meta)
             if history is not None:  # every frame waits for the history's commit: the order holds
-                kept.append((frames, size, len(bodies), here, elsewhere, history.policy(topic) is not None))
+                kept.append((frames, size, len(bodies), here, elsewhere, keeps))
                 continue
             sent += self._send(frames, size, len(bodies), here, elsewhere)
             if not (here or elsewhere):

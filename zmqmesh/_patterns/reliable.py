@@ -47,6 +47,7 @@ from .._wire.frames import (
     keep_service,
     parse_reply,
     queue_service,
+    wire_size,
     wrap_item,
 )
 from ..config import NodeConfig
@@ -77,10 +78,10 @@ class _Batch(NamedTuple):
 
 
 def _size(item: Any) -> int:
-    """About the bytes an item takes in a batch."""
+    """About the bytes an item takes in a batch (its id and clock too, in the durable form)."""
     if type(item) is StoredMessage:
         return len(item.body) + len(item.headers or b"") + len(item.id) + 16
-    return len(item) + len(getattr(item, "headers", b"")) + 48 if type(item) is Headed else len(item)
+    return wire_size(item) + 48 if type(item) is Headed else len(item)
 
 
 class ReliableSender:

@@ -121,10 +121,6 @@ class Replays:
 
     # -- which subscriptions ----------------------------------------------------------------
 
-    def active(self) -> bool:
-        """Whether any subscription replays (else the inbox takes its plain path)."""
-        return bool(self.registry.replays)
-
     def waiting(self) -> bool:
         """Whether frames wait for their sender (see `live`)."""
         return bool(self._unknown)
@@ -143,8 +139,6 @@ class Replays:
         """Follow every publisher that keeps topics a replaying subscription wants (after
         a subscription or a peer came): a new cursor starts catching up at once."""
         for key, options in list(self.registry.replays.items()):
-            if options.replay == "new" and options.durable_name is None:
-                continue
             for node_id, (stream, prefixes) in list(self.directory.streams.items()):
                 if any(p.startswith(key[0]) or key[0].startswith(p) for p in prefixes):
                     self._cursor(key, options, stream, node_id, calls)
