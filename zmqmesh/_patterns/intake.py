@@ -48,6 +48,7 @@ class AckedIntake:
         self.reply = reply
         self._guards: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
         self._remembered: dict[str, int] = {}
+        self._handled: dict[str, dict[str, None]] = {}  # ids remembered this run, oldest first, per queue
 
     def decode(self, queue: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
                calls: list[Call]) -> None:
@@ -102,12 +103,12 @@ class AckedIntake:
         return guard
 
     def _make_once(self, handler: Callable[..., Any], queue: str) -> Callable[..., Any]:
-        store = self.store
-        assert store is not None
         counters = self.stats.pattern["pipeline"]
 
         def skip(msg: Message) -> bool:
-            if store.seen(queue, [msg.id]):
+            # the batch's ids were checked against the store as it was decoded; what may
+            # have been handled since is what this run remembered: no store read per message
+            if msg.id in self._handled.get(queue, ()):
                 counters["deduplicated"] = counters.get("deduplicated", 0) + 1
                 return True
             return False
@@ -153,6 +154,10 @@ class AckedIntake:
         """Commit that a dedupe puller handled ``msg_id``, as soon as its handler returned
         (a crash after this point cannot make it run again)."""
         assert self.store is not None
+        handled = self._handled.setdefault(ack.queue, {})
+        handled[msg_id] = None
+        if len(handled) > ack.options.dedupe_window:  # bounded as the store's window is
+            del handled[next(iter(handled))]
         try:
             self.store.remember(ack.queue, [msg_id])
             count = self._remembered[ack.queue] = self._remembered.get(ack.queue, 0) + 1
