@@ -13,6 +13,11 @@ __all__ = ["Admission"]
 
 _FOREIGN_MEMORY_S = 30.0
 _MAX_FOREIGN = 1024
+GREETINGS_PER_S = 32.0
+"""Links a node opens per second to strangers announced (by beacon or gossip) at one IP
+address, after a burst of `GREETING_BURST`; past it, announcements are counted and dropped."""
+GREETING_BURST = 128.0
+_MAX_ADDRESSES = 1024
 
 
 class Admission:
@@ -31,6 +36,7 @@ class Admission:
         self.loopback_only = loopback_only
         self.stats = stats
         self._foreign: dict[bytes, float] = {}
+        self._greetings: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
 
     def key_allowed(self, key: str | None) -> bool:
         """Whether a peer with this public key may be greeted (always True for a plain node)."""
@@ -45,6 +51,25 @@ class Admission:
             self.stats.reject("bad_endpoint")
             return None
         return parsed[0]
+
+    def may_greet(self, address: str) -> bool:
+        """Whether a stranger announced at ``address`` may be greeted now (a token bucket per
+        address: `GREETING_BURST`, refilled at `GREETINGS_PER_S`). A refusal is counted as
+        ``greeting_rate``: a flood of beacons under fresh UUIDs then costs a lookup each,
+        not a link, and one address cannot crowd out the others."""
+        now = time.monotonic()
+        tokens, then = self._greetings.get(address, (GREETING_BURST, now))
+        tokens = min(GREETING_BURST, tokens + (now - then) * GREETINGS_PER_S)
+        if tokens < 1.0:
+            self.stats.reject("greeting_rate")
+            return False
+        if address not in self._greetings and len(self._greetings) >= _MAX_ADDRESSES:
+            full_by = now - GREETING_BURST / GREETINGS_PER_S  # buckets refilled since: forget them
+            self._greetings = {a: b for a, b in self._greetings.items() if b[1] > full_by}
+            if len(self._greetings) >= _MAX_ADDRESSES:
+                self._greetings.clear()
+        self._greetings[address] = (tokens - 1.0, now)
+        return True
 
     def mesh_of(self, headers: dict[str, str]) -> tuple[bool, bool]:
         """``(welcome, is_zmqmesh)`` for a HELLO's headers: another mesh, or a plain ZRE

@@ -46,9 +46,11 @@ __all__ = ["Membership"]
 log = logging.getLogger("zmqmesh.membership")
 
 _MAILBOX_BURST = 512
-_MAX_PENDING_PEERS = 128  # peers greeted but not yet answered: bounds what a beacon flood costs
 MAX_PEERS = 1024
 """Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted."""
+MAX_UNPROVEN_PEERS = 128
+"""Peers kept that have not yet proven themselves (answered a PING sent to the endpoint
+they claim, over a link that came up): strangers past it make way for each other."""
 MAX_HELLO_HEADER_BYTES = 64 * 1024
 """What a peer's HELLO headers may hold in all (zmqmesh's own take under 1 KiB)."""
 MAX_HELLO_GROUP_BYTES = 1024 * 1024
@@ -156,10 +158,13 @@ class Membership:
         self.loop.call_soon(self._on_mailbox)
 
     def say_goodbye(self) -> None:
-        """Tell everyone we leave: ``bye`` to zmqmesh peers, a port-0 beacon to everyone."""
+        """Tell everyone we leave: ``bye`` to zmqmesh peers, a port-0 beacon to everyone, and
+        without beacons (seeds only) Zyre's GOODBYE to plain ZRE peers."""
         for peer in list(self.peers.values()):
             if peer.ready and peer.is_zmqmesh:
                 self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.bye(self.codec)))
+            elif peer.ready and self.beacons is None:
+                self.links.send(peer, ZreMessage(Command.GOODBYE, 0))
         if self.beacons is not None:
             self.beacons.goodbye()
 
@@ -261,8 +266,11 @@ class Membership:
             status=self.status, name=self.name, headers=self.headers,
         )
 
-    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None) -> PeerState | None:
-        """Start greeting a peer heard of (beacon, gossip); None if it must be ignored."""
+    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None, *, answered: bool = False
+               ) -> PeerState | None:
+        """Start greeting a peer heard of; None if it must be ignored. ``answered``: it sent
+        a HELLO over a connection of its own (not a beacon or gossip, which anyone can forge
+        at no cost, and which are rate-limited per address)."""
         if uuid == self.uuid or uuid in self.peers or self.admission.is_foreign(uuid):
             return None
         if not self.admission.key_allowed(key):
@@ -278,11 +286,9 @@ class Membership:
             seed.touch()
             self.peers[uuid] = seed
             return seed
-        if sum(1 for p in self.peers.values() if not p.ready) >= _MAX_PENDING_PEERS:
-            self.stats.reject("too_many_pending_peers")
+        if not answered and not self.admission.may_greet(address):
             return None
-        if len(self.peers) >= MAX_PEERS:
-            self.stats.reject("too_many_peers")
+        if not self._make_room():
             return None
         peer = PeerState(uuid, endpoint, address)
         peer.key = key
@@ -294,6 +300,22 @@ class Membership:
             return None
         self.peers[uuid] = peer
         return peer
+
+    def _make_room(self) -> bool:
+        """Room for one more peer: past `MAX_UNPROVEN_PEERS` not yet proven (or `MAX_PEERS`
+        in all), the oldest unproven peer makes way, one whose link never came up first.
+        A real peer proves itself within a round trip, so strangers crowd out only each
+        other. False (counted) when every peer is proven and there are `MAX_PEERS`."""
+        unproven = [p for p in self.peers.values() if not p.proven]
+        if len(unproven) < MAX_UNPROVEN_PEERS and len(self.peers) < MAX_PEERS:
+            return True
+        if not unproven:
+            self.stats.reject("too_many_peers")
+            return False
+        victim = next((p for p in unproven if not p.link_up), unproven[0])
+        self.stats.reject("unproven_peer_evicted")
+        self._drop(victim, "made way: it never answered at its endpoint")
+        return True
 
     def remove(self, peer: PeerState, reason: str) -> None:
         """Forget a peer, close its link, and report it gone if it had been ready."""
@@ -421,6 +443,13 @@ class Membership:
             self.events.peer_groups_changed(peer)
         elif cmd == Command.PING:
             self.links.send(peer, ZreMessage(Command.PING_OK, 0))
+        elif cmd == Command.PING_OK:
+            if peer.pings_out:
+                peer.pings_out -= 1
+                peer.answered = True
+                self._check_proof(peer)
+        elif cmd == Command.GOODBYE:
+            self.remove(peer, "left (goodbye)")
 
     def _on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
         if uuid == self.uuid or self.admission.is_foreign(uuid):
@@ -441,7 +470,7 @@ class Membership:
             self.stats.reject("zre_hello_sequence")
         key = msg.headers.get(HEADER["key"]) if self.keys is not None else None
         if peer is None:
-            peer = self._learn(uuid, msg.endpoint, key)
+            peer = self._learn(uuid, msg.endpoint, key, answered=True)
             if peer is None:
                 return
         elif peer.ready:
@@ -465,6 +494,7 @@ class Membership:
         for ghost in self.admission.ghosts(peer, list(self.peers.values()), quiet_s):
             self.remove(ghost, "replaced by a restarted node")
         peer.ready = True
+        self._ping(peer)  # answered over a link that came up, it proves the peer
         self.stats.membership["joined"] += 1
         log.info("peer %s (%s) joined from %s", peer.name, peer.id[:8], peer.endpoint)
         self.events.peer_ready(peer)
@@ -488,9 +518,21 @@ class Membership:
         else:
             self.stats.reject("control_unknown")
 
+    def _ping(self, peer: PeerState) -> None:
+        if self.links.send(peer, ZreMessage(Command.PING, 0)):
+            peer.pings_out += 1
+
+    @staticmethod
+    def _check_proof(peer: PeerState) -> None:
+        """A peer is proven once our link to the endpoint it claims came up and it answered
+        a PING sent over that link (as far as ZRE can tell, the endpoint is its own)."""
+        if peer.answered and peer.link_up:
+            peer.proven = True
+
     def _on_link(self, peer: PeerState, up: bool) -> None:
         if up:
             self.detector.link_up(peer)
+            self._check_proof(peer)
         elif self.detector.link_down(peer, time.monotonic()):
             self._later(self.config.disconnect_grace_s, self._check_disconnected, peer)
 
@@ -508,7 +550,7 @@ class Membership:
         for peer, reason in sweep.expired:
             self._drop(peer, reason)
         for peer in sweep.ping:
-            self.links.send(peer, ZreMessage(Command.PING, 0))
+            self._ping(peer)
         self.seeds.regreet_silent(now, self.config.peer_timeout_s)
         self._later(self.detector.sweep_interval_s, self._sweep)
 

@@ -39,6 +39,9 @@ class PeerState:
         self.link_up = False
         self.disconnected_at: float | None = None
         self.is_zmqmesh = False
+        self.pings_out = 0  # PINGs sent and not yet answered
+        self.answered = False  # it answered one of them
+        self.proven = False  # it answered, and our link to its endpoint came up
         self.version = 0
 
     def touch(self) -> None:

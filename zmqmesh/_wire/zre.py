@@ -48,8 +48,10 @@ class Command:
     LEAVE = 5
     PING = 6
     PING_OK = 7
+    GOODBYE = 10  # not in RFC 36 v2: Zyre's "I am leaving", a header and nothing else
 
-    NAMES = {1: "HELLO", 2: "WHISPER", 3: "SHOUT", 4: "JOIN", 5: "LEAVE", 6: "PING", 7: "PING-OK"}
+    NAMES = {1: "HELLO", 2: "WHISPER", 3: "SHOUT", 4: "JOIN", 5: "LEAVE", 6: "PING", 7: "PING-OK",
+             10: "GOODBYE"}
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def encode_command(msg: ZreMessage) -> list[bytes]:
         return [head + _string(msg.group), *msg.content]
     if cmd in (Command.JOIN, Command.LEAVE):
         return [head + _string(msg.group) + bytes((msg.status & 0xFF,))]
-    if cmd in (Command.PING, Command.PING_OK):
+    if cmd in (Command.PING, Command.PING_OK, Command.GOODBYE):
         return [head]
     raise ValueError(f"unknown ZRE command {cmd}")
 
@@ -241,6 +243,8 @@ def decode_command(frames: list[bytes], max_items: int = 10_000) -> ZreMessage:
         reader.done()
     elif command in (Command.PING, Command.PING_OK):
         reader.done()
+    elif command == Command.GOODBYE:  # whatever a later Zyre may add to it, it means goodbye
+        return msg
     else:  # a command of a later ZRE (Zyre's ELECT, LEADER): the caller counts it, keeps the sequence
         return msg
     if command not in (Command.WHISPER, Command.SHOUT) and len(frames) > 1:
