@@ -244,3 +244,78 @@ def test_dashboard_shows_nodes_join_and_leave_live(gateway: str, spawn: Any, mes
     finally:
         browser.quit()
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[str, Any]) -> None:
+    """A client sending its head or its body slowly, or sitting idle, holds a connection
+    for a bounded time; past max_connections, new ones are closed at once; the gateway
+    keeps answering throughout."""
+    import asyncio
+    import threading
+
+    from zmqmesh.tools.gateway import run_gateway
+
+    port = free_tcp_port()
+    url = f"http://127.0.0.1:{port}"
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    task: list[asyncio.Task[None]] = []
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        task.append(loop.create_task(run_gateway(
+            f"127.0.0.1:{port}", ready=lambda _url: ready.set(), max_connections=20,
+            idle_timeout_s=1.0, body_timeout_s=1.0, mesh=mesh["mesh"], beacon_port=mesh["beacon_port"])))
+        try:
+            loop.run_until_complete(task[0])
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(15), "the gateway did not start"
+    clients: list[socket.socket] = []
+    try:
+        def connect(first: bytes) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if first:
+                sock.sendall(first)
+            clients.append(sock)
+            return sock
+
+        def answer(sock: socket.socket) -> tuple[bytes, float]:
+            start = time.monotonic()
+            try:
+                data = sock.recv(4096)
+            except (ConnectionResetError, TimeoutError):
+                data = b""
+            return data, time.monotonic() - start
+
+        idle = connect(b"")
+        slow_head = connect(b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        slow_body = connect(b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n[1,")
+        reply, took = answer(slow_body)
+        assert reply.startswith(b"HTTP/1.1 408"), reply
+        assert took < 5
+        for sock in (idle, slow_head):
+            reply, took = answer(sock)
+            assert reply == b"" and took < 5  # closed, after the idle timeout
+        # past 20 connections open at once, new ones are closed at once
+        held = [connect(b"") for _ in range(20)]
+        time.sleep(0.3)
+        extra = connect(b"GET /peers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reply, took = answer(extra)
+        assert reply == b"" and took < 1
+        for sock in held:
+            sock.close()
+        time.sleep(0.3)
+        status, peers = call(f"{url}/peers")  # and the gateway still serves
+        assert status == 200 and isinstance(peers, list)
+    finally:
+        for sock in clients:
+            sock.close()
+        loop.call_soon_threadsafe(task[0].cancel)
+        thread.join(15)
+        if not thread.is_alive():
+            loop.close()

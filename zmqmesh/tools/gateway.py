@@ -12,7 +12,8 @@ The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
 
 Errors are JSON ``{"error": type, "message": ..., ...}`` with a status per kind:
 400 bad JSON or a bad ``?timeout=``, 401 missing or wrong token, 403 a foreign ``Host`` or
-``Origin``, 404 unknown route, 405 wrong method, 413 body too large, 415 a POST whose body
+``Origin``, 404 unknown route, 405 wrong method, 408 a body slower than 10 s, 413 body
+too large, 415 a POST whose body
 is not ``application/json``, 500 the remote handler raised (its type and message; the
 traceback only with ``tracebacks=True``), 502 the provider was lost mid-request, 503
 nobody offers it (at once) or too many requests in flight, 504 timeout.
@@ -62,6 +63,12 @@ MAX_IN_FLIGHT = 256
 """Requests served at once (event streams aside); past it, 503 at once."""
 MAX_LISTENERS = 64
 """Event streams (``/events``) open at once; past it, 503."""
+MAX_CONNECTIONS = 1024
+"""HTTP connections open at once; past it, a new one is closed at once (logged)."""
+BODY_TIMEOUT_S = 10.0
+"""How long a client may take to send a request's body; past it, 408."""
+IDLE_TIMEOUT_S = 15.0
+"""How long a connection may sit idle, or take to send a request's head, before it is closed."""
 _DISCOVERY_GRACE_S = 3.0
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -83,8 +90,10 @@ class Gateway:
     """The routes, bound to one running `AsyncNode`."""
 
     def __init__(self, node: AsyncNode, token: str | None, request_timeout_s: float, max_body_bytes: int,
-                 hosts: frozenset[str] = LOOPBACK_HOSTS, tracebacks: bool = False) -> None:
+                 hosts: frozenset[str] = LOOPBACK_HOSTS, tracebacks: bool = False,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.node = node
+        self.body_timeout_s = body_timeout_s
         self.max_body_bytes = max_body_bytes
         self.token = token
         self.request_timeout_s = request_timeout_s
@@ -156,7 +165,10 @@ class Gateway:
         return timeout
 
     async def _body(self, request: web.Request) -> Any:
-        raw = await request.read()
+        try:
+            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"the body did not arrive within {self.body_timeout_s:g} s") from None
         if not raw:
             return None
         try:
@@ -294,10 +306,10 @@ def _sse(event: str, data: Any) -> bytes:
 
 def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 1024 * 1024,
                request_timeout_s: float = 10.0, hosts: frozenset[str] = LOOPBACK_HOSTS,
-               tracebacks: bool = False) -> tuple[web.Application, Gateway]:
+               tracebacks: bool = False, body_timeout_s: float = BODY_TIMEOUT_S) -> tuple[web.Application, Gateway]:
     """The aiohttp application of a gateway on a running ``node``: it answers the ``Host``
     names ``hosts`` (without a token), and sends remote tracebacks only with ``tracebacks``."""
-    gateway = Gateway(node, token, request_timeout_s, max_body_bytes, hosts, tracebacks)
+    gateway = Gateway(node, token, request_timeout_s, max_body_bytes, hosts, tracebacks, body_timeout_s)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[gateway.errors])
     app.router.add_post("/request/{service}", gateway.request)
     app.router.add_post("/publish/{topic}", gateway.publish)
@@ -308,6 +320,24 @@ def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 
     node.on_join(lambda peer: gateway.broadcast("join", peer_json(peer)))
     node.on_leave(lambda peer: gateway.broadcast("leave", peer_json(peer)))
     return app, gateway
+
+
+def _bound_connections(server: web.Server | None, limit: int) -> None:
+    """Close each connection past ``limit`` open at once, as soon as it is made."""
+    assert server is not None, "runner.setup() first"
+    made = server.connection_made
+    refused = 0
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        nonlocal refused
+        made(handler, transport)
+        if len(server.connections) > limit:
+            transport.close()
+            refused += 1
+            if refused == 1 or refused % 1000 == 0:
+                log.warning("%d HTTP connections are open: closed a new one (%d so far)", limit, refused)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 def _host_of(authority: str) -> str:
@@ -326,10 +356,14 @@ def _is_loopback(host: str) -> bool:
 
 
 async def run_gateway(listen: str, token: str | None = None, ready: Any = None, hosts: tuple[str, ...] = (),
-                      tracebacks: bool = False, **node_options: Any) -> None:
+                      tracebacks: bool = False, *, max_connections: int = MAX_CONNECTIONS,
+                      idle_timeout_s: float = IDLE_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
+                      **node_options: Any) -> None:
     """Join the mesh and serve HTTP on ``listen`` (``host:port``) until cancelled. Without a
-    token, it answers the loopback names, the listen host and ``hosts``. Raises
-    `GatewayError` for a bad address or one it cannot listen on."""
+    token, it answers the loopback names, the listen host and ``hosts``. At most
+    ``max_connections`` are open at once; one idle (or sending its head) for
+    ``idle_timeout_s`` is closed, a body slower than ``body_timeout_s`` answered 408.
+    Raises `GatewayError` for a bad address or one it cannot listen on."""
     host, _, port_text = listen.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:8080
     if not host or not port_text.isdigit() or int(port_text) > 65535:
@@ -338,9 +372,10 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
         raise GatewayError(f"listening on {host} (not loopback) needs a bearer token (--token or ZMQMESH_GATEWAY_TOKEN)")
     async with AsyncNode(node_options.pop("name", "gateway"), **node_options) as node:
         app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(h) for h in (host, *hosts)},
-                                  tracebacks=tracebacks)
-        runner = web.AppRunner(app, access_log=None, keepalive_timeout=15.0)  # idle connections end
+                                  tracebacks=tracebacks, body_timeout_s=body_timeout_s)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s)  # (a slow head too)
         await runner.setup()
+        _bound_connections(runner.server, max_connections)
         site = web.TCPSite(runner, host, int(port_text))
         try:
             await site.start()
