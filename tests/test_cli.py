@@ -53,3 +53,27 @@ def test_bad_arguments_give_one_line_errors() -> None:
     assert result.stderr.strip().startswith("zmqmesh: error:") and len(result.stderr.strip().splitlines()) == 1
     result = run("peers", "--beacon-port", "notanumber")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) -> None:
+    import time
+
+    with zmqmesh.Node("present", **mesh):
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "zmqmesh", "peers", "--json", "--watch", "--mesh", mesh["mesh"],
+             "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5", "--duration", "4"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            with zmqmesh.Node("visitor", **mesh) as visitor:
+                visitor.wait_for_peers(2, timeout=10)
+                time.sleep(0.3)
+            out, err = watcher.communicate(timeout=30)
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.communicate()
+    events = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
+    assert [(e["event"], e["name"]) for e in events] == [
+        ("join", "present"), ("join", "visitor"), ("leave", "visitor")]
+    assert "watching" in err

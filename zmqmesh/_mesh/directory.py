@@ -96,6 +96,8 @@ class Directory:
                 for kind in OFFER_KINDS:
                     for name in offers_of(peer.groups, kind):
                         offers[kind][name].append(peer.id)
+        for queue, pullers in offers["ackqueues"].items():  # pulling at-least-once is pulling
+            offers["queues"][queue].extend(i for i in pullers if i not in offers["queues"][queue])
         self._peers = peers
         for gone in self._endpoints.keys() - peers.keys():  # a set operation in C: other threads add keys
             self._endpoints.pop(gone, None)
@@ -208,7 +210,7 @@ class Directory:
             endpoint=peer.endpoint,
             groups=groups,
             services=offers_of(groups, "services"),
-            queues=offers_of(groups, "queues"),
+            queues=offers_of(groups, "queues") | offers_of(groups, "ackqueues"),
             topics=offers_of(groups, "topics"),
             headers=self._visible_headers(peer),
             last_seen=peer.last_seen,

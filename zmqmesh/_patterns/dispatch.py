@@ -348,6 +348,11 @@ class Dispatcher:
         counters = self.stats.pattern["service"]
         request = wire.parse_request(frames)
         if request is None:
+            if len(frames) in (4, 5):  # a request id past MAX_REQUEST_ID_BYTES: said, not left waiting
+                counters["errors"] += 1
+                self.stats.reject("service_malformed")
+                self.send_reply((frames[0], frames[2]), wire.STATUS_BAD_REQUEST, b"")
+                return
             raise DecodeError("malformed request envelope")
         route, service_b, body, meta = request
         service = service_b.decode("utf-8", "replace")

@@ -166,21 +166,26 @@ def _table(peers: list[Peer]) -> str:
 def _peers(args: argparse.Namespace) -> int:
     node = _node(args, "zmqmesh-peers")
     stop = threading.Event()
-    if args.watch:
+    if args.watch and args.json:  # one JSON object per line, nothing else on stdout
+        node.on_join(lambda p: print(dumps({"event": "join", **peer_dict(p)}), flush=True))
+        node.on_leave(lambda p: print(dumps({"event": "leave", **peer_dict(p)}), flush=True))
+    elif args.watch:
         node.on_join(lambda p: print(f"{time.strftime('%H:%M:%S')} + {p.name} {p.endpoint}", flush=True))
         node.on_leave(lambda p: print(f"{time.strftime('%H:%M:%S')} - {p.name} {p.endpoint}", flush=True))
     with node:
         _listen(node, args.wait)
         peers = sorted(node.peers(), key=lambda p: (p.name, p.id))
-        if args.json:
-            print(dumps([peer_dict(p) for p in peers], indent=2), flush=True)
+        if args.json:  # (watching, every peer came as a "join" line already)
+            if not args.watch:
+                print(dumps([peer_dict(p) for p in peers], indent=2), flush=True)
         elif peers:
             print(_table(peers), flush=True)
         else:
             print(f"no peers found in mesh {node.config.mesh!r} within {args.wait} s", flush=True)
         if args.watch:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            print("watching joins and leaves (Ctrl-C to stop)", flush=True)
+            print("watching joins and leaves (Ctrl-C to stop)", file=sys.stderr if args.json else sys.stdout,
+                  flush=True)
             stop.wait(args.duration)
     return 0 if peers or args.watch else 1
 
