@@ -922,8 +922,8 @@ def reply_problem(frames: list[bytes]) -> str | None:
     if len(frames) != 3:
         return f"{len(frames)} frames, expected 3"
     rid, status, body = frames
-    if len(rid) > 64:
-        return "request id longer than 64 bytes"
+    if len(rid) > 64 and status != b"\x03":  # (a request id too long is answered 0x03)
+        return "request id longer than 64 bytes, not answered 0x03"
     if status not in (b"\x00", b"\x01", b"\x02", b"\x03"):
         return "unknown status"
     if status in (b"\x02", b"\x03") and body:
