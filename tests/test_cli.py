@@ -77,3 +77,45 @@ def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) 
     assert [(e["event"], e["name"]) for e in events] == [
         ("join", "present"), ("join", "visitor"), ("leave", "visitor")]
     assert "watching" in err
+
+
+def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mesh(mesh: dict[str, Any]) -> None:
+    import time
+
+    where = ("--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]))
+    for bad in ("0", "-1", "nan", "inf"):
+        result = run("request", "svc", "1", "--timeout", bad, *where)
+        assert result.returncode == 2 and "--timeout" in result.stderr and "Traceback" not in result.stderr, bad
+    result = run("gateway", "--listen", "127.0.0.1:99999", *where)
+    assert result.returncode == 1 and "port" in result.stderr and "internal error" not in result.stderr
+    with zmqmesh.Node("offers-other-things", **mesh) as node:
+        node.service("svc", lambda msg: msg.data)
+        assert json.loads(run("request", "svc", "[1]", *where, "--wait", "1").stdout) == [1]
+        start = time.monotonic()
+        result = run("request", "nope", "1", *where, "--timeout", "20")
+        assert result.returncode == 1 and time.monotonic() - start < 15
+        assert f"no node offers the service 'nope' in mesh '{mesh['mesh']}'" in result.stderr
+        assert "1 peer" in result.stderr
+    result = run("request", "svc", "1", "--mesh", "nobody-here", "--beacon-port", str(mesh["beacon_port"]),
+                 "--timeout", "1")
+    assert result.returncode == 1 and "mesh 'nobody-here'" in result.stderr and "0 peers" in result.stderr
+
+
+def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tmp_path: Any, mesh: dict[str, Any]) -> None:
+    import signal
+    import time
+
+    (tmp_path / "sleeper.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
+    toml = tmp_path / "one.toml"
+    toml.write_text('[[process]]\nname = "sleeper"\ncommand = ["python3", "sleeper.py"]\n')
+    where = ["--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])]
+    for args in (["launch", str(toml)], ["subscribe", "x.", *where], ["peers", "--watch", "--wait", "0", *where]):
+        proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", *args], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, (args, out, err)
+        assert "Traceback" not in err
+        if args[0] == "launch":
+            assert "[sleeper] up" in out and "[sleeper] stopped by SIGTERM" in out, out

@@ -319,3 +319,33 @@ def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[st
         thread.join(15)
         if not thread.is_alive():
             loop.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_dashboard_says_when_it_needs_a_token(mesh: dict[str, Any]) -> None:
+    port = free_tcp_port()
+    env = {**os.environ, "ZMQMESH_GATEWAY_TOKEN": "s3cret"}
+    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
+                             "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    browser = None
+    try:
+        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+        browser = _chrome()
+        from selenium.webdriver.common.by import By
+
+        def status() -> str:
+            return str(browser.find_element(By.ID, "status").text)
+
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait_until(lambda: "needs a token" in status(), 20, "the page to ask for a token")
+        browser.get(f"http://127.0.0.1:{port}/?token=wrong")
+        wait_until(lambda: "token in this address is wrong" in status(), 20, "the page to reject its token")
+        browser.get(f"http://127.0.0.1:{port}/?token=s3cret")
+        wait_until(lambda: status() == "live", 20, "the page to go live with the token")
+    finally:
+        if browser is not None:
+            browser.quit()
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()  # type: ignore[union-attr]

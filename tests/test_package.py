@@ -47,7 +47,16 @@ def test_docs_build_strictly(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "site" / "api" / "index.html").exists()
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    # every public name, and every public method of the node classes (inherited ones too)
+    missing = [name for name in zmqmesh.__all__ if name != "__version__"
+               and f'id="zmqmesh.{name}"' not in api and f'id="zmqmesh.errors.{name}"' not in api]
+    missing += [f"Node.{m}" for m in dir(zmqmesh.Node) if not m.startswith("_") and f'id="zmqmesh.Node.{m}"' not in api]
+    missing += [f"AsyncNode.{m}" for m in dir(zmqmesh.AsyncNode)
+                if not m.startswith("_") and f'id="zmqmesh.AsyncNode.{m}"' not in api]
+    assert not missing, f"missing from the API page: {missing}"
+    assert "zmqmesh.__version__" in api
+    assert "Example::" not in api
 
 
 def test_lint_and_types_are_clean() -> None:

@@ -123,6 +123,8 @@ class Gateway:
         self.in_flight += not streaming
         try:
             return await handler(request)
+        except web.HTTPRequestTimeout as exc:
+            return _error(408, "RequestTimeout", exc.text or "")
         except web.HTTPRequestEntityTooLarge:
             return _error(413, "PayloadTooLarge", f"the body exceeds {self.max_body_bytes} bytes")
         except web.HTTPNotFound:
