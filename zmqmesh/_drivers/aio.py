@@ -165,8 +165,7 @@ async def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: fl
     try:
         await asyncio.wait_for(future, timeout)
     except asyncio.TimeoutError:
-        raise MeshTimeoutError(
-            f"waited {timeout or 0:.3g} s for {what} in mesh {engine.config.mesh!r}: not met") from None
+        raise engine.timed_out(what, timeout) from None
     finally:
         engine.waiters.remove(future)
 

@@ -97,7 +97,7 @@ def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | 
     if timeout is not None and timeout <= 0:
         if engine.call_on_loop(predicate):
             return
-        raise _timed_out(engine, what, 0)
+        raise engine.timed_out(what, 0)
     waiter: futures.Future[None] = futures.Future()  # completed by the loop thread only
     try:
         engine.call_soon(engine.waiters.add, predicate, waiter)
@@ -113,11 +113,9 @@ def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | 
         if waiter.done():  # completed as the time ran out
             waiter.result()
             return
-        raise _timed_out(engine, what, timeout) from None
+        raise engine.timed_out(what, timeout) from None
 
 
-def _timed_out(engine: Engine, what: str, timeout: float | None) -> MeshTimeoutError:
-    return MeshTimeoutError(f"waited {timeout or 0:.3g} s for {what} in mesh {engine.config.mesh!r}: not met")
 
 
 def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:

@@ -164,6 +164,12 @@ class NodeBase(Generic[Handler]):
         return self._engine.endpoints()
 
     @property
+    def discovery(self) -> str:
+        """How this node looks for peers, for messages: e.g. ``"beacons on
+        127.255.255.255:5670"``, ``"beacons off, seeds tcp://10.0.0.5:50001"``."""
+        return self._engine.discovery
+
+    @property
     def running(self) -> bool:
         """True between `start` and `stop`."""
         return not self._engine.closed

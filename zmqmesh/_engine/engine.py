@@ -69,7 +69,7 @@ from .._wire.frames import (
     requester_id,
 )
 from ..config import NodeConfig
-from ..errors import ConfigError, NodeClosedError, ZmqMeshError
+from ..errors import ConfigError, MeshTimeoutError, NodeClosedError, ZmqMeshError
 from ..message import Message, Peer
 from .outbound import Outbound
 
@@ -134,6 +134,7 @@ class Engine:
         self.closed = True
         self.started = False
         self.membership: Membership | None = None
+        self.discovery = "not started"  # how this node looks for peers, for error messages
         self.inbox: Inbox | None = None
         self.requests: Requests | None = None
         self.outbound: Outbound | None = None
@@ -215,6 +216,11 @@ class Engine:
             if cfg.discovery:
                 beacon = BeaconSocket(cfg.beacon_address or broadcast, cfg.beacon_port,
                                       loopback_only=is_loopback(advertise))
+                self.discovery = f"beacons on {cfg.beacon_address or broadcast}:{cfg.beacon_port}"
+            else:
+                self.discovery = "beacons off"
+            if cfg.seeds:
+                self.discovery += f", seeds {', '.join(cfg.seeds)}"
             self.membership = Membership(
                 loop=loop, ctx=self.ctx, config=cfg, uuid=self.uuid, name=self.name, codec=self.codec,
                 stats=self.stats, events=self, bind_address=bind_address, advertise_address=advertise,
@@ -398,6 +404,14 @@ class Engine:
             self.loop.call_soon(fn, *args)
         else:
             self.loop.call_soon_threadsafe(fn, *args)
+
+    def timed_out(self, what: str, timeout: float | None) -> MeshTimeoutError:
+        """The error for a wait that ran out: what was awaited, in which mesh, and what
+        was found (the peers known, and where this node looks for them)."""
+        known = self.directory.peer_count()
+        return MeshTimeoutError(
+            f"waited {timeout or 0:.3g} s for {what} in mesh {self.config.mesh!r}: not met; "
+            f"{known} peer{'' if known == 1 else 's'} known ({self.discovery})")
 
     def ensure_running(self) -> None:
         """Raise `NodeClosedError` unless the node is running."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import signal
 import sys
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from zmqmesh import (
+    MeshTimeoutError,
     Message,
     Node,
     Peer,
@@ -57,14 +59,39 @@ def _payload(text: str) -> Any:
         raise CliError(f"payload is not valid JSON: {exc}") from None
 
 
+def _seconds(text: str, zero_ok: bool = False) -> float:
+    """An argparse type: a positive (or, with ``zero_ok``, zero) finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value < math.inf) or (value == 0 and not zero_ok):
+        raise argparse.ArgumentTypeError(
+            f"must be a {'' if zero_ok else 'positive '}number of seconds, got {text!r}")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    return _seconds(text, zero_ok=True)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a UDP or TCP port, 1 to 65535."""
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     mesh = argparse.ArgumentParser(add_help=False)
     group = mesh.add_argument_group("mesh")
     group.add_argument("--mesh", default=None, help="mesh name (default: $ZMQMESH_MESH or 'zmqmesh')")
-    group.add_argument("--beacon-port", type=int, default=None, help="UDP beacon port (default 5670)")
+    group.add_argument("--beacon-port", type=_port, default=None, help="UDP beacon port (default 5670)")
     group.add_argument("--interface", default=None, help="network interface to join (default: loopback)")
     group.add_argument("--seed", action="append", default=[], help="mailbox endpoint to greet (repeatable)")
-    group.add_argument("--wait", type=float, default=1.0, help="seconds to listen for peers first (default 1)")
+    group.add_argument("--wait", type=_seconds_or_zero, default=1.0,
+                       help="seconds to listen for peers first (default 1)")
 
     parser = argparse.ArgumentParser(prog="zmqmesh", description="Brokerless peer-to-peer messaging on ZeroMQ.")
     parser.add_argument("--version", action="version", version=f"zmqmesh {__version__}")
@@ -72,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run a live multi-process mesh on loopback")
-    demo.add_argument("--beacon-port", type=int, default=5670, help="UDP beacon port (default 5670)")
+    demo.add_argument("--beacon-port", type=_port, default=5670, help="UDP beacon port (default 5670)")
     demo.add_argument("--orders", type=int, default=8, help="orders to push through the mesh")
 
     gateway = sub.add_parser("gateway", parents=[mesh], help="serve HTTP (JSON routes, SSE, dashboard) for the mesh")
@@ -102,12 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     subscribe = sub.add_parser("subscribe", parents=[mesh], help="print messages on topics with a prefix")
     subscribe.add_argument("prefix")
     subscribe.add_argument("--count", type=int, default=None, help="stop after this many messages")
-    subscribe.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    subscribe.add_argument("--timeout", type=_seconds, default=None, help="stop after this many seconds")
 
     push = sub.add_parser("push", parents=[mesh], help="push one message to a queue")
     push.add_argument("queue")
     push.add_argument("data", help="JSON payload")
-    push.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a puller (or a keeper)")
+    push.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for a puller (or a keeper)")
     push.add_argument("--durable", action="store_true",
                       help="commit the message first; with no puller, hand it to a keeper of the queue")
     push.add_argument("--store", default=None, help="the store for --durable (default: a temporary one)")
@@ -132,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     request = sub.add_parser("request", parents=[mesh], help="call a service and print the reply")
     request.add_argument("service")
     request.add_argument("data", help="JSON payload")
-    request.add_argument("--timeout", type=float, default=5.0)
+    request.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for the reply (default 5)")
     return parser
 
 
@@ -310,8 +337,17 @@ def _store(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace) -> int:
     data = _payload(args.data)
+    deadline = time.monotonic() + args.timeout
     with _node(args, "zmqmesh-request") as node:
-        reply = node.request(args.service, data, timeout=args.timeout)
+        try:  # the mesh shows itself within a beacon interval: no need to wait out the timeout
+            node.wait_for_service(args.service, timeout=min(max(args.wait, 1.0), args.timeout))
+        except MeshTimeoutError:
+            peers = node.peers()
+            found = (f"{len(peers)} peer{'' if len(peers) == 1 else 's'} found"
+                     + (f" ({', '.join(sorted(p.name for p in peers))})" if peers else f"; {node.discovery}"))
+            raise CliError(f"no node offers the service {args.service!r} in mesh {node.config.mesh!r}: "
+                           f"{found}") from None
+        reply = node.request(args.service, data, timeout=max(0.001, deadline - time.monotonic()))
     print(dumps(reply))
     return 0
 

@@ -15,9 +15,9 @@ The file::
     cwd = "."                    # optional, relative to the file
     store = "state/worker"       # optional: a durable store per process (state/worker-1, ...)
 
-Ctrl-C or SIGTERM stops every process (SIGTERM, then SIGKILL after ``stop_timeout_s``).
-Without restarts, the launcher ends when every process has ended: status 0 if all
-exited 0. A crashed process that asks for it is restarted, with a growing delay.
+Ctrl-C or SIGTERM stops every process (SIGTERM, then SIGKILL after ``stop_timeout_s``);
+after Ctrl-C the launcher exits 130, as every zmqmesh command does. Without restarts,
+it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay.
 """
 
 from __future__ import annotations
@@ -185,7 +185,13 @@ class Launcher:
 
     def run(self) -> int:
         """Start everything and supervise until all ended or a stop is asked; returns the exit status."""
-        previous = {sig: signal.signal(sig, lambda *_: self._stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        interrupted: list[int] = []
+
+        def stop(signum: int, _frame: object) -> None:
+            interrupted.append(signum)
+            self._stopping.set()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         status = 0
         try:
             for spec in self.specs:
@@ -216,7 +222,7 @@ class Launcher:
                     return status
                 self._stopping.wait(0.1)
             self._stop_all()
-            return status
+            return 130 if signal.SIGINT in interrupted else status  # Ctrl-C: as every command
         finally:
             self._stop_all()
             for sig, handler in previous.items():
@@ -234,12 +240,24 @@ class Launcher:
         for name, proc in live.items():
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
-                self.say(name, f"stopped (status {proc.returncode})")
+                self.say(name, _ended(proc.returncode))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
                 self.say(name, "killed: it did not stop in time")
         self.procs.clear()
+
+
+def _ended(code: int) -> str:
+    """How a stopped process ended, in words."""
+    if code == 0:
+        return "stopped cleanly"
+    if code < 0:
+        try:
+            return f"stopped by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"stopped by signal {-code}"
+    return f"stopped with status {code}"
 
 
 def launch(path: str, out: TextIO = sys.stdout) -> int:
