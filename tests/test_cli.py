@@ -28,6 +28,14 @@ def test_demo_runs_a_live_mesh_and_exits_cleanly() -> None:
     assert "full mesh of 5 nodes formed" in out
     assert "all 6 orders filled" in out
     assert "'worker-a': 3, 'worker-b': 3" in out
+    lines = out.splitlines()
+    formed = next(i for i, line in enumerate(lines) if "full mesh of 5 nodes formed" in line)
+    assert max(i for i, line in enumerate(lines) if " joined from " in line) < formed  # the last join first
+    assert "(service quote, subscription prices.*)" in out  # subscriptions named as such
+    for pair in ("EURUSD", "GBPUSD", "USDJPY"):
+        assert f"pub/sub: first prices.{pair} from pricer" in out
+    assert "price updates received" in out
+    assert "RemoteError" not in out  # a quote asked before the first price is "not ready yet"
     for role in ("pricer", "quoter", "worker-a", "worker-b"):
         assert f"- {role} left" in out
         assert f"{role:<10} stopped cleanly" in out

@@ -8,8 +8,9 @@ mesh name of their own, so two demos on one machine never meet:
 * ``worker-a`` and ``worker-b`` pull ``orders``, ask ``quote`` for each, and push the
   filled order to ``fills``, which the conductor pulls.
 
-Then it pushes orders, shows which worker filled each, stops the processes one by one
-and shows the mesh noticing. Everything stays on 127.0.0.1.
+The conductor subscribes to the prices too and narrates them. Then it pushes orders,
+shows which worker filled each, stops the processes one by one and shows the mesh
+noticing. Everything stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from zmqmesh import Message, Node, Peer
+from zmqmesh import Message, Node, Peer, RemoteError
 
 __all__ = ["run_demo", "run_role"]
 
@@ -82,15 +83,31 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
     node = Node("conductor", mesh=mesh, beacon_port=beacon_port)
     fills: list[dict[str, Any]] = []
     done = threading.Event()
+    everyone = threading.Event()
+    joins: list[str] = []
+    prices: dict[str, float] = {}
+    updates = [0]
 
     @node.on_join
     def joined(peer: Peer) -> None:
         offers = ", ".join(
             [f"service {s}" for s in sorted(peer.services)]
             + [f"queue {q}" for q in sorted(peer.queues)]
-            + [f"topic {t}*" for t in sorted(peer.topics)]
+            + [f"subscription {t}*" for t in sorted(peer.topics)]
         )
-        _say("conductor", f"+ {peer.name} joined from {peer.endpoint}" + (f" (offers {offers})" if offers else ""))
+        _say("conductor", f"+ {peer.name} joined from {peer.endpoint}" + (f" ({offers})" if offers else ""))
+        joins.append(peer.name)
+        if len(set(joins) & set(ROLES)) == len(ROLES):
+            everyone.set()
+
+    @node.subscribe("prices.")
+    def priced(msg: Message) -> None:
+        pair = msg.topic.split(".", 1)[1]
+        updates[0] += 1
+        if pair not in prices:
+            sender = msg.sender.name if msg.sender else "?"
+            _say("conductor", f"pub/sub: first {msg.topic} from {sender}: {msg.data}")
+        prices[pair] = msg.data["bid"]
 
     @node.on_leave
     def left(peer: Peer) -> None:
@@ -117,6 +134,7 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
                 )
             started = time.monotonic()
             node.wait_for_peers(len(ROLES), timeout=20)
+            everyone.wait(5)  # (join callbacks run on the handler thread: let the last one speak first)
             _say("conductor", f"full mesh of {len(ROLES) + 1} nodes formed {time.monotonic() - started:.2f}s after spawning")
             node.wait_for_pullers("orders", 2, timeout=10)
             node.wait_for_service("quote", timeout=10)
@@ -127,8 +145,8 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
                     quote = node.request("quote", {"pair": PAIRS[-1], "qty": 1}, timeout=2)
                     _say("conductor", f"request quote -> {quote}")
                     break
-                except Exception as exc:
-                    _say("conductor", f"request quote -> {type(exc).__name__}: {exc} (retrying)")
+                except RemoteError as exc:  # the quoter has no price yet: expected, not a failure
+                    _say("conductor", f"request quote -> not ready yet ({exc.remote_message}); asking again")
                     time.sleep(0.2)
             for i in range(orders):
                 node.push("orders", {"id": i + 1, "pair": PAIRS[i % len(PAIRS)], "qty": 100 * (i + 1)})
@@ -137,6 +155,7 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
             else:
                 by = {w: sum(1 for f in fills if f["filled_by"] == w) for w in ("worker-a", "worker-b")}
                 _say("conductor", f"all {orders} orders filled; load balanced as {by}")
+                _say("conductor", f"pub/sub: {updates[0]} price updates received so far, latest {prices}")
                 stats = node.stats()
                 _say("conductor", f"my counters: pipeline {stats['pipeline']}, requests {stats['request']}")
                 code = 0
