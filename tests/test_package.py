@@ -64,9 +64,35 @@ def test_lint_and_types_are_clean() -> None:
                            "--ignore", "E501,B905", "--output-format", "concise"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    types = subprocess.run([sys.executable, "-m", "mypy", "zmqmesh", "--ignore-missing-imports"],
+    types = subprocess.run([sys.executable, "-m", "mypy", "--strict", "zmqmesh", "--ignore-missing-imports"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert types.returncode == 0, types.stdout + types.stderr
+
+
+def test_decorators_give_a_type_checker_the_handler_back(tmp_path: Path) -> None:
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        "import zmqmesh\n"
+        "node = zmqmesh.Node('typed')\n"
+        "@node.service('add')\n"
+        "def add(msg: zmqmesh.Message) -> int:\n"
+        "    return 1\n"
+        "@node.subscribe('t.', replay='all')\n"
+        "async def on_t(msg: zmqmesh.Message) -> None: ...\n"
+        "def work(msg: zmqmesh.Message) -> str:\n"
+        "    return ''\n"
+        "same = node.pull('jobs', work, at_least_once=True)\n"
+        "reveal_type(add)\n"
+        "reveal_type(on_t)\n"
+        "reveal_type(same)\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--ignore-missing-imports", str(user)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    revealed = [line.split("Revealed type is ", 1)[1] for line in result.stdout.splitlines() if "Revealed type" in line]
+    assert revealed == ['"def (msg: zmqmesh.message.Message) -> int"',
+                        '"def (msg: zmqmesh.message.Message) -> typing.Coroutine[Any, Any, None]"',
+                        '"def (msg: zmqmesh.message.Message) -> str"'], result.stdout
+    assert result.returncode == 0, result.stdout  # and strict mypy finds nothing else to say
 
 
 def test_a_sync_node_does_not_import_asyncio() -> None:

@@ -24,7 +24,7 @@ __all__ = ["AsyncNode"]
 _RUN_POLL_S = 0.5  # how often serve_forever looks whether the node was stopped meanwhile
 
 
-class AsyncNode(NodeBase[Any]):
+class AsyncNode(NodeBase):
     """A mesh node for asyncio programs; its engine runs on the caller's event loop.
 
     Same decorators and method names as `Node`; the calls are coroutines. ``async def``

@@ -30,7 +30,7 @@ __all__ = ["Node"]
 _RUN_POLL_S = 0.5  # how often run_forever looks whether the node was stopped meanwhile
 
 
-class Node(NodeBase[Any]):
+class Node(NodeBase):
     """A mesh node with a blocking API; its engine runs on a background I/O thread.
 
     ``def`` handlers run on the node's inbox thread, ``async def`` handlers on an asyncio

@@ -471,12 +471,12 @@ async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
         value = None
         try:
             if step.where == ON_LOOP:
-                value = step.fn(*step.args)  # type: ignore[misc]
+                value = step.fn(*step.args)
             elif step.where == INBOX:
                 await inbox.stop(*step.args)
             elif step.where == AFTER_LOOP:
                 bound = engine.config.linger_s + 1  # the lingers were set within linger_s
-                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, step.fn), bound)  # type: ignore[arg-type]
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, step.fn), bound)
             else:
                 await asyncio.sleep(step.args[0])
         except Exception as exc:

@@ -506,7 +506,7 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
         value = None
         try:
             if step.where == ON_LOOP:
-                value = run_on(loop, step.fn, *step.args, timeout=step_timeout)  # type: ignore[arg-type]
+                value = run_on(loop, step.fn, *step.args, timeout=step_timeout)
             elif step.where == INBOX:
                 inbox.stop(*step.args)
             elif step.where == AFTER_LOOP:
@@ -515,7 +515,7 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
                 if thread.is_alive():  # a wedged loop may still use its sockets: leak them rather than crash
                     log.warning("node %s: the I/O thread did not end; its ZeroMQ context is left open", engine.name)
                     continue
-                step.fn()  # type: ignore[misc]
+                step.fn()
             else:
                 time.sleep(step.args[0])
         except Exception as exc:

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, overload
 
 import zmq
 
@@ -107,7 +107,7 @@ def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
     return out
 
 
-class NodeBase(Generic[Handler]):
+class NodeBase:
     """Registration of handlers, the read-only views, and the plans of the calls."""
 
     def __init__(self, name: str | None, config: NodeConfig, inbox_factory: InboxFactory,
@@ -189,7 +189,15 @@ class NodeBase(Generic[Handler]):
             self._engine.registry_changed()
             return fn
 
-        return decorate(handler) if handler is not None else decorate  # type: ignore[arg-type]
+        return decorate(handler) if handler is not None else decorate
+
+    @overload
+    def subscribe(self, prefix: str, handler: None = None, *, replay: str | float = "new",
+                  durable_name: str | None = None) -> Callable[[Handler], Handler]: ...
+
+    @overload
+    def subscribe(self, prefix: str, handler: Handler, *, replay: str | float = "new",
+                  durable_name: str | None = None) -> Handler: ...
 
     def subscribe(self, prefix: str, handler: Callable[[Message], Any] | None = None, *,
                   replay: str | float = "new", durable_name: str | None = None) -> Any:
@@ -226,6 +234,16 @@ class NodeBase(Generic[Handler]):
         options = SubscribeOptions(replay, durable_name)
         return self._register("topics", prefix, handler,
                               lambda fn: self._registry.set_subscribe_options(prefix, fn, options))
+
+    @overload
+    def pull(self, queue: str, handler: None = None, *, at_least_once: bool = False,
+             ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,
+             dedupe: bool = False, dedupe_window: int = 100_000) -> Callable[[Handler], Handler]: ...
+
+    @overload
+    def pull(self, queue: str, handler: Handler, *, at_least_once: bool = False,
+             ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,
+             dedupe: bool = False, dedupe_window: int = 100_000) -> Handler: ...
 
     def pull(self, queue: str, handler: Callable[[Message], Any] | None = None, *, at_least_once: bool = False,
              ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,
@@ -269,6 +287,13 @@ class NodeBase(Generic[Handler]):
                               dead_letter, dedupe, dedupe_window)
         return self._register("queues", queue, handler,
                               (lambda fn: self._registry.set_pull_options(queue, options)) if at_least_once else None)
+
+    @overload
+    def service(self, name: str, handler: None = None, *, idempotent: bool = False
+                ) -> Callable[[Handler], Handler]: ...
+
+    @overload
+    def service(self, name: str, handler: Handler, *, idempotent: bool = False) -> Handler: ...
 
     def service(self, name: str, handler: Callable[[Message], Any] | None = None, *, idempotent: bool = False) -> Any:
         """Answer requests to service ``name``; the handler's return value is the reply.

@@ -27,7 +27,7 @@ def new_socket(ctx: zmq.Context[Any], kind: int, options: Mapping[int, int | byt
     Every socket of a node is made here, so its options are set in one place. A caller
     that wants a linger at close passes it to `close_watched` or ``close``.
     """
-    sock = ctx.socket(kind)
+    sock: zmq.Socket[Any] = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in (options or {}).items():
         sock.setsockopt(option, value)
@@ -58,7 +58,7 @@ def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
     frames = [recv(_NOBLOCK)]
     while get(_RCVMORE):
         frames.append(recv(_NOBLOCK))
-    return frames  # type: ignore[return-value]
+    return frames
 
 
 def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextvars
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._mesh.registry import PullOptions
+
+if TYPE_CHECKING:
+    from .replay import CursorMark
 
 __all__ = ["Call", "BatchAck", "is_async", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served"]
 
@@ -32,8 +35,8 @@ class Call:
 
     __slots__ = ("handler", "arg", "route", "pattern", "index")
 
-    def __init__(self, handler: Callable[..., Any], arg: Any, route: tuple[bytes, bytes] | BatchAck | None,
-                 pattern: str) -> None:
+    def __init__(self, handler: Callable[..., Any], arg: Any,
+                 route: tuple[bytes, bytes] | BatchAck | CursorMark | None, pattern: str) -> None:
         self.handler = handler
         self.arg = arg
         self.route = route

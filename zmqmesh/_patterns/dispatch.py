@@ -441,7 +441,7 @@ class Dispatcher:
         if isinstance(route, BatchAck):
             self.acked.complete(call, route, error)
             return
-        if type(route) is CursorMark:
+        if isinstance(route, CursorMark):
             self.replays.handled(route)
             return
         if route is None:

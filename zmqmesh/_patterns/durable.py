@@ -110,7 +110,7 @@ class DurableQueues:
         self._recovered_upto = self.store.last_seq()
         for name in self.store.queue_names():  # every queue with a row, whatever its count says
             self._overflowed(name, self._recovered_upto)
-        total = sum(q["messages"] for q in stored.values())
+        total: int = sum(q["messages"] for q in stored.values())
         if total:
             log.info("%d durable message(s) in %d queue(s) left from an earlier run", total, len(stored))
         return total

@@ -58,10 +58,11 @@ def meta_frame(bodies: list[Headed], first: int | None = None) -> bytes:
     parts = [b.headers for b in bodies]
     count = len(parts)
     array = bytes([0x90 | count]) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
-    entries = b"\xa1h" + array + b"".join(parts) + b"\xa1t" + msgpack.packb(timestamp)
+    entries: bytes = b"\xa1h" + array + b"".join(parts) + b"\xa1t" + msgpack.packb(timestamp)
     if first is None:
         return b"\x82" + entries
-    return b"\x83" + entries + b"\xa1n" + msgpack.packb(first)
+    number: bytes = msgpack.packb(first)
+    return b"\x83" + entries + b"\xa1n" + number
 
 
 class Publisher:

@@ -330,7 +330,7 @@ class Replays:
                 at = cursor.pos if pos is None else (pos if index == len(items) - 1 else pos - 1)
                 mark = CursorMark(name, cursor.stream, topic, number, at)
                 self._pending.setdefault((name, cursor.stream, topic), deque()).append(number)
-            calls.append(Call(key[1], msg, mark, "pubsub"))  # type: ignore[arg-type]
+            calls.append(Call(key[1], msg, mark, "pubsub"))
         if skip >= len(items):
             return  # all had been delivered
         cursor.next[topic] = seq + len(items)
@@ -352,7 +352,7 @@ class Replays:
         reached: dict[tuple[str, str, str], int] = {}
         for call in calls:
             mark = call.route
-            if type(mark) is CursorMark:
+            if isinstance(mark, CursorMark):
                 reached[(mark.name, mark.stream, mark.topic)] = mark.seq
         if not reached:
             return

@@ -81,7 +81,7 @@ class Codec:
         except AttributeError:
             packer = self._local.packer = msgpack.Packer(use_bin_type=True)
         try:
-            body = packer.pack(data)
+            body: bytes = packer.pack(data)
         except (TypeError, ValueError, OverflowError) as exc:
             self._local.packer = msgpack.Packer(use_bin_type=True)  # never reuse a half-used buffer
             raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from exc

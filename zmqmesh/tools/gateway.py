@@ -122,7 +122,8 @@ class Gateway:
             return _error(503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
         self.in_flight += not streaming
         try:
-            return await handler(request)
+            response: web.StreamResponse = await handler(request)
+            return response
         except web.HTTPRequestTimeout as exc:
             return _error(408, "RequestTimeout", exc.text or "")
         except web.HTTPRequestEntityTooLarge:
