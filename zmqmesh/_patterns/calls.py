@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextvars
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from .._mesh.registry import PullOptions
 
-if TYPE_CHECKING:
-    from .replay import CursorMark
-
-__all__ = ["Call", "BatchAck", "is_async", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served"]
+__all__ = ["Call", "BatchAck", "CursorMark", "is_async", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served"]
 
 
 class BatchAck:
@@ -28,6 +25,16 @@ class BatchAck:
         self.queue = queue
         self.options = options or PullOptions(at_least_once=True)
         self.failures: list[list[Any]] = []
+
+
+class CursorMark(NamedTuple):
+    """The place of one message of a durable subscription (a call's route)."""
+
+    name: str
+    stream: str
+    topic: str
+    seq: int
+    pos: int
 
 
 class Call:

@@ -41,11 +41,11 @@ from .._wire.codec import Codec
 from ..config import NodeConfig
 from ..errors import DecodeError
 from ..message import Message, Origin
-from .calls import BatchAck, Call
+from .calls import BatchAck, Call, CursorMark
 from .history import History
 from .intake import AckedIntake
 from .pubsub import GapCounter
-from .replay import CursorMark, Fetch, Replays
+from .replay import Fetch, Replays
 from .reqrep import MAX_CHAIN
 
 __all__ = ["Dispatcher"]

@@ -33,7 +33,7 @@ from .._stats import Stats
 from .._store.sqlite import Store
 from .._wire.codec import Codec
 from ..message import Message, Origin
-from .calls import Call
+from .calls import Call, CursorMark
 
 __all__ = ["Replays", "Fetch", "CursorMark", "MAX_HELD"]
 
@@ -55,16 +55,6 @@ class Fetch(NamedTuple):
     key: Key
     stream: str
     request: dict[str, Any]
-
-
-class CursorMark(NamedTuple):
-    """The place of one message of a durable subscription (a call's route)."""
-
-    name: str
-    stream: str
-    topic: str
-    seq: int
-    pos: int
 
 
 class Cursor:

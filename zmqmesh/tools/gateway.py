@@ -99,7 +99,7 @@ class Gateway:
         self.request_timeout_s = request_timeout_s
         self.hosts = frozenset(h.lower() for h in hosts)
         self.tracebacks = tracebacks
-        self.listeners: set[asyncio.Queue[str]] = set()
+        self.listeners: set[asyncio.Queue[str | None]] = set()
         self.in_flight = 0
         self.started_at = time.monotonic()  # an unknown service is answered at once after a grace
 
@@ -248,7 +248,7 @@ class Gateway:
             return _error(503, "Busy", f"{MAX_LISTENERS} event streams are open; try again")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1000)
         self.listeners.add(queue)
         try:
             await response.write(_sse("snapshot", self.membership()))
@@ -257,6 +257,8 @@ class Gateway:
                     chunk = await asyncio.wait_for(queue.get(), 15)
                 except asyncio.TimeoutError:
                     chunk = ": keep-alive\n\n"
+                if chunk is None:  # the gateway stops
+                    break
                 await response.write(chunk.encode())
         except (ConnectionResetError, asyncio.CancelledError):
             pass
@@ -270,6 +272,13 @@ class Gateway:
         return web.Response(text=page, content_type="text/html")
 
     # events -----------------------------------------------------------------------------------
+
+    def end_streams(self) -> None:
+        """End every open /events stream (the gateway stops: it must not wait for them)."""
+        for queue in list(self.listeners):
+            while queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
 
     def broadcast(self, event: str, data: Any) -> None:
         """Queue an event for every open /events stream (a stream that lags loses events)."""
@@ -376,7 +385,8 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
     async with AsyncNode(node_options.pop("name", "gateway"), **node_options) as node:
         app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(h) for h in (host, *hosts)},
                                   tracebacks=tracebacks, body_timeout_s=body_timeout_s)
-        runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s)  # (a slow head too)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s,  # (a slow head too)
+                               shutdown_timeout=5.0)  # what still runs at a stop gets 5 s
         await runner.setup()
         _bound_connections(runner.server, max_connections)
         site = web.TCPSite(runner, host, int(port_text))
@@ -393,4 +403,5 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
             await asyncio.Event().wait()
         finally:
             stats_task.cancel()
+            gateway.end_streams()
             await runner.cleanup()
