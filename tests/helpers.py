@@ -26,6 +26,13 @@ def free_udp_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_tcp_port() -> int:
+    """A TCP port nobody on this host uses right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition") -> object:
     """Poll ``condition`` until it returns something truthy; fail the test at ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typing
 
 from ._io.curve import generate_keypair, read_public_key, read_secret_key, write_keypair
+from ._observe.prometheus import metrics_text
 from ._store.sqlite import drop_dead_letters, inspect_store, retry_dead_letters
 from ._version import __version__
 from .config import NodeConfig
@@ -59,6 +60,7 @@ __all__ = [
     "inspect_store",
     "retry_dead_letters",
     "drop_dead_letters",
+    "metrics_text",
 ]
 
 

@@ -1,14 +1,17 @@
-"""Counters a node keeps and `Node.stats()` reports: per pattern, per peer, and rejects by reason.
+"""Counters a node keeps and `Node.stats()` reports: per pattern, per name (topic, queue,
+service), per peer, rejects by reason, and request latencies per service.
 
 Each counter in `Stats.pattern` is written by one thread only: the event loop's (the
 outbound sockets, membership, the requests of coroutines) or the inbox's (what arrives).
 Those are plain ``+=`` on the hot paths. What other threads count (the requests of the
 sync `Node`'s calling threads, rejects) goes through `Stats.add` and `Stats.reject`, which
-take a lock, into counters of their own; `snapshot` adds the two up.
+take a lock, into counters of their own; `snapshot` adds the two up. Counts per name
+and latencies are taken per frame or per call (never per message), under the lock.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import defaultdict
 from typing import Any
@@ -17,6 +20,13 @@ __all__ = ["Stats", "PATTERNS"]
 
 PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
 _FIELDS = ("sent", "received", "dropped", "errors")
+MAX_NAMES = 1024
+"""Names counted per pattern and direction (received names come from strangers too);
+past it, their counts go to the name ``"(other)"``."""
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                  5.0, 10.0)
+"""Upper bounds (seconds) of the request latency histogram's buckets (and +Inf)."""
+OTHER = "(other)"
 
 
 class Stats:
@@ -30,6 +40,8 @@ class Stats:
         self.membership: defaultdict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
         self._shared: dict[tuple[str, str], int] = {}
+        self._names: dict[tuple[str, str], dict[str | bytes, int]] = {}
+        self._latency: dict[str, list[float]] = {}  # service -> per-bucket counts, then sum, count
 
     def add(self, pattern: str, counter: str, count: int = 1) -> None:
         """Add ``count`` to a pattern's counter from any thread (under a lock)."""
@@ -42,6 +54,27 @@ class Stats:
         with self._lock:
             self.rejected[reason] += count
 
+    def count_name(self, pattern: str, direction: str, name: str | bytes, count: int = 1) -> None:
+        """Add ``count`` messages of ``pattern`` sent or received (``direction``) under
+        ``name`` (a topic, queue or service, as text or as its UTF-8 bytes)."""
+        with self._lock:
+            names = self._names.setdefault((pattern, direction), {})
+            if name not in names and len(names) >= MAX_NAMES:
+                name = OTHER
+            names[name] = names.get(name, 0) + count
+
+    def observe_request(self, service: str, seconds: float) -> None:
+        """Record how long a call of ``service`` took, until its answer."""
+        with self._lock:
+            buckets = self._latency.get(service)
+            if buckets is None:
+                if len(self._latency) >= MAX_NAMES:
+                    service = OTHER
+                buckets = self._latency.setdefault(service, [0.0] * (len(LATENCY_BOUNDS) + 3))
+            buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+            buckets[-2] += seconds
+            buckets[-1] += 1
+
     def forget_peer(self, peer_id: str) -> None:
         """Drop the counters kept for a departed peer (a stranger's fresh ids must not
         pile up)."""
@@ -53,9 +86,18 @@ class Stats:
             patterns = {p: dict(c) for p, c in self.pattern.items()}
             for (pattern, counter), count in self._shared.items():
                 patterns[pattern][counter] = patterns[pattern].get(counter, 0) + count
+            names: dict[str, dict[str, dict[str, int]]] = {}
+            for (pattern, direction), counts in self._names.items():
+                names.setdefault(pattern, {})[direction] = {
+                    (n.decode("utf-8", "replace") if isinstance(n, bytes) else n): c for n, c in counts.items()}
+            latency = {service: {"buckets": [[bound, int(c)] for bound, c in zip((*LATENCY_BOUNDS, "+Inf"), b)],
+                                 "sum": b[-2], "count": int(b[-1])}
+                       for service, b in self._latency.items()}
             return {
                 **patterns,
                 "peers": {pid: {"received": n} for pid, n in list(self.peer_received.items())},
                 "rejected": dict(self.rejected),
                 "membership": dict(self.membership),
+                "names": names,
+                "latency": latency,
             }

@@ -126,6 +126,12 @@ class NodeConfig:
             that replay: ``{prefix: max_messages}`` or ``{prefix: {"max_messages": n,
             "max_age_s": s}}`` (``ZMQMESH_HISTORY``: ``"prefix=n,prefix=n"``); needs a
             store. Empty: nothing kept.
+
+    Operations:
+        metrics_port: serve Prometheus metrics (``/metrics``) on this TCP port (0: one the
+            system picks, see ``Node.metrics_endpoint``); ``None``: no metrics server.
+            Needs ``prometheus_client`` (``pip install "zmqmesh[metrics]"``).
+        metrics_address: the address the metrics server listens on.
     """
 
     mesh: str = "zmqmesh"
@@ -158,9 +164,16 @@ class NodeConfig:
     store_max_bytes: int = 1 << 30
     store_synchronous: str = "normal"
     history: Any = ()
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "history", parse_history(self.history))
+        if isinstance(self.metrics_port, str):  # (from the environment)
+            object.__setattr__(self, "metrics_port", int(self.metrics_port) if self.metrics_port.isdigit() else -1)
+        if self.metrics_port is not None and (not isinstance(self.metrics_port, int) or isinstance(
+                self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535):
+            raise ConfigError(f"metrics_port must be 0..65535 or None, got {self.metrics_port!r}")
         for name in ("seeds", "curve_allow"):
             value = getattr(self, name)
             if isinstance(value, (list, str)):

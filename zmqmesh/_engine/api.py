@@ -164,6 +164,13 @@ class NodeBase:
         return self._engine.endpoints()
 
     @property
+    def metrics_endpoint(self) -> str | None:
+        """Where this node serves Prometheus metrics (``metrics_port``): the URL of its
+        ``/metrics``, or None when it serves none."""
+        server = self._engine.metrics
+        return None if server is None else f"http://{self.config.metrics_address}:{server.port}/metrics"
+
+    @property
     def discovery(self) -> str:
         """How this node looks for peers, for messages: e.g. ``"beacons on
         127.255.255.255:5670"``, ``"beacons off, seeds tcp://10.0.0.5:50001"``."""
@@ -381,8 +388,13 @@ class NodeBase:
         return [p for p in found if p is not None]
 
     def stats(self) -> dict[str, Any]:
-        """Counters: sent/received/dropped/errors per pattern, received per peer, rejects by reason."""
-        return self._engine.stats.snapshot()
+        """Counters and gauges, as plain data: ``sent``/``received``/``dropped``/``errors`` per
+        pattern (``pubsub``, ``pipeline``, ``request``, ``service``, ``zre``), ``names``
+        (messages per pattern, direction and topic, queue or service), ``latency`` (per
+        service called: a histogram of seconds until the answer), ``peers`` (received per
+        peer), ``rejected`` (inputs dropped, by reason), ``membership`` (joins, leaves) and
+        ``gauges`` (``peers``, ``queued``, ``queue_backlog``). See docs/operations.md."""
+        return self._engine.counters()
 
     def _check_open(self) -> None:
         self._engine.ensure_running()

@@ -49,6 +49,7 @@ from .._membership.peer import PeerState
 from .._mesh.directory import Directory, Provider
 from .._mesh.registry import Registry
 from .._mesh.waiters import Space, Waiters
+from .._observe.prometheus import MetricsServer
 from .._patterns.calls import Call
 from .._patterns.durable import DurableQueues
 from .._patterns.history import History
@@ -135,6 +136,7 @@ class Engine:
         self.started = False
         self.membership: Membership | None = None
         self.discovery = "not started"  # how this node looks for peers, for error messages
+        self.metrics: MetricsServer | None = None
         self.inbox: Inbox | None = None
         self.requests: Requests | None = None
         self.outbound: Outbound | None = None
@@ -162,6 +164,8 @@ class Engine:
         self.loop = loop
         self.loop_thread = threading.get_ident()
         cfg = self.config
+        if cfg.metrics_port is not None:  # first: a port in use fails the start before any socket
+            self.metrics = MetricsServer(lambda: [self.describe()], cfg.metrics_address, cfg.metrics_port)
         if cfg.interface:
             address, broadcast = interface_addresses(cfg.interface)
         else:
@@ -231,6 +235,8 @@ class Engine:
             self.ctx.destroy(linger=0)
             if self.store is not None:
                 self.store.close()
+            if self.metrics is not None:
+                self.metrics.close()
             raise
         headers = {
             HEADER["version"]: _version,
@@ -376,7 +382,10 @@ class Engine:
             self._zap.close()
 
     def destroy_context(self) -> None:
-        """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above)."""
+        """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above),
+        and stop serving metrics."""
+        if self.metrics is not None:
+            self.metrics.close()
         self.ctx.destroy(0)
         if self.store is not None:
             self.store.close()
@@ -438,8 +447,21 @@ class Engine:
         )
 
     def describe(self) -> dict[str, Any]:
-        """What the built-in stats service answers: id, name and counters."""
-        return {"id": self.node_id, "name": self.name, **self.stats.snapshot()}
+        """What the built-in stats service answers: id, name, counters and gauges."""
+        return {"id": self.node_id, "name": self.name, **self.counters()}
+
+    def counters(self) -> dict[str, Any]:
+        """The counters (`Stats.snapshot`) and, under ``"gauges"``, the levels of now: the
+        peers present, the messages not yet sent or not yet acknowledged (``queued``), and
+        per queue the messages waiting in its send queue (``queue_backlog``)."""
+        pusher = self.pusher
+        backlog = {name: len(q) for name, q in list(pusher.queues.items())} if pusher is not None else {}
+        outbound = self.outbound
+        return {**self.stats.snapshot(), "gauges": {
+            "peers": self.directory.peer_count(),
+            "queued": outbound.queued() if outbound is not None and not self.closed else 0,
+            "queue_backlog": backlog,
+        }}
 
     # -- membership events (on the loop) -----------------------------------------------------------
 

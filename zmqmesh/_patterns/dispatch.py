@@ -244,6 +244,7 @@ class Dispatcher:
         sender_id = sender_uuid.hex() if sender_uuid is not None else None
         items = self.codec.decode_batch(body)
         counters["received"] += len(items)
+        stats.count_name(pattern, "received", name_b, len(items))
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids
         if known:
@@ -375,6 +376,7 @@ class Dispatcher:
             return
         handler = self.registry.services.get(service)
         counters["received"] += 1
+        self.stats.count_name("service", "received", service_b)
         if handler is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return

@@ -149,6 +149,7 @@ class Pusher:
                 return True
             self._sequence += n
             counters["sent"] += n
+            self.stats.count_name("pipeline", "sent", name, n)
         return False
 
     def close(self, linger_ms: int) -> None:

@@ -188,8 +188,12 @@ class Publisher:
         except zmq.ZMQError:
             if elsewhere:
                 self.stats.add("pubsub", "dropped", count)  # the inbox counts drops too
-            return count if here else 0
-        return count if here or elsewhere else 0
+            sent = count if here else 0
+        else:
+            sent = count if here or elsewhere else 0
+        if sent:
+            self.stats.count_name("pubsub", "sent", frames[0], sent)
+        return sent
 
     def _route(self, topic: bytes) -> tuple[bool, bool]:
         """Whether a subscription here, and one elsewhere, match ``topic`` (cached until the

@@ -177,6 +177,7 @@ class ReliableSender:
                 self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time())
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
                 self.stats.pattern["pipeline"]["sent"] += len(items)
+                self.stats.count_name("pipeline", "sent", queue, len(items))
                 progress = True
         for puller in pullers:  # sending may have consumed the edge that announces acks
             sock = self.sockets.get(puller)

@@ -12,6 +12,7 @@ them out, blocking a thread or awaiting.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from typing import Any, NamedTuple
 
@@ -86,6 +87,8 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
     Raises `NoProviderError`, `PeerLostError`, `MeshTimeoutError`, `RemoteError`,
     `DecodeError`.
     """
+    started = time.monotonic()
+    observed = None if service.startswith("\x00") else stats  # (built-ins are not the user's calls)
     while True:
         provider = directory.pick_provider(service, only, avoid)
         if provider is None:
@@ -99,11 +102,15 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
             carried = meta if meta is None or directory.speaks(provider.id, 2) else None  # protocol 1: no meta
             if carried is None and meta is not None and stats is not None:
                 stats.reject("headers_not_carried")  # the provider would not understand them
+            if observed is not None:
+                observed.count_name("request", "sent", service)
             status, reply = yield Exchange(provider, service, service_b, body, deadline, carried)
         except PeerLostError:
             if not directory.may_retry(service, provider.id, deadline):
                 raise
             continue
+        if observed is not None and status != wire.STATUS_NO_SERVICE:  # answered: how long the caller waited
+            observed.observe_request(service, time.monotonic() - started)
         try:
             return decode_reply(codec, status, reply)
         except RetryElsewhere:

@@ -8,6 +8,7 @@ The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
     POST /push/{queue}        JSON body; 202 once handed to the mesh
     GET  /peers               the membership as JSON
     GET  /events              Server-Sent Events: joins, leaves, per-node counters
+    GET  /metrics             every node's counters for Prometheus (the ``metrics`` extra)
     GET  /                    the dashboard (one self-contained page, no CDN)
 
 Errors are JSON ``{"error": type, "message": ..., ...}`` with a status per kind:
@@ -38,11 +39,13 @@ from typing import Any
 
 from zmqmesh import (
     AsyncNode,
+    ConfigError,
     MeshTimeoutError,
     NoProviderError,
     Peer,
     PeerLostError,
     RemoteError,
+    metrics_text,
 )
 
 from .jsonview import dumps, peer_dict
@@ -266,6 +269,23 @@ class Gateway:
             self.listeners.discard(queue)
         return response
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        """GET /metrics: every zmqmesh node's counters, for Prometheus (one scrape, the mesh)."""
+        snapshots = await self.mesh_stats()
+        try:
+            text = metrics_text(snapshots)
+        except ConfigError as exc:  # prometheus_client is not installed
+            return _error(501, "NotImplemented", str(exc))
+        return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def mesh_stats(self) -> list[dict[str, Any]]:
+        """The counters of every zmqmesh node that answers within a second, the gateway's first."""
+        peers = [p for p in self.node.peers() if p.is_zmqmesh]
+        results = await asyncio.gather(*(self.node.node_stats(p, timeout=1.0) for p in peers), return_exceptions=True)
+        me = self.node.as_peer()
+        return [{"id": me.id, "name": me.name, **self.node.stats()},
+                *(r for r in results if isinstance(r, dict))]
+
     async def dashboard(self, request: web.Request) -> web.Response:
         """GET /: the dashboard page."""
         page = resources.files("zmqmesh.tools").joinpath("dashboard.html").read_text()
@@ -295,12 +315,8 @@ class Gateway:
             await asyncio.sleep(_STATS_INTERVAL_S)
             if not self.listeners:
                 continue
-            targets = [p for p in self.node.peers() if p.is_zmqmesh] + [self.node.as_peer()]
-            results = await asyncio.gather(*(self.node.node_stats(p, timeout=1.0) for p in targets), return_exceptions=True)
-            stats = {}
-            for peer, result in zip(targets, results):
-                if isinstance(result, dict):
-                    stats[peer.id] = {k: result[k] for k in ("pubsub", "pipeline", "request", "service", "zre")}
+            stats = {snap["id"]: {k: snap[k] for k in ("pubsub", "pipeline", "request", "service", "zre")}
+                     for snap in await self.mesh_stats()}
             self.broadcast("stats", {"time": time.time(), "nodes": stats})
 
 
@@ -328,6 +344,7 @@ def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 
     app.router.add_post("/push/{queue}", gateway.push)
     app.router.add_get("/peers", gateway.peers)
     app.router.add_get("/events", gateway.events)
+    app.router.add_get("/metrics", gateway.metrics)
     app.router.add_get("/", gateway.dashboard)
     node.on_join(lambda peer: gateway.broadcast("join", peer_json(peer)))
     node.on_leave(lambda peer: gateway.broadcast("leave", peer_json(peer)))

@@ -1,0 +1,98 @@
+"""Prometheus metrics: a node given metrics_port serves its counters, and the gateway the
+mesh's; a real scrape, parsed as Prometheus parses it, sees the figures move."""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+import pytest
+from helpers import wait_until
+
+import zmqmesh
+
+prometheus = pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict[Any, float], metric: str, **labels: str) -> float:
+    found = [v for (n, ls), v in samples.items() if n == metric and all((k, w) in ls for k, w in labels.items())]
+    assert len(found) <= 1, found
+    return found[0] if found else 0.0
+
+
+def test_a_node_serves_its_counters_and_they_move(mesh: dict[str, Any]) -> None:
+    got: list[Any] = []
+    with zmqmesh.Node("scraped", **mesh, metrics_port=0) as a, zmqmesh.Node("other", **mesh) as b:
+        b.service("add", lambda msg: msg.data + 1)
+        b.subscribe("t.", got.append)
+        b.pull("jobs", got.append)
+        assert a.metrics_endpoint is not None and a.metrics_endpoint.startswith("http://127.0.0.1:")
+        assert b.metrics_endpoint is None
+        a.wait_for_service("add", timeout=10)
+        before = scrape(a.metrics_endpoint)
+        assert value(before, "zmqmesh_peers", node="scraped") == 1
+        for i in range(20):
+            assert a.request("add", i, timeout=5) == i + 1
+        a.wait_for_subscribers("t.", 1, timeout=10)
+        for _ in range(3):
+            a.publish("t.x", 1)
+        a.push("jobs", 2, timeout=5)
+        wait_until(lambda: len(got) == 4, 10, "the messages")
+        after = scrape(a.metrics_endpoint)
+        moved = value(after, "zmqmesh_messages_total", node="scraped", pattern="request", event="sent") - \
+            value(before, "zmqmesh_messages_total", node="scraped", pattern="request", event="sent")
+        assert moved == 20
+        assert value(after, "zmqmesh_named_messages_total", pattern="request", direction="sent", name="add") == 20
+        assert value(after, "zmqmesh_named_messages_total", pattern="pubsub", direction="sent", name="t.x") == 3
+        assert value(after, "zmqmesh_named_messages_total", pattern="pipeline", direction="sent", name="jobs") == 1
+        assert value(after, "zmqmesh_request_duration_seconds_count", service="add") == 20
+        assert value(after, "zmqmesh_request_duration_seconds_bucket", service="add", le="+Inf") == 20
+        assert 0 < value(after, "zmqmesh_request_duration_seconds_sum", service="add") < 20
+        assert value(after, "zmqmesh_peers", node="scraped") == 1
+        assert ("zmqmesh_queued_messages", (("node", "scraped"), ("node_id", a.id))) in after
+    with pytest.raises(urllib.error.URLError):  # stopped with its node
+        scrape(a.metrics_endpoint)
+
+
+def test_a_metrics_port_in_use_fails_the_start_with_a_clear_error(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("first", **mesh, metrics_port=0) as first:
+        assert first.metrics_endpoint is not None
+        port = int(first.metrics_endpoint.rsplit(":", 1)[1].split("/")[0])
+        second = zmqmesh.Node("second", **mesh, metrics_port=port)
+        with pytest.raises(zmqmesh.ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            second.start()
+    with pytest.raises(zmqmesh.ConfigError, match="metrics_port"):
+        zmqmesh.Node("bad", **mesh, metrics_port=70000)
+
+
+def test_the_gateway_serves_the_whole_mesh(gateway: str, spawn: Any) -> None:
+    spawn("worker", service=["echo"])
+    body = b'{"x": 1}'
+    request = urllib.request.Request(f"{gateway}/request/echo", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    wait_until(lambda: _ok(request), 20, "the gateway to call echo")
+    samples = scrape(f"{gateway}/metrics")
+    nodes = {dict(labels)["node"] for (name, labels) in samples if name == "zmqmesh_peers"}
+    assert nodes == {"gateway", "worker"}
+    assert value(samples, "zmqmesh_named_messages_total", node="worker", pattern="service", direction="received",
+                 name="echo") >= 1
+    assert value(samples, "zmqmesh_request_duration_seconds_count", node="gateway", service="echo") >= 1
+
+
+def _ok(request: urllib.request.Request) -> bool:
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status == 200
+    except urllib.error.HTTPError:
+        return False

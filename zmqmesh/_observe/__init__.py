@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics (and, later, traces) made from what a node counts."""
