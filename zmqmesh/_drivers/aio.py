@@ -299,12 +299,13 @@ class LoopInbox(Dispatcher):
                     await self._run_sync_batch(batch)
                     batch = []
                 token = serve_as(call)
+                error: BaseException | None = None
                 try:
                     result, error = await call.handler(call.arg), None
                 except Exception as exc:
                     result, error = None, exc
                 finally:
-                    served(token)
+                    served(token, error)
                 if call.route is None and error is None:
                     continue  # nothing to reply or count
                 self.complete(call, result, error)

@@ -18,6 +18,7 @@ import zmq
 
 from .._mesh.registry import PullOptions, Registry, SubscribeOptions
 from .._mesh.waiters import Room, Until
+from .._observe import tracing
 from .._patterns.calls import serving_chain
 from .._patterns.durable import Ticket
 from .._patterns.replay import Fetch
@@ -105,6 +106,27 @@ def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
     if not out:
         raise ValueError("at least one frame is needed")
     return out
+
+
+def _sent_traced(active: Any, operation: str, name: str, headers: dict[str, str] | None) -> dict[str, str]:
+    """``headers`` carrying the context of a span for sending to ``name`` (ended at once:
+    a publish or a push is done once queued)."""
+    span = tracing.send_span(active, operation, name, "PRODUCER")
+    try:
+        return tracing.inject(span, headers)
+    finally:
+        span.end()
+
+
+def _traced_plan(plan: Plan, span: Any) -> Plan:
+    """``plan``, with ``span`` ended when it ends (failed if it raised)."""
+    try:
+        return (yield from plan)
+    except Exception as exc:
+        tracing.fail(span, exc)
+        raise
+    finally:
+        span.end()
 
 
 class NodeBase:
@@ -420,6 +442,9 @@ class NodeBase:
                             ) -> tuple[tuple[bytes, bytes], deque[Any]]:
         """``(topic, body)`` and the publish queue. Raises `NodeClosedError`, `TypeError`,
         `MessageTooLargeError`, `ValueError` for a bad topic or headers."""
+        active = tracing.tracer()
+        if active is not None:
+            headers = _sent_traced(active, "publish", topic, headers)
         body = self._encode(data, headers)
         name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
         return (name, body), self._engine.publisher.queue  # type: ignore[union-attr]
@@ -438,6 +463,9 @@ class NodeBase:
                      timeout: float | None = None) -> tuple[bytes, deque[bytes] | None]:
         """The encoded body, and the send queue of ``queue`` if it takes it right now
         (None when the socket, a puller or room is missing: then `_push_plan` waits)."""
+        active = tracing.tracer()
+        if active is not None:
+            headers = _sent_traced(active, "push", queue, headers)
         body = self._encode(data, headers)
         engine = self._engine
         if timeout is not None:
@@ -461,6 +489,9 @@ class NodeBase:
         if engine.durable is None:
             raise ConfigError("durable=True needs a store: Node(..., store='path/dir')")
         check_name("queue", queue)
+        active = tracing.tracer()
+        if active is not None:
+            headers = _sent_traced(active, "push", queue, headers)
         encode = engine.codec.encode
         packed = encode(check_headers(headers)) if headers else None
         now = time.time()
@@ -524,12 +555,18 @@ class NodeBase:
             if offered and all(i in blocked for i in offered):
                 engine.stats.reject("call_cycle")
                 raise ConfigError(self._cycle_message(service, chain, offered))
+        active = tracing.tracer() if not service.startswith("\x00") else None
+        span = None
+        if active is not None:
+            span = tracing.send_span(active, "request", service, "CLIENT")
+            headers = tracing.inject(span, headers)
         meta = None
         if headers or chain:  # (the chain travels on: the provider's own calls must avoid these nodes too)
             meta = engine.codec.encode({"h": check_headers(headers) if headers else {}, "t": time.time(),
                                         **({"v": list(chain)} if chain else {})})
-        return request_plan(engine.directory, engine.codec, service, service_b, body, deadline, only, meta,
+        plan = request_plan(engine.directory, engine.codec, service, service_b, body, deadline, only, meta,
                             engine.stats, blocked)
+        return plan if span is None else _traced_plan(plan, span)
 
     def _cycle_message(self, service: str, chain: tuple[str, ...], offered: tuple[str, ...]) -> str:
         if set(offered) == {self._engine.directory.node_id}:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .._mesh.registry import PullOptions
+from .._observe import tracing
 
 __all__ = ["Call", "BatchAck", "CursorMark", "is_async", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served"]
 
@@ -88,26 +89,30 @@ def serving_chain() -> tuple[str, ...]:
 def run_sync(call: Call) -> tuple[Any, BaseException | None]:
     """Call a sync handler, capturing its outcome."""
     token = serve_as(call)
+    error = None
     try:
         return call.handler(call.arg), None
     except Exception as exc:
+        error = exc
         return None, exc
     finally:
-        served(token)
+        served(token, error)
 
 
 async def run_async(call: Call) -> tuple[Any, BaseException | None]:
     """Await a handler (sync handlers here are only the loop's own callbacks)."""
     token = serve_as(call)
+    error = None
     try:
         result = call.handler(call.arg)
         if inspect.isawaitable(result):
             result = await result
         return result, None
     except Exception as exc:
+        error = exc
         return None, exc
     finally:
-        served(token)
+        served(token, error)
 
 
 def run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:
@@ -115,13 +120,30 @@ def run_batch(batch: list[Call]) -> list[tuple[Any, BaseException | None]]:
     return [run_sync(call) for call in batch]
 
 
-def serve_as(call: Call) -> contextvars.Token[tuple[str, ...]] | None:
-    """Mark the current context as serving ``call`` (for a driver that awaits a handler
-    in place); give the token back to `served`."""
-    return _SERVING.set(call.arg.via) if call.pattern == "service" else None
+class _Traced(NamedTuple):
+    chain: contextvars.Token[tuple[str, ...]] | None
+    running: tracing.HandlerSpan | None
 
 
-def served(token: contextvars.Token[tuple[str, ...]] | None) -> None:
-    """Undo `serve_as`."""
+Serving = contextvars.Token[tuple[str, ...]] | _Traced | None
+"""What `serve_as` gives back to `served`."""
+
+
+def serve_as(call: Call) -> Serving:
+    """Mark the current context as serving ``call`` (and, when traces are on, start its
+    span, current until `served`); give the token back to `served`."""
+    chain = _SERVING.set(call.arg.via) if call.pattern == "service" else None
+    active = tracing.tracer()
+    if active is None:
+        return chain
+    return _Traced(chain, tracing.handler_span(active, call.pattern, call.arg))
+
+
+def served(token: Serving, error: BaseException | None = None) -> None:
+    """Undo `serve_as` (the handler failed with ``error``, if given)."""
+    if type(token) is _Traced:
+        if token.running is not None:
+            tracing.end_handler_span(token.running, error)
+        token = token.chain
     if token is not None:
-        _SERVING.reset(token)
+        _SERVING.reset(token)  # type: ignore[arg-type]
