@@ -29,6 +29,22 @@ LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 OTHER = "(other)"
 
 
+class NameCounts(dict[str | bytes, int]):
+    """Messages per name (topic, queue or service, as text or UTF-8 bytes), written by
+    one thread; past `MAX_NAMES` names, counted under ``"(other)"``."""
+
+    __slots__ = ()
+
+    def add(self, name: str | bytes, count: int) -> None:
+        """Count ``count`` messages under ``name``."""
+        try:
+            self[name] += count
+        except KeyError:
+            if len(self) >= MAX_NAMES:
+                name = OTHER
+            self[name] = self.get(name, 0) + count
+
+
 class Stats:
     """Mutable counters. ``stats.pattern["pipeline"]["sent"] += n`` from the counter's one
     writer thread; ``stats.add("request", "sent")`` where several threads write."""
@@ -40,7 +56,7 @@ class Stats:
         self.membership: defaultdict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
         self._shared: dict[tuple[str, str], int] = {}
-        self._names: dict[tuple[str, str], dict[str | bytes, int]] = {}
+        self._names: dict[tuple[str, str], NameCounts] = {}
         self._latency: dict[str, list[float]] = {}  # service -> per-bucket counts, then sum, count
 
     def add(self, pattern: str, counter: str, count: int = 1) -> None:
@@ -54,14 +70,20 @@ class Stats:
         with self._lock:
             self.rejected[reason] += count
 
-    def count_name(self, pattern: str, direction: str, name: str | bytes, count: int = 1) -> None:
-        """Add ``count`` messages of ``pattern`` sent or received (``direction``) under
-        ``name`` (a topic, queue or service, as text or as its UTF-8 bytes)."""
+    def names(self, pattern: str, direction: str) -> NameCounts:
+        """The counts per name of ``pattern`` messages sent or received (``direction``),
+        for their one writer thread to `NameCounts.add` to."""
         with self._lock:
-            names = self._names.setdefault((pattern, direction), {})
-            if name not in names and len(names) >= MAX_NAMES:
-                name = OTHER
-            names[name] = names.get(name, 0) + count
+            counts = self._names.get((pattern, direction))
+            if counts is None:
+                counts = self._names[(pattern, direction)] = NameCounts()
+            return counts
+
+    def count_name(self, pattern: str, direction: str, name: str | bytes, count: int = 1) -> None:
+        """Add ``count`` messages under ``name`` from any thread (under the lock)."""
+        counts = self.names(pattern, direction)
+        with self._lock:
+            counts.add(name, count)
 
     def observe_request(self, service: str, seconds: float) -> None:
         """Record how long a call of ``service`` took, until its answer."""
@@ -87,9 +109,10 @@ class Stats:
             for (pattern, counter), count in self._shared.items():
                 patterns[pattern][counter] = patterns[pattern].get(counter, 0) + count
             names: dict[str, dict[str, dict[str, int]]] = {}
-            for (pattern, direction), counts in self._names.items():
+            for (pattern, direction), counts in list(self._names.items()):
+                copied = counts.copy()  # (one C call: safe while its writer thread adds)
                 names.setdefault(pattern, {})[direction] = {
-                    (n.decode("utf-8", "replace") if isinstance(n, bytes) else n): c for n, c in counts.items()}
+                    (n.decode("utf-8", "replace") if isinstance(n, bytes) else n): c for n, c in copied.items()}
             latency = {service: {"buckets": [[bound, int(c)] for bound, c in zip((*LATENCY_BOUNDS, "+Inf"), b)],
                                  "sum": b[-2], "count": int(b[-1])}
                        for service, b in self._latency.items()}

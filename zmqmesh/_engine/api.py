@@ -442,7 +442,7 @@ class NodeBase:
                             ) -> tuple[tuple[bytes, bytes], deque[Any]]:
         """``(topic, body)`` and the publish queue. Raises `NodeClosedError`, `TypeError`,
         `MessageTooLargeError`, `ValueError` for a bad topic or headers."""
-        active = tracing.tracer()
+        active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "publish", topic, headers)
         body = self._encode(data, headers)
@@ -463,7 +463,7 @@ class NodeBase:
                      timeout: float | None = None) -> tuple[bytes, deque[bytes] | None]:
         """The encoded body, and the send queue of ``queue`` if it takes it right now
         (None when the socket, a puller or room is missing: then `_push_plan` waits)."""
-        active = tracing.tracer()
+        active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
         body = self._encode(data, headers)
@@ -489,7 +489,7 @@ class NodeBase:
         if engine.durable is None:
             raise ConfigError("durable=True needs a store: Node(..., store='path/dir')")
         check_name("queue", queue)
-        active = tracing.tracer()
+        active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
         encode = engine.codec.encode
@@ -555,7 +555,7 @@ class NodeBase:
             if offered and all(i in blocked for i in offered):
                 engine.stats.reject("call_cycle")
                 raise ConfigError(self._cycle_message(service, chain, offered))
-        active = tracing.tracer() if not service.startswith("\x00") else None
+        active = tracing.active if not service.startswith("\x00") else None
         span = None
         if active is not None:
             span = tracing.send_span(active, "request", service, "CLIENT")

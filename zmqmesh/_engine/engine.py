@@ -49,6 +49,7 @@ from .._membership.peer import PeerState
 from .._mesh.directory import Directory, Provider
 from .._mesh.registry import Registry
 from .._mesh.waiters import Space, Waiters
+from .._observe import tracing
 from .._observe.prometheus import MetricsServer
 from .._patterns.calls import Call
 from .._patterns.durable import DurableQueues
@@ -164,6 +165,7 @@ class Engine:
         self.loop = loop
         self.loop_thread = threading.get_ident()
         cfg = self.config
+        tracing.refresh()  # traces on if a tracer provider is set by now
         if cfg.metrics_port is not None:  # first: a port in use fails the start before any socket
             self.metrics = MetricsServer(lambda: [self.describe()], cfg.metrics_address, cfg.metrics_port)
         if cfg.interface:

@@ -2,7 +2,7 @@
 trace context carried in the message headers (W3C ``traceparent``, ``tracestate``).
 
 Active when ``opentelemetry-api`` is installed (the ``otel`` extra) and a tracer provider
-is set; otherwise every function here returns at once, and nothing is added to messages.
+was set when a node started; otherwise `active` is None, and nothing is added to messages.
 The context is injected and extracted with OpenTelemetry's global propagator (W3C trace
 context by default), so a request that crosses three nodes is one trace.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["tracer", "send_span", "inject", "handler_span", "end_handler_span", "HandlerSpan"]
+__all__ = ["active", "refresh", "send_span", "inject", "handler_span", "end_handler_span", "HandlerSpan"]
 
 _otel: Any = None  # the opentelemetry modules once looked for; False when not installed
 _KINDS = {"pubsub": ("receive", "CONSUMER"), "pipeline": ("process", "CONSUMER"), "service": ("serve", "SERVER")}
@@ -30,17 +30,25 @@ def _modules() -> Any:
     return _otel
 
 
-def tracer() -> Any | None:
-    """The zmqmesh tracer, or None when there is nothing to trace to (no
-    ``opentelemetry-api``, or no tracer provider set)."""
+active: Any = None
+"""The zmqmesh tracer while traces are on (see `refresh`), else None: read on every send
+and handler run, so it costs them one attribute lookup."""
+
+
+def refresh() -> Any | None:
+    """Look for a tracer provider (when a node starts) and set `active`: the zmqmesh
+    tracer, or None when there is nothing to trace to (no ``opentelemetry-api``, or no
+    tracer provider set)."""
+    global active
     modules = _modules()
-    if not modules:
-        return None
-    trace = modules[0]
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
-        return None
-    return provider.get_tracer("zmqmesh")
+    found = None
+    if modules:
+        trace = modules[0]
+        provider = trace.get_tracer_provider()
+        if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+            found = provider.get_tracer("zmqmesh")
+    active = found
+    return found
 
 
 def send_span(active: Any, operation: str, name: str, kind: str) -> Any:

@@ -133,7 +133,7 @@ def serve_as(call: Call) -> Serving:
     """Mark the current context as serving ``call`` (and, when traces are on, start its
     span, current until `served`); give the token back to `served`."""
     chain = _SERVING.set(call.arg.via) if call.pattern == "service" else None
-    active = tracing.tracer()
+    active = tracing.active
     if active is None:
         return chain
     return _Traced(chain, tracing.handler_span(active, call.pattern, call.arg))

@@ -81,6 +81,7 @@ class Dispatcher:
         self.directory = directory
         self.codec = codec
         self.stats = stats
+        self._received_names = {p: stats.names(p, "received") for p in ("pubsub", "pipeline", "service")}
         self.describe = describe
         self.sub = sub
         self.pull = pull
@@ -245,7 +246,7 @@ class Dispatcher:
         sender_id = sender_uuid.hex() if sender_uuid is not None else None
         items = self.codec.decode_batch(body)
         counters["received"] += len(items)
-        stats.count_name(pattern, "received", name_b, len(items))
+        self._received_names[pattern].add(name_b, len(items))
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids
         if known:
@@ -272,7 +273,7 @@ class Dispatcher:
                 return
             origin = self._origin(kind, frames, sender_id, None, topic, len(items))
         lookup = self.directory.lookup_peer
-        if self.runs_in_place(handlers) and tracing.tracer() is None:
+        if self.runs_in_place(handlers) and tracing.active is None:
             # the hot path: call the handlers right here, no Call objects, no hand-off (and no
             # spans: with traces on, each run goes through serve_as like any other)
             errors = 0
@@ -378,7 +379,7 @@ class Dispatcher:
             return
         handler = self.registry.services.get(service)
         counters["received"] += 1
-        self.stats.count_name("service", "received", service_b)
+        self._received_names["service"].add(service_b, 1)
         if handler is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return

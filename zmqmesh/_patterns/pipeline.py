@@ -45,6 +45,7 @@ class Pusher:
         self.loop = loop
         self.config = config
         self.stats = stats
+        self._sent_names = stats.names("pipeline", "sent")  # (written on the loop only)
         self.uuid = uuid
         self.directory = directory
         self.connect = connect
@@ -149,7 +150,7 @@ class Pusher:
                 return True
             self._sequence += n
             counters["sent"] += n
-            self.stats.count_name("pipeline", "sent", name, n)
+            self._sent_names.add(name, n)
         return False
 
     def close(self, linger_ms: int) -> None:

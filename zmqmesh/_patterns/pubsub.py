@@ -78,6 +78,7 @@ class Publisher:
                  own_prefixes: Callable[[], Any], history: History | None = None) -> None:
         self.loop = loop
         self.stats = stats
+        self._sent_names = stats.names("pubsub", "sent")  # (written on the loop only)
         self.uuid = uuid
         self.xpub = xpub
         self.directory = directory
@@ -192,7 +193,7 @@ class Publisher:
         else:
             sent = count if here or elsewhere else 0
         if sent:
-            self.stats.count_name("pubsub", "sent", frames[0], sent)
+            self._sent_names.add(frames[0], sent)
         return sent
 
     def _route(self, topic: bytes) -> tuple[bool, bool]:

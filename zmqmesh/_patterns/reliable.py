@@ -97,6 +97,7 @@ class ReliableSender:
         self.ctx = ctx
         self.loop = loop
         self.stats = stats
+        self._sent_names = stats.names("pipeline", "sent")  # (written on the loop only)
         self.uuid = uuid
         self._acker_id = acker_id(uuid, secrets.token_bytes(4))
         self.directory = directory
@@ -177,7 +178,7 @@ class ReliableSender:
                 self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time())
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
                 self.stats.pattern["pipeline"]["sent"] += len(items)
-                self.stats.count_name("pipeline", "sent", queue, len(items))
+                self._sent_names.add(queue, len(items))
                 progress = True
         for puller in pullers:  # sending may have consumed the edge that announces acks
             sock = self.sockets.get(puller)
