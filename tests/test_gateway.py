@@ -177,7 +177,7 @@ def _chrome() -> Any:
 @pytest.mark.timeout(180)
 def test_dashboard_shows_nodes_join_and_leave_live(gateway: str, spawn: Any, mesh: dict[str, Any]) -> None:
     mesh_options = mesh
-    spawn("pricer", subscribe=["prices."], service=["quote"])
+    spawn("pricer", subscribe=["prices."], service=["quote", "boom"])
     browser = _chrome()
     try:
         browser.get(gateway + "/")
@@ -194,9 +194,46 @@ def test_dashboard_shows_nodes_join_and_leave_live(gateway: str, spawn: Any, mes
         for i in range(5):
             spawn(f"extra-{i}", service=[f"svc{i}"])
         wait_until(lambda: browser.find_element(By.ID, "count").text == "8", 20, "every node")
-        ARTIFACTS.mkdir(exist_ok=True)
-        time.sleep(1.5)  # let a counters event arrive so the screenshot shows message rates
-        browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        # traffic from a node of this process: who talks to whom, errors, latency per service
+        import threading
+
+        import zmqmesh
+
+        driver = zmqmesh.Node("driver", mesh=mesh_options["mesh"], beacon_port=mesh_options["beacon_port"]).start()
+        stop = threading.Event()
+
+        def drive() -> None:
+            while not stop.wait(0.02):
+                driver.publish("prices.eur", {"bid": 1.08})
+                driver.request("quote", {"pair": "EURUSD"}, timeout=5)
+                try:
+                    driver.request("boom", 1, timeout=5)
+                except zmqmesh.RemoteError:
+                    pass
+
+        driver.wait_for_service("boom", timeout=10)
+        driver.wait_for_subscribers("prices.", 1, timeout=10)
+        traffic = threading.Thread(target=drive, daemon=True)
+        traffic.start()
+        try:
+            wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, 'line.flow[data-from="driver"][data-to="pricer"]'),
+                       20, "the edge from driver to pricer")
+            label = browser.find_element(By.CSS_SELECTOR, 'text.flow-rate[data-from="driver"][data-to="pricer"]')
+            assert label.text.endswith("/s") and float(label.text[:-2].rstrip("k")) > 0
+            wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#latency tr[data-service="quote"]'), 20,
+                       "the latency of quote")
+            row = browser.find_element(By.CSS_SELECTOR, '#latency tr[data-service="quote"]')
+            assert 0 < float(row.get_attribute("data-ms") or 0) < 5000 and " ms" in row.text
+            pricer_trouble = 'g.node[data-node-name="pricer"] text.trouble'
+            wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, pricer_trouble), 20, "pricer's errors")
+            assert int(browser.find_element(By.CSS_SELECTOR, pricer_trouble).get_attribute("data-errors") or 0) > 0
+            ARTIFACTS.mkdir(exist_ok=True)
+            time.sleep(1.5)  # another counters event: the screenshot shows rates, edges and latency
+            browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        finally:
+            stop.set()
+            traffic.join(10)
+            driver.stop()
         late.kill()
         wait_until(lambda: not shown("late-joiner"), 20, "the killed node to disappear")
         assert "- late-joiner" in browser.find_element(By.ID, "log").text

@@ -20,9 +20,9 @@ __all__ = ["Stats", "PATTERNS"]
 
 PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
 _FIELDS = ("sent", "received", "dropped", "errors")
-MAX_NAMES = 1024
-"""Names counted per pattern and direction (received names come from strangers too);
-past it, their counts go to the name ``"(other)"``."""
+MAX_NAMES = 256
+"""Names counted per pattern and direction (a received topic may be any under a prefix
+subscribed to); past it, their counts go to the name ``"(other)"``."""
 LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                   5.0, 10.0)
 """Upper bounds (seconds) of the request latency histogram's buckets (and +Inf)."""

@@ -9,25 +9,13 @@ context by default), so a request that crosses three nodes is one trace.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 __all__ = ["active", "refresh", "send_span", "inject", "handler_span", "end_handler_span", "HandlerSpan"]
 
-_otel: Any = None  # the opentelemetry modules once looked for; False when not installed
+_otel: Any = None  # the opentelemetry modules once traces are on
 _KINDS = {"pubsub": ("receive", "CONSUMER"), "pipeline": ("process", "CONSUMER"), "service": ("serve", "SERVER")}
-
-
-def _modules() -> Any:
-    global _otel
-    if _otel is None:
-        try:
-            from opentelemetry import context, propagate, trace
-            from opentelemetry.trace import Status, StatusCode
-        except ImportError:
-            _otel = False
-        else:
-            _otel = (trace, propagate, context, Status, StatusCode)
-    return _otel
 
 
 active: Any = None
@@ -37,15 +25,19 @@ and handler run, so it costs them one attribute lookup."""
 
 def refresh() -> Any | None:
     """Look for a tracer provider (when a node starts) and set `active`: the zmqmesh
-    tracer, or None when there is nothing to trace to (no ``opentelemetry-api``, or no
-    tracer provider set)."""
-    global active
-    modules = _modules()
+    tracer, or None when there is nothing to trace to. A program that set a provider has
+    imported ``opentelemetry.trace``; one that has not is left alone (importing it would
+    load asyncio and ssl into every node process)."""
+    global active, _otel
+    trace = sys.modules.get("opentelemetry.trace")
     found = None
-    if modules:
-        trace = modules[0]
+    if trace is not None:
         provider = trace.get_tracer_provider()
         if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+            from opentelemetry import context, propagate
+            from opentelemetry.trace import Status, StatusCode
+
+            _otel = (trace, propagate, context, Status, StatusCode)
             found = provider.get_tracer("zmqmesh")
     active = found
     return found

@@ -40,7 +40,7 @@ from .._store.sqlite import Entry, Store
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..config import NodeConfig
-from ..errors import DecodeError
+from ..errors import DecodeError, MessageTooLargeError
 from ..message import Message, Origin
 from .calls import BatchAck, Call, CursorMark
 from .history import History
@@ -246,7 +246,6 @@ class Dispatcher:
         sender_id = sender_uuid.hex() if sender_uuid is not None else None
         items = self.codec.decode_batch(body)
         counters["received"] += len(items)
-        self._received_names[pattern].add(name_b, len(items))
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids
         if known:
@@ -257,6 +256,7 @@ class Dispatcher:
                 if lost:
                     counters["dropped"] += lost  # lost at a high-water mark
             topic, handlers = self._topic_handlers(name_b)
+            self._received_names[pattern].add(name_b, len(items))
             origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
             if self.registry.replays:
                 subscriptions = self.replays.matching(topic)
@@ -271,6 +271,7 @@ class Dispatcher:
                 stats.reject("pipeline_no_handler", len(items))
                 log.warning("%d message(s) for queue %r which this node no longer pulls", len(items), topic)
                 return
+            self._received_names[pattern].add(name_b, len(items))
             origin = self._origin(kind, frames, sender_id, None, topic, len(items))
         lookup = self.directory.lookup_peer
         if self.runs_in_place(handlers) and tracing.active is None:
@@ -372,14 +373,23 @@ class Dispatcher:
             return
         if service == wire.STATS_SERVICE:  # built in: every node reports its counters
             try:
-                self.send_reply(route, wire.STATUS_OK, self.codec.encode(self.describe()))
-            except (TypeError, ValueError) as exc:
+                described = self.describe()
+                try:
+                    body = self.codec.encode(described)
+                except MessageTooLargeError:  # more names than a message holds: the rest still goes
+                    described["names"], described["names_omitted"] = {}, True
+                    body = self.codec.encode(described)
+                self.send_reply(route, wire.STATUS_OK, body)
+            except (TypeError, ValueError, MessageTooLargeError) as exc:
                 info = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
                 self.send_reply(route, wire.STATUS_ERROR, self.codec.encode(info))
             return
         handler = self.registry.services.get(service)
         counters["received"] += 1
-        self._received_names["service"].add(service_b, 1)
+        if handler is not None:
+            self._received_names["service"].add(service_b, 1)
+        if sender_id is not None and sender_id in self.directory.alive_ids:  # (members only, as for streams)
+            self.stats.peer_received[sender_id] += 1
         if handler is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return

@@ -7,7 +7,7 @@ The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
     POST /publish/{topic}     JSON body; 202 once handed to the mesh
     POST /push/{queue}        JSON body; 202 once handed to the mesh
     GET  /peers               the membership as JSON
-    GET  /events              Server-Sent Events: joins, leaves, per-node counters
+    GET  /events              Server-Sent Events: joins, leaves, per-node counters, edges, latencies
     GET  /metrics             every node's counters for Prometheus (the ``metrics`` extra)
     GET  /                    the dashboard (one self-contained page, no CDN)
 
@@ -315,9 +315,18 @@ class Gateway:
             await asyncio.sleep(_STATS_INTERVAL_S)
             if not self.listeners:
                 continue
-            stats = {snap["id"]: {k: snap[k] for k in ("pubsub", "pipeline", "request", "service", "zre")}
-                     for snap in await self.mesh_stats()}
+            stats = {snap["id"]: _dashboard_view(snap) for snap in await self.mesh_stats()}
             self.broadcast("stats", {"time": time.time(), "nodes": stats})
+
+
+def _dashboard_view(snap: dict[str, Any]) -> dict[str, Any]:
+    """What the dashboard draws of a node's counters: the patterns' counters, what it
+    received from each peer (the edges), its rejects, and the latency of what it called."""
+    view = {k: snap[k] for k in ("pubsub", "pipeline", "request", "service", "zre")}
+    view["from"] = {peer: counts.get("received", 0) for peer, counts in (snap.get("peers") or {}).items()}
+    view["rejected"] = sum((snap.get("rejected") or {}).values())
+    view["latency"] = {service: [h["sum"], h["count"]] for service, h in (snap.get("latency") or {}).items()}
+    return view
 
 
 class _BadRequest(Exception):
