@@ -24,7 +24,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 
@@ -43,19 +42,17 @@ def _ledger(path: str) -> sqlite3.Connection:
 
 def run_role(role: str, directory: str, count: int) -> None:
     """Serve one role until SIGTERM; every role keeps its state under ``directory``."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     node = zmqmesh.Node(role, store=os.path.join(directory, f"{role}-store"))
     if role == "frontdesk":
         progress = os.path.join(directory, "frontdesk-progress")
-        with node:
-            first = int(open(progress).read() or 0) if os.path.exists(progress) else 0
-            for order in range(first, count):
-                node.push("orders", {"order": order, "item": "book", "amount": 12.5}, durable=True)
-                with open(progress, "w") as f:  # a restart goes on from here
-                    f.write(str(order + 1))
-            print("frontdesk: all orders taken", flush=True)
-            stop.wait()
+        node.start()
+        first = int(open(progress).read() or 0) if os.path.exists(progress) else 0
+        for order in range(first, count):  # (killed in here, it goes on from its progress file)
+            node.push("orders", {"order": order, "item": "book", "amount": 12.5}, durable=True)
+            with open(progress, "w") as f:
+                f.write(str(order + 1))
+        print("frontdesk: all orders taken", flush=True)
+        node.run_forever()  # until SIGTERM or Ctrl-C, then a clean stop
         return
     ledger = _ledger(os.path.join(directory, f"{role}-ledger.db"))
 
@@ -76,8 +73,7 @@ def run_role(role: str, directory: str, count: int) -> None:
         def ship(msg: zmqmesh.Message) -> None:
             record(msg.data["order"])
 
-    with node:
-        stop.wait()
+    node.run_forever()
 
 
 def _count(path: str, table: str) -> int:

@@ -339,3 +339,18 @@ def test_a_call_cycle_between_two_nodes_fails_at_once_naming_the_option(mesh: di
         client.wait_for_service("straight")
         a.wait_for_service("end")
         assert client.request("straight", None, timeout=30) == "done"
+
+
+def test_a_wait_that_times_out_says_what_was_awaited_where_and_what_was_found(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("lonely", **mesh) as node:
+        with pytest.raises(zmqmesh.MeshTimeoutError) as caught:
+            node.wait_for_peers(1, timeout=0.3)
+        text = str(caught.value)
+        assert "1 peer(s)" in text and f"mesh {mesh['mesh']!r}" in text and "0 peers known" in text
+        assert f"beacons on 127.255.255.255:{mesh['beacon_port']}" in text
+        with pytest.raises(zmqmesh.NoProviderError, match=f"in mesh {mesh['mesh']!r}|offers the service"):
+            node.request("nobody-offers-this", 1, timeout=0.3)
+        assert repr(node) == f"<Node 'lonely' id={node.id[:8]} running>"
+    seeded = zmqmesh.Node("seeded", **{**mesh, "discovery": False, "seeds": ("tcp://127.0.0.1:1",)})
+    with seeded, pytest.raises(zmqmesh.MeshTimeoutError, match=r"beacons off, seeds tcp://127\.0\.0\.1:1\)"):
+        seeded.wait_for_peers(1, timeout=0.2)
