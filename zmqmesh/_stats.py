@@ -5,8 +5,9 @@ Each counter in `Stats.pattern` is written by one thread only: the event loop's 
 outbound sockets, membership, the requests of coroutines) or the inbox's (what arrives).
 Those are plain ``+=`` on the hot paths. What other threads count (the requests of the
 sync `Node`'s calling threads, rejects) goes through `Stats.add` and `Stats.reject`, which
-take a lock, into counters of their own; `snapshot` adds the two up. Counts per name
-and latencies are taken per frame or per call (never per message), under the lock.
+take a lock, into counters of their own; `snapshot` adds the two up. Counts per name go
+to a `NameCounts` per pattern and direction, added to per frame by its one writer thread
+(or under the lock, from callers' threads); latencies are recorded per call, under the lock.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class Stats:
         self.peer_received.pop(peer_id, None)
 
     def snapshot(self) -> dict[str, Any]:
-        """A plain-dict copy: ``{pattern: {sent, received, dropped, errors}, peers, rejected, membership}``."""
+        """A plain-dict copy: ``{pattern: {sent, received, dropped, errors, ...}, peers,
+        rejected, membership, names, latency}`` (safe to take from any thread)."""
         with self._lock:
             patterns = {p: dict(c) for p, c in self.pattern.items()}
             for (pattern, counter), count in self._shared.items():

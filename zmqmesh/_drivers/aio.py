@@ -26,7 +26,7 @@ import zmq
 
 from .._engine.api import OnLoop, Plan, advance, fetch_plan
 from .._engine.engine import Engine
-from .._engine.stop import AFTER_LOOP, INBOX, ON_LOOP, stop_plan
+from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.sockets import close_watched, has_input, recv_frames, send_frames
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
@@ -475,6 +475,8 @@ async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
                 value = step.fn(*step.args)
             elif step.where == INBOX:
                 await inbox.stop(*step.args)
+            elif step.where == CALLER:  # (it blocks: never on the loop)
+                await asyncio.get_running_loop().run_in_executor(None, step.fn)
             elif step.where == AFTER_LOOP:
                 bound = engine.config.linger_s + 1  # the lingers were set within linger_s
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, step.fn), bound)

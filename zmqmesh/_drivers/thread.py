@@ -30,7 +30,7 @@ import zmq
 
 from .._engine.api import OnLoop, Plan, advance, fetch_plan
 from .._engine.engine import Engine
-from .._engine.stop import AFTER_LOOP, INBOX, ON_LOOP, stop_plan
+from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.reactor import Reactor, run_on
 from .._io.sockets import new_socket, recv_frames, send_frames
 from .._mesh.directory import Provider
@@ -509,6 +509,8 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
                 value = run_on(loop, step.fn, *step.args, timeout=step_timeout)
             elif step.where == INBOX:
                 inbox.stop(*step.args)
+            elif step.where == CALLER:
+                step.fn()
             elif step.where == AFTER_LOOP:
                 loop_ended = True
                 _end_loop(loop, thread, timeout)

@@ -555,6 +555,8 @@ class NodeBase:
             if offered and all(i in blocked for i in offered):
                 engine.stats.reject("call_cycle")
                 raise ConfigError(self._cycle_message(service, chain, offered))
+        if headers:
+            headers = check_headers(headers)  # (before a span: a bad header raises here, no span begun)
         active = tracing.active if not service.startswith("\x00") else None
         span = None
         if active is not None:
@@ -562,7 +564,7 @@ class NodeBase:
             headers = tracing.inject(span, headers)
         meta = None
         if headers or chain:  # (the chain travels on: the provider's own calls must avoid these nodes too)
-            meta = engine.codec.encode({"h": check_headers(headers) if headers else {}, "t": time.time(),
+            meta = engine.codec.encode({"h": headers or {}, "t": time.time(),
                                         **({"v": list(chain)} if chain else {})})
         plan = request_plan(engine.directory, engine.codec, service, service_b, body, deadline, only, meta,
                             engine.stats, blocked)

@@ -166,8 +166,6 @@ class Engine:
         self.loop_thread = threading.get_ident()
         cfg = self.config
         tracing.refresh()  # traces on if a tracer provider is set by now
-        if cfg.metrics_port is not None:  # first: a port in use fails the start before any socket
-            self.metrics = MetricsServer(lambda: [self.describe()], cfg.metrics_address, cfg.metrics_port)
         if cfg.interface:
             address, broadcast = interface_addresses(cfg.interface)
         else:
@@ -188,6 +186,13 @@ class Engine:
             for queue, options in self.registry.pull_options.items():
                 if options.dedupe:  # the window stays bounded however often the node restarts
                     self.store.trim_handled(queue, options.dedupe_window)
+        if cfg.metrics_port is not None:  # before any socket: a port in use fails the start cleanly
+            try:
+                self.metrics = MetricsServer(lambda: [self.describe()], cfg.metrics_address, cfg.metrics_port)
+            except Exception:
+                if self.store is not None:
+                    self.store.close()
+                raise
         self.ctx = zmq.Context(io_threads=1)
         try:
             if self.keys is not None:  # the ZAP handler must exist before any socket binds
@@ -383,11 +388,13 @@ class Engine:
         if self._zap is not None:
             self._zap.close()
 
-    def destroy_context(self) -> None:
-        """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above),
-        and stop serving metrics."""
+    def close_metrics(self) -> None:
+        """Stop serving metrics (blocks up to half a second: never on the loop)."""
         if self.metrics is not None:
             self.metrics.close()
+
+    def destroy_context(self) -> None:
+        """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above)."""
         self.ctx.destroy(0)
         if self.store is not None:
             self.store.close()

@@ -3,7 +3,8 @@
 The order: refuse new work, drain, say goodbye (while the handlers finish what already
 arrived), stop the handlers, close the sockets, terminate the context:
 
-1. ``begin_stop`` (loop): refuse new work; None if the node was not running.
+1. ``begin_stop`` (loop): refuse new work; None if the node was not running; then
+   ``close_metrics`` (by the caller, needing no loop): stop serving metrics.
 2. ``send_queued`` (loop), with a short pause between rounds: drain the send queues
    until they are empty or ``linger_s`` has passed; then ``hand_over`` the durable
    messages still stored to the keepers of their queues, within the same deadline.
@@ -23,9 +24,10 @@ from typing import Any, NamedTuple
 
 from .engine import Engine
 
-__all__ = ["StopStep", "stop_plan", "ON_LOOP", "INBOX", "AFTER_LOOP", "PAUSE_S"]
+__all__ = ["StopStep", "stop_plan", "ON_LOOP", "CALLER", "INBOX", "AFTER_LOOP", "PAUSE_S"]
 
 ON_LOOP = "on the loop"
+CALLER = "by the caller"
 INBOX = "the inbox"
 AFTER_LOOP = "after the loop"
 PAUSE = "pause"
@@ -47,6 +49,7 @@ def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
     deadline = yield StopStep("starting the stop", ON_LOOP, engine.begin_stop, (timeout,))
     if deadline is None:
         return
+    yield StopStep("stopping the metrics server", CALLER, engine.close_metrics)
     while (yield StopStep("sending what is queued", ON_LOOP, engine.send_queued, (deadline,))):
         yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
     while (yield StopStep("handing durable messages to keepers", ON_LOOP, engine.hand_over, (deadline,))):

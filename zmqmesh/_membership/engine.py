@@ -303,16 +303,21 @@ class Membership:
 
     def _make_room(self) -> bool:
         """Room for one more peer: past `MAX_UNPROVEN_PEERS` not yet proven (or `MAX_PEERS`
-        in all), the oldest unproven peer makes way, one whose link never came up first.
-        A real peer proves itself within a round trip, so strangers crowd out only each
-        other. False (counted) when every peer is proven and there are `MAX_PEERS`."""
+        in all), the oldest unproven peer makes way: first one that never answered our
+        greeting and whose link never came up, then one that never answered, then one whose
+        link never came up, then any. A real peer proves itself within a round trip, so
+        strangers crowd out only each other. False (counted) when every peer is proven and
+        there are `MAX_PEERS`."""
         unproven = [p for p in self.peers.values() if not p.proven]
         if len(unproven) < MAX_UNPROVEN_PEERS and len(self.peers) < MAX_PEERS:
             return True
         if not unproven:
             self.stats.reject("too_many_peers")
             return False
-        victim = next((p for p in unproven if not p.link_up), unproven[0])
+        victim = (next((p for p in unproven if not p.ready and not p.link_up), None)
+                  or next((p for p in unproven if not p.ready), None)
+                  or next((p for p in unproven if not p.link_up), None)
+                  or unproven[0])
         self.stats.reject("unproven_peer_evicted")
         self._drop(victim, "made way: it never answered at its endpoint")
         return True
@@ -479,6 +484,9 @@ class Membership:
             self.links.close(peer)
             peer.endpoint = msg.endpoint
             self.links.open(peer, self._hello())
+            if not peer.proven:  # (what it owed on the old link is lost with it)
+                peer.pings_out = 0
+                self._ping(peer)
         peer.in_sequence = msg.sequence
         peer.name = msg.name
         peer.headers = dict(msg.headers)

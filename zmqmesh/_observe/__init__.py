@@ -1,1 +1,2 @@
-"""Observability: Prometheus metrics (and, later, traces) made from what a node counts."""
+"""Observability: Prometheus metric families and OpenTelemetry spans, made from what a node
+counts and does."""

@@ -1,8 +1,9 @@
 """Prometheus metrics: nodes' counters and gauges as metric families, made at each scrape.
 
 Nothing is counted twice: the families are made from what `Node.stats()` (or the built-in
-``\\x00stats`` service) reports, when Prometheus asks, so a node nobody scrapes pays
-nothing. ``prometheus_client`` (the ``metrics`` extra) is imported on first use only.
+``\\x00stats`` service) reports, when Prometheus asks; what a node counts anyway (a
+dictionary update per frame or call) is all it pays between scrapes.
+``prometheus_client`` (the ``metrics`` extra) is imported on first use only.
 
 Every family carries the labels ``node`` (name) and ``node_id``, so one scrape can hold
 several nodes (the gateway serves the whole mesh's).

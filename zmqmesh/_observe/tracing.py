@@ -2,7 +2,8 @@
 trace context carried in the message headers (W3C ``traceparent``, ``tracestate``).
 
 Active when ``opentelemetry-api`` is installed (the ``otel`` extra) and a tracer provider
-was set when a node started; otherwise `active` is None, and nothing is added to messages.
+was set when a node of the process last started (`active` is one setting per process, as
+OpenTelemetry's provider is); otherwise `active` is None and nothing is added to messages.
 The context is injected and extracted with OpenTelemetry's global propagator (W3C trace
 context by default), so a request that crosses three nodes is one trace.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any, NamedTuple
 
-__all__ = ["active", "refresh", "send_span", "inject", "handler_span", "end_handler_span", "HandlerSpan"]
+__all__ = ["active", "refresh", "send_span", "inject", "fail", "handler_span", "end_handler_span", "HandlerSpan"]
 
 _otel: Any = None  # the opentelemetry modules once traces are on
 _KINDS = {"pubsub": ("receive", "CONSUMER"), "pipeline": ("process", "CONSUMER"), "service": ("serve", "SERVER")}

@@ -271,7 +271,7 @@ class Dispatcher:
                 stats.reject("pipeline_no_handler", len(items))
                 log.warning("%d message(s) for queue %r which this node no longer pulls", len(items), topic)
                 return
-            self._received_names[pattern].add(name_b, len(items))
+            self._received_names[pattern].add(topic, len(items))  # (by name, as at-least-once counts)
             origin = self._origin(kind, frames, sender_id, None, topic, len(items))
         lookup = self.directory.lookup_peer
         if self.runs_in_place(handlers) and tracing.active is None:
@@ -380,7 +380,7 @@ class Dispatcher:
                     described["names"], described["names_omitted"] = {}, True
                     body = self.codec.encode(described)
                 self.send_reply(route, wire.STATUS_OK, body)
-            except (TypeError, ValueError, MessageTooLargeError) as exc:
+            except Exception as exc:  # the caller must hear of it, never wait out its timeout
                 info = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
                 self.send_reply(route, wire.STATUS_ERROR, self.codec.encode(info))
             return

@@ -43,6 +43,7 @@ class AckedIntake:
         self.directory = directory
         self.codec = codec
         self.stats = stats
+        self._received_names = stats.names("pipeline", "received")  # (the dispatcher's thread, as it)
         self.store = store
         self.keeper = keeper
         self.reply = reply
@@ -61,6 +62,7 @@ class AckedIntake:
         if not all(_valid_item(i) for i in items):
             raise DecodeError("malformed at-least-once batch")
         self.stats.pattern["pipeline"]["received"] += len(items)
+        self._received_names.add(queue, len(items))
         if sender_id is not None:
             self.stats.peer_received[sender_id] += len(items)
         options = self.registry.pull_options.get(queue) or PullOptions(at_least_once=True)

@@ -150,7 +150,7 @@ class Pusher:
                 return True
             self._sequence += n
             counters["sent"] += n
-            self._sent_names.add(name, n)
+            self._sent_names.add(queue, n)
         return False
 
     def close(self, linger_ms: int) -> None:

@@ -115,13 +115,15 @@ class ReliableSender:
         self._timeout_check: Any = None
 
     def pending(self) -> int:
-        """Messages sent but not yet acknowledged, plus those waiting to be resent."""
-        return sum(len(b.items) for b in self.inflight.values()) + sum(len(q) for q in self.redeliver.values())
+        """Messages sent but not yet acknowledged, plus those waiting to be resent (safe to
+        ask from any thread: the loop's tables are copied, in C, before they are read)."""
+        return sum(len(b.items) for b in list(self.inflight.values())) + \
+            sum(len(q) for q in list(self.redeliver.values()))
 
     def pending_in_memory(self) -> int:
         """The part of `pending` that lives only in memory (not in the store)."""
-        inflight = sum(1 for b in self.inflight.values() for i in b.items if isinstance(i, bytes))
-        return inflight + sum(1 for q in self.redeliver.values() for i in q if isinstance(i, bytes))
+        inflight = sum(1 for b in list(self.inflight.values()) for i in b.items if isinstance(i, bytes))
+        return inflight + sum(1 for q in list(self.redeliver.values()) for i in list(q) if isinstance(i, bytes))
 
     def flush(self, queue: str, q: deque[Any], to_keepers: bool = False) -> bool:
         """Deal what is queued to pullers with room in their window; True if some had to wait.
@@ -178,7 +180,7 @@ class ReliableSender:
                 self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time())
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
                 self.stats.pattern["pipeline"]["sent"] += len(items)
-                self._sent_names.add(queue, len(items))
+                self._sent_names.add(queue, len(items))  # (by name, as the pusher counts)
                 progress = True
         for puller in pullers:  # sending may have consumed the edge that announces acks
             sock = self.sockets.get(puller)

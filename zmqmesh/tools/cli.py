@@ -339,14 +339,20 @@ def _request(args: argparse.Namespace) -> int:
     data = _payload(args.data)
     deadline = time.monotonic() + args.timeout
     with _node(args, "zmqmesh-request") as node:
-        try:  # the mesh shows itself within a beacon interval: no need to wait out the timeout
+        try:  # the mesh shows itself within a beacon interval: met, and offering nothing, say so at once
             node.wait_for_service(args.service, timeout=min(max(args.wait, 1.0), args.timeout))
         except MeshTimeoutError:
             peers = node.peers()
-            found = (f"{len(peers)} peer{'' if len(peers) == 1 else 's'} found"
-                     + (f" ({', '.join(sorted(p.name for p in peers))})" if peers else f"; {node.discovery}"))
-            raise CliError(f"no node offers the service {args.service!r} in mesh {node.config.mesh!r}: "
-                           f"{found}") from None
+            if not peers:  # nobody met yet: the mesh may still come, within the timeout
+                try:
+                    node.wait_for_service(args.service, timeout=max(0.0, deadline - time.monotonic()))
+                except MeshTimeoutError:
+                    peers = node.peers()
+            if not node.providers(args.service):
+                found = (f"{len(peers)} peer{'' if len(peers) == 1 else 's'} found"
+                         + (f" ({', '.join(sorted(p.name for p in peers))})" if peers else f"; {node.discovery}"))
+                raise CliError(f"no node offers the service {args.service!r} in mesh {node.config.mesh!r}: "
+                               f"{found}") from None
         reply = node.request(args.service, data, timeout=max(0.001, deadline - time.monotonic()))
     print(dumps(reply))
     return 0
