@@ -96,3 +96,39 @@ def _ok(request: urllib.request.Request) -> bool:
             return response.status == 200
     except urllib.error.HTTPError:
         return False
+
+
+def test_stats_can_be_read_from_any_thread_while_at_least_once_traffic_flows(mesh: dict[str, Any]) -> None:
+    import threading
+
+    got: list[Any] = []
+    errors: list[BaseException] = []
+    with zmqmesh.Node("pusher", **mesh) as a, zmqmesh.Node("puller", **mesh) as b:
+        b.pull("jobs", got.append, at_least_once=True)
+        a.wait_for_pullers("jobs", timeout=10)
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                try:
+                    a.stats()
+                    b.stats()
+                except BaseException as exc:  # noqa: BLE001 - any failure is the finding
+                    errors.append(exc)
+                    return
+
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for reader in readers:
+            reader.start()
+        try:
+            for i in range(20_000):
+                a.push("jobs", i, timeout=10)
+            wait_until(lambda: len(got) == 20_000, 30, "every job")
+        finally:
+            stop.set()
+            for reader in readers:
+                reader.join(10)
+        assert errors == []
+        wait_until(lambda: a.stats()["gauges"]["queued"] == 0, 10, "the acknowledgements")
+        assert b.stats()["names"]["pipeline"]["received"]["jobs"] == 20_000
+        assert a.stats()["names"]["pipeline"]["sent"]["jobs"] == 20_000
