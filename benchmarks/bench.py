@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -186,6 +187,19 @@ def trial_replay(t: Trial, n: int) -> dict[str, Any]:
     return {"delivered_per_s": (n - 1) / elapsed, "elapsed_s": elapsed, "start_to_last_s": got["t_last"] - got["t0"]}
 
 
+def trial_import(t: Trial, module: str) -> dict[str, Any]:
+    """Milliseconds ``import <module>`` takes in a fresh interpreter, as Python reports it
+    (``-X importtime``), with the bytecode cache written first, as an installed package has it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    command = [sys.executable, "-X", "importtime", "-c", f"import {module}"]
+    subprocess.run(command, env=env, capture_output=True, timeout=60, check=True)  # (writes the cache)
+    report = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=True).stderr
+    totals = [int(line.split("|")[1]) for line in report.splitlines() if line.split("|")[-1].strip() == module]
+    if not totals:
+        raise TrialError(f"python -X importtime reported no line for {module}")
+    return {"import_ms": totals[-1] / 1000}
+
+
 def trial_pubsub(t: Trial, impl: str, n: int, nsubs: int, history: bool = False) -> dict[str, Any]:
     """One publisher process and ``nsubs`` subscriber processes (``history``: the publisher
     keeps what it publishes)."""
@@ -294,6 +308,8 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_push(t, "raw", "msgpack", p["burst_n"], p["push_warm"]), 2.0),
         _m("zm_mem_burst", "Node.push burst -> @pull",
            lambda t, p: trial_push(t, "zm", "msgpack", p["burst_n"], p["push_warm"]), 2.0),
+        _m("raw_import", "import zmq", lambda t, p: trial_import(t, "zmq")),
+        _m("zm_import", "import zmqmesh", lambda t, p: trial_import(t, "zmqmesh")),
         _m("raw_mem_outstanding", "zmq.asyncio DEALER, all requests outstanding, one future each",
            lambda t, p: trial_req(t, "raw", "outstanding", p["outstanding_n"], 10, slow_first_s=p["slow_first_s"])),
         _m("zm_mem_outstanding", "AsyncNode.request, all outstanding (gather)",
@@ -342,6 +358,13 @@ def _at_least_100k(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
         return "-"
     rate = statistics.median(r["msgs_per_s"] for r in zm)
     return f"absolute target >= 100 k msgs/s: {'meets' if rate >= 100_000 else 'MISSES'} ({rate / 1e3:.1f} k)"
+
+
+def _at_most_30ms(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
+    if not zm:
+        return "-"
+    ms = statistics.median(r["import_ms"] for r in zm)
+    return f"absolute target <= 30 ms: {'meets' if ms <= 30 else 'MISSES'} ({ms:.1f} ms)"
 
 
 def _burst_extra(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
@@ -412,6 +435,10 @@ SCENARIOS: dict[str, list[Figure]] = {
                "zm_push_durable_tasks", "zm_push_alo_tasks", "msgs_per_s", "msgs/s", True, None),
         Figure("durable/single_vs_memory", "64 B: one thread's durable push, a commit each, vs in memory",
                "zm_push_durable", "zm_push_alo", "msgs_per_s", "msgs/s", True, None),
+    ],
+    "import": [
+        Figure("import", "python -X importtime: import zmqmesh vs import zmq (absolute target <= 30 ms)",
+               "zm_import", "raw_import", "import_ms", "ms", False, None, _at_most_30ms),
     ],
     "mem_burst": [
         Figure("mem_burst/sender", "burst of N x 64 B push: peak RSS of the sender", "zm_mem_burst", "raw_mem_burst", "rss_send_mib", "MiB", False, None, _burst_extra),

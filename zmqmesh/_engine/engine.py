@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -153,7 +152,9 @@ class Engine:
         self._user_groups: set[str] = set()
         self._rebuild_pending = False
         self._zap: ZapHandler | None = None
-        self._dealer_serial = itertools.count(secrets.randbits(32))  # routing ids no stranger can guess
+        # routing ids no stranger can guess (os.urandom: the OS's CSPRNG, which secrets wraps,
+        # without the 4 ms of hashlib that importing secrets costs every process)
+        self._dealer_serial = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
     # -- life cycle ---------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import secrets
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -99,7 +99,7 @@ class ReliableSender:
         self.stats = stats
         self._sent_names = stats.names("pipeline", "sent")  # (written on the loop only)
         self.uuid = uuid
-        self._acker_id = acker_id(uuid, secrets.token_bytes(4))
+        self._acker_id = acker_id(uuid, os.urandom(4))  # (the OS's CSPRNG, as secrets uses)
         self.directory = directory
         self.codec = codec
         self.connect = connect
