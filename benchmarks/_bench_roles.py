@@ -188,9 +188,9 @@ def _counting_handler(warm: int, n: int, is_async: bool) -> tuple[Any, threading
 def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async: bool = False,
             flavor: str = "plain", **_: Any) -> None:
     """zmqmesh puller: sync `Node` with a ``def`` handler, or `AsyncNode` with ``async def``;
-    at-least-once unless ``flavor`` is ``plain``."""
+    at-least-once unless ``flavor`` is ``plain`` or ``many``."""
     handler, warmed, done, times = _counting_handler(warm, n, use_async)
-    at_least_once = flavor != "plain"
+    at_least_once = flavor not in ("plain", "many")
 
     def finish(stats: dict[str, Any], rss_base: int) -> None:
         ctl.send("check", last=times["last"])
@@ -236,6 +236,7 @@ def zm_push(
     """zmqmesh pusher: ``Node.push`` in a loop, or ``await AsyncNode.push`` in a loop;
     ``flavor == "durable"``: ``push(..., durable=True)`` with a store in a temporary directory;
     ``"durable_batch"``: ``push_many(..., durable=True)`` of 256 messages at a time;
+    ``"many"``: ``push_many`` (in memory) of 256 messages at a time;
     ``"durable_tasks"`` (async): `TASKS` tasks each awaiting ``push(..., durable=True)``;
     ``"alo_tasks"``: the same tasks pushing in memory to an at-least-once puller."""
     blob = _large(size) if mode == "large" else b""
@@ -255,10 +256,10 @@ def zm_push(
                 if mode == "large":
                     for _ in range(lo, hi):
                         push(QUEUE, blob)
-                elif flavor == "durable_batch":  # one transaction per 256 messages
+                elif flavor in ("durable_batch", "many"):  # (durable: one transaction per 256 messages)
                     for start in range(lo, hi, 256):
                         node.push_many(QUEUE, [{"id": i, "payload": PAYLOAD} for i in range(start, min(start + 256, hi))],
-                                       durable=True)
+                                       durable=flavor == "durable_batch")
                 else:
                     for i in range(lo, hi):
                         push(QUEUE, {"id": i, "payload": PAYLOAD})

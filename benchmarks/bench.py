@@ -258,6 +258,8 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_push(t, "raw", "bare", p["push_n"], p["push_warm"])),
         _m("zm_push_sync", "Node.push -> @pull (def)",
            lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"])),
+        _m("zm_push_many", "Node.push_many(256 msgs) -> @pull (def)",
+           lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], flavor="many")),
         _m("zm_push_async", "await AsyncNode.push -> @pull (async def)",
            lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], use_async=True)),
         _m("raw_push_64k", "pyzmq PUSH/PULL 64 KiB, copy=False",
@@ -391,6 +393,10 @@ SCENARIOS: dict[str, list[Figure]] = {
     "push_sync": [
         Figure("push_sync/msgpack", "64 B msgpack dict: Node.push -> @pull vs pyzmq+msgpack", "zm_push_sync", "raw_push_msgpack", "msgs_per_s", "msgs/s", True, 0.9, _push_extra),
         Figure("push_sync/bare", "64 B msgpack dict: Node.push -> @pull vs pyzmq bare 64 B", "zm_push_sync", "raw_push_bare", "msgs_per_s", "msgs/s", True, 1.0),
+    ],
+    "push_many": [
+        Figure("push_many/bare", "64 B msgpack dicts: Node.push_many(256) -> @pull vs pyzmq bare 64 B single sends",
+               "zm_push_many", "raw_push_bare", "msgs_per_s", "msgs/s", True, 2.0),
     ],
     "push_async": [
         Figure("push_async/msgpack", "64 B: await AsyncNode.push -> async handler vs pyzmq+msgpack", "zm_push_async", "raw_push_msgpack", "msgs_per_s", "msgs/s", True, 0.9, _push_extra),

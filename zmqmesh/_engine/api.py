@@ -467,13 +467,39 @@ class NodeBase:
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
         body = self._encode(data, headers)
+        return body, self._push_queue(queue, timeout)
+
+    def _push_queue(self, queue: str, timeout: float | None) -> deque[bytes] | None:
+        """The send queue of ``queue`` if it takes messages right now; None when the socket,
+        a puller or room is missing (then `_push_plan` waits). Raises `ConfigError` for a
+        bad ``timeout``."""
         engine = self._engine
         if timeout is not None:
             check_timeout(timeout)
         q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
-            return body, None
-        return body, q
+            return None
+        return q
+
+    def _encode_many(self, operation: str, name: str, items: Iterable[Any], headers: dict[str, str] | None,
+                     ) -> list[Any]:
+        """Every item encoded (carrying ``headers``, and the trace context of one span for
+        them all) before any is sent: one that cannot be encoded fails the call, and
+        nothing of it is sent. Raises as `_encode` does."""
+        active = tracing.active
+        if active is not None:
+            headers = _sent_traced(active, operation, name, headers)
+        encode = self._encode
+        return [encode(data, headers) for data in items]
+
+    def _encode_publications(self, topic: str, items: Iterable[Any], headers: dict[str, str] | None,
+                             ) -> tuple[list[tuple[bytes, Any]], deque[Any]]:
+        """``(topic, body)`` of every item, and the publish queue (see `_encode_many`)."""
+        bodies = self._encode_many("publish", topic, items, headers)
+        name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
+        if not bodies:  # (nothing encoded: the node may not even run)
+            return [], deque()
+        return [(name, body) for body in bodies], self._engine.publisher.queue  # type: ignore[union-attr]
 
     def _durable_ticket(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> Ticket | None:
         """Durable messages encoded for the store, as one call to commit (None for no

@@ -1,0 +1,65 @@
+"""push_many and publish_many: every item delivered in order, encoded before any is sent
+(one bad item fails the call and sends nothing), on both node kinds."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from helpers import wait_until
+
+import zmqmesh
+
+pytestmark = pytest.mark.timeout(60)
+
+N = 25_000  # past send_queue_max (10,000): the calls wait for room as they go
+
+
+def test_push_many_and_publish_many_deliver_everything_in_order(mesh: dict[str, Any]) -> None:
+    pulled: list[Any] = []
+    heard: list[Any] = []
+    with zmqmesh.Node("sender", **mesh) as sender, zmqmesh.Node("receiver", **mesh) as receiver:
+        receiver.pull("jobs", lambda msg: pulled.append(msg.data))
+        receiver.subscribe("t.", lambda msg: heard.append(msg.data))
+        sender.wait_for_pullers("jobs", timeout=10)
+        sender.wait_for_subscribers("t.", 1, timeout=10)
+        sender.push_many("jobs", ({"i": i} for i in range(N)), timeout=10)
+        sender.publish_many("t.x", range(N))
+        wait_until(lambda: len(pulled) == N and len(heard) == N, 30, "every item")
+        assert [m["i"] for m in pulled] == list(range(N))
+        assert heard == list(range(N))
+        # one item msgpack cannot encode: the call fails, and nothing of it is sent
+        with pytest.raises(TypeError):
+            sender.push_many("jobs", [1, 2, object(), 4], timeout=10)
+        with pytest.raises(TypeError):
+            sender.publish_many("t.x", [1, object()])
+        sender.push_many("jobs", ["after"], timeout=10)
+        sender.publish_many("t.x", ["after"], headers={"k": "v"})
+        wait_until(lambda: pulled[-1] == "after" and heard[-1] == "after", 10, "the markers")
+        assert len(pulled) == N + 1 and len(heard) == N + 1
+        sender.push_many("jobs", [], timeout=10)  # nothing to do, at once
+        sender.publish_many("t.x", [])
+
+
+def test_the_async_twins_do_the_same(mesh: dict[str, Any]) -> None:
+    pulled: list[Any] = []
+    heard: list[Any] = []
+
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("sender", **mesh) as sender, zmqmesh.AsyncNode("receiver", **mesh) as receiver:
+            receiver.pull("jobs", lambda msg: pulled.append(msg.data))
+            receiver.subscribe("t.", lambda msg: heard.append(msg.data))
+            await sender.wait_for_pullers("jobs", timeout=10)
+            await sender.wait_for_subscribers("t.", 1, timeout=10)
+            await sender.push_many("jobs", range(N), timeout=10)
+            await sender.publish_many("t.x", range(N))
+            with pytest.raises(TypeError):
+                await sender.push_many("jobs", [object()], timeout=10)
+            for _ in range(3000):
+                if len(pulled) == N and len(heard) == N:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert pulled == list(range(N)) and heard == list(range(N))
