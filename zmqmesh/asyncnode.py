@@ -145,31 +145,12 @@ class AsyncNode(NodeBase):
         if durable:
             await self._commit_durable(queue, items, headers)
             return
-        bodies = self._encode_many("push", queue, items, headers)
-        limit = self.config.send_queue_max
-        done = 0
-        while done < len(bodies):
-            q = self._push_queue(queue, timeout)
-            if q is None:
-                q = await self._runner.run(self._push_plan(queue, timeout))
-            room = max(1, limit - len(q))
-            q.extend(bodies[done:done + room])
-            done += room
-            self._engine.outbound.wake()  # type: ignore[union-attr]
+        await self._runner.run(self._push_many_plan(queue, self._encode_many("push", queue, items, headers), timeout))
 
     async def publish_many(self, topic: str, items: Iterable[Any], *, headers: dict[str, str] | None = None) -> None:
         """`publish` each of ``items`` on ``topic``, in order, encoded first (see `Node.publish_many`)."""
         self._check_loop()
-        entries, q = self._encode_publications(topic, items, headers)
-        limit = self.config.send_queue_max
-        done = 0
-        while done < len(entries):
-            if len(q) >= limit:
-                await self._runner.run(self._room_plan(q, self.config.push_timeout_s))
-            room = max(1, limit - len(q))
-            q.extend(entries[done:done + room])
-            done += room
-            self._engine.outbound.wake()  # type: ignore[union-attr]
+        await self._runner.run(self._publish_many_plan(*self._encode_publications(topic, items, headers)))
 
     async def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
         ticket = self._durable_ticket(queue, items, headers)

@@ -525,6 +525,33 @@ class NodeBase:
         entries = [(next_id(), now, packed, encode(data), 0) for data in items]
         return Ticket(queue, entries) if entries else None
 
+    def _push_many_plan(self, queue: str, bodies: list[Any], timeout: float | None) -> Plan:
+        """Queue ``bodies`` on the send queue of ``queue`` as room allows, waiting as `push`
+        does (for the socket, a puller, room). Raises as `_push_plan` does; a timeout
+        part-way leaves the bodies before it queued."""
+        limit = self.config.send_queue_max
+        done = 0
+        while done < len(bodies):
+            q = self._push_queue(queue, timeout)
+            if q is None:
+                q = yield from self._push_plan(queue, timeout)
+            room = max(1, limit - len(q))
+            q.extend(bodies[done:done + room])
+            done += room
+            self._engine.outbound.wake()  # type: ignore[union-attr]
+
+    def _publish_many_plan(self, entries: list[tuple[bytes, Any]], q: deque[Any]) -> Plan:
+        """Queue ``entries`` on the publish queue ``q`` as room allows (back-pressure)."""
+        limit = self.config.send_queue_max
+        done = 0
+        while done < len(entries):
+            if len(q) >= limit:
+                yield from self._room_plan(q, self.config.push_timeout_s)
+            room = max(1, limit - len(q))
+            q.extend(entries[done:done + room])
+            done += room
+            self._engine.outbound.wake()  # type: ignore[union-attr]
+
     def _room_plan(self, q: deque[Any], timeout: float) -> Plan:
         """Wait for room in a full send queue (back-pressure)."""
         yield Room(q, time.monotonic() + timeout)
