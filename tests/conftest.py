@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import NodeProcess, ScriptProcess, free_tcp_port, free_udp_port
+from helpers import NodeProcess, ScriptProcess, free_udp_port, gateway_process
 
 
 @pytest.fixture
@@ -52,20 +49,5 @@ def procs() -> Iterator[list[ScriptProcess]]:
 def gateway(mesh: dict[str, Any]) -> Iterator[str]:
     """A `zmqmesh gateway` process on loopback in this test's mesh; its base URL."""
     pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
-    port = free_tcp_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
-         "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "gateway listening on" in line, line + proc.stdout.read()
-    yield f"http://127.0.0.1:{port}"
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
+    with gateway_process(mesh) as url:
+        yield url

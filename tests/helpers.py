@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,32 @@ def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gateway_process(mesh: dict[str, Any], token: str | None = None) -> Iterator[str]:
+    """A `zmqmesh gateway` process on loopback in ``mesh`` (with ``token`` from the
+    environment, if given): its base URL; stopped (SIGTERM, then killed) on exit."""
+    port = free_tcp_port()
+    env = {**os.environ, **({"ZMQMESH_GATEWAY_TOKEN": token} if token else {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
+         "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        assert "gateway listening on" in line, line + proc.stdout.read()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition") -> object:

@@ -4,7 +4,6 @@ dashboard in headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_tcp_port, wait_until
+from helpers import free_tcp_port, gateway_process, wait_until
 
 pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
 
@@ -140,21 +139,11 @@ def test_public_listen_address_needs_a_token(mesh: dict[str, Any]) -> None:
 
 
 def test_token_is_enforced(mesh: dict[str, Any]) -> None:
-    port = free_tcp_port()
-    env = {**os.environ, "ZMQMESH_GATEWAY_TOKEN": "s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
-                             "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None and "listening" in proc.stdout.readline()
-        url = f"http://127.0.0.1:{port}/peers"
+    with gateway_process(mesh, token="s3cret") as base:
+        url = f"{base}/peers"
         assert call(url)[0] == 401
         assert call(url, headers={"Authorization": "Bearer wrong"})[0] == 401
         assert call(url, headers={"Authorization": "Bearer s3cret"})[0] == 200
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()  # type: ignore[union-attr]
 
 
 def _chrome() -> Any:
@@ -332,29 +321,19 @@ def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[st
 
 @pytest.mark.timeout(120)
 def test_the_dashboard_says_when_it_needs_a_token(mesh: dict[str, Any]) -> None:
-    port = free_tcp_port()
-    env = {**os.environ, "ZMQMESH_GATEWAY_TOKEN": "s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
-                             "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    browser = None
-    try:
-        assert proc.stdout is not None and "listening" in proc.stdout.readline()
+    with gateway_process(mesh, token="s3cret") as base:
         browser = _chrome()
-        from selenium.webdriver.common.by import By
+        try:
+            from selenium.webdriver.common.by import By
 
-        def status() -> str:
-            return str(browser.find_element(By.ID, "status").text)
+            def status() -> str:
+                return str(browser.find_element(By.ID, "status").text)
 
-        browser.get(f"http://127.0.0.1:{port}/")
-        wait_until(lambda: "needs a token" in status(), 20, "the page to ask for a token")
-        browser.get(f"http://127.0.0.1:{port}/?token=wrong")
-        wait_until(lambda: "token in this address is wrong" in status(), 20, "the page to reject its token")
-        browser.get(f"http://127.0.0.1:{port}/?token=s3cret")
-        wait_until(lambda: status() == "live", 20, "the page to go live with the token")
-    finally:
-        if browser is not None:
+            browser.get(f"{base}/")
+            wait_until(lambda: "needs a token" in status(), 20, "the page to ask for a token")
+            browser.get(f"{base}/?token=wrong")
+            wait_until(lambda: "token in this address is wrong" in status(), 20, "the page to reject its token")
+            browser.get(f"{base}/?token=s3cret")
+            wait_until(lambda: status() == "live", 20, "the page to go live with the token")
+        finally:
             browser.quit()
-        proc.terminate()
-        proc.wait(10)
-        proc.stdout.close()  # type: ignore[union-attr]
