@@ -75,16 +75,18 @@ class Stats:
         """The counts per name of ``pattern`` messages sent or received (``direction``),
         for their one writer thread to `NameCounts.add` to."""
         with self._lock:
-            counts = self._names.get((pattern, direction))
-            if counts is None:
-                counts = self._names[(pattern, direction)] = NameCounts()
-            return counts
+            return self._names_of(pattern, direction)
 
     def count_name(self, pattern: str, direction: str, name: str | bytes, count: int = 1) -> None:
         """Add ``count`` messages under ``name`` from any thread (under the lock)."""
-        counts = self.names(pattern, direction)
         with self._lock:
-            counts.add(name, count)
+            self._names_of(pattern, direction).add(name, count)
+
+    def _names_of(self, pattern: str, direction: str) -> NameCounts:
+        counts = self._names.get((pattern, direction))
+        if counts is None:
+            counts = self._names[(pattern, direction)] = NameCounts()
+        return counts
 
     def observe_request(self, service: str, seconds: float) -> None:
         """Record how long a call of ``service`` took, until its answer."""

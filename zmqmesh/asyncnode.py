@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
-from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, stop_async
+from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import NodeBase, as_frames, check_timeout, peer_id_of
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
@@ -107,11 +107,7 @@ class AsyncNode(NodeBase):
         await self.stop()
 
     def _check_loop(self) -> None:
-        """Raises `ZmqMeshError` when called from another event loop than the node's: its
-        sockets and futures belong to that one loop."""
-        if self._engine.started and asyncio.get_running_loop() is not self._engine.loop:
-            raise ZmqMeshError("this AsyncNode runs on another event loop; use it from the loop that "
-                               "started it (or start a node per loop)")
+        check_loop(self._engine)
 
     async def publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` on ``topic`` (see `Node.publish`)."""
@@ -134,7 +130,7 @@ class AsyncNode(NodeBase):
             return
         body, q = self._encode_push(queue, data, headers, timeout)
         if q is None:
-            q = await self._runner.run(self._push_plan(queue, timeout))
+            q = await self._runner.run(self._push_plan(queue, self._push_deadline(timeout)))
         q.append(body)
         self._engine.outbound.wake()  # type: ignore[union-attr]
 

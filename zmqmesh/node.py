@@ -182,7 +182,7 @@ class Node(NodeBase):
             return
         body, q = self._encode_push(queue, data, headers, timeout)
         if q is None:
-            q = self._runner.run(self._push_plan(queue, timeout))
+            q = self._runner.run(self._push_plan(queue, self._push_deadline(timeout)))
         q.append(body)
         self._engine.outbound.wake()  # type: ignore[union-attr]
 

@@ -46,7 +46,7 @@ from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
-__all__ = ["AsyncRunner", "LoopCommits", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
+__all__ = ["AsyncRunner", "check_loop", "LoopCommits", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
 
 log = logging.getLogger("zmqmesh.aio")
 
@@ -54,6 +54,14 @@ _ROOM_SLICE_S = 0.1
 _READ_BURST = 1024
 _LONE_PASSES = 16
 _WAITING_LOOK_S = 0.5
+
+
+def check_loop(engine: Engine) -> None:
+    """Raises `ZmqMeshError` when called from another event loop than the node's: its
+    sockets and futures belong to that one loop."""
+    if engine.started and asyncio.get_running_loop() is not engine.loop:
+        raise ZmqMeshError("this AsyncNode runs on another event loop; use it from the loop that "
+                           "started it (or start a node per loop)")
 
 
 class AsyncRunner:
@@ -66,10 +74,11 @@ class AsyncRunner:
     async def run(self, plan: Plan) -> Any:
         """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
         error becomes `ZmqMeshError`, and so does a call from another event loop."""
-        if self.engine.started and asyncio.get_running_loop() is not self.engine.loop:
+        try:
+            check_loop(self.engine)
+        except ZmqMeshError:
             plan.close()
-            raise ZmqMeshError("this AsyncNode runs on another event loop; use it from the loop that "
-                               "started it (or start a node per loop)")
+            raise
         value: Any = None
         error: BaseException | None = None
         while True:

@@ -467,15 +467,14 @@ class NodeBase:
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
         body = self._encode(data, headers)
-        return body, self._push_queue(queue, timeout)
-
-    def _push_queue(self, queue: str, timeout: float | None) -> deque[bytes] | None:
-        """The send queue of ``queue`` if it takes messages right now; None when the socket,
-        a puller or room is missing (then `_push_plan` waits). Raises `ConfigError` for a
-        bad ``timeout``."""
-        engine = self._engine
         if timeout is not None:
             check_timeout(timeout)
+        return body, self._push_queue(queue)
+
+    def _push_queue(self, queue: str) -> deque[bytes] | None:
+        """The send queue of ``queue`` if it takes messages right now; None when the socket,
+        a puller or room is missing (then `_push_plan` waits)."""
+        engine = self._engine
         q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
             return None
@@ -525,39 +524,54 @@ class NodeBase:
         entries = [(next_id(), now, packed, encode(data), 0) for data in items]
         return Ticket(queue, entries) if entries else None
 
+    def _push_deadline(self, timeout: float | None) -> float:
+        """When a push given ``timeout`` (default ``push_timeout_s``) gives up. Raises
+        `ConfigError` for a bad one."""
+        return time.monotonic() + (self.config.push_timeout_s if timeout is None else check_timeout(timeout))
+
     def _push_many_plan(self, queue: str, bodies: list[Any], timeout: float | None) -> Plan:
         """Queue ``bodies`` on the send queue of ``queue`` as room allows, waiting as `push`
-        does (for the socket, a puller, room). Raises as `_push_plan` does; a timeout
-        part-way leaves the bodies before it queued."""
-        limit = self.config.send_queue_max
-        done = 0
-        while done < len(bodies):
-            q = self._push_queue(queue, timeout)
-            if q is None:
-                q = yield from self._push_plan(queue, timeout)
-            room = max(1, limit - len(q))
-            q.extend(bodies[done:done + room])
-            done += room
-            self._engine.outbound.wake()  # type: ignore[union-attr]
+        does (for the socket, a puller, room), all within one ``timeout``. Raises as
+        `_push_plan` does; a timeout part-way leaves the bodies before it queued."""
+        deadline = self._push_deadline(timeout)
+
+        def room() -> Plan:
+            q = self._push_queue(queue)
+            return q if q is not None else (yield from self._push_plan(queue, deadline))
+
+        yield from self._fill_plan(bodies, room)
 
     def _publish_many_plan(self, entries: list[tuple[bytes, Any]], q: deque[Any]) -> Plan:
-        """Queue ``entries`` on the publish queue ``q`` as room allows (back-pressure)."""
+        """Queue ``entries`` on the publish queue ``q`` as room allows (back-pressure),
+        within one ``push_timeout_s``."""
+        deadline = time.monotonic() + self.config.push_timeout_s
+
+        def room() -> Plan:
+            if len(q) >= self.config.send_queue_max:
+                yield Room(q, deadline)
+            return q
+
+        yield from self._fill_plan(entries, room)
+
+    def _fill_plan(self, items: list[Any], room: Callable[[], Plan]) -> Plan:
+        """Extend the send queue ``room()`` gives (waiting for room there) with ``items``,
+        as many at a time as it has room for."""
         limit = self.config.send_queue_max
         done = 0
-        while done < len(entries):
-            if len(q) >= limit:
-                yield from self._room_plan(q, self.config.push_timeout_s)
-            room = max(1, limit - len(q))
-            q.extend(entries[done:done + room])
-            done += room
+        while done < len(items):
+            q = yield from room()
+            taken = max(1, limit - len(q))
+            q.extend(items[done:done + taken])
+            done += taken
             self._engine.outbound.wake()  # type: ignore[union-attr]
 
     def _room_plan(self, q: deque[Any], timeout: float) -> Plan:
         """Wait for room in a full send queue (back-pressure)."""
         yield Room(q, time.monotonic() + timeout)
 
-    def _push_plan(self, queue: str, timeout: float | None) -> Plan:
-        """Create the queue's socket, wait for a puller, wait for room: whatever push lacks.
+    def _push_plan(self, queue: str, deadline: float) -> Plan:
+        """Create the queue's socket, wait for a puller, wait for room until ``deadline``:
+        whatever push lacks.
 
         Raises `NoProviderError` when nobody pulls ``queue`` in time, `MeshTimeoutError`
         when there is no room in time.
@@ -565,7 +579,6 @@ class NodeBase:
         engine = self._engine
         pusher = engine.pusher
         assert pusher is not None
-        deadline = time.monotonic() + (self.config.push_timeout_s if timeout is None else check_timeout(timeout))
         if pusher.queue_of(queue) is None:
             yield OnLoop(self._ensure_push_socket, (check_name("queue", queue),))
         if not engine.directory.offers["queues"].get(queue):

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .._stats import PATTERNS
 from ..errors import ConfigError
 
 __all__ = ["MetricsServer", "families", "metrics_text"]
@@ -25,7 +26,6 @@ log = logging.getLogger("zmqmesh.metrics")
 Snapshot = dict[str, Any]
 """What `Node.stats()` returns, with ``"id"`` and ``"name"`` added (as ``\\x00stats`` answers)."""
 
-_PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
 
 
 def _client() -> Any:
@@ -58,7 +58,7 @@ def families(snapshots: Iterable[Snapshot]) -> list[Any]:
                                      labels=[*labels, "queue"])
     for snap in snapshots:
         node = [str(snap.get("name", "")), str(snap.get("id", ""))]
-        for pattern in _PATTERNS:
+        for pattern in PATTERNS:
             for event, count in (snap.get(pattern) or {}).items():
                 messages.add_metric([*node, pattern, event], count)
         for pattern, directions in (snap.get("names") or {}).items():
@@ -73,7 +73,7 @@ def families(snapshots: Iterable[Snapshot]) -> list[Any]:
             cumulative, buckets = 0, []
             for bound, count in histogram["buckets"]:
                 cumulative += count
-                buckets.append((str(bound) if bound != "+Inf" else "+Inf", cumulative))
+                buckets.append((str(bound), cumulative))
             latency.add_metric([*node, service], buckets, histogram["sum"])
         gauges = snap.get("gauges") or {}
         peers.add_metric(node, gauges.get("peers", 0))

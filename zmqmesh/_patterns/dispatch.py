@@ -262,6 +262,8 @@ class Dispatcher:
                 subscriptions = self.replays.matching(topic)
                 if subscriptions:
                     self.replays.live(topic, sequence, items, origin, sender_id, subscriptions, calls)
+            if not handlers:  # (only replaying subscriptions: they have the frame)
+                return
         else:
             topic = name_b.decode("utf-8", "replace")
             handler = self.registry.queues.get(topic)
@@ -300,7 +302,7 @@ class Dispatcher:
         sequence, or the meta frame's), clock and headers; None when it said nothing."""
         headers = timestamp = first = None
         if len(frames) == 4:
-            headers, timestamp, first = self._meta_of(frames[3], count)
+            headers, timestamp, first = wire.parse_meta(self.codec.decode(frames[3]), count)
         if sequence is not None:
             first = sequence
         if headers is None and first is None:
@@ -312,24 +314,6 @@ class Dispatcher:
             else:
                 stem = f"{sender_id}/"
         return Origin(stem, first or 0, timestamp, headers)
-
-    def _meta_of(self, frame: bytes, count: int) -> tuple[list[dict[str, str] | None], float | None, int | None]:
-        """``(headers per message, timestamp, first number)`` from the meta frame of a batch
-        of ``count`` messages. Raises `DecodeError`."""
-        meta = self.codec.decode(frame)
-        headers = meta.get("h") if isinstance(meta, dict) else None
-        if not isinstance(headers, list) or len(headers) != count:
-            raise DecodeError("a meta frame that does not match its messages")
-        for entry in headers:
-            if entry is not None:
-                try:
-                    wire.check_headers(entry)
-                except (TypeError, ValueError) as exc:
-                    raise DecodeError(f"bad headers: {exc}") from None
-        stamp, first = meta.get("t"), meta.get("n")
-        timestamp = float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else None
-        number = first if isinstance(first, int) and not isinstance(first, bool) and first >= 0 else None
-        return headers, timestamp, number
 
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Whether these handlers may be called directly while draining (see the drivers)."""

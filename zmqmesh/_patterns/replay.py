@@ -32,6 +32,8 @@ from .._mesh.registry import Registry, SubscribeOptions
 from .._stats import Stats
 from .._store.sqlite import Store
 from .._wire.codec import Codec
+from .._wire.frames import parse_meta
+from ..errors import DecodeError
 from ..message import Message, Origin
 from .calls import Call, CursorMark
 
@@ -279,10 +281,11 @@ class Replays:
         items = self.codec.decode_batch(payload)
         headers = None
         if meta:
-            decoded = self.codec.decode(meta)
-            headers = decoded.get("h") if isinstance(decoded, dict) else None
-        origin = Origin(f"{cursor.stream}/{topic}/", seq, float(ts),
-                        headers if isinstance(headers, list) and len(headers) == len(items) else None)
+            try:  # (checked as a live frame's: what a peer's history holds is a stranger's word)
+                headers = parse_meta(self.codec.decode(meta), len(items))[0]
+            except DecodeError:
+                self.stats.reject("pubsub_malformed")  # the messages still go, without their headers
+        origin = Origin(f"{cursor.stream}/{topic}/", seq, float(ts), headers)
         missed = max(0, seq - expected)
         counters = self.stats.pattern["pubsub"]  # (written by the inbox's thread only)
         counters["replayed"] = counters.get("replayed", 0) + len(items)
@@ -300,9 +303,9 @@ class Replays:
             self.stats.add("pubsub", "gap", missed)
             log.warning("stream %s, topic %r: %d message(s) missed (no longer in the history)",
                         cursor.stream[:8], topic, missed)
-        if origin is None or origin.stem is None or origin.first != seq:  # name it by the stream, as replays are
-            origin = Origin(f"{cursor.stream}/{topic}/", seq, origin.timestamp if origin else None,
-                            origin.headers if origin else None)
+        stem = f"{cursor.stream}/{topic}/"  # named by the stream, live or replayed: the same id either way
+        if origin is None or origin.stem != stem or origin.first != seq:
+            origin = Origin(stem, seq, origin.timestamp if origin else None, origin.headers if origin else None)
         name = options.durable_name
         upto = cursor.upto.get(topic, -1)
         lookup = self.directory.lookup_peer

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import re
 
+from ..errors import DecodeError
+
 __all__ = [
+    "parse_meta",
     "UUID_SIZE",
     "STATUS_OK",
     "STATUS_ERROR",
@@ -256,6 +259,24 @@ def check_headers(headers: object) -> dict[str, str]:
     if size > MAX_HEADER_BYTES:
         raise ValueError(f"headers of {size} bytes; at most {MAX_HEADER_BYTES}")
     return headers
+
+
+def parse_meta(meta: object, count: int) -> tuple[list[dict[str, str] | None], float | None, int | None]:
+    """``(headers per message, timestamp, first number)`` from the decoded meta frame of a
+    batch of ``count`` messages (live or replayed from a history). Raises `DecodeError`."""
+    headers = meta.get("h") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not isinstance(headers, list) or len(headers) != count:
+        raise DecodeError("a meta frame that does not match its messages")
+    for entry in headers:
+        if entry is not None:
+            try:
+                check_headers(entry)
+            except (TypeError, ValueError) as exc:
+                raise DecodeError(f"bad headers: {exc}") from None
+    stamp, first = meta.get("t"), meta.get("n")
+    timestamp = float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else None
+    number = first if isinstance(first, int) and not isinstance(first, bool) and first >= 0 else None
+    return headers, timestamp, number
 
 
 def inproc_endpoint(node_id: str, what: str) -> str:
