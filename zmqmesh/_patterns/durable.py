@@ -108,8 +108,10 @@ class DurableQueues:
         """Note the messages left in the store by an earlier run; how many there are."""
         stored = self.store.queues()
         self._recovered_upto = self.store.last_seq()
-        for name in self.store.queue_names():  # every queue with a row, whatever its count says
-            self._overflowed(name, self._recovered_upto)
+        # every queue with a row, whatever its count says, up to its own last message: a
+        # queue reads the store until then, and never again once it has it all
+        for name, last in self.store.queue_tails().items():
+            self._overflowed(name, last)
         total: int = sum(q["messages"] for q in stored.values())
         if total:
             log.info("%d durable message(s) in %d queue(s) left from an earlier run", total, len(stored))

@@ -451,10 +451,11 @@ class Store:
         with self._lock:
             return int(self._next_seq) - 1
 
-    def queue_names(self) -> list[str]:
-        """Every queue with a segment stored."""
+    def queue_tails(self) -> dict[str, int]:
+        """Every queue with a segment stored, and the sequence number of its last message."""
         with self._lock:
-            return [r[0] for r in self._db.execute("SELECT DISTINCT queue FROM outbox").fetchall()]
+            rows = self._db.execute("SELECT queue, max(seq + count - 1) FROM outbox GROUP BY queue").fetchall()
+            return {queue: int(last) for queue, last in rows}
 
     def queues(self) -> dict[str, dict[str, Any]]:
         """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
