@@ -84,6 +84,21 @@ def _size(item: Any) -> int:
     return wire_size(item) + 48 if type(item) is Headed else len(item)
 
 
+def _take(source: deque[Any], items: list[Any], flags: list[bool], n: int, size: int, again: bool) -> int:
+    """Move items from ``source`` to ``items`` (and their redelivered flags to ``flags``)
+    while there are fewer than ``n`` and the batch stays within `BATCH_BYTES` (a single
+    large item goes alone); the batch's size after."""
+    while len(items) < n and source:
+        grown = size + _size(source[0])
+        if items and grown > BATCH_BYTES:
+            break
+        item = source.popleft()
+        items.append(item)
+        flags.append(again or (isinstance(item, StoredMessage) and (item.attempts > 0 or item.recovered)))
+        size = grown
+    return size
+
+
 class ReliableSender:
     """Deals the at-least-once and durable queues of one node; runs on the node's loop.
 
@@ -150,17 +165,8 @@ class ReliableSender:
                     continue
                 items: list[Any] = []
                 flags: list[bool] = []
-                size = 0  # a batch never passes BATCH_BYTES, but for a single large message
-                while len(items) < n and again and (not items or size + _size(again[0]) <= BATCH_BYTES):
-                    item = again.popleft()
-                    items.append(item)
-                    flags.append(True)
-                    size += _size(item)
-                while len(items) < n and q and (not items or size + _size(q[0]) <= BATCH_BYTES):
-                    item = q.popleft()
-                    items.append(item)
-                    flags.append(isinstance(item, StoredMessage) and (item.attempts > 0 or item.recovered))
-                    size += _size(item)
+                size = _take(again, items, flags, n, 0, True)  # first what is dealt again, marked so
+                _take(q, items, flags, n, size, False)
                 if not items:
                     break
                 batch_id = next(self._batch_ids).to_bytes(8, "big")
