@@ -267,14 +267,13 @@ class ReliableSender:
 
     def _redeal_expired(self) -> None:
         now = time.monotonic()
-        expired = []
-        for batch_id, batch in self.inflight.items():
+
+        def late(batch: _Batch) -> bool:
             timeout = self.directory.ack_timeout_s(batch.queue, batch.puller)
-            if timeout is not None and now - batch.sent_at > timeout:
-                expired.append(batch_id)
-        for batch_id in expired:
-            batch = self.inflight.pop(batch_id)
-            self.inflight_count[batch.puller] -= len(batch.items)
+            return timeout is not None and now - batch.sent_at > timeout
+
+        expired = self._take_inflight(late)
+        for batch in expired:
             log.warning("puller %s did not acknowledge %d message(s) of %r in time: redelivering",
                         batch.puller[:8], len(batch.items), batch.queue)
             self._put_back(batch.queue, self._failed(batch, "ack timeout"))
@@ -317,25 +316,31 @@ class ReliableSender:
         """Messages of ``queue`` sent and not yet acknowledged."""
         return sum(len(b.items) for b in self.inflight.values() if b.queue == queue)
 
+    def _take_inflight(self, match: Callable[[_Batch], bool]) -> list[_Batch]:
+        """Remove the batches in flight that ``match`` (a late acknowledgement of them is
+        then ignored), oldest first."""
+        taken = [b for b in self.inflight.values() if match(b)]
+        for batch in taken:
+            del self.inflight[batch.id]
+            self.inflight_count[batch.puller] -= len(batch.items)
+        return taken
+
     def recall(self, queue: str) -> int:
         """Take back what is in flight on ``queue`` (to be dealt again, e.g. to a keeper);
         a late acknowledgement of it is ignored. How many messages came back."""
-        recalled = [(bid, b) for bid, b in self.inflight.items() if b.queue == queue]
-        for batch_id, batch in reversed(recalled):
-            del self.inflight[batch_id]
-            self.inflight_count[batch.puller] -= len(batch.items)
+        recalled = self._take_inflight(lambda b: b.queue == queue)
+        for batch in reversed(recalled):
             self.redeliver.setdefault(queue, deque()).extendleft(reversed(batch.items))
-        return sum(len(b.items) for _, b in recalled)
+        return sum(len(b.items) for b in recalled)
 
     def peer_gone(self, puller: str) -> None:
         """Put back what a departed puller had not acknowledged, marked as redelivered."""
-        lost = [(bid, b) for bid, b in self.inflight.items() if b.puller == puller]
-        for batch_id, batch in reversed(lost):
-            del self.inflight[batch_id]
+        lost = self._take_inflight(lambda b: b.puller == puller)
+        for batch in reversed(lost):
             self._put_back(batch.queue, self._failed(batch, "the puller left"))
         if lost:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
-                        puller[:8], sum(len(b.items) for _, b in lost))
+                        puller[:8], sum(len(b.items) for b in lost))
         self.inflight_count.pop(puller, None)
         sock = self.sockets.pop(puller, None)
         if sock is not None:
