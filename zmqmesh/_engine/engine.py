@@ -90,7 +90,7 @@ class Inbox(Protocol):
 
     def start(self) -> None: ...
     def post(self, calls: list[Call]) -> None: ...
-    def post_frames(self, frames: list[bytes]) -> None: ...
+    def post_frames(self, frames: list[bytes], count: int) -> None: ...
     def waits_for_caller(self) -> bool: ...
     def peers_changed(self) -> None: ...
     def registry_changed(self) -> None: ...
@@ -208,13 +208,14 @@ class Engine:
             self.publisher = Publisher(
                 loop=loop, stats=self.stats, uuid=self.uuid, xpub=sockets["pub"], directory=self.directory,
                 connect=self.connect, on_subscriptions=self.waiters.check,
-                local=lambda frames: self.inbox.post_frames(frames),  # type: ignore[union-attr]  # (made below)
+                local=lambda frames, count: self.inbox.post_frames(frames, count),  # type: ignore[union-attr]  # (made below)
                 own_prefixes=lambda: self.registry.topics, history=self.history,
             )
             senders = dict(ctx=self.ctx, loop=loop, config=cfg, stats=self.stats, uuid=self.uuid,
                            directory=self.directory, connect=self.connect, wake=self.outbound.wake)
             self.pusher = Pusher(**senders)  # type: ignore[arg-type]
-            self.reliable = ReliableSender(codec=self.codec, **senders)  # type: ignore[arg-type]
+            self.reliable = ReliableSender(codec=self.codec, routing_id=requester_id(self.uuid, next(self._dealer_serial)),
+                                           **senders)  # type: ignore[arg-type]
             if self.store is not None:
                 outbound = self.outbound
                 self.durable = DurableQueues(

@@ -156,11 +156,12 @@ class Dispatcher:
         looks again now and then (a timer, its poll's timeout)."""
         return self.replays.waiting()
 
-    def post_frames(self, frames: list[bytes]) -> None:
-        """A publication of this node for its own subscriptions (the loop's thread). Past
-        ``recv_hwm`` frames waiting, it is dropped and counted, as a SUB socket would."""
+    def post_frames(self, frames: list[bytes], count: int) -> None:
+        """A publication of this node (a frame of ``count`` messages) for its own
+        subscriptions (the loop's thread). Past ``recv_hwm`` frames waiting, it is dropped
+        and counted, as a SUB socket would."""
         if len(self.local_frames) >= self.config.recv_hwm:
-            self.stats.add("pubsub", "dropped", max(1, len(self.codec.decode_batch(frames[2]))))
+            self.stats.add("pubsub", "dropped", count)
             return
         self.local_frames.append(frames)
         self.wake()
@@ -337,13 +338,13 @@ class Dispatcher:
         counters = self.stats.pattern["service"]
         request = wire.parse_request(frames)
         if request is None:
-            if len(frames) in (4, 5):  # a request id past MAX_REQUEST_ID_BYTES: said, not left waiting
-                counters["errors"] += 1
-                self.stats.reject("service_malformed")
-                self.send_reply((frames[0], frames[2]), wire.STATUS_BAD_REQUEST, b"")
-                return
             raise DecodeError("malformed request envelope")
         route, service_b, body, meta = request
+        if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
+            counters["errors"] += 1
+            self.stats.reject("service_malformed")
+            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+            return
         service = service_b.decode("utf-8", "replace")
         sender_id = wire.sender_of_requester(route[0])
         if service.startswith(wire.QUEUE_SERVICE_PREFIX):

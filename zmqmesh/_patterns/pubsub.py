@@ -74,7 +74,7 @@ class Publisher:
 
     def __init__(self, *, loop: EventLoop, stats: Stats, uuid: bytes, xpub: zmq.Socket[Any],
                  directory: Directory, connect: Callable[[zmq.Socket[Any], str, str | None], None],
-                 on_subscriptions: Callable[[], None], local: Callable[[list[bytes]], None],
+                 on_subscriptions: Callable[[], None], local: Callable[[list[bytes], int], None],
                  own_prefixes: Callable[[], Any], history: History | None = None) -> None:
         self.loop = loop
         self.stats = stats
@@ -183,7 +183,7 @@ class Publisher:
         a subscription it holds but this node has not counted yet still gets it); how many
         of its ``count`` messages went to someone as far as this node knows."""
         if here:
-            self.local(frames)
+            self.local(frames, count)
         try:
             send_frames(self.xpub, frames, copy=size < LARGE_FRAME)
         except zmq.ZMQError:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -43,7 +42,6 @@ from .._wire.frames import (
     MAX_BATCH_ITEMS,
     STATUS_OK,
     Headed,
-    acker_id,
     keep_service,
     parse_reply,
     queue_service,
@@ -107,14 +105,14 @@ class ReliableSender:
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
-                 uuid: bytes, directory: Directory, codec: Codec,
+                 uuid: bytes, directory: Directory, codec: Codec, routing_id: bytes,
                  connect: Callable[[zmq.Socket[Any], str, str | None], None], wake: Callable[[], None]) -> None:
         self.ctx = ctx
         self.loop = loop
         self.stats = stats
         self._sent_names = stats.names("pipeline", "sent")  # (written on the loop only)
         self.uuid = uuid
-        self._acker_id = acker_id(uuid, os.urandom(4))  # (the OS's CSPRNG, as secrets uses)
+        self._acker_id = routing_id  # a requester's (from the node's random serial): unguessable
         self.directory = directory
         self.codec = codec
         self.connect = connect

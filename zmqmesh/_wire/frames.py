@@ -53,7 +53,6 @@ __all__ = [
     "parse_sender",
     "Headed",
     "requester_id",
-    "acker_id",
     "link_id",
     "sender_of_requester",
     "request_frames",
@@ -174,12 +173,6 @@ def requester_id(uuid: bytes, serial: int) -> bytes:
     return uuid + (serial & 0xFFFFFFFF).to_bytes(_REQUESTER_SUFFIX, "big")
 
 
-def acker_id(uuid: bytes, suffix: bytes) -> bytes:
-    """The routing id of the DEALER that deals at-least-once batches: the node's UUID and
-    4 random bytes (unguessable, as requesters' are)."""
-    return uuid + suffix[:_REQUESTER_SUFFIX].rjust(_REQUESTER_SUFFIX, b"\0")
-
-
 def link_id(uuid: bytes) -> bytes:
     """The routing id of a ZRE link: ``0x01`` and the UUID, as RFC 36 asks."""
     return b"\x01" + uuid
@@ -204,8 +197,9 @@ def reply_frames(route: tuple[bytes, bytes], status: bytes, body: bytes) -> list
 
 def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, bytes, bytes | None] | None:
     """``(route, service, body, meta)`` of a request as the ROUTER receives it (``meta``:
-    the optional frame with headers and timestamp), or None if malformed."""
-    if len(frames) not in (4, 5) or len(frames[2]) > MAX_REQUEST_ID_BYTES:
+    the optional frame with headers and timestamp), or None if it is not one. (A request
+    id past `MAX_REQUEST_ID_BYTES` is the receiver's to refuse: it can still answer it.)"""
+    if len(frames) not in (4, 5):
         return None
     routing_id, service, request_id, body = frames[:4]
     return (routing_id, request_id), service, body, frames[4] if len(frames) == 5 else None

@@ -243,9 +243,8 @@ def decode_command(frames: list[bytes], max_items: int = 10_000) -> ZreMessage:
         reader.done()
     elif command in (Command.PING, Command.PING_OK):
         reader.done()
-    elif command == Command.GOODBYE:  # whatever a later Zyre may add to it, it means goodbye
-        return msg
-    else:  # a command of a later ZRE (Zyre's ELECT, LEADER): the caller counts it, keeps the sequence
+    else:  # GOODBYE (whatever a later Zyre adds to it), or a command of a later ZRE (Zyre's
+        # ELECT, LEADER): the caller acts on it or counts it, and keeps the sequence
         return msg
     if command not in (Command.WHISPER, Command.SHOUT) and len(frames) > 1:
         raise ZreError(f"{Command.NAMES[command]} with unexpected extra frames")
