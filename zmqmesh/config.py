@@ -213,6 +213,8 @@ class NodeConfig:
                 raise ConfigError(f"seeds must be tcp:// endpoints (KEY@tcp://... for secure nodes), got {seed!r}")
         if self.store_synchronous not in ("normal", "full"):
             raise ConfigError(f"store_synchronous must be 'normal' or 'full', got {self.store_synchronous!r}")
+        if self.history and self.store is None:
+            raise ConfigError("history= needs a store: Node(..., store='path/dir')")
         if self.curve_secret_key is not None and self.curve_key_file is not None:
             raise ConfigError("give curve_secret_key or curve_key_file, not both")
 

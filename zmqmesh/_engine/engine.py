@@ -70,7 +70,7 @@ from .._wire.frames import (
     requester_id,
 )
 from ..config import NodeConfig
-from ..errors import ConfigError, MeshTimeoutError, NodeClosedError, ZmqMeshError
+from ..errors import MeshTimeoutError, NodeClosedError, ZmqMeshError
 from ..message import Message, Peer
 from .outbound import Outbound
 
@@ -200,9 +200,7 @@ class Engine:
                 self._zap = ZapHandler(self.ctx, loop, self.keys, allowed, self.stats)
             sockets = self._open_sockets(bind_address)
             self.outbound = Outbound(loop, self.loop_thread, self.directory, self.space)
-            if cfg.history:
-                if self.store is None:
-                    raise ConfigError("history= needs a store: Node(..., store='path/dir')")
+            if cfg.history and self.store is not None:  # (NodeConfig refuses a history without a store)
                 self.history = History(self.store, cfg.history, self.stats)
                 self.registry.kept_topics = frozenset(p.prefix for p in cfg.history)
             self.publisher = Publisher(
