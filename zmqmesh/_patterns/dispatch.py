@@ -92,7 +92,7 @@ class Dispatcher:
         self._event_lock = threading.Lock()
         self.gaps = GapCounter()
         self.subscribed: set[str] = set()
-        self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]]]] = {}
+        self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]], list[tuple[Any, Any]]]] = {}
         self._cache_version = -1
         self.stopping = False
         self._deadline: float | None = None
@@ -256,13 +256,11 @@ class Dispatcher:
                 lost = self.gaps.missed(sender_uuid, name_b, sequence, len(items))
                 if lost:
                     counters["dropped"] += lost  # lost at a high-water mark
-            topic, handlers = self._topic_handlers(name_b)
+            topic, handlers, replaying = self._topic_handlers(name_b)
             self._received_names[pattern].add(name_b, len(items))
             origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
-            if self.registry.replays:
-                subscriptions = self.replays.matching(topic)
-                if subscriptions:
-                    self.replays.live(topic, sequence, items, origin, sender_id, subscriptions, calls)
+            if replaying:
+                self.replays.live(topic, sequence, items, origin, sender_id, replaying, calls)
             if not handlers:  # (only replaying subscriptions: they have the frame)
                 return
         else:
@@ -320,7 +318,9 @@ class Dispatcher:
         """Whether these handlers may be called directly while draining (see the drivers)."""
         return False
 
-    def _topic_handlers(self, name_b: bytes) -> tuple[str, list[Callable[..., Any]]]:
+    def _topic_handlers(self, name_b: bytes) -> tuple[str, list[Callable[..., Any]], list[tuple[Any, Any]]]:
+        """``(topic, handlers, replaying subscriptions)`` for a topic (cached until the
+        registry changes): replaying subscriptions are sequenced by `Replays`, not here."""
         registry = self.registry
         if self._cache_version != registry.version or len(self._topic_cache) > 4096:
             self._topic_cache.clear()
@@ -328,10 +328,11 @@ class Dispatcher:
         hit = self._topic_cache.get(name_b)
         if hit is None:
             topic = name_b.decode("utf-8", "replace")
-            replays = registry.replays  # (those are sequenced: see replay.py)
+            replays = registry.replays
             handlers = [h for prefix, hs in registry.topics.items() if topic.startswith(prefix) for h in hs
                         if (prefix, h) not in replays]
-            hit = self._topic_cache[name_b] = (topic, handlers)
+            replaying = [(key, options) for key, options in replays.items() if topic.startswith(key[0])]
+            hit = self._topic_cache[name_b] = (topic, handlers, replaying)
         return hit
 
     def _decode_request(self, frames: list[bytes], calls: list[Call]) -> None:

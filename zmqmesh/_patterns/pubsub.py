@@ -123,7 +123,7 @@ class Publisher:
         transaction, and every frame is sent after that commit, in order."""
         q = self.queue
         history = self.history
-        kept: list[tuple[list[bytes], int, int, bool, bool, bool]] = []
+        built: list[tuple[list[bytes], int, int, bool, bool, bool]] = []
         sent = unrouted = 0
         while q:
             topic, body = q.popleft()
@@ -158,20 +158,15 @@ class Publisher:
             frames = [topic, pub_sender(self.uuid, seq), payload]
             if meta is not None:
                 frames.append(meta)
-            if history is not None:  # every frame waits for the history's commit: the order holds
-                kept.append((frames, size, len(bodies), here, elsewhere, keeps))
-                continue
-            sent += self._send(frames, size, len(bodies), here, elsewhere)
+            built.append((frames, size, len(bodies), here, elsewhere, keeps))
+        # every frame goes after the history's commit (if any): the order holds
+        stored = history.commit() if built and history is not None else True
+        for frames, size, count, here, elsewhere, keeps in built:
+            if keeps and not stored:
+                continue  # counted by the history: never seen live what it lacks
+            sent += self._send(frames, size, count, here, elsewhere)
             if not (here or elsewhere):
-                unrouted += len(bodies)
-        if kept:
-            stored = history.commit()  # type: ignore[union-attr]
-            for frames, size, count, here, elsewhere, keeps in kept:
-                if keeps and not stored:
-                    continue  # counted by the history: never seen live what it lacks
-                sent += self._send(frames, size, count, here, elsewhere)
-                if not (here or elsewhere):
-                    unrouted += count
+                unrouted += count
         self.stats.pattern["pubsub"]["sent"] += sent
         if unrouted:
             self.stats.add("pubsub", "unrouted", unrouted)

@@ -106,26 +106,14 @@ class Replays:
         self._dirty: dict[tuple[str, str, str], list[int]] = {}  # (name, stream, topic) -> [seq, upto, pos]
         self._pending: dict[tuple[str, str, str], deque[int]] = {}  # durable: numbers handed out, in order
         self._finished: dict[tuple[str, str, str], set[int]] = {}
-        self._matching: dict[str, list[tuple[Key, SubscribeOptions]]] = {}
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
-        self._version = -1
 
     # -- which subscriptions ----------------------------------------------------------------
 
     def waiting(self) -> bool:
         """Whether frames wait for their sender (see `live`)."""
         return bool(self._unknown)
-
-    def matching(self, topic: str) -> list[tuple[Key, SubscribeOptions]]:
-        """The replaying subscriptions whose prefix matches ``topic``."""
-        if self._version != self.registry.version or len(self._matching) > 4096:
-            self._matching, self._version = {}, self.registry.version
-        found = self._matching.get(topic)
-        if found is None:
-            found = self._matching[topic] = [(k, o) for k, o in self.registry.replays.items()
-                                             if topic.startswith(k[0])]
-        return found
 
     def sync(self, calls: list[Call]) -> None:
         """Follow every publisher that keeps topics a replaying subscription wants (after
