@@ -51,3 +51,13 @@ def gateway(mesh: dict[str, Any]) -> Iterator[str]:
     pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
     with gateway_process(mesh) as url:
         yield url
+
+
+@pytest.fixture
+def ctx() -> Iterator[Any]:
+    """A ZeroMQ context for a test's bare sockets, destroyed (linger 0) at teardown."""
+    import zmq
+
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)

@@ -60,6 +60,11 @@ def gateway_process(mesh: dict[str, Any], token: str | None = None) -> Iterator[
         proc.stdout.close()
 
 
+def rejected(node: Any, reason: str) -> int:
+    """How many inputs ``node`` rejected for ``reason``."""
+    return int(node.stats()["rejected"].get(reason, 0))
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition") -> object:
     """Poll ``condition`` until it returns something truthy; fail the test at ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -12,12 +12,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import zmq
-from helpers import fake_zre_peer, wait_until
+from helpers import fake_zre_peer, rejected, wait_until
 
 import zmqmesh
 from zmqmesh._membership.engine import MAX_UNPROVEN_PEERS
@@ -25,17 +24,6 @@ from zmqmesh._wire import zre
 from zmqmesh._wire.zre import Command, ZreMessage
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def rejected(node: zmqmesh.Node, reason: str) -> int:
-    return node.stats()["rejected"].get(reason, 0)
 
 
 def meet(a: zmqmesh.Node, b: zmqmesh.Node) -> bool:

@@ -7,16 +7,8 @@ import time
 from typing import Any
 
 import msgpack
-import pytest
 import zmq
 from helpers import wait_until
-
-
-@pytest.fixture
-def ctx() -> Any:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def endpoints_of(proc: Any) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import fake_zre_peer, wait_until
+from helpers import fake_zre_peer, rejected, wait_until
 
 import zmqmesh
 from zmqmesh._wire import zre
@@ -29,17 +29,6 @@ def target(mesh: dict[str, Any]) -> Any:
     node.left = left  # type: ignore[attr-defined]
     with node:
         yield node
-
-
-@pytest.fixture
-def ctx() -> Any:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def rejected(node: zmqmesh.Node, reason: str) -> int:
-    return node.stats()["rejected"].get(reason, 0)
 
 
 def still_serving(node: zmqmesh.Node) -> None:

@@ -50,9 +50,11 @@ def no_provider(service: str, only: str | None) -> NoProviderError:
 
 
 def offers_of(groups: Iterable[str], kind: str) -> frozenset[str]:
-    """The names of ``kind`` that a member of ``groups`` offers."""
+    """The names of ``kind`` that a member of ``groups`` offers (pulling a queue at least
+    once is pulling it: ``queues`` counts the at-least-once ones too)."""
     prefix = OFFER_PREFIXES[kind]
-    return frozenset(g[len(prefix):] for g in groups if g.startswith(prefix))
+    found = frozenset(g[len(prefix):] for g in groups if g.startswith(prefix))
+    return found | offers_of(groups, "ackqueues") if kind == "queues" else found
 
 
 class Directory:
@@ -90,14 +92,17 @@ class Directory:
             for name in names:
                 offers[kind][name].append(self.node_id)
         peers: dict[str, PeerState] = {}
+        streams: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer id -> (stream id, kept prefixes)
         for peer in ready:
             peers[peer.id] = peer
             if peer.is_zmqmesh:
                 for kind in OFFER_KINDS:
                     for name in offers_of(peer.groups, kind):
                         offers[kind][name].append(peer.id)
-        for queue, pullers in offers["ackqueues"].items():  # pulling at-least-once is pulling
-            offers["queues"][queue].extend(i for i in pullers if i not in offers["queues"][queue])
+                kept = offers_of(peer.groups, "history")
+                stream = peer.headers.get(HEADER["stream"])
+                if kept and stream is not None and 0 < len(stream) <= 64:
+                    streams[peer.id] = (stream, tuple(kept))
         self._peers = peers
         for gone in self._endpoints.keys() - peers.keys():  # a set operation in C: other threads add keys
             self._endpoints.pop(gone, None)
@@ -110,13 +115,6 @@ class Directory:
             if millis.isdigit():
                 ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
         self._ack_timeouts = ack_timeouts
-        streams: dict[str, tuple[str, tuple[str, ...]]] = {}
-        for prefix, ids in tables["history"].items():
-            for i in ids:
-                holder = peers.get(i)
-                stream = holder.headers.get(HEADER["stream"]) if holder is not None else None
-                if stream is not None and 0 < len(stream) <= 64:
-                    streams[i] = (stream, (*streams.get(i, (stream, ()))[1], prefix))
         self.streams = streams
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
         self.offers = tables
@@ -210,7 +208,7 @@ class Directory:
             endpoint=peer.endpoint,
             groups=groups,
             services=offers_of(groups, "services"),
-            queues=offers_of(groups, "queues") | offers_of(groups, "ackqueues"),
+            queues=offers_of(groups, "queues"),
             topics=offers_of(groups, "topics"),
             headers=self._visible_headers(peer),
             last_seen=peer.last_seen,
