@@ -414,8 +414,7 @@ class Store:
 
     def _read_segments(self, queue: str, after: int, limit: int | None) -> list[StoredSegment]:
         sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
-        rows = self._read(lambda db: db.execute(sql + " LIMIT ?", (queue, after, limit)) if limit else
-                          db.execute(sql, (queue, after)))
+        rows = self._read(sql + " LIMIT ?", (queue, after, limit)) if limit else self._read(sql, (queue, after))
         if limit:  # whole segments until ``limit`` messages
             total = 0
             for k, row in enumerate(rows):
@@ -426,10 +425,9 @@ class Store:
         if not rows:
             return []
         lo, hi = rows[0][0], rows[-1][0] + rows[-1][1] - 1
-        attempts = dict(self._read(lambda db: db.execute("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?",
-                                                         (lo, hi))))
+        attempts = dict(self._read("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?", (lo, hi)))
         settled: set[int] = set()
-        for a, b in self._read(lambda db: db.execute("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi))):
+        for a, b in self._read("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)):
             settled.update(range(a, b + 1))
         segments = []
         for first, count, items in rows:
@@ -454,8 +452,8 @@ class Store:
     def queue_tails(self) -> dict[str, int]:
         """Every queue with a segment stored, and the sequence number of its last message."""
         with self._lock:
-            rows = self._db.execute("SELECT queue, max(seq + count - 1) FROM outbox GROUP BY queue").fetchall()
-            return {queue: int(last) for queue, last in rows}
+            rows = self._read("SELECT queue, max(seq + count - 1) FROM outbox GROUP BY queue")
+        return {queue: int(last) for queue, last in rows}
 
     def queues(self) -> dict[str, dict[str, Any]]:
         """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
@@ -468,17 +466,16 @@ class Store:
         """Every topic ever kept: ``{topic: (first kept seq, next seq)}`` (first == next when
         nothing is kept of it any more). Raises `StoreError`."""
         with self._lock:
-            first: dict[str, int] = dict(self._read(lambda db: db.execute(
-                "SELECT topic, min(seq) FROM history GROUP BY topic")))
-            nxt: dict[str, int] = dict(self._read(lambda db: db.execute("SELECT topic, next FROM history_topics")))
+            first: dict[str, int] = dict(self._read("SELECT topic, min(seq) FROM history GROUP BY topic"))
+            nxt: dict[str, int] = dict(self._read("SELECT topic, next FROM history_topics"))
         return {t: (int(first.get(t, n)), int(n)) for t, n in nxt.items()}
 
     def history_next(self, prefix: str) -> dict[str, int]:
         """The number of the next message of each kept topic under ``prefix``. Raises `StoreError`."""
         low, high = _prefix_range(prefix)
         with self._lock:
-            return dict(self._read(lambda db: db.execute(
-                "SELECT topic, next FROM history_topics WHERE topic >= ? AND topic < ?", (low, high))))
+            return dict(self._read("SELECT topic, next FROM history_topics WHERE topic >= ? AND topic < ?",
+                                   (low, high)))
 
     def keep_history(self, rows: Sequence[tuple[str, int, int, float, bytes, bytes | None]]) -> None:
         """Keep frames a publisher sent, ``(topic, seq, count, ts, payload, meta)``, and the
@@ -519,17 +516,17 @@ class Store:
         rows: list[tuple[int, str, int, int, float, bytes, bytes | None]] = []
         size = 0
         with self._lock:
-            for row in self._read(lambda db: db.execute(sql, params)):
+            for row in self._read(sql, params):
                 if len(rows) == max_rows or (rows and size + len(row[5]) > max_bytes):
                     return rows, True
                 rows.append(row)
                 size += len(row[5]) + len(row[6] or b"")
         return rows, False
 
-    def _read(self, query: Any) -> list[Any]:
-        """The rows of ``query(db)`` (lock held); a failing read raises `StoreError`."""
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows ``sql`` selects (lock held); a failing read raises `StoreError`."""
         try:
-            return list(query(self._db))
+            return self._db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
@@ -537,8 +534,7 @@ class Store:
         """Where the durable subscription ``name`` is: ``{stream: {topic: (seq, upto, pos)}}``.
         Raises `StoreError`."""
         with self._lock:
-            rows = self._read(lambda db: db.execute("SELECT stream, topic, seq, upto, pos FROM cursors WHERE name = ?",
-                                                    (name,)))
+            rows = self._read("SELECT stream, topic, seq, upto, pos FROM cursors WHERE name = ?", (name,))
         found: dict[str, dict[str, tuple[int, int, int]]] = {}
         for stream, topic, seq, upto, pos in rows:
             found.setdefault(stream, {})[topic] = (seq, upto, pos)
@@ -557,8 +553,7 @@ class Store:
             return set()
         with self._lock:
             marks = ",".join("?" * len(ids))
-            rows = self._db.execute(f"SELECT id FROM handled WHERE queue = ? AND id IN ({marks})",
-                                    (queue, *ids)).fetchall()
+            rows = self._read(f"SELECT id FROM handled WHERE queue = ? AND id IN ({marks})", (queue, *ids))
         return {r[0] for r in rows}
 
     def remember(self, queue: str, ids: Sequence[str]) -> None:
