@@ -367,8 +367,7 @@ class Dispatcher:
                     body = self.codec.encode(described)
                 self.send_reply(route, wire.STATUS_OK, body)
             except Exception as exc:  # the caller must hear of it, never wait out its timeout
-                info = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
-                self.send_reply(route, wire.STATUS_ERROR, self.codec.encode(info))
+                self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc))
             return
         handler = self.registry.services.get(service)
         counters["received"] += 1
@@ -427,10 +426,13 @@ class Dispatcher:
             self.send_reply(route, wire.STATUS_OK, self.codec.encode(page))
         except Exception as exc:
             log.error("cannot serve a page of history: %s", exc)
-            info = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
-            self.send_reply(route, wire.STATUS_ERROR, self.codec.encode(info))
+            self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc))
 
     # -- replying ---------------------------------------------------------------------------
+
+    def _error_body(self, error: BaseException, traceback_text: str = "") -> bytes:
+        """The body of a ``0x01`` reply: what failed, as protocol.md says."""
+        return self.codec.encode({"type": type(error).__name__, "message": str(error), "traceback": traceback_text})
 
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
         """Account for a finished call and send the reply of a request (owner thread only)."""
@@ -455,8 +457,7 @@ class Dispatcher:
             except Exception as exc:  # an unencodable return value is the handler's failure
                 error = exc
         if error is not None:
-            tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-            body = codec.encode({"type": type(error).__name__, "message": str(error), "traceback": tb})
+            body = self._error_body(error, "".join(traceback.format_exception(type(error), error, error.__traceback__)))
             status = wire.STATUS_ERROR
         self.send_reply(route, status, body)
         self.stats.pattern["service"]["sent"] += 1

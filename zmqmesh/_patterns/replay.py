@@ -337,14 +337,11 @@ class Replays:
                 reached[(mark.name, mark.stream, mark.topic)] = mark.seq
         if not reached:
             return
-        rows = []
-        for (name, stream, topic), seq in reached.items():
-            state = self._dirty.get((name, stream, topic)) or self._saved(name, stream, topic)
+        for key, seq in reached.items():
+            state = self._dirty.get(key) or self._saved(*key)
             state[1] = seq  # (the position moves only with what was handled)
-            rows.append((name, stream, topic, state[0], seq, state[2]))
-            self._dirty.pop((name, stream, topic), None)
-            self._durable.setdefault(name, {}).setdefault(stream, {})[topic] = (state[0], seq, state[2])
-        self._save(rows)
+            self._dirty[key] = state
+        self.flush()
 
     def handled(self, mark: CursorMark) -> None:
         """A durable subscription's handler finished with a message (whatever the outcome)."""
