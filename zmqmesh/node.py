@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Any
 
+from ._drivers.pipelined import run_many
 from ._drivers.thread import (
     BlockingRunner,
     ThreadInbox,
@@ -22,7 +25,7 @@ from ._engine.api import NodeBase, as_frames, check_timeout, peer_id_of
 from ._io.reactor import Reactor, run_on
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
-from .errors import NodeClosedError, ZmqMeshError
+from .errors import ConfigError, NodeClosedError, ZmqMeshError
 from .message import Peer
 
 __all__ = ["Node"]
@@ -221,6 +224,48 @@ class Node(NodeBase):
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
         return self._runner.run(self._request_plan(service, data, timeout, peer, headers))
+
+    def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
+                     peer: str | Peer | None = None, *, window: int = 64,
+                     headers: dict[str, str] | None = None) -> list[Any]:
+        """Call ``service`` once per item of ``items`` and return the replies, in order.
+
+        Up to ``window`` requests are in flight at once, from this thread, on one socket per
+        provider (no thread per request); each is sent as soon as there is room, and round
+        robin spreads them over the providers. Each request waits up to ``timeout``
+        (default ``request_timeout_s``) from when it is sent. Raises what `request` raises,
+        for the first item (in order) that failed; the requests still in flight are then
+        left unanswered. `ValueError` for a ``window`` below 1.
+        """
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window must be an int >= 1, got {window!r}")
+        if self._engine.on_loop_thread():
+            raise ZmqMeshError("Node.request_many would block the node's own I/O thread")
+        self._engine.ensure_running()
+        requesters = self._engine.requests
+        assert isinstance(requesters, ThreadRequesters)
+        plans = (self._request_plan(service, data, timeout, peer, headers) for data in items)
+        return run_many(requesters.current().pipelined(), plans, window)
+
+    def submit(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None,
+               *, headers: dict[str, str] | None = None) -> Future[Any]:
+        """Send a request to ``service`` and return at once the `concurrent.futures.Future`
+        of its reply; the future raises what `request` raises.
+
+        Any number of threads may submit; one thread of the node sends them all and reads
+        the replies, so many requests are in flight without a thread each. At most
+        `MAX_SUBMITTED` (4,096) are in flight: past that, the call waits for room, within
+        ``timeout``. A submitted request cannot be cancelled. Raises at once
+        `NodeClosedError`, `TypeError` for unencodable data, and `MeshTimeoutError` when no
+        room freed up in time.
+        """
+        if self._engine.on_loop_thread():
+            raise ZmqMeshError("Node.submit would block the node's own I/O thread")
+        seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
+        plan = self._request_plan(service, data, seconds, peer, headers)
+        requesters = self._engine.requests
+        assert isinstance(requesters, ThreadRequesters)
+        return requesters.submitter().submit(plan, time.monotonic() + seconds)
 
     def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there.

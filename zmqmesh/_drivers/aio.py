@@ -13,8 +13,8 @@ Kept apart so that a process using only the sync `Node` never imports asyncio.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -41,6 +41,7 @@ from .._patterns.calls import (
 )
 from .._patterns.dispatch import Dispatcher
 from .._patterns.durable import Ticket
+from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
@@ -358,56 +359,67 @@ class LoopInbox(Dispatcher):
 
 
 class LoopRequester:
-    """Requests from coroutines: DEALERs owned by the event loop, one future per request.
+    """Requests from coroutines: DEALERs owned by the event loop, one future per request
+    (the table of what waits for what is `Outstanding`'s).
 
-    Every pending request has a timer on the loop; whichever comes first, the reply, the
-    timer, the provider's departure, or the caller's cancellation (`abandon`), completes
-    the future and forgets the request.
+    One timer on the loop, set for the earliest deadline, fails overdue requests; whichever
+    comes first, the reply, the deadline, the provider's departure, or the caller's
+    cancellation (`abandon`), completes the future and forgets the request.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sockets: dict[str, zmq.Socket[Any]] = {}
-        self.pending: dict[bytes, tuple[asyncio.Future[tuple[bytes, bytes]], str, Any]] = {}
-        self._ids = itertools.count(1)
+        self.outstanding: Outstanding[asyncio.Future[tuple[bytes, bytes]]] = Outstanding()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._unchecked: set[str] = set()
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request; the future of its reply ``(status, body)``. The future fails
         with `MeshTimeoutError`, `PeerLostError` or `NodeClosedError`; the send itself
         raises `MeshTimeoutError` when the provider takes no more requests."""
-        engine = self.engine
-        loop = engine.loop
         provider = step.provider
         sock = self._socket(provider)
-        request_id = next(self._ids).to_bytes(8, "big")
+        future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
+        request_id = self.outstanding.add(future, provider.id, step.service, step.deadline)
         try:
             send_frames(sock, wire.request_frames(step.service_b, request_id, step.body, step.meta),
                         copy=len(step.body) < 65536)
         except zmq.Again as exc:
+            self.outstanding.withdraw(request_id)
             raise MeshTimeoutError(
                 f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
-        engine.stats.pattern["request"]["sent"] += 1
-        future: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
-        # a timer per request: cheaper than asyncio.wait_for's extra task
-        timer = loop.call_at(loop.time() + max(step.deadline - time.monotonic(), 0),
-                             self._expire, request_id, step.service)
-        self.pending[request_id] = (future, provider.id, timer)
-        self._kick(provider.id)
+        self.engine.stats.pattern["request"]["sent"] += 1
+        if step.deadline < self._timer_at:
+            self._arm(step.deadline)
+        if not self._unchecked:
+            self.engine.loop.call_soon(self._check_sent)
+        self._unchecked.add(provider.id)
         return future
 
     def abandon(self, future: asyncio.Future[Any]) -> None:
         """Forget the request of ``future``: its caller was cancelled."""
-        for request_id, (pending, _pid, timer) in list(self.pending.items()):
-            if pending is future:
-                del self.pending[request_id]
-                timer.cancel()
-                return
+        self.outstanding.forget(future)
 
-    def _expire(self, request_id: bytes, service: str) -> None:
-        entry = self.pending.pop(request_id, None)
-        if entry is not None and not entry[0].done():
-            self.engine.stats.pattern["request"]["errors"] += 1
-            entry[0].set_exception(MeshTimeoutError(f"request to {service!r} timed out"))
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self.engine.loop
+        self._timer_at = deadline
+        self._timer = loop.call_at(loop.time() + max(deadline - time.monotonic(), 0), self._expire)
+
+    def _expire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        errors = 0
+        for future, service in self.outstanding.expired(time.monotonic()):
+            if not future.done():
+                errors += 1
+                future.set_exception(MeshTimeoutError(f"request to {service!r} timed out"))
+        self.engine.stats.pattern["request"]["errors"] += errors
+        deadline = self.outstanding.next_deadline()
+        if deadline is not None:
+            self._arm(deadline)
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets.get(provider.id)
@@ -417,51 +429,51 @@ class LoopRequester:
             self.engine.loop.call_soon(self._on_readable, provider.id)
         return sock
 
-    def _kick(self, provider_id: str) -> None:
-        sock = self.sockets.get(provider_id)
-        if sock is not None and has_input(sock):
-            self.engine.loop.call_soon(self._on_readable, provider_id)
+    def _check_sent(self) -> None:
+        """Read the sockets sent on during this pass of the loop that hold replies: sending
+        may have swallowed the descriptor's signal (once per pass, not per request)."""
+        for provider_id in self._unchecked:
+            sock = self.sockets.get(provider_id)
+            if sock is not None and has_input(sock):
+                self._on_readable(provider_id)
+        self._unchecked.clear()
 
     def _on_readable(self, provider_id: str) -> None:
         sock = self.sockets.get(provider_id)
+        if sock is None:
+            return
         counters = self.engine.stats.pattern["request"]
+        answer = self.outstanding.answer
         for _ in range(_READ_BURST):
-            if sock is None:
-                return
             try:
                 frames = recv_frames(sock)
             except zmq.ZMQError:
                 return
-            reply = wire.parse_reply(frames)
-            entry = self.pending.pop(reply[0], None) if reply is not None else None
-            if entry is None or reply is None or entry[0].done():
+            answered = answer(frames)
+            if answered is None or answered[0].done():
                 counters["dropped"] += 1  # a late reply, or one nobody asked for
                 continue
             counters["received"] += 1
-            entry[2].cancel()
-            entry[0].set_result((reply[1], reply[2]))
-            sock = self.sockets.get(provider_id)
+            answered[0].set_result((answered[1], answered[2]))
         self.engine.loop.call_soon(self._on_readable, provider_id)
 
     def peer_gone(self, peer_id: str) -> None:
         """Fail the requests waiting on a departed provider at once, and close its socket."""
-        for request_id, (future, pid, timer) in list(self.pending.items()):
-            if pid == peer_id:
-                del self.pending[request_id]
-                timer.cancel()
-                if not future.done():
-                    future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
+        for future, _service in self.outstanding.lost(peer_id):
+            if not future.done():
+                future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
         sock = self.sockets.pop(peer_id, None)
         if sock is not None:
             close_watched(self.engine.loop, sock)
 
     def fail_outstanding(self) -> None:
         """Fail every waiting request with `NodeClosedError` and close every socket."""
-        for future, _pid, timer in list(self.pending.values()):
-            timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        for future in self.outstanding.take_all():
             if not future.done():
                 future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
-        self.pending.clear()
         for pid in list(self.sockets):
             close_watched(self.engine.loop, self.sockets.pop(pid))
 

@@ -32,7 +32,8 @@ from .._engine.api import OnLoop, Plan, advance, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.reactor import Reactor, run_on
-from .._io.sockets import new_socket, recv_frames, send_frames
+from .._io.sockets import recv_frames, send_frames
+from .._io.waker import Waker
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
 from .._patterns.calls import Call, is_async, run_async, run_sync
@@ -41,6 +42,7 @@ from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
+from .pipelined import Job, Pipelined, Submitter
 
 __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox", "stop_blocking", "wait_until", "wait_for_room"]
 
@@ -59,28 +61,36 @@ class BlockingRunner:
     def run(self, plan: Plan) -> Any:
         """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
         error becomes `ZmqMeshError`."""
-        value: Any = None
-        error: BaseException | None = None
+        return self._go_on(plan, None, None)
+
+    def resume(self, plan: Plan, step: Any) -> Any:
+        """Carry out ``step``, which ``plan`` yielded last, then the rest of ``plan`` (as `run`)."""
+        return self._go_on(plan, *self._carry_out(step))
+
+    def _go_on(self, plan: Plan, value: Any, error: BaseException | None) -> Any:
         while True:
             finished, step = advance(plan, value, error)
             if finished:
                 return step
-            value, error = None, None
-            try:
-                if isinstance(step, Exchange):
-                    requesters = self.engine.requests
-                    assert isinstance(requesters, ThreadRequesters), "the node is not started"
-                    value = requesters.current().exchange(step)
-                elif isinstance(step, Until):
-                    wait_until(self.engine, step.predicate, step.deadline, step.what)
-                elif isinstance(step, Room):
-                    wait_for_room(self.engine, step.q, step.deadline)
-                elif isinstance(step, OnLoop):
-                    value = self.engine.call_on_loop(step.fn, *step.args)
-                else:
-                    raise TypeError(f"unknown step {step!r}")
-            except Exception as exc:
-                error = exc
+            value, error = self._carry_out(step)
+
+    def _carry_out(self, step: Any) -> tuple[Any, BaseException | None]:
+        try:
+            if isinstance(step, Exchange):
+                requesters = self.engine.requests
+                assert isinstance(requesters, ThreadRequesters), "the node is not started"
+                return requesters.current().exchange(step), None
+            if isinstance(step, Until):
+                wait_until(self.engine, step.predicate, step.deadline, step.what)
+            elif isinstance(step, Room):
+                wait_for_room(self.engine, step.q, step.deadline)
+            elif isinstance(step, OnLoop):
+                return self.engine.call_on_loop(step.fn, *step.args), None
+            else:
+                raise TypeError(f"unknown step {step!r}")
+            return None, None
+        except Exception as exc:
+            return None, exc
 
 
 def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | None, what: str) -> None:
@@ -146,6 +156,24 @@ class ThreadRequester:
         self._ids = itertools.count(1)
         self._membership_epoch = -1
         self._pollers: dict[str, zmq.Poller] = {}
+        self._pipelined: Pipelined | None = None
+
+    def pipelined(self) -> Pipelined:
+        """This thread's `Pipelined` (for `Node.request_many`; made on first use). A plan of
+        it that must wait for something else than a reply waits right here."""
+        if self._pipelined is None:
+            runner = BlockingRunner(self.engine)
+
+            def wait_here(job: Job, step: Any) -> None:
+                try:
+                    value = runner.resume(job.plan, step)
+                except Exception as exc:
+                    job.finish(None, exc)
+                else:
+                    job.finish(value, None)
+
+            self._pipelined = Pipelined(self.engine, wait_here)
+        return self._pipelined
 
     def exchange(self, step: Exchange) -> tuple[bytes, bytes]:
         """Send one request and wait for its reply: ``(status, body)``. Raises
@@ -212,6 +240,8 @@ class ThreadRequester:
     def close(self) -> None:
         """Close every socket of this requester."""
         self._pollers.clear()
+        if self._pipelined is not None:
+            self._pipelined.close()
         for sock in self.sockets.values():
             sock.close(0)
         self.sockets.clear()
@@ -227,6 +257,15 @@ class ThreadRequesters:
         self._local = threading.local()
         self._all: list[ThreadRequester] = []
         self._lock = threading.Lock()
+        self._submitter: Submitter | None = None
+
+    def submitter(self) -> Submitter:
+        """The thread behind `Node.submit` (started on first use). Raises `NodeClosedError`."""
+        with self._lock:
+            if self._submitter is None:
+                self.engine.ensure_running()
+                self._submitter = Submitter(self.engine, BlockingRunner(self.engine).resume)
+            return self._submitter
 
     def current(self) -> ThreadRequester:
         """The calling thread's requester (created on first use)."""
@@ -248,11 +287,16 @@ class ThreadRequesters:
         """Nothing to do: a waiting thread sees the provider leave the directory itself."""
 
     def fail_outstanding(self) -> None:
-        """Nothing to do: a waiting thread sees the node close itself."""
+        """Fail what was submitted (`Node.submit`) with `NodeClosedError`; a blocked
+        thread sees the node close itself."""
+        if self._submitter is not None:
+            self._submitter.begin_close()
 
     def close(self) -> None:
-        """Close every thread's sockets."""
+        """Close every thread's sockets, and stop the submit thread."""
         with self._lock:
+            if self._submitter is not None:
+                self._submitter.close()
             for requester in self._all:
                 requester.close()
 
@@ -306,13 +350,7 @@ class ThreadInbox(Dispatcher):
                          history=engine.history)
         self.name = engine.name
         self._fetcher = ThreadFetcher(engine, self.post_page)
-        self._wake_recv = new_socket(engine.ctx, zmq.PAIR)
-        wake_address = wire.inproc_endpoint(engine.node_id, "inbox")
-        self._wake_recv.bind(wake_address)
-        self._wake_send = new_socket(engine.ctx, zmq.PAIR)
-        self._wake_send.connect(wake_address)
-        self._wake_lock = threading.Lock()
-        self._woken = False
+        self._waker = Waker(engine.ctx, wire.inproc_endpoint(engine.node_id, "inbox"))
         self._resubscribe = True
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
         concurrency = engine.config.handler_concurrency
@@ -351,14 +389,7 @@ class ThreadInbox(Dispatcher):
 
     def wake(self) -> None:
         """Make the inbox thread look at its queues (any thread)."""
-        with self._wake_lock:
-            if self._woken or self._wake_send.closed:
-                return
-            self._woken = True
-            try:
-                self._wake_send.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        self._waker.wake()
 
     def registry_changed(self) -> None:
         """Subscriptions may have changed: re-apply them on the inbox thread."""
@@ -377,8 +408,7 @@ class ThreadInbox(Dispatcher):
             self._async_closed = True
             if self._async_loop is not None:
                 self._async_loop.close()
-        with self._wake_lock:
-            self._wake_send.close(0)
+        self._waker.close_sender()
         self._fetcher.stop()
 
     def fetch_history(self, fetch: Fetch) -> None:
@@ -387,21 +417,15 @@ class ThreadInbox(Dispatcher):
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._wake_recv, zmq.POLLIN)
+        poller.register(self._waker.socket, zmq.POLLIN)
         for sock, _kind in self.sockets:
             poller.register(sock, zmq.POLLIN)
         calls: list[Call] = []
         try:
             while not self.stopping:
                 ready = dict(poller.poll(500))
-                if self._wake_recv in ready:
-                    with self._wake_lock:
-                        self._woken = False
-                        while True:
-                            try:
-                                self._wake_recv.recv(zmq.NOBLOCK)
-                            except zmq.Again:
-                                break
+                if self._waker.socket in ready:
+                    self._waker.clear()
                 if self._resubscribe:
                     self._resubscribe = False
                     self.apply_subscriptions()
@@ -413,7 +437,7 @@ class ThreadInbox(Dispatcher):
             log.exception("inbox thread failed")
         finally:
             self.close_sockets()
-            self._wake_recv.close(0)
+            self._waker.socket.close(0)
 
     def _drain_all(self, calls: list[Call], active: Any) -> None:
         """Drain the sockets the poller found ready, in bursts, until they run dry.

@@ -1,0 +1,158 @@
+"""Many requests in flight from a sync Node without a thread each: request_many (from the
+calling thread) and submit (futures, any thread). Replies in order, errors where they
+belong, back-pressure, and nothing left waiting when a provider dies or the node stops."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from zmqmesh._drivers import pipelined
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _echo_nodes(mesh: dict[str, Any], n: int = 2) -> list[zmqmesh.Node]:
+    nodes = []
+    for i in range(n):
+        node = zmqmesh.Node(f"echo-{i}", **mesh)
+
+        @node.service("echo")
+        def echo(msg: zmqmesh.Message, name: str = node.name) -> Any:
+            if msg.data == "boom":
+                raise ValueError("boom asked for")
+            return {"echo": msg.data, "by": name}
+
+        nodes.append(node.start())
+    return nodes
+
+
+def test_request_many_returns_every_reply_in_order_from_both_providers(mesh: dict[str, Any]) -> None:
+    providers = _echo_nodes(mesh)
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("echo", 2, timeout=10)
+            threads_before = threading.active_count()
+            replies = client.request_many("echo", range(2000), timeout=10, window=16)
+            assert [r["echo"] for r in replies] == list(range(2000))
+            assert {r["by"] for r in replies} == {"echo-0", "echo-1"}  # round robin across providers
+            assert threading.active_count() == threads_before  # no thread per request
+            stats = client.stats()["request"]
+            assert stats["sent"] == 2000 and stats["received"] == 2000
+            assert client.request_many("echo", [], timeout=10) == []
+            # window 1 is one request at a time, and still right
+            assert [r["echo"] for r in client.request_many("echo", ["a", "b"], window=1)] == ["a", "b"]
+            with pytest.raises(zmqmesh.ConfigError):
+                client.request_many("echo", [1], window=0)
+    finally:
+        for node in providers:
+            node.stop()
+
+
+def test_request_many_raises_the_first_failure_and_the_node_goes_on(mesh: dict[str, Any]) -> None:
+    providers = _echo_nodes(mesh, 1)
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("echo", timeout=10)
+            items = [*range(50), "boom", *range(50, 100), "boom"]
+            with pytest.raises(zmqmesh.RemoteError) as raised:
+                client.request_many("echo", items, timeout=10, window=8)
+            assert raised.value.remote_type == "ValueError" and "boom asked for" in str(raised.value)
+            with pytest.raises(TypeError):  # an item msgpack cannot encode fails the call
+                client.request_many("echo", [1, object()], timeout=10)
+            with pytest.raises(zmqmesh.NoProviderError):
+                client.request_many("nobody", [1], timeout=0.3)
+            # the requests left in flight were forgotten: later calls are not confused by them
+            assert client.request("echo", "after", timeout=10)["echo"] == "after"
+            assert [r["echo"] for r in client.request_many("echo", range(10))] == list(range(10))
+    finally:
+        for node in providers:
+            node.stop()
+
+
+def test_submit_from_many_threads_resolves_every_future(mesh: dict[str, Any]) -> None:
+    providers = _echo_nodes(mesh)
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("echo", 2, timeout=10)
+            futures: dict[int, Future[Any]] = {}
+            lock = threading.Lock()
+
+            def caller(base: int) -> None:
+                for i in range(base, base + 500):
+                    future = client.submit("echo", i, timeout=20)
+                    with lock:
+                        futures[i] = future
+
+            callers = [threading.Thread(target=caller, args=(k * 500,)) for k in range(4)]
+            for thread in callers:
+                thread.start()
+            for thread in callers:
+                thread.join(20)
+            assert sorted(futures) == list(range(2000))
+            for i, future in futures.items():
+                assert future.result(timeout=20)["echo"] == i
+            assert not futures[0].cancel()  # sent: it cannot be taken back
+            failing = client.submit("echo", "boom", timeout=10)
+            with pytest.raises(zmqmesh.RemoteError):
+                failing.result(timeout=10)
+            # nobody offers it: the future waits for a provider (not the submit thread), then fails
+            started = time.monotonic()
+            missing = client.submit("nobody", 1, timeout=0.5)
+            assert client.submit("echo", "meanwhile", timeout=10).result(timeout=10)["echo"] == "meanwhile"
+            with pytest.raises(zmqmesh.NoProviderError):
+                missing.result(timeout=10)
+            assert time.monotonic() - started < 5
+            with pytest.raises(TypeError):
+                client.submit("echo", object())
+    finally:
+        for node in providers:
+            node.stop()
+
+
+def test_submit_applies_back_pressure(mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipelined, "MAX_SUBMITTED", 4)
+    with zmqmesh.Node("slow", **mesh) as slow, zmqmesh.Node("client", **mesh) as client:
+        slow.service("nap", lambda msg: time.sleep(0.5) or msg.data)
+        client.wait_for_service("nap", timeout=10)
+        first = [client.submit("nap", i, timeout=20) for i in range(4)]
+        started = time.monotonic()
+        with pytest.raises(zmqmesh.MeshTimeoutError, match="in flight"):
+            client.submit("nap", 99, timeout=0.2)  # no room frees up within its timeout
+        assert time.monotonic() - started < 2
+        later = client.submit("nap", 4, timeout=20)  # waits for room, then goes
+        assert [f.result(timeout=20) for f in [*first, later]] == [0, 1, 2, 3, 4]
+
+
+def test_submitted_requests_fail_when_the_provider_dies(spawn: Any, mesh: dict[str, Any]) -> None:
+    doomed = spawn("doomed", service=["block"], block_s=30)
+    with zmqmesh.Node("client", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}) as client:
+        client.wait_for_service("block", timeout=10)
+        futures = [client.submit("block", i, timeout=25) for i in range(3)]
+        time.sleep(0.3)
+        doomed.kill()
+        for future in futures:
+            with pytest.raises(zmqmesh.PeerLostError):
+                future.result(timeout=15)
+
+
+def test_submitted_requests_fail_when_the_node_stops(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("slow", **mesh) as slow:
+        slow.service("nap", lambda msg: time.sleep(3))
+        client = zmqmesh.Node("client", **mesh).start()
+        try:
+            client.wait_for_service("nap", timeout=10)
+            futures = [client.submit("nap", i, timeout=30) for i in range(3)]
+            time.sleep(0.2)
+        finally:
+            client.stop()
+        for future in futures:
+            with pytest.raises(zmqmesh.NodeClosedError):
+                future.result(timeout=5)
+        with pytest.raises(zmqmesh.NodeClosedError):
+            client.submit("nap", 1)

@@ -1,0 +1,103 @@
+"""Requests sent and not answered yet, sans I/O: their ids, providers and deadlines, and
+what waits for each of them.
+
+One table serves every driver that keeps many requests in flight over one socket per
+provider: `AsyncNode` (an asyncio future per request, woken by a timer on its loop) and
+`Node.submit` (a `concurrent.futures.Future` per request, woken by a thread's poll). The
+drivers only decide how they wait; which reply answers which request, which requests are
+overdue and which ones a departed provider leaves unanswered is decided here.
+
+Deadlines are kept in one heap, not a timer per request: a driver wakes at
+`next_deadline`. A request answered in time leaves its entry in the heap, dropped when it
+reaches the top or when the heap is rebuilt (it never holds more than twice the requests
+outstanding, plus `_SLACK`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Generic, TypeVar
+
+from .._wire import frames as wire
+
+__all__ = ["Outstanding"]
+
+Waiter = TypeVar("Waiter")
+
+_SLACK = 1024
+
+
+class Outstanding(Generic[Waiter]):
+    """The requests of one requester that wait for a reply (not thread-safe: one owner)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[bytes, tuple[Waiter, str, str, float]] = {}
+        self._deadlines: list[tuple[float, bytes]] = []
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, waiter: Waiter, provider_id: str, service: str, deadline: float) -> bytes:
+        """Register a request about to be sent; its id (the frame that the reply echoes)."""
+        request_id = next(self._ids).to_bytes(8, "big")
+        self._pending[request_id] = (waiter, provider_id, service, deadline)
+        heapq.heappush(self._deadlines, (deadline, request_id))
+        if len(self._deadlines) > 2 * len(self._pending) + _SLACK:
+            self._deadlines = [(entry[3], rid) for rid, entry in self._pending.items()]
+            heapq.heapify(self._deadlines)
+        return request_id
+
+    def withdraw(self, request_id: bytes) -> None:
+        """Forget a request that could not be sent."""
+        self._pending.pop(request_id, None)
+
+    def answer(self, frames: list[bytes]) -> tuple[Waiter, bytes, bytes] | None:
+        """The waiter of the request a reply answers, with the reply's status and body; None
+        for a malformed reply or one that nobody waits for any more (the caller counts it
+        as dropped)."""
+        reply = wire.parse_reply(frames)
+        if reply is None:
+            return None
+        entry = self._pending.pop(reply[0], None)
+        if entry is None:
+            return None
+        return entry[0], reply[1], reply[2]
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a request still waiting; None when none waits."""
+        heap, pending = self._deadlines, self._pending
+        while heap and heap[0][1] not in pending:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expired(self, now: float) -> list[tuple[Waiter, str]]:
+        """Take the requests whose deadline has passed: ``(waiter, service)`` each."""
+        heap, pending = self._deadlines, self._pending
+        overdue = []
+        while heap and heap[0][0] <= now:
+            entry = pending.pop(heapq.heappop(heap)[1], None)
+            if entry is not None:
+                overdue.append((entry[0], entry[2]))
+        return overdue
+
+    def forget(self, waiter: Waiter) -> bool:
+        """Take the request of ``waiter`` (its caller gave up); False if it has none."""
+        for request_id, entry in self._pending.items():
+            if entry[0] is waiter:
+                del self._pending[request_id]
+                return True
+        return False
+
+    def lost(self, provider_id: str) -> list[tuple[Waiter, str]]:
+        """Take the requests that ``provider_id`` was to answer: ``(waiter, service)`` each."""
+        gone = [rid for rid, entry in self._pending.items() if entry[1] == provider_id]
+        return [(entry[0], entry[2]) for entry in (self._pending.pop(rid) for rid in gone)]
+
+    def take_all(self) -> list[Waiter]:
+        """Take every waiting request's waiter (the requester is closing)."""
+        waiters = [entry[0] for entry in self._pending.values()]
+        self._pending.clear()
+        self._deadlines.clear()
+        return waiters
