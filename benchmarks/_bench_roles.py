@@ -503,7 +503,22 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
 
 def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh: str, window: int = 1, **_: Any) -> None:
     """zmqmesh client: ``sync_lat`` (`Node.request`), ``async_lat`` (`AsyncNode.request`),
-    ``inflight`` (``window`` coroutines calling in a loop), ``outstanding`` (``n`` at once)."""
+    ``inflight`` (``window`` coroutines calling in a loop), ``many`` (`Node.request_many`
+    with ``window`` in flight), ``outstanding`` (``n`` at once)."""
+    if mode == "many":
+        node = _mesh_node("Node", "bench-client", beacon_port, mesh)
+        with node:
+            node.wait_for_service(SERVICE, timeout=min(20.0, ctl.remaining()))
+            ctl.wait("go")
+            node.request_many(SERVICE, [_echo_data(i) for i in range(warm)], timeout=10, window=window)
+            items = [{"id": i, "payload": PAYLOAD} for i in range(n)]
+            t0 = time.perf_counter()
+            replies = node.request_many(SERVICE, items, timeout=20, window=window)
+            elapsed = time.perf_counter() - t0
+            _check_reply(replies[-1], n - 1)
+            ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, stats=node.stats()["request"], **_rss())
+            ctl.wait("stop")
+        return
     if mode == "sync_lat":
         node = _mesh_node("Node", "bench-client", beacon_port, mesh)
         with node:

@@ -282,6 +282,8 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_req(t, "raw", "inflight", p["inflight_n"], p["req_warm"], window=p["window"])),
         _m("zm_req_inflight", "AsyncNode, 64 coroutines calling in a loop",
            lambda t, p: trial_req(t, "zm", "inflight", p["inflight_n"], p["req_warm"], window=p["window"])),
+        _m("zm_req_many", "Node.request_many, 64 in flight from one thread",
+           lambda t, p: trial_req(t, "zm", "many", p["inflight_n"], p["req_warm"], window=p["window"])),
         _m("raw_pubsub_1", "XPUB -> 1 SUB process, msgpack",
            lambda t, p: trial_pubsub(t, "raw", p["pub_n"], 1)),
         _m("zm_pubsub_history_1", "Node(history=...).publish -> 1 subscriber process",
@@ -418,6 +420,7 @@ SCENARIOS: dict[str, list[Figure]] = {
     ],
     "req_inflight": [
         Figure("req_inflight", "64 requests in flight: AsyncNode (64 coroutines) vs DEALER 64 outstanding", "zm_req_inflight", "raw_req_inflight", "per_s", "req/s", True, 0.8),
+        Figure("req_inflight/sync", "64 requests in flight: Node.request_many (one thread) vs DEALER 64 outstanding", "zm_req_many", "raw_req_inflight", "per_s", "req/s", True, 0.8),
     ],
     "pubsub_1": [
         Figure("pubsub_1", "64 B msgpack, 1 subscriber process: delivered", "zm_pubsub_1", "raw_pubsub_1", "delivered_per_s", "msgs/s", True, 0.8, _drops),
