@@ -645,7 +645,7 @@ class Roles:
                 return dict(data)
 
     def close(self) -> None:
-        for proc, conn in self.procs:
+        for _proc, conn in self.procs:
             with contextlib.suppress(Exception):
                 conn.send(("stop", {}))
         for proc, _conn in self.procs:
