@@ -763,3 +763,51 @@ def zm_sub(ctl: Ctl, beacon_port: int, mesh: str, name: str = "bench-sub", **_: 
         stats = node.stats()["pubsub"]
         ctl.send("result", count=times["count"], t_end=times["end"], dropped=stats["dropped"], stats=stats, **_rss())
         ctl.wait("stop")
+
+
+# ============================================================================ cold start ==
+
+
+def raw_cold_recv(ctl: Ctl, **_: Any) -> None:
+    """A PULL waiting for the first message of a sender process not started yet; says when
+    (wall clock) it arrived."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(ctl.remaining() * 1000))
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    ctl.send("ready", endpoint=f"tcp://127.0.0.1:{port}")
+    sock.recv()
+    ctl.send("result", at=time.time())
+    ctl.wait("stop")
+    sock.close(0)
+    ctx.term()
+
+
+def zm_cold_recv(ctl: Ctl, beacon_port: int, mesh: str, **_: Any) -> None:
+    """A node pulling ``QUEUE``, waiting for the first message of a sender node's process
+    not started yet; says when (wall clock) it arrived."""
+    node = _mesh_node("Node", "bench-cold-recv", beacon_port, mesh)
+    arrived: list[float] = []
+    got = threading.Event()
+
+    @node.pull(QUEUE)
+    def take(msg: Any) -> None:
+        arrived.append(time.time())
+        got.set()
+
+    with node:
+        ctl.send("ready")
+        if not got.wait(ctl.remaining()):
+            raise TimeoutError("the sender's message never came")
+        ctl.send("result", at=arrived[0])
+        ctl.wait("stop")
+
+
+COLD_SENDERS = {
+    "raw": "import sys, zmq\nctx = zmq.Context(); s = ctx.socket(zmq.PUSH); s.connect(sys.argv[1])\n"
+           "s.send(b'hello'); s.close(5000); ctx.term()",
+    "zm": "import sys, zmqmesh\nwith zmqmesh.Node('bench-cold-send', mesh=sys.argv[2], beacon_port=int(sys.argv[3])) as n:\n"
+          "    n.wait_for_pullers(sys.argv[4], timeout=30); n.push(sys.argv[4], b'hello')",
+}
+"""What the sender process runs: connect (or join the mesh and find the puller), send one message."""

@@ -200,6 +200,25 @@ def trial_import(t: Trial, module: str) -> dict[str, Any]:
     return {"import_ms": totals[-1] / 1000}
 
 
+def trial_cold(t: Trial, impl: str) -> dict[str, Any]:
+    """Milliseconds from spawning a sender process (``python -c``: import, connect or join
+    the mesh, send one message) to that message's delivery to a receiver already waiting."""
+    from _bench_roles import COLD_SENDERS, QUEUE
+
+    mesh = mesh_options()
+    t.spawn("receiver", "raw_cold_recv" if impl == "raw" else "zm_cold_recv", **({} if impl == "raw" else mesh))
+    ready = t.expect("receiver", "ready")
+    args = [ready.get("endpoint", ""), mesh["mesh"], str(mesh["beacon_port"]), QUEUE]
+    began = time.time()
+    sender = subprocess.run([sys.executable, "-c", COLD_SENDERS[impl], *args], capture_output=True, text=True,
+                            timeout=max(t.deadline - time.monotonic(), 1))
+    if sender.returncode != 0:
+        raise TrialError(f"the sender process failed: {sender.stderr.strip()[-300:]}")
+    got = t.expect("receiver", "result")
+    t.tell("receiver", "stop")
+    return {"cold_ms": (got["at"] - began) * 1000}
+
+
 def trial_pubsub(t: Trial, impl: str, n: int, nsubs: int, history: bool = False) -> dict[str, Any]:
     """One publisher process and ``nsubs`` subscriber processes (``history``: the publisher
     keeps what it publishes)."""
@@ -312,6 +331,10 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_push(t, "raw", "msgpack", p["burst_n"], p["push_warm"]), 2.0),
         _m("zm_mem_burst", "Node.push burst -> @pull",
            lambda t, p: trial_push(t, "zm", "msgpack", p["burst_n"], p["push_warm"]), 2.0),
+        _m("raw_cold", "python -c: PUSH connect, send one message",
+           lambda t, p: trial_cold(t, "raw")),
+        _m("zm_cold", "python -c: Node start, wait_for_pullers, push one message",
+           lambda t, p: trial_cold(t, "zm")),
         _m("raw_import", "import zmq", lambda t, p: trial_import(t, "zmq")),
         _m("zm_import", "import zmqmesh", lambda t, p: trial_import(t, "zmqmesh")),
         _m("raw_mem_outstanding", "zmq.asyncio DEALER, all requests outstanding, one future each",
@@ -335,6 +358,7 @@ class Figure:
     higher_is_better: bool
     target: float | None = None
     extra: Callable[[list[dict[str, Any]], list[dict[str, Any]]], str] | None = None
+    spread: bool = False  # the figure is how far the runs stray from their median (%), target absolute
 
 
 def _drops(zm: list[dict[str, Any]], raw: list[dict[str, Any]]) -> str:
@@ -444,6 +468,16 @@ SCENARIOS: dict[str, list[Figure]] = {
                "zm_push_durable_tasks", "zm_push_alo_tasks", "msgs_per_s", "msgs/s", True, None),
         Figure("durable/single_vs_memory", "64 B: one thread's durable push, a commit each, vs in memory",
                "zm_push_durable", "zm_push_alo", "msgs_per_s", "msgs/s", True, None),
+    ],
+    "cold_start": [
+        Figure("cold_start", "spawn a sender process -> its first message delivered to a waiting receiver",
+               "zm_cold", "raw_cold", "cold_ms", "ms", False, 1.2),
+    ],
+    "stability": [
+        Figure("stability/push_sync", "Node.push -> @pull: the runs' largest distance from their median (5 runs asked)",
+               "zm_push_sync", "raw_push_msgpack", "msgs_per_s", "%", False, 20, spread=True),
+        Figure("stability/pubsub_4", "Node.publish -> 4 subscribers: the runs' largest distance from their median",
+               "zm_pubsub_4", "raw_pubsub_4", "delivered_per_s", "%", False, 20, spread=True),
     ],
     "import": [
         Figure("import", "python -X importtime: import zmqmesh vs import zmq (absolute target <= 30 ms)",
@@ -593,9 +627,13 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
     zo, ro = outcomes[fig.zm], outcomes[fig.raw]
     zv = [r[fig.metric] for r in zo.ok]
     rv = [r[fig.metric] for r in ro.ok]
+    runs = {"zmqmesh": len(zv), "raw": len(rv), "requested": repeats}
+    paired = [zo.by_repeat[i][fig.metric] / ro.by_repeat[i][fig.metric] for i in range(repeats) if i in zo.by_repeat and i in ro.by_repeat and ro.by_repeat[i][fig.metric]]
+    if fig.spread:  # one value per side: the largest distance of a run from the median, in %
+        zv, rv = [v for v in (_spread_pct(zv),) if v is not None], [v for v in (_spread_pct(rv),) if v is not None]
+        paired = []
     zs, rs = stats_of(zv), stats_of(rv)
     ratio = zs["median"] / rs["median"] if zs and rs and rs["median"] else None
-    paired = [zo.by_repeat[i][fig.metric] / ro.by_repeat[i][fig.metric] for i in range(repeats) if i in zo.by_repeat and i in ro.by_repeat and ro.by_repeat[i][fig.metric]]
     if not zv:
         status = "failed"
     elif zo.errors:
@@ -605,7 +643,9 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
     else:
         status = "ok"
     meets = None
-    if fig.target is not None and ratio is not None:
+    if fig.spread:
+        meets = zs["median"] <= fig.target if zs and fig.target is not None and runs["zmqmesh"] >= 5 else None
+    elif fig.target is not None and ratio is not None:
         meets = ratio >= fig.target if fig.higher_is_better else ratio <= fig.target
     loads = [r.get("_other_cpu_pct", 0.0) for r in zo.ok + ro.ok]
     extra = ""
@@ -624,16 +664,25 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
         "ratio": ratio,
         "ratio_paired_min": min(paired) if paired else None,
         "ratio_paired_max": max(paired) if paired else None,
-        "target": None if fig.target is None else ((">= " if fig.higher_is_better else "<= ") + f"{fig.target}"),
+        "target": None if fig.target is None else ((">= " if fig.higher_is_better else "<= ") + f"{fig.target}"
+                                                   + (" % (5 runs)" if fig.spread else "")),
         "meets_target": meets,
         "status": status,
-        "runs": {"zmqmesh": len(zv), "raw": len(rv), "requested": repeats},
+        "runs": runs,
         "errors": {"zmqmesh": zo.errors, "raw": ro.errors},
         "notes": zo.notes + [f"raw: {n}" for n in ro.notes],
         "extra": extra,
         "measured": {"zmqmesh": MEASUREMENTS[fig.zm].describe, "raw": MEASUREMENTS[fig.raw].describe},
         "other_load_pct_max": max(loads) if loads else None,
     }
+
+
+def _spread_pct(values: list[float]) -> float | None:
+    """How far the farthest run is from the runs' median, in % of it."""
+    if len(values) < 2:
+        return None
+    med = statistics.median(values)
+    return max(abs(v - med) for v in values) / med * 100 if med else None
 
 
 NOISY_PCT = 15.0  # other processes using more than this share of the CPUs during a run make it noisy
@@ -656,7 +705,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         if r["status"] == "failed":
             verdict = "FAILED"
         elif r["meets_target"] is None:
-            verdict = "(info)" if r["target"] is None else "no baseline"
+            verdict = "(info)" if r["target"] is None else ("needs 5 runs" if "5 runs" in r["target"] else "no baseline")
         else:
             verdict = "meets" if r["meets_target"] else "MISSES"
         if r["status"] == "partial":

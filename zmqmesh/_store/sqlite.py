@@ -23,17 +23,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
 
 from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
+
+if TYPE_CHECKING:
+    import sqlite3
 
 __all__ = ["Store", "StoredMessage", "StoredSegment", "Entry", "SEGMENT_MAX", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
@@ -198,6 +200,8 @@ class Store:
         _check_sqlite_file(self.path)
 
     def _connect(self, max_bytes: int, synchronous: str) -> sqlite3.Connection:
+        import sqlite3  # (loaded with the first store: a node without one never pays for it)
+
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
         except sqlite3.Error as exc:
@@ -267,6 +271,8 @@ class Store:
     def _commit(self, work: Any, single: bool = False) -> None:
         """Run ``work(db)`` as one transaction (a single statement is its own transaction).
         Raises `StoreFullError`, `StoreError`; nothing of a failed transaction is kept."""
+        import sqlite3
+
         db = self._db
         try:
             if single:
@@ -525,6 +531,8 @@ class Store:
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """The rows ``sql`` selects (lock held); a failing read raises `StoreError`."""
+        import sqlite3
+
         try:
             return self._db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -587,6 +595,8 @@ class Store:
 def _schema_version(db: sqlite3.Connection, path: Path) -> int:
     """The schema version of the zmqmesh store open as ``db``. Raises `StoreError` for
     another SQLite database or a missing version."""
+    import sqlite3
+
     try:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.OperationalError:
@@ -674,6 +684,8 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.exists():
         raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
     _check_sqlite_file(path)
+    import sqlite3
+
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
