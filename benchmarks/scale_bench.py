@@ -1,0 +1,159 @@
+"""Scale: one full mesh of 16, 32, 64 and 128 node processes on 8 virtual hosts.
+
+    sudo python3 benchmarks/scale_bench.py                     # 16, 32, 64, 128 nodes
+    sudo python3 benchmarks/scale_bench.py --sizes 16,32 --idle 5
+
+For each size, a fresh virtual network (``tests/netns.py``: a switch and ``--hosts``
+hosts, 10.206.0.<i>/24) gets that many node processes, spread evenly over the hosts, with
+the library's default timings (beacons, heartbeats). It measures:
+
+1. formation: from the moment the last node was running (and from the first spawn) until
+   every node has seen every other join;
+2. then, after ``--settle`` seconds, over ``--idle`` seconds of silence, per node: CPU
+   used (user + system, % of one CPU), resident memory, and open sockets (from /proc).
+
+The table shows how each grows with the mesh, and the verdicts of the targets: at 128
+nodes, formation within 0.5 s of the last start and idle CPU per node of at most 0.5 %.
+Needs root (network namespaces); nothing is sent outside the run's own namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+import netns  # noqa: E402  (tests/netns.py)
+from multihost_bench import first_full_view  # noqa: E402
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def progress(*parts: object) -> None:
+    sys.stderr.write(" ".join(str(p) for p in parts) + "\n")
+    sys.stderr.flush()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * _PAGE / 2**20
+
+
+def sockets(pid: int) -> int:
+    """Open sockets of process ``pid`` (TCP and UDP, ZeroMQ's internal ones included)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def one_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    options = {"mesh": f"scale-{uuid.uuid4().hex[:10]}", "interface": "eth0", "beacon_port": 5670}
+    per_host = [size // args.hosts + (1 if i < size % args.hosts else 0) for i in range(args.hosts)]
+    with netns.Lab() as lab:
+        switch = lab.switch()
+        hosts = [lab.host(f"h{i}") for i in range(1, args.hosts + 1)]
+        for i, host in enumerate(hosts, start=1):
+            lab.wire(host, "eth0", switch, f"10.206.0.{i}/24")
+        progress(f"{size} nodes: starting on {args.hosts} hosts")
+        t_spawn = time.monotonic()
+        nodes = [lab.node(host, f"{host.short}-n{k}", options, log_level="warning")
+                 for host, count in zip(hosts, per_host) for k in range(1, count + 1)]
+        for node in nodes:
+            node.ready(timeout=args.timeout)
+        last_ready = max(node.find("ready")[0]["t"] for node in nodes)
+        everyone = {n.id for n in nodes}
+        for node in nodes:
+            node.wait_peers(everyone - {node.id}, args.timeout, "the full mesh")
+        formed = max(first_full_view(n, everyone - {n.id}) or float("inf") for n in nodes)
+        progress(f"{size} nodes: full mesh {formed - last_ready:.2f} s after the last start; "
+                 f"settling {args.settle:.0f} s, then {args.idle:.0f} s idle")
+        time.sleep(args.settle)
+        pids = [n.proc.pid for n in nodes]
+        before = [cpu_seconds(p) for p in pids]
+        t0 = time.monotonic()
+        time.sleep(args.idle)
+        after = [cpu_seconds(p) for p in pids]
+        elapsed = time.monotonic() - t0
+        cpu = [(b - a) / elapsed * 100 for a, b in zip(before, after)]
+        rss = [rss_mib(p) for p in pids]
+        socks = [sockets(p) for p in pids]
+        still = sum(1 for n in nodes if n.find("leave"))
+    return {
+        "kind": "size", "nodes": size, "hosts": args.hosts,
+        "form_last_ready_s": formed - last_ready, "form_spawn_s": formed - t_spawn,
+        "spawn_to_last_ready_s": last_ready - t_spawn,
+        "idle_cpu_pct_median": statistics.median(cpu), "idle_cpu_pct_max": max(cpu),
+        "rss_mib_median": statistics.median(rss), "rss_mib_max": max(rss),
+        "sockets_median": statistics.median(socks), "sockets_max": max(socks),
+        "nodes_that_saw_a_leave": still,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="16,32,64,128", help="mesh sizes, comma-separated (default 16,32,64,128)")
+    parser.add_argument("--hosts", type=int, default=8, help="virtual hosts (default 8)")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds after formation before measuring idle cost")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds over which idle cost is measured")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed to start and to form, per size")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if args.hosts < 2 or not sizes or min(sizes) < args.hosts:
+        parser.error("needs at least 2 hosts, and at least one node per host")
+    reason = netns.unavailable_reason()
+    if reason is not None:
+        progress(f"scale benchmark not run: {reason}")
+        return 2
+    netns.sweep_stale()
+    rows = []
+    for size in sizes:
+        rows.append(one_size(size, args))
+        progress("  " + json.dumps(rows[-1]))
+    print()
+    print(f"full mesh on {args.hosts} virtual hosts, default timings, {os.cpu_count()} CPUs; "
+          f"idle cost over {args.idle:.0f} s, {args.settle:.0f} s after formation")
+    head = ("nodes", "formed after last start", "after first spawn", "idle CPU/node median [max]",
+            "RSS/node median [max]", "sockets/node median [max]")
+    print(" | ".join(head))
+    print(" | ".join("-" * len(h) for h in head))
+    for r in rows:
+        print(f"{r['nodes']:>5} | {r['form_last_ready_s']:>22.2f} s | {r['form_spawn_s']:>15.1f} s | "
+              f"{r['idle_cpu_pct_median']:>6.2f} % [{r['idle_cpu_pct_max']:.2f}] | "
+              f"{r['rss_mib_median']:>5.1f} MiB [{r['rss_mib_max']:.1f}] | "
+              f"{r['sockets_median']:>5.0f} [{r['sockets_max']}]")
+    largest = rows[-1]
+    print()
+    print(f"targets at {largest['nodes']} nodes: formation within 0.5 s of the last start: "
+          f"{'meets' if largest['form_last_ready_s'] <= 0.5 else 'MISSES'} ({largest['form_last_ready_s']:.2f} s); "
+          f"idle CPU per node <= 0.5 %: {'meets' if largest['idle_cpu_pct_median'] <= 0.5 else 'MISSES'} "
+          f"({largest['idle_cpu_pct_median']:.2f} % median)")
+    for r in rows:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
