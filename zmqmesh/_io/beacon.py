@@ -71,21 +71,22 @@ class BeaconSocket:
         except OSError as exc:
             log.debug("beacon to %s:%s failed: %s", self.target, self.port, exc)
 
-    def receive(self) -> list[tuple[bytes, str]]:
-        """Every datagram waiting now (bounded burst), as ``(payload, source_ip)``."""
+    def receive(self) -> tuple[list[tuple[bytes, str]], bool]:
+        """The datagrams waiting now (a bounded burst), as ``(payload, source_ip)``, and
+        whether that was all of them (False: more wait, the burst was full)."""
         out: list[tuple[bytes, str]] = []
         for _ in range(_RECEIVE_BURST):
             try:
                 data, (source, _port) = self._sock.recvfrom(_MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                break
+                return out, True
             except OSError as exc:
                 log.debug("beacon receive failed: %s", exc)
-                break
+                return out, True
             if self.loopback_only and not source.startswith("127."):
                 continue
             out.append((data, source))
-        return out
+        return out, False
 
     def close(self) -> None:
         """Close the socket (idempotent)."""

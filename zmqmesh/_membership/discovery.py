@@ -25,12 +25,21 @@ __all__ = ["Beacons", "Seeds"]
 log = logging.getLogger("zmqmesh.membership")
 
 
+_REST_S = 0.1
+"""Once the beacon socket has been read dry, it is left unwatched this long, and what
+arrived meanwhile is read in one go: in a mesh of N nodes every node hears N beacons a
+second, and each woke the loop on its own (at 32 nodes, most of an idle node's CPU).
+A flood that fills a whole burst is read on at once, as before."""
+
+
 class Beacons:
     """Sends this node's beacon at once and every ``interval_s``; reports the others'.
 
     ``on_beacon(uuid, endpoint, key)`` is called for each well-formed beacon of another
     node of the same security (``endpoint`` is None for a goodbye beacon). Malformed
-    beacons and those of the other security are counted and dropped.
+    beacons and those of the other security are counted and dropped. Beacons are read at
+    most every `_REST_S` once the socket runs dry (a newcomer's first beacon may wait
+    that long).
     """
 
     def __init__(self, *, loop: EventLoop, sock: BeaconSocket, uuid: bytes, key: bytes | None, stats: Stats,
@@ -46,6 +55,7 @@ class Beacons:
         self.on_beacon = on_beacon
         self.port = 0
         self._closed = False
+        self._resting = False
 
     def start(self, port: int) -> None:
         """Listen, and beacon mailbox ``port`` now and every interval."""
@@ -75,12 +85,22 @@ class Beacons:
         self.later(self.interval_s, self._send)
 
     def _on_readable(self) -> None:
-        for data, source in self.sock.receive():
+        datagrams, drained = self.sock.receive()
+        for data, source in datagrams:
             try:
                 self._handle(data, source)
             except Exception:  # never let one datagram take the node down
                 self.stats.reject("beacon_handler_error")
                 log.exception("error handling a beacon from %s", source)
+        if drained and not self._resting and not self._closed:
+            self._resting = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.later(_REST_S, self._listen_again)
+
+    def _listen_again(self) -> None:
+        self._resting = False
+        if not self._closed:  # (what arrived meanwhile makes the socket readable at once)
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def _handle(self, data: bytes, source: str) -> None:
         try:
