@@ -92,7 +92,7 @@ class Message:
     # A delivery is made per message on the hot paths: __init__ sets only what every
     # message has; the rest is set when known, and read with a default otherwise.
     __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_origin", "_index", "_id",
-                 "_timestamp", "_headers", "_attempts", "_gap", "_sequence", "_via")
+                 "_timestamp", "_headers", "_attempts", "_gap", "_sequence", "_via", "_route")
 
     def __init__(
         self,
@@ -103,6 +103,7 @@ class Message:
         lookup: Callable[[str], Peer | None] | None = None,
         origin: Origin | None = None,
         index: int = 0,
+        route: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.pattern = pattern
         self.topic = topic
@@ -113,6 +114,8 @@ class Message:
         if origin is not None:  # message ``index`` of a frame whose sender said ``origin``
             self._origin = origin
             self._index = index
+        if route is not None:  # a request: its requester and request id name it
+            self._route = route
 
     @property
     def id(self) -> str:
@@ -120,7 +123,10 @@ class Message:
         found: str | None = getattr(self, "_id", None)
         if found is None:
             origin: Origin | None = getattr(self, "_origin", None)
-            if origin is not None and origin.stem is not None:
+            route: tuple[bytes, bytes] | None = getattr(self, "_route", None)
+            if route is not None:
+                found = f"{route[0].hex()}/{route[1].hex()}"
+            elif origin is not None and origin.stem is not None:
                 found = f"{origin.stem}{origin.first + self._index}"
             else:
                 found = uuid.uuid4().hex

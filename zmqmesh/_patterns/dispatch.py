@@ -348,26 +348,7 @@ class Dispatcher:
             return
         service = service_b.decode("utf-8", "replace")
         sender_id = wire.sender_of_requester(route[0])
-        if service.startswith(wire.QUEUE_SERVICE_PREFIX):
-            self.acked.decode(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
-            return
-        if service.startswith(wire.KEEP_SERVICE_PREFIX):
-            self.acked.keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
-            return
-        if service == wire.HISTORY_SERVICE:
-            self._serve_history(route, body)
-            return
-        if service == wire.STATS_SERVICE:  # built in: every node reports its counters
-            try:
-                described = self.describe()
-                try:
-                    body = self.codec.encode(described)
-                except MessageTooLargeError:  # more names than a message holds: the rest still goes
-                    described["names"], described["names_omitted"] = {}, True
-                    body = self.codec.encode(described)
-                self.send_reply(route, wire.STATUS_OK, body)
-            except Exception as exc:  # the caller must hear of it, never wait out its timeout
-                self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc))
+        if service[:1] == "\x00" and self._serve_builtin(service, route, body, sender_id, calls):
             return
         handler = self.registry.services.get(service)
         counters["received"] += 1
@@ -385,8 +366,7 @@ class Dispatcher:
             self.stats.reject("service_malformed")
             self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
             return
-        msg = Message("request", service, data, sender_id, self.directory.lookup_peer)
-        msg.id = f"{route[0].hex()}/{route[1].hex()}"
+        msg = Message("request", service, data, sender_id, self.directory.lookup_peer, route=route)
         if meta is not None:
             try:
                 info = self.codec.decode(meta)
@@ -404,6 +384,33 @@ class Dispatcher:
                 self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
                 return
         calls.append(Call(handler, msg, route, "service"))
+
+    def _serve_builtin(self, service: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
+                       calls: list[Call]) -> bool:
+        """Serve a request to a built-in service (their names begin with ``\\x00``); False
+        if ``service`` names none of them."""
+        if service.startswith(wire.QUEUE_SERVICE_PREFIX):
+            self.acked.decode(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
+            return True
+        if service.startswith(wire.KEEP_SERVICE_PREFIX):
+            self.acked.keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
+            return True
+        if service == wire.HISTORY_SERVICE:
+            self._serve_history(route, body)
+            return True
+        if service == wire.STATS_SERVICE:  # built in: every node reports its counters
+            try:
+                described = self.describe()
+                try:
+                    body = self.codec.encode(described)
+                except MessageTooLargeError:  # more names than a message holds: the rest still goes
+                    described["names"], described["names_omitted"] = {}, True
+                    body = self.codec.encode(described)
+                self.send_reply(route, wire.STATUS_OK, body)
+            except Exception as exc:  # the caller must hear of it, never wait out its timeout
+                self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc))
+            return True
+        return False
 
     def _serve_history(self, route: tuple[bytes, bytes], body: bytes) -> None:
         """One page of a replay: ``{"p": prefix, "a": after position, "s": since (epoch
