@@ -149,6 +149,15 @@ def test_a_cancelled_async_request_is_forgotten(mesh: dict[str, Any]) -> None:
                 await asyncio.wait_for(caller.request("slow", timeout=30), 0.2)
             requester: Any = caller._engine.requests
             assert len(requester.outstanding) == 0
+            # a gather of many, cancelled at once: every one forgotten (in one sweep)
+            many = asyncio.gather(*(caller.request("slow", i, timeout=30) for i in range(2000)))
+            await asyncio.sleep(0.3)
+            assert len(requester.outstanding) == 2000
+            many.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await many
+            await asyncio.sleep(0)
+            assert len(requester.outstanding) == 0
 
     asyncio.run(main())
 

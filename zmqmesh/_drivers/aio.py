@@ -374,6 +374,7 @@ class LoopRequester:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._unchecked: set[str] = set()
+        self._sweep_soon = False
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request; the future of its reply ``(status, body)``. The future fails
@@ -399,8 +400,16 @@ class LoopRequester:
         return future
 
     def abandon(self, future: asyncio.Future[Any]) -> None:
-        """Forget the request of ``future``: its caller was cancelled."""
-        self.outstanding.forget(future)
+        """Forget the request of ``future`` (cancelled with its caller), soon: the requests
+        cancelled during one pass of the loop are forgotten in one sweep (cancelling a
+        gather of n requests must not cost n sweeps)."""
+        if not self._sweep_soon:
+            self._sweep_soon = True
+            self.engine.loop.call_soon(self._forget_abandoned)
+
+    def _forget_abandoned(self) -> None:
+        self._sweep_soon = False
+        self.outstanding.forget_where(asyncio.Future.done)
 
     def _arm(self, deadline: float) -> None:
         if self._timer is not None:

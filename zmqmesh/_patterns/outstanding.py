@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .._wire import frames as wire
@@ -82,13 +83,13 @@ class Outstanding(Generic[Waiter]):
                 overdue.append((entry[0], entry[2]))
         return overdue
 
-    def forget(self, waiter: Waiter) -> bool:
-        """Take the request of ``waiter`` (its caller gave up); False if it has none."""
-        for request_id, entry in self._pending.items():
-            if entry[0] is waiter:
-                del self._pending[request_id]
-                return True
-        return False
+    def forget_where(self, given_up: Callable[[Waiter], bool]) -> int:
+        """Forget the requests whose waiter ``given_up`` says yes to (their callers gave
+        up); how many. One pass for any number of them."""
+        gone = [rid for rid, entry in self._pending.items() if given_up(entry[0])]
+        for request_id in gone:
+            del self._pending[request_id]
+        return len(gone)
 
     def lost(self, provider_id: str) -> list[tuple[Waiter, str]]:
         """Take the requests that ``provider_id`` was to answer: ``(waiter, service)`` each."""
