@@ -51,19 +51,21 @@ def can_send(sock: zmq.Socket[Any]) -> bool:
     return bool(cast(int, sock.get(_EVENTS)) & _POLLOUT)
 
 
-def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
+def recv_frames(sock: zmq.Socket[Any], views_from: int = 0) -> list[bytes]:
     """Receive one whole message without blocking; raises `zmq.Again` if none is waiting.
 
     ``recv_multipart(NOBLOCK)`` at about two thirds of its cost: each frame is taken as a
     `zmq.Frame`, whose ``more`` is read off the frame itself, where reading ``RCVMORE``
     from the socket costs a whole option lookup per frame. (The frames after the first
-    of a message are always there: ZeroMQ delivers it whole.)
+    of a message are always there: ZeroMQ delivers it whole.) With ``views_from``, a
+    frame of that many bytes or more comes as a read-only `memoryview` of ZeroMQ's own
+    buffer instead of a copy (for callers that only decode it).
     """
     frame = _recv(sock, _NOBLOCK, False)
-    frames = [frame.bytes]
+    frames = [frame.buffer if views_from and len(frame) >= views_from else frame.bytes]
     while frame.more:
         frame = _recv(sock, _NOBLOCK, False)
-        frames.append(frame.bytes)
+        frames.append(frame.buffer if views_from and len(frame) >= views_from else frame.bytes)
     return frames
 
 
