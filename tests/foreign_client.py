@@ -4,8 +4,8 @@ and msgpack, no zmqmesh. Run by test_foreign_client.py as
     python foreign_client.py MESH BEACON_PORT
 
 It finds a node by its beacon, becomes a ZRE peer (and so a zmqmesh node of MESH), reads
-the node's HELLO, answers its PINGs, calls its service "double" (and once with a request
-id that is too long), subscribes to "news.", pushes to "work", answers "echo", and pulls
+the node's HELLO, answers its PINGs, calls its service "double" (once with a request
+id that is too long, once in the one-frame form), subscribes to "news.", pushes to "work", answers "echo", and pulls
 "jobs" at least once. It prints what it sees, one line each, and ends on the node's bye.
 """
 
@@ -133,7 +133,11 @@ def main() -> None:
             elif sock is service:
                 answer(service, service.recv_multipart())
             elif sock is caller:
-                request_id, status, body = caller.recv_multipart()
+                reply = caller.recv_multipart()
+                if len(reply) == 1:  # the one-frame form: [len(id)] id status body
+                    size = reply[0][0]
+                    reply = [reply[0][1:1 + size], reply[0][1 + size:2 + size], reply[0][2 + size:]]
+                request_id, status, body = reply
                 value = msgpack.unpackb(body) if body else None
                 say("REPLY", request_id[:8].decode(), len(request_id), status.hex(), json.dumps(value))
             elif sock is sub:
@@ -153,6 +157,8 @@ def use_the_node(ctx: zmq.Context, headers: dict[str, str], poller: zmq.Poller) 
     caller.connect(headers["X-ZMQMESH-SERVICE"])
     caller.send_multipart([b"double", b"call-one", msgpack.packb(21)])
     caller.send_multipart([b"double", b"too-long" + b"x" * 92, msgpack.packb(1)])
+    # the one-frame form (protocol 3): [len(service)] service [len(id)] id body
+    caller.send(bytes([6]) + b"double" + bytes([8]) + b"call-two" + msgpack.packb(50))
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"news.")
     sub.connect(headers["X-ZMQMESH-PUB"])

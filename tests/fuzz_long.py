@@ -663,6 +663,11 @@ def gen_service(src: Source, env: Env) -> Input:
     if src.chance(0.15):
         n = src.pick([1, 2, 4, 5])
         frames = (frames + [src.blob(0, 16) for _ in range(2)])[:n]
+    elif len(frames) == 3 and len(service) < 256 and len(request_id) < 256 and src.chance(0.3):
+        # the one-frame form (protocol 3), its lengths mostly right
+        service_len = len(service) if src.chance(0.85) else src.integer(0, 255)
+        id_len = len(request_id) if src.chance(0.85) else src.integer(0, 255)
+        frames = [bytes((service_len,)) + service + bytes((id_len,)) + request_id + frames[2]]
     identity = ("fresh", src.blob(20, 20)) if src.chance(0.3) else ("anon",)  # 16+4 bytes: a zmqmesh caller
     return Input("service", [frames], identity, note="request")
 
@@ -919,8 +924,13 @@ class Driver:
 
 def reply_problem(frames: list[bytes]) -> str | None:
     """Why a service reply breaks the protocol (docs/protocol.md), or None."""
+    if len(frames) == 1:  # the one-frame form (protocol 3): [len(id)] id status body
+        reply = frames[0]
+        if not reply or len(reply) < reply[0] + 2:
+            return "a one-frame reply shorter than its request id and status"
+        frames = [reply[1:1 + reply[0]], reply[1 + reply[0]:2 + reply[0]], reply[2 + reply[0]:]]
     if len(frames) != 3:
-        return f"{len(frames)} frames, expected 3"
+        return f"{len(frames)} frames, expected 3 (or 1)"
     rid, status, body = frames
     if len(rid) > 64 and status != b"\x03":  # (a request id too long is answered 0x03)
         return "request id longer than 64 bytes, not answered 0x03"

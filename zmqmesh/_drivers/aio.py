@@ -44,7 +44,6 @@ from .._patterns.durable import Ticket
 from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
-from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
 __all__ = ["AsyncRunner", "check_loop", "LoopCommits", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
@@ -385,7 +384,7 @@ class LoopRequester:
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
         request_id = self.outstanding.add(future, provider.id, step.service, step.deadline)
         try:
-            send_frames(sock, wire.request_frames(step.service_b, request_id, step.body, step.meta),
+            send_frames(sock, step.frames(request_id),
                         copy=len(step.body) < 65536)
         except zmq.Again as exc:
             self.outstanding.withdraw(request_id)

@@ -105,7 +105,7 @@ class Pipelined:
         sock = self._socket(step.provider)
         request_id = self.outstanding.add(job, step.provider.id, step.service, step.deadline)
         try:
-            send_frames(sock, wire.request_frames(step.service_b, request_id, step.body, step.meta),
+            send_frames(sock, step.frames(request_id),
                         copy=len(step.body) < 65536)
         except zmq.Again:
             self.outstanding.withdraw(request_id)

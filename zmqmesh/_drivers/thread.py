@@ -184,7 +184,7 @@ class ThreadRequester:
         sock = self._socket(provider)
         request_id = next(self._ids).to_bytes(8, "big")
         try:
-            send_frames(sock, wire.request_frames(step.service_b, request_id, step.body, step.meta), copy=len(step.body) < 65536)
+            send_frames(sock, step.frames(request_id), copy=len(step.body) < 65536)
         except zmq.Again as exc:
             raise MeshTimeoutError(f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
         engine.stats.add("request", "sent")

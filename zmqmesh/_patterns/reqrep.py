@@ -43,6 +43,11 @@ class Exchange(NamedTuple):
     body: bytes
     deadline: float
     meta: bytes | None = None
+    compact: bool = False  # in one frame (`wire.request_frames`): the provider speaks protocol 3
+
+    def frames(self, request_id: bytes) -> list[bytes]:
+        """The frames of this request under ``request_id``."""
+        return wire.request_frames(self.service_b, request_id, self.body, self.meta, self.compact)
 
 
 RequestPlan = Generator["Until | Exchange", Any, Any]
@@ -89,6 +94,7 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
     """
     started = time.monotonic()
     observed = None if service.startswith("\x00") else stats  # (built-ins are not the user's calls)
+    compactable = wire.may_compact(service_b, body, None)
     while True:
         provider = directory.pick_provider(service, only, avoid)
         if provider is None:
@@ -104,7 +110,8 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
                 stats.reject("headers_not_carried")  # the provider would not understand them
             if observed is not None:
                 observed.count_name("request", "sent", service)
-            status, reply = yield Exchange(provider, service, service_b, body, deadline, carried)
+            compact = compactable and carried is None and directory.speaks(provider.id, 3)
+            status, reply = yield Exchange(provider, service, service_b, body, deadline, carried, compact)
         except PeerLostError:
             if not directory.may_retry(service, provider.id, deadline):
                 raise
