@@ -156,3 +156,80 @@ def test_submitted_requests_fail_when_the_node_stops(mesh: dict[str, Any]) -> No
                 future.result(timeout=5)
         with pytest.raises(zmqmesh.NodeClosedError):
             client.submit("nap", 1)
+
+
+def _slow_and_fast_booms(node: zmqmesh.Node) -> None:
+    @node.service("boom")
+    def boom(msg: zmqmesh.Message) -> Any:
+        if msg.data == "slow":
+            time.sleep(0.3)
+            raise KeyError("the slow one")
+        raise ValueError("the fast one")
+
+
+def test_request_many_raises_the_failure_of_the_first_item_not_the_first_seen(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("booms", handler_concurrency=4, **mesh) as booms, zmqmesh.Node("client", **mesh) as client:
+        _slow_and_fast_booms(booms)
+        client.wait_for_service("boom", timeout=10)
+        with pytest.raises(zmqmesh.RemoteError) as raised:
+            client.request_many("boom", ["slow", "fast"], timeout=10)  # the fast one fails first
+        assert raised.value.remote_type == "KeyError"
+
+
+def test_submitted_requests_made_before_the_provider_appears_all_go_through(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("client", **mesh) as client:
+        futures = [client.submit("late", i, timeout=10) for i in range(400)]  # nobody offers it yet
+        time.sleep(0.3)
+        with zmqmesh.Node("late", handler_concurrency=64, **mesh) as late:
+            late.service("late", lambda msg: time.sleep(0.05) or msg.data)
+            assert [f.result(timeout=20) for f in futures] == list(range(400))
+
+
+def test_done_callbacks_may_submit_but_not_wait(mesh: dict[str, Any]) -> None:
+    providers = _echo_nodes(mesh, 1)
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("echo", timeout=10)
+            seen: list[Any] = []
+            chained: list[Future[Any]] = []
+
+            def callback(future: Future[Any]) -> None:
+                try:
+                    client.request("echo", "from a callback", timeout=5)
+                except zmqmesh.ZmqMeshError as exc:
+                    seen.append(exc)
+                chained.append(client.submit("echo", "chained", timeout=5))
+
+            client.submit("echo", 1, timeout=10).add_done_callback(callback)
+            deadline = time.monotonic() + 10
+            while not chained and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(seen) == 1 and "submit thread" in str(seen[0])
+            assert chained[0].result(timeout=10)["echo"] == "chained"
+    finally:
+        for node in providers:
+            node.stop()
+
+
+def test_request_many_ends_with_node_closed_when_the_node_stops(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("slow", handler_concurrency=4, **mesh) as slow:
+        slow.service("nap", lambda msg: time.sleep(3))
+        client = zmqmesh.Node("client", **mesh).start()
+        outcome: list[BaseException] = []
+
+        def calling() -> None:
+            try:
+                client.request_many("nap", range(8), timeout=30, window=4)
+            except BaseException as exc:  # noqa: BLE001  (the test looks at what it was)
+                outcome.append(exc)
+
+        try:
+            client.wait_for_service("nap", timeout=10)
+            caller = threading.Thread(target=calling)
+            caller.start()
+            time.sleep(0.3)
+        finally:
+            client.stop()
+        caller.join(10)
+        assert not caller.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], zmqmesh.NodeClosedError), outcome

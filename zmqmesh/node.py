@@ -258,14 +258,20 @@ class Node(NodeBase):
         ``timeout``. A submitted request cannot be cancelled. Raises at once
         `NodeClosedError`, `TypeError` for unencodable data, and `MeshTimeoutError` when no
         room freed up in time.
+
+        The futures complete on that thread of the node, so their done-callbacks run
+        there: keep them short. A request made from one (`request`, `request_many`) raises
+        `ZmqMeshError`; `submit` from one never waits for room (`MeshTimeoutError` at once
+        when there is none).
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.submit would block the node's own I/O thread")
         seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
-        plan = self._request_plan(service, data, seconds, peer, headers)
+        self._engine.ensure_running()
         requesters = self._engine.requests
         assert isinstance(requesters, ThreadRequesters)
-        return requesters.submitter().submit(plan, time.monotonic() + seconds)
+        return requesters.submitter().submit(lambda: self._request_plan(service, data, seconds, peer, headers),
+                                             time.monotonic() + seconds)
 
     def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there.

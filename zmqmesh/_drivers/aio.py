@@ -27,7 +27,7 @@ import zmq
 from .._engine.api import OnLoop, Plan, advance, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
-from .._io.sockets import close_watched, has_input, recv_frames, send_frames
+from .._io.sockets import close_watched, has_input, recv_frames
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
 from .._patterns.calls import (
@@ -45,6 +45,7 @@ from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
+from .pipelined import send_request
 
 __all__ = ["AsyncRunner", "check_loop", "LoopCommits", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
 
@@ -379,23 +380,14 @@ class LoopRequester:
         """Send one request; the future of its reply ``(status, body)``. The future fails
         with `MeshTimeoutError`, `PeerLostError` or `NodeClosedError`; the send itself
         raises `MeshTimeoutError` when the provider takes no more requests."""
-        provider = step.provider
-        sock = self._socket(provider)
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-        request_id = self.outstanding.add(future, provider.id, step.service, step.deadline)
-        try:
-            send_frames(sock, step.frames(request_id),
-                        copy=len(step.body) < 65536)
-        except zmq.Again as exc:
-            self.outstanding.withdraw(request_id)
-            raise MeshTimeoutError(
-                f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
+        send_request(self.outstanding, future, self._socket(step.provider), step, self.engine)
         self.engine.stats.pattern["request"]["sent"] += 1
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
         if not self._unchecked:
             self.engine.loop.call_soon(self._check_sent)
-        self._unchecked.add(provider.id)
+        self._unchecked.add(step.provider.id)
         return future
 
     def abandon(self, future: asyncio.Future[Any]) -> None:
@@ -457,7 +449,7 @@ class LoopRequester:
                 frames = recv_frames(sock)
             except zmq.ZMQError:
                 return
-            answered = answer(frames)
+            answered = answer(frames, provider_id)
             if answered is None or answered[0].done():
                 counters["dropped"] += 1  # a late reply, or one nobody asked for
                 continue

@@ -3,14 +3,15 @@
 
 `Pipelined` carries out many request plans at once over the DEALERs of one thread: it
 sends each plan's exchange, and resumes the plan whose reply arrives (the table of what
-waits for what is `_patterns.outstanding`'s, shared with `AsyncNode`'s requester). A plan
-that must wait for something else (a provider to appear) is handed to ``wait_step``,
-which blocks for it where blocking is allowed.
+waits for what is `_patterns.outstanding`'s, shared with `AsyncNode`'s requester). A step
+that waits for something else than a reply (a provider to appear) is handed to
+``wait_step``; once carried out, the plan goes on in the pipeline.
 
 * `request_many` pumps a `Pipelined` of the calling thread until its requests are
-  answered, keeping at most ``window`` in flight.
-* `Submitter` is a thread of the node that pumps one for `submit`'s futures; a plan that
-  must wait goes to a small pool of threads, so that it never holds up the others.
+  answered, keeping at most ``window`` in flight; it carries out a waiting step itself.
+* `Submitter` is a thread of the node that pumps one for `submit`'s futures; a waiting
+  step is carried out on a small pool of threads, and its plan then comes back to the
+  submit thread, so that it never holds up the others.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from .._mesh.directory import Provider
 from .._patterns.outstanding import Outstanding
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
-from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
+from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
-__all__ = ["Job", "Pipelined", "Submitter", "MAX_SUBMITTED", "run_many"]
+__all__ = ["Job", "Pipelined", "Submitter", "MAX_SUBMITTED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed",
+           "run_many", "send_request"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -43,13 +45,45 @@ MAX_SUBMITTED = 4096
 """Requests that `Node.submit` keeps in flight at most; a call past it waits for room
 (within its timeout): back-pressure instead of a queue that grows with the caller."""
 
+SUBMIT_THREAD_REFUSAL = (
+    "a blocking Node call was made on the node's submit thread (from a done-callback of a "
+    "future of Node.submit): it would hold up every submitted request. Hand the work to "
+    "another thread, or chain with submit() and add_done_callback()")
+
+_CLOSED = "the node stopped while a request was outstanding"
 _READ_BURST = 1024
-_IDLE_POLL_MS = 100
+_BUSY_POLL_S = 0.1  # with requests in flight: how often providers that left are looked for
 _WAIT_THREADS = 4
 
 
+def closed_or_failed(engine: Engine, exc: zmq.ZMQError) -> ZmqMeshError:
+    """What a ZeroMQ error on a request's socket means: the node stopped (its sockets were
+    closed under the call), or a `ZmqMeshError` naming the failure."""
+    if engine.closed:
+        return NodeClosedError(_CLOSED)
+    return ZmqMeshError(f"ZeroMQ failed: {exc}")
+
+
+def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[Any], step: Exchange,
+                 engine: Engine) -> None:
+    """Send ``step``'s request on ``sock``, with ``waiter`` waiting for it in
+    ``outstanding``. Raises `MeshTimeoutError` when the provider takes no more requests,
+    `NodeClosedError` or `ZmqMeshError` when the socket fails (nothing is then left
+    waiting)."""
+    request_id = outstanding.add(waiter, step.provider.id, step.service, step.deadline)
+    try:
+        send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.COMPACT_BODY_MAX)
+    except zmq.Again:
+        outstanding.withdraw(request_id)
+        raise MeshTimeoutError(
+            f"provider {step.provider.id[:8]} of {step.service!r} is not accepting requests") from None
+    except zmq.ZMQError as exc:
+        outstanding.withdraw(request_id)
+        raise closed_or_failed(engine, exc) from exc
+
+
 class Job:
-    """One request plan in flight, and what to call with its outcome."""
+    """One request plan in flight, and what to call with its outcome (once)."""
 
     __slots__ = ("plan", "finish")
 
@@ -62,7 +96,7 @@ class Pipelined:
     """Request plans in flight over the DEALERs of one thread (the only thread using it).
 
     ``wait_step(job, step)`` gets the plans that yield anything but an exchange; it
-    resumes them with `resume` (from this thread) or finishes them itself.
+    resumes them with `resume` (from this thread) once the step is carried out.
     """
 
     def __init__(self, engine: Engine, wait_step: Callable[[Job, Any], None]) -> None:
@@ -96,22 +130,12 @@ class Pipelined:
                 self._wait_step(job, step)
                 return
             try:
-                self._send(job, step)
-                return
+                send_request(self.outstanding, job, self._socket(step.provider), step, self.engine)
             except Exception as exc:  # the plan decides what a failed send means
                 value, error = None, exc
-
-    def _send(self, job: Job, step: Exchange) -> None:
-        sock = self._socket(step.provider)
-        request_id = self.outstanding.add(job, step.provider.id, step.service, step.deadline)
-        try:
-            send_frames(sock, step.frames(request_id),
-                        copy=len(step.body) < 65536)
-        except zmq.Again:
-            self.outstanding.withdraw(request_id)
-            raise MeshTimeoutError(
-                f"provider {step.provider.id[:8]} of {step.service!r} is not accepting requests") from None
-        self.engine.stats.add("request", "sent")
+            else:
+                self.engine.stats.add("request", "sent")
+                return
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self._sockets.get(provider.id)
@@ -121,24 +145,31 @@ class Pipelined:
             self.poller.register(sock, zmq.POLLIN)
         return sock
 
-    def pump(self, timeout_s: float) -> list[tuple[Any, int]]:
-        """Wait up to ``timeout_s`` (less if a request falls due sooner) for replies, and
-        resume the plans they answer; fail the overdue requests and those of providers
-        that left. Returns what the poller found ready (other sockets registered on
-        `poller` by the caller included)."""
+    def pump(self, timeout_s: float | None) -> list[tuple[Any, int]]:
+        """Wait up to ``timeout_s`` (None: until something is ready; less if a request falls
+        due sooner) for replies, and resume the plans they answer; fail the overdue
+        requests and those of providers that left. Returns what the poller found ready
+        (other sockets registered on `poller` by the caller included). Raises
+        `NodeClosedError` once the node stopped under the call."""
         deadline = self.outstanding.next_deadline()
         if deadline is not None:
-            timeout_s = min(timeout_s, max(deadline - time.monotonic(), 0.0))
-        ready = self.poller.poll(int(timeout_s * 1000) + (1 if timeout_s > 0 else 0))
-        for sock, _event in ready:
-            provider_id = self._providers.get(sock)
-            if provider_id is not None:
-                self._read(sock)
+            due = max(deadline - time.monotonic(), 0.0)
+            timeout_s = due if timeout_s is None else min(timeout_s, due)
+        try:
+            ready = self.poller.poll(None if timeout_s is None else int(timeout_s * 1000) + (1 if timeout_s > 0 else 0))
+            for sock, _event in ready:
+                provider_id = self._providers.get(sock)
+                if provider_id is not None:
+                    self._read(sock, provider_id)
+        except zmq.ZMQError as exc:
+            raise closed_or_failed(self.engine, exc) from exc
+        if self.engine.closed:
+            raise NodeClosedError(_CLOSED)
         self._expire()
-        self._prune()
+        self.prune()
         return ready
 
-    def _read(self, sock: zmq.Socket[Any]) -> None:
+    def _read(self, sock: zmq.Socket[Any], provider_id: str) -> None:
         stats = self.engine.stats
         received = dropped = 0
         for _ in range(_READ_BURST):
@@ -146,7 +177,7 @@ class Pipelined:
                 frames = recv_frames(sock)
             except zmq.Again:
                 break
-            answered = self.outstanding.answer(frames)
+            answered = self.outstanding.answer(frames, provider_id)
             if answered is None:
                 dropped += 1  # a late reply (its request timed out), or one nobody asked for
                 continue
@@ -163,7 +194,7 @@ class Pipelined:
         for job, service in overdue:
             self.resume(job, None, MeshTimeoutError(f"request to {service!r} timed out"))
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         """Fail the requests of providers that left, and close their sockets (looked at
         only when membership changed)."""
         directory = self.engine.directory
@@ -199,12 +230,16 @@ class Pipelined:
 
 class Submitter:
     """The thread behind `Node.submit`: it pumps a `Pipelined` of its own, taking the plans
-    that any thread submits. Started on the first `submit`, stopped with the node."""
+    that any thread submits. Started on the first `submit`, stopped with the node.
 
-    def __init__(self, engine: Engine, carry_out: Callable[[Plan, Any], Any]) -> None:
+    The futures are completed on this thread, so their done-callbacks run here: a blocking
+    `Node` call from one is refused (`SUBMIT_THREAD_REFUSAL`)."""
+
+    def __init__(self, engine: Engine, carry_out: Callable[[Any], tuple[Any, BaseException | None]]) -> None:
         self.engine = engine
         self._carry_out = carry_out
         self._incoming: deque[Job] = deque()
+        self._resumed: deque[tuple[Job, Any, BaseException | None]] = deque()
         self._room = threading.BoundedSemaphore(MAX_SUBMITTED)
         self._idle = False
         self._closing = False
@@ -215,12 +250,21 @@ class Submitter:
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-submit-{engine.name}", daemon=True)
         self.thread.start()
 
-    def submit(self, plan: Plan, deadline: float) -> Future[Any]:
-        """The future of ``plan``'s outcome; waits for room (back-pressure) until
-        ``deadline``. Raises `MeshTimeoutError` if none frees up, `NodeClosedError`."""
-        if not self._room.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-            plan.close()
+    def submit(self, make_plan: Callable[[], Plan], deadline: float) -> Future[Any]:
+        """The future of the outcome of the plan ``make_plan()`` gives, made once there is
+        room (back-pressure, until ``deadline``). Raises `MeshTimeoutError` if no room
+        frees up, `NodeClosedError`, and what ``make_plan`` raises."""
+        if self._closing:
+            raise NodeClosedError("the node is not running")
+        # (on this thread, room frees up only once the caller returns: never wait for it)
+        wait = 0.0 if threading.current_thread() is self.thread else max(deadline - time.monotonic(), 0.0)
+        if not self._room.acquire(timeout=wait):
             raise MeshTimeoutError(f"{MAX_SUBMITTED} submitted requests are still in flight: none finished in time")
+        try:
+            plan = make_plan()
+        except BaseException:
+            self._room.release()
+            raise
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # (a request once sent cannot be taken back)
         room = self._room
@@ -239,8 +283,18 @@ class Submitter:
             self._waker.wake()
         return future
 
+    def _fail_resumed(self) -> None:
+        closed = NodeClosedError(_CLOSED)
+        while True:
+            try:
+                job, _value, _error = self._resumed.popleft()
+            except IndexError:
+                return
+            job.plan.close()
+            job.finish(None, closed)
+
     def _fail_incoming(self) -> None:
-        closed = NodeClosedError("the node stopped while a request was outstanding")
+        closed = NodeClosedError(_CLOSED)
         while True:
             try:
                 job = self._incoming.popleft()
@@ -250,21 +304,20 @@ class Submitter:
             job.finish(None, closed)
 
     def _wait_elsewhere(self, job: Job, step: Any) -> None:
-        """A plan waits for something else than a reply: carry it out on a pool thread."""
+        """A plan waits for something else than a reply: a pool thread carries out that
+        step, and the plan comes back here with its outcome."""
 
         def carry_out() -> None:
-            try:
-                value = self._carry_out(job.plan, step)
-            except Exception as exc:
-                job.finish(None, exc)
+            self._resumed.append((job, *self._carry_out(step)))
+            if self._closing or not self.thread.is_alive():
+                self._fail_resumed()  # the thread may have ended before it could see this one
             else:
-                job.finish(value, None)
+                self._waker.wake()
 
         try:
             self._waiting.submit(carry_out)
         except RuntimeError:  # the pool was shut down: the node stops
-            job.plan.close()
-            job.finish(None, NodeClosedError("the node stopped while a request was outstanding"))
+            self._resumed.append((job, None, NodeClosedError(_CLOSED)))
 
     def begin_close(self) -> None:
         """Make the thread fail what is in flight with `NodeClosedError` and end (any thread)."""
@@ -272,34 +325,48 @@ class Submitter:
         self._waker.wake()
 
     def close(self) -> None:
-        """`begin_close`, and wait for the thread to end (it closes its sockets)."""
+        """`begin_close`, and wait (a moment) for the thread to end: it closes its sockets."""
         self.begin_close()
         if threading.current_thread() is not self.thread:
-            self.thread.join(5.0)
+            self.thread.join(2.0)
         self._waiting.shutdown(wait=False)  # (what waits there finds the node closed)
 
     def _run(self) -> None:
-        pipelined, incoming, engine = self._pipelined, self._incoming, self.engine
+        pipelined, incoming, resumed, engine = self._pipelined, self._incoming, self._resumed, self.engine
         try:
             while not self._closing and not engine.closed:
-                while incoming:
-                    pipelined.start(incoming.popleft())
+                while incoming or resumed:
+                    try:
+                        job = incoming.popleft()
+                    except IndexError:
+                        pass
+                    else:
+                        pipelined.start(job)
+                    try:
+                        job, value, error = resumed.popleft()
+                    except IndexError:
+                        pass
+                    else:
+                        pipelined.resume(job, value, error)
                 self._idle = True
-                if incoming or self._closing:
+                if incoming or resumed or self._closing:
                     self._idle = False
                     continue
-                ready = pipelined.pump(_IDLE_POLL_MS / 1000)
+                ready = pipelined.pump(_BUSY_POLL_S if len(pipelined) else None)
                 self._idle = False
                 if any(sock is self._waker.socket for sock, _event in ready):
                     self._waker.clear()
+        except NodeClosedError:
+            pass
         except Exception:
             log.exception("the submit thread failed")
         finally:
             self._closing = True
-            closed = NodeClosedError("the node stopped while a request was outstanding")
+            closed = NodeClosedError(_CLOSED)
             for job in pipelined.abandon():
                 job.plan.close()
                 job.finish(None, closed)
+            self._fail_resumed()  # (and what the pool gives back later, the pool fails itself)
             self._fail_incoming()
             pipelined.close()
             self._waker.close()
@@ -308,17 +375,17 @@ class Submitter:
 def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[Any]:
     """Carry out ``plans`` (made one by one as there is room) with at most ``window`` in
     flight; their results in order. Raises the error of the first plan (in order) that
-    failed, once no more can go; the requests still in flight then are forgotten."""
+    failed: once one failed, no more are made, and those before it are waited for; the
+    requests still in flight then are forgotten."""
     results: list[Any] = []
-    failures: list[tuple[int, BaseException]] = []
-    unfinished = 0
+    failures: dict[int, BaseException] = {}
+    running: set[int] = set()
 
     def finisher(index: int) -> Callable[[Any, BaseException | None], None]:
         def finish(value: Any, error: BaseException | None) -> None:
-            nonlocal unfinished
-            unfinished -= 1
+            running.discard(index)
             if error is not None:
-                failures.append((index, error))
+                failures[index] = error
             else:
                 results[index] = value
         return finish
@@ -326,17 +393,17 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
     try:
         for index, plan in enumerate(plans):
             results.append(None)
-            unfinished += 1
+            running.add(index)
             pipelined.start(Job(plan, finisher(index)))
-            while unfinished >= window and not failures:
-                pipelined.pump(_IDLE_POLL_MS / 1000)
+            while len(running) >= window and not failures:
+                pipelined.pump(_BUSY_POLL_S)
             if failures:
                 break
-        while unfinished and not failures:
-            pipelined.pump(_IDLE_POLL_MS / 1000)
+        while running and (not failures or min(running) < min(failures)):
+            pipelined.pump(_BUSY_POLL_S)
     finally:
         for job in pipelined.abandon():
             job.plan.close()
     if failures:
-        raise min(failures, key=lambda failure: failure[0])[1]
+        raise failures[min(failures)]
     return results

@@ -42,7 +42,7 @@ from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
-from .pipelined import Job, Pipelined, Submitter
+from .pipelined import SUBMIT_THREAD_REFUSAL, Pipelined, Submitter, closed_or_failed
 
 __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox", "stop_blocking", "wait_until", "wait_for_room"]
 
@@ -60,21 +60,17 @@ class BlockingRunner:
 
     def run(self, plan: Plan) -> Any:
         """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
-        error becomes `ZmqMeshError`."""
-        return self._go_on(plan, None, None)
-
-    def resume(self, plan: Plan, step: Any) -> Any:
-        """Carry out ``step``, which ``plan`` yielded last, then the rest of ``plan`` (as `run`)."""
-        return self._go_on(plan, *self._carry_out(step))
-
-    def _go_on(self, plan: Plan, value: Any, error: BaseException | None) -> Any:
+        error becomes `ZmqMeshError` (`NodeClosedError` once the node stopped)."""
+        value: Any = None
+        error: BaseException | None = None
         while True:
             finished, step = advance(plan, value, error)
             if finished:
                 return step
-            value, error = self._carry_out(step)
+            value, error = self.carry_out(step)
 
-    def _carry_out(self, step: Any) -> tuple[Any, BaseException | None]:
+    def carry_out(self, step: Any) -> tuple[Any, BaseException | None]:
+        """Carry out one step of a plan: ``(value, None)``, or ``(None, the error)``."""
         try:
             if isinstance(step, Exchange):
                 requesters = self.engine.requests
@@ -89,6 +85,8 @@ class BlockingRunner:
             else:
                 raise TypeError(f"unknown step {step!r}")
             return None, None
+        except zmq.ZMQError as exc:
+            return None, closed_or_failed(self.engine, exc)
         except Exception as exc:
             return None, exc
 
@@ -162,17 +160,8 @@ class ThreadRequester:
         """This thread's `Pipelined` (for `Node.request_many`; made on first use). A plan of
         it that must wait for something else than a reply waits right here."""
         if self._pipelined is None:
-            runner = BlockingRunner(self.engine)
-
-            def wait_here(job: Job, step: Any) -> None:
-                try:
-                    value = runner.resume(job.plan, step)
-                except Exception as exc:
-                    job.finish(None, exc)
-                else:
-                    job.finish(value, None)
-
-            self._pipelined = Pipelined(self.engine, wait_here)
+            carry_out = BlockingRunner(self.engine).carry_out
+            pipelined = self._pipelined = Pipelined(self.engine, lambda job, step: pipelined.resume(job, *carry_out(step)))
         return self._pipelined
 
     def exchange(self, step: Exchange) -> tuple[bytes, bytes]:
@@ -236,6 +225,8 @@ class ThreadRequester:
         for pid in [p for p in self.sockets if p not in alive]:
             self._pollers.pop(pid, None)
             self.sockets.pop(pid).close(0)
+        if self._pipelined is not None:
+            self._pipelined.prune()
 
     def close(self) -> None:
         """Close every socket of this requester."""
@@ -264,12 +255,21 @@ class ThreadRequesters:
         with self._lock:
             if self._submitter is None:
                 self.engine.ensure_running()
-                self._submitter = Submitter(self.engine, BlockingRunner(self.engine).resume)
+                self._submitter = Submitter(self.engine, BlockingRunner(self.engine).carry_out)
             return self._submitter
 
+    def on_submit_thread(self) -> bool:
+        """Whether the calling thread is the one that completes `Node.submit`'s futures."""
+        submitter = self._submitter
+        return submitter is not None and threading.current_thread() is submitter.thread
+
     def current(self) -> ThreadRequester:
-        """The calling thread's requester (created on first use)."""
+        """The calling thread's requester (created on first use). Raises `ZmqMeshError` on
+        the thread that completes `Node.submit`'s futures: a request waited for there (from
+        a done-callback) would hold up every submitted request."""
         requester: ThreadRequester | None = getattr(self._local, "requester", None)
+        if requester is None and self.on_submit_thread():
+            raise ZmqMeshError(SUBMIT_THREAD_REFUSAL)
         if requester is None:
             requester = ThreadRequester(self.engine)
             self._local.requester = requester

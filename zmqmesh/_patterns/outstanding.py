@@ -54,16 +54,18 @@ class Outstanding(Generic[Waiter]):
         """Forget a request that could not be sent."""
         self._pending.pop(request_id, None)
 
-    def answer(self, frames: list[bytes]) -> tuple[Waiter, bytes, bytes] | None:
-        """The waiter of the request a reply answers, with the reply's status and body; None
-        for a malformed reply or one that nobody waits for any more (the caller counts it
-        as dropped)."""
+    def answer(self, frames: list[bytes], provider_id: str) -> tuple[Waiter, bytes, bytes] | None:
+        """The waiter of the request a reply from ``provider_id`` answers, with the reply's
+        status and body; None for a malformed reply, one that nobody waits for any more,
+        or one naming a request sent to another provider (the caller counts it as
+        dropped)."""
         reply = wire.parse_reply(frames)
         if reply is None:
             return None
-        entry = self._pending.pop(reply[0], None)
-        if entry is None:
+        entry = self._pending.get(reply[0])
+        if entry is None or entry[1] != provider_id:
             return None
+        del self._pending[reply[0]]
         return entry[0], reply[1], reply[2]
 
     def next_deadline(self) -> float | None:
