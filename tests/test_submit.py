@@ -233,3 +233,46 @@ def test_request_many_ends_with_node_closed_when_the_node_stops(mesh: dict[str, 
         caller.join(10)
         assert not caller.is_alive()
         assert len(outcome) == 1 and isinstance(outcome[0], zmqmesh.NodeClosedError), outcome
+
+
+def test_a_nested_request_many_on_the_same_thread_leaves_the_outer_one_whole(mesh: dict[str, Any]) -> None:
+    providers = _echo_nodes(mesh, 1)
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("echo", timeout=10)
+
+            def items() -> Any:
+                yield 1
+                yield 2
+                inner = client.request_many("echo", [10, 11], timeout=5)  # made while the outer one runs
+                yield inner[1]["echo"]
+
+            assert [r["echo"] for r in client.request_many("echo", items(), timeout=5)] == [1, 2, 11]
+    finally:
+        for node in providers:
+            node.stop()
+
+
+def test_many_requests_that_wait_for_providers_do_not_hold_each_other_up(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("client", **mesh) as client:
+        never = [client.submit("never-offered", i, timeout=6) for i in range(12)]
+        soon = client.submit("soon", 1, timeout=5)
+        time.sleep(0.5)
+        with zmqmesh.Node("soon", **mesh) as provider:
+            provider.service("soon", lambda msg: msg.data)
+            assert soon.result(timeout=5) == 1  # not after the twelve before it waited out their time
+            assert not any(f.done() for f in never)
+        with pytest.raises(TypeError):
+            client.submit("soon", 1, peer=123)  # type: ignore[arg-type]
+
+
+def test_a_provider_with_concurrent_handlers_replies_as_they_finish(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("provider", handler_concurrency=8, **mesh) as provider, \
+            zmqmesh.Node("client", **mesh) as client:
+        provider.service("nap", lambda msg: time.sleep(0.2) or msg.data)
+        client.wait_for_service("nap", timeout=10)
+        futures = [client.submit("nap", i, timeout=3) for i in range(400)]
+        answered = [f for f in futures if f.exception(timeout=10) is None]
+        # 8 at a time for 3 s: about 110 are answered in time (before, the provider held
+        # every reply back until its whole backlog was handed out, and none were)
+        assert len(answered) >= 40

@@ -260,7 +260,8 @@ class Node(NodeBase):
         room freed up in time.
 
         The futures complete on that thread of the node, so their done-callbacks run
-        there: keep them short. A request made from one (`request`, `request_many`) raises
+        there: keep them short, and never wait in one for another future (nothing else
+        completes meanwhile). A request made from one (`request`, `request_many`) raises
         `ZmqMeshError`; `submit` from one never waits for room (`MeshTimeoutError` at once
         when there is none).
         """

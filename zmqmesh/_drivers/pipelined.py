@@ -31,6 +31,7 @@ from .._engine.engine import Engine
 from .._io.sockets import recv_frames, send_frames
 from .._io.waker import Waker
 from .._mesh.directory import Provider
+from .._mesh.waiters import Until
 from .._patterns.outstanding import Outstanding
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
@@ -271,10 +272,13 @@ class Submitter:
 
         def finish(value: Any, error: BaseException | None) -> None:
             room.release()
-            if error is None:
-                future.set_result(value)
-            else:
-                future.set_exception(error)
+            try:  # (this runs the future's done-callbacks, on this thread)
+                if error is None:
+                    future.set_result(value)
+                else:
+                    future.set_exception(error)
+            except BaseException:  # a callback's SystemExit or KeyboardInterrupt must not end the thread
+                log.exception("a done-callback of a submitted request raised")
 
         self._incoming.append(Job(plan, finish))
         if self._closing or not self.thread.is_alive():
@@ -303,21 +307,51 @@ class Submitter:
             job.plan.close()
             job.finish(None, closed)
 
+    def _come_back(self, job: Job, value: Any, error: BaseException | None) -> None:
+        """Hand ``job`` back to the submit thread with the outcome of its step (any thread)."""
+        self._resumed.append((job, value, error))
+        if self._closing or not self.thread.is_alive():
+            self._fail_resumed()  # the thread may have ended before it could see this one
+        else:
+            self._waker.wake()
+
     def _wait_elsewhere(self, job: Job, step: Any) -> None:
-        """A plan waits for something else than a reply: a pool thread carries out that
-        step, and the plan comes back here with its outcome."""
+        """A plan waits for something else than a reply. For a condition (a provider to
+        appear), the loop watches it and hands the plan back when it holds or its time is
+        up, so that any number wait at once; any other step is carried out on a pool
+        thread. Either way the plan comes back here with the outcome."""
+        if isinstance(step, Until):
+            self._wait_on_loop(job, step)
+            return
 
         def carry_out() -> None:
-            self._resumed.append((job, *self._carry_out(step)))
-            if self._closing or not self.thread.is_alive():
-                self._fail_resumed()  # the thread may have ended before it could see this one
-            else:
-                self._waker.wake()
+            self._come_back(job, *self._carry_out(step))
 
         try:
             self._waiting.submit(carry_out)
         except RuntimeError:  # the pool was shut down: the node stops
-            self._resumed.append((job, None, NodeClosedError(_CLOSED)))
+            self._come_back(job, None, NodeClosedError(_CLOSED))
+
+    def _wait_on_loop(self, job: Job, step: Until) -> None:
+        engine = self.engine
+        waiter: Future[None] = Future()
+        waiter.add_done_callback(lambda done: self._come_back(job, None, done.exception()))
+        timeout = None if step.deadline is None else max(step.deadline - time.monotonic(), 0.0)
+
+        def expire() -> None:  # (on the loop)
+            if not waiter.done():
+                engine.waiters.remove(waiter)
+                waiter.set_exception(engine.timed_out(step.what, timeout))
+
+        def watch() -> None:  # (on the loop)
+            engine.waiters.add(step.predicate, waiter)
+            if timeout is not None and not waiter.done():
+                engine.loop.call_later(timeout, expire)
+
+        try:
+            engine.call_soon(watch)
+        except RuntimeError:  # the loop is gone
+            self._come_back(job, None, NodeClosedError(_CLOSED))
 
     def begin_close(self) -> None:
         """Make the thread fail what is in flight with `NodeClosedError` and end (any thread)."""
@@ -380,6 +414,7 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
     results: list[Any] = []
     failures: dict[int, BaseException] = {}
     running: set[int] = set()
+    jobs: list[Job] = []  # (this call's: a nested call on the same thread has its own)
 
     def finisher(index: int) -> Callable[[Any, BaseException | None], None]:
         def finish(value: Any, error: BaseException | None) -> None:
@@ -394,7 +429,9 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
         for index, plan in enumerate(plans):
             results.append(None)
             running.add(index)
-            pipelined.start(Job(plan, finisher(index)))
+            job = Job(plan, finisher(index))
+            jobs.append(job)
+            pipelined.start(job)
             while len(running) >= window and not failures:
                 pipelined.pump(_BUSY_POLL_S)
             if failures:
@@ -402,8 +439,11 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
         while running and (not failures or min(running) < min(failures)):
             pipelined.pump(_BUSY_POLL_S)
     finally:
-        for job in pipelined.abandon():
-            job.plan.close()
+        if running:
+            mine = {id(jobs[i]) for i in running}
+            pipelined.outstanding.forget_where(lambda waiter: id(waiter) in mine)
+            for index in running:
+                jobs[index].plan.close()
     if failures:
         raise failures[min(failures)]
     return results

@@ -49,6 +49,7 @@ __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox
 log = logging.getLogger("zmqmesh.node")
 
 _POLL_SLICE_S = 0.05
+_SLOT_WAIT_S = 0.005
 _ROOM_SLICE_S = 0.1
 
 
@@ -498,7 +499,9 @@ class ThreadInbox(Dispatcher):
 
     def _submit(self, call: Call) -> None:
         assert self._pool is not None and self._slots is not None
-        self._slots.acquire()
+        while not self._slots.acquire(timeout=_SLOT_WAIT_S):
+            while self._done:  # the replies of the calls that finished go out meanwhile
+                self.complete(*self._done.popleft())
         runner = self._run_on_loop if is_async(call.handler) else run_sync
 
         def finished(fut: Future[tuple[Any, BaseException | None]]) -> None:

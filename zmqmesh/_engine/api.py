@@ -96,8 +96,12 @@ def check_name(kind: str, name: str) -> str:
 
 
 def peer_id_of(peer: str | Peer | None) -> str | None:
-    """The id of a `Peer`, or the id given."""
-    return peer.id if isinstance(peer, Peer) else peer
+    """The id of a `Peer`, or the id given. Raises `TypeError` for anything else."""
+    if isinstance(peer, Peer):
+        return peer.id
+    if peer is not None and not isinstance(peer, str):
+        raise TypeError(f"peer must be a Peer or a node id (str), got {type(peer).__name__}")
+    return peer
 
 
 def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:

@@ -45,8 +45,9 @@ class Provider(NamedTuple):
 
 def no_provider(service: str, only: str | None) -> NoProviderError:
     """The error for a service nobody (or not the node ``only``) offers."""
-    where = f"node {only[:8]}" if only else "no node"
-    return NoProviderError(f"{where} offers the service {service!r}")
+    if only:
+        return NoProviderError(f"node {only[:8]} does not offer the service {service!r} (or is not known)")
+    return NoProviderError(f"no node offers the service {service!r}")
 
 
 def offers_of(groups: Iterable[str], kind: str) -> frozenset[str]:
