@@ -4,6 +4,7 @@ belong, back-pressure, and nothing left waiting when a provider dies or the node
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import Future
@@ -276,3 +277,21 @@ def test_a_provider_with_concurrent_handlers_replies_as_they_finish(mesh: dict[s
         # 8 at a time for 3 s: about 110 are answered in time (before, the provider held
         # every reply back until its whole backlog was handed out, and none were)
         assert len(answered) >= 40
+
+
+def test_async_request_many_keeps_order_and_the_first_failure(mesh: dict[str, Any]) -> None:
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("provider", handler_concurrency=4, **mesh) as provider, \
+                zmqmesh.AsyncNode("client", **mesh) as client:
+            provider.service("echo", lambda msg: msg.data)
+            _slow_and_fast_booms(provider)  # type: ignore[arg-type]
+            await client.wait_for_service("boom", timeout=10)
+            assert await client.request_many("echo", range(500), timeout=10, window=16) == list(range(500))
+            assert await client.request_many("echo", [], timeout=10) == []
+            with pytest.raises(zmqmesh.RemoteError) as raised:
+                await client.request_many("boom", ["slow", "fast"], timeout=10)
+            assert raised.value.remote_type == "KeyError"
+            with pytest.raises(zmqmesh.ConfigError):
+                await client.request_many("echo", [1], window=0)
+
+    asyncio.run(main())

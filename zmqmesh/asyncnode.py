@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
-from ._engine.api import NodeBase, as_frames, check_timeout, peer_id_of
+from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
@@ -157,6 +157,47 @@ class AsyncNode(NodeBase):
                       peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
         return await self._runner.run(self._request_plan(service, data, timeout, peer, headers))
+
+    async def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
+                           peer: str | Peer | None = None, *, window: int = 64,
+                           headers: dict[str, str] | None = None) -> list[Any]:
+        """Call ``service`` once per item of ``items``, up to ``window`` at a time, and
+        return the replies in order (see `Node.request_many`: the same rules, the first
+        failure in item order raised). The requests still in flight when it raises are
+        cancelled."""
+        check_window(window)
+        self._check_loop()
+        results: dict[int, Any] = {}
+        failures: dict[int, BaseException] = {}
+        running: dict[asyncio.Future[Any], int] = {}
+        pending = enumerate(items)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and not failures and len(running) < window:
+                    try:
+                        index, data = next(pending)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    call = self.request(service, data, timeout, peer, headers=headers)
+                    running[asyncio.ensure_future(call)] = index
+                if not running or (failures and min(running.values()) > min(failures)):
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    index = running.pop(task)
+                    error = task.exception()
+                    if error is None:
+                        results[index] = task.result()
+                    else:
+                        failures[index] = error
+        finally:
+            for task in running:
+                task.cancel()
+        if failures:
+            raise failures[min(failures)]
+        return [results[i] for i in range(len(results))]
 
     async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""

@@ -21,11 +21,11 @@ from ._drivers.thread import (
     ThreadRequesters,
     stop_blocking,
 )
-from ._engine.api import NodeBase, as_frames, check_timeout, peer_id_of
+from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
 from ._io.reactor import Reactor, run_on
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
-from .errors import ConfigError, NodeClosedError, ZmqMeshError
+from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
 
 __all__ = ["Node"]
@@ -234,11 +234,12 @@ class Node(NodeBase):
         provider (no thread per request); each is sent as soon as there is room, and round
         robin spreads them over the providers. Each request waits up to ``timeout``
         (default ``request_timeout_s``) from when it is sent. Raises what `request` raises,
-        for the first item (in order) that failed; the requests still in flight are then
-        left unanswered. `ValueError` for a ``window`` below 1.
+        for the first item (in order) that failed: once one failed no more are sent, and
+        the items before it are waited for; the requests still in flight are then
+        forgotten (their late replies are dropped and counted). `ConfigError` (a
+        `ValueError`) for a ``window`` that is not an int >= 1.
         """
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ConfigError(f"window must be an int >= 1, got {window!r}")
+        check_window(window)
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request_many would block the node's own I/O thread")
         self._engine.ensure_running()

@@ -37,7 +37,7 @@ from ..errors import ConfigError, MeshTimeoutError, NoProviderError, ZmqMeshErro
 from ..message import Message, Peer
 from .engine import Engine, InboxFactory, RequestsFactory
 
-__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "check_name", "peer_id_of", "as_frames"]
+__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "check_name", "check_window", "peer_id_of", "as_frames"]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -85,6 +85,14 @@ def check_timeout(value: Any, name: str = "timeout") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
+
+
+def check_window(window: Any) -> int:
+    """``window`` as a number of requests in flight: an int >= 1. Raises `ConfigError`
+    (a `ValueError`) for anything else."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window must be an int >= 1, got {window!r}")
+    return window
 
 
 def check_name(kind: str, name: str) -> str:
