@@ -187,12 +187,19 @@ def trial_replay(t: Trial, n: int) -> dict[str, Any]:
     return {"delivered_per_s": (n - 1) / elapsed, "elapsed_s": elapsed, "start_to_last_s": got["t_last"] - got["t0"]}
 
 
+def _write_bytecode(module: str) -> None:
+    """Import ``module`` once in a fresh interpreter that may write its bytecode cache, as an
+    installed package has it (a stale cache would charge compiling to the figures)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, timeout=60, check=True)
+
+
 def trial_import(t: Trial, module: str) -> dict[str, Any]:
     """Milliseconds ``import <module>`` takes in a fresh interpreter, as Python reports it
     (``-X importtime``), with the bytecode cache written first, as an installed package has it."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     command = [sys.executable, "-X", "importtime", "-c", f"import {module}"]
-    subprocess.run(command, env=env, capture_output=True, timeout=60, check=True)  # (writes the cache)
+    _write_bytecode(module)
     report = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=True).stderr
     totals = [int(line.split("|")[1]) for line in report.splitlines() if line.split("|")[-1].strip() == module]
     if not totals:
@@ -206,6 +213,7 @@ def trial_cold(t: Trial, impl: str) -> dict[str, Any]:
     from _bench_roles import COLD_SENDERS, QUEUE
 
     mesh = mesh_options()
+    _write_bytecode("zmq" if impl == "raw" else "zmqmesh")
     t.spawn("receiver", "raw_cold_recv" if impl == "raw" else "zm_cold_recv", **({} if impl == "raw" else mesh))
     ready = t.expect("receiver", "ready")
     args = [ready.get("endpoint", ""), mesh["mesh"], str(mesh["beacon_port"]), QUEUE]

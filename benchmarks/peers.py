@@ -751,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [w for w in workloads if w not in WORKLOADS] + [s for s in systems if s not in SYSTEMS]
     if unknown:
         ap.error(f"unknown: {', '.join(unknown)}")
+    # bytecode caches written first, as an installed package has them (a stale cache would
+    # charge compiling to the start-up figures)
+    fresh = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-c", "import zmq, zmqmesh"], env=fresh, capture_output=True, timeout=60)
     workdir = tempfile.mkdtemp(prefix="zmqmesh-peers-")
     brokers: dict[str, Broker] = {}
     cells: dict[tuple[str, str], Cell] = {}

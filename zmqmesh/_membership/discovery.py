@@ -26,10 +26,10 @@ log = logging.getLogger("zmqmesh.membership")
 
 
 _REST_S = 0.1
-"""Once the beacon socket has been read dry, it is left unwatched this long, and what
-arrived meanwhile is read in one go: in a mesh of N nodes every node hears N beacons a
-second, and each woke the loop on its own (at 32 nodes, most of an idle node's CPU).
-A flood that fills a whole burst is read on at once, as before."""
+"""In a crowded mesh, once the beacon socket has been read dry, it is left unwatched this
+long, and what arrived meanwhile is read in one go: in a mesh of N nodes every node hears
+N beacons a second, and each woke the loop on its own (at 32 nodes, most of an idle
+node's CPU). A flood that fills a whole burst is read on at once, as before."""
 
 
 class Beacons:
@@ -37,14 +37,15 @@ class Beacons:
 
     ``on_beacon(uuid, endpoint, key)`` is called for each well-formed beacon of another
     node of the same security (``endpoint`` is None for a goodbye beacon). Malformed
-    beacons and those of the other security are counted and dropped. Beacons are read at
-    most every `_REST_S` once the socket runs dry (a newcomer's first beacon may wait
-    that long).
+    beacons and those of the other security are counted and dropped. While ``crowded()``
+    says so, beacons are read at most every `_REST_S` once the socket runs dry (a
+    newcomer's first beacon may then wait that long).
     """
 
     def __init__(self, *, loop: EventLoop, sock: BeaconSocket, uuid: bytes, key: bytes | None, stats: Stats,
                  interval_s: float, later: Callable[..., None],
-                 on_beacon: Callable[[bytes, str | None, str | None], None]) -> None:
+                 on_beacon: Callable[[bytes, str | None, str | None], None],
+                 crowded: Callable[[], bool] = lambda: True) -> None:
         self.loop = loop
         self.sock = sock
         self.uuid = uuid
@@ -53,6 +54,7 @@ class Beacons:
         self.interval_s = interval_s
         self.later = later
         self.on_beacon = on_beacon
+        self.crowded = crowded
         self.port = 0
         self._closed = False
         self._resting = False
@@ -92,7 +94,7 @@ class Beacons:
             except Exception:  # never let one datagram take the node down
                 self.stats.reject("beacon_handler_error")
                 log.exception("error handling a beacon from %s", source)
-        if drained and not self._resting and not self._closed:
+        if drained and not self._resting and not self._closed and self.crowded():
             self._resting = True
             self.loop.remove_reader(self.sock.fileno())
             self.later(_REST_S, self._listen_again)

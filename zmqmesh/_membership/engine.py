@@ -45,6 +45,10 @@ __all__ = ["Membership"]
 
 log = logging.getLogger("zmqmesh.membership")
 
+_CROWD = 16
+"""Peers from which a node reads beacons in batches (see `Beacons`): in a smaller mesh each
+is read at once, so that a newcomer is met without delay."""
+
 _MAILBOX_BURST = 512
 MAX_PEERS = 1024
 """Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted."""
@@ -101,6 +105,7 @@ class Membership:
         self.beacons = None if beacon is None else Beacons(
             loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
             interval_s=config.beacon_interval_s, later=self._later, on_beacon=self._on_beacon,
+            crowded=lambda: len(self.peers) >= _CROWD,
         )
         self.seeds = Seeds(seeds=config.seeds, secure=keys is not None, links=self.links, hello=self._hello,
                            later=self._later, retry_s=_SEED_RETRY_S)
