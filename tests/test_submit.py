@@ -295,3 +295,21 @@ def test_async_request_many_keeps_order_and_the_first_failure(mesh: dict[str, An
                 await client.request_many("echo", [1], window=0)
 
     asyncio.run(main())
+
+
+def test_a_callback_that_raises_system_exit_leaves_submit_working(mesh: dict[str, Any]) -> None:
+    providers = _echo_nodes(mesh, 1)
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("echo", timeout=10)
+
+            def leave(future: Future[Any]) -> None:
+                raise SystemExit("from a callback")
+
+            client.submit("echo", 1, timeout=10).add_done_callback(leave)
+            assert client.submit("echo", 2, timeout=10).result(timeout=10)["echo"] == 2
+            with pytest.raises(zmqmesh.NoProviderError, match="node deadbeef does not offer"):
+                client.submit("echo", 3, peer="deadbeef", timeout=0.3).result(timeout=10)
+    finally:
+        for node in providers:
+            node.stop()
