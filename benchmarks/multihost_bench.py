@@ -61,6 +61,15 @@ def progress(*parts: object) -> None:
     sys.stderr.flush()
 
 
+def wired_hosts(lab: netns.Lab, count: int, subnet: str) -> tuple[Any, list[Any]]:
+    """A switch and ``count`` hosts, host i at ``<subnet>.i/24`` on a cable (eth0) to it."""
+    switch = lab.switch()
+    hosts = [lab.host(f"h{i}") for i in range(1, count + 1)]
+    for i, host in enumerate(hosts, start=1):
+        lab.wire(host, "eth0", switch, f"{subnet}.{i}/24")
+    return switch, hosts
+
+
 def first_full_view(node: netns.HostNode, expected: set[str], after: float = 0.0) -> float | None:
     """When ``node``'s present peers (replaying its join/leave events after ``after``) first equal ``expected``."""
     present: set[str] = set()
@@ -86,10 +95,7 @@ def one_run(index: int, args: argparse.Namespace) -> dict[str, Any]:
         "beacon_interval_s": args.beacon_interval,
     }
     with netns.Lab() as lab:
-        switch = lab.switch()
-        hosts = [lab.host(f"h{i}") for i in range(1, args.hosts + 1)]
-        for i, host in enumerate(hosts, start=1):
-            lab.wire(host, "eth0", switch, f"10.205.0.{i}/24")
+        switch, hosts = wired_hosts(lab, args.hosts, "10.205.0")
         total = args.hosts * args.nodes_per_host
         progress(f"run {index}: starting {total} nodes on {args.hosts} hosts")
         t_spawn = time.monotonic()

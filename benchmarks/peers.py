@@ -208,6 +208,13 @@ class Counter:
         return {"first": self.first, "last": self.last, "seen": self.seen - self.warm}
 
 
+def _rabbit(url: str) -> Any:
+    """A blocking pika connection to the broker at ``host:port``."""
+    import pika
+    host, port = url.split(":")
+    return pika.BlockingConnection(pika.ConnectionParameters(host=host, port=int(port)))
+
+
 def consumer(conn: Any, system: str, n: int, url: str = "", mesh: dict[str, Any] | None = None,
              ack: bool = False, fan: bool = False, tag: str = "") -> None:
     """Receives ``WARM`` + ``n`` messages (queue, alo, or one of the fan-out subscribers)."""
@@ -280,9 +287,7 @@ def consumer(conn: Any, system: str, n: int, url: str = "", mesh: dict[str, Any]
             await nc.close()
         asyncio.run(main())
     else:  # rabbitmq
-        import pika
-        host, port = url.split(":")
-        connection = pika.BlockingConnection(pika.ConnectionParameters(host=host, port=int(port)))
+        connection = _rabbit(url)
         ch = connection.channel()
         ch.basic_qos(prefetch_count=256 if ack else 2000)
         if fan:
@@ -367,9 +372,7 @@ def producer(conn: Any, system: str, n: int, url: str = "", mesh: dict[str, Any]
             await nc.close()
         asyncio.run(main())
         return
-    import pika
-    host, port = url.split(":")
-    connection = pika.BlockingConnection(pika.ConnectionParameters(host=host, port=int(port)))
+    connection = _rabbit(url)
     ch = connection.channel()
     if fan:
         ch.exchange_declare("fan", "fanout")
@@ -424,8 +427,7 @@ def server(conn: Any, system: str, url: str = "", mesh: dict[str, Any] | None = 
         asyncio.run(main())
     else:
         import pika
-        host, port = url.split(":")
-        connection = pika.BlockingConnection(pika.ConnectionParameters(host=host, port=int(port)))
+        connection = _rabbit(url)
         ch = connection.channel()
         ch.queue_declare("rpc")
         ch.basic_qos(prefetch_count=256)
@@ -520,8 +522,7 @@ def client(conn: Any, system: str, n: int, window: int, url: str = "", mesh: dic
         t0 = asyncio.run(main())
     else:
         import pika
-        host, port = url.split(":")
-        connection = pika.BlockingConnection(pika.ConnectionParameters(host=host, port=int(port)))
+        connection = _rabbit(url)
         ch = connection.channel()
         replies: list[bytes] = []
         ch.basic_consume("amq.rabbitmq.reply-to", lambda _c, _m, _p, body: replies.append(body), auto_ack=True)
@@ -591,9 +592,7 @@ def cold_receiver(conn: Any, system: str, url: str = "", mesh: dict[str, Any] | 
             await nc.close()
         asyncio.run(main())
     else:
-        import pika
-        host, port = url.split(":")
-        connection = pika.BlockingConnection(pika.ConnectionParameters(host=host, port=int(port)))
+        connection = _rabbit(url)
         ch = connection.channel()
         ch.queue_declare("cold")
         ch.queue_purge("cold")

@@ -34,15 +34,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import netns  # noqa: E402  (tests/netns.py)
-from multihost_bench import first_full_view  # noqa: E402
+from multihost_bench import first_full_view, progress, wired_hosts  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def progress(*parts: object) -> None:
-    sys.stderr.write(" ".join(str(p) for p in parts) + "\n")
-    sys.stderr.flush()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,10 +72,7 @@ def one_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             options[option] = value
     per_host = [size // args.hosts + (1 if i < size % args.hosts else 0) for i in range(args.hosts)]
     with netns.Lab() as lab:
-        switch = lab.switch()
-        hosts = [lab.host(f"h{i}") for i in range(1, args.hosts + 1)]
-        for i, host in enumerate(hosts, start=1):
-            lab.wire(host, "eth0", switch, f"10.206.0.{i}/24")
+        _switch, hosts = wired_hosts(lab, args.hosts, "10.206.0")
         progress(f"{size} nodes: starting on {args.hosts} hosts")
         t_spawn = time.monotonic()
         nodes = [lab.node(host, f"{host.short}-n{k}", options, log_level="warning")
