@@ -22,6 +22,7 @@ from .._wire.frames import (
     HEADER,
     OFFER_KINDS,
     OFFER_PREFIXES,
+    PROTOCOL,
     parse_endpoint,
 )
 from ..errors import NoProviderError
@@ -41,6 +42,7 @@ class Provider(NamedTuple):
     id: str
     endpoint: str
     key: str | None = None
+    protocol: int = 1  # the wire protocol it announced (see `Directory.protocol_of`)
 
 
 def no_provider(service: str, only: str | None) -> NoProviderError:
@@ -144,14 +146,19 @@ class Directory:
         """The ``ack_timeout_s`` the puller ``node_id`` announced for ``queue``, if any."""
         return self._ack_timeouts.get((queue, node_id))
 
-    def speaks(self, node_id: str, protocol: int) -> bool:
-        """Whether the node ``node_id`` (this one included) speaks wire protocol ``protocol``
-        or later (announced in its HELLO; a node that announces none speaks 1)."""
+    def protocol_of(self, node_id: str) -> int:
+        """The wire protocol the node ``node_id`` speaks (this one: `PROTOCOL`; a peer: the
+        one its HELLO announced, 1 if none, or one this node cannot read)."""
         if node_id == self.node_id:
-            return True
+            return PROTOCOL
         peer = self._peers.get(node_id)
         announced = peer.headers.get(HEADER["protocol"], "1") if peer is not None else "1"
-        return announced.isdigit() and int(announced) >= protocol
+        return int(announced) if announced.isdigit() else 1
+
+    def speaks(self, node_id: str, protocol: int) -> bool:
+        """Whether the node ``node_id`` (this one included) speaks wire protocol ``protocol``
+        or later."""
+        return self.protocol_of(node_id) >= protocol
 
     def providers(self, kind: str, name: str) -> tuple[str, ...]:
         """Ids of the nodes (this one included) offering ``name`` of ``kind``."""
@@ -256,7 +263,7 @@ class Directory:
                 provider = known[node_id]
             else:
                 target = self.endpoint_of(node_id, "service")
-                provider = known[node_id] = Provider(node_id, *target) if target is not None else None
+                provider = known[node_id] = Provider(node_id, *target, self.protocol_of(node_id)) if target is not None else None
             if provider is not None:
                 return provider
         return None

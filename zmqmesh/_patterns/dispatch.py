@@ -54,7 +54,6 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("zmqmesh.inbox")
 
 _BURST = 256
-_VIEWS_FROM = 64 * 1024
 _EVENT_BYTES = 64 * 1024 * 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 
@@ -215,7 +214,7 @@ class Dispatcher:
     def drain(self, sock: zmq.Socket[Any], kind: str, calls: list[Call]) -> bool:
         """Receive up to a burst from ``sock`` into ``calls``; True if more may be waiting."""
         # a large frame of a stream is only decoded: a view of ZeroMQ's buffer spares a copy
-        views_from = _VIEWS_FROM if kind != "req" else 0
+        views_from = wire.LARGE_FRAME if kind != "req" else 0
         for i in range(_BURST):
             if i == 1 and not has_input(sock):
                 return False  # the common single message: a flag check, not a raised Again
@@ -475,7 +474,7 @@ class Dispatcher:
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
         """Send a reply to ``route``; an unreachable caller is counted."""
         try:
-            send_frames(self.router, wire.reply_frames(route, status, body), copy=len(body) < 65536)
+            send_frames(self.router, wire.reply_frames(route, status, body), copy=len(body) < wire.LARGE_FRAME)
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += 1
 

@@ -18,10 +18,10 @@ from .._io.reactor import EventLoop
 from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._wire.frames import BATCH_BYTES, MAX_BATCH_ITEMS, Headed, wire_size
+from .._wire.frames import BATCH_BYTES, LARGE_FRAME, MAX_BATCH_ITEMS, Headed, wire_size
 from ..config import NodeConfig
 from ..errors import ZmqMeshError
-from .pubsub import LARGE_FRAME, meta_frame, split_headed
+from .pubsub import meta_frame, split_headed
 
 __all__ = ["Pusher", "MAX_PUSH_SOCKETS"]
 

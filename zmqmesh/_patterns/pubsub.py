@@ -23,6 +23,7 @@ from .._mesh.directory import Directory
 from .._stats import Stats
 from .._wire.frames import (
     BATCH_BYTES,
+    LARGE_FRAME,
     MAX_BATCH_ITEMS,
     MAX_NAME_BYTES,
     Headed,
@@ -31,10 +32,8 @@ from .._wire.frames import (
 )
 from .history import History
 
-__all__ = ["Publisher", "GapCounter", "LARGE_FRAME", "meta_frame"]
+__all__ = ["Publisher", "GapCounter", "meta_frame"]
 
-LARGE_FRAME = 64 * 1024
-"""From this size up, frames are sent without a copy."""
 _MAX_TRACKED_TOPICS = 65_536
 _MAX_TRACKED_STREAMS = 65_536
 _MAX_GAP = 1 << 32  # a larger jump is a restarted or lying sequence, not a count of drops

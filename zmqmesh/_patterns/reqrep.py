@@ -94,7 +94,7 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
     """
     started = time.monotonic()
     observed = None if service.startswith("\x00") else stats  # (built-ins are not the user's calls)
-    compactable = wire.may_compact(service_b, body, None)
+    compactable = wire.may_compact(service_b, body, meta)
     while True:
         provider = directory.pick_provider(service, only, avoid)
         if provider is None:
@@ -105,13 +105,13 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
                 raise no_provider(service, only) from None
             continue
         try:
-            carried = meta if meta is None or directory.speaks(provider.id, 2) else None  # protocol 1: no meta
+            carried = meta if meta is None or provider.protocol >= 2 else None  # protocol 1: no meta
             if carried is None and meta is not None and stats is not None:
                 stats.reject("headers_not_carried")  # the provider would not understand them
             if observed is not None:
                 observed.count_name("request", "sent", service)
-            compact = compactable and carried is None and directory.speaks(provider.id, 3)
-            status, reply = yield Exchange(provider, service, service_b, body, deadline, carried, compact)
+            status, reply = yield Exchange(provider, service, service_b, body, deadline, carried,
+                                           compactable and provider.protocol >= 3)
         except PeerLostError:
             if not directory.may_retry(service, provider.id, deadline):
                 raise

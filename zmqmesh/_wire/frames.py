@@ -59,7 +59,7 @@ __all__ = [
     "reply_frames",
     "CompactCaller",
     "may_compact",
-    "COMPACT_BODY_MAX",
+    "LARGE_FRAME",
     "parse_request",
     "parse_reply",
     "queue_service",
@@ -108,8 +108,10 @@ PROTOCOL = 3
 """The wire protocol this package speaks: 2 adds headers, ids and durable items to 1;
 3 adds the one-frame form of requests and replies (`compact_request`)."""
 
-COMPACT_BODY_MAX = 64 * 1024
-"""Bodies from this size up travel in the frames of their own (no copy into one frame)."""
+LARGE_FRAME = 64 * 1024
+"""From this size up, a frame is sent without a copy (ZeroMQ keeps a reference), a stream
+frame is decoded from a view of what arrived, and a request body travels in a frame of its
+own (never copied into a one-frame request)."""
 
 HEADER = {
     "version": "X-ZMQMESH-VERSION",
@@ -200,7 +202,7 @@ class CompactCaller(bytes):
 def may_compact(service: bytes, body: bytes, meta: bytes | None) -> bool:
     """Whether a request can travel in one frame (to a provider of protocol 3): no meta,
     and a body small enough to copy."""
-    return meta is None and len(body) < COMPACT_BODY_MAX and len(service) < 256
+    return meta is None and len(body) < LARGE_FRAME and len(service) < 256
 
 
 def request_frames(service: bytes, request_id: bytes, body: bytes, meta: bytes | None = None,
