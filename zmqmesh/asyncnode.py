@@ -167,7 +167,7 @@ class AsyncNode(NodeBase):
         cancelled."""
         check_window(window)
         self._check_loop()
-        results: dict[int, Any] = {}
+        results: list[Any] = []
         failures: dict[int, BaseException] = {}
         running: dict[asyncio.Future[Any], int] = {}
         pending = enumerate(items)
@@ -180,6 +180,7 @@ class AsyncNode(NodeBase):
                     except StopIteration:
                         exhausted = True
                         break
+                    results.append(None)
                     call = self.request(service, data, timeout, peer, headers=headers)
                     running[asyncio.ensure_future(call)] = index
                 if not running or (failures and min(running.values()) > min(failures)):
@@ -197,7 +198,7 @@ class AsyncNode(NodeBase):
                 task.cancel()
         if failures:
             raise failures[min(failures)]
-        return [results[i] for i in range(len(results))]
+        return results
 
     async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""

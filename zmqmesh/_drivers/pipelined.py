@@ -37,8 +37,8 @@ from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
-__all__ = ["Job", "Pipelined", "Submitter", "MAX_SUBMITTED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed",
-           "run_many", "send_request"]
+__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "run_many",
+           "send_request"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -73,7 +73,7 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
     waiting)."""
     request_id = outstanding.add(waiter, step.provider.id, step.service, step.deadline)
     try:
-        send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.COMPACT_BODY_MAX)
+        send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
     except zmq.Again:
         outstanding.withdraw(request_id)
         raise MeshTimeoutError(
@@ -108,6 +108,7 @@ class Pipelined:
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._providers: dict[zmq.Socket[Any], str] = {}
         self._epoch = -1
+        self._sent = 0  # (counted into the stats once per pump: they take a lock)
 
     def __len__(self) -> int:
         return len(self.outstanding)
@@ -135,7 +136,7 @@ class Pipelined:
             except Exception as exc:  # the plan decides what a failed send means
                 value, error = None, exc
             else:
-                self.engine.stats.add("request", "sent")
+                self._sent += 1
                 return
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
@@ -164,6 +165,9 @@ class Pipelined:
                     self._read(sock, provider_id)
         except zmq.ZMQError as exc:
             raise closed_or_failed(self.engine, exc) from exc
+        if self._sent:
+            self.engine.stats.add("request", "sent", self._sent)
+            self._sent = 0
         if self.engine.closed:
             raise NodeClosedError(_CLOSED)
         self._expire()
@@ -215,18 +219,16 @@ class Pipelined:
                 self.resume(job, None, PeerLostError(
                     f"provider {provider_id[:8]} of {service!r} left before replying", provider_id))
 
-    def abandon(self) -> list[Job]:
-        """Forget every request in flight (their replies will be dropped); their jobs."""
-        return self.outstanding.take_all()
-
-    def close(self) -> None:
-        """Close every socket (requests still in flight are forgotten)."""
-        self.outstanding.take_all()
+    def close(self) -> list[Job]:
+        """Close every socket; the jobs of the requests still in flight, forgotten (their
+        replies will never be read)."""
+        jobs = self.outstanding.take_all()
         for sock in self._sockets.values():
             self.poller.unregister(sock)
             sock.close(0)
         self._sockets.clear()
         self._providers.clear()
+        return jobs
 
 
 class Submitter:
@@ -281,37 +283,29 @@ class Submitter:
                 log.exception("a done-callback of a submitted request raised")
 
         self._incoming.append(Job(plan, finish))
-        if self._closing or not self.thread.is_alive():
-            self._fail_incoming()  # the thread may have ended before it could see this one
+        if self._closing:
+            self._fail_waiting()  # the thread may have ended before it could see this one
         elif self._idle:
             self._waker.wake()
         return future
 
-    def _fail_resumed(self) -> None:
-        closed = NodeClosedError(_CLOSED)
-        while True:
-            try:
-                job, _value, _error = self._resumed.popleft()
-            except IndexError:
-                return
-            job.plan.close()
-            job.finish(None, closed)
-
-    def _fail_incoming(self) -> None:
-        closed = NodeClosedError(_CLOSED)
+    def _fail_waiting(self) -> None:
+        """Fail the jobs no thread will take any more: submitted, or back from a wait."""
         while True:
             try:
                 job = self._incoming.popleft()
             except IndexError:
-                return
-            job.plan.close()
-            job.finish(None, closed)
+                try:
+                    job = self._resumed.popleft()[0]
+                except IndexError:
+                    return
+            _fail_closed(job)
 
     def _come_back(self, job: Job, value: Any, error: BaseException | None) -> None:
         """Hand ``job`` back to the submit thread with the outcome of its step (any thread)."""
         self._resumed.append((job, value, error))
-        if self._closing or not self.thread.is_alive():
-            self._fail_resumed()  # the thread may have ended before it could see this one
+        if self._closing:
+            self._fail_waiting()  # the thread may have ended before it could see this one
         else:
             self._waker.wake()
 
@@ -333,25 +327,12 @@ class Submitter:
             self._come_back(job, None, NodeClosedError(_CLOSED))
 
     def _wait_on_loop(self, job: Job, step: Until) -> None:
-        engine = self.engine
-        waiter: Future[None] = Future()
-        waiter.add_done_callback(lambda done: self._come_back(job, None, done.exception()))
-        timeout = None if step.deadline is None else max(step.deadline - time.monotonic(), 0.0)
-
-        def expire() -> None:  # (on the loop)
-            if not waiter.done():
-                engine.waiters.remove(waiter)
-                waiter.set_exception(engine.timed_out(step.what, timeout))
-
-        def watch() -> None:  # (on the loop)
-            engine.waiters.add(step.predicate, waiter)
-            if timeout is not None and not waiter.done():
-                engine.loop.call_later(timeout, expire)
-
         try:
-            engine.call_soon(watch)
-        except RuntimeError:  # the loop is gone
-            self._come_back(job, None, NodeClosedError(_CLOSED))
+            waiter = self.engine.watch(step.predicate, step.deadline, step.what)
+        except NodeClosedError as exc:
+            self._come_back(job, None, exc)
+            return
+        waiter.add_done_callback(lambda done: self._come_back(job, None, done.exception()))
 
     def begin_close(self) -> None:
         """Make the thread fail what is in flight with `NodeClosedError` and end (any thread)."""
@@ -396,14 +377,15 @@ class Submitter:
             log.exception("the submit thread failed")
         finally:
             self._closing = True
-            closed = NodeClosedError(_CLOSED)
-            for job in pipelined.abandon():
-                job.plan.close()
-                job.finish(None, closed)
-            self._fail_resumed()  # (and what the pool gives back later, the pool fails itself)
-            self._fail_incoming()
-            pipelined.close()
+            for job in pipelined.close():
+                _fail_closed(job)
+            self._fail_waiting()  # (and what comes back later, `_come_back` fails itself)
             self._waker.close()
+
+
+def _fail_closed(job: Job) -> None:
+    job.plan.close()
+    job.finish(None, NodeClosedError(_CLOSED))
 
 
 def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[Any]:
@@ -413,12 +395,11 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
     requests still in flight then are forgotten."""
     results: list[Any] = []
     failures: dict[int, BaseException] = {}
-    running: set[int] = set()
-    jobs: list[Job] = []  # (this call's: a nested call on the same thread has its own)
+    running: dict[int, Job] = {}  # (this call's: a nested call on the same thread has its own)
 
     def finisher(index: int) -> Callable[[Any, BaseException | None], None]:
         def finish(value: Any, error: BaseException | None) -> None:
-            running.discard(index)
+            del running[index]
             if error is not None:
                 failures[index] = error
             else:
@@ -428,9 +409,7 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
     try:
         for index, plan in enumerate(plans):
             results.append(None)
-            running.add(index)
-            job = Job(plan, finisher(index))
-            jobs.append(job)
+            job = running[index] = Job(plan, finisher(index))
             pipelined.start(job)
             while len(running) >= window and not failures:
                 pipelined.pump(_BUSY_POLL_S)
@@ -440,10 +419,10 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
             pipelined.pump(_BUSY_POLL_S)
     finally:
         if running:
-            mine = {id(jobs[i]) for i in running}
-            pipelined.outstanding.forget_where(lambda waiter: id(waiter) in mine)
-            for index in running:
-                jobs[index].plan.close()
+            left = set(running.values())
+            pipelined.outstanding.forget_where(left.__contains__)
+            for job in left:
+                job.plan.close()
     if failures:
         raise failures[min(failures)]
     return results

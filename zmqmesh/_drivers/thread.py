@@ -51,6 +51,7 @@ log = logging.getLogger("zmqmesh.node")
 _POLL_SLICE_S = 0.05
 _SLOT_WAIT_S = 0.005
 _ROOM_SLICE_S = 0.1
+_LATE_LOOP_S = 1.0
 
 
 class BlockingRunner:
@@ -93,7 +94,8 @@ class BlockingRunner:
 
 
 def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | None, what: str) -> None:
-    """Block the calling thread (not the loop's) until ``predicate()`` holds on the loop.
+    """Block the calling thread (not the loop's) until ``predicate()`` holds on the loop
+    (`Engine.watch`).
 
     The condition is checked at least once, also when the deadline has passed; None waits
     as long as the node runs. Raises `MeshTimeoutError` at the deadline, `NodeClosedError`
@@ -102,29 +104,12 @@ def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | 
     engine.ensure_running()
     if engine.on_loop_thread():
         raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
-    timeout = None if deadline is None else deadline - time.monotonic()
-    if timeout is not None and timeout <= 0:
-        if engine.call_on_loop(predicate):
-            return
-        raise engine.timed_out(what, 0)
-    waiter: futures.Future[None] = futures.Future()  # completed by the loop thread only
-    try:
-        engine.call_soon(engine.waiters.add, predicate, waiter)
-    except RuntimeError:  # the I/O loop is gone
-        raise NodeClosedError("the node is not running") from None
-    try:
-        waiter.result(timeout)
+    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    waiter = engine.watch(predicate, deadline, what)
+    try:  # (the loop fails the waiter at the deadline; a moment more for a loop that is late)
+        waiter.result(None if timeout is None else timeout + _LATE_LOOP_S)
     except futures.TimeoutError:
-        try:
-            engine.call_soon(engine.waiters.remove, waiter)
-        except RuntimeError:
-            pass
-        if waiter.done():  # completed as the time ran out
-            waiter.result()
-            return
         raise engine.timed_out(what, timeout) from None
-
-
 
 
 def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
@@ -174,7 +159,7 @@ class ThreadRequester:
         sock = self._socket(provider)
         request_id = next(self._ids).to_bytes(8, "big")
         try:
-            send_frames(sock, step.frames(request_id), copy=len(step.body) < 65536)
+            send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
         except zmq.Again as exc:
             raise MeshTimeoutError(f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
         engine.stats.add("request", "sent")
@@ -430,15 +415,14 @@ class ThreadInbox(Dispatcher):
                 if self._resubscribe:
                     self._resubscribe = False
                     self.apply_subscriptions()
-                while self._done:
-                    self.complete(*self._done.popleft())
+                self._complete_done()
                 self._drain_all(calls, [(s, k) for s, k in self.sockets if s in ready])
             self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
         except Exception:
             log.exception("inbox thread failed")
         finally:
             self.close_sockets()
-            self._waker.socket.close(0)
+            self._waker.close()
 
     def _drain_all(self, calls: list[Call], active: Any) -> None:
         """Drain the sockets the poller found ready, in bursts, until they run dry.
@@ -452,11 +436,15 @@ class ThreadInbox(Dispatcher):
                 self.before_handling(calls)
                 self._execute(calls)
                 calls.clear()
-            while self._done:
-                self.complete(*self._done.popleft())
+            self._complete_done()
             self.after_handling()
             if not active and not self.has_posted():
                 return
+
+    def _complete_done(self) -> None:
+        """Reply for the calls the handler pool finished (this thread only)."""
+        while self._done:
+            self.complete(*self._done.popleft())
 
     def _execute(self, calls: list[Call]) -> None:
         for call in calls:
@@ -500,8 +488,7 @@ class ThreadInbox(Dispatcher):
     def _submit(self, call: Call) -> None:
         assert self._pool is not None and self._slots is not None
         while not self._slots.acquire(timeout=_SLOT_WAIT_S):
-            while self._done:  # the replies of the calls that finished go out meanwhile
-                self.complete(*self._done.popleft())
+            self._complete_done()  # the replies of the calls that finished go out meanwhile
         runner = self._run_on_loop if is_async(call.handler) else run_sync
 
         def finished(fut: Future[tuple[Any, BaseException | None]]) -> None:

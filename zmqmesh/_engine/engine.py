@@ -22,6 +22,7 @@ import threading
 import time
 import uuid as uuid_module
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any, Protocol
 
 import zmq
@@ -415,6 +416,31 @@ class Engine:
         if self.on_loop_thread():
             raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
         return run_on(self.loop, fn, *args, timeout=timeout)
+
+    def watch(self, predicate: Callable[[], bool], deadline: float | None, what: str) -> futures.Future[None]:
+        """A future the loop completes once ``predicate()`` holds (checked at once, and again
+        on every change), or fails with `MeshTimeoutError` at ``deadline`` (None: never) or
+        `NodeClosedError` when the node stops. Any thread; raises `NodeClosedError` if the
+        loop is gone."""
+        waiter: futures.Future[None] = futures.Future()
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+        def expire() -> None:
+            if not waiter.done():
+                self.waiters.remove(waiter)
+                waiter.set_exception(self.timed_out(what, timeout))
+
+        def start() -> None:
+            self.waiters.add(predicate, waiter)
+            if timeout is not None and not waiter.done():
+                timer = self.loop.call_later(timeout, expire)
+                waiter.add_done_callback(lambda _done: timer.cancel())
+
+        try:
+            self.call_soon(start)
+        except RuntimeError:  # the loop is gone
+            raise NodeClosedError("the node is not running") from None
+        return waiter
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the loop soon (from any thread). Raises `RuntimeError` once the loop is closed."""

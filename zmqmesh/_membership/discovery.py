@@ -45,7 +45,7 @@ class Beacons:
     def __init__(self, *, loop: EventLoop, sock: BeaconSocket, uuid: bytes, key: bytes | None, stats: Stats,
                  interval_s: float, later: Callable[..., None],
                  on_beacon: Callable[[bytes, str | None, str | None], None],
-                 crowded: Callable[[], bool] = lambda: True) -> None:
+                 crowded: Callable[[], bool]) -> None:
         self.loop = loop
         self.sock = sock
         self.uuid = uuid
@@ -57,7 +57,6 @@ class Beacons:
         self.crowded = crowded
         self.port = 0
         self._closed = False
-        self._resting = False
 
     def start(self, port: int) -> None:
         """Listen, and beacon mailbox ``port`` now and every interval."""
@@ -94,13 +93,11 @@ class Beacons:
             except Exception:  # never let one datagram take the node down
                 self.stats.reject("beacon_handler_error")
                 log.exception("error handling a beacon from %s", source)
-        if drained and not self._resting and not self._closed and self.crowded():
-            self._resting = True
+        if drained and not self._closed and self.crowded():  # (not called while resting: no reader)
             self.loop.remove_reader(self.sock.fileno())
             self.later(_REST_S, self._listen_again)
 
     def _listen_again(self) -> None:
-        self._resting = False
         if not self._closed:  # (what arrived meanwhile makes the socket readable at once)
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
