@@ -319,10 +319,8 @@ class Membership:
         if not unproven:
             self.stats.reject("too_many_peers")
             return False
-        victim = (next((p for p in unproven if not p.ready and not p.link_up), None)
-                  or next((p for p in unproven if not p.ready), None)
-                  or next((p for p in unproven if not p.link_up), None)
-                  or unproven[0])
+        # the oldest of those that never answered our greeting, whose link never came up first
+        victim = min(unproven, key=lambda p: (p.ready, p.link_up))
         self.stats.reject("unproven_peer_evicted")
         self._drop(victim, "made way: it never answered at its endpoint")
         return True
