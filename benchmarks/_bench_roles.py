@@ -593,8 +593,6 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
                     **_rss(),
                 )
             await loop.run_in_executor(None, ctl.wait, "stop")
-        if store is not None:
-            store.cleanup()
 
     asyncio.run(main())
 

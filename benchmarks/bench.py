@@ -355,6 +355,10 @@ MEASUREMENTS: dict[str, Measurement] = {
 # ============================================================================ figures ==
 
 
+SPREAD_RUNS = 5
+"""Runs a stability figure needs for a verdict."""
+
+
 @dataclass
 class Figure:
     name: str
@@ -482,7 +486,7 @@ SCENARIOS: dict[str, list[Figure]] = {
                "zm_cold", "raw_cold", "cold_ms", "ms", False, 1.2),
     ],
     "stability": [
-        Figure("stability/push_sync", "Node.push -> @pull: the runs' largest distance from their median (5 runs asked)",
+        Figure("stability/push_sync", f"Node.push -> @pull: the runs' largest distance from their median ({SPREAD_RUNS} runs asked)",
                "zm_push_sync", "raw_push_msgpack", "msgs_per_s", "%", False, 20, spread=True),
         Figure("stability/pubsub_4", "Node.publish -> 4 subscribers: the runs' largest distance from their median",
                "zm_pubsub_4", "raw_pubsub_4", "delivered_per_s", "%", False, 20, spread=True),
@@ -636,10 +640,12 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
     zv = [r[fig.metric] for r in zo.ok]
     rv = [r[fig.metric] for r in ro.ok]
     runs = {"zmqmesh": len(zv), "raw": len(rv), "requested": repeats}
-    paired = [zo.by_repeat[i][fig.metric] / ro.by_repeat[i][fig.metric] for i in range(repeats) if i in zo.by_repeat and i in ro.by_repeat and ro.by_repeat[i][fig.metric]]
+    paired: list[float] = []
     if fig.spread:  # one value per side: the largest distance of a run from the median, in %
         zv, rv = [v for v in (_spread_pct(zv),) if v is not None], [v for v in (_spread_pct(rv),) if v is not None]
-        paired = []
+    else:
+        paired = [zo.by_repeat[i][fig.metric] / ro.by_repeat[i][fig.metric] for i in range(repeats)
+                  if i in zo.by_repeat and i in ro.by_repeat and ro.by_repeat[i][fig.metric]]
     zs, rs = stats_of(zv), stats_of(rv)
     ratio = zs["median"] / rs["median"] if zs and rs and rs["median"] else None
     if not zv:
@@ -652,7 +658,7 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
         status = "ok"
     meets = None
     if fig.spread:
-        meets = zs["median"] <= fig.target if zs and fig.target is not None and runs["zmqmesh"] >= 5 else None
+        meets = zs["median"] <= fig.target if zs and fig.target is not None and runs["zmqmesh"] >= SPREAD_RUNS else None
     elif fig.target is not None and ratio is not None:
         meets = ratio >= fig.target if fig.higher_is_better else ratio <= fig.target
     loads = [r.get("_other_cpu_pct", 0.0) for r in zo.ok + ro.ok]
@@ -673,7 +679,8 @@ def evaluate(fig: Figure, outcomes: dict[str, Outcome], repeats: int) -> dict[st
         "ratio_paired_min": min(paired) if paired else None,
         "ratio_paired_max": max(paired) if paired else None,
         "target": None if fig.target is None else ((">= " if fig.higher_is_better else "<= ") + f"{fig.target}"
-                                                   + (" % (5 runs)" if fig.spread else "")),
+                                                   + (f" % ({SPREAD_RUNS} runs)" if fig.spread else "")),
+        "spread": fig.spread,
         "meets_target": meets,
         "status": status,
         "runs": runs,
@@ -713,7 +720,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         if r["status"] == "failed":
             verdict = "FAILED"
         elif r["meets_target"] is None:
-            verdict = "(info)" if r["target"] is None else ("needs 5 runs" if "5 runs" in r["target"] else "no baseline")
+            verdict = "(info)" if r["target"] is None else (f"needs {SPREAD_RUNS} runs" if r["spread"] else "no baseline")
         else:
             verdict = "meets" if r["meets_target"] else "MISSES"
         if r["status"] == "partial":

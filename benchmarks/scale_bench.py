@@ -34,22 +34,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import netns  # noqa: E402  (tests/netns.py)
+from mesh_bench import cpu_ticks, rss_mib  # noqa: E402
 from multihost_bench import first_full_view, progress, wired_hosts  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * _PAGE / 2**20
 
 
 def sockets(pid: int) -> int:
@@ -95,13 +83,13 @@ def one_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
                      f"node: median {statistics.median(views)}, min {min(views)} of {size - 1}); measuring anyway")
         time.sleep(args.settle)
         pids = [n.proc.pid for n in nodes]
-        before = [cpu_seconds(p) for p in pids]
+        before = [cpu_ticks(p) or 0 for p in pids]
         t0 = time.monotonic()
         time.sleep(args.idle)
-        after = [cpu_seconds(p) for p in pids]
+        after = [cpu_ticks(p) or 0 for p in pids]
         elapsed = time.monotonic() - t0
-        cpu = [(b - a) / elapsed * 100 for a, b in zip(before, after)]
-        rss = [rss_mib(p) for p in pids]
+        cpu = [(b - a) / _TICK / elapsed * 100 for a, b in zip(before, after)]
+        rss = [rss_mib(p) or 0.0 for p in pids]
         socks = [sockets(p) for p in pids]
         still = sum(1 for n in nodes if n.find("leave"))
     return {
