@@ -632,6 +632,7 @@ class Roles:
         parent, child = MP.Pipe()
         proc = MP.Process(target=target, args=(child,), kwargs=kwargs, daemon=True)
         proc.start()
+        child.close()  # (ours: a role that dies then reads as the end of its pipe, not a silence)
         self.procs.append((proc, parent))
         return parent
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 import zmqmesh
 from zmqmesh._drivers import pipelined
@@ -33,87 +35,93 @@ def _echo_nodes(mesh: dict[str, Any], n: int = 2) -> list[zmqmesh.Node]:
     return nodes
 
 
-def test_request_many_returns_every_reply_in_order_from_both_providers(mesh: dict[str, Any]) -> None:
-    providers = _echo_nodes(mesh)
-    try:
-        with zmqmesh.Node("client", **mesh) as client:
-            client.wait_for_service("echo", 2, timeout=10)
-            threads_before = threading.active_count()
-            replies = client.request_many("echo", range(2000), timeout=10, window=16)
-            assert [r["echo"] for r in replies] == list(range(2000))
-            assert {r["by"] for r in replies} == {"echo-0", "echo-1"}  # round robin across providers
-            assert threading.active_count() == threads_before  # no thread per request
-            stats = client.stats()["request"]
-            assert stats["sent"] == 2000 and stats["received"] == 2000
-            assert client.request_many("echo", [], timeout=10) == []
-            # window 1 is one request at a time, and still right
-            assert [r["echo"] for r in client.request_many("echo", ["a", "b"], window=1)] == ["a", "b"]
-            with pytest.raises(zmqmesh.ConfigError):
-                client.request_many("echo", [1], window=0)
-    finally:
-        for node in providers:
-            node.stop()
+@pytest.fixture
+def echo_providers(mesh: dict[str, Any]) -> Iterator[Callable[..., list[zmqmesh.Node]]]:
+    """Start ``n`` echo providers in this test's mesh; every one is stopped at teardown."""
+    started: list[zmqmesh.Node] = []
+
+    def start(n: int = 2) -> list[zmqmesh.Node]:
+        nodes = _echo_nodes(mesh, n)
+        started.extend(nodes)
+        return nodes
+
+    yield start
+    for node in started:
+        node.stop()
 
 
-def test_request_many_raises_the_first_failure_and_the_node_goes_on(mesh: dict[str, Any]) -> None:
-    providers = _echo_nodes(mesh, 1)
-    try:
-        with zmqmesh.Node("client", **mesh) as client:
-            client.wait_for_service("echo", timeout=10)
-            items = [*range(50), "boom", *range(50, 100), "boom"]
-            with pytest.raises(zmqmesh.RemoteError) as raised:
-                client.request_many("echo", items, timeout=10, window=8)
-            assert raised.value.remote_type == "ValueError" and "boom asked for" in str(raised.value)
-            with pytest.raises(TypeError):  # an item msgpack cannot encode fails the call
-                client.request_many("echo", [1, object()], timeout=10)
-            with pytest.raises(zmqmesh.NoProviderError):
-                client.request_many("nobody", [1], timeout=0.3)
-            # the requests left in flight were forgotten: later calls are not confused by them
-            assert client.request("echo", "after", timeout=10)["echo"] == "after"
-            assert [r["echo"] for r in client.request_many("echo", range(10))] == list(range(10))
-    finally:
-        for node in providers:
-            node.stop()
+def test_request_many_returns_every_reply_in_order_from_both_providers(echo_providers: Callable[..., list[zmqmesh.Node]], mesh: dict[str, Any]) -> None:
+    echo_providers()
+    with zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("echo", 2, timeout=10)
+        threads_before = threading.active_count()
+        replies = client.request_many("echo", range(2000), timeout=10, window=16)
+        assert [r["echo"] for r in replies] == list(range(2000))
+        assert {r["by"] for r in replies} == {"echo-0", "echo-1"}  # round robin across providers
+        assert threading.active_count() == threads_before  # no thread per request
+        stats = client.stats()["request"]
+        assert stats["sent"] == 2000 and stats["received"] == 2000
+        assert client.request_many("echo", [], timeout=10) == []
+        # window 1 is one request at a time, and still right
+        assert [r["echo"] for r in client.request_many("echo", ["a", "b"], window=1)] == ["a", "b"]
+        with pytest.raises(zmqmesh.ConfigError):
+            client.request_many("echo", [1], window=0)
 
 
-def test_submit_from_many_threads_resolves_every_future(mesh: dict[str, Any]) -> None:
-    providers = _echo_nodes(mesh)
-    try:
-        with zmqmesh.Node("client", **mesh) as client:
-            client.wait_for_service("echo", 2, timeout=10)
-            futures: dict[int, Future[Any]] = {}
-            lock = threading.Lock()
 
-            def caller(base: int) -> None:
-                for i in range(base, base + 500):
-                    future = client.submit("echo", i, timeout=20)
-                    with lock:
-                        futures[i] = future
+def test_request_many_raises_the_first_failure_and_the_node_goes_on(echo_providers: Callable[..., list[zmqmesh.Node]], mesh: dict[str, Any]) -> None:
+    echo_providers(1)
+    with zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("echo", timeout=10)
+        items = [*range(50), "boom", *range(50, 100), "boom"]
+        with pytest.raises(zmqmesh.RemoteError) as raised:
+            client.request_many("echo", items, timeout=10, window=8)
+        assert raised.value.remote_type == "ValueError" and "boom asked for" in str(raised.value)
+        with pytest.raises(TypeError):  # an item msgpack cannot encode fails the call
+            client.request_many("echo", [1, object()], timeout=10)
+        with pytest.raises(zmqmesh.NoProviderError):
+            client.request_many("nobody", [1], timeout=0.3)
+        # the requests left in flight were forgotten: later calls are not confused by them
+        assert client.request("echo", "after", timeout=10)["echo"] == "after"
+        assert [r["echo"] for r in client.request_many("echo", range(10))] == list(range(10))
 
-            callers = [threading.Thread(target=caller, args=(k * 500,)) for k in range(4)]
-            for thread in callers:
-                thread.start()
-            for thread in callers:
-                thread.join(20)
-            assert sorted(futures) == list(range(2000))
-            for i, future in futures.items():
-                assert future.result(timeout=20)["echo"] == i
-            assert not futures[0].cancel()  # sent: it cannot be taken back
-            failing = client.submit("echo", "boom", timeout=10)
-            with pytest.raises(zmqmesh.RemoteError):
-                failing.result(timeout=10)
-            # nobody offers it: the future waits for a provider (not the submit thread), then fails
-            started = time.monotonic()
-            missing = client.submit("nobody", 1, timeout=0.5)
-            assert client.submit("echo", "meanwhile", timeout=10).result(timeout=10)["echo"] == "meanwhile"
-            with pytest.raises(zmqmesh.NoProviderError):
-                missing.result(timeout=10)
-            assert time.monotonic() - started < 5
-            with pytest.raises(TypeError):
-                client.submit("echo", object())
-    finally:
-        for node in providers:
-            node.stop()
+
+
+def test_submit_from_many_threads_resolves_every_future(echo_providers: Callable[..., list[zmqmesh.Node]], mesh: dict[str, Any]) -> None:
+    echo_providers()
+    with zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("echo", 2, timeout=10)
+        futures: dict[int, Future[Any]] = {}
+        lock = threading.Lock()
+
+        def caller(base: int) -> None:
+            for i in range(base, base + 500):
+                future = client.submit("echo", i, timeout=20)
+                with lock:
+                    futures[i] = future
+
+        callers = [threading.Thread(target=caller, args=(k * 500,)) for k in range(4)]
+        for thread in callers:
+            thread.start()
+        for thread in callers:
+            thread.join(20)
+        assert sorted(futures) == list(range(2000))
+        for i, future in futures.items():
+            assert future.result(timeout=20)["echo"] == i
+        assert not futures[0].cancel()  # sent: it cannot be taken back
+        failing = client.submit("echo", "boom", timeout=10)
+        with pytest.raises(zmqmesh.RemoteError):
+            failing.result(timeout=10)
+        # nobody offers it: the future waits for a provider (not the submit thread), then fails
+        started = time.monotonic()
+        missing = client.submit("nobody", 1, timeout=0.5)
+        assert client.submit("echo", "meanwhile", timeout=10).result(timeout=10)["echo"] == "meanwhile"
+        with pytest.raises(zmqmesh.NoProviderError):
+            missing.result(timeout=10)
+        assert time.monotonic() - started < 5
+        with pytest.raises(TypeError):
+            client.submit("echo", object())
+
 
 
 def test_submit_applies_back_pressure(mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,30 +194,25 @@ def test_submitted_requests_made_before_the_provider_appears_all_go_through(mesh
             assert [f.result(timeout=20) for f in futures] == list(range(400))
 
 
-def test_done_callbacks_may_submit_but_not_wait(mesh: dict[str, Any]) -> None:
-    providers = _echo_nodes(mesh, 1)
-    try:
-        with zmqmesh.Node("client", **mesh) as client:
-            client.wait_for_service("echo", timeout=10)
-            seen: list[Any] = []
-            chained: list[Future[Any]] = []
+def test_done_callbacks_may_submit_but_not_wait(echo_providers: Callable[..., list[zmqmesh.Node]], mesh: dict[str, Any]) -> None:
+    echo_providers(1)
+    with zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("echo", timeout=10)
+        seen: list[Any] = []
+        chained: list[Future[Any]] = []
 
-            def callback(future: Future[Any]) -> None:
-                try:
-                    client.request("echo", "from a callback", timeout=5)
-                except zmqmesh.ZmqMeshError as exc:
-                    seen.append(exc)
-                chained.append(client.submit("echo", "chained", timeout=5))
+        def callback(future: Future[Any]) -> None:
+            try:
+                client.request("echo", "from a callback", timeout=5)
+            except zmqmesh.ZmqMeshError as exc:
+                seen.append(exc)
+            chained.append(client.submit("echo", "chained", timeout=5))
 
-            client.submit("echo", 1, timeout=10).add_done_callback(callback)
-            deadline = time.monotonic() + 10
-            while not chained and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert len(seen) == 1 and "submit thread" in str(seen[0])
-            assert chained[0].result(timeout=10)["echo"] == "chained"
-    finally:
-        for node in providers:
-            node.stop()
+        client.submit("echo", 1, timeout=10).add_done_callback(callback)
+        wait_until(lambda: chained, 10, "the chained submit")
+        assert len(seen) == 1 and "submit thread" in str(seen[0])
+        assert chained[0].result(timeout=10)["echo"] == "chained"
+
 
 
 def test_request_many_ends_with_node_closed_when_the_node_stops(mesh: dict[str, Any]) -> None:
@@ -236,22 +239,19 @@ def test_request_many_ends_with_node_closed_when_the_node_stops(mesh: dict[str, 
         assert len(outcome) == 1 and isinstance(outcome[0], zmqmesh.NodeClosedError), outcome
 
 
-def test_a_nested_request_many_on_the_same_thread_leaves_the_outer_one_whole(mesh: dict[str, Any]) -> None:
-    providers = _echo_nodes(mesh, 1)
-    try:
-        with zmqmesh.Node("client", **mesh) as client:
-            client.wait_for_service("echo", timeout=10)
+def test_a_nested_request_many_on_the_same_thread_leaves_the_outer_one_whole(echo_providers: Callable[..., list[zmqmesh.Node]], mesh: dict[str, Any]) -> None:
+    echo_providers(1)
+    with zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("echo", timeout=10)
 
-            def items() -> Any:
-                yield 1
-                yield 2
-                inner = client.request_many("echo", [10, 11], timeout=5)  # made while the outer one runs
-                yield inner[1]["echo"]
+        def items() -> Any:
+            yield 1
+            yield 2
+            inner = client.request_many("echo", [10, 11], timeout=5)  # made while the outer one runs
+            yield inner[1]["echo"]
 
-            assert [r["echo"] for r in client.request_many("echo", items(), timeout=5)] == [1, 2, 11]
-    finally:
-        for node in providers:
-            node.stop()
+        assert [r["echo"] for r in client.request_many("echo", items(), timeout=5)] == [1, 2, 11]
+
 
 
 def test_many_requests_that_wait_for_providers_do_not_hold_each_other_up(mesh: dict[str, Any]) -> None:
@@ -297,19 +297,15 @@ def test_async_request_many_keeps_order_and_the_first_failure(mesh: dict[str, An
     asyncio.run(main())
 
 
-def test_a_callback_that_raises_system_exit_leaves_submit_working(mesh: dict[str, Any]) -> None:
-    providers = _echo_nodes(mesh, 1)
-    try:
-        with zmqmesh.Node("client", **mesh) as client:
-            client.wait_for_service("echo", timeout=10)
+def test_a_callback_that_raises_system_exit_leaves_submit_working(echo_providers: Callable[..., list[zmqmesh.Node]], mesh: dict[str, Any]) -> None:
+    echo_providers(1)
+    with zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("echo", timeout=10)
 
-            def leave(future: Future[Any]) -> None:
-                raise SystemExit("from a callback")
+        def leave(future: Future[Any]) -> None:
+            raise SystemExit("from a callback")
 
-            client.submit("echo", 1, timeout=10).add_done_callback(leave)
-            assert client.submit("echo", 2, timeout=10).result(timeout=10)["echo"] == 2
-            with pytest.raises(zmqmesh.NoProviderError, match="node deadbeef does not offer"):
-                client.submit("echo", 3, peer="deadbeef", timeout=0.3).result(timeout=10)
-    finally:
-        for node in providers:
-            node.stop()
+        client.submit("echo", 1, timeout=10).add_done_callback(leave)
+        assert client.submit("echo", 2, timeout=10).result(timeout=10)["echo"] == 2
+        with pytest.raises(zmqmesh.NoProviderError, match="node deadbeef does not offer"):
+            client.submit("echo", 3, peer="deadbeef", timeout=0.3).result(timeout=10)
