@@ -7,9 +7,11 @@ are pure logic; here they are driven directly, as the engine and the drivers dri
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
+import msgpack
 import pytest
 
 import zmqmesh
@@ -86,6 +88,17 @@ def test_the_failure_detector_pings_then_expires_and_waits_out_a_dropped_link() 
     assert detector.link_down(linked, now + 0.1) is False  # one check per drop
     detector.link_up(linked)
     assert not detector.still_disconnected(linked)
+
+
+def test_codec_writes_large_bytes_exactly_as_msgpack_does_and_keeps_the_limit() -> None:
+    codec = Codec(1 << 20)
+    for size in (0, 16 * 1024 - 1, 16 * 1024, 0xFFFF, 0x10000, (1 << 20) - 5):
+        data = os.urandom(size)
+        assert codec.encode(data) == msgpack.packb(data, use_bin_type=True), size
+        assert codec.decode(codec.encode(data)) == data
+    with pytest.raises(zmqmesh.MessageTooLargeError):
+        codec.encode(os.urandom((1 << 20) - 4))  # with its 5-byte header, one byte too many
+    assert codec.encode(bytearray(b"x" * 20_000)) == msgpack.packb(b"x" * 20_000)  # not bytes: msgpack's path
 
 
 def test_control_whispers_round_trip_and_refuse_junk() -> None:
@@ -169,7 +182,7 @@ def test_requests_from_short_lived_threads_do_not_keep_sockets(mesh: dict[str, A
     service.service("echo", lambda msg: msg.data)
     with service, zmqmesh.Node("caller", **mesh) as caller:
         caller.wait_for_service("echo")
-        for batch in range(5):
+        for _batch in range(5):
             threads = [threading.Thread(target=caller.request, args=("echo", i)) for i in range(20)]
             for t in threads:
                 t.start()
