@@ -67,6 +67,10 @@ def test_a_large_call_is_stored_as_several_segments_read_back_whole(tmp_path: Pa
     read = store.pending("q", limit=SEGMENT_MAX + 1)  # whole segments, until the limit is reached
     assert [len(s.messages) for s in read] == [SEGMENT_MAX, SEGMENT_MAX]
     assert [len(s.messages) for s in store.pending("q", after=2 * SEGMENT_MAX, limit=5)] == [10]
+    small = store.append([("many", entries("a", "b", "c")) for _ in range(100)])  # one segment each
+    read = store.pending("many", limit=10)  # stops at the fourth of a hundred segments
+    assert [s.first for s in read] == [f for f, _ in small[:4]] and sum(len(s.messages) for s in read) == 12
+    assert store.drop_queue("many") == 300
     assert store.drop_queue("q") == len(names)
     assert live(store, "other") == [("x", 0)]
     store.close()

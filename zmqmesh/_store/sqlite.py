@@ -48,6 +48,7 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _PAGE_SIZE = 4096
 SEGMENT_MAX = 1024
 """Messages in one stored segment at most: a larger call is stored as several."""
+_ROWS_PER_FETCH = 16  # segments read at a time while filling a buffer (a few are mostly enough)
 _OUTBOX = (
     # durable messages this node owns until pullers acknowledge them (or a keeper takes
     # them), in segments: the messages one commit stored for one queue, numbered seq ..
@@ -420,14 +421,7 @@ class Store:
 
     def _read_segments(self, queue: str, after: int, limit: int | None) -> list[StoredSegment]:
         sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
-        rows = self._read(sql + " LIMIT ?", (queue, after, limit)) if limit else self._read(sql, (queue, after))
-        if limit:  # whole segments until ``limit`` messages
-            total = 0
-            for k, row in enumerate(rows):
-                total += row[1]
-                if total >= limit:
-                    del rows[k + 1:]
-                    break
+        rows = self._read_upto(sql, (queue, after), limit) if limit else self._read(sql, (queue, after))
         if not rows:
             return []
         lo, hi = rows[0][0], rows[-1][0] + rows[-1][1] - 1
@@ -528,6 +522,32 @@ class Store:
                 rows.append(row)
                 size += len(row[5]) + len(row[6] or b"")
         return rows, False
+
+    def _read_upto(self, sql: str, params: Sequence[Any], limit: int) -> list[Any]:
+        """The first rows of outbox segments ``sql`` selects (lock held), whole, until they
+        hold ``limit`` messages or more: the query stops there, however many rows follow.
+        A failing read raises `StoreError`."""
+        import sqlite3
+
+        rows: list[Any] = []
+        total = 0
+        try:
+            cursor = self._db.execute(sql, params)
+            try:
+                while total < limit:
+                    fetched = cursor.fetchmany(_ROWS_PER_FETCH)
+                    if not fetched:
+                        break
+                    for row in fetched:
+                        rows.append(row)
+                        total += row[1]
+                        if total >= limit:
+                            break
+            finally:
+                cursor.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+        return rows
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """The rows ``sql`` selects (lock held); a failing read raises `StoreError`."""
