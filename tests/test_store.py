@@ -70,6 +70,8 @@ def test_a_large_call_is_stored_as_several_segments_read_back_whole(tmp_path: Pa
     small = store.append([("many", entries("a", "b", "c")) for _ in range(100)])  # one segment each
     read = store.pending("many", limit=10)  # stops at the fourth of a hundred segments
     assert [s.first for s in read] == [f for f, _ in small[:4]] and sum(len(s.messages) for s in read) == 12
+    assert len(store.pending("many", limit=50)) == 17  # past one fetch of rows
+    assert len(store.pending("many", limit=1000)) == 100  # the limit never reached: every segment
     assert store.drop_queue("many") == 300
     assert store.drop_queue("q") == len(names)
     assert live(store, "other") == [("x", 0)]
