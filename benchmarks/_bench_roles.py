@@ -422,6 +422,7 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
             _check_reply(reply, n - 1)
             ctl.send("result", **_lat_summary(lats), **_rss())
         else:
+            t_start = time.monotonic()  # (the system's clock: comparable between processes)
             t0 = time.perf_counter()
             sent = 0
             for _ in range(min(window, n)):
@@ -433,7 +434,7 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
                     send(packb({"id": sent, "payload": PAYLOAD}))
                     sent += 1
             elapsed = time.perf_counter() - t0
-            ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, **_rss())
+            ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, t_start=t_start, t_end=time.monotonic(), **_rss())
         ctl.wait("stop")
         sock.close(0)
         ctx.term()
@@ -512,11 +513,14 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
             ctl.wait("go")
             node.request_many(SERVICE, [_echo_data(i) for i in range(warm)], timeout=10, window=window)
             items = [{"id": i, "payload": PAYLOAD} for i in range(n)]
+            t_start = time.monotonic()  # (the system's clock: comparable between processes)
             t0 = time.perf_counter()
             replies = node.request_many(SERVICE, items, timeout=20, window=window)
             elapsed = time.perf_counter() - t0
+            t_end = time.monotonic()
             _check_reply(replies[-1], n - 1)
-            ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, stats=node.stats()["request"], **_rss())
+            ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, t_start=t_start, t_end=t_end,
+                     stats=node.stats()["request"], **_rss())
             ctl.wait("stop")
         return
     if mode == "sync_lat":

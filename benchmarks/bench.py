@@ -171,6 +171,32 @@ def trial_req(t: Trial, impl: str, mode: str, n: int, warm: int, window: int = 1
     return out
 
 
+def trial_req_clients(t: Trial, impl: str, clients: int, n: int, warm: int, window: int) -> dict[str, Any]:
+    """One echo service process and ``clients`` client processes, each with ``window``
+    requests in flight (raw DEALERs, or `Node.request_many`): requests per second, all
+    clients together, from the first start to the last finish."""
+    mode = "inflight" if impl == "raw" else "many"
+    if impl == "raw":
+        t.spawn("service", "raw_router", slow_first_s=0.0, slow_at=warm)
+    else:
+        mesh = mesh_options()
+        t.spawn("service", "zm_service", slow_first_s=0.0, slow_at=warm, **mesh)
+    for k in range(clients):
+        if impl == "raw":
+            t.spawn(f"client{k}", "raw_req_client", mode=mode, n=n, warm=warm, window=window)
+        else:
+            t.spawn(f"client{k}", "zm_req_client", mode=mode, n=n, warm=warm, window=window, **mesh)
+    ready = t.expect("service", "ready")
+    for k in range(clients):
+        t.tell(f"client{k}", "go", **ready)
+    results = [t.expect(f"client{k}", "result") for k in range(clients)]
+    t.tell("service", "stop")
+    served = t.expect("service", "result")
+    elapsed = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
+    return {"per_s": clients * n / elapsed, "elapsed_s": elapsed, "served": served["served"],
+            "rss_service_mib": _mib(served["rss_peak_kb"])}
+
+
 def trial_replay(t: Trial, n: int) -> dict[str, Any]:
     """A publisher keeps ``n`` messages nobody received; then a subscriber process with
     ``replay="all"`` gets them all: msgs/s from its first replayed message to the last."""
@@ -311,6 +337,10 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_req(t, "zm", "inflight", p["inflight_n"], p["req_warm"], window=p["window"])),
         _m("zm_req_many", "Node.request_many, 64 in flight from one thread",
            lambda t, p: trial_req(t, "zm", "many", p["inflight_n"], p["req_warm"], window=p["window"])),
+        _m("raw_req_clients", "3 client processes, each a blocking DEALER with 64 outstanding",
+           lambda t, p: trial_req_clients(t, "raw", 3, p["inflight_n"], p["req_warm"], p["window"]), 2.0),
+        _m("zm_req_clients", "3 client processes, each Node.request_many with 64 in flight",
+           lambda t, p: trial_req_clients(t, "zm", 3, p["inflight_n"], p["req_warm"], p["window"]), 2.0),
         _m("raw_pubsub_1", "XPUB -> 1 SUB process, msgpack",
            lambda t, p: trial_pubsub(t, "raw", p["pub_n"], 1)),
         _m("zm_pubsub_history_1", "Node(history=...).publish -> 1 subscriber process",
@@ -457,6 +487,10 @@ SCENARIOS: dict[str, list[Figure]] = {
     "req_inflight": [
         Figure("req_inflight", "64 requests in flight: AsyncNode (64 coroutines) vs DEALER 64 outstanding", "zm_req_inflight", "raw_req_inflight", "per_s", "req/s", True, 0.8),
         Figure("req_inflight/sync", "64 requests in flight: Node.request_many (one thread) vs DEALER 64 outstanding", "zm_req_many", "raw_req_inflight", "per_s", "req/s", True, 0.8),
+    ],
+    "req_clients": [
+        Figure("req_clients", "3 client processes x 64 in flight to one provider: Node.request_many vs DEALERs (sum)",
+               "zm_req_clients", "raw_req_clients", "per_s", "req/s", True, None),
     ],
     "pubsub_1": [
         Figure("pubsub_1", "64 B msgpack, 1 subscriber process: delivered", "zm_pubsub_1", "raw_pubsub_1", "delivered_per_s", "msgs/s", True, 0.8, _drops),

@@ -5,8 +5,8 @@ and msgpack, no zmqmesh. Run by test_foreign_client.py as
 
 It finds a node by its beacon, becomes a ZRE peer (and so a zmqmesh node of MESH), reads
 the node's HELLO, answers its PINGs, calls its service "double" (once with a request
-id that is too long, once in the one-frame form), subscribes to "news.", pushes to "work", answers "echo", and pulls
-"jobs" at least once. It prints what it sees, one line each, and ends on the node's bye.
+id that is too long, once in the one-frame form, three times in a batch), subscribes to
+"news.", pushes to "work", answers "echo", and pulls "jobs" at least once. It prints what it sees, one line each, and ends on the node's bye.
 """
 
 from __future__ import annotations
@@ -134,12 +134,22 @@ def main() -> None:
                 answer(service, service.recv_multipart())
             elif sock is caller:
                 reply = caller.recv_multipart()
-                if len(reply) == 1:  # the one-frame form: [len(id)] id status body
+                if len(reply) == 3:
+                    replies = [reply]
+                elif reply[0][:1] == b"\x00":  # a batch (protocol 4): [len(id)] id status [len(body), 4] body ...
+                    replies, frame, at = [], reply[0], 1
+                    while at < len(frame):
+                        size = frame[at]
+                        body_at = at + 1 + size + 1 + 4
+                        end = body_at + struct.unpack("!I", frame[body_at - 4:body_at])[0]
+                        replies.append([frame[at + 1:at + 1 + size], frame[at + 1 + size:at + 2 + size], frame[body_at:end]])
+                        at = end
+                else:  # the one-frame form: [len(id)] id status body
                     size = reply[0][0]
-                    reply = [reply[0][1:1 + size], reply[0][1 + size:2 + size], reply[0][2 + size:]]
-                request_id, status, body = reply
-                value = msgpack.unpackb(body) if body else None
-                say("REPLY", request_id[:8].decode(), len(request_id), status.hex(), json.dumps(value))
+                    replies = [[reply[0][1:1 + size], reply[0][1 + size:2 + size], reply[0][2 + size:]]]
+                for request_id, status, body in replies:
+                    value = msgpack.unpackb(body) if body else None
+                    say("REPLY", request_id[:8].decode(), len(request_id), status.hex(), json.dumps(value))
             elif sock is sub:
                 topic, sender, body = sub.recv_multipart()[:3]
                 sequence = struct.unpack("!Q", sender[16:24])[0] if len(sender) == 24 else None
@@ -159,6 +169,11 @@ def use_the_node(ctx: zmq.Context, headers: dict[str, str], poller: zmq.Poller) 
     caller.send_multipart([b"double", b"too-long" + b"x" * 92, msgpack.packb(1)])
     # the one-frame form (protocol 3): [len(service)] service [len(id)] id body
     caller.send(bytes([6]) + b"double" + bytes([8]) + b"call-two" + msgpack.packb(50))
+    # a batch (protocol 4): 0x00, then per request [len(service)] service [len(id)] id [len(body), 4] body
+    batch = [(b"double", b"batch-a", msgpack.packb(1)), (b"nothing", b"batch-b", msgpack.packb(2)),
+             (b"double", b"batch-c", msgpack.packb(3))]
+    caller.send(b"\x00" + b"".join(bytes([len(s)]) + s + bytes([len(i)]) + i + struct.pack("!I", len(b)) + b
+                                   for s, i, b in batch))
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"news.")
     sub.connect(headers["X-ZMQMESH-PUB"])

@@ -668,6 +668,17 @@ def gen_service(src: Source, env: Env) -> Input:
         service_len = len(service) if src.chance(0.85) else src.integer(0, 255)
         id_len = len(request_id) if src.chance(0.85) else src.integer(0, 255)
         frames = [bytes((service_len,)) + service + bytes((id_len,)) + request_id + frames[2]]
+    if len(frames) == 3 and len(service) < 256 and 0 < len(request_id) < 256 and src.chance(0.15):
+        # a batch (protocol 4): 0x00, then per request [S] service [I] id [B, 4 bytes] body; mostly right
+        items = [(service, request_id, frames[2])]
+        items += [(src.pick(SERVICES).encode(), src.blob(1, 8), gen_body(src, env)) for _ in range(src.integer(0, 3))]
+        frame = b"\x00" + b"".join(bytes((len(s),)) + s + bytes((len(i),)) + i + len(b).to_bytes(4, "big") + b
+                                   for s, i, b in items)
+        if src.chance(0.1):
+            frame = frame[:src.integer(1, len(frame))]  # cut short
+        elif src.chance(0.05):
+            frame = b"\x00" + (b"\x01s\x01i\x00\x00\x00\x00" * 257)  # one request too many
+        frames = [frame]
     identity = ("fresh", src.blob(20, 20)) if src.chance(0.3) else ("anon",)  # 16+4 bytes: a zmqmesh caller
     return Input("service", [frames], identity, note="request")
 
@@ -922,8 +933,28 @@ class Driver:
         self.udp.close()
 
 
+def reply_batch(frame: bytes) -> list[list[bytes]] | None:
+    """The replies of a reply batch (protocol 4), or None if ``frame`` is not one."""
+    replies, at = [], 1
+    while at < len(frame):
+        status_at = at + 1 + frame[at]
+        body_at = status_at + 5
+        end = body_at + int.from_bytes(frame[status_at + 1:body_at], "big")
+        if body_at > len(frame) or end > len(frame):
+            return None
+        replies.append([frame[at + 1:status_at], frame[status_at:status_at + 1], frame[body_at:end]])
+        at = end
+    return replies or None
+
+
 def reply_problem(frames: list[bytes]) -> str | None:
     """Why a service reply breaks the protocol (docs/protocol.md), or None."""
+    if len(frames) == 1 and frames[0][:1] == b"\x00":
+        replies = reply_batch(frames[0])  # (else: the one-frame reply to an empty request id)
+        if replies is not None:
+            if len(replies) > 256:
+                return f"a batch of {len(replies)} replies"
+            return next((p for p in map(reply_problem, replies) if p), None)
     if len(frames) == 1:  # the one-frame form (protocol 3): [len(id)] id status body
         reply = frames[0]
         if not reply or len(reply) < reply[0] + 2:

@@ -36,7 +36,7 @@ def test_a_program_written_from_the_protocol_document_takes_part_in_the_mesh(
         _, sequence, name, headers = lines(foreign, "HELLO ")[0].split(" ", 3)
         assert (sequence, name) == ("1", "native")
         announced = json.loads(headers)
-        assert announced["X-ZMQMESH-MESH"] == mesh["mesh"] and announced["X-ZMQMESH-PROTOCOL"] == "3"
+        assert announced["X-ZMQMESH-MESH"] == mesh["mesh"] and announced["X-ZMQMESH-PROTOCOL"] == "4"
         assert {"X-ZMQMESH-PUB", "X-ZMQMESH-SUB", "X-ZMQMESH-PULL", "X-ZMQMESH-SERVICE"} <= announced.keys()
 
         # the node sees a zmqmesh peer offering "echo" and pulling "jobs"
@@ -45,10 +45,12 @@ def test_a_program_written_from_the_protocol_document_takes_part_in_the_mesh(
         assert next(p for p in node.peers() if p.name == "foreign").is_zmqmesh
 
         # it called the node's service, and a request id over 64 bytes is answered 0x03
-        wait_until(lambda: len(lines(foreign, "REPLY ")) == 3, 10, "three replies")
+        wait_until(lambda: len(lines(foreign, "REPLY ")) == 6, 10, "six replies")
         assert "REPLY call-one 8 00 42" in foreign.lines
         assert "REPLY call-two 8 00 100" in foreign.lines  # asked in one frame, answered in one
         assert "REPLY too-long 100 03 null" in foreign.lines
+        # asked in a batch: each request answered, an unknown service 0x02
+        assert {"REPLY batch-a 7 00 2", "REPLY batch-b 7 02 null", "REPLY batch-c 7 00 6"} <= set(foreign.lines)
 
         # it pushed a batch of two to the node
         wait_until(lambda: len(pulled) == 2, 10, "the foreign push")

@@ -18,9 +18,10 @@ import zmqmesh
 from zmqmesh._membership import control
 from zmqmesh._membership.detector import FailureDetector
 from zmqmesh._membership.peer import PeerState
-from zmqmesh._mesh.directory import Directory
+from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
 from zmqmesh._patterns.reqrep import Exchange, request_plan
+from zmqmesh._patterns.request_batches import RequestBatches
 from zmqmesh._stats import Stats
 from zmqmesh._wire import frames
 from zmqmesh._wire.codec import Codec
@@ -99,6 +100,54 @@ def test_codec_writes_large_bytes_exactly_as_msgpack_does_and_keeps_the_limit() 
     with pytest.raises(zmqmesh.MessageTooLargeError):
         codec.encode(os.urandom((1 << 20) - 4))  # with its 5-byte header, one byte too many
     assert codec.encode(bytearray(b"x" * 20_000)) == msgpack.packb(b"x" * 20_000)  # not bytes: msgpack's path
+
+
+def test_batches_of_requests_and_replies_round_trip_and_refuse_what_runs_past_the_end() -> None:
+    requests = [(b"svc", b"12345678", b"\x91\x01"), (b"s" * 255, b"i" * 64, b""), (b"x", b"\x00", b"b" * 70_000)]
+    frame = frames.request_batch(requests)
+    assert frames.is_batch(frame) and frames.parse_request_batch(frame) == requests
+    for cut in (2, 5, len(frame) - 1):
+        with pytest.raises(zmqmesh.DecodeError):
+            frames.parse_request_batch(frame[:cut])
+    with pytest.raises(zmqmesh.DecodeError):
+        frames.parse_request_batch(b"\x00")  # none
+    with pytest.raises(zmqmesh.DecodeError):
+        frames.parse_request_batch(frames.request_batch([(b"s", b"i", b"")] * (frames.MAX_BATCH_ITEMS + 1)))
+    replies = [(b"12345678", frames.STATUS_OK, b"\x01"), (b"abc", frames.STATUS_NO_SERVICE, b"")]
+    frame = frames.reply_batch(replies)
+    assert frames.parse_reply_batch(frame) == replies
+    assert frames.parse_reply_batch(frame[:-1]) is None and frames.parse_reply_batch(b"\x00") is None
+    assert frames.parse_reply_batch(frames.reply_batch([(b"i", b"\x00", b"")] * 257)) is None
+    assert not frames.is_batch(frames.request_frames(b"svc", b"12345678", b"\x01", None, True)[0])
+
+
+def test_request_batches_send_the_first_alone_and_gather_the_rest_until_the_pause() -> None:
+    new, old = Provider("a" * 32, "tcp://127.0.0.1:1", None, 4), Provider("b" * 32, "tcp://127.0.0.1:2", None, 3)
+
+    def step(provider: Provider, body: bytes = b"\x01", compact: bool = True) -> Exchange:
+        return Exchange(provider, "svc", b"svc", body, 0.0, None, compact)
+
+    batches: RequestBatches[str, int] = RequestBatches()
+    assert not batches.add(new.id, b"1", 1, step(new))  # the first goes at once
+    assert not batches.add(old.id, b"2", 2, step(old))  # protocol 3 reads no batches
+    assert not batches.add(old.id, b"3", 3, step(old))
+    assert not batches.add(new.id, b"4", 4, step(new, compact=False))  # headers, or a large body
+    assert batches.add(new.id, b"5", 5, step(new)) and batches.add(new.id, b"6", 6, step(new))
+    (batch,) = batches.take()
+    assert batch.key == new.id and batch.waiters == [(b"5", 5), (b"6", 6)]
+    assert frames.parse_request_batch(batch.frame()) == [(b"svc", b"5", b"\x01"), (b"svc", b"6", b"\x01")]
+    assert not batches and batches.take() == []
+    assert not batches.add(new.id, b"7", 7, step(new))  # a new pass: the first alone again
+    assert batches.add(new.id, b"8", 8, step(new))
+    (single,) = batches.take()
+    assert single.frame() == frames.request_frames(b"svc", b"8", b"\x01", None, True)[0]  # one: no batch
+    batches.add(new.id, b"9", 9, step(new))
+    for n in range(600):  # past 256 requests, and past 64 KiB: several frames, in order
+        batches.add(new.id, n.to_bytes(8, "big"), n, step(new, b"x" * 200))
+    taken = batches.take()
+    assert [w for b in taken for w, _ in b.waiters] == [n.to_bytes(8, "big") for n in range(600)]
+    for b in taken:
+        assert len(b.items) <= frames.MAX_BATCH_ITEMS and len(b.frame()) <= frames.BATCH_BYTES + 1
 
 
 def test_control_whispers_round_trip_and_refuse_junk() -> None:

@@ -309,3 +309,89 @@ def test_a_callback_that_raises_system_exit_leaves_submit_working(echo_providers
         assert client.submit("echo", 2, timeout=10).result(timeout=10)["echo"] == 2
         with pytest.raises(zmqmesh.NoProviderError, match="node deadbeef does not offer"):
             client.submit("echo", 3, peer="deadbeef", timeout=0.3).result(timeout=10)
+
+
+def _replies(sock: Any, expected: int) -> list[list[tuple[bytes, bytes, bytes]]]:
+    """The reply frames a raw DEALER gets until ``expected`` replies came: each frame as
+    its replies ``(request_id, status, body)`` (one, or a batch)."""
+    from zmqmesh._wire import frames as wire
+
+    got: list[list[tuple[bytes, bytes, bytes]]] = []
+    while sum(map(len, got)) < expected:
+        assert sock.poll(10_000), f"{sum(map(len, got))} of {expected} replies came"
+        (frame,) = sock.recv_multipart()
+        batch = wire.parse_reply_batch(frame) if wire.is_batch(frame) else None
+        got.append(batch if batch is not None else [wire.parse_reply([frame])])  # type: ignore[list-item]
+    return got
+
+
+def test_a_batch_of_requests_is_answered_request_by_request(mesh: dict[str, Any]) -> None:
+    import msgpack
+    import zmq
+
+    from zmqmesh._wire import frames as wire
+
+    with zmqmesh.Node("provider", **mesh) as node:
+        node.service("echo", lambda msg: msg.data)
+        node.service("nap", lambda msg: time.sleep(1.0) or "rested")
+
+        @node.service("boom")
+        def boom(msg: zmqmesh.Message) -> None:
+            raise ValueError("asked for")
+
+        ctx = zmq.Context.instance()
+        dealer = ctx.socket(zmq.DEALER)
+        try:
+            dealer.connect(node.endpoints["service"])
+            packed = msgpack.packb
+            dealer.send(wire.request_batch([
+                (b"echo", b"id-1", packed(1)), (b"boom", b"id-2", packed(2)), (b"nobody", b"id-3", packed(3)),
+                (b"echo", b"x" * 65, packed(4)), (b"echo", b"id-5", b"\xc1"), (b"echo", b"id-6", packed({"a": 6}))]))
+            replies = {rid: (status, body) for frame in _replies(dealer, 6) for rid, status, body in frame}
+            assert replies[b"id-1"] == (wire.STATUS_OK, packed(1))
+            assert replies[b"id-2"][0] == wire.STATUS_ERROR and b"asked for" in replies[b"id-2"][1]
+            assert replies[b"id-3"] == (wire.STATUS_NO_SERVICE, b"")
+            assert replies[b"x" * 65] == (wire.STATUS_BAD_REQUEST, b"")  # an id over 64 bytes
+            assert replies[b"id-5"] == (wire.STATUS_BAD_REQUEST, b"")  # an undecodable body
+            assert replies[b"id-6"] == (wire.STATUS_OK, packed({"a": 6}))
+
+            # a reply never waits for a handler that may be slow: echo's goes before nap runs
+            dealer.send(wire.request_batch([(b"echo", b"fast", packed(0)), (b"nap", b"slow", packed(0))]))
+            first, second = _replies(dealer, 2)
+            assert [r[0] for r in first] == [b"fast"] and [r[0] for r in second] == [b"slow"]
+
+            # a batch that runs past its end is dropped whole, and counted; the next is served
+            malformed = node.stats()["rejected"].get("service_malformed", 0)
+            dealer.send(wire.request_batch([(b"echo", b"cut", packed(7))])[:-1])
+            wait_until(lambda: node.stats()["rejected"].get("service_malformed", 0) == malformed + 1, 10,
+                       "the malformed batch counted")
+            dealer.send(wire.request_batch([(b"echo", b"after-a", packed(8)), (b"echo", b"after-b", packed(9))]))
+            assert sorted(r for frame in _replies(dealer, 2) for r in frame) == [
+                (b"after-a", wire.STATUS_OK, packed(8)), (b"after-b", wire.STATUS_OK, packed(9))]
+        finally:
+            dealer.close(0)
+
+
+def test_requests_in_flight_from_many_coroutines_and_threads_are_batched_and_answered(
+        echo_providers: Callable[..., list[zmqmesh.Node]], mesh: dict[str, Any]) -> None:
+    echo_providers(1)
+    with zmqmesh.Node("caller", **mesh) as caller:
+        caller.wait_for_service("echo", timeout=10)
+        items = [*range(150), "boom", *range(150, 300)]
+        futures = [caller.submit("echo", item, timeout=20) for item in items]
+        for item, future in zip(items, futures):
+            if item == "boom":
+                with pytest.raises(zmqmesh.RemoteError, match="boom asked for"):
+                    future.result(timeout=20)
+            else:
+                assert future.result(timeout=20)["echo"] == item
+
+    async def gather() -> list[Any]:
+        async with zmqmesh.AsyncNode("acaller", **mesh) as node:
+            await node.wait_for_service("echo", timeout=10)
+            return await asyncio.gather(*(node.request("echo", item, timeout=20) for item in items),
+                                        return_exceptions=True)
+
+    outcomes = asyncio.run(gather())
+    assert isinstance(outcomes[150], zmqmesh.RemoteError)
+    assert [o["echo"] for o in outcomes[:150] + outcomes[151:]] == list(range(300))

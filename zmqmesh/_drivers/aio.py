@@ -44,8 +44,9 @@ from .._patterns.durable import Ticket
 from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
+from .._patterns.request_batches import RequestBatches
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
-from .pipelined import send_request
+from .pipelined import send_batches, send_request
 
 __all__ = ["AsyncRunner", "check_loop", "LoopCommits", "LoopInbox", "LoopRequester", "wait_until", "wait_for_room", "stop_async"]
 
@@ -300,29 +301,35 @@ class LoopInbox(Dispatcher):
                 task.add_done_callback(self._tasks.discard)
             return
         batch: list[Call] = []
-        for call in calls:
-            if self.abandoned():
-                self.drop(call)
-                continue
-            if is_async(call.handler):
-                if batch:
-                    await self._run_sync_batch(batch)
-                    batch = []
-                token = serve_as(call)
-                error: BaseException | None = None
-                try:
-                    result, error = await call.handler(call.arg), None
-                except Exception as exc:
-                    result, error = None, exc
-                finally:
-                    served(token, error)
-                if call.route is None and error is None:
-                    continue  # nothing to reply or count
-                self.complete(call, result, error)
-            else:
-                batch.append(call)
-        if batch:
-            await self._run_sync_batch(batch)
+        self.hold_replies()  # the replies to a batch of requests go back in one frame
+        try:
+            for call in calls:
+                if self.abandoned():
+                    self.drop(call)
+                    continue
+                if is_async(call.handler):
+                    if batch:
+                        await self._run_sync_batch(batch)
+                        batch = []
+                    started = self.starting(call)
+                    token = serve_as(call)
+                    error: BaseException | None = None
+                    try:
+                        result, error = await call.handler(call.arg), None
+                    except Exception as exc:
+                        result, error = None, exc
+                    finally:
+                        served(token, error)
+                    self.finished(call, started)
+                    if call.route is None and error is None:
+                        continue  # nothing to reply or count
+                    self.complete(call, result, error)
+                else:
+                    batch.append(call)
+            if batch:
+                await self._run_sync_batch(batch)
+        finally:
+            self.send_held_replies()
 
     async def _run_sync_batch(self, batch: list[Call]) -> None:
         outcomes = await self.loop.run_in_executor(self._worker, run_batch, batch)
@@ -358,6 +365,11 @@ class LoopInbox(Dispatcher):
         self.close_sockets()
 
 
+def _fail_future(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 class LoopRequester:
     """Requests from coroutines: DEALERs owned by the event loop, one future per request
     (the table of what waits for what is `Outstanding`'s).
@@ -375,13 +387,14 @@ class LoopRequester:
         self._timer_at = math.inf
         self._unchecked: set[str] = set()
         self._sweep_soon = False
+        self._batches: RequestBatches[str, asyncio.Future[tuple[bytes, bytes]]] = RequestBatches()
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request; the future of its reply ``(status, body)``. The future fails
         with `MeshTimeoutError`, `PeerLostError` or `NodeClosedError`; the send itself
         raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-        send_request(self.outstanding, future, self._socket(step.provider), step, self.engine)
+        send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches)
         self.engine.stats.pattern["request"]["sent"] += 1
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
@@ -430,8 +443,10 @@ class LoopRequester:
         return sock
 
     def _check_sent(self) -> None:
-        """Read the sockets sent on during this pass of the loop that hold replies: sending
+        """At the end of a pass of the loop that sent requests: send the batches gathered
+        in it (`RequestBatches`), then read the sockets sent on that hold replies: sending
         may have swallowed the descriptor's signal (once per pass, not per request)."""
+        send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future)
         for provider_id in self._unchecked:
             sock = self.sockets.get(provider_id)
             if sock is not None and has_input(sock):
@@ -443,18 +458,20 @@ class LoopRequester:
         if sock is None:
             return
         counters = self.engine.stats.pattern["request"]
-        answer = self.outstanding.answer
+        answer_all = self.outstanding.answer_all
         for _ in range(_READ_BURST):
             try:
                 frames = recv_frames(sock)
             except zmq.ZMQError:
                 return
-            answered = answer(frames, provider_id)
-            if answered is None or answered[0].done():
-                counters["dropped"] += 1  # a late reply, or one nobody asked for
-                continue
-            counters["received"] += 1
-            answered[0].set_result((answered[1], answered[2]))
+            answered, unanswered = answer_all(frames, provider_id)
+            counters["dropped"] += unanswered  # late replies, or ones nobody asked for
+            for future, status, body in answered:
+                if future.done():
+                    counters["dropped"] += 1  # its caller gave up
+                else:
+                    counters["received"] += 1
+                    future.set_result((status, body))
         self.engine.loop.call_soon(self._on_readable, provider_id)
 
     def peer_gone(self, peer_id: str) -> None:

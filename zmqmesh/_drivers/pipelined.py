@@ -34,11 +34,12 @@ from .._mesh.directory import Provider
 from .._mesh.waiters import Until
 from .._patterns.outstanding import Outstanding
 from .._patterns.reqrep import Exchange
+from .._patterns.request_batches import RequestBatches
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
 __all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "run_many",
-           "send_request"]
+           "send_request", "send_batches"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -66,12 +67,14 @@ def closed_or_failed(engine: Engine, exc: zmq.ZMQError) -> ZmqMeshError:
 
 
 def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[Any], step: Exchange,
-                 engine: Engine) -> None:
+                 engine: Engine, batches: RequestBatches[str, Any] | None = None) -> None:
     """Send ``step``'s request on ``sock``, with ``waiter`` waiting for it in
-    ``outstanding``. Raises `MeshTimeoutError` when the provider takes no more requests,
-    `NodeClosedError` or `ZmqMeshError` when the socket fails (nothing is then left
-    waiting)."""
+    ``outstanding`` (or gather it in ``batches``, to go with `send_batches`). Raises
+    `MeshTimeoutError` when the provider takes no more requests, `NodeClosedError` or
+    `ZmqMeshError` when the socket fails (nothing is then left waiting)."""
     request_id = outstanding.add(waiter, step.provider.id, step.service, step.deadline)
+    if batches is not None and batches.add(step.provider.id, request_id, waiter, step):
+        return
     try:
         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
     except zmq.Again:
@@ -81,6 +84,34 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
     except zmq.ZMQError as exc:
         outstanding.withdraw(request_id)
         raise closed_or_failed(engine, exc) from exc
+
+
+def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socket[Any]],
+                 outstanding: Outstanding[Any], engine: Engine,
+                 fail: Callable[[Any, BaseException], None]) -> None:
+    """Send the batches gathered since the last call, each on its provider's socket
+    (skipped when the provider left: its requests were failed then). ``fail(waiter,
+    error)`` hears of each request of a batch that could not be sent: `MeshTimeoutError`
+    when the provider takes no more, `NodeClosedError` or `ZmqMeshError` when the socket
+    failed. Requests gathered meanwhile (by ``fail``) go too."""
+    while True:
+        taken = batches.take()  # (also when empty: a pause begins a new pass)
+        if not taken:
+            return
+        for batch in taken:
+            sock = sockets.get(batch.key)
+            if sock is None:
+                continue
+            try:
+                send_frames(sock, [batch.frame()])
+                continue
+            except zmq.Again:
+                error: ZmqMeshError = MeshTimeoutError(f"provider {batch.key[:8]} is not accepting requests")
+            except zmq.ZMQError as exc:
+                error = closed_or_failed(engine, exc)
+            for request_id, waiter in batch.waiters:
+                if outstanding.withdraw(request_id):
+                    fail(waiter, error)
 
 
 class Job:
@@ -109,6 +140,7 @@ class Pipelined:
         self._providers: dict[zmq.Socket[Any], str] = {}
         self._epoch = -1
         self._sent = 0  # (counted into the stats once per pump: they take a lock)
+        self._batches: RequestBatches[str, Job] = RequestBatches()
 
     def __len__(self) -> int:
         return len(self.outstanding)
@@ -132,7 +164,7 @@ class Pipelined:
                 self._wait_step(job, step)
                 return
             try:
-                send_request(self.outstanding, job, self._socket(step.provider), step, self.engine)
+                send_request(self.outstanding, job, self._socket(step.provider), step, self.engine, self._batches)
             except Exception as exc:  # the plan decides what a failed send means
                 value, error = None, exc
             else:
@@ -153,6 +185,7 @@ class Pipelined:
         requests and those of providers that left. Returns what the poller found ready
         (other sockets registered on `poller` by the caller included). Raises
         `NodeClosedError` once the node stopped under the call."""
+        self._send_batches()
         deadline = self.outstanding.next_deadline()
         if deadline is not None:
             due = max(deadline - time.monotonic(), 0.0)
@@ -174,20 +207,24 @@ class Pipelined:
         self.prune()
         return ready
 
+    def _send_batches(self) -> None:
+        send_batches(self._batches, self._sockets, self.outstanding, self.engine,
+                     lambda job, error: self.resume(job, None, error))
+
     def _read(self, sock: zmq.Socket[Any], provider_id: str) -> None:
         stats = self.engine.stats
         received = dropped = 0
+        answer_all = self.outstanding.answer_all
         for _ in range(_READ_BURST):
             try:
                 frames = recv_frames(sock)
             except zmq.Again:
                 break
-            answered = self.outstanding.answer(frames, provider_id)
-            if answered is None:
-                dropped += 1  # a late reply (its request timed out), or one nobody asked for
-                continue
-            received += 1
-            self.resume(answered[0], (answered[1], answered[2]), None)
+            answered, unanswered = answer_all(frames, provider_id)
+            dropped += unanswered  # late replies (their requests timed out), or ones nobody asked for
+            received += len(answered)
+            for job, status, body in answered:
+                self.resume(job, (status, body), None)
         stats.add("request", "received", received)
         if dropped:
             stats.add("request", "dropped", dropped)
@@ -223,6 +260,7 @@ class Pipelined:
         """Close every socket; the jobs of the requests still in flight, forgotten (their
         replies will never be read)."""
         jobs = self.outstanding.take_all()
+        self._batches.take()  # (their jobs are among those)
         for sock in self._sockets.values():
             self.poller.unregister(sock)
             sock.close(0)

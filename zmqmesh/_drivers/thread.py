@@ -447,18 +447,28 @@ class ThreadInbox(Dispatcher):
             self.complete(*self._done.popleft())
 
     def _execute(self, calls: list[Call]) -> None:
-        for call in calls:
-            if self.abandoned():
-                self.drop(call)
-                continue
-            if self._pool is not None:
-                self._submit(call)
-                continue
-            if is_async(call.handler):
-                result, error = self._run_on_loop(call)
-            else:
-                result, error = run_sync(call)
-            self.complete(call, result, error)
+        if self._pool is not None:
+            for call in calls:
+                if self.abandoned():
+                    self.drop(call)
+                else:
+                    self._submit(call)
+            return
+        self.hold_replies()  # the replies to a batch of requests go back in one frame
+        try:
+            for call in calls:
+                if self.abandoned():
+                    self.drop(call)
+                    continue
+                started = self.starting(call)
+                if is_async(call.handler):
+                    result, error = self._run_on_loop(call)
+                else:
+                    result, error = run_sync(call)
+                self.finished(call, started)
+                self.complete(call, result, error)
+        finally:
+            self.send_held_replies()
 
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
         with self._async_lock:

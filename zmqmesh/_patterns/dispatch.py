@@ -56,6 +56,9 @@ log = logging.getLogger("zmqmesh.inbox")
 _BURST = 256
 _EVENT_BYTES = 64 * 1024 * 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
+_REPLY_ITEM_BYTES = 6  # what a reply adds in a batch frame to its id and body (`wire.reply_batch`)
+_QUICK_S = 0.0005  # a handler that returns sooner may keep the replies before it waiting
+_MAX_TIMED_HANDLERS = 4096
 
 
 class Dispatcher:
@@ -96,6 +99,8 @@ class Dispatcher:
         self._cache_version = -1
         self.stopping = False
         self._deadline: float | None = None
+        self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies] (see `hold_replies`)
+        self._quick: dict[Any, bool] = {}  # handler: whether it was quick the last time it ran
 
     def abandoned(self) -> bool:
         """True once a stop's deadline has passed: work still queued is then dropped."""
@@ -338,11 +343,19 @@ class Dispatcher:
         return hit
 
     def _decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
-        counters = self.stats.pattern["service"]
+        if len(frames) == 2 and wire.is_batch(frames[1]):
+            caller = wire.BatchCaller(frames[0])
+            for service_b, request_id, body in wire.parse_request_batch(frames[1]):
+                self._decode_one_request((caller, request_id), service_b, body, None, calls)
+            return
         request = wire.parse_request(frames)
         if request is None:
             raise DecodeError("malformed request envelope")
-        route, service_b, body, meta = request
+        self._decode_one_request(*request, calls)
+
+    def _decode_one_request(self, route: tuple[bytes, bytes], service_b: bytes, body: bytes, meta: bytes | None,
+                            calls: list[Call]) -> None:
+        counters = self.stats.pattern["service"]
         if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
             counters["errors"] += 1
             self.stats.reject("service_malformed")
@@ -472,11 +485,70 @@ class Dispatcher:
         self.stats.pattern["service"]["sent"] += 1
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
-        """Send a reply to ``route``; an unreachable caller is counted."""
+        """Send a reply to ``route``; an unreachable caller is counted. While replies are
+        held (`hold_replies`), a small one to a caller that sent a batch waits to go back
+        in a batch."""
+        held = self._held
+        size = len(body) + len(route[1]) + _REPLY_ITEM_BYTES
+        if held is not None and type(route[0]) is wire.BatchCaller and size <= wire.BATCH_BYTES:
+            caller = route[0]
+            entry = held.get(caller)
+            if entry is not None and (entry[0] + size > wire.BATCH_BYTES or len(entry[1]) == wire.MAX_BATCH_ITEMS):
+                self._send_held(caller, held.pop(caller)[1])
+                entry = None
+            if entry is None:
+                held[caller] = [size, [(route[1], status, body)]]
+            else:
+                entry[0] += size
+                entry[1].append((route[1], status, body))
+            return
         try:
             send_frames(self.router, wire.reply_frames(route, status, body), copy=len(body) < wire.LARGE_FRAME)
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += 1
+
+    def hold_replies(self) -> None:
+        """Hold the replies to batches of requests until `send_held_replies` (the drivers
+        hold them around handlers run in place, one after the other, so that the replies to
+        a batch go back in one frame). Around each handler the driver calls `starting` and
+        `finished`: a handler that was not quick the last time it ran is never waited for
+        (the replies held go out before it runs)."""
+        if self._held is None:
+            self._held = {}
+
+    def starting(self, call: Call) -> float:
+        """A handler is about to run; when it starts (see `hold_replies`)."""
+        if self._held and not self._quick.get(call.handler, False):
+            held, self._held = self._held, {}
+            for caller, (_size, replies) in held.items():
+                self._send_held(caller, replies)
+        return time.monotonic()
+
+    def finished(self, call: Call, started: float) -> None:
+        """The handler of ``call``, started at ``started``, returned."""
+        quick = self._quick
+        if len(quick) >= _MAX_TIMED_HANDLERS:  # bounded: callables made per call would grow it
+            quick.clear()
+        try:
+            quick[call.handler] = time.monotonic() - started < _QUICK_S
+        except TypeError:  # an unhashable callable: never held for
+            pass
+
+    def send_held_replies(self) -> None:
+        """Send the replies held since `hold_replies`, a frame per caller, and stop holding."""
+        held, self._held = self._held, None
+        for caller, (_size, replies) in (held or {}).items():
+            self._send_held(caller, replies)
+
+    def _send_held(self, caller: bytes, replies: list[tuple[bytes, bytes, bytes]]) -> None:
+        if len(replies) == 1:
+            frame = wire.reply_frames((caller, replies[0][0]), replies[0][1], replies[0][2])[1]
+        else:
+            frame = wire.reply_batch(replies)
+        try:
+            send_frames(self.router, [caller, frame])
+        except zmq.ZMQError:
+            self.stats.pattern["service"]["dropped"] += len(replies)
 
     def drop(self, call: Call) -> None:
         """Count a call abandoned at a stop's deadline."""

@@ -59,6 +59,14 @@ __all__ = [
     "reply_frames",
     "CompactCaller",
     "may_compact",
+    "BatchCaller",
+    "BATCH_PROTOCOL",
+    "BATCH_MARK",
+    "request_batch",
+    "parse_request_batch",
+    "reply_batch",
+    "parse_reply_batch",
+    "is_batch",
     "LARGE_FRAME",
     "parse_request",
     "parse_reply",
@@ -104,9 +112,15 @@ HISTORY_SERVICE_BYTES = HISTORY_SERVICE.encode()
 CONTROL_MAGIC = b"\x00zmqmesh-control"
 """First frame of the WHISPERs zmqmesh nodes exchange among themselves (never sent to plain ZRE peers)."""
 
-PROTOCOL = 3
+PROTOCOL = 4
 """The wire protocol this package speaks: 2 adds headers, ids and durable items to 1;
-3 adds the one-frame form of requests and replies (`compact_request`)."""
+3 adds the one-frame form of requests and replies (`request_frames`); 4 adds batches of
+them, several requests or replies in one frame (`request_batch`)."""
+BATCH_PROTOCOL = 4
+"""The protocol from which a provider reads batches of requests."""
+BATCH_MARK = 0
+"""First byte of a batch frame: a one-frame request never starts with it (it would name
+the empty service), nor does a one-frame reply to a zmqmesh node (its ids are 8 bytes)."""
 
 LARGE_FRAME = 64 * 1024
 """From this size up, a frame is sent without a copy (ZeroMQ keeps a reference), a stream
@@ -199,6 +213,14 @@ class CompactCaller(bytes):
     in one frame too (`reply_frames`)."""
 
 
+class BatchCaller(CompactCaller):
+    """The routing id of a caller that sent a batch of requests: its replies may go back
+    in batches too (`reply_batch`), or one by one in one frame each."""
+
+
+_ONE_FRAME_CALLERS = (CompactCaller, BatchCaller)
+
+
 def may_compact(service: bytes, body: bytes, meta: bytes | None) -> bool:
     """Whether a request can travel in one frame (to a provider of protocol 3): no meta,
     and a body small enough to copy."""
@@ -222,7 +244,7 @@ def reply_frames(route: tuple[bytes, bytes], status: bytes, body: bytes) -> list
     """The frames a ROUTER sends back: ``route`` is ``(routing_id, request_id)``; one frame
     after the routing id, ``[len(request_id)] request_id status body``, to a caller that
     asked in one frame (a `CompactCaller`)."""
-    if type(route[0]) is CompactCaller:
+    if type(route[0]) in _ONE_FRAME_CALLERS:
         return [route[0], bytes((len(route[1]),)) + route[1] + status + body]
     return [route[0], route[1], status, body]
 
@@ -246,6 +268,72 @@ def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, byte
         return None
     routing_id, service, request_id, body = frames[:4]
     return (routing_id, request_id), service, body, frames[4] if count == 5 else None
+
+
+def is_batch(frame: bytes) -> bool:
+    """Whether a one-frame request or reply is a batch (`BATCH_MARK`)."""
+    return frame[:1] == b"\x00"
+
+
+def request_batch(requests: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """One frame holding ``requests`` (``(service, request_id, body)`` each, as
+    `may_compact` allows): `BATCH_MARK`, then per request ``[len(service)] service
+    [len(request_id)] request_id [len(body), 4 bytes big-endian] body``."""
+    parts = [b"\x00"]
+    for service, request_id, body in requests:
+        parts.append(b"".join((bytes((len(service),)), service, bytes((len(request_id),)), request_id,
+                               len(body).to_bytes(4, "big"), body)))
+    return b"".join(parts)
+
+
+def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """The ``(service, request_id, body)`` of each request of a batch frame. Raises
+    `DecodeError` for a malformed one, or one of more than `MAX_BATCH_ITEMS`."""
+    requests: list[tuple[bytes, bytes, bytes]] = []
+    at, end = 1, len(frame)
+    while at < end:
+        if len(requests) == MAX_BATCH_ITEMS:
+            raise DecodeError(f"a batch of more than {MAX_BATCH_ITEMS} requests")
+        id_at = at + 1 + frame[at]
+        if id_at >= end:
+            raise DecodeError("a request of a batch is cut short")
+        size_at = id_at + 1 + frame[id_at]
+        body_at = size_at + 4
+        body_end = body_at + int.from_bytes(frame[size_at:body_at], "big")
+        if body_at > end or body_end > end:
+            raise DecodeError("a request of a batch is cut short")
+        requests.append((frame[at + 1:id_at], frame[id_at + 1:size_at], frame[body_at:body_end]))
+        at = body_end
+    if not requests:
+        raise DecodeError("an empty batch of requests")
+    return requests
+
+
+def reply_batch(replies: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """One frame holding ``replies`` (``(request_id, status, body)`` each): `BATCH_MARK`,
+    then per reply ``[len(request_id)] request_id status [len(body), 4 bytes] body``."""
+    parts = [b"\x00"]
+    for request_id, status, body in replies:
+        parts.append(b"".join((bytes((len(request_id),)), request_id, status, len(body).to_bytes(4, "big"), body)))
+    return b"".join(parts)
+
+
+def parse_reply_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]] | None:
+    """The ``(request_id, status, body)`` of each reply of a batch frame; None if it is
+    malformed or holds more than `MAX_BATCH_ITEMS`."""
+    replies: list[tuple[bytes, bytes, bytes]] = []
+    at, end = 1, len(frame)
+    while at < end:
+        if len(replies) == MAX_BATCH_ITEMS:
+            return None
+        status_at = at + 1 + frame[at]
+        body_at = status_at + 5
+        body_end = body_at + int.from_bytes(frame[status_at + 1:body_at], "big")
+        if body_at > end or body_end > end:
+            return None
+        replies.append((frame[at + 1:status_at], frame[status_at:status_at + 1], frame[body_at:body_end]))
+        at = body_end
+    return replies or None
 
 
 def parse_reply(frames: list[bytes]) -> tuple[bytes, bytes, bytes] | None:

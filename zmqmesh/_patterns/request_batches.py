@@ -1,0 +1,87 @@
+"""Requests gathered into batches, one frame per provider (protocol 4), sans I/O.
+
+A driver that keeps many requests in flight sends the first request to a provider at
+once, alone, as before; the requests that follow it to the same provider before the
+driver's next pause (a pass of its event loop, a poll of its thread) are gathered, and go
+out together in one frame when it pauses. ZeroMQ costs about as much per message as per
+byte of a small one, so a window of requests then costs a few messages instead of one
+each, while a lone request waits for nothing.
+
+`AsyncNode` and `Node.request_many` / `Node.submit` use this one logic; they differ only
+in when they pause.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from .._wire import frames as wire
+from .reqrep import Exchange
+
+__all__ = ["RequestBatches", "Batch"]
+
+Key = TypeVar("Key")
+Waiter = TypeVar("Waiter")
+
+_ITEM_BYTES = 6  # what a request adds in a batch frame to its service, id and body
+
+
+class Batch(Generic[Key, Waiter]):
+    """Requests to send in one frame on ``key``'s socket: their ids and waiters, and the frame."""
+
+    __slots__ = ("key", "items", "waiters", "size")
+
+    def __init__(self, key: Key) -> None:
+        self.key = key
+        self.items: list[tuple[bytes, bytes, bytes]] = []
+        self.waiters: list[tuple[bytes, Waiter]] = []
+        self.size = 1
+
+    def frame(self) -> bytes:
+        """The frame that carries the batch (one request: its one-frame form)."""
+        if len(self.items) == 1:
+            service, request_id, body = self.items[0]
+            return wire.request_frames(service, request_id, body, None, True)[0]
+        return wire.request_batch(self.items)
+
+
+class RequestBatches(Generic[Key, Waiter]):
+    """The batches a driver gathers between two pauses (one owner: not thread-safe)."""
+
+    def __init__(self) -> None:
+        self._alone: set[Key] = set()  # keys whose first request of this pass went alone
+        self._open: dict[Key, Batch[Key, Waiter]] = {}
+        self._full: list[Batch[Key, Waiter]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._open or self._full)
+
+    def add(self, key: Key, request_id: bytes, waiter: Waiter, step: Exchange) -> bool:
+        """Gather a request to send on ``key`` at the next pause (True), or say to send it
+        at once, alone (False): the first one on ``key`` since the last pause, one that a
+        batch cannot carry (headers, a large body), or one to a provider older than
+        protocol 4."""
+        if not step.compact or step.provider.protocol < wire.BATCH_PROTOCOL:
+            return False
+        if key not in self._alone:
+            self._alone.add(key)
+            return False
+        size = len(step.service_b) + len(request_id) + len(step.body) + _ITEM_BYTES
+        batch = self._open.get(key)
+        if batch is not None and (batch.size + size > wire.BATCH_BYTES or len(batch.items) == wire.MAX_BATCH_ITEMS):
+            self._full.append(batch)
+            batch = None
+        if batch is None:
+            batch = self._open[key] = Batch(key)
+        batch.items.append((step.service_b, request_id, step.body))
+        batch.waiters.append((request_id, waiter))
+        batch.size += size
+        return True
+
+    def take(self) -> list[Batch[Key, Waiter]]:
+        """The batches to send now, in the order they were gathered; a new pass begins."""
+        batches = self._full
+        batches.extend(self._open.values())
+        self._full, self._open = [], {}
+        self._alone.clear()
+        return batches
