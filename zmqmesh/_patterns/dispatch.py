@@ -517,15 +517,24 @@ class Dispatcher:
             self._held = {}
 
     def starting(self, call: Call) -> float:
-        """A handler is about to run; when it starts (see `hold_replies`)."""
-        if self._held and not self._quick.get(call.handler, False):
+        """A handler is about to run; when it starts (see `hold_replies`). Only services
+        are timed: the held replies go out before any other handler."""
+        if self._held and not self._was_quick(call.handler):
             held, self._held = self._held, {}
             for caller, (_size, replies) in held.items():
                 self._send_held(caller, replies)
-        return time.monotonic()
+        return time.monotonic() if call.pattern == "service" else 0.0
+
+    def _was_quick(self, handler: Any) -> bool:
+        try:
+            return self._quick.get(handler, False)
+        except TypeError:  # an unhashable callable: never timed
+            return False
 
     def finished(self, call: Call, started: float) -> None:
-        """The handler of ``call``, started at ``started``, returned."""
+        """The handler of ``call``, started at ``started`` (`starting`), returned."""
+        if not started:
+            return
         quick = self._quick
         if len(quick) >= _MAX_TIMED_HANDLERS:  # bounded: callables made per call would grow it
             quick.clear()
