@@ -148,6 +148,10 @@ def test_request_batches_send_the_first_alone_and_gather_the_rest_until_the_paus
     assert [w for b in taken for w, _ in b.waiters] == [n.to_bytes(8, "big") for n in range(600)]
     for b in taken:
         assert len(b.items) <= frames.MAX_BATCH_ITEMS and len(b.frame()) <= frames.BATCH_BYTES + 1
+    for n in range(300):  # (the first goes alone)
+        batches.add(new.id, n.to_bytes(8, "big"), n, step(new))
+    batches.discard(lambda n: n % 2 == 0)  # their callers gave up: they never go
+    assert [w for b in batches.take() for _, w in b.waiters] == list(range(1, 300, 2))
 
 
 def test_control_whispers_round_trip_and_refuse_junk() -> None:

@@ -395,3 +395,81 @@ def test_requests_in_flight_from_many_coroutines_and_threads_are_batched_and_ans
     outcomes = asyncio.run(gather())
     assert isinstance(outcomes[150], zmqmesh.RemoteError)
     assert [o["echo"] for o in outcomes[:150] + outcomes[151:]] == list(range(300))
+
+
+def test_request_many_from_a_slow_iterator_sends_each_request_as_its_item_comes(echo_providers: Callable[..., list[zmqmesh.Node]], mesh: dict[str, Any]) -> None:
+    echo_providers(1)
+
+    def slowly() -> Iterator[int]:
+        for i in range(6):
+            time.sleep(0.3)
+            yield i
+
+    with zmqmesh.Node("caller", **mesh) as caller:
+        caller.wait_for_service("echo", timeout=10)
+        # each request has 1 s, and the items take 1.8 s to come: none may wait for the next
+        assert [r["echo"] for r in caller.request_many("echo", slowly(), timeout=1.0)] == list(range(6))
+
+
+def test_requests_of_a_request_many_that_failed_are_never_sent_later(mesh: dict[str, Any]) -> None:
+    seen: list[Any] = []
+    with zmqmesh.Node("provider", **mesh) as provider, zmqmesh.Node("caller", **mesh) as caller:
+        provider.service("note", lambda msg: seen.append(msg.data))
+        caller.wait_for_service("note", timeout=10)
+        with pytest.raises(TypeError):
+            caller.request_many("note", [1, 2, 3, object()])  # the last cannot be encoded
+        caller.request_many("note", ["after"])
+        assert seen[-1] == "after" and 2 not in seen and 3 not in seen
+
+
+def test_an_unhashable_handler_in_a_batch_is_served(mesh: dict[str, Any]) -> None:
+    class Doubler:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, msg: zmqmesh.Message) -> Any:
+            return msg.data * 2
+
+    with zmqmesh.Node("provider", **mesh) as provider, zmqmesh.Node("caller", **mesh) as caller:
+        provider.service("quick", lambda msg: msg.data)
+        provider.service("double", Doubler())
+        caller.wait_for_service("double", timeout=10)
+        caller.wait_for_service("quick", timeout=10)
+        for _ in range(3):
+            assert caller.request_many("quick", range(10)) == list(range(10))
+            assert caller.request_many("double", range(50)) == [2 * i for i in range(50)]
+
+
+def test_an_async_provider_never_holds_a_reply_for_a_sync_handler(mesh: dict[str, Any]) -> None:
+    import msgpack
+    import zmq
+
+    from zmqmesh._wire import frames as wire
+
+    async def serve(endpoint: list[str], stop: threading.Event) -> None:
+        async with zmqmesh.AsyncNode("provider", **mesh) as node:
+            async def aecho(msg: zmqmesh.Message) -> Any:
+                return msg.data
+
+            node.service("aecho", aecho)
+            node.service("nap", lambda msg: time.sleep(1.0) or "rested")
+            endpoint.append(node.endpoints["service"])
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+
+    endpoint: list[str] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=asyncio.run, args=(serve(endpoint, stop),))
+    thread.start()
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        wait_until(lambda: bool(endpoint), 10, "the provider")
+        dealer.connect(endpoint[0])
+        packed = msgpack.packb
+        for _ in range(2):  # (the second time, aecho was quick the last time it ran)
+            dealer.send(wire.request_batch([(b"aecho", b"fast", packed(0)), (b"nap", b"slow", packed(0))]))
+            first, second = _replies(dealer, 2)
+            assert [r[0] for r in first] == [b"fast"] and [r[0] for r in second] == [b"slow"]
+    finally:
+        dealer.close(0)
+        stop.set()
+        thread.join(10)

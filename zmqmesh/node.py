@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -232,7 +232,8 @@ class Node(NodeBase):
 
         Up to ``window`` requests are in flight at once, from this thread, on one socket per
         provider (no thread per request); each is sent as soon as there is room, and round
-        robin spreads them over the providers. Each request waits up to ``timeout``
+        robin spreads them over the providers (from a sequence of items, those that go to
+        one provider together travel in batches). Each request waits up to ``timeout``
         (default ``request_timeout_s``) from when it is sent. Raises what `request` raises,
         for the first item (in order) that failed: once one failed no more are sent, and
         the items before it are waited for; the requests still in flight are then
@@ -246,7 +247,9 @@ class Node(NodeBase):
         requesters = self._engine.requests
         assert isinstance(requesters, ThreadRequesters)
         plans = (self._request_plan(service, data, timeout, peer, headers) for data in items)
-        return run_many(requesters.current().pipelined(), plans, window)
+        # items in a sequence are at hand: their requests go in batches; those of an
+        # iterator go as they come (its next item may take its time)
+        return run_many(requesters.current().pipelined(), plans, window, at_hand=isinstance(items, Sequence))
 
     def submit(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None,
                *, headers: dict[str, str] | None = None) -> Future[Any]:

@@ -309,6 +309,7 @@ class LoopInbox(Dispatcher):
                     continue
                 if is_async(call.handler):
                     if batch:
+                        self.release_held()  # (sync handlers run on a worker, untimed)
                         await self._run_sync_batch(batch)
                         batch = []
                     started = self.starting(call)
@@ -327,6 +328,7 @@ class LoopInbox(Dispatcher):
                 else:
                     batch.append(call)
             if batch:
+                self.release_held()
                 await self._run_sync_batch(batch)
         finally:
             self.send_held_replies()
@@ -394,8 +396,8 @@ class LoopRequester:
         with `MeshTimeoutError`, `PeerLostError` or `NodeClosedError`; the send itself
         raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-        send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches)
-        self.engine.stats.pattern["request"]["sent"] += 1
+        if send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches):
+            self.engine.stats.pattern["request"]["sent"] += 1
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
         if not self._unchecked:
@@ -446,12 +448,15 @@ class LoopRequester:
         """At the end of a pass of the loop that sent requests: send the batches gathered
         in it (`RequestBatches`), then read the sockets sent on that hold replies: sending
         may have swallowed the descriptor's signal (once per pass, not per request)."""
-        send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future)
-        for provider_id in self._unchecked:
-            sock = self.sockets.get(provider_id)
-            if sock is not None and has_input(sock):
-                self._on_readable(provider_id)
-        self._unchecked.clear()
+        try:
+            self.engine.stats.pattern["request"]["sent"] += send_batches(
+                self._batches, self.sockets, self.outstanding, self.engine, _fail_future)
+            for provider_id in self._unchecked:
+                sock = self.sockets.get(provider_id)
+                if sock is not None and has_input(sock):
+                    self._on_readable(provider_id)
+        finally:
+            self._unchecked.clear()  # (the next request sent schedules this again)
 
     def _on_readable(self, provider_id: str) -> None:
         sock = self.sockets.get(provider_id)

@@ -16,6 +16,7 @@ that waits for something else than a reply (a provider to appear) is handed to
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -67,14 +68,14 @@ def closed_or_failed(engine: Engine, exc: zmq.ZMQError) -> ZmqMeshError:
 
 
 def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[Any], step: Exchange,
-                 engine: Engine, batches: RequestBatches[str, Any] | None = None) -> None:
-    """Send ``step``'s request on ``sock``, with ``waiter`` waiting for it in
-    ``outstanding`` (or gather it in ``batches``, to go with `send_batches`). Raises
+                 engine: Engine, batches: RequestBatches[str, Any] | None = None) -> bool:
+    """Send ``step``'s request on ``sock`` (True), with ``waiter`` waiting for it in
+    ``outstanding``, or gather it in ``batches`` to go with `send_batches` (False). Raises
     `MeshTimeoutError` when the provider takes no more requests, `NodeClosedError` or
     `ZmqMeshError` when the socket fails (nothing is then left waiting)."""
     request_id = outstanding.add(waiter, step.provider.id, step.service, step.deadline)
     if batches is not None and batches.add(step.provider.id, request_id, waiter, step):
-        return
+        return False
     try:
         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
     except zmq.Again:
@@ -84,26 +85,29 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
     except zmq.ZMQError as exc:
         outstanding.withdraw(request_id)
         raise closed_or_failed(engine, exc) from exc
+    return True
 
 
 def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socket[Any]],
                  outstanding: Outstanding[Any], engine: Engine,
-                 fail: Callable[[Any, BaseException], None]) -> None:
+                 fail: Callable[[Any, BaseException], None]) -> int:
     """Send the batches gathered since the last call, each on its provider's socket
-    (skipped when the provider left: its requests were failed then). ``fail(waiter,
-    error)`` hears of each request of a batch that could not be sent: `MeshTimeoutError`
-    when the provider takes no more, `NodeClosedError` or `ZmqMeshError` when the socket
-    failed. Requests gathered meanwhile (by ``fail``) go too."""
+    (skipped when the provider left: its requests were failed then); how many requests
+    went. ``fail(waiter, error)`` hears of each request of a batch that could not be sent:
+    `MeshTimeoutError` when the provider takes no more, `NodeClosedError` or `ZmqMeshError`
+    when the socket failed. Requests gathered meanwhile (by ``fail``) go too."""
+    sent = 0
     while True:
         taken = batches.take()  # (also when empty: a pause begins a new pass)
         if not taken:
-            return
+            return sent
         for batch in taken:
             sock = sockets.get(batch.key)
             if sock is None:
                 continue
             try:
                 send_frames(sock, [batch.frame()])
+                sent += len(batch.items)
                 continue
             except zmq.Again:
                 error: ZmqMeshError = MeshTimeoutError(f"provider {batch.key[:8]} is not accepting requests")
@@ -161,14 +165,15 @@ class Pipelined:
                 job.finish(step, None)
                 return
             if not isinstance(step, Exchange):
+                self.send_gathered()  # (the wait may block this thread)
                 self._wait_step(job, step)
                 return
             try:
-                send_request(self.outstanding, job, self._socket(step.provider), step, self.engine, self._batches)
+                if send_request(self.outstanding, job, self._socket(step.provider), step, self.engine, self._batches):
+                    self._sent += 1
             except Exception as exc:  # the plan decides what a failed send means
                 value, error = None, exc
             else:
-                self._sent += 1
                 return
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
@@ -185,7 +190,7 @@ class Pipelined:
         requests and those of providers that left. Returns what the poller found ready
         (other sockets registered on `poller` by the caller included). Raises
         `NodeClosedError` once the node stopped under the call."""
-        self._send_batches()
+        self.send_gathered()
         deadline = self.outstanding.next_deadline()
         if deadline is not None:
             due = max(deadline - time.monotonic(), 0.0)
@@ -207,9 +212,16 @@ class Pipelined:
         self.prune()
         return ready
 
-    def _send_batches(self) -> None:
-        send_batches(self._batches, self._sockets, self.outstanding, self.engine,
-                     lambda job, error: self.resume(job, None, error))
+    def send_gathered(self) -> None:
+        """Send the requests gathered since the last pump (`RequestBatches`) now."""
+        self._sent += send_batches(self._batches, self._sockets, self.outstanding, self.engine,
+                                   lambda job, error: self.resume(job, None, error))
+
+    def forget(self, jobs: set[Job]) -> None:
+        """Forget the requests of ``jobs`` (their caller gave up): late replies are dropped,
+        and those not sent yet never go."""
+        self.outstanding.forget_where(jobs.__contains__)
+        self._batches.discard(jobs.__contains__)
 
     def _read(self, sock: zmq.Socket[Any], provider_id: str) -> None:
         stats = self.engine.stats
@@ -426,11 +438,14 @@ def _fail_closed(job: Job) -> None:
     job.finish(None, NodeClosedError(_CLOSED))
 
 
-def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[Any]:
+def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int, at_hand: bool = False) -> list[Any]:
     """Carry out ``plans`` (made one by one as there is room) with at most ``window`` in
     flight; their results in order. Raises the error of the first plan (in order) that
     failed: once one failed, no more are made, and those before it are waited for; the
-    requests still in flight then are forgotten."""
+    requests still in flight then are forgotten.
+
+    ``at_hand``: making the next plan never waits (its data is in a sequence), so the
+    requests of several go in one batch; otherwise each goes before the next is made."""
     results: list[Any] = []
     failures: dict[int, BaseException] = {}
     running: dict[int, Job] = {}  # (this call's: a nested call on the same thread has its own)
@@ -444,8 +459,14 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
                 results[index] = value
         return finish
 
+    made = iter(plans)
     try:
-        for index, plan in enumerate(plans):
+        for index in itertools.count():
+            if not at_hand:
+                pipelined.send_gathered()  # (the next item may be long in coming)
+            plan = next(made, None)
+            if plan is None:
+                break
             results.append(None)
             job = running[index] = Job(plan, finisher(index))
             pipelined.start(job)
@@ -458,7 +479,7 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int) -> list[A
     finally:
         if running:
             left = set(running.values())
-            pipelined.outstanding.forget_where(left.__contains__)
+            pipelined.forget(left)
             for job in left:
                 job.plan.close()
     if failures:

@@ -520,10 +520,15 @@ class Dispatcher:
         """A handler is about to run; when it starts (see `hold_replies`). Only services
         are timed: the held replies go out before any other handler."""
         if self._held and not self._was_quick(call.handler):
+            self.release_held()
+        return time.monotonic() if call.pattern == "service" else 0.0
+
+    def release_held(self) -> None:
+        """Send the replies held so far, and go on holding (before handlers that may be slow)."""
+        if self._held:
             held, self._held = self._held, {}
             for caller, (_size, replies) in held.items():
                 self._send_held(caller, replies)
-        return time.monotonic() if call.pattern == "service" else 0.0
 
     def _was_quick(self, handler: Any) -> bool:
         try:

@@ -13,6 +13,7 @@ in when they pause.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .._wire import frames as wire
@@ -85,3 +86,18 @@ class RequestBatches(Generic[Key, Waiter]):
         self._full, self._open = [], {}
         self._alone.clear()
         return batches
+
+    def discard(self, given_up: Callable[[Waiter], bool]) -> None:
+        """Drop the gathered requests whose waiter ``given_up`` says yes to (their caller
+        gave up before they went)."""
+        kept = []
+        for batch in [*self._full, *self._open.values()]:
+            if any(given_up(w) for _, w in batch.waiters):
+                keep = [k for k, (_, w) in enumerate(batch.waiters) if not given_up(w)]
+                batch.items = [batch.items[k] for k in keep]
+                batch.waiters = [batch.waiters[k] for k in keep]
+            if batch.items:
+                kept.append(batch)
+        open_ = {b.key: b for b in kept if self._open.get(b.key) is b}
+        self._full = [b for b in kept if self._open.get(b.key) is not b]
+        self._open = open_
