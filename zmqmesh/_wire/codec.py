@@ -111,8 +111,8 @@ class Codec:
         """Decode a frame holding exactly one object. Raises `DecodeError`."""
         if len(frame) > self.max_message_bytes:
             raise DecodeError(f"frame of {len(frame)} bytes exceeds max_message_bytes")
-        try:
-            return msgpack.unpackb(frame, **self._limits)
+        try:  # (unpackb bounds every length by the frame's: no limit past it needs saying)
+            return msgpack.unpackb(frame, raw=False, strict_map_key=False)
         except TypeError as exc:
             if "unhashable" not in str(exc):
                 raise DecodeError(f"malformed msgpack payload: {exc}") from exc

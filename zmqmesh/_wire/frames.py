@@ -20,6 +20,7 @@ those of protocol 1, so a client written for it keeps working.
 from __future__ import annotations
 
 import re
+import struct
 
 from ..errors import DecodeError
 
@@ -270,6 +271,11 @@ def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, byte
     return (routing_id, request_id), service, body, frames[4] if count == 5 else None
 
 
+_BYTE = [bytes((i,)) for i in range(256)]
+_u32 = struct.Struct(">I").pack
+_read_u32 = struct.Struct(">I").unpack_from
+
+
 def is_batch(frame: bytes) -> bool:
     """Whether a one-frame request or reply is a batch (`BATCH_MARK`)."""
     return frame[:1] == b"\x00"
@@ -281,8 +287,8 @@ def request_batch(requests: list[tuple[bytes, bytes, bytes]]) -> bytes:
     [len(request_id)] request_id [len(body), 4 bytes big-endian] body``."""
     parts = [b"\x00"]
     for service, request_id, body in requests:
-        parts.append(b"".join((bytes((len(service),)), service, bytes((len(request_id),)), request_id,
-                               len(body).to_bytes(4, "big"), body)))
+        parts.append(b"".join((_BYTE[len(service)], service, _BYTE[len(request_id)], request_id,
+                               _u32(len(body)), body)))
     return b"".join(parts)
 
 
@@ -299,8 +305,10 @@ def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
             raise DecodeError("a request of a batch is cut short")
         size_at = id_at + 1 + frame[id_at]
         body_at = size_at + 4
-        body_end = body_at + int.from_bytes(frame[size_at:body_at], "big")
-        if body_at > end or body_end > end:
+        if body_at > end:
+            raise DecodeError("a request of a batch is cut short")
+        body_end = body_at + _read_u32(frame, size_at)[0]
+        if body_end > end:
             raise DecodeError("a request of a batch is cut short")
         requests.append((frame[at + 1:id_at], frame[id_at + 1:size_at], frame[body_at:body_end]))
         at = body_end
@@ -314,7 +322,7 @@ def reply_batch(replies: list[tuple[bytes, bytes, bytes]]) -> bytes:
     then per reply ``[len(request_id)] request_id status [len(body), 4 bytes] body``."""
     parts = [b"\x00"]
     for request_id, status, body in replies:
-        parts.append(b"".join((bytes((len(request_id),)), request_id, status, len(body).to_bytes(4, "big"), body)))
+        parts.append(b"".join((_BYTE[len(request_id)], request_id, status, _u32(len(body)), body)))
     return b"".join(parts)
 
 
@@ -328,10 +336,12 @@ def parse_reply_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]] | None:
             return None
         status_at = at + 1 + frame[at]
         body_at = status_at + 5
-        body_end = body_at + int.from_bytes(frame[status_at + 1:body_at], "big")
-        if body_at > end or body_end > end:
+        if body_at > end:
             return None
-        replies.append((frame[at + 1:status_at], frame[status_at:status_at + 1], frame[body_at:body_end]))
+        body_end = body_at + _read_u32(frame, status_at + 1)[0]
+        if body_end > end:
+            return None
+        replies.append((frame[at + 1:status_at], _BYTE[frame[status_at]], frame[body_at:body_end]))
         at = body_end
     return replies or None
 
