@@ -354,3 +354,42 @@ def test_a_wait_that_times_out_says_what_was_awaited_where_and_what_was_found(me
     seeded = zmqmesh.Node("seeded", **{**mesh, "discovery": False, "seeds": ("tcp://127.0.0.1:1",)})
     with seeded, pytest.raises(zmqmesh.MeshTimeoutError, match=r"beacons off, seeds tcp://127\.0\.0\.1:1\)"):
         seeded.wait_for_peers(1, timeout=0.2)
+
+
+def test_large_bytes_travel_in_a_frame_of_their_own_and_arrive_whole(mesh: dict[str, Any]) -> None:
+    """Pushed bytes of 64 KiB or more go uncopied, in a frame of their own (protocol 4);
+    at-least-once they go as msgpack. A foreign pusher may use that frame too; one past
+    max_message_bytes is dropped and counted."""
+    import os
+
+    import zmq
+
+    limit = 1024 * 1024
+    got: dict[str, list[Any]] = {"plain": [], "alo": []}
+    receiver = zmqmesh.Node("receiver", **{**mesh, "max_message_bytes": limit})
+    receiver.pull("plain", lambda m: got["plain"].append(m.data))
+    receiver.pull("alo", lambda m: got["alo"].append(m.data), at_least_once=True)
+    blobs = [os.urandom(n) for n in (64 * 1024 - 1, 64 * 1024, 300_000, limit - 5)]
+    with receiver, zmqmesh.Node("sender", **mesh) as sender:
+        sender.wait_for_pullers("plain")
+        sender.wait_for_pullers("alo")
+        for blob in blobs:
+            sender.push("plain", blob)
+            sender.push("alo", blob)
+        with pytest.raises(zmqmesh.MessageTooLargeError):  # (the sender's limit: the default, 16 MiB)
+            sender.push("plain", b"\x00" * (16 * 1024 * 1024))
+        wait_until(lambda: len(got["plain"]) == len(got["alo"]) == len(blobs), 30, "every blob")
+        assert got["plain"] == blobs and got["alo"] == blobs
+        assert all(type(data) is bytes for data in got["plain"])
+
+        foreign = zmq.Context.instance().socket(zmq.PUSH)
+        try:
+            foreign.connect(receiver.endpoints["pull"])
+            foreign.send_multipart([b"plain", b"", b"", b"from a foreign pusher" * 4000])
+            wait_until(lambda: len(got["plain"]) == len(blobs) + 1, 10, "the foreign payload")
+            assert got["plain"][-1] == b"from a foreign pusher" * 4000
+            foreign.send_multipart([b"plain", b"", b"", b"\x00" * (limit + 1000)])  # past the limit
+            wait_until(lambda: receiver.stats()["rejected"].get("pipeline_malformed", 0) == 1, 10, "the drop counted")
+            assert len(got["plain"]) == len(blobs) + 1
+        finally:
+            foreign.close(0)

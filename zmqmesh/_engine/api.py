@@ -26,6 +26,7 @@ from .._patterns.reqrep import MAX_CHAIN, Exchange, request_plan
 from .._wire.frames import (
     HISTORY_SERVICE,
     HISTORY_SERVICE_BYTES,
+    LARGE_FRAME,
     MAX_NAME_BYTES,
     STATS_SERVICE,
     STATS_SERVICE_BYTES,
@@ -464,12 +465,16 @@ class NodeBase:
     def _encode(self, data: Any, headers: dict[str, str] | None) -> bytes:
         """``data`` encoded (carrying ``headers``, if any) by a running node. Raises
         `NodeClosedError`, `TypeError`, `MessageTooLargeError`, `ValueError`."""
+        body = self._ready().codec.encode(data)
+        return self._headed(body, headers) if headers else body
+
+    def _ready(self) -> Engine:
+        """The engine of a node that runs, in this process. Raises `NodeClosedError`."""
         engine = self._engine
         if engine.closed or self._forks != _FORKS[0]:
             self._check_process()
             engine.ensure_running()
-        body = engine.codec.encode(data)
-        return self._headed(body, headers) if headers else body
+        return engine
 
     def _encode_push(self, queue: str, data: Any, headers: dict[str, str] | None = None,
                      timeout: float | None = None) -> tuple[bytes, deque[bytes] | None]:
@@ -478,7 +483,10 @@ class NodeBase:
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
-        body = self._encode(data, headers)
+        if type(data) is bytes and len(data) >= LARGE_FRAME and not headers:
+            body: Any = self._ready().codec.raw(data)  # travels uncopied (`RawPayload`)
+        else:
+            body = self._encode(data, headers)
         if timeout is not None:
             check_timeout(timeout)
         return body, self._push_queue(queue)

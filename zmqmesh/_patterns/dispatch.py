@@ -252,7 +252,13 @@ class Dispatcher:
             raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
         sender_uuid, sequence = wire.parse_sender(sender_b)
         sender_id = sender_uuid.hex() if sender_uuid is not None else None
-        items = self.codec.decode_batch(body)
+        if not body and len(frames) == 4 and kind == "pull":  # a large payload as it is (protocol 4)
+            if len(frames[3]) > self.codec.max_message_bytes:
+                raise DecodeError(f"a payload of {len(frames[3])} bytes exceeds max_message_bytes")
+            items = [bytes(frames[3])]
+            frames = frames[:3]  # (no meta frame)
+        else:
+            items = self.codec.decode_batch(body)
         counters["received"] += len(items)
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids

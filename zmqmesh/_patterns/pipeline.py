@@ -18,7 +18,15 @@ from .._io.reactor import EventLoop
 from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._wire.frames import BATCH_BYTES, LARGE_FRAME, MAX_BATCH_ITEMS, Headed, wire_size
+from .._wire.frames import (
+    BATCH_BYTES,
+    BATCH_PROTOCOL,
+    LARGE_FRAME,
+    MAX_BATCH_ITEMS,
+    Headed,
+    RawPayload,
+    wire_size,
+)
 from ..config import NodeConfig
 from ..errors import ZmqMeshError
 from .pubsub import meta_frame, split_headed
@@ -137,8 +145,11 @@ class Pusher:
                 bodies, rest, headed = split_headed(bodies)
                 q.extendleft(reversed(rest))
                 n, size = len(bodies), sum(wire_size(b) for b in bodies)
-            payload = bodies[0] if n == 1 else b"".join(bodies)
-            frames = [name, uuid, payload]
+            payload: Any = bodies[0] if n == 1 else b"".join(bodies)  # (or a `RawPayload`, alone)
+            if type(payload) is RawPayload:  # (it travels alone: it is larger than a batch)
+                frames = [name, uuid, b"", payload.data] if self._all_read_raw(queue) else [name, uuid, payload.encoded()]
+            else:
+                frames = [name, uuid, payload]
             if headed:
                 frames.append(meta_frame(bodies, self._sequence))  # type: ignore[arg-type]
             try:
@@ -152,6 +163,12 @@ class Pusher:
             counters["sent"] += n
             self._sent_names.add(queue, n)
         return False
+
+    def _all_read_raw(self, queue: str) -> bool:
+        """Whether every puller of ``queue`` reads a large payload in a frame of its own
+        (protocol 4): ZeroMQ deals a message to any of them."""
+        speaks = self.directory.speaks
+        return all(speaks(i, BATCH_PROTOCOL) for i in self.directory.providers("queues", queue))
 
     def close(self, linger_ms: int) -> None:
         """Close every PUSH socket; what they hold may go out for ``linger_ms``."""

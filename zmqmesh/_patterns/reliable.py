@@ -42,6 +42,7 @@ from .._wire.frames import (
     MAX_BATCH_ITEMS,
     STATUS_OK,
     Headed,
+    RawPayload,
     keep_service,
     parse_reply,
     queue_service,
@@ -91,6 +92,8 @@ def _take(source: deque[Any], items: list[Any], flags: list[bool], n: int, size:
         if items and grown > BATCH_BYTES:
             break
         item = source.popleft()
+        if type(item) is RawPayload:  # (at-least-once items are msgpack)
+            item = item.encoded()
         items.append(item)
         flags.append(again or (isinstance(item, StoredMessage) and (item.attempts > 0 or item.recovered)))
         size = grown

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from ..errors import DecodeError, MessageTooLargeError
-from .frames import FRAME_HEADROOM, MAX_BATCH_ITEMS
+from .frames import FRAME_HEADROOM, MAX_BATCH_ITEMS, RawPayload
 
 __all__ = ["Codec", "durable_item", "DURABLE_ITEM_FIELDS"]
 
@@ -94,6 +94,14 @@ class Codec:
                 f"payload is {len(body)} bytes; max_message_bytes is {self.max_message_bytes}"
             )
         return body
+
+    def raw(self, data: bytes) -> RawPayload:
+        """``data`` (`LARGE_FRAME` bytes or more) to travel as it is, in a frame of its own
+        where the receiver reads that (see `RawPayload`). Raises `MessageTooLargeError`
+        if it is too big."""
+        if len(data) + 5 > self.max_message_bytes:
+            raise MessageTooLargeError(f"payload is {len(data) + 5} bytes; max_message_bytes is {self.max_message_bytes}")
+        return RawPayload(data)
 
     def _encode_large_bin(self, data: bytes) -> bytes:
         # The same bytes msgpack writes, made with one copy of ``data``: msgpack's Packer

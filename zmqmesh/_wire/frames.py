@@ -69,6 +69,7 @@ __all__ = [
     "parse_reply_batch",
     "is_batch",
     "LARGE_FRAME",
+    "RawPayload",
     "parse_request",
     "parse_reply",
     "queue_service",
@@ -186,6 +187,30 @@ class Headed(bytes):
     timestamp: float
 
 
+_BYTE = [bytes((i,)) for i in range(256)]
+_u32 = struct.Struct(">I").pack
+_read_u32 = struct.Struct(">I").unpack_from
+
+
+class RawPayload:
+    """A pushed payload of `LARGE_FRAME` bytes or more, on its way to the loop: to a
+    puller of protocol 4 it travels in a frame of its own, as the caller gave it, never
+    copied (``[queue, sender, b"", data]``); to others, and in at-least-once batches,
+    `encoded` (msgpack's bin form)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) + 5  # (as it is `encoded`)
+
+    def encoded(self) -> bytes:
+        """The payload as msgpack encodes it (bin 32: it is larger than 64 KiB)."""
+        return b"".join((b"\xc6", _u32(len(self.data)), self.data))
+
+
 def wire_size(body: bytes) -> int:
     """The bytes an encoded message adds to a frame, its headers included."""
     return len(body) + len(body.headers) if type(body) is Headed else len(body)
@@ -269,11 +294,6 @@ def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, byte
         return None
     routing_id, service, request_id, body = frames[:4]
     return (routing_id, request_id), service, body, frames[4] if count == 5 else None
-
-
-_BYTE = [bytes((i,)) for i in range(256)]
-_u32 = struct.Struct(">I").pack
-_read_u32 = struct.Struct(">I").unpack_from
 
 
 def is_batch(frame: bytes) -> bool:
