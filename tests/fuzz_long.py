@@ -642,7 +642,7 @@ def _stream(src: Source, env: Env, names: Sequence[bytes]) -> list[bytes]:
 
 def gen_pull(src: Source, env: Env) -> Input:
     frames = _stream(src, env, [q.encode() for q in QUEUES])
-    if src.chance(0.1):  # a payload in a frame of its own (protocol 4): [queue, sender, b"", payload]
+    if src.chance(0.1):  # a payload in a frame of its own (protocol 5): [queue, sender, b"", payload]
         frames = [frames[0], frames[1] if len(frames) > 1 else b"", b"", src.blob(0, 2048)]
     return Input("pull", [frames], note="push")
 

@@ -357,7 +357,7 @@ def test_a_wait_that_times_out_says_what_was_awaited_where_and_what_was_found(me
 
 
 def test_large_bytes_travel_in_a_frame_of_their_own_and_arrive_whole(mesh: dict[str, Any]) -> None:
-    """Pushed bytes of 64 KiB or more go uncopied, in a frame of their own (protocol 4);
+    """Pushed bytes of 64 KiB or more go uncopied, in a frame of their own (protocol 5);
     at-least-once they go as msgpack. A foreign pusher may use that frame too; one past
     max_message_bytes is dropped and counted."""
     import os
@@ -393,3 +393,36 @@ def test_large_bytes_travel_in_a_frame_of_their_own_and_arrive_whole(mesh: dict[
             assert len(got["plain"]) == len(blobs) + 1
         finally:
             foreign.close(0)
+
+
+@pytest.mark.parametrize("puller_protocol", [4, 5])
+def test_a_large_payload_goes_in_its_own_frame_only_to_pullers_that_read_it(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, puller_protocol: int) -> None:
+    import os
+
+    from zmqmesh._engine import engine as engine_module
+    from zmqmesh._patterns import pipeline
+
+    sent: list[list[Any]] = []
+    real_send = pipeline.send_frames
+
+    def spy(sock: Any, frames: list[Any], copy: bool = True) -> None:
+        if frames[0] == b"big":
+            sent.append(frames)
+        real_send(sock, frames, copy=copy)
+
+    got: list[bytes] = []
+    receiver = zmqmesh.Node("receiver", **mesh)
+    receiver.pull("big", lambda m: got.append(m.data))
+    with monkeypatch.context() as announcing:  # the protocol the puller announces (its HELLO is made as it starts)
+        announcing.setattr(engine_module, "PROTOCOL", puller_protocol)
+        receiver.start()
+    monkeypatch.setattr(pipeline, "send_frames", spy)
+    with receiver:
+        with zmqmesh.Node("sender", **mesh) as sender:
+            sender.wait_for_pullers("big")
+            blob = os.urandom(100_000)
+            sender.push("big", blob)
+            wait_until(lambda: got == [blob], 10, "the payload")
+    raw_form = [len(f) == 4 and f[2] == b"" for f in sent]
+    assert raw_form == [puller_protocol >= 5]

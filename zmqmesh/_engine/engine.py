@@ -364,6 +364,7 @@ class Engine:
         if left:
             self.stats.add("pipeline", "dropped", left)  # the inbox counts drops too
             log.warning("node %s stopped with %d queued message(s) unsent (no room or no puller)", self.name, left)
+            self.outbound.forget_queued()  # (counted: they hold callers' bytes no longer)
         self.reliable.close()
         self.membership.say_goodbye()
         self.waiters.close()

@@ -78,6 +78,14 @@ class Outbound:
             return 0
         return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending_in_memory()
 
+    def forget_queued(self) -> None:
+        """Drop what waits in the in-memory send queues (the node stopped: they were counted)."""
+        if self.publisher is not None:
+            self.publisher.queue.clear()
+        if self.pusher is not None:
+            for q in list(self.pusher.queues.values()):
+                q.clear()
+
     def flush(self) -> None:
         """Send what every queue holds; retry shortly where a socket could not take it all."""
         self._scheduled = False

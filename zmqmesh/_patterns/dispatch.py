@@ -252,7 +252,7 @@ class Dispatcher:
             raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
         sender_uuid, sequence = wire.parse_sender(sender_b)
         sender_id = sender_uuid.hex() if sender_uuid is not None else None
-        if not body and len(frames) == 4 and kind == "pull":  # a large payload as it is (protocol 4)
+        if not body and len(frames) == 4 and kind == "pull":  # a large payload as it is (protocol 5)
             if len(frames[3]) > self.codec.max_message_bytes:
                 raise DecodeError(f"a payload of {len(frames[3])} bytes exceeds max_message_bytes")
             items = [bytes(frames[3])]

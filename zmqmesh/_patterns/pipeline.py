@@ -20,9 +20,9 @@ from .._mesh.directory import Directory
 from .._stats import Stats
 from .._wire.frames import (
     BATCH_BYTES,
-    BATCH_PROTOCOL,
     LARGE_FRAME,
     MAX_BATCH_ITEMS,
+    RAW_PUSH_PROTOCOL,
     Headed,
     RawPayload,
     wire_size,
@@ -134,8 +134,9 @@ class Pusher:
             bodies: list[bytes] = []
             # pop, never iterate: callers' threads append to q while the loop runs this
             while q:
-                grown = size + wire_size(q[0])
-                if n and (n >= limit or grown > BATCH_BYTES):
+                head: Any = q[0]
+                grown = size + wire_size(head)
+                if n and (n >= limit or grown > BATCH_BYTES or type(head) is RawPayload):  # (a raw one goes alone)
                     break
                 bodies.append(q.popleft())
                 n += 1
@@ -146,8 +147,12 @@ class Pusher:
                 q.extendleft(reversed(rest))
                 n, size = len(bodies), sum(wire_size(b) for b in bodies)
             payload: Any = bodies[0] if n == 1 else b"".join(bodies)  # (or a `RawPayload`, alone)
-            if type(payload) is RawPayload:  # (it travels alone: it is larger than a batch)
-                frames = [name, uuid, b"", payload.data] if self._all_read_raw(queue) else [name, uuid, payload.encoded()]
+            if type(payload) is RawPayload:
+                if self._all_read_raw(queue):
+                    frames = [name, uuid, b"", payload.data]
+                else:  # (encoded once: if the socket cannot take it now, it waits encoded)
+                    payload = bodies[0] = payload.encoded()
+                    frames = [name, uuid, payload]
             else:
                 frames = [name, uuid, payload]
             if headed:
@@ -166,9 +171,9 @@ class Pusher:
 
     def _all_read_raw(self, queue: str) -> bool:
         """Whether every puller of ``queue`` reads a large payload in a frame of its own
-        (protocol 4): ZeroMQ deals a message to any of them."""
+        (protocol 5): ZeroMQ deals a message to any of them."""
         speaks = self.directory.speaks
-        return all(speaks(i, BATCH_PROTOCOL) for i in self.directory.providers("queues", queue))
+        return all(speaks(i, RAW_PUSH_PROTOCOL) for i in self.directory.providers("queues", queue))
 
     def close(self, linger_ms: int) -> None:
         """Close every PUSH socket; what they hold may go out for ``linger_ms``."""

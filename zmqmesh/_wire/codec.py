@@ -98,9 +98,11 @@ class Codec:
     def raw(self, data: bytes) -> RawPayload:
         """``data`` (`LARGE_FRAME` bytes or more) to travel as it is, in a frame of its own
         where the receiver reads that (see `RawPayload`). Raises `MessageTooLargeError`
-        if it is too big."""
+        if it is too big, `TypeError` past 4 GiB."""
         if len(data) + 5 > self.max_message_bytes:
             raise MessageTooLargeError(f"payload is {len(data) + 5} bytes; max_message_bytes is {self.max_message_bytes}")
+        if len(data) > 0xFFFFFFFF:  # (where a puller needs it as msgpack: a bin holds no more)
+            raise TypeError("payload cannot be encoded as msgpack: bytes over 4 GiB")
         return RawPayload(data)
 
     def _encode_large_bin(self, data: bytes) -> bytes:

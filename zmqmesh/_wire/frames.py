@@ -62,6 +62,7 @@ __all__ = [
     "may_compact",
     "BatchCaller",
     "BATCH_PROTOCOL",
+    "RAW_PUSH_PROTOCOL",
     "BATCH_MARK",
     "request_batch",
     "parse_request_batch",
@@ -114,12 +115,15 @@ HISTORY_SERVICE_BYTES = HISTORY_SERVICE.encode()
 CONTROL_MAGIC = b"\x00zmqmesh-control"
 """First frame of the WHISPERs zmqmesh nodes exchange among themselves (never sent to plain ZRE peers)."""
 
-PROTOCOL = 4
+PROTOCOL = 5
 """The wire protocol this package speaks: 2 adds headers, ids and durable items to 1;
 3 adds the one-frame form of requests and replies (`request_frames`); 4 adds batches of
-them, several requests or replies in one frame (`request_batch`)."""
+them, several requests or replies in one frame (`request_batch`); 5 adds a large pushed
+payload in a frame of its own (`RawPayload`)."""
 BATCH_PROTOCOL = 4
 """The protocol from which a provider reads batches of requests."""
+RAW_PUSH_PROTOCOL = 5
+"""The protocol from which a puller reads a pushed payload in a frame of its own."""
 BATCH_MARK = 0
 """First byte of a batch frame: a one-frame request never starts with it (it would name
 the empty service), nor does a one-frame reply to a zmqmesh node (its ids are 8 bytes)."""
@@ -193,9 +197,9 @@ _read_u32 = struct.Struct(">I").unpack_from
 
 
 class RawPayload:
-    """A pushed payload of `LARGE_FRAME` bytes or more, on its way to the loop: to a
-    puller of protocol 4 it travels in a frame of its own, as the caller gave it, never
-    copied (``[queue, sender, b"", data]``); to others, and in at-least-once batches,
+    """A pushed payload of `LARGE_FRAME` bytes or more, on its way to the loop: to pullers
+    of protocol 5 it travels in a frame of its own, as the caller gave it, never copied on
+    the way (``[queue, sender, b"", data]``); to others, and in at-least-once batches,
     `encoded` (msgpack's bin form)."""
 
     __slots__ = ("data",)
