@@ -103,9 +103,12 @@ def test_codec_writes_large_bytes_exactly_as_msgpack_does_and_keeps_the_limit() 
 
 
 def test_batches_of_requests_and_replies_round_trip_and_refuse_what_runs_past_the_end() -> None:
-    requests = [(b"svc", b"12345678", b"\x91\x01"), (b"s" * 255, b"i" * 64, b""), (b"x", b"\x00", b"b" * 70_000)]
+    requests = [(b"svc", b"12345678", b"\x91\x01"), (b"s" * 255, b"i" * 64, b""), (b"x", b"\x00", b"b" * 60_000)]
     frame = frames.request_batch(requests)
     assert frames.is_batch(frame) and frames.parse_request_batch(frame) == requests
+    with pytest.raises(zmqmesh.DecodeError):  # larger than a sender ever makes one
+        frames.parse_request_batch(frames.request_batch([*requests, (b"x", b"y", b"b" * 6_000)]))
+    assert frames.parse_reply_batch(frames.reply_batch([(b"i", b"\x00", b"b" * (frames.BATCH_BYTES - 6))])) is None
     for cut in (2, 5, len(frame) - 1):
         with pytest.raises(zmqmesh.DecodeError):
             frames.parse_request_batch(frame[:cut])
@@ -150,8 +153,10 @@ def test_request_batches_send_the_first_alone_and_gather_the_rest_until_the_paus
         assert len(b.items) <= frames.MAX_BATCH_ITEMS and len(b.frame()) <= frames.BATCH_BYTES + 1
     for n in range(300):  # (the first goes alone)
         batches.add(new.id, n.to_bytes(8, "big"), n, step(new))
-    batches.discard(lambda n: n % 2 == 0)  # their callers gave up: they never go
-    assert [w for b in batches.take() for _, w in b.waiters] == list(range(1, 300, 2))
+    (left, *_) = batches.take()
+    left.keep(lambda request_id, n: n % 2 == 1)  # the others' callers gave up: they never go
+    assert [w for _, w in left.waiters] == list(range(1, 257, 2))
+    assert frames.parse_request_batch(left.frame()) == [(b"svc", n.to_bytes(8, "big"), b"\x01") for n in range(1, 257, 2)]
 
 
 def test_control_whispers_round_trip_and_refuse_junk() -> None:

@@ -237,7 +237,9 @@ class Node(NodeBase):
         (default ``request_timeout_s``) from when it is sent. Raises what `request` raises,
         for the first item (in order) that failed: once one failed no more are sent, and
         the items before it are waited for; the requests still in flight are then
-        forgotten (their late replies are dropped and counted). `ConfigError` (a
+        forgotten (their late replies are dropped and counted). An item that cannot be
+        encoded raises `TypeError` as soon as its turn comes, without waiting: the requests
+        in flight are forgotten, and those not sent yet never go. `ConfigError` (a
         `ValueError`) for a ``window`` that is not an int >= 1.
         """
         check_window(window)

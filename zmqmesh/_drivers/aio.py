@@ -39,7 +39,7 @@ from .._patterns.calls import (
     serve_as,
     served,
 )
-from .._patterns.dispatch import Dispatcher
+from .._patterns.dispatch import HOLD_LIMIT_S, Dispatcher
 from .._patterns.durable import Ticket
 from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
@@ -315,12 +315,16 @@ class LoopInbox(Dispatcher):
                     started = self.starting(call)
                     token = serve_as(call)
                     error: BaseException | None = None
+                    # held replies wait for a quick handler, yet never past HOLD_LIMIT_S
+                    release = self.loop.call_later(HOLD_LIMIT_S, self.release_held) if self.holding() else None
                     try:
                         result, error = await call.handler(call.arg), None
                     except Exception as exc:
                         result, error = None, exc
                     finally:
                         served(token, error)
+                        if release is not None:
+                            release.cancel()
                     self.finished(call, started)
                     if call.route is None and error is None:
                         continue  # nothing to reply or count
@@ -392,8 +396,10 @@ class LoopRequester:
         self._batches: RequestBatches[str, asyncio.Future[tuple[bytes, bytes]]] = RequestBatches()
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
-        """Send one request; the future of its reply ``(status, body)``. The future fails
-        with `MeshTimeoutError`, `PeerLostError` or `NodeClosedError`; the send itself
+        """Send one request (or gather it, to go at the end of this pass of the loop:
+        `RequestBatches`); the future of its reply ``(status, body)``. The future fails
+        with `MeshTimeoutError` (also when the provider takes no more requests, for one
+        that was gathered), `PeerLostError` or `NodeClosedError`; a send made at once
         raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
         if send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches):
@@ -450,7 +456,7 @@ class LoopRequester:
         may have swallowed the descriptor's signal (once per pass, not per request)."""
         try:
             self.engine.stats.pattern["request"]["sent"] += send_batches(
-                self._batches, self.sockets, self.outstanding, self.engine, _fail_future)
+                self._batches, self.sockets, self.outstanding, self.engine, _fail_future, asyncio.Future.done)
             for provider_id in self._unchecked:
                 sock = self.sockets.get(provider_id)
                 if sock is not None and has_input(sock):

@@ -78,22 +78,19 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
         return False
     try:
         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
-    except zmq.Again:
-        outstanding.withdraw(request_id)
-        raise MeshTimeoutError(
-            f"provider {step.provider.id[:8]} of {step.service!r} is not accepting requests") from None
     except zmq.ZMQError as exc:
         outstanding.withdraw(request_id)
-        raise closed_or_failed(engine, exc) from exc
+        raise _send_failed(exc, step.provider.id, engine, step.service) from (None if isinstance(exc, zmq.Again) else exc)
     return True
 
 
 def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socket[Any]],
                  outstanding: Outstanding[Any], engine: Engine,
-                 fail: Callable[[Any, BaseException], None]) -> int:
-    """Send the batches gathered since the last call, each on its provider's socket
-    (skipped when the provider left: its requests were failed then); how many requests
-    went. ``fail(waiter, error)`` hears of each request of a batch that could not be sent:
+                 fail: Callable[[Any, BaseException], None], gave_up: Callable[[Any], bool] | None = None) -> int:
+    """Send the batches gathered since the last call, each on its provider's socket; how
+    many requests went. A request no longer waited for is left out: forgotten (its
+    caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``.
+    ``fail(waiter, error)`` hears of each request of a batch that could not be sent:
     `MeshTimeoutError` when the provider takes no more, `NodeClosedError` or `ZmqMeshError`
     when the socket failed. Requests gathered meanwhile (by ``fail``) go too."""
     sent = 0
@@ -103,19 +100,27 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             return sent
         for batch in taken:
             sock = sockets.get(batch.key)
-            if sock is None:
+            batch.keep(lambda request_id, waiter: request_id in outstanding and not (gave_up and gave_up(waiter)))
+            if sock is None or not batch.items:
                 continue
             try:
                 send_frames(sock, [batch.frame()])
                 sent += len(batch.items)
                 continue
-            except zmq.Again:
-                error: ZmqMeshError = MeshTimeoutError(f"provider {batch.key[:8]} is not accepting requests")
             except zmq.ZMQError as exc:
-                error = closed_or_failed(engine, exc)
+                error = _send_failed(exc, batch.key, engine)
             for request_id, waiter in batch.waiters:
                 if outstanding.withdraw(request_id):
                     fail(waiter, error)
+
+
+def _send_failed(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: str | None = None) -> ZmqMeshError:
+    """What a failed send of a request means: the provider takes no more
+    (`MeshTimeoutError`), or the socket failed (`closed_or_failed`)."""
+    if isinstance(exc, zmq.Again):
+        of = f" of {service!r}" if service is not None else ""
+        return MeshTimeoutError(f"provider {provider_id[:8]}{of} is not accepting requests")
+    return closed_or_failed(engine, exc)
 
 
 class Job:
@@ -219,9 +224,8 @@ class Pipelined:
 
     def forget(self, jobs: set[Job]) -> None:
         """Forget the requests of ``jobs`` (their caller gave up): late replies are dropped,
-        and those not sent yet never go."""
+        and those not sent yet never go (`send_batches`)."""
         self.outstanding.forget_where(jobs.__contains__)
-        self._batches.discard(jobs.__contains__)
 
     def _read(self, sock: zmq.Socket[Any], provider_id: str) -> None:
         stats = self.engine.stats

@@ -31,6 +31,7 @@ from .._wire.frames import (
     STATS_SERVICE,
     STATS_SERVICE_BYTES,
     Headed,
+    RawPayload,
     check_headers,
 )
 from ..config import NodeConfig
@@ -477,14 +478,15 @@ class NodeBase:
         return engine
 
     def _encode_push(self, queue: str, data: Any, headers: dict[str, str] | None = None,
-                     timeout: float | None = None) -> tuple[bytes, deque[bytes] | None]:
-        """The encoded body, and the send queue of ``queue`` if it takes it right now
-        (None when the socket, a puller or room is missing: then `_push_plan` waits)."""
+                     timeout: float | None = None) -> tuple[bytes | RawPayload, deque[Any] | None]:
+        """The encoded body (large bytes: as they are, a `RawPayload`), and the send queue
+        of ``queue`` if it takes it right now (None when the socket, a puller or room is
+        missing: then `_push_plan` waits)."""
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
         if type(data) is bytes and len(data) >= LARGE_FRAME and not headers:
-            body: Any = self._ready().codec.raw(data)  # travels uncopied (`RawPayload`)
+            body: bytes | RawPayload = self._ready().codec.raw(data)  # travels uncopied
         else:
             body = self._encode(data, headers)
         if timeout is not None:

@@ -56,9 +56,12 @@ log = logging.getLogger("zmqmesh.inbox")
 _BURST = 256
 _EVENT_BYTES = 64 * 1024 * 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
-_REPLY_ITEM_BYTES = 6  # what a reply adds in a batch frame to its id and body (`wire.reply_batch`)
-_QUICK_S = 0.0005  # a handler that returns sooner may keep the replies before it waiting
+HOLD_LIMIT_S = 0.0005
+"""A handler that returns sooner is quick: replies may wait for it (`Dispatcher.hold_replies`)."""
+QUICK_RUNS = 8
+"""Runs in a row a handler must have been quick in before replies wait for it."""
 _MAX_TIMED_HANDLERS = 4096
+_MAX_CALLS = 4096  # calls one drain may gather (a batch of requests makes up to 256 of one frame)
 
 
 class Dispatcher:
@@ -100,7 +103,7 @@ class Dispatcher:
         self.stopping = False
         self._deadline: float | None = None
         self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies] (see `hold_replies`)
-        self._quick: dict[Any, bool] = {}  # handler: whether it was quick the last time it ran
+        self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
 
     def abandoned(self) -> bool:
         """True once a stop's deadline has passed: work still queued is then dropped."""
@@ -223,6 +226,8 @@ class Dispatcher:
         for i in range(_BURST):
             if i == 1 and not has_input(sock):
                 return False  # the common single message: a flag check, not a raised Again
+            if len(calls) >= _MAX_CALLS:
+                return True  # (the rest waits for the next burst: what one holds is bounded)
             try:
                 frames = recv_frames(sock, views_from)
             except zmq.Again:
@@ -495,15 +500,15 @@ class Dispatcher:
         held (`hold_replies`), a small one to a caller that sent a batch waits to go back
         in a batch."""
         held = self._held
-        size = len(body) + len(route[1]) + _REPLY_ITEM_BYTES
-        if held is not None and type(route[0]) is wire.BatchCaller and size <= wire.BATCH_BYTES:
+        size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
+        if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
             caller = route[0]
             entry = held.get(caller)
             if entry is not None and (entry[0] + size > wire.BATCH_BYTES or len(entry[1]) == wire.MAX_BATCH_ITEMS):
                 self._send_held(caller, held.pop(caller)[1])
                 entry = None
             if entry is None:
-                held[caller] = [size, [(route[1], status, body)]]
+                held[caller] = [1 + size, [(route[1], status, body)]]  # (1: the batch's mark)
             else:
                 entry[0] += size
                 entry[1].append((route[1], status, body))
@@ -517,15 +522,21 @@ class Dispatcher:
         """Hold the replies to batches of requests until `send_held_replies` (the drivers
         hold them around handlers run in place, one after the other, so that the replies to
         a batch go back in one frame). Around each handler the driver calls `starting` and
-        `finished`: a handler that was not quick the last time it ran is never waited for
-        (the replies held go out before it runs)."""
+        `finished`: the replies held go out before a handler unless it was quick (under
+        `HOLD_LIMIT_S`) on each of its last `QUICK_RUNS` runs; so a reply waits, at most,
+        for one such handler that turns slow (the asyncio driver lets them go after
+        `HOLD_LIMIT_S` even then: `release_held`)."""
         if self._held is None:
             self._held = {}
+
+    def holding(self) -> bool:
+        """Whether replies are held now."""
+        return bool(self._held)
 
     def starting(self, call: Call) -> float:
         """A handler is about to run; when it starts (see `hold_replies`). Only services
         are timed: the held replies go out before any other handler."""
-        if self._held and not self._was_quick(call.handler):
+        if self._held and self._quick_runs(call.handler) < QUICK_RUNS:
             self.release_held()
         return time.monotonic() if call.pattern == "service" else 0.0
 
@@ -536,11 +547,11 @@ class Dispatcher:
             for caller, (_size, replies) in held.items():
                 self._send_held(caller, replies)
 
-    def _was_quick(self, handler: Any) -> bool:
+    def _quick_runs(self, handler: Any) -> int:
         try:
-            return self._quick.get(handler, False)
+            return self._quick.get(handler, 0)
         except TypeError:  # an unhashable callable: never timed
-            return False
+            return 0
 
     def finished(self, call: Call, started: float) -> None:
         """The handler of ``call``, started at ``started`` (`starting`), returned."""
@@ -550,7 +561,8 @@ class Dispatcher:
         if len(quick) >= _MAX_TIMED_HANDLERS:  # bounded: callables made per call would grow it
             quick.clear()
         try:
-            quick[call.handler] = time.monotonic() - started < _QUICK_S
+            quick[call.handler] = min(quick.get(call.handler, 0) + 1, QUICK_RUNS) \
+                if time.monotonic() - started < HOLD_LIMIT_S else 0
         except TypeError:  # an unhashable callable: never held for
             pass
 

@@ -40,6 +40,9 @@ class Outstanding(Generic[Waiter]):
     def __len__(self) -> int:
         return len(self._pending)
 
+    def __contains__(self, request_id: bytes) -> bool:
+        return request_id in self._pending
+
     def add(self, waiter: Waiter, provider_id: str, service: str, deadline: float) -> bytes:
         """Register a request about to be sent; its id (the frame that the reply echoes)."""
         request_id = next(self._ids).to_bytes(8, "big")

@@ -58,7 +58,7 @@ class Pusher:
         self.directory = directory
         self.connect = connect
         self.wake = wake
-        self.queues: dict[str, deque[bytes]] = {}
+        self.queues: dict[str, deque[Any]] = {}  # encoded bodies (`Headed` ones too), `RawPayload`s
         self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._connected: dict[str, set[str]] = {}

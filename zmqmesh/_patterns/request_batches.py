@@ -24,8 +24,6 @@ __all__ = ["RequestBatches", "Batch"]
 Key = TypeVar("Key")
 Waiter = TypeVar("Waiter")
 
-_ITEM_BYTES = 6  # what a request adds in a batch frame to its service, id and body
-
 
 class Batch(Generic[Key, Waiter]):
     """Requests to send in one frame on ``key``'s socket: their ids and waiters, and the frame."""
@@ -37,6 +35,13 @@ class Batch(Generic[Key, Waiter]):
         self.items: list[tuple[bytes, bytes, bytes]] = []
         self.waiters: list[tuple[bytes, Waiter]] = []
         self.size = 1
+
+    def keep(self, wanted: Callable[[bytes, Waiter], bool]) -> None:
+        """Keep only the requests ``wanted(request_id, waiter)`` says yes to."""
+        kept = [k for k, (request_id, waiter) in enumerate(self.waiters) if wanted(request_id, waiter)]
+        if len(kept) < len(self.waiters):
+            self.items = [self.items[k] for k in kept]
+            self.waiters = [self.waiters[k] for k in kept]
 
     def frame(self) -> bytes:
         """The frame that carries the batch (one request: its one-frame form)."""
@@ -67,7 +72,7 @@ class RequestBatches(Generic[Key, Waiter]):
         if key not in self._alone:
             self._alone.add(key)
             return False
-        size = len(step.service_b) + len(request_id) + len(step.body) + _ITEM_BYTES
+        size = len(step.service_b) + len(request_id) + len(step.body) + wire.REQUEST_ITEM_BYTES
         batch = self._open.get(key)
         if batch is not None and (batch.size + size > wire.BATCH_BYTES or len(batch.items) == wire.MAX_BATCH_ITEMS):
             self._full.append(batch)
@@ -86,18 +91,3 @@ class RequestBatches(Generic[Key, Waiter]):
         self._full, self._open = [], {}
         self._alone.clear()
         return batches
-
-    def discard(self, given_up: Callable[[Waiter], bool]) -> None:
-        """Drop the gathered requests whose waiter ``given_up`` says yes to (their caller
-        gave up before they went)."""
-        kept = []
-        for batch in [*self._full, *self._open.values()]:
-            if any(given_up(w) for _, w in batch.waiters):
-                keep = [k for k, (_, w) in enumerate(batch.waiters) if not given_up(w)]
-                batch.items = [batch.items[k] for k in keep]
-                batch.waiters = [batch.waiters[k] for k in keep]
-            if batch.items:
-                kept.append(batch)
-        open_ = {b.key: b for b in kept if self._open.get(b.key) is b}
-        self._full = [b for b in kept if self._open.get(b.key) is not b]
-        self._open = open_

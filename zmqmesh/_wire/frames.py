@@ -7,6 +7,11 @@ pipeline (PUSH -> the node's PULL):         [queue, sender, body]
 request (DEALER -> the node's ROUTER):      [service, request_id, body]
 reply (ROUTER -> the requesting DEALER):    [request_id, status, body]
 
+A request without meta may travel in one frame, and so its reply (protocol 3,
+`request_frames`); several of them in one batch frame (protocol 4, `request_batch`,
+`reply_batch`). A pushed payload of `LARGE_FRAME` bytes or more may travel as it is, in a
+fourth frame after an empty body (protocol 5, `RawPayload`).
+
 ``sender`` is empty or 16 bytes of the sender's UUID followed, on pub/sub, by an 8-byte
 big-endian sequence number of the first message in ``body``. ``body`` is one or more
 concatenated msgpack objects (a batch of at most `MAX_BATCH_ITEMS`), except in requests
@@ -64,6 +69,9 @@ __all__ = [
     "BATCH_PROTOCOL",
     "RAW_PUSH_PROTOCOL",
     "BATCH_MARK",
+    "REQUEST_ITEM_BYTES",
+    "REPLY_ITEM_BYTES",
+    "msgpack_bin",
     "request_batch",
     "parse_request_batch",
     "reply_batch",
@@ -124,9 +132,13 @@ BATCH_PROTOCOL = 4
 """The protocol from which a provider reads batches of requests."""
 RAW_PUSH_PROTOCOL = 5
 """The protocol from which a puller reads a pushed payload in a frame of its own."""
-BATCH_MARK = 0
+BATCH_MARK = b"\x00"
 """First byte of a batch frame: a one-frame request never starts with it (it would name
 the empty service), nor does a one-frame reply to a zmqmesh node (its ids are 8 bytes)."""
+REQUEST_ITEM_BYTES = 6
+"""What a request adds in a batch frame to its service, id and body (their lengths)."""
+REPLY_ITEM_BYTES = 6
+"""What a reply adds in a batch frame to its id and body (the id's length, the status, the body's length)."""
 
 LARGE_FRAME = 64 * 1024
 """From this size up, a frame is sent without a copy (ZeroMQ keeps a reference), a stream
@@ -211,8 +223,16 @@ class RawPayload:
         return len(self.data) + 5  # (as it is `encoded`)
 
     def encoded(self) -> bytes:
-        """The payload as msgpack encodes it (bin 32: it is larger than 64 KiB)."""
-        return b"".join((b"\xc6", _u32(len(self.data)), self.data))
+        """The payload as msgpack encodes it (a bin)."""
+        return msgpack_bin(self.data)
+
+
+def msgpack_bin(data: bytes) -> bytes:
+    """``data`` (over 255 bytes, under 4 GiB) as msgpack encodes it, a bin 16 or bin 32,
+    made with one copy of ``data`` (msgpack's Packer grows its buffer as it writes)."""
+    size = len(data)
+    header = b"\xc5" + size.to_bytes(2, "big") if size <= 0xFFFF else b"\xc6" + _u32(size)
+    return b"".join((header, data))
 
 
 def wire_size(body: bytes) -> int:
@@ -302,14 +322,14 @@ def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, byte
 
 def is_batch(frame: bytes) -> bool:
     """Whether a one-frame request or reply is a batch (`BATCH_MARK`)."""
-    return frame[:1] == b"\x00"
+    return frame[:1] == BATCH_MARK
 
 
 def request_batch(requests: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """One frame holding ``requests`` (``(service, request_id, body)`` each, as
     `may_compact` allows): `BATCH_MARK`, then per request ``[len(service)] service
     [len(request_id)] request_id [len(body), 4 bytes big-endian] body``."""
-    parts = [b"\x00"]
+    parts = [BATCH_MARK]
     for service, request_id, body in requests:
         parts.append(b"".join((_BYTE[len(service)], service, _BYTE[len(request_id)], request_id,
                                _u32(len(body)), body)))
@@ -318,7 +338,10 @@ def request_batch(requests: list[tuple[bytes, bytes, bytes]]) -> bytes:
 
 def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
     """The ``(service, request_id, body)`` of each request of a batch frame. Raises
-    `DecodeError` for a malformed one, or one of more than `MAX_BATCH_ITEMS`."""
+    `DecodeError` for a malformed one, one of more than `MAX_BATCH_ITEMS` or larger than
+    `BATCH_BYTES`."""
+    if len(frame) > BATCH_BYTES:
+        raise DecodeError(f"a batch of {len(frame)} bytes")
     requests: list[tuple[bytes, bytes, bytes]] = []
     at, end = 1, len(frame)
     while at < end:
@@ -344,7 +367,7 @@ def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
 def reply_batch(replies: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """One frame holding ``replies`` (``(request_id, status, body)`` each): `BATCH_MARK`,
     then per reply ``[len(request_id)] request_id status [len(body), 4 bytes] body``."""
-    parts = [b"\x00"]
+    parts = [BATCH_MARK]
     for request_id, status, body in replies:
         parts.append(b"".join((_BYTE[len(request_id)], request_id, status, _u32(len(body)), body)))
     return b"".join(parts)
@@ -352,7 +375,9 @@ def reply_batch(replies: list[tuple[bytes, bytes, bytes]]) -> bytes:
 
 def parse_reply_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]] | None:
     """The ``(request_id, status, body)`` of each reply of a batch frame; None if it is
-    malformed or holds more than `MAX_BATCH_ITEMS`."""
+    malformed, holds more than `MAX_BATCH_ITEMS` or is larger than `BATCH_BYTES`."""
+    if len(frame) > BATCH_BYTES:
+        return None
     replies: list[tuple[bytes, bytes, bytes]] = []
     at, end = 1, len(frame)
     while at < end:
