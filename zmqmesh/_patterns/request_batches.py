@@ -3,9 +3,9 @@
 A driver that keeps many requests in flight sends the first request to a provider at
 once, alone, as before; the requests that follow it to the same provider before the
 driver's next pause (a pass of its event loop, a poll of its thread) are gathered, and go
-out together in one frame when it pauses. ZeroMQ costs about as much per message as per
-byte of a small one, so a window of requests then costs a few messages instead of one
-each, while a lone request waits for nothing.
+out together in one frame when it pauses. Every ZeroMQ message, however small, costs a
+send, a wake-up and a receive on each side, so a window of requests then costs a few
+messages instead of one each, while a lone request waits for nothing.
 
 `AsyncNode` and `Node.request_many` / `Node.submit` use this one logic; they differ only
 in when they pause.
