@@ -84,3 +84,30 @@ def test_non_idempotent_service_raises_peer_lost(spawn: Any, mesh: dict[str, Any
         with pytest.raises(zmqmesh.PeerLostError):
             for _ in range(4):
                 node.request("block", None, timeout=20)
+
+
+def test_what_a_departed_acking_puller_left_goes_to_the_plain_pullers_that_follow(mesh: dict[str, Any]) -> None:
+    """The at-least-once puller of a queue leaves with messages unacknowledged; the next
+    pullers pull it plainly: those messages go to them, never stranded until the pusher stops."""
+    release = threading.Event()
+    got_plain: list[Any] = []
+    acker = zmqmesh.Node("acker", **mesh)
+    acker.pull("jobs", lambda m: release.wait(10), at_least_once=True)  # holds its first message
+    with zmqmesh.Node("pusher", **mesh) as pusher:
+        acker.start()
+        stopping = threading.Thread(target=acker.stop)
+        try:
+            pusher.wait_for_pullers("jobs", timeout=10)
+            for i in range(3):
+                pusher.push("jobs", i)
+            wait_until(lambda: pusher.stats()["pipeline"]["sent"] >= 3, 10, "the messages dealt to the acker")
+            stopping.start()  # it says goodbye while its handler still holds a message
+            wait_until(lambda: all(p.name != "acker" for p in pusher.peers()), 10, "the acker gone")
+        finally:
+            release.set()
+            if stopping.ident is not None:  # (started)
+                stopping.join(15)
+            acker.stop()
+        with zmqmesh.Node("plain", **mesh) as plain:
+            plain.pull("jobs", lambda m: got_plain.append(m.data))
+            wait_until(lambda: sorted(set(got_plain)) == [0, 1, 2], 10, "every message at the plain puller")

@@ -100,7 +100,10 @@ class Outbound:
             try:
                 if queue in at_least_once:
                     blocked |= reliable.flush(queue, q)
-                elif q and pusher.flush(queue, q):
+                    continue
+                if reliable.redeliver.get(queue) and self.directory.providers("queues", queue):
+                    q.extendleft(reversed(reliable.take_in_memory(queue)))  # (older: they go first)
+                if q and pusher.flush(queue, q):
                     blocked = True
             except Exception:  # one queue's failure must not starve the others
                 log.exception("sending on queue %r failed", queue)

@@ -136,6 +136,20 @@ class ReliableSender:
         return sum(len(b.items) for b in list(self.inflight.values())) + \
             sum(len(q) for q in list(self.redeliver.values()))
 
+    def take_in_memory(self, queue: str) -> list[Any]:
+        """Take, in order, the in-memory messages of ``queue`` waiting to be dealt again
+        (the queue's at-least-once pullers are gone and plain ones pull it now: they go to
+        them); durable ones stay, for an at-least-once puller."""
+        again = self.redeliver.get(queue)
+        if not again:
+            return []
+        # (a payload named for its redelivery, without headers, goes plain: a plain puller names its own)
+        taken = [bytes(item) if type(item) is Headed and not item.headers else item
+                 for item in again if type(item) is not StoredMessage]
+        if taken:
+            self.redeliver[queue] = deque(item for item in again if type(item) is StoredMessage)
+        return taken
+
     def pending_in_memory(self) -> int:
         """The part of `pending` that lives only in memory (not in the store)."""
         inflight = sum(1 for b in list(self.inflight.values()) for i in b.items if isinstance(i, bytes))
