@@ -57,38 +57,25 @@ class Outstanding(Generic[Waiter]):
         """Forget a request that could not be sent; whether it still waited."""
         return self._pending.pop(request_id, None) is not None
 
-    def answer(self, frames: list[bytes], provider_id: str) -> tuple[Waiter, bytes, bytes] | None:
-        """The waiter of the request a reply from ``provider_id`` answers, with the reply's
-        status and body; None for a malformed reply, one that nobody waits for any more,
-        or one naming a request sent to another provider (the caller counts it as
-        dropped)."""
-        reply = wire.parse_reply(frames)
-        if reply is None:
-            return None
-        entry = self._pending.get(reply[0])
-        if entry is None or entry[1] != provider_id:
-            return None
-        del self._pending[reply[0]]
-        return entry[0], reply[1], reply[2]
-
     def answer_all(self, frames: list[bytes], provider_id: str) -> tuple[list[tuple[Waiter, bytes, bytes]], int]:
         """What a message from ``provider_id`` answers, one reply or a batch of them
-        (protocol 4): the waiters with their replies' status and body, and how many of
-        its replies answered nothing (see `answer`; a malformed batch counts as one)."""
-        if len(frames) != 1 or not wire.is_batch(frames[0]):
-            answered = self.answer(frames, provider_id)
-            return ([answered], 0) if answered is not None else ([], 1)
-        replies = wire.parse_reply_batch(frames[0])
+        (protocol 4): the waiters with their replies' status and body, and how many of its
+        replies answered nothing: malformed (a malformed batch counts as one), late (nobody
+        waits for them any more), or naming a request sent to another provider."""
+        if len(frames) == 1 and wire.is_batch(frames[0]):
+            replies = wire.parse_reply_batch(frames[0])
+        else:
+            reply = wire.parse_reply(frames)
+            replies = [reply] if reply is not None else None
         if replies is None:
             return [], 1
         found = []
         pending = self._pending
         for request_id, status, body in replies:
             entry = pending.get(request_id)
-            if entry is None or entry[1] != provider_id:
-                continue
-            del pending[request_id]
-            found.append((entry[0], status, body))
+            if entry is not None and entry[1] == provider_id:
+                del pending[request_id]
+                found.append((entry[0], status, body))
         return found, len(replies) - len(found)
 
     def next_deadline(self) -> float | None:
