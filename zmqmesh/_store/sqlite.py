@@ -421,7 +421,7 @@ class Store:
 
     def _read_segments(self, queue: str, after: int, limit: int | None) -> list[StoredSegment]:
         sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
-        rows = self._read_upto(sql, (queue, after), limit) if limit else self._read(sql, (queue, after))
+        rows = self._read(sql, (queue, after), limit or None)
         if not rows:
             return []
         lo, hi = rows[0][0], rows[-1][0] + rows[-1][1] - 1
@@ -523,38 +523,29 @@ class Store:
                 size += len(row[5]) + len(row[6] or b"")
         return rows, False
 
-    def _read_upto(self, sql: str, params: Sequence[Any], limit: int) -> list[Any]:
-        """The first rows of outbox segments ``sql`` selects (lock held), whole, until they
-        hold ``limit`` messages or more: the query stops there, however many rows follow.
-        A failing read raises `StoreError`."""
+    def _read(self, sql: str, params: Sequence[Any] = (), messages: int | None = None) -> list[Any]:
+        """The rows ``sql`` selects (lock held). With ``messages``: rows of outbox segments
+        (their message count second), whole, only until they hold that many messages or
+        more, where the query stops, however many rows follow. A failing read raises
+        `StoreError`."""
         import sqlite3
 
-        rows: list[Any] = []
-        total = 0
         try:
             cursor = self._db.execute(sql, params)
+            if messages is None:
+                return cursor.fetchall()
+            rows: list[Any] = []
+            total = 0
             try:
-                while total < limit:
-                    fetched = cursor.fetchmany(_ROWS_PER_FETCH)
-                    if not fetched:
-                        break
+                while total < messages and (fetched := cursor.fetchmany(_ROWS_PER_FETCH)):
                     for row in fetched:
                         rows.append(row)
                         total += row[1]
-                        if total >= limit:
+                        if total >= messages:
                             break
             finally:
                 cursor.close()
-        except sqlite3.Error as exc:
-            raise StoreError(f"store read failed: {exc}") from exc
-        return rows
-
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """The rows ``sql`` selects (lock held); a failing read raises `StoreError`."""
-        import sqlite3
-
-        try:
-            return self._db.execute(sql, params).fetchall()
+            return rows
         except sqlite3.Error as exc:
             raise StoreError(f"store read failed: {exc}") from exc
 
