@@ -14,6 +14,7 @@ from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
+from ._patterns.in_order import InOrder
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
@@ -167,38 +168,30 @@ class AsyncNode(NodeBase):
         cancelled."""
         check_window(window)
         self._check_loop()
-        results: list[Any] = []
-        failures: dict[int, BaseException] = {}
-        running: dict[asyncio.Future[Any], int] = {}
-        pending = enumerate(items)
+        calls: InOrder[asyncio.Future[Any]] = InOrder(window)
+        index_of: dict[asyncio.Future[Any], int] = {}
+        pending = iter(items)
         exhausted = False
         try:
             while True:
-                while not exhausted and not failures and len(running) < window:
+                while not exhausted and calls.room():
                     try:
-                        index, data = next(pending)
+                        data = next(pending)
                     except StopIteration:
                         exhausted = True
                         break
-                    results.append(None)
-                    call = self.request(service, data, timeout, peer, headers=headers)
-                    running[asyncio.ensure_future(call)] = index
-                if not running or (failures and min(running.values()) > min(failures)):
+                    call = asyncio.ensure_future(self.request(service, data, timeout, peer, headers=headers))
+                    index_of[call] = calls.begin(call)
+                if not calls.waiting():
                     break
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(index_of, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    index = running.pop(task)
                     error = task.exception()
-                    if error is None:
-                        results[index] = task.result()
-                    else:
-                        failures[index] = error
+                    calls.end(index_of.pop(task), None if error else task.result(), error)
         finally:
-            for task in running:
+            for task in calls.running.values():
                 task.cancel()
-        if failures:
-            raise failures[min(failures)]
-        return results
+        return calls.outcome()
 
     async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""

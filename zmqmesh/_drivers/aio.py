@@ -300,44 +300,37 @@ class LoopInbox(Dispatcher):
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return
-        batch: list[Call] = []
-        self.hold_replies()  # the replies to a batch of requests go back in one frame
-        try:
-            for call in calls:
-                if self.abandoned():
-                    self.drop(call)
-                    continue
-                if is_async(call.handler):
-                    if batch:
-                        self.release_held()  # (sync handlers run on a worker, untimed)
-                        await self._run_sync_batch(batch)
-                        batch = []
-                    started = self.starting(call)
-                    token = serve_as(call)
-                    error: BaseException | None = None
-                    # held replies wait for a quick handler, yet never past HOLD_LIMIT_S
-                    release = self.loop.call_later(HOLD_LIMIT_S, self.release_held) if self.holding() else None
-                    try:
-                        result, error = await call.handler(call.arg), None
-                    except Exception as exc:
-                        result, error = None, exc
-                    finally:
-                        served(token, error)
-                        if release is not None:
-                            release.cancel()
-                    self.finished(call, started)
-                    if call.route is None and error is None:
-                        continue  # nothing to reply or count
-                    self.complete(call, result, error)
-                else:
+        batch: list[Call] = []  # sync handlers in a row: run together, on the worker
+        with self.replies_held():
+            for call in self.to_handle(calls):
+                if not is_async(call.handler):
                     batch.append(call)
+                    continue
+                if batch:
+                    await self._run_sync_batch(batch)
+                    batch = []
+                started = self.starting(call)
+                token = serve_as(call)
+                error: BaseException | None = None
+                # held replies wait for a quick handler, yet never past HOLD_LIMIT_S
+                release = self.loop.call_later(HOLD_LIMIT_S, self.release_held) if self.holding() else None
+                try:
+                    result, error = await call.handler(call.arg), None
+                except Exception as exc:
+                    result, error = None, exc
+                finally:
+                    served(token, error)
+                    if release is not None:
+                        release.cancel()
+                self.finished(call, started)
+                if call.route is None and error is None:
+                    continue  # nothing to reply or count
+                self.complete(call, result, error)
             if batch:
-                self.release_held()
                 await self._run_sync_batch(batch)
-        finally:
-            self.send_held_replies()
 
     async def _run_sync_batch(self, batch: list[Call]) -> None:
+        self.release_held()  # (sync handlers run on a worker, untimed)
         outcomes = await self.loop.run_in_executor(self._worker, run_batch, batch)
         for call, (result, error) in zip(batch, outcomes):
             self.complete(call, result, error)

@@ -16,7 +16,6 @@ that waits for something else than a reply (a provider to appear) is handed to
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -33,6 +32,7 @@ from .._io.sockets import recv_frames, send_frames
 from .._io.waker import Waker
 from .._mesh.directory import Provider
 from .._mesh.waiters import Until
+from .._patterns.in_order import InOrder
 from .._patterns.outstanding import Outstanding
 from .._patterns.reqrep import Exchange
 from .._patterns.request_batches import RequestBatches
@@ -40,7 +40,7 @@ from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
 __all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "run_many",
-           "send_request", "send_batches"]
+           "send_request", "send_batches", "send_failure"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -80,7 +80,7 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
     except zmq.ZMQError as exc:
         outstanding.withdraw(request_id)
-        raise _send_failed(exc, step.provider.id, engine, step.service) from (None if isinstance(exc, zmq.Again) else exc)
+        raise send_failure(exc, step.provider.id, engine, step.service) from (None if isinstance(exc, zmq.Again) else exc)
     return True
 
 
@@ -108,13 +108,13 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                 sent += len(batch.items)
                 continue
             except zmq.ZMQError as exc:
-                error = _send_failed(exc, batch.key, engine)
+                error = send_failure(exc, batch.key, engine)
             for request_id, waiter in batch.waiters:
                 if outstanding.withdraw(request_id):
                     fail(waiter, error)
 
 
-def _send_failed(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: str | None = None) -> ZmqMeshError:
+def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: str | None = None) -> ZmqMeshError:
     """What a failed send of a request means: the provider takes no more
     (`MeshTimeoutError`), or the socket failed (`closed_or_failed`)."""
     if isinstance(exc, zmq.Again):
@@ -442,6 +442,10 @@ def _fail_closed(job: Job) -> None:
     job.finish(None, NodeClosedError(_CLOSED))
 
 
+def _ender(calls: InOrder[Job], index: int) -> Callable[[Any, BaseException | None], None]:
+    return lambda value, error: calls.end(index, value, error)
+
+
 def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int, at_hand: bool = False) -> list[Any]:
     """Carry out ``plans`` (made one by one as there is room) with at most ``window`` in
     flight; their results in order. Raises the error of the first plan (in order) that
@@ -450,42 +454,26 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int, at_hand: 
 
     ``at_hand``: making the next plan never waits (its data is in a sequence), so the
     requests of several go in one batch; otherwise each goes before the next is made."""
-    results: list[Any] = []
-    failures: dict[int, BaseException] = {}
-    running: dict[int, Job] = {}  # (this call's: a nested call on the same thread has its own)
-
-    def finisher(index: int) -> Callable[[Any, BaseException | None], None]:
-        def finish(value: Any, error: BaseException | None) -> None:
-            del running[index]
-            if error is not None:
-                failures[index] = error
-            else:
-                results[index] = value
-        return finish
-
+    calls: InOrder[Job] = InOrder(window)  # (this call's: a nested call on the same thread has its own)
     made = iter(plans)
     try:
-        for index in itertools.count():
+        while not calls.failures:
             if not at_hand:
                 pipelined.send_gathered()  # (the next item may be long in coming)
             plan = next(made, None)
             if plan is None:
                 break
-            results.append(None)
-            job = running[index] = Job(plan, finisher(index))
+            job = Job(plan, _ender(calls, len(calls.results)))
+            calls.begin(job)
             pipelined.start(job)
-            while len(running) >= window and not failures:
+            while not calls.room() and not calls.failures:
                 pipelined.pump(_BUSY_POLL_S)
-            if failures:
-                break
-        while running and (not failures or min(running) < min(failures)):
+        while calls.waiting():
             pipelined.pump(_BUSY_POLL_S)
     finally:
-        if running:
-            left = set(running.values())
+        if calls.running:
+            left = set(calls.running.values())
             pipelined.forget(left)
             for job in left:
                 job.plan.close()
-    if failures:
-        raise failures[min(failures)]
-    return results
+    return calls.outcome()

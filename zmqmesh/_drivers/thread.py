@@ -42,7 +42,13 @@ from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
-from .pipelined import SUBMIT_THREAD_REFUSAL, Pipelined, Submitter, closed_or_failed
+from .pipelined import (
+    SUBMIT_THREAD_REFUSAL,
+    Pipelined,
+    Submitter,
+    closed_or_failed,
+    send_failure,
+)
 
 __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox", "stop_blocking", "wait_until", "wait_for_room"]
 
@@ -160,8 +166,8 @@ class ThreadRequester:
         request_id = next(self._ids).to_bytes(8, "big")
         try:
             send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
-        except zmq.Again as exc:
-            raise MeshTimeoutError(f"provider {provider.id[:8]} of {step.service!r} is not accepting requests") from exc
+        except zmq.ZMQError as exc:
+            raise send_failure(exc, provider.id, engine, step.service) from exc
         engine.stats.add("request", "sent")
         return self._wait(sock, request_id, provider, step.service, step.deadline)
 
@@ -448,27 +454,15 @@ class ThreadInbox(Dispatcher):
 
     def _execute(self, calls: list[Call]) -> None:
         if self._pool is not None:
-            for call in calls:
-                if self.abandoned():
-                    self.drop(call)
-                else:
-                    self._submit(call)
+            for call in self.to_handle(calls):
+                self._submit(call)
             return
-        self.hold_replies()  # the replies to a batch of requests go back in one frame
-        try:
-            for call in calls:
-                if self.abandoned():
-                    self.drop(call)
-                    continue
+        with self.replies_held():
+            for call in self.to_handle(calls):
                 started = self.starting(call)
-                if is_async(call.handler):
-                    result, error = self._run_on_loop(call)
-                else:
-                    result, error = run_sync(call)
+                result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
                 self.finished(call, started)
                 self.complete(call, result, error)
-        finally:
-            self.send_held_replies()
 
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
         with self._async_lock:

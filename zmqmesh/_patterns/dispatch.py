@@ -21,12 +21,13 @@ and traceback travel back to the caller. Undecodable input is counted and droppe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -57,7 +58,7 @@ _BURST = 256
 _EVENT_BYTES = 64 * 1024 * 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 HOLD_LIMIT_S = 0.0005
-"""A handler that returns sooner is quick: replies may wait for it (`Dispatcher.hold_replies`)."""
+"""A handler that returns sooner is quick: replies may wait for it (`Dispatcher.replies_held`)."""
 QUICK_RUNS = 8
 """Runs in a row a handler must have been quick in before replies wait for it."""
 _MAX_TIMED_HANDLERS = 4096
@@ -102,7 +103,7 @@ class Dispatcher:
         self._cache_version = -1
         self.stopping = False
         self._deadline: float | None = None
-        self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies] (see `hold_replies`)
+        self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies] (see `replies_held`)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
 
     def abandoned(self) -> bool:
@@ -497,14 +498,14 @@ class Dispatcher:
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
         """Send a reply to ``route``; an unreachable caller is counted. While replies are
-        held (`hold_replies`), a small one to a caller that sent a batch waits to go back
+        held (`replies_held`), a small one to a caller that sent a batch waits to go back
         in a batch."""
         held = self._held
         size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
         if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
             caller = route[0]
             entry = held.get(caller)
-            if entry is not None and (entry[0] + size > wire.BATCH_BYTES or len(entry[1]) == wire.MAX_BATCH_ITEMS):
+            if entry is not None and wire.batch_full(entry[0], len(entry[1]), size):
                 self._send_held(caller, held.pop(caller)[1])
                 entry = None
             if entry is None:
@@ -518,23 +519,36 @@ class Dispatcher:
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += 1
 
-    def hold_replies(self) -> None:
-        """Hold the replies to batches of requests until `send_held_replies` (the drivers
-        hold them around handlers run in place, one after the other, so that the replies to
-        a batch go back in one frame). Around each handler the driver calls `starting` and
-        `finished`: the replies held go out before a handler unless it was quick (under
+    @contextlib.contextmanager
+    def replies_held(self) -> Iterator[None]:
+        """Hold the replies to batches of requests while the drivers run handlers in place,
+        one after the other, so that the replies to a batch go back in one frame; send
+        them on leaving. Around each handler the driver calls `starting` and `finished`:
+        the replies held go out before a handler unless it was quick (under
         `HOLD_LIMIT_S`) on each of its last `QUICK_RUNS` runs; so a reply waits, at most,
         for one such handler that turns slow (the asyncio driver lets them go after
         `HOLD_LIMIT_S` even then: `release_held`)."""
-        if self._held is None:
-            self._held = {}
+        self._held = {}
+        try:
+            yield
+        finally:
+            self.release_held()
+            self._held = None
+
+    def to_handle(self, calls: list[Call]) -> Iterator[Call]:
+        """``calls``, in order, but those reached after the stop's deadline: dropped and counted."""
+        for call in calls:
+            if self.abandoned():
+                self.drop(call)
+            else:
+                yield call
 
     def holding(self) -> bool:
         """Whether replies are held now."""
         return bool(self._held)
 
     def starting(self, call: Call) -> float:
-        """A handler is about to run; when it starts (see `hold_replies`). Only services
+        """A handler is about to run; when it starts (see `replies_held`). Only services
         are timed: the held replies go out before any other handler."""
         if self._held and self._quick_runs(call.handler) < QUICK_RUNS:
             self.release_held()
@@ -565,12 +579,6 @@ class Dispatcher:
                 if time.monotonic() - started < HOLD_LIMIT_S else 0
         except TypeError:  # an unhashable callable: never held for
             pass
-
-    def send_held_replies(self) -> None:
-        """Send the replies held since `hold_replies`, a frame per caller, and stop holding."""
-        held, self._held = self._held, None
-        for caller, (_size, replies) in (held or {}).items():
-            self._send_held(caller, replies)
 
     def _send_held(self, caller: bytes, replies: list[tuple[bytes, bytes, bytes]]) -> None:
         if len(replies) == 1:

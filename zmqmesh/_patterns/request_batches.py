@@ -74,7 +74,7 @@ class RequestBatches(Generic[Key, Waiter]):
             return False
         size = len(step.service_b) + len(request_id) + len(step.body) + wire.REQUEST_ITEM_BYTES
         batch = self._open.get(key)
-        if batch is not None and (batch.size + size > wire.BATCH_BYTES or len(batch.items) == wire.MAX_BATCH_ITEMS):
+        if batch is not None and wire.batch_full(batch.size, len(batch.items), size):
             self._full.append(batch)
             batch = None
         if batch is None:

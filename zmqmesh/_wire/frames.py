@@ -77,6 +77,7 @@ __all__ = [
     "reply_batch",
     "parse_reply_batch",
     "is_batch",
+    "batch_full",
     "LARGE_FRAME",
     "RawPayload",
     "parse_request",
@@ -318,6 +319,12 @@ def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, byte
         return None
     routing_id, service, request_id, body = frames[:4]
     return (routing_id, request_id), service, body, frames[4] if count == 5 else None
+
+
+def batch_full(size: int, count: int, adding: int) -> bool:
+    """Whether a batch frame of ``size`` bytes and ``count`` requests or replies has no
+    room for one more of ``adding`` bytes (`BATCH_BYTES`, `MAX_BATCH_ITEMS`)."""
+    return size + adding > BATCH_BYTES or count == MAX_BATCH_ITEMS
 
 
 def is_batch(frame: bytes) -> bool:
