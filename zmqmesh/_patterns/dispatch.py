@@ -21,7 +21,6 @@ and traceback travel back to the caller. Undecodable input is counted and droppe
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -65,6 +64,21 @@ _MAX_TIMED_HANDLERS = 4096
 _MAX_CALLS = 4096  # calls one drain may gather (a batch of requests makes up to 256 of one frame)
 
 
+class _RepliesHeld:
+    """`Dispatcher.replies_held`: ``enter()`` on entering, ``leave()`` on leaving."""
+
+    __slots__ = ("_enter", "_leave")
+
+    def __init__(self, enter: Callable[[], None], leave: Callable[[], None]) -> None:
+        self._enter, self._leave = enter, leave
+
+    def __enter__(self) -> None:
+        self._enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._leave()
+
+
 class Dispatcher:
     """Decoding, dispatch and replies, shared by both inbox drivers; owns the three inbound
     sockets. ``describe`` gives the built-in stats service its answer."""
@@ -105,6 +119,7 @@ class Dispatcher:
         self._deadline: float | None = None
         self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies] (see `replies_held`)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
+        self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
 
     def abandoned(self) -> bool:
         """True once a stop's deadline has passed: work still queued is then dropped."""
@@ -519,21 +534,23 @@ class Dispatcher:
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += 1
 
-    @contextlib.contextmanager
-    def replies_held(self) -> Iterator[None]:
+    def replies_held(self) -> _RepliesHeld:
         """Hold the replies to batches of requests while the drivers run handlers in place,
         one after the other, so that the replies to a batch go back in one frame; send
         them on leaving. Around each handler the driver calls `starting` and `finished`:
         the replies held go out before a handler unless it was quick (under
         `HOLD_LIMIT_S`) on each of its last `QUICK_RUNS` runs; so a reply waits, at most,
         for one such handler that turns slow (the asyncio driver lets them go after
-        `HOLD_LIMIT_S` even then: `release_held`)."""
+        `HOLD_LIMIT_S` even then: `release_held`). (A context manager made once: one is
+        entered for every burst of calls.)"""
+        return self._replies_held
+
+    def _hold(self) -> None:
         self._held = {}
-        try:
-            yield
-        finally:
-            self.release_held()
-            self._held = None
+
+    def _stop_holding(self) -> None:
+        self.release_held()
+        self._held = None
 
     def to_handle(self, calls: list[Call]) -> Iterator[Call]:
         """``calls``, in order, but those reached after the stop's deadline: dropped and counted."""
