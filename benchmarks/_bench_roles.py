@@ -186,11 +186,13 @@ def _counting_handler(warm: int, n: int, is_async: bool) -> tuple[Any, threading
 
 
 def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async: bool = False,
-            flavor: str = "plain", **_: Any) -> None:
+            flavor: str = "plain", mode: str = "msgpack", **_: Any) -> None:
     """zmqmesh puller: sync `Node` with a ``def`` handler, or `AsyncNode` with ``async def``;
-    at-least-once unless ``flavor`` is ``plain`` or ``many``."""
+    at-least-once unless ``flavor`` is ``plain`` or ``many``; large payloads taken as views
+    (``zero_copy=True``), as the raw puller takes them."""
     handler, warmed, done, times = _counting_handler(warm, n, use_async)
     at_least_once = flavor not in ("plain", "many")
+    options = {"at_least_once": at_least_once, "zero_copy": mode == "large"}
 
     def finish(stats: dict[str, Any], rss_base: int) -> None:
         ctl.send("check", last=times["last"])
@@ -198,7 +200,7 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
 
     if not use_async:
         node = _mesh_node("Node", "bench-pull", beacon_port, mesh)
-        node.pull(QUEUE, handler, at_least_once=at_least_once)
+        node.pull(QUEUE, handler, **options)
         with node:
             rss_base = rss_now_kb()
             ctl.send("ready")
@@ -214,7 +216,7 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         node = _mesh_node("AsyncNode", "bench-apull", beacon_port, mesh)
-        node.pull(QUEUE, handler, at_least_once=at_least_once)
+        node.pull(QUEUE, handler, **options)
         async with node:
             rss_base = rss_now_kb()
             ctl.send("ready")

@@ -395,6 +395,27 @@ def test_large_bytes_travel_in_a_frame_of_their_own_and_arrive_whole(mesh: dict[
             foreign.close(0)
 
 
+def test_zero_copy_hands_large_payloads_over_as_views_that_stay_whole(mesh: dict[str, Any]) -> None:
+    """``pull(..., zero_copy=True)``: a large raw payload arrives as a read-only view of
+    ZeroMQ's buffer, still whole after later messages came; small ones stay bytes."""
+    import os
+
+    kept: list[Any] = []
+    receiver = zmqmesh.Node("receiver", **mesh)
+    receiver.pull("views", kept.append, zero_copy=True)
+    with pytest.raises(zmqmesh.ConfigError, match="plain pulls"):
+        receiver.pull("acked", kept.append, at_least_once=True, zero_copy=True)
+    blobs = [os.urandom(n) for n in (1000, 64 * 1024, 500_000, 200_000)]
+    with receiver, zmqmesh.Node("sender", **mesh) as sender:
+        sender.wait_for_pullers("views")
+        for blob in blobs:
+            sender.push("views", blob)
+        wait_until(lambda: len(kept) == len(blobs), 30, "every blob")
+    assert [type(m.data) for m in kept] == [bytes, memoryview, memoryview, memoryview]
+    assert all(m.data.readonly for m in kept[1:])
+    assert [bytes(m.data) for m in kept] == blobs  # each view still holds its own message
+
+
 @pytest.mark.parametrize("puller_protocol", [4, 5])
 def test_a_large_payload_goes_in_its_own_frame_only_to_pullers_that_read_it(
         mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, puller_protocol: int) -> None:

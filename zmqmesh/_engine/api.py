@@ -281,16 +281,17 @@ class NodeBase:
     @overload
     def pull(self, queue: str, handler: None = None, *, at_least_once: bool = False,
              ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,
-             dedupe: bool = False, dedupe_window: int = 100_000) -> Callable[[Handler], Handler]: ...
+             dedupe: bool = False, dedupe_window: int = 100_000, zero_copy: bool = False
+             ) -> Callable[[Handler], Handler]: ...
 
     @overload
     def pull(self, queue: str, handler: Handler, *, at_least_once: bool = False,
              ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,
-             dedupe: bool = False, dedupe_window: int = 100_000) -> Handler: ...
+             dedupe: bool = False, dedupe_window: int = 100_000, zero_copy: bool = False) -> Handler: ...
 
     def pull(self, queue: str, handler: Callable[[Message], Any] | None = None, *, at_least_once: bool = False,
              ack_timeout_s: float | None = None, max_deliveries: int = 5, dead_letter: str | None = None,
-             dedupe: bool = False, dedupe_window: int = 100_000) -> Any:
+             dedupe: bool = False, dedupe_window: int = 100_000, zero_copy: bool = False) -> Any:
         """Take messages from the work queue ``queue``: each message goes to one puller.
 
         With ``at_least_once=True`` every message is acknowledged when the handler
@@ -309,6 +310,12 @@ class NodeBase:
           handled are remembered, so a redelivery after a crash or a lost acknowledgement
           is not handled twice.
 
+        ``zero_copy=True`` (plain pulls only): a payload pushed as ``bytes`` of 64 KiB or
+        more, without headers, reaches the handler as a read-only `memoryview` of
+        ZeroMQ's own buffer instead of a copy in ``bytes`` (smaller ones stay ``bytes``).
+        The view stays valid for as long as it is referenced. For handlers that only read
+        the payload (write it out, hash it, parse it), it spares one copy per message.
+
         Raises `ValueError` if this node already pulls ``queue`` with another handler,
         `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store).
         """
@@ -316,6 +323,9 @@ class NodeBase:
         extras = ack_timeout_s is not None or dead_letter is not None or dedupe or max_deliveries != 5
         if extras and not at_least_once:
             raise ConfigError("ack_timeout_s, max_deliveries, dead_letter and dedupe need at_least_once=True")
+        if zero_copy and at_least_once:
+            raise ConfigError("zero_copy=True is for plain pulls: at-least-once messages come encoded, in "
+                              "acknowledged batches, so there is no buffer to hand over")
         if ack_timeout_s is not None and (check_timeout(ack_timeout_s, "ack_timeout_s") == 0 or ack_timeout_s > 86_400):
             raise ConfigError(f"ack_timeout_s must be a positive number of seconds (at most a day), got {ack_timeout_s!r}")
         if not isinstance(max_deliveries, int) or isinstance(max_deliveries, bool) or max_deliveries < 1:
@@ -328,8 +338,14 @@ class NodeBase:
             raise ConfigError(f"dedupe_window must be a whole number >= 1, got {dedupe_window!r}")
         options = PullOptions(True, None if ack_timeout_s is None else float(ack_timeout_s), max_deliveries,
                               dead_letter, dedupe, dedupe_window)
-        return self._register("queues", queue, handler,
-                              (lambda fn: self._registry.set_pull_options(queue, options)) if at_least_once else None)
+        registry = self._registry
+
+        def record_options(fn: Callable[..., Any]) -> None:
+            if at_least_once:
+                registry.set_pull_options(queue, options)
+            registry.set_zero_copy(queue, zero_copy)
+
+        return self._register("queues", queue, handler, record_options)
 
     @overload
     def service(self, name: str, handler: None = None, *, idempotent: bool = False

@@ -57,6 +57,7 @@ class Registry:
         self.callbacks: dict[str, tuple[Callable[..., Any], ...]] = dict.fromkeys(EVENTS, ())
         self.ack_queues: frozenset[str] = frozenset()
         self.pull_options: dict[str, PullOptions] = {}
+        self.zero_copy_queues: frozenset[str] = frozenset()  # plain pulls whose handlers take views
         self.idempotent: frozenset[str] = frozenset()
         self.keeps: frozenset[str] = frozenset()
         self.kept_topics: frozenset[str] = frozenset()  # prefixes this node keeps (``history=``)
@@ -116,6 +117,10 @@ class Registry:
         if options.at_least_once:
             self.mark_at_least_once(queue)
 
+    def set_zero_copy(self, queue: str, zero_copy: bool) -> None:
+        """Whether ``queue``'s handler takes a large raw payload as a view (see `Node.pull`)."""
+        self.zero_copy_queues = self.zero_copy_queues | {queue} if zero_copy else self.zero_copy_queues - {queue}
+
     def keep(self, queue: str) -> None:
         """Keep the durable messages of ``queue`` that stopping pushers hand over."""
         self.keeps = self.keeps | {queue}
@@ -155,6 +160,7 @@ class Registry:
             if kind == "queues":
                 self.ack_queues = self.ack_queues - {name}
                 self.pull_options = {q: o for q, o in self.pull_options.items() if q != name}
+                self.zero_copy_queues = self.zero_copy_queues - {name}
             else:
                 self.idempotent = self.idempotent - {name}
         self.version += 1

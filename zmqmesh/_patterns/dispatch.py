@@ -276,7 +276,9 @@ class Dispatcher:
         if not body and len(frames) == 4 and kind == "pull":  # a large payload as it is (protocol 5)
             if len(frames[3]) > self.codec.max_message_bytes:
                 raise DecodeError(f"a payload of {len(frames[3])} bytes exceeds max_message_bytes")
-            items = [bytes(frames[3])]
+            raw = frames[3]  # (a view of ZeroMQ's buffer: see `drain`)
+            zero_copy = name_b.decode("utf-8", "replace") in self.registry.zero_copy_queues
+            items = [memoryview(raw).toreadonly() if zero_copy else bytes(raw)]
             frames = frames[:3]  # (no meta frame)
         else:
             items = self.codec.decode_batch(body)
