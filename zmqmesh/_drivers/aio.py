@@ -30,6 +30,7 @@ from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.sockets import close_watched, has_input, recv_frames
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
+from .._observe import tracing
 from .._patterns.calls import (
     Call,
     is_async,
@@ -309,6 +310,13 @@ class LoopInbox(Dispatcher):
                 if batch:
                     await self._run_sync_batch(batch)
                     batch = []
+                if call.route is None and tracing.active is None and not self.holding():
+                    # a message of a stream, with nothing to reply, time, trace or hold for
+                    try:
+                        await call.handler(call.arg)
+                    except Exception as exc:
+                        self.complete(call, None, exc)
+                    continue
                 started = self.starting(call)
                 token = serve_as(call)
                 error: BaseException | None = None
