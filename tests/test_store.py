@@ -102,13 +102,19 @@ def test_a_store_written_by_schema_1_is_upgraded_in_place(tmp_path: Path) -> Non
     assert inspect_store(tmp_path)["schema"] == 4
 
 
-def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize("items", [
+    b"\xc1",  # never used by msgpack
+    msgpack.packb([["id-1", 1.0, None], ["id-2", 1.0, None]]),  # entries of three fields
+    msgpack.packb([1, 2]),  # entries that are no arrays at all
+    msgpack.packb([["id-1", 1.0, None, b"x"]]),  # one message where two were stored
+], ids=["not-msgpack", "short-entries", "not-arrays", "short-segment"])
+def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_path: Path, items: bytes) -> None:
     store = Store(tmp_path)
     store.append([("q", entries("a", "b"))])
     store.append([("q", entries("c"))])
     store.close()
     with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = x'c1' WHERE seq = 1")  # 0xc1: never used by msgpack
+        db.execute("UPDATE outbox SET items = ? WHERE seq = 1", (items,))
     store = Store(tmp_path)
     damaged, good = store.pending("q")
     assert damaged.messages == [] and "damaged segment 1 (2 messages)" in (damaged.damaged or "")

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._stats import Stats
-from .._store.sqlite import Entry, Store, StoredMessage
+from .._store.sqlite import Entry, Store, StoredMessage, stored_message
 from .._wire.codec import Codec
 from .reliable import Failure
 
@@ -194,7 +194,8 @@ class DurableQueues:
                 first, count = next(segments)
                 self._segments[first] = [count, count]
                 base = len(stored)
-                stored.extend(StoredMessage(first + i, name, *entries[base + i], first) for i in range(count))
+                stored.extend([stored_message((first + i, name, *entries[base + i], first, False))
+                               for i in range(count)])
             queue.committed = stored[-1].seq
             if queue.overflow or len(queue.buffer) + len(stored) > BUFFER:
                 queue.overflow = True
@@ -230,7 +231,10 @@ class DurableQueues:
                         self._segments[segment.first] = [segment.size, len(segment.messages)]
                         if not segment.messages:  # all settled, only not yet forgotten
                             self._forget_segment(segment.first)
-                    queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
+                    if segment.first > recovered:  # (the common case: stored by this run)
+                        queue.buffer.extend(segment.messages)
+                    else:
+                        queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
                     queue.loaded = segment.first + segment.size - 1
                     loaded += segment.size
                 if loaded < room and queue.committed <= queue.loaded:

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import msgpack
 import zmq
 
 from .._io.reactor import EventLoop
@@ -118,6 +119,7 @@ class ReliableSender:
         self._acker_id = routing_id  # a requester's (from the node's random serial): unguessable
         self.directory = directory
         self.codec = codec
+        self._pack = msgpack.Packer().pack  # the loop's alone (a Packer keeps a buffer)
         self.connect = connect
         self.wake = wake
         self.window = config.ack_window
@@ -211,13 +213,12 @@ class ReliableSender:
             self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
         return bool(q or again)
 
-    @staticmethod
-    def _wrap(item: Any, redelivered: bool) -> bytes:
+    def _wrap(self, item: Any, redelivered: bool) -> bytes:
         if type(item) is Headed:  # carries headers: the item form that has room for them
-            return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0)
+            return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0, self._pack)
         if isinstance(item, bytes):
             return wrap_item(item, redelivered)
-        return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts)
+        return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts, self._pack)
 
     def _socket(self, puller: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(puller)

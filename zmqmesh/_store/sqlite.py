@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -37,7 +38,7 @@ from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["Store", "StoredMessage", "StoredSegment", "Entry", "SEGMENT_MAX", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
+__all__ = ["Store", "StoredMessage", "stored_message", "StoredSegment", "Entry", "SEGMENT_MAX", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
 SCHEMA_VERSION = 4
@@ -129,6 +130,12 @@ class StoredMessage(NamedTuple):
     def with_attempt(self) -> StoredMessage:
         """This message with one more failed delivery counted."""
         return self._replace(attempts=self.attempts + 1)
+
+
+stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(tuple.__new__, StoredMessage)
+"""A `StoredMessage` of all nine fields, in order, as one tuple: what the named tuple's own
+constructor does at about two thirds of its cost (made per message, twice, on the way of
+every durable message)."""
 
 
 class StoredSegment(NamedTuple):
@@ -433,9 +440,13 @@ class Store:
         for first, count, items in rows:
             try:
                 entries = msgpack.unpackb(items, raw=False, use_list=False)
-                messages = [StoredMessage(first + i, queue, str(e[0]), float(e[1]), e[2], bytes(e[3]),
-                                          attempts.get(first + i, 0), first)
-                            for i, e in enumerate(entries) if first + i not in settled]
+                if attempts or settled:
+                    messages = [stored_message((first + i, queue, msg_id, ts, headers, body,
+                                                attempts.get(first + i, 0), first, False))
+                                for i, (msg_id, ts, headers, body) in enumerate(entries) if first + i not in settled]
+                else:  # (the common case: nothing failed or was settled in these segments yet)
+                    messages = [stored_message((first + i, queue, msg_id, ts, headers, body, 0, first, False))
+                                for i, (msg_id, ts, headers, body) in enumerate(entries)]
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
             except Exception as exc:

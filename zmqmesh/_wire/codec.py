@@ -12,6 +12,7 @@ frame holding a single object is the batch of one, so a sender never has to batc
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
@@ -30,10 +31,11 @@ _FIXINT = [bytes((i,)) for i in range(128)]  # msgpack's positive fixint: the in
 
 
 def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, headers: bytes | None,
-                 attempts: int) -> bytes:
+                 attempts: int, pack: Callable[[Any], bytes] = msgpack.packb) -> bytes:
     """The msgpack array of one durable queue item around an already encoded payload and
-    already encoded headers (a map, or None)."""
-    id_and_time = msgpack.packb((msg_id, timestamp))[1:]  # one packing for both: less the array's header
+    already encoded headers (a map, or None). ``pack``: a `msgpack.Packer`'s own, from a
+    caller that makes many items on one thread (``packb`` makes a Packer each call)."""
+    id_and_time = pack((msg_id, timestamp))[1:]  # one packing for both: less the array's header
     return b"".join((_ARRAY6, _TRUE if redelivered else _FALSE, body, id_and_time, headers or _NIL,
                      _FIXINT[attempts] if 0 <= attempts < 128 else msgpack.packb(attempts)))
 
