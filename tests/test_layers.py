@@ -102,6 +102,19 @@ def test_codec_writes_large_bytes_exactly_as_msgpack_does_and_keeps_the_limit() 
     assert codec.encode(bytearray(b"x" * 20_000)) == msgpack.packb(b"x" * 20_000)  # not bytes: msgpack's path
 
 
+def test_a_batch_frame_cut_anywhere_inside_its_last_object_is_refused_as_truncated() -> None:
+    """A msgpack stream ends quietly where a frame ends inside an object; the codec must
+    not hand the objects before it on as a whole batch (on every msgpack it runs on)."""
+    codec = Codec(1 << 20)
+    lasts = [[1, 2, 3], "hello", b"x" * 300, {"a": [1, 2]}, 1.5, 2**40, msgpack.ExtType(1, b"abc"), [None], None]
+    for last in lasts:
+        whole = msgpack.packb(7) + msgpack.packb(last)
+        assert codec.decode_batch(whole) == [7, last]
+        for cut in range(len(msgpack.packb(7)) + 1, len(whole)):
+            with pytest.raises(zmqmesh.DecodeError, match="truncated"):
+                codec.decode_batch(whole[:cut])
+
+
 def test_batches_of_requests_and_replies_round_trip_and_refuse_what_runs_past_the_end() -> None:
     requests = [(b"svc", b"12345678", b"\x91\x01"), (b"s" * 255, b"i" * 64, b""), (b"x", b"\x00", b"b" * 60_000)]
     frame = frames.request_batch(requests)

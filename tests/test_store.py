@@ -107,7 +107,12 @@ def test_a_store_written_by_schema_1_is_upgraded_in_place(tmp_path: Path) -> Non
     msgpack.packb([["id-1", 1.0, None], ["id-2", 1.0, None]]),  # entries of three fields
     msgpack.packb([1, 2]),  # entries that are no arrays at all
     msgpack.packb([["id-1", 1.0, None, b"x"]]),  # one message where two were stored
-], ids=["not-msgpack", "short-entries", "not-arrays", "short-segment"])
+    msgpack.packb([["id-1", 1.0, None, b"x"], ["id-2", 1.0, None, "text"]]),  # a body that is no bytes
+    msgpack.packb([["id-1", 1.0, None, b"x"], ["id-2", "soon", None, b"x"]]),  # a time that is no number
+    msgpack.packb([[7, 1.0, None, b"x"], ["id-2", 1.0, None, b"x"]]),  # an id that is no string
+    msgpack.packb([["id-1", 1.0, {"h": "v"}, b"x"], ["id-2", 1.0, None, b"x"]]),  # headers not encoded
+], ids=["not-msgpack", "short-entries", "not-arrays", "short-segment", "text-body", "text-time", "int-id",
+        "raw-headers"])
 def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_path: Path, items: bytes) -> None:
     store = Store(tmp_path)
     store.append([("q", entries("a", "b"))])
@@ -123,13 +128,16 @@ def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_pa
     assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 3  # still there for an operator
 
 
-def test_a_node_delivers_around_a_damaged_segment_and_counts_it(tmp_path: Path, mesh: dict[str, Any]) -> None:
+@pytest.mark.parametrize("items", [b"\xc1", msgpack.packb([["id-1", 1.0, None, b"x"], ["id-2", 1.0, None, "text"]])],
+                         ids=["not-msgpack", "text-body"])
+def test_a_node_delivers_around_a_damaged_segment_and_counts_it(tmp_path: Path, mesh: dict[str, Any],
+                                                                items: bytes) -> None:
     store = Store(tmp_path)
     store.append([("q", entries("a", "b"))])
     store.append([("q", entries("c"))])
     store.close()
     with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = x'c1' WHERE seq = 1")
+        db.execute("UPDATE outbox SET items = ? WHERE seq = 1", (items,))
     got: list[str] = []
     with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
         puller = zmqmesh.Node("puller", **mesh)

@@ -314,7 +314,8 @@ class NodeBase:
         more, without headers, reaches the handler as a read-only `memoryview` of
         ZeroMQ's own buffer instead of a copy in ``bytes`` (smaller ones stay ``bytes``).
         The view stays valid for as long as it is referenced. For handlers that only read
-        the payload (write it out, hash it, parse it), it spares one copy per message.
+        the payload (write it out, hash it, parse it), it spares one copy per message;
+        ``bytes(msg.data)`` makes the copy when one is needed (to keep, pickle or compare it).
 
         Raises `ValueError` if this node already pulls ``queue`` with another handler,
         `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store).

@@ -58,8 +58,8 @@ def recv_frames(sock: zmq.Socket[Any], views_from: int = 0) -> list[bytes]:
     `zmq.Frame`, whose ``more`` is read off the frame itself, where reading ``RCVMORE``
     from the socket costs a whole option lookup per frame. (The frames after the first
     of a message are always there: ZeroMQ delivers it whole.) With ``views_from``, a
-    frame of that many bytes or more comes as a read-only `memoryview` of ZeroMQ's own
-    buffer instead of a copy (for callers that only decode it).
+    frame of that many bytes or more comes as a `memoryview` of ZeroMQ's own buffer instead
+    of a copy (it keeps that buffer alive while referenced; callers must not write to it).
     """
     frame = _recv(sock, _NOBLOCK, False)
     frames = [frame.buffer if views_from and len(frame) >= views_from else frame.bytes]

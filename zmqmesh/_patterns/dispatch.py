@@ -237,7 +237,8 @@ class Dispatcher:
 
     def drain(self, sock: zmq.Socket[Any], kind: str, calls: list[Call]) -> bool:
         """Receive up to a burst from ``sock`` into ``calls``; True if more may be waiting."""
-        # a large frame of a stream is only decoded: a view of ZeroMQ's buffer spares a copy
+        # a large frame of a stream comes as a view of ZeroMQ's buffer: it is decoded, copied
+        # into bytes, or (a raw payload of a `zero_copy` pull) handed over as it is
         views_from = wire.LARGE_FRAME if kind != "req" else 0
         for i in range(_BURST):
             if i == 1 and not has_input(sock):
@@ -276,9 +277,11 @@ class Dispatcher:
         if not body and len(frames) == 4 and kind == "pull":  # a large payload as it is (protocol 5)
             if len(frames[3]) > self.codec.max_message_bytes:
                 raise DecodeError(f"a payload of {len(frames[3])} bytes exceeds max_message_bytes")
-            raw = frames[3]  # (a view of ZeroMQ's buffer: see `drain`)
-            zero_copy = name_b.decode("utf-8", "replace") in self.registry.zero_copy_queues
-            items = [memoryview(raw).toreadonly() if zero_copy else bytes(raw)]
+            raw: bytes | memoryview = frames[3]  # (from `LARGE_FRAME` bytes, a view of ZeroMQ's buffer: see `drain`)
+            if isinstance(raw, memoryview) and name_b.decode("utf-8", "replace") in self.registry.zero_copy_queues:
+                items: list[Any] = [raw.toreadonly()]
+            else:
+                items = [bytes(raw)]
             frames = frames[:3]  # (no meta frame)
         else:
             items = self.codec.decode_batch(body)

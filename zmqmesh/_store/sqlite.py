@@ -135,7 +135,17 @@ class StoredMessage(NamedTuple):
 stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(tuple.__new__, StoredMessage)
 """A `StoredMessage` of all nine fields, in order, as one tuple: what the named tuple's own
 constructor does at about two thirds of its cost (made per message, twice, on the way of
-every durable message)."""
+every durable message). The caller answers for the fields' types."""
+
+
+def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:
+    """Raises `ValueError` unless every stored ``(id, timestamp, headers, body)`` has the
+    types a durable message needs (a damaged segment must not reach the wire)."""
+    for msg_id, ts, headers, body in entries:
+        if type(msg_id) is not str or type(body) is not bytes or (headers is not None and type(headers) is not bytes) \
+                or type(ts) not in (float, int):
+            raise ValueError(f"an entry of the wrong types: {type(msg_id).__name__}, {type(ts).__name__}, "
+                             f"{type(headers).__name__}, {type(body).__name__}")
 
 
 class StoredSegment(NamedTuple):
@@ -449,6 +459,7 @@ class Store:
                                 for i, (msg_id, ts, headers, body) in enumerate(entries)]
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
+                _check_entries(entries)
             except Exception as exc:
                 segments.append(StoredSegment(first, count, [], f"damaged segment {first} ({count} messages): {exc}"))
                 continue

@@ -155,7 +155,7 @@ class Codec:
         return self._decode_many(frame, max_items, {**self._limits, "object_pairs_hook": _map_of_frozen_keys})
 
     def _decode_many(self, frame: bytes, max_items: int, limits: dict[str, Any]) -> list[Any]:
-        unpacker = msgpack.Unpacker(max_buffer_size=max(len(frame), 1), **limits)
+        unpacker = msgpack.Unpacker(max_buffer_size=len(frame) + 1, **limits)
         try:
             unpacker.feed(frame)
             items = list(islice(unpacker, max_items + 1))
@@ -163,8 +163,15 @@ class Codec:
             raise DecodeError(f"malformed msgpack batch: {exc}") from exc
         if len(items) > max_items:
             raise DecodeError(f"a batch of more than {max_items} messages")
-        try:  # (the iteration ends quietly where the frame ends inside an object; this does not)
-            unpacker.read_bytes(0)
-        except ValueError:
-            raise DecodeError("truncated msgpack batch") from None
+        # The iteration ends quietly where the frame ends inside an object. A nil fed after
+        # it then either ends that object (something else than a lone nil comes back),
+        # is not enough to end it, or fails it: only after a whole last object is it read
+        # as a lone nil, right at the frame's end.
+        try:
+            unpacker.feed(_NIL)
+            whole = unpacker.unpack() is None and unpacker.tell() == len(frame) + 1
+        except _DECODE_ERRORS:
+            whole = False
+        if not whole:
+            raise DecodeError("truncated msgpack batch")
         return items
