@@ -452,3 +452,30 @@ def test_recovered_queues_stop_reading_the_store_once_they_have_it_all(tmp_path:
         wait_until(lambda: len(got) == 20, 20, "every recovered message")
         queues = node._engine.durable.queues  # (the node's own bookkeeping: nothing public says it)
         wait_until(lambda: not any(q.overflow for q in queues.values()), 10, "both queues caught up")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_backlog_of_large_durable_messages_stays_in_the_store_not_in_memory(tmp_path: Path,
+                                                                             mesh: dict[str, Any]) -> None:
+    """160 MiB pushed durably while no puller is there: the node holds a few MiB of it in
+    memory (by bytes, not only by count), the rest waits in the store, and a puller that
+    comes later gets every message, whole and in order."""
+    blob = os.urandom(1 << 20)
+    n = 160
+    got: list[int] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path / "store"), **mesh) as pusher:
+        before = _rss_bytes()
+        for i in range(n):
+            pusher.push("big", i.to_bytes(4, "big") + blob, durable=True)
+        grown = _rss_bytes() - before
+        assert grown < 64 << 20, f"the pusher's memory grew by {grown >> 20} MiB for a {n} MiB backlog"
+        puller = zmqmesh.Node("puller", **mesh)
+        puller.pull("big", lambda m: got.append(int.from_bytes(m.data[:4], "big")) if m.data[4:] == blob else None,
+                    at_least_once=True)
+        with puller:
+            wait_until(lambda: len(got) == n, 60, "every large message")
+    assert got == list(range(n))

@@ -13,7 +13,7 @@ from helpers import wait_until
 
 import zmqmesh
 from zmqmesh import inspect_store
-from zmqmesh._store.sqlite import SEGMENT_MAX, Store
+from zmqmesh._store.sqlite import SEGMENT_BYTES, SEGMENT_MAX, Store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,6 +75,20 @@ def test_a_large_call_is_stored_as_several_segments_read_back_whole(tmp_path: Pa
     assert store.drop_queue("many") == 300
     assert store.drop_queue("q") == len(names)
     assert live(store, "other") == [("x", 0)]
+    store.close()
+
+
+def test_large_messages_close_a_segment_by_bytes_and_reads_stop_at_a_byte_budget(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    big = [(f"id-{i}", 1000.0, None, bytes([i]) * (400 * 1024), 0) for i in range(5)]
+    huge = [("id-huge", 1000.0, None, b"h" * (3 * SEGMENT_BYTES), 0)]
+    segments = store.append([("q", big), ("q", huge), ("q", entries("a", "b"))])
+    assert [c for _, c in segments] == [2, 2, 1, 1, 2]  # 800 KiB, 800 KiB, 400 KiB; the huge one alone
+    assert [len(s.messages) for s in store.pending("q", limit=1000, max_bytes=1)] == [2]  # at least one segment
+    read = store.pending("q", limit=1000, max_bytes=SEGMENT_BYTES + 1)
+    assert [len(s.messages) for s in read] == [2, 2]
+    everything = [m.body for s in store.pending("q", limit=1000) for m in s.messages]
+    assert everything == [e[3] for e in big + huge + entries("a", "b")]
     store.close()
 
 

@@ -6,7 +6,7 @@ before they were acknowledged) are dealt again, marked as redelivered.
 
 A freshly committed message also goes straight into its queue's buffer in memory, so
 the loop reads the store only for what does not fit there: a backlog past `BUFFER`
-messages, the messages of an earlier run, dead letters.
+messages or `BUFFER_BYTES`, the messages of an earlier run, dead letters.
 
 The store keeps what one commit stored for a queue as one segment (a row), so the loop
 counts the messages of each segment still unsettled, and forgets the segment once all of
@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._stats import Stats
@@ -32,13 +32,17 @@ from .._store.sqlite import Entry, Store, StoredMessage, stored_message
 from .._wire.codec import Codec
 from .reliable import Failure
 
-__all__ = ["DurableQueues", "BUFFER", "Ticket"]
+__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Ticket"]
 
 log = logging.getLogger("zmqmesh.durable")
 
 BUFFER = 16_384
-"""Stored messages of one queue held in memory, ready to deal (a few MiB at most)."""
+"""Stored messages of one queue held in memory at most, ready to deal."""
+BUFFER_BYTES = 8 << 20
+"""...and the bytes they hold at most (a larger message is held alone)."""
 _REFILL_BELOW = BUFFER // 4
+_REFILL_BELOW_BYTES = BUFFER_BYTES // 4
+_HELD_OVERHEAD = 200  # what a message held costs besides its payload and headers (its tuple, id, numbers)
 _MAX_ERROR_CHARS = 1000
 _ACK_BATCH = 2048
 _COALESCE_S = 0.001
@@ -57,13 +61,46 @@ class Ticket:
         self.error: BaseException | None = None
 
 
+class Buffer(deque[StoredMessage]):
+    """A durable queue's messages held in memory, and the bytes they hold (`nbytes`).
+
+    Filled by `DurableQueues` (``extend``); the loop's sender takes the oldest with
+    deque's own ``popleft``, at no cost per message: what was taken is reckoned up when
+    `nbytes` is read, from the sizes noted as messages came.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sizes: deque[int] = deque()  # of the messages added and not yet reckoned up, oldest first
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def extend(self, messages: Iterable[StoredMessage]) -> None:
+        """Hold ``messages`` too, after the others."""
+        messages = messages if isinstance(messages, list) else list(messages)
+        sizes = [len(m.body) + (len(m.headers) if m.headers else 0) + _HELD_OVERHEAD for m in messages]
+        with self._lock:
+            self._sizes.extend(sizes)
+            self._total += sum(sizes)
+            super().extend(messages)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the messages still held take, about (payload, headers and overhead)."""
+        with self._lock:
+            sizes = self._sizes
+            for _ in range(len(sizes) - len(self)):  # taken since (always the oldest)
+                self._total -= sizes.popleft()
+            return self._total
+
+
 class _Queue:
     """One durable queue's buffer, and whether the store holds more than the buffer."""
 
     __slots__ = ("buffer", "loaded", "overflow", "committed")
 
     def __init__(self) -> None:
-        self.buffer: deque[StoredMessage] = deque()
+        self.buffer = Buffer()
         self.loaded = 0  # the highest sequence number ever put in the buffer
         self.overflow = False  # the store holds messages after `loaded` not in the buffer
         self.committed = 0  # the highest sequence number stored for the queue (as far as known)
@@ -197,10 +234,12 @@ class DurableQueues:
                 stored.extend([stored_message((first + i, name, *entries[base + i], first, False))
                                for i in range(count)])
             queue.committed = stored[-1].seq
-            if queue.overflow or len(queue.buffer) + len(stored) > BUFFER:
-                queue.overflow = True
+            buffer = queue.buffer
+            if queue.overflow or len(buffer) + len(stored) > BUFFER or \
+                    buffer.nbytes + sum(len(m.body) for m in stored) > BUFFER_BYTES:
+                queue.overflow = True  # (the loop reads them back as the buffer empties)
             else:
-                queue.buffer.extend(stored)
+                buffer.extend(stored)
                 queue.loaded = stored[-1].seq
 
     def refill(self) -> dict[str, deque[StoredMessage]]:
@@ -215,12 +254,13 @@ class DurableQueues:
             return {name: q.buffer for name, q in queues}
         recovered = self._recovered_upto
         for name, queue in queues:
-            if not queue.overflow or len(queue.buffer) >= _REFILL_BELOW:
+            if not queue.overflow or len(queue.buffer) >= _REFILL_BELOW or queue.buffer.nbytes >= _REFILL_BELOW_BYTES:
                 continue
             room = BUFFER - len(queue.buffer)
             # read without the lock (committers wait for it): while a queue overflows they
             # leave its buffer alone, and only note how far they stored
-            segments = self.store.pending(name, after=queue.loaded, limit=room)
+            segments = self.store.pending(name, after=queue.loaded, limit=room,
+                                          max_bytes=BUFFER_BYTES - queue.buffer.nbytes)
             with self._lock:
                 loaded = 0
                 for segment in segments:
@@ -237,7 +277,7 @@ class DurableQueues:
                         queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
                     queue.loaded = segment.first + segment.size - 1
                     loaded += segment.size
-                if loaded < room and queue.committed <= queue.loaded:
+                if queue.committed <= queue.loaded:
                     queue.overflow = False  # everything stored is in the buffer now
         return {name: q.buffer for name, q in queues}
 

@@ -38,7 +38,7 @@ from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["Store", "StoredMessage", "stored_message", "StoredSegment", "Entry", "SEGMENT_MAX", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
+__all__ = ["Store", "StoredMessage", "stored_message", "StoredSegment", "Entry", "SEGMENT_MAX", "SEGMENT_BYTES", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
 SCHEMA_VERSION = 4
@@ -48,6 +48,9 @@ _APP = "zmqmesh"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _PAGE_SIZE = 4096
 SEGMENT_MAX = 1024
+SEGMENT_BYTES = 1 << 20
+"""A segment closes at `SEGMENT_MAX` messages or once its payloads pass this many bytes (a
+larger message is a segment of its own): reading one back whole stays bounded."""
 """Messages in one stored segment at most: a larger call is stored as several."""
 _ROWS_PER_FETCH = 16  # segments read at a time while filling a buffer (a few are mostly enough)
 _OUTBOX = (
@@ -136,6 +139,22 @@ stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(t
 """A `StoredMessage` of all nine fields, in order, as one tuple: what the named tuple's own
 constructor does at about two thirds of its cost (made per message, twice, on the way of
 every durable message). The caller answers for the fields' types."""
+
+
+def _segments(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
+    """``entries`` cut into the segments `Store.append` stores, in order."""
+    if sum(len(e[3]) for e in entries) <= SEGMENT_BYTES:  # (the common case: small messages)
+        for start in range(0, len(entries), SEGMENT_MAX):
+            yield entries[start:start + SEGMENT_MAX]
+        return
+    start = size = 0
+    for i, entry in enumerate(entries):
+        grown = size + len(entry[3]) + len(entry[2] or b"")
+        if i > start and (i - start >= SEGMENT_MAX or grown > SEGMENT_BYTES):
+            yield entries[start:i]
+            start, grown = i, grown - size
+        size = grown
+    yield entries[start:]
 
 
 def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:
@@ -317,7 +336,7 @@ class Store:
 
     def append(self, calls: Sequence[tuple[str, Sequence[Entry]]]) -> list[tuple[int, int]]:
         """Store each ``(queue, entries)`` call as a segment (or several, of at most
-        `SEGMENT_MAX` messages), all in one transaction; the segments as ``(first, count)``,
+        `SEGMENT_MAX` messages and about `SEGMENT_BYTES`), all in one transaction; the segments as ``(first, count)``,
         in order. A message's sequence number is its segment's ``first`` plus its place in
         it. Raises `StoreFullError`, `StoreError`."""
         with self._lock:
@@ -325,8 +344,7 @@ class Store:
             rows: list[tuple[int, str, int, float, bytes]] = []
             marks: list[tuple[int, int]] = []
             for queue, entries in calls:
-                for start in range(0, len(entries), SEGMENT_MAX):
-                    part = entries[start:start + SEGMENT_MAX]
+                for part in _segments(entries):
                     rows.append((first, queue, len(part), part[0][1], msgpack.packb([e[:4] for e in part])))
                     marks.extend((first + i, e[4]) for i, e in enumerate(part) if e[4])
                     first += len(part)
@@ -427,18 +445,21 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def pending(self, queue: str, after: int = 0, limit: int = 256) -> list[StoredSegment]:
+    def pending(self, queue: str, after: int = 0, limit: int = 256, max_bytes: int | None = None
+                ) -> list[StoredSegment]:
         """The segments of ``queue`` after sequence ``after``, oldest first, whole, until
-        they hold ``limit`` messages or more (at most `SEGMENT_MAX` - 1 more)."""
+        they hold ``limit`` messages or more (at most `SEGMENT_MAX` - 1 more), or, with
+        ``max_bytes``, that many bytes or more (at most a segment more); at least one."""
         with self._lock:
-            return self._read_segments(queue, after, limit)
+            return self._read_segments(queue, after, limit, max_bytes)
 
     def _segments_of(self, queue: str) -> list[StoredSegment]:
         return self._read_segments(queue, 0, None)
 
-    def _read_segments(self, queue: str, after: int, limit: int | None) -> list[StoredSegment]:
+    def _read_segments(self, queue: str, after: int, limit: int | None,
+                       max_bytes: int | None = None) -> list[StoredSegment]:
         sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
-        rows = self._read(sql, (queue, after), limit or None)
+        rows = self._read(sql, (queue, after), limit or None, max_bytes)
         if not rows:
             return []
         lo, hi = rows[0][0], rows[-1][0] + rows[-1][1] - 1
@@ -545,11 +566,12 @@ class Store:
                 size += len(row[5]) + len(row[6] or b"")
         return rows, False
 
-    def _read(self, sql: str, params: Sequence[Any] = (), messages: int | None = None) -> list[Any]:
+    def _read(self, sql: str, params: Sequence[Any] = (), messages: int | None = None,
+              max_bytes: int | None = None) -> list[Any]:
         """The rows ``sql`` selects (lock held). With ``messages``: rows of outbox segments
-        (their message count second), whole, only until they hold that many messages or
-        more, where the query stops, however many rows follow. A failing read raises
-        `StoreError`."""
+        (their message count second, their items third), whole, only until they hold that
+        many messages or more, or their items ``max_bytes`` or more, where the query stops,
+        however many rows follow. A failing read raises `StoreError`."""
         import sqlite3
 
         try:
@@ -557,13 +579,16 @@ class Store:
             if messages is None:
                 return cursor.fetchall()
             rows: list[Any] = []
-            total = 0
+            total = size = 0
+            most = max_bytes if max_bytes is not None else float("inf")
+            at_a_time = _ROWS_PER_FETCH if max_bytes is None else 1  # (a row fetched is in memory)
             try:
-                while total < messages and (fetched := cursor.fetchmany(_ROWS_PER_FETCH)):
+                while total < messages and size < most and (fetched := cursor.fetchmany(at_a_time)):
                     for row in fetched:
                         rows.append(row)
                         total += row[1]
-                        if total >= messages:
+                        size += len(row[2]) if max_bytes is not None else 0
+                        if total >= messages or size >= most:
                             break
             finally:
                 cursor.close()
