@@ -32,7 +32,7 @@ from .._store.sqlite import Entry, Store, StoredMessage, stored_message
 from .._wire.codec import Codec
 from .reliable import Failure
 
-__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Ticket"]
+__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Ticket", "held_sizes"]
 
 log = logging.getLogger("zmqmesh.durable")
 
@@ -61,6 +61,11 @@ class Ticket:
         self.error: BaseException | None = None
 
 
+def held_sizes(messages: list[StoredMessage]) -> list[int]:
+    """What each of ``messages`` costs held in memory, about (payload, headers, the rest)."""
+    return [len(m.body) + (len(m.headers) if m.headers else 0) + _HELD_OVERHEAD for m in messages]
+
+
 class Buffer(deque[StoredMessage]):
     """A durable queue's messages held in memory, and the bytes they hold (`nbytes`).
 
@@ -75,10 +80,11 @@ class Buffer(deque[StoredMessage]):
         self._total = 0
         self._lock = threading.Lock()
 
-    def extend(self, messages: Iterable[StoredMessage]) -> None:
-        """Hold ``messages`` too, after the others."""
+    def extend(self, messages: Iterable[StoredMessage], sizes: list[int] | None = None) -> None:
+        """Hold ``messages`` too, after the others (``sizes``: their `held_sizes`, if known)."""
         messages = messages if isinstance(messages, list) else list(messages)
-        sizes = [len(m.body) + (len(m.headers) if m.headers else 0) + _HELD_OVERHEAD for m in messages]
+        if sizes is None:
+            sizes = held_sizes(messages)
         with self._lock:
             self._sizes.extend(sizes)
             self._total += sum(sizes)
@@ -97,13 +103,14 @@ class Buffer(deque[StoredMessage]):
 class _Queue:
     """One durable queue's buffer, and whether the store holds more than the buffer."""
 
-    __slots__ = ("buffer", "loaded", "overflow", "committed")
+    __slots__ = ("buffer", "loaded", "overflow", "committed", "too_large")
 
     def __init__(self) -> None:
         self.buffer = Buffer()
         self.loaded = 0  # the highest sequence number ever put in the buffer
         self.overflow = False  # the store holds messages after `loaded` not in the buffer
         self.committed = 0  # the highest sequence number stored for the queue (as far as known)
+        self.too_large = False  # the next stored segment fits only in an empty buffer
 
 
 class DurableQueues:
@@ -235,11 +242,14 @@ class DurableQueues:
                                for i in range(count)])
             queue.committed = stored[-1].seq
             buffer = queue.buffer
-            if queue.overflow or len(buffer) + len(stored) > BUFFER or \
-                    buffer.nbytes + sum(len(m.body) for m in stored) > BUFFER_BYTES:
+            if queue.overflow or len(buffer) + len(stored) > BUFFER:
                 queue.overflow = True  # (the loop reads them back as the buffer empties)
+                continue
+            sizes = held_sizes(stored)
+            if buffer.nbytes + sum(sizes) > BUFFER_BYTES:
+                queue.overflow = True
             else:
-                buffer.extend(stored)
+                buffer.extend(stored, sizes)
                 queue.loaded = stored[-1].seq
 
     def refill(self) -> dict[str, deque[StoredMessage]]:
@@ -254,15 +264,18 @@ class DurableQueues:
             return {name: q.buffer for name, q in queues}
         recovered = self._recovered_upto
         for name, queue in queues:
-            if not queue.overflow or len(queue.buffer) >= _REFILL_BELOW or queue.buffer.nbytes >= _REFILL_BELOW_BYTES:
+            buffer = queue.buffer
+            if not queue.overflow or len(buffer) >= _REFILL_BELOW or buffer.nbytes >= _REFILL_BELOW_BYTES or \
+                    (queue.too_large and buffer):
                 continue
-            room = BUFFER - len(queue.buffer)
+            room = BUFFER - len(buffer)
             # read without the lock (committers wait for it): while a queue overflows they
             # leave its buffer alone, and only note how far they stored
             segments = self.store.pending(name, after=queue.loaded, limit=room,
-                                          max_bytes=BUFFER_BYTES - queue.buffer.nbytes)
+                                          max_bytes=BUFFER_BYTES - buffer.nbytes, at_least_one=not buffer)
+            # (none when the next segment is larger than the room left: it waits for an empty buffer)
+            queue.too_large = not segments and bool(buffer)
             with self._lock:
-                loaded = 0
                 for segment in segments:
                     if segment.damaged:  # left in the store for an operator, never forgotten
                         log.error("store %s, queue %r: %s; skipped", self.store.directory, name, segment.damaged)
@@ -276,7 +289,6 @@ class DurableQueues:
                     else:
                         queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
                     queue.loaded = segment.first + segment.size - 1
-                    loaded += segment.size
                 if queue.committed <= queue.loaded:
                     queue.overflow = False  # everything stored is in the buffer now
         return {name: q.buffer for name, q in queues}

@@ -7,7 +7,8 @@ its handler has returned for every message of it. When a puller leaves (crash,
 shutdown, silence), or does not acknowledge within its announced ``ack_timeout_s``, what
 it had not acknowledged goes back to the front of the queue, marked as redelivered, and
 is dealt to the remaining pullers. So every message is handled at least once, and at
-most ``ack_window`` messages per lost puller are handled twice.
+most ``ack_window`` messages per lost puller are handled twice. A puller has at most
+``ack_window`` messages and about `WINDOW_BYTES` in flight at once.
 
 Items are the encoded payloads of in-memory pushes, or `StoredMessage` rows of durable
 pushes (see `durable`); a durable item carries its id, timestamp, headers and failed
@@ -57,6 +58,9 @@ __all__ = ["ReliableSender", "Failure"]
 log = logging.getLogger("zmqmesh.reliable")
 
 _TIMEOUT_CHECK_S = 0.05
+WINDOW_BYTES = 16 << 20
+"""The bytes a puller has in flight at most, besides ``ack_window``'s messages (a batch
+past it still goes to a puller with nothing in flight)."""
 
 
 class Failure(NamedTuple):
@@ -75,6 +79,7 @@ class _Batch(NamedTuple):
     items: list[Any]
     sent_at: float  # monotonic
     sent_wall: float  # the wall clock a redelivery reports as its time
+    size: int  # about its bytes (`_size`)
 
 
 def _size(item: Any) -> int:
@@ -128,6 +133,7 @@ class ReliableSender:
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         self.inflight: dict[bytes, _Batch] = {}
         self.inflight_count: dict[str, int] = {}
+        self.inflight_bytes: dict[str, int] = {}
         self._batch_ids = itertools.count(1)
         self._rr = itertools.count()
         self._timeout_check: Any = None
@@ -178,12 +184,12 @@ class ReliableSender:
                 room = self.window - self.inflight_count.get(puller, 0)
                 share = max(1, (len(q) + len(again)) // len(pullers))
                 n = min(room, MAX_BATCH_ITEMS, share)
-                if n <= 0:
+                if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES:
                     continue
                 items: list[Any] = []
                 flags: list[bool] = []
                 size = _take(again, items, flags, n, 0, True)  # first what is dealt again, marked so
-                _take(q, items, flags, n, size, False)
+                size = _take(q, items, flags, n, size, False)
                 if not items:
                     break
                 batch_id = next(self._batch_ids).to_bytes(8, "big")
@@ -200,8 +206,9 @@ class ReliableSender:
                     for item in reversed(items):
                         again.appendleft(item)
                     continue
-                self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time())
+                self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time(), size)
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
+                self.inflight_bytes[puller] = self.inflight_bytes.get(puller, 0) + size
                 self.stats.pattern["pipeline"]["sent"] += len(items)
                 self._sent_names.add(queue, len(items))  # (by name, as the pusher counts)
                 progress = True
@@ -244,6 +251,7 @@ class ReliableSender:
             if batch is None or reply is None:
                 continue  # late: the batch timed out and went to another puller
             self.inflight_count[batch.puller] -= len(batch.items)
+            self.inflight_bytes[batch.puller] -= batch.size
             freed = True
             if reply[1] != STATUS_OK:  # the puller stopped pulling: deal them again
                 self._put_back(batch.queue, self._named(batch))
@@ -339,6 +347,7 @@ class ReliableSender:
         for batch in taken:
             del self.inflight[batch.id]
             self.inflight_count[batch.puller] -= len(batch.items)
+            self.inflight_bytes[batch.puller] -= batch.size
         return taken
 
     def recall(self, queue: str) -> int:
@@ -358,6 +367,7 @@ class ReliableSender:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
                         puller[:8], sum(len(b.items) for b in lost))
         self.inflight_count.pop(puller, None)
+        self.inflight_bytes.pop(puller, None)
         sock = self.sockets.pop(puller, None)
         if sock is not None:
             close_watched(self.loop, sock)

@@ -48,10 +48,10 @@ _APP = "zmqmesh"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _PAGE_SIZE = 4096
 SEGMENT_MAX = 1024
-SEGMENT_BYTES = 1 << 20
-"""A segment closes at `SEGMENT_MAX` messages or once its payloads pass this many bytes (a
-larger message is a segment of its own): reading one back whole stays bounded."""
 """Messages in one stored segment at most: a larger call is stored as several."""
+SEGMENT_BYTES = 1 << 20
+"""A segment also closes once its payloads and headers pass this many bytes (a larger
+message is a segment of its own): reading one back whole stays bounded."""
 _ROWS_PER_FETCH = 16  # segments read at a time while filling a buffer (a few are mostly enough)
 _OUTBOX = (
     # durable messages this node owns until pullers acknowledge them (or a keeper takes
@@ -143,7 +143,7 @@ every durable message). The caller answers for the fields' types."""
 
 def _segments(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
     """``entries`` cut into the segments `Store.append` stores, in order."""
-    if sum(len(e[3]) for e in entries) <= SEGMENT_BYTES:  # (the common case: small messages)
+    if sum([len(e[3]) + (len(e[2]) if e[2] else 0) for e in entries]) <= SEGMENT_BYTES:  # (small messages)
         for start in range(0, len(entries), SEGMENT_MAX):
             yield entries[start:start + SEGMENT_MAX]
         return
@@ -445,21 +445,22 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def pending(self, queue: str, after: int = 0, limit: int = 256, max_bytes: int | None = None
-                ) -> list[StoredSegment]:
+    def pending(self, queue: str, after: int = 0, limit: int = 256, max_bytes: int | None = None,
+                at_least_one: bool = True) -> list[StoredSegment]:
         """The segments of ``queue`` after sequence ``after``, oldest first, whole, until
-        they hold ``limit`` messages or more (at most `SEGMENT_MAX` - 1 more), or, with
-        ``max_bytes``, that many bytes or more (at most a segment more); at least one."""
+        they hold ``limit`` messages or more (at most `SEGMENT_MAX` - 1 more); with
+        ``max_bytes``, only as many as fit in that many bytes (packed), though at least
+        one with ``at_least_one``."""
         with self._lock:
-            return self._read_segments(queue, after, limit, max_bytes)
+            return self._read_segments(queue, after, limit, max_bytes, at_least_one)
 
     def _segments_of(self, queue: str) -> list[StoredSegment]:
         return self._read_segments(queue, 0, None)
 
     def _read_segments(self, queue: str, after: int, limit: int | None,
-                       max_bytes: int | None = None) -> list[StoredSegment]:
+                       max_bytes: int | None = None, at_least_one: bool = True) -> list[StoredSegment]:
         sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
-        rows = self._read(sql, (queue, after), limit or None, max_bytes)
+        rows = self._read(sql, (queue, after), limit or None, max_bytes, at_least_one)
         if not rows:
             return []
         lo, hi = rows[0][0], rows[-1][0] + rows[-1][1] - 1
@@ -567,11 +568,12 @@ class Store:
         return rows, False
 
     def _read(self, sql: str, params: Sequence[Any] = (), messages: int | None = None,
-              max_bytes: int | None = None) -> list[Any]:
+              max_bytes: int | None = None, at_least_one: bool = True) -> list[Any]:
         """The rows ``sql`` selects (lock held). With ``messages``: rows of outbox segments
         (their message count second, their items third), whole, only until they hold that
-        many messages or more, or their items ``max_bytes`` or more, where the query stops,
-        however many rows follow. A failing read raises `StoreError`."""
+        many messages or more, where the query stops, however many rows follow; with
+        ``max_bytes`` too, only while their items fit in it (the first row even if it
+        does not, with ``at_least_one``). A failing read raises `StoreError`."""
         import sqlite3
 
         try:
@@ -585,9 +587,12 @@ class Store:
             try:
                 while total < messages and size < most and (fetched := cursor.fetchmany(at_a_time)):
                     for row in fetched:
+                        if max_bytes is not None:
+                            size += len(row[2])
+                            if size > max_bytes and (rows or not at_least_one):
+                                return rows  # (this row would pass the budget)
                         rows.append(row)
                         total += row[1]
-                        size += len(row[2]) if max_bytes is not None else 0
                         if total >= messages or size >= most:
                             break
             finally:
