@@ -53,6 +53,7 @@ SEGMENT_BYTES = 1 << 20
 """A segment also closes once its payloads and headers pass this many bytes (a larger
 message is a segment of its own): reading one back whole stays bounded."""
 _ROWS_PER_FETCH = 16  # segments read at a time while filling a buffer (a few are mostly enough)
+_SMALL_ROW = 64 * 1024  # past a segment this large, a read with a byte budget fetches one at a time
 _OUTBOX = (
     # durable messages this node owns until pullers acknowledge them (or a keeper takes
     # them), in segments: the messages one commit stored for one queue, numbered seq ..
@@ -583,12 +584,14 @@ class Store:
             rows: list[Any] = []
             total = size = 0
             most = max_bytes if max_bytes is not None else float("inf")
-            at_a_time = _ROWS_PER_FETCH if max_bytes is None else 1  # (a row fetched is in memory)
+            # (a row fetched is in memory: one at a time once they are large)
+            at_a_time = _ROWS_PER_FETCH
             try:
                 while total < messages and size < most and (fetched := cursor.fetchmany(at_a_time)):
                     for row in fetched:
                         if max_bytes is not None:
                             size += len(row[2])
+                            at_a_time = 1 if len(row[2]) > _SMALL_ROW else at_a_time
                             if size > max_bytes and (rows or not at_least_one):
                                 return rows  # (this row would pass the budget)
                         rows.append(row)
