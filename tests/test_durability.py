@@ -491,3 +491,18 @@ def test_a_backlog_of_large_durable_messages_stays_in_the_store_not_in_memory(tm
         # (the puller's share is in this process too: what it received and holds)
         assert grown < 96 << 20, f"memory grew by {grown >> 20} MiB while a slow puller drained {n} MiB"
     assert got == list(range(n))
+
+
+def test_a_durable_message_larger_than_the_buffer_goes_in_its_turn(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A 12 MiB message among 1 MiB ones (the buffer holds about 8 MiB): it waits in the
+    store until the buffer is empty, then goes alone, and nothing overtakes it."""
+    sizes = [1 << 20] * 10 + [12 << 20] + [1 << 20] * 5
+    got: list[tuple[int, int]] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path / "store"), max_message_bytes=16 << 20, **mesh) as pusher:
+        for i, size in enumerate(sizes):
+            pusher.push("big", i.to_bytes(4, "big") + b"x" * (size - 4), durable=True)
+        puller = zmqmesh.Node("puller", max_message_bytes=16 << 20, **mesh)
+        puller.pull("big", lambda m: got.append((int.from_bytes(m.data[:4], "big"), len(m.data))), at_least_once=True)
+        with puller:
+            wait_until(lambda: len(got) == len(sizes), 60, "every message")
+    assert got == list(enumerate(sizes))

@@ -271,10 +271,12 @@ class DurableQueues:
             room = BUFFER - len(buffer)
             # read without the lock (committers wait for it): while a queue overflows they
             # leave its buffer alone, and only note how far they stored
-            segments = self.store.pending(name, after=queue.loaded, limit=room,
-                                          max_bytes=BUFFER_BYTES - buffer.nbytes, at_least_one=not buffer)
-            # (none when the next segment is larger than the room left: it waits for an empty buffer)
-            queue.too_large = not segments and bool(buffer)
+            budget = BUFFER_BYTES - buffer.nbytes
+            segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
+                                          at_least_one=not buffer)
+            if not segments and buffer:  # the next segment is larger than the room left (it then
+                # waits for an empty buffer, not read again meanwhile), or none is stored yet
+                queue.too_large = (self.store.next_segment_bytes(name, queue.loaded) or 0) > budget
             with self._lock:
                 for segment in segments:
                     if segment.damaged:  # left in the store for an operator, never forgotten
@@ -289,6 +291,7 @@ class DurableQueues:
                     else:
                         queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
                     queue.loaded = segment.first + segment.size - 1
+                    queue.too_large = False
                 if queue.committed <= queue.loaded:
                     queue.overflow = False  # everything stored is in the buffer now
         return {name: q.buffer for name, q in queues}

@@ -455,6 +455,14 @@ class Store:
         with self._lock:
             return self._read_segments(queue, after, limit, max_bytes, at_least_one)
 
+    def next_segment_bytes(self, queue: str, after: int = 0) -> int | None:
+        """The packed size of ``queue``'s first segment after sequence ``after`` (None if
+        there is none), read without reading the segment."""
+        with self._lock:
+            rows = self._read("SELECT length(items) FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq LIMIT 1",
+                              (queue, after))
+        return int(rows[0][0]) if rows else None
+
     def _segments_of(self, queue: str) -> list[StoredSegment]:
         return self._read_segments(queue, 0, None)
 
