@@ -383,8 +383,8 @@ def test_a_join_flood_does_not_stall_the_event_loop(lone: Any) -> None:
         for i in range(joins):
             dealer.send_multipart(zre.encode_command(ZreMessage(Command.JOIN, i + 2, group=f"g{i}", status=(i + 1) % 256)))
         dealer.send_multipart(zre.encode_command(ZreMessage(Command.PING, joins + 2)))
-        # (a stall is what this looks for, not a speed: work per JOIN that grew with the
-        # peer's 9,000 groups took seconds; on a loaded machine a sound node takes up to ~0.5 s)
+        # (a stall is what this looks for, not a speed: alone, a sound node answers within
+        # the 0.5 s this test used to allow; the rest is room for a machine under load)
         deadline = started + 2.0
         while time.monotonic() < deadline:  # the PING-OK comes once the node has worked through the JOINs
             if inbox.poll(20) and zre.decode_command(inbox.recv_multipart()[1:]).command == Command.PING_OK:
