@@ -329,15 +329,8 @@ class Dispatcher:
             if errors:
                 counters["errors"] += errors
             return
-        if len(handlers) == 1:  # (a queue's, and most topics')
-            handler = handlers[0]
-            calls.extend([Call(handler, Message(pattern, topic, data, sender_id, lookup, origin, index), None, pattern)
-                          for index, data in enumerate(items)])
-            return
-        for index, data in enumerate(items):
-            msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
-            for handler in handlers:
-                calls.append(Call(handler, msg, None, pattern))
+        messages = [Message(pattern, topic, data, sender_id, lookup, origin, index) for index, data in enumerate(items)]
+        calls.extend([Call(handler, msg, None, pattern) for msg in messages for handler in handlers])
 
     def _origin(self, kind: str, frames: list[bytes], sender_id: str | None, sequence: int | None, topic: str,
                 count: int) -> Origin | None:

@@ -481,13 +481,11 @@ class Store:
         for first, count, items in rows:
             try:
                 entries = msgpack.unpackb(items, raw=False, use_list=False)
-                if attempts or settled:
-                    messages = [stored_message((first + i, queue, msg_id, ts, headers, body,
-                                                attempts.get(first + i, 0), first, False))
-                                for i, (msg_id, ts, headers, body) in enumerate(entries) if first + i not in settled]
-                else:  # (the common case: nothing failed or was settled in these segments yet)
-                    messages = [stored_message((first + i, queue, msg_id, ts, headers, body, 0, first, False))
-                                for i, (msg_id, ts, headers, body) in enumerate(entries)]
+                messages = [stored_message((first + i, queue, msg_id, ts, headers, body, 0, first, False))
+                            for i, (msg_id, ts, headers, body) in enumerate(entries)]
+                if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
+                    messages = [stored_message((*m[:6], attempts[m.seq], first, False)) if m.seq in attempts else m
+                                for m in messages if m.seq not in settled]  # (m[:6]: seq .. body)
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 _check_entries(entries)
