@@ -69,35 +69,52 @@ def held_sizes(messages: list[StoredMessage]) -> list[int]:
 class Buffer(deque[StoredMessage]):
     """A durable queue's messages held in memory, and the bytes they hold (`nbytes`).
 
-    Filled by `DurableQueues` (``extend``); the loop's sender takes the oldest with
-    deque's own ``popleft``, at no cost per message: what was taken is reckoned up when
-    `nbytes` is read, from the sizes noted as messages came.
+    Filled by `DurableQueues` (``extend``, always under its lock); the loop's sender takes
+    the oldest with deque's own ``popleft``, at no cost per message: what was taken is
+    reckoned up when the loop reads `nbytes`, from the sizes noted as messages came.
+    Without a lock of its own: each counter has one writer, and a committing thread reads
+    `held_at_most`, which never reckons.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._sizes: deque[int] = deque()  # of the messages added and not yet reckoned up, oldest first
-        self._total = 0
-        self._lock = threading.Lock()
+        self._added = 0  # messages ever added (counted after their sizes are noted)
+        self._added_bytes = 0
+        self._reckoned = 0  # messages taken and reckoned up (the loop's alone)
+        self._reckoned_bytes = 0
 
     def extend(self, messages: Iterable[StoredMessage], sizes: list[int] | None = None) -> None:
-        """Hold ``messages`` too, after the others (``sizes``: their `held_sizes`, if known)."""
+        """Hold ``messages`` too, after the others (``sizes``: their `held_sizes`, if known).
+        Only under the `DurableQueues` lock: one writer at a time."""
         messages = messages if isinstance(messages, list) else list(messages)
         if sizes is None:
             sizes = held_sizes(messages)
-        with self._lock:
-            self._sizes.extend(sizes)
-            self._total += sum(sizes)
-            super().extend(messages)
+        super().extend(messages)
+        self._sizes.extend(sizes)
+        self._added_bytes += sum(sizes)
+        self._added += len(sizes)
 
     @property
     def nbytes(self) -> int:
-        """The bytes the messages still held take, about (payload, headers and overhead)."""
-        with self._lock:
+        """The bytes the messages still held take, about (payload, headers and overhead).
+        The loop's alone: it reckons up what was taken (`reckon`)."""
+        return self.reckon()
+
+    def reckon(self) -> int:
+        """Reckon up the sizes of the messages taken since the last call; `nbytes` (loop only)."""
+        # (`_added` before `len`: messages an extend adds meanwhile count as held, not taken)
+        taken = self._added - len(self) - self._reckoned
+        if taken > 0:
             sizes = self._sizes
-            for _ in range(len(sizes) - len(self)):  # taken since (always the oldest)
-                self._total -= sizes.popleft()
-            return self._total
+            self._reckoned_bytes += sum([sizes.popleft() for _ in range(taken)])
+            self._reckoned += taken
+        return self._added_bytes - self._reckoned_bytes
+
+    @property
+    def held_at_most(self) -> int:
+        """`nbytes` as last reckoned: never less than what is held (any thread)."""
+        return self._added_bytes - self._reckoned_bytes
 
 
 class _Queue:
@@ -233,20 +250,25 @@ class DurableQueues:
         segments = iter(self.store.append(order))
         for name, entries in order:
             queue = self._queue(name)
-            stored: list[StoredMessage] = []
-            while len(stored) < len(entries):
+            parts: list[tuple[int, int]] = []
+            stored_count = 0
+            while stored_count < len(entries):
                 first, count = next(segments)
                 self._segments[first] = [count, count]
+                parts.append((first, count))
+                stored_count += count
+            queue.committed = first + count - 1
+            buffer = queue.buffer
+            if queue.overflow or len(buffer) + len(entries) > BUFFER:
+                queue.overflow = True  # (the loop reads them back as the buffer empties)
+                continue
+            stored: list[StoredMessage] = []
+            for first, count in parts:
                 base = len(stored)
                 stored.extend([stored_message((first + i, name, *entries[base + i], first, False))
                                for i in range(count)])
-            queue.committed = stored[-1].seq
-            buffer = queue.buffer
-            if queue.overflow or len(buffer) + len(stored) > BUFFER:
-                queue.overflow = True  # (the loop reads them back as the buffer empties)
-                continue
             sizes = held_sizes(stored)
-            if buffer.nbytes + sum(sizes) > BUFFER_BYTES:
+            if buffer.held_at_most + sum(sizes) > BUFFER_BYTES:
                 queue.overflow = True
             else:
                 buffer.extend(stored, sizes)
@@ -258,6 +280,8 @@ class DurableQueues:
         if not self.queues:  # the common case on a node with a store: nothing durable yet
             return {}
         queues = list(self.queues.items())  # one step: a committing thread may add a queue
+        for _, queue in queues:
+            queue.buffer.reckon()  # committers read `held_at_most`: keep it near
         if not any(q.overflow for _, q in queues):
             # nothing to read, so no lock either (a committing thread holds it); a queue
             # that overflows after this look wakes the loop for another refill
