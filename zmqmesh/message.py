@@ -117,6 +117,26 @@ class Message:
         if route is not None:  # a request: its requester and request id name it
             self._route = route
 
+    @classmethod
+    def durable(cls, queue: str, data: Any, sender_id: str | None, lookup: Callable[[str], Peer | None] | None,
+                msg_id: str, timestamp: float, headers: dict[str, str], attempts: int,
+                redelivered: bool) -> Message:
+        """A delivery of a durable queue's message, with the id, clock, headers and failed
+        deliveries its pusher stored: one step, where setting each would cost a call each
+        (a puller makes one per message). Raises nothing."""
+        msg = cls.__new__(cls)
+        msg.pattern = "pipeline"
+        msg.topic = queue
+        msg.data = data
+        msg.sender_id = sender_id
+        msg._lookup = lookup
+        msg.redelivered = redelivered
+        msg._id = msg_id
+        msg._timestamp = timestamp
+        msg._headers = headers
+        msg._attempts = attempts
+        return msg
+
     @property
     def id(self) -> str:
         """The message's unique id (see the class attributes)."""

@@ -41,6 +41,7 @@ BUFFER = 16_384
 BUFFER_BYTES = 8 << 20
 """...and the bytes they hold at most (a larger message is held alone)."""
 _REFILL_BELOW = BUFFER // 4
+_REFILL_CHUNK = 1024  # messages read back at a time: the loop answers acks between reads
 _REFILL_BELOW_BYTES = BUFFER_BYTES // 4
 _HELD_OVERHEAD = 200  # what a message held costs besides its payload and headers (its tuple, id, numbers)
 _MAX_ERROR_CHARS = 1000
@@ -292,7 +293,7 @@ class DurableQueues:
             if not queue.overflow or len(buffer) >= _REFILL_BELOW or buffer.nbytes >= _REFILL_BELOW_BYTES or \
                     (queue.too_large and buffer):
                 continue
-            room = BUFFER - len(buffer)
+            room = min(BUFFER - len(buffer), _REFILL_CHUNK)
             # read without the lock (committers wait for it): while a queue overflows they
             # leave its buffer alone, and only note how far they stored
             budget = BUFFER_BYTES - buffer.nbytes

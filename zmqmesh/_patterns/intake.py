@@ -59,7 +59,7 @@ class AckedIntake:
             self.reply(route, wire.STATUS_NO_SERVICE, b"")  # the pusher deals them elsewhere
             return
         items = self.codec.decode_batch(body)
-        if not all(_valid_item(i) for i in items):
+        if not all(map(_valid_item, items)):
             raise DecodeError("malformed at-least-once batch")
         self.stats.pattern["pipeline"]["received"] += len(items)
         self._received_names.add(queue, len(items))
@@ -72,11 +72,11 @@ class AckedIntake:
             seen = self.store.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
         # a bare item is named by its batch and place, as the pusher names it on a redelivery
         origin = Origin(f"{sender_id}/{route[1].hex()}/", 0, None) if sender_id is not None else None
+        lookup = self.directory.lookup_peer
         for index, item in enumerate(items):
-            msg = Message("pipeline", queue, item[1], sender_id, self.directory.lookup_peer, origin, index)
-            msg.redelivered = item[0]
             if len(item) == DURABLE_ITEM_FIELDS:
-                msg.id, msg.timestamp, msg.headers, msg.attempts = item[2], float(item[3]), item[4] or {}, item[5]
+                msg = Message.durable(queue, item[1], sender_id, lookup, item[2], float(item[3]), item[4] or {},
+                                      item[5], item[0])
                 if seen is not None and msg.id in seen:  # handled before (its ack was lost): effectively once
                     counters = self.stats.pattern["pipeline"]
                     counters["deduplicated"] = counters.get("deduplicated", 0) + 1
@@ -87,6 +87,9 @@ class AckedIntake:
                                          f"no acknowledgement after {msg.attempts} deliveries"])
                     ack.remaining -= 1
                     continue
+            else:
+                msg = Message("pipeline", queue, item[1], sender_id, lookup, origin, index)
+                msg.redelivered = item[0]
             guarded = self._once(handler, queue) if seen is not None and msg.timestamp is not None else handler
             calls.append(Call(guarded, msg, ack, "pipeline").in_batch(index))
         if ack.remaining == 0:
@@ -133,7 +136,7 @@ class AckedIntake:
             self.reply(route, wire.STATUS_NO_SERVICE, b"")
             return
         items = self.codec.decode_batch(body)
-        if not all(_valid_item(i) for i in items):
+        if not all(map(_valid_item, items)):
             raise DecodeError("malformed batch handed to a keeper")
         encode = self.codec.encode
         now = time.time()
@@ -192,6 +195,10 @@ class AckedIntake:
 def _valid_item(item: Any) -> bool:
     """An at-least-once item: ``[redelivered, data]`` or the durable
     ``[redelivered, data, id, timestamp, headers, attempts]``."""
+    if type(item) is list and len(item) == DURABLE_ITEM_FIELDS and type(item[0]) is bool and type(item[2]) is str \
+            and type(item[3]) is float and item[4] is None and type(item[5]) is int and item[5] >= 0 \
+            and len(item[2]) <= wire.MAX_ID_CHARS:  # (the common durable item, in one test)
+        return True
     if not isinstance(item, list) or not item or not isinstance(item[0], bool):
         return False
     if len(item) == 2:
