@@ -21,7 +21,7 @@ from zmqmesh._membership.peer import PeerState
 from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
 from zmqmesh._patterns.reqrep import Exchange, request_plan
-from zmqmesh._patterns.request_batches import RequestBatches
+from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from zmqmesh._stats import Stats
 from zmqmesh._wire import frames
 from zmqmesh._wire.codec import Codec
@@ -168,8 +168,26 @@ def test_request_batches_send_the_first_alone_and_gather_the_rest_until_the_paus
         batches.add(new.id, n.to_bytes(8, "big"), n, step(new))
     (left, *_) = batches.take()
     left.keep(lambda request_id, n: n % 2 == 1)  # the others' callers gave up: they never go
-    assert [w for _, w in left.waiters] == list(range(1, 257, 2))
-    assert frames.parse_request_batch(left.frame()) == [(b"svc", n.to_bytes(8, "big"), b"\x01") for n in range(1, 257, 2)]
+    assert [w for _, w in left.waiters] == list(range(1, EARLY_ITEMS + 1, 2))
+    assert frames.parse_request_batch(left.frame()) == [
+        (b"svc", n.to_bytes(8, "big"), b"\x01") for n in range(1, EARLY_ITEMS + 1, 2)]
+
+
+def test_a_request_batch_that_fills_up_is_ready_before_the_pause() -> None:
+    new = Provider("a" * 32, "tcp://127.0.0.1:1", None, 4)
+    step = Exchange(new, "svc", b"svc", b"\x01", 0.0, None, True)
+    batches: RequestBatches[str, int] = RequestBatches()
+    assert not batches.add(new.id, b"first", 0, step)  # (alone)
+    for n in range(1, EARLY_ITEMS):
+        assert batches.add(new.id, n.to_bytes(8, "big"), n, step) and not batches.ready
+    assert batches.add(new.id, b"last", EARLY_ITEMS, step) and batches.ready
+    assert batches.add(new.id, b"next", EARLY_ITEMS + 1, step)
+    (full,) = batches.take(full_only=True)
+    assert [n for _, n in full.waiters] == list(range(1, EARLY_ITEMS + 1)) and not batches.ready
+    assert batches.add(new.id, b"again", 0, step)  # the pass goes on: gathered, not sent alone
+    (rest,) = batches.take()
+    assert [w for w, _ in rest.waiters] == [b"next", b"again"]
+    assert not batches.add(new.id, b"after", 0, step)  # a new pass: the first alone again
 
 
 def test_control_whispers_round_trip_and_refuse_junk() -> None:

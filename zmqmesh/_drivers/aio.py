@@ -405,6 +405,10 @@ class LoopRequester:
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
         if send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches):
             self.engine.stats.pattern["request"]["sent"] += 1
+        elif self._batches.ready:
+            self.engine.stats.pattern["request"]["sent"] += send_batches(
+                self._batches, self.sockets, self.outstanding, self.engine, _fail_future, asyncio.Future.done,
+                full_only=True)
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
         if not self._unchecked:

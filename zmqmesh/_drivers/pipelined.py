@@ -86,16 +86,18 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
 
 def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socket[Any]],
                  outstanding: Outstanding[Any], engine: Engine,
-                 fail: Callable[[Any, BaseException], None], gave_up: Callable[[Any], bool] | None = None) -> int:
+                 fail: Callable[[Any, BaseException], None], gave_up: Callable[[Any], bool] | None = None,
+                 full_only: bool = False) -> int:
     """Send the batches gathered since the last call, each on its provider's socket; how
     many requests went. A request no longer waited for is left out: forgotten (its
     caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``.
     ``fail(waiter, error)`` hears of each request of a batch that could not be sent:
     `MeshTimeoutError` when the provider takes no more, `NodeClosedError` or `ZmqMeshError`
-    when the socket failed. Requests gathered meanwhile (by ``fail``) go too."""
+    when the socket failed. Requests gathered meanwhile (by ``fail``) go too. ``full_only``:
+    only the batches already full (`RequestBatches.ready`), before the pause."""
     sent = 0
     while True:
-        taken = batches.take()  # (also when empty: a pause begins a new pass)
+        taken = batches.take(full_only)  # (also when empty: a pause begins a new pass)
         if not taken:
             return sent
         for batch in taken:
@@ -176,6 +178,9 @@ class Pipelined:
             try:
                 if send_request(self.outstanding, job, self._socket(step.provider), step, self.engine, self._batches):
                     self._sent += 1
+                elif self._batches.ready:
+                    self._sent += send_batches(self._batches, self._sockets, self.outstanding, self.engine,
+                                               lambda job, error: self.resume(job, None, error), full_only=True)
             except Exception as exc:  # the plan decides what a failed send means
                 value, error = None, exc
             else:
