@@ -46,6 +46,18 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 _NAME_CACHE_MAX = 4096
 
 
+class _Calls(NamedTuple):
+    """What the calls of one service from one thread share (`NodeBase._prepare_calls`)."""
+
+    service: str
+    service_b: bytes
+    seconds: float  # each call's timeout
+    only: str | None  # the provider asked for, if any
+    chain: tuple[str, ...]  # the nodes that wait for these calls (see `serving_chain`)
+    blocked: frozenset[str]
+    headers: dict[str, str] | None
+
+
 class OnLoop(NamedTuple):
     """Run ``fn(*args)`` on the node's loop and send back its result."""
 
@@ -642,12 +654,17 @@ class NodeBase:
     def _request_plan(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
                       headers: dict[str, str] | None = None) -> Plan:
         """Call ``service`` (see `Node.request` for what it raises)."""
+        return self._plan_call(self._prepare_calls(service, timeout, peer, headers), data)
+
+    def _prepare_calls(self, service: str, timeout: float | None, peer: str | Peer | None,
+                       headers: dict[str, str] | None) -> _Calls:
+        """What calls of ``service`` from this thread share, checked once for all of them
+        (`request_many` makes many): raises what `Node.request` raises before sending."""
         engine = self._engine
         self._check_process()
         engine.ensure_running()
-        body = engine.codec.encode(data)
         service_b = self._service_name(service)
-        deadline = time.monotonic() + (self.config.request_timeout_s if timeout is None else check_timeout(timeout))
+        seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
         only = peer_id_of(peer)
         # the nodes whose handlers wait for this call and serve nothing until it returns: up
         # the chain of requests made from handlers, and this node if a handler of it calls
@@ -662,6 +679,15 @@ class NodeBase:
                 raise ConfigError(self._cycle_message(service, chain, offered))
         if headers:
             headers = check_headers(headers)  # (before a span: a bad header raises here, no span begun)
+        return _Calls(service, service_b, seconds, only, chain, blocked, headers)
+
+    def _plan_call(self, calls: _Calls, data: Any) -> Plan:
+        """The plan of one of ``calls`` with ``data``; raises `TypeError` for data that
+        cannot be encoded. Its time begins now."""
+        engine = self._engine
+        body = engine.codec.encode(data)
+        deadline = time.monotonic() + calls.seconds
+        headers, chain, service = calls.headers, calls.chain, calls.service
         active = tracing.active if not service.startswith("\x00") else None
         span = None
         if active is not None:
@@ -671,8 +697,8 @@ class NodeBase:
         if headers or chain:  # (the chain travels on: the provider's own calls must avoid these nodes too)
             meta = engine.codec.encode({"h": headers or {}, "t": time.time(),
                                         **({"v": list(chain)} if chain else {})})
-        plan = request_plan(engine.directory, engine.codec, service, service_b, body, deadline, only, meta,
-                            engine.stats, blocked)
+        plan = request_plan(engine.directory, engine.codec, service, calls.service_b, body, deadline, calls.only,
+                            meta, engine.stats, calls.blocked)
         return plan if span is None else _traced_plan(plan, span)
 
     def _cycle_message(self, service: str, chain: tuple[str, ...], offered: tuple[str, ...]) -> str:
