@@ -137,7 +137,7 @@ def test_batches_of_requests_and_replies_round_trip_and_refuse_what_runs_past_th
     assert not frames.is_batch(frames.request_frames(b"svc", b"12345678", b"\x01", None, True)[0])
 
 
-def test_request_batches_send_the_first_alone_and_gather_the_rest_until_the_pause() -> None:
+def test_request_batches_send_the_first_alone_and_gather_the_rest() -> None:
     new, old = Provider("a" * 32, "tcp://127.0.0.1:1", None, 4), Provider("b" * 32, "tcp://127.0.0.1:2", None, 3)
 
     def step(provider: Provider, body: bytes = b"\x01", compact: bool = True) -> Exchange:
@@ -158,12 +158,13 @@ def test_request_batches_send_the_first_alone_and_gather_the_rest_until_the_paus
     (single,) = batches.take()
     assert single.frame() == frames.request_frames(b"svc", b"8", b"\x01", None, True)[0]  # one: no batch
     batches.add(new.id, b"9", 9, step(new))
-    for n in range(600):  # past 256 requests, and past 64 KiB: several frames, in order
-        batches.add(new.id, n.to_bytes(8, "big"), n, step(new, b"x" * 200))
+    for n in range(600):  # past EARLY_ITEMS requests, and past 64 KiB: several frames, in order
+        batches.add(new.id, n.to_bytes(8, "big"), n, step(new, b"x" * (200 if n < 300 else 5000)))
     taken = batches.take()
     assert [w for b in taken for w, _ in b.waiters] == [n.to_bytes(8, "big") for n in range(600)]
+    assert any(len(b.items) < EARLY_ITEMS for b in taken[:-1])  # (cut by bytes: 5000 B each)
     for b in taken:
-        assert len(b.items) <= frames.MAX_BATCH_ITEMS and len(b.frame()) <= frames.BATCH_BYTES + 1
+        assert len(b.items) <= EARLY_ITEMS and len(b.frame()) <= frames.BATCH_BYTES + 1
     for n in range(300):  # (the first goes alone)
         batches.add(new.id, n.to_bytes(8, "big"), n, step(new))
     (left, *_) = batches.take()
@@ -282,3 +283,20 @@ def test_requests_from_short_lived_threads_do_not_keep_sockets(mesh: dict[str, A
         assert len(requesters) <= 2, f"{len(requesters)} requesters kept for 101 threads, 1 alive"
         open_sockets = sum(1 for s in list(caller._engine.ctx._sockets) if not s.closed)
         assert open_sockets < 40, f"{open_sockets} sockets open after 100 finished threads"
+
+
+def test_an_at_least_once_item_is_checked_the_same_on_the_fast_path_and_the_slow_one() -> None:
+    from zmqmesh._patterns.intake import _valid_item
+    from zmqmesh.message import durable_delivery
+
+    good = [False, {"n": 1}, "id-1", 1000.5, None, 0]
+    assert _valid_item(good) and _valid_item([True, b"x"]) and _valid_item([False, 1, "i", 1000, {"k": "v"}, 2])
+    for bad in ([False, 1, "i" * (frames.MAX_ID_CHARS + 1), 1.0, None, 0], [False, 1, "i", 1.0, None, True],
+                [False, 1, "i", 1.0, None, -1], [False, 1, "i", True, None, 0], [0, 1, "i", 1.0, None, 0],
+                [False, 1, b"i", 1.0, None, 0], [False, 1, "i", 1.0, {"k": 1}, 0], [False, 1, "i", 1.0, None],
+                (False, 1, "i", 1.0, None, 0), []):
+        assert not _valid_item(bad), bad
+    msg = durable_delivery("q", {"n": 1}, "peer", None, "id-1", 1000.5, {"k": "v"}, 2, True)
+    assert (msg.pattern, msg.queue, msg.data, msg.sender_id, msg.id, msg.timestamp, msg.headers, msg.attempts,
+            msg.redelivered, msg.gap, msg.sequence, msg.via, msg.sender) == \
+        ("pipeline", "q", {"n": 1}, "peer", "id-1", 1000.5, {"k": "v"}, 2, True, 0, None, (), None)

@@ -191,3 +191,25 @@ def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(t
     assert recovered.recover() == 2
     assert [msgpack.unpackb(m.body) for m in recovered.refill()["q"]] == ["c"]
     store.close()
+
+
+def test_a_backlog_behind_a_large_settled_segment_is_read_in_one_refill(tmp_path: Path) -> None:
+    """A read back asks for about 1,024 messages at a time; one whose segments brought
+    nothing to deal (settled before a restart, or damaged) must read on at once: no
+    delivery would ever come back to ask for the rest."""
+    from zmqmesh._patterns.durable import DurableQueues
+    from zmqmesh._stats import Stats
+    from zmqmesh._wire.codec import Codec
+
+    store = Store(tmp_path)
+    names = [f"s{i}" for i in range(SEGMENT_MAX)]
+    ((first, count),) = store.append([("q", entries(*names))])
+    store.forget([], settled=[(first, first + count - 1)])  # all acknowledged; the row not yet deleted
+    store.append([("q", entries(*(f"b{i}" for i in range(10))))])
+    store.close()
+
+    store = Store(tmp_path)
+    queues = DurableQueues(store, Codec(1 << 20), Stats(), later=lambda delay, fn: None, wake_soon=lambda delay: None)
+    assert queues.recover() == 10
+    assert [msgpack.unpackb(m.body) for m in queues.refill()["q"]] == [f"b{i}" for i in range(10)]
+    store.close()

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Peer", "Message", "Origin"]
+__all__ = ["Peer", "Message", "Origin", "durable_delivery"]
 
 
 @dataclass(frozen=True)
@@ -116,26 +116,6 @@ class Message:
             self._index = index
         if route is not None:  # a request: its requester and request id name it
             self._route = route
-
-    @classmethod
-    def durable(cls, queue: str, data: Any, sender_id: str | None, lookup: Callable[[str], Peer | None] | None,
-                msg_id: str, timestamp: float, headers: dict[str, str], attempts: int,
-                redelivered: bool) -> Message:
-        """A delivery of a durable queue's message, with the id, clock, headers and failed
-        deliveries its pusher stored: one step, where setting each would cost a call each
-        (a puller makes one per message). Raises nothing."""
-        msg = cls.__new__(cls)
-        msg.pattern = "pipeline"
-        msg.topic = queue
-        msg.data = data
-        msg.sender_id = sender_id
-        msg._lookup = lookup
-        msg.redelivered = redelivered
-        msg._id = msg_id
-        msg._timestamp = timestamp
-        msg._headers = headers
-        msg._attempts = attempts
-        return msg
 
     @property
     def id(self) -> str:
@@ -253,3 +233,23 @@ class Message:
 
     def __repr__(self) -> str:
         return f"Message({self.pattern}, {self.topic!r}, {self.data!r}, sender={self.sender_id})"
+
+
+def durable_delivery(queue: str, data: Any, sender_id: str | None, lookup: Callable[[str], Peer | None] | None,
+                     msg_id: str, timestamp: float, headers: dict[str, str], attempts: int,
+                     redelivered: bool) -> Message:
+    """A `Message` delivering a durable queue's message, with the id, clock, headers and
+    failed deliveries its pusher stored: made in one step, where setting each field would
+    cost a call each (a puller makes one per message). Raises nothing."""
+    msg = Message.__new__(Message)
+    msg.pattern = "pipeline"
+    msg.topic = queue
+    msg.data = data
+    msg.sender_id = sender_id
+    msg._lookup = lookup
+    msg.redelivered = redelivered
+    msg._id = msg_id
+    msg._timestamp = timestamp
+    msg._headers = headers
+    msg._attempts = attempts
+    return msg

@@ -397,18 +397,18 @@ class LoopRequester:
         self._batches: RequestBatches[str, asyncio.Future[tuple[bytes, bytes]]] = RequestBatches()
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
-        """Send one request (or gather it, to go at the end of this pass of the loop:
-        `RequestBatches`); the future of its reply ``(status, body)``. The future fails
+        """Send one request (or gather it, to go at the end of this pass of the loop, or
+        with a batch that fills up: `RequestBatches`); the future of its reply ``(status, body)``. The future fails
         with `MeshTimeoutError` (also when the provider takes no more requests, for one
         that was gathered), `PeerLostError` or `NodeClosedError`; a send made at once
         raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
         if send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches):
             self.engine.stats.pattern["request"]["sent"] += 1
-        elif self._batches.ready:
-            self.engine.stats.pattern["request"]["sent"] += send_batches(
-                self._batches, self.sockets, self.outstanding, self.engine, _fail_future, asyncio.Future.done,
-                full_only=True)
+        elif self._batches.ready:  # a full batch goes now (its futures fail if it cannot)
+            sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
+                                asyncio.Future.done, full_only=True)
+            self.engine.stats.pattern["request"]["sent"] += sent
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
         if not self._unchecked:

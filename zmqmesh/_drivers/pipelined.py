@@ -97,7 +97,7 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
     only the batches already full (`RequestBatches.ready`), before the pause."""
     sent = 0
     while True:
-        taken = batches.take(full_only)  # (also when empty: a pause begins a new pass)
+        taken = batches.take(full_only)  # (also when empty, but for full_only: a pause begins a new pass)
         if not taken:
             return sent
         for batch in taken:
@@ -176,15 +176,16 @@ class Pipelined:
                 self._wait_step(job, step)
                 return
             try:
-                if send_request(self.outstanding, job, self._socket(step.provider), step, self.engine, self._batches):
-                    self._sent += 1
-                elif self._batches.ready:
-                    self._sent += send_batches(self._batches, self._sockets, self.outstanding, self.engine,
-                                               lambda job, error: self.resume(job, None, error), full_only=True)
+                went = send_request(self.outstanding, job, self._socket(step.provider), step, self.engine,
+                                    self._batches)
             except Exception as exc:  # the plan decides what a failed send means
                 value, error = None, exc
-            else:
-                return
+                continue
+            if went:
+                self._sent += 1
+            elif self._batches.ready:  # a full batch goes now (its jobs hear of a failure through `fail`)
+                self._send_batches(full_only=True)
+            return
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self._sockets.get(provider.id)
@@ -224,8 +225,12 @@ class Pipelined:
 
     def send_gathered(self) -> None:
         """Send the requests gathered since the last pump (`RequestBatches`) now."""
-        self._sent += send_batches(self._batches, self._sockets, self.outstanding, self.engine,
-                                   lambda job, error: self.resume(job, None, error))
+        self._send_batches()
+
+    def _send_batches(self, full_only: bool = False) -> None:
+        sent = send_batches(self._batches, self._sockets, self.outstanding, self.engine,
+                            lambda job, error: self.resume(job, None, error), full_only=full_only)
+        self._sent += sent  # (after the call: a job failed in it may have counted its own)
 
     def forget(self, jobs: set[Job]) -> None:
         """Forget the requests of ``jobs`` (their caller gave up): late replies are dropped,

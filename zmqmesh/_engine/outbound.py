@@ -68,8 +68,9 @@ class Outbound:
             return 0
         deliverable = 0
         if self.durable is not None and not self.handing_over:  # stored, and a puller is there to take them
-            deliverable = sum(len(q.buffer) for name, q in list(self.durable.queues.items())
-                              if q.buffer and self.directory.providers("ackqueues", name))
+            deliverable = sum(len(q.buffer) + (q.committed - q.loaded if q.overflow else 0)  # (and what waits stored)
+                              for name, q in list(self.durable.queues.items())
+                              if (q.buffer or q.overflow) and self.directory.providers("ackqueues", name))
         return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending() + deliverable
 
     def unsent_in_memory(self) -> int:
@@ -121,6 +122,8 @@ class Outbound:
                 except Exception:
                     log.exception("sending durable queue %r failed", queue)
                     blocked = True
+            if buffers:
+                self.durable.reckon()
         if blocked and self._retry is None:
             self._retry = self.loop.call_later(_RETRY_S, self._on_retry)
         self.space.notify()

@@ -41,7 +41,7 @@ BUFFER = 16_384
 BUFFER_BYTES = 8 << 20
 """...and the bytes they hold at most (a larger message is held alone)."""
 _REFILL_BELOW = BUFFER // 4
-_REFILL_CHUNK = 1024  # messages read back at a time: the loop answers acks between reads
+_REFILL_CHUNK = 1024  # messages a read back asks for (whole segments: up to one less than SEGMENT_MAX more)
 _REFILL_BELOW_BYTES = BUFFER_BYTES // 4
 _HELD_OVERHEAD = 200  # what a message held costs besides its payload and headers (its tuple, id, numbers)
 _MAX_ERROR_CHARS = 1000
@@ -70,11 +70,12 @@ def held_sizes(messages: list[StoredMessage]) -> list[int]:
 class Buffer(deque[StoredMessage]):
     """A durable queue's messages held in memory, and the bytes they hold (`nbytes`).
 
-    Filled by `DurableQueues` (``extend``, always under its lock); the loop's sender takes
-    the oldest with deque's own ``popleft``, at no cost per message: what was taken is
-    reckoned up when the loop reads `nbytes`, from the sizes noted as messages came.
-    Without a lock of its own: each counter has one writer, and a committing thread reads
-    `held_at_most`, which never reckons.
+    Filled by `DurableQueues` (``extend``, always under its lock: by committing threads
+    and the loop's refill, one at a time); the loop's sender takes the oldest with deque's
+    own ``popleft``, at no cost per message: what was taken is reckoned up on the loop
+    (`reckon`), from the sizes noted as messages came. Without a lock of its own: the
+    counters of what was added are written under that lock, those of what was reckoned by
+    the loop alone, and a committing thread reads `held_at_most`, which never reckons.
     """
 
     def __init__(self) -> None:
@@ -258,7 +259,7 @@ class DurableQueues:
                 self._segments[first] = [count, count]
                 parts.append((first, count))
                 stored_count += count
-            queue.committed = first + count - 1
+            queue.committed = parts[-1][0] + parts[-1][1] - 1  # (a commit stores one message at least)
             buffer = queue.buffer
             if queue.overflow or len(buffer) + len(entries) > BUFFER:
                 queue.overflow = True  # (the loop reads them back as the buffer empties)
@@ -281,45 +282,63 @@ class DurableQueues:
         if not self.queues:  # the common case on a node with a store: nothing durable yet
             return {}
         queues = list(self.queues.items())  # one step: a committing thread may add a queue
-        for _, queue in queues:
-            queue.buffer.reckon()  # committers read `held_at_most`: keep it near
         if not any(q.overflow for _, q in queues):
             # nothing to read, so no lock either (a committing thread holds it); a queue
             # that overflows after this look wakes the loop for another refill
             return {name: q.buffer for name, q in queues}
-        recovered = self._recovered_upto
         for name, queue in queues:
-            buffer = queue.buffer
-            if not queue.overflow or len(buffer) >= _REFILL_BELOW or buffer.nbytes >= _REFILL_BELOW_BYTES or \
-                    (queue.too_large and buffer):
-                continue
-            room = min(BUFFER - len(buffer), _REFILL_CHUNK)
-            # read without the lock (committers wait for it): while a queue overflows they
-            # leave its buffer alone, and only note how far they stored
-            budget = BUFFER_BYTES - buffer.nbytes
-            segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
-                                          at_least_one=not buffer)
-            if not segments and buffer:  # the next segment is larger than the room left (it then
-                # waits for an empty buffer, not read again meanwhile), or none is stored yet
-                queue.too_large = (self.store.next_segment_bytes(name, queue.loaded) or 0) > budget
-            with self._lock:
-                for segment in segments:
-                    if segment.damaged:  # left in the store for an operator, never forgotten
-                        log.error("store %s, queue %r: %s; skipped", self.store.directory, name, segment.damaged)
-                        self.stats.reject("store_damaged", segment.size)
-                    elif segment.first not in self._segments:  # stored by an earlier run
-                        self._segments[segment.first] = [segment.size, len(segment.messages)]
-                        if not segment.messages:  # all settled, only not yet forgotten
-                            self._forget_segment(segment.first)
-                    if segment.first > recovered:  # (the common case: stored by this run)
-                        queue.buffer.extend(segment.messages)
-                    else:
-                        queue.buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
-                    queue.loaded = segment.first + segment.size - 1
-                    queue.too_large = False
-                if queue.committed <= queue.loaded:
-                    queue.overflow = False  # everything stored is in the buffer now
+            # a read that brought nothing to deal (its segments settled, or damaged) reads
+            # on: no delivery would come back for the rest
+            while self._wants_reading(queue) and self._read_back(name, queue) == 0:
+                pass
         return {name: q.buffer for name, q in queues}
+
+    def reckon(self) -> None:
+        """Reckon up what the loop dealt from every buffer, so that committers' estimates
+        (`Buffer.held_at_most`) stay near (loop only, after dealing)."""
+        for queue in list(self.queues.values()):
+            queue.buffer.reckon()
+
+    @staticmethod
+    def _wants_reading(queue: _Queue) -> bool:
+        buffer = queue.buffer
+        return queue.overflow and len(buffer) < _REFILL_BELOW and buffer.nbytes < _REFILL_BELOW_BYTES \
+            and not (queue.too_large and buffer)
+
+    def _read_back(self, name: str, queue: _Queue) -> int | None:
+        """Read the next segments of ``name`` into its buffer: how many messages came (None
+        when there was nothing to read now)."""
+        buffer = queue.buffer
+        room = min(BUFFER - len(buffer), _REFILL_CHUNK)
+        # read without the lock (committers wait for it): while a queue overflows they
+        # leave its buffer alone, and only note how far they stored
+        budget = BUFFER_BYTES - buffer.nbytes
+        segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
+                                      at_least_one=not buffer)
+        if not segments and buffer:  # the next segment is larger than the room left (it then
+            # waits for an empty buffer, not read again meanwhile), or none is stored yet
+            queue.too_large = (self.store.next_segment_bytes(name, queue.loaded) or 0) > budget
+        recovered = self._recovered_upto
+        came = 0
+        with self._lock:
+            for segment in segments:
+                if segment.damaged:  # left in the store for an operator, never forgotten
+                    log.error("store %s, queue %r: %s; skipped", self.store.directory, name, segment.damaged)
+                    self.stats.reject("store_damaged", segment.size)
+                elif segment.first not in self._segments:  # stored by an earlier run
+                    self._segments[segment.first] = [segment.size, len(segment.messages)]
+                    if not segment.messages:  # all settled, only not yet forgotten
+                        self._forget_segment(segment.first)
+                if segment.first > recovered:  # (the common case: stored by this run)
+                    buffer.extend(segment.messages)
+                else:
+                    buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
+                came += len(segment.messages)
+                queue.loaded = segment.first + segment.size - 1
+                queue.too_large = False
+            if queue.committed <= queue.loaded:
+                queue.overflow = False  # everything stored is in the buffer now
+        return came if segments else None
 
     def settle(self, queue: str, items: list[Any], failures: list[Failure]) -> list[Any]:
         """A puller answered for a batch: forget what it handled, dead-letter what it gave

@@ -22,7 +22,7 @@ from .._store.sqlite import Entry, Store
 from .._wire import frames as wire
 from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
 from ..errors import DecodeError
-from ..message import Message, Origin
+from ..message import Message, Origin, durable_delivery
 from .calls import BatchAck, Call, is_async
 
 __all__ = ["AckedIntake"]
@@ -75,8 +75,8 @@ class AckedIntake:
         lookup = self.directory.lookup_peer
         for index, item in enumerate(items):
             if len(item) == DURABLE_ITEM_FIELDS:
-                msg = Message.durable(queue, item[1], sender_id, lookup, item[2], float(item[3]), item[4] or {},
-                                      item[5], item[0])
+                msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], float(item[3]), item[4] or {},
+                                       item[5], item[0])
                 if seen is not None and msg.id in seen:  # handled before (its ack was lost): effectively once
                     counters = self.stats.pattern["pipeline"]
                     counters["deduplicated"] = counters.get("deduplicated", 0) + 1

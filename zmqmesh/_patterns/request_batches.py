@@ -71,10 +71,10 @@ class RequestBatches(Generic[Key, Waiter]):
         return bool(self._open or self._full)
 
     def add(self, key: Key, request_id: bytes, waiter: Waiter, step: Exchange) -> bool:
-        """Gather a request to send on ``key`` at the next pause (True), or say to send it
-        at once, alone (False): the first one on ``key`` since the last pause, one that a
-        batch cannot carry (headers, a large body), or one to a provider older than
-        protocol 4."""
+        """Gather a request to send on ``key`` at the next pause, or before it once its
+        batch is full (`ready`) (True); or say to send it at once, alone (False): the first
+        one on ``key`` since the last pause, one that a batch cannot carry (headers, a
+        large body), or one to a provider older than protocol 4."""
         if not step.compact or step.provider.protocol < wire.BATCH_PROTOCOL:
             return False
         if key not in self._alone:
