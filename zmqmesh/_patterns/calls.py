@@ -133,7 +133,8 @@ def serve_as(call: Call) -> Serving:
     """Mark the current context as serving ``call`` (and, when traces are on, start its
     span, current until `served`); give the token back to `served`."""
     # (a handler's context starts with no chain: only a chain to carry needs setting)
-    chain = _SERVING.set(call.arg.via) if call.pattern == "service" and call.arg.via else None
+    via = call.arg.via if call.pattern == "service" else None
+    chain = _SERVING.set(via) if via else None
     active = tracing.active
     if active is None:
         return chain

@@ -180,7 +180,9 @@ class AckedIntake:
     def complete(self, call: Call, ack: BatchAck, error: BaseException | None) -> None:
         """Account for one handled message of a batch; acknowledge once all are."""
         msg = call.arg
-        if msg.timestamp is not None:  # a durable item: its outcome goes back to the pusher
+        # a durable item (it has a timestamp): a failure goes back to the pusher, a success
+        # is remembered for dedupe (looked at only then: the common success costs no lookup)
+        if (error is not None or ack.options.dedupe) and msg.timestamp is not None:
             if error is not None:
                 attempts = msg.attempts + 1
                 dead = ack.options.dead_letter_queue(ack.queue) if attempts >= ack.options.max_deliveries else None
