@@ -285,7 +285,7 @@ def test_requests_from_short_lived_threads_do_not_keep_sockets(mesh: dict[str, A
         assert open_sockets < 40, f"{open_sockets} sockets open after 100 finished threads"
 
 
-def test_an_at_least_once_item_is_checked_the_same_on_the_fast_path_and_the_slow_one() -> None:
+def test_the_at_least_once_item_check_takes_good_items_and_refuses_bad_ones_and_durable_deliveries_read_whole() -> None:
     from zmqmesh._patterns.intake import _valid_item
     from zmqmesh.message import durable_delivery
 

@@ -197,10 +197,11 @@ def test_a_backlog_behind_a_large_settled_segment_is_read_in_one_refill(tmp_path
     """A read back asks for about 1,024 messages at a time; one whose segments brought
     nothing to deal (settled before a restart, or damaged) must read on at once: no
     delivery would ever come back to ask for the rest."""
-    from zmqmesh._patterns.durable import DurableQueues
+    from zmqmesh._patterns.durable import _REFILL_CHUNK, DurableQueues
     from zmqmesh._stats import Stats
     from zmqmesh._wire.codec import Codec
 
+    assert _REFILL_CHUNK <= SEGMENT_MAX  # (so that the settled segment alone fills a read)
     store = Store(tmp_path)
     names = [f"s{i}" for i in range(SEGMENT_MAX)]
     ((first, count),) = store.append([("q", entries(*names))])

@@ -66,6 +66,12 @@ def test_request_many_returns_every_reply_in_order_from_both_providers(echo_prov
         assert [r["echo"] for r in client.request_many("echo", ["a", "b"], window=1)] == ["a", "b"]
         with pytest.raises(zmqmesh.ConfigError):
             client.request_many("echo", [1], window=0)
+        # what the calls share is checked with the first item, after its data, as `request` does
+        assert client.request_many("", []) == []
+        with pytest.raises(TypeError):
+            client.request_many("", [object()])
+        with pytest.raises(ValueError):
+            client.request_many("", [1])
 
 
 

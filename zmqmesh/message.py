@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Peer", "Message", "Origin", "durable_delivery"]
+__all__ = ["Peer", "Message", "Origin"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,9 @@ class Message:
     """
 
     # A delivery is made per message on the hot paths: __init__ sets only what every
-    # message has; the rest is set when known, and read with a default otherwise.
+    # message of its kind has; the rest is set when known, and read with a default
+    # otherwise. (`durable_delivery` makes messages too: a field every message needs is
+    # set there as well.)
     __slots__ = ("pattern", "topic", "data", "sender_id", "_lookup", "redelivered", "_origin", "_index", "_id",
                  "_timestamp", "_headers", "_attempts", "_gap", "_sequence", "_via", "_route")
 

@@ -248,8 +248,7 @@ class Node(NodeBase):
         self._engine.ensure_running()
         requesters = self._engine.requests
         assert isinstance(requesters, ThreadRequesters)
-        calls = self._prepare_calls(service, timeout, peer, headers)
-        plans = (self._plan_call(calls, data) for data in items)
+        plans = self._request_plans(service, items, timeout, peer, headers)
         # items in a sequence are at hand: their requests go in batches; those of an
         # iterator go as they come (its next item may take its time)
         return run_many(requesters.current().pipelined(), plans, window, at_hand=isinstance(items, Sequence))

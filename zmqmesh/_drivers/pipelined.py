@@ -161,7 +161,9 @@ class Pipelined:
         self.resume(job, None, None)
 
     def resume(self, job: Job, value: Any, error: BaseException | None) -> None:
-        """Go on with ``job``'s plan, given the outcome of its last step."""
+        """Go on with ``job``'s plan, given the outcome of its last step. Its request may
+        fill a batch, which then goes at once: the jobs of one that cannot go are resumed
+        with the error, from here."""
         while True:
             try:
                 finished, step = advance(job.plan, value, error)

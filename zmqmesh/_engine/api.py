@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, NamedTuple, TypeVar, overload
 
 import zmq
@@ -654,15 +654,30 @@ class NodeBase:
     def _request_plan(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
                       headers: dict[str, str] | None = None) -> Plan:
         """Call ``service`` (see `Node.request` for what it raises)."""
-        return self._plan_call(self._prepare_calls(service, timeout, peer, headers), data)
+        self._check_process()
+        self._engine.ensure_running()
+        body = self._engine.codec.encode(data)
+        return self._plan_call(self._prepare_calls(service, timeout, peer, headers), body)
+
+    def _request_plans(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
+                       headers: dict[str, str] | None) -> Iterator[Plan]:
+        """The plans of calling ``service`` once per item, made as they are asked for: what
+        the calls share is checked once, with the first item, after its data is encoded
+        (each item raises what `_request_plan` raises, in the same order)."""
+        calls = None
+        for data in items:
+            self._check_process()
+            self._engine.ensure_running()
+            body = self._engine.codec.encode(data)
+            if calls is None:
+                calls = self._prepare_calls(service, timeout, peer, headers)
+            yield self._plan_call(calls, body)
 
     def _prepare_calls(self, service: str, timeout: float | None, peer: str | Peer | None,
                        headers: dict[str, str] | None) -> _Calls:
-        """What calls of ``service`` from this thread share, checked once for all of them
-        (`request_many` makes many): raises what `Node.request` raises before sending."""
+        """What calls of ``service`` from this thread share. Raises ``ValueError`` for a
+        bad service name, `ConfigError` for a bad timeout."""
         engine = self._engine
-        self._check_process()
-        engine.ensure_running()
         service_b = self._service_name(service)
         seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
         only = peer_id_of(peer)
@@ -671,23 +686,22 @@ class NodeBase:
         chain = serving_chain()
         if engine.inbox is not None and engine.inbox.waits_for_caller():
             chain = (*chain, engine.directory.node_id)[-MAX_CHAIN:]
-        blocked = frozenset(chain)
-        if blocked:
-            offered = engine.directory.providers("services", service) if only is None else (only,)
-            if offered and all(i in blocked for i in offered):
+        return _Calls(service, service_b, seconds, only, chain, frozenset(chain), headers)
+
+    def _plan_call(self, calls: _Calls, body: bytes) -> Plan:
+        """The plan of one of ``calls`` with the encoded ``body``; its time begins now.
+        Raises `ConfigError` when every provider waits for this very call (a cycle),
+        ``TypeError`` or ``ValueError`` for bad headers."""
+        engine = self._engine
+        headers, chain, service = calls.headers, calls.chain, calls.service
+        if calls.blocked:  # (calls made from handlers only: who provides may have changed)
+            offered = engine.directory.providers("services", service) if calls.only is None else (calls.only,)
+            if offered and all(i in calls.blocked for i in offered):
                 engine.stats.reject("call_cycle")
                 raise ConfigError(self._cycle_message(service, chain, offered))
         if headers:
             headers = check_headers(headers)  # (before a span: a bad header raises here, no span begun)
-        return _Calls(service, service_b, seconds, only, chain, blocked, headers)
-
-    def _plan_call(self, calls: _Calls, data: Any) -> Plan:
-        """The plan of one of ``calls`` with ``data``; raises `TypeError` for data that
-        cannot be encoded. Its time begins now."""
-        engine = self._engine
-        body = engine.codec.encode(data)
         deadline = time.monotonic() + calls.seconds
-        headers, chain, service = calls.headers, calls.chain, calls.service
         active = tracing.active if not service.startswith("\x00") else None
         span = None
         if active is not None:

@@ -68,9 +68,8 @@ class Outbound:
             return 0
         deliverable = 0
         if self.durable is not None and not self.handing_over:  # stored, and a puller is there to take them
-            deliverable = sum(len(q.buffer) + (q.committed - q.loaded if q.overflow else 0)  # (and what waits stored)
-                              for name, q in list(self.durable.queues.items())
-                              if (q.buffer or q.overflow) and self.directory.providers("ackqueues", name))
+            deliverable = sum(len(q.buffer) for name, q in list(self.durable.queues.items())
+                              if q.buffer and self.directory.providers("ackqueues", name))
         return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending() + deliverable
 
     def unsent_in_memory(self) -> int:

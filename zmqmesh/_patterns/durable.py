@@ -68,7 +68,7 @@ def held_sizes(messages: list[StoredMessage]) -> list[int]:
 
 
 class Buffer(deque[StoredMessage]):
-    """A durable queue's messages held in memory, and the bytes they hold (`nbytes`).
+    """A durable queue's messages held in memory, and the bytes they hold (`reckon`).
 
     Filled by `DurableQueues` (``extend``, always under its lock: by committing threads
     and the loop's refill, one at a time); the loop's sender takes the oldest with deque's
@@ -97,14 +97,9 @@ class Buffer(deque[StoredMessage]):
         self._added_bytes += sum(sizes)
         self._added += len(sizes)
 
-    @property
-    def nbytes(self) -> int:
-        """The bytes the messages still held take, about (payload, headers and overhead).
-        The loop's alone: it reckons up what was taken (`reckon`)."""
-        return self.reckon()
-
     def reckon(self) -> int:
-        """Reckon up the sizes of the messages taken since the last call; `nbytes` (loop only)."""
+        """Reckon up the sizes of the messages taken since the last call; the bytes the
+        messages still held take, about (payload, headers and overhead). Loop only."""
         # (`_added` before `len`: messages an extend adds meanwhile count as held, not taken)
         taken = self._added - len(self) - self._reckoned
         if taken > 0:
@@ -115,7 +110,7 @@ class Buffer(deque[StoredMessage]):
 
     @property
     def held_at_most(self) -> int:
-        """`nbytes` as last reckoned: never less than what is held (any thread)."""
+        """The held bytes as last reckoned (`reckon`): never less than what is held (any thread)."""
         return self._added_bytes - self._reckoned_bytes
 
 
@@ -287,9 +282,11 @@ class DurableQueues:
             # that overflows after this look wakes the loop for another refill
             return {name: q.buffer for name, q in queues}
         for name, queue in queues:
-            # a read that brought nothing to deal (its segments settled, or damaged) reads
-            # on: no delivery would come back for the rest
-            while self._wants_reading(queue) and self._read_back(name, queue) == 0:
+            if not self._wants_reading(queue):
+                continue
+            # a read that brought little to deal (its segments mostly settled, or damaged)
+            # reads on: a few deliveries, each waited for, would bring the rest at a crawl
+            while self._read_back(name, queue) and self._wants_reading(queue) and len(queue.buffer) < _REFILL_CHUNK:
                 pass
         return {name: q.buffer for name, q in queues}
 
@@ -302,24 +299,23 @@ class DurableQueues:
     @staticmethod
     def _wants_reading(queue: _Queue) -> bool:
         buffer = queue.buffer
-        return queue.overflow and len(buffer) < _REFILL_BELOW and buffer.nbytes < _REFILL_BELOW_BYTES \
+        return queue.overflow and len(buffer) < _REFILL_BELOW and buffer.reckon() < _REFILL_BELOW_BYTES \
             and not (queue.too_large and buffer)
 
-    def _read_back(self, name: str, queue: _Queue) -> int | None:
-        """Read the next segments of ``name`` into its buffer: how many messages came (None
-        when there was nothing to read now)."""
+    def _read_back(self, name: str, queue: _Queue) -> bool:
+        """Read the next segments of ``name`` into its buffer; False when there was nothing
+        to read now."""
         buffer = queue.buffer
         room = min(BUFFER - len(buffer), _REFILL_CHUNK)
         # read without the lock (committers wait for it): while a queue overflows they
         # leave its buffer alone, and only note how far they stored
-        budget = BUFFER_BYTES - buffer.nbytes
+        budget = BUFFER_BYTES - buffer.reckon()
         segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
                                       at_least_one=not buffer)
         if not segments and buffer:  # the next segment is larger than the room left (it then
             # waits for an empty buffer, not read again meanwhile), or none is stored yet
             queue.too_large = (self.store.next_segment_bytes(name, queue.loaded) or 0) > budget
         recovered = self._recovered_upto
-        came = 0
         with self._lock:
             for segment in segments:
                 if segment.damaged:  # left in the store for an operator, never forgotten
@@ -333,12 +329,11 @@ class DurableQueues:
                     buffer.extend(segment.messages)
                 else:
                     buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
-                came += len(segment.messages)
                 queue.loaded = segment.first + segment.size - 1
                 queue.too_large = False
             if queue.committed <= queue.loaded:
                 queue.overflow = False  # everything stored is in the buffer now
-        return came if segments else None
+        return bool(segments)
 
     def settle(self, queue: str, items: list[Any], failures: list[Failure]) -> list[Any]:
         """A puller answered for a batch: forget what it handled, dead-letter what it gave

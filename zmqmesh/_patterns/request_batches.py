@@ -26,8 +26,8 @@ from .reqrep import Exchange
 __all__ = ["RequestBatches", "Batch", "EARLY_ITEMS"]
 
 EARLY_ITEMS = 32
-"""Requests a batch holds when it goes before the pause (64 in flight to one provider on
-2 cores: ``request_many`` about 47 k/s with whole windows, 60-65 k/s with 32)."""
+"""Requests a batch holds when it goes before the pause (of 8, 16, 32 and 64, 32 carried
+the most requests per second with 64 in flight to one provider, in benchmarks/bench.py)."""
 
 Key = TypeVar("Key")
 Waiter = TypeVar("Waiter")
