@@ -398,10 +398,10 @@ class LoopRequester:
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request (or gather it, to go at the end of this pass of the loop, or
-        with a batch that fills up: `RequestBatches`); the future of its reply ``(status, body)``. The future fails
-        with `MeshTimeoutError` (also when the provider takes no more requests, for one
-        that was gathered), `PeerLostError` or `NodeClosedError`; a send made at once
-        raises `MeshTimeoutError` when the provider takes no more requests."""
+        with a batch that fills up: `RequestBatches`); the future of its reply ``(status,
+        body)``. The future fails with `MeshTimeoutError` (also when the provider takes no
+        more requests, for one that was gathered), `PeerLostError` or `NodeClosedError`; a
+        send made at once raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
         if send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches):
             self.engine.stats.pattern["request"]["sent"] += 1

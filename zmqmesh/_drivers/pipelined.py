@@ -97,7 +97,7 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
     only the batches already full (`RequestBatches.ready`), before the pause."""
     sent = 0
     while True:
-        taken = batches.take(full_only)  # (also when empty, but for full_only: a pause begins a new pass)
+        taken = batches.take(full_only)  # (without full_only, also when empty: a pause begins a new pass)
         if not taken:
             return sent
         for batch in taken:
