@@ -300,3 +300,35 @@ def test_the_at_least_once_item_check_takes_good_items_and_refuses_bad_ones_and_
     assert (msg.pattern, msg.queue, msg.data, msg.sender_id, msg.id, msg.timestamp, msg.headers, msg.attempts,
             msg.redelivered, msg.gap, msg.sequence, msg.via, msg.sender) == \
         ("pipeline", "q", {"n": 1}, "peer", "id-1", 1000.5, {"k": "v"}, 2, True, 0, None, (), None)
+
+
+def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -> None:
+    """A batch sent before the pause on a socket that takes nothing (a DEALER connected to
+    no one refuses at once): each of its requests fails, once, with `MeshTimeoutError`,
+    and leaves nothing outstanding; the batch still gathering stays for the pause."""
+    import zmq
+
+    from zmqmesh._drivers.pipelined import send_batches
+    from zmqmesh._patterns.outstanding import Outstanding
+
+    new = Provider("a" * 32, "tcp://127.0.0.1:1", None, 4)
+    step = Exchange(new, "svc", b"svc", b"\x01", 0.0, None, True)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        outstanding: Outstanding[int] = Outstanding()
+        batches: RequestBatches[str, int] = RequestBatches()
+        batches.add(new.id, b"first", 0, step)  # (the first goes alone: not gathered)
+        for n in range(EARLY_ITEMS + 3):
+            batches.add(new.id, outstanding.add(n, new.id, "svc", time.monotonic() + 10), n, step)
+        failed: list[tuple[int, BaseException]] = []
+        sent = send_batches(batches, {new.id: sock}, outstanding, None, lambda n, error: failed.append((n, error)),  # type: ignore[arg-type]
+                            full_only=True)  # (the engine is read only for a socket that failed otherwise)
+        assert sent == 0 and [n for n, _ in failed] == list(range(EARLY_ITEMS))
+        assert all(isinstance(error, zmqmesh.MeshTimeoutError) for _, error in failed)
+        assert len(outstanding) == 3 and not batches.ready
+        (rest,) = batches.take()
+        assert [n for _, n in rest.waiters] == [EARLY_ITEMS, EARLY_ITEMS + 1, EARLY_ITEMS + 2]
+    finally:
+        sock.close(0)
+        ctx.term()
