@@ -406,9 +406,7 @@ class LoopRequester:
         if send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches):
             self.engine.stats.pattern["request"]["sent"] += 1
         elif self._batches.ready:  # a full batch goes now (its futures fail if it cannot)
-            sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
-                                asyncio.Future.done, full_only=True)
-            self.engine.stats.pattern["request"]["sent"] += sent
+            self._send_batches(full_only=True)
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
         if not self._unchecked:
@@ -460,14 +458,18 @@ class LoopRequester:
         in it (`RequestBatches`), then read the sockets sent on that hold replies: sending
         may have swallowed the descriptor's signal (once per pass, not per request)."""
         try:
-            self.engine.stats.pattern["request"]["sent"] += send_batches(
-                self._batches, self.sockets, self.outstanding, self.engine, _fail_future, asyncio.Future.done)
+            self._send_batches()
             for provider_id in self._unchecked:
                 sock = self.sockets.get(provider_id)
                 if sock is not None and has_input(sock):
                     self._on_readable(provider_id)
         finally:
             self._unchecked.clear()  # (the next request sent schedules this again)
+
+    def _send_batches(self, full_only: bool = False) -> None:
+        sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
+                            asyncio.Future.done, full_only=full_only)
+        self.engine.stats.pattern["request"]["sent"] += sent
 
     def _on_readable(self, provider_id: str) -> None:
         sock = self.sockets.get(provider_id)

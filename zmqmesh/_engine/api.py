@@ -654,9 +654,7 @@ class NodeBase:
     def _request_plan(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
                       headers: dict[str, str] | None = None) -> Plan:
         """Call ``service`` (see `Node.request` for what it raises)."""
-        self._check_process()
-        self._engine.ensure_running()
-        body = self._engine.codec.encode(data)
+        body = self._encode_call(data)  # (first: a call raises what its data does before the rest)
         return self._plan_call(self._prepare_calls(service, timeout, peer, headers), body)
 
     def _request_plans(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
@@ -666,12 +664,17 @@ class NodeBase:
         (each item raises what `_request_plan` raises, in the same order)."""
         calls = None
         for data in items:
-            self._check_process()
-            self._engine.ensure_running()
-            body = self._engine.codec.encode(data)
+            body = self._encode_call(data)
             if calls is None:
                 calls = self._prepare_calls(service, timeout, peer, headers)
             yield self._plan_call(calls, body)
+
+    def _encode_call(self, data: Any) -> bytes:
+        """``data`` encoded for a call of this running node, in this process. Raises
+        `ZmqMeshError`, `NodeClosedError`, ``TypeError``, `MessageTooLargeError`."""
+        self._check_process()
+        self._engine.ensure_running()
+        return self._engine.codec.encode(data)
 
     def _prepare_calls(self, service: str, timeout: float | None, peer: str | Peer | None,
                        headers: dict[str, str] | None) -> _Calls:

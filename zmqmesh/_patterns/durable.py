@@ -106,7 +106,7 @@ class Buffer(deque[StoredMessage]):
             sizes = self._sizes
             self._reckoned_bytes += sum([sizes.popleft() for _ in range(taken)])
             self._reckoned += taken
-        return self._added_bytes - self._reckoned_bytes
+        return self.held_at_most
 
     @property
     def held_at_most(self) -> int:
@@ -309,7 +309,7 @@ class DurableQueues:
         room = min(BUFFER - len(buffer), _REFILL_CHUNK)
         # read without the lock (committers wait for it): while a queue overflows they
         # leave its buffer alone, and only note how far they stored
-        budget = BUFFER_BYTES - buffer.reckon()
+        budget = BUFFER_BYTES - buffer.held_at_most  # (reckoned by `_wants_reading`, just before)
         segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
                                       at_least_one=not buffer)
         if not segments and buffer:  # the next segment is larger than the room left (it then

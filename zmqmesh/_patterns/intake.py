@@ -196,23 +196,15 @@ class AckedIntake:
 
 def _valid_item(item: Any) -> bool:
     """An at-least-once item: ``[redelivered, data]`` or the durable
-    ``[redelivered, data, id, timestamp, headers, attempts]``."""
-    if type(item) is list and len(item) == DURABLE_ITEM_FIELDS and type(item[0]) is bool and type(item[2]) is str \
-            and type(item[3]) is float and item[4] is None and type(item[5]) is int and item[5] >= 0 \
-            and len(item[2]) <= wire.MAX_ID_CHARS:  # (the common durable item, in one test)
-        return True
-    if not isinstance(item, list) or not item or not isinstance(item[0], bool):
+    ``[redelivered, data, id, timestamp, headers, attempts]``. (Exact types, as msgpack
+    decodes them: a bool is no number here.)"""
+    if type(item) is not list or not item or type(item[0]) is not bool:
         return False
-    if len(item) == 2:
-        return True
     if len(item) != DURABLE_ITEM_FIELDS:
-        return False
+        return len(item) == 2
     _flag, _data, msg_id, timestamp, headers, attempts = item
-    if not isinstance(msg_id, str) or len(msg_id) > wire.MAX_ID_CHARS:
-        return False
-    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
-        return False
-    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+    if type(msg_id) is not str or len(msg_id) > wire.MAX_ID_CHARS or type(timestamp) not in (float, int) \
+            or type(attempts) is not int or attempts < 0:
         return False
     if headers is not None:
         try:

@@ -144,10 +144,8 @@ every durable message). The caller answers for the fields' types."""
 
 def _segments(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
     """``entries`` cut into the segments `Store.append` stores, in order."""
-    if len(entries) == 1:  # (one thread's single pushes, a commit each)
-        yield entries
-        return
-    if sum([len(e[3]) + (len(e[2]) if e[2] else 0) for e in entries]) <= SEGMENT_BYTES:  # (small messages)
+    # (one message, or small ones: cut by count alone; a single push need not be summed)
+    if len(entries) == 1 or sum([len(e[3]) + (len(e[2]) if e[2] else 0) for e in entries]) <= SEGMENT_BYTES:
         for start in range(0, len(entries), SEGMENT_MAX):
             yield entries[start:start + SEGMENT_MAX]
         return
