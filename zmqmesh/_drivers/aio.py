@@ -240,8 +240,11 @@ class LoopInbox(Dispatcher):
             return False
         if threading.get_ident() in self._worker_threads:
             return True
+        task = self._task
+        if task is None or task.done():  # (no drain runs: the caller is none of its handlers)
+            return False
         try:
-            return asyncio.current_task() is self._task
+            return asyncio.current_task() is task
         except RuntimeError:  # no running loop on this thread
             return False
 

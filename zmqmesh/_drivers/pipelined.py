@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import zmq
@@ -454,10 +455,6 @@ def _fail_closed(job: Job) -> None:
     job.finish(None, NodeClosedError(_CLOSED))
 
 
-def _ender(calls: InOrder[Job], index: int) -> Callable[[Any, BaseException | None], None]:
-    return lambda value, error: calls.end(index, value, error)
-
-
 def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int, at_hand: bool = False) -> list[Any]:
     """Carry out ``plans`` (made one by one as there is room) with at most ``window`` in
     flight; their results in order. Raises the error of the first plan (in order) that
@@ -475,7 +472,7 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int, at_hand: 
             plan = next(made, None)
             if plan is None:
                 break
-            job = Job(plan, _ender(calls, len(calls.results)))
+            job = Job(plan, partial(calls.end, len(calls.results)))
             calls.begin(job)
             pipelined.start(job)
             while not calls.room() and not calls.failures:

@@ -6,8 +6,8 @@ steps that wait (a blocking driver, or an awaiting one).
 from __future__ import annotations
 
 import itertools
-import math
 import os
+import sys
 import time
 import warnings
 from collections import deque
@@ -93,11 +93,16 @@ def fetch_plan(engine: Engine, fetch: Fetch, timeout: float = 10.0) -> Plan:
                         time.monotonic() + timeout, fetch.node_id, None, engine.stats)
 
 
+_LONGEST_S = sys.float_info.max  # (NaN fails every comparison: one chained one rejects it, and infinity)
+
+
 def check_timeout(value: Any, name: str = "timeout") -> float:
     """``value`` as seconds to wait: a finite number >= 0. Raises `ConfigError` (a
     `ValueError`) for anything else: NaN, a negative or infinite number, a non-number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    if (type(value) is float or type(value) is int) and 0 <= value <= _LONGEST_S:  # (the common case, per call)
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= _LONGEST_S:
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r:.60}")
     return float(value)
 
 
