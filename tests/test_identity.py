@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from typing import Any
@@ -13,6 +14,7 @@ from helpers import fake_zre_peer, wait_until
 
 import zmqmesh
 from zmqmesh._wire import zre
+from zmqmesh._wire.frames import STATUS_OK
 from zmqmesh._wire.zre import Command, ZreMessage
 
 
@@ -126,5 +128,39 @@ def test_a_protocol_1_provider_gets_requests_without_headers_and_the_loss_is_cou
             caller.join(10)
             assert results == ["answered"]
             assert node.stats()["rejected"].get("headers_not_carried") == 1
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_protocol_1_puller_gets_at_least_once_items_of_two_fields_and_the_loss_is_counted(
+        mesh: dict[str, Any], tmp_path: Any) -> None:
+    """A foreign at-least-once puller of protocol 1 gets each item as ``[redelivered,
+    data]``, in memory and durable alike: no id, clock or headers, which it could not read.
+    The headers it cannot take are counted, never silently dropped; its acks settle both."""
+    ctx = zmq.Context()
+    try:
+        with zmqmesh.Node("pusher", store=str(tmp_path / "store"), **mesh) as node:
+            router = ctx.socket(zmq.ROUTER)
+            port = router.bind_to_random_port("tcp://127.0.0.1")
+            _inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+            dealer.send_multipart(zre.encode_command(ZreMessage(
+                Command.HELLO, 1, endpoint=endpoint, name="old-puller",
+                headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"},
+                groups=["zmqmesh/queue/jobs", "zmqmesh/ackqueue/jobs"])))
+            node.wait_for_pullers("jobs", timeout=5)
+            node.push("jobs", {"n": 1}, headers={"k": "v"})
+            node.push("jobs", {"n": 2}, durable=True, headers={"k": "v"})
+            got: list[Any] = []
+            while len(got) < 2:
+                assert router.poll(5000), "the pushes never reached the puller"
+                routing, service, batch_id, payload = router.recv_multipart()
+                assert service == b"\x00queue/jobs"
+                got.extend(msgpack.Unpacker(io.BytesIO(payload), raw=False))
+                router.send_multipart([routing, batch_id, STATUS_OK, b""])
+            assert sorted(got, key=lambda item: item[1]["n"]) == [[False, {"n": 1}], [False, {"n": 2}]]
+            assert node.stats()["rejected"].get("headers_not_carried") == 2
+            store = str(tmp_path / "store")
+            wait_until(lambda: not zmqmesh.inspect_store(store)["queues"].get("jobs", {}).get("messages"), 5,
+                       "the durable push to be settled by the ack")
     finally:
         ctx.destroy(linger=0)

@@ -48,7 +48,6 @@ from .._wire.frames import (
     keep_service,
     parse_reply,
     queue_service,
-    wire_size,
     wrap_item,
 )
 from ..config import NodeConfig
@@ -79,31 +78,31 @@ class _Batch(NamedTuple):
     items: list[Any]
     sent_at: float  # monotonic
     sent_wall: float  # the wall clock a redelivery reports as its time
-    size: int  # about its bytes (`_size`)
+    size: int  # its bytes on the wire
 
 
-def _size(item: Any) -> int:
-    """About the bytes an item takes in a batch (its id and clock too, in the durable form)."""
-    if type(item) is StoredMessage:
-        return len(item.body) + len(item.headers or b"") + len(item.id) + 16
-    return wire_size(item) + 48 if type(item) is Headed else len(item)
-
-
-def _take(source: deque[Any], items: list[Any], flags: list[bool], n: int, size: int, again: bool) -> int:
-    """Move items from ``source`` to ``items`` (and their redelivered flags to ``flags``)
-    while there are fewer than ``n`` and the batch stays within `BATCH_BYTES` (a single
-    large item goes alone); the batch's size after."""
+def _take(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
+          wrap: Callable[[Any, bool], bytes]) -> int:
+    """Move items from ``source`` to ``items``, and their wire form (``wrap(item,
+    redelivered)``) to ``parts``, while there are fewer than ``n`` and the batch stays
+    within `BATCH_BYTES` (a single large item goes alone); the batch's size after."""
     while len(items) < n and source:
-        grown = size + _size(source[0])
-        if items and grown > BATCH_BYTES:
-            break
-        item = source.popleft()
+        item = source[0]
         if type(item) is RawPayload:  # (at-least-once items are msgpack)
             item = item.encoded()
+        part = wrap(item, again or (type(item) is StoredMessage and (item.attempts > 0 or item.recovered)))
+        if items and size + len(part) > BATCH_BYTES:
+            break
+        source.popleft()
         items.append(item)
-        flags.append(again or (isinstance(item, StoredMessage) and (item.attempts > 0 or item.recovered)))
-        size = grown
+        parts.append(part)
+        size += len(part)
     return size
+
+
+def _wrap_two_fields(item: Any, redelivered: bool) -> bytes:
+    """An item in the form a puller of protocol 1 reads: its payload only (no headers, id or clock)."""
+    return wrap_item(item if isinstance(item, bytes) else item.body, redelivered)
 
 
 class ReliableSender:
@@ -187,21 +186,19 @@ class ReliableSender:
                 if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES:
                     continue
                 items: list[Any] = []
-                flags: list[bool] = []
-                size = _take(again, items, flags, n, 0, True)  # first what is dealt again, marked so
-                size = _take(q, items, flags, n, size, False)
+                parts: list[bytes] = []
+                wrap = self._wrap if directory.speaks(puller, 2) else _wrap_two_fields
+                size = _take(again, items, parts, n, 0, True, wrap)  # first what is dealt again, marked so
+                size = _take(q, items, parts, n, size, False, wrap)
                 if not items:
                     break
-                batch_id = next(self._batch_ids).to_bytes(8, "big")
-                if not directory.speaks(puller, 2):  # protocol 1: items of two fields only
-                    stripped = sum(1 for i in items if type(i) is Headed and i.headers)
+                if wrap is _wrap_two_fields:
+                    stripped = sum(1 for i in items if type(i) in (Headed, StoredMessage) and i.headers)
                     if stripped:
                         self.stats.reject("headers_not_carried", stripped)
-                    payload = b"".join(wrap_item(i if isinstance(i, bytes) else i.body, f) for i, f in zip(items, flags))
-                else:
-                    payload = b"".join(self._wrap(item, flag) for item, flag in zip(items, flags))
+                batch_id = next(self._batch_ids).to_bytes(8, "big")
                 try:
-                    send_frames(self._socket(puller), [name, batch_id, payload])
+                    send_frames(self._socket(puller), [name, batch_id, b"".join(parts)])
                 except zmq.ZMQError:
                     for item in reversed(items):
                         again.appendleft(item)
@@ -221,11 +218,12 @@ class ReliableSender:
         return bool(q or again)
 
     def _wrap(self, item: Any, redelivered: bool) -> bytes:
+        """An item in the form a puller of protocol 2 or later reads."""
+        if type(item) is StoredMessage:
+            return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts, self._pack)
         if type(item) is Headed:  # carries headers: the item form that has room for them
             return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0, self._pack)
-        if isinstance(item, bytes):
-            return wrap_item(item, redelivered)
-        return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts, self._pack)
+        return wrap_item(item, redelivered)
 
     def _socket(self, puller: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(puller)
