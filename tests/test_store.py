@@ -214,3 +214,24 @@ def test_a_backlog_behind_a_large_settled_segment_is_read_in_one_refill(tmp_path
     assert queues.recover() == 10
     assert [msgpack.unpackb(m.body) for m in queues.refill()["q"]] == [f"b{i}" for i in range(10)]
     store.close()
+
+
+def test_a_requeue_moves_a_queue_chunk_by_chunk_in_order(tmp_path: Path) -> None:
+    """A dead-letter queue longer than one chunk moves whole, in order, a transaction per
+    chunk; a damaged segment stays where it is; and a queue moved onto itself moves once."""
+    store = Store(tmp_path)
+    for k in range(5):  # five segments of three; the second one gets damaged
+        store.append([("jobs.dead", entries(*(f"{k}-{i}" for i in range(3))))])
+    store.append([("jobs", entries("first"))])
+    store.close()
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        db.execute("UPDATE outbox SET items = ? WHERE seq = 4", (b"\xc1",))
+    store = Store(tmp_path)
+    assert store.requeue("jobs.dead", "jobs", chunk=4) == 12  # two segments (6 messages) per transaction
+    assert [body for body, _ in live(store, "jobs")] == ["first", *(f"{k}-{i}" for k in (0, 2, 3, 4) for i in range(3))]
+    (kept,) = store.pending("jobs.dead")
+    assert kept.first == 4 and kept.damaged
+    assert store.requeue("jobs", "jobs", chunk=4) == 13
+    assert [body for body, _ in live(store, "jobs")][:2] == ["first", "0-0"]
+    assert len(live(store, "jobs")) == 13
+    store.close()
