@@ -4,6 +4,7 @@ messages, what a restart reads back, and the upgrade of a store written by schem
 from __future__ import annotations
 
 import sqlite3
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -218,14 +219,15 @@ def test_a_backlog_behind_a_large_settled_segment_is_read_in_one_refill(tmp_path
 
 def test_a_requeue_moves_a_queue_chunk_by_chunk_in_order(tmp_path: Path) -> None:
     """A dead-letter queue longer than one chunk moves whole, in order, a transaction per
-    chunk; a damaged segment stays where it is; and a queue moved onto itself moves once."""
+    chunk; a damaged segment stays where it is, and the next ones are not skipped by its
+    wrong count; and a queue moved onto itself moves once."""
     store = Store(tmp_path)
     for k in range(5):  # five segments of three; the second one gets damaged
         store.append([("jobs.dead", entries(*(f"{k}-{i}" for i in range(3))))])
     store.append([("jobs", entries("first"))])
     store.close()
     with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = ? WHERE seq = 4", (b"\xc1",))
+        db.execute("UPDATE outbox SET items = ?, count = 1000 WHERE seq = 4", (b"\xc1",))  # (its count is wrong too)
     store = Store(tmp_path)
     assert store.requeue("jobs.dead", "jobs", chunk=4) == 12  # two segments (6 messages) per transaction
     assert [body for body, _ in live(store, "jobs")] == ["first", *(f"{k}-{i}" for k in (0, 2, 3, 4) for i in range(3))]
@@ -234,4 +236,23 @@ def test_a_requeue_moves_a_queue_chunk_by_chunk_in_order(tmp_path: Path) -> None
     assert store.requeue("jobs", "jobs", chunk=4) == 13
     assert [body for body, _ in live(store, "jobs")][:2] == ["first", "0-0"]
     assert len(live(store, "jobs")) == 13
+    store.close()
+
+
+def test_a_requeue_holds_one_chunk_in_memory_at_a_time(tmp_path: Path) -> None:
+    """Moving a dead-letter queue of 48 MiB holds about one chunk of it in memory, not the
+    whole queue (which took over 100 MiB); everything still moves, in order."""
+    store = Store(tmp_path)
+    body = b"x" * 4096
+    for k in range(48):  # 48 segments of 256 messages of 4 KiB
+        store.append([("jobs.dead", [(f"id-{k}-{i}", 1.0, None, body, 0) for i in range(256)])])
+    tracemalloc.start()
+    try:
+        assert store.requeue("jobs.dead", "jobs") == 48 * 256
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.1f} MiB held at once"
+    ids = [m.id for s in store.pending("jobs", limit=20_000) for m in s.messages]
+    assert ids == [f"id-{k}-{i}" for k in range(48) for i in range(256)]
     store.close()

@@ -55,7 +55,7 @@ message is a segment of its own): reading one back whole stays bounded."""
 REQUEUE_CHUNK = 16 * SEGMENT_MAX
 """Messages `Store.requeue` moves per transaction, about (whole segments, and at most
 `_REQUEUE_BYTES` of them unless one segment alone is larger)."""
-_REQUEUE_BYTES = 16 * SEGMENT_BYTES
+_REQUEUE_BYTES = 8 * SEGMENT_BYTES
 _ROWS_PER_FETCH = 16  # segments read at a time while filling a buffer (a few are mostly enough)
 _SMALL_ROW = 64 * 1024  # past a segment this large, a read with a byte budget fetches one at a time
 _OUTBOX = (
@@ -425,34 +425,46 @@ class Store:
     def requeue(self, source: str, target: str, chunk: int = REQUEUE_CHUNK) -> int:
         """Move every message of ``source`` to the end of ``target``, in order, with no
         attempts counted; how many moved. About ``chunk`` messages (whole segments) move
-        per transaction, so a queue of any length moves in bounded memory; a crash part of
-        the way leaves every message in one of the two queues, in order. Damaged segments
-        stay where they are, for an operator. Raises `StoreError` if a read or write fails."""
+        per transaction, so a queue of any length moves in bounded memory. Damaged segments
+        stay where they are, for an operator. Raises `StoreError` if a read or write fails:
+        the chunks moved before it stay moved (a crash part of the way likewise leaves every
+        message in one of the two queues, in order); calling it again moves the rest."""
         moved = 0
         after = 0
         last = self._next_seq - 1  # only what is stored now moves: a queue moved onto itself moves once
         while True:
             with self._lock:
-                segments = [s for s in self._read_segments(source, after, chunk, _REQUEUE_BYTES) if s.first <= last]
-                if not segments:
-                    return moved
-                after = segments[-1].first + segments[-1].size - 1
-                segments = [s for s in segments if not s.damaged]
-                first = self._next_seq
-                rows = []
-                for segment in segments:
-                    if segment.messages:
-                        rows.append((first, target, len(segment.messages), segment.messages[0].timestamp,
-                                     msgpack.packb([[m.id, m.timestamp, m.headers, m.body] for m in segment.messages])))
-                        first += len(segment.messages)
-                spans = [(s.first, s.first + s.size - 1) for s in segments]
-                self._write_locked([
-                    ("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", spans),
-                    ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
-                    ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans),
-                    ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)])
-                self._next_seq = first
-                moved += sum(r[2] for r in rows)
+                step = self._requeue_chunk(source, target, after, last, chunk)
+            if step is None:
+                return moved
+            count, after = step
+            moved += count
+
+    def _requeue_chunk(self, source: str, target: str, after: int, last: int, chunk: int) -> tuple[int, int] | None:
+        """Move the segments of ``source`` after sequence ``after`` (up to ``last``), about
+        ``chunk`` messages, in one transaction (lock held): how many moved and where the
+        next chunk begins; None when none is left. (A method of its own: one chunk in
+        memory at a time.)"""
+        segments = [s for s in self._read_segments(source, after, chunk, _REQUEUE_BYTES) if s.first <= last]
+        if not segments:
+            return None
+        after = segments[-1].first  # (not by its count: a damaged segment's may be wrong)
+        segments = [s for s in segments if not s.damaged]
+        first = self._next_seq
+        rows = []
+        for segment in segments:
+            if segment.messages:
+                rows.append((first, target, len(segment.messages), segment.messages[0].timestamp,
+                             msgpack.packb([[m.id, m.timestamp, m.headers, m.body] for m in segment.messages])))
+                first += len(segment.messages)
+        spans = [(s.first, s.first + s.size - 1) for s in segments]
+        self._write_locked([
+            ("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", spans),
+            ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
+            ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans),
+            ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)])
+        self._next_seq = first
+        return sum(r[2] for r in rows), after
 
     def _forget_locked(self, segments: list[tuple[int, int]]) -> None:
         spans = [(f, f + c - 1) for f, c in segments]
