@@ -100,6 +100,20 @@ def test_an_in_memory_at_least_once_message_keeps_its_id_when_redelivered(mesh: 
     assert all(redelivered and not untimed for _, _, redelivered, untimed in again)  # with the first send's time
 
 
+def protocol_1_peer(ctx: zmq.Context[Any], node: zmqmesh.Node, mesh: dict[str, Any], name: str,
+                    groups: list[str]) -> zmq.Socket[Any]:
+    """A foreign peer of protocol 1 (a HELLO of no protocol header) that joins ``groups``
+    with a service ROUTER of its own: the ROUTER, where ``node`` sends it what it offers to take."""
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    _inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+    dealer.send_multipart(zre.encode_command(ZreMessage(
+        Command.HELLO, 1, endpoint=endpoint, name=name,
+        headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"},
+        groups=groups)))
+    return router
+
+
 def test_a_protocol_1_provider_gets_requests_without_headers_and_the_loss_is_counted(
         mesh: dict[str, Any]) -> None:
     """A foreign provider written against protocol 1 (three request frames, no meta frame)
@@ -107,13 +121,7 @@ def test_a_protocol_1_provider_gets_requests_without_headers_and_the_loss_is_cou
     ctx = zmq.Context()
     try:
         with zmqmesh.Node("caller", **mesh) as node:
-            router = ctx.socket(zmq.ROUTER)
-            port = router.bind_to_random_port("tcp://127.0.0.1")
-            _inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
-            dealer.send_multipart(zre.encode_command(ZreMessage(
-                Command.HELLO, 1, endpoint=endpoint, name="old-provider",
-                headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"},
-                groups=["zmqmesh/svc/old"])))
+            router = protocol_1_peer(ctx, node, mesh, "old-provider", ["zmqmesh/svc/old"])
             wait_until(lambda: node.providers("old"), 5, "the protocol-1 provider to offer 'old'")
             results: list[Any] = []
             caller = threading.Thread(target=lambda: results.append(
@@ -140,13 +148,7 @@ def test_a_protocol_1_puller_gets_at_least_once_items_of_two_fields_and_the_loss
     ctx = zmq.Context()
     try:
         with zmqmesh.Node("pusher", store=str(tmp_path / "store"), **mesh) as node:
-            router = ctx.socket(zmq.ROUTER)
-            port = router.bind_to_random_port("tcp://127.0.0.1")
-            _inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
-            dealer.send_multipart(zre.encode_command(ZreMessage(
-                Command.HELLO, 1, endpoint=endpoint, name="old-puller",
-                headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"},
-                groups=["zmqmesh/queue/jobs", "zmqmesh/ackqueue/jobs"])))
+            router = protocol_1_peer(ctx, node, mesh, "old-puller", ["zmqmesh/queue/jobs", "zmqmesh/ackqueue/jobs"])
             node.wait_for_pullers("jobs", timeout=5)
             node.push("jobs", {"n": 1}, headers={"k": "v"})
             node.push("jobs", {"n": 2}, durable=True, headers={"k": "v"})

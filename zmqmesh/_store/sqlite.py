@@ -53,8 +53,8 @@ SEGMENT_BYTES = 1 << 20
 """A segment also closes once its payloads and headers pass this many bytes (a larger
 message is a segment of its own): reading one back whole stays bounded."""
 REQUEUE_CHUNK = 16 * SEGMENT_MAX
-"""Messages `Store.requeue` moves per transaction, about (whole segments, and at most
-`_REQUEUE_BYTES` of them unless one segment alone is larger)."""
+"""About how many messages `Store.requeue` moves per transaction: whole segments, and no
+more than 8 MiB of them (though always one segment, however large)."""
 _REQUEUE_BYTES = 8 * SEGMENT_BYTES
 _ROWS_PER_FETCH = 16  # segments read at a time while filling a buffer (a few are mostly enough)
 _SMALL_ROW = 64 * 1024  # past a segment this large, a read with a byte budget fetches one at a time
