@@ -239,20 +239,38 @@ def test_a_requeue_moves_a_queue_chunk_by_chunk_in_order(tmp_path: Path) -> None
     store.close()
 
 
-def test_a_requeue_holds_one_chunk_in_memory_at_a_time(tmp_path: Path) -> None:
-    """Moving a dead-letter queue of 48 MiB holds about one chunk of it in memory, not the
-    whole queue (which took over 100 MiB); everything still moves, in order."""
+@pytest.mark.parametrize("operation", ["requeue", "drop"])
+def test_a_whole_queue_is_moved_or_dropped_one_chunk_in_memory_at_a_time(tmp_path: Path, operation: str) -> None:
+    """Moving or dropping a dead-letter queue of 48 MiB holds about one chunk of it in
+    memory, not the whole queue (a move took over 100 MiB); every message is still moved,
+    in order, or dropped."""
     store = Store(tmp_path)
     body = b"x" * 4096
     for k in range(48):  # 48 segments of 256 messages of 4 KiB
         store.append([("jobs.dead", [(f"id-{k}-{i}", 1.0, None, body, 0) for i in range(256)])])
     tracemalloc.start()
     try:
-        assert store.requeue("jobs.dead", "jobs") == 48 * 256
+        done = store.requeue("jobs.dead", "jobs") if operation == "requeue" else store.drop_queue("jobs.dead")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    assert done == 48 * 256
     assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.1f} MiB held at once"
+    assert store.pending("jobs.dead") == []
     ids = [m.id for s in store.pending("jobs", limit=20_000) for m in s.messages]
-    assert ids == [f"id-{k}-{i}" for k in range(48) for i in range(256)]
+    assert ids == ([f"id-{k}-{i}" for k in range(48) for i in range(256)] if operation == "requeue" else [])
+    store.close()
+
+
+def test_a_drop_goes_chunk_by_chunk_past_a_damaged_segment(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for k in range(5):
+        store.append([("q", entries(*(f"{k}-{i}" for i in range(3))))])
+    store.close()
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        db.execute("UPDATE outbox SET items = ?, count = 1000 WHERE seq = 4", (b"\xc1",))
+    store = Store(tmp_path)
+    assert store.drop_queue("q", chunk=4) == 12
+    (kept,) = store.pending("q")
+    assert kept.first == 4 and kept.damaged
     store.close()

@@ -38,7 +38,7 @@ from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["Store", "StoredMessage", "stored_message", "StoredSegment", "Entry", "SEGMENT_MAX", "SEGMENT_BYTES", "REQUEUE_CHUNK", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
+__all__ = ["Store", "StoredMessage", "stored_message", "StoredSegment", "Entry", "SEGMENT_MAX", "SEGMENT_BYTES", "CHUNK_MESSAGES", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
 SCHEMA_VERSION = 4
@@ -52,10 +52,11 @@ SEGMENT_MAX = 1024
 SEGMENT_BYTES = 1 << 20
 """A segment also closes once its payloads and headers pass this many bytes (a larger
 message is a segment of its own): reading one back whole stays bounded."""
-REQUEUE_CHUNK = 16 * SEGMENT_MAX
-"""About how many messages `Store.requeue` moves per transaction: whole segments, and no
-more than 8 MiB of them (though always one segment, however large)."""
-_REQUEUE_BYTES = 8 * SEGMENT_BYTES
+CHUNK_MESSAGES = 16 * SEGMENT_MAX
+"""About how many messages `Store.requeue` moves, or `Store.drop_queue` deletes, per
+transaction: whole segments, and no more than 8 MiB of them (though always one segment,
+however large)."""
+_CHUNK_BYTES = 8 * SEGMENT_BYTES
 _ROWS_PER_FETCH = 16  # segments read at a time while filling a buffer (a few are mostly enough)
 _SMALL_ROW = 64 * 1024  # past a segment this large, a read with a byte budget fetches one at a time
 _OUTBOX = (
@@ -414,42 +415,49 @@ class Store:
             self._next_seq = new + 1
         return new
 
-    def drop_queue(self, queue: str) -> int:
-        """Delete every message of ``queue``; how many there were."""
-        with self._lock:
-            segments = [s for s in self._segments_of(queue) if not s.damaged]  # damaged ones stay, for an operator
-            n = sum(len(s.messages) for s in segments)
-            self._forget_locked([(s.first, s.size) for s in segments])
-        return n
+    def drop_queue(self, queue: str, chunk: int = CHUNK_MESSAGES) -> int:
+        """Delete every message of ``queue``; how many there were. A chunk at a time, as
+        `requeue` moves them (damaged segments stay, for an operator). Raises `StoreError`
+        if a read or write fails: the chunks deleted before it stay deleted."""
+        return self._by_chunks(queue, chunk, self._drop_locked)
 
-    def requeue(self, source: str, target: str, chunk: int = REQUEUE_CHUNK) -> int:
+    def requeue(self, source: str, target: str, chunk: int = CHUNK_MESSAGES) -> int:
         """Move every message of ``source`` to the end of ``target``, in order, with no
         attempts counted; how many moved. About ``chunk`` messages (whole segments) move
         per transaction, so a queue of any length moves in bounded memory. Damaged segments
         stay where they are, for an operator. Raises `StoreError` if a read or write fails:
         the chunks moved before it stay moved (a crash part of the way likewise leaves every
         message in one of the two queues, in order); calling it again moves the rest."""
-        moved = 0
+        return self._by_chunks(source, chunk, lambda segments: self._move_locked(segments, target))
+
+    def _by_chunks(self, queue: str, chunk: int, act: Callable[[list[StoredSegment]], int]) -> int:
+        """``act(segments)`` (lock held) on the healthy segments of ``queue`` stored now, about
+        ``chunk`` messages at a time (a queue ``act`` adds to is not visited again); the sum of
+        what it returns."""
+        done = 0
         after = 0
-        last = self._next_seq - 1  # only what is stored now moves: a queue moved onto itself moves once
+        last = self._next_seq - 1
         while True:
             with self._lock:
-                step = self._requeue_chunk(source, target, after, last, chunk)
+                step = self._one_chunk(queue, after, last, chunk, act)
             if step is None:
-                return moved
+                return done
             count, after = step
-            moved += count
+            done += count
 
-    def _requeue_chunk(self, source: str, target: str, after: int, last: int, chunk: int) -> tuple[int, int] | None:
-        """Move the segments of ``source`` after sequence ``after`` (up to ``last``), about
-        ``chunk`` messages, in one transaction (lock held): how many moved and where the
-        next chunk begins; None when none is left. (A method of its own: one chunk in
-        memory at a time.)"""
-        segments = [s for s in self._read_segments(source, after, chunk, _REQUEUE_BYTES) if s.first <= last]
+    def _one_chunk(self, queue: str, after: int, last: int, chunk: int,
+                   act: Callable[[list[StoredSegment]], int]) -> tuple[int, int] | None:
+        """`_by_chunks`'s step: what ``act`` returned, and where the next chunk begins; None
+        when none is left. (A method of its own: one chunk in memory at a time.)"""
+        segments = [s for s in self._read_segments(queue, after, chunk, _CHUNK_BYTES) if s.first <= last]
         if not segments:
             return None
-        after = segments[-1].first  # (not by its count: a damaged segment's may be wrong)
-        segments = [s for s in segments if not s.damaged]
+        # (the next chunk begins past this one's first message: a damaged segment's count may be wrong)
+        return act([s for s in segments if not s.damaged]), segments[-1].first
+
+    def _move_locked(self, segments: list[StoredSegment], target: str) -> int:
+        """Store the messages of ``segments`` anew at the end of ``target`` and delete the
+        segments, in one transaction; how many moved."""
         first = self._next_seq
         rows = []
         for segment in segments:
@@ -464,7 +472,11 @@ class Store:
             ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans),
             ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)])
         self._next_seq = first
-        return sum(r[2] for r in rows), after
+        return sum(r[2] for r in rows)
+
+    def _drop_locked(self, segments: list[StoredSegment]) -> int:
+        self._forget_locked([(s.first, s.size) for s in segments])
+        return sum(len(s.messages) for s in segments)
 
     def _forget_locked(self, segments: list[tuple[int, int]]) -> None:
         spans = [(f, f + c - 1) for f, c in segments]
@@ -490,9 +502,6 @@ class Store:
             rows = self._read("SELECT length(items) FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq LIMIT 1",
                               (queue, after))
         return int(rows[0][0]) if rows else None
-
-    def _segments_of(self, queue: str) -> list[StoredSegment]:
-        return self._read_segments(queue, 0, None)
 
     def _read_segments(self, queue: str, after: int, limit: int | None,
                        max_bytes: int | None = None, at_least_one: bool = True) -> list[StoredSegment]:
