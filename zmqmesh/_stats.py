@@ -60,18 +60,11 @@ class Stats:
         self._names: dict[tuple[str, str], NameCounts] = {}
         self._latency: dict[str, list[float]] = {}  # service -> per-bucket counts, then sum, count
 
-    # (the counters that request paths write per call take the lock by acquire and release:
-    # a ``with`` block costs twice as much, and they are called once or twice per request)
-
     def add(self, pattern: str, counter: str, count: int = 1) -> None:
         """Add ``count`` to a pattern's counter from any thread (under a lock)."""
         key = (pattern, counter)
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             self._shared[key] = self._shared.get(key, 0) + count
-        finally:
-            lock.release()
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count an input dropped for ``reason`` (malformed, oversized, unknown sender...)."""
@@ -86,16 +79,12 @@ class Stats:
 
     def count_name(self, pattern: str, direction: str, name: str | bytes, count: int = 1) -> None:
         """Add ``count`` messages under ``name`` from any thread (under the lock)."""
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             counts = self._names.get((pattern, direction))
             if counts is not None and name in counts:
                 counts[name] += count
             else:
                 self._names_of(pattern, direction).add(name, count)
-        finally:
-            lock.release()
 
     def _names_of(self, pattern: str, direction: str) -> NameCounts:
         counts = self._names.get((pattern, direction))
@@ -105,9 +94,7 @@ class Stats:
 
     def observe_request(self, service: str, seconds: float) -> None:
         """Record how long a call of ``service`` took, until its answer."""
-        lock = self._lock
-        lock.acquire()
-        try:
+        with self._lock:
             buckets = self._latency.get(service)
             if buckets is None:
                 if len(self._latency) >= MAX_NAMES:
@@ -116,8 +103,6 @@ class Stats:
             buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
             buckets[-2] += seconds
             buckets[-1] += 1
-        finally:
-            lock.release()
 
     def forget_peer(self, peer_id: str) -> None:
         """Drop the counters kept for a departed peer (a stranger's fresh ids must not

@@ -93,16 +93,19 @@ def fetch_plan(engine: Engine, fetch: Fetch, timeout: float = 10.0) -> Plan:
                         time.monotonic() + timeout, fetch.node_id, None, engine.stats)
 
 
-_LONGEST_S = sys.float_info.max  # (NaN fails every comparison: one chained one rejects it, and infinity)
+_LONGEST_S = sys.float_info.max  # (NaN fails every comparison, so the chained check rejects it, as it does infinity)
 
 
 def check_timeout(value: Any, name: str = "timeout") -> float:
     """``value`` as seconds to wait: a finite number >= 0. Raises `ConfigError` (a
-    `ValueError`) for anything else: NaN, a negative or infinite number, a non-number."""
+    `ValueError`) for anything else: NaN, a negative or infinite number, one too large
+    for a float, a non-number."""
     if (type(value) is float or type(value) is int) and 0 <= value <= _LONGEST_S:  # (the common case, per call)
         return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= _LONGEST_S:
-        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r:.60}")
+        shown = repr(value)
+        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got "
+                          f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
     return float(value)
 
 
