@@ -76,3 +76,19 @@ def test_run_forever_wants_the_main_thread(mesh: dict[str, Any]) -> None:
     t.join(10)
     assert raised and isinstance(raised[0], zmqmesh.ZmqMeshError)
     assert not node.running
+
+
+def test_a_stop_flag_is_raised_from_a_signal_handler_and_waited_on() -> None:
+    """The tools' stop flag: a SIGALRM handler raises it while the main thread waits (a
+    `threading.Event` set there can deadlock); unraised, a wait ends at its timeout."""
+    from zmqmesh.tools.stop_flag import StopFlag
+
+    flag = StopFlag()
+    assert flag.wait(0.05) is False and not flag.is_set()
+    previous = signal.signal(signal.SIGALRM, flag.set)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        assert flag.wait(5) is True and flag.is_set()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -30,7 +30,7 @@ from .message import Peer
 
 __all__ = ["Node"]
 
-_RUN_POLL_S = 0.5  # how often run_forever looks whether the node was stopped meanwhile
+_RUN_POLL_S = 0.05  # how often run_forever looks whether it was signalled, or the node was stopped meanwhile
 
 
 class Node(NodeBase):
@@ -134,11 +134,14 @@ class Node(NodeBase):
         if threading.current_thread() is not threading.main_thread():
             raise ZmqMeshError("run_forever() handles SIGINT and SIGTERM: call it from the main thread")
         self.start()
-        signalled = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: signalled.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # (a flag, not a threading.Event: an Event's set() in a signal handler can wait
+        # forever for the lock its own thread holds inside Event.wait())
+        signalled: list[int] = []
+        previous = {sig: signal.signal(sig, lambda signum, _frame: signalled.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while self.running and not signalled.wait(_RUN_POLL_S):
-                pass
+            while self.running and not signalled:
+                time.sleep(_RUN_POLL_S)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -26,7 +26,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +43,7 @@ from zmqmesh import (
 )
 
 from .jsonview import dumps, peer_dict
+from .stop_flag import StopFlag
 
 __all__ = ["main"]
 
@@ -192,7 +192,7 @@ def _table(peers: list[Peer]) -> str:
 
 def _peers(args: argparse.Namespace) -> int:
     node = _node(args, "zmqmesh-peers")
-    stop = threading.Event()
+    stop = StopFlag()
     if args.watch and args.json:  # one JSON object per line, nothing else on stdout
         node.on_join(lambda p: print(dumps({"event": "join", **peer_dict(p)}), flush=True))
         node.on_leave(lambda p: print(dumps({"event": "leave", **peer_dict(p)}), flush=True))
@@ -210,7 +210,7 @@ def _peers(args: argparse.Namespace) -> int:
         else:
             print(f"no peers found in mesh {node.config.mesh!r} within {args.wait} s", flush=True)
         if args.watch:
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGTERM, stop.set)
             print("watching joins and leaves (Ctrl-C to stop)", file=sys.stderr if args.json else sys.stdout,
                   flush=True)
             stop.wait(args.duration)
@@ -230,7 +230,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    done = threading.Event()
+    done = StopFlag()
     seen = [0]
     node = _node(args, "zmqmesh-subscribe")
 
@@ -242,7 +242,7 @@ def _subscribe(args: argparse.Namespace) -> int:
         if args.count is not None and seen[0] >= args.count:
             done.set()
 
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGTERM, done.set)
     with node:
         print(f"subscribed to {args.prefix!r}", flush=True)
         done.wait(args.timeout)
@@ -287,11 +287,11 @@ def _push_durable(args: argparse.Namespace, data: Any) -> int:
 
 
 def _keep(args: argparse.Namespace) -> int:
-    stop = threading.Event()
+    stop = StopFlag()
     node = _node(args, "zmqmesh-keeper", store=args.store)
     for queue in args.queues:
         node.keep(queue)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, stop.set)
     with node:
         print(f"keeping {', '.join(repr(q) for q in args.queues)} in {args.store} (Ctrl-C to stop)", flush=True)
         stop.wait()

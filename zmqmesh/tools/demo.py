@@ -26,6 +26,8 @@ from typing import Any
 
 from zmqmesh import Message, Node, Peer, RemoteError
 
+from .stop_flag import StopFlag
+
 __all__ = ["run_demo", "run_role"]
 
 PAIRS = ("EURUSD", "GBPUSD", "USDJPY")
@@ -40,9 +42,9 @@ def _say(who: str, text: str) -> None:
 
 def run_role(role: str, mesh: str, beacon_port: int) -> None:
     """Body of one demo process (``python -m zmqmesh.tools.demo ROLE``)."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop.set)
+    signal.signal(signal.SIGINT, stop.set)
     node = Node(role, mesh=mesh, beacon_port=beacon_port)
     prices: dict[str, float] = {}
 
