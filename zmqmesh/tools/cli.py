@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     peers = sub.add_parser("peers", parents=[mesh], help="join the mesh briefly and list its nodes")
     peers.add_argument("--json", action="store_true", help="print JSON instead of a table")
     peers.add_argument("--watch", action="store_true", help="then follow joins and leaves until Ctrl-C")
-    peers.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)
+    peers.add_argument("--duration", type=_seconds_or_zero, default=None, help=argparse.SUPPRESS)
 
     publish = sub.add_parser("publish", parents=[mesh], help="publish one message")
     publish.add_argument("topic")

@@ -31,7 +31,9 @@ class StopFlag:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Return True once the flag is raised (checked every 50 ms), or False after
-        ``timeout`` seconds (None: no limit)."""
+        ``timeout`` seconds (None: no limit; NaN, like 0, looks once)."""
+        if timeout is not None and not timeout >= 0:  # (NaN: no wait, as threading.Event's)
+            timeout = 0.0
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._raised:
             left = _SLICE_S if deadline is None else min(_SLICE_S, deadline - time.monotonic())
