@@ -45,6 +45,7 @@ import threading
 import time
 
 import zmqmesh
+from zmqmesh.tools.stop_flag import StopFlag
 
 _OUT = threading.Lock()
 
@@ -119,9 +120,9 @@ def main() -> None:
     born = time.monotonic()
     max_life = float(spec.get("max_life", 600))
 
-    stop = threading.Event()
+    stop = StopFlag()  # (set by the SIGTERM handler: a threading.Event there can deadlock)
     quiesce = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, stop.set)
 
     def control() -> None:
         for line in sys.stdin:

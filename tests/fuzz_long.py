@@ -54,6 +54,8 @@ import msgpack
 import zmq
 from helpers import free_udp_port
 
+from zmqmesh.tools.stop_flag import StopFlag
+
 T = TypeVar("T")
 
 BROADCAST = "127.255.255.255"  # beacons go to loopback broadcast only, never anywhere else
@@ -1106,8 +1108,8 @@ def serve(config_json: str) -> int:
     node.pull("q", lambda msg: None)
     node.pull("aq", lambda msg: None, at_least_once=True)
     node.subscribe("t", lambda msg: None)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopFlag()  # (a signal handler raises it: a threading.Event set there can deadlock)
+    signal.signal(signal.SIGTERM, stop.set)
     node.start()
     print("READY " + json.dumps({"id": node.id, "endpoints": node.endpoints, "internals": node_internals(node)}), flush=True)
     while not stop.wait(0.1):

@@ -38,6 +38,7 @@ import time
 from typing import Any
 
 from zmqmesh.tools.jsonview import peer_dict  # imports nothing that touches the network
+from zmqmesh.tools.stop_flag import StopFlag
 
 EXIT_REFUSED = 3
 _OUT = threading.Lock()
@@ -147,8 +148,8 @@ def main() -> None:
     node.on_join(lambda p: emit({"ev": "join", "t": time.monotonic(), "peer": peer_dict(p)}))
     node.on_leave(lambda p: emit({"ev": "leave", "t": time.monotonic(), "peer": peer_dict(p)}))
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopFlag()  # (a signal handler raises it: a threading.Event set there can deadlock)
+    signal.signal(signal.SIGTERM, stop.set)
     node.start()
     emit({"ev": "ready", "t": time.monotonic(), "id": node.id, "endpoints": node.endpoints})
 

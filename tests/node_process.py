@@ -22,6 +22,7 @@ import threading
 import time
 
 import zmqmesh
+from zmqmesh.tools.stop_flag import StopFlag
 
 
 def say(*parts: object) -> None:
@@ -78,8 +79,8 @@ def main() -> None:
     options = spec.get("options", {})
     if "seeds" in options:
         options["seeds"] = tuple(options["seeds"])
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopFlag()  # (a signal handler raises it: a threading.Event set there can deadlock)
+    signal.signal(signal.SIGTERM, stop.set)
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     if spec.get("kind") == "async":
         asyncio.run(run_async(spec, options, stop))

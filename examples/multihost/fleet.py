@@ -31,8 +31,9 @@ from collections import Counter
 from typing import Any
 
 import zmqmesh
+from zmqmesh.tools.stop_flag import StopFlag
 
-STOP = threading.Event()
+STOP = StopFlag()  # (a signal handler raises it: a threading.Event set there can deadlock)
 
 
 def say(role: str, text: str) -> None:
@@ -131,7 +132,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="producer: how long to wait for them")
     args = parser.parse_args()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: STOP.set())
+        signal.signal(sig, STOP.set)
     if args.role == "anchor":
         anchor()
     elif args.role == "worker":
