@@ -62,8 +62,8 @@ class Stats:
 
     def add(self, pattern: str, counter: str, count: int = 1) -> None:
         """Add ``count`` to a pattern's counter from any thread (under a lock)."""
-        key = (pattern, counter)
         with self._lock:
+            key = (pattern, counter)
             self._shared[key] = self._shared.get(key, 0) + count
 
     def reject(self, reason: str, count: int = 1) -> None:
@@ -80,11 +80,7 @@ class Stats:
     def count_name(self, pattern: str, direction: str, name: str | bytes, count: int = 1) -> None:
         """Add ``count`` messages under ``name`` from any thread (under the lock)."""
         with self._lock:
-            counts = self._names.get((pattern, direction))
-            if counts is not None and name in counts:
-                counts[name] += count
-            else:
-                self._names_of(pattern, direction).add(name, count)
+            self._names_of(pattern, direction).add(name, count)
 
     def _names_of(self, pattern: str, direction: str) -> NameCounts:
         counts = self._names.get((pattern, direction))

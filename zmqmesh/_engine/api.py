@@ -100,13 +100,13 @@ def check_timeout(value: Any, name: str = "timeout") -> float:
     """``value`` as seconds to wait: a finite number >= 0. Raises `ConfigError` (a
     `ValueError`) for anything else: NaN, a negative or infinite number, one too large
     for a float, a non-number."""
-    if (type(value) is float or type(value) is int) and 0 <= value <= _LONGEST_S:  # (the common case, per call)
+    # (exact types first: the common case, per call, skips the isinstance checks)
+    number = type(value) is float or type(value) is int or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if number and 0 <= value <= _LONGEST_S:
         return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= _LONGEST_S:
-        shown = repr(value)
-        raise ConfigError(f"{name} must be a finite number of seconds >= 0, got "
-                          f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
-    return float(value)
+    shown = repr(value)
+    raise ConfigError(f"{name} must be a finite number of seconds >= 0, got "
+                      f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
 
 
 def check_window(window: Any) -> int:

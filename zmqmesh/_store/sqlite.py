@@ -475,6 +475,7 @@ class Store:
         return sum(r[2] for r in rows)
 
     def _drop_locked(self, segments: list[StoredSegment]) -> int:
+        """Delete ``segments`` in one transaction; how many unsettled messages they held."""
         self._forget_locked([(s.first, s.size) for s in segments])
         return sum(len(s.messages) for s in segments)
 
