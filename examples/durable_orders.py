@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -128,6 +129,7 @@ def main(count: int) -> int:
           f"{repeats} redelivery(ies) absorbed by the idempotency keys")
     if done_charged == done_shipped == count:
         print("nothing lost, nothing charged twice")
+        shutil.rmtree(directory, ignore_errors=True)
         return 0
     print(f"state kept in {directory}")
     return 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -100,7 +101,8 @@ def durable_fanout(events: int = 300) -> None:
     for proc in procs.values():
         proc.join(10)
     if any(count != events for count in counts.values()):
-        raise SystemExit(f"notifications missing: {counts} of {events}")
+        raise SystemExit(f"notifications missing: {counts} of {events}; the logs and the store are in {log_dir}")
+    shutil.rmtree(log_dir, ignore_errors=True)
     print(f" accounts: {events} events reached every channel durably, the restarted sms worker included: {counts}")
 
 

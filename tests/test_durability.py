@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -399,8 +400,11 @@ def test_a_keeper_keeps_the_attempts_of_what_it_is_handed(tmp_path: Path, mesh: 
     assert got == [(n, f"order-{n}", n, {"k": "v"}) for n in range(3)]
 
 
-def zmqmesh_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "zmqmesh", *args], capture_output=True, text=True, timeout=timeout)
+def zmqmesh_cli(*args: str, timeout: float = 30, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``zmqmesh ARGS``; ``tmpdir``: where its temporary files go (``TMPDIR``)."""
+    env = None if tmpdir is None else {**os.environ, "TMPDIR": str(tmpdir)}
+    return subprocess.run([sys.executable, "-m", "zmqmesh", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def test_the_command_line_pushes_durably_through_a_keeper_and_manages_dead_letters(
@@ -423,9 +427,12 @@ def test_the_command_line_pushes_durably_through_a_keeper_and_manages_dead_lette
         keeper.wait(15)
     assert stored(keeper_store) == 1
     alone = zmqmesh_cli("push", "orders", '{"id": 2}', "--durable", "--timeout", "0.5", "--mesh", "nobody-here",
-                        "--beacon-port", str(mesh["beacon_port"]))
+                        "--beacon-port", str(mesh["beacon_port"]), tmpdir=tmp_path)
     assert alone.returncode == 1
-    assert "no puller or keeper" in alone.stderr and "kept in the store" in alone.stderr
+    assert "no puller or keeper" in alone.stderr
+    kept = re.search(r"kept in the store (\S+)", alone.stderr)
+    assert kept is not None, alone.stderr
+    assert Path(kept[1]).parent == tmp_path and stored(Path(kept[1])) == 1  # the temporary store, named and kept
 
     with sqlite3.connect(keeper_store / "zmqmesh.db") as db:  # make its message a dead letter
         db.execute("UPDATE outbox SET queue = 'orders.dead'")  # (the store's layout: a test may know it)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -26,17 +27,14 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_example_script(script: str) -> None:
-    env_port = {"ZMQMESH_BEACON_PORT": str(free_udp_port())}
-    import os
-
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=120, env={**os.environ, **env_port}
-    )
+def test_example_script(script: str, tmp_path: Path) -> None:
+    env = {**os.environ, "ZMQMESH_BEACON_PORT": str(free_udp_port()), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     for text in EXPECTED[script]:
         assert text in result.stdout, f"{text!r} missing from:\n{result.stdout}"
     assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # a run that succeeded leaves no temporary files
 
 
 def launcher(toml: Path) -> subprocess.Popen[str]:
