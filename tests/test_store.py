@@ -164,6 +164,32 @@ def test_a_node_delivers_around_a_damaged_segment_and_counts_it(tmp_path: Path, 
     assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 2
 
 
+@pytest.mark.parametrize("count", [50, 0, -3], ids=["past-the-next-segments", "zero", "negative"])
+def test_a_damaged_segment_with_a_wrong_count_strands_nothing_after_it(tmp_path: Path, mesh: dict[str, Any],
+                                                                       count: int) -> None:
+    """A damaged segment's stored count cannot be trusted: one that claims the numbers of
+    the segments after it must not hide them, and one of zero or less must not be read
+    over and over; the store also numbers new messages after every stored one."""
+    store = Store(tmp_path)
+    for body in ("a", "c", "d"):
+        store.append([("q", entries(body))])
+    store.close()
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        db.execute("UPDATE outbox SET items = ?, count = ? WHERE seq = 1", (b"\xc1", count))
+    store = Store(tmp_path)
+    assert [(s.first, s.size, bool(s.damaged)) for s in store.pending("q")] == [(1, 1, True), (2, 1, False), (3, 1, False)]
+    store.close()
+    got: list[str] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        puller = zmqmesh.Node("puller", **mesh)
+        puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
+        with puller:
+            wait_until(lambda: got == ["c", "d"], 20, "the messages after the damaged segment")
+            pusher.push("q", "e", durable=True)
+            wait_until(lambda: got == ["c", "d", "e"], 20, "a message pushed after the restart")
+            assert pusher.stats()["rejected"]["store_damaged"] == 1
+
+
 def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(tmp_path: Path) -> None:
     """The durable queues over a real store: in one segment of three, the first message is
     acknowledged and the second dead-lettered in the same moment; the third, not yet
@@ -259,6 +285,24 @@ def test_a_whole_queue_is_moved_or_dropped_one_chunk_in_memory_at_a_time(tmp_pat
     assert store.pending("jobs.dead") == []
     ids = [m.id for s in store.pending("jobs", limit=20_000) for m in s.messages]
     assert ids == ([f"id-{k}-{i}" for k in range(48) for i in range(256)] if operation == "requeue" else [])
+    store.close()
+
+
+def test_a_read_with_a_byte_budget_holds_about_that_budget(tmp_path: Path) -> None:
+    """Reading back a queue of large segments within a budget of 2 MiB reads (and then
+    lets go of) at most one segment past it, not a fetch of 16 (16 MiB here)."""
+    store = Store(tmp_path)
+    for k in range(16):
+        store.append([("q", [(f"id-{k}", 1.0, None, bytes([k]) * (1 << 20), 0)])])
+    tracemalloc.start()
+    try:
+        segments = store.pending("q", limit=1024, max_bytes=2 * (1 << 20) + 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s.first for s in segments] == [1, 2]
+    assert [m.body[:1] for s in segments for m in s.messages] == [b"\x00", b"\x01"]
+    assert peak < 8 * (1 << 20), f"{peak / 2**20:.1f} MiB held at once"
     store.close()
 
 

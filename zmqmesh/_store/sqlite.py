@@ -57,8 +57,7 @@ CHUNK_MESSAGES = 16 * SEGMENT_MAX
 transaction: whole segments, and no more than 8 MiB of them (though always one segment,
 however large)."""
 _CHUNK_BYTES = 8 * SEGMENT_BYTES
-_ROWS_PER_FETCH = 16  # segments read at a time while filling a buffer (a few are mostly enough)
-_SMALL_ROW = 64 * 1024  # past a segment this large, a read with a byte budget fetches one at a time
+_ROWS_PER_FETCH = 16  # segments read at a time without a byte budget (a few are mostly enough)
 _OUTBOX = (
     # durable messages this node owns until pullers acknowledge them (or a keeper takes
     # them), in segments: the messages one commit stored for one queue, numbered seq ..
@@ -179,7 +178,9 @@ class StoredSegment(NamedTuple):
 
     first: int
     size: int
-    """How many messages it was stored with (numbered ``first`` .. ``first + size - 1``)."""
+    """How many messages it was stored with (numbered ``first`` .. ``first + size - 1``).
+    A damaged segment's stored count may be wrong: its size is then at least 1 and never
+    reaches the queue's next segment."""
     messages: list[StoredMessage]
     damaged: str | None = None
     """Why its messages cannot be read (then none are given); the segment stays stored."""
@@ -274,7 +275,7 @@ class Store:
             if version < SCHEMA_VERSION:
                 _migrate(db, version)
             self.stream_id = str(db.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0])
-            last = db.execute("SELECT seq + count FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+            last = db.execute("SELECT seq + max(count, 1) FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
             self._next_seq = int(last[0]) if last else 1
             self._handled_serial = int(db.execute("SELECT ifnull(max(at), 0) + 1 FROM handled").fetchone()[0])
         except StoreError:
@@ -516,7 +517,7 @@ class Store:
         for a, b in self._read("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)):
             settled.update(range(a, b + 1))
         segments = []
-        for first, count, items in rows:
+        for index, (first, count, items) in enumerate(rows):
             try:
                 entries = msgpack.unpackb(items, raw=False, use_list=False)
                 messages = [stored_message((first + i, queue, msg_id, ts, headers, body, 0, first, False))
@@ -528,10 +529,17 @@ class Store:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 _check_entries(entries)
             except Exception as exc:
-                segments.append(StoredSegment(first, count, [], f"damaged segment {first} ({count} messages): {exc}"))
+                following = rows[index + 1][0] if index + 1 < len(rows) else self._first_after(queue, first)
+                span = max(count, 1) if following is None else min(max(count, 1), following - first)
+                segments.append(StoredSegment(first, span, [], f"damaged segment {first} ({count} messages): {exc}"))
                 continue
             segments.append(StoredSegment(first, count, messages))
         return segments
+
+    def _first_after(self, queue: str, seq: int) -> int | None:
+        """The first sequence number of ``queue``'s next segment after ``seq`` (lock held)."""
+        rows = self._read("SELECT seq FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq LIMIT 1", (queue, seq))
+        return int(rows[0][0]) if rows else None
 
     def last_seq(self) -> int:
         """The highest outbox sequence number given so far in this run (0 for none)."""
@@ -541,7 +549,7 @@ class Store:
     def queue_tails(self) -> dict[str, int]:
         """Every queue with a segment stored, and the sequence number of its last message."""
         with self._lock:
-            rows = self._read("SELECT queue, max(seq + count - 1) FROM outbox GROUP BY queue")
+            rows = self._read("SELECT queue, max(seq + max(count, 1) - 1) FROM outbox GROUP BY queue")
         return {queue: int(last) for queue, last in rows}
 
     def queues(self) -> dict[str, dict[str, Any]]:
@@ -628,14 +636,14 @@ class Store:
             rows: list[Any] = []
             total = size = 0
             most = max_bytes if max_bytes is not None else float("inf")
-            # (a row fetched is in memory: one at a time once they are large)
-            at_a_time = _ROWS_PER_FETCH
+            # (a row fetched is in memory: with a byte budget, one at a time, so that at most
+            # one segment past the budget is read and let go)
+            at_a_time = _ROWS_PER_FETCH if max_bytes is None else 1
             try:
                 while total < messages and size < most and (fetched := cursor.fetchmany(at_a_time)):
                     for row in fetched:
                         if max_bytes is not None:
                             size += len(row[2])
-                            at_a_time = 1 if len(row[2]) > _SMALL_ROW else at_a_time
                             if size > max_bytes and (rows or not at_least_one):
                                 return rows  # (this row would pass the budget)
                         rows.append(row)
