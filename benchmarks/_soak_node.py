@@ -45,7 +45,7 @@ import threading
 import time
 
 import zmqmesh
-from zmqmesh.tools.stop_flag import StopFlag
+from zmqmesh import StopFlag
 
 _OUT = threading.Lock()
 

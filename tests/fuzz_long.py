@@ -54,7 +54,7 @@ import msgpack
 import zmq
 from helpers import free_udp_port
 
-from zmqmesh.tools.stop_flag import StopFlag
+from zmqmesh import StopFlag
 
 T = TypeVar("T")
 
@@ -1112,8 +1112,7 @@ def serve(config_json: str) -> int:
     signal.signal(signal.SIGTERM, stop.set)
     node.start()
     print("READY " + json.dumps({"id": node.id, "endpoints": node.endpoints, "internals": node_internals(node)}), flush=True)
-    while not stop.wait(0.1):
-        pass
+    stop.wait()
     final = report()
     started = time.monotonic()
     node.stop()

@@ -37,8 +37,8 @@ import threading
 import time
 from typing import Any
 
+from zmqmesh import StopFlag
 from zmqmesh.tools.jsonview import peer_dict  # imports nothing that touches the network
-from zmqmesh.tools.stop_flag import StopFlag
 
 EXIT_REFUSED = 3
 _OUT = threading.Lock()
@@ -176,8 +176,7 @@ def main() -> None:
         stop.set()
 
     threading.Thread(target=commands, name="commands", daemon=True).start()
-    while not stop.wait(0.05):
-        pass
+    stop.wait()
     node.stop()
     emit({"ev": "stopped", "t": time.monotonic()})
 

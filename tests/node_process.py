@@ -22,7 +22,7 @@ import threading
 import time
 
 import zmqmesh
-from zmqmesh.tools.stop_flag import StopFlag
+from zmqmesh import StopFlag
 
 
 def say(*parts: object) -> None:
@@ -92,8 +92,7 @@ def main() -> None:
         node.join(group)
     say("ENDPOINTS", json.dumps(node.endpoints))
     say("READY", node.id, node.endpoints["mailbox"])
-    while not stop.wait(0.05):
-        pass
+    stop.wait()
     node.stop()
     say("STOPPED")
 

@@ -79,16 +79,56 @@ def test_run_forever_wants_the_main_thread(mesh: dict[str, Any]) -> None:
 
 
 def test_a_stop_flag_is_raised_from_a_signal_handler_and_waited_on() -> None:
-    """The tools' stop flag: a SIGALRM handler raises it while the main thread waits (a
-    `threading.Event` set there can deadlock); unraised, a wait ends at its timeout."""
-    from zmqmesh.tools.stop_flag import StopFlag
+    """A SIGALRM handler raises the flag while the main thread waits without a timeout (a
+    `threading.Event` set there can deadlock); unraised, a wait ends at its timeout, and
+    NaN, like 0, looks once."""
+    from zmqmesh import StopFlag
 
     flag = StopFlag()
-    assert flag.wait(0.05) is False and not flag.is_set()
+    assert flag.wait(0.05) is False and flag.wait(float("nan")) is False and not flag.is_set()
     previous = signal.signal(signal.SIGALRM, flag.set)
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.1)
-        assert flag.wait(5) is True and flag.is_set()
+        assert flag.wait() is True and flag.is_set()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    assert flag.wait(0) is True  # raised once, raised for good
+
+
+def _voluntary_switches() -> int:
+    import threading
+
+    with open(f"/proc/self/task/{threading.get_native_id()}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_a_stop_flag_waits_asleep_and_wakes_when_another_thread_raises_it() -> None:
+    """A wait sleeps until the flag is raised: it does not wake up to look (the flag was
+    polled 20 times a second, which kept every idle node waking up)."""
+    import threading
+
+    from zmqmesh import StopFlag
+
+    flag = StopFlag()
+    before = _voluntary_switches()
+    assert flag.wait(0.5) is False
+    assert _voluntary_switches() - before <= 3  # (polling every 50 ms would be about 10)
+    threading.Timer(0.1, flag.set).start()
+    assert flag.wait(10) is True
+
+
+STOPPED_ELSEWHERE = """
+import sys, threading, zmqmesh
+node = zmqmesh.Node("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+threading.Timer(0.3, node.stop).start()
+node.run_forever()
+print("returned", node.running, flush=True)
+"""
+
+
+def test_run_forever_returns_when_another_thread_stops_the_node(mesh: dict[str, Any]) -> None:
+    result = subprocess.run([sys.executable, "-c", STOPPED_ELSEWHERE, mesh["mesh"], str(mesh["beacon_port"])],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "returned False" in result.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typing
 
 from ._io.curve import generate_keypair, read_public_key, read_secret_key, write_keypair
+from ._io.stop_flag import StopFlag
 from ._observe.prometheus import metrics_text
 from ._store.sqlite import drop_dead_letters, inspect_store, retry_dead_letters
 from ._version import __version__
@@ -61,6 +62,7 @@ __all__ = [
     "retry_dead_letters",
     "drop_dead_letters",
     "metrics_text",
+    "StopFlag",
 ]
 
 

@@ -23,6 +23,7 @@ from ._drivers.thread import (
 )
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
 from ._io.reactor import Reactor, run_on
+from ._io.stop_flag import StopFlag
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
@@ -30,7 +31,8 @@ from .message import Peer
 
 __all__ = ["Node"]
 
-_RUN_POLL_S = 0.05  # how often run_forever looks whether it was signalled, or the node was stopped meanwhile
+_STOP_WAIT_S = 10.0  # past linger_s: how long run_forever waits for a stop begun by another thread
+
 
 
 class Node(NodeBase):
@@ -59,6 +61,7 @@ class Node(NodeBase):
         self._loop: Reactor | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._serving: list[StopFlag] = []  # what run_forever waits on: stop() raises them
 
     def start(self) -> Node:
         """Bind, start discovery and handlers; returns the node.
@@ -108,6 +111,8 @@ class Node(NodeBase):
             self._stopped = True
             return
         with self._lock:
+            for flag in self._serving:
+                flag.set()
             if self._stopped or self._loop is None or self._thread is None:
                 self._stopped = True
                 return
@@ -134,18 +139,23 @@ class Node(NodeBase):
         if threading.current_thread() is not threading.main_thread():
             raise ZmqMeshError("run_forever() handles SIGINT and SIGTERM: call it from the main thread")
         self.start()
-        # (a flag, not a threading.Event: an Event's set() in a signal handler can wait
-        # forever for the lock its own thread holds inside Event.wait())
-        signalled: list[int] = []
-        previous = {sig: signal.signal(sig, lambda signum, _frame: signalled.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        stop = StopFlag()  # (not a threading.Event: see StopFlag)
+        with self._lock:
+            self._serving.append(stop)
+            if self._stopped:  # (stopped by another thread already)
+                stop.set()
+        previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while self.running and not signalled:
-                time.sleep(_RUN_POLL_S)
+            stop.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            with self._lock:
+                self._serving.remove(stop)
+                thread = self._thread
             self.stop()
+            if thread is not None:  # (stopped by another thread: return once it is done)
+                thread.join(self.config.linger_s + _STOP_WAIT_S)
 
     def __enter__(self) -> Node:
         return self.start()

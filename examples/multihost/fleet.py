@@ -31,7 +31,7 @@ from collections import Counter
 from typing import Any
 
 import zmqmesh
-from zmqmesh.tools.stop_flag import StopFlag
+from zmqmesh import StopFlag
 
 STOP = StopFlag()  # (a signal handler raises it: a threading.Event set there can deadlock)
 

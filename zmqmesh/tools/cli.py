@@ -35,6 +35,7 @@ from zmqmesh import (
     Message,
     Node,
     Peer,
+    StopFlag,
     ZmqMeshError,
     __version__,
     drop_dead_letters,
@@ -43,7 +44,6 @@ from zmqmesh import (
 )
 
 from .jsonview import dumps, peer_dict
-from .stop_flag import StopFlag
 
 __all__ = ["main"]
 

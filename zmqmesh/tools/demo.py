@@ -24,9 +24,7 @@ import threading
 import time
 from typing import Any
 
-from zmqmesh import Message, Node, Peer, RemoteError
-
-from .stop_flag import StopFlag
+from zmqmesh import Message, Node, Peer, RemoteError, StopFlag
 
 __all__ = ["run_demo", "run_role"]
 

@@ -38,7 +38,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from .stop_flag import StopFlag
+from zmqmesh import StopFlag
 
 __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
 
@@ -156,7 +156,7 @@ class Launcher:
         self.out = out
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.restarts: dict[str, int] = {s.name: 0 for s in specs}
-        self._stopping = StopFlag()  # (raised by a signal handler: no threading.Event, see stop_flag)
+        self._stopping = StopFlag()  # (raised by a signal handler: no threading.Event, see StopFlag)
         self._lock = threading.Lock()
         self._width = max(len(s.name) for s in specs)
 
