@@ -39,6 +39,8 @@ import netns
 import pytest
 from netns import HostNode, Lab
 
+import zmqmesh
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "multihost"
 HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = 2.0
@@ -358,6 +360,44 @@ def test_partition_is_detected_on_both_sides_and_heals_without_ghosts_or_storms(
     # The first beacon after the heal starts the greeting, which takes milliseconds: a
     # rejoin slower than that waited for stale state (e.g. a half-open connection) to expire.
     assert rejoin < BEACON_INTERVAL_S + 1.5, f"rejoin took {rejoin:.2f} s after the heal"
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_link_behind_live_beacons_is_seen_as_dead(lab: Lab) -> None:
+    """Host b stops passing TCP while its beacons (UDP) still go out: each side must see
+    the other leave within about the peer timeout (the ZMTP heartbeats take the link
+    down; a beacon alone does not keep a peer whose link is dead), stay apart while TCP
+    is blocked, and rejoin once it passes again."""
+    switch = lab.switch()
+    hosts = [lab.host(name) for name in ("a", "b")]
+    for i, host in enumerate(hosts, start=1):
+        lab.wire(host, "eth0", switch, f"10.208.0.{i}/24")
+    options = mesh_options(interface="eth0")
+    a, b = start_all([lab.node(host, f"{host.short}1", options) for host in hosts])
+    wait_full_mesh([a, b], timeout=20)
+
+    # TCP out of b goes to a class that passes 8 bits a second, behind a queue of one
+    # packet: nothing gets through (the kernel here has no tc drop action); UDP passes
+    tc = ["tc", "-n", hosts[1].ns]
+    netns.run([*tc, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"])
+    netns.run([*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit"])
+    netns.run([*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb", "rate", "8bit",
+               "ceil", "8bit"])
+    netns.run([*tc, "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle", "20:", "pfifo", "limit", "1"])
+    cut = time.monotonic()
+    netns.run([*tc, "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+               "match", "ip", "protocol", "6", "0xff", "flowid", "1:20"])
+    a.wait_peers(set(), PEER_TIMEOUT_S + 8, "b to be seen as gone")
+    b.wait_peers(set(), PEER_TIMEOUT_S + 8, "a to be seen as gone")
+    detection = {f"{x.name} saw {y.name} leave": events_between(x, "leave", y)[0]["t"] - cut for x, y in ((a, b), (b, a))}
+    # the link is down within the peer timeout, and the peer gone a grace period later
+    grace = zmqmesh.NodeConfig().disconnect_grace_s
+    assert max(detection.values()) < PEER_TIMEOUT_S + grace + 0.7, f"the dead link was seen too late: {detection}"
+    stays(lambda: not a.joined_ids() and not b.joined_ids(), 2 * BEACON_INTERVAL_S, "the two staying apart", [a, b])
+
+    netns.run([*tc, "qdisc", "del", "dev", "eth0", "root"])
+    wait_full_mesh([a, b], timeout=15)
+    print(f"\ndead link behind live beacons: {detection}")
 
 
 # -- 5. the deployment example ------------------------------------------------------------------

@@ -451,6 +451,7 @@ class Membership:
             self.events.peer_groups_changed(peer)
         elif cmd == Command.PING:
             self.links.send(peer, ZreMessage(Command.PING_OK, 0))
+            self.stats.membership["pings_answered"] += 1
         elif cmd == Command.PING_OK:
             if peer.pings_out:
                 peer.pings_out -= 1
@@ -532,6 +533,7 @@ class Membership:
     def _ping(self, peer: PeerState) -> None:
         if self.links.send(peer, ZreMessage(Command.PING, 0)):
             peer.pings_out += 1
+            self.stats.membership["pings_sent"] += 1
 
     @staticmethod
     def _check_proof(peer: PeerState) -> None:

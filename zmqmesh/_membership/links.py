@@ -59,8 +59,11 @@ class Links:
             zmq.SNDTIMEO: 0,
             zmq.RECONNECT_IVL: 100,
             zmq.RECONNECT_IVL_MAX: 1000,
-            zmq.HEARTBEAT_IVL: int(cfg.heartbeat_interval_s * 1000),
-            zmq.HEARTBEAT_TIMEOUT: int(cfg.peer_timeout_s * 1000),
+            # a link whose peer stopped answering drops within peer_timeout_s: a PING every
+            # half of it, and half of it to answer (beacons and ZRE PINGs watch the process;
+            # these heartbeats, each a wake-up of both I/O threads, only the TCP link)
+            zmq.HEARTBEAT_IVL: int(cfg.peer_timeout_s * 500),
+            zmq.HEARTBEAT_TIMEOUT: int(cfg.peer_timeout_s * 500),
         })
         try:
             peer.monitor = link.get_monitor_socket(_MONITOR_EVENTS)
