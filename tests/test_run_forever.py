@@ -118,6 +118,44 @@ def test_a_stop_flag_waits_asleep_and_wakes_when_another_thread_raises_it() -> N
     assert flag.wait(10) is True
 
 
+def test_a_stop_flag_wakes_every_waiter() -> None:
+    import threading
+
+    from zmqmesh import StopFlag
+
+    flag = StopFlag()
+    woke: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woke.append(flag.wait(10))) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    threading.Timer(0.1, flag.set).start()
+    for waiter in waiters:
+        waiter.join(15)
+    assert woke == [True, True, True]
+
+
+FORKED = """
+import os, signal, sys, time
+from zmqmesh import StopFlag
+raised, fresh = StopFlag(), StopFlag()
+raised.set()
+pid = os.fork()
+if pid == 0:  # the child: a flag raised before the fork stays raised; its own wake-ups work
+    signal.signal(signal.SIGALRM, fresh.set)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    os._exit(0 if raised.wait(0) and fresh.wait(10) else 1)
+_, status = os.waitpid(pid, 0)
+# the parent: the child's set neither raised its flag nor woke it
+print(os.waitstatus_to_exitcode(status), fresh.is_set(), fresh.wait(0.3), flush=True)
+"""
+
+
+def test_a_stop_flag_is_its_own_in_a_forked_child() -> None:
+    result = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "False", "False"]
+
+
 STOPPED_ELSEWHERE = """
 import sys, threading, zmqmesh
 node = zmqmesh.Node("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
@@ -132,3 +170,31 @@ def test_run_forever_returns_when_another_thread_stops_the_node(mesh: dict[str, 
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "returned False" in result.stdout
+
+
+def test_a_node_stopped_before_it_started_stays_stopped(mesh: dict[str, Any]) -> None:
+    """stop() before start(): start() and run_forever() raise NodeClosedError and start no
+    thread (the node used to start anyway, and run_forever then served until a signal);
+    AsyncNode.start() raises too."""
+    import asyncio
+    import threading
+
+    import zmqmesh
+
+    node = zmqmesh.Node("early", **mesh)
+    node.stop()
+    with pytest.raises(zmqmesh.NodeClosedError):
+        node.start()
+    with pytest.raises(zmqmesh.NodeClosedError):
+        node.run_forever()
+    assert not node.running
+    assert not [t.name for t in threading.enumerate() if t.name.endswith("-early")]
+
+    async def main() -> None:
+        anode = zmqmesh.AsyncNode("early-async", **mesh)
+        await anode.stop()
+        with pytest.raises(zmqmesh.NodeClosedError):
+            await anode.start()
+        assert not anode.running
+
+    asyncio.run(main())

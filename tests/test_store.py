@@ -190,6 +190,57 @@ def test_a_damaged_segment_with_a_wrong_count_strands_nothing_after_it(tmp_path:
             assert pusher.stats()["rejected"]["store_damaged"] == 1
 
 
+def test_a_wrong_count_is_bounded_wherever_the_store_reads_one(tmp_path: Path) -> None:
+    """Wherever the store reads a damaged segment's count, it bounds it: the span of one
+    read alone (its next segment not read yet) stops at that segment, and one last in the
+    store at the next number given; a negative count on the last row read neither hides
+    what was settled before it nor lifts the read's limit; queue tails stay below the
+    next number, so a new message is never numbered inside a damaged span."""
+    def damage(directory: Path, seq: int, count: int) -> None:
+        with sqlite3.connect(directory / "zmqmesh.db") as db:
+            db.execute("UPDATE outbox SET items = ?, count = ? WHERE seq = ?", (b"\xc1", count, seq))
+
+    def described(segments: list[Any]) -> list[tuple[int, int, bool, list[str]]]:
+        return [(s.first, s.size, bool(s.damaged), [msgpack.unpackb(m.body) for m in s.messages]) for s in segments]
+
+    one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
+    store = Store(one)
+    for body in ("a", "b", "c"):
+        store.append([("q", entries(body))])
+    store.close()
+    damage(one, 1, 50)
+    store = Store(one)
+    assert described(store.pending("q", limit=1)) == [(1, 1, True, [])]  # (a read of one row: its span from the next)
+    store.close()
+
+    store = Store(two)
+    store.append([("q", entries("a", "b", "c", "d", "e"))])  # 1..5
+    store.append([("q", entries("f"))])  # 6
+    store.forget([], settled=[(4, 5)])  # d and e acknowledged
+    store.append([("r", entries("x"))])  # 7, another queue
+    store.close()
+    damage(two, 6, -3)
+    store = Store(two)
+    assert described(store.pending("q")) == [(1, 5, False, ["a", "b", "c"]), (6, 1, True, [])]
+    store.close()
+
+    store = Store(three)
+    store.append([("q", entries("a"))])  # 1
+    store.append([("r", entries("x"))])  # 2
+    for k in range(10):
+        store.append([("s", entries(str(k)))])  # 3..12
+    store.close()
+    damage(three, 1, 50)
+    damage(three, 3, -10**9)
+    store = Store(three)
+    assert len(store.pending("s", limit=4)) == 4
+    assert described(store.pending("q")) == [(1, 12, True, [])]  # (up to the last number given: 12)
+    assert store.queue_tails()["q"] == 12
+    assert store.append([("q", entries("new"))]) == [(13, 1)]
+    assert described(store.pending("q", after=1)) == [(13, 1, False, ["new"])]
+    store.close()
+
+
 def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(tmp_path: Path) -> None:
     """The durable queues over a real store: in one segment of three, the first message is
     acknowledged and the second dead-lettered in the same moment; the third, not yet

@@ -49,9 +49,9 @@ class AsyncNode(NodeBase):
         that was stopped.
         """
         self._check_process()
+        if self._stopped:  # (also one stopped before it ever started)
+            raise NodeClosedError("a stopped node cannot be started again; create a new one")
         if self._engine.started:
-            if self._stopped:
-                raise NodeClosedError("a stopped node cannot be started again; create a new one")
             self._check_loop()
             return self
         try:

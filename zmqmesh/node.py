@@ -71,9 +71,9 @@ class Node(NodeBase):
         """
         self._check_process()
         with self._lock:
+            if self._stopped:  # (also one stopped before it ever started)
+                raise NodeClosedError("a stopped node cannot be started again; create a new one")
             if self._thread is not None:
-                if self._stopped:
-                    raise NodeClosedError("a stopped node cannot be started again; create a new one")
                 return self
             loop = Reactor()
             thread = threading.Thread(target=self._run_loop, args=(loop,), name=f"zmqmesh-io-{self.name}", daemon=True)
@@ -154,7 +154,7 @@ class Node(NodeBase):
                 self._serving.remove(stop)
                 thread = self._thread
             self.stop()
-            if thread is not None:  # (stopped by another thread: return once it is done)
+            if thread is not None:  # (a stop begun by another thread: return once the I/O thread ended)
                 thread.join(self.config.linger_s + _STOP_WAIT_S)
 
     def __enter__(self) -> Node:

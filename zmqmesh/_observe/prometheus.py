@@ -47,8 +47,8 @@ def families(snapshots: Iterable[Snapshot]) -> list[Any]:
     by_name = core.CounterMetricFamily("zmqmesh_named_messages", "Messages by pattern, direction and "
                                        "topic, queue or service", labels=[*labels, "pattern", "direction", "name"])
     rejected = core.CounterMetricFamily("zmqmesh_rejected", "Inputs dropped, by reason", labels=[*labels, "reason"])
-    membership = core.CounterMetricFamily("zmqmesh_membership_events", "Peers joined and left, strangers "
-                                          "ignored", labels=[*labels, "event"])
+    membership = core.CounterMetricFamily("zmqmesh_membership_events", "Peers joined and left, PINGs sent "
+                                          "and answered, strangers ignored", labels=[*labels, "event"])
     latency = core.HistogramMetricFamily("zmqmesh_request_duration_seconds", "Seconds from a call of a "
                                          "service to its answer", labels=[*labels, "service"])
     peers = core.GaugeMetricFamily("zmqmesh_peers", "Peers present", labels=labels)

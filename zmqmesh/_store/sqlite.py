@@ -511,7 +511,8 @@ class Store:
         rows = self._read(sql, (queue, after), limit or None, max_bytes, at_least_one)
         if not rows:
             return []
-        lo, hi = rows[0][0], rows[-1][0] + rows[-1][1] - 1
+        last_first, last_count = rows[-1][0], rows[-1][1]  # (a damaged count may be wrong: bounded)
+        lo, hi = rows[0][0], last_first + min(max(last_count, 1), self._next_seq - last_first) - 1
         attempts = dict(self._read("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?", (lo, hi)))
         settled: set[int] = set()
         for a, b in self._read("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)):
@@ -530,7 +531,7 @@ class Store:
                 _check_entries(entries)
             except Exception as exc:
                 following = rows[index + 1][0] if index + 1 < len(rows) else self._first_after(queue, first)
-                span = max(count, 1) if following is None else min(max(count, 1), following - first)
+                span = min(max(count, 1), (self._next_seq if following is None else following) - first)
                 segments.append(StoredSegment(first, span, [], f"damaged segment {first} ({count} messages): {exc}"))
                 continue
             segments.append(StoredSegment(first, count, messages))
@@ -550,7 +551,7 @@ class Store:
         """Every queue with a segment stored, and the sequence number of its last message."""
         with self._lock:
             rows = self._read("SELECT queue, max(seq + max(count, 1) - 1) FROM outbox GROUP BY queue")
-        return {queue: int(last) for queue, last in rows}
+        return {queue: min(int(last), self._next_seq - 1) for queue, last in rows}
 
     def queues(self) -> dict[str, dict[str, Any]]:
         """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
@@ -647,7 +648,7 @@ class Store:
                             if size > max_bytes and (rows or not at_least_one):
                                 return rows  # (this row would pass the budget)
                         rows.append(row)
-                        total += row[1]
+                        total += max(row[1], 1)
                         if total >= messages or size >= most:
                             break
             finally:
