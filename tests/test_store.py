@@ -241,6 +241,37 @@ def test_a_wrong_count_is_bounded_wherever_the_store_reads_one(tmp_path: Path) -
     store.close()
 
 
+def test_a_count_out_of_range_is_taken_as_damage_and_bounded(tmp_path: Path) -> None:
+    """A count below 1 marks a segment damaged (one of no message read as healthy left the
+    read back where it was, forever); a queue's tail comes from its last segment, not
+    from an earlier damaged one's count; the summary never sums a count out of range; a
+    huge count at the end of the store cannot push numbering out of SQLite's integers."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    store = Store(one)
+    store.append([("q", entries("a"))])  # 1
+    store.append([("q", entries("b"))])  # 2
+    for body in ("x", "y", "z"):
+        store.append([("r", entries(body))])  # 3..5
+    store.close()
+    with sqlite3.connect(one / "zmqmesh.db") as db:
+        db.execute("UPDATE outbox SET items = ?, count = 0 WHERE seq = 2", (msgpack.packb([]),))
+        db.execute("UPDATE outbox SET items = ?, count = 50 WHERE seq = 1", (b"\xc1",))
+    store = Store(one)
+    assert [(s.first, s.size, bool(s.damaged)) for s in store.pending("q")] == [(1, 1, True), (2, 1, True)]
+    assert store.queue_tails() == {"q": 2, "r": 5}
+    assert inspect_store(one)["queues"]["r"]["messages"] == 3
+    store.close()
+
+    store = Store(two)
+    store.append([("q", entries("a", "b"))])
+    store.close()
+    with sqlite3.connect(two / "zmqmesh.db") as db:
+        db.execute("UPDATE outbox SET items = ?, count = ? WHERE seq = 1", (b"\xc1", 2**63 - 1))
+    store = Store(two)
+    assert store.append([("q", entries("c"))]) == [(1 + SEGMENT_MAX, 1)]
+    store.close()
+
+
 def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(tmp_path: Path) -> None:
     """The durable queues over a real store: in one segment of three, the first message is
     acknowledged and the second dead-lettered in the same moment; the third, not yet

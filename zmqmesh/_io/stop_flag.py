@@ -54,6 +54,7 @@ class StopFlag:
         _LIVE.add(self)
 
     def _open(self) -> None:
+        self._pid = os.getpid()
         self._read_end, self._write_end = os.pipe()
         os.set_blocking(self._read_end, False)
         os.set_blocking(self._write_end, False)
@@ -80,7 +81,8 @@ class StopFlag:
         takes no lock). Never raises."""
         if not self._raised:
             self._raised = True
-            self._wake()
+            if os.getpid() == self._pid:  # (in a child not yet past its fork hook, the pipe is
+                self._wake()              # the parent's: the hook wakes the child's own instead)
 
     def is_set(self) -> bool:
         """Whether the flag was raised."""
@@ -106,5 +108,9 @@ class StopFlag:
                 return self._raised
             # the byte `set` wrote stays in the pipe, so that every waiter wakes (a signal
             # handler's wake ends the poll too: PEP 475)
-            poller.poll(left_ms)
+            if poller.poll(left_ms) and not self._raised:
+                try:  # a byte without the flag raised (none is written so): never spin on it
+                    os.read(self._read_end, 64)
+                except OSError:
+                    pass
         return True

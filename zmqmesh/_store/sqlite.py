@@ -52,6 +52,9 @@ SEGMENT_MAX = 1024
 SEGMENT_BYTES = 1 << 20
 """A segment also closes once its payloads and headers pass this many bytes (a larger
 message is a segment of its own): reading one back whole stays bounded."""
+_COUNT_SQL = f"min(max(count, 1), {SEGMENT_MAX})"
+"""A segment's stored count as the store reckons with it: a healthy segment holds 1 to
+`SEGMENT_MAX` messages, and a damaged one's count may be anything."""
 CHUNK_MESSAGES = 16 * SEGMENT_MAX
 """About how many messages `Store.requeue` moves, or `Store.drop_queue` deletes, per
 transaction: whole segments, and no more than 8 MiB of them (though always one segment,
@@ -275,7 +278,7 @@ class Store:
             if version < SCHEMA_VERSION:
                 _migrate(db, version)
             self.stream_id = str(db.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0])
-            last = db.execute("SELECT seq + max(count, 1) FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+            last = db.execute(f"SELECT seq + {_COUNT_SQL} FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
             self._next_seq = int(last[0]) if last else 1
             self._handled_serial = int(db.execute("SELECT ifnull(max(at), 0) + 1 FROM handled").fetchone()[0])
         except StoreError:
@@ -512,7 +515,7 @@ class Store:
         if not rows:
             return []
         last_first, last_count = rows[-1][0], rows[-1][1]  # (a damaged count may be wrong: bounded)
-        lo, hi = rows[0][0], last_first + min(max(last_count, 1), self._next_seq - last_first) - 1
+        lo, hi = rows[0][0], last_first + min(_sane_count(last_count), self._next_seq - last_first) - 1
         attempts = dict(self._read("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?", (lo, hi)))
         settled: set[int] = set()
         for a, b in self._read("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)):
@@ -526,12 +529,14 @@ class Store:
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
                     messages = [stored_message((*m[:6], attempts[m.seq], first, False)) if m.seq in attempts else m
                                 for m in messages if m.seq not in settled]  # (m[:6]: seq .. body)
+                if count < 1:
+                    raise ValueError("a segment of no message")
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 _check_entries(entries)
             except Exception as exc:
                 following = rows[index + 1][0] if index + 1 < len(rows) else self._first_after(queue, first)
-                span = min(max(count, 1), (self._next_seq if following is None else following) - first)
+                span = min(_sane_count(count), (self._next_seq if following is None else following) - first)
                 segments.append(StoredSegment(first, span, [], f"damaged segment {first} ({count} messages): {exc}"))
                 continue
             segments.append(StoredSegment(first, count, messages))
@@ -550,8 +555,9 @@ class Store:
     def queue_tails(self) -> dict[str, int]:
         """Every queue with a segment stored, and the sequence number of its last message."""
         with self._lock:
-            rows = self._read("SELECT queue, max(seq + max(count, 1) - 1) FROM outbox GROUP BY queue")
-        return {queue: min(int(last), self._next_seq - 1) for queue, last in rows}
+            # (each queue's last segment; SQLite gives the count of the row that max() chose)
+            rows = self._read("SELECT queue, max(seq), count FROM outbox GROUP BY queue")
+            return {queue: last + min(_sane_count(count), self._next_seq - last) - 1 for queue, last, count in rows}
 
     def queues(self) -> dict[str, dict[str, Any]]:
         """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
@@ -648,7 +654,7 @@ class Store:
                             if size > max_bytes and (rows or not at_least_one):
                                 return rows  # (this row would pass the budget)
                         rows.append(row)
-                        total += max(row[1], 1)
+                        total += _sane_count(row[1])
                         if total >= messages or size >= most:
                             break
             finally:
@@ -728,10 +734,15 @@ def _schema_version(db: sqlite3.Connection, path: Path) -> int:
         raise StoreError(f"the store {path} has no valid schema version") from None
 
 
+def _sane_count(count: int) -> int:
+    """A stored count as the store reckons with it (see `_COUNT_SQL`)."""
+    return min(max(count, 1), SEGMENT_MAX)
+
+
 def _queue_summary(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     rows = db.execute(
-        "SELECT queue, sum(count - (SELECT ifnull(sum(hi - lo + 1), 0) FROM settled "
-        "WHERE lo BETWEEN o.seq AND o.seq + o.count - 1)), sum(length(items)), min(ts) "
+        f"SELECT queue, sum({_COUNT_SQL} - (SELECT ifnull(sum(hi - lo + 1), 0) FROM settled "
+        f"WHERE lo BETWEEN o.seq AND o.seq + {_COUNT_SQL} - 1)), sum(length(items)), min(ts) "
         "FROM outbox o GROUP BY queue ORDER BY queue").fetchall()
     return {q: {"messages": n, "bytes": b or 0, "oldest": oldest} for q, n, b, oldest in rows if n}
 
