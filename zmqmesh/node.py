@@ -34,7 +34,6 @@ __all__ = ["Node"]
 _STOP_WAIT_S = 10.0  # past linger_s: how long run_forever waits for a stop begun by another thread
 
 
-
 class Node(NodeBase):
     """A mesh node with a blocking API; its engine runs on a background I/O thread.
 

@@ -182,8 +182,8 @@ class StoredSegment(NamedTuple):
     first: int
     size: int
     """How many messages it was stored with (numbered ``first`` .. ``first + size - 1``).
-    A damaged segment's stored count may be wrong: its size is then at least 1 and never
-    reaches the queue's next segment."""
+    A damaged segment's stored count may be wrong: its size is then 1 to `SEGMENT_MAX`,
+    and never reaches the queue's next segment nor the next number to be given."""
     messages: list[StoredMessage]
     damaged: str | None = None
     """Why its messages cannot be read (then none are given); the segment stays stored."""
