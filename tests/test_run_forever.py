@@ -209,3 +209,32 @@ def test_a_node_stopped_before_it_started_stays_stopped(mesh: dict[str, Any]) ->
         assert not anode.running
 
     asyncio.run(main())
+
+
+SIGNALLED_TWICE = """
+import os, signal, sys, threading, time, zmqmesh
+
+class Node(zmqmesh.Node):
+    def stop(self, timeout=5.0):
+        if not self._stopped:
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, in the middle of the stop
+            time.sleep(0.2)  # (the handler runs meanwhile)
+            super().stop(timeout)
+            print("stopped", self.running, flush=True)
+
+node = Node("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+node.run_forever()
+print("returned", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+"""
+
+
+def test_a_second_signal_during_the_stop_does_not_cut_it_short(mesh: dict[str, Any]) -> None:
+    """run_forever keeps its handlers through the stop: a second Ctrl-C only asks again
+    (it raised KeyboardInterrupt in the middle of the stop), and the previous handler is
+    back once it returns."""
+    result = subprocess.run([sys.executable, "-c", SIGNALLED_TWICE, mesh["mesh"], str(mesh["beacon_port"])],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["stopped False", "returned True"]
+    assert "Traceback" not in result.stderr

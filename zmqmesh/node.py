@@ -131,30 +131,34 @@ class Node(NodeBase):
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
         the node is stopped, then stop it cleanly and return.
 
-        Installs its signal handlers for the time it runs (and restores the previous
-        ones), so it must be called from the main thread: raises `ZmqMeshError` from any
+        Installs its signal handlers for the time it runs, the start and the stop included
+        (a signal then only asks for the stop, once), and restores the previous ones
+        after; so it must be called from the main thread: raises `ZmqMeshError` from any
         other, and what `start` raises.
         """
         if threading.current_thread() is not threading.main_thread():
             raise ZmqMeshError("run_forever() handles SIGINT and SIGTERM: call it from the main thread")
-        self.start()
         stop = StopFlag()  # (not a threading.Event: see StopFlag)
-        with self._lock:
-            self._serving.append(stop)
-            if self._stopped:  # (stopped by another thread already)
-                stop.set()
         previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            stop.wait()
+            try:
+                self.start()
+                with self._lock:
+                    self._serving.append(stop)
+                    if self._stopped:  # (stopped by another thread already)
+                        stop.set()
+                stop.wait()
+            finally:
+                with self._lock:
+                    if stop in self._serving:
+                        self._serving.remove(stop)
+                    thread = self._thread
+                self.stop()
+                if thread is not None:  # (a stop begun by another thread: return once the I/O thread ended)
+                    thread.join(self.config.linger_s + _STOP_WAIT_S)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            with self._lock:
-                self._serving.remove(stop)
-                thread = self._thread
-            self.stop()
-            if thread is not None:  # (a stop begun by another thread: return once the I/O thread ended)
-                thread.join(self.config.linger_s + _STOP_WAIT_S)
 
     def __enter__(self) -> Node:
         return self.start()
