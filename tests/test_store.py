@@ -23,6 +23,16 @@ def entries(*names: str) -> list[tuple[str, float, bytes | None, bytes, int]]:
     return [(f"id-{n}", 1000.0 + i, None, msgpack.packb(n), 0) for i, n in enumerate(names)]
 
 
+def damage(directory: Path, seq: int, items: bytes = b"\xc1", count: int | None = None) -> None:
+    """Overwrite the segment at ``seq`` in the closed store at ``directory`` (its items, and
+    its stored count if given), as a disk fault or a foreign writer could."""
+    with sqlite3.connect(directory / "zmqmesh.db") as db:
+        if count is None:
+            db.execute("UPDATE outbox SET items = ? WHERE seq = ?", (items, seq))
+        else:
+            db.execute("UPDATE outbox SET items = ?, count = ? WHERE seq = ?", (items, count, seq))
+
+
 def live(store: Store, queue: str) -> list[tuple[str, int]]:
     return [(msgpack.unpackb(m.body), m.attempts) for s in store.pending(queue, limit=10_000) for m in s.messages]
 
@@ -134,8 +144,7 @@ def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_pa
     store.append([("q", entries("a", "b"))])
     store.append([("q", entries("c"))])
     store.close()
-    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = ? WHERE seq = 1", (items,))
+    damage(tmp_path, 1, items)
     store = Store(tmp_path)
     damaged, good = store.pending("q")
     assert damaged.messages == [] and "damaged segment 1 (2 messages)" in (damaged.damaged or "")
@@ -152,8 +161,7 @@ def test_a_node_delivers_around_a_damaged_segment_and_counts_it(tmp_path: Path, 
     store.append([("q", entries("a", "b"))])
     store.append([("q", entries("c"))])
     store.close()
-    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = ? WHERE seq = 1", (items,))
+    damage(tmp_path, 1, items)
     got: list[str] = []
     with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
         puller = zmqmesh.Node("puller", **mesh)
@@ -174,8 +182,7 @@ def test_a_damaged_segment_with_a_wrong_count_strands_nothing_after_it(tmp_path:
     for body in ("a", "c", "d"):
         store.append([("q", entries(body))])
     store.close()
-    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = ?, count = ? WHERE seq = 1", (b"\xc1", count))
+    damage(tmp_path, 1, count=count)
     store = Store(tmp_path)
     assert [(s.first, s.size, bool(s.damaged)) for s in store.pending("q")] == [(1, 1, True), (2, 1, False), (3, 1, False)]
     store.close()
@@ -196,10 +203,6 @@ def test_a_wrong_count_is_bounded_wherever_the_store_reads_one(tmp_path: Path) -
     store at the next number given; a negative count on the last row read neither hides
     what was settled before it nor lifts the read's limit; queue tails stay below the
     next number, so a new message is never numbered inside a damaged span."""
-    def damage(directory: Path, seq: int, count: int) -> None:
-        with sqlite3.connect(directory / "zmqmesh.db") as db:
-            db.execute("UPDATE outbox SET items = ?, count = ? WHERE seq = ?", (b"\xc1", count, seq))
-
     def described(segments: list[Any]) -> list[tuple[int, int, bool, list[str]]]:
         return [(s.first, s.size, bool(s.damaged), [msgpack.unpackb(m.body) for m in s.messages]) for s in segments]
 
@@ -208,7 +211,7 @@ def test_a_wrong_count_is_bounded_wherever_the_store_reads_one(tmp_path: Path) -
     for body in ("a", "b", "c"):
         store.append([("q", entries(body))])
     store.close()
-    damage(one, 1, 50)
+    damage(one, 1, count=50)
     store = Store(one)
     assert described(store.pending("q", limit=1)) == [(1, 1, True, [])]  # (a read of one row: its span from the next)
     store.close()
@@ -219,7 +222,7 @@ def test_a_wrong_count_is_bounded_wherever_the_store_reads_one(tmp_path: Path) -
     store.forget([], settled=[(4, 5)])  # d and e acknowledged
     store.append([("r", entries("x"))])  # 7, another queue
     store.close()
-    damage(two, 6, -3)
+    damage(two, 6, count=-3)
     store = Store(two)
     assert described(store.pending("q")) == [(1, 5, False, ["a", "b", "c"]), (6, 1, True, [])]
     store.close()
@@ -230,8 +233,8 @@ def test_a_wrong_count_is_bounded_wherever_the_store_reads_one(tmp_path: Path) -
     for k in range(10):
         store.append([("s", entries(str(k)))])  # 3..12
     store.close()
-    damage(three, 1, 50)
-    damage(three, 3, -10**9)
+    damage(three, 1, count=50)
+    damage(three, 3, count=-10**9)
     store = Store(three)
     assert len(store.pending("s", limit=4)) == 4
     assert described(store.pending("q")) == [(1, 12, True, [])]  # (up to the last number given: 12)
@@ -253,9 +256,8 @@ def test_a_count_out_of_range_is_taken_as_damage_and_bounded(tmp_path: Path) -> 
     for body in ("x", "y", "z"):
         store.append([("r", entries(body))])  # 3..5
     store.close()
-    with sqlite3.connect(one / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = ?, count = 0 WHERE seq = 2", (msgpack.packb([]),))
-        db.execute("UPDATE outbox SET items = ?, count = 50 WHERE seq = 1", (b"\xc1",))
+    damage(one, 2, msgpack.packb([]), count=0)
+    damage(one, 1, count=50)
     store = Store(one)
     assert [(s.first, s.size, bool(s.damaged)) for s in store.pending("q")] == [(1, 1, True), (2, 1, True)]
     assert store.queue_tails() == {"q": 2, "r": 5}
@@ -265,8 +267,7 @@ def test_a_count_out_of_range_is_taken_as_damage_and_bounded(tmp_path: Path) -> 
     store = Store(two)
     store.append([("q", entries("a", "b"))])
     store.close()
-    with sqlite3.connect(two / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = ?, count = ? WHERE seq = 1", (b"\xc1", 2**63 - 1))
+    damage(two, 1, count=2**63 - 1)
     store = Store(two)
     assert store.append([("q", entries("c"))]) == [(1 + SEGMENT_MAX, 1)]
     store.close()
@@ -334,8 +335,7 @@ def test_a_requeue_moves_a_queue_chunk_by_chunk_in_order(tmp_path: Path) -> None
         store.append([("jobs.dead", entries(*(f"{k}-{i}" for i in range(3))))])
     store.append([("jobs", entries("first"))])
     store.close()
-    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = ?, count = 1000 WHERE seq = 4", (b"\xc1",))  # (its count is wrong too)
+    damage(tmp_path, 4, count=1000)  # (its count is wrong too)
     store = Store(tmp_path)
     assert store.requeue("jobs.dead", "jobs", chunk=4) == 12  # two segments (6 messages) per transaction
     assert [body for body, _ in live(store, "jobs")] == ["first", *(f"{k}-{i}" for k in (0, 2, 3, 4) for i in range(3))]
@@ -393,8 +393,7 @@ def test_a_drop_goes_chunk_by_chunk_past_a_damaged_segment(tmp_path: Path) -> No
     for k in range(5):
         store.append([("q", entries(*(f"{k}-{i}" for i in range(3))))])
     store.close()
-    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
-        db.execute("UPDATE outbox SET items = ?, count = 1000 WHERE seq = 4", (b"\xc1",))
+    damage(tmp_path, 4, count=1000)
     store = Store(tmp_path)
     assert store.drop_queue("q", chunk=4) == 12
     (kept,) = store.pending("q")

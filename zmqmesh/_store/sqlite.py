@@ -504,9 +504,15 @@ class Store:
         """The packed size of ``queue``'s first segment after sequence ``after`` (None if
         there is none), read without reading the segment."""
         with self._lock:
-            rows = self._read("SELECT length(items) FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq LIMIT 1",
-                              (queue, after))
-        return int(rows[0][0]) if rows else None
+            following = self._next_segment(queue, after)
+        return None if following is None else following[1]
+
+    def _next_segment(self, queue: str, after: int) -> tuple[int, int] | None:
+        """``(first sequence number, packed size)`` of ``queue``'s first segment after
+        ``after``, read without reading the segment; None if there is none (lock held)."""
+        rows = self._read("SELECT seq, length(items) FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq LIMIT 1",
+                          (queue, after))
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
     def _read_segments(self, queue: str, after: int, limit: int | None,
                        max_bytes: int | None = None, at_least_one: bool = True) -> list[StoredSegment]:
@@ -514,8 +520,8 @@ class Store:
         rows = self._read(sql, (queue, after), limit or None, max_bytes, at_least_one)
         if not rows:
             return []
-        last_first, last_count = rows[-1][0], rows[-1][1]  # (a damaged count may be wrong: bounded)
-        lo, hi = rows[0][0], last_first + min(_sane_count(last_count), self._next_seq - last_first) - 1
+        last_first = rows[-1][0]
+        lo, hi = rows[0][0], last_first + _span(last_first, rows[-1][1], self._next_seq) - 1
         attempts = dict(self._read("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?", (lo, hi)))
         settled: set[int] = set()
         for a, b in self._read("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)):
@@ -535,17 +541,21 @@ class Store:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 _check_entries(entries)
             except Exception as exc:
-                following = rows[index + 1][0] if index + 1 < len(rows) else self._first_after(queue, first)
-                span = min(_sane_count(count), (self._next_seq if following is None else following) - first)
-                segments.append(StoredSegment(first, span, [], f"damaged segment {first} ({count} messages): {exc}"))
+                segments.append(self._damaged(queue, rows, index, exc))
                 continue
             segments.append(StoredSegment(first, count, messages))
         return segments
 
-    def _first_after(self, queue: str, seq: int) -> int | None:
-        """The first sequence number of ``queue``'s next segment after ``seq`` (lock held)."""
-        rows = self._read("SELECT seq FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq LIMIT 1", (queue, seq))
-        return int(rows[0][0]) if rows else None
+    def _damaged(self, queue: str, rows: list[Any], index: int, why: Exception) -> StoredSegment:
+        """The segment of ``rows[index]``, which cannot be read: why, and the numbers it may
+        hold, short of its queue's next segment (its count may be wrong; lock held)."""
+        first, count = rows[index][0], rows[index][1]
+        if index + 1 < len(rows):
+            before = rows[index + 1][0]
+        else:
+            following = self._next_segment(queue, first)
+            before = self._next_seq if following is None else following[0]
+        return StoredSegment(first, _span(first, count, before), [], f"damaged segment {first} ({count} messages): {why}")
 
     def last_seq(self) -> int:
         """The highest outbox sequence number given so far in this run (0 for none)."""
@@ -557,7 +567,7 @@ class Store:
         with self._lock:
             # (each queue's last segment; SQLite gives the count of the row that max() chose)
             rows = self._read("SELECT queue, max(seq), count FROM outbox GROUP BY queue")
-            return {queue: last + min(_sane_count(count), self._next_seq - last) - 1 for queue, last, count in rows}
+            return {queue: last + _span(last, count, self._next_seq) - 1 for queue, last, count in rows}
 
     def queues(self) -> dict[str, dict[str, Any]]:
         """Every queue with messages: ``{queue: {messages, bytes, oldest}}``."""
@@ -737,6 +747,13 @@ def _schema_version(db: sqlite3.Connection, path: Path) -> int:
 def _sane_count(count: int) -> int:
     """A stored count as the store reckons with it (see `_COUNT_SQL`)."""
     return min(max(count, 1), SEGMENT_MAX)
+
+
+def _span(first: int, count: int, before: int) -> int:
+    """How many numbers the segment at ``first`` stored with ``count`` may hold: its count
+    as the store reckons with it, short of ``before`` (its queue's next segment, or the
+    next number to be given), since a damaged segment's count may be anything."""
+    return min(_sane_count(count), before - first)
 
 
 def _queue_summary(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
