@@ -88,11 +88,12 @@ def _take(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size
     within `BATCH_BYTES` (a single large item goes alone); the batch's size after."""
     while len(items) < n and source:
         item = source[0]
-        if items and size + len(item.body if type(item) is StoredMessage else item) > BATCH_BYTES:
+        stored = type(item) is StoredMessage
+        if items and size + len(item.body if stored else item) > BATCH_BYTES:
             break  # (its payload alone does not fit: no need to wrap it to know)
         if type(item) is RawPayload:  # (at-least-once items are msgpack)
             item = item.encoded()
-        part = wrap(item, again or (type(item) is StoredMessage and (item.attempts > 0 or item.recovered)))
+        part = wrap(item, again or (stored and (item.attempts > 0 or item.recovered)))
         if items and size + len(part) > BATCH_BYTES:
             break
         source.popleft()
