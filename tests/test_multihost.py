@@ -376,14 +376,15 @@ def test_a_dead_link_behind_live_beacons_is_seen_as_dead(lab: Lab) -> None:
     a, b = start_all([lab.node(host, f"{host.short}1", options) for host in hosts])
     wait_full_mesh([a, b], timeout=20)
 
-    # TCP out of b goes to a class that passes 8 bits a second, behind a queue of one
-    # packet: nothing gets through (the kernel here has no tc drop action); UDP passes
+    # TCP out of b goes to a class of 8 bits a second and no burst (htb's default burst
+    # lets the first 1.6 kB through), behind a queue that holds no packet: nothing gets
+    # through (the kernel here has no tc drop action); UDP passes
     tc = ["tc", "-n", hosts[1].ns]
     netns.run([*tc, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"])
     netns.run([*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit"])
     netns.run([*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb", "rate", "8bit",
-               "ceil", "8bit"])
-    netns.run([*tc, "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle", "20:", "pfifo", "limit", "1"])
+               "ceil", "8bit", "burst", "1", "cburst", "1"])
+    netns.run([*tc, "qdisc", "add", "dev", "eth0", "parent", "1:20", "handle", "20:", "pfifo", "limit", "0"])
     cut = time.monotonic()
     netns.run([*tc, "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
                "match", "ip", "protocol", "6", "0xff", "flowid", "1:20"])
