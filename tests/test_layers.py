@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -20,6 +21,7 @@ from zmqmesh._membership.detector import FailureDetector
 from zmqmesh._membership.peer import PeerState
 from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
+from zmqmesh._patterns.pipeline import take_batch
 from zmqmesh._patterns.reqrep import Exchange, request_plan
 from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from zmqmesh._stats import Stats
@@ -100,6 +102,33 @@ def test_codec_writes_large_bytes_exactly_as_msgpack_does_and_keeps_the_limit() 
     with pytest.raises(zmqmesh.MessageTooLargeError):
         codec.encode(os.urandom((1 << 20) - 4))  # with its 5-byte header, one byte too many
     assert codec.encode(bytearray(b"x" * 20_000)) == msgpack.packb(b"x" * 20_000)  # not bytes: msgpack's path
+
+
+def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
+    """The send queue is cut into frames: at most ``limit`` messages, at most BATCH_BYTES
+    unless one alone is larger, a large payload alone, headed messages sized with their
+    headers; nothing is lost or reordered, whichever path (all plain, or mixed) cuts it."""
+    headed = frames.Headed(b"h" * 10)
+    headed.headers = b"\x80" * 5000
+    raw = frames.RawPayload(b"r" * frames.LARGE_FRAME)
+    big = b"b" * (frames.BATCH_BYTES + 1)
+    plain = [bytes([i % 251]) * 40 for i in range(700)]
+    items: list[Any] = [*plain[:300], headed, *plain[300:310], raw, big, *plain[310:]]
+    q = deque(items)
+    cuts: list[list[Any]] = []
+    while q:
+        bodies, size = take_batch(q, 256)
+        assert bodies and len(bodies) <= 256
+        assert size == sum(frames.wire_size(b) for b in bodies)
+        assert size <= frames.BATCH_BYTES or len(bodies) == 1
+        assert raw not in bodies or bodies == [raw]
+        cuts.append(bodies)
+    assert [b for cut in cuts for b in cut] == items
+    assert [len(c) for c in cuts[:2]] == [256, 44 + 1 + 10]  # the mixed cut: headed and plain ones together
+    assert [raw] in cuts and [big] in cuts
+    many = deque([b"x" * 1000] * 200)  # plain, but past BATCH_BYTES together
+    bodies, size = take_batch(many, 256)
+    assert len(bodies) == frames.BATCH_BYTES // 1000 and len(many) == 200 - len(bodies)
 
 
 def test_a_batch_frame_cut_anywhere_inside_its_last_object_is_refused_as_truncated() -> None:

@@ -129,6 +129,8 @@ class AsyncNode(NodeBase):
         if durable:
             await self._commit_durable(queue, (data,), headers)
             return
+        if self._pushed_at_once(queue, data, headers, timeout):
+            return
         body, q = self._encode_push(queue, data, headers, timeout)
         if q is None:
             q = await self._runner.run(self._push_plan(queue, self._push_deadline(timeout)))

@@ -530,6 +530,25 @@ class NodeBase:
             check_timeout(timeout)
         return body, self._push_queue(queue)
 
+    def _pushed_at_once(self, queue: str, data: Any, headers: dict[str, str] | None,
+                        timeout: float | None) -> bool:
+        """Queue ``data`` for ``queue`` in one step and return True when the common case
+        holds: a running node, no headers and no trace, a payload that is not large, a
+        puller, room. False, with nothing done, when `push`'s general path must take it.
+        Raises `ConfigError` for a bad ``timeout``, and as `_encode` does."""
+        if timeout is not None:
+            check_timeout(timeout)
+        engine = self._engine
+        if headers or tracing.active is not None or engine.closed or self._forks != _FORKS[0]:
+            return False
+        q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
+        if (q is None or len(q) >= self.config.send_queue_max or not engine.directory.offers["queues"].get(queue)
+                or (type(data) is bytes and len(data) >= LARGE_FRAME)):
+            return False
+        q.append(engine.codec.encode(data))
+        engine.outbound.wake()  # type: ignore[union-attr]
+        return True
+
     def _push_queue(self, queue: str) -> deque[bytes] | None:
         """The send queue of ``queue`` if it takes messages right now; None when the socket,
         a puller or room is missing (then `_push_plan` waits)."""

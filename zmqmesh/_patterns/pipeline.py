@@ -31,13 +31,36 @@ from ..config import NodeConfig
 from ..errors import ZmqMeshError
 from .pubsub import meta_frame, split_headed
 
-__all__ = ["Pusher", "MAX_PUSH_SOCKETS"]
+__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "take_batch"]
 
 log = logging.getLogger("zmqmesh.pipeline")
 
 
 MAX_PUSH_SOCKETS = 512
 """PUSH sockets (one per queue pushed to) a node keeps open at most."""
+
+
+def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
+    """The messages at the front of ``q`` that go in one frame, taken off it, and their
+    wire size: at most ``limit`` (at least one), within `BATCH_BYTES` unless one alone is
+    larger; a `RawPayload` goes alone. Pops, never iterates: callers' threads append to
+    ``q`` while the loop runs this."""
+    popleft = q.popleft
+    bodies = [popleft() for _ in range(min(limit, len(q)))]
+    size = sum(map(len, bodies))
+    if size <= BATCH_BYTES and len(set(map(type, bodies))) == 1 and type(bodies[0]) is bytes:
+        return bodies, size  # the common case, checked at C speed
+    q.extendleft(reversed(bodies))  # back at the front, in order: one by one, then
+    bodies = []
+    size = 0
+    while q:
+        head: Any = q[0]
+        grown = size + wire_size(head)
+        if bodies and (len(bodies) >= limit or grown > BATCH_BYTES or type(head) is RawPayload):
+            break
+        bodies.append(popleft())
+        size = grown
+    return bodies, size
 
 
 class Pusher:
@@ -129,18 +152,8 @@ class Pusher:
         pullers = max(1, len(self.directory.providers("queues", queue)))
         limit = max(1, min(MAX_BATCH_ITEMS, len(q) // pullers))
         while q:
-            n = 0
-            size = 0
-            bodies: list[bytes] = []
-            # pop, never iterate: callers' threads append to q while the loop runs this
-            while q:
-                head: Any = q[0]
-                grown = size + wire_size(head)
-                if n and (n >= limit or grown > BATCH_BYTES or type(head) is RawPayload):  # (a raw one goes alone)
-                    break
-                bodies.append(q.popleft())
-                n += 1
-                size = grown
+            bodies, size = take_batch(q, limit)
+            n = len(bodies)
             headed = False
             if Headed in map(type, bodies):  # C-level: no per-message cost without headers
                 bodies, rest, headed = split_headed(bodies)
@@ -156,7 +169,7 @@ class Pusher:
             else:
                 frames = [name, uuid, payload]
             if headed:
-                frames.append(meta_frame(bodies, self._sequence))  # type: ignore[arg-type]
+                frames.append(meta_frame(bodies, self._sequence))
             try:
                 send_frames(sock, frames, copy=size < LARGE_FRAME)
             except zmq.ZMQError as exc:
