@@ -258,6 +258,12 @@ def zm_push(
                 if mode == "large":
                     for _ in range(lo, hi):
                         push(QUEUE, blob)
+                elif mode == "bare" and flavor == "many":
+                    for start in range(lo, hi, 256):
+                        node.push_many(QUEUE, [BARE] * (min(start + 256, hi) - start))
+                elif mode == "bare":
+                    for _ in range(lo, hi):
+                        push(QUEUE, BARE)
                 elif flavor in ("durable_batch", "many"):  # (durable: one transaction per 256 messages)
                     for start in range(lo, hi, 256):
                         node.push_many(QUEUE, [{"id": i, "payload": PAYLOAD} for i in range(start, min(start + 256, hi))],

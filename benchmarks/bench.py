@@ -313,6 +313,10 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"])),
         _m("zm_push_many", "Node.push_many(256 msgs) -> @pull (def)",
            lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], flavor="many")),
+        _m("zm_push_bare", "Node.push 64 bare bytes -> @pull (def)",
+           lambda t, p: trial_push(t, "zm", "bare", p["push_n"], p["push_warm"])),
+        _m("zm_push_many_bare", "Node.push_many(256 x 64 bare bytes) -> @pull (def)",
+           lambda t, p: trial_push(t, "zm", "bare", p["push_n"], p["push_warm"], flavor="many")),
         _m("zm_push_async", "await AsyncNode.push -> @pull (async def)",
            lambda t, p: trial_push(t, "zm", "msgpack", p["push_n"], p["push_warm"], use_async=True)),
         _m("raw_push_64k", "pyzmq PUSH/PULL 64 KiB, copy=False",
@@ -461,6 +465,11 @@ SCENARIOS: dict[str, list[Figure]] = {
     "push_sync": [
         Figure("push_sync/msgpack", "64 B msgpack dict: Node.push -> @pull vs pyzmq+msgpack", "zm_push_sync", "raw_push_msgpack", "msgs_per_s", "msgs/s", True, 0.9, _push_extra),
         Figure("push_sync/bare", "64 B msgpack dict: Node.push -> @pull vs pyzmq bare 64 B", "zm_push_sync", "raw_push_bare", "msgs_per_s", "msgs/s", True, 1.0),
+    ],
+    "push_bare": [
+        Figure("push_bare", "64 bare bytes: Node.push -> @pull vs pyzmq bare 64 B", "zm_push_bare", "raw_push_bare", "msgs_per_s", "msgs/s", True, 0.8),
+        Figure("push_many_bare", "64 bare bytes: Node.push_many(256) -> @pull vs pyzmq bare 64 B single sends",
+               "zm_push_many_bare", "raw_push_bare", "msgs_per_s", "msgs/s", True, 2.0),
     ],
     "push_many": [
         Figure("push_many/bare", "64 B msgpack dicts: Node.push_many(256) -> @pull vs pyzmq bare 64 B single sends",
