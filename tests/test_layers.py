@@ -93,15 +93,18 @@ def test_the_failure_detector_pings_then_expires_and_waits_out_a_dropped_link() 
     assert not detector.still_disconnected(linked)
 
 
-def test_codec_writes_large_bytes_exactly_as_msgpack_does_and_keeps_the_limit() -> None:
+def test_codec_writes_bytes_exactly_as_msgpack_does_and_keeps_the_limit() -> None:
     codec = Codec(1 << 20)
-    for size in (0, 16 * 1024 - 1, 16 * 1024, 0xFFFF, 0x10000, (1 << 20) - 5):
+    for size in (0, 1, 64, 255, 256, 16 * 1024 - 1, 16 * 1024, 0xFFFF, 0x10000, (1 << 20) - 5):
         data = os.urandom(size)
         assert codec.encode(data) == msgpack.packb(data, use_bin_type=True), size
         assert codec.decode(codec.encode(data)) == data
     with pytest.raises(zmqmesh.MessageTooLargeError):
         codec.encode(os.urandom((1 << 20) - 4))  # with its 5-byte header, one byte too many
     assert codec.encode(bytearray(b"x" * 20_000)) == msgpack.packb(b"x" * 20_000)  # not bytes: msgpack's path
+    assert Codec(10).encode(b"x" * 8) == msgpack.packb(b"x" * 8)  # a small bin, to the limit and no further
+    with pytest.raises(zmqmesh.MessageTooLargeError):
+        Codec(10).encode(b"x" * 9)
 
 
 def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:

@@ -46,7 +46,8 @@ def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
     larger; a `RawPayload` goes alone. Pops, never iterates: callers' threads append to
     ``q`` while the loop runs this."""
     popleft = q.popleft
-    bodies = [popleft() for _ in range(min(limit, len(q)))]
+    fit = BATCH_BYTES // max(1, wire_size(q[0]))  # (as many as fit if all were the head's size)
+    bodies = [popleft() for _ in range(max(1, min(limit, len(q), fit)))]
     size = sum(map(len, bodies))
     if size <= BATCH_BYTES and len(set(map(type, bodies))) == 1 and type(bodies[0]) is bytes:
         return bodies, size  # the common case, checked at C speed

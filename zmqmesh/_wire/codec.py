@@ -39,6 +39,7 @@ def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, 
     return b"".join((_ARRAY6, _TRUE if redelivered else _FALSE, body, id_and_time, headers or _NIL,
                      _FIXINT[attempts] if 0 <= attempts < 128 else msgpack.packb(attempts)))
 
+_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, by the length it heads
 _LARGE_BIN = 16 * 1024  # from here on, `Codec.encode` makes a bin itself (`msgpack_bin`)
 
 _DECODE_ERRORS = (ValueError, TypeError, msgpack.UnpackException, OverflowError, RecursionError)
@@ -81,9 +82,13 @@ class Codec:
 
     def encode(self, data: Any) -> bytes:
         """Encode one payload. Raises `TypeError` for unencodable data, `MessageTooLargeError` if too big."""
-        if type(data) is bytes and len(data) >= _LARGE_BIN:  # (msgpack's Packer: 2.6x the time at 1 MiB)
-            self._check_bin(len(data))
-            return msgpack_bin(data)
+        if type(data) is bytes:
+            size = len(data)
+            if size < 256 and size + 2 <= self.max_message_bytes:
+                return _BIN8[size] + data  # (msgpack's bin 8, as its Packer writes it, in half the time)
+            if size >= _LARGE_BIN:  # (msgpack's Packer: 2.6x the time at 1 MiB)
+                self._check_bin(size)
+                return msgpack_bin(data)
         try:
             packer = self._local.packer
         except AttributeError:
