@@ -304,6 +304,9 @@ def zm_push(
                 if mode == "large":
                     for _ in range(lo, hi):
                         await push(QUEUE, blob)
+                elif mode == "bare":
+                    for _ in range(lo, hi):
+                        await push(QUEUE, BARE)
                 elif flavor in ("durable_tasks", "alo_tasks"):
                     # TASKS tasks in lockstep (the loop resumes them in order): the puller still
                     # sees the ids in order, and each pass of the loop is one group commit

@@ -132,6 +132,8 @@ def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
     many = deque([b"x" * 1000] * 200)  # plain, but past BATCH_BYTES together
     bodies, size = take_batch(many, 256)
     assert len(bodies) == frames.BATCH_BYTES // 1000 and len(many) == 200 - len(bodies)
+    mixed = deque([b"m" * 5000, *[b"t" * 10] * 300])  # a large head does not shrink the frame of the small ones
+    assert len(take_batch(mixed, 256)[0]) == 256
 
 
 def test_a_batch_frame_cut_anywhere_inside_its_last_object_is_refused_as_truncated() -> None:

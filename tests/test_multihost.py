@@ -376,9 +376,9 @@ def test_a_dead_link_behind_live_beacons_is_seen_as_dead(lab: Lab) -> None:
     a, b = start_all([lab.node(host, f"{host.short}1", options) for host in hosts])
     wait_full_mesh([a, b], timeout=20)
 
-    # TCP out of b goes to a class of 8 bits a second and no burst (htb's default burst
-    # lets the first 1.6 kB through), behind a queue that holds no packet: nothing gets
-    # through (the kernel here has no tc drop action); UDP passes
+    # TCP out of b goes to a class whose queue holds no packet, so every one is dropped
+    # (the kernel here has no tc drop action); UDP passes. (A queue of one packet let
+    # htb's default burst, 1.6 kB, through: the class has no burst either.)
     tc = ["tc", "-n", hosts[1].ns]
     netns.run([*tc, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10"])
     netns.run([*tc, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit"])

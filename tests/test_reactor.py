@@ -105,6 +105,18 @@ def test_calls_from_many_threads_all_arrive(reactor: Reactor) -> None:
     assert run_on(reactor, lambda: count[0], timeout=5) == 8000
 
 
+def test_a_callback_from_another_thread_runs_whenever_it_comes(reactor: Reactor) -> None:
+    """The loop writes itself no wake-up byte while it runs callbacks, only when it may
+    sleep: a callback posted at any moment of its turn must still run, with nothing
+    else to wake it (this loop has no timers: it would sleep for good)."""
+    for i in range(500):
+        done = threading.Event()
+        reactor.call_soon_threadsafe(done.set)
+        assert done.wait(2), f"round {i}: a callback posted from another thread was left waiting"
+        if i % 4 == 0:
+            time.sleep(0.0002)  # (now and then the loop is asleep when the next comes)
+
+
 def test_a_closed_reactor_refuses_work() -> None:
     loop = Reactor()
     loop.close()

@@ -535,9 +535,8 @@ class NodeBase:
         """Queue ``data`` for ``queue`` in one step and return True when the common case
         holds: a running node, no headers and no trace, a payload that is not large, a
         puller, room. False, with nothing done, when `push`'s general path must take it.
-        Raises `ConfigError` for a bad ``timeout``, and as `_encode` does."""
-        if timeout is not None:
-            check_timeout(timeout)
+        Raises as that path does, in the same order: `TypeError` or `MessageTooLargeError`
+        for ``data``, then `ConfigError` for a bad ``timeout``."""
         engine = self._engine
         if headers or tracing.active is not None or engine.closed or self._forks != _FORKS[0]:
             return False
@@ -545,7 +544,10 @@ class NodeBase:
         if (q is None or len(q) >= self.config.send_queue_max or not engine.directory.offers["queues"].get(queue)
                 or (type(data) is bytes and len(data) >= LARGE_FRAME)):
             return False
-        q.append(engine.codec.encode(data))
+        body = engine.codec.encode(data)
+        if timeout is not None:
+            check_timeout(timeout)
+        q.append(body)
         engine.outbound.wake()  # type: ignore[union-attr]
         return True
 

@@ -96,6 +96,10 @@ class Reactor:
         self._order = itertools.count()
         self._stopping = False
         self._closed = False
+        # True from just before the loop looks at its ready callbacks until its poll
+        # returns: only then may it sleep, so only then does another thread's callback
+        # need a wake-up byte (a write that also hands the GIL to the loop thread)
+        self._may_sleep = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -132,6 +136,8 @@ class Reactor:
         if self._closed:
             raise RuntimeError("the reactor is closed")
         self._ready.append((callback, args))
+        if not self._may_sleep:
+            return  # the loop is busy (or not running yet): it sees this one before it polls
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, InterruptedError):
@@ -178,6 +184,7 @@ class Reactor:
 
     def _run_once(self) -> None:
         timers = self._timers
+        self._may_sleep = True  # (before looking at _ready: see call_soon_threadsafe)
         if self._ready:
             timeout: float | None = 0.0
         elif timers:
@@ -185,7 +192,9 @@ class Reactor:
         else:
             timeout = None
         ready = self._ready
-        for key, _events in self._selector.select(timeout):
+        events = self._selector.select(timeout)
+        self._may_sleep = False
+        for key, _events in events:
             if key.data is None:
                 self._drain_wake()
             else:

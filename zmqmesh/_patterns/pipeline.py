@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import zmq
@@ -41,17 +42,20 @@ MAX_PUSH_SOCKETS = 512
 
 
 def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
-    """The messages at the front of ``q`` that go in one frame, taken off it, and their
-    wire size: at most ``limit`` (at least one), within `BATCH_BYTES` unless one alone is
-    larger; a `RawPayload` goes alone. Pops, never iterates: callers' threads append to
-    ``q`` while the loop runs this."""
+    """The messages at the front of ``q`` (not empty) that go in one frame, taken off it,
+    and their wire size: at most ``limit`` (at least one), within `BATCH_BYTES` unless one
+    alone is larger; a `RawPayload` goes alone. Callers' threads append to ``q`` while the
+    loop runs this: it looks at the front in one C call (``islice``, under the GIL, which
+    no append can interrupt), and takes off only what it keeps."""
     popleft = q.popleft
-    fit = BATCH_BYTES // max(1, wire_size(q[0]))  # (as many as fit if all were the head's size)
-    bodies = [popleft() for _ in range(max(1, min(limit, len(q), fit)))]
-    size = sum(map(len, bodies))
-    if size <= BATCH_BYTES and len(set(map(type, bodies))) == 1 and type(bodies[0]) is bytes:
-        return bodies, size  # the common case, checked at C speed
-    q.extendleft(reversed(bodies))  # back at the front, in order: one by one, then
+    wanted = min(limit, len(q))
+    if BATCH_BYTES // max(1, wire_size(q[0])) >= wanted:  # (all could fit, were they the head's size)
+        bodies = list(islice(q, wanted))
+        size = sum(map(len, bodies))
+        if size <= BATCH_BYTES and len(set(map(type, bodies))) == 1 and type(bodies[0]) is bytes:
+            for _ in range(wanted):  # the common case, checked at C speed
+                popleft()
+            return bodies, size
     bodies = []
     size = 0
     while q:
