@@ -21,7 +21,7 @@ from zmqmesh._membership.detector import FailureDetector
 from zmqmesh._membership.peer import PeerState
 from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
-from zmqmesh._patterns.pipeline import take_batch
+from zmqmesh._patterns.pipeline import cut_frames, take_batch
 from zmqmesh._patterns.reqrep import Exchange, request_plan
 from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from zmqmesh._stats import Stats
@@ -134,6 +134,19 @@ def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
     assert len(bodies) == frames.BATCH_BYTES // 1000 and len(many) == 200 - len(bodies)
     mixed = deque([b"m" * 5000, *[b"t" * 10] * 300])  # a large head does not shrink the frame of the small ones
     assert len(take_batch(mixed, 256)[0]) == 256
+
+
+def test_push_frames_grow_with_a_queue_that_callers_fill_while_they_go_out() -> None:
+    q = deque([b"x"] * 3)
+    sizes = []
+    for bodies, _size in cut_frames(q, 1):
+        sizes.append(len(bodies))
+        if len(sizes) <= 40:
+            q.extend([b"x"] * 300)  # callers queue more while a frame is sent
+    assert sizes[:3] == [3, 256, 256] and len(q) == 0  # (the frame limit as of the first frame: 3 each)
+    assert sum(sizes) == 3 + 40 * 300 and max(sizes) == frames.MAX_BATCH_ITEMS
+    spread = deque([b"y"] * 30)  # what is queued at once is spread over every puller
+    assert [len(b) for b, _ in cut_frames(spread, 3)] == [10, 10, 10]
 
 
 def test_a_batch_frame_cut_anywhere_inside_its_last_object_is_refused_as_truncated() -> None:
