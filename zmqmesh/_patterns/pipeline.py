@@ -72,9 +72,10 @@ def cut_frames(q: deque[Any], pullers: int) -> Iterator[tuple[list[Any], int]]:
     """The frames to send what ``q`` holds in, each cut (`take_batch`) when the last one
     went. ZeroMQ deals whole frames round-robin, so a frame holds at most a ``pullers``-th
     of what is queued, to spread it over them all; callers' threads go on queueing while
-    the frames go out (each send lets them in), so the frames grow with the queue: one
-    that was short when the first was cut does not keep them small (which took every
-    frame's cost per message, on both sides, and halved the rate in one run of three)."""
+    the frames go out (each send lets them in), so the frames grow with the queue. (A
+    limit fixed when the first frame was cut kept every frame as small as that queue
+    was: both sides then paid a frame's cost per few messages, and in some runs the rate
+    fell by half.)"""
     limit = 1
     while q:
         limit = max(limit, min(MAX_BATCH_ITEMS, len(q) // pullers))
