@@ -129,13 +129,11 @@ class AsyncNode(NodeBase):
         if durable:
             await self._commit_durable(queue, (data,), headers)
             return
-        if self._pushed_at_once(queue, data, headers, timeout):
-            return
-        body, q = self._encode_push(queue, data, headers, timeout)
-        if q is None:
+        body = self._push_now(queue, data, headers, timeout)
+        if body is not None:  # (the queue could not take it yet)
             q = await self._runner.run(self._push_plan(queue, self._push_deadline(timeout)))
-        q.append(body)
-        self._engine.outbound.wake()  # type: ignore[union-attr]
+            q.append(body)
+            self._engine.outbound.wake()  # type: ignore[union-attr]
 
     async def push_many(self, queue: str, items: Iterable[Any], timeout: float | None = None, *,
                         durable: bool = False, headers: dict[str, str] | None = None) -> None:

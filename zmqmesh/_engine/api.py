@@ -514,44 +514,37 @@ class NodeBase:
             engine.ensure_running()
         return engine
 
-    def _encode_push(self, queue: str, data: Any, headers: dict[str, str] | None = None,
-                     timeout: float | None = None) -> tuple[bytes | RawPayload, deque[Any] | None]:
-        """The encoded body (large bytes: as they are, a `RawPayload`), and the send queue
-        of ``queue`` if it takes it right now (None when the socket, a puller or room is
-        missing: then `_push_plan` waits)."""
+    def _push_now(self, queue: str, data: Any, headers: dict[str, str] | None = None,
+                  timeout: float | None = None) -> bytes | RawPayload | None:
+        """Encode ``data`` (large bytes: as they are, a `RawPayload`) and queue it on the
+        send queue of ``queue`` if that takes it right now: None then; otherwise the body,
+        for the caller to queue once `_push_plan` got it the socket, a puller or room.
+        Raises `NodeClosedError`, `TypeError`, `MessageTooLargeError`, `ValueError` for
+        bad headers, then `ConfigError` for a bad ``timeout``."""
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
-        if type(data) is bytes and len(data) >= LARGE_FRAME and not headers:
-            body: bytes | RawPayload = self._ready().codec.raw(data)  # travels uncopied
-        else:
-            body = self._encode(data, headers)
-        if timeout is not None:
-            check_timeout(timeout)
-        return body, self._push_queue(queue)
-
-    def _pushed_at_once(self, queue: str, data: Any, headers: dict[str, str] | None,
-                        timeout: float | None) -> bool:
-        """Queue ``data`` for ``queue`` in one step and return True when the common case
-        holds: a running node, no headers and no trace, a payload that is not large, a
-        puller, room. False, with nothing done, when `push`'s general path must take it.
-        Raises as that path does, in the same order: `TypeError` or `MessageTooLargeError`
-        for ``data``, then `ConfigError` for a bad ``timeout``."""
         engine = self._engine
-        if headers or tracing.active is not None or engine.closed or self._forks != _FORKS[0]:
-            return False
-        q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
-        if (q is None or len(q) >= self.config.send_queue_max or not engine.directory.offers["queues"].get(queue)
-                or (type(data) is bytes and len(data) >= LARGE_FRAME)):
-            return False
-        body = engine.codec.encode(data)
+        if engine.closed or self._forks != _FORKS[0]:  # (`_ready`'s test, spared its call per message)
+            engine = self._ready()
+        codec = engine.codec
+        body: bytes | RawPayload
+        if headers or type(data) is not bytes or len(data) < LARGE_FRAME:
+            body = codec.encode(data)
+            if headers:
+                body = self._headed(body, headers)
+        else:
+            body = codec.raw(data)  # travels uncopied
         if timeout is not None:
             check_timeout(timeout)
+        q = self._push_queue(queue)
+        if q is None:
+            return body
         q.append(body)
         engine.outbound.wake()  # type: ignore[union-attr]
-        return True
+        return None
 
-    def _push_queue(self, queue: str) -> deque[bytes] | None:
+    def _push_queue(self, queue: str) -> deque[Any] | None:
         """The send queue of ``queue`` if it takes messages right now; None when the socket,
         a puller or room is missing (then `_push_plan` waits)."""
         engine = self._engine
