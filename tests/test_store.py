@@ -27,10 +27,7 @@ def damage(directory: Path, seq: int, items: bytes = b"\xc1", count: int | None 
     """Overwrite the segment at ``seq`` in the closed store at ``directory`` (its items, and
     its stored count if given), as a disk fault or a foreign writer could."""
     with sqlite3.connect(directory / "zmqmesh.db") as db:
-        if count is None:
-            db.execute("UPDATE outbox SET items = ? WHERE seq = ?", (items, seq))
-        else:
-            db.execute("UPDATE outbox SET items = ?, count = ? WHERE seq = ?", (items, count, seq))
+        db.execute("UPDATE outbox SET items = ?, count = coalesce(?, count) WHERE seq = ?", (items, count, seq))
 
 
 def live(store: Store, queue: str) -> list[tuple[str, int]]:
