@@ -22,9 +22,9 @@ from zmqmesh._membership.peer import PeerState
 from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
 from zmqmesh._patterns.pipeline import cut_frames, take_batch
-from zmqmesh._patterns.reqrep import Exchange, request_plan
+from zmqmesh._patterns.reqrep import Calling, Exchange, QuickRequest, request_plan
 from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
-from zmqmesh._stats import Stats
+from zmqmesh._stats import RequestTally, Stats
 from zmqmesh._wire import frames
 from zmqmesh._wire.codec import Codec
 
@@ -274,6 +274,65 @@ def test_the_request_plan_waits_retries_idempotent_calls_and_decodes_replies() -
     info = codec.encode({"type": "ValueError", "message": "no", "traceback": "tb"})
     with pytest.raises(zmqmesh.RemoteError, match="ValueError: no"):
         failing.send((frames.STATUS_ERROR, info))
+
+
+def test_a_quick_request_takes_the_plans_shortest_path_and_hands_over_to_it() -> None:
+    d = directory()
+    codec = Codec(1 << 20)
+    stats = Stats()
+    a, old = peer(1, {"zmqmesh/svc/add", "zmqmesh/idem/add"}), peer(2, {"zmqmesh/svc/add"})
+    a.headers[frames.HEADER["protocol"]] = str(frames.BATCH_PROTOCOL)
+    calling = Calling(d, codec, stats, "add", b"add", None)
+    tally = RequestTally()
+
+    def quick(body: bytes = codec.encode([1, 2])) -> QuickRequest:
+        now = time.monotonic()
+        return QuickRequest(calling, body, now + 5, now)
+
+    # nobody offers the service: the quick way ends at once, and the plan begins (it waits)
+    call = quick()
+    assert call.advance(None, tally) == (False, None)
+    assert isinstance(next(call.plan()), Until)
+    # a provider of protocol 4: the exchange to send, counted as sent; an OK reply, decoded
+    d.rebuild({}, [a])
+    call = quick()
+    finished, step = call.advance(None, tally)
+    assert not finished and isinstance(step, Exchange) and step.provider.id == a.id and step.compact
+    assert step.frames(b"\x01") == frames.request_frames(b"add", b"\x01", codec.encode([1, 2]), None, True)
+    assert call.advance((frames.STATUS_OK, codec.encode(3)), tally) == (True, 3)
+    assert tally.sent == {"add": 1} and len(tally.waited["add"]) == 1  # (gathered by the driver's thread)
+    stats.add_tally(tally)
+    assert not tally
+    assert stats.snapshot()["names"]["request"]["sent"] == {"add": 1}
+    assert stats.snapshot()["latency"]["add"]["count"] == 1
+    with pytest.raises(zmqmesh.DecodeError):
+        call.advance((frames.STATUS_OK, b"\xc1"), tally)
+    # any other reply ends the quick way: the plan goes on from the exchange that was sent,
+    # without counting it again, and sees the same reply
+    call = quick()
+    call.advance(None, tally)
+    assert call.advance((frames.STATUS_ERROR, codec.encode({"type": "KeyError", "message": "k"})), tally) == (False, None)
+    plan = call.plan()
+    with pytest.raises(zmqmesh.RemoteError, match="KeyError: k"):
+        plan.send((frames.STATUS_ERROR, codec.encode({"type": "KeyError", "message": "k"})))
+    assert stats.snapshot()["latency"]["add"]["count"] == 2  # (answered: the plan saw how long)
+    stats.add_tally(tally)
+    assert stats.snapshot()["names"]["request"]["sent"] == {"add": 2}
+    # so does a failure: an idempotent call lost with its provider is tried again
+    call = quick()
+    call.advance(None, tally)
+    plan = call.plan()
+    d.rebuild({}, [a, old])
+    retried = plan.throw(zmqmesh.PeerLostError("gone", a.id))
+    assert isinstance(retried, Exchange)  # (a new send: counted by the plan)
+    stats.add_tally(tally)
+    assert stats.snapshot()["names"]["request"]["sent"] == {"add": 4}
+    # a provider older than protocol 4, or a body too large to batch: the plan, from its start
+    d.rebuild({}, [old])
+    assert quick().advance(None, tally) == (False, None)
+    d.rebuild({}, [a])
+    assert quick(b"\xc4" + bytes(frames.LARGE_FRAME)).advance(None, tally) == (False, None)
+    assert not tally
 
 
 def test_waits_on_a_node_that_is_not_running_raise_node_closed() -> None:

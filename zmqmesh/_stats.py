@@ -7,7 +7,8 @@ Those are plain ``+=`` on the hot paths. What other threads count (the requests 
 sync `Node`'s calling threads, rejects) goes through `Stats.add` and `Stats.reject`, which
 take a lock, into counters of their own; `snapshot` adds the two up. Counts per name go
 to a `NameCounts` per pattern and direction, added to per frame by its one writer thread
-(or under the lock, from callers' threads); latencies are recorded per call, under the lock.
+(or under the lock, from callers' threads); latencies are recorded per call, under the lock,
+or gathered by a driver in a `RequestTally` and added in one go (`Stats.add_tally`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Stats", "PATTERNS"]
+__all__ = ["Stats", "RequestTally", "PATTERNS"]
 
 PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
 _FIELDS = ("sent", "received", "dropped", "errors")
@@ -44,6 +46,21 @@ class NameCounts(dict[str | bytes, int]):
             if len(self) >= MAX_NAMES:
                 name = OTHER
             self[name] = self.get(name, 0) + count
+
+
+class RequestTally:
+    """Requests sent and how long their callers waited, per service, gathered by one
+    driver's thread without a lock (a lock per request cost more than the rest of a
+    pipelined request's bookkeeping), for `Stats.add_tally` to add up once per pass."""
+
+    __slots__ = ("sent", "waited")
+
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+        self.waited: dict[str, list[float]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.sent or self.waited)
 
 
 class Stats:
@@ -91,14 +108,31 @@ class Stats:
     def observe_request(self, service: str, seconds: float) -> None:
         """Record how long a call of ``service`` took, until its answer."""
         with self._lock:
-            buckets = self._latency.get(service)
-            if buckets is None:
-                if len(self._latency) >= MAX_NAMES:
-                    service = OTHER
-                buckets = self._latency.setdefault(service, [0.0] * (len(LATENCY_BOUNDS) + 3))
+            self._observe(service, (seconds,))
+
+    def add_tally(self, tally: RequestTally) -> None:
+        """Add up what ``tally`` gathered (requests sent per service, latencies), and empty it."""
+        with self._lock:
+            sent = self._names_of("request", "sent")
+            for service, count in tally.sent.items():
+                sent.add(service, count)
+            for service, waited in tally.waited.items():
+                self._observe(service, waited)
+        tally.sent.clear()
+        tally.waited.clear()
+
+    def _observe(self, service: str, waited: Iterable[float]) -> None:
+        buckets = self._latency.get(service)
+        if buckets is None:
+            if len(self._latency) >= MAX_NAMES:
+                service = OTHER
+            buckets = self._latency.setdefault(service, [0.0] * (len(LATENCY_BOUNDS) + 3))
+        count = 0
+        for seconds in waited:
             buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
             buckets[-2] += seconds
-            buckets[-1] += 1
+            count += 1
+        buckets[-1] += count
 
     def forget_peer(self, peer_id: str) -> None:
         """Drop the counters kept for a departed peer (a stranger's fresh ids must not

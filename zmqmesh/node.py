@@ -264,10 +264,10 @@ class Node(NodeBase):
         self._engine.ensure_running()
         requesters = self._engine.requests
         assert isinstance(requesters, ThreadRequesters)
-        plans = self._request_plans(service, items, timeout, peer, headers)
+        calls = self._request_calls(service, items, timeout, peer, headers)
         # items in a sequence are at hand: their requests go in batches; those of an
         # iterator go as they come (its next item may take its time)
-        return run_many(requesters.current().pipelined(), plans, window, at_hand=isinstance(items, Sequence))
+        return run_many(requesters.current().pipelined(), calls, window, at_hand=isinstance(items, Sequence))
 
     def submit(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None,
                *, headers: dict[str, str] | None = None) -> Future[Any]:
@@ -293,7 +293,7 @@ class Node(NodeBase):
         self._engine.ensure_running()
         requesters = self._engine.requests
         assert isinstance(requesters, ThreadRequesters)
-        return requesters.submitter().submit(lambda: self._request_plan(service, data, seconds, peer, headers),
+        return requesters.submitter().submit(lambda: self._request_call(service, data, seconds, peer, headers),
                                              time.monotonic() + seconds)
 
     def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:

@@ -35,8 +35,9 @@ from .._mesh.directory import Provider
 from .._mesh.waiters import Until
 from .._patterns.in_order import InOrder
 from .._patterns.outstanding import Outstanding
-from .._patterns.reqrep import Exchange
+from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import RequestBatches
+from .._stats import RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
@@ -127,11 +128,12 @@ def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: s
 
 
 class Job:
-    """One request plan in flight, and what to call with its outcome (once)."""
+    """One request plan in flight (or a `QuickRequest`, until it becomes one), and what to
+    call with its outcome (once)."""
 
     __slots__ = ("plan", "finish")
 
-    def __init__(self, plan: Plan, finish: Callable[[Any, BaseException | None], None]) -> None:
+    def __init__(self, plan: Plan | QuickRequest, finish: Callable[[Any, BaseException | None], None]) -> None:
         self.plan = plan
         self.finish = finish
 
@@ -152,6 +154,7 @@ class Pipelined:
         self._providers: dict[zmq.Socket[Any], str] = {}
         self._epoch = -1
         self._sent = 0  # (counted into the stats once per pump: they take a lock)
+        self._tally = RequestTally()  # (the same)
         self._batches: RequestBatches[str, Job] = RequestBatches()
 
     def __len__(self) -> int:
@@ -166,8 +169,15 @@ class Pipelined:
         fill a batch, which then goes at once: the jobs of one that cannot go are resumed
         with the error, from here."""
         while True:
+            plan = job.plan
             try:
-                finished, step = advance(job.plan, value, error)
+                if isinstance(plan, QuickRequest):
+                    finished, step = plan.advance(value, self._tally) if error is None else (False, None)
+                    if step is None and not finished:  # the quick way ends: the plan goes on from here
+                        job.plan = plan.plan()
+                        continue
+                else:
+                    finished, step = advance(plan, value, error)
             except Exception as exc:
                 job.finish(None, exc)
                 return
@@ -220,6 +230,8 @@ class Pipelined:
         if self._sent:
             self.engine.stats.add("request", "sent", self._sent)
             self._sent = 0
+        if self._tally:
+            self.engine.stats.add_tally(self._tally)
         if self.engine.closed:
             raise NodeClosedError(_CLOSED)
         self._expire()
@@ -320,7 +332,7 @@ class Submitter:
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-submit-{engine.name}", daemon=True)
         self.thread.start()
 
-    def submit(self, make_plan: Callable[[], Plan], deadline: float) -> Future[Any]:
+    def submit(self, make_plan: Callable[[], Plan | QuickRequest], deadline: float) -> Future[Any]:
         """The future of the outcome of the plan ``make_plan()`` gives, made once there is
         room (back-pressure, until ``deadline``). Raises `MeshTimeoutError` if no room
         frees up, `NodeClosedError`, and what ``make_plan`` raises."""
@@ -455,7 +467,7 @@ def _fail_closed(job: Job) -> None:
     job.finish(None, NodeClosedError(_CLOSED))
 
 
-def run_many(pipelined: Pipelined, plans: Iterable[Plan], window: int, at_hand: bool = False) -> list[Any]:
+def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window: int, at_hand: bool = False) -> list[Any]:
     """Carry out ``plans`` (made one by one as there is room) with at most ``window`` in
     flight; their results in order. Raises the error of the first plan (in order) that
     failed: once one failed, no more are made, and those before it are waited for; the

@@ -22,7 +22,7 @@ from .._observe import tracing
 from .._patterns.calls import serving_chain
 from .._patterns.durable import Ticket
 from .._patterns.replay import Fetch
-from .._patterns.reqrep import MAX_CHAIN, Exchange, request_plan
+from .._patterns.reqrep import MAX_CHAIN, Calling, Exchange, QuickRequest, request_plan
 from .._wire.frames import (
     HISTORY_SERVICE,
     HISTORY_SERVICE_BYTES,
@@ -56,6 +56,7 @@ class _Calls(NamedTuple):
     chain: tuple[str, ...]  # the nodes that wait for these calls (see `serving_chain`)
     blocked: frozenset[str]
     headers: dict[str, str] | None
+    calling: Calling | None  # when the calls may go the quick way (`QuickRequest`)
 
 
 class OnLoop(NamedTuple):
@@ -679,17 +680,30 @@ class NodeBase:
         body = self._encode_call(data)  # (first: a call raises what its data does before the rest)
         return self._plan_call(self._prepare_calls(service, timeout, peer, headers), body)
 
-    def _request_plans(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
-                       headers: dict[str, str] | None) -> Iterator[Plan]:
-        """The plans of calling ``service`` once per item, made as they are asked for: what
-        the calls share is checked once, with the first item, after its data is encoded
-        (each item raises what `_request_plan` raises, in the same order)."""
+    def _request_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
+                      headers: dict[str, str] | None = None) -> Plan | QuickRequest:
+        """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
+        the drivers that take one: `Pipelined`)."""
+        body = self._encode_call(data)
+        return self._quick_or_plan(self._prepare_calls(service, timeout, peer, headers), body)
+
+    def _request_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
+                       headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
+        """The calls of ``service`` once per item (as `_request_call`), made as they are
+        asked for: what the calls share is checked once, with the first item, after its
+        data is encoded (each item raises what `_request_plan` raises, in the same order)."""
         calls = None
         for data in items:
             body = self._encode_call(data)
             if calls is None:
                 calls = self._prepare_calls(service, timeout, peer, headers)
-            yield self._plan_call(calls, body)
+            yield self._quick_or_plan(calls, body)
+
+    def _quick_or_plan(self, calls: _Calls, body: bytes) -> Plan | QuickRequest:
+        if calls.calling is not None and tracing.active is None:  # (a traced call has its span, and headers)
+            now = time.monotonic()
+            return QuickRequest(calls.calling, body, now + calls.seconds, now)
+        return self._plan_call(calls, body)
 
     def _encode_call(self, data: Any) -> bytes:
         """``data`` encoded for a call of this running node, in this process. Raises
@@ -711,7 +725,9 @@ class NodeBase:
         chain = serving_chain()
         if engine.inbox is not None and engine.inbox.waits_for_caller():
             chain = (*chain, engine.directory.node_id)[-MAX_CHAIN:]
-        return _Calls(service, service_b, seconds, only, chain, frozenset(chain), headers)
+        quick = not headers and not chain and not service.startswith("\x00")
+        calling = Calling(engine.directory, engine.codec, engine.stats, service, service_b, only) if quick else None
+        return _Calls(service, service_b, seconds, only, chain, frozenset(chain), headers, calling)
 
     def _plan_call(self, calls: _Calls, body: bytes) -> Plan:
         """The plan of one of ``calls`` with the encoded ``body``; its time begins now.

@@ -374,14 +374,44 @@ class Dispatcher:
 
     def _decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
         if len(frames) == 2 and wire.is_batch(frames[1]):
-            caller = wire.BatchCaller(frames[0])
-            for service_b, request_id, body in wire.parse_request_batch(frames[1]):
-                self._decode_one_request((caller, request_id), service_b, body, None, calls)
+            self._decode_batch(wire.BatchCaller(frames[0]), wire.parse_request_batch(frames[1]), calls)
             return
         request = wire.parse_request(frames)
         if request is None:
             raise DecodeError("malformed request envelope")
         self._decode_one_request(*request, calls)
+
+    def _decode_batch(self, caller: wire.BatchCaller, requests: list[tuple[bytes, bytes, bytes]],
+                      calls: list[Call]) -> None:
+        """The requests of a batch, from one caller: what `_decode_one_request` does for
+        each, with what they share (their sender, their service's handler) looked up once.
+        A request that is not plainly one to a handler of this node takes the long way."""
+        sender_id = wire.sender_of_requester(caller)
+        member = sender_id is not None and sender_id in self.directory.alive_ids
+        services, decode, lookup = self.registry.services, self.codec.decode, self.directory.lookup_peer
+        names = self._received_names["service"]
+        last_b, service, handler = None, "", None
+        taken = 0
+        for service_b, request_id, body in requests:
+            if service_b != last_b:
+                last_b, service = service_b, service_b.decode("utf-8", "replace")
+                handler = services.get(service) if service[:1] != "\x00" else None
+            if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
+                self._decode_one_request((caller, request_id), service_b, body, None, calls)
+                continue
+            try:
+                data = decode(body)
+            except DecodeError:
+                self._decode_one_request((caller, request_id), service_b, body, None, calls)
+                continue
+            route = (caller, request_id)
+            calls.append(Call(handler, Message("request", service, data, sender_id, lookup, route=route), route,
+                              "service"))
+            names.add(service_b, 1)
+            taken += 1
+        self.stats.pattern["service"]["received"] += taken
+        if member and taken:
+            self.stats.peer_received[sender_id] += taken  # type: ignore[index]
 
     def _decode_one_request(self, route: tuple[bytes, bytes], service_b: bytes, body: bytes, meta: bytes | None,
                             calls: list[Call]) -> None:

@@ -8,6 +8,12 @@ waits for any more (its request timed out) is dropped and counted.
 `request_plan` is the whole logic of one call, shared by `Node` and `AsyncNode`: it
 yields the steps it needs (wait for a provider, exchange with one) and the drivers carry
 them out, blocking a thread or awaiting.
+
+`QuickRequest` carries out the common case of that plan without it, for the drivers that
+keep many requests in flight: a plan is a generator, resumed twice per call through a
+few layers, and that bookkeeping cost more than everything else a pipelined request does
+(see `benchmarks/bench.py`, ``req_inflight``). At the first thing the quick way does not
+cover, the call becomes its plan, picked up where the quick way left it.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ from typing import Any, NamedTuple
 
 from .._mesh.directory import Directory, Provider, no_provider
 from .._mesh.waiters import Until
-from .._stats import Stats
+from .._stats import RequestTally, Stats
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..errors import DecodeError, MeshTimeoutError, PeerLostError, RemoteError
 
-__all__ = ["MAX_CHAIN", "Exchange", "RetryElsewhere", "decode_reply", "request_plan", "RequestPlan"]
+__all__ = ["MAX_CHAIN", "Calling", "Exchange", "QuickRequest", "RetryElsewhere", "decode_reply", "request_plan",
+           "RequestPlan"]
 
 MAX_CHAIN = 32
 """Nodes a request's chain names at most: the nodes whose handlers wait for it (they run
@@ -82,7 +89,8 @@ def decode_reply(codec: Codec, status: bytes, body: bytes) -> Any:
 
 def request_plan(directory: Directory, codec: Codec, service: str, service_b: bytes, body: bytes,
                  deadline: float, only: str | None = None, meta: bytes | None = None,
-                 stats: Stats | None = None, avoid: frozenset[str] = frozenset()) -> RequestPlan:
+                 stats: Stats | None = None, avoid: frozenset[str] = frozenset(),
+                 sent_to: Provider | None = None, started: float | None = None) -> RequestPlan:
     """One call of ``service`` (``only`` on that node, if given) until ``deadline``.
 
     Picks a provider (waiting for one), exchanges with it, and decodes the reply. A
@@ -91,12 +99,17 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
     provider of protocol 1 gets the request without its headers (counted in ``stats``).
     Raises `NoProviderError`, `PeerLostError`, `MeshTimeoutError`, `RemoteError`,
     `DecodeError`.
+
+    ``sent_to``: the request went to that provider already (counted as sent), at
+    ``started``; the plan's first step is that exchange, whose outcome the driver gives.
     """
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     observed = None if service.startswith("\x00") else stats  # (built-ins are not the user's calls)
     compactable = wire.may_compact(service_b, body, meta)
+    counted = sent_to is not None
     while True:
-        provider = directory.pick_provider(service, only, avoid)
+        provider = directory.pick_provider(service, only, avoid) if sent_to is None else sent_to
+        sent_to = None
         if provider is None:
             try:
                 yield Until(lambda: directory.pick_provider(service, only, avoid) is not None, deadline,
@@ -108,8 +121,9 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
             carried = meta if meta is None or provider.protocol >= 2 else None  # protocol 1: no meta
             if carried is None and meta is not None and stats is not None:
                 stats.reject("headers_not_carried")  # the provider would not understand them
-            if observed is not None:
+            if observed is not None and not counted:
                 observed.count_name("request", "sent", service)
+            counted = False
             status, reply = yield Exchange(provider, service, service_b, body, deadline, carried,
                                            compactable and provider.protocol >= 3)
         except PeerLostError:
@@ -122,3 +136,74 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
             return decode_reply(codec, status, reply)
         except RetryElsewhere:
             directory.skip_provider(service, provider.id)
+
+
+class Calling(NamedTuple):
+    """What the calls of one service share when they may go the quick way (`QuickRequest`):
+    no headers, no chain of waiting nodes, not a built-in service."""
+
+    directory: Directory
+    codec: Codec
+    stats: Stats
+    service: str
+    service_b: bytes
+    only: str | None  # the provider asked for, if any
+
+
+class QuickRequest:
+    """One call of `request_plan`'s common case, carried out without the plan while all
+    goes well: a provider of protocol 4 or later at hand, a body small enough to batch,
+    and an OK reply.
+
+    The driver calls `advance` with None to begin, then with the reply ``(status, body)``.
+    When it answers ``(False, None)``, or when the send or the wait fails, the quick way
+    ends: `plan` makes the call's plan, picked up where the quick way left it, and the
+    driver goes on with that, giving it the same reply or failure. The plan is the
+    definition; this is its shortest path, taken step for step.
+    """
+
+    __slots__ = ("calling", "body", "deadline", "started", "provider")
+
+    def __init__(self, calling: Calling, body: bytes, deadline: float, started: float) -> None:
+        self.calling = calling
+        self.body = body
+        self.deadline = deadline
+        self.started = started
+        self.provider: Provider | None = None
+
+    def advance(self, reply: tuple[bytes, bytes] | None, tally: RequestTally) -> tuple[bool, Any]:
+        """Begin (``reply`` None): ``(False, the exchange to send)``, counted as sent in the
+        driver's ``tally``. Given the reply: ``(True, its result)`` when it is OK (how long
+        the caller waited goes to ``tally``; raises `DecodeError` when it cannot be
+        decoded). ``(False, None)`` when the quick way ends here: go on with `plan`."""
+        calling = self.calling
+        service = calling.service
+        if reply is None:
+            if self.provider is not None or len(self.body) >= wire.LARGE_FRAME:
+                return False, None
+            provider = calling.directory.pick_provider(service, calling.only)
+            if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
+                return False, None
+            self.provider = provider
+            tally.sent[service] = tally.sent.get(service, 0) + 1
+            return False, Exchange(provider, service, calling.service_b, self.body, self.deadline, None, True)
+        if reply[0] != wire.STATUS_OK:
+            return False, None
+        waited = tally.waited.get(service)
+        if waited is None:
+            waited = tally.waited[service] = []
+        waited.append(time.monotonic() - self.started)
+        return True, calling.codec.decode(reply[1])
+
+    def plan(self) -> RequestPlan:
+        """The call's plan: from its beginning when nothing was sent; otherwise waiting for
+        the outcome of the exchange that was (its first step, taken here)."""
+        c = self.calling
+        plan = request_plan(c.directory, c.codec, c.service, c.service_b, self.body, self.deadline, c.only, None,
+                            c.stats, frozenset(), self.provider, self.started)
+        if self.provider is not None:
+            next(plan)
+        return plan
+
+    def close(self) -> None:
+        """Nothing to release (a plan's `close`, for drivers that close what they forget)."""
