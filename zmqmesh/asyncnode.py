@@ -157,7 +157,7 @@ class AsyncNode(NodeBase):
     async def request(self, service: str, data: Any = None, timeout: float | None = None,
                       peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
-        return await self._runner.run(self._request_plan(service, data, timeout, peer, headers))
+        return await self._runner.run(self._request_call(service, data, timeout, peer, headers))
 
     async def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
                            peer: str | Peer | None = None, *, window: int = 64,

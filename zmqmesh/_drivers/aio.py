@@ -44,8 +44,9 @@ from .._patterns.dispatch import HOLD_LIMIT_S, Dispatcher
 from .._patterns.durable import Ticket
 from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
-from .._patterns.reqrep import Exchange
+from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import RequestBatches
+from .._stats import RequestTally
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import send_batches, send_request
 
@@ -74,9 +75,10 @@ class AsyncRunner:
         self.engine = engine
         self.commits = LoopCommits(engine)
 
-    async def run(self, plan: Plan) -> Any:
-        """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
-        error becomes `ZmqMeshError`, and so does a call from another event loop."""
+    async def run(self, plan: Plan | QuickRequest) -> Any:
+        """Carry out ``plan`` (or a request that may go the quick way) and return its
+        result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`, and so
+        does a call from another event loop."""
         try:
             check_loop(self.engine)
         except ZmqMeshError:
@@ -84,6 +86,22 @@ class AsyncRunner:
             raise
         value: Any = None
         error: BaseException | None = None
+        if isinstance(plan, QuickRequest):
+            requester = self.engine.requests
+            assert isinstance(requester, LoopRequester), "the node is not started"
+            _, step = plan.advance(None, requester.tally)
+            if step is not None:
+                requester.tallied()
+                try:
+                    value = await self._exchange(requester, step)
+                except Exception as exc:
+                    error = exc
+                else:
+                    finished, result = plan.advance(value, requester.tally)  # (DecodeError: the caller's)
+                    requester.tallied()
+                    if finished:
+                        return result
+            plan = plan.plan()  # the quick way ends here: the plan goes on from where it left
         while True:
             finished, step = advance(plan, value, error)
             if finished:
@@ -93,12 +111,7 @@ class AsyncRunner:
                 if isinstance(step, Exchange):
                     requester = self.engine.requests
                     assert isinstance(requester, LoopRequester), "the node is not started"
-                    future = requester.exchange(step)  # a future: no coroutine per request
-                    try:
-                        value = await future
-                    except asyncio.CancelledError:
-                        requester.abandon(future)
-                        raise
+                    value = await self._exchange(requester, step)
                 elif isinstance(step, Until):
                     await wait_until(self.engine, step.predicate, step.deadline, step.what)
                 elif isinstance(step, Room):
@@ -109,6 +122,16 @@ class AsyncRunner:
                     raise TypeError(f"unknown step {step!r}")
             except Exception as exc:
                 error = exc
+
+
+    @staticmethod
+    async def _exchange(requester: LoopRequester, step: Exchange) -> tuple[bytes, bytes]:
+        future = requester.exchange(step)  # a future: no coroutine per request
+        try:
+            return await future
+        except asyncio.CancelledError:
+            requester.abandon(future)
+            raise
 
 
 class LoopCommits:
@@ -398,6 +421,9 @@ class LoopRequester:
         self._unchecked: set[str] = set()
         self._sweep_soon = False
         self._batches: RequestBatches[str, asyncio.Future[tuple[bytes, bytes]]] = RequestBatches()
+        self.tally = RequestTally()
+        """What the quick requests of the loop's coroutines add to the stats (`QuickRequest`)."""
+        self._tally_soon = False
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request (or gather it, to go at the end of this pass of the loop, or
@@ -416,6 +442,17 @@ class LoopRequester:
             self.engine.loop.call_soon(self._check_sent)
         self._unchecked.add(step.provider.id)
         return future
+
+    def tallied(self) -> None:
+        """Something went into `tally`: it is added to the stats at the end of this pass
+        of the loop (once per pass, not per request)."""
+        if not self._tally_soon:
+            self._tally_soon = True
+            self.engine.loop.call_soon(self._add_tally)
+
+    def _add_tally(self) -> None:
+        self._tally_soon = False
+        self.engine.stats.add_tally(self.tally)
 
     def abandon(self, future: asyncio.Future[Any]) -> None:
         """Forget the request of ``future`` (cancelled with its caller), soon: the requests

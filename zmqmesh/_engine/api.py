@@ -44,6 +44,8 @@ __all__ = ["NodeBase", "OnLoop", "Plan", "advance", "check_name", "check_window"
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 _NAME_CACHE_MAX = 4096
+_PLAIN_PEERS = (type(None), str)
+_PLAIN_TIMEOUTS = (type(None), int, float)
 
 
 class _Calls(NamedTuple):
@@ -179,6 +181,7 @@ class NodeBase:
         self._id_serial = itertools.count(1)
         self._topic_names: dict[str, bytes] = {}
         self._service_names: dict[str, bytes] = {STATS_SERVICE: STATS_SERVICE_BYTES}
+        self._plain_calls: dict[tuple[str, Any, Any], _Calls] = {}  # (see `_prepare_calls`)
 
     def _next_id(self) -> str:
         """A message id, unique without a uuid4 each: this run's node id (random) and a counter."""
@@ -717,17 +720,29 @@ class NodeBase:
         """What calls of ``service`` from this thread share. Raises ``ValueError`` for a
         bad service name, `ConfigError` for a bad timeout."""
         engine = self._engine
-        service_b = self._service_name(service)
-        seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
-        only = peer_id_of(peer)
         # the nodes whose handlers wait for this call and serve nothing until it returns: up
         # the chain of requests made from handlers, and this node if a handler of it calls
         chain = serving_chain()
         if engine.inbox is not None and engine.inbox.waits_for_caller():
             chain = (*chain, engine.directory.node_id)[-MAX_CHAIN:]
+        # what plain calls share depends only on these: made once, not per call
+        key = (service, timeout, peer) if not chain and headers is None and type(peer) in _PLAIN_PEERS and \
+            type(timeout) in _PLAIN_TIMEOUTS else None
+        if key is not None:
+            known = self._plain_calls.get(key)
+            if known is not None:
+                return known
+        service_b = self._service_name(service)
+        seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
+        only = peer_id_of(peer)
         quick = not headers and not chain and not service.startswith("\x00")
         calling = Calling(engine.directory, engine.codec, engine.stats, service, service_b, only) if quick else None
-        return _Calls(service, service_b, seconds, only, chain, frozenset(chain), headers, calling)
+        calls = _Calls(service, service_b, seconds, only, chain, frozenset(chain), headers, calling)
+        if key is not None:
+            if len(self._plain_calls) >= _NAME_CACHE_MAX:
+                self._plain_calls.clear()
+            self._plain_calls[key] = calls
+        return calls
 
     def _plan_call(self, calls: _Calls, body: bytes) -> Plan:
         """The plan of one of ``calls`` with the encoded ``body``; its time begins now.
