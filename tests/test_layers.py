@@ -23,7 +23,7 @@ from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
 from zmqmesh._patterns.pipeline import cut_frames, take_batch
 from zmqmesh._patterns.reqrep import Calling, Exchange, QuickRequest, request_plan
-from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
+from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches, batch_frames
 from zmqmesh._stats import RequestTally, Stats
 from zmqmesh._wire import frames
 from zmqmesh._wire.codec import Codec
@@ -236,6 +236,29 @@ def test_a_request_batch_that_fills_up_is_ready_before_the_pause() -> None:
     (rest,) = batches.take()
     assert [w for w, _ in rest.waiters] == [b"next", b"again"]
     assert not batches.add(new.id, b"after", 0, step)  # a new pass: the first alone again
+
+
+def test_batch_frames_carry_requests_in_order_within_a_batchs_limits() -> None:
+    def items(n: int, size: int = 1) -> list[tuple[bytes, bytes, bytes]]:
+        return [(b"svc", k.to_bytes(8, "big"), bytes([k % 256]) * size) for k in range(n)]
+
+    assert batch_frames([]) == []
+    (alone,) = batch_frames(items(1))  # one request: its one-frame form
+    assert alone == (frames.request_frames(b"svc", bytes(8), b"\x00", None, True)[0], 1)
+    for n, size in ((64, 1), (EARLY_ITEMS + 1, 1), (40, 5000), (3, 30_000), (700, 100)):
+        sent = items(n, size)
+        cut = batch_frames(sent)
+        assert sum(count for _, count in cut) == n
+        back = []
+        for frame, count in cut:
+            assert len(frame) <= frames.BATCH_BYTES and count <= EARLY_ITEMS
+            got = frames.parse_request_batch(frame) if count > 1 else [
+                (b"svc", frame[5:13], frame[13:])]  # (one-frame form: [3] svc [8] id body)
+            assert len(got) == count
+            back.extend(got)
+        assert back == sent
+    assert [count for _, count in batch_frames(items(64))] == [EARLY_ITEMS, EARLY_ITEMS]
+    assert len(batch_frames(items(40, 5000))) > 40 * 5000 // frames.BATCH_BYTES  # (cut by bytes too)
 
 
 def test_control_whispers_round_trip_and_refuse_junk() -> None:

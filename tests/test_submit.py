@@ -374,6 +374,18 @@ def test_a_batch_of_requests_is_answered_request_by_request(mesh: dict[str, Any]
             else:
                 raise AssertionError("no reply batch in 30 batches of quick requests")
 
+            # two frames of requests that arrive together: the replies to each go back in a
+            # frame of their own (the first before the second is served), never mixed
+            for _ in range(30):
+                dealer.send(wire.request_batch([(b"echo", b"a%d" % i, packed(i)) for i in range(10)]))
+                dealer.send(wire.request_batch([(b"echo", b"b%d" % i, packed(i)) for i in range(10)]))
+                got = _replies(dealer, 20)
+                assert all(len({rid[:1] for rid, _, _ in frame}) == 1 for frame in got), got
+                if [len(frame) for frame in got] == [10, 10]:
+                    break
+            else:
+                raise AssertionError("the replies to 30 pairs of frames never came back a frame each")
+
             # a batch that runs past its end is dropped whole, and counted; the next is served
             malformed = node.stats()["rejected"].get("service_malformed", 0)
             dealer.send(wire.request_batch([(b"echo", b"cut", packed(7))])[:-1])

@@ -36,7 +36,7 @@ from .._mesh.waiters import Until
 from .._patterns.in_order import InOrder
 from .._patterns.outstanding import Outstanding
 from .._patterns.reqrep import Exchange, QuickRequest
-from .._patterns.request_batches import RequestBatches
+from .._patterns.request_batches import RequestBatches, batch_frames
 from .._stats import RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
@@ -200,6 +200,43 @@ class Pipelined:
                 self._send_batches(full_only=True)
             return
 
+    def start_many(self, jobs: list[Job]) -> None:
+        """Begin ``jobs`` together. The requests of those that go the quick way
+        (`QuickRequest`) travel in as few frames as they can: those to one provider in a
+        row, a batch per frame (`batch_frames`); the others begin one by one (`start`)."""
+        gathered: dict[str, tuple[Provider, list[tuple[bytes, bytes, bytes]], list[tuple[bytes, Job]]]] = {}
+        add, tally = self.outstanding.add, self._tally
+        for job in jobs:
+            plan = job.plan
+            step = plan.advance(None, tally)[1] if isinstance(plan, QuickRequest) else None
+            if step is None:
+                self.start(job)
+                continue
+            provider = step.provider
+            entry = gathered.get(provider.id)
+            if entry is None:
+                entry = gathered[provider.id] = (provider, [], [])
+            request_id = add(job, provider.id, step.service, step.deadline)
+            entry[1].append((step.service_b, request_id, step.body))
+            entry[2].append((request_id, job))
+        for provider, items, waiting in gathered.values():
+            at = 0
+            try:
+                sock = self._socket(provider)
+                for frame, count in batch_frames(items):
+                    send_frames(sock, [frame])
+                    self._sent += count
+                    at += count
+            except zmq.ZMQError as exc:
+                error: BaseException = send_failure(exc, provider.id, self.engine)
+            except Exception as exc:  # (the plans decide what that means)
+                error = exc
+            else:
+                continue
+            for request_id, job in waiting[at:]:  # those not sent: their plans hear why
+                if self.outstanding.withdraw(request_id):
+                    self.resume(job, None, error)
+
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self._sockets.get(provider.id)
         if sock is None:
@@ -208,12 +245,12 @@ class Pipelined:
             self.poller.register(sock, zmq.POLLIN)
         return sock
 
-    def pump(self, timeout_s: float | None) -> list[tuple[Any, int]]:
+    def pump(self, timeout_s: float | None, burst: int = _READ_BURST) -> list[tuple[Any, int]]:
         """Wait up to ``timeout_s`` (None: until something is ready; less if a request falls
-        due sooner) for replies, and resume the plans they answer; fail the overdue
-        requests and those of providers that left. Returns what the poller found ready
-        (other sockets registered on `poller` by the caller included). Raises
-        `NodeClosedError` once the node stopped under the call."""
+        due sooner) for replies, and resume the plans they answer (up to ``burst`` messages
+        from each provider); fail the overdue requests and those of providers that left.
+        Returns what the poller found ready (other sockets registered on `poller` by the
+        caller included). Raises `NodeClosedError` once the node stopped under the call."""
         self.send_gathered()
         deadline = self.outstanding.next_deadline()
         if deadline is not None:
@@ -224,7 +261,7 @@ class Pipelined:
             for sock, _event in ready:
                 provider_id = self._providers.get(sock)
                 if provider_id is not None:
-                    self._read(sock, provider_id)
+                    self._read(sock, provider_id, burst)
         except zmq.ZMQError as exc:
             raise closed_or_failed(self.engine, exc) from exc
         if self._sent:
@@ -252,11 +289,11 @@ class Pipelined:
         and those not sent yet never go (`send_batches`)."""
         self.outstanding.forget_where(jobs.__contains__)
 
-    def _read(self, sock: zmq.Socket[Any], provider_id: str) -> None:
+    def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> None:
         stats = self.engine.stats
         received = dropped = 0
         answer_all = self.outstanding.answer_all
-        for _ in range(_READ_BURST):
+        for _ in range(burst):
             try:
                 frames = recv_frames(sock)
             except zmq.Again:
@@ -481,14 +518,21 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window:
         while not calls.failures:
             if not at_hand:
                 pipelined.send_gathered()  # (the next item may be long in coming)
-            plan = next(made, None)
-            if plan is None:
+            jobs: list[Job] = []
+            while calls.room() and (at_hand or not jobs):  # at hand: as many as there is room for, at once
+                plan = next(made, None)
+                if plan is None:
+                    break
+                job = Job(plan, partial(calls.end, len(calls.results)))
+                calls.begin(job)
+                jobs.append(job)
+            if not jobs:
                 break
-            job = Job(plan, partial(calls.end, len(calls.results)))
-            calls.begin(job)
-            pipelined.start(job)
+            pipelined.start_many(jobs)
             while not calls.room() and not calls.failures:
-                pipelined.pump(_BUSY_POLL_S)
+                # at hand: the room a reply frees is filled before the next one is read, so that
+                # both sides work at once (a window of 32 + 32 alternates halves, never all of it)
+                pipelined.pump(_BUSY_POLL_S, 1 if at_hand else _READ_BURST)
         while calls.waiting():
             pipelined.pump(_BUSY_POLL_S)
     finally:

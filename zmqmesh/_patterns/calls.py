@@ -88,6 +88,11 @@ def serving_chain() -> tuple[str, ...]:
 
 def run_sync(call: Call) -> tuple[Any, BaseException | None]:
     """Call a sync handler, capturing its outcome."""
+    if tracing.active is None and (call.pattern != "service" or not call.arg.via):  # (nothing to serve as)
+        try:
+            return call.handler(call.arg), None
+        except Exception as exc:
+            return None, exc
     token = serve_as(call)
     error = None
     try:

@@ -117,7 +117,7 @@ class Dispatcher:
         self._cache_version = -1
         self.stopping = False
         self._deadline: float | None = None
-        self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies] (see `replies_held`)
+        self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies, frame's caller] (`send_reply`)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
         self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
 
@@ -390,10 +390,13 @@ class Dispatcher:
         member = sender_id is not None and sender_id in self.directory.alive_ids
         services, decode, lookup = self.registry.services, self.codec.decode, self.directory.lookup_peer
         names = self._received_names["service"]
-        last_b, service, handler = None, "", None
-        taken = 0
+        last_b, service, handler = b"", "", None
+        taken = taken_before = 0  # (the requests taken for one service in a row are counted at once)
         for service_b, request_id, body in requests:
             if service_b != last_b:
+                if taken > taken_before:
+                    names.add(last_b, taken - taken_before)
+                    taken_before = taken
                 last_b, service = service_b, service_b.decode("utf-8", "replace")
                 handler = services.get(service) if service[:1] != "\x00" else None
             if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
@@ -407,8 +410,9 @@ class Dispatcher:
             route = (caller, request_id)
             calls.append(Call(handler, Message("request", service, data, sender_id, lookup, route=route), route,
                               "service"))
-            names.add(service_b, 1)
             taken += 1
+        if taken > taken_before:
+            names.add(last_b, taken - taken_before)
         self.stats.pattern["service"]["received"] += taken
         if member and taken:
             self.stats.peer_received[sender_id] += taken  # type: ignore[index]
@@ -519,6 +523,16 @@ class Dispatcher:
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
         """Account for a finished call and send the reply of a request (owner thread only)."""
         route = call.route
+        if error is None and type(route) is tuple:  # a request answered (the common case, first)
+            request: tuple[bytes, bytes] = route  # type: ignore[assignment]  # (a CursorMark is not a plain tuple)
+            try:
+                body = self.codec.encode(result)
+            except Exception as exc:  # an unencodable return value is the handler's failure
+                self._reply_error(request, exc)
+            else:
+                self.send_reply(request, wire.STATUS_OK, body)
+                self.stats.pattern["service"]["sent"] += 1
+            return
         if error is not None:
             self.stats.pattern[call.pattern]["errors"] += 1
             if not isinstance(route, tuple):
@@ -529,35 +543,30 @@ class Dispatcher:
         if isinstance(route, CursorMark):
             self.replays.handled(route)
             return
-        if route is None:
-            return
-        codec = self.codec
-        if error is None:
-            try:
-                body = codec.encode(result)
-                status = wire.STATUS_OK
-            except Exception as exc:  # an unencodable return value is the handler's failure
-                error = exc
-        if error is not None:
-            body = self._error_body(error, "".join(traceback.format_exception(type(error), error, error.__traceback__)))
-            status = wire.STATUS_ERROR
-        self.send_reply(route, status, body)
+        if route is not None and error is not None:  # (a request answered was done with above)
+            self._reply_error(route, error)
+
+    def _reply_error(self, route: tuple[bytes, bytes], error: BaseException) -> None:
+        """Send the ``0x01`` reply of a failed handler."""
+        body = self._error_body(error, "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        self.send_reply(route, wire.STATUS_ERROR, body)
         self.stats.pattern["service"]["sent"] += 1
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
         """Send a reply to ``route``; an unreachable caller is counted. While replies are
         held (`replies_held`), a small one to a caller that sent a batch waits to go back
-        in a batch."""
+        in a batch: the replies to one frame of requests together, sent once the next
+        frame's begin (the caller refills its window meanwhile) or the burst ends."""
         held = self._held
         size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
         if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
-            caller = route[0]
+            caller = route[0]  # (one object per frame received: see `_decode_request`)
             entry = held.get(caller)
-            if entry is not None and wire.batch_full(entry[0], len(entry[1]), size):
+            if entry is not None and (entry[2] is not caller or wire.batch_full(entry[0], len(entry[1]), size)):
                 self._send_held(caller, held.pop(caller)[1])
                 entry = None
             if entry is None:
-                held[caller] = [1 + size, [(route[1], status, body)]]  # (1: the batch's mark)
+                held[caller] = [1 + size, [(route[1], status, body)], caller]  # (1: the batch's mark)
             else:
                 entry[0] += size
                 entry[1].append((route[1], status, body))
@@ -608,7 +617,7 @@ class Dispatcher:
         """Send the replies held so far, and go on holding (before handlers that may be slow)."""
         if self._held:
             held, self._held = self._held, {}
-            for caller, (_size, replies) in held.items():
+            for caller, (_size, replies, _frame) in held.items():
                 self._send_held(caller, replies)
 
     def _quick_runs(self, handler: Any) -> int:

@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 from .._wire import frames as wire
 from .reqrep import Exchange
 
-__all__ = ["RequestBatches", "Batch", "EARLY_ITEMS"]
+__all__ = ["RequestBatches", "Batch", "EARLY_ITEMS", "batch_frames"]
 
 EARLY_ITEMS = 32
 """Requests a batch holds when it goes before the pause (of 8, 16, 32 and 64, 32 carried
@@ -53,10 +53,7 @@ class Batch(Generic[Key, Waiter]):
 
     def frame(self) -> bytes:
         """The frame that carries the batch (one request: its one-frame form)."""
-        if len(self.items) == 1:
-            service, request_id, body = self.items[0]
-            return wire.request_frames(service, request_id, body, None, True)[0]
-        return wire.request_batch(self.items)
+        return _frame(self.items)[0]
 
 
 class RequestBatches(Generic[Key, Waiter]):
@@ -110,3 +107,28 @@ class RequestBatches(Generic[Key, Waiter]):
         self._full, self._open = [], {}
         self._alone.clear()
         return batches
+
+
+def batch_frames(items: list[tuple[bytes, bytes, bytes]]) -> list[tuple[bytes, int]]:
+    """The frames that carry ``items`` (``(service, request_id, body)`` each, as
+    `wire.may_compact` allows, to a provider of protocol 4), in order, with how many each
+    holds: at most `EARLY_ITEMS` (the provider starts on one while the next is on its
+    way), within a batch's limits; one request alone goes in its one-frame form."""
+    frames: list[tuple[bytes, int]] = []
+    start, size = 0, 1
+    for k, (service, request_id, body) in enumerate(items):
+        adding = len(service) + len(request_id) + len(body) + wire.REQUEST_ITEM_BYTES
+        if k - start == EARLY_ITEMS or (k > start and wire.batch_full(size, k - start, adding)):
+            frames.append(_frame(items[start:k]))
+            start, size = k, 1
+        size += adding
+    if len(items) > start:
+        frames.append(_frame(items[start:]))
+    return frames
+
+
+def _frame(items: list[tuple[bytes, bytes, bytes]]) -> tuple[bytes, int]:
+    if len(items) == 1:
+        service, request_id, body = items[0]
+        return wire.request_frames(service, request_id, body, None, True)[0], 1
+    return wire.request_batch(items), len(items)
