@@ -184,58 +184,56 @@ def test_batches_of_requests_and_replies_round_trip_and_refuse_what_runs_past_th
     assert not frames.is_batch(frames.request_frames(b"svc", b"12345678", b"\x01", None, True)[0])
 
 
-def test_request_batches_send_the_first_alone_and_gather_the_rest() -> None:
+def test_request_batches_send_alone_to_an_idle_provider_and_gather_for_a_busy_one() -> None:
     new, old = Provider("a" * 32, "tcp://127.0.0.1:1", None, 4), Provider("b" * 32, "tcp://127.0.0.1:2", None, 3)
 
     def step(provider: Provider, body: bytes = b"\x01", compact: bool = True) -> Exchange:
         return Exchange(provider, "svc", b"svc", body, 0.0, None, compact)
 
     batches: RequestBatches[str, int] = RequestBatches()
-    assert not batches.add(new.id, b"1", 1, step(new))  # the first goes at once
-    assert not batches.add(old.id, b"2", 2, step(old))  # protocol 3 reads no batches
-    assert not batches.add(old.id, b"3", 3, step(old))
-    assert not batches.add(new.id, b"4", 4, step(new, compact=False))  # headers, or a large body
-    assert batches.add(new.id, b"5", 5, step(new)) and batches.add(new.id, b"6", 6, step(new))
+    assert not batches.add(new.id, b"1", 1, step(new), False)  # nothing in flight to it: at once
+    assert not batches.add(old.id, b"2", 2, step(old), True)  # protocol 3 reads no batches
+    assert not batches.add(old.id, b"3", 3, step(old), True)
+    assert not batches.add(new.id, b"4", 4, step(new, compact=False), True)  # headers, or a large body
+    assert batches.add(new.id, b"5", 5, step(new), True) and batches.add(new.id, b"6", 6, step(new), True)
     (batch,) = batches.take()
     assert batch.key == new.id and batch.waiters == [(b"5", 5), (b"6", 6)]
     assert frames.parse_request_batch(batch.frame()) == [(b"svc", b"5", b"\x01"), (b"svc", b"6", b"\x01")]
     assert not batches and batches.take() == []
-    assert not batches.add(new.id, b"7", 7, step(new))  # a new pass: the first alone again
-    assert batches.add(new.id, b"8", 8, step(new))
+    assert not batches.add(new.id, b"7", 7, step(new), False)  # idle again: at once
+    assert batches.add(new.id, b"8", 8, step(new), True)
     (single,) = batches.take()
     assert single.frame() == frames.request_frames(b"svc", b"8", b"\x01", None, True)[0]  # one: no batch
-    batches.add(new.id, b"9", 9, step(new))
     for n in range(600):  # past EARLY_ITEMS requests, and past 64 KiB: several frames, in order
-        batches.add(new.id, n.to_bytes(8, "big"), n, step(new, b"x" * (200 if n < 300 else 5000)))
+        batches.add(new.id, n.to_bytes(8, "big"), n, step(new, b"x" * (200 if n < 300 else 5000)), True)
     taken = batches.take()
     assert [w for b in taken for w, _ in b.waiters] == [n.to_bytes(8, "big") for n in range(600)]
     assert any(len(b.items) < EARLY_ITEMS for b in taken[:-1])  # (cut by bytes: 5000 B each)
     for b in taken:
         assert len(b.items) <= EARLY_ITEMS and len(b.frame()) <= frames.BATCH_BYTES + 1
-    for n in range(300):  # (the first goes alone)
-        batches.add(new.id, n.to_bytes(8, "big"), n, step(new))
+    for n in range(300):
+        batches.add(new.id, n.to_bytes(8, "big"), n, step(new), True)
     (left, *_) = batches.take()
     left.keep(lambda request_id, n: n % 2 == 1)  # the others' callers gave up: they never go
-    assert [w for _, w in left.waiters] == list(range(1, EARLY_ITEMS + 1, 2))
+    assert [w for _, w in left.waiters] == list(range(1, EARLY_ITEMS, 2))
     assert frames.parse_request_batch(left.frame()) == [
-        (b"svc", n.to_bytes(8, "big"), b"\x01") for n in range(1, EARLY_ITEMS + 1, 2)]
+        (b"svc", n.to_bytes(8, "big"), b"\x01") for n in range(1, EARLY_ITEMS, 2)]
 
 
 def test_a_request_batch_that_fills_up_is_ready_before_the_pause() -> None:
     new = Provider("a" * 32, "tcp://127.0.0.1:1", None, 4)
     step = Exchange(new, "svc", b"svc", b"\x01", 0.0, None, True)
     batches: RequestBatches[str, int] = RequestBatches()
-    assert not batches.add(new.id, b"first", 0, step)  # (alone)
     for n in range(1, EARLY_ITEMS):
-        assert batches.add(new.id, n.to_bytes(8, "big"), n, step) and not batches.ready
-    assert batches.add(new.id, b"last", EARLY_ITEMS, step) and batches.ready
-    assert batches.add(new.id, b"next", EARLY_ITEMS + 1, step)
+        assert batches.add(new.id, n.to_bytes(8, "big"), n, step, True) and not batches.ready
+    assert batches.add(new.id, b"last", EARLY_ITEMS, step, True) and batches.ready
+    assert batches.add(new.id, b"next", EARLY_ITEMS + 1, step, True)
     (full,) = batches.take(full_only=True)
     assert [n for _, n in full.waiters] == list(range(1, EARLY_ITEMS + 1)) and not batches.ready
-    assert batches.add(new.id, b"again", 0, step)  # the pass goes on: gathered, not sent alone
+    assert batches.add(new.id, b"again", 0, step, True)  # the pass goes on: gathered
     (rest,) = batches.take()
     assert [w for w, _ in rest.waiters] == [b"next", b"again"]
-    assert not batches.add(new.id, b"after", 0, step)  # a new pass: the first alone again
+    assert not batches.add(new.id, b"after", 0, step, False)  # nothing in flight: alone
 
 
 def test_batch_frames_carry_requests_in_order_within_a_batchs_limits() -> None:
@@ -259,6 +257,28 @@ def test_batch_frames_carry_requests_in_order_within_a_batchs_limits() -> None:
         assert back == sent
     assert [count for _, count in batch_frames(items(64))] == [EARLY_ITEMS, EARLY_ITEMS]
     assert len(batch_frames(items(40, 5000))) > 40 * 5000 // frames.BATCH_BYTES  # (cut by bytes too)
+
+
+def test_outstanding_requests_keep_their_provider_busy_until_each_is_done_with() -> None:
+    from zmqmesh._patterns.outstanding import Outstanding
+
+    table: Outstanding[str] = Outstanding()
+    later = time.monotonic() + 60
+    assert not table.busy("p")
+    answered, withdrawn, overdue, given_up = (table.add(w, "p", "svc", later if w != "overdue" else 0.0)
+                                              for w in ("answered", "withdrawn", "overdue", "given up"))
+    lost = table.add("lost", "q", "svc", later)
+    assert table.busy("p") and table.busy("q")
+    assert table.answer_all([answered, frames.STATUS_OK, b""], "q") == ([], 1)  # (not the provider asked)
+    assert table.answer_all([answered, frames.STATUS_OK, b""], "p") == ([("answered", frames.STATUS_OK, b"")], 0)
+    assert table.withdraw(withdrawn) and not table.withdraw(withdrawn)
+    assert table.expired(time.monotonic()) == [("overdue", "svc")]
+    assert table.busy("p")
+    assert table.forget_where(lambda w: w == "given up") == 1
+    assert not table.busy("p") and table.busy("q")
+    assert table.lost("q") == [("lost", "svc")] and not table.busy("q") and len(table) == 0
+    table.add("again", "p", "svc", later)
+    assert table.take_all() == ["again"] and not table.busy("p")
 
 
 def test_control_whispers_round_trip_and_refuse_junk() -> None:
@@ -447,9 +467,8 @@ def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -
     try:
         outstanding: Outstanding[int] = Outstanding()
         batches: RequestBatches[str, int] = RequestBatches()
-        batches.add(new.id, b"first", 0, step)  # (the first goes alone: not gathered)
         for n in range(EARLY_ITEMS + 3):
-            batches.add(new.id, outstanding.add(n, new.id, "svc", time.monotonic() + 10), n, step)
+            batches.add(new.id, outstanding.add(n, new.id, "svc", time.monotonic() + 10), n, step, True)
         failed: list[tuple[int, BaseException]] = []
         sent = send_batches(batches, {new.id: sock}, outstanding, None, lambda n, error: failed.append((n, error)),  # type: ignore[arg-type]
                             full_only=True)  # (the engine is read only for a socket that failed otherwise)

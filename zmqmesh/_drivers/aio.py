@@ -86,24 +86,17 @@ class AsyncRunner:
             raise
         value: Any = None
         error: BaseException | None = None
-        if isinstance(plan, QuickRequest):
-            requester = self.engine.requests
-            assert isinstance(requester, LoopRequester), "the node is not started"
-            _, step = plan.advance(None, requester.tally)
-            if step is not None:
-                requester.tallied()
-                try:
-                    value = await self._exchange(requester, step)
-                except Exception as exc:
-                    error = exc
-                else:
-                    finished, result = plan.advance(value, requester.tally)  # (DecodeError: the caller's)
-                    requester.tallied()
-                    if finished:
-                        return result
-            plan = plan.plan()  # the quick way ends here: the plan goes on from where it left
         while True:
-            finished, step = advance(plan, value, error)
+            if isinstance(plan, QuickRequest):
+                requester = self.engine.requests
+                assert isinstance(requester, LoopRequester), "the node is not started"
+                finished, step = plan.advance(value, requester.tally) if error is None else (False, None)
+                if step is None and not finished:  # the quick way ends: the plan goes on from here
+                    plan = plan.plan()
+                    continue
+                requester.tallied()
+            else:
+                finished, step = advance(plan, value, error)
             if finished:
                 return step
             value, error = None, None
@@ -111,7 +104,12 @@ class AsyncRunner:
                 if isinstance(step, Exchange):
                     requester = self.engine.requests
                     assert isinstance(requester, LoopRequester), "the node is not started"
-                    value = await self._exchange(requester, step)
+                    future = requester.exchange(step)  # a future: no coroutine per request
+                    try:
+                        value = await future
+                    except asyncio.CancelledError:
+                        requester.abandon(future)
+                        raise
                 elif isinstance(step, Until):
                     await wait_until(self.engine, step.predicate, step.deadline, step.what)
                 elif isinstance(step, Room):
@@ -122,16 +120,6 @@ class AsyncRunner:
                     raise TypeError(f"unknown step {step!r}")
             except Exception as exc:
                 error = exc
-
-
-    @staticmethod
-    async def _exchange(requester: LoopRequester, step: Exchange) -> tuple[bytes, bytes]:
-        future = requester.exchange(step)  # a future: no coroutine per request
-        try:
-            return await future
-        except asyncio.CancelledError:
-            requester.abandon(future)
-            raise
 
 
 class LoopCommits:

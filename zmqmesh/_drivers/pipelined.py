@@ -75,8 +75,9 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
     ``outstanding``, or gather it in ``batches`` to go with `send_batches` (False). Raises
     `MeshTimeoutError` when the provider takes no more requests, `NodeClosedError` or
     `ZmqMeshError` when the socket fails (nothing is then left waiting)."""
+    busy = outstanding.busy(step.provider.id)
     request_id = outstanding.add(waiter, step.provider.id, step.service, step.deadline)
-    if batches is not None and batches.add(step.provider.id, request_id, waiter, step):
+    if batches is not None and batches.add(step.provider.id, request_id, waiter, step, busy):
         return False
     try:
         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)

@@ -36,6 +36,7 @@ class Outstanding(Generic[Waiter]):
         self._pending: dict[bytes, tuple[Waiter, str, str, float]] = {}
         self._deadlines: list[tuple[float, bytes]] = []
         self._ids = itertools.count(1)
+        self._per_provider: dict[str, int] = {}  # provider id: requests waiting (none: absent)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -43,10 +44,16 @@ class Outstanding(Generic[Waiter]):
     def __contains__(self, request_id: bytes) -> bool:
         return request_id in self._pending
 
+    def busy(self, provider_id: str) -> bool:
+        """Whether a request to ``provider_id`` waits for its reply."""
+        return provider_id in self._per_provider
+
     def add(self, waiter: Waiter, provider_id: str, service: str, deadline: float) -> bytes:
         """Register a request about to be sent; its id (the frame that the reply echoes)."""
         request_id = next(self._ids).to_bytes(8, "big")
         self._pending[request_id] = (waiter, provider_id, service, deadline)
+        per_provider = self._per_provider
+        per_provider[provider_id] = per_provider.get(provider_id, 0) + 1
         heapq.heappush(self._deadlines, (deadline, request_id))
         if len(self._deadlines) > 2 * len(self._pending) + _SLACK:
             self._deadlines = [(entry[3], rid) for rid, entry in self._pending.items()]
@@ -55,7 +62,19 @@ class Outstanding(Generic[Waiter]):
 
     def withdraw(self, request_id: bytes) -> bool:
         """Forget a request that could not be sent; whether it still waited."""
-        return self._pending.pop(request_id, None) is not None
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return False
+        self._answered(entry[1], 1)
+        return True
+
+    def _answered(self, provider_id: str, count: int) -> None:
+        """``count`` requests to ``provider_id`` no longer wait."""
+        left = self._per_provider[provider_id] - count
+        if left:
+            self._per_provider[provider_id] = left
+        else:
+            del self._per_provider[provider_id]
 
     def answer_all(self, frames: list[bytes], provider_id: str) -> tuple[list[tuple[Waiter, bytes, bytes]], int]:
         """What a message from ``provider_id`` answers, one reply or a batch of them
@@ -76,6 +95,8 @@ class Outstanding(Generic[Waiter]):
             if entry is not None and entry[1] == provider_id:
                 del pending[request_id]
                 found.append((entry[0], status, body))
+        if found:
+            self._answered(provider_id, len(found))
         return found, len(replies) - len(found)
 
     def next_deadline(self) -> float | None:
@@ -93,6 +114,7 @@ class Outstanding(Generic[Waiter]):
             entry = pending.pop(heapq.heappop(heap)[1], None)
             if entry is not None:
                 overdue.append((entry[0], entry[2]))
+                self._answered(entry[1], 1)
         return overdue
 
     def forget_where(self, given_up: Callable[[Waiter], bool]) -> int:
@@ -100,12 +122,13 @@ class Outstanding(Generic[Waiter]):
         up); how many. One pass for any number of them."""
         gone = [rid for rid, entry in self._pending.items() if given_up(entry[0])]
         for request_id in gone:
-            del self._pending[request_id]
+            self._answered(self._pending.pop(request_id)[1], 1)
         return len(gone)
 
     def lost(self, provider_id: str) -> list[tuple[Waiter, str]]:
         """Take the requests that ``provider_id`` was to answer: ``(waiter, service)`` each."""
         gone = [rid for rid, entry in self._pending.items() if entry[1] == provider_id]
+        self._per_provider.pop(provider_id, None)
         return [(entry[0], entry[2]) for entry in (self._pending.pop(rid) for rid in gone)]
 
     def take_all(self) -> list[Waiter]:
@@ -113,4 +136,5 @@ class Outstanding(Generic[Waiter]):
         waiters = [entry[0] for entry in self._pending.values()]
         self._pending.clear()
         self._deadlines.clear()
+        self._per_provider.clear()
         return waiters

@@ -1,11 +1,13 @@
 """Requests gathered into batches, one frame per provider (protocol 4), sans I/O.
 
-A driver that keeps many requests in flight sends the first request to a provider at
-once, alone, as before; the requests that follow it to the same provider before the
-driver's next pause (a pass of its event loop, a poll of its thread) are gathered, and go
-out together in one frame when it pauses. Every ZeroMQ message, however small, costs a
-send, a wake-up and a receive on each side, so a window of requests then costs a few
-messages instead of one each, while a lone request waits for nothing.
+A driver that keeps many requests in flight sends a request at once, alone, when none is
+in flight to its provider; the requests to a provider that is busy with others are
+gathered until the driver's next pause (a pass of its event loop, a poll of its thread),
+and go out together in one frame then. Every ZeroMQ message, however small, costs a send,
+a wake-up and a receive on each side, so a window of requests costs a few messages
+instead of one each, while a lone request waits for nothing. (Sending the first request
+of every pass alone cut a busy pipeline into two frames per pass: about six requests a
+frame, with 64 in flight.)
 
 A batch that reaches `EARLY_ITEMS` requests is ready at once (`ready`), and the driver
 sends it without waiting for its pause: the provider starts on it while the next ones are
@@ -60,22 +62,18 @@ class RequestBatches(Generic[Key, Waiter]):
     """The batches a driver gathers between two pauses (one owner: not thread-safe)."""
 
     def __init__(self) -> None:
-        self._alone: set[Key] = set()  # keys whose first request of this pass went alone
         self._open: dict[Key, Batch[Key, Waiter]] = {}
         self._full: list[Batch[Key, Waiter]] = []
 
     def __bool__(self) -> bool:
         return bool(self._open or self._full)
 
-    def add(self, key: Key, request_id: bytes, waiter: Waiter, step: Exchange) -> bool:
+    def add(self, key: Key, request_id: bytes, waiter: Waiter, step: Exchange, busy: bool) -> bool:
         """Gather a request to send on ``key`` at the next pause, or before it once its
-        batch is full (`ready`) (True); or say to send it at once, alone (False): the first
-        one on ``key`` since the last pause, one that a batch cannot carry (headers, a
-        large body), or one to a provider older than protocol 4."""
-        if not step.compact or step.provider.protocol < wire.BATCH_PROTOCOL:
-            return False
-        if key not in self._alone:
-            self._alone.add(key)
+        batch is full (`ready`) (True); or say to send it at once, alone (False): one to a
+        provider that is not ``busy`` with others, one that a batch cannot carry (headers,
+        a large body), or one to a provider older than protocol 4."""
+        if not busy or not step.compact or step.provider.protocol < wire.BATCH_PROTOCOL:
             return False
         size = len(step.service_b) + len(request_id) + len(step.body) + wire.REQUEST_ITEM_BYTES
         batch = self._open.get(key)
@@ -105,7 +103,6 @@ class RequestBatches(Generic[Key, Waiter]):
         batches = self._full
         batches.extend(self._open.values())
         self._full, self._open = [], {}
-        self._alone.clear()
         return batches
 
 
