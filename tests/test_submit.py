@@ -335,6 +335,7 @@ def test_a_batch_of_requests_is_answered_request_by_request(mesh: dict[str, Any]
     import msgpack
     import zmq
 
+    from zmqmesh._patterns.request_batches import EARLY_ITEMS
     from zmqmesh._wire import frames as wire
 
     with zmqmesh.Node("provider", **mesh) as node:
@@ -374,17 +375,27 @@ def test_a_batch_of_requests_is_answered_request_by_request(mesh: dict[str, Any]
             else:
                 raise AssertionError("no reply batch in 30 batches of quick requests")
 
-            # two frames of requests that arrive together: the replies to each go back in a
-            # frame of their own (the first before the second is served), never mixed
+            # two full frames of requests that arrive together: the replies to each go back in
+            # a frame of their own (the first before the second is served), never mixed
+            full = EARLY_ITEMS
             for _ in range(30):
-                dealer.send(wire.request_batch([(b"echo", b"a%d" % i, packed(i)) for i in range(10)]))
-                dealer.send(wire.request_batch([(b"echo", b"b%d" % i, packed(i)) for i in range(10)]))
-                got = _replies(dealer, 20)
+                dealer.send(wire.request_batch([(b"echo", b"a%d" % i, packed(i)) for i in range(full)]))
+                dealer.send(wire.request_batch([(b"echo", b"b%d" % i, packed(i)) for i in range(full)]))
+                got = _replies(dealer, 2 * full)
                 assert all(len({rid[:1] for rid, _, _ in frame}) == 1 for frame in got), got
-                if [len(frame) for frame in got] == [10, 10]:
+                if [len(frame) for frame in got] == [full, full]:
                     break
             else:
-                raise AssertionError("the replies to 30 pairs of frames never came back a frame each")
+                raise AssertionError("the replies to 30 pairs of full frames never came back a frame each")
+            # small frames that arrive together: their replies merge (a frame per frame would
+            # keep a pipeline cut small for good)
+            for _ in range(30):
+                for k in range(4):
+                    dealer.send(wire.request_batch([(b"echo", b"%d-%d" % (k, i), packed(i)) for i in range(5)]))
+                if [len(frame) for frame in _replies(dealer, 20)] == [20]:
+                    break
+            else:
+                raise AssertionError("the replies to 30 sets of 4 small frames never came back in one frame")
 
             # a batch that runs past its end is dropped whole, and counted; the next is served
             malformed = node.stats()["rejected"].get("service_malformed", 0)

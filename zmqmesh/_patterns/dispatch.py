@@ -48,6 +48,7 @@ from .intake import AckedIntake
 from .pubsub import GapCounter
 from .replay import Fetch, Replays
 from .reqrep import MAX_CHAIN
+from .request_batches import EARLY_ITEMS
 
 __all__ = ["Dispatcher"]
 
@@ -555,14 +556,16 @@ class Dispatcher:
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
         """Send a reply to ``route``; an unreachable caller is counted. While replies are
         held (`replies_held`), a small one to a caller that sent a batch waits to go back
-        in a batch: the replies to one frame of requests together, sent once the next
-        frame's begin (the caller refills its window meanwhile) or the burst ends."""
+        in a batch. Held replies go once the next frame of that caller's begins, if they
+        are `EARLY_ITEMS` or more (the caller refills its window meanwhile, and small
+        frames still merge), or when the batch is full or the burst ends."""
         held = self._held
         size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
         if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
             caller = route[0]  # (one object per frame received: see `_decode_request`)
             entry = held.get(caller)
-            if entry is not None and (entry[2] is not caller or wire.batch_full(entry[0], len(entry[1]), size)):
+            if entry is not None and ((entry[2] is not caller and len(entry[1]) >= EARLY_ITEMS) or
+                                      wire.batch_full(entry[0], len(entry[1]), size)):
                 self._send_held(caller, held.pop(caller)[1])
                 entry = None
             if entry is None:
@@ -570,6 +573,7 @@ class Dispatcher:
             else:
                 entry[0] += size
                 entry[1].append((route[1], status, body))
+                entry[2] = caller
             return
         try:
             send_frames(self.router, wire.reply_frames(route, status, body), copy=len(body) < wire.LARGE_FRAME)
