@@ -105,7 +105,7 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             return sent
         for batch in taken:
             sock = sockets.get(batch.key)
-            batch.keep(lambda request_id, waiter: request_id in outstanding and not (gave_up and gave_up(waiter)))
+            batch.keep(outstanding.ids, gave_up)
             if sock is None or not batch.items:
                 continue
             try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, KeysView
 from typing import Generic, TypeVar
 
 from .._wire import frames as wire
@@ -43,6 +43,11 @@ class Outstanding(Generic[Waiter]):
 
     def __contains__(self, request_id: bytes) -> bool:
         return request_id in self._pending
+
+    @property
+    def ids(self) -> KeysView[bytes]:
+        """The ids of the requests waiting (a live view: membership tests at C speed)."""
+        return self._pending.keys()
 
     def busy(self, provider_id: str) -> bool:
         """Whether a request to ``provider_id`` waits for its reply."""

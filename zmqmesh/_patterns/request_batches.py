@@ -19,7 +19,7 @@ in when they pause.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Generic, TypeVar
 
 from .._wire import frames as wire
@@ -46,9 +46,13 @@ class Batch(Generic[Key, Waiter]):
         self.waiters: list[tuple[bytes, Waiter]] = []
         self.size = 1
 
-    def keep(self, wanted: Callable[[bytes, Waiter], bool]) -> None:
-        """Keep only the requests ``wanted(request_id, waiter)`` says yes to."""
-        kept = [k for k, (request_id, waiter) in enumerate(self.waiters) if wanted(request_id, waiter)]
+    def keep(self, waiting: Container[bytes], gave_up: Callable[[Waiter], bool] | None = None) -> None:
+        """Keep only the requests still ``waiting`` (by id) whose waiter has not ``gave_up``."""
+        if gave_up is None:
+            kept = [k for k, (request_id, _) in enumerate(self.waiters) if request_id in waiting]
+        else:
+            kept = [k for k, (request_id, waiter) in enumerate(self.waiters)
+                    if request_id in waiting and not gave_up(waiter)]
         if len(kept) < len(self.waiters):
             self.items = [self.items[k] for k in kept]
             self.waiters = [self.waiters[k] for k in kept]
