@@ -373,6 +373,18 @@ def test_a_quick_request_takes_the_plans_shortest_path_and_hands_over_to_it() ->
     # a provider older than protocol 4, or a body too large to batch: the plan, from its start
     d.rebuild({}, [old])
     assert quick().advance(None, tally) == (False, None)
+    # ...with the provider picked, if one was: the round robin over old and new goes on
+    d.rebuild({}, [a, old])
+    picked = []
+    for _ in range(4):
+        call = quick()
+        finished, step = call.advance(None, tally)
+        if step is None:
+            step = next(call.plan())  # (the plan's first exchange, to the provider picked: counted)
+        picked.append(step.provider.id)
+    assert sorted(picked) == sorted([a.id, old.id] * 2)
+    stats.add_tally(tally)
+    assert stats.snapshot()["names"]["request"]["sent"] == {"add": 8}
     d.rebuild({}, [a])
     assert quick(b"\xc4" + bytes(frames.LARGE_FRAME)).advance(None, tally) == (False, None)
     assert not tally

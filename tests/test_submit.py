@@ -376,7 +376,7 @@ def test_a_batch_of_requests_is_answered_request_by_request(mesh: dict[str, Any]
                 raise AssertionError("no reply batch in 30 batches of quick requests")
 
             # two full frames of requests that arrive together: the replies to each go back in
-            # a frame of their own (the first before the second is served), never mixed
+            # a frame of their own (the first's once the second's first handler ran), never mixed
             full = EARLY_ITEMS
             for _ in range(30):
                 dealer.send(wire.request_batch([(b"echo", b"a%d" % i, packed(i)) for i in range(full)]))

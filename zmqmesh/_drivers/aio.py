@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from .._engine.api import OnLoop, Plan, advance, fetch_plan
+from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.sockets import close_watched, has_input, recv_frames
@@ -87,16 +87,13 @@ class AsyncRunner:
         value: Any = None
         error: BaseException | None = None
         while True:
+            tally = None
             if isinstance(plan, QuickRequest):
                 requester = self.engine.requests
                 assert isinstance(requester, LoopRequester), "the node is not started"
-                finished, step = plan.advance(value, requester.tally) if error is None else (False, None)
-                if step is None and not finished:  # the quick way ends: the plan goes on from here
-                    plan = plan.plan()
-                    continue
-                requester.tallied()
-            else:
-                finished, step = advance(plan, value, error)
+                requester.tallied()  # (before: what goes into the tally is added up even if this raises)
+                tally = requester.tally
+            plan, finished, step = advance_call(plan, value, error, tally)
             if finished:
                 return step
             value, error = None, None

@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from .._engine.api import Plan, advance
+from .._engine.api import Plan, advance_call
 from .._engine.engine import Engine
 from .._io.sockets import recv_frames, send_frames
 from .._io.waker import Waker
@@ -170,15 +170,8 @@ class Pipelined:
         fill a batch, which then goes at once: the jobs of one that cannot go are resumed
         with the error, from here."""
         while True:
-            plan = job.plan
             try:
-                if isinstance(plan, QuickRequest):
-                    finished, step = plan.advance(value, self._tally) if error is None else (False, None)
-                    if step is None and not finished:  # the quick way ends: the plan goes on from here
-                        job.plan = plan.plan()
-                        continue
-                else:
-                    finished, step = advance(plan, value, error)
+                job.plan, finished, step = advance_call(job.plan, value, error, self._tally)
             except Exception as exc:
                 job.finish(None, exc)
                 return
@@ -205,31 +198,34 @@ class Pipelined:
         """Begin ``jobs`` together. The requests of those that go the quick way
         (`QuickRequest`) travel in as few frames as they can: those to one provider in a
         row, a batch per frame (`batch_frames`); the others begin one by one (`start`)."""
-        gathered: dict[str, tuple[Provider, list[tuple[bytes, bytes, bytes]], list[tuple[bytes, Job]]]] = {}
+        gathered: dict[str, tuple[Exchange, list[tuple[bytes, bytes, bytes]], list[tuple[bytes, Job]]]] = {}
+        later = []  # (begun once the quick ones went: a plan may wait, blocking this thread)
         add, tally = self.outstanding.add, self._tally
         for job in jobs:
             plan = job.plan
             step = plan.advance(None, tally)[1] if isinstance(plan, QuickRequest) else None
             if step is None:
-                self.start(job)
+                if isinstance(plan, QuickRequest):
+                    job.plan = plan.plan()
+                later.append(job)
                 continue
-            provider = step.provider
-            entry = gathered.get(provider.id)
+            provider_id = step.provider.id
+            entry = gathered.get(provider_id)
             if entry is None:
-                entry = gathered[provider.id] = (provider, [], [])
-            request_id = add(job, provider.id, step.service, step.deadline)
+                entry = gathered[provider_id] = (step, [], [])
+            request_id = add(job, provider_id, step.service, step.deadline)
             entry[1].append((step.service_b, request_id, step.body))
             entry[2].append((request_id, job))
-        for provider, items, waiting in gathered.values():
+        for step, items, waiting in gathered.values():
             at = 0
             try:
-                sock = self._socket(provider)
+                sock = self._socket(step.provider)
                 for frame, count in batch_frames(items):
                     send_frames(sock, [frame])
                     self._sent += count
                     at += count
             except zmq.ZMQError as exc:
-                error: BaseException = send_failure(exc, provider.id, self.engine)
+                error: BaseException = send_failure(exc, step.provider.id, self.engine, step.service)
             except Exception as exc:  # (the plans decide what that means)
                 error = exc
             else:
@@ -237,6 +233,8 @@ class Pipelined:
             for request_id, job in waiting[at:]:  # those not sent: their plans hear why
                 if self.outstanding.withdraw(request_id):
                     self.resume(job, None, error)
+        for job in later:
+            self.start(job)
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self._sockets.get(provider.id)
@@ -265,16 +263,20 @@ class Pipelined:
                     self._read(sock, provider_id, burst)
         except zmq.ZMQError as exc:
             raise closed_or_failed(self.engine, exc) from exc
-        if self._sent:
-            self.engine.stats.add("request", "sent", self._sent)
-            self._sent = 0
-        if self._tally:
-            self.engine.stats.add_tally(self._tally)
+        self.count_sent()
         if self.engine.closed:
             raise NodeClosedError(_CLOSED)
         self._expire()
         self.prune()
         return ready
+
+    def count_sent(self) -> None:
+        """Add what was counted since the last call to the stats (each `pump` does)."""
+        if self._sent:
+            self.engine.stats.add("request", "sent", self._sent)
+            self._sent = 0
+        if self._tally:
+            self.engine.stats.add_tally(self._tally)
 
     def send_gathered(self) -> None:
         """Send the requests gathered since the last pump (`RequestBatches`) now."""
@@ -494,6 +496,7 @@ class Submitter:
             log.exception("the submit thread failed")
         finally:
             self._closing = True
+            pipelined.count_sent()
             for job in pipelined.close():
                 _fail_closed(job)
             self._fail_waiting()  # (and what comes back later, `_come_back` fails itself)
@@ -537,6 +540,7 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window:
         while calls.waiting():
             pipelined.pump(_BUSY_POLL_S)
     finally:
+        pipelined.count_sent()
         if calls.running:
             left = set(calls.running.values())
             pipelined.forget(left)

@@ -23,6 +23,7 @@ from .._patterns.calls import serving_chain
 from .._patterns.durable import Ticket
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import MAX_CHAIN, Calling, Exchange, QuickRequest, request_plan
+from .._stats import RequestTally
 from .._wire.frames import (
     HISTORY_SERVICE,
     HISTORY_SERVICE_BYTES,
@@ -39,7 +40,7 @@ from ..errors import ConfigError, MeshTimeoutError, NoProviderError, ZmqMeshErro
 from ..message import Message, Peer
 from .engine import Engine, InboxFactory, RequestsFactory
 
-__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "check_name", "check_window", "peer_id_of", "as_frames"]
+__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window", "peer_id_of", "as_frames"]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -82,6 +83,20 @@ def advance(plan: Generator[Any, Any, Any], value: Any, error: BaseException | N
         return True, done.value
     except zmq.ZMQError as exc:
         raise ZmqMeshError(f"ZeroMQ failed: {exc}") from exc
+
+
+def advance_call(call: Plan | QuickRequest, value: Any, error: BaseException | None,
+                 tally: RequestTally | None) -> tuple[Plan | QuickRequest, bool, Any]:
+    """`advance` for a plan or a `QuickRequest` (whose driver's ``tally`` it counts into):
+    ``(the call, finished, next step or result)``, where the call is the request's plan
+    once the quick way ended (given the same outcome). Raises what `advance` raises."""
+    while isinstance(call, QuickRequest):
+        assert tally is not None, "a quick request needs its driver's tally"
+        finished, step = call.advance(value, tally) if error is None else (False, None)
+        if finished or step is not None:
+            return call, finished, step
+        call = call.plan()
+    return (call, *advance(call, value, error))
 
 
 _FORKS = [0]  # how many forks this process descends from, since zmqmesh was imported
@@ -686,7 +701,7 @@ class NodeBase:
     def _request_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
                       headers: dict[str, str] | None = None) -> Plan | QuickRequest:
         """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
-        the drivers that take one: `Pipelined`)."""
+        the drivers that take one: `Pipelined`, `AsyncRunner`)."""
         body = self._encode_call(data)
         return self._quick_or_plan(self._prepare_calls(service, timeout, peer, headers), body)
 

@@ -256,8 +256,6 @@ class Directory:
         if self._skip:
             now = time.monotonic()
             candidates = [i for i in ids if self._skip.get((service, i), 0) < now] or ids
-            if len(self._skip) > _MAX_SKIPS:
-                self._skip = {k: t for k, t in self._skip.items() if t > now}
         start = next(self._rr)
         for k in range(len(candidates)):
             node_id = candidates[(start + k) % len(candidates)]
@@ -272,7 +270,10 @@ class Directory:
 
     def skip_provider(self, service: str, node_id: str) -> None:
         """Avoid ``node_id`` for ``service`` for a moment (it said it no longer offers it)."""
-        self._skip[(service, node_id)] = time.monotonic() + _SKIP_S
+        now = time.monotonic()
+        if len(self._skip) >= _MAX_SKIPS:  # (bounded: departed nodes' entries would pile up)
+            self._skip = {k: t for k, t in self._skip.items() if t > now}
+        self._skip[(service, node_id)] = now + _SKIP_S
 
     def may_retry(self, service: str, lost_id: str, deadline: float) -> bool:
         """Whether a request to ``service`` lost with provider ``lost_id`` is to be resent.

@@ -556,9 +556,9 @@ class Dispatcher:
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
         """Send a reply to ``route``; an unreachable caller is counted. While replies are
         held (`replies_held`), a small one to a caller that sent a batch waits to go back
-        in a batch. Held replies go once the next frame of that caller's begins, if they
-        are `EARLY_ITEMS` or more (the caller refills its window meanwhile, and small
-        frames still merge), or when the batch is full or the burst ends."""
+        in a batch. Held replies go with the first reply to a later frame of that caller's,
+        if they are `EARLY_ITEMS` or more (the caller refills its window meanwhile, and
+        small frames still merge), or when the batch is full or the burst ends."""
         held = self._held
         size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
         if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:

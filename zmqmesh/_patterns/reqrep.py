@@ -90,7 +90,7 @@ def decode_reply(codec: Codec, status: bytes, body: bytes) -> Any:
 def request_plan(directory: Directory, codec: Codec, service: str, service_b: bytes, body: bytes,
                  deadline: float, only: str | None = None, meta: bytes | None = None,
                  stats: Stats | None = None, avoid: frozenset[str] = frozenset(),
-                 sent_to: Provider | None = None, started: float | None = None) -> RequestPlan:
+                 first: Provider | None = None, sent: bool = False, started: float | None = None) -> RequestPlan:
     """One call of ``service`` (``only`` on that node, if given) until ``deadline``.
 
     Picks a provider (waiting for one), exchanges with it, and decodes the reply. A
@@ -100,16 +100,17 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
     Raises `NoProviderError`, `PeerLostError`, `MeshTimeoutError`, `RemoteError`,
     `DecodeError`.
 
-    ``sent_to``: the request went to that provider already (counted as sent), at
-    ``started``; the plan's first step is that exchange, whose outcome the driver gives.
+    ``first``: the provider already picked (the round robin moved on); ``sent``: its
+    request went already, counted as sent, and the driver gives the outcome of the plan's
+    first step, that exchange. ``started``: when the call began, if before the plan.
     """
     started = time.monotonic() if started is None else started
     observed = None if service.startswith("\x00") else stats  # (built-ins are not the user's calls)
     compactable = wire.may_compact(service_b, body, meta)
-    counted = sent_to is not None
+    counted = sent
     while True:
-        provider = directory.pick_provider(service, only, avoid) if sent_to is None else sent_to
-        sent_to = None
+        provider = directory.pick_provider(service, only, avoid) if first is None else first
+        first = None
         if provider is None:
             try:
                 yield Until(lambda: directory.pick_provider(service, only, avoid) is not None, deadline,
@@ -162,14 +163,15 @@ class QuickRequest:
     definition; this is its shortest path, taken step for step.
     """
 
-    __slots__ = ("calling", "body", "deadline", "started", "provider")
+    __slots__ = ("calling", "body", "deadline", "started", "provider", "sent")
 
     def __init__(self, calling: Calling, body: bytes, deadline: float, started: float) -> None:
         self.calling = calling
         self.body = body
         self.deadline = deadline
         self.started = started
-        self.provider: Provider | None = None
+        self.provider: Provider | None = None  # (picked: the plan goes on with it)
+        self.sent = False
 
     def advance(self, reply: tuple[bytes, bytes] | None, tally: RequestTally) -> tuple[bool, Any]:
         """Begin (``reply`` None): ``(False, the exchange to send)``, counted as sent in the
@@ -179,12 +181,12 @@ class QuickRequest:
         calling = self.calling
         service = calling.service
         if reply is None:
-            if self.provider is not None or len(self.body) >= wire.LARGE_FRAME:
+            if len(self.body) >= wire.LARGE_FRAME:
                 return False, None
-            provider = calling.directory.pick_provider(service, calling.only)
+            provider = self.provider = calling.directory.pick_provider(service, calling.only)
             if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
                 return False, None
-            self.provider = provider
+            self.sent = True
             tally.sent[service] = tally.sent.get(service, 0) + 1
             return False, Exchange(provider, service, calling.service_b, self.body, self.deadline, None, True)
         if reply[0] != wire.STATUS_OK:
@@ -196,12 +198,13 @@ class QuickRequest:
         return True, calling.codec.decode(reply[1])
 
     def plan(self) -> RequestPlan:
-        """The call's plan: from its beginning when nothing was sent; otherwise waiting for
-        the outcome of the exchange that was (its first step, taken here)."""
+        """The call's plan, where the quick way left it: from its beginning (with the
+        provider picked, if one was), or waiting for the outcome of the exchange that was
+        sent (its first step, taken here)."""
         c = self.calling
         plan = request_plan(c.directory, c.codec, c.service, c.service_b, self.body, self.deadline, c.only, None,
-                            c.stats, frozenset(), self.provider, self.started)
-        if self.provider is not None:
+                            c.stats, frozenset(), self.provider, self.sent, self.started)
+        if self.sent:
             next(plan)
         return plan
 

@@ -79,7 +79,7 @@ class RequestBatches(Generic[Key, Waiter]):
         a large body), or one to a provider older than protocol 4."""
         if not busy or not step.compact or step.provider.protocol < wire.BATCH_PROTOCOL:
             return False
-        size = len(step.service_b) + len(request_id) + len(step.body) + wire.REQUEST_ITEM_BYTES
+        size = _item_size(step.service_b, request_id, step.body)
         batch = self._open.get(key)
         if batch is not None and wire.batch_full(batch.size, len(batch.items), size):
             self._full.append(batch)
@@ -118,7 +118,7 @@ def batch_frames(items: list[tuple[bytes, bytes, bytes]]) -> list[tuple[bytes, i
     frames: list[tuple[bytes, int]] = []
     start, size = 0, 1
     for k, (service, request_id, body) in enumerate(items):
-        adding = len(service) + len(request_id) + len(body) + wire.REQUEST_ITEM_BYTES
+        adding = _item_size(service, request_id, body)
         if k - start == EARLY_ITEMS or (k > start and wire.batch_full(size, k - start, adding)):
             frames.append(_frame(items[start:k]))
             start, size = k, 1
@@ -133,3 +133,8 @@ def _frame(items: list[tuple[bytes, bytes, bytes]]) -> tuple[bytes, int]:
         service, request_id, body = items[0]
         return wire.request_frames(service, request_id, body, None, True)[0], 1
     return wire.request_batch(items), len(items)
+
+
+def _item_size(service: bytes, request_id: bytes, body: bytes) -> int:
+    """The bytes a request adds to a batch frame."""
+    return len(service) + len(request_id) + len(body) + wire.REQUEST_ITEM_BYTES
