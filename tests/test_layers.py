@@ -281,6 +281,23 @@ def test_outstanding_requests_keep_their_provider_busy_until_each_is_done_with()
     assert table.take_all() == ["again"] and not table.busy("p")
 
 
+def test_in_order_calls_keep_the_window_and_raise_the_first_failure_in_item_order() -> None:
+    from zmqmesh._patterns.in_order import InOrder
+
+    calls: InOrder[str] = InOrder(3)
+    first, second, third = (calls.begin(name) for name in ("a", "b", "c"))
+    assert not calls.room() and calls.free() == 0
+    calls.end(second, "B", None)
+    assert calls.room() and calls.free() == 1
+    calls.end(third, None, KeyError("c"))
+    assert not calls.room() and calls.free() == 2  # (a failure: no more are made)
+    assert calls.waiting()  # the item before the failure is still worth waiting for
+    calls.end(first, None, ValueError("a"))
+    assert not calls.waiting()
+    with pytest.raises(ValueError):
+        calls.outcome()
+
+
 def test_control_whispers_round_trip_and_refuse_junk() -> None:
     codec = Codec(1 << 20)
     assert control.parse(codec, control.bye(codec)) == ("bye", [])

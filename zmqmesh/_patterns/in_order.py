@@ -43,6 +43,10 @@ class InOrder(Generic[Running]):
         """Whether the next call may be made now (none failed, fewer than the window run)."""
         return not self.failures and len(self.running) < self.window
 
+    def free(self) -> int:
+        """How many more calls the window has room for."""
+        return self.window - len(self.running)
+
     def waiting(self) -> bool:
         """Whether a call still running is worth waiting for: one before the first failure."""
         return bool(self.running) and (not self.failures or min(self.running) < min(self.failures))
