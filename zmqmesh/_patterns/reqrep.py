@@ -11,9 +11,10 @@ them out, blocking a thread or awaiting.
 
 `QuickRequest` carries out the common case of that plan without it, for the drivers that
 keep many requests in flight: a plan is a generator, resumed twice per call through a
-few layers, and that bookkeeping cost more than everything else a pipelined request does
-(see `benchmarks/bench.py`, ``req_inflight``). At the first thing the quick way does not
-cover, the call becomes its plan, picked up where the quick way left it.
+few layers, and with many requests in flight that bookkeeping cost several times what
+sending, receiving and decoding did (`benchmarks/bench.py`, ``req_inflight``). At the
+first thing the quick way does not cover, the call becomes its plan, picked up where the
+quick way left it.
 """
 
 from __future__ import annotations
