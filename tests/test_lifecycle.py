@@ -165,3 +165,22 @@ def test_an_idle_async_node_that_has_pushed_does_not_spin(mesh: dict[str, Any]) 
             return time.process_time() - cpu
 
     assert asyncio.run(scenario()) < 0.5
+
+
+def test_an_async_node_woken_after_it_stopped_reads_no_closed_socket(mesh: dict[str, Any],
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """An event posted as the node stops (a peer leaving, a page of history) wakes the
+    inbox after its sockets closed: it starts no drain, and nothing fails."""
+    import logging
+
+    async def main() -> None:
+        node = zmqmesh.AsyncNode("late", **mesh)
+        await node.start()
+        inbox: Any = node._engine.inbox
+        await node.stop()
+        inbox.wake()
+        await asyncio.sleep(0.1)
+
+    with caplog.at_level(logging.ERROR, logger="zmqmesh"):
+        asyncio.run(main())
+    assert "inbox drain failed" not in caplog.text

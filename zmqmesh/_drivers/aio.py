@@ -229,6 +229,7 @@ class LoopInbox(Dispatcher):
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False  # (the sockets: a drain woken later finds nothing to read)
 
     def start(self) -> None:
         """Watch the sockets' descriptors."""
@@ -258,7 +259,7 @@ class LoopInbox(Dispatcher):
 
     def wake(self) -> None:
         """Start a drain unless one is running (then it goes round once more)."""
-        if self.abandoned():
+        if self.abandoned() or self._closed:
             return
         if self._task is None or self._task.done():
             self._task = self.loop.create_task(self._drain())
@@ -287,7 +288,7 @@ class LoopInbox(Dispatcher):
     async def _drain(self) -> None:
         calls: list[Call] = []
         try:
-            while not self.abandoned():
+            while not self.abandoned() and not self._closed:
                 self._again = False
                 more = bool(self.gather(calls, self.sockets))
                 if calls:
@@ -295,6 +296,8 @@ class LoopInbox(Dispatcher):
                     await self._execute(calls)
                     calls.clear()
                 self.after_handling()
+                if self._closed:
+                    return
                 if not (more or self._again or self.has_posted() or any(has_input(sock) for sock, _ in self.sockets)):
                     if self.has_waiting():  # frames wait for their sender: look again in a moment
                         self.loop.call_later(_WAITING_LOOK_S, self.wake)
@@ -380,6 +383,7 @@ class LoopInbox(Dispatcher):
             for task in still:
                 task.cancel()
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self._closed = True  # (an event posted from now on wakes no drain)
         self.close_sockets()
 
 
