@@ -638,8 +638,12 @@ class Dispatcher:
         if len(quick) >= _MAX_TIMED_HANDLERS:  # bounded: callables made per call would grow it
             quick.clear()
         try:
-            quick[call.handler] = min(quick.get(call.handler, 0) + 1, QUICK_RUNS) \
-                if time.monotonic() - started < HOLD_LIMIT_S else 0
+            if time.monotonic() - started < HOLD_LIMIT_S:
+                runs = quick.get(call.handler, 0)
+                if runs < QUICK_RUNS:
+                    quick[call.handler] = runs + 1
+            else:
+                quick[call.handler] = 0
         except TypeError:  # an unhashable callable: never held for
             pass
 
