@@ -613,8 +613,13 @@ class Dispatcher:
     def starting(self, call: Call) -> float:
         """A handler is about to run; when it starts (see `replies_held`). Only services
         are timed: the held replies go out before any other handler."""
-        if self._held and self._quick_runs(call.handler) < QUICK_RUNS:
-            self.release_held()
+        if self._held:
+            try:
+                quick = self._quick.get(call.handler, 0) >= QUICK_RUNS
+            except TypeError:  # an unhashable callable: never timed
+                quick = False
+            if not quick:
+                self.release_held()
         return time.monotonic() if call.pattern == "service" else 0.0
 
     def release_held(self) -> None:
@@ -623,12 +628,6 @@ class Dispatcher:
             held, self._held = self._held, {}
             for caller, (_size, replies, _frame) in held.items():
                 self._send_held(caller, replies)
-
-    def _quick_runs(self, handler: Any) -> int:
-        try:
-            return self._quick.get(handler, 0)
-        except TypeError:  # an unhashable callable: never timed
-            return 0
 
     def finished(self, call: Call, started: float) -> None:
         """The handler of ``call``, started at ``started`` (`starting`), returned."""

@@ -119,7 +119,8 @@ def batch_frames(items: list[tuple[bytes, bytes, bytes]]) -> list[tuple[bytes, i
     start, size = 0, 1
     for k, (service, request_id, body) in enumerate(items):
         adding = _item_size(service, request_id, body)
-        if k - start == EARLY_ITEMS or (k > start and wire.batch_full(size, k - start, adding)):
+        # (a frame holds at most EARLY_ITEMS, under MAX_BATCH_ITEMS: only its bytes can fill it sooner)
+        if k - start == EARLY_ITEMS or (k > start and size + adding > wire.BATCH_BYTES):
             frames.append(_frame(items[start:k]))
             start, size = k, 1
         size += adding
