@@ -208,3 +208,25 @@ def test_an_async_node_replays_and_resumes_as_a_node_does(tmp_path: Path, mesh: 
         asyncio.run(collect(second, 999))
     assert first == list(range(500))
     assert second == list(range(500, 1000)), "resumed right after the last message handled"
+
+
+def test_a_durable_subscriptions_handler_that_raises_is_logged_and_counted(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    got: list[int] = []
+
+    def handler(msg: zmqmesh.Message) -> None:
+        if msg.data["n"] == 1:
+            raise ValueError("message one refused")
+        got.append(msg.data["n"])
+
+    publisher = zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"logs.": 100}, **mesh)
+    with caplog.at_level(logging.ERROR, logger="zmqmesh"), publisher:
+        publish_all(publisher, ["logs.a"], 0, 3)
+        subscriber = zmqmesh.Node("late", store=str(tmp_path / "sub"), **mesh)
+        subscriber.subscribe("logs.", handler, replay="all", durable_name="reader")
+        with subscriber:
+            wait_until(lambda: got == [0, 2], 20, "the replay")
+            assert subscriber.stats()["pubsub"]["errors"] == 1
+    assert "message one refused" in caplog.text

@@ -536,7 +536,7 @@ class Dispatcher:
             return
         if error is not None:
             self.stats.pattern[call.pattern]["errors"] += 1
-            if not isinstance(route, tuple):
+            if type(route) is not tuple:  # (a request's error goes back to its caller; a CursorMark is no request)
                 log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
         if isinstance(route, BatchAck):
             self.acked.complete(call, route, error)
