@@ -23,7 +23,7 @@ from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
 from zmqmesh._patterns.pipeline import cut_frames, take_batch
 from zmqmesh._patterns.reqrep import Calling, Exchange, QuickRequest, request_plan
-from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches, batch_frames
+from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from zmqmesh._stats import RequestTally, Stats
 from zmqmesh._wire import frames
 from zmqmesh._wire.codec import Codec
@@ -239,6 +239,16 @@ def test_a_request_batch_that_fills_up_is_ready_before_the_pause() -> None:
 def test_batch_frames_carry_requests_in_order_within_a_batchs_limits() -> None:
     def items(n: int, size: int = 1) -> list[tuple[bytes, bytes, bytes]]:
         return [(b"svc", k.to_bytes(8, "big"), bytes([k % 256]) * size) for k in range(n)]
+
+    new = Provider("a" * 32, "tcp://127.0.0.1:1", None, 4)
+
+    def batch_frames(requests: list[tuple[bytes, bytes, bytes]]) -> list[tuple[bytes, int]]:
+        """The frames a driver sends for requests at hand (`Pipelined.start_many`): all
+        gathered, then taken at once."""
+        batches: RequestBatches[str, int] = RequestBatches()
+        for n, (service, request_id, body) in enumerate(requests):
+            assert batches.add(new.id, request_id, n, Exchange(new, "svc", service, body, 0.0, None, True), True)
+        return [(batch.frame(), len(batch.items)) for batch in batches.take()]
 
     assert batch_frames([]) == []
     (alone,) = batch_frames(items(1))  # one request: its one-frame form

@@ -36,7 +36,7 @@ from .._mesh.waiters import Until
 from .._patterns.in_order import InOrder
 from .._patterns.outstanding import Outstanding
 from .._patterns.reqrep import Exchange, QuickRequest
-from .._patterns.request_batches import EARLY_ITEMS, RequestBatches, batch_frames
+from .._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from .._stats import RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
@@ -197,11 +197,11 @@ class Pipelined:
 
     def start_many(self, jobs: list[Job]) -> None:
         """Begin ``jobs`` together. The requests of those that go the quick way
-        (`QuickRequest`) travel in as few frames as they can: those to one provider in a
-        row, a batch per frame (`batch_frames`); the others begin one by one (`start`)."""
-        gathered: dict[str, tuple[Exchange, list[tuple[bytes, bytes, bytes]], list[tuple[bytes, Job]]]] = {}
-        later = []  # (begun once the quick ones went: a plan may wait, blocking this thread)
-        add, tally = self.outstanding.add, self._tally
+        (`QuickRequest`) are gathered whatever their provider's state (the items are at
+        hand) and go at once, a batch per frame (`RequestBatches`); the others begin after
+        them, one by one (`start`: a plan may wait, blocking this thread)."""
+        later = []
+        tally, batches, add = self._tally, self._batches, self.outstanding.add
         for job in jobs:
             plan = job.plan
             step = plan.advance(None, tally)[1] if isinstance(plan, QuickRequest) else None
@@ -211,29 +211,14 @@ class Pipelined:
                 later.append(job)
                 continue
             provider_id = step.provider.id
-            entry = gathered.get(provider_id)
-            if entry is None:
-                entry = gathered[provider_id] = (step, [], [])
-            request_id = add(job, provider_id, step.service, step.deadline)
-            entry[1].append((step.service_b, request_id, step.body))
-            entry[2].append((request_id, job))
-        for step, items, waiting in gathered.values():
-            at = 0
-            try:
-                sock = self._socket(step.provider)
-                for frame, count in batch_frames(items):
-                    send_frames(sock, [frame])
-                    self._sent += count
-                    at += count
-            except zmq.ZMQError as exc:
-                error: BaseException = send_failure(exc, step.provider.id, self.engine, step.service)
-            except Exception as exc:  # (the plans decide what that means)
-                error = exc
-            else:
-                continue
-            for request_id, job in waiting[at:]:  # those not sent: their plans hear why
-                if self.outstanding.withdraw(request_id):
-                    self.resume(job, None, error)
+            if provider_id not in self._sockets:
+                try:
+                    self._socket(step.provider)
+                except Exception as exc:  # (the plan decides what that means)
+                    self.resume(job, None, exc)
+                    continue
+            batches.add(provider_id, add(job, provider_id, step.service, step.deadline), job, step, True)
+        self._send_batches()
         for job in later:
             self.start(job)
 

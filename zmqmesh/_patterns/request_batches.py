@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 from .._wire import frames as wire
 from .reqrep import Exchange
 
-__all__ = ["RequestBatches", "Batch", "EARLY_ITEMS", "batch_frames"]
+__all__ = ["RequestBatches", "Batch", "EARLY_ITEMS"]
 
 EARLY_ITEMS = 32
 """Requests a batch holds when it goes before the pause (of 8, 16, 32 and 64, 32 carried
@@ -59,7 +59,10 @@ class Batch(Generic[Key, Waiter]):
 
     def frame(self) -> bytes:
         """The frame that carries the batch (one request: its one-frame form)."""
-        return _frame(self.items)[0]
+        if len(self.items) == 1:
+            service, request_id, body = self.items[0]
+            return wire.request_frames(service, request_id, body, None, True)[0]
+        return wire.request_batch(self.items)
 
 
 class RequestBatches(Generic[Key, Waiter]):
@@ -79,7 +82,7 @@ class RequestBatches(Generic[Key, Waiter]):
         a large body), or one to a provider older than protocol 4."""
         if not busy or not step.compact or step.provider.protocol < wire.BATCH_PROTOCOL:
             return False
-        size = _item_size(step.service_b, request_id, step.body)
+        size = len(step.service_b) + len(request_id) + len(step.body) + wire.REQUEST_ITEM_BYTES
         batch = self._open.get(key)
         if batch is not None and wire.batch_full(batch.size, len(batch.items), size):
             self._full.append(batch)
@@ -108,34 +111,3 @@ class RequestBatches(Generic[Key, Waiter]):
         batches.extend(self._open.values())
         self._full, self._open = [], {}
         return batches
-
-
-def batch_frames(items: list[tuple[bytes, bytes, bytes]]) -> list[tuple[bytes, int]]:
-    """The frames that carry ``items`` (``(service, request_id, body)`` each, as
-    `wire.may_compact` allows, to a provider of protocol 4), in order, with how many each
-    holds: at most `EARLY_ITEMS` (the provider starts on one while the next is on its
-    way), within a batch's limits; one request alone goes in its one-frame form."""
-    frames: list[tuple[bytes, int]] = []
-    start, size = 0, 1
-    for k, (service, request_id, body) in enumerate(items):
-        adding = _item_size(service, request_id, body)
-        # (a frame holds at most EARLY_ITEMS, under MAX_BATCH_ITEMS: only its bytes can fill it sooner)
-        if k - start == EARLY_ITEMS or (k > start and size + adding > wire.BATCH_BYTES):
-            frames.append(_frame(items[start:k]))
-            start, size = k, 1
-        size += adding
-    if len(items) > start:
-        frames.append(_frame(items[start:]))
-    return frames
-
-
-def _frame(items: list[tuple[bytes, bytes, bytes]]) -> tuple[bytes, int]:
-    if len(items) == 1:
-        service, request_id, body = items[0]
-        return wire.request_frames(service, request_id, body, None, True)[0], 1
-    return wire.request_batch(items), len(items)
-
-
-def _item_size(service: bytes, request_id: bytes, body: bytes) -> int:
-    """The bytes a request adds to a batch frame."""
-    return len(service) + len(request_id) + len(body) + wire.REQUEST_ITEM_BYTES
