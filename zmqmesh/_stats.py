@@ -49,18 +49,20 @@ class NameCounts(dict[str | bytes, int]):
 
 
 class RequestTally:
-    """Requests sent and how long their callers waited, per service, gathered by one
+    """Requests sent and how long their callers waited, per service, and the request
+    pattern's counters (``counts``: sent, received, dropped, errors), gathered by one
     driver's thread without a lock (a lock per request cost more than the rest of a
     pipelined request's bookkeeping), for `Stats.add_tally` to add up once per pass."""
 
-    __slots__ = ("sent", "waited")
+    __slots__ = ("sent", "waited", "counts")
 
     def __init__(self) -> None:
         self.sent: dict[str, int] = {}
         self.waited: dict[str, list[float]] = {}
+        self.counts: dict[str, int] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.sent or self.waited)
+        return bool(self.sent or self.waited or self.counts)
 
 
 class Stats:
@@ -111,15 +113,20 @@ class Stats:
             self._observe(service, (seconds,))
 
     def add_tally(self, tally: RequestTally) -> None:
-        """Add up what ``tally`` gathered (requests sent per service, latencies), and empty it."""
+        """Add up what ``tally`` gathered (requests sent per service, latencies, the request
+        pattern's counters), and empty it."""
         with self._lock:
             sent = self._names_of("request", "sent")
             for service, count in tally.sent.items():
                 sent.add(service, count)
             for service, waited in tally.waited.items():
                 self._observe(service, waited)
+            shared = self._shared
+            for counter, count in tally.counts.items():
+                shared[("request", counter)] = shared.get(("request", counter), 0) + count
         tally.sent.clear()
         tally.waited.clear()
+        tally.counts.clear()
 
     def _observe(self, service: str, waited: Iterable[float]) -> None:
         buckets = self._latency.get(service)

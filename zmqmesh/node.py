@@ -239,7 +239,7 @@ class Node(NodeBase):
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
-        return self._runner.run(self._request_plan(service, data, timeout, peer, headers))
+        return self._runner.run(self._request_call(service, data, timeout, peer, headers))
 
     def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
                      peer: str | Peer | None = None, *, window: int = 64,

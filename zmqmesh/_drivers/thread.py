@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from .._engine.api import OnLoop, Plan, advance, fetch_plan
+from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.reactor import Reactor, run_on
@@ -39,7 +39,8 @@ from .._mesh.waiters import Room, Until
 from .._patterns.calls import Call, is_async, run_async, run_sync
 from .._patterns.dispatch import Dispatcher
 from .._patterns.replay import Fetch
-from .._patterns.reqrep import Exchange
+from .._patterns.reqrep import Exchange, QuickRequest
+from .._stats import RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import (
@@ -55,6 +56,7 @@ __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox
 log = logging.getLogger("zmqmesh.node")
 
 _POLL_SLICE_S = 0.05
+_POLL_SLICE_MS = 50
 _SLOT_WAIT_S = 0.005
 _ROOM_SLICE_S = 0.1
 _LATE_LOOP_S = 1.0
@@ -66,24 +68,43 @@ class BlockingRunner:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def run(self, plan: Plan) -> Any:
-        """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
-        error becomes `ZmqMeshError` (`NodeClosedError` once the node stopped)."""
+    def run(self, call: Plan | QuickRequest) -> Any:
+        """Carry out ``call``, a plan or a request's `QuickRequest` (`advance_call`), and
+        return its result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`
+        (`NodeClosedError` once the node stopped). The calling thread's requester carries
+        out its exchanges; what they count goes to the stats when the call ends."""
+        requester = self._requester() if isinstance(call, QuickRequest) else None
         value: Any = None
         error: BaseException | None = None
-        while True:
-            finished, step = advance(plan, value, error)
-            if finished:
-                return step
-            value, error = self.carry_out(step)
+        try:
+            while True:
+                call, finished, step = advance_call(call, value, error, None if requester is None else requester.tally)
+                if finished:
+                    return step
+                if type(step) is not Exchange:
+                    value, error = self.carry_out(step)
+                    continue
+                if requester is None:
+                    requester = self._requester()
+                try:
+                    value, error = requester.exchange(step), None
+                except zmq.ZMQError as exc:
+                    value, error = None, closed_or_failed(self.engine, exc)
+                except Exception as exc:
+                    value, error = None, exc
+        finally:
+            if requester is not None and requester.tally:
+                self.engine.stats.add_tally(requester.tally)
+
+    def _requester(self) -> ThreadRequester:
+        requesters = self.engine.requests
+        assert isinstance(requesters, ThreadRequesters), "the node is not started"
+        return requesters.current()
 
     def carry_out(self, step: Any) -> tuple[Any, BaseException | None]:
-        """Carry out one step of a plan: ``(value, None)``, or ``(None, the error)``."""
+        """Carry out one step of a plan other than an exchange (`run` does those):
+        ``(value, None)``, or ``(None, the error)``."""
         try:
-            if isinstance(step, Exchange):
-                requesters = self.engine.requests
-                assert isinstance(requesters, ThreadRequesters), "the node is not started"
-                return requesters.current().exchange(step), None
             if isinstance(step, Until):
                 wait_until(self.engine, step.predicate, step.deadline, step.what)
             elif isinstance(step, Room):
@@ -145,8 +166,9 @@ class ThreadRequester:
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         self._ids = itertools.count(1)
         self._membership_epoch = -1
-        self._pollers: dict[str, zmq.Poller] = {}
+        self._waits: dict[str, int] = {}  # the RCVTIMEO of each socket, in ms
         self._pipelined: Pipelined | None = None
+        self.tally = RequestTally()  # (what this thread's calls count: added up by `BlockingRunner.run`)
 
     def pipelined(self) -> Pipelined:
         """This thread's `Pipelined` (for `Node.request_many`; made on first use). A plan of
@@ -161,50 +183,59 @@ class ThreadRequester:
         `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`."""
         engine = self.engine
         provider = step.provider
-        self._prune()
-        sock = self._socket(provider)
+        if engine.directory.epoch != self._membership_epoch:
+            self._prune()
+        sock = self.sockets.get(provider.id) or self._socket(provider)
         request_id = next(self._ids).to_bytes(8, "big")
         try:
             send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
         except zmq.ZMQError as exc:
             raise send_failure(exc, provider.id, engine, step.service) from exc
-        engine.stats.add("request", "sent")
+        counts = self.tally.counts
+        counts["sent"] = counts.get("sent", 0) + 1
         return self._wait(sock, request_id, provider, step.service, step.deadline)
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
+        # a blocking receive, in slices (the socket's RCVTIMEO): between them, whether the
+        # node stopped or the provider left
         engine = self.engine
-        poller = self._pollers.get(provider.id)
-        if poller is None:
-            poller = self._pollers[provider.id] = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 engine.stats.add("request", "errors")
                 raise MeshTimeoutError(f"request to {service!r} timed out")
-            if poller.poll(int(min(remaining, _POLL_SLICE_S) * 1000) + 1):
-                while True:
-                    try:
-                        frames = recv_frames(sock)
-                    except zmq.Again:
-                        break
-                    reply = wire.parse_reply(frames)
-                    if reply is None or reply[0] != request_id:
-                        engine.stats.add("request", "dropped")  # a late reply
-                        continue
-                    engine.stats.add("request", "received")
-                    return reply[1], reply[2]
-            if engine.closed:
-                raise NodeClosedError("the node stopped while a request was outstanding")
-            if provider.id not in engine.directory.alive_ids:
-                engine.stats.add("request", "errors")
-                raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying", provider.id)
+            if remaining < _POLL_SLICE_S:
+                self._set_wait(sock, provider.id, int(remaining * 1000) + 1)
+            elif self._waits[provider.id] != _POLL_SLICE_MS:
+                self._set_wait(sock, provider.id, _POLL_SLICE_MS)
+            try:
+                frames = recv_frames(sock, wait=True)
+            except zmq.Again:
+                if engine.closed:
+                    raise NodeClosedError("the node stopped while a request was outstanding") from None
+                if provider.id not in engine.directory.alive_ids:
+                    engine.stats.add("request", "errors")
+                    raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying",
+                                        provider.id) from None
+                continue
+            reply = wire.parse_reply(frames)
+            if reply is None or reply[0] != request_id:
+                engine.stats.add("request", "dropped")  # a late reply
+                continue
+            counts = self.tally.counts
+            counts["received"] = counts.get("received", 0) + 1
+            return reply[1], reply[2]
+
+    def _set_wait(self, sock: zmq.Socket[Any], provider_id: str, ms: int) -> None:
+        sock.setsockopt(zmq.RCVTIMEO, ms)
+        self._waits[provider_id] = ms
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets.get(provider.id)
         if sock is None:
             sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
+            self._set_wait(sock, provider.id, _POLL_SLICE_MS)
         return sock
 
     def _prune(self) -> None:
@@ -215,14 +246,14 @@ class ThreadRequester:
         self._membership_epoch = directory.epoch
         alive = directory.alive_ids
         for pid in [p for p in self.sockets if p not in alive]:
-            self._pollers.pop(pid, None)
+            self._waits.pop(pid, None)
             self.sockets.pop(pid).close(0)
         if self._pipelined is not None:
             self._pipelined.prune()
 
     def close(self) -> None:
         """Close every socket of this requester."""
-        self._pollers.clear()
+        self._waits.clear()
         if self._pipelined is not None:
             self._pipelined.close()
         for sock in self.sockets.values():

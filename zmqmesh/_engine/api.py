@@ -701,7 +701,7 @@ class NodeBase:
     def _request_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
                       headers: dict[str, str] | None = None) -> Plan | QuickRequest:
         """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
-        the drivers that take one: `Pipelined`, `AsyncRunner`)."""
+        every driver: `BlockingRunner`, `Pipelined`, `AsyncRunner`)."""
         body = self._encode_call(data)
         return self._quick_or_plan(self._prepare_calls(service, timeout, peer, headers), body)
 
