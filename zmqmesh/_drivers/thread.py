@@ -452,7 +452,8 @@ class ThreadInbox(Dispatcher):
                 if self._resubscribe:
                     self._resubscribe = False
                     self.apply_subscriptions()
-                self._complete_done()
+                if self._done:
+                    self._complete_done()
                 self._drain_all(calls, [(s, k) for s, k in self.sockets if s in ready])
             self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
         except Exception:
@@ -473,7 +474,8 @@ class ThreadInbox(Dispatcher):
                 self.before_handling(calls)
                 self._execute(calls)
                 calls.clear()
-            self._complete_done()
+            if self._done:
+                self._complete_done()
             self.after_handling()
             if not active and not self.has_posted():
                 return
@@ -487,6 +489,13 @@ class ThreadInbox(Dispatcher):
         if self._pool is not None:
             for call in self.to_handle(calls):
                 self._submit(call)
+            return
+        if len(calls) == 1 and not self.stopping:  # (one call: no replies to hold back for a batch)
+            call = calls[0]
+            started = self.starting(call)
+            result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
+            self.finished(call, started)
+            self.complete(call, result, error)
             return
         with self.replies_held():
             for call in self.to_handle(calls):
