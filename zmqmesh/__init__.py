@@ -7,14 +7,10 @@ request/reply into one mesh with plain callbacks as handlers.
 
 from __future__ import annotations
 
+import importlib
 import typing
 
-from ._io.curve import generate_keypair, read_public_key, read_secret_key, write_keypair
-from ._io.stop_flag import StopFlag
-from ._observe.prometheus import metrics_text
-from ._store.sqlite import drop_dead_letters, inspect_store, retry_dead_letters
 from ._version import __version__
-from .config import NodeConfig
 from .errors import (
     ConfigError,
     DecodeError,
@@ -29,11 +25,21 @@ from .errors import (
     StoreLockedError,
     ZmqMeshError,
 )
-from .message import Message, Peer
-from .node import Node
 
 if typing.TYPE_CHECKING:
+    from ._io.curve import (
+        generate_keypair,
+        read_public_key,
+        read_secret_key,
+        write_keypair,
+    )
+    from ._io.stop_flag import StopFlag
+    from ._observe.prometheus import metrics_text
+    from ._store.sqlite import drop_dead_letters, inspect_store, retry_dead_letters
     from .asyncnode import AsyncNode
+    from .config import NodeConfig
+    from .message import Message, Peer
+    from .node import Node
 
 __all__ = [
     "__version__",
@@ -65,17 +71,36 @@ __all__ = [
     "StopFlag",
 ]
 
+_LAZY = {
+    "Node": ".node",
+    "AsyncNode": ".asyncnode",
+    "NodeConfig": ".config",
+    "Message": ".message",
+    "Peer": ".message",
+    "StopFlag": "._io.stop_flag",
+    "generate_keypair": "._io.curve",
+    "write_keypair": "._io.curve",
+    "read_public_key": "._io.curve",
+    "read_secret_key": "._io.curve",
+    "inspect_store": "._store.sqlite",
+    "retry_dead_letters": "._store.sqlite",
+    "drop_dead_letters": "._store.sqlite",
+    "metrics_text": "._observe.prometheus",
+}
+"""Where each public name lives. They are imported on first use (PEP 562): ``import
+zmqmesh`` costs only the errors, and a process loads what it uses: a sync `Node`'s
+machinery (pyzmq, msgpack, the mesh) at its first mention, never asyncio unless it runs
+an `AsyncNode`, never the store unless it opens one."""
+
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name: str) -> typing.Any:
-    # AsyncNode is imported on first use: a process that only runs a sync Node never
-    # loads asyncio (and ssl with it), which keeps every node process smaller.
-    if name == "AsyncNode":
-        from .asyncnode import AsyncNode
-
-        globals()["AsyncNode"] = AsyncNode
-        return AsyncNode
-    raise AttributeError(f"module 'zmqmesh' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zmqmesh' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
