@@ -56,7 +56,6 @@ __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox
 log = logging.getLogger("zmqmesh.node")
 
 _POLL_SLICE_S = 0.05
-_POLL_SLICE_MS = 50
 _SLOT_WAIT_S = 0.005
 _ROOM_SLICE_S = 0.1
 _LATE_LOOP_S = 1.0
@@ -166,7 +165,7 @@ class ThreadRequester:
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         self._ids = itertools.count(1)
         self._membership_epoch = -1
-        self._waits: dict[str, int] = {}  # the RCVTIMEO of each socket, in ms
+        self._pollers: dict[str, zmq.Poller] = {}
         self._pipelined: Pipelined | None = None
         self.tally = RequestTally()  # (what this thread's calls count: added up by `BlockingRunner.run`)
 
@@ -197,45 +196,42 @@ class ThreadRequester:
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
-        # a blocking receive, in slices (the socket's RCVTIMEO): between them, whether the
-        # node stopped or the provider left
+        # (a poll in slices, not a blocking receive: a stop closes this thread's sockets from
+        # the stopping thread, which a poll returns from with an error, and which aborts
+        # the process under a receive: ZeroMQ asserts)
         engine = self.engine
+        poller = self._pollers.get(provider.id)
+        if poller is None:
+            poller = self._pollers[provider.id] = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 engine.stats.add("request", "errors")
                 raise MeshTimeoutError(f"request to {service!r} timed out")
-            if remaining < _POLL_SLICE_S:
-                self._set_wait(sock, provider.id, int(remaining * 1000) + 1)
-            elif self._waits[provider.id] != _POLL_SLICE_MS:
-                self._set_wait(sock, provider.id, _POLL_SLICE_MS)
-            try:
-                frames = recv_frames(sock, wait=True)
-            except zmq.Again:
-                if engine.closed:
-                    raise NodeClosedError("the node stopped while a request was outstanding") from None
-                if provider.id not in engine.directory.alive_ids:
-                    engine.stats.add("request", "errors")
-                    raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying",
-                                        provider.id) from None
-                continue
-            reply = wire.parse_reply(frames)
-            if reply is None or reply[0] != request_id:
-                engine.stats.add("request", "dropped")  # a late reply
-                continue
-            counts = self.tally.counts
-            counts["received"] = counts.get("received", 0) + 1
-            return reply[1], reply[2]
-
-    def _set_wait(self, sock: zmq.Socket[Any], provider_id: str, ms: int) -> None:
-        sock.setsockopt(zmq.RCVTIMEO, ms)
-        self._waits[provider_id] = ms
+            if poller.poll(int(min(remaining, _POLL_SLICE_S) * 1000) + 1):
+                while True:
+                    try:
+                        frames = recv_frames(sock)
+                    except zmq.Again:
+                        break
+                    reply = wire.parse_reply(frames)
+                    if reply is None or reply[0] != request_id:
+                        engine.stats.add("request", "dropped")  # a late reply
+                        continue
+                    counts = self.tally.counts
+                    counts["received"] = counts.get("received", 0) + 1
+                    return reply[1], reply[2]
+            if engine.closed:
+                raise NodeClosedError("the node stopped while a request was outstanding")
+            if provider.id not in engine.directory.alive_ids:
+                engine.stats.add("request", "errors")
+                raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying", provider.id)
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets.get(provider.id)
         if sock is None:
             sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
-            self._set_wait(sock, provider.id, _POLL_SLICE_MS)
         return sock
 
     def _prune(self) -> None:
@@ -246,14 +242,14 @@ class ThreadRequester:
         self._membership_epoch = directory.epoch
         alive = directory.alive_ids
         for pid in [p for p in self.sockets if p not in alive]:
-            self._waits.pop(pid, None)
+            self._pollers.pop(pid, None)
             self.sockets.pop(pid).close(0)
         if self._pipelined is not None:
             self._pipelined.prune()
 
     def close(self) -> None:
         """Close every socket of this requester."""
-        self._waits.clear()
+        self._pollers.clear()
         if self._pipelined is not None:
             self._pipelined.close()
         for sock in self.sockets.values():

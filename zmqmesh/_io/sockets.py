@@ -51,9 +51,8 @@ def can_send(sock: zmq.Socket[Any]) -> bool:
     return bool(cast(int, sock.get(_EVENTS)) & _POLLOUT)
 
 
-def recv_frames(sock: zmq.Socket[Any], views_from: int = 0, wait: bool = False) -> list[bytes]:
+def recv_frames(sock: zmq.Socket[Any], views_from: int = 0) -> list[bytes]:
     """Receive one whole message without blocking; raises `zmq.Again` if none is waiting.
-    With ``wait``, blocks for one up to the socket's ``RCVTIMEO`` first.
 
     ``recv_multipart(NOBLOCK)`` at about two thirds of its cost: each frame is taken as a
     `zmq.Frame`, whose ``more`` is read off the frame itself, where reading ``RCVMORE``
@@ -62,7 +61,7 @@ def recv_frames(sock: zmq.Socket[Any], views_from: int = 0, wait: bool = False) 
     frame of that many bytes or more comes as a `memoryview` of ZeroMQ's own buffer instead
     of a copy (it keeps that buffer alive while referenced; callers must not write to it).
     """
-    frame = _recv(sock, 0 if wait else _NOBLOCK, False)
+    frame = _recv(sock, _NOBLOCK, False)
     frames = [frame.buffer if views_from and len(frame) >= views_from else frame.bytes]
     while frame.more:
         frame = _recv(sock, _NOBLOCK, False)
