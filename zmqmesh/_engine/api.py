@@ -580,8 +580,11 @@ class NodeBase:
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, operation, name, headers)
-        encode = self._encode
-        return [encode(data, headers) for data in items]
+        if headers:
+            encode = self._encode
+            return [encode(data, headers) for data in items]
+        items = items if type(items) is list else list(items)
+        return self._ready().codec.encode_many(items) if items else []
 
     def _encode_publications(self, topic: str, items: Iterable[Any], headers: dict[str, str] | None,
                              ) -> tuple[list[tuple[bytes, Any]], deque[Any]]:
