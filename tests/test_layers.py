@@ -107,6 +107,20 @@ def test_codec_writes_bytes_exactly_as_msgpack_does_and_keeps_the_limit() -> Non
         Codec(10).encode(b"x" * 9)
 
 
+def test_codec_encodes_a_batch_as_it_encodes_each_item() -> None:
+    items: list[object] = [os.urandom(n) for n in (0, 1, 64, 253, 254, 255, 256, 300, 20_000)]
+    items += [{"id": 1, "payload": "x" * 45}, [1, 2], "text", None, bytearray(b"ab"), 7]
+    for limit in (1 << 20, 256, 257, 258, 10):
+        codec = Codec(limit)
+        fitting = [i for i in items if len(msgpack.packb(i, use_bin_type=True)) <= limit]
+        assert codec.encode_many(fitting) == [codec.encode(i) for i in fitting], limit
+        assert codec.encode_many(iter(fitting)) == [codec.encode(i) for i in fitting]
+    with pytest.raises(zmqmesh.MessageTooLargeError):
+        Codec(10).encode_many([b"x" * 8, b"x" * 9])  # the small-bytes shortcut keeps the limit
+    with pytest.raises(TypeError):
+        Codec(1 << 20).encode_many([b"ok", object()])
+
+
 def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
     """The send queue is cut into frames: at most ``limit`` messages, at most BATCH_BYTES
     unless one alone is larger, a large payload alone, headed messages sized with their
