@@ -407,7 +407,9 @@ def _lat_summary(lats: list[float]) -> dict[str, float]:
 
 def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_: Any) -> None:
     """Raw DEALER client: ``sync_lat`` (blocking), ``async_lat`` (zmq.asyncio),
-    ``inflight`` (blocking, ``window`` outstanding), ``outstanding`` (asyncio, all ``n`` at once)."""
+    ``inflight`` (blocking, ``window`` outstanding), ``coroutines`` (zmq.asyncio, ``window``
+    coroutines each awaiting its own reply, as callers of a request API do),
+    ``outstanding`` (asyncio, all ``n`` at once)."""
     go = ctl.wait("go")
     endpoint = go["endpoint"]
     packb, unpackb = msgpack.packb, msgpack.unpackb
@@ -474,6 +476,32 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
                     lats.append(pc() - t)
                 _check_reply(reply, n - 1)
                 ctl.send("result", **_lat_summary(lats), **_rss())
+            elif mode == "coroutines":  # `window` callers in a loop, a future per request
+                waiting: dict[int, asyncio.Future[Any]] = {}
+                ids = iter(range(n))
+
+                async def read_replies() -> None:
+                    while True:
+                        reply = unpackb(await sock.recv())
+                        fut = waiting.pop(reply["id"], None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(reply)
+
+                async def caller() -> None:
+                    for i in ids:
+                        fut = loop.create_future()
+                        waiting[i] = fut
+                        await sock.send(packb({"id": i, "payload": PAYLOAD}))
+                        await fut
+
+                t_start = time.monotonic()
+                t0 = time.perf_counter()
+                read_task = asyncio.ensure_future(read_replies())
+                await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(window))), ctl.remaining())
+                elapsed = time.perf_counter() - t0
+                read_task.cancel()
+                ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, t_start=t_start, t_end=time.monotonic(),
+                         **_rss())
             else:  # outstanding: n requests at once, one future each, like a request API would
                 rss_base = rss_now_kb()
                 pending: dict[int, asyncio.Future[Any]] = {}

@@ -345,6 +345,8 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_req(t, "raw", "inflight", p["inflight_n"], p["req_warm"], window=p["window"])),
         _m("zm_req_inflight", "AsyncNode, 64 coroutines calling in a loop",
            lambda t, p: trial_req(t, "zm", "inflight", p["inflight_n"], p["req_warm"], window=p["window"])),
+        _m("raw_req_coroutines", "zmq.asyncio DEALER, 64 coroutines each awaiting its reply (a future per request)",
+           lambda t, p: trial_req(t, "raw", "coroutines", p["inflight_n"] // 4, p["req_warm"], window=p["window"])),
         _m("zm_req_many", "Node.request_many, 64 in flight from one thread",
            lambda t, p: trial_req(t, "zm", "many", p["inflight_n"], p["req_warm"], window=p["window"])),
         _m("raw_req_clients", "3 client processes, each a blocking DEALER with 64 outstanding",
@@ -505,6 +507,8 @@ SCENARIOS: dict[str, list[Figure]] = {
     "req_inflight": [
         Figure("req_inflight", "64 requests in flight: AsyncNode (64 coroutines) vs DEALER 64 outstanding", "zm_req_inflight", "raw_req_inflight", "per_s", "req/s", True, 0.8),
         Figure("req_inflight/sync", "64 requests in flight: Node.request_many (one thread) vs DEALER 64 outstanding", "zm_req_many", "raw_req_inflight", "per_s", "req/s", True, 0.8),
+        Figure("req_inflight/asyncio", "64 coroutines each awaiting its reply: AsyncNode vs zmq.asyncio with a future "
+               "per request (the same model, raw)", "zm_req_inflight", "raw_req_coroutines", "per_s", "req/s", True, None),
     ],
     "req_clients": [
         Figure("req_clients", "3 client processes x 64 in flight to one provider: Node.request_many vs DEALERs (sum)",
