@@ -12,6 +12,7 @@ import pytest
 from helpers import wait_until
 
 import zmqmesh
+import zmqmesh._mesh.registry
 
 BAD_TIMEOUTS = [math.nan, math.inf, -1, -0.5, "5", True, None, 10**400]
 

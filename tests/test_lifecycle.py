@@ -84,6 +84,56 @@ def test_stop_is_bounded_even_when_a_handler_never_returns(mesh: dict[str, Any])
         caller.join(15)
 
 
+def test_an_async_handler_cut_short_by_a_stop_is_no_success(mesh: dict[str, Any]) -> None:
+    async def hang(msg: zmqmesh.Message) -> str:
+        await asyncio.sleep(30)
+        return "done"
+
+    node = zmqmesh.Node("stuck", **mesh)
+    node.service("hang", hang)
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append(client.request("hang", None, timeout=10))
+        except zmqmesh.ZmqMeshError as exc:
+            outcome.append(exc)
+
+    with zmqmesh.Node("client", **mesh) as client:
+        node.start()
+        client.wait_for_service("hang", timeout=10)
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_until(lambda: node.stats()["service"]["received"] == 1, 10, "the request to arrive")
+        node.stop(timeout=0.5)
+        caller.join(15)
+    assert len(outcome) == 1 and isinstance(outcome[0], zmqmesh.ZmqMeshError), outcome
+    assert node.stats()["service"]["errors"] == 1  # its reply says it failed: never an OK None
+
+
+def test_an_at_least_once_message_whose_async_handler_a_stop_cut_short_comes_back(mesh: dict[str, Any]) -> None:
+    started = threading.Event()
+    got: list[Any] = []
+
+    async def hang(msg: zmqmesh.Message) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    first = zmqmesh.Node("first", **mesh)
+    first.pull("q", hang, at_least_once=True)
+    with zmqmesh.Node("pusher", **mesh) as pusher:
+        first.start()
+        pusher.wait_for_pullers("q", timeout=10)
+        pusher.push("q", "job", timeout=10)
+        assert started.wait(10)
+        first.stop(timeout=0.5)  # the handler never finished: the message was not handled
+        second = zmqmesh.Node("second", **mesh)
+        second.pull("q", lambda m: got.append((m.data, m.redelivered)), at_least_once=True)
+        with second:
+            wait_until(lambda: got, 10, "the message again")
+    assert got == [("job", True)]
+
+
 @pytest.mark.parametrize("kind,concurrency", [("def", 1), ("async def", 1), ("def", 4)])
 def test_a_handler_may_stop_its_own_node(mesh: dict[str, Any], kind: str, concurrency: int) -> None:
     threads = threading.active_count()

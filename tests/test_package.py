@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_all_matches_the_public_exports() -> None:
-    for name in zmqmesh.__all__:  # AsyncNode is imported on first access
+    for name in zmqmesh.__all__:  # (all but the errors are imported on first access)
         getattr(zmqmesh, name)
     public = {n for n in vars(zmqmesh) if (not n.startswith("_") or n == "__version__") and n != "annotations"}
     modules = {name for name, value in vars(zmqmesh).items() if type(value).__name__ == "module"}
@@ -35,6 +35,16 @@ def test_every_option_is_documented_with_its_default() -> None:
     text = (ROOT / "docs" / "configuration.md").read_text()
     for field in dataclasses.fields(zmqmesh.NodeConfig):
         assert f"| `{field.name}` |" in text, f"{field.name} missing from docs/configuration.md"
+
+
+def test_the_package_loads_what_a_process_uses_on_first_use() -> None:
+    code = ("import sys, zmqmesh\n"
+            "assert not {'zmq', 'msgpack', 'zmqmesh.node'} & set(sys.modules), sorted(sys.modules)\n"
+            "zmqmesh.Node\n"
+            "assert 'zmq' in sys.modules and not {'asyncio', 'sqlite3'} & set(sys.modules)\n"
+            "from zmqmesh import AsyncNode\n"
+            "assert 'asyncio' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
 
 
 def test_package_is_typed() -> None:

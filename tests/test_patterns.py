@@ -392,3 +392,39 @@ def test_async_def_handlers_on_a_sync_node(mesh: dict[str, Any], concurrency: in
         assert sorted(got) == list(range(20))
     assert seen_threads == {"zmqmesh-async-server"}
     wait_until(lambda: threading.active_count() <= threads_before, 5, "the node's threads to end")
+
+
+def test_blocking_requests_are_counted_once_each_whatever_their_outcome(mesh: dict[str, Any]) -> None:
+    def fail(msg: zmqmesh.Message) -> None:
+        raise ValueError("refused")
+
+    with zmqmesh.Node("svc", handler_concurrency=4, **mesh) as svc, zmqmesh.Node("cli", **mesh) as cli:
+        svc.service("echo", lambda m: m.data)
+        svc.service("fail", fail)
+        svc.service("slow", lambda m: time.sleep(1.5))
+        for name in ("echo", "fail", "slow"):
+            cli.wait_for_service(name)
+
+        def echo_ten() -> None:
+            for i in range(10):
+                assert cli.request("echo", i) == i
+
+        threads = [threading.Thread(target=echo_ten) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        with pytest.raises(zmqmesh.RemoteError, match="refused"):
+            cli.request("fail")
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            cli.request("slow", timeout=0.1)
+        stats = cli.stats()
+        assert (stats["request"]["sent"], stats["request"]["received"], stats["request"]["errors"]) == (22, 21, 1)
+        assert stats["names"]["request"]["sent"] == {"echo": 20, "fail": 1, "slow": 1}
+        assert {s: v["count"] for s, v in stats["latency"].items()} == {"echo": 20, "fail": 1}  # answered ones
+
+        # a request that takes its time shows as sent while it waits, not only once answered
+        slow = threading.Thread(target=lambda: cli.request("slow", timeout=5))
+        slow.start()
+        wait_until(lambda: cli.stats()["names"]["request"]["sent"]["slow"] == 2, 1.0, "the slow request counted")
+        slow.join(10)

@@ -7,7 +7,7 @@ request/reply into one mesh with plain callbacks as handlers.
 
 from __future__ import annotations
 
-import importlib
+import importlib as _importlib
 import typing
 
 from ._version import __version__
@@ -101,6 +101,6 @@ def __getattr__(name: str) -> typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'zmqmesh' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(_importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value

@@ -3,12 +3,13 @@ service), per peer, rejects by reason, and request latencies per service.
 
 Each counter in `Stats.pattern` is written by one thread only: the event loop's (the
 outbound sockets, membership, the requests of coroutines) or the inbox's (what arrives).
-Those are plain ``+=`` on the hot paths. What other threads count (the requests of the
-sync `Node`'s calling threads, rejects) goes through `Stats.add` and `Stats.reject`, which
-take a lock, into counters of their own; `snapshot` adds the two up. Counts per name go
-to a `NameCounts` per pattern and direction, added to per frame by its one writer thread
-(or under the lock, from callers' threads); latencies are recorded per call, under the lock,
-or gathered by a driver in a `RequestTally` and added in one go (`Stats.add_tally`).
+Those are plain ``+=`` on the hot paths. What other threads count (rejects, the requests
+of the sync `Node`'s calling threads) goes, under a lock, into counters of their own:
+through `Stats.add` and `Stats.reject`, or gathered by the calling thread's driver in a
+`RequestTally` and added in one go (`Stats.add_tally`); `snapshot` adds the two up. Counts
+per name go to a `NameCounts` per pattern and direction, added to per frame by its one
+writer thread (or under the lock, from callers' threads); latencies are recorded per call,
+under the lock, or gathered in a `RequestTally` too.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class NameCounts(dict[str | bytes, int]):
 
 class RequestTally:
     """Requests sent and how long their callers waited, per service, and the request
-    pattern's counters (``counts``: sent, received, dropped, errors), gathered by one
+    pattern's counters (``counts``: requests sent and replies received), gathered by one
     driver's thread without a lock (a lock per request cost more than the rest of a
     pipelined request's bookkeeping), for `Stats.add_tally` to add up once per pass."""
 

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -62,7 +62,8 @@ _LATE_LOOP_S = 1.0
 
 
 class BlockingRunner:
-    """Runs plans on the calling thread (never the loop's), blocking where they wait."""
+    """Runs plans (and requests that go the quick way, `QuickRequest`) on the calling
+    thread (never the loop's), blocking where they wait."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -179,12 +180,13 @@ class ThreadRequester:
 
     def exchange(self, step: Exchange) -> tuple[bytes, bytes]:
         """Send one request and wait for its reply: ``(status, body)``. Raises
-        `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`."""
+        `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`. What it counts goes into
+        `tally`, for its caller (`BlockingRunner.run`) to add to the stats."""
         engine = self.engine
         provider = step.provider
         if engine.directory.epoch != self._membership_epoch:
             self._prune()
-        sock = self.sockets.get(provider.id) or self._socket(provider)
+        sock = self.sockets.get(provider.id) or self._connect(provider)
         request_id = next(self._ids).to_bytes(8, "big")
         try:
             send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
@@ -197,8 +199,8 @@ class ThreadRequester:
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
         # (a poll in slices, not a blocking receive: a stop closes this thread's sockets from
-        # the stopping thread, which a poll returns from with an error, and which aborts
-        # the process under a receive: ZeroMQ asserts)
+        # the stopping thread; a receive under way then aborted the process, ZeroMQ
+        # asserting, where a poll has come back with an error in every test and soak run)
         engine = self.engine
         poller = self._pollers.get(provider.id)
         if poller is None:
@@ -222,23 +224,21 @@ class ThreadRequester:
                     counts = self.tally.counts
                     counts["received"] = counts.get("received", 0) + 1
                     return reply[1], reply[2]
+            if self.tally:  # a slow reply: what this call counted shows meanwhile
+                engine.stats.add_tally(self.tally)
             if engine.closed:
                 raise NodeClosedError("the node stopped while a request was outstanding")
             if provider.id not in engine.directory.alive_ids:
                 engine.stats.add("request", "errors")
                 raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying", provider.id)
 
-    def _socket(self, provider: Provider) -> zmq.Socket[Any]:
-        sock = self.sockets.get(provider.id)
-        if sock is None:
-            sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
+    def _connect(self, provider: Provider) -> zmq.Socket[Any]:
+        sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
         return sock
 
     def _prune(self) -> None:
-        """Close sockets to providers that left (only when membership changed)."""
+        """Close sockets to providers that left (call when membership changed)."""
         directory = self.engine.directory
-        if directory.epoch == self._membership_epoch:
-            return
         self._membership_epoch = directory.epoch
         alive = directory.alive_ids
         for pid in [p for p in self.sockets if p not in alive]:
@@ -486,19 +486,18 @@ class ThreadInbox(Dispatcher):
             for call in self.to_handle(calls):
                 self._submit(call)
             return
-        if len(calls) == 1 and not self.stopping:  # (one call: no replies to hold back for a batch)
-            call = calls[0]
+        if len(calls) == 1 and not self.stopping:  # (one call: no batch whose replies to hold for one frame)
+            self._run_here(calls)
+            return
+        with self.replies_held():
+            self._run_here(self.to_handle(calls))
+
+    def _run_here(self, calls: Iterable[Call]) -> None:
+        for call in calls:
             started = self.starting(call)
             result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
             self.finished(call, started)
             self.complete(call, result, error)
-            return
-        with self.replies_held():
-            for call in self.to_handle(calls):
-                started = self.starting(call)
-                result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
-                self.finished(call, started)
-                self.complete(call, result, error)
 
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
         with self._async_lock:
@@ -522,8 +521,8 @@ class ThreadInbox(Dispatcher):
                 continue
             except Exception as exc:  # the loop went away
                 return None, exc
-        future.cancel()
-        return None, None
+        future.cancel()  # (a failure, not a result: no OK reply for it, no acknowledgement)
+        return None, NodeClosedError("the node stopped before the handler returned")
 
     def _submit(self, call: Call) -> None:
         assert self._pool is not None and self._slots is not None

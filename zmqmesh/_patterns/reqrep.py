@@ -9,12 +9,11 @@ waits for any more (its request timed out) is dropped and counted.
 yields the steps it needs (wait for a provider, exchange with one) and the drivers carry
 them out, blocking a thread or awaiting.
 
-`QuickRequest` carries out the common case of that plan without it, for the drivers that
-keep many requests in flight: a plan is a generator, resumed twice per call through a
-few layers, and with many requests in flight that bookkeeping cost several times what
-sending, receiving and decoding did (`benchmarks/bench.py`, ``req_inflight``). At the
-first thing the quick way does not cover, the call becomes its plan, picked up where the
-quick way left it.
+`QuickRequest` carries out the common case of that plan without it, for every driver: a
+plan is a generator, resumed twice per call through a few layers, and with many requests
+in flight that bookkeeping cost several times what sending, receiving and decoding did
+(`benchmarks/bench.py`, ``req_inflight``). At the first thing the quick way does not
+cover, the call becomes its plan, picked up where the quick way left it.
 """
 
 from __future__ import annotations

@@ -65,10 +65,12 @@ class Codec:
     map decoded from a frame; deeper nesting than msgpack's own stack limit is refused.
     """
 
-    __slots__ = ("max_message_bytes", "_limits", "_local")
+    __slots__ = ("max_message_bytes", "_limits", "_local", "_small")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
+        # bytes shorter than this take msgpack's bin 8 form, its 2-byte header within the limit
+        self._small = min(256, max_message_bytes - 1)
         self._limits = dict(
             raw=False,
             strict_map_key=False,
@@ -84,7 +86,7 @@ class Codec:
         """Encode one payload. Raises `TypeError` for unencodable data, `MessageTooLargeError` if too big."""
         if type(data) is bytes:
             size = len(data)
-            if size < 256 and size + 2 <= self.max_message_bytes:
+            if size < self._small:
                 return _BIN8[size] + data  # (msgpack's bin 8, as its Packer writes it, in half the time)
             if size >= _LARGE_BIN:  # (msgpack's Packer: 2.6x the time at 1 MiB)
                 self._check_bin(size)
@@ -107,8 +109,7 @@ class Codec:
     def encode_many(self, items: Iterable[Any]) -> list[bytes]:
         """Every item encoded, as `encode` encodes each (the small ``bytes`` of a batch
         without a call each). Raises what `encode` raises, for the first item that fails."""
-        encode, bin8 = self.encode, _BIN8
-        small = min(256, self.max_message_bytes - 1)  # (`encode`'s bin 8 case: size + 2 <= max_message_bytes)
+        encode, bin8, small = self.encode, _BIN8, self._small
         return [bin8[len(data)] + data if type(data) is bytes and len(data) < small else encode(data)
                 for data in items]
 
