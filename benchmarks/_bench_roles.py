@@ -492,12 +492,19 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
                         fut = loop.create_future()
                         waiting[i] = fut
                         await sock.send(packb({"id": i, "payload": PAYLOAD}))
-                        await fut
+                        _check_reply(await fut, i)
 
                 t_start = time.monotonic()
                 t0 = time.perf_counter()
                 read_task = asyncio.ensure_future(read_replies())
-                await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(window))), ctl.remaining())
+                callers = asyncio.ensure_future(asyncio.gather(*(caller() for _ in range(window))))
+                await asyncio.wait([callers, read_task], timeout=ctl.remaining(), return_when=asyncio.FIRST_COMPLETED)
+                if not callers.done():  # the reader failed, or the time ran out
+                    callers.cancel()
+                    if read_task.done():
+                        read_task.result()  # (raises the reader's error)
+                    raise TimeoutError("the coroutines' requests did not finish in time")
+                callers.result()
                 elapsed = time.perf_counter() - t0
                 read_task.cancel()
                 ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, t_start=t_start, t_end=time.monotonic(),
