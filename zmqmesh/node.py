@@ -265,9 +265,12 @@ class Node(NodeBase):
         requesters = self._engine.requests
         assert isinstance(requesters, ThreadRequesters)
         calls = self._request_calls(service, items, timeout, peer, headers)
-        # items in a sequence are at hand: their requests go in batches; those of an
-        # iterator go as they come (its next item may take its time)
-        return run_many(requesters.current().pipelined(), calls, window, at_hand=isinstance(items, Sequence))
+        requester = requesters.current()
+        with requester.in_use:  # (its sockets: a stop closes them only once this call is over)
+            requester.check_open()
+            # items in a sequence are at hand: their requests go in batches; those of an
+            # iterator go as they come (its next item may take its time)
+            return run_many(requester.pipelined(), calls, window, at_hand=isinstance(items, Sequence))
 
     def submit(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None,
                *, headers: dict[str, str] | None = None) -> Future[Any]:

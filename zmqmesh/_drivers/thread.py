@@ -56,6 +56,7 @@ __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox
 log = logging.getLogger("zmqmesh.node")
 
 _POLL_SLICE_S = 0.05
+_FREE_WAIT_S = 1.0  # (a thread in a call lets its sockets go within a poll slice of a stop)
 _SLOT_WAIT_S = 0.005
 _ROOM_SLICE_S = 0.1
 _LATE_LOOP_S = 1.0
@@ -158,7 +159,12 @@ def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
 
 
 class ThreadRequester:
-    """Blocking requests from one thread (never shared between threads)."""
+    """Blocking requests from one thread (never shared between threads).
+
+    Its sockets are its thread's alone: the thread holds `in_use` while it uses them, and
+    a stop closes them only between two uses (`close`), never under a call (ZeroMQ's
+    sockets are not thread-safe; a receive under way aborted the process).
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -169,6 +175,15 @@ class ThreadRequester:
         self._pollers: dict[str, zmq.Poller] = {}
         self._pipelined: Pipelined | None = None
         self.tally = RequestTally()  # (what this thread's calls count: added up by `BlockingRunner.run`)
+        self.in_use = threading.RLock()
+        """Held by the thread while it uses the sockets: `exchange` takes it, and so must a
+        caller of `pipelined` (`Node.request_many`), then `check_open`."""
+        self.closed = False
+
+    def check_open(self) -> None:
+        """Raises `NodeClosedError` once a stop closed the sockets (call holding `in_use`)."""
+        if self.closed:
+            raise NodeClosedError("the node stopped")
 
     def pipelined(self) -> Pipelined:
         """This thread's `Pipelined` (for `Node.request_many`; made on first use). A plan of
@@ -182,6 +197,11 @@ class ThreadRequester:
         """Send one request and wait for its reply: ``(status, body)``. Raises
         `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`. What it counts goes into
         `tally`, for its caller (`BlockingRunner.run`) to add to the stats."""
+        with self.in_use:
+            self.check_open()
+            return self._exchange(step)
+
+    def _exchange(self, step: Exchange) -> tuple[bytes, bytes]:
         engine = self.engine
         provider = step.provider
         if engine.directory.epoch != self._membership_epoch:
@@ -198,9 +218,8 @@ class ThreadRequester:
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
-        # (a poll in slices, not a blocking receive: a stop closes this thread's sockets from
-        # the stopping thread; a receive under way then aborted the process, ZeroMQ
-        # asserting, where a poll has come back with an error in every test and soak run)
+        # a poll in slices: between them, whether the node stopped (its stop closes these
+        # sockets once this call lets go of them: `close`) or the provider left
         engine = self.engine
         poller = self._pollers.get(provider.id)
         if poller is None:
@@ -247,14 +266,24 @@ class ThreadRequester:
         if self._pipelined is not None:
             self._pipelined.prune()
 
-    def close(self) -> None:
-        """Close every socket of this requester."""
-        self._pollers.clear()
-        if self._pipelined is not None:
-            self._pipelined.close()
-        for sock in self.sockets.values():
-            sock.close(0)
-        self.sockets.clear()
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Close every socket of this requester once its thread is not using them, waiting
+        up to ``wait_s`` for that (a thread in a call sees a stop within a poll slice and
+        lets go); False, leaving them open, if it still was. Any thread may call this."""
+        free = self.in_use.acquire(timeout=wait_s) if wait_s > 0 else self.in_use.acquire(blocking=False)
+        if not free:
+            return False
+        try:
+            self.closed = True
+            self._pollers.clear()
+            if self._pipelined is not None:
+                self._pipelined.close()
+            for sock in self.sockets.values():
+                sock.close(0)
+            self.sockets.clear()
+        finally:
+            self.in_use.release()
+        return True
 
 
 class ThreadRequesters:
@@ -312,12 +341,16 @@ class ThreadRequesters:
             self._submitter.begin_close()
 
     def close(self) -> None:
-        """Close every thread's sockets, and stop the submit thread."""
+        """Close every thread's sockets, each once its thread is not using them (within
+        `_FREE_WAIT_S` in all), and stop the submit thread."""
         with self._lock:
             if self._submitter is not None:
                 self._submitter.close()
+            deadline = time.monotonic() + _FREE_WAIT_S
             for requester in self._all:
-                requester.close()
+                if not requester.close(max(deadline - time.monotonic(), 0.0)):
+                    log.warning("node %s: a thread still uses its request sockets; the context's end closes them",
+                                self.engine.name)
 
 
 class ThreadFetcher:
