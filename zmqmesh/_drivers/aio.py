@@ -364,6 +364,11 @@ class LoopInbox(Dispatcher):
             else:
                 result, error = await self.loop.run_in_executor(self._worker, run_sync, call)
             self.complete(call, result, error)
+            # replied outside a drain: the send may have taken the router's readiness edge
+            # with it (see `has_input`), and a request that came meanwhile would wait for
+            # the next edge, which may never come
+            if not self._closed and has_input(self.router):
+                self.wake()
         finally:
             assert self._concurrency is not None
             self._concurrency.release()
