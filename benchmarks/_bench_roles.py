@@ -461,6 +461,14 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.connect(endpoint)
+        async def read_replies(waiting: dict[int, asyncio.Future[Any]]) -> None:
+            """Complete the future of each reply's request (by its echoed id)."""
+            while True:
+                reply = unpackb(await sock.recv())
+                fut = waiting.pop(reply["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+
         try:
             for i in range(warm):
                 await sock.send(packb(_echo_data(i)))
@@ -480,13 +488,6 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
                 waiting: dict[int, asyncio.Future[Any]] = {}
                 ids = iter(range(n))
 
-                async def read_replies() -> None:
-                    while True:
-                        reply = unpackb(await sock.recv())
-                        fut = waiting.pop(reply["id"], None)
-                        if fut is not None and not fut.done():
-                            fut.set_result(reply)
-
                 async def caller() -> None:
                     for i in ids:
                         fut = loop.create_future()
@@ -496,7 +497,7 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
 
                 t_start = time.monotonic()
                 t0 = time.perf_counter()
-                read_task = asyncio.ensure_future(read_replies())
+                read_task = asyncio.ensure_future(read_replies(waiting))
                 callers = asyncio.ensure_future(asyncio.gather(*(caller() for _ in range(window))))
                 await asyncio.wait([callers, read_task], timeout=ctl.remaining(), return_when=asyncio.FIRST_COMPLETED)
                 if not callers.done():  # the reader failed, or the time ran out
@@ -514,13 +515,6 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
                 pending: dict[int, asyncio.Future[Any]] = {}
                 state = {"in_flight": 0, "max_in_flight": 0}
 
-                async def reader() -> None:
-                    while True:
-                        reply = unpackb(await sock.recv())
-                        fut = pending.pop(reply["id"], None)
-                        if fut is not None and not fut.done():
-                            fut.set_result(reply)
-
                 async def call(i: int) -> Any:
                     fut = loop.create_future()
                     pending[i] = fut
@@ -533,7 +527,7 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
                         state["in_flight"] -= 1
 
                 t0 = time.perf_counter()
-                read_task = asyncio.ensure_future(reader())
+                read_task = asyncio.ensure_future(read_replies(pending))
                 await asyncio.wait_for(asyncio.gather(*(call(i) for i in range(n))), ctl.remaining())
                 elapsed = time.perf_counter() - t0
                 read_task.cancel()

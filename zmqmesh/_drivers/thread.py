@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -270,8 +270,7 @@ class ThreadRequester:
         """Close every socket of this requester once its thread is not using them, waiting
         up to ``wait_s`` for that (a thread in a call sees a stop within a poll slice and
         lets go); False, leaving them open, if it still was. Any thread may call this."""
-        free = self.in_use.acquire(timeout=wait_s) if wait_s > 0 else self.in_use.acquire(blocking=False)
-        if not free:
+        if not self.in_use.acquire(timeout=wait_s):
             return False
         try:
             self.closed = True
@@ -481,8 +480,7 @@ class ThreadInbox(Dispatcher):
                 if self._resubscribe:
                     self._resubscribe = False
                     self.apply_subscriptions()
-                if self._done:
-                    self._complete_done()
+                self._complete_done()
                 self._drain_all(calls, [(s, k) for s, k in self.sockets if s in ready])
             self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
         except Exception:
@@ -503,8 +501,7 @@ class ThreadInbox(Dispatcher):
                 self.before_handling(calls)
                 self._execute(calls)
                 calls.clear()
-            if self._done:
-                self._complete_done()
+            self._complete_done()
             self.after_handling()
             if not active and not self.has_posted():
                 return
@@ -519,18 +516,12 @@ class ThreadInbox(Dispatcher):
             for call in self.to_handle(calls):
                 self._submit(call)
             return
-        if len(calls) == 1 and not self.stopping:  # (one call: no batch whose replies to hold for one frame)
-            self._run_here(calls)
-            return
         with self.replies_held():
-            self._run_here(self.to_handle(calls))
-
-    def _run_here(self, calls: Iterable[Call]) -> None:
-        for call in calls:
-            started = self.starting(call)
-            result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
-            self.finished(call, started)
-            self.complete(call, result, error)
+            for call in self.to_handle(calls):
+                started = self.starting(call)
+                result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
+                self.finished(call, started)
+                self.complete(call, result, error)
 
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
         with self._async_lock:

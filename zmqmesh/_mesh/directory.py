@@ -250,8 +250,8 @@ class Directory:
             ids = tuple(i for i in ids if i not in avoid)
         if not ids:
             return None
-        if len(ids) == 1 and known.get(ids[0]) is not None:  # the one there is (skipped or not: no other)
-            return known[ids[0]]
+        if len(ids) == 1 and (only_one := known.get(ids[0])) is not None:  # (skipped or not: no other)
+            return only_one
         candidates: Any = ids
         if self._skip:
             now = time.monotonic()

@@ -65,6 +65,12 @@ _MAX_TIMED_HANDLERS = 4096
 _MAX_CALLS = 4096  # calls one drain may gather (a batch of requests makes up to 256 of one frame)
 
 
+def _handler_raised(handler: Callable[..., Any]) -> int:
+    """Log the error a handler just raised (call in its ``except``); one error, to count."""
+    log.exception("handler %s raised", getattr(handler, "__qualname__", handler))
+    return 1
+
+
 class _RepliesHeld:
     """`Dispatcher.replies_held`: ``enter()`` on entering, ``leave()`` on leaving."""
 
@@ -325,8 +331,7 @@ class Dispatcher:
                     try:
                         handler(Message(pattern, topic, data, sender_id, lookup, origin, index))
                     except Exception:
-                        errors += 1
-                        log.exception("handler %s raised", getattr(handler, "__qualname__", handler))
+                        errors += _handler_raised(handler)
             else:
                 for index, data in enumerate(items):
                     msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
@@ -334,8 +339,7 @@ class Dispatcher:
                         try:
                             handler(msg)
                         except Exception:
-                            errors += 1
-                            log.exception("handler %s raised", getattr(handler, "__qualname__", handler))
+                            errors += _handler_raised(handler)
             if errors:
                 counters["errors"] += errors
             return
