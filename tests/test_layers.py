@@ -305,6 +305,33 @@ def test_outstanding_requests_keep_their_provider_busy_until_each_is_done_with()
     assert table.take_all() == ["again"] and not table.busy("p")
 
 
+def test_outstanding_deadlines_fall_due_in_time_order_whatever_order_they_came_in() -> None:
+    """Deadlines that come in order queue up; an earlier one (a shorter timeout) must still
+    be the next deadline, and expire first, as must those left by answered requests'
+    neighbours; the table's bookkeeping is rebuilt past its slack without losing any."""
+    from zmqmesh._patterns.outstanding import Outstanding
+
+    table: Outstanding[str] = Outstanding()
+    base = 1000.0
+    long_a = table.add("long a", "p", "svc", base + 30)
+    table.add("long b", "p", "svc", base + 30)
+    table.add("short", "p", "svc", base + 5)  # (came after, falls due before)
+    table.add("middle", "p", "svc", base + 10)
+    assert table.next_deadline() == base + 5
+    assert table.expired(base + 4) == []
+    assert table.expired(base + 5) == [("short", "svc")]
+    assert table.next_deadline() == base + 10
+    assert table.answer_all([long_a, frames.STATUS_OK, b""], "p")[0] == [("long a", frames.STATUS_OK, b"")]
+    assert sorted(table.expired(base + 60)) == [("long b", "svc"), ("middle", "svc")]
+    assert table.next_deadline() is None and len(table) == 0
+    # many answered in time, then one left: the entries they left behind are dropped
+    waiting = [table.add(f"w{n}", "p", "svc", base + 100 + n % 7) for n in range(5000)]
+    for request_id in waiting[:-1]:
+        table.answer_all([request_id, frames.STATUS_OK, b""], "p")
+    assert table.next_deadline() == base + 100 + 4999 % 7
+    assert table.expired(base + 200) == [("w4999", "svc")] and len(table) == 0
+
+
 def test_in_order_calls_keep_the_window_and_raise_the_first_failure_in_item_order() -> None:
     from zmqmesh._patterns.in_order import InOrder
 

@@ -7,16 +7,20 @@ provider: `AsyncNode` (an asyncio future per request, woken by a timer on its lo
 drivers only decide how they wait; which reply answers which request, which requests are
 overdue and which ones a departed provider leaves unanswered is decided here.
 
-Deadlines are kept in one heap, not a timer per request: a driver wakes at
-`next_deadline`. A request answered in time leaves its entry in the heap, dropped when it
-reaches the top or when the heap is rebuilt (it never holds more than twice the requests
-outstanding, plus `_SLACK`).
+Deadlines are kept in order, not in a timer per request: a driver wakes at
+`next_deadline`. Calls with the same timeout fall due in the order they were made, so
+deadlines that come in order join a queue (a deque: no heap operation per request), and
+only one earlier than the last queued (a shorter timeout) goes into a heap beside it. A
+request answered in time leaves its entry behind, dropped when it reaches the front or
+when both are rebuilt (they never hold more than twice the requests outstanding, plus
+`_SLACK`).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable, KeysView
 from typing import Generic, TypeVar
 
@@ -34,7 +38,8 @@ class Outstanding(Generic[Waiter]):
 
     def __init__(self) -> None:
         self._pending: dict[bytes, tuple[Waiter, str, str, float]] = {}
-        self._deadlines: list[tuple[float, bytes]] = []
+        self._queued: deque[tuple[float, bytes]] = deque()  # deadlines that came in order
+        self._heap: list[tuple[float, bytes]] = []  # the others
         self._ids = itertools.count(1)
         self._per_provider: dict[str, int] = {}  # provider id: requests waiting (none: absent)
 
@@ -59,10 +64,14 @@ class Outstanding(Generic[Waiter]):
         self._pending[request_id] = (waiter, provider_id, service, deadline)
         per_provider = self._per_provider
         per_provider[provider_id] = per_provider.get(provider_id, 0) + 1
-        heapq.heappush(self._deadlines, (deadline, request_id))
-        if len(self._deadlines) > 2 * len(self._pending) + _SLACK:
-            self._deadlines = [(entry[3], rid) for rid, entry in self._pending.items()]
-            heapq.heapify(self._deadlines)
+        queued = self._queued
+        if not queued or deadline >= queued[-1][0]:
+            queued.append((deadline, request_id))
+        else:
+            heapq.heappush(self._heap, (deadline, request_id))
+        if len(queued) + len(self._heap) > 2 * len(self._pending) + _SLACK:
+            self._queued = deque(sorted((entry[3], rid) for rid, entry in self._pending.items()))
+            self._heap = []
         return request_id
 
     def withdraw(self, request_id: bytes) -> bool:
@@ -106,17 +115,26 @@ class Outstanding(Generic[Waiter]):
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of a request still waiting; None when none waits."""
-        heap, pending = self._deadlines, self._pending
+        queued, heap, pending = self._queued, self._heap, self._pending
+        while queued and queued[0][1] not in pending:
+            queued.popleft()
         while heap and heap[0][1] not in pending:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        if not heap:
+            return queued[0][0] if queued else None
+        return min(heap[0][0], queued[0][0]) if queued else heap[0][0]
 
     def expired(self, now: float) -> list[tuple[Waiter, str]]:
         """Take the requests whose deadline has passed: ``(waiter, service)`` each."""
-        heap, pending = self._deadlines, self._pending
-        overdue = []
+        queued, heap, pending = self._queued, self._heap, self._pending
+        due = []
+        while queued and queued[0][0] <= now:
+            due.append(queued.popleft()[1])
         while heap and heap[0][0] <= now:
-            entry = pending.pop(heapq.heappop(heap)[1], None)
+            due.append(heapq.heappop(heap)[1])
+        overdue = []
+        for request_id in due:
+            entry = pending.pop(request_id, None)
             if entry is not None:
                 overdue.append((entry[0], entry[2]))
                 self._answered(entry[1], 1)
@@ -140,6 +158,7 @@ class Outstanding(Generic[Waiter]):
         """Take every waiting request's waiter (the requester is closing)."""
         waiters = [entry[0] for entry in self._pending.values()]
         self._pending.clear()
-        self._deadlines.clear()
+        self._queued.clear()
+        self._heap.clear()
         self._per_provider.clear()
         return waiters

@@ -191,11 +191,16 @@ class QuickRequest:
             return False, Exchange(provider, service, calling.service_b, self.body, self.deadline, None, True)
         if reply[0] != wire.STATUS_OK:
             return False, None
-        waited = tally.waited.get(service)
+        return True, self.result(reply[1], tally)
+
+    def result(self, body: bytes, tally: RequestTally) -> Any:
+        """The result of an OK reply's ``body``, and how long the caller waited for it (into
+        ``tally``). Raises `DecodeError` when it cannot be decoded."""
+        waited = tally.waited.get(self.calling.service)
         if waited is None:
-            waited = tally.waited[service] = []
+            waited = tally.waited[self.calling.service] = []
         waited.append(time.monotonic() - self.started)
-        return True, calling.codec.decode(reply[1])
+        return self.calling.codec.decode(body)
 
     def plan(self) -> RequestPlan:
         """The call's plan, where the quick way left it: from its beginning (with the
