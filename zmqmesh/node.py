@@ -180,7 +180,9 @@ class Node(NodeBase):
         if len(q) >= self.config.send_queue_max:
             self._runner.run(self._room_plan(q, self.config.push_timeout_s))
         q.append(item)
-        self._engine.outbound.wake()  # type: ignore[union-attr]
+        outbound = self._engine.outbound
+        if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
+            outbound.wake()  # type: ignore[union-attr]
 
     def push(self, queue: str, data: Any, timeout: float | None = None, *, durable: bool = False,
              headers: dict[str, str] | None = None) -> None:

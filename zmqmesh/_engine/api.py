@@ -560,14 +560,16 @@ class NodeBase:
         if q is None:
             return body
         q.append(body)
-        engine.outbound.wake()  # type: ignore[union-attr]
+        outbound = engine.outbound
+        if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
+            outbound.wake()  # type: ignore[union-attr]
         return None
 
     def _push_queue(self, queue: str) -> deque[Any] | None:
         """The send queue of ``queue`` if it takes messages right now; None when the socket,
         a puller or room is missing (then `_push_plan` waits)."""
         engine = self._engine
-        q = engine.pusher.queue_of(queue)  # type: ignore[union-attr]
+        q = engine.pusher.queues.get(queue)  # type: ignore[union-attr]  # (`Pusher.queue_of`, spared its call)
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
             return None
         return q

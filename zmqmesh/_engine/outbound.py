@@ -40,7 +40,9 @@ class Outbound:
         self.reliable: ReliableSender | None = None
         self.durable: DurableQueues | None = None
         self.handing_over = False  # a stopping node deals durable messages to keepers only
-        self._scheduled = False
+        self.scheduled = False
+        """True from a `wake` until the flush it scheduled runs: another `wake` has nothing
+        to do meanwhile (a caller on a hot path may look before calling it)."""
         self._retry: Any = None
 
     def attach(self, publisher: Publisher, pusher: Pusher, reliable: ReliableSender,
@@ -50,16 +52,16 @@ class Outbound:
 
     def wake(self) -> None:
         """Have the loop send what is queued, soon (from any thread)."""
-        if self._scheduled:
+        if self.scheduled:
             return
-        self._scheduled = True
+        self.scheduled = True
         try:
             if threading.get_ident() == self.loop_thread:
                 self.loop.call_soon(self.flush)
             else:
                 self.loop.call_soon_threadsafe(self.flush)
         except RuntimeError:  # the loop is closed
-            self._scheduled = False
+            self.scheduled = False
 
     def queued(self) -> int:
         """Messages not yet sent, or sent at-least-once and not yet acknowledged; durable
@@ -88,7 +90,7 @@ class Outbound:
 
     def flush(self) -> None:
         """Send what every queue holds; retry shortly where a socket could not take it all."""
-        self._scheduled = False
+        self.scheduled = False
         publisher, pusher, reliable = self.publisher, self.pusher, self.reliable
         if publisher is None or pusher is None or reliable is None or publisher.closed:
             return
