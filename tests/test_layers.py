@@ -121,6 +121,28 @@ def test_codec_encodes_a_batch_as_it_encodes_each_item() -> None:
         Codec(1 << 20).encode_many([b"ok", object()])
 
 
+def test_a_frame_delivers_the_messages_that_message_by_message_construction_makes() -> None:
+    """`frame_deliveries` (the streams' hot path) makes each message as `Message(...)` does:
+    every public field the same, with and without what the sender said of the frame."""
+    from zmqmesh.message import Message, Origin, frame_deliveries
+
+    peer = zmqmesh.Peer("ab" * 16, "peer", "127.0.0.1", "tcp://127.0.0.1:1")
+    lookup = {peer.id: peer}.get
+    fields = ("pattern", "topic", "data", "sender_id", "redelivered", "id", "timestamp", "headers", "attempts",
+              "gap", "sequence", "via", "sender", "queue")
+    items = [b"a", {"k": 1}, None]
+    origins = [None, Origin("stem/", 7, 1234.5, [None, {"h": "1"}, None]), Origin(None, 0, None)]
+    for pattern, origin in [("pipeline", o) for o in origins] + [("pubsub", origins[1])]:
+        made = frame_deliveries(pattern, "t", items, peer.id, lookup, origin)
+        expected = [Message(pattern, "t", data, peer.id, lookup, origin, index) for index, data in enumerate(items)]
+        for one, other in zip(made, expected, strict=True):
+            got = {f: getattr(one, f) for f in fields}
+            want = {f: getattr(other, f) for f in fields}
+            if origin is None or origin.stem is None:  # (ids made here: unique, never the same twice)
+                assert got.pop("id") != want.pop("id")
+            assert got == want, (pattern, origin)
+
+
 def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
     """The send queue is cut into frames: at most ``limit`` messages, at most BATCH_BYTES
     unless one alone is larger, a large payload alone, headed messages sized with their

@@ -41,7 +41,7 @@ from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..config import NodeConfig
 from ..errors import DecodeError, MessageTooLargeError
-from ..message import Message, Origin
+from ..message import Message, Origin, frame_deliveries
 from .calls import BatchAck, Call, CursorMark
 from .history import History
 from .intake import AckedIntake
@@ -327,14 +327,13 @@ class Dispatcher:
             errors = 0
             if len(handlers) == 1:  # (a queue's one handler, a topic's usual one: no inner loop per message)
                 handler = handlers[0]
-                for index, data in enumerate(items):
+                for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin):
                     try:
-                        handler(Message(pattern, topic, data, sender_id, lookup, origin, index))
+                        handler(msg)
                     except Exception:
                         errors += _handler_raised(handler)
             else:
-                for index, data in enumerate(items):
-                    msg = Message(pattern, topic, data, sender_id, lookup, origin, index)
+                for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin):
                     for handler in handlers:
                         try:
                             handler(msg)
@@ -343,7 +342,7 @@ class Dispatcher:
             if errors:
                 counters["errors"] += errors
             return
-        messages = [Message(pattern, topic, data, sender_id, lookup, origin, index) for index, data in enumerate(items)]
+        messages = frame_deliveries(pattern, topic, items, sender_id, lookup, origin)
         calls.extend([Call(handler, msg, None, pattern) for msg in messages for handler in handlers])
 
     def _origin(self, kind: str, frames: list[bytes], sender_id: str | None, sequence: int | None, topic: str,
