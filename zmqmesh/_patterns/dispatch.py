@@ -62,7 +62,10 @@ HOLD_LIMIT_S = 0.0005
 QUICK_RUNS = 8
 """Runs in a row a handler must have been quick in before replies wait for it."""
 _MAX_TIMED_HANDLERS = 4096
-_MAX_CALLS = 4096  # calls one drain may gather (a batch of requests makes up to 256 of one frame)
+_MAX_CALLS = 256
+"""Calls one drain may gather before they run (a frame is never cut: a batch of requests
+may bring it to 511). Each holds its message until it runs; an ``async def`` stream
+handler on an `AsyncNode` took 2.9 us a message with bursts of 256, 3.4 with 4096."""
 
 
 def _handler_raised(handler: Callable[..., Any]) -> int:
