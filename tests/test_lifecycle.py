@@ -134,6 +134,29 @@ def test_an_at_least_once_message_whose_async_handler_a_stop_cut_short_comes_bac
     assert got == [("job", True)]
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])  # (1: handlers run as the batch is decoded; 4: on a pool)
+def test_at_least_once_messages_a_stop_cut_short_mid_batch_come_back(mesh: dict[str, Any], concurrency: int) -> None:
+    """Slow sync handlers and a stop whose deadline passes in the middle of a batch: what
+    was not handled by then is counted as dropped, the batch is not acknowledged, and
+    every message reaches the next puller."""
+    handled: list[Any] = []
+    again: list[Any] = []
+    first = zmqmesh.Node("first", handler_concurrency=concurrency, **mesh)
+    first.pull("q", lambda m: (time.sleep(0.02), handled.append(m.data)), at_least_once=True)
+    with zmqmesh.Node("pusher", **mesh) as pusher:
+        first.start()
+        pusher.wait_for_pullers("q", timeout=10)
+        pusher.push_many("q", list(range(200)), timeout=10)
+        wait_until(lambda: len(handled) >= 5, 10, "the first deliveries")
+        first.stop(timeout=0.3)
+        assert first.stats()["pipeline"]["dropped"] > 0  # the rest of the batch: never handled
+        second = zmqmesh.Node("second", **mesh)
+        second.pull("q", lambda m: again.append(m.data), at_least_once=True)
+        with second:
+            wait_until(lambda: set(handled) | set(again) == set(range(200)), 20, "every message")
+    assert len(handled) < 200
+
+
 @pytest.mark.parametrize("kind,concurrency", [("def", 1), ("async def", 1), ("def", 4)])
 def test_a_handler_may_stop_its_own_node(mesh: dict[str, Any], kind: str, concurrency: int) -> None:
     threads = threading.active_count()

