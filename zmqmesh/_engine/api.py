@@ -192,15 +192,16 @@ class NodeBase:
         self._pid = os.getpid()  # a node serves the process that built it (see _check_process)
         self._forks = _FORKS[0]
         self._stopped = False
-        self._id_prefix = self._engine.node_id[:24] + "-"
-        self._id_serial = itertools.count(1)
+        # message ids, unique without a uuid4 each: this run's node id (random) and a counter
+        # (made by C code alone: no Python call per id)
+        self._ids = map(f"{self._engine.node_id[:24]}-{{:x}}".format, itertools.count(1))
         self._topic_names: dict[str, bytes] = {}
         self._service_names: dict[str, bytes] = {STATS_SERVICE: STATS_SERVICE_BYTES}
         self._plain_calls: dict[tuple[str, Any, Any], _Calls] = {}  # (see `_prepare_calls`)
 
     def _next_id(self) -> str:
         """A message id, unique without a uuid4 each: this run's node id (random) and a counter."""
-        return f"{self._id_prefix}{next(self._id_serial):x}"
+        return next(self._ids)
 
     def _check_process(self) -> None:
         """Raises `ZmqMeshError` in a process forked after this node was built: its identity
@@ -617,8 +618,8 @@ class NodeBase:
         encode = engine.codec.encode
         packed = encode(check_headers(headers)) if headers else None
         now = time.time()
-        next_id = self._next_id
-        entries = [(next_id(), now, packed, encode(data), 0) for data in items]
+        ids = self._ids
+        entries = [(next(ids), now, packed, encode(data), 0) for data in items]
         return Ticket(queue, entries) if entries else None
 
     def _push_deadline(self, timeout: float | None) -> float:
