@@ -63,9 +63,10 @@ QUICK_RUNS = 8
 """Runs in a row a handler must have been quick in before replies wait for it."""
 _MAX_TIMED_HANDLERS = 4096
 _MAX_CALLS = 256
-"""Calls one drain may gather before they run (a frame is never cut: a batch of requests
-may bring it to 511). Each holds its message until it runs; an ``async def`` stream
-handler on an `AsyncNode` took 2.9 us a message with bursts of 256, 3.4 with 4096."""
+"""Calls one drain gathers before they run, give or take a frame (a frame is never cut:
+its calls may take the count past this). Each holds its message until it runs; an
+``async def`` stream handler on an `AsyncNode` took 2.9 us a message with bursts of 256,
+3.4 with 4096."""
 
 
 def _handler_raised(handler: Callable[..., Any]) -> int:

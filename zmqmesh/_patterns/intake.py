@@ -2,10 +2,11 @@
 
 A batch dealt to this node becomes one call per message (or, for a sync handler the
 driver runs in place, a call of the handler as each is decoded), with a `BatchAck` that
-answers the pusher once every message of the batch was handled, naming the durable items whose
-handler failed (and the dead-letter queue of those that used up their deliveries). A
-dedupe puller skips what it already handled and commits each id as its handler returns.
-A keeper stores what a stopping pusher hands over before acknowledging it.
+answers the pusher once every message of the batch was handled, naming the durable
+items whose handler failed (and the dead-letter queue of those that used up their
+deliveries). A dedupe puller skips what it already handled and commits each id as its
+handler returns. A keeper stores what a stopping pusher hands over before acknowledging
+it.
 """
 
 from __future__ import annotations
