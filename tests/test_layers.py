@@ -582,3 +582,48 @@ def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -
     finally:
         sock.close(0)
         ctx.term()
+
+
+def test_a_replay_reads_the_history_again_until_a_live_message_shows_its_subscription_works() -> None:
+    """What a publisher published after its history was read, and before the live
+    subscription reached it, comes neither way: with no live message during the catch-up,
+    the history is read again (`TAIL_LOOKS_S`) until a live message comes."""
+    from zmqmesh._mesh.registry import Registry, SubscribeOptions
+    from zmqmesh._patterns import replay
+
+    stats, codec = Stats(), Codec(1 << 20)
+    directory = Directory("aa" * 16, stats, lambda: None, True)  # type: ignore[arg-type,return-value]
+    publisher = PeerState(bytes.fromhex("bb" * 16), "tcp://127.0.0.1:1", "127.0.0.1")
+    publisher.ready, publisher.is_zmqmesh = True, True
+    publisher.headers = {frames.HEADER["stream"]: "s1"}
+    publisher.groups = {frames.OFFER_PREFIXES["history"] + "t."}
+    directory.rebuild({}, [publisher])
+    registry = Registry()
+    registry.set_subscribe_options("t.", print, SubscribeOptions(replay="all"))
+    fetches: list[replay.Fetch] = []
+    replays = replay.Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=None,
+                             fetch=fetches.append)
+
+    def page(first: int, count: int) -> dict[str, Any]:
+        rows = [[first + i + 1, "t.x", first + i, 1, time.time(), codec.encode(first + i), None] for i in range(count)]
+        return {"rows": rows, "more": False, "next": {"t.x": first + count}}
+
+    calls: list[Any] = []
+    replays.sync(calls)
+    assert len(fetches) == 1  # the history first
+    replays.on_page(fetches[-1], page(0, 10), None, calls)
+    assert [call.arg.data for call in calls] == list(range(10))
+    replays.look_again(calls)
+    assert len(fetches) == 1 and replays.waiting()  # not yet: in a moment
+    time.sleep(replay.TAIL_LOOKS_S[0] + 0.05)
+    replays.look_again(calls)
+    assert len(fetches) == 2 and fetches[-1].request["a"] == 10  # from where the first read ended
+    calls.clear()
+    replays.on_page(fetches[-1], page(10, 5), None, calls)
+    assert [call.arg.data for call in calls] == list(range(10, 15))  # published in between: not lost
+    calls.clear()
+    replays.live("t.x", 15, [15], None, publisher.id, list(registry.replays.items()), calls)
+    assert [call.arg.data for call in calls] == [15]  # live: the subscription reaches the publisher
+    time.sleep(replay.TAIL_LOOKS_S[1] + 0.05)
+    replays.look_again(calls)
+    assert len(fetches) == 2 and not replays.waiting()  # so the history is not read again

@@ -164,9 +164,9 @@ class Dispatcher:
                     log.exception("following the publishers' histories failed")
         if self.replays.waiting():
             try:
-                self.replays.release_unknown(calls)
+                self.replays.look_again(calls)
             except Exception:
-                log.exception("delivering frames that waited for their sender failed")
+                log.exception("delivering frames that waited for their sender, or reading a history again, failed")
         local = self.local_frames
         for _ in range(min(len(local), _BURST)):
             frames = local.popleft()
@@ -188,8 +188,9 @@ class Dispatcher:
         return bool(self.events or self.local_frames or self.pages)
 
     def has_waiting(self) -> bool:
-        """Whether frames wait for their sender to be known (see `Replays.live`): the driver
-        looks again now and then (a timer, its poll's timeout)."""
+        """Whether frames wait for their sender to be known, or a history is to be read
+        again (see `Replays.waiting`): the driver looks again now and then (a timer, its
+        poll's timeout)."""
         return self.replays.waiting()
 
     def post_frames(self, frames: list[bytes], count: int) -> None:

@@ -6,9 +6,12 @@ A subscription that replays (``replay="all"`` or a number of seconds) or resumes
 `Cursor`: the next number it expects per topic. While the cursor catches up it fetches
 pages of the history (the built-in service ``\\x00history``) and holds the live frames
 that arrive meanwhile; once the history is exhausted, the held frames are released (those
-already replayed are skipped). Live, a frame whose numbers jump is a gap: the missing
-messages are fetched from the history, and what the history no longer holds is reported
-on the next message (``msg.gap``) and counted (``stats()["pubsub"]["gap"]``).
+already replayed are skipped). If none came, the history is read again a few times
+(`TAIL_LOOKS_S`) until one does: what was published before the live subscription reached
+the publisher, and after the history was read, arrives no other way. Live, a frame
+whose numbers jump is a gap: the missing messages are fetched from the history, and what
+the history no longer holds is reported on the next message (``msg.gap``) and counted
+(``stats()["pubsub"]["gap"]``).
 
 A durable subscription keeps, in the node's store, the last number handled per publisher
 stream and topic, so that a restarted subscriber resumes right after it. Before a burst
@@ -43,6 +46,12 @@ log = logging.getLogger("zmqmesh.replay")
 
 MAX_HELD = 100_000
 """Live messages a catching-up cursor holds; past it, they are fetched from the history."""
+TAIL_LOOKS_S = (0.5, 1.0, 2.0, 4.0)
+"""After a catch-up during which no live message of its publisher came, the history is
+read again, this long after each read, until one comes: the live subscription may not
+have reached the publisher yet when the history was read, and what it published in
+between arrives neither way; with more to come, the numbers of the next live message
+show the gap, but a publisher that goes quiet right then sends no next message."""
 _MAX_CURSORS = 65_536
 _UNKNOWN_WAIT_S = 2.0  # how long frames wait for their sender's HELLO
 _MAX_UNKNOWN = 1024  # senders whose frames may wait at once
@@ -63,7 +72,7 @@ class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
     __slots__ = ("stream", "node_id", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start",
-                 "kept_next")
+                 "kept_next", "live_seen", "tail_looks")
 
     def __init__(self, stream: str, node_id: str, from_start: bool) -> None:
         self.stream = stream
@@ -76,6 +85,8 @@ class Cursor:
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
         self.from_start = from_start  # a topic seen first mid-stream has missed its start
         self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
+        self.live_seen = False  # a live message came: the subscription reaches the publisher
+        self.tail_looks = 0  # the history read again since a catch-up (`TAIL_LOOKS_S`)
 
 
 class _Frame(NamedTuple):
@@ -108,12 +119,33 @@ class Replays:
         self._finished: dict[tuple[str, str, str], set[int]] = {}
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
+        self._tails: dict[tuple[Key, str], float] = {}  # cursors to read the history of again, and when
 
     # -- which subscriptions ----------------------------------------------------------------
 
     def waiting(self) -> bool:
-        """Whether frames wait for their sender (see `live`)."""
-        return bool(self._unknown)
+        """Whether frames wait for their sender (see `live`), or a history is to be read
+        again (`TAIL_LOOKS_S`): the driver then calls `look_again` now and then."""
+        return bool(self._unknown or self._tails)
+
+    def look_again(self, calls: list[Call]) -> None:
+        """Take the frames that waited long enough for their sender (`release_unknown`),
+        and read again the histories due (`TAIL_LOOKS_S`), unless a live message of their
+        publisher came meanwhile, or it left."""
+        if self._unknown:
+            self.release_unknown(calls)
+        now = time.monotonic()
+        for place, due in list(self._tails.items()):
+            if due > now:
+                continue
+            del self._tails[place]
+            cursor = self.cursors.get(place)
+            options = self.registry.replays.get(place[0])
+            if cursor is None or options is None or cursor.live_seen or \
+                    cursor.node_id not in self.directory.alive_ids:
+                continue
+            cursor.tail_looks += 1
+            self._catch_up(place[0], options, cursor)
 
     def sync(self, calls: list[Call]) -> None:
         """Follow every publisher that keeps topics a replaying subscription wants (after
@@ -167,6 +199,7 @@ class Replays:
         the history; once it has (``settled``), what is still missing is reported instead,
         unless the history was read before those messages were kept. ``final``: there is
         no history to be had (a failed fetch): report at once."""
+        cursor.live_seen = True
         if cursor.catching_up:
             self._hold(cursor, frame)
             return
@@ -254,6 +287,8 @@ class Replays:
             return
         while held:
             self._take(fetch.key, options, cursor, held.popleft(), calls, settled=True, final=error is not None)
+        if not cursor.live_seen and error is None and cursor.tail_looks < len(TAIL_LOOKS_S):
+            self._tails[(fetch.key, fetch.stream)] = time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks]
 
     def _replay_row(self, key: Key, options: SubscribeOptions, cursor: Cursor, row: list[Any],
                     calls: list[Call]) -> None:
