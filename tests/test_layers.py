@@ -584,10 +584,12 @@ def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -
         ctx.term()
 
 
-def test_a_replay_reads_the_history_again_until_a_live_message_shows_its_subscription_works() -> None:
+def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_publisher_is_quiet() -> None:
     """What a publisher published after its history was read, and before the live
     subscription reached it, comes neither way: with no live message during the catch-up,
-    the history is read again (`TAIL_LOOKS_S`) until a live message comes."""
+    the history is read again (`TAIL_LOOKS_S`) until a live message comes. A last frame
+    dropped at a high-water mark shows no gap either: once the publisher has been quiet
+    for `QUIET_LOOK_S`, its history is read once more."""
     from zmqmesh._mesh.registry import Registry, SubscribeOptions
     from zmqmesh._patterns import replay
 
@@ -629,4 +631,11 @@ def test_a_replay_reads_the_history_again_until_a_live_message_shows_its_subscri
     assert [call.arg.data for call in calls] == [15]  # live: the subscription reaches the publisher
     time.sleep(replay.TAIL_LOOKS_S[1] + 0.05)
     replays.look_again(calls)
-    assert len(fetches) == 2 and not replays.waiting()  # so the history is not read again
+    assert len(fetches) == 2  # so no more looks of the catch-up; and 16, 17 are dropped on the way
+    time.sleep(replay.QUIET_LOOK_S - replay.TAIL_LOOKS_S[1] + 0.05)
+    replays.look_again(calls)
+    assert len(fetches) == 3 and fetches[-1].request["a"] == 15  # quiet for a while: one more read
+    calls.clear()
+    replays.on_page(fetches[-1], page(15, 3), None, calls)
+    assert [call.arg.data for call in calls] == [16, 17]  # (15 came live: not twice)
+    assert not replays.waiting()  # one read per quiet spell

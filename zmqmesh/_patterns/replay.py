@@ -11,7 +11,9 @@ already replayed are skipped). If none came, the history is read again a few tim
 the publisher, and after the history was read, arrives no other way. Live, a frame
 whose numbers jump is a gap: the missing messages are fetched from the history, and what
 the history no longer holds is reported on the next message (``msg.gap``) and counted
-(``stats()["pubsub"]["gap"]``).
+(``stats()["pubsub"]["gap"]``). A gap shows only with a next frame, so once a publisher
+has been quiet for `QUIET_LOOK_S`, its history is read once more: a last frame dropped at
+a high-water mark is not missed for good.
 
 A durable subscription keeps, in the node's store, the last number handled per publisher
 stream and topic, so that a restarted subscriber resumes right after it. Before a burst
@@ -46,6 +48,11 @@ log = logging.getLogger("zmqmesh.replay")
 
 MAX_HELD = 100_000
 """Live messages a catching-up cursor holds; past it, they are fetched from the history."""
+QUIET_LOOK_S = 2.0
+"""After a publisher's live frame, the history is read once more if no other frame of it
+came for this long: a frame dropped at a high-water mark is otherwise seen missing only
+with the next one, which a publisher that fell silent never sends. (One small request
+per quiet spell and stream; none while frames keep coming.)"""
 TAIL_LOOKS_S = (0.5, 1.0, 2.0, 4.0)
 """After a catch-up during which no live message of its publisher came, the history is
 read again, this long after each read, until one comes: the live subscription may not
@@ -120,18 +127,20 @@ class Replays:
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
         self._tails: dict[tuple[Key, str], float] = {}  # cursors to read the history of again, and when
+        # (one entry per stream followed: bounded as the cursors are)
 
     # -- which subscriptions ----------------------------------------------------------------
 
     def waiting(self) -> bool:
         """Whether frames wait for their sender (see `live`), or a history is to be read
-        again (`TAIL_LOOKS_S`): the driver then calls `look_again` now and then."""
+        again (`TAIL_LOOKS_S`, `QUIET_LOOK_S`): the driver then calls `look_again` now and
+        then."""
         return bool(self._unknown or self._tails)
 
     def look_again(self, calls: list[Call]) -> None:
         """Take the frames that waited long enough for their sender (`release_unknown`),
-        and read again the histories due (`TAIL_LOOKS_S`), unless a live message of their
-        publisher came meanwhile, or it left."""
+        and read again the histories due (`TAIL_LOOKS_S`, `QUIET_LOOK_S`), unless their
+        publisher left."""
         if self._unknown:
             self.release_unknown(calls)
         now = time.monotonic()
@@ -141,8 +150,7 @@ class Replays:
             del self._tails[place]
             cursor = self.cursors.get(place)
             options = self.registry.replays.get(place[0])
-            if cursor is None or options is None or cursor.live_seen or \
-                    cursor.node_id not in self.directory.alive_ids:
+            if cursor is None or options is None or cursor.node_id not in self.directory.alive_ids:
                 continue
             cursor.tail_looks += 1
             self._catch_up(place[0], options, cursor)
@@ -200,6 +208,7 @@ class Replays:
         unless the history was read before those messages were kept. ``final``: there is
         no history to be had (a failed fetch): report at once."""
         cursor.live_seen = True
+        self._tails[(key, cursor.stream)] = time.monotonic() + QUIET_LOOK_S  # (a later frame puts it off)
         if cursor.catching_up:
             self._hold(cursor, frame)
             return
