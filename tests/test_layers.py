@@ -589,7 +589,8 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     subscription reached it, comes neither way: with no live message during the catch-up,
     the history is read again (`TAIL_LOOKS_S`) until a live message comes. A last frame
     dropped at a high-water mark shows no gap either: once the publisher has been quiet
-    for `QUIET_LOOK_S`, its history is read once more."""
+    for `QUIET_LOOK_S`, the subscription asks for the numbers its topics reached (a page of
+    no rows) and, behind, reads what followed."""
     from zmqmesh._mesh.registry import Registry, SubscribeOptions
     from zmqmesh._patterns import replay
 
@@ -634,8 +635,17 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     assert len(fetches) == 2  # so no more looks of the catch-up; and 16, 17 are dropped on the way
     time.sleep(replay.QUIET_LOOK_S - replay.TAIL_LOOKS_S[1] + 0.05)
     replays.look_again(calls)
-    assert len(fetches) == 3 and fetches[-1].request["a"] == 15  # quiet for a while: one more read
+    assert len(fetches) == 3 and fetches[-1].request["n"] == 0  # quiet for a while: the numbers alone
     calls.clear()
+    replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 18}}, None, calls)
+    assert len(fetches) == 4 and "n" not in fetches[-1].request  # behind: what followed is read
+    assert fetches[-1].request["a"] == 15
     replays.on_page(fetches[-1], page(15, 3), None, calls)
     assert [call.arg.data for call in calls] == [16, 17]  # (15 came live: not twice)
-    assert not replays.waiting()  # one read per quiet spell
+    assert not replays.waiting()  # one look per quiet spell
+    # a look that finds the publisher where the subscription is reads nothing more
+    replays.live("t.x", 18, [18], None, publisher.id, list(registry.replays.items()), calls)
+    time.sleep(replay.QUIET_LOOK_S + 0.05)
+    replays.look_again(calls)
+    replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 19}}, None, calls)
+    assert len(fetches) == 5 and not replays.waiting()

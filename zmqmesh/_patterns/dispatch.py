@@ -43,7 +43,7 @@ from ..config import NodeConfig
 from ..errors import DecodeError, MessageTooLargeError
 from ..message import Message, Origin, frame_deliveries
 from .calls import BatchAck, Call, CursorMark
-from .history import History
+from .history import PAGE_ROWS, History
 from .intake import AckedIntake
 from .pubsub import GapCounter
 from .replay import Fetch, Replays
@@ -512,22 +512,25 @@ class Dispatcher:
 
     def _serve_history(self, route: tuple[bytes, bytes], body: bytes) -> None:
         """One page of a replay: ``{"p": prefix, "a": after position, "s": since (epoch
-        seconds) or absent}``; see `History.page`."""
+        seconds) or absent, "n": rows at most (0: ``next`` alone) or absent}``; see
+        `History.page`."""
         if self.history is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return
         try:
             request = self.codec.decode(body)
             prefix, after, since = request["p"], request.get("a", 0), request.get("s")
+            rows = request.get("n", PAGE_ROWS)
             if not isinstance(prefix, str) or not isinstance(after, int) or isinstance(after, bool) or \
-                    (since is not None and not isinstance(since, (int, float))):
+                    (since is not None and not isinstance(since, (int, float))) or \
+                    not isinstance(rows, int) or isinstance(rows, bool):
                 raise ValueError("bad field types")
         except Exception:
             self.stats.reject("history_malformed")
             self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
             return
         try:
-            page = self.history.page(prefix, after, since, min(1 << 20, self.codec.max_message_bytes // 2))
+            page = self.history.page(prefix, after, since, min(1 << 20, self.codec.max_message_bytes // 2), rows)
             self.send_reply(route, wire.STATUS_OK, self.codec.encode(page))
         except Exception as exc:
             log.error("cannot serve a page of history: %s", exc)

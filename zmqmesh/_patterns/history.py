@@ -116,10 +116,14 @@ class History:
                 except Exception as exc:
                     log.error("cannot expire the history under %r: %s", policy.prefix, exc)
 
-    def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int) -> dict[str, Any]:
+    def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int,
+             max_rows: int = PAGE_ROWS) -> dict[str, Any]:
         """One page of a replay (the reply of ``\\x00history``): ``{"rows": [[pos, topic, seq,
         count, ts, payload, meta], ...], "more": bool, "next": {topic: the number of the
-        next message}}`` (``next`` as it was just before the rows were read)."""
+        next message}}`` (``next`` as it was just before the rows were read), with at most
+        ``max_rows`` rows (none: a look at ``next`` alone)."""
         nxt = self.store.history_next(prefix)
-        rows, more = self.store.read_history(prefix, after_pos, since_ts, PAGE_ROWS, max_bytes)
+        if max_rows <= 0:
+            return {"rows": [], "more": False, "next": nxt}
+        rows, more = self.store.read_history(prefix, after_pos, since_ts, min(max_rows, PAGE_ROWS), max_bytes)
         return {"rows": [list(r) for r in rows], "more": more, "next": nxt}

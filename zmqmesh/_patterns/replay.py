@@ -12,7 +12,8 @@ the publisher, and after the history was read, arrives no other way. Live, a fra
 whose numbers jump is a gap: the missing messages are fetched from the history, and what
 the history no longer holds is reported on the next message (``msg.gap``) and counted
 (``stats()["pubsub"]["gap"]``). A gap shows only with a next frame, so once a publisher
-has been quiet for `QUIET_LOOK_S`, its history is read once more: a last frame dropped at
+has been quiet for `QUIET_LOOK_S`, the subscription asks it for the numbers its topics
+have reached (a page of no rows) and catches up if it is behind: a last frame dropped at
 a high-water mark is not missed for good.
 
 A durable subscription keeps, in the node's store, the last number handled per publisher
@@ -49,10 +50,11 @@ log = logging.getLogger("zmqmesh.replay")
 MAX_HELD = 100_000
 """Live messages a catching-up cursor holds; past it, they are fetched from the history."""
 QUIET_LOOK_S = 2.0
-"""After a publisher's live frame, the history is read once more if no other frame of it
-came for this long: a frame dropped at a high-water mark is otherwise seen missing only
-with the next one, which a publisher that fell silent never sends. (One small request
-per quiet spell and stream; none while frames keep coming.)"""
+"""After a publisher's live frame, if no other frame of it came for this long, the
+subscription asks it for the numbers its topics reached (a page of no rows, ``"n": 0``)
+and catches up if it is behind: a frame dropped at a high-water mark is otherwise seen
+missing only with the next one, which a publisher that fell silent never sends. (One
+small request per quiet spell and stream; none while frames keep coming.)"""
 TAIL_LOOKS_S = (0.5, 1.0, 2.0, 4.0)
 """After a catch-up during which no live message of its publisher came, the history is
 read again, this long after each read, until one comes: the live subscription may not
@@ -126,8 +128,9 @@ class Replays:
         self._finished: dict[tuple[str, str, str], set[int]] = {}
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
-        self._tails: dict[tuple[Key, str], float] = {}  # cursors to read the history of again, and when
+        # cursors to look at the history of again: when, and whether for its numbers alone
         # (one entry per stream followed: bounded as the cursors are)
+        self._tails: dict[tuple[Key, str], tuple[float, bool]] = {}
 
     # -- which subscriptions ----------------------------------------------------------------
 
@@ -144,7 +147,7 @@ class Replays:
         if self._unknown:
             self.release_unknown(calls)
         now = time.monotonic()
-        for place, due in list(self._tails.items()):
+        for place, (due, numbers_only) in list(self._tails.items()):
             if due > now:
                 continue
             del self._tails[place]
@@ -152,8 +155,9 @@ class Replays:
             options = self.registry.replays.get(place[0])
             if cursor is None or options is None or cursor.node_id not in self.directory.alive_ids:
                 continue
-            cursor.tail_looks += 1
-            self._catch_up(place[0], options, cursor)
+            if not numbers_only:
+                cursor.tail_looks += 1
+            self._catch_up(place[0], options, cursor, numbers_only=numbers_only)
 
     def sync(self, calls: list[Call]) -> None:
         """Follow every publisher that keeps topics a replaying subscription wants (after
@@ -208,7 +212,7 @@ class Replays:
         unless the history was read before those messages were kept. ``final``: there is
         no history to be had (a failed fetch): report at once."""
         cursor.live_seen = True
-        self._tails[(key, cursor.stream)] = time.monotonic() + QUIET_LOOK_S  # (a later frame puts it off)
+        self._tails[(key, cursor.stream)] = (time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
         if cursor.catching_up:
             self._hold(cursor, frame)
             return
@@ -257,11 +261,14 @@ class Replays:
             self._catch_up(key, options, cursor, first=not stored)
         return cursor
 
-    def _catch_up(self, key: Key, options: SubscribeOptions, cursor: Cursor, first: bool = False) -> None:
+    def _catch_up(self, key: Key, options: SubscribeOptions, cursor: Cursor, first: bool = False,
+                  numbers_only: bool = False) -> None:
         if cursor.catching_up:
             return
         cursor.catching_up = True
         request: dict[str, Any] = {"p": key[0], "a": cursor.pos}
+        if numbers_only:
+            request["n"] = 0  # (a publisher before this field sends a whole page: read as such)
         if first and not isinstance(options.replay, str):  # replay the last N seconds
             request["s"] = time.time() - float(options.replay)
         self.fetch(Fetch(cursor.node_id, key, cursor.stream, request))
@@ -296,8 +303,24 @@ class Replays:
             return
         while held:
             self._take(fetch.key, options, cursor, held.popleft(), calls, settled=True, final=error is not None)
-        if not cursor.live_seen and error is None and cursor.tail_looks < len(TAIL_LOOKS_S):
-            self._tails[(fetch.key, fetch.stream)] = time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks]
+        if error is not None:
+            return
+        if fetch.request.get("n") == 0 and self._behind(cursor, page.get("next") or {}):
+            self._catch_up(fetch.key, options, cursor)  # (a frame was lost on the way: read what followed)
+        elif not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
+            self._tails[(fetch.key, fetch.stream)] = (time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
+
+    @staticmethod
+    def _behind(cursor: Cursor, reached: dict[str, Any]) -> bool:
+        """Whether the publisher's topics reached further than ``cursor`` delivered (a topic
+        it never saw counts only if the cursor follows its topics from their start)."""
+        for topic, upto in reached.items():
+            expected = cursor.next.get(topic)
+            if expected is None and not cursor.from_start:
+                continue
+            if isinstance(upto, int) and upto > (expected or 0):
+                return True
+        return False
 
     def _replay_row(self, key: Key, options: SubscribeOptions, cursor: Cursor, row: list[Any],
                     calls: list[Call]) -> None:
