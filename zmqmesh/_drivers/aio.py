@@ -232,6 +232,7 @@ class LoopInbox(Dispatcher):
         self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._look: asyncio.TimerHandle | None = None  # the one pending look at what waits (`has_waiting`)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False  # (the sockets: a drain woken later finds nothing to read)
 
@@ -303,13 +304,17 @@ class LoopInbox(Dispatcher):
                 if self._closed:
                     return
                 if not (more or self._again or self.has_posted() or any(has_input(sock) for sock, _ in self.sockets)):
-                    if self.has_waiting():  # frames wait for their sender: look again in a moment
-                        self.loop.call_later(_WAITING_LOOK_S, self.wake)
+                    if self.has_waiting() and self._look is None:  # look again in a moment (once)
+                        self._look = self.loop.call_later(_WAITING_LOOK_S, self._look_again)
                     return
                 await asyncio.sleep(0)  # let the loop breathe between bursts
         except Exception:
             if not self.abandoned():
                 log.exception("inbox drain failed")
+
+    def _look_again(self) -> None:
+        self._look = None
+        self.wake()
 
     async def _execute(self, calls: list[Call]) -> None:
         if self._concurrency is not None:
@@ -393,6 +398,8 @@ class LoopInbox(Dispatcher):
                 task.cancel()
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._closed = True  # (an event posted from now on wakes no drain)
+        if self._look is not None:
+            self._look.cancel()
         self.close_sockets()
 
 
