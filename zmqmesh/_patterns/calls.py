@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .._mesh.registry import PullOptions
 from .._observe import tracing
 
-__all__ = ["Call", "BatchAck", "CursorMark", "is_async", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served"]
+__all__ = ["Call", "BatchAck", "CursorMark", "is_async", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served",
+           "handler_raised"]
+
+log = logging.getLogger("zmqmesh.inbox")
 
 
 class BatchAck:
@@ -84,6 +88,13 @@ context variable: per thread, and per task on an event loop)."""
 def serving_chain() -> tuple[str, ...]:
     """The nodes whose handlers wait, up the chain, for the request being served here."""
     return _SERVING.get()
+
+
+def handler_raised(handler: Callable[..., Any]) -> int:
+    """Log the error a handler run in place just raised (call in its ``except``); one
+    error, for the caller to count."""
+    log.exception("handler %s raised", getattr(handler, "__qualname__", handler))
+    return 1
 
 
 def run_sync(call: Call) -> tuple[Any, BaseException | None]:

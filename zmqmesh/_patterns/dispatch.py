@@ -42,7 +42,7 @@ from .._wire.codec import Codec
 from ..config import NodeConfig
 from ..errors import DecodeError, MessageTooLargeError
 from ..message import Message, Origin, frame_deliveries
-from .calls import BatchAck, Call, CursorMark
+from .calls import BatchAck, Call, CursorMark, handler_raised
 from .history import PAGE_ROWS, History
 from .intake import AckedIntake
 from .pubsub import GapCounter
@@ -67,12 +67,6 @@ _MAX_CALLS = 256
 its calls may take the count past this). Each holds its message until it runs; an
 ``async def`` stream handler on an `AsyncNode` took 2.9 us a message with bursts of 256,
 3.4 with 4096."""
-
-
-def _handler_raised(handler: Callable[..., Any]) -> int:
-    """Log the error a handler just raised (call in its ``except``); one error, to count."""
-    log.exception("handler %s raised", getattr(handler, "__qualname__", handler))
-    return 1
 
 
 class _RepliesHeld:
@@ -337,14 +331,14 @@ class Dispatcher:
                     try:
                         handler(msg)
                     except Exception:
-                        errors += _handler_raised(handler)
+                        errors += handler_raised(handler)
             else:
                 for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin):
                     for handler in handlers:
                         try:
                             handler(msg)
                         except Exception:
-                            errors += _handler_raised(handler)
+                            errors += handler_raised(handler)
             if errors:
                 counters["errors"] += errors
             return

@@ -26,7 +26,7 @@ from .._wire import frames as wire
 from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
 from ..errors import DecodeError
 from ..message import Message, Origin, durable_delivery
-from .calls import BatchAck, Call, is_async
+from .calls import BatchAck, Call, handler_raised, is_async
 
 __all__ = ["AckedIntake"]
 
@@ -109,8 +109,7 @@ class AckedIntake:
                 try:
                     handler(msg)
                 except Exception as exc:
-                    self.stats.pattern["pipeline"]["errors"] += 1
-                    log.error("handler %s raised", getattr(handler, "__qualname__", handler), exc_info=exc)
+                    self.stats.pattern["pipeline"]["errors"] += handler_raised(handler)
                     self._settle(ack, msg, index, exc)
                 else:
                     ack.remaining -= 1
