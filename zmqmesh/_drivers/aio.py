@@ -47,7 +47,6 @@ from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import RequestBatches
 from .._stats import RequestTally
-from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import send_batches, send_request
 
@@ -108,9 +107,6 @@ class AsyncRunner:
                     except asyncio.CancelledError:
                         requester.abandon(future)
                         raise
-                    if type(plan) is QuickRequest and value[0] == wire.STATUS_OK:  # (the next pass's way, spared)
-                        requester.tallied()
-                        return plan.result(value[1], requester.tally)
                 elif isinstance(step, Until):
                     await wait_until(self.engine, step.predicate, step.deadline, step.what)
                 elif isinstance(step, Room):
