@@ -428,3 +428,32 @@ def test_blocking_requests_are_counted_once_each_whatever_their_outcome(mesh: di
         slow.start()
         wait_until(lambda: cli.stats()["names"]["request"]["sent"]["slow"] == 2, 1.0, "the slow request counted")
         slow.join(10)
+
+
+def test_requests_a_thread_tallies_show_in_every_snapshot_before_and_after_they_are_added_up(
+        mesh: dict[str, Any]) -> None:
+    from zmqmesh._stats import TALLY_FOLD_AT
+
+    def counted(node: zmqmesh.Node) -> tuple[int, int, int, int]:
+        stats = node.stats()
+        return (stats["request"].get("sent", 0), stats["request"].get("received", 0),
+                stats["names"].get("request", {}).get("sent", {}).get("echo", 0),
+                stats["latency"].get("echo", {}).get("count", 0))
+
+    total = TALLY_FOLD_AT + 44  # (one thread's tally is added up once, and holds 44 more)
+    with zmqmesh.Node("svc", **mesh) as svc:
+        svc.service("echo", lambda m: m.data)
+        cli = zmqmesh.Node("cli", **mesh).start()
+        try:
+            cli.wait_for_service("echo")
+            for i in range(total):
+                assert cli.request("echo", i) == i
+                if i in (0, TALLY_FOLD_AT - 2, TALLY_FOLD_AT - 1, TALLY_FOLD_AT, total - 1):
+                    assert counted(cli) == (i + 1,) * 4, i
+            other = threading.Thread(target=lambda: [cli.request("echo", i) for i in range(5)])
+            other.start()
+            other.join(10)
+            assert counted(cli) == (total + 5,) * 4
+        finally:
+            cli.stop()
+        assert counted(cli) == (total + 5,) * 4  # (the stop added up what the tallies held)

@@ -6,7 +6,8 @@ outbound sockets, membership, the requests of coroutines) or the inbox's (what a
 Those are plain ``+=`` on the hot paths. What other threads count (rejects, the requests
 of the sync `Node`'s calling threads) goes, under a lock, into counters of their own:
 through `Stats.add` and `Stats.reject`, or gathered by the calling thread's driver in a
-`RequestTally` and added in one go (`Stats.add_tally`); `snapshot` adds the two up. Counts
+`RequestTally` and added in one go (`Stats.add_tally`); `snapshot` adds the two up, and
+what the tallies it tracks (`Stats.track`) hold meanwhile. Counts
 per name go to a `NameCounts` per pattern and direction, added to per frame by its one
 writer thread (or under the lock, from callers' threads); latencies are recorded per call,
 under the lock, or gathered in a `RequestTally` too.
@@ -20,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Stats", "RequestTally", "PATTERNS"]
+__all__ = ["Stats", "RequestTally", "PATTERNS", "TALLY_FOLD_AT"]
 
 PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
 _FIELDS = ("sent", "received", "dropped", "errors")
@@ -31,6 +32,10 @@ LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
                   5.0, 10.0)
 """Upper bounds (seconds) of the request latency histogram's buckets (and +Inf)."""
 OTHER = "(other)"
+TALLY_FOLD_AT = 256
+"""Requests a calling thread's tally gathers before its driver adds them to the stats
+(`Stats.add_tally`): once per request, that took 10 us of each 200 us round trip here.
+Meanwhile `Stats.snapshot` counts what the tracked tally holds."""
 
 
 class NameCounts(dict[str | bytes, int]):
@@ -79,6 +84,7 @@ class Stats:
         self._shared: dict[tuple[str, str], int] = {}
         self._names: dict[tuple[str, str], NameCounts] = {}
         self._latency: dict[str, list[float]] = {}  # service -> per-bucket counts, then sum, count
+        self._tracked: list[RequestTally] = []
 
     def add(self, pattern: str, counter: str, count: int = 1) -> None:
         """Add ``count`` to a pattern's counter from any thread (under a lock)."""
@@ -111,36 +117,32 @@ class Stats:
     def observe_request(self, service: str, seconds: float) -> None:
         """Record how long a call of ``service`` took, until its answer."""
         with self._lock:
-            self._observe(service, (seconds,))
+            _observe(self._latency, service, (seconds,))
 
     def add_tally(self, tally: RequestTally) -> None:
         """Add up what ``tally`` gathered (requests sent per service, latencies, the request
-        pattern's counters), and empty it."""
-        with self._lock:
-            sent = self._names_of("request", "sent")
-            for service, count in tally.sent.items():
-                sent.add(service, count)
-            for service, waited in tally.waited.items():
-                self._observe(service, waited)
-            shared = self._shared
-            for counter, count in tally.counts.items():
-                shared[("request", counter)] = shared.get(("request", counter), 0) + count
-        tally.sent.clear()
-        tally.waited.clear()
-        tally.counts.clear()
+        pattern's counters), and empty it. Its writer thread calls this, or another once
+        that thread is done with it (`untrack`): read in copies, it may be written meanwhile."""
+        with self._lock:  # (emptied under the lock too: a snapshot never counts it twice)
+            _fold(tally.sent.copy(), list(tally.waited.items()), tally.counts.copy(),
+                  self._names_of("request", "sent"), self._latency, self._shared)
+            tally.sent.clear()
+            tally.waited.clear()
+            tally.counts.clear()
 
-    def _observe(self, service: str, waited: Iterable[float]) -> None:
-        buckets = self._latency.get(service)
-        if buckets is None:
-            if len(self._latency) >= MAX_NAMES:
-                service = OTHER
-            buckets = self._latency.setdefault(service, [0.0] * (len(LATENCY_BOUNDS) + 3))
-        count = 0
-        for seconds in waited:
-            buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
-            buckets[-2] += seconds
-            count += 1
-        buckets[-1] += count
+    def track(self, tally: RequestTally) -> None:
+        """Count what ``tally`` holds in every `snapshot`, before it is added up: for a
+        tally its thread adds only now and then (`TALLY_FOLD_AT`)."""
+        with self._lock:
+            self._tracked.append(tally)
+
+    def untrack(self, tally: RequestTally) -> None:
+        """Add up what ``tally`` still holds, and stop tracking it (its thread is done with
+        it)."""
+        self.add_tally(tally)
+        with self._lock:
+            if tally in self._tracked:
+                self._tracked.remove(tally)
 
     def forget_peer(self, peer_id: str) -> None:
         """Drop the counters kept for a departed peer (a stranger's fresh ids must not
@@ -151,17 +153,25 @@ class Stats:
         """A plain-dict copy: ``{pattern: {sent, received, dropped, errors, ...}, peers,
         rejected, membership, names, latency}`` (safe to take from any thread)."""
         with self._lock:
+            shared, all_names, all_latency = self._shared, self._names, self._latency
+            if self._tracked:  # what tracked tallies hold, on copies (their threads write them meanwhile)
+                shared, all_names, all_latency = dict(shared), dict(all_names), {
+                    service: list(b) for service, b in all_latency.items()}
+                sent = all_names[("request", "sent")] = NameCounts(all_names.get(("request", "sent"), {}))
+                for tally in self._tracked:
+                    waited = [(service, list(w)) for service, w in list(tally.waited.items())]
+                    _fold(tally.sent.copy(), waited, tally.counts.copy(), sent, all_latency, shared)
             patterns = {p: dict(c) for p, c in self.pattern.items()}
-            for (pattern, counter), count in self._shared.items():
+            for (pattern, counter), count in shared.items():
                 patterns[pattern][counter] = patterns[pattern].get(counter, 0) + count
             names: dict[str, dict[str, dict[str, int]]] = {}
-            for (pattern, direction), counts in list(self._names.items()):
+            for (pattern, direction), counts in list(all_names.items()):
                 copied = counts.copy()  # (one C call: safe while its writer thread adds)
                 names.setdefault(pattern, {})[direction] = {
                     (n.decode("utf-8", "replace") if isinstance(n, bytes) else n): c for n, c in copied.items()}
             latency = {service: {"buckets": [[bound, int(c)] for bound, c in zip((*LATENCY_BOUNDS, "+Inf"), b)],
                                  "sum": b[-2], "count": int(b[-1])}
-                       for service, b in self._latency.items()}
+                       for service, b in all_latency.items()}
             return {
                 **patterns,
                 "peers": {pid: {"received": n} for pid, n in list(self.peer_received.items())},
@@ -170,3 +180,29 @@ class Stats:
                 "names": names,
                 "latency": latency,
             }
+
+
+def _fold(sent: dict[str, int], waited: Iterable[tuple[str, list[float]]], counts: dict[str, int],
+          sent_names: NameCounts, latency: dict[str, list[float]], shared: dict[tuple[str, str], int]) -> None:
+    """Add a tally's ``sent``, ``waited`` and ``counts`` to the counters given (the lock held)."""
+    for service, count in sent.items():
+        sent_names.add(service, count)
+    for service, seconds in waited:
+        _observe(latency, service, seconds)
+    for counter, count in counts.items():
+        shared[("request", counter)] = shared.get(("request", counter), 0) + count
+
+
+def _observe(latency: dict[str, list[float]], service: str, waited: Iterable[float]) -> None:
+    """Add the calls of ``service`` that took ``waited`` seconds each to ``latency``'s buckets."""
+    buckets = latency.get(service)
+    if buckets is None:
+        if len(latency) >= MAX_NAMES:
+            service = OTHER
+        buckets = latency.setdefault(service, [0.0] * (len(LATENCY_BOUNDS) + 3))
+    count = 0
+    for seconds in waited:
+        buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        buckets[-2] += seconds
+        count += 1
+    buckets[-1] += count

@@ -40,7 +40,7 @@ from .._patterns.calls import Call, is_async, run_async, run_sync
 from .._patterns.dispatch import Dispatcher
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
-from .._stats import RequestTally
+from .._stats import TALLY_FOLD_AT, RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import (
@@ -94,7 +94,7 @@ class BlockingRunner:
                 except Exception as exc:
                     value, error = None, exc
         finally:
-            if requester is not None and requester.tally:
+            if requester is not None and requester.tally.counts.get("sent", 0) >= TALLY_FOLD_AT:
                 self.engine.stats.add_tally(requester.tally)
 
     def _requester(self) -> ThreadRequester:
@@ -174,7 +174,10 @@ class ThreadRequester:
         self._membership_epoch = -1
         self._pollers: dict[str, zmq.Poller] = {}
         self._pipelined: Pipelined | None = None
-        self.tally = RequestTally()  # (what this thread's calls count: added up by `BlockingRunner.run`)
+        self.tally = RequestTally()
+        """What this thread's calls count: added up by `BlockingRunner.run` every
+        `TALLY_FOLD_AT` requests sent, and meanwhile counted by the stats' snapshots."""
+        engine.stats.track(self.tally)
         self.in_use = threading.RLock()
         """Held by the thread while it uses the sockets: `exchange` takes it, and so must a
         caller of `pipelined` (`Node.request_many`), then `check_open`."""
@@ -243,8 +246,6 @@ class ThreadRequester:
                     counts = self.tally.counts
                     counts["received"] = counts.get("received", 0) + 1
                     return reply[1], reply[2]
-            if self.tally:  # a slow reply: what this call counted shows meanwhile
-                engine.stats.add_tally(self.tally)
             if engine.closed:
                 raise NodeClosedError("the node stopped while a request was outstanding")
             if provider.id not in engine.directory.alive_ids:
@@ -280,6 +281,7 @@ class ThreadRequester:
             for sock in self.sockets.values():
                 sock.close(0)
             self.sockets.clear()
+            self.engine.stats.untrack(self.tally)
         finally:
             self.in_use.release()
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
@@ -15,13 +15,15 @@ log = logging.getLogger("zmqmesh.sockets")
 # plain ints: pyzmq's flag enums cost a Python-level operation each time they are combined
 _MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 # the backend's own send and recv: `zmq.Socket` (pyzmq's "sugar") wraps each to accept
 # routing ids, groups and copy thresholds, which the frames of a node never use
 _send: Any = zmq.backend.Socket.send
 _recv: Any = zmq.backend.Socket.recv
+# ``zmq_poll`` with no wait reads ``ZMQ_EVENTS`` in C; ``Socket.get`` looks the option up in
+# an enum in Python first (1.9 against 2.8 us a check here)
+_poll: Any = zmq.zmq_poll
 
 
 def new_socket(ctx: zmq.Context[Any], kind: int, options: Mapping[int, int | bytes] | None = None) -> zmq.Socket[Any]:
@@ -43,12 +45,12 @@ def has_input(sock: zmq.Socket[Any]) -> bool:
     ZeroMQ's descriptor only signals changes, and sending on a socket can swallow the
     signal of a message that arrived meanwhile: callers check this after sending.
     """
-    return bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
+    return bool(_poll([(sock, _POLLIN)], 0))
 
 
 def can_send(sock: zmq.Socket[Any]) -> bool:
     """True if ``sock`` takes a message now. Reading ``ZMQ_EVENTS`` also rearms its descriptor."""
-    return bool(cast(int, sock.get(_EVENTS)) & _POLLOUT)
+    return bool(_poll([(sock, _POLLOUT)], 0))
 
 
 def recv_frames(sock: zmq.Socket[Any], views_from: int = 0) -> list[bytes]:
