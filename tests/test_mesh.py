@@ -225,3 +225,37 @@ def test_same_named_nodes_started_together_do_not_evict_each_other(mesh: dict[st
         finally:
             for w in workers:
                 w.stop()
+
+
+def test_a_crowded_mesh_reads_beacons_in_rests_and_still_finds_newcomers_and_goodbyes(mesh: dict[str, Any]) -> None:
+    """Past 16 peers a node reads beacons every 0.1 s instead of as each arrives: every
+    beacon is still read (malformed ones sent meanwhile are each counted), a newcomer is
+    found, and its goodbye retires it at once, well before the silent timeout."""
+    import socket
+
+    options = {**mesh, "peer_timeout_s": 10.0}  # (a departure noticed by silence would take 10 s)
+    crowd = [zmqmesh.Node(f"c{i:02d}", **options).start() for i in range(18)]
+    try:
+        wait_until(lambda: all(len(node.peers()) == 17 for node in crowd), 30, "18 nodes to see each other")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            for burst in range(3):  # (a few rests' worth, none large enough to overflow a socket)
+                for _ in range(40):
+                    sock.sendto(b"ZRE\x01 not a beacon", ("127.255.255.255", mesh["beacon_port"]))
+                time.sleep(0.15)
+        wait_until(lambda: all(node.stats()["rejected"].get("beacon_malformed") == 120 for node in crowd), 10,
+                   "every node to read every beacon")
+        late = zmqmesh.Node("late", **options).start()
+        try:
+            wait_until(lambda: all(any(p.name == "late" for p in node.peers()) for node in crowd), 10,
+                       "every node to find the newcomer")
+        finally:
+            late.stop()
+        began = time.monotonic()
+        wait_until(lambda: not any(any(p.name == "late" for p in node.peers()) for node in crowd), 8,
+                   "every node to forget the newcomer")
+        assert time.monotonic() - began < 2.5  # (the goodbye, not silence)
+        assert not any(node.stats()["rejected"].get("beacon_handler_error") for node in crowd)
+    finally:
+        for node in crowd:
+            node.stop()
