@@ -454,6 +454,11 @@ def test_requests_a_thread_tallies_show_in_every_snapshot_before_and_after_they_
             other.start()
             other.join(10)
             assert counted(cli) == (total + 5,) * 4
+            # many in flight from one thread, and submitted ones: their own tallies, the same way
+            assert cli.request_many("echo", range(total)) == list(range(total))
+            assert counted(cli) == (2 * total + 5,) * 4
+            assert [f.result(10) for f in [cli.submit("echo", i) for i in range(7)]] == list(range(7))
+            wait_until(lambda: counted(cli) == (2 * total + 12,) * 4, 5, "the submitted requests counted")
         finally:
             cli.stop()
-        assert counted(cli) == (total + 5,) * 4  # (the stop added up what the tallies held)
+        assert counted(cli) == (2 * total + 12,) * 4  # (the stop added up what the tallies held)

@@ -34,8 +34,8 @@ LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 OTHER = "(other)"
 TALLY_FOLD_AT = 256
 """Requests a calling thread's tally gathers before its driver adds them to the stats
-(`Stats.add_tally`): once per request, that took 10 us of each 200 us round trip here.
-Meanwhile `Stats.snapshot` counts what the tracked tally holds."""
+(`Stats.add_tally`; added after each request, they took 10 us of a 200 us round trip
+here). Meanwhile `Stats.snapshot` counts what the tracked tally holds."""
 
 
 class NameCounts(dict[str | bytes, int]):
@@ -121,11 +121,10 @@ class Stats:
 
     def add_tally(self, tally: RequestTally) -> None:
         """Add up what ``tally`` gathered (requests sent per service, latencies, the request
-        pattern's counters), and empty it. Its writer thread calls this, or another once
-        that thread is done with it (`untrack`): read in copies, it may be written meanwhile."""
+        pattern's counters), and empty it: from its writer thread, or from another once that
+        thread is done with it (`untrack`)."""
         with self._lock:  # (emptied under the lock too: a snapshot never counts it twice)
-            _fold(tally.sent.copy(), list(tally.waited.items()), tally.counts.copy(),
-                  self._names_of("request", "sent"), self._latency, self._shared)
+            _fold(tally, self._names_of("request", "sent"), self._latency, self._shared)
             tally.sent.clear()
             tally.waited.clear()
             tally.counts.clear()
@@ -159,8 +158,7 @@ class Stats:
                     service: list(b) for service, b in all_latency.items()}
                 sent = all_names[("request", "sent")] = NameCounts(all_names.get(("request", "sent"), {}))
                 for tally in self._tracked:
-                    waited = [(service, list(w)) for service, w in list(tally.waited.items())]
-                    _fold(tally.sent.copy(), waited, tally.counts.copy(), sent, all_latency, shared)
+                    _fold(tally, sent, all_latency, shared)
             patterns = {p: dict(c) for p, c in self.pattern.items()}
             for (pattern, counter), count in shared.items():
                 patterns[pattern][counter] = patterns[pattern].get(counter, 0) + count
@@ -182,14 +180,15 @@ class Stats:
             }
 
 
-def _fold(sent: dict[str, int], waited: Iterable[tuple[str, list[float]]], counts: dict[str, int],
-          sent_names: NameCounts, latency: dict[str, list[float]], shared: dict[tuple[str, str], int]) -> None:
-    """Add a tally's ``sent``, ``waited`` and ``counts`` to the counters given (the lock held)."""
-    for service, count in sent.items():
+def _fold(tally: RequestTally, sent_names: NameCounts, latency: dict[str, list[float]],
+          shared: dict[tuple[str, str], int]) -> None:
+    """Add what ``tally`` holds to the counters given (the lock held). It is read in copies,
+    each taken in one C call: its thread may write it meanwhile."""
+    for service, count in tally.sent.copy().items():
         sent_names.add(service, count)
-    for service, seconds in waited:
-        _observe(latency, service, seconds)
-    for counter, count in counts.items():
+    for service, waited in list(tally.waited.items()):
+        _observe(latency, service, waited.copy())
+    for counter, count in tally.counts.copy().items():
         shared[("request", counter)] = shared.get(("request", counter), 0) + count
 
 

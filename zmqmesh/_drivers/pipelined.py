@@ -37,7 +37,7 @@ from .._patterns.in_order import InOrder
 from .._patterns.outstanding import Outstanding
 from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import EARLY_ITEMS, RequestBatches
-from .._stats import RequestTally
+from .._stats import TALLY_FOLD_AT, RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
@@ -155,8 +155,11 @@ class Pipelined:
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._providers: dict[zmq.Socket[Any], str] = {}
         self._epoch = -1
-        self._sent = 0  # (counted into the stats once per pump: they take a lock)
-        self._tally = RequestTally()  # (the same)
+        self._sent = 0  # (counted into the tally once per pump)
+        self._tally = RequestTally()
+        """What this thread's requests count: added to the stats every `TALLY_FOLD_AT`
+        requests sent (`count_sent`), and meanwhile counted by the stats' snapshots."""
+        engine.stats.track(self._tally)
         self._batches: RequestBatches[str, Job] = RequestBatches()
 
     def __len__(self) -> int:
@@ -257,11 +260,13 @@ class Pipelined:
         return ready
 
     def count_sent(self) -> None:
-        """Add what was counted since the last call to the stats (each `pump` does)."""
+        """Count the requests sent since the last call (each `pump` does) into the tally,
+        and add that to the stats once it holds `TALLY_FOLD_AT` of them."""
+        counts = self._tally.counts
         if self._sent:
-            self.engine.stats.add("request", "sent", self._sent)
+            counts["sent"] = counts.get("sent", 0) + self._sent
             self._sent = 0
-        if self._tally:
+        if counts.get("sent", 0) >= TALLY_FOLD_AT:
             self.engine.stats.add_tally(self._tally)
 
     def send_gathered(self) -> None:
@@ -279,7 +284,6 @@ class Pipelined:
         self.outstanding.forget_where(jobs.__contains__)
 
     def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> None:
-        stats = self.engine.stats
         received = dropped = 0
         answer_all, tally = self.outstanding.answer_all, self._tally
         for _ in range(burst):
@@ -301,9 +305,10 @@ class Pipelined:
                     job.finish(None, exc)
                 else:
                     job.finish(value, None)
-        stats.add("request", "received", received)
+        counts = tally.counts
+        counts["received"] = counts.get("received", 0) + received
         if dropped:
-            stats.add("request", "dropped", dropped)
+            counts["dropped"] = counts.get("dropped", 0) + dropped
 
     def _expire(self) -> None:
         overdue = self.outstanding.expired(time.monotonic())
@@ -342,6 +347,8 @@ class Pipelined:
             sock.close(0)
         self._sockets.clear()
         self._providers.clear()
+        self.count_sent()
+        self.engine.stats.untrack(self._tally)
         return jobs
 
 
