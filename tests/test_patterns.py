@@ -462,3 +462,36 @@ def test_requests_a_thread_tallies_show_in_every_snapshot_before_and_after_they_
         finally:
             cli.stop()
         assert counted(cli) == (2 * total + 12,) * 4  # (the stop added up what the tallies held)
+
+
+def test_an_async_nodes_requests_show_in_every_snapshot_before_and_after_they_are_added_up(
+        mesh: dict[str, Any]) -> None:
+    from zmqmesh._stats import TALLY_FOLD_AT
+
+    def counted(node: zmqmesh.AsyncNode) -> tuple[int, int, int, int]:
+        stats = node.stats()
+        return (stats["request"].get("sent", 0), stats["request"].get("received", 0),
+                stats["names"].get("request", {}).get("sent", {}).get("echo", 0),
+                stats["latency"].get("echo", {}).get("count", 0))
+
+    total = TALLY_FOLD_AT + 44  # (its tally is added up after TALLY_FOLD_AT steps, two a request)
+
+    async def main() -> None:
+        with zmqmesh.Node("svc", **mesh) as svc:
+            svc.service("echo", lambda m: m.data)
+            cli = zmqmesh.AsyncNode("cli", **mesh)
+            await cli.start()
+            try:
+                await cli.wait_for_service("echo")
+                for i in range(total):
+                    assert await cli.request("echo", i) == i
+                    if i in (0, TALLY_FOLD_AT // 2 - 1, TALLY_FOLD_AT // 2, total - 1):
+                        assert counted(cli) == (i + 1,) * 4, i
+                replies = await asyncio.gather(*(cli.request("echo", i) for i in range(total)))
+                assert replies == list(range(total))
+                assert counted(cli) == (2 * total,) * 4
+            finally:
+                await cli.stop()
+            assert counted(cli) == (2 * total,) * 4  # (the stop added up what the tally held)
+
+    asyncio.run(main())

@@ -46,7 +46,7 @@ from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import RequestBatches
-from .._stats import RequestTally
+from .._stats import TALLY_FOLD_AT, RequestTally
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import send_batches, send_request
 
@@ -91,7 +91,7 @@ class AsyncRunner:
             if isinstance(plan, QuickRequest):
                 requester = self.engine.requests
                 assert isinstance(requester, LoopRequester), "the node is not started"
-                requester.tallied()  # (before: what goes into the tally is added up even if this raises)
+                requester.tallied()
                 tally = requester.tally
             plan, finished, step = advance_call(plan, value, error, tally)
             if finished:
@@ -423,8 +423,10 @@ class LoopRequester:
         self._sweep_soon = False
         self._batches: RequestBatches[str, asyncio.Future[tuple[bytes, bytes]]] = RequestBatches()
         self.tally = RequestTally()
-        """What the quick requests of the loop's coroutines add to the stats (`QuickRequest`)."""
-        self._tally_soon = False
+        """What the quick requests of the loop's coroutines count (`QuickRequest`): added to
+        the stats now and then (`tallied`), and meanwhile counted by the stats' snapshots."""
+        engine.stats.track(self.tally)
+        self._steps_tallied = 0
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request (or gather it, to go at the end of this pass of the loop, or
@@ -445,15 +447,12 @@ class LoopRequester:
         return future
 
     def tallied(self) -> None:
-        """Something went into `tally`: it is added to the stats at the end of this pass
-        of the loop (once per pass, not per request)."""
-        if not self._tally_soon:
-            self._tally_soon = True
-            self.engine.loop.call_soon(self._add_tally)
-
-    def _add_tally(self) -> None:
-        self._tally_soon = False
-        self.engine.stats.add_tally(self.tally)
+        """A step of a quick request goes into `tally` (two a request): every
+        `TALLY_FOLD_AT` steps, the tally is added to the stats."""
+        self._steps_tallied += 1
+        if self._steps_tallied >= TALLY_FOLD_AT:
+            self._steps_tallied = 0
+            self.engine.stats.add_tally(self.tally)
 
     def abandon(self, future: asyncio.Future[Any]) -> None:
         """Forget the request of ``future`` (cancelled with its caller), soon: the requests
@@ -554,7 +553,8 @@ class LoopRequester:
             close_watched(self.engine.loop, self.sockets.pop(pid))
 
     def close(self) -> None:
-        """Nothing left to close: `fail_outstanding` closed the sockets."""
+        """Add up what the tally still holds (`fail_outstanding` closed the sockets)."""
+        self.engine.stats.untrack(self.tally)
 
 
 async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
