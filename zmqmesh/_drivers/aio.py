@@ -516,8 +516,13 @@ class LoopRequester:
         if sock is None:
             return
         counters = self.engine.stats.pattern["request"]
-        answer_all = self.outstanding.answer_all
-        for _ in range(_READ_BURST):
+        outstanding = self.outstanding
+        answer_all = outstanding.answer_all
+        for i in range(_READ_BURST):
+            # a lone reply (nothing else waited for): a check, not a raised Again; with requests
+            # in flight, replies tend to queue, and a check would be spent on most frames
+            if i == 1 and not outstanding and not has_input(sock):
+                return
             try:
                 frames = recv_frames(sock)
             except zmq.ZMQError:

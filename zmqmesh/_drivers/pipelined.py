@@ -29,7 +29,7 @@ import zmq
 
 from .._engine.api import Plan, advance_call
 from .._engine.engine import Engine
-from .._io.sockets import recv_frames, send_frames
+from .._io.sockets import has_input, recv_frames, send_frames
 from .._io.waker import Waker
 from .._mesh.directory import Provider
 from .._mesh.waiters import Until
@@ -286,7 +286,9 @@ class Pipelined:
     def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> None:
         received = dropped = 0
         answer_all, tally = self.outstanding.answer_all, self._tally
-        for _ in range(burst):
+        for i in range(burst):
+            if i == 1 and not self.outstanding and not has_input(sock):  # (as `LoopRequester._on_readable`)
+                break
             try:
                 frames = recv_frames(sock)
             except zmq.Again:
