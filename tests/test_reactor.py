@@ -162,3 +162,38 @@ def test_a_stop_before_run_forever_is_kept() -> None:
     thread.join(5)
     assert not thread.is_alive()
     loop.close()
+
+
+def test_with_input_names_the_sockets_holding_a_message_and_rearms_their_descriptors() -> None:
+    import zmq
+    from helpers import wait_until
+
+    from zmqmesh._io.sockets import has_input, recv_frames, with_input
+
+    ctx = zmq.Context()
+    pulls = [ctx.socket(zmq.PULL) for _ in range(3)]
+    pushes = [ctx.socket(zmq.PUSH) for _ in range(3)]
+    try:
+        for i, (pull, push) in enumerate(zip(pulls, pushes)):
+            pull.bind(f"inproc://with-input-{i}")
+            push.connect(f"inproc://with-input-{i}")
+        pairs = [(pull, kind) for pull, kind in zip(pulls, ("req", "pull", "sub"))]
+        assert with_input(pairs) == []
+        pushes[1].send(b"one")
+        pushes[2].send(b"two")
+        wait_until(lambda: len(with_input(pairs)) == 2, 2.0, "both messages to arrive")
+        assert with_input(pairs) == [pairs[1], pairs[2]]  # (in the order given, tags kept)
+        assert recv_frames(pulls[1]) == [b"one"]
+        assert with_input(pairs) == [pairs[2]]
+        assert not has_input(pulls[1]) and has_input(pulls[2])
+        # the descriptor of a socket found empty signals the next message
+        poller = zmq.Poller()
+        poller.register(pulls[1].FD, zmq.POLLIN)
+        pushes[1].send(b"three")
+        assert poller.poll(2000)
+        assert with_input(pairs) == [pairs[1], pairs[2]]
+    finally:
+        for sock in pulls + pushes:
+            sock.close(0)
+        ctx.term()
+

@@ -27,7 +27,7 @@ import zmq
 from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
-from .._io.sockets import close_watched, has_input, recv_frames
+from .._io.sockets import close_watched, has_input, recv_frames, with_input
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
 from .._observe import tracing
@@ -291,7 +291,7 @@ class LoopInbox(Dispatcher):
         try:
             while not self.abandoned() and not self._closed:
                 self._again = False
-                more = bool(self.gather(calls, self.sockets))
+                more = bool(self.gather(calls, with_input(self.sockets)))
                 if calls:
                     self.before_handling(calls)
                     await self._execute(calls)
@@ -299,7 +299,7 @@ class LoopInbox(Dispatcher):
                 self.after_handling()
                 if self._closed:
                     return
-                if not (more or self._again or self.has_posted() or any(has_input(sock) for sock, _ in self.sockets)):
+                if not (more or self._again or self.has_posted() or with_input(self.sockets)):
                     if self.has_waiting() and self._look is None:  # look again in a moment (once)
                         self._look = self.loop.call_later(_WAITING_LOOK_S, self._look_again)
                     return

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import zmq
 
-__all__ = ["new_socket", "has_input", "can_send", "recv_frames", "send_frames", "close_watched", "reconnect"]
+__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "close_watched",
+           "reconnect"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("zmqmesh.sockets")
 
@@ -46,6 +49,18 @@ def has_input(sock: zmq.Socket[Any]) -> bool:
     signal of a message that arrived meanwhile: callers check this after sending.
     """
     return bool(_poll([(sock, _POLLIN)], 0))
+
+
+def with_input(pairs: Iterable[tuple[zmq.Socket[Any], T]]) -> list[tuple[zmq.Socket[Any], T]]:
+    """The ``(socket, tag)`` pairs whose socket has a message waiting now: one ``zmq_poll``
+    for them all, where receiving from an empty socket raises `zmq.Again` (a Python
+    exception each). Reading ``ZMQ_EVENTS`` rearms every socket's descriptor."""
+    pairs = list(pairs)
+    ready = _poll([(sock, _POLLIN) for sock, _ in pairs], 0)
+    if not ready:
+        return []
+    found = {id(sock) for sock, _event in ready}
+    return [pair for pair in pairs if id(pair[0]) in found]
 
 
 def can_send(sock: zmq.Socket[Any]) -> bool:
