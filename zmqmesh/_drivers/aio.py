@@ -435,12 +435,17 @@ class LoopRequester:
         more requests, for one that was gathered), `PeerLostError` or `NodeClosedError`; a
         send made at once raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-        if send_request(self.outstanding, future, self._socket(step.provider), step, self.engine, self._batches):
-            self.engine.stats.pattern["request"]["sent"] += 1
-        elif self._batches.ready:  # a full batch goes now (its futures fail if it cannot)
-            self._send_batches(full_only=True)
+        sock = self._socket(step.provider)
+        sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches)
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
+        if sent:  # sent alone: whether that swallowed the signal of a reply, looked at now
+            self.engine.stats.pattern["request"]["sent"] += 1
+            if has_input(sock):
+                self._on_readable(step.provider.id)
+            return future
+        if self._batches.ready:  # a full batch goes now (its futures fail if it cannot)
+            self._send_batches(full_only=True)
         if not self._unchecked:
             self.engine.loop.call_soon(self._check_sent)
         self._unchecked.add(step.provider.id)
@@ -494,9 +499,10 @@ class LoopRequester:
         return sock
 
     def _check_sent(self) -> None:
-        """At the end of a pass of the loop that sent requests: send the batches gathered
-        in it (`RequestBatches`), then read the sockets sent on that hold replies: sending
-        may have swallowed the descriptor's signal (once per pass, not per request)."""
+        """At the end of a pass of the loop that gathered requests: send the batches
+        (`RequestBatches`), then read the sockets sent on that hold replies: sending may
+        have swallowed the descriptor's signal (once per pass, not per request; a request
+        sent alone is looked after by `exchange`, at once)."""
         try:
             self._send_batches()
             for provider_id in self._unchecked:
