@@ -430,16 +430,20 @@ def test_blocking_requests_are_counted_once_each_whatever_their_outcome(mesh: di
         slow.join(10)
 
 
+def echo_counts(node: zmqmesh.Node | zmqmesh.AsyncNode) -> tuple[int, int, int, int]:
+    """A node's requests to ``echo`` as its stats count them: sent, replies received, sent
+    under the service's name, and latencies recorded."""
+    stats = node.stats()
+    return (stats["request"].get("sent", 0), stats["request"].get("received", 0),
+            stats["names"].get("request", {}).get("sent", {}).get("echo", 0),
+            stats["latency"].get("echo", {}).get("count", 0))
+
+
 def test_requests_a_thread_tallies_show_in_every_snapshot_before_and_after_they_are_added_up(
         mesh: dict[str, Any]) -> None:
     from zmqmesh._stats import TALLY_FOLD_AT
 
-    def counted(node: zmqmesh.Node) -> tuple[int, int, int, int]:
-        stats = node.stats()
-        return (stats["request"].get("sent", 0), stats["request"].get("received", 0),
-                stats["names"].get("request", {}).get("sent", {}).get("echo", 0),
-                stats["latency"].get("echo", {}).get("count", 0))
-
+    counted = echo_counts
     total = TALLY_FOLD_AT + 44  # (one thread's tally is added up once, and holds 44 more)
     with zmqmesh.Node("svc", **mesh) as svc:
         svc.service("echo", lambda m: m.data)
@@ -468,12 +472,7 @@ def test_an_async_nodes_requests_show_in_every_snapshot_before_and_after_they_ar
         mesh: dict[str, Any]) -> None:
     from zmqmesh._stats import TALLY_FOLD_AT
 
-    def counted(node: zmqmesh.AsyncNode) -> tuple[int, int, int, int]:
-        stats = node.stats()
-        return (stats["request"].get("sent", 0), stats["request"].get("received", 0),
-                stats["names"].get("request", {}).get("sent", {}).get("echo", 0),
-                stats["latency"].get("echo", {}).get("count", 0))
-
+    counted = echo_counts
     total = TALLY_FOLD_AT + 44  # (its tally is added up after TALLY_FOLD_AT steps, two a request)
 
     async def main() -> None:
