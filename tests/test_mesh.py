@@ -249,6 +249,7 @@ def test_a_crowded_mesh_reads_beacons_in_rests_and_still_finds_newcomers_and_goo
         try:
             wait_until(lambda: all(any(p.name == "late" for p in node.peers()) for node in crowd), 10,
                        "every node to find the newcomer")
+            wait_until(lambda: len(late.peers()) == 18, 10, "the newcomer to find every node")
         finally:
             late.stop()
         began = time.monotonic()

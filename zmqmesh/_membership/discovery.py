@@ -16,7 +16,7 @@ from .._io.reactor import EventLoop
 from .._stats import Stats
 from .._wire import zre
 from .._wire.frames import parse_endpoint
-from .._wire.zre import ZreMessage
+from .._wire.zre import Command, ZreMessage
 from .links import Links
 from .peer import PeerState
 
@@ -198,6 +198,13 @@ class Seeds:
                 del self.pending[endpoint]
                 if seed.seed is not None:
                     self.open(seed.seed)
+
+    def say_goodbye(self) -> None:
+        """Greet no seed any more, and send Zyre's GOODBYE after the HELLO on each link to a
+        seed that has not answered yet (it may still take the HELLO in)."""
+        self._closed = True
+        for seed in self.pending.values():
+            self.links.send(seed, ZreMessage(Command.GOODBYE, 0))
 
     def close(self, linger_ms: int) -> None:
         """Close the seed links (idempotent)."""

@@ -118,6 +118,7 @@ class Membership:
         self._mailbox: zmq.Socket[Any] | None = None
         self._timers: list[TimerLike] = []
         self._closed = False
+        self._leaving = False  # (said goodbye: greets no one new)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -164,12 +165,17 @@ class Membership:
 
     def say_goodbye(self) -> None:
         """Tell everyone we leave: ``bye`` to zmqmesh peers, a port-0 beacon to everyone, and
-        without beacons (seeds only) Zyre's GOODBYE to plain ZRE peers."""
+        without beacons (seeds only) Zyre's GOODBYE to plain ZRE peers. A peer greeted but
+        not heard from yet may still take our HELLO in: Zyre's GOODBYE follows it on the
+        same link. From now on no one new is greeted: a peer greeted after the goodbyes
+        would list this node until its silent timeout."""
+        self._leaving = True
         for peer in list(self.peers.values()):
             if peer.ready and peer.is_zmqmesh:
                 self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.bye(self.codec)))
-            elif peer.ready and self.beacons is None:
+            elif (peer.ready and self.beacons is None) or (not peer.ready and peer.link is not None):
                 self.links.send(peer, ZreMessage(Command.GOODBYE, 0))
+        self.seeds.say_goodbye()
         if self.beacons is not None:
             self.beacons.goodbye()
 
@@ -276,7 +282,7 @@ class Membership:
         """Start greeting a peer heard of; None if it must be ignored. ``answered``: it sent
         a HELLO over a connection of its own (not a beacon or gossip, which anyone can forge
         at no cost, and which are rate-limited per address)."""
-        if uuid == self.uuid or uuid in self.peers or self.admission.is_foreign(uuid):
+        if uuid == self.uuid or uuid in self.peers or self.admission.is_foreign(uuid) or self._leaving:
             return None
         if not self.admission.key_allowed(key):
             self.stats.reject("curve_key_not_allowed" if self.keys else "secure_peer_ignored")
@@ -461,8 +467,8 @@ class Membership:
             self.remove(peer, "left (goodbye)")
 
     def _on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
-        if uuid == self.uuid or self.admission.is_foreign(uuid):
-            return
+        if uuid == self.uuid or self.admission.is_foreign(uuid) or self._leaving:
+            return  # (leaving: greeted back, a peer that had our goodbye would list us again)
         if self.admission.endpoint_ok(msg.endpoint) is None:
             return
         welcome, is_zmqmesh = self.admission.mesh_of(msg.headers)
