@@ -260,3 +260,26 @@ def test_a_crowded_mesh_reads_beacons_in_rests_and_still_finds_newcomers_and_goo
     finally:
         for node in crowd:
             node.stop()
+
+
+def test_a_node_that_said_goodbye_greets_no_one_back(mesh: dict[str, Any]) -> None:
+    """A stopping node's goodbye must stay the last word: a peer that forgot it and then
+    hears a beacon of it from before (stale) greets it again, and it must not answer, or
+    the peer would list a ghost until its silent timeout."""
+    import socket
+
+    from zmqmesh._wire.zre import encode_beacon
+
+    options = {**mesh, "peer_timeout_s": 10.0}
+    with zmqmesh.Node("a", **options) as a, zmqmesh.Node("b", **options) as b:
+        wait_until(lambda: [p.name for p in a.peers()] == ["b"] and len(b.peers()) == 1, 10, "a and b to meet")
+        endpoint = a.peers()[0].endpoint
+        engine = b._engine
+        engine.call_on_loop(engine.membership.say_goodbye)  # (what a stop does first)
+        wait_until(lambda: not a.peers(), 2.5, "a to forget b")
+        stale = encode_beacon(bytes.fromhex(b.id), int(endpoint.rsplit(":", 1)[1]), None)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.sendto(stale, ("127.255.255.255", mesh["beacon_port"]))
+        time.sleep(1.5)  # (a greets b over a link of its own within a beacon's read)
+        assert not a.peers(), "b greeted a back after its goodbye"
