@@ -239,7 +239,7 @@ def test_a_crowded_mesh_reads_beacons_in_rests_and_still_finds_newcomers_and_goo
         wait_until(lambda: all(len(node.peers()) == 17 for node in crowd), 30, "18 nodes to see each other")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            for burst in range(3):  # (a few rests' worth, none large enough to overflow a socket)
+            for _burst in range(3):  # (a few rests' worth, none large enough to overflow a socket)
                 for _ in range(40):
                     sock.sendto(b"ZRE\x01 not a beacon", ("127.255.255.255", mesh["beacon_port"]))
                 time.sleep(0.15)
