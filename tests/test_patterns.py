@@ -473,7 +473,7 @@ def test_an_async_nodes_requests_show_in_every_snapshot_before_and_after_they_ar
     from zmqmesh._stats import TALLY_FOLD_AT
 
     counted = echo_counts
-    total = TALLY_FOLD_AT + 44  # (its tally is added up after TALLY_FOLD_AT steps, two a request)
+    total = TALLY_FOLD_AT + 44  # (its tally is added up once, and holds 44 more)
 
     async def main() -> None:
         with zmqmesh.Node("svc", **mesh) as svc:
@@ -484,7 +484,7 @@ def test_an_async_nodes_requests_show_in_every_snapshot_before_and_after_they_ar
                 await cli.wait_for_service("echo")
                 for i in range(total):
                     assert await cli.request("echo", i) == i
-                    if i in (0, TALLY_FOLD_AT // 2 - 1, TALLY_FOLD_AT // 2, total - 1):
+                    if i in (0, TALLY_FOLD_AT // 2 - 1, TALLY_FOLD_AT // 2, TALLY_FOLD_AT - 1, TALLY_FOLD_AT, total - 1):
                         assert counted(cli) == (i + 1,) * 4, i
                 replies = await asyncio.gather(*(cli.request("echo", i) for i in range(total)))
                 assert replies == list(range(total))

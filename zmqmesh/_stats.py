@@ -58,7 +58,8 @@ class RequestTally:
     """Requests sent and how long their callers waited, per service, and the request
     pattern's counters (``counts``: requests sent and replies received), gathered by one
     driver's thread without a lock (a lock per request cost more than the rest of a
-    pipelined request's bookkeeping), for `Stats.add_tally` to add up once per pass."""
+    pipelined request's bookkeeping), for `Stats.add_tally` to add up every
+    `TALLY_FOLD_AT` requests sent (`count_sent`)."""
 
     __slots__ = ("sent", "waited", "counts")
 
@@ -69,6 +70,13 @@ class RequestTally:
 
     def __bool__(self) -> bool:
         return bool(self.sent or self.waited or self.counts)
+
+    def count_sent(self, count: int) -> bool:
+        """Count ``count`` requests sent; True once the tally holds `TALLY_FOLD_AT` of them:
+        its driver then adds it to the stats (`Stats.add_tally`), which empties it. Every
+        request a tally records was sent, so this bounds what it holds."""
+        sent = self.counts["sent"] = self.counts.get("sent", 0) + count
+        return sent >= TALLY_FOLD_AT
 
 
 class Stats:

@@ -46,7 +46,7 @@ from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import RequestBatches
-from .._stats import TALLY_FOLD_AT, RequestTally
+from .._stats import RequestTally
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import send_batches, send_request
 
@@ -91,7 +91,6 @@ class AsyncRunner:
             if isinstance(plan, QuickRequest):
                 requester = self.engine.requests
                 assert isinstance(requester, LoopRequester), "the node is not started"
-                requester.tallied()
                 tally = requester.tally
             plan, finished, step = advance_call(plan, value, error, tally)
             if finished:
@@ -423,10 +422,10 @@ class LoopRequester:
         self._sweep_soon = False
         self._batches: RequestBatches[str, asyncio.Future[tuple[bytes, bytes]]] = RequestBatches()
         self.tally = RequestTally()
-        """What the quick requests of the loop's coroutines count (`QuickRequest`): added to
-        the stats now and then (`tallied`), and meanwhile counted by the stats' snapshots."""
+        """What the loop's coroutines' requests count: added to the stats every
+        `TALLY_FOLD_AT` requests sent (`RequestTally.count_sent`), and meanwhile counted by
+        the stats' snapshots."""
         engine.stats.track(self.tally)
-        self._steps_tallied = 0
 
     def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request (or gather it, to go at the end of this pass of the loop, or
@@ -440,7 +439,7 @@ class LoopRequester:
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
         if sent:  # sent alone: whether that swallowed the signal of a reply, looked at now
-            self.engine.stats.pattern["request"]["sent"] += 1
+            self._count_sent(1)
             if has_input(sock):
                 self._on_readable(step.provider.id)
             return future
@@ -451,12 +450,8 @@ class LoopRequester:
         self._unchecked.add(step.provider.id)
         return future
 
-    def tallied(self) -> None:
-        """A step of a quick request goes into `tally` (two a request): every
-        `TALLY_FOLD_AT` steps, the tally is added to the stats."""
-        self._steps_tallied += 1
-        if self._steps_tallied >= TALLY_FOLD_AT:
-            self._steps_tallied = 0
+    def _count_sent(self, count: int) -> None:
+        if count and self.tally.count_sent(count):
             self.engine.stats.add_tally(self.tally)
 
     def abandon(self, future: asyncio.Future[Any]) -> None:
@@ -515,7 +510,7 @@ class LoopRequester:
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
                             asyncio.Future.done, full_only=full_only)
-        self.engine.stats.pattern["request"]["sent"] += sent
+        self._count_sent(sent)
 
     def _on_readable(self, provider_id: str) -> None:
         sock = self.sockets.get(provider_id)

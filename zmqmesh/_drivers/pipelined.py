@@ -37,7 +37,7 @@ from .._patterns.in_order import InOrder
 from .._patterns.outstanding import Outstanding
 from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import EARLY_ITEMS, RequestBatches
-from .._stats import TALLY_FOLD_AT, RequestTally
+from .._stats import RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 
@@ -158,7 +158,8 @@ class Pipelined:
         self._sent = 0  # (counted into the tally once per pump)
         self._tally = RequestTally()
         """What this thread's requests count: added to the stats every `TALLY_FOLD_AT`
-        requests sent (`count_sent`), and meanwhile counted by the stats' snapshots."""
+        requests sent (`RequestTally.count_sent`), and meanwhile counted by the stats'
+        snapshots."""
         engine.stats.track(self._tally)
         self._batches: RequestBatches[str, Job] = RequestBatches()
 
@@ -260,14 +261,12 @@ class Pipelined:
         return ready
 
     def count_sent(self) -> None:
-        """Count the requests sent since the last call (each `pump` does) into the tally,
-        and add that to the stats once it holds `TALLY_FOLD_AT` of them."""
-        counts = self._tally.counts
+        """Count the requests sent since the last call (each `pump` does) into the tally."""
         if self._sent:
-            counts["sent"] = counts.get("sent", 0) + self._sent
+            due = self._tally.count_sent(self._sent)
             self._sent = 0
-        if counts.get("sent", 0) >= TALLY_FOLD_AT:
-            self.engine.stats.add_tally(self._tally)
+            if due:
+                self.engine.stats.add_tally(self._tally)
 
     def send_gathered(self) -> None:
         """Send the requests gathered since the last pump (`RequestBatches`) now."""

@@ -40,7 +40,7 @@ from .._patterns.calls import Call, is_async, run_async, run_sync
 from .._patterns.dispatch import Dispatcher
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
-from .._stats import TALLY_FOLD_AT, RequestTally
+from .._stats import RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import (
@@ -73,29 +73,25 @@ class BlockingRunner:
         """Carry out ``call``, a plan or a request's `QuickRequest` (`advance_call`), and
         return its result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`
         (`NodeClosedError` once the node stopped). The calling thread's requester carries
-        out its exchanges; what they count goes to the stats when the call ends."""
+        out its exchanges and counts what they do in its tally."""
         requester = self._requester() if isinstance(call, QuickRequest) else None
         value: Any = None
         error: BaseException | None = None
-        try:
-            while True:
-                call, finished, step = advance_call(call, value, error, None if requester is None else requester.tally)
-                if finished:
-                    return step
-                if type(step) is not Exchange:
-                    value, error = self.carry_out(step)
-                    continue
-                if requester is None:
-                    requester = self._requester()
-                try:
-                    value, error = requester.exchange(step), None
-                except zmq.ZMQError as exc:
-                    value, error = None, closed_or_failed(self.engine, exc)
-                except Exception as exc:
-                    value, error = None, exc
-        finally:
-            if requester is not None and requester.tally.counts.get("sent", 0) >= TALLY_FOLD_AT:
-                self.engine.stats.add_tally(requester.tally)
+        while True:
+            call, finished, step = advance_call(call, value, error, None if requester is None else requester.tally)
+            if finished:
+                return step
+            if type(step) is not Exchange:
+                value, error = self.carry_out(step)
+                continue
+            if requester is None:
+                requester = self._requester()
+            try:
+                value, error = requester.exchange(step), None
+            except zmq.ZMQError as exc:
+                value, error = None, closed_or_failed(self.engine, exc)
+            except Exception as exc:
+                value, error = None, exc
 
     def _requester(self) -> ThreadRequester:
         requesters = self.engine.requests
@@ -175,8 +171,8 @@ class ThreadRequester:
         self._pollers: dict[str, zmq.Poller] = {}
         self._pipelined: Pipelined | None = None
         self.tally = RequestTally()
-        """What this thread's calls count: added up by `BlockingRunner.run` every
-        `TALLY_FOLD_AT` requests sent, and meanwhile counted by the stats' snapshots."""
+        """What this thread's calls count: added to the stats every `TALLY_FOLD_AT` requests
+        sent (`RequestTally.count_sent`), and meanwhile counted by the stats' snapshots."""
         engine.stats.track(self.tally)
         self.in_use = threading.RLock()
         """Held by the thread while it uses the sockets: `exchange` takes it, and so must a
@@ -199,7 +195,7 @@ class ThreadRequester:
     def exchange(self, step: Exchange) -> tuple[bytes, bytes]:
         """Send one request and wait for its reply: ``(status, body)``. Raises
         `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`. What it counts goes into
-        `tally`, for its caller (`BlockingRunner.run`) to add to the stats."""
+        `tally`."""
         with self.in_use:
             self.check_open()
             return self._exchange(step)
@@ -215,8 +211,8 @@ class ThreadRequester:
             send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
         except zmq.ZMQError as exc:
             raise send_failure(exc, provider.id, engine, step.service) from exc
-        counts = self.tally.counts
-        counts["sent"] = counts.get("sent", 0) + 1
+        if self.tally.count_sent(1):
+            engine.stats.add_tally(self.tally)
         return self._wait(sock, request_id, provider, step.service, step.deadline)
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import zmq
@@ -51,11 +51,10 @@ def has_input(sock: zmq.Socket[Any]) -> bool:
     return bool(_poll([(sock, _POLLIN)], 0))
 
 
-def with_input(pairs: Iterable[tuple[zmq.Socket[Any], T]]) -> list[tuple[zmq.Socket[Any], T]]:
+def with_input(pairs: Sequence[tuple[zmq.Socket[Any], T]]) -> list[tuple[zmq.Socket[Any], T]]:
     """The ``(socket, tag)`` pairs whose socket has a message waiting now: one ``zmq_poll``
     for them all, where receiving from an empty socket raises `zmq.Again` (a Python
     exception each). Reading ``ZMQ_EVENTS`` rearms every socket's descriptor."""
-    pairs = list(pairs)
     ready = _poll([(sock, _POLLIN) for sock, _ in pairs], 0)
     if not ready:
         return []
