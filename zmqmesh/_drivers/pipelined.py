@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import zmq
@@ -531,10 +532,8 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window:
             if not at_hand:
                 pipelined.send_gathered()  # (the next item may be long in coming)
             jobs: list[Job] = []
-            while calls.room() and (at_hand or not jobs):  # at hand: as many as there is room for, at once
-                plan = next(made, None)
-                if plan is None:
-                    break
+            # (there is room here, and no failure: the loops around see to both)
+            for plan in islice(made, calls.free() if at_hand else 1):  # at hand: as many as there is room for
                 job = Job(plan, partial(calls.end, len(calls.results)))
                 calls.begin(job)
                 jobs.append(job)

@@ -18,8 +18,9 @@ cover, the call becomes its plan, picked up where the quick way left it.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 from .._mesh.directory import Directory, Provider, no_provider
@@ -56,6 +57,11 @@ class Exchange(NamedTuple):
         """The frames of this request under ``request_id``."""
         return wire.request_frames(self.service_b, request_id, self.body, self.meta, self.compact)
 
+
+_exchange: Callable[[tuple[Provider, str, bytes, bytes, float, bytes | None, bool]], Exchange] = \
+    functools.partial(tuple.__new__, Exchange)
+"""An `Exchange` of all seven fields, made as a tuple: half the cost of the named tuple's
+own constructor, on the path of every request that goes the quick way."""
 
 RequestPlan = Generator["Until | Exchange", Any, Any]
 
@@ -188,7 +194,7 @@ class QuickRequest:
                 return False, None
             self.sent = True
             tally.sent[service] = tally.sent.get(service, 0) + 1
-            return False, Exchange(provider, service, calling.service_b, self.body, self.deadline, None, True)
+            return False, _exchange((provider, service, calling.service_b, self.body, self.deadline, None, True))
         if reply[0] != wire.STATUS_OK:
             return False, None
         return True, self.result(reply[1], tally)
