@@ -117,8 +117,15 @@ def test_codec_encodes_a_batch_as_it_encodes_each_item() -> None:
         assert codec.encode_many(iter(fitting)) == [codec.encode(i) for i in fitting]
     with pytest.raises(zmqmesh.MessageTooLargeError):
         Codec(10).encode_many([b"x" * 8, b"x" * 9])  # the small-bytes shortcut keeps the limit
+    codec = Codec(64)
     with pytest.raises(TypeError):
-        Codec(1 << 20).encode_many([b"ok", object()])
+        codec.encode_many([b"ok", {"k": 1}, [1, object()]])  # (the packer fails half-way through the list)
+    assert codec.encode_many(items[9:12]) == [msgpack.packb(i, use_bin_type=True) for i in items[9:12]]
+    big = {"k": "x" * 64}
+    with pytest.raises(zmqmesh.MessageTooLargeError):  # the first item that fails, in order, says why
+        codec.encode_many([{"k": 1}, big, object()])
+    with pytest.raises(TypeError):
+        codec.encode_many([{"k": 1}, object(), big])
 
 
 def test_a_frame_delivers_the_messages_that_message_by_message_construction_makes() -> None:

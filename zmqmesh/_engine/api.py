@@ -615,11 +615,12 @@ class NodeBase:
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
-        encode = engine.codec.encode
-        packed = encode(check_headers(headers)) if headers else None
+        codec = engine.codec
+        packed = codec.encode(check_headers(headers)) if headers else None
+        bodies = codec.encode_many(items)
         now = time.time()
-        ids = self._ids
-        entries = [(next(ids), now, packed, encode(data), 0) for data in items]
+        # (the bodies first: zip takes no id past the last one)
+        entries = [(msg_id, now, packed, body, 0) for body, msg_id in zip(bodies, self._ids)]
         return Ticket(queue, entries) if entries else None
 
     def _push_deadline(self, timeout: float | None) -> float:

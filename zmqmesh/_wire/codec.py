@@ -92,26 +92,53 @@ class Codec:
                 self._check_bin(size)
                 return msgpack_bin(data)
         try:
-            packer = self._local.packer
+            pack = self._local.packer.pack  # (inline: one call less on the path of every payload)
         except AttributeError:
-            packer = self._local.packer = msgpack.Packer(use_bin_type=True)
+            pack = self._packer().pack
         try:
-            body: bytes = packer.pack(data)
+            body: bytes = pack(data)
         except (TypeError, ValueError, OverflowError) as exc:
-            self._local.packer = msgpack.Packer(use_bin_type=True)  # never reuse a half-used buffer
-            raise TypeError(f"payload cannot be encoded as msgpack: {exc}") from exc
+            raise self._unencodable(exc) from exc
         if len(body) > self.max_message_bytes:
-            raise MessageTooLargeError(
-                f"payload is {len(body)} bytes; max_message_bytes is {self.max_message_bytes}"
-            )
+            raise self._too_large(len(body))
         return body
 
     def encode_many(self, items: Iterable[Any]) -> list[bytes]:
-        """Every item encoded, as `encode` encodes each (the small ``bytes`` of a batch
-        without a call each). Raises what `encode` raises, for the first item that fails."""
-        encode, bin8, small = self.encode, _BIN8, self._small
-        return [bin8[len(data)] + data if type(data) is bytes and len(data) < small else encode(data)
-                for data in items]
+        """Every item encoded, as `encode` encodes each, with one lookup of this thread's
+        packer for them all (a third less time a small item). Raises what `encode` raises,
+        for the first item that fails."""
+        bin8, small, limit, encode = _BIN8, self._small, self.max_message_bytes, self.encode
+        pack = self._packer().pack
+        bodies: list[bytes] = []
+        add = bodies.append
+        for data in items:
+            if type(data) is bytes:
+                add(bin8[len(data)] + data if len(data) < small else encode(data))
+                continue
+            try:
+                body = pack(data)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise self._unencodable(exc) from exc
+            if len(body) > limit:
+                raise self._too_large(len(body))
+            add(body)
+        return bodies
+
+    def _packer(self) -> msgpack.Packer:
+        """This thread's packer (`Packer.pack` is ~3x ``packb``)."""
+        try:
+            packer: msgpack.Packer = self._local.packer
+        except AttributeError:
+            packer = self._local.packer = msgpack.Packer(use_bin_type=True)
+        return packer
+
+    @staticmethod
+    def _unencodable(exc: Exception) -> TypeError:
+        """The error for data the packer refused (a packer empties its buffer on failure)."""
+        return TypeError(f"payload cannot be encoded as msgpack: {exc}")
+
+    def _too_large(self, size: int) -> MessageTooLargeError:
+        return MessageTooLargeError(f"payload is {size} bytes; max_message_bytes is {self.max_message_bytes}")
 
     def raw(self, data: bytes) -> RawPayload:
         """``data`` (`LARGE_FRAME` bytes or more) to travel as it is, in a frame of its own
@@ -123,7 +150,7 @@ class Codec:
     def _check_bin(self, size: int) -> None:
         header_size = 3 if size <= 0xFFFF else 5
         if size + header_size > self.max_message_bytes:
-            raise MessageTooLargeError(f"payload is {size + header_size} bytes; max_message_bytes is {self.max_message_bytes}")
+            raise self._too_large(size + header_size)
         if size > 0xFFFFFFFF:
             raise TypeError("payload cannot be encoded as msgpack: bytes over 4 GiB")
 
