@@ -128,6 +128,23 @@ def test_codec_encodes_a_batch_as_it_encodes_each_item() -> None:
         codec.encode_many([{"k": 1}, object(), big])
 
 
+def test_a_durable_item_is_the_msgpack_array_of_its_fields() -> None:
+    """`durable_item` writes parts of the array itself (around a body and headers already
+    encoded): byte for byte what msgpack makes of the whole, whatever the fields hold."""
+    from zmqmesh._wire.codec import durable_item
+
+    packer = msgpack.Packer()
+    body = msgpack.packb({"id": 1, "payload": "x" * 45})
+    cases = [("0123456789abcdef01234567-1e240", time.time(), None, 0, False),
+             ("é" * 40, 5, msgpack.packb({"k": "v"}), 200, True),  # (an integer time, as a store may hold)
+             ("", -0.0, None, 127, True), ("y" * 300, float("inf"), None, 128, False)]
+    for msg_id, timestamp, headers, attempts, redelivered in cases:
+        whole = msgpack.packb([redelivered, msgpack.unpackb(body), msg_id, timestamp,
+                               msgpack.unpackb(headers) if headers else None, attempts])
+        assert durable_item(body, redelivered, msg_id, timestamp, headers, attempts, packer.pack) == whole
+        assert durable_item(body, redelivered, msg_id, timestamp, headers, attempts) == whole
+
+
 def test_a_frame_delivers_the_messages_that_message_by_message_construction_makes() -> None:
     """`frame_deliveries` (the streams' hot path) makes each message as `Message(...)` does:
     every public field the same, with and without what the sender said of the frame."""

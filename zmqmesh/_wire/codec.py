@@ -11,6 +11,7 @@ frame holding a single object is the batch of one, so a sender never has to batc
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from itertools import islice
@@ -28,6 +29,7 @@ DURABLE_ITEM_FIELDS = 6
 in-memory at-least-once item is ``[redelivered, data]``."""
 _TRUE, _FALSE, _ARRAY6, _NIL = b"\xc3", b"\xc2", b"\x96", b"\xc0"
 _FIXINT = [bytes((i,)) for i in range(128)]  # msgpack's positive fixint: the integer is its byte
+_FLOAT64 = struct.Struct(">Bd").pack  # (0xcb, x): msgpack's float 64, as its Packer writes a float
 
 
 def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, headers: bytes | None,
@@ -35,8 +37,8 @@ def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, 
     """The msgpack array of one durable queue item around an already encoded payload and
     already encoded headers (a map, or None). ``pack``: a `msgpack.Packer`'s own, from a
     caller that makes many items on one thread (``packb`` makes a Packer each call)."""
-    id_and_time = pack((msg_id, timestamp))[1:]  # one packing for both: less the array's header
-    return b"".join((_ARRAY6, _TRUE if redelivered else _FALSE, body, id_and_time, headers or _NIL,
+    return b"".join((_ARRAY6, _TRUE if redelivered else _FALSE, body, pack(msg_id),
+                     _FLOAT64(0xCB, timestamp) if type(timestamp) is float else pack(timestamp), headers or _NIL,
                      _FIXINT[attempts] if 0 <= attempts < 128 else msgpack.packb(attempts)))
 
 _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, by the length it heads
