@@ -13,7 +13,7 @@ deadlines that come in order join a queue (a deque: no heap operation per reques
 only one earlier than the last queued (a shorter timeout) goes into a heap beside it. A
 request answered in time leaves its entry behind, dropped when it reaches the front or
 when both are rebuilt (they never hold more than twice the requests outstanding, plus
-`_SLACK`).
+`_SLACK` and `_CHECK_EVERY`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = ["Outstanding"]
 Waiter = TypeVar("Waiter")
 
 _SLACK = 1024
+_CHECK_EVERY = 64  # requests between two looks at the entries left behind
 
 
 class Outstanding(Generic[Waiter]):
@@ -60,7 +61,8 @@ class Outstanding(Generic[Waiter]):
 
     def add(self, waiter: Waiter, provider_id: str, service: str, deadline: float) -> bytes:
         """Register a request about to be sent; its id (the frame that the reply echoes)."""
-        request_id = next(self._ids).to_bytes(8, "big")
+        number = next(self._ids)
+        request_id = number.to_bytes(8, "big")
         self._pending[request_id] = (waiter, provider_id, service, deadline)
         per_provider = self._per_provider
         per_provider[provider_id] = per_provider.get(provider_id, 0) + 1
@@ -69,7 +71,7 @@ class Outstanding(Generic[Waiter]):
             queued.append((deadline, request_id))
         else:
             heapq.heappush(self._heap, (deadline, request_id))
-        if len(queued) + len(self._heap) > 2 * len(self._pending) + _SLACK:
+        if not number % _CHECK_EVERY and len(queued) + len(self._heap) > 2 * len(self._pending) + _SLACK:
             self._queued = deque(sorted((entry[3], rid) for rid, entry in self._pending.items()))
             self._heap = []
         return request_id

@@ -30,6 +30,7 @@ __all__ = ["RequestBatches", "Batch", "EARLY_ITEMS"]
 EARLY_ITEMS = 32
 """Requests a batch holds when it goes before the pause (of 8, 16, 32 and 64, 32 carried
 the most requests per second with 64 in flight to one provider, in benchmarks/bench.py)."""
+assert EARLY_ITEMS <= wire.MAX_BATCH_ITEMS
 
 Key = TypeVar("Key")
 Waiter = TypeVar("Waiter")
@@ -84,8 +85,8 @@ class RequestBatches(Generic[Key, Waiter]):
             return False
         size = len(step.service_b) + len(request_id) + len(step.body) + wire.REQUEST_ITEM_BYTES
         batch = self._open.get(key)
-        if batch is not None and wire.batch_full(batch.size, len(batch.items), size):
-            self._full.append(batch)
+        if batch is not None and batch.size + size > wire.BATCH_BYTES:  # (it holds fewer than EARLY_ITEMS: never
+            self._full.append(batch)                                    # too many, `wire.batch_full`'s other limit)
             batch = None
         if batch is None:
             batch = self._open[key] = Batch(key)

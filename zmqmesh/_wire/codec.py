@@ -94,11 +94,11 @@ class Codec:
                 self._check_bin(size)
                 return msgpack_bin(data)
         try:
-            pack = self._local.packer.pack  # (inline: one call less on the path of every payload)
+            packer = self._local.packer  # (inline: one call less on the path of every payload)
         except AttributeError:
-            pack = self._packer().pack
+            packer = self._packer()
         try:
-            body: bytes = pack(data)
+            body: bytes = packer.pack(data)
         except (TypeError, ValueError, OverflowError) as exc:
             raise self._unencodable(exc) from exc
         if len(body) > self.max_message_bytes:
