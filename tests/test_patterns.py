@@ -193,6 +193,25 @@ def test_request_timeout_and_no_provider(spawn: Any, mesh: dict[str, Any]) -> No
         assert time.monotonic() - started < 1.5
 
 
+def test_a_late_reply_is_dropped_and_the_next_call_gets_its_own(mesh: dict[str, Any]) -> None:
+    """A call that timed out leaves its reply to come later, on the socket the thread's
+    next call waits on: that call takes its own reply, and the late one is counted."""
+    provider = zmqmesh.Node("slow-first", **mesh)
+
+    @provider.service("echo")
+    def echo(msg: zmqmesh.Message) -> Any:
+        if msg.data == "slow":
+            time.sleep(0.8)  # (the next request waits behind it: its reply comes after this one's)
+        return msg.data
+
+    with provider, zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("echo", timeout=10)
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            client.request("echo", "slow", timeout=0.3)
+        assert client.request("echo", "fast", timeout=5) == "fast"
+        assert client.stats()["request"]["dropped"] == 1
+
+
 def test_provider_killed_mid_request_raises_peer_lost_quickly(spawn: Any, mesh: dict[str, Any]) -> None:
     provider = spawn("doomed", service=["block"], block_s=30.0)
     with zmqmesh.Node("client", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}) as node:

@@ -32,7 +32,7 @@ from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.reactor import Reactor, run_on
-from .._io.sockets import recv_frames, send_frames
+from .._io.sockets import send_frames, wait_frames
 from .._io.waker import Waker
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
@@ -168,7 +168,7 @@ class ThreadRequester:
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         self._ids = itertools.count(1)
         self._membership_epoch = -1
-        self._pollers: dict[str, zmq.Poller] = {}
+        self._slices: dict[str, int] = {}  # provider id: the RCVTIMEO its socket has (see `_wait`)
         self._pipelined: Pipelined | None = None
         self.tally = RequestTally()
         """What this thread's calls count: added to the stats every `TALLY_FOLD_AT` requests
@@ -217,36 +217,36 @@ class ThreadRequester:
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
-        # a poll in slices: between them, whether the node stopped (its stop closes these
-        # sockets once this call lets go of them: `close`) or the provider left
+        # a receive that waits in slices (the socket's RCVTIMEO): between them, whether the
+        # node stopped (its stop closes these sockets once this call lets go of them:
+        # `close`) or the provider left
         engine = self.engine
-        poller = self._pollers.get(provider.id)
-        if poller is None:
-            poller = self._pollers[provider.id] = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 engine.stats.add("request", "errors")
                 raise MeshTimeoutError(f"request to {service!r} timed out")
-            if poller.poll(int(min(remaining, _POLL_SLICE_S) * 1000) + 1):
-                while True:
-                    try:
-                        frames = recv_frames(sock)
-                    except zmq.Again:
-                        break
-                    reply = wire.parse_reply(frames)
-                    if reply is None or reply[0] != request_id:
-                        engine.stats.add("request", "dropped")  # a late reply
-                        continue
-                    counts = self.tally.counts
-                    counts["received"] = counts.get("received", 0) + 1
-                    return reply[1], reply[2]
-            if engine.closed:
-                raise NodeClosedError("the node stopped while a request was outstanding")
-            if provider.id not in engine.directory.alive_ids:
-                engine.stats.add("request", "errors")
-                raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying", provider.id)
+            slice_ms = int(min(remaining, _POLL_SLICE_S) * 1000) + 1
+            if self._slices.get(provider.id) != slice_ms:  # (set when it changes: a deadline's last slice)
+                sock.setsockopt(zmq.RCVTIMEO, slice_ms)
+                self._slices[provider.id] = slice_ms
+            try:
+                frames = wait_frames(sock)
+            except zmq.Again:  # the slice passed
+                if engine.closed:
+                    raise NodeClosedError("the node stopped while a request was outstanding") from None
+                if provider.id not in engine.directory.alive_ids:
+                    engine.stats.add("request", "errors")
+                    raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying",
+                                        provider.id) from None
+                continue
+            reply = wire.parse_reply(frames)
+            if reply is None or reply[0] != request_id:
+                engine.stats.add("request", "dropped")  # a late reply
+                continue
+            counts = self.tally.counts
+            counts["received"] = counts.get("received", 0) + 1
+            return reply[1], reply[2]
 
     def _connect(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
@@ -258,7 +258,7 @@ class ThreadRequester:
         self._membership_epoch = directory.epoch
         alive = directory.alive_ids
         for pid in [p for p in self.sockets if p not in alive]:
-            self._pollers.pop(pid, None)
+            self._slices.pop(pid, None)
             self.sockets.pop(pid).close(0)
         if self._pipelined is not None:
             self._pipelined.prune()
@@ -271,7 +271,7 @@ class ThreadRequester:
             return False
         try:
             self.closed = True
-            self._pollers.clear()
+            self._slices.clear()
             if self._pipelined is not None:
                 self._pipelined.close()
             for sock in self.sockets.values():
