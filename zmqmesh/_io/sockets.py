@@ -89,9 +89,10 @@ def wait_frames(sock: zmq.Socket[Any]) -> list[bytes]:
     """Receive one whole message, waiting for it up to the socket's ``RCVTIMEO`` (the GIL
     released meanwhile); raises `zmq.Again` if none came in that time.
 
-    A thread that waits for one socket's message this way costs about half the system
-    calls of a poll followed by a receive (a poll reads ``ZMQ_EVENTS`` before it waits
-    and after; ZeroMQ's own receive waits on the socket's mailbox alone).
+    A thread that waits for one socket's message this way makes fewer system calls than
+    a poll followed by a receive (a poll reads ``ZMQ_EVENTS`` before it waits and after;
+    ZeroMQ's own receive waits on the socket's mailbox alone): a blocking request's
+    process, 5 ``poll`` calls a round trip instead of 8.
     """
     frame = _recv(sock, 0, False)
     frames = [frame.bytes]
