@@ -462,7 +462,6 @@ def test_requests_a_thread_tallies_show_in_every_snapshot_before_and_after_they_
         mesh: dict[str, Any]) -> None:
     from zmqmesh._stats import TALLY_FOLD_AT
 
-    counted = echo_counts
     total = TALLY_FOLD_AT + 44  # (one thread's tally is added up once, and holds 44 more)
     with zmqmesh.Node("svc", **mesh) as svc:
         svc.service("echo", lambda m: m.data)
@@ -472,26 +471,25 @@ def test_requests_a_thread_tallies_show_in_every_snapshot_before_and_after_they_
             for i in range(total):
                 assert cli.request("echo", i) == i
                 if i in (0, TALLY_FOLD_AT - 2, TALLY_FOLD_AT - 1, TALLY_FOLD_AT, total - 1):
-                    assert counted(cli) == (i + 1,) * 4, i
+                    assert echo_counts(cli) == (i + 1,) * 4, i
             other = threading.Thread(target=lambda: [cli.request("echo", i) for i in range(5)])
             other.start()
             other.join(10)
-            assert counted(cli) == (total + 5,) * 4
+            assert echo_counts(cli) == (total + 5,) * 4
             # many in flight from one thread, and submitted ones: their own tallies, the same way
             assert cli.request_many("echo", range(total)) == list(range(total))
-            assert counted(cli) == (2 * total + 5,) * 4
+            assert echo_counts(cli) == (2 * total + 5,) * 4
             assert [f.result(10) for f in [cli.submit("echo", i) for i in range(7)]] == list(range(7))
-            wait_until(lambda: counted(cli) == (2 * total + 12,) * 4, 5, "the submitted requests counted")
+            wait_until(lambda: echo_counts(cli) == (2 * total + 12,) * 4, 5, "the submitted requests counted")
         finally:
             cli.stop()
-        assert counted(cli) == (2 * total + 12,) * 4  # (the stop added up what the tallies held)
+        assert echo_counts(cli) == (2 * total + 12,) * 4  # (the stop added up what the tallies held)
 
 
 def test_an_async_nodes_requests_show_in_every_snapshot_before_and_after_they_are_added_up(
         mesh: dict[str, Any]) -> None:
     from zmqmesh._stats import TALLY_FOLD_AT
 
-    counted = echo_counts
     total = TALLY_FOLD_AT + 44  # (its tally is added up once, and holds 44 more)
 
     async def main() -> None:
@@ -504,12 +502,12 @@ def test_an_async_nodes_requests_show_in_every_snapshot_before_and_after_they_ar
                 for i in range(total):
                     assert await cli.request("echo", i) == i
                     if i in (0, TALLY_FOLD_AT // 2 - 1, TALLY_FOLD_AT // 2, TALLY_FOLD_AT - 1, TALLY_FOLD_AT, total - 1):
-                        assert counted(cli) == (i + 1,) * 4, i
+                        assert echo_counts(cli) == (i + 1,) * 4, i
                 replies = await asyncio.gather(*(cli.request("echo", i) for i in range(total)))
                 assert replies == list(range(total))
-                assert counted(cli) == (2 * total,) * 4
+                assert echo_counts(cli) == (2 * total,) * 4
             finally:
                 await cli.stop()
-            assert counted(cli) == (2 * total,) * 4  # (the stop added up what the tally held)
+            assert echo_counts(cli) == (2 * total,) * 4  # (the stop added up what the tally held)
 
     asyncio.run(main())

@@ -59,7 +59,7 @@ class RequestTally:
     pattern's counters (``counts``: requests sent and replies received), gathered by one
     driver's thread without a lock (a lock per request cost more than the rest of a
     pipelined request's bookkeeping), for `Stats.add_tally` to add up every
-    `TALLY_FOLD_AT` requests sent (`count_sent`)."""
+    `TALLY_FOLD_AT` requests sent (`Stats.count_sent`)."""
 
     __slots__ = ("sent", "waited", "counts")
 
@@ -70,13 +70,6 @@ class RequestTally:
 
     def __bool__(self) -> bool:
         return bool(self.sent or self.waited or self.counts)
-
-    def count_sent(self, count: int) -> bool:
-        """Count ``count`` requests sent; True once the tally holds `TALLY_FOLD_AT` of them:
-        its driver then adds it to the stats (`Stats.add_tally`), which empties it. Every
-        request a tally records was sent, so this bounds what it holds."""
-        sent = self.counts["sent"] = self.counts.get("sent", 0) + count
-        return sent >= TALLY_FOLD_AT
 
 
 class Stats:
@@ -126,6 +119,15 @@ class Stats:
         """Record how long a call of ``service`` took, until its answer."""
         with self._lock:
             _observe(self._latency, service, (seconds,))
+
+    def count_sent(self, tally: RequestTally, count: int) -> None:
+        """Count ``count`` requests sent into ``tally`` (from its writer thread), and add it
+        up (`add_tally`) once it holds `TALLY_FOLD_AT` of them. Every request a tally records
+        was sent, so this bounds what it holds."""
+        counts = tally.counts
+        sent = counts["sent"] = counts.get("sent", 0) + count
+        if sent >= TALLY_FOLD_AT:
+            self.add_tally(tally)
 
     def add_tally(self, tally: RequestTally) -> None:
         """Add up what ``tally`` gathered (requests sent per service, latencies, the request

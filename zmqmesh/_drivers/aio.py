@@ -423,7 +423,7 @@ class LoopRequester:
         self._batches: RequestBatches[str, asyncio.Future[tuple[bytes, bytes]]] = RequestBatches()
         self.tally = RequestTally()
         """What the loop's coroutines' requests count: added to the stats every
-        `TALLY_FOLD_AT` requests sent (`RequestTally.count_sent`), and meanwhile counted by
+        `TALLY_FOLD_AT` requests sent (`Stats.count_sent`), and meanwhile counted by
         the stats' snapshots."""
         engine.stats.track(self.tally)
 
@@ -439,7 +439,7 @@ class LoopRequester:
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
         if sent:  # sent alone: whether that swallowed the signal of a reply, looked at now
-            self._count_sent(1)
+            self.engine.stats.count_sent(self.tally, 1)
             if has_input(sock):
                 self._on_readable(step.provider.id)
             return future
@@ -449,10 +449,6 @@ class LoopRequester:
             self.engine.loop.call_soon(self._check_sent)
         self._unchecked.add(step.provider.id)
         return future
-
-    def _count_sent(self, count: int) -> None:
-        if count and self.tally.count_sent(count):
-            self.engine.stats.add_tally(self.tally)
 
     def abandon(self, future: asyncio.Future[Any]) -> None:
         """Forget the request of ``future`` (cancelled with its caller), soon: the requests
@@ -510,7 +506,8 @@ class LoopRequester:
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
                             asyncio.Future.done, full_only=full_only)
-        self._count_sent(sent)
+        if sent:
+            self.engine.stats.count_sent(self.tally, sent)
 
     def _on_readable(self, provider_id: str) -> None:
         sock = self.sockets.get(provider_id)

@@ -156,11 +156,9 @@ class Pipelined:
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._providers: dict[zmq.Socket[Any], str] = {}
         self._epoch = -1
-        self._sent = 0  # (counted into the tally once per pump)
         self._tally = RequestTally()
         """What this thread's requests count: added to the stats every `TALLY_FOLD_AT`
-        requests sent (`RequestTally.count_sent`), and meanwhile counted by the stats'
-        snapshots."""
+        requests sent (`Stats.count_sent`), and meanwhile counted by the stats' snapshots."""
         engine.stats.track(self._tally)
         self._batches: RequestBatches[str, Job] = RequestBatches()
 
@@ -195,7 +193,7 @@ class Pipelined:
                 value, error = None, exc
                 continue
             if went:
-                self._sent += 1
+                self.engine.stats.count_sent(self._tally, 1)
             elif self._batches.ready:  # a full batch goes now (its jobs hear of a failure through `fail`)
                 self._send_batches(full_only=True)
             return
@@ -254,20 +252,11 @@ class Pipelined:
                     self._read(sock, provider_id, burst)
         except zmq.ZMQError as exc:
             raise closed_or_failed(self.engine, exc) from exc
-        self.count_sent()
         if self.engine.closed:
             raise NodeClosedError(_CLOSED)
         self._expire()
         self.prune()
         return ready
-
-    def count_sent(self) -> None:
-        """Count the requests sent since the last call (each `pump` does) into the tally."""
-        if self._sent:
-            due = self._tally.count_sent(self._sent)
-            self._sent = 0
-            if due:
-                self.engine.stats.add_tally(self._tally)
 
     def send_gathered(self) -> None:
         """Send the requests gathered since the last pump (`RequestBatches`) now."""
@@ -276,7 +265,8 @@ class Pipelined:
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self._sockets, self.outstanding, self.engine,
                             lambda job, error: self.resume(job, None, error), full_only=full_only)
-        self._sent += sent  # (after the call: a job failed in it may have counted its own)
+        if sent:
+            self.engine.stats.count_sent(self._tally, sent)
 
     def forget(self, jobs: set[Job]) -> None:
         """Forget the requests of ``jobs`` (their caller gave up): late replies are dropped,
@@ -349,7 +339,6 @@ class Pipelined:
             sock.close(0)
         self._sockets.clear()
         self._providers.clear()
-        self.count_sent()
         self.engine.stats.untrack(self._tally)
         return jobs
 
@@ -500,7 +489,6 @@ class Submitter:
             log.exception("the submit thread failed")
         finally:
             self._closing = True
-            pipelined.count_sent()
             for job in pipelined.close():
                 _fail_closed(job)
             self._fail_waiting()  # (and what comes back later, `_come_back` fails itself)
@@ -545,7 +533,6 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window:
         while calls.waiting():
             pipelined.pump(_BUSY_POLL_S)
     finally:
-        pipelined.count_sent()
         if calls.running:
             left = set(calls.running.values())
             pipelined.forget(left)

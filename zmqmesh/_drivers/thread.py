@@ -172,7 +172,7 @@ class ThreadRequester:
         self._pipelined: Pipelined | None = None
         self.tally = RequestTally()
         """What this thread's calls count: added to the stats every `TALLY_FOLD_AT` requests
-        sent (`RequestTally.count_sent`), and meanwhile counted by the stats' snapshots."""
+        sent (`Stats.count_sent`), and meanwhile counted by the stats' snapshots."""
         engine.stats.track(self.tally)
         self.in_use = threading.RLock()
         """Held by the thread while it uses the sockets: `exchange` takes it, and so must a
@@ -211,8 +211,7 @@ class ThreadRequester:
             send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
         except zmq.ZMQError as exc:
             raise send_failure(exc, provider.id, engine, step.service) from exc
-        if self.tally.count_sent(1):
-            engine.stats.add_tally(self.tally)
+        engine.stats.count_sent(self.tally, 1)
         return self._wait(sock, request_id, provider, step.service, step.deadline)
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
