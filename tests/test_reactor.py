@@ -197,3 +197,28 @@ def test_with_input_names_the_sockets_holding_a_message_and_rearms_their_descrip
             sock.close(0)
         ctx.term()
 
+
+
+def test_a_waker_wakes_a_poll_once_per_clear_from_any_thread_until_closed() -> None:
+    import select
+
+    from zmqmesh._io.waker import Waker
+
+    waker = Waker()
+    poller = select.poll()
+    poller.register(waker.fd, select.POLLIN)
+    assert poller.poll(0) == []
+    for _ in range(1000):  # wakes before a clear are one: the pipe never fills
+        waker.wake()
+    assert poller.poll(0) == [(waker.fd, select.POLLIN)]
+    waker.clear()
+    assert poller.poll(0) == []
+    threading.Timer(0.05, waker.wake).start()
+    assert poller.poll(5000) == [(waker.fd, select.POLLIN)]  # a sleeper woken from another thread
+    waker.clear()
+    waker.close_sender()
+    waker.wake()  # (closed: ignored, no error)
+    assert poller.poll(0) in ([], [(waker.fd, select.POLLHUP)])
+    waker.close()
+    waker.close()  # (twice: no error)
+    assert waker.fd == -1

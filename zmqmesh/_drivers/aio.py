@@ -27,7 +27,7 @@ import zmq
 from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
-from .._io.sockets import close_watched, has_input, recv_frames, with_input
+from .._io.sockets import close_watched, has_input, recv_frames
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
 from .._observe import tracing
@@ -230,12 +230,21 @@ class LoopInbox(Dispatcher):
         self._look: asyncio.TimerHandle | None = None  # the one pending look at what waits (`has_waiting`)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False  # (the sockets: a drain woken later finds nothing to read)
+        # the sockets to look at in the next drain: those whose descriptor signalled, and
+        # those used since they were last found empty (each one's descriptor signals only
+        # once its events were read after its last use)
+        self._fired: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)
 
     def start(self) -> None:
         """Watch the sockets' descriptors."""
         self.apply_subscriptions()
-        for sock, _kind in self.sockets:
-            self.loop.add_reader(sock.FD, self.wake)
+        for pair in self.sockets:
+            self.loop.add_reader(pair[0].FD, self._signalled, pair)
+        self.wake()
+
+    def _signalled(self, pair: tuple[zmq.Socket[Any], str]) -> None:
+        if pair not in self._fired:
+            self._fired.append(pair)
         self.wake()
 
     def runs_handlers_here(self) -> bool:
@@ -269,6 +278,7 @@ class LoopInbox(Dispatcher):
     def registry_changed(self) -> None:
         """Re-apply subscriptions (loop thread only)."""
         self.apply_subscriptions()
+        self._signalled((self.sub, "sub"))
         self.peers_changed()
 
     def fetch_history(self, fetch: Fetch) -> None:
@@ -287,10 +297,14 @@ class LoopInbox(Dispatcher):
 
     async def _drain(self) -> None:
         calls: list[Call] = []
+        active: list[tuple[zmq.Socket[Any], str]] = []
         try:
             while not self.abandoned() and not self._closed:
                 self._again = False
-                more = bool(self.gather(calls, with_input(self.sockets)))
+                if self._fired:
+                    active += [pair for pair in self._fired if pair not in active]
+                    self._fired.clear()
+                active = self.gather(calls, active)
                 if calls:
                     self.before_handling(calls)
                     await self._execute(calls)
@@ -298,7 +312,11 @@ class LoopInbox(Dispatcher):
                 self.after_handling()
                 if self._closed:
                     return
-                if not (more or self._again or self.has_posted() or with_input(self.sockets)):
+                if self.replied:  # (looked at after the replies: see `_fired`)
+                    self.replied = False
+                    if has_input(self.router):
+                        self._signalled((self.router, "req"))
+                if not (active or self._again or self._fired or self.has_posted()):
                     if self.has_waiting() and self._look is None:  # look again in a moment (once)
                         self._look = self.loop.call_later(_WAITING_LOOK_S, self._look_again)
                     return
@@ -372,7 +390,7 @@ class LoopInbox(Dispatcher):
             # with it (see `has_input`), and a request that came meanwhile would wait for
             # the next edge, which may never come
             if not self._closed and has_input(self.router):
-                self.wake()
+                self._signalled((self.router, "req"))
         finally:
             assert self._concurrency is not None
             self._concurrency.release()
@@ -385,6 +403,7 @@ class LoopInbox(Dispatcher):
                 self.loop.remove_reader(sock.FD)
             except Exception:
                 pass
+        self._fired[:] = self.sockets
         self.wake()  # one last pass over what is already in the sockets
         pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
         if pending:

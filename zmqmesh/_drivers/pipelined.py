@@ -358,9 +358,9 @@ class Submitter:
         self._room = threading.BoundedSemaphore(MAX_SUBMITTED)
         self._idle = False
         self._closing = False
-        self._waker = Waker(engine.ctx, wire.inproc_endpoint(engine.node_id, "submit"))
+        self._waker = Waker()
         self._pipelined = Pipelined(engine, self._wait_elsewhere)
-        self._pipelined.poller.register(self._waker.socket, zmq.POLLIN)
+        self._pipelined.poller.register(self._waker.fd, zmq.POLLIN)
         self._waiting = ThreadPoolExecutor(_WAIT_THREADS, thread_name_prefix=f"zmqmesh-submit-wait-{engine.name}")
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-submit-{engine.name}", daemon=True)
         self.thread.start()
@@ -481,7 +481,7 @@ class Submitter:
                     continue
                 ready = pipelined.pump(_BUSY_POLL_S if len(pipelined) else None)
                 self._idle = False
-                if any(sock is self._waker.socket for sock, _event in ready):
+                if any(sock == self._waker.fd for sock, _event in ready):
                     self._waker.clear()
         except NodeClosedError:
             pass

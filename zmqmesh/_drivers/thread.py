@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import select
 import threading
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.reactor import Reactor, run_on
-from .._io.sockets import send_frames, wait_frames
+from .._io.sockets import send_frames, wait_frames, with_input
 from .._io.waker import Waker
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
@@ -60,6 +61,7 @@ _FREE_WAIT_S = 1.0  # (a thread in a call lets its sockets go within a poll slic
 _SLOT_WAIT_S = 0.005
 _ROOM_SLICE_S = 0.1
 _LATE_LOOP_S = 1.0
+_IDLE_LOOK_MS = 500  # (the inbox comes round this often with nothing to wake it: what waits, `has_waiting`)
 
 
 class BlockingRunner:
@@ -398,7 +400,7 @@ class ThreadInbox(Dispatcher):
                          history=engine.history)
         self.name = engine.name
         self._fetcher = ThreadFetcher(engine, self.post_page)
-        self._waker = Waker(engine.ctx, wire.inproc_endpoint(engine.node_id, "inbox"))
+        self._waker = Waker()
         self._resubscribe = True
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
         concurrency = engine.config.handler_concurrency
@@ -464,21 +466,41 @@ class ThreadInbox(Dispatcher):
         self._fetcher.submit(fetch)
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._waker.socket, zmq.POLLIN)
-        for sock, _kind in self.sockets:
-            poller.register(sock, zmq.POLLIN)
+        # The thread sleeps in a plain poll of the sockets' descriptors and the waker's.
+        # A ZeroMQ socket's descriptor signals only that its events changed, and only
+        # once they were read after its last use: a drain ends on a socket found empty,
+        # and a socket used since (replies sent, subscriptions set) is looked at before
+        # the next sleep. (A ZeroMQ poll would read the events of all three sockets
+        # before it sleeps and after: two system calls each, every time.)
+        poller = select.poll()
+        waker = self._waker.fd
+        poller.register(waker, select.POLLIN)
+        by_fd = {}
+        for pair in self.sockets:
+            by_fd[pair[0].FD] = pair
+            poller.register(pair[0].FD, select.POLLIN)
         calls: list[Call] = []
+        ready: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)  # (each looked at once first)
         try:
             while not self.stopping:
-                ready = dict(poller.poll(500))
-                if self._waker.socket in ready:
-                    self._waker.clear()
+                used = []
                 if self._resubscribe:
                     self._resubscribe = False
                     self.apply_subscriptions()
+                    used.append((self.sub, "sub"))
                 self._complete_done()
-                self._drain_all(calls, [(s, k) for s, k in self.sockets if s in ready])
+                self._drain_all(calls, ready)
+                if self.replied:
+                    self.replied = False
+                    used.append((self.router, "req"))
+                ready = with_input(used) if used else []
+                if ready:
+                    continue
+                for fd, _event in poller.poll(_IDLE_LOOK_MS):
+                    if fd == waker:
+                        self._waker.clear()
+                    else:
+                        ready.append(by_fd[fd])
             self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
         except Exception:
             log.exception("inbox thread failed")

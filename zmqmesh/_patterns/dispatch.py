@@ -114,6 +114,9 @@ class Dispatcher:
         self.pull = pull
         self.router = router
         self.sockets = ((router, "req"), (pull, "pull"), (sub, "sub"))
+        # a send may take the router's readiness signal with it (see `has_input`): set when
+        # a reply goes out, so a driver that sleeps on the descriptors looks at it first
+        self.replied = False
         self.events: deque[Call] = deque()
         self.event_bytes = 0  # WHISPER and SHOUT frames waiting in ``events``
         self._event_lock = threading.Lock()
@@ -590,6 +593,7 @@ class Dispatcher:
                 entry[1].append((route[1], status, body))
                 entry[2] = caller
             return
+        self.replied = True
         try:
             send_frames(self.router, wire.reply_frames(route, status, body), copy=len(body) < wire.LARGE_FRAME)
         except zmq.ZMQError:
@@ -666,6 +670,7 @@ class Dispatcher:
             frame = wire.reply_frames((caller, replies[0][0]), replies[0][1], replies[0][2])[1]
         else:
             frame = wire.reply_batch(replies)
+        self.replied = True
         try:
             send_frames(self.router, [caller, frame])
         except zmq.ZMQError:
