@@ -237,8 +237,8 @@ class Pipelined:
         """Wait up to ``timeout_s`` (None: until something is ready; less if a request falls
         due sooner) for replies, and resume the plans they answer (up to ``burst`` messages
         from each provider); fail the overdue requests and those of providers that left.
-        Returns what the poller found ready (other sockets registered on `poller` by the
-        caller included). Raises `NodeClosedError` once the node stopped under the call."""
+        Returns what the poller found ready (other sockets or descriptors registered on
+        `poller` by the caller included). Raises `NodeClosedError` once the node stopped under the call."""
         self.send_gathered()
         deadline = self.outstanding.next_deadline()
         if deadline is not None:

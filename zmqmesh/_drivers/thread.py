@@ -475,7 +475,7 @@ class ThreadInbox(Dispatcher):
         poller = select.poll()
         waker = self._waker.fd
         poller.register(waker, select.POLLIN)
-        by_fd = {}
+        by_fd: dict[int, tuple[zmq.Socket[Any], str]] = {}
         for pair in self.sockets:
             by_fd[pair[0].FD] = pair
             poller.register(pair[0].FD, select.POLLIN)
@@ -483,7 +483,7 @@ class ThreadInbox(Dispatcher):
         ready: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)  # (each looked at once first)
         try:
             while not self.stopping:
-                used = []
+                used: list[tuple[zmq.Socket[Any], str]] = []
                 if self._resubscribe:
                     self._resubscribe = False
                     self.apply_subscriptions()
