@@ -212,6 +212,52 @@ def test_a_late_reply_is_dropped_and_the_next_call_gets_its_own(mesh: dict[str, 
         assert client.stats()["request"]["dropped"] == 1
 
 
+def test_a_request_that_came_while_a_handler_held_the_loop_is_served(mesh: dict[str, Any]) -> None:
+    """An `AsyncNode` provider whose handler holds its loop gets a second request on the
+    same connection meanwhile: once the handler returns and its reply is out, the inbox
+    takes the second request (its descriptor signalled while nobody listened, and a reply
+    went out on the router since), and both calls get their own replies."""
+    ready = threading.Event()
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    async def serve() -> None:
+        async with zmqmesh.AsyncNode("loop-holder", **mesh) as provider:
+
+            @provider.service("echo")
+            async def echo(msg: zmqmesh.Message) -> Any:
+                if msg.data == "hold":
+                    time.sleep(0.5)  # (holds the loop: nothing reads the router meanwhile)
+                return msg.data
+
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:  # (reported by the test, not lost in the thread)
+            failed.append(exc)
+
+    server = threading.Thread(target=run, daemon=True)
+    server.start()
+    try:
+        assert ready.wait(10), failed
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("echo", timeout=10)
+            assert client.request("echo", "warm", timeout=10) == "warm"  # (the connection is up)
+            held = client.submit("echo", "hold", timeout=10)
+            time.sleep(0.2)  # (in its handler now; the next one comes on the same connection)
+            following = client.submit("echo", "next", timeout=5)
+            assert following.result(10) == "next"
+            assert held.result(10) == "hold"
+    finally:
+        stop.set()
+        server.join(10)
+    assert not failed
+
+
 def test_provider_killed_mid_request_raises_peer_lost_quickly(spawn: Any, mesh: dict[str, Any]) -> None:
     provider = spawn("doomed", service=["block"], block_s=30.0)
     with zmqmesh.Node("client", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}) as node:
