@@ -231,8 +231,7 @@ class LoopInbox(Dispatcher):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False  # (the sockets: a drain woken later finds nothing to read)
         # the sockets to look at in the next drain: those whose descriptor signalled, and
-        # those used since they were last found empty (each one's descriptor signals only
-        # once its events were read after its last use)
+        # those used since that hold a message (`used_with_input`)
         self._fired: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)
 
     def start(self) -> None:
@@ -278,7 +277,6 @@ class LoopInbox(Dispatcher):
     def registry_changed(self) -> None:
         """Re-apply subscriptions (loop thread only)."""
         self.apply_subscriptions()
-        self._signalled((self.sub, "sub"))
         self.peers_changed()
 
     def fetch_history(self, fetch: Fetch) -> None:
@@ -312,10 +310,8 @@ class LoopInbox(Dispatcher):
                 self.after_handling()
                 if self._closed:
                     return
-                if self.replied:  # (looked at after the replies: see `_fired`)
-                    self.replied = False
-                    if has_input(self.router):
-                        self._signalled((self.router, "req"))
+                for pair in self.used_with_input():
+                    self._signalled(pair)
                 if not (active or self._again or self._fired or self.has_posted()):
                     if self.has_waiting() and self._look is None:  # look again in a moment (once)
                         self._look = self.loop.call_later(_WAITING_LOOK_S, self._look_again)
@@ -386,11 +382,10 @@ class LoopInbox(Dispatcher):
             else:
                 result, error = await self.loop.run_in_executor(self._worker, run_sync, call)
             self.complete(call, result, error)
-            # replied outside a drain: the send may have taken the router's readiness edge
-            # with it (see `has_input`), and a request that came meanwhile would wait for
-            # the next edge, which may never come
-            if not self._closed and has_input(self.router):
-                self._signalled((self.router, "req"))
+            # replied outside a drain: a request that came meanwhile may wait for no edge
+            if not self._closed:
+                for pair in self.used_with_input():
+                    self._signalled(pair)
         finally:
             assert self._concurrency is not None
             self._concurrency.release()

@@ -33,7 +33,7 @@ from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.reactor import Reactor, run_on
-from .._io.sockets import send_frames, wait_frames, with_input
+from .._io.sockets import recv_frames, send_frames
 from .._io.waker import Waker
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
@@ -232,7 +232,7 @@ class ThreadRequester:
                 sock.setsockopt(zmq.RCVTIMEO, slice_ms)
                 self._slices[provider.id] = slice_ms
             try:
-                frames = wait_frames(sock)
+                frames = recv_frames(sock, wait=True)
             except zmq.Again:  # the slice passed
                 if engine.closed:
                     raise NodeClosedError("the node stopped while a request was outstanding") from None
@@ -466,12 +466,10 @@ class ThreadInbox(Dispatcher):
         self._fetcher.submit(fetch)
 
     def _run(self) -> None:
-        # The thread sleeps in a plain poll of the sockets' descriptors and the waker's.
-        # A ZeroMQ socket's descriptor signals only that its events changed, and only
-        # once they were read after its last use: a drain ends on a socket found empty,
-        # and a socket used since (replies sent, subscriptions set) is looked at before
-        # the next sleep. (A ZeroMQ poll would read the events of all three sockets
-        # before it sleeps and after: two system calls each, every time.)
+        # The thread sleeps in a plain poll of the sockets' descriptors and the waker's:
+        # a drain ends on a socket found empty, and the sockets used since are looked at
+        # before the next sleep (`used_with_input`). (A ZeroMQ poll would read the events
+        # of all three sockets before it sleeps and after: two system calls each, every time.)
         poller = select.poll()
         waker = self._waker.fd
         poller.register(waker, select.POLLIN)
@@ -483,17 +481,12 @@ class ThreadInbox(Dispatcher):
         ready: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)  # (each looked at once first)
         try:
             while not self.stopping:
-                used: list[tuple[zmq.Socket[Any], str]] = []
                 if self._resubscribe:
                     self._resubscribe = False
                     self.apply_subscriptions()
-                    used.append((self.sub, "sub"))
                 self._complete_done()
                 self._drain_all(calls, ready)
-                if self.replied:
-                    self.replied = False
-                    used.append((self.router, "req"))
-                ready = with_input(used) if used else []
+                ready = self.used_with_input()
                 if ready:
                     continue
                 for fd, _event in poller.poll(_IDLE_LOOK_MS):

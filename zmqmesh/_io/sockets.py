@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import zmq
 
-__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "wait_frames", "send_frames",
-           "close_watched", "reconnect"]
+__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "close_watched",
+           "reconnect"]
 
 T = TypeVar("T")
 
@@ -67,8 +67,10 @@ def can_send(sock: zmq.Socket[Any]) -> bool:
     return bool(_poll([(sock, _POLLOUT)], 0))
 
 
-def recv_frames(sock: zmq.Socket[Any], views_from: int = 0) -> list[bytes]:
+def recv_frames(sock: zmq.Socket[Any], views_from: int = 0, wait: bool = False) -> list[bytes]:
     """Receive one whole message without blocking; raises `zmq.Again` if none is waiting.
+    With ``wait``, waits for one up to the socket's ``RCVTIMEO`` (the GIL released
+    meanwhile), then raises `zmq.Again`.
 
     ``recv_multipart(NOBLOCK)`` at about two thirds of its cost: each frame is taken as a
     `zmq.Frame`, whose ``more`` is read off the frame itself, where reading ``RCVMORE``
@@ -76,29 +78,17 @@ def recv_frames(sock: zmq.Socket[Any], views_from: int = 0) -> list[bytes]:
     of a message are always there: ZeroMQ delivers it whole.) With ``views_from``, a
     frame of that many bytes or more comes as a `memoryview` of ZeroMQ's own buffer instead
     of a copy (it keeps that buffer alive while referenced; callers must not write to it).
+
+    A thread that waits for one socket's message makes fewer system calls with ``wait``
+    than with a poll and then a receive (a poll reads ``ZMQ_EVENTS`` before it waits and
+    after; ZeroMQ's own receive waits on the socket's mailbox alone): a blocking request's
+    process, 5 ``poll`` calls a round trip instead of 8.
     """
-    frame = _recv(sock, _NOBLOCK, False)
+    frame = _recv(sock, 0 if wait else _NOBLOCK, False)
     frames = [frame.buffer if views_from and len(frame) >= views_from else frame.bytes]
     while frame.more:
         frame = _recv(sock, _NOBLOCK, False)
         frames.append(frame.buffer if views_from and len(frame) >= views_from else frame.bytes)
-    return frames
-
-
-def wait_frames(sock: zmq.Socket[Any]) -> list[bytes]:
-    """Receive one whole message, waiting for it up to the socket's ``RCVTIMEO`` (the GIL
-    released meanwhile); raises `zmq.Again` if none came in that time.
-
-    A thread that waits for one socket's message this way makes fewer system calls than
-    a poll followed by a receive (a poll reads ``ZMQ_EVENTS`` before it waits and after;
-    ZeroMQ's own receive waits on the socket's mailbox alone): a blocking request's
-    process, 5 ``poll`` calls a round trip instead of 8.
-    """
-    frame = _recv(sock, 0, False)
-    frames = [frame.bytes]
-    while frame.more:
-        frame = _recv(sock, _NOBLOCK, False)
-        frames.append(frame.bytes)
     return frames
 
 

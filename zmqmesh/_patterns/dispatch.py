@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from .._io.sockets import has_input, recv_frames, send_frames
+from .._io.sockets import has_input, recv_frames, send_frames, with_input
 from .._mesh.directory import Directory
 from .._mesh.registry import Registry
 from .._observe import tracing
@@ -114,9 +114,8 @@ class Dispatcher:
         self.pull = pull
         self.router = router
         self.sockets = ((router, "req"), (pull, "pull"), (sub, "sub"))
-        # a send may take the router's readiness signal with it (see `has_input`): set when
-        # a reply goes out, so a driver that sleeps on the descriptors looks at it first
-        self.replied = False
+        self._router_used = False  # (since `used_with_input` last looked: replies sent)
+        self._sub_used = False  # (subscriptions set)
         self.events: deque[Call] = deque()
         self.event_bytes = 0  # WHISPER and SHOUT frames waiting in ``events``
         self._event_lock = threading.Lock()
@@ -593,7 +592,7 @@ class Dispatcher:
                 entry[1].append((route[1], status, body))
                 entry[2] = caller
             return
-        self.replied = True
+        self._router_used = True
         try:
             send_frames(self.router, wire.reply_frames(route, status, body), copy=len(body) < wire.LARGE_FRAME)
         except zmq.ZMQError:
@@ -670,7 +669,7 @@ class Dispatcher:
             frame = wire.reply_frames((caller, replies[0][0]), replies[0][1], replies[0][2])[1]
         else:
             frame = wire.reply_batch(replies)
-        self.replied = True
+        self._router_used = True
         try:
             send_frames(self.router, [caller, frame])
         except zmq.ZMQError:
@@ -687,7 +686,26 @@ class Dispatcher:
             self.sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
         for prefix in self.subscribed - wanted:
             self.sub.setsockopt(zmq.UNSUBSCRIBE, prefix.encode())
+        if wanted != self.subscribed:
+            self._sub_used = True
         self.subscribed = wanted
+
+    def used_with_input(self) -> list[tuple[zmq.Socket[Any], str]]:
+        """Of the sockets used since the last call (replies sent on the router, the SUB's
+        subscriptions set), those that hold a message now (owner thread only).
+
+        A socket's descriptor signals only once its events were read after its last use,
+        and using it may take a signal with it (see `has_input`): a driver that sleeps on
+        the descriptors calls this before it sleeps, and drains what it names."""
+        if not (self._router_used or self._sub_used):
+            return []
+        used = []
+        if self._router_used:
+            used.append((self.router, "req"))
+        if self._sub_used:
+            used.append((self.sub, "sub"))
+        self._router_used = self._sub_used = False
+        return with_input(used)
 
     def close_sockets(self) -> None:
         """Close the three sockets (owner thread only)."""
