@@ -203,7 +203,7 @@ def test_links_survive_the_sequence_wrap(mesh: dict[str, Any]) -> None:
     with zmqmesh.Node("a", **mesh) as a, zmqmesh.Node("b", **mesh) as b:
         b.on_whisper(lambda msg: received.append(1))
         a.wait_for_peers(1, timeout=10)
-        for i in range(70_000):  # past 65,536: pyre drops a sender at 65,533
+        for _i in range(70_000):  # past 65,536: pyre drops a sender at 65,533
             a.whisper(b.id, b"x")
         wait_until(lambda: len(received) == 70_000, 30, "every whisper")
         assert [p.id for p in b.peers()] == [a.id]
@@ -228,23 +228,24 @@ def test_same_named_nodes_started_together_do_not_evict_each_other(mesh: dict[st
 
 
 def test_a_crowded_mesh_reads_beacons_in_rests_and_still_finds_newcomers_and_goodbyes(mesh: dict[str, Any]) -> None:
-    """Past 16 peers a node reads beacons every 0.1 s instead of as each arrives: every
-    beacon is still read (malformed ones sent meanwhile are each counted), a newcomer is
-    found, and its goodbye retires it at once, well before the silent timeout."""
+    """Past 16 peers a node reads beacons in rests instead of as each arrives: every 0.1 s
+    while peers come and go, every 0.5 s once none did for 10 s. Either way every beacon
+    is still read (malformed ones sent meanwhile are each counted), a newcomer is found,
+    and its goodbye retires it at once, well before the silent timeout."""
     import socket
 
     options = {**mesh, "peer_timeout_s": 10.0}  # (a departure noticed by silence would take 10 s)
     crowd = [zmqmesh.Node(f"c{i:02d}", **options).start() for i in range(18)]
-    try:
-        wait_until(lambda: all(len(node.peers()) == 17 for node in crowd), 30, "18 nodes to see each other")
+
+    def newcomer_met_and_retired(malformed_so_far: int) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             for _burst in range(3):  # (a few rests' worth, none large enough to overflow a socket)
                 for _ in range(40):
                     sock.sendto(b"ZRE\x01 not a beacon", ("127.255.255.255", mesh["beacon_port"]))
                 time.sleep(0.15)
-        wait_until(lambda: all(node.stats()["rejected"].get("beacon_malformed") == 120 for node in crowd), 10,
-                   "every node to read every beacon")
+        wait_until(lambda: all(node.stats()["rejected"].get("beacon_malformed") == malformed_so_far + 120
+                               for node in crowd), 10, "every node to read every beacon")
         late = zmqmesh.Node("late", **options).start()
         try:
             wait_until(lambda: all(any(p.name == "late" for p in node.peers()) for node in crowd), 10,
@@ -256,6 +257,13 @@ def test_a_crowded_mesh_reads_beacons_in_rests_and_still_finds_newcomers_and_goo
         wait_until(lambda: not any(any(p.name == "late" for p in node.peers()) for node in crowd), 8,
                    "every node to forget the newcomer")
         assert time.monotonic() - began < 2.5  # (the goodbye, not silence)
+
+    try:
+        wait_until(lambda: all(len(node.peers()) == 17 for node in crowd), 30, "18 nodes to see each other")
+        newcomer_met_and_retired(0)  # (peers just came: the short rests)
+        time.sleep(10.5)  # (no peer came or went since the newcomer left: the long rests)
+        assert all(len(node.peers()) == 17 for node in crowd)
+        newcomer_met_and_retired(120)
         assert not any(node.stats()["rejected"].get("beacon_handler_error") for node in crowd)
     finally:
         for node in crowd:

@@ -25,27 +25,24 @@ __all__ = ["Beacons", "Seeds"]
 log = logging.getLogger("zmqmesh.membership")
 
 
-_REST_S = 0.1
-"""In a crowded mesh, once the beacon socket has been read dry, it is left unwatched this
-long, and what arrived meanwhile is read in one go: in a mesh of N nodes every node hears
-N beacons a second, and each woke the loop on its own (at 32 nodes, about a fifth of
-an idle node's CPU). A flood that fills a whole burst is read on at once, as before."""
-
-
 class Beacons:
     """Sends this node's beacon at once and every ``interval_s``; reports the others'.
 
     ``on_beacon(uuid, endpoint, key)`` is called for each well-formed beacon of another
     node of the same security (``endpoint`` is None for a goodbye beacon). Malformed
-    beacons and those of the other security are counted and dropped. While ``crowded()``
-    says so, beacons are read at most every `_REST_S` once the socket runs dry (a
-    newcomer's first beacon may then wait that long).
+    beacons and those of the other security are counted and dropped.
+
+    In a mesh of N nodes every node hears N beacons a second, and each would wake the loop
+    on its own. So once the socket is read dry, it is left unwatched for ``rest_s()``
+    seconds (0: watched, each beacon read as it comes), and what arrived meanwhile is read
+    in one go; a newcomer's first beacon may then wait that long. A flood that fills a
+    whole burst is read on at once.
     """
 
     def __init__(self, *, loop: EventLoop, sock: BeaconSocket, uuid: bytes, key: bytes | None, stats: Stats,
                  interval_s: float, later: Callable[..., None],
                  on_beacon: Callable[[bytes, str | None, str | None], None],
-                 crowded: Callable[[], bool]) -> None:
+                 rest_s: Callable[[], float]) -> None:
         self.loop = loop
         self.sock = sock
         self.uuid = uuid
@@ -54,7 +51,7 @@ class Beacons:
         self.interval_s = interval_s
         self.later = later
         self.on_beacon = on_beacon
-        self.crowded = crowded
+        self.rest_s = rest_s
         self.port = 0
         self._closed = False
 
@@ -86,22 +83,25 @@ class Beacons:
         self.later(self.interval_s, self._send)
 
     def _on_readable(self) -> None:
-        if self._read() and not self._closed and self.crowded():  # (not called while resting: no reader)
-            self.loop.remove_reader(self.sock.fileno())
-            self.later(_REST_S, self._read_resting)
+        if self._read() and not self._closed:  # (not called while resting: no reader)
+            rest = self.rest_s()
+            if rest > 0:
+                self.loop.remove_reader(self.sock.fileno())
+                self.later(rest, self._read_resting)
 
     def _read_resting(self) -> None:
-        """While crowded: read what arrived during the rest, and rest again, on a timer
+        """While resting: read what arrived during the rest, and rest again, on a timer
         alone (a reader added and removed each time cost as much as the read, 90 us)."""
         if self._closed:
             return
         drained = self._read()
         if self._closed:
             return
-        if not self.crowded():
+        rest = self.rest_s()
+        if rest <= 0:
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
         else:  # (a burst that did not drain the socket goes on at once)
-            self.later(_REST_S if drained else 0.0, self._read_resting)
+            self.later(rest if drained else 0.0, self._read_resting)
 
     def _read(self) -> bool:
         """Handle the beacons waiting (a bounded burst); whether that was all of them."""
