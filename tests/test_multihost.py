@@ -365,8 +365,9 @@ def test_partition_is_detected_on_both_sides_and_heals_without_ghosts_or_storms(
 @pytest.mark.timeout(60)
 def test_a_dead_link_behind_live_beacons_is_seen_as_dead(lab: Lab) -> None:
     """Host b stops passing TCP while its beacons (UDP) still go out: each side must see
-    the other leave within about the peer timeout (the ZMTP heartbeats take the link
-    down; a beacon alone does not keep a peer whose link is dead), stay apart while TCP
+    the other leave within about the peer timeout (the kernel's keepalive probes and
+    user timeout take the link down; a beacon alone does not keep a peer whose link is
+    dead), stay apart while TCP
     is blocked, and rejoin once it passes again."""
     switch = lab.switch()
     hosts = [lab.host(name) for name in ("a", "b")]
