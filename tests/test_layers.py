@@ -403,6 +403,8 @@ def test_control_whispers_round_trip_and_refuse_junk() -> None:
     assert kind == "peers"
     assert entries == [(bytes.fromhex("ab" * 16), "tcp://127.0.0.1:5000", None),
                        (bytes.fromhex("cd" * 16), "tcp://127.0.0.1:5001", "k" * 40)]
+    kind, entries = control.parse(codec, control.gossip(codec, known), known={"ab" * 16})  # type: ignore[misc]
+    assert entries == [(bytes.fromhex("cd" * 16), "tcp://127.0.0.1:5001", "k" * 40)]  # (a known peer is skipped)
     assert control.parse(codec, [frames.CONTROL_MAGIC, b"\xc1"]) is None
     assert control.parse(codec, [frames.CONTROL_MAGIC, codec.encode({"t": "later"})]) == ("unknown", [])
 

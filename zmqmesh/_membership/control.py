@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 from .._wire.codec import Codec
@@ -27,9 +28,12 @@ def gossip(codec: Codec, known: list[list[str]]) -> list[bytes]:
     return [CONTROL_MAGIC, codec.encode({"t": "peers", "peers": known})]
 
 
-def parse(codec: Codec, content: list[bytes]) -> tuple[str, list[tuple[bytes, str, str | None]]] | None:
+def parse(codec: Codec, content: list[bytes], known: Container[str] = ()
+          ) -> tuple[str, list[tuple[bytes, str, str | None]]] | None:
     """``("bye", [])``, ``("peers", [(uuid, endpoint, key), ...])``, ``("unknown", [])``,
-    or None when malformed. Gossip entries that are not well-formed are skipped."""
+    or None when malformed. Gossip entries that are not well-formed are skipped, and so
+    are those of the peer ids (hex) in ``known``, before anything else is checked: in a
+    launch, a node hears of each peer from every other, and knows it already."""
     try:
         body: Any = codec.decode(content[1]) if len(content) == 2 else None
     except Exception:
@@ -49,6 +53,8 @@ def parse(codec: Codec, content: list[bytes]) -> tuple[str, list[tuple[bytes, st
         if (
             isinstance(entry, list)
             and len(entry) in (2, 3)
+            and isinstance(entry[0], str)
+            and entry[0] not in known
             and all(isinstance(e, str) for e in entry)
             and len(entry[0]) == 32
         ):

@@ -550,7 +550,7 @@ class Membership:
             self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.gossip(self.codec, known)))
 
     def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
-        parsed = control.parse(self.codec, content)
+        parsed = control.parse(self.codec, content, {p.id for p in self.peers.values()})
         if parsed is None:
             self.stats.reject("control_malformed")
         elif parsed[0] == "bye":

@@ -80,6 +80,7 @@ class Directory:
         self._peers: dict[str, PeerState] = {}
         self._endpoints: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
         self._snapshots: dict[str, tuple[float, int, Peer]] = {}
+        self._parsed: dict[str, tuple[PeerState, int, dict[str, frozenset[str]]]] = {}  # (loop only)
         self._rr = itertools.count()
         self._skip: dict[tuple[str, str], float] = {}
         self._ack_timeouts: dict[tuple[str, str], float] = {}
@@ -99,10 +100,11 @@ class Directory:
         for peer in ready:
             peers[peer.id] = peer
             if peer.is_zmqmesh:
-                for kind in OFFER_KINDS:
-                    for name in offers_of(peer.groups, kind):
+                by_kind = self._offers_of_peer(peer)
+                for kind, names in by_kind.items():
+                    for name in names:
                         offers[kind][name].append(peer.id)
-                kept = offers_of(peer.groups, "history")
+                kept = by_kind["history"]
                 stream = peer.headers.get(HEADER["stream"])
                 if kept and stream is not None and 0 < len(stream) <= 64:
                     streams[peer.id] = (stream, tuple(kept))
@@ -111,6 +113,8 @@ class Directory:
             self._endpoints.pop(gone, None)
         for gone in self._snapshots.keys() - peers.keys():
             self._snapshots.pop(gone, None)
+        for gone in self._parsed.keys() - peers.keys():
+            del self._parsed[gone]
         tables = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
         ack_timeouts: dict[tuple[str, str], float] = {}
         for name, ids in tables["acktimeouts"].items():  # "<milliseconds>/<queue>"
@@ -123,6 +127,17 @@ class Directory:
         self.offers = tables
         self.alive_ids = frozenset(peers) | {self.node_id}
         self.epoch += 1
+
+    def _offers_of_peer(self, peer: PeerState) -> dict[str, frozenset[str]]:
+        """What a zmqmesh peer offers, by kind: read from its groups once per change of
+        them (`PeerState.version`), not at every rebuild (each join rebuilds the tables,
+        which read every peer's groups: at 48 nodes, 560 scans of a peer's groups a join)."""
+        cached = self._parsed.get(peer.id)
+        if cached is not None and cached[0] is peer and cached[1] == peer.version:
+            return cached[2]
+        by_kind = {kind: offers_of(peer.groups, kind) for kind in OFFER_KINDS}
+        self._parsed[peer.id] = (peer, peer.version, by_kind)
+        return by_kind
 
     # -- reading ---------------------------------------------------------------------------
 
