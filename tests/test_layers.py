@@ -405,6 +405,8 @@ def test_control_whispers_round_trip_and_refuse_junk() -> None:
                        (bytes.fromhex("cd" * 16), "tcp://127.0.0.1:5001", "k" * 40)]
     kind, entries = control.parse(codec, control.gossip(codec, known), known={"ab" * 16})  # type: ignore[misc]
     assert entries == [(bytes.fromhex("cd" * 16), "tcp://127.0.0.1:5001", "k" * 40)]  # (a known peer is skipped)
+    hostile = [frames.CONTROL_MAGIC, codec.encode({"t": "peers", "peers": [[["ab"], "x"], [{"a": 1}, "x", ""]]})]
+    assert control.parse(codec, hostile, known={"ab" * 16}) == ("peers", [])  # (ids that cannot be looked up)
     assert control.parse(codec, [frames.CONTROL_MAGIC, b"\xc1"]) is None
     assert control.parse(codec, [frames.CONTROL_MAGIC, codec.encode({"t": "later"})]) == ("unknown", [])
 
