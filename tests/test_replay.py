@@ -184,6 +184,48 @@ def test_a_durable_subscriber_killed_mid_stream_handles_every_message_once_in_or
     publisher.close()
 
 
+def test_a_durable_subscriber_killed_while_it_reads_the_history_redelivers_at_most_a_burst(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """A subscriber that catches up handles pages of history (2048 rows): it still commits
+    its place every 256 messages, so a kill redelivers at most that many, whatever the
+    speed of the machine."""
+    total = 20_000
+    out = tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+    publisher = worker("publisher", tmp_path / "publisher", name, port, total, 1e9)
+    procs.append(publisher)
+    publisher.wait_for("published", 60)
+
+    def handled() -> int:
+        return len(out.read_text().splitlines()) if out.exists() else 0
+
+    for kill_at in (total // 4, total // 2):
+        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out)
+        procs.append(subscriber)
+        wait_until(lambda: handled() >= kill_at, 60, f"{kill_at} messages handled")
+        subscriber.kill()
+    subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out)
+    procs.append(subscriber)
+    wait_until(lambda: _last_line_is(out, total - 1), 60, "every message handled")
+    seen: set[int] = set()
+    repeats = 0
+    for line in out.read_text().splitlines():
+        n = int(line.split()[1])
+        if n in seen:
+            repeats += 1
+            assert line.split()[2] == "1", f"message {n} handled twice, not marked redelivered"
+        seen.add(n)
+    assert seen == set(range(total))
+    assert repeats <= 2 * 256, f"{repeats} messages handled again after two kills"
+    subscriber.close()
+    publisher.close()
+
+
+def _last_line_is(out: Path, n: int) -> bool:
+    lines = out.read_text().splitlines()
+    return bool(lines) and int(lines[-1].split()[1]) == n
+
+
 def test_an_async_node_replays_and_resumes_as_a_node_does(tmp_path: Path, mesh: dict[str, Any]) -> None:
     import asyncio
 

@@ -304,10 +304,13 @@ class LoopInbox(Dispatcher):
                     self._fired.clear()
                 active = self.gather(calls, active)
                 if calls:
-                    self.before_handling(calls)
-                    await self._execute(calls)
+                    for burst in self.bursts(calls):
+                        self.before_handling(burst)
+                        await self._execute(burst)
+                        self.after_handling()
                     calls.clear()
-                self.after_handling()
+                else:
+                    self.after_handling()
                 if self._closed:
                     return
                 for pair in self.used_with_input():

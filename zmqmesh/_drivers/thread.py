@@ -510,8 +510,10 @@ class ThreadInbox(Dispatcher):
         while not self.abandoned():
             active = self.gather(calls, active)
             if calls:
-                self.before_handling(calls)
-                self._execute(calls)
+                for burst in self.bursts(calls):
+                    self.before_handling(burst)
+                    self._execute(burst)
+                    self.after_handling()
                 calls.clear()
             self._complete_done()
             self.after_handling()

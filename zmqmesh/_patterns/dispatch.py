@@ -214,6 +214,15 @@ class Dispatcher:
         `post_page` its outcome."""
         raise NotImplementedError
 
+    def bursts(self, calls: list[Call]) -> list[list[Call]]:
+        """``calls`` cut into the bursts handled between two commits of the durable
+        subscriptions' places (`before_handling`, then `after_handling`): at most 256 calls
+        each while a subscription replays, so that a crash redelivers at most that many
+        messages per subscription, even amid a page of history (2048 rows)."""
+        if len(calls) <= _BURST or not self.registry.replays:
+            return [calls]
+        return [calls[i:i + _BURST] for i in range(0, len(calls), _BURST)]
+
     def before_handling(self, calls: list[Call]) -> None:
         """Called before a burst of calls is handled (durable subscriptions record it)."""
         if self.registry.replays:
