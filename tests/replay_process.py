@@ -8,7 +8,12 @@ at will) for the replay tests.
         subscribe to "app." with replay="all" and durable_name="collector"; append
         "<topic> <n> <redelivered 0|1> <gap>" per message to OUT
 
-Both print "ready" once started and run until killed or their stdin closes.
+    python replay_process.py bursting_publisher STORE MESH PORT TOTAL
+        keep "logs." (history=) with a send high-water mark of 5; once a peer is present
+        and a line comes on stdin, publish TOTAL messages {"n": i, "pad": 1000 bytes} on
+        logs.a at once, then print "published" and wait
+
+All print "ready" once started and run until killed or their stdin closes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ def publisher(store: str, mesh: str, port: int, total: int, rate: float) -> None
         sys.stdin.read()
 
 
+def bursting_publisher(store: str, mesh: str, port: int, total: int) -> None:
+    with zmqmesh.Node("publisher", mesh=mesh, beacon_port=port, store=store, history={"logs.": 10_000},
+                      send_hwm=5) as node:
+        print("ready", flush=True)
+        node.wait_for_peers(1)
+        sys.stdin.readline()
+        for i in range(total):
+            node.publish("logs.a", {"n": i, "pad": "x" * 1000})
+        print("published", flush=True)
+        sys.stdin.read()
+
+
 def subscriber(store: str, mesh: str, port: int, out: str) -> None:
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     node = zmqmesh.Node("subscriber", mesh=mesh, beacon_port=port, store=store)
@@ -50,5 +67,7 @@ if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
     if role == "publisher":
         publisher(args[0], args[1], int(args[2]), int(args[3]), float(args[4]))
+    elif role == "bursting_publisher":
+        bursting_publisher(args[0], args[1], int(args[2]), int(args[3]))
     else:
         subscriber(args[0], args[1], int(args[2]), args[3])

@@ -677,3 +677,92 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     replays.look_again(calls)
     replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 19}}, None, calls)
     assert len(fetches) == 5 and not replays.waiting()
+
+
+def test_a_replay_whose_publisher_fails_or_leaves_mid_read_holds_on_and_reads_on_once_it_is_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of the history that fails while the publisher is present is tried again
+    (`FETCH_RETRIES_S`); one that fails because the publisher left waits for it to come
+    back, under a new id if it restarted (`AWAY_HOLD_S`), the live frames held: nothing is
+    reported missed that its history holds. A quiet spell's look that finds the publisher
+    gone is made once it is back. Past the retries, the held frames go, the gap reported."""
+    from zmqmesh._mesh.registry import Registry, SubscribeOptions
+    from zmqmesh._patterns import replay
+
+    monkeypatch.setattr(replay, "FETCH_RETRIES_S", (0.01, 0.01))
+    monkeypatch.setattr(replay, "QUIET_LOOK_S", 0.01)
+    monkeypatch.setattr(replay, "_AWAY_LOOK_S", 0.01)
+    stats, codec = Stats(), Codec(1 << 20)
+    directory = Directory("aa" * 16, stats, lambda: None, True)  # type: ignore[arg-type,return-value]
+
+    def publisher(hex_id: str) -> PeerState:
+        peer = PeerState(bytes.fromhex(hex_id * 16), "tcp://127.0.0.1:1", "127.0.0.1")
+        peer.ready, peer.is_zmqmesh = True, True
+        peer.headers = {frames.HEADER["stream"]: "s1"}
+        peer.groups = {frames.OFFER_PREFIXES["history"] + "t."}
+        return peer
+
+    first, restarted = publisher("bb"), publisher("cc")
+    directory.rebuild({}, [first])
+
+    def handle(msg: zmqmesh.Message) -> None:  # (the subscription's key: never called here)
+        raise AssertionError("the calls are only gathered")
+
+    registry = Registry()
+    registry.set_subscribe_options("t.", handle, SubscribeOptions(replay="all"))
+    subscriptions = list(registry.replays.items())
+    fetches: list[replay.Fetch] = []
+    replays = replay.Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=None,
+                             fetch=fetches.append)
+
+    def page(start: int, count: int) -> dict[str, Any]:
+        rows = [[start + i + 1, "t.x", start + i, 1, time.time(), codec.encode(start + i), None] for i in range(count)]
+        return {"rows": rows, "more": False, "next": {"t.x": start + count}}
+
+    def look_after(seconds: float, calls: list[Any]) -> None:
+        time.sleep(seconds)
+        replays.look_again(calls)
+
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.on_page(fetches[-1], page(0, 10), None, calls)
+    calls.clear()
+    replays.live("t.x", 12, [12], None, first.id, subscriptions, calls)  # 10 and 11 dropped on the way
+    assert calls == [] and len(fetches) == 2 and fetches[-1].request["a"] == 10
+    replays.on_page(fetches[-1], None, zmqmesh.MeshTimeoutError("request timed out"), calls)
+    assert calls == [] and len(fetches) == 2 and replays.waiting()  # (12 still held)
+    look_after(0.02, calls)
+    assert len(fetches) == 3 and fetches[-1].request == fetches[1].request  # tried again
+    directory.rebuild({}, [])  # the publisher is taken for gone: the read fails
+    replays.on_page(fetches[-1], None, zmqmesh.PeerLostError("left before replying"), calls)
+    look_after(0.02, calls)
+    assert calls == [] and len(fetches) == 3  # held on: nobody to ask
+    directory.rebuild({}, [restarted])  # back, under a new id
+    look_after(0.02, calls)
+    assert len(fetches) == 4 and fetches[-1].node_id == restarted.id and fetches[-1].request["a"] == 10
+    replays.on_page(fetches[-1], page(10, 3), None, calls)
+    assert [call.arg.data for call in calls] == [10, 11, 12] and [call.arg.gap for call in calls] == [0, 0, 0]
+    assert stats.snapshot()["pubsub"].get("gap", 0) == 0
+
+    calls.clear()
+    replays.live("t.x", 13, [13], None, restarted.id, subscriptions, calls)  # then 14 is dropped on the way
+    directory.rebuild({}, [])
+    look_after(0.02, calls)  # the quiet spell's look: the publisher is gone
+    assert len(fetches) == 4
+    directory.rebuild({}, [restarted])
+    replays.sync(calls)  # (peers changed)
+    replays.look_again(calls)
+    assert len(fetches) == 5 and fetches[-1].request["n"] == 0  # asked where its topics are
+    replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 15}}, None, calls)
+    replays.on_page(fetches[-1], page(13, 2), None, calls)
+    assert [call.arg.data for call in calls] == [13, 14]
+
+    calls.clear()  # a publisher that keeps failing: past the retries, the gap is reported
+    replays.live("t.x", 17, [17], None, restarted.id, subscriptions, calls)
+    for _ in range(len(replay.FETCH_RETRIES_S)):
+        replays.on_page(fetches[-1], None, zmqmesh.MeshTimeoutError("request timed out"), calls)
+        look_after(0.02, calls)
+    replays.on_page(fetches[-1], None, zmqmesh.MeshTimeoutError("request timed out"), calls)
+    assert [(call.arg.data, call.arg.gap) for call in calls] == [(17, 2)]
+    counted = stats.snapshot()["pubsub"]
+    assert counted["gap"] == 2 and counted["replay_failed"] == 1

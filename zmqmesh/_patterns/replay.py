@@ -14,7 +14,9 @@ the history no longer holds is reported on the next message (``msg.gap``) and co
 (``stats()["pubsub"]["gap"]``). A gap shows only with a next frame, so once a publisher
 has been quiet for `QUIET_LOOK_S`, the subscription asks it for the numbers its topics
 have reached (a page of no rows) and catches up if it is behind: a last frame dropped at
-a high-water mark is not missed for good.
+a high-water mark is not missed for good. A read of the history that fails is tried again
+(`FETCH_RETRIES_S`), or, if its publisher left, made again once the publisher is back
+(`AWAY_HOLD_S`), the live frames held meanwhile.
 
 A durable subscription keeps, in the node's store, the last number handled per publisher
 stream and topic, so that a restarted subscriber resumes right after it. Before a burst
@@ -39,7 +41,7 @@ from .._stats import Stats
 from .._store.sqlite import Store
 from .._wire.codec import Codec
 from .._wire.frames import parse_meta
-from ..errors import DecodeError
+from ..errors import DecodeError, PeerLostError
 from ..message import Message, Origin
 from .calls import Call, CursorMark
 
@@ -61,6 +63,18 @@ read again, this long after each read, until one comes: the live subscription ma
 have reached the publisher yet when the history was read, and what it published in
 between arrives neither way; with more to come, the numbers of the next live message
 show the gap, but a publisher that goes quiet right then sends no next message."""
+FETCH_RETRIES_S = (0.5, 1.0, 2.0)
+"""A read of a history that fails while its publisher is present (a timeout on a busy
+host) is tried again after each of these delays, the live frames held meanwhile; once
+they are spent, the held frames go and what is still missing is reported (``msg.gap``)."""
+AWAY_HOLD_S = 30.0
+"""A publisher that leaves while a subscription reads its history (stopped, restarted,
+or silent long enough to be taken for gone): the subscription holds what came live
+from it, and reads on from where it was as soon as the stream is back (under the same
+node id or a new one); past this long, the held frames go and the gap is reported. A
+publisher that leaves and comes back meanwhile is asked where its topics are, so that
+what it published last, if dropped on the way, is read from its history."""
+_AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publisher is back
 _MAX_CURSORS = 65_536
 _UNKNOWN_WAIT_S = 2.0  # how long frames wait for their sender's HELLO
 _MAX_UNKNOWN = 1024  # senders whose frames may wait at once
@@ -81,7 +95,7 @@ class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
     __slots__ = ("stream", "node_id", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start",
-                 "kept_next", "live_seen", "tail_looks")
+                 "kept_next", "live_seen", "tail_looks", "away")
 
     def __init__(self, stream: str, node_id: str, from_start: bool) -> None:
         self.stream = stream
@@ -96,6 +110,7 @@ class Cursor:
         self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
         self.live_seen = False  # a live message came: the subscription reaches the publisher
         self.tail_looks = 0  # the history read again since a catch-up (`TAIL_LOOKS_S`)
+        self.away = False  # its publisher was found gone: once back, it is asked where it is
 
 
 class _Frame(NamedTuple):
@@ -131,19 +146,24 @@ class Replays:
         # cursors to look at the history of again: when, and whether for its numbers alone
         # (one entry per stream followed: bounded as the cursors are)
         self._tails: dict[tuple[Key, str], tuple[float, bool]] = {}
+        # history reads to try again (`FETCH_RETRIES_S`, `AWAY_HOLD_S`): when, and the read;
+        # and per cursor, the failures while its publisher was present and the first one's time
+        self._retries: dict[tuple[Key, str], tuple[float, Fetch]] = {}
+        self._failures: dict[tuple[Key, str], tuple[int, float]] = {}
 
     # -- which subscriptions ----------------------------------------------------------------
 
     def waiting(self) -> bool:
         """Whether frames wait for their sender (see `live`), or a history is to be read
-        again (`TAIL_LOOKS_S`, `QUIET_LOOK_S`): the driver then calls `look_again` now and
-        then."""
-        return bool(self._unknown or self._tails)
+        again (`TAIL_LOOKS_S`, `QUIET_LOOK_S`, `FETCH_RETRIES_S`): the driver then calls
+        `look_again` now and then."""
+        return bool(self._unknown or self._tails or self._retries)
 
     def look_again(self, calls: list[Call]) -> None:
         """Take the frames that waited long enough for their sender (`release_unknown`),
-        and read again the histories due (`TAIL_LOOKS_S`, `QUIET_LOOK_S`), unless their
-        publisher left."""
+        read again the histories due (`TAIL_LOOKS_S`, `QUIET_LOOK_S`), unless their
+        publisher left (then it is asked once it is back: `sync`), and try again the reads
+        that failed (`FETCH_RETRIES_S`, `AWAY_HOLD_S`)."""
         if self._unknown:
             self.release_unknown(calls)
         now = time.monotonic()
@@ -153,19 +173,52 @@ class Replays:
             del self._tails[place]
             cursor = self.cursors.get(place)
             options = self.registry.replays.get(place[0])
-            if cursor is None or options is None or cursor.node_id not in self.directory.alive_ids:
+            if cursor is None or options is None:
+                continue
+            if self._publisher(cursor) is None:
+                cursor.away = True
                 continue
             if not numbers_only:
                 cursor.tail_looks += 1
             self._catch_up(place[0], options, cursor, numbers_only=numbers_only)
+        for place, (due, fetch) in list(self._retries.items()):
+            if due > now:
+                continue
+            del self._retries[place]
+            cursor = self.cursors.get(place)
+            if cursor is None or place[0] not in self.registry.replays:
+                self._failures.pop(place, None)
+                continue
+            node_id = self._publisher(cursor)
+            if node_id is None:  # still away
+                self.on_page(fetch, None, PeerLostError("the publisher is away", fetch.node_id), calls)
+            else:
+                self.fetch(fetch._replace(node_id=node_id))
+
+    def _publisher(self, cursor: Cursor) -> str | None:
+        """The id of the node publishing the cursor's stream now (a restarted publisher
+        has a new one: the cursor follows it), or None while none is present."""
+        alive = self.directory.alive_ids
+        if cursor.node_id in alive:
+            return cursor.node_id
+        for node_id, (stream, _prefixes) in self.directory.streams.items():
+            if stream == cursor.stream and node_id in alive:
+                cursor.node_id = node_id
+                return node_id
+        return None
 
     def sync(self, calls: list[Call]) -> None:
         """Follow every publisher that keeps topics a replaying subscription wants (after
-        a subscription or a peer came): a new cursor starts catching up at once."""
+        a subscription or a peer came): a new cursor starts catching up at once; one whose
+        publisher was found gone and is back asks it where its topics are (`QUIET_LOOK_S`)."""
         for key, options in list(self.registry.replays.items()):
             for node_id, (stream, prefixes) in list(self.directory.streams.items()):
                 if any(p.startswith(key[0]) or key[0].startswith(p) for p in prefixes):
-                    self._cursor(key, options, stream, node_id, calls)
+                    cursor = self._cursor(key, options, stream, node_id, calls)
+                    if cursor.away and node_id in self.directory.alive_ids:
+                        cursor.away, cursor.node_id = False, node_id
+                        if not cursor.catching_up:
+                            self._tails[(key, stream)] = (0.0, True)
 
     # -- live frames ------------------------------------------------------------------------
 
@@ -289,9 +342,13 @@ class Replays:
                 error = exc
                 self.stats.reject("history_malformed")
         if error is not None:
+            if self._retry(fetch, cursor, error):
+                return  # (still catching up: the live frames are held on)
             log.warning("cannot replay stream %s from %s: %s", fetch.stream[:8], fetch.node_id[:8], error)
             self.stats.add("pubsub", "replay_failed")
             more = False
+        else:
+            self._failures.pop((fetch.key, fetch.stream), None)
         if more:
             self.fetch(Fetch(cursor.node_id, fetch.key, cursor.stream, {"p": fetch.key[0], "a": cursor.pos}))
             return
@@ -309,6 +366,33 @@ class Replays:
             self._catch_up(fetch.key, options, cursor)  # (a frame was lost on the way: read what followed)
         elif not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
             self._tails[(fetch.key, fetch.stream)] = (time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
+
+    def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
+        """Whether a failed read of a history is to be tried again (`FETCH_RETRIES_S` while
+        its publisher is present, `AWAY_HOLD_S` while it is away); if so, it is planned."""
+        place = (fetch.key, fetch.stream)
+        now = time.monotonic()
+        first = place not in self._failures
+        failures, since = self._failures.get(place, (0, now))
+        present = self._publisher(cursor) is not None
+        if present:
+            if failures >= len(FETCH_RETRIES_S):
+                self._failures.pop(place, None)
+                return False
+            delay = FETCH_RETRIES_S[failures]
+            failures += 1
+        else:
+            cursor.away = True
+            if now - since >= AWAY_HOLD_S:
+                self._failures.pop(place, None)
+                return False
+            delay = _AWAY_LOOK_S
+        if first or present:
+            log.info("reading the history of stream %s failed (%s): trying again in %.1f s",
+                     fetch.stream[:8], error, delay)
+        self._failures[place] = (failures, since)
+        self._retries[place] = (now + delay, fetch)
+        return True
 
     @staticmethod
     def _behind(cursor: Cursor, reached: dict[str, Any]) -> bool:
@@ -356,7 +440,7 @@ class Replays:
         skip = max(0, expected - seq) if missed == 0 else 0
         if missed:
             self.stats.add("pubsub", "gap", missed)
-            log.warning("stream %s, topic %r: %d message(s) missed (no longer in the history)",
+            log.warning("stream %s, topic %r: %d message(s) missed (not to be had from the history)",
                         cursor.stream[:8], topic, missed)
         stem = f"{cursor.stream}/{topic}/"  # named by the stream, live or replayed: the same id either way
         if origin is None or origin.stem != stem or origin.first != seq:
