@@ -10,6 +10,22 @@ import pytest
 from helpers import NodeProcess, ScriptProcess, free_udp_port, gateway_process
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter: Any) -> Iterator[None]:
+    """After pytest's own summary, the tests that failed, a short line each: the tail of a
+    CI log names them all, however long their assertion messages (CI does not cut them)."""
+    yield
+    failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
+    if not failed:
+        return
+    terminalreporter.section(f"{len(failed)} failed, a line each")
+    for report in failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = (crash.message if crash is not None else str(report.longrepr)).strip()
+        first = message.splitlines()[0] if message else ""
+        terminalreporter.write_line(f"{report.nodeid} ({report.when}): {first[:140]}")
+
+
 @pytest.fixture
 def mesh() -> dict[str, Any]:
     """Options isolating a test: its own beacon port and mesh name, fast failure detection."""
