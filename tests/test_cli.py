@@ -7,7 +7,7 @@ import subprocess
 import sys
 from typing import Any
 
-from helpers import free_udp_port
+from helpers import free_udp_port, wait_until
 
 import zmqmesh
 
@@ -64,27 +64,42 @@ def test_bad_arguments_give_one_line_errors() -> None:
 
 
 def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) -> None:
-    import time
+    import signal
+    import threading
+
+    lines: dict[str, list[str]] = {"out": [], "err": []}
+
+    def collect(stream: Any, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
 
     with zmqmesh.Node("present", **mesh):
         watcher = subprocess.Popen(
             [sys.executable, "-m", "zmqmesh", "peers", "--json", "--watch", "--mesh", mesh["mesh"],
-             "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5", "--duration", "4"],
+             "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5", "--duration", "120"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        readers = [threading.Thread(target=collect, args=(watcher.stdout, lines["out"]), daemon=True),
+                   threading.Thread(target=collect, args=(watcher.stderr, lines["err"]), daemon=True)]
+        for reader in readers:
+            reader.start()
         try:
-            time.sleep(1.5)
+            wait_until(lambda: any("watching" in line for line in lines["err"]), 60, "the watcher to watch")
+            wait_until(lambda: lines["out"], 20, "the present node's join")
             with zmqmesh.Node("visitor", **mesh) as visitor:
                 visitor.wait_for_peers(2, timeout=10)
-                time.sleep(0.3)
-            out, err = watcher.communicate(timeout=30)
+                wait_until(lambda: len(lines["out"]) >= 2, 20, "the visitor's join")
+            wait_until(lambda: len(lines["out"]) >= 3, 20, "the visitor's leave")
+            watcher.send_signal(signal.SIGTERM)
+            assert watcher.wait(30) == 0
         finally:
             if watcher.poll() is None:
                 watcher.kill()
-                watcher.communicate()
-    events = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
+                watcher.wait()
+        for reader in readers:
+            reader.join(10)
+    events = [json.loads(line) for line in lines["out"]]  # every line is one JSON object
     assert [(e["event"], e["name"]) for e in events] == [
         ("join", "present"), ("join", "visitor"), ("leave", "visitor")]
-    assert "watching" in err
 
 
 def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mesh(mesh: dict[str, Any]) -> None:

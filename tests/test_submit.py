@@ -315,7 +315,9 @@ def test_an_async_provider_running_handlers_concurrently_reads_what_comes_while_
             provider.service("echo", lambda msg: msg.data)
             await client.wait_for_service("echo", timeout=10)
             for _ in range(30):
-                assert await client.request_many("echo", range(500), timeout=5, window=16) == list(range(500))
+                # (a lost edge stalls a round for good: a generous timeout still shows it, and a
+                # host that stalls for seconds does not)
+                assert await client.request_many("echo", range(500), timeout=20, window=16) == list(range(500))
 
     asyncio.run(main())
 
