@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from helpers import free_udp_port, wait_until
@@ -14,6 +15,22 @@ import zmqmesh
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "zmqmesh", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def collect_lines(proc: subprocess.Popen[str]) -> tuple[list[str], list[str], list[threading.Thread]]:
+    """Read a child's stdout and stderr, line by line, as it runs: ``(out, err, readers)``."""
+    out: list[str] = []
+    err: list[str] = []
+
+    def collect(stream: Any, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    readers = [threading.Thread(target=collect, args=(proc.stdout, out), daemon=True),
+               threading.Thread(target=collect, args=(proc.stderr, err), daemon=True)]
+    for reader in readers:
+        reader.start()
+    return out, err, readers
 
 
 def test_version() -> None:
@@ -48,9 +65,17 @@ def test_peers_lists_the_mesh_as_json_and_table(mesh: dict[str, Any]) -> None:
     node.subscribe("t.", lambda m: None)
     with node:
         args = ("peers", "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5")
-        listed = json.loads(run(*args, "--json").stdout)
+
+        def until_listed(*more: str) -> str:  # (a slow host may not meet the node within the wait)
+            for _ in range(5):
+                out = run(*args, *more).stdout
+                if "listed" in out:
+                    break
+            return out
+
+        listed = json.loads(until_listed("--json"))
         assert [(p["name"], p["services"], p["topics"]) for p in listed] == [("listed", ["svc"], ["t."])]
-        table = run(*args).stdout.splitlines()
+        table = until_listed().splitlines()
         assert table[0].split()[:3] == ["NAME", "ADDRESS", "SERVICES"]
         assert table[1].startswith("listed")
 
@@ -65,30 +90,20 @@ def test_bad_arguments_give_one_line_errors() -> None:
 
 def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) -> None:
     import signal
-    import threading
-
-    lines: dict[str, list[str]] = {"out": [], "err": []}
-
-    def collect(stream: Any, into: list[str]) -> None:
-        for line in stream:
-            into.append(line.rstrip("\n"))
 
     with zmqmesh.Node("present", **mesh):
         watcher = subprocess.Popen(
             [sys.executable, "-m", "zmqmesh", "peers", "--json", "--watch", "--mesh", mesh["mesh"],
              "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5", "--duration", "120"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        readers = [threading.Thread(target=collect, args=(watcher.stdout, lines["out"]), daemon=True),
-                   threading.Thread(target=collect, args=(watcher.stderr, lines["err"]), daemon=True)]
-        for reader in readers:
-            reader.start()
+        out, err, readers = collect_lines(watcher)
         try:
-            wait_until(lambda: any("watching" in line for line in lines["err"]), 60, "the watcher to watch")
-            wait_until(lambda: lines["out"], 20, "the present node's join")
+            wait_until(lambda: any("watching" in line for line in err), 60, "the watcher to watch")
+            wait_until(lambda: out, 20, "the present node's join")
             with zmqmesh.Node("visitor", **mesh) as visitor:
                 visitor.wait_for_peers(2, timeout=10)
-                wait_until(lambda: len(lines["out"]) >= 2, 20, "the visitor's join")
-            wait_until(lambda: len(lines["out"]) >= 3, 20, "the visitor's leave")
+                wait_until(lambda: len(out) >= 2, 20, "the visitor's join")
+            wait_until(lambda: len(out) >= 3, 20, "the visitor's leave")
             watcher.send_signal(signal.SIGTERM)
             assert watcher.wait(30) == 0
         finally:
@@ -97,7 +112,7 @@ def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) 
                 watcher.wait()
         for reader in readers:
             reader.join(10)
-    events = [json.loads(line) for line in lines["out"]]  # every line is one JSON object
+    events = [json.loads(line) for line in out]  # every line is one JSON object
     assert [(e["event"], e["name"]) for e in events] == [
         ("join", "present"), ("join", "visitor"), ("leave", "visitor")]
 
@@ -135,9 +150,20 @@ def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tm
     for args in (["launch", str(toml)], ["subscribe", "x.", *where], ["peers", "--watch", "--wait", "0", *where]):
         proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", *args], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        out_lines, err_lines, readers = collect_lines(proc)
+        ready = {"launch": "[sleeper] up", "subscribe": "subscribed", "peers": "watching"}[args[0]]
+        try:
+            wait_until(lambda: any(ready in line for line in out_lines + err_lines), 60, f"{args[0]} to be up")
+            time.sleep(0.2)  # (on its way: a Ctrl-C then too ends it with 130)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for reader in readers:
+            reader.join(10)
+        out, err = "\n".join(out_lines), "\n".join(err_lines)
         assert proc.returncode == 130, (args, out, err)
         assert "Traceback" not in err
         if args[0] == "launch":

@@ -139,13 +139,14 @@ def test_one_shot_commands_against_a_live_mesh(mesh: dict[str, Any]) -> None:
     node.subscribe("news.", lambda m: got.append((m.topic, m.data)))
     common = ["--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5"]
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "zmqmesh", *args, *common], capture_output=True, text=True, timeout=60)
+    def run(*args: str, wait: str = "0.5") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "zmqmesh", *args, *common, "--wait", wait], capture_output=True,
+                              text=True, timeout=60)
 
     with node:
         assert run("request", "add", '{"a": 2, "b": 3}').stdout.strip() == "5"
         assert run("push", "jobs", '{"id": 1}').returncode == 0
-        assert "published to 1 subscriber" in run("publish", "news.today", '"hello"').stdout
+        assert "published to 1 subscriber" in run("publish", "news.today", '"hello"', wait="3").stdout  # (it counts whom it met)
         watcher = subprocess.Popen(
             [sys.executable, "-m", "zmqmesh", "subscribe", "alerts.", "--count", "1", "--timeout", "30", *common],
             stdout=subprocess.PIPE, text=True,

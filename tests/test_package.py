@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import zmqmesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +53,7 @@ def test_package_is_typed() -> None:
     assert (ROOT / "zmqmesh" / "py.typed").exists()
 
 
+@pytest.mark.timeout(600)  # (a cold mypy cache or a slow host)
 def test_docs_build_strictly(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
@@ -69,6 +72,7 @@ def test_docs_build_strictly(tmp_path: Path) -> None:
     assert "Example::" not in api
 
 
+@pytest.mark.timeout(600)  # (a cold mypy cache or a slow host)
 def test_lint_and_types_are_clean() -> None:
     lint = subprocess.run([sys.executable, "-m", "ruff", "check", "zmqmesh", "--select", "E,F,W,B,UP,I",
                            "--ignore", "E501,B905", "--output-format", "concise"],
@@ -79,6 +83,7 @@ def test_lint_and_types_are_clean() -> None:
     assert types.returncode == 0, types.stdout + types.stderr
 
 
+@pytest.mark.timeout(600)  # (a cold mypy cache or a slow host)
 def test_decorators_give_a_type_checker_the_handler_back(tmp_path: Path) -> None:
     user = tmp_path / "user_code.py"
     user.write_text(

@@ -492,7 +492,7 @@ def test_blocking_requests_are_counted_once_each_whatever_their_outcome(mesh: di
         # a request that takes its time shows as sent while it waits, not only once answered
         slow = threading.Thread(target=lambda: cli.request("slow", timeout=5))
         slow.start()
-        wait_until(lambda: cli.stats()["names"]["request"]["sent"]["slow"] == 2, 1.0, "the slow request counted")
+        wait_until(lambda: cli.stats()["names"]["request"]["sent"]["slow"] == 2, 10, "the slow request counted")
         slow.join(10)
 
 
