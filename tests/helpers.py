@@ -65,8 +65,9 @@ def rejected(node: Any, reason: str) -> int:
     return int(node.stats()["rejected"].get(reason, 0))
 
 
-def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition") -> object:
-    """Poll ``condition`` until it returns something truthy; fail the test at ``timeout``."""
+def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition", every: float = 0.01) -> object:
+    """Poll ``condition`` (every ``every`` s: more for a costly one) until it returns
+    something truthy; fail the test at ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -74,7 +75,7 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str = "con
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(every)
 
 
 class NodeProcess:
@@ -110,7 +111,8 @@ class NodeProcess:
             hits = [l for _, l in self.lines if l.startswith(prefix)]
             return hits[count - 1] if len(hits) >= count else None
         try:
-            return str(wait_until(found, timeout, f"{self.name}: {prefix!r}"))
+            # (scanning thousands of lines every 10 ms would starve the test's own nodes)
+            return str(wait_until(found, timeout, f"{self.name}: {prefix!r}", every=0.01 if count < 1000 else 0.2))
         except AssertionError:
             tail = "\n".join(l for _, l in self.lines[-30:])
             raise AssertionError(f"{self.name} never printed {prefix!r} (x{count}); last output:\n{tail}") from None

@@ -344,7 +344,11 @@ def test_a_stuck_handlers_message_goes_to_another_puller_after_the_ack_timeout(
                 wait_until(lambda: len(seen) == 2, 10, "the redelivery")
                 release.set()
                 wait_until(lambda: stored(tmp_path) == 0, 10, "the acknowledgement")
-    assert seen == [("stuck", 0, False), ("healthy", 1, True)]
+    assert seen[0] == ("stuck", 0, False)
+    # (on a slow host the timeout may first send it back to the only puller there, stuck:
+    # healthy then gets a later attempt, and stuck, released, the copy it was sent)
+    assert seen[1][0] == "healthy" and seen[1][1] >= 1 and seen[1][2]
+    assert all(redelivered for _name, _attempts, redelivered in seen[1:])
 
 
 # -- keepers and the command line -----------------------------------------------------------------
