@@ -193,7 +193,7 @@ class Replays:
             if node_id is None:  # still away
                 self.on_page(fetch, None, PeerLostError("the publisher is away", fetch.node_id), calls)
             else:
-                self.fetch(fetch._replace(node_id=node_id))
+                self.fetch(Fetch(node_id, fetch.key, fetch.stream, fetch.request))
 
     def _publisher(self, cursor: Cursor) -> str | None:
         """The id of the node publishing the cursor's stream now (a restarted publisher
