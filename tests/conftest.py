@@ -26,6 +26,26 @@ def pytest_terminal_summary(terminalreporter: Any) -> Iterator[None]:
         terminalreporter.write_line(f"{report.nodeid} ({report.when}): {first[:140]}")
 
 
+@pytest.fixture(autouse=True)
+def no_node_outlives_its_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Stop, after each test, every `Node` it started and left running: a test that fails
+    or times out half-way through must not leave its nodes' threads to slow every later
+    test (43 nodes left by one test made the rest of a CI run fail one after another)."""
+    import zmqmesh
+
+    started: list[zmqmesh.Node] = []
+    real_start = zmqmesh.Node.start
+
+    def start(self: zmqmesh.Node) -> zmqmesh.Node:
+        started.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(zmqmesh.Node, "start", start)
+    yield
+    for node in started:
+        node.stop(timeout=1.0)  # (idempotent: at once for those stopped already)
+
+
 @pytest.fixture
 def mesh() -> dict[str, Any]:
     """Options isolating a test: its own beacon port and mesh name, fast failure detection."""
