@@ -31,11 +31,14 @@ def no_node_outlives_its_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     """Stop, after each test, every `Node` it started and left running: a test that fails
     or times out half-way through must not leave its nodes' threads to slow every later
     test (43 nodes left by one test made the rest of a CI run fail one after another)."""
+    import functools
+
     import zmqmesh
 
     started: list[zmqmesh.Node] = []
     real_start = zmqmesh.Node.start
 
+    @functools.wraps(real_start)  # (what tests read of it stays the real one's)
     def start(self: zmqmesh.Node) -> zmqmesh.Node:
         started.append(self)
         return real_start(self)
