@@ -151,6 +151,7 @@ def test_stop_is_idempotent_and_bounded_with_dead_peers(spawn: Any, mesh: dict[s
         node.publish("x", 1)
 
 
+@pytest.mark.lets_nodes_go  # (the node must be collected: see conftest)
 def test_unstopped_node_warns_when_collected(mesh: dict[str, Any]) -> None:
     import gc
 
