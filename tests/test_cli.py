@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from helpers import free_udp_port, wait_until
@@ -18,8 +20,10 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "zmqmesh", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def collect_lines(proc: subprocess.Popen[str]) -> tuple[list[str], list[str], list[threading.Thread]]:
-    """Read a child's stdout and stderr, line by line, as it runs: ``(out, err, readers)``."""
+@contextlib.contextmanager
+def lines_of(proc: subprocess.Popen[str]) -> Iterator[tuple[list[str], list[str]]]:
+    """Read a child's stdout and stderr, line by line, as it runs: ``(out, err)``. On
+    leaving, the child is killed if it still runs, and its output read to the end."""
     out: list[str] = []
     err: list[str] = []
 
@@ -31,7 +35,14 @@ def collect_lines(proc: subprocess.Popen[str]) -> tuple[list[str], list[str], li
                threading.Thread(target=collect, args=(proc.stderr, err), daemon=True)]
     for reader in readers:
         reader.start()
-    return out, err, readers
+    try:
+        yield out, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for reader in readers:
+            reader.join(10)
 
 
 def test_version() -> None:
@@ -100,8 +111,7 @@ def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) 
             [sys.executable, "-m", "zmqmesh", "peers", "--json", "--watch", "--mesh", mesh["mesh"],
              "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5", "--duration", "120"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out, err, readers = collect_lines(watcher)
-        try:
+        with lines_of(watcher) as (out, err):
             wait_until(lambda: any("watching" in line for line in err), 60, "the watcher to watch")
             wait_until(lambda: out, 20, "the present node's join")
             with zmqmesh.Node("visitor", **mesh) as visitor:
@@ -110,12 +120,6 @@ def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) 
             wait_until(lambda: len(out) >= 3, 20, "the visitor's leave")
             watcher.send_signal(signal.SIGTERM)
             assert watcher.wait(30) == 0
-        finally:
-            if watcher.poll() is None:
-                watcher.kill()
-                watcher.wait()
-        for reader in readers:
-            reader.join(10)
     events = [json.loads(line) for line in out]  # every line is one JSON object
     assert [(e["event"], e["name"]) for e in events] == [
         ("join", "present"), ("join", "visitor"), ("leave", "visitor")]
@@ -154,19 +158,12 @@ def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tm
     for args in (["launch", str(toml)], ["subscribe", "x.", *where], ["peers", "--watch", "--wait", "0", *where]):
         proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", *args], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out_lines, err_lines, readers = collect_lines(proc)
         ready = {"launch": "[sleeper] up", "subscribe": "subscribed", "peers": "watching"}[args[0]]
-        try:
+        with lines_of(proc) as (out_lines, err_lines):
             wait_until(lambda: any(ready in line for line in out_lines + err_lines), 60, f"{args[0]} to be up")
             time.sleep(0.2)  # (on its way: a Ctrl-C then too ends it with 130)
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for reader in readers:
-            reader.join(10)
         out, err = "\n".join(out_lines), "\n".join(err_lines)
         assert proc.returncode == 130, (args, out, err)
         assert "Traceback" not in err
