@@ -95,7 +95,7 @@ class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
     __slots__ = ("stream", "node_id", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start",
-                 "kept_next", "live_seen", "tail_looks", "away")
+                 "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since")
 
     def __init__(self, stream: str, node_id: str, from_start: bool) -> None:
         self.stream = stream
@@ -111,6 +111,8 @@ class Cursor:
         self.live_seen = False  # a live message came: the subscription reaches the publisher
         self.tail_looks = 0  # the history read again since a catch-up (`TAIL_LOOKS_S`)
         self.away = False  # its publisher was found gone: once back, it is asked where it is
+        self.failures = 0  # reads of its history failed in a row while the publisher was present
+        self.failing_since: float | None = None  # when the first read of those failed
 
 
 class _Frame(NamedTuple):
@@ -146,10 +148,8 @@ class Replays:
         # cursors to look at the history of again: when, and whether for its numbers alone
         # (one entry per stream followed: bounded as the cursors are)
         self._tails: dict[tuple[Key, str], tuple[float, bool]] = {}
-        # history reads to try again (`FETCH_RETRIES_S`, `AWAY_HOLD_S`): when, and the read;
-        # and per cursor, the failures while its publisher was present and the first one's time
+        # history reads to try again (`FETCH_RETRIES_S`, `AWAY_HOLD_S`): when, and the read
         self._retries: dict[tuple[Key, str], tuple[float, Fetch]] = {}
-        self._failures: dict[tuple[Key, str], tuple[int, float]] = {}
 
     # -- which subscriptions ----------------------------------------------------------------
 
@@ -187,7 +187,6 @@ class Replays:
             del self._retries[place]
             cursor = self.cursors.get(place)
             if cursor is None or place[0] not in self.registry.replays:
-                self._failures.pop(place, None)
                 continue
             node_id = self._publisher(cursor)
             if node_id is None:  # still away
@@ -215,7 +214,7 @@ class Replays:
             for node_id, (stream, prefixes) in list(self.directory.streams.items()):
                 if any(p.startswith(key[0]) or key[0].startswith(p) for p in prefixes):
                     cursor = self._cursor(key, options, stream, node_id, calls)
-                    if cursor.away and node_id in self.directory.alive_ids:
+                    if cursor.away:  # (the streams are those of present peers)
                         cursor.away, cursor.node_id = False, node_id
                         if not cursor.catching_up:
                             self._tails[(key, stream)] = (0.0, True)
@@ -348,7 +347,7 @@ class Replays:
             self.stats.add("pubsub", "replay_failed")
             more = False
         else:
-            self._failures.pop((fetch.key, fetch.stream), None)
+            cursor.failures, cursor.failing_since = 0, None
         if more:
             self.fetch(Fetch(cursor.node_id, fetch.key, cursor.stream, {"p": fetch.key[0], "a": cursor.pos}))
             return
@@ -370,28 +369,25 @@ class Replays:
     def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
         """Whether a failed read of a history is to be tried again (`FETCH_RETRIES_S` while
         its publisher is present, `AWAY_HOLD_S` while it is away); if so, it is planned."""
-        place = (fetch.key, fetch.stream)
         now = time.monotonic()
-        first = place not in self._failures
-        failures, since = self._failures.get(place, (0, now))
+        first = cursor.failing_since is None
+        since = now if cursor.failing_since is None else cursor.failing_since
         present = self._publisher(cursor) is not None
-        if present:
-            if failures >= len(FETCH_RETRIES_S):
-                self._failures.pop(place, None)
-                return False
-            delay = FETCH_RETRIES_S[failures]
-            failures += 1
-        else:
-            cursor.away = True
-            if now - since >= AWAY_HOLD_S:
-                self._failures.pop(place, None)
-                return False
+        if not present:
+            cursor.away = True  # (asked where it is once back: `sync`)
+        if present and cursor.failures < len(FETCH_RETRIES_S):
+            delay = FETCH_RETRIES_S[cursor.failures]
+            cursor.failures += 1
+        elif not present and now - since < AWAY_HOLD_S:
             delay = _AWAY_LOOK_S
+        else:  # given up: the next failure starts counting afresh
+            cursor.failures, cursor.failing_since = 0, None
+            return False
         if first or present:
             log.info("reading the history of stream %s failed (%s): trying again in %.1f s",
                      fetch.stream[:8], error, delay)
-        self._failures[place] = (failures, since)
-        self._retries[place] = (now + delay, fetch)
+        cursor.failing_since = since
+        self._retries[(fetch.key, fetch.stream)] = (now + delay, fetch)
         return True
 
     @staticmethod
