@@ -612,6 +612,46 @@ def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -
         ctx.term()
 
 
+def history_publisher(id_byte: str) -> PeerState:
+    """A zmqmesh peer keeping the topics "t." in the stream "s1"; its id is ``id_byte`` x 16."""
+    peer = PeerState(bytes.fromhex(id_byte * 16), "tcp://127.0.0.1:1", "127.0.0.1")
+    peer.ready, peer.is_zmqmesh = True, True
+    peer.headers = {frames.HEADER["stream"]: "s1"}
+    peer.groups = {frames.OFFER_PREFIXES["history"] + "t."}
+    return peer
+
+
+def replaying(*present: PeerState) -> tuple[Any, list[Any], Directory, Stats]:
+    """The replays of one subscription to "t." (``replay="all"``) of a node that sees
+    ``present``: ``(replays, the fetches they ask for, the directory, the stats)``."""
+    from zmqmesh._mesh.registry import Registry, SubscribeOptions
+    from zmqmesh._patterns import replay
+
+    stats = Stats()
+    directory = Directory("aa" * 16, stats, lambda: None, True)  # type: ignore[arg-type,return-value]
+    directory.rebuild({}, present)
+
+    def handle(msg: zmqmesh.Message) -> None:  # (the subscription's key: never called here)
+        raise AssertionError("the calls are only gathered")
+
+    registry = Registry()
+    registry.set_subscribe_options("t.", handle, SubscribeOptions(replay="all"))
+    fetches: list[replay.Fetch] = []
+    replays = replay.Replays(registry=registry, directory=directory, codec=_HISTORY_CODEC, stats=stats,
+                             store=None, fetch=fetches.append)
+    return replays, fetches, directory, stats
+
+
+_HISTORY_CODEC = Codec(1 << 20)
+
+
+def history_page(start: int, count: int) -> dict[str, Any]:
+    """A page of the history "t.x" from number ``start``, ``count`` rows, the last one."""
+    rows = [[start + i + 1, "t.x", start + i, 1, time.time(), _HISTORY_CODEC.encode(start + i), None]
+            for i in range(count)]
+    return {"rows": rows, "more": False, "next": {"t.x": start + count}}
+
+
 def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_publisher_is_quiet() -> None:
     """What a publisher published after its history was read, and before the live
     subscription reached it, comes neither way: with no live message during the catch-up,
@@ -619,28 +659,12 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     dropped at a high-water mark shows no gap either: once the publisher has been quiet
     for `QUIET_LOOK_S`, the subscription asks for the numbers its topics reached (a page of
     no rows) and, behind, reads what followed."""
-    from zmqmesh._mesh.registry import Registry, SubscribeOptions
     from zmqmesh._patterns import replay
 
-    stats, codec = Stats(), Codec(1 << 20)
-    directory = Directory("aa" * 16, stats, lambda: None, True)  # type: ignore[arg-type,return-value]
-    publisher = PeerState(bytes.fromhex("bb" * 16), "tcp://127.0.0.1:1", "127.0.0.1")
-    publisher.ready, publisher.is_zmqmesh = True, True
-    publisher.headers = {frames.HEADER["stream"]: "s1"}
-    publisher.groups = {frames.OFFER_PREFIXES["history"] + "t."}
-    directory.rebuild({}, [publisher])
-    def handle(msg: zmqmesh.Message) -> None:  # (the subscription's key: never called here)
-        raise AssertionError("the calls are only gathered")
-
-    registry = Registry()
-    registry.set_subscribe_options("t.", handle, SubscribeOptions(replay="all"))
-    fetches: list[replay.Fetch] = []
-    replays = replay.Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=None,
-                             fetch=fetches.append)
-
-    def page(first: int, count: int) -> dict[str, Any]:
-        rows = [[first + i + 1, "t.x", first + i, 1, time.time(), codec.encode(first + i), None] for i in range(count)]
-        return {"rows": rows, "more": False, "next": {"t.x": first + count}}
+    publisher = history_publisher("bb")
+    replays, fetches, *_ = replaying(publisher)
+    subscriptions = list(replays.registry.replays.items())
+    page = history_page
 
     calls: list[Any] = []
     replays.sync(calls)
@@ -656,7 +680,7 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     replays.on_page(fetches[-1], page(10, 5), None, calls)
     assert [call.arg.data for call in calls] == list(range(10, 15))  # published in between: not lost
     calls.clear()
-    replays.live("t.x", 15, [15], None, publisher.id, list(registry.replays.items()), calls)
+    replays.live("t.x", 15, [15], None, publisher.id, subscriptions, calls)
     assert [call.arg.data for call in calls] == [15]  # live: the subscription reaches the publisher
     time.sleep(replay.TAIL_LOOKS_S[1] + 0.05)
     replays.look_again(calls)
@@ -672,7 +696,7 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     assert [call.arg.data for call in calls] == [16, 17]  # (15 came live: not twice)
     assert not replays.waiting()  # one look per quiet spell
     # a look that finds the publisher where the subscription is reads nothing more
-    replays.live("t.x", 18, [18], None, publisher.id, list(registry.replays.items()), calls)
+    replays.live("t.x", 18, [18], None, publisher.id, subscriptions, calls)
     time.sleep(replay.QUIET_LOOK_S + 0.05)
     replays.look_again(calls)
     replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 19}}, None, calls)
@@ -686,38 +710,15 @@ def test_a_replay_whose_publisher_fails_or_leaves_mid_read_holds_on_and_reads_on
     back, under a new id if it restarted (`AWAY_HOLD_S`), the live frames held: nothing is
     reported missed that its history holds. A quiet spell's look that finds the publisher
     gone is made once it is back. Past the retries, the held frames go, the gap reported."""
-    from zmqmesh._mesh.registry import Registry, SubscribeOptions
     from zmqmesh._patterns import replay
 
     monkeypatch.setattr(replay, "FETCH_RETRIES_S", (0.01, 0.01))
     monkeypatch.setattr(replay, "QUIET_LOOK_S", 0.01)
     monkeypatch.setattr(replay, "_AWAY_LOOK_S", 0.01)
-    stats, codec = Stats(), Codec(1 << 20)
-    directory = Directory("aa" * 16, stats, lambda: None, True)  # type: ignore[arg-type,return-value]
-
-    def publisher(hex_id: str) -> PeerState:
-        peer = PeerState(bytes.fromhex(hex_id * 16), "tcp://127.0.0.1:1", "127.0.0.1")
-        peer.ready, peer.is_zmqmesh = True, True
-        peer.headers = {frames.HEADER["stream"]: "s1"}
-        peer.groups = {frames.OFFER_PREFIXES["history"] + "t."}
-        return peer
-
-    first, restarted = publisher("bb"), publisher("cc")
-    directory.rebuild({}, [first])
-
-    def handle(msg: zmqmesh.Message) -> None:  # (the subscription's key: never called here)
-        raise AssertionError("the calls are only gathered")
-
-    registry = Registry()
-    registry.set_subscribe_options("t.", handle, SubscribeOptions(replay="all"))
-    subscriptions = list(registry.replays.items())
-    fetches: list[replay.Fetch] = []
-    replays = replay.Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=None,
-                             fetch=fetches.append)
-
-    def page(start: int, count: int) -> dict[str, Any]:
-        rows = [[start + i + 1, "t.x", start + i, 1, time.time(), codec.encode(start + i), None] for i in range(count)]
-        return {"rows": rows, "more": False, "next": {"t.x": start + count}}
+    first, restarted = history_publisher("bb"), history_publisher("cc")
+    replays, fetches, directory, stats = replaying(first)
+    subscriptions = list(replays.registry.replays.items())
+    page = history_page
 
     def look_after(seconds: float, calls: list[Any]) -> None:
         time.sleep(seconds)
