@@ -17,7 +17,7 @@ import pytest
 
 import zmqmesh
 from zmqmesh._membership import control
-from zmqmesh._membership.detector import FailureDetector
+from zmqmesh._membership.detector import MAX_SLACK, FailureDetector
 from zmqmesh._membership.peer import PeerState
 from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
@@ -91,6 +91,40 @@ def test_the_failure_detector_pings_then_expires_and_waits_out_a_dropped_link() 
     assert detector.link_down(linked, now + 0.1) is False  # one check per drop
     detector.link_up(linked)
     assert not detector.still_disconnected(linked)
+
+
+def test_a_late_sweep_counts_none_of_its_lateness_as_silence_and_gives_peers_more_time() -> None:
+    detector = FailureDetector(heartbeat_interval_s=1.0, peer_timeout_s=3.0, disconnect_grace_s=0.3)
+    quiet, heard = peer(1, set()), peer(2, set())
+    t0 = 1000.0
+    quiet.last_rx = heard.last_rx = t0
+    assert detector.sweep([quiet, heard], t0).late_s == 0.0
+    heard.last_rx = t0 + 9.9  # heard just before the late sweep: it is not moved past now
+    late = detector.sweep([quiet, heard], t0 + 10.0)  # due at t0 + 0.5: the loop could not run
+    assert late.late_s == pytest.approx(9.5) and not late.expired
+    assert quiet.last_rx == pytest.approx(t0 + 9.5) and heard.last_rx == t0 + 10.0
+    assert detector.slack == 1 and detector.timeout_s == 6.0
+    # on time from here on: the quiet peer's silence is counted again, against 6 s while the
+    # slack lasts (one peer_timeout_s of sweeps on time), then against 3 s
+    now, gone_at = t0 + 10.0, None
+    while gone_at is None and now < t0 + 30:
+        now += 0.5
+        heard.last_rx = now
+        sweep = detector.sweep([quiet, heard], now)
+        assert sweep.late_s == 0.0
+        if sweep.expired:
+            assert [p for p, _reason in sweep.expired] == [quiet]
+            gone_at = now
+    assert gone_at == t0 + 13.0 and detector.slack == 0  # silent 3.5 s (of 13), once the slack was given back
+    # a loop late sweep after sweep adds a timeout each, up to MAX_SLACK
+    for _ in range(MAX_SLACK + 3):
+        now += 5.0
+        detector.sweep([heard], now)
+    assert detector.slack == MAX_SLACK and detector.timeout_s == 3.0 * (1 + MAX_SLACK)
+    # a moment late (under a quarter of the timeout, and under a sweep interval) is on time
+    fresh = FailureDetector(heartbeat_interval_s=1.0, peer_timeout_s=3.0, disconnect_grace_s=0.3)
+    fresh.sweep([], t0)
+    assert fresh.sweep([], t0 + 0.5 + 0.7).late_s == 0.0 and fresh.slack == 0
 
 
 def test_codec_writes_bytes_exactly_as_msgpack_does_and_keeps_the_limit() -> None:

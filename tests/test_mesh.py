@@ -88,6 +88,28 @@ def test_silent_peer_is_reported_within_the_timeout(spawn: Any, mesh: dict[str, 
         assert mesh["peer_timeout_s"] - 0.6 < elapsed < mesh["peer_timeout_s"] + 1.0
 
 
+def test_a_node_stopped_past_the_timeout_does_not_drop_the_peers_it_had_no_time_to_hear(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    frozen = spawn("frozen")
+    events: list[tuple[str, str]] = []
+    node = zmqmesh.Node("observer", **mesh)
+    node.on_join(lambda peer: events.append(("join", peer.name)))
+    node.on_leave(lambda peer: events.append(("leave", peer.name)))
+    with node:
+        node.wait_for_peers(1, timeout=10)
+        frozen.wait_line("JOIN observer")
+        frozen.signal(signal.SIGSTOP)
+        try:  # the observer, running on time, sees the frozen node fall silent
+            wait_until(lambda: ("leave", "frozen") in events, mesh["peer_timeout_s"] + 2, "the frozen node to be gone")
+            time.sleep(mesh["peer_timeout_s"])  # (twice the timeout in all)
+        finally:
+            frozen.signal(signal.SIGCONT)
+        wait_until(lambda: events.count(("join", "frozen")) == 2, 10, "the frozen node to come back")
+        time.sleep(mesh["peer_timeout_s"] + 1)  # a negative check: what the resumed node does meanwhile
+        # its loop ran late by the whole stop: none of that is the observer's silence
+        assert frozen.with_prefix("LEAVE") == [] and len(frozen.with_prefix("JOIN observer")) == 1
+
+
 def test_default_silent_timeout_is_at_most_three_seconds() -> None:
     assert zmqmesh.NodeConfig().peer_timeout_s <= 3.0
 

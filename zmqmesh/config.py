@@ -91,6 +91,9 @@ class NodeConfig:
             does not reach; a node met through a seed tells us the rest of the mesh.
         heartbeat_interval_s: a peer silent this long is sent a PING.
         peer_timeout_s: a peer silent this long (no traffic, no PING-OK) is declared gone.
+            While this node's own event loop runs late (a starved host, a stopped
+            process), the time it was late is not counted as silence, and peers get up
+            to 8 more timeouts (given back as it runs on time; see docs/multihost.md).
         disconnect_grace_s: after the TCP link to a peer drops, how long it may take to
             reconnect before the peer is declared gone (a crashed process on this host is
             seen this fast).

@@ -590,7 +590,18 @@ class Membership:
         if self._closed:
             return
         now = time.monotonic()
+        slack = self.detector.slack
         sweep = self.detector.sweep(list(self.peers.values()), now)
+        if sweep.late_s:
+            self.stats.membership["late_sweeps"] += 1
+        if self.detector.slack != slack and (slack == 0 or self.detector.slack == 0):
+            if slack == 0:
+                log.warning("node %s: its event loop ran %.1f s late (a starved host or a stopped process); that time "
+                            "is not counted as its peers' silence, and they get more time to answer (%.0f s for now)",
+                            self.name, sweep.late_s, self.detector.timeout_s)
+            else:
+                log.info("node %s: its event loop runs on time again; peers are declared gone after %.1f s of silence",
+                         self.name, self.detector.timeout_s)
         for peer, reason in sweep.expired:
             self._drop(peer, reason)
         for peer in sweep.ping:
