@@ -64,7 +64,7 @@ def one_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
         _switch, hosts = wired_hosts(lab, args.hosts, "10.206.0")
         progress(f"{size} nodes: starting on {args.hosts} hosts")
         t_spawn = time.monotonic()
-        nodes = [lab.node(host, f"{host.short}-n{k}", options, log_level="warning")
+        nodes = [lab.node(host, f"{host.short}-n{k}", options, log_level=args.log_level)
                  for host, count in zip(hosts, per_host) for k in range(1, count + 1)]
         start_deadline = time.monotonic() + args.timeout
         try:
@@ -91,13 +91,29 @@ def one_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
                      f"node: median {statistics.median(views)}, min {min(views)} of {size - 1}); measuring anyway")
         cost = _idle_cost(nodes, args)
         still = sum(1 for n in nodes if n.find("leave"))
+        reasons = _leave_reasons(nodes)
     return {
         "kind": "size", "nodes": size, "hosts": args.hosts, "formed": complete, "started": size,
         "peers_seen_median": statistics.median(views), "peers_seen_min": min(views),
         "form_last_ready_s": formed - last_ready, "form_spawn_s": formed - t_spawn,
         "spawn_to_last_ready_s": last_ready - t_spawn, **cost,
-        "nodes_that_saw_a_leave": still,
+        "nodes_that_saw_a_leave": still, **reasons,
     }
+
+
+def _leave_reasons(nodes: list[netns.HostNode]) -> dict[str, Any]:
+    """Why peers were declared gone, counted over all nodes, and how many nodes found their
+    own loop running late (from the library's log lines: ``--log-level info``)."""
+    reasons: dict[str, int] = {}
+    late = 0
+    for node in nodes:
+        lines = [line for line in node.raw if line.startswith("log ")]
+        late += any("event loop ran" in line for line in lines)
+        for line in lines:
+            if " gone: " in line:
+                reason = line.split(" gone: ", 1)[1].split(" for ")[0].split(" (")[0].strip()
+                reasons[reason] = reasons.get(reason, 0) + 1
+    return {"leave_reasons": reasons, "nodes_whose_loop_ran_late": late} if reasons or late else {}
 
 
 def _idle_cost(nodes: list[netns.HostNode], args: argparse.Namespace) -> dict[str, Any]:
@@ -134,6 +150,8 @@ def main() -> int:
     parser.add_argument("--heartbeat", type=float, help="heartbeat_interval_s (default: the library's)")
     parser.add_argument("--peer-timeout", type=float, help="peer_timeout_s (default: the library's)")
     parser.add_argument("--beacon-interval", type=float, help="beacon_interval_s (default: the library's)")
+    parser.add_argument("--log-level", default="warning",
+                        help="the nodes' library log level; with info, the results count why peers were declared gone")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.hosts < 2 or not sizes or min(sizes) < args.hosts:

@@ -116,15 +116,15 @@ def test_a_late_sweep_counts_none_of_its_lateness_as_silence_and_gives_peers_mor
             assert [p for p, _reason in sweep.expired] == [quiet]
             gone_at = now
     assert gone_at == t0 + 13.0 and detector.slack == 0  # silent 3.5 s (of 13), once the slack was given back
-    # a loop late sweep after sweep adds a timeout each, up to MAX_SLACK
+    # late sweep after late sweep adds a timeout each, up to MAX_SLACK
     for _ in range(MAX_SLACK + 3):
         now += 5.0
         detector.sweep([heard], now)
     assert detector.slack == MAX_SLACK and detector.timeout_s == 3.0 * (1 + MAX_SLACK)
-    # a moment late (under a quarter of the timeout, and under a sweep interval) is on time
+    # a moment late (under half the timeout) counts as on time
     fresh = FailureDetector(heartbeat_interval_s=1.0, peer_timeout_s=3.0, disconnect_grace_s=0.3)
     fresh.sweep([], t0)
-    assert fresh.sweep([], t0 + 0.5 + 0.7).late_s == 0.0 and fresh.slack == 0
+    assert fresh.sweep([], t0 + 0.5 + 1.4).late_s == 0.0 and fresh.slack == 0
 
 
 def test_codec_writes_bytes_exactly_as_msgpack_does_and_keeps_the_limit() -> None:

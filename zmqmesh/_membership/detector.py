@@ -28,7 +28,7 @@ __all__ = ["FailureDetector", "Sweep", "MAX_SLACK"]
 MAX_SLACK = 8
 """The most timeouts a late-running node adds to `peer_timeout_s` (and heartbeats to
 ``heartbeat_interval_s``): a silent peer is then declared gone after 9 of them at most."""
-_LATE_FRACTION = 0.25
+_LATE_FRACTION = 0.5
 """A sweep is late when it comes this share of ``peer_timeout_s`` after it was due, or
 a whole sweep interval if that is longer (timer jitter and a busy moment stay under it)."""
 
