@@ -12,8 +12,8 @@ A node whose own loop runs late (a starved host, a stopped process) cannot tell 
 peer from one it had no time to hear. So a sweep that comes late does not count the time
 it was late as anyone's silence, and each such sweep gives peers one more `peer_timeout_s`
 (up to `MAX_SLACK` more), given back one per `peer_timeout_s` of sweeps on time. Without
-this, a host too busy to run its nodes on time made them drop each other, and every
-rejoin cost every node more work: 128 nodes launched on two CPUs never settled.
+this, a node stopped or starved for longer than the timeout dropped every peer it had not
+heard meanwhile, and each of them then had to join it again.
 """
 
 from __future__ import annotations
