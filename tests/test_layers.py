@@ -10,12 +10,15 @@ import asyncio
 import os
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+from helpers import free_udp_port
 
 import zmqmesh
+from zmqmesh._io.beacon import RECEIVE_BUFFER, BeaconSocket
 from zmqmesh._membership import control
 from zmqmesh._membership.detector import MAX_SLACK, FailureDetector
 from zmqmesh._membership.peer import PeerState
@@ -125,6 +128,25 @@ def test_a_late_sweep_counts_none_of_its_lateness_as_silence_and_gives_peers_mor
     fresh = FailureDetector(heartbeat_interval_s=1.0, peer_timeout_s=3.0, disconnect_grace_s=0.3)
     fresh.sweep([], t0)
     assert fresh.sweep([], t0 + 0.5 + 1.4).late_s == 0.0 and fresh.slack == 0
+
+
+def test_a_beacon_socket_left_unread_keeps_the_beacons_of_a_large_mesh() -> None:
+    port = free_udp_port()
+    listener = BeaconSocket("127.255.255.255", port, loopback_only=True)
+    talker = BeaconSocket("127.255.255.255", port, loopback_only=True)  # (another node of the host)
+    try:
+        for i in range(1000):  # 8 s of a 128-node mesh's beacons, while the listener reads none
+            talker.send(b"ZRE\x01" + i.to_bytes(16, "big") + b"\x00\x01")
+        heard, drained = 0, False
+        while not drained:
+            batch, drained = listener.receive()
+            heard += len(batch)
+    finally:
+        listener.close()
+        talker.close()
+    # Linux's default buffer holds 256; the kernel caps ours at net.core.rmem_max
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    assert (heard == 1000) if rmem_max >= RECEIVE_BUFFER else (heard >= 400), f"{heard} of 1000 beacons kept"
 
 
 def test_codec_writes_bytes_exactly_as_msgpack_does_and_keeps_the_limit() -> None:

@@ -11,12 +11,19 @@ import ipaddress
 import logging
 import socket
 
-__all__ = ["BeaconSocket"]
+__all__ = ["BeaconSocket", "RECEIVE_BUFFER"]
 
 log = logging.getLogger("zmqmesh.discovery")
 
 _MAX_DATAGRAM = 512
 _RECEIVE_BURST = 256
+RECEIVE_BUFFER = 1 << 20
+"""The beacon socket's receive buffer (``SO_RCVBUF``; the kernel caps it at
+``net.core.rmem_max``). A beacon takes about 830 bytes of it, so Linux's default (208 KiB)
+holds 256: two seconds of a 128-node mesh, a quarter of one at the most peers a node keeps
+(1,024). The loop reads beacons in batches, and a node that could not run for longer lost
+the rest (in a 128-node launch on two CPUs, hundreds of thousands). This one holds about
+2,500."""
 
 
 class BeaconSocket:
@@ -37,6 +44,7 @@ class BeaconSocket:
             if hasattr(socket, "SO_REUSEPORT"):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             sock.bind((self._bind_address(target), port))
             sock.setblocking(False)
         except OSError:
