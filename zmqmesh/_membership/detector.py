@@ -74,8 +74,7 @@ class FailureDetector:
         peer's ``ping_sent``, so one PING goes out per heartbeat interval.
         """
         late = self._lateness(now)
-        timeout = self.timeout_s
-        heartbeat = self.heartbeat_interval_s * (1 + self.slack)
+        timeout, heartbeat = self.timeout_s, self.heartbeat_interval_s * (1 + self.slack)
         result = Sweep(late_s=late)
         for peer in peers:
             if late:

@@ -590,23 +590,22 @@ class Membership:
         if self._closed:
             return
         now = time.monotonic()
-        slack = self.detector.slack
+        was_late = self.detector.slack > 0
         sweep = self.detector.sweep(list(self.peers.values()), now)
         if sweep.late_s:
             self.stats.membership["late_sweeps"] += 1
-        if self.detector.slack != slack and (slack == 0 or self.detector.slack == 0):
-            if slack == 0:
+            if not was_late:
                 log.warning("node %s: its event loop ran %.1f s late (a starved host or a stopped process); that time "
                             "is not counted as its peers' silence, and they get more time to answer (%.0f s for now)",
                             self.name, sweep.late_s, self.detector.timeout_s)
-            else:
-                log.info("node %s: its event loop runs on time again; peers are declared gone after %.1f s of silence",
-                         self.name, self.detector.timeout_s)
+        elif was_late and not self.detector.slack:
+            log.info("node %s: its event loop runs on time again; peers are declared gone after %.1f s of silence",
+                     self.name, self.detector.timeout_s)
         for peer, reason in sweep.expired:
             self._drop(peer, reason)
         for peer in sweep.ping:
             self._ping(peer)
-        self.seeds.regreet_silent(now, self.config.peer_timeout_s)
+        self.seeds.regreet_silent(now, self.detector.timeout_s)  # (seeds get the same slack as peers)
         self._later(self.detector.sweep_interval_s, self._sweep)
 
     def _remove_reader(self, fd: int) -> None:
