@@ -42,6 +42,30 @@ def test_push_many_and_publish_many_deliver_everything_in_order(mesh: dict[str, 
         sender.publish_many("t.x", [])
 
 
+
+def test_a_flush_gives_the_loop_back_after_its_slice_and_sends_the_rest_at_its_next_turn(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that keeps a send queue full must not keep the loop sending for as long as
+    it goes on: a flush sends for `FLUSH_SLICE_S` at most. With no time at all, each flush
+    sends a frame and leaves the rest for the loop's next turn: nothing is stranded (no
+    later call comes to wake the loop), and the order holds."""
+    from zmqmesh._patterns import pipeline, pubsub
+
+    monkeypatch.setattr(pipeline, "FLUSH_SLICE_S", 0.0)
+    monkeypatch.setattr(pubsub, "FLUSH_SLICE_S", 0.0)
+    pulled: list[Any] = []
+    heard: list[Any] = []
+    with zmqmesh.Node("sender", **mesh) as sender, zmqmesh.Node("receiver", **mesh) as receiver:
+        receiver.pull("jobs", lambda msg: pulled.append(msg.data))
+        receiver.subscribe("t.", lambda msg: heard.append(msg.data))
+        sender.wait_for_pullers("jobs", timeout=10)
+        sender.wait_for_subscribers("t.", 1, timeout=10)
+        sender.push_many("jobs", range(N), timeout=10)
+        sender.publish_many("t.x", range(N))
+        wait_until(lambda: len(pulled) == N and len(heard) == N, 30, "every item")
+        assert pulled == list(range(N)) and heard == list(range(N))
+
+
 def test_the_async_twins_do_the_same(mesh: dict[str, Any]) -> None:
     pulled: list[Any] = []
     heard: list[Any] = []

@@ -209,7 +209,7 @@ def test_a_durable_subscriber_killed_mid_stream_handles_every_message_once_in_or
     subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out)
     procs.append(subscriber)
     publisher.wait_for("published", 60)
-    wait_until(lambda: len(out.read_text().splitlines()) >= total, 60, "every message handled")
+    wait_until(lambda: out.read_text().count("\n") >= total, 60, "every message handled")
     handled: list[int] = []
     repeats = Counter[int]()
     for line in out.read_text().splitlines():
@@ -264,7 +264,7 @@ def test_a_durable_subscriber_killed_while_it_reads_the_history_redelivers_at_mo
 
 
 def _last_line_is(out: Path, n: int) -> bool:
-    lines = out.read_text().splitlines()
+    lines = out.read_text().split("\n")[:-1]  # (whole lines only: a write may be under way)
     return bool(lines) and int(lines[-1].split()[1]) == n
 
 

@@ -435,7 +435,11 @@ class ThreadInbox(Dispatcher):
 
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Sync handlers, one at a time: called on this thread as messages are decoded."""
-        return self._pool is None and not self.abandoned() and not any(is_async(h) for h in handlers)
+        if self._pool is not None or self.abandoned():
+            return False
+        if len(handlers) == 1:  # (a queue's one handler, a topic's usual one: checked per frame)
+            return not is_async(handlers[0])
+        return not any(is_async(h) for h in handlers)
 
     def wake(self) -> None:
         """Make the inbox thread look at its queues (any thread)."""

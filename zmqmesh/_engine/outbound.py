@@ -97,6 +97,8 @@ class Outbound:
         blocked = False
         if publisher.queue:
             publisher.flush()
+            if publisher.queue:  # (it sent for its slice of time: the rest at the next turn)
+                self.wake()
         at_least_once = self.directory.offers["ackqueues"]
         for queue, q in list(pusher.queues.items()):
             try:

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import zmq
 
-__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "close_watched",
-           "reconnect"]
+__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "send_with_payload",
+           "close_watched", "reconnect"]
 
 T = TypeVar("T")
 
@@ -104,6 +104,20 @@ def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -
     for frame in frames[:-1]:
         _send(sock, frame, _MORE_NOBLOCK, copy)
     _send(sock, frames[-1], _NOBLOCK, copy)
+
+
+def send_with_payload(sock: zmq.Socket[Any], frames: list[bytes], payload: Any) -> None:
+    """Send ``frames`` and then ``payload`` as one message without blocking; raises
+    `zmq.Again` if it cannot go now (as `send_frames`).
+
+    The small frames are copied, and the payload is not: ZeroMQ keeps a reference to it
+    until it is sent, so the caller must not change it meanwhile. (`send_frames` with
+    ``copy=False`` makes a zero-copy frame of each small frame too, which pyzmq then
+    copies anyway, at a cost.)
+    """
+    for frame in frames:
+        _send(sock, frame, _MORE_NOBLOCK, True)
+    _send(sock, payload, _NOBLOCK, False)
 
 
 def close_watched(loop: Any, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:

@@ -8,6 +8,7 @@ what is queued now over every puller. At-least-once queues go through `ReliableS
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -16,7 +17,14 @@ from typing import Any
 import zmq
 
 from .._io.reactor import EventLoop
-from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
+from .._io.sockets import (
+    can_send,
+    close_watched,
+    new_socket,
+    reconnect,
+    send_frames,
+    send_with_payload,
+)
 from .._mesh.directory import Directory
 from .._stats import Stats
 from .._wire.frames import (
@@ -30,7 +38,7 @@ from .._wire.frames import (
 )
 from ..config import NodeConfig
 from ..errors import ZmqMeshError
-from .pubsub import meta_frame, split_headed
+from .pubsub import FLUSH_SLICE_S, meta_frame, split_headed
 
 __all__ = ["Pusher", "MAX_PUSH_SOCKETS", "take_batch", "cut_frames"]
 
@@ -48,6 +56,9 @@ def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
     loop runs this: it looks at the front in one C call (``islice``, under the GIL, which
     no append can interrupt), and takes off only what it keeps."""
     popleft = q.popleft
+    if type(q[0]) is RawPayload:  # (alone, whatever the limit)
+        raw: RawPayload = popleft()
+        return [raw], len(raw)
     wanted = min(limit, len(q))
     if BATCH_BYTES // max(1, wire_size(q[0])) >= wanted:  # (all could fit, were they the head's size)
         bodies = list(islice(q, wanted))
@@ -159,7 +170,8 @@ class Pusher:
             self.wake()
 
     def flush(self, queue: str, q: deque[bytes]) -> bool:
-        """Send what ``q`` holds; True if the socket could not take it all now."""
+        """Send what ``q`` holds, for up to `FLUSH_SLICE_S` (then `wake` has the loop go on
+        at its next turn); True if the socket could not take it all now."""
         sock = self._sockets.get(queue)
         if sock is None or not q:
             return False
@@ -167,6 +179,8 @@ class Pusher:
         uuid = self.uuid
         counters = self.stats.pattern["pipeline"]
         pullers = max(1, len(self.directory.providers("queues", queue)))
+        read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
+        until = time.monotonic() + FLUSH_SLICE_S
         for bodies, size in cut_frames(q, pullers):
             n = len(bodies)
             headed = False
@@ -176,7 +190,9 @@ class Pusher:
                 n, size = len(bodies), sum(wire_size(b) for b in bodies)
             payload: Any = bodies[0] if n == 1 else b"".join(bodies)  # (or a `RawPayload`, alone)
             if type(payload) is RawPayload:
-                if self._all_read_raw(queue):
+                if read_raw is None:
+                    read_raw = self._all_read_raw(queue)
+                if read_raw:
                     frames = [name, uuid, b"", payload.data]
                 else:  # (encoded once: if the socket cannot take it now, it waits encoded)
                     payload = bodies[0] = payload.encoded()
@@ -186,7 +202,10 @@ class Pusher:
             if headed:
                 frames.append(meta_frame(bodies, self._sequence))
             try:
-                send_frames(sock, frames, copy=size < LARGE_FRAME)
+                if headed or size < LARGE_FRAME:
+                    send_frames(sock, frames, copy=size < LARGE_FRAME)
+                else:  # a large payload, last: only it goes uncopied
+                    send_with_payload(sock, frames[:-1], frames[-1])
             except zmq.ZMQError as exc:
                 q.extendleft(reversed(bodies))  # back at the front, in order
                 if not isinstance(exc, zmq.Again):
@@ -195,6 +214,9 @@ class Pusher:
             self._sequence += n
             counters["sent"] += n
             self._sent_names.add(queue, n)
+            if q and time.monotonic() >= until:  # the rest goes at the loop's next turn
+                self.wake()
+                break
         return False
 
     def _all_read_raw(self, queue: str) -> bool:
