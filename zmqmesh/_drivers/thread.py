@@ -512,13 +512,14 @@ class ThreadInbox(Dispatcher):
         so no time goes into receive attempts on empty sockets.
         """
         while not self.abandoned():
-            active = self.gather(calls, active)
-            if calls:
-                for burst in self.bursts(calls):
-                    self.before_handling(burst)
-                    self._execute(burst)
-                    self.after_handling()
-                calls.clear()
+            with self.replies_held():  # (requests are also answered as they are decoded: see `gather`)
+                active = self.gather(calls, active)
+                if calls:
+                    for burst in self.bursts(calls):
+                        self.before_handling(burst)
+                        self._execute(burst)
+                        self.after_handling()
+                    calls.clear()
             self._complete_done()
             self.after_handling()
             if not active and not self.has_posted():

@@ -128,6 +128,7 @@ class Dispatcher:
         self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies, frame's caller] (`send_reply`)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
         self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
+        self._holding = 0  # (`replies_held` entered and not yet left: it nests)
 
     def abandoned(self) -> bool:
         """True once a stop's deadline has passed: work still queued is then dropped."""
@@ -414,8 +415,12 @@ class Dispatcher:
         member = sender_id is not None and sender_id in self.directory.alive_ids
         services, decode, lookup = self.registry.services, self.codec.decode, self.directory.lookup_peer
         names = self._received_names["service"]
-        last_b, service, handler = b"", "", None
+        last_b, service, handler, here = b"", "", None, False
         taken = taken_before = 0  # (the requests taken for one service in a row are counted at once)
+        # the hot path, as for streams: with nothing gathered before them (the order holds),
+        # the handler is called right here as each request is decoded, no Call, no hand-off
+        # (and no spans: with traces on, each run goes through serve_as like any other)
+        in_place = tracing.active is None  # (the driver holds the replies meanwhile: `replies_held`)
         for service_b, request_id, body in requests:
             if service_b != last_b:
                 if taken > taken_before:
@@ -423,6 +428,7 @@ class Dispatcher:
                     taken_before = taken
                 last_b, service = service_b, service_b.decode("utf-8", "replace")
                 handler = services.get(service) if service[:1] != "\x00" else None
+                here = in_place and handler is not None and self.runs_in_place([handler])
             if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
                 self._decode_one_request((caller, request_id), service_b, body, None, calls)
                 continue
@@ -432,9 +438,18 @@ class Dispatcher:
                 self._decode_one_request((caller, request_id), service_b, body, None, calls)
                 continue
             route = (caller, request_id)
-            calls.append(Call(handler, Message("request", service, data, sender_id, lookup, route=route), route,
-                              "service"))
+            msg = Message("request", service, data, sender_id, lookup, route=route)
             taken += 1
+            if here and not calls:
+                started = self.handler_starting(handler, True)
+                try:
+                    result, error = handler(msg), None
+                except Exception as exc:
+                    result, error = None, exc
+                self.handler_finished(handler, started)
+                self.answer(route, result, error)
+            else:
+                calls.append(Call(handler, msg, route, "service"))
         if taken > taken_before:
             names.add(last_b, taken - taken_before)
         self.stats.pattern["service"]["received"] += taken
@@ -550,28 +565,32 @@ class Dispatcher:
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
         """Account for a finished call and send the reply of a request (owner thread only)."""
         route = call.route
-        if error is None and type(route) is tuple:  # a request answered (the common case, first)
-            request: tuple[bytes, bytes] = route  # type: ignore[assignment]  # (a CursorMark is not a plain tuple)
-            try:
-                body = self.codec.encode(result)
-            except Exception as exc:  # an unencodable return value is the handler's failure
-                self._reply_error(request, exc)
-            else:
-                self.send_reply(request, wire.STATUS_OK, body)
-                self.stats.pattern["service"]["sent"] += 1
+        if type(route) is tuple:  # a request (the common case, first; a CursorMark is not a plain tuple)
+            self.answer(route, result, error)  # type: ignore[arg-type]
             return
         if error is not None:
             self.stats.pattern[call.pattern]["errors"] += 1
-            if type(route) is not tuple:  # (a request's error goes back to its caller; a CursorMark is no request)
-                log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
+            log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
         if isinstance(route, BatchAck):
             self.acked.complete(call, route, error)
             return
         if isinstance(route, CursorMark):
             self.replays.handled(route)
+
+    def answer(self, route: tuple[bytes, bytes], result: Any, error: BaseException | None) -> None:
+        """Reply to the request of ``route`` with what its handler returned or raised, and
+        count it (owner thread only)."""
+        if error is None:
+            try:
+                body = self.codec.encode(result)
+            except Exception as exc:  # an unencodable return value is the handler's failure
+                self._reply_error(route, exc)
+            else:
+                self.send_reply(route, wire.STATUS_OK, body)
+                self.stats.pattern["service"]["sent"] += 1
             return
-        if route is not None and error is not None:  # (a request answered was done with above)
-            self._reply_error(route, error)
+        self.stats.pattern["service"]["errors"] += 1  # (it goes back to its caller: not logged here)
+        self._reply_error(route, error)
 
     def _reply_error(self, route: tuple[bytes, bytes], error: BaseException) -> None:
         """Send the ``0x01`` reply of a failed handler."""
@@ -615,15 +634,19 @@ class Dispatcher:
         `HOLD_LIMIT_S`) on each of its last `QUICK_RUNS` runs; so a reply waits, at most,
         for one such handler that turns slow (the asyncio driver lets them go after
         `HOLD_LIMIT_S` even then: `release_held`). (A context manager made once: one is
-        entered for every burst of calls.)"""
+        entered for every burst of calls. It nests: the replies go on leaving the outermost.)"""
         return self._replies_held
 
     def _hold(self) -> None:
-        self._held = {}
+        self._holding += 1
+        if self._holding == 1:
+            self._held = {}
 
     def _stop_holding(self) -> None:
-        self.release_held()
-        self._held = None
+        self._holding -= 1
+        if self._holding == 0:
+            self.release_held()
+            self._held = None
 
     def to_handle(self, calls: list[Call]) -> Iterator[Call]:
         """``calls``, in order, but those reached after the stop's deadline: dropped and counted."""
@@ -640,14 +663,18 @@ class Dispatcher:
     def starting(self, call: Call) -> float:
         """A handler is about to run; when it starts (see `replies_held`). Only services
         are timed: the held replies go out before any other handler."""
+        return self.handler_starting(call.handler, call.pattern == "service")
+
+    def handler_starting(self, handler: Callable[..., Any], timed: bool) -> float:
+        """`starting`, for ``handler`` (a service's if ``timed``) without its `Call`."""
         if self._held:
             try:
-                quick = self._quick.get(call.handler, 0) >= QUICK_RUNS
+                quick = self._quick.get(handler, 0) >= QUICK_RUNS
             except TypeError:  # an unhashable callable: never timed
                 quick = False
             if not quick:
                 self.release_held()
-        return time.monotonic() if call.pattern == "service" else 0.0
+        return time.monotonic() if timed else 0.0
 
     def release_held(self) -> None:
         """Send the replies held so far, and go on holding (before handlers that may be slow)."""
@@ -658,6 +685,10 @@ class Dispatcher:
 
     def finished(self, call: Call, started: float) -> None:
         """The handler of ``call``, started at ``started`` (`starting`), returned."""
+        self.handler_finished(call.handler, started)
+
+    def handler_finished(self, handler: Callable[..., Any], started: float) -> None:
+        """`finished`, for ``handler`` without its `Call`."""
         if not started:
             return
         quick = self._quick
@@ -665,11 +696,11 @@ class Dispatcher:
             quick.clear()
         try:
             if time.monotonic() - started < HOLD_LIMIT_S:
-                runs = quick.get(call.handler, 0)
+                runs = quick.get(handler, 0)
                 if runs < QUICK_RUNS:
-                    quick[call.handler] = runs + 1
+                    quick[handler] = runs + 1
             else:
-                quick[call.handler] = 0
+                quick[handler] = 0
         except TypeError:  # an unhashable callable: never held for
             pass
 
