@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +18,9 @@ pytestmark = pytest.mark.timeout(60)
 N = 25_000  # past send_queue_max (10,000): the calls wait for room as they go
 
 
-def test_push_many_and_publish_many_deliver_everything_in_order(mesh: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def _sender_and_receiver(mesh: dict[str, Any]) -> Iterator[tuple[zmqmesh.Node, list[Any], list[Any]]]:
+    """A sender, and what a receiver pulls from "jobs" and hears on "t.", in order."""
     pulled: list[Any] = []
     heard: list[Any] = []
     with zmqmesh.Node("sender", **mesh) as sender, zmqmesh.Node("receiver", **mesh) as receiver:
@@ -24,6 +28,11 @@ def test_push_many_and_publish_many_deliver_everything_in_order(mesh: dict[str, 
         receiver.subscribe("t.", lambda msg: heard.append(msg.data))
         sender.wait_for_pullers("jobs", timeout=10)
         sender.wait_for_subscribers("t.", 1, timeout=10)
+        yield sender, pulled, heard
+
+
+def test_push_many_and_publish_many_deliver_everything_in_order(mesh: dict[str, Any]) -> None:
+    with _sender_and_receiver(mesh) as (sender, pulled, heard):
         sender.push_many("jobs", ({"i": i} for i in range(N)), timeout=10)
         sender.publish_many("t.x", range(N))
         wait_until(lambda: len(pulled) == N and len(heard) == N, 30, "every item")
@@ -53,13 +62,7 @@ def test_a_flush_gives_the_loop_back_after_its_slice_and_sends_the_rest_at_its_n
 
     monkeypatch.setattr(pipeline, "FLUSH_SLICE_S", 0.0)
     monkeypatch.setattr(pubsub, "FLUSH_SLICE_S", 0.0)
-    pulled: list[Any] = []
-    heard: list[Any] = []
-    with zmqmesh.Node("sender", **mesh) as sender, zmqmesh.Node("receiver", **mesh) as receiver:
-        receiver.pull("jobs", lambda msg: pulled.append(msg.data))
-        receiver.subscribe("t.", lambda msg: heard.append(msg.data))
-        sender.wait_for_pullers("jobs", timeout=10)
-        sender.wait_for_subscribers("t.", 1, timeout=10)
+    with _sender_and_receiver(mesh) as (sender, pulled, heard):
         sender.push_many("jobs", range(N), timeout=10)
         sender.publish_many("t.x", range(N))
         wait_until(lambda: len(pulled) == N and len(heard) == N, 30, "every item")
