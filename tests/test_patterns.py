@@ -355,6 +355,54 @@ def test_handlers_added_and_removed_at_run_time_and_peers_learn_of_it(mesh: dict
         assert got == [1]
 
 
+
+_ENDLESS_PUSHER = """
+import sys, zmqmesh
+mesh, port = sys.argv[1], int(sys.argv[2])
+with zmqmesh.Node("endless", mesh=mesh, beacon_port=port) as node:
+    node.wait_for_pullers("stream", timeout=20)
+    items = [b"x" * 64] * 256
+    while True:
+        node.push_many("stream", items, timeout=20)
+"""
+
+
+def test_a_stream_that_never_pauses_holds_up_neither_requests_nor_a_new_subscription(mesh: dict[str, Any]) -> None:
+    """Between two bursts of a stream, the inbox thread looks at every socket and applies
+    subscriptions made meanwhile. It used to drain the sockets it found ready until they
+    ran dry: a pusher in another process faster than the handler kept them from it, and
+    requests and a new subscription waited for as long as it pushed."""
+    import subprocess
+    import sys
+
+    pulled = 0
+
+    def slow_count(msg: zmqmesh.Message) -> None:  # slower than the pusher: its queue never runs dry
+        nonlocal pulled
+        pulled += 1
+        sum(range(300))
+
+    got: list[Any] = []
+    with zmqmesh.Node("busy", **mesh) as busy, zmqmesh.Node("other", **mesh) as other:
+        busy.pull("stream", slow_count)
+        busy.service("echo", lambda msg: msg.data)
+        other.wait_for_service("echo", timeout=10)
+        pusher = subprocess.Popen([sys.executable, "-c", _ENDLESS_PUSHER, mesh["mesh"], str(mesh["beacon_port"])],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: pulled > 50_000, 30, "the stream to flow")
+            assert other.request("echo", "answered", timeout=5) == "answered"
+            busy.subscribe("t.", lambda msg: got.append(msg.data))
+            other.wait_for_subscribers("t.x", 1, timeout=10)
+            other.publish("t.x", "heard")
+            wait_until(lambda: got == ["heard"], 10, "the publication")
+            before = pulled
+            wait_until(lambda: pulled > before + 10_000, 10, "the stream, still flowing")
+            assert pusher.poll() is None, "the pusher pushed all along"
+        finally:
+            pusher.kill()
+            pusher.wait(10)
+
 def test_raising_handlers_are_counted_and_the_node_goes_on(mesh: dict[str, Any]) -> None:
     seen: list[int] = []
     node = zmqmesh.Node("n", **mesh)

@@ -33,7 +33,7 @@ from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.reactor import Reactor, run_on
-from .._io.sockets import recv_frames, send_frames
+from .._io.sockets import recv_frames, send_frames, with_input
 from .._io.waker import Waker
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
@@ -508,10 +508,15 @@ class ThreadInbox(Dispatcher):
     def _drain_all(self, calls: list[Call], active: Any) -> None:
         """Drain the sockets the poller found ready, in bursts, until they run dry.
 
-        Sockets that fill up meanwhile are found by the next poll (it is level-triggered),
-        so no time goes into receive attempts on empty sockets.
+        No time goes into receive attempts on empty sockets. Between two bursts, a
+        subscription made meanwhile is applied, and every socket that holds a message now
+        joins in: a stream that never pauses must not hold up requests, publications or a
+        new subscription until it does.
         """
         while not self.abandoned():
+            if self._resubscribe:
+                self._resubscribe = False
+                self.apply_subscriptions()
             with self.replies_held():  # (requests are also answered as they are decoded: see `gather`)
                 active = self.gather(calls, active)
                 if calls:
@@ -524,6 +529,7 @@ class ThreadInbox(Dispatcher):
             self.after_handling()
             if not active and not self.has_posted():
                 return
+            active = with_input(self.sockets)  # (one look at all three: reading it rearms their descriptors)
 
     def _complete_done(self) -> None:
         """Reply for the calls the handler pool finished (this thread only)."""
