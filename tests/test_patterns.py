@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -367,41 +371,88 @@ with zmqmesh.Node("endless", mesh=mesh, beacon_port=port) as node:
 """
 
 
-def test_a_stream_that_never_pauses_holds_up_neither_requests_nor_a_new_subscription(mesh: dict[str, Any]) -> None:
-    """Between two bursts of a stream, the inbox thread looks at every socket and applies
-    subscriptions made meanwhile. It used to drain the sockets it found ready until they
-    ran dry: a pusher in another process faster than the handler kept them from it, and
-    requests and a new subscription waited for as long as it pushed."""
-    import subprocess
-    import sys
+@contextlib.contextmanager
+def _endless_pusher(mesh: dict[str, Any]) -> Iterator[subprocess.Popen[bytes]]:
+    """A node in another process pushing to "stream" for as long as it lives."""
+    pusher = subprocess.Popen([sys.executable, "-c", _ENDLESS_PUSHER, mesh["mesh"], str(mesh["beacon_port"])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield pusher
+    finally:
+        pusher.kill()
+        pusher.wait(10)
 
-    pulled = 0
 
-    def slow_count(msg: zmqmesh.Message) -> None:  # slower than the pusher: its queue never runs dry
-        nonlocal pulled
-        pulled += 1
+class _SlowCount:
+    """A stream handler slower than the pusher: the stream's queue never runs dry."""
+
+    def __init__(self) -> None:
+        self.pulled = 0
+
+    def __call__(self, msg: zmqmesh.Message) -> None:
+        self.pulled += 1
         sum(range(300))
 
+
+@pytest.mark.parametrize("options", [{}, {"handler_concurrency": 2}], ids=["in-place", "pool"])
+def test_a_stream_that_never_pauses_holds_up_neither_requests_nor_a_new_subscription(
+        mesh: dict[str, Any], options: dict[str, Any]) -> None:
+    """Between two bursts of a stream, the inbox looks at every socket and applies
+    subscriptions made meanwhile, and each socket with input gives a frame at least. It
+    used to drain the sockets it found ready until they ran dry, the first one up to the
+    burst's limit: a pusher in another process faster than the handler kept them from it,
+    and requests and a new subscription waited for as long as it pushed."""
+    count = _SlowCount()
     got: list[Any] = []
-    with zmqmesh.Node("busy", **mesh) as busy, zmqmesh.Node("other", **mesh) as other:
-        busy.pull("stream", slow_count)
+    with zmqmesh.Node("busy", **mesh, **options) as busy, zmqmesh.Node("other", **mesh) as other:
+        busy.pull("stream", count)
         busy.service("echo", lambda msg: msg.data)
         other.wait_for_service("echo", timeout=10)
-        pusher = subprocess.Popen([sys.executable, "-c", _ENDLESS_PUSHER, mesh["mesh"], str(mesh["beacon_port"])],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_until(lambda: pulled > 50_000, 30, "the stream to flow")
+        with _endless_pusher(mesh) as pusher:
+            wait_until(lambda: count.pulled > 50_000, 30, "the stream to flow")
             assert other.request("echo", "answered", timeout=5) == "answered"
             busy.subscribe("t.", lambda msg: got.append(msg.data))
             other.wait_for_subscribers("t.x", 1, timeout=10)
             other.publish("t.x", "heard")
             wait_until(lambda: got == ["heard"], 10, "the publication")
-            before = pulled
-            wait_until(lambda: pulled > before + 10_000, 10, "the stream, still flowing")
+            before = count.pulled
+            wait_until(lambda: count.pulled > before + 10_000, 10, "the stream, still flowing")
             assert pusher.poll() is None, "the pusher pushed all along"
-        finally:
-            pusher.kill()
-            pusher.wait(10)
+
+
+def test_an_async_node_busy_with_a_stream_that_never_pauses_serves_as_well(mesh: dict[str, Any]) -> None:
+    """The same on an `AsyncNode`, whose stream handler's calls fill each burst: the
+    request and the publication came after the stream's frames, every time."""
+    count = _SlowCount()
+    got: list[Any] = []
+
+    async def slow(msg: zmqmesh.Message) -> None:
+        count(msg)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with zmqmesh.AsyncNode("busy", **mesh) as busy:
+            busy.pull("stream", slow)
+            busy.service("echo", lambda msg: msg.data)
+            with zmqmesh.Node("other", **mesh) as other, _endless_pusher(mesh) as pusher:
+                await loop.run_in_executor(None, lambda: other.wait_for_service("echo", timeout=10))
+                for _ in range(3000):
+                    if count.pulled > 50_000:
+                        break
+                    await asyncio.sleep(0.01)
+                assert await loop.run_in_executor(None, lambda: other.request("echo", "answered", timeout=5)) == \
+                    "answered"
+                busy.subscribe("t.", lambda msg: got.append(msg.data))
+                await loop.run_in_executor(None, lambda: other.wait_for_subscribers("t.x", 1, timeout=10))
+                other.publish("t.x", "heard")
+                for _ in range(1000):
+                    if got:
+                        break
+                    await asyncio.sleep(0.01)
+                assert got == ["heard"]
+                assert pusher.poll() is None, "the pusher pushed all along"
+
+    asyncio.run(main())
 
 def test_raising_handlers_are_counted_and_the_node_goes_on(mesh: dict[str, Any]) -> None:
     seen: list[int] = []

@@ -27,7 +27,7 @@ import zmq
 from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
-from .._io.sockets import close_watched, has_input, recv_frames
+from .._io.sockets import close_watched, has_input, recv_frames, with_input
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
 from .._observe import tracing
@@ -319,6 +319,10 @@ class LoopInbox(Dispatcher):
                     if self.has_waiting() and self._look is None:  # look again in a moment (once)
                         self._look = self.loop.call_later(_WAITING_LOOK_S, self._look_again)
                     return
+                # every socket that holds a message now takes its turn in the next burst: a
+                # stream that never pauses must not hold up requests or publications (a
+                # socket's descriptor does not signal again while it holds messages unread)
+                active = with_input(self.sockets)
                 await asyncio.sleep(0)  # let the loop breathe between bursts
         except Exception:
             if not self.abandoned():

@@ -63,10 +63,11 @@ QUICK_RUNS = 8
 """Runs in a row a handler must have been quick in before replies wait for it."""
 _MAX_TIMED_HANDLERS = 4096
 _MAX_CALLS = 256
-"""Calls one drain gathers before they run, give or take a frame (a frame is never cut:
-its calls may take the count past this). Each holds its message until it runs; an
-``async def`` stream handler on an `AsyncNode` took 2.9 us a message with bursts of 256,
-3.4 with 4096."""
+"""Calls one drain gathers before they run, give or take a frame from each socket (a frame
+is never cut, and every socket with input gives one at least, so that a stream on one
+never starves the others: their calls may take the count past this). Each holds its
+message until it runs; an ``async def`` stream handler on an `AsyncNode` took 2.9 us a
+message with bursts of 256, 3.4 with 4096."""
 
 
 class _RepliesHeld:
@@ -262,7 +263,7 @@ class Dispatcher:
         for i in range(_BURST):
             if i == 1 and not has_input(sock):
                 return False  # the common single message: a flag check, not a raised Again
-            if len(calls) >= _MAX_CALLS:
+            if i and len(calls) >= _MAX_CALLS:  # (a frame from each socket at least: none waits on another's stream)
                 return True  # (the rest waits for the next burst: what one holds is bounded)
             try:
                 frames = recv_frames(sock, views_from)
