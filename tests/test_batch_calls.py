@@ -51,7 +51,6 @@ def test_push_many_and_publish_many_deliver_everything_in_order(mesh: dict[str, 
         sender.publish_many("t.x", [])
 
 
-
 def test_a_flush_gives_the_loop_back_after_its_slice_and_sends_the_rest_at_its_next_turn(
         mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A caller that keeps a send queue full must not keep the loop sending for as long as

@@ -359,7 +359,6 @@ def test_handlers_added_and_removed_at_run_time_and_peers_learn_of_it(mesh: dict
         assert got == [1]
 
 
-
 _ENDLESS_PUSHER = """
 import sys, zmqmesh
 mesh, port = sys.argv[1], int(sys.argv[2])
@@ -453,6 +452,7 @@ def test_an_async_node_busy_with_a_stream_that_never_pauses_serves_as_well(mesh:
                 assert pusher.poll() is None, "the pusher pushed all along"
 
     asyncio.run(main())
+
 
 def test_raising_handlers_are_counted_and_the_node_goes_on(mesh: dict[str, Any]) -> None:
     seen: list[int] = []
