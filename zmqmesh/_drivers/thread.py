@@ -485,11 +485,8 @@ class ThreadInbox(Dispatcher):
         ready: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)  # (each looked at once first)
         try:
             while not self.stopping:
-                if self._resubscribe:
-                    self._resubscribe = False
-                    self.apply_subscriptions()
                 self._complete_done()
-                self._drain_all(calls, ready)
+                self._drain_all(calls, ready)  # (it applies a subscription made meanwhile first)
                 ready = self.used_with_input()
                 if ready:
                     continue
@@ -541,12 +538,11 @@ class ThreadInbox(Dispatcher):
             for call in self.to_handle(calls):
                 self._submit(call)
             return
-        with self.replies_held():
-            for call in self.to_handle(calls):
-                started = self.starting(call)
-                result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
-                self.finished(call, started)
-                self.complete(call, result, error)
+        for call in self.to_handle(calls):  # (under `_drain_all`'s `replies_held`)
+            started = self.starting(call)
+            result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
+            self.finished(call, started)
+            self.complete(call, result, error)
 
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
         with self._async_lock:

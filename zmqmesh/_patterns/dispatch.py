@@ -129,7 +129,6 @@ class Dispatcher:
         self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies, frame's caller] (`send_reply`)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
         self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
-        self._holding = 0  # (`replies_held` entered and not yet left: it nests)
 
     def abandoned(self) -> bool:
         """True once a stop's deadline has passed: work still queued is then dropped."""
@@ -635,19 +634,15 @@ class Dispatcher:
         `HOLD_LIMIT_S`) on each of its last `QUICK_RUNS` runs; so a reply waits, at most,
         for one such handler that turns slow (the asyncio driver lets them go after
         `HOLD_LIMIT_S` even then: `release_held`). (A context manager made once: one is
-        entered for every burst of calls. It nests: the replies go on leaving the outermost.)"""
+        entered for every burst of calls.)"""
         return self._replies_held
 
     def _hold(self) -> None:
-        self._holding += 1
-        if self._holding == 1:
-            self._held = {}
+        self._held = {}
 
     def _stop_holding(self) -> None:
-        self._holding -= 1
-        if self._holding == 0:
-            self.release_held()
-            self._held = None
+        self.release_held()
+        self._held = None
 
     def to_handle(self, calls: list[Call]) -> Iterator[Call]:
         """``calls``, in order, but those reached after the stop's deadline: dropped and counted."""
