@@ -434,17 +434,12 @@ def test_a_large_payload_goes_in_its_own_frame_only_to_pullers_that_read_it(
     from zmqmesh._patterns import pipeline
 
     sent: list[list[Any]] = []
-    real_send, real_send_with_payload = pipeline.send_frames, pipeline.send_with_payload
+    real_send = pipeline.send_frames
 
     def spy(sock: Any, frames: list[Any], copy: bool = True) -> None:
         if frames[0] == b"big":
             sent.append(frames)
         real_send(sock, frames, copy=copy)
-
-    def spy_with_payload(sock: Any, frames: list[Any], payload: Any) -> None:
-        if frames[0] == b"big":
-            sent.append([*frames, payload])
-        real_send_with_payload(sock, frames, payload)
 
     got: list[bytes] = []
     receiver = zmqmesh.Node("receiver", **mesh)
@@ -453,7 +448,6 @@ def test_a_large_payload_goes_in_its_own_frame_only_to_pullers_that_read_it(
         announcing.setattr(engine_module, "PROTOCOL", puller_protocol)
         receiver.start()
     monkeypatch.setattr(pipeline, "send_frames", spy)
-    monkeypatch.setattr(pipeline, "send_with_payload", spy_with_payload)
     with receiver:
         with zmqmesh.Node("sender", **mesh) as sender:
             sender.wait_for_pullers("big")

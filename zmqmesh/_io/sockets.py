@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import zmq
 
-__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "send_with_payload",
-           "close_watched", "reconnect"]
+__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "close_watched",
+           "reconnect"]
 
 T = TypeVar("T")
 
@@ -24,6 +24,7 @@ _POLLOUT = int(zmq.POLLOUT)
 # routing ids, groups and copy thresholds, which the frames of a node never use
 _send: Any = zmq.backend.Socket.send
 _recv: Any = zmq.backend.Socket.recv
+_COPY_THRESHOLD = zmq.COPY_THRESHOLD  # (pyzmq's: below it, a frame sent uncopied is copied all the same)
 # ``zmq_poll`` with no wait reads ``ZMQ_EVENTS`` in C; ``Socket.get`` looks the option up in
 # an enum in Python first (1.9 against 2.8 us a check here)
 _poll: Any = zmq.zmq_poll
@@ -100,24 +101,20 @@ def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -
     ``bytes`` never use, which a request's round trip pays for every frame; this calls
     the backend's ``send`` with plain ints. ZeroMQ takes a multipart message whole or
     not at all, so only the first frame can fail.
+
+    With ``copy=False`` the frames of pyzmq's copy threshold (64 KiB) or more go uncopied
+    (ZeroMQ keeps a reference until they are sent: the caller must not change them
+    meanwhile), and the smaller ones beside them are copied: pyzmq would copy them
+    anyway, after looking at their size, at about half as much again as a copy costs.
     """
-    for frame in frames[:-1]:
-        _send(sock, frame, _MORE_NOBLOCK, copy)
-    _send(sock, frames[-1], _NOBLOCK, copy)
-
-
-def send_with_payload(sock: zmq.Socket[Any], frames: list[bytes], payload: Any) -> None:
-    """Send ``frames`` and then ``payload`` as one message without blocking; raises
-    `zmq.Again` if it cannot go now (as `send_frames`).
-
-    The small frames are copied, and the payload is not: ZeroMQ keeps a reference to it
-    until it is sent, so the caller must not change it meanwhile. (`send_frames` with
-    ``copy=False`` takes each small frame the zero-copy way too, where pyzmq looks at its
-    size and copies it after all: about half as much again as a plain copy's cost.)
-    """
-    for frame in frames:
-        _send(sock, frame, _MORE_NOBLOCK, True)
-    _send(sock, payload, _NOBLOCK, False)
+    if copy:
+        for frame in frames[:-1]:
+            _send(sock, frame, _MORE_NOBLOCK, True)
+        _send(sock, frames[-1], _NOBLOCK, True)
+        return
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _send(sock, frame, _MORE_NOBLOCK if i < last else _NOBLOCK, len(frame) < _COPY_THRESHOLD)
 
 
 def close_watched(loop: Any, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:

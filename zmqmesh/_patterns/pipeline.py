@@ -17,14 +17,7 @@ from typing import Any
 import zmq
 
 from .._io.reactor import EventLoop
-from .._io.sockets import (
-    can_send,
-    close_watched,
-    new_socket,
-    reconnect,
-    send_frames,
-    send_with_payload,
-)
+from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
 from .._wire.frames import (
@@ -202,10 +195,7 @@ class Pusher:
             if headed:
                 frames.append(meta_frame(bodies, self._sequence))
             try:
-                if headed or size < LARGE_FRAME:
-                    send_frames(sock, frames, copy=size < LARGE_FRAME)
-                else:  # a large payload, last: only it goes uncopied
-                    send_with_payload(sock, frames[:-1], frames[-1])
+                send_frames(sock, frames, copy=size < LARGE_FRAME)
             except zmq.ZMQError as exc:
                 q.extendleft(reversed(bodies))  # back at the front, in order
                 if not isinstance(exc, zmq.Again):
