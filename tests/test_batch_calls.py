@@ -55,12 +55,11 @@ def test_a_flush_gives_the_loop_back_after_its_slice_and_sends_the_rest_at_its_n
         mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A caller that keeps a send queue full must not keep the loop sending for as long as
     it goes on: a flush sends for `FLUSH_SLICE_S` at most. With no time at all, each flush
-    sends a frame and leaves the rest for the loop's next turn: nothing is stranded (no
-    later call comes to wake the loop), and the order holds."""
-    from zmqmesh._patterns import pipeline, pubsub
+    sends a frame of each queue and leaves the rest for the loop's next turn: nothing is
+    stranded (no later call comes to wake the loop), and the order holds."""
+    from zmqmesh._engine import outbound
 
-    monkeypatch.setattr(pipeline, "FLUSH_SLICE_S", 0.0)
-    monkeypatch.setattr(pubsub, "FLUSH_SLICE_S", 0.0)
+    monkeypatch.setattr(outbound, "FLUSH_SLICE_S", 0.0)
     with _sender_and_receiver(mesh) as (sender, pulled, heard):
         sender.push_many("jobs", range(N), timeout=10)
         sender.publish_many("t.x", range(N))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from .._io.reactor import EventLoop
@@ -25,6 +26,11 @@ __all__ = ["Outbound"]
 log = logging.getLogger("zmqmesh.node")
 
 _RETRY_S = 0.002
+FLUSH_SLICE_S = 0.01
+"""How long one flush of the send queues goes on at most before the loop's other work
+(timers, heartbeats, replies) gets its turn: callers that keep a queue full would otherwise
+keep the loop sending for as long as they go on (0.8 s at a time was seen, pushing 64 KiB
+payloads). What is left goes at the loop's next turn."""
 
 
 class Outbound:
@@ -95,10 +101,9 @@ class Outbound:
         if publisher is None or pusher is None or reliable is None or publisher.closed:
             return
         blocked = False
+        until = time.monotonic() + FLUSH_SLICE_S
         if publisher.queue:
-            publisher.flush()
-            if publisher.queue:  # (it sent for its slice of time: the rest at the next turn)
-                self.wake()
+            publisher.flush(until)
         at_least_once = self.directory.offers["ackqueues"]
         for queue, q in list(pusher.queues.items()):
             try:
@@ -107,7 +112,7 @@ class Outbound:
                     continue
                 if reliable.redeliver.get(queue) and self.directory.providers("queues", queue):
                     q.extendleft(reversed(reliable.take_in_memory(queue)))  # (older: they go first)
-                if q and pusher.flush(queue, q):
+                if q and pusher.flush(queue, q, until):
                     blocked = True
             except Exception:  # one queue's failure must not starve the others
                 log.exception("sending on queue %r failed", queue)
@@ -129,6 +134,8 @@ class Outbound:
                 self.durable.reckon()
         if blocked and self._retry is None:
             self._retry = self.loop.call_later(_RETRY_S, self._on_retry)
+        if time.monotonic() >= until and (publisher.queue or any(pusher.queues.values())):
+            self.wake()  # (the slice ran out: the rest goes at the loop's next turn)
         self.space.notify()
 
     def _on_retry(self) -> None:

@@ -8,10 +8,10 @@ what is queued now over every puller. At-least-once queues go through `ReliableS
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import islice
+from time import monotonic
 from typing import Any
 
 import zmq
@@ -31,7 +31,7 @@ from .._wire.frames import (
 )
 from ..config import NodeConfig
 from ..errors import ZmqMeshError
-from .pubsub import FLUSH_SLICE_S, meta_frame, split_headed
+from .pubsub import meta_frame, split_headed
 
 __all__ = ["Pusher", "MAX_PUSH_SOCKETS", "take_batch", "cut_frames"]
 
@@ -162,9 +162,10 @@ class Pusher:
         if not sock.closed and can_send(sock) and any(self.queues.values()):
             self.wake()
 
-    def flush(self, queue: str, q: deque[bytes]) -> bool:
-        """Send what ``q`` holds, for up to `FLUSH_SLICE_S` (then `wake` has the loop go on
-        at its next turn); True if the socket could not take it all now."""
+    def flush(self, queue: str, q: deque[bytes], until: float) -> bool:
+        """Send what ``q`` holds, until the monotonic clock reads ``until`` (a frame at
+        least; the caller flushes again while more is queued); True if the socket could not
+        take it all now."""
         sock = self._sockets.get(queue)
         if sock is None or not q:
             return False
@@ -173,7 +174,6 @@ class Pusher:
         counters = self.stats.pattern["pipeline"]
         pullers = max(1, len(self.directory.providers("queues", queue)))
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
-        until = time.monotonic() + FLUSH_SLICE_S
         for bodies, size in cut_frames(q, pullers):
             n = len(bodies)
             headed = False
@@ -204,8 +204,7 @@ class Pusher:
             self._sequence += n
             counters["sent"] += n
             self._sent_names.add(queue, n)
-            if q and time.monotonic() >= until:  # the rest goes at the loop's next turn
-                self.wake()
+            if monotonic() >= until:
                 break
         return False
 

@@ -10,9 +10,9 @@ by the history and committed to it before they are sent.
 
 from __future__ import annotations
 
-import time
 from collections import Counter, deque
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 import msgpack
@@ -33,13 +33,7 @@ from .._wire.frames import (
 )
 from .history import History
 
-__all__ = ["Publisher", "GapCounter", "meta_frame", "FLUSH_SLICE_S"]
-
-FLUSH_SLICE_S = 0.01
-"""How long one flush of a send queue goes on at most before the loop's other work (timers,
-heartbeats, replies) gets its turn: callers that keep a queue full would otherwise keep
-the loop sending for as long as they go on (0.8 s at a time was seen, pushing 64 KiB
-payloads). The flush then goes on at the loop's next turn."""
+__all__ = ["Publisher", "GapCounter", "meta_frame"]
 
 _MAX_TRACKED_TOPICS = 65_536
 _MAX_TRACKED_STREAMS = 65_536
@@ -123,17 +117,17 @@ class Publisher:
                 wanted[endpoint] = peer.key
         reconnect(self.xpub, self._connected, wanted, self.connect)
 
-    def flush(self) -> None:
-        """Send what is queued, for up to `FLUSH_SLICE_S` (the caller flushes again while
-        the queue holds more): consecutive messages of one topic share a frame. With a
+    def flush(self, until: float) -> None:
+        """Send what is queued, until the monotonic clock reads ``until`` (a frame at least;
+        the caller flushes again while more is queued): consecutive messages of one topic
+        share a frame. With a
         history, the frames of kept topics are committed to it first, all in one
         transaction, and every frame is sent after that commit, in order."""
         q = self.queue
         history = self.history
         built: list[tuple[list[bytes], int, int, bool, bool, bool]] = []
         sent = unrouted = 0
-        until = time.monotonic() + FLUSH_SLICE_S
-        while q and (not built or time.monotonic() < until):  # (what is left goes at the loop's next turn)
+        while q and (not built or monotonic() < until):  # (what is left goes at the loop's next turn)
             topic, body = q.popleft()
             bodies = [body]
             size = wire_size(body)
