@@ -85,7 +85,9 @@ def test_a_hello_flood_makes_way_for_real_peers_and_never_evicts_them(mesh: dict
     """Strangers that HELLO from connections of their own, claim endpoints where nothing
     answers and keep pinging become peers, but at most MAX_UNPROVEN_PEERS of them: past
     it the oldest makes way. A real node proves itself (it answers a PING at its
-    endpoint) and is never the one that makes way."""
+    endpoint) and is never the one that makes way. (Refused at their endpoints, strangers
+    would also go after ``disconnect_grace_s``: here it is long, so that they stay as
+    strangers behind a silent firewall do, and have to make way.)"""
     dealers: list[Any] = []
 
     def flood(count: int, mailbox: str) -> None:
@@ -97,7 +99,7 @@ def test_a_hello_flood_makes_way_for_real_peers_and_never_evicts_them(mesh: dict
             dealers.append(dealer)
 
     try:
-        with zmqmesh.Node("a", **mesh) as a:
+        with zmqmesh.Node("a", **mesh, disconnect_grace_s=60.0) as a:
             flood(MAX_UNPROVEN_PEERS + 72, a.endpoints["mailbox"])
             wait_until(lambda: rejected(a, "unproven_peer_evicted") >= 72, 15, "strangers to make way")
             assert len(a.peers()) <= MAX_UNPROVEN_PEERS

@@ -8,9 +8,12 @@ import time
 from typing import Any
 
 import pytest
-from helpers import wait_until
+import zmq
+from helpers import fake_zre_peer, free_tcp_port, wait_until
 
 import zmqmesh
+from zmqmesh._wire import zre
+from zmqmesh._wire.zre import Command, ZreMessage
 
 
 def names(node: zmqmesh.Node) -> set[str]:
@@ -69,6 +72,57 @@ def test_sigkilled_peer_is_reported_within_one_second(spawn: Any, mesh: dict[str
         assert left[0][1] == "victim"
         assert left[0][0] - killed_at < 1.0, "a crashed peer on this host must be seen within 1 s"
         assert names(node) == set()
+
+
+def _hello_from(dealer: Any, endpoint: str, name: str) -> None:
+    dealer.send_multipart(zre.encode_command(ZreMessage(Command.HELLO, 1, endpoint=endpoint, name=name)))
+
+
+def test_a_peer_whose_endpoint_refuses_our_link_is_reported_gone_within_the_grace(
+        mesh: dict[str, Any], ctx: zmq.Context[Any]) -> None:
+    """A peer killed right after its HELLO reached us, before our link to it got through:
+    no DISCONNECTED ever comes for that link, only refused connects. It is gone within
+    `disconnect_grace_s`, not `peer_timeout_s` (here 30 s)."""
+    events: list[tuple[str, float]] = []
+    node = zmqmesh.Node("observer", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0})
+    node.on_join(lambda peer: events.append(("join", time.monotonic())))
+    node.on_leave(lambda peer: events.append(("leave", time.monotonic())))
+    with node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        inbox.close(0)  # the "killed" peer: nothing listens at its endpoint any more
+        _hello_from(dealer, endpoint, "short-lived")
+        wait_until(lambda: len(events) == 2, 5, "the join and the leave")
+        assert [kind for kind, _ in events] == ["join", "leave"]
+        assert events[1][1] - events[0][1] < 1.5
+        assert names(node) == set()
+        dealer.close(0)
+
+
+def test_a_peer_whose_endpoint_comes_up_within_the_grace_is_kept(
+        mesh: dict[str, Any], ctx: zmq.Context[Any]) -> None:
+    """Refused connects count as a link down only for ``disconnect_grace_s``: an endpoint
+    that starts listening within it gets our link, and the peer stays."""
+    events: list[str] = []
+    node = zmqmesh.Node("observer", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0,
+                                       "disconnect_grace_s": 2.0})
+    node.on_join(lambda peer: events.append("join"))
+    node.on_leave(lambda peer: events.append("leave"))
+    port = free_tcp_port()
+    with node:
+        unused, dealer, _ = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        unused.close(0)  # the peer claims another endpoint, where nothing listens yet
+        _hello_from(dealer, f"tcp://127.0.0.1:{port}", "slow-starter")
+        wait_until(lambda: events, 5, "the join")
+        time.sleep(0.3)  # our link is refused meanwhile
+        inbox = ctx.socket(zmq.ROUTER)
+        inbox.bind(f"tcp://127.0.0.1:{port}")
+        assert inbox.poll(3000), "our link came up and greeted the peer"
+        assert zre.decode_command(inbox.recv_multipart()[1:]).command == Command.HELLO
+        time.sleep(2.5)  # past the grace
+        assert events == ["join"]
+        assert names(node) == {"slow-starter"}
+        inbox.close(0)
+        dealer.close(0)
 
 
 def test_silent_peer_is_reported_within_the_timeout(spawn: Any, mesh: dict[str, Any]) -> None:

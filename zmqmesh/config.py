@@ -94,9 +94,9 @@ class NodeConfig:
             While this node's own event loop runs late (a starved host, a stopped
             process), the time it was late is not counted as silence, and peers get up
             to 8 more timeouts (given back as it runs on time; see docs/multihost.md).
-        disconnect_grace_s: after the TCP link to a peer drops, how long it may take to
-            reconnect before the peer is declared gone (a crashed process on this host is
-            seen this fast).
+        disconnect_grace_s: after the TCP link to a peer drops (or is refused before it
+            ever came up), how long it may take to get through before the peer is declared
+            gone (a crashed process on this host is seen this fast).
         accept_plain_zre: accept ZRE peers that are not zmqmesh nodes (pyre, zyre).
 
     Security (CURVE; see docs/security.md):

@@ -3,8 +3,9 @@
 Sans-I/O: it reads the peers' liveness fields and returns decisions; the engine sends the
 PINGs and removes the peers. A peer is declared gone:
 
-* within ``disconnect_grace_s`` when its TCP link drops and is not re-established (a
-  crashed process on this host, seen through a socket monitor);
+* within ``disconnect_grace_s`` when its TCP link drops and is not re-established, or
+  never comes up because the endpoint refuses it (a crashed process on this host, seen
+  through a socket monitor);
 * within ``peer_timeout_s`` when it falls silent (a stopped process, a cut link): a peer
   silent for ``heartbeat_interval_s`` is PINGed first.
 
@@ -115,6 +116,11 @@ class FailureDetector:
             peer.disconnected_at = now
             return True
         return False
+
+    @staticmethod
+    def forget_disconnect(peer: PeerState) -> None:
+        """Stop counting the link as down since the last `link_down` (its next one counts anew)."""
+        peer.disconnected_at = None
 
     @staticmethod
     def still_disconnected(peer: PeerState) -> bool:

@@ -581,8 +581,12 @@ class Membership:
             self._later(self.config.disconnect_grace_s, self._check_disconnected, peer)
 
     def _check_disconnected(self, peer: PeerState) -> None:
-        if self.peers.get(peer.uuid) is peer and self.detector.still_disconnected(peer):
+        if not self.detector.still_disconnected(peer):
+            return
+        if self.peers.get(peer.uuid) is peer:
             self._drop(peer, "connection lost")
+        else:  # a seed not yet answered: should it become a peer, its link's next failure counts
+            self.detector.forget_disconnect(peer)
 
     # -- timers ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ __all__ = ["Links", "link_liveness", "monitor_event"]
 
 log = logging.getLogger("zmqmesh.membership")
 
-_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 def link_liveness(peer_timeout_s: float) -> dict[int, int]:
@@ -59,7 +59,9 @@ def monitor_event(frames: list[bytes]) -> int | None:
 
 
 class Links:
-    """Opens, watches and closes the links to peers; reports link up/down to ``on_link``."""
+    """Opens, watches and closes the links to peers; reports link up/down to ``on_link``:
+    up at each completed handshake, down when a link that was up drops or when a connect
+    fails while the link is down (reported at each retry, up to one a second)."""
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, uuid: bytes,
                  keys: KeyPair | None, stats: Stats, on_link: Callable[[PeerState, bool], None]) -> None:
@@ -145,5 +147,11 @@ class Links:
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.on_link(peer, True)
             elif event == zmq.EVENT_DISCONNECTED:
+                self.on_link(peer, False)
+            elif event == zmq.EVENT_CONNECT_RETRIED and not peer.link_up:
+                # A connect that failed (refused, timed out) before the link ever came up:
+                # nothing listens at the endpoint any more, e.g. a peer killed right after its
+                # HELLO reached us, before our own link to it got through. No DISCONNECTED
+                # comes for a connection that never was, so this is how the link is seen down.
                 self.on_link(peer, False)
             monitor = peer.monitor
