@@ -260,8 +260,10 @@ class Dispatcher:
         # into bytes, or (a raw payload of a `zero_copy` pull) handed over as it is
         views_from = wire.LARGE_FRAME if kind != "req" else 0
         for i in range(_BURST):
-            if i == 1 and not has_input(sock):
-                return False  # the common single message: a flag check, not a raised Again
+            if i == 1 and not has_input(sock):  # the common single message: a flag check, not a raised Again
+                if sock is self.router:  # (its events were read after the replies sent so far, those sent
+                    self._router_used = False  # in place included: `used_with_input` need not look again)
+                return False
             if i and len(calls) >= _MAX_CALLS:  # (a frame from each socket at least: none waits on another's stream)
                 return True  # (the rest waits for the next burst: what one holds is bounded)
             try:
@@ -441,13 +443,7 @@ class Dispatcher:
             msg = Message("request", service, data, sender_id, lookup, route=route)
             taken += 1
             if here and not calls:
-                started = self.handler_starting(handler, True)
-                try:
-                    result, error = handler(msg), None
-                except Exception as exc:
-                    result, error = None, exc
-                self.handler_finished(handler, started)
-                self.answer(route, result, error)
+                self._serve_in_place(handler, msg, route)
             else:
                 calls.append(Call(handler, msg, route, "service"))
         if taken > taken_before:
@@ -501,7 +497,23 @@ class Dispatcher:
                 self.stats.reject("service_malformed")
                 self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
                 return
+        elif not calls and tracing.active is None and self.runs_in_place([handler]):  # (no meta: no chain)
+            self._serve_in_place(handler, msg, route)
+            return
         calls.append(Call(handler, msg, route, "service"))
+
+    def _serve_in_place(self, handler: Callable[..., Any], msg: Message, route: tuple[bytes, bytes]) -> None:
+        """Run a request's sync ``handler`` right where it was decoded and answer it: what
+        `starting`, `run_sync`, `finished` and `complete` do for its `Call`, without one.
+        Only with nothing gathered before it (the order holds), handlers run one at a time,
+        no headers (no chain of waiting nodes to serve as) and no tracing."""
+        started = self.handler_starting(handler, True)
+        try:
+            result, error = handler(msg), None
+        except Exception as exc:
+            result, error = None, exc
+        self.handler_finished(handler, started)
+        self.answer(route, result, error)
 
     def _serve_builtin(self, service: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
                        calls: list[Call]) -> bool:
