@@ -47,6 +47,7 @@ from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import RequestBatches
 from .._stats import RequestTally
+from .._wire.frames import STATUS_OK
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import send_batches, send_request
 
@@ -86,6 +87,11 @@ class AsyncRunner:
             raise
         value: Any = None
         error: BaseException | None = None
+        if type(plan) is QuickRequest:
+            rest, value, error = await self._run_quick(plan)
+            if rest is None:
+                return value
+            plan = rest
         while True:
             tally = None
             if isinstance(plan, QuickRequest):
@@ -116,6 +122,29 @@ class AsyncRunner:
                     raise TypeError(f"unknown step {step!r}")
             except Exception as exc:
                 error = exc
+
+
+    async def _run_quick(self, quick: QuickRequest) -> tuple[Plan | None, Any, BaseException | None]:
+        """A request's quick way, as `advance_call` takes it, spared its steps: the exchange
+        and an OK reply give ``(None, the result, None)``; anything else gives the plan
+        that goes on from there, with the outcome to go on with."""
+        requester = self.engine.requests
+        assert isinstance(requester, LoopRequester), "the node is not started"
+        step = quick.advance(None, requester.tally)[1]
+        if step is None:
+            return quick.plan(), None, None
+        try:
+            future = requester.exchange(step)
+            try:
+                reply = await future
+            except asyncio.CancelledError:
+                requester.abandon(future)
+                raise
+        except Exception as exc:
+            return quick.plan(), None, exc
+        if reply[0] == STATUS_OK:
+            return None, quick.result(reply[1], requester.tally), None
+        return quick.plan(), reply, None
 
 
 class LoopCommits:
