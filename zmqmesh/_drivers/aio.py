@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from .._engine.api import OnLoop, Plan, advance, advance_call, fetch_plan
+from .._engine.api import OnLoop, Plan, advance, fetch_plan
 from .._engine.engine import Engine
 from .._engine.stop import AFTER_LOOP, CALLER, INBOX, ON_LOOP, stop_plan
 from .._io.sockets import close_watched, has_input, recv_frames, with_input
@@ -87,18 +87,13 @@ class AsyncRunner:
             raise
         value: Any = None
         error: BaseException | None = None
-        if type(plan) is QuickRequest:
+        if isinstance(plan, QuickRequest):
             rest, value, error = await self._run_quick(plan)
             if rest is None:
                 return value
             plan = rest
         while True:
-            tally = None
-            if isinstance(plan, QuickRequest):
-                requester = self.engine.requests
-                assert isinstance(requester, LoopRequester), "the node is not started"
-                tally = requester.tally
-            plan, finished, step = advance_call(plan, value, error, tally)
+            finished, step = advance(plan, value, error)
             if finished:
                 return step
             value, error = None, None
@@ -122,7 +117,6 @@ class AsyncRunner:
                     raise TypeError(f"unknown step {step!r}")
             except Exception as exc:
                 error = exc
-
 
     async def _run_quick(self, quick: QuickRequest) -> tuple[Plan | None, Any, BaseException | None]:
         """A request's quick way, as `advance_call` takes it, spared its steps: the exchange
