@@ -585,8 +585,8 @@ class Membership:
             return
         if self.peers.get(peer.uuid) is peer:
             self._drop(peer, "connection lost")
-        else:  # a seed not yet answered: should it become a peer, its link's next failure counts
-            self.detector.forget_disconnect(peer)
+        else:  # not (or no longer) a peer, e.g. a seed not yet answered: should it become
+            self.detector.forget_disconnect(peer)  # one, its link's next failure counts anew
 
     # -- timers ---------------------------------------------------------------------------
 

@@ -60,8 +60,9 @@ def monitor_event(frames: list[bytes]) -> int | None:
 
 class Links:
     """Opens, watches and closes the links to peers; reports link up/down to ``on_link``:
-    up at each completed handshake, down when a link that was up drops or when a connect
-    fails while the link is down (reported at each retry, up to one a second)."""
+    up at each completed handshake, down when a link that was up drops and when a connect
+    fails while the link is down (at each retry: every 0.1 s at first, backing off to one a
+    second)."""
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, uuid: bytes,
                  keys: KeyPair | None, stats: Stats, on_link: Callable[[PeerState, bool], None]) -> None:
@@ -149,9 +150,9 @@ class Links:
             elif event == zmq.EVENT_DISCONNECTED:
                 self.on_link(peer, False)
             elif event == zmq.EVENT_CONNECT_RETRIED and not peer.link_up:
-                # A connect that failed (refused, timed out) before the link ever came up:
-                # nothing listens at the endpoint any more, e.g. a peer killed right after its
-                # HELLO reached us, before our own link to it got through. No DISCONNECTED
-                # comes for a connection that never was, so this is how the link is seen down.
+                # A connect failed (refused, timed out) while the link is down. For a link
+                # that was up, DISCONNECTED said so already; for one that never came up (a
+                # peer killed right after its HELLO reached us, before our own link to it got
+                # through) no DISCONNECTED ever comes, so this is how it is seen down.
                 self.on_link(peer, False)
             monitor = peer.monitor
