@@ -88,10 +88,26 @@ class AsyncRunner:
         value: Any = None
         error: BaseException | None = None
         if isinstance(plan, QuickRequest):
-            rest, value, error = await self._run_quick(plan)
-            if rest is None:
-                return value
-            plan = rest
+            # its quick way, as `advance_call` takes it, spared the steps: the exchange, and
+            # the result of an OK reply; otherwise the plan goes on from there, with the outcome
+            quick = plan
+            requester = self.engine.requests
+            assert isinstance(requester, LoopRequester), "the node is not started"
+            step = quick.advance(None, requester.tally)[1]
+            if step is not None:
+                try:
+                    future = requester.exchange(step)
+                    try:
+                        value = await future
+                    except asyncio.CancelledError:
+                        requester.abandon(future)
+                        raise
+                except Exception as exc:
+                    error = exc
+                else:
+                    if value[0] == STATUS_OK:
+                        return quick.result(value[1], requester.tally)
+            plan = quick.plan()
         while True:
             finished, step = advance(plan, value, error)
             if finished:
@@ -117,28 +133,6 @@ class AsyncRunner:
                     raise TypeError(f"unknown step {step!r}")
             except Exception as exc:
                 error = exc
-
-    async def _run_quick(self, quick: QuickRequest) -> tuple[Plan | None, Any, BaseException | None]:
-        """A request's quick way, as `advance_call` takes it, spared its steps: the exchange
-        and an OK reply give ``(None, the result, None)``; anything else gives the plan
-        that goes on from there, with the outcome to go on with."""
-        requester = self.engine.requests
-        assert isinstance(requester, LoopRequester), "the node is not started"
-        step = quick.advance(None, requester.tally)[1]
-        if step is None:
-            return quick.plan(), None, None
-        try:
-            future = requester.exchange(step)
-            try:
-                reply = await future
-            except asyncio.CancelledError:
-                requester.abandon(future)
-                raise
-        except Exception as exc:
-            return quick.plan(), None, exc
-        if reply[0] == STATUS_OK:
-            return None, quick.result(reply[1], requester.tally), None
-        return quick.plan(), reply, None
 
 
 class LoopCommits:
