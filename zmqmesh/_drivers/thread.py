@@ -85,7 +85,7 @@ class BlockingRunner:
             quick, requester = call, self._requester()
             step = quick.advance(None, requester.tally)[1]
             if step is not None:
-                value, error = self._exchange(requester, step)
+                value, error = self._exchange_outcome(requester, step)
                 if error is None and value[0] == wire.STATUS_OK:
                     return quick.result(value[1], requester.tally)
             call = quick.plan()
@@ -98,9 +98,9 @@ class BlockingRunner:
                 continue
             if requester is None:
                 requester = self._requester()
-            value, error = self._exchange(requester, step)
+            value, error = self._exchange_outcome(requester, step)
 
-    def _exchange(self, requester: ThreadRequester, step: Exchange) -> tuple[Any, BaseException | None]:
+    def _exchange_outcome(self, requester: ThreadRequester, step: Exchange) -> tuple[Any, BaseException | None]:
         """Carry out an exchange on the calling thread's ``requester``: ``(reply, None)``,
         or ``(None, the error)``."""
         try:
