@@ -47,7 +47,6 @@ from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import RequestBatches
 from .._stats import RequestTally
-from .._wire.frames import STATUS_OK
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import send_batches, send_request
 
@@ -105,8 +104,9 @@ class AsyncRunner:
                 except Exception as exc:
                     error = exc
                 else:
-                    if value[0] == STATUS_OK:
-                        return quick.result(value[1], requester.tally)
+                    finished, result = quick.advance(value, requester.tally)
+                    if finished:
+                        return result
             plan = quick.plan()
         while True:
             finished, step = advance(plan, value, error)

@@ -86,8 +86,10 @@ class BlockingRunner:
             step = quick.advance(None, requester.tally)[1]
             if step is not None:
                 value, error = self._exchange_outcome(requester, step)
-                if error is None and value[0] == wire.STATUS_OK:
-                    return quick.result(value[1], requester.tally)
+                if error is None:
+                    finished, result = quick.advance(value, requester.tally)
+                    if finished:
+                        return result
             call = quick.plan()
         while True:
             finished, step = advance(call, value, error)

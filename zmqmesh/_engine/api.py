@@ -717,24 +717,16 @@ class NodeBase:
         """The calls of ``service`` once per item (as `_request_call`), made as they are
         asked for: what the calls share is checked once, with the first item, after its
         data is encoded (each item raises what `_request_plan` raises, in the same order)."""
-        made = iter(items)
-        for data in made:
-            body = self._encode_call(data)
-            calls = self._prepare_calls(service, timeout, peer, headers)
+        engine = self._engine
+        encode = engine.codec.encode
+        calls = None
+        for data in items:
+            # `_encode_call`, its checks made inline (once per item): only a forked or stopped
+            # node goes through it, to raise what it must
+            body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else encode(data)
+            if calls is None:
+                calls = self._prepare_calls(service, timeout, peer, headers)
             yield self._quick_or_plan(calls, body)
-            break
-        else:
-            return
-        engine, encode, calling, seconds = self._engine, self._engine.codec.encode, calls.calling, calls.seconds
-        for data in made:  # (what `_encode_call` and `_quick_or_plan` do, inline: this runs once per item)
-            if self._forks != _FORKS[0] or engine.closed:
-                self._encode_call(data)  # (raises what it must)
-            body = encode(data)
-            if calling is not None and tracing.active is None:
-                now = time.monotonic()
-                yield QuickRequest(calling, body, now + seconds, now)
-            else:
-                yield self._plan_call(calls, body)
 
     def _quick_or_plan(self, calls: _Calls, body: bytes) -> Plan | QuickRequest:
         if calls.calling is not None and tracing.active is None:  # (a traced call has its span, and headers)

@@ -261,8 +261,7 @@ class Dispatcher:
         views_from = wire.LARGE_FRAME if kind != "req" else 0
         for i in range(_BURST):
             if i == 1 and not has_input(sock):  # the common single message: a flag check, not a raised Again
-                if sock is self.router:  # (its events were read after the replies sent so far, those sent
-                    self._router_used = False  # in place included: `used_with_input` need not look again)
+                self._events_read(sock)
                 return False
             if i and len(calls) >= _MAX_CALLS:  # (a frame from each socket at least: none waits on another's stream)
                 return True  # (the rest waits for the next burst: what one holds is bounded)
@@ -497,7 +496,7 @@ class Dispatcher:
                 self.stats.reject("service_malformed")
                 self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
                 return
-        elif not calls and tracing.active is None and self.runs_in_place([handler]):  # (no meta: no chain)
+        if meta is None and not calls and tracing.active is None and self.runs_in_place([handler]):
             self._serve_in_place(handler, msg, route)
             return
         calls.append(Call(handler, msg, route, "service"))
@@ -737,6 +736,14 @@ class Dispatcher:
         if wanted != self.subscribed:
             self._sub_used = True
         self.subscribed = wanted
+
+    def _events_read(self, sock: zmq.Socket[Any]) -> None:
+        """``sock``'s events were just read, after its use so far (replies sent, those sent
+        in place included; subscriptions set): `used_with_input` need not look at it."""
+        if sock is self.router:
+            self._router_used = False
+        elif sock is self.sub:
+            self._sub_used = False
 
     def used_with_input(self) -> list[tuple[zmq.Socket[Any], str]]:
         """Of the sockets used since the last call (replies sent on the router, the SUB's

@@ -120,9 +120,8 @@ class Publisher:
     def flush(self, until: float) -> None:
         """Send what is queued, until the monotonic clock reads ``until`` (a frame at least;
         the caller flushes again while more is queued): consecutive messages of one topic
-        share a frame. With a
-        history, the frames of kept topics are committed to it first, all in one
-        transaction, and every frame is sent after that commit, in order."""
+        share a frame. With a history, the frames of kept topics are committed to it first,
+        all in one transaction, and every frame is sent after that commit, in order."""
         q = self.queue
         history = self.history
         built: list[tuple[list[bytes], int, int, bool, bool, bool]] = []
