@@ -75,10 +75,14 @@ class AsyncRunner:
         self.engine = engine
         self.commits = LoopCommits(engine)
 
-    async def run(self, plan: Plan | QuickRequest) -> Any:
-        """Carry out ``plan`` (or a request that may go the quick way) and return its
-        result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`, and so
-        does a call from another event loop."""
+    async def run(self, plan_or_make: Plan | QuickRequest | Callable[..., Plan | QuickRequest],
+                  *make_args: Any) -> Any:
+        """Carry out a plan (or a request that may go the quick way) and return its result;
+        raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`, and so does a call
+        from another event loop. Given ``make_args``, ``plan_or_make`` is the function that
+        makes the plan from them, called once this is awaited (and what it raises is raised
+        first): a request from a coroutine is then one coroutine, not two."""
+        plan: Plan | QuickRequest = plan_or_make(*make_args) if make_args else plan_or_make  # type: ignore
         try:
             check_loop(self.engine)
         except ZmqMeshError:
@@ -92,7 +96,7 @@ class AsyncRunner:
             quick = plan
             requester = self.engine.requests
             assert isinstance(requester, LoopRequester), "the node is not started"
-            step = quick.advance(None, requester.tally)[1]
+            step = quick.begin(requester.tally)
             if step is not None:
                 try:
                     future = requester.exchange(step)

@@ -207,7 +207,7 @@ class Pipelined:
         tally, batches, add = self._tally, self._batches, self.outstanding.add
         for job in jobs:
             plan = job.plan
-            step = plan.advance(None, tally)[1] if isinstance(plan, QuickRequest) else None
+            step = plan.begin(tally) if isinstance(plan, QuickRequest) else None
             if step is None:
                 if isinstance(plan, QuickRequest):
                     job.plan = plan.plan()

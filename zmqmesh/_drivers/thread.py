@@ -83,7 +83,7 @@ class BlockingRunner:
             # its quick way, as `advance_call` takes it, spared the steps: the exchange, and
             # the result of an OK reply; otherwise the plan goes on from there, with the outcome
             quick, requester = call, self._requester()
-            step = quick.advance(None, requester.tally)[1]
+            step = quick.begin(requester.tally)
             if step is not None:
                 value, error = self._exchange_outcome(requester, step)
                 if error is None:

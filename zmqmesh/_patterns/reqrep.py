@@ -162,9 +162,9 @@ class QuickRequest:
     goes well: a provider of protocol 4 or later at hand, a body small enough to batch,
     and an OK reply.
 
-    The driver calls `advance` with None to begin, then with the reply ``(status, body)``.
-    When it answers ``(False, None)``, or when the send or the wait fails, the quick way
-    ends: `plan` makes the call's plan, picked up where the quick way left it, and the
+    The driver calls `begin` (or `advance` with None), then `advance` with the reply
+    ``(status, body)``. When it answers None or ``(False, None)``, or when the send or the
+    wait fails, the quick way ends: `plan` makes the call's plan, picked up where the quick way left it, and the
     driver goes on with that, giving it the same reply or failure. The plan is the
     definition; this is its shortest path, taken step for step.
     """
@@ -179,22 +179,29 @@ class QuickRequest:
         self.provider: Provider | None = None  # (picked: the plan goes on with it)
         self.sent = False
 
-    def advance(self, reply: tuple[bytes, bytes] | None, tally: RequestTally) -> tuple[bool, Any]:
-        """Begin (``reply`` None): ``(False, the exchange to send)``, counted as sent in the
-        driver's ``tally``. Given the reply: ``(True, its result)`` when it is OK (how long
-        the caller waited goes to ``tally``; raises `DecodeError` when it cannot be
-        decoded). ``(False, None)`` when the quick way ends here: go on with `plan`."""
+    def begin(self, tally: RequestTally) -> Exchange | None:
+        """The exchange to send, counted as sent in the driver's ``tally``; None when the
+        quick way ends before it (no provider of protocol 4 at hand, or a large body): go
+        on with `plan`."""
         calling = self.calling
+        if len(self.body) >= wire.LARGE_FRAME:
+            return None
         service = calling.service
+        provider = self.provider = calling.directory.pick_provider(service, calling.only)
+        if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
+            return None
+        self.sent = True
+        sent = tally.sent
+        sent[service] = sent.get(service, 0) + 1
+        return _exchange((provider, service, calling.service_b, self.body, self.deadline, None, True))
+
+    def advance(self, reply: tuple[bytes, bytes] | None, tally: RequestTally) -> tuple[bool, Any]:
+        """Begin (``reply`` None): ``(False, the exchange to send)`` (`begin`). Given the
+        reply: ``(True, its result)`` when it is OK (how long the caller waited goes to
+        ``tally``; raises `DecodeError` when it cannot be decoded). ``(False, None)`` when
+        the quick way ends here: go on with `plan`."""
         if reply is None:
-            if len(self.body) >= wire.LARGE_FRAME:
-                return False, None
-            provider = self.provider = calling.directory.pick_provider(service, calling.only)
-            if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
-                return False, None
-            self.sent = True
-            tally.sent[service] = tally.sent.get(service, 0) + 1
-            return False, _exchange((provider, service, calling.service_b, self.body, self.deadline, None, True))
+            return False, self.begin(tally)
         if reply[0] != wire.STATUS_OK:
             return False, None
         return True, self.result(reply[1], tally)
