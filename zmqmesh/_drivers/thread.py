@@ -499,19 +499,26 @@ class ThreadInbox(Dispatcher):
             by_fd[pair[0].FD] = pair
             poller.register(pair[0].FD, select.POLLIN)
         calls: list[Call] = []
+        router = self.router.FD
         ready: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)  # (each looked at once first)
         try:
             while not self.stopping:
                 self._complete_done()
                 self._drain_all(calls, ready)  # (it applies a subscription made meanwhile first)
                 ready = self.used_with_input()
-                if ready:
-                    continue
-                for fd, _event in poller.poll(_IDLE_LOOK_MS):
-                    if fd == waker:
-                        self._waker.clear()
-                    else:
-                        ready.append(by_fd[fd])
+                while not ready:
+                    found = poller.poll(_IDLE_LOOK_MS)
+                    # the router alone, with nothing else to do: a lone request, served without a drain
+                    if len(found) == 1 and found[0][0] == router and not self._done and not self._resubscribe \
+                            and self.serve_lone_request(calls):
+                        ready = self.used_with_input()
+                        continue
+                    for fd, _event in found:
+                        if fd == waker:
+                            self._waker.clear()
+                        else:
+                            ready.append(by_fd[fd])
+                    break
             self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
         except Exception:
             log.exception("inbox thread failed")

@@ -116,6 +116,7 @@ class Dispatcher:
         self.router = router
         self.sockets = ((router, "req"), (pull, "pull"), (sub, "sub"))
         self._router_used = False  # (since `used_with_input` last looked: replies sent)
+        self._received: list[bytes] | None = None  # a message taken from the router, for `drain`
         self._sub_used = False  # (subscriptions set)
         self.events: deque[Call] = deque()
         self.event_bytes = 0  # WHISPER and SHOUT frames waiting in ``events``
@@ -259,7 +260,12 @@ class Dispatcher:
         # a large frame of a stream comes as a view of ZeroMQ's buffer: it is decoded, copied
         # into bytes, or (a raw payload of a `zero_copy` pull) handed over as it is
         views_from = wire.LARGE_FRAME if kind != "req" else 0
-        for i in range(_BURST):
+        first = 0
+        if self._received is not None and sock is self.router:  # (received by `serve_lone_request`)
+            frames, self._received = self._received, None
+            self._take(kind, frames, calls)
+            first = 1
+        for i in range(first, _BURST):
             if i == 1 and not has_input(sock):  # the common single message: a flag check, not a raised Again
                 self._events_read(sock)
                 return False
@@ -272,16 +278,46 @@ class Dispatcher:
             except zmq.ZMQError as exc:
                 log.debug("receive failed: %s", exc)
                 return False
-            try:
-                if kind == "req":
-                    self._decode_request(frames, calls)
-                else:
-                    self._decode_stream(kind, frames, calls)
-            except Exception as exc:  # malformed input from the wire
-                self.stats.pattern[_PATTERN_OF[kind]]["errors"] += 1
-                self.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
-                log.debug("dropping a malformed %s message: %s", kind, exc)
+            self._take(kind, frames, calls)
         return True
+
+    def _take(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
+        """Decode a message received from the ``kind`` socket into ``calls`` (a request
+        may be served at once: `_serve_in_place`); a malformed one is dropped and counted."""
+        try:
+            if kind == "req":
+                self._decode_request(frames, calls)
+            else:
+                self._decode_stream(kind, frames, calls)
+        except Exception as exc:  # malformed input from the wire
+            self.stats.pattern[_PATTERN_OF[kind]]["errors"] += 1
+            self.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
+            log.debug("dropping a malformed %s message: %s", kind, exc)
+
+    def serve_lone_request(self, calls: list[Call]) -> bool:
+        """When the router alone signalled, and nothing else waits (no event, publication
+        of this node or page of history posted, no sender or history to look at again, no
+        stop begun): receive one message from it and, if it is a request that may be
+        served in place, answer it at once, without a drain (True). False when the driver
+        is to drain the router as usual: something else waits (nothing was received), or
+        the message needs the drain, which takes it first: a batch (its replies merge with
+        those to the frames after it) or a call for a handler (it joins ``calls``). (A lone
+        caller's round trip is this node's wake-up, its handler and its reply: a drain's
+        look at every queue first was a tenth of it.)"""
+        if self.stopping or calls or self.events or self.local_frames or self.pages or self.streams_changed \
+                or self.replays.waiting():
+            return False
+        try:
+            frames = recv_frames(self.router)
+        except zmq.ZMQError:  # (Again: the signal was another's, and the router's events are read)
+            self._events_read(self.router)
+            return True
+        if len(frames) == 2 and wire.is_batch(frames[1]):
+            self._received = frames
+            return False
+        self._take("req", frames, calls)
+        self._router_used = True  # (more may have come meanwhile: `used_with_input` looks)
+        return not calls
 
     def _decode_stream(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
         stats = self.stats
