@@ -217,21 +217,19 @@ class ThreadRequester:
         `tally`."""
         with self.in_use:
             self.check_open()
-            return self._exchange(step)
-
-    def _exchange(self, step: Exchange) -> tuple[bytes, bytes]:
-        engine = self.engine
-        provider = step.provider
-        if engine.directory.epoch != self._membership_epoch:
-            self._prune()
-        sock = self.sockets.get(provider.id) or self._connect(provider)
-        request_id = next(self._ids).to_bytes(8, "big")
-        try:
-            send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
-        except zmq.ZMQError as exc:
-            raise send_failure(exc, provider.id, engine, step.service) from exc
-        engine.stats.count_sent(self.tally, 1)
-        return self._wait(sock, request_id, provider, step.service, step.deadline)
+            engine = self.engine
+            provider = step.provider
+            if engine.directory.epoch != self._membership_epoch:
+                self._prune()
+            sock = self.sockets.get(provider.id) or self._connect(provider)
+            request_id = next(self._ids).to_bytes(8, "big")
+            try:
+                send_frames(sock, wire.request_frames(step.service_b, request_id, step.body, step.meta, step.compact),
+                            copy=len(step.body) < wire.LARGE_FRAME)
+            except zmq.ZMQError as exc:
+                raise send_failure(exc, provider.id, engine, step.service) from exc
+            engine.stats.count_sent(self.tally, 1)
+            return self._wait(sock, request_id, provider, step.service, step.deadline)
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
@@ -437,10 +435,10 @@ class ThreadInbox(Dispatcher):
 
     def runs_handlers_here(self) -> bool:
         """True on a thread that runs this node's handlers (inbox, handler pool, async handler loop)."""
-        current = threading.current_thread()
+        current = threading.get_ident()
         handler_loop = self._async_loop
-        return (current is self.thread or current.ident in self._pool_threads
-                or (handler_loop is not None and current is handler_loop.thread))
+        return (current == self.thread.ident or current in self._pool_threads
+                or (handler_loop is not None and current == handler_loop.thread.ident))
 
     def waits_for_caller(self) -> bool:
         """True when the calling thread runs one of this node's handlers and they run one
