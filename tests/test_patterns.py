@@ -216,6 +216,57 @@ def test_a_late_reply_is_dropped_and_the_next_call_gets_its_own(mesh: dict[str, 
         assert client.stats()["request"]["dropped"] == 1
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_one_request_at_a_time_reaches_every_kind_of_handler(mesh: dict[str, Any], concurrency: int) -> None:
+    """Requests that come one at a time (a blocking caller's) are served as soon as they
+    come, each on its own, or handed to the drain when they must be: an ``async def``
+    handler, a handler pool, a failing handler, a malformed frame, a batch. Each call gets
+    its own reply, and the malformed frame is counted, not fatal."""
+    import msgpack
+    import zmq
+
+    from zmqmesh._wire import frames as wire
+
+    provider = zmqmesh.Node("kinds", handler_concurrency=concurrency, **mesh)
+    provider.service("plain", lambda msg: ["def", msg.data])
+
+    @provider.service("awaited")
+    async def awaited(msg: zmqmesh.Message) -> Any:
+        await asyncio.sleep(0)
+        return ["async", msg.data]
+
+    @provider.service("boom")
+    def boom(msg: zmqmesh.Message) -> None:
+        raise ValueError(f"no {msg.data}")
+
+    with provider, zmqmesh.Node("caller", **mesh) as caller:
+        for name in ("plain", "awaited", "boom"):
+            caller.wait_for_service(name, timeout=10)
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.RCVTIMEO, 5000)
+        try:
+            dealer.connect(provider.endpoints["service"])
+            for i in range(15):
+                assert caller.request("plain", i, timeout=5) == ["def", i]
+                assert caller.request("awaited", i, timeout=5) == ["async", i]
+                with pytest.raises(zmqmesh.RemoteError, match=f"no {i}"):
+                    caller.request("boom", i, timeout=5)
+            malformed = provider.stats()["rejected"].get("service_malformed", 0)
+            dealer.send(b"\x05ech")  # a one-frame request cut short
+            wait_until(lambda: provider.stats()["rejected"].get("service_malformed", 0) == malformed + 1, 10,
+                       "the malformed frame counted")
+            dealer.send(wire.request_batch([(b"plain", b"a", msgpack.packb(1)), (b"awaited", b"b", msgpack.packb(2))]))
+            replies = {}
+            while len(replies) < 2:
+                frame = dealer.recv()
+                batch = wire.parse_reply_batch(frame) if wire.is_batch(frame) else [wire.parse_reply([frame])]
+                replies.update({rid: (status, msgpack.unpackb(body)) for rid, status, body in batch})
+            assert replies == {b"a": (wire.STATUS_OK, ["def", 1]), b"b": (wire.STATUS_OK, ["async", 2])}
+            assert caller.request("plain", "after", timeout=5) == ["def", "after"]
+        finally:
+            dealer.close(0)
+
+
 def test_a_request_that_came_while_a_handler_held_the_loop_is_served(mesh: dict[str, Any]) -> None:
     """An `AsyncNode` provider whose handler holds its loop gets a second request on the
     same connection meanwhile: once the handler returns and its reply is out, the inbox
