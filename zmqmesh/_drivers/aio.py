@@ -82,7 +82,7 @@ class AsyncRunner:
         from another event loop. Given ``make_args``, ``plan_or_make`` is the function that
         makes the plan from them, called once this is awaited (and what it raises is raised
         first): a request from a coroutine is then one coroutine, not two."""
-        plan: Plan | QuickRequest = plan_or_make(*make_args) if make_args else plan_or_make  # type: ignore
+        plan: Plan | QuickRequest = plan_or_make(*make_args) if make_args else plan_or_make  # type: ignore[operator,assignment]
         try:
             check_loop(self.engine)
         except ZmqMeshError:

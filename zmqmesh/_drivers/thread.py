@@ -497,7 +497,7 @@ class ThreadInbox(Dispatcher):
             by_fd[pair[0].FD] = pair
             poller.register(pair[0].FD, select.POLLIN)
         calls: list[Call] = []
-        router = self.router.FD
+        router_fd = self.router.FD
         ready: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)  # (each looked at once first)
         try:
             while not self.stopping:
@@ -507,7 +507,7 @@ class ThreadInbox(Dispatcher):
                 while not ready:
                     found = poller.poll(_IDLE_LOOK_MS)
                     # the router alone, with nothing else to do: a lone request, served without a drain
-                    if len(found) == 1 and found[0][0] == router and not self._done and not self._resubscribe \
+                    if len(found) == 1 and found[0][0] == router_fd and not self._done and not self._resubscribe \
                             and self.serve_lone_request(calls):
                         ready = self.used_with_input()
                         continue

@@ -164,9 +164,9 @@ class QuickRequest:
 
     The driver calls `begin` (or `advance` with None), then `advance` with the reply
     ``(status, body)``. When it answers None or ``(False, None)``, or when the send or the
-    wait fails, the quick way ends: `plan` makes the call's plan, picked up where the quick way left it, and the
-    driver goes on with that, giving it the same reply or failure. The plan is the
-    definition; this is its shortest path, taken step for step.
+    wait fails, the quick way ends: `plan` makes the call's plan, picked up where the
+    quick way left it, and the driver goes on with that, giving it the same reply or
+    failure. The plan is the definition; this is its shortest path, taken step for step.
     """
 
     __slots__ = ("calling", "body", "deadline", "started", "provider", "sent")
