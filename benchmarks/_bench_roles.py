@@ -545,7 +545,8 @@ def raw_req_client(ctl: Ctl, mode: str, n: int, warm: int, window: int = 1, **_:
 def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh: str, window: int = 1, **_: Any) -> None:
     """zmqmesh client: ``sync_lat`` (`Node.request`), ``async_lat`` (`AsyncNode.request`),
     ``inflight`` (``window`` coroutines calling in a loop), ``many`` (`Node.request_many`
-    with ``window`` in flight), ``outstanding`` (``n`` at once)."""
+    with ``window`` in flight), ``amany`` (`AsyncNode.request_many`, the same),
+    ``outstanding`` (``n`` at once)."""
     if mode == "many":
         node = _mesh_node("Node", "bench-client", beacon_port, mesh)
         with node:
@@ -602,6 +603,15 @@ def zm_req_client(ctl: Ctl, mode: str, n: int, warm: int, beacon_port: int, mesh
                     lats.append(pc() - t)
                 _check_reply(reply, n - 1)
                 ctl.send("result", **_lat_summary(lats), stats=node.stats()["request"], **_rss())
+            elif mode == "amany":
+                await node.request_many(SERVICE, [_echo_data(i) for i in range(warm)], timeout=10, window=window)
+                items = [{"id": i, "payload": PAYLOAD} for i in range(n)]
+                t0 = time.perf_counter()
+                replies = await asyncio.wait_for(node.request_many(SERVICE, items, timeout=20, window=window),
+                                                 ctl.remaining())
+                elapsed = time.perf_counter() - t0
+                _check_reply(replies[-1], n - 1)
+                ctl.send("result", per_s=n / elapsed, elapsed_s=elapsed, stats=node.stats()["request"], **_rss())
             elif mode == "inflight":
                 ids = iter(range(n))
 

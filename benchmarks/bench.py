@@ -357,6 +357,8 @@ MEASUREMENTS: dict[str, Measurement] = {
            lambda t, p: trial_req(t, "raw", "coroutines", p["inflight_n"], p["req_warm"], window=p["window"])),
         _m("zm_req_many", "Node.request_many, 64 in flight from one thread",
            lambda t, p: trial_req(t, "zm", "many", p["inflight_n"], p["req_warm"], window=p["window"])),
+        _m("zm_req_amany", "await AsyncNode.request_many, 64 in flight from one coroutine",
+           lambda t, p: trial_req(t, "zm", "amany", p["inflight_n"], p["req_warm"], window=p["window"])),
         _m("raw_req_clients", "3 client processes, each a blocking DEALER with 64 outstanding",
            lambda t, p: trial_req_clients(t, "raw", 3, p["inflight_n"], p["req_warm"], p["window"]), 2.0),
         _m("zm_req_clients", "3 client processes, each Node.request_many with 64 in flight",
@@ -517,6 +519,8 @@ SCENARIOS: dict[str, list[Figure]] = {
     "req_inflight": [
         Figure("req_inflight", "64 requests in flight: AsyncNode (64 coroutines) vs DEALER 64 outstanding", "zm_req_inflight", "raw_req_inflight", "per_s", "req/s", True, 0.8),
         Figure("req_inflight/sync", "64 requests in flight: Node.request_many (one thread) vs DEALER 64 outstanding", "zm_req_many", "raw_req_inflight", "per_s", "req/s", True, 0.8),
+        Figure("req_inflight/async_many", "64 requests in flight: AsyncNode.request_many (one coroutine) vs DEALER "
+               "64 outstanding", "zm_req_amany", "raw_req_inflight", "per_s", "req/s", True, 0.8),
         Figure("req_inflight/asyncio", "64 coroutines each awaiting its reply: AsyncNode vs zmq.asyncio with a future "
                "per request (the same model, raw)", "zm_req_inflight", "raw_req_coroutines", "per_s", "req/s", True, None),
     ],

@@ -530,3 +530,63 @@ def test_an_async_provider_never_holds_a_reply_for_a_sync_handler(mesh: dict[str
         dealer.close(0)
         stop.set()
         thread.join(10)
+
+
+def test_async_request_many_gives_up_what_it_no_longer_waits_for(mesh: dict[str, Any]) -> None:
+    """`AsyncNode.request_many` keeps its window in the requester's table without a future
+    per request: a request_many that is cancelled forgets its requests (their replies, when
+    they come, are counted as dropped), one that times out raises `MeshTimeoutError`, an
+    item that cannot be encoded raises `TypeError` at once, and a call that first waits
+    for its provider goes on as its plan; the node serves the next call every time."""
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("provider", handler_concurrency=4, **mesh) as provider, \
+                zmqmesh.AsyncNode("client", **mesh) as client:
+            provider.service("echo", lambda msg: msg.data)
+
+            @provider.service("nap")
+            def nap(msg: zmqmesh.Message) -> Any:
+                time.sleep(0.3)
+                return msg.data
+
+            await client.wait_for_service("nap", timeout=10)
+            many = asyncio.ensure_future(client.request_many("nap", range(8), timeout=10, window=8))
+            await asyncio.sleep(0.1)
+            many.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await many
+            for _ in range(200):  # (the loop must run meanwhile: the replies are read on it)
+                if client.stats()["request"]["dropped"] >= 8:
+                    break
+                await asyncio.sleep(0.05)
+            assert client.stats()["request"]["dropped"] == 8  # every reply came late, and was counted
+            assert await client.request_many("echo", range(100), timeout=10) == list(range(100))
+
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                await client.request_many("nap", range(8), timeout=0.1)
+            with pytest.raises(TypeError):
+                await client.request_many("echo", [1, object(), 3], timeout=10)
+            assert await client.request_many("echo", ["after"], timeout=10) == ["after"]
+
+            late = asyncio.ensure_future(client.request_many("later", range(20), timeout=10))
+            await asyncio.sleep(0.2)
+            provider.service("later", lambda msg: -msg.data)
+            assert await late == [-i for i in range(20)]
+
+    asyncio.run(main())
+
+
+def test_async_request_many_refills_its_window_as_replies_come(mesh: dict[str, Any]) -> None:
+    """The window is refilled where its replies are read, also when they are read right
+    after a batch went (the requester's look at the sockets it sent on): the requests made
+    there go in the next batch, never left waiting until their timeout. Large runs, a
+    window that is not a multiple of a batch, each must finish well within its timeout."""
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("client", **mesh) as client:
+            await client.wait_for_service("echo", timeout=10)
+            for window in (64, 40, 7):
+                items = list(range(6000))
+                assert await client.request_many("echo", items, timeout=15, window=window) == items
+
+    with zmqmesh.Node("provider", **mesh) as provider:  # (its own threads: replies come while the client reads)
+        provider.service("echo", lambda msg: msg.data)
+        asyncio.run(main())

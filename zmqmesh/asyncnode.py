@@ -14,7 +14,6 @@ from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
-from ._patterns.in_order import InOrder
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
@@ -167,34 +166,11 @@ class AsyncNode(NodeBase):
                            headers: dict[str, str] | None = None) -> list[Any]:
         """Call ``service`` once per item of ``items``, up to ``window`` at a time, and
         return the replies in order (see `Node.request_many`: the same rules, the first
-        failure in item order raised). The requests still in flight when it raises are
-        cancelled."""
+        failure in item order raised). The requests still in flight when it raises, or
+        when it is cancelled, are forgotten."""
         check_window(window)
         self._check_loop()
-        calls: InOrder[asyncio.Future[Any]] = InOrder(window)
-        index_of: dict[asyncio.Future[Any], int] = {}
-        pending = iter(items)
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and calls.room():
-                    try:
-                        data = next(pending)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    call = asyncio.ensure_future(self.request(service, data, timeout, peer, headers=headers))
-                    index_of[call] = calls.begin(call)
-                if not calls.waiting():
-                    break
-                done, _ = await asyncio.wait(index_of, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    error = task.exception()
-                    calls.end(index_of.pop(task), None if error else task.result(), error)
-        finally:
-            for task in calls.running.values():
-                task.cancel()
-        return calls.outcome()
+        return await self._runner.run_many(self._request_calls(service, items, timeout, peer, headers), window)
 
     async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""

@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Any
 
 import zmq
@@ -42,10 +44,11 @@ from .._patterns.calls import (
 )
 from .._patterns.dispatch import HOLD_LIMIT_S, Dispatcher
 from .._patterns.durable import Ticket
+from .._patterns.in_order import InOrder
 from .._patterns.outstanding import Outstanding
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
-from .._patterns.request_batches import RequestBatches
+from .._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from .._stats import RequestTally
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from .pipelined import send_batches, send_request
@@ -76,20 +79,19 @@ class AsyncRunner:
         self.commits = LoopCommits(engine)
 
     async def run(self, plan_or_make: Plan | QuickRequest | Callable[..., Plan | QuickRequest],
-                  *make_args: Any) -> Any:
+                  *make_args: Any, value: Any = None, error: BaseException | None = None) -> Any:
         """Carry out a plan (or a request that may go the quick way) and return its result;
         raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`, and so does a call
         from another event loop. Given ``make_args``, ``plan_or_make`` is the function that
         makes the plan from them, called once this is awaited (and what it raises is raised
-        first): a request from a coroutine is then one coroutine, not two."""
+        first): a request from a coroutine is then one coroutine, not two. A plan begun
+        elsewhere goes on with the outcome of its last step: ``value`` or ``error``."""
         plan: Plan | QuickRequest = plan_or_make(*make_args) if make_args else plan_or_make  # type: ignore[operator,assignment]
         try:
             check_loop(self.engine)
         except ZmqMeshError:
             plan.close()
             raise
-        value: Any = None
-        error: BaseException | None = None
         if isinstance(plan, QuickRequest):
             # its quick way, as `advance_call` takes it, spared the steps: the exchange, and
             # the result of an OK reply; otherwise the plan goes on from there, with the outcome
@@ -137,6 +139,175 @@ class AsyncRunner:
                     raise TypeError(f"unknown step {step!r}")
             except Exception as exc:
                 error = exc
+
+
+    async def run_many(self, calls: Iterable[Plan | QuickRequest], window: int) -> list[Any]:
+        """Carry out ``calls`` (made one by one as there is room) with at most ``window`` in
+        flight, and return their results in order; the rules of `_drivers.pipelined.run_many`
+        (`InOrder`): raises the error of the first call, in order, that failed, and what
+        making a call raises. The requests still in flight when it raises, or when it is
+        cancelled, are forgotten.
+
+        A request that goes the quick way waits in the requester's table as a `_WindowSlot`,
+        not a future: its reply is taken where it is read, the window is refilled right
+        there, a batch's worth at a time (so a full batch goes at once), and this one
+        coroutine wakes only when all is done. A request that needs more than its quick
+        way goes on as its plan, in a task."""
+        requester = self.engine.requests
+        assert isinstance(requester, LoopRequester), "the node is not started"
+        check_loop(self.engine)
+        window_ = _Window(self, requester, InOrder(window), iter(calls), min(EARLY_ITEMS, window))
+        try:
+            window_.fill()
+            while not window_.finished():
+                await window_.changed()
+            if window_.error is not None:
+                raise window_.error
+        finally:
+            window_.forget()
+        return window_.calls.outcome()
+
+
+class _WindowSlot:
+    """A request of `AsyncRunner.run_many`'s window that goes the quick way, as the
+    requester's table holds it: what a future would be told (`set_result`,
+    `set_exception`) goes straight to the window."""
+
+    __slots__ = ("window", "index", "quick", "finished")
+
+    def __init__(self, window: _Window, index: int, quick: QuickRequest) -> None:
+        self.window = window
+        self.index = index
+        self.quick = quick
+        self.finished = False
+
+    def done(self) -> bool:
+        """Whether its outcome is known (or the window gave it up): a reply now is late."""
+        return self.finished
+
+    def set_result(self, reply: tuple[bytes, bytes]) -> None:
+        """The reply ``(status, body)`` came: the item's result, or its plan goes on."""
+        self.finished = True
+        window = self.window
+        try:
+            finished, result = self.quick.advance(reply, window.requester.tally)
+        except Exception as exc:
+            window.end(self.index, None, exc)
+            return
+        if finished:
+            window.end(self.index, result, None)
+        else:
+            window.carry_on(self.index, self.quick, reply, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        """The request failed (timed out, its provider left, the node stopped...): its plan
+        decides what that means."""
+        self.finished = True
+        self.window.carry_on(self.index, self.quick, None, error)
+
+
+class _Window:
+    """The calls of one `AsyncRunner.run_many`: making them as there is room, and what
+    they came to."""
+
+    def __init__(self, runner: AsyncRunner, requester: LoopRequester, calls: InOrder[Any],
+                 made: Iterator[Plan | QuickRequest], refill: int) -> None:
+        self.runner = runner
+        self.requester = requester
+        self.calls = calls
+        self.loop = runner.engine.loop
+        self.error: Exception | None = None  # what making a call raised
+        self._made = made
+        self._more = True
+        self._refill = refill
+        self._waiter: asyncio.Future[None] | None = None
+
+    def fill(self) -> None:
+        """Make calls for the next items while the window has room for `refill` of them
+        (and no call failed); what making one raises ends the window (`error`)."""
+        calls = self.calls
+        free = calls.free()
+        if not self._more or free < self._refill or calls.failures or self.error is not None:
+            return
+        started = 0
+        try:
+            for call in islice(self._made, free):
+                self.start(call)
+                started += 1
+        except Exception as exc:
+            self.error, self._more = exc, False
+            return
+        self._more = started == free
+
+    def finished(self) -> bool:
+        """Whether nothing is left to wait for: every call ended (or one failed, and
+        those before it ended), and no more are to be made."""
+        calls = self.calls
+        return self.error is not None or (not calls.waiting() and (not self._more or bool(calls.failures)))
+
+    def start(self, call: Plan | QuickRequest) -> None:
+        """Begin ``call``, for the next item."""
+        calls = self.calls
+        if isinstance(call, QuickRequest):
+            step = call.begin(self.requester.tally)
+            if step is not None:
+                slot = _WindowSlot(self, len(calls.results), call)
+                calls.begin(slot)
+                try:
+                    self.requester.gather(step, slot)
+                except Exception as exc:  # (no socket to the provider: the plan decides)
+                    slot.set_exception(exc)
+                return
+            call = call.plan()
+        index = calls.begin(None)
+        self._follow(index, self.loop.create_task(self.runner.run(call)))
+
+    def carry_on(self, index: int, quick: QuickRequest, value: Any, error: BaseException | None) -> None:
+        """The quick way of item ``index`` ended: its plan goes on, in a task, with the outcome."""
+        self._follow(index, self.loop.create_task(self.runner.run(quick.plan(), value=value, error=error)))
+
+    def _follow(self, index: int, task: asyncio.Task[Any]) -> None:
+        self.calls.running[index] = task
+        task.add_done_callback(lambda done: self._task_done(index, done))
+
+    def _task_done(self, index: int, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or index not in self.calls.running:
+            return
+        error = task.exception()
+        self.end(index, None if error is not None else task.result(), error)
+
+    def end(self, index: int, value: Any, error: BaseException | None) -> None:
+        """Item ``index`` returned ``value`` or failed with ``error``: the window is refilled,
+        and the coroutine woken once all is done."""
+        self.calls.end(index, value, error)
+        self.fill()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and self.finished():
+            waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Wait until all is done (`finished`), or a call's end says so."""
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def forget(self) -> None:
+        """Give up the calls still running: tasks cancelled, requests forgotten (their
+        late replies are counted as dropped); no more are made."""
+        self._more = False
+        running = self.calls.running
+        slots = False
+        for waiting in running.values():
+            if isinstance(waiting, _WindowSlot):
+                waiting.finished = True
+                slots = True
+            elif isinstance(waiting, asyncio.Task):
+                waiting.cancel()
+        running.clear()
+        if slots:
+            self.requester.abandon(None)
 
 
 class LoopCommits:
@@ -440,7 +611,10 @@ class LoopInbox(Dispatcher):
         self.close_sockets()
 
 
-def _fail_future(future: asyncio.Future[Any], error: BaseException) -> None:
+_done = operator.methodcaller("done")  # (a future's, or a `_WindowSlot`'s)
+
+
+def _fail_future(future: Any, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
 
@@ -457,12 +631,12 @@ class LoopRequester:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sockets: dict[str, zmq.Socket[Any]] = {}
-        self.outstanding: Outstanding[asyncio.Future[tuple[bytes, bytes]]] = Outstanding()
+        self.outstanding: Outstanding[Any] = Outstanding()  # (futures, and `_WindowSlot`s)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._unchecked: set[str] = set()
         self._sweep_soon = False
-        self._batches: RequestBatches[str, asyncio.Future[tuple[bytes, bytes]]] = RequestBatches()
+        self._batches: RequestBatches[str, Any] = RequestBatches()
         self.tally = RequestTally()
         """What the loop's coroutines' requests count: added to the stats every
         `TALLY_FOLD_AT` requests sent (`Stats.count_sent`), and meanwhile counted by
@@ -485,14 +659,31 @@ class LoopRequester:
             if has_input(sock):
                 self._on_readable(step.provider.id)
             return future
-        if self._batches.ready:  # a full batch goes now (its futures fail if it cannot)
+        self._gathered(step.provider.id)
+        return future
+
+    def gather(self, step: Exchange, waiter: _WindowSlot) -> None:
+        """Gather a request of a quick way (`QuickRequest.begin`: one a batch can carry)
+        into its provider's batch, whether or not the provider is busy, as one of many at
+        hand; ``waiter`` is told its outcome as a future would be. It goes with the batches
+        of this pass of the loop, or at once with a batch that fills up."""
+        provider_id = step.provider.id
+        self._socket(step.provider)
+        request_id = self.outstanding.add(waiter, provider_id, step.service, step.deadline)
+        gathered = self._batches.add(provider_id, request_id, waiter, step, True)
+        assert gathered, "a quick request is one a batch carries"
+        if step.deadline < self._timer_at:
+            self._arm(step.deadline)
+        self._gathered(provider_id)
+
+    def _gathered(self, provider_id: str) -> None:
+        if self._batches.ready:  # a full batch goes now (its waiters fail if it cannot)
             self._send_batches(full_only=True)
         if not self._unchecked:
             self.engine.loop.call_soon(self._check_sent)
-        self._unchecked.add(step.provider.id)
-        return future
+        self._unchecked.add(provider_id)
 
-    def abandon(self, future: asyncio.Future[Any]) -> None:
+    def abandon(self, future: Any) -> None:
         """Forget the request of ``future`` (cancelled with its caller), soon: the requests
         cancelled during one pass of the loop are forgotten in one sweep (cancelling a
         gather of n requests must not cost n sweeps)."""
@@ -502,7 +693,7 @@ class LoopRequester:
 
     def _forget_abandoned(self) -> None:
         self._sweep_soon = False
-        self.outstanding.forget_where(asyncio.Future.done)
+        self.outstanding.forget_where(_done)
 
     def _arm(self, deadline: float) -> None:
         if self._timer is not None:
@@ -535,19 +726,18 @@ class LoopRequester:
         """At the end of a pass of the loop that gathered requests: send the batches
         (`RequestBatches`), then read the sockets sent on that hold replies: sending may
         have swallowed the descriptor's signal (once per pass, not per request; a request
-        sent alone is looked after by `exchange`, at once)."""
-        try:
-            self._send_batches()
-            for provider_id in self._unchecked:
-                sock = self.sockets.get(provider_id)
-                if sock is not None and has_input(sock):
-                    self._on_readable(provider_id)
-        finally:
-            self._unchecked.clear()  # (the next request sent schedules this again)
+        sent alone is looked after by `exchange`, at once). The requests gathered while it
+        reads (a window refilled as its replies come: `_Window`) schedule the next one."""
+        unchecked, self._unchecked = self._unchecked, set()
+        self._send_batches()
+        for provider_id in unchecked:
+            sock = self.sockets.get(provider_id)
+            if sock is not None and has_input(sock):
+                self._on_readable(provider_id)
 
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
-                            asyncio.Future.done, full_only=full_only)
+                            _done, full_only=full_only)
         if sent:
             self.engine.stats.count_sent(self.tally, sent)
 
