@@ -140,7 +140,6 @@ class AsyncRunner:
             except Exception as exc:
                 error = exc
 
-
     async def run_many(self, calls: Iterable[Plan | QuickRequest], window: int) -> list[Any]:
         """Carry out ``calls`` (made one by one as there is room) with at most ``window`` in
         flight, and return their results in order; the rules of `_drivers.pipelined.run_many`
@@ -271,7 +270,10 @@ class _Window:
         task.add_done_callback(lambda done: self._task_done(index, done))
 
     def _task_done(self, index: int, task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or index not in self.calls.running:
+        if index not in self.calls.running:  # (given up: `forget`)
+            return
+        if task.cancelled():  # (by someone else than this window: a failure, not a hang)
+            self.end(index, None, ZmqMeshError("the call's task was cancelled"))
             return
         error = task.exception()
         self.end(index, None if error is not None else task.result(), error)
