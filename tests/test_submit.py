@@ -571,6 +571,10 @@ def test_async_request_many_gives_up_what_it_no_longer_waits_for(mesh: dict[str,
             await asyncio.sleep(0.2)
             provider.service("later", lambda msg: -msg.data)
             assert await late == [-i for i in range(20)]
+        with pytest.raises(zmqmesh.NodeClosedError):
+            await client.request_many("echo", [1], timeout=10)
+        with pytest.raises(zmqmesh.NodeClosedError):
+            await zmqmesh.AsyncNode("never-started", **mesh).request_many("echo", [1], timeout=10)
 
     asyncio.run(main())
 

@@ -166,10 +166,11 @@ class AsyncNode(NodeBase):
                            headers: dict[str, str] | None = None) -> list[Any]:
         """Call ``service`` once per item of ``items``, up to ``window`` at a time, and
         return the replies in order (see `Node.request_many`: the same rules, the first
-        failure in item order raised). The requests still in flight when it raises, or
-        when it is cancelled, are forgotten."""
+        failure in item order raised; `NodeClosedError` when the node is not running). The
+        requests still in flight when it raises, or when it is cancelled, are forgotten."""
         check_window(window)
         self._check_loop()
+        self._engine.ensure_running()
         return await self._runner.run_many(self._request_calls(service, items, timeout, peer, headers), window)
 
     async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
