@@ -536,8 +536,9 @@ def test_async_request_many_gives_up_what_it_no_longer_waits_for(mesh: dict[str,
     """`AsyncNode.request_many` keeps its window in the requester's table without a future
     per request: a request_many that is cancelled forgets its requests (their replies, when
     they come, are counted as dropped), one that times out raises `MeshTimeoutError`, an
-    item that cannot be encoded raises `TypeError` at once, and a call that first waits
-    for its provider goes on as its plan; the node serves the next call every time."""
+    item that cannot be encoded raises `TypeError` at once, and a call with headers, or
+    one that first waits for its provider, goes on as its plan; the node serves the next
+    call every time, and a node that is not running raises `NodeClosedError`."""
     async def main() -> None:
         async with zmqmesh.AsyncNode("provider", handler_concurrency=4, **mesh) as provider, \
                 zmqmesh.AsyncNode("client", **mesh) as client:
@@ -566,6 +567,10 @@ def test_async_request_many_gives_up_what_it_no_longer_waits_for(mesh: dict[str,
             with pytest.raises(TypeError):
                 await client.request_many("echo", [1, object(), 3], timeout=10)
             assert await client.request_many("echo", ["after"], timeout=10) == ["after"]
+
+            provider.service("header", lambda msg: msg.headers.get("k"))
+            await client.wait_for_service("header", timeout=10)
+            assert await client.request_many("header", range(5), timeout=10, headers={"k": "v"}) == ["v"] * 5
 
             late = asyncio.ensure_future(client.request_many("later", range(20), timeout=10))
             await asyncio.sleep(0.2)
