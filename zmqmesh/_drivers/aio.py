@@ -288,7 +288,7 @@ class _Window:
             waiter.set_result(None)
 
     async def changed(self) -> None:
-        """Wait until all is done (`finished`), or a call's end says so."""
+        """Wait until a call's `end` finds all done (`finished`)."""
         self._waiter = self.loop.create_future()
         try:
             await self._waiter
