@@ -546,7 +546,7 @@ def test_async_request_many_gives_up_what_it_no_longer_waits_for(mesh: dict[str,
 
             @provider.service("nap")
             def nap(msg: zmqmesh.Message) -> Any:
-                time.sleep(0.3)
+                time.sleep(1.0)  # (far longer than the 0.1 s before the cancel, on a slow host too)
                 return msg.data
 
             await client.wait_for_service("nap", timeout=10)
