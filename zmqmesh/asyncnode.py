@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
@@ -155,11 +155,10 @@ class AsyncNode(NodeBase):
         if ticket is not None:
             await self._runner.commits.commit(ticket)
 
-    def request(self, service: str, data: Any = None, timeout: float | None = None,
-                peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Coroutine[Any, Any, Any]:
-        """Call ``service`` on one provider and return its reply (see `Node.request`): a
-        coroutine to await, which raises what `Node.request` raises once awaited."""
-        return self._runner.run(self._request_call, service, data, timeout, peer, headers)
+    async def request(self, service: str, data: Any = None, timeout: float | None = None,
+                      peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Any:
+        """Call ``service`` on one provider and return its reply (see `Node.request`)."""
+        return await self._runner.run(self._request_call(service, data, timeout, peer, headers))
 
     async def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
                            peer: str | Peer | None = None, *, window: int = 64,

@@ -239,7 +239,7 @@ class Node(NodeBase):
         provider left mid-request, raised as soon as that is known), `RemoteError` (the
         handler raised), `TypeError` for unencodable data.
         """
-        if threading.get_ident() == self._engine.loop_thread:  # (`Engine.on_loop_thread`, on every call)
+        if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
         return self._runner.run(self._request_call(service, data, timeout, peer, headers))
 

@@ -78,15 +78,11 @@ class AsyncRunner:
         self.engine = engine
         self.commits = LoopCommits(engine)
 
-    async def run(self, plan_or_make: Plan | QuickRequest | Callable[..., Plan | QuickRequest],
-                  *make_args: Any, value: Any = None, error: BaseException | None = None) -> Any:
-        """Carry out a plan (or a request that may go the quick way) and return its result;
-        raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`, and so does a call
-        from another event loop. Given ``make_args``, ``plan_or_make`` is the function that
-        makes the plan from them, called once this is awaited (and what it raises is raised
-        first): a request from a coroutine is then one coroutine, not two. A plan begun
-        elsewhere goes on with the outcome of its last step: ``value`` or ``error``."""
-        plan: Plan | QuickRequest = plan_or_make(*make_args) if make_args else plan_or_make  # type: ignore[operator,assignment]
+    async def run(self, plan: Plan | QuickRequest, *, value: Any = None, error: BaseException | None = None) -> Any:
+        """Carry out ``plan`` (or a request that may go the quick way) and return its
+        result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`, and so
+        does a call from another event loop. A plan begun elsewhere goes on with the
+        outcome of its last step: ``value`` or ``error``."""
         try:
             check_loop(self.engine)
         except ZmqMeshError:

@@ -224,8 +224,7 @@ class ThreadRequester:
             sock = self.sockets.get(provider.id) or self._connect(provider)
             request_id = next(self._ids).to_bytes(8, "big")
             try:
-                send_frames(sock, wire.request_frames(step.service_b, request_id, step.body, step.meta, step.compact),
-                            copy=len(step.body) < wire.LARGE_FRAME)
+                send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
             except zmq.ZMQError as exc:
                 raise send_failure(exc, provider.id, engine, step.service) from exc
             engine.stats.count_sent(self.tally, 1)

@@ -709,17 +709,6 @@ class NodeBase:
                       headers: dict[str, str] | None = None) -> Plan | QuickRequest:
         """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
         every driver: `BlockingRunner`, `Pipelined`, `AsyncRunner`)."""
-        engine = self._engine
-        if headers is None and type(timeout) in _PLAIN_TIMEOUTS and type(peer) in _PLAIN_PEERS and \
-                self._forks == _FORKS[0] and not engine.closed:
-            # a plain call made before, from no handler, untraced: what `_prepare_calls` would
-            # answer is known, and only the data can raise
-            calls = self._plain_calls.get((service, timeout, peer))
-            if calls is not None and calls.calling is not None and tracing.active is None and \
-                    not serving_chain() and (engine.inbox is None or not engine.inbox.waits_for_caller()):
-                body = engine.codec.encode(data)
-                now = time.monotonic()
-                return QuickRequest(calls.calling, body, now + calls.seconds, now)
         body = self._encode_call(data)
         return self._quick_or_plan(self._prepare_calls(service, timeout, peer, headers), body)
 

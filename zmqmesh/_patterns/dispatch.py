@@ -304,8 +304,7 @@ class Dispatcher:
         those to the frames after it) or a call for a handler (it joins ``calls``). (A lone
         caller's round trip is this node's wake-up, its handler and its reply: a drain's
         look at every queue first was a tenth of it.)"""
-        if self.stopping or calls or self.events or self.local_frames or self.pages or self.streams_changed \
-                or self.replays.waiting():
+        if self.stopping or calls or self.streams_changed or self.has_posted() or self.has_waiting():
             return False
         try:
             frames = recv_frames(self.router)
