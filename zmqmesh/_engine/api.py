@@ -12,6 +12,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
+from itertools import islice, repeat
 from typing import Any, NamedTuple, TypeVar, overload
 
 import zmq
@@ -618,9 +619,8 @@ class NodeBase:
         codec = engine.codec
         packed = codec.encode(check_headers(headers)) if headers else None
         bodies = codec.encode_many(items)
-        now = time.time()
-        # (the bodies first: zip takes no id past the last one)
-        entries = [(msg_id, now, packed, body, 0) for body, msg_id in zip(bodies, self._ids)]
+        n = len(bodies)
+        entries = list(zip(islice(self._ids, n), repeat(time.time(), n), repeat(packed, n), bodies, repeat(0, n)))
         return Ticket(queue, entries) if entries else None
 
     def _push_deadline(self, timeout: float | None) -> float:

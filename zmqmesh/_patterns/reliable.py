@@ -223,6 +223,8 @@ class ReliableSender:
     def _wrap(self, item: Any, redelivered: bool) -> bytes:
         """An item in the form a puller of protocol 2 or later reads."""
         if type(item) is StoredMessage:
+            if item.wire is not None and not redelivered:  # (made as it was committed)
+                return item.wire
             return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts, self._pack)
         if type(item) is Headed:  # carries headers: the item form that has room for them
             return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0, self._pack)

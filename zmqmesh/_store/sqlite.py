@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import operator
 import os
 import threading
 import time
@@ -133,20 +134,27 @@ class StoredMessage(NamedTuple):
     """The sequence number of the first message of its segment (see `Store.append`)."""
     recovered: bool = False
     """Stored before this node started: it may have been delivered already."""
+    wire: bytes | None = None
+    """Its form on the wire for a first delivery, when the committing thread made it
+    (`durable_items`): the loop then sends it as it is. None for a message read back."""
 
     def as_recovered(self) -> StoredMessage:
         """This message, marked as stored before this node started."""
-        return self._replace(recovered=True)
+        return self._replace(recovered=True, wire=None)
 
     def with_attempt(self) -> StoredMessage:
         """This message with one more failed delivery counted."""
-        return self._replace(attempts=self.attempts + 1)
+        return self._replace(attempts=self.attempts + 1, wire=None)
 
 
 stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(tuple.__new__, StoredMessage)
-"""A `StoredMessage` of all nine fields, in order, as one tuple: what the named tuple's own
+"""A `StoredMessage` of all ten fields, in order, as one tuple: what the named tuple's own
 constructor does at about two thirds of its cost (made per message, twice, on the way of
 every durable message). The caller answers for the fields' types."""
+
+
+_STORED_FIELDS = operator.itemgetter(slice(0, 4))
+"""What a segment keeps of an `Entry`: ``(id, timestamp, headers, body)`` (attempts apart)."""
 
 
 def _segments(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
@@ -356,7 +364,7 @@ class Store:
             marks: list[tuple[int, int]] = []
             for queue, entries in calls:
                 for part in _segments(entries):
-                    rows.append((first, queue, len(part), part[0][1], msgpack.packb([e[:4] for e in part])))
+                    rows.append((first, queue, len(part), part[0][1], msgpack.packb(list(map(_STORED_FIELDS, part)))))
                     marks.extend((first + i, e[4]) for i, e in enumerate(part) if e[4])
                     first += len(part)
             statements: list[tuple[str, Any]] = [
@@ -530,10 +538,10 @@ class Store:
         for index, (first, count, items) in enumerate(rows):
             try:
                 entries = msgpack.unpackb(items, raw=False, use_list=False)
-                messages = [stored_message((first + i, queue, msg_id, ts, headers, body, 0, first, False))
+                messages = [stored_message((first + i, queue, msg_id, ts, headers, body, 0, first, False, None))
                             for i, (msg_id, ts, headers, body) in enumerate(entries)]
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
-                    messages = [stored_message((*m[:6], attempts[m.seq], first, False)) if m.seq in attempts else m
+                    messages = [stored_message((*m[:6], attempts[m.seq], first, False, None)) if m.seq in attempts else m
                                 for m in messages if m.seq not in settled]  # (m[:6]: seq .. body)
                 if count < 1:
                     raise ValueError("a segment of no message")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable, Iterable
-from itertools import islice
+from itertools import islice, repeat
 from typing import Any
 
 import msgpack
@@ -22,7 +22,7 @@ import msgpack
 from ..errors import DecodeError, MessageTooLargeError
 from .frames import FRAME_HEADROOM, MAX_BATCH_ITEMS, RawPayload, msgpack_bin
 
-__all__ = ["Codec", "durable_item", "DURABLE_ITEM_FIELDS"]
+__all__ = ["Codec", "durable_item", "durable_items", "DURABLE_ITEM_FIELDS"]
 
 DURABLE_ITEM_FIELDS = 6
 """A durable queue item: ``[redelivered, data, id, timestamp, headers, attempts]``; an
@@ -40,6 +40,20 @@ def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, 
     return b"".join((_ARRAY6, _TRUE if redelivered else _FALSE, body, pack(msg_id),
                      _FLOAT64(0xCB, timestamp) if type(timestamp) is float else pack(timestamp), headers or _NIL,
                      _FIXINT[attempts] if 0 <= attempts < 128 else msgpack.packb(attempts)))
+
+
+def durable_items(entries: list[tuple[str, float, bytes | None, bytes, int]], pack: Callable[[Any], bytes]) -> list[bytes]:
+    """`durable_item` of each ``(id, timestamp, headers, body, attempts)``, not redelivered:
+    alike to calling it for each, and made without a Python step per item when they share
+    their timestamp, headers and attempts (the messages of one call do). ``pack``: a
+    `msgpack.Packer`'s own, of one thread at a time."""
+    ids, stamps, headers, bodies, attempts = zip(*entries)
+    n, (_, stamp, head, _, tries) = len(entries), entries[0]
+    if type(stamp) is float and 0 <= tries < 128 and stamps.count(stamp) == n and headers.count(head) == n \
+            and attempts.count(tries) == n:
+        tail = _FLOAT64(0xCB, stamp) + (head or _NIL) + _FIXINT[tries]
+        return list(map(b"".join, zip(repeat(_ARRAY6 + _FALSE, n), bodies, map(pack, ids), repeat(tail, n))))
+    return [durable_item(body, False, msg_id, ts, head, tries, pack) for msg_id, ts, head, body, tries in entries]
 
 _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, by the length it heads
 _LARGE_BIN = 16 * 1024  # from here on, `Codec.encode` makes a bin itself (`msgpack_bin`)
