@@ -4,6 +4,7 @@ messages, what a restart reads back, and the upgrade of a store written by schem
 from __future__ import annotations
 
 import sqlite3
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from helpers import wait_until
 
 import zmqmesh
 from zmqmesh import inspect_store
+from zmqmesh._store.checkpointer import BACKSTOP_PAGES
 from zmqmesh._store.sqlite import SEGMENT_BYTES, SEGMENT_MAX, Store
 
 pytestmark = pytest.mark.timeout(60)
@@ -398,4 +400,39 @@ def test_a_drop_goes_chunk_by_chunk_past_a_damaged_segment(tmp_path: Path) -> No
     assert store.drop_queue("q", chunk=4) == 12
     (kept,) = store.pending("q")
     assert kept.first == 4 and kept.damaged
+    store.close()
+
+
+def test_checkpoints_are_a_thread_of_the_stores_and_the_log_stays_bounded(tmp_path: Path) -> None:
+    """A commit leaves the checkpoint (the copy of the write-ahead log into the database,
+    and its syncs) to the store's own thread, a moment later. Under commits without a
+    pause the log still stays bounded (by the backstop, with some slack for a commit's
+    checkpoint that met the thread's), closing the store stops the thread, and
+    everything stored is there after a reopen."""
+    def threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "zmqmesh-checkpoint")
+
+    before = threads()
+    store = Store(tmp_path)
+    assert threads() == before + 1
+    store.append([("kept", entries("a", "b"))])
+    wait_until(lambda: store.checkpoints >= 1, timeout=10)
+    wal, largest, open_segments = tmp_path / "zmqmesh.db-wal", 0, []
+    body = msgpack.packb(b"x" * 2000)
+    for k in range(7500):  # about 5 backstops of frames through the log, as a producer and its acks write
+        open_segments += store.append([("q", [(f"id-{k}-{i}", 1.0, None, body, 0) for i in range(4)])])
+        if len(open_segments) >= 16:
+            store.forget(open_segments)
+            open_segments = []
+        if k % 20 == 0:
+            largest = max(largest, wal.stat().st_size)
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+    assert largest <= 2 * BACKSTOP_PAGES * (page + 24) + 32  # (a frame: a page and its header)
+    assert store.checkpoints >= 2
+    store.close()
+    assert threads() == before
+    store = Store(tmp_path)
+    assert live(store, "kept") == [("a", 0), ("b", 0)]
+    assert sum(len(s.messages) for s in store.pending("q", limit=100_000)) == 4 * len(open_segments)
     store.close()

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import msgpack
 
 from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
+from .checkpointer import BACKSTOP_PAGES, Checkpointer
 
 if TYPE_CHECKING:
     import sqlite3
@@ -228,6 +229,12 @@ class Store:
         except BaseException:
             self._release_lock()
             raise
+        try:
+            self._checkpointer = Checkpointer(self.path, synchronous)
+        except BaseException as exc:
+            self._db.close()
+            self._release_lock()
+            raise StoreError(f"cannot open the store {self.path} for checkpoints: {exc}") from exc
         self.max_bytes = max_bytes
         self._closed = False
 
@@ -275,6 +282,7 @@ class Store:
             db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             page_size = db.execute("PRAGMA page_size").fetchone()[0]
             db.execute(f"PRAGMA max_page_count = {max(max_bytes // page_size, 16)}")
+            db.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")  # (a `Checkpointer` does them)
             if fresh:
                 db.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
@@ -333,10 +341,11 @@ class Store:
         try:
             if single:
                 work(db)
-                return
-            db.execute("BEGIN IMMEDIATE")
-            work(db)
-            db.execute("COMMIT")
+            else:
+                db.execute("BEGIN IMMEDIATE")
+                work(db)
+                db.execute("COMMIT")
+            self._checkpointer.written()
         except BaseException as exc:
             if db.in_transaction:  # whatever went wrong, the next write starts clean
                 try:
@@ -723,11 +732,17 @@ class Store:
         self._write([("DELETE FROM handled WHERE queue = ? AND at < (SELECT at FROM handled WHERE queue = ? "
                       "ORDER BY at DESC LIMIT 1 OFFSET ?)", (queue, queue, keep))])
 
+    @property
+    def checkpoints(self) -> int:
+        """Checkpoints of the write-ahead log done so far by the store's own thread."""
+        return self._checkpointer.checkpoints
+
     def close(self) -> None:
         """Close the database and release the lock (idempotent)."""
         if self._closed:
             return
         self._closed = True
+        self._checkpointer.close()  # (first: the last connection to close checkpoints all)
         with self._lock:
             try:
                 self._db.close()
