@@ -12,7 +12,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from itertools import islice, repeat
+from itertools import repeat
 from typing import Any, NamedTuple, TypeVar, overload
 
 import zmq
@@ -112,6 +112,7 @@ def fetch_plan(engine: Engine, fetch: Fetch, timeout: float = 10.0) -> Plan:
                         time.monotonic() + timeout, fetch.node_id, None, engine.stats)
 
 
+_ID_SUFFIXES = tuple(f".{i:x}" for i in range(256))  # (a run of ids: one number formatted per 256)
 _LONGEST_S = sys.float_info.max  # (NaN fails every comparison, so the chained check rejects it, as it does infinity)
 
 
@@ -203,6 +204,15 @@ class NodeBase:
     def _next_id(self) -> str:
         """A message id, unique without a uuid4 each: this run's node id (random) and a counter."""
         return next(self._ids)
+
+    def _id_run(self, n: int) -> list[str]:
+        """``n`` message ids for the messages of one call, without formatting a number for
+        each: a `_next_id` per 256 of them (a number of the counter names one id or one
+        run, never both), the messages under it numbered after a dot."""
+        ids: list[str] = []
+        while len(ids) < n:
+            ids += map(next(self._ids).__add__, _ID_SUFFIXES[:n - len(ids)])
+        return ids
 
     def _check_process(self) -> None:
         """Raises `ZmqMeshError` in a process forked after this node was built: its identity
@@ -620,7 +630,7 @@ class NodeBase:
         packed = codec.encode(check_headers(headers)) if headers else None
         bodies = codec.encode_many(items)
         n = len(bodies)
-        entries = list(zip(islice(self._ids, n), repeat(time.time(), n), repeat(packed, n), bodies, repeat(0, n)))
+        entries = list(zip(self._id_run(n), repeat(time.time(), n), repeat(packed, n), bodies, repeat(0, n)))
         return Ticket(queue, entries) if entries else None
 
     def _push_deadline(self, timeout: float | None) -> float:
