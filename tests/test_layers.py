@@ -215,8 +215,8 @@ def test_the_durable_items_of_a_commit_are_each_its_durable_item() -> None:
     mixed = [(f"n{i}", now + i if i % 3 else 7, None if i % 2 else headers, body, i * 5) for i, body in enumerate(bodies)]
     for entries in (alike, [(i, t, None, b, 3) for i, t, _h, b, _a in alike],
                     [(i, t, h, b, 200) for i, t, h, b, _a in alike], mixed, mixed[:1]):
-        assert durable_items(entries, pack) == [durable_item(body, False, msg_id, ts, head, tries)
-                                                for msg_id, ts, head, body, tries in entries]
+        assert durable_items(*zip(*entries), pack) == [durable_item(body, False, msg_id, ts, head, tries)
+                                                       for msg_id, ts, head, body, tries in entries]
 
 
 def test_a_frame_delivers_the_messages_that_message_by_message_construction_makes() -> None:

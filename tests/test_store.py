@@ -17,6 +17,7 @@ import zmqmesh
 from zmqmesh import inspect_store
 from zmqmesh._store.checkpointer import BACKSTOP_PAGES
 from zmqmesh._store.sqlite import SEGMENT_BYTES, SEGMENT_MAX, Store
+from zmqmesh._wire.codec import durable_item
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,8 +49,10 @@ def test_a_restart_reads_back_only_what_was_not_settled_with_the_attempts_counte
     store = Store(tmp_path)
     assert live(store, "orders") == [("c", 2), ("e", 0)]
     (segment,) = store.pending("orders")
-    c = segment.messages[0]
+    c, e = segment.messages
     assert (c.seq, c.segment, c.id) == (first + 2, first, "id-c")
+    # read back with the form a first delivery sends; one with failed deliveries goes marked
+    assert e.wire == durable_item(e.body, False, "id-e", 1004.0, None, 0) and c.wire is None
     store.move(c, "orders.dead", msgpack.packb({"x-attempts": "3"}))  # out of a segment of five
     store.close()
 

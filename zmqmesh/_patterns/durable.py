@@ -279,7 +279,7 @@ class DurableQueues:
         `held_sizes`: with their wire form made here, off the loop, and without a Python
         step per message. (Under the lock: `_pack` is one thread's at a time.)"""
         ids, stamps, headers, bodies, attempts = zip(*entries)
-        wires = durable_items(entries, self._pack)
+        wires = durable_items(ids, stamps, headers, bodies, attempts, self._pack)
         seqs = range(parts[0][0], parts[0][0] + len(entries))
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
         stored = list(map(stored_message, zip(seqs, repeat(name), ids, stamps, headers, bodies, attempts,

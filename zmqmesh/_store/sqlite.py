@@ -29,11 +29,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
 
+from .._wire.codec import durable_items
 from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 from .checkpointer import BACKSTOP_PAGES, Checkpointer
 
@@ -136,8 +138,9 @@ class StoredMessage(NamedTuple):
     recovered: bool = False
     """Stored before this node started: it may have been delivered already."""
     wire: bytes | None = None
-    """Its form on the wire for a first delivery, when the committing thread made it
-    (`durable_items`): the loop then sends it as it is. None for a message read back."""
+    """Its form on the wire for a first delivery (`durable_items`), made with the message
+    as it was committed or read back: the loop sends it as it is. None once the message
+    is marked redelivered or has failed deliveries counted."""
 
     def as_recovered(self) -> StoredMessage:
         """This message, marked as stored before this node started."""
@@ -145,7 +148,11 @@ class StoredMessage(NamedTuple):
 
     def with_attempt(self) -> StoredMessage:
         """This message with one more failed delivery counted."""
-        return self._replace(attempts=self.attempts + 1, wire=None)
+        return self.with_attempts(self.attempts + 1)
+
+    def with_attempts(self, attempts: int) -> StoredMessage:
+        """This message with ``attempts`` failed deliveries counted."""
+        return self._replace(attempts=attempts, wire=None)
 
 
 stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(tuple.__new__, StoredMessage)
@@ -183,6 +190,18 @@ def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:
                 or type(ts) not in (float, int):
             raise ValueError(f"an entry of the wrong types: {type(msg_id).__name__}, {type(ts).__name__}, "
                              f"{type(headers).__name__}, {type(body).__name__}")
+
+
+def _read_messages(queue: str, first: int, entries: Sequence[tuple[str, float, bytes | None, bytes]],
+                   pack: Callable[[Any], bytes]) -> list[StoredMessage]:
+    """The messages of the segment ``first`` of ``queue``, read back as a commit makes them:
+    with their wire form for a first delivery (`durable_items`), without a Python step
+    per message. The entries' types are checked (`_check_entries`)."""
+    ids, stamps, headers, bodies = zip(*entries)
+    n = len(entries)
+    return list(map(stored_message, zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies,
+                                        repeat(0, n), repeat(first, n), repeat(False, n),
+                                        durable_items(ids, stamps, headers, bodies, (0,) * n, pack))))
 
 
 class StoredSegment(NamedTuple):
@@ -544,19 +563,19 @@ class Store:
         for a, b in self._read("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)):
             settled.update(range(a, b + 1))
         segments = []
+        pack = msgpack.Packer().pack  # (this read's own, for the wire forms)
         for index, (first, count, items) in enumerate(rows):
             try:
                 entries = msgpack.unpackb(items, raw=False, use_list=False)
-                messages = [stored_message((first + i, queue, msg_id, ts, headers, body, 0, first, False, None))
-                            for i, (msg_id, ts, headers, body) in enumerate(entries)]
-                if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
-                    messages = [stored_message((*m[:6], attempts[m.seq], first, False, None)) if m.seq in attempts else m
-                                for m in messages if m.seq not in settled]  # (m[:6]: seq .. body)
                 if count < 1:
                     raise ValueError("a segment of no message")
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 _check_entries(entries)
+                messages = _read_messages(queue, first, entries, pack)
+                if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
+                    messages = [m.with_attempts(attempts[m.seq]) if m.seq in attempts else m
+                                for m in messages if m.seq not in settled]
             except Exception as exc:
                 segments.append(self._damaged(queue, rows, index, exc))
                 continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice, repeat
 from typing import Any
 
@@ -42,18 +42,19 @@ def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, 
                      _FIXINT[attempts] if 0 <= attempts < 128 else msgpack.packb(attempts)))
 
 
-def durable_items(entries: list[tuple[str, float, bytes | None, bytes, int]], pack: Callable[[Any], bytes]) -> list[bytes]:
-    """`durable_item` of each ``(id, timestamp, headers, body, attempts)``, not redelivered:
-    alike to calling it for each, and made without a Python step per item when they share
-    their timestamp, headers and attempts (the messages of one call do). ``pack``: a
-    `msgpack.Packer`'s own, of one thread at a time."""
-    ids, stamps, headers, bodies, attempts = zip(*entries)
-    n, (_, stamp, head, _, tries) = len(entries), entries[0]
+def durable_items(ids: Sequence[str], stamps: Sequence[float], headers: Sequence[bytes | None],
+                  bodies: Sequence[bytes], attempts: Sequence[int], pack: Callable[[Any], bytes]) -> list[bytes]:
+    """`durable_item` of each message given as columns (its id, timestamp, headers, body
+    and attempts at one index), not redelivered: alike to calling it for each, and made
+    without a Python step per item when they share their timestamp, headers and attempts
+    (the messages of one call do). ``pack``: a `msgpack.Packer`'s own, of one thread at a time."""
+    n, stamp, head, tries = len(ids), stamps[0], headers[0], attempts[0]
     if type(stamp) is float and 0 <= tries < 128 and stamps.count(stamp) == n and headers.count(head) == n \
             and attempts.count(tries) == n:
         tail = _FLOAT64(0xCB, stamp) + (head or _NIL) + _FIXINT[tries]
         return list(map(b"".join, zip(repeat(_ARRAY6 + _FALSE, n), bodies, map(pack, ids), repeat(tail, n))))
-    return [durable_item(body, False, msg_id, ts, head, tries, pack) for msg_id, ts, head, body, tries in entries]
+    return [durable_item(body, False, msg_id, ts, head, tries, pack)
+            for msg_id, ts, head, body, tries in zip(ids, stamps, headers, bodies, attempts)]
 
 _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, by the length it heads
 _LARGE_BIN = 16 * 1024  # from here on, `Codec.encode` makes a bin itself (`msgpack_bin`)
