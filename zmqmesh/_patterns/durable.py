@@ -275,7 +275,7 @@ class DurableQueues:
     def _held(self, name: str, entries: list[Entry],
               parts: list[tuple[int, int]]) -> tuple[list[StoredMessage], list[int]]:
         """The messages ``entries`` of queue ``name``, just stored as the segments ``parts``
-        (numbered on from the first one's first), as the buffer holds them, and their
+        (numbered on from the first segment's first number), as the buffer holds them, and their
         `held_sizes`: with their wire form made here, off the loop, and without a Python
         step per message. (Under the lock: `_pack` is one thread's at a time.)"""
         ids, stamps, headers, bodies, attempts = zip(*entries)

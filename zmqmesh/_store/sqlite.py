@@ -157,8 +157,8 @@ class StoredMessage(NamedTuple):
 
 stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(tuple.__new__, StoredMessage)
 """A `StoredMessage` of all ten fields, in order, as one tuple: what the named tuple's own
-constructor does at about two thirds of its cost (made per message, twice, on the way of
-every durable message). The caller answers for the fields' types."""
+constructor does at about two thirds of its cost (made for every durable message held,
+as it is committed or read back). The caller answers for the fields' types."""
 
 
 _STORED_FIELDS = operator.itemgetter(slice(0, 4))
