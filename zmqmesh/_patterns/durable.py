@@ -324,7 +324,9 @@ class DurableQueues:
         room = min(BUFFER - len(buffer), _REFILL_CHUNK)
         # read without the lock (committers wait for it): while a queue overflows they
         # leave its buffer alone, and only note how far they stored
-        budget = BUFFER_BYTES - buffer.held_at_most  # (reckoned by `_wants_reading`, just before)
+        # (reckoned by `_wants_reading`, just before; halved: a message read back holds its
+        # wire form too, twice its stored bytes, as `held_sizes` counts it)
+        budget = (BUFFER_BYTES - buffer.held_at_most) // 2
         segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
                                       at_least_one=not buffer)
         if not segments and buffer:  # the next segment is larger than the room left (it then
