@@ -3,6 +3,7 @@ messages, what a restart reads back, and the upgrade of a store written by schem
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import tracemalloc
@@ -429,7 +430,7 @@ def test_checkpoints_are_a_thread_of_the_stores_and_the_log_stays_bounded(tmp_pa
             open_segments = []
         if k % 20 == 0:
             largest = max(largest, wal.stat().st_size)
-    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db:
         page = db.execute("PRAGMA page_size").fetchone()[0]
     assert largest <= 2 * BACKSTOP_PAGES * (page + 24) + 32  # (a frame: a page and its header)
     assert store.checkpoints >= 2
