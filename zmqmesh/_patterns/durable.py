@@ -31,8 +31,8 @@ from typing import Any
 import msgpack
 
 from .._stats import Stats
-from .._store.sqlite import Entry, Store, StoredMessage, stored_message
-from .._wire.codec import Codec, durable_items
+from .._store.sqlite import Entry, Store, StoredMessage, stored_messages
+from .._wire.codec import Codec
 from .reliable import Failure
 
 __all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Ticket", "held_sizes"]
@@ -265,26 +265,21 @@ class DurableQueues:
             if queue.overflow or len(buffer) + len(entries) > BUFFER:
                 queue.overflow = True  # (the loop reads them back as the buffer empties)
                 continue
-            stored, sizes = self._held(name, entries, parts)
+            stored = self._held(name, entries, parts)
+            sizes = held_sizes(stored)
             if buffer.held_at_most + sum(sizes) > BUFFER_BYTES:
                 queue.overflow = True
             else:
                 buffer.extend(stored, sizes)
                 queue.loaded = stored[-1].seq
 
-    def _held(self, name: str, entries: list[Entry],
-              parts: list[tuple[int, int]]) -> tuple[list[StoredMessage], list[int]]:
-        """The messages ``entries`` of queue ``name``, just stored as the segments ``parts``
-        (numbered on from the first segment's first number), as the buffer holds them, and their
-        `held_sizes`: with their wire form made here, off the loop, and without a Python
-        step per message. (Under the lock: `_pack` is one thread's at a time.)"""
+    def _held(self, name: str, entries: list[Entry], parts: list[tuple[int, int]]) -> list[StoredMessage]:
+        """The messages ``entries`` of queue ``name``, just stored as the segments ``parts``,
+        as the buffer holds them: with their wire form made here, off the loop. (Under the
+        lock: `_pack` is one thread's at a time.)"""
         ids, stamps, headers, bodies, attempts = zip(*entries)
-        wires = durable_items(ids, stamps, headers, bodies, attempts, self._pack)
-        seqs = range(parts[0][0], parts[0][0] + len(entries))
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
-        stored = list(map(stored_message, zip(seqs, repeat(name), ids, stamps, headers, bodies, attempts,
-                                              segments, repeat(False), wires)))
-        return stored, [2 * size + _HELD_OVERHEAD for size in map(len, wires)]
+        return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, self._pack)
 
     def refill(self) -> dict[str, deque[StoredMessage]]:
         """Top up from the store the buffers of queues it holds more of; every buffer (loop only)."""

@@ -39,9 +39,7 @@ class Checkpointer:
         self._due = threading.Event()
         self._stop = threading.Event()
         self.checkpoints = 0
-        """Checkpoints done (read by tests and tools)."""
-        self.failures = 0
-        """Checkpoints that failed (each logged)."""
+        """Checkpoints done (`Store.checkpoints`)."""
         self._thread = threading.Thread(target=self._run, name="zmqmesh-checkpoint", daemon=True)
         self._thread.start()
 
@@ -62,7 +60,6 @@ class Checkpointer:
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 self.checkpoints += 1
             except sqlite3.Error as exc:  # (the backstop still bounds the log; the next one may do)
-                self.failures += 1
                 log.warning("a checkpoint of the store failed: %s", exc)
 
     def close(self, timeout: float = 10.0) -> None:

@@ -42,7 +42,7 @@ from .checkpointer import BACKSTOP_PAGES, Checkpointer
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["Store", "StoredMessage", "stored_message", "StoredSegment", "Entry", "SEGMENT_MAX", "SEGMENT_BYTES", "CHUNK_MESSAGES", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
+__all__ = ["Store", "StoredMessage", "stored_message", "stored_messages", "StoredSegment", "Entry", "SEGMENT_MAX", "SEGMENT_BYTES", "CHUNK_MESSAGES", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
 SCHEMA_VERSION = 4
@@ -192,16 +192,18 @@ def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:
                              f"{type(headers).__name__}, {type(body).__name__}")
 
 
-def _read_messages(queue: str, first: int, entries: Sequence[tuple[str, float, bytes | None, bytes]],
-                   pack: Callable[[Any], bytes]) -> list[StoredMessage]:
-    """The messages of the segment ``first`` of ``queue``, read back as a commit makes them:
-    with their wire form for a first delivery (`durable_items`), without a Python step
-    per message. The entries' types are checked (`_check_entries`)."""
-    ids, stamps, headers, bodies = zip(*entries)
-    n = len(entries)
+def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
+                    headers: Sequence[bytes | None], bodies: Sequence[bytes], attempts: Sequence[int],
+                    pack: Callable[[Any], bytes]) -> list[StoredMessage]:
+    """The messages of ``queue`` given as columns (a message's fields at one index),
+    numbered on from ``first``, each in the segment ``segments`` gives it in turn: as a
+    commit or a read back holds them, with their wire form for a first delivery
+    (`durable_items`), made without a Python step per message. ``pack``: a
+    `msgpack.Packer`'s own, of one thread at a time."""
+    n = len(ids)
     return list(map(stored_message, zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies,
-                                        repeat(0, n), repeat(first, n), repeat(False, n),
-                                        durable_items(ids, stamps, headers, bodies, (0,) * n, pack))))
+                                        attempts, segments, repeat(False, n),
+                                        durable_items(ids, stamps, headers, bodies, attempts, pack))))
 
 
 class StoredSegment(NamedTuple):
@@ -572,7 +574,9 @@ class Store:
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 _check_entries(entries)
-                messages = _read_messages(queue, first, entries, pack)
+                ids, stamps, headers, bodies = zip(*entries)
+                messages = stored_messages(queue, first, repeat(first), ids, stamps, headers, bodies,
+                                           (0,) * count, pack)
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
                     messages = [m.with_attempts(attempts[m.seq]) if m.seq in attempts else m
                                 for m in messages if m.seq not in settled]
