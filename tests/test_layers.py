@@ -841,3 +841,22 @@ def test_a_replay_whose_publisher_fails_or_leaves_mid_read_holds_on_and_reads_on
     assert [(call.arg.data, call.arg.gap) for call in calls] == [(17, 2)]
     counted = stats.snapshot()["pubsub"]
     assert counted["gap"] == 2 and counted["replay_failed"] == 1
+
+
+def test_a_record_refuses_a_field_without_a_default_after_one_with_a_default() -> None:
+    from zmqmesh._record import fields_of, frozen_record
+
+    with pytest.raises(TypeError, match="a field without a default"):
+        @frozen_record
+        class Wrong:
+            a: int = 1
+            b: int
+
+    @frozen_record
+    class Right:
+        a: int
+        b: int = 2
+
+    assert fields_of(Right) == ("a", "b") and Right(1) == Right(a=1, b=2) and Right(1) != Right(1, 3)
+    with pytest.raises(TypeError, match="not a frozen record"):
+        fields_of(object())

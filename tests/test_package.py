@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -35,18 +34,59 @@ def test_every_error_derives_from_zmqmesh_error() -> None:
 
 def test_every_option_is_documented_with_its_default() -> None:
     text = (ROOT / "docs" / "configuration.md").read_text()
-    for field in dataclasses.fields(zmqmesh.NodeConfig):
-        assert f"| `{field.name}` |" in text, f"{field.name} missing from docs/configuration.md"
+    for field in zmqmesh.NodeConfig.fields():
+        assert f"| `{field}` |" in text, f"{field} missing from docs/configuration.md"
 
 
 def test_the_package_loads_what_a_process_uses_on_first_use() -> None:
     code = ("import sys, zmqmesh\n"
             "assert not {'zmq', 'msgpack', 'zmqmesh.node'} & set(sys.modules), sorted(sys.modules)\n"
             "zmqmesh.Node\n"
-            "assert 'zmq' in sys.modules and not {'asyncio', 'sqlite3'} & set(sys.modules)\n"
+            "assert 'zmq' in sys.modules\n"
+            # (what start-up would pay for and a node without a store or a handler does not use)
+            "assert not {'asyncio', 'sqlite3', 'zmqmesh._store.sqlite', 'inspect', 'dataclasses'} & set(sys.modules), "
+            "sorted(sys.modules)\n"
             "from zmqmesh import AsyncNode\n"
             "assert 'asyncio' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_a_config_is_a_frozen_checked_record() -> None:
+    config = zmqmesh.NodeConfig(mesh="m", seeds=["tcp://127.0.0.1:5000"], history={"t/": 5}, store="/tmp/x")
+    assert config.seeds == ("tcp://127.0.0.1:5000",) and config.history[0].max_messages == 5  # normalised
+    same = zmqmesh.NodeConfig(mesh="m", seeds=("tcp://127.0.0.1:5000",), history={"t/": 5}, store="/tmp/x")
+    assert config == same and hash(config) == hash(same) and config != zmqmesh.NodeConfig(mesh="m")
+    assert repr(config).startswith("NodeConfig(mesh='m', interface=None,")
+    with pytest.raises(AttributeError, match="frozen"):
+        config.mesh = "other"  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="frozen"):
+        del config.mesh
+    changed = config.replace(beacon_port=6000)
+    assert (changed.beacon_port, changed.mesh, config.beacon_port) == (6000, "m", zmqmesh.NodeConfig.beacon_port)
+    with pytest.raises(zmqmesh.ConfigError, match="beacon_port"):
+        config.replace(beacon_port=-1)
+    with pytest.raises(TypeError, match="unexpected argument"):
+        zmqmesh.NodeConfig(bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="no field"):
+        config.replace(bogus=1)
+    with pytest.raises(zmqmesh.ConfigError, match="unknown option"):
+        zmqmesh.NodeConfig.from_options(bogus=1)
+    assert zmqmesh.NodeConfig.fields()[:2] == ("mesh", "interface") and "metrics_address" in zmqmesh.NodeConfig.fields()
+
+
+def test_a_peer_is_a_frozen_record_made_by_name_or_position() -> None:
+    peer = zmqmesh.Peer("abc", "n", "127.0.0.1", endpoint="tcp://127.0.0.1:1")
+    assert peer == zmqmesh.Peer(id="abc", name="n", address="127.0.0.1", endpoint="tcp://127.0.0.1:1")
+    assert dict(peer.headers) == {} and peer.groups == frozenset() and peer.is_zmqmesh
+    assert str(peer) == "n(abc)@127.0.0.1"
+    with pytest.raises(TypeError, match="missing the argument 'endpoint'"):
+        zmqmesh.Peer("abc", "n", "127.0.0.1")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="twice"):
+        zmqmesh.Peer("abc", "n", "127.0.0.1", "e", id="x")  # type: ignore[misc]
+    with pytest.raises(TypeError, match="takes 11 arguments"):
+        zmqmesh.Peer(*range(12))  # type: ignore[arg-type, call-arg]
+    with pytest.raises(AttributeError):
+        peer.name = "m"  # type: ignore[misc]
 
 
 def test_package_is_typed() -> None:

@@ -1,4 +1,4 @@
-"""Node configuration: one frozen dataclass, every field named with its unit, sane defaults.
+"""Node configuration: one frozen record, every field named with its unit, sane defaults.
 
 Defaults keep a node on loopback: it binds 127.0.0.1 and beacons to 127.255.255.255, so
 nothing leaves the machine until the user names an interface or an address.
@@ -6,13 +6,13 @@ nothing leaves the machine until the user names an interface or an address.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ._record import fields_of, frozen_record
+from ._record import replace as replace_fields
 from .errors import ConfigError
 
 __all__ = ["NodeConfig", "DEFAULT_BEACON_PORT", "HistoryPolicy", "parse_history"]
@@ -68,9 +68,13 @@ def parse_history(value: Any) -> tuple[HistoryPolicy, ...]:
 
 
 
-@dataclass(frozen=True)
+@frozen_record
 class NodeConfig:
     """Every option of a node. Pass fields as keyword arguments to `Node` / `AsyncNode`.
+
+    A config is immutable; ``config.replace(**options)`` makes a changed copy, and
+    ``NodeConfig.fields()`` names the fields. Building one raises `ConfigError` for a
+    value out of range, `TypeError` for an unknown field.
 
     Discovery and membership:
         mesh: name of the mesh; nodes of different meshes ignore each other even on one
@@ -231,24 +235,33 @@ class NodeConfig:
         ``zmqmesh launch`` and deployments configure nodes without code changes.
         Raises `ConfigError` for an unknown option name or an unparsable variable.
         """
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = cls.fields()
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
         if config is None:
             options = {**_from_environment(known, set(options)), **options}
             return cls(**options)
-        return dataclasses.replace(config, **options) if options else config
+        return config.replace(**options) if options else config
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """The names of the options, in order (each class attribute of that name is its default)."""
+        return fields_of(cls)
+
+    def replace(self, **options: Any) -> NodeConfig:
+        """A copy of this config with ``options`` changed. Raises `ConfigError` for a value
+        out of range, `TypeError` for an unknown option."""
+        return replace_fields(self, **options)
 
 
-def _from_environment(fields: dict[str, dataclasses.Field[Any]], given: set[str]) -> dict[str, Any]:
+def _from_environment(fields: tuple[str, ...], given: set[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    defaults = NodeConfig.__dataclass_fields__
     for name in fields:
         raw = os.environ.get(f"ZMQMESH_{name.upper()}")
         if raw is None or name in given:
             continue
-        default = defaults[name].default
+        default = getattr(NodeConfig, name)
         try:
             if isinstance(default, tuple):
                 values[name] = tuple(s.strip() for s in raw.split(",") if s.strip())

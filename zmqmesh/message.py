@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+from ._record import frozen_record
 
 __all__ = ["Peer", "Message", "Origin"]
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Peer:
     """A snapshot of one member of the mesh, as this node knows it.
 
@@ -35,7 +37,7 @@ class Peer:
     services: frozenset[str] = frozenset()
     queues: frozenset[str] = frozenset()
     topics: frozenset[str] = frozenset()
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = MappingProxyType({})
     last_seen: float = 0.0
     is_zmqmesh: bool = True
 

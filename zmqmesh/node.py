@@ -7,7 +7,6 @@ the plans out with the thread driver, blocking the calling thread where they wai
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -138,6 +137,8 @@ class Node(NodeBase):
         """
         if threading.current_thread() is not threading.main_thread():
             raise ZmqMeshError("run_forever() handles SIGINT and SIGTERM: call it from the main thread")
+        import signal  # (here: a node that never runs forever does not load it)
+
         stop = StopFlag()  # (not a threading.Event: see StopFlag)
         previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -23,7 +23,7 @@ import time
 import uuid as uuid_module
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
@@ -58,7 +58,6 @@ from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
 from .._stats import Stats
-from .._store.sqlite import Store
 from .._version import __version__ as _version
 from .._wire.codec import Codec
 from .._wire.frames import (
@@ -74,6 +73,9 @@ from ..config import NodeConfig
 from ..errors import MeshTimeoutError, NodeClosedError, ZmqMeshError
 from ..message import Message, Peer
 from .outbound import Outbound
+
+if TYPE_CHECKING:
+    from .._store.sqlite import Store
 
 __all__ = ["Engine", "Inbox", "Requests", "InboxFactory", "RequestsFactory"]
 
@@ -184,6 +186,9 @@ class Engine:
         self.keys = KeyPair.from_secret(secret) if secret is not None else None
         allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
         if cfg.store is not None:  # first: a locked or foreign store stops the start cleanly
+            # (imported here: a node without a store never loads the store's module)
+            from .._store.sqlite import Store
+
             self.store = Store(cfg.store, max_bytes=cfg.store_max_bytes, synchronous=cfg.store_synchronous)
             for queue, options in self.registry.pull_options.items():
                 if options.dedupe:  # the window stays bounded however often the node restarts

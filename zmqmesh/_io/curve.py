@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import zmq
 from zmq.utils import z85
@@ -48,8 +47,7 @@ ZAP_DOMAIN = "zmqmesh"
 KEY_LENGTH = 40  # a Z85-encoded 32-byte key
 
 
-@dataclass(frozen=True)
-class KeyPair:
+class KeyPair(NamedTuple):
     """A CURVE key pair, both keys Z85-encoded (40 characters)."""
 
     public: str

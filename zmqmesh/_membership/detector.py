@@ -20,7 +20,6 @@ heard meanwhile, and each of them then had to join it again.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from .peer import PeerState
 
@@ -34,14 +33,16 @@ _LATE_FRACTION = 0.5
 a whole sweep interval if that is longer (timer jitter and a busy moment stay under it)."""
 
 
-@dataclass
 class Sweep:
     """What one sweep decided: peers to PING, and peers to drop with the reason; how late
     the sweep came (0.0 when on time, see `FailureDetector.sweep`)."""
 
-    ping: list[PeerState] = field(default_factory=list)
-    expired: list[tuple[PeerState, str]] = field(default_factory=list)
-    late_s: float = 0.0
+    __slots__ = ("ping", "expired", "late_s")
+
+    def __init__(self, late_s: float = 0.0) -> None:
+        self.ping: list[PeerState] = []
+        self.expired: list[tuple[PeerState, str]] = []
+        self.late_s = late_s
 
 
 class FailureDetector:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from .._mesh.registry import PullOptions
@@ -70,6 +69,8 @@ def is_async(handler: Callable[..., Any]) -> bool:
     try:
         return _ASYNC[handler]
     except (KeyError, TypeError):
+        import inspect  # (here, not at the top: a node that serves nothing never loads it)
+
         found = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
         try:
             if len(_ASYNC) >= _MAX_CACHED:  # bounded: callables made per call would grow it
@@ -121,7 +122,7 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
     error = None
     try:
         result = call.handler(call.arg)
-        if inspect.isawaitable(result):
+        if isinstance(result, Awaitable):
             result = await result
         return result, None
     except Exception as exc:

@@ -27,7 +27,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -36,7 +36,7 @@ from .._mesh.directory import Directory
 from .._mesh.registry import Registry
 from .._observe import tracing
 from .._stats import Stats
-from .._store.sqlite import Entry, Store
+from .._store.messages import Entry
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..config import NodeConfig
@@ -49,6 +49,9 @@ from .pubsub import GapCounter
 from .replay import Fetch, Replays
 from .reqrep import MAX_CHAIN
 from .request_batches import EARLY_ITEMS
+
+if TYPE_CHECKING:
+    from .._store.sqlite import Store
 
 __all__ = ["Dispatcher"]
 

@@ -26,14 +26,17 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import chain, repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from .._stats import Stats
-from .._store.sqlite import Entry, Store, StoredMessage, stored_messages
+from .._store.messages import Entry, StoredMessage, stored_messages
 from .._wire.codec import Codec
 from .reliable import Failure
+
+if TYPE_CHECKING:
+    from .._store.sqlite import Store
 
 __all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Ticket", "held_sizes"]
 

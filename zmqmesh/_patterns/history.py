@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._stats import Stats
-from .._store.sqlite import Store
 from ..config import HistoryPolicy
+
+if TYPE_CHECKING:
+    from .._store.sqlite import Store
 
 __all__ = ["History", "PAGE_ROWS"]
 

@@ -15,18 +15,21 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._mesh.directory import Directory
 from .._mesh.registry import PullOptions, Registry
 from .._observe import tracing
 from .._stats import Stats
-from .._store.sqlite import Entry, Store
+from .._store.messages import Entry
 from .._wire import frames as wire
 from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
 from ..errors import DecodeError
 from ..message import Message, Origin, durable_delivery
 from .calls import BatchAck, Call, handler_raised, is_async
+
+if TYPE_CHECKING:
+    from .._store.sqlite import Store
 
 __all__ = ["AckedIntake"]
 

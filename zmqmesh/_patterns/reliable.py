@@ -37,7 +37,7 @@ from .._io.reactor import EventLoop
 from .._io.sockets import close_watched, has_input, new_socket, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._store.sqlite import StoredMessage
+from .._store.messages import StoredMessage
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,

@@ -33,17 +33,19 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._mesh.directory import Directory
 from .._mesh.registry import Registry, SubscribeOptions
 from .._stats import Stats
-from .._store.sqlite import Store
 from .._wire.codec import Codec
 from .._wire.frames import parse_meta
 from ..errors import DecodeError, PeerLostError
 from ..message import Message, Origin
 from .calls import Call, CursorMark
+
+if TYPE_CHECKING:
+    from .._store.sqlite import Store
 
 __all__ = ["Replays", "Fetch", "CursorMark", "MAX_HELD"]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import operator
 import os
 import threading
@@ -35,14 +34,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
 
-from .._wire.codec import durable_items
 from ..errors import ConfigError, StoreError, StoreFullError, StoreLockedError
 from .checkpointer import BACKSTOP_PAGES, Checkpointer
+from .messages import Entry, StoredMessage, stored_messages
 
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["Store", "StoredMessage", "stored_message", "stored_messages", "StoredSegment", "Entry", "SEGMENT_MAX", "SEGMENT_BYTES", "CHUNK_MESSAGES", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
+__all__ = ["Store", "StoredSegment", "SEGMENT_MAX", "SEGMENT_BYTES", "CHUNK_MESSAGES", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
 SCHEMA_VERSION = 4
@@ -122,45 +121,6 @@ _SCHEMA = (
 )
 
 
-class StoredMessage(NamedTuple):
-    """One durable message as stored: its place in the outbox and what travels. (A named
-    tuple: made once per message on the hot path, where a frozen dataclass costs over 3x.)"""
-
-    seq: int
-    queue: str
-    id: str
-    timestamp: float
-    headers: bytes | None
-    body: bytes
-    attempts: int
-    segment: int
-    """The sequence number of the first message of its segment (see `Store.append`)."""
-    recovered: bool = False
-    """Stored before this node started: it may have been delivered already."""
-    wire: bytes | None = None
-    """Its form on the wire for a first delivery (`durable_items`), made with the message
-    as it was committed or read back: the loop sends it as it is. None once the message
-    is marked redelivered or has failed deliveries counted."""
-
-    def as_recovered(self) -> StoredMessage:
-        """This message, marked as stored before this node started."""
-        return self._replace(recovered=True, wire=None)
-
-    def with_attempt(self) -> StoredMessage:
-        """This message with one more failed delivery counted."""
-        return self.with_attempts(self.attempts + 1)
-
-    def with_attempts(self, attempts: int) -> StoredMessage:
-        """This message with ``attempts`` failed deliveries counted."""
-        return self._replace(attempts=attempts, wire=None)
-
-
-stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(tuple.__new__, StoredMessage)
-"""A `StoredMessage` of all ten fields, in order, as one tuple: what the named tuple's own
-constructor does at about two thirds of its cost (made for every durable message held,
-as it is committed or read back). The caller answers for the fields' types."""
-
-
 _STORED_FIELDS = operator.itemgetter(slice(0, 4))
 """What a segment keeps of an `Entry`: ``(id, timestamp, headers, body)`` (attempts apart)."""
 
@@ -192,20 +152,6 @@ def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:
                              f"{type(headers).__name__}, {type(body).__name__}")
 
 
-def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
-                    headers: Sequence[bytes | None], bodies: Sequence[bytes], attempts: Sequence[int],
-                    pack: Callable[[Any], bytes]) -> list[StoredMessage]:
-    """The messages of ``queue`` given as columns (a message's fields at one index),
-    numbered on from ``first``, each in the segment ``segments`` gives it in turn: as a
-    commit or a read back holds them, with their wire form for a first delivery
-    (`durable_items`), made without a Python step per message. ``pack``: a
-    `msgpack.Packer`'s own, of one thread at a time."""
-    n = len(ids)
-    return list(map(stored_message, zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies,
-                                        attempts, segments, repeat(False, n),
-                                        durable_items(ids, stamps, headers, bodies, attempts, pack))))
-
-
 class StoredSegment(NamedTuple):
     """A segment read back from the store: its numbers and its messages not yet settled."""
 
@@ -218,9 +164,6 @@ class StoredSegment(NamedTuple):
     damaged: str | None = None
     """Why its messages cannot be read (then none are given); the segment stays stored."""
 
-
-Entry = tuple[str, float, bytes | None, bytes, int]
-"""A message to store: ``(id, timestamp, headers, body, attempts)``."""
 
 
 class Store:

@@ -8,7 +8,7 @@ count and drop it.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = [
     "ZreError",
@@ -54,8 +54,7 @@ class Command:
              10: "GOODBYE"}
 
 
-@dataclass(frozen=True)
-class Beacon:
+class Beacon(NamedTuple):
     """A decoded ZRE beacon; ``port == 0`` means the sender is leaving.
 
     ``key`` is the sender's 32-byte CURVE public key in a version-3 (secure) beacon,
@@ -95,19 +94,27 @@ def next_sequence(sequence: int) -> int:
     return (sequence + 1) % SEQUENCE_MODULUS
 
 
-@dataclass
 class ZreMessage:
     """One mailbox command; fields beyond ``command`` and ``sequence`` depend on the command."""
 
-    command: int
-    sequence: int
-    endpoint: str = ""
-    groups: list[str] = field(default_factory=list)
-    status: int = 0
-    name: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
-    group: str = ""
-    content: list[bytes] = field(default_factory=list)
+    __slots__ = ("command", "sequence", "endpoint", "groups", "status", "name", "headers", "group", "content")
+
+    def __init__(self, command: int, sequence: int, endpoint: str = "", groups: list[str] | None = None,
+                 status: int = 0, name: str = "", headers: dict[str, str] | None = None, group: str = "",
+                 content: list[bytes] | None = None) -> None:
+        self.command = command
+        self.sequence = sequence
+        self.endpoint = endpoint
+        self.groups: list[str] = [] if groups is None else groups
+        self.status = status
+        self.name = name
+        self.headers: dict[str, str] = {} if headers is None else headers
+        self.group = group
+        self.content: list[bytes] = [] if content is None else content
+
+    def __repr__(self) -> str:
+        return (f"ZreMessage({Command.NAMES.get(self.command, self.command)}, sequence={self.sequence}, "
+                f"name={self.name!r}, group={self.group!r}, frames={len(self.content)})")
 
 
 # -- encoding ---------------------------------------------------------------------------

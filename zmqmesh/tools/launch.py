@@ -46,7 +46,7 @@ _RESTARTS = ("never", "on-failure", "always")
 def _mesh_keys() -> dict[str, str]:
     from zmqmesh import NodeConfig
 
-    keys = {f: f.upper() for f in NodeConfig.__dataclass_fields__ if f != "mesh"}
+    keys = {f: f.upper() for f in NodeConfig.fields() if f != "mesh"}
     return {"name": "MESH", **keys}
 
 
