@@ -7,9 +7,10 @@ host share the beacon port (SO_REUSEADDR + SO_REUSEPORT); a broadcast reaches al
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
+
+from .netif import is_ipv4
 
 __all__ = ["BeaconSocket", "RECEIVE_BUFFER"]
 
@@ -55,9 +56,7 @@ class BeaconSocket:
     @staticmethod
     def _bind_address(target: str) -> str:
         """Bind to the broadcast address itself when possible: then only broadcasts to it arrive."""
-        try:
-            ipaddress.IPv4Address(target)
-        except ValueError:
+        if not is_ipv4(target):
             return ""
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import zmq
@@ -23,6 +22,8 @@ from ..errors import ConfigError
 from .sockets import close_watched
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .._stats import Stats
     from .reactor import EventLoop
 
@@ -86,6 +87,8 @@ def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
 
     Returns both paths. Refuses to overwrite existing files (raises `FileExistsError`).
     """
+    from pathlib import Path  # (here: a node that reads no key file never loads it)
+
     keys = generate_keypair()
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,6 +121,8 @@ def read_secret_key(path: str | Path) -> str:
 
     A secret key file readable by group or others is refused.
     """
+    from pathlib import Path
+
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -130,6 +135,8 @@ def read_secret_key(path: str | Path) -> str:
 
 def read_public_key(path: str | Path) -> str:
     """The public key stored in a ``.key`` (or ``.key_secret``) file. Raises `ConfigError`."""
+    from pathlib import Path
+
     return check_key(_read_field(Path(path), "public-key"), "public key")
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import socket
 import struct
 
 from ..errors import ConfigError
 
-__all__ = ["LOOPBACK_ADDRESS", "LOOPBACK_BROADCAST", "interface_addresses", "is_loopback"]
+__all__ = ["LOOPBACK_ADDRESS", "LOOPBACK_BROADCAST", "interface_addresses", "is_ipv4", "is_loopback"]
 
 LOOPBACK_ADDRESS = "127.0.0.1"
 LOOPBACK_BROADCAST = "127.255.255.255"
@@ -41,14 +40,23 @@ def interface_addresses(name: str) -> tuple[str, str]:
             broadcast = "0.0.0.0"
         if broadcast == "0.0.0.0":
             netmask = _ioctl_address(sock, _SIOCGIFNETMASK, name)
+            import ipaddress  # (only for an interface without a broadcast address)
+
             network = ipaddress.IPv4Network(f"{address}/{netmask}", strict=False)
             broadcast = str(network.broadcast_address)
     return address, broadcast
 
 
-def is_loopback(address: str) -> bool:
-    """True for an address in 127.0.0.0/8."""
+def is_ipv4(address: str) -> bool:
+    """True for an IPv4 address written as four decimal numbers (``socket.inet_pton``'s
+    strict form: what ``ipaddress.IPv4Address`` accepts, without loading ``ipaddress``)."""
     try:
-        return ipaddress.IPv4Address(address).is_loopback
-    except ValueError:
+        socket.inet_pton(socket.AF_INET, address)
+    except (OSError, TypeError, ValueError):
         return False
+    return True
+
+
+def is_loopback(address: str) -> bool:
+    """True for an IPv4 address in 127.0.0.0/8."""
+    return is_ipv4(address) and socket.inet_pton(socket.AF_INET, address)[0] == 127
