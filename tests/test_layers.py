@@ -860,3 +860,13 @@ def test_a_record_refuses_a_field_without_a_default_after_one_with_a_default() -
     assert fields_of(Right) == ("a", "b") and Right(1) == Right(a=1, b=2) and Right(1) != Right(1, 3)
     with pytest.raises(TypeError, match="not a frozen record"):
         fields_of(object())
+
+
+def test_a_subclass_of_a_record_keeps_its_defaults_and_checks() -> None:
+    class Tuned(zmqmesh.NodeConfig):
+        pass
+
+    tuned = Tuned(mesh="t")
+    assert tuned.beacon_port == zmqmesh.NodeConfig.beacon_port and tuned.mesh == "t"
+    with pytest.raises(zmqmesh.ConfigError, match="beacon_port"):
+        Tuned(beacon_port=-1)

@@ -16,6 +16,7 @@ __all__ = ["Entry", "StoredMessage", "stored_message", "stored_messages"]
 Entry = tuple[str, float, bytes | None, bytes, int]
 """A message to store: ``(id, timestamp, headers, body, attempts)``."""
 
+
 class StoredMessage(NamedTuple):
     """One durable message as stored: its place in the outbox and what travels. (A named
     tuple: made once per message on the hot path, where a frozen dataclass costs over 3x.)"""
