@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def test_a_peer_is_a_frozen_record_made_by_name_or_position() -> None:
         zmqmesh.Peer(*range(12))  # type: ignore[arg-type, call-arg]
     with pytest.raises(AttributeError):
         peer.name = "m"  # type: ignore[misc]
+    assert type(peer.headers) is dict and peer.headers is not zmqmesh.Peer("a", "b", "c", "d").headers
+
+
+def test_records_copy_and_match_as_dataclasses_did() -> None:
+    config = zmqmesh.NodeConfig(mesh="m", seeds=["tcp://127.0.0.1:5000"], history={"t/": 5}, store="/tmp/x")
+    peer = zmqmesh.Peer("abc", "n", "127.0.0.1", "tcp://127.0.0.1:1", headers={"k": "v"})
+    for record in (config, peer):
+        for copied in (copy.copy(record), copy.deepcopy(record)):
+            assert type(copied) is type(record) and copied == record
+    match peer:
+        case zmqmesh.Peer("abc", "n", address=address):
+            assert address == "127.0.0.1"
+        case _:
+            pytest.fail("a positional pattern did not match")
 
 
 def test_package_is_typed() -> None:

@@ -33,10 +33,10 @@ def frozen_record(cls: type[_T]) -> type[_T]:
     class-level value has it as default (defaults are shared: give immutable ones). The
     class may define ``__post_init__(self)`` to check or normalise the fields (assigning
     with ``object.__setattr__``); the decorator gives it its ``__init__``, ``__eq__``,
-    ``__hash__``, ``__repr__``, ``__setattr__`` and ``__delattr__`` (the last two raise
-    `AttributeError`). Construction raises `TypeError` for an unknown, repeated or missing
-    argument; the decorator raises it for a field without a default after one with a
-    default."""
+    ``__hash__``, ``__repr__``, ``__match_args__``, ``__setattr__`` and ``__delattr__``
+    (the last two raise `AttributeError`); records copy as plain objects do. Construction
+    raises `TypeError` for an unknown, repeated or missing argument; the decorator raises
+    it for a field without a default after one with a default."""
     names = tuple(cls.__dict__.get("__annotations__", {}))
     defaulted = False
     for name in names:
@@ -44,12 +44,15 @@ def frozen_record(cls: type[_T]) -> type[_T]:
             defaulted = True
         elif defaulted:
             raise TypeError(f"{cls.__name__}.{name}: a field without a default follows one with a default")
-    setattr(cls, _FIELDS, names)
-    setattr(cls, _DEFAULTS, {name: cls.__dict__[name] for name in names if name in cls.__dict__})
-    methods = {"__init__": _init, "__setattr__": _setattr, "__delattr__": _delattr, "__eq__": _eq,
-               "__hash__": _hash, "__repr__": _repr}
-    for name, method in methods.items():
-        setattr(cls, name, method)
+    given = {
+        _FIELDS: names,
+        _DEFAULTS: {name: cls.__dict__[name] for name in names if name in cls.__dict__},
+        "__match_args__": names,  # (positional patterns, as a dataclass's)
+        "__init__": _init, "__setattr__": _setattr, "__delattr__": _delattr, "__eq__": _eq, "__hash__": _hash,
+        "__repr__": _repr,
+    }
+    for name, value in given.items():
+        setattr(cls, name, value)
     return cls
 
 

@@ -41,6 +41,11 @@ class Peer:
     last_seen: float = 0.0
     is_zmqmesh: bool = True
 
+    def __post_init__(self) -> None:
+        if type(self.headers) is not dict:  # (the default's empty view among them: each peer
+            # keeps a dict of its own, which copies as the rest of it does)
+            object.__setattr__(self, "headers", dict(self.headers))
+
     def __str__(self) -> str:
         return f"{self.name}({self.id[:8]})@{self.address}"
 
