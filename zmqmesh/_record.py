@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["frozen_record", "fields_of", "replace"]
+__all__ = ["frozen_record", "fields_of", "replaced"]
 
 _T = TypeVar("_T")
 _FIELDS = "__record_fields__"
@@ -65,7 +65,7 @@ def fields_of(record: Any) -> tuple[str, ...]:
     return names
 
 
-def replace(record: _T, **changes: Any) -> _T:
+def replaced(record: _T, **changes: Any) -> _T:
     """A copy of ``record`` with ``changes`` (checked by its class as at construction).
     Raises `TypeError` for a name that is not a field."""
     values = {name: getattr(record, name) for name in fields_of(record)}

@@ -11,8 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._record import fields_of, frozen_record
-from ._record import replace as replace_fields
+from ._record import fields_of, frozen_record, replaced
 from .errors import ConfigError
 
 __all__ = ["NodeConfig", "DEFAULT_BEACON_PORT", "HistoryPolicy", "parse_history"]
@@ -252,7 +251,7 @@ class NodeConfig:
     def replace(self, **options: Any) -> NodeConfig:
         """A copy of this config with ``options`` changed. Raises `ConfigError` for a value
         out of range, `TypeError` for an unknown option."""
-        return replace_fields(self, **options)
+        return replaced(self, **options)
 
 
 def _from_environment(fields: tuple[str, ...], given: set[str]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
 
     Returns both paths. Refuses to overwrite existing files (raises `FileExistsError`).
     """
-    from pathlib import Path  # (here: a node that reads no key file never loads it)
+    from pathlib import Path  # (here: only writing key files needs it, not a node)
 
     keys = generate_keypair()
     folder = Path(directory)
@@ -104,40 +104,36 @@ def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     return public_path, secret_path
 
 
-def _read_field(path: Path, field: str) -> str:
+def _read_field(path: str | os.PathLike[str], field: str) -> str:
     try:
-        text = path.read_text()
+        with open(path) as file:
+            text = file.read()
     except OSError as exc:
-        raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read key file {os.fspath(path)}: {exc.strerror or exc}") from None
     for line in text.splitlines():
         key, _, value = line.partition("=")
         if key.strip() == field:
             return value.strip().strip('"')
-    raise ConfigError(f"{path} has no {field}")
+    raise ConfigError(f"{os.fspath(path)} has no {field}")
 
 
-def read_secret_key(path: str | Path) -> str:
+def read_secret_key(path: str | os.PathLike[str]) -> str:
     """The secret key stored in a ``.key_secret`` file. Raises `ConfigError`.
 
     A secret key file readable by group or others is refused.
     """
-    from pathlib import Path
-
-    path = Path(path)
     try:
-        mode = path.stat().st_mode
+        mode = os.stat(path).st_mode
     except OSError as exc:
-        raise ConfigError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read key file {os.fspath(path)}: {exc.strerror or exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{path} is readable by others: chmod 600 it")
+        raise ConfigError(f"{os.fspath(path)} is readable by others: chmod 600 it")
     return check_key(_read_field(path, "secret-key"), "secret key")
 
 
-def read_public_key(path: str | Path) -> str:
+def read_public_key(path: str | os.PathLike[str]) -> str:
     """The public key stored in a ``.key`` (or ``.key_secret``) file. Raises `ConfigError`."""
-    from pathlib import Path
-
-    return check_key(_read_field(Path(path), "public-key"), "public key")
+    return check_key(_read_field(path, "public-key"), "public key")
 
 
 def make_server(sock: zmq.Socket[Any], keys: KeyPair) -> None:

@@ -47,16 +47,22 @@ def interface_addresses(name: str) -> tuple[str, str]:
     return address, broadcast
 
 
-def is_ipv4(address: str) -> bool:
-    """True for an IPv4 address written as four decimal numbers (``socket.inet_pton``'s
-    strict form: what ``ipaddress.IPv4Address`` accepts, without loading ``ipaddress``)."""
+def _packed_ipv4(address: str) -> bytes | None:
+    """The four bytes of an IPv4 address written as four decimal numbers, or None
+    (``socket.inet_pton``'s strict form: what ``ipaddress.IPv4Address`` accepts, without
+    loading ``ipaddress``)."""
     try:
-        socket.inet_pton(socket.AF_INET, address)
+        return socket.inet_pton(socket.AF_INET, address)
     except (OSError, TypeError, ValueError):
-        return False
-    return True
+        return None
+
+
+def is_ipv4(address: str) -> bool:
+    """True for an IPv4 address written as four decimal numbers."""
+    return _packed_ipv4(address) is not None
 
 
 def is_loopback(address: str) -> bool:
     """True for an IPv4 address in 127.0.0.0/8."""
-    return is_ipv4(address) and socket.inet_pton(socket.AF_INET, address)[0] == 127
+    packed = _packed_ipv4(address)
+    return packed is not None and packed[0] == 127

@@ -165,7 +165,6 @@ class StoredSegment(NamedTuple):
     """Why its messages cannot be read (then none are given); the segment stays stored."""
 
 
-
 class Store:
     """A node's durable store in ``directory`` (created if missing).
 
