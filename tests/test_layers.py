@@ -655,6 +655,117 @@ def test_the_at_least_once_item_check_takes_good_items_and_refuses_bad_ones_and_
         ("pipeline", "q", {"n": 1}, "peer", "id-1", 1000.5, {"k": "v"}, 2, True, 0, None, (), None)
 
 
+def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_they_are() -> None:
+    """`fill_batch` on every mix a queue holds: plain payloads of any size, durable messages
+    fresh from a commit (their wire form made then), with failed deliveries, recovered, or
+    without a wire form. The batch takes a prefix of the queue, each item in its wire form,
+    marked redelivered where it must be, and stops only at ``n``, at the end of the queue,
+    or before the item that would take it past `BATCH_BYTES` (a large one goes alone)."""
+    import functools
+    import random
+
+    from zmqmesh._patterns.reliable import fill_batch, wire_form
+    from zmqmesh._store.messages import StoredMessage
+    from zmqmesh._wire.codec import durable_item
+
+    pack = msgpack.Packer().pack
+    wrap = functools.partial(wire_form, pack=pack)
+    rng = random.Random(7)
+
+    def payload() -> bytes:
+        size = rng.choice([1, 60, 900, frames.BATCH_BYTES // 3, frames.BATCH_BYTES - 10, frames.BATCH_BYTES * 2])
+        return msgpack.packb(b"x" * size)
+
+    def stored(seq: int, kind: str) -> StoredMessage:
+        body, attempts, recovered = payload(), (2 if kind == "attempted" else 0), kind == "recovered"
+        fresh = durable_item(body, False, f"id-{seq}", 1000.5, None, attempts, pack)
+        return StoredMessage(seq, "q", f"id-{seq}", 1000.5, None, body, attempts, 1, recovered,
+                             None if kind == "no wire" else fresh)
+
+    def item(seq: int, mix: list[str]) -> Any:
+        kind = rng.choice(mix)
+        return payload() if kind == "payload" else stored(seq, kind)
+
+    mixes = [["payload"], ["fresh"], ["fresh", "attempted"], ["fresh", "recovered", "no wire"],
+             ["payload", "fresh"], ["fresh", "fresh", "fresh", "attempted"]]
+    for trial in range(300):
+        mix = mixes[trial % len(mixes)]
+        source = deque(item(k, mix) for k in range(rng.choice([1, 3, 40, 300])))
+        whole = list(source)
+        again, n = rng.random() < 0.2, rng.choice([1, 5, 64, frames.MAX_BATCH_ITEMS])
+        items: list[Any] = [payload()] if rng.random() < 0.2 else []  # (what an earlier call took)
+        parts = [wrap(i, True) for i in items]
+        size_before = sum(map(len, parts))
+        size = fill_batch(source, items, parts, n, size_before, again, wrap)
+        taken = items[len(items) - (len(whole) - len(source)):]
+        assert len(parts) == len(items)
+        assert taken == whole[:len(taken)] and list(source) == whole[len(taken):], trial
+        marked = [again or (type(i) is StoredMessage and (i.attempts > 0 or i.recovered)) for i in taken]
+        assert parts[len(parts) - len(taken):] == [wrap(i, m) for i, m in zip(taken, marked)], trial
+        assert size == sum(map(len, parts)), trial
+        assert size <= frames.BATCH_BYTES or len(items) == 1, trial
+        if source and len(items) < n:  # it stopped early: the next item would not have fit
+            assert items and size + len(wrap(source[0], again)) > frames.BATCH_BYTES, trial
+
+
+def _stored(seq: int, segment: int, body: bytes, wire: bool = True) -> Any:
+    from zmqmesh._store.messages import StoredMessage
+    from zmqmesh._wire.codec import durable_item
+
+    fresh = durable_item(body, False, f"id-{seq}", 1000.5, None, 0, msgpack.Packer().pack) if wire else None
+    return StoredMessage(seq, "q", f"id-{seq}", 1000.5, None, body, 0, segment, False, fresh)
+
+
+def test_a_durable_buffer_reckons_the_bytes_it_still_holds_however_messages_come_and_go() -> None:
+    """`Buffer.reckon` after any mix of extends (with and without wire forms, sizes given
+    or not) and messages taken from the front: exactly the held sizes of those still held,
+    past the point where it drops the sizes it reckoned up."""
+    import random
+
+    from zmqmesh._patterns.durable import Buffer, held_sizes
+
+    rng = random.Random(3)
+    buffer = Buffer()
+    seq = 0
+    for _ in range(400):
+        batch = [_stored(seq + k, seq, b"x" * rng.choice([1, 50, 3000]), wire=rng.random() < 0.8)
+                 for k in range(rng.choice([1, 7, 64, 256]))]
+        seq += len(batch)
+        buffer.extend(batch, held_sizes(batch) if rng.random() < 0.5 else None)
+        for _ in range(min(len(buffer), rng.choice([0, 1, 30, 300]))):
+            buffer.popleft()
+        if rng.random() < 0.7:
+            assert buffer.reckon() == sum(held_sizes(list(buffer)))
+    while buffer:
+        buffer.popleft()
+    assert buffer.reckon() == 0
+    assert held_sizes([_stored(1, 1, b"abc")]) == [2 * len(_stored(1, 1, b"abc").wire) + 200]
+    assert held_sizes([_stored(1, 1, b"abc", wire=False)]) == [3 + 200]
+
+
+def test_settled_durable_messages_are_sorted_out_by_segment_in_order() -> None:
+    """`handled_by_segment`: the sequence numbers of the durable messages of a batch that
+    were handled (not at a failed position), by segment, in batch order, whether the batch
+    is all durable and of a few segments or not."""
+    import random
+
+    from zmqmesh._patterns.durable import handled_by_segment
+
+    rng = random.Random(5)
+    for trial in range(300):
+        segments = rng.choice([[1], [1, 257], list(range(1, 4000, 256))])
+        items: list[Any] = [_stored(rng.randrange(10_000), rng.choice(segments), b"x") for _ in range(rng.choice([1, 9, 256]))]
+        if trial % 3 == 0:
+            items[rng.randrange(len(items))] = b"an in-memory payload"
+        failed = set(rng.sample(range(len(items)), min(len(items), rng.choice([0, 0, 1, 3]))))
+        expected: dict[int, list[int]] = {}
+        for position, item in enumerate(items):
+            if not isinstance(item, bytes) and position not in failed:
+                expected.setdefault(item.segment, []).append(item.seq)
+        got = handled_by_segment(items, failed)
+        assert got == expected and list(got) == list(expected), trial
+
+
 def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -> None:
     """A batch sent before the pause on a socket that takes nothing (a DEALER connected to
     no one refuses at once): each of its requests fails, once, with `MeshTimeoutError`,

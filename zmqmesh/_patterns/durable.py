@@ -22,10 +22,11 @@ names a dead-letter queue when it used up its deliveries, and the message moves 
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
-from itertools import chain, repeat
+from collections.abc import Callable, Container, Iterable
+from itertools import chain, compress, repeat
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -38,7 +39,7 @@ from .reliable import Failure
 if TYPE_CHECKING:
     from .._store.sqlite import Store
 
-__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Ticket", "held_sizes"]
+__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Ticket", "held_sizes", "handled_by_segment"]
 
 log = logging.getLogger("zmqmesh.durable")
 
@@ -51,9 +52,39 @@ _REFILL_CHUNK = 1024  # messages a read back asks for (whole segments: up to one
 _REFILL_BELOW_BYTES = BUFFER_BYTES // 4
 _HELD_OVERHEAD = 200  # what a message held costs besides its payload and headers (its tuple, id, numbers)
 _MAX_ERROR_CHARS = 1000
+_SIZES_KEPT = 4096  # sizes reckoned up that a buffer keeps before it drops them
 _ACK_BATCH = 16_384  # (a bound, not a cadence: the timer writes first at any rate below 300 k msg/s)
 _COALESCE_S = 0.001
 _ACK_DELAY_S = 0.05
+
+
+_SEQ = operator.itemgetter(StoredMessage._fields.index("seq"))
+_WIRE = operator.itemgetter(StoredMessage._fields.index("wire"))
+_SEGMENT = operator.itemgetter(StoredMessage._fields.index("segment"))
+_FEW_SEGMENTS = 8
+
+
+def handled_by_segment(items: list[Any], failed: Container[int]) -> dict[int, list[int]]:
+    """The sequence numbers of the durable messages among ``items`` that are not at a
+    position in ``failed``, by segment, in order. A batch all durable and all handled, of
+    a few segments (mostly one or two), is sorted out with no Python step per message."""
+    if not failed and set(map(type, items)) == {StoredMessage}:
+        segments = list(map(_SEGMENT, items))
+        distinct = dict.fromkeys(segments)
+        if len(distinct) <= _FEW_SEGMENTS:
+            seqs = list(map(_SEQ, items))
+            if len(distinct) == 1:
+                return {segments[0]: seqs}
+            return {segment: list(compress(seqs, map(segment.__eq__, segments))) for segment in distinct}
+    handled: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        if type(item) is StoredMessage and i not in failed:
+            of_segment = handled.get(item.segment)
+            if of_segment is None:
+                handled[item.segment] = [item.seq]
+            else:
+                of_segment.append(item.seq)
+    return handled
 
 
 class Ticket:
@@ -71,6 +102,9 @@ class Ticket:
 def held_sizes(messages: list[StoredMessage]) -> list[int]:
     """What each of ``messages`` costs held in memory, about (payload, headers, the rest;
     a wire form holds them too, so a message that has one counts it twice)."""
+    wires = list(map(_WIRE, messages))
+    if None not in wires:  # (as they are committed and read back: one step less per message)
+        return [2 * size + _HELD_OVERHEAD for size in map(len, wires)]
     return [2 * len(m.wire) + _HELD_OVERHEAD if m.wire else len(m.body) + (len(m.headers) if m.headers else 0)
             + _HELD_OVERHEAD for m in messages]
 
@@ -88,7 +122,8 @@ class Buffer(deque[StoredMessage]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._sizes: deque[int] = deque()  # of the messages added and not yet reckoned up, oldest first
+        self._sizes: list[int] = []  # of the messages added, oldest first, from `_sizes_from` not yet reckoned up
+        self._sizes_from = 0  # (the loop's alone: only the loop drops what it reckoned up, all at once)
         self._added = 0  # messages ever added (counted after their sizes are noted)
         self._added_bytes = 0
         self._reckoned = 0  # messages taken and reckoned up (the loop's alone)
@@ -101,7 +136,7 @@ class Buffer(deque[StoredMessage]):
         if sizes is None:
             sizes = held_sizes(messages)
         super().extend(messages)
-        self._sizes.extend(sizes)
+        self._sizes += sizes
         self._added_bytes += sum(sizes)
         self._added += len(sizes)
 
@@ -111,9 +146,14 @@ class Buffer(deque[StoredMessage]):
         # (`_added` before `len`: messages an extend adds meanwhile count as held, not taken)
         taken = self._added - len(self) - self._reckoned
         if taken > 0:
-            sizes = self._sizes
-            self._reckoned_bytes += sum([sizes.popleft() for _ in range(taken)])
+            start = self._sizes_from
+            end = start + taken
+            self._reckoned_bytes += sum(self._sizes[start:end])
             self._reckoned += taken
+            if end >= _SIZES_KEPT:
+                del self._sizes[:end]
+                end = 0
+            self._sizes_from = end
         return self.held_at_most
 
     @property
@@ -356,15 +396,7 @@ class DurableQueues:
         failed = {f.position: f for f in failures}
         retry: list[Any] = []
         attempted: list[int] = []
-        handled: dict[int, list[int]] = {}  # by segment: a batch is mostly one or two segments
-        for i, item in enumerate(items):
-            if type(item) is StoredMessage and i not in failed:
-                seqs = handled.get(item.segment)
-                if seqs is None:
-                    handled[item.segment] = [item.seq]
-                else:
-                    seqs.append(item.seq)
-        for segment, seqs in handled.items():
+        for segment, seqs in handled_by_segment(items, failed).items():
             self._settle_in(segment, seqs)
         for index, failure in failed.items():
             item = items[index]

@@ -23,9 +23,12 @@ failed: ``[[index, dead_letter_queue or nil, error], ...]``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import operator
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -52,7 +55,7 @@ from .._wire.frames import (
 )
 from ..config import NodeConfig
 
-__all__ = ["ReliableSender", "Failure"]
+__all__ = ["ReliableSender", "Failure", "fill_batch", "wire_form"]
 
 log = logging.getLogger("zmqmesh.reliable")
 
@@ -81,11 +84,29 @@ class _Batch(NamedTuple):
     size: int  # its bytes on the wire
 
 
-def _take(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
-          wrap: Callable[[Any, bool], bytes]) -> int:
+def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
+               wrap: Callable[[Any, bool], bytes]) -> int:
     """Move items from ``source`` to ``items``, and their wire form (``wrap(item,
     redelivered)``) to ``parts``, while there are fewer than ``n`` and the batch stays
-    within `BATCH_BYTES` (a single large item goes alone); the batch's size after."""
+    within `BATCH_BYTES` (a single large item goes alone); the batch's size after.
+    ``again``: they are dealt again (marked redelivered); so is a durable message with
+    failed deliveries counted, or one stored before this node started."""
+    if not again and source:
+        head = list(itertools.islice(source, min(n - len(items), len(source))))
+        fresh = _fresh_parts(head, wrap is not _wrap_two_fields)
+        if fresh is not None:  # (the same outcome as the loop below, with no Python step per item)
+            sizes = list(itertools.accumulate(map(len, fresh), initial=size))
+            count = bisect_right(sizes, BATCH_BYTES) - 1
+            if count < 1 and not items:
+                count = 1
+            if count > 0:
+                items += head[:count]
+                parts += fresh[:count]
+                popleft = source.popleft
+                for _ in range(count):
+                    popleft()
+                return sizes[count]
+            return size
     while len(items) < n and source:
         item = source[0]
         stored = type(item) is StoredMessage
@@ -101,6 +122,40 @@ def _take(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size
         parts.append(part)
         size += len(part)
     return size
+
+
+_FIRST_DELIVERY = wrap_item(b"", False)
+_WIRE = operator.itemgetter(StoredMessage._fields.index("wire"))
+_ATTEMPTS = operator.itemgetter(StoredMessage._fields.index("attempts"))
+_RECOVERED = operator.itemgetter(StoredMessage._fields.index("recovered"))
+
+
+def _fresh_parts(head: list[Any], stored_wire: bool) -> list[bytes] | None:
+    """The wire forms of a first delivery of ``head``, when each is known without a
+    Python step per item: plain in-memory payloads, or (``stored_wire``: the puller
+    reads the form made as they were committed) durable messages never delivered
+    before, each with that form. None for any other mix."""
+    kinds = set(map(type, head))
+    if kinds == {bytes}:
+        return list(map(_FIRST_DELIVERY.__add__, head))
+    if not stored_wire or kinds != {StoredMessage}:
+        return None
+    wires = list(map(_WIRE, head))
+    if None in wires or any(map(_ATTEMPTS, head)) or any(map(_RECOVERED, head)):
+        return None
+    return wires
+
+
+def wire_form(item: Any, redelivered: bool, pack: Callable[[Any], bytes]) -> bytes:
+    """An item in the form a puller of protocol 2 or later reads (``pack``: a
+    `msgpack.Packer`'s own, of one thread at a time)."""
+    if type(item) is StoredMessage:
+        if item.wire is not None and not redelivered:  # (made as it was committed)
+            return item.wire
+        return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts, pack)
+    if type(item) is Headed:  # carries headers: the item form that has room for them
+        return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0, pack)
+    return wrap_item(item, redelivered)
 
 
 def _wrap_two_fields(item: Any, redelivered: bool) -> bytes:
@@ -126,7 +181,7 @@ class ReliableSender:
         self._acker_id = routing_id  # a requester's (from the node's random serial): unguessable
         self.directory = directory
         self.codec = codec
-        self._pack = msgpack.Packer().pack  # the loop's alone (a Packer keeps a buffer)
+        self._wrap = functools.partial(wire_form, pack=msgpack.Packer().pack)  # (the packer: the loop's alone)
         self.connect = connect
         self.wake = wake
         self.window = config.ack_window
@@ -191,8 +246,8 @@ class ReliableSender:
                 items: list[Any] = []
                 parts: list[bytes] = []
                 wrap = self._wrap if directory.speaks(puller, 2) else _wrap_two_fields
-                size = _take(again, items, parts, n, 0, True, wrap)  # first what is dealt again, marked so
-                size = _take(q, items, parts, n, size, False, wrap)
+                size = fill_batch(again, items, parts, n, 0, True, wrap)  # first what is dealt again, marked so
+                size = fill_batch(q, items, parts, n, size, False, wrap)
                 if not items:
                     break
                 if wrap is _wrap_two_fields:
@@ -219,16 +274,6 @@ class ReliableSender:
         if self.inflight and self._timeout_check is None and directory.offers["acktimeouts"]:
             self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
         return bool(q or again)
-
-    def _wrap(self, item: Any, redelivered: bool) -> bytes:
-        """An item in the form a puller of protocol 2 or later reads."""
-        if type(item) is StoredMessage:
-            if item.wire is not None and not redelivered:  # (made as it was committed)
-                return item.wire
-            return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts, self._pack)
-        if type(item) is Headed:  # carries headers: the item form that has room for them
-            return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0, self._pack)
-        return wrap_item(item, redelivered)
 
     def _socket(self, puller: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(puller)
