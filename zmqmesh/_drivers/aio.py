@@ -244,12 +244,12 @@ class _Window:
         """Begin ``call``, for the next item."""
         calls = self.calls
         if isinstance(call, QuickRequest):
-            step = call.begin(self.requester.tally)
-            if step is not None:
+            provider = call.pick(self.requester.tally)
+            if provider is not None:
                 slot = _WindowSlot(self, len(calls.results), call)
                 calls.begin(slot)
                 try:
-                    self.requester.gather(step, slot)
+                    self.requester.gather(provider, call, slot)
                 except Exception as exc:  # (no socket to the provider: the plan decides)
                     slot.set_exception(exc)
                 return
@@ -660,18 +660,17 @@ class LoopRequester:
         self._gathered(step.provider.id)
         return future
 
-    def gather(self, step: Exchange, waiter: _WindowSlot) -> None:
-        """Gather a request of a quick way (`QuickRequest.begin`: one a batch can carry)
-        into its provider's batch, whether or not the provider is busy, as one of many at
-        hand; ``waiter`` is told its outcome as a future would be. It goes with the batches
-        of this pass of the loop, or at once with a batch that fills up."""
-        provider_id = step.provider.id
-        self._socket(step.provider)
-        request_id = self.outstanding.add(waiter, provider_id, step.service, step.deadline)
-        gathered = self._batches.add(provider_id, request_id, waiter, step, True)
-        assert gathered, "a quick request is one a batch carries"
-        if step.deadline < self._timer_at:
-            self._arm(step.deadline)
+    def gather(self, provider: Provider, quick: QuickRequest, waiter: _WindowSlot) -> None:
+        """Gather the request of a quick way to ``provider`` (`QuickRequest.pick`: one a
+        batch can carry) into its batch, whether or not the provider is busy, as one of
+        many at hand; ``waiter`` is told its outcome as a future would be. It goes with the
+        batches of this pass of the loop, or at once with a batch that fills up."""
+        provider_id, calling, deadline = provider.id, quick.calling, quick.deadline
+        self._socket(provider)
+        request_id = self.outstanding.add(waiter, provider_id, calling.service, deadline)
+        self._batches.gather(provider_id, request_id, waiter, calling.service_b, quick.body)
+        if deadline < self._timer_at:
+            self._arm(deadline)
         self._gathered(provider_id)
 
     def _gathered(self, provider_id: str) -> None:

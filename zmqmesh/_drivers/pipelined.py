@@ -22,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -132,13 +131,15 @@ def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: s
 
 class Job:
     """One request plan in flight (or a `QuickRequest`, until it becomes one), and what to
-    call with its outcome (once)."""
+    tell its outcome (once): ``finish(key, value, error)``."""
 
-    __slots__ = ("plan", "finish")
+    __slots__ = ("plan", "finish", "key")
 
-    def __init__(self, plan: Plan | QuickRequest, finish: Callable[[Any, BaseException | None], None]) -> None:
+    def __init__(self, plan: Plan | QuickRequest, finish: Callable[[Any, Any, BaseException | None], None],
+                 key: Any) -> None:
         self.plan = plan
         self.finish = finish
+        self.key = key
 
 
 class Pipelined:
@@ -177,10 +178,10 @@ class Pipelined:
             try:
                 job.plan, finished, step = advance_call(job.plan, value, error, self._tally)
             except Exception as exc:
-                job.finish(None, exc)
+                job.finish(job.key, None, exc)
                 return
             if finished:
-                job.finish(step, None)
+                job.finish(job.key, step, None)
                 return
             if not isinstance(step, Exchange):
                 self.send_gathered()  # (the wait may block this thread)
@@ -204,23 +205,23 @@ class Pipelined:
         hand) and go at once, a batch per frame (`RequestBatches`); the others begin after
         them, one by one (`start`: a plan may wait, blocking this thread)."""
         later = []
-        tally, batches, add = self._tally, self._batches, self.outstanding.add
+        tally, gather, add, sockets = self._tally, self._batches.gather, self.outstanding.add, self._sockets
         for job in jobs:
             plan = job.plan
-            step = plan.begin(tally) if isinstance(plan, QuickRequest) else None
-            if step is None:
+            if not isinstance(plan, QuickRequest) or (provider := plan.pick(tally)) is None:
                 if isinstance(plan, QuickRequest):
                     job.plan = plan.plan()
                 later.append(job)
                 continue
-            provider_id = step.provider.id
-            if provider_id not in self._sockets:
+            provider_id = provider.id
+            if provider_id not in sockets:
                 try:
-                    self._socket(step.provider)
+                    self._socket(provider)
                 except Exception as exc:  # (the plan decides what that means)
                     self.resume(job, None, exc)
                     continue
-            batches.add(provider_id, add(job, provider_id, step.service, step.deadline), job, step, True)
+            calling = plan.calling
+            gather(provider_id, add(job, provider_id, calling.service, plan.deadline), job, calling.service_b, plan.body)
         self._send_batches()
         for job in later:
             self.start(job)
@@ -286,17 +287,18 @@ class Pipelined:
             answered, unanswered = answer_all(frames, provider_id)
             dropped += unanswered  # late replies (their requests timed out), or ones nobody asked for
             received += len(answered)
+            now = time.monotonic()  # (when the frame came: the time its replies were waited for)
             for job, status, body in answered:
                 plan = job.plan
                 if status != wire.STATUS_OK or type(plan) is not QuickRequest:
                     self.resume(job, (status, body), None)
                     continue
                 try:  # (`resume`'s way for the common reply, spared its steps)
-                    value = plan.result(body, tally)
+                    value = plan.result(body, tally, now)
                 except Exception as exc:
-                    job.finish(None, exc)
+                    job.finish(job.key, None, exc)
                 else:
-                    job.finish(value, None)
+                    job.finish(job.key, value, None)
         counts = tally.counts
         counts["received"] = counts.get("received", 0) + received
         if dropped:
@@ -382,24 +384,23 @@ class Submitter:
             raise
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()  # (a request once sent cannot be taken back)
-        room = self._room
-
-        def finish(value: Any, error: BaseException | None) -> None:
-            room.release()
-            try:  # (this runs the future's done-callbacks, on this thread)
-                if error is None:
-                    future.set_result(value)
-                else:
-                    future.set_exception(error)
-            except BaseException:  # a callback's SystemExit or KeyboardInterrupt must not end the thread
-                log.exception("a done-callback of a submitted request raised")
-
-        self._incoming.append(Job(plan, finish))
+        self._incoming.append(Job(plan, self._finish, future))
         if self._closing:
             self._fail_waiting()  # the thread may have ended before it could see this one
         elif self._idle:
             self._waker.wake()
         return future
+
+    def _finish(self, future: Future[Any], value: Any, error: BaseException | None) -> None:
+        """A submitted request's outcome: into its future (a `Job`'s ``finish``)."""
+        self._room.release()
+        try:  # (this runs the future's done-callbacks, on this thread)
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
+        except BaseException:  # a callback's SystemExit or KeyboardInterrupt must not end the thread
+            log.exception("a done-callback of a submitted request raised")
 
     def _fail_waiting(self) -> None:
         """Fail the jobs no thread will take any more: submitted, or back from a wait."""
@@ -497,7 +498,7 @@ class Submitter:
 
 def _fail_closed(job: Job) -> None:
     job.plan.close()
-    job.finish(None, NodeClosedError(_CLOSED))
+    job.finish(job.key, None, NodeClosedError(_CLOSED))
 
 
 def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window: int, at_hand: bool = False) -> list[Any]:
@@ -522,7 +523,7 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window:
             jobs: list[Job] = []
             # (there is room here, and no failure: the loops around see to both)
             for plan in islice(made, calls.free() if at_hand else 1):  # at hand: as many as there is room for
-                job = Job(plan, partial(calls.end, len(calls.results)))
+                job = Job(plan, calls.end, len(calls.results))
                 calls.begin(job)
                 jobs.append(job)
             if not jobs:

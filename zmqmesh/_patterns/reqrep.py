@@ -183,6 +183,16 @@ class QuickRequest:
         """The exchange to send, counted as sent in the driver's ``tally``; None when the
         quick way ends before it (no provider of protocol 4 at hand, or a large body): go
         on with `plan`."""
+        provider = self.pick(tally)
+        if provider is None:
+            return None
+        calling = self.calling
+        return _exchange((provider, calling.service, calling.service_b, self.body, self.deadline, None, True))
+
+    def pick(self, tally: RequestTally) -> Provider | None:
+        """`begin` for a driver that gathers the request into a batch itself: the provider
+        to send it to (the request goes as ``calling.service_b``, `body`, `deadline`), counted
+        as sent in ``tally``; None when the quick way ends before it: go on with `plan`."""
         calling = self.calling
         if len(self.body) >= wire.LARGE_FRAME:
             return None
@@ -193,7 +203,7 @@ class QuickRequest:
         self.sent = True
         sent = tally.sent
         sent[service] = sent.get(service, 0) + 1
-        return _exchange((provider, service, calling.service_b, self.body, self.deadline, None, True))
+        return provider
 
     def advance(self, reply: tuple[bytes, bytes] | None, tally: RequestTally) -> tuple[bool, Any]:
         """Begin (``reply`` None): ``(False, the exchange to send)`` (`begin`). Given the
@@ -206,13 +216,14 @@ class QuickRequest:
             return False, None
         return True, self.result(reply[1], tally)
 
-    def result(self, body: bytes, tally: RequestTally) -> Any:
-        """The result of an OK reply's ``body``, and how long the caller waited for it (into
-        ``tally``). Raises `DecodeError` when it cannot be decoded."""
+    def result(self, body: bytes, tally: RequestTally, now: float | None = None) -> Any:
+        """The result of an OK reply's ``body``, and how long the caller waited for it until
+        ``now`` (default: the monotonic clock now), into ``tally``. Raises `DecodeError`
+        when it cannot be decoded."""
         waited = tally.waited.get(self.calling.service)
         if waited is None:
             waited = tally.waited[self.calling.service] = []
-        waited.append(time.monotonic() - self.started)
+        waited.append((time.monotonic() if now is None else now) - self.started)
         return self.calling.codec.decode(body)
 
     def plan(self) -> RequestPlan:

@@ -83,19 +83,25 @@ class RequestBatches(Generic[Key, Waiter]):
         a large body), or one to a provider older than protocol 4."""
         if not busy or not step.compact or step.provider.protocol < wire.BATCH_PROTOCOL:
             return False
-        size = len(step.service_b) + len(request_id) + len(step.body) + wire.REQUEST_ITEM_BYTES
+        self.gather(key, request_id, waiter, step.service_b, step.body)
+        return True
+
+    def gather(self, key: Key, request_id: bytes, waiter: Waiter, service_b: bytes, body: bytes) -> None:
+        """Gather a request that a batch can carry (`add` says which; `QuickRequest.pick`
+        gives only those) to send on ``key`` at the next pause, or before it once its batch
+        is full (`ready`)."""
+        size = len(service_b) + len(request_id) + len(body) + wire.REQUEST_ITEM_BYTES
         batch = self._open.get(key)
         if batch is not None and batch.size + size > wire.BATCH_BYTES:  # (it holds fewer than EARLY_ITEMS: never
             self._full.append(batch)                                    # too many, `wire.batch_full`'s other limit)
             batch = None
         if batch is None:
             batch = self._open[key] = Batch(key)
-        batch.items.append((step.service_b, request_id, step.body))
+        batch.items.append((service_b, request_id, body))
         batch.waiters.append((request_id, waiter))
         batch.size += size
         if len(batch.items) >= EARLY_ITEMS:
             self._full.append(self._open.pop(key))
-        return True
 
     @property
     def ready(self) -> bool:
