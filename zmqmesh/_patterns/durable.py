@@ -58,9 +58,9 @@ _COALESCE_S = 0.001
 _ACK_DELAY_S = 0.05
 
 
-_SEQ = operator.itemgetter(StoredMessage._fields.index("seq"))
-_WIRE = operator.itemgetter(StoredMessage._fields.index("wire"))
-_SEGMENT = operator.itemgetter(StoredMessage._fields.index("segment"))
+_SEQ = operator.attrgetter("seq")
+_WIRE = operator.attrgetter("wire")
+_SEGMENT = operator.attrgetter("segment")
 _FEW_SEGMENTS = 8
 
 

@@ -125,9 +125,9 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
 
 
 _FIRST_DELIVERY = wrap_item(b"", False)
-_WIRE = operator.itemgetter(StoredMessage._fields.index("wire"))
-_ATTEMPTS = operator.itemgetter(StoredMessage._fields.index("attempts"))
-_RECOVERED = operator.itemgetter(StoredMessage._fields.index("recovered"))
+_WIRE = operator.attrgetter("wire")
+_ATTEMPTS = operator.attrgetter("attempts")
+_RECOVERED = operator.attrgetter("recovered")
 
 
 def _fresh_parts(head: list[Any], stored_wire: bool) -> list[bytes] | None:
