@@ -91,7 +91,7 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
     within `BATCH_BYTES` (a single large item goes alone); the batch's size after.
     ``again``: they are dealt again (marked redelivered); so is a durable message with
     failed deliveries counted, or one stored before this node started."""
-    if not again and source:
+    if not again and source and len(items) < n:
         head = list(itertools.islice(source, min(n - len(items), len(source))))
         fresh = _fresh_parts(head, wrap is not _wrap_two_fields)
         if fresh is not None:  # (the same outcome as the loop below, with no Python step per item)
