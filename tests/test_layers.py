@@ -655,6 +655,17 @@ def test_the_at_least_once_item_check_takes_good_items_and_refuses_bad_ones_and_
         ("pipeline", "q", {"n": 1}, "peer", "id-1", 1000.5, {"k": "v"}, 2, True, 0, None, (), None)
 
 
+def _stored(seq: int, segment: int, body: bytes, attempts: int = 0, recovered: bool = False,
+            wire: bool = True) -> Any:
+    """A durable message as a commit or a read back holds it (`stored_messages`), then
+    marked as asked."""
+    from zmqmesh._store.messages import stored_messages
+
+    message = stored_messages("q", seq, [segment], [f"id-{seq}"], [1000.5], [None], [body], [attempts],
+                              msgpack.Packer().pack)[0]
+    return message._replace(recovered=recovered, wire=message.wire if wire else None)
+
+
 def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_they_are() -> None:
     """`fill_batch` on every mix a queue holds: plain payloads of any size, durable messages
     fresh from a commit (their wire form made then), with failed deliveries, recovered, or
@@ -666,25 +677,20 @@ def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_
 
     from zmqmesh._patterns.reliable import fill_batch, wire_form
     from zmqmesh._store.messages import StoredMessage
-    from zmqmesh._wire.codec import durable_item
 
-    pack = msgpack.Packer().pack
-    wrap = functools.partial(wire_form, pack=pack)
+    wrap = functools.partial(wire_form, pack=msgpack.Packer().pack)
     rng = random.Random(7)
 
     def payload() -> bytes:
         size = rng.choice([1, 60, 900, frames.BATCH_BYTES // 3, frames.BATCH_BYTES - 10, frames.BATCH_BYTES * 2])
         return msgpack.packb(b"x" * size)
 
-    def stored(seq: int, kind: str) -> StoredMessage:
-        body, attempts, recovered = payload(), (2 if kind == "attempted" else 0), kind == "recovered"
-        fresh = durable_item(body, False, f"id-{seq}", 1000.5, None, attempts, pack)
-        return StoredMessage(seq, "q", f"id-{seq}", 1000.5, None, body, attempts, 1, recovered,
-                             None if kind == "no wire" else fresh)
-
     def item(seq: int, mix: list[str]) -> Any:
         kind = rng.choice(mix)
-        return payload() if kind == "payload" else stored(seq, kind)
+        if kind == "payload":
+            return payload()
+        return _stored(seq, 1, payload(), attempts=2 if kind == "attempted" else 0, recovered=kind == "recovered",
+                       wire=kind != "no wire")
 
     mixes = [["payload"], ["fresh"], ["fresh", "attempted"], ["fresh", "recovered", "no wire"],
              ["payload", "fresh"], ["fresh", "fresh", "fresh", "attempted"]]
@@ -706,14 +712,6 @@ def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_
         assert size <= frames.BATCH_BYTES or len(items) == 1, trial
         if source and len(items) < n:  # it stopped early: the next item would not have fit
             assert items and size + len(wrap(source[0], again)) > frames.BATCH_BYTES, trial
-
-
-def _stored(seq: int, segment: int, body: bytes, wire: bool = True) -> Any:
-    from zmqmesh._store.messages import StoredMessage
-    from zmqmesh._wire.codec import durable_item
-
-    fresh = durable_item(body, False, f"id-{seq}", 1000.5, None, 0, msgpack.Packer().pack) if wire else None
-    return StoredMessage(seq, "q", f"id-{seq}", 1000.5, None, body, 0, segment, False, fresh)
 
 
 def test_a_durable_buffer_reckons_the_bytes_it_still_holds_however_messages_come_and_go() -> None:

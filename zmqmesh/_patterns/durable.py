@@ -22,7 +22,6 @@ names a dead-letter queue when it used up its deliveries, and the message moves 
 from __future__ import annotations
 
 import logging
-import operator
 import threading
 from collections import deque
 from collections.abc import Callable, Container, Iterable
@@ -32,7 +31,14 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .._stats import Stats
-from .._store.messages import Entry, StoredMessage, stored_messages
+from .._store.messages import (
+    Entry,
+    StoredMessage,
+    segment_of,
+    seq_of,
+    stored_messages,
+    wire_of,
+)
 from .._wire.codec import Codec
 from .reliable import Failure
 
@@ -56,12 +62,7 @@ _SIZES_KEPT = 4096  # sizes reckoned up that a buffer keeps before it drops them
 _ACK_BATCH = 16_384  # (a bound, not a cadence: the timer writes first at any rate below 300 k msg/s)
 _COALESCE_S = 0.001
 _ACK_DELAY_S = 0.05
-
-
-_SEQ = operator.attrgetter("seq")
-_WIRE = operator.attrgetter("wire")
-_SEGMENT = operator.attrgetter("segment")
-_FEW_SEGMENTS = 8
+_FEW_SEGMENTS = 8  # a settled batch of more segments is sorted out message by message
 
 
 def handled_by_segment(items: list[Any], failed: Container[int]) -> dict[int, list[int]]:
@@ -69,10 +70,10 @@ def handled_by_segment(items: list[Any], failed: Container[int]) -> dict[int, li
     position in ``failed``, by segment, in order. A batch all durable and all handled, of
     a few segments (mostly one or two), is sorted out with no Python step per message."""
     if not failed and set(map(type, items)) == {StoredMessage}:
-        segments = list(map(_SEGMENT, items))
+        segments = list(map(segment_of, items))
         distinct = dict.fromkeys(segments)
         if len(distinct) <= _FEW_SEGMENTS:
-            seqs = list(map(_SEQ, items))
+            seqs = list(map(seq_of, items))
             if len(distinct) == 1:
                 return {segments[0]: seqs}
             return {segment: list(compress(seqs, map(segment.__eq__, segments))) for segment in distinct}
@@ -102,7 +103,7 @@ class Ticket:
 def held_sizes(messages: list[StoredMessage]) -> list[int]:
     """What each of ``messages`` costs held in memory, about (payload, headers, the rest;
     a wire form holds them too, so a message that has one counts it twice)."""
-    wires = list(map(_WIRE, messages))
+    wires = list(map(wire_of, messages))
     if None not in wires:  # (as they are committed and read back: one step less per message)
         return [2 * size + _HELD_OVERHEAD for size in map(len, wires)]
     return [2 * len(m.wire) + _HELD_OVERHEAD if m.wire else len(m.body) + (len(m.headers) if m.headers else 0)

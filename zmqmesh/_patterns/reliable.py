@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import operator
 import time
 from bisect import bisect_right
 from collections import deque
@@ -40,7 +39,7 @@ from .._io.reactor import EventLoop
 from .._io.sockets import close_watched, has_input, new_socket, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._store.messages import StoredMessage
+from .._store.messages import StoredMessage, attempts_of, recovered_of, wire_of
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,
@@ -125,9 +124,6 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
 
 
 _FIRST_DELIVERY = wrap_item(b"", False)
-_WIRE = operator.attrgetter("wire")
-_ATTEMPTS = operator.attrgetter("attempts")
-_RECOVERED = operator.attrgetter("recovered")
 
 
 def _fresh_parts(head: list[Any], stored_wire: bool) -> list[bytes] | None:
@@ -140,8 +136,8 @@ def _fresh_parts(head: list[Any], stored_wire: bool) -> list[bytes] | None:
         return list(map(_FIRST_DELIVERY.__add__, head))
     if not stored_wire or kinds != {StoredMessage}:
         return None
-    wires = list(map(_WIRE, head))
-    if None in wires or any(map(_ATTEMPTS, head)) or any(map(_RECOVERED, head)):
+    wires = list(map(wire_of, head))
+    if None in wires or any(map(attempts_of, head)) or any(map(recovered_of, head)):
         return None
     return wires
 

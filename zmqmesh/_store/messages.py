@@ -5,13 +5,15 @@ store's module, which a node without a store never does."""
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
 from .._wire.codec import durable_items
 
-__all__ = ["Entry", "StoredMessage", "stored_message", "stored_messages"]
+__all__ = ["Entry", "StoredMessage", "stored_message", "stored_messages", "seq_of", "segment_of", "attempts_of",
+           "recovered_of", "wire_of"]
 
 Entry = tuple[str, float, bytes | None, bytes, int]
 """A message to store: ``(id, timestamp, headers, body, attempts)``."""
@@ -48,6 +50,14 @@ class StoredMessage(NamedTuple):
     def with_attempts(self, attempts: int) -> StoredMessage:
         """This message with ``attempts`` failed deliveries counted."""
         return self._replace(attempts=attempts, wire=None)
+
+
+# getters of a StoredMessage's fields, to map over many messages: no Python step per message
+seq_of = operator.attrgetter("seq")
+segment_of = operator.attrgetter("segment")
+attempts_of = operator.attrgetter("attempts")
+recovered_of = operator.attrgetter("recovered")
+wire_of = operator.attrgetter("wire")
 
 
 stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(tuple.__new__, StoredMessage)
