@@ -413,7 +413,7 @@ class LoopInbox(Dispatcher):
         concurrency = engine.config.handler_concurrency
         self._worker_threads: set[int] = set()
         self._worker = futures.ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler",
-                                          initializer=lambda: self._worker_threads.add(threading.get_ident()))
+                                                  initializer=lambda: self._worker_threads.add(threading.get_ident()))
         self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
         self._task: asyncio.Task[None] | None = None
         self._again = False
