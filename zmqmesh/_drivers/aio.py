@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
@@ -412,8 +412,8 @@ class LoopInbox(Dispatcher):
         self.loop = engine.loop
         concurrency = engine.config.handler_concurrency
         self._worker_threads: set[int] = set()
-        self._worker = futures.ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler",
-                                                  initializer=lambda: self._worker_threads.add(threading.get_ident()))
+        self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler",
+                                          initializer=lambda: self._worker_threads.add(threading.get_ident()))
         self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
         self._task: asyncio.Task[None] | None = None
         self._again = False

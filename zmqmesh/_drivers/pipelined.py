@@ -21,8 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent import futures
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
@@ -364,7 +363,7 @@ class Submitter:
         self._waker = Waker()
         self._pipelined = Pipelined(engine, self._wait_elsewhere)
         self._pipelined.poller.register(self._waker.fd, zmq.POLLIN)
-        self._waiting = futures.ThreadPoolExecutor(_WAIT_THREADS, thread_name_prefix=f"zmqmesh-submit-wait-{engine.name}")
+        self._waiting = ThreadPoolExecutor(_WAIT_THREADS, thread_name_prefix=f"zmqmesh-submit-wait-{engine.name}")
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-submit-{engine.name}", daemon=True)
         self.thread.start()
 

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent import futures
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any
 
@@ -419,7 +419,7 @@ class ThreadInbox(Dispatcher):
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
         concurrency = engine.config.handler_concurrency
         self._pool_threads: set[int] = set()
-        self._pool = futures.ThreadPoolExecutor(  # (as `futures.`: its module loads only when a pool is made)
+        self._pool = ThreadPoolExecutor(
             concurrency, thread_name_prefix="zmqmesh-handler", initializer=self._pool_thread_started,
         ) if concurrency > 1 else None
         self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
