@@ -29,7 +29,7 @@ import logging
 import time
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import msgpack
@@ -90,22 +90,33 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
     within `BATCH_BYTES` (a single large item goes alone); the batch's size after.
     ``again``: they are dealt again (marked redelivered); so is a durable message with
     failed deliveries counted, or one stored before this node started."""
-    if not again and source and len(items) < n:
-        head = list(itertools.islice(source, min(n - len(items), len(source))))
-        fresh = _fresh_parts(head, wrap is not _wrap_two_fields)
-        if fresh is not None:  # (the same outcome as the loop below, with no Python step per item)
-            sizes = list(itertools.accumulate(map(len, fresh), initial=size))
-            count = bisect_right(sizes, BATCH_BYTES) - 1
-            if count < 1 and not items:
-                count = 1
-            if count > 0:
-                items += head[:count]
-                parts += fresh[:count]
-                popleft = source.popleft
-                for _ in range(count):
-                    popleft()
-                return sizes[count]
+    look = _FIRST_LOOK
+    while not again and source and len(items) < n:
+        # fresh items at the head, in runs that double while they are taken whole: a run
+        # costs no Python step per item, and a batch cut short by large payloads looks at
+        # a few past it only
+        head = list(itertools.islice(source, min(n - len(items), len(source), look)))
+        fresh = _fresh_sizes(head, wrap is not _wrap_two_fields)
+        if fresh is None:
+            break  # (the loop below takes any mix)
+        lengths, wires = fresh
+        sizes = list(itertools.accumulate(lengths, initial=size))
+        count = bisect_right(sizes, BATCH_BYTES) - 1
+        if count < 1 and not items:
+            count = 1
+        if count < 1:
             return size
+        taken = head[:count]
+        items += taken
+        # (wrapped once cut: a large payload is copied for the batch that takes it only)
+        parts += wires[:count] if wires is not None else map(_FIRST_DELIVERY.__add__, taken)
+        popleft = source.popleft
+        for _ in range(count):
+            popleft()
+        size = sizes[count]
+        if count < len(head):
+            return size
+        look *= 2
     while len(items) < n and source:
         item = source[0]
         stored = type(item) is StoredMessage
@@ -124,22 +135,25 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
 
 
 _FIRST_DELIVERY = wrap_item(b"", False)
+_FIRST_DELIVERY_BYTES = len(_FIRST_DELIVERY)
+_FIRST_LOOK = 32  # (fresh items looked at in the first run of `fill_batch`)
 
 
-def _fresh_parts(head: list[Any], stored_wire: bool) -> list[bytes] | None:
-    """The wire forms of a first delivery of ``head``, when each is known without a
-    Python step per item: plain in-memory payloads, or (``stored_wire``: the puller
-    reads the form made as they were committed) durable messages never delivered
-    before, each with that form. None for any other mix."""
+def _fresh_sizes(head: list[Any], stored_wire: bool) -> tuple[Iterable[int], list[bytes] | None] | None:
+    """The sizes of the wire forms of a first delivery of ``head``, when each is known
+    without a Python step per item, with those forms if they are made already: plain
+    in-memory payloads (their forms are not: `_FIRST_DELIVERY` and the payload), or
+    (``stored_wire``: the puller reads the form made as they were committed) durable
+    messages never delivered before, each with that form. None for any other mix."""
     kinds = set(map(type, head))
     if kinds == {bytes}:
-        return list(map(_FIRST_DELIVERY.__add__, head))
+        return map(_FIRST_DELIVERY_BYTES.__add__, map(len, head)), None
     if not stored_wire or kinds != {StoredMessage}:
         return None
     wires = list(map(wire_of, head))
     if None in wires or any(map(attempts_of, head)) or any(map(recovered_of, head)):
         return None
-    return wires
+    return map(len, wires), wires
 
 
 def wire_form(item: Any, redelivered: bool, pack: Callable[[Any], bytes]) -> bytes:
