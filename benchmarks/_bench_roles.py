@@ -189,10 +189,11 @@ def zm_pull(ctl: Ctl, n: int, warm: int, beacon_port: int, mesh: str, use_async:
             flavor: str = "plain", mode: str = "msgpack", **_: Any) -> None:
     """zmqmesh puller: sync `Node` with a ``def`` handler, or `AsyncNode` with ``async def``;
     at-least-once unless ``flavor`` is ``plain`` or ``many``; large payloads taken as views
-    (``zero_copy=True``), as the raw puller takes them."""
+    (``zero_copy=True``), as the raw puller takes them, but at least once (they come
+    encoded, in batches)."""
     handler, warmed, done, times = _counting_handler(warm, n, use_async)
     at_least_once = flavor not in ("plain", "many")
-    options = {"at_least_once": at_least_once, "zero_copy": mode == "large"}
+    options = {"at_least_once": at_least_once, "zero_copy": mode == "large" and not at_least_once}
 
     def finish(stats: dict[str, Any], rss_base: int) -> None:
         ctl.send("check", last=times["last"])
