@@ -58,6 +58,32 @@ def test_headers_ids_and_timestamps_travel_with_every_pattern(mesh: dict[str, An
     assert len(set(ids)) == len(ids)
 
 
+def test_messages_with_and_without_headers_interleaved_arrive_in_order_each_with_its_own(
+        mesh: dict[str, Any]) -> None:
+    """Headed and plain messages never share a frame (the meta frame is the headed ones'):
+    sent alternating, in runs and at random, on a topic and a queue, each arrives once, in
+    order, with its own headers."""
+    import random
+
+    plan = [i % 2 == 0 for i in range(300)] + [i % 7 < 3 for i in range(300)] + \
+        [random.Random(5).random() < 0.5 for _ in range(400)]
+    got: dict[str, list[zmqmesh.Message]] = {"sub": [], "pull": []}
+    receiver = zmqmesh.Node("receiver", **mesh)
+    receiver.subscribe("mixed", got["sub"].append)
+    receiver.pull("mixed", got["pull"].append)
+    with receiver, zmqmesh.Node("sender", **mesh) as sender:
+        sender.wait_for_subscribers("mixed", 1)
+        sender.wait_for_pullers("mixed")
+        for i, headed in enumerate(plan):
+            headers = {"n": str(i)} if headed else None
+            sender.publish("mixed", i, headers=headers)
+            sender.push("mixed", i, headers=headers)
+        wait_until(lambda: len(got["sub"]) == len(plan) and len(got["pull"]) == len(plan), 20, "every message")
+    for kind, messages in got.items():
+        assert [m.data for m in messages] == list(range(len(plan))), kind
+        assert [m.headers for m in messages] == [{"n": str(i)} if h else {} for i, h in enumerate(plan)], kind
+
+
 def test_bad_headers_are_refused_before_anything_is_sent(mesh: dict[str, Any]) -> None:
     with zmqmesh.Node("n", **mesh) as node:
         with pytest.raises(TypeError):

@@ -244,7 +244,9 @@ def test_a_frame_delivers_the_messages_that_message_by_message_construction_make
 def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
     """The send queue is cut into frames: at most ``limit`` messages, at most BATCH_BYTES
     unless one alone is larger, a large payload alone, headed messages sized with their
-    headers; nothing is lost or reordered, whichever path (all plain, or mixed) cuts it."""
+    headers and never with plain ones (the meta frame is theirs); nothing is lost or
+    reordered, whichever path (all plain, or mixed) cuts it, and a cut takes off the queue
+    only what it keeps, however headed and plain messages alternate."""
     headed = frames.Headed(b"h" * 10)
     headed.headers = b"\x80" * 5000
     raw = frames.RawPayload(b"r" * frames.LARGE_FRAME)
@@ -259,9 +261,15 @@ def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
         assert size == sum(frames.wire_size(b) for b in bodies)
         assert size <= frames.BATCH_BYTES or len(bodies) == 1
         assert raw not in bodies or bodies == [raw]
+        assert len({type(b) is frames.Headed for b in bodies}) == 1
         cuts.append(bodies)
     assert [b for cut in cuts for b in cut] == items
-    assert [len(c) for c in cuts[:2]] == [256, 44 + 1 + 10]  # the mixed cut: headed and plain ones together
+    assert [len(c) for c in cuts[:4]] == [256, 44, 1, 10]  # the mixed path: the headed one apart
+    alternating = deque(headed if i % 2 else plain[i] for i in range(600))
+    for left in range(599, -1, -1):  # one message a frame: nothing taken off is put back
+        assert len(take_batch(alternating, 256)[0]) == 1 and len(alternating) == left
+    runs = deque([*[headed] * 3, *plain[:5], headed])
+    assert [len(take_batch(runs, 256)[0]) for _ in range(3)] == [3, 5, 1]
     assert [raw] in cuts and [big] in cuts
     many = deque([b"x" * 1000] * 200)  # plain, but past BATCH_BYTES together
     bodies, size = take_batch(many, 256)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
-from itertools import islice
+from itertools import islice, repeat
+from operator import is_
 from time import monotonic
 from typing import Any
 
@@ -31,7 +32,7 @@ from .._wire.frames import (
 )
 from ..config import NodeConfig
 from ..errors import ZmqMeshError
-from .pubsub import meta_frame, split_headed
+from .pubsub import meta_frame
 
 __all__ = ["Pusher", "MAX_PUSH_SOCKETS", "take_batch", "cut_frames"]
 
@@ -42,30 +43,44 @@ MAX_PUSH_SOCKETS = 512
 """PUSH sockets (one per queue pushed to) a node keeps open at most."""
 
 
+_FIRST_LOOK = 16
+
+
 def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
     """The messages at the front of ``q`` (not empty) that go in one frame, taken off it,
     and their wire size: at most ``limit`` (at least one), within `BATCH_BYTES` unless one
-    alone is larger; a `RawPayload` goes alone. Callers' threads append to ``q`` while the
-    loop runs this: it looks at the front in one C call (``islice``, under the GIL, which
-    no append can interrupt), and takes off only what it keeps."""
+    alone is larger; a `RawPayload` goes alone, and messages with headers (`Headed`) share
+    a frame only with each other (the meta frame is theirs). Callers' threads append to
+    ``q`` while the loop runs this: it looks at the front in one C call (``islice``, under
+    the GIL, which no append can interrupt), and takes off only what it keeps."""
     popleft = q.popleft
     if type(q[0]) is RawPayload:  # (alone, whatever the limit)
         raw: RawPayload = popleft()
         return [raw], len(raw)
     wanted = min(limit, len(q))
-    if BATCH_BYTES // max(1, wire_size(q[0])) >= wanted:  # (all could fit, were they the head's size)
-        bodies = list(islice(q, wanted))
+    # the common case, checked at C speed: plain payloads that all could fit, were they the head's size
+    if type(q[0]) is bytes and BATCH_BYTES // max(1, len(q[0])) >= wanted:
+        # (a few first, then all: where headed and plain ones alternate, a frame looks
+        # at a few past its end only)
+        for look in (min(_FIRST_LOOK, wanted), wanted):
+            bodies = list(islice(q, look))
+            plain = list(map(is_, map(type, bodies), repeat(bytes)))
+            if False in plain:  # (their leading run: a headed one or a large payload ends it)
+                del bodies[plain.index(False):]
+                break
         size = sum(map(len, bodies))
-        if size <= BATCH_BYTES and len(set(map(type, bodies))) == 1 and type(bodies[0]) is bytes:
-            for _ in range(wanted):  # the common case, checked at C speed
+        if size <= BATCH_BYTES:
+            for _ in range(len(bodies)):
                 popleft()
             return bodies, size
     bodies = []
     size = 0
+    headed = type(q[0]) is Headed
     while q:
         head: Any = q[0]
         grown = size + wire_size(head)
-        if bodies and (len(bodies) >= limit or grown > BATCH_BYTES or type(head) is RawPayload):
+        if bodies and (len(bodies) >= limit or grown > BATCH_BYTES or type(head) is RawPayload
+                       or (type(head) is Headed) is not headed):
             break
         bodies.append(popleft())
         size = grown
@@ -176,11 +191,7 @@ class Pusher:
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
         for bodies, size in cut_frames(q, pullers):
             n = len(bodies)
-            headed = False
-            if Headed in map(type, bodies):  # C-level: no per-message cost without headers
-                bodies, rest, headed = split_headed(bodies)
-                q.extendleft(reversed(rest))
-                n, size = len(bodies), sum(wire_size(b) for b in bodies)
+            headed = type(bodies[0]) is Headed  # (then all are: `take_batch`)
             payload: Any = bodies[0] if n == 1 else b"".join(bodies)  # (or a `RawPayload`, alone)
             if type(payload) is RawPayload:
                 if read_raw is None:

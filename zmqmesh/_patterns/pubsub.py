@@ -41,15 +41,6 @@ _MAX_GAP = 1 << 32  # a larger jump is a restarted or lying sequence, not a coun
 _XPUB_BURST = 1024
 
 
-def split_headed(bodies: list[bytes]) -> tuple[list[bytes], list[bytes], bool]:
-    """Messages with headers travel in frames of their own (the meta frame is theirs):
-    ``(kept, rest, headed)``, where ``kept`` is the leading run of ``bodies`` that agree
-    on carrying headers, and ``rest`` goes back to the front of the queue."""
-    headed = type(bodies[0]) is Headed
-    cut = next((i for i, b in enumerate(bodies) if (type(b) is Headed) != headed), len(bodies))
-    return bodies[:cut], bodies[cut:], headed
-
-
 def meta_frame(bodies: list[Headed], first: int | None = None) -> bytes:
     """The fourth frame of a batch of messages with headers: the msgpack map ``{"h":
     [headers map per message], "t": the first one's send time}`` (and ``"n": first``, the
@@ -130,20 +121,16 @@ class Publisher:
             topic, body = q.popleft()
             bodies = [body]
             size = wire_size(body)
+            # consecutive messages of the topic, those with headers apart (the meta frame is theirs)
+            headed = type(body) is Headed
             while q and q[0][0] == topic and len(bodies) < MAX_BATCH_ITEMS:
                 more = q[0][1]
                 grown = size + wire_size(more)
-                if grown > BATCH_BYTES:
+                if grown > BATCH_BYTES or (type(more) is Headed) is not headed:
                     break
                 q.popleft()
                 bodies.append(more)
                 size = grown
-            headed = False
-            if Headed in map(type, bodies):  # C-level: no per-message cost without headers
-                bodies, rest, headed = split_headed(bodies)
-                q.extendleft((topic, b) for b in reversed(rest))
-                size = sum(wire_size(b) for b in bodies)
-                body = bodies[0]
             payload = body if len(bodies) == 1 else b"".join(bodies)
             meta = meta_frame(bodies) if headed else None  # type: ignore[arg-type]
             here, elsewhere = self._route(topic)
