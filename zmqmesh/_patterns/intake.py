@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,9 @@ class AckedIntake:
         self.reply = reply
         self._guards: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
         self._remembered: dict[str, int] = {}
-        self._handled: dict[str, dict[str, None]] = {}  # ids remembered this run, oldest first, per queue
+        # ids remembered this run, oldest first, per queue (an OrderedDict drops its oldest in
+        # constant time; a dict's first key is found past every slot deleted before it)
+        self._handled: dict[str, OrderedDict[str, None]] = {}
 
     def decode(self, queue: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
                calls: list[Call]) -> None:
@@ -186,10 +189,10 @@ class AckedIntake:
         """Commit that a dedupe puller handled ``msg_id``, as soon as its handler returned
         (a crash after this point cannot make it run again)."""
         assert self.store is not None
-        handled = self._handled.setdefault(ack.queue, {})
+        handled = self._handled.setdefault(ack.queue, OrderedDict())
         handled[msg_id] = None
         if len(handled) > ack.options.dedupe_window:  # bounded as the store's window is
-            del handled[next(iter(handled))]
+            handled.popitem(last=False)
         try:
             self.store.remember(ack.queue, [msg_id])
             count = self._remembered[ack.queue] = self._remembered.get(ack.queue, 0) + 1
