@@ -990,3 +990,54 @@ def test_a_subclass_of_a_record_keeps_its_defaults_and_checks() -> None:
     assert tuned.beacon_port == zmqmesh.NodeConfig.beacon_port and tuned.mesh == "t"
     with pytest.raises(zmqmesh.ConfigError, match="beacon_port"):
         Tuned(beacon_port=-1)
+
+
+def test_waiters_complete_exactly_those_whose_condition_holds_however_many_wait() -> None:
+    """`Waiters` with thousands waiting: a check completes those whose condition holds,
+    never one its caller gave up (removed), passes on a condition's error, and a stop
+    fails the rest, also when a waiter's callback removes others meanwhile; after it,
+    a new waiter fails at once."""
+    from concurrent.futures import Future
+
+    from zmqmesh._mesh.waiters import Waiters
+
+    waiters = Waiters()
+    level = {"now": 0}
+    futures: list[Future[None]] = []
+    for i in range(4000):
+        future: Future[None] = Future()
+        waiters.add(lambda i=i: level["now"] >= i % 4, future)
+        futures.append(future)
+    assert all(f.done() for f in futures[::4]) and not any(f.done() for k, f in enumerate(futures) if k % 4)
+    given_up = futures[1::4]
+    for future in given_up:
+        waiters.remove(future)
+    level["now"] = 2
+    waiters.check()
+    assert all(f.done() for f in futures[2::4]) and not any(f.done() for f in given_up)
+    assert not any(f.done() for f in futures[3::4])
+
+    def failing() -> bool:
+        raise ValueError("the condition failed")
+
+    broken: Future[None] = Future()
+    waiters.add(lambda: False, broken)
+    waiters.add(lambda: False, Future())  # (the next one fails only once checked)
+    late: Future[None] = Future()
+    waiters.add(lambda: level["now"] > 5, late)
+    waiters.remove(broken)
+    erring: Future[None] = Future()
+    waiters.add(lambda: level["now"] == 0 or failing(), erring)
+    level["now"] = 3
+    waiters.check()
+    assert isinstance(erring.exception(), ValueError) and all(f.done() for f in futures[3::4])
+    assert not late.done() and not broken.done()
+    remover: Future[None] = Future()
+    waiters.add(lambda: False, remover)
+    remover.add_done_callback(lambda _f: waiters.remove(late))
+    waiters.add(lambda: False, Future())  # (one after it)
+    waiters.close()
+    assert isinstance(remover.exception(), zmqmesh.NodeClosedError)
+    after: Future[None] = Future()
+    waiters.add(lambda: True, after)
+    assert isinstance(after.exception(), zmqmesh.NodeClosedError)

@@ -50,10 +50,12 @@ class Waiter(Protocol):
 
 class Waiters:
     """Pending conditions and their waiters; every method runs on the loop (only the loop
-    completes a waiter)."""
+    completes a waiter). Adding and removing a waiter take constant time, however many
+    wait; `check` looks at every condition."""
 
     def __init__(self) -> None:
-        self._entries: list[tuple[Callable[[], bool], Waiter]] = []
+        self._entries: dict[Waiter, Callable[[], bool]] = {}  # (in the order they came)
+        self._compact_at = _COMPACT_AT
         self.closed = False
 
     def add(self, predicate: Callable[[], bool], waiter: Waiter) -> None:
@@ -74,18 +76,19 @@ class Waiters:
         except Exception as exc:
             waiter.set_exception(exc)
             return
-        if len(self._entries) >= _COMPACT_AT:
-            self._entries = [entry for entry in self._entries if not entry[1].done()]
-        self._entries.append((predicate, waiter))
+        if len(self._entries) >= self._compact_at:  # (each time they doubled: constant time per add)
+            self._drop_done()
+            self._compact_at = max(_COMPACT_AT, 2 * len(self._entries))
+        self._entries[waiter] = predicate
 
     def remove(self, waiter: Waiter) -> None:
         """Forget ``waiter`` (after it completed or its caller gave up)."""
-        self._entries = [entry for entry in self._entries if entry[1] is not waiter]
+        self._entries.pop(waiter, None)
 
     def check(self) -> None:
         """Re-check every condition after a change; complete the waiters whose condition holds."""
         done = False
-        for predicate, waiter in list(self._entries):
+        for waiter, predicate in list(self._entries.items()):
             if waiter.done():
                 done = True
                 continue
@@ -97,15 +100,18 @@ class Waiters:
                 waiter.set_exception(exc)
                 done = True
         if done:
-            self._entries = [entry for entry in self._entries if not entry[1].done()]
+            self._drop_done()
+
+    def _drop_done(self) -> None:
+        self._entries = {waiter: predicate for waiter, predicate in self._entries.items() if not waiter.done()}
 
     def close(self) -> None:
         """Fail every pending waiter with `NodeClosedError`; later ones fail at once."""
         self.closed = True
-        for _predicate, waiter in self._entries:
+        for waiter in list(self._entries):  # (a waiter's callbacks may remove waiters meanwhile)
             if not waiter.done():
                 waiter.set_exception(NodeClosedError("the node stopped"))
-        self._entries = []
+        self._entries = {}
 
 
 class Space:
