@@ -622,6 +622,19 @@ def test_a_cancelled_async_request_is_forgotten(mesh: dict[str, Any]) -> None:
                 await many
             await asyncio.sleep(0)
             assert len(requester.outstanding) == 0
+            # cancelled one by one among many in flight: forgotten soon, not with a sweep each
+            tasks = [asyncio.ensure_future(caller.request("slow", i, timeout=30)) for i in range(2000)]
+            await asyncio.sleep(0.3)
+            for task in tasks[:10]:
+                task.cancel()
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.3)
+            assert len(requester.outstanding) == 1990
+            for task in tasks[10:]:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)
+            assert len(requester.outstanding) == 0
 
     asyncio.run(main())
 

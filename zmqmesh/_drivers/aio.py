@@ -61,6 +61,8 @@ _ROOM_SLICE_S = 0.1
 _READ_BURST = 1024
 _LONE_PASSES = 16
 _WAITING_LOOK_S = 0.5
+_SWEEP_SHARE = 16  # abandoned requests are swept at once when they are this share of those in flight
+_SWEEP_S = 0.05  # ... and otherwise within this long
 
 
 def check_loop(engine: Engine) -> None:
@@ -634,6 +636,8 @@ class LoopRequester:
         self._timer_at = math.inf
         self._unchecked: set[str] = set()
         self._sweep_soon = False
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._abandoned = 0  # requests abandoned since the last sweep (`abandon`)
         self._batches: RequestBatches[str, Any] = RequestBatches()
         self.tally = RequestTally()
         """What the loop's coroutines' requests count: added to the stats every
@@ -681,15 +685,27 @@ class LoopRequester:
         self._unchecked.add(provider_id)
 
     def abandon(self, future: Any) -> None:
-        """Forget the request of ``future`` (cancelled with its caller), soon: the requests
-        cancelled during one pass of the loop are forgotten in one sweep (cancelling a
-        gather of n requests must not cost n sweeps)."""
-        if not self._sweep_soon:
-            self._sweep_soon = True
-            self.engine.loop.call_soon(self._forget_abandoned)
+        """Forget the request of ``future`` (cancelled with its caller; None: the slots of a
+        window), soon, in one sweep of the requests in flight: at the end of this pass of
+        the loop once the requests abandoned since the last sweep are a
+        `_SWEEP_SHARE`-th of those in flight or more (cancelling a gather of n requests
+        must not cost n sweeps), or with a window's; otherwise within `_SWEEP_S` (a sweep
+        for each of the cancellations that come one by one would cost a look at every
+        request in flight each). Until then a reply to one finds its future done."""
+        self._abandoned += 1
+        if future is None or self._abandoned * _SWEEP_SHARE >= len(self.outstanding):
+            if not self._sweep_soon:
+                self._sweep_soon = True
+                self.engine.loop.call_soon(self._forget_abandoned)
+        elif self._sweep_timer is None:
+            self._sweep_timer = self.engine.loop.call_later(_SWEEP_S, self._forget_abandoned)
 
     def _forget_abandoned(self) -> None:
         self._sweep_soon = False
+        self._abandoned = 0
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         self.outstanding.forget_where(_done)
 
     def _arm(self, deadline: float) -> None:
@@ -778,6 +794,9 @@ class LoopRequester:
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, math.inf
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         for future in self.outstanding.take_all():
             if not future.done():
                 future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
