@@ -1054,3 +1054,21 @@ def test_waiters_complete_exactly_those_whose_condition_holds_however_many_wait(
     after: Future[None] = Future()
     waiters.add(lambda: True, after)
     assert isinstance(after.exception(), zmqmesh.NodeClosedError)
+
+
+def test_a_topic_name_finds_the_prefixes_it_starts_with_in_the_order_they_were_given() -> None:
+    """`PrefixIndex.matching` equals the plain look at every prefix, for random names and
+    prefixes (the empty one, nested ones, longer than the name) in any number."""
+    import random
+
+    from zmqmesh._patterns.dispatch import PrefixIndex
+
+    rng = random.Random(11)
+    alphabet = "ab."
+    for trial in range(300):
+        prefixes = list(dict.fromkeys("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5)))
+                                      for _ in range(rng.choice([1, 3, 30, 200]))))
+        index = PrefixIndex(prefixes)
+        for _ in range(20):
+            topic = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7)))
+            assert index.matching(topic) == [p for p in prefixes if topic.startswith(p)], (trial, topic)

@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -53,7 +53,7 @@ from .request_batches import EARLY_ITEMS
 if TYPE_CHECKING:
     from .._store.sqlite import Store
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "PrefixIndex"]
 
 log = logging.getLogger("zmqmesh.inbox")
 
@@ -86,6 +86,26 @@ class _RepliesHeld:
 
     def __exit__(self, *exc: object) -> None:
         self._leave()
+
+
+class PrefixIndex:
+    """The prefixes of a node's subscriptions, by length: the prefixes a topic name starts
+    with are found with a lookup per distinct length, not a look at each subscription
+    (a subscriber of thousands of prefixes meets a new topic name at that cost)."""
+
+    def __init__(self, prefixes: Iterable[str]) -> None:
+        self._order = {prefix: i for i, prefix in enumerate(prefixes)}
+        by_length: dict[int, set[str]] = {}
+        for prefix in self._order:
+            by_length.setdefault(len(prefix), set()).add(prefix)
+        self._by_length = sorted(by_length.items())
+
+    def matching(self, topic: str) -> list[str]:
+        """The prefixes ``topic`` starts with, in the order they were given."""
+        found = [head for length, prefixes in self._by_length if (head := topic[:length]) in prefixes]
+        if len(found) > 1:
+            found.sort(key=self._order.__getitem__)
+        return found
 
 
 class Dispatcher:
@@ -128,6 +148,7 @@ class Dispatcher:
         self.subscribed: set[str] = set()
         self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]], list[tuple[Any, Any]]]] = {}
         self._cache_version = -1
+        self._prefixes = PrefixIndex({})  # the registry's topic prefixes, as of `_cache_version`
         self.stopping = False
         self._deadline: float | None = None
         self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies, frame's caller] (`send_reply`)
@@ -423,14 +444,18 @@ class Dispatcher:
         """``(topic, handlers, replaying subscriptions)`` for a topic (cached until the
         registry changes): replaying subscriptions are sequenced by `Replays`, not here."""
         registry = self.registry
-        if self._cache_version != registry.version or len(self._topic_cache) > 4096:
+        if self._cache_version != registry.version:
             self._topic_cache.clear()
+            self._prefixes = PrefixIndex(registry.topics)
             self._cache_version = registry.version
+        elif len(self._topic_cache) > 4096:
+            self._topic_cache.clear()
         hit = self._topic_cache.get(name_b)
         if hit is None:
             topic = name_b.decode("utf-8", "replace")
             replays = registry.replays
-            handlers = [h for prefix, hs in registry.topics.items() if topic.startswith(prefix) for h in hs
+            topics = registry.topics
+            handlers = [h for prefix in self._prefixes.matching(topic) for h in topics[prefix]
                         if (prefix, h) not in replays]
             replaying = [(key, options) for key, options in replays.items() if topic.startswith(key[0])]
             hit = self._topic_cache[name_b] = (topic, handlers, replaying)
