@@ -475,6 +475,25 @@ def test_in_order_calls_keep_the_window_and_raise_the_first_failure_in_item_orde
     assert not calls.waiting()
     with pytest.raises(ValueError):
         calls.outcome()
+    import random  # (and on random orders of ends, some failing: as the definition says)
+
+    rng = random.Random(2)
+    for _ in range(200):
+        window = rng.choice([1, 4, 64])
+        calls = InOrder(window)
+        for _ in range(rng.randint(1, 300)):
+            if calls.running and (not calls.room() or rng.random() < 0.5):
+                index = rng.choice(list(calls.running))
+                calls.end(index, index, ValueError(index) if rng.random() < 0.05 else None)
+            else:
+                calls.begin("x")
+            first_failure = min(calls.failures, default=None)
+            assert calls.waiting() == (bool(calls.running) and (
+                first_failure is None or min(calls.running) < first_failure))
+        if calls.failures:
+            with pytest.raises(ValueError) as raised:
+                calls.outcome()
+            assert raised.value.args == (min(calls.failures),)
 
 
 def test_control_whispers_round_trip_and_refuse_junk() -> None:

@@ -23,6 +23,8 @@ class InOrder(Generic[Running]):
         self.results: list[Any] = []
         self.failures: dict[int, BaseException] = {}
         self.running: dict[int, Running] = {}
+        self._first_failure = -1  # the least index that failed (-1: none)
+        self._lowest = 0  # no call before this index still runs (it only moves on: `waiting`)
 
     def begin(self, running: Running) -> int:
         """A call is made, for the next item: its index."""
@@ -36,6 +38,8 @@ class InOrder(Generic[Running]):
         del self.running[index]
         if error is not None:
             self.failures[index] = error
+            if self._first_failure < 0 or index < self._first_failure:
+                self._first_failure = index
         else:
             self.results[index] = value
 
@@ -48,11 +52,19 @@ class InOrder(Generic[Running]):
         return self.window - len(self.running)
 
     def waiting(self) -> bool:
-        """Whether a call still running is worth waiting for: one before the first failure."""
-        return bool(self.running) and (not self.failures or min(self.running) < min(self.failures))
+        """Whether a call still running is worth waiting for: one before the first failure.
+        (Constant time, amortised: it is asked after every reply.)"""
+        if not self.running:
+            return False
+        if not self.failures:
+            return True
+        running = self.running
+        while self._lowest not in running:
+            self._lowest += 1
+        return self._lowest < self._first_failure
 
     def outcome(self) -> list[Any]:
         """The results in item order; raises the failure of the first item that failed."""
         if self.failures:
-            raise self.failures[min(self.failures)]
+            raise self.failures[self._first_failure]
         return self.results
