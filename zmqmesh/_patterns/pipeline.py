@@ -43,7 +43,7 @@ MAX_PUSH_SOCKETS = 512
 """PUSH sockets (one per queue pushed to) a node keeps open at most."""
 
 
-_FIRST_LOOK = 16
+_FIRST_LOOK = 16  # (plain payloads `take_batch` looks at first)
 
 
 def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
@@ -62,7 +62,7 @@ def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
     if type(q[0]) is bytes and BATCH_BYTES // max(1, len(q[0])) >= wanted:
         # (a few first, then all: where headed and plain ones alternate, a frame looks
         # at a few past its end only)
-        for look in (min(_FIRST_LOOK, wanted), wanted):
+        for look in (wanted,) if wanted <= _FIRST_LOOK else (_FIRST_LOOK, wanted):
             bodies = list(islice(q, look))
             plain = list(map(is_, map(type, bodies), repeat(bytes)))
             if False in plain:  # (their leading run: a headed one or a large payload ends it)
