@@ -48,7 +48,7 @@ def directory() -> Directory:
     return d
 
 
-def test_the_directory_reads_offers_from_groups_and_round_robins() -> None:
+def test_the_directory_reads_offers_from_groups_and_round_robins(monkeypatch: pytest.MonkeyPatch) -> None:
     d = directory()
     a, b = peer(1, {"zmqmesh/svc/add", "zmqmesh/idem/add"}), peer(2, {"zmqmesh/svc/add", "zmqmesh/queue/jobs"})
     d.rebuild({"services": frozenset({"local"})}, [a, b])
@@ -60,6 +60,12 @@ def test_the_directory_reads_offers_from_groups_and_round_robins() -> None:
     d.skip_provider("add", a.id)
     assert {d.pick_provider("add").id for _ in range(4)} == {b.id}  # type: ignore[union-attr]
     assert d.pick_provider("add", only=a.id).id == a.id  # type: ignore[union-attr]
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + 3)  # the skip is over (2 s)
+    assert {d.pick_provider("add").id for _ in range(4)} == {a.id, b.id}  # type: ignore[union-attr]
+    d.skip_provider("add", b.id)  # (and a new one holds)
+    assert {d.pick_provider("add").id for _ in range(4)} == {a.id}  # type: ignore[union-attr]
+    monkeypatch.setattr(time, "monotonic", real)
     assert d.pick_provider("missing") is None
     assert d.may_retry("add", b.id, time.monotonic() + 1)
     d.rebuild({}, [b])  # a left

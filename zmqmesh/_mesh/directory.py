@@ -83,6 +83,7 @@ class Directory:
         self._parsed: dict[str, tuple[PeerState, int, dict[str, frozenset[str]]]] = {}  # (loop only)
         self._rr = itertools.count()
         self._skip: dict[tuple[str, str], float] = {}
+        self._skip_until = 0.0  # when the last skip ends: the table is cleared then, at the next pick
         self._ack_timeouts: dict[tuple[str, str], float] = {}
         self.streams: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer id -> (stream id, kept prefixes)
         self._pick: tuple[dict[str, tuple[str, ...]], dict[str, Provider | None]] = ({}, {})
@@ -268,9 +269,12 @@ class Directory:
         if len(ids) == 1 and (only_one := known.get(ids[0])) is not None:  # (skipped or not: no other)
             return only_one
         candidates: Any = ids
-        if self._skip:
+        if self._skip:  # (a look at each provider: only while a skip lasts)
             now = time.monotonic()
-            candidates = [i for i in ids if self._skip.get((service, i), 0) < now] or ids
+            if now >= self._skip_until:
+                self._skip = {}
+            else:
+                candidates = [i for i in ids if self._skip.get((service, i), 0) < now] or ids
         start = next(self._rr)
         for k in range(len(candidates)):
             node_id = candidates[(start + k) % len(candidates)]
@@ -288,7 +292,7 @@ class Directory:
         now = time.monotonic()
         if len(self._skip) >= _MAX_SKIPS:  # (bounded: departed nodes' entries would pile up)
             self._skip = {k: t for k, t in self._skip.items() if t > now}
-        self._skip[(service, node_id)] = now + _SKIP_S
+        self._skip[(service, node_id)] = self._skip_until = now + _SKIP_S
 
     def may_retry(self, service: str, lost_id: str, deadline: float) -> bool:
         """Whether a request to ``service`` lost with provider ``lost_id`` is to be resent.
