@@ -60,14 +60,17 @@ def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
     wanted = min(limit, len(q))
     # the common case, checked at C speed: plain payloads that all could fit, were they the head's size
     if type(q[0]) is bytes and BATCH_BYTES // max(1, len(q[0])) >= wanted:
-        # (a few first, then all: where headed and plain ones alternate, a frame looks
+        # (a few first, then the rest: where headed and plain ones alternate, a frame looks
         # at a few past its end only)
-        for look in (wanted,) if wanted <= _FIRST_LOOK else (_FIRST_LOOK, wanted):
-            bodies = list(islice(q, look))
-            plain = list(map(is_, map(type, bodies), repeat(bytes)))
+        bodies: list[Any] = []
+        looks = ((0, wanted),) if wanted <= _FIRST_LOOK else ((0, _FIRST_LOOK), (_FIRST_LOOK, wanted))
+        for start, stop in looks:
+            more = list(islice(q, start, stop))
+            plain = list(map(is_, map(type, more), repeat(bytes)))
             if False in plain:  # (their leading run: a headed one or a large payload ends it)
-                del bodies[plain.index(False):]
+                bodies += more[:plain.index(False)]
                 break
+            bodies += more
         size = sum(map(len, bodies))
         if size <= BATCH_BYTES:
             for _ in range(len(bodies)):
