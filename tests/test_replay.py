@@ -34,8 +34,10 @@ def publish_all(node: zmqmesh.Node, topics: list[str], first: int, count: int) -
         node.publish(topics[i % len(topics)], {"n": i})
 
 
+@pytest.mark.parametrize("kept_topics", [2, 2500])  # (2500: pages of one-message frames, the last one numbering 2500 topics)
 def test_a_late_subscriber_replays_the_history_then_goes_live_with_no_gap_or_duplicate(
-        tmp_path: Path, mesh: dict[str, Any]) -> None:
+        tmp_path: Path, mesh: dict[str, Any], kept_topics: int) -> None:
+    topics = [f"logs.{t}" for t in range(kept_topics)]
     live: list[tuple[str, int, str]] = []
     late: list[tuple[str, int, str, int]] = []
     publisher = zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 10_000}, **mesh)
@@ -44,14 +46,14 @@ def test_a_late_subscriber_replays_the_history_then_goes_live_with_no_gap_or_dup
         early.subscribe("logs.", lambda m: live.append((m.topic, m.data["n"], m.id)))
         with early:
             publisher.wait_for_peers(1)
-            publish_all(publisher, ["logs.a", "logs.b"], 0, 3000)
+            publish_all(publisher, topics, 0, 3000)
             wait_until(lambda: len(live) == 3000, 20, "the live messages")
             subscriber = zmqmesh.Node("late", **mesh)
             subscriber.subscribe("logs.", lambda m: late.append((m.topic, m.data["n"], m.id, m.gap)), replay="all")
             with subscriber:
                 wait_until(lambda: len(late) >= 3000, 20, "the replay")
                 publisher.wait_for_peers(2)
-                publish_all(publisher, ["logs.a", "logs.b"], 3000, 1000)  # live again, right after the replay
+                publish_all(publisher, topics, 3000, 1000)  # live again, right after the replay
                 wait_until(lambda: len(late) >= 4000 and len(live) >= 4000, 20, "the live messages")
                 assert subscriber.stats()["pubsub"].get("gap", 0) == 0
     assert [n for _t, n, _i, _g in late] == list(range(4000)), "in order per publisher, no gap, no duplicate"

@@ -16,9 +16,12 @@ from helpers import wait_until
 
 import zmqmesh
 from zmqmesh import inspect_store
+from zmqmesh._patterns.history import PAGE_ROWS, History
+from zmqmesh._stats import Stats
 from zmqmesh._store.checkpointer import BACKSTOP_PAGES
 from zmqmesh._store.sqlite import SEGMENT_BYTES, SEGMENT_MAX, Store
 from zmqmesh._wire.codec import durable_item
+from zmqmesh.config import HistoryPolicy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -440,3 +443,62 @@ def test_checkpoints_are_a_thread_of_the_stores_and_the_log_stays_bounded(tmp_pa
     assert live(store, "kept") == [("a", 0), ("b", 0)]
     assert sum(len(s.messages) for s in store.pending("q", limit=100_000)) == 4 * len(open_segments)
     store.close()
+
+
+def read_to_the_end(history: History, prefix: str) -> list[dict[str, Any]]:
+    """Every page of a replay of ``prefix`` from its start, as a subscriber asks for them."""
+    pages, after = [], 0
+    while True:
+        page = history.page(prefix, after, None, 1 << 20)
+        pages.append(page)
+        if page["rows"]:
+            after = page["rows"][-1][0]
+        if not page["more"]:
+            return pages
+
+
+def test_a_history_read_tells_each_topics_next_number_with_its_last_page_only(tmp_path: Path) -> None:
+    """A page used to carry the next number of every kept topic: with thousands of topics,
+    more than its rows, on every page."""
+    store = Store(tmp_path)
+    kept = [(f"t.{i % 3000:04d}", i // 3000, 1, 1000.0 + i, msgpack.packb(i), None) for i in range(5000)]
+    store.keep_history(kept)
+    store.keep_history([("other.x", 0, 1, 1.0, msgpack.packb("not under t."), None)])
+    history = History(store, (HistoryPolicy("t.", 100_000),), Stats())
+    pages = read_to_the_end(history, "t.")
+    assert [len(p["rows"]) for p in pages] == [PAGE_ROWS, PAGE_ROWS, 5000 - 2 * PAGE_ROWS]
+    assert [r[5] for p in pages for r in p["rows"]] == [msgpack.packb(i) for i in range(5000)]
+    assert all("next" not in p for p in pages[:-1])
+    numbers = {f"t.{t:04d}": (5000 - t + 2999) // 3000 for t in range(3000)}
+    assert pages[-1]["next"] == numbers
+    assert history.page("t.", 0, None, 1 << 20, max_rows=0) == {"rows": [], "more": False, "next": numbers}
+    store.close()
+
+
+def test_the_next_numbers_of_a_last_page_are_those_of_its_rows_while_frames_are_kept_meanwhile(
+        tmp_path: Path) -> None:
+    """A subscriber takes a frame numbered below a topic's next number, and not replayed,
+    as lost: the last page's numbers must never run ahead of the rows read."""
+    store = Store(tmp_path)
+    history = History(store, (HistoryPolicy("t.", 1_000_000),), Stats())
+    stop = threading.Event()
+
+    def keep() -> None:
+        seq = 0
+        while not stop.is_set():
+            store.keep_history([(f"t.{seq % 7}", seq // 7, 1, 1.0, b"\x01", None)])
+            seq += 1
+
+    keeper = threading.Thread(target=keep)
+    keeper.start()
+    try:
+        for _ in range(20):
+            pages = read_to_the_end(history, "t.")
+            reached: dict[str, int] = {}
+            for _pos, topic, seq, count, *_rest in (r for p in pages for r in p["rows"]):
+                reached[topic] = max(reached.get(topic, 0), seq + count)
+            assert pages[-1]["next"] == reached
+    finally:
+        stop.set()
+        keeper.join(10)
+        store.close()

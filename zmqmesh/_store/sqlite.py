@@ -568,10 +568,12 @@ class Store:
 
     def history_next(self, prefix: str) -> dict[str, int]:
         """The number of the next message of each kept topic under ``prefix``. Raises `StoreError`."""
-        low, high = _prefix_range(prefix)
         with self._lock:
-            return dict(self._read("SELECT topic, next FROM history_topics WHERE topic >= ? AND topic < ?",
-                                   (low, high)))
+            return self._history_next(prefix)
+
+    def _history_next(self, prefix: str) -> dict[str, int]:
+        low, high = _prefix_range(prefix)
+        return dict(self._read("SELECT topic, next FROM history_topics WHERE topic >= ? AND topic < ?", (low, high)))
 
     def keep_history(self, rows: Sequence[tuple[str, int, int, float, bytes, bytes | None]]) -> None:
         """Keep frames a publisher sent, ``(topic, seq, count, ts, payload, meta)``, and the
@@ -600,11 +602,13 @@ class Store:
             params.extend(_prefix_range(other))
         self._write([(sql, tuple(params))])
 
-    def read_history(self, prefix: str, after_pos: int, since_ts: float | None, max_rows: int,
-                     max_bytes: int) -> tuple[list[tuple[int, str, int, int, float, bytes, bytes | None]], bool]:
+    def read_history(self, prefix: str, after_pos: int, since_ts: float | None, max_rows: int, max_bytes: int,
+                     ) -> tuple[list[tuple[int, str, int, int, float, bytes, bytes | None]], dict[str, int] | None]:
         """Kept frames of the topics under ``prefix``, oldest first, after position
         ``after_pos`` (and kept since ``since_ts``, if given): at most ``max_rows`` rows and
-        about ``max_bytes``; and whether more follow."""
+        about ``max_bytes``. Then, when no more follow, `history_next` as it was when the
+        rows were read (in one hold of the store, so that nothing is kept in between);
+        None when more follow. Raises `StoreError`."""
         low, high = _prefix_range(prefix)
         sql = ("SELECT pos, topic, seq, count, ts, payload, meta FROM history WHERE pos > ? "
                "AND topic >= ? AND topic < ?" + (" AND ts >= ?" if since_ts is not None else "") + " ORDER BY pos LIMIT ?")
@@ -614,10 +618,10 @@ class Store:
         with self._lock:
             for row in self._read(sql, params):
                 if len(rows) == max_rows or (rows and size + len(row[5]) > max_bytes):
-                    return rows, True
+                    return rows, None
                 rows.append(row)
                 size += len(row[5]) + len(row[6] or b"")
-        return rows, False
+            return rows, self._history_next(prefix)
 
     def _read(self, sql: str, params: Sequence[Any] = (), messages: int | None = None,
               max_bytes: int | None = None, at_least_one: bool = True) -> list[Any]:
