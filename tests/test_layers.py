@@ -935,6 +935,45 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     assert len(fetches) == 5 and not replays.waiting()
 
 
+def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live_frames_after_it() -> None:
+    """A page may hold tens of thousands of messages: they go into the calls `PAGE_BURST`
+    at a time (a frame never cut), the driver handling each burst before it asks for the
+    next; the page is done with (live frames released, the next read asked for) only once
+    its last row is delivered."""
+    from zmqmesh._patterns.replay import PAGE_BURST
+
+    publisher = history_publisher("bb")
+    replays, fetches, *_ = replaying(publisher)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+    replays.sync(calls)
+    frame = [101, "t.x", 100, 200, time.time(), b"".join(_HISTORY_CODEC.encode(n) for n in range(100, 300)), None]
+    page = history_page(0, 100)
+    tail = history_page(300, 3 * PAGE_BURST)
+    page["rows"] = [*page["rows"], frame, *tail["rows"]]  # (positions 1-100, 101, 301-1068)
+    page["more"] = True
+    end = 300 + 3 * PAGE_BURST
+    replays.on_page(fetches[-1], page, None, calls)
+    assert [c.arg.data for c in calls] == list(range(300)), "a frame is never cut"
+    delivered = [c.arg.data for c in calls]
+    replays.live("t.x", end, [end], None, publisher.id, subscriptions, calls)
+    assert len(calls) == 300, "a live frame waits for the catch-up"
+    bursts = []
+    while replays.delivering():
+        assert len(fetches) == 1, "the next page is read once this one is delivered"
+        calls.clear()
+        replays.deliver_pages(calls)
+        bursts.append(len(calls))
+        delivered += [c.arg.data for c in calls]
+    assert bursts == [PAGE_BURST, PAGE_BURST, PAGE_BURST]
+    assert len(fetches) == 2 and fetches[-1].request["a"] == end
+    calls.clear()
+    replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": end}}, None, calls)
+    delivered += [c.arg.data for c in calls]
+    assert delivered == list(range(end + 1)), "in order, the live frame after the history"
+    assert not replays.delivering()
+
+
 def test_a_replay_whose_publisher_fails_or_leaves_mid_read_holds_on_and_reads_on_once_it_is_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A read of the history that fails while the publisher is present is tried again

@@ -562,8 +562,10 @@ class ThreadInbox(Dispatcher):
         for call in self.to_handle(calls):  # (under `_drain_all`'s `replies_held`)
             started = self.starting(call)
             result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
-            self.finished(call, started)
-            self.complete(call, result, error)
+            if started:  # (only services are timed)
+                self.finished(call, started)
+            if call.route is not None or error is not None:  # (a delivery that returned has nothing to account)
+                self.complete(call, result, error)
 
     def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
         with self._async_lock:

@@ -196,18 +196,26 @@ class Dispatcher:
                 self._decode_stream("sub", frames, calls)
             except Exception:
                 log.exception("delivering a publication of this node failed")
+        replays = self.replays
+        if replays.delivering():  # (the rest of a page first: in order)
+            try:
+                replays.deliver_pages(calls)
+            except Exception:
+                self.stats.add("pubsub", "replay_failed")
+                log.exception("delivering a page of history failed")
         pages = self.pages
         while pages:
             try:
-                self.replays.on_page(*pages.popleft(), calls)
+                replays.on_page(*pages.popleft(), calls)
             except Exception:
                 self.stats.add("pubsub", "replay_failed")
                 log.exception("applying a page of history failed")
         return [(sock, kind) for sock, kind in active if self.drain(sock, kind, calls)]
 
     def has_posted(self) -> bool:
-        """Whether events, own publications or history pages wait to be gathered."""
-        return bool(self.events or self.local_frames or self.pages)
+        """Whether events, own publications or history pages wait to be gathered, or the
+        rest of a page to be delivered."""
+        return bool(self.events or self.local_frames or self.pages) or self.replays.delivering()
 
     def has_waiting(self) -> bool:
         """Whether frames wait for their sender to be known, or a history is to be read

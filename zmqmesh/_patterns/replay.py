@@ -47,7 +47,7 @@ from .calls import Call, CursorMark
 if TYPE_CHECKING:
     from .._store.sqlite import Store
 
-__all__ = ["Replays", "Fetch", "CursorMark", "MAX_HELD"]
+__all__ = ["Replays", "Fetch", "CursorMark", "MAX_HELD", "PAGE_BURST"]
 
 log = logging.getLogger("zmqmesh.replay")
 
@@ -78,6 +78,10 @@ publisher that leaves and comes back meanwhile is asked where its topics are, so
 what it published last, if dropped on the way, is read from its history."""
 _AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publisher is back
 _MAX_CURSORS = 65_536
+PAGE_BURST = 256
+"""Messages of a page delivered before the driver handles them and comes back for more
+(`Replays.deliver_pages`): a page of small messages holds tens of thousands, and as many
+calls alive at once made the interpreter's garbage collector scan them over and over."""
 _UNKNOWN_WAIT_S = 2.0  # how long frames wait for their sender's HELLO
 _MAX_UNKNOWN = 1024  # senders whose frames may wait at once
 
@@ -152,6 +156,9 @@ class Replays:
         self._tails: dict[tuple[Key, str], tuple[float, bool]] = {}
         # history reads to try again (`FETCH_RETRIES_S`, `AWAY_HOLD_S`): when, and the read
         self._retries: dict[tuple[Key, str], tuple[float, Fetch]] = {}
+        # pages whose rows are being delivered (`deliver_pages`): [fetch, page, rows, more, next row]
+        # (one read at a time per cursor: bounded as the cursors are)
+        self._paging: deque[list[Any]] = deque()
 
     # -- which subscriptions ----------------------------------------------------------------
 
@@ -328,7 +335,9 @@ class Replays:
         self.fetch(Fetch(cursor.node_id, key, cursor.stream, request))
 
     def on_page(self, fetch: Fetch, page: Any, error: BaseException | None, calls: list[Call]) -> None:
-        """Apply one page of history (or the failure to get it) to its cursor."""
+        """Apply one page of history (or the failure to get it) to its cursor: its rows
+        join those waiting to be delivered, and the first `PAGE_BURST` messages of them go
+        into ``calls`` (`deliver_pages`)."""
         cursor = self.cursors.get((fetch.key, fetch.stream))
         options = self.registry.replays.get(fetch.key)
         if cursor is None or options is None:
@@ -336,12 +345,54 @@ class Replays:
         if error is None:
             try:
                 rows, more = page["rows"], bool(page["more"])
+                if type(rows) is not list:
+                    raise TypeError(f"rows of type {type(rows).__name__}")
                 cursor.kept_next.update((t, int(n)) for t, n in (page.get("next") or {}).items())
-                for row in rows:
-                    self._replay_row(fetch.key, options, cursor, row, calls)
             except Exception as exc:  # a malformed page: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
+            else:
+                self._paging.append([fetch, page, rows, more, 0])
+                self.deliver_pages(calls)
+                return
+        self._page_read(fetch, cursor, options, page, error, False, calls)
+
+    def delivering(self) -> bool:
+        """Whether rows of pages wait to be delivered: the driver then calls
+        `deliver_pages` again once it handled the calls it has."""
+        return bool(self._paging)
+
+    def deliver_pages(self, calls: list[Call]) -> None:
+        """Deliver the rows of the pages taken, in order, into ``calls``, until about
+        `PAGE_BURST` messages more are there (a frame is never cut); a page delivered
+        whole is then done with (`_page_read`)."""
+        limit = len(calls) + PAGE_BURST
+        paging = self._paging
+        while paging and len(calls) < limit:
+            entry = paging[0]
+            fetch, page, rows, more, index = entry
+            cursor = self.cursors.get((fetch.key, fetch.stream))
+            options = self.registry.replays.get(fetch.key)
+            if cursor is None or options is None:
+                paging.popleft()  # unsubscribed meanwhile
+                continue
+            error = None
+            try:
+                while index < len(rows) and len(calls) < limit:
+                    index += 1
+                    self._replay_row(fetch.key, options, cursor, rows[index - 1], calls)
+            except Exception as exc:  # a malformed row: what is held is released as it is
+                error = exc
+                self.stats.reject("history_malformed")
+            if error is None and index < len(rows):
+                entry[4] = index
+                return
+            paging.popleft()
+            self._page_read(fetch, cursor, options, page, error, more, calls)
+
+    def _page_read(self, fetch: Fetch, cursor: Cursor, options: SubscribeOptions, page: Any,
+                   error: BaseException | None, more: bool, calls: list[Call]) -> None:
+        """A page delivered, or failed: read the next one, or end the catch-up."""
         if error is not None:
             if self._retry(fetch, cursor, error):
                 return  # (still catching up: the live frames are held on)
