@@ -974,6 +974,44 @@ def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live
     assert not replays.delivering()
 
 
+def test_each_followed_stream_is_read_again_when_due_however_the_others_were_put_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streams to read again are walked only once the first may be due, not on every
+    drain: a stream planned earlier than the others, or put off by a live frame, must
+    still be read again on time."""
+    from zmqmesh._patterns import replay
+
+    now = [1000.0]
+    monkeypatch.setattr(replay.time, "monotonic", lambda: now[0])
+    publishers = [history_publisher(b) for b in ("b1", "b2", "b3")]
+    for i, peer in enumerate(publishers):
+        peer.headers = {frames.HEADER["stream"]: f"s{i}"}
+    replays, fetches, *_ = replaying(*publishers)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+
+    def read(at: float) -> list[str]:
+        """The streams whose history is read (again) at ``at`` seconds, answered at once."""
+        now[0] = 1000.0 + at
+        before = len(fetches)
+        replays.look_again(calls)
+        asked = fetches[before:]
+        for fetch in asked:
+            replays.on_page(fetch, {"rows": [], "more": False, "next": {}}, None, calls)
+        return sorted(f.stream for f in asked)
+
+    replays.sync(calls)
+    assert sorted(f.stream for f in fetches) == ["s0", "s1", "s2"]
+    for fetch in list(fetches):  # each read to its end: a look again is planned
+        replays.on_page(fetch, {"rows": [], "more": False, "next": {}}, None, calls)
+    replays.live("t.x", 0, ["live"], None, publishers[0].id, subscriptions, calls)  # s0 reaches its publisher
+    assert read(0.3) == []
+    assert read(replay.TAIL_LOOKS_S[0] + 0.01) == ["s1", "s2"]  # s0 put off by its live frame
+    assert read(replay.TAIL_LOOKS_S[0] + replay.TAIL_LOOKS_S[1] + 0.02) == ["s1", "s2"]  # (before s0's quiet look)
+    assert read(replay.QUIET_LOOK_S + 0.01) == ["s0"]  # quiet since its frame: its numbers are asked for
+    assert fetches[-1].request.get("n") == 0
+
+
 def test_a_replay_whose_publisher_fails_or_leaves_mid_read_holds_on_and_reads_on_once_it_is_back(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A read of the history that fails while the publisher is present is tried again

@@ -78,6 +78,7 @@ publisher that leaves and comes back meanwhile is asked where its topics are, so
 what it published last, if dropped on the way, is read from its history."""
 _AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publisher is back
 _MAX_CURSORS = 65_536
+_NEVER = float("inf")
 PAGE_BURST = 256
 """Messages of a page delivered before the driver handles them and comes back for more
 (`Replays.deliver_pages`): a page of small messages holds tens of thousands, and as many
@@ -154,6 +155,7 @@ class Replays:
         # cursors to look at the history of again: when, and whether for its numbers alone
         # (one entry per stream followed: bounded as the cursors are)
         self._tails: dict[tuple[Key, str], tuple[float, bool]] = {}
+        self._tails_due = _NEVER  # none is due before this (a later frame may have put the first off)
         # history reads to try again (`FETCH_RETRIES_S`, `AWAY_HOLD_S`): when, and the read
         self._retries: dict[tuple[Key, str], tuple[float, Fetch]] = {}
         # pages whose rows are being delivered (`deliver_pages`): [fetch, page, rows, more, next row]
@@ -176,6 +178,24 @@ class Replays:
         if self._unknown:
             self.release_unknown(calls)
         now = time.monotonic()
+        if now >= self._tails_due:
+            self._look_at_tails(now)
+        for place, (due, fetch) in list(self._retries.items()):
+            if due > now:
+                continue
+            del self._retries[place]
+            cursor = self.cursors.get(place)
+            if cursor is None or place[0] not in self.registry.replays:
+                continue
+            node_id = self._publisher(cursor)
+            if node_id is None:  # still away
+                self.on_page(fetch, None, PeerLostError("the publisher is away", fetch.node_id), calls)
+            else:
+                self.fetch(Fetch(node_id, fetch.key, fetch.stream, fetch.request))
+
+    def _look_at_tails(self, now: float) -> None:
+        """Read again the histories due (`look_again`): a walk of every stream followed,
+        made only once the first of them may be due (not on every drain)."""
         for place, (due, numbers_only) in list(self._tails.items()):
             if due > now:
                 continue
@@ -190,18 +210,14 @@ class Replays:
             if not numbers_only:
                 cursor.tail_looks += 1
             self._catch_up(place[0], options, cursor, numbers_only=numbers_only)
-        for place, (due, fetch) in list(self._retries.items()):
-            if due > now:
-                continue
-            del self._retries[place]
-            cursor = self.cursors.get(place)
-            if cursor is None or place[0] not in self.registry.replays:
-                continue
-            node_id = self._publisher(cursor)
-            if node_id is None:  # still away
-                self.on_page(fetch, None, PeerLostError("the publisher is away", fetch.node_id), calls)
-            else:
-                self.fetch(Fetch(node_id, fetch.key, fetch.stream, fetch.request))
+        self._tails_due = min([due for due, _numbers_only in self._tails.values()], default=_NEVER)
+
+    def _look_at(self, place: tuple[Key, str], due: float, numbers_only: bool) -> None:
+        """Read the history of the stream at ``place`` again at ``due`` (`look_again`),
+        instead of when planned before; for its numbers alone if ``numbers_only``."""
+        self._tails[place] = (due, numbers_only)
+        if due < self._tails_due:
+            self._tails_due = due
 
     def _publisher(self, cursor: Cursor) -> str | None:
         """The id of the node publishing the cursor's stream now (a restarted publisher
@@ -226,7 +242,7 @@ class Replays:
                     if cursor.away:  # (the streams are those of present peers)
                         cursor.away, cursor.node_id = False, node_id
                         if not cursor.catching_up:
-                            self._tails[(key, stream)] = (0.0, True)
+                            self._look_at((key, stream), 0.0, True)
 
     # -- live frames ------------------------------------------------------------------------
 
@@ -273,7 +289,7 @@ class Replays:
         unless the history was read before those messages were kept. ``final``: there is
         no history to be had (a failed fetch): report at once."""
         cursor.live_seen = True
-        self._tails[(key, cursor.stream)] = (time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
+        self._look_at((key, cursor.stream), time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
         if cursor.catching_up:
             self._hold(cursor, frame)
             return
@@ -417,7 +433,7 @@ class Replays:
         if fetch.request.get("n") == 0 and self._behind(cursor, page.get("next") or {}):
             self._catch_up(fetch.key, options, cursor)  # (a frame was lost on the way: read what followed)
         elif not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
-            self._tails[(fetch.key, fetch.stream)] = (time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
+            self._look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
 
     def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
         """Whether a failed read of a history is to be tried again (`FETCH_RETRIES_S` while
