@@ -936,10 +936,11 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
 
 
 def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live_frames_after_it() -> None:
-    """A page may hold tens of thousands of messages: they go into the calls `PAGE_BURST`
-    at a time (a frame never cut), the driver handling each burst before it asks for the
-    next; the page is done with (live frames released, the next read asked for) only once
-    its last row is delivered."""
+    """A page may hold tens of thousands of messages: they go into the calls at most
+    `PAGE_BURST` at a time, a frame never cut (one that would take a burst past it opens
+    the next), the driver handling each burst before it asks for the next; the page is
+    done with (live frames released, the next read asked for) only once its last row is
+    delivered."""
     from zmqmesh._patterns.replay import PAGE_BURST
 
     publisher = history_publisher("bb")
@@ -954,10 +955,10 @@ def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live
     page["more"] = True
     end = 300 + 3 * PAGE_BURST
     replays.on_page(fetches[-1], page, None, calls)
-    assert [c.arg.data for c in calls] == list(range(300)), "a frame is never cut"
+    assert [c.arg.data for c in calls] == list(range(100)), "the frame of 200 waits for the next burst"
     delivered = [c.arg.data for c in calls]
     replays.live("t.x", end, [end], None, publisher.id, subscriptions, calls)
-    assert len(calls) == 300, "a live frame waits for the catch-up"
+    assert len(calls) == 100, "a live frame waits for the catch-up"
     bursts = []
     while replays.delivering():
         assert len(fetches) == 1, "the next page is read once this one is delivered"
@@ -965,13 +966,39 @@ def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live
         replays.deliver_pages(calls)
         bursts.append(len(calls))
         delivered += [c.arg.data for c in calls]
-    assert bursts == [PAGE_BURST, PAGE_BURST, PAGE_BURST]
+    assert bursts == [PAGE_BURST, PAGE_BURST, PAGE_BURST, 200]  # (the frame and 56 after it first)
     assert len(fetches) == 2 and fetches[-1].request["a"] == end
     calls.clear()
     replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": end}}, None, calls)
     delivered += [c.arg.data for c in calls]
     assert delivered == list(range(end + 1)), "in order, the live frame after the history"
     assert not replays.delivering()
+
+
+def test_a_subscription_dropped_while_its_history_is_read_and_made_again_replays_afresh() -> None:
+    """The page of a subscription dropped meanwhile is left, and so is the catch-up it was
+    for: the same subscription made again reads the history anew, and gets its live frames."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+
+    publisher = history_publisher("bb")
+    replays, fetches, *_ = replaying(publisher)
+    (key, options), = replays.registry.replays.items()
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.on_page(fetches[-1], history_page(0, 1000), None, calls)
+    assert replays.delivering()
+    replays.registry.set_subscribe_options(*key, SubscribeOptions())  # (no longer replaying: as unsubscribed)
+    replays.deliver_pages(calls)
+    assert not replays.delivering()
+    replays.registry.set_subscribe_options(*key, options)  # ... and subscribes again
+    calls.clear()
+    replays.sync(calls)
+    assert len(fetches) == 2 and fetches[-1].request["a"] == 0, "read from the start again"
+    replays.on_page(fetches[-1], history_page(0, 1000), None, calls)
+    while replays.delivering():
+        replays.deliver_pages(calls)
+    replays.live("t.x", 1000, [1000], None, publisher.id, list(replays.registry.replays.items()), calls)
+    assert [c.arg.data for c in calls] == list(range(1001))
 
 
 def test_each_followed_stream_is_read_again_when_due_however_the_others_were_put_off(

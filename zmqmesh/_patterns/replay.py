@@ -80,9 +80,10 @@ _AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publishe
 _MAX_CURSORS = 65_536
 _NEVER = float("inf")
 PAGE_BURST = 256
-"""Messages of a page delivered before the driver handles them and comes back for more
-(`Replays.deliver_pages`): a page of small messages holds tens of thousands, and as many
-calls alive at once made the interpreter's garbage collector scan them over and over."""
+"""Messages of the pages read delivered at a time (`Replays.deliver_pages`), the driver
+handling them before it asks for more: a page of small messages holds tens of thousands,
+and as many calls alive at once made the interpreter's garbage collector scan them over
+and over."""
 _UNKNOWN_WAIT_S = 2.0  # how long frames wait for their sender's HELLO
 _MAX_UNKNOWN = 1024  # senders whose frames may wait at once
 
@@ -352,12 +353,12 @@ class Replays:
 
     def on_page(self, fetch: Fetch, page: Any, error: BaseException | None, calls: list[Call]) -> None:
         """Apply one page of history (or the failure to get it) to its cursor: its rows
-        join those waiting to be delivered, and the first `PAGE_BURST` messages of them go
-        into ``calls`` (`deliver_pages`)."""
+        join those waiting to be delivered, and `deliver_pages` delivers the next burst."""
         cursor = self.cursors.get((fetch.key, fetch.stream))
         options = self.registry.replays.get(fetch.key)
         if cursor is None or options is None:
-            return  # unsubscribed meanwhile
+            self._unsubscribed(fetch)
+            return
         if error is None:
             try:
                 rows, more = page["rows"], bool(page["more"])
@@ -379,10 +380,12 @@ class Replays:
         return bool(self._paging)
 
     def deliver_pages(self, calls: list[Call]) -> None:
-        """Deliver the rows of the pages taken, in order, into ``calls``, until about
-        `PAGE_BURST` messages more are there (a frame is never cut); a page delivered
-        whole is then done with (`_page_read`)."""
-        limit = len(calls) + PAGE_BURST
+        """Deliver the rows of the pages taken, in order, into ``calls``: a burst of at most
+        `PAGE_BURST` messages (a frame is never cut: one that would take it past waits for
+        the next burst, but as the first); a page delivered whole is then done with
+        (`_page_read`)."""
+        start = len(calls)
+        limit = start + PAGE_BURST
         paging = self._paging
         while paging and len(calls) < limit:
             entry = paging[0]
@@ -390,11 +393,15 @@ class Replays:
             cursor = self.cursors.get((fetch.key, fetch.stream))
             options = self.registry.replays.get(fetch.key)
             if cursor is None or options is None:
-                paging.popleft()  # unsubscribed meanwhile
+                paging.popleft()
+                self._unsubscribed(fetch)
                 continue
             error = None
             try:
-                while index < len(rows) and len(calls) < limit:
+                while index < len(rows):
+                    stated = rows[index][3]  # (its messages, as its publisher says: a hint only)
+                    if len(calls) > start and len(calls) + (stated if type(stated) is int else 1) > limit:
+                        break
                     index += 1
                     self._replay_row(fetch.key, options, cursor, rows[index - 1], calls)
             except Exception as exc:  # a malformed row: what is held is released as it is
@@ -405,6 +412,11 @@ class Replays:
                 return
             paging.popleft()
             self._page_read(fetch, cursor, options, page, error, more, calls)
+
+    def _unsubscribed(self, fetch: Fetch) -> None:
+        """A page came for a subscription no longer there: the cursor it read for is
+        forgotten, its catch-up with it (one made again starts a cursor of its own)."""
+        self.cursors.pop((fetch.key, fetch.stream), None)
 
     def _page_read(self, fetch: Fetch, cursor: Cursor, options: SubscribeOptions, page: Any,
                    error: BaseException | None, more: bool, calls: list[Call]) -> None:
