@@ -310,6 +310,26 @@ def test_a_batch_frame_cut_anywhere_inside_its_last_object_is_refused_as_truncat
                 codec.decode_batch(whole[:cut])
 
 
+def test_a_frame_decodes_each_message_within_max_message_bytes_on_either_side_of_the_limit() -> None:
+    """A frame no longer than ``max_message_bytes`` is decoded without the limits said (its
+    own length bounds each message); a longer one, up to `FRAME_HEADROOM` more, with them:
+    every message must still fit, alone or in a batch."""
+    limit = 1000
+    codec = Codec(limit)
+    for size in (0, 1, limit - 3):
+        assert codec.decode_batch(msgpack.packb(b"x" * size)) == [b"x" * size]
+    assert codec.decode_batch(msgpack.packb("é" * 300) + msgpack.packb([1] * 400)) == ["é" * 300, [1] * 400]
+    for oversized in (b"x" * (limit + 1), "x" * (limit + 1), [0] * (limit + 1), {i: 0 for i in range(limit + 1)}):
+        frame = msgpack.packb(oversized)
+        assert limit < len(frame) <= limit + frames.FRAME_HEADROOM
+        with pytest.raises(zmqmesh.DecodeError):
+            codec.decode_batch(frame)
+        with pytest.raises(zmqmesh.DecodeError):
+            codec.decode_batch(msgpack.packb(1) + frame)
+    with pytest.raises(zmqmesh.DecodeError, match="exceeds"):
+        codec.decode_batch(b"\x00" * (limit + frames.FRAME_HEADROOM + 1))
+
+
 def test_batches_of_requests_and_replies_round_trip_and_refuse_what_runs_past_the_end() -> None:
     requests = [(b"svc", b"12345678", b"\x91\x01"), (b"s" * 255, b"i" * 64, b""), (b"x", b"\x00", b"b" * 60_000)]
     frame = frames.request_batch(requests)
