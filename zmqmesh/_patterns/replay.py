@@ -381,9 +381,9 @@ class Replays:
 
     def deliver_pages(self, calls: list[Call]) -> None:
         """Deliver the rows of the pages taken, in order, into ``calls``: a burst of at most
-        `PAGE_BURST` messages (a frame is never cut: one that would take it past waits for
-        the next burst, but as the first); a page delivered whole is then done with
-        (`_page_read`)."""
+        `PAGE_BURST` messages (a frame is never cut: one that would take the burst past it
+        waits for the next, unless it is the burst's first); a page delivered whole is then
+        done with (`_page_read`)."""
         start = len(calls)
         limit = start + PAGE_BURST
         paging = self._paging

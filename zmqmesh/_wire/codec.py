@@ -192,7 +192,7 @@ class Codec:
         if len(frame) > self.max_message_bytes + FRAME_HEADROOM:
             raise DecodeError(f"frame of {len(frame)} bytes exceeds max_message_bytes")
         # (unpackb bounds every length by the frame's: within max_message_bytes, the limits
-        # need no saying, and saying them was a third of a one-message frame's decoding)
+        # need no saying, and saying them took about a quarter of a one-message frame's decoding)
         limits = self._limits if len(frame) > self.max_message_bytes else _WITHIN_LIMITS
         try:
             return [msgpack.unpackb(frame, **limits)]
