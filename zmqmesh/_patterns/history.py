@@ -120,15 +120,14 @@ class History:
 
     def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int,
              max_rows: int = PAGE_ROWS) -> dict[str, Any]:
-        """One page of a replay (the reply of ``\\x00history``): ``{"rows": [[pos, topic, seq,
-        count, ts, payload, meta], ...], "more": bool}`` with at most ``max_rows`` rows (none:
-        a look at ``next`` alone); the last page (``more`` false) also has ``"next": {topic:
-        the number of the next message}``, as it was when its rows were read. (The pages
-        before it leave ``next`` out: a reader applies it once caught up, and with many
-        topics it outweighed the rows. Raises `StoreError`.)"""
+        """One page of a replay (the reply of ``\\x00history``): ``{"rows": [(pos, topic, seq,
+        count, ts, payload, meta), ...], "more": bool}`` (each row travels as a msgpack
+        array) with at most ``max_rows`` rows (none: a look at ``next`` alone); the last page
+        (``more`` false) also has ``"next": {topic: the number of the next message}``, as it
+        was when its rows were read. (The pages before it leave ``next`` out: a reader
+        applies it once caught up, and with many topics it outweighed the rows. Raises
+        `StoreError`.)"""
         if max_rows <= 0:
             return {"rows": [], "more": False, "next": self.store.history_next(prefix)}
         rows, nxt = self.store.read_history(prefix, after_pos, since_ts, min(max_rows, PAGE_ROWS), max_bytes)
-        if nxt is None:
-            return {"rows": [list(r) for r in rows], "more": True}
-        return {"rows": [list(r) for r in rows], "more": False, "next": nxt}
+        return {"rows": rows, "more": True} if nxt is None else {"rows": rows, "more": False, "next": nxt}
