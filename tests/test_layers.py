@@ -1021,6 +1021,59 @@ def test_a_subscription_dropped_while_its_history_is_read_and_made_again_replays
     assert [c.arg.data for c in calls] == list(range(1001))
 
 
+def test_a_subscription_made_again_while_a_page_is_on_its_way_reads_for_itself_and_the_page_is_left() -> None:
+    """A page asked for by a subscription since dropped and made again belongs to neither:
+    applied to the new one, it would start a second chain of reads (every row twice)."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+
+    publisher = history_publisher("bb")
+    replays, fetches, *_ = replaying(publisher)
+    (key, options), = replays.registry.replays.items()
+    calls: list[Any] = []
+    replays.sync(calls)
+    stale = fetches[-1]
+    replays.registry.set_subscribe_options(*key, SubscribeOptions())  # dropped ...
+    replays.registry.set_subscribe_options(*key, SubscribeOptions(replay="all"))  # ... and made again
+    replays.sync(calls)  # (before the inbox saw the drop: both changes at once)
+    assert len(fetches) == 2 and fetches[-1].request["a"] == 0, "the new subscription reads from the start"
+    replays.on_page(stale, {**history_page(0, 10), "more": True}, None, calls)
+    assert calls == [] and len(fetches) == 2, "the stale page is left, and asks for nothing more"
+    replays.on_page(fetches[-1], history_page(0, 10), None, calls)
+    replays.live("t.x", 10, [10], None, publisher.id, list(replays.registry.replays.items()), calls)
+    assert [c.arg.data for c in calls] == list(range(11)) and len(fetches) == 2
+
+
+def test_the_cursors_of_dropped_subscriptions_are_forgotten_with_the_frames_they_hold() -> None:
+    """Subscriptions made and dropped over and over (a gateway's clients, say) must not
+    leave their places in the publishers' streams behind: the table would grow up to its
+    bound, holding live frames, and then refuse every new replaying subscription."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+
+    publisher = history_publisher("bb")
+    replays, fetches, *_ = replaying(publisher)
+    registry = replays.registry
+    (first_key, _options), = registry.replays.items()
+    registry.add("topics", *first_key)
+    calls: list[Any] = []
+    for round_ in range(50):
+        def handle(msg: zmqmesh.Message) -> None:
+            raise AssertionError("the calls are only gathered")
+
+        registry.add("topics", "t.", handle)
+        registry.set_subscribe_options("t.", handle, SubscribeOptions(replay="all"))
+        replays.forget_dropped()
+        replays.sync(calls)
+        # a live frame comes while its history is read: held by the cursor
+        replays.live("t.x", 100 + round_, [round_], None, publisher.id, list(registry.replays.items()), calls)
+        assert any(c.held_count for c in replays.cursors.values())
+        registry.remove("topics", "t.", handle)
+        replays.forget_dropped()
+        assert len(replays.cursors) == 1, "only the first subscription's cursor: it is still made"
+    registry.remove("topics", *first_key)
+    replays.forget_dropped()
+    assert replays.cursors == {} and not replays.waiting()
+
+
 def test_each_followed_stream_is_read_again_when_due_however_the_others_were_put_off(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The streams to read again are walked only once the first may be due, not on every

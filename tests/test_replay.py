@@ -61,6 +61,33 @@ def test_a_late_subscriber_replays_the_history_then_goes_live_with_no_gap_or_dup
     assert [(t, n, i) for t, n, i, _g in late] == live, "a replayed message has the id it had live"
 
 
+def test_a_subscription_dropped_and_made_again_replays_the_whole_history_again(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A replaying subscription made again is a new one: it replays from the start, as
+    ``replay="all"`` says, and not from where the dropped one had got to."""
+    got: list[int] = []
+
+    def handle(msg: zmqmesh.Message) -> None:
+        got.append(msg.data["n"])
+
+    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 1000}, **mesh) as publisher:
+        publish_all(publisher, ["logs.x"], 0, 50)
+        subscriber = zmqmesh.Node("subscriber", **mesh)
+        subscriber.subscribe("logs.", handle, replay="all")
+        with subscriber:
+            wait_until(lambda: len(got) == 50, 20, "the replay")
+            assert subscriber.unsubscribe("logs.", handle)
+            publish_all(publisher, ["logs.x"], 50, 10)  # (while nobody subscribes)
+            got.clear()
+            subscriber.subscribe("logs.", handle, replay="all")
+            wait_until(lambda: len(got) >= 60, 20, "the second replay")
+            publish_all(publisher, ["logs.x"], 60, 5)
+            wait_until(lambda: len(got) >= 65, 20, "the live messages")
+            time.sleep(0.2)
+            assert subscriber.stats()["pubsub"].get("gap", 0) == 0
+    assert got == list(range(65)), "the whole history again, then live: no gap, no duplicate"
+
+
 def test_what_fell_out_of_the_history_is_reported_as_a_gap(tmp_path: Path, mesh: dict[str, Any]) -> None:
     got: list[tuple[int, int]] = []
     recent: list[tuple[int, int]] = []

@@ -179,6 +179,7 @@ class Dispatcher:
             calls.append(call)
         if self.streams_changed:
             self.streams_changed = False
+            self.replays.forget_dropped()
             if self.registry.replays:
                 try:
                     self.replays.sync(calls)

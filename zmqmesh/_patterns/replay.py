@@ -102,12 +102,13 @@ class Fetch(NamedTuple):
 class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
-    __slots__ = ("stream", "node_id", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start",
-                 "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since")
+    __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start",
+                 "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since", "reading")
 
-    def __init__(self, stream: str, node_id: str, from_start: bool) -> None:
+    def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
         self.stream = stream
         self.node_id = node_id
+        self.options = options  # those of the subscription it was made for (a subscription made again is new)
         self.catching_up = False
         self.next: dict[str, int] = {}  # topic -> the number expected next
         self.pos = 0  # the history position replayed last
@@ -121,6 +122,7 @@ class Cursor:
         self.away = False  # its publisher was found gone: once back, it is asked where it is
         self.failures = 0  # reads of its history failed in a row while the publisher was present
         self.failing_since: float | None = None  # when the first read of those failed
+        self.reading: Fetch | None = None  # the read its catch-up waits on: a page of any other is stale
 
 
 class _Frame(NamedTuple):
@@ -162,6 +164,7 @@ class Replays:
         # pages whose rows are being delivered (`deliver_pages`): [fetch, page, rows, more, next row]
         # (one read at a time per cursor: bounded as the cursors are)
         self._paging: deque[list[Any]] = deque()
+        self._replays_seen: dict[Key, SubscribeOptions] | None = None  # the table `forget_dropped` last saw
 
     # -- which subscriptions ----------------------------------------------------------------
 
@@ -186,13 +189,13 @@ class Replays:
                 continue
             del self._retries[place]
             cursor = self.cursors.get(place)
-            if cursor is None or place[0] not in self.registry.replays:
+            if cursor is None or cursor.reading is not fetch or self.registry.replays.get(place[0]) is not cursor.options:
                 continue
             node_id = self._publisher(cursor)
             if node_id is None:  # still away
                 self.on_page(fetch, None, PeerLostError("the publisher is away", fetch.node_id), calls)
             else:
-                self.fetch(Fetch(node_id, fetch.key, fetch.stream, fetch.request))
+                self._read(cursor, Fetch(node_id, fetch.key, fetch.stream, fetch.request))
 
     def _look_at_tails(self, now: float) -> None:
         """Read again the histories due (`look_again`): a walk of every stream followed,
@@ -202,15 +205,14 @@ class Replays:
                 continue
             del self._tails[place]
             cursor = self.cursors.get(place)
-            options = self.registry.replays.get(place[0])
-            if cursor is None or options is None:
+            if cursor is None or self.registry.replays.get(place[0]) is not cursor.options:
                 continue
             if self._publisher(cursor) is None:
                 cursor.away = True
                 continue
             if not numbers_only:
                 cursor.tail_looks += 1
-            self._catch_up(place[0], options, cursor, numbers_only=numbers_only)
+            self._catch_up(place[0], cursor.options, cursor, numbers_only=numbers_only)
         self._tails_due = min([due for due, _numbers_only in self._tails.values()], default=_NEVER)
 
     def _look_at(self, place: tuple[Key, str], due: float, numbers_only: bool) -> None:
@@ -253,7 +255,9 @@ class Replays:
 
         A frame from a sender not known yet (its HELLO, which says whether it keeps a
         history, is still on its way) waits for it, up to `_UNKNOWN_WAIT_S` (``wait``);
-        delivered plainly at once, it would come again in the replay of that history.
+        delivered plainly at once, it would come again in the replay of that history. A
+        subscription dropped since the frame was matched to it (or made anew, replaying
+        afresh) does not get it.
         """
         if wait and seq is not None and sender_id is not None and (
                 sender_id not in self.directory.alive_ids or sender_id in self._unknown):
@@ -263,7 +267,10 @@ class Replays:
                 self.release_unknown(calls, sender_id)
             return
         stream = self.directory.stream_of(sender_id, topic) if sender_id is not None else None
+        replays = self.registry.replays
         for key, options in subscriptions:
+            if replays.get(key) is not options:  # dropped (or made anew) since the frame was matched to it
+                continue
             if stream is None or seq is None:  # the publisher keeps no history of it: plain delivery
                 for index, data in enumerate(items):
                     calls.append(Call(key[1], Message("pubsub", topic, data, sender_id, self.directory.lookup_peer,
@@ -323,11 +330,13 @@ class Replays:
     def _cursor(self, key: Key, options: SubscribeOptions, stream: str, node_id: str, calls: list[Call]) -> Cursor:
         cursor = self.cursors.get((key, stream))
         if cursor is not None:
-            return cursor
+            if cursor.options is options:
+                return cursor
+            self._forget((key, stream))  # made for a subscription since dropped: this one is new
         if len(self.cursors) >= _MAX_CURSORS:  # (the caller counts and drops what brought it)
             raise OverflowError("too many publisher streams followed")
         stored = self._stored(options.durable_name, stream)
-        cursor = Cursor(stream, node_id, from_start=options.replay == "all" or bool(stored))
+        cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or bool(stored))
         self.cursors[(key, stream)] = cursor
         if stored:
             for topic, (seq, upto, _pos) in stored.items():
@@ -349,16 +358,37 @@ class Replays:
             request["n"] = 0  # (a publisher before this field sends a whole page: read as such)
         if first and not isinstance(options.replay, str):  # replay the last N seconds
             request["s"] = time.time() - float(options.replay)
-        self.fetch(Fetch(cursor.node_id, key, cursor.stream, request))
+        self._read(cursor, Fetch(cursor.node_id, key, cursor.stream, request))
+
+    def _read(self, cursor: Cursor, fetch: Fetch) -> None:
+        """Ask for the page ``fetch`` names, the one ``cursor`` now waits on."""
+        cursor.reading = fetch
+        self.fetch(fetch)
+
+    def forget_dropped(self) -> None:
+        """Forget the cursors of the subscriptions no longer made, with the live frames they
+        hold and their plans to read again (call when the subscriptions may have changed).
+        The same subscription made again starts a cursor of its own, and replays afresh; a
+        page still on its way for a forgotten cursor is left (see `_reader`)."""
+        replays = self.registry.replays
+        if replays is self._replays_seen:  # (the registry makes a new table on each change)
+            return
+        self._replays_seen = replays
+        for place in [place for place, cursor in self.cursors.items() if replays.get(place[0]) is not cursor.options]:
+            self._forget(place)
+
+    def _forget(self, place: tuple[Key, str]) -> None:
+        del self.cursors[place]
+        self._tails.pop(place, None)
+        self._retries.pop(place, None)
 
     def on_page(self, fetch: Fetch, page: Any, error: BaseException | None, calls: list[Call]) -> None:
         """Apply one page of history (or the failure to get it) to its cursor: its rows
         join those waiting to be delivered, and `deliver_pages` delivers the next burst."""
-        cursor = self.cursors.get((fetch.key, fetch.stream))
-        options = self.registry.replays.get(fetch.key)
-        if cursor is None or options is None:
-            self._unsubscribed(fetch)
+        reader = self._reader(fetch)
+        if reader is None:
             return
+        cursor, options = reader
         if error is None:
             try:
                 rows, more = page["rows"], bool(page["more"])
@@ -390,12 +420,11 @@ class Replays:
         while paging and len(calls) < limit:
             entry = paging[0]
             fetch, page, rows, more, index = entry
-            cursor = self.cursors.get((fetch.key, fetch.stream))
-            options = self.registry.replays.get(fetch.key)
-            if cursor is None or options is None:
+            reader = self._reader(fetch)
+            if reader is None:
                 paging.popleft()
-                self._unsubscribed(fetch)
                 continue
+            cursor, options = reader
             error = None
             try:
                 while index < len(rows):
@@ -413,10 +442,20 @@ class Replays:
             paging.popleft()
             self._page_read(fetch, cursor, options, page, error, more, calls)
 
-    def _unsubscribed(self, fetch: Fetch) -> None:
-        """A page came for a subscription no longer there: the cursor it read for is
-        forgotten, its catch-up with it (one made again starts a cursor of its own)."""
-        self.cursors.pop((fetch.key, fetch.stream), None)
+    def _reader(self, fetch: Fetch) -> tuple[Cursor, SubscribeOptions] | None:
+        """The cursor whose catch-up waits on the page of ``fetch``, and its subscription's
+        options; None if the page is stale. A page is stale once its subscription was
+        dropped (its cursor is then forgotten, if `forget_dropped` has not yet), and so it
+        stays when the same subscription was made again since: a new cursor reads for it,
+        from its own start."""
+        place = (fetch.key, fetch.stream)
+        cursor = self.cursors.get(place)
+        if cursor is None or cursor.reading is not fetch:
+            return None
+        if self.registry.replays.get(fetch.key) is not cursor.options:
+            self._forget(place)
+            return None
+        return cursor, cursor.options
 
     def _page_read(self, fetch: Fetch, cursor: Cursor, options: SubscribeOptions, page: Any,
                    error: BaseException | None, more: bool, calls: list[Call]) -> None:
@@ -430,9 +469,9 @@ class Replays:
         else:
             cursor.failures, cursor.failing_since = 0, None
         if more:
-            self.fetch(Fetch(cursor.node_id, fetch.key, cursor.stream, {"p": fetch.key[0], "a": cursor.pos}))
+            self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, {"p": fetch.key[0], "a": cursor.pos}))
             return
-        cursor.catching_up = False
+        cursor.catching_up, cursor.reading = False, None
         held, cursor.held, cursor.held_count = cursor.held, deque(), 0
         if held is None:  # more came live than could be held: fetch them too
             if error is None:
