@@ -1074,6 +1074,78 @@ def test_the_cursors_of_dropped_subscriptions_are_forgotten_with_the_frames_they
     assert replays.cursors == {} and not replays.waiting()
 
 
+def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of_order_keeps_its_place(
+        tmp_path: Path) -> None:
+    """Made again while a handler pool still handles what its first cursor handed out, a
+    durable subscription hands the same numbers out again (from its recorded place): each
+    number is then pending twice, and handled twice, in any order. Its place must still
+    move on with what is handled, and never back."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+    from zmqmesh._store.sqlite import Store
+
+    publisher = history_publisher("bb")
+    replays, fetches, *_ = replaying(publisher)
+    registry = replays.registry
+    (key, _options), = registry.replays.items()
+    registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
+    store = Store(str(tmp_path))
+    try:
+        replays.store = store
+        first: list[Any] = []
+        replays.sync(first)
+        replays.on_page(fetches[-1], history_page(0, 5), None, first)
+        replays.before_handling(first)
+        registry.set_subscribe_options(*key, SubscribeOptions())  # dropped ...
+        registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))  # ... made again
+        replays.forget_dropped()
+        second: list[Any] = []
+        replays.sync(second)
+        replays.on_page(fetches[-1], history_page(0, 5), None, second)
+        assert [c.route.seq for c in first] == [c.route.seq for c in second] == [0, 1, 2, 3, 4]
+        for call in [second[1], first[1], first[0], *first[2:], second[0], *second[2:]]:  # (a pool's order)
+            replays.handled(call.route)
+        replays.flush()
+        assert store.load_cursors("d")["s1"]["t.x"][0] == 4
+        live: list[Any] = []
+        for n in range(5, 50):
+            replays.live("t.x", n, [n], None, publisher.id, list(registry.replays.items()), live)
+        for call in live:
+            replays.handled(call.route)
+        replays.flush()
+        assert store.load_cursors("d")["s1"]["t.x"][0] == 49, "the place moves on with what is handled"
+    finally:
+        store.close()
+
+
+def test_a_look_at_the_numbers_that_finds_a_frame_lost_reads_it_before_the_frames_held_go(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame lost on the way while a look at the numbers alone is in flight: the next
+    frame is held, and the look finds the history further than the subscription. What
+    followed is read before the frame held is let go: let go first, it would take the
+    message the history still has for missed."""
+    from zmqmesh._patterns import replay
+
+    now = [1000.0]
+    monkeypatch.setattr(replay.time, "monotonic", lambda: now[0])
+    publisher = history_publisher("bb")
+    replays, fetches, _directory, stats = replaying(publisher)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 0}}, None, calls)  # none kept yet
+    replays.live("t.x", 0, [0], None, publisher.id, subscriptions, calls)
+    now[0] += replay.QUIET_LOOK_S + 0.1
+    replays.look_again(calls)
+    assert fetches[-1].request.get("n") == 0  # a look at the numbers alone
+    replays.live("t.x", 2, [2], None, publisher.id, subscriptions, calls)  # (1 was lost on the way)
+    replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 3}}, None, calls)
+    assert [c.arg.data for c in calls] == [0], "the frame held waits for what the history has"
+    assert "n" not in fetches[-1].request and fetches[-1].request["a"] == 0
+    replays.on_page(fetches[-1], history_page(0, 3), None, calls)
+    assert [(c.arg.data, c.arg.gap) for c in calls] == [(0, 0), (1, 0), (2, 0)]
+    assert stats.pattern["pubsub"].get("gap", 0) == 0
+
+
 def test_each_followed_stream_is_read_again_when_due_however_the_others_were_put_off(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The streams to read again are walked only once the first may be due, not on every

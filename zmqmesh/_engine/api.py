@@ -311,6 +311,10 @@ class NodeBase:
           after it (a first start follows ``replay``). Messages that may have been handled
           just before a crash come again with ``msg.redelivered`` set.
 
+        A subscription made again (after `unsubscribe`, or by a second call for the same
+        prefix and handler) is a new one: it replays as its ``replay`` says; a durable one
+        resumes from where its name was recorded.
+
         What fell out of a publisher's history before it could be replayed is reported on
         the next message (``msg.gap``, the number missed) and in ``stats()["pubsub"]["gap"]``.
         Raises `ValueError` for a prefix longer than 200 bytes, `ConfigError` for a bad

@@ -152,7 +152,7 @@ class Replays:
         self._durable: dict[str, dict[str, dict[str, tuple[int, int, int]]]] = {}  # name -> stored cursors
         self._dirty: dict[tuple[str, str, str], list[int]] = {}  # (name, stream, topic) -> [seq, upto, pos]
         self._pending: dict[tuple[str, str, str], deque[int]] = {}  # durable: numbers handed out, in order
-        self._finished: dict[tuple[str, str, str], set[int]] = {}
+        self._finished: dict[tuple[str, str, str], dict[int, int]] = {}  # numbers handled ahead of the first pending: how often
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
         # cursors to look at the history of again: when, and whether for its numbers alone
@@ -162,7 +162,8 @@ class Replays:
         # history reads to try again (`FETCH_RETRIES_S`, `AWAY_HOLD_S`): when, and the read
         self._retries: dict[tuple[Key, str], tuple[float, Fetch]] = {}
         # pages whose rows are being delivered (`deliver_pages`): [fetch, page, rows, more, next row]
-        # (one read at a time per cursor: bounded as the cursors are)
+        # (one read at a time per cursor: bounded as the cursors are, with the pages of cursors
+        # forgotten meanwhile, left once they reach the front)
         self._paging: deque[list[Any]] = deque()
         self._replays_seen: dict[Key, SubscribeOptions] | None = None  # the table `forget_dropped` last saw
 
@@ -256,8 +257,9 @@ class Replays:
         A frame from a sender not known yet (its HELLO, which says whether it keeps a
         history, is still on its way) waits for it, up to `_UNKNOWN_WAIT_S` (``wait``);
         delivered plainly at once, it would come again in the replay of that history. A
-        subscription dropped since the frame was matched to it (or made anew, replaying
-        afresh) does not get it.
+        subscription dropped since the frame was matched to it does not get it, and neither
+        does the same subscription made anew since (a new one: the frame was matched to the
+        one before).
         """
         if wait and seq is not None and sender_id is not None and (
                 sender_id not in self.directory.alive_ids or sender_id in self._unknown):
@@ -368,8 +370,9 @@ class Replays:
     def forget_dropped(self) -> None:
         """Forget the cursors of the subscriptions no longer made, with the live frames they
         hold and their plans to read again (call when the subscriptions may have changed).
-        The same subscription made again starts a cursor of its own, and replays afresh; a
-        page still on its way for a forgotten cursor is left (see `_reader`)."""
+        The same subscription made again starts a cursor of its own: it replays as its
+        ``replay`` says, or, durable, resumes from the place recorded under its name. A page
+        still on its way for a forgotten cursor is left (see `_reader`)."""
         replays = self.registry.replays
         if replays is self._replays_seen:  # (the registry makes a new table on each change)
             return
@@ -445,9 +448,9 @@ class Replays:
     def _reader(self, fetch: Fetch) -> tuple[Cursor, SubscribeOptions] | None:
         """The cursor whose catch-up waits on the page of ``fetch``, and its subscription's
         options; None if the page is stale. A page is stale once its subscription was
-        dropped (its cursor is then forgotten, if `forget_dropped` has not yet), and so it
-        stays when the same subscription was made again since: a new cursor reads for it,
-        from its own start."""
+        dropped (the cursor waiting on it is then forgotten, if `forget_dropped` has not
+        yet), and so it stays when the same subscription was made again since: a new
+        cursor reads for that one."""
         place = (fetch.key, fetch.stream)
         cursor = self.cursors.get(place)
         if cursor is None or cursor.reading is not fetch:
@@ -468,6 +471,10 @@ class Replays:
             more = False
         else:
             cursor.failures, cursor.failing_since = 0, None
+            # a look at the numbers alone that finds the history further than the cursor (a
+            # frame lost on the way) reads what followed before the frames held are let go:
+            # let go first, they would take what the history has for missed
+            more = more or (fetch.request.get("n") == 0 and self._behind(cursor, page.get("next") or {}))
         if more:
             self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, {"p": fetch.key[0], "a": cursor.pos}))
             return
@@ -479,11 +486,7 @@ class Replays:
             return
         while held:
             self._take(fetch.key, options, cursor, held.popleft(), calls, settled=True, final=error is not None)
-        if error is not None:
-            return
-        if fetch.request.get("n") == 0 and self._behind(cursor, page.get("next") or {}):
-            self._catch_up(fetch.key, options, cursor)  # (a frame was lost on the way: read what followed)
-        elif not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
+        if error is None and not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
             self._look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
 
     def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
@@ -616,15 +619,22 @@ class Replays:
         pending = self._pending.get(key)
         if not pending:
             return
-        finished = self._finished.setdefault(key, set())
-        finished.add(mark.seq)
+        # handlers may finish out of order (a pool), and a number may be pending twice: handed
+        # out again by a cursor made anew (a subscription dropped and made again) while the
+        # first delivery was being handled. So finishes are counted, each taking one entry,
+        # and the place recorded never goes back.
+        finished = self._finished.setdefault(key, {})
+        finished[mark.seq] = finished.get(mark.seq, 0) + 1
         last = None
-        while pending and pending[0] in finished:  # handlers may finish out of order (a pool)
+        while pending and pending[0] in finished:
             last = pending.popleft()
-            finished.discard(last)
+            if finished[last] == 1:
+                del finished[last]
+            else:
+                finished[last] -= 1
         if last is not None:
             state = self._dirty.get(key) or self._saved(*key)
-            state[0], state[2] = last, max(state[2], mark.pos)
+            state[0], state[2] = max(state[0], last), max(state[2], mark.pos)
             self._dirty[key] = state
 
     def flush(self) -> None:
