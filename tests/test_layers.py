@@ -1069,6 +1069,7 @@ def test_the_cursors_of_dropped_subscriptions_are_forgotten_with_the_frames_they
         registry.remove("topics", "t.", handle)
         replays.forget_dropped()
         assert len(replays.cursors) == 1, "only the first subscription's cursor: it is still made"
+    assert [replays.wanted(f) for f in fetches] == [True] + [False] * 50, "the drivers skip the reads of the others"
     registry.remove("topics", *first_key)
     replays.forget_dropped()
     assert replays.cursors == {} and not replays.waiting()

@@ -478,6 +478,8 @@ class LoopInbox(Dispatcher):
         task.add_done_callback(self._tasks.discard)
 
     async def _fetch(self, fetch: Fetch) -> None:
+        if not self.replays.wanted(fetch):  # (a subscription dropped meanwhile)
+            return
         try:
             page = await AsyncRunner(self.engine).run(fetch_plan(self.engine, fetch))
         except Exception as exc:

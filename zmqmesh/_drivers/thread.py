@@ -369,9 +369,11 @@ class ThreadFetcher:
     """Fetches pages of history for the replaying subscriptions of a `Node`, one at a time,
     on a thread of its own (started when first needed), and posts each outcome back."""
 
-    def __init__(self, engine: Engine, post: Callable[[Fetch, Any, BaseException | None], None]) -> None:
+    def __init__(self, engine: Engine, post: Callable[[Fetch, Any, BaseException | None], None],
+                 wanted: Callable[[Fetch], bool]) -> None:
         self.engine = engine
         self.post = post
+        self.wanted = wanted  # (a fetch no longer wanted when its turn comes is not made)
         self._queue: queue.SimpleQueue[Fetch | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -395,6 +397,8 @@ class ThreadFetcher:
             fetch = self._queue.get()
             if fetch is None or self.engine.closed:
                 return
+            if not self.wanted(fetch):
+                continue
             try:
                 page = runner.run(fetch_plan(self.engine, fetch))
             except Exception as exc:
@@ -413,7 +417,7 @@ class ThreadInbox(Dispatcher):
                          keeper=engine.durable.submit if engine.durable is not None else None,
                          history=engine.history)
         self.name = engine.name
-        self._fetcher = ThreadFetcher(engine, self.post_page)
+        self._fetcher = ThreadFetcher(engine, self.post_page, self.replays.wanted)
         self._waker = Waker()
         self._resubscribe = True
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()

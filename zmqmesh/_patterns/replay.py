@@ -367,6 +367,13 @@ class Replays:
         cursor.reading = fetch
         self.fetch(fetch)
 
+    def wanted(self, fetch: Fetch) -> bool:
+        """Whether a cursor still waits on the page of ``fetch`` (any thread: a driver asks
+        before it reads the page, and spares the publisher a read for a subscription
+        dropped meanwhile; one dropped later has its page left as stale: `_reader`)."""
+        cursor = self.cursors.get((fetch.key, fetch.stream))
+        return cursor is not None and cursor.reading is fetch
+
     def forget_dropped(self) -> None:
         """Forget the cursors of the subscriptions no longer made, with the live frames they
         hold and their plans to read again (call when the subscriptions may have changed).
