@@ -151,7 +151,7 @@ class Replays:
         self.cursors: dict[tuple[Key, str], Cursor] = {}
         self._durable: dict[str, dict[str, dict[str, tuple[int, int, int]]]] = {}  # name -> stored cursors
         self._dirty: dict[tuple[str, str, str], list[int]] = {}  # (name, stream, topic) -> [seq, upto, pos]
-        self._pending: dict[tuple[str, str, str], deque[int]] = {}  # durable: numbers handed out, in order
+        self._pending: dict[tuple[str, str, str], deque[int]] = {}  # durable: numbers handed out, in order, not yet handled
         self._finished: dict[tuple[str, str, str], dict[int, int]] = {}  # numbers handled ahead of the first pending: how often
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
@@ -639,6 +639,8 @@ class Replays:
                 del finished[last]
             else:
                 finished[last] -= 1
+        if not pending:  # (each number finished took its entry: none is left over)
+            del self._pending[key], self._finished[key]
         if last is not None:
             state = self._dirty.get(key) or self._saved(*key)
             state[0], state[2] = max(state[0], last), max(state[2], mark.pos)
