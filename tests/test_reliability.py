@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -112,3 +114,32 @@ def test_what_a_departed_acking_puller_left_goes_to_the_plain_pullers_that_follo
         with zmqmesh.Node("plain", **mesh) as plain:
             plain.pull("jobs", lambda m: got_plain.append(m.data))
             wait_until(lambda: sorted(set(got_plain)) == [0, 1, 2], 10, "every message at the plain puller")
+
+
+@pytest.mark.timeout(90)
+def test_what_waits_for_pullers_that_all_left_is_dropped_and_counted_after_push_timeout(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    """A puller that crashes is seen gone only after a while: what was queued for it
+    meanwhile waits `push_timeout_s` for another puller, as a push would, then is dropped,
+    counted and logged, its socket released: not kept for good, retried every few
+    milliseconds, and holding a socket that a push to another queue may need."""
+    puller = spawn("w", pull=["jobs"])
+    options = {**mesh, "send_hwm": 1, "push_timeout_s": 1.0}
+    with zmqmesh.Node("pusher", **options) as node:
+        node.wait_for_pullers("jobs", 1, timeout=10)
+        os.kill(puller.proc.pid, signal.SIGSTOP)  # it takes nothing more: the send queue fills
+        pushed = 0
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            while True:
+                node.push("jobs", pushed, timeout=0.5)
+                pushed += 1
+        waiting = node.stats()["gauges"]["queue_backlog"]["jobs"]
+        assert waiting > 0
+        puller.kill()
+        wait_until(lambda: node.stats()["pipeline"].get("dropped", 0) >= waiting, 30, "the messages dropped")
+        assert node.stats()["gauges"]["queued"] == 0
+        assert "jobs" not in node.stats()["gauges"]["queue_backlog"], "its socket released"
+        again = spawn("w2", pull=["jobs"])
+        node.wait_for_pullers("jobs", 1, timeout=10)
+        node.push("jobs", "after", timeout=5)
+        again.wait_line('PULL jobs "after"', timeout=10)

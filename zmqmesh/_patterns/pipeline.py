@@ -126,6 +126,9 @@ class Pusher:
         self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._connected: dict[str, set[str]] = {}
+        # queues whose messages wait with nobody pulling (their pullers left after they were
+        # queued): until when they wait for one to come (`push_timeout_s`)
+        self._unpulled: dict[str, float] = {}
 
     def queue_of(self, queue: str) -> deque[bytes] | None:
         """The send queue of ``queue`` once its socket exists (any thread)."""
@@ -187,10 +190,15 @@ class Pusher:
         sock = self._sockets.get(queue)
         if sock is None or not q:
             return False
+        pullers = len(self.directory.providers("queues", queue))
+        if not pullers:
+            self._wait_for_puller(queue, q)
+            return False  # (nothing to retry: a puller that comes wakes the flush, and so does the deadline)
+        if self._unpulled:
+            self._unpulled.pop(queue, None)
         name = queue.encode()
         uuid = self.uuid
         counters = self.stats.pattern["pipeline"]
-        pullers = max(1, len(self.directory.providers("queues", queue)))
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
         for bodies, size in cut_frames(q, pullers):
             n = len(bodies)
@@ -221,6 +229,28 @@ class Pusher:
             if monotonic() >= until:
                 break
         return False
+
+    def _wait_for_puller(self, queue: str, q: deque[Any]) -> None:
+        """Messages queued for ``queue`` while it had pullers, who all left since (a crash is
+        seen only after a while): they wait `push_timeout_s` for one to come, as `push`
+        waits for one, then are dropped, counted (``pipeline.dropped``) and logged, and the
+        queue's socket is released."""
+        now = monotonic()
+        until = self._unpulled.get(queue)
+        if until is None:
+            until = self._unpulled[queue] = now + self.config.push_timeout_s
+            self.loop.call_later(self.config.push_timeout_s, self.wake)
+        if now < until:
+            return
+        del self._unpulled[queue]
+        dropped = 0
+        while q:  # (callers' threads may append meanwhile: they found a puller, so it came back)
+            q.popleft()
+            dropped += 1
+        self.stats.pattern["pipeline"]["dropped"] += dropped
+        log.warning("dropped %d message(s) queued for %r: its pullers left and none came back within %.1f s",
+                    dropped, queue, self.config.push_timeout_s)
+        self.release(queue)
 
     def _all_read_raw(self, queue: str) -> bool:
         """Whether every puller of ``queue`` reads a large payload in a frame of its own
