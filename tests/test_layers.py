@@ -864,6 +864,37 @@ def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -
         ctx.term()
 
 
+def test_gap_counting_makes_room_with_the_publishers_that_left_and_never_forgets_everyone_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table of numbers expected next is bounded. Full, it made room by forgetting
+    every publisher at once, so a real loss of one still present went uncounted; it now
+    forgets the publishers that left, then, if need be, the topic met first alone."""
+    from zmqmesh._patterns import pubsub
+
+    monkeypatch.setattr(pubsub, "_MAX_TRACKED_STREAMS", 8)
+    peers = {b: PeerState(bytes.fromhex(b * 16), "tcp://127.0.0.1:1", "127.0.0.1") for b in ("a1", "a2", "a3", "bb")}
+    for peer in peers.values():
+        peer.ready = True
+    directory = Directory("aa" * 16, Stats(), lambda: None, True)  # type: ignore[arg-type,return-value]
+    directory.rebuild({}, list(peers.values()))
+    gaps = pubsub.GapCounter(directory)
+    uuid = {b: peer.uuid for b, peer in peers.items()}
+    for b in ("a1", "a2"):
+        for t in range(3):
+            assert gaps.missed(uuid[b], f"t{t}".encode(), 0, 1) == 0
+    assert gaps.missed(uuid["bb"], b"x", 0, 1) == 0
+    assert len(gaps) == 7
+    directory.rebuild({}, [peers["a3"], peers["bb"]])  # a1 and a2 leave
+    assert gaps.missed(uuid["a3"], b"t0", 0, 1) == 0  # (8: full)
+    assert gaps.missed(uuid["a3"], b"t1", 0, 1) == 0  # room made with those that left
+    assert len(gaps) == 3
+    assert gaps.missed(uuid["bb"], b"x", 36, 1) == 35, "a loss of a publisher still present is counted"
+    for t in range(2, 10):  # all present: a new topic takes the place of the one met first
+        gaps.missed(uuid["a3"], f"t{t}".encode(), 0, 1)
+    assert len(gaps) == 8
+    assert gaps.missed(uuid["a3"], b"t9", 5, 1) == 4, "the topics met last are still counted"
+
+
 def history_publisher(id_byte: str) -> PeerState:
     """A zmqmesh peer keeping the topics "t." in the stream "s1"; its id is ``id_byte`` x 16."""
     peer = PeerState(bytes.fromhex(id_byte * 16), "tcp://127.0.0.1:1", "127.0.0.1")

@@ -144,7 +144,7 @@ class Dispatcher:
         self.events: deque[Call] = deque()
         self.event_bytes = 0  # WHISPER and SHOUT frames waiting in ``events``
         self._event_lock = threading.Lock()
-        self.gaps = GapCounter()
+        self.gaps = GapCounter(directory)
         self.subscribed: set[str] = set()
         self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]], list[tuple[Any, Any]]]] = {}
         self._cache_version = -1

@@ -259,23 +259,48 @@ class GapCounter:
     """Counts, per publisher and topic, the messages a subscriber never received.
 
     Publishers number the messages of each topic; a jump in the numbers is a loss at a
-    high-water mark. Bounded: past `_MAX_TRACKED_STREAMS` streams counting restarts.
+    high-water mark. Bounded: past `_MAX_TRACKED_STREAMS` topics in all, a new one first
+    makes room by forgetting the publishers that left (one that leaves and comes back is
+    still counted, while there is room), then takes the place of the topic met first (its
+    next frame starts counting afresh: one jump there goes uncounted).
     """
 
-    def __init__(self) -> None:
-        self.expected: dict[tuple[bytes, bytes], int] = {}
+    def __init__(self, directory: Directory) -> None:
+        self._directory = directory
+        self._expected: dict[bytes, dict[bytes, int]] = {}  # publisher uuid -> topic -> the number next
+        self._tracked = 0
+        self._swept = -1  # the membership (its epoch) when the publishers that left were last forgotten
 
     def __len__(self) -> int:
-        return len(self.expected)
+        return self._tracked
 
     def missed(self, uuid: bytes, topic: bytes, sequence: int, count: int) -> int:
         """How many messages before these ``count`` (numbered from ``sequence``) were lost."""
-        key = (uuid, topic)
-        expected = self.expected.get(key)
+        topics = self._expected.get(uuid)
+        if topics is None:
+            topics = self._expected[uuid] = {}
+        expected = topics.get(topic)
         lost = 0
-        if expected is not None and expected < sequence <= expected + _MAX_GAP:
+        if expected is None:
+            if self._tracked >= _MAX_TRACKED_STREAMS:
+                self._make_room()
+                topics = self._expected.setdefault(uuid, topics)  # (making room may have emptied it)
+            self._tracked += 1
+        elif expected < sequence <= expected + _MAX_GAP:
             lost = sequence - expected
-        elif expected is None and len(self.expected) >= _MAX_TRACKED_STREAMS:
-            self.expected.clear()  # bounded memory: gap counting restarts
-        self.expected[key] = sequence + count
+        topics[topic] = sequence + count
         return lost
+
+    def _make_room(self) -> None:
+        directory = self._directory
+        if directory.epoch != self._swept:  # (a walk per change of membership, not per new topic)
+            self._swept = directory.epoch
+            alive = directory.alive_ids
+            for uuid in [uuid for uuid in self._expected if uuid.hex() not in alive]:
+                self._tracked -= len(self._expected.pop(uuid))
+        if self._tracked >= _MAX_TRACKED_STREAMS:
+            uuid, topics = next(iter(self._expected.items()))
+            del topics[next(iter(topics))]
+            self._tracked -= 1
+            if not topics:
+                del self._expected[uuid]
