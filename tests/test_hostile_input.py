@@ -228,6 +228,28 @@ def test_counters_forget_departed_peers(mesh: dict[str, Any]) -> None:
             assert node.stats()["peers"] == {}
 
 
+def test_at_least_once_batches_from_strangers_are_handled_but_not_counted_per_sender(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A bare DEALER may push at-least-once batches (docs/protocol.md): each is handled and
+    acknowledged, but counted per sender only for members, as every other path counts, or
+    a stranger's fresh ids would pile up in ``stats()["peers"]`` without end."""
+    handled: list[Any] = []
+    node = zmqmesh.Node("puller", **mesh)
+    node.pull("jobs", handled.append, at_least_once=True)
+    with node:
+        for i in range(50):
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.ROUTING_ID, os.urandom(16) + b"\x00\x00\x00\x01")  # (read as a requester)
+            dealer.connect(node.endpoints["service"])
+            dealer.send_multipart([b"\x00queue/jobs", i.to_bytes(8, "big"), msgpack.packb([False, {"i": i}])])
+            assert dealer.poll(5000), "acknowledged"
+            assert dealer.recv_multipart()[1] == b"\x00"
+            dealer.close(0)
+        wait_until(lambda: len(handled) == 50, 10, "the batches handled")
+        assert node.stats()["peers"] == {}
+
+
 def test_a_hello_with_megabytes_of_headers_is_refused_and_costs_nothing(mesh: dict[str, Any], ctx: zmq.Context) -> None:
     with zmqmesh.Node("target", **mesh) as node:
         inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])

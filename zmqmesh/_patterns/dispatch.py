@@ -485,7 +485,6 @@ class Dispatcher:
         each, with what they share (their sender, their service's handler) looked up once.
         A request that is not plainly one to a handler of this node takes the long way."""
         sender_id = wire.sender_of_requester(caller)
-        member = sender_id is not None and sender_id in self.directory.alive_ids
         services, decode, lookup = self.registry.services, self.codec.decode, self.directory.lookup_peer
         names = self._received_names["service"]
         last_b, service, handler, here = b"", "", None, False
@@ -520,8 +519,8 @@ class Dispatcher:
         if taken > taken_before:
             names.add(last_b, taken - taken_before)
         self.stats.pattern["service"]["received"] += taken
-        if member and taken:
-            self.stats.peer_received[sender_id] += taken  # type: ignore[index]
+        if taken and sender_id in self.directory.alive_ids:  # (still: it may have left while its handlers ran)
+            self.stats.peer_received[sender_id] += taken
 
     def _decode_one_request(self, route: tuple[bytes, bytes], service_b: bytes, body: bytes, meta: bytes | None,
                             calls: list[Call]) -> None:

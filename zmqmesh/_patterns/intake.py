@@ -76,7 +76,7 @@ class AckedIntake:
             raise DecodeError("malformed at-least-once batch")
         self.stats.pattern["pipeline"]["received"] += len(items)
         self._received_names.add(queue, len(items))
-        if sender_id is not None:
+        if sender_id in self.directory.alive_ids:  # (members only: a stranger could claim any number of ids)
             self.stats.peer_received[sender_id] += len(items)
         options = self.registry.pull_options.get(queue) or PullOptions(at_least_once=True)
         ack = BatchAck(route, len(items), queue, options)
