@@ -1178,6 +1178,29 @@ def test_a_look_at_the_numbers_that_finds_a_frame_lost_reads_it_before_the_frame
     assert stats.pattern["pubsub"].get("gap", 0) == 0
 
 
+def test_past_the_streams_a_node_follows_the_frames_of_another_are_delivered_plainly_and_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table of places in publishers' streams is bounded: past it, a new stream's
+    frames still reach the subscription, unsequenced, as those of a publisher without a
+    history do, and are counted under their own reason (they were counted as malformed,
+    dropped, and a look at the publishers stopped at the first one past it)."""
+    from zmqmesh._patterns import replay
+
+    monkeypatch.setattr(replay, "_MAX_CURSORS", 1)
+    first, second = history_publisher("b1"), history_publisher("b2")
+    second.headers = {frames.HEADER["stream"]: "s2"}
+    replays, fetches, _directory, stats = replaying(first, second)
+    calls: list[Any] = []
+    replays.sync(calls)
+    assert len(fetches) == 1 and len(replays.cursors) == 1
+    assert stats.rejected["replay_streams_full"] == 1
+    (_key, followed), = replays.cursors
+    other = second if followed == "s1" else first
+    replays.live("t.x", 7, ["plain"], None, other.id, list(replays.registry.replays.items()), calls)
+    assert [c.arg.data for c in calls] == ["plain"]
+    assert stats.rejected["replay_streams_full"] == 2
+
+
 def test_each_followed_stream_is_read_again_when_due_however_the_others_were_put_off(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The streams to read again are walked only once the first may be due, not on every

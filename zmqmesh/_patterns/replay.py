@@ -243,7 +243,7 @@ class Replays:
             for node_id, (stream, prefixes) in list(self.directory.streams.items()):
                 if any(p.startswith(key[0]) or key[0].startswith(p) for p in prefixes):
                     cursor = self._cursor(key, options, stream, node_id, calls)
-                    if cursor.away:  # (the streams are those of present peers)
+                    if cursor is not None and cursor.away:  # (the streams are those of present peers)
                         cursor.away, cursor.node_id = False, node_id
                         if not cursor.catching_up:
                             self._look_at((key, stream), 0.0, True)
@@ -273,14 +273,16 @@ class Replays:
         for key, options in subscriptions:
             if replays.get(key) is not options:  # dropped (or made anew) since the frame was matched to it
                 continue
-            if stream is None or seq is None:  # the publisher keeps no history of it: plain delivery
-                for index, data in enumerate(items):
-                    calls.append(Call(key[1], Message("pubsub", topic, data, sender_id, self.directory.lookup_peer,
-                                                      origin, index), None, "pubsub"))
-                continue
-            cursor = self._cursor(key, options, stream, sender_id, calls)  # type: ignore[arg-type]
-            cursor.node_id = sender_id  # type: ignore[assignment]  # (a restarted publisher: a new id)
-            self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id), calls)
+            if stream is not None and seq is not None:
+                cursor = self._cursor(key, options, stream, sender_id, calls)  # type: ignore[arg-type]
+                if cursor is not None:
+                    cursor.node_id = sender_id  # type: ignore[assignment]  # (a restarted publisher: a new id)
+                    self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id), calls)
+                    continue
+            # the publisher keeps no history of it (or too many streams are followed): plain delivery
+            for index, data in enumerate(items):
+                calls.append(Call(key[1], Message("pubsub", topic, data, sender_id, self.directory.lookup_peer,
+                                                  origin, index), None, "pubsub"))
 
     def release_unknown(self, calls: list[Call], now_for: str | None = None) -> None:
         """Take the frames that waited for their sender: those of senders now known, of
@@ -329,14 +331,19 @@ class Replays:
 
     # -- catching up ------------------------------------------------------------------------
 
-    def _cursor(self, key: Key, options: SubscribeOptions, stream: str, node_id: str, calls: list[Call]) -> Cursor:
+    def _cursor(self, key: Key, options: SubscribeOptions, stream: str, node_id: str,
+                calls: list[Call]) -> Cursor | None:
+        """The subscription's cursor in ``stream``, made (and its catch-up begun) if new;
+        None past `_MAX_CURSORS`: counted (``rejected["replay_streams_full"]``), and that
+        stream's frames are delivered plainly, as a publisher without a history's."""
         cursor = self.cursors.get((key, stream))
         if cursor is not None:
             if cursor.options is options:
                 return cursor
             self._forget((key, stream))  # made for a subscription since dropped: this one is new
-        if len(self.cursors) >= _MAX_CURSORS:  # (the caller counts and drops what brought it)
-            raise OverflowError("too many publisher streams followed")
+        if len(self.cursors) >= _MAX_CURSORS:
+            self.stats.reject("replay_streams_full")
+            return None
         stored = self._stored(options.durable_name, stream)
         cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or bool(stored))
         self.cursors[(key, stream)] = cursor
