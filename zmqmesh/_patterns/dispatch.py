@@ -180,6 +180,7 @@ class Dispatcher:
         if self.streams_changed:
             self.streams_changed = False
             self.replays.forget_dropped()
+            self.acked.forget_unpulled()
             if self.registry.replays:
                 try:
                     self.replays.sync(calls)

@@ -64,6 +64,15 @@ class AckedIntake:
         # constant time; a dict's first key is found past every slot deleted before it)
         self._handled: dict[str, OrderedDict[str, None]] = {}
 
+    def forget_unpulled(self) -> None:
+        """Forget the ids this run remembered for the queues no longer pulled (call when
+        the pulls may have changed): pulled again, their batches are checked against the
+        store as any are (up to `dedupe_window` ids a queue otherwise stayed in memory)."""
+        queues = self.registry.queues
+        for queue in [queue for queue in self._handled if queue not in queues]:
+            del self._handled[queue]
+            self._remembered.pop(queue, None)
+
     def decode(self, queue: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
                calls: list[Call]) -> None:
         """Turn a batch dealt to this node into calls, answering at once what needs no handler."""

@@ -239,9 +239,11 @@ class ReliableSender:
         kind, name = ("keepers", keep_service(queue)) if to_keepers else ("ackqueues", queue_service(queue))
         pullers = [i for i in directory.providers(kind, queue)  # a node keeps its own messages anyway
                    if not (to_keepers and i == directory.node_id) and directory.endpoint_of(i, "service")]
-        again = self.redeliver.setdefault(queue, deque())
+        again = self.redeliver.get(queue)
         if not pullers:
             return bool(q or again)
+        if again is None:
+            again = deque()  # (kept below only if a failed send puts messages back in it)
         start = next(self._rr)
         progress = True
         while (q or again) and progress:
@@ -283,6 +285,10 @@ class ReliableSender:
                 self.loop.call_soon(self._on_acks, puller)
         if self.inflight and self._timeout_check is None and directory.offers["acktimeouts"]:
             self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
+        if again:  # (no entry for a queue with nothing to deal again: one a name pushed to stayed for good)
+            self.redeliver[queue] = again
+        else:
+            self.redeliver.pop(queue, None)
         return bool(q or again)
 
     def _socket(self, puller: str) -> zmq.Socket[Any]:
