@@ -144,3 +144,56 @@ def test_what_waits_for_pullers_that_all_left_is_dropped_and_counted_after_push_
         node.wait_for_pullers("jobs", 1, timeout=10)
         node.push("jobs", "after", timeout=5)
         again.wait_line('PULL jobs "after"', timeout=10)
+
+
+@pytest.mark.timeout(90)
+def test_what_waits_for_at_least_once_pullers_that_all_left_waits_for_the_next_one(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    """An at-least-once queue's messages are never dropped for want of a puller, however
+    long it is away: both those sent and not acknowledged and those still queued go to the
+    puller that comes next."""
+    puller = spawn("w", ack_pull=["jobs"])
+    with zmqmesh.Node("pusher", **{**mesh, "ack_window": 4, "push_timeout_s": 1.0}) as node:
+        node.wait_for_pullers("jobs", 1, timeout=10)
+        os.kill(puller.proc.pid, signal.SIGSTOP)  # 4 in its window, 16 queued
+        for i in range(20):
+            node.push("jobs", i, timeout=5)
+        puller.kill()
+        wait_until(lambda: not node.peers(), 10, "the puller gone")
+        time.sleep(2.0)  # (past push_timeout_s)
+        assert node.stats()["pipeline"].get("dropped", 0) == 0
+        again = spawn("w2", ack_pull=["jobs"])
+        wait_until(lambda: len(handled([again])) == 20, 20, "every message, at the next puller")
+    assert sorted(handled([again])) == list(range(20))
+
+
+@pytest.mark.timeout(90)
+def test_a_push_waiting_for_room_when_its_pullers_all_left_raises_instead_of_losing_its_message(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    """A push waits for room in a full send queue; meanwhile the queue's pullers all leave
+    and what waited is dropped: the push must then not return as if its message were
+    queued (it went into a send queue nobody sends any more)."""
+    puller = spawn("w", pull=["jobs"])
+    with zmqmesh.Node("pusher", **{**mesh, "send_hwm": 1, "push_timeout_s": 1.0, "send_queue_max": 20}) as node:
+        node.wait_for_pullers("jobs", 1, timeout=10)
+        os.kill(puller.proc.pid, signal.SIGSTOP)
+        pushed = 0
+        with pytest.raises((zmqmesh.MeshTimeoutError, zmqmesh.NoProviderError)):
+            while True:
+                node.push("jobs", pushed, timeout=0.5)
+                pushed += 1
+        outcome: list[BaseException | None] = []
+
+        def late() -> None:
+            try:
+                node.push("jobs", "late", timeout=20)
+                outcome.append(None)
+            except zmqmesh.ZmqMeshError as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=late)
+        waiter.start()
+        puller.kill()
+        waiter.join(30)
+        assert outcome and isinstance(outcome[0], zmqmesh.NoProviderError), outcome
+        assert node.stats()["gauges"]["queued"] == 0

@@ -311,9 +311,9 @@ class NodeBase:
           after it (a first start follows ``replay``). Messages that may have been handled
           just before a crash come again with ``msg.redelivered`` set.
 
-        A subscription made again (after `unsubscribe`, or by a second call for the same
-        prefix and handler) is a new one: it replays as its ``replay`` says; a durable one
-        resumes from where its name was recorded.
+        A replaying subscription made again (after `unsubscribe`, or by a second call for
+        the same prefix and handler) is a new one: it replays as its ``replay`` says; a
+        durable one resumes from where its name was recorded.
 
         What fell out of a publisher's history before it could be replayed is reported on
         the next message (``msg.gap``, the number missed) and in ``stats()["pubsub"]["gap"]``.
@@ -707,6 +707,8 @@ class NodeBase:
             q = pusher.queue_of(queue)
         if len(q) >= self.config.send_queue_max:
             yield Room(q, deadline)
+            if pusher.queue_of(queue) is not q:  # its pullers left and what waited was dropped: again
+                return (yield from self._push_plan(queue, deadline))
         return q
 
     def _ensure_push_socket(self, queue: str) -> None:

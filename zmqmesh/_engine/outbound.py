@@ -20,6 +20,7 @@ from .._patterns.durable import DurableQueues
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
+from ..errors import ZmqMeshError
 
 __all__ = ["Outbound"]
 
@@ -50,6 +51,10 @@ class Outbound:
         """True from a `wake` until the flush it scheduled runs: another `wake` has nothing
         to do meanwhile (a caller on a hot path may look before calling it)."""
         self._retry: Any = None
+        # queues seen with at-least-once pullers: what waits for them is never dropped, however
+        # long their pullers are away (a plain queue's is, `Pusher.flush`); pruned to the
+        # queues with a socket
+        self._at_least_once: set[str] = set()
 
     def attach(self, publisher: Publisher, pusher: Pusher, reliable: ReliableSender,
                durable: DurableQueues | None) -> None:
@@ -105,14 +110,29 @@ class Outbound:
         if publisher.queue:
             publisher.flush(until)
         at_least_once = self.directory.offers["ackqueues"]
+        kept = self._at_least_once
+        if len(kept) > len(pusher.queues):
+            kept.intersection_update(pusher.queues)
+        durable = self.durable.queues if self.durable is not None else {}
+        for queue in [name for name in reliable.redeliver if name not in pusher.queues and name not in durable]:
+            # messages to deal again of a queue whose socket went (a push that found no puller
+            # gave up): dealt as the queue's are, once it has a puller
+            if self.directory.providers("queues", queue) or queue in at_least_once:
+                try:
+                    pusher.ensure_socket(queue)
+                except ZmqMeshError as exc:  # (past the sockets' bound: tried again at the next flush)
+                    log.debug("no socket yet for the messages of %r to deal again: %s", queue, exc)
         for queue, q in list(pusher.queues.items()):
             try:
                 if queue in at_least_once:
+                    kept.add(queue)
+                    pusher.pulled(queue)
                     blocked |= reliable.flush(queue, q)
                     continue
-                if reliable.redeliver.get(queue) and self.directory.providers("queues", queue):
+                again = reliable.redeliver.get(queue)
+                if again and self.directory.providers("queues", queue):
                     q.extendleft(reversed(reliable.take_in_memory(queue)))  # (older: they go first)
-                if q and pusher.flush(queue, q, until):
+                if q and pusher.flush(queue, q, until, keep=queue in kept or bool(again)):
                     blocked = True
             except Exception:  # one queue's failure must not starve the others
                 log.exception("sending on queue %r failed", queue)

@@ -167,6 +167,12 @@ class Pusher:
         close_watched(self.loop, self._sockets.pop(queue), 0)
         del self._connected[queue]
         del self.queues[queue]
+        self._unpulled.pop(queue, None)
+
+    def pulled(self, queue: str) -> None:
+        """``queue`` has pullers now (those `flush` does not see: at-least-once ones)."""
+        if self._unpulled:
+            self._unpulled.pop(queue, None)
 
     def sync_connections(self) -> None:
         """Connect every queue's socket to that queue's pullers, and only to them."""
@@ -183,16 +189,18 @@ class Pusher:
         if not sock.closed and can_send(sock) and any(self.queues.values()):
             self.wake()
 
-    def flush(self, queue: str, q: deque[bytes], until: float) -> bool:
+    def flush(self, queue: str, q: deque[bytes], until: float, keep: bool = False) -> bool:
         """Send what ``q`` holds, until the monotonic clock reads ``until`` (a frame at
         least; the caller flushes again while more is queued); True if the socket could not
-        take it all now."""
+        take it all now. With no puller, what is queued waits for one (`_wait_for_puller`;
+        for good if ``keep``: an at-least-once queue's)."""
         sock = self._sockets.get(queue)
         if sock is None or not q:
             return False
         pullers = len(self.directory.providers("queues", queue))
         if not pullers:
-            self._wait_for_puller(queue, q)
+            if not keep:
+                self._wait_for_puller(queue, q)
             return False  # (nothing to retry: a puller that comes wakes the flush, and so does the deadline)
         if self._unpulled:
             self._unpulled.pop(queue, None)
@@ -234,7 +242,7 @@ class Pusher:
         """Messages queued for ``queue`` while it had pullers, who all left since (a crash is
         seen only after a while): they wait `push_timeout_s` for one to come, as `push`
         waits for one, then are dropped, counted (``pipeline.dropped``) and logged, and the
-        queue's socket is released."""
+        queue's socket is released (a push waiting for room then starts again: `_push_plan`)."""
         now = monotonic()
         until = self._unpulled.get(queue)
         if until is None:
@@ -244,7 +252,7 @@ class Pusher:
             return
         del self._unpulled[queue]
         dropped = 0
-        while q:  # (callers' threads may append meanwhile: they found a puller, so it came back)
+        while q:  # (a caller's thread may append meanwhile, from what it read before they left)
             q.popleft()
             dropped += 1
         self.stats.pattern["pipeline"]["dropped"] += dropped

@@ -261,8 +261,9 @@ class GapCounter:
     Publishers number the messages of each topic; a jump in the numbers is a loss at a
     high-water mark. Bounded: past `_MAX_TRACKED_STREAMS` topics in all, a new one first
     makes room by forgetting the publishers that left (one that leaves and comes back is
-    still counted, while there is room), then takes the place of the topic met first (its
-    next frame starts counting afresh: one jump there goes uncounted).
+    still counted, while there is room), then takes the place of the oldest topic of the
+    publisher met first (that topic's next frame starts counting afresh: one jump there
+    goes uncounted).
     """
 
     def __init__(self, directory: Directory) -> None:
@@ -283,20 +284,21 @@ class GapCounter:
         lost = 0
         if expected is None:
             if self._tracked >= _MAX_TRACKED_STREAMS:
-                self._make_room()
-                topics = self._expected.setdefault(uuid, topics)  # (making room may have emptied it)
+                self._make_room(uuid)
+                topics = self._expected.setdefault(uuid, topics)  # (evicting may have emptied it)
             self._tracked += 1
         elif expected < sequence <= expected + _MAX_GAP:
             lost = sequence - expected
         topics[topic] = sequence + count
         return lost
 
-    def _make_room(self) -> None:
+    def _make_room(self, sender: bytes) -> None:
         directory = self._directory
         if directory.epoch != self._swept:  # (a walk per change of membership, not per new topic)
             self._swept = directory.epoch
             alive = directory.alive_ids
-            for uuid in [uuid for uuid in self._expected if uuid.hex() not in alive]:
+            # (the sender of the frame at hand stays: it may have left since it was found present)
+            for uuid in [uuid for uuid in self._expected if uuid != sender and uuid.hex() not in alive]:
                 self._tracked -= len(self._expected.pop(uuid))
         if self._tracked >= _MAX_TRACKED_STREAMS:
             uuid, topics = next(iter(self._expected.items()))

@@ -222,7 +222,11 @@ class ReliableSender:
         taken = [bytes(item) if type(item) is Headed and not item.headers else item
                  for item in again if type(item) is not StoredMessage]
         if taken:
-            self.redeliver[queue] = deque(item for item in again if type(item) is StoredMessage)
+            kept = deque(item for item in again if type(item) is StoredMessage)
+            if kept:
+                self.redeliver[queue] = kept
+            else:
+                del self.redeliver[queue]
         return taken
 
     def pending_in_memory(self) -> int:
