@@ -102,8 +102,8 @@ class Fetch(NamedTuple):
 class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
-    __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "upto", "from_start",
-                 "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since", "reading")
+    __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "upto",
+                 "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since", "reading")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
         self.stream = stream
@@ -151,8 +151,10 @@ class Replays:
         self.cursors: dict[tuple[Key, str], Cursor] = {}
         self._durable: dict[str, dict[str, dict[str, tuple[int, int, int]]]] = {}  # name -> stored cursors
         self._dirty: dict[tuple[str, str, str], list[int]] = {}  # (name, stream, topic) -> [seq, upto, pos]
-        self._pending: dict[tuple[str, str, str], deque[int]] = {}  # durable: numbers handed out, in order, not yet handled
-        self._finished: dict[tuple[str, str, str], dict[int, int]] = {}  # numbers handled ahead of the first pending: how often
+        # durable: the numbers handed out and not yet handled, in order; and of those, the ones
+        # handled ahead of the first (how many times each: `handled`)
+        self._pending: dict[tuple[str, str, str], deque[int]] = {}
+        self._finished: dict[tuple[str, str, str], dict[int, int]] = {}
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
         # cursors to look at the history of again: when, and whether for its numbers alone
@@ -190,7 +192,7 @@ class Replays:
                 continue
             del self._retries[place]
             cursor = self.cursors.get(place)
-            if cursor is None or cursor.reading is not fetch or self.registry.replays.get(place[0]) is not cursor.options:
+            if cursor is None or cursor.reading is not fetch or not self._still_made(place[0], cursor):
                 continue
             node_id = self._publisher(cursor)
             if node_id is None:  # still away
@@ -206,7 +208,7 @@ class Replays:
                 continue
             del self._tails[place]
             cursor = self.cursors.get(place)
-            if cursor is None or self.registry.replays.get(place[0]) is not cursor.options:
+            if cursor is None or not self._still_made(place[0], cursor):
                 continue
             if self._publisher(cursor) is None:
                 cursor.away = True
@@ -394,6 +396,11 @@ class Replays:
         for place in [place for place, cursor in self.cursors.items() if replays.get(place[0]) is not cursor.options]:
             self._forget(place)
 
+    def _still_made(self, key: Key, cursor: Cursor) -> bool:
+        """Whether the subscription ``cursor`` was made for is still made (not dropped, nor
+        made anew since)."""
+        return self.registry.replays.get(key) is cursor.options
+
     def _forget(self, place: tuple[Key, str]) -> None:
         del self.cursors[place]
         self._tails.pop(place, None)
@@ -469,7 +476,7 @@ class Replays:
         cursor = self.cursors.get(place)
         if cursor is None or cursor.reading is not fetch:
             return None
-        if self.registry.replays.get(fetch.key) is not cursor.options:
+        if not self._still_made(fetch.key, cursor):
             self._forget(place)
             return None
         return cursor, cursor.options
