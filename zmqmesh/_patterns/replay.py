@@ -191,8 +191,8 @@ class Replays:
             if due > now:
                 continue
             del self._retries[place]
-            cursor = self.cursors.get(place)
-            if cursor is None or cursor.reading is not fetch or not self._still_made(place[0], cursor):
+            cursor = self._waiting_on(fetch)
+            if cursor is None or not self._still_made(place[0], cursor):
                 continue
             node_id = self._publisher(cursor)
             if node_id is None:  # still away
@@ -380,8 +380,12 @@ class Replays:
         """Whether a cursor still waits on the page of ``fetch`` (any thread: a driver asks
         before it reads the page, and spares the publisher a read for a subscription
         dropped meanwhile; one dropped later has its page left as stale: `_reader`)."""
+        return self._waiting_on(fetch) is not None
+
+    def _waiting_on(self, fetch: Fetch) -> Cursor | None:
+        """The cursor whose catch-up waits on the page of ``fetch``, if one does."""
         cursor = self.cursors.get((fetch.key, fetch.stream))
-        return cursor is not None and cursor.reading is fetch
+        return cursor if cursor is not None and cursor.reading is fetch else None
 
     def forget_dropped(self) -> None:
         """Forget the cursors of the subscriptions no longer made, with the live frames they
@@ -393,7 +397,7 @@ class Replays:
         if replays is self._replays_seen:  # (the registry makes a new table on each change)
             return
         self._replays_seen = replays
-        for place in [place for place, cursor in self.cursors.items() if replays.get(place[0]) is not cursor.options]:
+        for place in [place for place, cursor in self.cursors.items() if not self._still_made(place[0], cursor)]:
             self._forget(place)
 
     def _still_made(self, key: Key, cursor: Cursor) -> bool:
@@ -409,10 +413,9 @@ class Replays:
     def on_page(self, fetch: Fetch, page: Any, error: BaseException | None, calls: list[Call]) -> None:
         """Apply one page of history (or the failure to get it) to its cursor: its rows
         join those waiting to be delivered, and `deliver_pages` delivers the next burst."""
-        reader = self._reader(fetch)
-        if reader is None:
+        cursor = self._reader(fetch)
+        if cursor is None:
             return
-        cursor, options = reader
         if error is None:
             try:
                 rows, more = page["rows"], bool(page["more"])
@@ -426,7 +429,7 @@ class Replays:
                 self._paging.append([fetch, page, rows, more, 0])
                 self.deliver_pages(calls)
                 return
-        self._page_read(fetch, cursor, options, page, error, False, calls)
+        self._page_read(fetch, cursor, page, error, False, calls)
 
     def delivering(self) -> bool:
         """Whether rows of pages wait to be delivered: the driver then calls
@@ -444,11 +447,10 @@ class Replays:
         while paging and len(calls) < limit:
             entry = paging[0]
             fetch, page, rows, more, index = entry
-            reader = self._reader(fetch)
-            if reader is None:
+            cursor = self._reader(fetch)
+            if cursor is None:
                 paging.popleft()
                 continue
-            cursor, options = reader
             error = None
             try:
                 while index < len(rows):
@@ -456,7 +458,7 @@ class Replays:
                     if len(calls) > start and len(calls) + (stated if type(stated) is int else 1) > limit:
                         break
                     index += 1
-                    self._replay_row(fetch.key, options, cursor, rows[index - 1], calls)
+                    self._replay_row(fetch.key, cursor.options, cursor, rows[index - 1], calls)
             except Exception as exc:  # a malformed row: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
@@ -464,25 +466,21 @@ class Replays:
                 entry[4] = index
                 return
             paging.popleft()
-            self._page_read(fetch, cursor, options, page, error, more, calls)
+            self._page_read(fetch, cursor, page, error, more, calls)
 
-    def _reader(self, fetch: Fetch) -> tuple[Cursor, SubscribeOptions] | None:
-        """The cursor whose catch-up waits on the page of ``fetch``, and its subscription's
-        options; None if the page is stale. A page is stale once its subscription was
-        dropped (the cursor waiting on it is then forgotten, if `forget_dropped` has not
-        yet), and so it stays when the same subscription was made again since: a new
-        cursor reads for that one."""
-        place = (fetch.key, fetch.stream)
-        cursor = self.cursors.get(place)
-        if cursor is None or cursor.reading is not fetch:
+    def _reader(self, fetch: Fetch) -> Cursor | None:
+        """The cursor whose catch-up waits on the page of ``fetch``; None if the page is
+        stale. A page is stale once its subscription was dropped (the cursor waiting on it
+        is then forgotten, if `forget_dropped` has not yet), and so it stays when the same
+        subscription was made again since: a new cursor reads for that one."""
+        cursor = self._waiting_on(fetch)
+        if cursor is not None and not self._still_made(fetch.key, cursor):
+            self._forget((fetch.key, fetch.stream))
             return None
-        if not self._still_made(fetch.key, cursor):
-            self._forget(place)
-            return None
-        return cursor, cursor.options
+        return cursor
 
-    def _page_read(self, fetch: Fetch, cursor: Cursor, options: SubscribeOptions, page: Any,
-                   error: BaseException | None, more: bool, calls: list[Call]) -> None:
+    def _page_read(self, fetch: Fetch, cursor: Cursor, page: Any, error: BaseException | None, more: bool,
+                   calls: list[Call]) -> None:
         """A page delivered, or failed: read the next one, or end the catch-up."""
         if error is not None:
             if self._retry(fetch, cursor, error):
@@ -503,10 +501,10 @@ class Replays:
         held, cursor.held, cursor.held_count = cursor.held, deque(), 0
         if held is None:  # more came live than could be held: fetch them too
             if error is None:
-                self._catch_up(fetch.key, options, cursor)
+                self._catch_up(fetch.key, cursor.options, cursor)
             return
         while held:
-            self._take(fetch.key, options, cursor, held.popleft(), calls, settled=True, final=error is not None)
+            self._take(fetch.key, cursor.options, cursor, held.popleft(), calls, settled=True, final=error is not None)
         if error is None and not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
             self._look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
 
