@@ -24,7 +24,7 @@ from zmqmesh._membership.detector import MAX_SLACK, FailureDetector
 from zmqmesh._membership.peer import PeerState
 from zmqmesh._mesh.directory import Directory, Provider
 from zmqmesh._mesh.waiters import Until
-from zmqmesh._patterns.pipeline import cut_frames, take_batch
+from zmqmesh._patterns.pipeline import cut_frames, next_batch
 from zmqmesh._patterns.reqrep import Calling, Exchange, QuickRequest, request_plan
 from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from zmqmesh._stats import RequestTally, Stats
@@ -247,12 +247,23 @@ def test_a_frame_delivers_the_messages_that_message_by_message_construction_make
             assert got == want, (pattern, origin)
 
 
+def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
+    """`next_batch`, then what it picked taken off ``q``, as `Pusher.flush` does once the frame went."""
+    before = list(q)
+    bodies, size = next_batch(q, limit)
+    assert list(q) == before, "next_batch changed the queue"
+    for body in bodies:
+        assert q.popleft() is body, "next_batch picked what is not at the front, in order"
+    return bodies, size
+
+
 def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
     """The send queue is cut into frames: at most ``limit`` messages, at most BATCH_BYTES
     unless one alone is larger, a large payload alone, headed messages sized with their
     headers and never with plain ones (the meta frame is theirs); nothing is lost or
-    reordered, whichever path (all plain, or mixed) cuts it, and a cut takes off the queue
-    only what it keeps, however headed and plain messages alternate."""
+    reordered, whichever path (all plain, or mixed) cuts it; a cut leaves the queue as it
+    was (the frame's messages are taken off once it went), and the front is what it picks,
+    however headed and plain messages alternate."""
     headed = frames.Headed(b"h" * 10)
     headed.headers = b"\x80" * 5000
     raw = frames.RawPayload(b"r" * frames.LARGE_FRAME)
@@ -289,12 +300,19 @@ def test_push_frames_grow_with_a_queue_that_callers_fill_while_they_go_out() -> 
     sizes = []
     for bodies, _size in cut_frames(q, 1):
         sizes.append(len(bodies))
+        for _ in bodies:  # (the frame went: `Pusher.flush` takes its messages off)
+            q.popleft()
         if len(sizes) <= 40:
             q.extend([b"x"] * 300)  # callers queue more while a frame is sent
     assert sizes[:3] == [3, 256, 256] and len(q) == 0  # (the frame limit as of the first frame: 3 each)
     assert sum(sizes) == 3 + 40 * 300 and max(sizes) == frames.MAX_BATCH_ITEMS
     spread = deque([b"y"] * 30)  # what is queued at once is spread over every puller
-    assert [len(b) for b, _ in cut_frames(spread, 3)] == [10, 10, 10]
+    cuts = []
+    for bodies, _size in cut_frames(spread, 3):
+        cuts.append(len(bodies))
+        for _ in bodies:
+            spread.popleft()
+    assert cuts == [10, 10, 10]
 
 
 def test_a_batch_frame_cut_anywhere_inside_its_last_object_is_refused_as_truncated() -> None:

@@ -197,3 +197,41 @@ def test_a_push_waiting_for_room_when_its_pullers_all_left_raises_instead_of_los
         waiter.join(30)
         assert outcome and isinstance(outcome[0], zmqmesh.NoProviderError), outcome
         assert node.stats()["gauges"]["queued"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_send_queue_stays_within_send_queue_max_while_its_puller_takes_nothing(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    """A stopped puller takes nothing: the loop keeps trying to send a frame of what is
+    queued, and callers' threads keep pushing. The queue never holds more than
+    ``send_queue_max``: a frame the socket refuses must not shorten the queue meanwhile
+    (callers would fill the gap, and the frame come back on top of them)."""
+    puller = spawn("w", pull=["jobs"])
+    # (peer_timeout_s: the stopped puller stays a member throughout)
+    with zmqmesh.Node("pusher", **{**mesh, "send_hwm": 1, "send_queue_max": 20, "peer_timeout_s": 30.0}) as node:
+        node.wait_for_pullers("jobs", 1, timeout=10)
+        os.kill(puller.proc.pid, signal.SIGSTOP)
+        try:
+            stop = time.monotonic() + 3.0
+            refused = [0]
+
+            def pusher() -> None:
+                while time.monotonic() < stop:
+                    try:
+                        node.push("jobs", b"x" * 16, timeout=0.05)
+                    except zmqmesh.MeshTimeoutError:
+                        refused[0] += 1
+
+            threads = [threading.Thread(target=pusher) for _ in range(3)]
+            for t in threads:
+                t.start()
+            most = 0
+            while time.monotonic() < stop:
+                most = max(most, node.stats()["gauges"]["queued"])
+                time.sleep(0.001)
+            for t in threads:
+                t.join(5)
+            assert refused[0] > 0  # (the queue was full: pushes waited for room and gave up)
+            assert max(most, node.stats()["gauges"]["queued"]) == 20, most  # (full, and never past it)
+        finally:
+            os.kill(puller.proc.pid, signal.SIGCONT)

@@ -34,7 +34,7 @@ from ..config import NodeConfig
 from ..errors import ZmqMeshError
 from .pubsub import meta_frame
 
-__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "take_batch", "cut_frames"]
+__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "next_batch", "cut_frames"]
 
 log = logging.getLogger("zmqmesh.pipeline")
 
@@ -43,23 +43,25 @@ MAX_PUSH_SOCKETS = 512
 """PUSH sockets (one per queue pushed to) a node keeps open at most."""
 
 
-_FIRST_LOOK = 16  # (plain payloads `take_batch` looks at first)
+_FIRST_LOOK = 16  # (plain payloads `next_batch` looks at first)
 
 
-def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
-    """The messages at the front of ``q`` (not empty) that go in one frame, taken off it,
-    and their wire size: at most ``limit`` (at least one), within `BATCH_BYTES` unless one
-    alone is larger; a `RawPayload` goes alone, and messages with headers (`Headed`) share
-    a frame only with each other (the meta frame is theirs). Callers' threads append to
-    ``q`` while the loop runs this: it looks at the front in one C call (``islice``, under
-    the GIL, which no append can interrupt), and takes off only what it keeps."""
-    popleft = q.popleft
-    if type(q[0]) is RawPayload:  # (alone, whatever the limit)
-        raw: RawPayload = popleft()
-        return [raw], len(raw)
+def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
+    """The messages at the front of ``q`` (not empty) that go in one frame, and their wire
+    size: at most ``limit`` (at least one), within `BATCH_BYTES` unless one alone is
+    larger; a `RawPayload` goes alone, and messages with headers (`Headed`) share a frame
+    only with each other (the meta frame is theirs). They stay in ``q``: the caller takes
+    them off once the frame went (`Pusher.flush`), so a frame the socket cannot take
+    leaves ``q`` as it was, and callers, who append to ``q`` only while it is shorter than
+    ``send_queue_max``, never see it shortened by a frame that then comes back. (Callers'
+    threads append while the loop runs this: it looks at the front in one C call,
+    ``islice``, under the GIL, which no append can interrupt.)"""
+    head = q[0]
+    if type(head) is RawPayload:  # (alone, whatever the limit)
+        return [head], len(head)
     wanted = min(limit, len(q))
     # the common case, checked at C speed: plain payloads that all could fit, were they the head's size
-    if type(q[0]) is bytes and BATCH_BYTES // max(1, len(q[0])) >= wanted:
+    if type(head) is bytes and BATCH_BYTES // max(1, len(head)) >= wanted:
         # (a few first, then the rest: where headed and plain ones alternate, a frame looks
         # at a few past its end only)
         bodies: list[Any] = []
@@ -73,35 +75,34 @@ def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
             bodies += more
         size = sum(map(len, bodies))
         if size <= BATCH_BYTES:
-            for _ in range(len(bodies)):
-                popleft()
             return bodies, size
     bodies = []
     size = 0
-    headed = type(q[0]) is Headed
-    while q:
-        head: Any = q[0]
-        grown = size + wire_size(head)
-        if bodies and (len(bodies) >= limit or grown > BATCH_BYTES or type(head) is RawPayload
-                       or (type(head) is Headed) is not headed):
+    headed = type(head) is Headed
+    for item in list(islice(q, limit)):  # (one C call, as above: a deque cannot be walked while appended to)
+        grown = size + wire_size(item)
+        if bodies and (len(bodies) >= limit or grown > BATCH_BYTES or type(item) is RawPayload
+                       or (type(item) is Headed) is not headed):
             break
-        bodies.append(popleft())
+        bodies.append(item)
         size = grown
     return bodies, size
 
 
 def cut_frames(q: deque[Any], pullers: int) -> Iterator[tuple[list[Any], int]]:
-    """The frames to send what ``q`` holds in, each cut (`take_batch`) when the last one
-    went. ZeroMQ deals whole frames round-robin, so a frame holds at most a ``pullers``-th
-    of what is queued, to spread it over them all; callers' threads go on queueing while
-    the frames go out (each send lets them in), so the frames grow with the queue. (A
+    """The frames to send what ``q`` holds in, each cut (`next_batch`) when the last one
+    went: the caller takes each frame's messages off ``q`` before it asks for the next
+    (or stops, leaving them at the front). ZeroMQ deals whole frames round-robin, so a
+    frame holds at most a ``pullers``-th of what is queued, to spread it over them all;
+    callers' threads go on queueing while the frames go out (each send lets them in), so
+    the frames grow with the queue. (A
     limit fixed when the first frame was cut kept every frame as small as that queue
     was: both sides then paid a frame's cost per few messages, and in some runs the rate
     fell by half.)"""
     limit = 1
     while q:
         limit = max(limit, min(MAX_BATCH_ITEMS, len(q) // pullers))
-        yield take_batch(q, limit)
+        yield next_batch(q, limit)
 
 
 class Pusher:
@@ -210,7 +211,7 @@ class Pusher:
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
         for bodies, size in cut_frames(q, pullers):
             n = len(bodies)
-            headed = type(bodies[0]) is Headed  # (then all are: `take_batch`)
+            headed = type(bodies[0]) is Headed  # (then all are: `next_batch`)
             payload: Any = bodies[0] if n == 1 else b"".join(bodies)  # (or a `RawPayload`, alone)
             if type(payload) is RawPayload:
                 if read_raw is None:
@@ -218,7 +219,7 @@ class Pusher:
                 if read_raw:
                     frames = [name, uuid, b"", payload.data]
                 else:  # (encoded once: if the socket cannot take it now, it waits encoded)
-                    payload = bodies[0] = payload.encoded()
+                    payload = q[0] = payload.encoded()
                     frames = [name, uuid, payload]
             else:
                 frames = [name, uuid, payload]
@@ -226,11 +227,13 @@ class Pusher:
                 frames.append(meta_frame(bodies, self._sequence))
             try:
                 send_frames(sock, frames, copy=size < LARGE_FRAME)
-            except zmq.ZMQError as exc:
-                q.extendleft(reversed(bodies))  # back at the front, in order
+            except zmq.ZMQError as exc:  # (what it held is still at the front of ``q``, in order)
                 if not isinstance(exc, zmq.Again):
                     log.error("push to %r failed: %s", queue, exc)
                 return True
+            popleft = q.popleft
+            for _ in range(n):
+                popleft()
             self._sequence += n
             counters["sent"] += n
             self._sent_names.add(queue, n)
