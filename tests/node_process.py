@@ -4,7 +4,8 @@ Usage: python node_process.py SPEC_JSON
 SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
        "pull": [queue...], "ack_pull": [at-least-once queue...], "service": [name...],
        "idempotent": [service...], "kind": "sync" | "async",
-       "block_s": seconds a handler named "block" sleeps, "groups": [zre groups]}
+       "block_s": seconds a handler named "block" sleeps, "groups": [zre groups],
+       "foreign_stats": true to answer the built-in stats service as another version might}
 
 It prints one line per event, flushed at once:
   READY <id> | JOIN <name> <id> | LEAVE <name> <id> | SUB <topic> <json> |
@@ -61,6 +62,8 @@ def install(node: zmqmesh.Node | zmqmesh.AsyncNode, spec: dict) -> None:
             def boom(msg: zmqmesh.Message) -> None:
                 raise ValueError(f"boom {msg.data}")
             node.service(name, boom)
+        elif name == "odd":  # a reply JSON has no strict form for: keys that are not text, NaN, infinities
+            node.service(name, lambda msg: {b"k": 1, 7: [float("nan"), float("-inf")], (1, 2): "x"})
         elif is_async:
             async def echo_async(msg: zmqmesh.Message) -> object:
                 await asyncio.sleep(0)
@@ -87,6 +90,8 @@ def main() -> None:
         return
     node = zmqmesh.Node(spec["name"], **options)
     install(node, spec)
+    if spec.get("foreign_stats"):  # plays a node of another version: its counters are shaped otherwise
+        node._engine.describe = lambda: {"id": node.id, "name": node.name, "pubsub": "elsewhere"}  # type: ignore[method-assign]
     node.start()
     for group in spec.get("groups", []):
         node.join(group)

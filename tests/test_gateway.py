@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +83,19 @@ def test_the_gateway_refuses_foreign_hosts_cross_site_requests_and_bad_numbers(g
                        {"Content-Type": "application/json", "Origin": "null"})  # a sandboxed page
     assert status == 403
     assert call(gateway + "/request/echo", "POST", None, {})[0] == 200, "curl -X POST with no body is fine"
+    status, err = call(gateway + "/request/echo", "POST", None,  # an empty <form method=post>
+                       {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 415 and err["error"] == "UnsupportedMediaType"
     same_site = gateway.replace("http://", "")
     assert call(gateway + "/request/echo", "POST", b"1",
                 {"Content-Type": "application/json", "Origin": f"http://{same_site}"})[0] == 200
+    for other in ("http://127.0.0.1:1", "https://" + same_site, "http://localhost:3000", "http://127.0.0.1:x"):
+        status, err = call(gateway + "/request/echo", "POST", b"1",  # another port or scheme: another origin
+                           {"Content-Type": "application/json", "Origin": other})
+        assert status == 403 and "cross-site" in err["message"], other
+    for site, want in (("cross-site", 403), ("same-site", 403), ("same-origin", 200), ("none", 200)):
+        status, _ = call(gateway + "/peers", headers={"Sec-Fetch-Site": site})  # (no Origin on a GET)
+        assert status == want, site
     for bad in ("nan", "inf", "-1", "1e9", "soon"):
         status, err = call(gateway + f"/request/echo?timeout={bad}", "POST", b"1")
         assert status == 400 and "timeout" in err["message"], bad
@@ -92,6 +104,57 @@ def test_the_gateway_refuses_foreign_hosts_cross_site_requests_and_bad_numbers(g
     status, err = call(gateway + "/request/nobody-offers-this?timeout=60", "POST", b"1")
     assert status == 503 and err["error"] == "NoProviderError"
     assert time.monotonic() - started < 30, "an unknown service is answered at once, not after the timeout"
+
+
+def test_what_json_cannot_say_is_refused_coming_in_and_made_strict_json_going_out(gateway: str, spawn: Any) -> None:
+    """A body JSON would not say in a browser (NaN, infinities), or nested past what Python
+    parses, is a 400; a reply with map keys that are not text, NaN or infinities comes back
+    as strict JSON, which a browser's JSON.parse reads."""
+    spawn("worker", service=["echo", "odd"])
+    wait_until(lambda: any(p["name"] == "worker" for p in call(gateway + "/peers")[1]), 10, "the worker at the gateway")
+    for body in (b"[" * 100_000, b"NaN", b'{"x": -Infinity}', b"[1e999]"):
+        for route in ("/request/echo", "/publish/x", "/push/jobs"):
+            status, err = call(gateway + route, "POST", body)
+            assert status == 400 and err["error"] == "BadRequest", (route, body[:12], status, err)
+    request = urllib.request.Request(gateway + "/request/odd", data=b"null", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read().decode()
+
+    def strict(constant: str) -> Any:
+        raise AssertionError(f"{constant} in the reply: not JSON")
+
+    assert json.loads(text, parse_constant=strict) == {"k": 1, "7": [None, None], "[1, 2]": "x"}
+    assert call(gateway + "/request/echo", "POST", b"[1.5]") == (200, {"echo": [1.5], "by": "worker"})
+
+
+def test_the_dashboard_counters_go_on_past_a_node_whose_counters_it_cannot_read(gateway: str, spawn: Any) -> None:
+    """A node of another version (its built-in stats answer shaped otherwise) is left out
+    of the dashboard's counters; the other nodes' go on, while it is there and after."""
+    response = urllib.request.urlopen(gateway + "/events", timeout=10)  # (a stats event comes every second)
+
+    def next_stats() -> dict[str, Any]:
+        kind = ""
+        while True:
+            line = response.readline().decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind == "stats":
+                return dict(json.loads(line[6:])["nodes"])
+
+    try:
+        spawn("worker", service=["echo"])
+        foreign = spawn("foreign", foreign_stats=True)
+        wait_until(lambda: {"worker", "foreign"} <= {p["name"] for p in call(gateway + "/peers")[1]}, 10,
+                   "both nodes at the gateway")
+        while len(next_stats()) < 2:  # (events from before the worker came)
+            pass
+        for _ in range(3):  # the gateway and the worker, the foreign node left out
+            assert len(next_stats()) == 2
+        foreign.kill()
+        assert len(next_stats()) == 2
+    finally:
+        response.close()
 
 
 def test_provider_lost_mid_request_is_a_502(gateway: str, spawn: Any) -> None:
@@ -143,6 +206,7 @@ def test_token_is_enforced(mesh: dict[str, Any]) -> None:
         url = f"{base}/peers"
         assert call(url)[0] == 401
         assert call(url, headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert call(url, headers={"Authorization": "Bearer \xff\xfe"})[0] == 401  # (sent as bytes FF FE: not UTF-8)
         assert call(url, headers={"Authorization": "Bearer s3cret"})[0] == 200
 
 
@@ -248,38 +312,7 @@ def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[st
     """A client sending its head or its body slowly, or sitting idle, holds a connection
     for a bounded time; past max_connections, new ones are closed at once; the gateway
     keeps answering throughout."""
-    import asyncio
-    import threading
-
-    from zmqmesh.tools.gateway import run_gateway
-
-    port = free_tcp_port()
-    url = f"http://127.0.0.1:{port}"
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-    task: list[asyncio.Task[None]] = []
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        task.append(loop.create_task(run_gateway(
-            f"127.0.0.1:{port}", ready=lambda _url: ready.set(), max_connections=20,
-            idle_timeout_s=3.0, body_timeout_s=3.0, mesh=mesh["mesh"], beacon_port=mesh["beacon_port"])))
-        try:
-            loop.run_until_complete(task[0])
-        except asyncio.CancelledError:
-            pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(15), "the gateway did not start"
-    clients: list[socket.socket] = []
-    try:
-        def connect(first: bytes) -> socket.socket:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            if first:
-                sock.sendall(first)
-            clients.append(sock)
-            return sock
+    with gateway_in_process(mesh, max_connections=20, idle_timeout_s=3.0, body_timeout_s=3.0) as (url, connect):
 
         def answer(sock: socket.socket) -> tuple[bytes, float]:
             start = time.monotonic()
@@ -310,6 +343,47 @@ def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[st
         time.sleep(0.3)
         status, peers = call(f"{url}/peers")  # and the gateway still serves
         assert status == 200 and isinstance(peers, list)
+
+
+@contextmanager
+def gateway_in_process(mesh: dict[str, Any], **options: Any) -> Iterator[tuple[str, Callable[[bytes], socket.socket]]]:
+    """`run_gateway` in a thread of this process (so a test may set its bounds): its base
+    URL, and a function that opens a raw connection to it and sends its first bytes. The
+    connections are closed and the gateway stopped on exit."""
+    import asyncio
+    import threading
+
+    from zmqmesh.tools.gateway import run_gateway
+
+    port = free_tcp_port()
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    task: list[asyncio.Task[None]] = []
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        task.append(loop.create_task(run_gateway(
+            f"127.0.0.1:{port}", ready=lambda _url: ready.set(), mesh=mesh["mesh"], beacon_port=mesh["beacon_port"],
+            **options)))
+        try:
+            loop.run_until_complete(task[0])
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(15), "the gateway did not start"
+    clients: list[socket.socket] = []
+
+    def connect(first: bytes) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if first:
+            sock.sendall(first)
+        clients.append(sock)
+        return sock
+
+    try:
+        yield f"http://127.0.0.1:{port}", connect
     finally:
         for sock in clients:
             sock.close()
@@ -317,6 +391,54 @@ def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[st
         thread.join(15)
         if not thread.is_alive():
             loop.close()
+
+
+@pytest.mark.timeout(90)
+def test_slow_bodies_and_callers_that_hang_up_hold_no_slot(mesh: dict[str, Any], spawn: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests in flight are bounded (MAX_IN_FLIGHT, here 4), but a body still on its way
+    holds no slot (only its connection, for the body timeout), and a caller that hangs up
+    frees its slot at once, not when its call's timeout ends."""
+    from zmqmesh.tools import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "MAX_IN_FLIGHT", 4)
+    spawn("worker", service=["block"], block_s=20)
+    with gateway_in_process(mesh, body_timeout_s=20.0) as (url, connect):
+        wait_until(lambda: any(p["name"] == "worker" for p in call(f"{url}/peers")[1]), 10, "the worker")
+        for _ in range(6):  # bodies that never finish
+            connect(b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n[1,")
+        time.sleep(0.5)
+        assert call(f"{url}/peers")[0] == 200, "slow bodies took the slots"
+        callers = [connect(b"POST /request/block?timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 4\r\n\r\nnull") for _ in range(4)]
+        wait_until(lambda: call(f"{url}/peers")[0] == 503, 10, "the 4 blocked calls to fill the slots")
+        for sock in callers:  # they hang up
+            sock.close()
+        wait_until(lambda: call(f"{url}/peers")[0] == 200, 10, "the slots of callers that hung up, freed")
+
+
+def test_an_event_stream_that_lags_loses_events_past_its_bound_and_counts_them() -> None:
+    """What waits for a slow /events reader is bounded in bytes; what does not fit is
+    lost and counted, what fits comes out in order, and an ended stream says so."""
+    import asyncio
+
+    from zmqmesh.tools.gateway import MAX_STREAM_BYTES, _Stream
+
+    async def scenario() -> None:
+        stream = _Stream()
+        chunk = b"x" * 1000
+        for _ in range(MAX_STREAM_BYTES // 1000 + 50):
+            stream.put(chunk)
+        assert stream.lost == 50
+        got = [await stream.next(1.0) for _ in range(MAX_STREAM_BYTES // 1000)]
+        assert got == [chunk] * (MAX_STREAM_BYTES // 1000)
+        assert await stream.next(0.05) == b": keep-alive\n\n"  # nothing waits: a keep-alive
+        stream.put(b"after")  # room again
+        stream.end()
+        assert await stream.next(1.0) is None  # (an ended stream drops what waited)
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.timeout(120)

@@ -12,18 +12,24 @@ The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
     GET  /                    the dashboard (one self-contained page, no CDN)
 
 Errors are JSON ``{"error": type, "message": ..., ...}`` with a status per kind:
-400 bad JSON or a bad ``?timeout=``, 401 missing or wrong token, 403 a foreign ``Host`` or
-``Origin``, 404 unknown route, 405 wrong method, 408 a body slower than 10 s, 413 body
-too large, 415 a POST whose body
-is not ``application/json``, 500 the remote handler raised (its type and message; the
-traceback only with ``tracebacks=True``), 502 the provider was lost mid-request, 503
-nobody offers it (at once) or too many requests in flight, 504 timeout.
+400 bad JSON (``NaN`` and ``Infinity`` included, or nested past Python's recursion limit)
+or a bad ``?timeout=``, 401 missing or wrong token, 403 a foreign ``Host`` or ``Origin``, 404
+unknown route, 405 wrong method, 408 a body slower than 10 s, 413 body too large, 415 a
+POST that is not ``application/json``, 500 the remote handler raised (its type and
+message; the traceback only with ``tracebacks=True``), 502 the provider was lost
+mid-request, or its reply has no JSON form, 503 nobody offers it (at once), too many
+requests or body bytes in flight, or the node cannot take it now, 504 timeout (a reply,
+or room in a full send queue).
+
+A reply goes back as JSON: bytes as text, map keys that are not text as their text,
+``NaN`` and infinities as ``null`` (JSON has no form for them).
 
 It listens on loopback by default; on any other address a bearer token is required.
 Without a token it answers only the ``Host`` names it serves (against DNS rebinding), and
 with or without one it refuses cross-site requests: a POST must say ``application/json``
-(which a page on another site cannot send without a CORS preflight, never granted here)
-and a request whose ``Origin`` is another site is refused.
+(which a page on another site cannot send without a CORS preflight, never granted here),
+a request whose ``Origin`` is another origin (scheme, host and port) is refused, and so is
+one a browser marks as made by another site (``Sec-Fetch-Site``).
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
+from collections import deque
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from zmqmesh import (
     AsyncNode,
@@ -45,6 +54,7 @@ from zmqmesh import (
     Peer,
     PeerLostError,
     RemoteError,
+    ZmqMeshError,
     metrics_text,
 )
 
@@ -64,8 +74,16 @@ MAX_TIMEOUT_S = 300.0
 """The longest ``?timeout=`` a request may ask for."""
 MAX_IN_FLIGHT = 256
 """Requests served at once (event streams aside); past it, 503 at once."""
+MAX_BODY_BYTES_IN_FLIGHT = 16 * 1024 * 1024
+"""Bytes of request bodies served at once (one body of any size allowed alone); past it,
+503 at once. (Parsed, a JSON body takes up to some 25 times its size while its call waits.)"""
 MAX_LISTENERS = 64
 """Event streams (``/events``) open at once; past it, 503."""
+MAX_STREAM_BYTES = 1024 * 1024
+"""Bytes of events an ``/events`` stream may have waiting to be written; past them, the
+stream loses events (counted, and logged when it ends)."""
+STREAM_WRITE_TIMEOUT_S = 10.0
+"""How long a write to an ``/events`` stream may wait for its reader; past it, the stream is closed."""
 MAX_CONNECTIONS = 1024
 """HTTP connections open at once; past it, a new one is closed at once (logged)."""
 BODY_TIMEOUT_S = 10.0
@@ -102,8 +120,11 @@ class Gateway:
         self.request_timeout_s = request_timeout_s
         self.hosts = frozenset(h.lower() for h in hosts)
         self.tracebacks = tracebacks
-        self.listeners: set[asyncio.Queue[str | None]] = set()
+        self.listeners: set[_Stream] = set()
         self.in_flight = 0
+        self.body_bytes = 0  # of the requests in flight
+        self.unreadable_stats = 0  # nodes' counters the dashboard could not read (`poll_stats`)
+        self._warned: set[str] = set()  # nodes whose unreadable counters were logged (bounded)
         self.started_at = time.monotonic()  # an unknown service is answered at once after a grace
 
     # middleware --------------------------------------------------------------------------------
@@ -111,22 +132,34 @@ class Gateway:
     @web.middleware
     async def errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Turn every failure into a JSON error; refuse foreign hosts and cross-site
-        requests; check the token; bound the requests in flight."""
+        requests; check the token; bound the requests in flight, and their bodies' bytes."""
         refused = self._refused(request)
         if refused is not None:
             return refused
         if self.token is not None and request.path != "/":
             supplied = request.headers.get("Authorization", "")
             supplied = supplied[7:] if supplied.startswith("Bearer ") else request.query.get("token", "")
-            if not hmac.compare_digest(supplied.encode(), self.token.encode()):
+            # (a header's bytes that are not UTF-8 come as surrogates: they compare as they came)
+            if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"),
+                                       self.token.encode("utf-8", "surrogateescape")):
                 return _error(401, "Unauthorized", "a valid bearer token is required")
         streaming = request.path == "/events"  # (streams have their own bound: MAX_LISTENERS)
-        if not streaming and self.in_flight >= MAX_IN_FLIGHT:
-            return _error(503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
-        self.in_flight += not streaming
         try:
-            response: web.StreamResponse = await handler(request)
-            return response
+            # the body first, then a slot: a slow body holds its connection alone (bounded in
+            # number, MAX_CONNECTIONS, and in time, the body timeout), never a slot of those in flight
+            size = len(await self._read(request)) if request.method == "POST" else 0
+            if not streaming and self.in_flight >= MAX_IN_FLIGHT:
+                return _error(503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
+            if self.body_bytes and self.body_bytes + size > MAX_BODY_BYTES_IN_FLIGHT:
+                return _error(503, "Busy", f"{MAX_BODY_BYTES_IN_FLIGHT} bytes of requests are in flight; try again")
+            self.in_flight += not streaming
+            self.body_bytes += size
+            try:
+                response: web.StreamResponse = await handler(request)
+                return response
+            finally:
+                self.in_flight -= not streaming
+                self.body_bytes -= size
         except web.HTTPRequestTimeout as exc:
             return _error(408, "RequestTimeout", exc.text or "")
         except web.HTTPRequestEntityTooLarge:
@@ -137,26 +170,37 @@ class Gateway:
             return _error(405, "MethodNotAllowed", f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}")
         except web.HTTPException as exc:
             return _error(exc.status, exc.reason or "HTTPError", exc.text or exc.reason or "")
-        except (asyncio.CancelledError, ConnectionResetError):
+        except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:  # a bug of ours: logged here, never a traceback to the client
             log.exception("error serving %s %s", request.method, request.path)
             return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")
-        finally:
-            self.in_flight -= not streaming
 
     def _refused(self, request: web.Request) -> web.Response | None:
         """A 403 or 415 for a request from where it must not come, else None."""
         if self.token is None and _host_of(request.host) not in self.hosts:
             return _error(403, "Forbidden", f"this gateway does not serve the host {request.host!r}")
         origin = request.headers.get("Origin")
-        if origin is not None:  # ("null": a sandboxed page, a file: always another site)
-            origin_host = _host_of(origin.split("://", 1)[-1]) if origin != "null" else None
-            if origin_host not in self.hosts | {_host_of(request.host)}:
-                return _error(403, "Forbidden", f"cross-site request from {origin!r} refused")
-        if request.method == "POST" and request.content_type != "application/json" and request.body_exists:
+        if origin is not None and not self._served_origin(origin, request):
+            return _error(403, "Forbidden", f"cross-site request from {origin!r} refused")
+        site = request.headers.get("Sec-Fetch-Site")  # (a browser's word: the page's origin, or a typed address)
+        if site is not None and site not in ("same-origin", "none"):
+            return _error(403, "Forbidden", f"a request made by another site ({site}) refused")
+        if request.method == "POST" and request.content_type != "application/json" and (
+                request.body_exists or "Content-Type" in request.headers):  # (an empty form is still a form)
             return _error(415, "UnsupportedMediaType", "a POST body must be JSON, sent as 'application/json'")
         return None
+
+    def _served_origin(self, origin: str, request: web.Request) -> bool:
+        """Whether ``origin`` is this gateway's own: the request's scheme and port, and a host
+        it serves ("null", a sandboxed page or a file, never is)."""
+        try:
+            parts = urlsplit(origin)
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+        except ValueError:  # (a port that is not a number)
+            return False
+        return (parts.scheme.lower() == request.scheme and port == request.url.port
+                and (parts.hostname or "") in self.hosts | {_host_of(request.host)})
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.query.get("timeout")
@@ -168,19 +212,48 @@ class Gateway:
             raise _BadRequest(f"?timeout= must be a number of seconds, got {raw!r}") from None
         if not 0 <= timeout <= MAX_TIMEOUT_S:  # (NaN fails it too)
             raise _BadRequest(f"?timeout= must be between 0 and {MAX_TIMEOUT_S:g} seconds, got {raw!r}")
-        return timeout
+        return timeout + 0.0  # (-0 is 0)
 
-    async def _body(self, request: web.Request) -> Any:
+    async def _read(self, request: web.Request) -> bytes:
+        """The body of ``request`` (kept by aiohttp: `_body` reads it again at no cost).
+        Raises 408 past the body timeout, 413 past ``max_body_bytes``."""
         try:
-            raw = await asyncio.wait_for(request.read(), self.body_timeout_s)
+            return await asyncio.wait_for(request.read(), self.body_timeout_s)
         except asyncio.TimeoutError:
             raise web.HTTPRequestTimeout(text=f"the body did not arrive within {self.body_timeout_s:g} s") from None
+
+    async def _body(self, request: web.Request) -> Any:
+        """The body, parsed as JSON (None if empty). Raises `_BadRequest` for what is not
+        JSON: bad syntax or text, ``NaN`` or infinities, nesting deeper than Python recurses."""
+        raw = await self._read(request)
         if not raw:
             return None
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        except (ValueError, UnicodeDecodeError) as exc:  # (JSONDecodeError is a ValueError)
             raise _BadRequest(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise _BadRequest("the body is not valid JSON: it is nested too deeply") from None
+
+    def _failure(self, exc: Exception, service: str | None = None) -> web.Response:
+        """The JSON error for what a route's call into the mesh raised; anything else is
+        raised again (the middleware's 500)."""
+        if isinstance(exc, RemoteError):
+            log.warning("the handler of %r raised %s: %s\n%s", service, exc.remote_type, exc.remote_message,
+                        exc.remote_traceback)
+            extra = {"traceback": exc.remote_traceback} if self.tracebacks else {}
+            return _error(500, "RemoteError", exc.remote_message, remote_type=exc.remote_type, **extra)
+        if isinstance(exc, (_BadRequest, ValueError, TypeError)):  # (bad data, names, timeouts, too large)
+            return _error(400, "BadRequest", str(exc))
+        if isinstance(exc, PeerLostError):
+            return _error(502, "PeerLostError", str(exc))
+        if isinstance(exc, NoProviderError):
+            return _error(503, "NoProviderError", str(exc))
+        if isinstance(exc, MeshTimeoutError):
+            return _error(504, "MeshTimeoutError", str(exc))
+        if isinstance(exc, ZmqMeshError):  # (the node stops, its store is full, ...)
+            return _error(503, type(exc).__name__, str(exc))
+        raise exc
 
     # routes -----------------------------------------------------------------------------------
 
@@ -194,32 +267,22 @@ class Gateway:
                     self.node.peers() or time.monotonic() - self.started_at > _DISCOVERY_GRACE_S):
                 raise NoProviderError(f"no node offers the service {service!r} in mesh {self.node.config.mesh!r}")
             reply = await self.node.request(service, data, timeout=timeout)
-        except _BadRequest as exc:
-            return _error(400, "BadRequest", str(exc))
-        except ValueError as exc:
-            return _error(400, "BadRequest", str(exc))
-        except RemoteError as exc:
-            log.warning("the handler of %r raised %s: %s\n%s", service, exc.remote_type, exc.remote_message,
-                        exc.remote_traceback)
-            extra = {"traceback": exc.remote_traceback} if self.tracebacks else {}
-            return _error(500, "RemoteError", exc.remote_message, remote_type=exc.remote_type, **extra)
-        except PeerLostError as exc:
-            return _error(502, "PeerLostError", str(exc))
-        except NoProviderError as exc:
-            return _error(503, "NoProviderError", str(exc))
-        except MeshTimeoutError as exc:
-            return _error(504, "MeshTimeoutError", str(exc))
-        except TypeError as exc:
-            return _error(400, "BadRequest", str(exc))
-        return web.Response(text=dumps(reply), content_type="application/json")
+        except Exception as exc:
+            return self._failure(exc, service)
+        try:
+            text = dumps(reply)
+        except (TypeError, ValueError, RecursionError) as exc:  # (e.g. nested past what JSON's encoder recurses)
+            log.warning("a reply of %r has no JSON form: %s", service, exc)
+            return _error(502, "BadReply", f"the reply has no JSON form: {type(exc).__name__}")
+        return web.Response(text=text, content_type="application/json")
 
     async def publish(self, request: web.Request) -> web.Response:
         """POST /publish/{topic}."""
         try:
             data = await self._body(request)
             await self.node.publish(request.match_info["topic"], data)
-        except (_BadRequest, ValueError, TypeError) as exc:
-            return _error(400, "BadRequest", str(exc))
+        except Exception as exc:
+            return self._failure(exc)
         return web.json_response({"status": "published"}, status=202)
 
     async def push(self, request: web.Request) -> web.Response:
@@ -228,12 +291,8 @@ class Gateway:
             data = await self._body(request)
             timeout = self._timeout(request)
             await self.node.push(request.match_info["queue"], data, timeout=timeout)
-        except (_BadRequest, ValueError, TypeError) as exc:
-            return _error(400, "BadRequest", str(exc))
-        except NoProviderError as exc:
-            return _error(503, "NoProviderError", str(exc))
-        except MeshTimeoutError as exc:
-            return _error(504, "MeshTimeoutError", str(exc))
+        except Exception as exc:
+            return self._failure(exc)
         return web.json_response({"status": "queued"}, status=202)
 
     def membership(self) -> list[dict[str, Any]]:
@@ -246,27 +305,30 @@ class Gateway:
         return web.Response(text=dumps(self.membership()), content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """GET /events: a Server-Sent Events stream."""
+        """GET /events: a Server-Sent Events stream. A reader that takes no event for
+        `STREAM_WRITE_TIMEOUT_S` is disconnected; one that lags loses events past
+        `MAX_STREAM_BYTES` waiting."""
         if len(self.listeners) >= MAX_LISTENERS:
             return _error(503, "Busy", f"{MAX_LISTENERS} event streams are open; try again")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1000)
-        self.listeners.add(queue)
+        stream = _Stream()
+        self.listeners.add(stream)
         try:
-            await response.write(_sse("snapshot", self.membership()))
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(queue.get(), 15)
-                except asyncio.TimeoutError:
-                    chunk = ": keep-alive\n\n"
-                if chunk is None:  # the gateway stops
-                    break
-                await response.write(chunk.encode())
-        except (ConnectionResetError, asyncio.CancelledError):
+            chunk: bytes | None = _sse("snapshot", self.membership())
+            while chunk is not None:  # (None: the gateway stops)
+                await asyncio.wait_for(response.write(chunk), STREAM_WRITE_TIMEOUT_S)
+                chunk = await stream.next(15)
+        except asyncio.TimeoutError:  # (a reader that stopped reading: its connection goes, not just the stream)
+            log.info("closed an /events stream whose reader took no event for %g s", STREAM_WRITE_TIMEOUT_S)
+            if request.transport is not None:
+                request.transport.abort()
+        except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            self.listeners.discard(queue)
+            self.listeners.discard(stream)
+            if stream.lost:
+                log.info("an /events stream that lagged lost %d event(s)", stream.lost)
         return response
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -295,50 +357,115 @@ class Gateway:
 
     def end_streams(self) -> None:
         """End every open /events stream (the gateway stops: it must not wait for them)."""
-        for queue in list(self.listeners):
-            while queue.full():
-                queue.get_nowait()
-            queue.put_nowait(None)
+        for stream in list(self.listeners):
+            stream.end()
 
     def broadcast(self, event: str, data: Any) -> None:
         """Queue an event for every open /events stream (a stream that lags loses events)."""
-        chunk = _sse_text(event, data)
-        for queue in list(self.listeners):
-            try:
-                queue.put_nowait(chunk)
-            except asyncio.QueueFull:
-                pass
+        chunk = _sse(event, data)
+        for stream in list(self.listeners):
+            stream.put(chunk)
 
     async def poll_stats(self) -> None:
-        """Every second, collect every zmqmesh node's counters and broadcast them."""
+        """Every second, collect every zmqmesh node's counters and broadcast them. A node
+        whose counters cannot be read (another version's, or a stranger's) is left out,
+        counted (`unreadable_stats`) and logged once; nothing stops the polling but a cancel."""
         while True:
             await asyncio.sleep(_STATS_INTERVAL_S)
             if not self.listeners:
                 continue
-            stats = {snap["id"]: _dashboard_view(snap) for snap in await self.mesh_stats()}
-            self.broadcast("stats", {"time": time.time(), "nodes": stats})
+            try:
+                stats: dict[str, Any] = {}
+                for snap in await self.mesh_stats():
+                    try:
+                        stats[str(snap["id"])] = _dashboard_view(snap)
+                    except Exception as exc:
+                        self._unreadable(snap, exc)
+                self.broadcast("stats", {"time": time.time(), "nodes": stats})
+            except Exception:
+                log.exception("collecting the nodes' counters for the dashboard failed")
+
+    def _unreadable(self, snap: Any, exc: Exception) -> None:
+        self.unreadable_stats += 1
+        name = str(snap.get("name") if isinstance(snap, dict) else None)[:64]
+        if name not in self._warned:
+            if len(self._warned) >= 1024:
+                self._warned.clear()
+            self._warned.add(name)
+            log.warning("the counters of node %r cannot be shown on the dashboard (%s: %s); left out",
+                        name, type(exc).__name__, exc)
 
 
 def _dashboard_view(snap: dict[str, Any]) -> dict[str, Any]:
     """What the dashboard draws of a node's counters: the patterns' counters, what it
-    received from each peer (the edges), its rejects, and the latency of what it called."""
-    view = {k: snap[k] for k in ("pubsub", "pipeline", "request", "service", "zre")}
-    view["from"] = {peer: counts.get("received", 0) for peer, counts in (snap.get("peers") or {}).items()}
-    view["rejected"] = sum((snap.get("rejected") or {}).values())
-    view["latency"] = {service: [h["sum"], h["count"]] for service, h in (snap.get("latency") or {}).items()}
+    received from each peer (the edges), its rejects, and the latency of what it called.
+    Raises `TypeError`, `KeyError` or `ValueError` for counters not shaped as this version's."""
+    view: dict[str, Any] = {k: dict(snap.get(k) or {}) for k in ("pubsub", "pipeline", "request", "service", "zre")}
+    view["from"] = {str(peer): int(counts.get("received", 0)) for peer, counts in (snap.get("peers") or {}).items()}
+    view["rejected"] = sum(int(n) for n in (snap.get("rejected") or {}).values())
+    view["latency"] = {str(service): [float(h["sum"]), int(h["count"])]
+                       for service, h in (snap.get("latency") or {}).items()}
     return view
+
+
+class _Stream:
+    """The events waiting to be written to one ``/events`` stream: at most
+    `MAX_STREAM_BYTES` (past them, an event is lost, and counted in `lost`)."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes | None] = deque()
+        self._bytes = 0
+        self._ready = asyncio.Event()
+        self.lost = 0
+
+    def put(self, chunk: bytes) -> None:
+        """Queue ``chunk``, unless the stream already has `MAX_STREAM_BYTES` waiting."""
+        if self._bytes + len(chunk) > MAX_STREAM_BYTES:
+            self.lost += 1
+            return
+        self._chunks.append(chunk)
+        self._bytes += len(chunk)
+        self._ready.set()
+
+    def end(self) -> None:
+        """End the stream: what waits is dropped, and `next` gives None."""
+        self._chunks.clear()
+        self._bytes = 0
+        self._chunks.append(None)
+        self._ready.set()
+
+    async def next(self, keep_alive_s: float) -> bytes | None:
+        """The next chunk to write; a keep-alive comment after ``keep_alive_s`` without one;
+        None once the stream ended."""
+        if not self._chunks:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), keep_alive_s)
+            except asyncio.TimeoutError:
+                return b": keep-alive\n\n"
+        chunk = self._chunks.popleft()
+        if chunk is not None:
+            self._bytes -= len(chunk)
+        return chunk
 
 
 class _BadRequest(Exception):
     pass
 
 
-def _sse_text(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {dumps(data)}\n\n"
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:32]} is too large a number")
+    return value
 
 
 def _sse(event: str, data: Any) -> bytes:
-    return _sse_text(event, data).encode()
+    return f"event: {event}\ndata: {dumps(data)}\n\n".encode()
 
 
 def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 1024 * 1024,
@@ -412,7 +539,8 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
         app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(h) for h in (host, *hosts)},
                                   tracebacks=tracebacks, body_timeout_s=body_timeout_s)
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s,  # (a slow head too)
-                               shutdown_timeout=5.0)  # what still runs at a stop gets 5 s
+                               shutdown_timeout=5.0,  # what still runs at a stop gets 5 s
+                               handler_cancellation=True)  # (a client that hangs up frees its slot at once)
         await runner.setup()
         _bound_connections(runner.server, max_connections)
         site = web.TCPSite(runner, host, int(port_text))

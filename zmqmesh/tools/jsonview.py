@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from zmqmesh import Peer
@@ -17,8 +18,34 @@ def _default(value: Any) -> Any:
 
 
 def dumps(value: Any, **options: Any) -> str:
-    """``value`` as JSON; bytes become text, anything else JSON lacks becomes its ``str``."""
-    return json.dumps(value, default=_default, ensure_ascii=False, **options)
+    """``value`` as strict JSON (what a browser's ``JSON.parse`` reads): bytes become text,
+    map keys that are not text their text, ``NaN`` and infinities ``null``, anything else
+    JSON lacks its ``str``. Raises ``RecursionError`` for a value nested past what
+    Python's JSON encoder recurses."""
+    try:
+        return json.dumps(value, default=_default, ensure_ascii=False, allow_nan=False, **options)
+    except (TypeError, ValueError):  # (a map key that is not text, a float JSON has no form for)
+        return json.dumps(_plain(value), default=_default, ensure_ascii=False, allow_nan=False, **options)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with what strict JSON cannot hold made so: keys as text, ``NaN`` and
+    infinities as None."""
+    if isinstance(value, dict):
+        return {_key(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "replace")
+    return json.dumps(_plain(key), default=_default, ensure_ascii=False, allow_nan=False)  # (as JSON writes 1, true)
 
 
 def peer_dict(peer: Peer) -> dict[str, Any]:
