@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,10 @@ def test_a_full_store_refuses_the_next_message_and_keeps_the_others(tmp_path: Pa
         puller.pull("q", lambda msg: got.append(msg.data["i"]), at_least_once=True)
         with puller:
             wait_until(lambda: len(got) == accepted, 20, "every stored message")
+            # (forgotten once their acknowledgements reach the pusher: a stop before that
+            # leaves them to be delivered again, as at-least-once allows)
+            wait_until(lambda: stored(tmp_path) == 0, 20, "the handled messages forgotten")
     assert got == list(range(accepted))
-    assert stored(tmp_path) == 0
 
 
 def test_concurrent_durable_pushes_share_commits_and_a_failing_call_fails_alone(
@@ -316,6 +319,102 @@ def test_a_poison_message_in_a_batch_is_dead_lettered_alone(tmp_path: Path, mesh
             wait_until(lambda: stored(tmp_path) == 0, 20, "nothing left stored")
     assert sorted(good) == ["a", "b", "c"]
     assert dead == ["poison"]
+
+
+def test_a_poison_message_the_full_store_cannot_dead_letter_waits_and_moves_once_there_is_room(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The store is full, so the move of a message given up on to its dead-letter queue
+    fails: it is neither lost nor dealt again at once (its puller would give up at once,
+    in a loop that filled the log), but kept and moved when room is made, the failures
+    logged a few times and counted."""
+    import logging
+
+    caplog.set_level(logging.ERROR, logger="zmqmesh")
+    attempts: list[int] = []
+    dead: list[str] = []
+    fillers: list[int] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), store_max_bytes=1 << 20, **mesh) as pusher:
+        pusher.push_many("orders", ["poison", "ok"], durable=True)  # (one segment: no move in place)
+        for size in (20_000, 100):  # (full to the last page)
+            with pytest.raises(zmqmesh.StoreFullError):
+                for _ in range(1000):
+                    pusher.push("filler", b"\0" * size, durable=True)
+        puller = zmqmesh.Node("puller", **mesh)
+
+        @puller.pull("orders", at_least_once=True, max_deliveries=3)
+        def handle(msg: zmqmesh.Message) -> None:
+            attempts.append(msg.attempts)
+            if msg.data == "poison":
+                raise ValueError("cannot parse this order")
+
+        puller.pull("orders.dead", lambda msg: dead.append(msg.data), at_least_once=True)
+        with puller:
+            wait_until(lambda: pusher.stats()["pipeline"].get("dead_letter_failed", 0) >= 1, 20, "a failed move")
+            time.sleep(3.0)
+            failed = pusher.stats()["pipeline"]["dead_letter_failed"]
+            assert 1 <= failed <= 5, failed  # tried again 0.5, 1 and 2 s later: not in a loop
+            assert attempts.count(2) == 1 and len(attempts) == 4  # (ok once; poison 3 times, never again)
+            assert sum("cannot dead-letter" in r.getMessage() for r in caplog.records) == failed
+            assert not dead and pusher.stats()["pipeline"].get("dead_lettered", 0) == 0
+            puller.pull("filler", lambda msg: fillers.append(1), at_least_once=True)  # room is made
+            wait_until(lambda: dead == ["poison"], 40, "the dead letter, once the store had room")
+        assert pusher.stats()["pipeline"]["dead_lettered"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs mounted for the test: a disk that fills up (root only: CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("this machine does not let the test mount a tmpfs")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_messages_handled_while_the_disk_is_full_are_forgotten_once_it_has_room(
+        small_disk: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The write that forgets handled messages fails on a full disk: it is tried again, so
+    once there is room they leave the store (and a restart delivers none of them again)."""
+    import logging
+
+    caplog.set_level(logging.ERROR, logger="zmqmesh")
+    store = small_disk / "store"
+    filler = small_disk / "filler"
+    got: list[int] = []
+    with zmqmesh.Node("pusher", store=str(store), **mesh) as pusher:
+        pusher.push("q", -1, durable=True)  # (the store's files exist)
+        with filler.open("wb") as f:  # the disk fills up, but for some 200 KB
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        os.truncate(filler, filler.stat().st_size - 200_000)
+        accepted = 0
+        with pytest.raises(zmqmesh.StoreFullError):
+            for i in range(1000):
+                pusher.push("q", {"i": i, "pad": "x" * 1000}, durable=True)
+                accepted += 1
+        puller = zmqmesh.Node("puller", **mesh)
+        puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
+        with puller:
+            wait_until(lambda: len(got) == accepted + 1, 20, "every stored message handled")
+            wait_until(lambda: "cannot forget" in caplog.text, 20, "the write that forgets them, failing")
+            assert stored(store) == accepted + 1
+            filler.unlink()  # room again
+            wait_until(lambda: stored(store) == 0, 30, "the handled messages forgotten")
+    again: list[Any] = []
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("q", again.append, at_least_once=True)
+    with puller, zmqmesh.Node("pusher", store=str(store), **mesh):
+        time.sleep(1.0)
+    assert again == []
 
 
 def test_a_stuck_handlers_message_goes_to_another_puller_after_the_ack_timeout(

@@ -62,6 +62,8 @@ _SIZES_KEPT = 4096  # sizes reckoned up that a buffer keeps before it drops them
 _ACK_BATCH = 16_384  # (a bound, not a cadence: the timer writes first at any rate below 300 k msg/s)
 _COALESCE_S = 0.001
 _ACK_DELAY_S = 0.05
+_RETRY_FIRST_S = 0.5  # a store write that failed (e.g. a full disk) is tried again after this,
+_RETRY_MOST_S = 30.0  # ... then twice as long each time, up to this
 _FEW_SEGMENTS = 8  # a settled batch of more segments is sorted out message by message
 
 
@@ -195,6 +197,12 @@ class DurableQueues:
         self._done: list[tuple[int, int]] = []  # segments all settled, to forget
         self._settled: dict[int, list[int]] = {}  # messages settled in segments still open, by segment
         self._unflushed = 0
+        self._forget_failures = 0  # in a row (`flush_acknowledged`)
+        # messages given up on whose move to their dead-letter queue failed: tried again later
+        # (`_retry_dead_letters`), never dealt again meanwhile (their puller would give up at once)
+        self._dead_letters: list[tuple[str, StoredMessage, Failure]] = []
+        self._dead_letter_failures = 0  # in a row
+        self._dead_letter_timer: Any = None
         self.queues: dict[str, _Queue] = {}
         self._lock = threading.Lock()
         self._gathered: deque[Ticket] = deque()  # calls waiting for their turn (see commit_in_turn)
@@ -404,12 +412,16 @@ class DurableQueues:
             if not isinstance(item, StoredMessage):
                 continue
             if failure.dead_letter:
+                if self._dead_letters:  # (the store failed the last move: this one waits its turn)
+                    self._dead_letters.append((queue, item, failure))
+                    continue
                 try:
                     self._dead_letter(queue, item, failure)  # (the move marks it settled in the store)
                     self._settle_in(item.segment, [item.seq], marked=True)
-                    continue
-                except Exception as exc:  # e.g. a full store: deal it again rather than strand it
-                    log.error("cannot dead-letter message %s of %r: %s", item.id[:12], queue, exc)
+                except Exception as exc:  # e.g. a full store: the move is tried again later
+                    self._dead_letters.append((queue, item, failure))
+                    self._dead_letter_failed(exc)
+                continue
             attempted.append(item.seq)
             retry.append(item.with_attempt())
         if attempted:
@@ -417,7 +429,7 @@ class DurableQueues:
                 self.store.count_attempt(attempted)
             except Exception as exc:  # the count is lost, the messages are not
                 log.error("cannot count failed deliveries of %r: %s", queue, exc)
-        if self._unflushed >= _ACK_BATCH:
+        if self._unflushed >= _ACK_BATCH and not self._forget_failures:  # (after a failure: its timer)
             self.flush_acknowledged()
         elif self._unflushed and self._ack_timer is None:
             self._ack_timer = self.later(_ACK_DELAY_S, self.flush_acknowledged)
@@ -436,6 +448,37 @@ class DurableQueues:
         elif not marked:
             self._settled.setdefault(first, []).extend(seqs)
 
+    def _dead_letter_failed(self, exc: Exception) -> None:
+        """A move to a dead-letter queue failed: the messages given up on wait in
+        `_dead_letters` (still stored, not settled: after a restart they are dealt again,
+        and given up on again), and the moves are tried again after a delay that doubles
+        with each failure in a row."""
+        self._dead_letter_failures += 1
+        delay = min(_RETRY_MOST_S, _RETRY_FIRST_S * 2 ** (self._dead_letter_failures - 1))
+        counters = self.stats.pattern["pipeline"]
+        counters["dead_letter_failed"] = counters.get("dead_letter_failed", 0) + 1
+        log.error("cannot dead-letter %d message(s) given up on: %s; trying again in %.1f s",
+                  len(self._dead_letters), exc, delay)
+        if self._dead_letter_timer is None:
+            self._dead_letter_timer = self.later(delay, self._retry_dead_letters)
+
+    def _retry_dead_letters(self) -> None:
+        """Try the moves to dead-letter queues that failed again, oldest first."""
+        self._dead_letter_timer = None
+        waiting, self._dead_letters = self._dead_letters, []
+        for at, (queue, item, failure) in enumerate(waiting):
+            try:
+                self._dead_letter(queue, item, failure)
+            except Exception as exc:
+                self._dead_letters = waiting[at:] + self._dead_letters
+                self._dead_letter_failed(exc)
+                return
+            self._settle_in(item.segment, [item.seq], marked=True)
+        self._dead_letter_failures = 0
+        self.wake_soon(0.0)  # (the dead letters are to deal: nothing else wakes the loop's sender now)
+        if self._unflushed and self._ack_timer is None:
+            self._ack_timer = self.later(_ACK_DELAY_S, self.flush_acknowledged)
+
     def _forget_segment(self, first: int) -> None:
         count = self._segments.pop(first)[0]
         self._settled.pop(first, None)
@@ -449,7 +492,8 @@ class DurableQueues:
         per acknowledgement would halve the rate of durable pushes, and one per 2,048 still
         cost a tenth of it (the write is on the way from the acknowledgements to the next
         deal, and waits for any commit under way). A crash before the write only means
-        those messages are delivered again (marked redelivered).
+        those messages are delivered again (marked redelivered). A write that fails (a
+        full disk) is tried again, after a delay that doubles with each failure in a row.
         """
         if self._ack_timer is not None:
             self._ack_timer.cancel()
@@ -457,20 +501,31 @@ class DurableQueues:
         if not self._unflushed:
             return
         done, self._done = self._done, []
+        settled, self._settled = self._settled, {}
         ranges: list[tuple[int, int]] = []
-        for seqs in self._settled.values():
+        for seqs in settled.values():
             start = len(ranges)  # each segment's ranges stay within it (they go with it)
             for seq in sorted(seqs):
                 if len(ranges) > start and seq == ranges[-1][1] + 1:
                     ranges[-1] = (ranges[-1][0], seq)
                 else:
                     ranges.append((seq, seq))
-            seqs.clear()
-        self._unflushed = 0
+        unflushed, self._unflushed = self._unflushed, 0
         try:
             self.store.forget(done, ranges)
-        except Exception as exc:  # they stay stored and are delivered again after a restart
-            log.error("cannot forget %d settled segment(s): %s", len(done), exc)
+        except Exception as exc:  # they stay in the store, still to forget: tried again
+            self._done[:0] = done
+            for first, seqs in settled.items():
+                if seqs:
+                    self._settled.setdefault(first, []).extend(seqs)
+            self._unflushed += unflushed
+            self._forget_failures += 1
+            delay = min(_RETRY_MOST_S, _RETRY_FIRST_S * 2 ** (self._forget_failures - 1))
+            log.error("cannot forget %d settled segment(s) and %d settled message(s): %s; trying again in %.1f s",
+                      len(done), sum(len(seqs) for seqs in settled.values()), exc, delay)
+            self._ack_timer = self.later(delay, self.flush_acknowledged)
+            return
+        self._forget_failures = 0
 
     def _dead_letter(self, queue: str, item: StoredMessage, failure: Failure) -> None:
         headers: dict[str, str] = {}
