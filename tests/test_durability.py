@@ -95,6 +95,52 @@ def test_a_foreign_or_damaged_file_is_refused_not_reset(tmp_path: Path, mesh: di
         zmqmesh.Node("n", store=str(damaged), **mesh).start()
 
 
+def test_one_database_is_used_by_one_node_whatever_names_it_and_odd_files_are_refused(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A store directory whose database is a link to another's (a hard link, as `cp -al`
+    makes, or a symbolic one) shares that database: it is refused while the other node
+    runs (every message was delivered twice), and usable once it stopped. A FIFO or a
+    device in the database's place is refused at once (a FIFO blocked the start for good);
+    so is a database that names no stream of its own, without leaking a descriptor."""
+    first = tmp_path / "first"
+    with zmqmesh.Node("first", store=str(first), **mesh) as node:
+        node.push("q", 1, durable=True)
+        for kind in ("hard", "symbolic"):
+            other = tmp_path / kind
+            other.mkdir()
+            if kind == "hard":
+                os.link(first / "zmqmesh.db", other / "zmqmesh.db")
+            else:
+                (other / "zmqmesh.db").symlink_to(first / "zmqmesh.db")
+            with pytest.raises(zmqmesh.StoreLockedError, match="another name"):
+                zmqmesh.Node("second", store=str(other), **mesh).start()
+    assert inspect_store(tmp_path / "hard")["queues"]["q"]["messages"] == 1  # the same database
+    with zmqmesh.Node("second", store=str(tmp_path / "hard"), **mesh):  # one at a time: fine
+        pass
+
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "zmqmesh.db")
+    started = time.monotonic()
+    with pytest.raises(zmqmesh.StoreError, match="not a plain file"):
+        zmqmesh.Node("n", store=str(fifo), **mesh).start()
+    with pytest.raises(zmqmesh.StoreError, match="not a plain file"):
+        inspect_store(fifo)
+    assert time.monotonic() - started < 5
+
+    nameless = tmp_path / "nameless"
+    with zmqmesh.Node("n", store=str(nameless), **mesh):
+        pass
+    with sqlite3.connect(nameless / "zmqmesh.db") as db:
+        db.execute("DELETE FROM meta WHERE key = 'stream'")
+    descriptors = []
+    for _ in range(4):
+        with pytest.raises(zmqmesh.StoreError, match="names no stream"):
+            zmqmesh.Node("n", store=str(nameless), **mesh).start()
+        descriptors.append(len(os.listdir("/proc/self/fd")))
+    assert descriptors[-1] <= descriptors[0], descriptors  # (each failed start leaked two)
+
+
 def test_a_full_store_refuses_the_next_message_and_keeps_the_others(tmp_path: Path, mesh: dict[str, Any]) -> None:
     got: list[int] = []
     with zmqmesh.Node("pusher", store=str(tmp_path), store_max_bytes=1 << 20, **mesh) as node:
@@ -171,7 +217,18 @@ def test_durable_options_are_checked(tmp_path: Path, mesh: dict[str, Any]) -> No
             node.pull("q", print, max_deliveries=3)
         with pytest.raises(zmqmesh.ConfigError, match="ack_timeout_s"):
             node.pull("q", print, at_least_once=True, ack_timeout_s=0)
+    for options in ({"store_max_bytes": 1.5e6}, {"store_max_bytes": True}, {"store": ""},
+                    {"history": {"t.": {"max_age_s": float("nan")}}}, {"history": {"t.": {"max_age_s": True}}}):
+        with pytest.raises(zmqmesh.ConfigError):  # (each silently lifted a bound, or put the store elsewhere)
+            zmqmesh.Node("n", **{"store": str(tmp_path), **options}, **mesh)
     with zmqmesh.Node("stored", store=str(tmp_path), **mesh) as node:
+        for window in (True, 2**63, 0):
+            with pytest.raises(zmqmesh.ConfigError, match="dedupe_window"):
+                node.pull("q", print, at_least_once=True, dedupe=True, dedupe_window=window)
+        with pytest.raises(zmqmesh.ConfigError, match="durable_name"):  # (bytes decoded with surrogateescape)
+            node.subscribe("t.", print, durable_name="\udc80")
+        with pytest.raises(ValueError, match="UTF-8"):
+            node.push("\udc80", 1)
         with pytest.raises(TypeError):
             node.push("q", 1, durable=True, headers={"a": 1})  # type: ignore[dict-item]
         with pytest.raises(ValueError):
@@ -374,6 +431,39 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_start_that_fails_on_a_full_disk_lets_the_store_go(small_disk: Path, mesh: dict[str, Any]) -> None:
+    """Starting trims what a dedupe puller remembers; on a full disk that fails, and the
+    start fails (StoreFullError): the store must not stay locked (the next start, once
+    there is room, found it "in use by another node")."""
+    store = small_disk / "store"
+    handled: list[int] = []
+    node = zmqmesh.Node("puller", store=str(store), **mesh)
+    node.pull("q", lambda msg: handled.append(msg.data), at_least_once=True, dedupe=True, dedupe_window=10)
+    with node, zmqmesh.Node("pusher", store=str(small_disk.parent / "pusher"), **mesh) as pusher:
+        pusher.push_many("q", list(range(300)), durable=True)  # (durable: ids the puller remembers)
+        wait_until(lambda: len(handled) == 300, 20, "300 messages handled")
+    assert inspect_store(store)["handled"]["q"] > 10
+    filler = small_disk / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    def puller() -> zmqmesh.Node:
+        again = zmqmesh.Node("puller", store=str(store), **mesh)
+        again.pull("q", print, at_least_once=True, dedupe=True, dedupe_window=10)
+        return again
+
+    with pytest.raises(zmqmesh.StoreFullError):
+        puller().start()
+    filler.unlink()
+    with puller():  # room again: it starts, the store was let go
+        pass
+    assert inspect_store(store)["handled"]["q"] <= 11  # (trimmed at the start: "about" the window)
 
 
 def test_messages_handled_while_the_disk_is_full_are_forgotten_once_it_has_room(

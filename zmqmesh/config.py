@@ -59,7 +59,8 @@ def parse_history(value: Any) -> tuple[HistoryPolicy, ...]:
             max_messages, max_age_s = kept, None
         if not isinstance(max_messages, int) or isinstance(max_messages, bool) or max_messages < 1:
             raise ConfigError(f"history[{prefix!r}]: max_messages must be a whole number >= 1, got {max_messages!r}")
-        if max_age_s is not None and (not isinstance(max_age_s, (int, float)) or max_age_s <= 0):
+        if max_age_s is not None and (not isinstance(max_age_s, (int, float)) or isinstance(max_age_s, bool)
+                                      or not max_age_s > 0):  # (NaN fails it too: it expired nothing)
             raise ConfigError(f"history[{prefix!r}]: max_age_s must be a positive number, got {max_age_s!r}")
         policies.append(HistoryPolicy(prefix, max_messages, None if max_age_s is None else float(max_age_s)))
     # the longest prefix decides for a topic under several
@@ -217,6 +218,10 @@ class NodeConfig:
             endpoint = seed[41:] if isinstance(seed, str) and seed[40:41] == "@" else seed
             if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
                 raise ConfigError(f"seeds must be tcp:// endpoints (KEY@tcp://... for secure nodes), got {seed!r}")
+        if isinstance(self.store_max_bytes, float):  # (SQLite ignores a page count that is not whole: no bound)
+            raise ConfigError(f"store_max_bytes must be a whole number of bytes, got {self.store_max_bytes!r}")
+        if self.store is not None and (not isinstance(self.store, (str, os.PathLike)) or not os.fspath(self.store)):
+            raise ConfigError(f"store must name a directory (an empty name would be the current one), got {self.store!r}")
         if self.store_synchronous not in ("normal", "full"):
             raise ConfigError(f"store_synchronous must be 'normal' or 'full', got {self.store_synchronous!r}")
         if self.history and self.store is None:

@@ -139,10 +139,21 @@ def check_window(window: Any) -> int:
 
 def check_name(kind: str, name: str) -> str:
     """``name`` if it is a valid topic, queue or service name. Raises `ValueError`."""
-    if not isinstance(name, str) or len(name.encode()) > MAX_NAME_BYTES or (kind != "topic" and not name):
-        raise ValueError(f"a {kind} must be a string of at most {MAX_NAME_BYTES} bytes"
+    if not isinstance(name, str) or not _encodes(name) or len(name.encode()) > MAX_NAME_BYTES or \
+            (kind != "topic" and not name):
+        raise ValueError(f"a {kind} must be a string (text UTF-8 can encode) of at most {MAX_NAME_BYTES} bytes"
                          + ("" if kind == "topic" else ", not empty"))
     return name
+
+
+def _encodes(text: str) -> bool:
+    """Whether UTF-8 can encode ``text`` (a lone surrogate, from bytes decoded with
+    ``surrogateescape``, cannot)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def peer_id_of(peer: str | Peer | None) -> str | None:
@@ -325,8 +336,10 @@ class NodeBase:
                                              and 0 < replay < float("inf"))):
             raise ConfigError(f"replay must be 'new', 'all' or a positive number of seconds, got {replay!r}")
         if durable_name is not None:
-            if not isinstance(durable_name, str) or not durable_name or len(durable_name) > 200:
-                raise ConfigError(f"durable_name must be a name of 1 to 200 characters, got {durable_name!r}")
+            if not isinstance(durable_name, str) or not durable_name or len(durable_name) > 200 or \
+                    not _encodes(durable_name):
+                raise ConfigError(f"durable_name must be a name of 1 to 200 characters (text UTF-8 can "
+                                  f"encode), got {durable_name!r}")
             if self.config.store is None:
                 raise ConfigError("durable_name needs a store: Node(..., store='path/dir')")
         options = SubscribeOptions(replay, durable_name)
@@ -390,8 +403,8 @@ class NodeBase:
             check_name("queue", dead_letter)
         if dedupe and self.config.store is None:
             raise ConfigError("dedupe=True needs a store: Node(..., store='path/dir')")
-        if not isinstance(dedupe_window, int) or dedupe_window < 1:
-            raise ConfigError(f"dedupe_window must be a whole number >= 1, got {dedupe_window!r}")
+        if not isinstance(dedupe_window, int) or isinstance(dedupe_window, bool) or not 1 <= dedupe_window < 1 << 62:
+            raise ConfigError(f"dedupe_window must be a whole number from 1 to 2**62, got {dedupe_window!r}")
         options = PullOptions(True, None if ack_timeout_s is None else float(ack_timeout_s), max_deliveries,
                               dead_letter, dedupe, dedupe_window)
         registry = self._registry

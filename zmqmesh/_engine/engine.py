@@ -190,9 +190,14 @@ class Engine:
             from .._store.sqlite import Store
 
             self.store = Store(cfg.store, max_bytes=cfg.store_max_bytes, synchronous=cfg.store_synchronous)
-            for queue, options in self.registry.pull_options.items():
-                if options.dedupe:  # the window stays bounded however often the node restarts
-                    self.store.trim_handled(queue, options.dedupe_window)
+            try:
+                for queue, options in self.registry.pull_options.items():
+                    if options.dedupe:  # the window stays bounded however often the node restarts
+                        self.store.trim_handled(queue, options.dedupe_window)
+            except BaseException:  # (e.g. a full disk: the start fails, and the store is let go)
+                self.store.close()
+                self.store = None
+                raise
         if cfg.metrics_port is not None:  # before any socket: a port in use fails the start cleanly
             try:
                 self.metrics = MetricsServer(lambda: [self.describe()], cfg.metrics_address, cfg.metrics_port)

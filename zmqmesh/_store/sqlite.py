@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import operator
 import os
+import stat
 import threading
 import time
 import uuid
@@ -176,8 +177,9 @@ class Store:
                  synchronous: str = "normal") -> None:
         if synchronous not in ("normal", "full"):
             raise ConfigError(f"store_synchronous must be 'normal' or 'full', not {synchronous!r}")
-        if max_bytes < 1 << 20:
-            raise ConfigError("store_max_bytes must be at least 1 MiB")
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1 << 20:
+            # (a float made SQLite's max_page_count a float, which it ignores: no bound at all)
+            raise ConfigError(f"store_max_bytes must be a whole number of bytes, at least 1 MiB, got {max_bytes!r}")
         self.directory = Path(directory)
         self.path = self.directory / DB_FILE
         try:
@@ -185,8 +187,10 @@ class Store:
         except OSError as exc:
             raise ConfigError(f"cannot create the store directory {self.directory}: {exc}") from exc
         self._lock_file = self._take_lock()
+        self._db_lock: int | None = None
         self._lock = threading.Lock()
         try:
+            self._db_lock = self._hold_database()
             self._check_file()
             self._db = self._connect(max_bytes, synchronous)
         except BaseException:
@@ -216,11 +220,40 @@ class Store:
             raise StoreLockedError(f"the store {self.directory} is in use by another node (locked)") from None
         return handle
 
+    def _hold_database(self) -> int:
+        """Lock the database file itself (created empty if missing), for the store's
+        lifetime: two store directories that name one database (a hard link or a symbolic
+        one) hold one file, which only one node may use at a time. Raises
+        `StoreLockedError` when another node uses it, `StoreError` for what is not a
+        plain file (opened without blocking: a FIFO would block)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(f"{self.path} is not a plain file (a FIFO or a device?): a store's database "
+                                 "must be a file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreLockedError(f"the database {self.path} is in use by another node, through "
+                                       "another name (a link to it)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _release_lock(self) -> None:
         try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            if self._db_lock is not None:  # (after the connection closed: SQLite's own locks are gone by then)
+                os.close(self._db_lock)
+                self._db_lock = None
         finally:
-            self._lock_file.close()
+            try:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            finally:
+                self._lock_file.close()
 
     def _check_file(self) -> None:
         _check_sqlite_file(self.path)
@@ -256,14 +289,17 @@ class Store:
                 db.execute("COMMIT")
             if version < SCHEMA_VERSION:
                 _migrate(db, version)
-            self.stream_id = str(db.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0])
+            stream = db.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()
+            if stream is None:
+                raise StoreError(f"the store {self.path} is damaged: it names no stream of its own (meta 'stream')")
+            self.stream_id = str(stream[0])
             last = db.execute(f"SELECT seq + {_COUNT_SQL} FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
             self._next_seq = int(last[0]) if last else 1
             self._handled_serial = int(db.execute("SELECT ifnull(max(at), 0) + 1 FROM handled").fetchone()[0])
         except StoreError:
             db.close()
             raise
-        except sqlite3.Error as exc:
+        except Exception as exc:  # (whatever it is: the connection is closed, never left open)
             db.close()
             raise StoreError(f"the store {self.path} is damaged or not a zmqmesh store: {exc}") from exc
         return db
@@ -315,6 +351,8 @@ class Store:
                     db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+            if isinstance(exc, (UnicodeEncodeError, OverflowError)):  # (a value SQLite cannot bind)
+                raise StoreError(f"store write failed: a value the store cannot hold: {exc}") from exc
             if not isinstance(exc, sqlite3.Error):
                 raise
             if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
@@ -656,7 +694,7 @@ class Store:
             finally:
                 cursor.close()
             return rows
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:  # (the latter two: a value SQLite cannot bind)
             raise StoreError(f"store read failed: {exc}") from exc
 
     def load_cursors(self, name: str) -> dict[str, dict[str, tuple[int, int, int]]]:
@@ -726,7 +764,9 @@ def _schema_version(db: sqlite3.Connection, path: Path) -> int:
 
     try:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.OperationalError:
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):  # (it cannot be read: say why, not what it is not)
+            raise StoreError(f"cannot read the store {path}: {exc}") from exc
         raise StoreError(f"{path} is an SQLite database but not a zmqmesh store") from None
     if meta.get("app") != _APP:
         raise StoreError(f"{path} is an SQLite database but not a zmqmesh store")
@@ -799,9 +839,15 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
 
 
 def _check_sqlite_file(path: Path) -> None:
-    """Raise `StoreError` unless ``path`` is missing, empty, or an SQLite database."""
+    """Raise `StoreError` unless ``path`` is missing, empty, or an SQLite database in a
+    plain file (a FIFO or a device could block the open)."""
     try:
-        if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        if not path.exists():
+            return
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError(f"{path} is not a plain file (a FIFO or a device?): a store's database must be a file")
+        if info.st_size == 0:
             return
         with open(path, "rb") as f:
             head = f.read(len(_SQLITE_MAGIC))
@@ -839,7 +885,7 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
         handled = dict(db.execute("SELECT queue, count(*) FROM handled GROUP BY queue").fetchall())
         subscriptions = dict(db.execute("SELECT name, count(*) FROM cursors GROUP BY name").fetchall())
     except sqlite3.Error as exc:
-        raise StoreError(f"the store {path} is damaged or not a zmqmesh store: {exc}") from exc
+        raise StoreError(f"cannot read the store {path}: {exc}") from exc
     finally:
         db.close()
     size = sum(os.path.getsize(str(path) + s) for s in ("", "-wal") if os.path.exists(str(path) + s))
