@@ -312,6 +312,32 @@ def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(t
     store.close()
 
 
+def test_a_pass_of_the_loop_looks_only_at_durable_queues_with_messages_to_deal(tmp_path: Path) -> None:
+    """Every queue name ever pushed to stays known, but a pass of the loop (`refill`, then
+    `reckon`) walks only those with messages to deal or to read back, and those named
+    (messages to deal again): with 20,000 names, each push cost some 1.5 ms for walking
+    them all. A queue that gets messages again is looked at again."""
+    from zmqmesh._patterns.durable import DurableQueues, Ticket
+    from zmqmesh._stats import Stats
+    from zmqmesh._wire.codec import Codec
+
+    store = Store(tmp_path)
+    queues = DurableQueues(store, Codec(1 << 20), Stats(), later=lambda delay, fn: None, wake_soon=lambda delay: None)
+    for i in range(500):
+        queues.commit_in_turn(Ticket(f"q{i}", entries(f"m{i}")))
+    buffers = queues.refill()
+    assert len(buffers) == 500
+    for buffer in buffers.values():
+        buffer.popleft()  # dealt
+    queues.reckon(buffers)
+    assert queues.refill() == {}  # nothing to deal: no queue looked at
+    assert list(queues.refill(also=["q7", "not-durable"])) == ["q7"]  # (one with messages to deal again)
+    queues.commit_in_turn(Ticket("q3", entries("again")))
+    assert [msgpack.unpackb(m.body) for m in queues.refill()["q3"]] == ["again"]
+    assert len(queues.refill(every=True)) == 500
+    store.close()
+
+
 def test_a_backlog_behind_a_large_settled_segment_is_read_in_one_refill(tmp_path: Path) -> None:
     """A read back asks for about 1,024 messages at a time; one whose segments brought
     nothing to deal (settled before a restart, or damaged) must read on at once: no

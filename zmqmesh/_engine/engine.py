@@ -359,7 +359,7 @@ class Engine:
             for queue in list(durable.queues):
                 reliable.recall(queue)
         busy = False
-        for queue, buffer in durable.refill().items():
+        for queue, buffer in durable.refill(every=True).items():  # (a stop: every queue, in flight ones too)
             if not any(k != self.node_id for k in self.directory.providers("keepers", queue)):
                 continue
             reliable.flush(queue, buffer, to_keepers=True)

@@ -139,7 +139,7 @@ class Outbound:
                 blocked = True
         if self.durable is not None and not self.handing_over:
             try:
-                buffers = self.durable.refill()
+                buffers = self.durable.refill(also=reliable.redeliver)
             except Exception:
                 log.exception("reading the store failed")
                 buffers = {}
@@ -151,7 +151,7 @@ class Outbound:
                     log.exception("sending durable queue %r failed", queue)
                     blocked = True
             if buffers:
-                self.durable.reckon()
+                self.durable.reckon(buffers)
         if blocked and self._retry is None:
             self._retry = self.loop.call_later(_RETRY_S, self._on_retry)
         if time.monotonic() >= until and (publisher.queue or any(pusher.queues.values())):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from itertools import chain, compress, repeat
 from typing import TYPE_CHECKING, Any
 
@@ -204,6 +204,10 @@ class DurableQueues:
         self._dead_letter_failures = 0  # in a row
         self._dead_letter_timer: Any = None
         self.queues: dict[str, _Queue] = {}
+        # the queues with messages to deal or to read back: a pass of the loop looks at
+        # these only, not at every queue ever used (written under `_lock`; the loop reads
+        # it in one C call, and removes an idle one under the lock: `reckon`)
+        self._active: set[str] = set()
         self._lock = threading.Lock()
         self._gathered: deque[Ticket] = deque()  # calls waiting for their turn (see commit_in_turn)
         self._recovered_upto = 0
@@ -219,6 +223,7 @@ class DurableQueues:
             queue = self._queue(name)
             queue.overflow = True
             queue.committed = max(queue.committed, upto)
+            self._active.add(name)
 
     def recover(self) -> int:
         """Note the messages left in the store by an earlier run; how many there are."""
@@ -313,6 +318,7 @@ class DurableQueues:
                 parts.append((first, count))
                 stored_count += count
             queue.committed = parts[-1][0] + parts[-1][1] - 1  # (a commit stores one message at least)
+            self._active.add(name)
             buffer = queue.buffer
             if queue.overflow or len(buffer) + len(entries) > BUFFER:
                 queue.overflow = True  # (the loop reads them back as the buffer empties)
@@ -333,12 +339,17 @@ class DurableQueues:
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
         return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, self._pack)
 
-    def refill(self) -> dict[str, deque[StoredMessage]]:
-        """Top up from the store the buffers of queues it holds more of; every buffer (loop only)."""
+    def refill(self, also: Iterable[str] = (), every: bool = False) -> dict[str, Buffer]:
+        """Top up from the store the buffers of queues it holds more of; the buffers of the
+        queues with messages to deal (and of those named in ``also`` that are durable
+        queues, e.g. with messages to deal again), or of ``every`` queue (loop only)."""
         self._wake_pending = False
         if not self.queues:  # the common case on a node with a store: nothing durable yet
             return {}
-        queues = list(self.queues.items())  # one step: a committing thread may add a queue
+        known = self.queues
+        names = set(known if every else self._active)  # (one C call: a committing thread may add one)
+        names.update(name for name in also if name in known)
+        queues = [(name, known[name]) for name in names]  # (a queue, once made, stays)
         if not any(q.overflow for _, q in queues):
             # nothing to read, so no lock either (a committing thread holds it); a queue
             # that overflows after this look wakes the loop for another refill
@@ -352,11 +363,21 @@ class DurableQueues:
                 pass
         return {name: q.buffer for name, q in queues}
 
-    def reckon(self) -> None:
-        """Reckon up what the loop dealt from every buffer, so that committers' estimates
-        (`Buffer.held_at_most`) stay near (loop only, after dealing)."""
-        for queue in list(self.queues.values()):
-            queue.buffer.reckon()
+    def reckon(self, buffers: Mapping[str, Buffer]) -> None:
+        """Reckon up what the loop dealt from ``buffers`` (those `refill` gave), so that
+        committers' estimates (`Buffer.held_at_most`) stay near; a queue left with nothing
+        to deal or to read back is no longer looked at (loop only, after dealing)."""
+        idle = []
+        for name, buffer in buffers.items():
+            buffer.reckon()
+            if not buffer:
+                idle.append(name)
+        if idle:
+            with self._lock:  # (a commit that refills one meanwhile makes it active again)
+                for name in idle:
+                    queue = self.queues[name]
+                    if not queue.buffer and not queue.overflow:
+                        self._active.discard(name)
 
     @staticmethod
     def _wants_reading(queue: _Queue) -> bool:
