@@ -303,3 +303,120 @@ def test_a_hello_claiming_a_live_nodes_endpoint_does_not_retire_it(mesh: dict[st
         assert victim.id in {p.id for p in node.peers()}, "the live node was retired on a stranger's word"
         assert left == []
         dealer.close(0)
+
+
+def _stranger_hello(dealer: Any, endpoint: str, mesh: dict[str, Any], sequence: int = 1, **fields: Any) -> None:
+    headers = {"X-ZMQMESH-MESH": mesh["mesh"], **fields.pop("headers", {})}
+    dealer.send_multipart(zre_frames(Command.HELLO, sequence, endpoint=endpoint, name=fields.pop("name", "stranger"),
+                                     headers=headers, **fields))
+
+
+def test_a_strangers_odd_numbers_break_neither_the_directory_nor_its_callers(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """Digits Python's isdigit takes but int refuses ("²"), or too many of them, in an ack
+    timeout a stranger offers or the protocol it claims: the tables still build for every
+    other peer (one such HELLO hid every node that came later), and a call to the stranger
+    fails as a mesh error (a bare ValueError, and a loop of tracebacks, before)."""
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    with zmqmesh.Node("target", **mesh) as node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        _stranger_hello(dealer, endpoint, mesh, groups=["zmqmesh/ackto/²/q", "zmqmesh/ackto/" + "9" * 5000 + "/q",
+                                                         "zmqmesh/svc/odd"],
+                        headers={"X-ZMQMESH-PROTOCOL": "²", "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
+        wait_until(lambda: node.providers("odd"), 5, "the stranger's offer")
+        assert rejected(node, "bad_offer") >= 2
+        with pytest.raises(zmqmesh.MeshTimeoutError):  # (taken as protocol 1: the stranger never answers)
+            node.request("odd", 1, timeout=0.5)
+        with zmqmesh.Node("late", **mesh) as late:
+            late.service("echo", lambda msg: msg.data)
+            wait_until(lambda: node.providers("echo"), 10, "a real node met after the stranger")
+            assert node.request("echo", 7, timeout=5) == 7
+        dealer.close(0)
+        inbox.close(0)
+    router.close(0)
+
+
+def test_a_goodbye_beacon_counts_only_from_the_peers_address(mesh: dict[str, Any]) -> None:
+    """A peer's uuid is public (its beacons carry it): a goodbye beacon under it from
+    another address must not retire it (each one did, at once, CURVE or not)."""
+    left: list[str] = []
+    node = zmqmesh.Node("target", **mesh)
+    node.on_leave(lambda peer: left.append(peer.name))
+    with node, zmqmesh.Node("victim", **mesh) as victim:
+        victim.service("echo", lambda msg: msg.data)
+        wait_until(lambda: node.providers("echo"), 10, "the victim")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.bind(("127.0.0.99", 0))
+        for _ in range(5):
+            sock.sendto(zre.encode_beacon(bytes.fromhex(victim.id), 0), ("127.255.255.255", mesh["beacon_port"]))
+        sock.close()
+        wait_until(lambda: rejected(node, "beacon_goodbye_forged") >= 1, 5, "the forged goodbyes counted")
+        assert node.request("echo", 1, timeout=5) == 1
+        assert left == [] and victim.id in {p.id for p in node.peers()}
+    # (the victim's own goodbye, when it stops, is heard as before: test_lifecycle)
+
+
+def test_a_hello_under_a_live_peers_uuid_does_not_take_its_place(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A stranger that greets the node under a live peer's uuid, from its own endpoint,
+    would get that peer's requests: the live peer keeps its place."""
+    with zmqmesh.Node("target", **mesh) as node, zmqmesh.Node("victim", **mesh) as victim:
+        victim.service("balance", lambda msg: 100)
+        wait_until(lambda: node.providers("balance"), 10, "the victim")
+        (before,) = [p.endpoint for p in node.peers() if p.id == victim.id]
+        inbox = ctx.socket(zmq.ROUTER)
+        port = inbox.bind_to_random_port("tcp://127.0.0.1")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(victim.id))
+        dealer.connect(node.endpoints["mailbox"])
+        _stranger_hello(dealer, f"tcp://127.0.0.1:{port}", mesh, name="victim", groups=["zmqmesh/svc/balance"],
+                        headers={"X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
+        wait_until(lambda: rejected(node, "zre_hello_conflict") >= 1, 5, "the claim refused")
+        assert [p.endpoint for p in node.peers() if p.id == victim.id] == [before]
+        assert node.request("balance", None, timeout=5) == 100
+        dealer.close(0)
+        inbox.close(0)
+
+
+def test_joins_past_a_hellos_bound_on_groups_are_refused(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """What a HELLO may carry in groups (1 MiB) bounds what JOINs may add (50,000 JOINs
+    held 12.8 MB of group names)."""
+    with zmqmesh.Node("target", **mesh) as node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        groups = [f"{i:05d}" + "g" * 250 for i in range(4100)]  # 1,045,500 characters: just within
+        _stranger_hello(dealer, endpoint, mesh, groups=groups)
+        wait_until(lambda: node.peers(), 10, "the stranger")
+        for k in range(20):
+            dealer.send_multipart(zre_frames(Command.JOIN, 2 + k, group=f"j{k:04d}" + "j" * 250, status=1 + k))
+        wait_until(lambda: rejected(node, "zre_too_many_groups") >= 7, 10, "the JOINs past the bound refused")
+        (peer,) = node.peers()
+        assert sum(len(g) for g in peer.groups) <= 1024 * 1024
+        assert rejected(node, "zre_too_many_groups") == 20 - (1024 * 1024 - 1_045_500) // 255
+        dealer.close(0)
+        inbox.close(0)
+
+
+def test_gossip_of_thousands_of_strangers_is_taken_in_part_and_counted(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A peer's list of others is its word: at most MAX_UNPROVEN_PEERS new ones a message
+    are greeted, none making way for another (10,000 entries at 10,000 addresses opened
+    and closed as many links in one turn of the loop, for seconds)."""
+    from zmqmesh._membership import control
+    from zmqmesh._membership.engine import MAX_UNPROVEN_PEERS
+    from zmqmesh._wire.codec import Codec
+
+    with zmqmesh.Node("target", **mesh) as node:
+        node.service("ping", lambda msg: "pong")
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        _stranger_hello(dealer, endpoint, mesh)
+        wait_until(lambda: node.peers(), 10, "the stranger")
+        known = [[os.urandom(16).hex(), f"tcp://127.{i // 250 + 1}.{i % 250 + 1}.1:9", ""] for i in range(2000)]
+        dealer.send_multipart(zre_frames(Command.WHISPER, 2, content=control.gossip(Codec(1 << 20), known)))
+        def refused() -> int:
+            return rejected(node, "gossip_past_bound") + rejected(node, "unproven_peers_full")
+
+        wait_until(lambda: refused() >= 2000 - MAX_UNPROVEN_PEERS, 10, "the gossip taken in part")
+        assert rejected(node, "unproven_peer_evicted") == 0  # (before: 1,873 links opened, then closed)
+        assert node.request("ping", None, timeout=5) == "pong"
+        dealer.close(0)
+        inbox.close(0)

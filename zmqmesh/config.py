@@ -177,7 +177,7 @@ class NodeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "history", parse_history(self.history))
         if isinstance(self.metrics_port, str):  # (from the environment)
-            object.__setattr__(self, "metrics_port", int(self.metrics_port) if self.metrics_port.isdigit() else -1)
+            object.__setattr__(self, "metrics_port", int(self.metrics_port) if self.metrics_port.isascii() and self.metrics_port.isdigit() else -1)
         if self.metrics_port is not None and (not isinstance(self.metrics_port, int) or isinstance(
                 self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port must be 0..65535 or None, got {self.metrics_port!r}")

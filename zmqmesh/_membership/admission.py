@@ -92,8 +92,11 @@ class Admission:
     def remember_foreign(self, uuid: bytes) -> None:
         """Ignore ``uuid`` for a while (bounded memory)."""
         now = time.monotonic()
-        if len(self._foreign) > _MAX_FOREIGN:
+        if len(self._foreign) >= _MAX_FOREIGN:
             self._foreign = {u: t for u, t in self._foreign.items() if t > now}
+            while len(self._foreign) >= _MAX_FOREIGN:  # (all still remembered: the oldest goes)
+                del self._foreign[next(iter(self._foreign))]
+        self._foreign.pop(uuid, None)  # (remembered anew: it goes to the end, the newest)
         self._foreign[uuid] = now + _FOREIGN_MEMORY_S
         self.stats.membership["foreign_ignored"] += 1
 

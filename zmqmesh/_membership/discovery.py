@@ -28,8 +28,9 @@ log = logging.getLogger("zmqmesh.membership")
 class Beacons:
     """Sends this node's beacon at once and every ``interval_s``; reports the others'.
 
-    ``on_beacon(uuid, endpoint, key)`` is called for each well-formed beacon of another
-    node of the same security (``endpoint`` is None for a goodbye beacon). Malformed
+    ``on_beacon(uuid, endpoint, key, source)`` is called for each well-formed beacon of
+    another node of the same security (``endpoint`` is None for a goodbye beacon;
+    ``source``: the address it came from). Malformed
     beacons and those of the other security are counted and dropped.
 
     In a mesh of N nodes every node hears N beacons a second, and each would wake the loop
@@ -41,7 +42,7 @@ class Beacons:
 
     def __init__(self, *, loop: EventLoop, sock: BeaconSocket, uuid: bytes, key: bytes | None, stats: Stats,
                  interval_s: float, later: Callable[..., None],
-                 on_beacon: Callable[[bytes, str | None, str | None], None],
+                 on_beacon: Callable[[bytes, str | None, str | None, str], None],
                  rest_s: Callable[[], float]) -> None:
         self.loop = loop
         self.sock = sock
@@ -126,7 +127,7 @@ class Beacons:
             self.stats.reject("beacon_other_security")  # secure and plain nodes don't mix
             return
         key = z85.encode(beacon.key).decode() if beacon.key is not None else None
-        self.on_beacon(beacon.uuid, f"tcp://{source}:{beacon.port}" if beacon.port else None, key)
+        self.on_beacon(beacon.uuid, f"tcp://{source}:{beacon.port}" if beacon.port else None, key, source)
 
 
 class Seeds:

@@ -288,11 +288,12 @@ class Membership:
             status=self.status, name=self.name, headers=self.headers,
         )
 
-    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None, *, answered: bool = False
-               ) -> PeerState | None:
+    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None, *, answered: bool = False,
+               make_way: bool = True) -> PeerState | None:
         """Start greeting a peer heard of; None if it must be ignored. ``answered``: it sent
         a HELLO over a connection of its own (not a beacon or gossip, which anyone can forge
-        at no cost, and which are rate-limited per address)."""
+        at no cost, and which are rate-limited per address). ``make_way``: an unproven peer
+        may make way for it (`_make_room`); otherwise, without room, it is ignored."""
         if uuid == self.uuid or uuid in self.peers or self.admission.is_foreign(uuid) or self._leaving:
             return None
         if not self.admission.key_allowed(key):
@@ -311,7 +312,7 @@ class Membership:
             return seed
         if not answered and not self.admission.may_greet(address):
             return None
-        if not self._make_room():
+        if not self._make_room(make_way):
             return None
         peer = PeerState(uuid, endpoint, address)
         peer.key = key
@@ -325,16 +326,19 @@ class Membership:
         self._changed_at = self.loop.time()
         return peer
 
-    def _make_room(self) -> bool:
+    def _make_room(self, make_way: bool = True) -> bool:
         """Room for one more peer: past `MAX_UNPROVEN_PEERS` not yet proven (or `MAX_PEERS`
         in all), the oldest unproven peer makes way: first one that never answered our
         greeting and whose link never came up, then one that never answered, then one whose
         link never came up, then any. A real peer proves itself within a round trip, so
         strangers crowd out only each other. False (counted) when every peer is proven and
-        there are `MAX_PEERS`."""
+        there are `MAX_PEERS`, or when none may make way (``make_way`` False)."""
         unproven = [p for p in self.peers.values() if not p.proven]
         if len(unproven) < MAX_UNPROVEN_PEERS and len(self.peers) < MAX_PEERS:
             return True
+        if not make_way:
+            self.stats.reject("unproven_peers_full")
+            return False
         if not unproven:
             self.stats.reject("too_many_peers")
             return False
@@ -387,11 +391,18 @@ class Membership:
 
     # -- incoming -------------------------------------------------------------------------
 
-    def _on_beacon(self, uuid: bytes, endpoint: str | None, key: str | None) -> None:
+    def _on_beacon(self, uuid: bytes, endpoint: str | None, key: str | None, source: str) -> None:
         peer = self.peers.get(uuid)
         if endpoint is None:
-            if peer is not None:
+            if peer is None:
+                return
+            # anyone can send a beacon with any uuid (the peers' beacons make them public):
+            # a goodbye counts only from the peer's address, with its key; otherwise its
+            # link's GOODBYE, or its silence, tells when it leaves
+            if source == peer.address and key == peer.key:
                 self.remove(peer, "left (goodbye beacon)")
+            else:
+                self.stats.reject("beacon_goodbye_forged")
             return
         if peer is None:
             self._learn(uuid, endpoint, key)
@@ -475,9 +486,11 @@ class Membership:
                 self.stats.reject("zre_status_mismatch")
             peer.status = msg.status
             if cmd == Command.JOIN:
-                peer.groups.add(msg.group)
+                if not peer.join(msg.group, MAX_HELLO_GROUP_BYTES):
+                    self.stats.reject("zre_too_many_groups")  # (bounded as a HELLO's groups are)
+                    return
             else:
-                peer.groups.discard(msg.group)
+                peer.leave(msg.group)
             peer.changed()
             self.events.peer_groups_changed(peer)
         elif cmd == Command.PING:
@@ -515,7 +528,16 @@ class Membership:
                 return
         elif peer.ready:
             # The peer greeted us again: it had lost us. Restart our side of the link so
-            # that our sequence starts afresh too.
+            # that our sequence starts afresh too. Not at another endpoint while it is still
+            # heard from over its link: anyone can claim a peer's uuid (its beacons make it
+            # public), and the peer's traffic would go to the claimant.
+            quiet_s = 1.5 * self.config.heartbeat_interval_s
+            if msg.endpoint != peer.endpoint and peer.link_up and \
+                    time.monotonic() - peer.last_rx < quiet_s:
+                self.stats.reject("zre_hello_conflict")
+                log.warning("a HELLO claims peer %s (%s) at %s, while it is heard from at %s: ignored",
+                            peer.name, peer.id[:8], msg.endpoint, peer.endpoint)
+                return
             self.links.close(peer)
             peer.endpoint = msg.endpoint
             self.links.open(peer, self._hello())
@@ -525,7 +547,7 @@ class Membership:
         peer.in_sequence = msg.sequence
         peer.name = msg.name
         peer.headers = dict(msg.headers)
-        peer.groups = set(msg.groups)
+        peer.set_groups(msg.groups)
         peer.status = msg.status
         peer.is_zmqmesh = is_zmqmesh
         peer.touch()
@@ -556,8 +578,17 @@ class Membership:
         elif parsed[0] == "bye":
             self.remove(peer, "left")
         elif parsed[0] == "peers":
-            for uuid, endpoint, key in parsed[1]:
-                self._learn(uuid, endpoint, key)
+            # a peer's word about others: at most `MAX_UNPROVEN_PEERS` new ones a message,
+            # none making way for another (a list of 10,000 strangers at 10,000 addresses
+            # opened and closed as many links in one turn of the loop: seconds)
+            learned = 0
+            entries = parsed[1]
+            for at, (uuid, endpoint, key) in enumerate(entries):
+                if learned >= MAX_UNPROVEN_PEERS:
+                    self.stats.reject("gossip_past_bound", len(entries) - at)
+                    break
+                if self._learn(uuid, endpoint, key, make_way=False) is not None:
+                    learned += 1
         else:
             self.stats.reject("control_unknown")
 

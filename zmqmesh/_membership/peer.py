@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import zmq
@@ -31,7 +32,8 @@ class PeerState:
         self.ready = False
         self.name = ""
         self.headers: dict[str, str] = {}
-        self.groups: set[str] = set()
+        self.groups: set[str] = set()  # (changed through `set_groups`, `join`, `leave`: `group_chars` follows)
+        self.group_chars = 0
         self.status = 0
         self.last_rx = time.monotonic()
         self.last_seen = time.time()
@@ -53,3 +55,24 @@ class PeerState:
     def changed(self) -> None:
         """Note that the groups or headers changed."""
         self.version += 1
+
+    def set_groups(self, groups: Iterable[str]) -> None:
+        """Its groups are ``groups`` (a HELLO's)."""
+        self.groups = set(groups)
+        self.group_chars = sum(map(len, self.groups))
+
+    def join(self, group: str, most_chars: int) -> bool:
+        """It joined ``group``: False (not added) if its groups' names would pass
+        ``most_chars`` characters in all (bounded as a HELLO's are)."""
+        if group not in self.groups:
+            if self.group_chars + len(group) > most_chars:
+                return False
+            self.groups.add(group)
+            self.group_chars += len(group)
+        return True
+
+    def leave(self, group: str) -> None:
+        """It left ``group``."""
+        if group in self.groups:
+            self.groups.discard(group)
+            self.group_chars -= len(group)

@@ -52,6 +52,13 @@ def no_provider(service: str, only: str | None) -> NoProviderError:
     return NoProviderError(f"no node offers the service {service!r}")
 
 
+def small_number(text: str, digits: int) -> int | None:
+    """``text`` as a whole number of at most ``digits`` ASCII digits, else None. (A peer's
+    word: ``str.isdigit`` also takes digits such as "²", which ``int`` refuses, and ``int``
+    of thousands of digits is slow or refused.)"""
+    return int(text) if len(text) <= digits and text.isascii() and text.isdigit() else None
+
+
 def offers_of(groups: Iterable[str], kind: str) -> frozenset[str]:
     """The names of ``kind`` that a member of ``groups`` offers (pulling a queue at least
     once is pulling it: ``queues`` counts the at-least-once ones too)."""
@@ -118,10 +125,11 @@ class Directory:
             del self._parsed[gone]
         tables = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
         ack_timeouts: dict[tuple[str, str], float] = {}
-        for name, ids in tables["acktimeouts"].items():  # "<milliseconds>/<queue>"
+        for name, ids in tables["acktimeouts"].items():  # "<milliseconds>/<queue>" (checked: `_offers_of_peer`)
             millis, _, queue = name.partition("/")
-            if millis.isdigit():
-                ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
+            number = small_number(millis, 8)
+            if number is not None:
+                ack_timeouts.update(((queue, i), number / 1000) for i in ids)
         self._ack_timeouts = ack_timeouts
         self.streams = streams
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
@@ -137,6 +145,11 @@ class Directory:
         if cached is not None and cached[0] is peer and cached[1] == peer.version:
             return cached[2]
         by_kind = {kind: offers_of(peer.groups, kind) for kind in OFFER_KINDS}
+        timeouts = by_kind["acktimeouts"]  # "<milliseconds>/<queue>", at most a day
+        usable = frozenset(t for t in timeouts if small_number(t.partition("/")[0], 8) is not None)
+        if len(usable) < len(timeouts):
+            self.stats.reject("bad_offer", len(timeouts) - len(usable))
+            by_kind["acktimeouts"] = usable
         self._parsed[peer.id] = (peer, peer.version, by_kind)
         return by_kind
 
@@ -169,7 +182,7 @@ class Directory:
             return PROTOCOL
         peer = self._peers.get(node_id)
         announced = peer.headers.get(HEADER["protocol"], "1") if peer is not None else "1"
-        return int(announced) if announced.isdigit() else 1
+        return small_number(announced, 4) or 1
 
     def speaks(self, node_id: str, protocol: int) -> bool:
         """Whether the node ``node_id`` (this one included) speaks wire protocol ``protocol``

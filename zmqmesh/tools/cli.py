@@ -78,7 +78,7 @@ def _seconds_or_zero(text: str) -> float:
 
 def _port(text: str) -> int:
     """An argparse type: a UDP or TCP port, 1 to 65535."""
-    if not text.isdigit() or not 0 < int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text!r}")
     return int(text)
 

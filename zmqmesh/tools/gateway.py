@@ -531,7 +531,7 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
     Raises `GatewayError` for a bad address or one it cannot listen on."""
     host, _, port_text = listen.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:8080
-    if not host or not port_text.isdigit() or int(port_text) > 65535:
+    if not host or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise GatewayError(f"--listen must be host:port with a port from 0 to 65535, got {listen!r}")
     if not _is_loopback(host) and not token:
         raise GatewayError(f"listening on {host} (not loopback) needs a bearer token (--token or ZMQMESH_GATEWAY_TOKEN)")
