@@ -44,7 +44,7 @@ from .._io.netif import (
 )
 from .._io.reactor import EventLoop, run_on
 from .._io.sockets import new_socket
-from .._membership.engine import Membership
+from .._membership.engine import MAX_PEERS, ZMQ_SOCKETS_PER_PEER, Membership
 from .._membership.peer import PeerState
 from .._mesh.directory import Directory, Provider
 from .._mesh.registry import Registry
@@ -206,6 +206,8 @@ class Engine:
                     self.store.close()
                 raise
         self.ctx = zmq.Context(io_threads=1)
+        # (libzmq's default of 1,023 sockets ran out at about 340 peers, long before MAX_PEERS)
+        self.ctx.set(zmq.MAX_SOCKETS, ZMQ_SOCKETS_PER_PEER * MAX_PEERS + 1024)
         try:
             if self.keys is not None:  # the ZAP handler must exist before any socket binds
                 self._zap = ZapHandler(self.ctx, loop, self.keys, allowed, self.stats)

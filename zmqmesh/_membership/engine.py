@@ -61,7 +61,10 @@ _SETTLE_S = 10.0
 
 _MAILBOX_BURST = 512
 MAX_PEERS = 1024
-"""Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted."""
+"""Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted.
+(Each costs some 4 to 8 file descriptors: ``ulimit -n`` must leave room for them.)"""
+ZMQ_SOCKETS_PER_PEER = 3
+"""ZeroMQ sockets a peer costs: its link, the link's monitor and libzmq's end of it."""
 MAX_UNPROVEN_PEERS = 128
 """Peers kept that have not yet proven themselves (answered a PING sent to the endpoint
 they claim, over a link that came up): strangers past it make way for each other."""
