@@ -114,7 +114,15 @@ def test_one_database_is_used_by_one_node_whatever_names_it_and_odd_files_are_re
                 (other / "zmqmesh.db").symlink_to(first / "zmqmesh.db")
             with pytest.raises(zmqmesh.StoreLockedError, match="another name"):
                 zmqmesh.Node("second", store=str(other), **mesh).start()
-    assert inspect_store(tmp_path / "hard")["queues"]["q"]["messages"] == 1  # the same database
+        # the refusals kept the running node's own locks: another process's SQLite, closing,
+        # must not take its write-ahead log away (a refusal that opened the file dropped them)
+        subprocess.run([sys.executable, "-c", "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+                        "db.execute('SELECT count(*) FROM meta').fetchall(); db.close()", str(first / "zmqmesh.db")],
+                       check=True, timeout=30)
+        assert (first / "zmqmesh.db-wal").exists(), "the running node's write-ahead log was taken away"
+        node.push("q", 2, durable=True)
+    assert inspect_store(first)["queues"]["q"]["messages"] == 2
+    assert inspect_store(tmp_path / "hard")["queues"]["q"]["messages"] == 2  # the same database
     with zmqmesh.Node("second", store=str(tmp_path / "hard"), **mesh):  # one at a time: fine
         pass
 
@@ -433,6 +441,21 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill ``disk`` with a file, but for about ``leave`` bytes; the file."""
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
 def test_a_start_that_fails_on_a_full_disk_lets_the_store_go(small_disk: Path, mesh: dict[str, Any]) -> None:
     """Starting trims what a dedupe puller remembers; on a full disk that fails, and the
     start fails (StoreFullError): the store must not stay locked (the next start, once
@@ -445,14 +468,8 @@ def test_a_start_that_fails_on_a_full_disk_lets_the_store_go(small_disk: Path, m
         pusher.push_many("q", list(range(300)), durable=True)  # (durable: ids the puller remembers)
         wait_until(lambda: len(handled) == 300, 20, "300 messages handled")
     assert inspect_store(store)["handled"]["q"] > 10
-    filler = small_disk / "filler"
-    with filler.open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    filler = fill(small_disk)
+
     def puller() -> zmqmesh.Node:
         again = zmqmesh.Node("puller", store=str(store), **mesh)
         again.pull("q", print, at_least_once=True, dedupe=True, dedupe_window=10)
@@ -478,14 +495,7 @@ def test_messages_handled_while_the_disk_is_full_are_forgotten_once_it_has_room(
     got: list[int] = []
     with zmqmesh.Node("pusher", store=str(store), **mesh) as pusher:
         pusher.push("q", -1, durable=True)  # (the store's files exist)
-        with filler.open("wb") as f:  # the disk fills up, but for some 200 KB
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
-        os.truncate(filler, filler.stat().st_size - 200_000)
+        fill(small_disk, leave=200_000)  # the disk fills up, but for some 200 KB
         accepted = 0
         with pytest.raises(zmqmesh.StoreFullError):
             for i in range(1000):

@@ -96,6 +96,10 @@ def test_the_gateway_refuses_foreign_hosts_cross_site_requests_and_bad_numbers(g
     for site, want in (("cross-site", 403), ("same-site", 403), ("same-origin", 200), ("none", 200)):
         status, _ = call(gateway + "/peers", headers={"Sec-Fetch-Site": site})  # (no Origin on a GET)
         assert status == want, site
+    with urllib.request.urlopen(urllib.request.Request(gateway + "/", headers={  # a link to the dashboard
+            "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}),
+            timeout=30) as page:
+        assert page.status == 200
     for bad in ("nan", "inf", "-1", "1e9", "soon"):
         status, err = call(gateway + f"/request/echo?timeout={bad}", "POST", b"1")
         assert status == 400 and "timeout" in err["message"], bad
@@ -402,6 +406,7 @@ def test_slow_bodies_and_callers_that_hang_up_hold_no_slot(mesh: dict[str, Any],
     from zmqmesh.tools import gateway as gateway_module
 
     monkeypatch.setattr(gateway_module, "MAX_IN_FLIGHT", 4)
+    monkeypatch.setattr(gateway_module, "MAX_BODY_BYTES_READING", 3 * 1024 * 1024)
     spawn("worker", service=["block"], block_s=20)
     with gateway_in_process(mesh, body_timeout_s=20.0) as (url, connect):
         wait_until(lambda: any(p["name"] == "worker" for p in call(f"{url}/peers")[1]), 10, "the worker")
@@ -410,6 +415,16 @@ def test_slow_bodies_and_callers_that_hang_up_hold_no_slot(mesh: dict[str, Any],
                     b"Content-Length: 100\r\n\r\n[1,")
         time.sleep(0.5)
         assert call(f"{url}/peers")[0] == 200, "slow bodies took the slots"
+        # but bodies on their way are bounded in bytes: past 3 MiB declared, a large one is
+        # refused before it is read; a small one is still read
+        for _ in range(3):
+            connect(b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000000\r\n\r\n[1,")
+        time.sleep(0.5)
+        late = connect(b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000000\r\n\r\n[1,")
+        assert late.recv(4096).startswith(b"HTTP/1.1 503"), "a fourth large body was read"
+        assert call(f"{url}/request/nobody?timeout=0.2", "POST", b"1")[0] in (503, 504)  # (small: read, answered)
         callers = [connect(b"POST /request/block?timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                            b"Content-Type: application/json\r\nContent-Length: 4\r\n\r\nnull") for _ in range(4)]
         wait_until(lambda: call(f"{url}/peers")[0] == 503, 10, "the 4 blocked calls to fill the slots")
@@ -423,9 +438,12 @@ def test_an_event_stream_that_lags_loses_events_past_its_bound_and_counts_them()
     lost and counted, what fits comes out in order, and an ended stream says so."""
     import asyncio
 
-    from zmqmesh.tools.gateway import MAX_STREAM_BYTES, _Stream
+    from zmqmesh.tools.gateway import MAX_STREAM_BYTES, _dashboard_view, _Stream
 
     async def scenario() -> None:
+        alone = _Stream()  # one event larger than the bound, with nothing waiting: it goes
+        alone.put(b"y" * (MAX_STREAM_BYTES + 1))
+        assert alone.lost == 0 and len(await alone.next(1.0) or b"") == MAX_STREAM_BYTES + 1
         stream = _Stream()
         chunk = b"x" * 1000
         for _ in range(MAX_STREAM_BYTES // 1000 + 50):
@@ -439,6 +457,11 @@ def test_an_event_stream_that_lags_loses_events_past_its_bound_and_counts_them()
         assert await stream.next(1.0) is None  # (an ended stream drops what waited)
 
     asyncio.run(scenario())
+    deep: Any = 1
+    for _ in range(900):
+        deep = [deep]
+    with pytest.raises(TypeError):  # a node's counters of another shape never reach the event's encoding
+        _dashboard_view({"id": "x", "pubsub": {"sent": deep}})
 
 
 @pytest.mark.timeout(120)

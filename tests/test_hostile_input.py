@@ -337,25 +337,41 @@ def test_a_strangers_odd_numbers_break_neither_the_directory_nor_its_callers(
     router.close(0)
 
 
-def test_a_goodbye_beacon_counts_only_from_the_peers_address(mesh: dict[str, Any]) -> None:
-    """A peer's uuid is public (its beacons carry it): a goodbye beacon under it from
-    another address must not retire it (each one did, at once, CURVE or not)."""
+def test_a_goodbye_beacon_under_a_peers_uuid_does_not_retire_it(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A peer's uuid is public (its beacons carry it), and a beacon's source address can be
+    forged: a goodbye beacon never retires a zmqmesh peer (each one did, at once, CURVE or
+    not; its goodbye comes over its link), and a plain ZRE peer only from its own address."""
     left: list[str] = []
-    node = zmqmesh.Node("target", **mesh)
+    node = zmqmesh.Node("target", **{**mesh, "accept_plain_zre": True, "peer_timeout_s": 30.0})
     node.on_leave(lambda peer: left.append(peer.name))
+
+    def goodbye(uuid_hex: str, source: str) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.bind((source, 0))
+        sock.sendto(zre.encode_beacon(bytes.fromhex(uuid_hex), 0), ("127.255.255.255", mesh["beacon_port"]))
+        sock.close()
+
     with node, zmqmesh.Node("victim", **mesh) as victim:
         victim.service("echo", lambda msg: msg.data)
         wait_until(lambda: node.providers("echo"), 10, "the victim")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        sock.bind(("127.0.0.99", 0))
-        for _ in range(5):
-            sock.sendto(zre.encode_beacon(bytes.fromhex(victim.id), 0), ("127.255.255.255", mesh["beacon_port"]))
-        sock.close()
-        wait_until(lambda: rejected(node, "beacon_goodbye_forged") >= 1, 5, "the forged goodbyes counted")
+        for source in ("127.0.0.99", "127.0.0.1"):
+            goodbye(victim.id, source)
+        wait_until(lambda: rejected(node, "beacon_goodbye_ignored") >= 2, 5, "the goodbyes ignored")
         assert node.request("echo", 1, timeout=5) == 1
         assert left == [] and victim.id in {p.id for p in node.peers()}
-    # (the victim's own goodbye, when it stops, is heard as before: test_lifecycle)
+
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])  # a plain ZRE peer
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=endpoint, name="zyre"))
+        wait_until(lambda: any(p.name == "zyre" for p in node.peers()), 10, "the plain peer")
+        (plain,) = [p.id for p in node.peers() if p.name == "zyre"]
+        goodbye(plain, "127.0.0.99")
+        wait_until(lambda: rejected(node, "beacon_goodbye_ignored") >= 3, 5, "the forged goodbye ignored")
+        assert left == []
+        goodbye(plain, "127.0.0.1")  # its own address: it leaves
+        wait_until(lambda: left == ["zyre"], 5, "the plain peer gone on its goodbye")
+        dealer.close(0)
+        inbox.close(0)
 
 
 def test_a_hello_under_a_live_peers_uuid_does_not_take_its_place(mesh: dict[str, Any], ctx: zmq.Context) -> None:
@@ -377,6 +393,36 @@ def test_a_hello_under_a_live_peers_uuid_does_not_take_its_place(mesh: dict[str,
         assert node.request("balance", None, timeout=5) == 100
         dealer.close(0)
         inbox.close(0)
+
+
+def test_a_peer_greeting_again_from_the_endpoint_it_announced_is_taken_back(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A node met through its beacon (at its source address) may announce another
+    endpoint in its HELLO (an advertised address): greeting again from that one, while
+    its link is up, is the peer itself, never a claim to refuse (a node refused it for
+    good, and the two stayed apart)."""
+    with zmqmesh.Node("target", **mesh) as node:
+        uuid = os.urandom(16)
+        heard_at = ctx.socket(zmq.ROUTER)  # where its beacon says it is
+        beacon_port = heard_at.bind_to_random_port("tcp://127.0.0.1")
+        announced = ctx.socket(zmq.ROUTER)  # where its HELLO says it is
+        announced_port = announced.bind_to_random_port("tcp://127.0.0.1")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.sendto(zre.encode_beacon(uuid, beacon_port), ("127.255.255.255", mesh["beacon_port"]))
+        sock.close()
+        assert heard_at.poll(5000), "the node greets what the beacon named"
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + uuid)
+        dealer.connect(node.endpoints["mailbox"])
+        _stranger_hello(dealer, f"tcp://127.0.0.1:{announced_port}", mesh, name="adv")
+        wait_until(lambda: [p.name for p in node.peers()] == ["adv"], 5, "the peer")
+        _stranger_hello(dealer, f"tcp://127.0.0.1:{announced_port}", mesh, name="adv",  # it lost us, and greets again
+                        groups=["zmqmesh/svc/later"])
+        wait_until(lambda: node.providers("later"), 5, "the second HELLO taken")
+        assert rejected(node, "zre_hello_conflict") == 0
+        for closing in (dealer, heard_at, announced):
+            closing.close(0)
 
 
 def test_joins_past_a_hellos_bound_on_groups_are_refused(mesh: dict[str, Any], ctx: zmq.Context) -> None:

@@ -206,9 +206,9 @@ class Engine:
                     self.store.close()
                 raise
         self.ctx = zmq.Context(io_threads=1)
-        # (libzmq's default of 1,023 sockets ran out at about 340 peers, long before MAX_PEERS)
-        self.ctx.set(zmq.MAX_SOCKETS, ZMQ_SOCKETS_PER_PEER * MAX_PEERS + 1024)
         try:
+            # (libzmq's default of 1,023 sockets ran out at about 340 peers, long before MAX_PEERS)
+            self.ctx.set(zmq.MAX_SOCKETS, ZMQ_SOCKETS_PER_PEER * MAX_PEERS + 1024)
             if self.keys is not None:  # the ZAP handler must exist before any socket binds
                 self._zap = ZapHandler(self.ctx, loop, self.keys, allowed, self.stats)
             sockets = self._open_sockets(bind_address)

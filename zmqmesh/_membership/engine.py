@@ -399,13 +399,14 @@ class Membership:
         if endpoint is None:
             if peer is None:
                 return
-            # anyone can send a beacon with any uuid (the peers' beacons make them public):
-            # a goodbye counts only from the peer's address, with its key; otherwise its
-            # link's GOODBYE, or its silence, tells when it leaves
-            if source == peer.address and key == peer.key:
+            # anyone can send a beacon under any uuid (the peers' beacons make them public),
+            # from any address on a LAN: a zmqmesh peer's goodbye comes over its link (a
+            # "bye"), so a goodbye beacon is not taken from one; a plain ZRE peer's counts
+            # only from its address (else its link's GOODBYE, or its silence, tells)
+            if not peer.is_zmqmesh and source == peer.address:
                 self.remove(peer, "left (goodbye beacon)")
             else:
-                self.stats.reject("beacon_goodbye_forged")
+                self.stats.reject("beacon_goodbye_ignored")
             return
         if peer is None:
             self._learn(uuid, endpoint, key)
@@ -534,9 +535,8 @@ class Membership:
             # that our sequence starts afresh too. Not at another endpoint while it is still
             # heard from over its link: anyone can claim a peer's uuid (its beacons make it
             # public), and the peer's traffic would go to the claimant.
-            quiet_s = 1.5 * self.config.heartbeat_interval_s
-            if msg.endpoint != peer.endpoint and peer.link_up and \
-                    time.monotonic() - peer.last_rx < quiet_s:
+            if msg.endpoint not in (peer.endpoint, peer.hello_endpoint) and peer.link_up and \
+                    time.monotonic() - peer.last_rx < self._quiet_s:
                 self.stats.reject("zre_hello_conflict")
                 log.warning("a HELLO claims peer %s (%s) at %s, while it is heard from at %s: ignored",
                             peer.name, peer.id[:8], msg.endpoint, peer.endpoint)
@@ -548,6 +548,7 @@ class Membership:
                 peer.pings_out = 0
                 self._ping(peer)
         peer.in_sequence = msg.sequence
+        peer.hello_endpoint = msg.endpoint  # (it may differ from where we heard of it: an advertised address)
         peer.name = msg.name
         peer.headers = dict(msg.headers)
         peer.set_groups(msg.groups)
@@ -558,8 +559,7 @@ class Membership:
         if peer.ready:
             self.events.peer_groups_changed(peer)
             return
-        quiet_s = 1.5 * self.config.heartbeat_interval_s  # (a live peer pings at least this often)
-        for ghost in self.admission.ghosts(peer, list(self.peers.values()), quiet_s):
+        for ghost in self.admission.ghosts(peer, list(self.peers.values()), self._quiet_s):
             self.remove(ghost, "replaced by a restarted node")
         peer.ready = True
         self._ping(peer)  # answered over a link that came up, it proves the peer
@@ -568,6 +568,11 @@ class Membership:
         self.events.peer_ready(peer)
         if peer.is_zmqmesh:
             self._gossip_to(peer)
+
+    @property
+    def _quiet_s(self) -> float:
+        """Longer than a live peer stays silent: it pings at least every heartbeat."""
+        return 1.5 * self.config.heartbeat_interval_s
 
     def _gossip_to(self, peer: PeerState) -> None:
         known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values() if p.ready and p is not peer]
@@ -584,14 +589,15 @@ class Membership:
             # a peer's word about others: at most `MAX_UNPROVEN_PEERS` new ones a message,
             # none making way for another (a list of 10,000 strangers at 10,000 addresses
             # opened and closed as many links in one turn of the loop: seconds)
-            learned = 0
             entries = parsed[1]
+            unproven = sum(1 for p in self.peers.values() if not p.proven)
+            room = min(MAX_UNPROVEN_PEERS - unproven, MAX_PEERS - len(self.peers))
             for at, (uuid, endpoint, key) in enumerate(entries):
-                if learned >= MAX_UNPROVEN_PEERS:
+                if room <= 0:  # (stopped at once: each look for room walks every peer)
                     self.stats.reject("gossip_past_bound", len(entries) - at)
                     break
                 if self._learn(uuid, endpoint, key, make_way=False) is not None:
-                    learned += 1
+                    room -= 1
         else:
             self.stats.reject("control_unknown")
 

@@ -22,6 +22,7 @@ class PeerState:
         self.uuid = uuid
         self.id = uuid.hex()
         self.endpoint = endpoint
+        self.hello_endpoint = endpoint  # the endpoint its last HELLO gave (our link's may be another)
         self.address = address
         self.seed = seed  # the seed option this link was opened for, until the peer answers
         self.link: zmq.Socket[Any] | None = None

@@ -50,6 +50,8 @@ DB_FILE = "zmqmesh.db"
 LOCK_FILE = "zmqmesh.lock"
 _APP = "zmqmesh"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_HELD: set[tuple[int, int]] = set()  # (device, inode) of the databases the stores of this process hold
+_HELD_LOCK = threading.Lock()
 _PAGE_SIZE = 4096
 SEGMENT_MAX = 1024
 """Messages in one stored segment at most: a larger call is stored as several."""
@@ -187,7 +189,7 @@ class Store:
         except OSError as exc:
             raise ConfigError(f"cannot create the store directory {self.directory}: {exc}") from exc
         self._lock_file = self._take_lock()
-        self._db_lock: int | None = None
+        self._db_lock: tuple[int, tuple[int, int]] | None = None
         self._lock = threading.Lock()
         try:
             self._db_lock = self._hold_database()
@@ -220,35 +222,59 @@ class Store:
             raise StoreLockedError(f"the store {self.directory} is in use by another node (locked)") from None
         return handle
 
-    def _hold_database(self) -> int:
+    def _hold_database(self) -> tuple[int, tuple[int, int]]:
         """Lock the database file itself (created empty if missing), for the store's
         lifetime: two store directories that name one database (a hard link or a symbolic
-        one) hold one file, which only one node may use at a time. Raises
-        `StoreLockedError` when another node uses it, `StoreError` for what is not a
-        plain file (opened without blocking: a FIFO would block)."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StoreError(f"{self.path} is not a plain file (a FIFO or a device?): a store's database "
-                                 "must be a file")
+        one) hold one file, which only one node may use at a time. Its descriptor and
+        ``(device, inode)``. Raises `StoreLockedError` when another node uses it,
+        `StoreError` for what is not a plain file.
+
+        A store of this process that holds the file is found by its inode, and the file is
+        then never opened: closing any descriptor of a file drops every POSIX lock this
+        process holds on it, SQLite's too (another process's SQLite could then delete the
+        write-ahead log under the running node)."""
+        with _HELD_LOCK:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreLockedError(f"the database {self.path} is in use by another node, through "
-                                       "another name (a link to it)") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+                info = os.stat(self.path)  # (the file a link names: never a FIFO or a device opened)
+            except FileNotFoundError:
+                info = None
+            except OSError as exc:
+                raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+            if info is not None:
+                if not stat.S_ISREG(info.st_mode):
+                    raise StoreError(f"{self.path} is not a plain file (a FIFO or a device?): a store's "
+                                     "database must be a file")
+                if (info.st_dev, info.st_ino) in _HELD:
+                    raise StoreLockedError(f"the database {self.path} is in use by another node of this "
+                                           "process, through another name (a link to it)")
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+            try:
+                opened = os.fstat(fd)
+                identity = (opened.st_dev, opened.st_ino)
+                if not stat.S_ISREG(opened.st_mode) or identity in _HELD:  # (it changed since the look)
+                    raise StoreError(f"{self.path} changed while it was opened: try again")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise StoreLockedError(f"the database {self.path} is in use by another node, through "
+                                           "another name (a link to it)") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            _HELD.add(identity)
+            return fd, identity
 
     def _release_lock(self) -> None:
         try:
             if self._db_lock is not None:  # (after the connection closed: SQLite's own locks are gone by then)
-                os.close(self._db_lock)
+                fd, identity = self._db_lock
                 self._db_lock = None
+                with _HELD_LOCK:
+                    _HELD.discard(identity)
+                os.close(fd)
         finally:
             try:
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
@@ -838,6 +864,16 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
     db.execute("COMMIT")
 
 
+def _held_here(path: Path) -> bool:
+    """Whether a store of this process holds the database ``path`` names."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    with _HELD_LOCK:
+        return (info.st_dev, info.st_ino) in _HELD
+
+
 def _check_sqlite_file(path: Path) -> None:
     """Raise `StoreError` unless ``path`` is missing, empty, or an SQLite database in a
     plain file (a FIFO or a device could block the open)."""
@@ -868,7 +904,8 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / DB_FILE
     if not path.exists():
         raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
-    _check_sqlite_file(path)
+    if not _held_here(path):  # (one a node of this process holds is its store: never opened here, see `_hold_database`)
+        _check_sqlite_file(path)
     import sqlite3
 
     try:

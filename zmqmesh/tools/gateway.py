@@ -74,6 +74,13 @@ MAX_TIMEOUT_S = 300.0
 """The longest ``?timeout=`` a request may ask for."""
 MAX_IN_FLIGHT = 256
 """Requests served at once (event streams aside); past it, 503 at once."""
+MAX_BODY_BYTES_READING = 64 * 1024 * 1024
+"""Bytes the bodies being read declare (their ``Content-Length``, or the body limit when
+sent in chunks), at most; past it, a body larger than `SMALL_BODY_BYTES` is answered 503
+before it is read. (A body is read before its request takes a place among those in
+flight, so that a slow one holds none.)"""
+SMALL_BODY_BYTES = 64 * 1024
+"""A body this small is always read (1,024 connections at most: 64 MiB)."""
 MAX_BODY_BYTES_IN_FLIGHT = 16 * 1024 * 1024
 """Bytes of request bodies served at once (one body of any size allowed alone); past it,
 503 at once. (Parsed, a JSON body takes up to some 25 times its size while its call waits.)"""
@@ -123,6 +130,7 @@ class Gateway:
         self.listeners: set[_Stream] = set()
         self.in_flight = 0
         self.body_bytes = 0  # of the requests in flight
+        self.reading_bytes = 0  # declared by the bodies being read
         self.unreadable_stats = 0  # nodes' counters the dashboard could not read (`poll_stats`)
         self._warned: set[str] = set()  # nodes whose unreadable counters were logged (bounded)
         self.started_at = time.monotonic()  # an unknown service is answered at once after a grace
@@ -147,7 +155,7 @@ class Gateway:
         try:
             # the body first, then a slot: a slow body holds its connection alone (bounded in
             # number, MAX_CONNECTIONS, and in time, the body timeout), never a slot of those in flight
-            size = len(await self._read(request)) if request.method == "POST" else 0
+            size = len(await self._read_within_budget(request)) if request.method == "POST" else 0
             if not streaming and self.in_flight >= MAX_IN_FLIGHT:
                 return _error(503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
             if self.body_bytes and self.body_bytes + size > MAX_BODY_BYTES_IN_FLIGHT:
@@ -160,6 +168,8 @@ class Gateway:
             finally:
                 self.in_flight -= not streaming
                 self.body_bytes -= size
+        except _Busy as exc:
+            return _error(503, "Busy", str(exc))
         except web.HTTPRequestTimeout as exc:
             return _error(408, "RequestTimeout", exc.text or "")
         except web.HTTPRequestEntityTooLarge:
@@ -184,7 +194,8 @@ class Gateway:
         if origin is not None and not self._served_origin(origin, request):
             return _error(403, "Forbidden", f"cross-site request from {origin!r} refused")
         site = request.headers.get("Sec-Fetch-Site")  # (a browser's word: the page's origin, or a typed address)
-        if site is not None and site not in ("same-origin", "none"):
+        navigation = request.method == "GET" and request.headers.get("Sec-Fetch-Mode") == "navigate"
+        if site is not None and site not in ("same-origin", "none") and not navigation:  # (a link may open a page)
             return _error(403, "Forbidden", f"a request made by another site ({site}) refused")
         if request.method == "POST" and request.content_type != "application/json" and (
                 request.body_exists or "Content-Type" in request.headers):  # (an empty form is still a form)
@@ -213,6 +224,20 @@ class Gateway:
         if not 0 <= timeout <= MAX_TIMEOUT_S:  # (NaN fails it too)
             raise _BadRequest(f"?timeout= must be between 0 and {MAX_TIMEOUT_S:g} seconds, got {raw!r}")
         return timeout + 0.0  # (-0 is 0)
+
+    async def _read_within_budget(self, request: web.Request) -> bytes:
+        """`_read`, once the body's declared size (or ``max_body_bytes`` for one sent in
+        chunks) fits in `MAX_BODY_BYTES_READING` with those being read; a body of up to
+        `SMALL_BODY_BYTES` is always read. Raises `_Busy` otherwise."""
+        declared = request.content_length if request.content_length is not None else self.max_body_bytes
+        declared = min(declared, self.max_body_bytes)  # (past it, aiohttp answers 413)
+        if declared > SMALL_BODY_BYTES and self.reading_bytes + declared > MAX_BODY_BYTES_READING:
+            raise _Busy(f"{MAX_BODY_BYTES_READING} bytes of bodies are arriving; try again")
+        self.reading_bytes += declared
+        try:
+            return await self._read(request)
+        finally:
+            self.reading_bytes -= declared
 
     async def _read(self, request: web.Request) -> bytes:
         """The body of ``request`` (kept by aiohttp: `_body` reads it again at no cost).
@@ -400,17 +425,27 @@ def _dashboard_view(snap: dict[str, Any]) -> dict[str, Any]:
     """What the dashboard draws of a node's counters: the patterns' counters, what it
     received from each peer (the edges), its rejects, and the latency of what it called.
     Raises `TypeError`, `KeyError` or `ValueError` for counters not shaped as this version's."""
-    view: dict[str, Any] = {k: dict(snap.get(k) or {}) for k in ("pubsub", "pipeline", "request", "service", "zre")}
-    view["from"] = {str(peer): int(counts.get("received", 0)) for peer, counts in (snap.get("peers") or {}).items()}
-    view["rejected"] = sum(int(n) for n in (snap.get("rejected") or {}).values())
-    view["latency"] = {str(service): [float(h["sum"]), int(h["count"])]
+    view: dict[str, Any] = {k: {str(name): _count(n) for name, n in dict(snap.get(k) or {}).items()}
+                            for k in ("pubsub", "pipeline", "request", "service", "zre")}
+    view["from"] = {str(peer): _count(counts.get("received", 0)) for peer, counts in (snap.get("peers") or {}).items()}
+    view["rejected"] = sum(_count(n) for n in (snap.get("rejected") or {}).values())
+    view["latency"] = {str(service): [_count(h["sum"]), _count(h["count"])]
                        for service, h in (snap.get("latency") or {}).items()}
     return view
 
 
+def _count(value: Any) -> int | float:
+    """``value`` if it is a number (what counters hold), else `TypeError`: a node's view
+    holds nothing else, so nothing of a stranger's shape reaches the event's encoding."""
+    if type(value) not in (int, float):
+        raise TypeError(f"a counter that is not a number: {type(value).__name__}")
+    return value  # type: ignore[no-any-return]
+
+
 class _Stream:
     """The events waiting to be written to one ``/events`` stream: at most
-    `MAX_STREAM_BYTES` (past them, an event is lost, and counted in `lost`)."""
+    `MAX_STREAM_BYTES`, or one event alone (past them, an event is lost, and counted in
+    `lost`)."""
 
     def __init__(self) -> None:
         self._chunks: deque[bytes | None] = deque()
@@ -419,8 +454,9 @@ class _Stream:
         self.lost = 0
 
     def put(self, chunk: bytes) -> None:
-        """Queue ``chunk``, unless the stream already has `MAX_STREAM_BYTES` waiting."""
-        if self._bytes + len(chunk) > MAX_STREAM_BYTES:
+        """Queue ``chunk``, unless it would make more than `MAX_STREAM_BYTES` wait (one
+        alone waits whatever its size: a large mesh's counters are one large event)."""
+        if self._bytes and self._bytes + len(chunk) > MAX_STREAM_BYTES:
             self.lost += 1
             return
         self._chunks.append(chunk)
@@ -450,6 +486,10 @@ class _Stream:
 
 
 class _BadRequest(Exception):
+    pass
+
+
+class _Busy(Exception):
     pass
 
 

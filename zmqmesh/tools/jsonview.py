@@ -19,9 +19,10 @@ def _default(value: Any) -> Any:
 
 def dumps(value: Any, **options: Any) -> str:
     """``value`` as strict JSON (what a browser's ``JSON.parse`` reads): bytes become text,
-    map keys that are not text their text, ``NaN`` and infinities ``null``, anything else
-    JSON lacks its ``str``. Raises ``RecursionError`` for a value nested past what
-    Python's JSON encoder recurses."""
+    map keys that are not text their JSON text (two keys that read the same then: the
+    last one's value stays), ``NaN`` and infinities ``null``, anything else JSON lacks its
+    ``str``. Raises ``RecursionError`` for a value nested past what Python's JSON encoder
+    recurses."""
     try:
         return json.dumps(value, default=_default, ensure_ascii=False, allow_nan=False, **options)
     except (TypeError, ValueError):  # (a map key that is not text, a float JSON has no form for)
