@@ -99,7 +99,11 @@ def test_the_gateway_refuses_foreign_hosts_cross_site_requests_and_bad_numbers(g
     with urllib.request.urlopen(urllib.request.Request(gateway + "/", headers={  # a link to the dashboard
             "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}),
             timeout=30) as page:
-        assert page.status == 200
+        assert page.status == 200 and page.headers["X-Frame-Options"] == "DENY"
+    for path, dest in (("/", "iframe"), ("/events", "document")):  # framed, or another route: no
+        status, _ = call(gateway + path, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+                                                  "Sec-Fetch-Dest": dest})
+        assert status == 403, (path, dest)
     for bad in ("nan", "inf", "-1", "1e9", "soon"):
         status, err = call(gateway + f"/request/echo?timeout={bad}", "POST", b"1")
         assert status == 400 and "timeout" in err["message"], bad

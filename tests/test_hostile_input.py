@@ -355,9 +355,10 @@ def test_a_goodbye_beacon_under_a_peers_uuid_does_not_retire_it(mesh: dict[str, 
     with node, zmqmesh.Node("victim", **mesh) as victim:
         victim.service("echo", lambda msg: msg.data)
         wait_until(lambda: node.providers("echo"), 10, "the victim")
-        for source in ("127.0.0.99", "127.0.0.1"):
+        for source in ("127.0.0.99", "127.0.0.1"):  # (from its own address: a routine goodbye, not counted)
             goodbye(victim.id, source)
-        wait_until(lambda: rejected(node, "beacon_goodbye_ignored") >= 2, 5, "the goodbyes ignored")
+        wait_until(lambda: rejected(node, "beacon_goodbye_ignored") >= 1, 5, "the forged goodbye ignored")
+        time.sleep(0.5)  # (the second one handled too)
         assert node.request("echo", 1, timeout=5) == 1
         assert left == [] and victim.id in {p.id for p in node.peers()}
 
@@ -366,7 +367,7 @@ def test_a_goodbye_beacon_under_a_peers_uuid_does_not_retire_it(mesh: dict[str, 
         wait_until(lambda: any(p.name == "zyre" for p in node.peers()), 10, "the plain peer")
         (plain,) = [p.id for p in node.peers() if p.name == "zyre"]
         goodbye(plain, "127.0.0.99")
-        wait_until(lambda: rejected(node, "beacon_goodbye_ignored") >= 3, 5, "the forged goodbye ignored")
+        wait_until(lambda: rejected(node, "beacon_goodbye_ignored") >= 2, 5, "the forged goodbye ignored")
         assert left == []
         goodbye(plain, "127.0.0.1")  # its own address: it leaves
         wait_until(lambda: left == ["zyre"], 5, "the plain peer gone on its goodbye")

@@ -403,10 +403,10 @@ class Membership:
             # from any address on a LAN: a zmqmesh peer's goodbye comes over its link (a
             # "bye"), so a goodbye beacon is not taken from one; a plain ZRE peer's counts
             # only from its address (else its link's GOODBYE, or its silence, tells)
-            if not peer.is_zmqmesh and source == peer.address:
+            if source != peer.address:
+                self.stats.reject("beacon_goodbye_ignored")  # (a routine one, from its address, is not counted)
+            elif not peer.is_zmqmesh:
                 self.remove(peer, "left (goodbye beacon)")
-            else:
-                self.stats.reject("beacon_goodbye_ignored")
             return
         if peer is None:
             self._learn(uuid, endpoint, key)

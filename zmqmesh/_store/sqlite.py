@@ -50,7 +50,9 @@ DB_FILE = "zmqmesh.db"
 LOCK_FILE = "zmqmesh.lock"
 _APP = "zmqmesh"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_HELD: set[tuple[int, int]] = set()  # (device, inode) of the databases the stores of this process hold
+# (device, inode) of the databases the stores of this process hold, with descriptors of
+# them opened meanwhile by a store refused (closed only with the holder's: `_hold_database`)
+_HELD: dict[tuple[int, int], list[int]] = {}
 _HELD_LOCK = threading.Lock()
 _PAGE_SIZE = 4096
 SEGMENT_MAX = 1024
@@ -254,7 +256,12 @@ class Store:
             try:
                 opened = os.fstat(fd)
                 identity = (opened.st_dev, opened.st_ino)
-                if not stat.S_ISREG(opened.st_mode) or identity in _HELD:  # (it changed since the look)
+                if identity in _HELD:  # (a link to a held file came meanwhile: closing fd would drop its locks)
+                    _HELD[identity].append(fd)  # (closed with the holder's: `_release_lock`)
+                    fd = -1
+                    raise StoreLockedError(f"the database {self.path} is in use by another node of this "
+                                           "process, through another name (a link to it)")
+                if not stat.S_ISREG(opened.st_mode):
                     raise StoreError(f"{self.path} changed while it was opened: try again")
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -262,9 +269,10 @@ class Store:
                     raise StoreLockedError(f"the database {self.path} is in use by another node, through "
                                            "another name (a link to it)") from None
             except BaseException:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
                 raise
-            _HELD.add(identity)
+            _HELD[identity] = []
             return fd, identity
 
     def _release_lock(self) -> None:
@@ -272,9 +280,9 @@ class Store:
             if self._db_lock is not None:  # (after the connection closed: SQLite's own locks are gone by then)
                 fd, identity = self._db_lock
                 self._db_lock = None
-                with _HELD_LOCK:
-                    _HELD.discard(identity)
-                os.close(fd)
+                with _HELD_LOCK:  # (its descriptors, and those parked with it, closed as it is let go)
+                    for parked in [*_HELD.pop(identity, ()), fd]:
+                        os.close(parked)
         finally:
             try:
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)

@@ -194,8 +194,9 @@ class Gateway:
         if origin is not None and not self._served_origin(origin, request):
             return _error(403, "Forbidden", f"cross-site request from {origin!r} refused")
         site = request.headers.get("Sec-Fetch-Site")  # (a browser's word: the page's origin, or a typed address)
-        navigation = request.method == "GET" and request.headers.get("Sec-Fetch-Mode") == "navigate"
-        if site is not None and site not in ("same-origin", "none") and not navigation:  # (a link may open a page)
+        link = request.path == "/" and request.method == "GET" and \
+            request.headers.get("Sec-Fetch-Mode") == "navigate" and request.headers.get("Sec-Fetch-Dest") == "document"
+        if site is not None and site not in ("same-origin", "none") and not link:  # (a link may open the dashboard)
             return _error(403, "Forbidden", f"a request made by another site ({site}) refused")
         if request.method == "POST" and request.content_type != "application/json" and (
                 request.body_exists or "Content-Type" in request.headers):  # (an empty form is still a form)
@@ -229,9 +230,12 @@ class Gateway:
         """`_read`, once the body's declared size (or ``max_body_bytes`` for one sent in
         chunks) fits in `MAX_BODY_BYTES_READING` with those being read; a body of up to
         `SMALL_BODY_BYTES` is always read. Raises `_Busy` otherwise."""
-        declared = request.content_length if request.content_length is not None else self.max_body_bytes
-        declared = min(declared, self.max_body_bytes)  # (past it, aiohttp answers 413)
-        if declared > SMALL_BODY_BYTES and self.reading_bytes + declared > MAX_BODY_BYTES_READING:
+        if not request.body_exists:
+            declared = 0
+        else:  # (sent in chunks: what it may be; past the limit, aiohttp answers 413)
+            declared = min(request.content_length or self.max_body_bytes, self.max_body_bytes)
+        if declared > SMALL_BODY_BYTES and self.reading_bytes and \
+                self.reading_bytes + declared > MAX_BODY_BYTES_READING:  # (one alone is read whatever its size)
             raise _Busy(f"{MAX_BODY_BYTES_READING} bytes of bodies are arriving; try again")
         self.reading_bytes += declared
         try:
@@ -376,7 +380,8 @@ class Gateway:
     async def dashboard(self, request: web.Request) -> web.Response:
         """GET /: the dashboard page."""
         page = resources.files("zmqmesh.tools").joinpath("dashboard.html").read_text()
-        return web.Response(text=page, content_type="text/html")
+        return web.Response(text=page, content_type="text/html",  # (never in another site's frame)
+                            headers={"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"})
 
     # events -----------------------------------------------------------------------------------
 
