@@ -528,3 +528,14 @@ def test_the_next_numbers_of_a_last_page_are_those_of_its_rows_while_frames_are_
         stop.set()
         keeper.join(10)
         store.close()
+
+
+def test_a_failed_store_write_is_tried_again_ever_more_slowly_up_to_a_bound() -> None:
+    """The delay before a failed store write (forgetting handled messages, a move to the
+    dead letters) is tried again doubles from 0.5 s to 30 s and stays there, however many
+    failures in a row (its formula overflowed a float past about a thousand: 8.5 hours of
+    a full disk, and the retries then stopped)."""
+    from zmqmesh._patterns.durable import _retry_delay
+
+    assert [_retry_delay(n) for n in range(1, 9)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert _retry_delay(5000) == 30.0

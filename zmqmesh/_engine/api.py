@@ -139,21 +139,20 @@ def check_window(window: Any) -> int:
 
 def check_name(kind: str, name: str) -> str:
     """``name`` if it is a valid topic, queue or service name. Raises `ValueError`."""
-    if not isinstance(name, str) or not _encodes(name) or len(name.encode()) > MAX_NAME_BYTES or \
-            (kind != "topic" and not name):
+    size = _utf8_size(name) if isinstance(name, str) else None
+    if size is None or size > MAX_NAME_BYTES or (kind != "topic" and not name):
         raise ValueError(f"a {kind} must be a string (text UTF-8 can encode) of at most {MAX_NAME_BYTES} bytes"
                          + ("" if kind == "topic" else ", not empty"))
     return name
 
 
-def _encodes(text: str) -> bool:
-    """Whether UTF-8 can encode ``text`` (a lone surrogate, from bytes decoded with
-    ``surrogateescape``, cannot)."""
+def _utf8_size(text: str) -> int | None:
+    """The bytes of ``text`` in UTF-8; None if UTF-8 cannot encode it (a lone surrogate,
+    from bytes decoded with ``surrogateescape``, cannot)."""
     try:
-        text.encode()
+        return len(text.encode())
     except UnicodeEncodeError:
-        return False
-    return True
+        return None
 
 
 def peer_id_of(peer: str | Peer | None) -> str | None:
@@ -337,7 +336,7 @@ class NodeBase:
             raise ConfigError(f"replay must be 'new', 'all' or a positive number of seconds, got {replay!r}")
         if durable_name is not None:
             if not isinstance(durable_name, str) or not durable_name or len(durable_name) > 200 or \
-                    not _encodes(durable_name):
+                    _utf8_size(durable_name) is None:
                 raise ConfigError(f"durable_name must be a name of 1 to 200 characters (text UTF-8 can "
                                   f"encode), got {durable_name!r}")
             if self.config.store is None:

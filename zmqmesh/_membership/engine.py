@@ -291,12 +291,11 @@ class Membership:
             status=self.status, name=self.name, headers=self.headers,
         )
 
-    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None, *, answered: bool = False,
-               make_way: bool = True) -> PeerState | None:
+    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None, *, answered: bool = False
+               ) -> PeerState | None:
         """Start greeting a peer heard of; None if it must be ignored. ``answered``: it sent
         a HELLO over a connection of its own (not a beacon or gossip, which anyone can forge
-        at no cost, and which are rate-limited per address). ``make_way``: an unproven peer
-        may make way for it (`_make_room`); otherwise, without room, it is ignored."""
+        at no cost, and which are rate-limited per address)."""
         if uuid == self.uuid or uuid in self.peers or self.admission.is_foreign(uuid) or self._leaving:
             return None
         if not self.admission.key_allowed(key):
@@ -315,7 +314,7 @@ class Membership:
             return seed
         if not answered and not self.admission.may_greet(address):
             return None
-        if not self._make_room(make_way):
+        if not self._make_room():
             return None
         peer = PeerState(uuid, endpoint, address)
         peer.key = key
@@ -329,19 +328,22 @@ class Membership:
         self._changed_at = self.loop.time()
         return peer
 
-    def _make_room(self, make_way: bool = True) -> bool:
+    def _places_left(self) -> int:
+        """How many more peers may be kept without one making way: within
+        `MAX_UNPROVEN_PEERS` not yet proven and `MAX_PEERS` in all."""
+        unproven = sum(1 for p in self.peers.values() if not p.proven)
+        return min(MAX_UNPROVEN_PEERS - unproven, MAX_PEERS - len(self.peers))
+
+    def _make_room(self) -> bool:
         """Room for one more peer: past `MAX_UNPROVEN_PEERS` not yet proven (or `MAX_PEERS`
         in all), the oldest unproven peer makes way: first one that never answered our
         greeting and whose link never came up, then one that never answered, then one whose
         link never came up, then any. A real peer proves itself within a round trip, so
         strangers crowd out only each other. False (counted) when every peer is proven and
-        there are `MAX_PEERS`, or when none may make way (``make_way`` False)."""
-        unproven = [p for p in self.peers.values() if not p.proven]
-        if len(unproven) < MAX_UNPROVEN_PEERS and len(self.peers) < MAX_PEERS:
+        there are `MAX_PEERS`."""
+        if self._places_left() > 0:
             return True
-        if not make_way:
-            self.stats.reject("unproven_peers_full")
-            return False
+        unproven = [p for p in self.peers.values() if not p.proven]
         if not unproven:
             self.stats.reject("too_many_peers")
             return False
@@ -586,17 +588,16 @@ class Membership:
         elif parsed[0] == "bye":
             self.remove(peer, "left")
         elif parsed[0] == "peers":
-            # a peer's word about others: at most `MAX_UNPROVEN_PEERS` new ones a message,
-            # none making way for another (a list of 10,000 strangers at 10,000 addresses
-            # opened and closed as many links in one turn of the loop: seconds)
+            # a peer's word about others: as many new ones as there are places left, none
+            # making way for another (a list of 10,000 strangers at 10,000 addresses opened
+            # and closed as many links in one turn of the loop: seconds)
             entries = parsed[1]
-            unproven = sum(1 for p in self.peers.values() if not p.proven)
-            room = min(MAX_UNPROVEN_PEERS - unproven, MAX_PEERS - len(self.peers))
+            room = self._places_left()  # (counted down here: each count walks every peer)
             for at, (uuid, endpoint, key) in enumerate(entries):
-                if room <= 0:  # (stopped at once: each look for room walks every peer)
+                if room <= 0:
                     self.stats.reject("gossip_past_bound", len(entries) - at)
                     break
-                if self._learn(uuid, endpoint, key, make_way=False) is not None:
+                if self._learn(uuid, endpoint, key) is not None:  # (a place taken: never one made)
                     room -= 1
         else:
             self.stats.reject("control_unknown")

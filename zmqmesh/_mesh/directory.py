@@ -125,11 +125,10 @@ class Directory:
             del self._parsed[gone]
         tables = {k: {n: tuple(ids) for n, ids in v.items()} for k, v in offers.items()}
         ack_timeouts: dict[tuple[str, str], float] = {}
-        for name, ids in tables["acktimeouts"].items():  # "<milliseconds>/<queue>" (checked: `_offers_of_peer`)
+        # "<milliseconds>/<queue>": peers' checked (`_offers_of_peer`), this node's made so (`Registry.offers`)
+        for name, ids in tables["acktimeouts"].items():
             millis, _, queue = name.partition("/")
-            number = small_number(millis, 8)
-            if number is not None:
-                ack_timeouts.update(((queue, i), number / 1000) for i in ids)
+            ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
         self._ack_timeouts = ack_timeouts
         self.streams = streams
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one

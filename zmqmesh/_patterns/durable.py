@@ -63,8 +63,13 @@ _ACK_BATCH = 16_384  # (a bound, not a cadence: the timer writes first at any ra
 _COALESCE_S = 0.001
 _ACK_DELAY_S = 0.05
 _RETRY_FIRST_S = 0.5  # a store write that failed (e.g. a full disk) is tried again after this,
-_RETRY_MOST_S = 30.0  # ... then twice as long each time, up to this
+_RETRY_MOST_S = 30.0  # ... then twice as long each time, up to this (`_retry_delay`)
 _FEW_SEGMENTS = 8  # a settled batch of more segments is sorted out message by message
+
+
+def _retry_delay(failures: int) -> float:
+    """How long to wait before trying a failed store write again, after ``failures`` in a row."""
+    return min(_RETRY_MOST_S, _RETRY_FIRST_S * float(2 ** min(failures - 1, 16)))  # (capped: 2 ** 1,100 is no float)
 
 
 def handled_by_segment(items: list[Any], failed: Container[int]) -> dict[int, list[int]]:
@@ -475,7 +480,7 @@ class DurableQueues:
         and given up on again), and the moves are tried again after a delay that doubles
         with each failure in a row."""
         self._dead_letter_failures += 1
-        delay = min(_RETRY_MOST_S, _RETRY_FIRST_S * 2 ** (self._dead_letter_failures - 1))
+        delay = _retry_delay(self._dead_letter_failures)
         counters = self.stats.pattern["pipeline"]
         counters["dead_letter_failed"] = counters.get("dead_letter_failed", 0) + 1
         log.error("cannot dead-letter %d message(s) given up on: %s; trying again in %.1f s",
@@ -541,7 +546,7 @@ class DurableQueues:
                     self._settled.setdefault(first, []).extend(seqs)
             self._unflushed += unflushed
             self._forget_failures += 1
-            delay = min(_RETRY_MOST_S, _RETRY_FIRST_S * 2 ** (self._forget_failures - 1))
+            delay = _retry_delay(self._forget_failures)
             log.error("cannot forget %d settled segment(s) and %d settled message(s): %s; trying again in %.1f s",
                       len(done), sum(len(seqs) for seqs in settled.values()), exc, delay)
             self._ack_timer = self.later(delay, self.flush_acknowledged)

@@ -209,6 +209,7 @@ class Pusher:
         uuid = self.uuid
         counters = self.stats.pattern["pipeline"]
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
+        popleft = q.popleft
         for bodies, size in cut_frames(q, pullers):
             n = len(bodies)
             headed = type(bodies[0]) is Headed  # (then all are: `next_batch`)
@@ -231,8 +232,7 @@ class Pusher:
                 if not isinstance(exc, zmq.Again):
                     log.error("push to %r failed: %s", queue, exc)
                 return True
-            popleft = q.popleft
-            for _ in range(n):
+            for _ in range(n):  # (sent: taken off the queue now, not before: `next_batch`)
                 popleft()
             self._sequence += n
             counters["sent"] += n

@@ -244,11 +244,9 @@ class Store:
                 raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
             if info is not None:
                 if not stat.S_ISREG(info.st_mode):
-                    raise StoreError(f"{self.path} is not a plain file (a FIFO or a device?): a store's "
-                                     "database must be a file")
+                    raise _not_plain(self.path)
                 if (info.st_dev, info.st_ino) in _HELD:
-                    raise StoreLockedError(f"the database {self.path} is in use by another node of this "
-                                           "process, through another name (a link to it)")
+                    raise _held_by_another(self.path)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o644)
             except OSError as exc:
@@ -259,15 +257,13 @@ class Store:
                 if identity in _HELD:  # (a link to a held file came meanwhile: closing fd would drop its locks)
                     _HELD[identity].append(fd)  # (closed with the holder's: `_release_lock`)
                     fd = -1
-                    raise StoreLockedError(f"the database {self.path} is in use by another node of this "
-                                           "process, through another name (a link to it)")
+                    raise _held_by_another(self.path)
                 if not stat.S_ISREG(opened.st_mode):
-                    raise StoreError(f"{self.path} changed while it was opened: try again")
+                    raise _not_plain(self.path)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise StoreLockedError(f"the database {self.path} is in use by another node, through "
-                                           "another name (a link to it)") from None
+                    raise _held_by_another(self.path) from None
             except BaseException:
                 if fd >= 0:
                     os.close(fd)
@@ -872,6 +868,14 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
     db.execute("COMMIT")
 
 
+def _not_plain(path: Path) -> StoreError:
+    return StoreError(f"{path} is not a plain file (a FIFO or a device?): a store's database must be a file")
+
+
+def _held_by_another(path: Path) -> StoreLockedError:
+    return StoreLockedError(f"the database {path} is in use by another node, through another name (a link to it)")
+
+
 def _held_here(path: Path) -> bool:
     """Whether a store of this process holds the database ``path`` names."""
     try:
@@ -890,7 +894,7 @@ def _check_sqlite_file(path: Path) -> None:
             return
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
-            raise StoreError(f"{path} is not a plain file (a FIFO or a device?): a store's database must be a file")
+            raise _not_plain(path)
         if info.st_size == 0:
             return
         with open(path, "rb") as f:
