@@ -287,6 +287,41 @@ def test_links_survive_the_sequence_wrap(mesh: dict[str, Any]) -> None:
         assert b.stats()["rejected"] == {}
 
 
+def test_a_stray_hello_from_a_ready_peer_is_answered_once_not_back_and_forth(mesh: dict[str, Any]) -> None:
+    """A HELLO from a peer both nodes hold as ready (one the peer sent on a link it dropped
+    meanwhile, still queued while this node's loop was starved) is answered once, with a
+    fresh link and a HELLO. Answering every such HELLO made the two nodes trade HELLOs and
+    new links without end: dozens a second, 20-45 % of a CPU each, in a 64-node mesh whose
+    host had starved a few of them during its launch."""
+    ctx = zmq.Context.instance()
+    with zmqmesh.Node("a", **mesh) as a, zmqmesh.Node("b", **mesh) as b:
+        a.wait_for_peers(1, timeout=10)
+        b.wait_for_peers(1, timeout=10)
+        (endpoint,) = [p.endpoint for p in a.peers() if p.id == b.id]
+        time.sleep(1.0)  # (the greetings of their meeting are past)
+
+        def regreeted() -> tuple[int, int]:
+            return a.stats()["membership"].get("regreeted", 0), b.stats()["membership"].get("regreeted", 0)
+
+        stray = ctx.socket(zmq.DEALER)  # b's identity on a's mailbox, as b's dropped link had
+        stray.setsockopt(zmq.LINGER, 0)
+        stray.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(b.id))
+        stray.connect(a.endpoints["mailbox"])
+        stray.send_multipart(zre.encode_command(ZreMessage(Command.HELLO, 1, endpoint=endpoint, name="b",
+                                                           headers={"X-ZMQMESH-MESH": mesh["mesh"]})))
+        wait_until(lambda: regreeted()[0] >= 1, 5, "the stray HELLO answered")
+        stray.close(0)
+        time.sleep(1.0)
+        settled = regreeted()
+        time.sleep(1.5)
+        assert regreeted() == settled, f"HELLOs still go back and forth: {settled} then {regreeted()}"
+        assert settled == (1, 1), settled
+        assert [p.id for p in a.peers()] == [b.id] and [p.id for p in b.peers()] == [a.id]
+        b.service("echo", lambda msg: msg.data)
+        wait_until(lambda: a.providers("echo"), 5, "b's offer, from its own HELLO")
+        assert a.request("echo", 3, timeout=5) == 3
+
+
 def test_same_named_nodes_started_together_do_not_evict_each_other(mesh: dict[str, Any]) -> None:
     left: list[str] = []
     observer = zmqmesh.Node("observer", **mesh)

@@ -537,18 +537,28 @@ class Membership:
             # that our sequence starts afresh too. Not at another endpoint while it is still
             # heard from over its link: anyone can claim a peer's uuid (its beacons make it
             # public), and the peer's traffic would go to the claimant.
+            now = time.monotonic()
             if msg.endpoint not in (peer.endpoint, peer.hello_endpoint) and peer.link_up and \
-                    time.monotonic() - peer.last_rx < self._quiet_s:
+                    now - peer.last_rx < self._quiet_s:
                 self.stats.reject("zre_hello_conflict")
                 log.warning("a HELLO claims peer %s (%s) at %s, while it is heard from at %s: ignored",
                             peer.name, peer.id[:8], msg.endpoint, peer.endpoint)
                 return
-            self.links.close(peer)
-            peer.endpoint = msg.endpoint
-            self.links.open(peer, self._hello())
-            if not peer.proven:  # (what it owed on the old link is lost with it)
-                peer.pings_out = 0
-                self._ping(peer)
+            if now - peer.greeted_at < self._quiet_s:
+                # Ours went out less than a heartbeat and a half ago: this one crossed it or
+                # answers it, and the peer holds us as ready too. Answering it would have the
+                # two of us trade HELLOs and links for good. (A peer that lost us again within
+                # that moment is left unanswered: it retires its half-greeted entry for us
+                # when that times out, and meets us again as it did the first time.)
+                self.stats.membership["hellos_crossed"] += 1
+            else:
+                self.links.close(peer)
+                peer.endpoint = msg.endpoint
+                self.links.open(peer, self._hello())
+                self.stats.membership["regreeted"] += 1
+                if not peer.proven:  # (what it owed on the old link is lost with it)
+                    peer.pings_out = 0
+                    self._ping(peer)
         peer.in_sequence = msg.sequence
         peer.hello_endpoint = msg.endpoint  # (it may differ from where we heard of it: an advertised address)
         peer.name = msg.name

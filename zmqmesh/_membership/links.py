@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,7 @@ class Links:
         self.loop.add_reader(peer.monitor.FD, self._on_monitor, peer)
         self.loop.call_soon(self._on_monitor, peer)  # the descriptor is edge-triggered
         self.send(peer, hello)
+        peer.greeted_at = time.monotonic()
 
     def close(self, peer: PeerState, linger_ms: int = 0) -> None:
         """Close the link and its monitor; ``linger_ms`` lets queued commands go out."""

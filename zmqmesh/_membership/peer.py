@@ -29,6 +29,7 @@ class PeerState:
         self.monitor: zmq.Socket[Any] | None = None
         self.key: str | None = None
         self.out_sequence = 0
+        self.greeted_at = float("-inf")  # when our link last sent it a HELLO (time.monotonic)
         self.in_sequence = 0
         self.ready = False
         self.name = ""
