@@ -50,6 +50,8 @@ def test_every_route_against_a_real_mesh(gateway: str, spawn: Any) -> None:
     assert "traceback" not in err, "tracebacks stay in the gateway's log unless --tracebacks"
     status, err = call(gateway + "/request/missing?timeout=0.3", "POST", b"{}")
     assert status == 503 and err["error"] == "NoProviderError"
+    status, err = call(gateway + "/request/" + "s" * 201, "POST", b"1")  # (past the 200 bytes of a name)
+    assert status == 400 and err["error"] == "BadRequest" and "200 bytes" in err["message"]
     status, err = call(gateway + "/request/block?timeout=0.3", "POST", b"null")
     assert status == 504 and err["error"] == "MeshTimeoutError"
 

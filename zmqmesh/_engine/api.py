@@ -502,7 +502,9 @@ class NodeBase:
         return self._engine.self_peer()
 
     def providers(self, service: str) -> list[Peer]:
-        """The nodes offering ``service`` now, this one included (for scatter-gather)."""
+        """The nodes offering ``service`` now, this one included (for scatter-gather).
+        Raises `ValueError` for a name no service can have (as `request` does)."""
+        check_name("service", service)
         directory = self._engine.directory
         found = (directory.lookup_peer(i) for i in directory.providers("services", service))
         return [p for p in found if p is not None]
