@@ -322,6 +322,41 @@ def test_a_stray_hello_from_a_ready_peer_is_answered_once_not_back_and_forth(mes
         assert a.request("echo", 3, timeout=5) == 3
 
 
+def test_a_peer_that_lost_us_as_our_hello_went_out_gets_another_soon(mesh: dict[str, Any]) -> None:
+    """A peer that loses this node just after our HELLO left (it dropped us on a sequence
+    gap here) greets us again: its HELLO crosses ours, and may not start a HELLO exchange
+    (see the test above), yet it must not wait for our HELLO until its half-greeted entry
+    for us times out (4.5-5 s apart with the default timings, before). The PING this node
+    sends on a crossed HELLO goes unanswered, and our HELLO follows."""
+    ctx = zmq.Context.instance()
+    options = {**mesh, "heartbeat_interval_s": 1.0, "peer_timeout_s": 3.0}  # (the defaults)
+    with zmqmesh.Node("a", **options) as a, zmqmesh.Node("b", **options) as b:
+        a.wait_for_peers(1, timeout=10)
+        b.wait_for_peers(1, timeout=10)
+        time.sleep(1.6)  # (the greetings of their meeting are past)
+        (endpoint,) = [p.endpoint for p in a.peers() if p.id == b.id]
+
+        def as_peer(peer_id: str, mailbox: str, command: ZreMessage) -> None:
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(peer_id))
+            dealer.connect(mailbox)
+            dealer.send_multipart(zre.encode_command(command))
+            time.sleep(0.08)
+            dealer.close(0)
+
+        # a greets b (answering a stray HELLO of b's), then b loses a (a gap in a's numbers)
+        as_peer(b.id, a.endpoints["mailbox"], ZreMessage(Command.HELLO, 1, endpoint=endpoint, name="b",
+                                                           headers={"X-ZMQMESH-MESH": mesh["mesh"]}))
+        as_peer(a.id, b.endpoints["mailbox"], ZreMessage(Command.PING, 50_000))
+        wait_until(lambda: not b.peers(), 5, "b dropping a")
+        dropped = time.monotonic()
+        wait_until(lambda: [p.id for p in b.peers()] == [a.id], 10, "b holding a again")
+        assert time.monotonic() - dropped < 3.0, "b waited out a timeout for a's HELLO"
+        assert a.stats()["membership"].get("hellos_crossed", 0) >= 1
+        assert [p.id for p in a.peers()] == [b.id]
+
+
 def test_same_named_nodes_started_together_do_not_evict_each_other(mesh: dict[str, Any]) -> None:
     left: list[str] = []
     observer = zmqmesh.Node("observer", **mesh)

@@ -546,19 +546,15 @@ class Membership:
                 return
             if now - peer.greeted_at < self._quiet_s:
                 # Ours went out less than a heartbeat and a half ago: this one crossed it or
-                # answers it, and the peer holds us as ready too. Answering it would have the
-                # two of us trade HELLOs and links for good. (A peer that lost us again within
-                # that moment is left unanswered: it retires its half-greeted entry for us
-                # when that times out, and meets us again as it did the first time.)
+                # answers it. Answering at once would have two peers that hold each other as
+                # ready trade HELLOs and links for good. A PING tells them apart: a peer that
+                # holds us as ready answers it; one that lost us again waits for our HELLO
+                # and takes nothing else, so it gets the HELLO if it stays silent.
                 self.stats.membership["hellos_crossed"] += 1
+                self._ping(peer)
+                self._later(self._quiet_s, self._greet_if_silent, peer)
             else:
-                self.links.close(peer)
-                peer.endpoint = msg.endpoint
-                self.links.open(peer, self._hello())
-                self.stats.membership["regreeted"] += 1
-                if not peer.proven:  # (what it owed on the old link is lost with it)
-                    peer.pings_out = 0
-                    self._ping(peer)
+                self._greet_again(peer, msg.endpoint)
         peer.in_sequence = msg.sequence
         peer.hello_endpoint = msg.endpoint  # (it may differ from where we heard of it: an advertised address)
         peer.name = msg.name
@@ -580,6 +576,24 @@ class Membership:
         self.events.peer_ready(peer)
         if peer.is_zmqmesh:
             self._gossip_to(peer)
+
+    def _greet_again(self, peer: PeerState, endpoint: str) -> None:
+        """Restart our link to a ready peer that lost us, at ``endpoint``, with a HELLO."""
+        self.links.close(peer)
+        peer.endpoint = endpoint
+        self.links.open(peer, self._hello())
+        self.stats.membership["regreeted"] += 1
+        if not peer.proven:  # (what it owed on the old link is lost with it)
+            peer.pings_out = 0
+            self._ping(peer)
+
+    def _greet_if_silent(self, peer: PeerState) -> None:
+        """Greet a ready peer again if it sent nothing after the HELLO that crossed ours
+        (`_on_hello`), not even the answer to our PING: it lost us, and waits for a HELLO."""
+        if self._closed or self._leaving or self.peers.get(peer.uuid) is not peer or not peer.ready:
+            return
+        if peer.in_sequence == 1 and time.monotonic() - peer.greeted_at >= self._quiet_s:
+            self._greet_again(peer, peer.endpoint)
 
     @property
     def _quiet_s(self) -> float:
