@@ -17,6 +17,7 @@ from helpers import fake_zre_peer, rejected, wait_until
 
 import zmqmesh
 from zmqmesh._wire import zre
+from zmqmesh._wire.frames import STATUS_NO_SERVICE
 from zmqmesh._wire.zre import Command, ZreMessage
 
 
@@ -335,6 +336,34 @@ def test_a_strangers_odd_numbers_break_neither_the_directory_nor_its_callers(
         dealer.close(0)
         inbox.close(0)
     router.close(0)
+
+
+def test_a_puller_that_refuses_every_batch_is_rested_not_dealt_to_in_a_loop(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A puller that answers at-least-once batches with "no such queue" (one that stopped
+    pulling, before its LEAVE arrives; or a stranger) is left out of the dealing for a
+    moment, as a provider that refuses a service is: the pusher dealt the batch straight
+    back to it, 7,547 times in 2 s, at a whole CPU."""
+    service = ctx.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+    with zmqmesh.Node("pusher", **mesh) as node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        _stranger_hello(dealer, endpoint, mesh, groups=["zmqmesh/ackqueue/q"],
+                        headers={"X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
+        node.wait_for_pullers("q", 1, timeout=5)
+        node.push("q", 1)
+        dealt = 0
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            if service.poll(50):
+                routing, _name, batch_id, _body = service.recv_multipart()
+                service.send_multipart([routing, batch_id, STATUS_NO_SERVICE, b""])
+                dealt += 1
+        assert 1 <= dealt <= 3, f"dealt {dealt} times in 2.5 s"
+        assert node.stats()["pipeline"]["redelivered"] == dealt
+        for sock in (dealer, inbox):
+            sock.close(0)
+    service.close(0)
 
 
 def test_a_goodbye_beacon_under_a_peers_uuid_does_not_retire_it(mesh: dict[str, Any], ctx: zmq.Context) -> None:

@@ -299,12 +299,24 @@ class Directory:
                 return provider
         return None
 
-    def skip_provider(self, service: str, node_id: str) -> None:
-        """Avoid ``node_id`` for ``service`` for a moment (it said it no longer offers it)."""
+    def skip_provider(self, service: str, node_id: str) -> float:
+        """Avoid ``node_id`` for ``service`` for a moment (it said it no longer offers it);
+        returns how long, in seconds."""
         now = time.monotonic()
         if len(self._skip) >= _MAX_SKIPS:  # (bounded: departed nodes' entries would pile up)
             self._skip = {k: t for k, t in self._skip.items() if t > now}
         self._skip[(service, node_id)] = self._skip_until = now + _SKIP_S
+        return _SKIP_S
+
+    def unskipped(self, service: str, ids: list[str]) -> list[str]:
+        """``ids`` less the nodes that refused ``service`` a moment ago (`skip_provider`)."""
+        if not self._skip:
+            return ids
+        now = time.monotonic()
+        if now >= self._skip_until:
+            self._skip = {}
+            return ids
+        return [i for i in ids if self._skip.get((service, i), 0) < now]
 
     def may_retry(self, service: str, lost_id: str, deadline: float) -> bool:
         """Whether a request to ``service`` lost with provider ``lost_id`` is to be resent.

@@ -81,6 +81,7 @@ class _Batch(NamedTuple):
     sent_at: float  # monotonic
     sent_wall: float  # the wall clock a redelivery reports as its time
     size: int  # its bytes on the wire
+    service: str  # what it was sent to: the queue's pullers, or its keepers (`flush`)
 
 
 def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
@@ -246,6 +247,10 @@ class ReliableSender:
         again = self.redeliver.get(queue)
         if not pullers:
             return bool(q or again)
+        service = name.decode()
+        pullers = directory.unskipped(service, pullers)
+        if not pullers:  # (each refused the queue a moment ago: `_on_acks` wakes the flush after)
+            return False
         if again is None:
             again = deque()  # (kept below only if a failed send puts messages back in it)
         start = next(self._rr)
@@ -277,7 +282,8 @@ class ReliableSender:
                     for item in reversed(items):
                         again.appendleft(item)
                     continue
-                self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time(), size)
+                self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time(), size,
+                                                 service)
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
                 self.inflight_bytes[puller] = self.inflight_bytes.get(puller, 0) + size
                 self.stats.pattern["pipeline"]["sent"] += len(items)
@@ -321,8 +327,10 @@ class ReliableSender:
             self.inflight_count[batch.puller] -= len(batch.items)
             self.inflight_bytes[batch.puller] -= batch.size
             freed = True
-            if reply[1] != STATUS_OK:  # the puller stopped pulling: deal them again
-                self._put_back(batch.queue, self._named(batch))
+            if reply[1] != STATUS_OK:  # the puller stopped pulling (or its keeper failed): deal them again,
+                self._put_back(batch.queue, self._named(batch))  # to others, before the mesh hears of it
+                rest = self.directory.skip_provider(batch.service, batch.puller)
+                self.loop.call_later(rest, self.wake)
                 continue
             failures = self._failures(reply[2], len(batch.items))
             if failures:
