@@ -357,6 +357,30 @@ def test_a_peer_that_lost_us_as_our_hello_went_out_gets_another_soon(mesh: dict[
         assert [p.id for p in a.peers()] == [b.id]
 
 
+def test_peers_met_through_gossip_meet_again_after_losing_each_other(mesh: dict[str, Any]) -> None:
+    """Without beacons, a and b know each other only from c's gossip. Once b has dropped a
+    (here on a sequence gap) and a has dropped b, nothing brought them back while both
+    still heard from c: they stayed apart for good. Every ten heartbeats, a node now tells
+    one peer in turn of the others."""
+    ctx = zmq.Context.instance()
+    port = free_tcp_port()
+    options = {**mesh, "discovery": False}
+    with zmqmesh.Node("c", mailbox_port=port, **options) as c, \
+            zmqmesh.Node("a", seeds=(f"tcp://127.0.0.1:{port}",), **options) as a, \
+            zmqmesh.Node("b", seeds=(f"tcp://127.0.0.1:{port}",), **options) as b:
+        for node in (a, b, c):
+            node.wait_for_peers(2, timeout=10)
+        gap = ctx.socket(zmq.DEALER)  # a command out of a's sequence: b drops a
+        gap.setsockopt(zmq.LINGER, 0)
+        gap.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(a.id))
+        gap.connect(b.endpoints["mailbox"])
+        gap.send_multipart(zre.encode_command(ZreMessage(Command.PING, 50_000)))
+        wait_until(lambda: a.id not in {p.id for p in b.peers()}, 5, "b dropping a")
+        gap.close(0)
+        wait_until(lambda: {p.id for p in a.peers()} == {b.id, c.id} and {p.id for p in b.peers()} == {a.id, c.id},
+                   15, "a and b meeting again", every=0.1)
+
+
 def test_same_named_nodes_started_together_do_not_evict_each_other(mesh: dict[str, Any]) -> None:
     left: list[str] = []
     observer = zmqmesh.Node("observer", **mesh)

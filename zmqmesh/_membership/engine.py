@@ -59,6 +59,11 @@ the busy one."""
 _SETTLE_S = 10.0
 """How long after a peer came or went the membership counts as settled."""
 
+_GOSSIP_HEARTBEATS = 10
+"""Every so many heartbeat intervals, a node tells one peer (each in turn) of the others it
+holds as ready: two peers that lost each other while a third still hears from both meet
+again. (In a mesh of seeds no beacon brings them back; gossip went only to newcomers.)"""
+
 _MAILBOX_BURST = 512
 MAX_PEERS = 1024
 """Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted.
@@ -132,6 +137,7 @@ class Membership:
         self._timers: list[TimerLike] = []
         self._closed = False
         self._leaving = False  # (said goodbye: greets no one new)
+        self._gossip_turn = 0
         self._changed_at = loop.time()  # (when a peer last came or went)
 
     # -- life cycle ----------------------------------------------------------------------
@@ -174,6 +180,7 @@ class Membership:
         if self.beacons is not None:
             self.beacons.start(self.port)  # the first beacon goes out at once
         self._sweep()
+        self._later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
         self.seeds.start(self.endpoint, lambda endpoint: any(p.endpoint == endpoint for p in self.peers.values()))
         self.loop.call_soon(self._on_mailbox)
 
@@ -604,6 +611,16 @@ class Membership:
         known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values() if p.ready and p is not peer]
         if known:
             self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.gossip(self.codec, known)))
+
+    def _gossip_round(self) -> None:
+        """Gossip to the next zmqmesh peer in turn, and again `_GOSSIP_HEARTBEATS` later."""
+        if self._closed:
+            return
+        told = [p for p in self.peers.values() if p.ready and p.is_zmqmesh]
+        if len(told) >= 2 and not self._leaving:
+            self._gossip_turn += 1
+            self._gossip_to(told[self._gossip_turn % len(told)])
+        self._later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
 
     def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
         parsed = control.parse(self.codec, content, {p.id for p in self.peers.values()})
