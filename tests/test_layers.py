@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from collections import deque
 from pathlib import Path
@@ -22,7 +23,7 @@ from zmqmesh._io.beacon import RECEIVE_BUFFER, BeaconSocket
 from zmqmesh._membership import control
 from zmqmesh._membership.detector import MAX_SLACK, FailureDetector
 from zmqmesh._membership.peer import PeerState
-from zmqmesh._mesh.directory import Directory, Provider
+from zmqmesh._mesh.directory import Directory, Provider, offers_of
 from zmqmesh._mesh.waiters import Until
 from zmqmesh._patterns.pipeline import cut_frames, next_batch
 from zmqmesh._patterns.reqrep import Calling, Exchange, QuickRequest, request_plan
@@ -880,6 +881,54 @@ def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -
     finally:
         sock.close(0)
         ctx.term()
+
+
+def test_the_directory_applies_what_changed_and_ends_where_a_whole_rebuild_would() -> None:
+    """The tables are brought up to date with what changed only (peers that came, went or
+    changed their groups, this node's own offers): after each of 300 random changes they
+    hold what reading every peer's groups from scratch gives, this node first."""
+    rng = random.Random(16)
+    names = [f"n{i}" for i in range(12)]
+    kinds = ("svc", "queue", "sub", "ackqueue", "idem", "keep", "hist")
+
+    def random_groups() -> set[str]:
+        groups = {f"zmqmesh/{rng.choice(kinds)}/{rng.choice(names)}" for _ in range(rng.randrange(0, 8))}
+        return groups | {f"zmqmesh/ackto/{rng.choice((500, 1500))}/{rng.choice(names)}" for _ in range(rng.randrange(0, 2))}
+
+    d = directory()
+    me = "me" * 16
+    present: dict[int, PeerState] = {}
+    own: dict[str, frozenset[str]] = {}
+    for _step in range(300):
+        action = rng.random()
+        if action < 0.3 and len(present) < 10:
+            n = rng.randrange(1, 40)
+            present[n] = peer(n, random_groups())
+        elif action < 0.5 and present:
+            del present[rng.choice(list(present))]
+        elif action < 0.8 and present:
+            changing = present[rng.choice(list(present))]
+            changing.set_groups(random_groups())
+            changing.changed()
+        else:
+            own = {kind: frozenset(rng.sample(names, rng.randrange(0, 3))) for kind in ("services", "queues", "topics")}
+        d.rebuild(own, list(present.values()))
+        want: dict[str, dict[str, set[str]]] = {kind: {} for kind in frames.OFFER_KINDS}
+        for kind, offered in own.items():
+            for name in offered:
+                want[kind].setdefault(name, set()).add(me)
+        for state in present.values():
+            for kind in frames.OFFER_KINDS:
+                for name in offers_of(state.groups, kind):
+                    want[kind].setdefault(name, set()).add(state.id)
+        got = {kind: {name: set(ids) for name, ids in table.items()} for kind, table in d.offers.items()}
+        assert got == want
+        for table in d.offers.values():
+            for ids in table.values():
+                assert len(ids) == len(set(ids)) and (me not in ids or ids[0] == me)
+        for name, ids in d.offers["acktimeouts"].items():
+            millis, _, queue = name.partition("/")
+            assert all(d.ack_timeout_s(queue, i) is not None for i in ids)
 
 
 def test_gap_counting_makes_room_with_the_publishers_that_left_and_never_forgets_everyone_at_once(
