@@ -366,6 +366,53 @@ def test_a_puller_that_refuses_every_batch_is_rested_not_dealt_to_in_a_loop(
     service.close(0)
 
 
+def test_a_flood_of_hellos_from_a_ready_peer_costs_one_check_at_a_time(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """HELLOs that cross the node's own greeting (any peer that became ready can send them
+    by the thousand) each added a PING and a timer: 9,000 PINGs and 1,948 live timers in a
+    3 s flood, the loop at 100 %. One check at a time now, whatever the number."""
+    with zmqmesh.Node("target", **mesh) as node:
+        node.service("ping", lambda msg: "pong")
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        _stranger_hello(dealer, endpoint, mesh)
+        wait_until(lambda: node.peers(), 5, "the stranger ready")
+        pings = node.stats()["membership"].get("pings_sent", 0)
+        for _ in range(2_000):
+            _stranger_hello(dealer, endpoint, mesh)
+        wait_until(lambda: node.stats()["membership"].get("hellos_crossed", 0) + node.stats()["membership"].get(
+            "regreeted", 0) >= 2_000, 10, "the flood handled")
+        assert node.stats()["membership"].get("pings_sent", 0) - pings <= 10
+        still_serving(node)
+        dealer.close(0)
+        inbox.close(0)
+
+
+def test_gossip_spreads_no_stranger_that_has_not_proven_its_endpoint(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A stranger that greets one node, claiming an endpoint it does not own, and keeps
+    itself alive there, is never proven: the node's gossip rounds must not send the whole
+    mesh to greet that endpoint (they did, every round, once they began)."""
+    victim = ctx.socket(zmq.ROUTER)
+    victim_endpoint = f"tcp://127.0.0.1:{victim.bind_to_random_port('tcp://127.0.0.1')}"
+    with zmqmesh.Node("a", **mesh) as a, zmqmesh.Node("b", **mesh) as b, zmqmesh.Node("c", **mesh) as c:
+        for node in (a, b, c):
+            node.wait_for_peers(2, timeout=10)
+        inbox, dealer, _endpoint = fake_zre_peer(ctx, c.endpoints["mailbox"])
+        _stranger_hello(dealer, victim_endpoint, mesh, name="S")
+        greeted_by: set[str] = set()
+        sequence, deadline = 1, time.monotonic() + 4 * 10 * mesh["heartbeat_interval_s"]  # (four rounds)
+        while time.monotonic() < deadline:
+            sequence += 1
+            dealer.send_multipart(zre_frames(Command.PING, sequence))  # alive at c, over its own link
+            while victim.poll(400):
+                frames = victim.recv_multipart()
+                if zre.decode_command(frames[1:]).command == Command.HELLO:
+                    greeted_by.add(frames[0][1:].hex())
+        assert greeted_by == {c.id}
+        assert [p.name for p in c.peers() if p.name == "S"] == ["S"]
+        dealer.close(0)
+        inbox.close(0)
+    victim.close(0)
+
+
 def test_a_goodbye_beacon_under_a_peers_uuid_does_not_retire_it(mesh: dict[str, Any], ctx: zmq.Context) -> None:
     """A peer's uuid is public (its beacons carry it), and a beacon's source address can be
     forged: a goodbye beacon never retires a zmqmesh peer (each one did, at once, CURVE or
@@ -487,7 +534,7 @@ def test_gossip_of_thousands_of_strangers_is_taken_in_part_and_counted(mesh: dic
         _stranger_hello(dealer, endpoint, mesh)
         wait_until(lambda: node.peers(), 10, "the stranger")
         known = [[os.urandom(16).hex(), f"tcp://127.{i // 250 + 1}.{i % 250 + 1}.1:9", ""] for i in range(2000)]
-        dealer.send_multipart(zre_frames(Command.WHISPER, 2, content=control.gossip(Codec(1 << 20), known)))
+        dealer.send_multipart(zre_frames(Command.WHISPER, 2, content=control.gossip(Codec(1 << 20), known)[0]))
         def refused() -> int:
             return rejected(node, "gossip_past_bound") + rejected(node, "unproven_peers_full")
 

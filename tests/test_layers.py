@@ -545,16 +545,28 @@ def test_control_whispers_round_trip_and_refuse_junk() -> None:
     codec = Codec(1 << 20)
     assert control.parse(codec, control.bye(codec)) == ("bye", [])
     known = [["ab" * 16, "tcp://127.0.0.1:5000", ""], ["zz", "x", ""], ["cd" * 16, "tcp://127.0.0.1:5001", "k" * 40]]
-    kind, entries = control.parse(codec, control.gossip(codec, known))  # type: ignore[misc]
+    kind, entries = control.parse(codec, control.gossip(codec, known)[0])  # type: ignore[misc]
     assert kind == "peers"
     assert entries == [(bytes.fromhex("ab" * 16), "tcp://127.0.0.1:5000", None),
                        (bytes.fromhex("cd" * 16), "tcp://127.0.0.1:5001", "k" * 40)]
-    kind, entries = control.parse(codec, control.gossip(codec, known), known={"ab" * 16})  # type: ignore[misc]
+    kind, entries = control.parse(codec, control.gossip(codec, known)[0], known={"ab" * 16})  # type: ignore[misc]
     assert entries == [(bytes.fromhex("cd" * 16), "tcp://127.0.0.1:5001", "k" * 40)]  # (a known peer is skipped)
     hostile = [frames.CONTROL_MAGIC, codec.encode({"t": "peers", "peers": [[["ab"], "x"], [{"a": 1}, "x", ""]]})]
     assert control.parse(codec, hostile, known={"ab" * 16}) == ("peers", [])  # (ids that cannot be looked up)
     assert control.parse(codec, [frames.CONTROL_MAGIC, b"\xc1"]) is None
     assert control.parse(codec, [frames.CONTROL_MAGIC, codec.encode({"t": "later"})]) == ("unknown", [])
+
+
+def test_gossip_past_max_message_bytes_goes_in_parts_that_fit() -> None:
+    """A node's gossip grows with the mesh: past ``max_message_bytes`` it failed to encode
+    (and the round that raised it scheduled no other); it now goes in parts."""
+    codec = Codec(600)
+    known = [[f"{i:032x}", f"tcp://127.0.0.1:{5000 + i}", "k" * 40] for i in range(40)]
+    parts = control.gossip(codec, known)
+    assert len(parts) > 1 and all(len(part[1]) <= 600 for part in parts)
+    told = [entry for part in parts for entry in control.parse(codec, part)[1]]  # type: ignore[index]
+    assert [uuid.hex() for uuid, _, _ in told] == [entry[0] for entry in known]
+    assert control.gossip(codec, []) == []
 
 
 def test_the_request_plan_waits_retries_idempotent_calls_and_decodes_replies() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from .._wire.codec import Codec
 from .._wire.frames import CONTROL_MAGIC
+from ..errors import MessageTooLargeError
 
 __all__ = ["bye", "gossip", "parse", "is_control", "MAX_GOSSIP_ENTRIES"]
 
@@ -23,9 +24,24 @@ def bye(codec: Codec) -> list[bytes]:
     return [CONTROL_MAGIC, codec.encode({"t": "bye"})]
 
 
-def gossip(codec: Codec, known: list[list[str]]) -> list[bytes]:
-    """The content telling a peer of others: ``[id, endpoint, key or ""]`` each."""
-    return [CONTROL_MAGIC, codec.encode({"t": "peers", "peers": known})]
+def gossip(codec: Codec, known: list[list[str]]) -> list[list[bytes]]:
+    """The contents telling a peer of others (``[id, endpoint, key or ""]`` each): one, or
+    as many as it takes for each to fit ``codec``'s `max_message_bytes`; none for none."""
+    parts: list[list[bytes]] = []
+    step = len(known)
+    at = 0
+    while at < len(known):
+        chunk = known[at:at + step]
+        try:
+            parts.append([CONTROL_MAGIC, codec.encode({"t": "peers", "peers": chunk})])
+        except MessageTooLargeError:
+            if step == 1:  # (one entry past the bound: a limit of a few hundred bytes)
+                at += 1
+                continue
+            step = (step + 1) // 2
+            continue
+        at += len(chunk)
+    return parts
 
 
 def parse(codec: Codec, content: list[bytes], known: Container[str] = ()

@@ -135,6 +135,7 @@ class Membership:
         self.port = 0
         self._mailbox: zmq.Socket[Any] | None = None
         self._timers: list[TimerLike] = []
+        self._timers_bound = _MAX_TIMERS
         self._closed = False
         self._leaving = False  # (said goodbye: greets no one new)
         self._gossip_turn = 0
@@ -398,8 +399,9 @@ class Membership:
     def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
         if not self._closed:
             self._timers.append(self.loop.call_later(delay, fn, *args))
-            if len(self._timers) > _MAX_TIMERS:
+            if len(self._timers) > self._timers_bound:  # (pruned when it doubled: a look per timer at most)
                 self._timers = [t for t in self._timers if not t.cancelled() and t.when() > self.loop.time()]
+                self._timers_bound = max(_MAX_TIMERS, 2 * len(self._timers))
 
     # -- incoming -------------------------------------------------------------------------
 
@@ -476,6 +478,7 @@ class Membership:
             self.remove(peer, "sequence gap")
             return
         peer.in_sequence = msg.sequence
+        peer.spoke = True
         peer.touch()
         cmd = msg.command
         if cmd not in Command.NAMES:  # e.g. Zyre's leader election: not ours, but in sequence
@@ -558,11 +561,14 @@ class Membership:
                 # holds us as ready answers it; one that lost us again waits for our HELLO
                 # and takes nothing else, so it gets the HELLO if it stays silent.
                 self.stats.membership["hellos_crossed"] += 1
-                self._ping(peer)
-                self._later(self._quiet_s, self._greet_if_silent, peer)
+                if not peer.silence_check:  # (one at a time: a peer's HELLOs may come by the thousand)
+                    peer.silence_check = True
+                    self._ping(peer)
+                    self._later(self._quiet_s, self._greet_if_silent, peer)
             else:
                 self._greet_again(peer, msg.endpoint)
         peer.in_sequence = msg.sequence
+        peer.spoke = False
         peer.hello_endpoint = msg.endpoint  # (it may differ from where we heard of it: an advertised address)
         peer.name = msg.name
         peer.headers = dict(msg.headers)
@@ -595,11 +601,12 @@ class Membership:
             self._ping(peer)
 
     def _greet_if_silent(self, peer: PeerState) -> None:
-        """Greet a ready peer again if it sent nothing after the HELLO that crossed ours
-        (`_on_hello`), not even the answer to our PING: it lost us, and waits for a HELLO."""
+        """Greet a ready peer again if it sent nothing but HELLOs since the one that crossed
+        ours (`_on_hello`), not even the answer to our PING: it lost us, and waits for one."""
+        peer.silence_check = False
         if self._closed or self._leaving or self.peers.get(peer.uuid) is not peer or not peer.ready:
             return
-        if peer.in_sequence == 1 and time.monotonic() - peer.greeted_at >= self._quiet_s:
+        if not peer.spoke and time.monotonic() - peer.greeted_at >= self._quiet_s:
             self._greet_again(peer, peer.endpoint)
 
     @property
@@ -608,19 +615,21 @@ class Membership:
         return 1.5 * self.config.heartbeat_interval_s
 
     def _gossip_to(self, peer: PeerState) -> None:
-        known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values() if p.ready and p is not peer]
-        if known:
-            self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.gossip(self.codec, known)))
+        """Tell ``peer`` of the peers proven to be where they say (a stranger that greeted
+        this node alone is not spread), in as many WHISPERs as `max_message_bytes` needs."""
+        known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values() if p.proven and p.link_up and p is not peer]
+        for part in control.gossip(self.codec, known):
+            self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=part))
 
     def _gossip_round(self) -> None:
-        """Gossip to the next zmqmesh peer in turn, and again `_GOSSIP_HEARTBEATS` later."""
+        """Gossip to the next proven zmqmesh peer in turn, and again `_GOSSIP_HEARTBEATS` later."""
         if self._closed:
             return
-        told = [p for p in self.peers.values() if p.ready and p.is_zmqmesh]
+        self._later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
+        told = [p for p in self.peers.values() if p.proven and p.link_up and p.is_zmqmesh]
         if len(told) >= 2 and not self._leaving:
             self._gossip_turn += 1
             self._gossip_to(told[self._gossip_turn % len(told)])
-        self._later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
 
     def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
         parsed = control.parse(self.codec, content, {p.id for p in self.peers.values()})

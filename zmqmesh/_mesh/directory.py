@@ -329,14 +329,15 @@ class Directory:
                 return provider
         return None
 
-    def skip_provider(self, service: str, node_id: str) -> float:
-        """Avoid ``node_id`` for ``service`` for a moment (it said it no longer offers it);
-        returns how long, in seconds."""
+    def skip_provider(self, service: str, node_id: str, rest_s: float = _SKIP_S) -> float:
+        """Avoid ``node_id`` for ``service`` for ``rest_s`` (it said it no longer offers it,
+        or could not take a call); returns ``rest_s``."""
         now = time.monotonic()
         if len(self._skip) >= _MAX_SKIPS:  # (bounded: departed nodes' entries would pile up)
             self._skip = {k: t for k, t in self._skip.items() if t > now}
-        self._skip[(service, node_id)] = self._skip_until = now + _SKIP_S
-        return _SKIP_S
+        self._skip[(service, node_id)] = now + rest_s
+        self._skip_until = max(self._skip_until, now + rest_s)
+        return rest_s
 
     def unskipped(self, service: str, ids: list[str]) -> list[str]:
         """``ids`` less the nodes that refused ``service`` a moment ago (`skip_provider`)."""

@@ -43,6 +43,7 @@ from .._store.messages import StoredMessage, attempts_of, recovered_of, wire_of
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,
+    KEEP_SERVICE_PREFIX,
     MAX_BATCH_ITEMS,
     STATUS_OK,
     Headed,
@@ -59,6 +60,12 @@ __all__ = ["ReliableSender", "Failure", "fill_batch", "wire_form"]
 log = logging.getLogger("zmqmesh.reliable")
 
 _TIMEOUT_CHECK_S = 0.05
+_REST_S = 2.0
+"""How long a puller that refused a batch of a queue gets none of it (it stopped pulling,
+and its LEAVE is on its way): the others get the batch at once."""
+_KEEPER_REST_S = 0.05
+"""The same for a keeper whose store could not take a hand-over: a stopping pusher has
+about a second (``linger_s``) to hand its messages over, and a store may fail once."""
 WINDOW_BYTES = 16 << 20
 """The bytes a puller has in flight at most, besides ``ack_window``'s messages (a batch
 past it still goes to a puller with nothing in flight)."""
@@ -236,7 +243,9 @@ class ReliableSender:
         return inflight + sum(1 for q in list(self.redeliver.values()) for i in list(q) if isinstance(i, bytes))
 
     def flush(self, queue: str, q: deque[Any], to_keepers: bool = False) -> bool:
-        """Deal what is queued to pullers with room in their window; True if some had to wait.
+        """Deal what is queued to pullers with room in their window; True if some had to wait
+        for room (False while every puller rests after refusing a batch: a timer wakes the
+        flush when that ends).
 
         ``to_keepers``: deal to the keepers of ``queue`` instead (a stopping node's hand-over).
         """
@@ -327,9 +336,10 @@ class ReliableSender:
             self.inflight_count[batch.puller] -= len(batch.items)
             self.inflight_bytes[batch.puller] -= batch.size
             freed = True
-            if reply[1] != STATUS_OK:  # the puller stopped pulling (or its keeper failed): deal them again,
-                self._put_back(batch.queue, self._named(batch))  # to others, before the mesh hears of it
-                rest = self.directory.skip_provider(batch.service, batch.puller)
+            if reply[1] != STATUS_OK:  # the puller stopped pulling, or the keeper's store failed: deal
+                self._put_back(batch.queue, self._named(batch))  # them again, to others first
+                keeper = batch.service.startswith(KEEP_SERVICE_PREFIX)  # (a hand-over has a stop's second)
+                rest = self.directory.skip_provider(batch.service, batch.puller, _KEEPER_REST_S if keeper else _REST_S)
                 self.loop.call_later(rest, self.wake)
                 continue
             failures = self._failures(reply[2], len(batch.items))
