@@ -60,9 +60,9 @@ _SETTLE_S = 10.0
 """How long after a peer came or went the membership counts as settled."""
 
 _GOSSIP_HEARTBEATS = 10
-"""Every so many heartbeat intervals, a node tells one peer (each in turn) of the others it
-holds as ready: two peers that lost each other while a third still hears from both meet
-again. (In a mesh of seeds no beacon brings them back; gossip went only to newcomers.)"""
+"""Every so many heartbeat intervals, a node tells one proven peer (each in turn) of the
+others it has proven: two peers that lost each other while a third still hears from both
+meet again. (In a mesh of seeds no beacon brings them back; gossip went only to newcomers.)"""
 
 _MAILBOX_BURST = 512
 MAX_PEERS = 1024

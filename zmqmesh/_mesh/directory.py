@@ -32,8 +32,9 @@ __all__ = ["Directory", "Provider", "no_provider", "offers_of"]
 log = logging.getLogger("zmqmesh.mesh")
 
 _SKIP_S = 2.0
-_NO_OFFERS: dict[str, frozenset[str]] = {}
+"""How long a node that refused a service (or a queue's batch) is passed over."""
 _MAX_SKIPS = 1024
+_NO_OFFERS: dict[str, frozenset[str]] = {}
 
 
 class Provider(NamedTuple):
@@ -329,9 +330,10 @@ class Directory:
                 return provider
         return None
 
-    def skip_provider(self, service: str, node_id: str, rest_s: float = _SKIP_S) -> float:
-        """Avoid ``node_id`` for ``service`` for ``rest_s`` (it said it no longer offers it,
-        or could not take a call); returns ``rest_s``."""
+    def skip_provider(self, service: str, node_id: str, rest_s: float | None = None) -> float:
+        """Avoid ``node_id`` for ``service`` for ``rest_s`` (`_SKIP_S` by default: it said it
+        no longer offers it, or could not take a call); returns how long."""
+        rest_s = _SKIP_S if rest_s is None else rest_s
         now = time.monotonic()
         if len(self._skip) >= _MAX_SKIPS:  # (bounded: departed nodes' entries would pile up)
             self._skip = {k: t for k, t in self._skip.items() if t > now}

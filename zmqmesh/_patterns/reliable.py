@@ -60,12 +60,11 @@ __all__ = ["ReliableSender", "Failure", "fill_batch", "wire_form"]
 log = logging.getLogger("zmqmesh.reliable")
 
 _TIMEOUT_CHECK_S = 0.05
-_REST_S = 2.0
-"""How long a puller that refused a batch of a queue gets none of it (it stopped pulling,
-and its LEAVE is on its way): the others get the batch at once."""
 _KEEPER_REST_S = 0.05
-"""The same for a keeper whose store could not take a hand-over: a stopping pusher has
-about a second (``linger_s``) to hand its messages over, and a store may fail once."""
+"""How long a keeper whose store could not take a hand-over gets none of the queue (a
+puller that refused a batch, having stopped pulling, rests `Directory.skip_provider`'s
+2 s): a stopping pusher has about a second (``linger_s``) to hand its messages over, and a
+store may fail once."""
 WINDOW_BYTES = 16 << 20
 """The bytes a puller has in flight at most, besides ``ack_window``'s messages (a batch
 past it still goes to a puller with nothing in flight)."""
@@ -339,7 +338,7 @@ class ReliableSender:
             if reply[1] != STATUS_OK:  # the puller stopped pulling, or the keeper's store failed: deal
                 self._put_back(batch.queue, self._named(batch))  # them again, to others first
                 keeper = batch.service.startswith(KEEP_SERVICE_PREFIX)  # (a hand-over has a stop's second)
-                rest = self.directory.skip_provider(batch.service, batch.puller, _KEEPER_REST_S if keeper else _REST_S)
+                rest = self.directory.skip_provider(batch.service, batch.puller, _KEEPER_REST_S if keeper else None)
                 self.loop.call_later(rest, self.wake)
                 continue
             failures = self._failures(reply[2], len(batch.items))
