@@ -614,10 +614,14 @@ class Membership:
         """Longer than a live peer stays silent: it pings at least every heartbeat."""
         return 1.5 * self.config.heartbeat_interval_s
 
-    def _gossip_to(self, peer: PeerState) -> None:
-        """Tell ``peer`` of the peers proven to be where they say (a stranger that greeted
-        this node alone is not spread), in as many WHISPERs as `max_message_bytes` needs."""
-        known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values() if p.proven and p.link_up and p is not peer]
+    def _gossip_to(self, peer: PeerState, proven_only: bool = False) -> None:
+        """Tell ``peer`` of the other ready peers, in as many WHISPERs as `max_message_bytes`
+        needs; ``proven_only``: of those proven to be where they say. (A newcomer hears of
+        every one, those that came a moment before it too, still being proven; the rounds,
+        of proven ones only: a stranger that greeted this node alone, claiming an endpoint
+        it does not own, would have the mesh greet that endpoint every round.)"""
+        known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values()
+                 if p.ready and p is not peer and (p.proven and p.link_up or not proven_only)]
         for part in control.gossip(self.codec, known):
             self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=part))
 
@@ -629,7 +633,7 @@ class Membership:
         told = [p for p in self.peers.values() if p.proven and p.link_up and p.is_zmqmesh]
         if len(told) >= 2 and not self._leaving:
             self._gossip_turn += 1
-            self._gossip_to(told[self._gossip_turn % len(told)])
+            self._gossip_to(told[self._gossip_turn % len(told)], proven_only=True)
 
     def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
         parsed = control.parse(self.codec, content, {p.id for p in self.peers.values()})
