@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import time
 from typing import Any
 
@@ -456,3 +457,45 @@ def test_a_large_payload_goes_in_its_own_frame_only_to_pullers_that_read_it(
             wait_until(lambda: got == [blob], 10, "the payload")
     raw_form = [len(f) == 4 and f[2] == b"" for f in sent]
     assert raw_form == [puller_protocol >= 5]
+
+
+def test_a_handler_that_raises_systemexit_or_keyboardinterrupt_fails_alone(mesh: dict[str, Any]) -> None:
+    """``sys.exit()`` (or a KeyboardInterrupt, a GeneratorExit) raised in a handler of a sync
+    node ended its inbox thread, silently: the node stayed listed and running, every
+    request to it waited out its timeout and every push was lost uncounted. On a node's
+    own threads it is now the handler's failure, as any exception is."""
+    received: list[int] = []
+
+    def pull(msg: zmqmesh.Message) -> None:
+        if msg.data == 0:
+            raise GeneratorExit
+        received.append(msg.data)
+
+    def sync_exit(msg: zmqmesh.Message) -> None:
+        sys.exit(2)
+
+    def interrupt(msg: zmqmesh.Message) -> None:
+        raise KeyboardInterrupt
+
+    async def async_exit(msg: zmqmesh.Message) -> None:
+        raise SystemExit(3)
+
+    with zmqmesh.Node("srv", **mesh) as srv, zmqmesh.Node("cli", **mesh) as cli:
+        srv.service("exit", sync_exit)
+        srv.service("interrupt", interrupt)
+        srv.service("async_exit", async_exit)
+        srv.service("echo", lambda msg: msg.data)
+        srv.pull("jobs", pull)
+        for name in ("exit", "interrupt", "async_exit", "echo"):
+            cli.wait_for_service(name, timeout=10)
+        cli.wait_for_pullers("jobs", 1, timeout=10)
+        for name, kind in (("exit", "SystemExit"), ("interrupt", "KeyboardInterrupt"), ("async_exit", "SystemExit")):
+            with pytest.raises(zmqmesh.RemoteError) as raised:
+                cli.request(name, None, timeout=5)
+            assert raised.value.remote_type == kind
+            assert cli.request("echo", 1, timeout=5) == 1, f"the node still serves after {kind}"
+        cli.push("jobs", 0)
+        cli.push("jobs", 1)
+        wait_until(lambda: received == [1], 5, "the push after the failed one")
+        assert srv.stats()["service"]["errors"] == 3 and srv.stats()["pipeline"]["errors"] == 1
+        assert srv.running

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from .._mesh.registry import PullOptions
 from .._observe import tracing
 
-__all__ = ["Call", "BatchAck", "CursorMark", "is_async", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served",
+__all__ = ["Call", "BatchAck", "CursorMark", "is_async", "handler_failure", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served",
            "handler_raised"]
 
 log = logging.getLogger("zmqmesh.inbox")
@@ -98,28 +100,45 @@ def handler_raised(handler: Callable[..., Any]) -> int:
     return 1
 
 
+def handler_failure(exc: BaseException) -> BaseException:
+    """``exc``, which a handler raised and which is not an `Exception`, as the handler's
+    failure; raised again if it must end the program: `KeyboardInterrupt` or `SystemExit`
+    on the main thread (Ctrl-C, ``sys.exit()`` in an `AsyncNode`'s handler, as asyncio
+    lets them through). On a node's own threads they would end the thread alone, and the
+    node would go deaf while its peers still route to it."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) and threading.current_thread() is threading.main_thread():
+        raise exc
+    return exc
+
+
 def run_sync(call: Call) -> tuple[Any, BaseException | None]:
-    """Call a sync handler, capturing its outcome."""
+    """Call a sync handler, capturing its outcome (see `handler_failure`)."""
     if tracing.active is None and (call.pattern != "service" or not call.arg.via):  # (nothing to serve as)
         try:
             return call.handler(call.arg), None
         except Exception as exc:
             return None, exc
+        except BaseException as exc:
+            return None, handler_failure(exc)
     token = serve_as(call)
-    error = None
+    error: BaseException | None = None
     try:
         return call.handler(call.arg), None
     except Exception as exc:
         error = exc
         return None, exc
+    except BaseException as exc:
+        error = handler_failure(exc)
+        return None, error
     finally:
         served(token, error)
 
 
 async def run_async(call: Call) -> tuple[Any, BaseException | None]:
-    """Await a handler (sync handlers here are only the loop's own callbacks)."""
+    """Await a handler (sync handlers here are only the loop's own callbacks), capturing
+    its outcome (see `handler_failure`; a cancellation goes on)."""
     token = serve_as(call)
-    error = None
+    error: BaseException | None = None
     try:
         result = call.handler(call.arg)
         if isinstance(result, Awaitable):
@@ -128,6 +147,11 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
     except Exception as exc:
         error = exc
         return None, exc
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        error = handler_failure(exc)
+        return None, error
     finally:
         served(token, error)
 

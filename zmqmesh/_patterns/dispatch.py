@@ -42,7 +42,7 @@ from .._wire.codec import Codec
 from ..config import NodeConfig
 from ..errors import DecodeError, MessageTooLargeError
 from ..message import Message, Origin, frame_deliveries
-from .calls import BatchAck, Call, CursorMark, handler_raised
+from .calls import BatchAck, Call, CursorMark, handler_failure, handler_raised
 from .history import PAGE_ROWS, History
 from .intake import AckedIntake
 from .pubsub import GapCounter
@@ -414,12 +414,18 @@ class Dispatcher:
                         handler(msg)
                     except Exception:
                         errors += handler_raised(handler)
+                    except BaseException as exc:
+                        handler_failure(exc)
+                        errors += handler_raised(handler)
             else:
                 for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin):
                     for handler in handlers:
                         try:
                             handler(msg)
                         except Exception:
+                            errors += handler_raised(handler)
+                        except BaseException as exc:
+                            handler_failure(exc)
                             errors += handler_raised(handler)
             if errors:
                 counters["errors"] += errors
@@ -579,10 +585,13 @@ class Dispatcher:
         Only with nothing gathered before it (the order holds), handlers run one at a time,
         no headers (no chain of waiting nodes to serve as) and no tracing."""
         started = self.handler_starting(handler, True)
+        error: BaseException | None
         try:
             result, error = handler(msg), None
         except Exception as exc:
             result, error = None, exc
+        except BaseException as exc:
+            result, error = None, handler_failure(exc)
         self.handler_finished(handler, started)
         self.answer(route, result, error)
 
