@@ -40,6 +40,7 @@ class AsyncNode(NodeBase):
     def __init__(self, name: str | None = None, *, config: NodeConfig | None = None, **options: Any) -> None:
         super().__init__(name, NodeConfig.from_options(config, **options), LoopInbox, LoopRequester)
         self._runner = AsyncRunner(self._engine)
+        self._stopping: asyncio.Future[None] | None = None  # the stop under way (see `stop`)
 
     async def start(self) -> AsyncNode:
         """Bind, start discovery and handlers on the running loop; returns the node.
@@ -65,16 +66,23 @@ class AsyncNode(NodeBase):
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Drain queued sends, say goodbye, close everything. Idempotent and bounded; raises
-        only `ConfigError`, for a ``timeout`` that is not a finite number >= 0."""
+        only `ConfigError`, for a ``timeout`` that is not a finite number >= 0.
+
+        The stop runs to its end even if the call is cancelled (``asyncio.wait_for`` around
+        it, say): its sockets, threads and readers are closed all the same. A second call
+        waits for the first's stop to end."""
         timeout = check_timeout(timeout)
         if self._stopped or self._forked():  # (after a fork the sockets are the parent's)
             self._stopped = True
+            if self._stopping is not None and not self._stopping.done():
+                await asyncio.shield(self._stopping)
             return
         self._stopped = True
         inbox = self._engine.inbox
         if not isinstance(inbox, LoopInbox):  # never started
             return
-        await stop_async(self._engine, inbox, timeout)
+        self._stopping = asyncio.ensure_future(stop_async(self._engine, inbox, timeout))
+        await asyncio.shield(self._stopping)
 
     async def serve_forever(self) -> None:
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until

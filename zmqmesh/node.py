@@ -60,6 +60,7 @@ class Node(NodeBase):
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._serving: list[StopFlag] = []  # what run_forever waits on: stop() raises them
+        self._stopper: threading.Thread | None = None  # the thread running the stop (see `stop`)
 
     def start(self) -> Node:
         """Bind, start discovery and handlers; returns the node.
@@ -99,8 +100,10 @@ class Node(NodeBase):
         """Drain queued sends (up to ``linger_s``), say goodbye, close everything. Idempotent.
 
         Never hangs: each step is bounded, the whole by about ``linger_s + timeout`` seconds.
-        Called from one of this node's own handlers, it starts the stop on another thread
-        and returns at once (waiting there would wait for the handler itself). Raises
+        The stop runs on a thread of its own: a call interrupted while it waits (a second
+        Ctrl-C) leaves it to end all the same, and a second call waits for it. Called from
+        one of this node's own handlers, it returns at once (waiting there would wait for
+        the handler itself). Raises
         `ZmqMeshError` only when called on the node's own I/O thread, `ConfigError` for a
         ``timeout`` that is not a finite number >= 0.
         """
@@ -111,20 +114,24 @@ class Node(NodeBase):
         with self._lock:
             for flag in self._serving:
                 flag.set()
-            if self._stopped or self._loop is None or self._thread is None:
-                self._stopped = True
-                return
+            if not (self._stopped or self._loop is None or self._thread is None):
+                if threading.current_thread() is self._thread:
+                    raise ZmqMeshError("stop() cannot be called from the node's own I/O thread")
+                inbox = self._engine.inbox
+                assert isinstance(inbox, ThreadInbox)
+                # The stop runs on a thread of its own: a caller interrupted while it waits (a
+                # second Ctrl-C) leaves it to close the sockets and threads all the same.
+                self._stopper = threading.Thread(
+                    target=stop_blocking, args=(self._engine, inbox, self._loop, self._thread, timeout),
+                    name=f"zmqmesh-stop-{self.name}", daemon=inbox.runs_handlers_here())
+                self._stopper.start()
             self._stopped = True
-            loop, thread = self._loop, self._thread
-        if threading.current_thread() is thread:
-            raise ZmqMeshError("stop() cannot be called from the node's own I/O thread")
+            stopper = self._stopper
         inbox = self._engine.inbox
-        assert isinstance(inbox, ThreadInbox)
-        if inbox.runs_handlers_here():
-            threading.Thread(target=stop_blocking, args=(self._engine, inbox, loop, thread, timeout),
-                             name=f"zmqmesh-stop-{self.name}", daemon=True).start()
-            return
-        stop_blocking(self._engine, inbox, loop, thread, timeout)
+        if stopper is None or stopper is threading.current_thread() or \
+                (isinstance(inbox, ThreadInbox) and inbox.runs_handlers_here()):
+            return  # (a handler of the node does not wait: the stop waits for the handlers)
+        stopper.join()  # (also a second call: it waits for the first's stop)
 
     def run_forever(self) -> None:
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
