@@ -257,3 +257,38 @@ def test_an_async_node_woken_after_it_stopped_reads_no_closed_socket(mesh: dict[
     with caplog.at_level(logging.ERROR, logger="zmqmesh"):
         asyncio.run(main())
     assert "inbox drain failed" not in caplog.text
+
+
+def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) -> None:
+    """``asyncio.wait_for(node.stop(), ...)`` that times out while a handler runs cancelled
+    the stop mid-way: the node's sockets, threads and loop readers stayed (16 descriptors
+    and 2 threads a node), and a second stop() did nothing. The stop now runs to its end,
+    and a second call waits for it."""
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        before = descriptors()
+        node = zmqmesh.AsyncNode("victim", **mesh)
+        started = asyncio.Event()
+
+        async def busy(msg: zmqmesh.Message) -> int:
+            started.set()
+            await asyncio.sleep(1.0)
+            return 1
+
+        node.service("busy", busy)
+        await node.start()
+        async with zmqmesh.AsyncNode("caller", **mesh) as caller:
+            await caller.wait_for_service("busy", timeout=10)
+            call = asyncio.ensure_future(caller.request("busy", None, timeout=10))
+            await asyncio.wait_for(started.wait(), 10)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(node.stop(timeout=5), 0.1)
+            await node.stop()  # (waits for the first stop's end)
+            assert not node.running
+            await asyncio.gather(call, return_exceptions=True)
+        assert descriptors() <= before + 1, f"{descriptors() - before} descriptors left open"
+
+    asyncio.run(main())
