@@ -72,8 +72,10 @@ class AsyncNode(NodeBase):
         it, say): its sockets, threads and readers are closed all the same. A second call
         waits for the first's stop to end."""
         timeout = check_timeout(timeout)
-        if self._stopped or self._forked():  # (after a fork the sockets are the parent's)
+        if self._forked():  # (after a fork the sockets, and the stop under way, are the parent's)
             self._stopped = True
+            return
+        if self._stopped:
             if self._stopping is not None and not self._stopping.done():
                 await asyncio.shield(self._stopping)
             return
