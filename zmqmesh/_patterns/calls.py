@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 import threading
@@ -147,9 +146,11 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
     except Exception as exc:
         error = exc
         return None, exc
-    except asyncio.CancelledError:
-        raise
     except BaseException as exc:
+        import asyncio  # (loaded already, as this runs on a loop: a sync node never imports it)
+
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         error = handler_failure(exc)
         return None, error
     finally:
