@@ -214,3 +214,20 @@ def fake_zre_peer(ctx: Any, mailbox: str) -> tuple[Any, Any, str]:
     dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
     dealer.connect(mailbox)
     return inbox, dealer, f"tcp://127.0.0.1:{port}"
+
+
+def send_as(ctx: Any, peer_id: str, mailbox: str, command: Any, hold_s: float = 0.08) -> None:
+    """Send the ZRE ``command`` (a `ZreMessage`) to ``mailbox`` under the identity of the
+    node ``peer_id``, over a DEALER of its own held ``hold_s`` for it to go out, then closed:
+    a stray message of that peer's (sent on a link it dropped since), or a forged one."""
+    import zmq
+
+    from zmqmesh._wire import zre
+
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(peer_id))
+    dealer.connect(mailbox)
+    dealer.send_multipart(zre.encode_command(command))
+    time.sleep(hold_s)
+    dealer.close(0)

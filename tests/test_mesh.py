@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import zmq
-from helpers import fake_zre_peer, free_tcp_port, wait_until
+from helpers import fake_zre_peer, free_tcp_port, send_as, wait_until
 
 import zmqmesh
 from zmqmesh._wire import zre
@@ -303,14 +303,9 @@ def test_a_stray_hello_from_a_ready_peer_is_answered_once_not_back_and_forth(mes
         def regreeted() -> tuple[int, int]:
             return a.stats()["membership"].get("regreeted", 0), b.stats()["membership"].get("regreeted", 0)
 
-        stray = ctx.socket(zmq.DEALER)  # b's identity on a's mailbox, as b's dropped link had
-        stray.setsockopt(zmq.LINGER, 0)
-        stray.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(b.id))
-        stray.connect(a.endpoints["mailbox"])
-        stray.send_multipart(zre.encode_command(ZreMessage(Command.HELLO, 1, endpoint=endpoint, name="b",
-                                                           headers={"X-ZMQMESH-MESH": mesh["mesh"]})))
+        send_as(ctx, b.id, a.endpoints["mailbox"], ZreMessage(Command.HELLO, 1, endpoint=endpoint, name="b",
+                                                               headers={"X-ZMQMESH-MESH": mesh["mesh"]}))
         wait_until(lambda: regreeted()[0] >= 1, 5, "the stray HELLO answered")
-        stray.close(0)
         time.sleep(1.0)
         settled = regreeted()
         time.sleep(1.5)
@@ -335,20 +330,10 @@ def test_a_peer_that_lost_us_as_our_hello_went_out_gets_another_soon(mesh: dict[
         b.wait_for_peers(1, timeout=10)
         time.sleep(1.6)  # (the greetings of their meeting are past)
         (endpoint,) = [p.endpoint for p in a.peers() if p.id == b.id]
-
-        def as_peer(peer_id: str, mailbox: str, command: ZreMessage) -> None:
-            dealer = ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(peer_id))
-            dealer.connect(mailbox)
-            dealer.send_multipart(zre.encode_command(command))
-            time.sleep(0.08)
-            dealer.close(0)
-
         # a greets b (answering a stray HELLO of b's), then b loses a (a gap in a's numbers)
-        as_peer(b.id, a.endpoints["mailbox"], ZreMessage(Command.HELLO, 1, endpoint=endpoint, name="b",
-                                                           headers={"X-ZMQMESH-MESH": mesh["mesh"]}))
-        as_peer(a.id, b.endpoints["mailbox"], ZreMessage(Command.PING, 50_000))
+        send_as(ctx, b.id, a.endpoints["mailbox"], ZreMessage(Command.HELLO, 1, endpoint=endpoint, name="b",
+                                                               headers={"X-ZMQMESH-MESH": mesh["mesh"]}))
+        send_as(ctx, a.id, b.endpoints["mailbox"], ZreMessage(Command.PING, 50_000))
         wait_until(lambda: not b.peers(), 5, "b dropping a")
         dropped = time.monotonic()
         wait_until(lambda: [p.id for p in b.peers()] == [a.id], 10, "b holding a again")
@@ -370,13 +355,8 @@ def test_peers_met_through_gossip_meet_again_after_losing_each_other(mesh: dict[
             zmqmesh.Node("b", seeds=(f"tcp://127.0.0.1:{port}",), **options) as b:
         for node in (a, b, c):
             node.wait_for_peers(2, timeout=10)
-        gap = ctx.socket(zmq.DEALER)  # a command out of a's sequence: b drops a
-        gap.setsockopt(zmq.LINGER, 0)
-        gap.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(a.id))
-        gap.connect(b.endpoints["mailbox"])
-        gap.send_multipart(zre.encode_command(ZreMessage(Command.PING, 50_000)))
+        send_as(ctx, a.id, b.endpoints["mailbox"], ZreMessage(Command.PING, 50_000))  # out of a's sequence
         wait_until(lambda: a.id not in {p.id for p in b.peers()}, 5, "b dropping a")
-        gap.close(0)
         wait_until(lambda: {p.id for p in a.peers()} == {b.id, c.id} and {p.id for p in b.peers()} == {a.id, c.id},
                    15, "a and b meeting again", every=0.1)
 

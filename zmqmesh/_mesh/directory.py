@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from .._membership.peer import PeerState
 from .._stats import Stats
@@ -111,7 +111,7 @@ class Directory:
         contributions: dict[str, dict[str, frozenset[str]]] = {}
         before = self._contributions
         kept_own = before.get(self.node_id)
-        contributions[self.node_id] = kept_own if kept_own is not None and kept_own == own_offers else own_offers
+        contributions[self.node_id] = kept_own if kept_own == own_offers else own_offers  # (kept: unchanged)
         peers: dict[str, PeerState] = {}
         streams: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer id -> (stream id, kept prefixes)
         for peer in ready:
@@ -311,13 +311,9 @@ class Directory:
             return None
         if len(ids) == 1 and (only_one := known.get(ids[0])) is not None:  # (skipped or not: no other)
             return only_one
-        candidates: Any = ids
+        candidates: Sequence[str] = ids
         if self._skip:  # (a look at each provider: only while a skip lasts)
-            now = time.monotonic()
-            if now >= self._skip_until:
-                self._skip = {}
-            else:
-                candidates = [i for i in ids if self._skip.get((service, i), 0) < now] or ids
+            candidates = self.unskipped(service, ids) or ids
         start = next(self._rr)
         for k in range(len(candidates)):
             node_id = candidates[(start + k) % len(candidates)]
@@ -341,7 +337,7 @@ class Directory:
         self._skip_until = max(self._skip_until, now + rest_s)
         return rest_s
 
-    def unskipped(self, service: str, ids: list[str]) -> list[str]:
+    def unskipped(self, service: str, ids: Sequence[str]) -> Sequence[str]:
         """``ids`` less the nodes that refused ``service`` a moment ago (`skip_provider`)."""
         if not self._skip:
             return ids

@@ -100,11 +100,11 @@ def handler_raised(handler: Callable[..., Any]) -> int:
 
 
 def handler_failure(exc: BaseException) -> BaseException:
-    """``exc``, which a handler raised and which is not an `Exception`, as the handler's
-    failure; raised again if it must end the program: `KeyboardInterrupt` or `SystemExit`
-    on the main thread (Ctrl-C, ``sys.exit()`` in an `AsyncNode`'s handler, as asyncio
-    lets them through). On a node's own threads they would end the thread alone, and the
-    node would go deaf while its peers still route to it."""
+    """``exc``, which a handler raised, as the handler's failure; raised again if it must
+    end the program: `KeyboardInterrupt` or `SystemExit` on the main thread (Ctrl-C,
+    ``sys.exit()`` in an `AsyncNode`'s handler, as asyncio lets them through). On a node's
+    own threads they would end the thread alone, and the node would go deaf while its
+    peers still route to it."""
     if isinstance(exc, (KeyboardInterrupt, SystemExit)) and threading.current_thread() is threading.main_thread():
         raise exc
     return exc
@@ -115,17 +115,12 @@ def run_sync(call: Call) -> tuple[Any, BaseException | None]:
     if tracing.active is None and (call.pattern != "service" or not call.arg.via):  # (nothing to serve as)
         try:
             return call.handler(call.arg), None
-        except Exception as exc:
-            return None, exc
         except BaseException as exc:
             return None, handler_failure(exc)
     token = serve_as(call)
     error: BaseException | None = None
     try:
         return call.handler(call.arg), None
-    except Exception as exc:
-        error = exc
-        return None, exc
     except BaseException as exc:
         error = handler_failure(exc)
         return None, error

@@ -412,8 +412,6 @@ class Dispatcher:
                 for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin):
                     try:
                         handler(msg)
-                    except Exception:
-                        errors += handler_raised(handler)
                     except BaseException as exc:
                         handler_failure(exc)
                         errors += handler_raised(handler)
@@ -422,8 +420,6 @@ class Dispatcher:
                     for handler in handlers:
                         try:
                             handler(msg)
-                        except Exception:
-                            errors += handler_raised(handler)
                         except BaseException as exc:
                             handler_failure(exc)
                             errors += handler_raised(handler)
@@ -588,8 +584,6 @@ class Dispatcher:
         error: BaseException | None
         try:
             result, error = handler(msg), None
-        except Exception as exc:
-            result, error = None, exc
         except BaseException as exc:
             result, error = None, handler_failure(exc)
         self.handler_finished(handler, started)

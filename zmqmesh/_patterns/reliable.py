@@ -29,7 +29,7 @@ import logging
 import time
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import msgpack
@@ -43,8 +43,8 @@ from .._store.messages import StoredMessage, attempts_of, recovered_of, wire_of
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,
-    KEEP_SERVICE_PREFIX,
     MAX_BATCH_ITEMS,
+    STATUS_ERROR,
     STATUS_OK,
     Headed,
     RawPayload,
@@ -60,11 +60,11 @@ __all__ = ["ReliableSender", "Failure", "fill_batch", "wire_form"]
 log = logging.getLogger("zmqmesh.reliable")
 
 _TIMEOUT_CHECK_S = 0.05
-_KEEPER_REST_S = 0.05
-"""How long a keeper whose store could not take a hand-over gets none of the queue (a
-puller that refused a batch, having stopped pulling, rests `Directory.skip_provider`'s
-2 s): a stopping pusher has about a second (``linger_s``) to hand its messages over, and a
-store may fail once."""
+_FAILED_REST_S = 0.05
+"""How long a node that could not take a batch (``0x01``: a keeper's store failed) gets
+none of the queue; one that refused it (``0x02``: it no longer pulls or keeps it) rests
+`Directory.skip_provider`'s 2 s. A stopping pusher has about a second (``linger_s``) to
+hand its messages over, and a store may fail once."""
 WINDOW_BYTES = 16 << 20
 """The bytes a puller has in flight at most, besides ``ack_window``'s messages (a batch
 past it still goes to a puller with nothing in flight)."""
@@ -250,8 +250,8 @@ class ReliableSender:
         """
         directory = self.directory
         kind, name = ("keepers", keep_service(queue)) if to_keepers else ("ackqueues", queue_service(queue))
-        pullers = [i for i in directory.providers(kind, queue)  # a node keeps its own messages anyway
-                   if not (to_keepers and i == directory.node_id) and directory.endpoint_of(i, "service")]
+        pullers: Sequence[str] = [i for i in directory.providers(kind, queue)  # a node keeps its own messages anyway
+                                  if not (to_keepers and i == directory.node_id) and directory.endpoint_of(i, "service")]
         again = self.redeliver.get(queue)
         if not pullers:
             return bool(q or again)
@@ -337,8 +337,8 @@ class ReliableSender:
             freed = True
             if reply[1] != STATUS_OK:  # the puller stopped pulling, or the keeper's store failed: deal
                 self._put_back(batch.queue, self._named(batch))  # them again, to others first
-                keeper = batch.service.startswith(KEEP_SERVICE_PREFIX)  # (a hand-over has a stop's second)
-                rest = self.directory.skip_provider(batch.service, batch.puller, _KEEPER_REST_S if keeper else None)
+                rest = self.directory.skip_provider(batch.service, batch.puller,
+                                                    _FAILED_REST_S if reply[1] == STATUS_ERROR else None)
                 self.loop.call_later(rest, self.wake)
                 continue
             failures = self._failures(reply[2], len(batch.items))
