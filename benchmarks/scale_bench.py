@@ -12,6 +12,10 @@ the library's default timings (beacons, heartbeats). It measures:
 2. then, after ``--settle`` seconds, over ``--idle`` seconds of silence, per node: CPU
    used (user + system, % of one CPU), resident memory, and open sockets (from /proc).
 
+Every node loads zmqmesh from compiled ``.pyc`` files, as an installed package has them
+(``--bytecode source``: each compiles the package from source, as an editable checkout
+does where PYTHONDONTWRITEBYTECODE is set; that doubles what a start costs).
+
 The table shows how each grows with the mesh, and the verdicts of the targets: at 128
 nodes, formation within 0.5 s of the last start and idle CPU per node of at most 0.5 %.
 Needs root (network namespaces); nothing is sent outside the run's own namespaces.
@@ -35,7 +39,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import netns  # noqa: E402  (tests/netns.py)
-from mesh_bench import cpu_ticks, rss_mib  # noqa: E402
+from mesh_bench import compile_zmqmesh, cpu_ticks, rss_mib  # noqa: E402
 from multihost_bench import first_full_view, progress, wired_hosts  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -150,6 +154,9 @@ def main() -> int:
     parser.add_argument("--heartbeat", type=float, help="heartbeat_interval_s (default: the library's)")
     parser.add_argument("--peer-timeout", type=float, help="peer_timeout_s (default: the library's)")
     parser.add_argument("--beacon-interval", type=float, help="beacon_interval_s (default: the library's)")
+    parser.add_argument("--bytecode", choices=("compiled", "source"), default="compiled",
+                        help="compiled (default): zmqmesh's .pyc files are written first, as installed; "
+                             "source: every node compiles zmqmesh")
     parser.add_argument("--log-level", default="warning",
                         help="the nodes' library log level; with info, the results count why peers were declared gone")
     args = parser.parse_args()
@@ -165,14 +172,19 @@ def main() -> int:
     # node processes and removes its namespaces
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows = []
-    for size in sizes:
-        rows.append(one_size(size, args))
-        progress("  " + json.dumps(rows[-1]))
+    created = compile_zmqmesh() if args.bytecode == "compiled" else []
+    try:
+        for size in sizes:
+            rows.append(one_size(size, args))
+            progress("  " + json.dumps(rows[-1]))
+    finally:
+        for pyc in created:
+            pyc.unlink(missing_ok=True)
     print()
     timings = ", ".join(f"{k}={v}" for k, v in (("heartbeat_interval_s", args.heartbeat), ("peer_timeout_s", args.peer_timeout),
                                                   ("beacon_interval_s", args.beacon_interval)) if v is not None)
     print(f"full mesh on {args.hosts} virtual hosts, {timings or 'default timings'}, {os.cpu_count()} CPUs; "
-          f"idle cost over {args.idle:.0f} s, {args.settle:.0f} s after formation")
+          f"idle cost over {args.idle:.0f} s, {args.settle:.0f} s after formation; zmqmesh bytecode {args.bytecode}")
     head = ("nodes", "formed after last start", "after first spawn", "idle CPU/node median [max]",
             "RSS/node median [max]", "sockets/node median [max]")
     print(" | ".join(head))
