@@ -292,3 +292,29 @@ def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) ->
         assert descriptors() <= before + 1, f"{descriptors() - before} descriptors left open"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("node_class", [zmqmesh.Node, zmqmesh.AsyncNode])
+def test_a_stopped_node_refuses_new_handlers(mesh: dict[str, Any], node_class: type) -> None:
+    """A handler given to a stopped node would never be called: registering one says so
+    (it was accepted and silently never ran), while removing one still works."""
+    node = node_class("late", **mesh)
+    kept = node.subscribe("kept", lambda m: None)  # before start: the usual order
+    if node_class is zmqmesh.Node:
+        node.start()
+        node.stop()
+    else:
+        async def run() -> None:
+            await node.start()
+            await node.stop()
+        asyncio.run(run())
+    attempts = [lambda: node.subscribe("t", lambda m: None), lambda: node.pull("q", lambda m: None),
+                lambda: node.service("s", lambda m: None), lambda: node.on_join(lambda p: None),
+                lambda: node.on_leave(lambda p: None), lambda: node.on_whisper(lambda m: None),
+                lambda: node.on_shout(lambda m: None), lambda: node.subscribe("t")(lambda m: None)]
+    for attempt in attempts:
+        with pytest.raises(zmqmesh.NodeClosedError):
+            attempt()
+    with pytest.raises(TypeError):  # the argument is still checked first
+        node.subscribe("t", 5)  # type: ignore[call-overload]
+    assert node.remove_handler(kept)

@@ -37,7 +37,7 @@ from .._wire.frames import (
     check_headers,
 )
 from ..config import NodeConfig
-from ..errors import ConfigError, MeshTimeoutError, NoProviderError, ZmqMeshError
+from ..errors import ConfigError, MeshTimeoutError, NoProviderError, NodeClosedError, ZmqMeshError
 from ..message import Message, Peer
 from .engine import Engine, InboxFactory, RequestsFactory
 
@@ -283,10 +283,13 @@ class NodeBase:
     def _register(self, kind: str, name: str, handler: Callable[..., Any] | None,
                   then: Callable[[Callable[..., Any]], None] | None = None) -> Any:
         """Register ``handler`` (or return a decorator that does); ``then(handler)`` records
-        its options, only once the registration succeeded (a failed one leaves nothing)."""
+        its options, only once the registration succeeded (a failed one leaves nothing).
+        Raises `TypeError` for a handler that cannot be called, `NodeClosedError` once the
+        node was stopped (nothing would ever call it)."""
         def decorate(fn: Handler) -> Handler:
             if not callable(fn):
                 raise TypeError("a handler must be callable")
+            self._refuse_if_stopped()
             self._registry.add(kind, name, fn)
             if then is not None:
                 then(fn)
@@ -328,7 +331,8 @@ class NodeBase:
         What fell out of a publisher's history before it could be replayed is reported on
         the next message (``msg.gap``, the number missed) and in ``stats()["pubsub"]["gap"]``.
         Raises `ValueError` for a prefix longer than 200 bytes, `ConfigError` for a bad
-        ``replay`` or a ``durable_name`` without a store.
+        ``replay`` or a ``durable_name`` without a store, `NodeClosedError` once the node
+        was stopped.
         """
         check_name("topic", prefix)
         if not (replay in ("new", "all") or (isinstance(replay, (int, float)) and not isinstance(replay, bool)
@@ -385,7 +389,8 @@ class NodeBase:
         ``bytes(msg.data)`` makes the copy when one is needed (to keep, pickle or compare it).
 
         Raises `ValueError` if this node already pulls ``queue`` with another handler,
-        `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store).
+        `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store),
+        `NodeClosedError` once the node was stopped.
         """
         check_name("queue", queue)
         extras = ack_timeout_s is not None or dead_letter is not None or dedupe or max_deliveries != 5
@@ -428,7 +433,7 @@ class NodeBase:
         ``idempotent=True`` declares that running a request twice is harmless: a caller
         whose provider dies mid-request then retries on another provider instead of
         raising `PeerLostError`. Raises `ValueError` if this node already offers ``name``
-        with another handler.
+        with another handler, `NodeClosedError` once the node was stopped.
         """
         check_name("service", name)
         return self._register("services", name, handler,
@@ -463,6 +468,10 @@ class NodeBase:
             self._engine.registry_changed()
         return found
 
+    def _refuse_if_stopped(self) -> None:
+        if self._stopped:
+            raise NodeClosedError("a stopped node takes no handlers (nothing would call them); create a new one")
+
     def _unregister(self, kind: str, name: str, handler: Callable[..., Any] | None) -> bool:
         removed = self._registry.remove(kind, name, handler)
         if removed:
@@ -472,23 +481,28 @@ class NodeBase:
     def _callback(self, event: str, handler: Any) -> Any:
         if not callable(handler):
             raise TypeError("a callback must be callable")
+        self._refuse_if_stopped()
         self._registry.add_callback(event, handler)
         return handler
 
     def on_join(self, handler: Handler) -> Handler:
-        """Call ``handler(peer)`` when a peer joins the mesh (decorator)."""
+        """Call ``handler(peer)`` when a peer joins the mesh (decorator).
+        Raises `TypeError` if it cannot be called, `NodeClosedError` once the node was stopped."""
         return self._callback("join", handler)  # type: ignore[no-any-return]
 
     def on_leave(self, handler: Handler) -> Handler:
-        """Call ``handler(peer)`` when a peer leaves, crashes or goes silent (decorator)."""
+        """Call ``handler(peer)`` when a peer leaves, crashes or goes silent (decorator).
+        Raises `TypeError` if it cannot be called, `NodeClosedError` once the node was stopped."""
         return self._callback("leave", handler)  # type: ignore[no-any-return]
 
     def on_whisper(self, handler: Handler) -> Handler:
-        """Call ``handler(msg)`` for each ZRE WHISPER; ``msg.data`` is the list of frames."""
+        """Call ``handler(msg)`` for each ZRE WHISPER; ``msg.data`` is the list of frames.
+        Raises `TypeError` if it cannot be called, `NodeClosedError` once the node was stopped."""
         return self._callback("whisper", handler)  # type: ignore[no-any-return]
 
     def on_shout(self, handler: Handler) -> Handler:
-        """Call ``handler(msg)`` for each ZRE SHOUT to a joined group (``msg.group``, ``msg.data`` frames)."""
+        """Call ``handler(msg)`` for each ZRE SHOUT to a joined group (``msg.group``, ``msg.data`` frames).
+        Raises `TypeError` if it cannot be called, `NodeClosedError` once the node was stopped."""
         return self._callback("shout", handler)  # type: ignore[no-any-return]
 
     # views -------------------------------------------------------------------------------------
