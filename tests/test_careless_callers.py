@@ -153,10 +153,13 @@ def test_failed_and_removed_registrations_leave_no_flags(mesh: dict[str, Any]) -
         wait_until(lambda: "zmqmesh/svc/clash" in observer.peers()[0].groups, 10, "the offers")
         groups = observer.peers()[0].groups
         assert not {g for g in groups if g.startswith(("zmqmesh/idem/", "zmqmesh/ackqueue/", "zmqmesh/ackto/"))}, groups
+    crowded = zmqmesh.Node("crowded", **mesh)  # (a stopped node takes no handlers at all)
+    crowded.service("clash", lambda m: 1)
+    crowded.pull("q", lambda m: None)
     for i in range(zmqmesh._mesh.registry.MAX_OFFERS - 2):  # the node offers "clash" and "q" already
-        node.subscribe(f"topic.{i}.", lambda m: None)
+        crowded.subscribe(f"topic.{i}.", lambda m: None)
     with pytest.raises(zmqmesh.ConfigError, match="at most"):
-        node.subscribe("one.too.many.", lambda m: None)
+        crowded.subscribe("one.too.many.", lambda m: None)
 
 
 def _start_in_child(node: zmqmesh.Node, out: Any) -> None:
@@ -497,5 +500,7 @@ def test_a_handler_that_raises_systemexit_or_keyboardinterrupt_fails_alone(mesh:
         cli.push("jobs", 0)
         cli.push("jobs", 1)
         wait_until(lambda: received == [1], 5, "the push after the failed one")
+        # (a frame's handler failures are counted once the whole frame is handled)
+        wait_until(lambda: srv.stats()["pipeline"]["errors"] >= 1, 5, "the failed push counted")
         assert srv.stats()["service"]["errors"] == 3 and srv.stats()["pipeline"]["errors"] == 1
         assert srv.running

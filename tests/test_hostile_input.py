@@ -95,8 +95,9 @@ def test_invalid_zre_messages_are_counted_and_a_gap_drops_the_peer(target: zmqme
     assert not target.peers()[0].is_zmqmesh
     # a JOIN with a wrong status byte: counted, tolerated (C zyre would abort here)
     dealer.send_multipart(zre_frames(Command.JOIN, 2, group="g", status=77))
-    wait_until(lambda: rejected(target, "zre_status_mismatch") >= 1, 5, "the bad status byte")
-    assert "g" in target.peers()[0].groups
+    # (the bad byte is counted before the group is joined)
+    wait_until(lambda: "g" in target.peers()[0].groups, 5, "the JOIN with a bad status byte")
+    assert rejected(target, "zre_status_mismatch") == 1
     # a control whisper from a plain ZRE peer is refused
     dealer.send_multipart(zre_frames(Command.WHISPER, 3, content=[b"\x00zmqmesh-control", msgpack.packb({"t": "bye"})]))
     wait_until(lambda: rejected(target, "control_from_plain_peer") >= 1, 5, "the refused control message")
@@ -205,9 +206,10 @@ def test_a_whisper_flood_into_a_slow_handler_is_bounded_and_counted(mesh: dict[s
         for seq in range(2, 1002):
             dealer.send_multipart(zre_frames(Command.WHISPER, seq % 65536, content=[b"x" * 1000]))
         wait_until(lambda: node.stats()["zre"]["received"] == 1000, 10, "the flood")
-        dropped = node.stats()["zre"]["dropped"]
         release.set()
-        wait_until(lambda: len(handled) + dropped == 1000, 20, "the kept whispers handled")
+        # (a whisper is counted received before it is queued or dropped)
+        wait_until(lambda: len(handled) + node.stats()["zre"]["dropped"] == 1000, 20, "the kept whispers handled")
+        dropped = node.stats()["zre"]["dropped"]
         inbox.close(0)
         dealer.close(0)
     assert 800 <= dropped <= 1000 - 100, "at most about recv_hwm waited; the rest was dropped, counted"
@@ -225,8 +227,8 @@ def test_counters_forget_departed_peers(mesh: dict[str, Any]) -> None:
                 visitor.publish("t.x", i)
                 wait_until(lambda: len(got) == i + 1, 10, "the visitor's message")
                 assert visitor.id in node.stats()["peers"]
-            wait_until(lambda: not node.peers(), 10, "the visitor gone")
-            assert node.stats()["peers"] == {}
+            # (a departed peer leaves the view before its counters are forgotten)
+            wait_until(lambda: not node.peers() and not node.stats()["peers"], 10, "the visitor gone, its counters forgotten")
 
 
 def test_at_least_once_batches_from_strangers_are_handled_but_not_counted_per_sender(
@@ -360,6 +362,7 @@ def test_a_puller_that_refuses_every_batch_is_rested_not_dealt_to_in_a_loop(
                 service.send_multipart([routing, batch_id, STATUS_NO_SERVICE, b""])
                 dealt += 1
         assert 1 <= dealt <= 3, f"dealt {dealt} times in 2.5 s"
+        wait_until(lambda: node.stats()["pipeline"].get("redelivered", 0) >= dealt, 5, "the last refusal taken")
         assert node.stats()["pipeline"]["redelivered"] == dealt
         for sock in (dealer, inbox):
             sock.close(0)

@@ -149,7 +149,7 @@ def test_submitted_requests_fail_when_the_provider_dies(spawn: Any, mesh: dict[s
     with zmqmesh.Node("client", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}) as client:
         client.wait_for_service("block", timeout=10)
         futures = [client.submit("block", i, timeout=25) for i in range(3)]
-        time.sleep(0.3)
+        doomed.wait_line("BLOCKING", timeout=10)
         doomed.kill()
         for future in futures:
             with pytest.raises(zmqmesh.PeerLostError):
