@@ -37,7 +37,13 @@ from .._wire.frames import (
     check_headers,
 )
 from ..config import NodeConfig
-from ..errors import ConfigError, MeshTimeoutError, NoProviderError, NodeClosedError, ZmqMeshError
+from ..errors import (
+    ConfigError,
+    MeshTimeoutError,
+    NodeClosedError,
+    NoProviderError,
+    ZmqMeshError,
+)
 from ..message import Message, Peer
 from .engine import Engine, InboxFactory, RequestsFactory
 
