@@ -412,7 +412,9 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
 
 
 def compile_zmqmesh() -> list[Path]:
-    """Write the .pyc files an installed zmqmesh has; returns the ones created here."""
+    """Write the .pyc files an installed zmqmesh has; returns the ones created here (for
+    the caller to remove), also when some could not be written (a read-only checkout:
+    said on stderr; the nodes then compile what is missing, as they would have)."""
     import compileall
     import importlib.util
 
@@ -421,9 +423,14 @@ def compile_zmqmesh() -> list[Path]:
     package = Path(zmqmesh.__file__).parent
     sources = sorted(package.rglob("*.py"))  # the layers' subpackages too
     before = {src: Path(importlib.util.cache_from_source(str(src))).exists() for src in sources}
-    if not compileall.compile_dir(str(package), quiet=1):
-        raise RuntimeError(f"could not compile {package}")
-    return [Path(importlib.util.cache_from_source(str(src))) for src in sources if not before[src]]
+    try:
+        complete = compileall.compile_dir(str(package), quiet=2)
+    except OSError as exc:
+        complete = False
+        progress(f"compiling {package}: {exc}")
+    if not complete:
+        progress(f"could not write every .pyc file of {package}: the nodes compile what is missing")
+    return [pyc for src in sources if not before[src] and (pyc := Path(importlib.util.cache_from_source(str(src)))).exists()]
 
 
 def run_impl(impl: str, args) -> list[dict]:

@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -190,6 +191,9 @@ def main() -> int:
         progress(f"multihost benchmark not run: {reason}")
         return 2
     netns.sweep_stale()
+    # a SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: each run's lab stops its node
+    # processes and removes its namespaces, and the .pyc files written here are removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
     samples = []
     created = compile_zmqmesh()

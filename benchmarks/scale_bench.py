@@ -13,8 +13,9 @@ the library's default timings (beacons, heartbeats). It measures:
    used (user + system, % of one CPU), resident memory, and open sockets (from /proc).
 
 Every node loads zmqmesh from compiled ``.pyc`` files, as an installed package has them
-(``--bytecode source``: each compiles the package from source, as an editable checkout
-does where PYTHONDONTWRITEBYTECODE is set; that doubles what a start costs).
+(``--bytecode source`` writes none first: in an editable checkout without them, where
+PYTHONDONTWRITEBYTECODE is set, each node then compiles the package, which doubles
+what a start costs).
 
 The table shows how each grows with the mesh, and the verdicts of the targets: at 128
 nodes, formation within 0.5 s of the last start and idle CPU per node of at most 0.5 %.
@@ -156,7 +157,7 @@ def main() -> int:
     parser.add_argument("--beacon-interval", type=float, help="beacon_interval_s (default: the library's)")
     parser.add_argument("--bytecode", choices=("compiled", "source"), default="compiled",
                         help="compiled (default): zmqmesh's .pyc files are written first, as installed; "
-                             "source: every node compiles zmqmesh")
+                             "source: none are written first (the nodes load those there are, and compile the rest)")
     parser.add_argument("--log-level", default="warning",
                         help="the nodes' library log level; with info, the results count why peers were declared gone")
     args = parser.parse_args()

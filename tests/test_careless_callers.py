@@ -138,8 +138,8 @@ def test_an_async_handler_calling_its_own_node_fails_at_once(mesh: dict[str, Any
     assert time.monotonic() - started < 20
 
 
-def test_failed_and_removed_registrations_leave_no_flags(mesh: dict[str, Any]) -> None:
-    node = zmqmesh.Node("registrar", **mesh)
+def _register_refuse_and_remove(node: zmqmesh.Node) -> None:
+    """Offers "clash" and "q"; leaves nothing of a refused or removed registration."""
     node.service("clash", lambda m: 1)
     with pytest.raises(ValueError):
         node.service("clash", lambda m: 2, idempotent=True)
@@ -148,14 +148,18 @@ def test_failed_and_removed_registrations_leave_no_flags(mesh: dict[str, Any]) -
     node.pull("q", lambda m: None)
     with pytest.raises(ValueError):
         node.pull("q", lambda m: None, at_least_once=True, ack_timeout_s=5)
+
+
+def test_failed_and_removed_registrations_leave_no_flags(mesh: dict[str, Any]) -> None:
+    node = zmqmesh.Node("registrar", **mesh)
+    _register_refuse_and_remove(node)
     with node, zmqmesh.Node("observer", **mesh) as observer:
         observer.wait_for_peers(1)
         wait_until(lambda: "zmqmesh/svc/clash" in observer.peers()[0].groups, 10, "the offers")
         groups = observer.peers()[0].groups
         assert not {g for g in groups if g.startswith(("zmqmesh/idem/", "zmqmesh/ackqueue/", "zmqmesh/ackto/"))}, groups
     crowded = zmqmesh.Node("crowded", **mesh)  # (a stopped node takes no handlers at all)
-    crowded.service("clash", lambda m: 1)
-    crowded.pull("q", lambda m: None)
+    _register_refuse_and_remove(crowded)  # nor do they take a place among the offers
     for i in range(zmqmesh._mesh.registry.MAX_OFFERS - 2):  # the node offers "clash" and "q" already
         crowded.subscribe(f"topic.{i}.", lambda m: None)
     with pytest.raises(zmqmesh.ConfigError, match="at most"):

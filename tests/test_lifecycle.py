@@ -295,7 +295,7 @@ def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) ->
 
 
 @pytest.mark.parametrize("node_class", [zmqmesh.Node, zmqmesh.AsyncNode])
-def test_a_stopped_node_refuses_new_handlers(mesh: dict[str, Any], node_class: type) -> None:
+def test_a_stopped_node_refuses_new_handlers(mesh: dict[str, Any], node_class: type, tmp_path: Any) -> None:
     """A handler given to a stopped node would never be called: registering one says so
     (it was accepted and silently never ran), while removing one still works."""
     node = node_class("late", **mesh)
@@ -312,6 +312,12 @@ def test_a_stopped_node_refuses_new_handlers(mesh: dict[str, Any], node_class: t
                 lambda: node.service("s", lambda m: None), lambda: node.on_join(lambda p: None),
                 lambda: node.on_leave(lambda p: None), lambda: node.on_whisper(lambda m: None),
                 lambda: node.on_shout(lambda m: None), lambda: node.subscribe("t")(lambda m: None)]
+    if node_class is zmqmesh.Node:
+        assert node.config.store is None
+        stored = zmqmesh.Node("stored", store=str(tmp_path), **mesh)
+        stored.start()
+        stored.stop()
+        attempts.append(lambda: stored.keep("kept"))
     for attempt in attempts:
         with pytest.raises(zmqmesh.NodeClosedError):
             attempt()

@@ -449,9 +449,11 @@ class NodeBase:
         """Become a keeper of ``queue``: a pusher that stops with durable messages of it not
         yet delivered hands them to a keeper (within its stop deadline), which stores them
         and delivers them to pullers when they appear. Several keepers may run; each
-        message is kept by one. Raises `ConfigError` without a store."""
+        message is kept by one. Raises `ConfigError` without a store, `NodeClosedError`
+        once the node was stopped."""
         if self.config.store is None:
             raise ConfigError("keep() needs a store: Node(..., store='path/dir')")
+        self._refuse_if_stopped()
         self._registry.keep(check_name("queue", queue))
         self._engine.registry_changed()
 
@@ -476,7 +478,8 @@ class NodeBase:
 
     def _refuse_if_stopped(self) -> None:
         if self._stopped:
-            raise NodeClosedError("a stopped node takes no handlers (nothing would call them); create a new one")
+            raise NodeClosedError("this node was stopped (or failed to start): it takes no handlers, nothing would "
+                                  "call them; create a new one")
 
     def _unregister(self, kind: str, name: str, handler: Callable[..., Any] | None) -> bool:
         removed = self._registry.remove(kind, name, handler)
