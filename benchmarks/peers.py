@@ -176,7 +176,7 @@ def _python_lib(module: str, package: str) -> str:
     try:
         __import__(module)
     except ImportError:
-        return f"the Python client {package} is not installed (pip install {package})"
+        return f"the Python client {package} is not installed (pip install {package}, or the 'peers' extra)"
     return ""
 
 
