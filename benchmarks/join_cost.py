@@ -17,13 +17,14 @@ Loopback only; every process started is stopped at the end.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import socket
 import subprocess
 import sys
 import time
 import uuid
+
+from _bench_proc import free_udp_port
+from mesh_bench import cpu_ticks
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -41,24 +42,8 @@ node.stop()
 
 
 def cpu_s(procs: list[subprocess.Popen[str]]) -> float:
-    """CPU seconds used so far by ``procs``, every thread (user + system)."""
-    total = 0
-    for proc in procs:
-        for path in glob.glob(f"/proc/{proc.pid}/task/*/stat"):
-            try:
-                with open(path) as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICK
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """CPU seconds used so far by ``procs`` (user + system, every thread)."""
+    return sum(cpu_ticks(proc.pid) or 0 for proc in procs) / _TICK
 
 
 def main() -> int:

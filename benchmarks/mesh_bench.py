@@ -38,6 +38,7 @@ Every wait is bounded; every process started is killed in ``finally``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -411,26 +413,36 @@ def run_repetition(impl: str, rep: int, args, kill: bool, kill_bound: float) -> 
         group.close()
 
 
-def compile_zmqmesh() -> list[Path]:
-    """Write the .pyc files an installed zmqmesh has; returns the ones created here (for
-    the caller to remove), also when some could not be written (a read-only checkout:
-    said on stderr; the nodes then compile what is missing, as they would have)."""
+@contextlib.contextmanager
+def compiled_zmqmesh(enabled: bool = True) -> Iterator[None]:
+    """Within it, zmqmesh has the .pyc files an installed package has: written on entry,
+    those written removed on exit (also on an exception). Files that cannot be written (a
+    read-only checkout) are said on stderr; the nodes then compile what is missing, as
+    they would have. ``enabled=False``: nothing is written, nothing removed."""
     import compileall
     import importlib.util
 
     import zmqmesh
 
+    if not enabled:
+        yield
+        return
     package = Path(zmqmesh.__file__).parent
-    sources = sorted(package.rglob("*.py"))  # the layers' subpackages too
-    before = {src: Path(importlib.util.cache_from_source(str(src))).exists() for src in sources}
+    caches = [Path(importlib.util.cache_from_source(str(src))) for src in sorted(package.rglob("*.py"))]
+    there = {pyc for pyc in caches if pyc.exists()}
     try:
-        complete = compileall.compile_dir(str(package), quiet=2)
-    except OSError as exc:
-        complete = False
-        progress(f"compiling {package}: {exc}")
-    if not complete:
-        progress(f"could not write every .pyc file of {package}: the nodes compile what is missing")
-    return [pyc for src in sources if not before[src] and (pyc := Path(importlib.util.cache_from_source(str(src)))).exists()]
+        try:
+            complete = compileall.compile_dir(str(package), quiet=2)
+        except OSError as exc:
+            complete = False
+            progress(f"compiling {package}: {exc}")
+        if not complete:
+            progress(f"could not write every .pyc file of {package}: the nodes compile what is missing")
+        yield
+    finally:
+        for pyc in caches:
+            if pyc not in there:
+                pyc.unlink(missing_ok=True)
 
 
 def run_impl(impl: str, args) -> list[dict]:
@@ -742,12 +754,8 @@ def main(argv: list[str] | None = None) -> int:
         args.no_zmqmesh = True
     if not args.no_zmqmesh:
         progress(f"zmqmesh: {args.nodes} nodes x {args.repeat} repetitions on loopback, bytecode {args.bytecode}")
-        created = compile_zmqmesh() if args.bytecode == "compiled" else []
-        try:
+        with compiled_zmqmesh(args.bytecode == "compiled"):
             samples += run_impl("zmqmesh", args)
-        finally:
-            for pyc in created:
-                pyc.unlink(missing_ok=True)
     if args.no_pyre:
         pyre_status = "skipped (--no-pyre)"
     else:

@@ -48,7 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import netns  # noqa: E402  (tests/netns.py)
-from mesh_bench import compile_zmqmesh  # noqa: E402
+from mesh_bench import compiled_zmqmesh  # noqa: E402
 
 METRICS = [
     ("form_spawn_s", "formation, from first spawn", "s"),
@@ -196,14 +196,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
     samples = []
-    created = compile_zmqmesh()
-    try:
+    with compiled_zmqmesh():
         for index in range(1, args.runs + 1):
             samples.append(one_run(index, args))
             progress("  " + json.dumps(samples[-1]))
-    finally:
-        for pyc in created:
-            pyc.unlink(missing_ok=True)
     summary = summarize(samples)
     elapsed = time.monotonic() - started
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 import netns  # noqa: E402  (tests/netns.py)
-from mesh_bench import compile_zmqmesh, cpu_ticks, rss_mib  # noqa: E402
+from mesh_bench import compiled_zmqmesh, cpu_ticks, rss_mib  # noqa: E402
 from multihost_bench import first_full_view, progress, wired_hosts  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -173,14 +173,10 @@ def main() -> int:
     # node processes and removes its namespaces
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows = []
-    created = compile_zmqmesh() if args.bytecode == "compiled" else []
-    try:
+    with compiled_zmqmesh(args.bytecode == "compiled"):
         for size in sizes:
             rows.append(one_size(size, args))
             progress("  " + json.dumps(rows[-1]))
-    finally:
-        for pyc in created:
-            pyc.unlink(missing_ok=True)
     print()
     timings = ", ".join(f"{k}={v}" for k, v in (("heartbeat_interval_s", args.heartbeat), ("peer_timeout_s", args.peer_timeout),
                                                   ("beacon_interval_s", args.beacon_interval)) if v is not None)
