@@ -57,10 +57,10 @@ class AsyncNode(NodeBase):
         try:
             self._engine.start(asyncio.get_running_loop())
         except ZmqMeshError:
-            self._stopped = True
+            self._mark_stopped()
             raise
         except Exception as exc:
-            self._stopped = True
+            self._mark_stopped()
             raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
         return self
 
@@ -73,13 +73,13 @@ class AsyncNode(NodeBase):
         waits for the first's stop to end."""
         timeout = check_timeout(timeout)
         if self._forked():  # (after a fork the sockets, and the stop under way, are the parent's)
-            self._stopped = True
+            self._mark_stopped()
             return
         if self._stopped:
             if self._stopping is not None and not self._stopping.done():
                 await asyncio.shield(self._stopping)
             return
-        self._stopped = True
+        self._mark_stopped()
         inbox = self._engine.inbox
         if not isinstance(inbox, LoopInbox):  # never started
             return

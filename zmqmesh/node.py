@@ -81,7 +81,7 @@ class Node(NodeBase):
             try:
                 run_on(loop, self._engine.start, loop, timeout=30)
             except Exception as exc:
-                self._stopped = True
+                self._mark_stopped()
                 loop.stop()
                 thread.join(5)
                 if isinstance(exc, ZmqMeshError):
@@ -109,7 +109,7 @@ class Node(NodeBase):
         """
         timeout = check_timeout(timeout)
         if self._forked():  # the sockets and threads are the parent's: leave them alone
-            self._stopped = True
+            self._mark_stopped()
             return
         with self._lock:
             for flag in self._serving:
@@ -117,6 +117,7 @@ class Node(NodeBase):
             if not (self._stopped or self._loop is None or self._thread is None):
                 if threading.current_thread() is self._thread:
                     raise ZmqMeshError("stop() cannot be called from the node's own I/O thread")
+                self._mark_stopped()  # (first: a handler registered from now on is refused, not left uncalled)
                 inbox = self._engine.inbox
                 assert isinstance(inbox, ThreadInbox)
                 # The stop runs on a thread of its own: a caller interrupted while it waits (a
@@ -125,7 +126,7 @@ class Node(NodeBase):
                     target=stop_blocking, args=(self._engine, inbox, self._loop, self._thread, timeout),
                     name=f"zmqmesh-stop-{self.name}", daemon=inbox.runs_handlers_here())
                 self._stopper.start()
-            self._stopped = True
+            self._mark_stopped()
             stopper = self._stopper
         inbox = self._engine.inbox
         if stopper is None or stopper is threading.current_thread() or \

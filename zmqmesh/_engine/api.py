@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -210,6 +211,10 @@ class NodeBase:
         self._pid = os.getpid()  # a node serves the process that built it (see _check_process)
         self._forks = _FORKS[0]
         self._stopped = False
+        self._stop_lock = threading.Lock()
+        """Held while a handler is admitted and while the node is marked stopped
+        (`_mark_stopped`): a registration racing a stop from another thread is either made
+        before the stop begins, or refused."""
         # message ids, unique without a uuid4 each: this run's node id (random) and a counter
         # (made by C code alone: no Python call per id)
         self._ids = map(f"{self._engine.node_id[:24]}-{{:x}}".format, itertools.count(1))
@@ -243,7 +248,8 @@ class NodeBase:
         return self._forks != _FORKS[0]
 
     def __repr__(self) -> str:
-        state = "running" if self.running else ("stopped" if self._stopped else "not started")
+        state = "running" if self.running else ("stopped" if self._stopped else
+                                                ("built before a fork" if self._forked() else "not started"))
         return f"<{type(self).__name__} {self.name!r} id={self.id[:8]} {state}>"
 
     # identity ------------------------------------------------------------------------------
@@ -281,8 +287,9 @@ class NodeBase:
 
     @property
     def running(self) -> bool:
-        """True between `start` and `stop`."""
-        return not self._engine.closed
+        """True between `start` and `stop`, in the process that started the node (never in a
+        child forked from it, where the node's threads do not exist)."""
+        return not self._engine.closed and self._forks == _FORKS[0]
 
     # registration ---------------------------------------------------------------------------
 
@@ -295,10 +302,11 @@ class NodeBase:
         def decorate(fn: Handler) -> Handler:
             if not callable(fn):
                 raise TypeError("a handler must be callable")
-            self._refuse_if_stopped()
-            self._registry.add(kind, name, fn)
-            if then is not None:
-                then(fn)
+            with self._stop_lock:
+                self._refuse_if_stopped()
+                self._registry.add(kind, name, fn)
+                if then is not None:
+                    then(fn)
             self._engine.registry_changed()
             return fn
 
@@ -453,8 +461,10 @@ class NodeBase:
         once the node was stopped."""
         if self.config.store is None:
             raise ConfigError("keep() needs a store: Node(..., store='path/dir')")
-        self._refuse_if_stopped()
-        self._registry.keep(check_name("queue", queue))
+        queue = check_name("queue", queue)
+        with self._stop_lock:
+            self._refuse_if_stopped()
+            self._registry.keep(queue)
         self._engine.registry_changed()
 
     def unsubscribe(self, prefix: str, handler: Callable[..., Any] | None = None) -> bool:
@@ -476,7 +486,13 @@ class NodeBase:
             self._engine.registry_changed()
         return found
 
+    def _mark_stopped(self) -> None:
+        """Mark the node stopped (before its stop begins): from now on it takes no handlers."""
+        with self._stop_lock:
+            self._stopped = True
+
     def _refuse_if_stopped(self) -> None:
+        """(Holding `_stop_lock`.) Raises `NodeClosedError` once the node was marked stopped."""
         if self._stopped:
             raise NodeClosedError("this node was stopped (or failed to start): it takes no handlers, nothing would "
                                   "call them; create a new one")
@@ -490,8 +506,9 @@ class NodeBase:
     def _callback(self, event: str, handler: Any) -> Any:
         if not callable(handler):
             raise TypeError("a callback must be callable")
-        self._refuse_if_stopped()
-        self._registry.add_callback(event, handler)
+        with self._stop_lock:
+            self._refuse_if_stopped()
+            self._registry.add_callback(event, handler)
         return handler
 
     def on_join(self, handler: Handler) -> Handler:
