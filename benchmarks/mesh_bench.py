@@ -30,7 +30,8 @@ editable zmqmesh checkout has none, and where PYTHONDONTWRITEBYTECODE is set eve
 process would compile zmqmesh from source, which costs time and about 2 MiB of RSS per
 process. By default (``--bytecode compiled``) the benchmark therefore compiles zmqmesh's
 ``.pyc`` files first, as an installed package has them (removing the ones it created at the
-end); ``--bytecode source`` measures the uncompiled case.
+end); ``--bytecode source`` writes none first, which measures the uncompiled case only in
+a checkout that has none (where some are there, the nodes load them).
 
 Every wait is bounded; every process started is killed in ``finally``.
 """
@@ -716,8 +717,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each repetition wait up to this long for other processes to go quiet (0: don't)")
     ap.add_argument("--no-pyre", action="store_true", help="skip the pyre comparison")
     ap.add_argument("--bytecode", choices=("compiled", "source"), default="compiled",
-                    help="zmqmesh nodes load compiled .pyc files as an installed package does (default), "
-                         "or compile from source")
+                    help="compiled (default): zmqmesh's .pyc files are written first, as installed; "
+                         "source: none are written first (the nodes load those there are, and compile the rest)")
     ap.add_argument("--no-zmqmesh", action="store_true", help="skip zmqmesh (pyre only)")
     ap.add_argument("--pyre-kill-repeat", type=int, default=1,
                     help="repetitions in which pyre's (~30 s) SIGKILL detection is measured (default 1)")
