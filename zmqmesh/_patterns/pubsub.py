@@ -218,6 +218,8 @@ class Publisher:
                 if counts[prefix] <= 0:
                     del counts[prefix]
             changed = True
+        else:  # a whole burst read: more may wait, and the descriptor will not say so again
+            self.loop.call_soon(self.on_xpub)
         if changed:
             self._routes = {}
             self.on_subscriptions()
