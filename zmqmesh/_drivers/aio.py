@@ -655,7 +655,12 @@ class LoopRequester:
         send made at once raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
         sock = self._socket(step.provider)
-        sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches)
+        try:
+            sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches)
+        except Exception:  # a send that failed may have taken the signal of a reply with it, too
+            if not sock.closed and has_input(sock):
+                self.engine.loop.call_soon(self._on_readable, step.provider.id)
+            raise
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
         if sent:  # sent alone: whether that swallowed the signal of a reply, looked at now
