@@ -329,6 +329,86 @@ def test_a_request_that_came_while_a_handler_held_the_loop_is_served(mesh: dict[
     assert not failed
 
 
+_HELD_PROVIDER = """
+import sys, time, zmqmesh
+node = zmqmesh.Node("held-provider", mesh=sys.argv[1], beacon_port=int(sys.argv[2]), recv_hwm=2,
+                    heartbeat_interval_s=0.5, peer_timeout_s=2.0)  # (the test's mesh options)
+
+@node.service("work")
+def work(msg):  # one at a time; a body starting with 1 takes 1.5 s, with 3 0.3 s, any other 8 s
+    time.sleep({b"\\x01": 1.5, b"\\x03": 0.3}.get(msg.data[:1], 8.0))
+    return b"ok"
+
+node.start()
+print("ready", flush=True)
+sys.stdin.read()
+node.stop(timeout=1)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_async_request_refused_at_once_hides_no_reply_that_had_arrived(mesh: dict[str, Any]) -> None:
+    """A request refused at once (the way to the provider is full) is a send that failed;
+    it still took the DEALER's signal of a reply that had just arrived. The reply must be
+    read all the same: before, it waited for something else to wake the socket (here the
+    provider reading again, 8 s later), and its request timed out.
+
+    Timeline: A (1.5 s) goes alone; B (0.3 s, timeout 5 s) and C (8 s) follow; the caller
+    fills the way with 2 MiB requests until they are refused. B's reply comes while the
+    caller's loop is busy; then one more request, refused at once."""
+    provider = subprocess.Popen([sys.executable, "-c", _HELD_PROVIDER, mesh["mesh"], str(mesh["beacon_port"])],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pad = b"p" * (2 << 20)
+    backlog: list[asyncio.Future[Any]] = []
+
+    async def refused_at_once(node: zmqmesh.AsyncNode) -> bool:
+        task = asyncio.ensure_future(node.request("work", b"\x02" + pad, timeout=30))
+        await asyncio.sleep(0.02)
+        if task.done():
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="not accepting"):
+                task.result()
+            return True
+        backlog.append(task)
+        return False
+
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("caller", send_hwm=1, **mesh) as node:
+            await node.wait_for_service("work", timeout=10)
+            began = time.monotonic()
+            a = asyncio.ensure_future(node.request("work", b"\x01", timeout=30))
+            backlog.append(a)
+            try:
+                await asyncio.sleep(0.05)
+                b = asyncio.ensure_future(node.request("work", b"\x03", timeout=5))
+                backlog.extend([b, asyncio.ensure_future(node.request("work", b"\x02", timeout=30))])
+                await asyncio.sleep(0.02)
+                refused = 0
+                while time.monotonic() - began < 1.7 or refused < 2:
+                    refused = refused + 1 if await refused_at_once(node) else 0
+                    await asyncio.sleep(0.03)
+                assert a.done() and not b.done()
+                time.sleep(max(2.3 - (time.monotonic() - began), 0.3))  # the loop busy: B's reply comes meanwhile
+                with pytest.raises(zmqmesh.MeshTimeoutError, match="not accepting"):
+                    await node.request("work", b"\x02" + pad, timeout=1)  # (awaited here: before the loop looks again)
+                assert await b == b"ok"
+            finally:
+                for task in backlog:
+                    task.cancel()
+                await asyncio.gather(*backlog, return_exceptions=True)
+
+    try:
+        assert provider.stdout is not None and provider.stdout.readline().strip() == "ready"
+        asyncio.run(main())
+    finally:
+        if provider.stdin is not None:
+            provider.stdin.close()
+        try:
+            provider.wait(10)
+        except subprocess.TimeoutExpired:
+            provider.kill()
+            provider.wait(10)
+
+
 def test_provider_killed_mid_request_raises_peer_lost_quickly(spawn: Any, mesh: dict[str, Any]) -> None:
     provider = spawn("doomed", service=["block"], block_s=30.0)
     with zmqmesh.Node("client", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0}) as node:
