@@ -37,6 +37,25 @@ def test_a_thousand_start_stop_cycles_leak_no_fds_or_threads(mesh: dict[str, Any
     assert elapsed < 200
 
 
+def test_a_stop_with_no_time_to_spare_still_closes_everything(mesh: dict[str, Any],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """``stop(timeout=0)`` is accepted: it still waits the moment the I/O thread needs to
+    end, and closes the ZeroMQ context. (It left it open most times, as for a wedged
+    loop, with the context's threads and descriptors.)"""
+    def cycle() -> None:
+        node = zmqmesh.Node("hasty", **mesh)
+        node.start()
+        node.stop(timeout=0)
+
+    cycle()  # warm up lazily created things
+    fds, threads = open_fds(), threading.active_count()
+    for _ in range(20):
+        cycle()
+    assert "did not end" not in caplog.text
+    wait_until(lambda: threading.active_count() <= threads, 5, "threads to end")
+    assert open_fds() <= fds + 2, f"{open_fds() - fds} file descriptors leaked"
+
+
 def test_async_start_stop_cycles_leak_nothing(mesh: dict[str, Any]) -> None:
     async def cycles(n: int) -> None:
         for _ in range(n):
@@ -183,6 +202,32 @@ def test_a_handler_may_stop_its_own_node(mesh: dict[str, Any], kind: str, concur
         wait_until(lambda: took and not node.running, 10, "the node to stop")
     assert took[0] < 1.0
     wait_until(lambda: threading.active_count() <= threads, 10, "the node's threads to end")
+
+
+@pytest.mark.parametrize("timeout", [0.0, 5.0])
+def test_a_done_callback_of_a_submitted_request_may_stop_the_node(mesh: dict[str, Any], timeout: float,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """`stop` from a done-callback of a `submit` future hands the stop on and returns at
+    once, as from a handler. (It waited for the stop, whose closing step waited for the
+    submit thread, held by that very callback: 2 s of everything stalled, a false
+    warning, and with ``timeout=0`` the context left open.)"""
+    with zmqmesh.Node("provider", **mesh) as provider:
+        provider.service("echo", lambda msg: msg.data)
+        node = zmqmesh.Node("quitter", **mesh).start()
+        node.wait_for_service("echo", timeout=10)
+        took: list[float] = []
+
+        def quit_now(future: Any) -> None:
+            started = time.monotonic()
+            node.stop(timeout=timeout)
+            took.append(time.monotonic() - started)
+
+        node.submit("echo", 1, timeout=5).add_done_callback(quit_now)
+        wait_until(lambda: took and not node.running, 10, "the node to stop")
+        assert took[0] < 1.0
+        wait_until(lambda: not [t for t in threading.enumerate() if "quitter" in t.name], 10,
+                   "the node's threads to end")
+    assert "did not end" not in caplog.text and "failed while stopping" not in caplog.text
 
 
 def test_an_idle_node_that_has_pushed_does_not_spin(mesh: dict[str, Any]) -> None:

@@ -102,8 +102,8 @@ class Node(NodeBase):
         Never hangs: each step is bounded, the whole by about ``linger_s + timeout`` seconds.
         The stop runs on a thread of its own: a call interrupted while it waits (a second
         Ctrl-C) leaves it to end all the same, and a second call waits for it. Called from
-        one of this node's own handlers, it returns at once (waiting there would wait for
-        the handler itself). Raises
+        one of this node's own handlers, or from a done-callback of a future of `submit`,
+        it returns at once (waiting there would wait for the caller itself). Raises
         `ZmqMeshError` only when called on the node's own I/O thread, `ConfigError` for a
         ``timeout`` that is not a finite number >= 0.
         """
@@ -129,9 +129,13 @@ class Node(NodeBase):
             self._mark_stopped()
             stopper = self._stopper
         inbox = self._engine.inbox
+        requests = self._engine.requests
         if stopper is None or stopper is threading.current_thread() or \
-                (isinstance(inbox, ThreadInbox) and inbox.runs_handlers_here()):
-            return  # (a handler of the node does not wait: the stop waits for the handlers)
+                (isinstance(inbox, ThreadInbox) and inbox.runs_handlers_here()) or \
+                (isinstance(requests, ThreadRequesters) and requests.on_submit_thread()):
+            # (a handler, or a done-callback of a submitted request, does not wait: the stop
+            # waits for the handlers, and for the submit thread to end)
+            return
         stopper.join()  # (also a second call: it waits for the first's stop)
 
     def run_forever(self) -> None:

@@ -654,4 +654,6 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
 def _end_loop(loop: Reactor, thread: threading.Thread, timeout: float) -> None:
     loop.stop()
     if thread is not threading.current_thread():
-        thread.join(timeout)
+        # (a moment at least: with ``timeout`` 0 the thread had seldom ended yet, and its
+        # context was left open, as for a wedged loop)
+        thread.join(max(timeout, _LATE_LOOP_S))
