@@ -13,6 +13,7 @@ Kept apart so that a process using only the sync `Node` never imports asyncio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import operator
@@ -658,8 +659,9 @@ class LoopRequester:
         try:
             sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches)
         except Exception:  # a send that failed may have taken the signal of a reply with it, too
-            if not sock.closed and has_input(sock):
-                self.engine.loop.call_soon(self._on_readable, step.provider.id)
+            with contextlib.suppress(zmq.ZMQError):  # (a stop under way: what failed is said as it is)
+                if not sock.closed and has_input(sock):
+                    self.engine.loop.call_soon(self._on_readable, step.provider.id)
             raise
         if step.deadline < self._timer_at:
             self._arm(step.deadline)
