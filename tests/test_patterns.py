@@ -332,7 +332,7 @@ def test_a_request_that_came_while_a_handler_held_the_loop_is_served(mesh: dict[
 _HELD_PROVIDER = """
 import sys, time, zmqmesh
 node = zmqmesh.Node("held-provider", mesh=sys.argv[1], beacon_port=int(sys.argv[2]), recv_hwm=2,
-                    heartbeat_interval_s=0.5, peer_timeout_s=2.0)  # (the test's mesh options)
+                    heartbeat_interval_s=float(sys.argv[3]), peer_timeout_s=float(sys.argv[4]))
 
 @node.service("work")
 def work(msg):  # one at a time; a body starting with 1 takes 1.5 s, with 3 0.3 s, any other 8 s
@@ -354,9 +354,12 @@ def test_an_async_request_refused_at_once_hides_no_reply_that_had_arrived(mesh: 
     provider reading again, 8 s later), and its request timed out.
 
     Timeline: A (1.5 s) goes alone; B (0.3 s, timeout 5 s) and C (8 s) follow; the caller
-    fills the way with 2 MiB requests until they are refused. B's reply comes while the
-    caller's loop is busy; then one more request, refused at once."""
-    provider = subprocess.Popen([sys.executable, "-c", _HELD_PROVIDER, mesh["mesh"], str(mesh["beacon_port"])],
+    fills the way with 2 MiB requests until they are refused, A was answered and the way
+    is full again. B's reply comes while the caller's loop is busy; then one more request,
+    refused at once. (On a host slow enough for B's reply to be read before, the test
+    passes without the bug's conditions.)"""
+    provider = subprocess.Popen([sys.executable, "-c", _HELD_PROVIDER, mesh["mesh"], str(mesh["beacon_port"]),
+                                 str(mesh["heartbeat_interval_s"]), str(mesh["peer_timeout_s"])],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     pad = b"p" * (2 << 20)
     backlog: list[asyncio.Future[Any]] = []
@@ -383,10 +386,11 @@ def test_an_async_request_refused_at_once_hides_no_reply_that_had_arrived(mesh: 
                 backlog.extend([b, asyncio.ensure_future(node.request("work", b"\x02", timeout=30))])
                 await asyncio.sleep(0.02)
                 refused = 0
-                while time.monotonic() - began < 1.7 or refused < 2:
+                # (until A was answered, so that the provider took B and C, and the way is full again)
+                while time.monotonic() - began < 1.7 or not a.done() or refused < 2:
+                    assert time.monotonic() - began < 20, "the way to the provider never filled up"
                     refused = refused + 1 if await refused_at_once(node) else 0
                     await asyncio.sleep(0.03)
-                assert a.done() and not b.done()
                 time.sleep(max(2.3 - (time.monotonic() - began), 0.3))  # the loop busy: B's reply comes meanwhile
                 with pytest.raises(zmqmesh.MeshTimeoutError, match="not accepting"):
                     await node.request("work", b"\x02" + pad, timeout=1)  # (awaited here: before the loop looks again)
