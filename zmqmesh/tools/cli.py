@@ -373,6 +373,8 @@ def _gateway(args: argparse.Namespace) -> int:
     if args.seed:
         options["seeds"] = tuple(args.seed)
     token = args.token or os.environ.get("ZMQMESH_GATEWAY_TOKEN")
+    if not args.verbose:  # (what it drops and what fails are its reports: they stay in the log)
+        logging.getLogger("zmqmesh.gateway").setLevel(logging.WARNING)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

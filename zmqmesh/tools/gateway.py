@@ -62,6 +62,7 @@ from .jsonview import dumps, peer_dict
 
 try:
     from aiohttp import web
+    from aiohttp.http_exceptions import HttpProcessingError
 except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError("the gateway needs aiohttp: pip install 'zmqmesh[gateway]'") from exc
 
@@ -286,14 +287,18 @@ class Gateway:
 
     # routes -----------------------------------------------------------------------------------
 
+    def _met_mesh(self) -> bool:
+        """Whether a missing provider or puller is missing for real: the gateway knows a
+        peer, or looked for them for `_DISCOVERY_GRACE_S`."""
+        return bool(self.node.peers()) or time.monotonic() - self.started_at > _DISCOVERY_GRACE_S
+
     async def request(self, request: web.Request) -> web.Response:
         """POST /request/{service}."""
         service = request.match_info["service"]
         try:
             data = await self._body(request)
             timeout = self._timeout(request)
-            if not self.node.providers(service) and (
-                    self.node.peers() or time.monotonic() - self.started_at > _DISCOVERY_GRACE_S):
+            if not self.node.providers(service) and self._met_mesh():
                 raise NoProviderError(f"no node offers the service {service!r} in mesh {self.node.config.mesh!r}")
             reply = await self.node.request(service, data, timeout=timeout)
         except Exception as exc:
@@ -316,10 +321,13 @@ class Gateway:
 
     async def push(self, request: web.Request) -> web.Response:
         """POST /push/{queue}."""
+        queue = request.match_info["queue"]
         try:
             data = await self._body(request)
             timeout = self._timeout(request)
-            await self.node.push(request.match_info["queue"], data, timeout=timeout)
+            if not any(queue in peer.queues for peer in self.node.peers()) and self._met_mesh():
+                timeout = 0.0  # nobody pulls it: NoProviderError at once (the push still checks the name first)
+            await self.node.push(queue, data, timeout=timeout)
         except Exception as exc:
             return self._failure(exc)
         return web.json_response({"status": "queued"}, status=202)
@@ -349,7 +357,7 @@ class Gateway:
                 await asyncio.wait_for(response.write(chunk), STREAM_WRITE_TIMEOUT_S)
                 chunk = await stream.next(15)
         except asyncio.TimeoutError:  # (a reader that stopped reading: its connection goes, not just the stream)
-            log.info("closed an /events stream whose reader took no event for %g s", STREAM_WRITE_TIMEOUT_S)
+            log.warning("closed an /events stream whose reader took no event for %g s", STREAM_WRITE_TIMEOUT_S)
             if request.transport is not None:
                 request.transport.abort()
         except (ConnectionError, asyncio.CancelledError):
@@ -357,7 +365,7 @@ class Gateway:
         finally:
             self.listeners.discard(stream)
             if stream.lost:
-                log.info("an /events stream that lagged lost %d event(s)", stream.lost)
+                log.warning("an /events stream that lagged lost %d event(s)", stream.lost)
         return response
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -550,6 +558,33 @@ def _bound_connections(server: web.Server | None, limit: int) -> None:
     server.connection_made = connection_made  # type: ignore[method-assign]
 
 
+class _MalformedHttp(logging.Filter):
+    """What aiohttp logs of a request it could not parse (a client's malformed HTTP,
+    answered 400): counted, and one line without traceback for the first and every
+    1,000th (a traceback each let one client write 8 times what it sent into the log);
+    anything else as it comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self.count += 1
+        if self.count != 1 and self.count % 1000:
+            return False
+        said = (str(exc.message).strip() or type(exc).__name__).splitlines()[0][:200]
+        record.msg, record.args = "%d malformed HTTP request(s) answered 400 so far (last: %s)", (self.count, said)
+        record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.WARNING, "WARNING"
+        return True
+
+
+_http_log = logging.getLogger("zmqmesh.gateway.http")
+_http_log.addFilter(_MalformedHttp())
+
+
 def _host_of(authority: str) -> str:
     """The host of a ``host[:port]`` (IPv6 in brackets), lower-cased."""
     authority = authority.strip().lower()
@@ -584,6 +619,7 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
         app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(h) for h in (host, *hosts)},
                                   tracebacks=tracebacks, body_timeout_s=body_timeout_s)
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s,  # (a slow head too)
+                               logger=_http_log,  # (a malformed request: a counted line, not a traceback each)
                                shutdown_timeout=5.0,  # what still runs at a stop gets 5 s
                                handler_cancellation=True)  # (a client that hangs up frees its slot at once)
         await runner.setup()
