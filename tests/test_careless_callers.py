@@ -235,6 +235,9 @@ def test_an_async_node_refuses_another_event_loop(mesh: dict[str, Any]) -> None:
                 await node.request("echo", 1, timeout=2)
             with pytest.raises(zmqmesh.ZmqMeshError, match="another event loop"):
                 await node.publish("x", 1)
+            for call in (node.join("g"), node.leave("g"), node.shout("g", b"x"), node.whisper("0" * 32, b"x")):
+                with pytest.raises(zmqmesh.ZmqMeshError, match="another event loop"):
+                    await call  # (they changed the node's state from this loop's thread)
 
         asyncio.run(from_loop_b())
     finally:

@@ -230,6 +230,60 @@ def test_a_done_callback_of_a_submitted_request_may_stop_the_node(mesh: dict[str
     assert "did not end" not in caplog.text and "failed while stopping" not in caplog.text
 
 
+@pytest.mark.parametrize("kind", ["push", "publish"])
+def test_sends_waiting_for_room_when_the_node_stops_are_refused_not_lost(mesh: dict[str, Any], kind: str) -> None:
+    """Pushes and publications waiting for room in a full send queue (back-pressure) when
+    the node stops: each one either went (counted sent), or was dropped and counted, or
+    raised. (The stop empties the queues; those waiting then saw room, added their message
+    to a queue nobody would send any more, and returned as if it had gone.)"""
+    async def main() -> None:
+        options = {**mesh, "send_queue_max": 100}
+        async with zmqmesh.AsyncNode("slow", **options) as receiver:
+            async def slowly(msg: zmqmesh.Message) -> None:
+                await asyncio.sleep(0.001)
+
+            receiver.pull("q", slowly)
+            receiver.subscribe("t", slowly)
+            sender = zmqmesh.AsyncNode("sender", **options)
+            await sender.start()
+            await sender.wait_for_pullers("q", timeout=10)
+            await sender.wait_for_subscribers("t", 1, timeout=10)
+            went = 0
+
+            async def send(i: int) -> None:
+                nonlocal went
+                try:
+                    await (sender.push("q", i, timeout=30) if kind == "push" else sender.publish("t", i))
+                    went += 1
+                except zmqmesh.ZmqMeshError:
+                    pass
+
+            tasks = [asyncio.ensure_future(send(i)) for i in range(3000)]
+            await asyncio.sleep(0.1)
+            await sender.stop(timeout=0)
+            await asyncio.wait(tasks, timeout=10)
+            counts = sender.stats()["pipeline" if kind == "push" else "pubsub"]
+            assert went <= counts["sent"] + counts["dropped"], (went, counts)
+
+    asyncio.run(main())
+
+
+def test_pushes_cancelled_while_they_wait_for_a_puller_leave_no_socket(mesh: dict[str, Any]) -> None:
+    """A push to a queue nobody pulls holds a socket while it waits for a puller; one that
+    times out releases it, and so must one that is cancelled (each left a socket and its
+    descriptor behind for good)."""
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("canceller", **mesh) as node:
+            fds = open_fds()
+            for i in range(100):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(node.push(f"q{i}", i, timeout=10), 0.005)
+            await asyncio.sleep(0.3)
+            assert open_fds() <= fds + 5, f"{open_fds() - fds} descriptors left by 100 cancelled pushes"
+
+    asyncio.run(main())
+
+
 def test_an_idle_node_that_has_pushed_does_not_spin(mesh: dict[str, Any]) -> None:
     # a PUSH socket's descriptor stays readable until ZMQ_EVENTS is read: the loop must
     # read it, or it spins on a socket with nothing to send

@@ -190,21 +190,25 @@ class AsyncNode(NodeBase):
 
     async def whisper(self, peer_id: str, *frames: bytes | str) -> None:
         """Send a ZRE WHISPER to one peer (see `Node.whisper`)."""
+        self._check_loop()
         self._check_open()
         self._engine.whisper(peer_id, as_frames(frames))
 
     async def shout(self, group: str, *frames: bytes | str) -> int:
         """Send a ZRE SHOUT to every peer in ``group``; returns how many got it."""
+        self._check_loop()
         self._check_open()
         return self._engine.shout(group, as_frames(frames))
 
     async def join(self, group: str) -> None:
         """Join a ZRE group. Raises `ValueError` for a reserved name."""
+        self._check_loop()
         self._check_open()
         self._engine.join_group(group)
 
     async def leave(self, group: str) -> None:
         """Leave a ZRE group."""
+        self._check_loop()
         self._check_open()
         self._engine.leave_group(group)
 

@@ -136,6 +136,9 @@ class AsyncRunner:
                     value = step.fn(*step.args)
                 else:
                     raise TypeError(f"unknown step {step!r}")
+            except asyncio.CancelledError:  # the plan gets to release what it holds (`GeneratorExit`)
+                plan.close()
+                raise
             except Exception as exc:
                 error = exc
 
@@ -400,6 +403,7 @@ async def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
             await asyncio.wait_for(event.wait(), min(remaining, _ROOM_SLICE_S))
         except asyncio.TimeoutError:
             pass
+    engine.ensure_running()  # (a stop empties the queues: that room is no place for a message)
 
 
 class LoopInbox(Dispatcher):

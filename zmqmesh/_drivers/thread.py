@@ -171,6 +171,7 @@ def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
                 space.condition.wait(min(remaining, _ROOM_SLICE_S))
         finally:
             space.waiting -= 1
+    engine.ensure_running()  # (a stop empties the queues: that room is no place for a message)
 
 
 class ThreadRequester:

@@ -755,6 +755,10 @@ class NodeBase:
             except MeshTimeoutError:
                 yield OnLoop(pusher.release, (queue,))  # a failed queue keeps no socket
                 raise NoProviderError(f"no node pulls the queue {queue!r} in mesh {self.config.mesh!r}") from None
+            except GeneratorExit:  # the call was cancelled (its runner closes the plan on the loop): nor does that
+                if engine.on_loop_thread() and not engine.closed:
+                    pusher.release(queue)
+                raise
         q = pusher.queue_of(queue)
         while q is None:  # released while this call waited (another push to it gave up): again
             yield OnLoop(self._ensure_push_socket, (queue,))
