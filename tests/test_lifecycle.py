@@ -204,6 +204,40 @@ def test_a_handler_may_stop_its_own_node(mesh: dict[str, Any], kind: str, concur
     wait_until(lambda: threading.active_count() <= threads, 10, "the node's threads to end")
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])  # (1: awaited in the drain; 4: a task of its own)
+def test_an_async_handler_may_await_the_stop_of_its_own_node(mesh: dict[str, Any], concurrency: int) -> None:
+    """``await node.stop()`` in one of the node's own handlers returns once the stop began.
+    (It waited for the stop, which waited for that handler: the whole timeout, then the
+    handler was cancelled and its caller got an error.)"""
+    async def main() -> None:
+        node = zmqmesh.AsyncNode("quitter", handler_concurrency=concurrency, **mesh)
+        took: list[float] = []
+
+        async def quit_now(msg: zmqmesh.Message) -> str:
+            started = time.monotonic()
+            await node.stop(timeout=5.0)
+            took.append(time.monotonic() - started)
+            return "bye"
+
+        node.service("quit", quit_now)
+        await node.start()
+        async with zmqmesh.AsyncNode("client", **mesh) as client:
+            await client.wait_for_service("quit", timeout=10)
+            try:
+                assert await client.request("quit", timeout=10) == "bye"
+            except zmqmesh.PeerLostError:
+                pass  # the goodbye may overtake the reply
+            for _ in range(200):
+                if took and not node.running:
+                    break
+                await asyncio.sleep(0.05)
+        await node.stop()  # (waits for the stop the handler began)
+        assert took and took[0] < 1.0, took
+        assert not node.running
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("timeout", [0.0, 5.0])
 def test_a_done_callback_of_a_submitted_request_may_stop_the_node(mesh: dict[str, Any], timeout: float,
                                                                  caplog: pytest.LogCaptureFixture) -> None:

@@ -70,21 +70,22 @@ class AsyncNode(NodeBase):
 
         The stop runs to its end even if the call is cancelled (``asyncio.wait_for`` around
         it, say): its sockets, threads and readers are closed all the same. A second call
-        waits for the first's stop to end."""
+        waits for the first's stop to end. Awaited in one of this node's handlers (or a task
+        one made), it returns once the stop began: the stop waits for that handler."""
         timeout = check_timeout(timeout)
         if self._forked():  # (after a fork the sockets, and the stop under way, are the parent's)
             self._mark_stopped()
             return
-        if self._stopped:
-            if self._stopping is not None and not self._stopping.done():
-                await asyncio.shield(self._stopping)
-            return
-        self._mark_stopped()
         inbox = self._engine.inbox
-        if not isinstance(inbox, LoopInbox):  # never started
+        if not self._stopped:
+            self._mark_stopped()
+            if not isinstance(inbox, LoopInbox):  # never started
+                return
+            self._stopping = asyncio.ensure_future(stop_async(self._engine, inbox, timeout))
+        stopping = self._stopping
+        if stopping is None or stopping.done() or (isinstance(inbox, LoopInbox) and inbox.runs_caller()):
             return
-        self._stopping = asyncio.ensure_future(stop_async(self._engine, inbox, timeout))
-        await asyncio.shield(self._stopping)
+        await asyncio.shield(stopping)
 
     async def serve_forever(self) -> None:
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until

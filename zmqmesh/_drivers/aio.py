@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import operator
@@ -64,6 +65,9 @@ _LONE_PASSES = 16
 _WAITING_LOOK_S = 0.5
 _SWEEP_SHARE = 16  # abandoned requests are swept at once when they are this share of those in flight
 _SWEEP_S = 0.05  # ... and otherwise within this long
+_HANDLING: contextvars.ContextVar[Any] = contextvars.ContextVar("zmqmesh_handling", default=None)
+"""The `LoopInbox` whose handlers run in this context: a drain's task, a task of
+``handler_concurrency``, and the tasks they make (``asyncio.wait_for``'s among them)."""
 
 
 def check_loop(engine: Engine) -> None:
@@ -447,6 +451,11 @@ class LoopInbox(Dispatcher):
         """Always False: stopping from a handler is awaited, never blocked on."""
         return False
 
+    def runs_caller(self) -> bool:
+        """Whether the calling task is one of this node's handlers (or a task one made):
+        a stop awaited there would wait for the handler itself."""
+        return _HANDLING.get() is self
+
     def waits_for_caller(self) -> bool:
         """True when the caller is one of this node's handlers and they run one at a time
         (an ``async def`` one awaited in the drain, a ``def`` one on the worker thread)."""
@@ -493,6 +502,7 @@ class LoopInbox(Dispatcher):
             self.post_page(fetch, page, None)
 
     async def _drain(self) -> None:
+        _HANDLING.set(self)  # (this task's context, and that of the tasks its handlers make)
         calls: list[Call] = []
         active: list[tuple[zmq.Socket[Any], str]] = []
         try:
@@ -582,6 +592,7 @@ class LoopInbox(Dispatcher):
             self.complete(call, result, error)
 
     async def _run_one(self, call: Call) -> None:
+        _HANDLING.set(self)
         try:
             if is_async(call.handler):
                 result, error = await run_async(call)
