@@ -427,6 +427,65 @@ def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) ->
     asyncio.run(main())
 
 
+def test_an_async_node_may_be_stopped_from_another_event_loop(mesh: dict[str, Any],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A stop awaited on another loop than the node's is carried out on the node's loop:
+    the work it had received is finished and everything closed. (It ran on the caller's
+    loop, where it waited its whole timeout for the node's tasks, which that loop could
+    not run.)"""
+    owner = asyncio.new_event_loop()
+    runner = threading.Thread(target=owner.run_forever, daemon=True)
+    runner.start()
+    try:
+        fds = open_fds()
+        node = zmqmesh.AsyncNode("owned", **mesh)
+
+        finished: list[bool] = []
+
+        async def slowly(msg: zmqmesh.Message) -> str:
+            await asyncio.sleep(0.3)
+            finished.append(True)
+            return "done"
+
+        node.service("slow", slowly)
+        asyncio.run_coroutine_threadsafe(node.start(), owner).result(10)
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("slow", timeout=10)
+            client.submit("slow", None, timeout=10)
+            wait_until(lambda: node.stats()["service"]["received"] == 1, 10, "the request to arrive")
+            started = time.monotonic()
+            asyncio.run(node.stop(timeout=5))
+            took = time.monotonic() - started
+        assert finished == [True]
+        assert not node.running
+        assert took < 2.0, f"the stop took {took:.1f} s"
+        assert open_fds() <= fds + 1, f"{open_fds() - fds} descriptors left open"
+        assert "failed while stopping" not in caplog.text
+    finally:
+        owner.call_soon_threadsafe(owner.stop)
+        runner.join(10)
+        owner.close()
+
+
+def test_an_async_node_whose_loop_ended_is_stopped_cleanly_from_a_new_one(mesh: dict[str, Any],
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """``asyncio.run`` that ended with the node still running leaves its sockets open;
+    a stop from a new loop closes them without complaint (it logged that stopping the
+    handlers failed, and a coroutine never awaited)."""
+    fds = open_fds()
+    node = zmqmesh.AsyncNode("orphan", **mesh)
+    node.service("echo", lambda msg: msg.data)
+
+    async def start() -> None:
+        await node.start()
+
+    asyncio.run(start())
+    asyncio.run(node.stop(timeout=1))
+    assert not node.running
+    assert open_fds() <= fds + 1, f"{open_fds() - fds} descriptors left open"
+    assert "failed while stopping" not in caplog.text
+
+
 @pytest.mark.parametrize("node_class", [zmqmesh.Node, zmqmesh.AsyncNode])
 def test_a_stopped_node_refuses_new_handlers(mesh: dict[str, Any], node_class: type, tmp_path: Any) -> None:
     """A handler given to a stopped node would never be called: registering one says so

@@ -8,6 +8,7 @@ never imports asyncio.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +19,8 @@ from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
+
+log = logging.getLogger("zmqmesh.aio")
 
 __all__ = ["AsyncNode"]
 
@@ -71,10 +74,18 @@ class AsyncNode(NodeBase):
         The stop runs to its end even if the call is cancelled (``asyncio.wait_for`` around
         it, say): its sockets, threads and readers are closed all the same. A second call
         waits for the first's stop to end. Awaited in one of this node's handlers (or a task
-        one made), it returns once the stop began: the stop waits for that handler."""
+        one made), it returns once the stop began: the stop waits for that handler. Awaited
+        on another event loop than the node's, it hands the stop to the node's loop while
+        that one runs, and waits for it there (at most ``timeout`` and the sockets' linger,
+        and a second more; past that it logs a warning and returns)."""
         timeout = check_timeout(timeout)
         if self._forked():  # (after a fork the sockets, and the stop under way, are the parent's)
             self._mark_stopped()
+            return
+        owner = self._engine.loop
+        if isinstance(owner, asyncio.AbstractEventLoop) and owner is not asyncio.get_running_loop() \
+                and owner.is_running():
+            await self._stop_on(owner, timeout)
             return
         inbox = self._engine.inbox
         if not self._stopped:
@@ -86,6 +97,15 @@ class AsyncNode(NodeBase):
         if stopping is None or stopping.done() or (isinstance(inbox, LoopInbox) and inbox.runs_caller()):
             return
         await asyncio.shield(stopping)
+
+    async def _stop_on(self, owner: asyncio.AbstractEventLoop, timeout: float) -> None:
+        # (every step of a stop touches the owner loop's sockets, readers and tasks)
+        handed = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(timeout), owner))
+        bound = timeout + self._engine.config.linger_s + 1.0
+        try:
+            await asyncio.wait_for(asyncio.shield(handed), bound)
+        except asyncio.TimeoutError:
+            log.warning("node %s: its event loop did not finish the stop within %.1f s", self.name, bound)
 
     async def serve_forever(self) -> None:
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
