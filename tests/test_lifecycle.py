@@ -86,6 +86,103 @@ def test_stop_finishes_work_already_received(mesh: dict[str, Any]) -> None:
         assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
+def test_a_request_in_service_when_its_provider_stops_gets_its_reply(mesh: dict[str, Any], kind: str) -> None:
+    """The stop says goodbye after the replies to what its handlers were serving. (It said
+    goodbye first: the caller gave the request up with `PeerLostError`, and the reply the
+    handler made was dropped, 5 times in 5.)"""
+    if kind == "Node":
+        provider = zmqmesh.Node("provider", **mesh)
+        provider.service("slow", lambda msg: (time.sleep(0.3), "done")[1])
+        with zmqmesh.Node("client", **mesh) as client:
+            provider.start()
+            client.wait_for_service("slow", timeout=10)
+            reply = client.submit("slow", None, timeout=10)
+            wait_until(lambda: provider.stats()["service"]["received"] == 1, 10, "the request to arrive")
+            provider.stop(timeout=5)
+            assert reply.result(10) == "done"
+        return
+
+    async def main() -> None:
+        provider = zmqmesh.AsyncNode("provider", **mesh)
+
+        async def slowly(msg: zmqmesh.Message) -> str:
+            await asyncio.sleep(0.3)
+            return "done"
+
+        provider.service("slow", slowly)
+        async with zmqmesh.AsyncNode("client", **mesh) as client:
+            await provider.start()
+            await client.wait_for_service("slow", timeout=10)
+            reply = asyncio.ensure_future(client.request("slow", None, timeout=10))
+            while provider.stats()["service"]["received"] < 1:
+                await asyncio.sleep(0.01)
+            await provider.stop(timeout=5)
+            assert await reply == "done"
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["request", "push"])
+def test_stopping_one_of_two_providers_under_load_fails_no_request_and_loses_no_push(mesh: dict[str, Any],
+                                                                                      kind: str) -> None:
+    """A rolling restart: of two providers (pullers), one stops while a client keeps
+    64 requests in flight (pushes going). The stopping one withdraws its offer, answers
+    what it took, then leaves. (Before: 12 to 22 of 3,000 requests failed with
+    `PeerLostError`, and 2 to 5 of 3,000 pushes vanished uncounted, 3 runs in 3.)"""
+    handled: dict[str, int] = {"A": 0, "B": 0}
+    counting = threading.Lock()  # (the handlers run on four threads)
+
+    def provider(name: str) -> zmqmesh.Node:
+        node = zmqmesh.Node(name, handler_concurrency=4, **mesh)
+
+        def work(msg: zmqmesh.Message) -> Any:
+            time.sleep(0.001)
+            with counting:
+                handled[name] += 1
+            return msg.data
+
+        if kind == "request":
+            node.service("work", work)
+        else:
+            node.pull("work", work)
+        return node.start()
+
+    total = 3000
+    a, b = provider("A"), provider("B")
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            wait_until(lambda: len(client.peers()) == 2, 10, "both providers")
+            if kind == "request":
+                client.wait_for_service("work", timeout=10)
+            else:
+                client.wait_for_pullers("work", timeout=10)
+            stopper = threading.Thread(target=a.stop, kwargs={"timeout": 5})
+            replies: list[Any] = []
+            in_flight: list[Any] = []
+            for i in range(total):
+                if i == total // 3:
+                    stopper.start()
+                if kind == "request":
+                    in_flight.append(client.submit("work", i, timeout=10))
+                    if len(in_flight) > 64:
+                        replies.append(in_flight.pop(0).result(15))
+                else:
+                    client.push("work", i, timeout=10)
+                    time.sleep(0.0002)
+            replies.extend(future.result(15) for future in in_flight)
+            stopper.join(15)
+            if kind == "request":
+                assert replies == list(range(total))
+            wait_until(lambda: handled["A"] + handled["B"] >= total, 10, "every message handled")
+            assert handled["A"] + handled["B"] == total, handled
+            assert handled["A"] > 0, "the test needs A to have worked before it stopped"
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_stop_is_bounded_even_when_a_handler_never_returns(mesh: dict[str, Any]) -> None:
     forever = threading.Event()
     node = zmqmesh.Node("stuck", **mesh)

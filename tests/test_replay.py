@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -323,6 +324,36 @@ def test_an_async_node_replays_and_resumes_as_a_node_does(tmp_path: Path, mesh: 
         asyncio.run(collect(second, 999))
     assert first == list(range(500))
     assert second == list(range(500, 1000)), "resumed right after the last message handled"
+
+
+def test_a_message_whose_handler_a_stop_cut_short_comes_again_to_a_durable_subscription(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A handler still running at the stop's deadline did not handle its message: the
+    subscription resumes from it. (It was recorded as handled, and skipped after the
+    restart.)"""
+    import asyncio
+
+    started = threading.Event()
+
+    async def hang_on_one(msg: zmqmesh.Message) -> None:
+        if msg.data["n"] == 1:
+            started.set()
+            await asyncio.sleep(30)
+
+    got: list[tuple[int, bool]] = []
+    with zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"logs.": 100}, **mesh) as publisher:
+        publish_all(publisher, ["logs.a"], 0, 3)
+        first = zmqmesh.Node("late", store=str(tmp_path / "sub"), **mesh)
+        first.subscribe("logs.", hang_on_one, replay="all", durable_name="reader")
+        with first:
+            assert started.wait(20)
+            first.stop(timeout=0.5)
+        second = zmqmesh.Node("late", store=str(tmp_path / "sub"), **mesh)
+        second.subscribe("logs.", lambda msg: got.append((msg.data["n"], msg.redelivered)),
+                         replay="all", durable_name="reader")
+        with second:
+            wait_until(lambda: [n for n, _ in got] == [1, 2], 20, "messages 1 and 2 again")
+    assert got[0] == (1, True)
 
 
 def test_a_durable_subscriptions_handler_that_raises_is_logged_and_counted(

@@ -785,20 +785,23 @@ class LoopRequester:
 
     def _on_readable(self, provider_id: str) -> None:
         sock = self.sockets.get(provider_id)
-        if sock is None:
-            return
+        if sock is not None and self._read(sock, provider_id, _READ_BURST):
+            self.engine.loop.call_soon(self._on_readable, provider_id)
+
+    def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> bool:
+        # True if it read the whole burst (more may wait)
         counters = self.engine.stats.pattern["request"]
         outstanding = self.outstanding
         answer_all = outstanding.answer_all
-        for i in range(_READ_BURST):
+        for i in range(burst):
             # a lone reply (nothing else waited for): a check, not a raised Again; with requests
             # in flight, replies tend to queue, and a check would be spent on most frames
             if i == 1 and not outstanding and not has_input(sock):
-                return
+                return False
             try:
                 frames = recv_frames(sock)
             except zmq.ZMQError:
-                return
+                return False
             answered, unanswered = answer_all(frames, provider_id)
             counters["dropped"] += unanswered  # late replies, or ones nobody asked for
             for future, status, body in answered:
@@ -807,10 +810,15 @@ class LoopRequester:
                 else:
                     counters["received"] += 1
                     future.set_result((status, body))
-        self.engine.loop.call_soon(self._on_readable, provider_id)
+        return True
 
     def peer_gone(self, peer_id: str) -> None:
-        """Fail the requests waiting on a departed provider at once, and close its socket."""
+        """Take the replies a departed provider sent before it left (a stopping node answers,
+        then says goodbye), fail the requests still waiting on it at once, and close its
+        socket."""
+        sock = self.sockets.get(peer_id)
+        if sock is not None:  # (a frame answers one request or more: bounded by those waiting)
+            self._read(sock, peer_id, len(self.outstanding) + 1)
         for future, _service in self.outstanding.lost(peer_id):
             if not future.done():
                 future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))

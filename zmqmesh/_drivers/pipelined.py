@@ -312,14 +312,16 @@ class Pipelined:
             self.resume(job, None, MeshTimeoutError(f"request to {service!r} timed out"))
 
     def prune(self) -> None:
-        """Fail the requests of providers that left, and close their sockets (looked at
-        only when membership changed)."""
+        """Take the replies providers that left sent before they did, fail the requests
+        still waiting on them, and close their sockets (looked at only when membership
+        changed)."""
         directory = self.engine.directory
         if directory.epoch == self._epoch:
             return
         self._epoch = directory.epoch
         alive = directory.alive_ids
         for provider_id in [p for p in self._sockets if p not in alive]:
+            self._read(self._sockets[provider_id], provider_id, len(self.outstanding) + 1)
             sock = self._sockets.pop(provider_id)
             self.poller.unregister(sock)
             del self._providers[sock]

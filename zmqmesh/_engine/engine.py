@@ -84,6 +84,7 @@ log = logging.getLogger("zmqmesh.node")
 _GOODBYE_LINGER_MS = 200
 _EXPIRE_EVERY_S = 1.0
 _RESERVED_GROUP_PREFIX = "zmqmesh/"
+_CHOSEN_BY = tuple(OFFER_PREFIXES[kind] for kind in ("services", "queues", "ackqueues", "idempotent"))
 
 
 class Inbox(Protocol):
@@ -371,7 +372,7 @@ class Engine:
         return busy
 
     def close_outbound(self) -> None:
-        """Count what could not be sent, say goodbye, fail the waits and outstanding requests."""
+        """Count what could not be sent, fail the waits and outstanding requests."""
         assert self.outbound is not None and self.reliable is not None and self.membership is not None
         left = self.outbound.unsent_in_memory()
         if left:
@@ -379,10 +380,29 @@ class Engine:
             log.warning("node %s stopped with %d queued message(s) unsent (no room or no puller)", self.name, left)
             self.outbound.forget_queued()  # (counted: they hold callers' bytes no longer)
         self.reliable.close()
-        self.membership.say_goodbye()
         self.waiters.close()
         if self.requests is not None:
             self.requests.fail_outstanding()
+
+    def withdraw_offers(self) -> bool:
+        """Leave the groups by which peers choose this node for a request or a push (its
+        services and queues): from then on they send it none, while this node still
+        handles and answers those on their way. True if it told any peer."""
+        assert self.membership is not None
+        chosen = [g for g in self.membership.groups if g.startswith(_CHOSEN_BY)]
+        for group in sorted(chosen):
+            self.membership.leave(group)
+        return bool(chosen) and bool(self.membership.ready_peers())
+
+    def arrivals(self) -> int:
+        """How many requests and pushes this node has received so far (any thread)."""
+        counts = self.stats.pattern
+        return counts["service"]["received"] + counts["pipeline"]["received"]
+
+    def say_goodbye(self) -> None:
+        """Tell every peer this node leaves (`Membership.say_goodbye`)."""
+        assert self.membership is not None
+        self.membership.say_goodbye()
 
     def close_sockets(self, deadline: float) -> None:
         """Close membership and the outbound sockets; what they hold may go out until ``deadline``."""

@@ -1,17 +1,23 @@
 """The one stop plan both node kinds follow, as steps their drivers carry out.
 
-The order: refuse new work, drain, say goodbye (while the handlers finish what already
-arrived), stop the handlers, close the sockets, terminate the context:
+The order: refuse new work, drain, withdraw the offers, let the handlers finish what
+already arrived and answer it, say goodbye, close the sockets, terminate the context:
 
 1. ``begin_stop`` (loop): refuse new work; None if the node was not running; then
    ``close_metrics`` (by the caller, needing no loop): stop serving metrics.
 2. ``send_queued`` (loop), with a short pause between rounds: drain the send queues
    until they are empty or ``linger_s`` has passed; then ``hand_over`` the durable
    messages still stored to the keepers of their queues, within the same deadline.
-3. ``close_outbound`` (loop): count what is left, say goodbye, fail waits and requests.
-4. the inbox's stop: handle what already arrived, within ``timeout``.
-5. ``close_sockets`` (loop): close membership and the outbound sockets.
-6. ``destroy_context`` (off the loop, once it stopped): terminate ZeroMQ.
+3. ``withdraw_offers`` (loop): leave the service and queue groups, so that peers choose
+   this node no more; then pauses, until one passes with nothing new received (what
+   peers sent before they knew), within the same deadline.
+4. ``close_outbound`` (loop): count what is left, fail waits and requests.
+5. the inbox's stop: handle what already arrived, within ``timeout``, and send the
+   replies. The goodbye comes after them: a caller that heard it first would give up
+   the request whose reply was on its way.
+6. ``say_goodbye`` (loop), then ``close_sockets`` (loop): close membership and the
+   outbound sockets.
+7. ``destroy_context`` (off the loop, once it stopped): terminate ZeroMQ.
 
 A driver runs each step where it says, logs a step that fails and goes on with the
 next (the step's result is then None), so a half-dead node still releases what it holds.
@@ -19,6 +25,7 @@ next (the step's result is then None), so a half-dead node still releases what i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
@@ -32,6 +39,7 @@ INBOX = "the inbox"
 AFTER_LOOP = "after the loop"
 PAUSE = "pause"
 PAUSE_S = 0.005
+WITHDRAWN_PAUSE_S = 0.01  # after a withdrawal, while something arrived in the last one: see `stop_plan`
 
 
 class StopStep(NamedTuple):
@@ -54,7 +62,18 @@ def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
         yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
     while (yield StopStep("handing durable messages to keepers", ON_LOOP, engine.hand_over, (deadline,))):
         yield StopStep("waiting for the keepers", PAUSE, None, (PAUSE_S,))
-    yield StopStep("saying goodbye", ON_LOOP, engine.close_outbound)
+    if (yield StopStep("withdrawing the offers", ON_LOOP, engine.withdraw_offers)):
+        # what peers sent before they took the withdrawal in is still coming: wait until a
+        # pause passes with nothing new, within the draining deadline
+        seen = None
+        while time.monotonic() < deadline:
+            yield StopStep("waiting for what peers sent before they knew", PAUSE, None, (WITHDRAWN_PAUSE_S,))
+            arrived = yield StopStep("counting what arrived", ON_LOOP, engine.arrivals)
+            if arrived == seen:
+                break
+            seen = arrived
+    yield StopStep("closing the outbound queues", ON_LOOP, engine.close_outbound)
     yield StopStep("stopping the handlers", INBOX, None, (timeout,))
+    yield StopStep("saying goodbye", ON_LOOP, engine.say_goodbye)
     yield StopStep("closing the sockets", ON_LOOP, engine.close_sockets, (deadline,))
     yield StopStep("terminating the ZeroMQ context", AFTER_LOOP, engine.destroy_context)

@@ -19,9 +19,10 @@ log = logging.getLogger("zmqmesh.inbox")
 
 class BatchAck:
     """Acknowledges an at-least-once batch once every message of it has been handled,
-    naming the durable items whose handler failed (``failures``)."""
+    naming the durable items whose handler failed (``failures``). A batch a stop cut short
+    (``cut_short``) is never acknowledged: its pusher deals it again."""
 
-    __slots__ = ("route", "remaining", "queue", "options", "failures")
+    __slots__ = ("route", "remaining", "queue", "options", "failures", "cut_short")
 
     def __init__(self, route: tuple[bytes, bytes], remaining: int, queue: str = "",
                  options: PullOptions | None = None) -> None:
@@ -30,6 +31,7 @@ class BatchAck:
         self.queue = queue
         self.options = options or PullOptions(at_least_once=True)
         self.failures: list[list[Any]] = []
+        self.cut_short = False
 
 
 class CursorMark(NamedTuple):

@@ -71,6 +71,7 @@ is never cut, and every socket with input gives one at least, so that a stream o
 never starves the others: their calls may take the count past this). Each holds its
 message until it runs; an ``async def`` stream handler on an `AsyncNode` took 2.9 us a
 message with bursts of 256, 3.4 with 4096."""
+_REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 
 
 class _RepliesHeld:
@@ -660,8 +661,8 @@ class Dispatcher:
         if isinstance(route, BatchAck):
             self.acked.complete(call, route, error)
             return
-        if isinstance(route, CursorMark):
-            self.replays.handled(route)
+        if isinstance(route, CursorMark) and not (error is not None and self.abandoned()):
+            self.replays.handled(route)  # (not one a stop cut short: it comes again after a restart)
 
     def answer(self, route: tuple[bytes, bytes], result: Any, error: BaseException | None) -> None:
         """Reply to the request of ``route`` with what its handler returned or raised, and
@@ -838,8 +839,9 @@ class Dispatcher:
         return with_input(used)
 
     def close_sockets(self) -> None:
-        """Close the three sockets (owner thread only)."""
+        """Close the three sockets (owner thread only); the replies not yet gone get
+        `_REPLY_LINGER_MS` to go."""
         for sock, _kind in self.sockets:
-            sock.close(0)
+            sock.close(_REPLY_LINGER_MS if sock is self.router else 0)
 
 

@@ -217,9 +217,14 @@ class AckedIntake:
         self.reply(ack.route, wire.STATUS_OK, body)
 
     def complete(self, call: Call, ack: BatchAck, error: BaseException | None) -> None:
-        """Account for one handled message of a batch; acknowledge once all are."""
+        """Account for one handled message of a batch; acknowledge once all are. A handler
+        that failed once a stop's deadline passed was cut short by it: its batch is never
+        acknowledged, and so dealt again."""
+        if error is not None and self.abandoned():
+            ack.cut_short = True
+            return
         self._settle(ack, call.arg, call.index, error)
-        if ack.remaining == 0:
+        if ack.remaining == 0 and not ack.cut_short:
             self._acknowledge(ack)
 
     def _settle(self, ack: BatchAck, msg: Message, index: int, error: BaseException | None) -> None:
