@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
+import threading
 import time
 from typing import Any
 
@@ -515,3 +516,64 @@ def test_a_handler_that_raises_systemexit_or_keyboardinterrupt_fails_alone(mesh:
         wait_until(lambda: srv.stats()["pipeline"]["errors"] >= 1, 5, "the failed push counted")
         assert srv.stats()["service"]["errors"] == 3 and srv.stats()["pipeline"]["errors"] == 1
         assert srv.running
+
+
+@pytest.mark.parametrize("name", ["\x00queue/jobs", "\x00keep/x", "\x00history", "\x00stats"])
+def test_handlers_under_reserved_names_are_refused(mesh: dict[str, Any], name: str) -> None:
+    node = zmqmesh.Node("n", **mesh)
+    with pytest.raises(ValueError):
+        node.service(name, lambda m: "mine")
+    with pytest.raises(ValueError):
+        node.pull(name, lambda m: None)
+
+
+def test_a_timeout_longer_than_a_lock_can_wait_is_waited_not_an_overflow(mesh: dict[str, Any]) -> None:
+    with zmqmesh.Node("n", **mesh) as node:
+        outcomes: list[BaseException | None] = []
+
+        def call(fn: Any) -> None:
+            try:
+                fn()
+                outcomes.append(None)
+            except BaseException as exc:  # noqa: BLE001
+                outcomes.append(exc)
+
+        calls = [lambda: node.wait_for_service("nobody", timeout=1e10),
+                 lambda: node.wait_for_peers(3, timeout=1e300),
+                 lambda: node.push("nobody", 1, timeout=1e10),
+                 lambda: node.request("nobody", 1, timeout=1e10)]
+        threads = [threading.Thread(target=call, args=(fn,), daemon=True) for fn in calls]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        assert outcomes == [], f"a huge timeout failed at once: {outcomes!r}"
+    for t in threads:
+        t.join(5)
+    assert len(outcomes) == 4 and all(isinstance(e, zmqmesh.ZmqMeshError) for e in outcomes), outcomes
+
+
+@pytest.mark.parametrize("option", ["send_queue_max", "max_message_bytes", "send_hwm", "handler_concurrency",
+                                    "ack_window"])
+def test_count_options_refuse_fractions(option: str) -> None:
+    with pytest.raises(zmqmesh.ConfigError, match=option):
+        zmqmesh.NodeConfig(**{option: 2.5})
+
+
+def test_waits_and_windows_check_their_counts_and_names(mesh: dict[str, Any]) -> None:
+    node = zmqmesh.Node("n", **mesh)
+    node.service("svc", lambda m: m.data)
+    with node:
+        for bad in ("1", None, math.nan, 1.5, -1):
+            for call in (lambda n=bad: node.wait_for_peers(n, timeout=5),
+                         lambda n=bad: node.wait_for_service("svc", n, timeout=5),
+                         lambda n=bad: node.wait_for_subscribers("t", n, timeout=5)):
+                started = time.monotonic()
+                with pytest.raises(zmqmesh.ConfigError):
+                    call()
+                assert time.monotonic() - started < 2, "a count that can never be met was waited for"
+        for bad_name in ("", b"svc", None, "\udcff"):
+            with pytest.raises((TypeError, ValueError)):
+                node.wait_for_service(bad_name, timeout=0.1)  # type: ignore[arg-type]
+        with pytest.raises(zmqmesh.ConfigError):
+            node.request_many("svc", [1, 2], window=sys.maxsize + 1)
+        assert node.request_many("svc", [1, 2], window=sys.maxsize) == [1, 2]

@@ -584,6 +584,9 @@ def test_the_request_plan_waits_retries_idempotent_calls_and_decodes_replies() -
     step = plan.throw(zmqmesh.PeerLostError("gone", step.provider.id))
     assert isinstance(step, Exchange)  # idempotent: tried on the other provider
     step = plan.send((frames.STATUS_NO_SERVICE, b""))  # it no longer offers it: skipped
+    assert isinstance(step, Until) and not step.predicate()  # the only one: asked again after its rest, not at once
+    assert step.deadline is not None and step.deadline <= time.monotonic() + 2.5
+    step = plan.throw(zmqmesh.MeshTimeoutError("rested"))
     assert isinstance(step, Exchange)
     with pytest.raises(StopIteration) as done:
         plan.send((frames.STATUS_OK, codec.encode(3)))

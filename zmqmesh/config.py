@@ -202,6 +202,12 @@ class NodeConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
                 raise ConfigError(f"{name} must be a finite positive number, got {value!r}")
+        for name in ("max_message_bytes", "send_hwm", "recv_hwm", "send_queue_max", "handler_concurrency",
+                     "ack_window"):  # counts: a fraction of one failed deep inside (a slice, a socket option)
+            value = getattr(self, name)
+            if not isinstance(value, int) or (name.endswith("_hwm") and value > _LARGEST_HWM):
+                most = f" and at most {_LARGEST_HWM}" if name.endswith("_hwm") else ""
+                raise ConfigError(f"{name} must be a whole number >= 1{most}, got {value!r}")
         for name in ("push_timeout_s", "request_timeout_s", "linger_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
@@ -257,6 +263,9 @@ class NodeConfig:
         """A copy of this config with ``options`` changed. Raises `ConfigError` for a value
         out of range, `TypeError` for an unknown option."""
         return replaced(self, **options)
+
+
+_LARGEST_HWM = (1 << 31) - 1  # (ZeroMQ's high-water marks are C ints)
 
 
 def _from_environment(fields: tuple[str, ...], given: set[str]) -> dict[str, Any]:

@@ -654,6 +654,7 @@ class LoopRequester:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sockets: dict[str, zmq.Socket[Any]] = {}
+        self._known: dict[str, Provider] = {}  # (to connect again: `_renew`)
         self.outstanding: Outstanding[Any] = Outstanding()  # (futures, and `_WindowSlot`s)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -677,7 +678,7 @@ class LoopRequester:
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
         sock = self._socket(step.provider)
         try:
-            sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches)
+            sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches, self._renew)
         except Exception:  # a send that failed may have taken the signal of a reply with it, too
             with contextlib.suppress(zmq.ZMQError):  # (a stop under way: what failed is said as it is)
                 if not sock.closed and has_input(sock):
@@ -687,6 +688,7 @@ class LoopRequester:
             self._arm(step.deadline)
         if sent:  # sent alone: whether that swallowed the signal of a reply, looked at now
             self.engine.stats.count_sent(self.tally, 1)
+            sock = self.sockets.get(step.provider.id, sock)  # (renewed, if its connection was dropped)
             if has_input(sock):
                 self._on_readable(step.provider.id)
             return future
@@ -760,9 +762,15 @@ class LoopRequester:
         sock = self.sockets.get(provider.id)
         if sock is None:
             sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
+            self._known[provider.id] = provider
             self.engine.loop.add_reader(sock.FD, self._on_readable, provider.id)
             self.engine.loop.call_soon(self._on_readable, provider.id)
         return sock
+
+    def _renew(self, provider_id: str) -> zmq.Socket[Any]:
+        """A new socket to ``provider_id`` in place of one whose connection was dropped."""
+        close_watched(self.engine.loop, self.sockets.pop(provider_id))
+        return self._socket(self._known[provider_id])
 
     def _check_sent(self) -> None:
         """At the end of a pass of the loop that gathered requests: send the batches
@@ -779,7 +787,7 @@ class LoopRequester:
 
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
-                            _done, full_only=full_only)
+                            _done, full_only=full_only, renew=self._renew)
         if sent:
             self.engine.stats.count_sent(self.tally, sent)
 
@@ -819,10 +827,14 @@ class LoopRequester:
         sock = self.sockets.get(peer_id)
         if sock is not None:  # (a frame answers one request or more: bounded by those waiting)
             self._read(sock, peer_id, len(self.outstanding) + 1)
+        errors = 0
         for future, _service in self.outstanding.lost(peer_id):
             if not future.done():
+                errors += 1  # (counted as the threads' requesters count theirs)
                 future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
+        self.engine.stats.pattern["request"]["errors"] += errors
         sock = self.sockets.pop(peer_id, None)
+        self._known.pop(peer_id, None)
         if sock is not None:
             close_watched(self.engine.loop, sock)
 

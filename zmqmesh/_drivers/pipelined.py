@@ -70,8 +70,23 @@ def closed_or_failed(engine: Engine, exc: zmq.ZMQError) -> ZmqMeshError:
     return ZmqMeshError(f"ZeroMQ failed: {exc}")
 
 
+def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine) -> bool:
+    """Whether a DEALER that refused a request (``zmq.Again``) lost its connection for
+    good rather than filled up: fewer requests than ``send_hwm`` wait on it. (ZeroMQ ends
+    a connection that carried a frame past ``MAXMSGSIZE``, a reply larger than this
+    node's ``max_message_bytes``, and never reconnects it: the socket then refuses every
+    send.) Counted and logged."""
+    if outstanding.waiting_on(provider_id) > engine.config.send_hwm:
+        return False
+    engine.stats.reject("request_link_dropped")
+    log.warning("the connection to provider %s was dropped (a reply larger than max_message_bytes?); "
+                "reconnecting", provider_id[:8])
+    return True
+
+
 def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[Any], step: Exchange,
-                 engine: Engine, batches: RequestBatches[str, Any] | None = None) -> bool:
+                 engine: Engine, batches: RequestBatches[str, Any] | None = None,
+                 renew: Callable[[str], zmq.Socket[Any]] | None = None) -> bool:
     """Send ``step``'s request on ``sock`` (True), with ``waiter`` waiting for it in
     ``outstanding``, or gather it in ``batches`` to go with `send_batches` (False). Raises
     `MeshTimeoutError` when the provider takes no more requests, `NodeClosedError` or
@@ -81,7 +96,12 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
     if batches is not None and batches.add(step.provider.id, request_id, waiter, step, busy):
         return False
     try:
-        send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
+        try:
+            send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
+        except zmq.Again:
+            if renew is None or not link_dropped(outstanding, step.provider.id, engine):
+                raise
+            send_frames(renew(step.provider.id), step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
     except zmq.ZMQError as exc:
         outstanding.withdraw(request_id)
         raise send_failure(exc, step.provider.id, engine, step.service) from (None if isinstance(exc, zmq.Again) else exc)
@@ -91,7 +111,7 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
 def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socket[Any]],
                  outstanding: Outstanding[Any], engine: Engine,
                  fail: Callable[[Any, BaseException], None], gave_up: Callable[[Any], bool] | None = None,
-                 full_only: bool = False) -> int:
+                 full_only: bool = False, renew: Callable[[str], zmq.Socket[Any]] | None = None) -> int:
     """Send the batches gathered since the last call, each on its provider's socket; how
     many requests went. A request no longer waited for is left out: forgotten (its
     caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``.
@@ -110,7 +130,12 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             if sock is None or not batch.items:
                 continue
             try:
-                send_frames(sock, [batch.frame()])
+                try:
+                    send_frames(sock, [batch.frame()])
+                except zmq.Again:
+                    if renew is None or not link_dropped(outstanding, batch.key, engine):
+                        raise
+                    send_frames(renew(batch.key), [batch.frame()])
                 sent += len(batch.items)
                 continue
             except zmq.ZMQError as exc:
@@ -156,6 +181,7 @@ class Pipelined:
         self._wait_step = wait_step
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._providers: dict[zmq.Socket[Any], str] = {}
+        self._known: dict[str, Provider] = {}  # (to connect again: `_renew`)
         self._epoch = -1
         self._tally = RequestTally()
         """What this thread's requests count: added to the stats every `TALLY_FOLD_AT`
@@ -189,7 +215,7 @@ class Pipelined:
                 return
             try:
                 went = send_request(self.outstanding, job, self._socket(step.provider), step, self.engine,
-                                    self._batches)
+                                    self._batches, self._renew)
             except Exception as exc:  # the plan decides what a failed send means
                 value, error = None, exc
                 continue
@@ -231,8 +257,17 @@ class Pipelined:
         if sock is None:
             sock = self._sockets[provider.id] = self.engine.dealer_to(provider)
             self._providers[sock] = provider.id
+            self._known[provider.id] = provider
             self.poller.register(sock, zmq.POLLIN)
         return sock
+
+    def _renew(self, provider_id: str) -> zmq.Socket[Any]:
+        """A new socket to ``provider_id`` in place of one whose connection was dropped."""
+        old = self._sockets.pop(provider_id)
+        self.poller.unregister(old)
+        del self._providers[old]
+        old.close(0)
+        return self._socket(self._known[provider_id])
 
     def pump(self, timeout_s: float | None, burst: int = _READ_BURST) -> list[tuple[Any, int]]:
         """Wait up to ``timeout_s`` (None: until something is ready; less if a request falls
@@ -265,7 +300,7 @@ class Pipelined:
 
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self._sockets, self.outstanding, self.engine,
-                            lambda job, error: self.resume(job, None, error), full_only=full_only)
+                            lambda job, error: self.resume(job, None, error), full_only=full_only, renew=self._renew)
         if sent:
             self.engine.stats.count_sent(self._tally, sent)
 
@@ -325,6 +360,7 @@ class Pipelined:
             sock = self._sockets.pop(provider_id)
             self.poller.unregister(sock)
             del self._providers[sock]
+            self._known.pop(provider_id, None)
             sock.close(0)
             lost = self.outstanding.lost(provider_id)
             if lost:

@@ -149,8 +149,12 @@ def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | 
         raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
     timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
     waiter = engine.watch(predicate, deadline, what)
-    try:  # (the loop fails the waiter at the deadline; a moment more for a loop that is late)
-        waiter.result(None if timeout is None else timeout + _LATE_LOOP_S)
+    # (the loop fails the waiter at the deadline; a moment more for a loop that is late. A
+    # timeout past what a lock can wait, ~292 years, raised OverflowError: the loop's own
+    # deadline alone then ends the wait)
+    wait = None if timeout is None or timeout + _LATE_LOOP_S >= threading.TIMEOUT_MAX else timeout + _LATE_LOOP_S
+    try:
+        waiter.result(wait)
     except futures.TimeoutError:
         raise engine.timed_out(what, timeout) from None
 
@@ -225,7 +229,18 @@ class ThreadRequester:
             sock = self.sockets.get(provider.id) or self._connect(provider)
             request_id = next(self._ids).to_bytes(8, "big")
             try:
-                send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
+                try:
+                    send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
+                except zmq.Again:
+                    # one request of this thread in flight at most: a DEALER that refuses one lost
+                    # its connection for good (see `link_dropped`), and a new one takes it
+                    engine.stats.reject("request_link_dropped")
+                    log.warning("the connection to provider %s was dropped (a reply larger than "
+                                "max_message_bytes?); reconnecting", provider.id[:8])
+                    self._slices.pop(provider.id, None)
+                    self.sockets.pop(provider.id).close(0)
+                    sock = self._connect(provider)
+                    send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
             except zmq.ZMQError as exc:
                 raise send_failure(exc, provider.id, engine, step.service) from exc
             engine.stats.count_sent(self.tally, 1)

@@ -139,9 +139,18 @@ def check_timeout(value: Any, name: str = "timeout") -> float:
 def check_window(window: Any) -> int:
     """``window`` as a number of requests in flight: an int >= 1. Raises `ConfigError`
     (a `ValueError`) for anything else."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ConfigError(f"window must be an int >= 1, got {window!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= sys.maxsize:
+        raise ConfigError(f"window must be an int from 1 to {sys.maxsize}, got {window!r}")
     return window
+
+
+def check_count(n: Any, what: str = "n") -> int:
+    """``n`` as a number of nodes to wait for: an int >= 0. Raises `ConfigError` (a
+    `ValueError`) for anything else (NaN or a fraction could never be met, and waited out
+    the whole timeout; a str failed with a bare ``TypeError``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"{what} must be a whole number >= 0, got {n!r}")
+    return n
 
 
 def check_name(kind: str, name: str) -> str:
@@ -151,6 +160,14 @@ def check_name(kind: str, name: str) -> str:
         raise ValueError(f"a {kind} must be a string (text UTF-8 can encode) of at most {MAX_NAME_BYTES} bytes"
                          + ("" if kind == "topic" else ", not empty"))
     return name
+
+
+def _check_not_reserved(kind: str, name: str) -> None:
+    """Raises `ValueError` for a name of the built-in services (they begin with ``\\x00``):
+    a handler registered under one would never be called, and its callers would be
+    refused by the built-in."""
+    if name.startswith("\x00"):
+        raise ValueError(f"a {kind} name may not begin with \\x00 (reserved for built-in services): {name!r}")
 
 
 def _utf8_size(text: str) -> int | None:
@@ -407,6 +424,7 @@ class NodeBase:
         `NodeClosedError` once the node was stopped.
         """
         check_name("queue", queue)
+        _check_not_reserved("queue", queue)
         extras = ack_timeout_s is not None or dead_letter is not None or dedupe or max_deliveries != 5
         if extras and not at_least_once:
             raise ConfigError("ack_timeout_s, max_deliveries, dead_letter and dedupe need at_least_once=True")
@@ -450,6 +468,7 @@ class NodeBase:
         with another handler, `NodeClosedError` once the node was stopped.
         """
         check_name("service", name)
+        _check_not_reserved("service", name)
         return self._register("services", name, handler,
                               (lambda fn: self._registry.mark_idempotent(name)) if idempotent else None)
 
@@ -890,6 +909,7 @@ class NodeBase:
     def _peers_plan(self, n: int, timeout: float) -> Plan:
         """Wait for ``n`` peers present: known, and their subscriptions in place here (a
         publication made afterwards reaches them)."""
+        check_count(n)
         engine = self._engine
         engine.ensure_running()
         directory, publisher = engine.directory, engine.publisher
@@ -903,6 +923,8 @@ class NodeBase:
         return directory.peers()
 
     def _subscribers_plan(self, topic: str, n: int, timeout: float) -> Plan:
+        check_name("topic", topic)
+        check_count(n)
         self._engine.ensure_running()
         publisher = self._engine.publisher
         assert publisher is not None
@@ -910,6 +932,8 @@ class NodeBase:
                                f"{n} subscriber(s) of {topic!r}")
 
     def _offer_plan(self, kind: str, name: str, n: int, timeout: float) -> Plan:
+        check_name("service" if kind == "services" else "queue", name)  # (as a call with the name would)
+        check_count(n)
         directory = self._engine.directory
         what = {"services": "provider(s) of service", "queues": "puller(s) of queue", "keepers": "keeper(s) of queue"}[kind]
         yield from self._until(lambda: len(directory.providers(kind, name)) >= n, timeout, f"{n} {what} {name!r}")

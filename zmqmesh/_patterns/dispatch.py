@@ -57,6 +57,16 @@ __all__ = ["Dispatcher", "PrefixIndex"]
 
 log = logging.getLogger("zmqmesh.inbox")
 
+
+def _utf8_text(text: str) -> str:
+    """``text`` as msgpack can carry it: a lone surrogate (from bytes decoded with
+    ``surrogateescape``, say) escaped."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+
 _BURST = 256
 _EVENT_BYTES = 64 * 1024 * 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
@@ -646,8 +656,27 @@ class Dispatcher:
     # -- replying ---------------------------------------------------------------------------
 
     def _error_body(self, error: BaseException, traceback_text: str = "") -> bytes:
-        """The body of a ``0x01`` reply: what failed, as protocol.md says."""
-        return self.codec.encode({"type": type(error).__name__, "message": str(error), "traceback": traceback_text})
+        """The body of a ``0x01`` reply: what failed, as protocol.md says. Never raises:
+        a message whose ``str()`` raises, text UTF-8 cannot encode (a lone surrogate) or
+        text too long for a reply is described, escaped or cut instead (the caller must
+        hear of the failure, never wait out its timeout)."""
+        try:
+            message = str(error)
+        except Exception:
+            message = f"<str() of the {type(error).__name__} raised>"
+        name, message, traceback_text = (_utf8_text(type(error).__name__), _utf8_text(message),
+                                         _utf8_text(traceback_text))
+        try:
+            return self.codec.encode({"type": name, "message": message, "traceback": traceback_text})
+        except Exception:  # too large: cut to what a reply carries
+            room = max(self.codec.max_message_bytes // 16, 64)  # (characters: up to 4 bytes each, 2 texts)
+            cut = " ...(cut)"
+            message = message if len(message) <= room else message[:room] + cut
+            traceback_text = traceback_text if len(traceback_text) <= room else traceback_text[-room:] + cut
+            try:
+                return self.codec.encode({"type": name[:200], "message": message, "traceback": traceback_text})
+            except Exception:
+                return self.codec.encode({"type": name[:200], "message": "", "traceback": ""})
 
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
         """Account for a finished call and send the reply of a request (owner thread only)."""
@@ -671,6 +700,7 @@ class Dispatcher:
             try:
                 body = self.codec.encode(result)
             except Exception as exc:  # an unencodable return value is the handler's failure
+                self.stats.pattern["service"]["errors"] += 1
                 self._reply_error(route, exc)
             else:
                 self.send_reply(route, wire.STATUS_OK, body)
@@ -681,7 +711,11 @@ class Dispatcher:
 
     def _reply_error(self, route: tuple[bytes, bytes], error: BaseException) -> None:
         """Send the ``0x01`` reply of a failed handler."""
-        body = self._error_body(error, "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        try:
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        except Exception:  # (a broken exception object: the reply goes all the same)
+            text = ""
+        body = self._error_body(error, text)
         self.send_reply(route, wire.STATUS_ERROR, body)
         self.stats.pattern["service"]["sent"] += 1
 

@@ -55,6 +55,10 @@ class Outstanding(Generic[Waiter]):
         """The ids of the requests waiting (a live view: membership tests at C speed)."""
         return self._pending.keys()
 
+    def waiting_on(self, provider_id: str) -> int:
+        """How many requests to ``provider_id`` wait for their reply."""
+        return self._per_provider.get(provider_id, 0)
+
     def busy(self, provider_id: str) -> bool:
         """Whether a request to ``provider_id`` waits for its reply."""
         return provider_id in self._per_provider

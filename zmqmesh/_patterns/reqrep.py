@@ -142,7 +142,19 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
         try:
             return decode_reply(codec, status, reply)
         except RetryElsewhere:
-            directory.skip_provider(service, provider.id)
+            refused = provider.id
+            rest = directory.skip_provider(service, refused)
+
+            def another(refused: str = refused) -> bool:
+                found = directory.pick_provider(service, only, avoid)
+                return found is not None and found.id != refused
+
+            if not another():  # it is the only one: ask it again only after its rest, never in a loop
+                try:
+                    yield Until(another, min(deadline, time.monotonic() + rest), f"another provider of {service!r}")
+                except MeshTimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise no_provider(service, only) from None
 
 
 class Calling(NamedTuple):

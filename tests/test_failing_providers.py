@@ -1,0 +1,134 @@
+"""Providers whose handlers fail awkwardly, replies too large for their caller, and
+providers lost mid-request: the caller always hears of it, at once, and the failure is
+counted; the provider and the caller's way to it keep working."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import zmqmesh
+
+
+class _StrRaises(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("str() failed")
+
+
+def _failing_handlers() -> dict[str, Any]:
+    def str_raises(msg: Any) -> None:
+        raise _StrRaises()
+
+    def huge_message(msg: Any) -> None:
+        raise ValueError("x" * (2 << 20))  # past max_message_bytes=1 MiB below
+
+    def surrogate(msg: Any) -> None:
+        raise FileNotFoundError(b"/tmp/\xff".decode("utf-8", "surrogateescape"))  # os.fsdecode of a bad name
+
+    return {"str_raises": str_raises, "huge_message": huge_message, "surrogate": surrogate}
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_handler_failure_that_cannot_be_described_as_is_still_answered(mesh: dict[str, Any],
+                                                                          concurrency: int) -> None:
+    provider = zmqmesh.Node("provider", **mesh, handler_concurrency=concurrency, max_message_bytes=1 << 20)
+    for name, handler in _failing_handlers().items():
+        provider.service(name, handler)
+    provider.service("echo", lambda m: m.data)
+    with provider, zmqmesh.Node("caller", **mesh, max_message_bytes=1 << 20) as caller:
+        caller.wait_for_service("echo", timeout=10)
+        for name in _failing_handlers():
+            started = time.monotonic()
+            with pytest.raises(zmqmesh.RemoteError):
+                caller.request(name, 1, timeout=3)
+            assert time.monotonic() - started < 2, f"{name}: the caller waited out its timeout"
+        with pytest.raises(zmqmesh.RemoteError):  # in a batch too
+            caller.request_many("str_raises", [1, 2, 3], timeout=3)
+        assert caller.request("echo", 5, timeout=3) == 5, "the provider still serves"
+        assert caller.request_many("echo", list(range(100)), timeout=5) == list(range(100))
+        assert provider.stats()["rejected"].get("service_malformed", 0) == 0, "a handler failure is no malformed input"
+
+
+def test_an_async_handler_failure_that_cannot_be_described_as_is_still_answered(mesh: dict[str, Any]) -> None:
+    async def main() -> None:
+        provider = zmqmesh.AsyncNode("provider", **mesh, max_message_bytes=1 << 20)
+
+        @provider.service("bad")
+        async def bad(msg: Any) -> None:
+            raise _StrRaises()
+
+        provider.service("echo", lambda m: m.data)
+        async with provider, zmqmesh.AsyncNode("caller", **mesh, max_message_bytes=1 << 20) as caller:
+            await caller.wait_for_service("echo", timeout=10)
+            started = time.monotonic()
+            with pytest.raises(zmqmesh.RemoteError):
+                await caller.request("bad", 1, timeout=3)
+            assert time.monotonic() - started < 2
+            assert await caller.request("echo", 5, timeout=3) == 5
+
+    asyncio.run(main())
+
+
+def test_a_reply_past_the_callers_limit_does_not_cut_it_off_from_the_provider(mesh: dict[str, Any]) -> None:
+    """ZeroMQ ends the connection that carried a frame past MAXMSGSIZE and never
+    reconnects it: every requester kind must get a working socket back, and count it."""
+    provider = zmqmesh.Node("provider", **mesh)  # 16 MiB: replies larger than the caller takes
+    provider.service("big", lambda m: b"z" * (3 << 20) if m.data == 0 else m.data)
+    with provider, zmqmesh.Node("caller", **mesh, max_message_bytes=1 << 20) as caller:
+        caller.wait_for_service("big", timeout=10)
+        calls = {
+            "request": lambda x: caller.request("big", x, timeout=2),
+            "request_many": lambda x: caller.request_many("big", [x, 7], timeout=2)[0],
+            "submit": lambda x: caller.submit("big", x, timeout=2).result(5),
+        }
+        for name, call in calls.items():
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                call(0)  # the reply never arrives: its connection is closed under it
+            time.sleep(0.3)
+            assert call(5) == 5, f"{name}: the provider is still reachable"
+        assert caller.stats()["rejected"].get("request_link_dropped", 0) >= 3
+
+
+def test_an_async_node_gets_over_a_reply_past_its_limit(mesh: dict[str, Any]) -> None:
+    provider = zmqmesh.Node("provider", **mesh)
+    provider.service("big", lambda m: b"z" * (3 << 20) if m.data == 0 else m.data)
+
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("caller", **mesh, max_message_bytes=1 << 20) as caller:
+            await caller.wait_for_service("big", timeout=10)
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                await caller.request("big", 0, timeout=2)
+            await asyncio.sleep(0.3)
+            assert await caller.request("big", 5, timeout=2) == 5
+            assert await caller.request_many("big", [1, 2, 3], timeout=2) == [1, 2, 3]
+
+    with provider:
+        asyncio.run(main())
+
+
+def test_an_async_node_counts_requests_lost_with_their_provider(mesh: dict[str, Any]) -> None:
+    provider = zmqmesh.Node("provider", **mesh)
+    release = threading.Event()
+    provider.service("slow", lambda m: release.wait(10))
+
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("caller", **mesh) as caller:
+            await caller.wait_for_service("slow", timeout=10)
+            tasks = [asyncio.ensure_future(caller.request("slow", i, timeout=10)) for i in range(3)]
+            await asyncio.sleep(0.3)
+            await asyncio.get_running_loop().run_in_executor(None, provider.stop, 1.0)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            lost = sum(isinstance(r, zmqmesh.PeerLostError) for r in results)
+            assert lost >= 1
+            assert caller.stats()["request"]["errors"] >= lost, "a PeerLostError is counted, as a sync Node counts it"
+
+    provider.start()
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        provider.stop(1.0)
