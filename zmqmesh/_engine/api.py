@@ -403,7 +403,9 @@ class NodeBase:
         for them:
 
         * ``ack_timeout_s``: a delivery not acknowledged in time (a stuck handler) is
-          given to another puller; the late acknowledgement is ignored.
+          given to another puller; the late acknowledgement is ignored. The time runs
+          per message, from when the batch reached the head of its puller's line
+          (docs/durability.md).
         * ``max_deliveries``: a message whose handler failed (raised, or timed out) that
           many times moves to the durable queue ``dead_letter`` (default
           ``"<queue>.dead"``) with headers ``x-original-queue``, ``x-attempts`` and

@@ -28,7 +28,7 @@ import itertools
 import logging
 import time
 from bisect import bisect_right
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -88,6 +88,7 @@ class _Batch(NamedTuple):
     sent_wall: float  # the wall clock a redelivery reports as its time
     size: int  # its bytes on the wire
     service: str  # what it was sent to: the queue's pullers, or its keepers (`flush`)
+    probe: bool = False  # one message under suspicion, dealt alone (`_suspects`)
 
 
 def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
@@ -211,6 +212,14 @@ class ReliableSender:
         self._batch_ids = itertools.count(1)
         self._rr = itertools.count()
         self._timeout_check: Any = None
+        # (puller, queue) -> when its line last moved (a batch of it acknowledged or taken
+        # back): the oldest batch in flight starts its ack timeout then, not when it was sent
+        self._line_moved: dict[tuple[str, str], float] = {}
+        # ids of the durable messages of a failed batch (its puller vanished, or it was not
+        # acknowledged in time) that may not be to blame: the puller may never have reached
+        # them. None has an attempt counted; each is dealt alone next, one at a time per
+        # queue (a probe), where a failure is its own and counts
+        self._suspects: set[str] = set()
 
     def pending(self) -> int:
         """Messages sent but not yet acknowledged, plus those waiting to be resent (safe to
@@ -263,13 +272,19 @@ class ReliableSender:
             again = deque()  # (kept below only if a failed send puts messages back in it)
         start = next(self._rr)
         progress = True
+        probing = False
+        if self._suspects and not to_keepers and again and type(again[0]) is StoredMessage \
+                and again[0].id in self._suspects:
+            if any(b.probe and b.queue == queue for b in self.inflight.values()):
+                progress = False  # (a probe of this queue is out: the rest waits for its outcome)
+            probing = True
         while (q or again) and progress:
             progress = False
             for k in range(len(pullers)):
                 puller = pullers[(start + k) % len(pullers)]
                 room = self.window - self.inflight_count.get(puller, 0)
                 share = max(1, (len(q) + len(again)) // len(pullers))
-                n = min(room, MAX_BATCH_ITEMS, share)
+                n = min(room, MAX_BATCH_ITEMS, share, 1 if probing else MAX_BATCH_ITEMS)
                 if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES:
                     continue
                 items: list[Any] = []
@@ -291,12 +306,19 @@ class ReliableSender:
                         again.appendleft(item)
                     continue
                 self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time(), size,
-                                                 service)
+                                                 service, probing)
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
                 self.inflight_bytes[puller] = self.inflight_bytes.get(puller, 0) + size
                 self.stats.pattern["pipeline"]["sent"] += len(items)
                 self._sent_names.add(queue, len(items))  # (by name, as the pusher counts)
                 progress = True
+                if self._suspects:
+                    for item in items:
+                        if type(item) is StoredMessage:
+                            self._suspects.discard(item.id)
+                if probing:
+                    progress = False  # (one probe at a time)
+                    break
         for puller in pullers:  # sending may have consumed the edge that announces acks
             sock = self.sockets.get(puller)
             if sock is not None and has_input(sock):
@@ -334,6 +356,7 @@ class ReliableSender:
                 continue  # late: the batch timed out and went to another puller
             self.inflight_count[batch.puller] -= len(batch.items)
             self.inflight_bytes[batch.puller] -= batch.size
+            self._line_moved[(batch.puller, batch.queue)] = time.monotonic()
             freed = True
             if reply[1] != STATUS_OK:  # the puller stopped pulling, or the keeper's store failed: deal
                 self._put_back(batch.queue, self._named(batch))  # them again, to others first
@@ -376,22 +399,42 @@ class ReliableSender:
 
     def _redeal_expired(self) -> None:
         now = time.monotonic()
+        # a puller handles what it was dealt in turn: a batch waits in its line behind the
+        # batches dealt before it (up to ``ack_window`` messages), and its handlers run one
+        # after the other; so only the oldest batch of a puller and queue is on the clock,
+        # from when it reached the head of the line, and it has ``ack_timeout_s`` per message
+        heads: dict[tuple[str, str], _Batch] = {}
+        for batch in self.inflight.values():  # (in the order they were sent)
+            heads.setdefault((batch.puller, batch.queue), batch)
 
         def late(batch: _Batch) -> bool:
+            line = (batch.puller, batch.queue)
+            if heads.get(line) is not batch:
+                return False
             timeout = self.directory.ack_timeout_s(batch.queue, batch.puller)
-            return timeout is not None and now - batch.sent_at > timeout
+            started = max(batch.sent_at, self._line_moved.get(line, 0.0))
+            return timeout is not None and now - started > timeout * len(batch.items)
 
+        held = Counter(b.puller for b in self.inflight.values())
         expired = self._take_inflight(late)
         for batch in expired:
             log.warning("puller %s did not acknowledge %d message(s) of %r in time: redelivering",
                         batch.puller[:8], len(batch.items), batch.queue)
-            self._put_back(batch.queue, self._failed(batch, "ack timeout"))
+            self._put_back(batch.queue, self._failed(batch, "ack timeout", held[batch.puller] == 1))
         if expired:
             self.wake()
 
-    def _failed(self, batch: _Batch, why: str) -> list[Any]:
-        """The items of a batch nobody acknowledged, to deal again: durable ones with one
-        more attempt counted (so a message that keeps killing its pullers is dead-lettered)."""
+    def _failed(self, batch: _Batch, why: str, alone: bool) -> list[Any]:
+        """The items of a batch nobody acknowledged, to deal again. The message of a probe,
+        or the one message its puller had (``alone``), has one more attempt counted (so a
+        message that keeps killing its pullers, or keeps its handler stuck, is
+        dead-lettered); the others have none counted (the puller may never have reached
+        them) and are dealt alone next, one at a time (`_suspects`)."""
+        if not (batch.probe or (alone and len(batch.items) == 1)):
+            self._suspects.update(item.id for item in batch.items if type(item) is StoredMessage)
+            return self._named(batch)
+        if batch.probe:  # (probed again: the messages behind it wait, not dealt beside it)
+            self._suspects.update(item.id for item in batch.items if type(item) is StoredMessage)
         return self._settle(batch, [Failure(i, None, why) for i in range(len(batch.items))], self._named(batch))
 
     def _named(self, batch: _Batch) -> list[Any]:
@@ -429,8 +472,10 @@ class ReliableSender:
         """Remove the batches in flight that ``match`` (a late acknowledgement of them is
         then ignored), oldest first."""
         taken = [b for b in self.inflight.values() if match(b)]
+        now = time.monotonic()
         for batch in taken:
             del self.inflight[batch.id]
+            self._line_moved[(batch.puller, batch.queue)] = now
             self.inflight_count[batch.puller] -= len(batch.items)
             self.inflight_bytes[batch.puller] -= batch.size
         return taken
@@ -443,11 +488,16 @@ class ReliableSender:
             self.redeliver.setdefault(queue, deque()).extendleft(reversed(batch.items))
         return sum(len(b.items) for b in recalled)
 
-    def peer_gone(self, puller: str) -> None:
-        """Put back what a departed puller had not acknowledged, marked as redelivered."""
+    def peer_gone(self, puller: str, failed: bool = True) -> None:
+        """Put back what a departed puller had not acknowledged, marked as redelivered.
+        ``failed``: it vanished (a crash, silence), so each of its messages has one more
+        failed delivery counted; a puller that said goodbye (a stop) failed none of them."""
         lost = self._take_inflight(lambda b: b.puller == puller)
         for batch in reversed(lost):
-            self._put_back(batch.queue, self._failed(batch, "the puller left"))
+            self._put_back(batch.queue, self._failed(batch, "the puller left", len(lost) == 1) if failed
+                           else self._named(batch))
+        for line in [line for line in self._line_moved if line[0] == puller]:
+            del self._line_moved[line]
         if lost:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
                         puller[:8], sum(len(b.items) for b in lost))

@@ -1,0 +1,142 @@
+"""What counts as a failed delivery of an at-least-once message: an ack timeout runs per
+message from the head of a puller's line, a puller that stops cleanly fails none of the
+messages it held, and a message that kills its pullers is dead-lettered alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from helpers import wait_until
+
+import zmqmesh
+from zmqmesh import inspect_store
+
+
+def test_handlers_quicker_than_the_ack_timeout_never_time_out_in_a_backlog(tmp_path: Path,
+                                                                            mesh: dict[str, Any]) -> None:
+    """Each handler takes 0.1 s against ack_timeout_s=1: a backlog of 40 (one batch of
+    4 s) is handled once each, with nothing redelivered and nothing dead-lettered. (Before:
+    the batch timed out 1 s after it was sent, every message was handled 5 times, then
+    dead-lettered: 'no acknowledgement after N deliveries'.)"""
+    handled: Counter[int] = Counter()
+    dead: list[Any] = []
+    lock = threading.Lock()
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.push_many("jobs", list(range(40)), durable=True)
+        puller = zmqmesh.Node("puller", **mesh)
+
+        @puller.pull("jobs", at_least_once=True, ack_timeout_s=1.0, max_deliveries=5)
+        def handle(msg: zmqmesh.Message) -> None:
+            time.sleep(0.1)
+            with lock:
+                handled[msg.data] += 1
+
+        puller.pull("jobs.dead", dead.append, at_least_once=True)
+        with puller:
+            wait_until(lambda: not inspect_store(tmp_path)["queues"], 30, "the backlog acknowledged")
+            time.sleep(0.5)
+        redelivered = pusher.stats()["pipeline"].get("redelivered", 0)
+    assert dead == []
+    assert set(handled) == set(range(40))
+    assert max(handled.values()) == 1, f"{sum(handled.values()) - 40} extra handler calls"
+    assert redelivered == 0
+
+
+def test_a_puller_stopped_cleanly_again_and_again_fails_none_of_its_messages(tmp_path: Path,
+                                                                              mesh: dict[str, Any]) -> None:
+    """A healthy puller, stopped (cleanly) with messages in its window, twice, with
+    max_deliveries=2: nothing is dead-lettered, everything is handled. (Before: each stop
+    counted a failed delivery for every message it held, and the messages of its window
+    went to 'jobs.dead', most of them never handled.)"""
+    handled: set[int] = set()
+    dead: list[Any] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.push_many("jobs", list(range(600)), durable=True)
+
+        def puller(delay: float) -> zmqmesh.Node:
+            node = zmqmesh.Node("puller", **mesh)
+
+            @node.pull("jobs", at_least_once=True, max_deliveries=2)
+            def handle(msg: zmqmesh.Message) -> None:
+                time.sleep(delay)
+                handled.add(msg.data)
+
+            node.pull("jobs.dead", lambda msg: dead.append(msg.data), at_least_once=True)
+            return node
+
+        for _ in range(2):
+            node = puller(0.01).start()
+            wait_until(lambda: pusher.stats()["pipeline"].get("sent", 0) > 0 and handled, 10, "deliveries")
+            time.sleep(0.5)
+            left = pusher.stats()["pipeline"].get("redelivered", 0)
+            node.stop(0.2)
+            wait_until(lambda left=left: pusher.stats()["pipeline"].get("redelivered", 0) > left, 10, "the puller seen gone")
+        with puller(0.0):
+            wait_until(lambda: not inspect_store(tmp_path)["queues"], 30, "everything acknowledged")
+    assert dead == []
+    assert handled == set(range(600))
+
+
+_CRASHING_PULLER = """
+import os, sys, signal
+import zmqmesh
+mesh, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+node = zmqmesh.Node("puller", mesh=mesh, beacon_port=port, heartbeat_interval_s=0.5, peer_timeout_s=2.0)
+f = open(out, "a", buffering=1)
+@node.pull("jobs", at_least_once=True, max_deliveries=3)
+def handle(msg):
+    if msg.data == "poison":
+        os._exit(3)  # the message kills its process
+    f.write(f"ok {msg.data}\\n")
+@node.pull("jobs.dead", at_least_once=True)
+def dead(msg):
+    f.write(f"dead {msg.data}\\n")
+node.start()
+signal.sigwait({signal.SIGTERM})
+node.stop(2)
+"""
+
+
+def test_a_message_that_kills_its_pullers_is_dead_lettered_alone(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """One message crashes every puller process it reaches; 19 others were dealt in the same
+    batch. The crashing one is dead-lettered after max_deliveries crashes; the others are
+    handled, none dead-lettered. (Before: every crash counted a failed delivery for the
+    whole batch, and all 20 went to 'jobs.dead', the 19 innocent ones never handled.)"""
+    import subprocess
+    import sys
+
+    script, out = tmp_path / "puller.py", tmp_path / "out"
+    script.write_text(_CRASHING_PULLER)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        pusher_store = tmp_path / "store"
+        pusher = zmqmesh.Node("pusher", store=str(pusher_store), **mesh).start()
+        pusher.push_many("jobs", ["poison"] + [f"m{i}" for i in range(19)], durable=True)
+
+        def rows() -> list[list[str]]:
+            return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+
+        for _ in range(8):
+            proc = subprocess.Popen([sys.executable, str(script), mesh["mesh"], str(mesh["beacon_port"]), str(out)])
+            procs.append(proc)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # it crashes no more: the poison is gone
+                break
+            wait_until(lambda: pusher.stats()["pipeline"].get("redelivered", 0) > 0, 10, "the crash seen")
+        wait_until(lambda: not inspect_store(pusher_store)["queues"], 30, "everything settled")
+        wait_until(lambda: any(r[0] == "dead" for r in rows()), 10, "the dead letter handled")
+        pusher.stop(1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(5)
+    ok = {r[1] for r in rows() if r[0] == "ok"}
+    dead = [r[1] for r in rows() if r[0] == "dead"]
+    assert dead == ["poison"]
+    assert ok == {f"m{i}" for i in range(19)}
