@@ -18,10 +18,11 @@ from zmqmesh import inspect_store
 
 def test_handlers_quicker_than_the_ack_timeout_never_time_out_in_a_backlog(tmp_path: Path,
                                                                             mesh: dict[str, Any]) -> None:
-    """Each handler takes 0.1 s against ack_timeout_s=1: a backlog of 40 (one batch of
-    4 s) is handled once each, with nothing redelivered and nothing dead-lettered. (Before:
-    the batch timed out 1 s after it was sent, every message was handled 5 times, then
-    dead-lettered: 'no acknowledgement after N deliveries'.)"""
+    """Each handler takes 0.1 s against ack_timeout_s=1: a backlog of 40, dealt in batches
+    that wait in the puller's line, is handled once each, with nothing redelivered and
+    nothing dead-lettered. (Before: a batch timed out 1 s after it was sent, however long
+    it had waited behind others, every message was handled 5 times, then dead-lettered:
+    'no acknowledgement after N deliveries'.)"""
     handled: Counter[int] = Counter()
     dead: list[Any] = []
     lock = threading.Lock()
@@ -44,6 +45,38 @@ def test_handlers_quicker_than_the_ack_timeout_never_time_out_in_a_backlog(tmp_p
     assert set(handled) == set(range(40))
     assert max(handled.values()) == 1, f"{sum(handled.values()) - 40} extra handler calls"
     assert redelivered == 0
+
+
+def test_a_handler_stuck_at_the_head_of_a_backlog_is_seen_within_eight_ack_timeouts(tmp_path: Path,
+                                                                                    mesh: dict[str, Any]) -> None:
+    """The time a batch gets grows with its messages, so a puller with an ack timeout gets
+    small batches: a handler stuck on the first of a backlog of 100 (ack_timeout_s=0.5)
+    loses its message to another puller within 8 x 0.5 s and a moment, not 100 x 0.5 s."""
+    release = threading.Event()
+    seen: list[tuple[str, Any]] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        stuck = zmqmesh.Node("stuck", **mesh)
+
+        @stuck.pull("jobs", at_least_once=True, ack_timeout_s=0.5)
+        def hang(msg: zmqmesh.Message) -> None:
+            seen.append(("stuck", msg.data))
+            release.wait(20)
+
+        try:
+            with stuck:
+                pusher.wait_for_pullers("jobs", 1, timeout=10)
+                pusher.push_many("jobs", list(range(100)), durable=True)
+                wait_until(lambda: seen, 10, "the stuck handler to start")
+                started = time.monotonic()
+                healthy = zmqmesh.Node("healthy", **mesh)
+                healthy.pull("jobs", lambda msg: seen.append(("healthy", msg.data)), at_least_once=True,
+                             ack_timeout_s=0.5)
+                with healthy:
+                    wait_until(lambda: ("healthy", seen[0][1]) in seen, 15, "the stuck message at the other puller")
+                    took = time.monotonic() - started
+        finally:
+            release.set()
+    assert took < 8 * 0.5 + 3.0, f"the stuck handler was seen after {took:.1f} s"
 
 
 def test_a_puller_stopped_cleanly_again_and_again_fails_none_of_its_messages(tmp_path: Path,

@@ -68,6 +68,10 @@ hand its messages over, and a store may fail once."""
 WINDOW_BYTES = 16 << 20
 """The bytes a puller has in flight at most, besides ``ack_window``'s messages (a batch
 past it still goes to a puller with nothing in flight)."""
+TIMED_BATCH_ITEMS = 8
+"""The most messages in a batch to a puller with an ack timeout for the queue. A batch has
+``ack_timeout_s`` per message once it heads its puller's line (`_redeal_expired`), so a
+stuck handler is seen within eight times ``ack_timeout_s`` at most."""
 
 
 class Failure(NamedTuple):
@@ -284,7 +288,8 @@ class ReliableSender:
                 puller = pullers[(start + k) % len(pullers)]
                 room = self.window - self.inflight_count.get(puller, 0)
                 share = max(1, (len(q) + len(again)) // len(pullers))
-                n = min(room, MAX_BATCH_ITEMS, share, 1 if probing else MAX_BATCH_ITEMS)
+                most = 1 if probing else TIMED_BATCH_ITEMS if directory.ack_timeout_s(queue, puller) else MAX_BATCH_ITEMS
+                n = min(room, share, most)
                 if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES:
                     continue
                 items: list[Any] = []
