@@ -577,3 +577,30 @@ def test_waits_and_windows_check_their_counts_and_names(mesh: dict[str, Any]) ->
         with pytest.raises(zmqmesh.ConfigError):
             node.request_many("svc", [1, 2], window=sys.maxsize + 1)
         assert node.request_many("svc", [1, 2], window=sys.maxsize) == [1, 2]
+
+
+def test_a_request_with_no_time_for_a_reply_is_not_sent(mesh: dict[str, Any]) -> None:
+    """``timeout=0`` leaves no time for a reply: the call times out at once and the
+    provider never runs it (it ran, for a caller already gone)."""
+    provider = zmqmesh.Node("provider", **mesh)
+    provider.service("echo", lambda msg: msg.data)
+
+    async def from_async_node() -> None:
+        async with zmqmesh.AsyncNode("async-caller", **mesh) as caller:
+            await caller.wait_for_service("echo", timeout=10)
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                await caller.request("echo", 1, timeout=0)
+            assert await caller.request("echo", 2, timeout=10) == 2
+
+    with provider, zmqmesh.Node("caller", **mesh) as caller:
+        caller.wait_for_service("echo", timeout=10)
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            caller.request("echo", 1, timeout=0)
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            caller.request_many("echo", [1, 2], timeout=0)
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            caller.submit("echo", 1, timeout=0).result(10)
+        assert caller.request("echo", 2, timeout=10) == 2  # (after those on the same socket, had they gone)
+        asyncio.run(from_async_node())
+        assert provider.stats()["service"]["received"] == 2
+        assert caller.stats()["request"]["errors"] == 3

@@ -83,6 +83,10 @@ def test_the_gateway_refuses_foreign_hosts_cross_site_requests_and_bad_numbers(g
     assert status == 403 and "cross-site" in err["message"]
     status, err = call(gateway + "/peers", headers={"Host": "evil.example:8080"})  # a rebound DNS name
     assert status == 403 and "host" in err["message"]
+    for odd in ("127.0.0.1:1@evil.example", "127.0.0.1:x", "[::1]evil.example"):  # no host[:port]
+        status, err = call(gateway + "/peers", headers={"Host": odd})
+        assert status == 403 and "host" in err["message"], odd
+    assert call(gateway + "/peers", headers={"Host": "[::1]:8080"})[0] == 200
     status, err = call(gateway + "/request/echo", "POST", b"1",
                        {"Content-Type": "application/json", "Origin": "null"})  # a sandboxed page
     assert status == 403

@@ -247,7 +247,8 @@ class Node(NodeBase):
                 *, headers: dict[str, str] | None = None) -> Any:
         """Call ``service`` on one provider (round-robin, or the given ``peer``) and return its reply.
 
-        Waits up to ``timeout`` (default ``request_timeout_s``) in all. Raises
+        Waits up to ``timeout`` (default ``request_timeout_s``) in all; with ``timeout=0``
+        nothing is sent, and it raises `MeshTimeoutError` at once. Raises
         `NoProviderError` (nobody offers it), `MeshTimeoutError`, `PeerLostError` (the
         provider left mid-request, raised as soon as that is known), `RemoteError` (the
         handler raised), `TypeError` for unencodable data.

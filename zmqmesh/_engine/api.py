@@ -855,6 +855,10 @@ class NodeBase:
                 return known
         service_b = self._service_name(service)
         seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
+        if seconds == 0:  # (sent, it would run on the provider for a caller already gone)
+            engine.stats.add("request", "errors")
+            raise MeshTimeoutError(f"request to {service!r} timed out: timeout=0 leaves no time for a reply, "
+                                   "so it was not sent")
         only = peer_id_of(peer)
         quick = not headers and not chain and not service.startswith("\x00")
         calling = Calling(engine.directory, engine.codec, engine.stats, service, service_b, only) if quick else None

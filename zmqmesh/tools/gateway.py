@@ -586,11 +586,20 @@ _http_log.addFilter(_MalformedHttp())
 
 
 def _host_of(authority: str) -> str:
-    """The host of a ``host[:port]`` (IPv6 in brackets), lower-cased."""
+    """The host of a ``host[:port]`` (IPv6 in brackets), lower-cased; anything else whole
+    (``127.0.0.1:1@evil`` is no host and port: it matches no name a gateway serves)."""
     authority = authority.strip().lower()
-    if authority.startswith("["):
-        return authority[1:authority.find("]")] if "]" in authority else authority
-    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    if authority.startswith("[") and "]" in authority:
+        end = authority.index("]")
+        host, port = authority[1:end], authority[end + 1:]
+    elif authority.count(":") == 1:
+        host, port = authority.split(":")[0], ":" + authority.split(":")[1]
+    else:  # (no port, or an IPv6 address without brackets)
+        return authority
+    digits = port[1:]
+    if port and not (port.startswith(":") and (digits == "" or (digits.isascii() and digits.isdigit()))):
+        return authority
+    return host
 
 
 def _is_loopback(host: str) -> bool:
