@@ -72,7 +72,9 @@ class AsyncNode(NodeBase):
         only `ConfigError`, for a ``timeout`` that is not a finite number >= 0.
 
         The stop runs to its end even if the call is cancelled (``asyncio.wait_for`` around
-        it, say): its sockets, threads and readers are closed all the same. A second call
+        it, say): its sockets, threads and readers are closed all the same. (A coroutine
+        cancelled before its first step, as ``asyncio.wait_for(node.stop(), 0)`` does,
+        never began the stop: the node still runs.) A second call
         waits for the first's stop to end. Awaited in one of this node's handlers (or a task
         one made), it returns once the stop began: the stop waits for that handler. Awaited
         on another event loop than the node's, it hands the stop to the node's loop while
