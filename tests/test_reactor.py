@@ -127,6 +127,28 @@ def test_a_closed_reactor_refuses_work() -> None:
     assert loop.remove_reader(0) is False
 
 
+def test_a_call_queued_when_the_loop_closes_fails_at_once() -> None:
+    """A call handed to the loop after its last turn never runs: its caller hears so when
+    the loop closes (it waited out its whole timeout)."""
+    loop = Reactor()  # (never run: what it is handed waits in its queue)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            run_on(loop, lambda: None, timeout=10)
+        except MeshTimeoutError as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    loop.close()
+    caller.join(15)
+    assert outcome and "gone" in str(outcome[0])
+    assert time.monotonic() - started < 5
+
+
 def test_cancelled_timers_do_not_pile_up(reactor: Reactor) -> None:
     # heartbeat timers are set and cancelled all the time: the heap must not keep them
     def churn() -> None:

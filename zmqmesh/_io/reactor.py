@@ -31,6 +31,7 @@ __all__ = ["EventLoop", "Reactor", "Timer", "TimerLike", "run_on"]
 log = logging.getLogger("zmqmesh.reactor")
 
 _MAX_SLEEP_S = 3600.0
+_CLOSED_LOOK_S = 0.1  # how often `run_on` looks whether the loop it waits for was closed
 
 
 class TimerLike(Protocol):
@@ -171,8 +172,13 @@ class Reactor:
         finally:
             self._stopping = False
 
+    def is_closed(self) -> bool:
+        """True once `close` was called (as an asyncio loop's)."""
+        return self._closed
+
     def close(self) -> None:
-        """Release the selector and the wake-up pair (after `run_forever` returned)."""
+        """Release the selector and the wake-up pair (after `run_forever` returned). The
+        callbacks still queued never run (`run_on` raises for its own at once)."""
         if self._closed:
             return
         self._closed = True
@@ -260,8 +266,15 @@ def run_on(loop: Any, fn: Callable[..., Any], *args: Any, timeout: float | None 
         loop.call_soon_threadsafe(run)
     except RuntimeError as exc:
         raise MeshTimeoutError("the node's I/O loop is gone") from exc
-    try:
-        return future.result(timeout)
-    except futures.TimeoutError as exc:  # the builtin TimeoutError from 3.11 on
-        future.cancel()
-        raise MeshTimeoutError("the node did not answer in time") from exc
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        # in slices: a loop closed with ``run`` still queued drops it, and says so only here
+        wait = _CLOSED_LOOK_S if deadline is None else min(_CLOSED_LOOK_S, max(deadline - time.monotonic(), 0.0))
+        try:
+            return future.result(wait)
+        except futures.TimeoutError as exc:  # the builtin TimeoutError from 3.11 on
+            if loop.is_closed() and future.cancel():
+                raise MeshTimeoutError("the node's I/O loop is gone") from exc
+            if deadline is not None and time.monotonic() >= deadline:
+                future.cancel()
+                raise MeshTimeoutError("the node did not answer in time") from exc
