@@ -79,6 +79,49 @@ def test_a_handler_stuck_at_the_head_of_a_backlog_is_seen_within_eight_ack_timeo
     assert took < 8 * 0.5 + 3.0, f"the stuck handler was seen after {took:.1f} s"
 
 
+def test_a_stuck_handler_is_seen_while_the_pullers_other_handlers_keep_acknowledging(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """handler_concurrency=4: one handler is stuck, the three others go on with the
+    batches behind it, acknowledged one after another. The stuck batch's clock runs from
+    when it headed the line, not from the last acknowledgement (it restarted at each, so
+    it never ran out while messages kept coming)."""
+    release = threading.Event()
+    stop_pushing = threading.Event()
+    seen: list[tuple[str, Any]] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        busy = zmqmesh.Node("busy", handler_concurrency=4, **mesh)
+
+        @busy.pull("jobs", at_least_once=True, ack_timeout_s=0.5)
+        def work(msg: zmqmesh.Message) -> None:
+            seen.append(("busy", msg.data))
+            if msg.data == "stuck":
+                release.wait(30)
+
+        def keep_pushing() -> None:
+            n = 0
+            while not stop_pushing.wait(0.02):
+                pusher.push("jobs", n, durable=True)
+                n += 1
+
+        pushing = threading.Thread(target=keep_pushing)
+        try:
+            with busy:
+                pusher.wait_for_pullers("jobs", 1, timeout=10)
+                pusher.push("jobs", "stuck", durable=True)
+                wait_until(lambda: ("busy", "stuck") in seen, 10, "the stuck handler to start")
+                pushing.start()
+                healthy = zmqmesh.Node("healthy", **mesh)
+                healthy.pull("jobs", lambda msg: seen.append(("healthy", msg.data)), at_least_once=True,
+                             ack_timeout_s=0.5)
+                with healthy:
+                    wait_until(lambda: ("healthy", "stuck") in seen, 15, "the stuck message at the other puller")
+        finally:
+            stop_pushing.set()
+            release.set()
+            if pushing.is_alive():
+                pushing.join(10)
+
+
 def test_a_puller_stopped_cleanly_again_and_again_fails_none_of_its_messages(tmp_path: Path,
                                                                               mesh: dict[str, Any]) -> None:
     """A healthy puller, stopped (cleanly) with messages in its window, twice, with

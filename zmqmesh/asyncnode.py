@@ -78,8 +78,8 @@ class AsyncNode(NodeBase):
         waits for the first's stop to end. Awaited in one of this node's handlers (or a task
         one made), it returns once the stop began: the stop waits for that handler. Awaited
         on another event loop than the node's, it hands the stop to the node's loop while
-        that one runs, and waits for it there (at most ``timeout`` and the sockets' linger,
-        and a second more; past that it logs a warning and returns)."""
+        that one runs, and waits for it there (at most ``timeout``, twice ``linger_s`` and
+        a second more, the stop's own bound; past that it logs a warning and returns)."""
         timeout = check_timeout(timeout)
         if self._forked():  # (after a fork the sockets, and the stop under way, are the parent's)
             self._mark_stopped()
@@ -103,7 +103,7 @@ class AsyncNode(NodeBase):
     async def _stop_on(self, owner: asyncio.AbstractEventLoop, timeout: float) -> None:
         # (every step of a stop touches the owner loop's sockets, readers and tasks)
         handed = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(timeout), owner))
-        bound = timeout + self._engine.config.linger_s + 1.0
+        bound = timeout + 2 * self._engine.config.linger_s + 1.0  # (draining, handlers, the context's end)
         try:
             await asyncio.wait_for(asyncio.shield(handed), bound)
         except asyncio.TimeoutError:

@@ -7,6 +7,7 @@ nothing leaves the machine until the user names an interface or an address.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -205,9 +206,14 @@ class NodeConfig:
         for name in ("max_message_bytes", "send_hwm", "recv_hwm", "send_queue_max", "handler_concurrency",
                      "ack_window"):  # counts: a fraction of one failed deep inside (a slice, a socket option)
             value = getattr(self, name)
-            if not isinstance(value, int) or (name.endswith("_hwm") and value > _LARGEST_HWM):
+            try:
+                whole = operator.index(value)  # (an int, or an integer type's value: numpy's, say)
+            except TypeError:
+                whole = None
+            if whole is None or (name.endswith("_hwm") and whole > _LARGEST_HWM):
                 most = f" and at most {_LARGEST_HWM}" if name.endswith("_hwm") else ""
                 raise ConfigError(f"{name} must be a whole number >= 1{most}, got {value!r}")
+            object.__setattr__(self, name, whole)
         for name in ("push_timeout_s", "request_timeout_s", "linger_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):

@@ -16,6 +16,7 @@ that waits for something else than a reply (a provider to appear) is handed to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -79,8 +80,8 @@ def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine
     if outstanding.waiting_on(provider_id) > engine.config.send_hwm:
         return False
     engine.stats.reject("request_link_dropped")
-    log.warning("the connection to provider %s was dropped (a reply larger than max_message_bytes?); "
-                "reconnecting", provider_id[:8])
+    log.warning("the connection to provider %s refuses requests with few waiting: dropped (a reply larger "
+                "than max_message_bytes ends a connection) or stuck; reconnecting", provider_id[:8])
     return True
 
 
@@ -356,7 +357,8 @@ class Pipelined:
         self._epoch = directory.epoch
         alive = directory.alive_ids
         for provider_id in [p for p in self._sockets if p not in alive]:
-            self._read(self._sockets[provider_id], provider_id, len(self.outstanding) + 1)
+            with contextlib.suppress(zmq.ZMQError):  # (the context ending under it: the requests fail below)
+                self._read(self._sockets[provider_id], provider_id, len(self.outstanding) + 1)
             sock = self._sockets.pop(provider_id)
             self.poller.unregister(sock)
             del self._providers[sock]

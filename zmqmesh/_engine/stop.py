@@ -9,7 +9,7 @@ already arrived and answer it, say goodbye, close the sockets, terminate the con
    until they are empty or ``linger_s`` has passed; then ``hand_over`` the durable
    messages still stored to the keepers of their queues, within the same deadline.
 3. ``withdraw_offers`` (loop): leave the service and queue groups, so that peers choose
-   this node no more; then pauses, until one passes with nothing new received (what
+   this node no more; then pauses of 25 ms, until one passes with nothing new received (what
    peers sent before they knew), within the same deadline.
 4. ``close_outbound`` (loop): count what is left, fail waits and requests.
 5. the inbox's stop: handle what already arrived, within ``timeout``, and send the
@@ -39,7 +39,7 @@ INBOX = "the inbox"
 AFTER_LOOP = "after the loop"
 PAUSE = "pause"
 PAUSE_S = 0.005
-WITHDRAWN_PAUSE_S = 0.01  # after a withdrawal, while something arrived in the last one: see `stop_plan`
+WITHDRAWN_PAUSE_S = 0.025  # after a withdrawal, while something arrived in the last one: see `stop_plan`
 
 
 class StopStep(NamedTuple):

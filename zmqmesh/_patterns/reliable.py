@@ -277,17 +277,19 @@ class ReliableSender:
         start = next(self._rr)
         progress = True
         probing = False
+        dealt_again = again  # (what is dealt again goes first)
         if self._suspects and not to_keepers and again and type(again[0]) is StoredMessage \
                 and again[0].id in self._suspects:
             if any(b.probe and b.queue == queue for b in self.inflight.values()):
-                progress = False  # (a probe of this queue is out: the rest waits for its outcome)
-            probing = True
-        while (q or again) and progress:
+                dealt_again = deque()  # (a probe of this queue is out: the suspects wait for its outcome, fresh ones go)
+            else:
+                probing = True
+        while (q or dealt_again) and progress:
             progress = False
             for k in range(len(pullers)):
                 puller = pullers[(start + k) % len(pullers)]
                 room = self.window - self.inflight_count.get(puller, 0)
-                share = max(1, (len(q) + len(again)) // len(pullers))
+                share = max(1, (len(q) + len(dealt_again)) // len(pullers))
                 most = 1 if probing else TIMED_BATCH_ITEMS if directory.ack_timeout_s(queue, puller) else MAX_BATCH_ITEMS
                 n = min(room, share, most)
                 if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES:
@@ -295,7 +297,7 @@ class ReliableSender:
                 items: list[Any] = []
                 parts: list[bytes] = []
                 wrap = self._wrap if directory.speaks(puller, 2) else _wrap_two_fields
-                size = fill_batch(again, items, parts, n, 0, True, wrap)  # first what is dealt again, marked so
+                size = fill_batch(dealt_again, items, parts, n, 0, True, wrap)  # first what is dealt again, marked so
                 size = fill_batch(q, items, parts, n, size, False, wrap)
                 if not items:
                     break
@@ -361,7 +363,7 @@ class ReliableSender:
                 continue  # late: the batch timed out and went to another puller
             self.inflight_count[batch.puller] -= len(batch.items)
             self.inflight_bytes[batch.puller] -= batch.size
-            self._line_moved[(batch.puller, batch.queue)] = time.monotonic()
+            self._left_line(batch)
             freed = True
             if reply[1] != STATUS_OK:  # the puller stopped pulling, or the keeper's store failed: deal
                 self._put_back(batch.queue, self._named(batch))  # them again, to others first
@@ -477,13 +479,22 @@ class ReliableSender:
         """Remove the batches in flight that ``match`` (a late acknowledgement of them is
         then ignored), oldest first."""
         taken = [b for b in self.inflight.values() if match(b)]
-        now = time.monotonic()
         for batch in taken:
             del self.inflight[batch.id]
-            self._line_moved[(batch.puller, batch.queue)] = now
             self.inflight_count[batch.puller] -= len(batch.items)
             self.inflight_bytes[batch.puller] -= batch.size
+        for batch in taken:
+            self._left_line(batch)
         return taken
+
+    def _left_line(self, batch: _Batch) -> None:
+        """``batch`` left the in-flight table: if it headed its puller's line of a queue with
+        an ack timeout, the next one heads it from now (one settled behind the head moves
+        nothing: a stuck head keeps its clock while later batches are acknowledged)."""
+        if self.directory.ack_timeout_s(batch.queue, batch.puller) is None:
+            return
+        if all(b.id > batch.id for b in self.inflight.values() if b.puller == batch.puller and b.queue == batch.queue):
+            self._line_moved[(batch.puller, batch.queue)] = time.monotonic()
 
     def recall(self, queue: str) -> int:
         """Take back what is in flight on ``queue`` (to be dealt again, e.g. to a keeper);

@@ -147,9 +147,9 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
 
             def another(refused: str = refused) -> bool:
                 found = directory.pick_provider(service, only, avoid)
-                return found is not None and found.id != refused
+                return found is not None and found.id != refused and bool(directory.unskipped(service, [found.id]))
 
-            if not another():  # it is the only one: ask it again only after its rest, never in a loop
+            if not another():  # every provider refused it a moment ago: ask again after a rest, never in a loop
                 try:
                     yield Until(another, min(deadline, time.monotonic() + rest), f"another provider of {service!r}")
                 except MeshTimeoutError:
