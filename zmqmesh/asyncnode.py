@@ -74,12 +74,12 @@ class AsyncNode(NodeBase):
         The stop runs to its end even if the call is cancelled (``asyncio.wait_for`` around
         it, say): its sockets, threads and readers are closed all the same. (A coroutine
         cancelled before its first step, as ``asyncio.wait_for(node.stop(), 0)`` does,
-        never began the stop: the node still runs.) A second call
-        waits for the first's stop to end. Awaited in one of this node's handlers (or a task
-        one made), it returns once the stop began: the stop waits for that handler. Awaited
-        on another event loop than the node's, it hands the stop to the node's loop while
-        that one runs, and waits for it there (at most ``timeout``, twice ``linger_s`` and
-        a second more, the stop's own bound; past that it logs a warning and returns)."""
+        never began the stop: the node still runs.) A second call waits for the first's
+        stop to end. Awaited in one of this node's handlers (or a task one made), it
+        returns once the stop began: the stop waits for that handler. Awaited on another
+        event loop than the node's, it hands the stop to the node's loop while that one
+        runs, and waits for it there (at most ``timeout``, twice ``linger_s`` and a second
+        more, the stop's own bound; past that it logs a warning and returns)."""
         timeout = check_timeout(timeout)
         if self._forked():  # (after a fork the sockets, and the stop under way, are the parent's)
             self._mark_stopped()

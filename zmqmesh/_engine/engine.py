@@ -546,7 +546,7 @@ class Engine:
         if self.requests is not None:
             self.requests.peer_gone(peer.id)
         if self.reliable is not None:
-            self.reliable.peer_gone(peer.id, failed=reason != "left")
+            self.reliable.peer_gone(peer.id, failed=not reason.startswith("left"))  # (a goodbye: no failure)
         self.stats.forget_peer(peer.id)
         self._post("leave", snapshot)
 

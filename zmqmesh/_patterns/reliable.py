@@ -216,8 +216,9 @@ class ReliableSender:
         self._batch_ids = itertools.count(1)
         self._rr = itertools.count()
         self._timeout_check: Any = None
-        # (puller, queue) -> when its line last moved (a batch of it acknowledged or taken
-        # back): the oldest batch in flight starts its ack timeout then, not when it was sent
+        # (puller, queue) -> when the head of its line last left (acknowledged or taken
+        # back): the oldest batch in flight starts its ack timeout then, not when it was
+        # sent (`_left_line`; only for lines with an ack timeout)
         self._line_moved: dict[tuple[str, str], float] = {}
         # ids of the durable messages of a failed batch (its puller vanished, or it was not
         # acknowledged in time) that may not be to blame: the puller may never have reached
@@ -506,8 +507,9 @@ class ReliableSender:
 
     def peer_gone(self, puller: str, failed: bool = True) -> None:
         """Put back what a departed puller had not acknowledged, marked as redelivered.
-        ``failed``: it vanished (a crash, silence), so each of its messages has one more
-        failed delivery counted; a puller that said goodbye (a stop) failed none of them."""
+        ``failed``: it vanished (a crash, silence), so its messages failed as `_failed`
+        says (one it held alone counts an attempt, the others become suspects); a puller
+        that said goodbye (a stop) failed none of them."""
         lost = self._take_inflight(lambda b: b.puller == puller)
         for batch in reversed(lost):
             self._put_back(batch.queue, self._failed(batch, "the puller left", len(lost) == 1) if failed
