@@ -9,8 +9,8 @@ already arrived and answer it, say goodbye, close the sockets, terminate the con
    until they are empty or ``linger_s`` has passed; then ``hand_over`` the durable
    messages still stored to the keepers of their queues, within the same deadline.
 3. ``withdraw_offers`` (loop): leave the service and queue groups, so that peers choose
-   this node no more; then pauses of 25 ms, until one passes with nothing new received (what
-   peers sent before they knew), within the same deadline.
+   this node no more; then pauses of 25 ms, until one passes with nothing new received
+   (what peers sent before they knew), within the same deadline.
 4. ``close_outbound`` (loop): count what is left, fail waits and requests.
 5. the inbox's stop: handle what already arrived, within ``timeout``, and send the
    replies. The goodbye comes after them: a caller that heard it first would give up
