@@ -615,18 +615,14 @@ class LoopInbox(Dispatcher):
                 self.loop.remove_reader(sock.FD)
             except Exception:
                 pass
-        if self.loop.is_closed():  # (its loop ended with the node running: nothing runs there any more)
-            self._closed = True
-            self._worker.shutdown(wait=False, cancel_futures=True)
-            self.close_sockets()
-            return
-        self._fired[:] = self.sockets
-        self.wake()  # one last pass over what is already in the sockets
-        pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
-        if pending:
-            _done, still = await asyncio.wait(pending, timeout=timeout)
-            for task in still:
-                task.cancel()
+        if not self.loop.is_closed():  # (closed: its loop ended with the node running, nothing runs there)
+            self._fired[:] = self.sockets
+            self.wake()  # one last pass over what is already in the sockets
+            pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
+            if pending:
+                _done, still = await asyncio.wait(pending, timeout=timeout)
+                for task in still:
+                    task.cancel()
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._closed = True  # (an event posted from now on wakes no drain)
         if self._look is not None:

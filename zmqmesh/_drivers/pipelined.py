@@ -79,10 +79,15 @@ def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine
     send.) Counted and logged."""
     if outstanding.waiting_on(provider_id) > engine.config.send_hwm:
         return False
+    report_link_dropped(engine, provider_id)
+    return True
+
+
+def report_link_dropped(engine: Engine, provider_id: str) -> None:
+    """Count and log a request socket taken for one whose connection was dropped."""
     engine.stats.reject("request_link_dropped")
     log.warning("the connection to provider %s refuses requests with few waiting: dropped (a reply larger "
                 "than max_message_bytes ends a connection) or stuck; reconnecting", provider_id[:8])
-    return True
 
 
 def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[Any], step: Exchange,

@@ -49,6 +49,7 @@ from .pipelined import (
     Pipelined,
     Submitter,
     closed_or_failed,
+    report_link_dropped,
     send_failure,
 )
 
@@ -234,9 +235,7 @@ class ThreadRequester:
                 except zmq.Again:
                     # one request of this thread in flight at most: a DEALER that refuses one lost
                     # its connection for good (see `link_dropped`), and a new one takes it
-                    engine.stats.reject("request_link_dropped")
-                    log.warning("the connection to provider %s refuses requests: dropped (a reply larger than "
-                                "max_message_bytes ends a connection) or stuck; reconnecting", provider.id[:8])
+                    report_link_dropped(engine, provider.id)
                     self._slices.pop(provider.id, None)
                     self.sockets.pop(provider.id).close(0)
                     sock = self._connect(provider)
