@@ -124,6 +124,60 @@ def test_a_request_in_service_when_its_provider_stops_gets_its_reply(mesh: dict[
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind, concurrency", [("Node", 1), ("Node", 4), ("AsyncNode", 1), ("AsyncNode", 4)])
+def test_pushes_a_stop_leaves_unhandled_are_counted_and_logged(mesh: dict[str, Any], kind: str, concurrency: int,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A stop whose ``timeout`` passes with a backlog ends the handling there: every message
+    pushed is either handled or counted as dropped, and the stop logs how many it dropped;
+    handlers do not go on through the backlog after ``stop()`` returned. (A worker handling
+    200 messages of 50 ms, stopped with ``timeout=0.5``: 27 handled by the stop's end, 47 a
+    second later, the rest lost at exit; nothing counted, nothing logged.)"""
+    total = 300
+    handled: list[int] = []
+    before: list[int] = []
+
+    def after_stop(dropped: int) -> None:
+        wait_until(lambda: len(handled) + dropped >= total, 10, "the handlers that were running to return")
+        assert len(handled) + dropped == total, (len(handled), dropped)
+        assert len(handled) <= before[0] + concurrency, "handlers went on through the backlog after the stop"
+        assert 0 < len(handled) < total and dropped > 0
+        assert f"{dropped} pushed message(s) not handled" in caplog.text
+
+    if kind == "Node":
+        worker = zmqmesh.Node("worker", handler_concurrency=concurrency, **mesh)
+        worker.pull("slow", lambda m: (time.sleep(0.02), handled.append(m.data)))
+        with zmqmesh.Node("boss", **mesh) as boss:
+            worker.start()
+            boss.wait_for_pullers("slow", timeout=10)
+            boss.push_many("slow", range(total))
+            wait_until(lambda: worker.stats()["pipeline"]["received"] > 0, 10, "the messages to arrive")
+            worker.stop(timeout=0.3)
+            before.append(len(handled))
+            after_stop(worker.stats()["pipeline"]["dropped"])
+        return
+
+    async def main() -> None:
+        async def slowly(msg: zmqmesh.Message) -> None:
+            await asyncio.sleep(0.02)
+            handled.append(msg.data)
+
+        worker = zmqmesh.AsyncNode("worker", handler_concurrency=concurrency, **mesh)
+        worker.pull("slow", slowly)
+        async with zmqmesh.AsyncNode("boss", **mesh) as boss:
+            await worker.start()
+            await boss.wait_for_pullers("slow", timeout=10)
+            await boss.push_many("slow", range(total))
+            while worker.stats()["pipeline"]["received"] == 0:
+                await asyncio.sleep(0.01)
+            await worker.stop(timeout=0.3)
+            before.append(len(handled))
+            await asyncio.get_running_loop().run_in_executor(
+                None, after_stop, worker.stats()["pipeline"]["dropped"])
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("kind", ["request", "push"])
 def test_stopping_one_of_two_providers_under_load_fails_no_request_and_loses_no_push(mesh: dict[str, Any],
                                                                                       kind: str) -> None:

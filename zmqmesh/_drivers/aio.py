@@ -21,7 +21,7 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any
@@ -40,7 +40,6 @@ from .._patterns.calls import (
     is_async,
     run_async,
     run_batch,
-    run_sync,
     serve_as,
     served,
 )
@@ -65,6 +64,7 @@ _LONE_PASSES = 16
 _WAITING_LOOK_S = 0.5
 _SWEEP_SHARE = 16  # abandoned requests are swept at once when they are this share of those in flight
 _SWEEP_S = 0.05  # ... and otherwise within this long
+_CANCELLED_WAIT_S = 0.1  # at a stop, for the handler tasks its timeout cancelled to end
 _HANDLING: contextvars.ContextVar[Any] = contextvars.ContextVar("zmqmesh_handling", default=None)
 """The `LoopInbox` whose handlers run in this context: a drain's task, a task of
 ``handler_concurrency``, and the tasks they make (``asyncio.wait_for``'s among them)."""
@@ -542,16 +542,27 @@ class LoopInbox(Dispatcher):
         self.wake()
 
     async def _execute(self, calls: list[Call]) -> None:
-        if self._concurrency is not None:
-            for call in calls:
-                await self._concurrency.acquire()
-                task = self.loop.create_task(self._run_one(call))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            return
+        handling = self.to_handle(calls)
+        try:
+            if self._concurrency is not None:
+                for call in handling:
+                    try:
+                        await self._concurrency.acquire()
+                    except asyncio.CancelledError:  # (a stop's: this one and those after it are left)
+                        self.drop(call)
+                        raise
+                    task = self.loop.create_task(self._run_one(call))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            else:
+                await self._execute_in_turn(handling)
+        finally:
+            handling.close()  # (cancelled by a stop: the calls not reached are counted as dropped)
+
+    async def _execute_in_turn(self, handling: Generator[Call, None, None]) -> None:
         batch: list[Call] = []  # sync handlers in a row: run together, on the worker
         with self.replies_held():
-            for call in self.to_handle(calls):
+            for call in handling:
                 if not is_async(call.handler):
                     batch.append(call)
                     continue
@@ -564,6 +575,9 @@ class LoopInbox(Dispatcher):
                         await call.handler(call.arg)
                     except Exception as exc:
                         self.complete(call, None, exc)
+                    except asyncio.CancelledError:  # cut short by a stop
+                        self.drop(call)
+                        raise
                     continue
                 started = self.starting(call)
                 token = serve_as(call)
@@ -574,6 +588,9 @@ class LoopInbox(Dispatcher):
                     result, error = await call.handler(call.arg), None
                 except Exception as exc:
                     result, error = None, exc
+                except asyncio.CancelledError:  # cut short by a stop
+                    self.drop(call)
+                    raise
                 finally:
                     served(token, error)
                     if release is not None:
@@ -587,22 +604,40 @@ class LoopInbox(Dispatcher):
 
     async def _run_sync_batch(self, batch: list[Call]) -> None:
         self.release_held()  # (sync handlers run on a worker, untimed)
-        outcomes = await self.loop.run_in_executor(self._worker, run_batch, batch)
+        started: list[Call] = []
+        try:
+            outcomes = await self.loop.run_in_executor(self._worker, run_batch, batch, self.abandoned, started)
+        except asyncio.CancelledError:  # a stop's: the worker begins no call past its deadline
+            for call in batch[len(started):]:
+                self.drop(call)
+            raise
         for call, (result, error) in zip(batch, outcomes):
             self.complete(call, result, error)
+        for call in batch[len(outcomes):]:  # reached after the stop's deadline
+            self.drop(call)
 
     async def _run_one(self, call: Call) -> None:
         _HANDLING.set(self)
+        started: list[Call] = []
         try:
             if is_async(call.handler):
+                started.append(call)
                 result, error = await run_async(call)
             else:
-                result, error = await self.loop.run_in_executor(self._worker, run_sync, call)
+                outcomes = await self.loop.run_in_executor(self._worker, run_batch, [call], self.abandoned, started)
+                if not outcomes:  # reached after the stop's deadline
+                    self.drop(call)
+                    return
+                result, error = outcomes[0]
             self.complete(call, result, error)
             # replied outside a drain: a request that came meanwhile may wait for no edge
             if not self._closed:
                 for pair in self.used_with_input():
                     self._signalled(pair)
+        except asyncio.CancelledError:  # a stop's: an async handler cut short, or a sync one never begun
+            if is_async(call.handler) or not started:
+                self.drop(call)
+            raise
         finally:
             assert self._concurrency is not None
             self._concurrency.release()
@@ -623,11 +658,14 @@ class LoopInbox(Dispatcher):
                 _done, still = await asyncio.wait(pending, timeout=timeout)
                 for task in still:
                     task.cancel()
+                if still:  # (they count what they leave as they take the cancellation in)
+                    await asyncio.wait(still, timeout=_CANCELLED_WAIT_S)
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._closed = True  # (an event posted from now on wakes no drain)
         if self._look is not None:
             self._look.cancel()
         self.close_sockets()
+        self.report_left_at_stop(self.engine.name)
 
 
 _done = operator.methodcaller("done")  # (a future's, or a `_WindowSlot`'s)

@@ -497,6 +497,7 @@ class ThreadInbox(Dispatcher):
                 self._async_loop.close()
         self._waker.close_sender()
         self._fetcher.stop()
+        self.report_left_at_stop(self.name)
 
     def fetch_history(self, fetch: Fetch) -> None:
         """Fetch a page of history on the fetcher's thread (never this one)."""
@@ -615,11 +616,16 @@ class ThreadInbox(Dispatcher):
         assert self._pool is not None and self._slots is not None
         while not self._slots.acquire(timeout=_SLOT_WAIT_S):
             self._complete_done()  # the replies of the calls that finished go out meanwhile
+            if self.abandoned():  # (every slot held by a handler that did not return in time)
+                self.drop(call)
+                return
         runner = self._run_on_loop if is_async(call.handler) else run_sync
 
         def finished(fut: Future[tuple[Any, BaseException | None]]) -> None:
             self._slots.release()  # type: ignore[union-attr]
-            if not fut.cancelled():
+            if fut.cancelled():  # never run: the stop's timeout passed first
+                self.drop(call)
+            else:
                 self._done.append((call, *fut.result()))
                 self.wake()
 

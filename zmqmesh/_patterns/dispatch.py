@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -83,6 +83,16 @@ never starves the others: their calls may take the count past this). Each holds 
 message until it runs; an ``async def`` stream handler on an `AsyncNode` took 2.9 us a
 message with bursts of 256, 3.4 with 4096."""
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
+_UNREAD_FRAMES_MAX = 65_536
+"""Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
+unhandled (bounded: a peer may still be sending)."""
+_LEFT_AT_STOP = {
+    "pushed": "pushed message(s) not handled, dropped",
+    "at-least-once": "at-least-once message(s) not handled (delivered again, here or elsewhere)",
+    "published": "publication(s) not handled, dropped",
+    "durable-subscription": "publication(s) of durable subscriptions not handled (delivered again after a restart)",
+    "requests": "request(s) not answered (their callers are told the provider left)",
+}
 
 
 class _RepliesHeld:
@@ -163,6 +173,8 @@ class Dispatcher:
         self._prefixes = PrefixIndex({})  # the registry's topic prefixes, as of `_cache_version`
         self.stopping = False
         self._deadline: float | None = None
+        self._left_at_stop: dict[str, int] = {}  # what the stop left unhandled, by `_LEFT_AT_STOP`'s kinds
+        self._reported_as: str | None = None  # (the node's name, once `report_left_at_stop` was called)
         self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies, frame's caller] (`send_reply`)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
         self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
@@ -419,16 +431,23 @@ class Dispatcher:
             # the hot path: call the handlers right here, no Call objects, no hand-off (and no
             # spans: with traces on, each run goes through serve_as like any other)
             errors = 0
+            messages = iter(frame_deliveries(pattern, topic, items, sender_id, lookup, origin))
             if len(handlers) == 1:  # (a queue's one handler, a topic's usual one: no inner loop per message)
                 handler = handlers[0]
-                for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin):
+                for msg in messages:
+                    if self.stopping and self.abandoned():
+                        self._left_unhandled(pattern, None, 1 + sum(1 for _ in messages))
+                        break
                     try:
                         handler(msg)
                     except BaseException as exc:
                         handler_failure(exc)
                         errors += handler_raised(handler)
             else:
-                for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin):
+                for msg in messages:
+                    if self.stopping and self.abandoned():
+                        self._left_unhandled(pattern, None, 1 + sum(1 for _ in messages))
+                        break
                     for handler in handlers:
                         try:
                             handler(msg)
@@ -438,8 +457,9 @@ class Dispatcher:
             if errors:
                 counters["errors"] += errors
             return
-        messages = frame_deliveries(pattern, topic, items, sender_id, lookup, origin)
-        calls.extend([Call(handler, msg, None, pattern) for msg in messages for handler in handlers])
+        calls.extend([Call(handler, msg, None, pattern)
+                      for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin)
+                      for handler in handlers])
 
     def _origin(self, kind: str, frames: list[bytes], sender_id: str | None, sequence: int | None, topic: str,
                 count: int) -> Origin | None:
@@ -766,13 +786,20 @@ class Dispatcher:
         self.release_held()
         self._held = None
 
-    def to_handle(self, calls: list[Call]) -> Iterator[Call]:
-        """``calls``, in order, but those reached after the stop's deadline: dropped and counted."""
-        for call in calls:
-            if self._deadline is not None and self.abandoned():  # (no clock read before a stop)
+    def to_handle(self, calls: list[Call]) -> Generator[Call, None, None]:
+        """``calls``, in order, but those reached after the stop's deadline: dropped and
+        counted. Closed before its end (the task handling them cancelled by a stop), it
+        counts the calls it did not give as dropped: close it explicitly."""
+        remaining = iter(calls)
+        try:
+            for call in remaining:
+                if self._deadline is not None and self.abandoned():  # (no clock read before a stop)
+                    self.drop(call)
+                else:
+                    yield call
+        finally:
+            for call in remaining:
                 self.drop(call)
-            else:
-                yield call
 
     def holding(self) -> bool:
         """Whether replies are held now."""
@@ -834,8 +861,53 @@ class Dispatcher:
             self.stats.pattern["service"]["dropped"] += len(replies)
 
     def drop(self, call: Call) -> None:
-        """Count a call abandoned at a stop's deadline."""
-        self.stats.pattern[call.pattern]["dropped"] += 1
+        """Count a call abandoned at a stop's deadline, or cut short by it (owner thread,
+        or once the owner is done)."""
+        self._left_unhandled(call.pattern, call.route, 1)
+
+    def _left_unhandled(self, pattern: str, route: Any, count: int) -> None:
+        self.stats.pattern[pattern]["dropped"] += count
+        if pattern == "service":
+            kind = "requests"
+        elif pattern == "pubsub":
+            kind = "durable-subscription" if isinstance(route, CursorMark) else "published"
+        else:
+            kind = "at-least-once" if isinstance(route, BatchAck) else "pushed"
+        self._left_at_stop[kind] = self._left_at_stop.get(kind, 0) + count
+        if self._reported_as is not None:  # (a handler that returned after the stop ended)
+            self.report_left_at_stop(self._reported_as)
+
+    def report_left_at_stop(self, name: str) -> None:
+        """Log what the stop left unhandled (counted as dropped where it happened); what a
+        handler still running leaves later is logged as it is counted."""
+        self._reported_as = name
+        if self._left_at_stop:
+            left, self._left_at_stop = self._left_at_stop, {}
+            # (publications that came after the last drain of a stop on time: a subscriber
+            # that leaves misses what is published as it goes; said, but no warning)
+            level = logging.WARNING if self.abandoned() or left.keys() - {"published"} else logging.INFO
+            log.log(level, "node %s: the stop's timeout passed, or messages came after the last drain: %s", name,
+                    "; ".join(f"{count} {_LEFT_AT_STOP[kind]}" for kind, count in left.items()))
+
+    def _count_unread(self) -> None:
+        """Count the messages still unread in the PULL and SUB sockets (peers sent them
+        after the last drain, or the stop's timeout passed first) as dropped."""
+        for sock, kind in ((self.pull, "pull"), (self.sub, "sub")):
+            for _ in range(_UNREAD_FRAMES_MAX):
+                try:
+                    frames = recv_frames(sock)
+                except zmq.ZMQError:
+                    break
+                self._left_unhandled(_PATTERN_OF[kind], None, self._items_in(frames))
+
+    def _items_in(self, frames: list[bytes]) -> int:
+        """How many messages a frame of a stream carries (one, if it cannot be read)."""
+        if len(frames) not in (3, 4) or (not frames[2] and len(frames) == 4):
+            return 1
+        try:
+            return len(self.codec.decode_batch(frames[2]))
+        except Exception:
+            return 1
 
     def apply_subscriptions(self) -> None:
         """Bring the SUB socket's subscriptions in line with the registry (owner thread only)."""
@@ -875,7 +947,13 @@ class Dispatcher:
 
     def close_sockets(self) -> None:
         """Close the three sockets (owner thread only); the replies not yet gone get
-        `_REPLY_LINGER_MS` to go."""
+        `_REPLY_LINGER_MS` to go. A stopping node first counts the messages left unread in
+        them as dropped (a request's caller hears that its provider left)."""
+        if self.stopping:
+            try:
+                self._count_unread()
+            except zmq.ZMQError:  # (closed already)
+                pass
         for sock, _kind in self.sockets:
             sock.close(_REPLY_LINGER_MS if sock is self.router else 0)
 
