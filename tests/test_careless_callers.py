@@ -604,3 +604,36 @@ def test_a_request_with_no_time_for_a_reply_is_not_sent(mesh: dict[str, Any]) ->
         asyncio.run(from_async_node())
         assert provider.stats()["service"]["received"] == 2
         assert caller.stats()["request"]["errors"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_durable_pushes_to_many_queues_nobody_pulls_stay_within_the_node_wide_buffer(
+        tmp_path: Any, mesh: dict[str, Any]) -> None:
+    """Durable queues' in-memory buffers are bounded per queue (16,384 messages, 8 MiB)
+    and, together, by ``durable_buffer_max_bytes``: pushes to many queues nobody pulls
+    held every queue's share (50 queues of 16,384 messages of 64 B: 430 MiB). Past the
+    bound they wait in the store only, counted, and reach a puller that comes, all of them."""
+    bound = 1 << 20
+    queues, each = 16, 2048  # (~0.75 MiB a queue as held: 12 MiB in all, within each queue's own bound)
+    with zmqmesh.Node("pusher", store=str(tmp_path), durable_buffer_max_bytes=bound, **mesh) as node:
+        for q in range(queues):
+            for start in range(0, each, 256):
+                node.push_many(f"unpulled.{q}", [[q, i, b"x" * 64] for i in range(start, start + 256)], durable=True)
+        stats = node.stats()
+        assert stats["gauges"]["durable_buffered_bytes"] <= bound, stats["gauges"]
+        assert stats["pipeline"]["durable_stored"] == queues * each
+        assert stats["pipeline"]["durable_spilled"] >= queues * each - bound // 300, "what did not fit is counted"
+        got: dict[int, list[int]] = {0: [], queues - 1: []}
+        with zmqmesh.Node("puller", **mesh) as puller:
+            for q in got:
+                puller.pull(f"unpulled.{q}", lambda m: got[m.data[0]].append(m.data[1]), at_least_once=True)
+            wait_until(lambda: all(len(v) >= each for v in got.values()), 60, "every message of the pulled queues")
+            assert node.stats()["gauges"]["durable_buffered_bytes"] <= bound + (256 << 10)  # (read back within it, but a segment)
+        for q, seen in got.items():
+            assert sorted(set(seen)) == list(range(each)), f"queue {q}: nothing lost"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, math.nan, "64", True])
+def test_the_durable_buffer_bound_is_checked(bad: Any) -> None:
+    with pytest.raises(zmqmesh.ConfigError, match="durable_buffer_max_bytes"):
+        zmqmesh.NodeConfig(durable_buffer_max_bytes=bad)

@@ -126,6 +126,13 @@ class NodeConfig:
             use); needed by durable pushes, dedupe pullers and keepers. ``None``: no store.
         store_max_bytes: the most the store may hold (bytes); a durable call past it raises
             `StoreFullError`.
+        durable_buffer_max_bytes: the most the durable queues of this node hold in memory
+            together, ready to deal (bytes: payloads, headers and about 200 B per message;
+            each queue holds 8 MiB or 16,384 messages at most of it). Past it, durable
+            pushes are still committed and return as usual, but wait in the store only
+            (counted in ``stats()["pipeline"]["durable_spilled"]``), read back as the
+            buffers empty, for queues with a puller. Without it, pushes to many queues
+            that nobody pulls held every queue's share in memory (50 queues, 430 MiB).
         store_synchronous: ``"normal"`` (a commit survives the process being killed) or
             ``"full"`` (it survives a power cut too; each commit waits for the disk).
         ack_window: at-least-once queues: messages a puller may hold unacknowledged; also
@@ -170,6 +177,7 @@ class NodeConfig:
     ack_window: int = 1000
     store: str | None = None
     store_max_bytes: int = 1 << 30
+    durable_buffer_max_bytes: int = 64 << 20
     store_synchronous: str = "normal"
     history: Any = ()
     metrics_port: int | None = None
@@ -198,13 +206,14 @@ class NodeConfig:
             "handler_concurrency",
             "ack_window",
             "store_max_bytes",
+            "durable_buffer_max_bytes",
         )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
                 raise ConfigError(f"{name} must be a finite positive number, got {value!r}")
         for name in ("max_message_bytes", "send_hwm", "recv_hwm", "send_queue_max", "handler_concurrency",
-                     "ack_window"):  # counts: a fraction of one failed deep inside (a slice, a socket option)
+                     "ack_window", "durable_buffer_max_bytes"):  # counts: a fraction of one failed deep inside (a slice, a socket option)
             value = getattr(self, name)
             try:
                 whole = operator.index(value)  # (an int, or an integer type's value: numpy's, say)

@@ -576,7 +576,8 @@ class NodeBase:
         (messages per pattern, direction and topic, queue or service), ``latency`` (per
         service called: a histogram of seconds until the answer), ``peers`` (received per
         peer), ``rejected`` (inputs dropped, by reason), ``membership`` (joins, leaves) and
-        ``gauges`` (``peers``, ``queued``, ``queue_backlog``). See docs/operations.md."""
+        ``gauges`` (``peers``, ``queued``, ``queue_backlog``, ``durable_buffered_bytes``). See
+        docs/operations.md."""
         return self._engine.counters()
 
     def _check_open(self) -> None:

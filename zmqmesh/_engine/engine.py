@@ -233,7 +233,8 @@ class Engine:
                 outbound = self.outbound
                 self.durable = DurableQueues(
                     self.store, self.codec, self.stats, loop.call_later,
-                    lambda delay: self.call_soon(loop.call_later, delay, outbound.wake))
+                    lambda delay: self.call_soon(loop.call_later, delay, outbound.wake),
+                    max_buffered_bytes=cfg.durable_buffer_max_bytes)
                 self.reliable.settle = self.durable.settle
                 self.durable.recover()
             self.outbound.attach(self.publisher, self.pusher, self.reliable, self.durable)
@@ -522,7 +523,8 @@ class Engine:
     def counters(self) -> dict[str, Any]:
         """The counters (`Stats.snapshot`) and, under ``"gauges"``, the levels of now: the
         peers present, the messages not yet sent or not yet acknowledged (``queued``), and
-        per queue the messages waiting in its send queue (``queue_backlog``)."""
+        per queue the messages waiting in its send queue (``queue_backlog``), and the bytes
+        durable messages take in memory, about (``durable_buffered_bytes``)."""
         pusher = self.pusher
         backlog = {name: len(q) for name, q in list(pusher.queues.items())} if pusher is not None else {}
         outbound = self.outbound
@@ -530,6 +532,7 @@ class Engine:
             "peers": self.directory.peer_count(),
             "queued": outbound.queued() if outbound is not None and not self.closed else 0,
             "queue_backlog": backlog,
+            "durable_buffered_bytes": self.durable.held.at_most if self.durable is not None else 0,
         }}
 
     # -- membership events (on the loop) -----------------------------------------------------------

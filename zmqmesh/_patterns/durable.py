@@ -6,7 +6,10 @@ before they were acknowledged) are dealt again, marked as redelivered.
 
 A freshly committed message also goes straight into its queue's buffer in memory, so
 the loop reads the store only for what does not fit there: a backlog past `BUFFER`
-messages or `BUFFER_BYTES`, the messages of an earlier run, dead letters.
+messages or `BUFFER_BYTES`, or past what all buffers may hold together
+(``durable_buffer_max_bytes``), the messages of an earlier run, dead letters. What does
+not fit stays in the store only (counted in ``pipeline.durable_spilled``), and is read
+back as the buffers empty, for queues that have a puller (or keeper) to take it.
 
 The store keeps what one commit stored for a queue as one segment (a row), so the loop
 counts the messages of each segment still unsettled, and forgets the segment once all of
@@ -45,7 +48,7 @@ from .reliable import Failure
 if TYPE_CHECKING:
     from .._store.sqlite import Store
 
-__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Ticket", "held_sizes", "handled_by_segment"]
+__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Held", "Ticket", "held_sizes", "handled_by_segment"]
 
 log = logging.getLogger("zmqmesh.durable")
 
@@ -117,6 +120,23 @@ def held_sizes(messages: list[StoredMessage]) -> list[int]:
             + _HELD_OVERHEAD for m in messages]
 
 
+class Held:
+    """The bytes every buffer of a node holds together, about (as `Buffer.held_at_most`
+    for one): ``added`` is written under the `DurableQueues` lock, ``reckoned`` by the
+    loop alone, so neither needs a lock of its own."""
+
+    __slots__ = ("added", "reckoned")
+
+    def __init__(self) -> None:
+        self.added = 0
+        self.reckoned = 0
+
+    @property
+    def at_most(self) -> int:
+        """The bytes held as last reckoned: never less than what is held (any thread)."""
+        return self.added - self.reckoned
+
+
 class Buffer(deque[StoredMessage]):
     """A durable queue's messages held in memory, and the bytes they hold (`reckon`).
 
@@ -128,8 +148,9 @@ class Buffer(deque[StoredMessage]):
     the loop alone, and a committing thread reads `held_at_most`, which never reckons.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, held: Held | None = None) -> None:
         super().__init__()
+        self._held = Held() if held is None else held  # (what every buffer of the node holds)
         self._sizes: list[int] = []  # of the messages added, oldest first, from `_sizes_from` not yet reckoned up
         self._sizes_from = 0  # (the loop's alone: only the loop drops what it reckoned up, all at once)
         self._added = 0  # messages ever added (counted after their sizes are noted)
@@ -145,7 +166,9 @@ class Buffer(deque[StoredMessage]):
             sizes = held_sizes(messages)
         super().extend(messages)
         self._sizes += sizes
-        self._added_bytes += sum(sizes)
+        added = sum(sizes)
+        self._added_bytes += added
+        self._held.added += added
         self._added += len(sizes)
 
     def reckon(self) -> int:
@@ -156,7 +179,9 @@ class Buffer(deque[StoredMessage]):
         if taken > 0:
             start = self._sizes_from
             end = start + taken
-            self._reckoned_bytes += sum(self._sizes[start:end])
+            reckoned = sum(self._sizes[start:end])
+            self._reckoned_bytes += reckoned
+            self._held.reckoned += reckoned
             self._reckoned += taken
             if end >= _SIZES_KEPT:
                 del self._sizes[:end]
@@ -175,9 +200,9 @@ class _Queue:
 
     __slots__ = ("buffer", "loaded", "overflow", "committed", "too_large")
 
-    def __init__(self) -> None:
-        self.buffer = Buffer()
-        self.loaded = 0  # the highest sequence number ever put in the buffer
+    def __init__(self, held: Held, loaded: int = 0) -> None:
+        self.buffer = Buffer(held)
+        self.loaded = loaded  # the highest sequence number ever put in the buffer
         self.overflow = False  # the store holds messages after `loaded` not in the buffer
         self.committed = 0  # the highest sequence number stored for the queue (as far as known)
         self.too_large = False  # the next stored segment fits only in an empty buffer
@@ -187,8 +212,13 @@ class DurableQueues:
     """The durable queues of one node: `submit` from any thread, everything else on the loop."""
 
     def __init__(self, store: Store, codec: Codec, stats: Stats,
-                 later: Callable[[float, Callable[[], None]], Any], wake_soon: Callable[[float], None]) -> None:
+                 later: Callable[[float, Callable[[], None]], Any], wake_soon: Callable[[float], None],
+                 max_buffered_bytes: int = 8 * BUFFER_BYTES) -> None:
         self.store = store
+        self.max_buffered_bytes = max_buffered_bytes
+        """What the buffers of every queue hold together at most (bytes, as `held_sizes`
+        counts them; a message read back alone into an empty buffer may pass it)."""
+        self.held = Held()
         self.codec = codec
         self._pack = msgpack.Packer().pack  # (a Packer keeps a buffer: used under `_lock` only)
         self.stats = stats
@@ -220,7 +250,7 @@ class DurableQueues:
     def _queue(self, name: str) -> _Queue:
         queue = self.queues.get(name)
         if queue is None:
-            queue = self.queues[name] = _Queue()
+            queue = self.queues[name] = _Queue(self.held)
         return queue
 
     def _overflowed(self, name: str, upto: int) -> None:
@@ -313,6 +343,7 @@ class DurableQueues:
             merged.setdefault(name, []).extend(entries)
         order = list(merged.items())
         segments = iter(self.store.append(order))
+        spilled = 0  # messages that stay in the store only, for now
         for name, entries in order:
             queue = self._queue(name)
             parts: list[tuple[int, int]] = []
@@ -327,14 +358,19 @@ class DurableQueues:
             buffer = queue.buffer
             if queue.overflow or len(buffer) + len(entries) > BUFFER:
                 queue.overflow = True  # (the loop reads them back as the buffer empties)
+                spilled += len(entries)
                 continue
             stored = self._held(name, entries, parts)
             sizes = held_sizes(stored)
-            if buffer.held_at_most + sum(sizes) > BUFFER_BYTES:
-                queue.overflow = True
+            size = sum(sizes)
+            if buffer.held_at_most + size > BUFFER_BYTES or self.held.at_most + size > self.max_buffered_bytes:
+                queue.overflow = True  # (past its own bound, or what every buffer may hold together)
+                spilled += len(entries)
             else:
                 buffer.extend(stored, sizes)
                 queue.loaded = stored[-1].seq
+        if spilled:
+            self.stats.add("pipeline", "durable_spilled", spilled)
 
     def _held(self, name: str, entries: list[Entry], parts: list[tuple[int, int]]) -> list[StoredMessage]:
         """The messages ``entries`` of queue ``name``, just stored as the segments ``parts``,
@@ -344,10 +380,13 @@ class DurableQueues:
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
         return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, self._pack)
 
-    def refill(self, also: Iterable[str] = (), every: bool = False) -> dict[str, Buffer]:
+    def refill(self, also: Iterable[str] = (), every: bool = False,
+               taken: Callable[[str], bool] | None = None) -> dict[str, Buffer]:
         """Top up from the store the buffers of queues it holds more of; the buffers of the
         queues with messages to deal (and of those named in ``also`` that are durable
-        queues, e.g. with messages to deal again), or of ``every`` queue (loop only)."""
+        queues, e.g. with messages to deal again), or of ``every`` queue (loop only).
+        With ``taken``, only the queues it says someone takes from now are read back: what
+        the store holds for the others stays there, out of memory, until then."""
         self._wake_pending = False
         if not self.queues:  # the common case on a node with a store: nothing durable yet
             return {}
@@ -360,7 +399,7 @@ class DurableQueues:
             # that overflows after this look wakes the loop for another refill
             return {name: q.buffer for name, q in queues}
         for name, queue in queues:
-            if not self._wants_reading(queue):
+            if not self._wants_reading(queue) or (taken is not None and not taken(name)):
                 continue
             # a read that brought little to deal (its segments mostly settled, or damaged)
             # reads on: a few deliveries, each waited for, would bring the rest at a crawl
@@ -384,11 +423,13 @@ class DurableQueues:
                     if not queue.buffer and not queue.overflow:
                         self._active.discard(name)
 
-    @staticmethod
-    def _wants_reading(queue: _Queue) -> bool:
+    def _wants_reading(self, queue: _Queue) -> bool:
+        """Whether to read ``queue``'s next segments back now: it has some in the store only,
+        its buffer runs low, and the buffers together have room (an empty buffer reads one
+        segment whatever they hold: a queue with a puller is never held up by the others)."""
         buffer = queue.buffer
         return queue.overflow and len(buffer) < _REFILL_BELOW and buffer.reckon() < _REFILL_BELOW_BYTES \
-            and not (queue.too_large and buffer)
+            and not (queue.too_large and buffer) and (not buffer or self.held.at_most < self.max_buffered_bytes)
 
     def _read_back(self, name: str, queue: _Queue) -> bool:
         """Read the next segments of ``name`` into its buffer; False when there was nothing
@@ -398,12 +439,14 @@ class DurableQueues:
         # read without the lock (committers wait for it): while a queue overflows they
         # leave its buffer alone, and only note how far they stored
         # (reckoned by `_wants_reading`, just before; halved: a message read back holds its
-        # wire form too, twice its stored bytes, as `held_sizes` counts it)
-        budget = (BUFFER_BYTES - buffer.held_at_most) // 2
+        # wire form too, twice its stored bytes, as `held_sizes` counts it); within what the
+        # buffers may hold together
+        own = (BUFFER_BYTES - buffer.held_at_most) // 2
+        budget = max(0, min(own, (self.max_buffered_bytes - self.held.at_most) // 2))
         segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
                                       at_least_one=not buffer)
-        if not segments and buffer:  # the next segment is larger than the room left (it then
-            # waits for an empty buffer, not read again meanwhile), or none is stored yet
+        if not segments and buffer and budget == own:  # the next segment is larger than the room
+            # left (it then waits for an empty buffer, not read again meanwhile), or none is stored yet
             queue.too_large = (self.store.next_segment_bytes(name, queue.loaded) or 0) > budget
         recovered = self._recovered_upto
         with self._lock:
