@@ -637,3 +637,109 @@ def test_durable_pushes_to_many_queues_nobody_pulls_stay_within_the_node_wide_bu
 def test_the_durable_buffer_bound_is_checked(bad: Any) -> None:
     with pytest.raises(zmqmesh.ConfigError, match="durable_buffer_max_bytes"):
         zmqmesh.NodeConfig(durable_buffer_max_bytes=bad)
+
+
+def _backlog(node: Any) -> int:
+    """Messages waiting in the node's send queues (not those in flight)."""
+    return sum(node.stats()["gauges"]["queue_backlog"].values())
+
+
+@pytest.mark.timeout(120)
+def test_pushes_to_many_slow_queues_stay_within_the_node_wide_bound(mesh: dict[str, Any]) -> None:
+    """Every send queue holds ``send_queue_max`` messages at most, and all of them together
+    ``send_queue_total_max``: pushes to many queues whose pullers take nothing held every
+    queue's share (50 queues of 16,384 messages of 64 B: +95 MiB; 512 queues, 5 million
+    messages). Past the bound a push to any queue waits for room, then raises
+    `MeshTimeoutError`, counted; what was pushed is not lost, and a push waiting for room
+    goes once the pullers take again."""
+    queues, per_queue, total = 5, 40, 100
+    release = threading.Event()
+    got: list[Any] = []
+    puller = zmqmesh.Node("stuck", **mesh)
+    for q in range(queues):
+        puller.pull(f"slow.{q}", lambda m: (release.wait(60), got.append(m.data)), at_least_once=True)
+    options = {**mesh, "send_queue_max": per_queue, "send_queue_total_max": total, "ack_window": 1}
+    try:
+        with puller, zmqmesh.Node("pusher", **options) as node:
+            for q in range(queues):
+                node.wait_for_pullers(f"slow.{q}", timeout=10)
+            pushed: list[Any] = []
+            refused: dict[int, zmqmesh.ZmqMeshError] = {}
+            for q in range(queues):
+                for i in range(per_queue + 5):
+                    try:
+                        node.push(f"slow.{q}", [q, i], timeout=0.2)
+                    except zmqmesh.ZmqMeshError as exc:
+                        refused[q] = exc
+                        break
+                    pushed.append([q, i])
+                assert _backlog(node) <= total, f"{_backlog(node)} messages queued past the bound of {total}"
+            assert set(refused) == set(range(queues)), "every queue was refused at last"
+            assert all(type(e) is zmqmesh.MeshTimeoutError for e in refused.values()), refused
+            assert "send_queue_total_max" in str(refused[queues - 1])
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_total_max"):
+                node.push_many("slow.4", [[4, "many", i] for i in range(50)], timeout=0.2)
+            assert _backlog(node) <= total
+            counted = node.stats()["pipeline"]
+            assert counted["refused_queue_full"] >= 1 and counted["refused_node_full"] >= 3, counted
+            late: list[BaseException | None] = []
+
+            def wait_for_room() -> None:
+                try:
+                    node.push("slow.3", "late", timeout=30)
+                    late.append(None)
+                except BaseException as exc:
+                    late.append(exc)
+
+            waiter = threading.Thread(target=wait_for_room)
+            waiter.start()
+            release.set()  # the pullers take again: the waiting push gets room
+            waiter.join(40)
+            assert late == [None], late
+            # (and the part of the push_many that was queued before it gave up)
+            wait_until(lambda: len(got) > len(pushed) and node.stats()["gauges"]["queued"] == 0, 60,
+                       "every message pushed")
+        for item in [*pushed, "late"]:
+            assert item in got, f"{item!r} lost"
+    finally:
+        release.set()
+
+
+@pytest.mark.timeout(120)
+def test_an_async_node_keeps_the_node_wide_bound_too(mesh: dict[str, Any]) -> None:
+    release = threading.Event()
+    puller = zmqmesh.Node("stuck", **mesh)
+    for q in range(3):
+        puller.pull(f"slow.{q}", lambda m: release.wait(60), at_least_once=True)
+
+    async def main() -> tuple[list[BaseException], int, dict[str, Any]]:
+        options = {**mesh, "send_queue_max": 30, "send_queue_total_max": 50, "ack_window": 1}
+        errors: list[BaseException] = []
+        async with zmqmesh.AsyncNode("pusher", **options) as node:
+            for q in range(3):
+                await node.wait_for_pullers(f"slow.{q}", timeout=10)
+            for q in range(3):
+                for i in range(35):
+                    try:
+                        await node.push(f"slow.{q}", i, timeout=0.2)
+                    except zmqmesh.ZmqMeshError as exc:
+                        errors.append(exc)
+                        break
+            return errors, sum(node.stats()["gauges"]["queue_backlog"].values()), node.stats()["pipeline"]
+
+    try:
+        with puller:
+            errors, backlog, counted = asyncio.run(main())
+    finally:
+        release.set()
+    assert len(errors) == 3 and all(type(e) is zmqmesh.MeshTimeoutError for e in errors), errors
+    assert "send_queue_total_max" in str(errors[-1])
+    assert backlog <= 50, backlog
+    assert counted["refused_queue_full"] >= 1 and counted["refused_node_full"] >= 2, counted
+
+
+@pytest.mark.parametrize("bad", [0, 9_999, -1, 2.5, math.nan, True, "many"])
+def test_the_node_wide_push_bound_is_checked(bad: Any) -> None:
+    with pytest.raises(zmqmesh.ConfigError, match="send_queue_total_max"):
+        zmqmesh.NodeConfig(send_queue_total_max=bad)
+    assert zmqmesh.NodeConfig(send_queue_max=50, send_queue_total_max=50).send_queue_total_max == 50

@@ -165,9 +165,7 @@ class AsyncNode(NodeBase):
             return
         body = self._push_now(queue, data, headers, timeout)
         if body is not None:  # (the queue could not take it yet)
-            q = await self._runner.run(self._push_plan(queue, self._push_deadline(timeout)))
-            q.append(body)
-            self._engine.outbound.wake()  # type: ignore[union-attr]
+            await self._runner.run(self._push_one_plan(queue, body, timeout))
 
     async def push_many(self, queue: str, items: Iterable[Any], timeout: float | None = None, *,
                         durable: bool = False, headers: dict[str, str] | None = None) -> None:

@@ -117,6 +117,15 @@ class NodeConfig:
         send_hwm / recv_hwm: ZeroMQ high-water marks (messages per connection).
         send_queue_max: messages queued inside the node before ``push`` / ``publish``
             callers are held back (back-pressure).
+        send_queue_total_max: messages the send queues of every queue pushed to hold
+            together (each holds ``send_queue_max`` at most); ``None``: ten times
+            ``send_queue_max`` (100,000 by default). When they hold that many, a ``push``
+            to any queue waits for room as it does for a full queue, and raises
+            `MeshTimeoutError` at its timeout (counted in ``stats()["pipeline"]
+            ["refused_node_full"]``; ``refused_queue_full`` counts a full queue). Without
+            it, pushes to many queues whose pullers do not keep up held every queue's
+            share (50 queues of 16,384 messages of 64 B: +95 MiB; 512 queues could hold
+            5 million). At least ``send_queue_max``.
         push_timeout_s: how long ``push`` waits for a puller or for room.
         request_timeout_s: default timeout of ``request``.
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up
@@ -170,6 +179,7 @@ class NodeConfig:
     send_hwm: int = 100_000
     recv_hwm: int = 100_000
     send_queue_max: int = 10_000
+    send_queue_total_max: int | None = None
     push_timeout_s: float = 10.0
     request_timeout_s: float = 10.0
     handler_concurrency: int = 1
@@ -223,6 +233,18 @@ class NodeConfig:
                 most = f" and at most {_LARGEST_HWM}" if name.endswith("_hwm") else ""
                 raise ConfigError(f"{name} must be a whole number >= 1{most}, got {value!r}")
             object.__setattr__(self, name, whole)
+        total = self.send_queue_total_max
+        if isinstance(total, str):  # (from the environment)
+            total = int(total) if total.isascii() and total.isdigit() else -1
+        if total is not None:
+            try:
+                whole = operator.index(total)
+            except TypeError:
+                whole = None
+            if whole is None or isinstance(total, bool) or whole < self.send_queue_max:
+                raise ConfigError(f"send_queue_total_max must be a whole number >= send_queue_max "
+                                  f"({self.send_queue_max}), or None, got {self.send_queue_total_max!r}")
+            object.__setattr__(self, "send_queue_total_max", whole)
         for name in ("push_timeout_s", "request_timeout_s", "linger_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):

@@ -20,7 +20,6 @@ import math
 import operator
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -135,7 +134,7 @@ class AsyncRunner:
                 elif isinstance(step, Until):
                     await wait_until(self.engine, step.predicate, step.deadline, step.what)
                 elif isinstance(step, Room):
-                    await wait_for_room(self.engine, step.q, step.deadline)
+                    value = await wait_for_room(self.engine, step.full, step.deadline)
                 elif isinstance(step, OnLoop):
                     value = step.fn(*step.args)
                 else:
@@ -389,18 +388,18 @@ async def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: fl
         engine.waiters.remove(future)
 
 
-async def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
-    """Await while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
-    limit = engine.config.send_queue_max
+async def wait_for_room(engine: Engine, full: Callable[[], bool], deadline: float) -> bool:
+    """Await while ``full()`` holds (back-pressure): True once there is room, False at
+    ``deadline``. Raises `NodeClosedError` if the node stops."""
     space = engine.space
     if space.event is None:
         space.event = asyncio.Event()
     event: asyncio.Event = space.event
-    while len(q) >= limit:
+    while full():
         engine.ensure_running()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise MeshTimeoutError("send queue full: the receivers are not keeping up")
+            return False
         event.clear()
         engine.outbound.wake()  # type: ignore[union-attr]
         try:
@@ -408,6 +407,7 @@ async def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
         except asyncio.TimeoutError:
             pass
     engine.ensure_running()  # (a stop empties the queues: that room is no place for a message)
+    return True
 
 
 class LoopInbox(Dispatcher):

@@ -125,7 +125,7 @@ class BlockingRunner:
             if isinstance(step, Until):
                 wait_until(self.engine, step.predicate, step.deadline, step.what)
             elif isinstance(step, Room):
-                wait_for_room(self.engine, step.q, step.deadline)
+                return wait_for_room(self.engine, step.full, step.deadline), None
             elif isinstance(step, OnLoop):
                 return self.engine.call_on_loop(step.fn, *step.args), None
             else:
@@ -160,23 +160,24 @@ def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | 
         raise engine.timed_out(what, timeout) from None
 
 
-def wait_for_room(engine: Engine, q: deque[Any], deadline: float) -> None:
-    """Block while ``q`` is full (back-pressure); raises `MeshTimeoutError` at ``deadline``."""
-    limit = engine.config.send_queue_max
+def wait_for_room(engine: Engine, full: Callable[[], bool], deadline: float) -> bool:
+    """Block while ``full()`` holds (back-pressure): True once there is room, False at
+    ``deadline``. Raises `NodeClosedError` if the node stops."""
     space = engine.space
     with space.condition:
         space.waiting += 1
         try:
-            while len(q) >= limit:
+            while full():
                 engine.ensure_running()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MeshTimeoutError("send queue full: the receivers are not keeping up")
+                    return False
                 engine.outbound.wake()  # type: ignore[union-attr]
                 space.condition.wait(min(remaining, _ROOM_SLICE_S))
         finally:
             space.waiting -= 1
     engine.ensure_running()  # (a stop empties the queues: that room is no place for a message)
+    return True
 
 
 class ThreadRequester:

@@ -5,6 +5,7 @@ steps that wait (a blocking driver, or an awaiting one).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -648,10 +649,15 @@ class NodeBase:
             body = codec.raw(data)  # travels uncopied
         if timeout is not None:
             check_timeout(timeout)
-        q = self._push_queue(queue)
-        if q is None:
+        # (`_push_queue`, inline: per message, its call cost more than the node-wide bound's
+        # compare and count together)
+        pusher = engine.pusher
+        q = pusher.queues.get(queue)  # type: ignore[union-attr]
+        if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max \
+                or pusher.held >= pusher.held_max:  # type: ignore[union-attr]
             return body
         q.append(body)
+        pusher.held += 1  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts it)
         outbound = engine.outbound
         if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
             outbound.wake()  # type: ignore[union-attr]
@@ -659,10 +665,13 @@ class NodeBase:
 
     def _push_queue(self, queue: str) -> deque[Any] | None:
         """The send queue of ``queue`` if it takes messages right now; None when the socket,
-        a puller or room is missing (then `_push_plan` waits)."""
+        a puller or room (in it, or in all send queues together) is missing (then
+        `_push_plan` waits)."""
         engine = self._engine
-        q = engine.pusher.queues.get(queue)  # type: ignore[union-attr]  # (`Pusher.queue_of`, spared its call)
-        if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max:
+        pusher = engine.pusher
+        q = pusher.queues.get(queue)  # type: ignore[union-attr]  # (`Pusher.queue_of`, spared its call)
+        if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max \
+                or pusher.held >= pusher.held_max:  # type: ignore[union-attr]  # (`Pusher.full`, spared its call)
             return None
         return q
 
@@ -728,7 +737,7 @@ class NodeBase:
             q = self._push_queue(queue)
             return q if q is not None else (yield from self._push_plan(queue, deadline))
 
-        yield from self._fill_plan(bodies, room)
+        yield from self._fill_plan(bodies, room, push=True)
 
     def _publish_many_plan(self, entries: list[tuple[bytes, Any]], q: deque[Any]) -> Plan:
         """Queue ``entries`` on the publish queue ``q`` as room allows (back-pressure),
@@ -737,33 +746,54 @@ class NodeBase:
 
         def room() -> Plan:
             if len(q) >= self.config.send_queue_max:
-                yield Room(q, deadline)
+                yield from self._room_plan(q, deadline - time.monotonic())
             return q
 
         yield from self._fill_plan(entries, room)
 
-    def _fill_plan(self, items: list[Any], room: Callable[[], Plan]) -> Plan:
+    def _fill_plan(self, items: list[Any], room: Callable[[], Plan], push: bool = False) -> Plan:
         """Extend the send queue ``room()`` gives (waiting for room there) with ``items``,
-        as many at a time as it has room for."""
+        as many at a time as it has room for (``push``: a push queue, within what all of
+        them may hold together too)."""
         limit = self.config.send_queue_max
+        pusher = self._engine.pusher
         done = 0
         while done < len(items):
             q = yield from room()
             taken = max(1, limit - len(q))
+            if push:
+                assert pusher is not None
+                taken = max(1, min(taken, pusher.held_max - pusher.held))
             q.extend(items[done:done + taken])
+            if push:
+                pusher.held += len(items[done:done + taken])  # type: ignore[union-attr]
             done += taken
             self._engine.outbound.wake()  # type: ignore[union-attr]
 
     def _room_plan(self, q: deque[Any], timeout: float) -> Plan:
-        """Wait for room in a full send queue (back-pressure)."""
-        yield Room(q, time.monotonic() + timeout)
+        """Wait for room in the full publish queue ``q`` (back-pressure). Raises
+        `MeshTimeoutError` if none comes within ``timeout``."""
+        limit = self.config.send_queue_max
+        if not (yield Room(lambda: len(q) >= limit, time.monotonic() + timeout)):
+            self._engine.stats.add("pubsub", "refused_queue_full")
+            raise MeshTimeoutError("send queue full: the receivers are not keeping up")
+
+    def _push_one_plan(self, queue: str, body: Any, timeout: float | None) -> Plan:
+        """Queue ``body`` (which `_push_now` could not queue at once) on the send queue of
+        ``queue`` once `_push_plan` got it what it lacked. Raises as `_push_plan` does."""
+        q = yield from self._push_plan(queue, self._push_deadline(timeout))
+        q.append(body)
+        self._engine.pusher.held += 1  # type: ignore[union-attr]
+        self._engine.outbound.wake()  # type: ignore[union-attr]
 
     def _push_plan(self, queue: str, deadline: float) -> Plan:
         """Create the queue's socket, wait for a puller, wait for room until ``deadline``:
         whatever push lacks.
 
         Raises `NoProviderError` when nobody pulls ``queue`` in time, `MeshTimeoutError`
-        when there is no room in time.
+        when there is no room in time: in its send queue (``send_queue_max``), or in all
+        send queues together (``send_queue_total_max``); each counted
+        (``pipeline.refused_queue_full``, ``pipeline.refused_node_full``).
         """
         engine = self._engine
         pusher = engine.pusher
@@ -785,10 +815,19 @@ class NodeBase:
         while q is None:  # released while this call waited (another push to it gave up): again
             yield OnLoop(self._ensure_push_socket, (queue,))
             q = pusher.queue_of(queue)
-        if len(q) >= self.config.send_queue_max:
-            yield Room(q, deadline)
+        if pusher.full(q):
+            room = yield Room(functools.partial(pusher.full, q), deadline)
             if pusher.queue_of(queue) is not q:  # its pullers left and what waited was dropped: again
                 return (yield from self._push_plan(queue, deadline))
+            if not room:
+                if len(q) >= self.config.send_queue_max:
+                    engine.stats.add("pipeline", "refused_queue_full")
+                    raise MeshTimeoutError(f"send queue of {queue!r} full ({len(q)} messages): "
+                                           "the receivers are not keeping up")
+                engine.stats.add("pipeline", "refused_node_full")
+                raise MeshTimeoutError(f"send queues full: this node's queues hold {pusher.held} messages "
+                                       f"together (send_queue_total_max={pusher.held_max}); the receivers "
+                                       "are not keeping up")
         return q
 
     def _ensure_push_socket(self, queue: str) -> None:

@@ -98,6 +98,7 @@ class Outbound:
         if self.pusher is not None:
             for q in list(self.pusher.queues.values()):
                 q.clear()
+            self.pusher.held = 0
 
     def flush(self) -> None:
         """Send what every queue holds; retry shortly where a socket could not take it all."""
@@ -152,6 +153,7 @@ class Outbound:
                     blocked = True
             if buffers:
                 self.durable.reckon(buffers)
+        pusher.count_held()  # (before the waiting callers are told: they look at it)
         if blocked and self._retry is None:
             self._retry = self.loop.call_later(_RETRY_S, self._on_retry)
         if time.monotonic() >= until and (publisher.queue or any(pusher.queues.values())):

@@ -10,7 +10,6 @@ the loop made room.
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -34,9 +33,15 @@ class Until(NamedTuple):
 
 
 class Room(NamedTuple):
-    """Wait until the send queue ``q`` has room, or ``deadline`` (monotonic) passes."""
+    """Wait while ``full()`` holds (a send queue, or all of them together, hold what they
+    may: back-pressure), or until ``deadline`` (monotonic) passes.
 
-    q: deque[Any]
+    The step's value is True once there is room, False if the deadline came first: the
+    waiting logic decides what that means (the driver only waits, wakes the loop's flush,
+    and raises `NodeClosedError` if the node stops).
+    """
+
+    full: Callable[[], bool]
     deadline: float
 
 

@@ -34,13 +34,15 @@ from ..config import NodeConfig
 from ..errors import ZmqMeshError
 from .pubsub import meta_frame
 
-__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "next_batch", "cut_frames"]
+__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames"]
 
 log = logging.getLogger("zmqmesh.pipeline")
 
 
 MAX_PUSH_SOCKETS = 512
 """PUSH sockets (one per queue pushed to) a node keeps open at most."""
+TOTAL_QUEUES_DEFAULT = 10
+"""``send_queue_total_max`` when it is None: this many times ``send_queue_max``."""
 
 
 _FIRST_LOOK = 16  # (plain payloads `next_batch` looks at first)
@@ -109,6 +111,11 @@ class Pusher:
     """The PUSH sockets and send queues of one node. Loop only, but for appending to a queue.
 
     ``wake`` asks the loop to flush (a socket can take more again).
+
+    Every queue holds ``send_queue_max`` messages at most, and all of them together
+    `held_max`: callers append only while `held` is below it, and add to `held` what they
+    appended (an integer add, no lock); the loop sets it to what the queues hold after
+    each flush, so a count two threads raced on is set right at the next.
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
@@ -124,6 +131,10 @@ class Pusher:
         self.connect = connect
         self.wake = wake
         self.queues: dict[str, deque[Any]] = {}  # encoded bodies (`Headed` ones too), `RawPayload`s
+        self.held = 0
+        """What every send queue holds (callers add, the loop recounts: `count_held`)."""
+        self.held_max: int = config.send_queue_total_max or TOTAL_QUEUES_DEFAULT * config.send_queue_max
+        self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
         self._connected: dict[str, set[str]] = {}
@@ -137,7 +148,16 @@ class Pusher:
 
     def queued(self) -> int:
         """Messages waiting in every send queue."""
-        return sum(len(q) for q in list(self.queues.values()))
+        return sum(map(len, list(self.queues.values())))
+
+    def count_held(self) -> None:
+        """Recount `held` (loop only, after a flush): what the callers added, less what went."""
+        self.held = sum(map(len, list(self.queues.values())))
+
+    def full(self, q: deque[Any]) -> bool:
+        """Whether a push to the send queue ``q`` must wait: ``q`` holds ``send_queue_max``
+        messages, or all send queues together `held_max` (any thread)."""
+        return len(q) >= self._queue_max or self.held >= self.held_max
 
     def ensure_socket(self, queue: str) -> None:
         """Create and connect the PUSH socket of ``queue``. Past `MAX_PUSH_SOCKETS`, the
