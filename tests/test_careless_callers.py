@@ -743,3 +743,31 @@ def test_the_node_wide_push_bound_is_checked(bad: Any) -> None:
     with pytest.raises(zmqmesh.ConfigError, match="send_queue_total_max"):
         zmqmesh.NodeConfig(send_queue_total_max=bad)
     assert zmqmesh.NodeConfig(send_queue_max=50, send_queue_total_max=50).send_queue_total_max == 50
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("buffered", [None, 1])
+def test_durable_queues_delivered_in_full_leave_no_state_behind(tmp_path: Any, mesh: dict[str, Any],
+                                                                buffered: int | None) -> None:
+    """A node that pushed durably to many queue names kept a buffer and its bookkeeping
+    for every name it ever used, for good: state grew with the names, not the messages.
+    Once a queue's messages are all acknowledged, its state goes; pushing to it again
+    works as before, and delivers what is new only (also when nothing fits in memory and
+    every message is read back from the store)."""
+    names = [f"once.{i}" for i in range(60)]
+    got: list[Any] = []
+    puller = zmqmesh.Node("puller", **mesh)
+    for name in names:
+        puller.pull(name, lambda m: got.append(m.data), at_least_once=True)
+    options = {**mesh, **({"durable_buffer_max_bytes": buffered} if buffered else {})}
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **options) as node:
+        for name in names:
+            node.wait_for_pullers(name, timeout=10)
+        for round_ in range(2):
+            for name in names:
+                node.push(name, [name, round_], durable=True)
+            wait_until(lambda: len(got) >= len(names) * (round_ + 1) and node.stats()["gauges"]["queued"] == 0, 30,
+                       "every message delivered and acknowledged")
+            durable = node._engine.durable
+            wait_until(lambda: len(durable.queues) == 0, 10, "the state of the queues delivered in full forgotten")
+    assert sorted(got) == sorted([name, r] for name in names for r in range(2)), "each once, nothing lost"

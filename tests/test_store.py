@@ -313,10 +313,11 @@ def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(t
 
 
 def test_a_pass_of_the_loop_looks_only_at_durable_queues_with_messages_to_deal(tmp_path: Path) -> None:
-    """Every queue name ever pushed to stays known, but a pass of the loop (`refill`, then
-    `reckon`) walks only those with messages to deal or to read back, and those named
-    (messages to deal again): with 20,000 names, each push cost some 1.5 ms for walking
-    them all. A queue that gets messages again is looked at again."""
+    """A pass of the loop (`refill`, then `reckon`) walks only the queues with messages to
+    deal or to read back, and those named (messages to deal again): with 20,000 names,
+    each push cost some 1.5 ms for walking them all. A queue with nothing left is
+    forgotten, unless messages of it are in flight or to deal again (``busy``); one that
+    gets messages again is looked at again."""
     from zmqmesh._patterns.durable import DurableQueues, Ticket
     from zmqmesh._stats import Stats
     from zmqmesh._wire.codec import Codec
@@ -329,12 +330,17 @@ def test_a_pass_of_the_loop_looks_only_at_durable_queues_with_messages_to_deal(t
     assert len(buffers) == 500
     for buffer in buffers.values():
         buffer.popleft()  # dealt
-    queues.reckon(buffers)
-    assert queues.refill() == {}  # nothing to deal: no queue looked at
+    queues.reckon(buffers, busy=lambda: {"q7"})
+    assert list(queues.refill()) == ["q7"]  # (looked at while busy)
+    queues.reckon(queues.refill(), busy=lambda: {"q7"})
     assert list(queues.refill(also=["q7", "not-durable"])) == ["q7"]  # (one with messages to deal again)
+    assert list(queues.queues) == ["q7"]  # the others are forgotten
     queues.commit_in_turn(Ticket("q3", entries("again")))
     assert [msgpack.unpackb(m.body) for m in queues.refill()["q3"]] == ["again"]
-    assert len(queues.refill(every=True)) == 500
+    assert sorted(queues.refill(every=True)) == ["q3", "q7"]
+    queues.refill()["q3"].popleft()  # dealt
+    queues.reckon(queues.refill())
+    assert queues.refill() == {} and queues.queues == {}  # nothing to deal: no queue looked at, none kept
     store.close()
 
 

@@ -152,7 +152,7 @@ class Outbound:
                     log.exception("sending durable queue %r failed", queue)
                     blocked = True
             if buffers:
-                self.durable.reckon(buffers)
+                self.durable.reckon(buffers, reliable.busy_queues)
         pusher.count_held()  # (before the waiting callers are told: they look at it)
         if blocked and self._retry is None:
             self._retry = self.loop.call_later(_RETRY_S, self._on_retry)

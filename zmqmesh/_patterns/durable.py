@@ -247,15 +247,21 @@ class DurableQueues:
         self._gathered: deque[Ticket] = deque()  # calls waiting for their turn (see commit_in_turn)
         self._recovered_upto = 0
 
-    def _queue(self, name: str) -> _Queue:
+    def _queue(self, name: str, first: int = 0) -> _Queue:
+        """The queue ``name`` (under the lock), made if this node holds nothing of it:
+        ``first`` is the sequence number of the first of its messages stored since (what
+        the store holds before it was read before the queue was forgotten, `reckon`, or
+        there is none; 0 at recovery, which reads them all)."""
         queue = self.queues.get(name)
         if queue is None:
-            queue = self.queues[name] = _Queue(self.held)
+            queue = self.queues[name] = _Queue(self.held, max(0, first - 1))
         return queue
 
-    def _overflowed(self, name: str, upto: int) -> None:
+    def _overflowed(self, name: str, upto: int, fresh: bool = False) -> None:
+        """The store holds messages of ``name`` up to ``upto`` not in its buffer (``fresh``:
+        the one at ``upto`` was just stored, as a dead letter)."""
         with self._lock:
-            queue = self._queue(name)
+            queue = self._queue(name, upto if fresh else 0)
             queue.overflow = True
             queue.committed = max(queue.committed, upto)
             self._active.add(name)
@@ -345,7 +351,6 @@ class DurableQueues:
         segments = iter(self.store.append(order))
         spilled = 0  # messages that stay in the store only, for now
         for name, entries in order:
-            queue = self._queue(name)
             parts: list[tuple[int, int]] = []
             stored_count = 0
             while stored_count < len(entries):
@@ -353,6 +358,7 @@ class DurableQueues:
                 self._segments[first] = [count, count]
                 parts.append((first, count))
                 stored_count += count
+            queue = self._queue(name, parts[0][0])
             queue.committed = parts[-1][0] + parts[-1][1] - 1  # (a commit stores one message at least)
             self._active.add(name)
             buffer = queue.buffer
@@ -393,7 +399,7 @@ class DurableQueues:
         known = self.queues
         names = set(known if every else self._active)  # (one C call: a committing thread may add one)
         names.update(name for name in also if name in known)
-        queues = [(name, known[name]) for name in names]  # (a queue, once made, stays)
+        queues = [(name, known[name]) for name in names]  # (only the loop forgets a queue: `reckon`)
         if not any(q.overflow for _, q in queues):
             # nothing to read, so no lock either (a committing thread holds it); a queue
             # that overflows after this look wakes the loop for another refill
@@ -407,21 +413,26 @@ class DurableQueues:
                 pass
         return {name: q.buffer for name, q in queues}
 
-    def reckon(self, buffers: Mapping[str, Buffer]) -> None:
+    def reckon(self, buffers: Mapping[str, Buffer], busy: Callable[[], Container[str]] = frozenset) -> None:
         """Reckon up what the loop dealt from ``buffers`` (those `refill` gave), so that
         committers' estimates (`Buffer.held_at_most`) stay near; a queue left with nothing
-        to deal or to read back is no longer looked at (loop only, after dealing)."""
+        to deal or to read back, nor any in flight or to deal again (``busy()`` names those:
+        looked at again until then), is forgotten (loop only, after dealing): a
+        node that pushed to many queue names keeps no state for those it has nothing of (if
+        the queue is made again, it reads back only what is stored after: `_queue`)."""
         idle = []
         for name, buffer in buffers.items():
             buffer.reckon()
             if not buffer:
                 idle.append(name)
         if idle:
+            kept = busy()
             with self._lock:  # (a commit that refills one meanwhile makes it active again)
                 for name in idle:
-                    queue = self.queues[name]
-                    if not queue.buffer and not queue.overflow:
+                    queue = self.queues.get(name)
+                    if queue is not None and not queue.buffer and not queue.overflow and name not in kept:
                         self._active.discard(name)
+                        del self.queues[name]
 
     def _wants_reading(self, queue: _Queue) -> bool:
         """Whether to read ``queue``'s next segments back now: it has some in the store only,
@@ -442,7 +453,8 @@ class DurableQueues:
         # wire form too, twice its stored bytes, as `held_sizes` counts it); within what the
         # buffers may hold together
         own = (BUFFER_BYTES - buffer.held_at_most) // 2
-        budget = max(0, min(own, (self.max_buffered_bytes - self.held.at_most) // 2))
+        budget = max(1, min(own, (self.max_buffered_bytes - self.held.at_most) // 2))  # (0 would read nothing,
+        # not even the one segment an empty buffer takes whatever the budget)
         segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
                                       at_least_one=not buffer)
         if not segments and buffer and budget == own:  # the next segment is larger than the room
@@ -611,7 +623,7 @@ class DurableQueues:
         })
         dead = failure.dead_letter or f"{queue}.dead"
         moved = self.store.move(item, dead, self.codec.encode(headers))
-        self._overflowed(dead, moved)
+        self._overflowed(dead, moved, fresh=True)
         counters = self.stats.pattern["pipeline"]
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1
         log.warning("message %s of %r dead-lettered to %r after %d attempt(s): %s",

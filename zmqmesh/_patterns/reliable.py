@@ -472,6 +472,10 @@ class ReliableSender:
         # a batch may mix in-memory items with durable ones: those go by ``otherwise``
         return retry + [i for i in otherwise if not isinstance(i, StoredMessage)]
 
+    def busy_queues(self) -> set[str]:
+        """The queues with messages in flight or to deal again (loop only)."""
+        return {b.queue for b in self.inflight.values()} | self.redeliver.keys()
+
     def in_flight(self, queue: str) -> int:
         """Messages of ``queue`` sent and not yet acknowledged."""
         return sum(len(b.items) for b in self.inflight.values() if b.queue == queue)
