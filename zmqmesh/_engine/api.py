@@ -764,9 +764,10 @@ class NodeBase:
             if push:
                 assert pusher is not None
                 taken = max(1, min(taken, pusher.held_max - pusher.held))
-            q.extend(items[done:done + taken])
+            chunk = items[done:done + taken]
+            q.extend(chunk)
             if push:
-                pusher.held += len(items[done:done + taken])  # type: ignore[union-attr]
+                pusher.held += len(chunk)  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts it)
             done += taken
             self._engine.outbound.wake()  # type: ignore[union-attr]
 
