@@ -4,6 +4,7 @@ what it missed (msg.gap). Real sockets, real stores, real processes killed with 
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -402,3 +403,62 @@ def test_a_replaying_subscriber_that_falls_behind_gets_every_message_in_order(
             wait_until(lambda: len(got) >= 3000, 30, "every message")
             assert subscriber.stats()["pubsub"].get("replayed", 0) > 0  # some came from the history
     assert got == list(range(3000))
+
+
+@pytest.mark.parametrize("subscriber_restarts", [False, True])
+def test_a_publisher_restored_from_an_older_copy_of_its_store_is_noticed_and_nothing_new_skipped(
+        tmp_path: Path, mesh: dict[str, Any], subscriber_restarts: bool) -> None:
+    """A publisher's store replaced by a copy taken at 900 (the publisher stopped) numbers
+    its next messages 900.. again: a durable subscriber that handled up to 999 must not
+    take them for handled. It notices the publisher's numbering went back (counted as
+    ``rewound``), replays its history again, marks redelivered what may have been handled
+    (numbers up to 1009: it cannot tell which are new), and gets every new message, whether
+    it ran meanwhile or resumed."""
+    store, copy = tmp_path / "publisher", tmp_path / "copy"
+    history = {"logs.": 10_000}
+    got: list[tuple[int, bool]] = []
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+        node.subscribe("logs.", lambda m: got.append((m.data["n"], m.redelivered)), replay="all",
+                       durable_name="d")
+        return node
+
+    with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
+        publish_all(publisher, ["logs.x"], 0, 900)
+    shutil.copytree(store, copy)  # (the publisher stopped: a consistent copy)
+    sub = subscriber().start()
+    try:
+        with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
+            wait_until(lambda: len(got) >= 900, 20, "the replay")
+            publisher.wait_for_peers(1)
+            publish_all(publisher, ["logs.x"], 900, 100)
+            wait_until(lambda: len(got) >= 1000, 20, "the live messages")
+        with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:  # (a plain restart)
+            publisher.wait_for_peers(1)
+            publish_all(publisher, ["logs.x"], 1000, 10)
+            wait_until(lambda: len(got) >= 1010, 20, "the live messages after a restart")
+        assert got == [(n, False) for n in range(1010)]
+        assert sub.stats()["pubsub"].get("rewound", 0) == 0, "a restart on the same store goes on"
+        if subscriber_restarts:
+            sub.stop()
+        shutil.rmtree(store)
+        copy.rename(store)  # the store restored from the copy: numbering back at 900
+        with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
+            if subscriber_restarts:
+                publish_all(publisher, ["logs.x"], 2000, 50)  # numbered 900 .. 949 again
+                sub = subscriber().start()
+            else:
+                publisher.wait_for_peers(1)
+                publish_all(publisher, ["logs.x"], 2000, 50)
+            wait_until(lambda: {n for n, _r in got} >= set(range(2000, 2050)), 20, "the new messages")
+            publish_all(publisher, ["logs.x"], 2050, 10)  # (numbered 950 .. 959: live after the replay)
+            wait_until(lambda: {n for n, _r in got} >= set(range(2050, 2060)), 20, "the live messages")
+            stats = sub.stats()["pubsub"]
+    finally:
+        sub.stop()
+    assert stats.get("rewound") == 1, "the numbering going back is counted"
+    again = got[1010:]
+    assert [n for n, _r in again if n < 2000] == list(range(900)), "the history again, in order"
+    assert [n for n, _r in again if n >= 2000] == list(range(2000, 2060)), "every new message once, in order"
+    assert all(r for _n, r in again), "numbered up to where it was (1009): marked, they may have been handled"

@@ -4,6 +4,7 @@ messages, what a restart reads back, and the upgrade of a store written by schem
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
 import threading
 import tracemalloc
@@ -19,7 +20,7 @@ from zmqmesh import inspect_store
 from zmqmesh._patterns.history import PAGE_ROWS, History
 from zmqmesh._stats import Stats
 from zmqmesh._store.checkpointer import BACKSTOP_PAGES
-from zmqmesh._store.sqlite import SEGMENT_BYTES, SEGMENT_MAX, Store
+from zmqmesh._store.sqlite import RUNS_KEPT, SCHEMA_VERSION, SEGMENT_BYTES, SEGMENT_MAX, Store
 from zmqmesh._wire.codec import durable_item
 from zmqmesh.config import HistoryPolicy
 
@@ -131,7 +132,7 @@ def test_a_store_written_by_schema_1_is_upgraded_in_place(tmp_path: Path) -> Non
     ((first, _),) = store.append([("orders", entries("c"))])
     assert first == 10  # numbering goes on after the old rows
     store.close()
-    assert inspect_store(tmp_path)["schema"] == 4
+    assert inspect_store(tmp_path)["schema"] == 5
 
 
 @pytest.mark.parametrize("items", [
@@ -545,3 +546,38 @@ def test_a_failed_store_write_is_tried_again_ever_more_slowly_up_to_a_bound() ->
 
     assert [_retry_delay(n) for n in range(1, 9)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
     assert _retry_delay(5000) == 30.0
+
+
+def test_each_opening_of_a_store_is_a_run_named_in_its_lineage_and_a_copy_lacks_the_later_ones(
+        tmp_path: Path) -> None:
+    """The runs a store names (newest first) let a subscriber see a store restored from an
+    older copy: the copy never saw the runs opened after it was taken."""
+    first = Store(tmp_path / "s")
+    first.close()
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    lineage = first.runs
+    for _ in range(RUNS_KEPT + 2):
+        store = Store(tmp_path / "s")
+        assert store.runs[1:] == lineage[:RUNS_KEPT - 1] and store.runs[0] not in lineage
+        lineage = store.runs
+        store.close()
+    assert len(lineage) == RUNS_KEPT
+    restored = Store(tmp_path / "copy")
+    assert restored.runs[1:] == first.runs and not set(restored.runs) & set(lineage)
+    assert restored.stream_id == first.stream_id
+    restored.close()
+
+
+def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.save_cursors([("d", "s1", "t.x", 7, 9, 3)])
+    store.close()
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:  # as schema 4 left it
+        db.executescript("DROP TABLE cursor_runs; UPDATE meta SET value = '4' WHERE key = 'schema_version';"
+                         "DELETE FROM meta WHERE key = 'runs';")
+    store = Store(tmp_path)
+    assert store.load_cursors("d") == {"s1": {"t.x": (7, 9, 3)}} and store.load_cursor_runs("d") == {}
+    store.save_cursors([], [("d", "s1", "abc")])
+    assert store.load_cursor_runs("d") == {"s1": "abc"} and len(store.runs) == 1
+    store.close()
+    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 5

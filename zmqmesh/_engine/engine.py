@@ -273,6 +273,7 @@ class Engine:
             headers[HEADER["key"]] = self.keys.public
         if self.history is not None:
             headers[HEADER["stream"]] = self.history.stream_id
+            headers[HEADER["runs"]] = ",".join(self.history.runs)
         self.requests = self._requests_factory(self)
         self.inbox.start()
         self.closed = False

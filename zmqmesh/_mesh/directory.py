@@ -53,6 +53,22 @@ def no_provider(service: str, only: str | None) -> NoProviderError:
     return NoProviderError(f"no node offers the service {service!r}")
 
 
+_MAX_RUNS = 64
+_HEX = frozenset("0123456789abcdef")
+
+
+def _runs_of(header: str | None) -> tuple[str, ...]:
+    """The runs a peer's store names (``X-ZMQMESH-RUNS``: tokens of 1 to 32 lowercase hex
+    digits, comma-separated, newest first); none for a header missing (a node before it)
+    or malformed (a stranger's: then its numbering is taken on trust, as before)."""
+    if not header or len(header) > _MAX_RUNS * 33:
+        return ()
+    runs = tuple(header.split(","))
+    if len(runs) > _MAX_RUNS or not all(0 < len(r) <= 32 and _HEX.issuperset(r) for r in runs):
+        return ()
+    return runs
+
+
 def small_number(text: str, digits: int) -> int | None:
     """``text`` as a whole number of at most ``digits`` ASCII digits, else None. (A peer's
     word: ``str.isdigit`` also takes digits such as "²", which ``int`` refuses, and ``int``
@@ -94,6 +110,7 @@ class Directory:
         self._skip_until = 0.0  # when the last skip ends: the table is cleared then, at the next pick
         self._ack_timeouts: dict[tuple[str, str], float] = {}
         self.streams: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer id -> (stream id, kept prefixes)
+        self.runs: dict[str, tuple[str, ...]] = {}  # peer id -> the runs of its store, newest first (`_runs_of`)
         self._pick: tuple[dict[str, tuple[str, ...]], dict[str, Provider | None]] = ({}, {})
         self._contributions: dict[str, dict[str, frozenset[str]]] = {}  # node id -> its offers in the tables
 
@@ -114,6 +131,7 @@ class Directory:
         contributions[self.node_id] = kept_own if kept_own == own_offers else own_offers  # (kept: unchanged)
         peers: dict[str, PeerState] = {}
         streams: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer id -> (stream id, kept prefixes)
+        runs: dict[str, tuple[str, ...]] = {}
         for peer in ready:
             peers[peer.id] = peer
             if peer.is_zmqmesh:
@@ -122,6 +140,9 @@ class Directory:
                 stream = peer.headers.get(HEADER["stream"])
                 if kept and stream is not None and 0 < len(stream) <= 64:
                     streams[peer.id] = (stream, tuple(kept))
+                    lineage = _runs_of(peer.headers.get(HEADER["runs"]))
+                    if lineage:
+                        runs[peer.id] = lineage
         changed = [i for i, offers in contributions.items() if before.get(i) is not offers]  # (in order: as before)
         changed += [i for i in before if i not in contributions]
         tables = dict(self.offers)
@@ -161,6 +182,7 @@ class Directory:
                 millis, _, queue = name.partition("/")
                 ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
             self._ack_timeouts = ack_timeouts
+        self.runs = runs  # (before the streams: a reader that finds a stream finds its runs)
         self.streams = streams
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
         self.offers = tables

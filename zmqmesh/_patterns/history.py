@@ -40,6 +40,7 @@ class History:
         self.policies = policies
         self.stats = stats
         self.stream_id = store.stream_id
+        self.runs = store.runs  # (this run's token first: see `Store.runs`)
         self._policy_of: dict[bytes, HistoryPolicy | None] = {}
         state = store.history_state()
         self._first = {t.encode(): first for t, (first, _next) in state.items()}  # (may lag: trims go by it)

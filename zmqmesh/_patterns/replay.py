@@ -23,6 +23,10 @@ stream and topic, so that a restarted subscriber resumes right after it. Before 
 is handled the highest number it reaches is recorded too: after a crash, messages up to
 it are delivered again marked ``redelivered`` (they may have been handled).
 
+A publisher names the runs (openings) of its store (``X-ZMQMESH-RUNS``); a cursor that
+finds the run it followed last missing from them reads the history again, since the
+numbers may have gone back (a store restored from an older copy): `_rewind`.
+
 Everything here runs on the inbox's thread; the drivers only carry out the fetches
 (`Fetch`) and post their outcome back.
 """
@@ -78,6 +82,7 @@ publisher that leaves and comes back meanwhile is asked where its topics are, so
 what it published last, if dropped on the way, is read from its history."""
 _AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publisher is back
 _MAX_CURSORS = 65_536
+_LEFT_RUNS = 16  # runs a cursor remembers having left at a rewind
 _NEVER = float("inf")
 PAGE_BURST = 256
 """Messages of the pages read delivered at a time (`Replays.deliver_pages`), the driver
@@ -103,7 +108,8 @@ class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
     __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "upto",
-                 "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since", "reading")
+                 "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since", "reading",
+                 "run", "left_runs")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
         self.stream = stream
@@ -123,6 +129,8 @@ class Cursor:
         self.failures = 0  # reads of its history failed in a row while the publisher was present
         self.failing_since: float | None = None  # when the first read of those failed
         self.reading: Fetch | None = None  # the read its catch-up waits on: a page of any other is stale
+        self.run: str | None = None  # the publisher's run (store opening) followed last, if it names its runs
+        self.left_runs: tuple[str, ...] = ()  # runs left at a rewind: a node still running one is stale
 
 
 class _Frame(NamedTuple):
@@ -151,6 +159,8 @@ class Replays:
         self.cursors: dict[tuple[Key, str], Cursor] = {}
         self._durable: dict[str, dict[str, dict[str, tuple[int, int, int]]]] = {}  # name -> stored cursors
         self._dirty: dict[tuple[str, str, str], list[int]] = {}  # (name, stream, topic) -> [seq, upto, pos]
+        self._runs: dict[str, dict[str, str]] = {}  # name -> stream -> the publisher run followed last (stored)
+        self._dirty_runs: dict[tuple[str, str], str] = {}
         # durable: the numbers handed out and not yet handled, in order; and of those, the ones
         # handled ahead of the first (how many times each: `handled`)
         self._pending: dict[tuple[str, str, str], deque[int]] = {}
@@ -245,10 +255,74 @@ class Replays:
             for node_id, (stream, prefixes) in list(self.directory.streams.items()):
                 if any(p.startswith(key[0]) or key[0].startswith(p) for p in prefixes):
                     cursor = self._cursor(key, options, stream, node_id, calls)
+                    if cursor is not None:
+                        self._check_run(key, cursor, node_id, calls)
                     if cursor is not None and cursor.away:  # (the streams are those of present peers)
                         cursor.away, cursor.node_id = False, node_id
                         if not cursor.catching_up:
                             self._look_at((key, stream), 0.0, True)
+
+    # -- a publisher's numbering going back ----------------------------------------------------
+
+    def _check_run(self, key: Key, cursor: Cursor, node_id: str, calls: list[Call]) -> None:
+        """Whether the numbering the cursor follows went back: its publisher (``node_id``)
+        names its store's runs (``X-ZMQMESH-RUNS``, newest first); one that lacks the run
+        the cursor followed last opened a store restored from an older copy (or restarted
+        more than ``Store.RUNS_KEPT`` times meanwhile), which numbers anew messages the cursor may
+        have taken already: `_rewind`. A publisher that names none is taken on trust."""
+        runs = self.directory.runs.get(node_id)
+        if not runs or cursor.run == runs[0] or runs[0] in cursor.left_runs:
+            return  # (the last: a node of a run left, still taken for present)
+        if cursor.run is None or cursor.run in runs:
+            self._follow_run(cursor, runs[0])
+            return
+        self._rewind(key, cursor, node_id, runs[0], calls)
+
+    def _follow_run(self, cursor: Cursor, run: str) -> None:
+        cursor.run = run
+        name = cursor.options.durable_name
+        if name is not None and self.store is not None:
+            self._dirty_runs[(name, cursor.stream)] = run
+
+    def _rewind(self, key: Key, cursor: Cursor, node_id: str, run: str, calls: list[Call]) -> None:
+        """The publisher of ``cursor``'s stream (``node_id``) now runs ``run`` on a store that never saw
+        the run the cursor followed: its numbers may have gone back. The cursor reads the
+        whole history again, what it holds marked ``redelivered`` up to the numbers it had
+        reached (they may have been handled under the numbers given before); held live
+        frames go (the history has those of the new run). Logged and counted
+        (``stats()["pubsub"]["rewound"]``); a durable subscription records it at once."""
+        held = cursor.held_count if cursor.held is not None else 0
+        self.stats.add("pubsub", "rewound")
+        log.warning("stream %s: its publisher's store does not know the run followed until now (restored from an "
+                    "older copy?); its numbers may have gone back: reading its history again, messages up to the "
+                    "numbers reached marked redelivered%s", cursor.stream[:8],
+                    f" ({held} live message(s) held dropped: the history has them)" if held else "")
+        for topic, nxt in cursor.next.items():
+            cursor.upto[topic] = max(cursor.upto.get(topic, -1), nxt - 1)
+        cursor.next.clear()
+        cursor.kept_next.clear()
+        cursor.pos, cursor.from_start = 0, True
+        cursor.held, cursor.held_count = deque(), 0
+        cursor.catching_up, cursor.reading = False, None  # (a page on its way is stale)
+        cursor.failures, cursor.failing_since = 0, None
+        cursor.node_id, cursor.away = node_id, False
+        if cursor.run is not None:
+            cursor.left_runs = (*cursor.left_runs[-(_LEFT_RUNS - 1):], cursor.run)
+        place = (key, cursor.stream)
+        self._tails.pop(place, None)
+        self._retries.pop(place, None)
+        name = cursor.options.durable_name
+        if name is not None and self.store is not None:
+            self._stored(name, cursor.stream)  # (loaded, if it was not)
+            for topic, upto in cursor.upto.items():
+                mark = (name, cursor.stream, topic)
+                self._pending.pop(mark, None)  # (those handled meanwhile no longer move the place)
+                self._finished.pop(mark, None)
+                self._dirty[mark] = [-1, upto, 0]
+                self._durable.setdefault(name, {}).setdefault(cursor.stream, {})[topic] = (-1, upto, 0)
+        self._follow_run(cursor, run)
+        self.flush()
+        self._catch_up(key, cursor.options, cursor)
 
     # -- live frames ------------------------------------------------------------------------
 
@@ -278,7 +352,9 @@ class Replays:
             if stream is not None and seq is not None:
                 cursor = self._cursor(key, options, stream, sender_id, calls)  # type: ignore[arg-type]
                 if cursor is not None:
-                    cursor.node_id = sender_id  # type: ignore[assignment]  # (a restarted publisher: a new id)
+                    if cursor.node_id != sender_id or cursor.run is None:  # (a restarted publisher: a new id)
+                        cursor.node_id = sender_id  # type: ignore[assignment]
+                        self._check_run(key, cursor, sender_id, calls)  # type: ignore[arg-type]
                     self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id), calls)
                     continue
             # the publisher keeps no history of it (or too many streams are followed): plain delivery
@@ -355,6 +431,9 @@ class Replays:
                 if upto > seq:
                     cursor.upto[topic] = upto
             cursor.pos = min(pos for _s, _u, pos in stored.values())
+        if options.durable_name is not None:
+            cursor.run = self._runs.get(options.durable_name, {}).get(stream)
+        self._check_run(key, cursor, node_id, calls)
         if stored or options.replay != "new":
             self._catch_up(key, options, cursor, first=not stored)
         return cursor
@@ -614,6 +693,7 @@ class Replays:
             return {}
         if name not in self._durable:
             self._durable[name] = self.store.load_cursors(name)
+            self._runs[name] = self.store.load_cursor_runs(name)
         return self._durable[name].get(stream, {})
 
     def before_handling(self, calls: list[Call]) -> None:
@@ -628,7 +708,7 @@ class Replays:
             return
         for key, seq in reached.items():
             state = self._dirty.get(key) or self._saved(*key)
-            state[1] = seq  # (the position moves only with what was handled)
+            state[1] = max(state[1], seq)  # (the position moves only with what was handled)
             self._dirty[key] = state
         self.flush()
 
@@ -660,23 +740,26 @@ class Replays:
 
     def flush(self) -> None:
         """Commit what the durable subscriptions handled since the last flush."""
-        if not self._dirty:
+        if not self._dirty and not self._dirty_runs:
             return
         dirty, self._dirty = self._dirty, {}
+        runs, self._dirty_runs = self._dirty_runs, {}
+        for (name, stream), run in runs.items():
+            self._runs.setdefault(name, {})[stream] = run
         rows = []
         for (name, stream, topic), (seq, upto, pos) in dirty.items():
             rows.append((name, stream, topic, seq, max(upto, seq), pos))
             self._durable.setdefault(name, {}).setdefault(stream, {})[topic] = (seq, max(upto, seq), pos)
-        self._save(rows)
+        self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()])
 
     def _saved(self, name: str, stream: str, topic: str) -> list[int]:
         seq, upto, pos = self._durable.get(name, {}).get(stream, {}).get(topic, (-1, -1, 0))
         return [seq, upto, pos]
 
-    def _save(self, rows: list[tuple[str, str, str, int, int, int]]) -> None:
+    def _save(self, rows: list[tuple[str, str, str, int, int, int]], runs: list[tuple[str, str, str]]) -> None:
         if self.store is None:
             return
         try:
-            self.store.save_cursors(rows)
+            self.store.save_cursors(rows, runs)
         except Exception as exc:  # the subscription resumes from an older place: redeliveries, no loss
             log.error("cannot record where durable subscriptions are: %s", exc)

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import operator
 import os
+import secrets
 import stat
 import threading
 import time
@@ -45,7 +47,9 @@ if TYPE_CHECKING:
 __all__ = ["Store", "StoredSegment", "SEGMENT_MAX", "SEGMENT_BYTES", "CHUNK_MESSAGES", "SCHEMA_VERSION", "DB_FILE", "LOCK_FILE", "inspect_store", "retry_dead_letters",
            "drop_dead_letters"]
 
-SCHEMA_VERSION = 4
+log = logging.getLogger("zmqmesh.store")
+
+SCHEMA_VERSION = 5
 DB_FILE = "zmqmesh.db"
 LOCK_FILE = "zmqmesh.lock"
 _APP = "zmqmesh"
@@ -90,6 +94,13 @@ _HISTORY_4 = (  # (added by schema 4)
     # even when every row of a topic was trimmed or expired
     "CREATE TABLE history_topics (topic TEXT PRIMARY KEY, next INTEGER NOT NULL) WITHOUT ROWID",
 )
+_HISTORY_5 = (  # (added by schema 5)
+    # the publisher run a durable subscription last followed, per stream (see `Store.runs`)
+    "CREATE TABLE cursor_runs (name TEXT NOT NULL, stream TEXT NOT NULL, run TEXT NOT NULL,"
+    " PRIMARY KEY (name, stream)) WITHOUT ROWID",
+)
+RUNS_KEPT = 16
+"""Runs of a store (opens) it names in its lineage (`Store.runs`), newest first."""
 _HISTORY = (
     # what a publisher keeps of its topics (``history=``): a row per frame it sent, the
     # messages ``seq`` .. ``seq + count - 1`` of ``topic``, as they travelled (the payload
@@ -114,6 +125,7 @@ _HISTORY = (
     " upto INTEGER NOT NULL,"
     " pos INTEGER NOT NULL,"
     " PRIMARY KEY (name, stream, topic)) WITHOUT ROWID",
+    *_HISTORY_5,
 )
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -323,6 +335,7 @@ class Store:
             if stream is None:
                 raise StoreError(f"the store {self.path} is damaged: it names no stream of its own (meta 'stream')")
             self.stream_id = str(stream[0])
+            self.runs = self._new_run(db)
             last = db.execute(f"SELECT seq + {_COUNT_SQL} FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
             self._next_seq = int(last[0]) if last else 1
             self._handled_serial = int(db.execute("SELECT ifnull(max(at), 0) + 1 FROM handled").fetchone()[0])
@@ -333,6 +346,25 @@ class Store:
             db.close()
             raise StoreError(f"the store {self.path} is damaged or not a zmqmesh store: {exc}") from exc
         return db
+
+    @staticmethod
+    def _new_run(db: sqlite3.Connection) -> tuple[str, ...]:
+        """Name this opening of the store (a run) with a random token, recorded first in
+        the store's lineage: the tokens of its last `RUNS_KEPT` runs, newest first. A
+        store restored from an older copy lacks the runs opened since the copy was taken,
+        so a subscriber that followed one of those sees the lineage without it: the
+        numbering of the history went back (`Replays`)."""
+        import sqlite3
+
+        found = db.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
+        before = tuple(r for r in str(found[0]).split(",") if r) if found else ()
+        runs = (secrets.token_hex(8), *before[:RUNS_KEPT - 1])
+        try:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('runs', ?)", (",".join(runs),))
+        except sqlite3.OperationalError as exc:  # (a full disk: the store still opens, to be emptied)
+            log.warning("cannot record this run of the store (%s): it goes on as the run before", exc)
+            return before or runs  # (named as the run before, the last recorded)
+        return runs
 
     def _check_schema(self, db: sqlite3.Connection) -> int:
         version = _schema_version(db, self.path)
@@ -737,10 +769,24 @@ class Store:
             found.setdefault(stream, {})[topic] = (seq, upto, pos)
         return found
 
-    def save_cursors(self, rows: Sequence[tuple[str, str, str, int, int, int]]) -> None:
-        """Record ``(name, stream, topic, seq, upto, pos)`` cursors, in one transaction."""
-        self._write([("INSERT OR REPLACE INTO cursors (name, stream, topic, seq, upto, pos) VALUES (?, ?, ?, ?, ?, ?)",
-                      list(rows))])
+    def load_cursor_runs(self, name: str) -> dict[str, str]:
+        """The publisher run the durable subscription ``name`` last followed, per stream
+        (see `runs`). Raises `StoreError`."""
+        with self._lock:
+            return dict(self._read("SELECT stream, run FROM cursor_runs WHERE name = ?", (name,)))
+
+    def save_cursors(self, rows: Sequence[tuple[str, str, str, int, int, int]],
+                     runs: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Record ``(name, stream, topic, seq, upto, pos)`` cursors, and ``(name, stream,
+        run)`` runs followed, in one transaction."""
+        statements: list[tuple[str, Any]] = []
+        if rows:
+            statements.append(("INSERT OR REPLACE INTO cursors (name, stream, topic, seq, upto, pos) "
+                               "VALUES (?, ?, ?, ?, ?, ?)", list(rows)))
+        if runs:
+            statements.append(("INSERT OR REPLACE INTO cursor_runs (name, stream, run) VALUES (?, ?, ?)", list(runs)))
+        if statements:
+            self._write(statements)
 
     # -- effectively-once ----------------------------------------------------------------------
 
@@ -864,6 +910,9 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
         for statement in _HISTORY_4:
             db.execute(statement)
         db.execute("INSERT INTO history_topics (topic, next) SELECT topic, max(seq + count) FROM history GROUP BY topic")
+    if version in (3, 4):  # the publisher runs durable subscriptions followed
+        for statement in _HISTORY_5:
+            db.execute(statement)
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     db.execute("COMMIT")
 

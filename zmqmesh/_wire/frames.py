@@ -158,6 +158,7 @@ HEADER = {
     "pid": "X-ZMQMESH-PID",
     "key": "X-ZMQMESH-KEY",
     "stream": "X-ZMQMESH-STREAM",
+    "runs": "X-ZMQMESH-RUNS",
 }
 """The HELLO headers of a zmqmesh node (plain ZRE peers send none of them)."""
 ENDPOINT_KEYS = ("pub", "sub", "pull", "service")
