@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import pytest
 from helpers import ScriptProcess, wait_until
 
 import zmqmesh
+import zmqmesh._patterns.history
 from zmqmesh import inspect_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -462,3 +464,55 @@ def test_a_publisher_restored_from_an_older_copy_of_its_store_is_noticed_and_not
     assert [n for n, _r in again if n < 2000] == list(range(900)), "the history again, in order"
     assert [n for n, _r in again if n >= 2000] == list(range(2000, 2060)), "every new message once, in order"
     assert all(r for _n, r in again), "numbered up to where it was (1009): marked, they may have been handled"
+
+
+def numbered_topics(store: Path) -> int:
+    """How many topics the store keeps a numbering for (read-only, while its node runs)."""
+    db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM history_topics").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_topic_of_which_everything_expired_is_forgotten_and_numbered_anew_past_its_old_numbers(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A topic per order id, each published once: once their messages expired, their
+    numbering goes too, past `MAX_EMPTY_TOPICS` such topics (it stayed for good: 400,000
+    topics, 32 MiB of store and 85 MiB of memory). A topic published again is numbered
+    past every number given before, and a subscriber that followed its old numbering is
+    told (``renumbered``), never skipping the new messages; a topic new to a replaying
+    subscriber shows no gap."""
+    monkeypatch.setattr(zmqmesh._patterns.history, "MAX_EMPTY_TOPICS", 0)  # (every one emptied: forgotten)
+    history = {"orders.": {"max_messages": 100, "max_age_s": 0.3}}
+    got: list[tuple[str, int, int | None, int]] = []
+    late: list[tuple[str, int, int | None, int]] = []
+    with zmqmesh.Node("publisher", store=str(tmp_path), history=history, **mesh) as publisher:
+        subscriber = zmqmesh.Node("subscriber", **mesh)
+        subscriber.subscribe("orders.", lambda m: got.append((m.topic, m.data["n"], m.sequence, m.gap)),
+                             replay="all")
+        with subscriber:
+            publisher.wait_for_peers(1)
+            for i in range(2000):
+                publisher.publish(f"orders.{i}", {"n": 0})
+            publish_all(publisher, ["orders.0"], 1, 9)  # orders.0: numbered 0 .. 9
+            publish_all(publisher, ["orders.1"], 1, 49)  # orders.1: 0 .. 49
+            wait_until(lambda: len(got) == 2058, 20, "the first messages")
+            wait_until(lambda: numbered_topics(tmp_path) == 0, 20, "the numbering of the expired topics forgotten")
+            assert inspect_store(tmp_path)["topics"] == {}
+            assert publisher.stats()["pubsub"]["history_topics_forgotten"] == 2000
+            publish_all(publisher, ["orders.0"], 10, 5)  # numbered anew, from 50 (the floor): past 9
+            publish_all(publisher, ["orders.new"], 0, 3)
+            wait_until(lambda: len(got) == 2066, 20, "the messages of the topics numbered anew")
+            assert subscriber.stats()["pubsub"].get("renumbered") == 1
+            assert subscriber.stats()["pubsub"].get("gap", 0) == 0
+            again = zmqmesh.Node("late", **mesh)
+            again.subscribe("orders.", lambda m: late.append((m.topic, m.data["n"], m.sequence, m.gap)),
+                            replay="all")
+            with again:
+                wait_until(lambda: len(late) == 8, 20, "the replay")
+                assert again.stats()["pubsub"].get("gap", 0) == 0
+    assert got[2058:] == [*[("orders.0", n, 40 + n, 0) for n in range(10, 15)],
+                          *[("orders.new", n, 50 + n, 0) for n in range(3)]]
+    assert sorted(late) == sorted(got[2058:]), "replayed from the history, numbers and no gap as live"
+    assert numbered_topics(tmp_path) == 2

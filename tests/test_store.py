@@ -571,13 +571,34 @@ def test_each_opening_of_a_store_is_a_run_named_in_its_lineage_and_a_copy_lacks_
 def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.save_cursors([("d", "s1", "t.x", 7, 9, 3)])
+    store.keep_history([("t.x", 0, 5, 1.0, b"\x01", None)])
     store.close()
     with sqlite3.connect(tmp_path / "zmqmesh.db") as db:  # as schema 4 left it
-        db.executescript("DROP TABLE cursor_runs; UPDATE meta SET value = '4' WHERE key = 'schema_version';"
-                         "DELETE FROM meta WHERE key = 'runs';")
+        db.executescript("""
+            DROP TABLE cursor_runs; DROP INDEX history_topics_emptied;
+            CREATE TABLE topics_4 AS SELECT topic, next FROM history_topics; DROP TABLE history_topics;
+            CREATE TABLE history_topics (topic TEXT PRIMARY KEY, next INTEGER NOT NULL) WITHOUT ROWID;
+            INSERT INTO history_topics SELECT * FROM topics_4; DROP TABLE topics_4;
+            UPDATE meta SET value = '4' WHERE key = 'schema_version'; DELETE FROM meta WHERE key = 'runs';""")
     store = Store(tmp_path)
     assert store.load_cursors("d") == {"s1": {"t.x": (7, 9, 3)}} and store.load_cursor_runs("d") == {}
+    assert store.history_state() == {"t.x": (0, 5)}
     store.save_cursors([], [("d", "s1", "abc")])
     assert store.load_cursor_runs("d") == {"s1": "abc"} and len(store.runs) == 1
     store.close()
     assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 5
+
+
+def test_the_numbering_of_topics_with_nothing_kept_goes_past_a_cap_and_the_floor_rises_past_it(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.keep_history([(f"t.{i:03}", 0, i + 1, 1.0, b"\x01", None) for i in range(300)])
+    store.keep_history([("t.kept", 0, 1, 2e9, b"\x01", None)])  # (not expired)
+    forgotten, floor = store.expire_history("t.", 100.0, keep_empty=100)
+    assert forgotten == [f"t.{i:03}" for i in range(200)] and floor == 200  # (the oldest emptied first)
+    assert set(store.history_state()) == {f"t.{i:03}" for i in range(200, 300)} | {"t.kept"}
+    assert store.history_floor() == 200
+    store.keep_history([("t.250", 250, 1, 2e9, b"\x01", None)])  # kept again: no longer empty
+    assert store.forget_history_topics(keep_empty=0) == ([f"t.{i:03}" for i in range(200, 300) if i != 250], 300)
+    assert set(store.history_state()) == {"t.250", "t.kept"}
+    store.close()

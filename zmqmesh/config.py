@@ -149,7 +149,11 @@ class NodeConfig:
         history: topics this node keeps in its store as it publishes them, for subscribers
             that replay: ``{prefix: max_messages}`` or ``{prefix: {"max_messages": n,
             "max_age_s": s}}`` (``ZMQMESH_HISTORY``: ``"prefix=n,prefix=n"``); needs a
-            store. Empty: nothing kept.
+            store. Empty: nothing kept. Of the topics whose messages all expired
+            (``max_age_s``), the numbering of the last 65,536 emptied is kept; past them it
+            is forgotten, so topics that come and go (one per order id) cost a bounded
+            amount; one published again is numbered past every number the store gave
+            before (see docs/durability.md).
 
     Operations:
         metrics_port: serve Prometheus metrics (``/metrics``) on this TCP port (0: one the

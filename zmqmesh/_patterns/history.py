@@ -6,6 +6,13 @@ any subscriber saw live is also in the history. The messages of a kept topic are
 from the store (the numbering goes on across restarts), so a subscriber can say where it
 is in a topic and resume there. The store's stream id names the history across runs.
 
+The numbering of a topic of which nothing is kept any more (its messages all expired)
+stays for the `MAX_EMPTY_TOPICS` emptied last; past them it is forgotten: a publisher of
+one topic per order id kept a number for each for good (400,000 topics: 32 MiB of store,
+85 MiB of memory). A topic numbered afresh begins at the store's floor, past every number
+a forgotten topic reached, so that no number of a topic is ever given twice; a replay
+learns where it began (``"start"``).
+
 `History` decides and records (the loop's thread); subscribers read it through the
 built-in service ``\\x00history`` (`page`), answered on the inbox's thread.
 """
@@ -30,6 +37,10 @@ PAGE_ROWS = 2048
 """Frames in one page of a replay, at most."""
 _TRIM_SLACK = 0.05  # a topic is trimmed once it holds this much more than its limit
 _MAX_CACHED_TOPICS = 65_536
+MAX_EMPTY_TOPICS = 65_536
+"""Topics of which nothing is kept any more (every message expired) whose numbering is kept
+(a replay then sees what it missed of them as a gap); past them, the numbering of those
+emptied longest ago is forgotten (counted: ``history_topics_forgotten``)."""
 
 
 class History:
@@ -42,6 +53,13 @@ class History:
         self.stream_id = store.stream_id
         self.runs = store.runs  # (this run's token first: see `Store.runs`)
         self._policy_of: dict[bytes, HistoryPolicy | None] = {}
+        self._first: dict[bytes, int] = {}
+        self._next: dict[bytes, int] = {}
+        try:  # (the numbering of topics with nothing kept, left by a version before this or a crash)
+            self._forget(*store.forget_history_topics(MAX_EMPTY_TOPICS))
+        except Exception as exc:  # (a full disk: forgotten at the next expiry instead)
+            log.warning("cannot forget the numbering of topics no longer kept: %s", exc)
+            self._floor = store.history_floor()
         state = store.history_state()
         self._first = {t.encode(): first for t, (first, _next) in state.items()}  # (may lag: trims go by it)
         self._next = {t.encode(): nxt for t, (_first, nxt) in state.items()}
@@ -62,7 +80,7 @@ class History:
 
     def number(self, topic: bytes, count: int) -> int:
         """The number of the first of ``count`` messages about to be sent on a kept topic."""
-        seq = self._next.get(topic, 0)
+        seq = self._next.get(topic, self._floor)
         self._next[topic] = seq + count
         self._first.setdefault(topic, seq)
         return seq
@@ -115,9 +133,27 @@ class History:
                 longer = [p.prefix for p in self.policies if len(p.prefix) > len(policy.prefix)
                           and p.prefix.startswith(policy.prefix)]
                 try:
-                    self.store.expire_history(policy.prefix, now - policy.max_age_s, longer)
+                    self._forget(*self.store.expire_history(policy.prefix, now - policy.max_age_s, longer,
+                                                            MAX_EMPTY_TOPICS))
                 except Exception as exc:
                     log.error("cannot expire the history under %r: %s", policy.prefix, exc)
+
+    def _forget(self, forgotten: list[str], floor: int) -> None:
+        """The store forgot the numbering of the topics ``forgotten``, of which nothing was
+        kept any more, past `MAX_EMPTY_TOPICS` (a topic per order id kept its numbers for
+        good). A topic numbered again begins at ``floor``, past every number given before,
+        and says so to a replay (``"start"``): no subscriber takes new messages for ones
+        it saw."""
+        self._floor = floor
+        if not forgotten:
+            return
+        log.info("forgot the numbering of %d topic(s) of which nothing was kept any more (past %d such "
+                 "topics); numbered again, they begin at %d", len(forgotten), MAX_EMPTY_TOPICS, floor)
+        self.stats.add("pubsub", "history_topics_forgotten", len(forgotten))
+        for topic in forgotten:
+            key = topic.encode()
+            self._next.pop(key, None)
+            self._first.pop(key, None)
 
     def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int,
              max_rows: int = PAGE_ROWS) -> dict[str, Any]:
@@ -126,9 +162,14 @@ class History:
         array) with at most ``max_rows`` rows (none: a look at ``next`` alone); the last page
         (``more`` false) also has ``"next": {topic: the number of the next message}``, as it
         was when its rows were read. (The pages before it leave ``next`` out: a reader
-        applies it once caught up, and with many topics it outweighed the rows. Raises
+        applies it once caught up, and with many topics it outweighed the rows.) ``"start":
+        {topic: number}`` says where the numbering of the topics of its rows began, for
+        those that began past 0 (numbered after others were forgotten: `_forget`). Raises
         `StoreError`.)"""
         if max_rows <= 0:
             return {"rows": [], "more": False, "next": self.store.history_next(prefix)}
-        rows, nxt = self.store.read_history(prefix, after_pos, since_ts, min(max_rows, PAGE_ROWS), max_bytes)
-        return {"rows": rows, "more": True} if nxt is None else {"rows": rows, "more": False, "next": nxt}
+        rows, nxt, starts = self.store.read_history(prefix, after_pos, since_ts, min(max_rows, PAGE_ROWS), max_bytes)
+        page: dict[str, Any] = {"rows": rows, "more": True} if nxt is None else {"rows": rows, "more": False, "next": nxt}
+        if starts:
+            page["start"] = starts
+        return page

@@ -501,6 +501,7 @@ class Replays:
                 if type(rows) is not list:
                     raise TypeError(f"rows of type {type(rows).__name__}")
                 cursor.kept_next.update((t, int(n)) for t, n in (page.get("next") or {}).items())
+                self._starts(cursor, page.get("start") or {})
             except Exception as exc:  # a malformed page: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
@@ -610,6 +611,27 @@ class Replays:
         cursor.failing_since = since
         self._retries[(fetch.key, fetch.stream)] = (now + delay, fetch)
         return True
+
+    def _starts(self, cursor: Cursor, starts: dict[str, Any]) -> None:
+        """Where the numbering of topics began, as a page says (``"start"``, for those that
+        began past 0: numbered after topics whose messages all expired were forgotten). A
+        topic new to the cursor is expected from there (nothing missed before it); one it
+        knows below there was forgotten and numbered anew: logged and counted
+        (``stats()["pubsub"]["renumbered"]``), and followed from there. (What of the old
+        numbering the history dropped before the subscription read it cannot be counted:
+        the publisher no longer knows how much that was.)"""
+        for topic, start in starts.items():
+            if type(start) is not int:
+                raise TypeError(f"a start of type {type(start).__name__}")
+            expected = cursor.next.get(topic)
+            if expected is None:
+                if cursor.from_start:
+                    cursor.next[topic] = start
+            elif expected < start:
+                self.stats.add("pubsub", "renumbered")
+                log.info("stream %s, topic %r: numbered anew from %d (this subscription was at %d; everything "
+                         "kept of it had expired)", cursor.stream[:8], topic, start, expected)
+                cursor.next[topic] = start
 
     @staticmethod
     def _behind(cursor: Cursor, reached: dict[str, Any]) -> bool:

@@ -95,6 +95,12 @@ _HISTORY_4 = (  # (added by schema 4)
     "CREATE TABLE history_topics (topic TEXT PRIMARY KEY, next INTEGER NOT NULL) WITHOUT ROWID",
 )
 _HISTORY_5 = (  # (added by schema 5)
+    # the number a topic's numbering began at: 0, or the store's floor (meta 'history_floor')
+    # when it was numbered after topics were forgotten (`Store.expire_history`); and when
+    # the last of its frames went (NULL while some are kept)
+    "ALTER TABLE history_topics ADD COLUMN start INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE history_topics ADD COLUMN emptied REAL",
+    "CREATE INDEX history_topics_emptied ON history_topics (emptied) WHERE emptied IS NOT NULL",
     # the publisher run a durable subscription last followed, per stream (see `Store.runs`)
     "CREATE TABLE cursor_runs (name TEXT NOT NULL, stream TEXT NOT NULL, run TEXT NOT NULL,"
     " PRIMARY KEY (name, stream)) WITHOUT ROWID",
@@ -677,51 +683,135 @@ class Store:
 
     def keep_history(self, rows: Sequence[tuple[str, int, int, float, bytes, bytes | None]]) -> None:
         """Keep frames a publisher sent, ``(topic, seq, count, ts, payload, meta)``, and the
-        numbering of their topics, in one transaction. Raises `StoreFullError`, `StoreError`."""
-        nxt: dict[str, int] = {}
+        numbering of their topics (a topic numbered anew begins at its first frame's seq),
+        in one transaction. Raises `StoreFullError`, `StoreError`."""
+        span: dict[str, list[int]] = {}
         for topic, seq, count, *_rest in rows:
-            nxt[topic] = max(nxt.get(topic, 0), seq + count)
+            found = span.get(topic)
+            if found is None:
+                span[topic] = [seq, seq + count]
+            else:
+                found[0], found[1] = min(found[0], seq), max(found[1], seq + count)
         self._write([("INSERT INTO history (topic, seq, count, ts, payload, meta) VALUES (?, ?, ?, ?, ?, ?)",
                       list(rows)),
-                     ("INSERT INTO history_topics (topic, next) VALUES (?, ?) "
-                      "ON CONFLICT (topic) DO UPDATE SET next = max(next, excluded.next)", list(nxt.items()))])
+                     ("INSERT INTO history_topics (topic, next, start) VALUES (?, ?, ?) "
+                      "ON CONFLICT (topic) DO UPDATE SET next = max(next, excluded.next), emptied = NULL",
+                      [(t, nxt, first) for t, (first, nxt) in span.items()])])
+
+    def history_floor(self) -> int:
+        """Where the numbering of a topic not numbered (never, or forgotten) begins: past
+        every number a forgotten topic was given. Raises `StoreError`."""
+        with self._lock:
+            found = self._read("SELECT value FROM meta WHERE key = 'history_floor'")
+        return int(found[0][0]) if found else 0
+
+    def forget_history_topics(self, keep_empty: int) -> tuple[list[str], int]:
+        """Mark every topic of which nothing is kept (a walk of every topic numbered: at
+        start, for a store a version before this or a crash left) and forget the numbering
+        of those past the ``keep_empty`` emptied last (`expire_history`); in one
+        transaction. The topics forgotten and the floor. Raises `StoreFullError`, `StoreError`."""
+        found: list[tuple[str, int]] = []
+        floor = 0
+
+        def run(db: sqlite3.Connection) -> None:
+            nonlocal floor
+            db.execute("UPDATE history_topics SET emptied = ? WHERE emptied IS NULL AND NOT EXISTS "
+                       "(SELECT 1 FROM history h WHERE h.topic = history_topics.topic)", (time.time(),))
+            floor = self._evict_empty(db, keep_empty, found)
+
+        with self._lock:
+            self._commit(run)
+        return [t for t, _n in found], floor
+
+    def _evict_empty(self, db: sqlite3.Connection, keep_empty: int, found: list[tuple[str, int]]) -> int:
+        """Forget the numbering of the topics emptied longest ago past the ``keep_empty``
+        emptied last (into ``found``), raising the floor past their numbers; the floor."""
+        empty = int(db.execute("SELECT count(*) FROM history_topics WHERE emptied IS NOT NULL").fetchone()[0])
+        if empty > keep_empty:
+            oldest = "SELECT topic FROM history_topics WHERE emptied IS NOT NULL ORDER BY emptied, topic LIMIT ?"
+            found.extend(db.execute(f"SELECT topic, next FROM history_topics WHERE topic IN ({oldest})",
+                                    (empty - keep_empty,)).fetchall())
+            db.execute(f"DELETE FROM history_topics WHERE topic IN ({oldest})", (empty - keep_empty,))
+        return self._raise_floor(db, found)
 
     def trim_history(self, topic: str, before_seq: int) -> None:
         """Forget the frames of ``topic`` whose messages all come before ``before_seq``."""
         self._write([("DELETE FROM history WHERE topic = ? AND seq < ? AND seq + count <= ?",
                       (topic, before_seq, before_seq))])
 
-    def expire_history(self, prefix: str, before_ts: float, keep: Sequence[str] = ()) -> None:
+    def expire_history(self, prefix: str, before_ts: float, keep: Sequence[str] = (),
+                       keep_empty: int = 65_536) -> tuple[list[str], int]:
         """Forget the frames of the topics under ``prefix`` kept since before ``before_ts``,
-        but those under the prefixes ``keep`` (kept by other rules)."""
+        but those under the prefixes ``keep`` (kept by other rules), in one transaction.
+        The numbering of a topic left with no frame stays (a replay still sees what it
+        missed of it as a gap), but only for the ``keep_empty`` topics emptied last: past
+        them, the numbering of those emptied longest ago is forgotten, and the floor
+        (`history_floor`) raised past their numbers, so that a topic numbered again never
+        reuses a number. The topics forgotten and the floor. Raises `StoreFullError`,
+        `StoreError`."""
         low, high = _prefix_range(prefix)
-        sql = "DELETE FROM history WHERE ts < ? AND topic >= ? AND topic < ?"
+        where = "WHERE ts < ? AND topic >= ? AND topic < ?"
         params: list[Any] = [before_ts, low, high]
         for other in keep:
-            sql += " AND NOT (topic >= ? AND topic < ?)"
+            where += " AND NOT (topic >= ? AND topic < ?)"
             params.extend(_prefix_range(other))
-        self._write([(sql, tuple(params))])
+        found: list[tuple[str, int]] = []
+        floor = 0
+
+        def run(db: sqlite3.Connection) -> None:
+            nonlocal floor
+            # (the topics that lost frames, in a table of this connection's own: those left
+            # with none are marked in one statement, however many they are)
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS expired (topic TEXT PRIMARY KEY) WITHOUT ROWID")
+            db.execute("INSERT OR IGNORE INTO expired SELECT DISTINCT topic FROM history " + where, params)
+            db.execute("DELETE FROM history " + where, params)
+            gone = ("WHERE topic IN (SELECT topic FROM expired) AND NOT EXISTS "
+                    "(SELECT 1 FROM history h WHERE h.topic = history_topics.topic)")
+            db.execute("UPDATE history_topics SET emptied = ? " + gone, (time.time(),))
+            db.execute("DELETE FROM expired")
+            floor = self._evict_empty(db, keep_empty, found)
+
+        with self._lock:
+            self._commit(run)
+        return [t for t, _n in found], floor
+
+    @staticmethod
+    def _raise_floor(db: sqlite3.Connection, forgotten: list[tuple[str, int]]) -> int:
+        """The floor past the numbers of the topics ``forgotten`` (recorded if it rose)."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'history_floor'").fetchone()
+        floor = int(row[0]) if row else 0
+        highest = max((n for _t, n in forgotten), default=0)
+        if highest > floor:
+            floor = highest
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('history_floor', ?)", (str(floor),))
+        return floor
 
     def read_history(self, prefix: str, after_pos: int, since_ts: float | None, max_rows: int, max_bytes: int,
-                     ) -> tuple[list[tuple[int, str, int, int, float, bytes, bytes | None]], dict[str, int] | None]:
+                     ) -> tuple[list[tuple[int, str, int, int, float, bytes, bytes | None]], dict[str, int] | None,
+                                dict[str, int]]:
         """Kept frames of the topics under ``prefix``, oldest first, after position
         ``after_pos`` (and kept since ``since_ts``, if given): at most ``max_rows`` rows and
         about ``max_bytes``. Then, when no more follow, `history_next` as it was when the
         rows were read (in one hold of the store, so that nothing is kept in between);
-        None when more follow. Raises `StoreError`."""
+        None when more follow. Last, where the numbering of the topics of those rows began,
+        for those that began past 0. Raises `StoreError`."""
         low, high = _prefix_range(prefix)
-        sql = ("SELECT pos, topic, seq, count, ts, payload, meta FROM history WHERE pos > ? "
+        sql = ("SELECT pos, topic, seq, count, ts, payload, meta, "
+               "(SELECT start FROM history_topics t WHERE t.topic = history.topic) FROM history WHERE pos > ? "
                "AND topic >= ? AND topic < ?" + (" AND ts >= ?" if since_ts is not None else "") + " ORDER BY pos LIMIT ?")
         params: tuple[Any, ...] = (after_pos, low, high, *((since_ts,) if since_ts is not None else ()), max_rows + 1)
         rows: list[tuple[int, str, int, int, float, bytes, bytes | None]] = []
+        starts: dict[str, int] = {}
         size = 0
         with self._lock:
             for row in self._read(sql, params):
                 if len(rows) == max_rows or (rows and size + len(row[5]) > max_bytes):
-                    return rows, None
-                rows.append(row)
+                    return rows, None, starts
+                rows.append(row[:7])
+                if row[7]:
+                    starts[row[1]] = int(row[7])
                 size += len(row[5]) + len(row[6] or b"")
-            return rows, self._history_next(prefix)
+            return rows, self._history_next(prefix), starts
 
     def _read(self, sql: str, params: Sequence[Any] = (), messages: int | None = None,
               max_bytes: int | None = None, at_least_one: bool = True) -> list[Any]:
