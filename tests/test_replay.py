@@ -516,3 +516,44 @@ def test_a_topic_of_which_everything_expired_is_forgotten_and_numbered_anew_past
                           *[("orders.new", n, 50 + n, 0) for n in range(3)]]
     assert sorted(late) == sorted(got[2058:]), "replayed from the history, numbers and no gap as live"
     assert numbered_topics(tmp_path) == 2
+
+
+def test_a_durable_subscriber_process_resumes_a_publisher_process_restored_from_a_copy(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """The restored-copy case with real processes: a publisher stopped, its store copied,
+    then run again (300 more); the subscriber, killed, resumes after the publisher came
+    back on the copy and published 300 new messages under the numbers of the second run.
+    It gets them (before: none, skipped as handled), marked redelivered."""
+    out, store = tmp_path / "out", tmp_path / "publisher"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+
+    def publisher_run() -> ScriptProcess:
+        proc = worker("publisher", store, name, port, 300, 100_000)
+        procs.append(proc)
+        proc.wait_for("published")
+        return proc
+
+    def lines() -> list[list[str]]:
+        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+
+    publisher_run().close()
+    shutil.copytree(store, tmp_path / "copy")  # (stopped: a consistent copy)
+    subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out)
+    procs.append(subscriber)
+    subscriber.wait_for("ready")
+    second = worker("publisher", store, name, port, 300, 100_000)
+    procs.append(second)
+    second.wait_for("published")
+    wait_until(lambda: len(lines()) >= 600, 30, "the first run replayed, the second live")
+    second.close()
+    subscriber.kill()
+    assert len(lines()) == 600 and all(r == "0" and g == "0" for _t, _n, r, g in lines())
+    shutil.rmtree(store)
+    (tmp_path / "copy").rename(store)
+    publisher_run()  # numbered as the second run was: 100 .. 199 per topic
+    subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out)
+    procs.append(subscriber)
+    wait_until(lambda: len(lines()) >= 1200, 30, "both runs of the copy read again")
+    third = lines()[600:]
+    assert [int(n) for _t, n, _r, _g in third] == [*range(300), *range(300)], "each run once, in order"
+    assert all(r == "1" and g == "0" for _t, _n, r, g in third), "marked: the numbers were handled before"

@@ -20,7 +20,13 @@ from zmqmesh import inspect_store
 from zmqmesh._patterns.history import PAGE_ROWS, History
 from zmqmesh._stats import Stats
 from zmqmesh._store.checkpointer import BACKSTOP_PAGES
-from zmqmesh._store.sqlite import RUNS_KEPT, SCHEMA_VERSION, SEGMENT_BYTES, SEGMENT_MAX, Store
+from zmqmesh._store.sqlite import (
+    RUNS_KEPT,
+    SCHEMA_VERSION,
+    SEGMENT_BYTES,
+    SEGMENT_MAX,
+    Store,
+)
 from zmqmesh._wire.codec import durable_item
 from zmqmesh.config import HistoryPolicy
 
