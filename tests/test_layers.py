@@ -1483,3 +1483,39 @@ def test_a_topic_name_finds_the_prefixes_it_starts_with_in_the_order_they_were_g
         for _ in range(20):
             topic = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 7)))
             assert index.matching(topic) == [p for p in prefixes if topic.startswith(p)], (trial, topic)
+
+
+def test_a_replay_reads_the_history_again_when_its_publishers_runs_lack_the_one_it_followed() -> None:
+    """X-ZMQMESH-RUNS: a publisher restarted on its store names the run followed before
+    (nothing happens); one whose store was restored from an older copy does not (the
+    subscription reads the history again, what it may have had marked redelivered,
+    counted as ``rewound``); an older publisher, or a malformed header, names none (its
+    numbering is taken on trust)."""
+    def restarted(id_byte: str, runs: str | None) -> PeerState:
+        peer = history_publisher(id_byte)
+        if runs is not None:
+            peer.headers[frames.HEADER["runs"]] = runs
+        return peer
+
+    first = restarted("bb", "b2,b1")
+    replays, fetches, directory, stats = replaying(first)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.on_page(fetches[-1], history_page(0, 10), None, calls)
+    assert [call.arg.data for call in calls] == list(range(10))
+    for peer, number, rewound in [(restarted("cc", "c3,b2,b1"), 10, 0),  # a plain restart
+                                  (restarted("dd", "d4,b1"), 11, 1),  # a copy taken before run b2
+                                  (restarted("ee", None), 12, 1),  # a node before the header
+                                  (restarted("ff", "not hex!,d4"), 13, 1)]:  # malformed: ignored
+        directory.rebuild({}, [peer])
+        replays.sync(calls)
+        calls.clear()
+        replays.live("t.x", number, [number], None, peer.id, subscriptions, calls)
+        assert stats.snapshot()["pubsub"].get("rewound", 0) == rewound
+        if number == 11:  # read again, from the start: marked up to where it was (10)
+            assert calls == [] and fetches[-1].request["a"] == 0
+            replays.on_page(fetches[-1], history_page(0, 12), None, calls)
+            assert [(c.arg.data, c.arg.redelivered) for c in calls] == [(n, n <= 10) for n in range(12)]
+        else:
+            assert [(c.arg.data, c.arg.redelivered) for c in calls] == [(number, False)]
