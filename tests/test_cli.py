@@ -8,9 +8,11 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from helpers import free_udp_port, wait_until
 
 import zmqmesh
@@ -169,3 +171,32 @@ def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tm
         assert "Traceback" not in err
         if args[0] == "launch":
             assert "[sleeper] up" in out and "[sleeper] stopped by SIGTERM" in out, out
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_that_goes_away_ends_subscribe_and_peers_watch_quietly(mesh: dict[str, Any]) -> None:
+    # `zmqmesh subscribe x. | head -1`: the handler's print failed on every message after
+    # head left, a traceback each on stderr, and the command never ended
+    where = ["--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])]
+    for args in (["subscribe", "x.", *where], ["peers", "--watch", "--wait", "0", *where]):
+        proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            proc.stdout.readline()  # ("subscribed to", or "no peers found"): it runs
+            proc.stdout.close()  # the reader goes away, as head does after its line
+            deadline = time.monotonic() + 30
+            with zmqmesh.Node("talker", **mesh) as talker:  # (a join for peers, messages for subscribe)
+                while proc.poll() is None and time.monotonic() < deadline:
+                    talker.publish("x.a", {"n": 1})
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(0.05)
+            if proc.poll() is None:  # (still running, its reader gone: the defect)
+                proc.kill()
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 141, (args, err)  # (as a command that SIGPIPE ends)
+        assert "Traceback" not in err and "Broken pipe" not in err, (args, err)

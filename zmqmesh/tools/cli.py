@@ -13,7 +13,9 @@
     zmqmesh keygen NAME [--dir DIR]        write a CURVE key pair (secret file mode 600)
     zmqmesh --version
 
-Every error is one line on stderr and a non-zero exit status, never a traceback.
+Every error is one line on stderr and a non-zero exit status, never a traceback. A
+command whose output's reader goes away (``zmqmesh subscribe x | head -1``) ends quietly
+with status 141, as a command that SIGPIPE ends.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -50,6 +53,37 @@ __all__ = ["main"]
 
 class CliError(Exception):
     """A user-facing error: printed as one line."""
+
+
+_PIPE_CLOSED = 141  # (128 + SIGPIPE: the status of a command that a closed pipe ends)
+_stdout_gone = [False]
+
+
+def _lose_stdout() -> None:
+    """The reader of stdout went away: send what is still to be written nowhere (no
+    error at exit either), and remember it for the exit status."""
+    _stdout_gone[0] = True
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # (no stdout file at all)
+        pass
+
+
+def _out(text: str, stop: StopFlag | None = None, file: Any = None) -> None:
+    """Print one line and flush it. When the reader has gone (``| head -1``): with
+    ``stop`` (a handler on a node's thread), raise it, so that the command ends; without,
+    raise `BrokenPipeError` (``main`` ends the command quietly, status 141)."""
+    try:
+        print(text, file=file or sys.stdout, flush=True)
+    except BrokenPipeError:
+        if file not in (None, sys.stdout):
+            return  # (stderr's reader gone: nothing to tell it)
+        _lose_stdout()
+        if stop is None:
+            raise
+        stop.set()
 
 
 def _payload(text: str) -> Any:
@@ -194,25 +228,24 @@ def _peers(args: argparse.Namespace) -> int:
     node = _node(args, "zmqmesh-peers")
     stop = StopFlag()
     if args.watch and args.json:  # one JSON object per line, nothing else on stdout
-        node.on_join(lambda p: print(dumps({"event": "join", **peer_dict(p)}), flush=True))
-        node.on_leave(lambda p: print(dumps({"event": "leave", **peer_dict(p)}), flush=True))
+        node.on_join(lambda p: _out(dumps({"event": "join", **peer_dict(p)}), stop))
+        node.on_leave(lambda p: _out(dumps({"event": "leave", **peer_dict(p)}), stop))
     elif args.watch:
-        node.on_join(lambda p: print(f"{time.strftime('%H:%M:%S')} + {p.name} {p.endpoint}", flush=True))
-        node.on_leave(lambda p: print(f"{time.strftime('%H:%M:%S')} - {p.name} {p.endpoint}", flush=True))
+        node.on_join(lambda p: _out(f"{time.strftime('%H:%M:%S')} + {p.name} {p.endpoint}", stop))
+        node.on_leave(lambda p: _out(f"{time.strftime('%H:%M:%S')} - {p.name} {p.endpoint}", stop))
     with node:
         _listen(node, args.wait)
         peers = sorted(node.peers(), key=lambda p: (p.name, p.id))
         if args.json:  # (watching, every peer came as a "join" line already)
             if not args.watch:
-                print(dumps([peer_dict(p) for p in peers], indent=2), flush=True)
+                _out(dumps([peer_dict(p) for p in peers], indent=2))
         elif peers:
-            print(_table(peers), flush=True)
+            _out(_table(peers))
         else:
-            print(f"no peers found in mesh {node.config.mesh!r} within {args.wait} s", flush=True)
+            _out(f"no peers found in mesh {node.config.mesh!r} within {args.wait} s")
         if args.watch:
             signal.signal(signal.SIGTERM, stop.set)
-            print("watching joins and leaves (Ctrl-C to stop)", file=sys.stderr if args.json else sys.stdout,
-                  flush=True)
+            _out("watching joins and leaves (Ctrl-C to stop)", file=sys.stderr if args.json else None)
             stop.wait(args.duration)
     return 0 if peers or args.watch else 1
 
@@ -237,14 +270,14 @@ def _subscribe(args: argparse.Namespace) -> int:
     @node.subscribe(args.prefix)
     def show(msg: Message) -> None:
         sender = msg.sender.name if msg.sender else "-"
-        print(f"{msg.topic} {dumps(msg.data)} (from {sender})", flush=True)
+        _out(f"{msg.topic} {dumps(msg.data)} (from {sender})", done)
         seen[0] += 1
         if args.count is not None and seen[0] >= args.count:
             done.set()
 
     signal.signal(signal.SIGTERM, done.set)
     with node:
-        print(f"subscribed to {args.prefix!r}", flush=True)
+        _out(f"subscribed to {args.prefix!r}")
         done.wait(args.timeout)
     return 0
 
@@ -293,7 +326,7 @@ def _keep(args: argparse.Namespace) -> int:
         node.keep(queue)
     signal.signal(signal.SIGTERM, stop.set)
     with node:
-        print(f"keeping {', '.join(repr(q) for q in args.queues)} in {args.store} (Ctrl-C to stop)", flush=True)
+        _out(f"keeping {', '.join(repr(q) for q in args.queues)} in {args.store} (Ctrl-C to stop)")
         stop.wait()
     return 0
 
@@ -425,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = 2
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # (stdout's reader went away: nothing to say, and nobody to say it to)
+        _lose_stdout()
+        code = _PIPE_CLOSED
     except (CliError, ZmqMeshError, OSError, ValueError) as exc:
         message = str(exc) or type(exc).__name__
         print(f"zmqmesh: error: {message}", file=sys.stderr)
@@ -432,4 +468,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:  # a bug of ours: still one line, with a hint
         print(f"zmqmesh: internal error: {type(exc).__name__}: {exc} (run with -v and report it)", file=sys.stderr)
         code = 70
+    if _stdout_gone[0] and code in (0, 130):  # (a handler lost the reader: the command ended for that)
+        code = _PIPE_CLOSED
     sys.exit(code)
