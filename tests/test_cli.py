@@ -200,3 +200,52 @@ def test_a_reader_that_goes_away_ends_subscribe_and_peers_watch_quietly(mesh: di
                 proc.wait()
         assert proc.returncode == 141, (args, err)  # (as a command that SIGPIPE ends)
         assert "Traceback" not in err and "Broken pipe" not in err, (args, err)
+
+
+def _launcher(tmp_path: Any, toml: str, **popen: Any) -> subprocess.Popen[str]:
+    (tmp_path / "run.toml").write_text(toml)
+    return subprocess.Popen([sys.executable, "-m", "zmqmesh", "launch", str(tmp_path / "run.toml")], cwd=tmp_path,
+                            text=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen})
+
+
+def _gone(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(120)
+def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_path: Any) -> None:
+    # `zmqmesh launch f.toml | head -1`: the output thread died with a traceback, the
+    # child then blocked on its full pipe, and the launcher ran on for ever; stopped, it
+    # failed on its "stopping" line before signalling the child, leaving it running
+    (tmp_path / "chatty.py").write_text("import time\nwhile True:\n    print('line', flush=True)\n"
+                                        "    time.sleep(0.001)\n")
+    proc = _launcher(tmp_path, 'stop_timeout_s = 5\n[[process]]\nname = "chatty"\ncommand = ["python3", "chatty.py"]\n')
+    child = 0
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        started = proc.stdout.readline()
+        child = int(re.search(r"pid (\d+)", started).group(1))  # type: ignore[union-attr]
+        proc.stdout.close()  # the reader goes away
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        if proc.poll() is None:  # (still running without a reader: the defect)
+            proc.kill()
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if child and not _gone(child):
+            import os
+            import signal
+
+            os.kill(child, signal.SIGKILL)
+    assert proc.returncode == 141, err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+    assert _gone(child)

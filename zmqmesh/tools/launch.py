@@ -16,7 +16,9 @@ The file::
     store = "state/worker"       # optional: a durable store per process (state/worker-1, ...)
 
 Ctrl-C or SIGTERM stops every process (SIGTERM, then SIGKILL after ``stop_timeout_s``);
-after Ctrl-C the launcher exits 130, as every zmqmesh command does. Without restarts,
+after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
+its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
+exits 141, as a command that SIGPIPE ends. Without restarts,
 it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay.
 """
 
@@ -159,12 +161,22 @@ class Launcher:
         self._stopping = StopFlag()  # (raised by a signal handler: no threading.Event, see StopFlag)
         self._lock = threading.Lock()
         self._width = max(len(s.name) for s in specs)
+        self.out_gone = False  # (the reader of ``out`` went away: nothing is printed, all stop)
 
     def say(self, name: str, line: str) -> None:
-        """Print one line prefixed with the process name."""
+        """Print one line prefixed with the process name. When the reader of the output
+        has gone, print nothing more and stop everything (children still have their
+        output read, so that none blocks on a full pipe meanwhile)."""
         with self._lock:
-            self.out.write(f"[{name:<{self._width}}] {line}\n")
-            self.out.flush()
+            if self.out_gone:
+                return
+            try:
+                self.out.write(f"[{name:<{self._width}}] {line}\n")
+                self.out.flush()
+            except BrokenPipeError:
+                self.out_gone = True
+                self._stopping.set()
+                _write_nowhere(self.out)
 
     def _start(self, spec: ProcessSpec) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
@@ -224,7 +236,9 @@ class Launcher:
                     return status
                 self._stopping.wait(0.1)
             self._stop_all()
-            return 130 if signal.SIGINT in interrupted else status  # Ctrl-C: as every command
+            if signal.SIGINT in interrupted:  # Ctrl-C: as every command
+                return 130
+            return _PIPE_CLOSED if self.out_gone else status
         finally:
             self._stop_all()
             for sig, handler in previous.items():
@@ -248,6 +262,22 @@ class Launcher:
                 proc.wait(5)
                 self.say(name, "killed: it did not stop in time")
         self.procs.clear()
+
+
+_PIPE_CLOSED = 141  # (128 + SIGPIPE: the status of a command that a closed pipe ends)
+
+
+def _write_nowhere(out: TextIO) -> None:
+    """Point ``out``'s file at /dev/null: what is still buffered for a reader that went
+    away then fails neither a later flush nor the interpreter's exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, out.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # (an ``out`` without a file of its own)
+        pass
 
 
 def _ended(code: int) -> str:
