@@ -249,3 +249,44 @@ def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_pat
     assert proc.returncode == 141, err
     assert "Traceback" not in err and "Broken pipe" not in err, err
     assert _gone(child)
+
+
+STARTS_A_GRANDCHILD = """
+import subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                               + ("signal.signal(signal.SIGTERM, signal.SIG_IGN); " if sys.argv[1] == "stubborn" else "")
+                               + "print('grandchild up', flush=True); time.sleep(120)"])
+time.sleep(0.5)
+print("grandchild", grandchild.pid, flush=True)
+if sys.argv[2] == "exit":
+    sys.exit(0)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", [("meek", "exit"), ("stubborn", "exit"), ("stubborn", "stay")],
+                         ids=["a-child-exits", "a-child-exits-its-grandchild-ignores-sigterm", "ctrl-c"])
+def test_launch_leaves_nothing_running_that_its_processes_started(tmp_path: Any, how: tuple[str, str]) -> None:
+    # a process that started another and exited (or that Ctrl-C stopped while what it
+    # started ignored SIGTERM) left that one running for ever, the launcher gone
+    import os
+    import signal
+
+    (tmp_path / "starter.py").write_text(STARTS_A_GRANDCHILD)
+    proc = _launcher(tmp_path, f'stop_timeout_s = 1\n[[process]]\nname = "starter"\n'
+                               f'command = ["python3", "starter.py", "{how[0]}", "{how[1]}"]\n')
+    grandchild = 0
+    with lines_of(proc) as (out, err):
+        try:
+            line = wait_until(lambda: next((x for x in out if "] grandchild " in x and "up" not in x), None), 60,
+                              "the grandchild")
+            grandchild = int(str(line).split()[-1])
+            if how[1] == "stay":
+                proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+            wait_until(lambda: _gone(grandchild), 10, "the grandchild to be gone")  # (init reaps it)
+        finally:
+            if grandchild and not _gone(grandchild):
+                os.kill(grandchild, signal.SIGKILL)
+    assert proc.returncode == (130 if how[1] == "stay" else 0), (out, err)

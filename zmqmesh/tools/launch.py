@@ -15,7 +15,9 @@ The file::
     cwd = "."                    # optional, relative to the file
     store = "state/worker"       # optional: a durable store per process (state/worker-1, ...)
 
-Ctrl-C or SIGTERM stops every process (SIGTERM, then SIGKILL after ``stop_timeout_s``);
+Each process runs in a process group of its own, and what it starts stays in that group:
+Ctrl-C or SIGTERM stops every group (SIGTERM, then SIGKILL after ``stop_timeout_s``),
+and what a process that ended left running in its group is stopped the same way;
 after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
 its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
 exits 141, as a command that SIGPIPE ends. Without restarts,
@@ -162,6 +164,9 @@ class Launcher:
         self._lock = threading.Lock()
         self._width = max(len(s.name) for s in specs)
         self.out_gone = False  # (the reader of ``out`` went away: nothing is printed, all stop)
+        # process groups whose leader ended while others of the group ran on (what it
+        # started): group id -> (name, when to SIGKILL them if they are still there)
+        self._leftovers: dict[int, tuple[str, float]] = {}
 
     def say(self, name: str, line: str) -> None:
         """Print one line prefixed with the process name. When the reader of the output
@@ -221,6 +226,7 @@ class Launcher:
                     spec = by_name[name]
                     wants = spec.restart == "always" or (spec.restart == "on-failure" and code != 0)
                     self.say(name, f"exited with status {code}" + ("; restarting" if wants else ""))
+                    self._stop_leftovers(name, proc, now)
                     if wants:
                         self.restarts[name] += 1
                         pending_restart[name] = now + min(0.5 * 2 ** min(self.restarts[name] - 1, 5), 10.0)
@@ -232,7 +238,8 @@ class Launcher:
                     if now >= when:
                         del pending_restart[name]
                         self._start(by_name[name])
-                if not self.procs:
+                self._sweep_leftovers(now)
+                if not self.procs and not self._leftovers:
                     return status
                 self._stopping.wait(0.1)
             self._stop_all()
@@ -244,24 +251,63 @@ class Launcher:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _stop_leftovers(self, name: str, proc: subprocess.Popen[str], now: float) -> None:
+        """``proc`` ended: SIGTERM what it left running in its group (its number stays
+        that group's while any of it runs), and SIGKILL it ``stop_timeout_s`` later."""
+        if _signal_group(proc.pid, signal.SIGTERM):
+            self.say(name, "stopping what it left running")
+            self._leftovers[proc.pid] = (name, now + self.stop_timeout_s)
+
+    def _sweep_leftovers(self, now: float) -> None:
+        for group, (name, kill_at) in list(self._leftovers.items()):
+            if not _group_alive(group):
+                del self._leftovers[group]
+            elif now >= kill_at:
+                del self._leftovers[group]
+                if _signal_group(group, signal.SIGKILL):
+                    self.say(name, "killed what it left running: it did not stop in time")
+
     def _stop_all(self) -> None:
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
-        for name, proc in live.items():
+        groups = {p.pid: n for n, p in live.items()} | {g: n for g, (n, _) in self._leftovers.items()}
+        self._leftovers.clear()
+        for name in live:
             self.say(name, "stopping")
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        for group in groups:
+            _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s
         for name, proc in live.items():
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
                 self.say(name, _ended(proc.returncode))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+                _signal_group(proc.pid, signal.SIGKILL)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:  # (stuck in the kernel: nothing more to do)
+                    pass
                 self.say(name, "killed: it did not stop in time")
+        # what the processes started, in their groups: it stops by the same deadline
+        while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+            time.sleep(0.05)
+        for group, name in groups.items():
+            if _signal_group(group, signal.SIGKILL):
+                self.say(name, "killed what it left running: it did not stop in time")
         self.procs.clear()
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; whether it had anyone to send it to."""
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):  # (gone; or the number another user's now)
+        return False
+    return True
+
+
+def _group_alive(group: int) -> bool:
+    """Whether anyone of a process group still runs."""
+    return _signal_group(group, 0)
 
 
 _PIPE_CLOSED = 141  # (128 + SIGPIPE: the status of a command that a closed pipe ends)
