@@ -290,3 +290,33 @@ def test_launch_leaves_nothing_running_that_its_processes_started(tmp_path: Any,
             if grandchild and not _gone(grandchild):
                 os.kill(grandchild, signal.SIGKILL)
     assert proc.returncode == (130 if how[1] == "stay" else 0), (out, err)
+
+
+@pytest.mark.timeout(120)
+def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any) -> None:
+    # the launcher said "exited" and returned as soon as a process ended, while the
+    # threads that copy its output had lines still to write: behind a slow reader,
+    # thousands of a process's last lines were lost
+    import os
+    import time
+
+    (tmp_path / "burst.py").write_text("import sys\nsys.stdout.write(''.join(f'n {i}\\n' for i in range(8000)) + 'LAST\\n')\n")
+    proc = _launcher(tmp_path, '[[process]]\nname = "a"\ncommand = ["python3", "burst.py"]\n'
+                               '[[process]]\nname = "b"\ncommand = ["python3", "burst.py"]\n', stderr=subprocess.DEVNULL)
+    chunks: list[bytes] = []
+    try:
+        assert proc.stdout is not None
+        while chunk := os.read(proc.stdout.fileno(), 4096):  # a slow reader, as a terminal or a pager may be
+            chunks.append(chunk)
+            time.sleep(0.01)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = b"".join(chunks).decode().splitlines()
+    assert proc.returncode == 0
+    for name in ("a", "b"):
+        mine = [line for line in lines if line.startswith(f"[{name}] ")]
+        assert len([line for line in mine if line.startswith(f"[{name}] n ")]) == 8000
+        assert mine[-2:] == [f"[{name}] LAST", f"[{name}] exited with status 0"]  # in order

@@ -167,6 +167,7 @@ class Launcher:
         # process groups whose leader ended while others of the group ran on (what it
         # started): group id -> (name, when to SIGKILL them if they are still there)
         self._leftovers: dict[int, tuple[str, float]] = {}
+        self._pumps: dict[str, threading.Thread] = {}  # (each process's output reader)
 
     def say(self, name: str, line: str) -> None:
         """Print one line prefixed with the process name. When the reader of the output
@@ -193,7 +194,8 @@ class Launcher:
         except OSError as exc:
             raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
         self.procs[spec.name] = proc
-        threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True).start()
+        self._pumps[spec.name] = pump = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
+        pump.start()
         self.say(spec.name, f"started (pid {proc.pid})")
 
     def _pump(self, name: str, proc: subprocess.Popen[str]) -> None:
@@ -217,16 +219,23 @@ class Launcher:
                 self._start(spec)
             by_name = {s.name: s for s in self.specs}
             pending_restart: dict[str, float] = {}
+            draining: dict[str, float] = {}  # (ended; their last lines still being read: since when)
             while not self._stopping.is_set():
                 now = time.monotonic()
                 for name, proc in list(self.procs.items()):
                     code = proc.poll()
                     if code is None or name in pending_restart:
                         continue
+                    if name not in draining:
+                        draining[name] = now
+                        self._stop_leftovers(name, proc, now)
+                    # its output to the end first (what it left running may hold the pipe, until killed)
+                    if self._pumps[name].is_alive() and now < draining[name] + self.stop_timeout_s + 1.0:
+                        continue
+                    del draining[name]
                     spec = by_name[name]
                     wants = spec.restart == "always" or (spec.restart == "on-failure" and code != 0)
                     self.say(name, f"exited with status {code}" + ("; restarting" if wants else ""))
-                    self._stop_leftovers(name, proc, now)
                     if wants:
                         self.restarts[name] += 1
                         pending_restart[name] = now + min(0.5 * 2 ** min(self.restarts[name] - 1, 5), 10.0)
@@ -255,7 +264,6 @@ class Launcher:
         """``proc`` ended: SIGTERM what it left running in its group (its number stays
         that group's while any of it runs), and SIGKILL it ``stop_timeout_s`` later."""
         if _signal_group(proc.pid, signal.SIGTERM):
-            self.say(name, "stopping what it left running")
             self._leftovers[proc.pid] = (name, now + self.stop_timeout_s)
 
     def _sweep_leftovers(self, now: float) -> None:
@@ -293,6 +301,10 @@ class Launcher:
         for group, name in groups.items():
             if _signal_group(group, signal.SIGKILL):
                 self.say(name, "killed what it left running: it did not stop in time")
+        # the last lines of each (its pipe closed now: they are all there, to be written)
+        for pump in self._pumps.values():
+            pump.join(max(0.0, deadline - time.monotonic()) + 5.0)
+        self._pumps.clear()
         self.procs.clear()
 
 
