@@ -320,3 +320,39 @@ def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any)
         mine = [line for line in lines if line.startswith(f"[{name}] ")]
         assert len([line for line in mine if line.startswith(f"[{name}] n ")]) == 8000
         assert mine[-2:] == [f"[{name}] LAST", f"[{name}] exited with status 0"]  # in order
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.timeout(120)
+def test_demo_stops_its_processes_on_sigterm_and_wants_a_count_of_orders() -> None:
+    # SIGTERM (from `timeout`, a supervisor, kill) ended the demo's conductor at once and
+    # left its four node processes running for ever; --orders 0 or -1 waited 20 s to fail
+    import os
+    import signal
+
+    for bad in ("0", "-1", "x"):
+        result = run("demo", "--orders", bad)
+        assert result.returncode == 2 and "--orders" in result.stderr and "Traceback" not in result.stderr
+    result = run("subscribe", "x.", "--count", "0")
+    assert result.returncode == 2 and "--count" in result.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "demo", "--beacon-port", str(free_udp_port()),
+                             "--orders", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    with lines_of(proc) as (out, err):
+        try:
+            wait_until(lambda: any(" joined from " in line for line in out), 60, "the demo's mesh")
+            children = _children(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            wait_until(lambda: all(_gone(c) for c in children), 15, "the demo's processes to be gone")
+        finally:
+            for child in children:
+                if not _gone(child):
+                    os.kill(child, signal.SIGKILL)
+    assert len(children) == 4
+    assert proc.returncode == 130  # (as after Ctrl-C)

@@ -110,6 +110,13 @@ def _seconds_or_zero(text: str) -> float:
     return _seconds(text, zero_ok=True)
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}")
+    return int(text)
+
+
 def _port(text: str) -> int:
     """An argparse type: a UDP or TCP port, 1 to 65535."""
     if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 65535:
@@ -134,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a live multi-process mesh on loopback")
     demo.add_argument("--beacon-port", type=_port, default=5670, help="UDP beacon port (default 5670)")
-    demo.add_argument("--orders", type=int, default=8, help="orders to push through the mesh")
+    demo.add_argument("--orders", type=_count, default=8, help="orders to push through the mesh")
 
     gateway = sub.add_parser("gateway", parents=[mesh], help="serve HTTP (JSON routes, SSE, dashboard) for the mesh")
     gateway.add_argument("--listen", default="127.0.0.1:8080", help="host:port (default 127.0.0.1:8080)")
@@ -162,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     subscribe = sub.add_parser("subscribe", parents=[mesh], help="print messages on topics with a prefix")
     subscribe.add_argument("prefix")
-    subscribe.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    subscribe.add_argument("--count", type=_count, default=None, help="stop after this many messages")
     subscribe.add_argument("--timeout", type=_seconds, default=None, help="stop after this many seconds")
 
     push = sub.add_parser("push", parents=[mesh], help="push one message to a queue")

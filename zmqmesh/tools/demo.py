@@ -123,6 +123,12 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
 
     procs: list[subprocess.Popen[bytes]] = []
     code = 1
+
+    def terminated(*_: object) -> None:  # SIGTERM stops the demo as Ctrl-C does: its processes too
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     with node:
         try:
             for role in ROLES:
@@ -172,6 +178,8 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
             deadline = time.monotonic() + 3
             while node.peers() and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     _say("conductor", "demo finished, every process stopped" if code == 0 else "demo FAILED")
     return code
 
