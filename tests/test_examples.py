@@ -107,6 +107,11 @@ def test_launch_restarts_a_crashed_process(tmp_path: Path) -> None:
         ("[[process]]\nname = 'x'\ncommand = 'true'\nrestart = 'sometimes'\n", "'restart' must be one of"),
         ("[mesh]\ncolour = 'red'\n[[process]]\nname = 'x'\ncommand = 'true'\n", "unknown key mesh.colour"),
         ("[mesh]\nstore = 'state'\n[[process]]\nname = 'x'\ncommand = 'true'\n", "a store serves one node"),
+        # (inf, nan: a process ignoring SIGTERM held Ctrl-C up for ever; nan killed at once)
+        ("stop_timeout_s = inf\n[[process]]\nname = 'x'\ncommand = 'true'\n", "stop_timeout_s must be"),
+        ("stop_timeout_s = nan\n[[process]]\nname = 'x'\ncommand = 'true'\n", "stop_timeout_s must be"),
+        ("stop_timeout_s = true\n[[process]]\nname = 'x'\ncommand = 'true'\n", "stop_timeout_s must be"),
+        ("[[process]]\nname = 'x'\ncommand = 'true'\ncount = true\n", "'count' must be"),
     ],
 )
 def test_launch_rejects_bad_files_in_one_line(tmp_path: Path, content: str, message: str) -> None:

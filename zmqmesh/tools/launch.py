@@ -47,6 +47,7 @@ from zmqmesh import StopFlag
 __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
 
 _RESTARTS = ("never", "on-failure", "always")
+_LONGEST_STOP_S = 3600
 def _mesh_keys() -> dict[str, str]:
     from zmqmesh import NodeConfig
 
@@ -118,7 +119,7 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         count = entry.get("count", 1)
         restart = entry.get("restart", "never")
         env = entry.get("env", {})
-        if not isinstance(count, int) or not 1 <= count <= 1000:
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1000:
             raise LaunchError(f"{where} ({name}): 'count' must be an integer 1..1000")
         if restart not in _RESTARTS:
             raise LaunchError(f"{where} ({name}): 'restart' must be one of {', '.join(_RESTARTS)}")
@@ -146,8 +147,9 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
     if len(set(names)) != len(names):
         raise LaunchError(f"{path}: process names must be unique")
     timeout = data.get("stop_timeout_s", 10.0)
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise LaunchError(f"{path}: stop_timeout_s must be a positive number")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= _LONGEST_STOP_S:
+        # (inf or nan: a process that ignores SIGTERM would hold Ctrl-C up for ever)
+        raise LaunchError(f"{path}: stop_timeout_s must be a number of seconds, more than 0, at most {_LONGEST_STOP_S}")
     return specs, float(timeout)
 
 
