@@ -356,3 +356,10 @@ def test_demo_stops_its_processes_on_sigterm_and_wants_a_count_of_orders() -> No
                     os.kill(child, signal.SIGKILL)
     assert len(children) == 4
     assert proc.returncode == 130  # (as after Ctrl-C)
+
+
+def test_a_huge_number_of_seconds_is_a_bad_argument_not_an_internal_error() -> None:
+    # `--wait 1e300` reached time.sleep: "internal error: OverflowError", status 70
+    for args in (["peers", "--wait", "1e300"], ["request", "s", "1", "--timeout", "1e300"]):
+        result = run(*args, "--mesh", "nobody", "--beacon-port", str(free_udp_port()))
+        assert result.returncode == 2 and "at most" in result.stderr and "internal error" not in result.stderr, args

@@ -93,15 +93,18 @@ def _payload(text: str) -> Any:
         raise CliError(f"payload is not valid JSON: {exc}") from None
 
 
+_LONGEST_S = 1e9  # (some 31 years: past that, time.sleep and the deadlines overflow)
+
+
 def _seconds(text: str, zero_ok: bool = False) -> float:
     """An argparse type: a positive (or, with ``zero_ok``, zero) finite number of seconds."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (0 <= value < math.inf) or (value == 0 and not zero_ok):
+    if not (0 <= value <= _LONGEST_S) or (value == 0 and not zero_ok):
         raise argparse.ArgumentTypeError(
-            f"must be a {'' if zero_ok else 'positive '}number of seconds, got {text!r}")
+            f"must be a {'' if zero_ok else 'positive '}number of seconds, at most {_LONGEST_S:.0e}, got {text!r}")
     return value
 
 
