@@ -605,10 +605,17 @@ class LoopInbox(Dispatcher):
     async def _run_sync_batch(self, batch: list[Call]) -> None:
         self.release_held()  # (sync handlers run on a worker, untimed)
         started: list[Call] = []
+        outcomes: list[tuple[Any, BaseException | None]] = []  # (the worker's, as each call returns)
         try:
-            outcomes = await self.loop.run_in_executor(self._worker, run_batch, batch, self.abandoned, started)
+            await self.loop.run_in_executor(self._worker, run_batch, batch, self.abandoned, started, outcomes)
         except asyncio.CancelledError:  # a stop's: the worker begins no call past its deadline
-            for call in batch[len(started):]:
+            begun, done = len(started), len(outcomes)  # (in this order: done <= begun)
+            for call, (result, error) in zip(batch, outcomes[:done]):
+                self.complete(call, result, error)
+            for call in batch[done:begun]:  # still running: it ends unanswered, unacknowledged, unrecorded
+                if call.route is not None:
+                    self.drop(call)
+            for call in batch[begun:]:
                 self.drop(call)
             raise
         for call, (result, error) in zip(batch, outcomes):
@@ -618,26 +625,20 @@ class LoopInbox(Dispatcher):
 
     async def _run_one(self, call: Call) -> None:
         _HANDLING.set(self)
-        started: list[Call] = []
         try:
             if is_async(call.handler):
-                started.append(call)
-                result, error = await run_async(call)
-            else:
-                outcomes = await self.loop.run_in_executor(self._worker, run_batch, [call], self.abandoned, started)
-                if not outcomes:  # reached after the stop's deadline
+                try:
+                    result, error = await run_async(call)
+                except asyncio.CancelledError:  # cut short by a stop
                     self.drop(call)
-                    return
-                result, error = outcomes[0]
-            self.complete(call, result, error)
+                    raise
+                self.complete(call, result, error)
+            else:
+                await self._run_sync_batch([call])
             # replied outside a drain: a request that came meanwhile may wait for no edge
             if not self._closed:
                 for pair in self.used_with_input():
                     self._signalled(pair)
-        except asyncio.CancelledError:  # a stop's: an async handler cut short, or a sync one never begun
-            if is_async(call.handler) or not started:
-                self.drop(call)
-            raise
         finally:
             assert self._concurrency is not None
             self._concurrency.release()
@@ -653,13 +654,16 @@ class LoopInbox(Dispatcher):
         if not self.loop.is_closed():  # (closed: its loop ended with the node running, nothing runs there)
             self._fired[:] = self.sockets
             self.wake()  # one last pass over what is already in the sockets
-            pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
-            if pending:
-                _done, still = await asyncio.wait(pending, timeout=timeout)
-                for task in still:
-                    task.cancel()
-                if still:  # (they count what they leave as they take the cancellation in)
-                    await asyncio.wait(still, timeout=_CANCELLED_WAIT_S)
+            ends = self.loop.time() + timeout
+            while True:  # (looked at again: a drain starts handler tasks while it runs)
+                pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
+                if not pending or self.loop.time() >= ends:
+                    break
+                await asyncio.wait(pending, timeout=ends - self.loop.time())
+            for task in pending:
+                task.cancel()
+            if pending:  # (they count what they leave as they take the cancellation in)
+                await asyncio.wait(pending, timeout=_CANCELLED_WAIT_S)
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._closed = True  # (an event posted from now on wakes no drain)
         if self._look is not None:

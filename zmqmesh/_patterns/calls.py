@@ -154,19 +154,17 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
         served(token, error)
 
 
-def run_batch(batch: list[Call], abandoned: Callable[[], bool],
-              started: list[Call]) -> list[tuple[Any, BaseException | None]]:
-    """Call the sync handlers of a burst in order (on a worker thread), capturing outcomes,
-    until ``abandoned()`` says a stop's deadline passed: the outcomes of the calls before
-    it, in order. Each call goes into ``started`` as it begins (what a caller that stopped
-    waiting can tell of the worker's progress)."""
-    outcomes = []
+def run_batch(batch: list[Call], abandoned: Callable[[], bool], started: list[Call],
+              outcomes: list[tuple[Any, BaseException | None]]) -> None:
+    """Call the sync handlers of a burst in order (on a worker thread), until ``abandoned()``
+    says a stop's deadline passed: each call goes into ``started`` as it begins, and its
+    outcome into ``outcomes`` as it returns (what a caller that stopped waiting can tell of
+    the worker's progress)."""
     for call in batch:
         if abandoned():
             break
         started.append(call)
         outcomes.append(run_sync(call))
-    return outcomes
 
 
 class _Traced(NamedTuple):
