@@ -447,6 +447,10 @@ class ThreadInbox(Dispatcher):
         self._async_loop: Any = None  # a HandlerLoop, made for the first async def handler
         self._async_lock = threading.Lock()
         self._async_closed = False
+        self._exit_lock = threading.Lock()
+        self._exited = False  # (the thread has left its loop: a handler that returns now is answered by no one)
+        self._ended = False  # (... and closed its sockets)
+        self._on_exit: Callable[[], None] | None = None  # (`after_exit`)
 
     def start(self) -> None:
         """Start the inbox thread."""
@@ -541,8 +545,29 @@ class ThreadInbox(Dispatcher):
         except Exception:
             log.exception("inbox thread failed")
         finally:
+            with self._exit_lock:
+                self._exited = True
+            try:
+                self._complete_done()  # (the pool's handlers that returned before: answered)
+            except Exception:
+                log.exception("answering the last handlers failed")
             self.close_sockets()
             self._waker.close()
+            with self._exit_lock:
+                self._ended = True
+                on_exit, self._on_exit = self._on_exit, None
+            if on_exit is not None:
+                on_exit()
+
+    def after_exit(self, fn: Callable[[], None]) -> bool:
+        """Have the inbox thread call ``fn`` once it has closed its sockets (True): for a
+        stop that could not wait for a handler that outlived its timeout, whose sockets
+        must not be closed under it. False once the thread has ended: call ``fn`` now."""
+        with self._exit_lock:
+            if self._ended or not self.thread.is_alive():
+                return False
+            self._on_exit = fn
+            return True
 
     def _drain_all(self, calls: list[Call], active: Any) -> None:
         """Drain the sockets the poller found ready, in bursts, until they run dry.
@@ -626,9 +651,14 @@ class ThreadInbox(Dispatcher):
             self._slots.release()  # type: ignore[union-attr]
             if fut.cancelled():  # never run: the stop's timeout passed first
                 self.drop(call)
-            else:
-                self._done.append((call, *fut.result()))
-                self.wake()
+                return
+            with self._exit_lock:
+                if not self._exited:
+                    self._done.append((call, *fut.result()))
+                    self.wake()
+                    return
+            if call.route is not None:  # returned after the inbox ended: unanswered, unacknowledged, unrecorded
+                self.drop(call)
 
         try:
             self._pool.submit(runner, call).add_done_callback(finished)
@@ -663,6 +693,11 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
                 _end_loop(loop, thread, timeout)
                 if thread.is_alive():  # a wedged loop may still use its sockets: leak them rather than crash
                     log.warning("node %s: the I/O thread did not end; its ZeroMQ context is left open", engine.name)
+                    continue
+                if inbox.after_exit(step.fn):  # a handler outlived the stop: its thread closes up after it
+                    log.warning("node %s: a handler did not return within the stop's timeout; the node's inbound "
+                                "sockets and ZeroMQ context close when it does (what is left is counted then)",
+                                engine.name)
                     continue
                 step.fn()
             else:

@@ -86,6 +86,7 @@ _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a pe
 _UNREAD_FRAMES_MAX = 65_536
 """Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
 unhandled (bounded: a peer may still be sending)."""
+_UNREAD_COUNT_S = 0.1  # ... whose messages it counts one by one for this long (decoding each frame)
 _LEFT_AT_STOP = {
     "pushed": "pushed message(s) not handled, dropped",
     "at-least-once": "at-least-once message(s) not handled (delivered again, here or elsewhere)",
@@ -874,12 +875,10 @@ class Dispatcher:
         else:
             kind = "at-least-once" if isinstance(route, BatchAck) else "pushed"
         self._left_at_stop[kind] = self._left_at_stop.get(kind, 0) + count
-        if self._reported_as is not None:  # (a handler that returned after the stop ended)
-            self.report_left_at_stop(self._reported_as)
 
     def report_left_at_stop(self, name: str) -> None:
         """Log what the stop left unhandled (counted as dropped where it happened); what a
-        handler still running leaves later is logged as it is counted."""
+        handler still running then leaves is logged when the sockets close after it."""
         self._reported_as = name
         if self._left_at_stop:
             left, self._left_at_stop = self._left_at_stop, {}
@@ -891,14 +890,19 @@ class Dispatcher:
 
     def _count_unread(self) -> None:
         """Count the messages still unread in the PULL and SUB sockets (peers sent them
-        after the last drain, or the stop's timeout passed first) as dropped."""
+        after the last drain, or the stop's timeout passed first) as dropped: the messages
+        of the frames read within `_UNREAD_COUNT_S`, then a frame as one (a lower bound)."""
+        counting_until = time.monotonic() + _UNREAD_COUNT_S
+        one_by_one = True
         for sock, kind in ((self.pull, "pull"), (self.sub, "sub")):
-            for _ in range(_UNREAD_FRAMES_MAX):
+            for i in range(_UNREAD_FRAMES_MAX):
                 try:
                     frames = recv_frames(sock)
                 except zmq.ZMQError:
                     break
-                self._left_unhandled(_PATTERN_OF[kind], None, self._items_in(frames))
+                if one_by_one and i % 64 == 0 and time.monotonic() >= counting_until:
+                    one_by_one = False
+                self._left_unhandled(_PATTERN_OF[kind], None, self._items_in(frames) if one_by_one else 1)
 
     def _items_in(self, frames: list[bytes]) -> int:
         """How many messages a frame of a stream carries (one, if it cannot be read)."""
@@ -948,7 +952,9 @@ class Dispatcher:
     def close_sockets(self) -> None:
         """Close the three sockets (owner thread only); the replies not yet gone get
         `_REPLY_LINGER_MS` to go. A stopping node first counts the messages left unread in
-        them as dropped (a request's caller hears that its provider left)."""
+        the PULL and SUB sockets as dropped (a request left in the router is not read: its
+        caller hears that its provider left); if the stop already reported, what was left
+        since (a handler that outlived it) is reported now."""
         if self.stopping:
             try:
                 self._count_unread()
@@ -956,5 +962,7 @@ class Dispatcher:
                 pass
         for sock, _kind in self.sockets:
             sock.close(_REPLY_LINGER_MS if sock is self.router else 0)
+        if self._reported_as is not None:
+            self.report_left_at_stop(self._reported_as)
 
 
