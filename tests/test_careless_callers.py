@@ -633,6 +633,29 @@ def test_durable_pushes_to_many_queues_nobody_pulls_stay_within_the_node_wide_bu
             assert sorted(set(seen)) == list(range(each)), f"queue {q}: nothing lost"
 
 
+@pytest.mark.timeout(60)
+def test_durable_pushes_to_a_queue_nobody_pulls_take_no_share_of_the_buffer(tmp_path: Any,
+                                                                          mesh: dict[str, Any]) -> None:
+    """A durable queue nobody pulls keeps its messages in the store only: it takes none of
+    ``durable_buffer_max_bytes`` from the queues that are pulled. (2,000 messages of 1 KB
+    to an unpulled queue held the whole 1 MiB, and a pulled queue was then read back one
+    segment at a time: one message per acknowledgement when pushed one by one.)"""
+    got: list[int] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), durable_buffer_max_bytes=1 << 20, **mesh) as node:
+        for _ in range(40):
+            node.push_many("idle", [b"x" * 1000] * 50, durable=True)
+        stats = node.stats()
+        assert stats["gauges"]["durable_buffered_bytes"] == 0, stats["gauges"]
+        assert stats["pipeline"]["durable_spilled"] == 2000
+        with zmqmesh.Node("worker", **mesh) as worker:
+            worker.pull("work", lambda m: got.append(m.data), at_least_once=True)
+            node.wait_for_pullers("work", timeout=10)
+            for i in range(500):
+                node.push("work", i, durable=True)
+            wait_until(lambda: len(got) >= 500, 30, "the pulled queue's messages")
+    assert sorted(set(got)) == list(range(500))
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, math.nan, "64", True])
 def test_the_durable_buffer_bound_is_checked(bad: Any) -> None:
     with pytest.raises(zmqmesh.ConfigError, match="durable_buffer_max_bytes"):

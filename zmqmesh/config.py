@@ -140,8 +140,9 @@ class NodeConfig:
             each queue holds 8 MiB or 16,384 messages at most of it). Past it, durable
             pushes are still committed and return as usual, but wait in the store only
             (counted in ``stats()["pipeline"]["durable_spilled"]``), read back as the
-            buffers empty, for queues with a puller. Without it, pushes to many queues
-            that nobody pulls held every queue's share in memory (50 queues, 430 MiB).
+            buffers empty, for queues with a puller; what is pushed to a queue with no
+            puller goes to the store only. Without it, pushes to many queues that nobody
+            pulls held every queue's share in memory (50 queues, 430 MiB).
         store_synchronous: ``"normal"`` (a commit survives the process being killed) or
             ``"full"`` (it survives a power cut too; each commit waits for the disk).
         ack_window: at-least-once queues: messages a puller may hold unacknowledged; also

@@ -234,7 +234,8 @@ class Engine:
                 self.durable = DurableQueues(
                     self.store, self.codec, self.stats, loop.call_later,
                     lambda delay: self.call_soon(loop.call_later, delay, outbound.wake),
-                    max_buffered_bytes=cfg.durable_buffer_max_bytes)
+                    max_buffered_bytes=cfg.durable_buffer_max_bytes,
+                    taken=lambda queue: bool(self.directory.providers("ackqueues", queue)))
                 self.reliable.settle = self.durable.settle
                 self.durable.recover()
             self.outbound.attach(self.publisher, self.pusher, self.reliable, self.durable)

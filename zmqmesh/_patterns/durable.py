@@ -213,11 +213,15 @@ class DurableQueues:
 
     def __init__(self, store: Store, codec: Codec, stats: Stats,
                  later: Callable[[float, Callable[[], None]], Any], wake_soon: Callable[[float], None],
-                 max_buffered_bytes: int = 8 * BUFFER_BYTES) -> None:
+                 max_buffered_bytes: int = 8 * BUFFER_BYTES, taken: Callable[[str], bool] | None = None) -> None:
         self.store = store
         self.max_buffered_bytes = max_buffered_bytes
         """What the buffers of every queue hold together at most (bytes, as `held_sizes`
         counts them; a message read back alone into an empty buffer may pass it)."""
+        self.taken = taken
+        """Whether a queue has pullers now (any thread); a commit to one that has none
+        stays in the store only, so that queues nobody pulls take no share of
+        `max_buffered_bytes` from those that are pulled. None: every queue is."""
         self.held = Held()
         self.codec = codec
         self._pack = msgpack.Packer().pack  # (a Packer keeps a buffer: used under `_lock` only)
@@ -362,8 +366,8 @@ class DurableQueues:
             queue.committed = parts[-1][0] + parts[-1][1] - 1  # (a commit stores one message at least)
             self._active.add(name)
             buffer = queue.buffer
-            if queue.overflow or len(buffer) + len(entries) > BUFFER:
-                queue.overflow = True  # (the loop reads them back as the buffer empties)
+            if queue.overflow or len(buffer) + len(entries) > BUFFER or (self.taken is not None and not self.taken(name)):
+                queue.overflow = True  # (the loop reads them back as the buffer empties, once pulled)
                 spilled += len(entries)
                 continue
             stored = self._held(name, entries, parts)
