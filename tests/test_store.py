@@ -16,7 +16,7 @@ import pytest
 from helpers import wait_until
 
 import zmqmesh
-from zmqmesh import inspect_store
+from zmqmesh import drop_dead_letters, inspect_store, retry_dead_letters
 from zmqmesh._patterns.history import PAGE_ROWS, History
 from zmqmesh._stats import Stats
 from zmqmesh._store.checkpointer import BACKSTOP_PAGES
@@ -572,6 +572,21 @@ def test_each_opening_of_a_store_is_a_run_named_in_its_lineage_and_a_copy_lacks_
     assert restored.runs[1:] == first.runs and not set(restored.runs) & set(lineage)
     assert restored.stream_id == first.stream_id
     restored.close()
+
+
+def test_the_dead_letter_tools_open_a_store_without_starting_a_run(tmp_path: Path) -> None:
+    """Only a node's opening is a run: the command-line tools' (dead letters) leave the
+    lineage as it is. (Each use recorded one; after 16 of them a publisher's subscribers
+    took it for a store restored from a copy and read its whole history again.)"""
+    store = Store(tmp_path)
+    lineage = store.runs
+    store.close()
+    for _ in range(RUNS_KEPT + 1):
+        retry_dead_letters(tmp_path, "orders.dead")
+        drop_dead_letters(tmp_path, "orders.dead")
+    store = Store(tmp_path)
+    assert store.runs[1:] == lineage
+    store.close()
 
 
 def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path) -> None:

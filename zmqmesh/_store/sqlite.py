@@ -196,7 +196,7 @@ class Store:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int = 1 << 30,
-                 synchronous: str = "normal") -> None:
+                 synchronous: str = "normal", new_run: bool = True) -> None:
         if synchronous not in ("normal", "full"):
             raise ConfigError(f"store_synchronous must be 'normal' or 'full', not {synchronous!r}")
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1 << 20:
@@ -204,6 +204,7 @@ class Store:
             raise ConfigError(f"store_max_bytes must be a whole number of bytes, at least 1 MiB, got {max_bytes!r}")
         self.directory = Path(directory)
         self.path = self.directory / DB_FILE
+        self._new_run_wanted = new_run  # (a node's opening is a run; a tool's, e.g. for dead letters, is not)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -341,7 +342,7 @@ class Store:
             if stream is None:
                 raise StoreError(f"the store {self.path} is damaged: it names no stream of its own (meta 'stream')")
             self.stream_id = str(stream[0])
-            self.runs = self._new_run(db)
+            self.runs = self._new_run(db, self._new_run_wanted)
             last = db.execute(f"SELECT seq + {_COUNT_SQL} FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
             self._next_seq = int(last[0]) if last else 1
             self._handled_serial = int(db.execute("SELECT ifnull(max(at), 0) + 1 FROM handled").fetchone()[0])
@@ -354,16 +355,19 @@ class Store:
         return db
 
     @staticmethod
-    def _new_run(db: sqlite3.Connection) -> tuple[str, ...]:
+    def _new_run(db: sqlite3.Connection, record: bool = True) -> tuple[str, ...]:
         """Name this opening of the store (a run) with a random token, recorded first in
         the store's lineage: the tokens of its last `RUNS_KEPT` runs, newest first. A
         store restored from an older copy lacks the runs opened since the copy was taken,
         so a subscriber that followed one of those sees the lineage without it: the
-        numbering of the history went back (`Replays`)."""
+        numbering of the history went back (`Replays`). Not ``record``: the lineage as it
+        is (an opening by a tool, which publishes nothing)."""
         import sqlite3
 
         found = db.execute("SELECT value FROM meta WHERE key = 'runs'").fetchone()
         before = tuple(r for r in str(found[0]).split(",") if r) if found else ()
+        if not record:
+            return before
         runs = (secrets.token_hex(8), *before[:RUNS_KEPT - 1])
         try:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('runs', ?)", (",".join(runs),))
@@ -1108,7 +1112,7 @@ def _existing(directory: str | os.PathLike[str]) -> Iterator[Store]:
     """The store in ``directory``, which must exist (never created here), closed after use."""
     if not (Path(directory) / DB_FILE).exists():
         raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
-    store = Store(directory)
+    store = Store(directory, new_run=False)
     try:
         yield store
     finally:
