@@ -659,6 +659,7 @@ class ThreadInbox(Dispatcher):
                     return
             if call.route is not None:  # returned after the inbox ended: unanswered, unacknowledged, unrecorded
                 self.drop(call)
+                self.report_left_at_stop(self.name)
 
         try:
             self._pool.submit(runner, call).add_done_callback(finished)
