@@ -18,6 +18,14 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def outcome_of(client: zmqmesh.Node, service: str, outcome: list[Any]) -> None:
+    """Call ``service`` and append the reply, or the `ZmqMeshError` raised, to ``outcome``."""
+    try:
+        outcome.append(client.request(service, None, timeout=10))
+    except zmqmesh.ZmqMeshError as exc:
+        outcome.append(exc)
+
+
 @pytest.mark.timeout(240)
 def test_a_thousand_start_stop_cycles_leak_no_fds_or_threads(mesh: dict[str, Any]) -> None:
     def cycle() -> None:
@@ -316,17 +324,10 @@ def test_stop_is_bounded_even_when_a_handler_never_returns(mesh: dict[str, Any])
     node = zmqmesh.Node("stuck", **mesh)
     node.service("hang", lambda m: forever.wait(60))
     outcome: list[Any] = []
-
-    def call() -> None:
-        try:
-            outcome.append(client.request("hang", None, timeout=10))
-        except zmqmesh.ZmqMeshError as exc:
-            outcome.append(exc)
-
     with zmqmesh.Node("client", **mesh) as client:
         node.start()
         client.wait_for_service("hang", timeout=10)
-        caller = threading.Thread(target=call)
+        caller = threading.Thread(target=outcome_of, args=(client, "hang", outcome))
         caller.start()
         wait_until(lambda: node.stats()["service"]["received"] == 1, 10, "the request to arrive")
         started = time.monotonic()
@@ -345,17 +346,10 @@ def test_an_async_handler_cut_short_by_a_stop_is_no_success(mesh: dict[str, Any]
     node = zmqmesh.Node("stuck", **mesh)
     node.service("hang", hang)
     outcome: list[Any] = []
-
-    def call() -> None:
-        try:
-            outcome.append(client.request("hang", None, timeout=10))
-        except zmqmesh.ZmqMeshError as exc:
-            outcome.append(exc)
-
     with zmqmesh.Node("client", **mesh) as client:
         node.start()
         client.wait_for_service("hang", timeout=10)
-        caller = threading.Thread(target=call)
+        caller = threading.Thread(target=outcome_of, args=(client, "hang", outcome))
         caller.start()
         wait_until(lambda: node.stats()["service"]["received"] == 1, 10, "the request to arrive")
         node.stop(timeout=0.5)
