@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -106,7 +108,6 @@ def test_bad_arguments_give_one_line_errors() -> None:
 
 
 def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) -> None:
-    import signal
 
     with zmqmesh.Node("present", **mesh):
         watcher = subprocess.Popen(
@@ -150,7 +151,6 @@ def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mes
 
 
 def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tmp_path: Any, mesh: dict[str, Any]) -> None:
-    import signal
     import time
 
     (tmp_path / "sleeper.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
@@ -182,7 +182,7 @@ def test_a_reader_that_goes_away_ends_subscribe_and_peers_watch_quietly(mesh: di
         proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout is not None
             proc.stdout.readline()  # ("subscribed to", or "no peers found"): it runs
             proc.stdout.close()  # the reader goes away, as head does after its line
             deadline = time.monotonic() + 30
@@ -191,15 +191,20 @@ def test_a_reader_that_goes_away_ends_subscribe_and_peers_watch_quietly(mesh: di
                     talker.publish("x.a", {"n": 1})
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(0.05)
-            if proc.poll() is None:  # (still running, its reader gone: the defect)
-                proc.kill()
-            err = proc.stderr.read()
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 141, (args, err)  # (as a command that SIGPIPE ends)
-        assert "Traceback" not in err and "Broken pipe" not in err, (args, err)
+            _ended_quietly_by_a_closed_pipe(proc, args)
+
+
+def _ended_quietly_by_a_closed_pipe(proc: subprocess.Popen[str], what: Any) -> None:
+    """Kill ``proc`` if it still runs (its reader gone: the defect), then check that it
+    ended as a command that SIGPIPE ends (141), with no traceback."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert proc.returncode == 141, (what, err)
+    assert "Traceback" not in err and "Broken pipe" not in err, (what, err)
 
 
 def _launcher(tmp_path: Any, toml: str, **popen: Any) -> subprocess.Popen[str]:
@@ -209,7 +214,6 @@ def _launcher(tmp_path: Any, toml: str, **popen: Any) -> subprocess.Popen[str]:
 
 
 def _gone(pid: int) -> bool:
-    import os
 
     try:
         os.kill(pid, 0)
@@ -228,26 +232,18 @@ def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_pat
     proc = _launcher(tmp_path, 'stop_timeout_s = 5\n[[process]]\nname = "chatty"\ncommand = ["python3", "chatty.py"]\n')
     child = 0
     try:
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
         started = proc.stdout.readline()
         child = int(re.search(r"pid (\d+)", started).group(1))  # type: ignore[union-attr]
         proc.stdout.close()  # the reader goes away
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
-        if proc.poll() is None:  # (still running without a reader: the defect)
-            proc.kill()
-        err = proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        if child and not _gone(child):
-            import os
-            import signal
-
-            os.kill(child, signal.SIGKILL)
-    assert proc.returncode == 141, err
-    assert "Traceback" not in err and "Broken pipe" not in err, err
+        try:
+            _ended_quietly_by_a_closed_pipe(proc, "launch")
+        finally:
+            if child and not _gone(child):
+                os.kill(child, signal.SIGKILL)
     assert _gone(child)
 
 
@@ -270,9 +266,6 @@ time.sleep(120)
 def test_launch_leaves_nothing_running_that_its_processes_started(tmp_path: Any, how: tuple[str, str]) -> None:
     # a process that started another and exited (or that Ctrl-C stopped while what it
     # started ignored SIGTERM) left that one running for ever, the launcher gone
-    import os
-    import signal
-
     (tmp_path / "starter.py").write_text(STARTS_A_GRANDCHILD)
     proc = _launcher(tmp_path, f'stop_timeout_s = 1\n[[process]]\nname = "starter"\n'
                                f'command = ["python3", "starter.py", "{how[0]}", "{how[1]}"]\n')
@@ -297,7 +290,6 @@ def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any)
     # the launcher said "exited" and returned as soon as a process ended, while the
     # threads that copy its output had lines still to write: behind a slow reader,
     # thousands of a process's last lines were lost
-    import os
     import time
 
     (tmp_path / "burst.py").write_text("import sys\nsys.stdout.write(''.join(f'n {i}\\n' for i in range(8000)) + 'LAST\\n')\n")
@@ -332,9 +324,6 @@ def _children(pid: int) -> list[int]:
 def test_demo_stops_its_processes_on_sigterm_and_wants_a_count_of_orders() -> None:
     # SIGTERM (from `timeout`, a supervisor, kill) ended the demo's conductor at once and
     # left its four node processes running for ever; --orders 0 or -1 waited 20 s to fail
-    import os
-    import signal
-
     for bad in ("0", "-1", "x"):
         result = run("demo", "--orders", bad)
         assert result.returncode == 2 and "--orders" in result.stderr and "Traceback" not in result.stderr

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -47,6 +46,7 @@ from zmqmesh import (
 )
 
 from .jsonview import dumps, peer_dict
+from .pipes import PIPE_CLOSED, write_nowhere
 
 __all__ = ["main"]
 
@@ -55,7 +55,6 @@ class CliError(Exception):
     """A user-facing error: printed as one line."""
 
 
-_PIPE_CLOSED = 141  # (128 + SIGPIPE: the status of a command that a closed pipe ends)
 _stdout_gone = [False]
 
 
@@ -63,12 +62,7 @@ def _lose_stdout() -> None:
     """The reader of stdout went away: send what is still to be written nowhere (no
     error at exit either), and remember it for the exit status."""
     _stdout_gone[0] = True
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # (no stdout file at all)
-        pass
+    write_nowhere(sys.stdout)
 
 
 def _out(text: str, stop: StopFlag | None = None, file: Any = None) -> None:
@@ -470,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 130
     except BrokenPipeError:  # (stdout's reader went away: nothing to say, and nobody to say it to)
         _lose_stdout()
-        code = _PIPE_CLOSED
+        code = PIPE_CLOSED
     except (CliError, ZmqMeshError, OSError, ValueError) as exc:
         message = str(exc) or type(exc).__name__
         print(f"zmqmesh: error: {message}", file=sys.stderr)
@@ -479,5 +473,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"zmqmesh: internal error: {type(exc).__name__}: {exc} (run with -v and report it)", file=sys.stderr)
         code = 70
     if _stdout_gone[0] and code in (0, 130):  # (a handler lost the reader: the command ended for that)
-        code = _PIPE_CLOSED
+        code = PIPE_CLOSED
     sys.exit(code)

@@ -44,6 +44,8 @@ else:  # pragma: no cover - Python 3.10
 
 from zmqmesh import StopFlag
 
+from .pipes import PIPE_CLOSED, write_nowhere
+
 __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
 
 _RESTARTS = ("never", "on-failure", "always")
@@ -184,7 +186,7 @@ class Launcher:
             except BrokenPipeError:
                 self.out_gone = True
                 self._stopping.set()
-                _write_nowhere(self.out)
+                write_nowhere(self.out)
 
     def _start(self, spec: ProcessSpec) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
@@ -256,7 +258,7 @@ class Launcher:
             self._stop_all()
             if signal.SIGINT in interrupted:  # Ctrl-C: as every command
                 return 130
-            return _PIPE_CLOSED if self.out_gone else status
+            return PIPE_CLOSED if self.out_gone else status
         finally:
             self._stop_all()
             for sig, handler in previous.items():
@@ -322,22 +324,6 @@ def _signal_group(group: int, sig: int) -> bool:
 def _group_alive(group: int) -> bool:
     """Whether anyone of a process group still runs."""
     return _signal_group(group, 0)
-
-
-_PIPE_CLOSED = 141  # (128 + SIGPIPE: the status of a command that a closed pipe ends)
-
-
-def _write_nowhere(out: TextIO) -> None:
-    """Point ``out``'s file at /dev/null: what is still buffered for a reader that went
-    away then fails neither a later flush nor the interpreter's exit."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, out.fileno())
-        finally:
-            os.close(devnull)
-    except (OSError, ValueError):  # (an ``out`` without a file of its own)
-        pass
 
 
 def _ended(code: int) -> str:
