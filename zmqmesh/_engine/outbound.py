@@ -140,7 +140,7 @@ class Outbound:
                 blocked = True
         if self.durable is not None and not self.handing_over:
             try:
-                buffers = self.durable.refill(also=reliable.redeliver, taken=self._has_pullers)
+                buffers = self.durable.refill(also=reliable.redeliver)
             except Exception:
                 log.exception("reading the store failed")
                 buffers = {}
@@ -159,10 +159,6 @@ class Outbound:
         if time.monotonic() >= until and (publisher.queue or any(pusher.queues.values())):
             self.wake()  # (the slice ran out: the rest goes at the loop's next turn)
         self.space.notify()
-
-    def _has_pullers(self, queue: str) -> bool:
-        """Whether at-least-once pullers take ``queue`` now (what durable messages wait for)."""
-        return bool(self.directory.providers("ackqueues", queue))
 
     def _on_retry(self) -> None:
         self._retry = None

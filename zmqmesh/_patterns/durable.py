@@ -390,13 +390,14 @@ class DurableQueues:
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
         return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, self._pack)
 
-    def refill(self, also: Iterable[str] = (), every: bool = False,
-               taken: Callable[[str], bool] | None = None) -> dict[str, Buffer]:
+    def refill(self, also: Iterable[str] = (), every: bool = False) -> dict[str, Buffer]:
         """Top up from the store the buffers of queues it holds more of; the buffers of the
         queues with messages to deal (and of those named in ``also`` that are durable
-        queues, e.g. with messages to deal again), or of ``every`` queue (loop only).
-        With ``taken``, only the queues it says someone takes from now are read back: what
-        the store holds for the others stays there, out of memory, until then."""
+        queues, e.g. with messages to deal again), or of ``every`` queue (loop only). Only
+        the queues `taken` says someone pulls now are read back (but with ``every``: a
+        stop hands them all to keepers): what the store holds for the others stays there,
+        out of memory, until then."""
+        taken = None if every else self.taken
         self._wake_pending = False
         if not self.queues:  # the common case on a node with a store: nothing durable yet
             return {}

@@ -53,16 +53,14 @@ class History:
         self.stream_id = store.stream_id
         self.runs = store.runs  # (this run's token first: see `Store.runs`)
         self._policy_of: dict[bytes, HistoryPolicy | None] = {}
-        self._first: dict[bytes, int] = {}
-        self._next: dict[bytes, int] = {}
+        state = store.history_state()
+        self._first = {t.encode(): first for t, (first, _next) in state.items()}  # (may lag: trims go by it)
+        self._next = {t.encode(): nxt for t, (_first, nxt) in state.items()}
         try:  # (the numbering of topics with nothing kept, left by a version before this or a crash)
             self._forget(*store.forget_history_topics(MAX_EMPTY_TOPICS))
         except Exception as exc:  # (a full disk: forgotten at the next expiry instead)
             log.warning("cannot forget the numbering of topics no longer kept: %s", exc)
             self._floor = store.history_floor()
-        state = store.history_state()
-        self._first = {t.encode(): first for t, (first, _next) in state.items()}  # (may lag: trims go by it)
-        self._next = {t.encode(): nxt for t, (_first, nxt) in state.items()}
         self._rows: list[tuple[str, int, int, float, bytes, bytes | None]] = []
 
     def policy(self, topic: bytes) -> HistoryPolicy | None:
