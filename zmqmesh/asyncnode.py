@@ -165,7 +165,7 @@ class AsyncNode(NodeBase):
             return
         body = self._push_now(queue, data, headers, timeout)
         if body is not None:  # (the queue could not take it yet)
-            await self._runner.run(self._push_one_plan(queue, body, timeout))
+            await self._runner.run(self._push_many_plan(queue, [body], timeout))
 
     async def push_many(self, queue: str, items: Iterable[Any], timeout: float | None = None, *,
                         durable: bool = False, headers: dict[str, str] | None = None) -> None:

@@ -216,7 +216,7 @@ class Node(NodeBase):
             return
         body = self._push_now(queue, data, headers, timeout)
         if body is not None:  # (the queue could not take it yet)
-            self._runner.run(self._push_one_plan(queue, body, timeout))
+            self._runner.run(self._push_many_plan(queue, [body], timeout))
 
     def push_many(self, queue: str, items: Iterable[Any], timeout: float | None = None, *, durable: bool = False,
                   headers: dict[str, str] | None = None) -> None:

@@ -779,14 +779,6 @@ class NodeBase:
             self._engine.stats.add("pubsub", "refused_queue_full")
             raise MeshTimeoutError("send queue full: the receivers are not keeping up")
 
-    def _push_one_plan(self, queue: str, body: Any, timeout: float | None) -> Plan:
-        """Queue ``body`` (which `_push_now` could not queue at once) on the send queue of
-        ``queue`` once `_push_plan` got it what it lacked. Raises as `_push_plan` does."""
-        q = yield from self._push_plan(queue, self._push_deadline(timeout))
-        q.append(body)
-        self._engine.pusher.held += 1  # type: ignore[union-attr]
-        self._engine.outbound.wake()  # type: ignore[union-attr]
-
     def _push_plan(self, queue: str, deadline: float) -> Plan:
         """Create the queue's socket, wait for a puller, wait for room until ``deadline``:
         whatever push lacks.
