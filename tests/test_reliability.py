@@ -213,26 +213,32 @@ def test_a_send_queue_stays_within_send_queue_max_while_its_puller_takes_nothing
         node.wait_for_pullers("jobs", 1, timeout=10)
         os.kill(puller.proc.pid, signal.SIGSTOP)
         try:
-            stop = time.monotonic() + 3.0
-            refused = [0]
+            # (4 KiB each, batched into frames: should the connection be up, the kernel's
+            # buffers fill after a few thousand; each thread pushes until refused a few times)
+            payload = b"x" * 4096
+            deadline = time.monotonic() + 30.0
+            refused = [0, 0, 0]
+            unexpected: list[BaseException] = []
 
-            def pusher() -> None:
-                while time.monotonic() < stop:
+            def pusher(i: int) -> None:
+                while refused[i] < 5 and time.monotonic() < deadline:
                     try:
-                        node.push("jobs", b"x" * 16, timeout=0.05)
+                        node.push("jobs", payload, timeout=0.05)
                     except zmqmesh.MeshTimeoutError:
-                        refused[0] += 1
+                        refused[i] += 1
+                    except BaseException as exc:  # (reported below, not lost with the thread)
+                        unexpected.append(exc)
+                        return
 
-            threads = [threading.Thread(target=pusher) for _ in range(3)]
+            threads = [threading.Thread(target=pusher, args=(i,)) for i in range(3)]
             for t in threads:
                 t.start()
             most = 0
-            while time.monotonic() < stop:
+            while any(t.is_alive() for t in threads):
                 most = max(most, node.stats()["gauges"]["queued"])
                 time.sleep(0.001)
-            for t in threads:
-                t.join(5)
-            assert refused[0] > 0  # (the queue was full: pushes waited for room and gave up)
+            assert not unexpected, unexpected
+            assert min(refused) == 5, refused  # (the queue was full: pushes waited for room and gave up)
             assert max(most, node.stats()["gauges"]["queued"]) == 20, most  # (full, and never past it)
         finally:
             os.kill(puller.proc.pid, signal.SIGCONT)

@@ -810,7 +810,9 @@ class NodeBase:
             q = pusher.queue_of(queue)
         if pusher.full(q):
             room = yield Room(functools.partial(pusher.full, q), deadline)
-            if pusher.queue_of(queue) is not q:  # its pullers left and what waited was dropped: again
+            if pusher.queue_of(queue) is not q or not engine.directory.offers["queues"].get(queue):
+                # its pullers left, and what waited is being dropped (the room seen may be the
+                # drop's, under way on the loop): again, from waiting for a puller
                 return (yield from self._push_plan(queue, deadline))
             if not room:
                 if len(q) >= self.config.send_queue_max:
