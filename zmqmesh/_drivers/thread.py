@@ -37,7 +37,7 @@ from .._io.sockets import recv_frames, send_frames, with_input
 from .._io.waker import Waker
 from .._mesh.directory import Provider
 from .._mesh.waiters import Room, Until
-from .._patterns.calls import Call, is_async, run_async, run_sync
+from .._patterns.calls import Call, CutShort, is_async, run_async, run_sync
 from .._patterns.dispatch import Dispatcher
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import Exchange, QuickRequest
@@ -637,8 +637,8 @@ class ThreadInbox(Dispatcher):
                 continue
             except Exception as exc:  # the loop went away
                 return None, exc
-        future.cancel()  # (a failure, not a result: no OK reply for it, no acknowledgement)
-        return None, NodeClosedError("the node stopped before the handler returned")
+        future.cancel()  # (no result: no OK reply for it, no acknowledgement)
+        return None, CutShort("the node stopped before the handler returned")
 
     def _submit(self, call: Call) -> None:
         assert self._pool is not None and self._slots is not None

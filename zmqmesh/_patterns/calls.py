@@ -10,8 +10,9 @@ from typing import Any, NamedTuple
 
 from .._mesh.registry import PullOptions
 from .._observe import tracing
+from ..errors import NodeClosedError
 
-__all__ = ["Call", "BatchAck", "CursorMark", "is_async", "handler_failure", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served",
+__all__ = ["Call", "BatchAck", "CursorMark", "CutShort", "is_async", "handler_failure", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served",
            "handler_raised"]
 
 log = logging.getLogger("zmqmesh.inbox")
@@ -32,6 +33,12 @@ class BatchAck:
         self.options = options or PullOptions(at_least_once=True)
         self.failures: list[list[Any]] = []
         self.cut_short = False
+
+
+class CutShort(NodeClosedError):
+    """What a handler a stop's timeout cut short (an ``async def`` one a `Node` runs on its
+    handler loop) leaves as its outcome: its message is counted as left at the stop
+    (``dropped``, named in the stop's warning), not as the handler's failure."""
 
 
 class CursorMark(NamedTuple):

@@ -40,9 +40,9 @@ from .._store.messages import Entry
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..config import NodeConfig
-from ..errors import DecodeError, MessageTooLargeError
+from ..errors import DecodeError, MessageTooLargeError, NodeClosedError
 from ..message import Message, Origin, frame_deliveries
-from .calls import BatchAck, Call, CursorMark, handler_failure, handler_raised
+from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
 from .history import PAGE_ROWS, History
 from .intake import AckedIntake
 from .pubsub import GapCounter
@@ -143,7 +143,7 @@ class Dispatcher:
                  history: History | None = None) -> None:
         self.acked = AckedIntake(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                  keeper=keeper, reply=self.send_reply, in_place=self.runs_in_place,
-                                 abandoned=self.abandoned)
+                                 abandoned=self.abandoned, left_at_stop=self._left_unhandled)
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
         self.history = history
@@ -686,7 +686,8 @@ class Dispatcher:
             message = str(error)
         except Exception:
             message = f"<str() of the {type(error).__name__} raised>"
-        name, message, traceback_text = (_utf8_text(type(error).__name__), _utf8_text(message),
+        kind = NodeClosedError if isinstance(error, CutShort) else type(error)  # (the public name)
+        name, message, traceback_text = (_utf8_text(kind.__name__), _utf8_text(message),
                                          _utf8_text(traceback_text))
         try:
             return self.codec.encode({"type": name, "message": message, "traceback": traceback_text})
@@ -707,6 +708,11 @@ class Dispatcher:
             self.answer(route, result, error)  # type: ignore[arg-type]
             return
         if error is not None:
+            if isinstance(error, CutShort):  # (a batch it belongs to is then never acknowledged)
+                self.drop(call)
+                if isinstance(route, BatchAck):
+                    route.cut_short = True
+                return
             self.stats.pattern[call.pattern]["errors"] += 1
             log.error("handler %s raised", getattr(call.handler, "__qualname__", call.handler), exc_info=error)
         if isinstance(route, BatchAck):
