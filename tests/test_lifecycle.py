@@ -267,6 +267,43 @@ def test_what_a_handler_outliving_the_stop_leaves_is_counted_when_it_returns(mes
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("returns_in_time", [True, False])
+def test_a_store_a_handler_outliving_the_stop_holds_is_waited_for_when_opened_again(
+        mesh: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, returns_in_time: bool) -> None:
+    """A node's store closes only once a handler that outlived the stop returns: a node
+    opened on it meanwhile in the same process waits for that (`CLOSING_WAIT_S`), then
+    opens it, or says why it cannot. (It failed at once: "in use by another node".)"""
+    from zmqmesh._store import sqlite
+
+    monkeypatch.setattr(sqlite, "CLOSING_WAIT_S", 3.0)
+    release = threading.Event()
+    taken = threading.Event()
+    store = str(tmp_path / "store")
+    worker = zmqmesh.Node("worker", store=store, **mesh)
+    worker.pull("q", lambda m: (taken.set(), release.wait(10)))
+    with zmqmesh.Node("boss", **mesh) as boss:
+        worker.start()
+        boss.wait_for_pullers("q", timeout=10)
+        boss.push("q", 0)
+        assert taken.wait(10)
+        worker.stop(timeout=0.1)
+        timer = threading.Timer(0.5 if returns_in_time else 4.5, release.set)
+        timer.start()
+        try:
+            again = zmqmesh.Node("worker", store=store, **mesh)
+            if returns_in_time:
+                with again:
+                    assert release.is_set()  # (it opened once the handler had returned)
+            else:
+                with pytest.raises(zmqmesh.StoreLockedError, match="outlived the stop's timeout"):
+                    again.start()
+                assert not release.is_set()
+        finally:
+            release.set()
+            timer.cancel()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_requests_an_async_node_served_with_sync_handlers_before_a_stop_cut_it_short_are_answered(
         mesh: dict[str, Any], concurrency: int) -> None:

@@ -697,9 +697,11 @@ def stop_blocking(engine: Engine, inbox: ThreadInbox, loop: Reactor, thread: thr
                 if thread.is_alive():  # a wedged loop may still use its sockets: leak them rather than crash
                     log.warning("node %s: the I/O thread did not end; its ZeroMQ context is left open", engine.name)
                     continue
+                if engine.store is not None:  # (first: handed over, the inbox thread may close it at once)
+                    engine.store.close_later()
                 if inbox.after_exit(step.fn):  # a handler outlived the stop: its thread closes up after it
                     log.warning("node %s: a handler did not return within the stop's timeout; the node's inbound "
-                                "sockets and ZeroMQ context close when it does (what is left is counted then)",
+                                "sockets, ZeroMQ context and store close when it does (what is left is counted then)",
                                 engine.name)
                     continue
                 step.fn()

@@ -58,6 +58,12 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 # them opened meanwhile by a store refused (closed only with the holder's: `_hold_database`)
 _HELD: dict[tuple[int, int], list[int]] = {}
 _HELD_LOCK = threading.Lock()
+# (device, inode) of the lock files of stores this process closes once a handler that
+# outlived its node's stop returns (`Store.close_later`), and the event set when they close
+_CLOSING: dict[tuple[int, int], threading.Event] = {}
+CLOSING_WAIT_S = 5.0
+"""How long opening a store waits for one this process closes after a handler that outlived
+its node's stop (`Store.close_later`), before it raises `StoreLockedError`."""
 _PAGE_SIZE = 4096
 SEGMENT_MAX = 1024
 """Messages in one stored segment at most: a larger call is stored as several."""
@@ -210,6 +216,7 @@ class Store:
         except OSError as exc:
             raise ConfigError(f"cannot create the store directory {self.directory}: {exc}") from exc
         self._lock_file = self._take_lock()
+        self._closing: tuple[int, int] | None = None  # (`close_later`)
         self._db_lock: tuple[int, tuple[int, int]] | None = None
         self._lock = threading.Lock()
         try:
@@ -236,12 +243,29 @@ class Store:
             handle = open(lock_path, "a+")  # noqa: SIM115 - held for the store's lifetime
         except OSError as exc:
             raise ConfigError(f"cannot open {lock_path}: {exc}") from exc
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise StoreLockedError(f"the store {self.directory} is in use by another node (locked)") from None
-        return handle
+        if _try_lock(handle):
+            return handle
+        info = os.fstat(handle.fileno())
+        closing = _CLOSING.get((info.st_dev, info.st_ino))
+        if closing is not None and closing.wait(CLOSING_WAIT_S) and _try_lock(handle):
+            return handle
+        handle.close()
+        if closing is not None:
+            raise StoreLockedError(f"the store {self.directory} is still in use by a node of this process that "
+                                   f"stopped: a handler of it outlived the stop's timeout and has not returned "
+                                   f"within {CLOSING_WAIT_S:g} s (the store closes when it does)")
+        raise StoreLockedError(f"the store {self.directory} is in use by another node (locked)")
+
+    def close_later(self) -> None:
+        """Say that this store closes only once a handler that outlived its node's stop
+        returns: meanwhile, opening it again in this process waits for that (up to
+        `CLOSING_WAIT_S`) instead of failing at once."""
+        if self._closed:
+            return
+        info = os.fstat(self._lock_file.fileno())
+        with _HELD_LOCK:
+            self._closing = (info.st_dev, info.st_ino)
+            _CLOSING.setdefault(self._closing, threading.Event())
 
     def _hold_database(self) -> tuple[int, tuple[int, int]]:
         """Lock the database file itself (created empty if missing), for the store's
@@ -303,6 +327,11 @@ class Store:
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
             finally:
                 self._lock_file.close()
+                if self._closing is not None:
+                    with _HELD_LOCK:
+                        closed = _CLOSING.pop(self._closing, None)
+                    if closed is not None:
+                        closed.set()
 
     def _check_file(self) -> None:
         _check_sqlite_file(self.path)
@@ -925,6 +954,15 @@ class Store:
                 self._db.close()
             finally:
                 self._release_lock()
+
+
+def _try_lock(handle: Any) -> bool:
+    """Take the exclusive lock on the open lock file ``handle`` if nobody holds it."""
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _schema_version(db: sqlite3.Connection, path: Path) -> int:
