@@ -466,6 +466,53 @@ def test_a_publisher_restored_from_an_older_copy_of_its_store_is_noticed_and_not
     assert all(r for _n, r in again), "numbered up to where it was (1009): marked, they may have been handled"
 
 
+@pytest.mark.timeout(240)
+def test_a_durable_subscriber_away_while_its_publisher_crash_loops_is_not_taken_for_a_restore(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """A publisher process that starts and is killed before it publishes, 20 times (a
+    crash loop under a supervisor), while a durable subscriber is away: each start was a
+    run, and after 16 the subscriber no longer found the run it followed, took the store
+    for one restored from a copy and read the whole history again, marked redelivered.
+    Back, it reads no history again (no ``rewound``) and gets each new message once, not
+    marked."""
+    store = tmp_path / "publisher"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+    got: list[tuple[str, int, bool, int]] = []
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+        node.subscribe("app.", lambda m: got.append((m.topic, m.data["n"], m.redelivered, m.gap)), replay="all",
+                       durable_name="collector")
+        return node
+
+    def publisher(total: int) -> ScriptProcess:
+        proc = worker("publisher", store, name, port, total, 100_000)
+        procs.append(proc)
+        proc.wait_for("published")
+        return proc
+
+    sub = subscriber().start()
+    try:
+        first = publisher(30)
+        wait_until(lambda: len(got) >= 30, 20, "the first run's messages")
+    finally:
+        sub.stop()
+    first.close()
+    for _ in range(20):  # (killed once started: its store opened, nothing published)
+        publisher(0).kill()
+    sub = subscriber().start()
+    try:
+        last = publisher(30)
+        wait_until(lambda: len(got) >= 60, 20, "the new messages")
+        time.sleep(1.5)  # (a rewind would read the first 30 again meanwhile)
+        stats = sub.stats()["pubsub"]
+    finally:
+        sub.stop()
+    last.close()
+    assert stats.get("rewound", 0) == 0, "not taken for a store restored from a copy"
+    assert got == [(f"app.{i % 3}", i, False, 0) for i in [*range(30), *range(30)]], "each once, not marked"
+
+
 def numbered_topics(store: Path) -> int:
     """How many topics the store keeps a numbering for (read-only, while its node runs)."""
     db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)

@@ -574,6 +574,94 @@ def test_each_opening_of_a_store_is_a_run_named_in_its_lineage_and_a_copy_lacks_
     restored.close()
 
 
+def opened(directory: Path, number: int = 0) -> tuple[str, ...]:
+    """Open the store in ``directory`` (a run), number ``number`` messages in its history,
+    close it; its runs."""
+    store = Store(directory)
+    runs = store.runs
+    if number:
+        nxt = store.history_next("t.").get("t.x", 0)
+        store.keep_history([("t.x", nxt, number, 1.0, b"\x01", None)])
+    store.close()
+    return runs
+
+
+def test_a_store_opened_again_and_again_without_numbering_still_names_the_last_run_that_numbered(
+        tmp_path: Path) -> None:
+    """A publisher that crash-loops (starts, then dies before publishing, again and
+    again) opened a run each time: after 16 of them its store no longer named the run its
+    subscribers followed, and they took it for a store restored from a copy (a whole
+    history read again, marked redelivered). A run that numbered nothing is left out once
+    16 openings followed it; one that numbered stays named, also after expiry deleted
+    what it numbered. The lineage stays bounded."""
+    published = opened(tmp_path, 5)[0]
+    empty: list[str] = []  # (newest first)
+    for n in range(RUNS_KEPT + 4):
+        runs = opened(tmp_path)
+        assert runs[0] not in empty and runs[0] != published, n
+        empty.insert(0, runs[0])
+        newest = (*empty, published)[:RUNS_KEPT]
+        assert runs == (newest if published in newest else (*newest, published)), n
+    assert len(runs) == RUNS_KEPT + 1 and runs[-1] == published, "the newest 16, and the run that numbered"
+    # a run that numbers, then everything it numbered expires: it numbered all the same
+    store = Store(tmp_path)
+    expired = store.runs[0]
+    store.keep_history([("t.x", 5, 3, 1.0, b"\x01", None)])
+    assert store.expire_history("t.", 2.0, keep_empty=0) == (["t.x"], 8)
+    store.close()
+    for _ in range(RUNS_KEPT + 4):
+        runs = opened(tmp_path)
+    assert runs[RUNS_KEPT:] == (expired, published)
+    # each numbering: past the newest 16, up to 16 more that numbered, newest first
+    numbered = [opened(tmp_path, 1)[0] for _ in range(2 * RUNS_KEPT + 2)]
+    for _ in range(3):  # (and between them, runs that numbered nothing: left out past the newest 16)
+        numbered.append(opened(tmp_path, 1)[0])
+        opened(tmp_path)
+    runs = opened(tmp_path)
+    assert len(runs) == 2 * RUNS_KEPT
+    assert [r for r in runs[RUNS_KEPT:]] == [r for r in reversed(numbered) if r not in runs[:RUNS_KEPT]][:RUNS_KEPT]
+
+
+def test_a_copy_taken_after_a_run_that_numbered_nothing_is_still_told_from_the_runs_after_it(
+        tmp_path: Path) -> None:
+    """Each opening is a new run, even after one that numbered nothing: a copy taken (the
+    publisher stopped) after such a run, put back after the next run numbered messages,
+    lacks that run, so its subscribers read the history again instead of skipping the
+    numbers given anew. (Had the opening after a run that numbered nothing gone on under
+    that run's token, the copy would have gone on under it too: the restore unseen.) A
+    copy taken after a crash loop lacks what followed it likewise."""
+    opened(tmp_path / "s", 5)
+    opened(tmp_path / "s")
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    after = opened(tmp_path / "s", 5)  # subscribers followed this run and took its numbers
+    restored = opened(tmp_path / "copy")
+    assert after[0] not in restored and restored[1:] == after[1:]
+    for _ in range(RUNS_KEPT + 4):  # a crash loop, then a run that numbers
+        opened(tmp_path / "s")
+    shutil.rmtree(tmp_path / "copy")
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    later = opened(tmp_path / "s", 5)
+    assert after[0] in later
+    restored = opened(tmp_path / "copy")
+    assert later[0] not in restored and after[0] in restored
+
+
+def test_a_store_of_a_version_before_run_marks_keeps_the_runs_it_named(tmp_path: Path) -> None:
+    """A store whose runs were recorded without marks (a version before them): its runs
+    count as runs that numbered, kept past the newest 16; its first run opened now is
+    marked, and a crash loop after it leaves them named."""
+    store = Store(tmp_path)
+    store.close()
+    old = tuple(f"{i:016x}" for i in range(RUNS_KEPT))
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        db.execute("DELETE FROM meta WHERE key IN ('run_mark', 'runs_empty')")
+        db.execute("UPDATE meta SET value = ? WHERE key = 'runs'", (",".join(old),))
+    db.close()
+    for _ in range(RUNS_KEPT + 4):
+        runs = opened(tmp_path)
+    assert runs[RUNS_KEPT:] == old
+
+
 def test_the_dead_letter_tools_open_a_store_without_starting_a_run(tmp_path: Path) -> None:
     """Only a node's opening is a run: the command-line tools' (dead letters) leave the
     lineage as it is. (Each use recorded one; after 16 of them a publisher's subscribers

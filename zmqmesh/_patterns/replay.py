@@ -266,10 +266,13 @@ class Replays:
 
     def _check_run(self, key: Key, cursor: Cursor, node_id: str, calls: list[Call]) -> None:
         """Whether the numbering the cursor follows went back: its publisher (``node_id``)
-        names its store's runs (``X-ZMQMESH-RUNS``, newest first); one that lacks the run
-        the cursor followed last opened a store restored from an older copy (or restarted
-        more than ``Store.RUNS_KEPT`` times meanwhile), which numbers anew messages the cursor may
-        have taken already: `_rewind`. A publisher that names none is taken on trust."""
+        names its store's runs (``X-ZMQMESH-RUNS``, newest first: those of its last
+        ``RUNS_KEPT`` openings, then older ones that numbered messages); one that lacks the
+        run the cursor followed last opened a store restored from an older copy, which
+        numbers anew messages the cursor may have taken already: `_rewind`. (Or, falsely,
+        it was opened more than ``RUNS_KEPT`` times meanwhile, and the run followed
+        numbered nothing or ``RUNS_KEPT`` later runs numbered some: then the history is
+        read again for nothing.) A publisher that names none is taken on trust."""
         runs = self.directory.runs.get(node_id)
         if not runs or cursor.run == runs[0] or runs[0] in cursor.left_runs:
             return  # (the last: a node of a run left, still taken for present)
