@@ -1017,6 +1017,40 @@ def history_page(start: int, count: int) -> dict[str, Any]:
     return {"rows": rows, "more": False, "next": {"t.x": start + count}}
 
 
+@pytest.mark.timeout(30)
+def test_a_live_frame_that_says_where_its_topic_began_spares_a_read_of_the_history() -> None:
+    """A topic numbered afresh past 0 (its publisher forgot topics: the floor) says on its
+    first live frame where it began (``"s"`` in its meta frame): a replaying cursor new to
+    it delivers it at once, and one that followed it below there takes it as numbered
+    afresh (``renumbered``), with no read of the history either way. A start past the
+    frame's own number, or a meta frame without one, says nothing: the history is read."""
+    from zmqmesh._patterns.pubsub import meta_frame, start_meta
+
+    publisher = history_publisher("bb")
+    replays, fetches, _directory, stats = replaying(publisher)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {}}, None, calls)
+    assert len(fetches) == 1
+    replays.live("t.new", 40, [40, 41], None, publisher.id, subscriptions, calls, start_meta(None, 2, 40))
+    replays.live("t.new", 42, [42], None, publisher.id, subscriptions, calls)
+    assert [call.arg.data for call in calls] == [40, 41, 42] and len(fetches) == 1, "no page read"
+    replays.live("t.x", 0, [0], None, publisher.id, subscriptions, calls)  # (followed from 0) ...
+    replays.live("t.x", 50, [50], None, publisher.id, subscriptions, calls, start_meta(None, 1, 50))
+    assert [call.arg.data for call in calls[3:]] == [0, 50] and len(fetches) == 1  # ... then numbered afresh
+    counted = stats.snapshot()["pubsub"]
+    assert counted.get("renumbered") == 1 and counted.get("gap", 0) == 0
+    headed = frames.Headed(_HISTORY_CODEC.encode(60))
+    headed.headers, headed.timestamp = msgpack.packb({"k": "v"}), time.time()
+    meta = start_meta(meta_frame([headed]), 1, 60)
+    assert frames.parse_meta(msgpack.unpackb(meta), 1)[0] == [{"k": "v"}]  # (its headers as they were)
+    replays.live("t.headed", 60, [60], None, publisher.id, subscriptions, calls, meta)
+    assert calls[-1].arg.data == 60 and len(fetches) == 1
+    replays.live("t.lying", 70, [70], None, publisher.id, subscriptions, calls, start_meta(None, 1, 71))
+    assert calls[-1].arg.data == 60 and len(fetches) == 2, "a start past the frame's number: the history is read"
+
+
 def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_publisher_is_quiet() -> None:
     """What a publisher published after its history was read, and before the live
     subscription reached it, comes neither way: with no live message during the catch-up,

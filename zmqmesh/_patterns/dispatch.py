@@ -413,7 +413,8 @@ class Dispatcher:
             self._received_names[pattern].add(name_b, len(items))
             origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
             if replaying:
-                self.replays.live(topic, sequence, items, origin, sender_id, replaying, calls)
+                self.replays.live(topic, sequence, items, origin, sender_id, replaying, calls,
+                                  frames[3] if len(frames) == 4 else None)
             if not handlers:  # (only replaying subscriptions: they have the frame)
                 return
         else:

@@ -11,7 +11,8 @@ stays for the `MAX_EMPTY_TOPICS` emptied last; past them it is forgotten: a publ
 one topic per order id kept a number for each for good (400,000 topics: 32 MiB of store,
 85 MiB of memory). A topic numbered afresh begins at the store's floor, past every number
 a forgotten topic reached, so that no number of a topic is ever given twice; a replay
-learns where it began (``"start"``).
+learns where it began from the topic's first live frame (`began`) or a page of the
+history (``"start"``).
 
 `History` decides and records (the loop's thread); subscribers read it through the
 built-in service ``\\x00history`` (`page`), answered on the inbox's thread.
@@ -62,6 +63,9 @@ class History:
             log.warning("cannot forget the numbering of topics no longer kept: %s", exc)
             self._floor = store.history_floor()
         self._rows: list[tuple[str, int, int, float, bytes, bytes | None]] = []
+        self.began = False
+        """Set by `number` when it numbered a topic afresh from a floor above 0, for its
+        publisher to say so on the topic's first frame (and to clear)."""
 
     def policy(self, topic: bytes) -> HistoryPolicy | None:
         """The policy that keeps ``topic``, if any."""
@@ -77,10 +81,13 @@ class History:
         return found
 
     def number(self, topic: bytes, count: int) -> int:
-        """The number of the first of ``count`` messages about to be sent on a kept topic."""
-        seq = self._next.get(topic, self._floor)
+        """The number of the first of ``count`` messages about to be sent on a kept topic;
+        a topic numbered afresh begins at the floor (past 0: `began` set)."""
+        seq = self._next.get(topic)
+        if seq is None:
+            seq = self._first[topic] = self._floor
+            self.began = seq > 0
         self._next[topic] = seq + count
-        self._first.setdefault(topic, seq)
         return seq
 
     def record(self, topic: bytes, seq: int, count: int, payload: bytes, meta: bytes | None) -> None:

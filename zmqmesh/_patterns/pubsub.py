@@ -5,14 +5,15 @@ The XPUB is connected to every zmqmesh peer's SUB, so a publication reaches each
 subscriber once, in order per publisher. This node's own subscriptions get its
 publications directly (``local``), never through a socket: none is lost while a
 subscription would still be on its way. Frames of kept topics (``history=``) are numbered
-by the history and committed to it before they are sent.
+by the history and committed to it before they are sent; the first frame of a topic
+numbered afresh past the history's floor says where its numbering begins (`start_meta`).
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from time import monotonic
+from time import monotonic, time
 from typing import Any
 
 import msgpack
@@ -33,7 +34,7 @@ from .._wire.frames import (
 )
 from .history import History
 
-__all__ = ["Publisher", "GapCounter", "meta_frame"]
+__all__ = ["Publisher", "GapCounter", "meta_frame", "start_meta"]
 
 _MAX_TRACKED_TOPICS = 65_536
 _MAX_TRACKED_STREAMS = 65_536
@@ -54,6 +55,18 @@ def meta_frame(bodies: list[Headed], first: int | None = None) -> bytes:
         return b"\x82" + entries
     number: bytes = msgpack.packb(first)
     return b"\x83" + entries + b"\xa1n" + number
+
+
+def start_meta(meta: bytes | None, count: int, start: int) -> bytes:
+    """The meta frame of a batch of ``count`` messages on a kept topic numbered afresh from
+    ``start`` (the history's floor, above 0): the batch's own (``meta``), or one without
+    headers (``"h"`` of nils, ``"t"`` now), with ``"s": start``, so that a replaying
+    subscriber new to the topic expects it from there instead of reading a page of the
+    history to learn it (a node before this field ignores it)."""
+    fields = msgpack.unpackb(meta) if meta is not None else {"h": [None] * count, "t": time()}
+    fields["s"] = start
+    packed: bytes = msgpack.packb(fields)
+    return packed
 
 
 class Publisher:
@@ -138,6 +151,9 @@ class Publisher:
             if keeps:
                 seq = history.number(topic, len(bodies))  # type: ignore[union-attr]
                 history.record(topic, seq, len(bodies), payload, meta)  # type: ignore[union-attr]
+                if history.began:  # type: ignore[union-attr]
+                    history.began = False  # type: ignore[union-attr]
+                    meta = start_meta(meta, len(bodies), seq)  # (live only: a page says it with "start")
             else:
                 seq = self._sequences.get(topic, 0)
                 if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:

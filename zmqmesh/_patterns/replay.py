@@ -11,10 +11,13 @@ already replayed are skipped). If none came, the history is read again a few tim
 the publisher, and after the history was read, arrives no other way. Live, a frame
 whose numbers jump is a gap: the missing messages are fetched from the history, and what
 the history no longer holds is reported on the next message (``msg.gap``) and counted
-(``stats()["pubsub"]["gap"]``). A gap shows only with a next frame, so once a publisher
-has been quiet for `QUIET_LOOK_S`, the subscription asks it for the numbers its topics
-have reached (a page of no rows) and catches up if it is behind: a last frame dropped at
-a high-water mark is not missed for good. A read of the history that fails is tried again
+(``stats()["pubsub"]["gap"]``). A topic new to the cursor whose first number is past 0
+(numbered after its publisher forgot topics: see `_patterns.history`) is no gap: its
+first live frame says where its numbering began (``"s"`` in its meta frame), or else a
+page of the history does (``"start"``). A gap shows only with a next frame, so once a
+publisher has been quiet for `QUIET_LOOK_S`, the subscription asks it for the numbers
+its topics have reached (a page of no rows) and catches up if it is behind: a last frame
+dropped at a high-water mark is not missed for good. A read of the history that fails is tried again
 (`FETCH_RETRIES_S`), or, if its publisher left, made again once the publisher is back
 (`AWAY_HOLD_S`), the live frames held meanwhile.
 
@@ -139,6 +142,7 @@ class _Frame(NamedTuple):
     items: list[Any]
     origin: Origin | None
     sender_id: str | None
+    meta: bytes | None  # its meta frame, read for ``"s"`` only when its number is not the one expected
 
 
 class Replays:
@@ -330,8 +334,10 @@ class Replays:
     # -- live frames ------------------------------------------------------------------------
 
     def live(self, topic: str, seq: int | None, items: list[Any], origin: Origin | None, sender_id: str | None,
-             subscriptions: list[tuple[Key, SubscribeOptions]], calls: list[Call], wait: bool = True) -> None:
-        """A frame from a publisher, for the replaying ``subscriptions`` matching its topic.
+             subscriptions: list[tuple[Key, SubscribeOptions]], calls: list[Call], meta: bytes | None = None,
+             wait: bool = True) -> None:
+        """A frame from a publisher, for the replaying ``subscriptions`` matching its topic
+        (``meta``: its meta frame, if it has one).
 
         A frame from a sender not known yet (its HELLO, which says whether it keeps a
         history, is still on its way) waits for it, up to `_UNKNOWN_WAIT_S` (``wait``);
@@ -343,7 +349,7 @@ class Replays:
         if wait and seq is not None and sender_id is not None and (
                 sender_id not in self.directory.alive_ids or sender_id in self._unknown):
             since, frames = self._unknown.setdefault(sender_id, (time.monotonic(), deque()))
-            frames.append((topic, seq, items, origin, subscriptions))  # (behind those waiting: in order)
+            frames.append((topic, seq, items, origin, subscriptions, meta))  # (behind those waiting: in order)
             if sender_id in self.directory.alive_ids or len(frames) > MAX_HELD or len(self._unknown) > _MAX_UNKNOWN:
                 self.release_unknown(calls, sender_id)
             return
@@ -358,7 +364,7 @@ class Replays:
                     if cursor.node_id != sender_id or cursor.run is None:  # (a restarted publisher: a new id)
                         cursor.node_id = sender_id  # type: ignore[assignment]
                         self._check_run(key, cursor, sender_id, calls)  # type: ignore[arg-type]
-                    self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id), calls)
+                    self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta), calls)
                     continue
             # the publisher keeps no history of it (or too many streams are followed): plain delivery
             for index, data in enumerate(items):
@@ -372,15 +378,16 @@ class Replays:
         for sender_id, (since, frames) in list(self._unknown.items()):
             if sender_id == now_for or sender_id in self.directory.alive_ids or since < deadline:
                 del self._unknown[sender_id]
-                for topic, seq, items, origin, subscriptions in frames:
-                    self.live(topic, seq, items, origin, sender_id, subscriptions, calls, wait=False)
+                for topic, seq, items, origin, subscriptions, meta in frames:
+                    self.live(topic, seq, items, origin, sender_id, subscriptions, calls, meta, wait=False)
 
     def _take(self, key: Key, options: SubscribeOptions, cursor: Cursor, frame: _Frame, calls: list[Call],
               settled: bool = False, final: bool = False) -> None:
         """A live frame for a cursor. A jump in the numbers makes the cursor catch up from
         the history; once it has (``settled``), what is still missing is reported instead,
         unless the history was read before those messages were kept. ``final``: there is
-        no history to be had (a failed fetch): report at once."""
+        no history to be had (a failed fetch): report at once. A frame that says where
+        its topic's numbering began (`_said_start`) is taken as a page's ``"start"``."""
         cursor.live_seen = True
         self._look_at((key, cursor.stream), time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
         if cursor.catching_up:
@@ -389,6 +396,11 @@ class Replays:
         expected = cursor.next.get(frame.topic)
         if expected is None and (frame.seq == 0 or not cursor.from_start):
             expected = frame.seq  # a topic that starts now (or a subscription that starts now)
+        if (expected is None or frame.seq > expected) and frame.meta is not None:
+            start = self._said_start(frame.meta, frame.seq)
+            if start is not None:
+                self._starts(cursor, {frame.topic: start})
+                expected = cursor.next.get(frame.topic, expected)
         missed = 0
         if expected is None or frame.seq > expected:
             # missed some: the history may have them, unless it was just read up to past them
@@ -399,6 +411,16 @@ class Replays:
             missed = frame.seq - (expected or 0)
         self._deliver(key, options, cursor, frame.topic, frame.seq, frame.items, frame.origin, frame.sender_id,
                       missed, None, calls)
+
+    def _said_start(self, meta: bytes, seq: int) -> int | None:
+        """Where the numbering of a frame's topic began, as its meta frame says (``"s"``: on
+        the first frame of a topic its publisher numbered afresh past 0); None if it says
+        nothing of it, or a start past the frame's first number (``seq``)."""
+        try:
+            start = self.codec.decode(meta).get("s")
+        except Exception:  # (a meta frame that is no map: read as a frame's when received)
+            return None
+        return start if type(start) is int and 0 <= start <= seq else None
 
     def _hold(self, cursor: Cursor, frame: _Frame) -> None:
         if cursor.held is None:
@@ -617,9 +639,10 @@ class Replays:
 
     def _starts(self, cursor: Cursor, starts: dict[str, Any]) -> None:
         """Where the numbering of topics began, as a page says (``"start"``, for those that
-        began past 0: numbered after topics whose messages all expired were forgotten). A
-        topic new to the cursor is expected from there (nothing missed before it); one it
-        knows below there was forgotten and numbered anew: logged and counted
+        began past 0: numbered after topics whose messages all expired were forgotten), or
+        a topic's first live frame (``"s"``: `_said_start`). A topic new to the cursor is
+        expected from there (nothing missed before it); one it knows below there was
+        forgotten and numbered anew: logged and counted
         (``stats()["pubsub"]["renumbered"]``), and followed from there. (What of the old
         numbering the history dropped before the subscription read it cannot be counted:
         the publisher no longer knows how much that was.)"""
