@@ -108,13 +108,13 @@ class NodeProcess:
     def wait_line(self, prefix: str, timeout: float = 10.0, count: int = 1) -> str:
         """Wait until ``count`` lines start with ``prefix``; returns the last such line."""
         def found() -> str | None:
-            hits = [l for _, l in self.lines if l.startswith(prefix)]
+            hits = [text for _, text in self.lines if text.startswith(prefix)]
             return hits[count - 1] if len(hits) >= count else None
         try:
             # (scanning thousands of lines every 10 ms would starve the test's own nodes)
             return str(wait_until(found, timeout, f"{self.name}: {prefix!r}", every=0.01 if count < 1000 else 0.2))
         except AssertionError:
-            tail = "\n".join(l for _, l in self.lines[-30:])
+            tail = "\n".join(text for _, text in self.lines[-30:])
             raise AssertionError(f"{self.name} never printed {prefix!r} (x{count}); last output:\n{tail}") from None
 
     def line_time(self, prefix: str) -> float | None:
@@ -126,7 +126,7 @@ class NodeProcess:
 
     def with_prefix(self, prefix: str) -> list[str]:
         """Every line so far that starts with ``prefix``."""
-        return [l for _, l in self.lines if l.startswith(prefix)]
+        return [text for _, text in self.lines if text.startswith(prefix)]
 
     def ready(self, timeout: float = 15.0) -> NodeProcess:
         """Wait for READY and record the node's id and mailbox endpoint."""

@@ -315,8 +315,8 @@ def test_a_map_keyed_by_tuples_arrives_as_sent_and_takes_no_batch_with_it(mesh: 
         sender.wait_for_subscribers("odd.x", 1)
         sender.wait_for_pullers("alo")
         sender.wait_for_pullers("plain")
-        for kind, send in (("sub", lambda d: sender.publish("odd.x", d)), ("alo", lambda d: sender.push("alo", d)),
-                           ("plain", lambda d: sender.push("plain", d))):
+        for send in (lambda d: sender.publish("odd.x", d), lambda d: sender.push("alo", d),
+                     lambda d: sender.push("plain", d)):
             for data in (1, odd, 2):  # in one batch, around the odd one
                 send(data)
         wait_until(lambda: all(len(v) == 3 for v in got.values()), 10, "every message")
@@ -789,8 +789,8 @@ def test_durable_queues_delivered_in_full_leave_no_state_behind(tmp_path: Any, m
         for round_ in range(2):
             for name in names:
                 node.push(name, [name, round_], durable=True)
-            wait_until(lambda: len(got) >= len(names) * (round_ + 1) and node.stats()["gauges"]["queued"] == 0, 30,
+            wait_until(lambda round_=round_: len(got) >= len(names) * (round_ + 1) and node.stats()["gauges"]["queued"] == 0, 30,
                        "every message delivered and acknowledged")
             durable = node._engine.durable
-            wait_until(lambda: len(durable.queues) == 0, 10, "the state of the queues delivered in full forgotten")
+            wait_until(lambda durable=durable: len(durable.queues) == 0, 10, "the state of the queues delivered in full forgotten")
     assert sorted(got) == sorted([name, r] for name in names for r in range(2)), "each once, nothing lost"

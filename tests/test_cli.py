@@ -162,7 +162,7 @@ def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tm
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready = {"launch": "[sleeper] up", "subscribe": "subscribed", "peers": "watching"}[args[0]]
         with lines_of(proc) as (out_lines, err_lines):
-            wait_until(lambda: any(ready in line for line in out_lines + err_lines), 60, f"{args[0]} to be up")
+            wait_until(lambda ready=ready: any(ready in line for line in out_lines + err_lines), 60, f"{args[0]} to be up")
             time.sleep(0.2)  # (on its way: a Ctrl-C then too ends it with 130)
             proc.send_signal(signal.SIGINT)
             proc.wait(30)

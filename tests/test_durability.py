@@ -281,7 +281,7 @@ def test_100k_durable_pushes_survive_killed_pushers_and_a_killed_puller(
     for kill_at, batch in ((total // 3, 0), (2 * total // 3, 100)):
         pusher = worker("pusher", store, name, port, "jobs", first, total, progress, batch)
         procs.append(pusher)
-        wait_until(lambda: len(lines(progress)) >= kill_at, 60, f"{kill_at} pushes")
+        wait_until(lambda kill_at=kill_at: len(lines(progress)) >= kill_at, 60, f"{kill_at} pushes")
         pusher.kill()
         first = int(lines(progress)[-1]) + 1
         if kill_at == total // 3:  # and the puller once, mid-stream
@@ -312,7 +312,7 @@ def test_a_dedupe_puller_handles_nothing_twice_across_pusher_kills(
     for kill_at in (total // 3, 2 * total // 3):
         pusher = worker("pusher", store, name, port, "jobs", first, total, progress)
         procs.append(pusher)
-        wait_until(lambda: len(handled(out)) >= kill_at, 60, f"{kill_at} handled")
+        wait_until(lambda kill_at=kill_at: len(handled(out)) >= kill_at, 60, f"{kill_at} handled")
         pusher.kill()  # acknowledgements in flight are lost: those messages are dealt again
         first = int(lines(progress)[-1]) + 1
     pusher = worker("pusher", store, name, port, "jobs", first, total, progress)

@@ -225,7 +225,7 @@ def test_counters_forget_departed_peers(mesh: dict[str, Any]) -> None:
                 visitor.wait_for_subscribers("t.x", 1)
                 node.wait_for_peers(1)  # (a message counts for its sender once the sender is known)
                 visitor.publish("t.x", i)
-                wait_until(lambda: len(got) == i + 1, 10, "the visitor's message")
+                wait_until(lambda i=i: len(got) == i + 1, 10, "the visitor's message")
                 assert visitor.id in node.stats()["peers"]
             # (a departed peer leaves the view before its counters are forgotten)
             wait_until(lambda: not node.peers() and not node.stats()["peers"], 10, "the visitor gone, its counters forgotten")

@@ -464,7 +464,7 @@ def test_outstanding_requests_keep_their_provider_busy_until_each_is_done_with()
     assert not table.busy("p")
     answered, withdrawn, overdue, given_up = (table.add(w, "p", "svc", later if w != "overdue" else 0.0)
                                               for w in ("answered", "withdrawn", "overdue", "given up"))
-    lost = table.add("lost", "q", "svc", later)
+    table.add("lost", "q", "svc", later)
     assert table.busy("p") and table.busy("q")
     assert table.answer_all([answered, frames.STATUS_OK, b""], "q") == ([], 1)  # (not the provider asked)
     assert table.answer_all([answered, frames.STATUS_OK, b""], "p") == ([("answered", frames.STATUS_OK, b"")], 0)
@@ -1026,6 +1026,14 @@ def test_a_live_frame_that_says_where_its_topic_began_spares_a_read_of_the_histo
     frame's own number, or a meta frame without one, says nothing: the history is read."""
     from zmqmesh._patterns.pubsub import meta_frame, start_meta
 
+    def said(start: int, count: int = 1) -> bytes:  # (the meta frame of a batch with headers)
+        bodies = []
+        for i in range(count):
+            headed = frames.Headed(_HISTORY_CODEC.encode(start + i))
+            headed.headers, headed.timestamp = msgpack.packb({"k": "v"}), time.time()
+            bodies.append(headed)
+        return start_meta(meta_frame(bodies), start)
+
     publisher = history_publisher("bb")
     replays, fetches, _directory, stats = replaying(publisher)
     subscriptions = list(replays.registry.replays.items())
@@ -1033,21 +1041,19 @@ def test_a_live_frame_that_says_where_its_topic_began_spares_a_read_of_the_histo
     replays.sync(calls)
     replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {}}, None, calls)
     assert len(fetches) == 1
-    replays.live("t.new", 40, [40, 41], None, publisher.id, subscriptions, calls, start_meta(None, 2, 40))
+    replays.live("t.new", 40, [40, 41], None, publisher.id, subscriptions, calls, said(40, 2))
     replays.live("t.new", 42, [42], None, publisher.id, subscriptions, calls)
     assert [call.arg.data for call in calls] == [40, 41, 42] and len(fetches) == 1, "no page read"
     replays.live("t.x", 0, [0], None, publisher.id, subscriptions, calls)  # (followed from 0) ...
-    replays.live("t.x", 50, [50], None, publisher.id, subscriptions, calls, start_meta(None, 1, 50))
+    replays.live("t.x", 50, [50], None, publisher.id, subscriptions, calls, said(50))
     assert [call.arg.data for call in calls[3:]] == [0, 50] and len(fetches) == 1  # ... then numbered afresh
     counted = stats.snapshot()["pubsub"]
     assert counted.get("renumbered") == 1 and counted.get("gap", 0) == 0
-    headed = frames.Headed(_HISTORY_CODEC.encode(60))
-    headed.headers, headed.timestamp = msgpack.packb({"k": "v"}), time.time()
-    meta = start_meta(meta_frame([headed]), 1, 60)
+    meta = said(60)
     assert frames.parse_meta(msgpack.unpackb(meta), 1)[0] == [{"k": "v"}]  # (its headers as they were)
     replays.live("t.headed", 60, [60], None, publisher.id, subscriptions, calls, meta)
     assert calls[-1].arg.data == 60 and len(fetches) == 1
-    replays.live("t.lying", 70, [70], None, publisher.id, subscriptions, calls, start_meta(None, 1, 71))
+    replays.live("t.lying", 70, [70], None, publisher.id, subscriptions, calls, start_meta(said(70), 71))
     assert calls[-1].arg.data == 60 and len(fetches) == 2, "a start past the frame's number: the history is read"
 
 

@@ -267,12 +267,14 @@ def test_what_a_handler_outliving_the_stop_leaves_is_counted_when_it_returns(mes
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("returns_in_time", [True, False])
+@pytest.mark.parametrize("returns_in_time, opener", [(True, "Node"), (False, "Node"), (True, "AsyncNode")])
 def test_a_store_a_handler_outliving_the_stop_holds_is_waited_for_when_opened_again(
-        mesh: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, returns_in_time: bool) -> None:
+        mesh: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, returns_in_time: bool,
+        opener: str) -> None:
     """A node's store closes only once a handler that outlived the stop returns: a node
     opened on it meanwhile in the same process waits for that (`CLOSING_WAIT_S`), then
-    opens it, or says why it cannot. (It failed at once: "in use by another node".)"""
+    opens it, or says why it cannot; an `AsyncNode` says so at once, not to stall its
+    event loop. (It failed at once: "in use by another node".)"""
     from zmqmesh._store import sqlite
 
     monkeypatch.setattr(sqlite, "CLOSING_WAIT_S", 3.0)
@@ -290,6 +292,14 @@ def test_a_store_a_handler_outliving_the_stop_holds_is_waited_for_when_opened_ag
         timer = threading.Timer(0.5 if returns_in_time else 4.5, release.set)
         timer.start()
         try:
+            if opener == "AsyncNode":
+                async def start_async() -> None:
+                    await zmqmesh.AsyncNode("worker", store=store, **mesh).start()
+
+                with pytest.raises(zmqmesh.StoreLockedError, match="an AsyncNode does not wait"):
+                    asyncio.run(start_async())
+                assert not release.is_set()
+                return
             again = zmqmesh.Node("worker", store=store, **mesh)
             if returns_in_time:
                 with again:

@@ -100,7 +100,6 @@ def _ok(request: urllib.request.Request) -> bool:
 
 def test_stats_can_be_read_from_any_thread_while_at_least_once_traffic_flows(mesh: dict[str, Any]) -> None:
     import threading
-
     import time
 
     got: list[Any] = []

@@ -279,12 +279,12 @@ def exchange(tag: str, a1: HostNode, c1: HostNode, everyone: list[HostNode]) -> 
         reply = sender.call("request", service=f"echo.{other}", data={"tag": tag}, timeout=5)
         assert reply["by"] == receiver.name and reply["echo"] == {"tag": tag}, reply
         job = {"tag": tag, "from": sender.name}
-        receiver.wait_for(lambda: receiver.find("pull", queue=f"jobs.{other}", data=job), 10, f"the {tag} job")
+        receiver.wait_for(lambda receiver=receiver, other=other, job=job: receiver.find("pull", queue=f"jobs.{other}", data=job), 10, f"the {tag} job")
         assert len(receiver.find("pull", queue=f"jobs.{other}", data=job)) == 1, f"{receiver.name} got {job} twice"
     for node in everyone:
         for side, sender in (("a", a1), ("c", c1)):
             topic = f"news.{side}.{tag}"
-            node.wait_for(lambda: node.find("sub", topic=topic), 10, f"{topic} at {node.name}")
+            node.wait_for(lambda node=node, topic=topic: node.find("sub", topic=topic), 10, f"{topic} at {node.name}")
             got = node.find("sub", topic=topic)
             assert len(got) == 1 and got[0]["data"] == {"tag": tag, "from": sender.name}, got
 

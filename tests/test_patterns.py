@@ -153,7 +153,7 @@ def test_back_pressure_reaches_the_pusher(mesh: dict[str, Any]) -> None:
     with puller, zmqmesh.Node("fast", **small) as pusher:
         pusher.wait_for_pullers("slow", timeout=10)
         with pytest.raises(zmqmesh.MeshTimeoutError):
-            for i in range(1_000_000):
+            for i in range(1_000_000):  # noqa: B007  (how far it got is read after the loop)
                 pusher.push("slow", b"x" * 1000, timeout=0.5)
         assert i < 100_000, "the pusher must be held back long before a million messages"
         gate.set()
@@ -545,7 +545,7 @@ def test_a_burst_of_handlers_from_several_threads_reaches_the_peer_whole_both_wa
                 thread.join(30)
             expected = {kind: {n for t in range(4) for n in names(kind, t)} if work is register else set()
                         for kind in kinds}
-            wait_until(lambda: offered() == expected, 10, f"the peer to see every change ({work.__name__})")
+            wait_until(lambda expected=expected: offered() == expected, 10, f"the peer to see every change ({work.__name__})")
 
 
 _ENDLESS_PUSHER = """

@@ -433,9 +433,11 @@ class Engine:
 
     def destroy_context(self) -> None:
         """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above)."""
-        self.ctx.destroy(0)
-        if self.store is not None:
-            self.store.close()
+        try:
+            self.ctx.destroy(0)
+        finally:
+            if self.store is not None:
+                self.store.close()
         log.info("node %s (%s) stopped", self.name, self.node_id[:8])
 
     # -- the loop -------------------------------------------------------------------------------

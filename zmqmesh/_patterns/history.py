@@ -11,8 +11,8 @@ stays for the `MAX_EMPTY_TOPICS` emptied last; past them it is forgotten: a publ
 one topic per order id kept a number for each for good (400,000 topics: 32 MiB of store,
 85 MiB of memory). A topic numbered afresh begins at the store's floor, past every number
 a forgotten topic reached, so that no number of a topic is ever given twice; a replay
-learns where it began from the topic's first live frame (`began`) or a page of the
-history (``"start"``).
+learns where it began from the topic's first live frame when that carries headers
+(`began`), or else a page of the history (``"start"``).
 
 `History` decides and records (the loop's thread); subscribers read it through the
 built-in service ``\\x00history`` (`page`), answered on the inbox's thread.

@@ -6,14 +6,15 @@ subscriber once, in order per publisher. This node's own subscriptions get its
 publications directly (``local``), never through a socket: none is lost while a
 subscription would still be on its way. Frames of kept topics (``history=``) are numbered
 by the history and committed to it before they are sent; the first frame of a topic
-numbered afresh past the history's floor says where its numbering begins (`start_meta`).
+numbered afresh past the history's floor says where its numbering begins if it has a
+meta frame (`start_meta`).
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from time import monotonic, time
+from time import monotonic
 from typing import Any
 
 import msgpack
@@ -57,13 +58,13 @@ def meta_frame(bodies: list[Headed], first: int | None = None) -> bytes:
     return b"\x83" + entries + b"\xa1n" + number
 
 
-def start_meta(meta: bytes | None, count: int, start: int) -> bytes:
-    """The meta frame of a batch of ``count`` messages on a kept topic numbered afresh from
-    ``start`` (the history's floor, above 0): the batch's own (``meta``), or one without
-    headers (``"h"`` of nils, ``"t"`` now), with ``"s": start``, so that a replaying
-    subscriber new to the topic expects it from there instead of reading a page of the
-    history to learn it (a node before this field ignores it)."""
-    fields = msgpack.unpackb(meta) if meta is not None else {"h": [None] * count, "t": time()}
+def start_meta(meta: bytes, start: int) -> bytes:
+    """The meta frame ``meta`` of a batch on a kept topic numbered afresh from ``start``
+    (the history's floor, above 0), with ``"s": start``: a replaying subscriber new to the
+    topic then expects it from there instead of reading a page of the history to learn it
+    (a node before this field ignores it). Only a batch that has a meta frame (headers)
+    says it: without headers the frames stay the three of protocol 1."""
+    fields = msgpack.unpackb(meta)
     fields["s"] = start
     packed: bytes = msgpack.packb(fields)
     return packed
@@ -153,7 +154,8 @@ class Publisher:
                 history.record(topic, seq, len(bodies), payload, meta)  # type: ignore[union-attr]
                 if history.began:  # type: ignore[union-attr]
                     history.began = False  # type: ignore[union-attr]
-                    meta = start_meta(meta, len(bodies), seq)  # (live only: a page says it with "start")
+                    if meta is not None:  # (live only: a page says it with "start")
+                        meta = start_meta(meta, seq)
             else:
                 seq = self._sequences.get(topic, 0)
                 if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:

@@ -13,8 +13,8 @@ whose numbers jump is a gap: the missing messages are fetched from the history, 
 the history no longer holds is reported on the next message (``msg.gap``) and counted
 (``stats()["pubsub"]["gap"]``). A topic new to the cursor whose first number is past 0
 (numbered after its publisher forgot topics: see `_patterns.history`) is no gap: its
-first live frame says where its numbering began (``"s"`` in its meta frame), or else a
-page of the history does (``"start"``). A gap shows only with a next frame, so once a
+first live frame says where its numbering began if it has a meta frame (``"s"``), or
+else a page of the history does (``"start"``). A gap shows only with a next frame, so once a
 publisher has been quiet for `QUIET_LOOK_S`, the subscription asks it for the numbers
 its topics have reached (a page of no rows) and catches up if it is behind: a last frame
 dropped at a high-water mark is not missed for good. A read of the history that fails is tried again

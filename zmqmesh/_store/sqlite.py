@@ -27,6 +27,7 @@ import operator
 import os
 import secrets
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -63,7 +64,8 @@ _HELD_LOCK = threading.Lock()
 _CLOSING: dict[tuple[int, int], threading.Event] = {}
 CLOSING_WAIT_S = 5.0
 """How long opening a store waits for one this process closes after a handler that outlived
-its node's stop (`Store.close_later`), before it raises `StoreLockedError`."""
+its node's stop (`Store.close_later`), before it raises `StoreLockedError` (an opening on a
+running asyncio event loop, an `AsyncNode`'s, does not wait: it raises at once)."""
 _PAGE_SIZE = 4096
 SEGMENT_MAX = 1024
 """Messages in one stored segment at most: a larger call is stored as several."""
@@ -248,19 +250,25 @@ class Store:
             return handle
         info = os.fstat(handle.fileno())
         closing = _CLOSING.get((info.st_dev, info.st_ino))
-        if closing is not None and closing.wait(CLOSING_WAIT_S) and _try_lock(handle):
+        if closing is None:
+            if _try_lock(handle):  # (its holder may have closed it since: then it is gone from `_CLOSING`)
+                return handle
+        elif not _on_event_loop() and closing.wait(CLOSING_WAIT_S) and _try_lock(handle):
             return handle
         handle.close()
-        if closing is not None:
+        if closing is not None and not closing.is_set():
+            waited = "an AsyncNode does not wait for it (its event loop would stall)" if _on_event_loop() else \
+                f"it has not returned within {CLOSING_WAIT_S:g} s"
             raise StoreLockedError(f"the store {self.directory} is still in use by a node of this process that "
-                                   f"stopped: a handler of it outlived the stop's timeout and has not returned "
-                                   f"within {CLOSING_WAIT_S:g} s (the store closes when it does)")
+                                   f"stopped: a handler of it outlived the stop's timeout, and the store closes "
+                                   f"when it returns; {waited}")
         raise StoreLockedError(f"the store {self.directory} is in use by another node (locked)")
 
     def close_later(self) -> None:
         """Say that this store closes only once a handler that outlived its node's stop
         returns: meanwhile, opening it again in this process waits for that (up to
-        `CLOSING_WAIT_S`) instead of failing at once."""
+        `CLOSING_WAIT_S`; not on a running asyncio event loop, which it would stall), and
+        says why if it must fail."""
         if self._closed:
             return
         info = os.fstat(self._lock_file.fileno())
@@ -976,6 +984,19 @@ class Store:
                 self._db.close()
             finally:
                 self._release_lock()
+
+
+def _on_event_loop() -> bool:
+    """Whether the calling thread runs an asyncio event loop (asyncio is not imported
+    for it: a process without it has none)."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:
+        return False
+    try:
+        aio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _try_lock(handle: Any) -> bool:
