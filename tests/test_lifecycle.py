@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -152,16 +154,7 @@ def test_pushes_a_stop_leaves_unhandled_are_counted_and_logged(mesh: dict[str, A
         assert f"{dropped} pushed message(s) not handled" in caplog.text
 
     if kind == "Node":
-        worker = zmqmesh.Node("worker", handler_concurrency=concurrency, **mesh)
-        worker.pull("slow", lambda m: (time.sleep(0.02), handled.append(m.data)))
-        with zmqmesh.Node("boss", **mesh) as boss:
-            worker.start()
-            boss.wait_for_pullers("slow", timeout=10)
-            boss.push_many("slow", range(total))
-            wait_until(lambda: worker.stats()["pipeline"]["received"] > 0, 10, "the messages to arrive")
-            worker.stop(timeout=0.3)
-            before.append(len(handled))
-            after_stop(worker.stats()["pipeline"]["dropped"])
+        after_stop(_stop_a_node_with_a_backlog(mesh, total, handled, before, handler_concurrency=concurrency))
         return
 
     async def main() -> None:
@@ -193,19 +186,43 @@ def test_at_least_once_messages_a_stop_leaves_in_a_batch_are_named_in_its_warnin
     messages, which come again (it was counted, but left out of the warning)."""
     total = 300
     handled: list[int] = []
-    worker = zmqmesh.Node("worker", **mesh)
-    worker.pull("slow", lambda m: (time.sleep(0.02), handled.append(m.data)), at_least_once=True)
+    dropped = _stop_a_node_with_a_backlog(mesh, total, handled, [], at_least_once=True)
+    assert 0 < len(handled) < total and dropped > 0, (len(handled), dropped)
+    assert len(handled) + dropped <= total
+    assert "at-least-once message(s) not handled (delivered again" in caplog.text
+    assert "pushed message(s) not handled" not in caplog.text
+
+
+def _stop_a_node_with_a_backlog(mesh: dict[str, Any], total: int, handled: list[int], before: list[int],
+                                handler_concurrency: int = 1, at_least_once: bool = False) -> int:
+    """Push ``total`` messages of 20 ms each to a `Node` and stop it with a timeout of
+    0.3 s once they arrive: ``before`` gets how many were handled by then; returns the
+    worker's ``dropped`` count as the stop left it."""
+    worker = zmqmesh.Node("worker", handler_concurrency=handler_concurrency, **mesh)
+    worker.pull("slow", lambda m: (time.sleep(0.02), handled.append(m.data)), at_least_once=at_least_once)
     with zmqmesh.Node("boss", **mesh) as boss:
         worker.start()
         boss.wait_for_pullers("slow", timeout=10)
         boss.push_many("slow", range(total))
         wait_until(lambda: worker.stats()["pipeline"]["received"] > 0, 10, "the messages to arrive")
         worker.stop(timeout=0.3)
-        dropped = worker.stats()["pipeline"]["dropped"]
-        assert 0 < len(handled) < total and dropped > 0, (len(handled), dropped)
-        assert len(handled) + dropped <= total
-        assert "at-least-once message(s) not handled (delivered again" in caplog.text
-        assert "pushed message(s) not handled" not in caplog.text
+        before.append(len(handled))
+        return int(worker.stats()["pipeline"]["dropped"])
+
+
+@contextlib.contextmanager
+def _a_worker_in_its_handler(mesh: dict[str, Any], handler: Callable[..., Any], started: threading.Event,
+                             **options: Any) -> Iterator[zmqmesh.Node]:
+    """A `Node` pulling ``q`` with ``handler``, pushed one message, once its handler runs
+    (``started`` set); the node that pushed it stays up meanwhile."""
+    worker = zmqmesh.Node("worker", **mesh, **options)
+    worker.pull("q", handler)
+    with zmqmesh.Node("boss", **mesh) as boss:
+        worker.start()
+        boss.wait_for_pullers("q", timeout=10)
+        boss.push("q", 0)
+        assert started.wait(10)
+        yield worker
 
 
 @pytest.mark.timeout(60)
@@ -220,13 +237,7 @@ def test_an_async_handler_a_stop_cuts_short_on_a_node_is_left_at_the_stop_not_fa
         started.set()
         await asyncio.sleep(30)
 
-    worker = zmqmesh.Node("worker", **mesh)
-    worker.pull("q", hangs)
-    with zmqmesh.Node("boss", **mesh) as boss:
-        worker.start()
-        boss.wait_for_pullers("q", timeout=10)
-        boss.push("q", 1)
-        assert started.wait(10)
+    with _a_worker_in_its_handler(mesh, hangs, started) as worker:
         worker.stop(timeout=0.2)
         # (counted when the inbox sees the handler end: within the stop, or just after on a
         # machine too loaded to end it in the half second the stop waits on top)
@@ -280,13 +291,7 @@ def test_a_store_a_handler_outliving_the_stop_holds_is_waited_for_when_opened_ag
     release = threading.Event()
     taken = threading.Event()
     store = str(tmp_path / "store")
-    worker = zmqmesh.Node("worker", store=store, **mesh)
-    worker.pull("q", lambda m: (taken.set(), release.wait(10)))
-    with zmqmesh.Node("boss", **mesh) as boss:
-        worker.start()
-        boss.wait_for_pullers("q", timeout=10)
-        boss.push("q", 0)
-        assert taken.wait(10)
+    with _a_worker_in_its_handler(mesh, lambda m: (taken.set(), release.wait(10)), taken, store=store) as worker:
         worker.stop(timeout=0.1)
         timer = threading.Timer(0.5 if returns_in_time else 4.5, release.set)
         timer.start()
