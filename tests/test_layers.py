@@ -1057,6 +1057,93 @@ def test_a_live_frame_that_says_where_its_topic_began_spares_a_read_of_the_histo
     assert calls[-1].arg.data == 60 and len(fetches) == 2, "a start past the frame's number: the history is read"
 
 
+class NumberingPublisher:
+    """A kept-topics publisher's numbering, as `History` keeps it: a topic numbered afresh
+    begins at the floor (saying so on its first frame, which has headers), and a topic
+    forgotten raises the floor past its numbers. Its frames go to ``replays`` live."""
+
+    def __init__(self, replays: Any, peer: PeerState) -> None:
+        self.replays, self.peer = replays, peer
+        self.numbered: dict[str, int] = {}  # topic -> its next number
+        self.floor = 0
+        self.sent: list[tuple[str, int]] = []
+
+    def publish(self, topic: str, calls: list[Any]) -> None:
+        from zmqmesh._patterns.pubsub import meta_frame, start_meta
+
+        seq = self.numbered.get(topic)
+        headed = frames.Headed(_HISTORY_CODEC.encode(len(self.sent)))
+        headed.headers, headed.timestamp = msgpack.packb({"k": "v"}), time.time()
+        meta = meta_frame([headed])
+        if seq is None:
+            seq = self.floor
+            if seq > 0:
+                meta = start_meta(meta, seq)
+        self.numbered[topic] = seq + 1
+        self.sent.append((topic, seq))
+        self.replays.live(topic, seq, [len(self.sent) - 1], None, self.peer.id,
+                          list(self.replays.registry.replays.items()), calls, meta)
+
+    def forget(self, topic: str) -> None:
+        self.floor = max(self.floor, self.numbered.pop(topic))
+
+    def numbers(self) -> dict[str, Any]:
+        """A look at the numbers alone: the page of no rows it answers."""
+        return {"rows": [], "more": False, "next": dict(self.numbered)}
+
+
+@pytest.mark.timeout(30)
+def test_a_cursor_forgets_the_topics_its_publisher_forgot_and_delivers_every_message_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publisher of a topic per order id: a replaying cursor kept an entry for every topic
+    it met, for good (about 100 bytes a topic, 200 once it looked at the numbers). Once it
+    follows `CURSOR_TOPICS` topics it asks which its publisher still numbers (a page of no
+    rows: a busy publisher is never quiet) and forgets the others. It asks no more than
+    that (no page of rows: every message came live), each message is delivered once, a
+    topic published on all along is never forgotten, and one forgotten on both sides and
+    published again is a new topic (no gap, not renumbered). Race: a topic forgotten by
+    the publisher before it answered and published again before the answer is applied
+    gets its new message once (its frame is held meanwhile)."""
+    from zmqmesh._patterns import replay
+
+    monkeypatch.setattr(replay, "CURSOR_TOPICS", 100, raising=False)  # (raising: a version before it)
+    peer = history_publisher("bb")
+    replays, fetches, _directory, stats = replaying(peer)
+    publisher = NumberingPublisher(replays, peer)
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.on_page(fetches[-1], publisher.numbers(), None, calls)
+    cursor, = replays.cursors.values()
+    most = 0
+    raced = 0
+    for i in range(3000):
+        publisher.publish(f"t.order{i}", calls)
+        publisher.publish("t.all-along", calls)
+        if i >= 50:  # (what was published 50 orders ago expired, and its numbering was forgotten)
+            publisher.forget(f"t.order{i - 50}")
+        if i in (700, 1400):
+            publisher.publish("t.order3", calls)  # forgotten on both sides: a new topic again
+        most = max(most, len(cursor.next), len(cursor.kept_next))
+        if replays.wanted(fetches[-1]):
+            look = publisher.numbers()
+            if i % 5 == 0:  # the answer on its way: a topic it lacks is published again meanwhile
+                forgotten = f"t.order{i - 60}"
+                assert forgotten not in look["next"]
+                publisher.publish(forgotten, calls)
+                raced += 1
+            replays.on_page(fetches[-1], look, None, calls)
+    assert raced > 5
+    assert len(fetches) > 20 and all(f.request.get("n") == 0 for f in fetches[1:]), "no page of rows read"
+    delivered = [(call.arg.topic, call.arg.sequence) for call in calls]
+    assert delivered == publisher.sent, "every message once, in order"
+    assert [call.arg.data for call in calls] == list(range(len(publisher.sent)))
+    counted = stats.snapshot()["pubsub"]
+    assert counted.get("gap", 0) == 0 and counted.get("renumbered", 0) == 0
+    assert counted["cursor_topics_forgotten"] > 2500
+    assert most <= 2 * 100 + 1, f"{most} topics followed at most"
+    assert "t.all-along" in cursor.next and cursor.next["t.all-along"] == 3000
+
+
 def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_publisher_is_quiet() -> None:
     """What a publisher published after its history was read, and before the live
     subscription reached it, comes neither way: with no live message during the catch-up,

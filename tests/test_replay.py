@@ -611,6 +611,59 @@ def test_a_topic_numbered_afresh_past_the_floor_says_so_live_and_no_page_is_read
                        for i in range(200) for n in (2 * i, 2 * i + 1)], "each once, in order, no gap"
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_subscriber_forgets_the_topics_its_publisher_forgot_and_gets_every_message_once(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, durable: bool) -> None:
+    """A topic per order id: the publisher forgets the numbering of those that expired, and
+    a replaying subscriber, which kept a place in every topic it met for good (in memory,
+    and a row in its store if durable), forgets them too (`CURSOR_TOPICS`), each message
+    still delivered once, in order, with no gap. A topic forgotten on both sides and
+    published again is a new one (not renumbered); a durable subscriber restarted after
+    forgetting takes nothing again, and goes on."""
+    import zmqmesh._patterns.replay
+
+    monkeypatch.setattr(zmqmesh._patterns.history, "MAX_EMPTY_TOPICS", 0)  # (every one emptied: forgotten)
+    monkeypatch.setattr(zmqmesh._patterns.replay, "CURSOR_TOPICS", 50, raising=False)  # (raising: a version before it)
+    history = {"orders.": {"max_messages": 100, "max_age_s": 0.3}}
+    got: list[tuple[str, int, int, bool]] = []
+    options: dict[str, Any] = {"durable_name": "audit"} if durable else {}
+    store = tmp_path / "subscriber"
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=str(store) if durable else None, **mesh)
+        node.subscribe("orders.", lambda m: got.append((m.topic, m.data["n"], m.gap, m.redelivered)),
+                       replay="all", **options)
+        return node
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history=history, **mesh) as publisher:
+        with subscriber() as sub:
+            publisher.wait_for_peers(1)
+            for i in range(600):  # (headers: a new topic says where it begins, live)
+                publisher.publish(f"orders.{i}", {"n": i}, headers={"order": str(i)})
+                if i % 100 == 99:
+                    time.sleep(0.4)  # (expired meanwhile, and forgotten at the next expiry)
+            wait_until(lambda: len(got) == 600, 20, "the orders")
+            wait_until(lambda: publisher.stats()["pubsub"].get("history_topics_forgotten", 0) == 600, 20,
+                       "the publisher forgetting them")
+            # (but, durable, the one that holds its place in the stream: the highest position)
+            wait_until(lambda: sub.stats()["pubsub"].get("cursor_topics_forgotten", 0) == 600 - durable, 20,
+                       "the subscriber forgetting them (once its publisher is quiet)")
+            publisher.publish("orders.3", {"n": 600}, headers={"order": "3"})  # forgotten on both sides
+            wait_until(lambda: len(got) == 601, 20, "the order published again")
+            stats = sub.stats()["pubsub"]
+        if durable:
+            assert inspect_store(store)["subscriptions"]["audit"] == 2, "its places in forgotten topics gone too"
+            with subscriber() as sub:  # restarted: nothing again
+                time.sleep(1.5)
+                publisher.publish("orders.new", {"n": 601}, headers={"order": "new"})
+                wait_until(lambda: len(got) >= 602, 20, "a new order")
+                time.sleep(0.5)
+    assert stats.get("gap", 0) == 0 and stats.get("renumbered", 0) == 0
+    assert got == [(f"orders.{i}", i, 0, False) for i in range(600)] + [("orders.3", 600, 0, False)] + (
+        [("orders.new", 601, 0, False)] if durable else []), "each once, in order"
+
+
 def test_a_durable_subscriber_process_resumes_a_publisher_process_restored_from_a_copy(
         tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
     """The restored-copy case with real processes: a publisher stopped, its store copied,

@@ -21,6 +21,15 @@ dropped at a high-water mark is not missed for good. A read of the history that 
 (`FETCH_RETRIES_S`), or, if its publisher left, made again once the publisher is back
 (`AWAY_HOLD_S`), the live frames held meanwhile.
 
+A cursor keeps an entry per topic it met, and a publisher of a topic per order id meets
+it with ever-new ones: a cursor forgets the topics its publisher no longer numbers
+(`_forget_topics`), as a look at the numbers (a page of no rows) shows, made once the
+publisher is quiet (`QUIET_LOOK_S`) or once the cursor follows `CURSOR_TOPICS` topics
+(twice as many as it kept at its last look, if more). A publisher forgets a topic only
+once nothing of it is kept, and numbers it again past every number it gave (its floor:
+see `_patterns.history`), so nothing of a topic forgotten on both sides can come again
+under its old numbers, and a message published on it later is a new topic's.
+
 A durable subscription keeps, in the node's store, the last number handled per publisher
 stream and topic, so that a restarted subscriber resumes right after it. Before a burst
 is handled the highest number it reaches is recorded too: after a crash, messages up to
@@ -85,6 +94,12 @@ publisher that leaves and comes back meanwhile is asked where its topics are, so
 what it published last, if dropped on the way, is read from its history."""
 _AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publisher is back
 _MAX_CURSORS = 65_536
+CURSOR_TOPICS = 65_536
+"""Topics a cursor follows before it asks its publisher which of them it still numbers (a
+page of no rows) and forgets the others (`Replays._forget_topics`); it asks again once it
+follows twice as many as it kept, if that is more. (A quiet publisher is asked anyway:
+`QUIET_LOOK_S`.) So a cursor follows at most about twice what its publisher numbers, which
+the publisher bounds (``MAX_EMPTY_TOPICS`` of the topics of which nothing is kept)."""
 _LEFT_RUNS = 16  # runs a cursor remembers having left at a rewind
 _NEVER = float("inf")
 PAGE_BURST = 256
@@ -112,7 +127,7 @@ class Cursor:
 
     __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "upto",
                  "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since", "reading",
-                 "run", "left_runs")
+                 "run", "left_runs", "tidy_at", "tidying")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
         self.stream = stream
@@ -134,6 +149,8 @@ class Cursor:
         self.reading: Fetch | None = None  # the read its catch-up waits on: a page of any other is stale
         self.run: str | None = None  # the publisher's run (store opening) followed last, if it names its runs
         self.left_runs: tuple[str, ...] = ()  # runs left at a rewind: a node still running one is stale
+        self.tidy_at = CURSOR_TOPICS  # topics followed at which the publisher is asked which it still numbers
+        self.tidying = False  # the look at the numbers read is for `tidy_at` (not to catch up: `_page_read`)
 
 
 class _Frame(NamedTuple):
@@ -310,7 +327,7 @@ class Replays:
         cursor.kept_next.clear()
         cursor.pos, cursor.from_start = 0, True
         cursor.held, cursor.held_count = deque(), 0
-        cursor.catching_up, cursor.reading = False, None  # (a page on its way is stale)
+        cursor.catching_up, cursor.reading, cursor.tidying = False, None, False  # (a page on its way is stale)
         cursor.failures, cursor.failing_since = 0, None
         cursor.node_id, cursor.away = node_id, False
         if cursor.run is not None:
@@ -387,7 +404,8 @@ class Replays:
         the history; once it has (``settled``), what is still missing is reported instead,
         unless the history was read before those messages were kept. ``final``: there is
         no history to be had (a failed fetch): report at once. A frame that says where
-        its topic's numbering began (`_said_start`) is taken as a page's ``"start"``."""
+        its topic's numbering began (`_said_start`) is taken as a page's ``"start"``. A
+        cursor that reaches `tidy_at` topics asks its publisher which it still numbers."""
         cursor.live_seen = True
         self._look_at((key, cursor.stream), time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
         if cursor.catching_up:
@@ -411,6 +429,9 @@ class Replays:
             missed = frame.seq - (expected or 0)
         self._deliver(key, options, cursor, frame.topic, frame.seq, frame.items, frame.origin, frame.sender_id,
                       missed, None, calls)
+        if len(cursor.next) >= cursor.tidy_at:  # (a busy publisher is never quiet: asked now)
+            cursor.tidying = True
+            self._catch_up(key, options, cursor, numbers_only=True)
 
     def _said_start(self, meta: bytes, seq: int) -> int | None:
         """Where the numbering of a frame's topic began, as its meta frame says (``"s"``: on
@@ -516,7 +537,9 @@ class Replays:
 
     def on_page(self, fetch: Fetch, page: Any, error: BaseException | None, calls: list[Call]) -> None:
         """Apply one page of history (or the failure to get it) to its cursor: its rows
-        join those waiting to be delivered, and `deliver_pages` delivers the next burst."""
+        join those waiting to be delivered, and `deliver_pages` delivers the next burst. A
+        look at the numbers alone also tells which topics the publisher still numbers: the
+        cursor forgets the others (`_forget_topics`)."""
         cursor = self._reader(fetch)
         if cursor is None:
             return
@@ -525,8 +548,12 @@ class Replays:
                 rows, more = page["rows"], bool(page["more"])
                 if type(rows) is not list:
                     raise TypeError(f"rows of type {type(rows).__name__}")
-                cursor.kept_next.update((t, int(n)) for t, n in (page.get("next") or {}).items())
+                reached = page.get("next") or {}
+                if not cursor.tidying:
+                    cursor.kept_next.update((t, int(n)) for t, n in reached.items())
                 self._starts(cursor, page.get("start") or {})
+                if fetch.request.get("n") == 0 and not rows and not more:  # (all its topics, and no row)
+                    self._forget_topics(cursor, reached)
             except Exception as exc:  # a malformed page: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
@@ -598,10 +625,16 @@ class Replays:
             # a look at the numbers alone that finds the history further than the cursor (a
             # frame lost on the way) reads what followed before the frames held are let go:
             # let go first, they would take what the history has for missed
-            more = more or (fetch.request.get("n") == 0 and self._behind(cursor, page.get("next") or {}))
+            # (not a look for `tidy_at`: frames kept coming, and those on their way would
+            # make the history look further every time, read again for nothing)
+            more = more or (fetch.request.get("n") == 0 and not cursor.tidying
+                            and self._behind(cursor, page.get("next") or {}))
         if more:
             self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, {"p": fetch.key[0], "a": cursor.pos}))
             return
+        if cursor.tidying:  # (a look at the numbers once the publisher is quiet, as ever: `QUIET_LOOK_S`)
+            cursor.tidying = False
+            self._look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
         cursor.catching_up, cursor.reading = False, None
         held, cursor.held, cursor.held_count = cursor.held, deque(), 0
         if held is None:  # more came live than could be held: fetch them too
@@ -658,6 +691,66 @@ class Replays:
                 log.info("stream %s, topic %r: numbered anew from %d (this subscription was at %d; everything "
                          "kept of it had expired)", cursor.stream[:8], topic, start, expected)
                 cursor.next[topic] = start
+
+    def _forget_topics(self, cursor: Cursor, numbered: dict[str, Any]) -> None:
+        """Forget the topics the cursor's publisher no longer numbers, as a look at the
+        numbers alone says (``numbered``: all its topics under the prefix), and ask it again
+        at `CURSOR_TOPICS` topics or twice those kept, if more (`tidy_at`). Counted
+        (``stats()["pubsub"]["cursor_topics_forgotten"]``).
+
+        A topic the look lacks was forgotten before it was answered: nothing of it was
+        kept any more, and the numbers it is given afterwards begin past every number
+        given before (the publisher's floor). The cursor delivered nothing numbered after
+        the answer: it was asked while no page was being read and no row delivered, and
+        the live frames of its publisher are held until the answer is applied (here). So
+        no message the cursor delivered can come again, from the history or live (a
+        message published on the topic later is a new topic's, the cursor told where it
+        began: ``"start"`` or ``"s"``).
+
+        A durable subscription's places in those topics go from its store too (flushed
+        first), but for topics with messages still being handled (their place still
+        moves), and but for one that holds the stream's place if no other row would (its
+        position lowered to the cursor's if past it): a restarted subscription reads on
+        from the lowest position kept, and a stream with no row left would start afresh."""
+        gone = [t for t in cursor.next.keys() | cursor.upto.keys() if t not in numbered]
+        for topic in [t for t in cursor.kept_next if t not in numbered]:
+            del cursor.kept_next[topic]
+        name = cursor.options.durable_name
+        if gone and name is not None and self.store is not None:
+            gone = self._forget_stored(name, cursor, gone)
+        for topic in gone:
+            cursor.next.pop(topic, None)
+            cursor.upto.pop(topic, None)
+        cursor.tidy_at = max(CURSOR_TOPICS, 2 * len(cursor.next))
+        if gone:
+            self.stats.add("pubsub", "cursor_topics_forgotten", len(gone))
+
+    def _forget_stored(self, name: str, cursor: Cursor, topics: list[str]) -> list[str]:
+        """Forget the stored places of the durable subscription ``name`` in ``topics``
+        (`_forget_topics`); the topics forgotten."""
+        stream = cursor.stream
+        self.flush()
+        topics = [t for t in topics if (name, stream, t) not in self._pending]
+        stored = self._durable.get(name, {}).get(stream, {})
+        doomed = {t for t in topics if t in stored}
+        left = [pos for t, (_seq, _upto, pos) in stored.items() if t not in doomed]
+        if doomed and (not left or min(left) > cursor.pos):  # (the stream's place stays)
+            keep = max(doomed, key=lambda t: stored[t][2])
+            doomed.discard(keep)
+            topics.remove(keep)
+            seq, upto, pos = stored[keep]
+            if pos > cursor.pos:
+                self._dirty[(name, stream, keep)] = [seq, upto, cursor.pos]
+                self.flush()
+        if doomed:
+            try:
+                self.store.forget_cursors(name, stream, sorted(doomed))  # type: ignore[union-attr]
+            except Exception as exc:  # (kept, in memory too: forgotten at a later look)
+                log.error("cannot forget where durable subscriptions were in topics no longer numbered: %s", exc)
+                return [t for t in topics if t not in doomed]
+            for topic in doomed:
+                del stored[topic]
+        return topics
 
     @staticmethod
     def _behind(cursor: Cursor, reached: dict[str, Any]) -> bool:

@@ -941,6 +941,13 @@ class Store:
         if statements:
             self._write(statements)
 
+    def forget_cursors(self, name: str, stream: str, topics: Sequence[str]) -> None:
+        """Forget where the durable subscription ``name`` is in the ``topics`` of ``stream``
+        (their publisher forgot them: see `Replays`), in one transaction."""
+        if topics:
+            self._write([("DELETE FROM cursors WHERE name = ? AND stream = ? AND topic = ?",
+                          [(name, stream, topic) for topic in topics])])
+
     # -- effectively-once ----------------------------------------------------------------------
 
     def seen(self, queue: str, ids: Sequence[str]) -> set[str]:
