@@ -794,3 +794,46 @@ def test_durable_queues_delivered_in_full_leave_no_state_behind(tmp_path: Any, m
             durable = node._engine.durable
             wait_until(lambda durable=durable: len(durable.queues) == 0, 10, "the state of the queues delivered in full forgotten")
     assert sorted(got) == sorted([name, r] for name in names for r in range(2)), "each once, nothing lost"
+
+
+@pytest.mark.timeout(240)
+def test_durable_queues_nobody_pulls_hold_no_memory_per_name(tmp_path: Any, mesh: dict[str, Any]) -> None:
+    """A durable push to a queue nobody pulls kept a buffer and its bookkeeping in memory
+    until a puller took the message: one durable message to each of 20,000 queue names (a
+    queue per customer) held some 30 MiB, and slowed every push as they grew (each pass of
+    the loop looked at them all). Such queues are now kept by the store alone; a puller
+    that comes for some of them gets each of their messages once, in order, also after a
+    restart, and the others stay out of memory."""
+    names = 20_000
+    durable_state = lambda node: (len(node._engine.durable.queues), len(node._engine.durable._active),  # noqa: E731
+                                  len(node._engine.durable._segments))
+    got: dict[int, list[int]] = {}
+    lock = threading.Lock()
+
+    def handle(message: Any) -> None:
+        with lock:
+            got.setdefault(message.data[0], []).append(message.data[1])
+
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node:
+        for i in range(names):
+            node.push(f"customer.{i}", [i, 0], durable=True)
+        node.push_many("customer.7", [[7, 1], [7, 2]], durable=True)
+        wait_until(lambda: max(durable_state(node)) <= 16, 30, "no state kept per queue nobody pulls")
+        assert node.stats()["pipeline"]["durable_stored"] == names + 2
+        with zmqmesh.Node("puller", **mesh) as puller:
+            for q in (7, 12_345, names - 1):
+                puller.pull(f"customer.{q}", handle, at_least_once=True)
+            node.wait_for_pullers(f"customer.{names - 1}", timeout=10)
+            node.push("customer.12345", [12_345, 1], durable=True)
+            wait_until(lambda: sum(map(len, got.values())) >= 6 and node.stats()["gauges"]["queued"] == 0, 30,
+                       "the messages of the queues now pulled")
+            wait_until(lambda: max(durable_state(node)) <= 16, 10, "the queues delivered in full forgotten")
+        with lock:
+            assert got == {7: [0, 1, 2], 12_345: [0, 1], names - 1: [0]}, "each once, in order"
+            got.clear()
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node, zmqmesh.Node("puller", **mesh) as puller:
+        assert max(durable_state(node)) <= 16, "none of what an earlier run stored held in memory"
+        puller.pull("customer.5", handle, at_least_once=True)
+        wait_until(lambda: 5 in got, 30, "a queue of an earlier run, pulled now")
+        assert max(durable_state(node)) <= 16
+    assert got == {5: [0]}

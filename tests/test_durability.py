@@ -444,13 +444,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def fill(disk: Path, leave: int = 0) -> Path:
     """Fill ``disk`` with a file, but for about ``leave`` bytes; the file."""
     filler = disk / "filler"
-    with filler.open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # (unbuffered: a file object's close
+    try:  # flushed what a full disk refused once more, and raised, depending on where the disk filled)
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     if leave:
         os.truncate(filler, max(0, filler.stat().st_size - leave))
     return filler

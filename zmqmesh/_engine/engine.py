@@ -235,7 +235,8 @@ class Engine:
                     self.store, self.codec, self.stats, loop.call_later,
                     lambda delay: self.call_soon(loop.call_later, delay, outbound.wake),
                     max_buffered_bytes=cfg.durable_buffer_max_bytes,
-                    taken=lambda queue: bool(self.directory.providers("ackqueues", queue)))
+                    taken=lambda queue: bool(self.directory.providers("ackqueues", queue)),
+                    offered=lambda: self.directory.offers["ackqueues"])
                 self.reliable.settle = self.durable.settle
                 self.durable.recover()
             self.outbound.attach(self.publisher, self.pusher, self.reliable, self.durable)
@@ -365,6 +366,9 @@ class Engine:
             outbound.handing_over = True  # from now on durable messages go to keepers only
             for queue in list(durable.queues):
                 reliable.recall(queue)
+        # (queues parked, nobody having pulled them, that a keeper takes: read back too)
+        durable.unpark([queue for queue, ids in self.directory.offers["keepers"].items()
+                        if any(k != self.node_id for k in ids)])
         busy = False
         for queue, buffer in durable.refill(every=True).items():  # (a stop: every queue, in flight ones too)
             if not any(k != self.node_id for k in self.directory.providers("keepers", queue)):

@@ -11,6 +11,11 @@ messages or `BUFFER_BYTES`, or past what all buffers may hold together
 not fit stays in the store only (counted in ``pipeline.durable_spilled``), and is read
 back as the buffers empty, for queues that have a puller (or keeper) to take it.
 
+A queue nobody pulls, with nothing in its buffer, is parked: the node forgets it, and the
+store notes where its rows begin (`Store.park`), so that pushes to ever new queue names
+nobody pulls cost the node no memory per name. It is read back from there once a puller
+of it appears (a change of the offers, `refill`), or a keeper at a stop (`unpark`).
+
 The store keeps what one commit stored for a queue as one segment (a row), so the loop
 counts the messages of each segment still unsettled, and forgets the segment once all of
 them are: acknowledged, or moved to a dead-letter queue. Acknowledgements inside segments
@@ -213,7 +218,8 @@ class DurableQueues:
 
     def __init__(self, store: Store, codec: Codec, stats: Stats,
                  later: Callable[[float, Callable[[], None]], Any], wake_soon: Callable[[float], None],
-                 max_buffered_bytes: int = 8 * BUFFER_BYTES, taken: Callable[[str], bool] | None = None) -> None:
+                 max_buffered_bytes: int = 8 * BUFFER_BYTES, taken: Callable[[str], bool] | None = None,
+                 offered: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.store = store
         self.max_buffered_bytes = max_buffered_bytes
         """What the buffers of every queue hold together at most (bytes, as `held_sizes`
@@ -222,6 +228,13 @@ class DurableQueues:
         """Whether a queue has pullers now (any thread); a commit to one that has none
         stays in the store only, so that queues nobody pulls take no share of
         `max_buffered_bytes` from those that are pulled. None: every queue is."""
+        self.offered = offered
+        """The queues pullers offer now, as a table replaced whole when it changes (loop
+        only): a queue parked (`Store.park`) is read back once it appears there."""
+        self._offered_seen: Mapping[str, Any] = {}
+        # the store may have parked queues (`Store.parked`): a commit to a queue this node
+        # holds nothing of looks there (written under `_lock`)
+        self._parked = False
         self.held = Held()
         self.codec = codec
         self._pack = msgpack.Packer().pack  # (a Packer keeps a buffer: used under `_lock` only)
@@ -261,23 +274,65 @@ class DurableQueues:
             queue = self.queues[name] = _Queue(self.held, max(0, first - 1))
         return queue
 
-    def _overflowed(self, name: str, upto: int, fresh: bool = False) -> None:
-        """The store holds messages of ``name`` up to ``upto`` not in its buffer (``fresh``:
-        the one at ``upto`` was just stored, as a dead letter)."""
+    def _overflowed(self, name: str, upto: int) -> None:
+        """The store holds messages of ``name`` up to ``upto`` not in its buffer."""
         with self._lock:
-            queue = self._queue(name, upto if fresh else 0)
+            queue = self._queue(name)
             queue.overflow = True
             queue.committed = max(queue.committed, upto)
             self._active.add(name)
+
+    def _unparked(self, name: str, parked: tuple[int, int]) -> _Queue:
+        """Make the queue ``name`` that was parked with ``parked`` (`Store.parked`): what
+        the store holds of it is read back from there (under the lock)."""
+        first, last = parked
+        queue = self.queues[name] = _Queue(self.held, first - 1)
+        queue.overflow = True
+        queue.committed = last
+        self._active.add(name)
+        return queue
+
+    def unpark(self, names: Iterable[str]) -> None:
+        """Read back, from now on, the queues among ``names`` that are parked (loop only):
+        a puller or a keeper of them appeared. A store that fails leaves them parked, and
+        the next `refill` looks at every queue pullers offer again."""
+        with self._lock:
+            if not self._parked:
+                return
+            found = False
+            for name in names:
+                if name in self.queues:
+                    continue
+                try:
+                    parked = self.store.unpark(name)
+                except Exception as exc:
+                    log.error("cannot read back the durable queue %r nobody pulled until now: %s", name, exc)
+                    self._offered_seen = {}
+                    continue
+                if parked is not None:
+                    self._unparked(name, parked)
+                    found = True
+            if found:
+                self._parked = self.store.any_parked()
+                self.wake_soon(0.0)
 
     def recover(self) -> int:
         """Note the messages left in the store by an earlier run; how many there are."""
         stored = self.store.queues()
         self._recovered_upto = self.store.last_seq()
-        # every queue with a row, whatever its count says, up to its own last message: a
-        # queue reads the store until then, and never again once it has it all
-        for name, last in self.store.queue_tails().items():
-            self._overflowed(name, last)
+        parked = False
+        if self.taken is not None and self.store.parks:
+            try:  # none in memory: each is read back once a puller of it appears (`unpark`)
+                self._parked = self.store.park_all() > 0
+                parked = True
+            except Exception as exc:
+                log.warning("cannot park the durable queues of %s (%s): they are held in memory",
+                            self.store.directory, exc)
+        if not parked:
+            # every queue with a row, whatever its count says, up to its own last message: a
+            # queue reads the store until then, and never again once it has it all
+            for name, last in self.store.queue_tails().items():
+                self._overflowed(name, last)
         total: int = sum(q["messages"] for q in stored.values())
         if total:
             log.info("%d durable message(s) in %d queue(s) left from an earlier run", total, len(stored))
@@ -352,21 +407,38 @@ class DurableQueues:
         for name, entries in calls:
             merged.setdefault(name, []).extend(entries)
         order = list(merged.items())
-        segments = iter(self.store.append(order))
+        known, taken = self.queues, self.taken
+        park: set[str] = set()  # queues this node holds nothing of that nobody pulls: parked
+        unpark: dict[str, tuple[int, int]] = {}  # parked queues that are pulled now
+        if taken is not None and self.store.parks:
+            for name, _ in order:
+                if name not in known:
+                    if not taken(name):
+                        park.add(name)
+                    elif self._parked:
+                        parked = self.store.parked(name)
+                        if parked is not None:
+                            unpark[name] = parked
+        segments = iter(self.store.append(order, park, list(unpark)))
+        if park:
+            self._parked = True
         spilled = 0  # messages that stay in the store only, for now
         for name, entries in order:
             parts: list[tuple[int, int]] = []
             stored_count = 0
             while stored_count < len(entries):
                 first, count = next(segments)
-                self._segments[first] = [count, count]
                 parts.append((first, count))
                 stored_count += count
-            queue = self._queue(name, parts[0][0])
+            if name in park:
+                spilled += len(entries)
+                continue
+            parked = unpark.get(name)
+            queue = self._queue(name, parts[0][0]) if parked is None else self._unparked(name, parked)
             queue.committed = parts[-1][0] + parts[-1][1] - 1  # (a commit stores one message at least)
             self._active.add(name)
             buffer = queue.buffer
-            if queue.overflow or len(buffer) + len(entries) > BUFFER or (self.taken is not None and not self.taken(name)):
+            if queue.overflow or len(buffer) + len(entries) > BUFFER or (taken is not None and not taken(name)):
                 queue.overflow = True  # (the loop reads them back as the buffer empties, once pulled)
                 spilled += len(entries)
                 continue
@@ -377,6 +449,9 @@ class DurableQueues:
                 queue.overflow = True  # (past its own bound, or what every buffer may hold together)
                 spilled += len(entries)
             else:
+                # (a segment is noted once it is to deal: one the store only holds, when read back)
+                for first, count in parts:
+                    self._segments[first] = [count, count]
                 buffer.extend(stored, sizes)
                 queue.loaded = stored[-1].seq
         if spilled:
@@ -396,9 +471,19 @@ class DurableQueues:
         queues, e.g. with messages to deal again), or of ``every`` queue (loop only). Only
         the queues `taken` says someone pulls now are read back (but with ``every``: a
         stop hands them all to keepers): what the store holds for the others stays there,
-        out of memory, until then."""
+        out of memory, until then. Parked queues that pullers offer since the last call
+        are brought back first (`unpark`)."""
         taken = None if every else self.taken
         self._wake_pending = False
+        if self.offered is not None:
+            offered = self.offered()
+            if offered is not self._offered_seen:  # (pullers came or went)
+                fresh = offered.keys() - self._offered_seen.keys()
+                self._offered_seen = offered
+                if fresh:
+                    # (looked at under the lock: a commit that parked one of them, having seen
+                    # the offers before they changed, did so before this looks)
+                    self.unpark(fresh)
         if not self.queues:  # the common case on a node with a store: nothing durable yet
             return {}
         known = self.queues
@@ -421,10 +506,11 @@ class DurableQueues:
     def reckon(self, buffers: Mapping[str, Buffer], busy: Callable[[], Container[str]] = frozenset) -> None:
         """Reckon up what the loop dealt from ``buffers`` (those `refill` gave), so that
         committers' estimates (`Buffer.held_at_most`) stay near; a queue left with nothing
-        to deal or to read back, nor any in flight or to deal again (``busy()`` names those:
-        looked at again until then), is forgotten (loop only, after dealing): a
-        node that pushed to many queue names keeps no state for those it has nothing of (if
-        the queue is made again, it reads back only what is stored after: `_queue`)."""
+        to deal, nor any in flight or to deal again (``busy()`` names those: looked at again
+        until then), is forgotten (loop only, after dealing): a node that pushed to many
+        queue names keeps no state for those it has nothing of (if the queue is made again,
+        it reads back only what is stored after: `_queue`). One with messages still to read
+        back is forgotten too while nobody pulls it: parked (`Store.park`)."""
         idle = []
         for name, buffer in buffers.items():
             buffer.reckon()
@@ -432,12 +518,23 @@ class DurableQueues:
                 idle.append(name)
         if idle:
             kept = busy()
+            taken, parks = self.taken, self.store.parks
             with self._lock:  # (a commit that refills one meanwhile makes it active again)
                 for name in idle:
                     queue = self.queues.get(name)
-                    if queue is not None and not queue.buffer and not queue.overflow and name not in kept:
-                        self._active.discard(name)
-                        del self.queues[name]
+                    if queue is None or queue.buffer or name in kept:
+                        continue
+                    if queue.overflow:
+                        if taken is None or not parks or taken(name):
+                            continue
+                        try:
+                            self.store.park(name, queue.loaded + 1, queue.committed)
+                        except Exception as exc:  # (kept in memory: parked at a later pass)
+                            log.debug("cannot park the durable queue %r: %s", name, exc)
+                            continue
+                        self._parked = True
+                    self._active.discard(name)
+                    del self.queues[name]
 
     def _wants_reading(self, queue: _Queue) -> bool:
         """Whether to read ``queue``'s next segments back now: it has some in the store only,
@@ -461,7 +558,7 @@ class DurableQueues:
         budget = max(1, min(own, (self.max_buffered_bytes - self.held.at_most) // 2))  # (0 would read nothing,
         # not even the one segment an empty buffer takes whatever the budget)
         segments = self.store.pending(name, after=queue.loaded, limit=room, max_bytes=budget,
-                                      at_least_one=not buffer)
+                                      at_least_one=not buffer, upto=queue.committed)
         if not segments and buffer and budget == own:  # the next segment is larger than the room
             # left (it then waits for an empty buffer, not read again meanwhile), or none is stored yet
             queue.too_large = (self.store.next_segment_bytes(name, queue.loaded) or 0) > budget
@@ -471,7 +568,7 @@ class DurableQueues:
                 if segment.damaged:  # left in the store for an operator, never forgotten
                     log.error("store %s, queue %r: %s; skipped", self.store.directory, name, segment.damaged)
                     self.stats.reject("store_damaged", segment.size)
-                elif segment.first not in self._segments:  # stored by an earlier run
+                elif segment.first not in self._segments:  # (noted once read: `_commit`)
                     self._segments[segment.first] = [segment.size, len(segment.messages)]
                     if not segment.messages:  # all settled, only not yet forgotten
                         self._forget_segment(segment.first)
@@ -613,6 +710,20 @@ class DurableQueues:
             return
         self._forget_failures = 0
 
+    def _bring_in(self, name: str) -> None:
+        """Hold the queue ``name`` in memory before a message is moved to its end: if it
+        was parked, it reads back from where its parked messages begin; if not, from the
+        message moved on (`reckon` parks it again if nobody pulls it). Raises what the
+        store raised: then nothing is moved."""
+        with self._lock:
+            if name in self.queues:
+                return
+            parked = self.store.unpark(name) if self._parked else None
+            if parked is None:
+                self._queue(name, self.store.last_seq() + 1)
+            else:
+                self._unparked(name, parked)
+
     def _dead_letter(self, queue: str, item: StoredMessage, failure: Failure) -> None:
         headers: dict[str, str] = {}
         if item.headers:
@@ -627,8 +738,9 @@ class DurableQueues:
             "x-last-error": failure.error[:_MAX_ERROR_CHARS],
         })
         dead = failure.dead_letter or f"{queue}.dead"
+        self._bring_in(dead)
         moved = self.store.move(item, dead, self.codec.encode(headers))
-        self._overflowed(dead, moved, fresh=True)
+        self._overflowed(dead, moved)
         counters = self.stats.pattern["pipeline"]
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1
         log.warning("message %s of %r dead-lettered to %r after %d attempt(s): %s",

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -96,6 +96,17 @@ _OUTBOX = (
     "CREATE TABLE attempts (seq INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
     "CREATE TABLE settled (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL)",
 )
+_PARKED = (
+    # the durable queues with messages stored that the node holds nothing of in memory (nobody
+    # pulled them): where their rows begin and the last of them, found without reading the
+    # outbox (it has no index by queue: one would cost every commit). Made anew each time a
+    # node recovers the store (`park_all`), so a store without it, or one an older zmqmesh
+    # wrote to, needs no upgrade
+    "CREATE TABLE IF NOT EXISTS parked (queue TEXT PRIMARY KEY, first INTEGER NOT NULL, last INTEGER NOT NULL)"
+    " WITHOUT ROWID"
+)
+_PARK = ("INSERT OR REPLACE INTO parked (queue, first, last) "
+         "VALUES (?1, coalesce((SELECT first FROM parked WHERE queue = ?1), ?2), ?3)")
 _HISTORY_4 = (  # (added by schema 4)
     "CREATE INDEX history_age ON history (ts)",
     # the number of the next message of each kept topic: numbering goes on after a restart
@@ -222,6 +233,9 @@ class Store:
         self._closing: tuple[int, int] | None = None  # (`close_later`)
         self._db_lock: tuple[int, tuple[int, int]] | None = None
         self._lock = threading.Lock()
+        self.parks = True
+        """Whether the store keeps the table of parked queues (`park`): False only when it
+        could not be made (a full disk)."""
         try:
             self._db_lock = self._hold_database()
             self._check_file()
@@ -376,6 +390,11 @@ class Store:
                 db.execute("COMMIT")
             if version < SCHEMA_VERSION:
                 _migrate(db, version)
+            try:
+                db.execute(_PARKED)
+            except sqlite3.OperationalError as exc:  # (a full disk: the store still opens, to be emptied)
+                log.warning("the store %s cannot keep durable queues nobody pulls out of memory (%s)", self.path, exc)
+                self.parks = False
             stream = db.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()
             if stream is None:
                 raise StoreError(f"the store {self.path} is damaged: it names no stream of its own (meta 'stream')")
@@ -494,25 +513,35 @@ class Store:
                 raise StoreError("the store is closed (the node stopped)") from exc
             raise StoreError(f"store write failed: {exc}") from exc
 
-    def append(self, calls: Sequence[tuple[str, Sequence[Entry]]]) -> list[tuple[int, int]]:
+    def append(self, calls: Sequence[tuple[str, Sequence[Entry]]], park: Container[str] = (),
+               unpark: Sequence[str] = ()) -> list[tuple[int, int]]:
         """Store each ``(queue, entries)`` call as a segment (or several, of at most
         `SEGMENT_MAX` messages and about `SEGMENT_BYTES`), all in one transaction; the segments as ``(first, count)``,
         in order. A message's sequence number is its segment's ``first`` plus its place in
-        it. Raises `StoreFullError`, `StoreError`."""
+        it. The queues named in ``park`` are parked (`park`) with what they store, those
+        in ``unpark`` are no longer, in the same transaction. Raises `StoreFullError`, `StoreError`."""
         with self._lock:
             first = self._next_seq
             rows: list[tuple[int, str, int, float, bytes]] = []
             marks: list[tuple[int, int]] = []
+            parked: list[tuple[str, int, int]] = []
             for queue, entries in calls:
+                start = first
                 for part in _segments(entries):
                     rows.append((first, queue, len(part), part[0][1], msgpack.packb(list(map(_STORED_FIELDS, part)))))
                     marks.extend((first + i, e[4]) for i, e in enumerate(part) if e[4])
                     first += len(part)
+                if queue in park:
+                    parked.append((queue, start, rows[-1][0]))
             statements: list[tuple[str, Any]] = [
                 ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)]
             if marks:
                 statements.append(("INSERT INTO attempts (seq, n) VALUES (?, ?)", marks))
-            if len(rows) == 1 and not marks:
+            if parked:
+                statements.append((_PARK, parked))
+            if unpark:
+                statements.append(("DELETE FROM parked WHERE queue = ?", [(q,) for q in unpark]))
+            if len(statements) == 1 and len(rows) == 1:
                 self._commit(lambda db: db.execute(statements[0][0], rows[0]), single=True)
             else:
                 self._write_locked(statements)
@@ -540,6 +569,41 @@ class Store:
             statements.append(("INSERT OR REPLACE INTO settled (lo, hi) VALUES (?, ?)", marks))
         if statements:
             self._write(statements)
+
+    def park(self, queue: str, first: int, last: int) -> None:
+        """Note that the node holds nothing in memory of ``queue``, whose rows from sequence
+        number ``first`` on (at most ``last``, the first of its last segment) are still to
+        deal (a queue already parked keeps its ``first``)."""
+        self._write([(_PARK, (queue, first, last))])
+
+    def parked(self, queue: str) -> tuple[int, int] | None:
+        """``(first, last)`` as `park` noted them for ``queue``, if it is parked."""
+        with self._lock:
+            rows = self._read("SELECT first, last FROM parked WHERE queue = ?", (queue,))
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
+
+    def unpark(self, queue: str) -> tuple[int, int] | None:
+        """`parked`, and ``queue`` is no longer, in one transaction."""
+        with self._lock:
+            found = self._read("SELECT first, last FROM parked WHERE queue = ?", (queue,))
+            if not found:
+                return None
+            self._write_locked([("DELETE FROM parked WHERE queue = ?", (queue,))])
+        return int(found[0][0]), int(found[0][1])
+
+    def any_parked(self) -> bool:
+        """Whether some queue is parked."""
+        with self._lock:
+            return bool(self._read("SELECT 1 FROM parked LIMIT 1"))
+
+    def park_all(self) -> int:
+        """Park every queue with a segment stored, forgetting what was parked before (a
+        node recovering the store: it holds nothing in memory yet); how many there are."""
+        with self._lock:
+            self._write_locked([("DELETE FROM parked", ()),
+                                ("INSERT INTO parked (queue, first, last) SELECT queue, min(seq), max(seq) "
+                                 "FROM outbox GROUP BY queue", ())])
+            return int(self._read("SELECT count(*) FROM parked")[0][0])
 
     def count_attempt(self, seqs: Iterable[int]) -> None:
         """Count one more failed delivery of each message."""
@@ -641,13 +705,14 @@ class Store:
     # -- reading ----------------------------------------------------------------------------
 
     def pending(self, queue: str, after: int = 0, limit: int = 256, max_bytes: int | None = None,
-                at_least_one: bool = True) -> list[StoredSegment]:
+                at_least_one: bool = True, upto: int | None = None) -> list[StoredSegment]:
         """The segments of ``queue`` after sequence ``after``, oldest first, whole, until
         they hold ``limit`` messages or more (at most `SEGMENT_MAX` - 1 more); with
         ``max_bytes``, only as many as fit in that many bytes (packed), though at least
-        one with ``at_least_one``."""
+        one with ``at_least_one``; with ``upto``, none that begins past it (the outbox is
+        read no further)."""
         with self._lock:
-            return self._read_segments(queue, after, limit, max_bytes, at_least_one)
+            return self._read_segments(queue, after, limit, max_bytes, at_least_one, upto)
 
     def next_segment_bytes(self, queue: str, after: int = 0) -> int | None:
         """The packed size of ``queue``'s first segment after sequence ``after`` (None if
@@ -664,9 +729,14 @@ class Store:
         return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
     def _read_segments(self, queue: str, after: int, limit: int | None,
-                       max_bytes: int | None = None, at_least_one: bool = True) -> list[StoredSegment]:
-        sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
-        rows = self._read(sql, (queue, after), limit or None, max_bytes, at_least_one)
+                       max_bytes: int | None = None, at_least_one: bool = True,
+                       upto: int | None = None) -> list[StoredSegment]:
+        if upto is None:
+            sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
+            rows = self._read(sql, (queue, after), limit or None, max_bytes, at_least_one)
+        else:
+            sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? AND seq <= ? ORDER BY seq"
+            rows = self._read(sql, (queue, after, upto), limit or None, max_bytes, at_least_one)
         if not rows:
             return []
         last_first = rows[-1][0]
