@@ -711,3 +711,34 @@ def test_the_numbering_of_topics_with_nothing_kept_goes_past_a_cap_and_the_floor
     assert store.forget_history_topics(keep_empty=0) == ([f"t.{i:03}" for i in range(200, 300) if i != 250], 300)
     assert set(store.history_state()) == {"t.250", "t.kept"}
     store.close()
+
+
+def test_a_queue_parked_while_its_offer_was_gone_is_read_back_when_the_offer_is_back(tmp_path: Path) -> None:
+    """Durable queues over a real store: a push parks a queue whose puller's offer went
+    away, and the offer comes back before the loop looked again (two rebuilds of the offers
+    between two refills). The queue must be read back for the puller, not left parked with
+    the key present in the offers both times the loop looked (it waited for another push,
+    a change of offers or a restart)."""
+    from zmqmesh._patterns.durable import DurableQueues
+    from zmqmesh._wire.codec import Codec
+
+    offers: dict[str, dict[str, tuple[str, ...]]] = {"ackqueues": {"q": ("A",)}}
+    store = Store(tmp_path)
+    queues = DurableQueues(store, Codec(1 << 20), Stats(), later=lambda delay, fn: None, wake_soon=lambda delay: None,
+                           taken=lambda queue: bool(offers["ackqueues"].get(queue)),
+                           offered=lambda: offers["ackqueues"])
+    queues.recover()
+    assert queues.refill() == {}  # (the loop saw q offered)
+    offers["ackqueues"] = {}  # (its puller's offer goes ...)
+    queues.submit("q", [("id-1", 1000.0, None, msgpack.packb("m1"), 0)])  # (... a push parks it ...)
+    assert store.parked("q") is not None and "q" not in queues.queues
+    offers["ackqueues"] = {"q": ("B",)}  # (... and another's comes, before the loop looks again)
+    dealt: list[Any] = []
+    for _ in range(3):
+        buffers = queues.refill()
+        for buffer in buffers.values():
+            dealt += [msgpack.unpackb(message.body) for message in buffer]
+            buffer.clear()
+        queues.reckon(buffers)
+    assert dealt == ["m1"], dealt
+    store.close()

@@ -235,6 +235,10 @@ class DurableQueues:
         # the store may have parked queues (`Store.parked`): a commit to a queue this node
         # holds nothing of looks there (written under `_lock`)
         self._parked = False
+        self._parking = True  # (off for the run if the store's parked queues could not be made anew: `recover`)
+        # queues a commit parked that pullers offered at the last `refill`: their offer may have
+        # gone and come back since, unseen by it (written under `_lock`)
+        self._recheck: set[str] = set()
         self.held = Held()
         self.codec = codec
         self._pack = msgpack.Packer().pack  # (a Packer keeps a buffer: used under `_lock` only)
@@ -307,13 +311,17 @@ class DurableQueues:
                     parked = self.store.unpark(name)
                 except Exception as exc:
                     log.error("cannot read back the durable queue %r nobody pulled until now: %s", name, exc)
-                    self._offered_seen = {}
+                    self._offered_seen = {}  # (the next `refill` tries every offered queue again)
+                    self.wake_soon(1.0)
                     continue
                 if parked is not None:
                     self._unparked(name, parked)
                     found = True
             if found:
-                self._parked = self.store.any_parked()
+                try:
+                    self._parked = self.store.any_parked()
+                except Exception as exc:  # (taken for yes: looked at again at the next one)
+                    log.debug("cannot tell whether durable queues are still parked: %s", exc)
                 self.wake_soon(0.0)
 
     def recover(self) -> int:
@@ -325,7 +333,8 @@ class DurableQueues:
             try:  # none in memory: each is read back once a puller of it appears (`unpark`)
                 self._parked = self.store.park_all() > 0
                 parked = True
-            except Exception as exc:
+            except Exception as exc:  # (its rows are left as they were: none is parked this run)
+                self._parking = False
                 log.warning("cannot park the durable queues of %s (%s): they are held in memory",
                             self.store.directory, exc)
         if not parked:
@@ -410,11 +419,13 @@ class DurableQueues:
         known, taken = self.queues, self.taken
         park: set[str] = set()  # queues this node holds nothing of that nobody pulls: parked
         unpark: dict[str, tuple[int, int]] = {}  # parked queues that are pulled now
-        if taken is not None and self.store.parks:
+        if taken is not None and self._parking and self.store.parks:
             for name, _ in order:
                 if name not in known:
                     if not taken(name):
                         park.add(name)
+                        if name in self._offered_seen:
+                            self._recheck.add(name)
                     elif self._parked:
                         parked = self.store.parked(name)
                         if parked is not None:
@@ -484,6 +495,12 @@ class DurableQueues:
                     # (looked at under the lock: a commit that parked one of them, having seen
                     # the offers before they changed, did so before this looks)
                     self.unpark(fresh)
+        if self._recheck and self.taken is not None:
+            with self._lock:
+                recheck, self._recheck = self._recheck, set()
+            pulled = [name for name in recheck if self.taken(name)]
+            if pulled:
+                self.unpark(pulled)
         if not self.queues:  # the common case on a node with a store: nothing durable yet
             return {}
         known = self.queues
@@ -518,7 +535,7 @@ class DurableQueues:
                 idle.append(name)
         if idle:
             kept = busy()
-            taken, parks = self.taken, self.store.parks
+            taken, parks = self.taken, self._parking and self.store.parks
             with self._lock:  # (a commit that refills one meanwhile makes it active again)
                 for name in idle:
                     queue = self.queues.get(name)

@@ -430,6 +430,10 @@ class Replays:
         self._deliver(key, options, cursor, frame.topic, frame.seq, frame.items, frame.origin, frame.sender_id,
                       missed, None, calls)
         if len(cursor.next) >= cursor.tidy_at:  # (a busy publisher is never quiet: asked now)
+            # (asked again only past twice these, whatever comes of it: an answer that forgets
+            # nothing, from a publisher before this look, or none at all, must not make every
+            # frame ask: `_forget_topics` sets it from what is kept)
+            cursor.tidy_at = max(CURSOR_TOPICS, 2 * len(cursor.next))
             cursor.tidying = True
             self._catch_up(key, options, cursor, numbers_only=True)
 
