@@ -37,9 +37,9 @@ class BatchAck:
 
 class CutShort(NodeClosedError):
     """What a handler a stop's timeout cut short (an ``async def`` one a `Node` runs on its
-    handler loop) leaves as its outcome: a pushed, at-least-once or published message is
-    counted as left at the stop (``dropped``, named in the stop's warning), not as the
-    handler's failure; a request is answered with it (as `NodeClosedError`)."""
+    handler loop) leaves as its outcome: its message is counted as left at the stop
+    (``dropped``, named in the stop's warning), not as the handler's failure; a request is
+    also answered with it (as `NodeClosedError`)."""
 
 
 class CursorMark(NamedTuple):

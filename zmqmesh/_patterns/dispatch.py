@@ -93,6 +93,7 @@ _LEFT_AT_STOP = {
     "published": "publication(s) not handled, dropped",
     "durable-subscription": "publication(s) of durable subscriptions not handled (delivered again after a restart)",
     "requests": "request(s) not answered (their callers are told the provider left)",
+    "requests cut short": "request(s) whose handler was cut short (their callers got NodeClosedError)",
 }
 
 
@@ -735,7 +736,11 @@ class Dispatcher:
                 self.send_reply(route, wire.STATUS_OK, body)
                 self.stats.pattern["service"]["sent"] += 1
             return
-        self.stats.pattern["service"]["errors"] += 1  # (it goes back to its caller: not logged here)
+        if isinstance(error, CutShort):  # (left at the stop, as the requests not begun: its caller is told)
+            self.stats.pattern["service"]["dropped"] += 1
+            self._left_at_stop["requests cut short"] = self._left_at_stop.get("requests cut short", 0) + 1
+        else:
+            self.stats.pattern["service"]["errors"] += 1  # (it goes back to its caller: not logged here)
         self._reply_error(route, error)
 
     def _reply_error(self, route: tuple[bytes, bytes], error: BaseException) -> None:
