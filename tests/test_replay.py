@@ -330,6 +330,33 @@ def test_an_async_node_replays_and_resumes_as_a_node_does(tmp_path: Path, mesh: 
     assert second == list(range(500, 1000)), "resumed right after the last message handled"
 
 
+@pytest.mark.timeout(60)
+def test_publications_a_stop_leaves_unread_for_durable_subscriptions_are_named_as_coming_again(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Frames still unread in the socket when a stop's timeout passes, of a topic only
+    durable subscriptions take, come again after a restart (read from the history): the
+    stop's warning says so (it called them publications dropped). Every message still
+    arrives once the subscriber is back."""
+    got: list[int] = []
+    total = 600
+    with zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"logs.": total}, **mesh) as publisher:
+        first = zmqmesh.Node("late", store=str(tmp_path / "sub"), **mesh)
+        first.subscribe("logs.", lambda m: (time.sleep(0.02), got.append(m.data["n"])), replay="all",
+                        durable_name="reader")
+        with first:
+            publisher.wait_for_subscribers("logs.a", 1)
+            for n in range(total):  # (a frame each, most of them left in the socket)
+                publisher.publish("logs.a", {"n": n})
+                time.sleep(0.0005)
+            first.stop(timeout=0.3)
+        assert "publication(s) of durable subscriptions not handled" in caplog.text
+        assert "publication(s) not handled, dropped" not in caplog.text
+        second = zmqmesh.Node("late", store=str(tmp_path / "sub"), **mesh)
+        second.subscribe("logs.", lambda m: got.append(m.data["n"]), replay="all", durable_name="reader")
+        with second:
+            wait_until(lambda: set(got) == set(range(total)), 30, "every message, after the restart")
+
+
 def test_a_message_whose_handler_a_stop_cut_short_comes_again_to_a_durable_subscription(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A handler still running at the stop's deadline did not handle its message: the

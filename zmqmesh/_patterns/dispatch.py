@@ -878,12 +878,12 @@ class Dispatcher:
         or once the owner is done)."""
         self._left_unhandled(call.pattern, call.route, 1)
 
-    def _left_unhandled(self, pattern: str, route: Any, count: int) -> None:
+    def _left_unhandled(self, pattern: str, route: Any, count: int, durable: bool = False) -> None:
         self.stats.pattern[pattern]["dropped"] += count
         if pattern == "service":
             kind = "requests"
         elif pattern == "pubsub":
-            kind = "durable-subscription" if isinstance(route, CursorMark) else "published"
+            kind = "durable-subscription" if durable or isinstance(route, CursorMark) else "published"
         else:
             kind = "at-least-once" if isinstance(route, BatchAck) else "pushed"
         self._left_at_stop[kind] = self._left_at_stop.get(kind, 0) + count
@@ -914,7 +914,14 @@ class Dispatcher:
                     break
                 if one_by_one and i % 64 == 0 and time.monotonic() >= counting_until:
                     one_by_one = False
-                self._left_unhandled(_PATTERN_OF[kind], None, self._items_in(frames) if one_by_one else 1)
+                self._left_unhandled(_PATTERN_OF[kind], None, self._items_in(frames) if one_by_one else 1,
+                                     kind == "sub" and self._for_durable_subscriptions_only(frames))
+
+    def _for_durable_subscriptions_only(self, frames: list[bytes]) -> bool:
+        """Whether a publication's topic goes to durable subscriptions only: left unread at
+        a stop, it comes again after a restart (the subscriptions read it from the history)."""
+        _topic, handlers, replaying = self._topic_handlers(frames[0])
+        return not handlers and any(options.durable_name is not None for _key, options in replaying)
 
     def _items_in(self, frames: list[bytes]) -> int:
         """How many messages a frame of a stream carries (one, if it cannot be read)."""
