@@ -725,7 +725,6 @@ def test_a_queue_parked_while_its_offer_was_gone_is_read_back_when_the_offer_is_
     offers: dict[str, dict[str, tuple[str, ...]]] = {"ackqueues": {"q": ("A",)}}
     store = Store(tmp_path)
     queues = DurableQueues(store, Codec(1 << 20), Stats(), later=lambda delay, fn: None, wake_soon=lambda delay: None,
-                           taken=lambda queue: bool(offers["ackqueues"].get(queue)),
                            offered=lambda: offers["ackqueues"])
     queues.recover()
     assert queues.refill() == {}  # (the loop saw q offered)

@@ -235,7 +235,6 @@ class Engine:
                     self.store, self.codec, self.stats, loop.call_later,
                     lambda delay: self.call_soon(loop.call_later, delay, outbound.wake),
                     max_buffered_bytes=cfg.durable_buffer_max_bytes,
-                    taken=lambda queue: bool(self.directory.providers("ackqueues", queue)),
                     offered=lambda: self.directory.offers["ackqueues"])
                 self.reliable.settle = self.durable.settle
                 self.durable.recover()
@@ -366,12 +365,11 @@ class Engine:
             outbound.handing_over = True  # from now on durable messages go to keepers only
             for queue in list(durable.queues):
                 reliable.recall(queue)
-        # (queues parked, nobody having pulled them, that a keeper takes: read back too)
-        durable.unpark([queue for queue, ids in self.directory.offers["keepers"].items()
-                        if any(k != self.node_id for k in ids)])
+        kept = {queue for queue, ids in self.directory.offers["keepers"].items() if any(k != self.node_id for k in ids)}
+        durable.unpark(kept)  # (queues parked, nobody having pulled them, that a keeper takes: read back too)
         busy = False
         for queue, buffer in durable.refill(every=True).items():  # (a stop: every queue, in flight ones too)
-            if not any(k != self.node_id for k in self.directory.providers("keepers", queue)):
+            if queue not in kept:
                 continue
             reliable.flush(queue, buffer, to_keepers=True)
             if buffer or reliable.redeliver.get(queue) or reliable.in_flight(queue):

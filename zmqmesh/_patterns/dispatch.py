@@ -97,6 +97,16 @@ _LEFT_AT_STOP = {
 }
 
 
+def _left_kind(pattern: str, route: Any) -> str:
+    """Under which of `_LEFT_AT_STOP`'s kinds a message of ``pattern`` with ``route`` a stop
+    left unhandled is named."""
+    if pattern == "service":
+        return "requests"
+    if pattern == "pubsub":
+        return "durable-subscription" if isinstance(route, CursorMark) else "published"
+    return "at-least-once" if isinstance(route, BatchAck) else "pushed"
+
+
 class _RepliesHeld:
     """`Dispatcher.replies_held`: ``enter()`` on entering, ``leave()`` on leaving."""
 
@@ -737,8 +747,7 @@ class Dispatcher:
                 self.stats.pattern["service"]["sent"] += 1
             return
         if isinstance(error, CutShort):  # (left at the stop, as the requests not begun: its caller is told)
-            self.stats.pattern["service"]["dropped"] += 1
-            self._left_at_stop["requests cut short"] = self._left_at_stop.get("requests cut short", 0) + 1
+            self._left_unhandled("service", route, 1, "requests cut short")
         else:
             self.stats.pattern["service"]["errors"] += 1  # (it goes back to its caller: not logged here)
         self._reply_error(route, error)
@@ -878,14 +887,11 @@ class Dispatcher:
         or once the owner is done)."""
         self._left_unhandled(call.pattern, call.route, 1)
 
-    def _left_unhandled(self, pattern: str, route: Any, count: int, durable: bool = False) -> None:
+    def _left_unhandled(self, pattern: str, route: Any, count: int, kind: str | None = None) -> None:
+        """Count ``count`` messages of ``pattern`` a stop left unhandled, for its warning under
+        ``kind`` (one of `_LEFT_AT_STOP`'s; by default told from the pattern and route)."""
         self.stats.pattern[pattern]["dropped"] += count
-        if pattern == "service":
-            kind = "requests"
-        elif pattern == "pubsub":
-            kind = "durable-subscription" if durable or isinstance(route, CursorMark) else "published"
-        else:
-            kind = "at-least-once" if isinstance(route, BatchAck) else "pushed"
+        kind = kind or _left_kind(pattern, route)
         self._left_at_stop[kind] = self._left_at_stop.get(kind, 0) + count
 
     def report_left_at_stop(self, name: str) -> None:
@@ -915,7 +921,8 @@ class Dispatcher:
                 if one_by_one and i % 64 == 0 and time.monotonic() >= counting_until:
                     one_by_one = False
                 self._left_unhandled(_PATTERN_OF[kind], None, self._items_in(frames) if one_by_one else 1,
-                                     kind == "sub" and self._for_durable_subscriptions_only(frames))
+                                     "durable-subscription" if kind == "sub" and
+                                     self._for_durable_subscriptions_only(frames) else None)
 
     def _for_durable_subscriptions_only(self, frames: list[bytes]) -> bool:
         """Whether a publication's topic goes to durable subscriptions only: left unread at

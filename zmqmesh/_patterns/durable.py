@@ -218,19 +218,21 @@ class DurableQueues:
 
     def __init__(self, store: Store, codec: Codec, stats: Stats,
                  later: Callable[[float, Callable[[], None]], Any], wake_soon: Callable[[float], None],
-                 max_buffered_bytes: int = 8 * BUFFER_BYTES, taken: Callable[[str], bool] | None = None,
+                 max_buffered_bytes: int = 8 * BUFFER_BYTES,
                  offered: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.store = store
         self.max_buffered_bytes = max_buffered_bytes
         """What the buffers of every queue hold together at most (bytes, as `held_sizes`
         counts them; a message read back alone into an empty buffer may pass it)."""
-        self.taken = taken
-        """Whether a queue has pullers now (any thread); a commit to one that has none
-        stays in the store only, so that queues nobody pulls take no share of
-        `max_buffered_bytes` from those that are pulled. None: every queue is."""
         self.offered = offered
-        """The queues pullers offer now, as a table replaced whole when it changes (loop
-        only): a queue parked (`Store.park`) is read back once it appears there."""
+        """The queues pullers offer now, as a table replaced whole when it changes (any
+        thread): a queue parked (`Store.park`) is read back once it appears there. None:
+        every queue is taken for pulled."""
+        self.taken: Callable[[str], bool] | None = None if offered is None else \
+            (lambda queue: bool(offered().get(queue)))
+        """Whether a queue has pullers now (`offered`); a commit to one that has none stays
+        in the store only, so that queues nobody pulls take no share of
+        `max_buffered_bytes` from those that are pulled. None: every queue is."""
         self._offered_seen: Mapping[str, Any] = {}
         # the store may have parked queues (`Store.parked`): a commit to a queue this node
         # holds nothing of looks there (written under `_lock`)

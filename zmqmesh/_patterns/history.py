@@ -139,7 +139,7 @@ class History:
                           and p.prefix.startswith(policy.prefix)]
                 try:
                     self._forget(*self.store.expire_history(policy.prefix, now - policy.max_age_s, longer,
-                                                            MAX_EMPTY_TOPICS))
+                                                            keep_empty=MAX_EMPTY_TOPICS))
                 except Exception as exc:
                     log.error("cannot expire the history under %r: %s", policy.prefix, exc)
 

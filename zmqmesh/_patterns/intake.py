@@ -47,14 +47,13 @@ class AckedIntake:
                  store: Store | None, keeper: Callable[[str, list[Entry]], None] | None,
                  reply: Callable[[tuple[bytes, bytes], bytes, bytes], None],
                  in_place: Callable[[list[Callable[..., Any]]], bool] = lambda handlers: False,
-                 abandoned: Callable[[], bool] = lambda: False,
-                 left_at_stop: Callable[[str, Any, int], None] | None = None) -> None:
+                 left_at_stop: Callable[[str, Any, int], None],
+                 abandoned: Callable[[], bool] = lambda: False) -> None:
         self.registry = registry
         self.in_place = in_place  # whether the driver lets these handlers run as they are decoded
         self.abandoned = abandoned  # whether a stop's deadline passed (what is left is not handled)
-        # counts ``(pattern, route, count)`` left unhandled at a stop (the dispatcher's also
-        # names them in the stop's warning)
-        self.left_at_stop = left_at_stop or self._count_dropped
+        # counts ``(pattern, route, count)`` left unhandled at a stop, for its warning
+        self.left_at_stop = left_at_stop
         self.directory = directory
         self.codec = codec
         self.stats = stats
@@ -67,9 +66,6 @@ class AckedIntake:
         # ids remembered this run, oldest first, per queue (an OrderedDict drops its oldest in
         # constant time; a dict's first key is found past every slot deleted before it)
         self._handled: dict[str, OrderedDict[str, None]] = {}
-
-    def _count_dropped(self, pattern: str, route: Any, count: int) -> None:
-        self.stats.pattern[pattern]["dropped"] += count
 
     def forget_unpulled(self) -> None:
         """Forget the ids this run remembered for the queues no longer pulled (call when

@@ -342,8 +342,7 @@ class Replays:
                 mark = (name, cursor.stream, topic)
                 self._pending.pop(mark, None)  # (those handled meanwhile no longer move the place)
                 self._finished.pop(mark, None)
-                self._dirty[mark] = [-1, upto, 0]
-                self._durable.setdefault(name, {}).setdefault(cursor.stream, {})[topic] = (-1, upto, 0)
+                self._dirty[mark] = [-1, upto, 0]  # (into `_durable` too at the flush below)
         self._follow_run(cursor, run)
         self.flush()
         self._catch_up(key, cursor.options, cursor)

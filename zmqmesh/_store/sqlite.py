@@ -75,6 +75,7 @@ message is a segment of its own): reading one back whole stays bounded."""
 _COUNT_SQL = f"min(max(count, 1), {SEGMENT_MAX})"
 """A segment's stored count as the store reckons with it: a healthy segment holds 1 to
 `SEGMENT_MAX` messages, and a damaged one's count may be anything."""
+_SEQ_MAX = (1 << 63) - 1  # (SQLite's largest integer: a bound that bounds nothing)
 CHUNK_MESSAGES = 16 * SEGMENT_MAX
 """About how many messages `Store.requeue` moves, or `Store.drop_queue` deletes, per
 transaction: whole segments, and no more than 8 MiB of them (though always one segment,
@@ -579,17 +580,19 @@ class Store:
     def parked(self, queue: str) -> tuple[int, int] | None:
         """``(first, last)`` as `park` noted them for ``queue``, if it is parked."""
         with self._lock:
-            rows = self._read("SELECT first, last FROM parked WHERE queue = ?", (queue,))
-        return (int(rows[0][0]), int(rows[0][1])) if rows else None
+            return self._parked_locked(queue)
 
     def unpark(self, queue: str) -> tuple[int, int] | None:
         """`parked`, and ``queue`` is no longer, in one transaction."""
         with self._lock:
-            found = self._read("SELECT first, last FROM parked WHERE queue = ?", (queue,))
-            if not found:
-                return None
-            self._write_locked([("DELETE FROM parked WHERE queue = ?", (queue,))])
-        return int(found[0][0]), int(found[0][1])
+            found = self._parked_locked(queue)
+            if found is not None:
+                self._write_locked([("DELETE FROM parked WHERE queue = ?", (queue,))])
+        return found
+
+    def _parked_locked(self, queue: str) -> tuple[int, int] | None:
+        rows = self._read("SELECT first, last FROM parked WHERE queue = ?", (queue,))
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
     def any_parked(self) -> bool:
         """Whether some queue is parked."""
@@ -731,12 +734,9 @@ class Store:
     def _read_segments(self, queue: str, after: int, limit: int | None,
                        max_bytes: int | None = None, at_least_one: bool = True,
                        upto: int | None = None) -> list[StoredSegment]:
-        if upto is None:
-            sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq"
-            rows = self._read(sql, (queue, after), limit or None, max_bytes, at_least_one)
-        else:
-            sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? AND seq <= ? ORDER BY seq"
-            rows = self._read(sql, (queue, after, upto), limit or None, max_bytes, at_least_one)
+        sql = "SELECT seq, count, items FROM outbox WHERE queue = ? AND seq > ? AND seq <= ? ORDER BY seq"
+        rows = self._read(sql, (queue, after, _SEQ_MAX if upto is None else upto), limit or None, max_bytes,
+                          at_least_one)
         if not rows:
             return []
         last_first = rows[-1][0]
@@ -872,8 +872,8 @@ class Store:
         self._write([("DELETE FROM history WHERE topic = ? AND seq < ? AND seq + count <= ?",
                       (topic, before_seq, before_seq))])
 
-    def expire_history(self, prefix: str, before_ts: float, keep: Sequence[str] = (),
-                       keep_empty: int = 65_536) -> tuple[list[str], int]:
+    def expire_history(self, prefix: str, before_ts: float, keep: Sequence[str] = (), *,
+                       keep_empty: int) -> tuple[list[str], int]:
         """Forget the frames of the topics under ``prefix`` kept since before ``before_ts``,
         but those under the prefixes ``keep`` (kept by other rules), in one transaction.
         The numbering of a topic left with no frame stays (a replay still sees what it
