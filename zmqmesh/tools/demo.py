@@ -129,57 +129,61 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() \
         else None
-    with node:
-        try:
-            for role in ROLES:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "zmqmesh.tools.demo", role, "--mesh", mesh, "--beacon-port", str(beacon_port),
-                         "--t0", repr(_T0[0])]
+    try:
+        with node:
+            try:
+                for role in ROLES:
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "zmqmesh.tools.demo", role, "--mesh", mesh, "--beacon-port", str(beacon_port),
+                             "--t0", repr(_T0[0])]
+                        )
                     )
-                )
-            started = time.monotonic()
-            node.wait_for_peers(len(ROLES), timeout=20)
-            everyone.wait(5)  # (join callbacks run on the handler thread: let the last one speak first)
-            _say("conductor", f"full mesh of {len(ROLES) + 1} nodes formed {time.monotonic() - started:.2f}s after spawning")
-            node.wait_for_pullers("orders", 2, timeout=10)
-            node.wait_for_service("quote", timeout=10)
-            # give the quoter its first prices, then trade
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    quote = node.request("quote", {"pair": PAIRS[-1], "qty": 1}, timeout=2)
-                    _say("conductor", f"request quote -> {quote}")
-                    break
-                except RemoteError as exc:  # the quoter has no price yet: expected, not a failure
-                    _say("conductor", f"request quote -> not ready yet ({exc.remote_message}); asking again")
-                    time.sleep(0.2)
-            for i in range(orders):
-                node.push("orders", {"id": i + 1, "pair": PAIRS[i % len(PAIRS)], "qty": 100 * (i + 1)})
-            if not done.wait(20):
-                _say("conductor", f"only {len(fills)} of {orders} orders filled")
-            else:
-                by = {w: sum(1 for f in fills if f["filled_by"] == w) for w in ("worker-a", "worker-b")}
-                _say("conductor", f"all {orders} orders filled; load balanced as {by}")
-                _say("conductor", f"pub/sub: {updates[0]} price updates received so far, latest {prices}")
-                stats = node.stats()
-                _say("conductor", f"my counters: pipeline {stats['pipeline']}, requests {stats['request']}")
-                code = 0
-        finally:
-            for proc in reversed(procs):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                node.wait_for_peers(len(ROLES), timeout=20)
+                everyone.wait(5)  # (join callbacks run on the handler thread: let the last one speak first)
+                _say("conductor", f"full mesh of {len(ROLES) + 1} nodes formed {time.monotonic() - started:.2f}s after spawning")
+                node.wait_for_pullers("orders", 2, timeout=10)
+                node.wait_for_service("quote", timeout=10)
+                # give the quoter its first prices, then trade
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
                     try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait(5)
-                        code = 1
-            deadline = time.monotonic() + 3
-            while node.peers() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+                        quote = node.request("quote", {"pair": PAIRS[-1], "qty": 1}, timeout=2)
+                        _say("conductor", f"request quote -> {quote}")
+                        break
+                    except RemoteError as exc:  # the quoter has no price yet: expected, not a failure
+                        _say("conductor", f"request quote -> not ready yet ({exc.remote_message}); asking again")
+                        time.sleep(0.2)
+                for i in range(orders):
+                    node.push("orders", {"id": i + 1, "pair": PAIRS[i % len(PAIRS)], "qty": 100 * (i + 1)})
+                if not done.wait(20):
+                    _say("conductor", f"only {len(fills)} of {orders} orders filled")
+                else:
+                    by = {w: sum(1 for f in fills if f["filled_by"] == w) for w in ("worker-a", "worker-b")}
+                    _say("conductor", f"all {orders} orders filled; load balanced as {by}")
+                    _say("conductor", f"pub/sub: {updates[0]} price updates received so far, latest {prices}")
+                    stats = node.stats()
+                    _say("conductor", f"my counters: pipeline {stats['pipeline']}, requests {stats['request']}")
+                    code = 0
+            finally:
+                if previous is not None:  # (a second SIGTERM now would leave the processes running)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                for proc in reversed(procs):
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+                        try:
+                            proc.wait(10)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            proc.wait(5)
+                            code = 1
+                deadline = time.monotonic() + 3
+                while node.peers() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     _say("conductor", "demo finished, every process stopped" if code == 0 else "demo FAILED")
     return code
 

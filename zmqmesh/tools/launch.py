@@ -277,7 +277,7 @@ class Launcher:
             elif now >= kill_at:
                 del self._leftovers[group]
                 if _signal_group(group, signal.SIGKILL):
-                    self.say(name, "killed what it left running: it did not stop in time")
+                    self.say(name, _LEFT_KILLED)
 
     def _stop_all(self) -> None:
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
@@ -293,23 +293,28 @@ class Launcher:
                 proc.wait(max(0.0, deadline - time.monotonic()))
                 self.say(name, _ended(proc.returncode))
             except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:  # (stuck in the kernel: nothing more to do)
-                    pass
-                self.say(name, "killed: it did not stop in time")
+                pass
         # what the processes started, in their groups: it stops by the same deadline
         while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
             time.sleep(0.05)
-        for group, name in groups.items():
+        for group, name in groups.items():  # (each group killed once, whatever of it is left)
+            leader = live.get(name)
+            stuck = leader is not None and leader.pid == group and leader.poll() is None
             if _signal_group(group, signal.SIGKILL):
-                self.say(name, "killed what it left running: it did not stop in time")
+                self.say(name, "killed: it did not stop in time" if stuck else _LEFT_KILLED)
+            if stuck:
+                try:
+                    leader.wait(5)  # type: ignore[union-attr]
+                except subprocess.TimeoutExpired:  # (stuck in the kernel: nothing more to do)
+                    pass
         # the last lines of each (its pipe closed now: they are all there, to be written)
         for pump in self._pumps.values():
             pump.join(max(0.0, deadline - time.monotonic()) + 5.0)
         self._pumps.clear()
         self.procs.clear()
+
+
+_LEFT_KILLED = "killed what it left running: it did not stop in time"
 
 
 def _signal_group(group: int, sig: int) -> bool:
