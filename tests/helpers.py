@@ -78,6 +78,17 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str = "con
         time.sleep(every)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class NodeProcess:
     """A zmqmesh node in a child process (see node_process.py), read line by line."""
 

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from helpers import pid_alive
+
 HERE = Path(__file__).resolve().parent
 HOST_NODE = HERE / "host_node.py"
 NS_PREFIX = "zmqmesh-"
@@ -109,22 +111,13 @@ def sweep_stale() -> list[str]:
     for line in result.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         match = _NS_NAME.match(name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or pid_alive(int(match.group(1))):
             continue
         _kill_namespace_processes(name)
         if run(["ip", "netns", "del", name], check=False).returncode == 0:
             removed.append(name)
     return removed
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _kill_namespace_processes(ns: str) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import free_udp_port, wait_until
+from helpers import free_udp_port, pid_alive, wait_until
 
 import zmqmesh
 
@@ -129,7 +129,6 @@ def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) 
 
 
 def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mesh(mesh: dict[str, Any]) -> None:
-    import time
 
     where = ("--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]))
     for bad in ("0", "-1", "nan", "inf"):
@@ -151,7 +150,6 @@ def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mes
 
 
 def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tmp_path: Any, mesh: dict[str, Any]) -> None:
-    import time
 
     (tmp_path / "sleeper.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
     toml = tmp_path / "one.toml"
@@ -213,15 +211,6 @@ def _launcher(tmp_path: Any, toml: str, **popen: Any) -> subprocess.Popen[str]:
                             text=True, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen})
 
 
-def _gone(pid: int) -> bool:
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.mark.timeout(120)
 def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_path: Any) -> None:
     # `zmqmesh launch f.toml | head -1`: the output thread died with a traceback, the
@@ -242,9 +231,9 @@ def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_pat
         try:
             _ended_quietly_by_a_closed_pipe(proc, "launch")
         finally:
-            if child and not _gone(child):
+            if child and pid_alive(child):
                 os.kill(child, signal.SIGKILL)
-    assert _gone(child)
+    assert not pid_alive(child)
 
 
 STARTS_A_GRANDCHILD = """
@@ -278,9 +267,9 @@ def test_launch_leaves_nothing_running_that_its_processes_started(tmp_path: Any,
             if how[1] == "stay":
                 proc.send_signal(signal.SIGINT)
             proc.wait(30)
-            wait_until(lambda: _gone(grandchild), 10, "the grandchild to be gone")  # (init reaps it)
+            wait_until(lambda: not pid_alive(grandchild), 10, "the grandchild to be gone")  # (init reaps it)
         finally:
-            if grandchild and not _gone(grandchild):
+            if grandchild and pid_alive(grandchild):
                 os.kill(grandchild, signal.SIGKILL)
     assert proc.returncode == (130 if how[1] == "stay" else 0), (out, err)
 
@@ -290,7 +279,6 @@ def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any)
     # the launcher said "exited" and returned as soon as a process ended, while the
     # threads that copy its output had lines still to write: behind a slow reader,
     # thousands of a process's last lines were lost
-    import time
 
     (tmp_path / "burst.py").write_text("import sys\nsys.stdout.write(''.join(f'n {i}\\n' for i in range(8000)) + 'LAST\\n')\n")
     proc = _launcher(tmp_path, '[[process]]\nname = "a"\ncommand = ["python3", "burst.py"]\n'
@@ -338,10 +326,10 @@ def test_demo_stops_its_processes_on_sigterm_and_wants_a_count_of_orders() -> No
             children = _children(proc.pid)
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-            wait_until(lambda: all(_gone(c) for c in children), 15, "the demo's processes to be gone")
+            wait_until(lambda: all(not pid_alive(c) for c in children), 15, "the demo's processes to be gone")
         finally:
             for child in children:
-                if not _gone(child):
+                if pid_alive(child):
                     os.kill(child, signal.SIGKILL)
     assert len(children) == 4
     assert proc.returncode == 130  # (as after Ctrl-C)

@@ -154,7 +154,9 @@ def test_pushes_a_stop_leaves_unhandled_are_counted_and_logged(mesh: dict[str, A
         assert f"{dropped} pushed message(s) not handled" in caplog.text
 
     if kind == "Node":
-        after_stop(_stop_a_node_with_a_backlog(mesh, total, handled, before, handler_concurrency=concurrency))
+        handled_then, dropped = _stop_a_node_with_a_backlog(mesh, total, handled, handler_concurrency=concurrency)
+        before.append(handled_then)
+        after_stop(dropped)
         return
 
     async def main() -> None:
@@ -186,18 +188,18 @@ def test_at_least_once_messages_a_stop_leaves_in_a_batch_are_named_in_its_warnin
     messages, which come again (it was counted, but left out of the warning)."""
     total = 300
     handled: list[int] = []
-    dropped = _stop_a_node_with_a_backlog(mesh, total, handled, [], at_least_once=True)
+    _handled_then, dropped = _stop_a_node_with_a_backlog(mesh, total, handled, at_least_once=True)
     assert 0 < len(handled) < total and dropped > 0, (len(handled), dropped)
     assert len(handled) + dropped <= total
     assert "at-least-once message(s) not handled (delivered again" in caplog.text
     assert "pushed message(s) not handled" not in caplog.text
 
 
-def _stop_a_node_with_a_backlog(mesh: dict[str, Any], total: int, handled: list[int], before: list[int],
-                                handler_concurrency: int = 1, at_least_once: bool = False) -> int:
+def _stop_a_node_with_a_backlog(mesh: dict[str, Any], total: int, handled: list[int], handler_concurrency: int = 1,
+                                at_least_once: bool = False) -> tuple[int, int]:
     """Push ``total`` messages of 20 ms each to a `Node` and stop it with a timeout of
-    0.3 s once they arrive: ``before`` gets how many were handled by then; returns the
-    worker's ``dropped`` count as the stop left it."""
+    0.3 s once they arrive: how many were handled when the stop returned, and the worker's
+    ``dropped`` count as the stop left it."""
     worker = zmqmesh.Node("worker", handler_concurrency=handler_concurrency, **mesh)
     worker.pull("slow", lambda m: (time.sleep(0.02), handled.append(m.data)), at_least_once=at_least_once)
     with zmqmesh.Node("boss", **mesh) as boss:
@@ -206,8 +208,7 @@ def _stop_a_node_with_a_backlog(mesh: dict[str, Any], total: int, handled: list[
         boss.push_many("slow", range(total))
         wait_until(lambda: worker.stats()["pipeline"]["received"] > 0, 10, "the messages to arrive")
         worker.stop(timeout=0.3)
-        before.append(len(handled))
-        return int(worker.stats()["pipeline"]["dropped"])
+        return len(handled), int(worker.stats()["pipeline"]["dropped"])
 
 
 @contextlib.contextmanager
