@@ -5,6 +5,9 @@
         each pushed number to PROGRESS once committed
     python durable_process.py puller MESH PORT QUEUE OUT [STORE]
         pull at-least-once (dedupe when a STORE is given); append "id number" per message to OUT
+    python durable_process.py stuck MESH PORT QUEUE OUT
+        pull at-least-once; append "id number" for the first message to OUT, then never return
+        from its handler (nothing is acknowledged until the process is killed)
 
 Both print "ready" once started and run until killed or their stdin closes.
 """
@@ -54,10 +57,28 @@ def puller(mesh: str, port: int, queue: str, out: str, store: str | None) -> Non
         wait_for_stdin_close()
 
 
+def stuck(mesh: str, port: int, queue: str, out: str) -> None:
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    never = threading.Event()
+    node = zmqmesh.Node("stuck", mesh=mesh, beacon_port=port)
+
+    @node.pull(queue, at_least_once=True)
+    def handle(msg: zmqmesh.Message) -> None:
+        os.write(fd, f"{msg.id} {msg.data['n']}\n".encode())
+        never.wait()
+
+    node.start()  # (never stopped: its handler never returns)
+    print("ready", flush=True)
+    wait_for_stdin_close()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
     if role == "pusher":
         pusher(args[0], args[1], int(args[2]), args[3], int(args[4]), int(args[5]), args[6],
                int(args[7]) if len(args) > 7 else 0)
+    elif role == "stuck":
+        stuck(args[0], int(args[1]), args[2], args[3])
     else:
         puller(args[0], int(args[1]), args[2], args[3], args[4] if len(args) > 4 else None)

@@ -575,34 +575,82 @@ def test_a_stopping_pusher_hands_its_messages_to_a_keeper(tmp_path: Path, mesh: 
     assert all(h == {"batch": "7"} for _n, _id, h in got)
 
 
-def test_a_keeper_keeps_the_attempts_of_what_it_is_handed(tmp_path: Path, mesh: dict[str, Any]) -> None:
+def test_a_keeper_keeps_the_attempts_and_the_redelivered_mark_of_what_it_is_handed(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
     """The hand-over as docs/protocol.md states it, from a bare DEALER: durable items with
-    attempts counted reach the keeper's pullers with those attempts."""
+    attempts counted, or marked redelivered, reach the keeper's pullers so, whether the
+    keeper stored them with nobody pulling (read back later) or with a puller there."""
     keeper = zmqmesh.Node("keeper", store=str(tmp_path), **mesh)
     keeper.keep("orders")
-    got: list[tuple[Any, str, int, dict[str, str]]] = []
+    got: list[tuple[Any, str, int, bool, dict[str, str]]] = []
     ctx = zmq.Context()
+
+    def items(first: int) -> bytes:  # (n, redelivered, attempts): none, a mark, attempts
+        return b"".join(msgpack.packb([flag, {"n": n}, f"order-{n}", 1700000000.0 + n, {"k": "v"}, tries])
+                        for n, flag, tries in [(first, False, 0), (first + 1, True, 0), (first + 2, False, 2)])
+
+    def hand_over(dealer: zmq.Socket[bytes], queue: bytes, first: int) -> list[bytes]:
+        dealer.send_multipart([b"\x00keep/" + queue, b"h", items(first)])
+        assert dealer.poll(5000)
+        return dealer.recv_multipart()
+
     try:
         with keeper:
             dealer = ctx.socket(zmq.DEALER)
             dealer.connect(keeper.endpoints["service"])
-            items = b"".join(msgpack.packb([False, {"n": n}, f"order-{n}", 1700000000.0 + n, {"k": "v"}, n])
-                             for n in range(3))
-            dealer.send_multipart([b"\x00keep/orders", b"h1", items])
-            assert dealer.poll(5000)
-            assert dealer.recv_multipart() == [b"h1", b"\x00", b""]
-            dealer.send_multipart([b"\x00keep/other", b"h2", items])
-            assert dealer.poll(5000)
-            assert dealer.recv_multipart()[:2] == [b"h2", b"\x02"]
+            assert hand_over(dealer, b"orders", 0) == [b"h", b"\x00", b""]
+            assert hand_over(dealer, b"other", 0)[:2] == [b"h", b"\x02"]
             assert stored(tmp_path) == 3
             puller = zmqmesh.Node("puller", **mesh)
-            puller.pull("orders", lambda m: got.append((m.data["n"], m.id, m.attempts, m.headers)),
+            puller.pull("orders", lambda m: got.append((m.data["n"], m.id, m.attempts, m.redelivered, m.headers)),
                         at_least_once=True, max_deliveries=5)
             with puller:
                 wait_until(lambda: len(got) == 3, 20, "the kept messages")
+                keeper.wait_for_pullers("orders")
+                assert hand_over(dealer, b"orders", 3) == [b"h", b"\x00", b""]
+                wait_until(lambda: len(got) == 6, 20, "the messages kept with a puller there")
     finally:
         ctx.destroy(linger=0)
-    assert got == [(n, f"order-{n}", n, {"k": "v"}) for n in range(3)]
+    assert got == [(n, f"order-{n}", 2 if n % 3 == 2 else 0, n % 3 != 0, {"k": "v"}) for n in range(6)]
+
+
+def test_a_stopping_pusher_hands_a_killed_pullers_messages_to_a_keeper_marked_redelivered(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A puller killed holding a batch: its queue has nobody to deal the batch to again, so
+    the pusher's stop does not wait for it but hands it to the keeper; the keeper keeps
+    the mark, and its next puller gets those messages as redelivered (the killed puller
+    may have handled them)."""
+    out = tmp_path / "stuck.out"
+    keeper = zmqmesh.Node("keeper", store=str(tmp_path / "keeper"), **mesh)
+    keeper.keep("orders")
+    got: dict[int, bool] = {}
+    with keeper:
+        pusher = zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), linger_s=30, **mesh)
+        with pusher:
+            stuck = worker("stuck", mesh["mesh"], mesh["beacon_port"], "orders", out)
+            try:
+                stuck.wait_for("ready")
+                pusher.wait_for_pullers("orders")
+                pusher.wait_for_keepers("orders")
+                pusher.push_many("orders", [{"n": n} for n in range(200)], durable=True)
+                wait_until(lambda: handled(out), 20, "the stuck puller's first message")
+                stuck.kill()
+                wait_until(lambda: pusher.stats()["pipeline"].get("redelivered", 0) > 0, 20,
+                           "the pusher taking the killed puller's batch back")
+                dealt_again = pusher.stats()["pipeline"]["redelivered"]
+            finally:
+                stuck.kill()
+            started = time.monotonic()
+        # (not a timing assertion: waiting out linger_s, the stop handed over nothing)
+        assert stored(tmp_path / "pusher") == 0, f"handed over ({time.monotonic() - started:.1f} s)"
+        assert stored(tmp_path / "keeper") == 200
+        puller = zmqmesh.Node("late-puller", **mesh)
+        puller.pull("orders", lambda m: got.__setitem__(m.data["n"], m.redelivered), at_least_once=True)
+        with puller:
+            wait_until(lambda: len(got) == 200, 20, "the kept messages")
+    marked = {n for n, redelivered in got.items() if redelivered}
+    assert {n for _id, n in handled(out)} <= marked
+    assert len(marked) == dealt_again
 
 
 def zmqmesh_cli(*args: str, timeout: float = 30, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -761,7 +761,7 @@ def _stored(seq: int, segment: int, body: bytes, attempts: int = 0, recovered: b
     marked as asked."""
     from zmqmesh._store.messages import stored_messages
 
-    message = stored_messages("q", seq, [segment], [f"id-{seq}"], [1000.5], [None], [body], [attempts],
+    message = stored_messages("q", seq, [segment], [f"id-{seq}"], [1000.5], [None], [body], [attempts], [False],
                               msgpack.Packer().pack)[0]
     return message._replace(recovered=recovered, wire=message.wire if wire else None)
 

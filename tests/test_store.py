@@ -33,8 +33,8 @@ from zmqmesh.config import HistoryPolicy
 pytestmark = pytest.mark.timeout(60)
 
 
-def entries(*names: str) -> list[tuple[str, float, bytes | None, bytes, int]]:
-    return [(f"id-{n}", 1000.0 + i, None, msgpack.packb(n), 0) for i, n in enumerate(names)]
+def entries(*names: str) -> list[tuple[str, float, bytes | None, bytes, int, bool]]:
+    return [(f"id-{n}", 1000.0 + i, None, msgpack.packb(n), 0, False) for i, n in enumerate(names)]
 
 
 def damage(directory: Path, seq: int, items: bytes = b"\xc1", count: int | None = None) -> None:
@@ -46,6 +46,31 @@ def damage(directory: Path, seq: int, items: bytes = b"\xc1", count: int | None 
 
 def live(store: Store, queue: str) -> list[tuple[str, int]]:
     return [(msgpack.unpackb(m.body), m.attempts) for s in store.pending(queue, limit=10_000) for m in s.messages]
+
+
+def test_messages_stored_marked_redelivered_are_read_back_and_moved_so_marked(tmp_path: Path) -> None:
+    """What a keeper is handed marked redelivered (a dead puller may have handled it) stays
+    marked in its store: read back, across a restart, and moved to another queue."""
+    a, b, c = entries("a", "b", "c")
+    store = Store(tmp_path)
+    store.append([("q", [a, (*b[:5], True), c])])
+    store.close()
+
+    store = Store(tmp_path)
+    (segment,) = store.pending("q")
+    assert [(msgpack.unpackb(m.body), m.recovered) for m in segment.messages] == [("a", False), ("b", True),
+                                                                                  ("c", False)]
+    assert segment.messages[1].wire is None  # (dealt marked, not in the form of a first delivery)
+    assert store.requeue("q", "other") == 3
+    assert [(msgpack.unpackb(m.body), m.recovered) for m in store.pending("other")[0].messages] == [
+        ("a", False), ("b", True), ("c", False)]
+    store.close()
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:  # (a sixth field is damage, not a mark)
+        ((seq,),) = db.execute("SELECT seq FROM outbox WHERE queue = 'other'").fetchall()
+    damage(tmp_path, seq, msgpack.packb([["id-a", 1.0, None, b"a", True, True]]), count=1)
+    store = Store(tmp_path)
+    assert store.pending("other")[0].damaged
+    store.close()
 
 
 def test_a_restart_reads_back_only_what_was_not_settled_with_the_attempts_counted(tmp_path: Path) -> None:
@@ -104,8 +129,8 @@ def test_a_large_call_is_stored_as_several_segments_read_back_whole(tmp_path: Pa
 
 def test_large_messages_close_a_segment_by_bytes_and_reads_stop_at_a_byte_budget(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    big = [(f"id-{i}", 1000.0, None, bytes([i]) * (400 * 1024), 0) for i in range(5)]
-    huge = [("id-huge", 1000.0, None, b"h" * (3 * SEGMENT_BYTES), 0)]
+    big = [(f"id-{i}", 1000.0, None, bytes([i]) * (400 * 1024), 0, False) for i in range(5)]
+    huge = [("id-huge", 1000.0, None, b"h" * (3 * SEGMENT_BYTES), 0, False)]
     segments = store.append([("q", big), ("q", huge), ("q", entries("a", "b"))])
     assert [c for _, c in segments] == [2, 2, 1, 1, 2]  # 800 KiB, 800 KiB, 400 KiB; the huge one alone
     assert [len(s.messages) for s in store.pending("q", limit=1000, max_bytes=1)] == [2]  # at least one segment
@@ -138,7 +163,7 @@ def test_a_store_written_by_schema_1_is_upgraded_in_place(tmp_path: Path) -> Non
     ((first, _),) = store.append([("orders", entries("c"))])
     assert first == 10  # numbering goes on after the old rows
     store.close()
-    assert inspect_store(tmp_path)["schema"] == 5
+    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("items", [
@@ -403,7 +428,7 @@ def test_a_whole_queue_is_moved_or_dropped_one_chunk_in_memory_at_a_time(tmp_pat
     store = Store(tmp_path)
     body = b"x" * 4096
     for k in range(48):  # 48 segments of 256 messages of 4 KiB
-        store.append([("jobs.dead", [(f"id-{k}-{i}", 1.0, None, body, 0) for i in range(256)])])
+        store.append([("jobs.dead", [(f"id-{k}-{i}", 1.0, None, body, 0, False) for i in range(256)])])
     tracemalloc.start()
     try:
         done = store.requeue("jobs.dead", "jobs") if operation == "requeue" else store.drop_queue("jobs.dead")
@@ -423,7 +448,7 @@ def test_a_read_with_a_byte_budget_holds_about_that_budget(tmp_path: Path) -> No
     lets go of) at most one segment past it, not a fetch of 16 (16 MiB here)."""
     store = Store(tmp_path)
     for k in range(16):
-        store.append([("q", [(f"id-{k}", 1.0, None, bytes([k]) * (1 << 20), 0)])])
+        store.append([("q", [(f"id-{k}", 1.0, None, bytes([k]) * (1 << 20), 0, False)])])
     tracemalloc.start()
     try:
         segments = store.pending("q", limit=1024, max_bytes=2 * (1 << 20) + 1024)
@@ -466,7 +491,7 @@ def test_checkpoints_are_a_thread_of_the_stores_and_the_log_stays_bounded(tmp_pa
     wal, largest, open_segments = tmp_path / "zmqmesh.db-wal", 0, []
     body = msgpack.packb(b"x" * 2000)
     for k in range(7500):  # about 5 backstops of frames through the log, as a producer and its acks write
-        open_segments += store.append([("q", [(f"id-{k}-{i}", 1.0, None, body, 0) for i in range(4)])])
+        open_segments += store.append([("q", [(f"id-{k}-{i}", 1.0, None, body, 0, False) for i in range(4)])])
         if len(open_segments) >= 16:
             store.forget(open_segments)
             open_segments = []
@@ -695,7 +720,7 @@ def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path
     store.save_cursors([], [("d", "s1", "abc")])
     assert store.load_cursor_runs("d") == {"s1": "abc"} and len(store.runs) == 1
     store.close()
-    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 5
+    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 6
 
 
 def test_the_numbering_of_topics_with_nothing_kept_goes_past_a_cap_and_the_floor_rises_past_it(
@@ -729,7 +754,7 @@ def test_a_queue_parked_while_its_offer_was_gone_is_read_back_when_the_offer_is_
     queues.recover()
     assert queues.refill() == {}  # (the loop saw q offered)
     offers["ackqueues"] = {}  # (its puller's offer goes ...)
-    queues.submit("q", [("id-1", 1000.0, None, msgpack.packb("m1"), 0)])  # (... a push parks it ...)
+    queues.submit("q", [("id-1", 1000.0, None, msgpack.packb("m1"), 0, False)])  # (... a push parks it ...)
     assert store.parked("q") is not None and "q" not in queues.queues
     offers["ackqueues"] = {"q": ("B",)}  # (... and another's comes, before the loop looks again)
     dealt: list[Any] = []

@@ -719,7 +719,8 @@ class NodeBase:
         packed = codec.encode(check_headers(headers)) if headers else None
         bodies = codec.encode_many(items)
         n = len(bodies)
-        entries = list(zip(self._id_run(n), repeat(time.time(), n), repeat(packed, n), bodies, repeat(0, n)))
+        entries = list(zip(self._id_run(n), repeat(time.time(), n), repeat(packed, n), bodies, repeat(0, n),
+                           repeat(False, n)))
         return Ticket(queue, entries) if entries else None
 
     def _push_deadline(self, timeout: float | None) -> float:

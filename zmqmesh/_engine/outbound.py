@@ -79,11 +79,14 @@ class Outbound:
         messages count while a puller is there to take them (the others are kept)."""
         if self.publisher is None or self.pusher is None or self.reliable is None:
             return 0
+        def pulled(queue: str) -> bool:
+            return not self.handing_over and bool(self.directory.providers("ackqueues", queue))
+
         deliverable = 0
         if self.durable is not None and not self.handing_over:  # stored, and a puller is there to take them
             deliverable = sum(len(q.buffer) for name, q in list(self.durable.queues.items())
-                              if q.buffer and self.directory.providers("ackqueues", name))
-        return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending() + deliverable
+                              if q.buffer and pulled(name))
+        return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending(pulled) + deliverable
 
     def unsent_in_memory(self) -> int:
         """What `queued` counts that a stop would lose (durable messages stay stored)."""

@@ -350,7 +350,7 @@ class DurableQueues:
         return total
 
     def submit(self, name: str, entries: list[Entry]) -> None:
-        """Commit ``(id, timestamp, headers, body, attempts)`` messages to the store (any
+        """Commit ``(id, timestamp, headers, body, attempts, redelivered)`` messages to the store (any
         thread; on the loop's, the loop waits for the commit); the loop deals them. Raises
         `StoreFullError`, `StoreError`: then none of them is stored."""
         self.commit_in_turn(Ticket(name, entries))
@@ -474,9 +474,10 @@ class DurableQueues:
         """The messages ``entries`` of queue ``name``, just stored as the segments ``parts``,
         as the buffer holds them: with their wire form made here, off the loop. (Under the
         lock: `_pack` is one thread's at a time.)"""
-        ids, stamps, headers, bodies, attempts = zip(*entries)
+        ids, stamps, headers, bodies, attempts, marked = zip(*entries)
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
-        return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, self._pack)
+        return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, marked,
+                               self._pack)
 
     def refill(self, also: Iterable[str] = (), every: bool = False) -> dict[str, Buffer]:
         """Top up from the store the buffers of queues it holds more of; the buffers of the

@@ -173,7 +173,8 @@ class AckedIntake:
 
     def keep(self, queue: str, route: tuple[bytes, bytes], body: bytes) -> None:
         """A stopping pusher hands over durable messages of a queue this node keeps: store
-        them (committed) before acknowledging; they are then this node's to deliver."""
+        them (committed) before acknowledging; they are then this node's to deliver (those
+        handed over marked redelivered stay so marked)."""
         if queue not in self.registry.keeps or self.keeper is None:
             self.reply(route, wire.STATUS_NO_SERVICE, b"")
             return
@@ -183,8 +184,8 @@ class AckedIntake:
         encode = self.codec.encode
         now = time.time()
         entries = [
-            (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1]), i[5]) if len(i) == DURABLE_ITEM_FIELDS
-            else (uuid.uuid4().hex, now, None, encode(i[1]), 0)
+            (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1]), i[5], i[0])
+            if len(i) == DURABLE_ITEM_FIELDS else (uuid.uuid4().hex, now, None, encode(i[1]), 0, i[0])
             for i in items
         ]
         try:

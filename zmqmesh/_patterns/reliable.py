@@ -226,11 +226,14 @@ class ReliableSender:
         # queue (a probe), where a failure is its own and counts
         self._suspects: set[str] = set()
 
-    def pending(self) -> int:
-        """Messages sent but not yet acknowledged, plus those waiting to be resent (safe to
-        ask from any thread: the loop's tables are copied, in C, before they are read)."""
+    def pending(self, pulled: Callable[[str], object]) -> int:
+        """Messages sent but not yet acknowledged, plus those waiting to be resent: of these,
+        durable ones count only for the queues ``pulled(queue)`` is true of (the others stay
+        stored, for a puller or a keeper to come). Safe to ask from any thread: the loop's
+        tables are copied, in C, before they are read."""
         return sum(len(b.items) for b in list(self.inflight.values())) + \
-            sum(len(q) for q in list(self.redeliver.values()))
+            sum(len(q) if pulled(name) else sum(1 for i in list(q) if isinstance(i, bytes))
+                for name, q in list(self.redeliver.items()))
 
     def take_in_memory(self, queue: str) -> list[Any]:
         """Take, in order, the in-memory messages of ``queue`` waiting to be dealt again

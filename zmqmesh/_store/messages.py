@@ -15,8 +15,9 @@ from .._wire.codec import durable_items
 __all__ = ["Entry", "StoredMessage", "stored_message", "stored_messages", "seq_of", "segment_of", "attempts_of",
            "recovered_of", "wire_of"]
 
-Entry = tuple[str, float, bytes | None, bytes, int]
-"""A message to store: ``(id, timestamp, headers, body, attempts)``."""
+Entry = tuple[str, float, bytes | None, bytes, int, bool]
+"""A message to store: ``(id, timestamp, headers, body, attempts, redelivered)``;
+``redelivered``: it may have been delivered already (a keeper is handed it so marked)."""
 
 
 class StoredMessage(NamedTuple):
@@ -33,7 +34,8 @@ class StoredMessage(NamedTuple):
     segment: int
     """The sequence number of the first message of its segment (see `Store.append`)."""
     recovered: bool = False
-    """Stored before this node started: it may have been delivered already."""
+    """It may have been delivered already: stored before this node started, or stored
+    marked redelivered (a keeper handed it so). Dealt marked redelivered."""
     wire: bytes | None = None
     """Its form on the wire for a first delivery (`durable_items`), made with the message
     as it was committed or read back: the loop sends it as it is. None once the message
@@ -68,13 +70,17 @@ as it is committed or read back). The caller answers for the fields' types."""
 
 def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
                     headers: Sequence[bytes | None], bodies: Sequence[bytes], attempts: Sequence[int],
-                    pack: Callable[[Any], bytes]) -> list[StoredMessage]:
+                    marked: Sequence[bool], pack: Callable[[Any], bytes]) -> list[StoredMessage]:
     """The messages of ``queue`` given as columns (a message's fields at one index),
     numbered on from ``first``, each in the segment ``segments`` gives it in turn: as a
     commit or a read back holds them, with their wire form for a first delivery
-    (`durable_items`), made without a Python step per message. ``pack``: a
-    `msgpack.Packer`'s own, of one thread at a time."""
+    (`durable_items`), made without a Python step per message; those ``marked`` (stored
+    marked redelivered) as recovered instead. ``pack``: a `msgpack.Packer`'s own, of one
+    thread at a time."""
     n = len(ids)
-    return list(map(stored_message, zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies,
-                                        attempts, segments, repeat(False, n),
-                                        durable_items(ids, stamps, headers, bodies, attempts, pack))))
+    messages = list(map(stored_message, zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies,
+                                            attempts, segments, repeat(False, n),
+                                            durable_items(ids, stamps, headers, bodies, attempts, pack))))
+    if any(marked):  # (rare: what a keeper was handed marked)
+        messages = [m.as_recovered() if mark else m for m, mark in zip(messages, marked)]
+    return messages

@@ -50,7 +50,7 @@ __all__ = ["Store", "StoredSegment", "SEGMENT_MAX", "SEGMENT_BYTES", "CHUNK_MESS
 
 log = logging.getLogger("zmqmesh.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DB_FILE = "zmqmesh.db"
 LOCK_FILE = "zmqmesh.lock"
 _APP = "zmqmesh"
@@ -166,7 +166,16 @@ _SCHEMA = (
 
 
 _STORED_FIELDS = operator.itemgetter(slice(0, 4))
-"""What a segment keeps of an `Entry`: ``(id, timestamp, headers, body)`` (attempts apart)."""
+"""What a segment keeps of an `Entry`: ``(id, timestamp, headers, body)`` (attempts apart),
+and ``True`` after them for one marked redelivered (`_stored`)."""
+_MARKED = operator.itemgetter(5)
+
+
+def _stored(part: Sequence[Entry]) -> list[Any]:
+    """What a segment keeps of the entries ``part`` (see `_STORED_FIELDS`)."""
+    if not any(map(_MARKED, part)):  # (the common case, without a Python step per message)
+        return list(map(_STORED_FIELDS, part))
+    return [(*e[:4], True) if e[5] else e[:4] for e in part]
 
 
 def _segments(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
@@ -187,9 +196,16 @@ def _segments(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
 
 
 def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:
-    """Raises `ValueError` unless every stored ``(id, timestamp, headers, body)`` has the
-    types a durable message needs (a damaged segment must not reach the wire)."""
-    for msg_id, ts, headers, body in entries:
+    """Raises `ValueError` unless every stored ``(id, timestamp, headers, body)`` (with
+    ``True`` after it if marked redelivered) has the types a durable message needs (a
+    damaged segment must not reach the wire)."""
+    for entry in entries:
+        if len(entry) == 4:
+            msg_id, ts, headers, body = entry
+        elif len(entry) == 5 and entry[4] is True:
+            msg_id, ts, headers, body, _marked = entry
+        else:
+            raise ValueError(f"an entry of {len(entry)} fields")
         if type(msg_id) is not str or type(body) is not bytes or (headers is not None and type(headers) is not bytes) \
                 or type(ts) not in (float, int):
             raise ValueError(f"an entry of the wrong types: {type(msg_id).__name__}, {type(ts).__name__}, "
@@ -529,7 +545,7 @@ class Store:
             for queue, entries in calls:
                 start = first
                 for part in _segments(entries):
-                    rows.append((first, queue, len(part), part[0][1], msgpack.packb(list(map(_STORED_FIELDS, part)))))
+                    rows.append((first, queue, len(part), part[0][1], msgpack.packb(_stored(part))))
                     marks.extend((first + i, e[4]) for i, e in enumerate(part) if e[4])
                     first += len(part)
                 if queue in park:
@@ -683,7 +699,8 @@ class Store:
         for segment in segments:
             if segment.messages:
                 rows.append((first, target, len(segment.messages), segment.messages[0].timestamp,
-                             msgpack.packb([[m.id, m.timestamp, m.headers, m.body] for m in segment.messages])))
+                             msgpack.packb([(m.id, m.timestamp, m.headers, m.body, True) if m.recovered
+                                            else (m.id, m.timestamp, m.headers, m.body) for m in segment.messages])))
                 first += len(segment.messages)
         spans = [(s.first, s.first + s.size - 1) for s in segments]
         self._write_locked([
@@ -755,9 +772,14 @@ class Store:
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 _check_entries(entries)
-                ids, stamps, headers, bodies = zip(*entries)
+                if max(map(len, entries)) == 4:  # (nothing marked redelivered: the common case)
+                    ids, stamps, headers, bodies = zip(*entries)
+                    marked: Sequence[bool] = (False,) * count
+                else:
+                    ids, stamps, headers, bodies = zip(*(e[:4] for e in entries))
+                    marked = [len(e) == 5 for e in entries]
                 messages = stored_messages(queue, first, repeat(first), ids, stamps, headers, bodies,
-                                           (0,) * count, pack)
+                                           (0,) * count, marked, pack)
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
                     messages = [m.with_attempts(attempts[m.seq]) if m.seq in attempts else m
                                 for m in messages if m.seq not in settled]
@@ -1182,6 +1204,8 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
     if version in (3, 4):  # the publisher runs durable subscriptions followed
         for statement in _HISTORY_5:
             db.execute(statement)
+    # (from 5, nothing to change: a segment may now hold entries marked redelivered, which
+    # an older zmqmesh would take for damage; the new version makes it refuse the store)
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     db.execute("COMMIT")
 
