@@ -614,6 +614,37 @@ def test_a_keeper_keeps_the_attempts_and_the_redelivered_mark_of_what_it_is_hand
     assert got == [(n, f"order-{n}", 2 if n % 3 == 2 else 0, n % 3 != 0, {"k": "v"}) for n in range(6)]
 
 
+def test_a_keeper_whose_store_refuses_a_hand_over_leaves_it_to_another_or_to_the_pusher(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A keeper that cannot store what it is handed (its store fills) says so; what it
+    refused stays in the pusher's store, and goes to another keeper at the pusher's next
+    stop: nothing is lost, nothing is stored twice."""
+    blob = b"\0" * 50_000
+    full = zmqmesh.Node("full-keeper", store=str(tmp_path / "full"), store_max_bytes=1 << 20, **mesh)
+    full.keep("orders")
+    with full:
+        with zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), linger_s=3, **mesh) as pusher:
+            pusher.wait_for_keepers("orders")
+            pusher.push_many("orders", [{"n": n, "blob": blob} for n in range(40)], durable=True)
+        taken = stored(tmp_path / "full")
+        assert taken < 40 and stored(tmp_path / "pusher") == 40 - taken, "what it refused, kept by the pusher"
+        assert full.stats()["pipeline"].get("kept", 0) == taken
+
+        healthy = zmqmesh.Node("keeper", store=str(tmp_path / "healthy"), **mesh)
+        healthy.keep("orders")
+        with healthy:
+            with zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), linger_s=10, **mesh) as pusher:
+                pusher.wait_for_keepers("orders", 2)
+            assert stored(tmp_path / "pusher") == 0, "handed over"
+            assert stored(tmp_path / "healthy") == 40 - taken and stored(tmp_path / "full") == taken
+            got: list[int] = []
+            puller = zmqmesh.Node("puller", **mesh)
+            puller.pull("orders", lambda m: got.append(m.data["n"]), at_least_once=True)
+            with puller:
+                wait_until(lambda: len(got) == 40, 20, "the kept messages")
+    assert sorted(got) == list(range(40))
+
+
 def test_a_stopping_pusher_hands_a_killed_pullers_messages_to_a_keeper_marked_redelivered(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A puller killed holding a batch: its queue has nobody to deal the batch to again, so
