@@ -738,6 +738,28 @@ def test_the_numbering_of_topics_with_nothing_kept_goes_past_a_cap_and_the_floor
     store.close()
 
 
+def test_a_topic_numbered_afresh_whose_first_commit_failed_says_where_it_began_when_sent_again(
+        tmp_path: Path) -> None:
+    """Past the floor, a new topic's first frame says where its numbering began (`began`).
+    When the history could not keep that frame (a full store: it is not sent), the topic's
+    number is taken back: the next frame is again its first, and must say so."""
+    store = Store(tmp_path, max_bytes=1 << 20)
+    store.keep_history([(f"t.{i}", 0, 1, 1.0, b"\x01", None) for i in range(3)])
+    assert store.expire_history("t.", 100.0, keep_empty=0)[1] == 1  # (the floor rises past them)
+    history = History(store, (HistoryPolicy("t.", 100),), Stats())
+    first = history.number(b"t.new", 1)
+    assert first == 1 and history.began
+    history.began = False  # (as its publisher does, once said)
+    history.record(b"t.new", first, 1, b"\x00" * (2 << 20), None)  # (more than the store may hold)
+    assert not history.commit()
+    assert history.number(b"t.new", 1) == first and history.began
+    history.began = False
+    history.record(b"t.new", first, 1, b"\x01", None)
+    assert history.commit()
+    assert history.number(b"t.new", 1) == first + 1 and not history.began
+    store.close()
+
+
 def test_a_queue_parked_while_its_offer_was_gone_is_read_back_when_the_offer_is_back(tmp_path: Path) -> None:
     """Durable queues over a real store: a push parks a queue whose puller's offer went
     away, and the offer comes back before the loop looked again (two rebuilds of the offers

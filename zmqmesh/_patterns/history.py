@@ -66,6 +66,7 @@ class History:
         self.began = False
         """Set by `number` when it numbered a topic afresh from a floor above 0, for its
         publisher to say so on the topic's first frame (and to clear)."""
+        self._fresh: set[bytes] = set()  # topics numbered afresh since the last commit
 
     def policy(self, topic: bytes) -> HistoryPolicy | None:
         """The policy that keeps ``topic``, if any."""
@@ -87,6 +88,7 @@ class History:
         if seq is None:
             seq = self._first[topic] = self._floor
             self.began = seq > 0
+            self._fresh.add(topic)
         self._next[topic] = seq + count
         return seq
 
@@ -98,8 +100,10 @@ class History:
         """Store the recorded frames in one transaction, then trim what grew past its
         limit. False if the store refused them (full, failing): then their numbers are
         taken back, and they must not be sent (logged, counted as ``history_failed``), so
-        that no subscriber ever sees a message its publisher's history lacks."""
+        that no subscriber ever sees a message its publisher's history lacks. A topic they
+        began is numbered afresh again, and says so on its next first frame."""
         rows, self._rows = self._rows, []
+        fresh, self._fresh = self._fresh, set()
         if not rows:
             return True
         try:
@@ -107,7 +111,10 @@ class History:
         except Exception as exc:
             for topic, seq, *_rest in rows:
                 key = topic.encode()
-                self._next[key] = min(self._next.get(key, seq), seq)
+                if key in fresh:
+                    self._next.pop(key, None)
+                else:
+                    self._next[key] = min(self._next.get(key, seq), seq)
             self.stats.add("pubsub", "history_failed", sum(r[2] for r in rows))
             log.error("cannot keep %d published frame(s) in the history; not sent: %s", len(rows), exc)
             return False
