@@ -79,6 +79,7 @@ class Outbound:
         messages count while a puller is there to take them (the others are kept)."""
         if self.publisher is None or self.pusher is None or self.reliable is None:
             return 0
+
         def pulled(queue: str) -> bool:
             return not self.handing_over and bool(self.directory.providers("ackqueues", queue))
 
