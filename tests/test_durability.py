@@ -684,6 +684,32 @@ def test_a_stopping_pusher_hands_a_killed_pullers_messages_to_a_keeper_marked_re
     assert len(marked) == dealt_again
 
 
+def test_a_stopping_pusher_hands_what_a_live_puller_did_not_acknowledge_to_a_keeper(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """docs/durability.md: a pusher that stops with durable messages not yet delivered (no
+    puller was there, or it did not acknowledge in time) hands them to a keeper within its
+    stop deadline. Here the puller is there and never acknowledges (its handler hangs):
+    the drain gives way to the hand-over half-way through linger_s. Before, it waited for
+    the acknowledgement until the deadline, the hand-over found the deadline passed, and
+    all 200 stayed in the pusher's store (the keeper got none)."""
+    out = tmp_path / "stuck.out"
+    keeper = zmqmesh.Node("keeper", store=str(tmp_path / "keeper"), **mesh)
+    keeper.keep("orders")
+    with keeper:
+        pusher = zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), linger_s=3, **mesh)
+        stuck = worker("stuck", mesh["mesh"], mesh["beacon_port"], "orders", out)
+        try:
+            with pusher:
+                stuck.wait_for("ready")
+                pusher.wait_for_pullers("orders")
+                pusher.wait_for_keepers("orders")
+                pusher.push_many("orders", [{"n": n} for n in range(200)], durable=True)
+                wait_until(lambda: handled(out), 20, "the stuck puller's first message")
+        finally:
+            stuck.kill()
+        assert (stored(tmp_path / "pusher"), stored(tmp_path / "keeper")) == (0, 200)
+
+
 def zmqmesh_cli(*args: str, timeout: float = 30, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``zmqmesh ARGS``; ``tmpdir``: where its temporary files go (``TMPDIR``)."""
     env = None if tmpdir is None else {**os.environ, "TMPDIR": str(tmpdir)}

@@ -130,7 +130,9 @@ class NodeConfig:
         request_timeout_s: default timeout of ``request``.
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up
             to N at once (order no longer kept).
-        linger_s: how long ``stop`` lets queued outgoing messages drain before dropping them.
+        linger_s: how long ``stop`` lets queued outgoing messages drain before dropping them
+            (durable ones stay stored; with a keeper of their queue there, the second half
+            of it hands them over).
         store: directory of this node's durable store (an SQLite database, created on first
             use); needed by durable pushes, dedupe pullers and keepers. ``None``: no store.
         store_max_bytes: the most the store may hold (bytes); a durable call past it raises

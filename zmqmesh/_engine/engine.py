@@ -345,6 +345,25 @@ class Engine:
         self.closed = True
         return time.monotonic() + min(self.config.linger_s, timeout)
 
+    def drain_deadline(self, deadline: float) -> float:
+        """When a stop's drain (`send_queued`) gives way to the hand-over (`hand_over`), whose
+        deadline is ``deadline``: half-way there when a keeper of a durable queue this node
+        holds messages of is there (what its pullers have not acknowledged by then, a hung
+        handler's, goes to the keeper, marked redelivered); else ``deadline`` itself."""
+        durable, reliable = self.durable, self.reliable
+        if durable is None or reliable is None:
+            return deadline
+        held = durable.queues
+        if not any(queue in held and (held[queue].buffer or reliable.in_flight(queue) or reliable.redeliver.get(queue))
+                   for queue in self._kept_queues()):
+            return deadline
+        now = time.monotonic()
+        return now + max(deadline - now, 0.0) / 2
+
+    def _kept_queues(self) -> set[str]:
+        """The queues another node keeps (see `Node.keep`)."""
+        return {queue for queue, ids in self.directory.offers["keepers"].items() if any(k != self.node_id for k in ids)}
+
     def send_queued(self, deadline: float) -> bool:
         """Send what is queued; True while some remains and ``deadline`` has not passed."""
         assert self.outbound is not None
@@ -365,7 +384,7 @@ class Engine:
             outbound.handing_over = True  # from now on durable messages go to keepers only
             for queue in list(durable.queues):
                 reliable.recall(queue)
-        kept = {queue for queue, ids in self.directory.offers["keepers"].items() if any(k != self.node_id for k in ids)}
+        kept = self._kept_queues()
         durable.unpark(kept)  # (queues parked, nobody having pulled them, that a keeper takes: read back too)
         busy = False
         for queue, buffer in durable.refill(every=True).items():  # (a stop: every queue, in flight ones too)

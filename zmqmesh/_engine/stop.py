@@ -6,8 +6,9 @@ already arrived and answer it, say goodbye, close the sockets, terminate the con
 1. ``begin_stop`` (loop): refuse new work; None if the node was not running; then
    ``close_metrics`` (by the caller, needing no loop): stop serving metrics.
 2. ``send_queued`` (loop), with a short pause between rounds: drain the send queues
-   until they are empty or ``linger_s`` has passed; then ``hand_over`` the durable
-   messages still stored to the keepers of their queues, within the same deadline.
+   until they are empty or ``linger_s`` has passed (half of it, when keepers are there
+   for durable queues: ``drain_deadline``); then ``hand_over`` the durable messages still
+   stored to the keepers of their queues, within the whole deadline.
 3. ``withdraw_offers`` (loop): leave the service and queue groups, so that peers choose
    this node no more; then pauses of 25 ms, until one passes with nothing new received
    (what peers sent before they knew), within the same deadline.
@@ -58,7 +59,9 @@ def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
     if deadline is None:
         return
     yield StopStep("stopping the metrics server", CALLER, engine.close_metrics)
-    while (yield StopStep("sending what is queued", ON_LOOP, engine.send_queued, (deadline,))):
+    drain_until = yield StopStep("choosing when draining gives way to keepers", ON_LOOP, engine.drain_deadline,
+                                 (deadline,))
+    while (yield StopStep("sending what is queued", ON_LOOP, engine.send_queued, (drain_until or deadline,))):
         yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
     while (yield StopStep("handing durable messages to keepers", ON_LOOP, engine.hand_over, (deadline,))):
         yield StopStep("waiting for the keepers", PAUSE, None, (PAUSE_S,))
