@@ -238,8 +238,9 @@ def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_pat
 
 STARTS_A_GRANDCHILD = """
 import subprocess, sys, time
-grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+grandchild = subprocess.Popen([sys.executable, "-c", "import os, signal, time; "
                                + ("signal.signal(signal.SIGTERM, signal.SIG_IGN); " if sys.argv[1] == "stubborn" else "")
+                               + ("os.setsid(); " if sys.argv[1] == "detached" else "")
                                + "print('grandchild up', flush=True); time.sleep(120)"])
 time.sleep(0.5)
 print("grandchild", grandchild.pid, flush=True)
@@ -250,11 +251,14 @@ time.sleep(120)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", [("meek", "exit"), ("stubborn", "exit"), ("stubborn", "stay")],
-                         ids=["a-child-exits", "a-child-exits-its-grandchild-ignores-sigterm", "ctrl-c"])
+@pytest.mark.parametrize("how", [("meek", "exit"), ("stubborn", "exit"), ("stubborn", "stay"), ("detached", "exit"),
+                                 ("detached", "stay")],
+                         ids=["a-child-exits", "a-child-exits-its-grandchild-ignores-sigterm", "ctrl-c",
+                              "a-child-exits-its-grandchild-left-the-group", "ctrl-c-its-grandchild-left-the-group"])
 def test_launch_leaves_nothing_running_that_its_processes_started(tmp_path: Any, how: tuple[str, str]) -> None:
     # a process that started another and exited (or that Ctrl-C stopped while what it
-    # started ignored SIGTERM) left that one running for ever, the launcher gone
+    # started ignored SIGTERM) left that one running for ever, the launcher gone; so did
+    # one that left the process group (setsid, as a daemon does)
     (tmp_path / "starter.py").write_text(STARTS_A_GRANDCHILD)
     proc = _launcher(tmp_path, f'stop_timeout_s = 1\n[[process]]\nname = "starter"\n'
                                f'command = ["python3", "starter.py", "{how[0]}", "{how[1]}"]\n')

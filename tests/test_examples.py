@@ -120,8 +120,18 @@ def test_launch_rejects_bad_files_in_one_line(tmp_path: Path, content: str, mess
     toml = tmp_path / "bad.toml"
     toml.write_text(content)
     result = subprocess.run([sys.executable, "-m", "zmqmesh", "launch", str(toml)], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1
+    assert result.returncode == 2  # (as bad arguments: 1 is a process that failed)
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_launch_exits_1_when_a_process_fails_and_2_when_a_command_cannot_start(tmp_path: Path) -> None:
+    toml = tmp_path / "app.toml"
+    toml.write_text("[[process]]\nname = 'fails'\ncommand = ['python3', '-c', 'raise SystemExit(3)']\n")
+    result = subprocess.run([sys.executable, "-m", "zmqmesh", "launch", str(toml)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "[fails] exited with status 3" in result.stdout
+    toml.write_text("[[process]]\nname = 'absent'\ncommand = ['no-such-command-zmqmesh']\n")
+    result = subprocess.run([sys.executable, "-m", "zmqmesh", "launch", str(toml)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "cannot start 'no-such-command-zmqmesh'" in result.stderr
 
 
 def test_launch_gives_each_process_its_own_store(tmp_path: Path) -> None:

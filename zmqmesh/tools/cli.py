@@ -451,9 +451,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"public key {read_public_key(public)}\nwrote {public} and {secret} (mode 600)")
             code = 0
         elif args.command == "launch":
-            from .launch import launch
+            from .launch import LaunchError, launch
 
-            code = launch(args.file)
+            try:
+                code = launch(args.file)
+            except LaunchError as exc:  # (a bad launch file: as bad arguments, not a process that failed)
+                print(f"zmqmesh: error: {exc}", file=sys.stderr)
+                code = 2
         elif args.command in ("peers", "publish", "subscribe", "push", "request", "keep", "store"):
             code = {"peers": _peers, "publish": _publish, "subscribe": _subscribe, "push": _push, "request": _request,
                     "keep": _keep, "store": _store}[args.command](args)

@@ -17,7 +17,9 @@ The file::
 
 Each process runs in a process group of its own, and what it starts stays in that group:
 Ctrl-C or SIGTERM stops every group (SIGTERM, then SIGKILL after ``stop_timeout_s``),
-and what a process that ended left running in its group is stopped the same way;
+and what a process that ended left running in its group is stopped the same way; so is,
+on Linux, what left its group (``setsid()``, a daemon) once the process that started it
+ended (the launcher adopts it: `orphans`);
 after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
 its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
 exits 141, as a command that SIGPIPE ends. Without restarts,
@@ -27,6 +29,7 @@ it ends when every process has ended: status 0 if all exited 0. A crashed proces
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -44,6 +47,7 @@ else:  # pragma: no cover - Python 3.10
 
 from zmqmesh import StopFlag
 
+from .orphans import MARK, adopt_orphans, orphans, reaped
 from .pipes import PIPE_CLOSED, write_nowhere
 
 __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
@@ -171,6 +175,11 @@ class Launcher:
         # process groups whose leader ended while others of the group ran on (what it
         # started): group id -> (name, when to SIGKILL them if they are still there)
         self._leftovers: dict[int, tuple[str, float]] = {}
+        # what left its group, adopted once the process that started it ended: pid -> when
+        # to SIGKILL it if it is still there (see `orphans`; found by the mark its
+        # environment carries from this launcher's processes)
+        self._orphans: dict[int, float] = {}
+        self._mark = f"{os.getpid()}.{secrets.token_hex(8)}"
         self._pumps: dict[str, threading.Thread] = {}  # (each process's output reader)
 
     def say(self, name: str, line: str) -> None:
@@ -189,7 +198,7 @@ class Launcher:
                 write_nowhere(self.out)
 
     def _start(self, spec: ProcessSpec) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env, MARK: self._mark}
         try:
             proc = subprocess.Popen(
                 spec.command, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
@@ -217,6 +226,7 @@ class Launcher:
             self._stopping.set()
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        adopting = adopt_orphans()
         status = 0
         try:
             for spec in self.specs:
@@ -252,7 +262,8 @@ class Launcher:
                         del pending_restart[name]
                         self._start(by_name[name])
                 self._sweep_leftovers(now)
-                if not self.procs and not self._leftovers:
+                self._sweep_orphans(now, now + self.stop_timeout_s)
+                if not self.procs and not self._leftovers and not self._orphans:
                     return status
                 self._stopping.wait(0.1)
             self._stop_all()
@@ -261,6 +272,8 @@ class Launcher:
             return PIPE_CLOSED if self.out_gone else status
         finally:
             self._stop_all()
+            if adopting:
+                adopt_orphans(False)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -279,6 +292,24 @@ class Launcher:
                 if _signal_group(group, signal.SIGKILL):
                     self.say(name, _LEFT_KILLED)
 
+    def _sweep_orphans(self, now: float, kill_at: float) -> None:
+        """SIGTERM what a process left running outside its group as soon as this launcher
+        adopted it, and SIGKILL it at ``kill_at`` (a stop's deadline, or ``stop_timeout_s``
+        later); collect the status of those that ended. (One that ended before it was
+        ever seen stays a zombie until the launcher exits: its mark cannot be read.)"""
+        own = {proc.pid for proc in self.procs.values()}
+        for pid in orphans(self._mark, own):
+            if pid not in self._orphans and _signal(pid, signal.SIGTERM):
+                self._orphans[pid] = kill_at
+                self.say("launcher", f"stopping pid {pid}: a process that ended left it running outside its group")
+        for pid, when in list(self._orphans.items()):
+            if reaped(pid):
+                del self._orphans[pid]
+            elif now >= when:
+                self._orphans[pid] = float("inf")  # (SIGKILLed once: collected when it has ended)
+                if _signal(pid, signal.SIGKILL):
+                    self.say("launcher", f"killed pid {pid}: it did not stop in time")
+
     def _stop_all(self) -> None:
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
         groups = {p.pid: n for n, p in live.items()} | {g: n for g, (n, _) in self._leftovers.items()}
@@ -294,8 +325,12 @@ class Launcher:
                 self.say(name, _ended(proc.returncode))
             except subprocess.TimeoutExpired:
                 pass
-        # what the processes started, in their groups: it stops by the same deadline
-        while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+        # what the processes started, in their groups or left outside them: it stops by the
+        # same deadline
+        while True:
+            self._sweep_orphans(time.monotonic(), deadline)
+            if time.monotonic() >= deadline or not (self._orphans or any(_group_alive(g) for g in groups)):
+                break
             time.sleep(0.05)
         for group, name in groups.items():  # (each group killed once, whatever of it is left)
             leader = live.get(name)
@@ -307,6 +342,14 @@ class Launcher:
                     leader.wait(5)  # type: ignore[union-attr]
                 except subprocess.TimeoutExpired:  # (stuck in the kernel: nothing more to do)
                     pass
+        # what those left outside their groups as they were killed: killed now too
+        ends = time.monotonic() + 1.0
+        while True:
+            now = time.monotonic()
+            self._sweep_orphans(now, now)
+            if not self._orphans or now >= ends:
+                break
+            time.sleep(0.02)
         # the last lines of each (its pipe closed now: they are all there, to be written)
         for pump in self._pumps.values():
             pump.join(max(0.0, deadline - time.monotonic()) + 5.0)
@@ -322,6 +365,15 @@ def _signal_group(group: int, sig: int) -> bool:
     try:
         os.killpg(group, sig)
     except (ProcessLookupError, PermissionError):  # (gone; or the number another user's now)
+        return False
+    return True
+
+
+def _signal(pid: int, sig: int) -> bool:
+    """Send ``sig`` to one process; whether it was there to take it."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
         return False
     return True
 

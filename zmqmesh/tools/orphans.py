@@ -1,0 +1,76 @@
+"""What a launcher's processes leave running outside their process group (Linux).
+
+A process that leaves its group (``setsid()``, as a daemon does) escapes the group signal
+with which the launcher stops its processes and what they started. Made a *child
+subreaper* (`adopt_orphans`), the launcher becomes the parent of such a process once the
+process that started it ends, and finds it among its own children (`orphans`) by the mark
+its processes' environment carries (``MARK``, inherited by what they start): a child of
+the launcher's process that it did not start is never taken for one. Elsewhere than Linux
+nothing is adopted, and such a process runs on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Container
+from pathlib import Path
+
+__all__ = ["MARK", "adopt_orphans", "orphans", "reaped"]
+
+MARK = "ZMQMESH_LAUNCHED_BY"
+"""The environment variable a launcher's processes carry, naming the launcher (`orphans`)."""
+
+_PR_SET_CHILD_SUBREAPER = 36  # (linux/prctl.h)
+
+
+def adopt_orphans(adopt: bool = True) -> bool:
+    """Make this process the parent of the orphans among its descendants (``adopt``), or
+    no longer (False); whether the system did (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, int(adopt), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def orphans(mark: str, own: Container[int]) -> list[int]:
+    """The live children of this process, other than ``own``, whose environment carries
+    ``MARK=mark``: processes a launcher's processes started and left, adopted."""
+    token = f"{MARK}={mark}".encode()
+    found = []
+    for pid in _children():
+        if pid in own:
+            continue
+        try:
+            environment = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # (gone meanwhile, or not ours to read)
+            continue
+        if token in environment.split(b"\0"):
+            found.append(pid)
+    return found
+
+
+def reaped(pid: int) -> bool:
+    """Whether the child ``pid`` has ended (its status collected now, or before)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:  # (collected already, or no child of this process)
+        return True
+
+
+def _children() -> list[int]:
+    """This process's children, from what each of its threads is the parent of."""
+    pids: list[int] = []
+    try:
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                pids.extend(int(p) for p in (task / "children").read_text().split())
+            except OSError:  # (a thread that ended meanwhile)
+                continue
+    except OSError:  # (no /proc)
+        return []
+    return pids
