@@ -410,16 +410,18 @@ class Dispatcher:
             frames = frames[:3]  # (no meta frame)
         else:
             items = self.codec.decode_batch(body)
-        counters["received"] += len(items)
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids
+        if kind == "sub" and known and sequence is not None and sender_uuid is not None:
+            lost = self.gaps.missed(sender_uuid, name_b, sequence, len(items))
+            if lost is None:  # late, behind a newer frame: counted as dropped when that one came
+                return
+            if lost:
+                counters["dropped"] += lost  # lost at a high-water mark
+        counters["received"] += len(items)
         if known:
             stats.peer_received[sender_id] += len(items)  # type: ignore[index]
         if kind == "sub":
-            if known and sequence is not None and sender_uuid is not None:
-                lost = self.gaps.missed(sender_uuid, name_b, sequence, len(items))
-                if lost:
-                    counters["dropped"] += lost  # lost at a high-water mark
             topic, handlers, replaying = self._topic_handlers(name_b)
             self._received_names[pattern].add(name_b, len(items))
             origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
