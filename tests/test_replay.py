@@ -774,3 +774,30 @@ def test_a_subscriber_frozen_past_peer_timeout_gets_its_publishers_messages_in_o
         assert numbers == sorted(numbers), f"{topic} handled out of order"
     missed = published - sum(map(len, got.values()))
     assert dropped == missed, f"{dropped} drops counted, {missed} missed"
+
+
+def test_a_history_whose_store_is_full_sends_nothing_it_could_not_keep_and_counts_it(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """`publish` returns once queued: a kept frame the full store refuses raises nothing
+    there; it is sent to no subscriber, none of them sees a gap for it (its numbers go to
+    the next frame kept), and the publisher counts it (``pubsub.history_failed``), as
+    docs/durability.md says (it said `publish` raised `StoreFullError`)."""
+    got: list[tuple[int, int | None, int]] = []
+    publisher = zmqmesh.Node("publisher", store=str(tmp_path), store_max_bytes=1 << 20,
+                             history={"logs.": 1_000_000}, **mesh)
+    with publisher:
+        subscriber = zmqmesh.Node("subscriber", **mesh)
+        subscriber.subscribe("logs.", lambda m: got.append((m.data["n"], m.sequence, m.gap)), replay="all")
+        with subscriber:
+            publisher.wait_for_peers(1)
+            publisher.wait_for_subscribers("logs.", 1)
+            failed = lambda: publisher.stats()["pubsub"].get("history_failed", 0)  # noqa: E731
+            for n in range(2000):  # 2 MB of 1 KB messages: the store holds about half
+                publisher.publish("logs.a", {"n": n, "pad": "x" * 1000})
+                if n % 50 == 49:  # (a commit too large for the room left would be refused whole)
+                    wait_until(lambda n=n: len(got) + failed() > n, 10, "the messages sent or refused")
+            wait_until(lambda: len(got) + failed() == 2000, 20, "every message sent or refused")
+    numbers = [n for n, _seq, _gap in got]
+    assert numbers == sorted(numbers) and 0 < len(numbers) < 2000
+    assert [seq for _n, seq, _gap in got] == list(range(len(got)))  # numbered without a hole
+    assert not any(gap for _n, _seq, gap in got)
