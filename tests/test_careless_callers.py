@@ -837,3 +837,61 @@ def test_durable_queues_nobody_pulls_hold_no_memory_per_name(tmp_path: Any, mesh
         wait_until(lambda: 5 in got, 30, "a queue of an earlier run, pulled now")
         assert max(durable_state(node)) <= 16
     assert got == {5: [0]}
+
+
+async def _until_async(condition: Any) -> None:
+    """Return once ``condition()`` holds (the async twin of `wait_until`; bound it with
+    ``asyncio.wait_for``)."""
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.timeout(120)
+def test_a_push_waiting_for_room_ends_when_its_task_is_cancelled(mesh: dict[str, Any]) -> None:
+    """A push (or a publish) waiting for room in a full send queue ignored its task's
+    cancellation: ``asyncio.wait_for(node.push(...), 0.05)``, ``task.cancel()`` and
+    ``asyncio.timeout`` each waited out the push's own timeout (30 s here), then raised
+    `MeshTimeoutError`; meanwhile the loop spun (a flush after every wake-up, some 25,000
+    a second). A cancelled push ends at once, as cancelled, and is not sent; the pushes
+    that returned are all delivered."""
+    release = threading.Event()
+    got: list[Any] = []
+    puller = zmqmesh.Node("stuck", **mesh)
+    puller.pull("slow", lambda m: (release.wait(60), got.append(m.data)), at_least_once=True)
+
+    async def main() -> tuple[list[int], int]:
+        options = {**mesh, "send_queue_max": 5, "ack_window": 1}
+        async with zmqmesh.AsyncNode("pusher", **options) as node:
+            await node.wait_for_pullers("slow", timeout=10)
+            pushed = 0
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="full"):  # (until the queue is full)
+                while True:
+                    await node.push("slow", pushed, timeout=0.2)
+                    pushed += 1
+            cancelled = 0
+            for how in ("wait_for", "cancel", "gather"):
+                waiting = [asyncio.ensure_future(node.push("slow", -1, timeout=30)) for _ in range(20)]
+                await asyncio.sleep(0)  # (each begins to wait)
+                if how == "wait_for":
+                    with pytest.raises(asyncio.TimeoutError) as raised:
+                        await asyncio.wait_for(asyncio.gather(*waiting), 0.05)
+                    assert type(raised.value) is not zmqmesh.MeshTimeoutError, "its own timeout passed first"
+                else:
+                    for task in waiting:
+                        task.cancel()
+                done, _ = await asyncio.wait(waiting, timeout=10)  # (bounded: they took 30 s)
+                assert len(done) == len(waiting), f"{how}: a cancelled push still waits"
+                assert all(task.cancelled() for task in waiting), \
+                    f"{how}: {[task.exception() for task in waiting if not task.cancelled()][:3]}"
+                cancelled += len(waiting)
+            release.set()
+            await asyncio.wait_for(_until_async(lambda: len(got) >= pushed and node.stats()["gauges"]["queued"] == 0),
+                                   30)  # (the pushes that returned, delivered)
+            return sorted(got), node.stats()["pipeline"]["sent"]
+
+    try:
+        with puller:
+            delivered, sent = asyncio.run(main())
+    finally:
+        release.set()
+    assert delivered == list(range(len(delivered))) and sent == len(delivered), "no cancelled push was sent"

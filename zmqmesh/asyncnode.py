@@ -158,7 +158,8 @@ class AsyncNode(NodeBase):
         """Send ``data`` to one puller of ``queue`` (see `Node.push`). A durable push commits
         on the loop's thread, in one transaction with the durable pushes other tasks made
         in the same pass of the loop (a group commit). A durable push cancelled while it
-        waits for that commit may still be stored."""
+        waits for that commit may still be stored; any other push cancelled while it waits
+        (for a puller, or for room) is not sent."""
         self._check_loop()
         if durable:
             await self._commit_durable(queue, (data,), headers)
@@ -169,7 +170,8 @@ class AsyncNode(NodeBase):
 
     async def push_many(self, queue: str, items: Iterable[Any], timeout: float | None = None, *,
                         durable: bool = False, headers: dict[str, str] | None = None) -> None:
-        """`push` each of ``items``, in order, encoded first (see `Node.push_many`)."""
+        """`push` each of ``items``, in order, encoded first (see `Node.push_many`).
+        Cancelled part-way, the items it queued before are sent, the others not."""
         self._check_loop()
         if durable:
             await self._commit_durable(queue, items, headers)

@@ -388,24 +388,66 @@ async def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: fl
         engine.waiters.remove(future)
 
 
+class _RoomSignal:
+    """`Space.event` of an asyncio node: the loop's `set` (it sent something) wakes every
+    task waiting for room (`wait_for_room`), each through a future of its own.
+
+    A future of its own, awaited directly, so that cancelling the waiting task always ends
+    its wait: ``asyncio.wait_for`` around a shared ``asyncio.Event`` (as it was) returns
+    normally, swallowing the cancellation, when the event was set at that moment (before
+    Python 3.12), which, with a flush after every wake-up, was nearly always."""
+
+    def __init__(self) -> None:
+        self._waiting: set[asyncio.Future[bool]] = set()
+
+    def set(self) -> None:
+        """Wake every waiter, with True: a flush just ran (loop thread)."""
+        waiting, self._waiting = self._waiting, set()
+        for future in waiting:
+            if not future.done():
+                future.set_result(True)
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, seconds: float) -> bool:
+        """Wait for the next `set` (True) or ``seconds`` (False)."""
+        woken: asyncio.Future[bool] = loop.create_future()
+        self._waiting.add(woken)
+        timer = loop.call_later(seconds, _resolve, woken, False)
+        try:
+            return await woken
+        finally:
+            timer.cancel()
+            self._waiting.discard(woken)
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 async def wait_for_room(engine: Engine, full: Callable[[], bool], deadline: float) -> bool:
     """Await while ``full()`` holds (back-pressure): True once there is room, False at
-    ``deadline``. Raises `NodeClosedError` if the node stops."""
+    ``deadline``. Raises `NodeClosedError` if the node stops, and `CancelledError` at once
+    when the awaiting task is cancelled.
+
+    It wakes the loop's flush at first, and again after each `_ROOM_SLICE_S` with no
+    flush: not after a flush woke it (that one just sent what it could, and a queue it
+    could not empty is tried again by its own retry), or each flush would start the next
+    and spin the loop for as long as the queue stays full."""
     space = engine.space
-    if space.event is None:
-        space.event = asyncio.Event()
-    event: asyncio.Event = space.event
+    if not isinstance(space.event, _RoomSignal):
+        space.event = _RoomSignal()
+    signal: _RoomSignal = space.event
+    loop = engine.loop
+    assert isinstance(loop, asyncio.AbstractEventLoop)
+    flushed = False
     while full():
         engine.ensure_running()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        event.clear()
-        engine.outbound.wake()  # type: ignore[union-attr]
-        try:
-            await asyncio.wait_for(event.wait(), min(remaining, _ROOM_SLICE_S))
-        except asyncio.TimeoutError:
-            pass
+        if not flushed:
+            engine.outbound.wake()  # type: ignore[union-attr]
+        flushed = await signal.wait(loop, min(remaining, _ROOM_SLICE_S))
     engine.ensure_running()  # (a stop empties the queues: that room is no place for a message)
     return True
 
