@@ -895,3 +895,49 @@ def test_a_push_waiting_for_room_ends_when_its_task_is_cancelled(mesh: dict[str,
     finally:
         release.set()
     assert delivered == list(range(len(delivered))) and sent == len(delivered), "no cancelled push was sent"
+
+
+def test_an_async_handler_awaiting_while_messages_arrive_leaves_the_loop_idle(mesh: dict[str, Any],
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """While an ``async def`` handler awaited (or a ``def`` one ran on the worker), a
+    message that arrived left its socket's descriptor readable, and the loop called the
+    inbox back on every pass, at a full CPU, until the handler returned (1.4 s of CPU in
+    1.5 s for one message). The descriptor is rearmed as it signals: the loop idles, and
+    the message is handled after the handler returns."""
+    from zmqmesh._drivers.aio import LoopInbox
+
+    signals = [0]
+    real = LoopInbox._signalled
+
+    def counted(self: LoopInbox, pair: Any) -> None:
+        signals[0] += 1
+        real(self, pair)
+
+    monkeypatch.setattr(LoopInbox, "_signalled", counted)
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        gate = asyncio.Event()
+        async with zmqmesh.AsyncNode("sub", **mesh) as sub, zmqmesh.AsyncNode("pub", **mesh) as pub:
+            async def handle(message: Any) -> None:
+                got.append(message.data)
+                if message.data == 0:
+                    await gate.wait()
+
+            sub.subscribe("t", handle)
+            await pub.wait_for_subscribers("t", 1, timeout=10)
+            await pub.publish("t", 0)
+            await asyncio.wait_for(_until_async(lambda: got == [0]), 10)
+            before = signals[0]
+            await pub.publish("t", 1)
+            await asyncio.wait_for(_until_async(lambda: signals[0] > before), 10)  # (it arrived)
+            before = signals[0]
+            for _ in range(500):  # passes of the loop, while the handler awaits
+                await asyncio.sleep(0)
+            spun = signals[0] - before
+            assert spun < 50, f"the inbox was called back {spun} times in 500 passes of the loop"
+            gate.set()
+            await asyncio.wait_for(_until_async(lambda: got == [0, 1]), 10)
+        return got
+
+    assert asyncio.run(main()) == [0, 1]

@@ -481,8 +481,18 @@ class LoopInbox(Dispatcher):
         """Watch the sockets' descriptors."""
         self.apply_subscriptions()
         for pair in self.sockets:
-            self.loop.add_reader(pair[0].FD, self._signalled, pair)
+            self.loop.add_reader(pair[0].FD, self._readable, pair)
         self.wake()
+
+    def _readable(self, pair: tuple[zmq.Socket[Any], str]) -> None:
+        """A socket's descriptor signalled. Reading ``ZMQ_EVENTS`` rearms it at once: while
+        a handler awaits, or a ``def`` one runs on the worker, the drain reads nothing, and
+        a descriptor left readable would call this back on every pass of the loop (one
+        message arriving meanwhile spun the loop at a full CPU until the handler returned).
+        The socket is looked at by the drain all the same (`_fired`)."""
+        with contextlib.suppress(zmq.ZMQError):  # (closed meanwhile: nothing to rearm)
+            pair[0].getsockopt(zmq.EVENTS)
+        self._signalled(pair)
 
     def _signalled(self, pair: tuple[zmq.Socket[Any], str]) -> None:
         if pair not in self._fired:
