@@ -627,9 +627,11 @@ class LoopInbox(Dispatcher):
                         await call.handler(call.arg)
                     except Exception as exc:
                         self.complete(call, None, exc)
-                    except asyncio.CancelledError:  # cut short by a stop
-                        self.drop(call)
-                        raise
+                    except asyncio.CancelledError as exc:
+                        if _cut_short():
+                            self.drop(call)
+                            raise
+                        self.complete(call, None, exc)
                     continue
                 started = self.starting(call)
                 token = serve_as(call)
@@ -640,9 +642,11 @@ class LoopInbox(Dispatcher):
                     result, error = await call.handler(call.arg), None
                 except Exception as exc:
                     result, error = None, exc
-                except asyncio.CancelledError:  # cut short by a stop
-                    self.drop(call)
-                    raise
+                except asyncio.CancelledError as exc:
+                    if _cut_short():
+                        self.drop(call)
+                        raise
+                    result, error = None, exc
                 finally:
                     served(token, error)
                     if release is not None:
@@ -681,9 +685,11 @@ class LoopInbox(Dispatcher):
             if is_async(call.handler):
                 try:
                     result, error = await run_async(call)
-                except asyncio.CancelledError:  # cut short by a stop
-                    self.drop(call)
-                    raise
+                except asyncio.CancelledError as exc:
+                    if _cut_short():
+                        self.drop(call)
+                        raise
+                    result, error = None, exc
                 self.complete(call, result, error)
             else:
                 await self._run_sync_batch([call])
@@ -722,6 +728,20 @@ class LoopInbox(Dispatcher):
             self._look.cancel()
         self.close_sockets()
         self.report_left_at_stop(self.engine.name)
+
+
+def _cut_short() -> bool:
+    """Whether the `CancelledError` an ``async def`` handler let out cancels the task
+    running it (a stop cut it short, or the loop ends), rather than being the handler's
+    own failure: one it raised, or took from something it awaited that was cancelled
+    elsewhere. That one is the handler's error, as any other (logged and counted, or
+    the caller's `RemoteError`): taken for a cancellation, it ended the drain, and the
+    rest of the burst (up to thousands of messages) was dropped with it, and a caller
+    waited out its timeout. Python 3.10 cannot tell them apart (no ``Task.cancelling``):
+    there it is taken for a cancellation."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 _done = operator.methodcaller("done")  # (a future's, or a `_WindowSlot`'s)
