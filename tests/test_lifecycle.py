@@ -767,6 +767,53 @@ def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) ->
     asyncio.run(main())
 
 
+def test_a_stop_left_running_when_asyncio_run_ends_still_closes_everything(mesh: dict[str, Any]) -> None:
+    """``asyncio.wait_for(node.stop(), ...)`` that times out as the program's last step
+    leaves the stop running in its task, and ``asyncio.run`` cancels that task as its
+    coroutine returns: the stop ended half-way, with the node's ZeroMQ context and 26
+    descriptors left open and no goodbye said (its caller waited out the peer timeout to
+    hear that it left). The stop goes on to its end: everything closes, and the caller
+    hears of the departure at once."""
+    caller = zmqmesh.Node("caller", **mesh).start()
+    try:
+        before = open_fds()
+        node = zmqmesh.AsyncNode("victim", **mesh)
+        started = threading.Event()
+
+        async def busy(msg: zmqmesh.Message) -> int:
+            started.set()
+            await asyncio.sleep(30)
+            return 1
+
+        node.service("busy", busy)
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                caller.request("busy", None, timeout=30)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        calling = threading.Thread(target=call)
+
+        async def main() -> None:
+            await node.start()
+            await asyncio.get_running_loop().run_in_executor(None, lambda: caller.wait_for_service("busy", timeout=10))
+            calling.start()
+            await asyncio.get_running_loop().run_in_executor(None, lambda: started.wait(10))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(node.stop(timeout=5), 0.05)
+            # (returns: asyncio.run cancels the stop's task)
+
+        asyncio.run(main())
+        assert node._engine.ctx.closed, "the node's ZeroMQ context was left open"
+        assert open_fds() <= before + 2, f"{open_fds() - before} descriptors left open"
+        calling.join(10)  # (bounded: without a goodbye it heard of the departure only at the peer timeout)
+        assert len(outcome) == 1 and type(outcome[0]) is zmqmesh.PeerLostError, outcome
+    finally:
+        caller.stop()
+
+
 def test_an_async_node_may_be_stopped_from_another_event_loop(mesh: dict[str, Any],
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """A stop awaited on another loop than the node's is carried out on the node's loop:

@@ -702,32 +702,46 @@ class LoopInbox(Dispatcher):
             self._concurrency.release()
 
     async def stop(self, timeout: float) -> None:
-        """Handle what has already arrived (bounded by ``timeout``), then close the sockets."""
+        """Handle what has already arrived (bounded by ``timeout``), then close the sockets.
+
+        Cancelled meanwhile (the stop's task: see `stop_async`), it cuts the handlers short
+        at once and still closes the sockets, then raises `CancelledError`."""
         self.begin_stop(timeout)
         for sock, _kind in self.sockets:
             try:
                 self.loop.remove_reader(sock.FD)
             except Exception:
                 pass
+        cancelled = False
         if not self.loop.is_closed():  # (closed: its loop ended with the node running, nothing runs there)
             self._fired[:] = self.sockets
             self.wake()  # one last pass over what is already in the sockets
             ends = self.loop.time() + timeout
-            while True:  # (looked at again: a drain starts handler tasks while it runs)
-                pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
-                if not pending or self.loop.time() >= ends:
-                    break
-                await asyncio.wait(pending, timeout=ends - self.loop.time())
+            pending: list[asyncio.Task[None]] = []
+            try:
+                while True:  # (looked at again: a drain starts handler tasks while it runs)
+                    pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
+                    if not pending or self.loop.time() >= ends:
+                        break
+                    await asyncio.wait(pending, timeout=ends - self.loop.time())
+            except asyncio.CancelledError:
+                cancelled = True
+                pending = [t for t in pending if not t.done()]
             for task in pending:
                 task.cancel()
             if pending:  # (they count what they leave as they take the cancellation in)
-                await asyncio.wait(pending, timeout=_CANCELLED_WAIT_S)
+                try:
+                    await asyncio.wait(pending, timeout=_CANCELLED_WAIT_S)
+                except asyncio.CancelledError:
+                    cancelled = True
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._closed = True  # (an event posted from now on wakes no drain)
         if self._look is not None:
             self._look.cancel()
         self.close_sockets()
         self.report_left_at_stop(self.engine.name)
+        if cancelled:
+            raise asyncio.CancelledError
 
 
 def _cut_short() -> bool:
@@ -969,7 +983,13 @@ class LoopRequester:
 
 async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
     """Run the stop plan on the node's loop. Never raises: a step that fails is logged and
-    the later steps still run."""
+    the later steps still run.
+
+    Nor does cancelling its task end the stop half-way: the step under way ends at once
+    (the handlers still running are cut short), and the later steps still run, within the
+    stop's bound. ``asyncio.run`` cancels every task left when its coroutine returns, such
+    as the stop of a ``node.stop()`` that ``asyncio.wait_for`` gave up on; that left the
+    node's ZeroMQ context and some 30 descriptors open, and said no goodbye."""
     plan = stop_plan(engine, timeout)
     value: Any = None
     while True:
@@ -989,5 +1009,10 @@ async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, step.fn), bound)
             else:
                 await asyncio.sleep(step.args[0])
+        except asyncio.CancelledError:
+            log.debug("node %s: the stop's task was cancelled while %s; the stop goes on", engine.name, step.what)
+            uncancel = getattr(asyncio.current_task(), "uncancel", None)
+            if uncancel is not None:  # (Python 3.11+: the later steps' timeouts work as before)
+                uncancel()
         except Exception as exc:
             log.warning("node %s: %s failed while stopping: %s", engine.name, step.what, exc)
