@@ -978,3 +978,29 @@ def test_an_async_handler_raising_cancelled_error_fails_alone(mesh: dict[str, An
     got, stats = asyncio.run(main())
     assert stats["pubsub"]["dropped"] == 0 and stats["pubsub"]["errors"] == 1, stats["pubsub"]
     assert sorted(got) == sorted([*range(1, 2000), 5])
+
+
+def test_a_wait_cancelled_as_its_condition_is_met_ends_cancelled(mesh: dict[str, Any]) -> None:
+    """``wait_for_service`` (and every ``wait_for_*``) awaited ``asyncio.wait_for`` around its
+    future: cancelled in the pass its condition was met in, the task returned normally, and
+    went on as if never cancelled (``task.cancel()`` lost; an ``asyncio.timeout`` ignored).
+    It ends cancelled."""
+    async def main() -> list[str]:
+        outcomes: list[str] = []
+        async with zmqmesh.AsyncNode("waiter", **mesh) as node:
+            for kind in ("service", "queue"):
+                waiting = asyncio.ensure_future(node.wait_for_service("late", timeout=10) if kind == "service"
+                                                else node.wait_for_pullers("late", timeout=10))
+                await asyncio.sleep(0.05)  # (it waits)
+                if kind == "service":
+                    node.service("late", lambda m: m.data)  # (met, here and now)
+                else:
+                    node.pull("late", lambda m: None)
+                waiting.cancel()
+                await asyncio.wait([waiting], timeout=10)
+                outcomes.append("cancelled" if waiting.cancelled() else f"returned {waiting.result()!r}")
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="waited 0.05 s for 1 provider"):
+                await node.wait_for_service("nobody", timeout=0.05)  # (its own timeout still works)
+        return outcomes
+
+    assert asyncio.run(main()) == ["cancelled", "cancelled"]

@@ -380,12 +380,21 @@ async def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: fl
     timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
     future: asyncio.Future[None] = engine.loop.create_future()
     engine.waiters.add(predicate, future)
+    # a timer that fails the future, awaited directly: ``asyncio.wait_for`` around it
+    # returned normally when the condition was met in the pass the task was cancelled in
+    # (Python < 3.12), and the cancelled task went on
+    timer = None if timeout is None else engine.loop.call_later(timeout, _time_out, future, engine, what, timeout)
     try:
-        await asyncio.wait_for(future, timeout)
-    except asyncio.TimeoutError:
-        raise engine.timed_out(what, timeout) from None
+        await future
     finally:
+        if timer is not None:
+            timer.cancel()
         engine.waiters.remove(future)
+
+
+def _time_out(future: asyncio.Future[None], engine: Engine, what: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(engine.timed_out(what, timeout))
 
 
 class _RoomSignal:
