@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 import operator
@@ -612,9 +613,10 @@ class LoopInbox(Dispatcher):
                     except asyncio.CancelledError:  # (a stop's: this one and those after it are left)
                         self.drop(call)
                         raise
-                    task = self.loop.create_task(self._run_one(call))
+                    begun: list[bool] = []
+                    task = self.loop.create_task(self._run_one(call, begun))
                     self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(functools.partial(self._one_ended, call, begun))
             else:
                 await self._execute_in_turn(handling)
         finally:
@@ -688,7 +690,19 @@ class LoopInbox(Dispatcher):
         for call in batch[len(outcomes):]:  # reached after the stop's deadline
             self.drop(call)
 
-    async def _run_one(self, call: Call) -> None:
+    def _one_ended(self, call: Call, begun: list[bool], task: asyncio.Task[None]) -> None:
+        """A task of `_run_one` ended. One cancelled before its first step (a stop's
+        cancellation, in the pass the drain made it) never ran its body: its call is
+        counted as dropped here, and its slot freed (the call was in no counter, and the
+        slot was held for good)."""
+        self._tasks.discard(task)
+        if not begun:
+            self.drop(call)
+            assert self._concurrency is not None
+            self._concurrency.release()
+
+    async def _run_one(self, call: Call, begun: list[bool]) -> None:
+        begun.append(True)
         _HANDLING.set(self)
         try:
             if is_async(call.handler):
