@@ -1004,3 +1004,55 @@ def test_a_wait_cancelled_as_its_condition_is_met_ends_cancelled(mesh: dict[str,
         return outcomes
 
     assert asyncio.run(main()) == ["cancelled", "cancelled"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
+def test_a_push_waiting_for_room_leaves_the_loop_idle(mesh: dict[str, Any], kind: str) -> None:
+    """A push waiting for room woke the loop's flush, the flush told the waiting push it
+    had run, and the push woke the next flush at once: some 30,000 flushes a second, a
+    full CPU, for as long as the queue stayed full (67,000 flushes in a 2 s wait). The
+    waiting push wakes a flush only when none came for a while; the loop's own retries (a
+    socket that could not take all is tried again every few ms) do the rest."""
+    release = threading.Event()
+    puller = zmqmesh.Node("stuck", **mesh)
+    puller.pull("slow", lambda m: release.wait(60), at_least_once=True)
+    options = {**mesh, "send_queue_max": 5, "ack_window": 1}
+    flushes = [0]
+
+    def count_flushes(node: Any) -> None:
+        outbound = node._engine.outbound
+        real = outbound.flush
+
+        def counted() -> None:
+            flushes[0] += 1
+            real()
+
+        outbound.flush = counted
+
+    async def fill_and_wait() -> None:
+        async with zmqmesh.AsyncNode("pusher", **options) as node:
+            await node.wait_for_pullers("slow", timeout=10)
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="full"):
+                for i in range(1000):
+                    await node.push("slow", i, timeout=0.2)
+            count_flushes(node)
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="full"):
+                await node.push("slow", -1, timeout=1.0)
+
+    try:
+        with puller:
+            if kind == "AsyncNode":
+                asyncio.run(fill_and_wait())
+            else:
+                with zmqmesh.Node("pusher", **options) as node:
+                    node.wait_for_pullers("slow", timeout=10)
+                    with pytest.raises(zmqmesh.MeshTimeoutError, match="full"):
+                        for i in range(1000):
+                            node.push("slow", i, timeout=0.2)
+                    count_flushes(node)
+                    with pytest.raises(zmqmesh.MeshTimeoutError, match="full"):
+                        node.push("slow", -1, timeout=1.0)
+    finally:
+        release.set()
+    assert flushes[0] < 5_000, f"{flushes[0]} flushes while one push waited 1 s for room"
