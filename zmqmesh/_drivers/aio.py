@@ -630,7 +630,11 @@ class LoopInbox(Dispatcher):
                     batch.append(call)
                     continue
                 if batch:
-                    await self._run_sync_batch(batch)
+                    try:
+                        await self._run_sync_batch(batch)
+                    except asyncio.CancelledError:  # cut short by a stop: the call taken meanwhile is left too
+                        self.drop(call)
+                        raise
                     batch = []
                 if call.route is None and tracing.active is None and not self.holding():
                     # a message of a stream, with nothing to reply, time, trace or hold for
