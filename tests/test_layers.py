@@ -178,6 +178,9 @@ def test_codec_encodes_a_batch_as_it_encodes_each_item() -> None:
         fitting = [i for i in items if len(msgpack.packb(i, use_bin_type=True)) <= limit]
         assert codec.encode_many(fitting) == [codec.encode(i) for i in fitting], limit
         assert codec.encode_many(iter(fitting)) == [codec.encode(i) for i in fitting]
+        plain = [i for i in fitting if type(i) is bytes]  # (a list of bytes alone: the shortcut for them all)
+        assert codec.encode_many(plain) == [codec.encode(i) for i in plain], limit
+        assert codec.encode_many([i for i in plain if len(i) < 200]) == [codec.encode(i) for i in plain if len(i) < 200]
     with pytest.raises(zmqmesh.MessageTooLargeError):
         Codec(10).encode_many([b"x" * 8, b"x" * 9])  # the small-bytes shortcut keeps the limit
     codec = Codec(64)

