@@ -254,8 +254,9 @@ def test_a_frame_delivers_the_messages_that_message_by_message_construction_make
 def take_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
     """`next_batch`, then what it picked taken off ``q``, as `Pusher.flush` does once the frame went."""
     before = list(q)
-    bodies, size = next_batch(q, limit)
+    bodies, size, body = next_batch(q, limit)
     assert list(q) == before, "next_batch changed the queue"
+    assert body == (bodies[0] if len(bodies) == 1 else b"".join(bodies)), "the frame's body is not its messages'"
     for body in bodies:
         assert q.popleft() is body, "next_batch picked what is not at the front, in order"
     return bodies, size
@@ -302,7 +303,7 @@ def test_a_push_frame_takes_messages_in_order_within_its_limits() -> None:
 def test_push_frames_grow_with_a_queue_that_callers_fill_while_they_go_out() -> None:
     q = deque([b"x"] * 3)
     sizes = []
-    for bodies, _size in cut_frames(q, 1):
+    for bodies, _size, _body in cut_frames(q, 1):
         sizes.append(len(bodies))
         for _ in bodies:  # (the frame went: `Pusher.flush` takes its messages off)
             q.popleft()
@@ -312,7 +313,7 @@ def test_push_frames_grow_with_a_queue_that_callers_fill_while_they_go_out() -> 
     assert sum(sizes) == 3 + 40 * 300 and max(sizes) == frames.MAX_BATCH_ITEMS
     spread = deque([b"y"] * 30)  # what is queued at once is spread over every puller
     cuts = []
-    for bodies, _size in cut_frames(spread, 3):
+    for bodies, _size, _body in cut_frames(spread, 3):
         cuts.append(len(bodies))
         for _ in bodies:
             spread.popleft()

@@ -47,9 +47,10 @@ TOTAL_QUEUES_DEFAULT = 10
 _FIRST_LOOK = 16  # (plain payloads `next_batch` looks at first)
 
 
-def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
-    """The messages at the front of ``q`` (not empty) that go in one frame, and their wire
-    size: at most ``limit`` (at least one), within `BATCH_BYTES` unless one alone is
+def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int, Any]:
+    """The messages at the front of ``q`` (not empty) that go in one frame, their wire
+    size, and the frame's body: their payloads joined (a lone one as it is, a `RawPayload`
+    too). At most ``limit`` (at least one), within `BATCH_BYTES` unless one alone is
     larger; a `RawPayload` goes alone, and messages with headers (`Headed`) share a frame
     only with each other (the meta frame is theirs). They stay in ``q``: the caller takes
     them off once the frame went (`Pusher.flush`), so a frame the socket cannot take
@@ -59,7 +60,7 @@ def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
     ``islice``, under the GIL, which no append can interrupt.)"""
     head = q[0]
     if type(head) is RawPayload:  # (alone, whatever the limit)
-        return [head], len(head)
+        return [head], len(head), head
     wanted = min(limit, len(q))
     # the common case, checked at C speed: plain payloads that all could fit, were they the head's size
     if type(head) is bytes and BATCH_BYTES // max(1, len(head)) >= wanted:
@@ -74,9 +75,9 @@ def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
                 bodies += more[:_plain_run(types)]
                 break
             bodies += more
-        size = sum(map(len, bodies))
-        if size <= BATCH_BYTES:
-            return bodies, size
+        body = b"".join(bodies)  # (its length is their size: 5 ns a message, where summing their lengths took 12)
+        if len(body) <= BATCH_BYTES:
+            return bodies, len(body), body
     bodies = []
     size = 0
     headed = type(head) is Headed
@@ -87,7 +88,7 @@ def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int]:
             break
         bodies.append(item)
         size = grown
-    return bodies, size
+    return bodies, size, bodies[0] if len(bodies) == 1 else b"".join(bodies)
 
 
 def _plain_run(types: list[type]) -> int:
@@ -104,7 +105,7 @@ def drop_front(q: deque[Any], n: int) -> None:
     deque(starmap(q.popleft, repeat((), n)), 0)
 
 
-def cut_frames(q: deque[Any], pullers: int) -> Iterator[tuple[list[Any], int]]:
+def cut_frames(q: deque[Any], pullers: int) -> Iterator[tuple[list[Any], int, Any]]:
     """The frames to send what ``q`` holds in, each cut (`next_batch`) when the last one
     went: the caller takes each frame's messages off ``q`` before it asks for the next
     (or stops, leaving them at the front). ZeroMQ deals whole frames round-robin, so a
@@ -242,11 +243,10 @@ class Pusher:
         uuid = self.uuid
         counters = self.stats.pattern["pipeline"]
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
-        for bodies, size in cut_frames(q, pullers):
+        for bodies, size, payload in cut_frames(q, pullers):
             n = len(bodies)
             headed = type(bodies[0]) is Headed  # (then all are: `next_batch`)
-            payload: Any = bodies[0] if n == 1 else b"".join(bodies)  # (or a `RawPayload`, alone)
-            if type(payload) is RawPayload:
+            if type(payload) is RawPayload:  # (alone)
                 if read_raw is None:
                     read_raw = self._all_read_raw(queue)
                 if read_raw:
