@@ -4,6 +4,7 @@ messages, what a restart reads back, and the upgrade of a store written by schem
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import sqlite3
 import threading
@@ -757,6 +758,25 @@ def test_a_topic_numbered_afresh_whose_first_commit_failed_says_where_it_began_w
     history.record(b"t.new", first, 1, b"\x01", None)
     assert history.commit()
     assert history.number(b"t.new", 1) == first + 1 and not history.began
+    store.close()
+
+
+def test_a_history_that_keeps_failing_logs_once_and_counts_every_message(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full store refuses every commit of the history, one or more a pass of the loop:
+    each message is counted, and the error is logged once, not once a commit (a flood at
+    high publishing rates)."""
+    store = Store(tmp_path, max_bytes=1 << 20)
+    stats = Stats()
+    history = History(store, (HistoryPolicy("t.", 100),), stats)
+    with caplog.at_level(logging.ERROR, logger="zmqmesh.history"):
+        for _ in range(50):
+            seq = history.number(b"t.x", 2)
+            history.record(b"t.x", seq, 2, b"\x00" * (2 << 20), None)  # (more than the store may hold)
+            assert not history.commit()
+    assert stats.snapshot()["pubsub"]["history_failed"] == 100
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cannot keep 2 published message(s)" in errors[0].getMessage()
     store.close()
 
 

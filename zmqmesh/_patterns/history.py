@@ -38,6 +38,9 @@ PAGE_ROWS = 2048
 """Frames in one page of a replay, at most."""
 _TRIM_SLACK = 0.05  # a topic is trimmed once it holds this much more than its limit
 _MAX_CACHED_TOPICS = 65_536
+FAILURE_LOG_S = 10.0
+"""A history that keeps failing (a full store) logs one error at first, then one at most
+this often, with what it could not keep meanwhile (each failure is counted all the same)."""
 MAX_EMPTY_TOPICS = 65_536
 """Topics of which nothing is kept any more (every message expired) whose numbering is kept
 (a replay then sees what it missed of them as a gap); past them, the numbering of those
@@ -67,6 +70,8 @@ class History:
         """Set by `number` when it numbered a topic afresh from a floor above 0, for its
         publisher to say so on the topic's first frame (and to clear)."""
         self._fresh: set[bytes] = set()  # topics numbered afresh since the last commit
+        self._failures_unlogged = 0  # messages not kept since the last error logged (`_failed`)
+        self._failure_logged_at = -FAILURE_LOG_S
 
     def policy(self, topic: bytes) -> HistoryPolicy | None:
         """The policy that keeps ``topic``, if any."""
@@ -115,12 +120,24 @@ class History:
                     self._next.pop(key, None)
                 else:
                     self._next[key] = min(self._next.get(key, seq), seq)
-            self.stats.add("pubsub", "history_failed", sum(r[2] for r in rows))
-            log.error("cannot keep %d published frame(s) in the history; not sent: %s", len(rows), exc)
+            self._failed(sum(r[2] for r in rows), exc)
             return False
         for topic in {r[0] for r in rows}:
             self._trim(topic.encode())
         return True
+
+    def _failed(self, count: int, exc: Exception) -> None:
+        """Count ``count`` messages the history could not keep; log it, at most once per
+        `FAILURE_LOG_S` (a full store refuses every commit, one or more a pass of the loop)."""
+        self.stats.add("pubsub", "history_failed", count)
+        self._failures_unlogged += count
+        now = time.monotonic()
+        if now - self._failure_logged_at >= FAILURE_LOG_S:
+            log.error("cannot keep %d published message(s) in the history, not sent (counted in "
+                      "pubsub.history_failed; said again at most every %g s): %s",
+                      self._failures_unlogged, FAILURE_LOG_S, exc)
+            self._failures_unlogged = 0
+            self._failure_logged_at = now
 
     def _trim(self, topic: bytes) -> None:
         policy = self.policy(topic)
