@@ -1650,3 +1650,38 @@ def test_a_replay_reads_the_history_again_when_its_publishers_runs_lack_the_one_
             assert [(c.arg.data, c.arg.redelivered) for c in calls] == [(n, n <= 10) for n in range(12)]
         else:
             assert [(c.arg.data, c.arg.redelivered) for c in calls] == [(number, False)]
+
+
+def test_a_publisher_that_forgets_its_topics_never_numbers_one_lower(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `_MAX_TRACKED_TOPICS` topics a publisher forgets their numbers. It restarted them
+    at 0: a subscriber that missed that frame 0 (a high-water mark) took every frame after
+    it for a late one (`GapCounter.missed`, numbered below what it expected) and dropped
+    the topic's messages until the numbering passed the old one again."""
+    from zmqmesh._patterns import pubsub
+
+    monkeypatch.setattr(pubsub, "_MAX_TRACKED_TOPICS", 4)
+    sent: list[list[bytes]] = []
+    monkeypatch.setattr(pubsub, "send_frames", lambda _sock, frames, copy: sent.append(frames))
+    monkeypatch.setattr(pubsub, "has_input", lambda _sock: False)
+    publisher = pubsub.Publisher(loop=None, stats=Stats(), uuid=b"u" * 16, xpub=None,  # type: ignore[arg-type]
+                                 directory=None, connect=None, on_subscriptions=None,  # type: ignore[arg-type]
+                                 local=None, own_prefixes=lambda: ())  # type: ignore[arg-type]
+    monkeypatch.setattr(publisher, "_route", lambda _topic: (False, True))
+    body = Codec(1 << 20).encode(b"x")
+
+    def publish(topic: bytes, count: int = 1) -> tuple[bytes | None, int | None]:
+        publisher.queue.extend((topic, body) for _ in range(count))
+        publisher.flush(float("inf"))
+        return frames.parse_sender(sent[-1][1])
+
+    peer = PeerState(b"\x01" * 16, "tcp://127.0.0.1:1", "127.0.0.1")
+    gaps = pubsub.GapCounter(Directory("aa" * 16, Stats(), lambda: None, True))  # type: ignore[arg-type,return-value]
+    uuid, seq = publish(b"t", 100)
+    assert seq == 0 and gaps.missed(peer.uuid, b"t", seq, 100) == 0
+    for topic in (b"a", b"b", b"c", b"d"):  # (the fifth topic: the publisher forgets the numbers)
+        publish(topic)
+    _uuid, first = publish(b"t")  # lost at a high-water mark: never received
+    _uuid, seq = publish(b"t")
+    assert seq is not None and first is not None and seq > first
+    assert gaps.missed(peer.uuid, b"t", seq, 1) is not None, "the frames after a forgotten numbering are dropped as late"
+    assert publish(b"t")[1] == seq + 1

@@ -94,6 +94,7 @@ class Publisher:
         self.history = history
         self.queue: deque[tuple[bytes, bytes]] = deque()
         self._sequences: dict[bytes, int] = {}
+        self._fresh_from = 0  # where a topic not in `_sequences` is numbered from
         self._sub_counts: Counter[bytes] = Counter()
         self._connected: set[str] = set()
         self._routes: dict[bytes, tuple[bool, bool]] = {}  # topic -> (subscribed here, subscribed elsewhere)
@@ -157,9 +158,14 @@ class Publisher:
                     if meta is not None:  # (live only: a page says it with "start")
                         meta = start_meta(meta, seq)
             else:
-                seq = self._sequences.get(topic, 0)
-                if len(self._sequences) >= _MAX_TRACKED_TOPICS and topic not in self._sequences:
-                    self._sequences.clear()  # subscribers take a restarted sequence as a new baseline
+                seq = self._sequences.get(topic)
+                if seq is None:
+                    if len(self._sequences) >= _MAX_TRACKED_TOPICS:
+                        # forgotten, the topics are numbered afresh past a jump no subscriber counts
+                        # as lost (a new baseline), never below a number given: a lower one is late
+                        self._fresh_from = max(self._sequences.values()) + _MAX_GAP + 1
+                        self._sequences.clear()
+                    seq = self._fresh_from
                 self._sequences[topic] = seq + len(bodies)
             frames = [topic, pub_sender(self.uuid, seq), payload]
             if meta is not None:
@@ -304,7 +310,7 @@ class GapCounter:
         messages of a publisher stay in order and the drops counted are those missing.
         (Taken as a new start, each turn between the two connections counted the whole
         jump again: 88 million drops for 85,000 messages.) A numbering that restarts
-        begins at 0: a new start."""
+        begins at 0 (a publisher of a version before) or past a jump over `_MAX_GAP`: a new start."""
         topics = self._expected.get(uuid)
         if topics is None:
             topics = self._expected[uuid] = {}
