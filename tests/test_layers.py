@@ -1685,3 +1685,21 @@ def test_a_publisher_that_forgets_its_topics_never_numbers_one_lower(monkeypatch
     assert seq is not None and first is not None and seq > first
     assert gaps.missed(peer.uuid, b"t", seq, 1) is not None, "the frames after a forgotten numbering are dropped as late"
     assert publish(b"t")[1] == seq + 1
+
+
+def test_a_frame_is_measured_before_its_payloads_are_joined() -> None:
+    """A small plain payload ahead of large ones (up to ``max_message_bytes`` each: encoded
+    payloads that are not bytes travel as plain ones) took `next_batch`'s quick way, which
+    joined every payload it looked at, up to ``limit`` of them, before it saw that they did
+    not fit: 256 MB copied, on the loop, to send 1 byte."""
+    import tracemalloc
+
+    q = deque([b"x"] + [b"y" * 1_000_000] * 255)
+    tracemalloc.start()
+    try:
+        bodies, size, body = next_batch(q, frames.MAX_BATCH_ITEMS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert size == len(body) <= frames.BATCH_BYTES + 1_000_000
+    assert peak < 4_000_000, f"{peak} bytes allocated to cut a frame"

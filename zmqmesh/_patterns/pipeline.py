@@ -75,9 +75,9 @@ def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int, Any]:
                 bodies += more[:_plain_run(types)]
                 break
             bodies += more
-        body = b"".join(bodies)  # (its length is their size: 5 ns a message, where summing their lengths took 12)
-        if len(body) <= BATCH_BYTES:
-            return bodies, len(body), body
+        size = sum(map(len, bodies))  # (before they are joined: those past the head may be large)
+        if size <= BATCH_BYTES:
+            return bodies, size, b"".join(bodies)
     bodies = []
     size = 0
     headed = type(head) is Headed
