@@ -344,3 +344,37 @@ def test_a_huge_number_of_seconds_is_a_bad_argument_not_an_internal_error() -> N
     for args in (["peers", "--wait", "1e300"], ["request", "s", "1", "--timeout", "1e300"]):
         result = run(*args, "--mesh", "nobody", "--beacon-port", str(free_udp_port()))
         assert result.returncode == 2 and "at most" in result.stderr and "internal error" not in result.stderr, args
+
+
+DAEMONIZES = """
+import os, subprocess, sys, time
+if os.fork() == 0:  # (the intermediate: it leaves the group, starts the daemon and ends)
+    os.setsid()
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print("daemon", daemon.pid, flush=True)
+    os._exit(0)
+os.wait()
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_launch_lets_a_daemon_run_while_the_process_that_made_it_runs(tmp_path: Any) -> None:
+    # adopted once its intermediate ended, a daemon a process made was stopped at once,
+    # the process that made it running on ("a process that ended left it running")
+    (tmp_path / "daemonizes.py").write_text(DAEMONIZES)
+    proc = _launcher(tmp_path, 'stop_timeout_s = 1\n[[process]]\nname = "d"\ncommand = ["python3", "daemonizes.py"]\n')
+    daemon = 0
+    with lines_of(proc) as (out, err):
+        try:
+            line = wait_until(lambda: next((x for x in out if "] daemon " in x), None), 60, "the daemon")
+            daemon = int(str(line).split()[-1])
+            time.sleep(1.5)  # (the launcher looks every 0.1 s)
+            assert pid_alive(daemon), (out, err)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+            wait_until(lambda: not pid_alive(daemon), 10, "the daemon to be gone")
+        finally:
+            if daemon and pid_alive(daemon):
+                os.kill(daemon, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err)

@@ -18,8 +18,8 @@ The file::
 Each process runs in a process group of its own, and what it starts stays in that group:
 Ctrl-C or SIGTERM stops every group (SIGTERM, then SIGKILL after ``stop_timeout_s``),
 and what a process that ended left running in its group is stopped the same way; so is,
-on Linux, what left its group (``setsid()``, a daemon) once the process that started it
-ended (the launcher adopts it: `orphans`);
+on Linux, what it left running outside its group (``setsid()``, a daemon: the launcher
+adopts it, `orphans`);
 after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
 its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
 exits 141, as a command that SIGPIPE ends. Without restarts,
@@ -180,6 +180,10 @@ class Launcher:
         # environment carries from this launcher's processes)
         self._orphans: dict[int, float] = {}
         self._mark = f"{os.getpid()}.{secrets.token_hex(8)}"
+        # the processes started, by the tag their mark ends with (``MARK=mark/tag``), while
+        # they run: what one left outside its group waits for its end (`_sweep_orphans`)
+        self._marked: dict[str, subprocess.Popen[str]] = {}
+        self._serial = 0
         self._pumps: dict[str, threading.Thread] = {}  # (each process's output reader)
 
     def say(self, name: str, line: str) -> None:
@@ -198,7 +202,9 @@ class Launcher:
                 write_nowhere(self.out)
 
     def _start(self, spec: ProcessSpec) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env, MARK: self._mark}
+        self._serial += 1
+        tag = str(self._serial)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env, MARK: f"{self._mark}/{tag}"}
         try:
             proc = subprocess.Popen(
                 spec.command, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
@@ -207,6 +213,7 @@ class Launcher:
         except OSError as exc:
             raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
         self.procs[spec.name] = proc
+        self._marked[tag] = proc
         self._pumps[spec.name] = pump = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
         pump.start()
         self.say(spec.name, f"started (pid {proc.pid})")
@@ -292,14 +299,17 @@ class Launcher:
                 if _signal_group(group, signal.SIGKILL):
                     self.say(name, _LEFT_KILLED)
 
-    def _sweep_orphans(self, now: float, kill_at: float) -> None:
-        """SIGTERM what a process left running outside its group as soon as this launcher
-        adopted it, and SIGKILL it at ``kill_at`` (a stop's deadline, or ``stop_timeout_s``
-        later); collect the status of those that ended. (One that ended before it was
+    def _sweep_orphans(self, now: float, kill_at: float, every: bool = False) -> None:
+        """SIGTERM what a process left running outside its group, adopted by this launcher,
+        once that process has ended (or at once, ``every``: a stop), and SIGKILL it at
+        ``kill_at`` (a stop's deadline, or ``stop_timeout_s`` later); collect the status of
+        those that ended. (What a process daemonized, its intermediate ended, runs on while
+        that process runs, as it did before it was adopted. One that ended before it was
         ever seen stays a zombie until the launcher exits: its mark cannot be read.)"""
+        self._marked = {tag: proc for tag, proc in self._marked.items() if proc.poll() is None}
         own = {proc.pid for proc in self.procs.values()}
-        for pid in orphans(self._mark, own):
-            if pid not in self._orphans and _signal(pid, signal.SIGTERM):
+        for pid, tag in orphans(self._mark, own).items():
+            if pid not in self._orphans and (every or tag not in self._marked) and _signal(pid, signal.SIGTERM):
                 self._orphans[pid] = kill_at
                 self.say("launcher", f"stopping pid {pid}: a process that ended left it running outside its group")
         for pid, when in list(self._orphans.items()):
@@ -328,7 +338,7 @@ class Launcher:
         # what the processes started, in their groups or left outside them: it stops by the
         # same deadline
         while True:
-            self._sweep_orphans(time.monotonic(), deadline)
+            self._sweep_orphans(time.monotonic(), deadline, every=True)
             if time.monotonic() >= deadline or not (self._orphans or any(_group_alive(g) for g in groups)):
                 break
             time.sleep(0.05)
@@ -346,7 +356,7 @@ class Launcher:
         ends = time.monotonic() + 1.0
         while True:
             now = time.monotonic()
-            self._sweep_orphans(now, now)
+            self._sweep_orphans(now, now, every=True)
             if not self._orphans or now >= ends:
                 break
             time.sleep(0.02)

@@ -5,8 +5,9 @@ with which the launcher stops its processes and what they started. Made a *child
 subreaper* (`adopt_orphans`), the launcher becomes the parent of such a process once the
 process that started it ends, and finds it among its own children (`orphans`) by the mark
 its processes' environment carries (``MARK``, inherited by what they start): a child of
-the launcher's process that it did not start is never taken for one. Elsewhere than Linux
-nothing is adopted, and such a process runs on.
+the launcher's process that it did not start is never taken for one, and the mark says
+which of the launcher's processes it comes from. Elsewhere than Linux nothing is adopted,
+and such a process runs on.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ def adopt_orphans(adopt: bool = True) -> bool:
         return False
 
 
-def orphans(mark: str, own: Container[int]) -> list[int]:
+def orphans(mark: str, own: Container[int]) -> dict[int, str]:
     """The live children of this process, other than ``own``, whose environment carries
-    ``MARK=mark``: processes a launcher's processes started and left, adopted."""
-    token = f"{MARK}={mark}".encode()
-    found = []
+    ``MARK=mark/tag``, each with its ``tag`` (which of the launcher's processes it comes
+    from): processes a launcher's processes started and left, adopted."""
+    token = f"{MARK}={mark}/".encode()
+    found = {}
     for pid in _children():
         if pid in own:
             continue
@@ -49,8 +51,10 @@ def orphans(mark: str, own: Container[int]) -> list[int]:
             environment = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:  # (gone meanwhile, or not ours to read)
             continue
-        if token in environment.split(b"\0"):
-            found.append(pid)
+        for variable in environment.split(b"\0"):
+            if variable.startswith(token):
+                found[pid] = variable[len(token):].decode("ascii", "replace")
+                break
     return found
 
 
