@@ -710,6 +710,42 @@ def test_a_stopping_pusher_hands_what_a_live_puller_did_not_acknowledge_to_a_kee
         assert (stored(tmp_path / "pusher"), stored(tmp_path / "keeper")) == (0, 200)
 
 
+def test_a_drain_that_gave_way_to_keepers_goes_on_for_the_rest_of_linger_s(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """The drain gives way to the hand-over half-way through linger_s (a hung puller of a
+    kept queue); what is not durable drains on after the hand-over, until linger_s has
+    passed: a slow puller's in-memory at-least-once messages (4 s of work, linger_s 6 s)
+    are all handled, none dropped. Before, the stop went on once the hand-over ended, and
+    dropped what the slow puller had not acknowledged by then."""
+    out = tmp_path / "stuck.out"
+    got: list[int] = []
+
+    def slowly(msg: zmqmesh.Message) -> None:
+        time.sleep(0.04)
+        got.append(msg.data)
+
+    keeper = zmqmesh.Node("keeper", store=str(tmp_path / "keeper"), **mesh)
+    keeper.keep("orders")
+    slow = zmqmesh.Node("slow", **mesh)
+    slow.pull("jobs", slowly, at_least_once=True)
+    with keeper, slow:
+        pusher = zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), linger_s=6, **mesh).start()
+        stuck = worker("stuck", mesh["mesh"], mesh["beacon_port"], "orders", out)
+        try:
+            stuck.wait_for("ready")
+            pusher.wait_for_pullers("orders")
+            pusher.wait_for_pullers("jobs")
+            pusher.wait_for_keepers("orders")
+            pusher.push_many("orders", [{"n": n} for n in range(200)], durable=True)
+            wait_until(lambda: handled(out), 20, "the stuck puller's first message")
+            pusher.push_many("jobs", list(range(100)))
+            pusher.stop(timeout=6)
+        finally:
+            stuck.kill()
+        assert stored(tmp_path / "keeper") == 200
+        assert pusher.stats()["pipeline"].get("dropped", 0) == 0 and sorted(got) == list(range(100))
+
+
 def zmqmesh_cli(*args: str, timeout: float = 30, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``zmqmesh ARGS``; ``tmpdir``: where its temporary files go (``TMPDIR``)."""
     env = None if tmpdir is None else {**os.environ, "TMPDIR": str(tmpdir)}

@@ -752,8 +752,8 @@ class LoopInbox(Dispatcher):
                         break
                     await asyncio.wait(pending, timeout=ends - self.loop.time())
             except asyncio.CancelledError:
-                cancelled = True
-                pending = [t for t in pending if not t.done()]
+                cancelled = True  # (the drain may have started handler tasks meanwhile: all are cut short)
+                pending = [t for t in (self._task, *self._tasks) if t is not None and not t.done()]
             for task in pending:
                 task.cancel()
             if pending:  # (they count what they leave as they take the cancellation in)
@@ -1039,7 +1039,7 @@ async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
         except asyncio.CancelledError:
             log.debug("node %s: the stop's task was cancelled while %s; the stop goes on", engine.name, step.what)
             uncancel = getattr(asyncio.current_task(), "uncancel", None)
-            if uncancel is not None:  # (Python 3.11+: the later steps' timeouts work as before)
+            if uncancel is not None:  # (Python 3.11+: the task no longer counts as being cancelled)
                 uncancel()
         except Exception as exc:
             log.warning("node %s: %s failed while stopping: %s", engine.name, step.what, exc)

@@ -8,7 +8,8 @@ already arrived and answer it, say goodbye, close the sockets, terminate the con
 2. ``send_queued`` (loop), with a short pause between rounds: drain the send queues
    until they are empty or ``linger_s`` has passed (half of it, when keepers are there
    for durable queues: ``drain_deadline``); then ``hand_over`` the durable messages still
-   stored to the keepers of their queues, within the whole deadline.
+   stored to the keepers of their queues, within the whole deadline, and (after a drain
+   that gave way) drain the rest until then.
 3. ``withdraw_offers`` (loop): leave the service and queue groups, so that peers choose
    this node no more; then pauses of 25 ms, until one passes with nothing new received
    (what peers sent before they knew), within the same deadline.
@@ -65,6 +66,9 @@ def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
         yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
     while (yield StopStep("handing durable messages to keepers", ON_LOOP, engine.hand_over, (deadline,))):
         yield StopStep("waiting for the keepers", PAUSE, None, (PAUSE_S,))
+    if drain_until is not None and drain_until < deadline:  # (the drain gave way half-way: the rest drains on)
+        while (yield StopStep("sending what is still queued", ON_LOOP, engine.send_queued, (deadline,))):
+            yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
     if (yield StopStep("withdrawing the offers", ON_LOOP, engine.withdraw_offers)):
         # what peers sent before they took the withdrawal in is still coming: wait until a
         # pause passes with nothing new, within the draining deadline
