@@ -1703,3 +1703,27 @@ def test_a_frame_is_measured_before_its_payloads_are_joined() -> None:
         tracemalloc.stop()
     assert size == len(body) <= frames.BATCH_BYTES + 1_000_000
     assert peak < 4_000_000, f"{peak} bytes allocated to cut a frame"
+
+
+def test_tasks_waiting_for_room_wake_in_the_order_they_began_to_wait() -> None:
+    """An AsyncNode's tasks blocked by a full send queue resume in the order they began to
+    wait, as on an asyncio.Event: tasks pushing in turn keep their turn (a set of waiters
+    woke them in hash order, and 64 tasks pushing in lockstep reordered their messages:
+    benchmarks/bench.py's content check of zm_push_alo_tasks failed)."""
+    from zmqmesh._drivers.aio import _RoomSignal
+
+    async def main() -> list[int]:
+        room, order = _RoomSignal(), []
+        loop = asyncio.get_running_loop()
+
+        async def waiter(i: int) -> None:
+            assert await room.wait(loop, 10)
+            order.append(i)
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(200)]
+        await asyncio.sleep(0)  # (each is waiting now)
+        room.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(main()) == list(range(200))

@@ -408,11 +408,14 @@ class _RoomSignal:
     Python 3.12), which, with a flush after every wake-up, was nearly always."""
 
     def __init__(self) -> None:
-        self._waiting: set[asyncio.Future[bool]] = set()
+        # (insertion-ordered: the waiters wake in the order they began to wait, as on an
+        # asyncio.Event; tasks pushing in turn then go on pushing in that turn)
+        self._waiting: dict[asyncio.Future[bool], None] = {}
 
     def set(self) -> None:
-        """Wake every waiter, with True: a flush just ran (loop thread)."""
-        waiting, self._waiting = self._waiting, set()
+        """Wake every waiter, in the order they began to wait, with True: a flush just ran
+        (loop thread)."""
+        waiting, self._waiting = self._waiting, {}
         for future in waiting:
             if not future.done():
                 future.set_result(True)
@@ -420,13 +423,13 @@ class _RoomSignal:
     async def wait(self, loop: asyncio.AbstractEventLoop, seconds: float) -> bool:
         """Wait for the next `set` (True) or ``seconds`` (False)."""
         woken: asyncio.Future[bool] = loop.create_future()
-        self._waiting.add(woken)
+        self._waiting[woken] = None
         timer = loop.call_later(seconds, _resolve, woken, False)
         try:
             return await woken
         finally:
             timer.cancel()
-            self._waiting.discard(woken)
+            self._waiting.pop(woken, None)
 
 
 def _resolve(future: asyncio.Future[bool], value: bool) -> None:
