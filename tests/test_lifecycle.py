@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -994,3 +995,43 @@ def test_an_async_handlers_call_behind_sync_ones_a_stop_cut_short_is_counted(mes
 async def _until(condition: Callable[[], object]) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+def test_a_handler_refused_by_its_stopping_node_leaves_its_message_to_be_dealt_again(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A handler that uses its node once the node's stop has begun (here a push, as a
+    pipeline stage does) is refused with NodeClosedError. That is the stop's doing, not
+    the handler's failure: its at-least-once message is left at the stop and dealt again
+    to another puller, marked, with no error counted and no traceback logged. Before, it
+    was logged at ERROR with a traceback and counted as a failed attempt (examples/
+    durable_orders.py printed such tracebacks now and then at its end)."""
+    go, entered = threading.Event(), threading.Event()
+    got: list[tuple[int, bool]] = []
+
+    def stage(msg: zmqmesh.Message) -> None:
+        entered.set()
+        go.wait(10)
+        first.push("next", msg.data)
+
+    first = zmqmesh.Node("first", **mesh)
+    first.pull("orders", stage, at_least_once=True)
+    with zmqmesh.Node("pusher", **mesh) as pusher:
+        first.start()
+        pusher.wait_for_pullers("orders")
+        pusher.push("orders", 7)
+        assert entered.wait(10)
+        stopping = threading.Thread(target=first.stop, kwargs={"timeout": 10})
+        with caplog.at_level(logging.WARNING, logger="zmqmesh"):
+            stopping.start()
+            wait_until(lambda: not first.running, 10, "the stop to begin")
+            go.set()
+            stopping.join(20)
+        assert not stopping.is_alive()
+        stats = first.stats()["pipeline"]
+        assert stats.get("errors", 0) == 0 and stats.get("dropped", 0) == 1, stats
+        assert not [r for r in caplog.records if "raised" in r.getMessage()], [r.getMessage() for r in caplog.records]
+        second = zmqmesh.Node("second", **mesh)
+        second.pull("orders", lambda m: got.append((m.data, m.redelivered)), at_least_once=True)
+        with second:
+            wait_until(lambda: got, 20, "the message dealt again")
+    assert got == [(7, True)]

@@ -473,7 +473,7 @@ class LoopInbox(Dispatcher):
                          codec=engine.codec, stats=engine.stats, describe=engine.describe,
                          sub=sub, pull=pull, router=router, store=engine.store,
                          keeper=engine.durable.submit if engine.durable is not None else None,
-                         history=engine.history)
+                         history=engine.history, node_closed=lambda: engine.closed)
         self.engine = engine
         self.loop = engine.loop
         concurrency = engine.config.handler_concurrency

@@ -434,7 +434,7 @@ class ThreadInbox(Dispatcher):
                          codec=engine.codec, stats=engine.stats, describe=engine.describe,
                          sub=sub, pull=pull, router=router, store=engine.store,
                          keeper=engine.durable.submit if engine.durable is not None else None,
-                         history=engine.history)
+                         history=engine.history, node_closed=lambda: engine.closed)
         self.name = engine.name
         self._fetcher = ThreadFetcher(engine, self.post_page, self.replays.wanted)
         self._waker = Waker()

@@ -36,10 +36,12 @@ class BatchAck:
 
 
 class CutShort(NodeClosedError):
-    """What a handler a stop's timeout cut short (an ``async def`` one a `Node` runs on its
-    handler loop) leaves as its outcome: its message is counted as left at the stop
-    (``dropped``, named in the stop's warning), not as the handler's failure; a request is
-    also answered with it (as `NodeClosedError`)."""
+    """What a handler its node's stop cut short leaves as its outcome: one the stop's
+    timeout cut short (an ``async def`` one a `Node` runs on its handler loop), or one its
+    node refused with `NodeClosedError` as it stopped (`Dispatcher.complete`). Its message
+    is counted as left at the stop (``dropped``, named in the stop's warning; at least
+    once, it is dealt again), not as the handler's failure; a request is also answered
+    with it (as `NodeClosedError`)."""
 
 
 class CursorMark(NamedTuple):

@@ -151,10 +151,12 @@ class Dispatcher:
                  sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any],
                  store: Store | None = None,
                  keeper: Callable[[str, list[Entry]], None] | None = None,
-                 history: History | None = None) -> None:
+                 history: History | None = None, node_closed: Callable[[], bool] | None = None) -> None:
+        self._node_closed = node_closed  # whether the node refuses work: its stop has begun
         self.acked = AckedIntake(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                  keeper=keeper, reply=self.send_reply, in_place=self.runs_in_place,
-                                 abandoned=self.abandoned, left_at_stop=self._left_unhandled)
+                                 abandoned=self.abandoned, left_at_stop=self._left_unhandled,
+                                 refused_by_stop=self.refused_by_stop)
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
         self.history = history
@@ -194,6 +196,13 @@ class Dispatcher:
     def abandoned(self) -> bool:
         """True once a stop's deadline has passed: work still queued is then dropped."""
         return self._deadline is not None and time.monotonic() > self._deadline
+
+    def refused_by_stop(self, error: BaseException) -> bool:
+        """Whether a handler's ``error`` is its node refusing it (`NodeClosedError`: a push,
+        a request) because the node's stop has begun: the stop's doing, not the handler's
+        failure (see `complete`)."""
+        return type(error) is NodeClosedError and (self.stopping or (self._node_closed is not None
+                                                                      and self._node_closed()))
 
     def begin_stop(self, timeout: float) -> None:
         """Take no new work; what has arrived may still be handled for ``timeout`` seconds."""
@@ -457,7 +466,10 @@ class Dispatcher:
                         handler(msg)
                     except BaseException as exc:
                         handler_failure(exc)
-                        errors += handler_raised(handler)
+                        if self.refused_by_stop(exc):
+                            self._left_unhandled(pattern, None, 1)
+                        else:
+                            errors += handler_raised(handler)
             else:
                 for msg in messages:
                     if self.stopping and self.abandoned():
@@ -468,7 +480,10 @@ class Dispatcher:
                             handler(msg)
                         except BaseException as exc:
                             handler_failure(exc)
-                            errors += handler_raised(handler)
+                            if self.refused_by_stop(exc):
+                                self._left_unhandled(pattern, None, 1)
+                            else:
+                                errors += handler_raised(handler)
             if errors:
                 counters["errors"] += errors
             return
@@ -633,6 +648,8 @@ class Dispatcher:
             result, error = handler(msg), None
         except BaseException as exc:
             result, error = None, handler_failure(exc)
+            if self.refused_by_stop(error):
+                error = CutShort(str(error))
         self.handler_finished(handler, started)
         self.answer(route, result, error)
 
@@ -716,7 +733,12 @@ class Dispatcher:
                 return self.codec.encode({"type": name[:200], "message": "", "traceback": ""})
 
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
-        """Account for a finished call and send the reply of a request (owner thread only)."""
+        """Account for a finished call and send the reply of a request (owner thread only).
+        A handler that used its node once the node's stop began (a push, a request) was
+        refused with `NodeClosedError`: its message is left at the stop (`CutShort`), not
+        the handler's failure (logged with a traceback, an attempt counted)."""
+        if error is not None and self.refused_by_stop(error):
+            error = CutShort(str(error))
         route = call.route
         if type(route) is tuple:  # a request (the common case, first; a CursorMark is not a plain tuple)
             self.answer(route, result, error)  # type: ignore[arg-type]

@@ -48,8 +48,10 @@ class AckedIntake:
                  reply: Callable[[tuple[bytes, bytes], bytes, bytes], None],
                  in_place: Callable[[list[Callable[..., Any]]], bool] = lambda handlers: False,
                  left_at_stop: Callable[[str, Any, int], None],
-                 abandoned: Callable[[], bool] = lambda: False) -> None:
+                 abandoned: Callable[[], bool] = lambda: False,
+                 refused_by_stop: Callable[[BaseException], bool] = lambda error: False) -> None:
         self.registry = registry
+        self.refused_by_stop = refused_by_stop  # whether a handler's error is its stopping node refusing it
         self.in_place = in_place  # whether the driver lets these handlers run as they are decoded
         self.abandoned = abandoned  # whether a stop's deadline passed (what is left is not handled)
         # counts ``(pattern, route, count)`` left unhandled at a stop, for its warning
@@ -127,6 +129,9 @@ class AckedIntake:
                 try:
                     handler(msg)
                 except Exception as exc:
+                    if self.refused_by_stop(exc):  # (the stop's doing: the batch is left, dealt again)
+                        self.left_at_stop("pipeline", ack, len(items) - index)
+                        return
                     self.stats.pattern["pipeline"]["errors"] += handler_raised(handler)
                     self._settle(ack, msg, index, exc)
                 else:
