@@ -354,11 +354,16 @@ class Engine:
         if durable is None or reliable is None:
             return deadline
         held = durable.queues
-        if not any(queue in held and (held[queue].buffer or reliable.in_flight(queue) or reliable.redeliver.get(queue))
-                   for queue in self._kept_queues()):
+        if not any(queue in held and self._unsettled(queue, held[queue].buffer) for queue in self._kept_queues()):
             return deadline
         now = time.monotonic()
         return now + max(deadline - now, 0.0) / 2
+
+    def _unsettled(self, queue: str, buffer: Any) -> bool:
+        """Whether durable messages of ``queue`` wait: in ``buffer`` (its), in flight, or to
+        be dealt again."""
+        assert self.reliable is not None
+        return bool(buffer or self.reliable.redeliver.get(queue) or self.reliable.in_flight(queue))
 
     def _kept_queues(self) -> set[str]:
         """The queues another node keeps (see `Node.keep`)."""
@@ -391,8 +396,7 @@ class Engine:
             if queue not in kept:
                 continue
             reliable.flush(queue, buffer, to_keepers=True)
-            if buffer or reliable.redeliver.get(queue) or reliable.in_flight(queue):
-                busy = True
+            busy = busy or self._unsettled(queue, buffer)
         return busy
 
     def close_outbound(self) -> None:

@@ -80,11 +80,11 @@ class Outbound:
         if self.publisher is None or self.pusher is None or self.reliable is None:
             return 0
 
-        def pulled(queue: str) -> bool:
+        def pulled(queue: str) -> bool:  # (a stopping node hands durable messages to keepers only)
             return not self.handing_over and bool(self.directory.providers("ackqueues", queue))
 
         deliverable = 0
-        if self.durable is not None and not self.handing_over:  # stored, and a puller is there to take them
+        if self.durable is not None:  # stored, and a puller is there to take them
             deliverable = sum(len(q.buffer) for name, q in list(self.durable.queues.items())
                               if q.buffer and pulled(name))
         return len(self.publisher.queue) + self.pusher.queued() + self.reliable.pending(pulled) + deliverable

@@ -62,13 +62,11 @@ def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
     yield StopStep("stopping the metrics server", CALLER, engine.close_metrics)
     drain_until = yield StopStep("choosing when draining gives way to keepers", ON_LOOP, engine.drain_deadline,
                                  (deadline,))
-    while (yield StopStep("sending what is queued", ON_LOOP, engine.send_queued, (drain_until or deadline,))):
-        yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
+    yield from _drain(engine, drain_until or deadline)
     while (yield StopStep("handing durable messages to keepers", ON_LOOP, engine.hand_over, (deadline,))):
         yield StopStep("waiting for the keepers", PAUSE, None, (PAUSE_S,))
     if drain_until is not None and drain_until < deadline:  # (the drain gave way half-way: the rest drains on)
-        while (yield StopStep("sending what is still queued", ON_LOOP, engine.send_queued, (deadline,))):
-            yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))
+        yield from _drain(engine, deadline)
     if (yield StopStep("withdrawing the offers", ON_LOOP, engine.withdraw_offers)):
         # what peers sent before they took the withdrawal in is still coming: wait until a
         # pause passes with nothing new, within the draining deadline
@@ -84,3 +82,10 @@ def stop_plan(engine: Engine, timeout: float) -> Generator[StopStep, Any, None]:
     yield StopStep("saying goodbye", ON_LOOP, engine.say_goodbye)
     yield StopStep("closing the sockets", ON_LOOP, engine.close_sockets, (deadline,))
     yield StopStep("terminating the ZeroMQ context", AFTER_LOOP, engine.destroy_context)
+
+
+def _drain(engine: Engine, until: float) -> Generator[StopStep, Any, None]:
+    """The steps sending what is queued, with a short pause between rounds, until it is
+    all sent or ``until`` has passed."""
+    while (yield StopStep("sending what is queued", ON_LOOP, engine.send_queued, (until,))):
+        yield StopStep("waiting for the sockets to take more", PAUSE, None, (PAUSE_S,))

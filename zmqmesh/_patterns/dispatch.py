@@ -465,11 +465,7 @@ class Dispatcher:
                     try:
                         handler(msg)
                     except BaseException as exc:
-                        handler_failure(exc)
-                        if self.refused_by_stop(exc):
-                            self._left_unhandled(pattern, None, 1)
-                        else:
-                            errors += handler_raised(handler)
+                        errors += self._failed_in_place(handler, exc, pattern)
             else:
                 for msg in messages:
                     if self.stopping and self.abandoned():
@@ -479,17 +475,23 @@ class Dispatcher:
                         try:
                             handler(msg)
                         except BaseException as exc:
-                            handler_failure(exc)
-                            if self.refused_by_stop(exc):
-                                self._left_unhandled(pattern, None, 1)
-                            else:
-                                errors += handler_raised(handler)
+                            errors += self._failed_in_place(handler, exc, pattern)
             if errors:
                 counters["errors"] += errors
             return
         calls.extend([Call(handler, msg, None, pattern)
                       for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin)
                       for handler in handlers])
+
+    def _failed_in_place(self, handler: Callable[..., Any], exc: BaseException, pattern: str) -> int:
+        """A handler run in place on a stream raised ``exc`` (call in its ``except``): left
+        at the stop if its stopping node refused it (`refused_by_stop`), else logged; the
+        errors to count (raises it again if it must end the program: `handler_failure`)."""
+        handler_failure(exc)
+        if self.refused_by_stop(exc):
+            self._left_unhandled(pattern, None, 1)
+            return 0
+        return handler_raised(handler)
 
     def _origin(self, kind: str, frames: list[bytes], sender_id: str | None, sequence: int | None, topic: str,
                 count: int) -> Origin | None:

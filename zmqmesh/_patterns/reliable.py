@@ -180,6 +180,12 @@ def wire_form(item: Any, redelivered: bool, pack: Callable[[Any], bytes]) -> byt
     return wrap_item(item, redelivered)
 
 
+def _in_memory(items: Iterable[Any]) -> int:
+    """How many of ``items`` (messages sent or to send again) live only in memory: the
+    in-memory ones, not the durable ones (`StoredMessage`), which stay stored."""
+    return sum(1 for item in list(items) if isinstance(item, bytes))
+
+
 def _wrap_two_fields(item: Any, redelivered: bool) -> bytes:
     """An item in the form a puller of protocol 1 reads: its payload only (no headers, id or clock)."""
     return wrap_item(item if isinstance(item, bytes) else item.body, redelivered)
@@ -232,8 +238,7 @@ class ReliableSender:
         stored, for a puller or a keeper to come). Safe to ask from any thread: the loop's
         tables are copied, in C, before they are read."""
         return sum(len(b.items) for b in list(self.inflight.values())) + \
-            sum(len(q) if pulled(name) else sum(1 for i in list(q) if isinstance(i, bytes))
-                for name, q in list(self.redeliver.items()))
+            sum(len(q) if pulled(name) else _in_memory(q) for name, q in list(self.redeliver.items()))
 
     def take_in_memory(self, queue: str) -> list[Any]:
         """Take, in order, the in-memory messages of ``queue`` waiting to be dealt again
@@ -255,8 +260,8 @@ class ReliableSender:
 
     def pending_in_memory(self) -> int:
         """The part of `pending` that lives only in memory (not in the store)."""
-        inflight = sum(1 for b in list(self.inflight.values()) for i in b.items if isinstance(i, bytes))
-        return inflight + sum(1 for q in list(self.redeliver.values()) for i in list(q) if isinstance(i, bytes))
+        return sum(_in_memory(b.items) for b in list(self.inflight.values())) + \
+            sum(map(_in_memory, list(self.redeliver.values())))
 
     def flush(self, queue: str, q: deque[Any], to_keepers: bool = False) -> bool:
         """Deal what is queued to pullers with room in their window; True if some had to wait
