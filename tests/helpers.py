@@ -78,6 +78,15 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str = "con
         time.sleep(every)
 
 
+async def until(condition: Callable[[], object]) -> None:
+    """Return once ``condition()`` holds: the async twin of `wait_until` (bound it with
+    ``asyncio.wait_for``)."""
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists (one of another user's counts)."""
     try:

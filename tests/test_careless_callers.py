@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import until, wait_until
 
 import zmqmesh
 import zmqmesh._mesh.registry
@@ -839,13 +839,6 @@ def test_durable_queues_nobody_pulls_hold_no_memory_per_name(tmp_path: Any, mesh
     assert got == {5: [0]}
 
 
-async def _until_async(condition: Any) -> None:
-    """Return once ``condition()`` holds (the async twin of `wait_until`; bound it with
-    ``asyncio.wait_for``)."""
-    while not condition():
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.timeout(120)
 def test_a_push_waiting_for_room_ends_when_its_task_is_cancelled(mesh: dict[str, Any]) -> None:
     """A push (or a publish) waiting for room in a full send queue ignored its task's
@@ -885,7 +878,7 @@ def test_a_push_waiting_for_room_ends_when_its_task_is_cancelled(mesh: dict[str,
                     f"{how}: {[task.exception() for task in waiting if not task.cancelled()][:3]}"
                 cancelled += len(waiting)
             release.set()
-            await asyncio.wait_for(_until_async(lambda: len(got) >= pushed and node.stats()["gauges"]["queued"] == 0),
+            await asyncio.wait_for(until(lambda: len(got) >= pushed and node.stats()["gauges"]["queued"] == 0),
                                    30)  # (the pushes that returned, delivered)
             return sorted(got), node.stats()["pipeline"]["sent"]
 
@@ -927,17 +920,17 @@ def test_an_async_handler_awaiting_while_messages_arrive_leaves_the_loop_idle(me
             sub.subscribe("t", handle)
             await pub.wait_for_subscribers("t", 1, timeout=10)
             await pub.publish("t", 0)
-            await asyncio.wait_for(_until_async(lambda: got == [0]), 10)
+            await asyncio.wait_for(until(lambda: got == [0]), 10)
             before = signals[0]
             await pub.publish("t", 1)
-            await asyncio.wait_for(_until_async(lambda: signals[0] > before), 10)  # (it arrived)
+            await asyncio.wait_for(until(lambda: signals[0] > before), 10)  # (it arrived)
             before = signals[0]
             for _ in range(500):  # passes of the loop, while the handler awaits
                 await asyncio.sleep(0)
             spun = signals[0] - before
             assert spun < 50, f"the inbox was called back {spun} times in 500 passes of the loop"
             gate.set()
-            await asyncio.wait_for(_until_async(lambda: got == [0, 1]), 10)
+            await asyncio.wait_for(until(lambda: got == [0, 1]), 10)
         return got
 
     assert asyncio.run(main()) == [0, 1]
@@ -967,9 +960,9 @@ def test_an_async_handler_raising_cancelled_error_fails_alone(mesh: dict[str, An
             await pub.wait_for_subscribers("t", 1, timeout=10)
             await pub.wait_for_service("s", timeout=10)
             await pub.publish_many("t", [1, 0, *range(2, 2000)])
-            await asyncio.wait_for(_until_async(lambda: sub.stats()["pubsub"]["received"] == 2000
-                                                and len(got) + sub.stats()["pubsub"]["errors"]
-                                                + sub.stats()["pubsub"]["dropped"] >= 2000), 30)
+            await asyncio.wait_for(until(lambda: sub.stats()["pubsub"]["received"] == 2000
+                                         and len(got) + sub.stats()["pubsub"]["errors"]
+                                         + sub.stats()["pubsub"]["dropped"] >= 2000), 30)
             with pytest.raises(zmqmesh.RemoteError, match="CancelledError"):
                 await pub.request("s", 0, timeout=20)
             assert await pub.request("s", 5, timeout=10) == 5

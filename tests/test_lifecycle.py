@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import until, wait_until
 
 import zmqmesh
 
@@ -972,16 +972,16 @@ def test_an_async_handlers_call_behind_sync_ones_a_stop_cut_short_is_counted(mes
             async with zmqmesh.AsyncNode("caller", **mesh) as caller:
                 await caller.wait_for_service("quick", timeout=10)
                 first = asyncio.ensure_future(caller.request("stuck", None, timeout=30))
-                await asyncio.wait_for(_until(blocked.is_set), 10)  # (the drain waits for the worker)
+                await asyncio.wait_for(until(blocked.is_set), 10)  # (the drain waits for the worker)
                 blocked.clear()
                 # (made in one pass: they travel in one frame, and are read in one burst)
                 behind = [asyncio.ensure_future(caller.request(name, None, timeout=30)) for name in ("stuck", "quick")]
                 inbox: Any = provider._engine.inbox
                 requests = next(sock for sock, kind in inbox.sockets if kind == "req")
-                await asyncio.wait_for(_until(lambda: has_input(requests)), 10)  # (they came, unread)
+                await asyncio.wait_for(until(lambda: has_input(requests)), 10)  # (they came, unread)
                 release.set()  # the first returns; the next burst: a "stuck" (run on the worker), then a "quick"
                 release.clear()
-                await asyncio.wait_for(_until(blocked.is_set), 10)
+                await asyncio.wait_for(until(blocked.is_set), 10)
                 await provider.stop(timeout=0.2)  # (its timeout passes while the second "stuck" runs)
                 await asyncio.gather(first, *behind, return_exceptions=True)
         finally:
@@ -990,11 +990,6 @@ def test_an_async_handlers_call_behind_sync_ones_a_stop_cut_short_is_counted(mes
 
     counted = asyncio.run(main())
     assert counted["received"] == 3 and counted["sent"] + counted["dropped"] == 3, counted
-
-
-async def _until(condition: Callable[[], object]) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
 
 
 def test_a_handler_refused_by_its_stopping_node_leaves_its_message_to_be_dealt_again(
