@@ -180,10 +180,6 @@ class Launcher:
         # environment carries from this launcher's processes)
         self._orphans: dict[int, float] = {}
         self._mark = f"{os.getpid()}.{secrets.token_hex(8)}"
-        # the processes started, by the tag their mark ends with (``MARK=mark/tag``), while
-        # they run: what one left outside its group waits for its end (`_sweep_orphans`)
-        self._marked: dict[str, subprocess.Popen[str]] = {}
-        self._serial = 0
         self._pumps: dict[str, threading.Thread] = {}  # (each process's output reader)
 
     def say(self, name: str, line: str) -> None:
@@ -201,10 +197,13 @@ class Launcher:
                 self._stopping.set()
                 write_nowhere(self.out)
 
+    def _tag(self, name: str) -> str:
+        """Which start of which process the mark of what it starts ends with (``MARK=mark/tag``):
+        its place in the file, and its restarts so far."""
+        return f"{[s.name for s in self.specs].index(name)}.{self.restarts[name]}"
+
     def _start(self, spec: ProcessSpec) -> None:
-        self._serial += 1
-        tag = str(self._serial)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env, MARK: f"{self._mark}/{tag}"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env, MARK: f"{self._mark}/{self._tag(spec.name)}"}
         try:
             proc = subprocess.Popen(
                 spec.command, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
@@ -213,7 +212,6 @@ class Launcher:
         except OSError as exc:
             raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
         self.procs[spec.name] = proc
-        self._marked[tag] = proc
         self._pumps[spec.name] = pump = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
         pump.start()
         self.say(spec.name, f"started (pid {proc.pid})")
@@ -306,10 +304,11 @@ class Launcher:
         those that ended. (What a process daemonized, its intermediate ended, runs on while
         that process runs, as it did before it was adopted. One that ended before it was
         ever seen stays a zombie until the launcher exits: its mark cannot be read.)"""
-        self._marked = {tag: proc for tag, proc in self._marked.items() if proc.poll() is None}
+        # (what one left outside its group waits for its end)
+        running = {self._tag(name) for name, proc in self.procs.items() if proc.poll() is None}
         own = {proc.pid for proc in self.procs.values()}
         for pid, tag in orphans(self._mark, own).items():
-            if pid not in self._orphans and (every or tag not in self._marked) and _signal(pid, signal.SIGTERM):
+            if pid not in self._orphans and (every or tag not in running) and _signal(pid, signal.SIGTERM):
                 self._orphans[pid] = kill_at
                 self.say("launcher", f"stopping pid {pid}: a process that ended left it running outside its group")
         for pid, when in list(self._orphans.items()):
