@@ -718,8 +718,6 @@ def test_an_async_node_woken_after_it_stopped_reads_no_closed_socket(mesh: dict[
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """An event posted as the node stops (a peer leaving, a page of history) wakes the
     inbox after its sockets closed: it starts no drain, and nothing fails."""
-    import logging
-
     async def main() -> None:
         node = zmqmesh.AsyncNode("late", **mesh)
         await node.start()
@@ -739,11 +737,8 @@ def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) ->
     and 2 threads a node), and a second stop() did nothing. The stop now runs to its end,
     and a second call waits for it."""
 
-    def descriptors() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
     async def main() -> None:
-        before = descriptors()
+        before = open_fds()
         node = zmqmesh.AsyncNode("victim", **mesh)
         started = asyncio.Event()
 
@@ -763,7 +758,7 @@ def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) ->
             await node.stop()  # (waits for the first stop's end)
             assert not node.running
             await asyncio.gather(call, return_exceptions=True)
-        assert descriptors() <= before + 1, f"{descriptors() - before} descriptors left open"
+        assert open_fds() <= before + 1, f"{open_fds() - before} descriptors left open"
 
     asyncio.run(main())
 
