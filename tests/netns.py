@@ -119,7 +119,6 @@ def sweep_stale() -> list[str]:
     return removed
 
 
-
 def _kill_namespace_processes(ns: str) -> None:
     """SIGKILL every process still inside namespace ``ns`` (one we created), by pid."""
     pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()

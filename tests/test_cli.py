@@ -129,7 +129,6 @@ def test_peers_json_watch_prints_one_json_object_per_line(mesh: dict[str, Any]) 
 
 
 def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mesh(mesh: dict[str, Any]) -> None:
-
     where = ("--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]))
     for bad in ("0", "-1", "nan", "inf"):
         result = run("request", "svc", "1", "--timeout", bad, *where)
@@ -150,7 +149,6 @@ def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mes
 
 
 def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tmp_path: Any, mesh: dict[str, Any]) -> None:
-
     (tmp_path / "sleeper.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
     toml = tmp_path / "one.toml"
     toml.write_text('[[process]]\nname = "sleeper"\ncommand = ["python3", "sleeper.py"]\n')
@@ -283,7 +281,6 @@ def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any)
     # the launcher said "exited" and returned as soon as a process ended, while the
     # threads that copy its output had lines still to write: behind a slow reader,
     # thousands of a process's last lines were lost
-
     (tmp_path / "burst.py").write_text("import sys\nsys.stdout.write(''.join(f'n {i}\\n' for i in range(8000)) + 'LAST\\n')\n")
     proc = _launcher(tmp_path, '[[process]]\nname = "a"\ncommand = ["python3", "burst.py"]\n'
                                '[[process]]\nname = "b"\ncommand = ["python3", "burst.py"]\n', stderr=subprocess.DEVNULL)
