@@ -753,6 +753,8 @@ def test_a_subscriber_frozen_past_peer_timeout_gets_its_publishers_messages_in_o
                 publisher.publish(f"app.{published % 3}", {"n": published, "pad": "x" * 200})
                 published += 1
             time.sleep(0.005)
+        wait_until(lambda: publisher.stats()["membership"].get("left", 0) >= 1, 10,
+                   "the frozen subscriber taken for gone")  # (the case under test, not only a while for it)
         frozen.signal(signal.SIGCONT)
         publisher.wait_for_peers(1, timeout=15)
         counted = lambda: sum(publisher.stats()["pubsub"].get(k, 0) for k in ("sent", "unrouted"))  # noqa: E731
