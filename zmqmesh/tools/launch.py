@@ -168,6 +168,7 @@ class Launcher:
         self.out = out
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.restarts: dict[str, int] = {s.name: 0 for s in specs}
+        self._place = {s.name: i for i, s in enumerate(specs)}  # (a process's place in the file: `_tag`)
         self._stopping = StopFlag()  # (raised by a signal handler: no threading.Event, see StopFlag)
         self._lock = threading.Lock()
         self._width = max(len(s.name) for s in specs)
@@ -200,7 +201,7 @@ class Launcher:
     def _tag(self, name: str) -> str:
         """Which start of which process the mark of what it starts ends with (``MARK=mark/tag``):
         its place in the file, and its restarts so far."""
-        return f"{[s.name for s in self.specs].index(name)}.{self.restarts[name]}"
+        return f"{self._place[name]}.{self.restarts[name]}"
 
     def _start(self, spec: ProcessSpec) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env, MARK: f"{self._mark}/{self._tag(spec.name)}"}
