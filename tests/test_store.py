@@ -808,3 +808,23 @@ def test_a_queue_parked_while_its_offer_was_gone_is_read_back_when_the_offer_is_
         queues.reckon(buffers)
     assert dealt == ["m1"], dealt
     store.close()
+
+
+def test_inspect_reads_a_store_of_schema_5_as_it_is_and_refuses_older_and_newer_ones(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.append([("q", entries("a"))])
+    store.close()
+
+    def written_as(version: int) -> None:
+        with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+
+    written_as(5)  # (5 has the tables of 6: read as it is, not upgraded)
+    seen = inspect_store(tmp_path)
+    assert seen["schema"] == 5 and seen["queues"]["q"]["messages"] == 1
+    written_as(4)
+    with pytest.raises(zmqmesh.StoreError, match="older zmqmesh"):
+        inspect_store(tmp_path)
+    written_as(SCHEMA_VERSION + 1)
+    with pytest.raises(zmqmesh.StoreError, match="newer zmqmesh"):
+        inspect_store(tmp_path)

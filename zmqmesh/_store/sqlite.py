@@ -51,6 +51,9 @@ __all__ = ["Store", "StoredSegment", "SEGMENT_MAX", "SEGMENT_BYTES", "CHUNK_MESS
 log = logging.getLogger("zmqmesh.store")
 
 SCHEMA_VERSION = 6
+_INSPECTED_FROM = 5
+"""The oldest schema `inspect_store` reads as it is: 5 has the tables of 6 (6 only marks
+the stores whose segments may hold entries marked redelivered)."""
 DB_FILE = "zmqmesh.db"
 LOCK_FILE = "zmqmesh.lock"
 _APP = "zmqmesh"
@@ -1253,7 +1256,8 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     ``{"path", "bytes", "schema", "queues": {name: {messages, bytes, oldest}}, "handled": {queue: ids},
     "topics": {topic: {messages, bytes, oldest, first_seq, next_seq}}, "subscriptions": {name: cursors}}``.
 
-    Raises `StoreError` if there is no zmqmesh store there, or it cannot be read.
+    Raises `StoreError` if there is no zmqmesh store there, or it cannot be read: one of
+    schema 4 or older until a node opens it (and upgrades it), one a newer zmqmesh wrote.
     """
     path = Path(directory) / DB_FILE
     if not path.exists():
@@ -1268,7 +1272,10 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise StoreError(f"cannot read the store {path}: {exc}") from exc
     try:
         schema = _schema_version(db, path)
-        if schema < SCHEMA_VERSION:
+        if schema > SCHEMA_VERSION:
+            raise StoreError(f"the store {path} was written by a newer zmqmesh (schema {schema}, "
+                             f"this one reads up to {SCHEMA_VERSION})")
+        if schema < _INSPECTED_FROM:
             raise StoreError(f"the store {path} was written by an older zmqmesh (schema {schema}): "
                              "a node opening it upgrades it")
         queues = _queue_summary(db)
