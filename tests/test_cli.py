@@ -355,6 +355,50 @@ time.sleep(120)
 """
 
 
+SHORT_LIVED_DAEMONS = """
+import os, sys, time
+for _ in range(int(sys.argv[1])):  # (each intermediate leaves the group and starts a daemon that ends at once)
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os._exit(0)
+        os._exit(0)
+    os.wait()
+print("made them", flush=True)
+time.sleep(120)
+"""
+
+
+def _zombie_children(pid: int) -> list[int]:
+    zombies = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            for child in open(f"/proc/{pid}/task/{task}/children").read().split():
+                with contextlib.suppress(OSError):
+                    if open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                        zombies.append(int(child))
+    return zombies
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="orphans are adopted on Linux only")
+@pytest.mark.timeout(120)
+def test_launch_leaves_no_zombie_of_a_daemon_that_ended_before_it_was_seen(tmp_path: Any) -> None:
+    # adopted as it ended, such a daemon had no mark left to read: the launcher never
+    # collected it, and a process that made them now and then filled the process table
+    (tmp_path / "daemons.py").write_text(SHORT_LIVED_DAEMONS)
+    proc = _launcher(tmp_path, 'stop_timeout_s = 1\n[[process]]\nname = "d"\n'
+                               'command = ["python3", "daemons.py", "20"]\n')
+    with lines_of(proc) as (out, err):
+        try:
+            wait_until(lambda: any("] made them" in x for x in out), 60, "the daemons")
+            wait_until(lambda: not _zombie_children(proc.pid), 10, "the daemons to be collected")
+            assert proc.poll() is None, (out, err)  # (the process that made them runs on)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+    assert proc.returncode == 130, (out, err)
+
+
 @pytest.mark.timeout(120)
 def test_launch_lets_a_daemon_run_while_the_process_that_made_it_runs(tmp_path: Any) -> None:
     # adopted once its intermediate ended, a daemon a process made was stopped at once,

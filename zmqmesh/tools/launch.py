@@ -47,7 +47,7 @@ else:  # pragma: no cover - Python 3.10
 
 from zmqmesh import StopFlag
 
-from .orphans import MARK, adopt_orphans, orphans, reaped
+from .orphans import MARK, adopt_orphans, children, orphans, reap_ended, reaped
 from .pipes import PIPE_CLOSED, write_nowhere
 
 __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
@@ -162,8 +162,15 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
 class Launcher:
     """Runs the processes of a launch file and multiplexes their output."""
 
-    def __init__(self, specs: list[ProcessSpec], stop_timeout_s: float = 10.0, out: TextIO = sys.stdout) -> None:
+    def __init__(self, specs: list[ProcessSpec], stop_timeout_s: float = 10.0, out: TextIO = sys.stdout,
+                 *, whole_program: bool = False) -> None:
         self.specs = specs
+        self.whole_program = whole_program
+        """The launcher is all its process runs (the ``zmqmesh launch`` command): every other
+        child of the process is an orphan it adopted, whose status it collects once it ended,
+        seen alive or not (`reap_ended`). Otherwise the children of the program around it are
+        left alone, and an adopted orphan that ended before it was seen stays a zombie until
+        the program exits."""
         self.stop_timeout_s = stop_timeout_s
         self.out = out
         self.procs: dict[str, subprocess.Popen[str]] = {}
@@ -304,11 +311,13 @@ class Launcher:
         ``kill_at`` (a stop's deadline, or ``stop_timeout_s`` later); collect the status of
         those that ended. (What a process daemonized, its intermediate ended, runs on while
         that process runs, as it did before it was adopted. One that ended before it was
-        ever seen stays a zombie until the launcher exits: its mark cannot be read.)"""
+        ever seen has no mark left to read: collected here only when the launcher is the
+        whole program, `whole_program`.)"""
         # (what one left outside its group waits for its end)
         running = {self._tag(name) for name, proc in self.procs.items() if proc.poll() is None}
         own = {proc.pid for proc in self.procs.values()}
-        for pid, tag in orphans(self._mark, own).items():
+        adopted = children()
+        for pid, tag in orphans(self._mark, own, adopted).items():
             if pid not in self._orphans and (every or tag not in running) and _signal(pid, signal.SIGTERM):
                 self._orphans[pid] = kill_at
                 self.say("launcher", f"stopping pid {pid}: a process that ended left it running outside its group")
@@ -319,6 +328,8 @@ class Launcher:
                 self._orphans[pid] = float("inf")  # (SIGKILLed once: collected when it has ended)
                 if _signal(pid, signal.SIGKILL):
                     self.say("launcher", f"killed pid {pid}: it did not stop in time")
+        if self.whole_program:
+            reap_ended(own, adopted)
 
     def _stop_all(self) -> None:
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
@@ -408,4 +419,4 @@ def _ended(code: int) -> str:
 def launch(path: str, out: TextIO = sys.stdout) -> int:
     """Run a launch file; returns the exit status. Raises `LaunchError`."""
     specs, timeout = load_launch_file(path)
-    return Launcher(specs, timeout, out).run()
+    return Launcher(specs, timeout, out, whole_program=True).run()

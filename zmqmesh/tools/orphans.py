@@ -15,10 +15,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from pathlib import Path
 
-__all__ = ["MARK", "adopt_orphans", "orphans", "reaped"]
+__all__ = ["MARK", "adopt_orphans", "children", "orphans", "reaped", "reap_ended"]
 
 MARK = "ZMQMESH_LAUNCHED_BY"
 """The environment variable a launcher's processes carry, naming the launcher (`orphans`)."""
@@ -38,13 +38,14 @@ def adopt_orphans(adopt: bool = True) -> bool:
         return False
 
 
-def orphans(mark: str, own: Container[int]) -> dict[int, str]:
-    """The live children of this process, other than ``own``, whose environment carries
-    ``MARK=mark/tag``, each with its ``tag`` (which of the launcher's processes it comes
-    from): processes a launcher's processes started and left, adopted."""
+def orphans(mark: str, own: Container[int], among: Iterable[int] | None = None) -> dict[int, str]:
+    """The live children of this process (or of ``among``, a list of them: `children`),
+    other than ``own``, whose environment carries ``MARK=mark/tag``, each with its ``tag``
+    (which of the launcher's processes it comes from): processes a launcher's processes
+    started and left, adopted."""
     token = f"{MARK}={mark}/".encode()
     found = {}
-    for pid in _children():
+    for pid in children() if among is None else among:
         if pid in own:
             continue
         try:
@@ -66,8 +67,22 @@ def reaped(pid: int) -> bool:
         return True
 
 
-def _children() -> list[int]:
-    """This process's children, from what each of its threads is the parent of."""
+def reap_ended(own: Container[int], among: Iterable[int] | None = None) -> int:
+    """Collect the status of every child of this process (or of ``among``: `children`)
+    other than ``own`` that has ended; how many there were. Only for a process whose other
+    children are all orphans it adopted (the ``zmqmesh launch`` command): one that ended
+    before it was seen alive has no environment left to read a mark from, and would stay
+    a zombie until this process exits."""
+    ended = 0
+    for pid in children() if among is None else among:
+        if pid not in own and reaped(pid):
+            ended += 1
+    return ended
+
+
+def children() -> list[int]:
+    """This process's children (those that ended too, until collected), from what each of
+    its threads is the parent of; none without ``/proc``."""
     pids: list[int] = []
     try:
         for task in Path("/proc/self/task").iterdir():
