@@ -15,7 +15,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import repeat
-from typing import Any, NamedTuple, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 import zmq
 
@@ -23,7 +23,6 @@ from .._mesh.registry import PullOptions, Registry, SubscribeOptions
 from .._mesh.waiters import Room, Until
 from .._observe import tracing
 from .._patterns.calls import serving_chain
-from .._patterns.durable import Ticket
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import MAX_CHAIN, Calling, Exchange, QuickRequest, request_plan
 from .._stats import RequestTally
@@ -48,6 +47,9 @@ from ..errors import (
 )
 from ..message import Message, Peer
 from .engine import Engine, InboxFactory, RequestsFactory
+
+if TYPE_CHECKING:
+    from .._patterns.durable import Ticket
 
 __all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window", "peer_id_of", "as_frames"]
 
@@ -721,7 +723,11 @@ class NodeBase:
         n = len(bodies)
         entries = list(zip(self._id_run(n), repeat(time.time(), n), repeat(packed, n), bodies, repeat(0, n),
                            repeat(False, n)))
-        return Ticket(queue, entries) if entries else None
+        if not entries:
+            return None
+        from .._patterns.durable import Ticket  # (only a node with a store gets here)
+
+        return Ticket(queue, entries)
 
     def _push_deadline(self, timeout: float | None) -> float:
         """When a push given ``timeout`` (default ``push_timeout_s``) gives up. Raises

@@ -50,10 +50,7 @@ from .._mesh.directory import Directory, Provider
 from .._mesh.registry import Registry
 from .._mesh.waiters import Space, Waiters
 from .._observe import tracing
-from .._observe.prometheus import MetricsServer
 from .._patterns.calls import Call
-from .._patterns.durable import DurableQueues
-from .._patterns.history import History
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
@@ -75,6 +72,9 @@ from ..message import Message, Peer
 from .outbound import Outbound
 
 if TYPE_CHECKING:
+    from .._observe.prometheus import MetricsServer
+    from .._patterns.durable import DurableQueues
+    from .._patterns.history import History
     from .._store.sqlite import Store
 
 __all__ = ["Engine", "Inbox", "Requests", "InboxFactory", "RequestsFactory"]
@@ -201,6 +201,8 @@ class Engine:
                 self.store = None
                 raise
         if cfg.metrics_port is not None:  # before any socket: a port in use fails the start cleanly
+            from .._observe.prometheus import MetricsServer
+
             try:
                 self.metrics = MetricsServer(lambda: [self.describe()], cfg.metrics_address, cfg.metrics_port)
             except Exception:
@@ -216,6 +218,8 @@ class Engine:
             sockets = self._open_sockets(bind_address)
             self.outbound = Outbound(loop, self.loop_thread, self.directory, self.space)
             if cfg.history and self.store is not None:  # (NodeConfig refuses a history without a store)
+                from .._patterns.history import History
+
                 self.history = History(self.store, cfg.history, self.stats)
                 self.registry.kept_topics = frozenset(p.prefix for p in cfg.history)
             self.publisher = Publisher(
@@ -230,6 +234,8 @@ class Engine:
             self.reliable = ReliableSender(codec=self.codec, routing_id=requester_id(self.uuid, next(self._dealer_serial)),
                                            **senders)  # type: ignore[arg-type]
             if self.store is not None:
+                from .._patterns.durable import DurableQueues
+
                 outbound = self.outbound
                 self.durable = DurableQueues(
                     self.store, self.codec, self.stats, loop.call_later,

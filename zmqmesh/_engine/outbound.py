@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._io.reactor import EventLoop
 from .._mesh.directory import Directory
 from .._mesh.waiters import Space
-from .._patterns.durable import DurableQueues
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
 from ..errors import ZmqMeshError
+
+if TYPE_CHECKING:
+    from .._patterns.durable import DurableQueues
 
 __all__ = ["Outbound"]
 

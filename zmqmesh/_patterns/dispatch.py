@@ -43,7 +43,6 @@ from ..config import NodeConfig
 from ..errors import DecodeError, MessageTooLargeError, NodeClosedError
 from ..message import Message, Origin, frame_deliveries
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
-from .history import PAGE_ROWS, History
 from .intake import AckedIntake
 from .pubsub import GapCounter
 from .replay import Fetch, Replays
@@ -52,6 +51,7 @@ from .request_batches import EARLY_ITEMS
 
 if TYPE_CHECKING:
     from .._store.sqlite import Store
+    from .history import History
 
 __all__ = ["Dispatcher", "PrefixIndex"]
 
@@ -689,6 +689,8 @@ class Dispatcher:
         if self.history is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return
+        from .history import PAGE_ROWS  # (loaded with the node's History)
+
         try:
             request = self.codec.decode(body)
             prefix, after, since = request["p"], request.get("a", 0), request.get("s")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable
 from time import monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
@@ -33,7 +33,9 @@ from .._wire.frames import (
     pub_sender,
     wire_size,
 )
-from .history import History
+
+if TYPE_CHECKING:
+    from .history import History
 
 __all__ = ["Publisher", "GapCounter", "meta_frame", "start_meta"]
 
