@@ -44,11 +44,11 @@ def test_the_package_loads_what_a_process_uses_on_first_use() -> None:
             "assert not {'zmq', 'msgpack', 'zmqmesh.node'} & set(sys.modules), sorted(sys.modules)\n"
             "zmqmesh.Node\n"
             "assert 'zmq' in sys.modules\n"
-            # (what start-up would pay for and a node without a store, a key file, metrics or a
-            # handler does not use)
+            # (what start-up would pay for and a node without a store, a key file, metrics, a
+            # handler or pipelined requests does not use)
             "assert not {'asyncio', 'sqlite3', 'zmqmesh._store.sqlite', 'inspect', 'dataclasses', 'ipaddress', "
-            "'pathlib', 'zmqmesh._patterns.durable', 'zmqmesh._patterns.history', 'zmqmesh._observe.prometheus'} "
-            "& set(sys.modules), sorted(sys.modules)\n"
+            "'pathlib', 'zmqmesh._patterns.durable', 'zmqmesh._patterns.history', 'zmqmesh._observe.prometheus', "
+            "'zmqmesh._drivers.pipelined'} & set(sys.modules), sorted(sys.modules)\n"
             "from zmqmesh import AsyncNode\n"
             "assert 'asyncio' in sys.modules\n")
     # without the site module, as an installed package is imported: this environment's

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from ._drivers.pipelined import run_many
 from ._drivers.thread import (
     BlockingRunner,
     ThreadInbox,
@@ -282,6 +281,8 @@ class Node(NodeBase):
         requester = requesters.current()
         with requester.in_use:  # (its sockets: a stop closes them only once this call is over)
             requester.check_open()
+            from ._drivers.pipelined import run_many
+
             # items in a sequence are at hand: their requests go in batches; those of an
             # iterator go as they come (its next item may take its time)
             return run_many(requester.pipelined(), calls, window, at_hand=isinstance(items, Sequence))

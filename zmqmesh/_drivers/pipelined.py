@@ -40,10 +40,10 @@ from .._patterns.reqrep import Exchange, QuickRequest
 from .._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from .._stats import RequestTally
 from .._wire import frames as wire
-from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
+from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
+from .failures import CLOSED, closed_or_failed, report_link_dropped, send_failure
 
-__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "run_many",
-           "send_request", "send_batches", "send_failure"]
+__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "run_many", "send_request", "send_batches"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -51,24 +51,10 @@ MAX_SUBMITTED = 4096
 """Requests that `Node.submit` keeps in flight at most; a call past it waits for room
 (within its timeout): back-pressure instead of a queue that grows with the caller."""
 
-SUBMIT_THREAD_REFUSAL = (
-    "a blocking Node call was made on the node's submit thread (from a done-callback of a "
-    "future of Node.submit): it would hold up every submitted request. Hand the work to "
-    "another thread, or chain with submit() and add_done_callback()")
-
-_CLOSED = "the node stopped while a request was outstanding"
 _READ_BURST = 1024
 _REFILL_BURST = 1  # (request_many at hand: reply frames read per pump; see `run_many`)
 _BUSY_POLL_S = 0.1  # with requests in flight: how often providers that left are looked for
 _WAIT_THREADS = 4
-
-
-def closed_or_failed(engine: Engine, exc: zmq.ZMQError) -> ZmqMeshError:
-    """What a ZeroMQ error on a request's socket means: the node stopped (its sockets were
-    closed under the call), or a `ZmqMeshError` naming the failure."""
-    if engine.closed:
-        return NodeClosedError(_CLOSED)
-    return ZmqMeshError(f"ZeroMQ failed: {exc}")
 
 
 def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine) -> bool:
@@ -81,13 +67,6 @@ def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine
         return False
     report_link_dropped(engine, provider_id)
     return True
-
-
-def report_link_dropped(engine: Engine, provider_id: str) -> None:
-    """Count and log a request socket taken for one whose connection was dropped."""
-    engine.stats.reject("request_link_dropped")
-    log.warning("the connection to provider %s refuses requests with few waiting: dropped (a reply larger "
-                "than max_message_bytes ends a connection) or stuck; reconnecting", provider_id[:8])
 
 
 def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[Any], step: Exchange,
@@ -149,15 +128,6 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             for request_id, waiter in batch.waiters:
                 if outstanding.withdraw(request_id):
                     fail(waiter, error)
-
-
-def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: str | None = None) -> ZmqMeshError:
-    """What a failed send of a request means: the provider takes no more
-    (`MeshTimeoutError`), or the socket failed (`closed_or_failed`)."""
-    if isinstance(exc, zmq.Again):
-        of = f" of {service!r}" if service is not None else ""
-        return MeshTimeoutError(f"provider {provider_id[:8]}{of} is not accepting requests")
-    return closed_or_failed(engine, exc)
 
 
 class Job:
@@ -295,7 +265,7 @@ class Pipelined:
         except zmq.ZMQError as exc:
             raise closed_or_failed(self.engine, exc) from exc
         if self.engine.closed:
-            raise NodeClosedError(_CLOSED)
+            raise NodeClosedError(CLOSED)
         self._expire()
         self.prune()
         return ready
@@ -482,7 +452,7 @@ class Submitter:
         try:
             self._waiting.submit(carry_out)
         except RuntimeError:  # the pool was shut down: the node stops
-            self._come_back(job, None, NodeClosedError(_CLOSED))
+            self._come_back(job, None, NodeClosedError(CLOSED))
 
     def _wait_on_loop(self, job: Job, step: Until) -> None:
         try:
@@ -543,7 +513,7 @@ class Submitter:
 
 def _fail_closed(job: Job) -> None:
     job.plan.close()
-    job.finish(job.key, None, NodeClosedError(_CLOSED))
+    job.finish(job.key, None, NodeClosedError(CLOSED))
 
 
 def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window: int, at_hand: bool = False) -> list[Any]:

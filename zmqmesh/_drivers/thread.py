@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -44,14 +44,15 @@ from .._patterns.reqrep import Exchange, QuickRequest
 from .._stats import RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
-from .pipelined import (
+from .failures import (
     SUBMIT_THREAD_REFUSAL,
-    Pipelined,
-    Submitter,
     closed_or_failed,
     report_link_dropped,
     send_failure,
 )
+
+if TYPE_CHECKING:
+    from .pipelined import Pipelined, Submitter
 
 __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox", "stop_blocking", "wait_until", "wait_for_room"]
 
@@ -217,6 +218,9 @@ class ThreadRequester:
         """This thread's `Pipelined` (for `Node.request_many`; made on first use). A plan of
         it that must wait for something else than a reply waits right here."""
         if self._pipelined is None:
+            # (imported here: a node that never pipelines requests never loads it)
+            from .pipelined import Pipelined
+
             carry_out = BlockingRunner(self.engine).carry_out
             pipelined = self._pipelined = Pipelined(self.engine, lambda job, step: pipelined.resume(job, *carry_out(step)))
         return self._pipelined
@@ -334,6 +338,8 @@ class ThreadRequesters:
         with self._lock:
             if self._submitter is None:
                 self.engine.ensure_running()
+                from .pipelined import Submitter
+
                 self._submitter = Submitter(self.engine, BlockingRunner(self.engine).carry_out)
             return self._submitter
 

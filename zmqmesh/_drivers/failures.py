@@ -1,0 +1,50 @@
+"""What a failed request send or socket means, for every driver's requesters: the blocking
+ones of `thread` and the pipelined ones of `pipelined` (which a node loads only once it
+pipelines requests, with `Node.request_many` or `Node.submit`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import zmq
+
+from ..errors import MeshTimeoutError, NodeClosedError, ZmqMeshError
+
+if TYPE_CHECKING:
+    from .._engine.engine import Engine
+
+__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "report_link_dropped", "send_failure"]
+
+log = logging.getLogger("zmqmesh.node")
+
+SUBMIT_THREAD_REFUSAL = (
+    "a blocking Node call was made on the node's submit thread (from a done-callback of a "
+    "future of Node.submit): it would hold up every submitted request. Hand the work to "
+    "another thread, or chain with submit() and add_done_callback()")
+
+CLOSED = "the node stopped while a request was outstanding"
+
+
+def closed_or_failed(engine: Engine, exc: zmq.ZMQError) -> ZmqMeshError:
+    """What a ZeroMQ error on a request's socket means: the node stopped (its sockets were
+    closed under the call), or a `ZmqMeshError` naming the failure."""
+    if engine.closed:
+        return NodeClosedError(CLOSED)
+    return ZmqMeshError(f"ZeroMQ failed: {exc}")
+
+
+def report_link_dropped(engine: Engine, provider_id: str) -> None:
+    """Count and log a request socket taken for one whose connection was dropped."""
+    engine.stats.reject("request_link_dropped")
+    log.warning("the connection to provider %s refuses requests with few waiting: dropped (a reply larger "
+                "than max_message_bytes ends a connection) or stuck; reconnecting", provider_id[:8])
+
+
+def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: str | None = None) -> ZmqMeshError:
+    """What a failed send of a request means: the provider takes no more
+    (`MeshTimeoutError`), or the socket failed (`closed_or_failed`)."""
+    if isinstance(exc, zmq.Again):
+        of = f" of {service!r}" if service is not None else ""
+        return MeshTimeoutError(f"provider {provider_id[:8]}{of} is not accepting requests")
+    return closed_or_failed(engine, exc)
