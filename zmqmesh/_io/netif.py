@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
 
@@ -19,6 +18,8 @@ _SIOCGIFNETMASK = 0x891B
 
 
 def _ioctl_address(sock: socket.socket, request: int, name: str) -> str:
+    import fcntl  # (only a node given an interface asks for one: the others never load it)
+
     packed = struct.pack("256s", name.encode()[:15])
     result = fcntl.ioctl(sock.fileno(), request, packed)
     return socket.inet_ntoa(result[20:24])
