@@ -48,7 +48,8 @@ def test_the_package_loads_what_a_process_uses_on_first_use() -> None:
             # handler or pipelined requests does not use)
             "assert not {'asyncio', 'sqlite3', 'zmqmesh._store.sqlite', 'inspect', 'dataclasses', 'ipaddress', "
             "'pathlib', 'zmqmesh._patterns.durable', 'zmqmesh._patterns.history', 'zmqmesh._observe.prometheus', "
-            "'zmqmesh._drivers.pipelined'} & set(sys.modules), sorted(sys.modules)\n"
+            "'zmqmesh._drivers.pipelined', 'fcntl', "
+            "'concurrent.futures.thread'} & set(sys.modules), sorted(sys.modules)\n"
             "from zmqmesh import AsyncNode\n"
             "assert 'asyncio' in sys.modules\n")
     # without the site module, as an installed package is imported: this environment's

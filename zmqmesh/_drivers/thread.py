@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,8 @@ from .failures import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from .pipelined import Pipelined, Submitter
 
 __all__ = ["BlockingRunner", "ThreadRequester", "ThreadRequesters", "ThreadInbox", "stop_blocking", "wait_until", "wait_for_room"]
@@ -448,9 +450,13 @@ class ThreadInbox(Dispatcher):
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
         concurrency = engine.config.handler_concurrency
         self._pool_threads: set[int] = set()
-        self._pool = ThreadPoolExecutor(
-            concurrency, thread_name_prefix="zmqmesh-handler", initializer=self._pool_thread_started,
-        ) if concurrency > 1 else None
+        self._pool: ThreadPoolExecutor | None = None
+        if concurrency > 1:
+            # (imported here: a node running one handler at a time, the default, never loads it)
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler",
+                                            initializer=self._pool_thread_started)
         self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{engine.name}", daemon=True)
         self._async_loop: Any = None  # a HandlerLoop, made for the first async def handler
