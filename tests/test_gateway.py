@@ -424,6 +424,26 @@ def test_malformed_http_is_answered_400_and_logged_in_a_counted_line(mesh: dict[
     assert len(said) == 1 and said[0].exc_info is None and "1 malformed HTTP request" in said[0].getMessage()
 
 
+def test_a_host_whose_port_is_out_of_range_is_refused_as_json_without_a_traceback(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A Host with a port past 65535 and an Origin (a request's own origin is compared
+    with it) is a 403 in JSON, not a bare 500 with a traceback in the log for each (30
+    lines of log for 72 bytes sent)."""
+    with caplog.at_level(logging.WARNING), gateway_in_process(mesh) as (url, connect):
+        for host in ("127.0.0.1:99999", "[::1]:65536"):
+            for _ in range(3):
+                sock = connect(f"GET /peers HTTP/1.1\r\nHost: {host}\r\nOrigin: http://127.0.0.1\r\n"
+                               f"Connection: close\r\n\r\n".encode())
+                reply = b""
+                while chunk := sock.recv(4096):
+                    reply += chunk
+                head, _, body = reply.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 403"), reply
+                assert json.loads(body)["error"] == "Forbidden"
+        assert call(f"{url}/peers")[0] == 200
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
 @pytest.mark.timeout(90)
 def test_slow_bodies_and_callers_that_hang_up_hold_no_slot(mesh: dict[str, Any], spawn: Any,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:

@@ -210,9 +210,10 @@ class Gateway:
         try:
             parts = urlsplit(origin)
             port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-        except ValueError:  # (a port that is not a number)
+            own_port = request.url.port
+        except ValueError:  # (a port that is not a number, or past 65535: the Origin's or the Host's)
             return False
-        return (parts.scheme.lower() == request.scheme and port == request.url.port
+        return (parts.scheme.lower() == request.scheme and port == own_port
                 and (parts.hostname or "") in self.hosts | {_host_of(request.host)})
 
     def _timeout(self, request: web.Request) -> float:
