@@ -361,6 +361,42 @@ def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[st
         assert status == 200 and isinstance(peers, list)
 
 
+@pytest.mark.timeout(60)
+def test_a_client_that_never_reads_its_replies_is_closed_in_bounded_time(mesh: dict[str, Any],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies wait for their reader at most REPLY_TIMEOUT_S (here 2 s): a client that
+    sends requests (pipelined) and never reads the replies is disconnected then, not held
+    open forever, so that such clients cannot fill max_connections for good."""
+    from zmqmesh.tools import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "REPLY_TIMEOUT_S", 2.0, raising=False)
+    with gateway_in_process(mesh, max_connections=2, idle_timeout_s=3.0) as (url, connect):
+        stuck = []
+        for _ in range(2):  # some 20 MB of replies each: more than the sockets' buffers hold
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            sock.sendall(b"GET /peers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20_000)
+            stuck.append(sock)
+        time.sleep(6)  # past the reply timeout (and the idle timeout, which a reply being written escapes)
+        try:
+            status, peers = call(f"{url}/peers")  # a third client is served again
+            assert status == 200 and isinstance(peers, list)
+            for sock in stuck:  # and the stuck ones were cut off, not fed their 20 MB
+                got = 0
+                with pytest.raises(OSError):  # (reset)
+                    while got < 20 * 1024 * 1024:
+                        data = sock.recv(1 << 20)
+                        if not data:
+                            raise ConnectionResetError("closed")
+                        got += len(data)
+                assert got < 10 * 1024 * 1024
+        finally:
+            for sock in stuck:
+                sock.close()
+
+
 @contextmanager
 def gateway_in_process(mesh: dict[str, Any], **options: Any) -> Iterator[tuple[str, Callable[[bytes], socket.socket]]]:
     """`run_gateway` in a thread of this process (so a test may set its bounds): its base

@@ -92,6 +92,8 @@ MAX_STREAM_BYTES = 1024 * 1024
 stream loses events (counted, and logged when it ends)."""
 STREAM_WRITE_TIMEOUT_S = 10.0
 """How long a write to an ``/events`` stream may wait for its reader; past it, the stream is closed."""
+REPLY_TIMEOUT_S = 30.0
+"""How long an answer may wait for its client to take it; past it, the connection is closed."""
 MAX_CONNECTIONS = 1024
 """HTTP connections open at once; past it, a new one is closed at once (logged)."""
 BODY_TIMEOUT_S = 10.0
@@ -133,6 +135,7 @@ class Gateway:
         self.body_bytes = 0  # of the requests in flight
         self.reading_bytes = 0  # declared by the bodies being read
         self.unreadable_stats = 0  # nodes' counters the dashboard could not read (`poll_stats`)
+        self.slow_readers = 0  # connections closed as their client took no reply (`_send`)
         self._warned: set[str] = set()  # nodes whose unreadable counters were logged (bounded)
         self.started_at = time.monotonic()  # an unknown service is answered at once after a grace
 
@@ -141,7 +144,34 @@ class Gateway:
     @web.middleware
     async def errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Turn every failure into a JSON error; refuse foreign hosts and cross-site
-        requests; check the token; bound the requests in flight, and their bodies' bytes."""
+        requests; check the token; bound the requests in flight, and their bodies' bytes;
+        then send the answer within `REPLY_TIMEOUT_S` (`_send`)."""
+        response = await self._answer(request, handler)
+        await self._send(request, response)
+        return response
+
+    async def _send(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Write ``response`` out, its slot freed: a client that has not taken it within
+        `REPLY_TIMEOUT_S` (it does not read) has its connection closed, counted in
+        `slow_readers` and logged (the first and every 1,000th), so that no reply waits
+        for its reader forever, holding a connection."""
+        try:
+            await asyncio.wait_for(self._write(request, response), REPLY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.slow_readers += 1
+            if self.slow_readers == 1 or self.slow_readers % 1000 == 0:
+                log.warning("closed a connection whose client took no reply for %g s (%d so far)",
+                            REPLY_TIMEOUT_S, self.slow_readers)
+            if request.transport is not None:
+                request.transport.abort()
+
+    @staticmethod
+    async def _write(request: web.Request, response: web.StreamResponse) -> None:
+        await response.prepare(request)
+        await response.write_eof()
+
+    async def _answer(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The answer to ``request``, every failure as a JSON error (see `errors`)."""
         refused = self._refused(request)
         if refused is not None:
             return refused
