@@ -157,6 +157,8 @@ class Gateway:
         for its reader forever, holding a connection."""
         try:
             await asyncio.wait_for(self._write(request, response), REPLY_TIMEOUT_S)
+        except ConnectionError:  # (the client hung up: nobody to answer)
+            pass
         except asyncio.TimeoutError:
             self.slow_readers += 1
             if self.slow_readers == 1 or self.slow_readers % 1000 == 0:
@@ -211,8 +213,10 @@ class Gateway:
             return _error(405, "MethodNotAllowed", f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}")
         except web.HTTPException as exc:
             return _error(exc.status, exc.reason or "HTTPError", exc.text or exc.reason or "")
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             raise
+        except ConnectionError:  # (the client hung up, e.g. mid-body: its answer goes nowhere, and nothing is logged)
+            return _error(400, "BadRequest", "the connection was lost")
         except Exception as exc:  # a bug of ours: logged here, never a traceback to the client
             log.exception("error serving %s %s", request.method, request.path)
             return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")
