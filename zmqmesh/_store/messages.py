@@ -78,9 +78,10 @@ def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequen
     marked redelivered) as recovered instead. ``pack``: a `msgpack.Packer`'s own, of one
     thread at a time."""
     n = len(ids)
-    messages = list(map(stored_message, zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies,
-                                            attempts, segments, repeat(False, n),
-                                            durable_items(ids, stamps, headers, bodies, attempts, pack))))
+    # (tuple.__new__ mapped over two iterables: a fifth cheaper than through `stored_message`'s partial)
+    messages = list(map(tuple.__new__, repeat(StoredMessage, n),
+                        zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies, attempts, segments,
+                            repeat(False, n), durable_items(ids, stamps, headers, bodies, attempts, pack))))
     if any(marked):  # (rare: what a keeper was handed marked)
         messages = [m.as_recovered() if mark else m for m, mark in zip(messages, marked)]
     return messages

@@ -198,6 +198,36 @@ def _segments(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
     yield entries[start:]
 
 
+_STAMP_TYPES = {float, int}
+_HEADER_TYPES = {bytes, type(None)}
+
+
+def _joins(empty: str | bytes, values: Sequence[Any]) -> bool:
+    """Whether ``values`` all join to ``empty`` (all str, or all bytes): for what msgpack
+    unpacked, which makes no subclass of either nor another type with bytes' buffer, their
+    type is then exactly that, found in one C call (a third of the cost of looking at each one's type)."""
+    try:
+        empty.join(values)
+    except TypeError:
+        return False
+    return True
+
+
+def _columns(entries: Sequence[tuple[Any, ...]]) -> tuple[Sequence[Any], ...]:
+    """The stored ``(id, timestamp, headers, body)`` of ``entries``, as msgpack unpacked
+    them (each with ``True`` after it if marked redelivered), as columns: ids, timestamps,
+    headers, bodies, and whether each is marked. Raises `ValueError` unless each has the
+    types a durable message needs (a damaged segment must not reach the wire)."""
+    if set(map(len, entries)) == {4}:  # (nothing marked redelivered: the common case, no Python step per message)
+        ids, stamps, headers, bodies = zip(*entries)
+        if _joins("", ids) and _joins(b"", bodies) and set(map(type, stamps)) <= _STAMP_TYPES \
+                and (headers.count(None) == len(headers) or set(map(type, headers)) <= _HEADER_TYPES):
+            return ids, stamps, headers, bodies, (False,) * len(entries)
+    _check_entries(entries)  # (raises, or finds some marked)
+    ids, stamps, headers, bodies = zip(*(e[:4] for e in entries))
+    return ids, stamps, headers, bodies, [len(e) == 5 for e in entries]
+
+
 def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:
     """Raises `ValueError` unless every stored ``(id, timestamp, headers, body)`` (with
     ``True`` after it if marked redelivered) has the types a durable message needs (a
@@ -774,13 +804,8 @@ class Store:
                     raise ValueError("a segment of no message")
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
-                _check_entries(entries)
-                if max(map(len, entries)) == 4:  # (nothing marked redelivered: the common case)
-                    ids, stamps, headers, bodies = zip(*entries)
-                    marked: Sequence[bool] = (False,) * count
-                else:
-                    ids, stamps, headers, bodies = zip(*(e[:4] for e in entries))
-                    marked = [len(e) == 5 for e in entries]
+                ids, stamps, headers, bodies, marked = _columns(entries)
+                del entries  # (its tuples go now, before the messages are made: less for the collector to look at)
                 messages = stored_messages(queue, first, repeat(first), ids, stamps, headers, bodies,
                                            (0,) * count, marked, pack)
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
