@@ -30,6 +30,7 @@ names a dead-letter queue when it used up its deliveries, and the message moves 
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Mapping
@@ -91,6 +92,12 @@ def handled_by_segment(items: list[Any], failed: Container[int]) -> dict[int, li
             seqs = list(map(seq_of, items))
             if len(distinct) == 1:
                 return {segments[0]: seqs}
+            # where each segment's messages begin; each in one run of its own (as dealt in order)
+            # when a segment's count is the distance to the next one's beginning: counted from the
+            # last segment back, none has a message outside its run then
+            starts = [*map(segments.index, distinct), len(segments)]
+            if list(map(segments.count, distinct)) == list(map(operator.sub, starts[1:], starts)):
+                return {segment: seqs[start:end] for segment, start, end in zip(distinct, starts, starts[1:])}
             return {segment: list(compress(seqs, map(segment.__eq__, segments))) for segment in distinct}
     handled: dict[int, list[int]] = {}
     for i, item in enumerate(items):
