@@ -38,8 +38,9 @@ class StoredMessage(NamedTuple):
     marked redelivered (a keeper handed it so). Dealt marked redelivered."""
     wire: bytes | None = None
     """Its form on the wire for a first delivery (`durable_items`), made with the message
-    as it was committed or read back: the loop sends it as it is. None once the message
-    is marked redelivered or has failed deliveries counted."""
+    as it was committed or read back: the loop sends it as it is. None for a message
+    marked redelivered or with failed deliveries counted (`fill_batch` relies on it for
+    the latter)."""
 
     def as_recovered(self) -> StoredMessage:
         """This message, marked as stored before this node started."""
@@ -75,13 +76,15 @@ def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequen
     numbered on from ``first``, each in the segment ``segments`` gives it in turn: as a
     commit or a read back holds them, with their wire form for a first delivery
     (`durable_items`), made without a Python step per message; those ``marked`` (stored
-    marked redelivered) as recovered instead. ``pack``: a `msgpack.Packer`'s own, of one
+    marked redelivered) as recovered instead, and those with failed deliveries without
+    it (neither is dealt as a first delivery). ``pack``: a `msgpack.Packer`'s own, of one
     thread at a time."""
     n = len(ids)
     # (tuple.__new__ mapped over two iterables: a fifth cheaper than through `stored_message`'s partial)
     messages = list(map(tuple.__new__, repeat(StoredMessage, n),
                         zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies, attempts, segments,
                             repeat(False, n), durable_items(ids, stamps, headers, bodies, attempts, pack))))
-    if any(marked):  # (rare: what a keeper was handed marked)
-        messages = [m.as_recovered() if mark else m for m, mark in zip(messages, marked)]
+    if any(marked) or any(attempts):  # (rare: what a keeper was handed marked, or with failed deliveries)
+        messages = [m.as_recovered() if mark else m.with_attempts(m.attempts) if m.attempts else m
+                    for m, mark in zip(messages, marked)]
     return messages
