@@ -871,6 +871,35 @@ def test_settled_durable_messages_are_sorted_out_by_segment_in_order() -> None:
         assert got == expected and list(got) == list(expected), trial
 
 
+def test_a_batch_dealt_in_order_is_sorted_out_by_segment_in_runs_or_not() -> None:
+    """`handled_by_segment` on all-durable batches of a few segments, each segment's
+    messages in one run (as dealt in order) or not quite (a message of an earlier segment
+    after a later one's): the same sequence numbers by segment, in order, either way."""
+    import random
+
+    from zmqmesh._patterns.durable import handled_by_segment
+
+    rng = random.Random(11)
+    for trial in range(500):
+        items: list[Any] = []
+        for segment in sorted(rng.sample(range(1, 9000, 300), rng.choice([2, 3, 8]))):
+            items += [_stored(segment + k, segment, b"x") for k in range(rng.choice([1, 2, 40, 256]))]
+        if trial % 2:  # (one message moved out of its run)
+            items.insert(rng.randrange(len(items) + 1), items.pop(rng.randrange(len(items))))
+        expected: dict[int, list[int]] = {}
+        for item in items:
+            expected.setdefault(item.segment, []).append(item.seq)
+        got = handled_by_segment(items, set())
+        assert got == expected and list(got) == list(expected), trial
+
+
+def test_a_stored_message_with_failed_deliveries_holds_no_first_delivery_form() -> None:
+    """A message committed with failed deliveries counted (a keeper's) is held without a
+    wire form, as one that failed here is: `fill_batch` tells fresh ones by their forms."""
+    assert _stored(1, 1, b"x", attempts=2).wire is None
+    assert _stored(1, 1, b"x").wire is not None
+
+
 def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -> None:
     """A batch sent before the pause on a socket that takes nothing (a DEALER connected to
     no one refuses at once): each of its requests fails, once, with `MeshTimeoutError`,
