@@ -805,7 +805,6 @@ class Store:
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 ids, stamps, headers, bodies, marked = _columns(entries)
-                del entries  # (its tuples go now, before the messages are made: less for the collector to look at)
                 messages = stored_messages(queue, first, repeat(first), ids, stamps, headers, bodies,
                                            (0,) * count, marked, pack)
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
