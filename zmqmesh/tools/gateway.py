@@ -71,6 +71,11 @@ __all__ = ["create_app", "run_gateway", "GatewayError"]
 log = logging.getLogger("zmqmesh.gateway")
 
 _STATS_INTERVAL_S = 1.0
+STATS_MAX_AGE_S = 1.0
+"""How long the nodes' counters, once collected, serve ``/metrics`` and the dashboard: a
+collection that began less than this long ago (done or still in flight) is shared, so
+the mesh is asked at most once a second whatever the scrapes, and what a scrape shows
+was read at most this long before it began."""
 MAX_TIMEOUT_S = 300.0
 """The longest ``?timeout=`` a request may ask for."""
 MAX_IN_FLIGHT = 256
@@ -137,6 +142,9 @@ class Gateway:
         self.unreadable_stats = 0  # nodes' counters the dashboard could not read (`poll_stats`)
         self.slow_readers = 0  # connections closed as their client took no reply (`_send`)
         self._warned: set[str] = set()  # nodes whose unreadable counters were logged (bounded)
+        self._stats: list[dict[str, Any]] | None = None  # the last collection's (`mesh_stats`)
+        self._stats_began = 0.0  # when the last collection began
+        self._collecting: asyncio.Future[list[dict[str, Any]]] | None = None  # the one in flight
         self.started_at = time.monotonic()  # an unknown service is answered at once after a grace
 
     # middleware --------------------------------------------------------------------------------
@@ -413,7 +421,32 @@ class Gateway:
         return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def mesh_stats(self) -> list[dict[str, Any]]:
-        """The counters of every zmqmesh node that answers within a second, the gateway's first."""
+        """The counters of every zmqmesh node that answers within a second, the gateway's
+        first, read at most `STATS_MAX_AGE_S` before this call: one collection at a time,
+        shared by every caller while it is in flight and for `STATS_MAX_AGE_S` from its
+        start (a flood of scrapes asks each node once a second, not once a scrape). The
+        list is shared: not to be changed. Raises what the collection raised."""
+        while True:
+            now = time.monotonic()
+            fresh = now - self._stats_began < STATS_MAX_AGE_S
+            if self._collecting is not None:  # (shielded: a caller that hangs up cancels only its wait)
+                result = await asyncio.shield(self._collecting)
+                if fresh:
+                    return result
+                continue  # (it began too long ago, a node being slow: the next one)
+            if self._stats is not None and fresh:
+                return self._stats
+            self._stats_began = now
+            self._collecting = asyncio.ensure_future(self._collect())
+            self._collecting.add_done_callback(self._collected)
+
+    def _collected(self, collection: asyncio.Future[list[dict[str, Any]]]) -> None:
+        self._collecting = None
+        if not collection.cancelled() and collection.exception() is None:
+            self._stats = collection.result()
+
+    async def _collect(self) -> list[dict[str, Any]]:
+        """Ask every zmqmesh node for its counters (a second at most), the gateway's first."""
         peers = [p for p in self.node.peers() if p.is_zmqmesh]
         results = await asyncio.gather(*(self.node.node_stats(p, timeout=1.0) for p in peers), return_exceptions=True)
         me = self.node.as_peer()
