@@ -602,6 +602,49 @@ def test_metrics_scrapes_share_one_collection_a_second_and_see_a_change_within_i
     target.stop()
 
 
+@pytest.mark.timeout(90)
+def test_a_stop_gives_calls_in_flight_their_grace_then_answers_them_503_in_json(
+        mesh: dict[str, Any], spawn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a stop, a call in flight has STOP_GRACE_S (here 2 s) to finish and gets its
+    answer if it does; one still running then is answered 503 ``Stopping`` in JSON, not
+    cut off with its connection closed, and the stop takes the grace and little more
+    (it took 10 s: aiohttp waited its shutdown timeout of 5 s twice)."""
+    from zmqmesh.tools import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "STOP_GRACE_S", 2.0, raising=False)
+    spawn("blocker", service=["block"], block_s=30)
+    quick = spawn("quick", idempotent=["slowish"])  # (answers after 1 s)
+
+    def answer(sock: socket.socket) -> tuple[int, Any]:
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        assert reply, "the connection was closed without an answer"
+        head, _, body = reply.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
+
+    callers = []
+    with gateway_in_process(mesh) as (url, _connect):
+        port = int(url.rsplit(":", 1)[1])
+        wait_until(lambda: {"blocker", "quick"} <= {p["name"] for p in call(f"{url}/peers")[1]}, 10, "both workers")
+        for service in ("block", "slowish"):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(f"POST /request/{service}?timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         "application/json\r\nContent-Length: 1\r\n\r\n1".encode())
+            callers.append(sock)
+        quick.wait_line("SERVING")
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+    try:
+        assert answer(callers[1]) == (200, "quick"), "a call that ended within the grace lost its answer"
+        status, err = answer(callers[0])
+        assert status == 503 and err["error"] == "Stopping", (status, err)
+        assert took < 2.0 + 1.5, f"the stop took {took:.1f} s"
+    finally:
+        for sock in callers:
+            sock.close()
+
+
 def test_an_event_stream_that_lags_loses_events_past_its_bound_and_counts_them() -> None:
     """What waits for a slow /events reader is bounded in bytes; what does not fit is
     lost and counted, what fits comes out in order, and an ended stream says so."""

@@ -18,7 +18,8 @@ unknown route, 405 wrong method, 408 a body slower than 10 s, 413 body too large
 POST that is not ``application/json``, 500 the remote handler raised (its type and
 message; the traceback only with ``tracebacks=True``), 502 the provider was lost
 mid-request, or its reply has no JSON form, 503 nobody offers it (at once), too many
-requests or body bytes in flight, or the node cannot take it now, 504 timeout (a reply,
+requests or body bytes in flight, the node cannot take it now, or the gateway stopped
+with the call in flight (`STOP_GRACE_S` after it began to stop), 504 timeout (a reply,
 or room in a full send queue).
 
 A reply goes back as JSON: bytes as text, map keys that are not text as their text,
@@ -40,6 +41,7 @@ import ipaddress
 import json
 import logging
 import math
+import sys
 import time
 from collections import deque
 from importlib import resources
@@ -105,6 +107,11 @@ BODY_TIMEOUT_S = 10.0
 """How long a client may take to send a request's body; past it, 408."""
 IDLE_TIMEOUT_S = 15.0
 """How long a connection may sit idle, or take to send a request's head, before it is closed."""
+STOP_GRACE_S = 5.0
+"""How long the calls in flight when the gateway stops may take to end; past it, each
+still running is answered 503 ``Stopping``."""
+_STOP_WRITE_S = 0.5
+"""How long aiohttp then waits for those answers to be written (twice: its shutdown timeout)."""
 _DISCOVERY_GRACE_S = 3.0
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -145,6 +152,8 @@ class Gateway:
         self._stats: list[dict[str, Any]] | None = None  # the last collection's (`mesh_stats`)
         self._stats_began = 0.0  # when the last collection began
         self._collecting: asyncio.Future[list[dict[str, Any]]] | None = None  # the one in flight
+        self._serving: set[asyncio.Task[Any]] = set()  # the requests being served (streams aside)
+        self._cut: set[asyncio.Task[Any]] = set()  # those the stop cut off (`finish`)
         self.started_at = time.monotonic()  # an unknown service is answered at once after a grace
 
     # middleware --------------------------------------------------------------------------------
@@ -153,10 +162,29 @@ class Gateway:
     async def errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Turn every failure into a JSON error; refuse foreign hosts and cross-site
         requests; check the token; bound the requests in flight, and their bodies' bytes;
-        then send the answer within `REPLY_TIMEOUT_S` (`_send`)."""
-        response = await self._answer(request, handler)
-        await self._send(request, response)
-        return response
+        then send the answer within `REPLY_TIMEOUT_S` (`_send`). A request the gateway's
+        stop cuts off (`finish`) is answered 503 ``Stopping``."""
+        if request.path == "/events":  # (a stream is ended by the stop: `end_streams`)
+            response = await self._answer(request, handler)
+            await self._send(request, response)
+            return response
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        try:
+            try:
+                response = await self._answer(request, handler)
+            except asyncio.CancelledError:
+                if task not in self._cut:
+                    raise
+                if sys.version_info >= (3, 11):
+                    task.uncancel()  # (the cancel was the stop's, answered here: the task goes on)
+                response = _error(503, "Stopping", f"the gateway stopped; the call did not end within {STOP_GRACE_S:g} s")
+            await self._send(request, response)  # (cut off meanwhile: its connection is closed)
+            return response
+        finally:
+            self._serving.discard(task)
+            self._cut.discard(task)
 
     async def _send(self, request: web.Request, response: web.StreamResponse) -> None:
         """Write ``response`` out, its slot freed: a client that has not taken it within
@@ -459,6 +487,22 @@ class Gateway:
         return web.Response(text=page, content_type="text/html",  # (never in another site's frame)
                             headers={"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"})
 
+    # stop -------------------------------------------------------------------------------------
+
+    async def finish(self, app: web.Application | None = None) -> None:
+        """Give the requests being served `STOP_GRACE_S` to end, then cut off those still
+        running: each is answered 503 ``Stopping`` (by `errors`), or has its connection
+        closed if its answer is being written. Also drops a collection of the nodes'
+        counters in flight. (The application's ``on_shutdown``: the listening socket is
+        closed by then, and idle connections.)"""
+        if self._serving:
+            await asyncio.wait(set(self._serving), timeout=STOP_GRACE_S)
+        for task in list(self._serving):
+            self._cut.add(task)
+            task.cancel()
+        if self._collecting is not None:
+            self._collecting.cancel()
+
     # events -----------------------------------------------------------------------------------
 
     def end_streams(self) -> None:
@@ -603,6 +647,7 @@ def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 
     app.router.add_get("/events", gateway.events)
     app.router.add_get("/metrics", gateway.metrics)
     app.router.add_get("/", gateway.dashboard)
+    app.on_shutdown.append(gateway.finish)
     node.on_join(lambda peer: gateway.broadcast("join", peer_json(peer)))
     node.on_leave(lambda peer: gateway.broadcast("leave", peer_json(peer)))
     return app, gateway
@@ -697,7 +742,7 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
                                   tracebacks=tracebacks, body_timeout_s=body_timeout_s)
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s,  # (a slow head too)
                                logger=_http_log,  # (a malformed request: a counted line, not a traceback each)
-                               shutdown_timeout=5.0,  # what still runs at a stop gets 5 s
+                               shutdown_timeout=_STOP_WRITE_S,  # (after `finish`: for its answers)
                                handler_cancellation=True)  # (a client that hangs up frees its slot at once)
         await runner.setup()
         _bound_connections(runner.server, max_connections)
