@@ -419,3 +419,42 @@ def test_launch_lets_a_daemon_run_while_the_process_that_made_it_runs(tmp_path: 
             if daemon and pid_alive(daemon):
                 os.kill(daemon, signal.SIGKILL)
     assert proc.returncode == 130, (out, err)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="orphans are adopted on Linux only")
+@pytest.mark.timeout(60)
+def test_a_launcher_collects_no_orphan_it_still_tracks_outside_its_own_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    # an orphan being stopped (tracked until its status is collected, to be SIGKILLed at
+    # its deadline) that ends just after the sweep looked at it must stay a zombie until
+    # the next look forgets it: collected by the sweep of ended children (`whole_program`)
+    # while still tracked, its number was free for another process, which the next look
+    # would SIGKILL or steal the status of
+    import io
+
+    from zmqmesh.tools import launch as launch_module
+    from zmqmesh.tools.orphans import children
+
+    launcher = launch_module.Launcher([launch_module.ProcessSpec("p", ["true"])], 1.0, io.StringIO(),
+                                      whole_program=True)
+    orphan = subprocess.Popen(["sleep", "60"])
+    try:
+        launcher._orphans[orphan.pid] = float("inf")  # (SIGTERMed already, as the sweep does)
+        looked = launch_module.reaped
+
+        def ends_right_after(pid: int) -> bool:  # (seen running, then it ends at once)
+            if pid != orphan.pid:
+                return looked(pid)
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10,
+                       "the orphan to end")
+            return False
+
+        monkeypatch.setattr(launch_module, "reaped", ends_right_after)
+        launcher._sweep_orphans(time.monotonic(), float("inf"))
+        tracked = set(launcher._orphans)
+        assert tracked <= set(children()), f"tracked {tracked} but no longer children: their numbers are free"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            orphan.kill()
+        with contextlib.suppress(ChildProcessError):
+            orphan.wait(10)

@@ -328,8 +328,8 @@ class Launcher:
                 self._orphans[pid] = float("inf")  # (SIGKILLed once: collected when it has ended)
                 if _signal(pid, signal.SIGKILL):
                     self.say("launcher", f"killed pid {pid}: it did not stop in time")
-        if self.whole_program:
-            reap_ended(own, adopted)
+        if self.whole_program:  # (not those tracked: each stays a zombie, its number held, until the look above forgets it)
+            reap_ended(own | self._orphans.keys(), adopted)
 
     def _stop_all(self) -> None:
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
