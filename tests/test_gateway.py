@@ -694,3 +694,39 @@ def test_the_dashboard_says_when_it_needs_a_token(mesh: dict[str, Any]) -> None:
             wait_until(lambda: status() == "live", 20, "the page to go live with the token")
         finally:
             browser.quit()
+
+
+def test_metrics_never_serve_counters_older_than_their_bound_after_a_failed_collection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection of the nodes' counters that fails is not the last one read: a scrape
+    right after it fails too, or collects anew, but never gets counters older than
+    STATS_MAX_AGE_S (the last good collection's, however old)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from zmqmesh.tools import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "STATS_MAX_AGE_S", 0.2)
+    reads = [0]
+    failing = [False]
+
+    def stats() -> dict[str, Any]:
+        if failing[0]:
+            raise RuntimeError("the node is stopping")
+        reads[0] += 1
+        return {"read": reads[0]}
+
+    node = SimpleNamespace(peers=list, as_peer=lambda: SimpleNamespace(id="g", name="gateway"), stats=stats)
+    gateway = gateway_module.Gateway(node, None, 10.0, 1024)  # type: ignore[arg-type]
+
+    async def scenario() -> list[Any]:
+        seen = [(await gateway.mesh_stats())[0]["read"]]
+        await asyncio.sleep(0.3)  # (the first collection is past its bound)
+        failing[0] = True
+        with pytest.raises(RuntimeError):
+            await gateway.mesh_stats()
+        failing[0] = False
+        seen.append((await gateway.mesh_stats())[0]["read"])  # (within the bound of the failed one)
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == [1, 2], "counters older than the bound were served"

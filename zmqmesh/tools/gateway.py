@@ -470,8 +470,8 @@ class Gateway:
 
     def _collected(self, collection: asyncio.Future[list[dict[str, Any]]]) -> None:
         self._collecting = None
-        if not collection.cancelled() and collection.exception() is None:
-            self._stats = collection.result()
+        failed = collection.cancelled() or collection.exception() is not None
+        self._stats = None if failed else collection.result()  # (a failed one: the next caller collects anew)
 
     async def _collect(self) -> list[dict[str, Any]]:
         """Ask every zmqmesh node for its counters (a second at most), the gateway's first."""
