@@ -558,48 +558,49 @@ def test_metrics_scrapes_share_one_collection_a_second_and_see_a_change_within_i
 
     target._engine.describe = counted  # type: ignore[method-assign]  # (before the start, which binds it)
     target.start()
+    try:
+        def unrouted(text: str) -> float:
+            for line in text.splitlines():
+                if line.startswith("zmqmesh_messages_total{") and 'node="target"' in line and 'event="unrouted"' in line:
+                    return float(line.rsplit(" ", 1)[1])
+            assert 'node="target"' in text, "the target's counters are not in the scrape"
+            return 0.0  # (counted from the first)
 
-    def unrouted(text: str) -> float:
-        for line in text.splitlines():
-            if line.startswith("zmqmesh_messages_total{") and 'node="target"' in line and 'event="unrouted"' in line:
-                return float(line.rsplit(" ", 1)[1])
-        assert 'node="target"' in text, "the target's counters are not in the scrape"
-        return 0.0  # (counted from the first)
+        def scrape(url: str) -> str:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+                assert response.status == 200
+                return str(response.read().decode())
 
-    def scrape(url: str) -> str:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
-            assert response.status == 200
-            return str(response.read().decode())
+        with gateway_in_process(mesh) as (url, _connect):
+            wait_until(lambda: any(p["name"] == "target" for p in call(f"{url}/peers")[1]), 10, "the target")
+            answered[0] = 0
+            scrapes: list[str] = []
+            errors: list[Exception] = []
+            began = time.monotonic()
 
-    with gateway_in_process(mesh) as (url, _connect):
-        wait_until(lambda: any(p["name"] == "target" for p in call(f"{url}/peers")[1]), 10, "the target")
-        answered[0] = 0
-        scrapes: list[str] = []
-        errors: list[Exception] = []
-        began = time.monotonic()
+            def flood() -> None:  # (4 scrapers for 1.5 s: past the 1 s a collection is reused)
+                try:
+                    while time.monotonic() - began < 1.5:
+                        scrapes.append(scrape(url))
+                except Exception as exc:  # (seen by the assertion below)
+                    errors.append(exc)
 
-        def flood() -> None:  # (4 scrapers for 1.5 s: past the 1 s a collection is reused)
-            try:
-                while time.monotonic() - began < 1.5:
-                    scrapes.append(scrape(url))
-            except Exception as exc:  # (seen by the assertion below)
-                errors.append(exc)
+            threads = [threading.Thread(target=flood) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            took = time.monotonic() - began
+            assert not errors, errors
+            assert len(scrapes) > 20 and all(unrouted(text) == 0 for text in scrapes)
+            assert answered[0] <= took / 1.0 + 2, f"{answered[0]} stats calls for {len(scrapes)} scrapes in {took:.2f} s"
 
-        threads = [threading.Thread(target=flood) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        took = time.monotonic() - began
-        assert not errors, errors
-        assert len(scrapes) > 20 and all(unrouted(text) == 0 for text in scrapes)
-        assert answered[0] <= took / 1.0 + 2, f"{answered[0]} stats calls for {len(scrapes)} scrapes in {took:.2f} s"
-
-        seen = unrouted(scrape(url))
-        target.publish("nobody.listens", 1)  # (counted as unrouted: nobody subscribes)
-        time.sleep(1.0)  # the staleness bound
-        assert unrouted(scrape(url)) == seen + 1, "a scrape 1 s after a change did not show it"
-    target.stop()
+            seen = unrouted(scrape(url))
+            target.publish("nobody.listens", 1)  # (counted as unrouted: nobody subscribes)
+            time.sleep(1.0)  # the staleness bound
+            assert unrouted(scrape(url)) == seen + 1, "a scrape 1 s after a change did not show it"
+    finally:
+        target.stop()
 
 
 @pytest.mark.timeout(90)

@@ -816,7 +816,7 @@ def test_inspect_reads_a_store_of_schema_5_as_it_is_and_refuses_older_and_newer_
     store.close()
 
     def written_as(version: int) -> None:
-        with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db, db:
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
 
     written_as(5)  # (5 has the tables of 6: read as it is, not upgraded)

@@ -4,7 +4,6 @@ store's module, which a node without a store never does."""
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
@@ -12,7 +11,7 @@ from typing import Any, NamedTuple
 
 from .._wire.codec import durable_items
 
-__all__ = ["Entry", "StoredMessage", "stored_message", "stored_messages", "seq_of", "segment_of", "attempts_of",
+__all__ = ["Entry", "StoredMessage", "stored_messages", "seq_of", "segment_of", "attempts_of",
            "recovered_of", "wire_of"]
 
 Entry = tuple[str, float, bytes | None, bytes, int, bool]
@@ -63,12 +62,6 @@ recovered_of = operator.attrgetter("recovered")
 wire_of = operator.attrgetter("wire")
 
 
-stored_message: Callable[[tuple[Any, ...]], StoredMessage] = functools.partial(tuple.__new__, StoredMessage)
-"""A `StoredMessage` of all ten fields, in order, as one tuple: what the named tuple's own
-constructor does at about two thirds of its cost (made for every durable message held,
-as it is committed or read back). The caller answers for the fields' types."""
-
-
 def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
                     headers: Sequence[bytes | None], bodies: Sequence[bytes], attempts: Sequence[int],
                     marked: Sequence[bool], pack: Callable[[Any], bytes]) -> list[StoredMessage]:
@@ -80,7 +73,8 @@ def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequen
     it (neither is dealt as a first delivery). ``pack``: a `msgpack.Packer`'s own, of one
     thread at a time."""
     n = len(ids)
-    # (tuple.__new__ mapped over two iterables: a fifth cheaper than through `stored_message`'s partial)
+    # (each made by tuple.__new__ mapped over two iterables, not by the named tuple's slower
+    # constructor: the caller answers for the fields' types)
     messages = list(map(tuple.__new__, repeat(StoredMessage, n),
                         zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies, attempts, segments,
                             repeat(False, n), durable_items(ids, stamps, headers, bodies, attempts, pack))))
