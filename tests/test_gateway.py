@@ -369,7 +369,7 @@ def test_a_client_that_never_reads_its_replies_is_closed_in_bounded_time(mesh: d
     open forever, so that such clients cannot fill max_connections for good."""
     from zmqmesh.tools import gateway as gateway_module
 
-    monkeypatch.setattr(gateway_module, "REPLY_TIMEOUT_S", 2.0, raising=False)
+    monkeypatch.setattr(gateway_module, "REPLY_TIMEOUT_S", 2.0)
     with gateway_in_process(mesh, max_connections=2, idle_timeout_s=3.0) as (url, connect):
         stuck = []
         for _ in range(2):  # some 20 MB of replies each: more than the sockets' buffers hold
@@ -612,7 +612,7 @@ def test_a_stop_gives_calls_in_flight_their_grace_then_answers_them_503_in_json(
     (it took 10 s: aiohttp waited its shutdown timeout of 5 s twice)."""
     from zmqmesh.tools import gateway as gateway_module
 
-    monkeypatch.setattr(gateway_module, "STOP_GRACE_S", 2.0, raising=False)
+    monkeypatch.setattr(gateway_module, "STOP_GRACE_S", 2.0)
     spawn("blocker", service=["block"], block_s=30)
     quick = spawn("quick", idempotent=["slowish"])  # (answers after 1 s)
 

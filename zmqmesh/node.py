@@ -279,10 +279,11 @@ class Node(NodeBase):
         assert isinstance(requesters, ThreadRequesters)
         calls = self._request_calls(service, items, timeout, peer, headers)
         requester = requesters.current()
+        # (imported first: not under the lock a stop waits for)
+        from ._drivers.pipelined import run_many
+
         with requester.in_use:  # (its sockets: a stop closes them only once this call is over)
             requester.check_open()
-            from ._drivers.pipelined import run_many
-
             # items in a sequence are at hand: their requests go in batches; those of an
             # iterator go as they come (its next item may take its time)
             return run_many(requester.pipelined(), calls, window, at_hand=isinstance(items, Sequence))

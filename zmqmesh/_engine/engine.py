@@ -201,9 +201,9 @@ class Engine:
                 self.store = None
                 raise
         if cfg.metrics_port is not None:  # before any socket: a port in use fails the start cleanly
-            from .._observe.prometheus import MetricsServer
-
             try:
+                from .._observe.prometheus import MetricsServer
+
                 self.metrics = MetricsServer(lambda: [self.describe()], cfg.metrics_address, cfg.metrics_port)
             except Exception:
                 if self.store is not None:

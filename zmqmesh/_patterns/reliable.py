@@ -163,8 +163,9 @@ def _fresh_sizes(head: list[Any], stored_wire: bool) -> tuple[Iterable[int], lis
     if not stored_wire or kinds != {StoredMessage}:
         return None
     wires = list(map(wire_of, head))
-    # (a message with failed deliveries counted never has a wire form: `StoredMessage.wire`;
-    # a form is never empty, so `all` finds a missing one, where `in` would compare each)
+    # (a message with failed deliveries counted never has a wire form, `StoredMessage.wire`,
+    # nor does one marked recovered, looked at all the same: it must never go as fresh; a
+    # form is never empty, so `all` finds a missing one, where `in` would compare each)
     if not all(wires) or any(map(recovered_of, head)):
         return None
     return map(len, wires), wires
