@@ -1000,6 +1000,34 @@ def test_a_wait_cancelled_as_its_condition_is_met_ends_cancelled(mesh: dict[str,
 
 
 @pytest.mark.timeout(60)
+def test_a_reply_that_came_in_the_pass_its_caller_was_cancelled_counts_as_dropped(mesh: dict[str, Any]) -> None:
+    """A request cancelled in the loop's pass its reply came in ends cancelled, its reply
+    taken by no one: it was counted as received. It counts as dropped."""
+    async def main() -> tuple[int, int, bool]:
+        with zmqmesh.Node("provider", **mesh) as provider:
+            provider.service("echo", lambda m: m.data)
+            async with zmqmesh.AsyncNode("caller", **mesh) as node:
+                await node.wait_for_service("echo", timeout=10)
+                assert await node.request("echo", 0) == 0
+                requester = node._engine.requests  # (the loop's requester: its read is where replies come)
+                read = requester._read
+                calling = asyncio.ensure_future(node.request("echo", 1))
+
+                def read_then_cancel(*args: Any) -> Any:
+                    more = read(*args)  # (sets the reply's future: the caller is woken next pass)
+                    calling.cancel()
+                    return more
+
+                requester._read = read_then_cancel
+                await asyncio.wait([calling], timeout=10)
+                requester._read = read
+                counts = node.stats()["request"]
+                return counts["received"], counts["dropped"], calling.cancelled()
+
+    assert asyncio.run(main()) == (1, 1, True)
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
 def test_a_push_waiting_for_room_leaves_the_loop_idle(mesh: dict[str, Any], kind: str) -> None:
     """A push waiting for room woke the loop's flush, the flush told the waiting push it

@@ -876,7 +876,15 @@ class LoopRequester:
         `_SWEEP_SHARE`-th of those in flight or more (cancelling a gather of n requests
         must not cost n sweeps), or with a window's; otherwise within `_SWEEP_S` (a sweep
         for each of the cancellations that come one by one would cost a look at every
-        request in flight each). Until then a reply to one finds its future done."""
+        request in flight each). Until then a reply to one finds its future done. A future
+        already answered is in flight no more: if its reply came in the pass its caller was
+        cancelled, that reply reached no one, and counts as dropped, not received."""
+        if future is not None and future.done() and not future.cancelled():
+            if future.exception() is None:
+                counters = self.engine.stats.pattern["request"]
+                counters["received"] -= 1
+                counters["dropped"] += 1
+            return
         self._abandoned += 1
         if future is None or self._abandoned * _SWEEP_SHARE >= len(self.outstanding):
             if not self._sweep_soon:
