@@ -525,6 +525,42 @@ def test_joins_past_a_hellos_bound_on_groups_are_refused(mesh: dict[str, Any], c
         inbox.close(0)
 
 
+def test_the_group_names_of_all_peers_together_are_bounded(mesh: dict[str, Any], ctx: zmq.Context,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each peer's group names were bounded (1 MiB), not those of all peers together:
+    1,024 fat peers could make a node hold 1 GiB of them, and some 25 times as much in the
+    tables made of them. Past the budget (here two fat peers' worth and 100 characters) a
+    HELLO or a JOIN that would add to them is refused and counted; a peer that leaves
+    gives its share back."""
+    from zmqmesh._membership import engine as membership_engine
+
+    fat = [f"{i:05d}" + "g" * 250 for i in range(4100)]  # 1,045,500 characters each
+    monkeypatch.setattr(membership_engine, "MAX_GROUP_BYTES_ALL", 2 * 1_045_500 + 100)
+    with zmqmesh.Node("target", **mesh) as node:
+        strangers = [fake_zre_peer(ctx, node.endpoints["mailbox"]) for _ in range(3)]
+        try:
+            for k, (_inbox, dealer, endpoint) in enumerate(strangers[:2]):
+                _stranger_hello(dealer, endpoint, mesh, name=f"fat{k}", groups=fat)
+            wait_until(lambda: len(node.peers()) == 2, 10, "two fat peers, within the budget")
+            _inbox, third, third_endpoint = strangers[2]
+            _stranger_hello(third, third_endpoint, mesh, name="fat2", groups=fat)
+            wait_until(lambda: rejected(node, "zre_groups_over_budget") == 1, 10, "the third refused")
+            first = strangers[0][1]
+            first.send_multipart(zre_frames(Command.JOIN, 2, group="j" * 200, status=1))  # (within its own 1 MiB)
+            wait_until(lambda: rejected(node, "zre_groups_over_budget") == 2, 10, "a JOIN past the budget refused")
+            assert sorted(p.name for p in node.peers()) == ["fat0", "fat1"]
+            assert all(len(p.groups) == 4100 for p in node.peers())
+            first.send_multipart(zre_frames(Command.GOODBYE, 3))
+            wait_until(lambda: sorted(p.name for p in node.peers()) == ["fat1"], 10, "the first to leave")
+            _stranger_hello(third, third_endpoint, mesh, name="fat2", groups=fat)  # (its share given back)
+            wait_until(lambda: sorted(p.name for p in node.peers()) == ["fat1", "fat2"], 10, "the third admitted")
+            assert rejected(node, "zre_groups_over_budget") == 2
+        finally:
+            for inbox, dealer, _endpoint in strangers:
+                dealer.close(0)
+                inbox.close(0)
+
+
 def test_gossip_of_thousands_of_strangers_is_taken_in_part_and_counted(mesh: dict[str, Any], ctx: zmq.Context) -> None:
     """A peer's list of others is its word: at most MAX_UNPROVEN_PEERS new ones a message
     are greeted, none making way for another (10,000 entries at 10,000 addresses opened

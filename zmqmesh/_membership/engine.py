@@ -77,6 +77,12 @@ MAX_HELLO_HEADER_BYTES = 64 * 1024
 """What a peer's HELLO headers may hold in all (zmqmesh's own take under 1 KiB)."""
 MAX_HELLO_GROUP_BYTES = 1024 * 1024
 """What a peer's HELLO group names may hold in all (2,000 offers take about 150 KiB)."""
+MAX_GROUP_BYTES_ALL = 32 * 1024 * 1024
+"""What the group names of every peer together may hold (128 peers of 2,000 offers each
+take about 10 MiB); past it, a HELLO or JOIN that would add to them is refused, counted
+(``zre_groups_over_budget``): a crowd of fat peers costs a bounded share of memory, where
+the bound per peer alone let 1,024 of them hold 1 GiB of names (and the tables made
+of them, about 25 times as much)."""
 _MAX_TIMERS = 64
 _SEED_RETRY_S = 1.0
 
@@ -128,6 +134,7 @@ class Membership:
         self.seeds = Seeds(seeds=config.seeds, secure=keys is not None, links=self.links, hello=self._hello,
                            later=self._later, retry_s=_SEED_RETRY_S)
         self.peers: dict[bytes, PeerState] = {}
+        self._group_chars = 0  # the characters of every peer's group names together (`MAX_GROUP_BYTES_ALL`)
         self.groups: set[str] = set()
         self.status = 0
         self.headers: dict[str, str] = {}
@@ -215,6 +222,7 @@ class Membership:
         for peer in list(self.peers.values()):
             self.links.close(peer, linger_ms)
         self.peers.clear()
+        self._group_chars = 0
         self.seeds.close(linger_ms)
         if self._mailbox is not None:
             self._remove_reader(self._mailbox.FD)
@@ -366,6 +374,7 @@ class Membership:
         if self.peers.get(peer.uuid) is not peer:
             return
         del self.peers[peer.uuid]
+        self._group_chars -= peer.group_chars
         self._changed_at = self.loop.time()
         self.links.close(peer)
         if peer.ready:
@@ -383,6 +392,7 @@ class Membership:
             self.remove(peer, reason)
         elif self.peers.get(peer.uuid) is peer:
             del self.peers[peer.uuid]
+            self._group_chars -= peer.group_chars
             self._changed_at = self.loop.time()
             self.links.close(peer)
 
@@ -501,12 +511,17 @@ class Membership:
             if msg.status != (peer.status + 1) % 256:
                 self.stats.reject("zre_status_mismatch")
             peer.status = msg.status
+            had = peer.group_chars
             if cmd == Command.JOIN:
+                if msg.group not in peer.groups and self._group_chars + len(msg.group) > MAX_GROUP_BYTES_ALL:
+                    self.stats.reject("zre_groups_over_budget")
+                    return
                 if not peer.join(msg.group, MAX_HELLO_GROUP_BYTES):
                     self.stats.reject("zre_too_many_groups")  # (bounded as a HELLO's groups are)
                     return
             else:
                 peer.leave(msg.group)
+            self._group_chars += peer.group_chars - had
             peer.changed()
             self.events.peer_groups_changed(peer)
         elif cmd == Command.PING:
@@ -531,9 +546,13 @@ class Membership:
             if peer is not None:
                 self._drop(peer, "moved to another mesh")
             return
+        group_chars = sum(len(g) for g in msg.groups)
         if sum(len(k) + len(v) for k, v in msg.headers.items()) > MAX_HELLO_HEADER_BYTES or \
-                sum(len(g) for g in msg.groups) > MAX_HELLO_GROUP_BYTES:
+                group_chars > MAX_HELLO_GROUP_BYTES:
             self.stats.reject("zre_hello_too_large")  # never kept: a stranger's megabytes stay his
+            return
+        if self._group_chars - (peer.group_chars if peer is not None else 0) + group_chars > MAX_GROUP_BYTES_ALL:
+            self.stats.reject("zre_groups_over_budget")  # (never kept either: those of the peers known stay)
             return
         if msg.sequence != 1:
             self.stats.reject("zre_hello_sequence")
@@ -572,7 +591,9 @@ class Membership:
         peer.hello_endpoint = msg.endpoint  # (it may differ from where we heard of it: an advertised address)
         peer.name = msg.name
         peer.headers = dict(msg.headers)
+        self._group_chars -= peer.group_chars
         peer.set_groups(msg.groups)
+        self._group_chars += peer.group_chars
         peer.status = msg.status
         peer.is_zmqmesh = is_zmqmesh
         peer.touch()
