@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -644,6 +645,50 @@ def test_a_stop_gives_calls_in_flight_their_grace_then_answers_them_503_in_json(
     finally:
         for sock in callers:
             sock.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_second_sigterm_does_not_cut_the_gateway_commands_stop_short(mesh: dict[str, Any], spawn: Any) -> None:
+    """The command cancelled its serving task at each SIGTERM: a second one, while the stop
+    waited for the calls in flight, cut their grace short (the node stopped under them:
+    503 ``NodeClosedError`` within a second). The stop goes on whatever comes next, and the
+    call gets its 503 ``Stopping`` when the grace (5 s) is over."""
+    spawn("blocker", service=["block"], block_s=30)
+    port = free_tcp_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
+         "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    sock = None
+    try:
+        line = proc.stdout.readline()
+        assert "gateway listening on" in line, line
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: "blocker" in {p["name"] for p in call(f"{url}/peers")[1]}, 10, "the worker")
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"POST /request/block?timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 1\r\n\r\n1")
+        time.sleep(0.5)  # (the call reaches the worker; its answer is what the test waits for)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # (while the stop waits for the call)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        assert reply, "the call's connection was closed without an answer"
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert int(head.split()[1]) == 503 and json.loads(body)["error"] == "Stopping", body[:300]
+        assert proc.wait(15) == 0
+        output = proc.stdout.read()
+        assert "Traceback" not in output, output[-2000:]
+    finally:
+        if sock is not None:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 def test_an_event_stream_that_lags_loses_events_past_its_bound_and_counts_them() -> None:

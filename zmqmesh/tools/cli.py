@@ -417,7 +417,12 @@ def _gateway(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+
+        def stop() -> None:  # (once: a second SIGTERM would cut the stop's grace for the calls in flight short)
+            loop.add_signal_handler(signal.SIGTERM, lambda: None)
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
         await run_gateway(args.listen, token, ready=lambda url: print(f"gateway listening on {url}", flush=True),
                           hosts=tuple(args.allow_host), tracebacks=args.tracebacks, **options)
 
