@@ -653,7 +653,7 @@ def test_a_second_sigterm_does_not_cut_the_gateway_commands_stop_short(mesh: dic
     waited for the calls in flight, cut their grace short (the node stopped under them:
     503 ``NodeClosedError`` within a second). The stop goes on whatever comes next, and the
     call gets its 503 ``Stopping`` when the grace (5 s) is over."""
-    spawn("blocker", service=["block"], block_s=30)
+    blocker = spawn("blocker", service=["block"], block_s=30)
     port = free_tcp_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
@@ -669,10 +669,10 @@ def test_a_second_sigterm_does_not_cut_the_gateway_commands_stop_short(mesh: dic
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         sock.sendall(b"POST /request/block?timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: 1\r\n\r\n1")
-        time.sleep(0.5)  # (the call reaches the worker; its answer is what the test waits for)
+        blocker.wait_line("BLOCKING")  # (the call is in flight)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)  # (while the stop waits for the call)
+        time.sleep(0.5)  # (the stop has begun: it waits for the call)
+        proc.send_signal(signal.SIGTERM)
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
