@@ -647,6 +647,21 @@ def test_a_stop_gives_calls_in_flight_their_grace_then_answers_them_503_in_json(
             sock.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_body_that_declares_more_than_the_limit_is_refused_at_once_unread(mesh: dict[str, Any]) -> None:
+    """A body declaring more than ``max_body_bytes`` was read up to the limit: one that came
+    slowly held its connection and 1 MiB of the bodies' reading budget until the body
+    timeout, then got 408 (10 s). It is answered 413 at once, none of it read."""
+    with gateway_in_process(mesh) as (_url, connect):
+        began = time.monotonic()
+        sock = connect(b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100000000\r\n\r\n[1,")
+        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+        took = time.monotonic() - began
+        assert head.startswith(b"HTTP/1.1 413") and json.loads(body)["error"] == "PayloadTooLarge", head + body
+        assert took < 5.0, f"answered after {took:.1f} s"
+
+
 @pytest.mark.timeout(90)
 def test_a_second_sigterm_does_not_cut_the_gateway_commands_stop_short(mesh: dict[str, Any], spawn: Any) -> None:
     """The command cancelled its serving task at each SIGTERM: a second one, while the stop

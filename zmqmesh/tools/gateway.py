@@ -301,7 +301,10 @@ class Gateway:
     async def _read_within_budget(self, request: web.Request) -> bytes:
         """`_read`, once the body's declared size (or ``max_body_bytes`` for one sent in
         chunks) fits in `MAX_BODY_BYTES_READING` with those being read; a body of up to
-        `SMALL_BODY_BYTES` is always read. Raises `_Busy` otherwise."""
+        `SMALL_BODY_BYTES` is always read. Raises `_Busy` otherwise, and 413 at once for a
+        body that declares more than ``max_body_bytes`` (none of it is read)."""
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
         if not request.body_exists:
             declared = 0
         else:  # (sent in chunks: what it may be; past the limit, aiohttp answers 413)
