@@ -38,14 +38,14 @@ def adopt_orphans(adopt: bool = True) -> bool:
         return False
 
 
-def orphans(mark: str, own: Container[int], among: Iterable[int] | None = None) -> dict[int, str]:
-    """The live children of this process (or of ``among``, a list of them: `children`),
-    other than ``own``, whose environment carries ``MARK=mark/tag``, each with its ``tag``
-    (which of the launcher's processes it comes from): processes a launcher's processes
-    started and left, adopted."""
+def orphans(mark: str, own: Container[int], among: Iterable[int]) -> dict[int, str]:
+    """Of ``among`` (this process's children: `children`), those alive, other than
+    ``own``, whose environment carries ``MARK=mark/tag``, each with its ``tag`` (which of
+    the launcher's processes it comes from): processes a launcher's processes started and
+    left, adopted."""
     token = f"{MARK}={mark}/".encode()
     found = {}
-    for pid in children() if among is None else among:
+    for pid in among:
         if pid in own:
             continue
         try:
@@ -67,14 +67,14 @@ def reaped(pid: int) -> bool:
         return True
 
 
-def reap_ended(own: Container[int], among: Iterable[int] | None = None) -> int:
-    """Collect the status of every child of this process (or of ``among``: `children`)
+def reap_ended(own: Container[int], among: Iterable[int]) -> int:
+    """Collect the status of each of ``among`` (this process's children: `children`)
     other than ``own`` that has ended; how many there were. Only for a process whose other
     children are all orphans it adopted (the ``zmqmesh launch`` command): one that ended
     before it was seen alive has no environment left to read a mark from, and would stay
     a zombie until this process exits."""
     ended = 0
-    for pid in children() if among is None else among:
+    for pid in among:
         if pid not in own and reaped(pid):
             ended += 1
     return ended
