@@ -731,6 +731,17 @@ def test_an_async_node_woken_after_it_stopped_reads_no_closed_socket(mesh: dict[
     assert "inbox drain failed" not in caplog.text
 
 
+def _busy(started: Any, seconds: float) -> Callable[[zmqmesh.Message], Any]:
+    """An ``async def`` service handler that says it began (``started.set()``, an asyncio
+    or a threading event), then awaits ``seconds``."""
+    async def busy(msg: zmqmesh.Message) -> int:
+        started.set()
+        await asyncio.sleep(seconds)
+        return 1
+
+    return busy
+
+
 def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) -> None:
     """``asyncio.wait_for(node.stop(), ...)`` that times out while a handler runs cancelled
     the stop mid-way: the node's sockets, threads and loop readers stayed (16 descriptors
@@ -741,13 +752,7 @@ def test_a_cancelled_async_stop_still_closes_everything(mesh: dict[str, Any]) ->
         before = open_fds()
         node = zmqmesh.AsyncNode("victim", **mesh)
         started = asyncio.Event()
-
-        async def busy(msg: zmqmesh.Message) -> int:
-            started.set()
-            await asyncio.sleep(1.0)
-            return 1
-
-        node.service("busy", busy)
+        node.service("busy", _busy(started, 1.0))
         await node.start()
         async with zmqmesh.AsyncNode("caller", **mesh) as caller:
             await caller.wait_for_service("busy", timeout=10)
@@ -775,13 +780,7 @@ def test_a_stop_left_running_when_asyncio_run_ends_still_closes_everything(mesh:
         before = open_fds()
         node = zmqmesh.AsyncNode("victim", **mesh)
         started = threading.Event()
-
-        async def busy(msg: zmqmesh.Message) -> int:
-            started.set()
-            await asyncio.sleep(30)
-            return 1
-
-        node.service("busy", busy)
+        node.service("busy", _busy(started, 30))
         outcome: list[BaseException] = []
 
         def call() -> None:
