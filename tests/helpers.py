@@ -65,6 +65,15 @@ def rejected(node: Any, reason: str) -> int:
     return int(node.stats()["rejected"].get(reason, 0))
 
 
+def in_threads(target: Callable[[], object], count: int, timeout: float) -> None:
+    """Run ``target`` on ``count`` threads at once, and wait for each up to ``timeout`` s."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition", every: float = 0.01) -> object:
     """Poll ``condition`` (every ``every`` s: more for a costly one) until it returns
     something truthy; fail the test at ``timeout``."""

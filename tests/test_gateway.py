@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_tcp_port, gateway_process, wait_until
+from helpers import free_tcp_port, gateway_process, in_threads, wait_until
 
 pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
 
@@ -545,7 +545,6 @@ def test_metrics_scrapes_share_one_collection_a_second_and_see_a_change_within_i
     """A flood of /metrics scrapes costs every node at most one stats call a second, not
     one a scrape (each node answered each of 1,631 scrapes a second); and a change at a
     node shows in a scrape that begins STATS_MAX_AGE_S (1 s) after it."""
-    import threading
 
     import zmqmesh
 
@@ -586,11 +585,7 @@ def test_metrics_scrapes_share_one_collection_a_second_and_see_a_change_within_i
                 except Exception as exc:  # (seen by the assertion below)
                     errors.append(exc)
 
-            threads = [threading.Thread(target=flood) for _ in range(4)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(30)
+            in_threads(flood, 4, 30)
             took = time.monotonic() - began
             assert not errors, errors
             assert len(scrapes) > 20 and all(unrouted(text) == 0 for text in scrapes)

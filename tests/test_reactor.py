@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import in_threads
 
 from zmqmesh._io.reactor import Reactor, run_on
 from zmqmesh.errors import MeshTimeoutError
@@ -97,11 +98,7 @@ def test_calls_from_many_threads_all_arrive(reactor: Reactor) -> None:
         for _ in range(2000):
             reactor.call_soon_threadsafe(bump)
 
-    threads = [threading.Thread(target=sender) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    in_threads(sender, 4, 10)
     assert run_on(reactor, lambda: count[0], timeout=5) == 8000
 
 
