@@ -762,12 +762,15 @@ def test_the_at_least_once_item_check_takes_good_items_and_refuses_bad_ones_and_
 def _stored(seq: int, segment: int, body: bytes, attempts: int = 0, recovered: bool = False,
             wire: bool = True) -> Any:
     """A durable message as a commit or a read back holds it (`stored_messages`), then
-    marked as asked."""
+    marked as asked: recovered as `StoredMessage.as_recovered` marks it (its wire form
+    gone, as with failed deliveries)."""
     from zmqmesh._store.messages import stored_messages
 
     message = stored_messages("q", seq, [segment], [f"id-{seq}"], [1000.5], [None], [body], [attempts], [False],
                               msgpack.Packer().pack)[0]
-    return message._replace(recovered=recovered, wire=message.wire if wire else None)
+    if recovered:
+        message = message.as_recovered()
+    return message._replace(wire=message.wire if wire else None)
 
 
 def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_they_are() -> None:

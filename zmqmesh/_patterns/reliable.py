@@ -39,7 +39,7 @@ from .._io.reactor import EventLoop
 from .._io.sockets import close_watched, has_input, new_socket, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
-from .._store.messages import StoredMessage, recovered_of, wire_of
+from .._store.messages import StoredMessage, wire_of
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,
@@ -163,10 +163,10 @@ def _fresh_sizes(head: list[Any], stored_wire: bool) -> tuple[Iterable[int], lis
     if not stored_wire or kinds != {StoredMessage}:
         return None
     wires = list(map(wire_of, head))
-    # (a message with failed deliveries counted never has a wire form, `StoredMessage.wire`,
-    # nor does one marked recovered, looked at all the same: it must never go as fresh; a
-    # form is never empty, so `all` finds a missing one, where `in` would compare each)
-    if not all(wires) or any(map(recovered_of, head)):
+    # (a message marked recovered or with failed deliveries counted has no wire form,
+    # `StoredMessage.wire`; a form is never empty, so `all` finds a missing one, where
+    # `in` would compare each)
+    if not all(wires):
         return None
     return map(len, wires), wires
 

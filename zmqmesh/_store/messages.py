@@ -11,8 +11,7 @@ from typing import Any, NamedTuple
 
 from .._wire.codec import durable_items
 
-__all__ = ["Entry", "StoredMessage", "stored_messages", "seq_of", "segment_of", "recovered_of",
-           "wire_of"]
+__all__ = ["Entry", "StoredMessage", "stored_messages", "seq_of", "segment_of", "wire_of"]
 
 Entry = tuple[str, float, bytes | None, bytes, int, bool]
 """A message to store: ``(id, timestamp, headers, body, attempts, redelivered)``;
@@ -57,7 +56,6 @@ class StoredMessage(NamedTuple):
 # getters of a StoredMessage's fields, to map over many messages: no Python step per message
 seq_of = operator.attrgetter("seq")
 segment_of = operator.attrgetter("segment")
-recovered_of = operator.attrgetter("recovered")
 wire_of = operator.attrgetter("wire")
 
 
