@@ -15,6 +15,7 @@ from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
+from ._patterns.reqrep import QuickRequest
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
@@ -191,7 +192,21 @@ class AsyncNode(NodeBase):
     async def request(self, service: str, data: Any = None, timeout: float | None = None,
                       peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
-        return await self._runner.run(self._request_call(service, data, timeout, peer, headers))
+        call = self._request_call(service, data, timeout, peer, headers)
+        runner = self._runner
+        future = runner.send_quick(call) if isinstance(call, QuickRequest) else None
+        if future is None or not isinstance(call, QuickRequest):
+            return await runner.run(call)
+        # the quick way's wait is made here, not in a coroutine of the runner's: one fewer a call
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            runner.abandon(future)
+            raise
+        except Exception as exc:
+            return await runner.run(call, error=exc)
+        finished, result = runner.quick_reply(call, reply)
+        return result if finished else await runner.run(call, value=reply)
 
     async def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
                            peer: str | Peer | None = None, *, window: int = 64,

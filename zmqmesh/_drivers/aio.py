@@ -86,37 +86,17 @@ class AsyncRunner:
         self.commits = LoopCommits(engine)
 
     async def run(self, plan: Plan | QuickRequest, *, value: Any = None, error: BaseException | None = None) -> Any:
-        """Carry out ``plan`` (or a request that may go the quick way) and return its
-        result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`, and so
-        does a call from another event loop. A plan begun elsewhere goes on with the
-        outcome of its last step: ``value`` or ``error``."""
+        """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
+        error becomes `ZmqMeshError`, and so does a call from another event loop. A plan
+        begun elsewhere goes on with the outcome of its last step: ``value`` or ``error``;
+        a request whose quick way ended (`send_quick`), as its plan, from where that left it."""
         try:
             check_loop(self.engine)
         except ZmqMeshError:
             plan.close()
             raise
-        if isinstance(plan, QuickRequest):
-            # its quick way, as `advance_call` takes it, spared the steps: the exchange, and
-            # the result of an OK reply; otherwise the plan goes on from there, with the outcome
-            quick = plan
-            requester = self.engine.requests
-            assert isinstance(requester, LoopRequester), "the node is not started"
-            step = quick.begin(requester.tally)
-            if step is not None:
-                try:
-                    future = requester.exchange(step)
-                    try:
-                        value = await future
-                    except asyncio.CancelledError:
-                        requester.abandon(future)
-                        raise
-                except Exception as exc:
-                    error = exc
-                else:
-                    finished, result = quick.advance(value, requester.tally)
-                    if finished:
-                        return result
-            plan = quick.plan()
+        if isinstance(plan, QuickRequest):  # (its quick way ended: `send_quick`)
+            plan = plan.plan()
         while True:
             finished, step = advance(plan, value, error)
             if finished:
@@ -145,6 +125,42 @@ class AsyncRunner:
                 raise
             except Exception as exc:
                 error = exc
+
+    def send_quick(self, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]] | None:
+        """Send a request the quick way (`QuickRequest.pick`): alone and at once to a
+        provider that has none of this loop's requests in flight (`LoopRequester.exchange`),
+        otherwise gathered into its batch (`LoopRequester.gathered`). The future of its reply ``(status, body)``,
+        failed if the request could not be sent; None when the quick way ends before it.
+        Either way the caller goes on with `run` when the quick way ends, or with
+        `quick_reply` given the reply. Raises `ZmqMeshError` on another event loop."""
+        check_loop(self.engine)
+        requester = self.engine.requests
+        assert isinstance(requester, LoopRequester), "the node is not started"
+        provider = quick.pick(requester.tally)
+        if provider is None:
+            return None
+        if requester.outstanding.busy(provider.id):
+            return requester.gathered(provider, quick)
+        try:
+            return requester.exchange(quick.exchange(provider))
+        except Exception as exc:
+            failed: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
+            failed.set_exception(exc)
+            return failed
+
+    def quick_reply(self, quick: QuickRequest, reply: tuple[bytes, bytes]) -> tuple[bool, Any]:
+        """``(True, the result)`` of the reply to a request sent by `send_quick`, or
+        ``(False, None)``: go on with `run` (`QuickRequest.advance`; raises `DecodeError`)."""
+        requester = self.engine.requests
+        assert isinstance(requester, LoopRequester), "the node is not started"
+        return quick.advance(reply, requester.tally)
+
+    def abandon(self, future: asyncio.Future[tuple[bytes, bytes]]) -> None:
+        """Forget the request of a future of `send_quick` whose caller was cancelled
+        (`LoopRequester.abandon`)."""
+        requester = self.engine.requests
+        assert isinstance(requester, LoopRequester), "the node is not started"
+        requester.abandon(future)
 
     async def run_many(self, calls: Iterable[Plan | QuickRequest], window: int) -> list[Any]:
         """Carry out ``calls`` (made one by one as there is room) with at most ``window`` in
@@ -482,6 +498,7 @@ class LoopInbox(Dispatcher):
                                           initializer=lambda: self._worker_threads.add(threading.get_ident()))
         self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
         self._task: asyncio.Task[None] | None = None
+        self._in_turn = False  # (the drain runs handlers itself, one at a time: `_execute_in_turn`)
         self._again = False
         self._look: asyncio.TimerHandle | None = None  # the one pending look at what waits (`has_waiting`)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -526,8 +543,10 @@ class LoopInbox(Dispatcher):
         (an ``async def`` one awaited in the drain, a ``def`` one on the worker thread)."""
         if self._concurrency is not None:
             return False
-        if threading.get_ident() in self._worker_threads:
+        if self._worker_threads and threading.get_ident() in self._worker_threads:
             return True
+        if not self._in_turn:  # (the drain runs no handler: the caller is none of them)
+            return False
         task = self._task
         if task is None or task.done():  # (no drain runs: the caller is none of its handlers)
             return False
@@ -621,7 +640,11 @@ class LoopInbox(Dispatcher):
                     self._tasks.add(task)
                     task.add_done_callback(functools.partial(self._one_ended, call, begun))
             else:
-                await self._execute_in_turn(handling)
+                self._in_turn = True
+                try:
+                    await self._execute_in_turn(handling)
+                finally:
+                    self._in_turn = False
         finally:
             handling.close()  # (cancelled by a stop: the calls not reached are counted as dropped)
 
@@ -849,7 +872,7 @@ class LoopRequester:
         self._gathered(step.provider.id)
         return future
 
-    def gather(self, provider: Provider, quick: QuickRequest, waiter: _WindowSlot) -> None:
+    def gather(self, provider: Provider, quick: QuickRequest, waiter: _WindowSlot | asyncio.Future[Any]) -> None:
         """Gather the request of a quick way to ``provider`` (`QuickRequest.pick`: one a
         batch can carry) into its batch, whether or not the provider is busy, as one of
         many at hand; ``waiter`` is told its outcome as a future would be. It goes with the
@@ -861,6 +884,13 @@ class LoopRequester:
         if deadline < self._timer_at:
             self._arm(deadline)
         self._gathered(provider_id)
+
+    def gathered(self, provider: Provider, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]]:
+        """`gather` the request of a quick way with a future to wait for its reply, as
+        `exchange`'s; it fails as theirs do."""
+        future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
+        self.gather(provider, quick, future)
+        return future
 
     def _gathered(self, provider_id: str) -> None:
         if self._batches.ready:  # a full batch goes now (its waiters fail if it cannot)

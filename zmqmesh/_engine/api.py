@@ -846,7 +846,9 @@ class NodeBase:
                       headers: dict[str, str] | None = None) -> Plan | QuickRequest:
         """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
         every driver: `BlockingRunner`, `Pipelined`, `AsyncRunner`)."""
-        body = self._encode_call(data)
+        engine = self._engine
+        # `_encode_call`, its checks made inline: only a forked or stopped node goes through it
+        body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else engine.codec.encode(data)
         return self._quick_or_plan(self._prepare_calls(service, timeout, peer, headers), body)
 
     def _request_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,

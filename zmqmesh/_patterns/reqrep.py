@@ -196,8 +196,10 @@ class QuickRequest:
         quick way ends before it (no provider of protocol 4 at hand, or a large body): go
         on with `plan`."""
         provider = self.pick(tally)
-        if provider is None:
-            return None
+        return None if provider is None else self.exchange(provider)
+
+    def exchange(self, provider: Provider) -> Exchange:
+        """The exchange that sends this request alone to ``provider``, picked by `pick`."""
         calling = self.calling
         return _exchange((provider, calling.service, calling.service_b, self.body, self.deadline, None, True))
 
