@@ -139,6 +139,33 @@ def test_an_async_handler_calling_its_own_node_fails_at_once(mesh: dict[str, Any
     assert time.monotonic() - started < 20
 
 
+def test_a_task_calling_its_own_node_while_a_handler_runs_is_not_taken_for_that_handler(
+        mesh: dict[str, Any]) -> None:
+    """While an ``async def`` handler runs in the drain, a task that is no handler calls a
+    service of the same node: it waits its turn and gets its reply, and only the handler's
+    own call is refused (one handler at a time: it would wait for itself)."""
+    async def main() -> tuple[str, str]:
+        async with zmqmesh.AsyncNode("busy", **mesh) as node:
+            node.service("inner", lambda m: "inner")
+            began = asyncio.Event()
+
+            @node.service("outer")
+            async def outer(msg: zmqmesh.Message) -> str:
+                began.set()
+                await asyncio.sleep(0.3)  # (the other task calls meanwhile)
+                try:
+                    return str(await node.request("inner", None, timeout=5))
+                except zmqmesh.ConfigError:
+                    return "refused"
+
+            handler = asyncio.ensure_future(node.request("outer", None, timeout=30))
+            await asyncio.wait_for(began.wait(), 10)
+            other = await node.request("inner", None, timeout=30)
+            return str(other), str(await handler)
+
+    assert asyncio.run(main()) == ("inner", "refused")
+
+
 def _register_refuse_and_remove(node: zmqmesh.Node) -> None:
     """Offers "clash" and "q"; leaves nothing of a refused or removed registration."""
     node.service("clash", lambda m: 1)
