@@ -786,3 +786,49 @@ def test_metrics_never_serve_counters_older_than_their_bound_after_a_failed_coll
         return seen
 
     assert asyncio.run(asyncio.wait_for(scenario(), 10)) == [1, 2], "counters older than the bound were served"
+
+
+def test_an_event_stream_cancelled_ends_cancelled_and_lets_its_listener_go() -> None:
+    """The /events handler caught its own cancellation and returned: the task that ran it
+    ended as if it had finished, and a deadline around it (``asyncio.wait_for``) got the
+    response back instead of its TimeoutError. Cancelled (here while it waits for a reader
+    that does not read), it now ends cancelled, its listener gone."""
+    import asyncio
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from zmqmesh import Peer
+    from zmqmesh.tools import gateway as gateway_module
+
+    me = Peer(id="g" * 32, name="gateway", address="127.0.0.1", endpoint="tcp://127.0.0.1:1")
+    gateway = gateway_module.Gateway(SimpleNamespace(peers=list, as_peer=lambda: me),  # type: ignore[arg-type]
+                                     None, 10.0, 1024)
+
+    async def scenario() -> None:
+        writing = asyncio.Event()
+
+        async def never_taken(_data: bytes) -> None:  # (a reader that takes nothing)
+            writing.set()
+            await asyncio.Event().wait()
+
+        async def done(*_args: Any) -> None:
+            pass
+
+        def stream_request() -> Any:
+            writer = mock.Mock(write_headers=done, write=never_taken, write_eof=done, drain=done)
+            return make_mocked_request("GET", "/events", writer=writer)
+
+        stream = asyncio.ensure_future(gateway.events(stream_request()))
+        await asyncio.wait_for(writing.wait(), 5)
+        assert gateway.listeners
+        stream.cancel()
+        await asyncio.wait([stream], timeout=5)
+        assert stream.cancelled(), "the stream's task was cancelled but ended as if it had finished"
+        assert not gateway.listeners, "the cancelled stream's listener is still registered"
+        with pytest.raises(asyncio.TimeoutError):  # (a deadline around a stream ends it as a timeout)
+            await asyncio.wait_for(gateway.events(stream_request()), 0.2)
+        assert not gateway.listeners
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

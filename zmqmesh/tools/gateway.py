@@ -434,9 +434,9 @@ class Gateway:
             log.warning("closed an /events stream whose reader took no event for %g s", STREAM_WRITE_TIMEOUT_S)
             if request.transport is not None:
                 request.transport.abort()
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             pass
-        finally:
+        finally:  # (a cancel goes on up: the task that serves the stream ends cancelled)
             self.listeners.discard(stream)
             if stream.lost:
                 log.warning("an /events stream that lagged lost %d event(s)", stream.lost)
