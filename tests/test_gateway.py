@@ -832,3 +832,56 @@ def test_an_event_stream_cancelled_ends_cancelled_and_lets_its_listener_go() -> 
         assert not gateway.listeners
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+@pytest.mark.timeout(90)
+def test_a_413_closes_its_connection_soon_though_the_client_goes_on_sending(mesh: dict[str, Any]) -> None:
+    """After a 413 (a body that declares more than ``max_body_bytes``, or one sent in chunks
+    that passes it), aiohttp went on reading and dropping what the client sent for 10 s
+    (its lingering time) before it closed the connection. The 413 still arrives, and the
+    connection is closed within a second or so of it."""
+    import threading
+
+    heads = {
+        "declared": b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100000000\r\n\r\n",
+        "chunked": b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n",
+    }
+    piece = b"1," * 32768
+    with gateway_in_process(mesh) as (_url, connect):
+        for kind, head in heads.items():
+            sock = connect(head)
+            chunk = piece if kind == "declared" else b"%x\r\n%s\r\n" % (len(piece), piece)
+            done = threading.Event()
+
+            def keep_sending(sock: socket.socket = sock, chunk: bytes = chunk, done: threading.Event = done) -> None:
+                while not done.is_set():  # (some 6 MB/s: never the whole body within 10 s)
+                    try:
+                        sock.sendall(chunk)
+                    except OSError:  # (closed, reset, or no longer read)
+                        return
+                    time.sleep(0.01)
+
+            sender = threading.Thread(target=keep_sending, daemon=True)
+            sender.start()
+            try:
+                reply = b""
+                while b"\r\n\r\n" not in reply:
+                    data = sock.recv(65536)
+                    assert data, f"{kind}: closed without an answer"
+                    reply += data
+                answered = time.monotonic()
+                assert reply.startswith(b"HTTP/1.1 413"), reply
+                try:
+                    while sock.recv(65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+                except TimeoutError:  # (the socket's 10 s)
+                    pass
+                took = time.monotonic() - answered
+                assert took < 3.0, f"{kind}: the connection was closed {took:.1f} s after its 413"
+            finally:
+                done.set()
+                sender.join(15)

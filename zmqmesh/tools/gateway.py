@@ -107,6 +107,11 @@ BODY_TIMEOUT_S = 10.0
 """How long a client may take to send a request's body; past it, 408."""
 IDLE_TIMEOUT_S = 15.0
 """How long a connection may sit idle, or take to send a request's head, before it is closed."""
+LINGER_S = 1.0
+"""How long, after an answer sent before its request's body was read in full (a 413, a
+refusal), the rest of the body may take to arrive (read and dropped: a client that sends
+it all before it reads still gets the answer); past it, the connection is closed
+(aiohttp's lingering time, 10 s by default)."""
 STOP_GRACE_S = 5.0
 """How long the calls in flight when the gateway stops may take to end; past it, each
 still running is answered 503 ``Stopping``."""
@@ -242,7 +247,9 @@ class Gateway:
         except web.HTTPRequestTimeout as exc:
             return _error(408, "RequestTimeout", exc.text or "")
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, "PayloadTooLarge", f"the body exceeds {self.max_body_bytes} bytes")
+            too_large = _error(413, "PayloadTooLarge", f"the body exceeds {self.max_body_bytes} bytes")
+            too_large.force_close()  # (Connection: close: none other on it, even if the body does come)
+            return too_large
         except web.HTTPNotFound:
             return _error(404, "NotFound", f"no route {request.method} {request.path}")
         except web.HTTPMethodNotAllowed as exc:
@@ -746,6 +753,7 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s,  # (a slow head too)
                                logger=_http_log,  # (a malformed request: a counted line, not a traceback each)
                                shutdown_timeout=_STOP_WRITE_S,  # (after `finish`: for its answers)
+                               lingering_time=LINGER_S,  # (the rest of a body refused unread, e.g. a 413)
                                handler_cancellation=True)  # (a client that hangs up frees its slot at once)
         await runner.setup()
         _bound_connections(runner.server, max_connections)
