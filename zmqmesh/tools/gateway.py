@@ -44,6 +44,7 @@ import math
 import sys
 import time
 from collections import deque
+from collections.abc import Coroutine
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,7 +82,9 @@ was read at most this long before it began."""
 MAX_TIMEOUT_S = 300.0
 """The longest ``?timeout=`` a request may ask for."""
 MAX_IN_FLIGHT = 256
-"""Requests served at once (event streams aside); past it, 503 at once."""
+"""Requests served at once (event streams aside); past it, 503 at once. A call into the mesh
+whose caller hung up holds its place (and its body's bytes) until the call ends: its
+reply, its timeout (`MAX_TIMEOUT_S` at most), or its provider lost."""
 MAX_BODY_BYTES_READING = 64 * 1024 * 1024
 """Bytes the bodies being read declare (their ``Content-Length``, or the body limit when
 sent in chunks), at most; past it, a body larger than `SMALL_BODY_BYTES` is answered 503
@@ -153,12 +156,15 @@ class Gateway:
         self.reading_bytes = 0  # declared by the bodies being read
         self.unreadable_stats = 0  # nodes' counters the dashboard could not read (`poll_stats`)
         self.slow_readers = 0  # connections closed as their client took no reply (`_send`)
+        self.hung_up = 0  # callers that hung up while their call into the mesh ran on (`_outlived`)
         self._warned: set[str] = set()  # nodes whose unreadable counters were logged (bounded)
         self._stats: list[dict[str, Any]] | None = None  # the last collection's (`mesh_stats`)
         self._stats_began = 0.0  # when the last collection began
         self._collecting: asyncio.Future[list[dict[str, Any]]] | None = None  # the one in flight
         self._serving: set[asyncio.Task[Any]] = set()  # the requests being served (streams aside)
         self._cut: set[asyncio.Task[Any]] = set()  # those the stop cut off (`finish`)
+        self._orphans: set[asyncio.Future[Any]] = set()  # calls into the mesh whose callers hung up
+        self._stopping = False  # (`finish` began: a call whose caller goes is dropped, not kept)
         self.started_at = time.monotonic()  # an unknown service is answered at once after a grace
 
     # middleware --------------------------------------------------------------------------------
@@ -334,17 +340,47 @@ class Gateway:
             raise web.HTTPRequestTimeout(text=f"the body did not arrive within {self.body_timeout_s:g} s") from None
 
     async def _body(self, request: web.Request) -> Any:
-        """The body, parsed as JSON (None if empty). Raises `_BadRequest` for what is not
-        JSON: bad syntax or text, ``NaN`` or infinities, nesting deeper than Python recurses."""
-        raw = await self._read(request)
-        if not raw:
-            return None
+        """The body, parsed as JSON (`_parse`)."""
+        return _parse(await self._read(request))
+
+    async def _outlived(self, call: Coroutine[Any, Any, Any], size: int) -> Any:
+        """What ``call``, a call into the mesh made for a request of ``size`` body bytes,
+        returns or raises. It runs as a task of its own: if its caller hangs up (aiohttp
+        cancels the handler), it goes on to its own end (its reply, its timeout, its
+        provider lost), holding the caller's place among those in flight and its bytes
+        until then (`_hold`), since the provider works on all the same; so `MAX_IN_FLIGHT`
+        bounds the work the gateway has set going, not only the callers still there. A
+        call whose caller goes once the stop began is dropped (`finish`)."""
+        running = asyncio.ensure_future(call)
+        running.add_done_callback(_seen)
         try:
-            return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
-        except (ValueError, UnicodeDecodeError) as exc:  # (JSONDecodeError is a ValueError)
-            raise _BadRequest(f"the body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise _BadRequest("the body is not valid JSON: it is nested too deeply") from None
+            await asyncio.wait({running})  # (a cancel of the handler stops this wait, not the call)
+        except asyncio.CancelledError:
+            if self._stopping:
+                running.cancel()
+            elif not running.done():
+                self._hold(running, size)
+            raise
+        return running.result()
+
+    def _hold(self, running: asyncio.Future[Any], size: int) -> None:
+        """Keep a place among the requests in flight, and ``size`` body bytes, until
+        ``running`` (a call whose caller hung up) ends; counted in `hung_up`, and logged
+        the first and every 1,000th time."""
+        self.in_flight += 1
+        self.body_bytes += size
+        self._orphans.add(running)
+        self.hung_up += 1
+        if self.hung_up == 1 or self.hung_up % 1000 == 0:
+            log.info("a caller hung up before its reply: its call into the mesh holds its place until it ends"
+                     " (%d so far)", self.hung_up)
+
+        def let_go(_: asyncio.Future[Any]) -> None:
+            self.in_flight -= 1
+            self.body_bytes -= size
+            self._orphans.discard(running)
+
+        running.add_done_callback(let_go)
 
     def _failure(self, exc: Exception, service: str | None = None) -> web.Response:
         """The JSON error for what a route's call into the mesh raised; anything else is
@@ -377,11 +413,12 @@ class Gateway:
         """POST /request/{service}."""
         service = request.match_info["service"]
         try:
-            data = await self._body(request)
+            raw = await self._read(request)
+            data = _parse(raw)
             timeout = self._timeout(request)
             if not self.node.providers(service) and self._met_mesh():
                 raise NoProviderError(f"no node offers the service {service!r} in mesh {self.node.config.mesh!r}")
-            reply = await self.node.request(service, data, timeout=timeout)
+            reply = await self._outlived(self.node.request(service, data, timeout=timeout), len(raw))
         except Exception as exc:
             return self._failure(exc, service)
         try:
@@ -502,11 +539,15 @@ class Gateway:
     async def finish(self, app: web.Application | None = None) -> None:
         """Give the requests being served `STOP_GRACE_S` to end, then cut off those still
         running: each is answered 503 ``Stopping`` (by `errors`), or has its connection
-        closed if its answer is being written. Also drops a collection of the nodes'
-        counters in flight. (The application's ``on_shutdown``: the listening socket is
-        closed by then, and idle connections.)"""
-        if self._serving:
-            await asyncio.wait(set(self._serving), timeout=STOP_GRACE_S)
+        closed if its answer is being written. Drops at once the calls into the mesh whose
+        callers hung up (`_outlived`), and a collection of the nodes' counters in flight.
+        (The application's ``on_shutdown``: the listening socket is closed by then, and
+        idle connections.)"""
+        self._stopping = True
+        for running in list(self._orphans):
+            running.cancel()
+        if self._serving or self._orphans:
+            await asyncio.wait(self._serving | self._orphans, timeout=STOP_GRACE_S)
         for task in list(self._serving):
             self._cut.add(task)
             task.cancel()
@@ -626,6 +667,26 @@ class _BadRequest(Exception):
 
 class _Busy(Exception):
     pass
+
+
+def _seen(done: asyncio.Future[Any]) -> None:
+    """Mark what ``done`` raised as seen: asyncio logs a failure nobody looked at, and a
+    call whose caller hung up has nobody left to be told of it."""
+    if not done.cancelled():
+        done.exception()
+
+
+def _parse(raw: bytes) -> Any:
+    """A body parsed as JSON (None if empty). Raises `_BadRequest` for what is not JSON:
+    bad syntax or text, ``NaN`` or infinities, nesting deeper than Python recurses."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError) as exc:  # (JSONDecodeError is a ValueError)
+        raise _BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _BadRequest("the body is not valid JSON: it is nested too deeply") from None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -754,7 +815,7 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
                                logger=_http_log,  # (a malformed request: a counted line, not a traceback each)
                                shutdown_timeout=_STOP_WRITE_S,  # (after `finish`: for its answers)
                                lingering_time=LINGER_S,  # (the rest of a body refused unread, e.g. a 413)
-                               handler_cancellation=True)  # (a client that hangs up frees its slot at once)
+                               handler_cancellation=True)  # (a client that hangs up: its handler ends at once)
         await runner.setup()
         _bound_connections(runner.server, max_connections)
         site = web.TCPSite(runner, host, int(port_text))
