@@ -55,16 +55,21 @@ def test_wait_for_subscribers_times_out_without_enough_subscribers(mesh: dict[st
             node.wait_for_subscribers("t", 1, timeout=0.3)
 
 
-def test_a_subscriber_of_more_topics_than_one_read_takes_is_counted_whole(mesh: dict[str, Any]) -> None:
+@pytest.mark.parametrize("hwm", [None, 100])
+def test_a_subscriber_of_more_topics_than_one_read_takes_is_counted_whole(mesh: dict[str, Any],
+                                                                         hwm: int | None) -> None:
     """A peer's subscriptions reach the publisher's XPUB all at once when the two meet:
     more of them than one read of its events takes (1,024). Every one is counted, without a
     publication or another subscription to wake the publisher up: the last topic has its
-    subscriber, and the subscriber is present (`wait_for_peers`)."""
+    subscriber, and the subscriber is present (`wait_for_peers`). High-water marks lowered
+    (for big messages, as the docs advise) lower them for the messages, not for the
+    subscriptions, which ZeroMQ would drop past them."""
     topics = zmqmesh._mesh.registry.MAX_OFFERS - 10
-    subscriber = zmqmesh.Node("many-topics", **mesh)
+    options = {**mesh, **({"send_hwm": hwm, "recv_hwm": hwm} if hwm else {})}
+    subscriber = zmqmesh.Node("many-topics", **options)
     for i in range(topics):
         subscriber.subscribe(f"t{i}.", lambda msg: None)
-    publisher = zmqmesh.Node("quiet-publisher", **mesh)
+    publisher = zmqmesh.Node("quiet-publisher", **options)
     with subscriber, publisher:
         publisher.wait_for_subscribers(f"t{topics - 1}.x", 1, timeout=10)
         publisher.wait_for_subscribers("t0.x", 1, timeout=10)

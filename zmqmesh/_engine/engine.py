@@ -43,7 +43,7 @@ from .._io.netif import (
     is_loopback,
 )
 from .._io.reactor import EventLoop, run_on
-from .._io.sockets import new_socket
+from .._io.sockets import CONTROL_HWM, new_socket
 from .._membership.engine import MAX_PEERS, ZMQ_SOCKETS_PER_PEER, Membership
 from .._membership.peer import PeerState
 from .._mesh.directory import Directory, Provider
@@ -306,8 +306,10 @@ class Engine:
         cfg = self.config
         sockets: dict[str, zmq.Socket[Any]] = {}
         for key, kind in (("sub", zmq.SUB), ("pull", zmq.PULL), ("service", zmq.ROUTER), ("pub", zmq.XPUB)):
-            options: dict[int, int | bytes] = {
-                zmq.RCVHWM: cfg.recv_hwm, zmq.SNDHWM: cfg.send_hwm, zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
+            options: dict[int, int | bytes] = {  # (subscriptions go up a SUB and into an XPUB: `CONTROL_HWM`)
+                zmq.RCVHWM: CONTROL_HWM if kind == zmq.XPUB else cfg.recv_hwm,
+                zmq.SNDHWM: CONTROL_HWM if kind == zmq.SUB else cfg.send_hwm,
+                zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
             }
             if kind == zmq.ROUTER:
                 options[zmq.ROUTER_MANDATORY] = 1

@@ -9,9 +9,16 @@ from typing import Any, TypeVar
 import zmq
 
 __all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "close_watched",
-           "reconnect"]
+           "reconnect", "CONTROL_HWM"]
 
 T = TypeVar("T")
+
+CONTROL_HWM = 100_000
+"""The high-water mark of what carries control rather than data: the membership links and
+mailbox (HELLOs, a JOIN per group, WHISPERs) and the subscriptions a SUB sends its XPUBs.
+ZeroMQ drops a subscription that finds its pipe full, and a peer's offers arrive all at
+once (up to 2,000 each); what they carry is bounded elsewhere (offers, groups, peers).
+The data directions use ``send_hwm`` / ``recv_hwm``."""
 
 log = logging.getLogger("zmqmesh.sockets")
 

@@ -25,7 +25,7 @@ import zmq
 from .._io.beacon import BeaconSocket
 from .._io.curve import KeyPair, make_server
 from .._io.reactor import EventLoop, TimerLike
-from .._io.sockets import new_socket
+from .._io.sockets import CONTROL_HWM, new_socket
 from .._stats import Stats
 from .._wire import zre
 from .._wire.codec import Codec
@@ -154,7 +154,7 @@ class Membership:
         """Bind the mailbox ROUTER to ``mailbox_port``, or to a random port in 0xC000-0xFFFF
         (as ZRE asks). Raises `ZmqMeshError` if it cannot."""
         mailbox = new_socket(self.ctx, zmq.ROUTER, {
-            zmq.RCVHWM: self.config.recv_hwm,
+            zmq.RCVHWM: CONTROL_HWM,
             zmq.MAXMSGSIZE: self.config.max_message_bytes + FRAME_HEADROOM,
             # a peer reconnecting after a cut link takes over its routing id at once,
             # instead of being shut out by its own half-open previous connection

@@ -12,7 +12,7 @@ import zmq
 
 from .._io.curve import KeyPair, make_client
 from .._io.reactor import EventLoop
-from .._io.sockets import new_socket
+from .._io.sockets import CONTROL_HWM, new_socket
 from .._stats import Stats
 from .._wire import zre
 from .._wire.frames import link_id
@@ -80,7 +80,7 @@ class Links:
         cfg = self.config
         link = new_socket(self.ctx, zmq.DEALER, {
             zmq.ROUTING_ID: link_id(self.uuid),
-            zmq.SNDHWM: cfg.send_hwm,
+            zmq.SNDHWM: CONTROL_HWM,
             zmq.SNDTIMEO: 0,
             zmq.RECONNECT_IVL: 100,
             zmq.RECONNECT_IVL_MAX: 1000,
