@@ -579,7 +579,7 @@ def test_a_timeout_longer_than_a_lock_can_wait_is_waited_not_an_overflow(mesh: d
     assert len(outcomes) == 4 and all(isinstance(e, zmqmesh.ZmqMeshError) for e in outcomes), outcomes
 
 
-@pytest.mark.parametrize("option", ["send_queue_max", "max_message_bytes", "send_hwm", "handler_concurrency",
+@pytest.mark.parametrize("option", ["send_queue_max", "max_message_bytes", "send_hwm", "queue_hwm", "handler_concurrency",
                                     "ack_window"])
 def test_count_options_refuse_fractions(option: str) -> None:
     with pytest.raises(zmqmesh.ConfigError, match=option):

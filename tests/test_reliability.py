@@ -200,6 +200,28 @@ def test_a_push_waiting_for_room_when_its_pullers_all_left_raises_instead_of_los
         assert node.stats()["gauges"]["queued"] == 0
 
 
+@pytest.mark.timeout(90)
+def test_a_frozen_puller_holds_the_pusher_back_with_the_default_high_water_marks(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    """With the defaults, a puller that takes nothing holds its pusher back within some
+    hundreds of thousands of small messages: the high-water marks count frames, and a
+    frame carries up to 256 of them, so marks of 100,000 let a pusher queue 25 million
+    toward a frozen puller (and hold them in memory) before a push waited."""
+    puller = spawn("w", pull=["jobs"])
+    with zmqmesh.Node("pusher", **mesh) as node:
+        node.wait_for_pullers("jobs", 1, timeout=10)
+        os.kill(puller.proc.pid, signal.SIGSTOP)
+        try:
+            pushed, batch = 0, [b"x" * 40] * 1000
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                while pushed < 3_000_000:
+                    node.push_many("jobs", batch, timeout=1.0)
+                    pushed += len(batch)
+            assert pushed < 1_000_000, f"{pushed:,} messages went toward a puller that took none"
+        finally:
+            os.kill(puller.proc.pid, signal.SIGCONT)
+
+
 @pytest.mark.timeout(60)
 def test_a_send_queue_stays_within_send_queue_max_while_its_puller_takes_nothing(
         spawn: Any, mesh: dict[str, Any]) -> None:

@@ -114,7 +114,16 @@ class NodeConfig:
 
     Messaging:
         max_message_bytes: largest payload or frame accepted or sent (bytes).
-        send_hwm / recv_hwm: ZeroMQ high-water marks (messages per connection).
+        send_hwm / recv_hwm: ZeroMQ high-water marks, in frames per connection (a frame
+            carries one message, or a batch of small ones within 64 KiB), of the pub/sub
+            and request sockets: how far a subscriber may fall behind before what it misses
+            is dropped (and counted). Lower them for messages of 64 KiB or more, which
+            travel a frame each.
+        queue_hwm: the same for the sockets of push/pull queues (a pusher's, a puller's),
+            where a puller that falls behind holds its pushers back instead: 1,000 frames
+            each way, up to 64 MiB of small messages (some hundreds of thousands), before
+            a push waits. (At 100,000, a frozen puller let its pusher send 25 million small
+            messages toward it, and a slow one grew by 1.2 GiB.)
         send_queue_max: messages queued inside the node before ``push`` / ``publish``
             callers are held back (back-pressure).
         send_queue_total_max: messages the send queues of every queue pushed to hold
@@ -185,6 +194,7 @@ class NodeConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     send_hwm: int = 100_000
     recv_hwm: int = 100_000
+    queue_hwm: int = 1_000
     send_queue_max: int = 10_000
     send_queue_total_max: int | None = None
     push_timeout_s: float = 10.0
@@ -219,6 +229,7 @@ class NodeConfig:
             "max_message_bytes",
             "send_hwm",
             "recv_hwm",
+            "queue_hwm",
             "send_queue_max",
             "handler_concurrency",
             "ack_window",
@@ -229,7 +240,7 @@ class NodeConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
                 raise ConfigError(f"{name} must be a finite positive number, got {value!r}")
-        for name in ("max_message_bytes", "send_hwm", "recv_hwm", "send_queue_max", "handler_concurrency",
+        for name in ("max_message_bytes", "send_hwm", "recv_hwm", "queue_hwm", "send_queue_max", "handler_concurrency",
                      "ack_window", "durable_buffer_max_bytes"):  # counts: a fraction of one failed deep inside (a slice, a socket option)
             value = getattr(self, name)
             try:

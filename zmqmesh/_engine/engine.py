@@ -307,7 +307,7 @@ class Engine:
         sockets: dict[str, zmq.Socket[Any]] = {}
         for key, kind in (("sub", zmq.SUB), ("pull", zmq.PULL), ("service", zmq.ROUTER), ("pub", zmq.XPUB)):
             options: dict[int, int | bytes] = {  # (subscriptions go up a SUB and into an XPUB: `CONTROL_HWM`)
-                zmq.RCVHWM: CONTROL_HWM if kind == zmq.XPUB else cfg.recv_hwm,
+                zmq.RCVHWM: CONTROL_HWM if kind == zmq.XPUB else cfg.queue_hwm if kind == zmq.PULL else cfg.recv_hwm,
                 zmq.SNDHWM: CONTROL_HWM if kind == zmq.SUB else cfg.send_hwm,
                 zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
             }

@@ -185,7 +185,7 @@ class Pusher:
             if len(self._sockets) >= MAX_PUSH_SOCKETS:
                 raise ZmqMeshError(f"this node already pushes to {MAX_PUSH_SOCKETS} queues with pullers or "
                                    "messages waiting; push to fewer queue names")
-        sock = new_socket(self.ctx, zmq.PUSH, {zmq.SNDHWM: self.config.send_hwm})
+        sock = new_socket(self.ctx, zmq.PUSH, {zmq.SNDHWM: self.config.queue_hwm})
         self._sockets[queue] = sock
         self._connected[queue] = set()
         self.queues[queue] = deque()
