@@ -110,6 +110,42 @@ def test_an_async_node_gets_over_a_reply_past_its_limit(mesh: dict[str, Any]) ->
         asyncio.run(main())
 
 
+@pytest.mark.timeout(60)
+def test_an_async_request_retried_elsewhere_raises_what_the_retry_raised_alone(mesh: dict[str, Any]) -> None:
+    """A request whose provider is lost is retried elsewhere (an idempotent service), and
+    what the retry raises is raised as it is. The quick way's failure went on as its plan
+    while it was being handled, so the retry's RemoteError carried the PeerLostError as
+    its context: its traceback said the one was raised "during handling of" the other."""
+    async def main() -> tuple[BaseException | None, BaseException | None]:
+        async with zmqmesh.AsyncNode("refuser", **mesh) as refuser, \
+                zmqmesh.AsyncNode("caller", **mesh) as caller:
+            lost = zmqmesh.AsyncNode("lost", **mesh)
+            await lost.start()
+            began = asyncio.Event()
+
+            async def blocked(msg: zmqmesh.Message) -> None:
+                began.set()
+                await asyncio.Event().wait()
+
+            def refuse(msg: zmqmesh.Message) -> None:
+                raise ValueError("refused")
+
+            lost.service("idem", blocked, idempotent=True)
+            await caller.wait_for_service("idem", timeout=10)
+            calling = asyncio.ensure_future(caller.request("idem", 1, timeout=30))
+            await asyncio.wait_for(began.wait(), 10)  # (the request went the quick way, to the one provider)
+            refuser.service("idem", refuse, idempotent=True)
+            await caller.wait_for_service("idem", 2, timeout=10)
+            await lost.stop(timeout=0.5)
+            await asyncio.wait([calling], timeout=20)
+            error = calling.exception()
+            return error, None if error is None else error.__context__
+
+    error, context = asyncio.run(main())
+    assert isinstance(error, zmqmesh.RemoteError) and "refused" in str(error), error
+    assert context is None, f"the retry's failure was raised while {context!r} was handled"
+
+
 def test_an_async_node_counts_requests_lost_with_their_provider(mesh: dict[str, Any]) -> None:
     provider = zmqmesh.Node("provider", **mesh)
     release = threading.Event()

@@ -204,9 +204,11 @@ class AsyncNode(NodeBase):
             runner.abandon(future)
             raise
         except Exception as exc:
-            return await runner.run(call, error=exc)
-        finished, result = runner.quick_reply(call, reply)
-        return result if finished else await runner.run(call, value=reply)
+            error = exc  # (the plan goes on outside this handler: what it raises is not chained to this)
+        else:
+            finished, result = runner.quick_reply(call, reply)
+            return result if finished else await runner.run(call, value=reply)
+        return await runner.run(call, error=error)
 
     async def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
                            peer: str | Peer | None = None, *, window: int = 64,
