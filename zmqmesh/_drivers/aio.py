@@ -4,7 +4,8 @@ the caller's loop.
 The twin of `_drivers.thread`, and like it only a way of waiting: the logic lives below.
 Kept apart so that a process using only the sync `Node` never imports asyncio.
 
-* `AsyncRunner` carries out a plan's steps by awaiting them.
+* `AsyncRunner` carries out a plan's steps by awaiting them, and sends a request that
+  goes the quick way for `AsyncNode.request` to await its reply itself (`send_quick`).
 * `LoopRequester`: DEALERs owned by the event loop, a future per request.
 * `LoopInbox`: ``async def`` handlers awaited in place; ``def`` handlers run on a worker
   thread, a burst at a time, so they never block the loop.
@@ -79,7 +80,8 @@ def check_loop(engine: Engine) -> None:
 
 
 class AsyncRunner:
-    """Runs plans on the node's event loop, awaiting where they wait."""
+    """Runs plans on the node's event loop, awaiting where they wait; sends the quick way of
+    `AsyncNode.request`'s calls, which await it themselves (`send_quick`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -129,10 +131,11 @@ class AsyncRunner:
     def send_quick(self, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]] | None:
         """Send a request the quick way (`QuickRequest.pick`): alone and at once to a
         provider that has none of this loop's requests in flight (`LoopRequester.exchange`),
-        otherwise gathered into its batch (`LoopRequester.gathered`). The future of its reply ``(status, body)``,
-        failed if the request could not be sent; None when the quick way ends before it.
-        Either way the caller goes on with `run` when the quick way ends, or with
-        `quick_reply` given the reply. Raises `ZmqMeshError` on another event loop."""
+        otherwise gathered into its batch (`LoopRequester.gathered`). The future of its
+        reply ``(status, body)``, failed if the request could not be sent; None when the
+        quick way ends before it. Either way the caller goes on with `run` when the quick
+        way ends, or with `quick_reply` given the reply. Raises `ZmqMeshError` on another
+        event loop."""
         check_loop(self.engine)
         requester = self.engine.requests
         assert isinstance(requester, LoopRequester), "the node is not started"

@@ -174,7 +174,8 @@ class QuickRequest:
     goes well: a provider of protocol 4 or later at hand, a body small enough to batch,
     and an OK reply.
 
-    The driver calls `begin` (or `advance` with None), then `advance` with the reply
+    The driver calls `begin` (or `advance` with None; or `pick`, then sends the request
+    itself: gathered into a batch, or alone as `exchange`), then `advance` with the reply
     ``(status, body)``. When it answers None or ``(False, None)``, or when the send or the
     wait fails, the quick way ends: `plan` makes the call's plan, picked up where the
     quick way left it, and the driver goes on with that, giving it the same reply or
@@ -204,9 +205,10 @@ class QuickRequest:
         return _exchange((provider, calling.service, calling.service_b, self.body, self.deadline, None, True))
 
     def pick(self, tally: RequestTally) -> Provider | None:
-        """`begin` for a driver that gathers the request into a batch itself: the provider
-        to send it to (the request goes as ``calling.service_b``, `body`, `deadline`), counted
-        as sent in ``tally``; None when the quick way ends before it: go on with `plan`."""
+        """`begin` for a driver that sends the request itself (gathered into a batch, or
+        alone as `exchange`): the provider to send it to (the request goes as
+        ``calling.service_b``, `body`, `deadline`), counted as sent in ``tally``; None when
+        the quick way ends before it: go on with `plan`."""
         calling = self.calling
         if len(self.body) >= wire.LARGE_FRAME:
             return None
