@@ -194,8 +194,10 @@ class AsyncNode(NodeBase):
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
         call = self._request_call(service, data, timeout, peer, headers)
         runner = self._runner
-        future = runner.send_quick(call) if isinstance(call, QuickRequest) else None
-        if future is None or not isinstance(call, QuickRequest):
+        if not isinstance(call, QuickRequest):
+            return await runner.run(call)
+        future = runner.send_quick(call)
+        if future is None:  # (the quick way ended before the request went: its plan goes on)
             return await runner.run(call)
         # the quick way's wait is made here, not in a coroutine of the runner's: one fewer a call
         try:
