@@ -15,7 +15,6 @@ from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
-from ._patterns.reqrep import QuickRequest
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
@@ -192,25 +191,7 @@ class AsyncNode(NodeBase):
     async def request(self, service: str, data: Any = None, timeout: float | None = None,
                       peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
-        call = self._request_call(service, data, timeout, peer, headers)
-        runner = self._runner
-        if not isinstance(call, QuickRequest):
-            return await runner.run(call)
-        future = runner.send_quick(call)
-        if future is None:  # (the quick way ended before the request went: its plan goes on)
-            return await runner.run(call)
-        # the quick way's wait is made here, not in a coroutine of the runner's: one fewer a call
-        try:
-            reply = await future
-        except asyncio.CancelledError:
-            runner.abandon(future)
-            raise
-        except Exception as exc:
-            error = exc  # (the plan goes on outside this handler: what it raises is not chained to this)
-        else:
-            finished, result = runner.quick_reply(call, reply)
-            return result if finished else await runner.run(call, value=reply)
-        return await runner.run(call, error=error)
+        return await self._runner.request(self._request_call(service, data, timeout, peer, headers))
 
     async def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
                            peer: str | Peer | None = None, *, window: int = 64,

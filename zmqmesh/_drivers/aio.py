@@ -4,8 +4,8 @@ the caller's loop.
 The twin of `_drivers.thread`, and like it only a way of waiting: the logic lives below.
 Kept apart so that a process using only the sync `Node` never imports asyncio.
 
-* `AsyncRunner` carries out a plan's steps by awaiting them, and sends a request that
-  goes the quick way for `AsyncNode.request` to await its reply itself (`send_quick`).
+* `AsyncRunner` carries out a plan's steps by awaiting them, and a request the quick way
+  while all goes well (`request`, `send_quick`).
 * `LoopRequester`: DEALERs owned by the event loop, a future per request.
 * `LoopInbox`: ``async def`` handlers awaited in place; ``def`` handlers run on a worker
   thread, a burst at a time, so they never block the loop.
@@ -80,8 +80,8 @@ def check_loop(engine: Engine) -> None:
 
 
 class AsyncRunner:
-    """Runs plans on the node's event loop, awaiting where they wait; sends the quick way of
-    `AsyncNode.request`'s calls, which await it themselves (`send_quick`)."""
+    """Runs plans on the node's event loop, awaiting where they wait, and requests the quick
+    way while all goes well (`request`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -128,13 +128,36 @@ class AsyncRunner:
             except Exception as exc:
                 error = exc
 
+    async def request(self, call: Plan | QuickRequest) -> Any:
+        """Carry out a request (`NodeBase._request_call`) and return its result; raises what
+        `run` raises. One that may go the quick way (`QuickRequest`) does while all goes
+        well (`send_quick`), its reply's future awaited here, and otherwise goes on as its
+        plan from where the quick way left it."""
+        if not isinstance(call, QuickRequest):
+            return await self.run(call)
+        future = self.send_quick(call)
+        if future is None:  # (the quick way ended before the request went)
+            return await self.run(call)
+        requester = self.engine.requests
+        assert isinstance(requester, LoopRequester), "the node is not started"
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            requester.abandon(future)
+            raise
+        except Exception as exc:
+            error = exc  # (the plan goes on outside this handler: what it raises is not chained to this)
+        else:
+            finished, result = call.advance(reply, requester.tally)
+            return result if finished else await self.run(call, value=reply)
+        return await self.run(call, error=error)
+
     def send_quick(self, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]] | None:
         """Send a request the quick way (`QuickRequest.pick`): alone and at once to a
         provider that has none of this loop's requests in flight (`LoopRequester.exchange`),
         otherwise gathered into its batch (`LoopRequester.gathered`). The future of its
         reply ``(status, body)``, failed if the request could not be sent; None when the
-        quick way ends before it. Either way the caller goes on with `run` when the quick
-        way ends, or with `quick_reply` given the reply. Raises `ZmqMeshError` on another
+        quick way ends before it (`request` goes on). Raises `ZmqMeshError` on another
         event loop."""
         check_loop(self.engine)
         requester = self.engine.requests
@@ -150,20 +173,6 @@ class AsyncRunner:
             failed: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
             failed.set_exception(exc)
             return failed
-
-    def quick_reply(self, quick: QuickRequest, reply: tuple[bytes, bytes]) -> tuple[bool, Any]:
-        """``(True, the result)`` of the reply to a request sent by `send_quick`, or
-        ``(False, None)``: go on with `run` (`QuickRequest.advance`; raises `DecodeError`)."""
-        requester = self.engine.requests
-        assert isinstance(requester, LoopRequester), "the node is not started"
-        return quick.advance(reply, requester.tally)
-
-    def abandon(self, future: asyncio.Future[tuple[bytes, bytes]]) -> None:
-        """Forget the request of a future of `send_quick` whose caller was cancelled
-        (`LoopRequester.abandon`)."""
-        requester = self.engine.requests
-        assert isinstance(requester, LoopRequester), "the node is not started"
-        requester.abandon(future)
 
     async def run_many(self, calls: Iterable[Plan | QuickRequest], window: int) -> list[Any]:
         """Carry out ``calls`` (made one by one as there is room) with at most ``window`` in
