@@ -122,8 +122,7 @@ class NodeConfig:
         queue_hwm: the same for the sockets of push/pull queues (a pusher's, a puller's),
             where a puller that falls behind holds its pushers back instead: 1,000 frames
             each way, up to 64 MiB of small messages (some hundreds of thousands), before
-            a push waits. (At 100,000, a frozen puller let its pusher send 25 million small
-            messages toward it, and a slow one grew by 1.2 GiB.)
+            a push waits. Lower it for messages of 64 KiB or more.
         send_queue_max: messages queued inside the node before ``push`` / ``publish``
             callers are held back (back-pressure).
         send_queue_total_max: messages the send queues of every queue pushed to hold

@@ -306,7 +306,8 @@ class Engine:
         cfg = self.config
         sockets: dict[str, zmq.Socket[Any]] = {}
         for key, kind in (("sub", zmq.SUB), ("pull", zmq.PULL), ("service", zmq.ROUTER), ("pub", zmq.XPUB)):
-            options: dict[int, int | bytes] = {  # (subscriptions go up a SUB and into an XPUB: `CONTROL_HWM`)
+            # (subscriptions go up a SUB and into an XPUB: `CONTROL_HWM`; a queue's PULL: `queue_hwm`)
+            options: dict[int, int | bytes] = {
                 zmq.RCVHWM: CONTROL_HWM if kind == zmq.XPUB else cfg.queue_hwm if kind == zmq.PULL else cfg.recv_hwm,
                 zmq.SNDHWM: CONTROL_HWM if kind == zmq.SUB else cfg.send_hwm,
                 zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
