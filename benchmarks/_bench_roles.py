@@ -42,7 +42,7 @@ TOPIC = "prices.x"
 END_TOPIC = "end.x"
 SERVICE = "echo"
 SUB_PREFIXES = (b"prices.", b"end.")  # what subscribers subscribe to (zmqmesh: same prefixes)
-HWM = 100_000  # zmqmesh's default high-water marks; raw sockets that queue a lot get the same
+HWM = 10_000  # zmqmesh's default high-water marks (send_hwm, recv_hwm); raw sockets that queue a lot get the same
 
 
 def _rss() -> dict[str, int]:

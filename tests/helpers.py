@@ -74,6 +74,12 @@ def in_threads(target: Callable[[], object], count: int, timeout: float) -> None
         thread.join(timeout)
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition", every: float = 0.01) -> object:
     """Poll ``condition`` (every ``every`` s: more for a costly one) until it returns
     something truthy; fail the test at ``timeout``."""

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import ScriptProcess, wait_until
+from helpers import ScriptProcess, rss_bytes, wait_until
 
 import zmqmesh
 from zmqmesh import inspect_store
@@ -808,11 +808,6 @@ def test_recovered_queues_stop_reading_the_store_once_they_have_it_all(tmp_path:
         wait_until(lambda: not any(q.overflow for q in queues.values()), 10, "both queues caught up")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def test_a_backlog_of_large_durable_messages_stays_in_the_store_not_in_memory(tmp_path: Path,
                                                                              mesh: dict[str, Any]) -> None:
     """160 MiB pushed durably while no puller is there: the node holds a few MiB of it in
@@ -829,17 +824,17 @@ def test_a_backlog_of_large_durable_messages_stays_in_the_store_not_in_memory(tm
             got.append(int.from_bytes(msg.data[:4], "big"))
 
     with zmqmesh.Node("pusher", store=str(tmp_path / "store"), **mesh) as pusher:
-        before = _rss_bytes()
+        before = rss_bytes()
         for i in range(n):
             pusher.push("big", i.to_bytes(4, "big") + blob, durable=True)
-        grown = _rss_bytes() - before
+        grown = rss_bytes() - before
         assert grown < 64 << 20, f"the pusher's memory grew by {grown >> 20} MiB for a {n} MiB backlog"
         puller = zmqmesh.Node("puller", **mesh)
         puller.pull("big", slow, at_least_once=True)
         with puller:
             deadline = time.monotonic() + 60
             while len(got) < n and time.monotonic() < deadline:
-                grown = max(grown, _rss_bytes() - before)
+                grown = max(grown, rss_bytes() - before)
                 time.sleep(0.02)
         # (the puller's share is in this process too: what it received and holds)
         assert grown < 96 << 20, f"memory grew by {grown >> 20} MiB while a slow puller drained {n} MiB"

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import rss_bytes, wait_until
 
 import zmqmesh
 
@@ -220,6 +220,33 @@ def test_a_frozen_puller_holds_the_pusher_back_with_the_default_high_water_marks
             assert pushed < 1_000_000, f"{pushed:,} messages went toward a puller that took none"
         finally:
             os.kill(puller.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(90)
+def test_a_frozen_subscriber_holds_a_bounded_share_of_its_publishers_memory(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    """A subscriber that takes nothing costs its publisher what its pipe holds, up to
+    ``send_hwm`` frames, past which what it would get is dropped and counted: with the
+    default (10,000), about 120 MiB of small messages here; marks of 100,000 let it hold
+    about 280 MiB."""
+    subscriber = spawn("s", subscribe=["t."])
+    with zmqmesh.Node("publisher", **mesh) as node:
+        node.wait_for_subscribers("t.x", 1, timeout=10)
+        os.kill(subscriber.proc.pid, signal.SIGSTOP)
+        try:
+            items = [{"i": i, "p": "x" * 40} for i in range(1000)]
+            before = rss_bytes()
+            deadline = time.monotonic() + 30
+            # until it is declared gone (`peer_timeout_s`) and publications find no route:
+            # its pipe, full long before, is what the publisher held for it
+            while node.stats()["pubsub"].get("unrouted", 0) < 1_000_000:
+                assert time.monotonic() < deadline, "the frozen subscriber's pipe never filled"
+                for _ in range(100):
+                    node.publish_many("t.x", items)
+            grown = rss_bytes() - before
+            assert grown < 200 << 20, f"the publisher grew by {grown >> 20} MiB for a subscriber that took nothing"
+        finally:
+            os.kill(subscriber.proc.pid, signal.SIGCONT)
 
 
 @pytest.mark.timeout(60)

@@ -117,8 +117,9 @@ class NodeConfig:
         send_hwm / recv_hwm: ZeroMQ high-water marks, in frames per connection (a frame
             carries one message, or a batch of small ones within 64 KiB), of the pub/sub
             and request sockets: how far a subscriber may fall behind before what it misses
-            is dropped (and counted). Lower them for messages of 64 KiB or more, which
-            travel a frame each.
+            is dropped (and counted), and so what it can cost its publisher (10,000 frames
+            of small messages: about 120 MiB). Lower them for messages of 64 KiB or more,
+            which travel a frame each.
         queue_hwm: the same for the sockets of push/pull queues (a pusher's, a puller's),
             where a puller that falls behind holds its pushers back instead: 1,000 frames
             each way, up to 64 MiB of small messages (some hundreds of thousands), before
@@ -191,8 +192,8 @@ class NodeConfig:
     curve_key_file: str | None = None
     curve_allow: tuple[str, ...] = ()
     max_message_bytes: int = 16 * 1024 * 1024
-    send_hwm: int = 100_000
-    recv_hwm: int = 100_000
+    send_hwm: int = 10_000
+    recv_hwm: int = 10_000
     queue_hwm: int = 1_000
     send_queue_max: int = 10_000
     send_queue_total_max: int | None = None
