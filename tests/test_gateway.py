@@ -147,8 +147,9 @@ def test_what_json_cannot_say_is_refused_coming_in_and_made_strict_json_going_ou
 
 def test_the_dashboard_counters_go_on_past_a_node_whose_counters_it_cannot_read(gateway: str, spawn: Any) -> None:
     """A node of another version (its built-in stats answer shaped otherwise) is left out
-    of the dashboard's counters; the other nodes' go on, while it is there and after."""
+    of the dashboard's counters, and counted; the other nodes' go on, while it is there and after."""
     response = urllib.request.urlopen(gateway + "/events", timeout=10)  # (a stats event comes every second)
+    unreadable = [0]
 
     def next_stats() -> dict[str, Any]:
         kind = ""
@@ -157,7 +158,9 @@ def test_the_dashboard_counters_go_on_past_a_node_whose_counters_it_cannot_read(
             if line.startswith("event: "):
                 kind = line[7:]
             elif line.startswith("data: ") and kind == "stats":
-                return dict(json.loads(line[6:])["nodes"])
+                data = json.loads(line[6:])
+                unreadable[0] = data["gateway"]["events"]["unreadable_stats"]
+                return dict(data["nodes"])
 
     try:
         spawn("worker", service=["echo"])
@@ -168,6 +171,7 @@ def test_the_dashboard_counters_go_on_past_a_node_whose_counters_it_cannot_read(
             pass
         for _ in range(3):  # the gateway and the worker, the foreign node left out
             assert len(next_stats()) == 2
+        assert unreadable[0] >= 1
         foreign.kill()
         assert len(next_stats()) == 2
     finally:
@@ -328,7 +332,7 @@ def test_dashboard_shows_nodes_join_and_leave_live(gateway: str, spawn: Any, mes
 def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[str, Any]) -> None:
     """A client sending its head or its body slowly, or sitting idle, holds a connection
     for a bounded time; past max_connections, new ones are closed at once; the gateway
-    keeps answering throughout."""
+    keeps answering throughout, and its metrics count the 408 and the connection closed at once."""
     with gateway_in_process(mesh, max_connections=20, idle_timeout_s=3.0, body_timeout_s=3.0) as (url, connect):
 
         def answer(sock: socket.socket) -> tuple[bytes, float]:
@@ -360,6 +364,10 @@ def test_slow_and_idle_http_clients_are_bounded_in_time_and_number(mesh: dict[st
         time.sleep(0.3)
         status, peers = call(f"{url}/peers")  # and the gateway still serves
         assert status == 200 and isinstance(peers, list)
+        samples = gateway_samples(url)  # the one closed at once is counted; the slow body's 408 too
+        # (and one of the 20 held when the 408's connection, lingering for the rest of its body, was still open)
+        assert samples["zmqmesh_gateway_refused_total{connections}"] in (1, 2)
+        assert samples["zmqmesh_gateway_refused_total{body_timeout}"] == 1
 
 
 @pytest.mark.timeout(60)
@@ -367,7 +375,8 @@ def test_a_client_that_never_reads_its_replies_is_closed_in_bounded_time(mesh: d
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Replies wait for their reader at most REPLY_TIMEOUT_S (here 2 s): a client that
     sends requests (pipelined) and never reads the replies is disconnected then, not held
-    open forever, so that such clients cannot fill max_connections for good."""
+    open forever, so that such clients cannot fill max_connections for good; each one so
+    disconnected is counted in the gateway's metrics."""
     from zmqmesh.tools import gateway as gateway_module
 
     monkeypatch.setattr(gateway_module, "REPLY_TIMEOUT_S", 2.0)
@@ -393,6 +402,7 @@ def test_a_client_that_never_reads_its_replies_is_closed_in_bounded_time(mesh: d
                             raise ConnectionResetError("closed")
                         got += len(data)
                 assert got < 10 * 1024 * 1024
+            assert gateway_samples(url)["zmqmesh_gateway_events_total{slow_reader}"] == 2  # (one a connection)
         finally:
             for sock in stuck:
                 sock.close()
@@ -467,6 +477,25 @@ def gateway_in_process(mesh: dict[str, Any], **options: Any) -> Iterator[tuple[s
         thread.join(15)
         if not thread.is_alive():
             loop.close()
+
+
+def gateway_samples(url: str) -> dict[str, float]:
+    """The samples of the gateway's own families in a scrape of its ``/metrics``, by name,
+    with the event or reason in braces: ``{"zmqmesh_gateway_refused_total{forbidden}": 1.0,
+    "zmqmesh_gateway_requests_in_flight": 1.0, ...}``. Skips the test without prometheus_client."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("zmqmesh_gateway_"):
+                assert sample.labels["node"] == "gateway", sample
+                kind = sample.labels.get("event") or sample.labels.get("reason")
+                found[f"{sample.name}{{{kind}}}" if kind else sample.name] = sample.value
+    return found
 
 
 def test_malformed_http_is_answered_400_and_logged_in_a_counted_line(mesh: dict[str, Any],
@@ -896,3 +925,94 @@ def test_a_413_closes_its_connection_soon_though_the_client_goes_on_sending(mesh
             finally:
                 done.set()
                 sender.join(15)
+
+
+@pytest.mark.timeout(120)
+def test_the_gateways_refusals_and_hang_ups_are_in_its_metrics_and_its_dashboard_stats(
+        mesh: dict[str, Any], spawn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the gateway counts of its own (callers that hung up, refusals by reason) and
+    what it has in flight were attributes and log lines, in no scrape: /metrics has them,
+    each refusal and hang-up counted once, and so do the dashboard's stats events. The
+    in-flight gauges rise with the calls (those whose callers hung up included) and fall
+    back when they end."""
+    from zmqmesh.tools import gateway as gateway_module
+    from zmqmesh.tools.gateway import EVENTS, REFUSALS
+
+    monkeypatch.setattr(gateway_module, "MAX_IN_FLIGHT", 3)
+    monkeypatch.setattr(gateway_module, "MAX_LISTENERS", 1)
+    spawn("worker", service=["block"], block_s=20)
+    call_block = (b"POST /request/block?timeout=6 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 4\r\n\r\nnull")
+    with gateway_in_process(mesh, body_timeout_s=1.0) as (url, connect):
+        wait_until(lambda: any(p["name"] == "worker" for p in call(f"{url}/peers")[1]), 10, "the worker")
+        before = gateway_samples(url)
+        assert {f"zmqmesh_gateway_events_total{{{e}}}" for e in EVENTS} <= set(before)
+        assert {f"zmqmesh_gateway_refused_total{{{r}}}" for r in REFUSALS} <= set(before)
+        assert not any(v for k, v in before.items() if k.endswith("}")), "counted before anything happened"
+        assert before["zmqmesh_gateway_requests_in_flight"] == 1  # (the scrape itself)
+        assert before["zmqmesh_gateway_in_flight_body_bytes"] == before["zmqmesh_gateway_hung_up_calls"] == 0
+        assert before["zmqmesh_gateway_connections"] >= 1
+
+        dashboard = urllib.request.urlopen(f"{url}/events", timeout=30)
+
+        def next_counters() -> dict[str, Any]:
+            kind = ""
+            while True:
+                line = dashboard.readline().decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind == "stats":
+                    return dict(json.loads(line[6:])["gateway"])
+
+        try:
+            assert call(f"{url}/events") == (503, {"error": "Busy", "message": "1 event streams are open; try again"})
+            callers = [connect(call_block) for _ in range(2)]
+            wait_until(lambda: gateway_samples(url)["zmqmesh_gateway_requests_in_flight"] == 3, 10,
+                       "the two calls in flight, and the scrape")
+            during = gateway_samples(url)
+            assert during["zmqmesh_gateway_in_flight_body_bytes"] == 8 and during["zmqmesh_gateway_event_streams"] == 1
+            callers.append(connect(call_block))
+            busy = [0]
+
+            def refused() -> bool:
+                status = call(f"{url}/peers")[0]
+                busy[0] += status == 503
+                return status == 503
+
+            wait_until(refused, 5, "the third call to fill the slots")
+            for sock in callers:  # they hang up; their calls hold their places until their timeouts
+                sock.close()
+            counters = next_counters()
+            while counters["gauges"]["hung_up_calls"] < 3:
+                counters = next_counters()
+            assert counters["events"]["hung_up"] == 3
+            assert counters["gauges"]["requests_in_flight"] == 3 and counters["gauges"]["in_flight_body_bytes"] == 12
+            while counters["gauges"]["requests_in_flight"]:  # (their timeouts, 6 s after they were sent)
+                counters = next_counters()
+            assert counters["gauges"]["hung_up_calls"] == counters["gauges"]["in_flight_body_bytes"] == 0
+
+            too_large = connect(b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: 100000000\r\n\r\n[1,")
+            assert too_large.recv(4096).startswith(b"HTTP/1.1 413")
+            too_slow = connect(b"POST /push/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 100\r\n\r\n[1,")
+            assert too_slow.recv(4096).startswith(b"HTTP/1.1 408")
+            assert call(f"{url}/peers", headers={"Host": "evil.example"})[0] == 403
+            assert call(f"{url}/request/block", "POST", b"1", {"Content-Type": "text/plain"})[0] == 415
+            for sock in (too_large, too_slow):
+                sock.close()
+            after = gateway_samples(url)
+        finally:
+            dashboard.close()
+        want = {"events_total{hung_up}": 3, "refused_total{requests_in_flight}": busy[0],
+                "refused_total{event_streams}": 1, "refused_total{body_too_large}": 1,
+                "refused_total{body_timeout}": 1, "refused_total{forbidden}": 1,
+                "refused_total{unsupported_media_type}": 1}
+        assert {k: v for k, v in after.items() if k.endswith("}") and v} == \
+            {f"zmqmesh_gateway_{k}": v for k, v in want.items()}
+        assert after["zmqmesh_gateway_requests_in_flight"] == 1  # (the scrape)
+        for gauge in ("in_flight_body_bytes", "arriving_body_bytes", "hung_up_calls"):
+            assert after[f"zmqmesh_gateway_{gauge}"] == 0, gauge
+        wait_until(lambda: gateway_samples(url)["zmqmesh_gateway_event_streams"] == 0, 10, "the stream to end")
+        wait_until(lambda: gateway_samples(url)["zmqmesh_gateway_connections"] == 1, 10,
+                   "the connections but the scrape's to close")

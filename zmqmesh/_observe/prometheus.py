@@ -6,7 +6,8 @@ dictionary update per frame or call) is all it pays between scrapes.
 ``prometheus_client`` (the ``metrics`` extra) is imported on first use only.
 
 Every family carries the labels ``node`` (name) and ``node_id``, so one scrape can hold
-several nodes (the gateway serves the whole mesh's).
+several nodes (the gateway serves the whole mesh's), and the gateway's own counters
+(`gateway_families`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,23 @@ from typing import Any
 from .._stats import PATTERNS
 from ..errors import ConfigError
 
-__all__ = ["MetricsServer", "families", "metrics_text"]
+__all__ = ["MetricsServer", "families", "gateway_families", "metrics_text"]
 
 log = logging.getLogger("zmqmesh.metrics")
 
 Snapshot = dict[str, Any]
 """What `Node.stats()` returns, with ``"id"`` and ``"name"`` added (as ``\\x00stats`` answers)."""
 
+_GATEWAY_GAUGES = {
+    "requests_in_flight": "Requests being served (event streams aside): the scrape itself, and the "
+                          "calls whose callers hung up, included",
+    "in_flight_body_bytes": "Bytes of the bodies of the requests being served",
+    "arriving_body_bytes": "Bytes the request bodies being read declare",
+    "event_streams": "Event streams (/events) open",
+    "hung_up_calls": "Calls into the mesh still running whose callers hung up",
+    "connections": "HTTP connections open",
+}
+"""The gauges a gateway's counters may hold, each a family ``zmqmesh_gateway_<key>``, with its help."""
 
 
 def _client() -> Any:
@@ -83,23 +94,54 @@ def families(snapshots: Iterable[Snapshot]) -> list[Any]:
     return [messages, by_name, rejected, membership, latency, peers, queued, backlog]
 
 
-class _Collector:
-    """A prometheus_client collector over a source of snapshots."""
+def gateway_families(counters: Snapshot) -> list[Any]:
+    """The metric families of an HTTP gateway's own ``counters``: ``{"id", "name",
+    "events": {event: count}, "refused": {reason: count}, "gauges": {key: value}}``, the
+    gauges' keys among `_GATEWAY_GAUGES` (one missing is left out, another ignored)."""
+    core = _client().core
+    labels = ["node", "node_id"]
+    node = [str(counters.get("name", "")), str(counters.get("id", ""))]
+    events = core.CounterMetricFamily("zmqmesh_gateway_events", "What befell the gateway's requests and "
+                                      "streams, by event (callers that hung up, clients that took no reply, ...)",
+                                      labels=[*labels, "event"])
+    refused = core.CounterMetricFamily("zmqmesh_gateway_refused", "Requests and connections the gateway "
+                                       "refused, by reason (a bound reached, a body too large or too slow, "
+                                       "a missing token, a foreign origin, ...)", labels=[*labels, "reason"])
+    for event, count in (counters.get("events") or {}).items():
+        events.add_metric([*node, event], count)
+    for reason, count in (counters.get("refused") or {}).items():
+        refused.add_metric([*node, reason], count)
+    gauges = counters.get("gauges") or {}
+    made = [events, refused]
+    for key, help_text in _GATEWAY_GAUGES.items():
+        if key in gauges:
+            gauge = core.GaugeMetricFamily(f"zmqmesh_gateway_{key}", help_text, labels=labels)
+            gauge.add_metric(node, gauges[key])
+            made.append(gauge)
+    return made
 
-    def __init__(self, source: Callable[[], Iterable[Snapshot]]) -> None:
+
+class _Collector:
+    """A prometheus_client collector over a source of snapshots (and a gateway's counters)."""
+
+    def __init__(self, source: Callable[[], Iterable[Snapshot]], gateway: Snapshot | None = None) -> None:
         self.source = source
+        self.gateway = gateway
 
     def collect(self) -> Iterator[Any]:
         yield from families(self.source())
+        if self.gateway is not None:
+            yield from gateway_families(self.gateway)
 
 
-def metrics_text(snapshots: Iterable[Snapshot]) -> bytes:
-    """The Prometheus text exposition of ``snapshots`` (what a ``/metrics`` route answers).
+def metrics_text(snapshots: Iterable[Snapshot], gateway: Snapshot | None = None) -> bytes:
+    """The Prometheus text exposition of ``snapshots`` (what a ``/metrics`` route answers),
+    and of an HTTP gateway's own counters if given (`gateway_families`).
 
     Raises `ConfigError` without ``prometheus_client``."""
     client = _client()
     registry = client.CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(lambda: list(snapshots)))
+    registry.register(_Collector(lambda: list(snapshots), gateway))
     text: bytes = client.generate_latest(registry)
     return text
 

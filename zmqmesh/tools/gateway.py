@@ -8,7 +8,7 @@ The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
     POST /push/{queue}        JSON body; 202 once handed to the mesh
     GET  /peers               the membership as JSON
     GET  /events              Server-Sent Events: joins, leaves, per-node counters, edges, latencies
-    GET  /metrics             every node's counters for Prometheus (the ``metrics`` extra)
+    GET  /metrics             every node's counters for Prometheus (the ``metrics`` extra), and the gateway's own
     GET  /                    the dashboard (one self-contained page, no CDN)
 
 Errors are JSON ``{"error": type, "message": ..., ...}`` with a status per kind:
@@ -122,6 +122,17 @@ _STOP_WRITE_S = 0.5
 """How long aiohttp then waits for those answers to be written (twice: its shutdown timeout)."""
 _DISCOVERY_GRACE_S = 3.0
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+EVENTS = ("hung_up", "slow_reader", "stream_stalled", "stream_event_lost", "unreadable_stats", "internal_error")
+"""What the gateway counts as it befalls (`Gateway.event_counts`): a caller that hung up while its
+call into the mesh ran on, a connection closed as its client took no reply within
+`REPLY_TIMEOUT_S`, an ``/events`` stream closed as its reader took no event within
+`STREAM_WRITE_TIMEOUT_S`, an event a lagging stream lost, a node's counters the dashboard
+could not read (each time), a 500 ``InternalError`` (a bug of the gateway's)."""
+REFUSALS = ("requests_in_flight", "body_bytes_in_flight", "body_bytes_arriving", "event_streams", "connections",
+            "body_too_large", "body_timeout", "unauthorized", "forbidden", "unsupported_media_type")
+"""Why the gateway refuses (`Gateway.refusals`): 503 ``Busy`` as `MAX_IN_FLIGHT`,
+`MAX_BODY_BYTES_IN_FLIGHT`, `MAX_BODY_BYTES_READING` or `MAX_LISTENERS` is reached; a
+connection closed at once past ``max_connections``; 413; 408; 401; 403; 415."""
 
 
 class GatewayError(ValueError):
@@ -154,9 +165,9 @@ class Gateway:
         self.in_flight = 0
         self.body_bytes = 0  # of the requests in flight
         self.reading_bytes = 0  # declared by the bodies being read
-        self.unreadable_stats = 0  # nodes' counters the dashboard could not read (`poll_stats`)
-        self.slow_readers = 0  # connections closed as their client took no reply (`_send`)
-        self.hung_up = 0  # callers that hung up while their call into the mesh ran on (`_outlived`)
+        self.event_counts: dict[str, int] = dict.fromkeys(EVENTS, 0)  # since the start (`counters`)
+        self.refusals: dict[str, int] = dict.fromkeys(REFUSALS, 0)  # by reason, since the start (`counters`)
+        self.server: web.Server | None = None  # (set by `run_gateway`: its connections are counted)
         self._warned: set[str] = set()  # nodes whose unreadable counters were logged (bounded)
         self._stats: list[dict[str, Any]] | None = None  # the last collection's (`mesh_stats`)
         self._stats_began = 0.0  # when the last collection began
@@ -199,18 +210,18 @@ class Gateway:
 
     async def _send(self, request: web.Request, response: web.StreamResponse) -> None:
         """Write ``response`` out, its slot freed: a client that has not taken it within
-        `REPLY_TIMEOUT_S` (it does not read) has its connection closed, counted in
-        `slow_readers` and logged (the first and every 1,000th), so that no reply waits
+        `REPLY_TIMEOUT_S` (it does not read) has its connection closed, counted
+        (``slow_reader``) and logged (the first and every 1,000th), so that no reply waits
         for its reader forever, holding a connection."""
         try:
             await asyncio.wait_for(self._write(request, response), REPLY_TIMEOUT_S)
         except ConnectionError:  # (the client hung up: nobody to answer)
             pass
         except asyncio.TimeoutError:
-            self.slow_readers += 1
-            if self.slow_readers == 1 or self.slow_readers % 1000 == 0:
-                log.warning("closed a connection whose client took no reply for %g s (%d so far)",
-                            REPLY_TIMEOUT_S, self.slow_readers)
+            self.event_counts["slow_reader"] += 1
+            slow = self.event_counts["slow_reader"]
+            if slow == 1 or slow % 1000 == 0:
+                log.warning("closed a connection whose client took no reply for %g s (%d so far)", REPLY_TIMEOUT_S, slow)
             if request.transport is not None:
                 request.transport.abort()
 
@@ -230,16 +241,17 @@ class Gateway:
             # (a header's bytes that are not UTF-8 come as surrogates: they compare as they came)
             if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"),
                                        self.token.encode("utf-8", "surrogateescape")):
-                return _error(401, "Unauthorized", "a valid bearer token is required")
+                return self._refuse("unauthorized", 401, "Unauthorized", "a valid bearer token is required")
         streaming = request.path == "/events"  # (streams have their own bound: MAX_LISTENERS)
         try:
             # the body first, then a slot: a slow body holds its connection alone (bounded in
             # number, MAX_CONNECTIONS, and in time, the body timeout), never a slot of those in flight
             size = len(await self._read_within_budget(request)) if request.method == "POST" else 0
             if not streaming and self.in_flight >= MAX_IN_FLIGHT:
-                return _error(503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
+                return self._refuse("requests_in_flight", 503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
             if self.body_bytes and self.body_bytes + size > MAX_BODY_BYTES_IN_FLIGHT:
-                return _error(503, "Busy", f"{MAX_BODY_BYTES_IN_FLIGHT} bytes of requests are in flight; try again")
+                return self._refuse("body_bytes_in_flight", 503, "Busy",
+                                    f"{MAX_BODY_BYTES_IN_FLIGHT} bytes of requests are in flight; try again")
             self.in_flight += not streaming
             self.body_bytes += size
             try:
@@ -251,9 +263,9 @@ class Gateway:
         except _Busy as exc:
             return _error(503, "Busy", str(exc))
         except web.HTTPRequestTimeout as exc:
-            return _error(408, "RequestTimeout", exc.text or "")
+            return self._refuse("body_timeout", 408, "RequestTimeout", exc.text or "")
         except web.HTTPRequestEntityTooLarge:
-            too_large = _error(413, "PayloadTooLarge", f"the body exceeds {self.max_body_bytes} bytes")
+            too_large = self._refuse("body_too_large", 413, "PayloadTooLarge", f"the body exceeds {self.max_body_bytes} bytes")
             too_large.force_close()  # (Connection: close: none other on it, even if the body does come)
             return too_large
         except web.HTTPNotFound:
@@ -268,23 +280,30 @@ class Gateway:
             return _error(400, "BadRequest", "the connection was lost")
         except Exception as exc:  # a bug of ours: logged here, never a traceback to the client
             log.exception("error serving %s %s", request.method, request.path)
+            self.event_counts["internal_error"] += 1
             return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")
 
+    def _refuse(self, reason: str, status: int, kind: str, message: str) -> web.Response:
+        """The JSON error of a refusal, counted by its ``reason`` (one of `REFUSALS`)."""
+        self.refusals[reason] += 1
+        return _error(status, kind, message)
+
     def _refused(self, request: web.Request) -> web.Response | None:
-        """A 403 or 415 for a request from where it must not come, else None."""
+        """A 403 or 415 for a request from where it must not come (counted), else None."""
         if self.token is None and _host_of(request.host) not in self.hosts:
-            return _error(403, "Forbidden", f"this gateway does not serve the host {request.host!r}")
+            return self._refuse("forbidden", 403, "Forbidden", f"this gateway does not serve the host {request.host!r}")
         origin = request.headers.get("Origin")
         if origin is not None and not self._served_origin(origin, request):
-            return _error(403, "Forbidden", f"cross-site request from {origin!r} refused")
+            return self._refuse("forbidden", 403, "Forbidden", f"cross-site request from {origin!r} refused")
         site = request.headers.get("Sec-Fetch-Site")  # (a browser's word: the page's origin, or a typed address)
         link = request.path == "/" and request.method == "GET" and \
             request.headers.get("Sec-Fetch-Mode") == "navigate" and request.headers.get("Sec-Fetch-Dest") == "document"
         if site is not None and site not in ("same-origin", "none") and not link:  # (a link may open the dashboard)
-            return _error(403, "Forbidden", f"a request made by another site ({site}) refused")
+            return self._refuse("forbidden", 403, "Forbidden", f"a request made by another site ({site}) refused")
         if request.method == "POST" and request.content_type != "application/json" and (
                 request.body_exists or "Content-Type" in request.headers):  # (an empty form is still a form)
-            return _error(415, "UnsupportedMediaType", "a POST body must be JSON, sent as 'application/json'")
+            return self._refuse("unsupported_media_type", 415, "UnsupportedMediaType",
+                                "a POST body must be JSON, sent as 'application/json'")
         return None
 
     def _served_origin(self, origin: str, request: web.Request) -> bool:
@@ -324,6 +343,7 @@ class Gateway:
             declared = min(request.content_length or self.max_body_bytes, self.max_body_bytes)
         if declared > SMALL_BODY_BYTES and self.reading_bytes and \
                 self.reading_bytes + declared > MAX_BODY_BYTES_READING:  # (one alone is read whatever its size)
+            self.refusals["body_bytes_arriving"] += 1
             raise _Busy(f"{MAX_BODY_BYTES_READING} bytes of bodies are arriving; try again")
         self.reading_bytes += declared
         try:
@@ -365,15 +385,16 @@ class Gateway:
 
     def _hold(self, running: asyncio.Future[Any], size: int) -> None:
         """Keep a place among the requests in flight, and ``size`` body bytes, until
-        ``running`` (a call whose caller hung up) ends; counted in `hung_up`, and logged
+        ``running`` (a call whose caller hung up) ends; counted (``hung_up``), and logged
         the first and every 1,000th time."""
         self.in_flight += 1
         self.body_bytes += size
         self._orphans.add(running)
-        self.hung_up += 1
-        if self.hung_up == 1 or self.hung_up % 1000 == 0:
+        self.event_counts["hung_up"] += 1
+        hung_up = self.event_counts["hung_up"]
+        if hung_up == 1 or hung_up % 1000 == 0:
             log.info("a caller hung up before its reply: its call into the mesh holds its place until it ends"
-                     " (%d so far)", self.hung_up)
+                     " (%d so far)", hung_up)
 
         def let_go(_: asyncio.Future[Any]) -> None:
             self.in_flight -= 1
@@ -462,9 +483,9 @@ class Gateway:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """GET /events: a Server-Sent Events stream. A reader that takes no event for
         `STREAM_WRITE_TIMEOUT_S` is disconnected; one that lags loses events past
-        `MAX_STREAM_BYTES` waiting."""
+        `MAX_STREAM_BYTES` waiting (both counted: ``stream_stalled``, ``stream_event_lost``)."""
         if len(self.listeners) >= MAX_LISTENERS:
-            return _error(503, "Busy", f"{MAX_LISTENERS} event streams are open; try again")
+            return self._refuse("event_streams", 503, "Busy", f"{MAX_LISTENERS} event streams are open; try again")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         stream = _Stream()
@@ -475,6 +496,7 @@ class Gateway:
                 await asyncio.wait_for(response.write(chunk), STREAM_WRITE_TIMEOUT_S)
                 chunk = await stream.next(15)
         except asyncio.TimeoutError:  # (a reader that stopped reading: its connection goes, not just the stream)
+            self.event_counts["stream_stalled"] += 1
             log.warning("closed an /events stream whose reader took no event for %g s", STREAM_WRITE_TIMEOUT_S)
             if request.transport is not None:
                 request.transport.abort()
@@ -487,13 +509,31 @@ class Gateway:
         return response
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """GET /metrics: every zmqmesh node's counters, for Prometheus (one scrape, the mesh)."""
+        """GET /metrics: every zmqmesh node's counters, for Prometheus (one scrape, the mesh),
+        and the gateway's own (`counters`, read as the scrape is answered)."""
         snapshots = await self.mesh_stats()
         try:
-            text = metrics_text(snapshots)
+            text = metrics_text(snapshots, gateway=self.counters())
         except ConfigError as exc:  # prometheus_client is not installed
             return _error(501, "NotImplemented", str(exc))
         return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def counters(self) -> dict[str, Any]:
+        """The gateway's own counters, as ``/metrics`` (`metrics_text`) and the dashboard's
+        ``stats`` events show them: its node's ``id`` and ``name``; ``events`` (`EVENTS`) and
+        ``refused`` (`REFUSALS`), counts since it started; ``gauges``, what is in flight or
+        open now: ``requests_in_flight`` (streams aside; calls whose callers hung up
+        included), ``in_flight_body_bytes``, ``arriving_body_bytes`` (declared by the bodies
+        being read), ``event_streams``, ``hung_up_calls``, and ``connections`` when served
+        by `run_gateway`."""
+        gauges = {"requests_in_flight": self.in_flight, "in_flight_body_bytes": self.body_bytes,
+                  "arriving_body_bytes": self.reading_bytes, "event_streams": len(self.listeners),
+                  "hung_up_calls": len(self._orphans)}
+        if self.server is not None:
+            gauges["connections"] = len(self.server.connections)
+        me = self.node.as_peer()
+        return {"id": me.id, "name": me.name, "events": dict(self.event_counts), "refused": dict(self.refusals),
+                "gauges": gauges}
 
     async def mesh_stats(self) -> list[dict[str, Any]]:
         """The counters of every zmqmesh node that answers within a second, the gateway's
@@ -562,15 +602,18 @@ class Gateway:
             stream.end()
 
     def broadcast(self, event: str, data: Any) -> None:
-        """Queue an event for every open /events stream (a stream that lags loses events)."""
+        """Queue an event for every open /events stream (a stream that lags loses events,
+        counted: ``stream_event_lost``)."""
         chunk = _sse(event, data)
         for stream in list(self.listeners):
-            stream.put(chunk)
+            if not stream.put(chunk):
+                self.event_counts["stream_event_lost"] += 1
 
     async def poll_stats(self) -> None:
-        """Every second, collect every zmqmesh node's counters and broadcast them. A node
-        whose counters cannot be read (another version's, or a stranger's) is left out,
-        counted (`unreadable_stats`) and logged once; nothing stops the polling but a cancel."""
+        """Every second, collect every zmqmesh node's counters and broadcast them, with the
+        gateway's own (`counters`). A node whose counters cannot be read (another version's,
+        or a stranger's) is left out, counted (``unreadable_stats``) and logged once; nothing
+        stops the polling but a cancel."""
         while True:
             await asyncio.sleep(_STATS_INTERVAL_S)
             if not self.listeners:
@@ -582,12 +625,12 @@ class Gateway:
                         stats[str(snap["id"])] = _dashboard_view(snap)
                     except Exception as exc:
                         self._unreadable(snap, exc)
-                self.broadcast("stats", {"time": time.time(), "nodes": stats})
+                self.broadcast("stats", {"time": time.time(), "nodes": stats, "gateway": self.counters()})
             except Exception:
                 log.exception("collecting the nodes' counters for the dashboard failed")
 
     def _unreadable(self, snap: Any, exc: Exception) -> None:
-        self.unreadable_stats += 1
+        self.event_counts["unreadable_stats"] += 1
         name = str(snap.get("name") if isinstance(snap, dict) else None)[:64]
         if name not in self._warned:
             if len(self._warned) >= 1024:
@@ -629,15 +672,17 @@ class _Stream:
         self._ready = asyncio.Event()
         self.lost = 0
 
-    def put(self, chunk: bytes) -> None:
+    def put(self, chunk: bytes) -> bool:
         """Queue ``chunk``, unless it would make more than `MAX_STREAM_BYTES` wait (one
-        alone waits whatever its size: a large mesh's counters are one large event)."""
+        alone waits whatever its size: a large mesh's counters are one large event).
+        Returns whether it was queued."""
         if self._bytes and self._bytes + len(chunk) > MAX_STREAM_BYTES:
             self.lost += 1
-            return
+            return False
         self._chunks.append(chunk)
         self._bytes += len(chunk)
         self._ready.set()
+        return True
 
     def end(self) -> None:
         """End the stream: what waits is dropped, and `next` gives None."""
@@ -724,18 +769,19 @@ def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 
     return app, gateway
 
 
-def _bound_connections(server: web.Server | None, limit: int) -> None:
-    """Close each connection past ``limit`` open at once, as soon as it is made."""
+def _bound_connections(gateway: Gateway, server: web.Server | None, limit: int) -> None:
+    """Close each connection past ``limit`` open at once, as soon as it is made (counted in
+    the ``gateway``'s refusals, which counts ``server``'s connections from now on)."""
     assert server is not None, "runner.setup() first"
+    gateway.server = server
     made = server.connection_made
-    refused = 0
 
     def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-        nonlocal refused
         made(handler, transport)
         if len(server.connections) > limit:
             transport.close()
-            refused += 1
+            gateway.refusals["connections"] += 1
+            refused = gateway.refusals["connections"]
             if refused == 1 or refused % 1000 == 0:
                 log.warning("%d HTTP connections are open: closed a new one (%d so far)", limit, refused)
 
@@ -817,7 +863,7 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
                                lingering_time=LINGER_S,  # (the rest of a body refused unread, e.g. a 413)
                                handler_cancellation=True)  # (a client that hangs up: its handler ends at once)
         await runner.setup()
-        _bound_connections(runner.server, max_connections)
+        _bound_connections(gateway, runner.server, max_connections)
         site = web.TCPSite(runner, host, int(port_text))
         try:
             await site.start()
