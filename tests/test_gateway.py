@@ -147,7 +147,8 @@ def test_what_json_cannot_say_is_refused_coming_in_and_made_strict_json_going_ou
 
 def test_the_dashboard_counters_go_on_past_a_node_whose_counters_it_cannot_read(gateway: str, spawn: Any) -> None:
     """A node of another version (its built-in stats answer shaped otherwise) is left out
-    of the dashboard's counters, and counted; the other nodes' go on, while it is there and after."""
+    of the dashboard's counters and of /metrics, and counted; the other nodes' go on, while
+    it is there and after. (/metrics answered 500 for the whole mesh while it was there.)"""
     response = urllib.request.urlopen(gateway + "/events", timeout=10)  # (a stats event comes every second)
     unreadable = [0]
 
@@ -172,6 +173,10 @@ def test_the_dashboard_counters_go_on_past_a_node_whose_counters_it_cannot_read(
         for _ in range(3):  # the gateway and the worker, the foreign node left out
             assert len(next_stats()) == 2
         assert unreadable[0] >= 1
+        time.sleep(1.1)  # (past the counters' reuse, STATS_MAX_AGE_S: a scrape collects them anew)
+        with urllib.request.urlopen(gateway + "/metrics", timeout=10) as scrape:
+            text = scrape.read().decode()
+        assert 'node="worker"' in text and 'node="foreign"' not in text
         foreign.kill()
         assert len(next_stats()) == 2
     finally:

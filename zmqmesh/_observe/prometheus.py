@@ -48,50 +48,84 @@ def _client() -> Any:
     return prometheus_client
 
 
-def families(snapshots: Iterable[Snapshot]) -> list[Any]:
-    """The metric families of the nodes whose counters are ``snapshots``."""
+def families(snapshots: Iterable[Snapshot],
+             unreadable: Callable[[Snapshot, Exception], None] | None = None) -> list[Any]:
+    """The metric families of the nodes whose counters are ``snapshots``. A snapshot of
+    another shape (another version's, or a stranger's answer to ``\\x00stats``) is left
+    out whole, and told to ``unreadable(snapshot, error)`` (by default, logged): one odd
+    node must not cost the scrape of the others."""
     core = _client().core
     labels = ["node", "node_id"]
-    messages = core.CounterMetricFamily("zmqmesh_messages", "Messages by pattern and event (sent, received, "
-                                        "dropped, errors, and more where a pattern counts more)",
-                                        labels=[*labels, "pattern", "event"])
-    by_name = core.CounterMetricFamily("zmqmesh_named_messages", "Messages by pattern, direction and "
-                                       "topic, queue or service", labels=[*labels, "pattern", "direction", "name"])
-    rejected = core.CounterMetricFamily("zmqmesh_rejected", "Inputs dropped, by reason", labels=[*labels, "reason"])
-    membership = core.CounterMetricFamily("zmqmesh_membership_events", "Peers joined and left, PINGs sent "
-                                          "and answered, strangers ignored", labels=[*labels, "event"])
-    latency = core.HistogramMetricFamily("zmqmesh_request_duration_seconds", "Seconds from a call of a "
-                                         "service to its answer", labels=[*labels, "service"])
-    peers = core.GaugeMetricFamily("zmqmesh_peers", "Peers present", labels=labels)
-    queued = core.GaugeMetricFamily("zmqmesh_queued_messages", "Messages not yet sent, or sent at least once "
-                                    "and not yet acknowledged", labels=labels)
-    backlog = core.GaugeMetricFamily("zmqmesh_queue_backlog", "Messages waiting in a queue's send queue",
-                                     labels=[*labels, "queue"])
+    made = {
+        "messages": core.CounterMetricFamily("zmqmesh_messages", "Messages by pattern and event (sent, received, "
+                                             "dropped, errors, and more where a pattern counts more)",
+                                             labels=[*labels, "pattern", "event"]),
+        "named": core.CounterMetricFamily("zmqmesh_named_messages", "Messages by pattern, direction and "
+                                          "topic, queue or service", labels=[*labels, "pattern", "direction", "name"]),
+        "rejected": core.CounterMetricFamily("zmqmesh_rejected", "Inputs dropped, by reason",
+                                             labels=[*labels, "reason"]),
+        "membership": core.CounterMetricFamily("zmqmesh_membership_events", "Peers joined and left, PINGs sent "
+                                               "and answered, strangers ignored", labels=[*labels, "event"]),
+        "latency": core.HistogramMetricFamily("zmqmesh_request_duration_seconds", "Seconds from a call of a "
+                                              "service to its answer", labels=[*labels, "service"]),
+        "peers": core.GaugeMetricFamily("zmqmesh_peers", "Peers present", labels=labels),
+        "queued": core.GaugeMetricFamily("zmqmesh_queued_messages", "Messages not yet sent, or sent at least "
+                                         "once and not yet acknowledged", labels=labels),
+        "backlog": core.GaugeMetricFamily("zmqmesh_queue_backlog", "Messages waiting in a queue's send queue",
+                                          labels=[*labels, "queue"]),
+    }
     for snap in snapshots:
-        node = [str(snap.get("name", "")), str(snap.get("id", ""))]
-        for pattern in PATTERNS:
-            for event, count in (snap.get(pattern) or {}).items():
-                messages.add_metric([*node, pattern, event], count)
-        for pattern, directions in (snap.get("names") or {}).items():
-            for direction, counts in directions.items():
-                for name, count in counts.items():
-                    by_name.add_metric([*node, pattern, direction, name], count)
-        for reason, count in (snap.get("rejected") or {}).items():
-            rejected.add_metric([*node, reason], count)
-        for event, count in (snap.get("membership") or {}).items():
-            membership.add_metric([*node, event], count)
-        for service, histogram in (snap.get("latency") or {}).items():
-            cumulative, buckets = 0, []
-            for bound, count in histogram["buckets"]:
-                cumulative += count
-                buckets.append((str(bound), cumulative))
-            latency.add_metric([*node, service], buckets, histogram["sum"])
-        gauges = snap.get("gauges") or {}
-        peers.add_metric(node, gauges.get("peers", 0))
-        queued.add_metric(node, gauges.get("queued", 0))
-        for queue, count in (gauges.get("queue_backlog") or {}).items():
-            backlog.add_metric([*node, queue], count)
-    return [messages, by_name, rejected, membership, latency, peers, queued, backlog]
+        try:
+            rows = list(_rows(snap))
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:
+            if unreadable is not None:
+                unreadable(snap, exc)
+            else:
+                log.warning("left the counters of a node out of the metrics (%s: %s)", type(exc).__name__, exc)
+            continue
+        for key, values, sample in rows:
+            if key == "latency":
+                made[key].add_metric(values, *sample)
+            else:
+                made[key].add_metric(values, sample)
+    return list(made.values())
+
+
+def _rows(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
+    """The samples of one node's counters: ``(family, label values, value)``, the value of
+    a ``latency`` one ``(buckets, sum)``. Raises ``TypeError`` (or another error of a wrong
+    shape) for counters of another shape, before any sample is added."""
+    node = [str(snap.get("name", "")), str(snap.get("id", ""))]
+    for pattern in PATTERNS:
+        for event, count in (snap.get(pattern) or {}).items():
+            yield "messages", [*node, pattern, str(event)], _number(count)
+    for pattern, directions in (snap.get("names") or {}).items():
+        for direction, counts in directions.items():
+            for name, count in counts.items():
+                yield "named", [*node, str(pattern), str(direction), str(name)], _number(count)
+    for reason, count in (snap.get("rejected") or {}).items():
+        yield "rejected", [*node, str(reason)], _number(count)
+    for event, count in (snap.get("membership") or {}).items():
+        yield "membership", [*node, str(event)], _number(count)
+    for service, histogram in (snap.get("latency") or {}).items():
+        cumulative: int | float = 0
+        buckets = []
+        for bound, count in histogram["buckets"]:
+            cumulative += _number(count)
+            buckets.append((str(bound), cumulative))
+        yield "latency", [*node, str(service)], (buckets, _number(histogram["sum"]))
+    gauges = snap.get("gauges") or {}
+    yield "peers", node, _number(gauges.get("peers", 0))
+    yield "queued", node, _number(gauges.get("queued", 0))
+    for queue, count in (gauges.get("queue_backlog") or {}).items():
+        yield "backlog", [*node, str(queue)], _number(count)
+
+
+def _number(value: Any) -> int | float:
+    """``value`` if it is a number a sample can hold; raises ``TypeError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a count that is no number: {value!r:.40}")
+    return value
 
 
 def gateway_families(counters: Snapshot) -> list[Any]:
@@ -124,24 +158,28 @@ def gateway_families(counters: Snapshot) -> list[Any]:
 class _Collector:
     """A prometheus_client collector over a source of snapshots (and a gateway's counters)."""
 
-    def __init__(self, source: Callable[[], Iterable[Snapshot]], gateway: Snapshot | None = None) -> None:
+    def __init__(self, source: Callable[[], Iterable[Snapshot]], gateway: Snapshot | None = None,
+                 unreadable: Callable[[Snapshot, Exception], None] | None = None) -> None:
         self.source = source
         self.gateway = gateway
+        self.unreadable = unreadable
 
     def collect(self) -> Iterator[Any]:
-        yield from families(self.source())
+        yield from families(self.source(), self.unreadable)
         if self.gateway is not None:
             yield from gateway_families(self.gateway)
 
 
-def metrics_text(snapshots: Iterable[Snapshot], gateway: Snapshot | None = None) -> bytes:
+def metrics_text(snapshots: Iterable[Snapshot], gateway: Snapshot | None = None,
+                 unreadable: Callable[[Snapshot, Exception], None] | None = None) -> bytes:
     """The Prometheus text exposition of ``snapshots`` (what a ``/metrics`` route answers),
-    and of an HTTP gateway's own counters if given (`gateway_families`).
+    and of an HTTP gateway's own counters if given (`gateway_families`); a snapshot of
+    another shape is left out and told to ``unreadable`` (`families`).
 
     Raises `ConfigError` without ``prometheus_client``."""
     client = _client()
     registry = client.CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(lambda: list(snapshots), gateway))
+    registry.register(_Collector(lambda: list(snapshots), gateway, unreadable))
     text: bytes = client.generate_latest(registry)
     return text
 

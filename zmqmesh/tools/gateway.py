@@ -513,7 +513,7 @@ class Gateway:
         and the gateway's own (`counters`, read as the scrape is answered)."""
         snapshots = await self.mesh_stats()
         try:
-            text = metrics_text(snapshots, gateway=self.counters())
+            text = metrics_text(snapshots, gateway=self.counters(), unreadable=self._unreadable)
         except ConfigError as exc:  # prometheus_client is not installed
             return _error(501, "NotImplemented", str(exc))
         return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
@@ -636,8 +636,8 @@ class Gateway:
             if len(self._warned) >= 1024:
                 self._warned.clear()
             self._warned.add(name)
-            log.warning("the counters of node %r cannot be shown on the dashboard (%s: %s); left out",
-                        name, type(exc).__name__, exc)
+            log.warning("the counters of node %r cannot be shown (%s: %s); left out of the dashboard and "
+                        "/metrics", name, type(exc).__name__, exc)
 
 
 def _dashboard_view(snap: dict[str, Any]) -> dict[str, Any]:
