@@ -74,6 +74,21 @@ def in_threads(target: Callable[[], object], count: int, timeout: float) -> None
         thread.join(timeout)
 
 
+def next_event(stream: Any, kind: str) -> Any:
+    """The data (JSON) of the next server-sent event of ``kind`` on ``stream`` (a gateway's
+    ``/events`` response). Raises ``AssertionError`` if the stream ends first."""
+    current = ""
+    while True:
+        raw = stream.readline()
+        if not raw:
+            raise AssertionError(f"the event stream ended before a {kind!r} event")
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            current = line[7:]
+        elif line.startswith("data: ") and current == kind:
+            return json.loads(line[6:])
+
+
 def rss_bytes() -> int:
     """This process's resident memory now."""
     with open("/proc/self/statm") as f:

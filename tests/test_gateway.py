@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_tcp_port, gateway_process, in_threads, wait_until
+from helpers import free_tcp_port, gateway_process, in_threads, next_event, wait_until
 
 pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
 
@@ -153,15 +153,9 @@ def test_the_dashboard_counters_go_on_past_a_node_whose_counters_it_cannot_read(
     unreadable = [0]
 
     def next_stats() -> dict[str, Any]:
-        kind = ""
-        while True:
-            line = response.readline().decode().rstrip("\n")
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: ") and kind == "stats":
-                data = json.loads(line[6:])
-                unreadable[0] = data["gateway"]["events"]["unreadable_stats"]
-                return dict(data["nodes"])
+        data = next_event(response, "stats")
+        unreadable[0] = data["gateway"]["events"]["unreadable_stats"]
+        return dict(data["nodes"])
 
     try:
         spawn("worker", service=["echo"])
@@ -961,13 +955,7 @@ def test_the_gateways_refusals_and_hang_ups_are_in_its_metrics_and_its_dashboard
         dashboard = urllib.request.urlopen(f"{url}/events", timeout=30)
 
         def next_counters() -> dict[str, Any]:
-            kind = ""
-            while True:
-                line = dashboard.readline().decode().rstrip("\n")
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: ") and kind == "stats":
-                    return dict(json.loads(line[6:])["gateway"])
+            return dict(next_event(dashboard, "stats")["gateway"])
 
         try:
             assert call(f"{url}/events") == (503, {"error": "Busy", "message": "1 event streams are open; try again"})
