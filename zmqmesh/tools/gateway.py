@@ -127,7 +127,7 @@ EVENTS = ("hung_up", "slow_reader", "stream_stalled", "stream_event_lost", "unre
 call into the mesh ran on, a connection closed as its client took no reply within
 `REPLY_TIMEOUT_S`, an ``/events`` stream closed as its reader took no event within
 `STREAM_WRITE_TIMEOUT_S`, an event a lagging stream lost, a node's counters the dashboard
-could not read (each time), a 500 ``InternalError`` (a bug of the gateway's)."""
+or ``/metrics`` could not read (each time), a 500 ``InternalError`` (a bug of the gateway's)."""
 REFUSALS = ("requests_in_flight", "body_bytes_in_flight", "body_bytes_arriving", "event_streams", "connections",
             "body_too_large", "body_timeout", "unauthorized", "forbidden", "unsupported_media_type")
 """Why the gateway refuses (`Gateway.refusals`): 503 ``Busy`` as `MAX_IN_FLIGHT`,
