@@ -218,10 +218,8 @@ class Gateway:
         except ConnectionError:  # (the client hung up: nobody to answer)
             pass
         except asyncio.TimeoutError:
-            self.event_counts["slow_reader"] += 1
-            slow = self.event_counts["slow_reader"]
-            if slow == 1 or slow % 1000 == 0:
-                log.warning("closed a connection whose client took no reply for %g s (%d so far)", REPLY_TIMEOUT_S, slow)
+            _count_event(self.event_counts, "slow_reader", logging.WARNING,
+                         f"closed a connection whose client took no reply for {REPLY_TIMEOUT_S:g} s")
             if request.transport is not None:
                 request.transport.abort()
 
@@ -260,8 +258,8 @@ class Gateway:
             finally:
                 self.in_flight -= not streaming
                 self.body_bytes -= size
-        except _Busy as exc:
-            return _error(503, "Busy", str(exc))
+        except _Busy as exc:  # (the bodies arriving: `_read_within_budget`)
+            return self._refuse("body_bytes_arriving", 503, "Busy", str(exc))
         except web.HTTPRequestTimeout as exc:
             return self._refuse("body_timeout", 408, "RequestTimeout", exc.text or "")
         except web.HTTPRequestEntityTooLarge:
@@ -343,7 +341,6 @@ class Gateway:
             declared = min(request.content_length or self.max_body_bytes, self.max_body_bytes)
         if declared > SMALL_BODY_BYTES and self.reading_bytes and \
                 self.reading_bytes + declared > MAX_BODY_BYTES_READING:  # (one alone is read whatever its size)
-            self.refusals["body_bytes_arriving"] += 1
             raise _Busy(f"{MAX_BODY_BYTES_READING} bytes of bodies are arriving; try again")
         self.reading_bytes += declared
         try:
@@ -390,11 +387,8 @@ class Gateway:
         self.in_flight += 1
         self.body_bytes += size
         self._orphans.add(running)
-        self.event_counts["hung_up"] += 1
-        hung_up = self.event_counts["hung_up"]
-        if hung_up == 1 or hung_up % 1000 == 0:
-            log.info("a caller hung up before its reply: its call into the mesh holds its place until it ends"
-                     " (%d so far)", hung_up)
+        _count_event(self.event_counts, "hung_up", logging.INFO,
+                     "a caller hung up before its reply: its call into the mesh holds its place until it ends")
 
         def let_go(_: asyncio.Future[Any]) -> None:
             self.in_flight -= 1
@@ -714,6 +708,14 @@ class _Busy(Exception):
     pass
 
 
+def _count_event(counts: dict[str, int], key: str, level: int, message: str) -> None:
+    """Add one to ``counts[key]``, and log ``message`` with the count so far the first and
+    every 1,000th time (a flood costs the log a line per thousand)."""
+    counts[key] += 1
+    if counts[key] == 1 or counts[key] % 1000 == 0:
+        log.log(level, "%s (%d so far)", message, counts[key])
+
+
 def _seen(done: asyncio.Future[Any]) -> None:
     """Mark what ``done`` raised as seen: asyncio logs a failure nobody looked at, and a
     call whose caller hung up has nobody left to be told of it."""
@@ -780,10 +782,8 @@ def _bound_connections(gateway: Gateway, server: web.Server | None, limit: int) 
         made(handler, transport)
         if len(server.connections) > limit:
             transport.close()
-            gateway.refusals["connections"] += 1
-            refused = gateway.refusals["connections"]
-            if refused == 1 or refused % 1000 == 0:
-                log.warning("%d HTTP connections are open: closed a new one (%d so far)", limit, refused)
+            _count_event(gateway.refusals, "connections", logging.WARNING,
+                         f"{limit} HTTP connections are open: closed a new one")
 
     server.connection_made = connection_made  # type: ignore[method-assign]
 
