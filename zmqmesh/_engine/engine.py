@@ -305,12 +305,14 @@ class Engine:
     def _open_sockets(self, bind_address: str) -> dict[str, zmq.Socket[Any]]:
         cfg = self.config
         sockets: dict[str, zmq.Socket[Any]] = {}
-        for key, kind in (("sub", zmq.SUB), ("pull", zmq.PULL), ("service", zmq.ROUTER), ("pub", zmq.XPUB)):
-            # (subscriptions go up a SUB and into an XPUB: `CONTROL_HWM`; a queue's PULL: `queue_hwm`)
+        # the marks, receiving and sending: a queue's PULL takes `queue_hwm`; subscriptions go
+        # up a SUB and into an XPUB, under `CONTROL_HWM`
+        for key, kind, rcvhwm, sndhwm in (("sub", zmq.SUB, cfg.recv_hwm, CONTROL_HWM),
+                                          ("pull", zmq.PULL, cfg.queue_hwm, cfg.send_hwm),
+                                          ("service", zmq.ROUTER, cfg.recv_hwm, cfg.send_hwm),
+                                          ("pub", zmq.XPUB, CONTROL_HWM, cfg.send_hwm)):
             options: dict[int, int | bytes] = {
-                zmq.RCVHWM: CONTROL_HWM if kind == zmq.XPUB else cfg.queue_hwm if kind == zmq.PULL else cfg.recv_hwm,
-                zmq.SNDHWM: CONTROL_HWM if kind == zmq.SUB else cfg.send_hwm,
-                zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
+                zmq.RCVHWM: rcvhwm, zmq.SNDHWM: sndhwm, zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
             }
             if kind == zmq.ROUTER:
                 options[zmq.ROUTER_MANDATORY] = 1
