@@ -371,12 +371,8 @@ class Membership:
 
     def remove(self, peer: PeerState, reason: str) -> None:
         """Forget a peer, close its link, and report it gone if it had been ready."""
-        if self.peers.get(peer.uuid) is not peer:
+        if not self._forget(peer):
             return
-        del self.peers[peer.uuid]
-        self._group_chars -= peer.group_chars
-        self._changed_at = self.loop.time()
-        self.links.close(peer)
         if peer.ready:
             self.stats.membership["left"] += 1
             log.info("peer %s (%s) gone: %s", peer.name, peer.id[:8], reason)
@@ -390,11 +386,19 @@ class Membership:
         """Remove a ready peer (reported), or forget one still being greeted (not reported)."""
         if peer.ready:
             self.remove(peer, reason)
-        elif self.peers.get(peer.uuid) is peer:
-            del self.peers[peer.uuid]
-            self._group_chars -= peer.group_chars
-            self._changed_at = self.loop.time()
-            self.links.close(peer)
+        else:
+            self._forget(peer)
+
+    def _forget(self, peer: PeerState) -> bool:
+        """Take ``peer`` out of the table, its groups out of the budget, and close its link;
+        False if it was not there (already replaced or forgotten)."""
+        if self.peers.get(peer.uuid) is not peer:
+            return False
+        del self.peers[peer.uuid]
+        self._group_chars -= peer.group_chars
+        self._changed_at = self.loop.time()
+        self.links.close(peer)
+        return True
 
     def _beacon_rest(self) -> float:
         """How long the beacon socket rests unwatched once read dry (`Beacons`): not at all
