@@ -118,8 +118,8 @@ class NodeConfig:
             carries one message, or a batch of small ones within 64 KiB), of the pub/sub
             and request sockets: how far a subscriber may fall behind before what it misses
             is dropped (and counted), and so what it can cost its publisher (10,000 frames
-            of small messages: about 120 MiB). Lower them for messages of 64 KiB or more,
-            which travel a frame each.
+            of at most 64 KiB: up to 640 MiB; about 120 MiB of 40-byte messages). Lower
+            them for messages of 64 KiB or more, which travel a frame each.
         queue_hwm: the same for the sockets of push/pull queues (a pusher's, a puller's),
             where a puller that falls behind holds its pushers back instead: 1,000 frames
             each way, up to 64 MiB of small messages (some hundreds of thousands), before
