@@ -72,6 +72,7 @@ def in_threads(target: Callable[[], object], count: int, timeout: float) -> None
         thread.start()
     for thread in threads:
         thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), f"a thread still ran after {timeout} s"
 
 
 def next_event(stream: Any, kind: str) -> Any:

@@ -152,7 +152,9 @@ def test_a_task_calling_its_own_node_while_a_handler_runs_is_not_taken_for_that_
             @node.service("outer")
             async def outer(msg: zmqmesh.Message) -> str:
                 began.set()
-                await asyncio.sleep(0.3)  # (the other task calls meanwhile)
+                # the other task's call in flight beside this one's caller's (the node's own
+                # table of requests: nothing public says it)
+                await asyncio.wait_for(until(lambda: len(node._engine.requests.outstanding) >= 2), 10)
                 try:
                     return str(await node.request("inner", None, timeout=5))
                 except zmqmesh.ConfigError:

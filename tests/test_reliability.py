@@ -210,16 +210,13 @@ def test_a_frozen_puller_holds_the_pusher_back_with_the_default_high_water_marks
     puller = spawn("w", pull=["jobs"])
     with zmqmesh.Node("pusher", **mesh) as node:
         node.wait_for_pullers("jobs", 1, timeout=10)
-        os.kill(puller.proc.pid, signal.SIGSTOP)
-        try:
-            pushed, batch = 0, [b"x" * 40] * 1000
-            with pytest.raises(zmqmesh.MeshTimeoutError):
-                while pushed < 3_000_000:
-                    node.push_many("jobs", batch, timeout=1.0)
-                    pushed += len(batch)
-            assert pushed < 1_000_000, f"{pushed:,} messages went toward a puller that took none"
-        finally:
-            os.kill(puller.proc.pid, signal.SIGCONT)
+        puller.signal(signal.SIGSTOP)  # (let go by the fixture's stop)
+        pushed, batch = 0, [b"x" * 40] * 1000
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            while pushed < 3_000_000:
+                node.push_many("jobs", batch, timeout=1.0)
+                pushed += len(batch)
+        assert pushed < 1_000_000, f"{pushed:,} messages went toward a puller that took none"
 
 
 @pytest.mark.timeout(90)
@@ -232,21 +229,18 @@ def test_a_frozen_subscriber_holds_a_bounded_share_of_its_publishers_memory(
     subscriber = spawn("s", subscribe=["t."])
     with zmqmesh.Node("publisher", **mesh) as node:
         node.wait_for_subscribers("t.x", 1, timeout=10)
-        os.kill(subscriber.proc.pid, signal.SIGSTOP)
-        try:
-            items = [{"i": i, "p": "x" * 40} for i in range(1000)]
-            before = rss_bytes()
-            deadline = time.monotonic() + 30
-            # until it is declared gone (`peer_timeout_s`) and publications find no route:
-            # its pipe, full long before, is what the publisher held for it
-            while node.stats()["pubsub"].get("unrouted", 0) < 1_000_000:
-                assert time.monotonic() < deadline, "the frozen subscriber's pipe never filled"
-                for _ in range(100):
-                    node.publish_many("t.x", items)
-            grown = rss_bytes() - before
-            assert grown < 200 << 20, f"the publisher grew by {grown >> 20} MiB for a subscriber that took nothing"
-        finally:
-            os.kill(subscriber.proc.pid, signal.SIGCONT)
+        subscriber.signal(signal.SIGSTOP)  # (let go by the fixture's stop)
+        items = [{"i": i, "p": "x" * 40} for i in range(1000)]
+        before = rss_bytes()
+        deadline = time.monotonic() + 30
+        # until it is declared gone (`peer_timeout_s`) and publications find no route:
+        # its pipe, full long before, is what the publisher held for it
+        while node.stats()["pubsub"].get("unrouted", 0) < 1_000_000:
+            assert time.monotonic() < deadline, "the frozen subscriber's pipe never filled"
+            for _ in range(100):
+                node.publish_many("t.x", items)
+        grown = rss_bytes() - before
+        assert grown < 200 << 20, f"the publisher grew by {grown >> 20} MiB for a subscriber that took nothing"
 
 
 @pytest.mark.timeout(60)
