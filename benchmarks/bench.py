@@ -66,8 +66,8 @@ from _bench_proc import Trial, TrialError, free_udp_port
 FULL = {
     "push_n": 1_000_000,
     "push_warm": 2_000,
-    "n_64k": 20_000,
-    "n_1m": 1_000,
+    "n_64k": 60_000,
+    "n_1m": 3_000,
     "req_n": 5_000,
     "req_warm": 300,
     "inflight_n": 50_000,
