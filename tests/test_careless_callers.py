@@ -790,6 +790,55 @@ def test_an_async_node_keeps_the_node_wide_bound_too(mesh: dict[str, Any]) -> No
     assert counted["refused_queue_full"] >= 1 and counted["refused_node_full"] >= 2, counted
 
 
+@pytest.mark.timeout(120)
+def test_large_pushes_to_a_puller_that_takes_nothing_stay_within_the_bytes_bound(mesh: dict[str, Any]) -> None:
+    """The send queues hold ``send_queue_max_bytes`` at most, together: before it, pushes
+    of 1 MiB to a puller that took nothing went on until ``send_queue_max`` of them (10
+    GiB) waited in the pusher. Past it a push waits, then raises `MeshTimeoutError` naming
+    the option, counted; ``push_many`` queues only what fits; a message larger than the
+    bound still goes, alone; nothing pushed is lost."""
+    mib = 1 << 20
+    release = threading.Event()
+    got: list[int] = []
+    puller = zmqmesh.Node("stuck", **mesh)
+    puller.pull("big", lambda m: (release.wait(60), got.append(int(bytes(m.data[:8])))), at_least_once=True)
+    options = {**mesh, "send_queue_max_bytes": 4 * mib, "ack_window": 1}
+    try:
+        with puller, zmqmesh.Node("pusher", **options) as node:
+            node.wait_for_pullers("big", timeout=10)
+            pushed: list[int] = []
+            refused: BaseException | None = None
+            for i in range(40):  # (at most 40 MiB in all, should the bound not hold)
+                try:
+                    node.push("big", b"%08d" % i + bytes(mib), timeout=0.3)
+                except zmqmesh.ZmqMeshError as exc:
+                    refused = exc
+                    break
+                pushed.append(i)
+            assert type(refused) is zmqmesh.MeshTimeoutError, f"{len(pushed)} pushes of 1 MiB, none refused"
+            assert "send_queue_max_bytes" in str(refused)
+            assert len(pushed) <= 8, pushed  # (4 MiB queued, a few more taken into the window)
+            assert _backlog(node) <= 5, _backlog(node)
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_max_bytes"):
+                node.push_many("big", [b"%08d" % (100 + i) + bytes(mib) for i in range(10)], timeout=0.3)
+            assert _backlog(node) <= 5, _backlog(node)
+            assert node.stats()["pipeline"]["refused_node_full"] >= 2
+            release.set()
+            node.push("big", b"%08d" % 999 + bytes(6 * mib), timeout=30)  # (larger than the bound: alone)
+            wait_until(lambda: 999 in got and node.stats()["gauges"]["queued"] == 0, 60, "every message pushed")
+        missing = [i for i in pushed if i not in got]
+        assert not missing, f"{missing} lost"
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, math.nan, True, "many"])
+def test_the_push_bytes_bound_is_checked(bad: Any) -> None:
+    with pytest.raises(zmqmesh.ConfigError, match="send_queue_max_bytes"):
+        zmqmesh.NodeConfig(send_queue_max_bytes=bad)
+    assert zmqmesh.NodeConfig(send_queue_max_bytes=1).send_queue_max_bytes == 1
+
+
 @pytest.mark.parametrize("bad", [0, 9_999, -1, 2.5, math.nan, True, "many"])
 def test_the_node_wide_push_bound_is_checked(bad: Any) -> None:
     with pytest.raises(zmqmesh.ConfigError, match="send_queue_total_max"):

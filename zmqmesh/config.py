@@ -121,9 +121,10 @@ class NodeConfig:
             of at most 64 KiB: up to 640 MiB; about 120 MiB of 40-byte messages). Lower
             them for messages of 64 KiB or more, which travel a frame each.
         queue_hwm: the same for the sockets of push/pull queues (a pusher's, a puller's),
-            where a puller that falls behind holds its pushers back instead: 1,000 frames
-            each way, up to 64 MiB of small messages (some hundreds of thousands), before
-            a push waits. Lower it for messages of 64 KiB or more.
+            where a puller that falls behind holds its pushers back instead: 100 frames
+            each way, up to 6.4 MiB of small messages (25,600 at most), before a push
+            waits. (1,000, ZeroMQ's default, pushed as fast here and held ten times as
+            much.) Lower it for messages of 64 KiB or more, which travel a frame each.
         send_queue_max: messages queued inside the node before ``push`` / ``publish``
             callers are held back (back-pressure).
         send_queue_total_max: messages the send queues of every queue pushed to hold
@@ -135,6 +136,12 @@ class NodeConfig:
             it, pushes to many queues whose pullers do not keep up held every queue's
             share (50 queues of 16,384 messages of 64 B: +95 MiB; 512 queues could hold
             5 million). At least ``send_queue_max``.
+        send_queue_max_bytes: bytes the send queues of every queue pushed to hold
+            together (64 MiB): past it a ``push`` waits for room the same way (counted in
+            ``refused_node_full`` too), and one message larger than it still goes alone.
+            Without it, pushes of 1 MiB to a puller that fell behind held up to
+            ``send_queue_max`` of them (10 GiB); with it, a message of any size waits in
+            the caller's hands, not in the node.
         push_timeout_s: how long ``push`` waits for a puller or for room.
         request_timeout_s: default timeout of ``request``.
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up
@@ -194,9 +201,10 @@ class NodeConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     send_hwm: int = 10_000
     recv_hwm: int = 10_000
-    queue_hwm: int = 1_000
+    queue_hwm: int = 100
     send_queue_max: int = 10_000
     send_queue_total_max: int | None = None
+    send_queue_max_bytes: int = 64 << 20
     push_timeout_s: float = 10.0
     request_timeout_s: float = 10.0
     handler_concurrency: int = 1
@@ -231,6 +239,7 @@ class NodeConfig:
             "recv_hwm",
             "queue_hwm",
             "send_queue_max",
+            "send_queue_max_bytes",
             "handler_concurrency",
             "ack_window",
             "store_max_bytes",
@@ -240,8 +249,8 @@ class NodeConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
                 raise ConfigError(f"{name} must be a finite positive number, got {value!r}")
-        for name in ("max_message_bytes", "send_hwm", "recv_hwm", "queue_hwm", "send_queue_max", "handler_concurrency",
-                     "ack_window", "durable_buffer_max_bytes"):  # counts: a fraction of one failed deep inside (a slice, a socket option)
+        for name in ("max_message_bytes", "send_hwm", "recv_hwm", "queue_hwm", "send_queue_max", "send_queue_max_bytes",
+                     "handler_concurrency", "ack_window", "durable_buffer_max_bytes"):  # counts: a fraction of one failed deep inside (a slice, a socket option)
             value = getattr(self, name)
             try:
                 whole = operator.index(value)  # (an int, or an integer type's value: numpy's, say)

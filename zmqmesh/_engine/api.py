@@ -12,9 +12,10 @@ import sys
 import threading
 import time
 import warnings
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from itertools import repeat
+from itertools import accumulate, repeat
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 import zmq
@@ -656,10 +657,11 @@ class NodeBase:
         pusher = engine.pusher
         q = pusher.queues.get(queue)  # type: ignore[union-attr]
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max \
-                or pusher.held >= pusher.held_max:  # type: ignore[union-attr]
+                or pusher.held >= pusher.held_max or pusher.held_bytes >= pusher.max_bytes:  # type: ignore[union-attr]
             return body
         q.append(body)
-        pusher.held += 1  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts it)
+        pusher.held += 1  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts them)
+        pusher.held_bytes += len(body)  # type: ignore[union-attr]
         outbound = engine.outbound
         if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
             outbound.wake()  # type: ignore[union-attr]
@@ -673,8 +675,8 @@ class NodeBase:
         pusher = engine.pusher
         q = pusher.queues.get(queue)  # type: ignore[union-attr]  # (`Pusher.queue_of`, spared its call)
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max \
-                or pusher.held >= pusher.held_max:  # type: ignore[union-attr]  # (`Pusher.full`, spared its call)
-            return None
+                or pusher.held >= pusher.held_max or pusher.held_bytes >= pusher.max_bytes:  # type: ignore[union-attr]
+            return None  # (`Pusher.full`, spared its call)
         return q
 
     def _encode_many(self, operation: str, name: str, items: Iterable[Any], headers: dict[str, str] | None,
@@ -772,9 +774,17 @@ class NodeBase:
                 assert pusher is not None
                 taken = max(1, min(taken, pusher.held_max - pusher.held))
             chunk = items[done:done + taken]
+            if push:
+                size = sum(map(len, chunk))
+                room_bytes = pusher.max_bytes - pusher.held_bytes  # type: ignore[union-attr]
+                if size > room_bytes and len(chunk) > 1:  # (as many as fit in the bytes' bound, one at least)
+                    sizes = list(accumulate(map(len, chunk)))
+                    taken = max(1, bisect_right(sizes, room_bytes))
+                    chunk, size = chunk[:taken], sizes[taken - 1]
             q.extend(chunk)
             if push:
-                pusher.held += len(chunk)  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts it)
+                pusher.held += len(chunk)  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts them)
+                pusher.held_bytes += size  # type: ignore[union-attr]
             done += taken
             self._engine.outbound.wake()  # type: ignore[union-attr]
 
@@ -792,7 +802,7 @@ class NodeBase:
 
         Raises `NoProviderError` when nobody pulls ``queue`` in time, `MeshTimeoutError`
         when there is no room in time: in its send queue (``send_queue_max``), or in all
-        send queues together (``send_queue_total_max``); each counted
+        send queues together (``send_queue_total_max``, ``send_queue_max_bytes``); each counted
         (``pipeline.refused_queue_full``, ``pipeline.refused_node_full``).
         """
         engine = self._engine
@@ -827,6 +837,10 @@ class NodeBase:
                     raise MeshTimeoutError(f"send queue of {queue!r} full ({len(q)} messages): "
                                            "the receivers are not keeping up")
                 engine.stats.add("pipeline", "refused_node_full")
+                if pusher.held_bytes >= pusher.max_bytes:
+                    raise MeshTimeoutError(f"send queues full: this node's queues hold {pusher.held_bytes} bytes "
+                                           f"together (send_queue_max_bytes={pusher.max_bytes}); the receivers "
+                                           "are not keeping up")
                 raise MeshTimeoutError(f"send queues full: this node's queues hold {pusher.held} messages "
                                        f"together (send_queue_total_max={pusher.held_max}); the receivers "
                                        "are not keeping up")

@@ -104,7 +104,7 @@ class Outbound:
         if self.pusher is not None:
             for q in list(self.pusher.queues.values()):
                 q.clear()
-            self.pusher.held = 0
+            self.pusher.held = self.pusher.held_bytes = 0
 
     def flush(self) -> None:
         """Send what every queue holds; retry shortly where a socket could not take it all."""

@@ -130,6 +130,13 @@ class Pusher:
     `held_max`: callers append only while `held` is below it, and add to `held` what they
     appended (an integer add, no lock); the loop sets it to what the queues hold after
     each flush, so a count two threads raced on is set right at the next.
+
+    Their bytes are bounded the same way (`held_bytes`, below `max_bytes`: a message of
+    1 MiB weighs as much as 16,000 of 64 B), but the loop does not take off what it sends,
+    which would cost every frame a sum: `held_bytes` only grows between flushes, and the
+    loop counts it again exactly when it reaches `max_bytes` (then the queues hold few
+    large messages, or are long and waiting for their sockets anyway) or the queues are
+    empty. So callers may be held back only by bytes that are really queued.
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
@@ -148,6 +155,9 @@ class Pusher:
         self.held = 0
         """What every send queue holds (callers add, the loop recounts: `count_held`)."""
         self.held_max: int = config.send_queue_total_max or TOTAL_QUEUES_DEFAULT * config.send_queue_max
+        self.held_bytes = 0
+        """The bytes every send queue holds, at least (callers add, the loop counts again: `count_held`)."""
+        self.max_bytes: int = config.send_queue_max_bytes
         self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
@@ -165,13 +175,20 @@ class Pusher:
         return sum(map(len, list(self.queues.values())))
 
     def count_held(self) -> None:
-        """Recount `held` (loop only, after a flush): what the callers added, less what went."""
-        self.held = sum(map(len, list(self.queues.values())))
+        """Recount `held` (loop only, after a flush): what the callers added, less what went;
+        and `held_bytes` when they are empty or it reached `max_bytes`."""
+        queues = list(self.queues.values())
+        self.held = sum(map(len, queues))
+        if not self.held:
+            self.held_bytes = 0
+        elif self.held_bytes >= self.max_bytes:
+            # (each queue copied in one C call first: callers' threads may append meanwhile)
+            self.held_bytes = sum(sum(map(len, list(q))) for q in queues)
 
     def full(self, q: deque[Any]) -> bool:
         """Whether a push to the send queue ``q`` must wait: ``q`` holds ``send_queue_max``
-        messages, or all send queues together `held_max` (any thread)."""
-        return len(q) >= self._queue_max or self.held >= self.held_max
+        messages, or all send queues together `held_max`, or `max_bytes` (any thread)."""
+        return len(q) >= self._queue_max or self.held >= self.held_max or self.held_bytes >= self.max_bytes
 
     def ensure_socket(self, queue: str) -> None:
         """Create and connect the PUSH socket of ``queue``. Past `MAX_PUSH_SOCKETS`, the
