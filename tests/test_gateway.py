@@ -480,7 +480,7 @@ def gateway_in_process(mesh: dict[str, Any], **options: Any) -> Iterator[tuple[s
 def gateway_samples(url: str) -> dict[str, float]:
     """The samples of the gateway's own families in a scrape of its ``/metrics``, by name,
     with the event or reason in braces: ``{"zmqmesh_gateway_refused_total{forbidden}": 1.0,
-    "zmqmesh_gateway_requests_in_flight": 1.0, ...}``. Skips the test without prometheus_client."""
+    "zmqmesh_gateway_requests_in_flight": 0.0, ...}``. Skips the test without prometheus_client."""
     pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -947,7 +947,7 @@ def test_the_gateways_refusals_and_hang_ups_are_in_its_metrics_and_its_dashboard
         assert {f"zmqmesh_gateway_events_total{{{e}}}" for e in EVENTS} <= set(before)
         assert {f"zmqmesh_gateway_refused_total{{{r}}}" for r in REFUSALS} <= set(before)
         assert not any(v for k, v in before.items() if k.endswith("}")), "counted before anything happened"
-        assert before["zmqmesh_gateway_requests_in_flight"] == 1  # (the scrape itself)
+        assert before["zmqmesh_gateway_requests_in_flight"] == 0  # (a scrape is not counted, nor bounded)
         assert before["zmqmesh_gateway_in_flight_body_bytes"] == before["zmqmesh_gateway_hung_up_calls"] == 0
         assert before["zmqmesh_gateway_connections"] >= 1
 
@@ -959,8 +959,8 @@ def test_the_gateways_refusals_and_hang_ups_are_in_its_metrics_and_its_dashboard
         try:
             assert call(f"{url}/events") == (503, {"error": "Busy", "message": "1 event streams are open; try again"})
             callers = [connect(call_block) for _ in range(2)]
-            wait_until(lambda: gateway_samples(url)["zmqmesh_gateway_requests_in_flight"] == 3, 10,
-                       "the two calls in flight, and the scrape")
+            wait_until(lambda: gateway_samples(url)["zmqmesh_gateway_requests_in_flight"] == 2, 10,
+                       "the two calls in flight")
             during = gateway_samples(url)
             assert during["zmqmesh_gateway_in_flight_body_bytes"] == 8 and during["zmqmesh_gateway_event_streams"] == 1
             callers.append(connect(call_block))
@@ -972,6 +972,8 @@ def test_the_gateways_refusals_and_hang_ups_are_in_its_metrics_and_its_dashboard
                 return status == 503
 
             wait_until(refused, 5, "the third call to fill the slots")
+            full = gateway_samples(url)  # (a scrape is answered all the same: it was a 503 too)
+            assert full["zmqmesh_gateway_requests_in_flight"] == 3, full
             for sock in callers:  # they hang up; their calls hold their places until their timeouts
                 sock.close()
             counters = next_counters()
@@ -1002,7 +1004,7 @@ def test_the_gateways_refusals_and_hang_ups_are_in_its_metrics_and_its_dashboard
                 "refused_total{unsupported_media_type}": 1}
         assert {k: v for k, v in after.items() if k.endswith("}") and v} == \
             {f"zmqmesh_gateway_{k}": v for k, v in want.items()}
-        assert after["zmqmesh_gateway_requests_in_flight"] == 1  # (the scrape)
+        assert after["zmqmesh_gateway_requests_in_flight"] == 0
         for gauge in ("in_flight_body_bytes", "arriving_body_bytes", "hung_up_calls"):
             assert after[f"zmqmesh_gateway_{gauge}"] == 0, gauge
         wait_until(lambda: gateway_samples(url)["zmqmesh_gateway_event_streams"] == 0, 10, "the stream to end")

@@ -240,23 +240,26 @@ class Gateway:
             if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"),
                                        self.token.encode("utf-8", "surrogateescape")):
                 return self._refuse("unauthorized", 401, "Unauthorized", "a valid bearer token is required")
-        streaming = request.path == "/events"  # (streams have their own bound: MAX_LISTENERS)
+        # streams have their own bound (MAX_LISTENERS); a scrape asks the nodes nothing of its
+        # own (`mesh_stats`: one collection at a time, shared), and must be answered when the
+        # gateway is busiest, which is when it is wanted most
+        unbounded = request.path == "/events" or (request.path == "/metrics" and request.method == "GET")
         try:
             # the body first, then a slot: a slow body holds its connection alone (bounded in
             # number, MAX_CONNECTIONS, and in time, the body timeout), never a slot of those in flight
             size = len(await self._read_within_budget(request)) if request.method == "POST" else 0
-            if not streaming and self.in_flight >= MAX_IN_FLIGHT:
+            if not unbounded and self.in_flight >= MAX_IN_FLIGHT:
                 return self._refuse("requests_in_flight", 503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
             if self.body_bytes and self.body_bytes + size > MAX_BODY_BYTES_IN_FLIGHT:
                 return self._refuse("body_bytes_in_flight", 503, "Busy",
                                     f"{MAX_BODY_BYTES_IN_FLIGHT} bytes of requests are in flight; try again")
-            self.in_flight += not streaming
+            self.in_flight += not unbounded
             self.body_bytes += size
             try:
                 response: web.StreamResponse = await handler(request)
                 return response
             finally:
-                self.in_flight -= not streaming
+                self.in_flight -= not unbounded
                 self.body_bytes -= size
         except _Busy as exc:  # (the bodies arriving: `_read_within_budget`)
             return self._refuse("body_bytes_arriving", 503, "Busy", str(exc))
@@ -516,7 +519,7 @@ class Gateway:
         """The gateway's own counters, as ``/metrics`` (`metrics_text`) and the dashboard's
         ``stats`` events show them: its node's ``id`` and ``name``; ``events`` (`EVENTS`) and
         ``refused`` (`REFUSALS`), counts since it started; ``gauges``, what is in flight or
-        open now: ``requests_in_flight`` (streams aside; calls whose callers hung up
+        open now: ``requests_in_flight`` (streams and scrapes aside; calls whose callers hung up
         included), ``in_flight_body_bytes``, ``arriving_body_bytes`` (declared by the bodies
         being read), ``event_streams``, ``hung_up_calls``, and ``connections`` when served
         by `run_gateway`."""
