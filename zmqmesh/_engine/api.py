@@ -37,6 +37,7 @@ from .._wire.frames import (
     Headed,
     RawPayload,
     check_headers,
+    wire_size,
 )
 from ..config import NodeConfig
 from ..errors import (
@@ -644,10 +645,12 @@ class NodeBase:
             engine = self._ready()
         codec = engine.codec
         body: bytes | RawPayload
+        extra = 0  # (the headers' bytes: they wait in the send queue with the payload)
         if headers or type(data) is not bytes or len(data) < LARGE_FRAME:
             body = codec.encode(data)
             if headers:
-                body = self._headed(body, headers)
+                headed = self._headed(body, headers)
+                body, extra = headed, len(headed.headers)
         else:
             body = codec.raw(data)  # travels uncopied
         if timeout is not None:
@@ -661,7 +664,7 @@ class NodeBase:
             return body
         q.append(body)
         pusher.held += 1  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts them)
-        pusher.held_bytes += len(body)  # type: ignore[union-attr]
+        pusher.held_bytes += len(body) + extra  # type: ignore[union-attr]
         outbound = engine.outbound
         if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
             outbound.wake()  # type: ignore[union-attr]
@@ -775,10 +778,11 @@ class NodeBase:
                 taken = max(1, min(taken, pusher.held_max - pusher.held))
             chunk = items[done:done + taken]
             if push:
-                size = sum(map(len, chunk))
+                weigh = wire_size if Headed in set(map(type, chunk)) else len  # (headers count: they wait too)
+                size = sum(map(weigh, chunk))
                 room_bytes = pusher.max_bytes - pusher.held_bytes  # type: ignore[union-attr]
                 if size > room_bytes and len(chunk) > 1:  # (as many as fit in the bytes' bound, one at least)
-                    sizes = list(accumulate(map(len, chunk)))
+                    sizes = list(accumulate(map(weigh, chunk)))
                     taken = max(1, bisect_right(sizes, room_bytes))
                     chunk, size = chunk[:taken], sizes[taken - 1]
             q.extend(chunk)

@@ -156,7 +156,7 @@ class Pusher:
         """What every send queue holds (callers add, the loop recounts: `count_held`)."""
         self.held_max: int = config.send_queue_total_max or TOTAL_QUEUES_DEFAULT * config.send_queue_max
         self.held_bytes = 0
-        """The bytes every send queue holds, at least (callers add, the loop counts again: `count_held`)."""
+        """The bytes every send queue holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
         self.max_bytes: int = config.send_queue_max_bytes
         self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
@@ -183,7 +183,7 @@ class Pusher:
             self.held_bytes = 0
         elif self.held_bytes >= self.max_bytes:
             # (each queue copied in one C call first: callers' threads may append meanwhile)
-            self.held_bytes = sum(sum(map(len, list(q))) for q in queues)
+            self.held_bytes = sum(sum(map(wire_size, list(q))) for q in queues)  # (headers included)
 
     def full(self, q: deque[Any]) -> bool:
         """Whether a push to the send queue ``q`` must wait: ``q`` holds ``send_queue_max``

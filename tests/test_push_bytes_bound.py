@@ -1,0 +1,44 @@
+"""``send_queue_max_bytes`` bounds what a node's push send queues really hold: headers
+included, and without the loop paying for the bound while nothing changes."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from zmqmesh._wire.frames import wire_size
+
+MIB = 1 << 20
+
+
+def _queued_bytes(node: Any) -> int:
+    """The bytes every push send queue of ``node`` really holds, headers included."""
+    pusher = node._engine.pusher
+    return sum(wire_size(x) if isinstance(x, bytes) else len(x) for q in list(pusher.queues.values()) for x in list(q))
+
+
+@pytest.mark.timeout(60)
+def test_headers_count_in_the_bytes_bound(mesh: dict[str, Any]) -> None:
+    """A pushed message's headers (up to 16 KiB) wait in the send queue with it: counting
+    only the payload, pushes of empty payloads with 16 KiB of headers held 156 MiB
+    under a bound of 1 MiB (``held_bytes`` 20 KB), stopped only by ``send_queue_max``."""
+    release = threading.Event()
+    puller = zmqmesh.Node("stuck", **mesh)
+    puller.pull("q", lambda m: release.wait(30), at_least_once=True)
+    headers = {"k": "x" * (16 * 1024 - 1)}
+    try:
+        with puller, zmqmesh.Node("pusher", **{**mesh, "send_queue_max_bytes": MIB, "ack_window": 1}) as node:
+            node.wait_for_pullers("q", timeout=10)
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_max_bytes"):
+                for _ in range(1000):  # (16 MiB of headers, should the bound not see them)
+                    node.push("q", b"", headers=headers, timeout=0.3)
+            assert _queued_bytes(node) <= 2 * MIB, _queued_bytes(node)
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_max_bytes"):
+                node.push_many("q", [b""] * 200, headers=headers, timeout=0.3)
+            assert _queued_bytes(node) <= 2 * MIB, _queued_bytes(node)
+            release.set()
+    finally:
+        release.set()
