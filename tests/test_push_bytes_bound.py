@@ -4,6 +4,7 @@ included, and without the loop paying for the bound while nothing changes."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -39,6 +40,37 @@ def test_headers_count_in_the_bytes_bound(mesh: dict[str, Any]) -> None:
             with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_max_bytes"):
                 node.push_many("q", [b""] * 200, headers=headers, timeout=0.3)
             assert _queued_bytes(node) <= 2 * MIB, _queued_bytes(node)
+            release.set()
+    finally:
+        release.set()
+
+
+@pytest.mark.timeout(90)
+def test_a_full_bytes_bound_costs_the_loop_nothing_while_nothing_changes(mesh: dict[str, Any]) -> None:
+    """With the queues full to ``send_queue_max_bytes`` of many small messages and the
+    pullers taking nothing, the loop retries every few ms: it counted every message's
+    bytes again at each retry (90,000 messages: half a core, against 3% below the
+    bound), though nothing had been added or sent."""
+    release = threading.Event()
+    names = [f"q{k}" for k in range(10)]
+    puller = zmqmesh.Node("stuck", **mesh)
+    for name in names:
+        puller.pull(name, lambda m: release.wait(60), at_least_once=True)
+    try:
+        with puller, zmqmesh.Node("pusher", **{**mesh, "send_queue_max_bytes": 60 * MIB, "ack_window": 1}) as node:
+            for name in names:
+                node.wait_for_pullers(name, timeout=10)
+            for name in names:
+                try:
+                    node.push_many(name, [bytes(700)] * 10_000, timeout=1)
+                except zmqmesh.MeshTimeoutError as exc:
+                    assert "send_queue_max_bytes" in str(exc)
+            assert node._engine.pusher.held_bytes >= 60 * MIB
+            time.sleep(0.5)
+            cpu, wall = time.process_time(), time.monotonic()
+            time.sleep(3)
+            share = (time.process_time() - cpu) / (time.monotonic() - wall)
+            assert share < 0.2, f"{share:.0%} of a core while nothing changed"
             release.set()
     finally:
         release.set()

@@ -158,6 +158,7 @@ class Pusher:
         self.held_bytes = 0
         """The bytes every send queue holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
         self.max_bytes: int = config.send_queue_max_bytes
+        self._counted: tuple[int, int] | None = None  # (`held`, `held_bytes`) when last counted exactly
         self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
@@ -176,14 +177,21 @@ class Pusher:
 
     def count_held(self) -> None:
         """Recount `held` (loop only, after a flush): what the callers added, less what went;
-        and `held_bytes` when they are empty or it reached `max_bytes`."""
+        and `held_bytes` when they are empty or it reached `max_bytes`, unless nothing was
+        added or taken off since it was last counted (the queues wait for their sockets,
+        and the loop retries every few ms: counting 90,000 messages at each retry took half
+        a core)."""
         queues = list(self.queues.values())
-        self.held = sum(map(len, queues))
-        if not self.held:
+        self.held = held = sum(map(len, queues))
+        if not held:
             self.held_bytes = 0
-        elif self.held_bytes >= self.max_bytes:
-            # (each queue copied in one C call first: callers' threads may append meanwhile)
-            self.held_bytes = sum(sum(map(wire_size, list(q))) for q in queues)  # (headers included)
+            self._counted = None
+        elif self.held_bytes >= self.max_bytes and (held, self.held_bytes) != self._counted:
+            # (each queue copied in one C call first: callers' threads may append meanwhile;
+            # one appended after `held` was summed makes the next count differ, and recount)
+            counted = sum(sum(map(wire_size, list(q))) for q in queues)  # (headers included)
+            self.held_bytes = counted
+            self._counted = (held, counted)
 
     def full(self, q: deque[Any]) -> bool:
         """Whether a push to the send queue ``q`` must wait: ``q`` holds ``send_queue_max``
