@@ -136,12 +136,12 @@ class NodeConfig:
             it, pushes to many queues whose pullers do not keep up held every queue's
             share (50 queues of 16,384 messages of 64 B: +95 MiB; 512 queues could hold
             5 million). At least ``send_queue_max``.
-        send_queue_max_bytes: bytes the send queues of every queue pushed to hold
-            together (64 MiB): past it a ``push`` waits for room the same way (counted in
-            ``refused_node_full`` too), and one message larger than it still goes alone.
-            Without it, pushes of 1 MiB to a puller that fell behind held up to
-            ``send_queue_max`` of them (10 GiB); with it, a message of any size waits in
-            the caller's hands, not in the node.
+        send_queue_max_bytes: bytes (payloads and their headers) the send queues of every
+            queue pushed to hold together (64 MiB): while they hold that many, a ``push``
+            waits for room the same way (counted in ``refused_node_full`` too), so one
+            message larger than the bound still goes when they hold less. Without it,
+            pushes of 1 MiB to a puller that fell behind held up to ``send_queue_max`` of
+            them (10 GiB) in the pusher.
         push_timeout_s: how long ``push`` waits for a puller or for room.
         request_timeout_s: default timeout of ``request``.
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up

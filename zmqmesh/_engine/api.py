@@ -778,7 +778,8 @@ class NodeBase:
                 taken = max(1, min(taken, pusher.held_max - pusher.held))
             chunk = items[done:done + taken]
             if push:
-                weigh = wire_size if Headed in set(map(type, chunk)) else len  # (headers count: they wait too)
+                # (headers count: they wait too; a call's bodies all carry its headers, or none do)
+                weigh = wire_size if type(chunk[0]) is Headed else len
                 size = sum(map(weigh, chunk))
                 room_bytes = pusher.max_bytes - pusher.held_bytes  # type: ignore[union-attr]
                 if size > room_bytes and len(chunk) > 1:  # (as many as fit in the bytes' bound, one at least)
