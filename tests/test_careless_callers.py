@@ -819,6 +819,7 @@ def test_large_pushes_to_a_puller_that_takes_nothing_stay_within_the_bytes_bound
             assert "send_queue_max_bytes" in str(refused)
             assert len(pushed) <= 8, pushed  # (4 MiB queued, a few more taken into the window)
             assert _backlog(node) <= 5, _backlog(node)
+            assert 3 * mib <= node.stats()["gauges"]["send_queue_bytes"] <= 5 * mib, node.stats()["gauges"]
             with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_max_bytes"):
                 node.push_many("big", [b"%08d" % (100 + i) + bytes(mib) for i in range(10)], timeout=0.3)
             assert _backlog(node) <= 5, _backlog(node)

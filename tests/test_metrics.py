@@ -61,6 +61,8 @@ def test_a_node_serves_its_counters_and_they_move(mesh: dict[str, Any]) -> None:
         assert 0 < value(after, "zmqmesh_request_duration_seconds_sum", service="add") < 20
         assert value(after, "zmqmesh_peers", node="scraped") == 1
         assert ("zmqmesh_queued_messages", (("node", "scraped"), ("node_id", a.id))) in after
+        for gauge in ("zmqmesh_send_queue_bytes", "zmqmesh_durable_buffered_bytes"):  # (nothing waits now)
+            assert after[(gauge, (("node", "scraped"), ("node_id", a.id)))] == 0, gauge
     with pytest.raises(urllib.error.URLError):  # stopped with its node
         scrape(a.metrics_endpoint)
 

@@ -581,7 +581,8 @@ class NodeBase:
         (messages per pattern, direction and topic, queue or service), ``latency`` (per
         service called: a histogram of seconds until the answer), ``peers`` (received per
         peer), ``rejected`` (inputs dropped, by reason), ``membership`` (joins, leaves) and
-        ``gauges`` (``peers``, ``queued``, ``queue_backlog``, ``durable_buffered_bytes``). See
+        ``gauges`` (``peers``, ``queued``, ``queue_backlog``, ``send_queue_bytes``,
+        ``durable_buffered_bytes``). See
         docs/operations.md."""
         return self._engine.counters()
 

@@ -563,8 +563,10 @@ class Engine:
     def counters(self) -> dict[str, Any]:
         """The counters (`Stats.snapshot`) and, under ``"gauges"``, the levels of now: the
         peers present, the messages not yet sent or not yet acknowledged (``queued``), and
-        per queue the messages waiting in its send queue (``queue_backlog``), and the bytes
-        durable messages take in memory, about (``durable_buffered_bytes``)."""
+        per queue the messages waiting in its send queue (``queue_backlog``), the bytes
+        waiting in the send queues together (``send_queue_bytes``, which
+        ``send_queue_max_bytes`` bounds), and the bytes durable messages take in memory,
+        about (``durable_buffered_bytes``)."""
         pusher = self.pusher
         backlog = {name: len(q) for name, q in list(pusher.queues.items())} if pusher is not None else {}
         outbound = self.outbound
@@ -572,6 +574,7 @@ class Engine:
             "peers": self.directory.peer_count(),
             "queued": outbound.queued() if outbound is not None and not self.closed else 0,
             "queue_backlog": backlog,
+            "send_queue_bytes": pusher.queued_bytes() if pusher is not None else 0,
             "durable_buffered_bytes": self.durable.held.at_most if self.durable is not None else 0,
         }}
 

@@ -73,6 +73,10 @@ def families(snapshots: Iterable[Snapshot],
                                          "once and not yet acknowledged", labels=labels),
         "backlog": core.GaugeMetricFamily("zmqmesh_queue_backlog", "Messages waiting in a queue's send queue",
                                           labels=[*labels, "queue"]),
+        "send_queue_bytes": core.GaugeMetricFamily("zmqmesh_send_queue_bytes", "Bytes waiting in the push send "
+                                                   "queues together, headers included", labels=labels),
+        "durable_buffered": core.GaugeMetricFamily("zmqmesh_durable_buffered_bytes", "Bytes of durable messages "
+                                                   "held in memory, ready to send, about", labels=labels),
     }
     for snap in snapshots:
         try:
@@ -119,6 +123,8 @@ def _rows(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
     yield "queued", node, _number(gauges.get("queued", 0))
     for queue, count in (gauges.get("queue_backlog") or {}).items():
         yield "backlog", [*node, str(queue)], _number(count)
+    yield "send_queue_bytes", node, _number(gauges.get("send_queue_bytes", 0))
+    yield "durable_buffered", node, _number(gauges.get("durable_buffered_bytes", 0))
 
 
 def _number(value: Any) -> int | float:

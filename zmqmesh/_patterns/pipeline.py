@@ -175,6 +175,11 @@ class Pusher:
         """Messages waiting in every send queue."""
         return sum(map(len, list(self.queues.values())))
 
+    def queued_bytes(self) -> int:
+        """The bytes waiting in every send queue, headers included, counted now (any thread;
+        `held_bytes` is the callers' estimate)."""
+        return sum(sum(map(wire_size, list(q))) for q in list(self.queues.values()))
+
     def count_held(self) -> None:
         """Recount `held` (loop only, after a flush): what the callers added, less what went;
         and `held_bytes` when they are empty or it reached `max_bytes`, unless nothing was
