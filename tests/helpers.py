@@ -75,19 +75,33 @@ def in_threads(target: Callable[[], object], count: int, timeout: float) -> None
     assert not any(thread.is_alive() for thread in threads), f"a thread still ran after {timeout} s"
 
 
-def next_event(stream: Any, kind: str) -> Any:
-    """The data (JSON) of the next server-sent event of ``kind`` on ``stream`` (a gateway's
-    ``/events`` response). Raises ``AssertionError`` if the stream ends first."""
-    current = ""
+def read_event(stream: Any, waiting_for: str = "an event") -> tuple[str, Any]:
+    """The next server-sent event on ``stream`` (a gateway's ``/events`` response), of
+    whatever kind: ``(kind, data)``, its data parsed as JSON (comments such as keep-alives
+    are passed over). Raises ``AssertionError``, naming ``waiting_for``, if the stream
+    ends first."""
+    kind, data = "", None
     while True:
         raw = stream.readline()
         if not raw:
-            raise AssertionError(f"the event stream ended before a {kind!r} event")
+            raise AssertionError(f"the event stream ended before {waiting_for}")
         line = raw.decode().rstrip("\n")
         if line.startswith("event: "):
-            current = line[7:]
-        elif line.startswith("data: ") and current == kind:
-            return json.loads(line[6:])
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+        elif line == "" and kind:
+            return kind, data
+
+
+def next_event(stream: Any, kind: str) -> Any:
+    """The data (JSON) of the next server-sent event of ``kind`` on ``stream`` (a gateway's
+    ``/events`` response), those of other kinds passed over. Raises ``AssertionError`` if
+    the stream ends first."""
+    while True:
+        got, data = read_event(stream, f"a {kind!r} event")
+        if got == kind:
+            return data
 
 
 def rss_bytes() -> int:

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_tcp_port, gateway_process, in_threads, next_event, wait_until
+from helpers import (
+    free_tcp_port,
+    gateway_process,
+    in_threads,
+    next_event,
+    read_event,
+    wait_until,
+)
 
 pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
 
@@ -186,31 +193,22 @@ def test_provider_lost_mid_request_is_a_502(gateway: str, spawn: Any) -> None:
     assert status == 502 and err["error"] == "PeerLostError"
 
 
+@pytest.mark.timeout(60)
 def test_events_stream_joins_leaves_and_counters(gateway: str, spawn: Any) -> None:
     response = urllib.request.urlopen(gateway + "/events", timeout=30)
     events: list[tuple[str, Any]] = []
-
-    def read_event() -> tuple[str, Any]:
-        kind, data = "", None
-        while True:
-            line = response.readline().decode().rstrip("\n")
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-            elif line == "" and kind:
-                return kind, data
-
-    assert read_event()[0] == "snapshot"
-    proc = spawn("visitor")
-    while not any(k == "join" and d["name"] == "visitor" for k, d in events):
-        events.append(read_event())
-    while not any(k == "stats" and len(d["nodes"]) == 2 for k, d in events):
-        events.append(read_event())
-    proc.kill()
-    while not any(k == "leave" and d["name"] == "visitor" for k, d in events):
-        events.append(read_event())
-    response.close()
+    try:
+        assert read_event(response)[0] == "snapshot"
+        proc = spawn("visitor")
+        while not any(k == "join" and d["name"] == "visitor" for k, d in events):
+            events.append(read_event(response))
+        while not any(k == "stats" and len(d["nodes"]) == 2 for k, d in events):
+            events.append(read_event(response))
+        proc.kill()
+        while not any(k == "leave" and d["name"] == "visitor" for k, d in events):
+            events.append(read_event(response))
+    finally:
+        response.close()
 
 
 def test_public_listen_address_needs_a_token(mesh: dict[str, Any]) -> None:
