@@ -45,6 +45,22 @@ def call(url: str, method: str = "GET", body: bytes | None = None, headers: dict
         return err.code, json.loads(err.read())
 
 
+def read_http_answer(sock: socket.socket) -> tuple[int, Any]:
+    """Read an HTTP/1.1 answer on the raw connection ``sock`` until the gateway closes it:
+    ``(status, body parsed as JSON)``. Fails the test if the connection is closed without
+    an answer, or the answer is not HTTP/1.1 with a JSON body."""
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    assert reply, "the connection was closed without an answer"
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), reply[:300]
+    try:
+        return int(head.split()[1]), json.loads(body)
+    except (IndexError, ValueError):
+        raise AssertionError(f"not a status and a JSON body: {reply[:300]!r}") from None
+
+
 def test_every_route_against_a_real_mesh(gateway: str, spawn: Any) -> None:
     worker = spawn("worker", service=["echo", "boom", "block"], pull=["jobs"], subscribe=["news."], block_s=3)
     wait_until(lambda: any(p["name"] == "worker" for p in call(gateway + "/peers")[1]), 10, "the worker at the gateway")
@@ -519,12 +535,8 @@ def test_a_host_whose_port_is_out_of_range_is_refused_as_json_without_a_tracebac
             for _ in range(3):
                 sock = connect(f"GET /peers HTTP/1.1\r\nHost: {host}\r\nOrigin: http://127.0.0.1\r\n"
                                f"Connection: close\r\n\r\n".encode())
-                reply = b""
-                while chunk := sock.recv(4096):
-                    reply += chunk
-                head, _, body = reply.partition(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 403"), reply
-                assert json.loads(body)["error"] == "Forbidden"
+                status, err = read_http_answer(sock)
+                assert status == 403 and err["error"] == "Forbidden", (status, err)
         assert call(f"{url}/peers")[0] == 200
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
 
@@ -648,14 +660,6 @@ def test_a_stop_gives_calls_in_flight_their_grace_then_answers_them_503_in_json(
     spawn("blocker", service=["block"], block_s=30)
     quick = spawn("quick", idempotent=["slowish"])  # (answers after 1 s)
 
-    def answer(sock: socket.socket) -> tuple[int, Any]:
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-        assert reply, "the connection was closed without an answer"
-        head, _, body = reply.partition(b"\r\n\r\n")
-        return int(head.split()[1]), json.loads(body)
-
     callers = []
     with gateway_in_process(mesh) as (url, _connect):
         port = int(url.rsplit(":", 1)[1])
@@ -669,8 +673,8 @@ def test_a_stop_gives_calls_in_flight_their_grace_then_answers_them_503_in_json(
         stopping = time.monotonic()
     took = time.monotonic() - stopping
     try:
-        assert answer(callers[1]) == (200, "quick"), "a call that ended within the grace lost its answer"
-        status, err = answer(callers[0])
+        assert read_http_answer(callers[1]) == (200, "quick"), "a call that ended within the grace lost its answer"
+        status, err = read_http_answer(callers[0])
         assert status == 503 and err["error"] == "Stopping", (status, err)
         assert took < 2.0 + 1.5, f"the stop took {took:.1f} s"
     finally:
@@ -719,12 +723,8 @@ def test_a_second_sigterm_does_not_cut_the_gateway_commands_stop_short(mesh: dic
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)  # (the stop has begun: it waits for the call)
         proc.send_signal(signal.SIGTERM)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-        assert reply, "the call's connection was closed without an answer"
-        head, _, body = reply.partition(b"\r\n\r\n")
-        assert int(head.split()[1]) == 503 and json.loads(body)["error"] == "Stopping", body[:300]
+        status, err = read_http_answer(sock)
+        assert status == 503 and err["error"] == "Stopping", (status, err)
         assert proc.wait(15) == 0
         output = proc.stdout.read()
         assert "Traceback" not in output, output[-2000:]
