@@ -393,16 +393,11 @@ def test_a_client_that_never_reads_its_replies_is_closed_in_bounded_time(mesh: d
 
     monkeypatch.setattr(gateway_module, "REPLY_TIMEOUT_S", 2.0)
     with gateway_in_process(mesh, max_connections=2, idle_timeout_s=3.0) as (url, connect):
-        stuck = []
-        for _ in range(2):  # some 20 MB of replies each: more than the sockets' buffers hold
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.settimeout(10)
-            sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-            sock.sendall(b"GET /peers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20_000)
-            stuck.append(sock)
-        time.sleep(6)  # past the reply timeout (and the idle timeout, which a reply being written escapes)
+        stuck: list[socket.socket] = []
         try:
+            for _ in range(2):
+                stuck.append(client_that_never_reads(url))
+            time.sleep(6)  # past the reply timeout (and the idle timeout, which a reply being written escapes)
             status, peers = call(f"{url}/peers")  # a third client is served again
             assert status == 200 and isinstance(peers, list)
             for sock in stuck:  # and the stuck ones were cut off, not fed their 20 MB
@@ -432,15 +427,27 @@ def test_clients_that_hang_up_mid_body_or_mid_answer_log_no_traceback(mesh: dict
             time.sleep(0.05)
             sock.close()
         for _ in range(2):  # answers more than the sockets' buffers hold, never read
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-            sock.sendall(b"GET /peers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20_000)
-            time.sleep(1.5)
-            sock.close()
+            with client_that_never_reads(url):
+                time.sleep(1.5)
         time.sleep(0.5)
         assert call(f"{url}/peers")[0] == 200
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def client_that_never_reads(url: str) -> socket.socket:
+    """A raw connection to the gateway at ``url``, with a small receive buffer (4 KiB),
+    that has sent 20,000 pipelined ``GET /peers``: some 20 MB of replies, more than the
+    sockets' buffers hold, which it never reads. The caller closes it (a context manager)."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before the connection: its window)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        sock.sendall(b"GET /peers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20_000)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 @contextmanager
