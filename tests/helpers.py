@@ -38,6 +38,15 @@ def free_tcp_port() -> int:
 def gateway_process(mesh: dict[str, Any], token: str | None = None) -> Iterator[str]:
     """A `zmqmesh gateway` process on loopback in ``mesh`` (with ``token`` from the
     environment, if given): its base URL; stopped (SIGTERM, then killed) on exit."""
+    with gateway_url_and_process(mesh, token) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def gateway_url_and_process(mesh: dict[str, Any], token: str | None = None) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`gateway_process`, with the process beside its base URL, for a test that signals it,
+    waits for it or reads its output (stdout and stderr in one pipe, its first line read
+    already); on exit, unless it has ended, it is stopped (SIGTERM, then killed)."""
     port = free_tcp_port()
     env = {**os.environ, **({"ZMQMESH_GATEWAY_TOKEN": token} if token else {})}
     proc = subprocess.Popen(
@@ -49,7 +58,7 @@ def gateway_process(mesh: dict[str, Any], token: str | None = None) -> Iterator[
     try:
         line = proc.stdout.readline()
         assert "gateway listening on" in line, line + proc.stdout.read()
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -22,6 +22,7 @@ import pytest
 from helpers import (
     free_tcp_port,
     gateway_process,
+    gateway_url_and_process,
     in_threads,
     next_event,
     read_event,
@@ -711,37 +712,21 @@ def test_a_second_sigterm_does_not_cut_the_gateway_commands_stop_short(mesh: dic
     503 ``NodeClosedError`` within a second). The stop goes on whatever comes next, and the
     call gets its 503 ``Stopping`` when the grace (5 s) is over."""
     blocker = spawn("blocker", service=["block"], block_s=30)
-    port = free_tcp_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
-         "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    sock = None
-    try:
-        line = proc.stdout.readline()
-        assert "gateway listening on" in line, line
-        url = f"http://127.0.0.1:{port}"
+    with gateway_url_and_process(mesh) as (url, proc):
         wait_until(lambda: "blocker" in {p["name"] for p in call(f"{url}/peers")[1]}, 10, "the worker")
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        sock.sendall(b"POST /request/block?timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: 1\r\n\r\n1")
-        blocker.wait_line("BLOCKING")  # (the call is in flight)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # (the stop has begun: it waits for the call)
-        proc.send_signal(signal.SIGTERM)
-        status, err = read_http_answer(sock)
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as sock:
+            sock.sendall(b"POST /request/block?timeout=60 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 1\r\n\r\n1")
+            blocker.wait_line("BLOCKING")  # (the call is in flight)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # (the stop has begun: it waits for the call)
+            proc.send_signal(signal.SIGTERM)
+            status, err = read_http_answer(sock)
         assert status == 503 and err["error"] == "Stopping", (status, err)
         assert proc.wait(15) == 0
+        assert proc.stdout is not None
         output = proc.stdout.read()
         assert "Traceback" not in output, output[-2000:]
-    finally:
-        if sock is not None:
-            sock.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
 
 def test_an_event_stream_that_lags_loses_events_past_its_bound_and_counts_them() -> None:
