@@ -369,13 +369,21 @@ time.sleep(120)
 """
 
 
+def _is_zombie(pid: int) -> bool:
+    """Whether the process ``pid`` has ended and waits for its status to be collected (its
+    state in /proc/PID/stat is Z). Raises ``OSError`` if there is no such process."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def _zombie_children(pid: int) -> list[int]:
+    """The children of the process ``pid`` (of any of its threads) that are zombies."""
     zombies = []
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError):
             for child in open(f"/proc/{pid}/task/{task}/children").read().split():
                 with contextlib.suppress(OSError):
-                    if open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                    if _is_zombie(int(child)):
                         zombies.append(int(child))
     return zombies
 
@@ -445,8 +453,7 @@ def test_a_launcher_collects_no_orphan_it_still_tracks_outside_its_own_look(monk
             if pid != orphan.pid:
                 return looked(pid)
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10,
-                       "the orphan to end")
+            wait_until(lambda: _is_zombie(pid), 10, "the orphan to end")
             return False
 
         monkeypatch.setattr(launch_module, "reaped", ends_right_after)
