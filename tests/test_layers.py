@@ -851,13 +851,27 @@ def test_a_durable_buffer_reckons_the_bytes_it_still_holds_however_messages_come
     assert held_sizes([_stored(1, 1, b"abc", wire=False)]) == [3 + 200]
 
 
+def _check_handled_by_segment(items: list[Any], failed: set[int], trial: int) -> None:
+    """Check `handled_by_segment` on the batch ``items`` (durable messages and in-memory
+    payloads) with the positions ``failed``: it must give the sequence numbers of the
+    durable messages not at a failed position, by segment, the segments and their numbers
+    in batch order. ``trial`` names the case in a failure."""
+    from zmqmesh._patterns.durable import handled_by_segment
+
+    expected: dict[int, list[int]] = {}
+    for position, item in enumerate(items):
+        if not isinstance(item, bytes) and position not in failed:
+            expected.setdefault(item.segment, []).append(item.seq)
+    got = handled_by_segment(items, failed)
+    assert got == expected and list(got) == list(expected), trial
+
+
+@pytest.mark.timeout(60)
 def test_settled_durable_messages_are_sorted_out_by_segment_in_order() -> None:
     """`handled_by_segment`: the sequence numbers of the durable messages of a batch that
     were handled (not at a failed position), by segment, in batch order, whether the batch
     is all durable and of a few segments or not."""
     import random
-
-    from zmqmesh._patterns.durable import handled_by_segment
 
     rng = random.Random(5)
     for trial in range(300):
@@ -866,21 +880,15 @@ def test_settled_durable_messages_are_sorted_out_by_segment_in_order() -> None:
         if trial % 3 == 0:
             items[rng.randrange(len(items))] = b"an in-memory payload"
         failed = set(rng.sample(range(len(items)), min(len(items), rng.choice([0, 0, 1, 3]))))
-        expected: dict[int, list[int]] = {}
-        for position, item in enumerate(items):
-            if not isinstance(item, bytes) and position not in failed:
-                expected.setdefault(item.segment, []).append(item.seq)
-        got = handled_by_segment(items, failed)
-        assert got == expected and list(got) == list(expected), trial
+        _check_handled_by_segment(items, failed, trial)
 
 
+@pytest.mark.timeout(60)
 def test_a_batch_dealt_in_order_is_sorted_out_by_segment_in_runs_or_not() -> None:
     """`handled_by_segment` on all-durable batches of a few segments, each segment's
     messages in one run (as dealt in order) or not quite (a message of an earlier segment
     after a later one's): the same sequence numbers by segment, in order, either way."""
     import random
-
-    from zmqmesh._patterns.durable import handled_by_segment
 
     rng = random.Random(11)
     for trial in range(500):
@@ -889,11 +897,7 @@ def test_a_batch_dealt_in_order_is_sorted_out_by_segment_in_runs_or_not() -> Non
             items += [_stored(segment + k, segment, b"x") for k in range(rng.choice([1, 2, 40, 256]))]
         if trial % 2:  # (one message moved out of its run)
             items.insert(rng.randrange(len(items) + 1), items.pop(rng.randrange(len(items))))
-        expected: dict[int, list[int]] = {}
-        for item in items:
-            expected.setdefault(item.segment, []).append(item.seq)
-        got = handled_by_segment(items, set())
-        assert got == expected and list(got) == list(expected), trial
+        _check_handled_by_segment(items, set(), trial)
 
 
 def test_a_stored_message_with_failed_deliveries_holds_no_first_delivery_form() -> None:
