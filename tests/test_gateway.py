@@ -416,6 +416,7 @@ def test_a_client_that_never_reads_its_replies_is_closed_in_bounded_time(mesh: d
                 sock.close()
 
 
+@pytest.mark.timeout(60)
 def test_clients_that_hang_up_mid_body_or_mid_answer_log_no_traceback(mesh: dict[str, Any],
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """A client that hangs up while its body is on its way, or while its answers wait for
@@ -533,6 +534,7 @@ def test_malformed_http_is_answered_400_and_logged_in_a_counted_line(mesh: dict[
     assert len(said) == 1 and said[0].exc_info is None and "1 malformed HTTP request" in said[0].getMessage()
 
 
+@pytest.mark.timeout(60)
 def test_a_host_whose_port_is_out_of_range_is_refused_as_json_without_a_traceback(
         mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A Host with a port past 65535 and an Origin (a request's own origin is compared
