@@ -78,6 +78,34 @@ def _hello_from(dealer: Any, endpoint: str, name: str) -> None:
     dealer.send_multipart(zre.encode_command(ZreMessage(Command.HELLO, 1, endpoint=endpoint, name=name)))
 
 
+@pytest.mark.timeout(60)
+def test_join_callbacks_of_a_burst_find_each_peer_and_its_offers_in_the_tables(mesh: dict[str, Any]) -> None:
+    """Joins arriving together update the tables once per loop turn, not once each (each
+    update reads every peer: a mesh forming paid it for every HELLO); a join callback
+    still runs after its peer is in them, with its services, once per peer, in order."""
+    seen: list[tuple[str, bool, bool]] = []
+    observer = zmqmesh.Node("observer", **mesh)
+
+    def joined(peer: zmqmesh.Peer) -> None:
+        seen.append((peer.name, peer.id in {p.id for p in observer.peers()},
+                     peer.id in {p.id for p in observer.providers(f"s.{peer.name}")}))
+
+    observer.on_join(joined)
+    others = [zmqmesh.Node(f"n{i}", **mesh) for i in range(6)]
+    for node in others:
+        node.service(f"s.{node.name}", lambda m: None)
+    with observer:
+        try:
+            for node in others:  # (started back to back: their HELLOs come in a burst)
+                node.start()
+            wait_until(lambda: len(seen) >= len(others), 20, "every join")
+        finally:
+            for node in others:
+                node.stop()
+    assert sorted(name for name, _, _ in seen) == sorted(node.name for node in others), seen
+    assert all(present and offering for _, present, offering in seen), seen
+
+
 def test_a_peer_whose_endpoint_refuses_our_link_is_reported_gone_within_the_grace(
         mesh: dict[str, Any], ctx: zmq.Context[Any]) -> None:
     """A peer killed right after its HELLO reached us, before our link to it got through:

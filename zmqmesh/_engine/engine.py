@@ -155,6 +155,7 @@ class Engine:
         self._bound: dict[str, str] = {}
         self._user_groups: set[str] = set()
         self._rebuild_pending = False
+        self._joined: list[PeerState] = []  # peers ready whose join waits for the pending rebuild
         self._registry_pending = False  # an `_apply_registry` is queued on the loop
         self._zap: ZapHandler | None = None
         # routing ids no stranger can guess (os.urandom: the OS's CSPRNG, which secrets wraps,
@@ -581,12 +582,16 @@ class Engine:
     # -- membership events (on the loop) -----------------------------------------------------------
 
     def peer_ready(self, peer: PeerState) -> None:
-        """A peer joined: update the tables and connections, tell the join callbacks."""
-        self._rebuild()
-        self._post("join", self.directory.snapshot(peer))
+        """A peer joined: update the tables and connections once per loop turn, however
+        many joined in it (a mesh forming brings many HELLOs at once, and each rebuild
+        reads every peer), then tell the join callbacks, which find the tables updated."""
+        self._joined.append(peer)
+        self.peer_groups_changed(peer)
 
     def peer_gone(self, peer: PeerState, reason: str) -> None:
         """A peer left: fail its requests, redeal its unacknowledged work, tell the callbacks."""
+        if self._joined:  # (the joins before it are told first, in order)
+            self._deferred_rebuild()
         snapshot = self.directory.snapshot(peer)
         self._rebuild()
         if self.requests is not None:
@@ -607,9 +612,12 @@ class Engine:
         self._post(kind, Message(kind, group, frames, peer.id, self.directory.lookup_peer))
 
     def _deferred_rebuild(self) -> None:
-        self._rebuild_pending = False
+        self._rebuild_pending = False  # (a call queued before an early one finds nothing to do but rebuild)
+        joined, self._joined = self._joined, []
         if not self.closed:
             self._rebuild()
+            for peer in joined:
+                self._post("join", self.directory.snapshot(peer))
 
     def _post(self, event: str, arg: Any) -> None:
         callbacks = self.registry.callbacks[event]
