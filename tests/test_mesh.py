@@ -106,6 +106,34 @@ def test_join_callbacks_of_a_burst_find_each_peer_and_its_offers_in_the_tables(m
     assert all(present and offering for _, present, offering in seen), seen
 
 
+@pytest.mark.timeout(30)
+def test_a_whisper_read_with_its_senders_hello_comes_after_the_join_and_knows_its_sender(
+        mesh: dict[str, Any], ctx: zmq.Context[Any]) -> None:
+    """A HELLO and a WHISPER read in one turn of the loop (a busy node reads its mailbox in
+    bursts): the join callback runs first, as the peer's messages came, and the whisper's
+    ``msg.sender`` is the peer. (Joins told one loop turn later had the whisper of each
+    peer before its join, its sender None.)"""
+    events: list[tuple[str, str | None]] = []
+    node = zmqmesh.Node("observer", **{**mesh, "peer_timeout_s": 30.0, "heartbeat_interval_s": 10.0})
+    node.on_join(lambda peer: events.append(("join", peer.name)))
+    node.on_whisper(lambda msg: events.append(("whisper", msg.sender.name if msg.sender else None)))
+    sockets = []
+    with node:
+        try:
+            for i in range(4):
+                inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+                sockets += [inbox, dealer]
+                _hello_from(dealer, endpoint, f"p{i}")
+                dealer.send_multipart(zre.encode_command(ZreMessage(Command.WHISPER, 2, content=[b"hi"])))
+            wait_until(lambda: len(events) >= 8, 10, "the joins and the whispers")
+        finally:
+            for sock in sockets:
+                sock.close(0)
+    for i in range(4):
+        assert ("whisper", f"p{i}") in events, events
+        assert events.index(("join", f"p{i}")) < events.index(("whisper", f"p{i}")), events
+
+
 def test_a_peer_whose_endpoint_refuses_our_link_is_reported_gone_within_the_grace(
         mesh: dict[str, Any], ctx: zmq.Context[Any]) -> None:
     """A peer killed right after its HELLO reached us, before our link to it got through:

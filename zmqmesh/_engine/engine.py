@@ -608,7 +608,11 @@ class Engine:
             self.loop.call_soon(self._deferred_rebuild)
 
     def zre_message(self, kind: str, peer: PeerState, group: str, frames: list[bytes]) -> None:
-        """A WHISPER or SHOUT for the user's callbacks."""
+        """A WHISPER or SHOUT for the user's callbacks: after the joins of the peers that
+        joined before it (its sender's too, which it read after that peer's HELLO), and with
+        the tables holding its sender (``msg.sender``)."""
+        if self._joined:
+            self._deferred_rebuild()
         self._post(kind, Message(kind, group, frames, peer.id, self.directory.lookup_peer))
 
     def _deferred_rebuild(self) -> None:
