@@ -167,28 +167,32 @@ def gateway_families(counters: Snapshot) -> list[Any]:
 class _Collector:
     """A prometheus_client collector over a source of snapshots (and a gateway's counters)."""
 
-    def __init__(self, source: Callable[[], Iterable[Snapshot]], gateway: Snapshot | None = None,
+    def __init__(self, source: Callable[[], Iterable[Snapshot] | None], gateway: Snapshot | None = None,
                  unreadable: Callable[[Snapshot, Exception], None] | None = None) -> None:
         self.source = source
         self.gateway = gateway
         self.unreadable = unreadable
 
     def collect(self) -> Iterator[Any]:
-        yield from families(self.source(), self.unreadable)
+        snapshots = self.source()
+        if snapshots is not None:
+            yield from families(snapshots, self.unreadable)
         if self.gateway is not None:
             yield from gateway_families(self.gateway)
 
 
-def metrics_text(snapshots: Iterable[Snapshot], gateway: Snapshot | None = None,
+def metrics_text(snapshots: Iterable[Snapshot] | None, gateway: Snapshot | None = None,
                  unreadable: Callable[[Snapshot, Exception], None] | None = None) -> bytes:
     """The Prometheus text exposition of ``snapshots`` (what a ``/metrics`` route answers),
     and of an HTTP gateway's own counters if given (`gateway_families`); a snapshot of
-    another shape is left out and told to ``unreadable`` (`families`).
+    another shape is left out and told to ``unreadable`` (`families`). ``snapshots`` None:
+    the gateway's families alone (no node family at all, not even its HELP: the text of
+    the nodes made apart, once, may go before it).
 
     Raises `ConfigError` without ``prometheus_client``."""
     client = _client()
     registry = client.CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(lambda: list(snapshots), gateway, unreadable))
+    registry.register(_Collector(lambda: None if snapshots is None else list(snapshots), gateway, unreadable))
     text: bytes = client.generate_latest(registry)
     return text
 
