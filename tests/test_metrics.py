@@ -139,3 +139,24 @@ def test_stats_can_be_read_from_any_thread_while_at_least_once_traffic_flows(mes
         wait_until(lambda: a.stats()["gauges"]["queued"] == 0, 10, "the acknowledgements")
         assert b.stats()["names"]["pipeline"]["received"]["jobs"] == 20_000
         assert a.stats()["names"]["pipeline"]["sent"]["jobs"] == 20_000
+
+
+@pytest.mark.timeout(30)
+def test_a_node_of_an_older_version_gets_no_byte_gauges_it_never_reported() -> None:
+    """The gateway scrapes the whole mesh, of mixed versions in a rolling upgrade: a node
+    whose counters hold no ``send_queue_bytes`` or ``durable_buffered_bytes`` (a version
+    before 501cead, or one before the durable gauge) was reported at 0 bytes, a level it
+    never told, and an alert on the bound read it as idle. Its sample is left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from zmqmesh._observe.prometheus import metrics_text
+
+    old = {"id": "o" * 32, "name": "old", "gauges": {"peers": 2, "queued": 5, "queue_backlog": {"jobs": 5}}}
+    new = {"id": "n" * 32, "name": "new", "gauges": {"peers": 2, "queued": 0, "queue_backlog": {},
+                                                       "send_queue_bytes": 640, "durable_buffered_bytes": 0}}
+    text = metrics_text([old, new]).decode()
+    by_family = {f.name: {s.labels["node"]: s.value for s in f.samples}
+                 for f in text_string_to_metric_families(text)}
+    assert by_family["zmqmesh_send_queue_bytes"] == {"new": 640}, by_family["zmqmesh_send_queue_bytes"]
+    assert by_family["zmqmesh_durable_buffered_bytes"] == {"new": 0}
+    assert by_family["zmqmesh_queued_messages"] == {"old": 5, "new": 0}

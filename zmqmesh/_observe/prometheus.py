@@ -123,8 +123,9 @@ def _rows(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
     yield "queued", node, _number(gauges.get("queued", 0))
     for queue, count in (gauges.get("queue_backlog") or {}).items():
         yield "backlog", [*node, str(queue)], _number(count)
-    yield "send_queue_bytes", node, _number(gauges.get("send_queue_bytes", 0))
-    yield "durable_buffered", node, _number(gauges.get("durable_buffered_bytes", 0))
+    for family, key in (("send_queue_bytes", "send_queue_bytes"), ("durable_buffered", "durable_buffered_bytes")):
+        if key in gauges:  # (a node of a version that reports none has no sample, not a 0 it never told)
+            yield family, node, _number(gauges[key])
 
 
 def _number(value: Any) -> int | float:
