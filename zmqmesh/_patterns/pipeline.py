@@ -45,6 +45,7 @@ TOTAL_QUEUES_DEFAULT = 10
 
 
 _FIRST_LOOK = 16  # (plain payloads `next_batch` looks at first)
+_GAUGE_MAX_AGE_S = 0.5  # (how long `Pusher.queued_bytes` answers what it counted last)
 
 
 def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int, Any]:
@@ -159,6 +160,7 @@ class Pusher:
         """The bytes every send queue holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
         self.max_bytes: int = config.send_queue_max_bytes
         self._counted: tuple[int, int] | None = None  # (`held`, `held_bytes`) when last counted exactly
+        self._gauge = (0, -_GAUGE_MAX_AGE_S)  # (`queued_bytes` as last counted, and when)
         self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
@@ -176,9 +178,15 @@ class Pusher:
         return sum(map(len, list(self.queues.values())))
 
     def queued_bytes(self) -> int:
-        """The bytes waiting in every send queue, headers included, counted now (any thread;
-        `held_bytes` is the callers' estimate)."""
-        return sum(sum(map(wire_size, list(q))) for q in list(self.queues.values()))
+        """The bytes waiting in every send queue, headers included, counted at most every
+        half second (any thread; `held_bytes` is the callers' estimate). (Counting takes
+        3.5 ms for 100,000 messages, and any peer may ask for the stats.)"""
+        counted, at = self._gauge
+        now = monotonic()
+        if now - at >= _GAUGE_MAX_AGE_S:
+            counted = sum(sum(map(wire_size, list(q))) for q in list(self.queues.values()))
+            self._gauge = (counted, now)
+        return counted
 
     def count_held(self) -> None:
         """Recount `held` (loop only, after a flush): what the callers added, less what went;
