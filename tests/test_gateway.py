@@ -966,6 +966,7 @@ def test_the_gateways_refusals_and_hang_ups_are_in_its_metrics_and_its_dashboard
             wait_until(refused, 5, "the third call to fill the slots")
             full = gateway_samples(url)  # (a scrape is answered all the same: it was a 503 too)
             assert full["zmqmesh_gateway_requests_in_flight"] == 3, full
+            assert call(f"{url}/metrics", "HEAD") == (200, None)  # (and a HEAD of it, as a GET)
             for sock in callers:  # they hang up; their calls hold their places until their timeouts
                 sock.close()
             counters = next_counters()

@@ -245,7 +245,7 @@ class Gateway:
         # streams have their own bound (MAX_LISTENERS); a scrape asks the nodes nothing of its
         # own (`mesh_stats`: one collection at a time, shared), and must be answered when the
         # gateway is busiest, which is when it is wanted most
-        unbounded = request.path == "/events" or (request.path == "/metrics" and request.method == "GET")
+        unbounded = request.path == "/events" or (request.path == "/metrics" and request.method in ("GET", "HEAD"))
         try:
             # the body first, then a slot: a slow body holds its connection alone (bounded in
             # number, MAX_CONNECTIONS, and in time, the body timeout), never a slot of those in flight
