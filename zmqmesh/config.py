@@ -117,9 +117,10 @@ class NodeConfig:
         send_hwm / recv_hwm: ZeroMQ high-water marks, in frames per connection (a frame
             carries one message, or a batch of small ones within 64 KiB), of the pub/sub
             and request sockets: how far a subscriber may fall behind before what it misses
-            is dropped (and counted), and so what it can cost its publisher (10,000 frames
-            of at most 64 KiB: up to 625 MiB; about 120 MiB of 40-byte messages). Lower
-            them for messages of 64 KiB or more, which travel a frame each.
+            is dropped (and counted), and so what it can cost its publisher (10,000 frames:
+            up to 625 MiB of small messages; about 120 MiB of 40-byte messages; 10 GiB of
+            messages of 1 MiB). Lower them for messages of 64 KiB or more, which travel a
+            frame each.
         queue_hwm: the same for the sockets of push/pull queues (a pusher's, a puller's),
             where a puller that falls behind holds its pushers back instead: 100 frames
             each way, up to 6.25 MiB of small messages (25,600 at most), before a push
