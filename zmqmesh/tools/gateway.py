@@ -82,9 +82,10 @@ was read at most this long before it began."""
 MAX_TIMEOUT_S = 300.0
 """The longest ``?timeout=`` a request may ask for."""
 MAX_IN_FLIGHT = 256
-"""Requests served at once (event streams aside); past it, 503 at once. A call into the mesh
-whose caller hung up holds its place (and its body's bytes) until the call ends: its
-reply, its timeout (`MAX_TIMEOUT_S` at most), or its provider lost."""
+"""Requests served at once (event streams and scrapes of ``/metrics`` aside); past it,
+503 at once. A call into the mesh whose caller hung up holds its place (and its body's
+bytes) until the call ends: its reply, its timeout (`MAX_TIMEOUT_S` at most), or its
+provider lost."""
 MAX_BODY_BYTES_READING = 64 * 1024 * 1024
 """Bytes the bodies being read declare (their ``Content-Length``, or the body limit when
 sent in chunks), at most; past it, a body larger than `SMALL_BODY_BYTES` is answered 503
