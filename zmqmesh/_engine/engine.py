@@ -616,7 +616,9 @@ class Engine:
         self._post(kind, Message(kind, group, frames, peer.id, self.directory.lookup_peer))
 
     def _deferred_rebuild(self) -> None:
-        self._rebuild_pending = False  # (a call queued before an early one finds nothing to do but rebuild)
+        # (called early, by `peer_gone` or `zre_message`, the call still queued on the loop
+        # finds no joins, and only rebuilds)
+        self._rebuild_pending = False
         joined, self._joined = self._joined, []
         if not self.closed:
             self._rebuild()

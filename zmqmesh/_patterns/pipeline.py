@@ -134,10 +134,11 @@ class Pusher:
 
     Their bytes are bounded the same way (`held_bytes`, below `max_bytes`: a message of
     1 MiB weighs as much as 16,000 of 64 B), but the loop does not take off what it sends,
-    which would cost every frame a sum: `held_bytes` only grows between flushes, and the
-    loop counts it again exactly when it reaches `max_bytes` (then the queues hold few
-    large messages, or are long and waiting for their sockets anyway) or the queues are
-    empty. So callers may be held back only by bytes that are really queued.
+    which would cost every frame a sum: `held_bytes` only grows, over many flushes, until
+    the queues are empty (then it is 0) or it reaches `max_bytes`: then, after a flush,
+    the loop counts it exactly (the queues hold few large messages, or are long and
+    waiting for their sockets anyway), again only once something was added or taken off.
+    So callers may be held back only by bytes that are really queued.
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
