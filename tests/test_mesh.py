@@ -81,8 +81,9 @@ def _hello_from(dealer: Any, endpoint: str, name: str) -> None:
 @pytest.mark.timeout(60)
 def test_join_callbacks_of_a_burst_find_each_peer_and_its_offers_in_the_tables(mesh: dict[str, Any]) -> None:
     """Joins arriving together update the tables once per loop turn, not once each (each
-    update reads every peer: a mesh forming paid it for every HELLO); a join callback
-    still runs after its peer is in them, with its services, once per peer, in order."""
+    update reads every peer: a mesh forming paid it for every HELLO), which this does not
+    measure; what it checks is that a join callback still runs after its peer is in the
+    tables, with its services, once per peer."""
     seen: list[tuple[str, bool, bool]] = []
     observer = zmqmesh.Node("observer", **mesh)
 
