@@ -246,23 +246,23 @@ class Gateway:
         # streams have their own bound (MAX_LISTENERS); a scrape asks the nodes nothing of its
         # own (`mesh_stats`: one collection at a time, shared), and must be answered when the
         # gateway is busiest, which is when it is wanted most
-        unbounded = request.path == "/events" or (request.path == "/metrics" and request.method in ("GET", "HEAD"))
+        uncounted = request.path == "/events" or (request.path == "/metrics" and request.method in ("GET", "HEAD"))
         try:
             # the body first, then a slot: a slow body holds its connection alone (bounded in
             # number, MAX_CONNECTIONS, and in time, the body timeout), never a slot of those in flight
             size = len(await self._read_within_budget(request)) if request.method == "POST" else 0
-            if not unbounded and self.in_flight >= MAX_IN_FLIGHT:
+            if not uncounted and self.in_flight >= MAX_IN_FLIGHT:
                 return self._refuse("requests_in_flight", 503, "Busy", f"{MAX_IN_FLIGHT} requests are in flight; try again")
             if self.body_bytes and self.body_bytes + size > MAX_BODY_BYTES_IN_FLIGHT:
                 return self._refuse("body_bytes_in_flight", 503, "Busy",
                                     f"{MAX_BODY_BYTES_IN_FLIGHT} bytes of requests are in flight; try again")
-            self.in_flight += not unbounded
+            self.in_flight += not uncounted
             self.body_bytes += size
             try:
                 response: web.StreamResponse = await handler(request)
                 return response
             finally:
-                self.in_flight -= not unbounded
+                self.in_flight -= not uncounted
                 self.body_bytes -= size
         except _Busy as exc:  # (the bodies arriving: `_read_within_budget`)
             return self._refuse("body_bytes_arriving", 503, "Busy", str(exc))
