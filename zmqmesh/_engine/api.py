@@ -12,10 +12,9 @@ import sys
 import threading
 import time
 import warnings
-from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from itertools import accumulate, repeat
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 import zmq
@@ -37,7 +36,6 @@ from .._wire.frames import (
     Headed,
     RawPayload,
     check_headers,
-    wire_size,
 )
 from ..config import NodeConfig
 from ..errors import (
@@ -776,22 +774,14 @@ class NodeBase:
             taken = max(1, limit - len(q))
             if push:
                 assert pusher is not None
-                taken = max(1, min(taken, pusher.held_max - pusher.held))
-            chunk = items[done:done + taken]
-            if push:
-                # (headers count: they wait too; a call's bodies all carry its headers, or none do)
-                weigh = wire_size if type(chunk[0]) is Headed else len
-                size = sum(map(weigh, chunk))
-                room_bytes = pusher.max_bytes - pusher.held_bytes  # type: ignore[union-attr]
-                if size > room_bytes and len(chunk) > 1:  # (as many as fit in the bytes' bound, one at least)
-                    sizes = list(accumulate(map(weigh, chunk)))
-                    taken = max(1, bisect_right(sizes, room_bytes))
-                    chunk, size = chunk[:taken], sizes[taken - 1]
-            q.extend(chunk)
-            if push:
-                pusher.held += len(chunk)  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts them)
-                pusher.held_bytes += size  # type: ignore[union-attr]
-            done += taken
+                chunk, size = pusher.fit(items[done:done + max(1, min(taken, pusher.held_max - pusher.held))])
+                q.extend(chunk)
+                pusher.held += len(chunk)  # (see `Pusher`: the loop recounts them)
+                pusher.held_bytes += size
+            else:
+                chunk = items[done:done + taken]
+                q.extend(chunk)
+            done += len(chunk)
             self._engine.outbound.wake()  # type: ignore[union-attr]
 
     def _room_plan(self, q: deque[Any], timeout: float) -> Plan:

@@ -19,7 +19,6 @@ from .._mesh.waiters import Space
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
-from .._wire.frames import wire_size
 from ..errors import ZmqMeshError
 
 if TYPE_CHECKING:
@@ -139,9 +138,7 @@ class Outbound:
                     continue
                 again = reliable.redeliver.get(queue)
                 if again and self.directory.providers("queues", queue):
-                    taken = reliable.take_in_memory(queue)
-                    q.extendleft(reversed(taken))  # (older: they go first)
-                    pusher.held_bytes += sum(map(wire_size, taken))  # (they wait in the queue now: `Pusher.held_bytes`)
+                    pusher.put_back(q, reliable.take_in_memory(queue))
                 if q and pusher.flush(queue, q, until, keep=queue in kept or bool(again)):
                     blocked = True
             except Exception:  # one queue's failure must not starve the others

@@ -28,8 +28,8 @@ Snapshot = dict[str, Any]
 """What `Node.stats()` returns, with ``"id"`` and ``"name"`` added (as ``\\x00stats`` answers)."""
 
 _GATEWAY_GAUGES = {
-    "requests_in_flight": "Requests being served (event streams aside): the scrape itself, and the "
-                          "calls whose callers hung up, included",
+    "requests_in_flight": "Requests being served (event streams and scrapes aside), the calls whose "
+                          "callers hung up included",
     "in_flight_body_bytes": "Bytes of the bodies of the requests being served",
     "arriving_body_bytes": "Bytes the request bodies being read declare",
     "event_streams": "Event streams (/events) open",

@@ -8,9 +8,10 @@ what is queued now over every puller. At-least-once queues go through `ReliableS
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterator
-from itertools import islice, repeat, starmap
+from collections.abc import Callable, Iterable, Iterator
+from itertools import accumulate, islice, repeat, starmap
 from time import monotonic
 from typing import Any
 
@@ -33,7 +34,7 @@ from ..config import NodeConfig
 from ..errors import ZmqMeshError
 from .pubsub import meta_frame
 
-__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames", "drop_front"]
+__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames", "drop_front", "bytes_queued"]
 
 log = logging.getLogger("zmqmesh.pipeline")
 
@@ -90,6 +91,12 @@ def next_batch(q: deque[Any], limit: int) -> tuple[list[Any], int, Any]:
         bodies.append(item)
         size = grown
     return bodies, size, bodies[0] if len(bodies) == 1 else b"".join(bodies)
+
+
+def bytes_queued(queues: Iterable[deque[Any]]) -> int:
+    """The bytes ``queues`` hold, headers included (any thread: each queue is copied in one
+    C call first, as callers' threads may append meanwhile)."""
+    return sum(sum(map(wire_size, list(q))) for q in queues)
 
 
 def _plain_run(types: list[type]) -> int:
@@ -185,9 +192,27 @@ class Pusher:
         counted, at = self._gauge
         now = monotonic()
         if now - at >= _GAUGE_MAX_AGE_S:
-            counted = sum(sum(map(wire_size, list(q))) for q in list(self.queues.values()))
+            counted = bytes_queued(list(self.queues.values()))
             self._gauge = (counted, now)
         return counted
+
+    def fit(self, bodies: list[Any]) -> tuple[list[Any], int]:
+        """The first of ``bodies`` (all carrying headers, or none: one call's) that fit in
+        the room `max_bytes` leaves, one at least, and their bytes, headers included."""
+        weigh = wire_size if type(bodies[0]) is Headed else len
+        size = sum(map(weigh, bodies))
+        room = self.max_bytes - self.held_bytes
+        if size > room and len(bodies) > 1:
+            sizes = list(accumulate(map(weigh, bodies)))
+            taken = max(1, bisect_right(sizes, room))
+            return bodies[:taken], sizes[taken - 1]
+        return bodies, size
+
+    def put_back(self, q: deque[Any], bodies: list[Any]) -> None:
+        """Put ``bodies`` back at the front of the send queue ``q``, in order, counted in
+        `held_bytes` (loop only: messages to deal again, older than those queued)."""
+        q.extendleft(reversed(bodies))
+        self.held_bytes += sum(map(wire_size, bodies))
 
     def count_held(self) -> None:
         """Recount `held` (loop only, after a flush): what the callers added, less what went;
@@ -201,9 +226,8 @@ class Pusher:
             self.held_bytes = 0
             self._counted = None
         elif self.held_bytes >= self.max_bytes and (held, self.held_bytes) != self._counted:
-            # (each queue copied in one C call first: callers' threads may append meanwhile;
-            # one appended after `held` was summed makes the next count differ, and recount)
-            counted = sum(sum(map(wire_size, list(q))) for q in queues)  # (headers included)
+            # (one appended after `held` was summed makes the next count differ, and recount)
+            counted = bytes_queued(queues)
             self.held_bytes = counted
             self._counted = (held, counted)
 
