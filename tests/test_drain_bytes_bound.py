@@ -1,0 +1,75 @@
+"""A receiving node takes from ZeroMQ's pipes only so many bytes before its handlers run:
+an `AsyncNode` that falls behind a pusher of large messages stays within the pipe's
+bound and a few messages more."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+import zmqmesh
+
+MIB = 1 << 20
+
+_PULLER = textwrap.dedent("""
+    import asyncio, json, os, sys
+    import zmqmesh
+
+    def resident_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+
+    async def main(options, count):
+        seen = {"count": 0, "peak": 0}
+        done = asyncio.Event()
+
+        async def handle(message):
+            seen["count"] += 1
+            if seen["count"] == 1:
+                await asyncio.sleep(2)  # (behind: the pusher fills the pipe meanwhile)
+            seen["peak"] = max(seen["peak"], resident_mib())
+            if seen["count"] == count:
+                done.set()
+
+        node = zmqmesh.AsyncNode("slow-puller", **options)
+        node.pull("large", handle)
+        async with node:
+            print(json.dumps({"ready": True, "base": resident_mib()}), flush=True)
+            await asyncio.wait_for(done.wait(), 60)
+            print(json.dumps({"peak": seen["peak"]}), flush=True)
+
+    asyncio.run(main(json.loads(sys.argv[1]), int(sys.argv[2])))
+""")
+
+
+@pytest.mark.timeout(90)
+def test_an_async_puller_behind_a_pusher_of_large_messages_holds_few_beyond_its_pipe(mesh: dict[str, Any]) -> None:
+    """An `AsyncNode` took up to 256 frames at a time out of its PULL socket before
+    their handlers ran, and each one taken let ZeroMQ read one more into the pipe: behind a
+    pusher of 1 MiB messages it grew by 291 MiB, where the pipe (``queue_hwm`` 50) holds
+    50 MiB. It now takes 4 MiB at a time, and grows by 54 MiB."""
+    count = 400
+    options = {**mesh, "queue_hwm": 50}
+    puller = subprocess.Popen([sys.executable, "-c", _PULLER, json.dumps(options), str(count)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert puller.stdout is not None
+        base = json.loads(puller.stdout.readline())["base"]
+        payload = os.urandom(MIB)
+        with zmqmesh.Node("pusher", **options) as node:
+            node.wait_for_pullers("large", timeout=15)
+            for _ in range(count):
+                node.push("large", payload, timeout=30)
+            peak = json.loads(puller.stdout.readline())["peak"]
+        assert puller.wait(timeout=20) == 0
+        assert peak - base < 160, f"the puller grew by {peak - base} MiB"
+    finally:
+        if puller.poll() is None:
+            puller.kill()
+            puller.wait()
