@@ -840,6 +840,14 @@ def test_the_push_bytes_bound_is_checked(bad: Any) -> None:
     assert zmqmesh.NodeConfig(send_queue_max_bytes=1).send_queue_max_bytes == 1
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.5, math.nan, True, "many", 1 << 31])
+def test_the_publishing_high_water_mark_is_checked(bad: Any) -> None:
+    with pytest.raises(zmqmesh.ConfigError, match="pub_hwm"):
+        zmqmesh.NodeConfig(pub_hwm=bad)
+    assert zmqmesh.NodeConfig(pub_hwm=1).pub_hwm == 1
+    assert zmqmesh.NodeConfig().pub_hwm is None  # (the publishing socket then takes send_hwm)
+
+
 @pytest.mark.parametrize("bad", [0, 9_999, -1, 2.5, math.nan, True, "many"])
 def test_the_node_wide_push_bound_is_checked(bad: Any) -> None:
     with pytest.raises(zmqmesh.ConfigError, match="send_queue_total_max"):

@@ -1701,7 +1701,8 @@ def test_a_publisher_that_forgets_its_topics_never_numbers_one_lower(monkeypatch
     monkeypatch.setattr(pubsub, "has_input", lambda _sock: False)
     publisher = pubsub.Publisher(loop=None, stats=Stats(), uuid=b"u" * 16, xpub=None,  # type: ignore[arg-type]
                                  directory=None, connect=None, on_subscriptions=None,  # type: ignore[arg-type]
-                                 local=None, own_prefixes=lambda: ())  # type: ignore[arg-type]
+                                 local=None, own_prefixes=lambda: (), queue_max=10_000,  # type: ignore[arg-type]
+                                 max_bytes=1 << 26)
     monkeypatch.setattr(publisher, "_route", lambda _topic: (False, True))
     body = Codec(1 << 20).encode(b"x")
 

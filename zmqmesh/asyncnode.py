@@ -15,7 +15,7 @@ from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
-from ._wire.frames import STATS_SERVICE
+from ._wire.frames import STATS_SERVICE, wire_size
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
@@ -145,10 +145,12 @@ class AsyncNode(NodeBase):
     async def publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` on ``topic`` (see `Node.publish`)."""
         self._check_loop()
-        item, q = self._encode_publication(topic, data, headers)
-        if len(q) >= self.config.send_queue_max:
-            await self._runner.run(self._room_plan(q, self.config.push_timeout_s))
-        q.append(item)
+        item, publisher = self._encode_publication(topic, data, headers)
+        if len(publisher.queue) >= publisher.queue_max or publisher.held_bytes >= publisher.max_bytes:  # (`full`, inline)
+            await self._runner.run(self._room_plan(publisher, self.config.push_timeout_s))
+        publisher.queue.append(item)
+        body = item[1]
+        publisher.held_bytes += len(body) if type(body) is bytes else wire_size(body)  # (see `Publisher`)
         outbound = self._engine.outbound
         if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
             outbound.wake()  # type: ignore[union-attr]
@@ -181,7 +183,7 @@ class AsyncNode(NodeBase):
     async def publish_many(self, topic: str, items: Iterable[Any], *, headers: dict[str, str] | None = None) -> None:
         """`publish` each of ``items`` on ``topic``, in order, encoded first (see `Node.publish_many`)."""
         self._check_loop()
-        await self._runner.run(self._publish_many_plan(*self._encode_publications(topic, items, headers)))
+        await self._runner.run(self._publish_many_plan(self._encode_publications(topic, items, headers)))
 
     async def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
         ticket = self._durable_ticket(queue, items, headers)

@@ -115,12 +115,21 @@ class NodeConfig:
     Messaging:
         max_message_bytes: largest payload or frame accepted or sent (bytes).
         send_hwm / recv_hwm: ZeroMQ high-water marks, in frames per connection (a frame
-            carries one message, or a batch of small ones within 64 KiB), of the pub/sub
-            and request sockets: how far a subscriber may fall behind before what it misses
-            is dropped (and counted), and so what it can cost its publisher (10,000 frames:
-            up to 625 MiB of small messages; about 120 MiB of 40-byte messages; 10 GiB of
-            messages of 1 MiB). Lower them for messages of 64 KiB or more, which travel a
-            frame each.
+            carries one message, or a batch of small ones within 64 KiB), of the request
+            sockets, of the subscribing socket (``recv_hwm``: how far a subscriber's own
+            socket reads ahead of its handlers, 10,000 frames: up to 625 MiB of small
+            messages; 10 GiB of messages of 1 MiB) and of the publishing one unless
+            ``pub_hwm`` is given. Lower them for messages of 64 KiB or more, which travel
+            a frame each.
+        pub_hwm: the same for the publishing socket, per subscriber: what a subscriber
+            that falls behind can cost its publisher before what it misses is dropped (and
+            counted at the subscriber). ``None`` (the default): ``send_hwm``, 10,000
+            frames, up to 625 MiB of small messages batched within 64 KiB a frame, and
+            10 GiB of messages of 1 MiB. Lower it for large messages: with 1,000, a
+            subscriber that stopped reading made a publisher of 64 KiB messages grow to
+            162-234 MiB, against 774 MiB with 10,000; but consecutive messages of
+            different topics travel a frame each, so a burst of more than 1,000 of them
+            may then be dropped at a subscriber that lags behind it.
         queue_hwm: the same for the sockets of push/pull queues (a pusher's, a puller's),
             where a puller that falls behind holds its pushers back instead: 100 frames
             each way, up to 6.25 MiB of small messages (25,600 at most), before a push
@@ -142,7 +151,10 @@ class NodeConfig:
             waits for room the same way (counted in ``refused_node_full`` too), so one
             message larger than the bound still goes when they hold less. Without it,
             pushes of 1 MiB to a puller that fell behind held up to ``send_queue_max`` of
-            them (10 GiB) in the pusher.
+            them (10 GiB) in the pusher. The publish queue holds as many bytes at most,
+            apart: a ``publish`` waits the same way (``pubsub.refused_queue_full``); it
+            fills only while callers publish faster than the node sends (publishers of
+            64 KiB messages queued 625 MiB).
         push_timeout_s: how long ``push`` waits for a puller or for room.
         request_timeout_s: default timeout of ``request``.
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up
@@ -202,6 +214,7 @@ class NodeConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     send_hwm: int = 10_000
     recv_hwm: int = 10_000
+    pub_hwm: int | None = None
     queue_hwm: int = 100
     send_queue_max: int = 10_000
     send_queue_total_max: int | None = None
@@ -261,18 +274,9 @@ class NodeConfig:
                 most = f" and at most {_LARGEST_HWM}" if name.endswith("_hwm") else ""
                 raise ConfigError(f"{name} must be a whole number >= 1{most}, got {value!r}")
             object.__setattr__(self, name, whole)
-        total = self.send_queue_total_max
-        if isinstance(total, str):  # (from the environment)
-            total = int(total) if total.isascii() and total.isdigit() else -1
-        if total is not None:
-            try:
-                whole = operator.index(total)
-            except TypeError:
-                whole = None
-            if whole is None or isinstance(total, bool) or whole < self.send_queue_max:
-                raise ConfigError(f"send_queue_total_max must be a whole number >= send_queue_max "
-                                  f"({self.send_queue_max}), or None, got {self.send_queue_total_max!r}")
-            object.__setattr__(self, "send_queue_total_max", whole)
+        self._optional_whole("pub_hwm", 1, _LARGEST_HWM, f"a whole number >= 1 and at most {_LARGEST_HWM}")
+        self._optional_whole("send_queue_total_max", self.send_queue_max, None,
+                             f"a whole number >= send_queue_max ({self.send_queue_max})")
         for name in ("push_timeout_s", "request_timeout_s", "linger_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
@@ -299,6 +303,23 @@ class NodeConfig:
             raise ConfigError("history= needs a store: Node(..., store='path/dir')")
         if self.curve_secret_key is not None and self.curve_key_file is not None:
             raise ConfigError("give curve_secret_key or curve_key_file, not both")
+
+    def _optional_whole(self, name: str, least: int, most: int | None, what: str) -> None:
+        """Check the option ``name``, a whole number from ``least`` to ``most`` or None
+        (a string of digits from the environment), and store it as an int. Raises
+        `ConfigError` naming ``what`` it must be."""
+        value = raw = getattr(self, name)
+        if isinstance(value, str):
+            value = int(value) if value.isascii() and value.isdigit() else -1
+        if value is None:
+            return
+        try:
+            whole = operator.index(value)
+        except TypeError:
+            whole = None
+        if whole is None or isinstance(value, bool) or whole < least or (most is not None and whole > most):
+            raise ConfigError(f"{name} must be {what}, or None, got {raw!r}")
+        object.__setattr__(self, name, whole)
 
     @classmethod
     def from_options(cls, config: NodeConfig | None = None, **options: Any) -> NodeConfig:

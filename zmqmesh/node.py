@@ -22,7 +22,7 @@ from ._drivers.thread import (
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
 from ._io.reactor import Reactor, run_on
 from ._io.stop_flag import StopFlag
-from ._wire.frames import STATS_SERVICE
+from ._wire.frames import STATS_SERVICE, wire_size
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
@@ -188,10 +188,12 @@ class Node(NodeBase):
         cannot encode or bad headers, `MessageTooLargeError`, `NodeClosedError` if the node is not running,
         `MeshTimeoutError` if the send queue stays full for ``push_timeout_s``.
         """
-        item, q = self._encode_publication(topic, data, headers)
-        if len(q) >= self.config.send_queue_max:
-            self._runner.run(self._room_plan(q, self.config.push_timeout_s))
-        q.append(item)
+        item, publisher = self._encode_publication(topic, data, headers)
+        if len(publisher.queue) >= publisher.queue_max or publisher.held_bytes >= publisher.max_bytes:  # (`full`, inline)
+            self._runner.run(self._room_plan(publisher, self.config.push_timeout_s))
+        publisher.queue.append(item)
+        body = item[1]
+        publisher.held_bytes += len(body) if type(body) is bytes else wire_size(body)  # (see `Publisher`)
         outbound = self._engine.outbound
         if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
             outbound.wake()  # type: ignore[union-attr]
@@ -233,7 +235,7 @@ class Node(NodeBase):
         """`publish` each of ``items`` on ``topic``, in order, much faster than one `publish`
         each: all are encoded first (one that cannot be encoded fails the call before any
         is sent), then queued as room allows. Raises as `publish` does."""
-        self._runner.run(self._publish_many_plan(*self._encode_publications(topic, items, headers)))
+        self._runner.run(self._publish_many_plan(self._encode_publications(topic, items, headers)))
 
     def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
         ticket = self._durable_ticket(queue, items, headers)

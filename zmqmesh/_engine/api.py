@@ -23,6 +23,7 @@ from .._mesh.registry import PullOptions, Registry, SubscribeOptions
 from .._mesh.waiters import Room, Until
 from .._observe import tracing
 from .._patterns.calls import serving_chain
+from .._patterns.pubsub import Publisher
 from .._patterns.replay import Fetch
 from .._patterns.reqrep import MAX_CHAIN, Calling, Exchange, QuickRequest, request_plan
 from .._stats import RequestTally
@@ -605,15 +606,16 @@ class NodeBase:
         return headed
 
     def _encode_publication(self, topic: str, data: Any, headers: dict[str, str] | None = None,
-                            ) -> tuple[tuple[bytes, bytes], deque[Any]]:
-        """``(topic, body)`` and the publish queue. Raises `NodeClosedError`, `TypeError`,
-        `MessageTooLargeError`, `ValueError` for a bad topic or headers."""
+                            ) -> tuple[tuple[bytes, bytes], Publisher]:
+        """``(topic, body)`` and the `Publisher` whose queue takes it (`Publisher.full`:
+        when it must wait). Raises `NodeClosedError`, `TypeError`, `MessageTooLargeError`,
+        `ValueError` for a bad topic or headers."""
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "publish", topic, headers)
         body = self._encode(data, headers)
         name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
-        return (name, body), self._engine.publisher.queue  # type: ignore[union-attr]
+        return (name, body), self._engine.publisher  # type: ignore[return-value]
 
     def _encode(self, data: Any, headers: dict[str, str] | None) -> bytes:
         """``data`` encoded (carrying ``headers``, if any) by a running node. Raises
@@ -696,13 +698,11 @@ class NodeBase:
         return self._ready().codec.encode_many(items) if items else []
 
     def _encode_publications(self, topic: str, items: Iterable[Any], headers: dict[str, str] | None,
-                             ) -> tuple[list[tuple[bytes, Any]], deque[Any]]:
-        """``(topic, body)`` of every item, and the publish queue (see `_encode_many`)."""
+                             ) -> list[tuple[bytes, Any]]:
+        """``(topic, body)`` of every item (see `_encode_many`)."""
         bodies = self._encode_many("publish", topic, items, headers)
         name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
-        if not bodies:  # (nothing encoded: the node may not even run)
-            return [], deque()
-        return [(name, body) for body in bodies], self._engine.publisher.queue  # type: ignore[union-attr]
+        return [(name, body) for body in bodies]
 
     def _durable_ticket(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> Ticket | None:
         """Durable messages encoded for the store, as one call to commit (None for no
@@ -750,46 +750,55 @@ class NodeBase:
 
         yield from self._fill_plan(bodies, room, push=True)
 
-    def _publish_many_plan(self, entries: list[tuple[bytes, Any]], q: deque[Any]) -> Plan:
-        """Queue ``entries`` on the publish queue ``q`` as room allows (back-pressure),
-        within one ``push_timeout_s``."""
+    def _publish_many_plan(self, entries: list[tuple[bytes, Any]]) -> Plan:
+        """Queue ``entries`` on the publish queue as room allows (back-pressure), within
+        one ``push_timeout_s``."""
         deadline = time.monotonic() + self.config.push_timeout_s
 
         def room() -> Plan:
-            if len(q) >= self.config.send_queue_max:
-                yield from self._room_plan(q, deadline - time.monotonic())
-            return q
+            publisher = self._engine.publisher
+            assert publisher is not None
+            if publisher.full():
+                yield from self._room_plan(publisher, deadline - time.monotonic())
+            return publisher.queue
 
         yield from self._fill_plan(entries, room)
 
     def _fill_plan(self, items: list[Any], room: Callable[[], Plan], push: bool = False) -> Plan:
         """Extend the send queue ``room()`` gives (waiting for room there) with ``items``,
-        as many at a time as it has room for (``push``: a push queue, within what all of
-        them may hold together too)."""
+        as many at a time as it has room for, in messages and bytes (``push``: a push
+        queue, within what all of them may hold together too; else the publish queue)."""
         limit = self.config.send_queue_max
-        pusher = self._engine.pusher
+        engine = self._engine
         done = 0
         while done < len(items):
             q = yield from room()
             taken = max(1, limit - len(q))
             if push:
+                pusher = engine.pusher
                 assert pusher is not None
                 chunk, size = pusher.fit(items[done:done + max(1, min(taken, pusher.held_max - pusher.held))])
                 q.extend(chunk)
                 pusher.held += len(chunk)  # (see `Pusher`: the loop recounts them)
                 pusher.held_bytes += size
             else:
-                chunk = items[done:done + taken]
+                publisher = engine.publisher
+                assert publisher is not None
+                chunk, size = publisher.fit(items[done:done + taken])
                 q.extend(chunk)
+                publisher.held_bytes += size  # (see `Publisher`: the loop counts again)
             done += len(chunk)
-            self._engine.outbound.wake()  # type: ignore[union-attr]
+            engine.outbound.wake()  # type: ignore[union-attr]
 
-    def _room_plan(self, q: deque[Any], timeout: float) -> Plan:
-        """Wait for room in the full publish queue ``q`` (back-pressure). Raises
+    def _room_plan(self, publisher: Publisher, timeout: float) -> Plan:
+        """Wait for room in the full publish queue (back-pressure). Raises
         `MeshTimeoutError` if none comes within ``timeout``."""
-        limit = self.config.send_queue_max
-        if not (yield Room(lambda: len(q) >= limit, time.monotonic() + timeout)):
+        if not (yield Room(publisher.full, time.monotonic() + timeout)):
             self._engine.stats.add("pubsub", "refused_queue_full")
+            if publisher.held_bytes >= publisher.max_bytes:
+                raise MeshTimeoutError(f"publish queue full: it holds {publisher.held_bytes} bytes "
+                                       f"(send_queue_max_bytes={publisher.max_bytes}); the node cannot send "
+                                       "them as fast as they are published")
             raise MeshTimeoutError("send queue full: the receivers are not keeping up")
 
     def _push_plan(self, queue: str, deadline: float) -> Plan:

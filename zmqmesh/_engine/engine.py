@@ -227,7 +227,8 @@ class Engine:
                 loop=loop, stats=self.stats, uuid=self.uuid, xpub=sockets["pub"], directory=self.directory,
                 connect=self.connect, on_subscriptions=self.waiters.check,
                 local=lambda frames, count: self.inbox.post_frames(frames, count),  # type: ignore[union-attr]  # (made below)
-                own_prefixes=lambda: self.registry.topics, history=self.history,
+                own_prefixes=lambda: self.registry.topics, queue_max=cfg.send_queue_max,
+                max_bytes=cfg.send_queue_max_bytes, history=self.history,
             )
             senders = dict(ctx=self.ctx, loop=loop, config=cfg, stats=self.stats, uuid=self.uuid,
                            directory=self.directory, connect=self.connect, wake=self.outbound.wake)
@@ -311,7 +312,7 @@ class Engine:
         for key, kind, rcvhwm, sndhwm in (("sub", zmq.SUB, cfg.recv_hwm, CONTROL_HWM),
                                           ("pull", zmq.PULL, cfg.queue_hwm, cfg.send_hwm),
                                           ("service", zmq.ROUTER, cfg.recv_hwm, cfg.send_hwm),
-                                          ("pub", zmq.XPUB, CONTROL_HWM, cfg.send_hwm)):
+                                          ("pub", zmq.XPUB, CONTROL_HWM, cfg.pub_hwm or cfg.send_hwm)):
             options: dict[int, int | bytes] = {
                 zmq.RCVHWM: rcvhwm, zmq.SNDHWM: sndhwm, zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
             }

@@ -101,6 +101,7 @@ class Outbound:
         """Drop what waits in the in-memory send queues (the node stopped: they were counted)."""
         if self.publisher is not None:
             self.publisher.queue.clear()
+            self.publisher.held_bytes = 0
         if self.pusher is not None:
             for q in list(self.pusher.queues.values()):
                 q.clear()
@@ -159,7 +160,8 @@ class Outbound:
                     blocked = True
             if buffers:
                 self.durable.reckon(buffers, reliable.busy_queues)
-        pusher.count_held()  # (before the waiting callers are told: they look at it)
+        publisher.count_held()  # (before the waiting callers are told: they look at it)
+        pusher.count_held()
         if blocked and self._retry is None:
             self._retry = self.loop.call_later(_RETRY_S, self._on_retry)
         if time.monotonic() >= until and (publisher.queue or any(pusher.queues.values())):

@@ -8,10 +8,9 @@ what is queued now over every puller. At-least-once queues go through `ReliableS
 from __future__ import annotations
 
 import logging
-from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from itertools import accumulate, islice, repeat, starmap
+from itertools import islice, repeat, starmap
 from time import monotonic
 from typing import Any
 
@@ -32,7 +31,7 @@ from .._wire.frames import (
 )
 from ..config import NodeConfig
 from ..errors import ZmqMeshError
-from .pubsub import meta_frame
+from .pubsub import fit_within, meta_frame
 
 __all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames", "drop_front", "bytes_queued"]
 
@@ -199,14 +198,7 @@ class Pusher:
     def fit(self, bodies: list[Any]) -> tuple[list[Any], int]:
         """The first of ``bodies`` (all carrying headers, or none: one call's) that fit in
         the room `max_bytes` leaves, one at least, and their bytes, headers included."""
-        weigh = wire_size if type(bodies[0]) is Headed else len
-        size = sum(map(weigh, bodies))
-        room = self.max_bytes - self.held_bytes
-        if size > room and len(bodies) > 1:
-            sizes = list(accumulate(map(weigh, bodies)))
-            taken = max(1, bisect_right(sizes, room))
-            return bodies[:taken], sizes[taken - 1]
-        return bodies, size
+        return fit_within(bodies, wire_size if type(bodies[0]) is Headed else len, self.max_bytes - self.held_bytes)
 
     def put_back(self, q: deque[Any], bodies: list[Any]) -> None:
         """Put ``bodies`` back at the front of the send queue ``q``, in order, counted in

@@ -12,8 +12,10 @@ meta frame (`start_meta`).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Callable
+from itertools import accumulate
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,7 @@ from .._wire.frames import (
 if TYPE_CHECKING:
     from .history import History
 
-__all__ = ["Publisher", "GapCounter", "meta_frame", "start_meta"]
+__all__ = ["Publisher", "GapCounter", "meta_frame", "start_meta", "fit_within"]
 
 _MAX_TRACKED_TOPICS = 65_536
 _MAX_TRACKED_STREAMS = 65_536
@@ -72,17 +74,39 @@ def start_meta(meta: bytes, start: int) -> bytes:
     return packed
 
 
+def fit_within(items: list[Any], weigh: Callable[[Any], int], room: int) -> tuple[list[Any], int]:
+    """The first of ``items`` that fit in ``room`` bytes, as ``weigh`` weighs each (one
+    at least: a message larger than the bound still goes), and their bytes."""
+    size = sum(map(weigh, items))
+    if size > room and len(items) > 1:
+        running = list(accumulate(map(weigh, items)))
+        taken = max(1, bisect_right(running, room))
+        return items[:taken], running[taken - 1]
+    return items, size
+
+
+def _entry_size(entry: tuple[bytes, Any]) -> int:
+    return wire_size(entry[1])
+
+
 class Publisher:
     """Sends what callers queued on ``queue`` as batches, and counts the XPUB's subscriptions.
 
     ``on_subscriptions`` is called (on the loop) when a subscription came or went.
     Every method but `queue.append` runs on the loop.
+
+    The queue holds ``queue_max`` messages at most, and ``max_bytes`` (payloads and
+    headers) as `held_bytes` counts them, as a `Pusher`'s send queues do: callers add
+    what they append, and the loop sets it to 0 once the queue is empty, or counts it
+    exactly after a flush once it reached ``max_bytes`` (the XPUB never blocks, so the
+    queue is long only while the callers outpace the loop).
     """
 
     def __init__(self, *, loop: EventLoop, stats: Stats, uuid: bytes, xpub: zmq.Socket[Any],
                  directory: Directory, connect: Callable[[zmq.Socket[Any], str, str | None], None],
                  on_subscriptions: Callable[[], None], local: Callable[[list[bytes], int], None],
-                 own_prefixes: Callable[[], Any], history: History | None = None) -> None:
+                 own_prefixes: Callable[[], Any], queue_max: int, max_bytes: int,
+                 history: History | None = None) -> None:
         self.loop = loop
         self.stats = stats
         self._sent_names = stats.names("pubsub", "sent")  # (written on the loop only)
@@ -95,6 +119,11 @@ class Publisher:
         self.own_prefixes = own_prefixes
         self.history = history
         self.queue: deque[tuple[bytes, bytes]] = deque()
+        self.queue_max = queue_max
+        self.held_bytes = 0
+        """The bytes `queue` holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
+        self.max_bytes = max_bytes
+        self._counted: tuple[int, int] | None = None  # (the queue's length, `held_bytes`) when last counted exactly
         self._sequences: dict[bytes, int] = {}
         self._fresh_from = 0  # where a topic not in `_sequences` is numbered from
         self._sub_counts: Counter[bytes] = Counter()
@@ -115,6 +144,29 @@ class Publisher:
     def subscription_count(self) -> int:
         """How many distinct prefixes subscribers hold at this publisher."""
         return len(self._sub_counts)
+
+    def full(self) -> bool:
+        """Whether a publication must wait for room: the queue holds ``queue_max``
+        messages, or ``max_bytes`` (any thread)."""
+        return len(self.queue) >= self.queue_max or self.held_bytes >= self.max_bytes
+
+    def fit(self, entries: list[tuple[bytes, Any]]) -> tuple[list[tuple[bytes, Any]], int]:
+        """The first of ``entries`` (``(topic, body)``) that fit in the room ``max_bytes``
+        leaves, one at least, and their bytes, headers included."""
+        return fit_within(entries, _entry_size, self.max_bytes - self.held_bytes)
+
+    def count_held(self) -> None:
+        """Set `held_bytes` right (loop only, after a flush): 0 once the queue is empty;
+        counted once it reached ``max_bytes``, unless nothing was added or sent since it
+        was last counted."""
+        q = self.queue
+        if not q:
+            self.held_bytes = 0
+            self._counted = None
+        elif self.held_bytes >= self.max_bytes and (len(q), self.held_bytes) != self._counted:
+            counted = sum(wire_size(body) for _, body in list(q))
+            self.held_bytes = counted
+            self._counted = (len(q), counted)
 
     def sync_connections(self) -> None:
         """Connect to every zmqmesh peer's SUB endpoint, and only to those."""
