@@ -186,7 +186,8 @@ class Node(NodeBase):
         Returns once queued; order per publisher is kept. ``headers`` (a ``dict[str, str]``,
         at most 64 of them, 16 KiB in all) travel with it. Raises `TypeError` for data msgpack
         cannot encode or bad headers, `MessageTooLargeError`, `NodeClosedError` if the node is not running,
-        `MeshTimeoutError` if the send queue stays full for ``push_timeout_s``.
+        `MeshTimeoutError` if the publish queue stays full (``send_queue_max`` messages, or
+        ``send_queue_max_bytes``) for ``push_timeout_s``.
         """
         item, publisher = self._encode_publication(topic, data, headers)
         if len(publisher.queue) >= publisher.queue_max or publisher.held_bytes >= publisher.max_bytes:  # (`full`, inline)
