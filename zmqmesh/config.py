@@ -154,7 +154,10 @@ class NodeConfig:
             them (10 GiB) in the pusher. The publish queue holds as many bytes at most,
             apart: a ``publish`` waits the same way (``pubsub.refused_queue_full``); it
             fills only while callers publish faster than the node sends (publishers of
-            64 KiB messages queued 625 MiB).
+            64 KiB messages queued 625 MiB). And a provider holds as many bytes of large
+            replies (64 KiB or more) that ZeroMQ has not written out, for one caller, and
+            four times that in all: past it, a large reply is replaced by an error reply
+            (a caller that never read made its provider hold 1 GiB of 1 MiB replies).
         push_timeout_s: how long ``push`` waits for a puller or for room.
         request_timeout_s: default timeout of ``request``.
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import zmq
 
-__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "close_watched",
-           "reconnect", "CONTROL_HWM"]
+__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "send_tracked",
+           "close_watched", "reconnect", "CONTROL_HWM"]
 
 T = TypeVar("T")
 
@@ -122,6 +122,16 @@ def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         _send(sock, frame, _MORE_NOBLOCK if i < last else _NOBLOCK, len(frame) < _COPY_THRESHOLD)
+
+
+def send_tracked(sock: zmq.Socket[Any], frames: list[bytes]) -> zmq.MessageTracker:
+    """Send ``frames`` as one message without blocking, the last one uncopied (the caller
+    must not change it), and return the tracker that tells when ZeroMQ let go of it:
+    written out, or dropped with its connection. Raises `zmq.Again` if it cannot go now."""
+    for frame in frames[:-1]:
+        _send(sock, frame, _MORE_NOBLOCK, True)
+    tracker: zmq.MessageTracker = _send(sock, frames[-1], _NOBLOCK, False, True)
+    return tracker
 
 
 def close_watched(loop: Any, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .._io.sockets import has_input, recv_frames, send_frames, with_input
+from .._io.sockets import has_input, recv_frames, send_frames, send_tracked, with_input
 from .._mesh.directory import Directory
 from .._mesh.registry import Registry
 from .._observe import tracing
@@ -40,7 +40,7 @@ from .._store.messages import Entry
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..config import NodeConfig
-from ..errors import DecodeError, MessageTooLargeError, NodeClosedError
+from ..errors import DecodeError, MessageTooLargeError, NodeClosedError, ZmqMeshError
 from ..message import Message, Origin, frame_deliveries
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
 from .intake import AckedIntake
@@ -48,6 +48,7 @@ from .pubsub import GapCounter
 from .replay import Fetch, Replays
 from .reqrep import MAX_CHAIN
 from .request_batches import EARLY_ITEMS
+from .unsent import UnsentReplies
 
 if TYPE_CHECKING:
     from .._store.sqlite import Store
@@ -88,6 +89,8 @@ Each call holds its message until it runs, and every frame taken out of ZeroMQ's
 lets its I/O thread read one more in: an `AsyncNode` pulling messages of 1 MiB held 256
 of them in a burst on top of the pipe's 100 (346 MiB resident, against 130 MiB with this
 bound)."""
+_UNSENT_CALLERS = 4
+"""Large replies a provider holds unread, in all: this many callers' worth (`UnsentReplies`)."""
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 _UNREAD_FRAMES_MAX = 65_536
 """Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
@@ -196,6 +199,7 @@ class Dispatcher:
         self._left_at_stop: dict[str, int] = {}  # what the stop left unhandled, by `_LEFT_AT_STOP`'s kinds
         self._reported_as: str | None = None  # (the node's name, once `report_left_at_stop` was called)
         self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies, frame's caller] (`send_reply`)
+        self.unsent = UnsentReplies(config.send_queue_max_bytes, _UNSENT_CALLERS * config.send_queue_max_bytes)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
         self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
 
@@ -821,10 +825,36 @@ class Dispatcher:
                 entry[2] = caller
             return
         self._router_used = True
+        if len(body) >= wire.LARGE_FRAME:
+            self._send_large_reply(route, status, body)
+            return
         try:
-            send_frames(self.router, wire.reply_frames(route, status, body), copy=len(body) < wire.LARGE_FRAME)
+            send_frames(self.router, wire.reply_frames(route, status, body))
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += 1
+
+    def _send_large_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
+        """Send a reply of `LARGE_FRAME` bytes or more uncopied, if its caller has room
+        (`UnsentReplies`); else a small error reply in its place, counted in
+        ``service.reply_refused``, so that the caller hears of it at once."""
+        caller = bytes(route[0])
+        if not self.unsent.room(caller, len(body)):
+            self.stats.add("service", "reply_refused")
+            refused = ZmqMeshError(
+                f"the reply ({len(body)} bytes) was not sent: its provider holds {self.unsent.held} bytes "
+                f"of large replies not yet read (at most {self.unsent.per_caller} for one caller, "
+                f"{self.unsent.total} in all)")
+            try:
+                send_frames(self.router, wire.reply_frames(route, wire.STATUS_ERROR, self._error_body(refused)))
+            except zmq.ZMQError:
+                self.stats.pattern["service"]["dropped"] += 1
+            return
+        try:
+            tracker = send_tracked(self.router, wire.reply_frames(route, status, body))
+        except zmq.ZMQError:
+            self.stats.pattern["service"]["dropped"] += 1
+            return
+        self.unsent.sent(caller, tracker, len(body))
 
     def replies_held(self) -> _RepliesHeld:
         """Hold the replies to batches of requests while the drivers run handlers in place,

@@ -1,0 +1,83 @@
+"""A caller that asks and never reads its replies cannot make its provider hold them
+without a bound: large replies not yet written out are bounded in bytes, per caller and
+in all, and a reply past the bound is replaced by a small error, counted."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from helpers import rss_bytes
+
+import zmqmesh
+from zmqmesh._wire.frames import STATUS_ERROR, STATUS_OK
+
+MIB = 1 << 20
+
+
+@pytest.mark.timeout(60)
+def test_a_caller_that_never_reads_its_large_replies_costs_its_provider_a_bounded_amount(mesh: dict[str, Any]) -> None:
+    """300 requests of a few bytes each, for replies of 1 MiB, from a socket that reads
+    nothing: the provider held all 300 (grew by 300 MiB; 1,000 such requests, 1 GiB).
+    Now it holds about ``send_queue_max_bytes`` (64 MiB) for that caller, and answers the
+    rest with an error the caller gets as soon as it reads: every request is answered."""
+    reply = os.urandom(MIB)
+    count = 300
+    with zmqmesh.Node("provider", **mesh) as node:
+        node.service("large", lambda message: reply)
+        ctx = zmq.Context()
+        caller = ctx.socket(zmq.DEALER)
+        try:
+            caller.setsockopt(zmq.LINGER, 0)
+            caller.setsockopt(zmq.RCVHWM, 1)  # (reads nothing ahead of the test either)
+            caller.setsockopt(zmq.RCVBUF, 64 * 1024)
+            caller.connect(node.endpoints["service"])
+            time.sleep(0.3)
+            base = peak = rss_bytes()
+            for i in range(count):
+                caller.send_multipart([b"large", i.to_bytes(8, "big"), msgpack.packb(None)])
+            deadline = time.monotonic() + 20
+            while node.stats()["service"].get("sent", 0) < count and time.monotonic() < deadline:
+                peak = max(peak, rss_bytes())
+                time.sleep(0.02)
+            for _ in range(10):  # (what is written out meanwhile is not held)
+                peak = max(peak, rss_bytes())
+                time.sleep(0.05)
+            assert peak - base < 200 * MIB, f"the provider grew by {(peak - base) // MIB} MiB"
+            stats = node.stats()["service"]
+            assert stats["sent"] == count, stats
+            assert stats.get("reply_refused", 0) > count // 2, stats
+            answered = {STATUS_OK: 0, STATUS_ERROR: 0}
+            caller.setsockopt(zmq.RCVTIMEO, 10_000)
+            for _ in range(count):
+                request_id, status, body = caller.recv_multipart()
+                answered[status] += 1
+                if status == STATUS_OK:
+                    assert msgpack.unpackb(body) == reply
+                else:
+                    assert "not sent" in msgpack.unpackb(body)["message"]
+            assert answered[STATUS_ERROR] == stats["reply_refused"]
+            assert answered[STATUS_OK] == count - stats["reply_refused"]
+        finally:
+            caller.close(0)
+            ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_callers_that_read_their_large_replies_get_them_all(mesh: dict[str, Any]) -> None:
+    """The bound is on replies not yet written out: a node's callers, which read theirs,
+    get every one, one at a time and 32 in flight."""
+    reply = os.urandom(MIB)
+    with zmqmesh.Node("provider", **mesh) as provider:
+        provider.service("large", lambda message: reply)
+        with zmqmesh.Node("caller", **mesh) as caller:
+            caller.wait_for_service("large", timeout=15)
+            for _ in range(20):
+                assert caller.request("large", timeout=10) == reply
+            got = caller.request_many("large", range(200), timeout=20, window=32)
+            assert len(got) == 200 and all(r == reply for r in got)
+        assert provider.stats()["service"].get("reply_refused", 0) == 0
