@@ -148,9 +148,10 @@ class AsyncNode(NodeBase):
         item, publisher = self._encode_publication(topic, data, headers)
         if len(publisher.queue) >= publisher.queue_max or publisher.held_bytes >= publisher.max_bytes:  # (`full`, inline)
             await self._runner.run(self._room_plan(publisher, self.config.push_timeout_s))
-        publisher.queue.append(item)
         body = item[1]
-        publisher.held_bytes += len(body) if type(body) is bytes else wire_size(body)  # (see `Publisher`)
+        size = len(body) if type(body) is bytes else wire_size(body)  # (weighed first: the count's read and
+        publisher.queue.append(item)  # write below have no call between them, where another thread could add)
+        publisher.held_bytes += size  # (see `Publisher`)
         outbound = self._engine.outbound
         if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
             outbound.wake()  # type: ignore[union-attr]

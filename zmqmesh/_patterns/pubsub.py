@@ -99,7 +99,9 @@ class Publisher:
     headers) as `held_bytes` counts them, as a `Pusher`'s send queues do: callers add
     what they append, and the loop sets it to 0 once the queue is empty, or counts it
     exactly after a flush once it reached ``max_bytes`` (the XPUB never blocks, so the
-    queue is long only while the callers outpace the loop).
+    queue is long only while the callers outpace the loop). A caller weighs its message
+    first, then adds it (``held_bytes += size``, no call between the read and the write):
+    a call there let another thread's addition be lost, and the queue grow past its bound.
     """
 
     def __init__(self, *, loop: EventLoop, stats: Stats, uuid: bytes, xpub: zmq.Socket[Any],

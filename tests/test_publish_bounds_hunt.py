@@ -1,0 +1,59 @@
+"""The publish queue's bytes bound under attack: many caller threads at once, headers,
+``publish_many`` with mixed sizes, a loop held up, a stop while callers wait."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+import zmqmesh
+from zmqmesh._wire.frames import wire_size
+
+KIB = 1 << 10
+
+
+def _queued_bytes(node: zmqmesh.Node) -> int:
+    return sum(wire_size(body) for _, body in list(node._engine.publisher.queue))
+
+
+@pytest.mark.timeout(60)
+def test_threads_publishing_with_headers_keep_the_publish_queue_within_its_bytes_bound(mesh: dict[str, Any]) -> None:
+    """Eight threads publish 100-byte messages with headers while the loop sends nothing,
+    until the queue's bound (256 KiB) makes them give up. ``held_bytes += wire_size(body)``
+    read the count before it called `wire_size`, so a thread switch in that call lost
+    another thread's addition: the queue held 11-21 KB past its bound (115-208 messages,
+    not one per thread; with the default switch interval, 8 threads lost 2,745 additions
+    of 160,000)."""
+    bound, threads = 1024 * KIB, 8
+    release = threading.Event()
+    errors: list[BaseException] = []
+    switching = sys.getswitchinterval()
+    with zmqmesh.Node("publisher", **{**mesh, "send_queue_max_bytes": bound, "push_timeout_s": 0.2}) as node:
+        node._engine.call_soon(release.wait, 30)  # (the loop sends nothing meanwhile)
+
+        def publish() -> None:
+            try:
+                while True:
+                    node.publish("t", b"x" * 100, headers={"k": "v"})
+            except zmqmesh.MeshTimeoutError:
+                pass
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+
+        sys.setswitchinterval(1e-5)  # (thread switches often, as on a busy host)
+        try:
+            workers = [threading.Thread(target=publish) for _ in range(threads)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(30)
+        finally:
+            sys.setswitchinterval(switching)
+            queued = _queued_bytes(node)
+            release.set()
+        assert not errors, errors
+        one = wire_size(node._engine.publisher.queue[0][1]) if node._engine.publisher.queue else 200
+        assert queued <= bound + threads * one, f"the publish queue held {queued} bytes, {queued - bound} past its bound"
