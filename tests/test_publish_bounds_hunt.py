@@ -57,3 +57,49 @@ def test_threads_publishing_with_headers_keep_the_publish_queue_within_its_bytes
         assert not errors, errors
         one = wire_size(node._engine.publisher.queue[0][1]) if node._engine.publisher.queue else 200
         assert queued <= bound + threads * one, f"the publish queue held {queued} bytes, {queued - bound} past its bound"
+
+
+@pytest.mark.timeout(60)
+def test_threads_calling_publish_many_at_once_share_the_room_the_bound_leaves(mesh: dict[str, Any]) -> None:
+    """Sixteen threads each `publish_many` 9,000 messages of 500 bytes at once (4.3 MiB
+    each, the bound is 4 MiB) while the loop sends nothing, four times. Each measured the
+    room (`Publisher.fit`), then extended the queue, then added what it took: threads that
+    measured before another added each took the whole room, and the queue held 8.0-13.4 MB
+    (2 to 3.2 times its bound, 8,400-18,400 messages past it), not a message per thread
+    past it."""
+    bound, threads = 4 * KIB * KIB, 16
+    release = threading.Event()
+    outcomes: list[str] = []
+    items = [b"x" * 500] * 9000
+    switching = sys.getswitchinterval()
+    with zmqmesh.Node("publisher", **{**mesh, "send_queue_max_bytes": bound, "push_timeout_s": 0.3}) as node:
+        node._engine.call_soon(release.wait, 30)  # (the loop sends nothing meanwhile)
+        start = threading.Barrier(threads)
+
+        def publish_many() -> None:
+            start.wait()
+            try:
+                node.publish_many("t", items)
+                outcomes.append("queued")
+            except zmqmesh.MeshTimeoutError:
+                outcomes.append("timed out")
+            except BaseException as exc:  # (reported below)
+                outcomes.append(repr(exc))
+
+        peak = 0
+        sys.setswitchinterval(1e-5)  # (thread switches often, as on a busy host)
+        try:
+            for _ in range(4):
+                workers = [threading.Thread(target=publish_many) for _ in range(threads)]
+                for worker in workers:
+                    worker.start()
+                for worker in workers:
+                    worker.join(30)
+                peak = max(peak, _queued_bytes(node))
+                node._engine.publisher.queue.clear()  # (the loop is held: the next round starts empty)
+                node._engine.publisher.held_bytes = 0
+        finally:
+            sys.setswitchinterval(switching)
+            release.set()
+        assert set(outcomes) == {"timed out"}, outcomes
+        assert peak <= bound + threads * 600, f"the publish queue held {peak} bytes, {peak - bound} past its bound"

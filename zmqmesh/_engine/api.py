@@ -784,9 +784,10 @@ class NodeBase:
             else:
                 publisher = engine.publisher
                 assert publisher is not None
-                chunk, size = publisher.fit(items[done:done + taken])
-                q.extend(chunk)
-                publisher.held_bytes += size  # (see `Publisher`: the loop counts again)
+                with publisher.fitting:  # (one caller at a time measures the room and takes it)
+                    chunk, size = publisher.fit(items[done:done + taken])
+                    q.extend(chunk)
+                    publisher.held_bytes += size  # (see `Publisher`: the loop counts again)
             done += len(chunk)
             engine.outbound.wake()  # type: ignore[union-attr]
 

@@ -12,6 +12,7 @@ meta frame (`start_meta`).
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Callable
@@ -102,6 +103,8 @@ class Publisher:
     queue is long only while the callers outpace the loop). A caller weighs its message
     first, then adds it (``held_bytes += size``, no call between the read and the write):
     a call there let another thread's addition be lost, and the queue grow past its bound.
+    A ``publish_many`` measures the room, takes it and adds it under `fitting`, so that
+    callers together go past ``max_bytes`` by a message each at most.
     """
 
     def __init__(self, *, loop: EventLoop, stats: Stats, uuid: bytes, xpub: zmq.Socket[Any],
@@ -126,6 +129,9 @@ class Publisher:
         """The bytes `queue` holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
         self.max_bytes = max_bytes
         self._counted: tuple[int, int] | None = None  # (the queue's length, `held_bytes`) when last counted exactly
+        self.fitting = threading.Lock()
+        """Held by a ``publish_many`` while it measures the room (`fit`), extends the queue and
+        adds what it took: two that measured at once each took the whole room."""
         self._sequences: dict[bytes, int] = {}
         self._fresh_from = 0  # where a topic not in `_sequences` is numbered from
         self._sub_counts: Counter[bytes] = Counter()
