@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
 import zmqmesh
 from zmqmesh._wire.frames import wire_size
@@ -103,3 +104,55 @@ def test_threads_calling_publish_many_at_once_share_the_room_the_bound_leaves(me
             release.set()
         assert set(outcomes) == {"timed out"}, outcomes
         assert peak <= bound + threads * 600, f"the publish queue held {peak} bytes, {peak - bound} past its bound"
+
+
+@pytest.mark.timeout(60)
+def test_threads_calling_push_many_at_once_share_the_room_the_bound_leaves(mesh: dict[str, Any]) -> None:
+    """The same with `push_many` and headers (`Pusher.fit` weighs them with `wire_size`, a
+    call per message: time enough for another thread to measure the same room): sixteen
+    threads queued 8-32 MiB against a 4 MiB bound (4 runs of 5 failed at a round)."""
+    from zmqmesh._patterns.pipeline import bytes_queued
+
+    bound, threads = 4 * KIB * KIB, 16
+    release = threading.Event()
+    outcomes: list[str] = []
+    items = [b"x" * 500] * 9000
+    switching = sys.getswitchinterval()
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("q", lambda message: None)
+    with puller, zmqmesh.Node("pusher", **{**mesh, "send_queue_max_bytes": bound, "push_timeout_s": 0.3}) as node:
+        node.wait_for_pullers("q", timeout=15)
+        node.push("q", b"first")  # (the queue's socket is made)
+        wait_until(lambda: not node._engine.pusher.held_bytes, 5, "the first push sent")
+        node._engine.call_soon(release.wait, 30)  # (the loop sends nothing meanwhile)
+        start = threading.Barrier(threads)
+
+        def push_many() -> None:
+            start.wait()
+            try:
+                node.push_many("q", items, headers={"k": "v"})
+                outcomes.append("queued")
+            except zmqmesh.MeshTimeoutError:
+                outcomes.append("timed out")
+            except BaseException as exc:  # (reported below)
+                outcomes.append(repr(exc))
+
+        pusher = node._engine.pusher
+        peak = 0
+        sys.setswitchinterval(1e-5)  # (thread switches often, as on a busy host)
+        try:
+            for _ in range(3):
+                workers = [threading.Thread(target=push_many) for _ in range(threads)]
+                for worker in workers:
+                    worker.start()
+                for worker in workers:
+                    worker.join(30)
+                peak = max(peak, bytes_queued(list(pusher.queues.values())))
+                for q in pusher.queues.values():  # (the loop is held: the next round starts empty)
+                    q.clear()
+                pusher.held = pusher.held_bytes = 0
+        finally:
+            sys.setswitchinterval(switching)
+            release.set()
+        assert set(outcomes) == {"timed out"}, outcomes
+        assert peak <= bound + threads * 600, f"the push queues held {peak} bytes, {peak - bound} past their bound"

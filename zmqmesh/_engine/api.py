@@ -777,10 +777,11 @@ class NodeBase:
             if push:
                 pusher = engine.pusher
                 assert pusher is not None
-                chunk, size = pusher.fit(items[done:done + max(1, min(taken, pusher.held_max - pusher.held))])
-                q.extend(chunk)
-                pusher.held += len(chunk)  # (see `Pusher`: the loop recounts them)
-                pusher.held_bytes += size
+                with pusher.fitting:  # (one caller at a time measures the room and takes it)
+                    chunk, size = pusher.fit(items[done:done + max(1, min(taken, pusher.held_max - pusher.held))])
+                    q.extend(chunk)
+                    pusher.held += len(chunk)  # (see `Pusher`: the loop recounts them)
+                    pusher.held_bytes += size
             else:
                 publisher = engine.publisher
                 assert publisher is not None

@@ -8,6 +8,7 @@ what is queued now over every puller. At-least-once queues go through `ReliableS
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice, repeat, starmap
@@ -144,7 +145,9 @@ class Pusher:
     the queues are empty (then it is 0) or it reaches `max_bytes`: then, after a flush,
     the loop counts it exactly (the queues hold few large messages, or are long and
     waiting for their sockets anyway), again only once something was added or taken off.
-    So callers may be held back only by bytes that are really queued.
+    So callers may be held back only by bytes that are really queued. A ``push_many``
+    measures the room, takes it and adds it under `fitting`, so that callers together go
+    past the bounds by a message each at most.
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
@@ -167,6 +170,9 @@ class Pusher:
         """The bytes every send queue holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
         self.max_bytes: int = config.send_queue_max_bytes
         self._counted: tuple[int, int] | None = None  # (`held`, `held_bytes`) when last counted exactly
+        self.fitting = threading.Lock()
+        """Held by a ``push_many`` while it measures the room (`fit`), extends a queue and adds
+        what it took: two that measured at once each took the whole room."""
         self._gauge = (0, -_GAUGE_MAX_AGE_S)  # (`queued_bytes` as last counted, and when)
         self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
