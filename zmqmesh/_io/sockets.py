@@ -18,7 +18,8 @@ CONTROL_HWM = 100_000
 mailbox (HELLOs, a JOIN per group, WHISPERs) and the subscriptions a SUB sends its XPUBs.
 ZeroMQ drops a subscription that finds its pipe full, and a peer's offers arrive all at
 once (up to 2,000 each); what they carry is bounded elsewhere (offers, groups, peers).
-The data directions use ``send_hwm`` / ``recv_hwm`` (``queue_hwm`` for push/pull)."""
+The data directions use ``send_hwm`` / ``recv_hwm`` (``pub_hwm`` for publishing, when given;
+``queue_hwm`` for push/pull)."""
 
 log = logging.getLogger("zmqmesh.sockets")
 

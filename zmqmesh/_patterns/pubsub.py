@@ -94,7 +94,7 @@ class Publisher:
     """Sends what callers queued on ``queue`` as batches, and counts the XPUB's subscriptions.
 
     ``on_subscriptions`` is called (on the loop) when a subscription came or went.
-    Every method but `queue.append` runs on the loop.
+    Every method but `full` and `fit` (and the callers' appends to `queue`) runs on the loop.
 
     The queue holds ``queue_max`` messages at most, and ``max_bytes`` (payloads and
     headers) as `held_bytes` counts them, as a `Pusher`'s send queues do: callers add
