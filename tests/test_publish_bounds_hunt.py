@@ -156,3 +156,20 @@ def test_threads_calling_push_many_at_once_share_the_room_the_bound_leaves(mesh:
             release.set()
         assert set(outcomes) == {"timed out"}, outcomes
         assert peak <= bound + threads * 600, f"the push queues held {peak} bytes, {peak - bound} past their bound"
+
+
+@pytest.mark.timeout(30)
+def test_a_publish_queue_full_of_messages_names_send_queue_max(mesh: dict[str, Any]) -> None:
+    """A publish queue full by its count, not its bytes, raised "send queue full: the
+    receivers are not keeping up", naming no option, where the XPUB never waits for a
+    receiver: what is behind is the node's own loop."""
+    release = threading.Event()
+    with zmqmesh.Node("publisher", **{**mesh, "send_queue_max": 100, "push_timeout_s": 0.2}) as node:
+        node._engine.call_soon(release.wait, 10)  # (the loop sends nothing meanwhile)
+        try:
+            with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_max=100"):
+                for _ in range(101):
+                    node.publish("t", b"small")
+        finally:
+            release.set()
+        assert node.stats()["pubsub"]["refused_queue_full"] == 1

@@ -801,7 +801,9 @@ class NodeBase:
                 raise MeshTimeoutError(f"publish queue full: it holds {publisher.held_bytes} bytes "
                                        f"(send_queue_max_bytes={publisher.max_bytes}); the node cannot send "
                                        "them as fast as they are published")
-            raise MeshTimeoutError("send queue full: the receivers are not keeping up")
+            raise MeshTimeoutError(f"publish queue full: it holds {len(publisher.queue)} messages "
+                                   f"(send_queue_max={publisher.queue_max}); the node cannot send them "
+                                   "as fast as they are published")
 
     def _push_plan(self, queue: str, deadline: float) -> Plan:
         """Create the queue's socket, wait for a puller, wait for room until ``deadline``:
