@@ -187,7 +187,8 @@ class Node(NodeBase):
         at most 64 of them, 16 KiB in all) travel with it. Raises `TypeError` for data msgpack
         cannot encode or bad headers, `MessageTooLargeError`, `NodeClosedError` if the node is not running,
         `MeshTimeoutError` if the publish queue stays full (``send_queue_max`` messages, or
-        ``send_queue_max_bytes``) for ``push_timeout_s``.
+        ``send_queue_max_bytes``: the node sends more slowly than its callers publish) for
+        ``push_timeout_s``.
         """
         item, publisher = self._encode_publication(topic, data, headers)
         if len(publisher.queue) >= publisher.queue_max or publisher.held_bytes >= publisher.max_bytes:  # (`full`, inline)
@@ -236,7 +237,9 @@ class Node(NodeBase):
     def publish_many(self, topic: str, items: Iterable[Any], *, headers: dict[str, str] | None = None) -> None:
         """`publish` each of ``items`` on ``topic``, in order, much faster than one `publish`
         each: all are encoded first (one that cannot be encoded fails the call before any
-        is sent), then queued as room allows. Raises as `publish` does."""
+        is sent), then queued as room allows. Raises as `publish` does; a timeout part-way
+        (the queue held ``send_queue_max`` messages or ``send_queue_max_bytes`` for
+        ``push_timeout_s``) leaves the items before it sent."""
         self._runner.run(self._publish_many_plan(self._encode_publications(topic, items, headers)))
 
     def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
