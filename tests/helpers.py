@@ -119,6 +119,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def hold_loop(node: Any, release: threading.Event, timeout: float = 30.0) -> None:
+    """Hold ``node``'s loop (it sends nothing) until ``release`` is set, or ``timeout``;
+    returns once the loop is held, so that nothing queued from now on goes meanwhile."""
+    held = threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(timeout)
+
+    node._engine.call_soon(hold)
+    if not held.wait(10):
+        raise AssertionError("the node's loop was not held within 10 s")
+
+
 def wait_until(condition: Callable[[], object], timeout: float, what: str = "condition", every: float = 0.01) -> object:
     """Poll ``condition`` (every ``every`` s: more for a costly one) until it returns
     something truthy; fail the test at ``timeout``."""

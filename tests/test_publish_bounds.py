@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import NodeProcess, rss_bytes, wait_until
+from helpers import NodeProcess, hold_loop, rss_bytes, wait_until
 
 import zmqmesh
 
@@ -61,7 +61,7 @@ def test_publishes_wait_while_the_publish_queue_holds_send_queue_max_bytes(mesh:
     try:
         with subscriber, zmqmesh.Node("publisher", **options) as node:
             node.wait_for_subscribers("big", 1, timeout=15)
-            node._engine.call_soon(release.wait, 5)  # (the loop sends nothing meanwhile)
+            hold_loop(node, release, 5)  # (the loop sends nothing meanwhile)
             queued = 0
             with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_max_bytes"):
                 for _ in range(40):

@@ -1,4 +1,4 @@
-"""The publish queue's bytes bound under attack: many caller threads at once, headers,
+"""The send queues' bytes bounds with many caller threads at once: headers,
 ``publish_many`` with mixed sizes, a loop held up, a stop while callers wait."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import hold_loop, wait_until
 
 import zmqmesh
 from zmqmesh._wire.frames import wire_size
@@ -33,7 +33,7 @@ def test_threads_publishing_with_headers_keep_the_publish_queue_within_its_bytes
     errors: list[BaseException] = []
     switching = sys.getswitchinterval()
     with zmqmesh.Node("publisher", **{**mesh, "send_queue_max_bytes": bound, "push_timeout_s": 0.2}) as node:
-        node._engine.call_soon(release.wait, 30)  # (the loop sends nothing meanwhile)
+        hold_loop(node, release, 30)  # (the loop sends nothing meanwhile)
 
         def publish() -> None:
             try:
@@ -74,7 +74,7 @@ def test_threads_calling_publish_many_at_once_share_the_room_the_bound_leaves(me
     items = [b"x" * 500] * 9000
     switching = sys.getswitchinterval()
     with zmqmesh.Node("publisher", **{**mesh, "send_queue_max_bytes": bound, "push_timeout_s": 0.3}) as node:
-        node._engine.call_soon(release.wait, 30)  # (the loop sends nothing meanwhile)
+        hold_loop(node, release, 30)  # (the loop sends nothing meanwhile)
         start = threading.Barrier(threads)
 
         def publish_many() -> None:
@@ -124,7 +124,7 @@ def test_threads_calling_push_many_at_once_share_the_room_the_bound_leaves(mesh:
         node.wait_for_pullers("q", timeout=15)
         node.push("q", b"first")  # (the queue's socket is made)
         wait_until(lambda: not node._engine.pusher.held_bytes, 5, "the first push sent")
-        node._engine.call_soon(release.wait, 30)  # (the loop sends nothing meanwhile)
+        hold_loop(node, release, 30)  # (the loop sends nothing meanwhile)
         start = threading.Barrier(threads)
 
         def push_many() -> None:
@@ -165,7 +165,7 @@ def test_a_publish_queue_full_of_messages_names_send_queue_max(mesh: dict[str, A
     receiver: what is behind is the node's own loop."""
     release = threading.Event()
     with zmqmesh.Node("publisher", **{**mesh, "send_queue_max": 100, "push_timeout_s": 0.2}) as node:
-        node._engine.call_soon(release.wait, 10)  # (the loop sends nothing meanwhile)
+        hold_loop(node, release, 10)  # (the loop sends nothing meanwhile)
         try:
             with pytest.raises(zmqmesh.MeshTimeoutError, match="send_queue_max=100"):
                 for _ in range(101):
