@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +19,42 @@ KIB = 1 << 10
 
 def _queued_bytes(node: zmqmesh.Node) -> int:
     return sum(wire_size(body) for _, body in list(node._engine.publisher.queue))
+
+
+def _rounds_of_threads(threads: int, rounds: int, call: Callable[[], None], queued: Callable[[], int],
+                       empty: Callable[[], None]) -> tuple[set[str], int]:
+    """``rounds`` times, ``threads`` threads each make ``call`` at once, switching often (as
+    on a busy host); then ``queued()`` is read and the queues are emptied (``empty``: the
+    loop is held). The outcomes seen ("queued", "timed out" or another error) and the
+    largest ``queued()``."""
+    outcomes: set[str] = set()
+    start = threading.Barrier(threads)
+
+    def one() -> None:
+        start.wait()
+        try:
+            call()
+            outcomes.add("queued")
+        except zmqmesh.MeshTimeoutError:
+            outcomes.add("timed out")
+        except BaseException as exc:  # (reported by the caller)
+            outcomes.add(repr(exc))
+
+    peak = 0
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for _ in range(rounds):
+            workers = [threading.Thread(target=one) for _ in range(threads)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(30)
+            peak = max(peak, queued())
+            empty()
+    finally:
+        sys.setswitchinterval(switching)
+    return outcomes, peak
 
 
 @pytest.mark.timeout(60)
@@ -70,39 +107,21 @@ def test_threads_calling_publish_many_at_once_share_the_room_the_bound_leaves(me
     past it."""
     bound, threads = 4 * KIB * KIB, 16
     release = threading.Event()
-    outcomes: list[str] = []
     items = [b"x" * 500] * 9000
-    switching = sys.getswitchinterval()
     with zmqmesh.Node("publisher", **{**mesh, "send_queue_max_bytes": bound, "push_timeout_s": 0.3}) as node:
         hold_loop(node, release, 30)  # (the loop sends nothing meanwhile)
-        start = threading.Barrier(threads)
+        publisher = node._engine.publisher
 
-        def publish_many() -> None:
-            start.wait()
-            try:
-                node.publish_many("t", items)
-                outcomes.append("queued")
-            except zmqmesh.MeshTimeoutError:
-                outcomes.append("timed out")
-            except BaseException as exc:  # (reported below)
-                outcomes.append(repr(exc))
+        def empty() -> None:
+            publisher.queue.clear()
+            publisher.held_bytes = 0
 
-        peak = 0
-        sys.setswitchinterval(1e-5)  # (thread switches often, as on a busy host)
         try:
-            for _ in range(4):
-                workers = [threading.Thread(target=publish_many) for _ in range(threads)]
-                for worker in workers:
-                    worker.start()
-                for worker in workers:
-                    worker.join(30)
-                peak = max(peak, _queued_bytes(node))
-                node._engine.publisher.queue.clear()  # (the loop is held: the next round starts empty)
-                node._engine.publisher.held_bytes = 0
+            outcomes, peak = _rounds_of_threads(threads, 4, lambda: node.publish_many("t", items),
+                                                lambda: _queued_bytes(node), empty)
         finally:
-            sys.setswitchinterval(switching)
             release.set()
-        assert set(outcomes) == {"timed out"}, outcomes
+        assert outcomes == {"timed out"}, outcomes
         assert peak <= bound + threads * 600, f"the publish queue held {peak} bytes, {peak - bound} past its bound"
 
 
@@ -115,9 +134,7 @@ def test_threads_calling_push_many_at_once_share_the_room_the_bound_leaves(mesh:
 
     bound, threads = 4 * KIB * KIB, 16
     release = threading.Event()
-    outcomes: list[str] = []
     items = [b"x" * 500] * 9000
-    switching = sys.getswitchinterval()
     puller = zmqmesh.Node("puller", **mesh)
     puller.pull("q", lambda message: None)
     with puller, zmqmesh.Node("pusher", **{**mesh, "send_queue_max_bytes": bound, "push_timeout_s": 0.3}) as node:
@@ -125,36 +142,19 @@ def test_threads_calling_push_many_at_once_share_the_room_the_bound_leaves(mesh:
         node.push("q", b"first")  # (the queue's socket is made)
         wait_until(lambda: not node._engine.pusher.held_bytes, 5, "the first push sent")
         hold_loop(node, release, 30)  # (the loop sends nothing meanwhile)
-        start = threading.Barrier(threads)
-
-        def push_many() -> None:
-            start.wait()
-            try:
-                node.push_many("q", items, headers={"k": "v"})
-                outcomes.append("queued")
-            except zmqmesh.MeshTimeoutError:
-                outcomes.append("timed out")
-            except BaseException as exc:  # (reported below)
-                outcomes.append(repr(exc))
-
         pusher = node._engine.pusher
-        peak = 0
-        sys.setswitchinterval(1e-5)  # (thread switches often, as on a busy host)
+
+        def empty() -> None:
+            for q in pusher.queues.values():
+                q.clear()
+            pusher.held = pusher.held_bytes = 0
+
         try:
-            for _ in range(3):
-                workers = [threading.Thread(target=push_many) for _ in range(threads)]
-                for worker in workers:
-                    worker.start()
-                for worker in workers:
-                    worker.join(30)
-                peak = max(peak, bytes_queued(list(pusher.queues.values())))
-                for q in pusher.queues.values():  # (the loop is held: the next round starts empty)
-                    q.clear()
-                pusher.held = pusher.held_bytes = 0
+            outcomes, peak = _rounds_of_threads(threads, 3, lambda: node.push_many("q", items, headers={"k": "v"}),
+                                                lambda: bytes_queued(list(pusher.queues.values())), empty)
         finally:
-            sys.setswitchinterval(switching)
             release.set()
-        assert set(outcomes) == {"timed out"}, outcomes
+        assert outcomes == {"timed out"}, outcomes
         assert peak <= bound + threads * 600, f"the push queues held {peak} bytes, {peak - bound} past their bound"
 
 
