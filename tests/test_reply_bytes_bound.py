@@ -81,3 +81,40 @@ def test_callers_that_read_their_large_replies_get_them_all(mesh: dict[str, Any]
             got = caller.request_many("large", range(200), timeout=20, window=32)
             assert len(got) == 200 and all(r == reply for r in got)
         assert provider.stats()["service"].get("reply_refused", 0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_reply_names_the_option_that_bounds_it(mesh: dict[str, Any]) -> None:
+    """The bound cannot tell a caller that reads from one that does not: a caller with
+    more large replies in flight than ``send_queue_max_bytes`` can be refused while it
+    reads, when the provider answers faster than ZeroMQ writes out (on a loaded 2-core
+    machine, ``request_many``'s default window of 64 with replies of 2 MiB: 13 of 256
+    refused; 128 ``submit``s: 49 and 75). Its error names the option to raise on the
+    provider: it named none."""
+    reply = os.urandom(MIB)
+    with zmqmesh.Node("provider", send_queue_max_bytes=4 * MIB, **mesh) as node:
+        node.service("large", lambda message: reply)
+        ctx = zmq.Context()
+        caller = ctx.socket(zmq.DEALER)
+        try:
+            caller.setsockopt(zmq.LINGER, 0)
+            caller.setsockopt(zmq.RCVHWM, 1)
+            caller.setsockopt(zmq.RCVBUF, 64 * 1024)
+            caller.connect(node.endpoints["service"])
+            time.sleep(0.3)
+            for i in range(40):
+                caller.send_multipart([b"large", i.to_bytes(8, "big"), msgpack.packb(None)])
+            deadline = time.monotonic() + 20
+            while node.stats()["service"].get("sent", 0) < 40 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert node.stats()["service"].get("reply_refused", 0) > 0
+            caller.setsockopt(zmq.RCVTIMEO, 10_000)
+            errors = []
+            for _ in range(40):
+                request_id, status, body = caller.recv_multipart()
+                if status == STATUS_ERROR:
+                    errors.append(msgpack.unpackb(body)["message"])
+            assert errors and all("send_queue_max_bytes" in error for error in errors), errors[:1]
+        finally:
+            caller.close(0)
+            ctx.term()

@@ -157,7 +157,13 @@ class NodeConfig:
             64 KiB messages queued 625 MiB). And a provider holds as many bytes of large
             replies (64 KiB or more) that ZeroMQ has not written out, for one caller, and
             four times that in all: past it, a large reply is replaced by an error reply
-            (a caller that never read made its provider hold 1 GiB of 1 MiB replies).
+            (a caller that never read made its provider hold 1 GiB of 1 MiB replies). The
+            provider cannot tell a caller that reads from one that does not: a caller with
+            more large replies in flight than this (``request_many``'s window of 64 with
+            replies of 2 MiB) may be refused while it reads, when its provider answers
+            faster than ZeroMQ writes out (on a loaded machine); raise it on the provider
+            for such callers. Replies under 64 KiB are not counted: ``send_hwm`` of them
+            for each connection (625 MiB).
         push_timeout_s: how long ``push`` waits for a puller or for room.
         request_timeout_s: default timeout of ``request``.
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up

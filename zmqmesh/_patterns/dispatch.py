@@ -842,8 +842,9 @@ class Dispatcher:
             self.stats.add("service", "reply_refused")
             refused = ZmqMeshError(
                 f"the reply ({len(body)} bytes) was not sent: its provider holds {self.unsent.held} bytes "
-                f"of large replies not yet read (at most {self.unsent.per_caller} for one caller, "
-                f"{self.unsent.total} in all)")
+                f"of large replies not yet written out (at most {self.unsent.per_caller} for one caller, "
+                f"{self.unsent.total} in all: the provider's send_queue_max_bytes, and four times it); a caller "
+                f"with more than that in flight can be refused even while it reads")
             try:
                 send_frames(self.router, wire.reply_frames(route, wire.STATUS_ERROR, self._error_body(refused)))
             except zmq.ZMQError:
