@@ -23,11 +23,12 @@ MIB = 1 << 20
 def test_a_caller_that_never_reads_its_large_replies_costs_its_provider_a_bounded_amount(mesh: dict[str, Any]) -> None:
     """300 requests of a few bytes each, for replies of 1 MiB, from a socket that reads
     nothing: the provider held all 300 (grew by 300 MiB; 1,000 such requests, 1 GiB).
-    Now it holds about ``send_queue_max_bytes`` (64 MiB) for that caller, and answers the
-    rest with an error the caller gets as soon as it reads: every request is answered."""
+    Now it holds about four times ``send_queue_max_bytes`` for that caller (here 64 MiB),
+    and answers the rest with an error the caller gets as soon as it reads: every request
+    is answered."""
     reply = os.urandom(MIB)
     count = 300
-    with zmqmesh.Node("provider", **mesh) as node:
+    with zmqmesh.Node("provider", send_queue_max_bytes=16 * MIB, **mesh) as node:
         node.service("large", lambda message: reply)
         ctx = zmq.Context()
         caller = ctx.socket(zmq.DEALER)
@@ -70,7 +71,7 @@ def test_a_caller_that_never_reads_its_large_replies_costs_its_provider_a_bounde
 @pytest.mark.timeout(60)
 def test_callers_that_read_their_large_replies_get_them_all(mesh: dict[str, Any]) -> None:
     """The bound is on replies not yet written out: a node's callers, which read theirs,
-    get every one, one at a time and 32 in flight."""
+    get every one, one at a time and 64 in flight (``request_many``'s default window)."""
     reply = os.urandom(MIB)
     with zmqmesh.Node("provider", **mesh) as provider:
         provider.service("large", lambda message: reply)
@@ -78,7 +79,7 @@ def test_callers_that_read_their_large_replies_get_them_all(mesh: dict[str, Any]
             caller.wait_for_service("large", timeout=15)
             for _ in range(20):
                 assert caller.request("large", timeout=10) == reply
-            got = caller.request_many("large", range(200), timeout=20, window=32)
+            got = caller.request_many("large", range(200), timeout=20)
             assert len(got) == 200 and all(r == reply for r in got)
         assert provider.stats()["service"].get("reply_refused", 0) == 0
 
@@ -86,11 +87,11 @@ def test_callers_that_read_their_large_replies_get_them_all(mesh: dict[str, Any]
 @pytest.mark.timeout(60)
 def test_a_refused_reply_names_the_option_that_bounds_it(mesh: dict[str, Any]) -> None:
     """The bound cannot tell a caller that reads from one that does not: a caller with
-    more large replies in flight than ``send_queue_max_bytes`` can be refused while it
-    reads, when the provider answers faster than ZeroMQ writes out (on a loaded 2-core
-    machine, ``request_many``'s default window of 64 with replies of 2 MiB: 13 of 256
-    refused; 128 ``submit``s: 49 and 75). Its error names the option to raise on the
-    provider: it named none."""
+    more large replies in flight than the bound can be refused while it reads, when the
+    provider answers faster than ZeroMQ writes out (with the bound at a quarter of today's,
+    on a loaded 2-core machine, ``request_many``'s default window of 64 with replies of
+    2 MiB: 13 of 256 refused; 128 ``submit``s: 49 and 75). Its error names the option to
+    raise on the provider: it named none."""
     reply = os.urandom(MIB)
     with zmqmesh.Node("provider", send_queue_max_bytes=4 * MIB, **mesh) as node:
         node.service("large", lambda message: reply)

@@ -154,15 +154,16 @@ class NodeConfig:
             them (10 GiB) in the pusher. The publish queue holds as many bytes at most,
             apart: a ``publish`` waits the same way (``pubsub.refused_queue_full``); it
             fills only while callers publish faster than the node sends (publishers of
-            64 KiB messages queued 625 MiB). And a provider holds as many bytes of large
-            replies (64 KiB or more) that ZeroMQ has not written out, for one caller, and
-            four times that in all: past it, a large reply is replaced by an error reply
-            (a caller that never read made its provider hold 1 GiB of 1 MiB replies). The
-            provider cannot tell a caller that reads from one that does not: a caller with
-            more large replies in flight than this (``request_many``'s window of 64 with
-            replies of 2 MiB) may be refused while it reads, when its provider answers
-            faster than ZeroMQ writes out (on a loaded machine); raise it on the provider
-            for such callers. Replies under 64 KiB are not counted: ``send_hwm`` of them
+            64 KiB messages queued 625 MiB). And a provider holds four times as many bytes
+            of large replies (64 KiB or more) that ZeroMQ has not written out for one
+            caller (256 MiB), and sixteen times as many in all (1 GiB): past it, a large
+            reply is replaced by an error reply (a caller that never read made its provider
+            hold 1 GiB of 1 MiB replies, 10 GiB at ``send_hwm``). The provider cannot tell
+            a caller that reads from one that does not: a caller with more large replies
+            in flight than that may be refused while it reads, when its provider answers
+            faster than ZeroMQ writes out (at a quarter of these bounds, ``request_many``'s
+            window of 64 with replies of 2 MiB was, on a loaded machine); raise it on the
+            provider for such callers. Replies under 64 KiB are not counted: ``send_hwm`` of them
             for each connection (625 MiB).
         push_timeout_s: how long ``push`` waits for a puller or for room.
         request_timeout_s: default timeout of ``request``.

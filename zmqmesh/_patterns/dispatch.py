@@ -89,8 +89,13 @@ Each call holds its message until it runs, and every frame taken out of ZeroMQ's
 lets its I/O thread read one more in: an `AsyncNode` pulling messages of 1 MiB held 256
 of them in a burst on top of the pipe's 100 (346 MiB resident, against 130 MiB with this
 bound)."""
-_UNSENT_CALLERS = 4
-"""Large replies a provider holds unread, in all: this many callers' worth (`UnsentReplies`)."""
+_UNSENT_PER_CALLER = 4
+_UNSENT_IN_ALL = 16
+"""Large replies a provider holds not yet written out (`UnsentReplies`): this many times
+``send_queue_max_bytes`` for one caller (256 MiB by default), and in all (1 GiB). Generous:
+a caller that reads its replies has them written out at once, but the provider cannot
+tell it from one that does not, and a caller with as much in flight on a loaded machine
+(where the trackers are told late) was refused at 64 MiB."""
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 _UNREAD_FRAMES_MAX = 65_536
 """Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
@@ -199,7 +204,8 @@ class Dispatcher:
         self._left_at_stop: dict[str, int] = {}  # what the stop left unhandled, by `_LEFT_AT_STOP`'s kinds
         self._reported_as: str | None = None  # (the node's name, once `report_left_at_stop` was called)
         self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies, frame's caller] (`send_reply`)
-        self.unsent = UnsentReplies(config.send_queue_max_bytes, _UNSENT_CALLERS * config.send_queue_max_bytes)
+        self.unsent = UnsentReplies(_UNSENT_PER_CALLER * config.send_queue_max_bytes,
+                                    _UNSENT_IN_ALL * config.send_queue_max_bytes)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
         self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
 
@@ -843,7 +849,7 @@ class Dispatcher:
             refused = ZmqMeshError(
                 f"the reply ({len(body)} bytes) was not sent: its provider holds {self.unsent.held} bytes "
                 f"of large replies not yet written out (at most {self.unsent.per_caller} for one caller, "
-                f"{self.unsent.total} in all: the provider's send_queue_max_bytes, and four times it); a caller "
+                f"{self.unsent.total} in all: the provider's send_queue_max_bytes times 4 and 16); a caller "
                 f"with more than that in flight can be refused even while it reads")
             try:
                 send_frames(self.router, wire.reply_frames(route, wire.STATUS_ERROR, self._error_body(refused)))
