@@ -848,6 +848,18 @@ def test_the_publishing_high_water_mark_is_checked(bad: Any) -> None:
     assert zmqmesh.NodeConfig().pub_hwm is None  # (the publishing socket then takes send_hwm)
 
 
+@pytest.mark.parametrize(("name", "raw", "expected"), [
+    ("pub_hwm", " 1000", 1000), ("send_queue_total_max", "200000 ", 200_000), ("metrics_port", " 0", 0),
+    ("send_hwm", " 1000", 1000)])
+def test_numbers_from_the_environment_may_have_spaces_around_them(
+        monkeypatch: pytest.MonkeyPatch, name: str, raw: str, expected: int) -> None:
+    """``ZMQMESH_SEND_HWM=" 1000"`` was taken (``int`` strips spaces) where the same value
+    of ``ZMQMESH_PUB_HWM``, ``ZMQMESH_SEND_QUEUE_TOTAL_MAX`` or ``ZMQMESH_METRICS_PORT``
+    was refused: all four take it now."""
+    monkeypatch.setenv(f"ZMQMESH_{name.upper()}", raw)
+    assert getattr(zmqmesh.NodeConfig.from_options(), name) == expected
+
+
 @pytest.mark.parametrize("bad", [0, 9_999, -1, 2.5, math.nan, True, "many"])
 def test_the_node_wide_push_bound_is_checked(bad: Any) -> None:
     with pytest.raises(zmqmesh.ConfigError, match="send_queue_total_max"):

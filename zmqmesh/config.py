@@ -245,7 +245,8 @@ class NodeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "history", parse_history(self.history))
         if isinstance(self.metrics_port, str):  # (from the environment)
-            object.__setattr__(self, "metrics_port", int(self.metrics_port) if self.metrics_port.isascii() and self.metrics_port.isdigit() else -1)
+            port = self.metrics_port.strip()  # (as ``int`` takes the other options' values: spaces around)
+            object.__setattr__(self, "metrics_port", int(port) if port.isascii() and port.isdigit() else -1)
         if self.metrics_port is not None and (not isinstance(self.metrics_port, int) or isinstance(
                 self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port must be 0..65535 or None, got {self.metrics_port!r}")
@@ -320,6 +321,7 @@ class NodeConfig:
         `ConfigError` naming ``what`` it must be."""
         value = raw = getattr(self, name)
         if isinstance(value, str):
+            value = value.strip()  # (as ``int`` takes the other options' values: spaces around)
             value = int(value) if value.isascii() and value.isdigit() else -1
         if value is None:
             return
