@@ -4,8 +4,10 @@ in all, and a reply past the bound is replaced by a small error, counted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -19,6 +21,24 @@ from zmqmesh._wire.frames import STATUS_ERROR, STATUS_OK
 MIB = 1 << 20
 
 
+@contextlib.contextmanager
+def _caller_that_reads_nothing(node: zmqmesh.Node) -> Iterator[zmq.Socket[Any]]:
+    """A raw DEALER connected to ``node``'s service socket that reads nothing ahead of the
+    test (its receive mark 1, a small kernel buffer); closed on leaving."""
+    ctx = zmq.Context()
+    caller = ctx.socket(zmq.DEALER)
+    try:
+        caller.setsockopt(zmq.LINGER, 0)
+        caller.setsockopt(zmq.RCVHWM, 1)
+        caller.setsockopt(zmq.RCVBUF, 64 * 1024)
+        caller.connect(node.endpoints["service"])
+        time.sleep(0.3)
+        yield caller
+    finally:
+        caller.close(0)
+        ctx.term()
+
+
 @pytest.mark.timeout(60)
 def test_a_caller_that_never_reads_its_large_replies_costs_its_provider_a_bounded_amount(mesh: dict[str, Any]) -> None:
     """300 requests of a few bytes each, for replies of 1 MiB, from a socket that reads
@@ -30,14 +50,7 @@ def test_a_caller_that_never_reads_its_large_replies_costs_its_provider_a_bounde
     count = 300
     with zmqmesh.Node("provider", send_queue_max_bytes=16 * MIB, **mesh) as node:
         node.service("large", lambda message: reply)
-        ctx = zmq.Context()
-        caller = ctx.socket(zmq.DEALER)
-        try:
-            caller.setsockopt(zmq.LINGER, 0)
-            caller.setsockopt(zmq.RCVHWM, 1)  # (reads nothing ahead of the test either)
-            caller.setsockopt(zmq.RCVBUF, 64 * 1024)
-            caller.connect(node.endpoints["service"])
-            time.sleep(0.3)
+        with _caller_that_reads_nothing(node) as caller:
             base = peak = rss_bytes()
             for i in range(count):
                 caller.send_multipart([b"large", i.to_bytes(8, "big"), msgpack.packb(None)])
@@ -63,9 +76,6 @@ def test_a_caller_that_never_reads_its_large_replies_costs_its_provider_a_bounde
                     assert "not sent" in msgpack.unpackb(body)["message"]
             assert answered[STATUS_ERROR] == stats["reply_refused"]
             assert answered[STATUS_OK] == count - stats["reply_refused"]
-        finally:
-            caller.close(0)
-            ctx.term()
 
 
 @pytest.mark.timeout(60)
@@ -91,18 +101,12 @@ def test_a_refused_reply_names_the_option_that_bounds_it(mesh: dict[str, Any]) -
     provider answers faster than ZeroMQ writes out (with the bound at a quarter of today's,
     on a loaded 2-core machine, ``request_many``'s default window of 64 with replies of
     2 MiB: 13 of 256 refused; 128 ``submit``s: 49 and 75). Its error names the option to
-    raise on the provider: it named none."""
+    raise on the provider: it named none. (A caller that never reads, with a small bound,
+    shows it whatever the load.)"""
     reply = os.urandom(MIB)
     with zmqmesh.Node("provider", send_queue_max_bytes=4 * MIB, **mesh) as node:
         node.service("large", lambda message: reply)
-        ctx = zmq.Context()
-        caller = ctx.socket(zmq.DEALER)
-        try:
-            caller.setsockopt(zmq.LINGER, 0)
-            caller.setsockopt(zmq.RCVHWM, 1)
-            caller.setsockopt(zmq.RCVBUF, 64 * 1024)
-            caller.connect(node.endpoints["service"])
-            time.sleep(0.3)
+        with _caller_that_reads_nothing(node) as caller:
             for i in range(40):
                 caller.send_multipart([b"large", i.to_bytes(8, "big"), msgpack.packb(None)])
             deadline = time.monotonic() + 20
@@ -116,6 +120,3 @@ def test_a_refused_reply_names_the_option_that_bounds_it(mesh: dict[str, Any]) -
                 if status == STATUS_ERROR:
                     errors.append(msgpack.unpackb(body)["message"])
             assert errors and all("send_queue_max_bytes" in error for error in errors), errors[:1]
-        finally:
-            caller.close(0)
-            ctx.term()

@@ -163,9 +163,9 @@ class NodeConfig:
             in flight than that may be refused while it reads, when its provider answers
             faster than ZeroMQ writes out (at a quarter of these bounds, ``request_many``'s
             window of 64 with replies of 2 MiB was, on a loaded machine); raise it on the
-            provider for such callers. Replies under 64 KiB are not counted: ``send_hwm`` of them
+            provider for such callers (which raises its push and publish bounds with it). Replies under 64 KiB are not counted: ``send_hwm`` of them
             for each connection (625 MiB).
-        push_timeout_s: how long ``push`` waits for a puller or for room.
+        push_timeout_s: how long ``push`` waits for a puller or for room, and ``publish`` for room.
         request_timeout_s: default timeout of ``request``.
         handler_concurrency: 1 runs handlers one at a time in arrival order; N > 1 runs up
             to N at once (order no longer kept).

@@ -663,9 +663,10 @@ class NodeBase:
         if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max \
                 or pusher.held >= pusher.held_max or pusher.held_bytes >= pusher.max_bytes:  # type: ignore[union-attr]
             return body
-        q.append(body)
+        size = len(body) + extra  # (weighed first: a `RawPayload`'s len is a call, where another thread
+        q.append(body)  # could add between the count's read and its write below, and be lost)
         pusher.held += 1  # type: ignore[union-attr]  # (see `Pusher`: the loop recounts them)
-        pusher.held_bytes += len(body) + extra  # type: ignore[union-attr]
+        pusher.held_bytes += size  # type: ignore[union-attr]
         outbound = engine.outbound
         if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
             outbound.wake()  # type: ignore[union-attr]
@@ -843,8 +844,9 @@ class NodeBase:
             if not room:
                 if len(q) >= self.config.send_queue_max:
                     engine.stats.add("pipeline", "refused_queue_full")
-                    raise MeshTimeoutError(f"send queue of {queue!r} full ({len(q)} messages): "
-                                           "the receivers are not keeping up")
+                    raise MeshTimeoutError(f"send queue of {queue!r} full ({len(q)} messages, "
+                                           f"send_queue_max={self.config.send_queue_max}): the receivers "
+                                           "are not keeping up")
                 engine.stats.add("pipeline", "refused_node_full")
                 if pusher.held_bytes >= pusher.max_bytes:
                     raise MeshTimeoutError(f"send queues full: this node's queues hold {pusher.held_bytes} bytes "

@@ -48,7 +48,7 @@ from .pubsub import GapCounter
 from .replay import Fetch, Replays
 from .reqrep import MAX_CHAIN
 from .request_batches import EARLY_ITEMS
-from .unsent import UnsentReplies
+from .unsent import MAX_CALLERS, UnsentReplies
 
 if TYPE_CHECKING:
     from .._store.sqlite import Store
@@ -90,7 +90,7 @@ lets its I/O thread read one more in: an `AsyncNode` pulling messages of 1 MiB h
 of them in a burst on top of the pipe's (with ``queue_hwm`` 100, 346 MiB resident against
 130 MiB with this bound; tests/test_drain_bytes_bound.py, with 50: grew by 291 MiB against
 54)."""
-_UNSENT_PER_CALLER = 4
+_UNSENT_PER_CALLER = 4  # (times ``send_queue_max_bytes``: see `_UNSENT_IN_ALL`)
 _UNSENT_IN_ALL = 16
 """Large replies a provider holds not yet written out (`UnsentReplies`): this many times
 ``send_queue_max_bytes`` for one caller (256 MiB by default), and in all (1 GiB). Generous:
@@ -850,7 +850,8 @@ class Dispatcher:
             refused = ZmqMeshError(
                 f"the reply ({len(body)} bytes) was not sent: its provider holds {self.unsent.held} bytes "
                 f"of large replies not yet written out (at most {self.unsent.per_caller} for one caller, "
-                f"{self.unsent.total} in all: the provider's send_queue_max_bytes times 4 and 16); a caller "
+                f"{self.unsent.total} in all: the provider's send_queue_max_bytes times {_UNSENT_PER_CALLER} "
+                f"and {_UNSENT_IN_ALL}, or {MAX_CALLERS} callers); a caller "
                 f"with more than that in flight can be refused even while it reads")
             try:
                 send_frames(self.router, wire.reply_frames(route, wire.STATUS_ERROR, self._error_body(refused)))

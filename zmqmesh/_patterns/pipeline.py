@@ -209,8 +209,9 @@ class Pusher:
     def put_back(self, q: deque[Any], bodies: list[Any]) -> None:
         """Put ``bodies`` back at the front of the send queue ``q``, in order, counted in
         `held_bytes` (loop only: messages to deal again, older than those queued)."""
+        size = sum(map(wire_size, bodies))  # (first: callers' threads add to the count meanwhile)
         q.extendleft(reversed(bodies))
-        self.held_bytes += sum(map(wire_size, bodies))
+        self.held_bytes += size
 
     def count_held(self) -> None:
         """Recount `held` (loop only, after a flush): what the callers added, less what went;

@@ -172,9 +172,10 @@ class Publisher:
             self.held_bytes = 0
             self._counted = None
         elif self.held_bytes >= self.max_bytes and (len(q), self.held_bytes) != self._counted:
-            counted = sum(wire_size(body) for _, body in list(q))
+            items = list(q)  # (one copy: a caller's append meanwhile makes the next look count again)
+            counted = sum(wire_size(body) for _, body in items)
             self.held_bytes = counted
-            self._counted = (len(q), counted)
+            self._counted = (len(items), counted)
 
     def sync_connections(self) -> None:
         """Connect to every zmqmesh peer's SUB endpoint, and only to those."""
