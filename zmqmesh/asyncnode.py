@@ -15,7 +15,7 @@ from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
-from ._wire.frames import STATS_SERVICE, wire_size
+from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
@@ -145,16 +145,9 @@ class AsyncNode(NodeBase):
     async def publish(self, topic: str, data: Any, *, headers: dict[str, str] | None = None) -> None:
         """Publish ``data`` on ``topic`` (see `Node.publish`)."""
         self._check_loop()
-        item, publisher = self._encode_publication(topic, data, headers)
-        if len(publisher.queue) >= publisher.queue_max or publisher.held_bytes >= publisher.max_bytes:  # (`full`, inline)
-            await self._runner.run(self._room_plan(publisher, self.config.push_timeout_s))
-        body = item[1]
-        size = len(body) if type(body) is bytes else wire_size(body)  # (weighed first: the count's read and
-        publisher.queue.append(item)  # write below have no call between them, where another thread could add)
-        publisher.held_bytes += size  # (see `Publisher`)
-        outbound = self._engine.outbound
-        if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
-            outbound.wake()  # type: ignore[union-attr]
+        pending = self._publish_now(topic, data, headers)
+        if pending is not None:  # (the publish queue could not take it yet)
+            await self._runner.run(self._publish_many_plan([pending]))
 
     async def push(self, queue: str, data: Any, timeout: float | None = None, *, durable: bool = False,
                    headers: dict[str, str] | None = None) -> None:

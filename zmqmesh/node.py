@@ -22,7 +22,7 @@ from ._drivers.thread import (
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
 from ._io.reactor import Reactor, run_on
 from ._io.stop_flag import StopFlag
-from ._wire.frames import STATS_SERVICE, wire_size
+from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
@@ -190,16 +190,9 @@ class Node(NodeBase):
         ``send_queue_max_bytes``: the node sends more slowly than its callers publish) for
         ``push_timeout_s``.
         """
-        item, publisher = self._encode_publication(topic, data, headers)
-        if len(publisher.queue) >= publisher.queue_max or publisher.held_bytes >= publisher.max_bytes:  # (`full`, inline)
-            self._runner.run(self._room_plan(publisher, self.config.push_timeout_s))
-        body = item[1]
-        size = len(body) if type(body) is bytes else wire_size(body)  # (weighed first: the count's read and
-        publisher.queue.append(item)  # write below have no call between them, where another thread could add)
-        publisher.held_bytes += size  # (see `Publisher`)
-        outbound = self._engine.outbound
-        if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
-            outbound.wake()  # type: ignore[union-attr]
+        pending = self._publish_now(topic, data, headers)
+        if pending is not None:  # (the publish queue could not take it yet)
+            self._runner.run(self._publish_many_plan([pending]))
 
     def push(self, queue: str, data: Any, timeout: float | None = None, *, durable: bool = False,
              headers: dict[str, str] | None = None) -> None:

@@ -37,6 +37,7 @@ from .._wire.frames import (
     Headed,
     RawPayload,
     check_headers,
+    wire_size,
 )
 from ..config import NodeConfig
 from ..errors import (
@@ -605,17 +606,29 @@ class NodeBase:
         headed.timestamp = time.time()
         return headed
 
-    def _encode_publication(self, topic: str, data: Any, headers: dict[str, str] | None = None,
-                            ) -> tuple[tuple[bytes, bytes], Publisher]:
-        """``(topic, body)`` and the `Publisher` whose queue takes it (`Publisher.full`:
-        when it must wait). Raises `NodeClosedError`, `TypeError`, `MessageTooLargeError`,
+    def _publish_now(self, topic: str, data: Any, headers: dict[str, str] | None = None,
+                     ) -> tuple[bytes, bytes] | None:
+        """Encode ``data`` and queue it on the publish queue if that has room right now:
+        None then; otherwise ``(topic, body)``, for the caller to queue once there is room
+        (`_publish_many_plan`). Raises `NodeClosedError`, `TypeError`, `MessageTooLargeError`,
         `ValueError` for a bad topic or headers."""
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "publish", topic, headers)
         body = self._encode(data, headers)
         name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
-        return (name, body), self._engine.publisher  # type: ignore[return-value]
+        engine = self._engine
+        publisher = engine.publisher
+        q = publisher.queue  # type: ignore[union-attr]
+        if len(q) >= publisher.queue_max or publisher.held_bytes >= publisher.max_bytes:  # type: ignore[union-attr]
+            return name, body  # (`Publisher.full`, spared its call)
+        size = len(body) if type(body) is bytes else wire_size(body)  # (weighed first: the count's read and
+        q.append((name, body))  # write below have no call between them, where another thread could add)
+        publisher.held_bytes += size  # type: ignore[union-attr]  # (see `Publisher`)
+        outbound = engine.outbound
+        if not outbound.scheduled:  # type: ignore[union-attr]  # (per message: spare the call when it has nothing to do)
+            outbound.wake()  # type: ignore[union-attr]
+        return None
 
     def _encode(self, data: Any, headers: dict[str, str] | None) -> bytes:
         """``data`` encoded (carrying ``headers``, if any) by a running node. Raises
@@ -768,29 +781,15 @@ class NodeBase:
     def _fill_plan(self, items: list[Any], room: Callable[[], Plan], push: bool = False) -> Plan:
         """Extend the send queue ``room()`` gives (waiting for room there) with ``items``,
         as many at a time as it has room for, in messages and bytes (``push``: a push
-        queue, within what all of them may hold together too; else the publish queue)."""
+        queue, `Pusher.take`, within what all of them may hold together too; else the
+        publish queue, `Publisher.take`)."""
         limit = self.config.send_queue_max
         engine = self._engine
         done = 0
         while done < len(items):
             q = yield from room()
-            taken = max(1, limit - len(q))
-            if push:
-                pusher = engine.pusher
-                assert pusher is not None
-                with pusher.fitting:  # (one caller at a time measures the room and takes it)
-                    chunk, size = pusher.fit(items[done:done + max(1, min(taken, pusher.held_max - pusher.held))])
-                    q.extend(chunk)
-                    pusher.held += len(chunk)  # (see `Pusher`: the loop recounts them)
-                    pusher.held_bytes += size
-            else:
-                publisher = engine.publisher
-                assert publisher is not None
-                with publisher.fitting:  # (one caller at a time measures the room and takes it)
-                    chunk, size = publisher.fit(items[done:done + taken])
-                    q.extend(chunk)
-                    publisher.held_bytes += size  # (see `Publisher`: the loop counts again)
-            done += len(chunk)
+            chunk = items[done:done + max(1, limit - len(q))]
+            done += engine.pusher.take(q, chunk) if push else engine.publisher.take(chunk)  # type: ignore[union-attr]
             engine.outbound.wake()  # type: ignore[union-attr]
 
     def _room_plan(self, publisher: Publisher, timeout: float) -> Plan:

@@ -146,8 +146,8 @@ class Pusher:
     the loop counts it exactly (the queues hold few large messages, or are long and
     waiting for their sockets anyway), again only once something was added or taken off.
     So callers may be held back only by bytes that are really queued. A ``push_many``
-    measures the room, takes it and adds it under `fitting`, so that callers together go
-    past the bounds by a message each at most.
+    measures the room, takes it and counts it in one step (`take`), so that callers
+    together go past the bounds by a message each at most.
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
@@ -170,9 +170,7 @@ class Pusher:
         """The bytes every send queue holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
         self.max_bytes: int = config.send_queue_max_bytes
         self._counted: tuple[int, int] | None = None  # (`held`, `held_bytes`) when last counted exactly
-        self.fitting = threading.Lock()
-        """Held by a ``push_many`` while it measures the room (`fit`), extends a queue and adds
-        what it took: two that measured at once each took the whole room."""
+        self._taking = threading.Lock()  # (`take`: two that measured the room at once each took all of it)
         self._gauge = (0, -_GAUGE_MAX_AGE_S)  # (`queued_bytes` as last counted, and when)
         self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
@@ -201,10 +199,17 @@ class Pusher:
             self._gauge = (counted, now)
         return counted
 
-    def fit(self, bodies: list[Any]) -> tuple[list[Any], int]:
-        """The first of ``bodies`` (all carrying headers, or none: one call's) that fit in
-        the room `max_bytes` leaves, one at least, and their bytes, headers included."""
-        return fit_within(bodies, wire_size if type(bodies[0]) is Headed else len, self.max_bytes - self.held_bytes)
+    def take(self, q: deque[Any], bodies: list[Any]) -> int:
+        """Queue on the send queue ``q`` the first of ``bodies`` (all carrying headers, or
+        none: one call's) that fit in what all queues may still hold, in messages and bytes
+        (one at least), counted; how many it took (callers' threads, one at a time)."""
+        weigh = wire_size if type(bodies[0]) is Headed else len
+        with self._taking:
+            chunk, size = fit_within(bodies[:max(1, self.held_max - self.held)], weigh, self.max_bytes - self.held_bytes)
+            q.extend(chunk)
+            self.held += len(chunk)
+            self.held_bytes += size
+        return len(chunk)
 
     def put_back(self, q: deque[Any], bodies: list[Any]) -> None:
         """Put ``bodies`` back at the front of the send queue ``q``, in order, counted in

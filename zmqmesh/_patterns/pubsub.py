@@ -94,7 +94,7 @@ class Publisher:
     """Sends what callers queued on ``queue`` as batches, and counts the XPUB's subscriptions.
 
     ``on_subscriptions`` is called (on the loop) when a subscription came or went.
-    Every method but `full` and `fit` (and the callers' appends to `queue`) runs on the loop.
+    Every method but `full` and `take` (and the callers' appends to `queue`) runs on the loop.
 
     The queue holds ``queue_max`` messages at most, and ``max_bytes`` (payloads and
     headers) as `held_bytes` counts them, as a `Pusher`'s send queues do: callers add
@@ -103,8 +103,8 @@ class Publisher:
     queue is long only while the callers outpace the loop). A caller weighs its message
     first, then adds it (``held_bytes += size``, no call between the read and the write):
     a call there let another thread's addition be lost, and the queue grow past its bound.
-    A ``publish_many`` measures the room, takes it and adds it under `fitting`, so that
-    callers together go past ``max_bytes`` by a message each at most.
+    A ``publish_many`` measures the room, takes it and counts it in one step (`take`), so
+    that callers together go past ``max_bytes`` by a message each at most.
     """
 
     def __init__(self, *, loop: EventLoop, stats: Stats, uuid: bytes, xpub: zmq.Socket[Any],
@@ -129,9 +129,7 @@ class Publisher:
         """The bytes `queue` holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
         self.max_bytes = max_bytes
         self._counted: tuple[int, int] | None = None  # (the queue's length, `held_bytes`) when last counted exactly
-        self.fitting = threading.Lock()
-        """Held by a ``publish_many`` while it measures the room (`fit`), extends the queue and
-        adds what it took: two that measured at once each took the whole room."""
+        self._taking = threading.Lock()  # (`take`: two that measured the room at once each took all of it)
         self._sequences: dict[bytes, int] = {}
         self._fresh_from = 0  # where a topic not in `_sequences` is numbered from
         self._sub_counts: Counter[bytes] = Counter()
@@ -158,10 +156,15 @@ class Publisher:
         messages, or ``max_bytes`` (any thread)."""
         return len(self.queue) >= self.queue_max or self.held_bytes >= self.max_bytes
 
-    def fit(self, entries: list[tuple[bytes, Any]]) -> tuple[list[tuple[bytes, Any]], int]:
-        """The first of ``entries`` (``(topic, body)``) that fit in the room ``max_bytes``
-        leaves, one at least, and their bytes, headers included."""
-        return fit_within(entries, _entry_size, self.max_bytes - self.held_bytes)
+    def take(self, entries: list[tuple[bytes, Any]]) -> int:
+        """Queue the first of ``entries`` (``(topic, body)``) that fit in the room
+        ``max_bytes`` leaves (one at least), counted; how many it took (callers' threads,
+        one at a time)."""
+        with self._taking:
+            chunk, size = fit_within(entries, _entry_size, self.max_bytes - self.held_bytes)
+            self.queue.extend(chunk)
+            self.held_bytes += size
+        return len(chunk)
 
     def count_held(self) -> None:
         """Set `held_bytes` right (loop only, after a flush): 0 once the queue is empty;
