@@ -76,6 +76,50 @@ def test_a_subscriber_of_more_topics_than_one_read_takes_is_counted_whole(mesh: 
         publisher.wait_for_peers(1, timeout=10)
 
 
+def _publishers_connected_to(sub_endpoint: str) -> int:
+    """How many connections a SUB endpoint on loopback has accepted and holds (read from
+    the kernel's table: each established connection to its port, counted at its end)."""
+    port = int(sub_endpoint.rsplit(":", 1)[1])
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "01" and int(local.split(":")[1], 16) == port:
+                count += 1
+    return count
+
+
+def test_a_publisher_connects_only_to_peers_that_subscribe_and_stays_connected(mesh: dict[str, Any]) -> None:
+    """A node that subscribes to nothing gets no publishing connection from its peers (two
+    of the four connections a pair of nodes made when they met): one from each peer once
+    it subscribes, kept when it unsubscribes, and its subscriptions work as before."""
+    got: list[Any] = []
+    publisher = zmqmesh.Node("pub", **mesh)
+    watcher = zmqmesh.Node("watcher", **mesh)
+    watcher.subscribe("w.", lambda msg: None)
+    quiet = zmqmesh.Node("quiet", **mesh)
+    with publisher, watcher, quiet:
+        publisher.wait_for_peers(2, timeout=10)
+        publisher.wait_for_subscribers("w.x", 1, timeout=10)
+        sub_of = {p.name: p.headers["X-ZMQMESH-SUB"] for p in publisher.peers()}
+        wait_until(lambda: _publishers_connected_to(sub_of["watcher"]) == 2, 10, "the watcher's two publishers")
+        time.sleep(0.3)  # (the connections to the watcher were made when the three met)
+        assert _publishers_connected_to(sub_of["quiet"]) == 0
+
+        quiet.subscribe("q.", lambda msg: got.append(msg.data))
+        publisher.wait_for_subscribers("q.x", 1, timeout=10)
+        publisher.publish("q.x", "reached")
+        wait_until(lambda: got == ["reached"], 10, "the publication to the new subscriber")
+        wait_until(lambda: _publishers_connected_to(sub_of["quiet"]) == 2, 10, "a connection from each peer")
+
+        quiet.unsubscribe("q.")
+        quiet.subscribe("r.", lambda msg: got.append(msg.data))
+        publisher.wait_for_subscribers("r.x", 1, timeout=10)
+        publisher.publish("r.x", "again")
+        wait_until(lambda: got == ["reached", "again"], 10, "the publication after the change")
+        assert _publishers_connected_to(sub_of["quiet"]) == 2
+
+
 def test_bytes_stay_bytes_and_unencodable_data_raises_before_sending(mesh: dict[str, Any]) -> None:
     got: list[Any] = []
     node = zmqmesh.Node("n", **mesh)

@@ -215,6 +215,11 @@ class Directory:
             return None
         return found[0]
 
+    def offers_any(self, node_id: str, kind: str) -> bool:
+        """Whether the node ``node_id`` (this one included) offers any name of ``kind``
+        (one of `OFFER_KINDS`), as of the last rebuild."""
+        return bool(self._contributions.get(node_id, _NO_OFFERS).get(kind))
+
     def peer_count(self) -> int:
         """How many peers are present."""
         return len(self._peers)

@@ -181,13 +181,19 @@ class Publisher:
             self._counted = (len(items), counted)
 
     def sync_connections(self) -> None:
-        """Connect to every zmqmesh peer's SUB endpoint, and only to those."""
+        """Connect to the SUB endpoint of every zmqmesh peer that subscribes to a topic,
+        and stay connected while it is present (its subscriptions may change: a peer
+        that swaps them loses nothing between its LEAVE and its JOIN). A peer that
+        subscribes to nothing gets no connection, and costs none of its sockets and
+        handshakes: two of the four a pair of nodes made at every join."""
         wanted = {}
-        for peer in self.directory.mesh_peers():
-            endpoint = self.directory.peer_endpoints(peer).get("sub")
-            if endpoint is not None:
+        directory = self.directory
+        connected = self._connected
+        for peer in directory.mesh_peers():
+            endpoint = directory.peer_endpoints(peer).get("sub")
+            if endpoint is not None and (endpoint in connected or directory.offers_any(peer.id, "topics")):
                 wanted[endpoint] = peer.key
-        reconnect(self.xpub, self._connected, wanted, self.connect)
+        reconnect(self.xpub, connected, wanted, self.connect)
 
     def flush(self, until: float) -> None:
         """Send what is queued, until the monotonic clock reads ``until`` (a frame at least;
