@@ -120,6 +120,29 @@ def test_a_publisher_connects_only_to_peers_that_subscribe_and_stays_connected(m
         assert _publishers_connected_to(sub_of["quiet"]) == 2
 
 
+def test_a_subscriber_whose_announcement_was_refused_still_gets_publications(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer whose JOIN of its subscription's group the publisher refused (past the group
+    budget of a peer) subscribes all the same: the publisher connects to it anyway, as it
+    cannot tell (a node before connecting only to announced subscribers did so to every peer)."""
+    from zmqmesh._membership import engine as membership_engine
+
+    got: list[Any] = []
+    with zmqmesh.Node("pub", **mesh) as publisher, zmqmesh.Node("sub", **mesh) as subscriber:
+        publisher.wait_for_peers(1, timeout=10)
+        subscriber.wait_for_peers(1, timeout=10)
+        known = sum(map(len, publisher.peers()[0].groups))
+        monkeypatch.setattr(membership_engine, "MAX_HELLO_GROUP_BYTES", known + 200)
+        subscriber.join("f" * 200)  # (the budget, full)
+        subscriber.subscribe("t.", lambda msg: got.append(msg.data))
+        wait_until(lambda: publisher.stats()["rejected"].get("zre_too_many_groups", 0) >= 1, 10,
+                   "the subscription's JOIN refused")
+        assert "t." not in publisher.peers()[0].topics
+        publisher.wait_for_subscribers("t.x", 1, timeout=10)
+        publisher.publish("t.x", "reached")
+        wait_until(lambda: got == ["reached"], 10, "the publication")
+
+
 def test_bytes_stay_bytes_and_unencodable_data_raises_before_sending(mesh: dict[str, Any]) -> None:
     got: list[Any] = []
     node = zmqmesh.Node("n", **mesh)

@@ -519,9 +519,11 @@ class Membership:
             if cmd == Command.JOIN:
                 if msg.group not in peer.groups and self._group_chars + len(msg.group) > MAX_GROUP_BYTES_ALL:
                     self.stats.reject("zre_groups_over_budget")
+                    self._group_refused(peer)
                     return
                 if not peer.join(msg.group, MAX_HELLO_GROUP_BYTES):
                     self.stats.reject("zre_too_many_groups")  # (bounded as a HELLO's groups are)
+                    self._group_refused(peer)
                     return
             else:
                 peer.leave(msg.group)
@@ -538,6 +540,14 @@ class Membership:
                 self._check_proof(peer)
         elif cmd == Command.GOODBYE:
             self.remove(peer, "left (goodbye)")
+
+    def _group_refused(self, peer: PeerState) -> None:
+        """A JOIN of ``peer`` was refused: its groups as known here may lack an offer of it,
+        a subscription among them (the publisher then connects to it all the same, as it
+        cannot tell: `Publisher.sync_connections`). Said once, until a HELLO of it is taken."""
+        if not peer.groups_refused:
+            peer.groups_refused = True
+            self.events.peer_groups_changed(peer)
 
     def _on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
         if uuid == self.uuid or self.admission.is_foreign(uuid) or self._leaving:

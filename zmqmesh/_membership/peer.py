@@ -38,6 +38,7 @@ class PeerState:
         self.headers: dict[str, str] = {}
         self.groups: set[str] = set()  # (changed through `set_groups`, `join`, `leave`: `group_chars` follows)
         self.group_chars = 0
+        self.groups_refused = False  # a JOIN of it was refused (a budget): `groups` may lack some of its offers
         self.status = 0
         self.last_rx = time.monotonic()
         self.last_seen = time.time()
@@ -64,6 +65,7 @@ class PeerState:
         """Its groups are ``groups`` (a HELLO's)."""
         self.groups = set(groups)
         self.group_chars = sum(map(len, self.groups))
+        self.groups_refused = False
 
     def join(self, group: str, most_chars: int) -> bool:
         """It joined ``group``: False (not added) if its groups' names would pass

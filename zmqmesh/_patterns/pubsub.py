@@ -1,13 +1,13 @@
 """pub/sub: the publishing side (one XPUB, batching, sequence numbers, subscription counts)
 and the receiving side's count of messages lost at a high-water mark.
 
-The XPUB is connected to every zmqmesh peer's SUB, so a publication reaches each
-subscriber once, in order per publisher. This node's own subscriptions get its
-publications directly (``local``), never through a socket: none is lost while a
-subscription would still be on its way. Frames of kept topics (``history=``) are numbered
-by the history and committed to it before they are sent; the first frame of a topic
-numbered afresh past the history's floor says where its numbering begins if it has a
-meta frame (`start_meta`).
+The XPUB is connected to the SUB of every zmqmesh peer that subscribes to something (see
+`Publisher.sync_connections`), so a publication reaches each subscriber once, in order
+per publisher. This node's own subscriptions get its publications directly (``local``),
+never through a socket: none is lost while a subscription would still be on its way.
+Frames of kept topics (``history=``) are numbered by the history and committed to it
+before they are sent; the first frame of a topic numbered afresh past the history's
+floor says where its numbering begins if it has a meta frame (`start_meta`).
 """
 
 from __future__ import annotations
@@ -185,13 +185,16 @@ class Publisher:
         and stay connected while it is present (its subscriptions may change: a peer
         that swaps them loses nothing between its LEAVE and its JOIN). A peer that
         subscribes to nothing gets no connection, and costs none of its sockets and
-        handshakes: two of the four a pair of nodes made at every join."""
+        handshakes: two of the four a pair of nodes made at every join. A peer a JOIN of
+        which was refused here (a group budget: `PeerState.groups_refused`) may subscribe
+        unannounced: it is connected too, so that its subscriptions reach the XPUB as before."""
         wanted = {}
         directory = self.directory
         connected = self._connected
         for peer in directory.mesh_peers():
             endpoint = directory.peer_endpoints(peer).get("sub")
-            if endpoint is not None and (endpoint in connected or directory.offers_any(peer.id, "topics")):
+            if endpoint is not None and (endpoint in connected or peer.groups_refused
+                                         or directory.offers_any(peer.id, "topics")):
                 wanted[endpoint] = peer.key
         reconnect(self.xpub, connected, wanted, self.connect)
 
