@@ -43,7 +43,7 @@ from .._io.netif import (
     is_loopback,
 )
 from .._io.reactor import EventLoop, run_on
-from .._io.sockets import CONTROL_HWM, new_socket
+from .._io.sockets import CONTROL_HWM, LISTEN_BACKLOG, new_socket
 from .._membership.engine import MAX_PEERS, ZMQ_SOCKETS_PER_PEER, Membership
 from .._membership.peer import PeerState
 from .._mesh.directory import Directory, Provider
@@ -315,6 +315,7 @@ class Engine:
                                           ("pub", zmq.XPUB, CONTROL_HWM, cfg.pub_hwm or cfg.send_hwm)):
             options: dict[int, int | bytes] = {
                 zmq.RCVHWM: rcvhwm, zmq.SNDHWM: sndhwm, zmq.MAXMSGSIZE: cfg.max_message_bytes + FRAME_HEADROOM,
+                zmq.BACKLOG: LISTEN_BACKLOG,
             }
             if kind == zmq.ROUTER:
                 options[zmq.ROUTER_MANDATORY] = 1

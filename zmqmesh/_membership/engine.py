@@ -25,7 +25,7 @@ import zmq
 from .._io.beacon import BeaconSocket
 from .._io.curve import KeyPair, make_server
 from .._io.reactor import EventLoop, TimerLike
-from .._io.sockets import CONTROL_HWM, new_socket
+from .._io.sockets import CONTROL_HWM, LISTEN_BACKLOG, new_socket
 from .._stats import Stats
 from .._wire import zre
 from .._wire.codec import Codec
@@ -159,6 +159,7 @@ class Membership:
             # a peer reconnecting after a cut link takes over its routing id at once,
             # instead of being shut out by its own half-open previous connection
             zmq.ROUTER_HANDOVER: 1,
+            zmq.BACKLOG: LISTEN_BACKLOG,  # (every peer connects at once when this node starts)
         })
         if self.keys is not None:
             make_server(mailbox, self.keys)
