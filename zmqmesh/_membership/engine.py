@@ -25,7 +25,7 @@ import zmq
 from .._io.beacon import BeaconSocket
 from .._io.curve import KeyPair, make_server
 from .._io.reactor import EventLoop, TimerLike
-from .._io.sockets import CONTROL_HWM, LISTEN_BACKLOG, new_socket
+from .._io.sockets import CONTROL_HWM, LISTEN_BACKLOG, has_input, new_socket
 from .._stats import Stats
 from .._wire import zre
 from .._wire.codec import Codec
@@ -726,7 +726,14 @@ class Membership:
             return
         now = time.monotonic()
         was_late = self.detector.slack > 0
-        sweep = self.detector.sweep(list(self.peers.values()), now)
+        unread = self._mailbox is not None and has_input(self._mailbox)  # (a peer's words may wait there)
+        if unread:  # (the look may have taken the descriptor's signal: read them at the next turn)
+            self.loop.call_soon(self._on_mailbox)
+        sweep = self.detector.sweep(self.peers.values(), now, unread)
+        if sweep.behind:
+            self.stats.membership["sweeps_behind"] += 1
+            log.info("node %s: a peer's silence ran out while its mailbox holds unread messages; the peers get more "
+                     "time to be heard (%.0f s for now)", self.name, self.detector.timeout_s)
         if sweep.late_s:
             self.stats.membership["late_sweeps"] += 1
             if not was_late:
