@@ -113,6 +113,11 @@ class Directory:
         self.runs: dict[str, tuple[str, ...]] = {}  # peer id -> the runs of its store, newest first (`_runs_of`)
         self._pick: tuple[dict[str, tuple[str, ...]], dict[str, Provider | None]] = ({}, {})
         self._contributions: dict[str, dict[str, frozenset[str]]] = {}  # node id -> its offers in the tables
+        self.subscribers: frozenset[str] = frozenset()
+        """The peers (this node not among them) that subscribe to some topic."""
+        self.unannounced: frozenset[str] = frozenset()
+        """The ready peers a JOIN of which was refused here (a group budget): their groups,
+        as known here, may lack some of their offers (`PeerState.groups_refused`)."""
 
     # -- rebuilding (loop only) ------------------------------------------------------------
 
@@ -132,17 +137,25 @@ class Directory:
         peers: dict[str, PeerState] = {}
         streams: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer id -> (stream id, kept prefixes)
         runs: dict[str, tuple[str, ...]] = {}
-        for peer in ready:
-            peers[peer.id] = peer
+        unannounced: list[str] = []
+        parsed, stream_header = self._parsed, HEADER["stream"]
+        for peer in ready:  # (every join walks every peer: kept to a few lookups each)
+            node_id = peer.id
+            peers[node_id] = peer
+            if peer.groups_refused:
+                unannounced.append(node_id)
             if peer.is_zmqmesh:
-                by_kind = contributions[peer.id] = self._offers_of_peer(peer)
+                cached = parsed.get(node_id)  # (`_offers_of_peer`'s cache, looked at inline)
+                by_kind = contributions[node_id] = cached[2] if cached is not None and cached[0] is peer and \
+                    cached[1] == peer.version else self._offers_of_peer(peer)
                 kept = by_kind["history"]
-                stream = peer.headers.get(HEADER["stream"])
-                if kept and stream is not None and 0 < len(stream) <= 64:
-                    streams[peer.id] = (stream, tuple(kept))
-                    lineage = _runs_of(peer.headers.get(HEADER["runs"]))
-                    if lineage:
-                        runs[peer.id] = lineage
+                if kept:
+                    stream = peer.headers.get(stream_header)
+                    if stream is not None and 0 < len(stream) <= 64:
+                        streams[node_id] = (stream, tuple(kept))
+                        lineage = _runs_of(peer.headers.get(HEADER["runs"]))
+                        if lineage:
+                            runs[node_id] = lineage
         changed = [i for i, offers in contributions.items() if before.get(i) is not offers]  # (in order: as before)
         changed += [i for i in before if i not in contributions]
         tables = dict(self.offers)
@@ -182,6 +195,9 @@ class Directory:
                 millis, _, queue = name.partition("/")
                 ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
             self._ack_timeouts = ack_timeouts
+        if tables["topics"] is not self.offers["topics"]:
+            self.subscribers = frozenset(i for ids in tables["topics"].values() for i in ids) - {self.node_id}
+        self.unannounced = frozenset(unannounced)
         self.runs = runs  # (before the streams: a reader that finds a stream finds its runs)
         self.streams = streams
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
@@ -215,10 +231,9 @@ class Directory:
             return None
         return found[0]
 
-    def offers_any(self, node_id: str, kind: str) -> bool:
-        """Whether the node ``node_id`` (this one included) offers any name of ``kind``
-        (one of `OFFER_KINDS`), as of the last rebuild."""
-        return bool(self._contributions.get(node_id, _NO_OFFERS).get(kind))
+    def peer_state(self, node_id: str) -> PeerState | None:
+        """The ready peer ``node_id`` as of the last rebuild (the loop's own record), or None."""
+        return self._peers.get(node_id)
 
     def peer_count(self) -> int:
         """How many peers are present."""

@@ -134,6 +134,7 @@ class Publisher:
         self._fresh_from = 0  # where a topic not in `_sequences` is numbered from
         self._sub_counts: Counter[bytes] = Counter()
         self._connected: set[str] = set()
+        self._connected_ids: frozenset[str] = frozenset()  # (the peers of `_connected`)
         self._routes: dict[bytes, tuple[bool, bool]] = {}  # topic -> (subscribed here, subscribed elsewhere)
         self._routes_key: Any = None
 
@@ -186,17 +187,23 @@ class Publisher:
         that swaps them loses nothing between its LEAVE and its JOIN). A peer that
         subscribes to nothing gets no connection, and costs none of its sockets and
         handshakes: two of the four a pair of nodes made at every join. A peer a JOIN of
-        which was refused here (a group budget: `PeerState.groups_refused`) may subscribe
-        unannounced: it is connected too, so that its subscriptions reach the XPUB as before."""
-        wanted = {}
+        which was refused here (a group budget: `Directory.unannounced`) may subscribe
+        unannounced: it is connected too, so that its subscriptions reach the XPUB as before.
+        Looks at those peers only, not at every peer (it runs at every join)."""
         directory = self.directory
-        connected = self._connected
-        for peer in directory.mesh_peers():
+        candidates = directory.subscribers | directory.unannounced | self._connected_ids
+        wanted: dict[str, str | None] = {}
+        ids: dict[str, str] = {}
+        for node_id in candidates:
+            peer = directory.peer_state(node_id)
+            if peer is None or not peer.is_zmqmesh:
+                continue
             endpoint = directory.peer_endpoints(peer).get("sub")
-            if endpoint is not None and (endpoint in connected or peer.groups_refused
-                                         or directory.offers_any(peer.id, "topics")):
+            if endpoint is not None:
                 wanted[endpoint] = peer.key
-        reconnect(self.xpub, connected, wanted, self.connect)
+                ids[endpoint] = node_id
+        reconnect(self.xpub, self._connected, wanted, self.connect)
+        self._connected_ids = frozenset(ids[e] for e in self._connected if e in ids)
 
     def flush(self, until: float) -> None:
         """Send what is queued, until the monotonic clock reads ``until`` (a frame at least;
