@@ -584,3 +584,33 @@ def test_gossip_of_thousands_of_strangers_is_taken_in_part_and_counted(mesh: dic
         assert node.request("ping", None, timeout=5) == "pong"
         dealer.close(0)
         inbox.close(0)
+
+
+def test_sweeps_that_find_the_mailbox_unread_queue_one_read_of_it_not_one_each(target: zmqmesh.Node,
+                                                                                ctx: zmq.Context) -> None:
+    """A sweep that finds messages waiting in the mailbox has the loop read it at its next
+    turn. Each such sweep used to queue a read of its own beside the one already waiting,
+    and each read that finds more queues itself again: a mailbox kept full (a stranger's
+    flood) gained one chain of reads a sweep, and the share of the loop left for anything
+    else shrank for as long as the flood lasted. At most one read waits, however many ask."""
+    from zmqmesh._membership.engine import Membership
+
+    engine = target._engine
+    membership, loop = engine.membership, engine.loop
+    reads = {Membership._on_mailbox, getattr(Membership, "_queued_read", None)} - {None}
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.setsockopt(zmq.IDENTITY, b"\x01" + os.urandom(16))
+    stranger.connect(target.endpoints["mailbox"])
+
+    def sweeps_with_the_mailbox_unread() -> int:
+        for _ in range(8):  # (on the loop: nothing reads the mailbox meanwhile)
+            stranger.send(b"junk")
+        assert membership._mailbox.poll(5000, zmq.POLLIN), "the stranger's messages never came"
+        for _ in range(4):
+            membership._sweep()
+        return sum(1 for callback, _args in loop._ready if getattr(callback, "__func__", None) in reads)
+
+    assert engine.call_on_loop(sweeps_with_the_mailbox_unread) <= 1
+    wait_until(lambda: rejected(target, "zre_malformed") >= 8, 10, "the stranger's messages read")
+    still_serving(target)

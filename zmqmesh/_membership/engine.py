@@ -141,6 +141,7 @@ class Membership:
         self.endpoint = ""
         self.port = 0
         self._mailbox: zmq.Socket[Any] | None = None
+        self._read_queued = False  # a read of the mailbox waits on the loop (`_read_soon`)
         self._timers: list[TimerLike] = []
         self._timers_bound = _MAX_TIMERS
         self._closed = False
@@ -191,7 +192,7 @@ class Membership:
         self._sweep()
         self._later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
         self.seeds.start(self.endpoint, lambda endpoint: any(p.endpoint == endpoint for p in self.peers.values()))
-        self.loop.call_soon(self._on_mailbox)
+        self._read_soon()
 
     def say_goodbye(self) -> None:
         """Tell everyone we leave: ``bye`` to zmqmesh peers, a port-0 beacon to everyone, and
@@ -459,7 +460,21 @@ class Membership:
             except Exception:  # never let one message take the node down
                 self.stats.reject("zre_handler_error")
                 log.exception("error handling a ZRE message")
-        self.loop.call_soon(self._on_mailbox)  # more may be waiting: yield, then go on
+        self._read_soon()  # more may be waiting: yield, then go on
+
+    def _read_soon(self) -> None:
+        """Read the mailbox at the next turn of the loop, unless a read waits there already:
+        one at a time, however many ask (each read that finds more asks again, and a sweep
+        that finds messages waiting asks too: queued beside a read already waiting, each
+        became a chain of reads of its own, and a mailbox kept full took a share of the loop
+        that grew by one chain a sweep)."""
+        if not self._read_queued:
+            self._read_queued = True
+            self.loop.call_soon(self._queued_read)
+
+    def _queued_read(self) -> None:
+        self._read_queued = False
+        self._on_mailbox()
 
     def _handle(self, frames: list[bytes]) -> None:
         identity = frames[0]
@@ -728,7 +743,7 @@ class Membership:
         was_late = self.detector.slack > 0
         unread = self._mailbox is not None and has_input(self._mailbox)  # (a peer's words may wait there)
         if unread:  # (the look may have taken the descriptor's signal: read them at the next turn)
-            self.loop.call_soon(self._on_mailbox)
+            self._read_soon()
         sweep = self.detector.sweep(self.peers.values(), now, unread)
         if sweep.behind:
             self.stats.membership["sweeps_behind"] += 1
