@@ -76,17 +76,26 @@ def test_a_subscriber_of_more_topics_than_one_read_takes_is_counted_whole(mesh: 
         publisher.wait_for_peers(1, timeout=10)
 
 
-def _publishers_connected_to(sub_endpoint: str) -> int:
-    """How many connections a SUB endpoint on loopback has accepted and holds (read from
-    the kernel's table: each established connection to its port, counted at its end)."""
-    port = int(sub_endpoint.rsplit(":", 1)[1])
-    count = 0
+def _publisher_links_of(sub_endpoint: str) -> set[tuple[str, int]]:
+    """The connections a SUB endpoint on loopback has accepted and holds, by their far end
+    (address and port as the kernel's table has them): a connection dropped and made again
+    comes from another port."""
+    address, port = sub_endpoint.removeprefix("tcp://").rsplit(":", 1)
+    local = "%08X:%04X" % (int.from_bytes(bytes(map(int, address.split("."))), "little"), int(port))
+    links = set()
     with open("/proc/net/tcp") as table:
         for line in list(table)[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if state == "01" and int(local.split(":")[1], 16) == port:
-                count += 1
-    return count
+            fields = line.split()
+            if fields[3] == "01" and fields[1] == local:
+                far_address, far_port = fields[2].split(":")
+                links.add((far_address, int(far_port, 16)))
+    return links
+
+
+def _publishers_connected_to(sub_endpoint: str) -> int:
+    """How many connections a SUB endpoint on loopback has accepted and holds (read from
+    the kernel's table: each established connection to its address and port)."""
+    return len(_publisher_links_of(sub_endpoint))
 
 
 def test_a_publisher_connects_only_to_peers_that_subscribe_and_stays_connected(mesh: dict[str, Any]) -> None:
@@ -112,12 +121,20 @@ def test_a_publisher_connects_only_to_peers_that_subscribe_and_stays_connected(m
         wait_until(lambda: got == ["reached"], 10, "the publication to the new subscriber")
         wait_until(lambda: _publishers_connected_to(sub_of["quiet"]) == 2, 10, "a connection from each peer")
 
-        quiet.unsubscribe("q.")
+        links = _publisher_links_of(sub_of["quiet"])
+        quiet.unsubscribe("q.")  # (subscribed to nothing, as the publishers see it: still connected)
+        wait_until(lambda: not any(p.topics for p in publisher.peers() if p.name == "quiet") and
+                   not any(p.topics for p in watcher.peers() if p.name == "quiet"), 10, "the LEAVE seen")
+        for node in (publisher, watcher):  # (their rebuilds after the LEAVE are done: a turn of the loop later)
+            node._engine.call_on_loop(lambda: None)
+            node._engine.call_on_loop(lambda: None)
+        time.sleep(0.3)  # (and a connection dropped then is closed by ZeroMQ's I/O thread meanwhile)
+        assert _publisher_links_of(sub_of["quiet"]) == links
         quiet.subscribe("r.", lambda msg: got.append(msg.data))
         publisher.wait_for_subscribers("r.x", 1, timeout=10)
         publisher.publish("r.x", "again")
         wait_until(lambda: got == ["reached", "again"], 10, "the publication after the change")
-        assert _publishers_connected_to(sub_of["quiet"]) == 2
+        assert _publisher_links_of(sub_of["quiet"]) == links  # the same connections throughout
 
 
 def test_a_subscriber_whose_announcement_was_refused_still_gets_publications(
