@@ -538,3 +538,26 @@ def test_a_busy_node_keeps_a_crowd_of_connections_waiting(spawn: Any) -> None:
                     sock.close()
     finally:
         proc.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_peer_whose_words_wait_unread_is_not_declared_gone(mesh: dict[str, Any]) -> None:
+    """A node busy with others' messages may leave a peer's words unread in its mailbox
+    while the peer's silence, as far as it has read, runs past the timeout (a launch of
+    128 nodes on 2 CPUs: half the peers declared gone). Its sweep reads what waits before
+    it judges anyone silent."""
+    with zmqmesh.Node("judge", **mesh) as judge, zmqmesh.Node("talker", **mesh) as talker:
+        judge.wait_for_peers(1, timeout=10)
+        talker.wait_for_peers(1, timeout=10)
+        engine = judge._engine
+        membership = engine.membership
+        talker_uuid = bytes.fromhex(talker.id)
+
+        def sweep_with_its_words_unread() -> bool:
+            talker.whisper(judge.id, b"still here")  # (the judge's loop is held: nothing reads it)
+            assert membership._mailbox.poll(5000, zmq.POLLIN), "the talker's words never came"
+            membership.peers[talker_uuid].last_rx -= 100  # silent for 100 s, as far as the judge has read
+            membership._sweep()
+            return talker_uuid in membership.peers
+
+        assert engine.call_on_loop(sweep_with_its_words_unread)
+        assert talker.id in {p.id for p in judge.peers()}

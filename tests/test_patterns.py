@@ -81,7 +81,7 @@ def _publisher_links_of(sub_endpoint: str) -> set[tuple[str, int]]:
     (address and port as the kernel's table has them): a connection dropped and made again
     comes from another port."""
     address, port = sub_endpoint.removeprefix("tcp://").rsplit(":", 1)
-    local = "%08X:%04X" % (int.from_bytes(bytes(map(int, address.split("."))), "little"), int(port))
+    local = f"{int.from_bytes(bytes(map(int, address.split('.'))), 'little'):08X}:{int(port):04X}"
     links = set()
     with open("/proc/net/tcp") as table:
         for line in list(table)[1:]:

@@ -15,16 +15,10 @@ it was late as anyone's silence, and each such sweep gives peers one more `peer_
 (up to `MAX_SLACK` more), given back one per `peer_timeout_s` of sweeps on time. Without
 this, a node stopped or starved for longer than the timeout dropped every peer it had not
 heard meanwhile, and each of them then had to join it again.
-
-Nor can a node that is behind with its reading: a sweep that would declare a peer gone
-while the node's own mailbox still holds messages unread (which may be that peer's) gives
-the peers as many more timeouts as that silence needs, within the same bound. In a launch of 128 nodes on 2 CPUs, half
-the peers declared gone were declared so by a node with its mailbox unread.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 from .peer import PeerState
@@ -41,16 +35,14 @@ a whole sweep interval if that is longer (timer jitter and a busy moment stay un
 
 class Sweep:
     """What one sweep decided: peers to PING, and peers to drop with the reason; how late
-    the sweep came (0.0 when on time, see `FailureDetector.sweep`); whether it held back
-    from declaring a peer gone because the node is behind with its reading (``behind``)."""
+    the sweep came (0.0 when on time, see `FailureDetector.sweep`)."""
 
-    __slots__ = ("ping", "expired", "late_s", "behind")
+    __slots__ = ("ping", "expired", "late_s")
 
     def __init__(self, late_s: float = 0.0) -> None:
         self.ping: list[PeerState] = []
         self.expired: list[tuple[PeerState, str]] = []
         self.late_s = late_s
-        self.behind = False
 
 
 class FailureDetector:
@@ -75,28 +67,17 @@ class FailureDetector:
         """How often `sweep` should run."""
         return min(self.heartbeat_interval_s / 2, 0.5)
 
-    def sweep(self, peers: Iterable[PeerState], now: float, unread: bool = False) -> Sweep:
+    def sweep(self, peers: Iterable[PeerState], now: float) -> Sweep:
         """Peers silent past `timeout_s` expire; ready peers silent past a heartbeat (as
-        many more as `slack`) get a PING. Call it every `sweep_interval_s`; ``unread``: the
-        node's mailbox holds messages it has not read yet.
+        many more as `slack`) get a PING. Call it every `sweep_interval_s`.
 
         A sweep that comes late (see `_LATE_FRACTION`) first moves each peer's
-        ``last_rx`` on by how late it is, and adds one to `slack`. An on-time sweep that
-        would expire a peer while ``unread`` (``behind``) raises `slack` as far as the
-        longest silence needs, up to `MAX_SLACK`, past which peers expire all the same (a stranger's flood of the mailbox delays no
-        verdict longer than a late loop does). Marks each PINGed peer's ``ping_sent``, so
-        one PING goes out per heartbeat interval.
+        ``last_rx`` on by how late it is, and adds one to `slack`. Marks each PINGed
+        peer's ``ping_sent``, so one PING goes out per heartbeat interval.
         """
         late = self._lateness(now)
-        peers = list(peers)
-        result = Sweep(late_s=late)
-        if unread and not late and self.slack < MAX_SLACK:
-            longest = max((now - p.last_rx for p in peers), default=0.0)
-            if longest > self.timeout_s:  # as many more timeouts as that silence needs, within the bound
-                self.slack = min(MAX_SLACK, math.ceil(longest / self.peer_timeout_s) - 1)
-                self._calm_since = now
-                result.behind = True
         timeout, heartbeat = self.timeout_s, self.heartbeat_interval_s * (1 + self.slack)
+        result = Sweep(late_s=late)
         for peer in peers:
             if late:
                 peer.last_rx = min(peer.last_rx + late, now)
