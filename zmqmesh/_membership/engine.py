@@ -69,7 +69,7 @@ _SWEEP_READS = 4
 """Bursts of the mailbox a sweep reads before it judges who fell silent (2,048 messages)."""
 MAX_PEERS = 1024
 """Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted.
-(Each costs some 4 to 8 file descriptors: ``ulimit -n`` must leave room for them.)"""
+(Each costs some 2 to 8 file descriptors: ``ulimit -n`` must leave room for them.)"""
 ZMQ_SOCKETS_PER_PEER = 3
 """ZeroMQ sockets a peer costs: its link, the link's monitor and libzmq's end of it."""
 MAX_UNPROVEN_PEERS = 128
