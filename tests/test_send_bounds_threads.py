@@ -129,7 +129,7 @@ def test_threads_calling_publish_many_at_once_share_the_room_the_bound_leaves(me
 
 @pytest.mark.timeout(60)
 def test_threads_calling_push_many_at_once_share_the_room_the_bound_leaves(mesh: dict[str, Any]) -> None:
-    """The same with `push_many` and headers (`Pusher.fit` weighs them with `wire_size`, a
+    """The same with `push_many` and headers (`Pusher.take` weighs them with `wire_size`, a
     call per message: time enough for another thread to measure the same room): sixteen
     threads queued 8-32 MiB against a 4 MiB bound (4 runs of 5 failed at a round)."""
     from zmqmesh._patterns.pipeline import bytes_queued

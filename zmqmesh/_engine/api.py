@@ -797,13 +797,7 @@ class NodeBase:
         `MeshTimeoutError` if none comes within ``timeout``."""
         if not (yield Room(publisher.full, time.monotonic() + timeout)):
             self._engine.stats.add("pubsub", "refused_queue_full")
-            if publisher.held_bytes >= publisher.max_bytes:
-                raise MeshTimeoutError(f"publish queue full: it holds {publisher.held_bytes} bytes "
-                                       f"(send_queue_max_bytes={publisher.max_bytes}); the node cannot send "
-                                       "them as fast as they are published")
-            raise MeshTimeoutError(f"publish queue full: it holds {len(publisher.queue)} messages "
-                                   f"(send_queue_max={publisher.queue_max}); the node cannot send them "
-                                   "as fast as they are published")
+            raise publisher.refusal()
 
     def _push_plan(self, queue: str, deadline: float) -> Plan:
         """Create the queue's socket, wait for a puller, wait for room until ``deadline``:
@@ -841,19 +835,9 @@ class NodeBase:
                 # drop's, under way on the loop): again, from waiting for a puller
                 return (yield from self._push_plan(queue, deadline))
             if not room:
-                if len(q) >= self.config.send_queue_max:
-                    engine.stats.add("pipeline", "refused_queue_full")
-                    raise MeshTimeoutError(f"send queue of {queue!r} full ({len(q)} messages, "
-                                           f"send_queue_max={self.config.send_queue_max}): the receivers "
-                                           "are not keeping up")
-                engine.stats.add("pipeline", "refused_node_full")
-                if pusher.held_bytes >= pusher.max_bytes:
-                    raise MeshTimeoutError(f"send queues full: this node's queues hold {pusher.held_bytes} bytes "
-                                           f"together (send_queue_max_bytes={pusher.max_bytes}); the receivers "
-                                           "are not keeping up")
-                raise MeshTimeoutError(f"send queues full: this node's queues hold {pusher.held} messages "
-                                       f"together (send_queue_total_max={pusher.held_max}); the receivers "
-                                       "are not keeping up")
+                counter, refused = pusher.refusal(queue, q)
+                engine.stats.add("pipeline", counter)
+                raise refused
         return q
 
     def _ensure_push_socket(self, queue: str) -> None:

@@ -833,37 +833,38 @@ class Dispatcher:
             return
         self._router_used = True
         if len(body) >= wire.LARGE_FRAME:
-            self._send_large_reply(route, status, body)
-            return
+            if self._send_tracked_if_room(route, status, body):
+                return
+            status, body = wire.STATUS_ERROR, self._refused_reply(len(body))  # (the caller hears of it at once)
         try:
             send_frames(self.router, wire.reply_frames(route, status, body))
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += 1
 
-    def _send_large_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
-        """Send a reply of `LARGE_FRAME` bytes or more uncopied, if its caller has room
-        (`UnsentReplies`); else a small error reply in its place, counted in
-        ``service.reply_refused``, so that the caller hears of it at once."""
+    def _send_tracked_if_room(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> bool:
+        """Send a reply of `LARGE_FRAME` bytes or more uncopied and tracked (`UnsentReplies`)
+        if its caller has room for it; False, counted in ``service.reply_refused``, if not."""
         caller = bytes(route[0])
         if not self.unsent.room(caller, len(body)):
             self.stats.add("service", "reply_refused")
-            refused = ZmqMeshError(
-                f"the reply ({len(body)} bytes) was not sent: its provider holds {self.unsent.held} bytes "
-                f"of large replies not yet written out (at most {self.unsent.per_caller} for one caller, "
-                f"{self.unsent.total} in all: the provider's send_queue_max_bytes times {_UNSENT_PER_CALLER} "
-                f"and {_UNSENT_IN_ALL}, or {MAX_CALLERS} callers); a caller "
-                f"with more than that in flight can be refused even while it reads")
-            try:
-                send_frames(self.router, wire.reply_frames(route, wire.STATUS_ERROR, self._error_body(refused)))
-            except zmq.ZMQError:
-                self.stats.pattern["service"]["dropped"] += 1
-            return
+            return False
         try:
             tracker = send_tracked(self.router, wire.reply_frames(route, status, body))
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += 1
-            return
+            return True
         self.unsent.sent(caller, tracker, len(body))
+        return True
+
+    def _refused_reply(self, size: int) -> bytes:
+        """The body of the error reply sent in place of a large reply of ``size`` bytes
+        its caller had no room for."""
+        return self._error_body(ZmqMeshError(
+            f"the reply ({size} bytes) was not sent: its provider holds {self.unsent.held} bytes "
+            f"of large replies not yet written out (at most {self.unsent.per_caller} for one caller, "
+            f"{self.unsent.total} in all: the provider's send_queue_max_bytes times {_UNSENT_PER_CALLER} "
+            f"and {_UNSENT_IN_ALL}, or {MAX_CALLERS} callers); a caller "
+            f"with more than that in flight can be refused even while it reads"))
 
     def replies_held(self) -> _RepliesHeld:
         """Hold the replies to batches of requests while the drivers run handlers in place,

@@ -31,7 +31,7 @@ from .._wire.frames import (
     wire_size,
 )
 from ..config import NodeConfig
-from ..errors import ZmqMeshError
+from ..errors import MeshTimeoutError, ZmqMeshError
 from .pubsub import fit_within, meta_frame
 
 __all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames", "drop_front", "bytes_queued"]
@@ -239,6 +239,20 @@ class Pusher:
         """Whether a push to the send queue ``q`` must wait: ``q`` holds ``send_queue_max``
         messages, or all send queues together `held_max`, or `max_bytes` (any thread)."""
         return len(q) >= self._queue_max or self.held >= self.held_max or self.held_bytes >= self.max_bytes
+
+    def refusal(self, queue: str, q: deque[Any]) -> tuple[str, MeshTimeoutError]:
+        """For a push to ``queue`` (send queue ``q``) that found no room in time: the
+        ``pipeline`` counter to count it in, and the error naming the bound it met."""
+        if len(q) >= self._queue_max:
+            return "refused_queue_full", MeshTimeoutError(
+                f"send queue of {queue!r} full ({len(q)} messages, send_queue_max={self._queue_max}): "
+                "the receivers are not keeping up")
+        if self.held_bytes >= self.max_bytes:
+            held = f"{self.held_bytes} bytes together (send_queue_max_bytes={self.max_bytes})"
+        else:
+            held = f"{self.held} messages together (send_queue_total_max={self.held_max})"
+        return "refused_node_full", MeshTimeoutError(
+            f"send queues full: this node's queues hold {held}; the receivers are not keeping up")
 
     def ensure_socket(self, queue: str) -> None:
         """Create and connect the PUSH socket of ``queue``. Past `MAX_PUSH_SOCKETS`, the

@@ -36,6 +36,7 @@ from .._wire.frames import (
     pub_sender,
     wire_size,
 )
+from ..errors import MeshTimeoutError
 
 if TYPE_CHECKING:
     from .history import History
@@ -156,6 +157,15 @@ class Publisher:
         """Whether a publication must wait for room: the queue holds ``queue_max``
         messages, or ``max_bytes`` (any thread)."""
         return len(self.queue) >= self.queue_max or self.held_bytes >= self.max_bytes
+
+    def refusal(self) -> MeshTimeoutError:
+        """The error for a publication that found no room in time, naming the bound it met."""
+        if self.held_bytes >= self.max_bytes:
+            held = f"{self.held_bytes} bytes (send_queue_max_bytes={self.max_bytes})"
+        else:
+            held = f"{len(self.queue)} messages (send_queue_max={self.queue_max})"
+        return MeshTimeoutError(f"publish queue full: it holds {held}; the node cannot send them as fast as they "
+                                "are published")
 
     def take(self, entries: list[tuple[bytes, Any]]) -> int:
         """Queue the first of ``entries`` (``(topic, body)``) that fit in the room
