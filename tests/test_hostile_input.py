@@ -267,6 +267,29 @@ def test_a_hello_with_megabytes_of_headers_is_refused_and_costs_nothing(mesh: di
         dealer.close(0)
 
 
+def test_a_ready_peer_whose_second_hello_is_refused_is_dropped_for_that_at_once(
+        mesh: dict[str, Any], ctx: zmq.Context, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that greets again (it lost us) starts its sequence afresh: refusing that HELLO
+    (too large) and keeping the peer left it to be dropped at its next word, for a
+    "sequence gap" that named no cause, its groups meanwhile as they were before."""
+    caplog.set_level("INFO", logger="zmqmesh.membership")
+    with zmqmesh.Node("target", **mesh) as node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        _stranger_hello(dealer, endpoint, mesh, name="fat-later")
+        wait_until(lambda: [p.name for p in node.peers()] == ["fat-later"], 5, "the peer")
+        for sequence in (2, 3):
+            dealer.send_multipart(zre_frames(Command.PING, sequence))
+        _stranger_hello(dealer, endpoint, mesh, name="fat-later", headers={f"X-{i}": "v" * 100_000 for i in range(2)})
+        wait_until(lambda: rejected(node, "zre_hello_too_large") == 1, 5, "the second HELLO refused")
+        dealer.send_multipart(zre_frames(Command.PING, 2))  # (its next word, in its new sequence)
+        wait_until(lambda: node.peers() == [], 5, "the peer dropped")
+        node._engine.call_on_loop(lambda: None)  # (the PING read, if it was still to be)
+        assert rejected(node, "zre_sequence_gap") == 0
+        assert any("gone: its HELLO was too large" in r.getMessage() for r in caplog.records)
+        inbox.close(0)
+        dealer.close(0)
+
+
 def test_routing_ids_are_not_guessable(mesh: dict[str, Any], ctx: zmq.Context) -> None:
     """Requesters' routing ids end in 4 bytes the node picks at random (a stranger who
     knows the public UUID cannot connect first under them)."""

@@ -587,6 +587,14 @@ class Membership:
             peer.groups_refused = True
             self.events.peer_groups_changed(peer)
 
+    def _hello_refused(self, peer: PeerState | None, reason: str) -> None:
+        """A HELLO was refused (a bound): a ready peer that sent it is dropped now, as one
+        that greets us first would not be taken. Its sequence began afresh with that HELLO,
+        so kept, it would be dropped at its next message anyway, for a sequence gap (and
+        with groups as known here that its HELLO may have changed)."""
+        if peer is not None and peer.ready:
+            self.remove(peer, reason)
+
     def _on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
         if uuid == self.uuid or self.admission.is_foreign(uuid) or self._leaving:
             return  # (leaving: greeted back, a peer that had our goodbye would list us again)
@@ -602,9 +610,11 @@ class Membership:
         if sum(len(k) + len(v) for k, v in msg.headers.items()) > MAX_HELLO_HEADER_BYTES or \
                 group_chars > MAX_HELLO_GROUP_BYTES:
             self.stats.reject("zre_hello_too_large")  # never kept: a stranger's megabytes stay his
+            self._hello_refused(peer, "its HELLO was too large")
             return
         if self._group_chars - (peer.group_chars if peer is not None else 0) + group_chars > MAX_GROUP_BYTES_ALL:
             self.stats.reject("zre_groups_over_budget")  # (never kept either: those of the peers known stay)
+            self._hello_refused(peer, "its HELLO's groups were past the budget of all peers")
             return
         if msg.sequence != 1:
             self.stats.reject("zre_hello_sequence")
