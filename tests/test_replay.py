@@ -803,3 +803,24 @@ def test_a_history_whose_store_is_full_sends_nothing_it_could_not_keep_and_count
     assert numbers == sorted(numbers) and 0 < len(numbers) < 2000
     assert [seq for _n, seq, _gap in got] == list(range(len(got)))  # numbered without a hole
     assert not any(gap for _n, _seq, gap in got)
+
+
+@pytest.mark.timeout(60)
+def test_a_subscriber_with_a_smaller_max_message_bytes_than_a_page_replays(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A page of history holds no more than its reader takes in one message: a subscriber
+    whose ``max_message_bytes`` (256 KiB) is below the publisher's page size (1 MiB)
+    replays a history of 20 KB messages. (Before, the 1 MiB page ended the subscriber's
+    connection, again at every try: nothing was replayed.)"""
+    got: list[int] = []
+    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 1000}, **mesh) as publisher:
+        for i in range(100):
+            publisher.publish("logs.a", {"n": i, "pad": b"x" * 20_000})
+        wait_until(lambda: inspect_store(tmp_path)["topics"].get("logs.a", {}).get("messages") == 100, 10,
+                   "the history kept")
+        subscriber = zmqmesh.Node("subscriber", max_message_bytes=256 * 1024, **mesh)
+        subscriber.subscribe("logs.", lambda m: got.append(m.data["n"]), replay="all")
+        with subscriber:
+            wait_until(lambda: len(got) >= 100, 20, "the replay")
+            assert subscriber.stats()["rejected"].get("request_link_dropped", 0) == 0
+    assert got == list(range(100))

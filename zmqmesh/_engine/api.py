@@ -118,8 +118,10 @@ os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
 
 def fetch_plan(engine: Engine, fetch: Fetch, timeout: float = 10.0) -> Plan:
     """Ask a publisher for a page of its history, for a replaying subscription (see
-    `_patterns.replay`). Raises as `request` does."""
-    body = engine.codec.encode(fetch.request)
+    `_patterns.replay`), of no more rows than this node takes in one message (``"b"``:
+    half its ``max_message_bytes``, the rest left for the page's numbers). Raises as
+    `request` does."""
+    body = engine.codec.encode({**fetch.request, "b": max(1, engine.codec.max_message_bytes // 2)})
     return request_plan(engine.directory, engine.codec, HISTORY_SERVICE, HISTORY_SERVICE_BYTES, body,
                         time.monotonic() + timeout, fetch.node_id, None, engine.stats)
 

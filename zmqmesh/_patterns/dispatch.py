@@ -703,8 +703,11 @@ class Dispatcher:
 
     def _serve_history(self, route: tuple[bytes, bytes], body: bytes) -> None:
         """One page of a replay: ``{"p": prefix, "a": after position, "s": since (epoch
-        seconds) or absent, "n": rows at most (0: ``next`` alone) or absent}``; see
-        `History.page`."""
+        seconds) or absent, "n": rows at most (0: ``next`` alone) or absent, "b": the bytes
+        of rows the reader takes in a page (half its ``max_message_bytes``) or absent}``;
+        see `History.page`. A page holds at most 1 MiB of rows, half this node's
+        ``max_message_bytes``, and the reader's ``"b"`` (a page past the reader's
+        ``max_message_bytes`` ends its connection: it could never replay)."""
         if self.history is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return
@@ -713,17 +716,19 @@ class Dispatcher:
         try:
             request = self.codec.decode(body)
             prefix, after, since = request["p"], request.get("a", 0), request.get("s")
-            rows = request.get("n", PAGE_ROWS)
+            rows, budget = request.get("n", PAGE_ROWS), request.get("b", 1 << 20)
             if not isinstance(prefix, str) or not isinstance(after, int) or isinstance(after, bool) or \
                     (since is not None and not isinstance(since, (int, float))) or \
-                    not isinstance(rows, int) or isinstance(rows, bool):
+                    not isinstance(rows, int) or isinstance(rows, bool) or \
+                    type(budget) is not int or budget <= 0:
                 raise ValueError("bad field types")
         except Exception:
             self.stats.reject("history_malformed")
             self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
             return
         try:
-            page = self.history.page(prefix, after, since, min(1 << 20, self.codec.max_message_bytes // 2), rows)
+            most = min(1 << 20, self.codec.max_message_bytes // 2, budget)
+            page = self.history.page(prefix, after, since, most, rows)
             self.send_reply(route, wire.STATUS_OK, self.codec.encode(page))
         except Exception as exc:
             log.error("cannot serve a page of history: %s", exc)

@@ -84,6 +84,7 @@ CHUNK_MESSAGES = 16 * SEGMENT_MAX
 transaction: whole segments, and no more than 8 MiB of them (though always one segment,
 however large)."""
 _CHUNK_BYTES = 8 * SEGMENT_BYTES
+_HISTORY_ROW_BYTES = 48  # a kept frame's numbers and msgpack framing in a page of history, about
 _ROWS_PER_FETCH = 16  # segments read at a time without a byte budget (a few are mostly enough)
 _OUTBOX = (
     # durable messages this node owns until pullers acknowledge them (or a keeper takes
@@ -975,7 +976,8 @@ class Store:
                                 dict[str, int]]:
         """Kept frames of the topics under ``prefix``, oldest first, after position
         ``after_pos`` (and kept since ``since_ts``, if given): at most ``max_rows`` rows and
-        about ``max_bytes``. Then, when no more follow, `history_next` as it was when the
+        about ``max_bytes`` (its payloads, meta frames and topics, and `_HISTORY_ROW_BYTES` a
+        row for the rest). Then, when no more follow, `history_next` as it was when the
         rows were read (in one hold of the store, so that nothing is kept in between);
         None when more follow. Last, where the numbering of the topics of those rows began,
         for those that began past 0. Raises `StoreError`."""
@@ -989,12 +991,13 @@ class Store:
         size = 0
         with self._lock:
             for row in self._read(sql, params):
-                if len(rows) == max_rows or (rows and size + len(row[5]) > max_bytes):
+                weight = len(row[5]) + len(row[6] or b"") + len(row[1]) + _HISTORY_ROW_BYTES
+                if len(rows) == max_rows or (rows and size + weight > max_bytes):
                     return rows, None, starts
                 rows.append(row[:7])
                 if row[7]:
                     starts[row[1]] = int(row[7])
-                size += len(row[5]) + len(row[6] or b"")
+                size += weight
             return rows, self._history_next(prefix), starts
 
     def _read(self, sql: str, params: Sequence[Any] = (), messages: int | None = None,
