@@ -5,6 +5,7 @@ what it missed (msg.gap). Real sockets, real stores, real processes killed with 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import sqlite3
@@ -824,3 +825,32 @@ def test_a_subscriber_with_a_smaller_max_message_bytes_than_a_page_replays(
             wait_until(lambda: len(got) >= 100, 20, "the replay")
             assert subscriber.stats()["rejected"].get("request_link_dropped", 0) == 0
     assert got == list(range(100))
+
+
+@pytest.mark.timeout(60)
+def test_a_history_request_with_a_position_past_64_bits_is_malformed_not_a_store_error(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A stranger's request for a page after a position SQLite cannot hold is answered
+    ``0x03`` and counted as malformed, as a request of wrong types is. (Before, the store's
+    read failed: each such request logged an error and was answered ``0x01`` StoreError.)"""
+    import msgpack
+    import zmq
+
+    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 1000}, **mesh) as publisher:
+        publisher.publish("logs.a", {"n": 0})
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger, sock.rcvtimeo = 0, 5000
+        try:
+            sock.connect(publisher.endpoints["service"])
+            statuses = []
+            for request in ({"p": "logs.", "a": (1 << 64) - 1}, {"p": "logs.", "a": 0, "b": 0},
+                            {"p": "logs.", "a": 0, "b": 1}):
+                sock.send_multipart([b"\x00history", b"r", msgpack.packb(request)])
+                statuses.append(sock.recv_multipart()[1])
+        finally:
+            sock.close()
+            ctx.term()
+        assert statuses == [b"\x03", b"\x03", b"\x00"], "a budget of 1 byte still gets a row"
+        assert publisher.stats()["rejected"].get("history_malformed") == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -97,6 +97,7 @@ _UNSENT_IN_ALL = 16
 a caller that reads its replies has them written out at once, but the provider cannot
 tell it from one that does not, and a caller with as much in flight on a loaded machine
 (where the trackers are told late) was refused at 64 MiB."""
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # (a history position SQLite can hold)
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 _UNREAD_FRAMES_MAX = 65_536
 """Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
@@ -707,7 +708,9 @@ class Dispatcher:
         of rows the reader takes in a page (half its ``max_message_bytes``) or absent}``;
         see `History.page`. A page holds at most 1 MiB of rows, half this node's
         ``max_message_bytes``, and the reader's ``"b"`` (a page past the reader's
-        ``max_message_bytes`` ends its connection: it could never replay)."""
+        ``max_message_bytes`` ends its connection: it could never replay). A request whose
+        fields are of the wrong types, or whose position SQLite cannot hold (past 64 bits),
+        is malformed: answered ``0x03`` and counted (``rejected["history_malformed"]``)."""
         if self.history is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return
@@ -717,7 +720,7 @@ class Dispatcher:
             request = self.codec.decode(body)
             prefix, after, since = request["p"], request.get("a", 0), request.get("s")
             rows, budget = request.get("n", PAGE_ROWS), request.get("b", 1 << 20)
-            if not isinstance(prefix, str) or not isinstance(after, int) or isinstance(after, bool) or \
+            if not isinstance(prefix, str) or type(after) is not int or not _INT64_MIN <= after <= _INT64_MAX or \
                     (since is not None and not isinstance(since, (int, float))) or \
                     not isinstance(rows, int) or isinstance(rows, bool) or \
                     type(budget) is not int or budget <= 0:
