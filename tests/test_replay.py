@@ -13,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ScriptProcess, wait_until
+from helpers import ScriptProcess, rss_bytes, wait_until
 
 import zmqmesh
 import zmqmesh._patterns.history
@@ -854,3 +855,37 @@ def test_a_history_request_with_a_position_past_64_bits_is_malformed_not_a_store
         assert statuses == [b"\x03", b"\x03", b"\x00"], "a budget of 1 byte still gets a row"
         assert publisher.stats()["rejected"].get("history_malformed") == 2
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.timeout(60)
+def test_frames_of_a_sender_no_hello_names_wait_for_it_in_bounded_memory(mesh: dict[str, Any]) -> None:
+    """A stranger's PUB sends 1 MB frames under a sender id no HELLO names to a node with a
+    replaying subscription: its frames wait for that HELLO up to `UNKNOWN_MAX_BYTES` in all,
+    and past it go at once. (Before, only their count was bounded, 100,000 frames: the node
+    grew by 2.2 GiB in 4 s.)"""
+    import msgpack
+    import zmq
+
+    handled = [0]
+    node = zmqmesh.Node("victim", **mesh)
+    node.subscribe("logs.", lambda m: handled.__setitem__(0, handled[0] + 1), replay="all")
+    with node:
+        ctx = zmq.Context()
+        pub = ctx.socket(zmq.XPUB)
+        pub.linger, pub.sndhwm, pub.rcvtimeo = 0, 100, 10_000
+        try:
+            pub.connect(node.endpoints["sub"])
+            assert pub.recv() == b"\x01logs.", "the node's subscription, seen by the stranger"
+            body, sender = msgpack.packb(["x" * 1_000_000]), uuid.uuid4().bytes
+            before = peak = rss_bytes()
+            deadline, seq = time.monotonic() + 2.0, 0
+            while time.monotonic() < deadline:
+                pub.send_multipart([b"logs.a", sender + seq.to_bytes(8, "big"), body], copy=False)
+                seq += 1
+                if seq % 50 == 0:
+                    peak = max(peak, rss_bytes())
+        finally:
+            pub.close()
+            ctx.term()
+        assert peak - before < 400 << 20, f"the node grew by {(peak - before) >> 20} MiB"
+        wait_until(lambda: handled[0] > 0, 10, "the frames, delivered plainly")

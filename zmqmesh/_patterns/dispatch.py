@@ -455,8 +455,9 @@ class Dispatcher:
             self._received_names[pattern].add(name_b, len(items))
             origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
             if replaying:
-                self.replays.live(topic, sequence, items, origin, sender_id, replaying, calls,
-                                  frames[3] if len(frames) == 4 else None)
+                meta = frames[3] if len(frames) == 4 else None
+                self.replays.live(topic, sequence, items, origin, sender_id, replaying, calls, meta,
+                                  size=len(body) + (len(meta) if meta is not None else 0))
             if not handlers:  # (only replaying subscriptions: they have the frame)
                 return
         else:

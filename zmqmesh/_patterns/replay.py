@@ -109,6 +109,11 @@ and as many calls alive at once made the interpreter's garbage collector scan th
 and over."""
 _UNKNOWN_WAIT_S = 2.0  # how long frames wait for their sender's HELLO
 _MAX_UNKNOWN = 1024  # senders whose frames may wait at once
+UNKNOWN_MAX_BYTES = 64 << 20
+"""Bytes of frames that wait for their senders' HELLO, in all: past it, the frames of the
+sender whose frame took them past it go at once (as those of a sender waited for long
+enough). A stranger that sent 1 MB frames under an id no HELLO names grew a node with a
+replaying subscription by 2.2 GiB in 4 s, where the count of frames alone bounded them."""
 
 Key = tuple[str, Callable[..., Any]]
 
@@ -188,6 +193,7 @@ class Replays:
         self._finished: dict[tuple[str, str, str], dict[int, int]] = {}
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
+        self._unknown_bytes = 0  # the bytes of those frames (`UNKNOWN_MAX_BYTES`)
         # cursors to look at the history of again: when, and whether for its numbers alone
         # (one entry per stream followed: bounded as the cursors are)
         self._tails: dict[tuple[Key, str], tuple[float, bool]] = {}
@@ -351,13 +357,15 @@ class Replays:
 
     def live(self, topic: str, seq: int | None, items: list[Any], origin: Origin | None, sender_id: str | None,
              subscriptions: list[tuple[Key, SubscribeOptions]], calls: list[Call], meta: bytes | None = None,
-             wait: bool = True) -> None:
+             wait: bool = True, size: int = 0) -> None:
         """A frame from a publisher, for the replaying ``subscriptions`` matching its topic
-        (``meta``: its meta frame, if it has one).
+        (``meta``: its meta frame, if it has one; ``size``: the bytes it came in).
 
         A frame from a sender not known yet (its HELLO, which says whether it keeps a
         history, is still on its way) waits for it, up to `_UNKNOWN_WAIT_S` (``wait``);
-        delivered plainly at once, it would come again in the replay of that history. A
+        delivered plainly at once, it would come again in the replay of that history.
+        Frames wait so for at most `_MAX_UNKNOWN` senders, `MAX_HELD` frames of one, and
+        `UNKNOWN_MAX_BYTES` in all; past them, the sender's frames go at once. A
         subscription dropped since the frame was matched to it does not get it, and neither
         does the same subscription made anew since (a new one: the frame was matched to the
         one before).
@@ -365,8 +373,10 @@ class Replays:
         if wait and seq is not None and sender_id is not None and (
                 sender_id not in self.directory.alive_ids or sender_id in self._unknown):
             since, frames = self._unknown.setdefault(sender_id, (time.monotonic(), deque()))
-            frames.append((topic, seq, items, origin, subscriptions, meta))  # (behind those waiting: in order)
-            if sender_id in self.directory.alive_ids or len(frames) > MAX_HELD or len(self._unknown) > _MAX_UNKNOWN:
+            frames.append((topic, seq, items, origin, subscriptions, meta, size))  # (behind those waiting: in order)
+            self._unknown_bytes += size
+            if sender_id in self.directory.alive_ids or len(frames) > MAX_HELD or \
+                    len(self._unknown) > _MAX_UNKNOWN or self._unknown_bytes > UNKNOWN_MAX_BYTES:
                 self.release_unknown(calls, sender_id)
             return
         stream = self.directory.stream_of(sender_id, topic) if sender_id is not None else None
@@ -394,7 +404,8 @@ class Replays:
         for sender_id, (since, frames) in list(self._unknown.items()):
             if sender_id == now_for or sender_id in self.directory.alive_ids or since < deadline:
                 del self._unknown[sender_id]
-                for topic, seq, items, origin, subscriptions, meta in frames:
+                for topic, seq, items, origin, subscriptions, meta, size in frames:
+                    self._unknown_bytes -= size
                     self.live(topic, seq, items, origin, sender_id, subscriptions, calls, meta, wait=False)
 
     def _take(self, key: Key, options: SubscribeOptions, cursor: Cursor, frame: _Frame, calls: list[Call],
