@@ -889,3 +889,40 @@ def test_frames_of_a_sender_no_hello_names_wait_for_it_in_bounded_memory(mesh: d
             ctx.term()
         assert peak - before < 400 << 20, f"the node grew by {(peak - before) >> 20} MiB"
         wait_until(lambda: handled[0] > 0, 10, "the frames, delivered plainly")
+
+
+@pytest.mark.timeout(90)
+def test_a_catching_up_subscription_holds_live_frames_in_bounded_bytes(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """While its first page of history is slow to come, a replaying subscription holds the
+    live frames that come meanwhile, up to `MAX_HELD_BYTES`: past it, they come from the
+    history, every one in order, none missed. (Before, only their count was bounded,
+    100,000 messages: 80 messages of 1 MB were all held.)"""
+    import zmqmesh._patterns.replay as replay_module
+
+    monkeypatch.setattr(replay_module, "MAX_HELD_BYTES", 16 << 20, raising=False)  # (80 MB: past it)
+    real_page, slow = zmqmesh._patterns.history.History.page, threading.Event()
+
+    def slow_page(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not slow.is_set():
+            slow.set()
+            time.sleep(3)
+        return real_page(self, *args, **kwargs)
+
+    monkeypatch.setattr(zmqmesh._patterns.history.History, "page", slow_page)
+    got: list[int] = []
+    caplog.set_level(logging.INFO, logger="zmqmesh.replay")
+    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 1000}, **mesh) as publisher:
+        publisher.publish("logs.a", {"n": 0})
+        subscriber = zmqmesh.Node("subscriber", **mesh)
+        subscriber.subscribe("logs.", lambda m: got.append(m.data["n"]), replay="all")
+        with subscriber:
+            wait_until(slow.is_set, 10, "the first page asked for")
+            publisher.wait_for_subscribers("logs.a", 1, timeout=10)
+            for i in range(1, 81):
+                publisher.publish("logs.a", {"n": i, "pad": b"x" * 1_000_000})
+            wait_until(lambda: len(got) >= 81, 60, "every message")
+            assert subscriber.stats()["pubsub"].get("gap", 0) == 0
+    assert got == list(range(81))
+    assert any("will come from the history" in r.getMessage() for r in caplog.records), "held past the bound"

@@ -69,6 +69,9 @@ log = logging.getLogger("zmqmesh.replay")
 
 MAX_HELD = 100_000
 """Live messages a catching-up cursor holds; past it, they are fetched from the history."""
+MAX_HELD_BYTES = 64 << 20
+"""Bytes of live frames a catching-up cursor holds; past them, as past `MAX_HELD`, they
+are fetched from the history (100,000 messages of 1 MiB were 100 GiB)."""
 QUIET_LOOK_S = 2.0
 """After a publisher's live frame, if no other frame of it came for this long, the
 subscription asks it for the numbers its topics reached (a page of no rows, ``"n": 0``)
@@ -130,9 +133,9 @@ class Fetch(NamedTuple):
 class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
-    __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "upto",
-                 "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since", "reading",
-                 "run", "left_runs", "tidy_at", "tidying")
+    __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "held_bytes",
+                 "upto", "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since",
+                 "reading", "run", "left_runs", "tidy_at", "tidying")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
         self.stream = stream
@@ -143,6 +146,7 @@ class Cursor:
         self.pos = 0  # the history position replayed last
         self.held: deque[_Frame] | None = deque()  # None: too many held, refetch instead
         self.held_count = 0
+        self.held_bytes = 0  # the bytes of the frames held (`MAX_HELD_BYTES`)
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
         self.from_start = from_start  # a topic seen first mid-stream has missed its start
         self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
@@ -165,6 +169,7 @@ class _Frame(NamedTuple):
     origin: Origin | None
     sender_id: str | None
     meta: bytes | None  # its meta frame, read for ``"s"`` only when its number is not the one expected
+    size: int = 0  # the bytes it came in (`MAX_HELD_BYTES`)
 
 
 class Replays:
@@ -332,7 +337,7 @@ class Replays:
         cursor.next.clear()
         cursor.kept_next.clear()
         cursor.pos, cursor.from_start = 0, True
-        cursor.held, cursor.held_count = deque(), 0
+        cursor.held, cursor.held_count, cursor.held_bytes = deque(), 0, 0
         cursor.catching_up, cursor.reading, cursor.tidying = False, None, False  # (a page on its way is stale)
         cursor.failures, cursor.failing_since = 0, None
         cursor.node_id, cursor.away = node_id, False
@@ -390,7 +395,8 @@ class Replays:
                     if cursor.node_id != sender_id or cursor.run is None:  # (a restarted publisher: a new id)
                         cursor.node_id = sender_id  # type: ignore[assignment]
                         self._check_run(key, cursor, sender_id, calls)  # type: ignore[arg-type]
-                    self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta), calls)
+                    self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
+                               calls)
                     continue
             # the publisher keeps no history of it (or too many streams are followed): plain delivery
             for index, data in enumerate(items):
@@ -458,14 +464,17 @@ class Replays:
         return start if type(start) is int and 0 <= start <= seq else None
 
     def _hold(self, cursor: Cursor, frame: _Frame) -> None:
+        """Hold a live frame while the cursor catches up; past `MAX_HELD` messages or
+        `MAX_HELD_BYTES`, none is held any more (`held` None): the history has them."""
         if cursor.held is None:
             return  # already too many: the history has them
         cursor.held.append(frame)
         cursor.held_count += len(frame.items)
-        if cursor.held_count > MAX_HELD:
-            cursor.held, cursor.held_count = None, 0
-            log.info("a replay of stream %s holds over %d live messages: they will come from the history",
-                     cursor.stream[:8], MAX_HELD)
+        cursor.held_bytes += frame.size
+        if cursor.held_count > MAX_HELD or cursor.held_bytes > MAX_HELD_BYTES:
+            cursor.held, cursor.held_count, cursor.held_bytes = None, 0, 0
+            log.info("a replay of stream %s holds over %d live messages or %d MiB of them: they will come from "
+                     "the history", cursor.stream[:8], MAX_HELD, MAX_HELD_BYTES >> 20)
 
     # -- catching up ------------------------------------------------------------------------
 
@@ -650,7 +659,7 @@ class Replays:
             cursor.tidying = False
             self._look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
         cursor.catching_up, cursor.reading = False, None
-        held, cursor.held, cursor.held_count = cursor.held, deque(), 0
+        held, cursor.held, cursor.held_count, cursor.held_bytes = cursor.held, deque(), 0, 0
         if held is None:  # more came live than could be held: fetch them too
             if error is None:
                 self._catch_up(fetch.key, cursor.options, cursor)
