@@ -360,6 +360,38 @@ def test_a_poison_message_lands_in_the_dead_letter_queue(tmp_path: Path, mesh: d
     assert stored(tmp_path) == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_dead_letter_of_a_message_with_all_the_headers_it_may_carry_is_delivered(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A message with 64 headers, or 16 KiB of them, dead-lettered: its x- headers fit in
+    place of some of its own, and the dead letters reach their puller (before, the three x-
+    headers made the dead letter one its puller refused, and every batch it was dealt in
+    with it: none of the dead letters was ever delivered)."""
+    dead: list[zmqmesh.Message] = []
+    puller = zmqmesh.Node("puller", **mesh)
+
+    @puller.pull("orders", at_least_once=True, max_deliveries=1)
+    def handle(msg: zmqmesh.Message) -> None:
+        raise ValueError("no")
+
+    puller.pull("orders.dead", dead.append, at_least_once=True)
+    many = {f"h{i}": "v" for i in range(64)}
+    large = {"a": "v", "big": "v" * (16 * 1024 - 5)}
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.push("orders", "many", durable=True, headers=many)
+        pusher.push("orders", "large", durable=True, headers=large)
+        pusher.push("orders", "plain", durable=True)
+        wait_until(lambda: len(dead) == 3, 20, "three dead letters")
+        wait_until(lambda: stored(tmp_path) == 0, 20, "nothing left stored")
+    letters = {msg.data: msg.headers for msg in dead}
+    assert set(letters) == {"many", "large", "plain"}
+    for headers in letters.values():
+        assert headers["x-original-queue"] == "orders" and headers["x-attempts"] == "1"
+    assert len(letters["many"]) == 64 and letters["many"]["h60"] == "v"
+    assert letters["large"]["a"] == "v" and "big" not in letters["large"]
+    assert puller.stats()["rejected"].get("service_malformed", 0) == 0
+
+
 def test_a_poison_message_in_a_batch_is_dead_lettered_alone(tmp_path: Path, mesh: dict[str, Any]) -> None:
     """One message of a `push_many` batch (stored together) moves to the dead letters; the
     others are handled once, and a restart of the pusher delivers nothing again."""

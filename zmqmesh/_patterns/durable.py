@@ -48,6 +48,7 @@ from .._store.messages import (
     stored_messages,
     wire_of,
 )
+from .._wire import frames as wire
 from .._wire.codec import Codec
 from .reliable import Failure
 
@@ -759,7 +760,7 @@ class DurableQueues:
                 headers = decoded if isinstance(decoded, dict) else {}
             except Exception:
                 headers = {}
-        headers.update({
+        headers = _dead_letter_headers(item.id, headers, {
             "x-original-queue": queue,
             "x-attempts": str(item.attempts + 1),
             "x-last-error": failure.error[:_MAX_ERROR_CHARS],
@@ -772,3 +773,30 @@ class DurableQueues:
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1
         log.warning("message %s of %r dead-lettered to %r after %d attempt(s): %s",
                     item.id[:12], queue, dead, item.attempts + 1, failure.error[:200])
+
+
+def _dead_letter_headers(msg_id: str, headers: dict[str, str], reasons: dict[str, str]) -> dict[str, str]:
+    """The headers of a dead letter: ``reasons`` (the ``x-`` headers saying why), and of the
+    message's own ``headers`` as many as fit beside them within `wire.MAX_HEADERS` and
+    `wire.MAX_HEADER_BYTES`, in order (a puller refuses a batch with more, so a dead letter
+    past them would never be delivered, nor the others dealt with it); those left out are
+    logged. Raises nothing."""
+    kept: dict[str, str] = {}
+    room = wire.MAX_HEADER_BYTES - sum(len(k.encode()) + len(v.encode()) for k, v in reasons.items())
+    dropped = 0
+    for key, value in headers.items():
+        if key in reasons:
+            continue
+        if not isinstance(key, str) or not isinstance(value, str):  # (a damaged row's)
+            dropped += 1
+            continue
+        size = len(key.encode()) + len(value.encode())
+        if len(kept) + len(reasons) < wire.MAX_HEADERS and size <= room:
+            kept[key] = value
+            room -= size
+        else:
+            dropped += 1
+    if dropped:
+        log.warning("dead letter %s: %d of its headers left out (at most %d headers, %d bytes, with the x- ones)",
+                    msg_id[:12], dropped, wire.MAX_HEADERS, wire.MAX_HEADER_BYTES)
+    return kept | reasons
