@@ -75,9 +75,9 @@ SEGMENT_MAX = 1024
 SEGMENT_BYTES = 1 << 20
 """A segment also closes once its payloads and headers pass this many bytes (a larger
 message is a segment of its own): reading one back whole stays bounded."""
-_COUNT_SQL = f"min(max(count, 1), {SEGMENT_MAX})"
+_COUNT_SQL = f"(CASE WHEN typeof(count) = 'integer' THEN min(max(count, 1), {SEGMENT_MAX}) ELSE 1 END)"
 """A segment's stored count as the store reckons with it: a healthy segment holds 1 to
-`SEGMENT_MAX` messages, and a damaged one's count may be anything."""
+`SEGMENT_MAX` messages, and a damaged one's count may be anything (text, a fraction: 1)."""
 _SEQ_MAX = (1 << 63) - 1  # (SQLite's largest integer: a bound that bounds nothing)
 CHUNK_MESSAGES = 16 * SEGMENT_MAX
 """About how many messages `Store.requeue` moves, or `Store.drop_queue` deletes, per
@@ -794,7 +794,8 @@ class Store:
             return []
         last_first = rows[-1][0]
         lo, hi = rows[0][0], last_first + _span(last_first, rows[-1][1], self._next_seq) - 1
-        attempts = dict(self._read("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?", (lo, hi)))
+        attempts = {seq: _sane_attempts(n)
+                    for seq, n in self._read("SELECT seq, n FROM attempts WHERE seq BETWEEN ? AND ?", (lo, hi))}
         settled: set[int] = set()
         for a, b in self._read("SELECT lo, hi FROM settled WHERE lo BETWEEN ? AND ?", (lo, hi)):
             settled.update(range(a, b + 1))
@@ -1023,7 +1024,7 @@ class Store:
                 while total < messages and size < most and (fetched := cursor.fetchmany(at_a_time)):
                     for row in fetched:
                         if max_bytes is not None:
-                            size += len(row[2])
+                            size += _stored_size(row[2])
                             if size > max_bytes and (rows or not at_least_one):
                                 return rows  # (this row would pass the budget)
                         rows.append(row)
@@ -1175,9 +1176,23 @@ def _schema_version(db: sqlite3.Connection, path: Path) -> int:
         raise StoreError(f"the store {path} has no valid schema version") from None
 
 
-def _sane_count(count: int) -> int:
-    """A stored count as the store reckons with it (see `_COUNT_SQL`)."""
-    return min(max(count, 1), SEGMENT_MAX)
+def _sane_count(count: object) -> int:
+    """A stored count as the store reckons with it (see `_COUNT_SQL`; a damaged one that is
+    no whole number, as 1)."""
+    return min(max(count, 1), SEGMENT_MAX) if type(count) is int else 1
+
+
+def _sane_attempts(n: object) -> int:
+    """A stored count of failed deliveries as the store hands it out: a damaged one that is
+    no whole number, or is below 0, as 0 (a puller refuses a batch with such a count in it,
+    and every message dealt with it)."""
+    return n if type(n) is int and n >= 0 else 0
+
+
+def _stored_size(items: object) -> int:
+    """The bytes of a segment's stored ``items`` (a damaged one that is no blob: its text's,
+    or 0), as a read's byte budget counts them."""
+    return len(items) if isinstance(items, (bytes, str)) else 0
 
 
 def _span(first: int, count: int, before: int) -> int:
