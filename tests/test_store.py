@@ -192,10 +192,23 @@ def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_pa
     assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 3  # still there for an operator
 
 
-@pytest.mark.parametrize("items", [b"\xc1", msgpack.packb([["id-1", 1.0, None, b"x"], ["id-2", 1.0, None, "text"]])],
-                         ids=["not-msgpack", "text-body"])
+@pytest.mark.parametrize("items", [
+    b"\xc1",
+    msgpack.packb([["id-1", 1.0, None, b"x"], ["id-2", 1.0, None, "text"]]),
+    # contents a puller would refuse, and with them the whole batch they were dealt in:
+    msgpack.packb([["id-1", 1.0, None, b"\xc1"], ["id-2", 1.0, None, b"x"]]),  # a body that is no msgpack
+    msgpack.packb([["id-1", 1.0, None, b"\x01\x02"], ["id-2", 1.0, None, b"x"]]),  # a body of two objects
+    msgpack.packb([["id-1", 1.0, None, b"\xa1\xff"], ["id-2", 1.0, None, b"x"]]),  # a body of bad UTF-8
+    msgpack.packb([["i" * 129, 1.0, None, b"x"], ["id-2", 1.0, None, b"x"]]),  # an id too long
+    msgpack.packb([["id-1", 1.0, msgpack.packb([1]), b"x"], ["id-2", 1.0, None, b"x"]]),  # headers no map
+    msgpack.packb([["id-1", 1.0, msgpack.packb({f"h{i}": "v" for i in range(65)}), b"x"],
+                   ["id-2", 1.0, None, b"x"]]),  # too many headers
+], ids=["not-msgpack", "text-body", "body-not-msgpack", "body-of-two", "body-bad-utf8", "long-id", "headers-no-map",
+        "too-many-headers"])
 def test_a_node_delivers_around_a_damaged_segment_and_counts_it(tmp_path: Path, mesh: dict[str, Any],
                                                                 items: bytes) -> None:
+    """(A body, id or headers a puller would refuse, inside well-formed entries: before, read
+    as healthy, every batch with it was refused, and the queue stalled: "c" never came.)"""
     store = Store(tmp_path)
     store.append([("q", entries("a", "b"))])
     store.append([("q", entries("c"))])

@@ -46,6 +46,7 @@ from .._store.messages import (
     segment_of,
     seq_of,
     stored_messages,
+    unreadable,
     wire_of,
 )
 from .._wire import frames as wire
@@ -53,7 +54,7 @@ from .._wire.codec import Codec
 from .reliable import Failure
 
 if TYPE_CHECKING:
-    from .._store.sqlite import Store
+    from .._store.sqlite import Store, StoredSegment
 
 __all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Held", "Ticket", "held_sizes", "handled_by_segment"]
 
@@ -593,14 +594,17 @@ class DurableQueues:
         recovered = self._recovered_upto
         with self._lock:
             for segment in segments:
-                if segment.damaged:  # left in the store for an operator, never forgotten
-                    log.error("store %s, queue %r: %s; skipped", self.store.directory, name, segment.damaged)
+                damaged = segment.damaged or self._unreadable(segment)
+                if damaged:  # left in the store for an operator, never forgotten
+                    log.error("store %s, queue %r: %s; skipped", self.store.directory, name, damaged)
                     self.stats.reject("store_damaged", segment.size)
                 elif segment.first not in self._segments:  # (noted once read: `_commit`)
                     self._segments[segment.first] = [segment.size, len(segment.messages)]
                     if not segment.messages:  # all settled, only not yet forgotten
                         self._forget_segment(segment.first)
-                if segment.first > recovered:  # (the common case: stored by this run)
+                if damaged:
+                    pass
+                elif segment.first > recovered:  # (the common case: stored by this run)
                     buffer.extend(segment.messages)
                 else:
                     buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
@@ -609,6 +613,15 @@ class DurableQueues:
             if queue.committed <= queue.loaded:
                 queue.overflow = False  # everything stored is in the buffer now
         return bool(segments)
+
+    def _unreadable(self, segment: StoredSegment) -> str | None:
+        """Why a puller would refuse the messages of ``segment``, read back from the store
+        (`unreadable`), or None; a segment this run committed is not looked at (its
+        messages came from the codec)."""
+        if segment.first in self._segments:
+            return None
+        why = unreadable(segment.messages)
+        return None if why is None else f"damaged segment {segment.first} ({segment.size} messages): {why}"
 
     def settle(self, queue: str, items: list[Any], failures: list[Failure]) -> list[Any]:
         """A puller answered for a batch: forget what it handled, dead-letter what it gave

@@ -4,14 +4,19 @@ store's module, which a node without a store never does."""
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
-from .._wire.codec import durable_items
+import msgpack
 
-__all__ = ["Entry", "StoredMessage", "stored_messages", "seq_of", "segment_of", "wire_of"]
+from .._wire.codec import durable_items
+from .._wire.frames import MAX_ID_CHARS, check_headers
+
+__all__ = ["Entry", "StoredMessage", "stored_messages", "seq_of", "segment_of", "wire_of", "unreadable"]
 
 Entry = tuple[str, float, bytes | None, bytes, int, bool]
 """A message to store: ``(id, timestamp, headers, body, attempts, redelivered)``;
@@ -79,3 +84,40 @@ def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequen
         messages = [m.as_recovered() if mark else m.with_attempts(m.attempts) if m.attempts else m
                     for m, mark in zip(messages, marked)]
     return messages
+
+
+_unpack_body = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False)
+"""Decode a stored body as a puller decodes it (`Codec.decode_batch`); raises as msgpack does."""
+_UNREADABLE = (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)
+"""What decoding damaged bytes raises (`unreadable`)."""
+
+
+def unreadable(messages: Sequence[StoredMessage]) -> str | None:
+    """Why a puller would refuse ``messages`` read back from a store (None if it would not):
+    an id longer than `MAX_ID_CHARS`, a body that is not one msgpack object, headers that
+    do not decode to headers within their limits. A batch carries its bodies as stored, so
+    one such message makes a puller refuse the whole batch, and every message dealt in it,
+    each time it is dealt. Costs a decoding of each body (about 0.3 us for a small one)."""
+    if not messages:
+        return None
+    if max(len(m.id) for m in messages) > MAX_ID_CHARS:
+        return f"an id of more than {MAX_ID_CHARS} characters"
+    bodies = [m.body for m in messages]
+    try:
+        deque(map(_unpack_body, bodies), 0)  # (a C call a body, no Python step: extra data or a cut one raises)
+    except _UNREADABLE:
+        for body in bodies:  # (which one; not one whose map keys are arrays, which a puller reads)
+            try:
+                _unpack_body(body)
+            except TypeError as exc:
+                if "unhashable" not in str(exc):
+                    return f"a body that is no msgpack object: {exc}"
+            except _UNREADABLE as exc:
+                return f"a body that is no msgpack object: {exc}"
+    for message in messages:
+        if message.headers is not None:
+            try:
+                check_headers(msgpack.unpackb(message.headers, raw=False))
+            except _UNREADABLE as exc:
+                return f"headers that are not headers: {exc}"
+    return None
