@@ -516,6 +516,29 @@ def test_a_start_that_fails_on_a_full_disk_lets_the_store_go(small_disk: Path, m
     assert inspect_store(store)["handled"]["q"] <= 11  # (trimmed at the start: "about" the window)
 
 
+@pytest.mark.timeout(60)
+def test_ids_a_full_disk_keeps_a_dedupe_puller_from_recording_are_counted_and_logged_once(
+        small_disk: Path, tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A dedupe puller whose store is full handles and acknowledges what comes, and cannot
+    record the ids: each is counted (`pipeline.dedupe_unrecorded`), and the log says so
+    once, not once a message (before: 3,000 messages, 3,000 error lines and no counter)."""
+    import logging
+
+    caplog.set_level(logging.ERROR, logger="zmqmesh")
+    got: list[int] = []
+    node = zmqmesh.Node("puller", store=str(small_disk / "store"), **mesh)
+    node.pull("q", lambda msg: got.append(msg.data), at_least_once=True, dedupe=True)
+    with node, zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), **mesh) as pusher:
+        filler = fill(small_disk)
+        pusher.push_many("q", list(range(2000)), durable=True)
+        wait_until(lambda: len(got) == 2000, 30, "2000 messages handled")
+        wait_until(lambda: stored(tmp_path / "pusher") == 0, 20, "every message acknowledged")
+        assert node.stats()["pipeline"]["dedupe_unrecorded"] == 2000
+        filler.unlink()
+    lines = [r for r in caplog.records if "as handled" in r.getMessage()]
+    assert len(lines) == 1, f"{len(lines)} log lines for the ids unrecorded"
+
+
 def test_messages_handled_while_the_disk_is_full_are_forgotten_once_it_has_room(
         small_disk: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """The write that forgets handled messages fails on a full disk: it is tried again, so

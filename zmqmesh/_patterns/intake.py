@@ -37,6 +37,9 @@ __all__ = ["AckedIntake"]
 log = logging.getLogger("zmqmesh.inbox")
 
 _TRIM_EVERY = 10_000  # remembered ids between trims of a dedupe window
+UNRECORDED_LOG_S = 10.0
+"""At most one log line per this many seconds for the handled ids the store could not
+record (a full store refuses every one: a line per message flooded the log)."""
 _MAX_GUARDS = 1024
 
 
@@ -68,6 +71,8 @@ class AckedIntake:
         # ids remembered this run, oldest first, per queue (an OrderedDict drops its oldest in
         # constant time; a dict's first key is found past every slot deleted before it)
         self._handled: dict[str, OrderedDict[str, None]] = {}
+        self._unrecorded_unlogged = 0
+        self._unrecorded_logged_at = -UNRECORDED_LOG_S
 
     def forget_unpulled(self) -> None:
         """Forget the ids this run remembered for the queues no longer pulled (call when
@@ -218,7 +223,21 @@ class AckedIntake:
                 self._remembered[ack.queue] = 0
                 self.store.trim_handled(ack.queue, ack.options.dedupe_window)
         except Exception as exc:
-            log.error("cannot record message %s of %r as handled: %s", msg_id[:12], ack.queue, exc)
+            self._unrecorded(ack.queue, msg_id, exc)
+
+    def _unrecorded(self, queue: str, msg_id: str, exc: Exception) -> None:
+        """Count a handled id the store could not record (this run still skips it; after a
+        restart a redelivery of it is handled again) in ``pipeline.dedupe_unrecorded``, and
+        log it, at most once per `UNRECORDED_LOG_S` with how many went unlogged meanwhile."""
+        self.stats.add("pipeline", "dedupe_unrecorded", 1)
+        self._unrecorded_unlogged += 1
+        now = time.monotonic()
+        if now - self._unrecorded_logged_at >= UNRECORDED_LOG_S:
+            log.error("cannot record message %s of %r as handled (%d id(s) unrecorded since the last such line, "
+                      "counted in pipeline.dedupe_unrecorded; said again at most every %g s): %s",
+                      msg_id[:12], queue, self._unrecorded_unlogged, UNRECORDED_LOG_S, exc)
+            self._unrecorded_unlogged = 0
+            self._unrecorded_logged_at = now
 
     def _acknowledge(self, ack: BatchAck) -> None:
         """Tell the pusher the batch is done, naming the items whose handler failed."""
