@@ -92,6 +92,13 @@ def test_bad_headers_are_refused_before_anything_is_sent(mesh: dict[str, Any]) -
             node.publish("t", 1, headers={"big": "x" * 20_000})
         with pytest.raises(TypeError):
             node.push("q", 1, headers=["not", "a", "dict"], timeout=0.1)  # type: ignore[arg-type]
+        for surrogate in ({"k": "\ud800"}, {"\udfff": "v"}):  # (UTF-8 cannot encode them: as unencodable data)
+            with pytest.raises(TypeError, match="UTF-8"):
+                node.publish("t", 1, headers=surrogate)
+            with pytest.raises(TypeError, match="UTF-8"):
+                node.push("q", 1, headers=surrogate, timeout=0.1)
+            with pytest.raises(TypeError, match="UTF-8"):
+                node.request("s", 1, headers=surrogate, timeout=0.1)
         assert node.stats()["pubsub"]["sent"] == 0
 
 

@@ -185,7 +185,7 @@ class Node(NodeBase):
 
         Returns once queued; order per publisher is kept. ``headers`` (a ``dict[str, str]``,
         at most 64 of them, 16 KiB in all) travel with it. Raises `TypeError` for data msgpack
-        cannot encode or bad headers, `MessageTooLargeError`, `NodeClosedError` if the node is not running,
+        cannot encode or bad headers, `ValueError` for headers past those bounds, `MessageTooLargeError`, `NodeClosedError` if the node is not running,
         `MeshTimeoutError` if the publish queue stays full (``send_queue_max`` messages, or
         ``send_queue_max_bytes``: the node sends more slowly than its callers publish) for
         ``push_timeout_s``.
@@ -201,7 +201,8 @@ class Node(NodeBase):
         Waits up to ``timeout`` (default ``push_timeout_s``) for a puller to exist and for
         room in the send queue. ``headers`` (a ``dict[str, str]``) travel with it. Raises
         `NoProviderError` if nobody pulls ``queue``, `MeshTimeoutError` if the pullers do
-        not keep up, `TypeError` for unencodable data or headers.
+        not keep up, `TypeError` for unencodable data or headers, `ValueError` for headers past
+        their bounds (64 of them, 16 KiB in all).
 
         With ``durable=True`` (needs a store) the message is committed to this node's
         store before ``push`` returns and delivered at least once to an at-least-once

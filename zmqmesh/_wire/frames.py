@@ -445,7 +445,8 @@ MAX_HEADER_BYTES = 16 * 1024
 
 def check_headers(headers: object) -> dict[str, str]:
     """``headers`` if it is a ``dict[str, str]`` within `MAX_HEADERS` and
-    `MAX_HEADER_BYTES`. Raises `ValueError` (`TypeError` for a wrong type)."""
+    `MAX_HEADER_BYTES`. Raises `ValueError` past them, `TypeError` for a wrong type or a
+    string that UTF-8 cannot encode (a lone surrogate), as for unencodable data."""
     if not isinstance(headers, dict):
         raise TypeError(f"headers must be a dict of str to str, not {type(headers).__name__}")
     if len(headers) > MAX_HEADERS:
@@ -454,7 +455,10 @@ def check_headers(headers: object) -> dict[str, str]:
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError("headers must be a dict of str to str")
-        size += len(key.encode()) + len(value.encode())
+        try:
+            size += len(key.encode()) + len(value.encode())
+        except UnicodeEncodeError as exc:
+            raise TypeError(f"a header UTF-8 cannot encode: {exc}") from None
     if size > MAX_HEADER_BYTES:
         raise ValueError(f"headers of {size} bytes; at most {MAX_HEADER_BYTES}")
     return headers
