@@ -40,8 +40,9 @@ def test_every_timeout_is_checked(mesh: dict[str, Any]) -> None:
                     call(bad)
                     pytest.fail(f"{name}(timeout={bad!r}) was accepted")
         assert node.request("echo", 7, timeout=5) == 7, "the node is unharmed"
-        with pytest.raises(zmqmesh.ConfigError, match="ack_timeout_s"):
-            node.pull("other", lambda m: None, at_least_once=True, ack_timeout_s=math.nan)
+        for bad_ack in (math.nan, 0.0004, 0):  # (pushers are told it in whole milliseconds: 0 is none)
+            with pytest.raises(zmqmesh.ConfigError, match="ack_timeout_s"):
+                node.pull("other", lambda m: None, at_least_once=True, ack_timeout_s=bad_ack)
         with pytest.raises(zmqmesh.ConfigError, match="timeout"):
             node.stop(timeout=math.inf)
     for option, bad in (("push_timeout_s", math.inf), ("request_timeout_s", math.nan), ("heartbeat_interval_s", math.nan),

@@ -412,7 +412,7 @@ class NodeBase:
         * ``ack_timeout_s``: a delivery not acknowledged in time (a stuck handler) is
           given to another puller; the late acknowledgement is ignored. The time runs
           per message, from when the batch reached the head of its puller's line
-          (docs/durability.md).
+          (docs/durability.md); from 0.001 s (it is announced in milliseconds) to a day.
         * ``max_deliveries``: a message whose handler failed (raised, or timed out) that
           many times moves to the durable queue ``dead_letter`` (default
           ``"<queue>.dead"``) with headers ``x-original-queue``, ``x-attempts`` and
@@ -440,8 +440,9 @@ class NodeBase:
         if zero_copy and at_least_once:
             raise ConfigError("zero_copy=True is for plain pulls: at-least-once messages come encoded, in "
                               "acknowledged batches, so there is no buffer to hand over")
-        if ack_timeout_s is not None and (check_timeout(ack_timeout_s, "ack_timeout_s") == 0 or ack_timeout_s > 86_400):
-            raise ConfigError(f"ack_timeout_s must be a positive number of seconds (at most a day), got {ack_timeout_s!r}")
+        if ack_timeout_s is not None and (check_timeout(ack_timeout_s, "ack_timeout_s") < 0.001 or ack_timeout_s > 86_400):
+            # (announced to pushers in whole milliseconds: less would be announced as none)
+            raise ConfigError(f"ack_timeout_s must be a number of seconds from 0.001 to a day, got {ack_timeout_s!r}")
         if not isinstance(max_deliveries, int) or isinstance(max_deliveries, bool) or max_deliveries < 1:
             raise ConfigError(f"max_deliveries must be a whole number >= 1, got {max_deliveries!r}")
         if dead_letter is not None:
