@@ -535,6 +535,24 @@ def test_malformed_http_is_answered_400_and_logged_in_a_counted_line(mesh: dict[
 
 
 @pytest.mark.timeout(60)
+def test_a_body_that_cannot_be_decoded_is_a_400_in_json_without_a_traceback(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A body sent ``Content-Encoding: gzip`` that is not gzip is the client's fault: a 400
+    in JSON, its connection closed, and at most a counted line in the log. It was a 500
+    ``InternalError`` (counted as a bug of the gateway's) with two tracebacks logged, some
+    4 KB of log for 180 bytes sent."""
+    with caplog.at_level(logging.WARNING), gateway_in_process(mesh) as (url, connect):
+        for _ in range(5):
+            sock = connect(b"POST /publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc")
+            status, err = read_http_answer(sock)  # (and the gateway closes the connection)
+            assert status == 400 and err["error"] == "BadRequest" and "gzip" in err["message"], (status, err)
+        assert call(f"{url}/peers")[0] == 200
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert len([r for r in caplog.records if "malformed" in r.getMessage()]) <= 1
+
+
+@pytest.mark.timeout(60)
 def test_a_host_whose_port_is_out_of_range_is_refused_as_json_without_a_traceback(
         mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A Host with a port past 65535 and an Origin (a request's own origin is compared

@@ -12,8 +12,8 @@ The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
     GET  /                    the dashboard (one self-contained page, no CDN)
 
 Errors are JSON ``{"error": type, "message": ..., ...}`` with a status per kind:
-400 bad JSON (``NaN`` and ``Infinity`` included, or nested past Python's recursion limit)
-or a bad ``?timeout=``, 401 missing or wrong token, 403 a foreign ``Host`` or ``Origin``, 404
+400 bad JSON (``NaN`` and ``Infinity`` included, or nested past Python's recursion limit), a
+body that cannot be decoded (its ``Content-Encoding``), or a bad ``?timeout=``, 401 missing or wrong token, 403 a foreign ``Host`` or ``Origin``, 404
 unknown route, 405 wrong method, 408 a body slower than 10 s, 413 body too large, 415 a
 POST that is not ``application/json``, 500 the remote handler raised (its type and
 message; the traceback only with ``tracebacks=True``), 502 the provider was lost
@@ -282,6 +282,10 @@ class Gateway:
             raise
         except ConnectionError:  # (the client hung up, e.g. mid-body: its answer goes nowhere, and nothing is logged)
             return _error(400, "BadRequest", "the connection was lost")
+        except web.RequestPayloadError as exc:  # (a body aiohttp cannot decode: the client's, not a bug of ours)
+            unreadable = _error(400, "BadRequest", f"the body cannot be read: {_said(exc)}")
+            unreadable.force_close()  # (what follows it on the connection cannot be told apart)
+            return unreadable
         except Exception as exc:  # a bug of ours: logged here, never a traceback to the client
             log.exception("error serving %s %s", request.method, request.path)
             self.event_counts["internal_error"] += 1
@@ -816,15 +820,25 @@ class _MalformedHttp(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
+        if not isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
             return True
         self.count += 1
         if self.count != 1 and self.count % 1000:
             return False
-        said = (str(exc.message).strip() or type(exc).__name__).splitlines()[0][:200]
+        said = _said(exc)
         record.msg, record.args = "%d malformed HTTP request(s) answered 400 so far (last: %s)", (self.count, said)
         record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.WARNING, "WARNING"
         return True
+
+
+def _said(exc: BaseException) -> str:
+    """The first line of what aiohttp says of a client's malformed HTTP: an
+    `HttpProcessingError`'s message, or that of the one a ``RequestPayloadError`` (a body
+    it cannot decode, e.g. ``Content-Encoding: gzip`` on bytes that are not) wraps."""
+    if isinstance(exc, web.RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
+        exc = exc.__cause__
+    text = str(exc.message) if isinstance(exc, HttpProcessingError) else str(exc)
+    return (text.strip() or type(exc).__name__).splitlines()[0][:200]
 
 
 _http_log = logging.getLogger("zmqmesh.gateway.http")
