@@ -553,6 +553,24 @@ def test_a_body_that_cannot_be_decoded_is_a_400_in_json_without_a_traceback(
 
 
 @pytest.mark.timeout(60)
+def test_a_head_of_the_event_stream_is_answered_with_a_head_alone(mesh: dict[str, Any]) -> None:
+    """HEAD /events is answered with the stream's head and nothing after it, so that the
+    next answer on the connection is read as one. It was the event stream itself (a
+    snapshot, then stats every second, 21 KB in 10 s), which a client reads as garbage in
+    place of its next answer, and which held a stream open."""
+    with gateway_in_process(mesh) as (url, connect):
+        sock = connect(b"HEAD /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /peers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Connection: close\r\n\r\n")
+        reply, deadline = b"", time.monotonic() + 5  # (the stream itself would never end)
+        while time.monotonic() < deadline and (chunk := sock.recv(65536)):
+            reply += chunk
+        head, rest = reply.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, reply[:300]
+        assert rest.startswith(b"HTTP/1.1 200 "), reply[:600]  # the next answer, not events
+        assert json.loads(rest.split(b"\r\n\r\n", 1)[1])[0]["gateway"] is True
+
+
+@pytest.mark.timeout(60)
 def test_a_host_whose_port_is_out_of_range_is_refused_as_json_without_a_traceback(
         mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A Host with a port past 65535 and an Origin (a request's own origin is compared

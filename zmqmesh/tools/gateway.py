@@ -487,10 +487,14 @@ class Gateway:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """GET /events: a Server-Sent Events stream. A reader that takes no event for
         `STREAM_WRITE_TIMEOUT_S` is disconnected; one that lags loses events past
-        `MAX_STREAM_BYTES` waiting (both counted: ``stream_stalled``, ``stream_event_lost``)."""
+        `MAX_STREAM_BYTES` waiting (both counted: ``stream_stalled``, ``stream_event_lost``).
+        HEAD /events: the stream's head alone (no stream is opened)."""
         if len(self.listeners) >= MAX_LISTENERS:
             return self._refuse("event_streams", 503, "Busy", f"{MAX_LISTENERS} event streams are open; try again")
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        if request.method == "HEAD":  # (a body after a HEAD's answer would be read as the next answer)
+            return web.Response(headers=headers)
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         stream = _Stream()
         self.listeners.add(stream)
