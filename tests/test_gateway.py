@@ -571,6 +571,34 @@ def test_a_head_of_the_event_stream_is_answered_with_a_head_alone(mesh: dict[str
 
 
 @pytest.mark.timeout(60)
+def test_heads_held_while_their_bodies_come_are_bounded(mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's head is held while its body comes, so it counts in the bytes arriving
+    (MAX_BODY_BYTES_READING, here 1 MiB): past them, a request with a large head is
+    answered 503 before its body is read. And a head has 32 header lines at most (400
+    past it). With aiohttp's defaults (128 lines of 8 KB, each counted as its body's
+    bytes alone, always read), 1,000 connections whose bodies never came held 1.9 GB for
+    the body timeout."""
+    from zmqmesh.tools import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "MAX_BODY_BYTES_READING", 1024 * 1024)
+    lines = b"".join(b"X-%02d: %s\r\n" % (i, b"a" * 8000) for i in range(29))  # (32 with the 3 below)
+    head = b"POST /publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10\r\n"
+    with gateway_in_process(mesh, body_timeout_s=30.0) as (url, connect):
+        socks = [connect(head + lines + b"\r\n[1,") for _ in range(8)]  # 232 KB heads; bodies that never finish
+        answered = []
+        for sock in socks:
+            sock.settimeout(0.5)
+            try:
+                answered.append(sock.recv(4096))
+            except socket.timeout:
+                pass
+        assert 3 <= len(answered) <= 5 and all(a.startswith(b"HTTP/1.1 503") and b"Busy" in a for a in answered), answered
+        sock = connect(head + lines + b"X-30: 1\r\n\r\n[1,")  # a 33rd line
+        assert sock.recv(4096).startswith(b"HTTP/1.0 400"), "a 33rd header line was taken"
+        assert call(f"{url}/peers")[0] == 200
+
+
+@pytest.mark.timeout(60)
 def test_a_host_whose_port_is_out_of_range_is_refused_as_json_without_a_traceback(
         mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A Host with a port past 65535 and an Origin (a request's own origin is compared

@@ -88,11 +88,12 @@ bytes) until the call ends: its reply, its timeout (`MAX_TIMEOUT_S` at most), or
 provider lost."""
 MAX_BODY_BYTES_READING = 64 * 1024 * 1024
 """Bytes the bodies being read declare (their ``Content-Length``, or the body limit when
-sent in chunks), at most; past it, a body larger than `SMALL_BODY_BYTES` is answered 503
-before it is read. (A body is read before its request takes a place among those in
-flight, so that a slow one holds none.)"""
+sent in chunks), with their requests' heads, at most; past it, a request whose head and
+body are larger than `SMALL_BODY_BYTES` is answered 503 before its body is read. (A body
+is read before its request takes a place among those in flight, so that a slow one holds
+none; its head, up to `MAX_HEADERS` lines of 8 KiB, is held meanwhile.)"""
 SMALL_BODY_BYTES = 64 * 1024
-"""A body this small is always read (1,024 connections at most: 64 MiB)."""
+"""A body this small, with its head, is always read (1,024 connections at most: 64 MiB)."""
 MAX_BODY_BYTES_IN_FLIGHT = 16 * 1024 * 1024
 """Bytes of request bodies served at once (one body of any size allowed alone); past it,
 503 at once. (Parsed, a JSON body takes up to some 25 times its size while its call waits.)"""
@@ -109,6 +110,11 @@ MAX_CONNECTIONS = 1024
 """HTTP connections open at once; past it, a new one is closed at once (logged)."""
 BODY_TIMEOUT_S = 10.0
 """How long a client may take to send a request's body; past it, 408."""
+MAX_HEADERS = 32
+"""Header lines a request may have (aiohttp's default: 128); past it, aiohttp answers 400.
+Each may hold 8,190 bytes, so a request's head takes up to 256 KiB, and some twice that
+parsed while its request is served: 1,024 connections whose bodies never come held
+1.9 GB for the body timeout with aiohttp's default (120 lines of 8 KB each)."""
 IDLE_TIMEOUT_S = 15.0
 """How long a connection may sit idle, or take to send a request's head, before it is closed."""
 LINGER_S = 1.0
@@ -340,15 +346,17 @@ class Gateway:
 
     async def _read_within_budget(self, request: web.Request) -> bytes:
         """`_read`, once the body's declared size (or ``max_body_bytes`` for one sent in
-        chunks) fits in `MAX_BODY_BYTES_READING` with those being read; a body of up to
-        `SMALL_BODY_BYTES` is always read. Raises `_Busy` otherwise, and 413 at once for a
-        body that declares more than ``max_body_bytes`` (none of it is read)."""
+        chunks) and its head's fit in `MAX_BODY_BYTES_READING` with those being read; a
+        body of up to `SMALL_BODY_BYTES` with its head is always read. Raises `_Busy`
+        otherwise, and 413 at once for a body that declares more than ``max_body_bytes``
+        (none of it is read)."""
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
-        if not request.body_exists:
-            declared = 0
-        else:  # (sent in chunks: what it may be; past the limit, aiohttp answers 413)
-            declared = min(request.content_length or self.max_body_bytes, self.max_body_bytes)
+        # (the head is held while the body comes: 1,024 heads of 232 KB whose bodies never
+        # came held 470 MiB, counted as 1 byte each)
+        declared = sum(len(name) + len(value) for name, value in request.raw_headers)
+        if request.body_exists:  # (sent in chunks: what it may be; past the limit, aiohttp answers 413)
+            declared += min(request.content_length or self.max_body_bytes, self.max_body_bytes)
         if declared > SMALL_BODY_BYTES and self.reading_bytes and \
                 self.reading_bytes + declared > MAX_BODY_BYTES_READING:  # (one alone is read whatever its size)
             raise _Busy(f"{MAX_BODY_BYTES_READING} bytes of bodies are arriving; try again")
@@ -893,6 +901,7 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
                                   tracebacks=tracebacks, body_timeout_s=body_timeout_s)
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=idle_timeout_s,  # (a slow head too)
                                logger=_http_log,  # (a malformed request: a counted line, not a traceback each)
+                               max_headers=MAX_HEADERS,  # (the heads' memory: MAX_HEADERS' docstring)
                                shutdown_timeout=_STOP_WRITE_S,  # (after `finish`: for its answers)
                                lingering_time=LINGER_S,  # (the rest of a body refused unread, e.g. a 413)
                                handler_cancellation=True)  # (a client that hangs up: its handler ends at once)
