@@ -242,6 +242,8 @@ def test_token_is_enforced(mesh: dict[str, Any]) -> None:
         assert call(url, headers={"Authorization": "Bearer wrong"})[0] == 401
         assert call(url, headers={"Authorization": "Bearer \xff\xfe"})[0] == 401  # (sent as bytes FF FE: not UTF-8)
         assert call(url, headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert call(url, headers={"Authorization": "bearer s3cret"})[0] == 200  # (the scheme: any case)
+        assert call(url, headers={"Authorization": "BEARER wrong"})[0] == 401
 
 
 def _chrome() -> Any:

@@ -244,7 +244,8 @@ class Gateway:
             return refused
         if self.token is not None and request.path != "/":
             supplied = request.headers.get("Authorization", "")
-            supplied = supplied[7:] if supplied.startswith("Bearer ") else request.query.get("token", "")
+            # (the scheme's name is case-insensitive, RFC 9110: "bearer x" is "Bearer x")
+            supplied = supplied[7:] if supplied[:7].lower() == "bearer " else request.query.get("token", "")
             # (a header's bytes that are not UTF-8 come as surrogates: they compare as they came)
             if not hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"),
                                        self.token.encode("utf-8", "surrogateescape")):
