@@ -4,6 +4,7 @@ timeouts and effectively-once pullers. Real processes, real SQLite, SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -909,3 +910,56 @@ def test_a_durable_message_larger_than_the_buffer_goes_in_its_turn(tmp_path: Pat
         with puller:
             wait_until(lambda: len(got) == len(sizes), 60, "every message")
     assert got == list(enumerate(sizes))
+
+
+# -- a message larger than its pullers take --------------------------------------------------
+
+TOO_LARGE_LOG = "larger than any of its pullers takes"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "at_least_once"])
+def test_a_message_larger_than_its_puller_takes_is_held_counted_and_goes_to_one_that_takes_it(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture, durable: bool) -> None:
+    """A pusher (16 MiB limit) pushes 2 MiB, then 20 small messages, to a puller of 1 MiB
+    (max_deliveries=2, ack_timeout_s=1): the large one is never dealt to it, so the
+    connection stays up and the 20 arrive; it is held (in the store, when durable),
+    counted once and logged once, not dead-lettered; a puller of 4 MiB then gets it.
+    (Before: it was dealt to the small puller again and again, each send closing the
+    connection, with nothing counted, dead-lettered or, without an ack timeout, logged.)"""
+    caplog.set_level(logging.WARNING, logger="zmqmesh.reliable")
+    small_got: list[Any] = []
+    big_got: list[int] = []
+    dead: list[Any] = []
+    small = zmqmesh.Node("small", max_message_bytes=1 << 20, **mesh)
+    small.pull("jobs", lambda msg: small_got.append(msg.data), at_least_once=True, max_deliveries=2,
+               ack_timeout_s=1.0)
+    small.pull("jobs.dead", dead.append, at_least_once=True)
+    large = b"x" * (2 << 20)
+    store = {"store": str(tmp_path)} if durable else {}
+    with small, zmqmesh.Node("pusher", **store, **mesh) as pusher:
+        pusher.push("jobs", large, durable=durable)
+        for i in range(20):
+            pusher.push("jobs", i, durable=durable)
+        wait_until(lambda: len(small_got) == 20, 20, "the 20 small messages")
+        wait_until(lambda: pusher.stats()["pipeline"].get("held_too_large") == 1, 10, "the large one counted")
+        time.sleep(2.5)  # (past two ack timeouts: nothing dealt, redelivered or dead-lettered meanwhile)
+        counters = pusher.stats()["pipeline"]
+        assert counters["sent"] == 20, "the large message was dealt to a puller that refuses it"
+        assert counters.get("redelivered", 0) == 0 and counters.get("dead_lettered", 0) == 0
+        assert counters["held_too_large"] == 1, "counted once, not per flush"
+        assert dead == []
+        if durable:
+            assert stored(tmp_path) == 1, "held in the store"
+        big = zmqmesh.Node("big", max_message_bytes=4 << 20, **mesh)
+        big.pull("jobs", lambda msg: big_got.append(len(msg.data)), at_least_once=True)
+        with big:
+            wait_until(lambda: big_got, 20, "the large message at a puller that takes it")
+            if durable:
+                wait_until(lambda: stored(tmp_path) == 0, 20, "the large message acknowledged")
+        counters = pusher.stats()["pipeline"]
+    assert sorted(small_got) == list(range(20))
+    assert big_got == [len(large)]
+    assert counters["held_too_large"] == 1 and counters["sent"] == 21
+    assert dead == []
+    assert sum(TOO_LARGE_LOG in r.getMessage() for r in caplog.records) == 1, "logged once"

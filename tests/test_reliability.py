@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -9,6 +10,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import msgpack
 import pytest
 from helpers import rss_bytes, wait_until
 
@@ -286,3 +288,68 @@ def test_a_send_queue_stays_within_send_queue_max_while_its_puller_takes_nothing
             assert max(most, node.stats()["gauges"]["queued"]) == 20, most  # (full, and never past it)
         finally:
             os.kill(puller.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+def test_a_plain_push_larger_than_a_puller_takes_is_dropped_counted_and_logged_and_the_rest_arrive(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A pusher of 16 MiB pushes 2 MiB to a plain puller of 1 MiB, then 10 small messages,
+    twice: the pusher drops the large ones before sending (ZeroMQ could deal them to any
+    puller, and the frame would close that puller's connection), counts each in
+    ``pipeline.dropped_too_large`` and logs one line; the small ones all arrive. (Before:
+    each was sent and lost with the connection, counted and logged nowhere.)"""
+    caplog.set_level(logging.WARNING, logger="zmqmesh.pipeline")
+    got: list[Any] = []
+    puller = zmqmesh.Node("small", max_message_bytes=1 << 20, **mesh)
+    puller.pull("jobs", lambda msg: got.append(msg.data))
+    with puller, zmqmesh.Node("pusher", **mesh) as pusher:
+        for _ in range(2):
+            pusher.push("jobs", b"x" * (2 << 20))
+            for i in range(10):
+                pusher.push("jobs", i)
+        wait_until(lambda: len(got) == 20, 20, "the small messages")
+        wait_until(lambda: pusher.stats()["pipeline"].get("dropped_too_large") == 2, 10, "the large ones counted")
+        counters = pusher.stats()["pipeline"]
+    assert sorted(got) == sorted(list(range(10)) * 2)
+    assert counters["dropped"] == 2 and counters["sent"] == 20
+    assert sum("larger than a puller" in r.getMessage() for r in caplog.records) == 1, "one line per 10 s"
+
+
+def test_a_batch_for_a_puller_with_a_smaller_limit_stops_before_what_it_would_refuse() -> None:
+    """`fill_batch` with a puller's limit: a message larger than it is left at the front,
+    neither alone nor beside others (sans-I/O)."""
+    from collections import deque
+
+    from zmqmesh._patterns.reliable import fill_batch, wire_form
+
+    def wrap(item: Any, again: bool) -> bytes:
+        return wire_form(item, again, msgpack.packb)
+
+    small, large = b"\xa1s", b"\xc6" + (70_000).to_bytes(4, "big") + b"x" * 70_000
+    for limit in (1 << 10, 1 << 16):
+        source = deque([small, small, large, small])
+        items: list[Any] = []
+        fill_batch(source, items, [], 10, 0, False, wrap, limit)
+        assert items == [small, small] and list(source) == [large, small]
+        items = []
+        fill_batch(source, items, [], 10, 0, False, wrap, limit)
+        assert items == [] and list(source) == [large, small]
+        fill_batch(source, items, [], 10, 0, False, wrap, 1 << 20)  # (a puller that takes it)
+        assert items == [large]
+
+
+def test_a_peers_announced_limit_counts_only_when_below_this_nodes() -> None:
+    """``X-ZMQMESH-MAX-MESSAGE-BYTES``: a limit below this node's is kept; one at or above
+    it, malformed or absent (a node before the header) leaves the peer dealt to as before."""
+    from zmqmesh._mesh.directory import Directory
+    from zmqmesh._stats import Stats
+
+    directory = Directory("aa" * 16, Stats(), lambda: None, True, max_message_bytes=16 << 20)  # type: ignore[arg-type,return-value]
+    assert directory._narrower_limit("1048576") == 1 << 20
+    for value in (str(16 << 20), str(32 << 20), "1e6", "-1", "²", "9" * 13, ""):
+        assert directory._narrower_limit(value) is None, value
+    directory.narrower = {"b": 1 << 20, "c": 2 << 20}
+    assert directory.widest_limit(["b", "c"]) == 2 << 20
+    assert directory.widest_limit(["b", "old"]) is None  # (one takes anything: nothing is held)
+    assert directory.narrowest_limit(["b", "c", "old"]) == 1 << 20
+    assert directory.narrowest_limit(["old"]) is None

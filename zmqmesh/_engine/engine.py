@@ -130,7 +130,8 @@ class Engine:
         self._requests_factory = requests_factory
         self.codec = Codec(config.max_message_bytes)
         self.stats = Stats()
-        self.directory = Directory(self.node_id, self.stats, self.self_peer, loopback_only=True)
+        self.directory = Directory(self.node_id, self.stats, self.self_peer, loopback_only=True,
+                                   max_message_bytes=config.max_message_bytes)
         self.waiters = Waiters()
         self.space = Space()
         self.loop: Any = None  # the Reactor or the asyncio loop, set by start
@@ -277,6 +278,7 @@ class Engine:
             **{HEADER[key]: self.advertised(key) for key in ENDPOINT_KEYS},
             HEADER["host"]: socket.gethostname(),
             HEADER["pid"]: str(os.getpid()),
+            HEADER["max_message_bytes"]: str(cfg.max_message_bytes),
         }
         if self.keys is not None:
             headers[HEADER["key"]] = self.keys.public

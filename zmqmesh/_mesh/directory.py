@@ -92,8 +92,10 @@ class Directory:
     a peer's pattern endpoint off loopback is refused (counted in ``stats``).
     """
 
-    def __init__(self, node_id: str, stats: Stats, self_peer: Callable[[], Peer], loopback_only: bool) -> None:
+    def __init__(self, node_id: str, stats: Stats, self_peer: Callable[[], Peer], loopback_only: bool,
+                 max_message_bytes: int | None = None) -> None:
         self.node_id = node_id
+        self.max_message_bytes = max_message_bytes  # this node's: what it may send at most
         self.stats = stats
         self.self_peer = self_peer
         self.loopback_only = loopback_only
@@ -115,6 +117,12 @@ class Directory:
         self._contributions: dict[str, dict[str, frozenset[str]]] = {}  # node id -> its offers in the tables
         self.subscribers: frozenset[str] = frozenset()
         """The peers (this node not among them) that subscribe to some topic."""
+        self.narrower: dict[str, int] = {}
+        """The peers that announced a ``max_message_bytes`` below this node's, with it: a
+        payload past it they refuse, and the frame that carries it ends its connection. A
+        peer that announced none (a node before ``X-ZMQMESH-MAX-MESSAGE-BYTES``) is not in
+        it, and is sent to as before. Empty in the common case: every node takes what this
+        one sends."""
         self.unannounced: frozenset[str] = frozenset()
         """The ready peers a JOIN of which was refused here (a group budget): their groups,
         as known here, may lack some of their offers (`PeerState.groups_refused`)."""
@@ -138,10 +146,16 @@ class Directory:
         streams: dict[str, tuple[str, tuple[str, ...]]] = {}  # peer id -> (stream id, kept prefixes)
         runs: dict[str, tuple[str, ...]] = {}
         unannounced: list[str] = []
-        parsed, stream_header = self._parsed, HEADER["stream"]
+        narrower: dict[str, int] = {}
+        parsed, stream_header, limit_header = self._parsed, HEADER["stream"], HEADER["max_message_bytes"]
         for peer in ready:  # (every join walks every peer: kept to a few lookups each)
             node_id = peer.id
             peers[node_id] = peer
+            announced = peer.headers.get(limit_header)
+            if announced is not None:
+                limit = self._narrower_limit(announced)
+                if limit is not None:
+                    narrower[node_id] = limit
             if peer.groups_refused:
                 unannounced.append(node_id)
             if peer.is_zmqmesh:
@@ -198,12 +212,40 @@ class Directory:
         if tables["topics"] is not self.offers["topics"]:
             self.subscribers = frozenset(i for ids in tables["topics"].values() for i in ids) - {self.node_id}
         self.unannounced = frozenset(unannounced)
+        if narrower != self.narrower:
+            self.narrower = narrower
         self.runs = runs  # (before the streams: a reader that finds a stream finds its runs)
         self.streams = streams
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
         self.offers = tables
         self.alive_ids = frozenset(peers) | {self.node_id}
         self.epoch += 1
+
+    def _narrower_limit(self, announced: str) -> int | None:
+        """A peer's ``X-ZMQMESH-MAX-MESSAGE-BYTES``, if it is below this node's own limit
+        (else None: it takes whatever this node sends); one that is no number of at most
+        12 digits is taken as absent."""
+        limit = small_number(announced, 12)
+        own = self.max_message_bytes
+        return limit if limit is not None and own is not None and limit < own else None
+
+    def widest_limit(self, ids: Iterable[str]) -> int | None:
+        """The largest payload some node of ``ids`` takes, if each of them announced a limit
+        below this node's; None if one of them takes whatever this node sends."""
+        narrower = self.narrower
+        widest = 0
+        for node_id in ids:
+            limit = narrower.get(node_id)
+            if limit is None:
+                return None
+            widest = max(widest, limit)
+        return widest
+
+    def narrowest_limit(self, ids: Iterable[str]) -> int | None:
+        """The smallest ``max_message_bytes`` announced by a node of ``ids`` below this
+        node's, or None if none of them did."""
+        narrower = self.narrower
+        return min((narrower[i] for i in ids if i in narrower), default=None)
 
     def _offers_of_peer(self, peer: PeerState) -> dict[str, frozenset[str]]:
         """What a zmqmesh peer offers, by kind: read from its groups once per change of

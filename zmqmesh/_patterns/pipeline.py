@@ -34,7 +34,7 @@ from ..config import NodeConfig
 from ..errors import MeshTimeoutError, ZmqMeshError
 from .pubsub import fit_within, meta_frame
 
-__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames", "drop_front", "bytes_queued"]
+__all__ = ["Pusher", "MAX_PUSH_SOCKETS", "TOO_LARGE_LOG_S", "TOTAL_QUEUES_DEFAULT", "next_batch", "cut_frames", "drop_front", "bytes_queued"]
 
 log = logging.getLogger("zmqmesh.pipeline")
 
@@ -44,6 +44,10 @@ MAX_PUSH_SOCKETS = 512
 TOTAL_QUEUES_DEFAULT = 10
 """``send_queue_total_max`` when it is None: this many times ``send_queue_max``."""
 
+
+TOO_LARGE_LOG_S = 10.0
+"""At most one log line per this many seconds for the pushes dropped as larger than a
+puller takes (`Pusher._drop_too_large`): one per message would flood the log."""
 
 _FIRST_LOOK = 16  # (plain payloads `next_batch` looks at first)
 _GAUGE_MAX_AGE_S = 0.5  # (how long `Pusher.queued_bytes` answers what it counted last)
@@ -179,6 +183,8 @@ class Pusher:
         # queues whose messages wait with nobody pulling (their pullers left after they were
         # queued): until when they wait for one to come (`push_timeout_s`)
         self._unpulled: dict[str, float] = {}
+        self._too_large_unlogged = 0  # (`_drop_too_large`)
+        self._too_large_logged_at = -TOO_LARGE_LOG_S
 
     def queue_of(self, queue: str) -> deque[bytes] | None:
         """The send queue of ``queue`` once its socket exists (any thread)."""
@@ -324,8 +330,13 @@ class Pusher:
         uuid = self.uuid
         counters = self.stats.pattern["pipeline"]
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
+        # (ZeroMQ deals a frame to any puller: a payload past the smallest limit one announced is dropped here)
+        smallest = self.directory.narrowest_limit(self.directory.providers("queues", queue)) \
+            if self.directory.narrower else None
         for bodies, size, payload in cut_frames(q, pullers):
             n = len(bodies)
+            if smallest is not None and size > smallest and self._drop_too_large(queue, q, n, smallest):
+                continue  # (the frame is cut again from what is left)
             headed = type(bodies[0]) is Headed  # (then all are: `next_batch`)
             if type(payload) is RawPayload:  # (alone)
                 if read_raw is None:
@@ -352,6 +363,30 @@ class Pusher:
             if monotonic() >= until:
                 break
         return False
+
+    def _drop_too_large(self, queue: str, q: deque[Any], n: int, smallest: int) -> int:
+        """Drop, of the first ``n`` messages of ``q``, those whose payload is larger than
+        ``smallest`` (the least ``max_message_bytes`` a puller of ``queue`` announced: it
+        would refuse it, and the frame carrying it would end its connection, with whatever
+        followed it); they are counted (``pipeline.dropped`` and ``dropped_too_large``) and
+        logged at most every `TOO_LARGE_LOG_S`. How many were dropped."""
+        front = [q.popleft() for _ in range(n)]
+        kept = [body for body in front if len(body) <= smallest]  # (`len`: the payload encoded, as a puller bounds it)
+        q.extendleft(reversed(kept))
+        dropped = n - len(kept)
+        if not dropped:
+            return 0
+        self.stats.add("pipeline", "dropped", dropped)
+        self.stats.add("pipeline", "dropped_too_large", dropped)
+        self._too_large_unlogged += dropped
+        now = monotonic()
+        if now - self._too_large_logged_at >= TOO_LARGE_LOG_S:
+            log.warning("dropped %d message(s) pushed to %r (since the last such line): each larger than a puller "
+                        "of it takes (max_message_bytes %d); counted in pipeline.dropped_too_large; said again at "
+                        "most every %g s", self._too_large_unlogged, queue, smallest, TOO_LARGE_LOG_S)
+            self._too_large_unlogged = 0
+            self._too_large_logged_at = now
+        return dropped
 
     def _wait_for_puller(self, queue: str, q: deque[Any]) -> None:
         """Messages queued for ``queue`` while it had pullers, who all left since (a crash is

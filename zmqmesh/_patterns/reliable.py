@@ -55,7 +55,7 @@ from .._wire.frames import (
 )
 from ..config import NodeConfig
 
-__all__ = ["ReliableSender", "Failure", "fill_batch", "wire_form"]
+__all__ = ["ReliableSender", "Failure", "fill_batch", "payload_size", "wire_form"]
 
 log = logging.getLogger("zmqmesh.reliable")
 
@@ -96,14 +96,18 @@ class _Batch(NamedTuple):
 
 
 def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
-               wrap: Callable[[Any, bool], bytes]) -> int:
+               wrap: Callable[[Any, bool], bytes], limit: int | None = None) -> int:
     """Move items from ``source`` to ``items``, and their wire form (``wrap(item,
     redelivered)``) to ``parts``, while there are fewer than ``n`` and the batch stays
     within `BATCH_BYTES` (a single large item goes alone); the batch's size after.
     ``again``: they are dealt again (marked redelivered); so is a durable message with
-    failed deliveries counted, or one stored before this node started."""
+    failed deliveries counted, or one stored before this node started. ``limit``: the
+    puller's ``max_message_bytes``, when it is below this node's: the items stop before
+    the first whose payload is larger (`payload_size`), which it would refuse."""
     look = _FIRST_LOOK
-    while not again and source and len(items) < n:
+    # (items of a batch of several are within `BATCH_BYTES` each: only a limit below it
+    # needs a look at each, and above it only an item that goes alone)
+    while not again and source and len(items) < n and (limit is None or limit >= BATCH_BYTES):
         # fresh items at the head, in runs that double while they are taken whole: a run
         # costs no Python step per item, and a batch cut short by large payloads looks at
         # a few past it only
@@ -115,6 +119,8 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
         sizes = list(itertools.accumulate(lengths, initial=size))
         count = bisect_right(sizes, BATCH_BYTES) - 1
         if count < 1 and not items:
+            if limit is not None and payload_size(head[0]) > limit:
+                return size
             count = 1
         if count < 1:
             return size
@@ -134,6 +140,8 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
         stored = type(item) is StoredMessage
         if items and size + len(item.body if stored else item) > BATCH_BYTES:
             break  # (its payload alone does not fit: no need to wrap it to know)
+        if limit is not None and payload_size(item) > limit:
+            break
         if type(item) is RawPayload:  # (at-least-once items are msgpack)
             item = item.encoded()
         part = wrap(item, again or (stored and (item.attempts > 0 or item.recovered)))
@@ -149,6 +157,12 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
 _FIRST_DELIVERY = wrap_item(b"", False)
 _FIRST_DELIVERY_BYTES = len(_FIRST_DELIVERY)
 _FIRST_LOOK = 32  # (fresh items looked at in the first run of `fill_batch`)
+
+
+def payload_size(item: Any) -> int:
+    """The bytes of an item's encoded payload, which a puller's ``max_message_bytes``
+    bounds (its headers, id and the batch around it are within `FRAME_HEADROOM`)."""
+    return len(item.body) if type(item) is StoredMessage else len(item)
 
 
 def _fresh_sizes(head: list[Any], stored_wire: bool) -> tuple[Iterable[int], list[bytes] | None] | None:
@@ -181,6 +195,14 @@ def wire_form(item: Any, redelivered: bool, pack: Callable[[Any], bytes]) -> byt
     if type(item) is Headed:  # carries headers: the item form that has room for them
         return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0, pack)
     return wrap_item(item, redelivered)
+
+
+def _too_large_ahead(source: deque[Any], widest: int, aside: list[Any]) -> None:
+    """Move from the front of ``source`` to ``aside`` the items whose payload is larger
+    than ``widest`` (what the largest taker there takes): none could go, and the items
+    behind them would wait on them."""
+    while source and payload_size(source[0]) > widest:
+        aside.append(source.popleft())
 
 
 def _in_memory(items: Iterable[Any]) -> int:
@@ -234,6 +256,9 @@ class ReliableSender:
         # them. None has an attempt counted; each is dealt alone next, one at a time per
         # queue (a probe), where a failure is its own and counts
         self._suspects: set[str] = set()
+        # queue -> the ids of the objects held aside at its last flush, too large for every
+        # puller there (`_hold`); they wait in `redeliver`, first
+        self._held: dict[str, frozenset[int]] = {}
 
     def pending(self, pulled: Callable[[str], object]) -> int:
         """Messages sent but not yet acknowledged, plus those waiting to be resent: of these,
@@ -280,6 +305,8 @@ class ReliableSender:
         again = self.redeliver.get(queue)
         if not pullers:
             return bool(q or again)
+        narrow = directory.narrower  # (the pullers that take less than this node sends: rarely any)
+        widest = directory.widest_limit(pullers) if narrow else None
         service = name.decode()
         pullers = directory.unskipped(service, pullers)
         if not pullers:  # (each refused the queue a moment ago: `_on_acks` wakes the flush after)
@@ -296,8 +323,12 @@ class ReliableSender:
                 dealt_again = deque()  # (a probe of this queue is out: the suspects wait for its outcome, fresh ones go)
             else:
                 probing = True
+        aside: list[Any] = []  # too large for every puller there: held, at the front of what is dealt again
         while (q or dealt_again) and progress:
             progress = False
+            if widest is not None:
+                _too_large_ahead(dealt_again, widest, aside)
+                _too_large_ahead(q, widest, aside)
             for k in range(len(pullers)):
                 puller = pullers[(start + k) % len(pullers)]
                 room = self.window - self.inflight_count.get(puller, 0)
@@ -309,10 +340,14 @@ class ReliableSender:
                 items: list[Any] = []
                 parts: list[bytes] = []
                 wrap = self._wrap if directory.speaks(puller, 2) else _wrap_two_fields
-                size = fill_batch(dealt_again, items, parts, n, 0, True, wrap)  # first what is dealt again, marked so
-                size = fill_batch(q, items, parts, n, size, False, wrap)
+                limit = narrow.get(puller) if narrow else None
+                size = fill_batch(dealt_again, items, parts, n, 0, True, wrap, limit)  # first what is dealt again
+                if not dealt_again or limit is None or payload_size(dealt_again[0]) <= limit:  # (in order)
+                    size = fill_batch(q, items, parts, n, size, False, wrap, limit)
                 if not items:
-                    break
+                    if limit is None:
+                        break
+                    continue  # (the next is too large for this puller: another takes it)
                 if wrap is _wrap_two_fields:
                     stripped = sum(1 for i in items if type(i) in (Headed, StoredMessage) and i.headers)
                     if stripped:
@@ -344,11 +379,32 @@ class ReliableSender:
                 self.loop.call_soon(self._on_acks, puller)
         if self.inflight and self._timeout_check is None and directory.offers["acktimeouts"]:
             self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
+        waiting = bool(q or again)  # (not those held aside: a puller that takes them wakes the flush)
+        if aside or queue in self._held:
+            self._hold(queue, aside, widest)
+            again.extendleft(reversed(aside))
         if again:  # (no entry for a queue with nothing to deal again: one a name pushed to stayed for good)
             self.redeliver[queue] = again
         else:
             self.redeliver.pop(queue, None)
-        return bool(q or again)
+        return waiting
+
+    def _hold(self, queue: str, aside: list[Any], widest: int | None) -> None:
+        """Note the messages of ``queue`` held aside by this flush, too large for every
+        puller there (``widest``: the most one takes): those newly held are counted in
+        ``pipeline.held_too_large`` and logged, once each however many flushes hold them."""
+        before = self._held.pop(queue, frozenset())
+        if not aside:
+            return
+        held = self._held[queue] = frozenset(map(id, aside))  # (the same objects while they are held)
+        fresh = [item for item in aside if id(item) not in before]
+        if not fresh:
+            return
+        self.stats.add("pipeline", "held_too_large", len(fresh))
+        log.warning("%d message(s) of %r (the largest of %d bytes) are larger than any of its pullers takes "
+                    "(max_message_bytes %s at most): held, not dealt, until a puller that takes them comes "
+                    "(%d held now; counted in pipeline.held_too_large)",
+                    len(fresh), queue, max(map(payload_size, fresh)), widest, len(held))
 
     def _socket(self, puller: str) -> zmq.Socket[Any]:
         sock = self.sockets.get(puller)

@@ -159,6 +159,7 @@ HEADER = {
     "key": "X-ZMQMESH-KEY",
     "stream": "X-ZMQMESH-STREAM",
     "runs": "X-ZMQMESH-RUNS",
+    "max_message_bytes": "X-ZMQMESH-MAX-MESSAGE-BYTES",
 }
 """The HELLO headers of a zmqmesh node (plain ZRE peers send none of them)."""
 ENDPOINT_KEYS = ("pub", "sub", "pull", "service")
