@@ -96,6 +96,7 @@ class Directory:
                  max_message_bytes: int | None = None) -> None:
         self.node_id = node_id
         self.max_message_bytes = max_message_bytes  # this node's: what it may send at most
+        self._own_limit = None if max_message_bytes is None else str(max_message_bytes)  # (as peers announce it)
         self.stats = stats
         self.self_peer = self_peer
         self.loopback_only = loopback_only
@@ -147,12 +148,13 @@ class Directory:
         runs: dict[str, tuple[str, ...]] = {}
         unannounced: list[str] = []
         narrower: dict[str, int] = {}
-        parsed, stream_header, limit_header = self._parsed, HEADER["stream"], HEADER["max_message_bytes"]
+        parsed, stream_header, limit_header, own_limit = \
+            self._parsed, HEADER["stream"], HEADER["max_message_bytes"], self._own_limit
         for peer in ready:  # (every join walks every peer: kept to a few lookups each)
             node_id = peer.id
             peers[node_id] = peer
             announced = peer.headers.get(limit_header)
-            if announced is not None:
+            if announced is not None and announced != own_limit:  # (the same as this node's: no parse, no entry)
                 limit = self._narrower_limit(announced)
                 if limit is not None:
                     narrower[node_id] = limit
