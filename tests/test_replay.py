@@ -846,7 +846,7 @@ def test_a_history_request_with_a_position_past_64_bits_is_malformed_not_a_store
             sock.connect(publisher.endpoints["service"])
             statuses = []
             for request in ({"p": "logs.", "a": (1 << 64) - 1}, {"p": "logs.", "a": 0, "b": 0},
-                            {"p": "logs.", "a": 0, "b": 1}):
+                            {"p": "logs.", "a": 0, "b": 1, "t": ""}):  # (without "t": `next` whole, too large)
                 sock.send_multipart([b"\x00history", b"r", msgpack.packb(request)])
                 statuses.append(sock.recv_multipart()[1])
         finally:
@@ -926,3 +926,84 @@ def test_a_catching_up_subscription_holds_live_frames_in_bounded_bytes(
             assert subscriber.stats()["pubsub"].get("gap", 0) == 0
     assert got == list(range(81))
     assert any("will come from the history" in r.getMessage() for r in caplog.records), "held past the bound"
+
+
+@pytest.mark.timeout(90)
+def test_a_publisher_of_more_kept_topics_than_a_message_numbers_is_replayed_to_the_end(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A topic per order id, kept by ``max_messages`` alone (so never emptied): the numbers
+    its 3,000 topics reached (``"next"``) outweigh what a subscriber with a 64 KiB
+    ``max_message_bytes`` takes in one message. They come in pieces: every message is
+    replayed once, with no gap, and the look at the numbers a quiet publisher is asked
+    (``"n": 0``) succeeds too. (Before, the last page was too large: 1,328 of 30,000
+    messages never came with 1 MiB on both sides, and every look failed.)"""
+    import zmqmesh._patterns.replay
+
+    monkeypatch.setattr(zmqmesh._patterns.replay, "QUIET_LOOK_S", 0.5)
+    looks: list[dict[str, Any]] = []  # the pages of no rows served (the looks at the numbers)
+    page = zmqmesh._patterns.history.History.page
+
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        served: dict[str, Any] = page(self, *args, **kwargs)
+        if args[4:5] == (0,) or kwargs.get("max_rows") == 0:
+            looks.append(served)
+        return served
+
+    monkeypatch.setattr(zmqmesh._patterns.history.History, "page", recorded)
+    topics = [f"orders.{uuid.uuid4()}" for _ in range(3000)]
+    got: list[tuple[str, int, int]] = []
+    with zmqmesh.Node("publisher", store=str(tmp_path), history={"orders.": 10}, **mesh) as publisher:
+        for n, topic in enumerate(topics):
+            publisher.publish(topic, {"n": n})
+        wait_until(lambda: inspect_store(tmp_path)["topics"].get(topics[-1], {}).get("messages") == 1, 20,
+                   "the history kept")
+        subscriber = zmqmesh.Node("subscriber", max_message_bytes=64 * 1024, **mesh)
+        subscriber.subscribe("orders.", lambda m: got.append((m.topic, m.data["n"], m.gap)), replay="all")
+        with subscriber:
+            wait_until(lambda: len(got) >= 3000, 30, "the replay")
+            publisher.wait_for_peers(1)
+            publisher.publish(topics[0], {"n": 3000})  # (live: the publisher is looked at once quiet)
+            wait_until(lambda: len(got) >= 3001, 20, "the live message")
+            wait_until(lambda: any(look["next"] and "next_from" not in look for look in looks), 20,
+                       "a whole look at the numbers, in pieces")
+            time.sleep(0.5)  # (the look applied: a failure, or a gap, would show meanwhile)
+            stats = subscriber.stats()
+    assert got == [(t, n, 0) for n, t in enumerate(topics)] + [(topics[0], 3000, 0)], "each once, in order, no gap"
+    assert stats["pubsub"].get("replay_failed", 0) == 0 and stats["pubsub"].get("gap", 0) == 0
+    assert stats["rejected"].get("request_link_dropped", 0) == 0
+    assert max(len(look["next"]) for look in looks) < 3000, "the numbers came in pieces"
+
+
+@pytest.mark.timeout(60)
+def test_a_page_too_large_for_a_reader_that_takes_next_whole_is_refused_and_counted(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A reader before pieces (no ``"t"``) that takes less than the numbers of every kept
+    topic is answered ``0x01`` and counted (``history_page_too_large``), logged once: sent,
+    the page ended its connection, again at every try. One that asks for pieces gets them."""
+    import msgpack
+    import zmq
+
+    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 10}, **mesh) as publisher:
+        for i in range(500):
+            publisher.publish(f"logs.{i:04d}", {"n": i})
+        wait_until(lambda: inspect_store(tmp_path)["topics"].get("logs.0499", {}).get("messages") == 1, 10,
+                   "the history kept")
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger, sock.rcvtimeo = 0, 5000
+        try:
+            sock.connect(publisher.endpoints["service"])
+            replies = []
+            for request in ({"p": "logs.", "a": 0, "n": 0, "b": 2048}, {"p": "logs.", "a": 1 << 40, "b": 2048},
+                            {"p": "logs.", "a": 0, "n": 0, "b": 2048, "t": ""}):
+                sock.send_multipart([b"\x00history", b"r", msgpack.packb(request)])
+                replies.append(sock.recv_multipart()[1:])
+        finally:
+            sock.close()
+            ctx.term()
+        assert [status for status, _body in replies] == [b"\x01", b"\x01", b"\x00"]
+        assert "MessageTooLargeError" in msgpack.unpackb(replies[0][1])["type"]
+        piece = msgpack.unpackb(replies[2][1])
+        assert len(replies[2][1]) <= 4096 and 0 < len(piece["next"]) < 500 and piece["next_from"] > "logs.0000"
+        assert publisher.stats()["pubsub"].get("history_page_too_large") == 2
+    assert len([r for r in caplog.records if "too large for its reader" in r.getMessage()]) == 1

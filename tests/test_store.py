@@ -586,6 +586,37 @@ def test_a_history_read_tells_each_topics_next_number_with_its_last_page_only(tm
     store.close()
 
 
+def test_a_reader_that_takes_next_in_pieces_gets_each_topic_once_in_order_within_its_budget(
+        tmp_path: Path) -> None:
+    """The numbers of many kept topics come in pieces, each within what the rows leave of
+    the budget (one topic at least), in topic order, each but the last naming the topic
+    the next begins at; the whole map still comes to a reader that does not ask for pieces."""
+    store = Store(tmp_path)
+    store.keep_history([(f"t.{i:05d}", 0, 1, 1000.0 + i, b"\x01", None) for i in range(3000)])
+    store.keep_history([("other.x", 0, 1, 1.0, b"\x01", None), ("t", 0, 1, 1.0, b"\x01", None)])
+    history = History(store, (HistoryPolicy("t.", 10),), Stats())
+    numbers = {f"t.{i:05d}": 1 for i in range(3000)}
+    for max_rows in (PAGE_ROWS, 0):
+        pieces, after, start = [], 0, ""
+        while True:
+            page = history.page("t.", after, None, 16 * 1024, max_rows, start)
+            assert len(msgpack.packb(page)) <= 2 * 16 * 1024
+            after = page["rows"][-1][0] if page["rows"] else after
+            if page["more"]:
+                assert "next" not in page and "next_from" not in page
+                continue
+            pieces.append(page["next"])
+            if "next_from" not in page:
+                break
+            start = page["next_from"]
+            assert start not in page["next"] and all(t < start for t in page["next"])
+        assert len(pieces) > 2 and [t for p in pieces for t in p] == sorted(numbers)
+        assert {t: n for p in pieces for t, n in p.items()} == numbers
+    assert history.page("t.", 0, None, 10, 0, "t.02999") == {"rows": [], "more": False, "next": {"t.02999": 1}}
+    assert history.page("t.", 0, None, 16 * 1024, 0)["next"] == numbers  # (a reader before pieces)
+    store.close()
+
+
 def test_the_next_numbers_of_a_last_page_are_those_of_its_rows_while_frames_are_kept_meanwhile(
         tmp_path: Path) -> None:
     """A subscriber takes a frame numbered below a topic's next number, and not replayed,

@@ -98,6 +98,7 @@ a caller that reads its replies has them written out at once, but the provider c
 tell it from one that does not, and a caller with as much in flight on a loaded machine
 (where the trackers are told late) was refused at 64 MiB."""
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # (a history position SQLite can hold)
+_TOO_LARGE_LOG_S = 10.0  # a page of history too large for its reader is logged at most this often
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 _UNREAD_FRAMES_MAX = 65_536
 """Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
@@ -176,6 +177,7 @@ class Dispatcher:
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
         self.history = history
+        self._too_large_logged_at = -_TOO_LARGE_LOG_S  # (`_page_too_large`)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
         self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
         self.streams_changed = True
@@ -706,12 +708,16 @@ class Dispatcher:
     def _serve_history(self, route: tuple[bytes, bytes], body: bytes) -> None:
         """One page of a replay: ``{"p": prefix, "a": after position, "s": since (epoch
         seconds) or absent, "n": rows at most (0: ``next`` alone) or absent, "b": the bytes
-        of rows the reader takes in a page (half its ``max_message_bytes``) or absent}``;
-        see `History.page`. A page holds at most 1 MiB of rows, half this node's
-        ``max_message_bytes``, and the reader's ``"b"`` (a page past the reader's
-        ``max_message_bytes`` ends its connection: it could never replay). A request whose
-        fields are of the wrong types, or whose position SQLite cannot hold (past 64 bits),
-        is malformed: answered ``0x03`` and counted (``rejected["history_malformed"]``)."""
+        of rows the reader takes in a page (half its ``max_message_bytes``) or absent, "t":
+        the topic from which ``next`` goes on, for a reader that takes it in pieces, or
+        absent}``; see `History.page`. A page holds at most 1 MiB of rows, half this node's
+        ``max_message_bytes``, and the reader's ``"b"``, and so does a piece of ``next``.
+        A request whose fields are of the wrong types, or whose position SQLite cannot
+        hold (past 64 bits), is malformed: answered ``0x03`` and counted
+        (``rejected["history_malformed"]``). A page too large to send, or one with the whole
+        of ``next`` too large for the reader to take (past twice its ``"b"``: it would end
+        the reader's connection), is answered ``0x01`` instead (`_page_too_large`). (A
+        frame past ``"b"`` still comes alone in a page, with a piece of ``next``.)"""
         if self.history is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return
@@ -720,23 +726,47 @@ class Dispatcher:
         try:
             request = self.codec.decode(body)
             prefix, after, since = request["p"], request.get("a", 0), request.get("s")
-            rows, budget = request.get("n", PAGE_ROWS), request.get("b", 1 << 20)
+            rows, budget, next_from = request.get("n", PAGE_ROWS), request.get("b", 1 << 20), request.get("t")
             if not isinstance(prefix, str) or type(after) is not int or not _INT64_MIN <= after <= _INT64_MAX or \
                     (since is not None and not isinstance(since, (int, float))) or \
                     not isinstance(rows, int) or isinstance(rows, bool) or \
-                    type(budget) is not int or budget <= 0:
+                    type(budget) is not int or budget <= 0 or (next_from is not None and type(next_from) is not str):
                 raise ValueError("bad field types")
         except Exception:
             self.stats.reject("history_malformed")
             self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
             return
+        page: dict[str, Any] = {}
         try:
             most = min(1 << 20, self.codec.max_message_bytes // 2, budget)
-            page = self.history.page(prefix, after, since, most, rows)
-            self.send_reply(route, wire.STATUS_OK, self.codec.encode(page))
+            page = self.history.page(prefix, after, since, most, rows, next_from)
+            reply = self.codec.encode(page)
+            if "b" in request and next_from is None and "next" in page and len(reply) > 2 * budget:
+                raise MessageTooLargeError(f"a page of {len(reply)} bytes, past the reader's max_message_bytes")
+        except MessageTooLargeError as exc:
+            self._page_too_large(route, exc, next_from is None and "next" in page)
         except Exception as exc:
             log.error("cannot serve a page of history: %s", exc)
             self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc))
+        else:
+            self.send_reply(route, wire.STATUS_OK, reply)
+
+    def _page_too_large(self, route: tuple[bytes, bytes], exc: MessageTooLargeError, whole_next: bool) -> None:
+        """Answer ``0x01`` for a page of history too large for its reader (``exc``), which
+        would end the reader's connection, and count it
+        (``stats()["pubsub"]["history_page_too_large"]``); logged at most every
+        `_TOO_LARGE_LOG_S`. ``whole_next``: the page carries the whole of ``next`` (the
+        numbers of many kept topics), which a reader before pieces cannot take in fewer."""
+        self.stats.add("pubsub", "history_page_too_large")
+        why = (" with the numbers of every kept topic under its prefix (a subscriber of this version or later "
+               "takes them in pieces)") if whole_next else ""
+        now = time.monotonic()
+        if now - self._too_large_logged_at >= _TOO_LARGE_LOG_S:
+            self._too_large_logged_at = now
+            log.warning("a page of history too large for its reader%s: not sent (counted in "
+                        "pubsub.history_page_too_large; said again at most every %g s): %s",
+                        why, _TOO_LARGE_LOG_S, exc)
+        self.send_reply(route, wire.STATUS_ERROR, self._error_body(MessageTooLargeError(f"{exc}{why}")))
 
     # -- replying ---------------------------------------------------------------------------
 

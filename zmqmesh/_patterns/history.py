@@ -185,7 +185,7 @@ class History:
             self._first.pop(key, None)
 
     def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int,
-             max_rows: int = PAGE_ROWS) -> dict[str, Any]:
+             max_rows: int = PAGE_ROWS, next_from: str | None = None) -> dict[str, Any]:
         """One page of a replay (the reply of ``\\x00history``): ``{"rows": [(pos, topic, seq,
         count, ts, payload, meta), ...], "more": bool}`` (each row travels as a msgpack
         array) with at most ``max_rows`` rows (none: a look at ``next`` alone); the last page
@@ -193,12 +193,29 @@ class History:
         was when its rows were read. (The pages before it leave ``next`` out: a reader
         applies it once caught up, and with many topics it outweighed the rows.) ``"start":
         {topic: number}`` says where the numbering of the topics of its rows began, for
-        those that began past 0 (numbered after others were forgotten: `_forget`). Raises
-        `StoreError`.)"""
+        those that began past 0 (numbered after others were forgotten: `_forget`).
+
+        Given ``next_from`` (a reader that takes ``next`` in pieces), ``next`` holds only
+        the topics from that one on, in order, in what ``max_bytes`` leaves of the rows (one
+        at least), and ``"next_from"`` names the first topic left out, if one was: the
+        reader asks for the rest from there. Without it, ``next`` is whole, however large
+        (a reader before pieces takes a map that lacks a topic for one forgotten). Raises
+        `StoreError`."""
         if max_rows <= 0:
-            return {"rows": [], "more": False, "next": self.store.history_next(prefix)}
-        rows, nxt, starts = self.store.read_history(prefix, after_pos, since_ts, min(max_rows, PAGE_ROWS), max_bytes)
+            if next_from is None:
+                return {"rows": [], "more": False, "next": self.store.history_next(prefix)}
+            piece, rest = self.store.history_next_piece(prefix, next_from, max_bytes)
+            return _with_rest({"rows": [], "more": False, "next": piece}, rest)
+        rows, nxt, starts, rest = self.store.read_history(prefix, after_pos, since_ts, min(max_rows, PAGE_ROWS),
+                                                          max_bytes, next_from)
         page: dict[str, Any] = {"rows": rows, "more": True} if nxt is None else {"rows": rows, "more": False, "next": nxt}
         if starts:
             page["start"] = starts
-        return page
+        return _with_rest(page, rest)
+
+
+def _with_rest(page: dict[str, Any], rest: str | None) -> dict[str, Any]:
+    """``page``, with ``"next_from"``: ``rest``, if its ``next`` is a piece that more follow."""
+    if rest is not None:
+        page["next_from"] = rest
+    return page

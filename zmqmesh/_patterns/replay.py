@@ -30,6 +30,10 @@ once nothing of it is kept, and numbers it again past every number it gave (its 
 see `_patterns.history`), so nothing of a topic forgotten on both sides can come again
 under its old numbers, and a message published on it later is a new topic's.
 
+A publisher of many kept topics sends the numbers they reached (``next``) in pieces, each
+within what the reader takes in a message; a cursor collects them and applies them once
+it has them all (`_map_piece`).
+
 A durable subscription keeps, in the node's store, the last number handled per publisher
 stream and topic, so that a restarted subscriber resumes right after it. Before a burst
 is handled the highest number it reaches is recorded too: after a crash, messages up to
@@ -135,7 +139,7 @@ class Cursor:
 
     __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "held_bytes",
                  "upto", "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since",
-                 "reading", "run", "left_runs", "tidy_at", "tidying")
+                 "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
         self.stream = stream
@@ -160,6 +164,8 @@ class Cursor:
         self.left_runs: tuple[str, ...] = ()  # runs left at a rewind: a node still running one is stale
         self.tidy_at = CURSOR_TOPICS  # topics followed at which the publisher is asked which it still numbers
         self.tidying = False  # the look at the numbers read is for `tidy_at` (not to catch up: `_page_read`)
+        self.map_from: str | None = None  # the topic from which the pieces of ``next`` being read go on
+        self.map_part: dict[str, int] = {}  # the pieces of ``next`` read so far (`_map_piece`)
 
 
 class _Frame(NamedTuple):
@@ -339,6 +345,7 @@ class Replays:
         cursor.pos, cursor.from_start = 0, True
         cursor.held, cursor.held_count, cursor.held_bytes = deque(), 0, 0
         cursor.catching_up, cursor.reading, cursor.tidying = False, None, False  # (a page on its way is stale)
+        cursor.map_from, cursor.map_part = None, {}
         cursor.failures, cursor.failing_since = 0, None
         cursor.node_id, cursor.away = node_id, False
         if cursor.run is not None:
@@ -512,7 +519,8 @@ class Replays:
         if cursor.catching_up:
             return
         cursor.catching_up = True
-        request: dict[str, Any] = {"p": key[0], "a": cursor.pos}
+        cursor.map_from, cursor.map_part = None, {}
+        request: dict[str, Any] = {"p": key[0], "a": cursor.pos, "t": ""}  # (``next`` in pieces: `_map_piece`)
         if numbers_only:
             request["n"] = 0  # (a publisher before this field sends a whole page: read as such)
         if first and not isinstance(options.replay, str):  # replay the last N seconds
@@ -571,12 +579,14 @@ class Replays:
                 rows, more = page["rows"], bool(page["more"])
                 if type(rows) is not list:
                     raise TypeError(f"rows of type {type(rows).__name__}")
-                reached = page.get("next") or {}
-                if not cursor.tidying:
-                    cursor.kept_next.update((t, int(n)) for t, n in reached.items())
+                reached = self._map_piece(fetch, cursor, page)
+                if reached is not None:
+                    page = {**page, "next": reached}  # (whole: `_page_read` looks at it)
+                    if not cursor.tidying:
+                        cursor.kept_next.update((t, int(n)) for t, n in reached.items())
                 self._starts(cursor, page.get("start") or {})
-                if fetch.request.get("n") == 0 and not rows and not more:  # (all its topics, and no row)
-                    self._forget_topics(cursor, reached)
+                if fetch.request.get("n") == 0 and reached is not None and not rows and not more:
+                    self._forget_topics(cursor, reached)  # (all its topics, and no row)
             except Exception as exc:  # a malformed page: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
@@ -585,6 +595,33 @@ class Replays:
                 self.deliver_pages(calls)
                 return
         self._page_read(fetch, cursor, page, error, False, calls)
+
+    def _map_piece(self, fetch: Fetch, cursor: Cursor, page: Any) -> dict[str, Any] | None:
+        """The numbers the publisher's topics reached (``next``), once whole: a publisher
+        that has many sends them in pieces, in topic order, each but the last with
+        ``"next_from"``, the topic the next piece begins at; the cursor collects them
+        (`map_part`) and asks for the rest (`_page_read`), with the rows kept since (a
+        page of them with ``more`` has no piece). None while more follow. A publisher
+        before pieces sends ``next`` whole. Raises `TypeError`, `ValueError`
+        for a malformed piece (one that does not go on past where it was asked from)."""
+        piece = page.get("next") or {}
+        if type(piece) is not dict:
+            raise TypeError(f"next of type {type(piece).__name__}")
+        rest = page.get("next_from")
+        if rest is None and bool(page["more"]) and cursor.map_from is not None:
+            return None  # (rows kept since the last piece, more of them: the piece comes after them)
+        if rest is None:
+            if not cursor.map_part:
+                return piece
+            whole, cursor.map_part, cursor.map_from = cursor.map_part, {}, None
+            whole.update(piece)
+            return whole
+        asked = fetch.request.get("t")
+        if type(rest) is not str or type(asked) is not str or rest <= asked or bool(page["more"]):
+            raise ValueError(f"a piece of next that goes on from {rest!r}, asked from {asked!r}")
+        cursor.map_part.update(piece)
+        cursor.map_from = rest
+        return None
 
     def delivering(self) -> bool:
         """Whether rows of pages wait to be delivered: the driver then calls
@@ -643,8 +680,12 @@ class Replays:
             log.warning("cannot replay stream %s from %s: %s", fetch.stream[:8], fetch.node_id[:8], error)
             self.stats.add("pubsub", "replay_failed")
             more = False
+            cursor.map_from, cursor.map_part = None, {}
         else:
             cursor.failures, cursor.failing_since = 0, None
+            if cursor.map_from is not None:  # (the rest of ``next``, and the rows kept meanwhile: `_map_piece`)
+                self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, self._rest_of_map(fetch, cursor)))
+                return
             # a look at the numbers alone that finds the history further than the cursor (a
             # frame lost on the way) reads what followed before the frames held are let go:
             # let go first, they would take what the history has for missed
@@ -653,7 +694,8 @@ class Replays:
             more = more or (fetch.request.get("n") == 0 and not cursor.tidying
                             and self._behind(cursor, page.get("next") or {}))
         if more:
-            self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, {"p": fetch.key[0], "a": cursor.pos}))
+            request = {"p": fetch.key[0], "a": cursor.pos, "t": ""}
+            self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, request))
             return
         if cursor.tidying:  # (a look at the numbers once the publisher is quiet, as ever: `QUIET_LOOK_S`)
             cursor.tidying = False
@@ -668,6 +710,18 @@ class Replays:
             self._take(fetch.key, cursor.options, cursor, held.popleft(), calls, settled=True, final=error is not None)
         if error is None and not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
             self._look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
+
+    @staticmethod
+    def _rest_of_map(fetch: Fetch, cursor: Cursor) -> dict[str, Any]:
+        """The request for the next piece of ``next`` after the page of ``fetch``. A look
+        at the numbers alone (``"n": 0``) goes on as one: if pieces read later are further
+        than the cursor, it reads what followed (`_behind`). Otherwise the rows kept since
+        are read with the piece, in one hold of the store, so that no piece is further than
+        the rows the cursor has (a later live frame would take what lies between for
+        missed); ``"s"`` stays, as no row may have come yet."""
+        request = {key: value for key, value in fetch.request.items() if key in ("p", "n", "s")}
+        request["a"], request["t"] = cursor.pos, cursor.map_from
+        return request
 
     def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
         """Whether a failed read of a history is to be tried again (`FETCH_RETRIES_S` while
@@ -721,9 +775,10 @@ class Replays:
         at `CURSOR_TOPICS` topics or twice those kept, if more (`tidy_at`). Counted
         (``stats()["pubsub"]["cursor_topics_forgotten"]``).
 
-        A topic the look lacks was forgotten before it was answered: nothing of it was
-        kept any more, and the numbers it is given afterwards begin past every number
-        given before (the publisher's floor). The cursor delivered nothing numbered after
+        A topic the look lacks was forgotten before it was answered (or, of a look that
+        came in pieces, before the piece of its range was read): nothing of it was kept
+        any more, and the numbers it is given afterwards begin past every number given
+        before (the publisher's floor). The cursor delivered nothing numbered after
         the answer: it was asked while no page was being read and no row delivered, and
         the live frames of its publisher are held until the answer is applied (here). So
         no message the cursor delivered can come again, from the history or live (a

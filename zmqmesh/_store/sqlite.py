@@ -86,6 +86,8 @@ however large)."""
 _CHUNK_BYTES = 8 * SEGMENT_BYTES
 _HISTORY_ROW_BYTES = 48  # a kept frame's numbers and msgpack framing in a page of history, about
 _ROWS_PER_FETCH = 16  # segments read at a time without a byte budget (a few are mostly enough)
+_NEXT_ENTRY_BYTES = 12  # a topic's number and msgpack framing in a piece of ``next``, at most
+_TOPICS_PER_FETCH = 1024  # kept topics read at a time for a piece of ``next``
 _OUTBOX = (
     # durable messages this node owns until pullers acknowledge them (or a keeper takes
     # them), in segments: the messages one commit stored for one queue, numbered seq ..
@@ -867,6 +869,37 @@ class Store:
         low, high = _prefix_range(prefix)
         return dict(self._read("SELECT topic, next FROM history_topics WHERE topic >= ? AND topic < ?", (low, high)))
 
+    def history_next_piece(self, prefix: str, start: str, max_bytes: int) -> tuple[dict[str, int], str | None]:
+        """A piece of `history_next`: see `_history_next_piece`. Raises `StoreError`."""
+        with self._lock:
+            return self._history_next_piece(prefix, start, max_bytes)
+
+    def _history_next_piece(self, prefix: str, start: str, max_bytes: int) -> tuple[dict[str, int], str | None]:
+        """The number of the next message of the kept topics under ``prefix`` from
+        ``start`` on, in topic order, in about ``max_bytes`` (their UTF-8 names and
+        `_NEXT_ENTRY_BYTES` each; the first even past it), and the first topic left out
+        (None: none was). Lock held; raises `StoreError`."""
+        import sqlite3
+
+        low, high = _prefix_range(prefix)
+        piece: dict[str, int] = {}
+        size = 0
+        try:
+            cursor = self._db.execute("SELECT topic, next FROM history_topics WHERE topic >= ? AND topic < ? "
+                                      "ORDER BY topic", (max(low, start), high))
+            try:
+                while fetched := cursor.fetchmany(_TOPICS_PER_FETCH):
+                    for topic, nxt in fetched:
+                        size += len(topic.encode("utf-8", "replace")) + _NEXT_ENTRY_BYTES
+                        if piece and size > max_bytes:
+                            return piece, topic
+                        piece[topic] = int(nxt)
+            finally:
+                cursor.close()
+        except (sqlite3.Error, UnicodeEncodeError, OverflowError) as exc:
+            raise StoreError(f"store read failed: {exc}") from exc
+        return piece, None
+
     def keep_history(self, rows: Sequence[tuple[str, int, int, float, bytes, bytes | None]]) -> None:
         """Keep frames a publisher sent, ``(topic, seq, count, ts, payload, meta)``, and the
         numbering of their topics (a topic numbered anew begins at its first frame's seq),
@@ -973,15 +1006,18 @@ class Store:
         return floor
 
     def read_history(self, prefix: str, after_pos: int, since_ts: float | None, max_rows: int, max_bytes: int,
+                     next_from: str | None = None,
                      ) -> tuple[list[tuple[int, str, int, int, float, bytes, bytes | None]], dict[str, int] | None,
-                                dict[str, int]]:
+                                dict[str, int], str | None]:
         """Kept frames of the topics under ``prefix``, oldest first, after position
         ``after_pos`` (and kept since ``since_ts``, if given): at most ``max_rows`` rows and
         about ``max_bytes`` (its payloads, meta frames and topics, and `_HISTORY_ROW_BYTES` a
         row for the rest). Then, when no more follow, `history_next` as it was when the
-        rows were read (in one hold of the store, so that nothing is kept in between);
-        None when more follow. Last, where the numbering of the topics of those rows began,
-        for those that began past 0. Raises `StoreError`."""
+        rows were read (in one hold of the store, so that nothing is kept in between), or,
+        given ``next_from``, the piece of it from that topic on in what is left of
+        ``max_bytes`` (`_history_next_piece`); None when more follow. Third, where the
+        numbering of the topics of those rows began, for those that began past 0; last,
+        the first topic the piece left out (None: none was, or no piece). Raises `StoreError`."""
         low, high = _prefix_range(prefix)
         sql = ("SELECT pos, topic, seq, count, ts, payload, meta, "
                "(SELECT start FROM history_topics t WHERE t.topic = history.topic) FROM history WHERE pos > ? "
@@ -994,12 +1030,15 @@ class Store:
             for row in self._read(sql, params):
                 weight = len(row[5]) + len(row[6] or b"") + len(row[1]) + _HISTORY_ROW_BYTES
                 if len(rows) == max_rows or (rows and size + weight > max_bytes):
-                    return rows, None, starts
+                    return rows, None, starts, None
                 rows.append(row[:7])
                 if row[7]:
                     starts[row[1]] = int(row[7])
                 size += weight
-            return rows, self._history_next(prefix), starts
+            if next_from is None:
+                return rows, self._history_next(prefix), starts, None
+            piece, rest = self._history_next_piece(prefix, next_from, max_bytes - size)
+            return rows, piece, starts, rest
 
     def _read(self, sql: str, params: Sequence[Any] = (), messages: int | None = None,
               max_bytes: int | None = None, at_least_one: bool = True) -> list[Any]:
