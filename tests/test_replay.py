@@ -867,7 +867,9 @@ def test_frames_of_a_sender_no_hello_names_wait_for_it_in_bounded_memory(mesh: d
     import zmq
 
     handled = [0]
-    node = zmqmesh.Node("victim", **mesh)
+    # (a subscribing socket reads ahead by recv_hwm frames while its node is busy: 10,000
+    # of these by default, which on a loaded machine would measure that, not the wait)
+    node = zmqmesh.Node("victim", **{**mesh, "recv_hwm": 16})
     node.subscribe("logs.", lambda m: handled.__setitem__(0, handled[0] + 1), replay="all")
     with node:
         ctx = zmq.Context()
