@@ -638,3 +638,26 @@ def test_sweeps_that_find_the_mailbox_unread_queue_one_read_of_it_not_one_each(t
     assert queued <= 1
     assert read >= 8  # (read by the sweep itself)
     still_serving(target)
+
+
+def test_a_refused_hello_under_a_live_peers_uuid_does_not_drop_that_peer(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A stranger that greets the node under a live peer's uuid (public: its beacons name
+    it), from its own endpoint, with a HELLO the node refuses (too large): the live peer,
+    heard from over its link, keeps its place, as for a claim the node would have taken."""
+    with zmqmesh.Node("target", **mesh) as node, zmqmesh.Node("victim", **mesh) as victim:
+        victim.service("balance", lambda msg: 100)
+        wait_until(lambda: node.providers("balance"), 10, "the victim")
+        inbox = ctx.socket(zmq.ROUTER)
+        port = inbox.bind_to_random_port("tcp://127.0.0.1")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(victim.id))
+        dealer.connect(node.endpoints["mailbox"])
+        _stranger_hello(dealer, f"tcp://127.0.0.1:{port}", mesh, name="victim",
+                        headers={f"X-{i}": "v" * 100_000 for i in range(2)})
+        wait_until(lambda: rejected(node, "zre_hello_too_large") >= 1, 5, "the HELLO refused")
+        time.sleep(0.3)
+        assert victim.id in {p.id for p in node.peers()}, "a stranger's refused HELLO dropped a live peer"
+        assert node.request("balance", None, timeout=5) == 100
+        dealer.close(0)
+        inbox.close(0)

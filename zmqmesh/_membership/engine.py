@@ -587,13 +587,21 @@ class Membership:
             peer.groups_refused = True
             self.events.peer_groups_changed(peer)
 
-    def _hello_refused(self, peer: PeerState | None, reason: str) -> None:
+    def _hello_refused(self, peer: PeerState | None, msg: ZreMessage, reason: str) -> None:
         """A HELLO was refused (a bound): a ready peer that sent it is dropped now, as one
         that greets us first would not be taken. Its sequence began afresh with that HELLO,
         so kept, it would be dropped at its next message anyway, for a sequence gap (and
-        with groups as known here that its HELLO may have changed)."""
-        if peer is not None and peer.ready:
+        with groups as known here that its HELLO may have changed). Not a HELLO that
+        `_claims_live_peer`: a stranger's, under a peer's public uuid, drops nobody."""
+        if peer is not None and peer.ready and not self._claims_live_peer(peer, msg.endpoint):
             self.remove(peer, reason)
+
+    def _claims_live_peer(self, peer: PeerState, endpoint: str) -> bool:
+        """Whether a HELLO from ``endpoint`` under a ready ``peer``'s uuid claims it from
+        elsewhere while it is still heard from over its link: anyone can send one (its
+        beacons make the uuid public), and it is no word of the peer's."""
+        return endpoint not in (peer.endpoint, peer.hello_endpoint) and peer.link_up and \
+            time.monotonic() - peer.last_rx < self._quiet_s
 
     def _on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
         if uuid == self.uuid or self.admission.is_foreign(uuid) or self._leaving:
@@ -610,11 +618,11 @@ class Membership:
         if sum(len(k) + len(v) for k, v in msg.headers.items()) > MAX_HELLO_HEADER_BYTES or \
                 group_chars > MAX_HELLO_GROUP_BYTES:
             self.stats.reject("zre_hello_too_large")  # never kept: a stranger's megabytes stay his
-            self._hello_refused(peer, "its HELLO was too large")
+            self._hello_refused(peer, msg, "its HELLO was too large")
             return
         if self._group_chars - (peer.group_chars if peer is not None else 0) + group_chars > MAX_GROUP_BYTES_ALL:
             self.stats.reject("zre_groups_over_budget")  # (never kept either: those of the peers known stay)
-            self._hello_refused(peer, "its HELLO's groups were past the budget of all peers")
+            self._hello_refused(peer, msg, "its HELLO's groups were past the budget of all peers")
             return
         if msg.sequence != 1:
             self.stats.reject("zre_hello_sequence")
@@ -629,8 +637,7 @@ class Membership:
             # heard from over its link: anyone can claim a peer's uuid (its beacons make it
             # public), and the peer's traffic would go to the claimant.
             now = time.monotonic()
-            if msg.endpoint not in (peer.endpoint, peer.hello_endpoint) and peer.link_up and \
-                    now - peer.last_rx < self._quiet_s:
+            if self._claims_live_peer(peer, msg.endpoint):
                 self.stats.reject("zre_hello_conflict")
                 log.warning("a HELLO claims peer %s (%s) at %s, while it is heard from at %s: ignored",
                             peer.name, peer.id[:8], msg.endpoint, peer.endpoint)
