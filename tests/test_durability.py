@@ -963,3 +963,42 @@ def test_a_message_larger_than_its_puller_takes_is_held_counted_and_goes_to_one_
     assert counters["held_too_large"] == 1 and counters["sent"] == 21
     assert dead == []
     assert sum(TOO_LARGE_LOG in r.getMessage() for r in caplog.records) == 1, "logged once"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "at_least_once"])
+def test_messages_too_large_for_every_puller_are_held_in_bounded_memory(
+        tmp_path: Path, mesh: dict[str, Any], durable: bool) -> None:
+    """2 MiB messages pushed to a puller of 1 MiB: at most `HELD_BYTES` of them are held
+    aside; the rest wait behind them (a push then waits for room, and times out, as for a
+    full send queue; a durable one stays in the store only), and all come once a puller
+    that takes them does. (Before, each flush moved the queue's head aside, out of the send
+    queue's bounds and the durable buffer's: 200 pushes of 2 MiB with send_queue_max=10
+    were all taken, 428 MB held; 150 durable ones with durable_buffer_max_bytes=16 MiB
+    held 77 in memory.)"""
+    from zmqmesh._patterns.reliable import HELD_BYTES
+
+    small = zmqmesh.Node("small", max_message_bytes=1 << 20, **mesh)
+    small.pull("jobs", lambda msg: None, at_least_once=True)
+    store = {"store": str(tmp_path), "durable_buffer_max_bytes": 16 << 20} if durable else {}
+    pushed = 0
+    with small, zmqmesh.Node("pusher", send_queue_max=10, push_timeout_s=0.5, **store, **mesh) as pusher:
+        wait_until(lambda: pusher.peers(), 10, "the puller")
+        time.sleep(0.5)  # (its offers)
+        try:
+            while pushed < 60:
+                pusher.push("jobs", pushed.to_bytes(4, "big") + b"x" * (2 << 20), durable=durable)
+                pushed += 1
+        except zmqmesh.MeshTimeoutError:
+            assert not durable, "a durable push waits in the store, never for room"
+        time.sleep(1)
+        held = pusher.stats()["pipeline"]["held_too_large"]
+        assert held * (2 << 20) <= HELD_BYTES + (2 << 20), f"{held} messages of 2 MiB held"
+        if not durable:
+            assert pushed <= 10 + HELD_BYTES // (2 << 20) + 2, f"{pushed} pushes taken"
+        got: list[int] = []
+        big = zmqmesh.Node("big", max_message_bytes=4 << 20, **mesh)
+        big.pull("jobs", lambda msg: got.append(int.from_bytes(msg.data[:4], "big")), at_least_once=True)
+        with big:
+            wait_until(lambda: len(got) == pushed, 60, "every message at a puller that takes it")
+    assert got == list(range(pushed))

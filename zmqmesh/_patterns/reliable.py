@@ -197,12 +197,30 @@ def wire_form(item: Any, redelivered: bool, pack: Callable[[Any], bytes]) -> byt
     return wrap_item(item, redelivered)
 
 
-def _too_large_ahead(source: deque[Any], widest: int, aside: list[Any]) -> None:
+HELD_BYTES = WINDOW_BYTES
+"""The bytes of a queue's messages held aside at most, as larger than any of its pullers
+takes (`ReliableSender.flush`), besides ``ack_window`` messages; past either, the queue waits
+behind the next such message (its pushes then wait for room, as for a full send queue, and
+a durable queue is not read back further). One alone is held whatever its size."""
+
+
+def _too_large_ahead(source: deque[Any], widest: int, aside: list[Any], held: int, most: int) -> int:
     """Move from the front of ``source`` to ``aside`` the items whose payload is larger
     than ``widest`` (what the largest taker there takes): none could go, and the items
-    behind them would wait on them."""
-    while source and payload_size(source[0]) > widest:
+    behind them would wait on them. Within `HELD_BYTES` and ``most`` items for ``aside``
+    (``held``: its bytes so before); its bytes after."""
+    while source and (size := payload_size(source[0])) > widest:
+        if aside and (held + size > HELD_BYTES or len(aside) >= most):
+            break  # (left at the front: the queue waits behind it)
         aside.append(source.popleft())
+        held += size
+    return held
+
+
+def _blocked(q: deque[Any], again: deque[Any], widest: int) -> bool:
+    """Whether what is left to deal waits behind a message larger than ``widest`` (held
+    aside no more: `HELD_BYTES`)."""
+    return bool(again and payload_size(again[0]) > widest or not again and q and payload_size(q[0]) > widest)
 
 
 def _in_memory(items: Iterable[Any]) -> int:
@@ -324,11 +342,12 @@ class ReliableSender:
             else:
                 probing = True
         aside: list[Any] = []  # too large for every puller there: held, at the front of what is dealt again
+        held = 0  # (their bytes)
         while (q or dealt_again) and progress:
             progress = False
             if widest is not None:
-                _too_large_ahead(dealt_again, widest, aside)
-                _too_large_ahead(q, widest, aside)
+                held = _too_large_ahead(dealt_again, widest, aside, held, self.window)
+                held = _too_large_ahead(q, widest, aside, held, self.window)
             for k in range(len(pullers)):
                 puller = pullers[(start + k) % len(pullers)]
                 room = self.window - self.inflight_count.get(puller, 0)
@@ -379,7 +398,9 @@ class ReliableSender:
                 self.loop.call_soon(self._on_acks, puller)
         if self.inflight and self._timeout_check is None and directory.offers["acktimeouts"]:
             self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
-        waiting = bool(q or again)  # (not those held aside: a puller that takes them wakes the flush)
+        # (not those held aside, nor what waits behind one past their bound: a puller that
+        # takes them wakes the flush)
+        waiting = bool(q or again) and not (widest is not None and _blocked(q, again, widest))
         if aside or queue in self._held:
             self._hold(queue, aside, widest)
             again.extendleft(reversed(aside))
