@@ -1009,3 +1009,22 @@ def test_a_page_too_large_for_a_reader_that_takes_next_whole_is_refused_and_coun
         assert len(replies[2][1]) <= 4096 and 0 < len(piece["next"]) < 500 and piece["next_from"] > "logs.0000"
         assert publisher.stats()["pubsub"].get("history_page_too_large") == 2
     assert len([r for r in caplog.records if "too large for its reader" in r.getMessage()]) == 1
+
+def test_frames_that_waited_for_their_senders_hello_keep_their_size() -> None:
+    """A frame released once its sender's HELLO came goes on with the bytes it came in, so
+    that a catching-up cursor counts them against `MAX_HELD_BYTES` (sans-I/O). (Before, it
+    went on as 0 bytes: up to `UNKNOWN_MAX_BYTES` of held frames went uncounted.)"""
+    from types import SimpleNamespace
+
+    from zmqmesh._patterns.replay import Replays
+
+    replays = Replays.__new__(Replays)
+    replays._unknown, replays._unknown_bytes = {}, 0
+    replays.directory = SimpleNamespace(alive_ids=frozenset())  # type: ignore[assignment]
+    replays.live("logs.a", 0, [1], None, "sender", [], [], None, size=123)
+    assert replays._unknown_bytes == 123
+    went: list[int] = []
+    replays.live = lambda *args, **kwargs: went.append(kwargs.get("size", 0))  # type: ignore[method-assign]
+    replays.directory = SimpleNamespace(alive_ids=frozenset({"sender"}))  # type: ignore[assignment]
+    replays.release_unknown([])
+    assert went == [123] and replays._unknown_bytes == 0

@@ -419,7 +419,7 @@ class Replays:
                 del self._unknown[sender_id]
                 for topic, seq, items, origin, subscriptions, meta, size in frames:
                     self._unknown_bytes -= size
-                    self.live(topic, seq, items, origin, sender_id, subscriptions, calls, meta, wait=False)
+                    self.live(topic, seq, items, origin, sender_id, subscriptions, calls, meta, wait=False, size=size)
 
     def _take(self, key: Key, options: SubscribeOptions, cursor: Cursor, frame: _Frame, calls: list[Call],
               settled: bool = False, final: bool = False) -> None:
