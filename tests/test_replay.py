@@ -845,15 +845,16 @@ def test_a_history_request_with_a_position_past_64_bits_is_malformed_not_a_store
         try:
             sock.connect(publisher.endpoints["service"])
             statuses = []
-            for request in ({"p": "logs.", "a": (1 << 64) - 1}, {"p": "logs.", "a": 0, "b": 0},
+            for request in ({"p": "logs.", "a": (1 << 64) - 1}, {"p": "logs.", "a": 0, "s": (1 << 64) - 1},
+                            {"p": "logs.", "a": 0, "b": 0},
                             {"p": "logs.", "a": 0, "b": 1, "t": ""}):  # (without "t": `next` whole, too large)
                 sock.send_multipart([b"\x00history", b"r", msgpack.packb(request)])
                 statuses.append(sock.recv_multipart()[1])
         finally:
             sock.close()
             ctx.term()
-        assert statuses == [b"\x03", b"\x03", b"\x00"], "a budget of 1 byte still gets a row"
-        assert publisher.stats()["rejected"].get("history_malformed") == 2
+        assert statuses == [b"\x03", b"\x03", b"\x03", b"\x00"], "a budget of 1 byte still gets a row"
+        assert publisher.stats()["rejected"].get("history_malformed") == 3
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 

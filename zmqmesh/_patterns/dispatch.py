@@ -713,7 +713,7 @@ class Dispatcher:
         absent}``; see `History.page`. A page holds at most 1 MiB of rows, half this node's
         ``max_message_bytes``, and the reader's ``"b"``, and so does a piece of ``next``.
         A request whose fields are of the wrong types, or whose position SQLite cannot
-        hold (past 64 bits), is malformed: answered ``0x03`` and counted
+        hold (past 64 bits, its position or time), is malformed: answered ``0x03`` and counted
         (``rejected["history_malformed"]``). A page too large to send, or one with the whole
         of ``next`` too large for the reader to take (past twice its ``"b"``: it would end
         the reader's connection), is answered ``0x01`` instead (`_page_too_large`). (A
@@ -728,7 +728,8 @@ class Dispatcher:
             prefix, after, since = request["p"], request.get("a", 0), request.get("s")
             rows, budget, next_from = request.get("n", PAGE_ROWS), request.get("b", 1 << 20), request.get("t")
             if not isinstance(prefix, str) or type(after) is not int or not _INT64_MIN <= after <= _INT64_MAX or \
-                    (since is not None and not isinstance(since, (int, float))) or \
+                    (since is not None and (not isinstance(since, (int, float)) or
+                                            type(since) is int and not _INT64_MIN <= since <= _INT64_MAX)) or \
                     not isinstance(rows, int) or isinstance(rows, bool) or \
                     type(budget) is not int or budget <= 0 or (next_from is not None and type(next_from) is not str):
                 raise ValueError("bad field types")
