@@ -31,7 +31,7 @@ _GATEWAY_GAUGES = {
     "requests_in_flight": "Requests being served (event streams and scrapes aside), the calls whose "
                           "callers hung up included",
     "in_flight_body_bytes": "Bytes of the bodies of the requests being served",
-    "arriving_body_bytes": "Bytes the request bodies being read declare",
+    "arriving_body_bytes": "Bytes the request bodies being read declare, with their requests' heads",
     "event_streams": "Event streams (/events) open",
     "hung_up_calls": "Calls into the mesh still running whose callers hung up",
     "connections": "HTTP connections open",

@@ -551,7 +551,7 @@ class Gateway:
         ``refused`` (`REFUSALS`), counts since it started; ``gauges``, what is in flight or
         open now: ``requests_in_flight`` (streams and scrapes aside; calls whose callers hung up
         included), ``in_flight_body_bytes``, ``arriving_body_bytes`` (declared by the bodies
-        being read), ``event_streams``, ``hung_up_calls``, and ``connections`` when served
+        being read, with their requests' heads), ``event_streams``, ``hung_up_calls``, and ``connections`` when served
         by `run_gateway`."""
         gauges = {"requests_in_flight": self.in_flight, "in_flight_body_bytes": self.body_bytes,
                   "arriving_body_bytes": self.reading_bytes, "event_streams": len(self.listeners),
