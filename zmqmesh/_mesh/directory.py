@@ -243,12 +243,6 @@ class Directory:
             widest = max(widest, limit)
         return widest
 
-    def narrowest_limit(self, ids: Iterable[str]) -> int | None:
-        """The smallest ``max_message_bytes`` announced by a node of ``ids`` below this
-        node's, or None if none of them did."""
-        narrower = self.narrower
-        return min((narrower[i] for i in ids if i in narrower), default=None)
-
     def _offers_of_peer(self, peer: PeerState) -> dict[str, frozenset[str]]:
         """What a zmqmesh peer offers, by kind: read from its groups once per change of
         them (`PeerState.version`), not at every rebuild (each join rebuilds the tables,

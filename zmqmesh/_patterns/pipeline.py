@@ -330,12 +330,13 @@ class Pusher:
         uuid = self.uuid
         counters = self.stats.pattern["pipeline"]
         read_raw: bool | None = None  # (whether the pullers read `RawPayload`s as they are: asked once a flush)
-        # (ZeroMQ deals a frame to any puller: a payload past the smallest limit one announced is dropped here)
-        smallest = self.directory.narrowest_limit(self.directory.providers("queues", queue)) \
+        # (a payload past every puller's announced limit is dropped here: sent, it would close the connection
+        # of the puller ZeroMQ deals it to; one that some puller takes goes, to be dealt to any)
+        most = self.directory.widest_limit(self.directory.providers("queues", queue)) \
             if self.directory.narrower else None
         for bodies, size, payload in cut_frames(q, pullers):
             n = len(bodies)
-            if smallest is not None and size > smallest and self._drop_too_large(queue, q, n, smallest):
+            if most is not None and size > most and self._drop_too_large(queue, q, n, most):
                 continue  # (the frame is cut again from what is left)
             headed = type(bodies[0]) is Headed  # (then all are: `next_batch`)
             if type(payload) is RawPayload:  # (alone)
@@ -364,14 +365,15 @@ class Pusher:
                 break
         return False
 
-    def _drop_too_large(self, queue: str, q: deque[Any], n: int, smallest: int) -> int:
+    def _drop_too_large(self, queue: str, q: deque[Any], n: int, most: int) -> int:
         """Drop, of the first ``n`` messages of ``q``, those whose payload is larger than
-        ``smallest`` (the least ``max_message_bytes`` a puller of ``queue`` announced: it
-        would refuse it, and the frame carrying it would end its connection, with whatever
-        followed it); they are counted (``pipeline.dropped`` and ``dropped_too_large``) and
-        logged at most every `TOO_LARGE_LOG_S`. How many were dropped."""
+        ``most`` (the largest ``max_message_bytes`` the pullers of ``queue`` announced, each
+        below this node's: every one of them would refuse it, and the frame carrying it
+        would end the connection it went on, with whatever followed it); they are counted
+        (``pipeline.dropped`` and ``dropped_too_large``) and logged at most every
+        `TOO_LARGE_LOG_S`. How many were dropped."""
         front = [q.popleft() for _ in range(n)]
-        kept = [body for body in front if len(body) <= smallest]  # (`len`: the payload encoded, as a puller bounds it)
+        kept = [body for body in front if len(body) <= most]  # (`len`: the payload encoded, as a puller bounds it)
         q.extendleft(reversed(kept))
         dropped = n - len(kept)
         if not dropped:
@@ -383,7 +385,7 @@ class Pusher:
         if now - self._too_large_logged_at >= TOO_LARGE_LOG_S:
             log.warning("dropped %d message(s) pushed to %r (since the last such line): each larger than a puller "
                         "of it takes (max_message_bytes %d); counted in pipeline.dropped_too_large; said again at "
-                        "most every %g s", self._too_large_unlogged, queue, smallest, TOO_LARGE_LOG_S)
+                        "most every %g s", self._too_large_unlogged, queue, most, TOO_LARGE_LOG_S)
             self._too_large_unlogged = 0
             self._too_large_logged_at = now
         return dropped
