@@ -617,6 +617,33 @@ def test_a_reader_that_takes_next_in_pieces_gets_each_topic_once_in_order_within
     store.close()
 
 
+def test_a_page_of_history_of_topics_named_in_wide_characters_stays_within_its_budget(tmp_path: Path) -> None:
+    """A page's rows are weighed by the UTF-8 bytes of their topics, and the ``"start"``
+    of each topic numbered past 0 is weighed too: 400 one-message topics of 197 bytes
+    (48 emoji, 4 bytes each, one character each), numbered from 5, came in pages of
+    8,042 bytes against a budget of 2,048 (a reader of 4 KiB took none of them: the page
+    was past its ``max_message_bytes``), and so did the pieces of ``next`` after them."""
+    store = Store(tmp_path)
+    payload = msgpack.packb([{"n": 1}])
+    store.keep_history([("o." + "\U0001F600" * 48 + chr(0x4E00 + i), 5, 1, 1000.0 + i, payload, None)
+                        for i in range(400)])
+    history = History(store, (HistoryPolicy("o.", 10),), Stats())
+    after, start, rows, pages = 0, "", 0, 0
+    while True:
+        page = history.page("o.", after, None, 2048, PAGE_ROWS, start)
+        pages += 1
+        assert len(msgpack.packb(page)) <= 2048 + 256, (len(page["rows"]), len(msgpack.packb(page)))
+        rows += len(page["rows"])
+        after = page["rows"][-1][0] if page["rows"] else after
+        if page["more"]:
+            continue
+        if "next_from" not in page:
+            break
+        start = page["next_from"]
+    assert rows == 400 and pages > 20
+    store.close()
+
+
 def test_the_next_numbers_of_a_last_page_are_those_of_its_rows_while_frames_are_kept_meanwhile(
         tmp_path: Path) -> None:
     """A subscriber takes a frame numbered below a topic's next number, and not replayed,
