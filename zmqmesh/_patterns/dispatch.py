@@ -716,8 +716,9 @@ class Dispatcher:
         hold (past 64 bits, its position or time), is malformed: answered ``0x03`` and counted
         (``rejected["history_malformed"]``). A page too large to send, or one with the whole
         of ``next`` too large for the reader to take (past twice its ``"b"``: it would end
-        the reader's connection), is answered ``0x01`` instead (`_page_too_large`). (A
-        frame past ``"b"`` still comes alone in a page, with a piece of ``next``.)"""
+        the reader's connection), is answered ``0x01`` instead (`_page_too_large`); the rows
+        of such a page go without ``next``, ``"more"`` set, so that only ``next`` is refused.
+        (A frame past ``"b"`` still comes alone in a page, with a piece of ``next``.)"""
         if self.history is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
             return
@@ -743,7 +744,13 @@ class Dispatcher:
             page = self.history.page(prefix, after, since, most, rows, next_from)
             reply = self.codec.encode(page)
             if "b" in request and next_from is None and "next" in page and len(reply) > 2 * budget:
-                raise MessageTooLargeError(f"a page of {len(reply)} bytes, past the reader's max_message_bytes")
+                if not page["rows"]:
+                    raise MessageTooLargeError(f"a page of {len(reply)} bytes, past the reader's max_message_bytes")
+                # (its rows still go, without the numbers: the reader asks again from the last,
+                # and only the numbers are refused; refused with them, those rows never came)
+                page = {key: value for key, value in page.items() if key != "next"}
+                page["more"] = True
+                reply = self.codec.encode(page)
         except MessageTooLargeError as exc:
             self._page_too_large(route, exc, next_from is None and "next" in page)
         except Exception as exc:
