@@ -1011,6 +1011,7 @@ def test_a_page_too_large_for_a_reader_that_takes_next_whole_is_refused_and_coun
         assert publisher.stats()["pubsub"].get("history_page_too_large") == 2
     assert len([r for r in caplog.records if "too large for its reader" in r.getMessage()]) == 1
 
+
 def test_frames_that_waited_for_their_senders_hello_keep_their_size() -> None:
     """A frame released once its sender's HELLO came goes on with the bytes it came in, so
     that a catching-up cursor counts them against `MAX_HELD_BYTES` (sans-I/O). (Before, it
