@@ -1071,3 +1071,24 @@ def test_a_reader_before_pieces_still_gets_every_row_when_the_numbers_are_too_la
         assert status == b"\x01", "the whole of next is still too large"
         assert topics == [f"logs.{i:04d}" for i in range(500)], "every row, once, in order"
         assert publisher.stats()["pubsub"].get("history_page_too_large") == 1
+
+
+def test_the_pieces_of_next_are_kept_until_the_page_that_completes_them_is_taken() -> None:
+    """`Replays._map_piece` hands out the whole of ``next`` without letting its pieces go:
+    a page that completes them but is malformed further on (its ``"start"``) is asked for
+    again, and then the pieces read before are still there (sans-I/O). (Before, they were
+    let go at once, and the page asked again completed only its own piece: a look at the
+    numbers would have forgotten the topics of the pieces before.)"""
+    from zmqmesh._mesh.registry import SubscribeOptions
+    from zmqmesh._patterns.replay import Cursor, Fetch, Replays
+
+    replays = Replays.__new__(Replays)
+    cursor = Cursor("stream", "node", SubscribeOptions(), True)
+    key = ("logs.", print)
+    first = Fetch("node", key, "stream", {"p": "logs.", "a": 0, "n": 0, "t": ""})
+    assert replays._map_piece(first, cursor, {"rows": [], "more": False, "next": {"logs.a": 3},
+                                              "next_from": "logs.b"}) is None
+    last = Fetch("node", key, "stream", {"p": "logs.", "a": 0, "n": 0, "t": "logs.b"})
+    page = {"rows": [], "more": False, "next": {"logs.b": 5}}
+    assert replays._map_piece(last, cursor, page) == {"logs.a": 3, "logs.b": 5}
+    assert replays._map_piece(last, cursor, page) == {"logs.a": 3, "logs.b": 5}, "asked again: still whole"

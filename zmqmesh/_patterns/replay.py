@@ -591,6 +591,8 @@ class Replays:
                 error = exc
                 self.stats.reject("history_malformed")
             else:
+                if reached is not None:  # (kept until the page was taken: a malformed one is asked for again whole)
+                    cursor.map_part, cursor.map_from = {}, None
                 self._paging.append([fetch, page, rows, more, 0])
                 self.deliver_pages(calls)
                 return
@@ -610,12 +612,8 @@ class Replays:
         rest = page.get("next_from")
         if rest is None and bool(page["more"]) and cursor.map_from is not None:
             return None  # (rows kept since the last piece, more of them: the piece comes after them)
-        if rest is None:
-            if not cursor.map_part:
-                return piece
-            whole, cursor.map_part, cursor.map_from = cursor.map_part, {}, None
-            whole.update(piece)
-            return whole
+        if rest is None:  # (the pieces are let go once the page is taken whole: `on_page`)
+            return {**cursor.map_part, **piece} if cursor.map_part else piece
         asked = fetch.request.get("t")
         if type(rest) is not str or type(asked) is not str or rest <= asked or bool(page["more"]):
             raise ValueError(f"a piece of next that goes on from {rest!r}, asked from {asked!r}")
