@@ -4,6 +4,7 @@ what it missed (msg.gap). Real sockets, real stores, real processes killed with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -977,6 +979,28 @@ def test_a_publisher_of_more_kept_topics_than_a_message_numbers_is_replayed_to_t
     assert max(len(look["next"]) for look in looks) < 3000, "the numbers came in pieces"
 
 
+@contextlib.contextmanager
+def _keeper_of_topics(tmp_path: Path, mesh: dict[str, Any], count: int) -> Iterator[tuple[zmqmesh.Node, Any]]:
+    """A publisher that keeps a message of each of ``count`` topics ``logs.NNNN``, and a raw
+    DEALER connected to its service endpoint, a reader of its history by hand (closed after)."""
+    import zmq
+
+    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 10}, **mesh) as publisher:
+        for i in range(count):
+            publisher.publish(f"logs.{i:04d}", {"n": i})
+        last = f"logs.{count - 1:04d}"
+        wait_until(lambda: inspect_store(tmp_path)["topics"].get(last, {}).get("messages") == 1, 10, "the history kept")
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger, sock.rcvtimeo = 0, 5000
+        try:
+            sock.connect(publisher.endpoints["service"])
+            yield publisher, sock
+        finally:
+            sock.close()
+            ctx.term()
+
+
 @pytest.mark.timeout(60)
 def test_a_page_too_large_for_a_reader_that_takes_next_whole_is_refused_and_counted(
         tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
@@ -984,26 +1008,13 @@ def test_a_page_too_large_for_a_reader_that_takes_next_whole_is_refused_and_coun
     topic is answered ``0x01`` and counted (``history_page_too_large``), logged once: sent,
     the page ended its connection, again at every try. One that asks for pieces gets them."""
     import msgpack
-    import zmq
 
-    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 10}, **mesh) as publisher:
-        for i in range(500):
-            publisher.publish(f"logs.{i:04d}", {"n": i})
-        wait_until(lambda: inspect_store(tmp_path)["topics"].get("logs.0499", {}).get("messages") == 1, 10,
-                   "the history kept")
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger, sock.rcvtimeo = 0, 5000
-        try:
-            sock.connect(publisher.endpoints["service"])
-            replies = []
-            for request in ({"p": "logs.", "a": 0, "n": 0, "b": 2048}, {"p": "logs.", "a": 1 << 40, "b": 2048},
-                            {"p": "logs.", "a": 0, "n": 0, "b": 2048, "t": ""}):
-                sock.send_multipart([b"\x00history", b"r", msgpack.packb(request)])
-                replies.append(sock.recv_multipart()[1:])
-        finally:
-            sock.close()
-            ctx.term()
+    with _keeper_of_topics(tmp_path, mesh, 500) as (publisher, sock):
+        replies = []
+        for request in ({"p": "logs.", "a": 0, "n": 0, "b": 2048}, {"p": "logs.", "a": 1 << 40, "b": 2048},
+                        {"p": "logs.", "a": 0, "n": 0, "b": 2048, "t": ""}):
+            sock.send_multipart([b"\x00history", b"r", msgpack.packb(request)])
+            replies.append(sock.recv_multipart()[1:])
         assert [status for status, _body in replies] == [b"\x01", b"\x01", b"\x00"]
         assert "MessageTooLargeError" in msgpack.unpackb(replies[0][1])["type"]
         piece = msgpack.unpackb(replies[2][1])
@@ -1040,34 +1051,21 @@ def test_a_reader_before_pieces_still_gets_every_row_when_the_numbers_are_too_la
     the numbers, asked for again from its last row, are refused (``0x01``). (Refused with
     them, the rows of the last page never came: 1,328 of 30,000 messages, with no gap.)"""
     import msgpack
-    import zmq
 
-    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 10}, **mesh) as publisher:
-        for i in range(500):
-            publisher.publish(f"logs.{i:04d}", {"n": i})
-        wait_until(lambda: inspect_store(tmp_path)["topics"].get("logs.0499", {}).get("messages") == 1, 10,
-                   "the history kept")
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger, sock.rcvtimeo = 0, 5000
+    with _keeper_of_topics(tmp_path, mesh, 500) as (publisher, sock):
         topics: list[str] = []
-        try:
-            sock.connect(publisher.endpoints["service"])
-            after, status = 0, b"\x00"
-            for _ in range(1000):
-                sock.send_multipart([b"\x00history", b"r", msgpack.packb({"p": "logs.", "a": after, "b": 2048})])
-                status, body = sock.recv_multipart()[1:]
-                if status != b"\x00":
-                    break
-                page = msgpack.unpackb(body)
-                assert len(body) <= 2 * 2048
-                topics.extend(row[1] for row in page["rows"])
-                after = page["rows"][-1][0] if page["rows"] else after
-                if not page["more"]:
-                    break
-        finally:
-            sock.close()
-            ctx.term()
+        after, status = 0, b"\x00"
+        for _ in range(1000):
+            sock.send_multipart([b"\x00history", b"r", msgpack.packb({"p": "logs.", "a": after, "b": 2048})])
+            status, body = sock.recv_multipart()[1:]
+            if status != b"\x00":
+                break
+            page = msgpack.unpackb(body)
+            assert len(body) <= 2 * 2048
+            topics.extend(row[1] for row in page["rows"])
+            after = page["rows"][-1][0] if page["rows"] else after
+            if not page["more"]:
+                break
         assert status == b"\x01", "the whole of next is still too large"
         assert topics == [f"logs.{i:04d}" for i in range(500)], "every row, once, in order"
         assert publisher.stats()["pubsub"].get("history_page_too_large") == 1
