@@ -185,7 +185,8 @@ class Node(NodeBase):
 
         Returns once queued; order per publisher is kept. ``headers`` (a ``dict[str, str]``,
         at most 64 of them, 16 KiB in all) travel with it. Raises `TypeError` for data msgpack
-        cannot encode or bad headers, `ValueError` for headers past those bounds, `MessageTooLargeError`, `NodeClosedError` if the node is not running,
+        cannot encode or bad headers, `ValueError` for headers past those bounds,
+        `MessageTooLargeError`, `NodeClosedError` if the node is not running,
         `MeshTimeoutError` if the publish queue stays full (``send_queue_max`` messages, or
         ``send_queue_max_bytes``: the node sends more slowly than its callers publish) for
         ``push_timeout_s``.

@@ -440,7 +440,7 @@ class NodeBase:
         if zero_copy and at_least_once:
             raise ConfigError("zero_copy=True is for plain pulls: at-least-once messages come encoded, in "
                               "acknowledged batches, so there is no buffer to hand over")
-        if ack_timeout_s is not None and (check_timeout(ack_timeout_s, "ack_timeout_s") < 0.001 or ack_timeout_s > 86_400):
+        if ack_timeout_s is not None and not 0.001 <= check_timeout(ack_timeout_s, "ack_timeout_s") <= 86_400:
             # (announced to pushers in whole milliseconds: less would be announced as none)
             raise ConfigError(f"ack_timeout_s must be a number of seconds from 0.001 to a day, got {ack_timeout_s!r}")
         if not isinstance(max_deliveries, int) or isinstance(max_deliveries, bool) or max_deliveries < 1:

@@ -1013,11 +1013,12 @@ class Store:
         ``after_pos`` (and kept since ``since_ts``, if given): at most ``max_rows`` rows and
         about ``max_bytes`` (its payloads, meta frames and topics' UTF-8 bytes, those of
         the topics in the third, and `_HISTORY_ROW_BYTES` a row for the rest). Then, when
-        no more follow, `history_next` as it was when the rows were read (in one hold of the store, so that nothing is kept in between), or,
-        given ``next_from``, the piece of it from that topic on in what is left of
-        ``max_bytes`` (`_history_next_piece`); None when more follow. Third, where the
-        numbering of the topics of those rows began, for those that began past 0; last,
-        the first topic the piece left out (None: none was, or no piece). Raises `StoreError`."""
+        no more follow, `history_next` as it was when the rows were read (in one hold of
+        the store, so that nothing is kept in between), or, given ``next_from``, the piece
+        of it from that topic on in what is left of ``max_bytes`` (`_history_next_piece`);
+        None when more follow. Third, where the numbering of the topics of those rows
+        began, for those that began past 0; last, the first topic the piece left out
+        (None: none was, or no piece). Raises `StoreError`."""
         low, high = _prefix_range(prefix)
         sql = ("SELECT pos, topic, seq, count, ts, payload, meta, "
                "(SELECT start FROM history_topics t WHERE t.topic = history.topic) FROM history WHERE pos > ? "

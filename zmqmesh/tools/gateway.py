@@ -13,14 +13,14 @@ The gateway is a mesh node (an `AsyncNode`) serving, with aiohttp (the optional
 
 Errors are JSON ``{"error": type, "message": ..., ...}`` with a status per kind:
 400 bad JSON (``NaN`` and ``Infinity`` included, or nested past Python's recursion limit), a
-body that cannot be decoded (its ``Content-Encoding``), or a bad ``?timeout=``, 401 missing or wrong token, 403 a foreign ``Host`` or ``Origin``, 404
-unknown route, 405 wrong method, 408 a body slower than 10 s, 413 body too large, 415 a
-POST that is not ``application/json``, 500 the remote handler raised (its type and
-message; the traceback only with ``tracebacks=True``), 502 the provider was lost
-mid-request, or its reply has no JSON form, 503 nobody offers it (at once), too many
-requests or body bytes in flight, the node cannot take it now, or the gateway stopped
-with the call in flight (`STOP_GRACE_S` after it began to stop), 504 timeout (a reply,
-or room in a full send queue).
+body that cannot be decoded (its ``Content-Encoding``), or a bad ``?timeout=``, 401 missing
+or wrong token, 403 a foreign ``Host`` or ``Origin``, 404 unknown route, 405 wrong method,
+408 a body slower than 10 s, 413 body too large, 415 a POST that is not
+``application/json``, 500 the remote handler raised (its type and message; the traceback
+only with ``tracebacks=True``), 502 the provider was lost mid-request, or its reply has no
+JSON form, 503 nobody offers it (at once), too many requests or body bytes in flight, the
+node cannot take it now, or the gateway stopped with the call in flight (`STOP_GRACE_S`
+after it began to stop), 504 timeout (a reply, or room in a full send queue).
 
 A reply goes back as JSON: bytes as text, map keys that are not text as their text,
 ``NaN`` and infinities as ``null`` (JSON has no form for them).
