@@ -28,7 +28,7 @@ from zmqmesh._mesh.waiters import Until
 from zmqmesh._patterns.pipeline import cut_frames, next_batch
 from zmqmesh._patterns.reqrep import Calling, Exchange, QuickRequest, request_plan
 from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
-from zmqmesh._stats import RequestTally, Stats
+from zmqmesh._stats import LogThrottle, RequestTally, Stats
 from zmqmesh._wire import frames
 from zmqmesh._wire.codec import Codec
 
@@ -1764,3 +1764,14 @@ def test_tasks_waiting_for_room_wake_in_the_order_they_began_to_wait() -> None:
         return order
 
     assert asyncio.run(main()) == list(range(200))
+
+
+def test_a_log_throttle_says_at_most_a_line_per_interval_with_what_came_since() -> None:
+    """`LogThrottle`: the first event is said at once; those within the interval after it
+    are only counted, and said together with the next that is due."""
+    throttle = LogThrottle(every_s=3600)
+    assert throttle.due() == 1
+    assert [throttle.due(), throttle.due(5)] == [0, 0]
+    throttle.every_s = 0  # (the interval has passed)
+    assert throttle.due(2) == 8
+    assert throttle.due() == 1

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Stats", "RequestTally", "PATTERNS", "TALLY_FOLD_AT"]
+__all__ = ["Stats", "RequestTally", "LogThrottle", "PATTERNS", "TALLY_FOLD_AT"]
 
 PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
 _FIELDS = ("sent", "received", "dropped", "errors")
@@ -188,6 +189,30 @@ class Stats:
                 "names": names,
                 "latency": latency,
             }
+
+
+class LogThrottle:
+    """At most one log line per ``every_s`` seconds for an event that may come at the
+    message rate (a full store refuses every commit; a peer's limit refuses every large
+    message): the caller counts each event as it comes, and says how many there were since
+    the last line when `due` lets it. One owner (not thread-safe)."""
+
+    __slots__ = ("every_s", "_unlogged", "_logged_at")
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._unlogged = 0
+        self._logged_at = float("-inf")
+
+    def due(self, count: int = 1) -> int:
+        """Note ``count`` more events; how many to say in a line now (those since the last
+        line, these included), or 0: a line was said less than ``every_s`` ago."""
+        self._unlogged += count
+        now = time.monotonic()
+        if now - self._logged_at < self.every_s:
+            return 0
+        said, self._unlogged, self._logged_at = self._unlogged, 0, now
+        return said
 
 
 def _fold(tally: RequestTally, sent_names: NameCounts, latency: dict[str, list[float]],

@@ -35,7 +35,7 @@ from .._io.sockets import has_input, recv_frames, send_frames, send_tracked, wit
 from .._mesh.directory import Directory
 from .._mesh.registry import Registry
 from .._observe import tracing
-from .._stats import Stats
+from .._stats import LogThrottle, Stats
 from .._store.messages import Entry
 from .._wire import frames as wire
 from .._wire.codec import Codec
@@ -177,7 +177,7 @@ class Dispatcher:
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
         self.history = history
-        self._too_large_logged_at = -_TOO_LARGE_LOG_S  # (`_page_too_large`)
+        self._too_large_log = LogThrottle(_TOO_LARGE_LOG_S)  # (`_page_too_large`)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
         self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
         self.streams_changed = True
@@ -768,9 +768,7 @@ class Dispatcher:
         self.stats.add("pubsub", "history_page_too_large")
         why = (" with the numbers of every kept topic under its prefix (a subscriber of this version or later "
                "takes them in pieces)") if whole_next else ""
-        now = time.monotonic()
-        if now - self._too_large_logged_at >= _TOO_LARGE_LOG_S:
-            self._too_large_logged_at = now
+        if self._too_large_log.due():
             log.warning("a page of history too large for its reader%s: not sent (counted in "
                         "pubsub.history_page_too_large; said again at most every %g s): %s",
                         why, _TOO_LARGE_LOG_S, exc)

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .._stats import Stats
+from .._stats import LogThrottle, Stats
 from ..config import HistoryPolicy
 
 if TYPE_CHECKING:
@@ -70,8 +70,7 @@ class History:
         """Set by `number` when it numbered a topic afresh from a floor above 0, for its
         publisher to say so on the topic's first frame (and to clear)."""
         self._fresh: set[bytes] = set()  # topics numbered afresh since the last commit
-        self._failures_unlogged = 0  # messages not kept since the last error logged (`_failed`)
-        self._failure_logged_at = -FAILURE_LOG_S
+        self._failures_log = LogThrottle(FAILURE_LOG_S)  # (`_failed`)
 
     def policy(self, topic: bytes) -> HistoryPolicy | None:
         """The policy that keeps ``topic``, if any."""
@@ -130,14 +129,10 @@ class History:
         """Count ``count`` messages the history could not keep; log it, at most once per
         `FAILURE_LOG_S` (a full store refuses every commit, one or more a pass of the loop)."""
         self.stats.add("pubsub", "history_failed", count)
-        self._failures_unlogged += count
-        now = time.monotonic()
-        if now - self._failure_logged_at >= FAILURE_LOG_S:
+        said = self._failures_log.due(count)
+        if said:
             log.error("cannot keep %d published message(s) in the history, not sent (counted in "
-                      "pubsub.history_failed; said again at most every %g s): %s",
-                      self._failures_unlogged, FAILURE_LOG_S, exc)
-            self._failures_unlogged = 0
-            self._failure_logged_at = now
+                      "pubsub.history_failed; said again at most every %g s): %s", said, FAILURE_LOG_S, exc)
 
     def _trim(self, topic: bytes) -> None:
         policy = self.policy(topic)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .._mesh.directory import Directory
 from .._mesh.registry import PullOptions, Registry
 from .._observe import tracing
-from .._stats import Stats
+from .._stats import LogThrottle, Stats
 from .._store.messages import Entry
 from .._wire import frames as wire
 from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
@@ -71,8 +71,7 @@ class AckedIntake:
         # ids remembered this run, oldest first, per queue (an OrderedDict drops its oldest in
         # constant time; a dict's first key is found past every slot deleted before it)
         self._handled: dict[str, OrderedDict[str, None]] = {}
-        self._unrecorded_unlogged = 0
-        self._unrecorded_logged_at = -UNRECORDED_LOG_S
+        self._unrecorded_log = LogThrottle(UNRECORDED_LOG_S)  # (`_unrecorded`)
 
     def forget_unpulled(self) -> None:
         """Forget the ids this run remembered for the queues no longer pulled (call when
@@ -230,14 +229,11 @@ class AckedIntake:
         restart a redelivery of it is handled again) in ``pipeline.dedupe_unrecorded``, and
         log it, at most once per `UNRECORDED_LOG_S` with how many went unlogged meanwhile."""
         self.stats.add("pipeline", "dedupe_unrecorded", 1)
-        self._unrecorded_unlogged += 1
-        now = time.monotonic()
-        if now - self._unrecorded_logged_at >= UNRECORDED_LOG_S:
+        said = self._unrecorded_log.due()
+        if said:
             log.error("cannot record message %s of %r as handled (%d id(s) unrecorded since the last such line, "
                       "counted in pipeline.dedupe_unrecorded; said again at most every %g s): %s",
-                      msg_id[:12], queue, self._unrecorded_unlogged, UNRECORDED_LOG_S, exc)
-            self._unrecorded_unlogged = 0
-            self._unrecorded_logged_at = now
+                      msg_id[:12], queue, said, UNRECORDED_LOG_S, exc)
 
     def _acknowledge(self, ack: BatchAck) -> None:
         """Tell the pusher the batch is done, naming the items whose handler failed."""

@@ -20,7 +20,7 @@ import zmq
 from .._io.reactor import EventLoop
 from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
 from .._mesh.directory import Directory
-from .._stats import Stats
+from .._stats import LogThrottle, Stats
 from .._wire.frames import (
     BATCH_BYTES,
     LARGE_FRAME,
@@ -183,8 +183,7 @@ class Pusher:
         # queues whose messages wait with nobody pulling (their pullers left after they were
         # queued): until when they wait for one to come (`push_timeout_s`)
         self._unpulled: dict[str, float] = {}
-        self._too_large_unlogged = 0  # (`_drop_too_large`)
-        self._too_large_logged_at = -TOO_LARGE_LOG_S
+        self._too_large_log = LogThrottle(TOO_LARGE_LOG_S)  # (`_drop_too_large`)
 
     def queue_of(self, queue: str) -> deque[bytes] | None:
         """The send queue of ``queue`` once its socket exists (any thread)."""
@@ -380,14 +379,11 @@ class Pusher:
             return 0
         self.stats.add("pipeline", "dropped", dropped)
         self.stats.add("pipeline", "dropped_too_large", dropped)
-        self._too_large_unlogged += dropped
-        now = monotonic()
-        if now - self._too_large_logged_at >= TOO_LARGE_LOG_S:
+        said = self._too_large_log.due(dropped)
+        if said:
             log.warning("dropped %d message(s) pushed to %r (since the last such line): each larger than a puller "
                         "of it takes (max_message_bytes %d); counted in pipeline.dropped_too_large; said again at "
-                        "most every %g s", self._too_large_unlogged, queue, most, TOO_LARGE_LOG_S)
-            self._too_large_unlogged = 0
-            self._too_large_logged_at = now
+                        "most every %g s", said, queue, most, TOO_LARGE_LOG_S)
         return dropped
 
     def _wait_for_puller(self, queue: str, q: deque[Any]) -> None:
