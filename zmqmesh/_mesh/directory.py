@@ -214,8 +214,7 @@ class Directory:
         if tables["topics"] is not self.offers["topics"]:
             self.subscribers = frozenset(i for ids in tables["topics"].values() for i in ids) - {self.node_id}
         self.unannounced = frozenset(unannounced)
-        if narrower != self.narrower:
-            self.narrower = narrower
+        self.narrower = narrower
         self.runs = runs  # (before the streams: a reader that finds a stream finds its runs)
         self.streams = streams
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one

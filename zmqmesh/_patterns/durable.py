@@ -598,16 +598,15 @@ class DurableQueues:
                 if damaged:  # left in the store for an operator, never forgotten
                     log.error("store %s, queue %r: %s; skipped", self.store.directory, name, damaged)
                     self.stats.reject("store_damaged", segment.size)
-                elif segment.first not in self._segments:  # (noted once read: `_commit`)
-                    self._segments[segment.first] = [segment.size, len(segment.messages)]
-                    if not segment.messages:  # all settled, only not yet forgotten
-                        self._forget_segment(segment.first)
-                if damaged:
-                    pass
-                elif segment.first > recovered:  # (the common case: stored by this run)
-                    buffer.extend(segment.messages)
                 else:
-                    buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
+                    if segment.first not in self._segments:  # (noted once read: `_commit`)
+                        self._segments[segment.first] = [segment.size, len(segment.messages)]
+                        if not segment.messages:  # all settled, only not yet forgotten
+                            self._forget_segment(segment.first)
+                    if segment.first > recovered:  # (the common case: stored by this run)
+                        buffer.extend(segment.messages)
+                    else:
+                        buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
                 queue.loaded = segment.first + segment.size - 1
                 queue.too_large = False
             if queue.committed <= queue.loaded:

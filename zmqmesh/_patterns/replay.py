@@ -167,6 +167,17 @@ class Cursor:
         self.map_from: str | None = None  # the topic from which the pieces of ``next`` being read go on
         self.map_part: dict[str, int] = {}  # the pieces of ``next`` read so far (`_map_piece`)
 
+    def take_held(self, more: bool = True) -> deque[_Frame] | None:
+        """The live frames held (None: more came than could be), and hold afresh from none;
+        ``more`` False: hold none any more (the history has them)."""
+        held = self.held
+        self.held, self.held_count, self.held_bytes = deque() if more else None, 0, 0
+        return held
+
+    def forget_map(self) -> None:
+        """Let go of the pieces of ``next`` read so far (`Replays._map_piece`)."""
+        self.map_from, self.map_part = None, {}
+
 
 class _Frame(NamedTuple):
     topic: str
@@ -343,9 +354,9 @@ class Replays:
         cursor.next.clear()
         cursor.kept_next.clear()
         cursor.pos, cursor.from_start = 0, True
-        cursor.held, cursor.held_count, cursor.held_bytes = deque(), 0, 0
+        cursor.take_held()
         cursor.catching_up, cursor.reading, cursor.tidying = False, None, False  # (a page on its way is stale)
-        cursor.map_from, cursor.map_part = None, {}
+        cursor.forget_map()
         cursor.failures, cursor.failing_since = 0, None
         cursor.node_id, cursor.away = node_id, False
         if cursor.run is not None:
@@ -479,7 +490,7 @@ class Replays:
         cursor.held_count += len(frame.items)
         cursor.held_bytes += frame.size
         if cursor.held_count > MAX_HELD or cursor.held_bytes > MAX_HELD_BYTES:
-            cursor.held, cursor.held_count, cursor.held_bytes = None, 0, 0
+            cursor.take_held(more=False)
             log.info("a replay of stream %s holds over %d live messages or %d MiB of them: they will come from "
                      "the history", cursor.stream[:8], MAX_HELD, MAX_HELD_BYTES >> 20)
 
@@ -519,7 +530,7 @@ class Replays:
         if cursor.catching_up:
             return
         cursor.catching_up = True
-        cursor.map_from, cursor.map_part = None, {}
+        cursor.forget_map()
         request: dict[str, Any] = {"p": key[0], "a": cursor.pos, "t": ""}  # (``next`` in pieces: `_map_piece`)
         if numbers_only:
             request["n"] = 0  # (a publisher before this field sends a whole page: read as such)
@@ -592,7 +603,7 @@ class Replays:
                 self.stats.reject("history_malformed")
             else:
                 if reached is not None:  # (kept until the page was taken: a malformed one is asked for again whole)
-                    cursor.map_part, cursor.map_from = {}, None
+                    cursor.forget_map()
                 self._paging.append([fetch, page, rows, more, 0])
                 self.deliver_pages(calls)
                 return
@@ -678,7 +689,7 @@ class Replays:
             log.warning("cannot replay stream %s from %s: %s", fetch.stream[:8], fetch.node_id[:8], error)
             self.stats.add("pubsub", "replay_failed")
             more = False
-            cursor.map_from, cursor.map_part = None, {}
+            cursor.forget_map()
         else:
             cursor.failures, cursor.failing_since = 0, None
             if cursor.map_from is not None:  # (the rest of ``next``, and the rows kept meanwhile: `_map_piece`)
@@ -699,7 +710,7 @@ class Replays:
             cursor.tidying = False
             self._look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
         cursor.catching_up, cursor.reading = False, None
-        held, cursor.held, cursor.held_count, cursor.held_bytes = cursor.held, deque(), 0, 0
+        held = cursor.take_held()
         if held is None:  # more came live than could be held: fetch them too
             if error is None:
                 self._catch_up(fetch.key, cursor.options, cursor)
