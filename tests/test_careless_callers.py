@@ -276,6 +276,37 @@ def test_an_async_node_refuses_another_event_loop(mesh: dict[str, Any]) -> None:
         thread.join(20)
 
 
+def test_an_async_node_refuses_a_later_event_loop_on_its_own_thread(mesh: dict[str, Any]) -> None:
+    """The node's loop, stopped between runs, and another loop run on the same thread: a
+    call from the other one is refused (the check knows its loop by its thread only while
+    it runs)."""
+    loop_a = asyncio.new_event_loop()
+    try:
+        async def start() -> zmqmesh.AsyncNode:
+            node = await zmqmesh.AsyncNode("loop-a", **mesh).start()
+            node.service("echo", lambda m: m.data)
+            await node.wait_for_service("echo", timeout=10)
+            return node
+
+        node = loop_a.run_until_complete(start())
+
+        async def from_loop_b() -> None:
+            with pytest.raises(zmqmesh.ZmqMeshError, match="another event loop"):
+                await node.request("echo", 1, timeout=2)
+            with pytest.raises(zmqmesh.ZmqMeshError, match="another event loop"):
+                await node.push("q", 1)
+
+        asyncio.run(from_loop_b())
+
+        async def on_loop_a() -> Any:
+            return await node.request("echo", 7, timeout=5)
+
+        assert loop_a.run_until_complete(on_loop_a()) == 7  # (its own loop, running again: served)
+        loop_a.run_until_complete(node.stop())
+    finally:
+        loop_a.close()
+
+
 @pytest.mark.parametrize("many", [False, True], ids=["request", "request_many"])
 def test_stop_while_threads_wait_in_requests_raises_only_typed_errors(mesh: dict[str, Any], many: bool,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
