@@ -616,8 +616,9 @@ class DurableQueues:
     def _unreadable(self, segment: StoredSegment) -> str | None:
         """Why a puller would refuse the messages of ``segment``, read back from the store
         (`unreadable`), or None; a segment this run committed is not looked at (its
-        messages came from the codec)."""
-        if segment.first in self._segments:
+        messages came from the codec), whether it went to the buffer at once or stayed in
+        the store while the queue overflowed."""
+        if segment.first > self._recovered_upto or segment.first in self._segments:
             return None
         why = unreadable(segment.messages)
         return None if why is None else f"damaged segment {segment.first} ({segment.size} messages): {why}"
