@@ -1362,7 +1362,7 @@ def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of
     number is then pending twice, and handled twice, in any order. Its place must still
     move on with what is handled, and never back."""
     from zmqmesh._mesh.registry import SubscribeOptions
-    from zmqmesh._store.sqlite import Store
+    from zmqmesh._store.store import Store
 
     publisher = history_publisher("bb")
     replays, fetches, *_ = replaying(publisher)
@@ -1386,14 +1386,14 @@ def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of
         for call in [second[1], first[1], first[0], *first[2:], second[0], *second[2:]]:  # (a pool's order)
             replays.handled(call.route)
         replays.flush()
-        assert store.load_cursors("d")["s1"]["t.x"][0] == 4
+        assert store.cursors.load("d")["s1"]["t.x"][0] == 4
         live: list[Any] = []
         for n in range(5, 50):
             replays.live("t.x", n, [n], None, publisher.id, list(registry.replays.items()), live)
         for call in live:
             replays.handled(call.route)
         replays.flush()
-        assert store.load_cursors("d")["s1"]["t.x"][0] == 49, "the place moves on with what is handled"
+        assert store.cursors.load("d")["s1"]["t.x"][0] == 49, "the place moves on with what is handled"
     finally:
         store.close()
 

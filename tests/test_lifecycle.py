@@ -287,9 +287,9 @@ def test_a_store_a_handler_outliving_the_stop_holds_is_waited_for_when_opened_ag
     opened on it meanwhile in the same process waits for that (`CLOSING_WAIT_S`), then
     opens it, or says why it cannot; an `AsyncNode` says so at once, not to stall its
     event loop. (It failed at once: "in use by another node".)"""
-    from zmqmesh._store import sqlite
+    from zmqmesh._store import holds
 
-    monkeypatch.setattr(sqlite, "CLOSING_WAIT_S", 3.0)
+    monkeypatch.setattr(holds, "CLOSING_WAIT_S", 3.0)
     release = threading.Event()
     taken = threading.Event()
     store = str(tmp_path / "store")

@@ -46,7 +46,7 @@ def test_the_package_loads_what_a_process_uses_on_first_use() -> None:
             "assert 'zmq' in sys.modules\n"
             # (what start-up would pay for and a node without a store, a key file, metrics, a
             # handler or pipelined requests does not use)
-            "assert not {'asyncio', 'sqlite3', 'zmqmesh._store.sqlite', 'inspect', 'dataclasses', 'ipaddress', "
+            "assert not {'asyncio', 'sqlite3', 'zmqmesh._store.store', 'inspect', 'dataclasses', 'ipaddress', "
             "'pathlib', 'zmqmesh._patterns.durable', 'zmqmesh._patterns.history', 'zmqmesh._observe.prometheus', "
             "'zmqmesh._drivers.pipelined', 'fcntl', "
             "'concurrent.futures.thread'} & set(sys.modules), sorted(sys.modules)\n"

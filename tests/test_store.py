@@ -21,13 +21,10 @@ from zmqmesh import drop_dead_letters, inspect_store, retry_dead_letters
 from zmqmesh._patterns.history import PAGE_ROWS, History
 from zmqmesh._stats import Stats
 from zmqmesh._store.checkpointer import BACKSTOP_PAGES
-from zmqmesh._store.sqlite import (
-    RUNS_KEPT,
-    SCHEMA_VERSION,
-    SEGMENT_BYTES,
-    SEGMENT_MAX,
-    Store,
-)
+from zmqmesh._store.runs import RUNS_KEPT
+from zmqmesh._store.schema import SCHEMA_VERSION
+from zmqmesh._store.segments import SEGMENT_BYTES, SEGMENT_MAX
+from zmqmesh._store.store import Store
 from zmqmesh._wire.codec import durable_item
 from zmqmesh.config import HistoryPolicy
 
@@ -573,8 +570,8 @@ def test_a_history_read_tells_each_topics_next_number_with_its_last_page_only(tm
     more than its rows, on every page."""
     store = Store(tmp_path)
     kept = [(f"t.{i % 3000:04d}", i // 3000, 1, 1000.0 + i, msgpack.packb(i), None) for i in range(5000)]
-    store.keep_history(kept)
-    store.keep_history([("other.x", 0, 1, 1.0, msgpack.packb("not under t."), None)])
+    store.history.keep(kept)
+    store.history.keep([("other.x", 0, 1, 1.0, msgpack.packb("not under t."), None)])
     history = History(store, (HistoryPolicy("t.", 100_000),), Stats())
     pages = read_to_the_end(history, "t.")
     assert [len(p["rows"]) for p in pages] == [PAGE_ROWS, PAGE_ROWS, 5000 - 2 * PAGE_ROWS]
@@ -592,8 +589,8 @@ def test_a_reader_that_takes_next_in_pieces_gets_each_topic_once_in_order_within
     the budget (one topic at least), in topic order, each but the last naming the topic
     the next begins at; the whole map still comes to a reader that does not ask for pieces."""
     store = Store(tmp_path)
-    store.keep_history([(f"t.{i:05d}", 0, 1, 1000.0 + i, b"\x01", None) for i in range(3000)])
-    store.keep_history([("other.x", 0, 1, 1.0, b"\x01", None), ("t", 0, 1, 1.0, b"\x01", None)])
+    store.history.keep([(f"t.{i:05d}", 0, 1, 1000.0 + i, b"\x01", None) for i in range(3000)])
+    store.history.keep([("other.x", 0, 1, 1.0, b"\x01", None), ("t", 0, 1, 1.0, b"\x01", None)])
     history = History(store, (HistoryPolicy("t.", 10),), Stats())
     numbers = {f"t.{i:05d}": 1 for i in range(3000)}
     for max_rows in (PAGE_ROWS, 0):
@@ -625,7 +622,7 @@ def test_a_page_of_history_of_topics_named_in_wide_characters_stays_within_its_b
     was past its ``max_message_bytes``), and so did the pieces of ``next`` after them."""
     store = Store(tmp_path)
     payload = msgpack.packb([{"n": 1}])
-    store.keep_history([("o." + "\U0001F600" * 48 + chr(0x4E00 + i), 5, 1, 1000.0 + i, payload, None)
+    store.history.keep([("o." + "\U0001F600" * 48 + chr(0x4E00 + i), 5, 1, 1000.0 + i, payload, None)
                         for i in range(400)])
     history = History(store, (HistoryPolicy("o.", 10),), Stats())
     after, start, rows, pages = 0, "", 0, 0
@@ -655,7 +652,7 @@ def test_the_next_numbers_of_a_last_page_are_those_of_its_rows_while_frames_are_
     def keep() -> None:
         seq = 0
         while not stop.is_set():
-            store.keep_history([(f"t.{seq % 7}", seq // 7, 1, 1.0, b"\x01", None)])
+            store.history.keep([(f"t.{seq % 7}", seq // 7, 1, 1.0, b"\x01", None)])
             seq += 1
 
     keeper = threading.Thread(target=keep)
@@ -710,8 +707,8 @@ def opened(directory: Path, number: int = 0) -> tuple[str, ...]:
     store = Store(directory)
     runs = store.runs
     if number:
-        nxt = store.history_next("t.").get("t.x", 0)
-        store.keep_history([("t.x", nxt, number, 1.0, b"\x01", None)])
+        nxt = store.history.numbering("t.").get("t.x", 0)
+        store.history.keep([("t.x", nxt, number, 1.0, b"\x01", None)])
     store.close()
     return runs
 
@@ -736,8 +733,8 @@ def test_a_store_opened_again_and_again_without_numbering_still_names_the_last_r
     # a run that numbers, then everything it numbered expires: it numbered all the same
     store = Store(tmp_path)
     expired = store.runs[0]
-    store.keep_history([("t.x", 5, 3, 1.0, b"\x01", None)])
-    assert store.expire_history("t.", 2.0, keep_empty=0) == (["t.x"], 8)
+    store.history.keep([("t.x", 5, 3, 1.0, b"\x01", None)])
+    assert store.history.expire("t.", 2.0, keep_empty=0) == (["t.x"], 8)
     store.close()
     for _ in range(RUNS_KEPT + 4):
         runs = opened(tmp_path)
@@ -809,8 +806,8 @@ def test_the_dead_letter_tools_open_a_store_without_starting_a_run(tmp_path: Pat
 
 def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    store.save_cursors([("d", "s1", "t.x", 7, 9, 3)])
-    store.keep_history([("t.x", 0, 5, 1.0, b"\x01", None)])
+    store.cursors.save([("d", "s1", "t.x", 7, 9, 3)])
+    store.history.keep([("t.x", 0, 5, 1.0, b"\x01", None)])
     store.close()
     with sqlite3.connect(tmp_path / "zmqmesh.db") as db:  # as schema 4 left it
         db.executescript("""
@@ -820,10 +817,10 @@ def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path
             INSERT INTO history_topics SELECT * FROM topics_4; DROP TABLE topics_4;
             UPDATE meta SET value = '4' WHERE key = 'schema_version'; DELETE FROM meta WHERE key = 'runs';""")
     store = Store(tmp_path)
-    assert store.load_cursors("d") == {"s1": {"t.x": (7, 9, 3)}} and store.load_cursor_runs("d") == {}
-    assert store.history_state() == {"t.x": (0, 5)}
-    store.save_cursors([], [("d", "s1", "abc")])
-    assert store.load_cursor_runs("d") == {"s1": "abc"} and len(store.runs) == 1
+    assert store.cursors.load("d") == {"s1": {"t.x": (7, 9, 3)}} and store.cursors.load_runs("d") == {}
+    assert store.history.state() == {"t.x": (0, 5)}
+    store.cursors.save([], [("d", "s1", "abc")])
+    assert store.cursors.load_runs("d") == {"s1": "abc"} and len(store.runs) == 1
     store.close()
     assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 6
 
@@ -831,15 +828,15 @@ def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path
 def test_the_numbering_of_topics_with_nothing_kept_goes_past_a_cap_and_the_floor_rises_past_it(
         tmp_path: Path) -> None:
     store = Store(tmp_path)
-    store.keep_history([(f"t.{i:03}", 0, i + 1, 1.0, b"\x01", None) for i in range(300)])
-    store.keep_history([("t.kept", 0, 1, 2e9, b"\x01", None)])  # (not expired)
-    forgotten, floor = store.expire_history("t.", 100.0, keep_empty=100)
+    store.history.keep([(f"t.{i:03}", 0, i + 1, 1.0, b"\x01", None) for i in range(300)])
+    store.history.keep([("t.kept", 0, 1, 2e9, b"\x01", None)])  # (not expired)
+    forgotten, floor = store.history.expire("t.", 100.0, keep_empty=100)
     assert forgotten == [f"t.{i:03}" for i in range(200)] and floor == 200  # (the oldest emptied first)
-    assert set(store.history_state()) == {f"t.{i:03}" for i in range(200, 300)} | {"t.kept"}
-    assert store.history_floor() == 200
-    store.keep_history([("t.250", 250, 1, 2e9, b"\x01", None)])  # kept again: no longer empty
-    assert store.forget_history_topics(keep_empty=0) == ([f"t.{i:03}" for i in range(200, 300) if i != 250], 300)
-    assert set(store.history_state()) == {"t.250", "t.kept"}
+    assert set(store.history.state()) == {f"t.{i:03}" for i in range(200, 300)} | {"t.kept"}
+    assert store.history.floor() == 200
+    store.history.keep([("t.250", 250, 1, 2e9, b"\x01", None)])  # kept again: no longer empty
+    assert store.history.forget_emptied(keep_empty=0) == ([f"t.{i:03}" for i in range(200, 300) if i != 250], 300)
+    assert set(store.history.state()) == {"t.250", "t.kept"}
     store.close()
 
 
@@ -849,8 +846,8 @@ def test_a_topic_numbered_afresh_whose_first_commit_failed_says_where_it_began_w
     When the history could not keep that frame (a full store: it is not sent), the topic's
     number is taken back: the next frame is again its first, and must say so."""
     store = Store(tmp_path, max_bytes=1 << 20)
-    store.keep_history([(f"t.{i}", 0, 1, 1.0, b"\x01", None) for i in range(3)])
-    assert store.expire_history("t.", 100.0, keep_empty=0)[1] == 1  # (the floor rises past them)
+    store.history.keep([(f"t.{i}", 0, 1, 1.0, b"\x01", None) for i in range(3)])
+    assert store.history.expire("t.", 100.0, keep_empty=0)[1] == 1  # (the floor rises past them)
     history = History(store, (HistoryPolicy("t.", 100),), Stats())
     first = history.number(b"t.new", 1)
     assert first == 1 and history.began

@@ -35,7 +35,7 @@ if typing.TYPE_CHECKING:
     )
     from ._io.stop_flag import StopFlag
     from ._observe.prometheus import metrics_text
-    from ._store.sqlite import drop_dead_letters, inspect_store, retry_dead_letters
+    from ._store.tools import drop_dead_letters, inspect_store, retry_dead_letters
     from .asyncnode import AsyncNode
     from .config import NodeConfig
     from .message import Message, Peer
@@ -82,9 +82,9 @@ _LAZY = {
     "write_keypair": "._io.curve",
     "read_public_key": "._io.curve",
     "read_secret_key": "._io.curve",
-    "inspect_store": "._store.sqlite",
-    "retry_dead_letters": "._store.sqlite",
-    "drop_dead_letters": "._store.sqlite",
+    "inspect_store": "._store.tools",
+    "retry_dead_letters": "._store.tools",
+    "drop_dead_letters": "._store.tools",
     "metrics_text": "._observe.prometheus",
 }
 """Where each public name lives. They are imported on first use (PEP 562): ``import

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from .._observe.prometheus import MetricsServer
     from .._patterns.durable import DurableQueues
     from .._patterns.history import History
-    from .._store.sqlite import Store
+    from .._store.store import Store
 
 __all__ = ["Engine", "Inbox", "Requests", "InboxFactory", "RequestsFactory"]
 
@@ -191,13 +191,13 @@ class Engine:
         allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
         if cfg.store is not None:  # first: a locked or foreign store stops the start cleanly
             # (imported here: a node without a store never loads the store's module)
-            from .._store.sqlite import Store
+            from .._store.store import Store
 
             self.store = Store(cfg.store, max_bytes=cfg.store_max_bytes, synchronous=cfg.store_synchronous)
             try:
                 for queue, options in self.registry.pull_options.items():
                     if options.dedupe:  # the window stays bounded however often the node restarts
-                        self.store.trim_handled(queue, options.dedupe_window)
+                        self.store.handled.trim(queue, options.dedupe_window)
             except BaseException:  # (e.g. a full disk: the start fails, and the store is let go)
                 self.store.close()
                 self.store = None

@@ -51,7 +51,7 @@ from .request_batches import EARLY_ITEMS
 from .unsent import MAX_CALLERS, UnsentReplies
 
 if TYPE_CHECKING:
-    from .._store.sqlite import Store
+    from .._store.store import Store
     from .history import History
 
 __all__ = ["Dispatcher", "PrefixIndex"]

@@ -54,7 +54,8 @@ from .._wire.codec import Codec
 from .reliable import Failure
 
 if TYPE_CHECKING:
-    from .._store.sqlite import Store, StoredSegment
+    from .._store.segments import StoredSegment
+    from .._store.store import Store
 
 __all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Held", "Ticket", "held_sizes", "handled_by_segment"]
 

@@ -28,7 +28,7 @@ from .._stats import LogThrottle, Stats
 from ..config import HistoryPolicy
 
 if TYPE_CHECKING:
-    from .._store.sqlite import Store
+    from .._store.store import Store
 
 __all__ = ["History", "PAGE_ROWS"]
 
@@ -57,14 +57,14 @@ class History:
         self.stream_id = store.stream_id
         self.runs = store.runs  # (this run's token first: see `Store.runs`)
         self._policy_of: dict[bytes, HistoryPolicy | None] = {}
-        state = store.history_state()
+        state = store.history.state()
         self._first = {t.encode(): first for t, (first, _next) in state.items()}  # (may lag: trims go by it)
         self._next = {t.encode(): nxt for t, (_first, nxt) in state.items()}
         try:  # (the numbering of topics with nothing kept, left by a version before this or a crash)
-            self._forget(*store.forget_history_topics(MAX_EMPTY_TOPICS))
+            self._forget(*store.history.forget_emptied(MAX_EMPTY_TOPICS))
         except Exception as exc:  # (a full disk: forgotten at the next expiry instead)
             log.warning("cannot forget the numbering of topics no longer kept: %s", exc)
-            self._floor = store.history_floor()
+            self._floor = store.history.floor()
         self._rows: list[tuple[str, int, int, float, bytes, bytes | None]] = []
         self.began = False
         """Set by `number` when it numbered a topic afresh from a floor above 0, for its
@@ -111,7 +111,7 @@ class History:
         if not rows:
             return True
         try:
-            self.store.keep_history(rows)
+            self.store.history.keep(rows)
         except Exception as exc:
             for topic, seq, *_rest in rows:
                 key = topic.encode()
@@ -143,7 +143,7 @@ class History:
             return
         keep_from = nxt - policy.max_messages
         try:
-            self.store.trim_history(topic.decode("utf-8", "replace"), keep_from)
+            self.store.history.trim(topic.decode("utf-8", "replace"), keep_from)
             self._first[topic] = keep_from
         except Exception as exc:
             log.error("cannot trim the history of %r: %s", topic, exc)
@@ -157,7 +157,7 @@ class History:
                 longer = [p.prefix for p in self.policies if len(p.prefix) > len(policy.prefix)
                           and p.prefix.startswith(policy.prefix)]
                 try:
-                    self._forget(*self.store.expire_history(policy.prefix, now - policy.max_age_s, longer,
+                    self._forget(*self.store.history.expire(policy.prefix, now - policy.max_age_s, longer,
                                                             keep_empty=MAX_EMPTY_TOPICS))
                 except Exception as exc:
                     log.error("cannot expire the history under %r: %s", policy.prefix, exc)
@@ -198,10 +198,10 @@ class History:
         `StoreError`."""
         if max_rows <= 0:
             if next_from is None:
-                return {"rows": [], "more": False, "next": self.store.history_next(prefix)}
-            piece, rest = self.store.history_next_piece(prefix, next_from, max_bytes)
+                return {"rows": [], "more": False, "next": self.store.history.numbering(prefix)}
+            piece, rest = self.store.history.numbering_piece(prefix, next_from, max_bytes)
             return _with_rest({"rows": [], "more": False, "next": piece}, rest)
-        rows, nxt, starts, rest = self.store.read_history(prefix, after_pos, since_ts, min(max_rows, PAGE_ROWS),
+        rows, nxt, starts, rest = self.store.history.read(prefix, after_pos, since_ts, min(max_rows, PAGE_ROWS),
                                                           max_bytes, next_from)
         page: dict[str, Any] = {"rows": rows, "more": True} if nxt is None else {"rows": rows, "more": False, "next": nxt}
         if starts:

@@ -30,7 +30,7 @@ from ..message import Message, Origin, durable_delivery
 from .calls import BatchAck, Call, handler_raised, is_async
 
 if TYPE_CHECKING:
-    from .._store.sqlite import Store
+    from .._store.store import Store
 
 __all__ = ["AckedIntake"]
 
@@ -100,7 +100,7 @@ class AckedIntake:
         ack = BatchAck(route, len(items), queue, options)
         seen: set[str] | None = None
         if options.dedupe and self.store is not None:
-            seen = self.store.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
+            seen = self.store.handled.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
         # a bare item is named by its batch and place, as the pusher names it on a redelivery
         origin = Origin(f"{sender_id}/{route[1].hex()}/", 0, None) if sender_id is not None else None
         lookup = self.directory.lookup_peer
@@ -216,11 +216,11 @@ class AckedIntake:
         if len(handled) > ack.options.dedupe_window:  # bounded as the store's window is
             handled.popitem(last=False)
         try:
-            self.store.remember(ack.queue, [msg_id])
+            self.store.handled.remember(ack.queue, [msg_id])
             count = self._remembered[ack.queue] = self._remembered.get(ack.queue, 0) + 1
             if count >= _TRIM_EVERY:
                 self._remembered[ack.queue] = 0
-                self.store.trim_handled(ack.queue, ack.options.dedupe_window)
+                self.store.handled.trim(ack.queue, ack.options.dedupe_window)
         except Exception as exc:
             self._unrecorded(ack.queue, msg_id, exc)
 

@@ -65,7 +65,7 @@ from ..message import Message, Origin
 from .calls import Call, CursorMark
 
 if TYPE_CHECKING:
-    from .._store.sqlite import Store
+    from .._store.store import Store
 
 __all__ = ["Replays", "Fetch", "CursorMark", "MAX_HELD", "PAGE_BURST"]
 
@@ -831,7 +831,7 @@ class Replays:
                 self.flush()
         if doomed:
             try:
-                self.store.forget_cursors(name, stream, sorted(doomed))  # type: ignore[union-attr]
+                self.store.cursors.forget(name, stream, sorted(doomed))  # type: ignore[union-attr]
             except Exception as exc:  # (kept, in memory too: forgotten at a later look)
                 log.error("cannot forget where durable subscriptions were in topics no longer numbered: %s", exc)
                 return [t for t in topics if t not in doomed]
@@ -920,8 +920,8 @@ class Replays:
         if name is None or self.store is None:
             return {}
         if name not in self._durable:
-            self._durable[name] = self.store.load_cursors(name)
-            self._runs[name] = self.store.load_cursor_runs(name)
+            self._durable[name] = self.store.cursors.load(name)
+            self._runs[name] = self.store.cursors.load_runs(name)
         return self._durable[name].get(stream, {})
 
     def before_handling(self, calls: list[Call]) -> None:
@@ -988,6 +988,6 @@ class Replays:
         if self.store is None:
             return
         try:
-            self.store.save_cursors(rows, runs)
+            self.store.cursors.save(rows, runs)
         except Exception as exc:  # the subscription resumes from an older place: redeliveries, no loss
             log.error("cannot record where durable subscriptions are: %s", exc)

@@ -1,0 +1,54 @@
+"""Durable subscriptions' cursors: where each is in each publisher stream's topics, and
+the publisher run it last followed, in the store (`Store.cursors`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .database import Database
+
+__all__ = ["Cursors"]
+
+
+class Cursors:
+    """The cursors of durable subscriptions in the store whose connection is ``database``."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def load(self, name: str) -> dict[str, dict[str, tuple[int, int, int]]]:
+        """Where the durable subscription ``name`` is: ``{stream: {topic: (seq, upto, pos)}}``.
+        Raises `StoreError`."""
+        with self._db.lock:
+            rows = self._db.read("SELECT stream, topic, seq, upto, pos FROM cursors WHERE name = ?", (name,))
+        found: dict[str, dict[str, tuple[int, int, int]]] = {}
+        for stream, topic, seq, upto, pos in rows:
+            found.setdefault(stream, {})[topic] = (seq, upto, pos)
+        return found
+
+    def load_runs(self, name: str) -> dict[str, str]:
+        """The publisher run the durable subscription ``name`` last followed, per stream
+        (see `Store.runs`). Raises `StoreError`."""
+        with self._db.lock:
+            return dict(self._db.read("SELECT stream, run FROM cursor_runs WHERE name = ?", (name,)))
+
+    def save(self, rows: Sequence[tuple[str, str, str, int, int, int]],
+                     runs: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Record ``(name, stream, topic, seq, upto, pos)`` cursors, and ``(name, stream,
+        run)`` runs followed, in one transaction."""
+        statements: list[tuple[str, Any]] = []
+        if rows:
+            statements.append(("INSERT OR REPLACE INTO cursors (name, stream, topic, seq, upto, pos) "
+                               "VALUES (?, ?, ?, ?, ?, ?)", list(rows)))
+        if runs:
+            statements.append(("INSERT OR REPLACE INTO cursor_runs (name, stream, run) VALUES (?, ?, ?)", list(runs)))
+        if statements:
+            self._db.write(statements)
+
+    def forget(self, name: str, stream: str, topics: Sequence[str]) -> None:
+        """Forget where the durable subscription ``name`` is in the ``topics`` of ``stream``
+        (their publisher forgot them: see `Replays`), in one transaction."""
+        if topics:
+            self._db.write([("DELETE FROM cursors WHERE name = ? AND stream = ? AND topic = ?",
+                          [(name, stream, topic) for topic in topics])])

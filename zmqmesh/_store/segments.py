@@ -1,0 +1,139 @@
+"""Segments: how the store packs the messages one commit stores for one queue into one
+row, and reads them back, checked, as a puller would need them."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+from .messages import Entry, StoredMessage
+
+__all__ = ["SEGMENT_MAX", "SEGMENT_BYTES", "COUNT_SQL", "StoredSegment", "stored", "cut", "columns", "sane_count",
+           "sane_attempts", "stored_size", "span"]
+
+SEGMENT_MAX = 1024
+"""Messages in one stored segment at most: a larger call is stored as several."""
+SEGMENT_BYTES = 1 << 20
+"""A segment also closes once its payloads and headers pass this many bytes (a larger
+message is a segment of its own): reading one back whole stays bounded."""
+COUNT_SQL = f"(CASE WHEN typeof(count) = 'integer' THEN min(max(count, 1), {SEGMENT_MAX}) ELSE 1 END)"
+"""A segment's stored count as the store reckons with it: a healthy segment holds 1 to
+`SEGMENT_MAX` messages, and a damaged one's count may be anything (text, a fraction: 1)."""
+
+_STORED_FIELDS = operator.itemgetter(slice(0, 4))
+"""What a segment keeps of an `Entry`: ``(id, timestamp, headers, body)`` (attempts apart),
+and ``True`` after them for one marked redelivered (`stored`)."""
+_MARKED = operator.itemgetter(5)
+
+
+def stored(part: Sequence[Entry]) -> list[Any]:
+    """What a segment keeps of the entries ``part`` (see `_STORED_FIELDS`)."""
+    if not any(map(_MARKED, part)):  # (the common case, without a Python step per message)
+        return list(map(_STORED_FIELDS, part))
+    return [(*e[:4], True) if e[5] else e[:4] for e in part]
+
+
+def cut(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
+    """``entries`` cut into the segments `Store.append` stores, in order."""
+    # (one message, or small ones: cut by count alone; a single push need not be summed)
+    if len(entries) == 1 or sum([len(e[3]) + (len(e[2]) if e[2] else 0) for e in entries]) <= SEGMENT_BYTES:
+        for start in range(0, len(entries), SEGMENT_MAX):
+            yield entries[start:start + SEGMENT_MAX]
+        return
+    start = size = 0
+    for i, entry in enumerate(entries):
+        grown = size + len(entry[3]) + len(entry[2] or b"")
+        if i > start and (i - start >= SEGMENT_MAX or grown > SEGMENT_BYTES):
+            yield entries[start:i]
+            start, grown = i, grown - size
+        size = grown
+    yield entries[start:]
+
+
+_STAMP_TYPES = {float, int}
+_HEADER_TYPES = {bytes, type(None)}
+
+
+def _joins(empty: str | bytes, values: Sequence[Any]) -> bool:
+    """Whether ``values`` all join to ``empty`` (all str, or all bytes): for what msgpack
+    unpacked, which makes no subclass of either nor another type with bytes' buffer, their
+    type is then exactly that, found in one C call. (It copies them: for the small bodies
+    of a segment of many messages, a third of the cost of looking at each one's type; a
+    segment's bytes are bounded, `SEGMENT_BYTES`.)"""
+    try:
+        empty.join(values)
+    except TypeError:
+        return False
+    return True
+
+
+def columns(entries: Sequence[tuple[Any, ...]]) -> tuple[Sequence[Any], ...]:
+    """The stored ``(id, timestamp, headers, body)`` of ``entries``, as msgpack unpacked
+    them (each with ``True`` after it if marked redelivered), as columns: ids, timestamps,
+    headers, bodies, and whether each is marked. Raises `ValueError` unless each has the
+    types a durable message needs (a damaged segment must not reach the wire)."""
+    if set(map(len, entries)) == {4}:  # (nothing marked redelivered: the common case, no Python step per message)
+        ids, stamps, headers, bodies = zip(*entries)
+        if _joins("", ids) and _joins(b"", bodies) and set(map(type, stamps)) <= _STAMP_TYPES \
+                and (headers.count(None) == len(headers) or set(map(type, headers)) <= _HEADER_TYPES):
+            return ids, stamps, headers, bodies, (False,) * len(entries)
+    _check_entries(entries)  # (raises, or finds some marked)
+    ids, stamps, headers, bodies = zip(*(e[:4] for e in entries))
+    return ids, stamps, headers, bodies, [len(e) == 5 for e in entries]
+
+
+def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:
+    """Raises `ValueError` unless every stored ``(id, timestamp, headers, body)`` (with
+    ``True`` after it if marked redelivered) has the types a durable message needs (a
+    damaged segment must not reach the wire)."""
+    for entry in entries:
+        if len(entry) == 4:
+            msg_id, ts, headers, body = entry
+        elif len(entry) == 5 and entry[4] is True:
+            msg_id, ts, headers, body, _marked = entry
+        else:
+            raise ValueError(f"an entry of {len(entry)} fields")
+        if type(msg_id) is not str or type(body) is not bytes or (headers is not None and type(headers) is not bytes) \
+                or type(ts) not in (float, int):
+            raise ValueError(f"an entry of the wrong types: {type(msg_id).__name__}, {type(ts).__name__}, "
+                             f"{type(headers).__name__}, {type(body).__name__}")
+
+
+class StoredSegment(NamedTuple):
+    """A segment read back from the store: its numbers and its messages not yet settled."""
+
+    first: int
+    size: int
+    """How many messages it was stored with (numbered ``first`` .. ``first + size - 1``).
+    A damaged segment's stored count may be wrong: its size is then 1 to `SEGMENT_MAX`,
+    and never reaches the queue's next segment nor the next number to be given."""
+    messages: list[StoredMessage]
+    damaged: str | None = None
+    """Why its messages cannot be read (then none are given); the segment stays stored."""
+
+
+def sane_count(count: object) -> int:
+    """A stored count as the store reckons with it (see `COUNT_SQL`; a damaged one that is
+    no whole number, as 1)."""
+    return min(max(count, 1), SEGMENT_MAX) if type(count) is int else 1
+
+
+def sane_attempts(n: object) -> int:
+    """A stored count of failed deliveries as the store hands it out: a damaged one that is
+    no whole number, or is below 0, as 0 (a puller refuses a batch with such a count in it,
+    and every message dealt with it)."""
+    return n if type(n) is int and n >= 0 else 0
+
+
+def stored_size(items: object) -> int:
+    """The bytes of a segment's stored ``items`` (a damaged one that is no blob: its text's,
+    or 0), as a read's byte budget counts them."""
+    return len(items) if isinstance(items, (bytes, str)) else 0
+
+
+def span(first: int, count: int, before: int) -> int:
+    """How many numbers the segment at ``first`` stored with ``count`` may hold: its count
+    as the store reckons with it, short of ``before`` (its queue's next segment, or the
+    next number to be given), since a damaged segment's count may be anything."""
+    return min(sane_count(count), before - first)

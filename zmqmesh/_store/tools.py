@@ -1,0 +1,92 @@
+"""The operator's tools over a store a node is not running on (the ``zmqmesh store``
+commands): what it holds, and its dead letters moved back or deleted."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from .holds import held_here
+from .kept_topics import topic_summary
+from .schema import INSPECTED_FROM, SCHEMA_VERSION, check_sqlite_file, schema_version
+from .store import DB_FILE, Store, queue_summary
+
+__all__ = ["inspect_store", "retry_dead_letters", "drop_dead_letters"]
+
+
+def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a store holds, read without taking it (the node using it may run):
+    ``{"path", "bytes", "schema", "queues": {name: {messages, bytes, oldest}}, "handled": {queue: ids},
+    "topics": {topic: {messages, bytes, oldest, first_seq, next_seq}}, "subscriptions": {name: cursors}}``.
+
+    Raises `StoreError` if there is no zmqmesh store there, or it cannot be read: one of
+    schema 4 or older until a node opens it (and upgrades it), one a newer zmqmesh wrote.
+    """
+    path = Path(directory) / DB_FILE
+    if not path.exists():
+        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    if not held_here(path):  # (one a node of this process holds is its store: never opened here, see `StoreHold`)
+        check_sqlite_file(path)
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the store {path}: {exc}") from exc
+    try:
+        schema = schema_version(db, path)
+        if schema > SCHEMA_VERSION:
+            raise StoreError(f"the store {path} was written by a newer zmqmesh (schema {schema}, "
+                             f"this one reads up to {SCHEMA_VERSION})")
+        if schema < INSPECTED_FROM:
+            raise StoreError(f"the store {path} was written by an older zmqmesh (schema {schema}): "
+                             "a node opening it upgrades it")
+        queues = queue_summary(db)
+        topics = topic_summary(db)
+        handled = dict(db.execute("SELECT queue, count(*) FROM handled GROUP BY queue").fetchall())
+        subscriptions = dict(db.execute("SELECT name, count(*) FROM cursors GROUP BY name").fetchall())
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the store {path}: {exc}") from exc
+    finally:
+        db.close()
+    size = sum(os.path.getsize(str(path) + s) for s in ("", "-wal") if os.path.exists(str(path) + s))
+    return {
+        "path": str(path),
+        "bytes": size,
+        "schema": schema,
+        "queues": queues,
+        "handled": handled,
+        "topics": topics,
+        "subscriptions": subscriptions,
+    }
+
+
+def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
+    """Move every dead letter of ``queue`` (the queue ``dead_letter``, default
+    ``"<queue>.dead"``) back to the end of ``queue``; how many moved. The store must not be
+    in use: raises `StoreLockedError` while its node runs, `StoreError` if there is none."""
+    with _existing(directory) as store:
+        return store.requeue(dead_letter or f"{queue}.dead", queue)
+
+
+def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
+    """Delete every dead letter of ``queue``; how many there were. Raises as
+    `retry_dead_letters` does."""
+    with _existing(directory) as store:
+        return store.drop_queue(dead_letter or f"{queue}.dead")
+
+
+@contextlib.contextmanager
+def _existing(directory: str | os.PathLike[str]) -> Iterator[Store]:
+    """The store in ``directory``, which must exist (never created here), closed after use."""
+    if not (Path(directory) / DB_FILE).exists():
+        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    store = Store(directory, new_run=False)
+    try:
+        yield store
+    finally:
+        store.close()
