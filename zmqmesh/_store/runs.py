@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["RUNS_KEPT", "new_run", "numbering_mark"]
+__all__ = ["RUNS_KEPT", "open_run", "numbering_mark"]
 
 log = logging.getLogger("zmqmesh.store")
 
@@ -20,7 +20,7 @@ RUNS_KEPT = 16
 of its last `RUNS_KEPT` openings, then up to as many older ones that numbered messages."""
 
 
-def new_run(db: sqlite3.Connection, record: bool = True) -> tuple[str, ...]:
+def open_run(db: sqlite3.Connection, record: bool = True) -> tuple[str, ...]:
     """Name this opening of the store (a run) with a random token, recorded first in
     the store's lineage (meta ``runs``, newest first): the runs of its last `RUNS_KEPT`
     openings, and, past them, up to `RUNS_KEPT` older runs that numbered messages in

@@ -44,7 +44,7 @@ from .handled import Handled
 from .holds import StoreHold
 from .kept_topics import KeptTopics
 from .messages import Entry, StoredMessage, stored_messages
-from .runs import new_run
+from .runs import open_run
 from .schema import (
     APP,
     PARKED,
@@ -189,7 +189,7 @@ class Store:
             if stream is None:
                 raise StoreError(f"the store {self.path} is damaged: it names no stream of its own (meta 'stream')")
             self.stream_id = str(stream[0])
-            self.runs = new_run(db, self._new_run_wanted)
+            self.runs = open_run(db, self._new_run_wanted)
             last = db.execute(f"SELECT seq + {COUNT_SQL} FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
             self._next_seq = int(last[0]) if last else 1
         except StoreError:
