@@ -160,3 +160,38 @@ def test_a_node_of_an_older_version_gets_no_byte_gauges_it_never_reported() -> N
     assert by_family["zmqmesh_send_queue_bytes"] == {"new": 640}, by_family["zmqmesh_send_queue_bytes"]
     assert by_family["zmqmesh_durable_buffered_bytes"] == {"new": 0}
     assert by_family["zmqmesh_queued_messages"] == {"old": 5, "new": 0}
+
+
+@pytest.mark.timeout(60)
+def test_strangers_idle_connections_hold_no_thread_nor_descriptor_of_the_node_for_long(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection to a node's metrics server took a thread and a file descriptor for
+    as long as its client kept it open, sending nothing: strangers' idle connections held
+    every descriptor of the node's process (a node limited to 256 then met no peer: "cannot
+    open a link ...: Too many open files"). Now a few are served at once, the others closed
+    at once, and one that keeps the server waiting is closed."""
+    import socket
+    import threading
+
+    from zmqmesh._observe import prometheus as metrics
+
+    monkeypatch.setattr(metrics, "IDLE_TIMEOUT_S", 1.0, raising=False)
+    with zmqmesh.Node("scraped", **mesh, metrics_port=0) as node:
+        assert node.metrics_endpoint is not None
+        port = int(node.metrics_endpoint.rsplit(":", 1)[1].split("/")[0])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+        try:
+            for conn in idle[:100]:
+                conn.sendall(b"GET /metrics HTTP/1.1\r\n")  # (a head that never ends)
+            serving = [t for t in threading.enumerate() if "process_request_thread" in t.name]
+            assert len(serving) <= 64, f"{len(serving)} threads serve 200 idle connections"
+            for conn in idle:  # closed by the node: at once, or once they kept it waiting
+                assert conn.recv(1024) == b""
+        finally:
+            for conn in idle:
+                conn.close()
+        assert value(scrape(node.metrics_endpoint), "zmqmesh_peers", node="scraped") == 0
+        with zmqmesh.Node("caller", **mesh) as caller:
+            node.service("echo", lambda msg: msg.data)
+            caller.wait_for_service("echo", timeout=10)
+            assert caller.request("echo", 7, timeout=5) == 7

@@ -13,16 +13,27 @@ several nodes (the gateway serves the whole mesh's), and the gateway's own count
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from .._stats import PATTERNS
+from .._stats import PATTERNS, LogThrottle
 from ..errors import ConfigError
 
 __all__ = ["MetricsServer", "families", "gateway_families", "metrics_text"]
 
 log = logging.getLogger("zmqmesh.metrics")
+
+MAX_CONNECTIONS = 16
+"""Connections a node's metrics server serves at once; past it, a new one is closed at
+once. (Each takes a thread and a file descriptor: strangers' idle connections took one of
+each for ever, until the node could open no socket to meet its peers.)"""
+IDLE_TIMEOUT_S = 10.0
+"""How long a connection to a node's metrics server may keep it waiting, for its request
+or to take the answer, before it is closed."""
 
 Snapshot = dict[str, Any]
 """What `Node.stats()` returns, with ``"id"`` and ``"name"`` added (as ``\\x00stats`` answers)."""
@@ -208,10 +219,13 @@ class MetricsServer:
         registry = client.CollectorRegistry(auto_describe=False)
         registry.register(_Collector(source))
         try:
-            self._server, self._thread = client.start_http_server(port, addr=address, registry=registry)
+            server = _BoundedServer((address, port), client.make_wsgi_app(registry))
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}") from None
-        self.port: int = self._server.server_address[1]
+        self._server: _BoundedServer | None = server
+        self._thread = threading.Thread(target=server.serve_forever, name="zmqmesh-metrics", daemon=True)
+        self._thread.start()
+        self.port: int = server.server_address[1]
         self._lock = threading.Lock()
         log.info("metrics on http://%s:%d/metrics", address, self.port)
 
@@ -223,3 +237,55 @@ class MetricsServer:
             server.shutdown()
             server.server_close()
             self._thread.join(5)
+
+
+class _SilentHandler(WSGIRequestHandler):
+    """Serves one connection; logs nothing of each request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """Serves ``app`` on ``address`` (IPv4 or IPv6), a thread per connection,
+    `MAX_CONNECTIONS` at most: past it, a new connection is closed at once (logged at most
+    every 10 s). Raises `OSError` when it cannot listen there."""
+
+    daemon_threads = True
+    request_queue_size = 128  # (at socketserver's 5, 200 connections at once took 27 s to get in: SYN retries)
+
+    def __init__(self, address: tuple[str, int], app: Callable[..., Any]) -> None:
+        self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refused_log = LogThrottle()
+        super().__init__(address, _SilentHandler)
+        self.set_app(app)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """A new connection, closed once it keeps the server waiting `IDLE_TIMEOUT_S`."""
+        request, client_address = super().get_request()
+        request.settimeout(IDLE_TIMEOUT_S)
+        return request, client_address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            refused = self._refused_log.due()
+            if refused:
+                log.warning("metrics: %d connections open already: closed %d new one(s)", MAX_CONNECTIONS, refused)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # (no thread to give the slot back)
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (timed out, reset): logged, not printed."""
+        log.debug("metrics: a connection from %s failed", client_address, exc_info=True)
