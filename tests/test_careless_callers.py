@@ -1217,3 +1217,20 @@ def test_a_push_waiting_for_room_leaves_the_loop_idle(mesh: dict[str, Any], kind
     finally:
         release.set()
     assert flushes[0] < 5_000, f"{flushes[0]} flushes while one push waited 1 s for room"
+
+
+@pytest.mark.parametrize(("given", "bad"), [("constructor", None), ("constructor", ""), ("constructor", " "),
+                                            ("environment", ""), ("environment", " ")])
+def test_an_empty_metrics_address_is_refused_not_every_interface(
+        monkeypatch: pytest.MonkeyPatch, mesh: dict[str, Any], given: str, bad: str | None) -> None:
+    """``ZMQMESH_METRICS_ADDRESS=""`` (read as None) or ``metrics_address=None`` made the
+    metrics server listen on 0.0.0.0, every interface, where the default keeps to loopback
+    (its endpoint read ``http://None:PORT/metrics``). It is a `ConfigError` naming the
+    option now, as the environment's empty mesh name is."""
+    options: dict[str, Any] = {}
+    if given == "environment":
+        monkeypatch.setenv("ZMQMESH_METRICS_ADDRESS", bad)
+    else:
+        options["metrics_address"] = bad
+    with pytest.raises(zmqmesh.ConfigError, match="metrics_address"):
+        zmqmesh.Node("metered", **mesh, metrics_port=0, **options)

@@ -250,6 +250,10 @@ class NodeConfig:
         if self.metrics_port is not None and (not isinstance(self.metrics_port, int) or isinstance(
                 self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port must be 0..65535 or None, got {self.metrics_port!r}")
+        if not isinstance(self.metrics_address, str) or not self.metrics_address.strip():
+            # (None or "" listened on every interface, where the default keeps to loopback)
+            raise ConfigError(f"metrics_address must name the address to listen on ('0.0.0.0' for every "
+                              f"interface), got {self.metrics_address!r}")
         for name in ("seeds", "curve_allow"):
             value = getattr(self, name)
             if isinstance(value, (list, str)):
