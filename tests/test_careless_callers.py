@@ -1234,3 +1234,24 @@ def test_an_empty_metrics_address_is_refused_not_every_interface(
         options["metrics_address"] = bad
     with pytest.raises(zmqmesh.ConfigError, match="metrics_address"):
         zmqmesh.Node("metered", **mesh, metrics_port=0, **options)
+
+
+@pytest.mark.parametrize("given", ["constructor", "environment"])
+def test_a_message_bound_zeromq_cannot_hold_is_a_config_error(
+        monkeypatch: pytest.MonkeyPatch, mesh: dict[str, Any], given: str) -> None:
+    """``max_message_bytes`` of 2**63 - 1 (or 10**20) was taken, and ``start()`` failed
+    with "node 'n' failed to start: Python int too large to convert to C long", a
+    `ZmqMeshError` naming no option: ZeroMQ's MAXMSGSIZE, a 64-bit int, takes it and a
+    frame's headroom. It is a `ConfigError` naming it now; the largest it takes starts."""
+    for bad in (2**63 - 1, 10**20):
+        options: dict[str, Any] = {}
+        if given == "environment":
+            monkeypatch.setenv("ZMQMESH_MAX_MESSAGE_BYTES", str(bad))
+        else:
+            options["max_message_bytes"] = bad
+        with pytest.raises(zmqmesh.ConfigError, match="max_message_bytes"):
+            zmqmesh.Node("n", **mesh, **options)
+    monkeypatch.delenv("ZMQMESH_MAX_MESSAGE_BYTES", raising=False)
+    with zmqmesh.Node("n", **mesh, max_message_bytes=2**63 - 1 - 65536) as node:
+        node.service("echo", lambda msg: msg.data)
+        assert node.request("echo", 1, timeout=5) == 1

@@ -285,8 +285,9 @@ class NodeConfig:
                 whole = operator.index(value)  # (an int, or an integer type's value: numpy's, say)
             except TypeError:
                 whole = None
-            if whole is None or (name.endswith("_hwm") and whole > _LARGEST_HWM):
-                most = f" and at most {_LARGEST_HWM}" if name.endswith("_hwm") else ""
+            largest = _LARGEST_HWM if name.endswith("_hwm") else _LARGEST_MESSAGE if name == "max_message_bytes" else None
+            if whole is None or (largest is not None and whole > largest):
+                most = f" and at most {largest}" if largest is not None else ""
                 raise ConfigError(f"{name} must be a whole number >= 1{most}, got {value!r}")
             object.__setattr__(self, name, whole)
         self._optional_whole("pub_hwm", 1, _LARGEST_HWM, f"a whole number >= 1 and at most {_LARGEST_HWM}")
@@ -368,6 +369,7 @@ class NodeConfig:
 
 
 _LARGEST_HWM = (1 << 31) - 1  # (ZeroMQ's high-water marks are C ints)
+_LARGEST_MESSAGE = (1 << 63) - 1 - (64 << 10)  # (ZeroMQ's MAXMSGSIZE, a 64-bit int, takes it and a frame's headroom)
 
 
 def _from_environment(fields: tuple[str, ...], given: set[str]) -> dict[str, Any]:
