@@ -1255,3 +1255,21 @@ def test_a_message_bound_zeromq_cannot_hold_is_a_config_error(
     with zmqmesh.Node("n", **mesh, max_message_bytes=2**63 - 1 - 65536) as node:
         node.service("echo", lambda msg: msg.data)
         assert node.request("echo", 1, timeout=5) == 1
+
+
+@pytest.mark.parametrize(("given", "bad"), [("constructor", 0), ("constructor", True), ("environment", "0")])
+def test_a_beacon_port_no_beacon_reaches_is_refused(
+        monkeypatch: pytest.MonkeyPatch, mesh: dict[str, Any], given: str, bad: Any) -> None:
+    """``beacon_port=0`` (or ``ZMQMESH_BEACON_PORT=0``) was taken: the node listened on a
+    port the system picked and beaconed to port 0, and two such nodes never met, without a
+    word (``zmqmesh --beacon-port 0`` is refused). ``True`` was taken as port 1. Both are a
+    `ConfigError` naming the option now; ``mailbox_port=0`` still picks a port."""
+    options = {**mesh}
+    if given == "environment":
+        del options["beacon_port"]
+        monkeypatch.setenv("ZMQMESH_BEACON_PORT", bad)
+    else:
+        options["beacon_port"] = bad
+    with pytest.raises(zmqmesh.ConfigError, match="beacon_port"):
+        zmqmesh.Node("n", **options)
+    assert zmqmesh.NodeConfig(mailbox_port=0).mailbox_port == 0

@@ -299,8 +299,9 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("beacon_port", "mailbox_port"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value <= 65535:
-                raise ConfigError(f"{name} must be 0..65535, got {value!r}")
+            least = 1 if name == "beacon_port" else 0  # (beacons to port 0 reach no one: 0 picks a mailbox port only)
+            if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= 65535:
+                raise ConfigError(f"{name} must be {least}..65535, got {value!r}")
         if self.peer_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("peer_timeout_s must be longer than heartbeat_interval_s")
         if not self.mesh or len(self.mesh) > 200:
