@@ -465,3 +465,19 @@ def test_a_launcher_collects_no_orphan_it_still_tracks_outside_its_own_look(monk
             orphan.kill()
         with contextlib.suppress(ChildProcessError):
             orphan.wait(10)
+
+
+@pytest.mark.parametrize("value", ["[1, 2]", "{ a = 1 }", '["tcp://127.0.0.1:1", [2]]'])
+def test_a_launch_file_whose_mesh_option_is_no_string_is_a_bad_file(tmp_path: Any, value: str) -> None:
+    """``[mesh] seeds = [1, 2]`` ended ``zmqmesh launch`` with "internal error: TypeError:
+    sequence item 0: expected str instance, int found (run with -v and report it)", status
+    70: a mistake in the file, reported as a bug of the command (and a table was handed to
+    every process as its Python repr). It is a bad launch file now, named, status 2, and
+    nothing is started."""
+    launch_file = tmp_path / "mesh.toml"
+    launch_file.write_text(f'[mesh]\nseeds = {value}\n[[process]]\nname = "a"\ncommand = ["true"]\n')
+    result = run("launch", str(launch_file), timeout=30)
+    assert result.returncode == 2, result
+    assert result.stderr.strip() == (f"zmqmesh: error: {launch_file}: mesh.seeds must be a string, a number, "
+                                     "true or false, or a list of strings")
+    assert result.stdout == ""

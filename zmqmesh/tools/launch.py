@@ -102,6 +102,8 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
             raise LaunchError(f"{path}: a store serves one node: give 'store' per [[process]], not in [mesh]")
         if key not in _MESH_KEYS:
             raise LaunchError(f"{path}: unknown key mesh.{key} (known: name and every node option)")
+        if isinstance(value, dict) or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+            raise LaunchError(f"{path}: mesh.{key} must be a string, a number, true or false, or a list of strings")
         base_env[f"ZMQMESH_{_MESH_KEYS[key]}"] = ",".join(value) if isinstance(value, list) else str(value)
     entries = data.get("process")
     if not isinstance(entries, list) or not entries:
