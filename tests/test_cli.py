@@ -481,3 +481,24 @@ def test_a_launch_file_whose_mesh_option_is_no_string_is_a_bad_file(tmp_path: An
     assert result.stderr.strip() == (f"zmqmesh: error: {launch_file}: mesh.seeds must be a string, a number, "
                                      "true or false, or a list of strings")
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("entry", "error"), [
+    ('cwd = 5', "process #1 (a): 'cwd' must name a directory, got 5"),
+    ('cwd = "no-such-dir"', "process #1 (a): 'cwd' must name a directory, got 'no-such-dir'"),
+    ('store = "s\\u0000"', "process #1 (a): 'store' must be a directory name"),
+    ('env = { "A=B" = "x" }', "a: cannot start 'true': illegal environment variable name"),
+    ('env = { A = "x\\u0000" }', "a: cannot start 'true': embedded null byte"),
+])
+def test_a_process_the_launcher_cannot_start_is_named(tmp_path: Any, entry: str, error: str) -> None:
+    """A process entry the launcher could not hand to a process ended ``zmqmesh launch``
+    with an "internal error" (``cwd = 5``: TypeError, status 70), an error naming nothing
+    ("embedded null byte", "illegal environment variable name", status 1), or one blaming
+    the command for a missing ``cwd`` ("cannot start 'true': No such file or directory").
+    Each is one line naming the process and what is wrong with it now, status 2."""
+    launch_file = tmp_path / "bad.toml"
+    launch_file.write_text(f'[[process]]\nname = "a"\ncommand = ["true"]\n{entry}\n')
+    result = run("launch", str(launch_file), timeout=30)
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines() == [f"zmqmesh: error: {launch_file}: {error}"
+                                                  if error.startswith("process") else f"zmqmesh: error: {error}"]

@@ -133,9 +133,12 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
             raise LaunchError(f"{where} ({name}): 'restart' must be one of {', '.join(_RESTARTS)}")
         if not isinstance(env, dict) or not all(isinstance(v, (str, int, float, bool)) for v in env.values()):
             raise LaunchError(f"{where} ({name}): 'env' must be a table of strings")
-        cwd = str((path.parent / entry.get("cwd", ".")).resolve())
+        cwd = entry.get("cwd", ".")
+        if not isinstance(cwd, str) or "\0" in cwd or not (path.parent / cwd).is_dir():
+            raise LaunchError(f"{where} ({name}): 'cwd' must name a directory, got {cwd!r}")
+        cwd = str((path.parent / cwd).resolve())
         store = entry.get("store")
-        if store is not None and (not isinstance(store, str) or not store):
+        if store is not None and (not isinstance(store, str) or not store or "\0" in store):
             raise LaunchError(f"{where} ({name}): 'store' must be a directory name")
         for k in range(count):
             stored: dict[str, str] = {}
@@ -221,6 +224,8 @@ class Launcher:
             )
         except OSError as exc:
             raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # (a NUL in its command or environment, an environment name with '=')
+            raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc}") from None
         self.procs[spec.name] = proc
         self._pumps[spec.name] = pump = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
         pump.start()
