@@ -502,3 +502,16 @@ def test_a_process_the_launcher_cannot_start_is_named(tmp_path: Any, entry: str,
     assert result.returncode == 2, result
     assert result.stderr.strip().splitlines() == [f"zmqmesh: error: {launch_file}: {error}"
                                                   if error.startswith("process") else f"zmqmesh: error: {error}"]
+
+
+@pytest.mark.parametrize("command", ["publish", "push", "request"])
+def test_a_payload_nested_too_deeply_is_a_bad_payload(mesh: dict[str, Any], command: str) -> None:
+    """A JSON payload of 10,000 nested arrays (20 kB) ended the command with "internal
+    error: RecursionError: maximum recursion depth exceeded while decoding a JSON array
+    ... (run with -v and report it)", status 70: a caller's mistake, reported as a bug.
+    It is a bad payload now, said in one line, status 1, before any node starts."""
+    deep = "[" * 10_000 + "]" * 10_000
+    result = run(command, "x", deep, "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]),
+                 "--wait", "0", timeout=30)
+    assert result.returncode == 1, result
+    assert result.stderr.strip() == "zmqmesh: error: payload is nested too deeply"

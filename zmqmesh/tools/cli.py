@@ -81,10 +81,14 @@ def _out(text: str, stop: StopFlag | None = None, file: Any = None) -> None:
 
 
 def _payload(text: str) -> Any:
+    """The JSON value ``text`` holds. Raises `CliError` for text that is not JSON, or nested
+    deeper than the interpreter recurses."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CliError(f"payload is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise CliError("payload is nested too deeply") from None
 
 
 _LONGEST_S = 1e9  # (some 31 years: past that, time.sleep and the deadlines overflow)
