@@ -515,3 +515,14 @@ def test_a_payload_nested_too_deeply_is_a_bad_payload(mesh: dict[str, Any], comm
                  "--wait", "0", timeout=30)
     assert result.returncode == 1, result
     assert result.stderr.strip() == "zmqmesh: error: payload is nested too deeply"
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_keygen_refuses_an_empty_name(tmp_path: Any, name: str) -> None:
+    """``zmqmesh keygen ""`` wrote the hidden files ``.key`` and ``.key_secret`` and said
+    so, status 0 (a variable left unset in a script). It is a one-line error now, status
+    1, and nothing is written."""
+    result = run("keygen", name, "--dir", str(tmp_path), timeout=30)
+    assert result.returncode == 1, result
+    assert result.stderr.strip() == f"zmqmesh: error: a key pair's name must not be empty, got {name!r}"
+    assert list(tmp_path.iterdir()) == []

@@ -85,10 +85,13 @@ def generate_keypair() -> KeyPair:
 def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     """Write ``NAME.key`` (public) and ``NAME.key_secret`` (secret, mode 600) into ``directory``.
 
-    Returns both paths. Refuses to overwrite existing files (raises `FileExistsError`).
+    Returns both paths. Refuses to overwrite existing files (raises `FileExistsError`),
+    and an empty or blank ``name`` (raises `ValueError`: it named hidden files ``.key``).
     """
     from pathlib import Path  # (here: only writing key files needs it, not a node)
 
+    if not name.strip():
+        raise ValueError(f"a key pair's name must not be empty, got {name!r}")
     keys = generate_keypair()
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
