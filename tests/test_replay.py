@@ -70,6 +70,37 @@ def test_a_late_subscriber_replays_the_history_then_goes_live_with_no_gap_or_dup
     assert [(t, n, i) for t, n, i, _g in late] == live, "a replayed message has the id it had live"
 
 
+@pytest.mark.timeout(60)
+def test_publishers_that_left_for_good_make_way_for_new_streams_to_replay(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived subscriber whose publishers come and go, each run on a fresh store (a
+    new stream): past the streams it follows (here 2), the cursor of a stream whose
+    publisher left makes way for the new one. (Before, the cursors of the publishers gone
+    for good were kept: 10 publisher runs left 10 cursors, 20 left 20, and once the table
+    was full no new publisher's history was replayed: here the third's and fourth's.)"""
+    from zmqmesh._patterns import replay
+
+    monkeypatch.setattr(replay, "_MAX_CURSORS", 2)
+    got: list[tuple[int, int]] = []
+    subscriber = zmqmesh.Node("subscriber", **mesh)
+    subscriber.subscribe("kept.", lambda m: got.append((m.data["run"], m.data["n"])), replay="all")
+    with subscriber:
+        for run in range(4):
+            store = str(tmp_path / f"run{run}")
+            # published out of the mesh: the subscriber can have them from the history only
+            alone = {**mesh, "mesh": f"{mesh['mesh']}-alone"}
+            with zmqmesh.Node(f"alone{run}", store=store, history={"kept.": 100}, **alone) as publisher:
+                for n in range(3):
+                    publisher.publish("kept.x", {"run": run, "n": n})
+            with zmqmesh.Node(f"publisher{run}", store=store, history={"kept.": 100}, **mesh) as publisher:
+                publisher.wait_for_peers(1)
+                wait_until(lambda run=run: sum(1 for r, _n in got if r == run) >= 3, 10, f"the history of run {run}")
+            wait_until(lambda: not subscriber.peers(), 10, "the publisher gone")
+        assert len(subscriber._engine.inbox.replays.cursors) <= 2
+        assert subscriber.stats()["rejected"].get("replay_streams_full", 0) == 0
+    assert got == [(run, n) for run in range(4) for n in range(3)]
+
+
 def test_a_subscription_dropped_and_made_again_replays_the_whole_history_again(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A replaying subscription made again is a new one: it replays from the start, as

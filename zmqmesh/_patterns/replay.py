@@ -498,15 +498,16 @@ class Replays:
 
     def _cursor(self, key: Key, options: SubscribeOptions, stream: str, node_id: str,
                 calls: list[Call]) -> Cursor | None:
-        """The subscription's cursor in ``stream``, made (and its catch-up begun) if new;
-        None past `_MAX_CURSORS`: counted (``rejected["replay_streams_full"]``), and that
-        stream's frames are delivered plainly, as a publisher without a history's."""
+        """The subscription's cursor in ``stream``, made (and its catch-up begun) if new.
+        Past `_MAX_CURSORS`, the cursor of a stream whose publisher left makes way
+        (`_make_room`); None if none can: counted (``rejected["replay_streams_full"]``),
+        and that stream's frames are delivered plainly, as a publisher without a history's."""
         cursor = self.cursors.get((key, stream))
         if cursor is not None:
             if cursor.options is options:
                 return cursor
             self._forget((key, stream))  # made for a subscription since dropped: this one is new
-        if len(self.cursors) >= _MAX_CURSORS:
+        if len(self.cursors) >= _MAX_CURSORS and not self._make_room():
             self.stats.reject("replay_streams_full")
             return None
         stored = self._stored(options.durable_name, stream)
@@ -524,6 +525,20 @@ class Replays:
         if stored or options.replay != "new":
             self._catch_up(key, options, cursor, first=not stored)
         return cursor
+
+    def _make_room(self) -> bool:
+        """Forget the oldest cursor of a stream that no present peer publishes and that is
+        not catching up (it holds no live frame); False if there is none. A publisher that
+        comes back on its store after that is followed afresh, as its ``replay`` says (a
+        durable subscription resumes from the place stored). Otherwise the cursors of the
+        streams of publishers gone for good, each run of a worker on a fresh store one,
+        filled the table, and no stream that came later was replayed."""
+        present = {stream for stream, _prefixes in self.directory.streams.values()}
+        for place, cursor in self.cursors.items():
+            if place[1] not in present and not cursor.catching_up:
+                self._forget(place)
+                return True
+        return False
 
     def _catch_up(self, key: Key, options: SubscribeOptions, cursor: Cursor, first: bool = False,
                   numbers_only: bool = False) -> None:
