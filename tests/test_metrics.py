@@ -31,6 +31,14 @@ def value(samples: dict[Any, float], metric: str, **labels: str) -> float:
     return found[0] if found else 0.0
 
 
+def test_a_node_on_an_ipv6_address_names_a_url_that_scrapes(mesh: dict[str, Any]) -> None:
+    """``metrics_endpoint`` for ``::1`` is a URL a client can open (the address in brackets);
+    it read ``http://::1:PORT/metrics``, which none can."""
+    with zmqmesh.Node("scraped6", **mesh, metrics_port=0, metrics_address="::1") as node:
+        assert node.metrics_endpoint is not None and node.metrics_endpoint.startswith("http://[::1]:")
+        assert value(scrape(node.metrics_endpoint), "zmqmesh_peers", node="scraped6") == 0
+
+
 def test_a_node_serves_its_counters_and_they_move(mesh: dict[str, Any]) -> None:
     got: list[Any] = []
     with zmqmesh.Node("scraped", **mesh, metrics_port=0) as a, zmqmesh.Node("other", **mesh) as b:

@@ -301,7 +301,11 @@ class NodeBase:
         """Where this node serves Prometheus metrics (``metrics_port``): the URL of its
         ``/metrics``, or None when it serves none."""
         server = self._engine.metrics
-        return None if server is None else f"http://{self.config.metrics_address}:{server.port}/metrics"
+        if server is None:
+            return None
+        address = self.config.metrics_address
+        host = f"[{address}]" if ":" in address else address  # (an IPv6 address, as a URL writes it)
+        return f"http://{host}:{server.port}/metrics"
 
     @property
     def discovery(self) -> str:
