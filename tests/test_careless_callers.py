@@ -1236,6 +1236,22 @@ def test_an_empty_metrics_address_is_refused_not_every_interface(
         zmqmesh.Node("metered", **mesh, metrics_port=0, **options)
 
 
+@pytest.mark.parametrize("option", ["mesh", "store"])
+@pytest.mark.parametrize("given", ["constructor", "environment"])
+def test_a_blank_mesh_or_store_name_is_refused(monkeypatch: pytest.MonkeyPatch, mesh: dict[str, Any],
+                                               given: str, option: str) -> None:
+    """A mesh or store name of spaces (``ZMQMESH_STORE=" "``, a slip of a launch script) was
+    taken: the node then met no one of its mesh, or made a directory named " " in the
+    current one. It is a `ConfigError` naming the option now."""
+    options = {k: v for k, v in mesh.items() if k != option}
+    if given == "environment":
+        monkeypatch.setenv(f"ZMQMESH_{option.upper()}", "  ")
+    else:
+        options[option] = "  "
+    with pytest.raises(zmqmesh.ConfigError, match=option):
+        zmqmesh.Node("blank", **options)
+
+
 @pytest.mark.parametrize("given", ["constructor", "environment"])
 def test_a_message_bound_zeromq_cannot_hold_is_a_config_error(
         monkeypatch: pytest.MonkeyPatch, mesh: dict[str, Any], given: str) -> None:

@@ -304,16 +304,17 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be {least}..65535, got {value!r}")
         if self.peer_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("peer_timeout_s must be longer than heartbeat_interval_s")
-        if not self.mesh or len(self.mesh) > 200:
-            raise ConfigError("mesh must be a non-empty name of at most 200 characters")
+        if not isinstance(self.mesh, str) or not self.mesh.strip() or len(self.mesh) > 200:
+            raise ConfigError(f"mesh must be a name of at most 200 characters, not blank, got {self.mesh!r}")
         for seed in self.seeds:
             endpoint = seed[41:] if isinstance(seed, str) and seed[40:41] == "@" else seed
             if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
                 raise ConfigError(f"seeds must be tcp:// endpoints (KEY@tcp://... for secure nodes), got {seed!r}")
         if isinstance(self.store_max_bytes, float):  # (SQLite ignores a page count that is not whole: no bound)
             raise ConfigError(f"store_max_bytes must be a whole number of bytes, got {self.store_max_bytes!r}")
-        if self.store is not None and (not isinstance(self.store, (str, os.PathLike)) or not os.fspath(self.store)):
-            raise ConfigError(f"store must name a directory (an empty name would be the current one), got {self.store!r}")
+        if self.store is not None and (not isinstance(self.store, (str, os.PathLike)) or not str(os.fspath(self.store)).strip()):
+            raise ConfigError(f"store must name a directory (an empty name would be the current one, a blank one "
+                              f"a directory named by spaces), got {self.store!r}")
         if self.store_synchronous not in ("normal", "full"):
             raise ConfigError(f"store_synchronous must be 'normal' or 'full', got {self.store_synchronous!r}")
         if self.history and self.store is None:
