@@ -1450,6 +1450,68 @@ def test_past_the_streams_a_node_follows_the_frames_of_another_are_delivered_pla
     assert stats.rejected["replay_streams_full"] == 2
 
 
+@pytest.mark.timeout(30)
+def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_them_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the streams a durable subscription's name keeps places in (here 1), a new
+    stream's place is made by forgetting that of a stream whose publisher left: never while
+    its messages are still being handled, nor while its cursor reads its history (the new
+    stream's frames are then delivered plainly, counted ``durable_streams_full``). Once
+    forgotten, its places and run go from memory and the store, and what its handlers
+    finished before (not yet flushed) is not written back."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+    from zmqmesh._patterns import replay
+    from zmqmesh._store.store import Store
+
+    monkeypatch.setattr(replay, "MAX_DURABLE_STREAMS", 1)
+    publishers = []
+    for id_byte, stream, run in (("b1", "s1", "a1"), ("b2", "s2", "a2"), ("b3", "s3", "a3")):
+        peer = history_publisher(id_byte)
+        peer.headers = {frames.HEADER["stream"]: stream, frames.HEADER["runs"]: run}
+        publishers.append(peer)
+    first, second, third = publishers
+    replays, fetches, directory, stats = replaying(first)
+    registry = replays.registry
+    (key, _options), = registry.replays.items()
+    registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
+    store = Store(str(tmp_path))
+    try:
+        replays.store = store
+        handed: list[Any] = []
+        replays.sync(handed)
+        replays.on_page(fetches[-1], history_page(0, 3), None, handed)
+        replays.before_handling(handed)
+        assert set(store.cursors.load("d")) == {"s1"} and store.cursors.load_runs("d") == {"s1": "a1"}
+        directory.rebuild({}, [second])  # the first publisher gone, its messages still being handled
+        plain: list[Any] = []
+        replays.sync(plain)
+        replays.live("t.x", 0, ["plain"], None, second.id, list(registry.replays.items()), plain)
+        assert [c.arg.data for c in plain] == ["plain"] and plain[0].route is None
+        assert stats.rejected["durable_streams_full"] == 2 and "durable_streams_forgotten" not in stats.rejected
+        for call in handed:
+            replays.handled(call.route)  # (recorded at the next flush)
+        calls: list[Any] = []
+        replays.sync(calls)  # handled: the first stream's place makes way
+        assert stats.rejected["durable_streams_forgotten"] == 1
+        assert [place[1] for place in replays.cursors] == ["s2"]
+        replays.flush()
+        assert store.cursors.load("d") == {}, "what was handled of the first not written back (none of the second)"
+        assert store.cursors.load_runs("d") == {"s2": "a2"}
+        assert replays._durable["d"] == {} and set(replays._runs["d"]) == {"s2"}
+        directory.rebuild({}, [third])  # the second gone while its cursor reads its history
+        replays.sync(calls)
+        assert stats.rejected["durable_streams_full"] == 3 and [place[1] for place in replays.cursors] == ["s2"]
+        second_read = next(f for f in fetches if f.stream == "s2")
+        replays.on_page(second_read, {"rows": [], "more": False, "next": {}}, None, calls)  # read
+        replays.sync(calls)
+        assert stats.rejected["durable_streams_forgotten"] == 2
+        assert [place[1] for place in replays.cursors] == ["s3"]
+        replays.flush()
+        assert store.cursors.load_runs("d") == {"s3": "a3"} and set(replays._followed["d"]) == {"s3"}
+    finally:
+        store.close()
+
+
 def test_each_followed_stream_is_read_again_when_due_however_the_others_were_put_off(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The streams to read again are walked only once the first may be due, not on every

@@ -101,6 +101,83 @@ def test_publishers_that_left_for_good_make_way_for_new_streams_to_replay(
     assert got == [(run, n) for run in range(4) for n in range(3)]
 
 
+def stored_streams(store: Path, name: str) -> tuple[set[str], set[str]]:
+    """The streams the durable subscription ``name`` has rows of in the store's ``cursors``
+    and ``cursor_runs`` tables (read-only)."""
+    db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)
+    try:
+        return ({s for (s,) in db.execute("SELECT DISTINCT stream FROM cursors WHERE name = ?", (name,))},
+                {s for (s,) in db.execute("SELECT stream FROM cursor_runs WHERE name = ?", (name,))})
+    finally:
+        db.close()
+
+
+def stream_of(store: Path) -> str:
+    """The stream id of the publisher store ``store`` (read-only)."""
+    db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)
+    try:
+        return str(db.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_durable_subscription_forgets_the_streams_of_publishers_gone_past_its_bound(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived durable subscriber whose publishers come and go, each run on a fresh
+    store (a new stream): past the streams its name keeps places in (here 2), the places in
+    the streams of publishers gone go, in memory and in its store, counted, and every
+    message of every run is still delivered; a publisher of a forgotten stream that comes
+    back is followed as a new stream (``replay="all"``: its history again). (Before, the
+    name kept a place per stream for good: 10 publisher runs left 10 streams in memory and
+    in the store, 20 left 20.)"""
+    from zmqmesh._patterns import replay
+
+    monkeypatch.setattr(replay, "MAX_DURABLE_STREAMS", 2, raising=False)
+    # (no second read of a history after its catch-up: one on its way as its publisher stops
+    # would keep that stream being read, for `AWAY_HOLD_S`, past the next run)
+    monkeypatch.setattr(replay, "TAIL_LOOKS_S", ())
+    runs = 5
+    history = {"kept.": 100}
+    got: list[tuple[int, int, bool]] = []
+    sub_store = tmp_path / "subscriber"
+    subscriber = zmqmesh.Node("subscriber", store=str(sub_store), **mesh)
+    subscriber.subscribe("kept.", lambda m: got.append((m.data["run"], m.data["n"], m.redelivered)),
+                         replay="all", durable_name="d")
+
+    def publisher_run(run: int, published: bool = False) -> None:
+        store = str(tmp_path / f"run{run}")
+        if not published:  # published out of the mesh: the subscriber can have them from the history only
+            alone = {**mesh, "mesh": f"{mesh['mesh']}-alone"}
+            with zmqmesh.Node(f"alone{run}", store=store, history=history, **alone) as publisher:
+                for n in range(3):
+                    publisher.publish("kept.x", {"run": run, "n": n})
+        seen = sum(1 for r, _n, _re in got if r == run)
+        with zmqmesh.Node(f"publisher{run}", store=store, history=history, **mesh) as publisher:
+            publisher.wait_for_peers(1)
+            wait_until(lambda: sum(1 for r, _n, _re in got if r == run) >= seen + 3, 10, f"the history of run {run}")
+        wait_until(lambda: not subscriber.peers(), 10, "the publisher gone")
+
+    with subscriber:
+        for run in range(runs):
+            publisher_run(run)
+        cursors = subscriber._engine.store.cursors
+        last = stream_of(tmp_path / f"run{runs - 1}")
+        wait_until(lambda: cursors.load("d").get(last, {}).get("kept.x", (-1,))[0] == 2, 10, "the last run recorded")
+        assert len(cursors.load("d")) <= 2 and len(cursors.load_runs("d")) <= 2, \
+            f"at most 2 streams in the store, not {len(cursors.load('d'))}"
+        publisher_run(0, published=True)  # forgotten: followed afresh, its history replayed again
+        stats = subscriber.stats()["rejected"]
+    replays = subscriber._engine.inbox.replays  # (stopped: its state is final)
+    assert len(replays._durable["d"]) <= 2 and len(replays._runs["d"]) <= 2, "at most 2 streams in memory"
+    in_cursors, in_runs = stored_streams(sub_store, "d")
+    assert len(in_cursors) <= 2 and len(in_runs) <= 2, "and in the store (none written back at the stop)"
+    assert stats.get("durable_streams_forgotten") == runs - 2 + 1
+    assert stats.get("durable_streams_full", 0) == 0
+    assert got == [(run, n, False) for run in [*range(runs), 0] for n in range(3)], \
+        "every message of every run, once, and run 0's again as a new stream's"
+
+
 def test_a_subscription_dropped_and_made_again_replays_the_whole_history_again(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A replaying subscription made again is a new one: it replays from the start, as

@@ -37,7 +37,9 @@ it has them all (`_map_piece`).
 A durable subscription keeps, in the node's store, the last number handled per publisher
 stream and topic, so that a restarted subscriber resumes right after it. Before a burst
 is handled the highest number it reaches is recorded too: after a crash, messages up to
-it are delivered again marked ``redelivered`` (they may have been handled).
+it are delivered again marked ``redelivered`` (they may have been handled). A name keeps
+its places in at most `MAX_DURABLE_STREAMS` streams: past them, those in the streams of
+publishers gone make way for a new one (`Replays._durable_room`).
 
 A publisher names the runs (openings) of its store (``X-ZMQMESH-RUNS``); a cursor that
 finds the run it followed last missing from them reads the history again, since the
@@ -57,7 +59,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._mesh.directory import Directory
 from .._mesh.registry import Registry, SubscribeOptions
-from .._stats import Stats
+from .._stats import LogThrottle, Stats
 from .._wire.codec import Codec
 from .._wire.frames import parse_meta
 from ..errors import DecodeError, PeerLostError
@@ -107,6 +109,15 @@ page of no rows) and forgets the others (`Replays._forget_topics`); it asks agai
 follows twice as many as it kept, if that is more. (A quiet publisher is asked anyway:
 `QUIET_LOOK_S`.) So a cursor follows at most about twice what its publisher numbers, which
 the publisher bounds (``MAX_EMPTY_TOPICS`` of the topics of which nothing is kept)."""
+MAX_DURABLE_STREAMS = 4_096
+"""Publisher streams a durable subscription name keeps its places in (in memory and in its
+store). A new stream past them makes the places in the streams of publishers not present
+go, least recently followed first (`Replays._durable_room`): each run of a publisher on a
+fresh store is a new stream, and a long-lived subscriber kept every one it met for good
+(10 runs left 10 streams' places, 20 left 20). If too few can go, the new stream's frames
+are delivered plainly, counted (``rejected["durable_streams_full"]``)."""
+FORGOTTEN_LOG_S = 10.0
+"""Streams whose places a durable subscription forgot are logged at most this often."""
 _LEFT_RUNS = 16  # runs a cursor remembers having left at a rewind
 _NEVER = float("inf")
 PAGE_BURST = 256
@@ -209,6 +220,10 @@ class Replays:
         self._dirty: dict[tuple[str, str, str], list[int]] = {}  # (name, stream, topic) -> [seq, upto, pos]
         self._runs: dict[str, dict[str, str]] = {}  # name -> stream -> the publisher run followed last (stored)
         self._dirty_runs: dict[tuple[str, str], str] = {}
+        # name -> the streams it keeps places in (stored, written, or followed), least recently
+        # followed first: those loaded from the store, then in the order last written or followed
+        self._followed: dict[str, dict[str, None]] = {}
+        self._forgotten_log = LogThrottle(FORGOTTEN_LOG_S)  # (`_durable_room`)
         # durable: the numbers handed out and not yet handled, in order; and of those, the ones
         # handled ahead of the first (how many times each: `handled`)
         self._pending: dict[tuple[str, str, str], deque[int]] = {}
@@ -501,12 +516,18 @@ class Replays:
         """The subscription's cursor in ``stream``, made (and its catch-up begun) if new.
         Past `_MAX_CURSORS`, the cursor of a stream whose publisher left makes way
         (`_make_room`); None if none can: counted (``rejected["replay_streams_full"]``),
-        and that stream's frames are delivered plainly, as a publisher without a history's."""
+        and that stream's frames are delivered plainly, as a publisher without a history's.
+        So too, counted as ``rejected["durable_streams_full"]``, past the streams a durable
+        subscription's name keeps places in (`_durable_room`)."""
         cursor = self.cursors.get((key, stream))
         if cursor is not None:
             if cursor.options is options:
                 return cursor
             self._forget((key, stream))  # made for a subscription since dropped: this one is new
+        name = options.durable_name
+        if name is not None and self.store is not None and not self._durable_room(name, stream):
+            self.stats.reject("durable_streams_full")
+            return None
         if len(self.cursors) >= _MAX_CURSORS and not self._make_room():
             self.stats.reject("replay_streams_full")
             return None
@@ -539,6 +560,74 @@ class Replays:
                 self._forget(place)
                 return True
         return False
+
+    def _durable_room(self, name: str, stream: str) -> bool:
+        """Whether the durable subscription ``name`` may follow ``stream`` (it then counts as
+        followed last), within `MAX_DURABLE_STREAMS` streams: for a new one past them, the
+        places in as many streams as it takes go, least recently followed first (streams
+        loaded from the store and not followed since are the oldest), of those whose
+        publisher is not present, that no cursor of ``name`` is reading (catching up), and
+        with no message being handled. They go from memory, with their cursors, and from
+        the store, in one transaction; counted (``rejected["durable_streams_forgotten"]``)
+        and logged at most every `FORGOTTEN_LOG_S`. A publisher of one that comes back is
+        followed as a new stream, as the subscription's ``replay`` says. False, nothing
+        forgotten, if too few can go or the store refuses (logged). Raises `StoreError`
+        if the places of ``name`` cannot be loaded."""
+        self._stored(name, stream)  # (loaded, if they were not)
+        followed = self._followed.setdefault(name, {})
+        over = len(followed) + 1 - MAX_DURABLE_STREAMS
+        if stream in followed or over <= 0:
+            self._touch(name, stream)
+            return True
+        present = {s for s, _prefixes in self.directory.streams.values()}
+        handling = {s for n, s, _topic in self._pending if n == name}
+        candidates = [s for s in followed if s not in present and s not in handling]
+        if len(candidates) < over:
+            return False
+        reading: set[str] = set()
+        places: dict[str, list[tuple[Key, str]]] = {}
+        for place, cursor in self.cursors.items():
+            if cursor.options.durable_name == name:
+                if cursor.catching_up:
+                    reading.add(place[1])
+                else:
+                    places.setdefault(place[1], []).append(place)
+        doomed = [s for s in candidates if s not in reading][:over]
+        if len(doomed) < over:
+            return False
+        try:
+            self.store.cursors.forget_streams(name, doomed)  # type: ignore[union-attr]
+        except Exception as exc:  # (kept, in memory too: the new stream is delivered plainly)
+            log.error("cannot forget where the durable subscription %r was in streams of publishers gone: %s",
+                      name, exc)
+            return False
+        gone = set(doomed)
+        stored, runs = self._durable.get(name, {}), self._runs.get(name, {})
+        for s in doomed:
+            del followed[s]
+            stored.pop(s, None)
+            runs.pop(s, None)
+            for place in places.get(s, ()):
+                self._forget(place)
+        for mark in [m for m in self._dirty if m[0] == name and m[1] in gone]:  # (never written back)
+            del self._dirty[mark]
+        for place_run in [p for p in self._dirty_runs if p[0] == name and p[1] in gone]:
+            del self._dirty_runs[place_run]
+        self.stats.reject("durable_streams_forgotten", len(doomed))
+        said = self._forgotten_log.due(len(doomed))
+        if said:
+            log.warning("forgot where durable subscriptions were in %d stream(s) of publishers not present (the last "
+                        "of %r, past its %d streams; counted in rejected.durable_streams_forgotten, said again at "
+                        "most every %g s): a publisher of one that comes back is followed afresh, as replay says",
+                        said, name, MAX_DURABLE_STREAMS, FORGOTTEN_LOG_S)
+        followed[stream] = None
+        return True
+
+    def _touch(self, name: str, stream: str) -> None:
+        """Count ``stream`` as the one the durable subscription ``name`` followed last."""
+        followed = self._followed.setdefault(name, {})
+        followed.pop(stream, None)
+        followed[stream] = None
 
     def _catch_up(self, key: Key, options: SubscribeOptions, cursor: Cursor, first: bool = False,
                   numbers_only: bool = False) -> None:
@@ -937,6 +1026,7 @@ class Replays:
         if name not in self._durable:
             self._durable[name] = self.store.cursors.load(name)
             self._runs[name] = self.store.cursors.load_runs(name)
+            self._followed[name] = dict.fromkeys([*self._durable[name], *self._runs[name]])
         return self._durable[name].get(stream, {})
 
     def before_handling(self, calls: list[Call]) -> None:
@@ -989,10 +1079,12 @@ class Replays:
         runs, self._dirty_runs = self._dirty_runs, {}
         for (name, stream), run in runs.items():
             self._runs.setdefault(name, {})[stream] = run
+            self._touch(name, stream)
         rows = []
         for (name, stream, topic), (seq, upto, pos) in dirty.items():
             rows.append((name, stream, topic, seq, max(upto, seq), pos))
             self._durable.setdefault(name, {}).setdefault(stream, {})[topic] = (seq, max(upto, seq), pos)
+            self._touch(name, stream)
         self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()])
 
     def _saved(self, name: str, stream: str, topic: str) -> list[int]:

@@ -52,3 +52,12 @@ class Cursors:
         if topics:
             self._db.write([("DELETE FROM cursors WHERE name = ? AND stream = ? AND topic = ?",
                           [(name, stream, topic) for topic in topics])])
+
+    def forget_streams(self, name: str, streams: Sequence[str]) -> None:
+        """Forget where the durable subscription ``name`` is in ``streams``, every topic,
+        and the runs it followed of them (`Replays` bounds the streams a name keeps), in one
+        transaction. Raises `StoreFullError`, `StoreError`."""
+        if streams:
+            params = [(name, stream) for stream in streams]
+            self._db.write([("DELETE FROM cursors WHERE name = ? AND stream = ?", params),
+                            ("DELETE FROM cursor_runs WHERE name = ? AND stream = ?", params)])
