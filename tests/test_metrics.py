@@ -203,3 +203,83 @@ def test_strangers_idle_connections_hold_no_thread_nor_descriptor_of_the_node_fo
             node.service("echo", lambda msg: msg.data)
             caller.wait_for_service("echo", timeout=10)
             assert caller.request("echo", 7, timeout=5) == 7
+
+
+@pytest.mark.timeout(60)
+def test_strangers_that_trickle_their_requests_do_not_keep_the_metrics_from_scrapers(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection's timeout bounds each wait for it, not its life: strangers that each
+    sent a byte of a header that never ends more often than `IDLE_TIMEOUT_S` held every
+    slot of the metrics server for as long as they kept it up, and no scrape was served
+    (16 connections trickling a byte every 0.2 s: 0 of the scrapes served over 6 s). Now a
+    connection is closed once it has been open `CONNECTION_LIMIT_S`, however it trickles."""
+    import socket
+    import threading
+    import time
+
+    from zmqmesh._observe import prometheus as metrics
+
+    monkeypatch.setattr(metrics, "IDLE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(metrics, "CONNECTION_LIMIT_S", 1.5, raising=False)
+    with zmqmesh.Node("scraped", **mesh, metrics_port=0) as node:
+        assert node.metrics_endpoint is not None
+        port = int(node.metrics_endpoint.rsplit(":", 1)[1].split("/")[0])
+        strangers = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(metrics.MAX_CONNECTIONS)]
+        stop = threading.Event()
+
+        def trickle() -> None:
+            for conn in strangers:
+                conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+            while not stop.is_set():
+                for conn in strangers:
+                    try:
+                        conn.sendall(b"X")  # (a byte of a header that never ends)
+                    except OSError:
+                        pass
+                stop.wait(0.2)
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            time.sleep(0.5)  # (every slot taken)
+            served = 0
+            deadline = time.monotonic() + 6
+            while time.monotonic() < deadline and not served:
+                try:
+                    with urllib.request.urlopen(node.metrics_endpoint, timeout=2) as answer:
+                        served += b"zmqmesh_peers" in answer.read()
+                except OSError:
+                    time.sleep(0.2)
+            assert served, "no scrape served while strangers trickled"
+        finally:
+            stop.set()
+            thread.join(5)
+            for conn in strangers:
+                conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_scraper_that_stops_reading_makes_no_traceback_on_stderr(monkeypatch: pytest.MonkeyPatch,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """The answer's write to a scraper that stops reading times out after `IDLE_TIMEOUT_S`:
+    wsgiref printed that failure's traceback on the process's stderr ("TimeoutError: timed
+    out", a library's print); it is logged (debug) now, as the server's other failures."""
+    import socket
+    import time
+
+    from zmqmesh._observe import prometheus as metrics
+
+    monkeypatch.setattr(metrics, "IDLE_TIMEOUT_S", 0.5)
+    big = {"name": "n", "id": "i",  # (a text larger than the socket buffers take: some 12 MB)
+           "names": {"pubsub": {"out": {f"topic-{i:06d}-" + "x" * 200: 1 for i in range(40_000)}}}}
+    server = metrics.MetricsServer(lambda: [big], "127.0.0.1", 0)
+    try:
+        conn = socket.socket()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.connect(("127.0.0.1", server.port))
+        conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")  # (and never reads the answer)
+        time.sleep(4)
+        conn.close()
+    finally:
+        server.close()
+    assert "Traceback" not in capfd.readouterr().err

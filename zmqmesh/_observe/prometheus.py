@@ -16,6 +16,7 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -34,6 +35,10 @@ each for ever, until the node could open no socket to meet its peers.)"""
 IDLE_TIMEOUT_S = 10.0
 """How long a connection to a node's metrics server may keep it waiting, for its request
 or to take the answer, before it is closed."""
+CONNECTION_LIMIT_S = 30.0
+"""How long a connection to a node's metrics server may stay open in all, however it
+trickles its request or takes the answer (`IDLE_TIMEOUT_S` bounds each wait only: a byte
+sent more often held a slot for good, and `MAX_CONNECTIONS` such strangers every one)."""
 
 Snapshot = dict[str, Any]
 """What `Node.stats()` returns, with ``"id"`` and ``"name"`` added (as ``\\x00stats`` answers)."""
@@ -240,10 +245,34 @@ class MetricsServer:
 
 
 class _SilentHandler(WSGIRequestHandler):
-    """Serves one connection; logs nothing of each request."""
+    """Serves one connection; logs nothing of each request, and what fails in serving it
+    (an answer a scraper stopped taking: `IDLE_TIMEOUT_S`) at debug level."""
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def get_stderr(self) -> _DebugLog:
+        """Where wsgiref writes what fails (``wsgi.errors``): the log, not the process's stderr."""
+        return _DebugLog()
+
+
+class _DebugLog:
+    """A stream whose text, at each flush, is one debug line of the log."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        self._parts.extend(lines)
+
+    def flush(self) -> None:
+        text, self._parts = "".join(self._parts).rstrip(), []
+        if text:
+            log.debug("metrics: serving a connection failed: %s", text)
 
 
 class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -258,6 +287,9 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
         self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._refused_log = LogThrottle()
+        # the connections served now, and when each opened (`service_actions` ends those open too long)
+        self._open: dict[socket.socket, float] = {}
+        self._open_lock = threading.Lock()
         super().__init__(address, _SilentHandler)
         self.set_app(app)
 
@@ -274,9 +306,13 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
             if refused:
                 log.warning("metrics: %d connections open already: closed %d new one(s)", MAX_CONNECTIONS, refused)
             return
+        with self._open_lock:
+            self._open[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:  # (no thread to give the slot back)
+            with self._open_lock:
+                self._open.pop(request, None)
             self._slots.release()
             raise
 
@@ -285,6 +321,26 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close a connection, no longer one `service_actions` may end (taken out of
+        `_open` before it closes: its descriptor, once closed, may be another socket's)."""
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """(The serving thread, at least every half second.) End the connections open
+        longer than `CONNECTION_LIMIT_S`: their thread's wait returns, the thread closes
+        the connection and gives its slot back."""
+        too_old = time.monotonic() - CONNECTION_LIMIT_S
+        with self._open_lock:
+            for request, opened in self._open.items():
+                if opened < too_old:
+                    try:
+                        request.shutdown(socket.SHUT_RDWR)
+                    except OSError:  # (gone already)
+                        pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that failed (timed out, reset): logged, not printed."""
