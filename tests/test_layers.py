@@ -1450,6 +1450,36 @@ def test_past_the_streams_a_node_follows_the_frames_of_another_are_delivered_pla
     assert stats.rejected["replay_streams_full"] == 2
 
 
+def test_a_stream_still_catching_up_never_makes_way_for_a_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the streams a node follows, a new stream's place is made by forgetting the
+    cursor of one whose publisher left, but never one still reading its history: the live
+    frames it holds until then would be lost (they are delivered once the read ends), and
+    the new stream's frames are delivered plainly meanwhile. Once read, it makes way."""
+    from zmqmesh._patterns import replay
+
+    monkeypatch.setattr(replay, "_MAX_CURSORS", 1)
+    first, second = history_publisher("b1"), history_publisher("b2")
+    second.headers = {frames.HEADER["stream"]: "s2"}
+    replays, fetches, directory, stats = replaying(first)
+    subs = list(replays.registry.replays.items())
+    calls: list[Any] = []
+    replays.sync(calls)
+    assert len(fetches) == 1 and [place[1] for place in replays.cursors] == ["s1"]
+    replays.live("t.x", 3, ["held"], None, first.id, subs, calls)  # (held while the history is read)
+    assert calls == []
+    directory.rebuild({}, [second])  # the first publisher gone, its history read still on its way
+    replays.sync(calls)
+    replays.live("t.x", 7, ["plain"], None, second.id, subs, calls)
+    assert [c.arg.data for c in calls] == ["plain"] and [place[1] for place in replays.cursors] == ["s1"]
+    assert stats.rejected["replay_streams_full"] >= 1
+    replays.on_page(fetches[0], history_page(0, 3), None, calls)
+    replays.deliver_pages(calls)
+    assert [c.arg.data for c in calls] == ["plain", 0, 1, 2, "held"], "the held live frame delivered after the history"
+    calls.clear()
+    replays.sync(calls)  # (read: the first's cursor makes way now)
+    assert [place[1] for place in replays.cursors] == ["s2"]
+
+
 @pytest.mark.timeout(30)
 def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_them_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
