@@ -7,6 +7,7 @@ are pure logic; here they are driven directly, as the engine and the drivers dri
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
@@ -1538,6 +1539,62 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
         assert [place[1] for place in replays.cursors] == ["s3"]
         replays.flush()
         assert store.cursors.load_runs("d") == {"s3": "a3"} and set(replays._followed["d"]) == {"s3"}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_store_that_refuses_to_forget_streams_is_logged_once_not_per_frame(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Past the streams a durable subscription keeps places in, a store that refuses to
+    forget the places of a stream gone (a full disk) leaves the new stream's frames
+    delivered plainly, each counted; the error was logged for each of them, at the
+    message rate (50 frames, 51 lines), and the store asked again for each. It is logged at
+    most every `FORGOTTEN_LOG_S` now, and asked again after `FORGET_RETRY_S`."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+    from zmqmesh._patterns import replay
+    from zmqmesh._store.store import Store
+    from zmqmesh.errors import StoreFullError
+
+    monkeypatch.setattr(replay, "MAX_DURABLE_STREAMS", 1)
+    first, second = history_publisher("b1"), history_publisher("b2")
+    second.headers = {frames.HEADER["stream"]: "s2"}
+    replays, fetches, directory, stats = replaying(first)
+    registry = replays.registry
+    (key, _options), = registry.replays.items()
+    registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
+    store = Store(str(tmp_path))
+    try:
+        replays.store = store
+        handed: list[Any] = []
+        replays.sync(handed)
+        replays.on_page(fetches[-1], history_page(0, 3), None, handed)
+        replays.before_handling(handed)
+        for call in handed:
+            replays.handled(call.route)
+        replays.flush()
+        directory.rebuild({}, [second])
+
+        def refuse(name: str, streams: Any) -> None:
+            raise StoreFullError("the store is full")
+
+        forget = store.cursors.forget_streams
+        monkeypatch.setattr(store.cursors, "forget_streams", refuse)
+        subs = list(registry.replays.items())
+        plain: list[Any] = []
+        with caplog.at_level(logging.ERROR, logger="zmqmesh"):
+            replays.sync(plain)
+            for seq in range(50):
+                replays.live("t.x", seq, [seq], None, second.id, subs, plain)
+        assert [c.arg.data for c in plain] == list(range(50))  # (delivered plainly, none lost)
+        assert stats.rejected["durable_streams_full"] >= 50
+        said = [r for r in caplog.records if "cannot forget where the durable subscription" in r.getMessage()]
+        assert len(said) == 1, f"{len(said)} lines for 50 frames"
+        monkeypatch.setattr(store.cursors, "forget_streams", forget)  # the store takes writes again:
+        time.sleep(replay.FORGET_RETRY_S)  # (asked again once the retry is due)
+        replays.live("t.x", 50, [50], None, second.id, subs, plain)
+        assert stats.rejected["durable_streams_forgotten"] == 1
+        assert [place[1] for place in replays.cursors] == ["s2"] and store.cursors.load("d") == {}
     finally:
         store.close()
 

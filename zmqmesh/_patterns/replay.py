@@ -117,7 +117,12 @@ fresh store is a new stream, and a long-lived subscriber kept every one it met f
 (10 runs left 10 streams' places, 20 left 20). If too few can go, the new stream's frames
 are delivered plainly, counted (``rejected["durable_streams_full"]``)."""
 FORGOTTEN_LOG_S = 10.0
-"""Streams whose places a durable subscription forgot are logged at most this often."""
+"""Streams whose places a durable subscription forgot are logged at most this often (and
+so is a store's refusal to forget them)."""
+FORGET_RETRY_S = 1.0
+"""After a store refused to forget the places of streams gone (`Replays._durable_room`),
+how long new streams past the bound are delivered plainly before it is asked again (not
+once per frame: a frame of such a stream asks for room each time)."""
 _LEFT_RUNS = 16  # runs a cursor remembers having left at a rewind
 _NEVER = float("inf")
 PAGE_BURST = 256
@@ -224,6 +229,8 @@ class Replays:
         # followed first: those loaded from the store, then in the order last written or followed
         self._followed: dict[str, dict[str, None]] = {}
         self._forgotten_log = LogThrottle(FORGOTTEN_LOG_S)  # (`_durable_room`)
+        self._forget_refused_log = LogThrottle(FORGOTTEN_LOG_S)
+        self._forget_refused_until = 0.0  # (monotonic: the store refused to forget streams, `_durable_room`)
         # durable: the numbers handed out and not yet handled, in order; and of those, the ones
         # handled ahead of the first (how many times each: `handled`)
         self._pending: dict[tuple[str, str, str], deque[int]] = {}
@@ -571,7 +578,8 @@ class Replays:
         the store, in one transaction; counted (``rejected["durable_streams_forgotten"]``)
         and logged at most every `FORGOTTEN_LOG_S`. A publisher of one that comes back is
         followed as a new stream, as the subscription's ``replay`` says. False, nothing
-        forgotten, if too few can go or the store refuses (logged). Raises `StoreError`
+        forgotten, if too few can go or the store refuses (logged at most every
+        `FORGOTTEN_LOG_S`, and not asked again for `FORGET_RETRY_S`). Raises `StoreError`
         if the places of ``name`` cannot be loaded."""
         self._stored(name, stream)  # (loaded, if they were not)
         followed = self._followed.setdefault(name, {})
@@ -579,6 +587,8 @@ class Replays:
         if stream in followed or over <= 0:
             self._touch(name, stream)
             return True
+        if time.monotonic() < self._forget_refused_until:
+            return False  # (the store refused a moment ago: not asked again per frame)
         present = {s for s, _prefixes in self.directory.streams.values()}
         handling = {s for n, s, _topic in self._pending if n == name}
         candidates = [s for s in followed if s not in present and s not in handling]
@@ -598,8 +608,11 @@ class Replays:
         try:
             self.store.cursors.forget_streams(name, doomed)  # type: ignore[union-attr]
         except Exception as exc:  # (kept, in memory too: the new stream is delivered plainly)
-            log.error("cannot forget where the durable subscription %r was in streams of publishers gone: %s",
-                      name, exc)
+            self._forget_refused_until = time.monotonic() + FORGET_RETRY_S
+            refused = self._forget_refused_log.due()
+            if refused:
+                log.error("cannot forget where the durable subscription %r was in streams of publishers gone: %s "
+                          "(%d time(s); said again at most every %g s)", name, exc, refused, FORGOTTEN_LOG_S)
             return False
         gone = set(doomed)
         stored, runs = self._durable.get(name, {}), self._runs.get(name, {})
