@@ -486,6 +486,7 @@ def test_a_launch_file_whose_mesh_option_is_no_string_is_a_bad_file(tmp_path: An
 @pytest.mark.parametrize(("entry", "error"), [
     ('cwd = 5', "process #1 (a): 'cwd' must name a directory, got 5"),
     ('cwd = "no-such-dir"', "process #1 (a): 'cwd' must name a directory, got 'no-such-dir'"),
+    (f'cwd = "{"d" * 300}"', f"process #1 (a): 'cwd' must name a directory, got '{'d' * 300}'"),  # (too long a name)
     ('store = "s\\u0000"', "process #1 (a): 'store' must be a directory name"),
     ('env = { "A=B" = "x" }', "a: cannot start 'true': illegal environment variable name"),
     ('env = { A = "x\\u0000" }', "a: cannot start 'true': embedded null byte"),

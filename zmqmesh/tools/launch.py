@@ -79,6 +79,15 @@ class ProcessSpec:
     cwd: str = "."
 
 
+def _is_directory(path: Path) -> bool:
+    """Whether ``path`` names a directory; False, not `OSError`, for one the system cannot
+    look at (a name too long, a directory on the way not searchable)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
     """Parse and check a launch file; returns the processes and the stop timeout.
 
@@ -134,7 +143,7 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         if not isinstance(env, dict) or not all(isinstance(v, (str, int, float, bool)) for v in env.values()):
             raise LaunchError(f"{where} ({name}): 'env' must be a table of strings")
         cwd = entry.get("cwd", ".")
-        if not isinstance(cwd, str) or "\0" in cwd or not (path.parent / cwd).is_dir():
+        if not isinstance(cwd, str) or "\0" in cwd or not _is_directory(path.parent / cwd):
             raise LaunchError(f"{where} ({name}): 'cwd' must name a directory, got {cwd!r}")
         cwd = str((path.parent / cwd).resolve())
         store = entry.get("store")
