@@ -283,3 +283,38 @@ def test_a_scraper_that_stops_reading_makes_no_traceback_on_stderr(monkeypatch: 
     finally:
         server.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_strangers_connection_does_not_outlive_the_node(mesh: dict[str, Any]) -> None:
+    """The metrics server ends the connections open too long as it serves; once the node
+    stopped it serves no more, and a stranger trickling its request kept its connection,
+    a thread and a descriptor of the process, for as long as it trickled. Stopping the node
+    ends the connections open."""
+    import socket
+    import time
+
+    node = zmqmesh.Node("scraped", **mesh, metrics_port=0).start()
+    try:
+        assert node.metrics_endpoint is not None
+        port = int(node.metrics_endpoint.rsplit(":", 1)[1].split("/")[0])
+        stranger = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stranger.sendall(b"GET /metrics HTTP/1.1\r\n")
+        time.sleep(0.5)  # (taken: a thread reads its request)
+    finally:
+        node.stop()
+    try:
+        stranger.settimeout(0.3)
+        ended = False
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not ended:
+            try:
+                stranger.sendall(b"X")  # (a byte of a header that never ends)
+                ended = stranger.recv(1024) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                ended = True
+        assert ended, "the connection outlived the node"
+    finally:
+        stranger.close()

@@ -241,6 +241,7 @@ class MetricsServer:
         if server is not None:
             server.shutdown()
             server.server_close()
+            server.end_connections(0.0)  # (none outlives the node: `service_actions` runs no more)
             self._thread.join(5)
 
 
@@ -331,12 +332,16 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
 
     def service_actions(self) -> None:
         """(The serving thread, at least every half second.) End the connections open
-        longer than `CONNECTION_LIMIT_S`: their thread's wait returns, the thread closes
-        the connection and gives its slot back."""
-        too_old = time.monotonic() - CONNECTION_LIMIT_S
+        longer than `CONNECTION_LIMIT_S`."""
+        self.end_connections(CONNECTION_LIMIT_S)
+
+    def end_connections(self, open_s: float) -> None:
+        """End the connections open longer than ``open_s``: their thread's wait returns, the
+        thread closes the connection and gives its slot back."""
+        too_old = time.monotonic() - open_s
         with self._open_lock:
             for request, opened in self._open.items():
-                if opened < too_old:
+                if opened <= too_old:
                     try:
                         request.shutdown(socket.SHUT_RDWR)
                     except OSError:  # (gone already)
