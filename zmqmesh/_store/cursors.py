@@ -34,7 +34,7 @@ class Cursors:
             return dict(self._db.read("SELECT stream, run FROM cursor_runs WHERE name = ?", (name,)))
 
     def save(self, rows: Sequence[tuple[str, str, str, int, int, int]],
-                     runs: Sequence[tuple[str, str, str]] = ()) -> None:
+             runs: Sequence[tuple[str, str, str]] = ()) -> None:
         """Record ``(name, stream, topic, seq, upto, pos)`` cursors, and ``(name, stream,
         run)`` runs followed, in one transaction."""
         statements: list[tuple[str, Any]] = []
@@ -51,7 +51,7 @@ class Cursors:
         (their publisher forgot them: see `Replays`), in one transaction."""
         if topics:
             self._db.write([("DELETE FROM cursors WHERE name = ? AND stream = ? AND topic = ?",
-                          [(name, stream, topic) for topic in topics])])
+                             [(name, stream, topic) for topic in topics])])
 
     def forget_streams(self, name: str, streams: Sequence[str]) -> None:
         """Forget where the durable subscription ``name`` is in ``streams``, every topic,

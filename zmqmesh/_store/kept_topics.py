@@ -78,10 +78,10 @@ class KeptTopics:
             else:
                 found[0], found[1] = min(found[0], seq), max(found[1], seq + count)
         self._db.write([("INSERT INTO history (topic, seq, count, ts, payload, meta) VALUES (?, ?, ?, ?, ?, ?)",
-                      list(rows)),
-                     ("INSERT INTO history_topics (topic, next, start) VALUES (?, ?, ?) "
-                      "ON CONFLICT (topic) DO UPDATE SET next = max(next, excluded.next), emptied = NULL",
-                      [(t, nxt, first) for t, (first, nxt) in span.items()])])
+                         list(rows)),
+                        ("INSERT INTO history_topics (topic, next, start) VALUES (?, ?, ?) "
+                         "ON CONFLICT (topic) DO UPDATE SET next = max(next, excluded.next), emptied = NULL",
+                         [(t, nxt, first) for t, (first, nxt) in span.items()])])
 
     def floor(self) -> int:
         """Where the numbering of a topic not numbered (never, or forgotten) begins: past
@@ -122,7 +122,7 @@ class KeptTopics:
     def trim(self, topic: str, before_seq: int) -> None:
         """Forget the frames of ``topic`` whose messages all come before ``before_seq``."""
         self._db.write([("DELETE FROM history WHERE topic = ? AND seq < ? AND seq + count <= ?",
-                      (topic, before_seq, before_seq))])
+                         (topic, before_seq, before_seq))])
 
     def expire(self, prefix: str, before_ts: float, keep: Sequence[str] = (), *,
                        keep_empty: int) -> tuple[list[str], int]:

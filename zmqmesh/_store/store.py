@@ -302,8 +302,8 @@ class Store:
         node recovering the store: it holds nothing in memory yet); how many there are."""
         with self._db.lock:
             self._db.write_locked([("DELETE FROM parked", ()),
-                                ("INSERT INTO parked (queue, first, last) SELECT queue, min(seq), max(seq) "
-                                 "FROM outbox GROUP BY queue", ())])
+                                   ("INSERT INTO parked (queue, first, last) SELECT queue, min(seq), max(seq) "
+                                    "FROM outbox GROUP BY queue", ())])
             return int(self._db.read("SELECT count(*) FROM parked")[0][0])
 
     def count_attempt(self, seqs: Iterable[int]) -> None:
@@ -401,8 +401,8 @@ class Store:
     def _forget_locked(self, segments: list[tuple[int, int]]) -> None:
         spans = [(f, f + c - 1) for f, c in segments]
         self._db.write_locked([("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", spans),
-                            ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
-                            ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans)])
+                               ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
+                               ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans)])
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -427,7 +427,7 @@ class Store:
         """``(first sequence number, packed size)`` of ``queue``'s first segment after
         ``after``, read without reading the segment; None if there is none (lock held)."""
         rows = self._db.read("SELECT seq, length(items) FROM outbox WHERE queue = ? AND seq > ? ORDER BY seq LIMIT 1",
-                          (queue, after))
+                             (queue, after))
         return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
     def _read_segments(self, queue: str, after: int, limit: int | None,
