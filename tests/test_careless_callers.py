@@ -277,9 +277,10 @@ def test_an_async_node_refuses_another_event_loop(mesh: dict[str, Any]) -> None:
 
 
 def test_an_async_node_refuses_a_later_event_loop_on_its_own_thread(mesh: dict[str, Any]) -> None:
-    """The node's loop, stopped between runs, and another loop run on the same thread: a
-    call from the other one is refused (the check knows its loop by its thread only while
-    it runs)."""
+    """The node's loop, stopped between runs, and another loop run on the same thread; then
+    the node's loop run on another thread: a call from the other loop is refused both times."""
+    import threading
+
     loop_a = asyncio.new_event_loop()
     try:
         async def start() -> zmqmesh.AsyncNode:
@@ -302,6 +303,16 @@ def test_an_async_node_refuses_a_later_event_loop_on_its_own_thread(mesh: dict[s
             return await node.request("echo", 7, timeout=5)
 
         assert loop_a.run_until_complete(on_loop_a()) == 7  # (its own loop, running again: served)
+
+        # its loop run again on another thread, and a call from a loop of the thread that
+        # started it (a check of the thread alone let it through, to sockets of the other thread)
+        moved = threading.Thread(target=loop_a.run_forever, daemon=True)
+        moved.start()
+        try:
+            asyncio.run(from_loop_b())
+        finally:
+            loop_a.call_soon_threadsafe(loop_a.stop)
+            moved.join(10)
         loop_a.run_until_complete(node.stop())
     finally:
         loop_a.close()
