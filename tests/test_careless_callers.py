@@ -1245,6 +1245,7 @@ def test_an_empty_metrics_address_is_refused_not_every_interface(
         options["metrics_address"] = bad
     with pytest.raises(zmqmesh.ConfigError, match="metrics_address"):
         zmqmesh.Node("metered", **mesh, metrics_port=0, **options)
+    zmqmesh.Node("unmetered", **mesh, **options)  # (no metrics served: no address needed)
 
 
 @pytest.mark.parametrize("option", ["mesh", "store"])
@@ -1300,3 +1301,4 @@ def test_a_beacon_port_no_beacon_reaches_is_refused(
     with pytest.raises(zmqmesh.ConfigError, match="beacon_port"):
         zmqmesh.Node("n", **options)
     assert zmqmesh.NodeConfig(mailbox_port=0).mailbox_port == 0
+    assert zmqmesh.NodeConfig(beacon_port=0, discovery=False).beacon_port == 0  # (it sends no beacon)

@@ -250,7 +250,8 @@ class NodeConfig:
         if self.metrics_port is not None and (not isinstance(self.metrics_port, int) or isinstance(
                 self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port must be 0..65535 or None, got {self.metrics_port!r}")
-        if not isinstance(self.metrics_address, str) or not self.metrics_address.strip():
+        if self.metrics_port is not None and (not isinstance(self.metrics_address, str)
+                                              or not self.metrics_address.strip()):
             # (None or "" listened on every interface, where the default keeps to loopback)
             raise ConfigError(f"metrics_address must name the address to listen on ('0.0.0.0' for every "
                               f"interface), got {self.metrics_address!r}")
@@ -299,7 +300,9 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         for name in ("beacon_port", "mailbox_port"):
             value = getattr(self, name)
-            least = 1 if name == "beacon_port" else 0  # (beacons to port 0 reach no one: 0 picks a mailbox port only)
+            # (beacons to port 0 reach no one: 0 picks a mailbox port only, and is no beacon port
+            # unless a node sends none)
+            least = 1 if name == "beacon_port" and self.discovery else 0
             if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= 65535:
                 raise ConfigError(f"{name} must be {least}..65535, got {value!r}")
         if self.peer_timeout_s <= self.heartbeat_interval_s:

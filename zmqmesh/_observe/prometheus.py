@@ -229,7 +229,11 @@ class MetricsServer:
             raise ConfigError(f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}") from None
         self._server: _BoundedServer | None = server
         self._thread = threading.Thread(target=server.serve_forever, name="zmqmesh-metrics", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # (no thread to serve it: the port is let go at once)
+            server.server_close()
+            raise
         self.port: int = server.server_address[1]
         self._lock = threading.Lock()
         log.info("metrics on http://%s:%d/metrics", address, self.port)

@@ -531,12 +531,13 @@ class Replays:
             if cursor.options is options:
                 return cursor
             self._forget((key, stream))  # made for a subscription since dropped: this one is new
+        if len(self.cursors) >= _MAX_CURSORS and not self._make_room():
+            self.stats.reject("replay_streams_full")
+            return None
+        # (after the table had room: what a durable name forgets is gone from its store too)
         name = options.durable_name
         if name is not None and self.store is not None and not self._durable_room(name, stream):
             self.stats.reject("durable_streams_full")
-            return None
-        if len(self.cursors) >= _MAX_CURSORS and not self._make_room():
-            self.stats.reject("replay_streams_full")
             return None
         stored = self._stored(options.durable_name, stream)
         cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or bool(stored))
