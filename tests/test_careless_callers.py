@@ -1115,6 +1115,37 @@ def test_an_async_handler_raising_cancelled_error_fails_alone(mesh: dict[str, An
     assert sorted(got) == sorted([*range(1, 2000), 5])
 
 
+def test_an_async_handler_raising_generator_exit_fails_alone(mesh: dict[str, Any]) -> None:
+    """An ``async def`` handler of an `AsyncNode` (one at a time, the default) that raised a
+    `BaseException` other than a cancellation (`GeneratorExit`, say) ended the inbox's
+    drain: its caller waited out the timeout (counted neither sent, dropped nor errors),
+    and the push after a failed one was dropped. It fails alone, as on a `Node`: the
+    caller's `RemoteError`, or logged and counted."""
+    async def main() -> tuple[list[int], dict[str, Any]]:
+        got: list[int] = []
+        async with zmqmesh.AsyncNode("srv", **mesh) as srv, zmqmesh.AsyncNode("cli", **mesh) as cli:
+            async def handle(message: Any) -> Any:
+                if message.data == 0:
+                    raise GeneratorExit
+                got.append(message.data)
+                return message.data
+
+            srv.service("s", handle)
+            srv.pull("jobs", handle)
+            await cli.wait_for_service("s", timeout=10)
+            await cli.wait_for_pullers("jobs", timeout=10)
+            with pytest.raises(zmqmesh.RemoteError, match="GeneratorExit"):
+                await cli.request("s", 0, timeout=10)
+            assert await cli.request("s", 5, timeout=10) == 5
+            await cli.push_many("jobs", [0, 1])
+            await asyncio.wait_for(until(lambda: got == [5, 1] and srv.stats()["pipeline"]["errors"] == 1), 10)
+            return got, srv.stats()
+
+    got, stats = asyncio.run(main())
+    assert stats["service"]["errors"] == 1 and stats["service"]["sent"] == 2, stats["service"]
+    assert stats["pipeline"]["dropped"] == 0, stats["pipeline"]
+
+
 def test_a_wait_cancelled_as_its_condition_is_met_ends_cancelled(mesh: dict[str, Any]) -> None:
     """``wait_for_service`` (and every ``wait_for_*``) awaited ``asyncio.wait_for`` around its
     future: cancelled in the pass its condition was met in, the task returned normally, and

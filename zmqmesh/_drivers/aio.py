@@ -38,6 +38,7 @@ from .._mesh.waiters import Room, Until
 from .._observe import tracing
 from .._patterns.calls import (
     Call,
+    handler_failure,
     is_async,
     run_async,
     run_batch,
@@ -689,6 +690,8 @@ class LoopInbox(Dispatcher):
                             self.drop(call)
                             raise
                         self.complete(call, None, exc)
+                    except BaseException as exc:  # (GeneratorExit, say: see `handler_failure`)
+                        self.complete(call, None, handler_failure(exc))
                     continue
                 started = self.starting(call)
                 token = serve_as(call)
@@ -704,6 +707,8 @@ class LoopInbox(Dispatcher):
                         self.drop(call)
                         raise
                     result, error = None, exc
+                except BaseException as exc:  # (GeneratorExit, say: see `handler_failure`)
+                    result, error = None, handler_failure(exc)
                 finally:
                     served(token, error)
                     if release is not None:
