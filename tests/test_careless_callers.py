@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from helpers import until, wait_until
 
 import zmqmesh
 import zmqmesh._mesh.registry
+from zmqmesh._drivers.pipelined import MAX_SUBMITTED
 
 BAD_TIMEOUTS = [math.nan, math.inf, -1, -0.5, "5", True, None, 10**400]
 
@@ -622,6 +625,50 @@ def test_a_timeout_longer_than_a_lock_can_wait_is_waited_not_an_overflow(mesh: d
     for t in threads:
         t.join(5)
     assert len(outcomes) == 4 and all(isinstance(e, zmqmesh.ZmqMeshError) for e in outcomes), outcomes
+
+
+def test_a_stop_or_submit_given_longer_than_a_lock_can_wait_overflows_nothing(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A timeout past ``threading.TIMEOUT_MAX`` (some 292 years) is accepted, and was handed
+    to a thread's join or a lock's wait as it was: ``stop(timeout=1e10)`` skipped waiting
+    for the handlers and left the ZeroMQ context and its descriptors open ('timestamp out
+    of range for platform time_t', logged), and a `submit` that had to wait for room
+    raised a bare `OverflowError` at once. Such a wait lasts some 31 years instead."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    zmqmesh.Node("warm", **mesh).start().stop()
+    fds = open_fds()
+    node = zmqmesh.Node("n", **mesh)
+    node.service("s", lambda m: m.data)
+    node.start()
+    node.stop(timeout=1e10)
+    assert "failed while stopping" not in caplog.text
+    wait_until(lambda: open_fds() <= fds, 5, "the stopped node's descriptors to close")
+
+    release = threading.Event()
+    outcomes: list[Any] = []
+    with zmqmesh.Node("srv", **mesh) as srv, zmqmesh.Node("cli", request_timeout_s=1e10, **mesh) as cli:
+        srv.service("hold", lambda m: release.wait(20))
+        cli.wait_for_service("hold", timeout=10)
+        held = [cli.submit("hold", i, timeout=30) for i in range(MAX_SUBMITTED)]
+
+        def submit(timeout: float | None) -> None:
+            try:
+                outcomes.append(cli.submit("hold", None, timeout=timeout))
+            except BaseException as exc:  # noqa: BLE001
+                outcomes.append(exc)
+
+        waiting = [threading.Thread(target=submit, args=(t,), daemon=True) for t in (1e10, None)]
+        for thread in waiting:
+            thread.start()
+        time.sleep(0.5)
+        assert outcomes == [], f"a submit waiting for room failed at once: {outcomes!r}"
+        release.set()
+        for thread in waiting:
+            thread.join(30)
+        assert len(outcomes) == 2 and all(isinstance(f, Future) for f in outcomes), outcomes
+        assert all(f.result(30) is True for f in [*held, *outcomes])
 
 
 @pytest.mark.parametrize("option", ["send_queue_max", "max_message_bytes", "send_hwm", "queue_hwm", "handler_concurrency",
