@@ -1162,6 +1162,36 @@ def test_an_async_handler_raising_cancelled_error_fails_alone(mesh: dict[str, An
     assert sorted(got) == sorted([*range(1, 2000), 5])
 
 
+def test_requests_a_departed_provider_leaves_unanswered_leave_no_deadlines_behind(mesh: dict[str, Any]) -> None:
+    """Thousands of an `AsyncNode`'s requests in flight when their provider left all fail
+    at once; their deadlines stayed in the requester's table until their timeout (all
+    3,000 of them, with none outstanding: 72,000 with a killed provider). They go with them."""
+    async def main() -> tuple[dict[str, int], int, int]:
+        async with zmqmesh.AsyncNode("cli", **mesh) as cli:
+            srv = zmqmesh.AsyncNode("srv", **mesh)
+
+            @srv.service("hold")
+            async def hold(message: Any) -> None:
+                await asyncio.sleep(30)
+
+            await srv.start()
+            await cli.wait_for_service("hold", timeout=10)
+            calls = [asyncio.ensure_future(cli.request("hold", n, timeout=600)) for n in range(3000)]
+            await asyncio.wait_for(until(lambda: cli.stats()["request"]["sent"] == 3000), 20)
+            await srv.stop(timeout=0)
+            done, _ = await asyncio.wait(calls, timeout=20)
+            outcomes: dict[str, int] = {}
+            for call in done:
+                kind = type(call.exception()).__name__
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+            table = cli._engine.requests.outstanding  # type: ignore[union-attr]
+            return outcomes, len(table), len(table._queued) + len(table._heap)
+
+    outcomes, waiting, deadlines = asyncio.run(main())
+    assert sum(outcomes.values()) == 3000 and not outcomes.keys() - {"PeerLostError", "RemoteError"}, outcomes
+    assert waiting == 0 and deadlines <= 1024 + 64, f"{deadlines} deadlines left with no request outstanding"
+
+
 def test_an_async_handler_raising_generator_exit_fails_alone(mesh: dict[str, Any]) -> None:
     """An ``async def`` handler of an `AsyncNode` (one at a time, the default) that raised a
     `BaseException` other than a cancellation (`GeneratorExit`, say) ended the inbox's

@@ -510,6 +510,30 @@ def test_outstanding_deadlines_fall_due_in_time_order_whatever_order_they_came_i
     assert table.expired(base + 200) == [("w4999", "svc")] and len(table) == 0
 
 
+def test_outstanding_requests_that_end_together_leave_no_deadlines_behind() -> None:
+    """Requests that ended together, with none made after them (their provider left, their
+    callers gave them up, or their replies came), left their deadlines in the table until
+    each fell due: 72,000 with no request outstanding, on an `AsyncNode` whose provider was
+    killed, held until the requests' timeout. The table keeps its bound then too (twice the
+    requests waiting, plus its slack)."""
+    from zmqmesh._patterns import outstanding
+
+    later = time.monotonic() + 600
+    for how in ("lost", "forgotten", "answered"):
+        table: outstanding.Outstanding[int] = outstanding.Outstanding()
+        ids = [table.add(n, "p", "svc", later + n % 3) for n in range(5000)]
+        if how == "lost":
+            assert len(table.lost("p")) == 5000
+        elif how == "forgotten":
+            assert table.forget_where(lambda waiter: True) == 5000
+        else:
+            for request_id in ids:
+                table.answer_all([request_id, frames.STATUS_OK, b""], "p")
+        left = len(table._queued) + len(table._heap)
+        assert len(table) == 0 and left <= outstanding._SLACK + outstanding._CHECK_EVERY, (how, left)
+        assert table.next_deadline() is None
+
+
 def test_in_order_calls_keep_the_window_and_raise_the_first_failure_in_item_order() -> None:
     from zmqmesh._patterns.in_order import InOrder
 

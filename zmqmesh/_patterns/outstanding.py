@@ -11,9 +11,9 @@ Deadlines are kept in order, not in a timer per request: a driver wakes at
 `next_deadline`. Calls with the same timeout fall due in the order they were made, so
 deadlines that come in order join a queue (a deque: no heap operation per request), and
 only one earlier than the last queued (a shorter timeout) goes into a heap beside it. A
-request answered in time leaves its entry behind, dropped when it reaches the front or
-when both are rebuilt (they never hold more than twice the requests outstanding, plus
-`_SLACK` and `_CHECK_EVERY`).
+request answered in time (or forgotten, or lost with its provider) leaves its entry
+behind, dropped when it reaches the front or when both are rebuilt (they never hold more
+than twice the requests outstanding, plus `_SLACK` and `_CHECK_EVERY`).
 """
 
 from __future__ import annotations
@@ -75,10 +75,16 @@ class Outstanding(Generic[Waiter]):
             queued.append((deadline, request_id))
         else:
             heapq.heappush(self._heap, (deadline, request_id))
-        if not number % _CHECK_EVERY and len(queued) + len(self._heap) > 2 * len(self._pending) + _SLACK:
+        if not number % _CHECK_EVERY:
+            self._tidy()
+        return request_id
+
+    def _tidy(self) -> None:
+        """Rebuild the deadlines from the requests still waiting once the entries that others
+        left behind are too many (more than twice those waiting, plus `_SLACK`)."""
+        if len(self._queued) + len(self._heap) > 2 * len(self._pending) + _SLACK:
             self._queued = deque(sorted((entry[3], rid) for rid, entry in self._pending.items()))
             self._heap = []
-        return request_id
 
     def withdraw(self, request_id: bytes) -> bool:
         """Forget a request that could not be sent; whether it still waited."""
@@ -117,6 +123,8 @@ class Outstanding(Generic[Waiter]):
                 found.append((entry[0], status, body))
         if found:
             self._answered(provider_id, len(found))
+            if len(self._queued) + len(self._heap) > 2 * len(pending) + _SLACK:  # (`_tidy`'s test, per frame)
+                self._tidy()
         return found, len(replies) - len(found)
 
     def next_deadline(self) -> float | None:
@@ -152,13 +160,18 @@ class Outstanding(Generic[Waiter]):
         gone = [rid for rid, entry in self._pending.items() if given_up(entry[0])]
         for request_id in gone:
             self._answered(self._pending.pop(request_id)[1], 1)
+        if gone:
+            self._tidy()
         return len(gone)
 
     def lost(self, provider_id: str) -> list[tuple[Waiter, str]]:
         """Take the requests that ``provider_id`` was to answer: ``(waiter, service)`` each."""
         gone = [rid for rid, entry in self._pending.items() if entry[1] == provider_id]
         self._per_provider.pop(provider_id, None)
-        return [(entry[0], entry[2]) for entry in (self._pending.pop(rid) for rid in gone)]
+        taken = [(entry[0], entry[2]) for entry in (self._pending.pop(rid) for rid in gone)]
+        if taken:
+            self._tidy()
+        return taken
 
     def take_all(self) -> list[Waiter]:
         """Take every waiting request's waiter (the requester is closing)."""
