@@ -1286,6 +1286,32 @@ def test_a_reply_that_came_in_the_pass_its_caller_was_cancelled_counts_as_droppe
     assert asyncio.run(main()) == (1, 1, True)
 
 
+def test_requests_cancelled_before_their_batch_went_are_not_counted_as_sent(mesh: dict[str, Any]) -> None:
+    """Requests to a busy provider gather into a batch that goes at the end of the loop's
+    pass; those cancelled before it went are left out of it. They were counted as sent
+    under their service's name all the same: 100 in ``names["request"]["sent"]`` for the
+    97 requests sent (and received by the provider). A service's count is what went."""
+    release = threading.Event()
+
+    async def main() -> tuple[int, dict[str, int], int]:
+        with zmqmesh.Node("provider", **mesh) as provider:
+            provider.service("held", lambda m: release.wait(10) and m.data)
+            async with zmqmesh.AsyncNode("caller", **mesh) as node:
+                await node.wait_for_service("held", timeout=10)
+                calls = [asyncio.ensure_future(node.request("held", n, timeout=10)) for n in range(100)]
+                await asyncio.sleep(0)  # (each made its request: one went alone, the others gathered)
+                for call in calls:
+                    call.cancel()
+                await asyncio.wait(calls, timeout=10)
+                sent = node.stats()["request"]["sent"]
+                release.set()
+                await asyncio.wait_for(until(lambda: provider.stats()["service"]["sent"] >= sent), 10)
+                return sent, node.stats()["names"]["request"]["sent"], provider.stats()["service"]["received"]
+
+    sent, names, received = asyncio.run(main())
+    assert 0 < sent < 100 and names == {"held": sent} and received == sent, (sent, names, received)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
 def test_a_push_waiting_for_room_leaves_the_loop_idle(mesh: dict[str, Any], kind: str) -> None:

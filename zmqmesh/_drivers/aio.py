@@ -1000,7 +1000,7 @@ class LoopRequester:
 
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
-                            _done, full_only=full_only, renew=self._renew)
+                            _done, full_only=full_only, renew=self._renew, tally=self.tally)
         if sent:
             self.engine.stats.count_sent(self.tally, sent)
 

@@ -96,10 +96,13 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
 def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socket[Any]],
                  outstanding: Outstanding[Any], engine: Engine,
                  fail: Callable[[Any, BaseException], None], gave_up: Callable[[Any], bool] | None = None,
-                 full_only: bool = False, renew: Callable[[str], zmq.Socket[Any]] | None = None) -> int:
+                 full_only: bool = False, renew: Callable[[str], zmq.Socket[Any]] | None = None,
+                 tally: RequestTally | None = None) -> int:
     """Send the batches gathered since the last call, each on its provider's socket; how
     many requests went. A request no longer waited for is left out: forgotten (its
-    caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``.
+    caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``;
+    it was counted as sent under its service when it was gathered, and ``tally`` (the
+    driver's, where those counts go) takes that back.
     ``fail(waiter, error)`` hears of each request of a batch that could not be sent:
     `MeshTimeoutError` when the provider takes no more, `NodeClosedError` or `ZmqMeshError`
     when the socket failed. Requests gathered meanwhile (by ``fail``) go too. ``full_only``:
@@ -111,7 +114,12 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             return sent
         for batch in taken:
             sock = sockets.get(batch.key)
-            batch.keep(outstanding.ids, gave_up)
+            left_out = batch.keep(outstanding.ids, gave_up)
+            if left_out and tally is not None:
+                sent_names = tally.sent
+                for service_b in left_out:
+                    service = service_b.decode()
+                    sent_names[service] = sent_names.get(service, 0) - 1
             if sock is None or not batch.items:
                 continue
             try:
@@ -276,7 +284,8 @@ class Pipelined:
 
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self._sockets, self.outstanding, self.engine,
-                            lambda job, error: self.resume(job, None, error), full_only=full_only, renew=self._renew)
+                            lambda job, error: self.resume(job, None, error), full_only=full_only, renew=self._renew,
+                            tally=self._tally)
         if sent:
             self.engine.stats.count_sent(self._tally, sent)
 

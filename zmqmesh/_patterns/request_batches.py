@@ -47,16 +47,21 @@ class Batch(Generic[Key, Waiter]):
         self.waiters: list[tuple[bytes, Waiter]] = []
         self.size = 1
 
-    def keep(self, waiting: Container[bytes], gave_up: Callable[[Waiter], bool] | None = None) -> None:
-        """Keep only the requests still ``waiting`` (by id) whose waiter has not ``gave_up``."""
+    def keep(self, waiting: Container[bytes], gave_up: Callable[[Waiter], bool] | None = None) -> list[bytes]:
+        """Keep only the requests still ``waiting`` (by id) whose waiter has not ``gave_up``;
+        the services (as bytes) of those left out, one per request."""
         if gave_up is None:
             kept = [k for k, (request_id, _) in enumerate(self.waiters) if request_id in waiting]
         else:
             kept = [k for k, (request_id, waiter) in enumerate(self.waiters)
                     if request_id in waiting and not gave_up(waiter)]
-        if len(kept) < len(self.waiters):
-            self.items = [self.items[k] for k in kept]
-            self.waiters = [self.waiters[k] for k in kept]
+        if len(kept) == len(self.waiters):
+            return []
+        keeping = set(kept)
+        left_out = [item[0] for k, item in enumerate(self.items) if k not in keeping]
+        self.items = [self.items[k] for k in kept]
+        self.waiters = [self.waiters[k] for k in kept]
+        return left_out
 
     def frame(self) -> bytes:
         """The frame that carries the batch (one request: its one-frame form)."""
