@@ -1312,6 +1312,39 @@ def test_requests_cancelled_before_their_batch_went_are_not_counted_as_sent(mesh
     assert 0 < sent < 100 and names == {"held": sent} and received == sent, (sent, names, received)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_reply_to_a_caller_that_left_is_counted_as_dropped_not_sent(mesh: dict[str, Any], batched: bool) -> None:
+    """A caller that gave up on its requests and left: the provider's replies to it cannot
+    go (ROUTER_MANDATORY). Each was counted as dropped and as sent too (1 request
+    received: sent 1, dropped 1); so were the replies held to go back in a batch. A reply
+    that cannot go is dropped, not sent: received = sent + dropped."""
+    release = threading.Event()
+    served: list[int] = []
+
+    def handle(message: zmqmesh.Message) -> int:
+        if message.data == 10:  # (the ten before were quick: the replies to the batch are held meanwhile)
+            release.wait(10)
+        served.append(message.data)
+        return int(message.data)
+
+    with zmqmesh.Node("provider", **mesh) as provider:
+        provider.service("s", handle)
+        caller = zmqmesh.Node("caller", **mesh).start()
+        caller.wait_for_service("s", timeout=10)
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            if batched:
+                caller.request_many("s", list(range(20)), timeout=0.5)
+            else:
+                caller.request("s", 10, timeout=0.5)
+        caller.stop()
+        release.set()
+        count = 20 if batched else 1
+        wait_until(lambda: len(served) == count and provider.stats()["service"]["dropped"] > 0, 10,
+                   "the replies to the caller that left")
+        counts = provider.stats()["service"]
+    assert counts["received"] == count and counts["sent"] + counts["dropped"] == count, counts
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
 def test_a_push_waiting_for_room_leaves_the_loop_idle(mesh: dict[str, Any], kind: str) -> None:

@@ -207,7 +207,8 @@ class Dispatcher:
         self._deadline: float | None = None
         self._left_at_stop: dict[str, int] = {}  # what the stop left unhandled, by `_LEFT_AT_STOP`'s kinds
         self._reported_as: str | None = None  # (the node's name, once `report_left_at_stop` was called)
-        self._held: dict[bytes, list[Any]] | None = None  # caller: [bytes, replies, frame's caller] (`send_reply`)
+        # caller: [bytes, replies, frame's caller, how many are answers] (`send_reply`)
+        self._held: dict[bytes, list[Any]] | None = None
         self.unsent = UnsentReplies(_UNSENT_PER_CALLER * config.send_queue_max_bytes,
                                     _UNSENT_IN_ALL * config.send_queue_max_bytes)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
@@ -835,8 +836,7 @@ class Dispatcher:
                 self.stats.pattern["service"]["errors"] += 1
                 self._reply_error(route, exc)
             else:
-                self.send_reply(route, wire.STATUS_OK, body)
-                self.stats.pattern["service"]["sent"] += 1
+                self.send_reply(route, wire.STATUS_OK, body, answer=True)
             return
         if isinstance(error, CutShort):  # (left at the stop, as the requests not begun: its caller is told)
             self._left_unhandled("service", route, 1, "requests cut short")
@@ -851,15 +851,18 @@ class Dispatcher:
         except Exception:  # (a broken exception object: the reply goes all the same)
             text = ""
         body = self._error_body(error, text)
-        self.send_reply(route, wire.STATUS_ERROR, body)
-        self.stats.pattern["service"]["sent"] += 1
+        self.send_reply(route, wire.STATUS_ERROR, body, answer=True)
 
-    def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> None:
-        """Send a reply to ``route``; an unreachable caller is counted. While replies are
-        held (`replies_held`), a small one to a caller that sent a batch waits to go back
-        in a batch. Held replies go with the first reply to a later frame of that caller's,
-        if they are `EARLY_ITEMS` or more (the caller refills its window meanwhile, and
-        small frames still merge), or when the batch is full or the burst ends."""
+    def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes, answer: bool = False) -> None:
+        """Send a reply to ``route``, counted in ``service.sent`` if it is a handler's
+        ``answer``; one to an unreachable caller is counted as dropped instead. While replies
+        are held (`replies_held`), a small one to a caller that sent a batch waits to go
+        back in a batch. Held replies go with the first reply to a later frame of that
+        caller's, if they are `EARLY_ITEMS` or more (the caller refills its window meanwhile,
+        and small frames still merge), or when the batch is full or the burst ends."""
+        counters = self.stats.pattern["service"]
+        if answer:  # (counted before it goes, as a caller may have it at once; taken back if it cannot go)
+            counters["sent"] += 1
         held = self._held
         size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
         if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
@@ -867,28 +870,32 @@ class Dispatcher:
             entry = held.get(caller)
             if entry is not None and ((entry[2] is not caller and len(entry[1]) >= EARLY_ITEMS) or
                                       wire.batch_full(entry[0], len(entry[1]), size)):
-                self._send_held(caller, held.pop(caller)[1])
+                _size, replies, _frame, answers = held.pop(caller)
+                self._send_held(caller, replies, answers)
                 entry = None
-            if entry is None:
-                held[caller] = [1 + size, [(route[1], status, body)], caller]  # (1: the batch's mark)
+            if entry is None:  # (1: the batch's mark)
+                held[caller] = [1 + size, [(route[1], status, body)], caller, int(answer)]
             else:
                 entry[0] += size
                 entry[1].append((route[1], status, body))
                 entry[2] = caller
+                entry[3] += answer
             return
         self._router_used = True
         if len(body) >= wire.LARGE_FRAME:
-            if self._send_tracked_if_room(route, status, body):
+            if self._send_tracked_if_room(route, status, body, answer):
                 return
             status, body = wire.STATUS_ERROR, self._refused_reply(len(body))  # (the caller hears of it at once)
         try:
             send_frames(self.router, wire.reply_frames(route, status, body))
         except zmq.ZMQError:
-            self.stats.pattern["service"]["dropped"] += 1
+            counters["dropped"] += 1
+            counters["sent"] -= answer
 
-    def _send_tracked_if_room(self, route: tuple[bytes, bytes], status: bytes, body: bytes) -> bool:
+    def _send_tracked_if_room(self, route: tuple[bytes, bytes], status: bytes, body: bytes, answer: bool) -> bool:
         """Send a reply of `LARGE_FRAME` bytes or more uncopied and tracked (`UnsentReplies`)
-        if its caller has room for it; False, counted in ``service.reply_refused``, if not."""
+        if its caller has room for it; False, counted in ``service.reply_refused``, if not.
+        One that cannot go is counted as dropped (and no longer as sent, if an ``answer``)."""
         caller = bytes(route[0])
         if not self.unsent.room(caller, len(body)):
             self.stats.add("service", "reply_refused")
@@ -897,6 +904,7 @@ class Dispatcher:
             tracker = send_tracked(self.router, wire.reply_frames(route, status, body))
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += 1
+            self.stats.pattern["service"]["sent"] -= answer
             return True
         self.unsent.sent(caller, tracker, len(body))
         return True
@@ -968,8 +976,8 @@ class Dispatcher:
         """Send the replies held so far, and go on holding (before handlers that may be slow)."""
         if self._held:
             held, self._held = self._held, {}
-            for caller, (_size, replies, _frame) in held.items():
-                self._send_held(caller, replies)
+            for caller, (_size, replies, _frame, answers) in held.items():
+                self._send_held(caller, replies, answers)
 
     def finished(self, call: Call, started: float) -> None:
         """The handler of ``call``, started at ``started`` (`starting`), returned."""
@@ -992,7 +1000,9 @@ class Dispatcher:
         except TypeError:  # an unhashable callable: never held for
             pass
 
-    def _send_held(self, caller: bytes, replies: list[tuple[bytes, bytes, bytes]]) -> None:
+    def _send_held(self, caller: bytes, replies: list[tuple[bytes, bytes, bytes]], answers: int) -> None:
+        """Send the ``replies`` held for ``caller``, ``answers`` of them handlers' (counted as
+        sent: taken back, and all counted as dropped, if they cannot go)."""
         if len(replies) == 1:
             frame = wire.reply_frames((caller, replies[0][0]), replies[0][1], replies[0][2])[1]
         else:
@@ -1002,6 +1012,7 @@ class Dispatcher:
             send_frames(self.router, [caller, frame])
         except zmq.ZMQError:
             self.stats.pattern["service"]["dropped"] += len(replies)
+            self.stats.pattern["service"]["sent"] -= answers
 
     def drop(self, call: Call) -> None:
         """Count a call abandoned at a stop's deadline, or cut short by it (owner thread,
