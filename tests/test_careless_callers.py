@@ -376,6 +376,30 @@ def test_pushes_to_queues_nobody_pulls_leave_no_sockets_behind(mesh: dict[str, A
             wait_until(lambda: got == [7], 10, "a push to a queue that now has a puller")
 
 
+def test_sockets_to_a_provider_that_left_close_while_their_threads_are_idle(mesh: dict[str, Any]) -> None:
+    """A `Node`'s calling threads (and its submit thread) keep a socket per provider they
+    called; one to a provider that left was closed only at that thread's next call (or,
+    for a thread that ended, at a new thread's first): an idle node kept them all, each
+    trying to connect to the gone endpoint ten times a second (5 providers: some 40 failed
+    TCP connections a second, for as long as it made no call). They close when it leaves."""
+    with zmqmesh.Node("caller", **mesh) as caller:
+        def open_sockets() -> int:
+            return len(caller._engine.ctx._sockets)
+
+        baseline = open_sockets()
+        with zmqmesh.Node("provider", **mesh) as provider:
+            provider.service("echo", lambda m: m.data)
+            caller.wait_for_service("echo", timeout=10)
+            assert caller.request("echo", 1, timeout=5) == 1
+            assert caller.request_many("echo", range(10), timeout=5) == list(range(10))
+            assert caller.submit("echo", 2, timeout=5).result(5) == 2
+            ended = threading.Thread(target=lambda: caller.request("echo", 3, timeout=5))
+            ended.start()
+            ended.join(10)
+            assert open_sockets() >= baseline + 4, "a socket per calling thread (and per request_many, submit)"
+        wait_until(lambda: open_sockets() <= baseline, 10, "the sockets to the provider that left to close")
+
+
 def test_a_map_keyed_by_tuples_arrives_as_sent_and_takes_no_batch_with_it(mesh: dict[str, Any]) -> None:
     """msgpack sends a tuple key as an array, which Python cannot hash: such a message used
     to take its whole batch with it (and an at-least-once batch never got acknowledged)."""

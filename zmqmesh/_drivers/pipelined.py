@@ -471,6 +471,11 @@ class Submitter:
             return
         waiter.add_done_callback(lambda done: self._come_back(job, None, done.exception()))
 
+    def wake(self) -> None:
+        """Have the thread look at its sockets now (any thread): those to providers that
+        left are closed (`Pipelined.prune`)."""
+        self._waker.wake()
+
     def begin_close(self) -> None:
         """Make the thread fail what is in flight with `NodeClosedError` and end (any thread)."""
         self._closing = True

@@ -293,7 +293,7 @@ class ThreadRequester:
         return sock
 
     def _prune(self) -> None:
-        """Close sockets to providers that left (call when membership changed)."""
+        """Close sockets to providers that left (call when membership changed, holding `in_use`)."""
         directory = self.engine.directory
         self._membership_epoch = directory.epoch
         alive = directory.alive_ids
@@ -371,7 +371,28 @@ class ThreadRequesters:
         return len(self._all)
 
     def peer_gone(self, peer_id: str) -> None:
-        """Nothing to do: a waiting thread sees the provider leave the directory itself."""
+        """Close the sockets to providers that left that no thread is using: those of the
+        threads that ended, and those of the threads between two calls (a thread in a call
+        sees the provider leave the directory itself); the submit thread is woken to close
+        its own. Left open, each would try to connect to the provider's endpoint again, ten
+        times a second, until its thread made another call. (On the loop: waits for no lock.)"""
+        if self._submitter is not None:
+            self._submitter.wake()
+        if not self._lock.acquire(blocking=False):  # (a new thread, or a stop, looks at them now)
+            return
+        try:
+            for requester in list(self._all):
+                if not requester.owner.is_alive():
+                    requester.close()  # its thread is gone: nobody else uses these sockets
+                    self._all.remove(requester)
+                elif requester.in_use.acquire(blocking=False):
+                    try:
+                        if not requester.closed:
+                            requester._prune()
+                    finally:
+                        requester.in_use.release()
+        finally:
+            self._lock.release()
 
     def fail_outstanding(self) -> None:
         """Fail what was submitted (`Node.submit`) with `NodeClosedError`; a blocked
