@@ -1505,6 +1505,23 @@ def test_a_stream_still_catching_up_never_makes_way_for_a_new_one(monkeypatch: p
     assert [place[1] for place in replays.cursors] == ["s2"]
 
 
+def _durable_and_read(replays: Any, store: Any, fetches: list[Any]) -> list[Any]:
+    """Make the one replaying subscription of ``replays`` durable (name ``d``) in ``store``,
+    and have it read its first publisher's history of 3: the calls handed out for them (the
+    store holds the place they reach as upto)."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+
+    registry = replays.registry
+    (key, _options), = registry.replays.items()
+    registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
+    replays.store = store
+    handed: list[Any] = []
+    replays.sync(handed)
+    replays.on_page(fetches[-1], history_page(0, 3), None, handed)
+    replays.before_handling(handed)
+    return handed
+
+
 @pytest.mark.timeout(30)
 def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_them_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1514,7 +1531,6 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
     stream's frames are then delivered plainly, counted ``durable_streams_full``). Once
     forgotten, its places and run go from memory and the store, and what its handlers
     finished before (not yet flushed) is not written back."""
-    from zmqmesh._mesh.registry import SubscribeOptions
     from zmqmesh._patterns import replay
     from zmqmesh._store.store import Store
 
@@ -1527,15 +1543,9 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
     first, second, third = publishers
     replays, fetches, directory, stats = replaying(first)
     registry = replays.registry
-    (key, _options), = registry.replays.items()
-    registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
     store = Store(str(tmp_path))
     try:
-        replays.store = store
-        handed: list[Any] = []
-        replays.sync(handed)
-        replays.on_page(fetches[-1], history_page(0, 3), None, handed)
-        replays.before_handling(handed)
+        handed = _durable_and_read(replays, store, fetches)
         assert set(store.cursors.load("d")) == {"s1"} and store.cursors.load_runs("d") == {"s1": "a1"}
         directory.rebuild({}, [second])  # the first publisher gone, its messages still being handled
         plain: list[Any] = []
@@ -1575,7 +1585,6 @@ def test_a_store_that_refuses_to_forget_streams_is_logged_once_not_per_frame(
     delivered plainly, each counted; the error was logged for each of them, at the
     message rate (50 frames, 51 lines), and the store asked again for each. It is logged at
     most every `FORGOTTEN_LOG_S` now, and asked again after `FORGET_RETRY_S`."""
-    from zmqmesh._mesh.registry import SubscribeOptions
     from zmqmesh._patterns import replay
     from zmqmesh._store.store import Store
     from zmqmesh.errors import StoreFullError
@@ -1585,15 +1594,9 @@ def test_a_store_that_refuses_to_forget_streams_is_logged_once_not_per_frame(
     second.headers = {frames.HEADER["stream"]: "s2"}
     replays, fetches, directory, stats = replaying(first)
     registry = replays.registry
-    (key, _options), = registry.replays.items()
-    registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
     store = Store(str(tmp_path))
     try:
-        replays.store = store
-        handed: list[Any] = []
-        replays.sync(handed)
-        replays.on_page(fetches[-1], history_page(0, 3), None, handed)
-        replays.before_handling(handed)
+        handed = _durable_and_read(replays, store, fetches)
         for call in handed:
             replays.handled(call.route)
         replays.flush()

@@ -101,24 +101,25 @@ def test_publishers_that_left_for_good_make_way_for_new_streams_to_replay(
     assert got == [(run, n) for run in range(4) for n in range(3)]
 
 
+def read_only(store: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """The rows ``sql`` selects in the store ``store``, read-only (while its node runs, too)."""
+    db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, params).fetchall()
+    finally:
+        db.close()
+
+
 def stored_streams(store: Path, name: str) -> tuple[set[str], set[str]]:
     """The streams the durable subscription ``name`` has rows of in the store's ``cursors``
     and ``cursor_runs`` tables (read-only)."""
-    db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)
-    try:
-        return ({s for (s,) in db.execute("SELECT DISTINCT stream FROM cursors WHERE name = ?", (name,))},
-                {s for (s,) in db.execute("SELECT stream FROM cursor_runs WHERE name = ?", (name,))})
-    finally:
-        db.close()
+    return ({s for (s,) in read_only(store, "SELECT DISTINCT stream FROM cursors WHERE name = ?", (name,))},
+            {s for (s,) in read_only(store, "SELECT stream FROM cursor_runs WHERE name = ?", (name,))})
 
 
 def stream_of(store: Path) -> str:
     """The stream id of the publisher store ``store`` (read-only)."""
-    db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)
-    try:
-        return str(db.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()[0])
-    finally:
-        db.close()
+    return str(read_only(store, "SELECT value FROM meta WHERE key = 'stream'")[0][0])
 
 
 @pytest.mark.timeout(60)
@@ -656,11 +657,7 @@ def test_a_durable_subscriber_away_while_its_publisher_crash_loops_is_not_taken_
 
 def numbered_topics(store: Path) -> int:
     """How many topics the store keeps a numbering for (read-only, while its node runs)."""
-    db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)
-    try:
-        return int(db.execute("SELECT count(*) FROM history_topics").fetchone()[0])
-    finally:
-        db.close()
+    return int(read_only(store, "SELECT count(*) FROM history_topics")[0][0])
 
 
 def test_a_topic_of_which_everything_expired_is_forgotten_and_numbered_anew_past_its_old_numbers(
