@@ -1336,6 +1336,33 @@ def test_requests_cancelled_before_their_batch_went_are_not_counted_as_sent(mesh
     assert 0 < sent < 100 and names == {"held": sent} and received == sent, (sent, names, received)
 
 
+def test_built_in_calls_cancelled_before_their_batch_went_count_nothing(mesh: dict[str, Any]) -> None:
+    """Calls of the built-in services (`node_stats`) are not counted under their name when
+    made; those gathered into a batch to a busy provider and cancelled before it went were
+    taken back all the same: ``names["request"]["sent"]`` held ``"\\x00stats"`` below zero."""
+    release = threading.Event()
+
+    async def main() -> dict[str, int]:
+        with zmqmesh.Node("provider", **mesh) as provider:
+            provider.service("held", lambda m: release.wait(10) and m.data)
+            async with zmqmesh.AsyncNode("caller", **mesh) as node:
+                await node.wait_for_service("held", timeout=10)
+                first = asyncio.ensure_future(node.request("held", 1, timeout=10))
+                await asyncio.wait_for(until(lambda: provider.stats()["service"]["received"] == 1), 10)
+                calls = [asyncio.ensure_future(node.node_stats(provider.id, timeout=10)) for _ in range(50)]
+                await asyncio.sleep(0)  # (each made its request: gathered, the provider being busy)
+                for call in calls:
+                    call.cancel()
+                await asyncio.wait(calls, timeout=10)
+                release.set()
+                assert await first == 1
+                names: dict[str, int] = node.stats()["names"]["request"]["sent"]
+                return names
+
+    names = asyncio.run(main())
+    assert names == {"held": 1}, names
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_a_reply_to_a_caller_that_left_is_counted_as_dropped_not_sent(mesh: dict[str, Any], batched: bool) -> None:
     """A caller that gave up on its requests and left: the provider's replies to it cannot

@@ -101,8 +101,8 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
     """Send the batches gathered since the last call, each on its provider's socket; how
     many requests went. A request no longer waited for is left out: forgotten (its
     caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``;
-    it was counted as sent under its service when it was gathered, and ``tally`` (the
-    driver's, where those counts go) takes that back.
+    it was counted as sent under its service when it was gathered (unless a built-in
+    service's), and ``tally`` (the driver's) takes that back.
     ``fail(waiter, error)`` hears of each request of a batch that could not be sent:
     `MeshTimeoutError` when the provider takes no more, `NodeClosedError` or `ZmqMeshError`
     when the socket failed. Requests gathered meanwhile (by ``fail``) go too. ``full_only``:
@@ -118,6 +118,8 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             if left_out and tally is not None:
                 sent_names = tally.sent
                 for service_b in left_out:
+                    if service_b[:1] == b"\x00":  # (a built-in's: never counted, see `request_plan`)
+                        continue
                     service = service_b.decode()
                     sent_names[service] = sent_names.get(service, 0) - 1
             if sock is None or not batch.items:
