@@ -400,6 +400,39 @@ def test_sockets_to_a_provider_that_left_close_while_their_threads_are_idle(mesh
         wait_until(lambda: open_sockets() <= baseline, 10, "the sockets to the provider that left to close")
 
 
+@pytest.mark.parametrize("how", ["request", "request_many"])
+def test_sockets_to_a_provider_that_left_during_a_call_close_once_it_is_over(mesh: dict[str, Any], how: str) -> None:
+    """A provider that leaves while the thread is in a call to another: the departure passes
+    that thread by (it may be using its sockets), and it closed its own only at its next
+    call: an idle thread kept its sockets to the provider that left, trying to connect to
+    it ten times a second. They close once the call is over."""
+    with zmqmesh.Node("caller", **mesh) as caller, zmqmesh.Node("slow", **mesh) as slow:
+        slow.service("slow", lambda m: time.sleep(m.data) or m.data)
+        with zmqmesh.Node("leaving", **mesh) as leaving:
+            leaving.service("echo", lambda m: m.data)
+            caller.wait_for_service("echo", timeout=10)
+            caller.wait_for_service("slow", timeout=10)
+            assert caller.request("echo", 1, timeout=5) == 1
+            assert caller.request_many("echo", [2], timeout=5) == [2]
+            gone = leaving.id
+
+            def to_the_one_that_left() -> int:
+                requesters = caller._engine.requests._all  # type: ignore[union-attr]
+                return sum((gone in r.sockets) + (r._pipelined is not None and gone in r._pipelined._sockets)
+                           for r in requesters)
+
+            assert to_the_one_that_left() == 2
+            stopping = threading.Timer(0.3, leaving.stop)
+            stopping.start()
+            if how == "request":
+                assert caller.request("slow", 2.0, timeout=10) == 2.0
+            else:
+                assert caller.request_many("slow", [2.0], timeout=10) == [2.0]
+            stopping.join(10)
+            assert gone not in caller._engine.directory.alive_ids, "it left during the call"
+        wait_until(lambda: not to_the_one_that_left(), 5, "the sockets to the provider that left to close")
+
+
 def test_a_map_keyed_by_tuples_arrives_as_sent_and_takes_no_batch_with_it(mesh: dict[str, Any]) -> None:
     """msgpack sends a tuple key as an array, which Python cannot hash: such a message used
     to take its whole batch with it (and an at-least-once batch never got acknowledged)."""

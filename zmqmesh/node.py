@@ -284,11 +284,14 @@ class Node(NodeBase):
         # (imported first: not under the lock a stop waits for)
         from ._drivers.pipelined import run_many
 
-        with requester.in_use:  # (its sockets: a stop closes them only once this call is over)
-            requester.check_open()
-            # items in a sequence are at hand: their requests go in batches; those of an
-            # iterator go as they come (its next item may take its time)
-            return run_many(requester.pipelined(), calls, window, at_hand=isinstance(items, Sequence))
+        try:
+            with requester.in_use:  # (its sockets: a stop closes them only once this call is over)
+                requester.check_open()
+                # items in a sequence are at hand: their requests go in batches; those of an
+                # iterator go as they come (its next item may take its time)
+                return run_many(requester.pipelined(), calls, window, at_hand=isinstance(items, Sequence))
+        finally:
+            requester.after_call()
 
     def submit(self, service: str, data: Any = None, timeout: float | None = None, peer: str | Peer | None = None,
                *, headers: dict[str, str] | None = None) -> Future[Any]:

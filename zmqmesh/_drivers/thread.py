@@ -208,7 +208,8 @@ class ThreadRequester:
         engine.stats.track(self.tally)
         self.in_use = threading.RLock()
         """Held by the thread while it uses the sockets: `exchange` takes it, and so must a
-        caller of `pipelined` (`Node.request_many`), then `check_open`."""
+        caller of `pipelined` (`Node.request_many`), then `check_open`, and call
+        `after_call` once it let go."""
         self.closed = False
 
     def check_open(self) -> None:
@@ -231,29 +232,42 @@ class ThreadRequester:
         """Send one request and wait for its reply: ``(status, body)``. Raises
         `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`. What it counts goes into
         `tally`."""
-        with self.in_use:
-            self.check_open()
-            engine = self.engine
-            provider = step.provider
-            if engine.directory.epoch != self._membership_epoch:
-                self._prune()
-            sock = self.sockets.get(provider.id) or self._connect(provider)
-            request_id = next(self._ids).to_bytes(8, "big")
-            try:
+        try:
+            with self.in_use:
+                self.check_open()
+                engine = self.engine
+                provider = step.provider
+                if engine.directory.epoch != self._membership_epoch:
+                    self._prune()
+                sock = self.sockets.get(provider.id) or self._connect(provider)
+                request_id = next(self._ids).to_bytes(8, "big")
                 try:
-                    send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
-                except zmq.Again:
-                    # one request of this thread in flight at most: a DEALER that refuses one lost
-                    # its connection for good (see `link_dropped`), and a new one takes it
-                    report_link_dropped(engine, provider.id)
-                    self._slices.pop(provider.id, None)
-                    self.sockets.pop(provider.id).close(0)
-                    sock = self._connect(provider)
-                    send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
-            except zmq.ZMQError as exc:
-                raise send_failure(exc, provider.id, engine, step.service) from exc
-            engine.stats.count_sent(self.tally, 1)
-            return self._wait(sock, request_id, provider, step.service, step.deadline)
+                    try:
+                        send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
+                    except zmq.Again:
+                        # one request of this thread in flight at most: a DEALER that refuses one lost
+                        # its connection for good (see `link_dropped`), and a new one takes it
+                        report_link_dropped(engine, provider.id)
+                        self._slices.pop(provider.id, None)
+                        self.sockets.pop(provider.id).close(0)
+                        sock = self._connect(provider)
+                        send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
+                except zmq.ZMQError as exc:
+                    raise send_failure(exc, provider.id, engine, step.service) from exc
+                engine.stats.count_sent(self.tally, 1)
+                return self._wait(sock, request_id, provider, step.service, step.deadline)
+        finally:
+            self.after_call()
+
+    def after_call(self) -> None:
+        """Close the sockets to providers that left during a call, once it let go of
+        `in_use` (`exchange`, and a caller of `pipelined`): `ThreadRequesters.peer_gone`
+        passes over a thread in a call, which would keep them until its next call. (Looked
+        at after letting go: a provider that leaves later finds `in_use` free.)"""
+        if self.engine.directory.epoch != self._membership_epoch:
+            with self.in_use:
+                if not self.closed:
+                    self._prune()
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
@@ -373,8 +387,8 @@ class ThreadRequesters:
     def peer_gone(self, peer_id: str) -> None:
         """Close the sockets to providers that left that no thread is using: those of the
         threads that ended, and those of the threads between two calls (a thread in a call
-        sees the provider leave the directory itself); the submit thread is woken to close
-        its own. Left open, each would try to connect to the provider's endpoint again, ten
+        closes its own once the call is over: `ThreadRequester.after_call`); the submit
+        thread is woken to close its own. Left open, each would try to connect to the provider's endpoint again, ten
         times a second, until its thread made another call. (On the loop: waits for no lock.)"""
         if self._submitter is not None:
             self._submitter.wake()
