@@ -18,6 +18,7 @@ from helpers import until, wait_until
 import zmqmesh
 import zmqmesh._mesh.registry
 from zmqmesh._drivers.pipelined import MAX_SUBMITTED
+from zmqmesh._drivers.thread import ThreadRequesters
 
 BAD_TIMEOUTS = [math.nan, math.inf, -1, -0.5, "5", True, None, 10**400]
 
@@ -398,6 +399,31 @@ def test_sockets_to_a_provider_that_left_close_while_their_threads_are_idle(mesh
             ended.join(10)
             assert open_sockets() >= baseline + 4, "a socket per calling thread (and per request_many, submit)"
         wait_until(lambda: open_sockets() <= baseline, 10, "the sockets to the provider that left to close")
+
+
+def test_sockets_to_a_provider_that_left_close_while_a_new_thread_registers(mesh: dict[str, Any]) -> None:
+    """A provider that leaves while another thread takes the table of calling threads (a
+    new thread making its first call, closing the sockets of those that ended): the
+    departure passed every idle thread by, which kept its socket to the provider that
+    left, trying to connect to it ten times a second, until its next call. The table is
+    only needed to drop the threads that ended."""
+    with zmqmesh.Node("caller", **mesh) as caller:
+        requesters = caller._engine.requests
+        assert isinstance(requesters, ThreadRequesters)
+        with zmqmesh.Node("leaving", **mesh) as leaving:
+            leaving.service("echo", lambda m: m.data)
+            caller.wait_for_service("echo", timeout=10)
+            assert caller.request("echo", 1, timeout=5) == 1
+            gone = leaving.id
+
+            def to_the_one_that_left() -> int:
+                return sum(gone in r.sockets for r in requesters._all)
+
+            assert to_the_one_that_left() == 1
+            with requesters._lock:  # (as a new thread's first call holds it: the departure comes meanwhile)
+                leaving.stop()
+                wait_until(lambda: gone not in caller._engine.directory.alive_ids, 10, "the provider to leave")
+        wait_until(lambda: not to_the_one_that_left(), 5, "the socket to the provider that left to close")
 
 
 @pytest.mark.parametrize("how", ["request", "request_many"])

@@ -339,8 +339,9 @@ class ThreadRequester:
 
 class ThreadRequesters:
     """The requesters of the threads that called `Node.request`, one per live thread: the
-    sockets of a thread that ended are closed when the next new thread asks (so a
-    program that calls from short-lived threads does not run out of descriptors)."""
+    sockets of a thread that ended are closed when the next new thread asks, or a
+    provider leaves (so a program that calls from short-lived threads does not run out of
+    descriptors)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -376,8 +377,10 @@ class ThreadRequesters:
             self._local.requester = requester
             with self._lock:
                 for ended in [r for r in self._all if not r.owner.is_alive()]:
-                    ended.close()  # its thread is gone: nobody else uses these sockets
-                    self._all.remove(ended)
+                    # its thread is gone: only `peer_gone` may hold its sockets a moment (then
+                    # they close at the next look)
+                    if ended.close():
+                        self._all.remove(ended)
                 self._all.append(requester)
         return requester
 
@@ -392,13 +395,14 @@ class ThreadRequesters:
         times a second, until its thread made another call. (On the loop: waits for no lock.)"""
         if self._submitter is not None:
             self._submitter.wake()
-        if not self._lock.acquire(blocking=False):  # (a new thread, or a stop, looks at them now)
-            return
+        # the table is needed only to drop the threads that ended (a new thread's first call,
+        # or a stop, holding it does so itself); each requester's sockets need its `in_use`
+        table = self._lock.acquire(blocking=False)
         try:
-            for requester in list(self._all):
-                if not requester.owner.is_alive():
-                    requester.close()  # its thread is gone: nobody else uses these sockets
-                    self._all.remove(requester)
+            for requester in list(self._all):  # (a copy, taken in one C call)
+                if table and not requester.owner.is_alive():
+                    if requester.close():  # its thread is gone: nobody else uses these sockets
+                        self._all.remove(requester)
                 elif requester.in_use.acquire(blocking=False):
                     try:
                         if not requester.closed:
@@ -406,7 +410,8 @@ class ThreadRequesters:
                     finally:
                         requester.in_use.release()
         finally:
-            self._lock.release()
+            if table:
+                self._lock.release()
 
     def fail_outstanding(self) -> None:
         """Fail what was submitted (`Node.submit`) with `NodeClosedError`; a blocked
