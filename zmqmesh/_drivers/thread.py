@@ -391,8 +391,9 @@ class ThreadRequesters:
         """Close the sockets to providers that left that no thread is using: those of the
         threads that ended, and those of the threads between two calls (a thread in a call
         closes its own once the call is over: `ThreadRequester.after_call`); the submit
-        thread is woken to close its own. Left open, each would try to connect to the provider's endpoint again, ten
-        times a second, until its thread made another call. (On the loop: waits for no lock.)"""
+        thread is woken to close its own. Left open, each would try to connect to the
+        provider's endpoint again, ten times a second, until its thread made another call.
+        (On the loop: waits for no lock but a moment's, the waker's and the stats'.)"""
         if self._submitter is not None:
             self._submitter.wake()
         # the table is needed only to drop the threads that ended (a new thread's first call,
