@@ -306,10 +306,11 @@ class Node(NodeBase):
         room freed up in time.
 
         The futures complete on that thread of the node, so their done-callbacks run
-        there: keep them short, and never wait in one for another future (nothing else
-        completes meanwhile). A request made from one (`request`, `request_many`) raises
-        `ZmqMeshError`; `submit` from one never waits for room (`MeshTimeoutError` at once
-        when there is none).
+        there (those a stop fails may complete on another thread of the node, or on one
+        calling `submit` meanwhile): keep them short, and never wait in one for another
+        future (nothing else completes meanwhile). A request made from one (`request`,
+        `request_many`) raises `ZmqMeshError`; `submit` from one never waits for room
+        (`MeshTimeoutError` at once when there is none).
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.submit would block the node's own I/O thread")
