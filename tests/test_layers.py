@@ -1530,7 +1530,7 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
     its messages are still being handled, nor while its cursor reads its history (the new
     stream's frames are then delivered plainly, counted ``durable_streams_full``). Once
     forgotten, its places and run go from memory and the store, and what its handlers
-    finished before (not yet flushed) is not written back."""
+    finished before, or the run it followed since (neither flushed yet), is not written back."""
     from zmqmesh._patterns import replay
     from zmqmesh._store.store import Store
 
@@ -1563,6 +1563,10 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
         assert store.cursors.load("d") == {}, "what was handled of the first not written back (none of the second)"
         assert store.cursors.load_runs("d") == {"s2": "a2"}
         assert replays._durable["d"] == {} and set(replays._runs["d"]) == {"s2"}
+        second.headers = {**second.headers, frames.HEADER["runs"]: "b2,a2"}  # its store opened again
+        directory.rebuild({}, [second])
+        replays.sync(calls)  # (the run followed now: recorded at the next flush, after it is forgotten)
+        assert replays._dirty_runs == {("d", "s2"): "b2"}
         directory.rebuild({}, [third])  # the second gone while its cursor reads its history
         replays.sync(calls)
         assert stats.rejected["durable_streams_full"] == 3 and [place[1] for place in replays.cursors] == ["s2"]
