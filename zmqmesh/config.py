@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from ._record import fields_of, frozen_record, replaced
 from .errors import ConfigError
 
-__all__ = ["NodeConfig", "DEFAULT_BEACON_PORT", "HistoryPolicy", "parse_history"]
+__all__ = ["NodeConfig", "DEFAULT_BEACON_PORT", "HistoryPolicy", "LONGEST_WAIT_S", "parse_history"]
 
 DEFAULT_BEACON_PORT = 5670
 """UDP port of ZRE discovery (ZRE-DISC, assigned by IANA)."""
@@ -298,6 +298,8 @@ class NodeConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+            if value > LONGEST_WAIT_S:
+                object.__setattr__(self, name, LONGEST_WAIT_S)
         for name in ("beacon_port", "mailbox_port"):
             value = getattr(self, name)
             # (beacons to port 0 reach no one: 0 picks a mailbox port only, and is no beacon port
@@ -373,6 +375,10 @@ class NodeConfig:
         return replaced(self, **options)
 
 
+LONGEST_WAIT_S = 1e9
+"""The longest a wait lasts (some 31 years): a timeout past it waits that long (a lock's
+wait or a thread's join past ``threading.TIMEOUT_MAX``, some 292 years, raises
+`OverflowError`). The timeouts of a config are held to it as it is made."""
 _LARGEST_HWM = (1 << 31) - 1  # (ZeroMQ's high-water marks are C ints)
 _LARGEST_MESSAGE = (1 << 63) - 1 - (64 << 10)  # (ZeroMQ's MAXMSGSIZE, a 64-bit int, takes it and a frame's headroom)
 

@@ -314,7 +314,7 @@ class Node(NodeBase):
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.submit would block the node's own I/O thread")
-        seconds = check_timeout(self.config.request_timeout_s if timeout is None else timeout)
+        seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
         self._engine.ensure_running()
         requesters = self._engine.requests
         assert isinstance(requesters, ThreadRequesters)

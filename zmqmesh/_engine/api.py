@@ -39,7 +39,7 @@ from .._wire.frames import (
     check_headers,
     wire_size,
 )
-from ..config import NodeConfig
+from ..config import LONGEST_WAIT_S, NodeConfig
 from ..errors import (
     ConfigError,
     MeshTimeoutError,
@@ -128,21 +128,18 @@ def fetch_plan(engine: Engine, fetch: Fetch, timeout: float = 10.0) -> Plan:
 
 _ID_SUFFIXES = tuple(f".{i:x}" for i in range(256))  # (a run of ids: one number formatted per 256)
 _LONGEST_S = sys.float_info.max  # (NaN fails every comparison, so the chained check rejects it, as it does infinity)
-_LONGEST_WAIT_S = 1e9
-"""The longest a wait lasts (some 31 years): a lock's wait or a thread's join past
-``threading.TIMEOUT_MAX`` (some 292 years) raises `OverflowError`."""
 
 
 def check_timeout(value: Any, name: str = "timeout") -> float:
-    """``value`` as seconds to wait: a finite number >= 0, at most `_LONGEST_WAIT_S` (a
+    """``value`` as seconds to wait: a finite number >= 0, at most `LONGEST_WAIT_S` (a
     longer one waits that long). Raises `ConfigError` (a `ValueError`) for anything else:
     NaN, a negative or infinite number, one too large for a float, a non-number."""
     # (exact types first: the common case, per call, skips the isinstance checks)
     number = type(value) is float or type(value) is int or (isinstance(value, (int, float)) and not isinstance(value, bool))
-    if number and 0 <= value <= _LONGEST_WAIT_S:
+    if number and 0 <= value <= LONGEST_WAIT_S:
         return float(value)
     if number and 0 <= value <= _LONGEST_S:
-        return _LONGEST_WAIT_S
+        return LONGEST_WAIT_S
     shown = repr(value)
     raise ConfigError(f"{name} must be a finite number of seconds >= 0, got "
                       f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
