@@ -562,12 +562,16 @@ class Replays:
         durable subscription resumes from the place stored). Otherwise the cursors of the
         streams of publishers gone for good, each run of a worker on a fresh store one,
         filled the table, and no stream that came later was replayed."""
-        present = {stream for stream, _prefixes in self.directory.streams.values()}
+        present = self._present_streams()
         for place, cursor in self.cursors.items():
             if place[1] not in present and not cursor.catching_up:
                 self._forget(place)
                 return True
         return False
+
+    def _present_streams(self) -> set[str]:
+        """The streams of the publishers present now."""
+        return {stream for stream, _prefixes in self.directory.streams.values()}
 
     def _durable_room(self, name: str, stream: str) -> bool:
         """Whether the durable subscription ``name`` may follow ``stream`` (it then counts as
@@ -590,7 +594,7 @@ class Replays:
             return True
         if time.monotonic() < self._forget_refused_until:
             return False  # (the store refused a moment ago: not asked again per frame)
-        present = {s for s, _prefixes in self.directory.streams.values()}
+        present = self._present_streams()
         handling = {s for n, s, _topic in self._pending if n == name}
         candidates = [s for s in followed if s not in present and s not in handling]
         if len(candidates) < over:
@@ -1093,11 +1097,11 @@ class Replays:
         runs, self._dirty_runs = self._dirty_runs, {}
         for (name, stream), run in runs.items():
             self._runs.setdefault(name, {})[stream] = run
-            self._touch(name, stream)
         rows = []
         for (name, stream, topic), (seq, upto, pos) in dirty.items():
             rows.append((name, stream, topic, seq, max(upto, seq), pos))
             self._durable.setdefault(name, {}).setdefault(stream, {})[topic] = (seq, max(upto, seq), pos)
+        for name, stream in {*runs, *((name, stream) for name, stream, _topic in dirty)}:  # (once a stream)
             self._touch(name, stream)
         self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()])
 
