@@ -836,7 +836,7 @@ class Dispatcher:
                 self.stats.pattern["service"]["errors"] += 1
                 self._reply_error(route, exc)
             else:
-                self.send_reply(route, wire.STATUS_OK, body, answer=True)
+                self.send_reply(route, wire.STATUS_OK, body, True)
             return
         if isinstance(error, CutShort):  # (left at the stop, as the requests not begun: its caller is told)
             self._left_unhandled("service", route, 1, "requests cut short")
@@ -851,7 +851,7 @@ class Dispatcher:
         except Exception:  # (a broken exception object: the reply goes all the same)
             text = ""
         body = self._error_body(error, text)
-        self.send_reply(route, wire.STATUS_ERROR, body, answer=True)
+        self.send_reply(route, wire.STATUS_ERROR, body, True)
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes, answer: bool = False) -> None:
         """Send a reply to ``route``, counted in ``service.sent`` if it is a handler's
@@ -860,9 +860,8 @@ class Dispatcher:
         back in a batch. Held replies go with the first reply to a later frame of that
         caller's, if they are `EARLY_ITEMS` or more (the caller refills its window meanwhile,
         and small frames still merge), or when the batch is full or the burst ends."""
-        counters = self.stats.pattern["service"]
         if answer:  # (counted before it goes, as a caller may have it at once; taken back if it cannot go)
-            counters["sent"] += 1
+            self.stats.pattern["service"]["sent"] += 1
         held = self._held
         size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
         if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
@@ -889,6 +888,7 @@ class Dispatcher:
         try:
             send_frames(self.router, wire.reply_frames(route, status, body))
         except zmq.ZMQError:
+            counters = self.stats.pattern["service"]
             counters["dropped"] += 1
             counters["sent"] -= answer
 
