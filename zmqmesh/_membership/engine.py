@@ -379,7 +379,7 @@ class Membership:
             return
         if peer.ready:
             self.stats.membership["left"] += 1
-            log.info("peer %s (%s) gone: %s", peer.name, peer.id[:8], reason)
+            log.info("peer %r (%s) gone: %s", peer.name, peer.id[:8], reason)
             try:
                 self.events.peer_gone(peer, reason)
             except Exception:
@@ -639,7 +639,7 @@ class Membership:
             now = time.monotonic()
             if self._claims_live_peer(peer, msg.endpoint):
                 self.stats.reject("zre_hello_conflict")
-                log.warning("a HELLO claims peer %s (%s) at %s, while it is heard from at %s: ignored",
+                log.warning("a HELLO claims peer %r (%s) at %s, while it is heard from at %s: ignored",
                             peer.name, peer.id[:8], msg.endpoint, peer.endpoint)
                 return
             if now - peer.greeted_at < self._quiet_s:
@@ -675,7 +675,7 @@ class Membership:
         peer.ready = True
         self._ping(peer)  # answered over a link that came up, it proves the peer
         self.stats.membership["joined"] += 1
-        log.info("peer %s (%s) joined from %s", peer.name, peer.id[:8], peer.endpoint)
+        log.info("peer %r (%s) joined from %s", peer.name, peer.id[:8], peer.endpoint)
         self.events.peer_ready(peer)
         if peer.is_zmqmesh:
             self._gossip_to(peer)
