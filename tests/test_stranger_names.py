@@ -33,3 +33,46 @@ def test_a_peers_name_reaches_the_log_escaped(mesh: dict[str, Any], caplog: pyte
     said = [r.getMessage() for r in caplog.records if "stranger" in r.getMessage()]
     assert any("joined from" in m for m in said) and any(") gone:" in m for m in said)  # (escaped, still said)
     assert _raw_lines([r for r in caplog.records if r.name == "zmqmesh.membership"]) == []
+
+
+def test_hostile_trace_context_headers_neither_flood_nor_forge_a_traced_nodes_log(
+        mesh: dict[str, Any], procs: list[Any]) -> None:
+    """With traces on, OpenTelemetry logs each trace context field it cannot parse, raw, a
+    line per message: a stranger's ``tracestate`` forged lines in a traced node's log, and
+    any malformed field cost a line per message. They are left out before, counted, and
+    said in one line; the well-formed ``traceparent`` beside them is still followed."""
+    pytest.importorskip("opentelemetry.sdk", reason="the OpenTelemetry SDK is not installed")
+    from pathlib import Path
+
+    from helpers import ScriptProcess
+
+    mid = ScriptProcess(Path(__file__).resolve().parent / "traced_node.py", "mid", mesh["mesh"], mesh["beacon_port"])
+    procs.append(mid)
+    mid.wait_for("READY")
+    parent = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    hostile = [
+        {"traceparent": parent, "tracestate": "a=b," + FORGED + ",c=d"},
+        {"traceparent": parent, "tracestate": ",".join(f"k{i}=v" for i in range(40))},
+        {"traceparent": parent, "baggage": "x" * 9000 + FORGED},
+        {"traceparent": parent, "baggage": "a=b," + FORGED},
+        {"traceparent": "00-" + "1" * 600},
+    ]
+    sent = 40
+    with zmqmesh.Node("stranger", **mesh) as stranger:
+        stranger.wait_for_subscribers("t.", 1, timeout=20)
+        for i in range(sent):
+            stranger.publish("t.x", i, headers=hostile[i % len(hostile)])
+        for i in range(sent):
+            stranger.push("jobs", i, headers=hostile[i % len(hostile)], timeout=10)
+        wait_until(lambda: sum(line.startswith("GOT") for line in mid.lines) >= 2 * sent, 20, "every delivery")
+    mid.close()
+    wait_until(lambda: "DONE" in mid.lines, 20, "the spans")
+    forged = [line for line in mid.lines if "FORGED" in line]
+    otel_said = [line for line in mid.lines if "malformed trace context" not in line and (
+        "w3c" in line or "Baggage" in line or "header exceeded" in line or "key/value pairs" in line)]
+    assert forged == [] and otel_said == [], "\n".join(forged + otel_said)[:2000]
+    assert sum("malformed trace context" in line for line in mid.lines) == 1  # (said once, counted)
+    import json
+    received = [json.loads(line[5:]) for line in mid.lines if line.startswith("SPAN ")]
+    followed = [s for s in received if s["name"] in ("receive t.x", "process jobs") and s["parent"] == "2" * 16]
+    assert len(followed) == 2 * sent * 4 // 5  # (those whose traceparent was well-formed)

@@ -5,19 +5,51 @@ Active when ``opentelemetry-api`` is installed (the ``otel`` extra) and a tracer
 was set when a node of the process last started (`active` is one setting per process, as
 OpenTelemetry's provider is); otherwise `active` is None and nothing is added to messages.
 The context is injected and extracted with OpenTelemetry's global propagator (W3C trace
-context by default), so a request that crosses three nodes is one trace.
+context by default), so a request that crosses three nodes is one trace. Of a received
+message's W3C fields (``traceparent``, ``tracestate``, ``baggage``), one that is not
+well-formed is left out before extraction (`trace_context`), counted and logged at most
+every 10 s: OpenTelemetry logs what it cannot parse, raw, a line per message.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+import threading
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-__all__ = ["active", "refresh", "send_span", "inject", "fail", "handler_span", "end_handler_span", "HandlerSpan"]
+from .._stats import LogThrottle
+
+__all__ = ["active", "refresh", "send_span", "inject", "fail", "handler_span", "end_handler_span", "HandlerSpan",
+           "trace_context", "malformed_contexts"]
+
+log = logging.getLogger("zmqmesh.tracing")
 
 _otel: Any = None  # the opentelemetry modules once traces are on
 _KINDS = {"pubsub": ("receive", "CONSUMER"), "pipeline": ("process", "CONSUMER"), "service": ("serve", "SERVER")}
 
+
+MAX_TRACESTATE_MEMBERS = 32
+"""List-members a ``tracestate`` may hold (W3C trace context)."""
+MAX_BAGGAGE_MEMBERS = 64
+"""List-members a ``baggage`` may hold (W3C baggage)."""
+MAX_CONTEXT_CHARS = 8192
+"""Characters a ``tracestate`` or a ``baggage`` may take (what OpenTelemetry reads of either)."""
+MAX_BAGGAGE_MEMBER_CHARS = 4096
+"""Characters one list-member of a ``baggage`` may take (as OpenTelemetry reads it)."""
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?:-[\x21-\x7e]{1,456})?")
+_TRACESTATE_MEMBER = re.compile(r"(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+                                r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+_TOKEN, _OCTETS = r"[!#-'*+\-.0-9A-Z^-z|~]+", r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
+_BAGGAGE_MEMBER = re.compile(rf"{_TOKEN}[ \t]*=[ \t]*{_OCTETS}(?:[ \t]*;[ \t]*{_TOKEN}(?:[ \t]*=[ \t]*{_OCTETS})?)*")
+_SEPARATOR = re.compile(r"[ \t]*,[ \t]*")
+
+malformed_contexts = 0
+"""Trace context fields of received messages left out as malformed, in this process."""
+_malformed_lock = threading.Lock()
+_malformed_log = LogThrottle()
 
 active: Any = None
 """The zmqmesh tracer while traces are on (see `refresh`), else None: read on every send
@@ -81,7 +113,8 @@ def handler_span(active: Any, pattern: str, msg: Any) -> HandlerSpan | None:
         return None
     trace, propagate, context = _otel[0], _otel[1], _otel[2]
     operation, kind = found
-    parent = propagate.extract(msg.headers) if msg.headers else None
+    carrier = trace_context(msg.headers) if msg.headers else None
+    parent = propagate.extract(carrier) if carrier else None
     span = active.start_span(f"{operation} {msg.topic}", context=parent, kind=getattr(trace.SpanKind, kind),
                              attributes={"messaging.system": "zmqmesh", "messaging.operation.name": operation,
                                          "messaging.destination.name": msg.topic,
@@ -95,3 +128,45 @@ def end_handler_span(running: HandlerSpan, error: BaseException | None) -> None:
         fail(running.span, error)
     _otel[2].detach(running.token)
     running.span.end()
+
+
+def trace_context(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """``headers``, less those of their W3C trace context fields (``traceparent``,
+    ``tracestate``, ``baggage``) that are not well-formed or too large (each counted in
+    `malformed_contexts`, and logged at most every 10 s, without their text): what is
+    safe to hand OpenTelemetry's propagator. ``headers`` itself when all are well-formed.
+    Raises nothing."""
+    bad = [key for key, ok in (("traceparent", _traceparent_ok), ("tracestate", _tracestate_ok),
+                               ("baggage", _baggage_ok)) if key in headers and not ok(headers[key])]
+    if not bad:
+        return headers
+    global malformed_contexts
+    with _malformed_lock:
+        malformed_contexts += len(bad)
+        said = _malformed_log.due(len(bad))
+    if said:
+        log.warning("left out %d malformed trace context field(s) (traceparent, tracestate, baggage) of received "
+                    "messages; their handler runs are traced without them (said at most every %g s)",
+                    said, _malformed_log.every_s)
+    return {key: value for key, value in headers.items() if key not in bad}
+
+
+def _traceparent_ok(value: str) -> bool:
+    return _TRACEPARENT.fullmatch(value) is not None
+
+
+def _tracestate_ok(value: str) -> bool:
+    if len(value) > MAX_CONTEXT_CHARS:
+        return False
+    members = [m for m in (m.strip(" \t") for m in value.split(",")) if m]
+    keys = {m.partition("=")[0] for m in members}
+    return len(members) <= MAX_TRACESTATE_MEMBERS and len(keys) == len(members) and \
+        all(_TRACESTATE_MEMBER.fullmatch(m) for m in members)
+
+
+def _baggage_ok(value: str) -> bool:
+    if len(value) > MAX_CONTEXT_CHARS:
+        return False
+    members = [m for m in _SEPARATOR.split(value.strip(" \t")) if m]
+    return len(members) <= MAX_BAGGAGE_MEMBERS and \
+        all(len(m) <= MAX_BAGGAGE_MEMBER_CHARS and _BAGGAGE_MEMBER.fullmatch(m) for m in members)
