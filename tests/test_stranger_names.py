@@ -76,3 +76,20 @@ def test_hostile_trace_context_headers_neither_flood_nor_forge_a_traced_nodes_lo
     received = [json.loads(line[5:]) for line in mid.lines if line.startswith("SPAN ")]
     followed = [s for s in received if s["name"] in ("receive t.x", "process jobs") and s["parent"] == "2" * 16]
     assert len(followed) == 2 * sent * 4 // 5  # (those whose traceparent was well-formed)
+
+
+@pytest.mark.parametrize("name", ["é" * 128, "a\udc80", 123, b"node"], ids=["256-bytes", "surrogate", "int", "bytes"])
+def test_a_node_name_no_hello_can_carry_is_refused_at_once(name: Any) -> None:
+    """A name of more than 255 bytes was taken, and every HELLO of the node then failed
+    (a traceback per beacon heard): it met no peer, ever."""
+    with pytest.raises(zmqmesh.ConfigError, match="255 bytes"):
+        zmqmesh.Node(name)
+    with pytest.raises(zmqmesh.ConfigError, match="255 bytes"):
+        zmqmesh.AsyncNode(name)
+
+
+def test_a_node_named_with_255_bytes_meets_its_peers(mesh: dict[str, Any]) -> None:
+    longest = "é" * 127 + "a"
+    with zmqmesh.Node(longest, **mesh) as named, zmqmesh.Node("other", **mesh) as other:
+        assert [p.name for p in other.wait_for_peers(1, timeout=15)] == [longest]
+        assert named.wait_for_peers(1, timeout=15)

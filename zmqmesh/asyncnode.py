@@ -32,7 +32,8 @@ class AsyncNode(NodeBase):
 
     Same decorators and method names as `Node`; the calls are coroutines. ``async def``
     handlers are awaited on the loop, in arrival order; ``def`` handlers run on a worker
-    thread so they never block the loop.
+    thread so they never block the loop. ``name`` as for `Node` (`ConfigError` for one
+    no HELLO can carry).
 
     Example:
 

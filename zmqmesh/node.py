@@ -40,6 +40,10 @@ class Node(NodeBase):
     handler delays only this node's deliveries, never its heartbeats. Every method is
     safe to call from any thread.
 
+    ``name`` is what peers see of the node (text of at most 255 bytes in UTF-8; by
+    default ``node-`` and the start of its id). Raises `ConfigError` for another name,
+    or an option it cannot use.
+
     Example:
 
         node = zmqmesh.Node("worker-1")

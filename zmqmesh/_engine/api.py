@@ -171,6 +171,23 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+MAX_NODE_NAME_BYTES = 255
+"""Longest node name, in UTF-8 bytes: the name travels in every HELLO, as a ZRE string."""
+
+
+def check_node_name(name: object) -> str | None:
+    """``name`` if it can name a node: None (a name is made) or text of at most
+    `MAX_NODE_NAME_BYTES` bytes in UTF-8. Raises `ConfigError` otherwise (a longer one was
+    taken, and every HELLO the node made then failed: it could meet no peer)."""
+    if name is None:
+        return None
+    size = _utf8_size(name) if isinstance(name, str) else None
+    if not isinstance(name, str) or size is None or size > MAX_NODE_NAME_BYTES:
+        raise ConfigError(f"a node's name must be a string (text UTF-8 can encode) of at most {MAX_NODE_NAME_BYTES} "
+                          f"bytes, got {f'{name!r}'[:60]}")
+    return name
+
+
 def _check_not_reserved(kind: str, name: str) -> None:
     """Raises `ValueError` for a name of the built-in services (they begin with ``\\x00``):
     a handler registered under one would never be called, and its callers would be
@@ -231,6 +248,7 @@ class NodeBase:
 
     def __init__(self, name: str | None, config: NodeConfig, inbox_factory: InboxFactory,
                  requests_factory: RequestsFactory) -> None:
+        check_node_name(name)
         self.config = config
         self._registry = Registry()
         self._engine = Engine(name or "", self.config, self._registry, inbox_factory, requests_factory)
