@@ -5,7 +5,8 @@ SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
        "pull": [queue...], "ack_pull": [at-least-once queue...], "service": [name...],
        "idempotent": [service...], "kind": "sync" | "async",
        "block_s": seconds a handler named "block" sleeps, "groups": [zre groups],
-       "foreign_stats": true to answer the built-in stats service as another version might}
+       "foreign_stats": true to answer the built-in stats service as another version might,
+       "invented_names": N to answer it with N topics and N services more than a node keeps}
 
 It prints one line per event, flushed at once:
   READY <id> | JOIN <name> <id> | LEAVE <name> <id> | SUB <topic> <json> |
@@ -90,6 +91,16 @@ def main() -> None:
         return
     node = zmqmesh.Node(spec["name"], **options)
     install(node, spec)
+    if spec.get("invented_names"):  # plays a stranger whose counters name more topics and services than a node keeps
+        invented, described = int(spec["invented_names"]), node._engine.describe
+
+        def describe() -> dict:
+            counters = described()
+            counters["names"] = {"pubsub": {"received": {f"t{i}": 1 for i in range(invented)}}}
+            counters["latency"] = {f"s{i}": {"buckets": [[0.1, 1], ["+Inf", 0]], "sum": 0.05, "count": 1}
+                                   for i in range(invented)}
+            return counters
+        node._engine.describe = describe  # type: ignore[method-assign]
     if spec.get("foreign_stats"):  # plays a node of another version: its counters are shaped otherwise
         node._engine.describe = lambda: {"id": node.id, "name": node.name, "pubsub": "elsewhere"}  # type: ignore[method-assign]
     node.start()

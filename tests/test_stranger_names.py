@@ -93,3 +93,39 @@ def test_a_node_named_with_255_bytes_meets_its_peers(mesh: dict[str, Any]) -> No
     with zmqmesh.Node(longest, **mesh) as named, zmqmesh.Node("other", **mesh) as other:
         assert [p.name for p in other.wait_for_peers(1, timeout=15)] == [longest]
         assert named.wait_for_peers(1, timeout=15)
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_that_claims_100_000_names_adds_no_series_to_the_gateways_metrics(gateway: str, spawn: Any) -> None:
+    """The gateway's /metrics and dashboard show each node's counters as it answers for
+    them: a stranger's answer naming 100,000 topics and 100,000 services made as many
+    series of every scrape, and went to every /events stream each second. Counters past
+    what a node of this version keeps are left out whole and counted, as those of another
+    shape are; the other nodes' stay."""
+    pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    import json
+    import urllib.request
+
+    from helpers import next_event
+
+    spawn("worker")
+    spawn("inventor", invented_names=100_000)
+
+    def names() -> set[str]:
+        with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
+            return {p["name"] for p in json.loads(answer.read())}
+
+    wait_until(lambda: {"worker", "inventor"} <= names(), 15, "both nodes at the gateway")
+    with urllib.request.urlopen(gateway + "/metrics", timeout=30) as scrape:
+        text = scrape.read().decode()
+    assert 'node="worker"' in text
+    assert sum('node="inventor"' in line for line in text.splitlines()) == 0
+    assert len(text) < 1_000_000
+    with urllib.request.urlopen(gateway + "/events", timeout=30) as events:
+        stats = next_event(events, "stats")
+        while len(stats["nodes"]) < 2:  # (one from before the worker came)
+            stats = next_event(events, "stats")
+    assert len(stats["nodes"]) == 2  # the gateway and the worker
+    assert stats["gateway"]["events"]["unreadable_stats"] >= 1
+    assert len(json.dumps(stats)) < 100_000

@@ -40,6 +40,16 @@ CONNECTION_LIMIT_S = 30.0
 trickles its request or takes the answer (`IDLE_TIMEOUT_S` bounds each wait only: a byte
 sent more often held a slot for good, and `MAX_CONNECTIONS` such strangers every one)."""
 
+MAX_SAMPLES = 4096
+"""Samples the counters of one node may make in a scrape (a node of this version makes
+some 2,500 at most: 256 names per pattern and direction, as many services
+timed, a backlog per queue pushed to); counters that would make more are left out whole,
+as those of another shape are (`families`): a stranger's answer to ``\\x00stats`` may
+name a million topics, each a series of every scrape."""
+MAX_LABEL_CHARS = 1024
+"""Characters of a label value (a node's name, a topic, queue or service, an event);
+counters with a longer one are left out whole (a name a node keeps is 255 bytes at most)."""
+
 Snapshot = dict[str, Any]
 """What `Node.stats()` returns, with ``"id"`` and ``"name"`` added (as ``\\x00stats`` answers)."""
 
@@ -114,7 +124,19 @@ def families(snapshots: Iterable[Snapshot],
 def _rows(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
     """The samples of one node's counters: ``(family, label values, value)``, the value of
     a ``latency`` one ``(buckets, sum)``. Raises ``TypeError`` (or another error of a wrong
-    shape) for counters of another shape, before any sample is added."""
+    shape) for counters of another shape, ``ValueError`` for more than `MAX_SAMPLES`
+    samples or a label value past `MAX_LABEL_CHARS`, before any sample is added (the
+    caller lists them all first)."""
+    for made, row in enumerate(_samples(snap), 1):
+        if made > MAX_SAMPLES:
+            raise ValueError(f"counters of more than {MAX_SAMPLES} samples")
+        if any(len(value) > MAX_LABEL_CHARS for value in row[1]):
+            raise ValueError(f"a label value of more than {MAX_LABEL_CHARS} characters")
+        yield row
+
+
+def _samples(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
+    """The samples of one node's counters, unbounded (`_rows` bounds them)."""
     node = [str(snap.get("name", "")), str(snap.get("id", ""))]
     for pattern in PATTERNS:
         for event, count in (snap.get(pattern) or {}).items():

@@ -667,10 +667,28 @@ class Gateway:
                         "/metrics", name, type(exc).__name__, exc)
 
 
+MAX_VIEW_ENTRIES = 2048
+"""Entries of each map of a node's counters the dashboard draws (a node of this version
+has at most 1,024 peers and 257 services timed); counters with more are left out whole
+(as those of another shape are): every stats event carried a stranger's million names,
+to every stream, each second."""
+MAX_VIEW_KEY_CHARS = 1024
+"""Characters of a key of those maps (a peer's id, a service, an event); counters with a
+longer one are left out whole."""
+
+
 def _dashboard_view(snap: dict[str, Any]) -> dict[str, Any]:
     """What the dashboard draws of a node's counters: the patterns' counters, what it
     received from each peer (the edges), its rejects, and the latency of what it called.
-    Raises `TypeError`, `KeyError` or `ValueError` for counters not shaped as this version's."""
+    Raises `TypeError`, `KeyError` or `ValueError` for counters not shaped as this
+    version's, or with a map of more than `MAX_VIEW_ENTRIES` entries or a key past
+    `MAX_VIEW_KEY_CHARS` (checked before the view is made)."""
+    for key in ("pubsub", "pipeline", "request", "service", "zre", "peers", "rejected", "latency"):
+        entries = dict(snap.get(key) or {})
+        if len(entries) > MAX_VIEW_ENTRIES:
+            raise ValueError(f"{len(entries)} entries in {key!r}; at most {MAX_VIEW_ENTRIES}")
+        if any(len(str(name)) > MAX_VIEW_KEY_CHARS for name in entries):
+            raise ValueError(f"a key of more than {MAX_VIEW_KEY_CHARS} characters in {key!r}")
     view: dict[str, Any] = {k: {str(name): _count(n) for name, n in dict(snap.get(k) or {}).items()}
                             for k in ("pubsub", "pipeline", "request", "service", "zre")}
     view["from"] = {str(peer): _count(counts.get("received", 0)) for peer, counts in (snap.get("peers") or {}).items()}
