@@ -129,3 +129,33 @@ def test_a_peer_that_claims_100_000_names_adds_no_series_to_the_gateways_metrics
     assert len(stats["nodes"]) == 2  # the gateway and the worker
     assert stats["gateway"]["events"]["unreadable_stats"] >= 1
     assert len(json.dumps(stats)) < 100_000
+
+
+def test_topics_of_invalid_utf8_that_read_alike_keep_their_counts(mesh: dict[str, Any]) -> None:
+    """A topic is counted under its bytes and shown as text, the undecodable bytes as
+    U+FFFD: two topics that read alike so (``t\\xff``, ``t\\xfe``) showed the count of
+    the last one only, the other's messages gone from ``names`` silently."""
+    import msgpack
+    import zmq
+
+    got: list[str] = []
+    with zmqmesh.Node("target", **mesh) as target:
+        target.subscribe("t", lambda msg: got.append(msg.topic))
+        ctx = zmq.Context.instance()
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        try:
+            pub.connect(target.endpoints["sub"])
+            wait_until(lambda: pub.send_multipart([b"warm", b"", msgpack.packb(0)]) or pub.poll(0, zmq.POLLOUT),
+                       5, "the connection")
+            import time
+            time.sleep(0.5)  # (the subscription reaches the plain PUB)
+            for topic, count in ((b"t\xff", 5), (b"t\xfe", 3)):
+                for i in range(count):
+                    pub.send_multipart([topic, b"", msgpack.packb(i)])
+            wait_until(lambda: len(got) == 8, 10, "the 8 messages")
+        finally:
+            pub.close(0)
+        received = target.stats()["names"]["pubsub"]["received"]
+    assert got == ["t\ufffd"] * 8
+    assert received == {"t\ufffd": 8}

@@ -176,8 +176,10 @@ class Stats:
             names: dict[str, dict[str, dict[str, int]]] = {}
             for (pattern, direction), counts in list(all_names.items()):
                 copied = counts.copy()  # (one C call: safe while its writer thread adds)
-                names.setdefault(pattern, {})[direction] = {
-                    (n.decode("utf-8", "replace") if isinstance(n, bytes) else n): c for n, c in copied.items()}
+                shown = names.setdefault(pattern, {})[direction] = {}
+                for n, c in copied.items():  # (added up: names of bytes that read alike, as U+FFFD, are one)
+                    text = n.decode("utf-8", "replace") if isinstance(n, bytes) else n
+                    shown[text] = shown.get(text, 0) + c
             latency = {service: {"buckets": [[bound, int(c)] for bound, c in zip((*LATENCY_BOUNDS, "+Inf"), b)],
                                  "sum": b[-2], "count": int(b[-1])}
                        for service, b in all_latency.items()}
