@@ -527,3 +527,39 @@ def test_keygen_refuses_an_empty_name(tmp_path: Any, name: str) -> None:
     assert result.returncode == 1, result
     assert result.stderr.strip() == f"zmqmesh: error: a key pair's name must not be empty, got {name!r}"
     assert list(tmp_path.iterdir()) == []
+
+
+FORGED = "\x1b[2J\nFORGED"
+"""What a peer may put in its name or a topic: written raw, it clears the terminal and
+begins a line of its own."""
+
+
+@pytest.mark.timeout(120)
+def test_what_peers_name_reaches_the_terminal_escaped(mesh: dict[str, Any]) -> None:
+    """`zmqmesh peers` (table and watch) and `zmqmesh subscribe` print what peers chose,
+    their names, offers and topics: with control characters written raw, a peer cleared
+    the reader's terminal and forged lines of the output."""
+    where = ["--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])]
+    node = zmqmesh.Node("evil" + FORGED, **mesh)
+    node.service("svc" + FORGED, lambda m: None)
+    with node:
+        table = ""
+        for _ in range(5):  # (a slow host may not meet the node within the wait)
+            table = run("peers", *where, "--wait", "0.5").stdout
+            if "evil" in table:
+                break
+        watcher = subprocess.Popen([sys.executable, "-m", "zmqmesh", "peers", "--watch", *where, "--wait", "0.5",
+                                    "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subscriber = subprocess.Popen([sys.executable, "-m", "zmqmesh", "subscribe", "t", "--count", "1", *where],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with lines_of(watcher) as (watched, _), lines_of(subscriber) as (shown, _):
+            wait_until(lambda: any("subscribed" in line for line in shown), 60, "the subscriber")
+            node.wait_for_subscribers("t", 1, timeout=30)
+            node.publish("t" + FORGED, 1)
+            assert subscriber.wait(30) == 0
+            wait_until(lambda: any("evil" in line for line in watched), 30, "the watcher to see the node")
+            watcher.send_signal(signal.SIGTERM)
+            watcher.wait(30)
+    for out in (table, "\n".join(watched), "\n".join(shown)):
+        assert "evil" in out or "FORGED" in out, out
+        assert "\x1b" not in out and not any(line.startswith("FORGED") for line in out.splitlines()), repr(out)

@@ -65,6 +65,16 @@ def _lose_stdout() -> None:
     write_nowhere(sys.stdout)
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _shown(text: str) -> str:
+    """``text`` as a line of a terminal shows it: its control characters (a newline that
+    would begin a line of its own, an escape that would drive the terminal) written as
+    ``\\xNN``. For what peers name (their names, offers, topics); raises nothing."""
+    return text.translate(_CONTROLS)
+
+
 def _out(text: str, stop: StopFlag | None = None, file: Any = None) -> None:
     """Print one line and flush it. When the reader has gone (``| head -1``): with
     ``stop`` (a handler on a node's thread), raise it, so that the command ends; without,
@@ -223,11 +233,12 @@ def _listen(node: Node, seconds: float) -> None:
 
 
 def _table(peers: list[Peer]) -> str:
-    rows = [("NAME", "ADDRESS", "SERVICES", "QUEUES", "TOPICS", "LAST SEEN")]
+    rows: list[tuple[str, ...]] = [("NAME", "ADDRESS", "SERVICES", "QUEUES", "TOPICS", "LAST SEEN")]
     now = time.time()
     for p in peers:
-        rows.append((p.name, p.endpoint, ",".join(sorted(p.services)) or "-", ",".join(sorted(p.queues)) or "-",
-                     ",".join(sorted(p.topics)) or "-", f"{max(0.0, now - p.last_seen):.1f}s ago"))
+        rows.append(tuple(map(_shown, (p.name, p.endpoint, ",".join(sorted(p.services)) or "-",
+                                       ",".join(sorted(p.queues)) or "-", ",".join(sorted(p.topics)) or "-",
+                                       f"{max(0.0, now - p.last_seen):.1f}s ago"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -239,8 +250,8 @@ def _peers(args: argparse.Namespace) -> int:
         node.on_join(lambda p: _out(dumps({"event": "join", **peer_dict(p)}), stop))
         node.on_leave(lambda p: _out(dumps({"event": "leave", **peer_dict(p)}), stop))
     elif args.watch:
-        node.on_join(lambda p: _out(f"{time.strftime('%H:%M:%S')} + {p.name} {p.endpoint}", stop))
-        node.on_leave(lambda p: _out(f"{time.strftime('%H:%M:%S')} - {p.name} {p.endpoint}", stop))
+        node.on_join(lambda p: _out(f"{time.strftime('%H:%M:%S')} + {_shown(p.name)} {_shown(p.endpoint)}", stop))
+        node.on_leave(lambda p: _out(f"{time.strftime('%H:%M:%S')} - {_shown(p.name)} {_shown(p.endpoint)}", stop))
     with node:
         _listen(node, args.wait)
         peers = sorted(node.peers(), key=lambda p: (p.name, p.id))
@@ -278,7 +289,7 @@ def _subscribe(args: argparse.Namespace) -> int:
     @node.subscribe(args.prefix)
     def show(msg: Message) -> None:
         sender = msg.sender.name if msg.sender else "-"
-        _out(f"{msg.topic} {dumps(msg.data)} (from {sender})", done)
+        _out(f"{_shown(msg.topic)} {dumps(msg.data)} (from {_shown(sender)})", done)
         seen[0] += 1
         if args.count is not None and seen[0] >= args.count:
             done.set()
