@@ -6,7 +6,8 @@ SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
        "idempotent": [service...], "kind": "sync" | "async",
        "block_s": seconds a handler named "block" sleeps, "groups": [zre groups],
        "foreign_stats": true to answer the built-in stats service as another version might,
-       "invented_names": N to answer it with N topics and N services more than a node keeps}
+       "invented_names": N to answer it with N topics and N services more than a node keeps,
+       "claims": {"id": ..., "name": ...} to answer it in another node's id and name}
 
 It prints one line per event, flushed at once:
   READY <id> | JOIN <name> <id> | LEAVE <name> <id> | SUB <topic> <json> |
@@ -101,6 +102,9 @@ def main() -> None:
                                    for i in range(invented)}
             return counters
         node._engine.describe = describe  # type: ignore[method-assign]
+    if spec.get("claims"):  # plays a stranger that answers the stats service in another node's name
+        claimed, described = spec["claims"], node._engine.describe
+        node._engine.describe = lambda: {**described(), **claimed, "pubsub": {"sent": 999_999}}  # type: ignore[method-assign]
     if spec.get("foreign_stats"):  # plays a node of another version: its counters are shaped otherwise
         node._engine.describe = lambda: {"id": node.id, "name": node.name, "pubsub": "elsewhere"}  # type: ignore[method-assign]
     node.start()

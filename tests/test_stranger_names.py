@@ -159,3 +159,38 @@ def test_topics_of_invalid_utf8_that_read_alike_keep_their_counts(mesh: dict[str
         received = target.stats()["names"]["pubsub"]["received"]
     assert got == ["t\ufffd"] * 8
     assert received == {"t\ufffd": 8}
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_answering_for_another_node_is_shown_as_itself(gateway: str, spawn: Any) -> None:
+    """The gateway showed each node's counters under the id and name its answer claimed:
+    a stranger answering in the worker's id and name took the worker's place on the
+    dashboard, and doubled the worker's series in /metrics (the same labels, two values).
+    Counters are shown under the id and name of the node that was asked."""
+    pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    import json
+    import urllib.request
+
+    from helpers import next_event
+
+    worker = spawn("worker")
+    liar = spawn("liar", claims={"id": worker.id, "name": "worker"})
+
+    def names() -> set[str]:
+        with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
+            return {p["name"] for p in json.loads(answer.read())}
+
+    wait_until(lambda: {"worker", "liar"} <= names(), 15, "both nodes at the gateway")
+    with urllib.request.urlopen(gateway + "/metrics", timeout=30) as scrape:
+        text = scrape.read().decode()
+    sent = [line for line in text.splitlines()
+            if line.startswith("zmqmesh_messages_total{") and 'event="sent"' in line and 'pattern="pubsub"' in line]
+    assert sum(f'node_id="{worker.id}"' in line for line in sent) == 1, sent
+    assert any(f'node_id="{liar.id}"' in line and 'node="liar"' in line and "999999" in line for line in sent)
+    with urllib.request.urlopen(gateway + "/events", timeout=30) as events:
+        stats = next_event(events, "stats")
+        while len(stats["nodes"]) < 3:  # (one from before both came)
+            stats = next_event(events, "stats")
+    assert stats["nodes"][worker.id]["pubsub"]["sent"] != 999_999
+    assert stats["nodes"][liar.id]["pubsub"]["sent"] == 999_999

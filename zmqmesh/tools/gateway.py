@@ -588,12 +588,13 @@ class Gateway:
         self._stats = None if failed else collection.result()  # (a failed one: the next caller collects anew)
 
     async def _collect(self) -> list[dict[str, Any]]:
-        """Ask every zmqmesh node for its counters (a second at most), the gateway's first."""
+        """Ask every zmqmesh node for its counters (a second at most), the gateway's first,
+        each under the id and name of the node asked (an answer may claim another's)."""
         peers = [p for p in self.node.peers() if p.is_zmqmesh]
         results = await asyncio.gather(*(self.node.node_stats(p, timeout=1.0) for p in peers), return_exceptions=True)
         me = self.node.as_peer()
         return [{"id": me.id, "name": me.name, **self.node.stats()},
-                *(r for r in results if isinstance(r, dict))]
+                *({**r, "id": p.id, "name": p.name} for p, r in zip(peers, results) if isinstance(r, dict))]
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """GET /: the dashboard page."""
