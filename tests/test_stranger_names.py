@@ -194,3 +194,51 @@ def test_a_peer_answering_for_another_node_is_shown_as_itself(gateway: str, spaw
             stats = next_event(events, "stats")
     assert stats["nodes"][worker.id]["pubsub"]["sent"] != 999_999
     assert stats["nodes"][liar.id]["pubsub"]["sent"] == 999_999
+
+
+@pytest.mark.timeout(90)
+def test_a_providers_failure_reaches_the_gateways_log_bounded_and_set_off(mesh: dict[str, Any]) -> None:
+    """The gateway logs the failure of each call a client makes to a handler that raised,
+    with what its provider sent: the message and traceback, raw and whole (up to 16 MiB a
+    call), so a provider wrote what lines it liked into the gateway's log, as large as it
+    liked, at each call. They are logged cut, and set off line by line."""
+    pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
+    import signal
+    import urllib.error
+    import urllib.request
+
+    from helpers import gateway_url_and_process
+
+    def boom(msg: zmqmesh.Message) -> None:
+        raise ValueError("huge" + FORGED + "x" * 1_000_000)
+
+    import threading
+
+    with zmqmesh.Node("provider", **mesh) as provider, gateway_url_and_process(mesh) as (url, proc):
+        assert proc.stdout is not None
+        said: list[str] = []
+        reader = threading.Thread(target=lambda: said.extend(proc.stdout), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        provider.service("boom", boom)
+        request = urllib.request.Request(url + "/request/boom?timeout=20", data=b"null", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        statuses = []
+        for _ in range(20):  # (until the gateway meets the provider)
+            try:
+                urllib.request.urlopen(request, timeout=30).close()
+            except urllib.error.HTTPError as error:
+                statuses.append(error.code)
+                error.close()
+                if error.code == 500:
+                    break
+            import time
+            time.sleep(0.5)
+        assert statuses[-1] == 500, statuses
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        reader.join(10)
+        logged = "".join(said)
+    assert "huge" in logged
+    assert len(logged) < 50_000, len(logged)
+    assert not any(line.startswith(("FORGED", "2026")) for line in logged.splitlines())
+    assert "\x1b" not in logged

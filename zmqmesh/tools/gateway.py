@@ -420,8 +420,8 @@ class Gateway:
         """The JSON error for what a route's call into the mesh raised; anything else is
         raised again (the middleware's 500)."""
         if isinstance(exc, RemoteError):
-            log.warning("the handler of %r raised %s: %s\n%s", service, exc.remote_type, exc.remote_message,
-                        exc.remote_traceback)
+            log.warning("the handler of %r raised %r: %r\n%s", service, exc.remote_type[:200],
+                        _cut(exc.remote_message, LOGGED_REMOTE_CHARS), _quoted(exc.remote_traceback))
             extra = {"traceback": exc.remote_traceback} if self.tracebacks else {}
             return _error(500, "RemoteError", exc.remote_message, remote_type=exc.remote_type, **extra)
         if isinstance(exc, (_BadRequest, ValueError, TypeError)):  # (bad data, names, timeouts, too large)
@@ -861,6 +861,25 @@ class _MalformedHttp(logging.Filter):
         record.msg, record.args = "%d malformed HTTP request(s) answered 400 so far (last: %s)", (self.count, said)
         record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.WARNING, "WARNING"
         return True
+
+
+LOGGED_REMOTE_CHARS = 4096
+"""Characters logged of a remote handler's message, and of its traceback (its last ones):
+what a provider sends may reach 16 MiB, logged at each call a client makes."""
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _cut(text: str, chars: int) -> str:
+    """``text``, cut to its first ``chars`` characters (said so) if longer."""
+    return text if len(text) <= chars else text[:chars] + f" ...(cut: {len(text)} characters)"
+
+
+def _quoted(traceback_text: str) -> str:
+    """A remote traceback as lines of the gateway's log may hold it: its last
+    `LOGGED_REMOTE_CHARS` characters, each line set off by ``  | `` and its control
+    characters written as ``\\xNN`` (the provider's text can begin no line of the log)."""
+    tail = traceback_text[-LOGGED_REMOTE_CHARS:]
+    return "\n".join("  | " + line.translate(_CONTROLS) for line in tail.splitlines())
 
 
 def _said(exc: BaseException) -> str:
