@@ -563,3 +563,18 @@ def test_what_peers_name_reaches_the_terminal_escaped(mesh: dict[str, Any]) -> N
     for out in (table, "\n".join(watched), "\n".join(shown)):
         assert "evil" in out or "FORGED" in out, out
         assert "\x1b" not in out and not any(line.startswith("FORGED") for line in out.splitlines()), repr(out)
+
+
+def test_a_remote_failure_is_one_line_on_the_terminal(mesh: dict[str, Any]) -> None:
+    """`zmqmesh request` says a failure in one line: a remote handler's message, the
+    provider's text, was printed raw (its escapes driving the terminal, its newlines
+    making lines of their own)."""
+    where = ("--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]))
+    with zmqmesh.Node("provider", **mesh) as node:
+        @node.service("boom")
+        def boom(msg: zmqmesh.Message) -> None:
+            raise ValueError("boom" + FORGED)
+
+        result = run("request", "boom", "1", *where, "--wait", "1", "--timeout", "20")
+    assert result.returncode == 1 and "boom" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "\x1b" not in result.stderr, repr(result.stderr)

@@ -490,8 +490,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _lose_stdout()
         code = PIPE_CLOSED
     except (CliError, ZmqMeshError, OSError, ValueError) as exc:
-        message = str(exc) or type(exc).__name__
-        print(f"zmqmesh: error: {message}", file=sys.stderr)
+        message = str(exc) or type(exc).__name__  # (a remote handler's, among them: a provider's text)
+        print(f"zmqmesh: error: {_shown(message)}", file=sys.stderr)
         code = 1
     except Exception as exc:  # a bug of ours: still one line, with a hint
         print(f"zmqmesh: internal error: {type(exc).__name__}: {exc} (run with -v and report it)", file=sys.stderr)
