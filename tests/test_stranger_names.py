@@ -242,3 +242,22 @@ def test_a_providers_failure_reaches_the_gateways_log_bounded_and_set_off(mesh: 
     assert len(logged) < 50_000, len(logged)
     assert not any(line.startswith(("FORGED", "2026")) for line in logged.splitlines())
     assert "\x1b" not in logged
+
+
+def test_a_pullers_failure_reaches_the_dead_letter_log_line_escaped(
+        tmp_path: Any, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A durable message dead-lettered is logged with the failure its puller reported: a
+    text of the puller's choosing (another node's), which written raw forged a log line."""
+    caplog.set_level(logging.WARNING, logger="zmqmesh")
+    puller = zmqmesh.Node("puller", **mesh)
+
+    @puller.pull("orders", at_least_once=True, max_deliveries=1)
+    def handle(msg: zmqmesh.Message) -> None:
+        raise ValueError("no" + FORGED)
+
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.push("orders", "poison", durable=True)
+        wait_until(lambda: pusher.stats()["pipeline"].get("dead_lettered", 0) == 1, 20, "the dead letter")
+    said = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert said and "FORGED" in said[0]  # (said, escaped)
+    assert _raw_lines([r for r in caplog.records if r.name.startswith("zmqmesh")]) == []

@@ -785,7 +785,7 @@ class DurableQueues:
         self._overflowed(dead, moved)
         counters = self.stats.pattern["pipeline"]
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1
-        log.warning("message %s of %r dead-lettered to %r after %d attempt(s): %s",
+        log.warning("message %r of %r dead-lettered to %r after %d attempt(s): %r",
                     item.id[:12], queue, dead, item.attempts + 1, failure.error[:200])
 
 
@@ -811,6 +811,6 @@ def _dead_letter_headers(msg_id: str, headers: dict[str, str], reasons: dict[str
         else:
             dropped += 1
     if dropped:
-        log.warning("dead letter %s: %d of its headers left out (at most %d headers, %d bytes, with the x- ones)",
+        log.warning("dead letter %r: %d of its headers left out (at most %d headers, %d bytes, with the x- ones)",
                     msg_id[:12], dropped, wire.MAX_HEADERS, wire.MAX_HEADER_BYTES)
     return kept | reasons

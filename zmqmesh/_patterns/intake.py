@@ -231,7 +231,7 @@ class AckedIntake:
         self.stats.add("pipeline", "dedupe_unrecorded", 1)
         said = self._unrecorded_log.due()
         if said:
-            log.error("cannot record message %s of %r as handled (%d id(s) unrecorded since the last such line, "
+            log.error("cannot record message %r of %r as handled (%d id(s) unrecorded since the last such line, "
                       "counted in pipeline.dedupe_unrecorded; said again at most every %g s): %s",
                       msg_id[:12], queue, said, UNRECORDED_LOG_S, exc)
 
