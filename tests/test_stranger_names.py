@@ -10,6 +10,7 @@ import pytest
 from helpers import wait_until
 
 import zmqmesh
+from zmqmesh._wire import frames as wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -261,3 +262,16 @@ def test_a_pullers_failure_reaches_the_dead_letter_log_line_escaped(
     said = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
     assert said and "FORGED" in said[0]  # (said, escaped)
     assert _raw_lines([r for r in caplog.records if r.name.startswith("zmqmesh")]) == []
+
+
+@pytest.mark.parametrize("stamp", [float("nan"), float("inf"), -float("inf"), True, "1700000000", None, 10**400])
+def test_a_senders_clock_that_is_no_finite_number_reaches_handlers_as_none(stamp: Any) -> None:
+    """A message's ``timestamp`` is the sender's ``time.time()``: a stranger's NaN or
+    infinity reached handlers as it was, to turn every latency they computed into NaN."""
+    headers, timestamp, _first = wire.parse_meta({"h": [None], "t": stamp}, 1)
+    assert timestamp is None and wire.sent_at(stamp) is None
+
+
+def test_a_senders_clock_that_is_a_number_is_kept() -> None:
+    assert wire.parse_meta({"h": [None], "t": 1700000000}, 1)[1] == 1700000000.0
+    assert wire.sent_at(1700000000.25) == 1700000000.25

@@ -83,7 +83,7 @@ class Message:
             bare ZeroMQ client sends get one made here.
         timestamp: the sender's wall-clock time (``time.time()``) when it sent the message,
             or ``None`` when the wire did not carry it (a bare client; a request without
-            headers).
+            headers) or carried no finite number.
         headers: string headers the sender attached (``headers=`` of `publish`, `push`,
             `request`), empty by default; a dead letter carries ``x-original-queue``,
             ``x-attempts`` and ``x-last-error``.
@@ -274,7 +274,7 @@ def frame_deliveries(pattern: str, topic: str, items: list[Any], sender_id: str 
 
 
 def durable_delivery(queue: str, data: Any, sender_id: str | None, lookup: Callable[[str], Peer | None] | None,
-                     msg_id: str, timestamp: float, headers: dict[str, str], attempts: int,
+                     msg_id: str, timestamp: float | None, headers: dict[str, str], attempts: int,
                      redelivered: bool) -> Message:
     """A `Message` delivering a durable queue's message, with the id, clock, headers and
     failed deliveries its pusher stored: made in one step, where setting each field would

@@ -646,8 +646,7 @@ class Dispatcher:
             try:
                 info = self.codec.decode(meta)
                 msg.headers = wire.check_headers(info.get("h") or {})
-                stamp = info.get("t")
-                msg.timestamp = float(stamp) if isinstance(stamp, (int, float)) else None
+                msg.timestamp = wire.sent_at(info.get("t"))
                 via = info.get("v") or []
                 if not isinstance(via, list) or len(via) > MAX_CHAIN or \
                         not all(isinstance(v, str) and len(v) <= 64 for v in via):

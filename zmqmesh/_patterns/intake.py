@@ -111,7 +111,7 @@ class AckedIntake:
         in_place = seen is None and tracing.active is None and self.in_place([handler])
         for index, item in enumerate(items):
             if len(item) == DURABLE_ITEM_FIELDS:
-                msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], float(item[3]), item[4] or {},
+                msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], wire.sent_at(item[3]), item[4] or {},
                                        item[5], item[0])
                 if seen is not None and msg.id in seen:  # handled before (its ack was lost): effectively once
                     counters = self.stats.pattern["pipeline"]

@@ -24,6 +24,7 @@ those of protocol 1, so a client written for it keeps working.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 
@@ -477,10 +478,23 @@ def parse_meta(meta: object, count: int) -> tuple[list[dict[str, str] | None], f
                 check_headers(entry)
             except (TypeError, ValueError) as exc:
                 raise DecodeError(f"bad headers: {exc}") from None
-    stamp, first = meta.get("t"), meta.get("n")
-    timestamp = float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else None
+    first = meta.get("n")
+    timestamp = sent_at(meta.get("t"))
     number = first if isinstance(first, int) and not isinstance(first, bool) and first >= 0 else None
     return headers, timestamp, number
+
+
+def sent_at(stamp: object) -> float | None:
+    """A sender's clock (its ``time.time()`` as it sent) as a message shows it: a finite
+    number, else None (NaN, an infinity, a bool, text: a stranger's, which handlers would
+    take for a time). Raises nothing."""
+    if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
+        try:
+            value = float(stamp)
+        except OverflowError:  # (an int past a float's range)
+            return None
+        return value if math.isfinite(value) else None
+    return None
 
 
 def inproc_endpoint(node_id: str, what: str) -> str:
