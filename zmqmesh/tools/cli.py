@@ -139,9 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     mesh = argparse.ArgumentParser(add_help=False)
     group = mesh.add_argument_group("mesh")
     group.add_argument("--mesh", default=None, help="mesh name (default: $ZMQMESH_MESH or 'zmqmesh')")
-    group.add_argument("--beacon-port", type=_port, default=None, help="UDP beacon port (default 5670)")
-    group.add_argument("--interface", default=None, help="network interface to join (default: loopback)")
-    group.add_argument("--seed", action="append", default=[], help="mailbox endpoint to greet (repeatable)")
+    group.add_argument("--beacon-port", type=_port, default=None,
+                       help="UDP beacon port (default: $ZMQMESH_BEACON_PORT or 5670)")
+    group.add_argument("--interface", default=None,
+                       help="network interface to join (default: $ZMQMESH_INTERFACE or loopback)")
+    group.add_argument("--seed", action="append", default=[],
+                       help="mailbox endpoint to greet (repeatable; default: $ZMQMESH_SEEDS)")
     group.add_argument("--wait", type=_seconds_or_zero, default=1.0,
                        help="seconds to listen for peers first (default 1)")
 
