@@ -1033,6 +1033,16 @@ def test_numbers_from_the_environment_may_have_spaces_around_them(
     assert getattr(zmqmesh.NodeConfig.from_options(), name) == expected
 
 
+@pytest.mark.parametrize("raw", ["abc", "-5", "9464x"])
+def test_a_bad_metrics_port_from_the_environment_is_named_as_given(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    """``ZMQMESH_METRICS_PORT=abc`` was refused with "got -1", a value nobody gave (what
+    the text was read as); the error names the value as it was given, as the other
+    options' errors do."""
+    monkeypatch.setenv("ZMQMESH_METRICS_PORT", raw)
+    with pytest.raises(zmqmesh.ConfigError, match=f"metrics_port must be 0..65535 or None, got '{raw}'"):
+        zmqmesh.NodeConfig.from_options()
+
+
 @pytest.mark.parametrize("bad", [0, 9_999, -1, 2.5, math.nan, True, "many"])
 def test_the_node_wide_push_bound_is_checked(bad: Any) -> None:
     with pytest.raises(zmqmesh.ConfigError, match="send_queue_total_max"):

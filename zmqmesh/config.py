@@ -244,12 +244,13 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "history", parse_history(self.history))
+        metrics_port = self.metrics_port  # (as given: the error names it, not what it was read as)
         if isinstance(self.metrics_port, str):  # (from the environment)
             port = self.metrics_port.strip()  # (as ``int`` takes the other options' values: spaces around)
             object.__setattr__(self, "metrics_port", int(port) if port.isascii() and port.isdigit() else -1)
         if self.metrics_port is not None and (not isinstance(self.metrics_port, int) or isinstance(
                 self.metrics_port, bool) or not 0 <= self.metrics_port <= 65535):
-            raise ConfigError(f"metrics_port must be 0..65535 or None, got {self.metrics_port!r}")
+            raise ConfigError(f"metrics_port must be 0..65535 or None, got {metrics_port!r}")
         if self.metrics_port is not None and (not isinstance(self.metrics_address, str)
                                               or not self.metrics_address.strip()):
             # (None or "" listened on every interface, where the default keeps to loopback)
