@@ -82,8 +82,9 @@ class Message:
             fire-and-forget push without headers (never delivered twice) and anything a
             bare ZeroMQ client sends get one made here.
         timestamp: the sender's wall-clock time (``time.time()``) when it sent the message,
-            or ``None`` when the wire did not carry it (a bare client; a request without
-            headers) or carried no finite number.
+            or ``None`` when the wire did not carry it: a publication, push or request sent
+            without headers (a durable message always carries it), or anything a bare
+            client sends; ``None`` too for a clock that is no finite number.
         headers: string headers the sender attached (``headers=`` of `publish`, `push`,
             `request`), empty by default; a dead letter carries ``x-original-queue``,
             ``x-attempts`` and ``x-last-error``.
