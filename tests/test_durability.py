@@ -249,6 +249,16 @@ def test_durable_options_are_checked(tmp_path: Path, mesh: dict[str, Any]) -> No
 
 # -- messages that outlive processes ----------------------------------------------------------------
 
+def test_a_store_bound_under_1_mib_is_refused_as_the_config_is_made() -> None:
+    """``store_max_bytes=200_000`` made a config, then failed the node's start (the store
+    takes 1 MiB at least), where a value out of range is refused as a config is made."""
+    with pytest.raises(zmqmesh.ConfigError, match="store_max_bytes must be .* at least 1 MiB"):
+        zmqmesh.NodeConfig(store_max_bytes=200_000)
+    with pytest.raises(zmqmesh.ConfigError, match="store_max_bytes"):
+        zmqmesh.NodeConfig(store_max_bytes=(1 << 20) - 1)
+    assert zmqmesh.NodeConfig(store_max_bytes=1 << 20).store_max_bytes == 1 << 20
+
+
 def test_durable_messages_wait_for_a_puller_and_survive_the_pushers_death(
         tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
     store, progress, out = tmp_path / "store", tmp_path / "progress", tmp_path / "out"

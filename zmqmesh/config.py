@@ -174,8 +174,8 @@ class NodeConfig:
             of it hands them over).
         store: directory of this node's durable store (an SQLite database, created on first
             use); needed by durable pushes, dedupe pullers and keepers. ``None``: no store.
-        store_max_bytes: the most the store may hold (bytes); a durable call past it raises
-            `StoreFullError`.
+        store_max_bytes: the most the store may hold (bytes, at least 1 MiB); a durable
+            call past it raises `StoreFullError`.
         durable_buffer_max_bytes: the most the durable queues of this node hold in memory
             together, ready to deal (bytes: payloads, headers and about 200 B per message;
             each queue holds 8 MiB or 16,384 messages at most of it). Past it, durable
@@ -316,8 +316,11 @@ class NodeConfig:
             endpoint = seed[41:] if isinstance(seed, str) and seed[40:41] == "@" else seed
             if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
                 raise ConfigError(f"seeds must be tcp:// endpoints (KEY@tcp://... for secure nodes), got {seed!r}")
-        if isinstance(self.store_max_bytes, float):  # (SQLite ignores a page count that is not whole: no bound)
-            raise ConfigError(f"store_max_bytes must be a whole number of bytes, got {self.store_max_bytes!r}")
+        if isinstance(self.store_max_bytes, float) or self.store_max_bytes < _LEAST_STORE_BYTES:
+            # (SQLite ignores a page count that is not whole: no bound; and the store takes no less
+            # than 1 MiB, which a config refused only as the node started)
+            raise ConfigError(f"store_max_bytes must be a whole number of bytes, at least 1 MiB "
+                              f"({_LEAST_STORE_BYTES}), got {self.store_max_bytes!r}")
         if self.store is not None and (not isinstance(self.store, (str, os.PathLike)) or not str(os.fspath(self.store)).strip()):
             raise ConfigError(f"store must name a directory (an empty name would be the current one, a blank one "
                               f"a directory named by spaces), got {self.store!r}")
@@ -380,6 +383,7 @@ LONGEST_WAIT_S = 1e9
 """The longest a wait lasts (some 31 years): a timeout past it waits that long (a lock's
 wait or a thread's join past ``threading.TIMEOUT_MAX``, some 292 years, raises
 `OverflowError`). The timeouts of a config are held to it as it is made."""
+_LEAST_STORE_BYTES = 1 << 20  # (the least ``Store`` takes)
 _LARGEST_HWM = (1 << 31) - 1  # (ZeroMQ's high-water marks are C ints)
 _LARGEST_MESSAGE = (1 << 63) - 1 - (64 << 10)  # (ZeroMQ's MAXMSGSIZE, a 64-bit int, takes it and a frame's headroom)
 
