@@ -1033,6 +1033,17 @@ def test_numbers_from_the_environment_may_have_spaces_around_them(
     assert getattr(zmqmesh.NodeConfig.from_options(), name) == expected
 
 
+def test_advertising_0_0_0_0_is_a_config_error_as_the_config_is_made() -> None:
+    """``advertise_address="0.0.0.0"`` (documented: never 0.0.0.0) made a config, and then
+    failed the node's start with a plain `ZmqMeshError`, where an option zmqmesh cannot
+    use is a `ConfigError`, raised as the config is made."""
+    with pytest.raises(zmqmesh.ConfigError, match="advertise_address"):
+        zmqmesh.NodeConfig(advertise_address="0.0.0.0")
+    with pytest.raises(zmqmesh.ConfigError, match="advertise_address"):
+        zmqmesh.Node("n", advertise_address="0.0.0.0")
+    assert zmqmesh.NodeConfig(bind_address="0.0.0.0", advertise_address="127.0.0.1").advertise_address == "127.0.0.1"
+
+
 @pytest.mark.parametrize("raw", ["abc", "-5", "9464x"])
 def test_a_bad_metrics_port_from_the_environment_is_named_as_given(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     """``ZMQMESH_METRICS_PORT=abc`` was refused with "got -1", a value nobody gave (what

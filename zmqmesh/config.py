@@ -328,6 +328,9 @@ class NodeConfig:
             raise ConfigError(f"store_synchronous must be 'normal' or 'full', got {self.store_synchronous!r}")
         if self.history and self.store is None:
             raise ConfigError("history= needs a store: Node(..., store='path/dir')")
+        if self.advertise_address == "0.0.0.0":  # (refused only as the node started, as a ZmqMeshError)
+            raise ConfigError("advertise_address must be an address peers can reach, not 0.0.0.0 "
+                              "(bind_address='0.0.0.0' listens everywhere)")
         if self.curve_secret_key is not None and self.curve_key_file is not None:
             raise ConfigError("give curve_secret_key or curve_key_file, not both")
 

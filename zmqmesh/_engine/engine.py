@@ -67,7 +67,7 @@ from .._wire.frames import (
     requester_id,
 )
 from ..config import NodeConfig
-from ..errors import MeshTimeoutError, NodeClosedError, ZmqMeshError
+from ..errors import ConfigError, MeshTimeoutError, NodeClosedError, ZmqMeshError
 from ..message import Message, Peer
 from .outbound import Outbound
 
@@ -181,7 +181,7 @@ class Engine:
         bind_address = cfg.bind_address or address
         advertise = cfg.advertise_address or (address if bind_address == "0.0.0.0" else bind_address)
         if advertise == "0.0.0.0":
-            raise ZmqMeshError("advertise_address must be an address peers can reach, not 0.0.0.0")
+            raise ConfigError("advertise_address must be an address peers can reach, not 0.0.0.0")
         self._advertise = advertise
         self.directory.loopback_only = advertise.startswith("127.")
         secret = cfg.curve_secret_key
