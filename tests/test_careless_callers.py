@@ -1044,6 +1044,29 @@ def test_advertising_0_0_0_0_is_a_config_error_as_the_config_is_made() -> None:
     assert zmqmesh.NodeConfig(bind_address="0.0.0.0", advertise_address="127.0.0.1").advertise_address == "127.0.0.1"
 
 
+@pytest.mark.parametrize(("option", "bad"), [
+    ("bind_address", "999.1.1.1"), ("bind_address", "foo"), ("bind_address", "127.1"),
+    ("advertise_address", "host"), ("beacon_address", "foo"), ("beacon_address", "10.0.0.255\x00"),
+    ("seeds", ("tcp://127.0.0.1",)), ("seeds", ("tcp://:5670",)), ("seeds", ("tcp://127.0.0.1:0",)),
+    ("seeds", ("tcp://127.0.0.1:70000",)),
+])
+def test_an_address_or_seed_zmqmesh_cannot_use_is_a_config_error_as_the_config_is_made(option: str, bad: Any) -> None:
+    """An address that is no IPv4 address failed the node's start with a plain
+    `ZmqMeshError` (``bind_address``), or made a node whose beacons went nowhere, without
+    a word (``beacon_address="foo"``); a seed without a port was refused by ZeroMQ only as
+    the node connected. Each is a `ConfigError` naming the option, as the config is made."""
+    with pytest.raises(zmqmesh.ConfigError, match=option):
+        zmqmesh.NodeConfig(**{option: bad})
+    with pytest.raises(zmqmesh.ConfigError, match=option):
+        zmqmesh.Node("n", **{option: bad})
+
+
+def test_addresses_and_seeds_of_every_usable_form_are_taken() -> None:
+    config = zmqmesh.NodeConfig(bind_address="0.0.0.0", advertise_address="10.0.0.1", beacon_address="10.0.0.255",
+                                seeds=("tcp://10.0.0.2:5670", "tcp://seed.example:49152", "tcp://[::1]:1"))
+    assert config.beacon_address == "10.0.0.255" and len(config.seeds) == 3
+
+
 @pytest.mark.parametrize("raw", ["abc", "-5", "9464x"])
 def test_a_bad_metrics_port_from_the_environment_is_named_as_given(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     """``ZMQMESH_METRICS_PORT=abc`` was refused with "got -1", a value nobody gave (what

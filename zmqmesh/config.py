@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import socket
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -314,8 +315,13 @@ class NodeConfig:
             raise ConfigError(f"mesh must be a name of at most 200 characters, not blank, got {self.mesh!r}")
         for seed in self.seeds:
             endpoint = seed[41:] if isinstance(seed, str) and seed[40:41] == "@" else seed
-            if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
-                raise ConfigError(f"seeds must be tcp:// endpoints (KEY@tcp://... for secure nodes), got {seed!r}")
+            if not isinstance(endpoint, str) or not _is_tcp_endpoint(endpoint):
+                raise ConfigError(f"seeds must be tcp://host:port endpoints (KEY@tcp://... for secure nodes), "
+                                  f"got {seed!r}")
+        for name in ("bind_address", "advertise_address", "beacon_address"):
+            value = getattr(self, name)
+            if value is not None and not _is_ipv4(value):  # (taken, they failed the start or sent beacons nowhere)
+                raise ConfigError(f"{name} must be an IPv4 address such as '192.168.1.20', got {value!r}")
         if isinstance(self.store_max_bytes, float) or self.store_max_bytes < _LEAST_STORE_BYTES:
             # (SQLite ignores a page count that is not whole: no bound; and the store takes no less
             # than 1 MiB, which a config refused only as the node started)
@@ -414,3 +420,20 @@ def _from_environment(fields: tuple[str, ...], given: set[str]) -> dict[str, Any
         except ValueError:
             raise ConfigError(f"environment variable ZMQMESH_{name.upper()}={raw!r} is not valid") from None
     return values
+
+
+def _is_ipv4(value: object) -> bool:
+    """Whether ``value`` is an IPv4 address written out in full (``a.b.c.d``)."""
+    try:
+        socket.inet_pton(socket.AF_INET, value)  # type: ignore[arg-type]
+    except (OSError, TypeError, ValueError):  # (ValueError: a NUL in it)
+        return False
+    return True
+
+
+def _is_tcp_endpoint(endpoint: str) -> bool:
+    """Whether ``endpoint`` is ``tcp://host:port``, the port 1..65535 (ZeroMQ refused
+    another at the first connection, long after the node started)."""
+    host, colon, port = endpoint[len("tcp://"):].rpartition(":") if endpoint.startswith("tcp://") else ("", "", "")
+    return bool(colon and host.strip() == host and host and port.isascii() and port.isdigit()
+                and 1 <= int(port) <= 65535)
