@@ -134,6 +134,52 @@ def test_a_request_in_service_when_its_provider_stops_gets_its_reply(mesh: dict[
     asyncio.run(main())
 
 
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["def", "async def"])
+def test_a_node_stopping_waits_for_the_handlers_its_pool_runs(mesh: dict[str, Any], kind: str) -> None:
+    """A `Node` with ``handler_concurrency`` > 1 that stops answers the requests its pool's
+    handlers are serving, and lets its pulls' handlers finish, within the stop's timeout,
+    as a node running one handler at a time does. (Its inbox thread ended without waiting
+    for the pool: a stop with ``timeout=5`` returned in 0.05 s, each of the three requests
+    being served failed with `PeerLostError` and their replies were dropped, and the
+    pushed messages were still being handled after the stop returned.)"""
+    handled: list[int] = []
+    running = threading.Semaphore(0)
+
+    def slowly(msg: zmqmesh.Message) -> int:
+        running.release()
+        time.sleep(0.4)
+        handled.append(msg.data)
+        return int(msg.data)
+
+    async def slowly_async(msg: zmqmesh.Message) -> int:
+        running.release()
+        await asyncio.sleep(0.4)
+        handled.append(msg.data)
+        return int(msg.data)
+
+    provider = zmqmesh.Node("provider", handler_concurrency=4, **mesh)
+    provider.service("slow", slowly if kind == "def" else slowly_async)
+    provider.pull("slow", slowly if kind == "def" else slowly_async)
+    with zmqmesh.Node("client", **mesh) as client:
+        provider.start()
+        client.wait_for_service("slow", timeout=10)
+        client.wait_for_pullers("slow", timeout=10)
+        replies = [client.submit("slow", i, timeout=10) for i in range(2)]
+        client.push("slow", 2)
+        client.push("slow", 3)
+        for _ in range(4):
+            assert running.acquire(timeout=10), "the test needs four handlers running when the node stops"
+        started = time.monotonic()
+        provider.stop(timeout=5)
+        took = time.monotonic() - started
+        assert sorted(handled) == [0, 1, 2, 3], f"the stop returned after {took:.2f} s with {handled} handled"
+        assert [reply.result(10) for reply in replies] == [0, 1]
+    stats = provider.stats()
+    assert stats["service"]["dropped"] == 0 and stats["pipeline"]["dropped"] == 0, stats
+    assert stats["service"]["sent"] == 2, stats["service"]
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind, concurrency", [("Node", 1), ("Node", 4), ("AsyncNode", 1), ("AsyncNode", 4)])
 def test_pushes_a_stop_leaves_unhandled_are_counted_and_logged(mesh: dict[str, Any], kind: str, concurrency: int,

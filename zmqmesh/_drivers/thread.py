@@ -499,6 +499,7 @@ class ThreadInbox(Dispatcher):
             self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler",
                                             initializer=self._pool_thread_started)
         self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
+        self._in_pool = 0  # calls handed to the pool whose outcome is not yet in `_done` (under `_exit_lock`)
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{engine.name}", daemon=True)
         self._async_loop: Any = None  # a HandlerLoop, made for the first async def handler
         self._async_lock = threading.Lock()
@@ -598,6 +599,9 @@ class ThreadInbox(Dispatcher):
                             ready.append(by_fd[fd])
                     break
             self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
+            while self._pool_busy() and not self.abandoned():  # ... and what the pool's handlers still run
+                self._wait_for_pool(poller, waker)
+                self._drain_all(calls, self.sockets)  # (answering them, and taking what came meanwhile)
         except Exception:
             log.exception("inbox thread failed")
         finally:
@@ -614,6 +618,21 @@ class ThreadInbox(Dispatcher):
                 on_exit, self._on_exit = self._on_exit, None
             if on_exit is not None:
                 on_exit()
+
+    def _pool_busy(self) -> bool:
+        """Whether handlers handed to the pool have not yet all returned."""
+        with self._exit_lock:
+            return self._in_pool > 0
+
+    def _wait_for_pool(self, poller: select.poll, waker: int) -> None:
+        """Sleep until a handler of the pool returns (it wakes this thread), a slice passes,
+        or the stop's deadline does, whichever comes first."""
+        assert self._deadline is not None
+        remaining = self._deadline - time.monotonic()
+        if remaining > 0:
+            for fd, _event in poller.poll(min(remaining, _POLL_SLICE_S) * 1000):
+                if fd == waker:
+                    self._waker.clear()
 
     def after_exit(self, fn: Callable[[], None]) -> bool:
         """Have the inbox thread call ``fn`` once it has closed its sockets (True): for a
@@ -707,21 +726,26 @@ class ThreadInbox(Dispatcher):
 
         def finished(fut: Future[tuple[Any, BaseException | None]]) -> None:
             self._slots.release()  # type: ignore[union-attr]
-            if fut.cancelled():  # never run: the stop's timeout passed first
-                self.drop(call)
-                return
-            with self._exit_lock:
-                if not self._exited:
+            with self._exit_lock:  # (its outcome is in `_done` as it leaves the count: a stop waits for both)
+                self._in_pool -= 1
+                if not self._exited and not fut.cancelled():
                     self._done.append((call, *fut.result()))
                     self.wake()
                     return
+            if fut.cancelled():  # never run: the stop's timeout passed first
+                self.drop(call)
+                return
             if call.route is not None:  # returned after the inbox ended: unanswered, unacknowledged, unrecorded
                 self.drop(call)
                 self.report_left_at_stop(self.name)
 
+        with self._exit_lock:
+            self._in_pool += 1
         try:
             self._pool.submit(runner, call).add_done_callback(finished)
         except RuntimeError:  # shutting down
+            with self._exit_lock:
+                self._in_pool -= 1
             self._slots.release()
 
 
