@@ -73,9 +73,20 @@ def test_an_async_handler_failure_that_cannot_be_described_as_is_still_answered(
     asyncio.run(main())
 
 
+@pytest.fixture
+def limits_unannounced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes take no peer's ``X-ZMQMESH-MAX-MESSAGE-BYTES`` in: as with a caller of a version
+    before it, a provider sends a reply past the caller's limit, which ends the connection."""
+    from zmqmesh._mesh.directory import Directory
+
+    monkeypatch.setattr(Directory, "_narrower_limit", lambda self, announced: None)
+
+
+@pytest.mark.usefixtures("limits_unannounced")
 def test_a_reply_past_the_callers_limit_does_not_cut_it_off_from_the_provider(mesh: dict[str, Any]) -> None:
     """ZeroMQ ends the connection that carried a frame past MAXMSGSIZE and never
-    reconnects it: every requester kind must get a working socket back, and count it."""
+    reconnects it: every requester kind must get a working socket back, and count it
+    (a caller whose limit its provider does not know: one that announced none)."""
     provider = zmqmesh.Node("provider", **mesh)  # 16 MiB: replies larger than the caller takes
     provider.service("big", lambda m: b"z" * (3 << 20) if m.data == 0 else m.data)
     with provider, zmqmesh.Node("caller", **mesh, max_message_bytes=1 << 20) as caller:
@@ -93,6 +104,7 @@ def test_a_reply_past_the_callers_limit_does_not_cut_it_off_from_the_provider(me
         assert caller.stats()["rejected"].get("request_link_dropped", 0) >= 3
 
 
+@pytest.mark.usefixtures("limits_unannounced")
 def test_an_async_node_gets_over_a_reply_past_its_limit(mesh: dict[str, Any]) -> None:
     provider = zmqmesh.Node("provider", **mesh)
     provider.service("big", lambda m: b"z" * (3 << 20) if m.data == 0 else m.data)
@@ -108,6 +120,44 @@ def test_an_async_node_gets_over_a_reply_past_its_limit(mesh: dict[str, Any]) ->
 
     with provider:
         asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_reply_past_the_limit_its_caller_announced_is_refused_at_once(mesh: dict[str, Any], concurrency: int) -> None:
+    """A provider does not send a reply larger than the ``max_message_bytes`` its caller
+    announced: the caller gets `MessageTooLargeError` (a `RemoteError`) at once, and the
+    requests in flight beside it on the same connection are answered; a handler's failure
+    too long to describe in full is cut to that limit. (It sent them: ZeroMQ ended the
+    caller's connection, the caller waited out its timeout of 10 s, and a request sent
+    beside it on that connection failed too.)"""
+    provider = zmqmesh.Node("provider", handler_concurrency=concurrency, **mesh)  # 16 MiB
+    provider.service("big", lambda m: b"z" * (3 << 20) if m.data == 0 else m.data)
+
+    async def big_async(m: zmqmesh.Message) -> Any:
+        return "z" * (3 << 20)
+
+    def fails_at_length(m: zmqmesh.Message) -> None:
+        raise ValueError("x" * (3 << 20))  # (its error reply is cut to what the caller takes)
+
+    provider.service("big_async", big_async)
+    provider.service("fails", fails_at_length)
+    with provider, zmqmesh.Node("caller", **mesh, max_message_bytes=1 << 20) as caller:
+        for service in ("big", "big_async", "fails"):
+            caller.wait_for_service(service, timeout=10)
+        for service, kind in (("big", "MessageTooLargeError"), ("big_async", "MessageTooLargeError"),
+                              ("fails", "ValueError")):
+            started = time.monotonic()
+            with pytest.raises(zmqmesh.RemoteError) as raised:
+                caller.request(service, 0, timeout=10)
+            assert raised.value.remote_type == kind, raised.value
+            assert time.monotonic() - started < 5, "the caller waited out its timeout"
+        beside = [caller.submit("big", 0, timeout=10), caller.submit("big", 5, timeout=10)]
+        with pytest.raises(zmqmesh.RemoteError, match="MessageTooLargeError"):
+            beside[0].result(15)
+        assert beside[1].result(15) == 5, "the request beside the refused one is answered"
+        assert caller.stats()["rejected"].get("request_link_dropped", 0) == 0
+    assert provider.stats()["service"]["errors"] == 4
 
 
 @pytest.mark.timeout(60)

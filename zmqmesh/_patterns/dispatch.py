@@ -776,11 +776,12 @@ class Dispatcher:
 
     # -- replying ---------------------------------------------------------------------------
 
-    def _error_body(self, error: BaseException, traceback_text: str = "") -> bytes:
-        """The body of a ``0x01`` reply: what failed, as protocol.md says. Never raises:
-        a message whose ``str()`` raises, text UTF-8 cannot encode (a lone surrogate) or
-        text too long for a reply is described, escaped or cut instead (the caller must
-        hear of the failure, never wait out its timeout)."""
+    def _error_body(self, error: BaseException, traceback_text: str = "", limit: int | None = None) -> bytes:
+        """The body of a ``0x01`` reply: what failed, as protocol.md says, within ``limit``
+        bytes if given (the caller's `_callers_limit`). Never raises: a message whose
+        ``str()`` raises, text UTF-8 cannot encode (a lone surrogate) or text too long for
+        a reply is described, escaped or cut instead (the caller must hear of the failure,
+        never wait out its timeout)."""
         try:
             message = str(error)
         except Exception:
@@ -788,17 +789,22 @@ class Dispatcher:
         kind = NodeClosedError if isinstance(error, CutShort) else type(error)  # (the public name)
         name, message, traceback_text = (_utf8_text(kind.__name__), _utf8_text(message),
                                          _utf8_text(traceback_text))
+        most = self.codec.max_message_bytes if limit is None else limit
         try:
-            return self.codec.encode({"type": name, "message": message, "traceback": traceback_text})
-        except Exception:  # too large: cut to what a reply carries
-            room = max(self.codec.max_message_bytes // 16, 64)  # (characters: up to 4 bytes each, 2 texts)
-            cut = " ...(cut)"
-            message = message if len(message) <= room else message[:room] + cut
-            traceback_text = traceback_text if len(traceback_text) <= room else traceback_text[-room:] + cut
-            try:
-                return self.codec.encode({"type": name[:200], "message": message, "traceback": traceback_text})
-            except Exception:
-                return self.codec.encode({"type": name[:200], "message": "", "traceback": ""})
+            body = self.codec.encode({"type": name, "message": message, "traceback": traceback_text})
+            if len(body) <= most:
+                return body
+        except Exception:  # too large for this node (as below)
+            pass
+        # too large: cut to what a reply carries
+        room = max(most // 16, 64)  # (characters: up to 4 bytes each, 2 texts)
+        cut = " ...(cut)"
+        message = message if len(message) <= room else message[:room] + cut
+        traceback_text = traceback_text if len(traceback_text) <= room else traceback_text[-room:] + cut
+        try:
+            return self.codec.encode({"type": name[:200], "message": message, "traceback": traceback_text})
+        except Exception:
+            return self.codec.encode({"type": name[:200], "message": "", "traceback": ""})
 
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
         """Account for a finished call and send the reply of a request (owner thread only).
@@ -825,13 +831,29 @@ class Dispatcher:
         if isinstance(route, CursorMark) and not (error is not None and self.abandoned()):
             self.replays.handled(route)  # (not one a stop cut short: it comes again after a restart)
 
+    def _callers_limit(self, caller: bytes) -> int | None:
+        """The ``max_message_bytes`` the node of ``caller`` (a routing id) announced, if below
+        this node's (None otherwise: it takes what this node sends). A reply body past it
+        would end the caller's connection: the caller would wait out its timeout, and the
+        requests in flight beside it would be lost with it."""
+        if not self.directory.narrower:  # (callers that take less than this node sends: rarely any)
+            return None
+        sender = wire.sender_of_requester(caller)
+        return self.directory.narrower.get(sender) if sender is not None else None
+
     def answer(self, route: tuple[bytes, bytes], result: Any, error: BaseException | None) -> None:
         """Reply to the request of ``route`` with what its handler returned or raised, and
-        count it (owner thread only)."""
+        count it (owner thread only). A result msgpack cannot encode, or larger than the
+        ``max_message_bytes`` its caller announced, is the handler's failure: answered ``0x01``."""
         if error is None:
             try:
                 body = self.codec.encode(result)
-            except Exception as exc:  # an unencodable return value is the handler's failure
+                if self.directory.narrower:  # (callers that take less than this node sends: rarely any)
+                    limit = self._callers_limit(route[0])
+                    if limit is not None and len(body) > limit:
+                        raise MessageTooLargeError(f"the reply is {len(body)} bytes; the caller's "
+                                                   f"max_message_bytes is {limit}")
+            except Exception as exc:  # unencodable, or too large for its caller: the handler's failure
                 self.stats.pattern["service"]["errors"] += 1
                 self._reply_error(route, exc)
             else:
@@ -849,7 +871,7 @@ class Dispatcher:
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         except Exception:  # (a broken exception object: the reply goes all the same)
             text = ""
-        body = self._error_body(error, text)
+        body = self._error_body(error, text, self._callers_limit(route[0]))
         self.send_reply(route, wire.STATUS_ERROR, body, True)
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes, answer: bool = False) -> None:
