@@ -766,6 +766,57 @@ def test_slow_handler_does_not_stall_requests_with_concurrency(mesh: dict[str, A
             slow.join(10)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
+def test_a_reply_goes_as_its_sync_handler_returns_not_after_the_burst(mesh: dict[str, Any], kind: str) -> None:
+    """Requests that arrive together, served one at a time by a ``def`` handler of 20 ms:
+    each reply goes as its handler returns. (An `AsyncNode` runs its sync handlers on a
+    worker a burst at a time, and answered the burst only once all of it was served: the
+    first of 100 replies came after 2.02 s, with the last; callers whose timeout was
+    shorter than the burst timed out though their request had been served at once.)"""
+    total = 100
+    server_up = threading.Event()
+    done = threading.Event()
+
+    def slowly(msg: zmqmesh.Message) -> int:
+        time.sleep(0.02)
+        return int(msg.data)
+
+    async def serve_async() -> None:
+        async with zmqmesh.AsyncNode("server", **mesh) as server:
+            server.service("slow", slowly)
+            server_up.set()
+            while not done.is_set():
+                await asyncio.sleep(0.02)
+
+    if kind == "AsyncNode":
+        runner = threading.Thread(target=asyncio.run, args=(serve_async(),))
+        runner.start()
+    else:
+        server = zmqmesh.Node("server", **mesh)
+        server.service("slow", slowly)
+        server.start()
+        server_up.set()
+    try:
+        assert server_up.wait(10)
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("slow", timeout=10)
+            answered: list[float] = []
+            started = time.monotonic()
+            futures = [client.submit("slow", i, timeout=30) for i in range(total)]
+            for future in futures:
+                future.add_done_callback(lambda _f: answered.append(time.monotonic() - started))
+            assert [future.result(30) for future in futures] == list(range(total))
+    finally:
+        done.set()
+        if kind == "AsyncNode":
+            runner.join(10)
+        else:
+            server.stop()
+    assert min(answered) < 0.5 * max(answered), \
+        f"the first reply came after {min(answered):.2f} s, the last after {max(answered):.2f} s"
+
+
 def test_handler_order_is_kept_by_default(mesh: dict[str, Any]) -> None:
     got: list[int] = []
     node = zmqmesh.Node("n", **mesh)

@@ -67,6 +67,10 @@ _WAITING_LOOK_S = 0.5
 _SWEEP_SHARE = 16  # abandoned requests are swept at once when they are this share of those in flight
 _SWEEP_S = 0.05  # ... and otherwise within this long
 _CANCELLED_WAIT_S = 0.1  # at a stop, for the handler tasks its timeout cancelled to end
+_SYNC_SLICE_S = 0.005
+"""How long the worker runs a burst's sync handlers before the replies of those that
+returned go (`LoopInbox._run_sync_batch`): a hand-over to the worker costs some 70 us,
+so quick handlers still run a burst at a time."""
 _HANDLING: contextvars.ContextVar[Any] = contextvars.ContextVar("zmqmesh_handling", default=None)
 """The `LoopInbox` whose handlers run in this context: a drain's task, a task of
 ``handler_concurrency``, and the tasks they make (``asyncio.wait_for``'s among them)."""
@@ -721,25 +725,37 @@ class LoopInbox(Dispatcher):
                 await self._run_sync_batch(batch)
 
     async def _run_sync_batch(self, batch: list[Call]) -> None:
+        """Run the sync handlers of ``batch`` in order on the worker, and answer them: those
+        that returned within `_SYNC_SLICE_S` of a hand-over at a time, so that a reply
+        waits for slow handlers after it no longer than that (the whole burst, up to 256
+        handlers, had to be served first)."""
         self.release_held()  # (sync handlers run on a worker, untimed)
-        started: list[Call] = []
-        outcomes: list[tuple[Any, BaseException | None]] = []  # (the worker's, as each call returns)
-        try:
-            await self.loop.run_in_executor(self._worker, run_batch, batch, self.abandoned, started, outcomes)
-        except asyncio.CancelledError:  # a stop's: the worker begins no call past its deadline
-            begun, done = len(started), len(outcomes)  # (in this order: done <= begun)
-            for call, (result, error) in zip(batch, outcomes[:done]):
-                self.complete(call, result, error)
-            for call in batch[done:begun]:  # still running: it ends unanswered, unacknowledged, unrecorded
-                if call.route is not None:
+        while batch:
+            started: list[Call] = []
+            outcomes: list[tuple[Any, BaseException | None]] = []  # (the worker's, as each call returns)
+            until = time.monotonic() + _SYNC_SLICE_S
+            try:
+                await self.loop.run_in_executor(self._worker, run_batch, batch, self.abandoned, started, outcomes,
+                                                until)
+            except asyncio.CancelledError:  # a stop's: the worker begins no call past its deadline
+                begun, done = len(started), len(outcomes)  # (in this order: done <= begun)
+                for call, (result, error) in zip(batch, outcomes[:done]):
+                    self.complete(call, result, error)
+                for call in batch[done:begun]:  # still running: it ends unanswered, unacknowledged, unrecorded
+                    if call.route is not None:
+                        self.drop(call)
+                for call in batch[begun:]:
                     self.drop(call)
-            for call in batch[begun:]:
-                self.drop(call)
-            raise
-        for call, (result, error) in zip(batch, outcomes):
-            self.complete(call, result, error)
-        for call in batch[len(outcomes):]:  # reached after the stop's deadline
-            self.drop(call)
+                raise
+            for call, (result, error) in zip(batch, outcomes):
+                self.complete(call, result, error)
+            batch = batch[len(outcomes):]
+            if batch:
+                if self.abandoned():
+                    for call in batch:  # reached after the stop's deadline
+                        self.drop(call)
+                    return
+                self.release_held()  # (the replies of this slice go before the rest runs)
 
     def _one_ended(self, call: Call, begun: list[bool], task: asyncio.Task[None]) -> None:
         """A task of `_run_one` ended. One cancelled before its first step (a stop's

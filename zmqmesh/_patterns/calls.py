@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -165,13 +167,14 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
 
 
 def run_batch(batch: list[Call], abandoned: Callable[[], bool], started: list[Call],
-              outcomes: list[tuple[Any, BaseException | None]]) -> None:
+              outcomes: list[tuple[Any, BaseException | None]], until: float = math.inf) -> None:
     """Call the sync handlers of a burst in order (on a worker thread), until ``abandoned()``
-    says a stop's deadline passed: each call goes into ``started`` as it begins, and its
-    outcome into ``outcomes`` as it returns (what a caller that stopped waiting can tell of
-    the worker's progress)."""
+    says a stop's deadline passed, or, once one has returned, the clock (monotonic) passes
+    ``until`` (the caller then answers those and hands the rest over again): each call goes
+    into ``started`` as it begins, and its outcome into ``outcomes`` as it returns (what a
+    caller that stopped waiting can tell of the worker's progress)."""
     for call in batch:
-        if abandoned():
+        if abandoned() or (outcomes and time.monotonic() >= until):
             break
         started.append(call)
         outcomes.append(run_sync(call))
