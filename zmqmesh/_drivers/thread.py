@@ -718,7 +718,9 @@ class ThreadInbox(Dispatcher):
     def _submit(self, call: Call) -> None:
         assert self._pool is not None and self._slots is not None
         while not self._slots.acquire(timeout=_SLOT_WAIT_S):
-            self._complete_done()  # the replies of the calls that finished go out meanwhile
+            if self._done:  # the replies of the calls that finished go out meanwhile (not held for a batch)
+                self._complete_done()
+                self.release_held()
             if self.abandoned():  # (every slot held by a handler that did not return in time)
                 self.drop(call)
                 return
