@@ -741,6 +741,33 @@ def test_slow_subscriber_never_stalls_the_publisher_and_its_drops_are_counted(me
         assert received == sorted(received), "what arrives keeps the publisher's order"
 
 
+def test_what_a_slow_subscriber_loses_at_a_high_water_mark_is_logged(mesh: dict[str, Any],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Publications lost at a high-water mark (a gap in a topic's numbers) are logged at the
+    subscriber, not only counted, at most a line every few seconds. (They were counted in
+    ``pubsub.dropped`` and nothing said it: 20,000 published to a subscriber stuck in its
+    handler, 19,000 of them lost, and not a line in the log.)"""
+    small = {**mesh, "recv_hwm": 10, "send_hwm": 10}
+    gate = threading.Event()
+    slow = zmqmesh.Node("slow", **small)
+    slow.subscribe("flood", lambda m: gate.wait(30))  # stuck until the flood ends
+    with caplog.at_level(logging.WARNING, logger="zmqmesh"), slow, zmqmesh.Node("publisher", **small) as pub:
+        pub.wait_for_subscribers("flood", 1, timeout=10)
+        for i in range(20_000):
+            pub.publish("flood", i)
+        wait_until(lambda: pub.stats()["pubsub"]["sent"] == 20_000, 20, "the publisher to send everything")
+        gate.set()
+        pub.publish("flood", 20_000)  # (it shows the gap before it)
+        wait_until(lambda: slow.stats()["pubsub"]["received"] + slow.stats()["pubsub"]["dropped"] == 20_001, 30,
+                   "every publication received or counted")
+        dropped = slow.stats()["pubsub"]["dropped"]
+    assert dropped > 0
+    lines = [r.getMessage() for r in caplog.records if "high-water mark" in r.getMessage()]
+    assert lines, "the publications lost were not logged"
+    assert "'flood'" in lines[0] and "pubsub.dropped" in lines[0], lines[0]
+    assert len(lines) <= 3, lines
+
+
 def test_an_idle_async_node_that_has_pushed_does_not_spin(mesh: dict[str, Any]) -> None:
     async def scenario() -> float:
         got: list[Any] = []

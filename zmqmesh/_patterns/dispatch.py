@@ -99,6 +99,7 @@ tell it from one that does not, and a caller with as much in flight on a loaded 
 (where the trackers are told late) was refused at 64 MiB."""
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # (a history position SQLite can hold)
 _TOO_LARGE_LOG_S = 10.0  # a page of history too large for its reader is logged at most this often
+_LOST_LOG_S = 10.0  # publications lost at a high-water mark (a gap in a topic's numbers) are logged at most this often
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 _UNREAD_FRAMES_MAX = 65_536
 """Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
@@ -178,6 +179,7 @@ class Dispatcher:
                                fetch=self.fetch_history)
         self.history = history
         self._too_large_log = LogThrottle(_TOO_LARGE_LOG_S)  # (`_page_too_large`)
+        self._lost_log = LogThrottle(_LOST_LOG_S)  # (`_lost_at_a_mark`)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
         self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
         self.streams_changed = True
@@ -449,7 +451,7 @@ class Dispatcher:
             if lost is None:  # late, behind a newer frame: counted as dropped when that one came
                 return
             if lost:
-                counters["dropped"] += lost  # lost at a high-water mark
+                self._lost_at_a_mark(lost, name_b, sender_uuid)
         counters["received"] += len(items)
         if known:
             stats.peer_received[sender_id] += len(items)  # type: ignore[index]
@@ -506,6 +508,21 @@ class Dispatcher:
         calls.extend([Call(handler, msg, None, pattern)
                       for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin)
                       for handler in handlers])
+
+    def _lost_at_a_mark(self, lost: int, name_b: bytes, sender: bytes) -> None:
+        """Count ``lost`` publications of topic ``name_b`` from ``sender`` (a uuid) that never came
+        (a gap in the topic's numbers: dropped at a high-water mark, the publisher's or this
+        node's) in ``pubsub.dropped``, and log them at most every `_LOST_LOG_S`; not those
+        of a topic only replaying subscriptions take (they read them from the history)."""
+        self.stats.pattern["pubsub"]["dropped"] += lost
+        if not self._topic_handlers(name_b)[1]:
+            return
+        said = self._lost_log.due(lost)
+        if said:
+            log.warning("%d publication(s) lost at a high-water mark since the last such line (this subscriber "
+                        "fell behind its publishers: handlers too slow, or pub_hwm/recv_hwm too low), the last of "
+                        "%r from %s; counted in pubsub.dropped; said again at most every %g s",
+                        said, name_b.decode("utf-8", "replace"), sender.hex()[:8], _LOST_LOG_S)
 
     def _failed_in_place(self, handler: Callable[..., Any], exc: BaseException, pattern: str) -> int:
         """A handler run in place on a stream raised ``exc`` (call in its ``except``): left
