@@ -1252,6 +1252,41 @@ def test_an_async_handler_awaiting_while_messages_arrive_leaves_the_loop_idle(me
     assert asyncio.run(main()) == [0, 1]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_async_handler_cancelling_its_own_task_leaves_the_node_listening(mesh: dict[str, Any],
+                                                                           concurrency: int) -> None:
+    """An ``async def`` handler of an `AsyncNode` that cancels its own task (with the default
+    concurrency of 1, the inbox's drain, which awaits it in place) ends that drain: what
+    the drain was reading must still be read. (The SUB socket, which held the rest of the
+    flood, never signalled again: 256 of 1,000 publications received, and none published
+    after them, for as long as the node ran.) What the cancellation left of its burst is
+    counted as dropped."""
+    async def main() -> tuple[list[int], dict[str, Any]]:
+        got: list[int] = []
+        async with zmqmesh.AsyncNode("sub", handler_concurrency=concurrency, **mesh) as sub, \
+                zmqmesh.AsyncNode("pub", **mesh) as pub:
+            async def handle(message: Any) -> None:
+                if message.data == 5:
+                    task = asyncio.current_task()
+                    assert task is not None
+                    task.cancel()
+                    await asyncio.sleep(0)
+                got.append(message.data)
+
+            sub.subscribe("t", handle)
+            await pub.wait_for_subscribers("t", 1, timeout=10)
+            await pub.publish_many("t", list(range(1000)))
+            await asyncio.wait_for(until(lambda: sub.stats()["pubsub"]["received"] == 1000), 10)
+            await pub.publish("t", 1000)
+            await asyncio.wait_for(until(lambda: 1000 in got), 10)
+            return got, sub.stats()["pubsub"]
+
+    got, stats = asyncio.run(main())
+    assert stats["received"] == 1001 and len(got) + stats["dropped"] == 1001, (len(got), stats)
+    assert 5 not in got
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_an_async_handler_raising_cancelled_error_fails_alone(mesh: dict[str, Any], concurrency: int) -> None:
     """An ``async def`` handler that let out a `CancelledError` of its own (it awaited a

@@ -638,9 +638,23 @@ class LoopInbox(Dispatcher):
                 # socket's descriptor does not signal again while it holds messages unread)
                 active = with_input(self.sockets)
                 await asyncio.sleep(0)  # let the loop breathe between bursts
-        except Exception:
+        except BaseException as exc:
+            if not (self.stopping or self._closed):
+                self._drain_again()
+            if not isinstance(exc, Exception):  # (a cancellation: see `_drain_again`)
+                raise
             if not self.abandoned():
                 log.exception("inbox drain failed")
+
+    def _drain_again(self) -> None:
+        """A drain ended half-way, not by a stop: a handler it awaited cancelled its task
+        (the drain's own), or it failed. The sockets it was reading may hold more, and a
+        socket that holds messages unread does not signal again: every socket is looked at
+        in a drain a moment later (`_WAITING_LOOK_S`: a failure that comes back each time
+        is logged that often at most, not in a loop)."""
+        self._fired[:] = self.sockets
+        if self._look is None:
+            self._look = self.loop.call_later(_WAITING_LOOK_S, self._look_again)
 
     def _look_again(self) -> None:
         self._look = None
