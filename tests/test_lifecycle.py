@@ -768,6 +768,26 @@ def test_what_a_slow_subscriber_loses_at_a_high_water_mark_is_logged(mesh: dict[
     assert len(lines) <= 3, lines
 
 
+def test_what_a_node_drops_of_its_own_publications_for_its_subscriptions_is_logged(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A node's own publications past ``recv_hwm`` frames waiting for its own subscriptions
+    are dropped, counted and logged, at most a line every few seconds. (Counted only: 5,000
+    published, 4,499 dropped, not a line in the log.)"""
+    gate = threading.Event()
+    node = zmqmesh.Node("self", recv_hwm=10, **mesh)
+    node.subscribe("t", lambda m: gate.wait(30))  # stuck until the flood ends
+    with caplog.at_level(logging.WARNING, logger="zmqmesh"), node:
+        for i in range(5000):
+            node.publish("t", i)
+            if i % 50 == 0:
+                time.sleep(0.001)  # (the loop takes them a few frames at a time)
+        wait_until(lambda: node.stats()["pubsub"]["dropped"] > 0, 10, "publications dropped")
+        gate.set()
+    lines = [r.getMessage() for r in caplog.records if "before its own subscriptions" in r.getMessage()]
+    assert lines and "pubsub.dropped" in lines[0], caplog.text
+    assert len(lines) <= 3, lines
+
+
 def test_an_idle_async_node_that_has_pushed_does_not_spin(mesh: dict[str, Any]) -> None:
     async def scenario() -> float:
         got: list[Any] = []

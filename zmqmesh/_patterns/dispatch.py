@@ -180,6 +180,7 @@ class Dispatcher:
         self.history = history
         self._too_large_log = LogThrottle(_TOO_LARGE_LOG_S)  # (`_page_too_large`)
         self._lost_log = LogThrottle(_LOST_LOG_S)  # (`_lost_at_a_mark`)
+        self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
         self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
         self.streams_changed = True
@@ -296,9 +297,15 @@ class Dispatcher:
     def post_frames(self, frames: list[bytes], count: int) -> None:
         """A publication of this node (a frame of ``count`` messages) for its own
         subscriptions (the loop's thread). Past ``recv_hwm`` frames waiting, it is dropped
-        and counted, as a SUB socket would."""
+        and counted, as a SUB socket would, and logged at most every `_LOST_LOG_S`."""
         if len(self.local_frames) >= self.config.recv_hwm:
             self.stats.add("pubsub", "dropped", count)
+            said = self._own_lost_log.due(count)
+            if said:
+                log.warning("%d publication(s) of this node dropped before its own subscriptions took them, since "
+                            "the last such line (their handlers fell behind, past recv_hwm=%d frames waiting); "
+                            "counted in pubsub.dropped; said again at most every %g s",
+                            said, self.config.recv_hwm, _LOST_LOG_S)
             return
         self.local_frames.append(frames)
         self.wake()
