@@ -181,6 +181,7 @@ class Dispatcher:
         self._too_large_log = LogThrottle(_TOO_LARGE_LOG_S)  # (`_page_too_large`)
         self._lost_log = LogThrottle(_LOST_LOG_S)  # (`_lost_at_a_mark`)
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
+        self._events_lost_log = LogThrottle(_LOST_LOG_S)  # (`post`: the loop's thread)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
         self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
         self.streams_changed = True
@@ -347,13 +348,20 @@ class Dispatcher:
     def post(self, calls: list[Call]) -> None:
         """Queue event callbacks (joins, leaves, whispers) to run in order with messages.
         WHISPERs and SHOUTs past a backlog of `recv_hwm` events or about `_EVENT_BYTES`
-        (twice ``max_message_bytes`` if larger) are dropped and counted; joins and leaves
-        are never dropped (a peer makes only one of each at a time)."""
+        (twice ``max_message_bytes`` if larger) are dropped, counted and logged (at most every
+        `_LOST_LOG_S`); joins and leaves are never dropped (a peer makes only one of each at
+        a time)."""
         if calls and isinstance(calls[0].arg, Message) and calls[0].arg.pattern in ("whisper", "shout"):
             size = sum(len(f) for f in calls[0].arg.data)
             if len(self.events) >= self.config.recv_hwm or \
                     self.event_bytes + size > max(_EVENT_BYTES, 2 * self.config.max_message_bytes):
                 self.stats.add("zre", "dropped", len(calls))
+                said = self._events_lost_log.due(len(calls))
+                if said:
+                    log.warning("%d WHISPER or SHOUT callback(s) dropped since the last such line: their handlers "
+                                "fell behind (recv_hwm=%d events or %d bytes waiting); counted in zre.dropped; "
+                                "said again at most every %g s", said, self.config.recv_hwm,
+                                max(_EVENT_BYTES, 2 * self.config.max_message_bytes), _LOST_LOG_S)
                 return
             with self._event_lock:
                 self.event_bytes += size * len(calls)
