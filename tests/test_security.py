@@ -134,3 +134,13 @@ def test_bad_keys_are_config_errors(mesh: dict[str, Any]) -> None:
     node = zmqmesh.Node("bad", **mesh, curve_secret_key="too short")
     with pytest.raises(zmqmesh.ConfigError):
         node.start()
+
+
+@pytest.mark.parametrize("key", ["#" * 40, "%" * 40, "0" * 35 + "%%%%%"])
+def test_z85_keys_past_32_bits_a_group_are_config_errors(key: str, mesh: dict[str, Any]) -> None:
+    # forty characters of Z85's alphabet whose groups of five are worth more than 2**32
+    with pytest.raises(zmqmesh.ConfigError, match="Z85"):
+        zmqmesh.Node("bad", **mesh, curve_secret_key=key).start()
+    keys = generate_keypair()
+    with pytest.raises(zmqmesh.ConfigError, match="curve_allow"):
+        zmqmesh.Node("bad", **mesh, curve_secret_key=keys.secret, curve_allow=(key,)).start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import zmq
@@ -71,7 +72,7 @@ def check_key(key: str, what: str = "key") -> str:
         raise ConfigError(f"a CURVE {what} must be 40 Z85 characters")
     try:
         z85.decode(key)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, struct.error) as exc:  # (struct: a group of five past 2**32)
         raise ConfigError(f"a CURVE {what} must be Z85-encoded") from exc
     return key
 
