@@ -144,3 +144,33 @@ def test_z85_keys_past_32_bits_a_group_are_config_errors(key: str, mesh: dict[st
     keys = generate_keypair()
     with pytest.raises(zmqmesh.ConfigError, match="curve_allow"):
         zmqmesh.Node("bad", **mesh, curve_secret_key=keys.secret, curve_allow=(key,)).start()
+
+
+def test_key_files_not_text_or_not_files_are_config_errors(tmp_path: Path) -> None:
+    keys = generate_keypair()
+    binary = tmp_path / "binary.key_secret"
+    binary.write_bytes(b"\xde\xad" + zmq.utils.z85.decode(keys.secret))  # the raw 32 bytes, not Z85
+    latin1 = tmp_path / "latin1.key_secret"  # a comment in Latin-1 before a good key
+    latin1.write_bytes(b"# cl\xe9 de n\xf6ud\n" + f'public-key = "{keys.public}"\nsecret-key = "{keys.secret}"\n'.encode())
+    for path in (binary, latin1):
+        os.chmod(path, 0o600)
+    with pytest.raises(zmqmesh.ConfigError, match="no secret-key"):
+        read_secret_key(binary)
+    with pytest.raises(zmqmesh.ConfigError, match="no public-key"):
+        read_public_key(binary)
+    assert read_secret_key(latin1) == keys.secret and read_public_key(latin1) == keys.public
+    for bad in ("a\0b", str(tmp_path / "missing"), str(tmp_path)):
+        with pytest.raises(zmqmesh.ConfigError, match="cannot read key file"):
+            read_public_key(bad)
+    with pytest.raises(zmqmesh.ConfigError, match="cannot read key file"):
+        read_secret_key("a\0b")
+
+
+def test_a_key_file_is_read_within_a_bound() -> None:
+    # /dev/zero given as a key file: read whole, it grew the process until memory ran out
+    script = ("import resource, zmqmesh\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+              "try:\n    zmqmesh.read_public_key('/dev/zero')\n"
+              "except zmqmesh.ConfigError as exc:\n    print('ConfigError', exc)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("ConfigError") and "larger than" in result.stdout, result.stdout + result.stderr[-500:]

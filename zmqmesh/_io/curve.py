@@ -47,6 +47,9 @@ log = logging.getLogger("zmqmesh.security")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = "zmqmesh"
 KEY_LENGTH = 40  # a Z85-encoded 32-byte key
+KEY_FILE_MAX = 64 << 10
+"""The most a key file is read of (a few lines, written by `write_keypair`): a larger
+one, or a device such as ``/dev/zero``, is refused, not read whole."""
 
 
 class KeyPair(NamedTuple):
@@ -108,17 +111,30 @@ def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     return public_path, secret_path
 
 
-def _read_field(path: str | os.PathLike[str], field: str) -> str:
+def _shown(path: str | os.PathLike[str]) -> str:
+    """``path`` for an error message: quoted and escaped (a path may hold any byte but NUL)."""
     try:
-        with open(path) as file:
-            text = file.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read key file {os.fspath(path)}: {exc.strerror or exc}") from None
-    for line in text.splitlines():
+        return repr(os.fspath(path))
+    except TypeError:  # (no path at all)
+        return repr(path)
+
+
+def _read_field(path: str | os.PathLike[str], field: str) -> str:
+    """The value of ``field = "..."`` in the key file at ``path``. Raises `ConfigError`
+    when the file cannot be read, is larger than `KEY_FILE_MAX` bytes, or has no such
+    field (a binary file has none: bytes that are not UTF-8 count as no text)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(KEY_FILE_MAX + 1)
+    except (OSError, ValueError, TypeError) as exc:  # (ValueError: a NUL in the path; TypeError: no path)
+        raise ConfigError(f"cannot read key file {_shown(path)}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > KEY_FILE_MAX:
+        raise ConfigError(f"{_shown(path)} is no key file: larger than {KEY_FILE_MAX} bytes")
+    for line in data.decode("utf-8", errors="replace").splitlines():
         key, _, value = line.partition("=")
         if key.strip() == field:
             return value.strip().strip('"')
-    raise ConfigError(f"{os.fspath(path)} has no {field}")
+    raise ConfigError(f"{_shown(path)} has no {field}")
 
 
 def read_secret_key(path: str | os.PathLike[str]) -> str:
@@ -128,10 +144,10 @@ def read_secret_key(path: str | os.PathLike[str]) -> str:
     """
     try:
         mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise ConfigError(f"cannot read key file {os.fspath(path)}: {exc.strerror or exc}") from None
+    except (OSError, ValueError, TypeError) as exc:  # (as `_read_field`)
+        raise ConfigError(f"cannot read key file {_shown(path)}: {getattr(exc, 'strerror', None) or exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{os.fspath(path)} is readable by others: chmod 600 it")
+        raise ConfigError(f"{_shown(path)} is readable by others: chmod 600 it")
     return check_key(_read_field(path, "secret-key"), "secret key")
 
 
