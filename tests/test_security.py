@@ -174,3 +174,24 @@ def test_a_key_file_is_read_within_a_bound() -> None:
               "except zmqmesh.ConfigError as exc:\n    print('ConfigError', exc)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.stdout.startswith("ConfigError") and "larger than" in result.stdout, result.stdout + result.stderr[-500:]
+
+
+def test_refused_handshakes_are_all_counted_and_logged_at_a_bounded_rate(
+        mesh: dict[str, Any], ctx: Any, caplog: pytest.LogCaptureFixture) -> None:
+    keys = generate_keypair()
+    with zmqmesh.Node("guarded", **mesh, curve_secret_key=keys.secret) as node, \
+            caplog.at_level("WARNING", logger="zmqmesh.security"):
+        strangers = []
+        for _ in range(150):  # each a valid CURVE key the node does not allow
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # (one handshake each)
+            stranger = generate_keypair()
+            sock.curve_publickey, sock.curve_secretkey = stranger.public.encode(), stranger.secret.encode()
+            sock.curve_serverkey = keys.public.encode()
+            sock.connect(node.endpoints["service"])
+            strangers.append(sock)
+        wait_until(lambda: node.stats()["rejected"].get("curve_denied", 0) >= 150, 15, "150 refusals counted")
+        lines = [r for r in caplog.records if r.name == "zmqmesh.security"]
+        assert 1 <= len(lines) <= 2, len(lines)  # (a stranger's handshakes do not flood the log)
+        assert "refused" in lines[0].getMessage()

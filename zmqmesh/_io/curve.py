@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import zmq
 from zmq.utils import z85
 
+from .._stats import LogThrottle
 from ..errors import ConfigError
 from .sockets import close_watched
 
@@ -47,6 +48,9 @@ log = logging.getLogger("zmqmesh.security")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = "zmqmesh"
 KEY_LENGTH = 40  # a Z85-encoded 32-byte key
+REFUSAL_LOG_S = 10.0
+"""At most one log line about refused handshakes this often (each is counted, as
+``curve_denied``): a stranger can retry a handshake as fast as the network lets it."""
 KEY_FILE_MAX = 64 << 10
 """The most a key file is read of (a few lines, written by `write_keypair`): a larger
 one, or a device such as ``/dev/zero``, is refused, not read whole."""
@@ -178,6 +182,7 @@ class ZapHandler:
         self.loop = loop
         self.allowed = allowed | {keys.public}
         self.stats = stats
+        self._refusals_log = LogThrottle(REFUSAL_LOG_S)
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(ZAP_ENDPOINT)
@@ -205,7 +210,11 @@ class ZapHandler:
                 ok = False
             if not ok:
                 self.stats.reject("curve_denied")
-                log.warning("refused a %s connection from %s", mechanism.decode(errors="replace"), address.decode(errors="replace"))
+                refused = self._refusals_log.due()
+                if refused:
+                    log.warning("refused %d handshake(s) with a key not allowed since the last such line, the "
+                                "latest %s from %s (each counted in rejected.curve_denied)", refused,
+                                mechanism.decode(errors="replace"), address.decode(errors="replace"))
             reply = [routing, b"", version, request_id, b"200" if ok else b"400", b"OK" if ok else b"key not allowed", user, b""]
             try:
                 sock.send_multipart(reply, zmq.NOBLOCK)
