@@ -195,3 +195,28 @@ def test_refused_handshakes_are_all_counted_and_logged_at_a_bounded_rate(
         lines = [r for r in caplog.records if r.name == "zmqmesh.security"]
         assert 1 <= len(lines) <= 2, len(lines)  # (a stranger's handshakes do not flood the log)
         assert "refused" in lines[0].getMessage()
+
+
+def test_curve_options_that_would_leave_a_node_plain_or_its_seeds_unchecked_are_config_errors(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    keys, friend = generate_keypair(), generate_keypair()
+    # an allow-list, or a seed's key, without a key of the node's own: the node was plain,
+    # open to anyone, without a word
+    with pytest.raises(zmqmesh.ConfigError, match="curve_allow needs"):
+        zmqmesh.NodeConfig(curve_allow=(friend.public,))
+    monkeypatch.setenv("ZMQMESH_CURVE_ALLOW", friend.public)
+    with pytest.raises(zmqmesh.ConfigError, match="curve_allow needs"):
+        zmqmesh.NodeConfig.from_options()
+    monkeypatch.delenv("ZMQMESH_CURVE_ALLOW")
+    with pytest.raises(zmqmesh.ConfigError, match="KEY@"):
+        zmqmesh.NodeConfig(seeds=(f"{friend.public}@tcp://127.0.0.1:5670",))
+    # a secure node's seed without a key, or with one that is none, was skipped with a warning
+    with pytest.raises(zmqmesh.ConfigError, match="KEY@"):
+        zmqmesh.NodeConfig(curve_secret_key=keys.secret, seeds=("tcp://127.0.0.1:5670",))
+    for bad in ("~" * 40, "#" * 40):
+        node = zmqmesh.Node("bad-seed", **mesh, curve_secret_key=keys.secret, seeds=(f"{bad}@tcp://127.0.0.1:5670",))
+        with pytest.raises(zmqmesh.ConfigError, match="seed"):
+            node.start()
+    good = zmqmesh.NodeConfig(curve_secret_key=keys.secret, curve_allow=(friend.public,),
+                              seeds=(f"{friend.public}@tcp://127.0.0.1:5670",))
+    assert good.seeds == (f"{friend.public}@tcp://127.0.0.1:5670",)

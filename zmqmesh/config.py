@@ -110,8 +110,10 @@ class NodeConfig:
             and authenticated, and only peers in ``curve_allow`` are admitted.
         curve_key_file: path of a ``.key_secret`` file (``zmqmesh keygen``), instead of
             ``curve_secret_key``.
-        curve_allow: Z85 public keys of the peers admitted (this node's own is implied).
-            A secure node's seeds are written ``PUBLICKEY@tcp://host:port``.
+        curve_allow: Z85 public keys of the peers admitted (this node's own is implied);
+            only with a key of this node's own (`ConfigError` otherwise: the node would
+            be plain). A secure node's seeds are written ``PUBLICKEY@tcp://host:port``,
+            and only a secure node's.
 
     Messaging:
         max_message_bytes: largest payload or frame accepted or sent (bytes).
@@ -339,6 +341,24 @@ class NodeConfig:
                               "(bind_address='0.0.0.0' listens everywhere)")
         if self.curve_secret_key is not None and self.curve_key_file is not None:
             raise ConfigError("give curve_secret_key or curve_key_file, not both")
+        self._check_curve_peers()
+
+    def _check_curve_peers(self) -> None:
+        """Check that the peers' keys given (``curve_allow``, ``KEY@`` seeds) go with a key
+        of this node's own, and that a secure node's seeds carry their keys (their form,
+        not their Z85: the node checks that as it starts). Raises `ConfigError`: without a
+        key the node is plain, open to anyone, whatever keys of others it was given."""
+        secure = self.curve_secret_key is not None or self.curve_key_file is not None
+        if self.curve_allow and not secure:
+            raise ConfigError("curve_allow needs a key of this node's own (curve_secret_key or curve_key_file): "
+                              "without one the node is plain, and admits anyone")
+        for seed in self.seeds:
+            keyed = seed[40:41] == "@"
+            if keyed and not secure:
+                raise ConfigError(f"seed {seed!r} is a KEY@tcp://... seed, for a secure node: give this node a key "
+                                  "(curve_secret_key or curve_key_file), or the seed without its key")
+            if secure and not keyed:
+                raise ConfigError(f"seeds of a secure node are KEY@tcp://... (the seed's public key), got {seed!r}")
 
     def _optional_whole(self, name: str, least: int, most: int | None, what: str) -> None:
         """Check the option ``name``, a whole number from ``least`` to ``most`` or None

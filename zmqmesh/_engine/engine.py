@@ -189,6 +189,9 @@ class Engine:
             secret = read_secret_key(cfg.curve_key_file)
         self.keys = KeyPair.from_secret(secret) if secret is not None else None
         allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
+        for seed in cfg.seeds:
+            if seed[40:41] == "@":
+                check_key(seed[:40], f"public key of seed {seed!r}")
         if cfg.store is not None:  # first: a locked or foreign store stops the start cleanly
             # (imported here: a node without a store never loads the store's module)
             from .._store.store import Store
