@@ -220,3 +220,19 @@ def test_curve_options_that_would_leave_a_node_plain_or_its_seeds_unchecked_are_
     good = zmqmesh.NodeConfig(curve_secret_key=keys.secret, curve_allow=(friend.public,),
                               seeds=(f"{friend.public}@tcp://127.0.0.1:5670",))
     assert good.seeds == (f"{friend.public}@tcp://127.0.0.1:5670",)
+
+
+def test_keygen_writes_through_no_link_and_leaves_no_half_pair(tmp_path: Path) -> None:
+    # a dangling link where the public key goes: exists() says no, and the key was written
+    # through it, to wherever it points
+    elsewhere = tmp_path / "elsewhere"
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "n.key").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError):
+        zmqmesh.write_keypair(keys, "n")
+    assert not elsewhere.exists() and not (keys / "n.key_secret").exists()
+    (keys / "m.key_secret").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError):
+        zmqmesh.write_keypair(keys, "m")
+    assert not elsewhere.exists() and not (keys / "m.key").exists()

@@ -93,8 +93,10 @@ def generate_keypair() -> KeyPair:
 def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     """Write ``NAME.key`` (public) and ``NAME.key_secret`` (secret, mode 600) into ``directory``.
 
-    Returns both paths. Refuses to overwrite existing files (raises `FileExistsError`),
-    and an empty or blank ``name`` (raises `ValueError`: it named hidden files ``.key``).
+    Returns both paths. Refuses to overwrite existing files or to write through a link
+    (raises `FileExistsError`, having written neither), and an empty or blank ``name``
+    (raises `ValueError`: it named hidden files ``.key``). Raises `OSError` when the
+    directory cannot be made or written to, leaving no half of the pair behind.
     """
     from pathlib import Path  # (here: only writing key files needs it, not a node)
 
@@ -106,12 +108,23 @@ def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     public_path = folder / f"{name}.key"
     secret_path = folder / f"{name}.key_secret"
     for path in (public_path, secret_path):
-        if path.exists():
+        if os.path.lexists(path):  # (a dangling link too: `exists` follows it)
             raise FileExistsError(f"{path} already exists")
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"# zmqmesh CURVE secret key: keep private\npublic-key = \"{keys.public}\"\nsecret-key = \"{keys.secret}\"\n")
-    public_path.write_text(f"# zmqmesh CURVE public key\npublic-key = \"{keys.public}\"\n")
+    written: list[Path] = []
+    try:
+        for path, mode, text in (
+                (secret_path, stat.S_IRUSR | stat.S_IWUSR,
+                 f"# zmqmesh CURVE secret key: keep private\npublic-key = \"{keys.public}\"\nsecret-key = \"{keys.secret}\"\n"),
+                (public_path, 0o644, f"# zmqmesh CURVE public key\npublic-key = \"{keys.public}\"\n")):
+            # (O_EXCL: never an existing file, nor through a link, even one made meanwhile)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            written.append(path)
+            with os.fdopen(fd, "w") as file:
+                file.write(text)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return public_path, secret_path
 
 
