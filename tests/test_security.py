@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,51 @@ def test_keygen_writes_through_no_link_and_leaves_no_half_pair(tmp_path: Path) -
     with pytest.raises(FileExistsError):
         zmqmesh.write_keypair(keys, "m")
     assert not elsewhere.exists() and not (keys / "m.key").exists()
+
+
+def _stranger_handshake(ctx: Any, endpoint: str, server_key: str, kind: int) -> bool:
+    """Whether a CURVE client with a fresh key (allowed nowhere) completes a handshake at
+    ``endpoint`` within a second."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    stranger = generate_keypair()
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_publickey, sock.curve_secretkey = stranger.public.encode(), stranger.secret.encode()
+    sock.curve_serverkey = server_key.encode()
+    monitor = sock.get_monitor_socket()
+    sock.connect(endpoint)
+    deadline = time.monotonic() + 1.0
+    try:
+        while time.monotonic() < deadline:
+            if monitor.poll(50) and recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return True
+        return False
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+
+
+def test_a_stopped_node_whose_handler_outlives_the_stop_admits_no_stranger(mesh: dict[str, Any], ctx: Any) -> None:
+    # A handler that outlives the stop keeps the inbound sockets open until it returns; the
+    # ZAP handler closed with the other sockets, and a CURVE server with no ZAP handler
+    # (libzmq's default) admits every key: strangers completed handshakes on all three.
+    keys = generate_keypair()
+    release = threading.Event()
+    node = zmqmesh.Node("guarded", **mesh, curve_secret_key=keys.secret)
+    node.service("hang", lambda m: release.wait(20))
+    caller = zmqmesh.Node("caller", **mesh, curve_secret_key=keys.secret)  # (its own key: allowed)
+    try:
+        with caller:
+            node.start()
+            endpoints = dict(node.endpoints)
+            caller.wait_for_peers(1, timeout=10)
+            threading.Thread(target=lambda: caller.submit("hang", None, timeout=20), daemon=True).start()
+            wait_until(lambda: node.stats()["service"]["received"] >= 1, 10, "the request in its handler")
+            node.stop(timeout=0.2)
+            admitted = {key: _stranger_handshake(ctx, endpoints[key], keys.public, kind)
+                        for key, kind in (("pull", zmq.PUSH), ("service", zmq.DEALER), ("sub", zmq.PUB))}
+            assert admitted == {"pull": False, "service": False, "sub": False}
+    finally:
+        release.set()

@@ -467,8 +467,8 @@ class Engine:
         self.space.notify()
         if self.requests is not None:
             self.requests.close()
-        if self._zap is not None:
-            self._zap.close()
+        if self._zap is not None:  # (bound on: the inbound sockets of a handler that outlives the stop stay open)
+            self._zap.pause()
 
     def close_metrics(self) -> None:
         """Stop serving metrics (blocks up to half a second: never on the loop)."""

@@ -21,7 +21,6 @@ from zmq.utils import z85
 
 from .._stats import LogThrottle
 from ..errors import ConfigError
-from .sockets import close_watched
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -174,10 +173,20 @@ def read_public_key(path: str | os.PathLike[str]) -> str:
 
 
 def make_server(sock: zmq.Socket[Any], keys: KeyPair) -> None:
-    """Make ``sock``'s next bind a CURVE server checked by the ZAP handler."""
+    """Make ``sock``'s next bind a CURVE server checked by the ZAP handler.
+
+    Without a ZAP handler bound, libzmq's CURVE server admits any client key; with
+    ``ZAP_ENFORCE_DOMAIN`` it refuses every one instead (where libzmq takes the option:
+    a build without its draft options does not, and there the node keeps its ZAP
+    handler bound as long as its sockets, `ZapHandler.pause`).
+    """
     sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret.encode())
     sock.setsockopt(zmq.CURVE_SERVER, 1)
+    try:
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    except (zmq.ZMQError, AttributeError):
+        pass
 
 
 def make_client(sock: zmq.Socket[Any], keys: KeyPair, server_public: str) -> None:
@@ -234,9 +243,14 @@ class ZapHandler:
             except zmq.ZMQError:
                 pass
 
-    def close(self) -> None:
-        """Stop answering (closes the socket)."""
-        close_watched(self.loop, self.sock)
+    def pause(self) -> None:
+        """Stop answering (on the loop), and keep the socket bound until the context ends:
+        a handshake asked of it meanwhile waits unanswered, and never completes, where
+        a server without a ZAP handler bound might admit any key (`make_server`)."""
+        try:
+            self.loop.remove_reader(self.sock.FD)
+        except Exception:  # not watched, or the loop is closed
+            pass
 
 
 def connect(sock: zmq.Socket[Any], endpoint: str, keys: KeyPair | None, peer_key: str | None) -> None:
