@@ -285,3 +285,14 @@ def test_a_stopped_node_whose_handler_outlives_the_stop_admits_no_stranger(mesh:
             assert admitted == {"pull": False, "service": False, "sub": False}
     finally:
         release.set()
+
+
+def test_a_public_key_file_given_as_the_secret_one_is_named_as_such(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    # the two files swapped: the public one (mode 644) was refused as "readable by others",
+    # and made private, only then as one without a secret key
+    public, secret = zmqmesh.write_keypair(tmp_path, "n")
+    with pytest.raises(zmqmesh.ConfigError, match=r"no secret-key: it is a public key file"):
+        read_secret_key(public)
+    with pytest.raises(zmqmesh.ConfigError, match="no secret-key"):
+        zmqmesh.Node("swapped", **mesh, curve_key_file=str(public)).start()
+    assert read_public_key(secret) == read_public_key(public)  # (the other way round is fine)

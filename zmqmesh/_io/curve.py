@@ -153,18 +153,35 @@ def _read_field(path: str | os.PathLike[str], field: str) -> str:
     raise ConfigError(f"{_shown(path)} has no {field}")
 
 
+def _has_field(path: str | os.PathLike[str], field: str) -> bool:
+    """Whether the key file at ``path`` can be read and has ``field``."""
+    try:
+        _read_field(path, field)
+    except ConfigError:
+        return False
+    return True
+
+
 def read_secret_key(path: str | os.PathLike[str]) -> str:
     """The secret key stored in a ``.key_secret`` file. Raises `ConfigError`.
 
-    A secret key file readable by group or others is refused.
+    A secret key file readable by group or others is refused; a file with no secret key
+    (the public ``.key`` file, say) is named as such first, whatever its mode.
     """
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError, TypeError) as exc:  # (as `_read_field`)
         raise ConfigError(f"cannot read key file {_shown(path)}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        secret = _read_field(path, "secret-key")
+    except ConfigError as exc:
+        if not _has_field(path, "public-key"):
+            raise
+        raise ConfigError(f"{_shown(path)} has no secret-key: it is a public key file (give NAME.key_secret, "
+                          "its pair)") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"{_shown(path)} is readable by others: chmod 600 it")
-    return check_key(_read_field(path, "secret-key"), "secret key")
+    return check_key(secret, "secret key")
 
 
 def read_public_key(path: str | os.PathLike[str]) -> str:
