@@ -296,3 +296,51 @@ def test_a_public_key_file_given_as_the_secret_one_is_named_as_such(tmp_path: Pa
     with pytest.raises(zmqmesh.ConfigError, match="no secret-key"):
         zmqmesh.Node("swapped", **mesh, curve_key_file=str(public)).start()
     assert read_public_key(secret) == read_public_key(public)  # (the other way round is fine)
+
+
+def test_handshakes_that_fail_before_the_allow_list_are_counted(mesh: dict[str, Any], ctx: Any,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # a plain client, or one that does not know the node's key, fails in ZeroMQ before the
+    # ZAP handler: it was refused without a count or a word
+    keys, wrong, stranger = generate_keypair(), generate_keypair(), generate_keypair()
+    with zmqmesh.Node("guarded", **mesh, curve_secret_key=keys.secret) as node, \
+            caplog.at_level("WARNING", logger="zmqmesh.security"):
+        clients = []  # (kept: one closed before its handshake fails counts as no handshake)
+        for endpoint in node.endpoints.values():  # (the mailbox and every pattern socket)
+            for server_key in (None, wrong.public):
+                sock = ctx.socket(zmq.DEALER)
+                clients.append(sock)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # (one handshake each)
+                if server_key is not None:
+                    sock.curve_publickey, sock.curve_secretkey = stranger.public.encode(), stranger.secret.encode()
+                    sock.curve_serverkey = server_key.encode()
+                sock.connect(endpoint)
+        count = 2 * len(node.endpoints)
+        wait_until(lambda: node.stats()["rejected"].get("curve_handshake_failed", 0) >= count, 10,
+                   f"{count} failed handshakes counted")
+        assert 1 <= len([r for r in caplog.records if r.name == "zmqmesh.security"]) <= 2
+    assert node.stats()["rejected"].get("curve_denied", 0) == 0  # (none reached the ZAP handler)
+
+
+def test_a_secure_async_node_that_fails_to_start_leaves_nothing_watched_on_the_loop(mesh: dict[str, Any]) -> None:
+    # the ZAP handler's socket and its monitors stay watched on the caller's loop, closed
+    # with the context, unless let go before
+    import asyncio
+    import socket
+
+    keys = generate_keypair()
+
+    async def main() -> None:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            loop = asyncio.get_running_loop()
+            watched = set(loop._selector.get_map())  # type: ignore[attr-defined]
+            node = zmqmesh.AsyncNode("refused", **mesh, mailbox_port=busy.getsockname()[1], curve_secret_key=keys.secret)
+            with pytest.raises(zmqmesh.ZmqMeshError, match="mailbox"):
+                await node.start()
+            await asyncio.sleep(0.05)
+            assert set(loop._selector.get_map()) - watched == set()  # type: ignore[attr-defined]
+
+    asyncio.run(main())

@@ -267,7 +267,12 @@ class Engine:
                 beacon=beacon, keys=self.keys, allowed=allowed,
             )
             self.membership.bind()
+            if self._zap is not None:
+                self._zap.watch(self.membership.mailbox)
         except Exception:
+            if self._zap is not None:  # (its sockets watched on the loop, which may be the caller's)
+                self._zap.pause()
+                self._zap = None
             self.ctx.destroy(linger=0)
             if self.store is not None:
                 self.store.close()
@@ -329,6 +334,8 @@ class Engine:
             sock = new_socket(self.ctx, kind, options)
             if self.keys is not None:
                 make_server(sock, self.keys)
+            if self._zap is not None:
+                self._zap.watch(sock)
             sock.bind(f"tcp://{bind_address}:*")
             self._bound[key] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             if kind != zmq.XPUB:

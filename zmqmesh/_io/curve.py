@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import struct
+import sys
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import zmq
@@ -50,6 +51,11 @@ KEY_LENGTH = 40  # a Z85-encoded 32-byte key
 REFUSAL_LOG_S = 10.0
 """At most one log line about refused handshakes this often (each is counted, as
 ``curve_denied``): a stranger can retry a handshake as fast as the network lets it."""
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+"""The handshakes `ZapHandler.watch` counts: those a CURVE server fails before it asks the
+ZAP handler (a plain client's, one that does not know the server's key; libzmq reports
+a plain client's as a protocol error, or without detail when the client hung up first,
+having seen the mismatch too), and those cut in the middle."""
 KEY_FILE_MAX = 64 << 10
 """The most a key file is read of (a few lines, written by `write_keypair`): a larger
 one, or a device such as ``/dev/zero``, is refused, not read whole."""
@@ -222,6 +228,8 @@ class ZapHandler:
         self.allowed = allowed | {keys.public}
         self.stats = stats
         self._refusals_log = LogThrottle(REFUSAL_LOG_S)
+        self._failures_log = LogThrottle(REFUSAL_LOG_S)
+        self._monitors: list[zmq.Socket[Any]] = []
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(ZAP_ENDPOINT)
@@ -260,14 +268,47 @@ class ZapHandler:
             except zmq.ZMQError:
                 pass
 
+    def watch(self, sock: zmq.Socket[Any]) -> None:
+        """Count, as ``curve_handshake_failed``, and log at most every `REFUSAL_LOG_S`, the
+        handshakes the CURVE server ``sock`` fails before asking this handler: clients that
+        speak no CURVE (a plain node) or do not know this node's public key, and those that
+        hang up in the middle (`_HANDSHAKE_FAILED`). On the loop, before another thread
+        uses ``sock``. Raises `zmq.ZMQError` if it cannot be watched."""
+        monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        self._monitors.append(monitor)
+        self.loop.add_reader(monitor.FD, self._on_failures, monitor)
+        self.loop.call_soon(self._on_failures, monitor)  # (the descriptor is edge-triggered)
+
+    def _on_failures(self, monitor: zmq.Socket[Any]) -> None:
+        failed = 0
+        while not monitor.closed:
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            # (a monitor's event: a 16-bit id and a 32-bit value in native byte order, then the endpoint)
+            if len(frames) == 2 and int.from_bytes(frames[0][:2], sys.byteorder) & _HANDSHAKE_FAILED:
+                failed += 1
+        if failed:
+            self.stats.reject("curve_handshake_failed", failed)
+            said = self._failures_log.due(failed)
+            if said:
+                log.warning("refused %d handshake(s) of clients speaking no CURVE or not knowing this node's key "
+                            "since the last such line (each counted in rejected.curve_handshake_failed)", said)
+
     def pause(self) -> None:
-        """Stop answering (on the loop), and keep the socket bound until the context ends:
-        a handshake asked of it meanwhile waits unanswered, and never completes, where
-        a server without a ZAP handler bound might admit any key (`make_server`)."""
-        try:
-            self.loop.remove_reader(self.sock.FD)
-        except Exception:  # not watched, or the loop is closed
-            pass
+        """Stop answering and counting (on the loop), and keep the socket bound until the
+        context ends: a handshake asked of it meanwhile waits unanswered, and never
+        completes, where a server without a ZAP handler bound might admit any key
+        (`make_server`)."""
+        for sock in (self.sock, *self._monitors):
+            try:
+                self.loop.remove_reader(sock.FD)
+            except Exception:  # not watched, or the loop is closed
+                pass
+        for monitor in self._monitors:
+            monitor.close(0)
+        self._monitors.clear()
 
 
 def connect(sock: zmq.Socket[Any], endpoint: str, keys: KeyPair | None, peer_key: str | None) -> None:

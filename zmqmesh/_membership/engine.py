@@ -183,6 +183,12 @@ class Membership:
         self.endpoint = f"tcp://{self.advertise_address}:{self.port}"
         self._mailbox = mailbox
 
+    @property
+    def mailbox(self) -> zmq.Socket[Any]:
+        """The mailbox ROUTER (bound by `bind`), for the node to watch its handshakes."""
+        assert self._mailbox is not None, "bind() first"
+        return self._mailbox
+
     def start(self, headers: dict[str, str], groups: set[str]) -> None:
         """Start reading the mailbox and beacons, beaconing, heartbeating, and greeting seeds."""
         assert self._mailbox is not None, "bind() first"
