@@ -344,3 +344,16 @@ def test_a_secure_async_node_that_fails_to_start_leaves_nothing_watched_on_the_l
             assert set(loop._selector.get_map()) - watched == set()  # type: ignore[attr-defined]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", ["../outside", "sub/inner", "/abs", ".", ".."])
+def test_keygen_names_a_file_in_its_directory_only(tmp_path: Path, name: str) -> None:
+    # a name with a separator wrote the pair outside the directory given (or failed, or
+    # wrote hidden files "..key" beside it)
+    keys = tmp_path / "keys"
+    with pytest.raises(ValueError, match="name"):
+        zmqmesh.write_keypair(keys, name)
+    assert sorted(p.name for p in tmp_path.rglob("*")) in ([], ["keys"])
+    result = subprocess.run([sys.executable, "-m", "zmqmesh", "keygen", name, "--dir", str(keys)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "name" in result.stderr

@@ -99,14 +99,18 @@ def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     """Write ``NAME.key`` (public) and ``NAME.key_secret`` (secret, mode 600) into ``directory``.
 
     Returns both paths. Refuses to overwrite existing files or to write through a link
-    (raises `FileExistsError`, having written neither), and an empty or blank ``name``
-    (raises `ValueError`: it named hidden files ``.key``). Raises `OSError` when the
-    directory cannot be made or written to, leaving no half of the pair behind.
+    (raises `FileExistsError`, having written neither), and a ``name`` that is empty,
+    blank, starts with a dot or holds a path separator (raises `ValueError`: it named
+    hidden files such as ``.key``, or files outside ``directory``). Raises `OSError` when
+    the directory cannot be made or written to, leaving no half of the pair behind.
     """
     from pathlib import Path  # (here: only writing key files needs it, not a node)
 
     if not name.strip():
         raise ValueError(f"a key pair's name must not be empty, got {name!r}")
+    if name.startswith(".") or "/" in name or (os.altsep is not None and os.altsep in name) or os.sep in name:
+        raise ValueError(f"a key pair's name is a file name in the directory given, without a path or a "
+                         f"leading dot, got {name!r}")
     keys = generate_keypair()
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
