@@ -357,3 +357,14 @@ def test_keygen_names_a_file_in_its_directory_only(tmp_path: Path, name: str) ->
     result = subprocess.run([sys.executable, "-m", "zmqmesh", "keygen", name, "--dir", str(keys)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "name" in result.stderr
+
+
+def test_a_config_shows_no_secret_key() -> None:
+    # a config's repr (a log line, a traceback's locals, print(node.config)) showed the
+    # node's secret key in full
+    keys = generate_keypair()
+    config = zmqmesh.NodeConfig(curve_secret_key=keys.secret)
+    assert keys.secret not in repr(config) and keys.secret not in str(config)
+    assert "curve_secret_key=<hidden>" in repr(config)
+    assert "curve_secret_key=None" in repr(zmqmesh.NodeConfig())
+    assert config == zmqmesh.NodeConfig(curve_secret_key=keys.secret) and config.curve_secret_key == keys.secret

@@ -19,6 +19,7 @@ __all__ = ["frozen_record", "fields_of", "replaced"]
 _T = TypeVar("_T")
 _FIELDS = "__record_fields__"
 _DEFAULTS = "__record_defaults__"
+_HIDDEN = "__record_hidden__"  # (a class's names of fields its repr shows as <hidden>, unless None: secrets)
 
 if sys.version_info >= (3, 11):
     from typing import dataclass_transform
@@ -34,9 +35,10 @@ def frozen_record(cls: type[_T]) -> type[_T]:
     class may define ``__post_init__(self)`` to check or normalise the fields (assigning
     with ``object.__setattr__``); the decorator gives it its ``__init__``, ``__eq__``,
     ``__hash__``, ``__repr__``, ``__match_args__``, ``__setattr__`` and ``__delattr__``
-    (the last two raise `AttributeError`); records copy as plain objects do. Construction
-    raises `TypeError` for an unknown, repeated or missing argument; the decorator raises
-    it for a field without a default after one with a default."""
+    (the last two raise `AttributeError`); records copy as plain objects do. The fields
+    the class names in ``__record_hidden__`` (secrets) are shown as ``<hidden>`` unless
+    None. Construction raises `TypeError` for an unknown, repeated or missing argument;
+    the decorator raises it for a field without a default after one with a default."""
     names = tuple(cls.__dict__.get("__annotations__", {}))
     defaulted = False
     for name in names:
@@ -125,5 +127,7 @@ def _hash(self: Any) -> int:
 
 
 def _repr(self: Any) -> str:
-    shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in getattr(self, _FIELDS))
+    hidden = getattr(self, _HIDDEN, ())
+    shown = ", ".join(f"{name}=<hidden>" if name in hidden and getattr(self, name) is not None
+                      else f"{name}={getattr(self, name)!r}" for name in getattr(self, _FIELDS))
     return f"{type(self).__qualname__}({shown})"

@@ -207,6 +207,8 @@ class NodeConfig:
         metrics_address: the address the metrics server listens on.
     """
 
+    __record_hidden__ = ("curve_secret_key",)  # (its repr, in a log or a traceback, shows no secret)
+
     mesh: str = "zmqmesh"
     interface: str | None = None
     bind_address: str | None = None
