@@ -93,7 +93,7 @@ class NodeConfig:
             49152-65535); a fixed port lets seeds be written down ahead of time.
         beacon_interval_s: seconds between beacons (the first goes out at once).
         discovery: send and listen to UDP beacons; turn off to rely on ``seeds`` only.
-        seeds: mailbox endpoints (``tcp://host:port``) to greet directly where broadcast
+        seeds: mailbox endpoints (``tcp://ip:port``) to greet directly where broadcast
             does not reach; a node met through a seed tells us the rest of the mesh.
         heartbeat_interval_s: a peer silent this long is sent a PING.
         peer_timeout_s: a peer silent this long (no traffic, no PING-OK) is declared gone.
@@ -112,7 +112,7 @@ class NodeConfig:
             ``curve_secret_key``.
         curve_allow: Z85 public keys of the peers admitted (this node's own is implied);
             only with a key of this node's own (`ConfigError` otherwise: the node would
-            be plain). A secure node's seeds are written ``PUBLICKEY@tcp://host:port``,
+            be plain). A secure node's seeds are written ``PUBLICKEY@tcp://ip:port``,
             and only a secure node's.
 
     Messaging:
@@ -320,7 +320,7 @@ class NodeConfig:
         for seed in self.seeds:
             endpoint = seed[41:] if isinstance(seed, str) and seed[40:41] == "@" else seed
             if not isinstance(endpoint, str) or not _is_tcp_endpoint(endpoint):
-                raise ConfigError(f"seeds must be tcp://host:port endpoints (KEY@tcp://... for secure nodes), "
+                raise ConfigError(f"seeds must be tcp://ip:port endpoints (KEY@tcp://... for secure nodes), "
                                   f"got {seed!r}")
         for name in ("bind_address", "advertise_address", "beacon_address"):
             value = getattr(self, name)
@@ -454,8 +454,8 @@ def _is_ipv4(value: object) -> bool:
 
 
 def _is_tcp_endpoint(endpoint: str) -> bool:
-    """Whether ``endpoint`` is ``tcp://host:port``, the port 1..65535 (ZeroMQ refused
-    another at the first connection, long after the node started)."""
+    """Whether ``endpoint`` is ``tcp://a.b.c.d:port``, the port 1..65535: a seed of
+    another form was taken, then passed over as the node started (a host name, an IPv6
+    address), or refused by ZeroMQ only as the node connected (no port)."""
     host, colon, port = endpoint[len("tcp://"):].rpartition(":") if endpoint.startswith("tcp://") else ("", "", "")
-    return bool(colon and host.strip() == host and host and port.isascii() and port.isdigit()
-                and 1 <= int(port) <= 65535)
+    return bool(colon and _is_ipv4(host) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)
