@@ -322,10 +322,12 @@ class NodeConfig:
             if not isinstance(endpoint, str) or not _is_tcp_endpoint(endpoint):
                 raise ConfigError(f"seeds must be tcp://ip:port endpoints (KEY@tcp://... for secure nodes), "
                                   f"got {seed!r}")
-        for name in ("bind_address", "advertise_address", "beacon_address"):
-            value = getattr(self, name)
-            if value is not None and not _is_ipv4(value):  # (taken, they failed the start or sent beacons nowhere)
-                raise ConfigError(f"{name} must be an IPv4 address such as '192.168.1.20', got {value!r}")
+        if self.advertise_address is not None and not _is_ipv4(self.advertise_address):
+            # (peers take a HELLO's endpoint only as tcp://a.b.c.d:port: a node advertising
+            # another address met no one; bind_address takes ZeroMQ's forms too, an
+            # interface's name or '*', with an advertise_address)
+            raise ConfigError(f"advertise_address must be an IPv4 address such as '192.168.1.20', "
+                              f"got {self.advertise_address!r}")
         if isinstance(self.store_max_bytes, float) or self.store_max_bytes < _LEAST_STORE_BYTES:
             # (SQLite ignores a page count that is not whole: no bound; and the store takes no less
             # than 1 MiB, which a config refused only as the node started)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 
+from .._stats import LogThrottle
 from .netif import is_ipv4
 
 __all__ = ["BeaconSocket", "RECEIVE_BUFFER"]
@@ -17,6 +18,9 @@ __all__ = ["BeaconSocket", "RECEIVE_BUFFER"]
 log = logging.getLogger("zmqmesh.discovery")
 
 _MAX_DATAGRAM = 512
+SEND_FAILED_LOG_S = 60.0
+"""Beacons that could not be sent are logged at most this often (a target that does not
+resolve, a network that went away: every tick fails alike)."""
 _RECEIVE_BURST = 256
 RECEIVE_BUFFER = 1 << 20
 """The beacon socket's receive buffer (``SO_RCVBUF``; the kernel caps it at
@@ -52,6 +56,7 @@ class BeaconSocket:
             sock.close()
             raise
         self._sock = sock
+        self._failed_log = LogThrottle(SEND_FAILED_LOG_S)
 
     @staticmethod
     def _bind_address(target: str) -> str:
@@ -72,11 +77,16 @@ class BeaconSocket:
         return self._sock.fileno()
 
     def send(self, payload: bytes) -> None:
-        """Send one beacon; a failure is logged, never raised (the next tick tries again)."""
+        """Send one beacon; a failure is logged (at most every `SEND_FAILED_LOG_S`), never
+        raised (the next tick tries again)."""
         try:
             self._sock.sendto(payload, (self.target, self.port))
-        except OSError as exc:
-            log.debug("beacon to %s:%s failed: %s", self.target, self.port, exc)
+        except OSError as exc:  # (a beacon_address that does not resolve failed here, unseen at debug level)
+            said = self._failed_log.due()
+            if said:
+                log.warning("%d beacon(s) to %s:%s could not be sent since the last such line (peers cannot "
+                            "find this node by them): %s; said again at most every %g s",
+                            said, self.target, self.port, exc, SEND_FAILED_LOG_S)
 
     def receive(self) -> tuple[list[tuple[bytes, str]], bool]:
         """The datagrams waiting now (a bounded burst), as ``(payload, source_ip)``, and
