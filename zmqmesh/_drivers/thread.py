@@ -63,6 +63,9 @@ log = logging.getLogger("zmqmesh.node")
 _POLL_SLICE_S = 0.05
 _FREE_WAIT_S = 1.0  # (a thread in a call lets its sockets go within a poll slice of a stop)
 _SLOT_WAIT_S = 0.005
+_REPLY_FLUSH_S = 0.005
+"""While a burst is handed to the handler pool, the replies of the handlers that returned
+go out at least this often (held, they are sent a batch per caller)."""
 _ROOM_SLICE_S = 0.1
 _LATE_LOOP_S = 1.0
 _IDLE_LOOK_MS = 500  # (the inbox comes round this often with nothing to wake it: what waits, `has_waiting`)
@@ -500,6 +503,7 @@ class ThreadInbox(Dispatcher):
                                             initializer=self._pool_thread_started)
         self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
         self._in_pool = 0  # calls handed to the pool whose outcome is not yet in `_done` (under `_exit_lock`)
+        self._flushed_at = 0.0  # when the pool's replies were last sent while a burst was handed over (`_submit`)
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{engine.name}", daemon=True)
         self._async_loop: Any = None  # a HandlerLoop, made for the first async def handler
         self._async_lock = threading.Lock()
@@ -670,6 +674,13 @@ class ThreadInbox(Dispatcher):
                 return
             active = with_input(self.sockets)  # (one look at all three: reading it rearms their descriptors)
 
+    def _flush_done(self) -> None:
+        """Reply for the calls the pool finished, and send those replies now (a burst being
+        handed to the pool otherwise holds them to its end)."""
+        self._complete_done()
+        self.release_held()
+        self._flushed_at = time.monotonic()
+
     def _complete_done(self) -> None:
         """Reply for the calls the handler pool finished (this thread only)."""
         while self._done:
@@ -717,10 +728,11 @@ class ThreadInbox(Dispatcher):
 
     def _submit(self, call: Call) -> None:
         assert self._pool is not None and self._slots is not None
+        if self._done and time.monotonic() - self._flushed_at >= _REPLY_FLUSH_S:
+            self._flush_done()  # (handlers quicker than a slot's wait: their replies waited for the burst's end)
         while not self._slots.acquire(timeout=_SLOT_WAIT_S):
             if self._done:  # the replies of the calls that finished go out meanwhile (not held for a batch)
-                self._complete_done()
-                self.release_held()
+                self._flush_done()
             if self.abandoned():  # (every slot held by a handler that did not return in time)
                 self.drop(call)
                 return
