@@ -134,7 +134,6 @@ def test_a_request_in_service_when_its_provider_stops_gets_its_reply(mesh: dict[
     asyncio.run(main())
 
 
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", ["def", "async def"])
 def test_a_node_stopping_waits_for_the_handlers_its_pool_runs(mesh: dict[str, Any], kind: str) -> None:
@@ -162,23 +161,27 @@ def test_a_node_stopping_waits_for_the_handlers_its_pool_runs(mesh: dict[str, An
     provider = zmqmesh.Node("provider", handler_concurrency=4, **mesh)
     provider.service("slow", slowly if kind == "def" else slowly_async)
     provider.pull("slow", slowly if kind == "def" else slowly_async)
-    with zmqmesh.Node("client", **mesh) as client:
-        provider.start()
-        client.wait_for_service("slow", timeout=10)
-        client.wait_for_pullers("slow", timeout=10)
-        replies = [client.submit("slow", i, timeout=10) for i in range(2)]
-        client.push("slow", 2)
-        client.push("slow", 3)
-        for _ in range(4):
-            assert running.acquire(timeout=10), "the test needs four handlers running when the node stops"
-        started = time.monotonic()
-        provider.stop(timeout=5)
-        took = time.monotonic() - started
-        assert sorted(handled) == [0, 1, 2, 3], f"the stop returned after {took:.2f} s with {handled} handled"
-        assert [reply.result(10) for reply in replies] == [0, 1]
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            provider.start()
+            client.wait_for_service("slow", timeout=10)
+            client.wait_for_pullers("slow", timeout=10)
+            replies = [client.submit("slow", i, timeout=10) for i in range(2)]
+            client.push("slow", 2)
+            client.push("slow", 3)
+            for _ in range(4):
+                assert running.acquire(timeout=10), "the test needs four handlers running when the node stops"
+            started = time.monotonic()
+            provider.stop(timeout=5)
+            took = time.monotonic() - started
+            assert sorted(handled) == [0, 1, 2, 3], f"the stop returned after {took:.2f} s with {handled} handled"
+            assert [reply.result(10) for reply in replies] == [0, 1]
+    finally:
+        provider.stop()  # (done already, unless an assertion came first)
     stats = provider.stats()
     assert stats["service"]["dropped"] == 0 and stats["pipeline"]["dropped"] == 0, stats
     assert stats["service"]["sent"] == 2, stats["service"]
+
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind, concurrency", [("Node", 1), ("Node", 4), ("AsyncNode", 1), ("AsyncNode", 4)])
@@ -752,11 +755,13 @@ def test_what_a_slow_subscriber_loses_at_a_high_water_mark_is_logged(mesh: dict[
     slow = zmqmesh.Node("slow", **small)
     slow.subscribe("flood", lambda m: gate.wait(30))  # stuck until the flood ends
     with caplog.at_level(logging.WARNING, logger="zmqmesh"), slow, zmqmesh.Node("publisher", **small) as pub:
-        pub.wait_for_subscribers("flood", 1, timeout=10)
-        for i in range(20_000):
-            pub.publish("flood", i)
-        wait_until(lambda: pub.stats()["pubsub"]["sent"] == 20_000, 20, "the publisher to send everything")
-        gate.set()
+        try:
+            pub.wait_for_subscribers("flood", 1, timeout=10)
+            for i in range(20_000):
+                pub.publish("flood", i)
+            wait_until(lambda: pub.stats()["pubsub"]["sent"] == 20_000, 20, "the publisher to send everything")
+        finally:
+            gate.set()  # (whatever failed: the stop does not wait for a stuck handler)
         pub.publish("flood", 20_000)  # (it shows the gap before it)
         wait_until(lambda: slow.stats()["pubsub"]["received"] + slow.stats()["pubsub"]["dropped"] == 20_001, 30,
                    "every publication received or counted")
@@ -777,12 +782,14 @@ def test_what_a_node_drops_of_its_own_publications_for_its_subscriptions_is_logg
     node = zmqmesh.Node("self", recv_hwm=10, **mesh)
     node.subscribe("t", lambda m: gate.wait(30))  # stuck until the flood ends
     with caplog.at_level(logging.WARNING, logger="zmqmesh"), node:
-        for i in range(5000):
-            node.publish("t", i)
-            if i % 50 == 0:
-                time.sleep(0.001)  # (the loop takes them a few frames at a time)
-        wait_until(lambda: node.stats()["pubsub"]["dropped"] > 0, 10, "publications dropped")
-        gate.set()
+        try:
+            for i in range(5000):
+                node.publish("t", i)
+                if i % 50 == 0:
+                    time.sleep(0.001)  # (the loop takes them a few frames at a time)
+            wait_until(lambda: node.stats()["pubsub"]["dropped"] > 0, 10, "publications dropped")
+        finally:
+            gate.set()
     lines = [r.getMessage() for r in caplog.records if "before its own subscriptions" in r.getMessage()]
     assert lines and "pubsub.dropped" in lines[0], caplog.text
     assert len(lines) <= 3, lines
@@ -798,11 +805,13 @@ def test_whispers_dropped_for_a_handler_that_falls_behind_are_logged(mesh: dict[
     slow = zmqmesh.Node("slow", recv_hwm=10, **mesh)
     slow.on_whisper(lambda m: (gate.wait(30), got.append(m.data)))
     with caplog.at_level(logging.WARNING, logger="zmqmesh"), slow, zmqmesh.Node("talker", **mesh) as talker:
-        talker.wait_for_peers(1, timeout=10)
-        for i in range(300):
-            talker.whisper(slow.id, str(i))
-        wait_until(lambda: slow.stats()["zre"]["dropped"] > 0, 10, "whispers dropped")
-        gate.set()
+        try:
+            talker.wait_for_peers(1, timeout=10)
+            for i in range(300):
+                talker.whisper(slow.id, str(i))
+            wait_until(lambda: slow.stats()["zre"]["dropped"] > 0, 10, "whispers dropped")
+        finally:
+            gate.set()
     lines = [r.getMessage() for r in caplog.records if "WHISPER or SHOUT" in r.getMessage()]
     assert lines and "zre.dropped" in lines[0], caplog.text
     assert len(lines) <= 3, lines

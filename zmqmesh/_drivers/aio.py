@@ -747,10 +747,9 @@ class LoopInbox(Dispatcher):
         while batch:
             started: list[Call] = []
             outcomes: list[tuple[Any, BaseException | None]] = []  # (the worker's, as each call returns)
-            until = time.monotonic() + _SYNC_SLICE_S
             try:
                 await self.loop.run_in_executor(self._worker, run_batch, batch, self.abandoned, started, outcomes,
-                                                until)
+                                                _SYNC_SLICE_S)
             except asyncio.CancelledError:  # a stop's: the worker begins no call past its deadline
                 begun, done = len(started), len(outcomes)  # (in this order: done <= begun)
                 for call, (result, error) in zip(batch, outcomes[:done]):

@@ -167,12 +167,13 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
 
 
 def run_batch(batch: list[Call], abandoned: Callable[[], bool], started: list[Call],
-              outcomes: list[tuple[Any, BaseException | None]], until: float = math.inf) -> None:
+              outcomes: list[tuple[Any, BaseException | None]], slice_s: float = math.inf) -> None:
     """Call the sync handlers of a burst in order (on a worker thread), until ``abandoned()``
-    says a stop's deadline passed, or, once one has returned, the clock (monotonic) passes
-    ``until`` (the caller then answers those and hands the rest over again): each call goes
-    into ``started`` as it begins, and its outcome into ``outcomes`` as it returns (what a
-    caller that stopped waiting can tell of the worker's progress)."""
+    says a stop's deadline passed, or, once one has returned, ``slice_s`` seconds have
+    passed since this began (the caller then answers those and hands the rest over again):
+    each call goes into ``started`` as it begins, and its outcome into ``outcomes`` as it
+    returns (what a caller that stopped waiting can tell of the worker's progress)."""
+    until = time.monotonic() + slice_s  # (from here: the hand-over to this thread may have taken longer)
     for call in batch:
         if abandoned() or (outcomes and time.monotonic() >= until):
             break

@@ -24,7 +24,6 @@ those of protocol 1, so a client written for it keeps working.
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 
@@ -488,12 +487,13 @@ def sent_at(stamp: object) -> float | None:
     """A sender's clock (its ``time.time()`` as it sent) as a message shows it: a finite
     number, else None (NaN, an infinity, a bool, text: a stranger's, which handlers would
     take for a time). Raises nothing."""
-    if isinstance(stamp, (int, float)) and not isinstance(stamp, bool):
+    if type(stamp) is float:  # (what senders write: checked first, the cheapest way)
+        return stamp if stamp - stamp == 0.0 else None  # (NaN and the infinities give NaN)
+    if type(stamp) is int:
         try:
-            value = float(stamp)
+            return float(stamp)
         except OverflowError:  # (an int past a float's range)
             return None
-        return value if math.isfinite(value) else None
     return None
 
 
