@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1148,3 +1149,39 @@ def test_a_handler_refused_by_its_stopping_node_leaves_its_message_to_be_dealt_a
         with second:
             wait_until(lambda: got, 20, "the message dealt again")
     assert got == [(7, True)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
+def test_a_start_that_fails_leaves_no_descriptor_open(mesh: dict[str, Any], kind: str) -> None:
+    """A start that fails late (the mailbox port in use) lets go of everything it made,
+    while the node object is still held: a `Node` kept its inbox's waker, a pipe (two
+    descriptors a failed start, 20 after ten), and the beacon socket until collected."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        options = {**mesh, "mailbox_port": busy.getsockname()[1]}
+        failed = []
+
+        def start_and_fail() -> None:
+            node = getattr(zmqmesh, kind)("doomed", **options)
+            if kind == "Node":
+                with pytest.raises(zmqmesh.ZmqMeshError, match="mailbox"):
+                    node.start()
+            else:
+                async def main() -> None:
+                    with pytest.raises(zmqmesh.ZmqMeshError, match="mailbox"):
+                        await node.start()
+                asyncio.run(main())
+            failed.append(node)  # (held: nothing may wait for the collector)
+
+        start_and_fail()  # (the first start loads what stays loaded)
+        before = set(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            start_and_fail()
+        left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in set(os.listdir("/proc/self/fd")) - before
+                if os.path.exists(f"/proc/self/fd/{fd}")}
+        assert left == {}, left
+    finally:
+        busy.close()

@@ -528,6 +528,11 @@ class LoopInbox(Dispatcher):
         # those used since that hold a message (`used_with_input`)
         self._fired: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)
 
+    def discard(self) -> None:
+        """Let go of what was made for it (its worker), for a node whose start failed before
+        this was started."""
+        self._worker.shutdown(wait=False)
+
     def start(self) -> None:
         """Watch the sockets' descriptors."""
         self.apply_subscriptions()

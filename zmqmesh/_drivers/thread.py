@@ -517,6 +517,13 @@ class ThreadInbox(Dispatcher):
         """Start the inbox thread."""
         self.thread.start()
 
+    def discard(self) -> None:
+        """Let go of what was made for it (the waker's pipe), for a node whose start failed
+        before this was started."""
+        self._waker.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
     def runs_handlers_here(self) -> bool:
         """True on a thread that runs this node's handlers (inbox, handler pool, async handler loop)."""
         current = threading.get_ident()

@@ -93,6 +93,7 @@ class Inbox(Protocol):
     stopping: bool
 
     def start(self) -> None: ...
+    def discard(self) -> None: ...
     def post(self, calls: list[Call]) -> None: ...
     def post_frames(self, frames: list[bytes], count: int) -> None: ...
     def waits_for_caller(self) -> bool: ...
@@ -215,6 +216,7 @@ class Engine:
                     self.store.close()
                 raise
         self.ctx = zmq.Context(io_threads=1)
+        beacon = None
         try:
             # (libzmq's default of 1,023 sockets ran out at about 340 peers, long before MAX_PEERS)
             self.ctx.set(zmq.MAX_SOCKETS, ZMQ_SOCKETS_PER_PEER * MAX_PEERS + 1024)
@@ -252,7 +254,6 @@ class Engine:
                 self.durable.recover()
             self.outbound.attach(self.publisher, self.pusher, self.reliable, self.durable)
             self.inbox = self._inbox_factory(self, sockets["sub"], sockets["pull"], sockets["service"])
-            beacon = None
             if cfg.discovery:
                 beacon = BeaconSocket(cfg.beacon_address or broadcast, cfg.beacon_port,
                                       loopback_only=is_loopback(advertise))
@@ -273,6 +274,11 @@ class Engine:
             if self._zap is not None:  # (its sockets watched on the loop, which may be the caller's)
                 self._zap.pause()
                 self._zap = None
+            if self.inbox is not None:  # (never started: what it made is let go, its waker's pipe)
+                self.inbox.discard()
+                self.inbox = None
+            if beacon is not None:
+                beacon.close()
             self.ctx.destroy(linger=0)
             if self.store is not None:
                 self.store.close()
