@@ -297,8 +297,9 @@ class ZapHandler:
             self.stats.reject("curve_handshake_failed", failed)
             said = self._failures_log.due(failed)
             if said:
-                log.warning("refused %d handshake(s) of clients speaking no CURVE or not knowing this node's key "
-                            "since the last such line (each counted in rejected.curve_handshake_failed)", said)
+                log.warning("%d handshake(s) failed in ZeroMQ (a client speaking no CURVE, not knowing this "
+                            "node's key, or hanging up midway) since the last such line (each counted in "
+                            "rejected.curve_handshake_failed)", said)
 
     def pause(self) -> None:
         """Stop answering and counting (on the loop), and keep the socket bound until the
