@@ -18,7 +18,7 @@ from helpers import wait_until
 
 import zmqmesh
 from zmqmesh import generate_keypair, read_public_key, read_secret_key
-from zmqmesh._io.curve import make_server
+from zmqmesh._io.curve import KeyPair, make_server
 
 
 def test_secure_mesh_admits_only_allowed_keys(mesh: dict[str, Any]) -> None:
@@ -440,3 +440,14 @@ def test_a_config_shows_no_secret_key() -> None:
     assert "curve_secret_key=<hidden>" in repr(config)
     assert "curve_secret_key=None" in repr(zmqmesh.NodeConfig())
     assert config == zmqmesh.NodeConfig(curve_secret_key=keys.secret) and config.curve_secret_key == keys.secret
+
+
+def test_a_key_pair_shows_no_secret_key() -> None:
+    # generate_keypair()'s KeyPair (the engine holds one) printed its secret key in full,
+    # in a log line or a traceback's locals
+    keys = generate_keypair()
+    assert keys.secret not in repr(keys) and keys.secret not in str(keys)
+    assert repr(keys) == f"KeyPair(public={keys.public!r}, secret=<hidden>)"
+    assert keys.secret not in repr(KeyPair.from_secret(keys.secret)) and keys.secret not in repr([keys])
+    public, secret = keys
+    assert (public, secret) == (keys.public, keys.secret) == tuple(keys)  # (the value itself is unchanged)

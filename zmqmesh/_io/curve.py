@@ -77,6 +77,10 @@ class KeyPair(NamedTuple):
         """The public key as 32 raw bytes (as beacons carry it)."""
         return z85.decode(self.public)
 
+    def __repr__(self) -> str:
+        # (the secret shown as <hidden>, as NodeConfig's: a log line or a traceback's locals)
+        return f"KeyPair(public={self.public!r}, secret=<hidden>)"
+
 
 def check_key(key: str, what: str = "key") -> str:
     """Return ``key`` if it is a Z85-encoded 32-byte key, else raise `ConfigError`."""
