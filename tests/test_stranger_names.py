@@ -275,3 +275,62 @@ def test_a_senders_clock_that_is_no_finite_number_reaches_handlers_as_none(stamp
 def test_a_senders_clock_that_is_a_number_is_kept() -> None:
     assert wire.parse_meta({"h": [None], "t": 1700000000}, 1)[1] == 1700000000.0
     assert wire.sent_at(1700000000.25) == 1700000000.25
+
+
+_CLOCKS = [(float("nan"), None), (float("inf"), None), (-float("inf"), None), (1700000000.25, 1700000000.25)]
+"""A raw sender's clocks, and the timestamp a handler must see for each (the finite one
+shows the raw peer's clock is read at all)."""
+
+
+def _raw_dealer(ctx: Any, endpoint: str) -> Any:
+    import zmq
+
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    return dealer
+
+
+@pytest.mark.parametrize(("stamp", "expected"), _CLOCKS, ids=["nan", "inf", "-inf", "finite"])
+def test_a_requests_clock_that_is_no_finite_number_reaches_the_handler_as_none(
+        mesh: dict[str, Any], ctx: Any, stamp: float, expected: float | None) -> None:
+    # a request's meta frame (docs/protocol.md: {"h", "t", "v"}) from a raw peer: its "t"
+    # of NaN or an infinity reached the handler as msg.timestamp, as it was
+    import msgpack
+
+    seen: list[Any] = []
+    node = zmqmesh.Node("provider", **mesh)
+    node.service("clock", lambda m: seen.append(m.timestamp))
+    with node:
+        dealer = _raw_dealer(ctx, node.endpoints["service"])
+        try:
+            dealer.send_multipart([b"clock", b"r1", msgpack.packb(None), msgpack.packb({"h": {}, "t": stamp})])
+            assert dealer.poll(5000), "no reply"
+            reply = dealer.recv_multipart()
+            assert reply[:2] == [b"r1", b"\x00"], reply
+        finally:
+            dealer.close(0)
+    assert seen == [expected], seen
+
+
+@pytest.mark.parametrize(("stamp", "expected"), _CLOCKS, ids=["nan", "inf", "-inf", "finite"])
+def test_an_at_least_once_items_clock_that_is_no_finite_number_reaches_the_handler_as_none(
+        mesh: dict[str, Any], ctx: Any, stamp: float, expected: float | None) -> None:
+    # a durable at-least-once item [redelivered, data, id, timestamp, headers, attempts]
+    # dealt by a raw peer: its timestamp of NaN or an infinity reached the handler as it was
+    import msgpack
+
+    seen: list[Any] = []
+    node = zmqmesh.Node("puller", **mesh)
+    node.pull("jobs", lambda m: seen.append(m.timestamp), at_least_once=True)
+    with node:
+        dealer = _raw_dealer(ctx, node.endpoints["service"])
+        try:
+            item = [False, {"i": 1}, "stranger-item-1", stamp, None, 0]
+            dealer.send_multipart([b"\x00queue/jobs", (1).to_bytes(8, "big"), msgpack.packb(item)])
+            assert dealer.poll(5000), "no acknowledgement"
+            reply = dealer.recv_multipart()
+            assert reply[1] == b"\x00", reply  # (acknowledged: the handler returned)
+        finally:
+            dealer.close(0)
+    assert seen == [expected], seen
