@@ -1127,8 +1127,11 @@ class Dispatcher:
     def apply_subscriptions(self) -> None:
         """Bring the SUB socket's subscriptions in line with the registry (owner thread only)."""
         wanted = set(self.registry.topics)
-        for prefix in wanted - self.subscribed:
+        added = wanted - self.subscribed
+        for prefix in added:
             self.sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        if added:  # (a gap in their numbers since they were last received is no loss)
+            self.gaps.forget_topics([p.encode() for p in added], [p.encode() for p in wanted & self.subscribed])
         for prefix in self.subscribed - wanted:
             self.sub.setsockopt(zmq.UNSUBSCRIBE, prefix.encode())
         if wanted != self.subscribed:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_right
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import accumulate
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -419,6 +419,20 @@ class GapCounter:
             return None
         topics[topic] = sequence + count
         return lost
+
+    def forget_topics(self, added: Iterable[bytes], kept: Iterable[bytes]) -> None:
+        """Start counting afresh the topics under the prefixes just subscribed (``added``)
+        that no prefix subscribed all along (``kept``) covers: what their publishers sent
+        while this node did not subscribe never came, and was never meant to (the
+        publisher counts it as unrouted). Counted as lost at a high-water mark, each
+        unsubscribe and subscribe again made a false drop and a warning."""
+        added, kept = tuple(added), tuple(kept)
+        for uuid, topics in list(self._expected.items()):
+            for topic in [t for t in topics if t.startswith(added) and not t.startswith(kept)]:
+                del topics[topic]
+                self._tracked -= 1
+            if not topics:
+                del self._expected[uuid]
 
     def _make_room(self, sender: bytes) -> None:
         directory = self._directory
