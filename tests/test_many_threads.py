@@ -4,10 +4,11 @@ flow, and threads that come and go."""
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import in_threads, wait_until
 
 import zmqmesh
 
@@ -52,3 +53,52 @@ def test_a_topic_subscribed_again_counts_nothing_published_meanwhile_as_lost(
     assert stats["received"] == 11, stats
     assert not [r for r in caplog.records if "high-water mark" in r.getMessage()], caplog.text
 
+
+
+@pytest.mark.timeout(120)
+def test_registrations_and_removals_from_many_threads_at_once_lose_none_and_bring_none_back(
+        mesh: dict[str, Any]) -> None:
+    """Threads that register services, subscriptions and callbacks while others register
+    and remove their own, at once: every registration kept is there after, none removed is.
+    (A removal took no lock: it copied a table, another thread's registration went in, and
+    putting the copy back lost it, the call having returned; or brought back what a third
+    thread had removed. 4 threads keeping 200 names each, 4 churning: 1 to 12 lost.)"""
+    node = zmqmesh.Node("registrar", **mesh)
+    rounds = 200
+
+    def handler(msg: zmqmesh.Message) -> None:
+        pass
+
+    names = iter(range(1 << 20))
+
+    def keep_or_churn() -> None:
+        i = next(names)  # (one C call: unique per thread)
+        for k in range(rounds):
+            if i % 2:
+                own = lambda msg: None  # noqa: E731  (a handler of its own, removed by identity)
+                node.service(f"churn-{i}-{k}", own)
+                node.unservice(f"churn-{i}-{k}")
+                node.subscribe(f"churn-{i}", own)
+                node.on_join(own)
+                node.remove_handler(own)
+            else:
+                node.service(f"keep-{i}-{k}", handler)
+                node.subscribe(f"keep-{i}-{k}", handler)
+                node.on_join(handler)
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (threads switch often, as on a busy host)
+    try:
+        node.start()
+        in_threads(keep_or_churn, 8, 60)
+    finally:
+        sys.setswitchinterval(switching)
+        node.stop()
+    registry = node._registry
+    keepers = [i for i in range(8) if not i % 2]
+    lost = [f"keep-{i}-{k}" for i in keepers for k in range(rounds)
+            if f"keep-{i}-{k}" not in registry.services or f"keep-{i}-{k}" not in registry.topics]
+    back = [n for n in (*registry.services, *registry.topics) if n.startswith("churn")]
+    assert not lost, f"{len(lost)} registrations lost: {lost[:5]}"
+    assert not back, f"{len(back)} removed registrations back: {back[:5]}"
+    assert len(registry.callbacks["join"]) == len(keepers) * rounds

@@ -256,9 +256,11 @@ class NodeBase:
         self._forks = _FORKS[0]
         self._stopped = False
         self._stop_lock = threading.Lock()
-        """Held while a handler is admitted and while the node is marked stopped
+        """Held while a handler is admitted or removed and while the node is marked stopped
         (`_mark_stopped`): a registration racing a stop from another thread is either made
-        before the stop begins, or refused."""
+        before the stop begins, or refused; and the registry's tables, each copied, changed
+        and put back, change for one caller at a time (a removal racing a registration
+        lost it, or brought back what another thread removed)."""
         # message ids, unique without a uuid4 each: this run's node id (random) and a counter
         # (made by C code alone: no Python call per id)
         self._ids = map(f"{self._engine.node_id[:24]}-{{:x}}".format, itertools.count(1))
@@ -534,7 +536,8 @@ class NodeBase:
 
     def remove_handler(self, handler: Callable[..., Any]) -> bool:
         """Remove ``handler`` wherever it is registered (topics, queues, services, callbacks)."""
-        found = self._registry.remove_handler(handler)
+        with self._stop_lock:
+            found = self._registry.remove_handler(handler)
         if found:
             self._engine.registry_changed()
         return found
@@ -551,7 +554,8 @@ class NodeBase:
                                   "call them; create a new one")
 
     def _unregister(self, kind: str, name: str, handler: Callable[..., Any] | None) -> bool:
-        removed = self._registry.remove(kind, name, handler)
+        with self._stop_lock:
+            removed = self._registry.remove(kind, name, handler)
         if removed:
             self._engine.registry_changed()
         return removed

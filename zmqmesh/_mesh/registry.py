@@ -47,7 +47,8 @@ class Registry:
     """Topic, queue and service handlers and event callbacks of one node.
 
     Every table is replaced, never changed in place, so a thread reading one (the inbox,
-    the loop) always sees a whole table; `version` counts the replacements.
+    the loop) always sees a whole table; `version` counts the replacements. Writers must
+    take turns: `NodeBase` makes every change holding its ``_stop_lock``.
     """
 
     def __init__(self) -> None:
