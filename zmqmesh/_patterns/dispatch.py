@@ -182,6 +182,7 @@ class Dispatcher:
         self._lost_log = LogThrottle(_LOST_LOG_S)  # (`_lost_at_a_mark`)
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
         self._events_lost_log = LogThrottle(_LOST_LOG_S)  # (`post`: the loop's thread)
+        self._unpulled_log = LogThrottle(_LOST_LOG_S)  # (`_decode_stream`: messages of a queue no longer pulled)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
         self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
         self.streams_changed = True
@@ -487,7 +488,13 @@ class Dispatcher:
             if not handlers:
                 counters["dropped"] += len(items)
                 stats.reject("pipeline_no_handler", len(items))
-                log.warning("%d message(s) for queue %r which this node no longer pulls", len(items), topic)
+                # (at most a line every few seconds: pushers that have not yet heard of the
+                # unpull send at their rate, and a line per frame flooded the log)
+                said = self._unpulled_log.due(len(items))
+                if said:
+                    log.warning("%d message(s) for a queue this node no longer pulls since the last such line, the "
+                                "last for %r; counted in pipeline.dropped (rejected: pipeline_no_handler); said "
+                                "again at most every %g s", said, topic, _LOST_LOG_S)
                 return
             self._received_names[pattern].add(topic, len(items))  # (by name, as at-least-once counts)
             origin = self._origin(kind, frames, sender_id, None, topic, len(items))
