@@ -242,6 +242,56 @@ def test_a_node_built_before_a_fork_is_refused_in_the_child(mesh: dict[str, Any]
         assert node.running  # (and still does in the parent)
 
 
+def _every_late_call_in_child(node: zmqmesh.Node, out: Any) -> None:
+    calls: dict[str, Any] = {
+        "whisper": lambda: node.whisper("0" * 32, b"x"),
+        "shout": lambda: node.shout("g", b"x"),
+        "join": lambda: node.join("g"),
+        "leave": lambda: node.leave("g"),
+        "service": lambda: node.service("late", lambda m: m.data),
+        "subscribe": lambda: node.subscribe("late.", lambda m: None),
+        "pull": lambda: node.pull("late", lambda m: None),
+        "keep": lambda: node.keep("late"),
+        "on_join": lambda: node.on_join(lambda p: None),
+        "on_shout": lambda: node.on_shout(lambda m: None),
+    }
+    said = {}
+    for name, call in calls.items():
+        begun = time.monotonic()
+        try:
+            call()
+            said[name] = "accepted"
+        except zmqmesh.ZmqMeshError as exc:
+            said[name] = f"{type(exc).__name__}: {exc} ({time.monotonic() - begun:.1f} s)"
+    out.put(said)
+
+
+@pytest.mark.timeout(90)
+def test_a_forked_child_is_refused_the_group_calls_and_new_handlers(mesh: dict[str, Any], tmp_path: Any) -> None:
+    # (whisper, shout, join and leave waited 10 s for the parent's I/O thread, which is not
+    # in the child, then raised MeshTimeoutError; a handler registered in the child was
+    # accepted, and nothing would ever call it)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    with zmqmesh.Node("forked-late", store=str(tmp_path), **mesh) as node:
+        child = ctx.Process(target=_every_late_call_in_child, args=(node, out))
+        child.start()
+        try:
+            said = out.get(timeout=60)
+            child.join(10)
+        finally:
+            if child.is_alive():
+                child.kill()
+                child.join(5)
+        wrong = {name: s for name, s in said.items() if "before a fork" not in s or "(0.0 s)" not in s}
+        assert not wrong, wrong
+        assert child.exitcode == 0
+        node.join("g")  # (the parent's node is untouched)
+        assert node.shout("g", b"x") == 0
+
+
 def test_an_async_node_refuses_another_event_loop(mesh: dict[str, Any]) -> None:
     import threading
 

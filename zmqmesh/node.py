@@ -353,7 +353,7 @@ class Node(NodeBase):
         self._call(self._engine.leave_group, group)
 
     def _call(self, fn: Any, *args: Any) -> Any:
-        self._engine.ensure_running()
+        self._check_open()
         return self._engine.call_on_loop(fn, *args)
 
     # waiting ----------------------------------------------------------------------------------------

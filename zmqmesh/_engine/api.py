@@ -348,10 +348,12 @@ class NodeBase:
         """Register ``handler`` (or return a decorator that does); ``then(handler)`` records
         its options, only once the registration succeeded (a failed one leaves nothing).
         Raises `TypeError` for a handler that cannot be called, `NodeClosedError` once the
-        node was stopped (nothing would ever call it)."""
+        node was stopped, `ZmqMeshError` in a process forked after it was built (nothing
+        would ever call it)."""
         def decorate(fn: Handler) -> Handler:
             if not callable(fn):
                 raise TypeError("a handler must be callable")
+            self._check_process()  # (before the lock: a parent's thread may have held it at the fork)
             with self._stop_lock:
                 self._refuse_if_stopped()
                 self._registry.add(kind, name, fn)
@@ -513,10 +515,11 @@ class NodeBase:
         yet delivered hands them to a keeper (within its stop deadline), which stores them
         and delivers them to pullers when they appear. Several keepers may run; each
         message is kept by one. Raises `ConfigError` without a store, `NodeClosedError`
-        once the node was stopped."""
+        once the node was stopped, `ZmqMeshError` in a process forked after it was built."""
         if self.config.store is None:
             raise ConfigError("keep() needs a store: Node(..., store='path/dir')")
         queue = check_name("queue", queue)
+        self._check_process()
         with self._stop_lock:
             self._refuse_if_stopped()
             self._registry.keep(queue)
@@ -561,8 +564,12 @@ class NodeBase:
         return removed
 
     def _callback(self, event: str, handler: Any) -> Any:
+        """Register ``handler`` for ``event``; raises `TypeError` if it cannot be called,
+        `ZmqMeshError` in a process forked after the node was built, `NodeClosedError` once
+        the node was stopped."""
         if not callable(handler):
             raise TypeError("a callback must be callable")
+        self._check_process()
         with self._stop_lock:
             self._refuse_if_stopped()
             self._registry.add_callback(event, handler)
@@ -618,6 +625,9 @@ class NodeBase:
         return self._engine.counters()
 
     def _check_open(self) -> None:
+        """Raises `ZmqMeshError` in a process forked after the node was built (its I/O thread
+        and sockets are the parent's), `NodeClosedError` unless the node runs."""
+        self._check_process()
         self._engine.ensure_running()
 
     def __del__(self) -> None:
