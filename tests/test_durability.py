@@ -62,6 +62,46 @@ def test_a_store_serves_one_node_at_a_time(tmp_path: Path, mesh: dict[str, Any])
         pass
 
 
+def _try_the_store_then_wait(store: str, mesh: dict[str, Any], out: Any, release: Any) -> None:
+    try:
+        zmqmesh.Node("child", store=store, **mesh).start()
+        out.put("opened")
+    except zmqmesh.ZmqMeshError as exc:
+        out.put(f"{type(exc).__name__}: {exc}")
+    release.wait(30)
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_a_store_is_open_does_not_hold_it_after_the_stop(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    # (the child inherits the descriptor holding the database's lock; the stop closed it
+    # without unlocking, so the lock stayed while any such child lived: the parent could
+    # not open its own store again, "in use by another node, through another name")
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out, release = ctx.Queue(), ctx.Event()
+    node = zmqmesh.Node("first", store=str(tmp_path), **mesh).start()
+    child = ctx.Process(target=_try_the_store_then_wait, args=(str(tmp_path), mesh, out, release))
+    child.start()
+    try:
+        said = out.get(timeout=30)
+        assert said.startswith("StoreLockedError"), said  # (refused in the child, as in another process)
+        node.push("q", 1, durable=True)
+        node.stop()
+        assert child.is_alive()
+        with zmqmesh.Node("second", store=str(tmp_path), **mesh) as again:  # free again, the child still there
+            again.push("q", 2, durable=True)
+    finally:
+        node.stop()
+        release.set()
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+    assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 2
+
+
 def test_a_foreign_or_damaged_file_is_refused_not_reset(tmp_path: Path, mesh: dict[str, Any]) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()

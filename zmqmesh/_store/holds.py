@@ -137,14 +137,18 @@ class StoreHold:
 
     def release(self) -> None:
         """Let go of both locks (once the database's connection closed: SQLite's own locks
-        are gone by then)."""
+        are gone by then). Each is unlocked before its descriptor closes: a child forked
+        meanwhile holds a copy of the descriptor, which would keep the lock until it exits."""
         try:
             if self._db_lock is not None:
                 fd, identity = self._db_lock
                 self._db_lock = None
                 with _HELD_LOCK:  # (its descriptors, and those parked with it, closed as it is let go)
-                    for parked in [*_HELD.pop(identity, ()), fd]:
-                        os.close(parked)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    finally:
+                        for parked in [*_HELD.pop(identity, ()), fd]:
+                            os.close(parked)
         finally:
             try:
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
