@@ -238,3 +238,84 @@ def test_a_second_signal_during_the_stop_does_not_cut_it_short(mesh: dict[str, A
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["stopped False", "returned True"]
     assert "Traceback" not in result.stderr
+
+
+FORKED_WHILE_SERVING_SYNC = """
+import multiprocessing, os, signal, sys, threading, time, zmqmesh
+def nap():
+    time.sleep(20)
+node = zmqmesh.Node("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+said = []
+def fork_and_signal():
+    try:
+        while not node.running:
+            time.sleep(0.02)
+        ctx = multiprocessing.get_context("fork")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            child = ctx.Process(target=nap)
+            child.start()
+            time.sleep(0.5)
+            os.kill(child.pid, sig)
+            child.join(5)
+            said.append(str(child.exitcode))
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+        said.append(str(node.running))
+    finally:
+        node.stop()
+threading.Thread(target=fork_and_signal).start()
+node.run_forever()
+print(" ".join(said), flush=True)
+"""
+
+FORKED_WHILE_SERVING_ASYNC = """
+import asyncio, multiprocessing, os, signal, sys, time, zmqmesh
+def nap():
+    time.sleep(20)
+async def main():
+    node = zmqmesh.AsyncNode("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    said = []
+    async def fork_and_signal():
+        try:
+            while not node.running:
+                await asyncio.sleep(0.02)
+            ctx = multiprocessing.get_context("fork")
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                child = ctx.Process(target=nap)
+                child.start()
+                await asyncio.sleep(0.5)
+                os.kill(child.pid, sig)
+                await asyncio.get_running_loop().run_in_executor(None, child.join, 5)
+                said.append(str(child.exitcode))
+                if child.exitcode is None:
+                    child.kill()
+                    child.join()
+            await asyncio.sleep(0.5)  # (time for a signal handed to this loop to stop the node)
+            said.append(str(node.running))
+        finally:
+            await node.stop()
+    helper = asyncio.ensure_future(fork_and_signal())
+    await node.serve_forever()
+    await helper
+    print(" ".join(said), flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("code", [FORKED_WHILE_SERVING_SYNC, FORKED_WHILE_SERVING_ASYNC],
+                         ids=["Node.run_forever", "AsyncNode.serve_forever"])
+def test_a_child_forked_while_serving_ends_on_its_signals(code: str, mesh: dict[str, Any]) -> None:
+    """A child forked while a node serves gets the signal handlers from before the serving
+    back: SIGTERM (``Process.terminate()``) and SIGINT end it (it inherited handlers that
+    only asked the parent's node to stop, and ignored both), and with an AsyncNode its
+    signals no longer reach the parent's loop (the parent stopped serving)."""
+    result = subprocess.run([sys.executable, "-c", code, mesh["mesh"], str(mesh["beacon_port"])],
+                            capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0, result.stderr
+    said = result.stdout.split()
+    # (under asyncio.run the handler from before is asyncio's SIGINT one, which a child
+    # inherits as any asyncio program's does: it takes a first SIGINT as a cancellation)
+    wanted = [str(-signal.SIGTERM), "1" if code is FORKED_WHILE_SERVING_SYNC else said[1], "True"]
+    assert said == wanted, result.stdout + result.stderr[-2000:]

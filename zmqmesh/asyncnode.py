@@ -15,6 +15,7 @@ from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
+from ._io.serving import served, serving
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
@@ -114,15 +115,18 @@ class AsyncNode(NodeBase):
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
         the node is stopped, then stop it cleanly and return.
 
-        Uses the running loop's signal handlers for the time it runs (removed after).
-        Raises what `start` raises.
+        Uses the running loop's signal handlers for the time it runs (removed after; a
+        child forked meanwhile gets the previous ones back, and no longer hands its
+        signals to this loop). Raises what `start` raises.
         """
         await self.start()
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()
         signals = (signal.SIGINT, signal.SIGTERM)
+        replaced = {sig: signal.getsignal(sig) for sig in signals}
         for sig in signals:
             loop.add_signal_handler(sig, signalled.set)
+        serving({sig: (signal.getsignal(sig), replaced[sig]) for sig in signals}, wakeup_fd=True)
         try:
             while self.running and not signalled.is_set():
                 try:
@@ -130,6 +134,7 @@ class AsyncNode(NodeBase):
                 except asyncio.TimeoutError:
                     pass
         finally:
+            served()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             await self.stop()

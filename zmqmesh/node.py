@@ -21,6 +21,7 @@ from ._drivers.thread import (
 )
 from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
 from ._io.reactor import Reactor, run_on
+from ._io.serving import served, serving
 from ._io.stop_flag import StopFlag
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
@@ -147,16 +148,20 @@ class Node(NodeBase):
 
         Installs its signal handlers for the time it runs, the start and the stop included
         (a signal then only asks for the stop, once), and restores the previous ones
-        after; so it must be called from the main thread: raises `ZmqMeshError` from any
-        other, and what `start` raises.
+        after (a child forked meanwhile gets the previous ones back); so it must be called
+        from the main thread: raises `ZmqMeshError` from any other, and what `start` raises.
         """
         if threading.current_thread() is not threading.main_thread():
             raise ZmqMeshError("run_forever() handles SIGINT and SIGTERM: call it from the main thread")
         import signal  # (here: a node that never runs forever does not load it)
 
         stop = StopFlag()  # (not a threading.Event: see StopFlag)
-        previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)}
+        handler = stop.set
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        serving({sig: (handler, replaced) for sig, replaced in previous.items()})  # (put back in a forked child)
         try:
+            for sig in previous:
+                signal.signal(sig, handler)
             try:
                 self.start()
                 with self._lock:
@@ -173,8 +178,9 @@ class Node(NodeBase):
                 if thread is not None:  # (a stop begun by another thread: return once the I/O thread ended)
                     thread.join(self.config.linger_s + _STOP_WAIT_S)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            served()
+            for sig, replaced in previous.items():
+                signal.signal(sig, replaced)
 
     def __enter__(self) -> Node:
         return self.start()
