@@ -1185,3 +1185,35 @@ def test_a_start_that_fails_leaves_no_descriptor_open(mesh: dict[str, Any], kind
         assert left == {}, left
     finally:
         busy.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_during_the_start_leaves_no_node_running(mesh: dict[str, Any], tmp_path: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt while start() waits for the I/O thread to start the node: the start
+    went on there, and the node was left running with nothing to stop it (a `with` block's
+    exit never runs): its I/O thread alive, its store held (opened again: StoreLockedError),
+    its peers seeing it. Now the node is stopped before the interrupt goes on."""
+    import zmqmesh.node
+
+    real_run_on = zmqmesh.node.run_on
+    node = zmqmesh.Node("interrupted", store=str(tmp_path), **mesh)
+
+    def interrupted(loop: Any, fn: Any, *args: Any, timeout: float | None = None) -> Any:
+        if fn != node._engine.start:
+            return real_run_on(loop, fn, *args, timeout=timeout)
+        loop.call_soon_threadsafe(fn, *args)  # (the start is on its way, as a real interrupt leaves it)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zmqmesh.node, "run_on", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with node:
+            raise AssertionError("the block ran")
+    monkeypatch.undo()
+    assert not node.running
+    wait_until(lambda: not any(t.name == "zmqmesh-io-interrupted" for t in threading.enumerate()), 10,
+               "the interrupted node's I/O thread to end")
+    with zmqmesh.Node("again", store=str(tmp_path), **mesh) as again:
+        assert again.running
+    with pytest.raises(zmqmesh.NodeClosedError):
+        node.start()

@@ -7,6 +7,7 @@ the plans out with the thread driver, blocking the calling thread where they wai
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,8 @@ from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
 
 __all__ = ["Node"]
+
+log = logging.getLogger("zmqmesh.node")
 
 _STOP_WAIT_S = 10.0  # past linger_s: how long run_forever waits for a stop begun by another thread
 
@@ -70,9 +73,12 @@ class Node(NodeBase):
         """Bind, start discovery and handlers; returns the node.
 
         Raises `ZmqMeshError` (or `ConfigError`) on failure, `NodeClosedError` for a node
-        that was stopped.
+        that was stopped. Interrupted while it waits (a Ctrl-C), it stops the node before
+        the interrupt goes on: the start, already handed to the I/O thread, is not left
+        running with nothing to stop it.
         """
         self._check_process()
+        interrupted: BaseException | None = None
         with self._lock:
             if self._stopped:  # (also one stopped before it ever started)
                 raise NodeClosedError("a stopped node cannot be started again; create a new one")
@@ -91,7 +97,31 @@ class Node(NodeBase):
                 if isinstance(exc, ZmqMeshError):
                     raise
                 raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
+            except BaseException as exc:  # (KeyboardInterrupt, SystemExit from a signal handler)
+                interrupted = exc
+        if interrupted is not None:
+            threading.Thread(target=self._stop_after_start, name=f"zmqmesh-stop-{self.name}", daemon=True).start()
+            raise interrupted
         return self
+
+    def _stop_after_start(self) -> None:
+        """Stop a node whose start was interrupted, once the loop is past that start (the
+        stop needs what it made). Never raises."""
+        loop, thread = self._loop, self._thread
+        assert loop is not None and thread is not None
+        try:
+            run_on(loop, lambda: None, timeout=35)  # (queued behind the start, which has 30 s)
+        except ZmqMeshError:
+            pass
+        if self._engine.closed:  # the start failed there (and let go of what it made)
+            self._mark_stopped()
+            loop.stop()
+            thread.join(5)
+            return
+        try:
+            self.stop()
+        except Exception as exc:
+            log.warning("node %s: stopping after an interrupted start failed: %s", self.name, exc)
 
     @staticmethod
     def _run_loop(loop: Reactor) -> None:
