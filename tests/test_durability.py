@@ -4,6 +4,7 @@ timeouts and effectively-once pullers. Real processes, real SQLite, SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -95,6 +96,76 @@ def test_a_child_forked_while_a_store_is_open_does_not_hold_it_after_the_stop(
     finally:
         node.stop()
         release.set()
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join(5)
+    assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 2
+
+
+ORPHANING_PARENT = """
+import multiprocessing, sys, time, zmqmesh
+def nap():
+    time.sleep(30)
+if __name__ == "__main__":
+    node = zmqmesh.Node("parent", store=sys.argv[1], mesh=sys.argv[2], beacon_port=int(sys.argv[3])).start()
+    child = multiprocessing.get_context("fork").Process(target=nap)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_forked_child_does_not_keep_the_store_of_its_killed_parent(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    # (the child's copies of the lock descriptors held the store's locks for as long as it
+    # lived: the node restarted after its process was killed found its store locked)
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANING_PARENT, str(tmp_path), mesh["mesh"],
+                               str(mesh["beacon_port"])], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(10)
+        assert os.path.exists(f"/proc/{child}")  # (the orphan lives on)
+        with zmqmesh.Node("restarted", store=str(tmp_path), **mesh) as node:
+            node.push("q", 1, durable=True)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+def _open_the_store_when_told(store: str, mesh: dict[str, Any], go: Any, out: Any) -> None:
+    go.wait(30)
+    try:
+        with zmqmesh.Node("child", store=store, **mesh) as node:
+            node.push("q", 2, durable=True)
+        out.put("opened")
+    except zmqmesh.ZmqMeshError as exc:
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_opens_the_store_its_parent_let_go(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    # (the child's inherited table of held databases still named it: "in use by another
+    # node, through another name")
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    go, out = ctx.Event(), ctx.Queue()
+    with zmqmesh.Node("parent", store=str(tmp_path), **mesh) as node:
+        node.push("q", 1, durable=True)
+        child = ctx.Process(target=_open_the_store_when_told, args=(str(tmp_path), mesh, go, out))
+        child.start()
+    try:
+        go.set()
+        assert out.get(timeout=30) == "opened"
+    finally:
         child.join(10)
         if child.is_alive():
             child.kill()

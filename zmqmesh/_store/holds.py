@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ _HELD_LOCK = threading.Lock()
 # (device, inode) of the lock files of stores this process closes once a handler that
 # outlived its node's stop returns (`StoreHold.close_later`), and the event set when they close
 _CLOSING: dict[tuple[int, int], threading.Event] = {}
+_HOLDS: weakref.WeakSet[StoreHold] = weakref.WeakSet()  # (those of this process: `_let_go_in_child`)
 CLOSING_WAIT_S = 5.0
 """How long opening a store waits for one this process closes after a handler that outlived
 its node's stop (`StoreHold.close_later`), before it raises `StoreLockedError` (an opening on a
@@ -44,6 +46,7 @@ class StoreHold:
         self.directory = directory
         self.path = path
         self._lock_file = self._take_lock()
+        _HOLDS.add(self)
         self._closing: tuple[int, int] | None = None  # (`close_later`)
         self._db_lock: tuple[int, tuple[int, int]] | None = None
         try:
@@ -159,6 +162,42 @@ class StoreHold:
                         closed = _CLOSING.pop(self._closing, None)
                     if closed is not None:
                         closed.set()
+
+
+    def descriptors(self) -> list[int]:
+        """The descriptors holding its locks (none once released)."""
+        held = [] if self._lock_file.closed else [self._lock_file.fileno()]
+        return held + ([self._db_lock[0]] if self._db_lock is not None else [])
+
+
+def _let_go_in_child() -> None:
+    """In a child forked while stores were open: its copies of their lock descriptors
+    would hold the locks for as long as it lives, also once the parent stopped or died (a
+    node restarted after its process was killed found its store locked). Each is pointed
+    at /dev/null instead (not closed: its number stays taken, so the store objects the
+    child inherited close nothing else), and the child holds no store."""
+    global _HELD_LOCK
+    _HELD_LOCK = threading.Lock()  # (a parent's thread may have held it at the fork)
+    descriptors = [fd for parked in _HELD.values() for fd in parked]
+    for hold in list(_HOLDS):
+        descriptors += hold.descriptors()
+    _HELD.clear()
+    _CLOSING.clear()
+    if not descriptors:
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    for fd in descriptors:
+        try:
+            os.dup2(null, fd, inheritable=False)
+        except OSError:
+            pass
+    os.close(null)
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def _on_event_loop() -> bool:
