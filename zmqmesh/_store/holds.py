@@ -163,7 +163,6 @@ class StoreHold:
                     if closed is not None:
                         closed.set()
 
-
     def descriptors(self) -> list[int]:
         """The descriptors holding its locks (none once released)."""
         held = [] if self._lock_file.closed else [self._lock_file.fileno()]
