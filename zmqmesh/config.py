@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import operator
 import os
-import socket
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from ._addresses import is_ipv4, parse_tcp_endpoint
 from ._record import fields_of, frozen_record, replaced
 from .errors import ConfigError
 
@@ -319,10 +319,13 @@ class NodeConfig:
             raise ConfigError(f"mesh must be a name of at most 200 characters, not blank, got {self.mesh!r}")
         for seed in self.seeds:
             endpoint = seed[41:] if isinstance(seed, str) and seed[40:41] == "@" else seed
-            if not isinstance(endpoint, str) or not _is_tcp_endpoint(endpoint):
+            if not isinstance(endpoint, str) or parse_tcp_endpoint(endpoint) is None:
                 raise ConfigError(f"seeds must be tcp://ip:port endpoints (KEY@tcp://... for secure nodes), "
                                   f"got {seed!r}")
-        if self.advertise_address is not None and not _is_ipv4(self.advertise_address):
+        if self.advertise_address == "0.0.0.0":  # (refused only as the node started, as a ZmqMeshError)
+            raise ConfigError("advertise_address must be an address peers can reach, not 0.0.0.0 "
+                              "(bind_address='0.0.0.0' listens everywhere)")
+        if self.advertise_address is not None and not is_ipv4(self.advertise_address):
             # (peers take a HELLO's endpoint only as tcp://a.b.c.d:port: a node advertising
             # another address met no one; bind_address takes ZeroMQ's forms too, an
             # interface's name or '*', with an advertise_address)
@@ -340,9 +343,6 @@ class NodeConfig:
             raise ConfigError(f"store_synchronous must be 'normal' or 'full', got {self.store_synchronous!r}")
         if self.history and self.store is None:
             raise ConfigError("history= needs a store: Node(..., store='path/dir')")
-        if self.advertise_address == "0.0.0.0":  # (refused only as the node started, as a ZmqMeshError)
-            raise ConfigError("advertise_address must be an address peers can reach, not 0.0.0.0 "
-                              "(bind_address='0.0.0.0' listens everywhere)")
         if self.curve_secret_key is not None and self.curve_key_file is not None:
             raise ConfigError("give curve_secret_key or curve_key_file, not both")
         self._check_curve_peers()
@@ -444,20 +444,3 @@ def _from_environment(fields: tuple[str, ...], given: set[str]) -> dict[str, Any
         except ValueError:
             raise ConfigError(f"environment variable ZMQMESH_{name.upper()}={raw!r} is not valid") from None
     return values
-
-
-def _is_ipv4(value: object) -> bool:
-    """Whether ``value`` is an IPv4 address written out in full (``a.b.c.d``)."""
-    try:
-        socket.inet_pton(socket.AF_INET, value)  # type: ignore[arg-type]
-    except (OSError, TypeError, ValueError):  # (ValueError: a NUL in it)
-        return False
-    return True
-
-
-def _is_tcp_endpoint(endpoint: str) -> bool:
-    """Whether ``endpoint`` is ``tcp://a.b.c.d:port``, the port 1..65535: a seed of
-    another form was taken, then passed over as the node started (a host name, an IPv6
-    address), or refused by ZeroMQ only as the node connected (no port)."""
-    host, colon, port = endpoint[len("tcp://"):].rpartition(":") if endpoint.startswith("tcp://") else ("", "", "")
-    return bool(colon and _is_ipv4(host) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)

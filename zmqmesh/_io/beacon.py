@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import socket
 
+from .._addresses import is_ipv4
 from .._stats import LogThrottle
-from .netif import is_ipv4
 
 __all__ = ["BeaconSocket", "RECEIVE_BUFFER"]
 

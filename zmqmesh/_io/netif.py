@@ -5,9 +5,10 @@ from __future__ import annotations
 import socket
 import struct
 
+from .._addresses import packed_ipv4
 from ..errors import ConfigError
 
-__all__ = ["LOOPBACK_ADDRESS", "LOOPBACK_BROADCAST", "interface_addresses", "is_ipv4", "is_loopback"]
+__all__ = ["LOOPBACK_ADDRESS", "LOOPBACK_BROADCAST", "interface_addresses", "is_loopback"]
 
 LOOPBACK_ADDRESS = "127.0.0.1"
 LOOPBACK_BROADCAST = "127.255.255.255"
@@ -48,22 +49,7 @@ def interface_addresses(name: str) -> tuple[str, str]:
     return address, broadcast
 
 
-def _packed_ipv4(address: str) -> bytes | None:
-    """The four bytes of an IPv4 address written as four decimal numbers, or None
-    (``socket.inet_pton``'s strict form: what ``ipaddress.IPv4Address`` accepts, without
-    loading ``ipaddress``)."""
-    try:
-        return socket.inet_pton(socket.AF_INET, address)
-    except (OSError, TypeError, ValueError):
-        return None
-
-
-def is_ipv4(address: str) -> bool:
-    """True for an IPv4 address written as four decimal numbers."""
-    return _packed_ipv4(address) is not None
-
-
 def is_loopback(address: str) -> bool:
     """True for an IPv4 address in 127.0.0.0/8."""
-    packed = _packed_ipv4(address)
+    packed = packed_ipv4(address)
     return packed is not None and packed[0] == 127

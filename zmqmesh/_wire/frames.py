@@ -24,9 +24,9 @@ those of protocol 1, so a client written for it keeps working.
 
 from __future__ import annotations
 
-import re
 import struct
 
+from .._addresses import parse_tcp_endpoint
 from ..errors import DecodeError
 
 __all__ = [
@@ -179,7 +179,6 @@ OFFER_PREFIXES = {
 """A node announces what it offers by joining the ZRE group ``prefix + name``."""
 
 _REQUESTER_SUFFIX = 4
-_ENDPOINT = re.compile(r"^tcp://(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})$", re.ASCII)
 
 
 def pub_sender(uuid: bytes, sequence: int) -> bytes:
@@ -504,8 +503,4 @@ def inproc_endpoint(node_id: str, what: str) -> str:
 
 def parse_endpoint(endpoint: str) -> tuple[str, int] | None:
     """``(ip, port)`` of a ``tcp://a.b.c.d:port`` endpoint, or ``None`` if it is not one."""
-    match = _ENDPOINT.fullmatch(endpoint)
-    if not match or any(int(octet) > 255 for octet in match.group(1).split(".")):
-        return None
-    port = int(match.group(2))
-    return (match.group(1), port) if 0 < port < 65536 else None
+    return parse_tcp_endpoint(endpoint)
