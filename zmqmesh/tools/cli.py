@@ -45,7 +45,7 @@ from zmqmesh import (
     retry_dead_letters,
 )
 
-from .jsonview import dumps, peer_dict
+from .jsonview import dumps, peer_dict, shown
 from .pipes import PIPE_CLOSED, write_nowhere
 
 __all__ = ["main"]
@@ -63,16 +63,6 @@ def _lose_stdout() -> None:
     error at exit either), and remember it for the exit status."""
     _stdout_gone[0] = True
     write_nowhere(sys.stdout)
-
-
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-
-
-def _shown(text: str) -> str:
-    """``text`` as a line of a terminal shows it: its control characters (a newline that
-    would begin a line of its own, an escape that would drive the terminal) written as
-    ``\\xNN``. For what peers name (their names, offers, topics); raises nothing."""
-    return text.translate(_CONTROLS)
 
 
 def _out(text: str, stop: StopFlag | None = None, file: Any = None) -> None:
@@ -239,7 +229,7 @@ def _table(peers: list[Peer]) -> str:
     rows: list[tuple[str, ...]] = [("NAME", "ADDRESS", "SERVICES", "QUEUES", "TOPICS", "LAST SEEN")]
     now = time.time()
     for p in peers:
-        rows.append(tuple(map(_shown, (p.name, p.endpoint, ",".join(sorted(p.services)) or "-",
+        rows.append(tuple(map(shown, (p.name, p.endpoint, ",".join(sorted(p.services)) or "-",
                                        ",".join(sorted(p.queues)) or "-", ",".join(sorted(p.topics)) or "-",
                                        f"{max(0.0, now - p.last_seen):.1f}s ago"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -253,8 +243,8 @@ def _peers(args: argparse.Namespace) -> int:
         node.on_join(lambda p: _out(dumps({"event": "join", **peer_dict(p)}), stop))
         node.on_leave(lambda p: _out(dumps({"event": "leave", **peer_dict(p)}), stop))
     elif args.watch:
-        node.on_join(lambda p: _out(f"{time.strftime('%H:%M:%S')} + {_shown(p.name)} {_shown(p.endpoint)}", stop))
-        node.on_leave(lambda p: _out(f"{time.strftime('%H:%M:%S')} - {_shown(p.name)} {_shown(p.endpoint)}", stop))
+        node.on_join(lambda p: _out(f"{time.strftime('%H:%M:%S')} + {shown(p.name)} {shown(p.endpoint)}", stop))
+        node.on_leave(lambda p: _out(f"{time.strftime('%H:%M:%S')} - {shown(p.name)} {shown(p.endpoint)}", stop))
     with node:
         _listen(node, args.wait)
         peers = sorted(node.peers(), key=lambda p: (p.name, p.id))
@@ -292,7 +282,7 @@ def _subscribe(args: argparse.Namespace) -> int:
     @node.subscribe(args.prefix)
     def show(msg: Message) -> None:
         sender = msg.sender.name if msg.sender else "-"
-        _out(f"{_shown(msg.topic)} {dumps(msg.data)} (from {_shown(sender)})", done)
+        _out(f"{shown(msg.topic)} {dumps(msg.data)} (from {shown(sender)})", done)
         seen[0] += 1
         if args.count is not None and seen[0] >= args.count:
             done.set()
@@ -494,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = PIPE_CLOSED
     except (CliError, ZmqMeshError, OSError, ValueError) as exc:
         message = str(exc) or type(exc).__name__  # (a remote handler's, among them: a provider's text)
-        print(f"zmqmesh: error: {_shown(message)}", file=sys.stderr)
+        print(f"zmqmesh: error: {shown(message)}", file=sys.stderr)
         code = 1
     except Exception as exc:  # a bug of ours: still one line, with a hint
         print(f"zmqmesh: internal error: {type(exc).__name__}: {exc} (run with -v and report it)", file=sys.stderr)

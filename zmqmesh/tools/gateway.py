@@ -61,7 +61,7 @@ from zmqmesh import (
     metrics_text,
 )
 
-from .jsonview import dumps, peer_dict
+from .jsonview import dumps, peer_dict, shown
 
 try:
     from aiohttp import web
@@ -866,7 +866,6 @@ class _MalformedHttp(logging.Filter):
 LOGGED_REMOTE_CHARS = 4096
 """Characters logged of a remote handler's message, and of its traceback (its last ones):
 what a provider sends may reach 16 MiB, logged at each call a client makes."""
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
 def _cut(text: str, chars: int) -> str:
@@ -879,7 +878,7 @@ def _quoted(traceback_text: str) -> str:
     `LOGGED_REMOTE_CHARS` characters, each line set off by ``  | `` and its control
     characters written as ``\\xNN`` (the provider's text can begin no line of the log)."""
     tail = traceback_text[-LOGGED_REMOTE_CHARS:]
-    return "\n".join("  | " + line.translate(_CONTROLS) for line in tail.splitlines())
+    return "\n".join("  | " + shown(line) for line in tail.splitlines())
 
 
 def _said(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""JSON views of mesh data, shared by the command line and the HTTP gateway."""
+"""JSON and text views of mesh data, shared by the command line and the HTTP gateway."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from typing import Any
 
 from zmqmesh import Peer
 
-__all__ = ["dumps", "peer_dict"]
+__all__ = ["dumps", "peer_dict", "shown"]
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def shown(text: str) -> str:
+    """``text`` as a line of a terminal or a log shows it: its control characters (a newline
+    that would begin a line of its own, an escape that would drive the terminal) written
+    as ``\\xNN``. For what peers and providers name or say; raises nothing."""
+    return text.translate(_CONTROLS)
 
 
 def _default(value: Any) -> Any:
