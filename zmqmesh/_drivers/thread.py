@@ -268,9 +268,18 @@ class ThreadRequester:
         passes over a thread in a call, which would keep them until its next call. (Looked
         at after letting go: a provider that leaves later finds `in_use` free.)"""
         if self.engine.directory.epoch != self._membership_epoch:
-            with self.in_use:
-                if not self.closed:
-                    self._prune()
+            self.prune_if_free(wait=True)
+
+    def prune_if_free(self, wait: bool = False) -> None:
+        """Close the sockets to providers that left, unless the thread is in a call (then
+        its `after_call` does), or with ``wait``, once it let go of them."""
+        if not self.in_use.acquire(blocking=wait):
+            return
+        try:
+            if not self.closed:
+                self._prune()
+        finally:
+            self.in_use.release()
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
@@ -407,12 +416,8 @@ class ThreadRequesters:
                 if table and not requester.owner.is_alive():
                     if requester.close():  # its thread is gone: nobody else uses these sockets
                         self._all.remove(requester)
-                elif requester.in_use.acquire(blocking=False):
-                    try:
-                        if not requester.closed:
-                            requester._prune()
-                    finally:
-                        requester.in_use.release()
+                else:
+                    requester.prune_if_free()
         finally:
             if table:
                 self._lock.release()

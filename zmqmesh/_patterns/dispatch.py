@@ -354,15 +354,14 @@ class Dispatcher:
         a time)."""
         if calls and isinstance(calls[0].arg, Message) and calls[0].arg.pattern in ("whisper", "shout"):
             size = sum(len(f) for f in calls[0].arg.data)
-            if len(self.events) >= self.config.recv_hwm or \
-                    self.event_bytes + size > max(_EVENT_BYTES, 2 * self.config.max_message_bytes):
+            most_bytes = max(_EVENT_BYTES, 2 * self.config.max_message_bytes)
+            if len(self.events) >= self.config.recv_hwm or self.event_bytes + size > most_bytes:
                 self.stats.add("zre", "dropped", len(calls))
                 said = self._events_lost_log.due(len(calls))
                 if said:
                     log.warning("%d WHISPER or SHOUT callback(s) dropped since the last such line: their handlers "
                                 "fell behind (recv_hwm=%d events or %d bytes waiting); counted in zre.dropped; "
-                                "said again at most every %g s", said, self.config.recv_hwm,
-                                max(_EVENT_BYTES, 2 * self.config.max_message_bytes), _LOST_LOG_S)
+                                "said again at most every %g s", said, self.config.recv_hwm, most_bytes, _LOST_LOG_S)
                 return
             with self._event_lock:
                 self.event_bytes += size * len(calls)
