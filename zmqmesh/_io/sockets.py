@@ -154,17 +154,27 @@ def close_watched(loop: Any, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
 
 
 def reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: Mapping[str, str | None],
-              connect: Callable[[zmq.Socket[Any], str, str | None], None]) -> None:
+              connect: Callable[[zmq.Socket[Any], str, str | None], None],
+              linger_ms: Callable[[str], int] | None = None) -> None:
     """Make ``sock`` connected to exactly the ``wanted`` endpoints (endpoint -> CURVE key).
 
     ``connected`` is the caller's record of what ``sock`` is connected to; it is updated.
     An endpoint that cannot be connected is logged and left out (tried again next time).
+    A connection let go drops what ZeroMQ still holds for it, unless ``linger_ms`` gives
+    its endpoint a linger: it then sends that on for up to so many milliseconds (the
+    linger a disconnect takes is the socket's at that moment).
     """
     for endpoint in connected - set(wanted):
+        linger = linger_ms(endpoint) if linger_ms is not None else 0
         try:
+            if linger:
+                sock.setsockopt(zmq.LINGER, linger)
             sock.disconnect(endpoint)
         except zmq.ZMQError:
             pass
+        finally:
+            if linger:
+                sock.setsockopt(zmq.LINGER, 0)
         connected.discard(endpoint)
     for endpoint, key in wanted.items():
         if endpoint in connected:

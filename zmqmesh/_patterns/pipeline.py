@@ -302,7 +302,20 @@ class Pusher:
 
     def _sync(self, queue: str, sock: zmq.Socket[Any]) -> None:
         targets = (self.directory.endpoint_of(i, "pull") for i in self.directory.providers("queues", queue))
-        reconnect(sock, self._connected[queue], dict(t for t in targets if t is not None), self.connect)
+        reconnect(sock, self._connected[queue], dict(t for t in targets if t is not None), self.connect,
+                  self._drain_ms)
+
+    def _drain_ms(self, endpoint: str) -> int:
+        """How long a connection to ``endpoint`` that this node lets go sends on what ZeroMQ
+        still holds for it (a backlog, under load): ``linger_s`` if a peer still there
+        pulls at that endpoint (its puller withdrew the queue, stopping or unpulling, and
+        reads on meanwhile), else nothing (its node is gone, and what it held with it: a
+        linger would only keep trying it, and the context's end would wait for that)."""
+        for peer in self.directory.mesh_peers():
+            live = self.directory.endpoint_of(peer.id, "pull")
+            if live is not None and live[0] == endpoint:
+                return int(self.config.linger_s * 1000)
+        return 0
 
     def _on_socket(self, sock: zmq.Socket[Any]) -> None:
         # The descriptor stays readable until someone reads ZMQ_EVENTS: with nothing queued
