@@ -292,6 +292,55 @@ def test_a_forked_child_is_refused_the_group_calls_and_new_handlers(mesh: dict[s
         assert node.shout("g", b"x") == 0
 
 
+def _wait_in_child(ready: Any, done: Any) -> None:
+    ready.set()
+    done.wait(30)
+
+
+def _free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_does_not_keep_its_parents_ports(mesh: dict[str, Any]) -> None:
+    """A worker forked while a node listens on fixed ports: once the node stops, a node
+    started again on those ports binds them, while the worker lives. Its copies of the
+    listening sockets (and of peers' connections to them) are let go in the child. (Before:
+    ``cannot bind the mailbox ... Address already in use`` until the worker exited.)"""
+    import multiprocessing
+
+    pytest.importorskip("prometheus_client")
+    ctx = multiprocessing.get_context("fork")
+    ports = {"mailbox_port": _free_tcp_port(), "metrics_port": _free_tcp_port()}
+    ready, done = ctx.Event(), ctx.Event()
+    node = zmqmesh.Node("parent", **ports, **mesh).start()
+    with zmqmesh.Node("peer", **mesh) as peer:
+        wait_until(lambda: len(peer.peers()) == 1, 10, "the peer connected to the parent's ports")
+        child = ctx.Process(target=_wait_in_child, args=(ready, done))
+        child.start()
+        try:
+            assert ready.wait(20)
+            node.stop()
+            again = zmqmesh.Node("parent-again", **ports, **mesh).start()
+            try:
+                assert again.endpoints["mailbox"].endswith(f":{ports['mailbox_port']}")
+                wait_until(lambda: "parent-again" in [p.name for p in peer.peers()], 10, "the restarted node met")
+            finally:
+                again.stop()
+            assert child.is_alive()
+        finally:
+            done.set()
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+                child.join(5)
+    assert child.exitcode == 0
+
+
 def test_an_async_node_refuses_another_event_loop(mesh: dict[str, Any]) -> None:
     import threading
 

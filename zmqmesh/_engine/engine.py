@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
+from .._io import inherited
 from .._io.beacon import BeaconSocket
 from .._io.curve import (
     KeyPair,
@@ -155,6 +156,7 @@ class Engine:
         self.keys: KeyPair | None = None
         self._advertise = ""
         self._bound: dict[str, str] = {}
+        self._listening: list[int] = []  # (the TCP ports this node listens on: `inherited`)
         self._user_groups: set[str] = set()
         self._rebuild_pending = False
         self._joined: list[PeerState] = []  # peers ready whose join waits for the pending rebuild
@@ -299,6 +301,10 @@ class Engine:
         if self.history is not None:
             headers[HEADER["stream"]] = self.history.stream_id
             headers[HEADER["runs"]] = ",".join(self.history.runs)
+        self._listening = [self.membership.port, *(int(e.rsplit(":", 1)[1]) for e in self._bound.values())]
+        if self.metrics is not None:
+            self._listening.append(self.metrics.port)
+        inherited.hold(self._listening)
         self.requests = self._requests_factory(self)
         self.inbox.start()
         self.closed = False
@@ -493,6 +499,8 @@ class Engine:
         try:
             self.ctx.destroy(0)
         finally:
+            inherited.let_go(self._listening)
+            self._listening = []
             if self.store is not None:
                 self.store.close()
         log.info("node %s (%s) stopped", self.name, self.node_id[:8])
