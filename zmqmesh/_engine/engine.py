@@ -301,10 +301,6 @@ class Engine:
         if self.history is not None:
             headers[HEADER["stream"]] = self.history.stream_id
             headers[HEADER["runs"]] = ",".join(self.history.runs)
-        self._listening = [self.membership.port, *(int(e.rsplit(":", 1)[1]) for e in self._bound.values())]
-        if self.metrics is not None:
-            self._listening.append(self.metrics.port)
-        inherited.hold(self._listening)
         self.requests = self._requests_factory(self)
         self.inbox.start()
         self.closed = False
@@ -314,6 +310,10 @@ class Engine:
         self.publisher.start()
         if self.history is not None:
             self.call_soon(self._expire_history)
+        self._listening = [self.membership.port, *(int(e.rsplit(":", 1)[1]) for e in self._bound.values())]
+        if self.metrics is not None:
+            self._listening.append(self.metrics.port)
+        inherited.hold(self._listening)
         log.info("node %s (%s) started, mailbox %s", self.name, self.node_id[:8], self.membership.endpoint)
 
     def advertised(self, key: str) -> str:

@@ -15,25 +15,29 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
 from collections import Counter
 from collections.abc import Iterable
 
 __all__ = ["hold", "let_go"]
 
 _HELD: Counter[int] = Counter()  # port -> how many of this process's nodes listen on it
+_HELD_LOCK = threading.Lock()  # (nodes start and stop on any thread)
 
 
 def hold(ports: Iterable[int]) -> None:
     """Record ``ports`` as listened on by a node of this process, to be let go in a child
     forked while they are; `let_go` them when the node closed its sockets. Never raises."""
-    _HELD.update(ports)
+    with _HELD_LOCK:
+        _HELD.update(ports)
 
 
 def let_go(ports: Iterable[int]) -> None:
     """The node listening on ``ports`` (as given to `hold`) closed its sockets. Never raises."""
-    _HELD.subtract(ports)
-    for port in [p for p, n in _HELD.items() if n <= 0]:
-        del _HELD[port]
+    with _HELD_LOCK:
+        _HELD.subtract(ports)
+        for port in [p for p, n in _HELD.items() if n <= 0]:
+            del _HELD[port]
 
 
 def _held_by(fd: int, ports: set[int]) -> bool:
@@ -55,6 +59,8 @@ def _held_by(fd: int, ports: set[int]) -> bool:
 
 
 def _let_go_in_child() -> None:
+    global _HELD_LOCK
+    _HELD_LOCK = threading.Lock()  # (a parent's thread may have held it at the fork)
     if not _HELD:
         return
     ports = set(_HELD)
