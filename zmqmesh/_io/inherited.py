@@ -19,7 +19,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 
-__all__ = ["hold", "let_go"]
+__all__ = ["hold", "let_go", "point_at_null"]
 
 _HELD: Counter[int] = Counter()  # port -> how many of this process's nodes listen on it
 _HELD_LOCK = threading.Lock()  # (nodes start and stop on any thread)
@@ -69,14 +69,21 @@ def _let_go_in_child() -> None:
         descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
     except (OSError, ValueError):
         return
-    held = [fd for fd in descriptors if _held_by(fd, ports)]
-    if not held:
+    point_at_null([fd for fd in descriptors if _held_by(fd, ports)])
+
+
+def point_at_null(descriptors: Iterable[int]) -> None:
+    """Point each of ``descriptors`` at /dev/null: what it referred to is let go by this
+    process, but its number stays taken, so whatever object holds it closes nothing else
+    later (for a child's copies of what its parent holds). Never raises."""
+    descriptors = list(descriptors)
+    if not descriptors:
         return
     try:
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return
-    for fd in held:
+    for fd in descriptors:
         try:
             os.dup2(null, fd, inheritable=False)
         except OSError:

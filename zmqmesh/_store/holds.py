@@ -13,6 +13,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .._io.inherited import point_at_null
 from ..errors import ConfigError, StoreError, StoreLockedError
 from .schema import not_plain
 
@@ -182,18 +183,7 @@ def _let_go_in_child() -> None:
         descriptors += hold.descriptors()
     _HELD.clear()
     _CLOSING.clear()
-    if not descriptors:
-        return
-    try:
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return
-    for fd in descriptors:
-        try:
-            os.dup2(null, fd, inheritable=False)
-        except OSError:
-            pass
-    os.close(null)
+    point_at_null(descriptors)
 
 
 os.register_at_fork(after_in_child=_let_go_in_child)
