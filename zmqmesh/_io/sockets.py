@@ -169,12 +169,13 @@ def reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: Mapping[str, s
         try:
             if linger:
                 sock.setsockopt(zmq.LINGER, linger)
-            sock.disconnect(endpoint)
+            try:
+                sock.disconnect(endpoint)
+            finally:
+                if linger:
+                    sock.setsockopt(zmq.LINGER, 0)
         except zmq.ZMQError:
             pass
-        finally:
-            if linger:
-                sock.setsockopt(zmq.LINGER, 0)
         connected.discard(endpoint)
     for endpoint, key in wanted.items():
         if endpoint in connected:
