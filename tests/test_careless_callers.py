@@ -785,6 +785,53 @@ def test_handlers_under_reserved_names_are_refused(mesh: dict[str, Any], name: s
         node.pull(name, lambda m: None)
 
 
+@pytest.mark.timeout(60)
+def test_group_calls_refuse_names_no_group_has_and_frames_that_are_not_bytes(mesh: dict[str, Any]) -> None:
+    """``join``, ``leave`` and ``shout`` take a group name as ZRE does (text of 1 to 255
+    bytes), never one of zmqmesh's own groups; a frame is bytes or str. (Before: leaving
+    ``zmqmesh/svc/x`` withdrew the node's service from its peers, who then found no
+    provider, while the node went on serving; ``join(5)`` raised AttributeError; ``leave(5)``,
+    ``shout(5, ...)`` and a 300-byte group passed silently; ``shout("g", 5)`` sent five zero
+    bytes.)"""
+    got: list[Any] = []
+    with zmqmesh.Node("caller", **mesh) as caller, zmqmesh.Node("provider", **mesh) as provider:
+        provider.on_shout(lambda msg: got.append(msg.data))
+        provider.service("x", lambda msg: "ok")
+        provider.join("g")
+        caller.wait_for_service("x", timeout=10)
+        wait_until(lambda: caller.shout("g", b"hello") == 1, 10, "the provider in group g")
+        wait_until(lambda: len(got) >= 1, 5, "the first shout")
+        for bad in ("zmqmesh/svc/x", "zmqmesh/", 5, None, "", "g" * 256, "\udcff"):
+            for call in (provider.leave, provider.join, lambda group: caller.shout(group, b"x")):
+                with pytest.raises(ValueError):
+                    call(bad)
+        for frame in (5, [1], None, 1.5):
+            with pytest.raises(TypeError):
+                caller.shout("g", frame)
+            with pytest.raises(TypeError):
+                caller.whisper(provider.as_peer().id, frame)
+        assert caller.request("x", 1, timeout=5) == "ok"  # (still offered: its group was not left)
+        assert caller.shout("g", "é", bytearray(b"b"), memoryview(b"m")) == 1
+        wait_until(lambda: len(got) == 2, 5, "the second shout")
+        assert got[1] == ["é".encode(), b"b", b"m"]
+        assert caller.shout("g" * 255, b"x") == 0  # (the longest name a group may have: nobody in it)
+
+
+def test_an_async_nodes_group_calls_refuse_what_a_nodes_do(mesh: dict[str, Any]) -> None:
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("async-groups", **mesh) as node:
+            for bad in ("zmqmesh/q/x", 5, "", "g" * 256):
+                for call in (node.leave, node.join, lambda group: node.shout(group, b"x")):
+                    with pytest.raises(ValueError):
+                        await call(bad)
+            with pytest.raises(TypeError):
+                await node.shout("g", 5)  # type: ignore[arg-type]
+            await node.join("g")
+            assert await node.shout("g", b"x") == 0
+
+    asyncio.run(main())
+
+
 def test_a_timeout_longer_than_a_lock_can_wait_is_waited_not_an_overflow(mesh: dict[str, Any]) -> None:
     with zmqmesh.Node("n", **mesh) as node:
         outcomes: list[BaseException | None] = []

@@ -14,7 +14,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
-from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
+from ._engine.api import (
+    NodeBase,
+    as_frames,
+    check_group,
+    check_timeout,
+    check_window,
+    peer_id_of,
+)
 from ._io.serving import served, serving
 from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
@@ -214,28 +221,29 @@ class AsyncNode(NodeBase):
         return result
 
     async def whisper(self, peer_id: str, *frames: bytes | str) -> None:
-        """Send a ZRE WHISPER to one peer (see `Node.whisper`)."""
+        """Send a ZRE WHISPER to one peer (see `Node.whisper`). Raises as `Node.whisper` does."""
         self._check_loop()
         self._check_open()
         self._engine.whisper(peer_id, as_frames(frames))
 
     async def shout(self, group: str, *frames: bytes | str) -> int:
-        """Send a ZRE SHOUT to every peer in ``group``; returns how many got it."""
+        """Send a ZRE SHOUT to every peer in ``group``; returns how many got it. Raises as
+        `Node.shout` does."""
         self._check_loop()
         self._check_open()
-        return self._engine.shout(group, as_frames(frames))
+        return self._engine.shout(check_group(group), as_frames(frames))
 
     async def join(self, group: str) -> None:
-        """Join a ZRE group. Raises `ValueError` for a reserved name."""
+        """Join a ZRE group. Raises as `Node.join` does."""
         self._check_loop()
         self._check_open()
-        self._engine.join_group(group)
+        self._engine.join_group(check_group(group))
 
     async def leave(self, group: str) -> None:
-        """Leave a ZRE group."""
+        """Leave a ZRE group. Raises as `Node.leave` does."""
         self._check_loop()
         self._check_open()
-        self._engine.leave_group(group)
+        self._engine.leave_group(check_group(group))
 
     async def wait_for_peers(self, n: int, timeout: float = 10.0) -> list[Peer]:
         """Wait until at least ``n`` peers are present (see `Node.wait_for_peers`); returns

@@ -20,7 +20,14 @@ from ._drivers.thread import (
     ThreadRequesters,
     stop_blocking,
 )
-from ._engine.api import NodeBase, as_frames, check_timeout, check_window, peer_id_of
+from ._engine.api import (
+    NodeBase,
+    as_frames,
+    check_group,
+    check_timeout,
+    check_window,
+    peer_id_of,
+)
 from ._io.reactor import Reactor, run_on
 from ._io.serving import served, serving
 from ._io.stop_flag import StopFlag
@@ -372,21 +379,28 @@ class Node(NodeBase):
     def whisper(self, peer_id: str, *frames: bytes | str) -> None:
         """Send a ZRE WHISPER (raw frames) to one peer, zmqmesh or plain ZRE.
 
-        Raises `ZmqMeshError` for an unknown peer or a full send buffer.
+        Raises `ZmqMeshError` for an unknown peer or a full send buffer, `ValueError` for no
+        frame, `TypeError` for a frame that is not bytes or str.
         """
         self._call(self._engine.whisper, peer_id, as_frames(frames))
 
     def shout(self, group: str, *frames: bytes | str) -> int:
-        """Send a ZRE SHOUT (raw frames) to every peer in ``group``; returns how many got it."""
-        return int(self._call(self._engine.shout, group, as_frames(frames)))
+        """Send a ZRE SHOUT (raw frames) to every peer in ``group``; returns how many got it.
+        Raises `ValueError` for a group name no group has (`check_group`: text of 1 to 255
+        bytes, not beginning with ``zmqmesh/``) or no frame, `TypeError` for a frame that is
+        not bytes or str, `NodeClosedError` unless the node runs."""
+        return int(self._call(self._engine.shout, check_group(group), as_frames(frames)))
 
     def join(self, group: str) -> None:
-        """Join a ZRE group (to receive its shouts). Raises `ValueError` for a reserved name."""
-        self._call(self._engine.join_group, group)
+        """Join a ZRE group (to receive its shouts). Raises `ValueError` for a reserved or
+        bad name (as `shout`), `NodeClosedError` unless the node runs."""
+        self._call(self._engine.join_group, check_group(group))
 
     def leave(self, group: str) -> None:
-        """Leave a ZRE group."""
-        self._call(self._engine.leave_group, group)
+        """Leave a ZRE group (nothing happens if this node is not in it). Raises
+        `ValueError` for a reserved or bad name (as `shout`), `NodeClosedError` unless the
+        node runs."""
+        self._call(self._engine.leave_group, check_group(group))
 
     def _call(self, fn: Any, *args: Any) -> Any:
         self._check_open()

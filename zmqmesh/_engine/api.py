@@ -48,12 +48,12 @@ from ..errors import (
     ZmqMeshError,
 )
 from ..message import Message, Peer
-from .engine import Engine, InboxFactory, RequestsFactory
+from .engine import RESERVED_GROUP_PREFIX, Engine, InboxFactory, RequestsFactory
 
 if TYPE_CHECKING:
     from .._patterns.durable import Ticket
 
-__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window", "peer_id_of", "as_frames"]
+__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window", "peer_id_of", "as_frames", "check_group"]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -171,6 +171,23 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
+MAX_GROUP_BYTES = 255
+"""Longest ZRE group name, in UTF-8 bytes (a ZRE string: its length in one byte)."""
+
+
+def check_group(group: object) -> str:
+    """``group`` if it can name a user's ZRE group: text of 1 to `MAX_GROUP_BYTES` bytes in
+    UTF-8, not beginning with ``zmqmesh/`` (zmqmesh's own groups: leaving one would withdraw
+    this node's offer from its peers behind its back). Raises `ValueError`."""
+    size = _utf8_size(group) if isinstance(group, str) else None
+    if not isinstance(group, str) or not size or size > MAX_GROUP_BYTES:
+        raise ValueError(f"a group must be a string (text UTF-8 can encode) of 1 to {MAX_GROUP_BYTES} bytes, "
+                         f"got {f'{group!r}'[:60]}")
+    if group.startswith(RESERVED_GROUP_PREFIX):
+        raise ValueError(f"group names beginning with {RESERVED_GROUP_PREFIX!r} are reserved: {group!r}")
+    return group
+
+
 MAX_NODE_NAME_BYTES = 255
 """Longest node name, in UTF-8 bytes: the name travels in every HELLO, as a ZRE string."""
 
@@ -215,10 +232,19 @@ def peer_id_of(peer: str | Peer | None) -> str | None:
 
 
 def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
-    """Raw ZRE frames from bytes or str. Raises `ValueError` for none."""
-    out = [f.encode() if isinstance(f, str) else bytes(f) for f in frames]
-    if not out:
+    """Raw ZRE frames from bytes (or a bytes-like object) or str (in UTF-8). Raises
+    `ValueError` for none, `TypeError` for a frame of another type (``bytes(5)`` would
+    have made five zero bytes of an int)."""
+    if not frames:
         raise ValueError("at least one frame is needed")
+    out = []
+    for frame in frames:
+        if isinstance(frame, str):
+            out.append(frame.encode())
+        elif isinstance(frame, (bytes, bytearray, memoryview)):
+            out.append(bytes(frame))
+        else:
+            raise TypeError(f"a frame must be bytes or str, got {type(frame).__name__}")
     return out
 
 

@@ -84,7 +84,8 @@ log = logging.getLogger("zmqmesh.node")
 
 _GOODBYE_LINGER_MS = 200
 _EXPIRE_EVERY_S = 1.0
-_RESERVED_GROUP_PREFIX = "zmqmesh/"
+RESERVED_GROUP_PREFIX = "zmqmesh/"
+"""ZRE groups whose names begin so are zmqmesh's own (its offers): not the user's to join, leave or shout to."""
 _CHOSEN_BY = tuple(OFFER_PREFIXES[kind] for kind in ("services", "queues", "ackqueues", "idempotent"))
 
 
@@ -724,15 +725,13 @@ class Engine:
         return groups
 
     def join_group(self, group: str) -> None:
-        """Join a user ZRE group (loop only). Raises `ValueError` for a reserved or bad name."""
-        if group.startswith(_RESERVED_GROUP_PREFIX):
-            raise ValueError("group names starting with 'zmqmesh/' are reserved")
+        """Join a user ZRE group (loop only; the caller checked its name: `api.check_group`)."""
         assert self.membership is not None
         self._user_groups.add(group)
         self.membership.join(group)
 
     def leave_group(self, group: str) -> None:
-        """Leave a user ZRE group (loop only)."""
+        """Leave a user ZRE group (loop only; the caller checked its name: `api.check_group`)."""
         assert self.membership is not None
         self._user_groups.discard(group)
         self.membership.leave(group)
