@@ -552,19 +552,23 @@ class NodeBase:
         self._engine.registry_changed()
 
     def unsubscribe(self, prefix: str, handler: Callable[..., Any] | None = None) -> bool:
-        """Stop handling ``prefix`` (one handler, or all of them); True if anything was removed."""
+        """Stop handling ``prefix`` (one handler, or all of them); True if anything was removed
+        (in any state of the node: a removal on a stopped node holds for its next start).
+        Never raises."""
         return self._unregister("topics", prefix, handler)
 
     def unpull(self, queue: str) -> bool:
-        """Stop pulling ``queue``; True if this node pulled it."""
+        """Stop pulling ``queue``; True if this node pulled it (as `unsubscribe`). Never raises."""
         return self._unregister("queues", queue, None)
 
     def unservice(self, name: str) -> bool:
-        """Stop offering service ``name``; True if this node offered it."""
+        """Stop offering service ``name``; True if this node offered it (as `unsubscribe`).
+        Never raises."""
         return self._unregister("services", name, None)
 
     def remove_handler(self, handler: Callable[..., Any]) -> bool:
-        """Remove ``handler`` wherever it is registered (topics, queues, services, callbacks)."""
+        """Remove ``handler`` wherever it is registered (topics, queues, services, callbacks);
+        True if it was anywhere. Never raises."""
         with self._stop_lock:
             found = self._registry.remove_handler(handler)
         if found:
@@ -624,11 +628,12 @@ class NodeBase:
     # views -------------------------------------------------------------------------------------
 
     def peers(self) -> list[Peer]:
-        """The peers present now (snapshots): id, name, address, groups, offers, last seen."""
+        """The peers present now (snapshots): id, name, address, groups, offers, last seen
+        (none while the node is not running). Never raises."""
         return self._engine.directory.peers()
 
     def as_peer(self) -> Peer:
-        """This node, described as its peers see it."""
+        """This node, described as its peers see it. Never raises."""
         return self._engine.self_peer()
 
     def providers(self, service: str) -> list[Peer]:
@@ -646,8 +651,8 @@ class NodeBase:
         service called: a histogram of seconds until the answer), ``peers`` (received per
         peer), ``rejected`` (inputs dropped, by reason), ``membership`` (joins, leaves) and
         ``gauges`` (``peers``, ``queued``, ``queue_backlog``, ``send_queue_bytes``,
-        ``durable_buffered_bytes``). See
-        docs/operations.md."""
+        ``durable_buffered_bytes``). See docs/operations.md. Never raises (a node not
+        running answers its last counts)."""
         return self._engine.counters()
 
     def _check_open(self) -> None:
