@@ -99,6 +99,21 @@ def test_peers_lists_the_mesh_as_json_and_table(mesh: dict[str, Any]) -> None:
         assert table[1].startswith("listed")
 
 
+def test_peers_json_writes_no_control_character_of_a_peers_name_as_it_is(mesh: dict[str, Any]) -> None:
+    """A peer named with DEL and C1 controls (U+009B begins an escape sequence on terminals
+    that read C1): ``peers --json`` writes them as JSON escapes, and the JSON reads back the
+    name. (Before: written as they are; the C0 ones JSON escapes itself.)"""
+    name = "evil\x9b2J\x7f\x85\x1b[31m"
+    with zmqmesh.Node(name, **mesh):
+        args = ("peers", "--json", "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]), "--wait", "0.5")
+        for _ in range(5):
+            out = run(*args).stdout
+            if "evil" in out:
+                break
+    assert not any(0x7F <= ord(c) < 0xA0 or (ord(c) < 0x20 and c != "\n") for c in out.strip()), repr(out)
+    assert [p["name"] for p in json.loads(out)] == [name]
+
+
 def test_bad_arguments_give_one_line_errors() -> None:
     result = run("peers", "--interface", "no-such-if0", "--wait", "0")
     assert result.returncode == 1

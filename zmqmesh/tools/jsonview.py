@@ -11,6 +11,9 @@ from zmqmesh import Peer
 __all__ = ["dumps", "peer_dict", "shown"]
 
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_JSON_CONTROLS = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+"""DEL and the C1 controls, which ``json.dumps`` leaves as they are when it writes non-ASCII
+text as it is (U+009B, say, begins an escape sequence on terminals that read C1 controls)."""
 
 
 def shown(text: str) -> str:
@@ -30,12 +33,15 @@ def dumps(value: Any, **options: Any) -> str:
     """``value`` as strict JSON (what a browser's ``JSON.parse`` reads): bytes become text,
     map keys that are not text their JSON text (two keys that read the same then: the
     last one's value stays), ``NaN`` and infinities ``null``, anything else JSON lacks its
-    ``str``. Raises ``RecursionError`` for a value nested past what Python's JSON encoder
-    recurses."""
+    ``str``; no control character written as it is (text stays as it is otherwise, not
+    ``\\u`` escapes). Raises ``RecursionError`` for a value nested past what Python's JSON
+    encoder recurses."""
     try:
-        return json.dumps(value, default=_default, ensure_ascii=False, allow_nan=False, **options)
+        text = json.dumps(value, default=_default, ensure_ascii=False, allow_nan=False, **options)
     except (TypeError, ValueError):  # (a map key that is not text, a float JSON has no form for)
-        return json.dumps(_plain(value), default=_default, ensure_ascii=False, allow_nan=False, **options)
+        text = json.dumps(_plain(value), default=_default, ensure_ascii=False, allow_nan=False, **options)
+    # (outside its strings JSON is ASCII: any of these is in a string, where its escape means it)
+    return text.translate(_JSON_CONTROLS)
 
 
 def _plain(value: Any) -> Any:
