@@ -52,5 +52,6 @@ for span in exporter.get_finished_spans():
         "name": span.name, "kind": span.kind.name, "trace": f"{context.trace_id:032x}",
         "span": f"{context.span_id:016x}", "parent": f"{span.parent.span_id:016x}" if span.parent else None,
         "status": span.status.status_code.name, "node": role,
+        "destination": (span.attributes or {}).get("messaging.destination.name"),
     }), flush=True)
 print("DONE", flush=True)

@@ -109,7 +109,10 @@ class HandlerSpan(NamedTuple):
 
 def handler_span(active: Any, pattern: str, msg: Any) -> HandlerSpan | None:
     """Start the span of a handler run for ``msg`` (its parent: the context its headers
-    carry) and make it current; None for what is not traced (join and leave callbacks)."""
+    carry) and make it current; None for what is not traced (join and leave callbacks).
+    A subscription's span is named by its operation alone (the topic, in its attributes, is
+    whatever publishers chose: as a name it would give a tracing backend a span name per
+    topic); a queue's and a service's by their name too (this node's own)."""
     found = _KINDS.get(pattern)
     if found is None:
         return None
@@ -117,7 +120,8 @@ def handler_span(active: Any, pattern: str, msg: Any) -> HandlerSpan | None:
     operation, kind = found
     carrier = trace_context(msg.headers) if msg.headers else None
     parent = propagate.extract(carrier) if carrier else None
-    span = active.start_span(f"{operation} {msg.topic}", context=parent, kind=getattr(trace.SpanKind, kind),
+    name = operation if pattern == "pubsub" else f"{operation} {msg.topic}"
+    span = active.start_span(name, context=parent, kind=getattr(trace.SpanKind, kind),
                              attributes={"messaging.system": "zmqmesh", "messaging.operation.name": operation,
                                          "messaging.destination.name": msg.topic,
                                          "messaging.message.id": str(msg.id or "")})
