@@ -1230,6 +1230,26 @@ def test_a_node_bound_by_an_interface_name_or_a_short_address_is_served(mesh: di
         assert cli.request("echo", {"x": 1}, timeout=10) == {"x": 1}
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("bind", ["999.1.1.1", "nosuchif0", "192.0.2.1"])  # (192.0.2.0/24: for documentation, never a host's)
+@pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
+def test_a_bind_address_this_host_has_not_fails_the_start_as_a_config_error(mesh: dict[str, Any], bind: str,
+                                                                             kind: str) -> None:
+    """(Before: a plain `ZmqMeshError`, "failed to start: No such device", where every
+    other option this host cannot use is a `ConfigError`.)"""
+    if kind == "Node":
+        node = zmqmesh.Node("n", bind_address=bind, advertise_address="127.0.0.1", **mesh)
+        with pytest.raises(zmqmesh.ConfigError, match=f"cannot listen on '{bind}'"):
+            node.start()
+    else:
+        async def main() -> None:
+            anode = zmqmesh.AsyncNode("n", bind_address=bind, advertise_address="127.0.0.1", **mesh)
+            with pytest.raises(zmqmesh.ConfigError, match=f"cannot listen on '{bind}'"):
+                await anode.start()
+
+        asyncio.run(main())
+
+
 @pytest.mark.parametrize("raw", ["abc", "-5", "9464x"])
 def test_a_bad_metrics_port_from_the_environment_is_named_as_given(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     """``ZMQMESH_METRICS_PORT=abc`` was refused with "got -1", a value nobody gave (what

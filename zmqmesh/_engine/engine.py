@@ -14,6 +14,7 @@ updates, and callbacks for the inbox to run.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -84,6 +85,8 @@ log = logging.getLogger("zmqmesh.node")
 
 _GOODBYE_LINGER_MS = 200
 _EXPIRE_EVERY_S = 1.0
+_NO_SUCH_ADDRESS = frozenset({errno.ENODEV, errno.EADDRNOTAVAIL, errno.EINVAL})
+"""What ZeroMQ's bind answers for an address no interface of this host has, or not an address."""
 RESERVED_GROUP_PREFIX = "zmqmesh/"
 """ZRE groups whose names begin so are zmqmesh's own (its offers): not the user's to join, leave or shout to."""
 _CHOSEN_BY = tuple(OFFER_PREFIXES[kind] for kind in ("services", "queues", "ackqueues", "idempotent"))
@@ -349,7 +352,13 @@ class Engine:
                 make_server(sock, self.keys)
             if self._zap is not None:
                 self._zap.watch(sock)
-            sock.bind(f"tcp://{bind_address}:*")
+            try:
+                sock.bind(f"tcp://{bind_address}:*")
+            except zmq.ZMQError as exc:
+                if exc.errno in _NO_SUCH_ADDRESS:
+                    raise ConfigError(f"cannot listen on {bind_address!r} (bind_address, or the interface's "
+                                      f"address): {exc.strerror}; name an address or interface of this host") from None
+                raise
             self._bound[key] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             if kind != zmq.XPUB:
                 own = inproc_endpoint(self.node_id, key)
