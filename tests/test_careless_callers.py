@@ -4,6 +4,7 @@ inside, never a wait that cannot end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -1854,3 +1855,60 @@ def test_beacons_that_cannot_be_sent_are_logged(mesh: dict[str, Any], caplog: py
         wait_until(lambda: any("beacon(s) to ::1" in r.getMessage() for r in caplog.records), 15, "the warning")
         time.sleep(0.5)  # (more ticks fail meanwhile: still one line)
     assert sum("could not be sent" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["wait_for_service", "push", "request", "request_many"])
+def test_a_wait_interrupted_by_a_signal_leaves_nothing_on_the_loop(mesh: dict[str, Any], call: str) -> None:
+    """A thread waiting for a provider, a puller or a service interrupted by a signal (a
+    Ctrl-C's `KeyboardInterrupt`) left its watch on the node's loop until its own
+    deadline: 200 interrupted waits of an hour left 200 conditions, re-checked on every
+    change of the mesh, and 200 timers, for that hour; 200 pushes to queues nobody pulls
+    kept a socket each. The interrupted wait is forgotten, and its queue's socket closed."""
+    import signal
+
+    armed = [False]  # (a signal that comes once the call ended, on a loaded host, is let go)
+
+    def interrupt_call(signum: int, frame: Any) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt_call)
+    try:
+        with zmqmesh.Node("caller", **mesh) as node:
+            engine = node._engine
+            interrupted = 0
+            for i in range(200):
+                interrupt = threading.Timer(0.002, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+                armed[0] = True
+                try:
+                    interrupt.start()  # (it may fire before `start` returns)
+                    if call == "wait_for_service":
+                        node.wait_for_service("nobody", timeout=3600)
+                    elif call == "push":
+                        node.push(f"nobody.{i}", i, timeout=3600)
+                    elif call == "request":
+                        node.request("nobody", i, timeout=3600)
+                    else:
+                        node.request_many("nobody", [1, 2], timeout=3600)
+                except KeyboardInterrupt:
+                    interrupted += 1
+                finally:
+                    armed[0] = False
+                    interrupt.join()
+            assert interrupted == 200
+
+            def left() -> tuple[int, int, int]:
+                loop = engine.loop
+                timers = sum(1 for t in loop._timers if not t[2].cancelled() and t[0] - loop.time() > 600)
+                return len(engine.waiters._entries), timers, len(engine.pusher.queues)
+
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: left() == (0, 0, 0), 5, "the interrupted waits forgotten")
+            assert left() == (0, 0, 0), f"(waiters, timers, push sockets) left: {left()}"
+            with zmqmesh.Node("provider", **mesh) as provider:  # (the node serves later calls)
+                provider.service("nobody", lambda m: m.data)
+                assert node.request("nobody", 7, timeout=10) == 7
+    finally:
+        signal.signal(signal.SIGINT, previous)

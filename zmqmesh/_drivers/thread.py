@@ -82,7 +82,8 @@ class BlockingRunner:
         """Carry out ``call``, a plan or a request's `QuickRequest` (`advance_call`), and
         return its result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`
         (`NodeClosedError` once the node stopped). The calling thread's requester carries
-        out its exchanges and counts what they do in its tally."""
+        out its exchanges and counts what they do in its tally. Interrupted (a signal's
+        `KeyboardInterrupt`), it closes the plan, which lets go of what it holds."""
         value: Any = None
         error: BaseException | None = None
         requester = None
@@ -102,12 +103,16 @@ class BlockingRunner:
             finished, step = advance(call, value, error)
             if finished:
                 return step
-            if type(step) is not Exchange:
-                value, error = self.carry_out(step)
-                continue
-            if requester is None:
-                requester = self._requester()
-            value, error = self._exchange_outcome(requester, step)
+            try:
+                if type(step) is not Exchange:
+                    value, error = self.carry_out(step)
+                    continue
+                if requester is None:
+                    requester = self._requester()
+                value, error = self._exchange_outcome(requester, step)
+            except BaseException:  # interrupted (a signal's KeyboardInterrupt): the plan lets go of what it holds
+                call.close()
+                raise
 
     def _exchange_outcome(self, requester: ThreadRequester, step: Exchange) -> tuple[Any, BaseException | None]:
         """Carry out an exchange on the calling thread's ``requester``: ``(reply, None)``,
@@ -149,21 +154,28 @@ def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | 
 
     The condition is checked at least once, also when the deadline has passed; None waits
     as long as the node runs. Raises `MeshTimeoutError` at the deadline, `NodeClosedError`
-    if the node stops.
+    if the node stops. Interrupted meanwhile (a signal's `KeyboardInterrupt`), it has the
+    loop forget the wait (`Engine.forget_watch`) before the interruption goes on.
     """
     engine.ensure_running()
     if engine.on_loop_thread():
         raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
     timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-    waiter = engine.watch(predicate, deadline, what)
     # (the loop fails the waiter at the deadline; a moment more for a loop that is late. A
     # timeout past what a lock can wait, ~292 years, raised OverflowError: the loop's own
     # deadline alone then ends the wait)
     wait = None if timeout is None or timeout + _LATE_LOOP_S >= threading.TIMEOUT_MAX else timeout + _LATE_LOOP_S
+    waiter: futures.Future[None] = futures.Future()  # (made here: an interruption in `watch` forgets it too)
     try:
+        engine.watch(predicate, deadline, what, waiter)
         waiter.result(wait)
     except futures.TimeoutError:
         raise engine.timed_out(what, timeout) from None
+    except Exception:  # (what the loop failed the wait with: it watches no more)
+        raise
+    except BaseException:  # interrupted (a signal's KeyboardInterrupt): the loop watches no more either
+        engine.forget_watch(waiter)
+        raise
 
 
 def wait_for_room(engine: Engine, full: Callable[[], bool], deadline: float) -> bool:

@@ -5,6 +5,7 @@ steps that wait (a blocking driver, or an awaiting one).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -883,19 +884,21 @@ class NodeBase:
         engine = self._engine
         pusher = engine.pusher
         assert pusher is not None
-        if pusher.queue_of(queue) is None:
-            yield OnLoop(self._ensure_push_socket, (check_name("queue", queue),))
-        if not engine.directory.offers["queues"].get(queue):
-            try:
-                yield Until(lambda: bool(engine.directory.offers["queues"].get(queue)), deadline,
-                            f"a puller of {queue!r}")
-            except MeshTimeoutError:
-                yield OnLoop(pusher.release, (queue,))  # a failed queue keeps no socket
-                raise NoProviderError(f"no node pulls the queue {queue!r} in mesh {self.config.mesh!r}") from None
-            except GeneratorExit:  # the call was cancelled (its runner closes the plan on the loop): nor does that
-                if engine.on_loop_thread() and not engine.closed:
-                    pusher.release(queue)
-                raise
+        try:
+            if pusher.queue_of(queue) is None:
+                yield OnLoop(self._ensure_push_socket, (check_name("queue", queue),))
+            if not engine.directory.offers["queues"].get(queue):
+                try:
+                    yield Until(lambda: bool(engine.directory.offers["queues"].get(queue)), deadline,
+                                f"a puller of {queue!r}")
+                except MeshTimeoutError:
+                    yield OnLoop(pusher.release, (queue,))  # a failed queue keeps no socket
+                    raise NoProviderError(f"no node pulls the queue {queue!r} in mesh {self.config.mesh!r}") from None
+        except GeneratorExit:  # the call was cancelled or interrupted (its runner closes the plan): nor does that
+            if not engine.closed:  # (after the socket's making, if that was under way: the loop's calls keep their order)
+                with contextlib.suppress(RuntimeError):  # (the loop is gone, and the socket with it)
+                    engine.call_soon(pusher.release, queue)
+            raise
         q = pusher.queue_of(queue)
         while q is None:  # released while this call waited (another push to it gave up): again
             yield OnLoop(self._ensure_push_socket, (queue,))

@@ -531,12 +531,13 @@ class Engine:
             raise ZmqMeshError("a blocking Node call was made on the node's own I/O thread")
         return run_on(self.loop, fn, *args, timeout=timeout)
 
-    def watch(self, predicate: Callable[[], bool], deadline: float | None, what: str) -> futures.Future[None]:
-        """A future the loop completes once ``predicate()`` holds (checked at once, and again
-        on every change), or fails with `MeshTimeoutError` at ``deadline`` (None: never) or
-        `NodeClosedError` when the node stops. Any thread; raises `NodeClosedError` if the
-        loop is gone."""
-        waiter: futures.Future[None] = futures.Future()
+    def watch(self, predicate: Callable[[], bool], deadline: float | None, what: str,
+              given: futures.Future[None] | None = None) -> futures.Future[None]:
+        """A future (``given``, or a new one) the loop completes once ``predicate()`` holds
+        (checked at once, and again on every change), or fails with `MeshTimeoutError` at
+        ``deadline`` (None: never) or `NodeClosedError` when the node stops; `forget_watch`
+        if it is given up. Any thread; raises `NodeClosedError` if the loop is gone."""
+        waiter: futures.Future[None] = futures.Future() if given is None else given
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
         def expire() -> None:
@@ -555,6 +556,19 @@ class Engine:
         except RuntimeError:  # the loop is gone
             raise NodeClosedError("the node is not running") from None
         return waiter
+
+    def forget_watch(self, waiter: futures.Future[None]) -> None:
+        """Forget a `watch` whose caller gave up on it (interrupted by a signal, say): the
+        loop cancels it, with its timer, and stops checking its condition (any thread;
+        nothing to do once the loop is gone)."""
+        def forget() -> None:
+            waiter.cancel()  # (its done-callback cancels its timer, here on the loop)
+            self.waiters.remove(waiter)
+
+        try:
+            self.call_soon(forget)
+        except RuntimeError:  # the loop is gone, and what it watched with it
+            pass
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the loop soon (from any thread). Raises `RuntimeError` once the loop is closed."""
