@@ -319,3 +319,46 @@ def test_a_child_forked_while_serving_ends_on_its_signals(code: str, mesh: dict[
     # inherits as any asyncio program's does: it takes a first SIGINT as a cancellation)
     wanted = [str(-signal.SIGTERM), "1" if code is FORKED_WHILE_SERVING_SYNC else said[1], "True"]
     assert said == wanted, result.stdout + result.stderr[-2000:]
+
+
+SERVING_GIVEN_UP = """
+import asyncio, signal, sys, zmqmesh
+
+def own_sigterm(signum, frame):
+    pass
+
+async def main():
+    signal.signal(signal.SIGTERM, own_sigterm)
+    before = signal.getsignal(signal.SIGINT)  # (asyncio.run's: a Ctrl-C cancels the main task)
+    node = zmqmesh.AsyncNode("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    for given_up in ("asyncio.timeout", "task.cancel"):
+        try:
+            if given_up == "asyncio.timeout":
+                async with asyncio.timeout(0.3):
+                    await node.serve_forever()
+            else:
+                serving = asyncio.ensure_future(zmqmesh.AsyncNode("other", mesh=sys.argv[1],
+                                                                   beacon_port=int(sys.argv[2])).serve_forever())
+                await asyncio.sleep(0.3)
+                serving.cancel()
+                await serving
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+        print(given_up, signal.getsignal(signal.SIGINT) is before, signal.getsignal(signal.SIGTERM) is own_sigterm,
+              node.running, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_a_serve_forever_given_up_puts_back_the_handlers_it_replaced(mesh: dict[str, Any]) -> None:
+    """`AsyncNode.serve_forever` cancelled (an ``asyncio.timeout``, a TaskGroup whose other
+    task failed) stopped the node, and left SIGINT to Python's default handler and SIGTERM
+    to the system's: asyncio.run's SIGINT handler (a Ctrl-C cancels the main task) and the
+    program's own SIGTERM handler were gone for the rest of the program (False False, for
+    both ways of giving up). The handlers it replaced are put back, as `Node.run_forever`
+    does."""
+    result = subprocess.run([sys.executable, "-c", SERVING_GIVEN_UP, mesh["mesh"], str(mesh["beacon_port"])],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["asyncio.timeout True True False", "task.cancel True True False"], \
+        result.stdout + result.stderr[-2000:]

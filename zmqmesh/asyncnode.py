@@ -122,9 +122,11 @@ class AsyncNode(NodeBase):
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
         the node is stopped, then stop it cleanly and return.
 
-        Uses the running loop's signal handlers for the time it runs (removed after; a
-        child forked meanwhile gets the previous ones back, and no longer hands its
-        signals to this loop). Raises what `start` raises.
+        Uses the running loop's signal handlers for the time it runs; once it returns, or
+        is cancelled, the handlers it replaced are back (asyncio.run's SIGINT handler, say;
+        not one that the loop's ``add_signal_handler`` had put in place: that one is
+        removed). A child forked meanwhile gets the previous ones back, and no longer
+        hands its signals to this loop. Raises what `start` raises.
         """
         await self.start()
         loop = asyncio.get_running_loop()
@@ -143,7 +145,12 @@ class AsyncNode(NodeBase):
         finally:
             served()
             for sig in signals:
-                loop.remove_signal_handler(sig)
+                loop.remove_signal_handler(sig)  # (which leaves Python's default handler, or the system's)
+                previous = replaced[sig]
+                # the one it replaced, back (asyncio.run's SIGINT one, a program's own); one that
+                # an event loop's add_signal_handler put in place went with that handler, though
+                if previous is not None and getattr(previous, "__module__", None) != "asyncio.unix_events":
+                    signal.signal(sig, previous)
             await self.stop()
 
     async def __aenter__(self) -> AsyncNode:
