@@ -362,3 +362,47 @@ def test_a_serve_forever_given_up_puts_back_the_handlers_it_replaced(mesh: dict[
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["asyncio.timeout True True False", "task.cancel True True False"], \
         result.stdout + result.stderr[-2000:]
+
+
+SERVING_TOGETHER = """
+import asyncio, sys, zmqmesh
+async def main():
+    nodes = [zmqmesh.AsyncNode(name, mesh=sys.argv[1], beacon_port=int(sys.argv[2])) for name in ("a", "b", "c")]
+    for node in nodes:
+        node.service("ping-" + node.name, lambda msg: "pong")
+    print("serving", flush=True)
+    await asyncio.gather(*(node.serve_forever() for node in nodes))
+    print("stopped", *(node.running for node in nodes), flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_async_nodes_serving_together_all_end_on_one_signal(sig: int, mesh: dict[str, Any]) -> None:
+    """AsyncNodes serving together on one loop each put their handler in place, and a
+    loop holds one per signal: a signal reached only the last one, the others served on,
+    and a second signal ended the process half-way (SIGTERM: killed, no goodbye; SIGINT:
+    a KeyboardInterrupt traceback). One signal ends them all, cleanly."""
+    import zmqmesh
+
+    proc = subprocess.Popen([sys.executable, "-c", SERVING_TOGETHER, mesh["mesh"], str(mesh["beacon_port"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "serving"
+        with zmqmesh.Node("client", **mesh) as client:
+            for name in ("a", "b", "c"):
+                client.wait_for_service("ping-" + name, timeout=15)
+            proc.send_signal(sig)
+            try:
+                out, err = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(sig)  # (a second one, as a user would)
+                out, err = proc.communicate(timeout=15)
+            wait_until(lambda: not client.peers(), 5, "the goodbyes")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and out.splitlines()[:1] == ["stopped False False False"], \
+        f"exit status {proc.returncode}: {out!r} {err[-1500:]}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,6 +34,40 @@ log = logging.getLogger("zmqmesh.aio")
 __all__ = ["AsyncNode"]
 
 _RUN_POLL_S = 0.5  # how often serve_forever looks whether the node was stopped meanwhile
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _ServingHandlers:
+    """The SIGINT and SIGTERM handlers of the nodes serving on one event loop
+    (`AsyncNode.serve_forever`). A loop holds one handler per signal, so the first node
+    to serve puts in place one that wakes every node serving there (each node's own
+    replaced the one before: a signal reached only the last, and the others served on);
+    the last to end takes it away and puts back what it replaced."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.woken: list[asyncio.Event] = []  # one per node serving
+        self.replaced = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self._wake)
+
+    def _wake(self) -> None:
+        for event in self.woken:
+            event.set()
+
+    def take_away(self) -> None:
+        """Remove the loop's handlers, and put back those they replaced (asyncio.run's
+        SIGINT one, a program's own): removed, a loop's leaves Python's default handler,
+        or the system's. One that a loop's ``add_signal_handler`` had put in place went
+        with the handler it stood for: the default stays."""
+        for sig in _SIGNALS:
+            self.loop.remove_signal_handler(sig)
+            previous = self.replaced[sig]
+            if previous is not None and getattr(previous, "__module__", None) != "asyncio.unix_events":
+                signal.signal(sig, previous)
+
+
+_SERVING_ON: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ServingHandlers] = weakref.WeakKeyDictionary()
 
 
 class AsyncNode(NodeBase):
@@ -122,20 +157,21 @@ class AsyncNode(NodeBase):
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
         the node is stopped, then stop it cleanly and return.
 
-        Uses the running loop's signal handlers for the time it runs; once it returns, or
-        is cancelled, the handlers it replaced are back (asyncio.run's SIGINT handler, say;
-        not one that the loop's ``add_signal_handler`` had put in place: that one is
-        removed). A child forked meanwhile gets the previous ones back, and no longer
-        hands its signals to this loop. Raises what `start` raises.
+        Uses the running loop's signal handlers for the time it runs; a signal ends every
+        node serving on that loop. Once the last of them returns, or is cancelled, the
+        handlers they replaced are back (asyncio.run's SIGINT handler, say; not one that
+        the loop's ``add_signal_handler`` had put in place: that one is removed). A child
+        forked meanwhile gets the previous ones back, and no longer hands its signals to
+        this loop. Raises what `start` raises.
         """
         await self.start()
         loop = asyncio.get_running_loop()
+        handlers = _SERVING_ON.get(loop)
+        if handlers is None:
+            handlers = _SERVING_ON[loop] = _ServingHandlers(loop)
         signalled = asyncio.Event()
-        signals = (signal.SIGINT, signal.SIGTERM)
-        replaced = {sig: signal.getsignal(sig) for sig in signals}
-        for sig in signals:
-            loop.add_signal_handler(sig, signalled.set)
-        serving({sig: (signal.getsignal(sig), replaced[sig]) for sig in signals}, wakeup_fd=True)
+        handlers.woken.append(signalled)
+        serving({sig: (signal.getsignal(sig), handlers.replaced[sig]) for sig in _SIGNALS}, wakeup_fd=True)
         try:
             while self.running and not signalled.is_set():
                 try:
@@ -144,13 +180,10 @@ class AsyncNode(NodeBase):
                     pass
         finally:
             served()
-            for sig in signals:
-                loop.remove_signal_handler(sig)  # (which leaves Python's default handler, or the system's)
-                previous = replaced[sig]
-                # the one it replaced, back (asyncio.run's SIGINT one, a program's own); one that
-                # an event loop's add_signal_handler put in place went with that handler, though
-                if previous is not None and getattr(previous, "__module__", None) != "asyncio.unix_events":
-                    signal.signal(sig, previous)
+            handlers.woken.remove(signalled)
+            if not handlers.woken:  # the last node serving on this loop
+                del _SERVING_ON[loop]
+                handlers.take_away()
             await self.stop()
 
     async def __aenter__(self) -> AsyncNode:
