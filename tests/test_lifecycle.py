@@ -1270,3 +1270,53 @@ def test_a_ctrl_c_during_the_start_leaves_no_node_running(mesh: dict[str, Any], 
         assert again.running
     with pytest.raises(zmqmesh.NodeClosedError):
         node.start()
+
+
+ABANDONED_WHILE_RUNNING = """
+import asyncio, gc, os, sys, time, zmqmesh
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+before = fds()
+async def main():
+    node = zmqmesh.AsyncNode("abandoned", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    node.service("echo", lambda msg: msg.data)
+    await node.start()
+    await node.wait_for_peers(1, timeout=10)
+asyncio.run(main())  # (its loop ends with the node running: never stopped)
+print("loop ended", flush=True)
+started = time.monotonic()
+gc.collect()
+print("collected", flush=True)
+assert time.monotonic() - started < 5, time.monotonic() - started
+deadline = time.monotonic() + 10
+while fds() > before + 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("descriptors left", fds() - before, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_async_node_whose_loop_ended_while_it_ran_is_collected_without_a_hang(mesh: dict[str, Any]) -> None:
+    """An AsyncNode never stopped whose event loop ended (``asyncio.run`` returned: the
+    program failed before its stop, say) was garbage; the next collection, wherever the
+    program then was, ended its ZeroMQ context there and waited for ever: the sockets it
+    waited for were being collected with it, and closed only after (the process hung in
+    ``gc.collect()``). The collection goes on; the context ends once they are closed,
+    and its descriptors with it."""
+    import subprocess
+    import sys
+
+    with zmqmesh.Node("peer", **mesh):
+        proc = subprocess.Popen([sys.executable, "-W", "ignore::ResourceWarning", "-c", ABANDONED_WHILE_RUNNING,
+                                 mesh["mesh"], str(mesh["beacon_port"])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    lines = out.splitlines()
+    assert lines[:2] == ["loop ended", "collected"], f"hung: {out!r} {err[-1500:]}"
+    assert proc.returncode == 0, err[-1500:]
+    left = int(lines[2].split()[-1])
+    assert left <= 2, f"{left} descriptors left open"

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid as uuid_module
+import weakref
 from collections.abc import Callable
 from concurrent import futures
 from typing import TYPE_CHECKING, Any, Protocol
@@ -92,6 +93,18 @@ RESERVED_GROUP_PREFIX = "zmqmesh/"
 _CHOSEN_BY = tuple(OFFER_PREFIXES[kind] for kind in ("services", "queues", "ackqueues", "idempotent"))
 
 
+def _end_abandoned(ctx: zmq.Context[Any]) -> None:
+    """End the context of an engine collected while it ran, never stopped (an `AsyncNode`
+    whose event loop ended): on a thread of its own, once its sockets are closed, each as
+    it is collected. Ended right in the collection (pyzmq's way, a context's own
+    finalizer), it waited for sockets that the collection had yet to close, and hung the
+    collecting thread for ever."""
+    try:
+        threading.Thread(target=ctx.term, name="zmqmesh-abandoned-context", daemon=True).start()
+    except RuntimeError:  # (the interpreter is exiting: no thread now, and pyzmq lets contexts be)
+        pass
+
+
 class Inbox(Protocol):
     """What the engine needs of the driver that runs handlers (`ThreadInbox`, `LoopInbox`)."""
 
@@ -143,6 +156,7 @@ class Engine:
         self.loop: Any = None  # the Reactor or the asyncio loop, set by start
         self.loop_thread = 0
         self.ctx: zmq.Context[Any] = None  # type: ignore[assignment]
+        self._abandoned: weakref.finalize[Any, Any] | None = None  # (set by start: `_end_abandoned`)
         self.closed = True
         self.started = False
         self.membership: Membership | None = None
@@ -222,6 +236,9 @@ class Engine:
                     self.store.close()
                 raise
         self.ctx = zmq.Context(io_threads=1)
+        # (an engine collected while running ends its context through this: `_end_abandoned`)
+        self._abandoned = weakref.finalize(self, _end_abandoned, self.ctx)
+        self._abandoned.atexit = False  # (at the interpreter's exit pyzmq lets contexts be)
         beacon = None
         try:
             # (libzmq's default of 1,023 sockets ran out at about 340 peers, long before MAX_PEERS)
@@ -285,6 +302,7 @@ class Engine:
                 self.inbox = None
             if beacon is not None:
                 beacon.close()
+            self._abandoned.detach()
             self.ctx.destroy(linger=0)
             if self.store is not None:
                 self.store.close()
@@ -507,6 +525,8 @@ class Engine:
     def destroy_context(self) -> None:
         """Terminate the ZeroMQ context (off the loop: it waits out the lingers set above)."""
         try:
+            if self._abandoned is not None:
+                self._abandoned.detach()
             self.ctx.destroy(0)
         finally:
             inherited.let_go(self._listening)
