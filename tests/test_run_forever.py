@@ -78,6 +78,36 @@ def test_run_forever_wants_the_main_thread(mesh: dict[str, Any]) -> None:
     assert not node.running
 
 
+def test_serve_forever_wants_the_main_thread_too(mesh: dict[str, Any]) -> None:
+    """`AsyncNode.serve_forever` on a loop run by another thread than the main one (whose
+    loop cannot take signal handlers) started the node, then raised asyncio's bare
+    ``RuntimeError``, leaving the node running. It raises `ZmqMeshError` before it starts
+    anything, as `Node.run_forever` does."""
+    import asyncio
+    import threading
+
+    import zmqmesh
+
+    node = zmqmesh.AsyncNode("n", **mesh)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        async def main() -> None:
+            try:
+                await node.serve_forever()
+            except BaseException as exc:
+                outcome.append(exc)
+            outcome.append(node.running)
+            await node.stop()
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    assert len(outcome) == 2 and type(outcome[0]) is zmqmesh.ZmqMeshError and outcome[1] is False, outcome
+
+
 def test_a_stop_flag_is_raised_from_a_signal_handler_and_waited_on() -> None:
     """A SIGALRM handler raises the flag while the main thread waits without a timeout (a
     `threading.Event` set there can deadlock); unraised, a wait ends at its timeout, and

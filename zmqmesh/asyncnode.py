@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -162,8 +163,12 @@ class AsyncNode(NodeBase):
         handlers they replaced are back (asyncio.run's SIGINT handler, say; not one that
         the loop's ``add_signal_handler`` had put in place: that one is removed). A child
         forked meanwhile gets the previous ones back, and no longer hands its signals to
-        this loop. Raises what `start` raises.
+        this loop. Raises `ZmqMeshError` on a loop that another thread than the main one
+        runs (it cannot take signal handlers), before it starts anything; and what `start`
+        raises.
         """
+        if threading.current_thread() is not threading.main_thread():
+            raise ZmqMeshError("serve_forever() handles SIGINT and SIGTERM: run it on a loop of the main thread")
         await self.start()
         loop = asyncio.get_running_loop()
         handlers = _SERVING_ON.get(loop)
