@@ -1320,3 +1320,45 @@ def test_an_async_node_whose_loop_ended_while_it_ran_is_collected_without_a_hang
     assert proc.returncode == 0, err[-1500:]
     left = int(lines[2].split()[-1])
     assert left <= 2, f"{left} descriptors left open"
+
+
+ABANDONED_WITH_A_STORE = """
+import asyncio, gc, sys, time, zmqmesh
+store = sys.argv[3]
+async def first():
+    node = zmqmesh.AsyncNode("abandoned", store=store, mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    await node.start()
+    await node.push("later", "kept", durable=True)
+asyncio.run(first())  # (its loop ends with the node running: never stopped)
+gc.collect()
+async def second():
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            async with zmqmesh.AsyncNode("next", store=store, mesh=sys.argv[1], beacon_port=int(sys.argv[2])) as node:
+                print("opened", node.stats()["pipeline"].get("durable_stored", 0), flush=True)
+                return
+        except zmqmesh.StoreLockedError as exc:
+            if time.monotonic() > deadline:
+                print("refused", exc, flush=True)
+                return
+            await asyncio.sleep(0.1)
+asyncio.run(second())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_store_of_an_async_node_whose_loop_ended_while_it_ran_is_let_go_when_it_is_collected(
+        mesh: dict[str, Any], tmp_path: Any) -> None:
+    """An AsyncNode never stopped whose event loop ended kept its store's database locked
+    for the rest of the process, also once it was collected: a node opening that store
+    afterwards was refused (`StoreLockedError`, "in use by another node, through another
+    name"), and its descriptor stayed open. Collected, it lets go of the store."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c", ABANDONED_WITH_A_STORE,
+                             mesh["mesh"], str(mesh["beacon_port"]), str(tmp_path / "store")],
+                            capture_output=True, text=True, timeout=45)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.startswith("opened"), result.stdout + result.stderr[-1500:]

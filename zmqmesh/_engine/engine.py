@@ -14,6 +14,7 @@ updates, and callbacks for the inbox to run.
 
 from __future__ import annotations
 
+import _thread
 import errno
 import itertools
 import logging
@@ -93,14 +94,31 @@ RESERVED_GROUP_PREFIX = "zmqmesh/"
 _CHOSEN_BY = tuple(OFFER_PREFIXES[kind] for kind in ("services", "queues", "ackqueues", "idempotent"))
 
 
-def _end_abandoned(ctx: zmq.Context[Any]) -> None:
-    """End the context of an engine collected while it ran, never stopped (an `AsyncNode`
-    whose event loop ended): on a thread of its own, once its sockets are closed, each as
-    it is collected. Ended right in the collection (pyzmq's way, a context's own
-    finalizer), it waited for sockets that the collection had yet to close, and hung the
-    collecting thread for ever."""
-    try:
-        threading.Thread(target=ctx.term, name="zmqmesh-abandoned-context", daemon=True).start()
+def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, pid: int) -> None:
+    """Let go of what an engine collected while it ran, never stopped (an `AsyncNode`
+    whose event loop ended), holds beyond its sockets, on a thread of its own: its store
+    (left open, its database stayed locked for the rest of the process), then its context,
+    once its sockets are closed, each as it is collected. Ended right in the collection
+    (pyzmq's way, a context's own finalizer), the context waited for sockets that the
+    collection had yet to close, and hung the collecting thread for ever. (In a child
+    forked meanwhile, ``pid`` another than its own, both are the parent's: left alone.)"""
+    if os.getpid() != pid:
+        return
+
+    def let_go() -> None:
+        try:
+            if store is not None:
+                store.close()
+        except Exception as exc:
+            log.warning("the store of a node collected while it ran did not close: %s", exc)
+        try:
+            ctx.term()
+        except zmq.ZMQError as exc:
+            log.warning("the ZeroMQ context of a node collected while it ran did not end: %s", exc)
+
+    try:  # (a bare thread: `threading.Thread.start` waits for it under threading's own lock,
+        # which the collecting thread may hold, as in another thread's start)
+        _thread.start_new_thread(let_go, ())
     except RuntimeError:  # (the interpreter is exiting: no thread now, and pyzmq lets contexts be)
         pass
 
@@ -236,8 +254,8 @@ class Engine:
                     self.store.close()
                 raise
         self.ctx = zmq.Context(io_threads=1)
-        # (an engine collected while running ends its context through this: `_end_abandoned`)
-        self._abandoned = weakref.finalize(self, _end_abandoned, self.ctx)
+        # (an engine collected while running lets go of them through this: `_end_abandoned`)
+        self._abandoned = weakref.finalize(self, _end_abandoned, self.ctx, self.store, os.getpid())
         self._abandoned.atexit = False  # (at the interpreter's exit pyzmq lets contexts be)
         beacon = None
         try:
