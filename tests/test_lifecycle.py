@@ -1362,3 +1362,48 @@ def test_the_store_of_an_async_node_whose_loop_ended_while_it_ran_is_let_go_when
                             capture_output=True, text=True, timeout=45)
     assert result.returncode == 0, result.stderr[-1500:]
     assert result.stdout.startswith("opened"), result.stdout + result.stderr[-1500:]
+
+
+ABANDONED_AFTER_A_SYNC_HANDLER = """
+import asyncio, gc, os, sys, threading, time, zmqmesh
+mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2])}
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+with zmqmesh.Node("client", **mesh) as client:
+    before = fds()
+    async def main():
+        node = zmqmesh.AsyncNode("abandoned", store=sys.argv[3], **mesh)
+        node.service("echo", lambda msg: msg.data)  # (a def handler: it runs on the node's worker thread)
+        await node.start()
+        reply = await asyncio.get_running_loop().run_in_executor(None, lambda: client.request("echo", 5, timeout=10))
+        assert reply == 5
+    asyncio.run(main())  # (its loop ends with the node running: never stopped)
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while (fds() > before + 2 or any(t.name.startswith("zmqmesh-handler") for t in threading.enumerate())) \\
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("descriptors left", fds() - before, flush=True)
+    print("threads left", sorted(t.name for t in threading.enumerate() if t.name.startswith("zmqmesh")
+                                 and "client" not in t.name), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_async_node_whose_loop_ended_after_a_def_handler_ran_is_collected_too(
+        mesh: dict[str, Any], tmp_path: Any) -> None:
+    """The worker thread that runs an AsyncNode's ``def`` handlers held the node's inbox
+    (the thread's initializer), so a node never stopped whose event loop ended was never
+    collected once such a handler had run: its 36 descriptors, its handler and store
+    threads and its store's lock stayed for the rest of the process. It is collected as
+    one that ran none, and lets go of all of them."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c", ABANDONED_AFTER_A_SYNC_HANDLER,
+                             mesh["mesh"], str(mesh["beacon_port"]), str(tmp_path / "store")],
+                            capture_output=True, text=True, timeout=45)
+    assert result.returncode == 0, result.stderr[-1500:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and int(lines[0].split()[-1]) <= 2 and lines[1] == "threads left []", \
+        result.stdout + result.stderr[-1500:]

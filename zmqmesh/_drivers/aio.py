@@ -515,8 +515,10 @@ class LoopInbox(Dispatcher):
         self.loop = engine.loop
         concurrency = engine.config.handler_concurrency
         self._worker_threads: set[int] = set()
+        # (the initializer stays with each worker thread for its life: given the set alone,
+        # not the inbox, so that a node never stopped whose loop ended can be collected)
         self._worker = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler",
-                                          initializer=lambda: self._worker_threads.add(threading.get_ident()))
+                                          initializer=_note_thread, initargs=(self._worker_threads,))
         self._concurrency = asyncio.Semaphore(concurrency) if concurrency > 1 else None
         self._task: asyncio.Task[None] | None = None
         self._in_turn = False  # (the drain runs handlers itself, one at a time: `_execute_in_turn`)
@@ -850,6 +852,11 @@ class LoopInbox(Dispatcher):
         self.report_left_at_stop(self.engine.name)
         if cancelled:
             raise asyncio.CancelledError
+
+
+def _note_thread(threads: set[int]) -> None:
+    """Add the calling thread to ``threads`` (a worker of `LoopInbox`, as it starts)."""
+    threads.add(threading.get_ident())
 
 
 def _cut_short() -> bool:
