@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _thread
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -94,10 +95,17 @@ RESERVED_GROUP_PREFIX = "zmqmesh/"
 _CHOSEN_BY = tuple(OFFER_PREFIXES[kind] for kind in ("services", "queues", "ackqueues", "idempotent"))
 
 
-def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, pid: int) -> None:
+def _described(describe: weakref.WeakMethod[Callable[[], Any]]) -> list[Any]:
+    """What the metrics server serves: the engine's snapshot, while there is an engine."""
+    method = describe()
+    return [] if method is None else [method()]
+
+
+def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, metrics: MetricsServer | None, pid: int) -> None:
     """Let go of what an engine collected while it ran, never stopped (an `AsyncNode`
-    whose event loop ended), holds beyond its sockets, on a thread of its own: its store
-    (left open, its database stayed locked for the rest of the process), then its context,
+    whose event loop ended), holds beyond its sockets, on a thread of its own: its metrics
+    server (its port stayed taken), its store (left open, its database stayed locked for
+    the rest of the process), then its context,
     once its sockets are closed, each as it is collected. Ended right in the collection
     (pyzmq's way, a context's own finalizer), the context waited for sockets that the
     collection had yet to close, and hung the collecting thread for ever. (In a child
@@ -106,6 +114,8 @@ def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, pid: int) -> None
         return
 
     def let_go() -> None:
+        if metrics is not None:
+            metrics.close()
         try:
             if store is not None:
                 store.close()
@@ -248,14 +258,17 @@ class Engine:
             try:
                 from .._observe.prometheus import MetricsServer
 
-                self.metrics = MetricsServer(lambda: [self.describe()], cfg.metrics_address, cfg.metrics_port)
+                # (through a weak reference: the server's thread must not keep a node that was
+                # never stopped from being collected, `_end_abandoned`)
+                self.metrics = MetricsServer(functools.partial(_described, weakref.WeakMethod(self.describe)),
+                                             cfg.metrics_address, cfg.metrics_port)
             except Exception:
                 if self.store is not None:
                     self.store.close()
                 raise
         self.ctx = zmq.Context(io_threads=1)
         # (an engine collected while running lets go of them through this: `_end_abandoned`)
-        self._abandoned = weakref.finalize(self, _end_abandoned, self.ctx, self.store, os.getpid())
+        self._abandoned = weakref.finalize(self, _end_abandoned, self.ctx, self.store, self.metrics, os.getpid())
         self._abandoned.atexit = False  # (at the interpreter's exit pyzmq lets contexts be)
         beacon = None
         try:
