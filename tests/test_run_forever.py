@@ -436,3 +436,53 @@ def test_async_nodes_serving_together_all_end_on_one_signal(sig: int, mesh: dict
             proc.wait()
     assert proc.returncode == 0 and out.splitlines()[:1] == ["stopped False False False"], \
         f"exit status {proc.returncode}: {out!r} {err[-1500:]}"
+
+
+SERVING_SIGNALLED_TWICE = """
+import asyncio, os, signal, sys, threading, time, zmqmesh
+async def main():
+    node = zmqmesh.AsyncNode("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    started = asyncio.Event()
+    async def slow(msg):
+        started.set()
+        await asyncio.sleep(1.5)  # (the stop waits for it)
+        return "done"
+    node.service("slow", slow)
+    async def signal_twice():
+        await started.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.5)  # (in the middle of the stop)
+        os.kill(os.getpid(), signal.SIGINT)
+    helper = asyncio.ensure_future(signal_twice())
+    print("serving", flush=True)
+    await node.serve_forever()
+    await helper
+    print("stopped", node.running, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_a_second_signal_during_an_async_stop_does_not_cut_it_short(mesh: dict[str, Any]) -> None:
+    """`AsyncNode.serve_forever` took its handlers away before its stop: a second Ctrl-C
+    in the middle of the stop (which waits for the handlers under way) went to the
+    handler from before, asyncio.run's, which cancelled the program and raised
+    KeyboardInterrupt (a traceback, exit status 1). It keeps them through the stop, as
+    `Node.run_forever` does: a second signal only asks again."""
+    import zmqmesh
+
+    proc = subprocess.Popen([sys.executable, "-c", SERVING_SIGNALLED_TWICE, mesh["mesh"], str(mesh["beacon_port"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "serving"
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("slow", timeout=15)
+            reply = client.submit("slow", None, timeout=15)
+            out, err = proc.communicate(timeout=20)
+            assert reply.result(10) == "done"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and out.splitlines()[:1] == ["stopped False"], f"{proc.returncode}: {out!r} {err[-1500:]}"
+    assert "Traceback" not in err, err[-1500:]

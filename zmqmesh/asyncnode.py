@@ -158,12 +158,13 @@ class AsyncNode(NodeBase):
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
         the node is stopped, then stop it cleanly and return.
 
-        Uses the running loop's signal handlers for the time it runs; a signal ends every
-        node serving on that loop. Once the last of them returns, or is cancelled, the
-        handlers they replaced are back (asyncio.run's SIGINT handler, say; not one that
-        the loop's ``add_signal_handler`` had put in place: that one is removed). A child
-        forked meanwhile gets the previous ones back, and no longer hands its signals to
-        this loop. Raises `ZmqMeshError` on a loop that another thread than the main one
+        Uses the running loop's signal handlers for the time it runs, its stop included (a
+        second signal then only asks again); a signal ends every node serving on that
+        loop. Once the last of them returns, or is cancelled, the handlers they replaced
+        are back (asyncio.run's SIGINT handler, say; not one that the loop's
+        ``add_signal_handler`` had put in place: that one is removed). A child forked
+        meanwhile gets the previous ones back, and no longer hands its signals to this
+        loop. Raises `ZmqMeshError` on a loop that another thread than the main one
         runs (it cannot take signal handlers), before it starts anything; and what `start`
         raises.
         """
@@ -184,12 +185,14 @@ class AsyncNode(NodeBase):
                 except asyncio.TimeoutError:
                     pass
         finally:
-            served()
-            handlers.woken.remove(signalled)
-            if not handlers.woken:  # the last node serving on this loop
-                del _SERVING_ON[loop]
-                handlers.take_away()
-            await self.stop()
+            try:
+                await self.stop()  # (the handlers stay meanwhile: a second signal only asks again)
+            finally:
+                served()
+                handlers.woken.remove(signalled)
+                if not handlers.woken:  # the last node serving on this loop
+                    del _SERVING_ON[loop]
+                    handlers.take_away()
 
     async def __aenter__(self) -> AsyncNode:
         return await self.start()
