@@ -1450,3 +1450,48 @@ def test_the_metrics_port_of_an_async_node_whose_loop_ended_while_it_ran_is_let_
                             capture_output=True, text=True, timeout=45)
     assert result.returncode == 0, result.stderr[-1500:]
     assert result.stdout.startswith("served"), result.stdout + result.stderr[-1500:]
+
+
+ABANDONED_THEN_FORKED = """
+import asyncio, gc, os, socket, stat, sys, time, zmqmesh
+mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2]), "metrics_port": int(sys.argv[3])}
+async def first():
+    await zmqmesh.AsyncNode("abandoned", **mesh).start()
+asyncio.run(first())  # (its loop ends with the node running: never stopped)
+gc.collect()
+mine = socket.socket()
+deadline = time.monotonic() + 10
+while True:  # (the port comes free once the abandoned node's metrics server closed)
+    try:
+        mine.bind(("127.0.0.1", mesh["metrics_port"]))
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+mine.listen()
+time.sleep(0.5)  # (its context ends on a thread of its own: then its ports are forgotten)
+pid = os.fork()
+if pid == 0:  # the child: the program's own socket on that port is still a socket
+    os._exit(0 if stat.S_ISSOCK(os.fstat(mine.fileno()).st_mode) else 1)
+_, status = os.waitpid(pid, 0)
+print("kept" if os.waitstatus_to_exitcode(status) == 0 else "let go", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_keeps_a_programs_socket_on_a_port_an_abandoned_node_had(mesh: dict[str, Any]) -> None:
+    """The ports of an AsyncNode collected while it ran, never stopped, are forgotten with
+    it: a child forked later keeps the program's own socket on such a port. (Before: the
+    child let go of it, as of the node's sockets, `_io/inherited.py`.)"""
+    import subprocess
+    import sys
+
+    pytest.importorskip("prometheus_client")
+    from helpers import free_tcp_port
+
+    result = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c", ABANDONED_THEN_FORKED,
+                             mesh["mesh"], str(mesh["beacon_port"]), str(free_tcp_port())],
+                            capture_output=True, text=True, timeout=45)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.strip() == "kept", result.stdout + result.stderr[-1500:]

@@ -101,12 +101,13 @@ def _described(describe: weakref.WeakMethod[Callable[[], Any]]) -> list[Any]:
     return [] if method is None else [method()]
 
 
-def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, metrics: MetricsServer | None, pid: int) -> None:
+def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, metrics: MetricsServer | None, pid: int,
+                   listening: list[int]) -> None:
     """Let go of what an engine collected while it ran, never stopped (an `AsyncNode`
     whose event loop ended), holds beyond its sockets, on a thread of its own: its metrics
     server (its port stayed taken), its store (left open, its database stayed locked for
-    the rest of the process), then its context,
-    once its sockets are closed, each as it is collected. Ended right in the collection
+    the rest of the process), then its context, once its sockets are closed, each as it is
+    collected, and the record of its ports (``listening``: `inherited`). Ended right in the collection
     (pyzmq's way, a context's own finalizer), the context waited for sockets that the
     collection had yet to close, and hung the collecting thread for ever. (In a child
     forked meanwhile, ``pid`` another than its own, both are the parent's: left alone.)"""
@@ -125,6 +126,7 @@ def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, metrics: MetricsS
             ctx.term()
         except zmq.ZMQError as exc:
             log.warning("the ZeroMQ context of a node collected while it ran did not end: %s", exc)
+        inherited.let_go(listening)  # (its ports: `inherited`)
 
     try:  # (a bare thread: `threading.Thread.start` waits for it under threading's own lock,
         # which the collecting thread may hold, as in another thread's start)
@@ -268,7 +270,8 @@ class Engine:
                 raise
         self.ctx = zmq.Context(io_threads=1)
         # (an engine collected while running lets go of them through this: `_end_abandoned`)
-        self._abandoned = weakref.finalize(self, _end_abandoned, self.ctx, self.store, self.metrics, os.getpid())
+        self._abandoned = weakref.finalize(self, _end_abandoned, self.ctx, self.store, self.metrics, os.getpid(),
+                                           self._listening)
         self._abandoned.atexit = False  # (at the interpreter's exit pyzmq lets contexts be)
         beacon = None
         try:
@@ -363,7 +366,8 @@ class Engine:
         self.publisher.start()
         if self.history is not None:
             self.call_soon(self._expire_history)
-        self._listening = [self.membership.port, *(int(e.rsplit(":", 1)[1]) for e in self._bound.values())]
+        # (filled in place: the list `_end_abandoned` was given)
+        self._listening[:] = [self.membership.port, *(int(e.rsplit(":", 1)[1]) for e in self._bound.values())]
         if self.metrics is not None:
             self._listening.append(self.metrics.port)
         inherited.hold(self._listening)
@@ -561,7 +565,7 @@ class Engine:
             self.ctx.destroy(0)
         finally:
             inherited.let_go(self._listening)
-            self._listening = []
+            self._listening.clear()
             if self.store is not None:
                 self.store.close()
         log.info("node %s (%s) stopped", self.name, self.node_id[:8])
