@@ -1927,7 +1927,7 @@ def test_tasks_waiting_for_room_wake_in_the_order_they_began_to_wait() -> None:
     wait, as on an asyncio.Event: tasks pushing in turn keep their turn (a set of waiters
     woke them in hash order, and 64 tasks pushing in lockstep reordered their messages:
     benchmarks/bench.py's content check of zm_push_alo_tasks failed)."""
-    from zmqmesh._drivers.aio import _RoomSignal
+    from zmqmesh._drivers.aio.runner import _RoomSignal
 
     async def main() -> list[int]:
         room, order = _RoomSignal(), []

@@ -1,0 +1,281 @@
+"""Requests from coroutines: DEALERs owned by the event loop, a future per request
+(`LoopRequester`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import operator
+import time
+from typing import Any, Protocol
+
+import zmq
+
+from ..._engine.engine import Engine
+from ..._io.sockets import close_watched, has_input, recv_frames
+from ..._mesh.directory import Provider
+from ..._patterns.outstanding import Outstanding
+from ..._patterns.reqrep import Exchange, QuickRequest
+from ..._patterns.request_batches import RequestBatches
+from ..._stats import RequestTally
+from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError
+from ..pipelined import send_batches, send_request
+
+__all__ = ["LoopRequester", "ReplyWaiter"]
+
+log = logging.getLogger("zmqmesh.aio")
+
+_READ_BURST = 1024
+_SWEEP_SHARE = 16  # abandoned requests are swept at once when they are this share of those in flight
+_SWEEP_S = 0.05  # ... and otherwise within this long
+
+
+class ReplyWaiter(Protocol):
+    """What waits for a reply in the requester's table: an asyncio future, or a slot of
+    a `request_many` window (`runner.WindowSlot`)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, reply: tuple[bytes, bytes]) -> None: ...
+
+    def set_exception(self, error: BaseException) -> None: ...
+
+
+_done = operator.methodcaller("done")  # (a `ReplyWaiter`'s)
+
+
+def _fail_future(future: Any, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+class LoopRequester:
+    """Requests from coroutines: DEALERs owned by the event loop, one future per request
+    (the table of what waits for what is `Outstanding`'s).
+
+    One timer on the loop, set for the earliest deadline, fails overdue requests; whichever
+    comes first, the reply, the deadline, the provider's departure, or the caller's
+    cancellation (`abandon`), completes the future and forgets the request.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sockets: dict[str, zmq.Socket[Any]] = {}
+        self._known: dict[str, Provider] = {}  # (to connect again: `_renew`)
+        self.outstanding: Outstanding[Any] = Outstanding()  # (`ReplyWaiter`s)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._unchecked: set[str] = set()
+        self._sweep_soon = False
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._abandoned = 0  # requests abandoned since the last sweep (`abandon`)
+        self._batches: RequestBatches[str, Any] = RequestBatches()
+        self.tally = RequestTally()
+        """What the loop's coroutines' requests count: added to the stats every
+        `TALLY_FOLD_AT` requests sent (`Stats.count_sent`), and meanwhile counted by
+        the stats' snapshots."""
+        engine.stats.track(self.tally)
+
+    def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
+        """Send one request (or gather it, to go at the end of this pass of the loop, or
+        with a batch that fills up: `RequestBatches`); the future of its reply ``(status,
+        body)``. The future fails with `MeshTimeoutError` (also when the provider takes no
+        more requests, for one that was gathered), `PeerLostError` or `NodeClosedError`; a
+        send made at once raises `MeshTimeoutError` when the provider takes no more requests."""
+        future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
+        sock = self._socket(step.provider)
+        try:
+            sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches, self._renew)
+        except Exception:  # a send that failed may have taken the signal of a reply with it, too
+            with contextlib.suppress(zmq.ZMQError):  # (a stop under way: what failed is said as it is)
+                if not sock.closed and has_input(sock):
+                    self.engine.loop.call_soon(self._on_readable, step.provider.id)
+            raise
+        if step.deadline < self._timer_at:
+            self._arm(step.deadline)
+        if sent:  # sent alone: whether that swallowed the signal of a reply, looked at now
+            self.engine.stats.count_sent(self.tally, 1)
+            sock = self.sockets.get(step.provider.id, sock)  # (renewed, if its connection was dropped)
+            if has_input(sock):
+                self._on_readable(step.provider.id)
+            return future
+        self._gathered(step.provider.id)
+        return future
+
+    def gather(self, provider: Provider, quick: QuickRequest, waiter: ReplyWaiter) -> None:
+        """Gather the request of a quick way to ``provider`` (`QuickRequest.pick`: one a
+        batch can carry) into its batch, whether or not the provider is busy, as one of
+        many at hand; ``waiter`` is told its outcome as a future would be. It goes with the
+        batches of this pass of the loop, or at once with a batch that fills up."""
+        provider_id, calling, deadline = provider.id, quick.calling, quick.deadline
+        self._socket(provider)
+        request_id = self.outstanding.add(waiter, provider_id, calling.service, deadline)
+        self._batches.gather(provider_id, request_id, waiter, calling.service_b, quick.body)
+        if deadline < self._timer_at:
+            self._arm(deadline)
+        self._gathered(provider_id)
+
+    def gathered(self, provider: Provider, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]]:
+        """`gather` the request of a quick way with a future to wait for its reply, as
+        `exchange`'s; it fails as theirs do."""
+        future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
+        self.gather(provider, quick, future)
+        return future
+
+    def _gathered(self, provider_id: str) -> None:
+        if self._batches.ready:  # a full batch goes now (its waiters fail if it cannot)
+            self._send_batches(full_only=True)
+        if not self._unchecked:
+            self.engine.loop.call_soon(self._check_sent)
+        self._unchecked.add(provider_id)
+
+    def abandon(self, future: Any) -> None:
+        """Forget the request of ``future`` (cancelled with its caller; None: the slots of a
+        window), soon, in one sweep of the requests in flight: at the end of this pass of
+        the loop once the requests abandoned since the last sweep are a
+        `_SWEEP_SHARE`-th of those in flight or more (cancelling a gather of n requests
+        must not cost n sweeps), or with a window's; otherwise within `_SWEEP_S` (a sweep
+        for each of the cancellations that come one by one would cost a look at every
+        request in flight each). Until then a reply to one finds its future done. A future
+        already answered is in flight no more: if its reply came in the pass its caller was
+        cancelled, that reply reached no one, and counts as dropped, not received."""
+        if future is not None and future.done() and not future.cancelled():
+            if future.exception() is None:
+                counters = self.engine.stats.pattern["request"]
+                counters["received"] -= 1
+                counters["dropped"] += 1
+            return
+        self._abandoned += 1
+        if future is None or self._abandoned * _SWEEP_SHARE >= len(self.outstanding):
+            if not self._sweep_soon:
+                self._sweep_soon = True
+                self.engine.loop.call_soon(self._forget_abandoned)
+        elif self._sweep_timer is None:
+            self._sweep_timer = self.engine.loop.call_later(_SWEEP_S, self._forget_abandoned)
+
+    def _forget_abandoned(self) -> None:
+        self._sweep_soon = False
+        self._abandoned = 0
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        self.outstanding.forget_where(_done)
+
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self.engine.loop
+        self._timer_at = deadline
+        self._timer = loop.call_at(loop.time() + max(deadline - time.monotonic(), 0), self._expire)
+
+    def _expire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        errors = 0
+        for future, service in self.outstanding.expired(time.monotonic()):
+            if not future.done():
+                errors += 1
+                future.set_exception(MeshTimeoutError(f"request to {service!r} timed out"))
+        self.engine.stats.pattern["request"]["errors"] += errors
+        deadline = self.outstanding.next_deadline()
+        if deadline is not None:
+            self._arm(deadline)
+
+    def _socket(self, provider: Provider) -> zmq.Socket[Any]:
+        sock = self.sockets.get(provider.id)
+        if sock is None:
+            sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
+            self._known[provider.id] = provider
+            self.engine.loop.add_reader(sock.FD, self._on_readable, provider.id)
+            self.engine.loop.call_soon(self._on_readable, provider.id)
+        return sock
+
+    def _renew(self, provider_id: str) -> zmq.Socket[Any]:
+        """A new socket to ``provider_id`` in place of one whose connection was dropped."""
+        close_watched(self.engine.loop, self.sockets.pop(provider_id))
+        return self._socket(self._known[provider_id])
+
+    def _check_sent(self) -> None:
+        """At the end of a pass of the loop that gathered requests: send the batches
+        (`RequestBatches`), then read the sockets sent on that hold replies: sending may
+        have swallowed the descriptor's signal (once per pass, not per request; a request
+        sent alone is looked after by `exchange`, at once). The requests gathered while it
+        reads (a window refilled as its replies come: `Window`) schedule the next one."""
+        unchecked, self._unchecked = self._unchecked, set()
+        self._send_batches()
+        for provider_id in unchecked:
+            sock = self.sockets.get(provider_id)
+            if sock is not None and has_input(sock):
+                self._on_readable(provider_id)
+
+    def _send_batches(self, full_only: bool = False) -> None:
+        sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
+                            _done, full_only=full_only, renew=self._renew, tally=self.tally)
+        if sent:
+            self.engine.stats.count_sent(self.tally, sent)
+
+    def _on_readable(self, provider_id: str) -> None:
+        sock = self.sockets.get(provider_id)
+        if sock is not None and self._read(sock, provider_id, _READ_BURST):
+            self.engine.loop.call_soon(self._on_readable, provider_id)
+
+    def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> bool:
+        # True if it read the whole burst (more may wait)
+        counters = self.engine.stats.pattern["request"]
+        outstanding = self.outstanding
+        answer_all = outstanding.answer_all
+        for i in range(burst):
+            # a lone reply (nothing else waited for): a check, not a raised Again; with requests
+            # in flight, replies tend to queue, and a check would be spent on most frames
+            if i == 1 and not outstanding and not has_input(sock):
+                return False
+            try:
+                frames = recv_frames(sock)
+            except zmq.ZMQError:
+                return False
+            answered, unanswered = answer_all(frames, provider_id)
+            counters["dropped"] += unanswered  # late replies, or ones nobody asked for
+            for future, status, body in answered:
+                if future.done():
+                    counters["dropped"] += 1  # its caller gave up
+                else:
+                    counters["received"] += 1
+                    future.set_result((status, body))
+        return True
+
+    def peer_gone(self, peer_id: str) -> None:
+        """Take the replies a departed provider sent before it left (a stopping node answers,
+        then says goodbye), fail the requests still waiting on it at once, and close its
+        socket."""
+        sock = self.sockets.get(peer_id)
+        if sock is not None:  # (a frame answers one request or more: bounded by those waiting)
+            self._read(sock, peer_id, len(self.outstanding) + 1)
+        errors = 0
+        for future, _service in self.outstanding.lost(peer_id):
+            if not future.done():
+                errors += 1  # (counted as the threads' requesters count theirs)
+                future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
+        self.engine.stats.pattern["request"]["errors"] += errors
+        sock = self.sockets.pop(peer_id, None)
+        self._known.pop(peer_id, None)
+        if sock is not None:
+            close_watched(self.engine.loop, sock)
+
+    def fail_outstanding(self) -> None:
+        """Fail every waiting request with `NodeClosedError` and close every socket."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        for future in self.outstanding.take_all():
+            if not future.done():
+                future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
+        for pid in list(self.sockets):
+            close_watched(self.engine.loop, self.sockets.pop(pid))
+
+    def close(self) -> None:
+        """Add up what the tally still holds (`fail_outstanding` closed the sockets)."""
+        self.engine.stats.untrack(self.tally)
