@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import operator
 import time
@@ -25,7 +24,6 @@ from ..pipelined import send_batches, send_request
 
 __all__ = ["LoopRequester", "ReplyWaiter"]
 
-log = logging.getLogger("zmqmesh.aio")
 
 _READ_BURST = 1024
 _SWEEP_SHARE = 16  # abandoned requests are swept at once when they are this share of those in flight

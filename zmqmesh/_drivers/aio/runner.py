@@ -6,7 +6,6 @@ durable commits in turn (`LoopCommits`), and waits for a condition or for room
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -24,7 +23,6 @@ from .requests import LoopRequester
 
 __all__ = ["AsyncRunner", "check_loop", "LoopCommits", "Window", "WindowSlot", "wait_until", "wait_for_room"]
 
-log = logging.getLogger("zmqmesh.aio")
 
 _ROOM_SLICE_S = 0.1
 _LONE_PASSES = 16

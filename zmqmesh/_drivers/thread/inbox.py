@@ -1,0 +1,379 @@
+"""The inbox thread of a `Node`: it owns the inbound sockets and calls ``def`` handlers in
+place; ``async def`` handlers run on a `HandlerLoop` started on first use (so a node
+without them never loads asyncio). Pages of history are fetched on a thread of their own
+(`ThreadFetcher`)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from ..._engine.api import fetch_plan
+from ..._engine.engine import Engine
+from ..._io.sockets import with_input
+from ..._io.waker import Waker
+from ..._patterns.calls import Call, CutShort, is_async, run_async, run_sync
+from ..._patterns.dispatch import Dispatcher
+from ..._patterns.replay import Fetch
+from ...errors import NodeClosedError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+
+from .runner import BlockingRunner
+from .waits import POLL_SLICE_S
+
+__all__ = ["ThreadInbox", "ThreadFetcher"]
+
+log = logging.getLogger("zmqmesh.node")
+
+_SLOT_WAIT_S = 0.005
+_REPLY_FLUSH_S = 0.005
+"""While a burst is handed to the handler pool, the replies of the handlers that returned
+go out at least this often (held, they are sent a batch per caller)."""
+_IDLE_LOOK_MS = 500  # (the inbox comes round this often with nothing to wake it: what waits, `has_waiting`)
+
+
+class ThreadFetcher:
+    """Fetches pages of history for the replaying subscriptions of a `Node`, one at a time,
+    on a thread of its own (started when first needed), and posts each outcome back."""
+
+    def __init__(self, engine: Engine, post: Callable[[Fetch, Any, BaseException | None], None],
+                 wanted: Callable[[Fetch], bool]) -> None:
+        self.engine = engine
+        self.post = post
+        self.wanted = wanted  # (a fetch no longer wanted when its turn comes is not made)
+        self._queue: queue.SimpleQueue[Fetch | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fetch: Fetch) -> None:
+        """Queue a fetch (any thread)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"zmqmesh-fetch-{self.engine.name}",
+                                                daemon=True)
+                self._thread.start()
+        self._queue.put(fetch)
+
+    def stop(self) -> None:
+        """Let the thread end after the fetch it is in (bounded by its timeout)."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        runner = BlockingRunner(self.engine)
+        while True:
+            fetch = self._queue.get()
+            if fetch is None or self.engine.closed:
+                return
+            if not self.wanted(fetch):
+                continue
+            try:
+                page = runner.run(fetch_plan(self.engine, fetch))
+            except Exception as exc:
+                self.post(fetch, None, exc)
+            else:
+                self.post(fetch, page, None)
+
+
+class ThreadInbox(Dispatcher):
+    """Runs the inbox on its own thread: ``def`` handlers run here, in place."""
+
+    def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+        super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
+                         codec=engine.codec, stats=engine.stats, describe=engine.describe,
+                         sub=sub, pull=pull, router=router, store=engine.store,
+                         keeper=engine.durable.submit if engine.durable is not None else None,
+                         history=engine.history, node_closed=lambda: engine.closed)
+        self.name = engine.name
+        self._fetcher = ThreadFetcher(engine, self.post_page, self.replays.wanted)
+        self._waker = Waker()
+        self._resubscribe = True
+        self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
+        concurrency = engine.config.handler_concurrency
+        self._pool_threads: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        if concurrency > 1:
+            # (imported here: a node running one handler at a time, the default, never loads it)
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="zmqmesh-handler",
+                                            initializer=self._pool_thread_started)
+        self._slots = threading.BoundedSemaphore(concurrency * 4) if concurrency > 1 else None
+        self._in_pool = 0  # calls handed to the pool whose outcome is not yet in `_done` (under `_exit_lock`)
+        self._flushed_at = 0.0  # when the pool's replies were last sent while a burst was handed over (`_submit`)
+        self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{engine.name}", daemon=True)
+        self._async_loop: Any = None  # a HandlerLoop, made for the first async def handler
+        self._async_lock = threading.Lock()
+        self._async_closed = False
+        self._exit_lock = threading.Lock()
+        self._exited = False  # (the thread has left its loop: a handler that returns now is answered by no one)
+        self._ended = False  # (... and closed its sockets)
+        self._on_exit: Callable[[], None] | None = None  # (`after_exit`)
+
+    def start(self) -> None:
+        """Start the inbox thread."""
+        self.thread.start()
+
+    def discard(self) -> None:
+        """Let go of what was made for it (the waker's pipe), for a node whose start failed
+        before this was started."""
+        self._waker.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def runs_handlers_here(self) -> bool:
+        """True on a thread that runs this node's handlers (inbox, handler pool, async handler loop)."""
+        current = threading.get_ident()
+        handler_loop = self._async_loop
+        return (current == self.thread.ident or current in self._pool_threads
+                or (handler_loop is not None and current == handler_loop.thread.ident))
+
+    def waits_for_caller(self) -> bool:
+        """True when the calling thread runs one of this node's handlers and they run one
+        at a time: the node then serves nothing until the caller returns."""
+        return self._pool is None and self.runs_handlers_here()
+
+    def _pool_thread_started(self) -> None:
+        self._pool_threads.add(threading.get_ident())
+
+    def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
+        """Sync handlers, one at a time: called on this thread as messages are decoded."""
+        if self._pool is not None or self.abandoned():
+            return False
+        if len(handlers) == 1:  # (a queue's one handler, a topic's usual one: checked per frame)
+            return not is_async(handlers[0])
+        return not any(is_async(h) for h in handlers)
+
+    def wake(self) -> None:
+        """Make the inbox thread look at its queues (any thread)."""
+        self._waker.wake()
+
+    def registry_changed(self) -> None:
+        """Subscriptions may have changed: re-apply them on the inbox thread."""
+        self._resubscribe = True
+        self.peers_changed()
+
+    def stop(self, timeout: float) -> None:
+        """Handle what has already arrived, then stop the thread (all within ``timeout``)."""
+        self.begin_stop(timeout)
+        self.wake()
+        if threading.get_ident() != self.thread.ident and self.thread.is_alive():
+            self.thread.join(timeout + 0.5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._async_lock:
+            self._async_closed = True
+            if self._async_loop is not None:
+                self._async_loop.close()
+        self._waker.close_sender()
+        self._fetcher.stop()
+        self.report_left_at_stop(self.name)
+
+    def fetch_history(self, fetch: Fetch) -> None:
+        """Fetch a page of history on the fetcher's thread (never this one)."""
+        self._fetcher.submit(fetch)
+
+    def _run(self) -> None:
+        # The thread sleeps in a plain poll of the sockets' descriptors and the waker's:
+        # a drain ends on a socket found empty, and the sockets used since are looked at
+        # before the next sleep (`used_with_input`). (A ZeroMQ poll would read the events
+        # of all three sockets before it sleeps and after: two system calls each, every time.)
+        poller = select.poll()
+        waker = self._waker.fd
+        poller.register(waker, select.POLLIN)
+        by_fd: dict[int, tuple[zmq.Socket[Any], str]] = {}
+        for pair in self.sockets:
+            by_fd[pair[0].FD] = pair
+            poller.register(pair[0].FD, select.POLLIN)
+        calls: list[Call] = []
+        router_fd = self.router.FD
+        ready: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)  # (each looked at once first)
+        try:
+            while not self.stopping:
+                self._complete_done()
+                self._drain_all(calls, ready)  # (it applies a subscription made meanwhile first)
+                ready = self.used_with_input()
+                while not ready:
+                    found = poller.poll(_IDLE_LOOK_MS)
+                    # the router alone, with nothing else to do: a lone request, served without a drain
+                    if len(found) == 1 and found[0][0] == router_fd and not self._done and not self._resubscribe \
+                            and self.serve_lone_request(calls):
+                        ready = self.used_with_input()
+                        continue
+                    for fd, _event in found:
+                        if fd == waker:
+                            self._waker.clear()
+                        else:
+                            ready.append(by_fd[fd])
+                    break
+            self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
+            while self._pool_busy() and not self.abandoned():  # ... and what the pool's handlers still run
+                self._wait_for_pool(poller, waker)
+                self._drain_all(calls, self.sockets)  # (answering them, and taking what came meanwhile)
+        except Exception:
+            log.exception("inbox thread failed")
+        finally:
+            with self._exit_lock:
+                self._exited = True
+            try:
+                self._complete_done()  # (the pool's handlers that returned before: answered)
+            except Exception:
+                log.exception("answering the last handlers failed")
+            self.close_sockets()
+            self._waker.close()
+            with self._exit_lock:
+                self._ended = True
+                on_exit, self._on_exit = self._on_exit, None
+            if on_exit is not None:
+                on_exit()
+
+    def _pool_busy(self) -> bool:
+        """Whether handlers handed to the pool have not yet all returned."""
+        with self._exit_lock:
+            return self._in_pool > 0
+
+    def _wait_for_pool(self, poller: select.poll, waker: int) -> None:
+        """Sleep until a handler of the pool returns (it wakes this thread), a slice passes,
+        or the stop's deadline does, whichever comes first."""
+        assert self._deadline is not None
+        remaining = self._deadline - time.monotonic()
+        if remaining > 0:
+            for fd, _event in poller.poll(min(remaining, POLL_SLICE_S) * 1000):
+                if fd == waker:
+                    self._waker.clear()
+
+    def after_exit(self, fn: Callable[[], None]) -> bool:
+        """Have the inbox thread call ``fn`` once it has closed its sockets (True): for a
+        stop that could not wait for a handler that outlived its timeout, whose sockets
+        must not be closed under it. False once the thread has ended: call ``fn`` now."""
+        with self._exit_lock:
+            if self._ended or not self.thread.is_alive():
+                return False
+            self._on_exit = fn
+            return True
+
+    def _drain_all(self, calls: list[Call], active: Any) -> None:
+        """Drain the sockets the poller found ready, in bursts, until they run dry.
+
+        No time goes into receive attempts on empty sockets. Between two bursts, a
+        subscription made meanwhile is applied, and every socket that holds a message now
+        joins in: a stream that never pauses must not hold up requests, publications or a
+        new subscription until it does.
+        """
+        while not self.abandoned():
+            if self._resubscribe:
+                self._resubscribe = False
+                self.apply_subscriptions()
+            with self.replies_held():  # (requests are also answered as they are decoded: see `gather`)
+                active = self.gather(calls, active)
+                if calls:
+                    for burst in self.bursts(calls):
+                        self.before_handling(burst)
+                        self._execute(burst)
+                        self.after_handling()
+                    calls.clear()
+            self._complete_done()
+            self.after_handling()
+            if not active and not self.has_posted():
+                return
+            active = with_input(self.sockets)  # (one look at all three: reading it rearms their descriptors)
+
+    def _flush_done(self) -> None:
+        """Reply for the calls the pool finished, and send those replies now (a burst being
+        handed to the pool otherwise holds them to its end)."""
+        self._complete_done()
+        self.release_held()
+        self._flushed_at = time.monotonic()
+
+    def _complete_done(self) -> None:
+        """Reply for the calls the handler pool finished (this thread only)."""
+        while self._done:
+            self.complete(*self._done.popleft())
+
+    def _execute(self, calls: list[Call]) -> None:
+        if self._pool is not None:
+            for call in self.to_handle(calls):
+                self._submit(call)
+            return
+        for call in self.to_handle(calls):  # (under `_drain_all`'s `replies_held`)
+            started = self.starting(call)
+            result, error = self._run_on_loop(call) if is_async(call.handler) else run_sync(call)
+            if started:  # (only services are timed)
+                self.finished(call, started)
+            if call.route is not None or error is not None:  # (a delivery that returned has nothing to account)
+                self.complete(call, result, error)
+
+    def _run_on_loop(self, call: Call) -> tuple[Any, BaseException | None]:
+        with self._async_lock:
+            if self._async_loop is None:
+                if self._async_closed:
+                    return None, NodeClosedError("the node stopped")
+                from ..handler_loop import (
+                    HandlerLoop,  # asyncio is loaded only by nodes that need it
+                )
+
+                self._async_loop = HandlerLoop(f"zmqmesh-async-{self.name}")
+            handler_loop = self._async_loop
+        try:
+            future = handler_loop.submit(run_async(call))
+        except RuntimeError as exc:  # the handler loop is closed: the node is stopping
+            return None, exc
+        while not self.abandoned():
+            try:
+                # (a slice well within the half second a stop waits past its timeout: a
+                # handler cut short at the deadline is then seen to end in that wait)
+                return future.result(POLL_SLICE_S)  # type: ignore[no-any-return]
+            except FutureTimeoutError:
+                continue
+            except Exception as exc:  # the loop went away
+                return None, exc
+        future.cancel()  # (no result: no OK reply for it, no acknowledgement)
+        return None, CutShort("the node stopped before the handler returned")
+
+    def _submit(self, call: Call) -> None:
+        assert self._pool is not None and self._slots is not None
+        if self._done and time.monotonic() - self._flushed_at >= _REPLY_FLUSH_S:
+            self._flush_done()  # (handlers quicker than a slot's wait: their replies waited for the burst's end)
+        while not self._slots.acquire(timeout=_SLOT_WAIT_S):
+            if self._done:  # the replies of the calls that finished go out meanwhile (not held for a batch)
+                self._flush_done()
+            if self.abandoned():  # (every slot held by a handler that did not return in time)
+                self.drop(call)
+                return
+        runner = self._run_on_loop if is_async(call.handler) else run_sync
+
+        def finished(fut: Future[tuple[Any, BaseException | None]]) -> None:
+            self._slots.release()  # type: ignore[union-attr]
+            with self._exit_lock:  # (its outcome is in `_done` as it leaves the count: a stop waits for both)
+                self._in_pool -= 1
+                if not self._exited and not fut.cancelled():
+                    self._done.append((call, *fut.result()))
+                    self.wake()
+                    return
+            if fut.cancelled():  # never run: the stop's timeout passed first
+                self.drop(call)
+                return
+            if call.route is not None:  # returned after the inbox ended: unanswered, unacknowledged, unrecorded
+                self.drop(call)
+                self.report_left_at_stop(self.name)
+
+        with self._exit_lock:
+            self._in_pool += 1
+        try:
+            self._pool.submit(runner, call).add_done_callback(finished)
+        except RuntimeError:  # shutting down
+            with self._exit_lock:
+                self._in_pool -= 1
+            self._slots.release()
