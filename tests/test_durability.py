@@ -207,6 +207,41 @@ def test_a_foreign_or_damaged_file_is_refused_not_reset(tmp_path: Path, mesh: di
         zmqmesh.Node("n", store=str(damaged), **mesh).start()
 
 
+KILLED_AFTER_PUSHES = """
+import os, sys, zmqmesh
+node = zmqmesh.Node("pusher", store=sys.argv[1], mesh=sys.argv[2], beacon_port=int(sys.argv[3])).start()
+node.push_many("q", [{"i": i, "pad": "x" * 200} for i in range(int(sys.argv[4]))], durable=True)
+os.kill(os.getpid(), 9)  # (at once: what the last commits wrote is in the write-ahead log only)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", ["log overwritten", "database emptied"])
+def test_a_killed_store_whose_log_or_database_was_damaged_is_refused_not_reset(
+        tmp_path: Path, mesh: dict[str, Any], damage: str) -> None:
+    """After a SIGKILL a store's recent commits are in its write-ahead log (``-wal``). SQLite
+    takes a log whose header is not one for nothing, and deletes the log of a database of
+    no bytes: a node started on either began afresh, every message of the log lost and
+    counted nowhere (400 of 400 here). Such a store is refused, its files left as they were."""
+    store = tmp_path / "store"
+    subprocess.run([sys.executable, "-c", KILLED_AFTER_PUSHES, str(store), mesh["mesh"], str(mesh["beacon_port"]),
+                    "400"], timeout=30)
+    log_file, db_file = store / "zmqmesh.db-wal", store / "zmqmesh.db"
+    assert log_file.stat().st_size > 0 and stored(store) == 400
+    if damage == "log overwritten":
+        log_file.write_bytes(os.urandom(log_file.stat().st_size))
+    else:
+        os.truncate(db_file, 0)
+    before = (db_file.read_bytes(), log_file.read_bytes())
+    node = zmqmesh.Node("n", store=str(store), **mesh)
+    try:
+        with pytest.raises(zmqmesh.StoreError, match="damaged"):
+            node.start()
+    finally:
+        node.stop()
+    assert (db_file.read_bytes(), log_file.read_bytes()) == before, "nothing reset or overwritten"
+
+
 def test_one_database_is_used_by_one_node_whatever_names_it_and_odd_files_are_refused(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A store directory whose database is a link to another's (a hard link, as `cp -al`

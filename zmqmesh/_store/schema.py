@@ -6,7 +6,7 @@ from __future__ import annotations
 import stat
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import msgpack
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import sqlite3
 
 __all__ = ["SCHEMA_VERSION", "INSPECTED_FROM", "APP", "OUTBOX", "PARKED", "HISTORY", "SCHEMA", "schema_version",
-           "migrate", "check_sqlite_file", "not_plain"]
+           "migrate", "check_sqlite_file", "check_log", "not_plain"]
 
 SCHEMA_VERSION = 6
 INSPECTED_FROM = 5
@@ -25,6 +25,9 @@ the stores whose segments may hold entries marked redelivered)."""
 APP = "zmqmesh"
 """What meta 'app' says in every zmqmesh store."""
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # (the last bit: the byte order of the log's checksums, big-endian if set)
+_WAL_VERSION = 3007000
+_WAL_HEADER = 32
 
 OUTBOX = (
     # durable messages this node owns until pullers acknowledge them (or a keeper takes
@@ -177,3 +180,56 @@ def check_sqlite_file(path: Path) -> None:
     if head != _SQLITE_MAGIC:
         raise StoreError(f"{path} is not a zmqmesh store (not an SQLite database); "
                          "move it away or name another store directory")
+
+
+def check_log(path: Path) -> None:
+    """Raise `StoreError` if the write-ahead log beside the database ``path`` (its ``-wal``
+    file) holds commits SQLite would throw away at the open: a log whose header is not one
+    (SQLite takes it for an empty log, and overwrites it), or one beside a database of no
+    bytes (SQLite deletes it; a store's database has its first page before it ever has a
+    log). Either lost every commit since the last checkpoint, counted nowhere; the files
+    are left as they are. A log shorter than its header, or whose header is zeros (a log
+    cut short, by a power cut), is taken as SQLite takes it: nothing in it was committed
+    for good. Call with the store's locks held (no node writes the log meanwhile)."""
+    log = path.with_name(path.name + "-wal")
+    try:
+        info = log.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read {log}: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreError(f"{log} is not a plain file (a FIFO or a device?): a store's write-ahead log must be a file")
+    if info.st_size < _WAL_HEADER:
+        return
+    try:
+        with open(log, "rb") as f:
+            head = f.read(_WAL_HEADER)
+        database_bytes = path.stat().st_size if path.exists() else 0
+    except OSError as exc:
+        raise StoreError(f"cannot read {log}: {exc}") from exc
+    if len(head) < _WAL_HEADER or head == bytes(_WAL_HEADER):
+        return
+    if not _wal_header_sound(head):
+        raise StoreError(f"the store's write-ahead log {log} is damaged (no SQLite log header): the commits it "
+                         "holds cannot be read, and opening the store would throw them away; nothing was reset "
+                         "(move the log away to open the store without them)")
+    if database_bytes == 0:
+        raise StoreError(f"the store {path} is damaged: the database holds no bytes (truncated?) beside a "
+                         f"write-ahead log {log} of {info.st_size} bytes, which opening it would delete; nothing "
+                         "was reset")
+
+
+def _wal_header_sound(head: bytes) -> bool:
+    """Whether ``head``, the first 32 bytes of a write-ahead log, is an SQLite log header:
+    its magic number, version and checksum (of its first 24 bytes, in the byte order its
+    magic number says)."""
+    magic, version = int.from_bytes(head[0:4], "big"), int.from_bytes(head[4:8], "big")
+    if magic not in _WAL_MAGIC or version != _WAL_VERSION:
+        return False
+    order: Literal["big", "little"] = "big" if magic & 1 else "little"
+    s0 = s1 = 0
+    for at in range(0, 24, 8):
+        s0 = (s0 + int.from_bytes(head[at:at + 4], order) + s1) & 0xFFFFFFFF
+        s1 = (s1 + int.from_bytes(head[at + 4:at + 8], order) + s0) & 0xFFFFFFFF
+    return (s0, s1) == (int.from_bytes(head[24:28], "big"), int.from_bytes(head[28:32], "big"))

@@ -50,6 +50,7 @@ from .schema import (
     PARKED,
     SCHEMA,
     SCHEMA_VERSION,
+    check_log,
     check_sqlite_file,
     migrate,
     schema_version,
@@ -117,6 +118,7 @@ class Store:
         could not be made (a full disk)."""
         try:
             check_sqlite_file(self.path)
+            check_log(self.path)
             connection = self._connect(max_bytes, synchronous)
         except BaseException:
             self._hold.release()
