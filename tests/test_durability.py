@@ -242,6 +242,36 @@ def test_a_killed_store_whose_log_or_database_was_damaged_is_refused_not_reset(
     assert (db_file.read_bytes(), log_file.read_bytes()) == before, "nothing reset or overwritten"
 
 
+def test_a_stopped_store_whose_database_was_emptied_is_refused_not_made_afresh(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A database truncated to no bytes looks like one a first start made and never got to
+    fill: a node started on it made a fresh store, its 300 messages gone and counted
+    nowhere. The lock file now says a store was made there; a database deleted on purpose,
+    or an empty one beside a lock file that says nothing (a first start killed early, a
+    store of an older zmqmesh), still makes a fresh store."""
+    store = tmp_path / "store"
+    with zmqmesh.Node("n", store=str(store), **mesh) as node:
+        node.push_many("q", list(range(300)), durable=True)
+    os.truncate(store / "zmqmesh.db", 0)
+    for _ in range(2):  # (and the refusal leaves it so)
+        with pytest.raises(zmqmesh.StoreError, match="damaged.*no bytes"):
+            zmqmesh.Node("n", store=str(store), **mesh).start()
+    assert (store / "zmqmesh.db").stat().st_size == 0, "nothing reset"
+
+    (store / "zmqmesh.db").unlink()  # deleted: an operator's fresh start
+    with zmqmesh.Node("n", store=str(store), **mesh) as node:
+        node.push("q", 1, durable=True)
+    assert stored(store) == 1
+
+    killed_early = tmp_path / "killed-early"
+    killed_early.mkdir()
+    (killed_early / "zmqmesh.lock").touch()
+    (killed_early / "zmqmesh.db").touch()
+    with zmqmesh.Node("n", store=str(killed_early), **mesh) as node:
+        node.push("q", 1, durable=True)
+    assert stored(killed_early) == 1
+
+
 def test_one_database_is_used_by_one_node_whatever_names_it_and_odd_files_are_refused(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A store directory whose database is a link to another's (a hard link, as `cp -al`

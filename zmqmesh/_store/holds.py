@@ -20,6 +20,7 @@ from .schema import not_plain
 __all__ = ["StoreHold", "held_here", "CLOSING_WAIT_S", "LOCK_FILE"]
 
 LOCK_FILE = "zmqmesh.lock"
+_MARK = "zmqmesh store "  # (what `StoreHold.mark` writes in the lock file, before the store's stream id)
 # (device, inode) of the databases the stores of this process hold, with descriptors of
 # them opened meanwhile by a store refused (closed only with the holder's: `StoreHold._hold_database`)
 _HELD: dict[tuple[int, int], list[int]] = {}
@@ -50,6 +51,8 @@ class StoreHold:
         _HOLDS.add(self)
         self._closing: tuple[int, int] | None = None  # (`close_later`)
         self._db_lock: tuple[int, tuple[int, int]] | None = None
+        self.created = False
+        """Whether the database file was missing, and made (empty) by this hold."""
         try:
             self._db_lock = self._hold_database()
         except BaseException:
@@ -108,6 +111,7 @@ class StoreHold:
                 info = os.stat(self.path)  # (the file a link names: never a FIFO or a device opened)
             except FileNotFoundError:
                 info = None
+                self.created = True
             except OSError as exc:
                 raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
             if info is not None:
@@ -163,6 +167,25 @@ class StoreHold:
                         closed = _CLOSING.pop(self._closing, None)
                     if closed is not None:
                         closed.set()
+
+    def marked(self) -> bool:
+        """Whether the lock file says a store was made here (`mark`)."""
+        try:
+            self._lock_file.seek(0)
+            return bool(self._lock_file.read(len(_MARK)))
+        except (OSError, ValueError):  # (unreadable: taken as unmarked, as before marks)
+            return False
+
+    def mark(self, stream: str) -> None:
+        """Say in the lock file, once, that the store of stream ``stream`` was made here: a
+        database found empty later was truncated, not yet made. A lock file that cannot be
+        written (a full disk) stays unmarked (a store of an older zmqmesh is too)."""
+        try:
+            if not self.marked():
+                self._lock_file.write(f"{_MARK}{stream}\n")
+                self._lock_file.flush()
+        except (OSError, ValueError):
+            pass
 
     def descriptors(self) -> list[int]:
         """The descriptors holding its locks (none once released)."""

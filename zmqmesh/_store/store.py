@@ -41,7 +41,7 @@ from .checkpointer import BACKSTOP_PAGES, Checkpointer
 from .cursors import Cursors
 from .database import Database
 from .handled import Handled
-from .holds import StoreHold
+from .holds import LOCK_FILE, StoreHold
 from .kept_topics import KeptTopics
 from .messages import Entry, StoredMessage, stored_messages
 from .runs import open_run
@@ -119,10 +119,18 @@ class Store:
         try:
             check_sqlite_file(self.path)
             check_log(self.path)
+            if not self._hold.created and self._hold.marked() and self.path.stat().st_size == 0:
+                raise StoreError(f"the store {self.path} is damaged: its database holds no bytes (truncated?), "
+                                 f"though {self.directory / LOCK_FILE} says a store was made here; nothing was "
+                                 "reset (delete the database to start afresh)")
             connection = self._connect(max_bytes, synchronous)
+        except OSError as exc:
+            self._hold.release()
+            raise StoreError(f"cannot read the store {self.path}: {exc}") from exc
         except BaseException:
             self._hold.release()
             raise
+        self._hold.mark(self.stream_id)
         try:
             self._checkpointer = Checkpointer(self.path, synchronous)
         except BaseException as exc:
