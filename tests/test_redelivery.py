@@ -4,12 +4,14 @@ messages it held, and a message that kills its pullers is dead-lettered alone.""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import wait_until
 
 import zmqmesh
@@ -216,3 +218,37 @@ def test_a_message_that_kills_its_pullers_is_dead_lettered_alone(tmp_path: Path,
     dead = [r[1] for r in rows() if r[0] == "dead"]
     assert dead == ["poison"]
     assert ok == {f"m{i}" for i in range(19)}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["def", "async def"])
+def test_a_dedupe_puller_running_handlers_at_once_never_runs_a_redelivery_beside_the_first(
+        tmp_path: Path, mesh: dict[str, Any], kind: str) -> None:
+    """With handler_concurrency above 1, a message whose handler outlasts ack_timeout_s is
+    dealt again to the same dedupe puller while its first delivery still runs: the
+    redelivery ran beside it (before: 1 message handled 3 times, 2 messages 3 handler
+    calls). It now waits for the first delivery to end, and is skipped once that succeeded."""
+    started: Counter[int] = Counter()
+    lock = threading.Lock()
+    with zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), **mesh) as pusher:
+        puller = zmqmesh.Node("puller", store=str(tmp_path / "puller"), handler_concurrency=4, **mesh)
+        if kind == "def":
+            def handle(msg: zmqmesh.Message) -> None:
+                with lock:
+                    started[msg.data] += 1
+                time.sleep(1.5)
+        else:
+            async def handle(msg: zmqmesh.Message) -> None:  # type: ignore[misc]
+                started[msg.data] += 1
+                await asyncio.sleep(1.5)
+        puller.pull("jobs", handle, at_least_once=True, ack_timeout_s=0.2, max_deliveries=50, dedupe=True)
+        with puller:
+            pusher.wait_for_pullers("jobs", 1)
+            pusher.push("jobs", 0, durable=True)
+            pusher.push("jobs", 1, durable=True)
+            wait_until(lambda: not inspect_store(tmp_path / "pusher")["queues"], 60, "both acknowledged")
+            deduplicated = puller.stats()["pipeline"].get("deduplicated", 0)
+        redelivered = pusher.stats()["pipeline"].get("redelivered", 0)
+    assert redelivered >= 1, "the ack timeout dealt them again"
+    assert started == {0: 1, 1: 1}, f"handler calls per message: {dict(started)}"
+    assert deduplicated >= 1

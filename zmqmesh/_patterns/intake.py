@@ -12,6 +12,7 @@ it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -159,7 +160,16 @@ class AckedIntake:
         return guard
 
     def _make_once(self, handler: Callable[..., Any], queue: str) -> Callable[..., Any]:
+        """The guard `_once` makes. With ``handler_concurrency`` above 1, a redelivery (an
+        ack timeout, a pusher restarted) may be called while the first delivery of its
+        message still runs on this node: it waits for that one to end (holding its place
+        among the handlers running at once; the pusher deals a message at most
+        ``max_deliveries`` times), and is then skipped if it succeeded, handled if it
+        failed: never run beside it. A delivery that succeeds is remembered as handled at
+        once, before its acknowledgement is accounted for on the inbox's thread."""
         counters = self.stats.pattern["pipeline"]
+        running: dict[str, Any] = {}  # id -> the event (or future) set when its delivery under way ends
+        lock = threading.Lock()
 
         def skip(msg: Message) -> bool:
             # the batch's ids were checked against the store as it was decoded; what may
@@ -169,14 +179,49 @@ class AckedIntake:
                 return True
             return False
 
+        def handled(msg: Message) -> None:
+            self._handled.setdefault(queue, OrderedDict())[msg.id] = None  # (`_remember` commits it)
+
         if is_async(handler):
+            import asyncio  # (here: a node with no async handler never loads it)
+
             async def once_async(msg: Message) -> Any:
-                return None if skip(msg) else await handler(msg)
+                while not skip(msg):
+                    first = running.get(msg.id)
+                    if first is None:
+                        break
+                    await asyncio.shield(first)
+                else:
+                    return None
+                ours = running[msg.id] = asyncio.get_running_loop().create_future()
+                try:
+                    result = await handler(msg)
+                    handled(msg)
+                    return result
+                finally:
+                    del running[msg.id]
+                    ours.set_result(None)
 
             return once_async
 
         def once(msg: Message) -> Any:
-            return None if skip(msg) else handler(msg)
+            while not skip(msg):
+                with lock:
+                    first = running.get(msg.id)
+                    if first is None:
+                        ours = running[msg.id] = threading.Event()
+                        break
+                first.wait()
+            else:
+                return None
+            try:
+                result = handler(msg)
+                handled(msg)
+                return result
+            finally:
+                with lock:
+                    del running[msg.id]
+                ours.set()
 
         return once
 
