@@ -1042,7 +1042,12 @@ class Replays:
         if name is None or self.store is None:
             return {}
         if name not in self._durable:
-            self._durable[name] = self.store.cursors.load(name)
+            self._durable[name], damaged = self.store.cursors.load_counting(name)
+            if damaged:  # (once per name and start: no flood)
+                self.stats.reject("store_damaged", damaged)
+                log.error("durable subscription %r: %d stored place(s) damaged (counted in "
+                          "rejected.store_damaged): those topics are read again from the start of the history",
+                          name, damaged)
             self._runs[name] = self.store.cursors.load_runs(name)
             self._followed[name] = dict.fromkeys([*self._durable[name], *self._runs[name]])
         return self._durable[name].get(stream, {})
