@@ -1246,3 +1246,20 @@ def test_a_durable_subscription_whose_stored_place_is_damaged_replays_it_and_say
         assert again[-30:] == list(range(20, 80, 2))
     else:
         assert again == list(range(0, 80, 2)), "logs.a read again whole"
+
+
+@pytest.mark.parametrize("damage", ["UPDATE history_topics SET next = 'x'",
+                                    "UPDATE history SET seq = 'x' WHERE rowid = (SELECT min(rowid) FROM history)"])
+def test_a_publisher_whose_kept_numbering_is_damaged_is_refused_with_a_store_error(
+        tmp_path: Path, mesh: dict[str, Any], damage: str) -> None:
+    """A kept topic's numbering damaged on disk (a value of the wrong type) cannot be
+    trusted: the start is refused, as for any damaged store, with `StoreError` naming it
+    (before: a bare ``ZmqMeshError`` wrapping ``ValueError: invalid literal for int()``),
+    the store let go and left as it was."""
+    with zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 100}, **mesh) as node:
+        publish_all(node, ["logs.a"], 0, 5)
+    with sqlite3.connect(tmp_path / "zmqmesh.db") as db:
+        db.execute(damage)
+    for _ in range(2):  # (let go: the second start is refused for the same reason, not as locked)
+        with pytest.raises(zmqmesh.StoreError, match=f"{tmp_path}.*damaged"):
+            zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 100}, **mesh).start()

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import StoreError
 from .database import Database
 
 if TYPE_CHECKING:
@@ -32,7 +33,11 @@ class KeptTopics:
         with self._db.lock:
             first: dict[str, int] = dict(self._db.read("SELECT topic, min(seq) FROM history GROUP BY topic"))
             nxt: dict[str, int] = dict(self._db.read("SELECT topic, next FROM history_topics"))
-        return {t: (int(first.get(t, n)), int(n)) for t, n in nxt.items()}
+        try:
+            return {t: (int(first.get(t, n)), int(n)) for t, n in nxt.items()}
+        except (TypeError, ValueError, OverflowError) as exc:  # (a value of the wrong type: damage on disk)
+            raise StoreError(f"the store {self._db.directory} is damaged: the numbering of its kept topics cannot "
+                             f"be read ({exc}); nothing was reset") from exc
 
     def numbering(self, prefix: str) -> dict[str, int]:
         """The number of the next message of each kept topic under ``prefix``. Raises `StoreError`."""
