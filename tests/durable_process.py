@@ -3,8 +3,9 @@
     python durable_process.py pusher STORE MESH PORT QUEUE FIRST LAST PROGRESS [BATCH]
         push FIRST..LAST-1 durably (with push_many, BATCH at a time, if given), appending
         each pushed number to PROGRESS once committed
-    python durable_process.py puller MESH PORT QUEUE OUT [STORE]
-        pull at-least-once (dedupe when a STORE is given); append "id number" per message to OUT
+    python durable_process.py puller MESH PORT QUEUE OUT [STORE [CONCURRENCY]]
+        pull at-least-once (dedupe when a STORE is given), CONCURRENCY handlers at once (1);
+        append "id number" per message to OUT
     python durable_process.py stuck MESH PORT QUEUE OUT
         pull at-least-once; append "id number" for the first message to OUT, then never return
         from its handler (nothing is acknowledged until the process is killed)
@@ -42,10 +43,10 @@ def pusher(store: str, mesh: str, port: int, queue: str, first: int, last: int, 
         wait_for_stdin_close()
 
 
-def puller(mesh: str, port: int, queue: str, out: str, store: str | None) -> None:
+def puller(mesh: str, port: int, queue: str, out: str, store: str | None, concurrency: int = 1) -> None:
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     lock = threading.Lock()
-    node = zmqmesh.Node("puller", mesh=mesh, beacon_port=port, store=store)
+    node = zmqmesh.Node("puller", mesh=mesh, beacon_port=port, store=store, handler_concurrency=concurrency)
 
     @node.pull(queue, at_least_once=True, dedupe=store is not None)
     def handle(msg: zmqmesh.Message) -> None:
@@ -81,4 +82,5 @@ if __name__ == "__main__":
     elif role == "stuck":
         stuck(args[0], int(args[1]), args[2], args[3])
     else:
-        puller(args[0], int(args[1]), args[2], args[3], args[4] if len(args) > 4 else None)
+        puller(args[0], int(args[1]), args[2], args[3], args[4] if len(args) > 4 else None,
+               int(args[5]) if len(args) > 5 else 1)

@@ -42,6 +42,7 @@ UNRECORDED_LOG_S = 10.0
 """At most one log line per this many seconds for the handled ids the store could not
 record (a full store refuses every one: a line per message flooded the log)."""
 _MAX_GUARDS = 1024
+_DEFAULT_WINDOW = PullOptions().dedupe_window  # (of a queue whose pull was dropped meanwhile)
 
 
 class AckedIntake:
@@ -69,6 +70,7 @@ class AckedIntake:
         self.reply = reply
         self._guards: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
         self._remembered: dict[str, int] = {}
+        self._remember_lock = threading.Lock()
         # ids remembered this run, oldest first, per queue (an OrderedDict drops its oldest in
         # constant time; a dict's first key is found past every slot deleted before it)
         self._handled: dict[str, OrderedDict[str, None]] = {}
@@ -165,8 +167,10 @@ class AckedIntake:
         message still runs on this node: it waits for that one to end (holding its place
         among the handlers running at once; the pusher deals a message at most
         ``max_deliveries`` times), and is then skipped if it succeeded, handled if it
-        failed: never run beside it. A delivery that succeeds is remembered as handled at
-        once, before its acknowledgement is accounted for on the inbox's thread."""
+        failed: never run beside it. A delivery that succeeds is remembered as handled, and
+        committed, at once, on the handler's own thread (not later, by the inbox's thread,
+        behind the completions of the other handlers: a kill then made many handled ids run
+        again)."""
         counters = self.stats.pattern["pipeline"]
         running: dict[str, Any] = {}  # id -> the event (or future) set when its delivery under way ends
         lock = threading.Lock()
@@ -180,7 +184,8 @@ class AckedIntake:
             return False
 
         def handled(msg: Message) -> None:
-            self._handled.setdefault(queue, OrderedDict())[msg.id] = None  # (`_remember` commits it)
+            options = self.registry.pull_options.get(queue)
+            self._remember(queue, options.dedupe_window if options is not None else _DEFAULT_WINDOW, msg.id)
 
         if is_async(handler):
             import asyncio  # (here: a node with no async handler never loads it)
@@ -252,22 +257,26 @@ class AckedIntake:
         counters["kept"] = counters.get("kept", 0) + len(entries)
         self.reply(route, wire.STATUS_OK, b"")
 
-    def _remember(self, ack: BatchAck, msg_id: str) -> None:
-        """Commit that a dedupe puller handled ``msg_id``, as soon as its handler returned
-        (a crash after this point cannot make it run again)."""
+    def _remember(self, queue: str, window: int, msg_id: str) -> None:
+        """Commit that a dedupe puller handled ``msg_id`` of ``queue`` (``window``: its
+        ``dedupe_window``), as soon as its handler returned, on the handler's thread (a
+        crash after this point cannot make it run again)."""
         assert self.store is not None
-        handled = self._handled.setdefault(ack.queue, OrderedDict())
-        handled[msg_id] = None
-        if len(handled) > ack.options.dedupe_window:  # bounded as the store's window is
-            handled.popitem(last=False)
+        with self._remember_lock:  # (handlers' threads: the ids in memory and the trim's count)
+            handled = self._handled.setdefault(queue, OrderedDict())
+            handled[msg_id] = None
+            if len(handled) > window:  # bounded as the store's window is
+                handled.popitem(last=False)
         try:
-            self.store.handled.remember(ack.queue, [msg_id])
-            count = self._remembered[ack.queue] = self._remembered.get(ack.queue, 0) + 1
+            self.store.handled.remember(queue, [msg_id])
+            with self._remember_lock:
+                count = self._remembered[queue] = self._remembered.get(queue, 0) + 1
+                if count >= _TRIM_EVERY:
+                    self._remembered[queue] = 0
             if count >= _TRIM_EVERY:
-                self._remembered[ack.queue] = 0
-                self.store.handled.trim(ack.queue, ack.options.dedupe_window)
+                self.store.handled.trim(queue, window)
         except Exception as exc:
-            self._unrecorded(ack.queue, msg_id, exc)
+            self._unrecorded(queue, msg_id, exc)
 
     def _unrecorded(self, queue: str, msg_id: str, exc: Exception) -> None:
         """Count a handled id the store could not record (this run still skips it; after a
@@ -298,15 +307,12 @@ class AckedIntake:
 
     def _settle(self, ack: BatchAck, msg: Message, index: int, error: BaseException | None) -> None:
         """Account for the handled message ``index`` of a batch (``error``: its handler's)."""
-        # a durable item (it has a timestamp): a failure goes back to the pusher, a success
-        # is remembered for dedupe (looked at only then: the common success costs no lookup)
-        if (error is not None or ack.options.dedupe) and msg.timestamp is not None:
-            if error is not None:
-                attempts = msg.attempts + 1
-                dead = ack.options.dead_letter_queue(ack.queue) if attempts >= ack.options.max_deliveries else None
-                ack.failures.append([index, dead, f"{type(error).__name__}: {error}"])
-            elif ack.options.dedupe:
-                self._remember(ack, msg.id)
+        # a durable item (it has a timestamp): a failure goes back to the pusher (a success of
+        # a dedupe puller was remembered by its guard, `_once`, as the handler returned)
+        if error is not None and msg.timestamp is not None:
+            attempts = msg.attempts + 1
+            dead = ack.options.dead_letter_queue(ack.queue) if attempts >= ack.options.max_deliveries else None
+            ack.failures.append([index, dead, f"{type(error).__name__}: {error}"])
         ack.remaining -= 1
 
 
