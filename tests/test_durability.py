@@ -546,6 +546,35 @@ def test_a_dedupe_puller_running_handlers_at_once_handles_at_most_those_running_
     puller.close()
 
 
+def test_a_puller_frozen_past_peer_timeout_gets_the_rest_once_it_is_back(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """A dedupe puller stopped (SIGSTOP: a VM or GC pause) for longer than the peer timeout,
+    with batches still unread in its socket, is taken for gone; once back, the pusher
+    connected to it again under the same routing id, which the puller's socket refused
+    while the old connection held unread batches: every batch sent on was dropped without
+    a word, and the queue waited for good (7,656 of 20,000 handled, 13,344 stuck in the
+    store after 150 s, redeliveries on ack timeouts likewise lost). Each connection to a
+    puller now has a routing id of its own."""
+    total = 20_000
+    store, puller_store, out = tmp_path / "store", tmp_path / "puller-store", tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+    puller = worker("puller", name, port, "jobs", out, puller_store)
+    procs.append(puller)
+    puller.wait_for("ready")
+    with zmqmesh.Node("pusher", store=str(store), mesh=name, beacon_port=port) as pusher:
+        pusher.wait_for_pullers("jobs", 1)
+        pusher.push_many("jobs", [{"n": i} for i in range(total)], durable=True)
+        wait_until(lambda: len(handled(out)) >= total // 4, 60, "a quarter handled")
+        puller.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: not pusher.peers(), 30, "the puller taken for gone")
+        finally:
+            puller.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: stored(store) == 0, 60, "every message acknowledged")
+    assert {n for _id, n in handled(out)} == set(range(total)), "0 lost"
+    puller.close()
+
+
 # -- failures -----------------------------------------------------------------------------------
 
 def test_a_poison_message_lands_in_the_dead_letter_queue(tmp_path: Path, mesh: dict[str, Any]) -> None:

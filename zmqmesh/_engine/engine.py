@@ -296,7 +296,8 @@ class Engine:
             senders = dict(ctx=self.ctx, loop=loop, config=cfg, stats=self.stats, uuid=self.uuid,
                            directory=self.directory, connect=self.connect, wake=self.outbound.wake)
             self.pusher = Pusher(**senders)  # type: ignore[arg-type]
-            self.reliable = ReliableSender(codec=self.codec, routing_id=requester_id(self.uuid, next(self._dealer_serial)),
+            self.reliable = ReliableSender(codec=self.codec,
+                                           routing_id=lambda: requester_id(self.uuid, next(self._dealer_serial)),
                                            **senders)  # type: ignore[arg-type]
             if self.store is not None:
                 from .._patterns.durable import DurableQueues

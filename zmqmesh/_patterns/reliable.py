@@ -242,14 +242,18 @@ class ReliableSender:
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
-                 uuid: bytes, directory: Directory, codec: Codec, routing_id: bytes,
+                 uuid: bytes, directory: Directory, codec: Codec, routing_id: Callable[[], bytes],
                  connect: Callable[[zmq.Socket[Any], str, str | None], None], wake: Callable[[], None]) -> None:
         self.ctx = ctx
         self.loop = loop
         self.stats = stats
         self._sent_names = stats.names("pipeline", "sent")  # (written on the loop only)
         self.uuid = uuid
-        self._acker_id = routing_id  # a requester's (from the node's random serial): unguessable
+        # a requester's routing id, fresh for each connection to a puller (from the node's random
+        # serial: unguessable). Not one for all: a puller taken for gone (silent past the peer
+        # timeout, e.g. stopped) and back refused a new connection under the id its old one
+        # still held (with batches unread), and what was sent on it was dropped without a word
+        self._routing_id = routing_id
         self.directory = directory
         self.codec = codec
         self._wrap = functools.partial(wire_form, pack=msgpack.Packer().pack)  # (the packer: the loop's alone)
@@ -431,7 +435,7 @@ class ReliableSender:
         sock = self.sockets.get(puller)
         if sock is None:
             endpoint, key = self.directory.endpoint_of(puller, "service")  # type: ignore[misc]
-            sock = new_socket(self.ctx, zmq.DEALER, {zmq.ROUTING_ID: self._acker_id, zmq.SNDHWM: 0})
+            sock = new_socket(self.ctx, zmq.DEALER, {zmq.ROUTING_ID: self._routing_id(), zmq.SNDHWM: 0})
             self.connect(sock, endpoint, key)
             self.sockets[puller] = sock
             self.loop.add_reader(sock.FD, self._on_acks, puller)
