@@ -1912,3 +1912,27 @@ def test_a_wait_interrupted_by_a_signal_leaves_nothing_on_the_loop(mesh: dict[st
                 assert node.request("nobody", 7, timeout=10) == 7
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_keeps_a_programs_socket_on_a_nodes_port_number_at_another_address(
+        mesh: dict[str, Any]) -> None:
+    """The program's own socket on the port number a node listens on, at another address
+    (127.0.0.2 beside the node's 127.0.0.1; an outbound connection's local port can be
+    that number too): a child forked while the node runs keeps it. Only the node's
+    sockets are let go there. (Before: any TCP socket on that port number was pointed at
+    /dev/null in the child, `_io/inherited.py`.)"""
+    import os
+    import socket
+    import stat
+
+    with zmqmesh.Node("numbered", **mesh) as node:
+        port = int(node.endpoints["mailbox"].rsplit(":", 1)[1])
+        with socket.socket() as mine:
+            mine.bind(("127.0.0.2", port))
+            mine.listen()
+            pid = os.fork()
+            if pid == 0:  # the child: the program's socket is still a socket
+                os._exit(0 if stat.S_ISSOCK(os.fstat(mine.fileno()).st_mode) else 1)
+            _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child let go of the program's own socket"

@@ -101,8 +101,14 @@ def _described(describe: weakref.WeakMethod[Callable[[], Any]]) -> list[Any]:
     return [] if method is None else [method()]
 
 
+def _bound_at(endpoint: str) -> tuple[str, int]:
+    """The address and port of a ZeroMQ TCP endpoint (``tcp://127.0.0.1:5670``, ``tcp://[::1]:5670``)."""
+    host, port = endpoint.split("://", 1)[-1].rsplit(":", 1)
+    return host, int(port)
+
+
 def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, metrics: MetricsServer | None, pid: int,
-                   listening: list[int]) -> None:
+                   listening: list[tuple[str, int]]) -> None:
     """Let go of what an engine collected while it ran, never stopped (an `AsyncNode`
     whose event loop ended), holds beyond its sockets, on a thread of its own: its metrics
     server (its port stayed taken), its store (left open, its database stayed locked for
@@ -204,7 +210,7 @@ class Engine:
         self.keys: KeyPair | None = None
         self._advertise = ""
         self._bound: dict[str, str] = {}
-        self._listening: list[int] = []  # (the TCP ports this node listens on: `inherited`)
+        self._listening: list[tuple[str, int]] = []  # (the TCP addresses and ports this node listens at: `inherited`)
         self._user_groups: set[str] = set()
         self._rebuild_pending = False
         self._joined: list[PeerState] = []  # peers ready whose join waits for the pending rebuild
@@ -368,9 +374,10 @@ class Engine:
         if self.history is not None:
             self.call_soon(self._expire_history)
         # (filled in place: the list `_end_abandoned` was given)
-        self._listening[:] = [self.membership.port, *(int(e.rsplit(":", 1)[1]) for e in self._bound.values())]
+        self._listening[:] = [_bound_at(self.membership.mailbox.getsockopt_string(zmq.LAST_ENDPOINT)),
+                              *(_bound_at(e) for e in self._bound.values())]
         if self.metrics is not None:
-            self._listening.append(self.metrics.port)
+            self._listening.append((self.metrics.address, self.metrics.port))
         inherited.hold(self._listening)
         log.info("node %s (%s) started, mailbox %s", self.name, self.node_id[:8], self.membership.endpoint)
 

@@ -5,13 +5,16 @@ ZeroMQ's threads, which alone use them): its copies of a node's listening socket
 the connections peers made to them, stay open for as long as it lives. A node restarted on
 a fixed port (``mailbox_port``, ``metrics_port``) could not bind it meanwhile, and peers'
 connections to a node that died stayed open. So the child points its copies of the sockets
-on those ports at /dev/null (not closed: their numbers stay taken, so a socket object the
-child inherited closes nothing else). Linux only (the descriptors are read from
-/proc/self/fd); elsewhere nothing is done.
+at those addresses and ports at /dev/null (not closed: their numbers stay taken, so a
+socket object the child inherited closes nothing else). A socket of the program's own on
+such a port number at another address (a listener, an outbound connection's local port)
+is kept. Linux only (the descriptors are read from /proc/self/fd); elsewhere nothing is
+done.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import stat
@@ -21,28 +24,43 @@ from collections.abc import Iterable
 
 __all__ = ["hold", "let_go", "point_at_null"]
 
-_HELD: Counter[int] = Counter()  # port -> how many of this process's nodes listen on it
+_ANY = ""  # (the address of a socket listening on every address: `_address`)
+_HELD: Counter[tuple[str, int]] = Counter()  # (address, port) -> how many of this process's nodes listen there
 _HELD_LOCK = threading.Lock()  # (nodes start and stop on any thread)
 
 
-def hold(ports: Iterable[int]) -> None:
-    """Record ``ports`` as listened on by a node of this process, to be let go in a child
-    forked while they are; `let_go` them when the node closed its sockets. Never raises."""
+def _address(host: str) -> str:
+    """``host`` (an address as a socket or ZeroMQ names it) in one form: IPv4 for an
+    IPv4-mapped IPv6 address, `_ANY` for every address (``0.0.0.0``, ``::``); as it is if
+    it is not an address."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return _ANY if address.is_unspecified else str(address)
+
+
+def hold(listening: Iterable[tuple[str, int]]) -> None:
+    """Record ``listening`` (address, port pairs) as listened on by a node of this process,
+    to be let go in a child forked while they are; `let_go` them when the node closed its
+    sockets. Never raises."""
     with _HELD_LOCK:
-        _HELD.update(ports)
+        _HELD.update((_address(host), port) for host, port in listening)
 
 
-def let_go(ports: Iterable[int]) -> None:
-    """The node listening on ``ports`` (as given to `hold`) closed its sockets. Never raises."""
+def let_go(listening: Iterable[tuple[str, int]]) -> None:
+    """The node listening at ``listening`` (as given to `hold`) closed its sockets. Never raises."""
     with _HELD_LOCK:
-        _HELD.subtract(ports)
-        for port in [p for p, n in _HELD.items() if n <= 0]:
-            del _HELD[port]
+        _HELD.subtract((_address(host), port) for host, port in listening)
+        for place in [p for p, n in _HELD.items() if n <= 0]:
+            del _HELD[place]
 
 
-def _held_by(fd: int, ports: set[int]) -> bool:
-    """Whether the descriptor ``fd`` is a TCP socket on one of ``ports``: listening on it,
-    or a connection a peer made to it."""
+def _held_by(fd: int, held: set[tuple[str, int]]) -> bool:
+    """Whether the descriptor ``fd`` is a TCP socket at one of ``held`` (address, port;
+    `_ANY` for every address): listening there, or a connection a peer made to it."""
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             return False
@@ -50,8 +68,10 @@ def _held_by(fd: int, ports: set[int]) -> bool:
     except (OSError, ValueError):
         return False
     try:
-        return (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
-                and sock.getsockname()[1] in ports)
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+            return False
+        host, port = sock.getsockname()[:2]
+        return (_address(host), port) in held or (_ANY, port) in held
     except OSError:
         return False
     finally:
@@ -63,13 +83,13 @@ def _let_go_in_child() -> None:
     _HELD_LOCK = threading.Lock()  # (a parent's thread may have held it at the fork)
     if not _HELD:
         return
-    ports = set(_HELD)
+    held = set(_HELD)
     _HELD.clear()
     try:
         descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
     except (OSError, ValueError):
         return
-    point_at_null([fd for fd in descriptors if _held_by(fd, ports)])
+    point_at_null([fd for fd in descriptors if _held_by(fd, held)])
 
 
 def point_at_null(descriptors: Iterable[int]) -> None:

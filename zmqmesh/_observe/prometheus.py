@@ -256,6 +256,8 @@ class MetricsServer:
         except BaseException:  # (no thread to serve it: the port is let go at once)
             server.server_close()
             raise
+        self.address: str = str(server.server_address[0])
+        """The address it listens at, as bound (for `_io.inherited`)."""
         self.port: int = server.server_address[1]
         self._lock = threading.Lock()
         log.info("metrics on http://%s:%d/metrics", address, self.port)
