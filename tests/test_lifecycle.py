@@ -1469,8 +1469,7 @@ while True:  # (the port comes free once the abandoned node's metrics server clo
         if time.monotonic() > deadline:
             raise
         time.sleep(0.05)
-mine.listen()
-time.sleep(0.5)  # (its context ends on a thread of its own: then its ports are forgotten)
+mine.listen()  # (forked at once: its ports are forgotten before any of them comes free)
 pid = os.fork()
 if pid == 0:  # the child: the program's own socket on that port is still a socket
     os._exit(0 if stat.S_ISSOCK(os.fstat(mine.fileno()).st_mode) else 1)
@@ -1495,3 +1494,58 @@ def test_a_forked_child_keeps_a_programs_socket_on_a_port_an_abandoned_node_had(
                             capture_output=True, text=True, timeout=45)
     assert result.returncode == 0, result.stderr[-1500:]
     assert result.stdout.strip() == "kept", result.stdout + result.stderr[-1500:]
+
+
+@pytest.mark.timeout(30)
+def test_an_abandoned_engines_ports_are_forgotten_before_any_of_them_comes_free() -> None:
+    """`_end_abandoned` forgets the ports of an engine collected while it ran before it
+    closes what listens on them: a child forked once one came free, and before its context
+    ended (which waits for sockets the collection has yet to close), let go of whatever of
+    the program's listened there then. (Before: its metrics server closed first, the
+    record went last.)"""
+    from zmqmesh._engine import engine as engine_module
+    from zmqmesh._io import inherited
+
+    place = ("127.0.0.1", 9)
+    held_at_close: list[bool] = []
+    ended = threading.Event()
+
+    class Metrics:
+        def close(self) -> None:
+            held_at_close.append(place in inherited._HELD)
+
+    class Context:
+        def term(self) -> None:
+            ended.set()
+
+    inherited.hold([place])
+    try:
+        engine_module._end_abandoned(Context(), None, Metrics(), os.getpid(), [place])  # type: ignore[arg-type]
+        assert ended.wait(10)
+        wait_until(lambda: place not in inherited._HELD, 5, "the record let go")
+        assert held_at_close == [False], "the metrics port came free while still recorded"
+    finally:
+        if place in inherited._HELD:
+            inherited.let_go([place])
+
+
+def test_a_stopping_nodes_metrics_port_is_forgotten_as_it_comes_free(mesh: dict[str, Any]) -> None:
+    """A node's metrics server closes at the start of its stop: its port is forgotten by
+    `_io.inherited` then, not at the stop's end (seconds later, a drain and the handlers
+    after, with the port free meanwhile for anything of the program's to take)."""
+    pytest.importorskip("prometheus_client")
+    from helpers import free_tcp_port
+
+    from zmqmesh._io import inherited
+
+    node = zmqmesh.Node("metered", metrics_port=free_tcp_port(), **mesh).start()
+    try:
+        metrics = node._engine.metrics
+        assert metrics is not None
+        place = (metrics.address, metrics.port)
+        assert place in inherited._HELD
+        node._engine.close_metrics()
+        assert place not in inherited._HELD
+    finally:
+        node.stop()
+    assert place not in inherited._HELD

@@ -113,7 +113,9 @@ def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, metrics: MetricsS
     whose event loop ended), holds beyond its sockets, on a thread of its own: its metrics
     server (its port stayed taken), its store (left open, its database stayed locked for
     the rest of the process), then its context, once its sockets are closed, each as it is
-    collected, and the record of its ports (``listening``: `inherited`). Ended right in the collection
+    collected. The record of its ports (``listening``: `inherited`) goes first, before any
+    of them comes free (a child forked later would let go of whatever listened there then).
+    Ended right in the collection
     (pyzmq's way, a context's own finalizer), the context waited for sockets that the
     collection had yet to close, and hung the collecting thread for ever. (In a child
     forked meanwhile, ``pid`` another than its own, both are the parent's: left alone.)"""
@@ -121,6 +123,7 @@ def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, metrics: MetricsS
         return
 
     def let_go() -> None:
+        inherited.let_go(listening)
         if metrics is not None:
             metrics.close()
         try:
@@ -132,7 +135,6 @@ def _end_abandoned(ctx: zmq.Context[Any], store: Store | None, metrics: MetricsS
             ctx.term()
         except zmq.ZMQError as exc:
             log.warning("the ZeroMQ context of a node collected while it ran did not end: %s", exc)
-        inherited.let_go(listening)  # (its ports: `inherited`)
 
     try:  # (a bare thread: `threading.Thread.start` waits for it under threading's own lock,
         # which the collecting thread may hold, as in another thread's start)
@@ -561,8 +563,13 @@ class Engine:
             self._zap.pause()
 
     def close_metrics(self) -> None:
-        """Stop serving metrics (blocks up to half a second: never on the loop)."""
+        """Stop serving metrics (blocks up to half a second: never on the loop), its port
+        forgotten by `inherited` first (it comes free now, not at the context's end)."""
         if self.metrics is not None:
+            place = (self.metrics.address, self.metrics.port)
+            if place in self._listening:
+                self._listening.remove(place)
+                inherited.let_go([place])
             self.metrics.close()
 
     def destroy_context(self) -> None:
