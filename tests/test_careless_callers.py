@@ -833,6 +833,32 @@ def test_an_async_nodes_group_calls_refuse_what_a_nodes_do(mesh: dict[str, Any])
     asyncio.run(main())
 
 
+def test_the_twins_refuse_a_bad_group_or_frame_first_even_when_not_running(mesh: dict[str, Any]) -> None:
+    """Node and AsyncNode answer a bad group or frame alike, running or not: ValueError
+    or TypeError (the arguments are checked first). (Before: a Node not running raised
+    ValueError/TypeError, an AsyncNode NodeClosedError, though its docstrings say it
+    raises as Node's do.)"""
+    node = zmqmesh.Node("sync-twin", **mesh)
+    found: dict[str, list[str]] = {"Node": [], "AsyncNode": []}
+    for call in (lambda: node.join(5), lambda: node.leave("zmqmesh/q/x"),  # type: ignore[arg-type]
+                 lambda: node.shout("g", 5), lambda: node.whisper("0" * 32, 5)):  # type: ignore[arg-type]
+        with pytest.raises(Exception) as caught:
+            call()
+        found["Node"].append(type(caught.value).__name__)
+
+    async def main() -> None:
+        twin = zmqmesh.AsyncNode("async-twin", **mesh)
+        for call in (lambda: twin.join(5), lambda: twin.leave("zmqmesh/q/x"),  # type: ignore[arg-type]
+                     lambda: twin.shout("g", 5), lambda: twin.whisper("0" * 32, 5)):  # type: ignore[arg-type]
+            with pytest.raises(Exception) as caught:
+                await call()
+            found["AsyncNode"].append(type(caught.value).__name__)
+
+    asyncio.run(main())
+    assert found["Node"] == ["ValueError", "ValueError", "TypeError", "TypeError"]
+    assert found["AsyncNode"] == found["Node"]
+
+
 def test_a_timeout_longer_than_a_lock_can_wait_is_waited_not_an_overflow(mesh: dict[str, Any]) -> None:
     with zmqmesh.Node("n", **mesh) as node:
         outcomes: list[BaseException | None] = []

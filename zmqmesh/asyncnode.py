@@ -270,28 +270,32 @@ class AsyncNode(NodeBase):
 
     async def whisper(self, peer_id: str, *frames: bytes | str) -> None:
         """Send a ZRE WHISPER to one peer (see `Node.whisper`). Raises as `Node.whisper` does."""
+        raw = as_frames(frames)  # (the arguments first, as `Node`'s twin checks them)
         self._check_loop()
         self._check_open()
-        self._engine.whisper(peer_id, as_frames(frames))
+        self._engine.whisper(peer_id, raw)
 
     async def shout(self, group: str, *frames: bytes | str) -> int:
         """Send a ZRE SHOUT to every peer in ``group``; returns how many got it. Raises as
         `Node.shout` does."""
+        group, raw = check_group(group), as_frames(frames)  # (the arguments first, as `Node`'s twin checks them)
         self._check_loop()
         self._check_open()
-        return self._engine.shout(check_group(group), as_frames(frames))
+        return self._engine.shout(group, raw)
 
     async def join(self, group: str) -> None:
         """Join a ZRE group. Raises as `Node.join` does."""
+        group = check_group(group)  # (first, as `Node`'s twin checks it)
         self._check_loop()
         self._check_open()
-        self._engine.join_group(check_group(group))
+        self._engine.join_group(group)
 
     async def leave(self, group: str) -> None:
         """Leave a ZRE group. Raises as `Node.leave` does."""
+        group = check_group(group)  # (first, as `Node`'s twin checks it)
         self._check_loop()
         self._check_open()
-        self._engine.leave_group(check_group(group))
+        self._engine.leave_group(group)
 
     async def wait_for_peers(self, n: int, timeout: float = 10.0) -> list[Peer]:
         """Wait until at least ``n`` peers are present (see `Node.wait_for_peers`); returns
