@@ -1,8 +1,9 @@
 """The asyncio driver of `AsyncNode`: awaited waits, requests from coroutines, the inbox on
 the caller's loop.
 
-The twin of `_drivers.thread` (module for module), and like it only a way of waiting: the
-logic lives below. Kept apart so that a process using only the sync `Node` never imports
+The twin of `_drivers.thread` (module for module, but for its `waits`: here the waits for
+a condition or for room are in `runner`), and like it only a way of waiting: the logic
+lives below. Kept apart so that a process using only the sync `Node` never imports
 asyncio.
 
 * `runner`: `AsyncRunner` carries out a plan's steps by awaiting them, and a request the

@@ -2,7 +2,8 @@
 
 Everything here only waits; the logic it waits for lives below (plans in `_engine.api`
 and `_patterns.reqrep`, decoding in `_patterns.dispatch`, the stop plan in
-`_engine.stop`). Its asyncio twin is `_drivers.aio`, module for module:
+`_engine.stop`). Its asyncio twin is `_drivers.aio`, module for module but for `waits`
+(there, in its `runner`):
 
 * `runner`: `BlockingRunner` carries out a plan's steps by blocking the calling thread;
   `waits`: the waits it blocks in (for a condition, for room, any other step).
