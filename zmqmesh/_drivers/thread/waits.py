@@ -21,8 +21,12 @@ __all__ = ["POLL_SLICE_S", "LATE_LOOP_S", "carry_out", "wait_until", "wait_for_r
 
 
 POLL_SLICE_S = 0.05
+"""The longest a calling thread (or the inbox's) blocks in one poll or future wait before it
+looks again (whether the node stops, a deadline passed)."""
 _ROOM_SLICE_S = 0.1
 LATE_LOOP_S = 1.0
+"""How long past a deadline a calling thread still waits for the loop to answer (a loop that
+is late), and the least a stop waits for the loop's thread to end."""
 
 
 def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | None, what: str) -> None:
