@@ -46,16 +46,23 @@ def hold(listening: Iterable[tuple[str, int]]) -> None:
     """Record ``listening`` (address, port pairs) as listened on by a node of this process,
     to be let go in a child forked while they are; `let_go` them when the node closed its
     sockets. Never raises."""
-    with _HELD_LOCK:
-        _HELD.update((_address(host), port) for host, port in listening)
+    _change([(_address(host), port) for host, port in listening], +1)
 
 
 def let_go(listening: Iterable[tuple[str, int]]) -> None:
     """The node listening at ``listening`` (as given to `hold`) closed its sockets. Never raises."""
+    _change([(_address(host), port) for host, port in listening], -1)
+
+
+def _change(places: list[tuple[str, int]], by: int) -> None:
+    global _HELD
     with _HELD_LOCK:
-        _HELD.subtract((_address(host), port) for host, port in listening)
-        for place in [p for p, n in _HELD.items() if n <= 0]:
-            del _HELD[place]
+        held = _HELD.copy()
+        for place in places:
+            held[place] += by
+            if held[place] <= 0:
+                del held[place]
+        _HELD = held  # (whole: a child forked by another thread meanwhile sees the record before or after)
 
 
 def _held_by(fd: int, held: set[tuple[str, int]]) -> bool:
