@@ -78,6 +78,37 @@ def test_run_forever_wants_the_main_thread(mesh: dict[str, Any]) -> None:
     assert not node.running
 
 
+def test_serve_forever_on_a_loop_without_signal_handlers_leaves_nothing_running(mesh: dict[str, Any]) -> None:
+    """A loop that cannot take signal handlers (``add_signal_handler`` raises
+    NotImplementedError: Windows' loops, say): `AsyncNode.serve_forever` raises
+    `ZmqMeshError` before it starts anything, and leaves no handler in place. (Before: it
+    started the node, then raised the bare NotImplementedError, the node left running.)"""
+    import asyncio
+
+    import zmqmesh
+
+    class NoSignals(asyncio.SelectorEventLoop):
+        def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
+            raise NotImplementedError
+
+    node = zmqmesh.AsyncNode("n", **mesh)
+    outcome: list[Any] = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    async def main() -> None:
+        try:
+            await node.serve_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+        outcome.append(node.running)
+        await node.stop()
+
+    with asyncio.Runner(loop_factory=NoSignals) as runner:
+        runner.run(main())
+    assert len(outcome) == 2 and type(outcome[0]) is zmqmesh.ZmqMeshError and outcome[1] is False, outcome
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_serve_forever_wants_the_main_thread_too(mesh: dict[str, Any]) -> None:
     """`AsyncNode.serve_forever` on a loop run by another thread than the main one (whose
     loop cannot take signal handlers) started the node, then raised asyncio's bare

@@ -46,11 +46,20 @@ class _ServingHandlers:
     the last to end takes it away and puts back what it replaced."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Put the handlers in place on ``loop``. Raises `ZmqMeshError` for a loop that
+        cannot take them (``add_signal_handler`` unsupported), with none left in place."""
         self.loop = loop
         self.woken: list[asyncio.Event] = []  # one per node serving
         self.replaced = {sig: signal.getsignal(sig) for sig in _SIGNALS}
-        for sig in _SIGNALS:
-            loop.add_signal_handler(sig, self._wake)
+        placed: list[signal.Signals] = []
+        try:
+            for sig in _SIGNALS:
+                loop.add_signal_handler(sig, self._wake)
+                placed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError) as exc:
+            self._take_away(placed)
+            raise ZmqMeshError(f"serve_forever() handles SIGINT and SIGTERM: this event loop cannot take "
+                               f"signal handlers ({type(exc).__name__}: {exc})") from None
 
     def _wake(self) -> None:
         for event in self.woken:
@@ -61,7 +70,10 @@ class _ServingHandlers:
         SIGINT one, a program's own): removed, a loop's leaves Python's default handler,
         or the system's. One that a loop's ``add_signal_handler`` had put in place went
         with the handler it stood for: the default stays."""
-        for sig in _SIGNALS:
+        self._take_away(_SIGNALS)
+
+    def _take_away(self, signals: Iterable[signal.Signals]) -> None:
+        for sig in signals:
             self.loop.remove_signal_handler(sig)
             previous = self.replaced[sig]
             if previous is not None and getattr(previous, "__module__", None) != "asyncio.unix_events":
@@ -165,20 +177,20 @@ class AsyncNode(NodeBase):
         ``add_signal_handler`` had put in place: that one is removed). A child forked
         meanwhile gets the previous ones back, and no longer hands its signals to this
         loop. Raises `ZmqMeshError` on a loop that another thread than the main one
-        runs (it cannot take signal handlers), before it starts anything; and what `start`
-        raises.
+        runs, or on one that cannot take them (``add_signal_handler`` unsupported), before
+        it starts anything; and what `start` raises.
         """
         if threading.current_thread() is not threading.main_thread():
             raise ZmqMeshError("serve_forever() handles SIGINT and SIGTERM: run it on a loop of the main thread")
-        await self.start()
         loop = asyncio.get_running_loop()
         handlers = _SERVING_ON.get(loop)
-        if handlers is None:
+        if handlers is None:  # (before the start: a loop that cannot take them leaves no node running)
             handlers = _SERVING_ON[loop] = _ServingHandlers(loop)
         signalled = asyncio.Event()
         handlers.woken.append(signalled)
         serving({sig: (signal.getsignal(sig), handlers.replaced[sig]) for sig in _SIGNALS}, wakeup_fd=True)
         try:
+            await self.start()
             while self.running and not signalled.is_set():
                 try:
                     await asyncio.wait_for(signalled.wait(), _RUN_POLL_S)
