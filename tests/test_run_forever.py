@@ -103,8 +103,11 @@ def test_serve_forever_on_a_loop_without_signal_handlers_leaves_nothing_running(
         outcome.append(node.running)
         await node.stop()
 
-    with asyncio.Runner(loop_factory=NoSignals) as runner:
-        runner.run(main())
+    loop = NoSignals()  # (not asyncio.Runner's loop_factory: Python 3.10 has none)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
     assert len(outcome) == 2 and type(outcome[0]) is zmqmesh.ZmqMeshError and outcome[1] is False, outcome
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
