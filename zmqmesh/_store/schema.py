@@ -217,7 +217,7 @@ def check_log(path: Path) -> None:
     if database_bytes == 0:
         raise StoreError(f"the store {path} is damaged: the database holds no bytes (truncated?) beside a "
                          f"write-ahead log {log} of {info.st_size} bytes, which opening it would delete; nothing "
-                         "was reset")
+                         "was reset (delete both to start afresh: a database deleted alone leaves its log)")
 
 
 def _wal_header_sound(head: bytes) -> bool:
