@@ -14,7 +14,6 @@ done.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import stat
@@ -25,6 +24,7 @@ from collections.abc import Iterable
 __all__ = ["hold", "let_go", "point_at_null"]
 
 _ANY = ""  # (the address of a socket listening on every address: `_address`)
+_MAPPED = bytes(10) + b"\xff\xff"  # (the first 12 bytes of an IPv4-mapped IPv6 address)
 _HELD: Counter[tuple[str, int]] = Counter()  # (address, port) -> how many of this process's nodes listen there
 _HELD_LOCK = threading.Lock()  # (nodes start and stop on any thread)
 
@@ -32,14 +32,18 @@ _HELD_LOCK = threading.Lock()  # (nodes start and stop on any thread)
 def _address(host: str) -> str:
     """``host`` (an address as a socket or ZeroMQ names it) in one form: IPv4 for an
     IPv4-mapped IPv6 address, `_ANY` for every address (``0.0.0.0``, ``::``); as it is if
-    it is not an address."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return _ANY if address.is_unspecified else str(address)
+    it is not an address. (``socket``'s own parsers: ``ipaddress`` would cost every node's
+    start its import.)"""
+    text = host.strip("[]").split("%", 1)[0]
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            packed = socket.inet_pton(family, text)
+        except (OSError, ValueError):
+            continue
+        if family == socket.AF_INET6 and packed[:12] == _MAPPED:
+            family, packed = socket.AF_INET, packed[12:]
+        return _ANY if not any(packed) else socket.inet_ntop(family, packed)
+    return host
 
 
 def hold(listening: Iterable[tuple[str, int]]) -> None:
