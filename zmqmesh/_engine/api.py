@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 import zmq
 
+from .._membership.engine import MAX_GROUP_BYTES
 from .._mesh.registry import PullOptions, Registry, SubscribeOptions
 from .._mesh.waiters import Room, Until
 from .._observe import tracing
@@ -170,10 +171,6 @@ def check_name(kind: str, name: str) -> str:
         raise ValueError(f"a {kind} must be a string (text UTF-8 can encode) of at most {MAX_NAME_BYTES} bytes"
                          + ("" if kind == "topic" else ", not empty"))
     return name
-
-
-MAX_GROUP_BYTES = 255
-"""Longest ZRE group name, in UTF-8 bytes (a ZRE string: its length in one byte)."""
 
 
 def check_group(group: object) -> str:

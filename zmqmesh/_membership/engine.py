@@ -41,7 +41,7 @@ from .events import MembershipEvents
 from .links import Links
 from .peer import PeerState
 
-__all__ = ["Membership"]
+__all__ = ["Membership", "MAX_GROUP_BYTES"]
 
 log = logging.getLogger("zmqmesh.membership")
 
@@ -812,9 +812,13 @@ class Membership:
         except Exception:
             pass
 
+MAX_GROUP_BYTES = 255
+"""Longest ZRE group name, in UTF-8 bytes (a ZRE string: its length in one byte)."""
+
+
 def _check_group(group: str) -> None:
-    if not group or len(group.encode()) > 255:
-        raise ValueError("a group name must be 1 to 255 bytes of UTF-8")
+    if not group or len(group.encode()) > MAX_GROUP_BYTES:
+        raise ValueError(f"a group name must be 1 to {MAX_GROUP_BYTES} bytes of UTF-8")
 
 
 def _bind_ephemeral(sock: zmq.Socket[Any], address: str) -> int:
