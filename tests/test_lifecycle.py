@@ -524,6 +524,28 @@ def test_a_pushers_backlog_toward_a_puller_that_leaves_is_sent_on_not_lost(mesh:
         b.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_pusher_with_a_linger_longer_than_zeromq_takes_follows_its_pullers(mesh: dict[str, Any]) -> None:
+    """``linger_s`` may be longer than ZeroMQ's linger (a C int of milliseconds, some 24.8
+    days): a puller's withdrawal then made the pusher's sync raise OverflowError, so it
+    never connected to the puller that came next (the pushes waited out their timeout)."""
+    got: list[Any] = []
+    with zmqmesh.Node("pusher", linger_s=30 * 86400, **mesh) as pusher, \
+            zmqmesh.Node("first", **mesh) as first, zmqmesh.Node("second", **mesh) as second:
+        first.pull("work", lambda msg: None)
+        pusher.wait_for_pullers("work", timeout=10)
+        pusher.push("work", 0, timeout=10)
+        first.unpull("work")
+        wait_until(lambda: all("work" not in peer.queues for peer in pusher.peers()), 10,
+                   "the first puller's withdrawal")
+        second.pull("work", lambda msg: got.append(msg.data))
+        pusher.wait_for_pullers("work", timeout=10)
+        for i in range(1, 11):
+            pusher.push("work", i, timeout=10)
+        wait_until(lambda: len(got) == 10, 10, "the pushes at the second puller")
+        assert got == list(range(1, 11))
+
+
 def test_stop_is_bounded_even_when_a_handler_never_returns(mesh: dict[str, Any]) -> None:
     """The stop ends within its bound; the caller gets a typed error (the provider left),
     or the reply, if the handler returned before the caller heard the goodbye (the

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import zmq
 
-__all__ = ["new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "send_tracked",
+__all__ = ["MAX_LINGER_MS", "new_socket", "has_input", "with_input", "can_send", "recv_frames", "send_frames", "send_tracked",
            "close_watched", "reconnect", "CONTROL_HWM", "LISTEN_BACKLOG"]
 
 T = TypeVar("T")
@@ -142,15 +142,21 @@ def send_tracked(sock: zmq.Socket[Any], frames: list[bytes]) -> zmq.MessageTrack
     return tracker
 
 
+MAX_LINGER_MS = 2**31 - 1
+"""The longest linger ZeroMQ takes (a C ``int`` of milliseconds: some 24.8 days; ``linger_s``
+may be longer)."""
+
+
 def close_watched(loop: Any, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
-    """Stop watching ``sock``'s descriptor on ``loop`` and close it (idempotent)."""
+    """Stop watching ``sock``'s descriptor on ``loop`` and close it (idempotent); what it
+    holds may go out for ``linger_ms`` (at most `MAX_LINGER_MS`)."""
     if sock.closed:
         return
     try:
         loop.remove_reader(sock.FD)
     except Exception:  # not watched, or the loop is closed
         pass
-    sock.close(linger_ms)
+    sock.close(min(linger_ms, MAX_LINGER_MS))
 
 
 def reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: Mapping[str, str | None],
@@ -162,10 +168,10 @@ def reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: Mapping[str, s
     An endpoint that cannot be connected is logged and left out (tried again next time).
     A connection let go drops what ZeroMQ still holds for it, unless ``linger_ms`` gives
     its endpoint a linger: it then sends that on for up to so many milliseconds (the
-    linger a disconnect takes is the socket's at that moment).
+    linger a disconnect takes is the socket's at that moment; at most `MAX_LINGER_MS`).
     """
     for endpoint in connected - set(wanted):
-        linger = linger_ms(endpoint) if linger_ms is not None else 0
+        linger = min(linger_ms(endpoint), MAX_LINGER_MS) if linger_ms is not None else 0
         try:
             if linger:
                 sock.setsockopt(zmq.LINGER, linger)
