@@ -679,6 +679,14 @@ class Engine:
             last_seen=time.time(),
         )
 
+    def inbox_options(self) -> dict[str, Any]:
+        """What this engine's `Dispatcher` is made of, but its sockets: the keyword
+        arguments both inbox drivers (`ThreadInbox`, `LoopInbox`) pass on with them."""
+        return dict(config=self.config, registry=self.registry, directory=self.directory, codec=self.codec,
+                    stats=self.stats, describe=self.describe, store=self.store,
+                    keeper=self.durable.submit if self.durable is not None else None,
+                    history=self.history, node_closed=lambda: self.closed)
+
     def describe(self) -> dict[str, Any]:
         """What the built-in stats service answers: id, name, counters and gauges."""
         return {"id": self.node_id, "name": self.name, **self.counters()}

@@ -52,11 +52,7 @@ class LoopInbox(Dispatcher):
     """Runs the inbox on the caller's event loop: ``async def`` handlers are awaited in place."""
 
     def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
-        super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
-                         codec=engine.codec, stats=engine.stats, describe=engine.describe,
-                         sub=sub, pull=pull, router=router, store=engine.store,
-                         keeper=engine.durable.submit if engine.durable is not None else None,
-                         history=engine.history, node_closed=lambda: engine.closed)
+        super().__init__(sub=sub, pull=pull, router=router, **engine.inbox_options())
         self.engine = engine
         self.loop = engine.loop
         concurrency = engine.config.handler_concurrency

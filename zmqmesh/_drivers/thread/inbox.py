@@ -91,11 +91,7 @@ class ThreadInbox(Dispatcher):
     """Runs the inbox on its own thread: ``def`` handlers run here, in place."""
 
     def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
-        super().__init__(config=engine.config, registry=engine.registry, directory=engine.directory,
-                         codec=engine.codec, stats=engine.stats, describe=engine.describe,
-                         sub=sub, pull=pull, router=router, store=engine.store,
-                         keeper=engine.durable.submit if engine.durable is not None else None,
-                         history=engine.history, node_closed=lambda: engine.closed)
+        super().__init__(sub=sub, pull=pull, router=router, **engine.inbox_options())
         self.name = engine.name
         self._fetcher = ThreadFetcher(engine, self.post_page, self.replays.wanted)
         self._waker = Waker()
