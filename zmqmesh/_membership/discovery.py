@@ -134,10 +134,9 @@ class Seeds:
     """Links to the seeds the user named (``tcp://ip:port`` or ``KEY@tcp://ip:port``),
     greeted until they answer and again after they leave."""
 
-    def __init__(self, *, seeds: tuple[str, ...], secure: bool, links: Links, hello: Callable[[], ZreMessage],
+    def __init__(self, *, seeds: tuple[str, ...], links: Links, hello: Callable[[], ZreMessage],
                  later: Callable[..., None], retry_s: float) -> None:
         self.seeds = seeds
-        self.secure = secure
         self.links = links
         self.hello = hello
         self.later = later
@@ -158,9 +157,6 @@ class Seeds:
         """Greet one seed, unless it is this node, already linked, or malformed (logged)."""
         key, endpoint = (seed[:40], seed[41:]) if seed[40:41] == "@" else (None, seed)
         if self._closed or endpoint == self.own_endpoint:
-            return
-        if self.secure and key is None:
-            log.warning("ignoring seed %r: a secure node needs the seed's key (KEY@tcp://...)", seed)
             return
         if endpoint in self.pending or self.known(endpoint):
             return

@@ -133,7 +133,7 @@ class Membership:
             interval_s=config.beacon_interval_s, later=self._later, on_beacon=self._on_beacon,
             rest_s=self._beacon_rest,
         )
-        self.seeds = Seeds(seeds=config.seeds, secure=keys is not None, links=self.links, hello=self._hello,
+        self.seeds = Seeds(seeds=config.seeds, links=self.links, hello=self._hello,
                            later=self._later, retry_s=_SEED_RETRY_S)
         self.peers: dict[bytes, PeerState] = {}
         self._group_chars = 0  # the characters of every peer's group names together (`MAX_GROUP_BYTES_ALL`)
