@@ -625,6 +625,57 @@ def test_a_call_cycle_between_two_nodes_fails_at_once_naming_the_option(mesh: di
         assert client.request("straight", None, timeout=30) == "done"
 
 
+def test_an_async_handler_blocking_on_its_own_nodes_async_service_fails_at_once_or_goes_elsewhere(
+        mesh: dict[str, Any]) -> None:
+    """A `Node`'s ``async def`` handlers all run on one event loop: one of them calling an
+    ``async def`` service of the same node with the blocking `request` holds the loop that
+    service needs, whatever ``handler_concurrency``. Refused at once, saying what to do
+    (before, with ``handler_concurrency`` > 1, it waited out its timeout); a `submit`
+    awaited, and a ``def`` service (the handler pool's), are served; with another provider
+    of the service the call goes there."""
+    outcomes: dict[str, Any] = {}
+    node = zmqmesh.Node("node", handler_concurrency=4, **mesh)
+
+    @node.service("async-inner")
+    async def async_inner(msg: Any) -> Any:
+        return ["here", msg.data]
+
+    node.service("sync-inner", lambda m: ["here", m.data])
+
+    @node.pull("jobs")
+    async def job(msg: Any) -> None:
+        started = time.monotonic()
+        service = msg.data
+        try:
+            outcomes[f"request {service}"] = node.request(service, 1, timeout=20)
+        except zmqmesh.ZmqMeshError as exc:
+            outcomes[f"request {service}"] = exc
+        outcomes[f"submit {service}"] = await asyncio.wrap_future(node.submit(service, 2, timeout=20))
+        outcomes[f"seconds {service}"] = time.monotonic() - started
+
+    with node:
+        node.wait_for_service("async-inner")
+        node.wait_for_pullers("jobs")
+        for service in ("async-inner", "sync-inner"):
+            node.push("jobs", service)
+        wait_until(lambda: len(outcomes) == 6, 15, "both jobs handled")
+        refused = outcomes["request async-inner"]
+        assert isinstance(refused, zmqmesh.ConfigError), refused
+        assert "event loop" in str(refused) and "submit" in str(refused)
+        assert node.stats()["rejected"]["call_cycle"] == 1
+        assert outcomes["submit async-inner"] == ["here", 2]
+        assert outcomes["request sync-inner"] == ["here", 1] and outcomes["submit sync-inner"] == ["here", 2]
+        assert outcomes["seconds async-inner"] < 10, "at once, not after the timeout"
+        with zmqmesh.Node("other", **mesh) as other:
+            other.service("async-inner", lambda m: ["there", m.data])
+            wait_until(lambda: len(node.peers()) == 1 and other.id in [p.id for p in node.providers("async-inner")], 10,
+                       "the other provider known")
+            outcomes.clear()
+            node.push("jobs", "async-inner")
+            wait_until(lambda: len(outcomes) == 3, 15, "the job handled")
+            assert outcomes["request async-inner"] == ["there", 1]  # (never to itself, which waits)
+
+
 def test_a_wait_that_times_out_says_what_was_awaited_where_and_what_was_found(mesh: dict[str, Any]) -> None:
     with zmqmesh.Node("lonely", **mesh) as node:
         with pytest.raises(zmqmesh.MeshTimeoutError) as caught:

@@ -64,6 +64,9 @@ _PLAIN_PEERS = (type(None), str)
 _PLAIN_TIMEOUTS = (type(None), int, float)
 
 
+_NO_NODES: frozenset[str] = frozenset()
+
+
 class _Calls(NamedTuple):
     """What the calls of one service from one thread share (`NodeBase._prepare_calls`)."""
 
@@ -923,13 +926,14 @@ class NodeBase:
         return self._plan_call(self._prepare_calls(service, timeout, peer, headers), body)
 
     def _request_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
-                      headers: dict[str, str] | None = None) -> Plan | QuickRequest:
+                      headers: dict[str, str] | None = None, blocking: bool = True) -> Plan | QuickRequest:
         """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
-        every driver: `BlockingRunner`, `Pipelined`, `AsyncRunner`)."""
+        every driver: `BlockingRunner`, `Pipelined`, `AsyncRunner`). ``blocking=False``:
+        the caller does not block while the call is made (`Node.submit`)."""
         engine = self._engine
         # `_encode_call`, its checks made inline: only a forked or stopped node goes through it
         body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else engine.codec.encode(data)
-        return self._quick_or_plan(self._prepare_calls(service, timeout, peer, headers), body)
+        return self._quick_or_plan(self._prepare_calls(service, timeout, peer, headers, blocking), body)
 
     def _request_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
                        headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
@@ -961,17 +965,24 @@ class NodeBase:
         return self._engine.codec.encode(data)
 
     def _prepare_calls(self, service: str, timeout: float | None, peer: str | Peer | None,
-                       headers: dict[str, str] | None) -> _Calls:
-        """What calls of ``service`` from this thread share. Raises ``ValueError`` for a
-        bad service name, `ConfigError` for a bad timeout."""
+                       headers: dict[str, str] | None, blocking: bool = True) -> _Calls:
+        """What calls of ``service`` from this thread share (``blocking``: the thread
+        blocks while they are made). Raises ``ValueError`` for a bad service name,
+        `ConfigError` for a bad timeout."""
         engine = self._engine
         # the nodes whose handlers wait for this call and serve nothing until it returns: up
         # the chain of requests made from handlers, and this node if a handler of it calls
         chain = serving_chain()
-        if engine.inbox is not None and engine.inbox.waits_for_caller():
-            chain = (*chain, engine.directory.node_id)[-MAX_CHAIN:]
+        blocked = frozenset(chain) if chain else _NO_NODES
+        inbox = engine.inbox
+        if inbox is not None:
+            if inbox.waits_for_caller():
+                chain = (*chain, engine.directory.node_id)[-MAX_CHAIN:]
+                blocked = frozenset(chain)
+            elif blocking and inbox.service_waits_for_caller(service):  # (this node only: it serves its other services)
+                blocked |= {engine.directory.node_id}
         # what plain calls share depends only on these: made once, not per call
-        key = (service, timeout, peer) if not chain and headers is None and type(peer) in _PLAIN_PEERS and \
+        key = (service, timeout, peer) if not blocked and headers is None and type(peer) in _PLAIN_PEERS and \
             type(timeout) in _PLAIN_TIMEOUTS else None
         if key is not None:
             known = self._plain_calls.get(key)
@@ -984,9 +995,9 @@ class NodeBase:
             raise MeshTimeoutError(f"request to {service!r} timed out: timeout=0 leaves no time for a reply, "
                                    "so it was not sent")
         only = peer_id_of(peer)
-        quick = not headers and not chain and not service.startswith("\x00")
+        quick = not headers and not blocked and not service.startswith("\x00")
         calling = Calling(engine.directory, engine.codec, engine.stats, service, service_b, only) if quick else None
-        calls = _Calls(service, service_b, seconds, only, chain, frozenset(chain), headers, calling)
+        calls = _Calls(service, service_b, seconds, only, chain, blocked, headers, calling)
         if key is not None:
             if len(self._plain_calls) >= _NAME_CACHE_MAX:
                 self._plain_calls.clear()
@@ -1021,7 +1032,13 @@ class NodeBase:
         return plan if span is None else _traced_plan(plan, span)
 
     def _cycle_message(self, service: str, chain: tuple[str, ...], offered: tuple[str, ...]) -> str:
-        if set(offered) == {self._engine.directory.node_id}:
+        node_id = self._engine.directory.node_id
+        if set(offered) == {node_id} and node_id not in chain:
+            return (f"the service {service!r} is offered only by this node, whose async def handlers all run on one "
+                    "event loop, which this blocking call from one of them holds: the call would wait for its own "
+                    "caller. Await it instead (await asyncio.wrap_future(node.submit(...))), or call the function "
+                    "directly")
+        if set(offered) == {node_id}:
             return (f"the service {service!r} is offered only by this node, whose handler is calling it: with "
                     f"handler_concurrency={self.config.handler_concurrency} the call would wait for its own caller. "
                     "Call the function directly, or raise handler_concurrency")

@@ -125,6 +125,10 @@ class LoopInbox(Dispatcher):
         except RuntimeError:  # no running loop on this thread
             return False
 
+    def service_waits_for_caller(self, service: str) -> bool:
+        """Always False: a handler of an `AsyncNode` awaits its calls, never blocks its loop."""
+        return False
+
     def wake(self) -> None:
         """Start a drain unless one is running (then it goes round once more)."""
         if self.abandoned() or self._closed:

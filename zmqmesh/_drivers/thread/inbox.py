@@ -141,6 +141,16 @@ class ThreadInbox(Dispatcher):
         at a time: the node then serves nothing until the caller returns."""
         return self._pool is None and self.runs_handlers_here()
 
+    def service_waits_for_caller(self, service: str) -> bool:
+        """True when the calling thread runs this node's ``async def`` handlers and one of
+        them serves ``service`` here: they all run on one event loop, which a blocking call
+        from one of them holds until it returns, whatever ``handler_concurrency``."""
+        handler_loop = self._async_loop
+        if handler_loop is None or threading.get_ident() != handler_loop.thread.ident:
+            return False
+        handler = self.registry.services.get(service)
+        return handler is not None and is_async(handler)
+
     def _pool_thread_started(self) -> None:
         self._pool_threads.add(threading.get_ident())
 
