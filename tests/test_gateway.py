@@ -228,6 +228,45 @@ def test_events_stream_joins_leaves_and_counters(gateway: str, spawn: Any) -> No
         response.close()
 
 
+@pytest.mark.timeout(120)
+def test_the_dashboard_forgets_the_rows_and_figures_of_callers_and_nodes_that_left(
+        gateway: str, spawn: Any, mesh: dict[str, Any]) -> None:
+    """What the open page keeps is bounded by the mesh now, not by all it saw since it was
+    opened: a service's latency row goes some seconds after no node reports calling it, a
+    node's figures go with the node (before, every service ever called and every node ever
+    seen stayed in the page's maps for as long as it was open)."""
+    import zmqmesh
+
+    spawn("pricer", service=["quote"])
+    browser = _chrome()
+    try:
+        browser.get(gateway + "/")
+        from selenium.webdriver.common.by import By
+
+        def kept() -> dict[str, int]:
+            return dict(browser.execute_script(
+                "return {latency: latency.size, trouble: trouble.size, rates: rates.size, nodes: nodes.size}"))
+
+        row = '#latency tr[data-service="quote"]'
+        for round_ in range(2):
+            caller = zmqmesh.Node(f"caller-{round_}", mesh=mesh["mesh"], beacon_port=mesh["beacon_port"]).start()
+            try:
+                caller.wait_for_service("quote", timeout=10)
+                deadline = time.monotonic() + 20
+                while not browser.find_elements(By.CSS_SELECTOR, row):
+                    assert time.monotonic() < deadline, "the latency of quote never shown"
+                    caller.request("quote", 1, timeout=5)
+                    time.sleep(0.05)
+                wait_until(lambda: kept()["trouble"] == 3, 10, "the figures of the three nodes")
+            finally:
+                caller.stop()
+            wait_until(lambda: not browser.find_elements(By.CSS_SELECTOR, row), 40, "the row of quote to go")
+            wait_until(lambda: kept() == {"latency": 0, "trouble": 2, "rates": 2, "nodes": 2}, 20,
+                       "the figures of the caller to go")
+    finally:
+        browser.quit()
+
+
 def test_public_listen_address_needs_a_token(mesh: dict[str, Any]) -> None:
     result = subprocess.run([sys.executable, "-m", "zmqmesh", "gateway", "--listen", "0.0.0.0:0",
                              "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
