@@ -249,6 +249,42 @@ def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_pat
     assert not pid_alive(child)
 
 
+STOPS_AS_TOLD = """
+import signal, sys, time
+how = sys.argv[1]
+if how == "handles":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+elif how == "fails":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+elif how == "ignores":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("up", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("second", "status", "said"), [("handles", 0, "stopped cleanly"),
+                                                        ("dies", 0, "stopped by SIGTERM"),
+                                                        ("fails", 1, "stopped with status 3"),
+                                                        ("ignores", 1, "killed: it did not stop in time")])
+def test_launch_stopped_by_sigterm_exits_0_only_when_every_process_stopped_cleanly(
+        tmp_path: Any, second: str, status: int, said: str) -> None:
+    """A supervisor stopping `zmqmesh launch` with SIGTERM learns from its status whether
+    its processes stopped cleanly (before, 0 even when one had to be killed or failed)."""
+    (tmp_path / "stops.py").write_text(STOPS_AS_TOLD)
+    proc = _launcher(tmp_path, 'stop_timeout_s = 1\n'
+                               '[[process]]\nname = "meek"\ncommand = ["python3", "stops.py", "handles"]\n'
+                               f'[[process]]\nname = "other"\ncommand = ["python3", "stops.py", "{second}"]\n')
+    with lines_of(proc) as (out, err):
+        wait_until(lambda: sum("] up" in line for line in out) == 2, 60, "both processes up")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert any(line.startswith("[other]") and said in line for line in out), out
+    assert any(line.startswith("[meek ]") and "stopped cleanly" in line for line in out), out
+    assert proc.returncode == status, (out, err)
+
+
 STARTS_A_GRANDCHILD = """
 import subprocess, sys, time
 grandchild = subprocess.Popen([sys.executable, "-c", "import os, signal, time; "

@@ -22,7 +22,9 @@ on Linux, what it left running outside its group (``setsid()``, a daemon: the la
 adopts it, `orphans`);
 after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
 its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
-exits 141, as a command that SIGPIPE ends. Without restarts,
+exits 141, as a command that SIGPIPE ends; after SIGTERM it exits 0 if every process
+stopped cleanly (status 0, or ended by the SIGTERM) and nothing had to be killed, 1
+otherwise. Without restarts,
 it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay.
 """
 
@@ -194,6 +196,7 @@ class Launcher:
         self._lock = threading.Lock()
         self._width = max(len(s.name) for s in specs)
         self.out_gone = False  # (the reader of ``out`` went away: nothing is printed, all stop)
+        self.killed = 0  # (processes SIGKILLed because they did not stop in time: groups, or pids outside them)
         # process groups whose leader ended while others of the group ran on (what it
         # started): group id -> (name, when to SIGKILL them if they are still there)
         self._leftovers: dict[int, tuple[str, float]] = {}
@@ -295,10 +298,12 @@ class Launcher:
                 if not self.procs and not self._leftovers and not self._orphans:
                     return status
                 self._stopping.wait(0.1)
-            self._stop_all()
+            clean = self._stop_all()
             if signal.SIGINT in interrupted:  # Ctrl-C: as every command
                 return 130
-            return PIPE_CLOSED if self.out_gone else status
+            if self.out_gone:
+                return PIPE_CLOSED
+            return status if clean else 1
         finally:
             self._stop_all()
             if adopting:
@@ -320,6 +325,7 @@ class Launcher:
                 del self._leftovers[group]
                 if _signal_group(group, signal.SIGKILL):
                     self.say(name, _LEFT_KILLED)
+                    self.killed += 1
 
     def _sweep_orphans(self, now: float, kill_at: float, every: bool = False) -> None:
         """SIGTERM what a process left running outside its group, adopted by this launcher,
@@ -344,10 +350,14 @@ class Launcher:
                 self._orphans[pid] = float("inf")  # (SIGKILLed once: collected when it has ended)
                 if _signal(pid, signal.SIGKILL):
                     self.say("launcher", f"killed pid {pid}: it did not stop in time")
+                    self.killed += 1
         if self.whole_program:  # (not those tracked: each stays a zombie, its number held, until the look above forgets it)
             reap_ended(own | self._orphans.keys(), adopted)
 
-    def _stop_all(self) -> None:
+    def _stop_all(self) -> bool:
+        """Stop every process and what they left running; True if each stopped cleanly
+        (exit status 0, or ended by the SIGTERM sent) and nothing had to be killed."""
+        clean, killed = True, self.killed
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
         groups = {p.pid: n for n, p in live.items()} | {g: n for g, (n, _) in self._leftovers.items()}
         self._leftovers.clear()
@@ -360,6 +370,7 @@ class Launcher:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
                 self.say(name, _ended(proc.returncode))
+                clean = clean and proc.returncode in (0, -signal.SIGTERM)
             except subprocess.TimeoutExpired:
                 pass
         # what the processes started, in their groups or left outside them: it stops by the
@@ -374,6 +385,7 @@ class Launcher:
             stuck = leader is not None and leader.pid == group and leader.poll() is None
             if _signal_group(group, signal.SIGKILL):
                 self.say(name, "killed: it did not stop in time" if stuck else _LEFT_KILLED)
+                self.killed += 1
             if stuck:
                 try:
                     leader.wait(5)  # type: ignore[union-attr]
@@ -392,6 +404,7 @@ class Launcher:
             pump.join(max(0.0, deadline - time.monotonic()) + 5.0)
         self._pumps.clear()
         self.procs.clear()
+        return clean and self.killed == killed
 
 
 _LEFT_KILLED = "killed what it left running: it did not stop in time"
