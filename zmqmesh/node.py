@@ -365,8 +365,9 @@ class Node(NodeBase):
         self._engine.ensure_running()
         requesters = self._engine.requests
         assert isinstance(requesters, ThreadRequesters)
-        return requesters.submitter().submit(lambda: self._request_call(service, data, seconds, peer, headers, blocking=False),
-                                             time.monotonic() + seconds)
+        return requesters.submitter().submit(
+            lambda: self._request_call(service, data, seconds, peer, headers, blocking=False),
+            time.monotonic() + seconds)
 
     def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there.
