@@ -13,8 +13,10 @@ from ..errors import MeshTimeoutError, NodeClosedError, ZmqMeshError
 
 if TYPE_CHECKING:
     from .._engine.engine import Engine
+    from .._stats import RequestTally
 
-__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "report_link_dropped", "send_failure"]
+__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "report_link_dropped", "send_failure",
+           "take_back_sent"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -48,3 +50,18 @@ def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: s
         of = f" of {service!r}" if service is not None else ""
         return MeshTimeoutError(f"provider {provider_id[:8]}{of} is not accepting requests")
     return closed_or_failed(engine, exc)
+
+
+def take_back_sent(tally: RequestTally, service: str | bytes) -> None:
+    """Take back, in the driver's ``tally``, a request that did not go (its send failed,
+    or its caller gave up before it went): it was counted as sent under its service's name
+    when its provider was picked (`QuickRequest.pick`, `request_plan`), unless it calls a
+    built-in service (never counted there)."""
+    if isinstance(service, bytes):
+        if service[:1] == b"\x00":
+            return
+        service = service.decode()
+    elif service[:1] == "\x00":
+        return
+    sent = tally.sent
+    sent[service] = sent.get(service, 0) - 1

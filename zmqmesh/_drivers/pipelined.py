@@ -41,7 +41,13 @@ from .._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from .._stats import RequestTally
 from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
-from .failures import CLOSED, closed_or_failed, report_link_dropped, send_failure
+from .failures import (
+    CLOSED,
+    closed_or_failed,
+    report_link_dropped,
+    send_failure,
+    take_back_sent,
+)
 
 __all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "run_many", "send_request", "send_batches"]
 
@@ -103,7 +109,8 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
     caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``;
     it was counted as sent under its service when it was gathered (unless a built-in
     service's), and ``tally`` (the driver's) takes that back.
-    ``fail(waiter, error)`` hears of each request of a batch that could not be sent:
+    ``fail(waiter, error)`` hears of each request of a batch that could not be sent (its
+    count under its name taken back in ``tally`` too):
     `MeshTimeoutError` when the provider takes no more, `NodeClosedError` or `ZmqMeshError`
     when the socket failed. Requests gathered meanwhile (by ``fail``) go too. ``full_only``:
     only the batches already full (`RequestBatches.ready`), before the pause."""
@@ -116,12 +123,8 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             sock = sockets.get(batch.key)
             left_out = batch.keep(outstanding.ids, gave_up)
             if left_out and tally is not None:
-                sent_names = tally.sent
                 for service_b in left_out:
-                    if service_b[:1] == b"\x00":  # (a built-in's: never counted, see `request_plan`)
-                        continue
-                    service = service_b.decode()
-                    sent_names[service] = sent_names.get(service, 0) - 1
+                    take_back_sent(tally, service_b)
             if sock is None or not batch.items:
                 continue
             try:
@@ -135,7 +138,9 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                 continue
             except zmq.ZMQError as exc:
                 error = send_failure(exc, batch.key, engine)
-            for request_id, waiter in batch.waiters:
+            for (request_id, waiter), item in zip(batch.waiters, batch.items):
+                if tally is not None:
+                    take_back_sent(tally, item[0])
                 if outstanding.withdraw(request_id):
                     fail(waiter, error)
 
@@ -203,6 +208,7 @@ class Pipelined:
                 went = send_request(self.outstanding, job, self._socket(step.provider), step, self.engine,
                                     self._batches, self._renew)
             except Exception as exc:  # the plan decides what a failed send means
+                take_back_sent(self._tally, step.service)
                 value, error = None, exc
                 continue
             if went:
@@ -230,6 +236,7 @@ class Pipelined:
                 try:
                     self._socket(provider)
                 except Exception as exc:  # (the plan decides what that means)
+                    take_back_sent(tally, plan.calling.service)
                     self.resume(job, None, exc)
                     continue
             calling = plan.calling

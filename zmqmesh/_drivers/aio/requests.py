@@ -20,6 +20,7 @@ from ..._patterns.reqrep import Exchange, QuickRequest
 from ..._patterns.request_batches import RequestBatches
 from ..._stats import RequestTally
 from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError
+from ..failures import take_back_sent
 from ..pipelined import send_batches, send_request
 
 __all__ = ["LoopRequester", "ReplyWaiter"]
@@ -83,12 +84,14 @@ class LoopRequester:
         more requests, for one that was gathered), `PeerLostError` or `NodeClosedError`; a
         send made at once raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-        sock = self._socket(step.provider)
+        sock = None
         try:
+            sock = self._socket(step.provider)
             sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches, self._renew)
         except Exception:  # a send that failed may have taken the signal of a reply with it, too
+            take_back_sent(self.tally, step.service)
             with contextlib.suppress(zmq.ZMQError):  # (a stop under way: what failed is said as it is)
-                if not sock.closed and has_input(sock):
+                if sock is not None and not sock.closed and has_input(sock):
                     self.engine.loop.call_soon(self._on_readable, step.provider.id)
             raise
         if step.deadline < self._timer_at:
@@ -108,7 +111,11 @@ class LoopRequester:
         many at hand; ``waiter`` is told its outcome as a future would be. It goes with the
         batches of this pass of the loop, or at once with a batch that fills up."""
         provider_id, calling, deadline = provider.id, quick.calling, quick.deadline
-        self._socket(provider)
+        try:
+            self._socket(provider)
+        except Exception:  # (it will not go)
+            take_back_sent(self.tally, calling.service)
+            raise
         request_id = self.outstanding.add(waiter, provider_id, calling.service, deadline)
         self._batches.gather(provider_id, request_id, waiter, calling.service_b, quick.body)
         if deadline < self._timer_at:

@@ -24,6 +24,7 @@ from ..failures import (
     SUBMIT_THREAD_REFUSAL,
     report_link_dropped,
     send_failure,
+    take_back_sent,
 )
 
 if TYPE_CHECKING:
@@ -87,14 +88,14 @@ class ThreadRequester:
         `tally`."""
         try:
             with self.in_use:
-                self.check_open()
                 engine = self.engine
                 provider = step.provider
-                if engine.directory.epoch != self._membership_epoch:
-                    self._prune()
-                sock = self.sockets.get(provider.id) or self._connect(provider)
-                request_id = next(self._ids).to_bytes(8, "big")
                 try:
+                    self.check_open()
+                    if engine.directory.epoch != self._membership_epoch:
+                        self._prune()
+                    sock = self.sockets.get(provider.id) or self._connect(provider)
+                    request_id = next(self._ids).to_bytes(8, "big")
                     try:
                         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
                     except zmq.Again:
@@ -105,8 +106,11 @@ class ThreadRequester:
                         self.sockets.pop(provider.id).close(0)
                         sock = self._connect(provider)
                         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
-                except zmq.ZMQError as exc:
-                    raise send_failure(exc, provider.id, engine, step.service) from exc
+                except BaseException as exc:  # it did not go (nor will it): not sent, under its name either
+                    take_back_sent(self.tally, step.service)
+                    if isinstance(exc, zmq.ZMQError):
+                        raise send_failure(exc, provider.id, engine, step.service) from exc
+                    raise
                 engine.stats.count_sent(self.tally, 1)
                 return self._wait(sock, request_id, provider, step.service, step.deadline)
         finally:
