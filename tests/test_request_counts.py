@@ -1,15 +1,20 @@
-"""The request counters count what went: a request that did not go is not counted as
-sent, under its service's name either."""
+"""The request counters tell each request's fate once: ``sent`` counts what went, and each
+request sent ends as ``received`` (its reply reached its caller), ``errors`` (timed out,
+its provider left, the node stopped) or ``abandoned`` (its caller stopped waiting first),
+so that ``sent == received + errors + abandoned`` once nothing is in flight. A request
+that did not go is not counted as sent, under its service's name either."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import zmq
+from helpers import until, wait_until
 
 import zmqmesh
 from zmqmesh._drivers import pipelined
@@ -19,6 +24,12 @@ pytestmark = pytest.mark.timeout(60)
 
 SYNC_CALLS = ["request", "submit", "request_many"]
 ASYNC_CALLS = ["request", "request_many"]
+
+
+def _outcomes(node: zmqmesh.Node | zmqmesh.AsyncNode) -> tuple[int, int]:
+    """``(sent, received + errors + abandoned)`` of a node's requests."""
+    counts = node.stats()["request"]
+    return counts["sent"], counts["received"] + counts["errors"] + counts.get("abandoned", 0)
 
 
 @pytest.fixture
@@ -82,3 +93,184 @@ def test_an_async_node_counts_no_request_as_sent_whose_send_was_refused(
 
     stats = asyncio.run(main())
     assert (stats["request"]["sent"], stats["names"]["request"]["sent"]) == (1, {"echo": 1})
+
+
+def _pending_at_stop(node: zmqmesh.Node, call: str) -> Callable[[], list[BaseException]]:
+    """Make three ``held`` requests with ``call`` from another thread; what they raised,
+    once the node stopped."""
+    raised: list[BaseException] = []
+
+    def calling() -> None:
+        try:
+            if call == "request":
+                node.request("held", 1, timeout=30)
+            else:
+                node.request_many("held", [1, 2, 3], timeout=30)
+        except BaseException as exc:
+            raised.append(exc)
+
+    if call == "submit":
+        futures = [node.submit("held", n, timeout=30) for n in range(3)]
+        return lambda: [f.exception(10) for f in futures]  # type: ignore[misc]
+    thread = threading.Thread(target=calling)
+    thread.start()
+    return lambda: (thread.join(10), raised)[1]
+
+
+@pytest.mark.parametrize("call", SYNC_CALLS)
+def test_requests_pending_when_a_node_stops_are_counted_as_errors(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], call: str) -> None:
+    """Requests in flight when their node stops fail with NodeClosedError; they were
+    counted as sent and then nowhere (request 1, submit 3, request_many 3 of sent 1 + n:
+    received 1, errors 0)."""
+    provider, _release = held
+    node = zmqmesh.Node("caller", **mesh).start()
+    try:
+        node.wait_for_service("held", timeout=10)
+        assert node.request("echo", 0) == 0
+        outcome = _pending_at_stop(node, call)
+        n = 1 if call == "request" else 3
+        wait_until(lambda: provider.stats()["service"]["received"] == 1 + n, 10, "the requests to arrive")
+    finally:
+        node.stop()
+    assert all(isinstance(e, zmqmesh.NodeClosedError) for e in outcome()), outcome()
+    counts = node.stats()["request"]
+    assert (counts["sent"], counts["received"], counts["errors"]) == (1 + n, 1, n), counts
+
+
+@pytest.mark.parametrize("call", ASYNC_CALLS)
+def test_an_async_nodes_requests_pending_when_it_stops_are_counted_as_errors(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], call: str) -> None:
+    """`test_requests_pending_when_a_node_stops_are_counted_as_errors` for an AsyncNode:
+    three requests (or a request_many of three) in flight at its stop."""
+    provider, _release = held
+
+    async def main() -> tuple[list[BaseException], dict[str, int]]:
+        node = zmqmesh.AsyncNode("caller", **mesh)
+        await node.start()
+        try:
+            await node.wait_for_service("held", timeout=10)
+            assert await node.request("echo", 0) == 0
+            if call == "request":
+                calls = [asyncio.ensure_future(node.request("held", n, timeout=30)) for n in range(3)]
+            else:
+                calls = [asyncio.ensure_future(node.request_many("held", [1, 2, 3], timeout=30))]
+            await asyncio.wait_for(until(lambda: provider.stats()["service"]["received"] == 4), 10)
+        finally:
+            await node.stop()
+        raised = [e for e in await asyncio.gather(*calls, return_exceptions=True)]
+        return raised, node.stats()["request"]
+
+    raised, counts = asyncio.run(main())
+    assert all(isinstance(e, zmqmesh.NodeClosedError) for e in raised), raised
+    assert (counts["sent"], counts["received"], counts["errors"]) == (4, 1, 3), counts
+
+
+def _slow(msg: zmqmesh.Message) -> None:
+    if msg.data < 0:
+        raise ValueError("refused")
+    time.sleep(msg.data)
+
+
+def _mixed_providers(mesh: dict[str, Any], release: threading.Event) -> tuple[zmqmesh.Node, zmqmesh.Node]:
+    """A provider of ``echo``, ``slow`` (sleeps its data's seconds; a negative number:
+    refused, RemoteError) and ``held``; another
+    of ``leaving`` alone, to be stopped while it holds its requests."""
+    provider = zmqmesh.Node("provider", handler_concurrency=16, **mesh)
+    provider.service("echo", lambda m: m.data)
+    provider.service("slow", _slow)
+    provider.service("held", lambda m: release.wait(20) and m.data)
+    leaving = zmqmesh.Node("leaving", handler_concurrency=4, **mesh)
+    leaving.service("leaving", lambda m: release.wait(20) and m.data)
+    return provider.start(), leaving.start()
+
+
+def test_a_nodes_request_counters_add_up_whatever_the_outcomes(mesh: dict[str, Any]) -> None:
+    """Replies, a timeout, no provider, a provider lost, an error reply, a request_many
+    that fails with requests still in flight, and requests pending at the stop, by each
+    of request, submit and request_many: every request sent is counted once as received,
+    errors or abandoned."""
+    release = threading.Event()
+    provider, leaving = _mixed_providers(mesh, release)
+    node = zmqmesh.Node("caller", **mesh).start()
+    pending: list[Any] = []
+    try:
+        node.wait_for_service("echo", timeout=10)
+        node.wait_for_service("leaving", timeout=10)
+        assert node.request("echo", 1) == 1
+        assert node.request_many("echo", [1, 2, 3]) == [1, 2, 3]
+        assert node.submit("echo", 1).result(10) == 1
+        with pytest.raises(zmqmesh.MeshTimeoutError):
+            node.request("slow", 1.0, timeout=0.2)
+        with pytest.raises(zmqmesh.NoProviderError):
+            node.request("nobody", timeout=0.2)
+        with pytest.raises(zmqmesh.RemoteError):  # (the second still in flight: abandoned)
+            node.request_many("slow", [-1, 2.0], timeout=10, window=2)
+        lost = [node.submit("leaving", n, timeout=20) for n in range(2)]
+        wait_until(lambda: leaving.stats()["service"]["received"] == 2, 10, "the requests to arrive")
+        leaving.stop(timeout=0.5)
+        for future in lost:
+            assert isinstance(future.exception(10), zmqmesh.PeerLostError)
+        pending = [node.submit("held", n, timeout=20) for n in range(2)]
+        pending.append(_pending_at_stop(node, "request"))
+        pending.append(_pending_at_stop(node, "request_many"))
+        wait_until(lambda: provider.stats()["service"]["received"] >= 8 + 2 + 1 + 3, 10, "the requests to arrive")
+    finally:
+        node.stop()
+        release.set()
+        provider.stop()
+        leaving.stop()
+    sent, told = _outcomes(node)
+    assert sent == told, node.stats()["request"]
+    assert sent == 1 + 3 + 1 + 1 + 2 + 2 + 2 + 1 + 3, node.stats()["request"]
+
+
+def test_an_async_nodes_request_counters_add_up_whatever_the_outcomes(mesh: dict[str, Any]) -> None:
+    """`test_a_nodes_request_counters_add_up_whatever_the_outcomes` for an AsyncNode, with
+    calls cancelled too (a request and a request_many) while they wait."""
+    release = threading.Event()
+    provider, leaving = _mixed_providers(mesh, release)
+
+    async def main() -> zmqmesh.AsyncNode:
+        node = zmqmesh.AsyncNode("caller", **mesh)
+        await node.start()
+        pending: list[asyncio.Future[Any]] = []
+        try:
+            await node.wait_for_service("echo", timeout=10)
+            await node.wait_for_service("leaving", timeout=10)
+            assert await node.request("echo", 1) == 1
+            assert await node.request_many("echo", [1, 2, 3]) == [1, 2, 3]
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                await node.request("slow", 1.0, timeout=0.2)
+            with pytest.raises(zmqmesh.NoProviderError):
+                await node.request("nobody", timeout=0.2)
+            with pytest.raises(zmqmesh.RemoteError):
+                await node.request_many("slow", [-1, 2.0], timeout=10, window=2)
+            lost = [asyncio.ensure_future(node.request("leaving", n, timeout=20)) for n in range(2)]
+            await asyncio.wait_for(until(lambda: leaving.stats()["service"]["received"] == 2), 10)
+            await asyncio.to_thread(leaving.stop, 0.5)
+            for outcome in await asyncio.gather(*lost, return_exceptions=True):
+                assert isinstance(outcome, zmqmesh.PeerLostError), outcome
+            cancelled = [asyncio.ensure_future(node.request("held", n, timeout=20)) for n in range(3)]
+            cancelled.append(asyncio.ensure_future(node.request_many("held", [1, 2], timeout=20)))
+            await asyncio.wait_for(until(lambda: provider.stats()["service"]["received"] >= 12), 10)
+            for call in cancelled:
+                call.cancel()
+            await asyncio.gather(*cancelled, return_exceptions=True)
+            pending = [asyncio.ensure_future(node.request("held", n, timeout=20)) for n in range(2)]
+            pending.append(asyncio.ensure_future(node.request_many("held", [1, 2], timeout=20)))
+            await asyncio.wait_for(until(lambda: provider.stats()["service"]["received"] >= 16), 10)
+        finally:
+            await node.stop()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return node
+
+    try:
+        node = asyncio.run(main())
+    finally:
+        release.set()
+        provider.stop()
+        leaving.stop()
+    sent, told = _outcomes(node)
+    assert sent == told, node.stats()["request"]
+    assert sent == 1 + 3 + 1 + 2 + 2 + 5 + 4, node.stats()["request"]

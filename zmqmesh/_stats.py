@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Stats", "RequestTally", "LogThrottle", "PATTERNS", "TALLY_FOLD_AT"]
+__all__ = ["Stats", "RequestTally", "LogThrottle", "PATTERNS", "REQUEST_OUTCOMES", "TALLY_FOLD_AT"]
 
 PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
 _FIELDS = ("sent", "received", "dropped", "errors")
@@ -33,6 +33,13 @@ LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
                   5.0, 10.0)
 """Upper bounds (seconds) of the request latency histogram's buckets (and +Inf)."""
 OTHER = "(other)"
+REQUEST_OUTCOMES = ("received", "errors", "abandoned")
+"""The request pattern's counters of how each request sent ended, once each: a reply
+reached its caller (``received``); none will (``errors``: it timed out, its provider left,
+the node stopped); its caller stopped waiting first (``abandoned``: a coroutine cancelled,
+the requests of a ``request_many`` still in flight when one of its items failed). ``sent``
+is their sum, plus the requests in flight. (``dropped`` counts replies that reached
+nobody: a late reply, one to an abandoned request; not requests.)"""
 TALLY_FOLD_AT = 256
 """Requests a calling thread's tally gathers before its driver adds them to the stats
 (`Stats.add_tally`; added after each request, they took 10 us of a 200 us round trip
@@ -79,6 +86,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.pattern: dict[str, dict[str, int]] = {p: dict.fromkeys(_FIELDS, 0) for p in PATTERNS}
+        self.pattern["request"]["abandoned"] = 0  # (see `REQUEST_OUTCOMES`)
         self.peer_received: defaultdict[str, int] = defaultdict(int)
         self.rejected: defaultdict[str, int] = defaultdict(int)
         self.membership: defaultdict[str, int] = defaultdict(int)

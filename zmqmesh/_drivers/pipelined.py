@@ -49,7 +49,8 @@ from .failures import (
     take_back_sent,
 )
 
-__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "run_many", "send_request", "send_batches"]
+__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "run_many", "send_request", "send_batches",
+           "withdraw_gathered"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -143,6 +144,20 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                     take_back_sent(tally, item[0])
                 if outstanding.withdraw(request_id):
                     fail(waiter, error)
+
+
+def withdraw_gathered(batches: RequestBatches[str, Any], outstanding: Outstanding[Any], tally: RequestTally,
+                      gave_up: Callable[[Any], bool] | None = None) -> list[Any]:
+    """Take the requests gathered and not sent yet whose waiter ``gave_up`` (every one:
+    None) out of ``batches`` and ``outstanding``: they never go, and their count under
+    their service's name is taken back in ``tally``. The waiters of those that still
+    waited (to be failed, uncounted: they were not sent)."""
+    waiters = []
+    for request_id, waiter, service_b in batches.remove_where(gave_up):
+        take_back_sent(tally, service_b)
+        if outstanding.withdraw(request_id):
+            waiters.append(waiter)
+    return waiters
 
 
 class Job:
@@ -299,9 +314,13 @@ class Pipelined:
             self.engine.stats.count_sent(self._tally, sent)
 
     def forget(self, jobs: set[Job]) -> None:
-        """Forget the requests of ``jobs`` (their caller gave up): late replies are dropped,
-        and those not sent yet never go (`send_batches`)."""
-        self.outstanding.forget_where(jobs.__contains__)
+        """Forget the requests of ``jobs`` (their caller gave up, or the node stopped under
+        it): late replies are dropped, and those not sent yet never go. Those sent are
+        counted as abandoned (or, once the node stopped, as errors)."""
+        withdraw_gathered(self._batches, self.outstanding, self._tally, jobs.__contains__)
+        forgotten = self.outstanding.forget_where(jobs.__contains__)
+        if forgotten:
+            self.engine.stats.add("request", "errors" if self.engine.closed else "abandoned", forgotten)
 
     def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> None:
         received = dropped = 0
@@ -366,9 +385,12 @@ class Pipelined:
 
     def close(self) -> list[Job]:
         """Close every socket; the jobs of the requests still in flight, forgotten (their
-        replies will never be read)."""
-        jobs = self.outstanding.take_all()
-        self._batches.take()  # (their jobs are among those)
+        replies will never be read): those sent are counted as errors (the node stopped)."""
+        jobs = withdraw_gathered(self._batches, self.outstanding, self._tally)
+        sent = self.outstanding.take_all()
+        if sent:
+            self.engine.stats.add("request", "errors", len(sent))
+        jobs.extend(sent)
         for sock in self._sockets.values():
             self.poller.unregister(sock)
             sock.close(0)

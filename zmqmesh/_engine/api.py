@@ -647,7 +647,9 @@ class NodeBase:
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges, as plain data: ``sent``/``received``/``dropped``/``errors`` per
-        pattern (``pubsub``, ``pipeline``, ``request``, ``service``, ``zre``), ``names``
+        pattern (``pubsub``, ``pipeline``, ``request``, ``service``, ``zre``; ``request`` has
+        ``abandoned`` too, and once none is in flight its ``sent`` is ``received + errors +
+        abandoned``), ``names``
         (messages per pattern, direction and topic, queue or service), ``latency`` (per
         service called: a histogram of seconds until the answer), ``peers`` (received per
         peer), ``rejected`` (inputs dropped, by reason), ``membership`` (joins, leaves) and

@@ -108,6 +108,21 @@ class RequestBatches(Generic[Key, Waiter]):
         if len(batch.items) >= EARLY_ITEMS:
             self._full.append(self._open.pop(key))
 
+    def remove_where(self, remove: Callable[[Waiter], bool] | None = None) -> list[tuple[bytes, Waiter, bytes]]:
+        """Take out of the batches gathered the requests whose waiter ``remove`` says yes
+        to (every one: None); they will not go. Their ids, waiters and services (as bytes)."""
+        removed: list[tuple[bytes, Waiter, bytes]] = []
+        for batch in [*self._full, *self._open.values()]:
+            kept = [k for k, (_, waiter) in enumerate(batch.waiters) if remove is not None and not remove(waiter)]
+            if len(kept) == len(batch.waiters):
+                continue
+            keeping = set(kept)
+            removed.extend((request_id, waiter, batch.items[k][0])
+                           for k, (request_id, waiter) in enumerate(batch.waiters) if k not in keeping)
+            batch.items = [batch.items[k] for k in kept]
+            batch.waiters = [batch.waiters[k] for k in kept]
+        return removed
+
     @property
     def ready(self) -> bool:
         """Whether a batch is full: to send now, before the pause (`take` with ``full_only``)."""

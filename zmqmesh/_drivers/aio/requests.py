@@ -21,7 +21,7 @@ from ..._patterns.request_batches import RequestBatches
 from ..._stats import RequestTally
 from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError
 from ..failures import take_back_sent
-from ..pipelined import send_batches, send_request
+from ..pipelined import send_batches, send_request, withdraw_gathered
 
 __all__ = ["LoopRequester", "ReplyWaiter"]
 
@@ -143,14 +143,18 @@ class LoopRequester:
         `_SWEEP_SHARE`-th of those in flight or more (cancelling a gather of n requests
         must not cost n sweeps), or with a window's; otherwise within `_SWEEP_S` (a sweep
         for each of the cancellations that come one by one would cost a look at every
-        request in flight each). Until then a reply to one finds its future done. A future
+        request in flight each). Until then a reply to one finds its future done. Each one
+        sent counts as abandoned once it leaves the table (`_forget_abandoned`, or wherever
+        its reply, deadline, provider's departure or the stop takes it first). A future
         already answered is in flight no more: if its reply came in the pass its caller was
-        cancelled, that reply reached no one, and counts as dropped, not received."""
+        cancelled, that reply reached no one, and counts as dropped, not received (its
+        request as abandoned)."""
         if future is not None and future.done() and not future.cancelled():
             if future.exception() is None:
                 counters = self.engine.stats.pattern["request"]
                 counters["received"] -= 1
                 counters["dropped"] += 1
+                counters["abandoned"] += 1
             return
         self._abandoned += 1
         if future is None or self._abandoned * _SWEEP_SHARE >= len(self.outstanding):
@@ -166,7 +170,8 @@ class LoopRequester:
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
-        self.outstanding.forget_where(_done)
+        withdraw_gathered(self._batches, self.outstanding, self.tally, _done)  # (not sent: nor counted)
+        self.engine.stats.pattern["request"]["abandoned"] += self.outstanding.forget_where(_done)
 
     def _arm(self, deadline: float) -> None:
         if self._timer is not None:
@@ -177,12 +182,16 @@ class LoopRequester:
 
     def _expire(self) -> None:
         self._timer, self._timer_at = None, math.inf
-        errors = 0
+        errors = abandoned = 0
         for future, service in self.outstanding.expired(time.monotonic()):
             if not future.done():
                 errors += 1
                 future.set_exception(MeshTimeoutError(f"request to {service!r} timed out"))
-        self.engine.stats.pattern["request"]["errors"] += errors
+            else:
+                abandoned += 1  # (not swept yet: `abandon`)
+        counters = self.engine.stats.pattern["request"]
+        counters["errors"] += errors
+        counters["abandoned"] += abandoned
         deadline = self.outstanding.next_deadline()
         if deadline is not None:
             self._arm(deadline)
@@ -242,8 +251,9 @@ class LoopRequester:
             answered, unanswered = answer_all(frames, provider_id)
             counters["dropped"] += unanswered  # late replies, or ones nobody asked for
             for future, status, body in answered:
-                if future.done():
-                    counters["dropped"] += 1  # its caller gave up
+                if future.done():  # its caller gave up (not swept yet: `abandon`)
+                    counters["dropped"] += 1
+                    counters["abandoned"] += 1
                 else:
                     counters["received"] += 1
                     future.set_result((status, body))
@@ -256,28 +266,44 @@ class LoopRequester:
         sock = self.sockets.get(peer_id)
         if sock is not None:  # (a frame answers one request or more: bounded by those waiting)
             self._read(sock, peer_id, len(self.outstanding) + 1)
-        errors = 0
+        errors = abandoned = 0
         for future, _service in self.outstanding.lost(peer_id):
             if not future.done():
                 errors += 1  # (counted as the threads' requesters count theirs)
                 future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
-        self.engine.stats.pattern["request"]["errors"] += errors
+            else:
+                abandoned += 1  # (not swept yet: `abandon`)
+        counters = self.engine.stats.pattern["request"]
+        counters["errors"] += errors
+        counters["abandoned"] += abandoned
         sock = self.sockets.pop(peer_id, None)
         self._known.pop(peer_id, None)
         if sock is not None:
             close_watched(self.engine.loop, sock)
 
     def fail_outstanding(self) -> None:
-        """Fail every waiting request with `NodeClosedError` and close every socket."""
+        """Fail every waiting request with `NodeClosedError` and close every socket. Those
+        sent count as errors (or, their callers gone, as abandoned); those gathered and not
+        sent yet never go, and count as nothing."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, math.inf
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
+        closed = "the node stopped while a request was outstanding"
+        for future in withdraw_gathered(self._batches, self.outstanding, self.tally):
+            _fail_future(future, NodeClosedError(closed))
+        errors = abandoned = 0
         for future in self.outstanding.take_all():
             if not future.done():
-                future.set_exception(NodeClosedError("the node stopped while a request was outstanding"))
+                errors += 1
+                future.set_exception(NodeClosedError(closed))
+            else:
+                abandoned += 1  # (not swept yet: `abandon`)
+        counters = self.engine.stats.pattern["request"]
+        counters["errors"] += errors
+        counters["abandoned"] += abandoned
         for pid in list(self.sockets):
             close_watched(self.engine.loop, self.sockets.pop(pid))
 

@@ -154,12 +154,19 @@ class ThreadRequester:
                 frames = recv_frames(sock, wait=True)
             except zmq.Again:  # the slice passed
                 if engine.closed:
+                    engine.stats.add("request", "errors")
                     raise NodeClosedError("the node stopped while a request was outstanding") from None
                 if provider.id not in engine.directory.alive_ids:
                     engine.stats.add("request", "errors")
                     raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying",
                                         provider.id) from None
                 continue
+            except zmq.ZMQError:  # (`BlockingRunner` says what it means: the node stopped, or ZeroMQ failed)
+                engine.stats.add("request", "errors")
+                raise
+            except BaseException:  # interrupted (a signal's KeyboardInterrupt): its caller no longer waits
+                engine.stats.add("request", "abandoned")
+                raise
             reply = wire.parse_reply(frames)
             if reply is None or reply[0] != request_id:
                 engine.stats.add("request", "dropped")  # a late reply
