@@ -274,3 +274,65 @@ def test_an_async_nodes_request_counters_add_up_whatever_the_outcomes(mesh: dict
     sent, told = _outcomes(node)
     assert sent == told, node.stats()["request"]
     assert sent == 1 + 3 + 1 + 2 + 2 + 5 + 4, node.stats()["request"]
+
+
+@pytest.mark.parametrize("end", ["provider_left", "deadline"])
+def test_requests_that_end_before_their_batch_went_are_not_counted_as_errors(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], end: str) -> None:
+    """Requests to a busy provider gather into a batch that goes at the end of the loop's
+    pass; those that end before it went (their provider left, their deadline passed, in
+    that pass) never go, and were counted as errors all the same: errors 4 for 1 sent."""
+    provider, _release = held
+
+    async def main() -> dict[str, int]:
+        async with zmqmesh.AsyncNode("caller", **mesh) as node:
+            await node.wait_for_service("held", timeout=10)
+            requester = node._engine.requests
+            calls = [asyncio.ensure_future(node.request("held", n, timeout=0.05 if end == "deadline" else 10))
+                     for n in range(4)]
+            await asyncio.sleep(0)  # (each made its request: one went alone, the others gathered)
+            if end == "deadline":
+                time.sleep(0.1)  # (the loop held: the pass goes on past their deadline)
+                requester._expire()
+            else:
+                requester.peer_gone(provider.id)
+            raised = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(e, (zmqmesh.PeerLostError, zmqmesh.MeshTimeoutError)) for e in raised), raised
+            return node.stats()["request"]
+
+    counts = asyncio.run(main())
+    assert (counts["sent"], counts["errors"]) == (1, 1), counts
+
+
+@pytest.mark.parametrize("end", ["provider_left", "deadline"])
+def test_pipelined_requests_that_end_before_their_batch_went_are_not_counted_as_errors(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], end: str) -> None:
+    """`test_requests_that_end_before_their_batch_went_are_not_counted_as_errors` for the
+    requests a thread pipelines (`Node.request_many`, `Node.submit`): gathered until its
+    next pump, and ended before it (errors 4 for 1 sent)."""
+    provider, _release = held
+    outcomes: list[BaseException | None] = []
+    with zmqmesh.Node("caller", **mesh) as node:
+        node.wait_for_service("held", timeout=10)
+        requester = node._engine.requests.current()  # type: ignore[union-attr]
+        with requester.in_use:
+            pipelined_ = requester.pipelined()
+            timeout = 0.05 if end == "deadline" else 10
+            for n in range(4):  # (one goes alone, the others gather: its provider is busy)
+                call = node._request_call("held", n, timeout, None, None)
+                pipelined_.start(pipelined.Job(call, lambda _key, _value, error: outcomes.append(error), n))
+            if end == "deadline":
+                time.sleep(0.1)
+                pipelined_._expire()
+            else:
+                directory = node._engine.directory
+                alive, directory.alive_ids = directory.alive_ids, frozenset({directory.node_id})
+                pipelined_._epoch = -1  # (membership changed, as far as it can tell: the provider left)
+                try:
+                    pipelined_.prune()
+                finally:
+                    directory.alive_ids = alive
+        assert len(outcomes) == 4 and all(isinstance(e, (zmqmesh.PeerLostError, zmqmesh.MeshTimeoutError))
+                                          for e in outcomes), outcomes
+        counts = node.stats()["request"]
+    assert (counts["sent"], counts["errors"]) == (1, 1), counts

@@ -160,6 +160,15 @@ def withdraw_gathered(batches: RequestBatches[str, Any], outstanding: Outstandin
     return waiters
 
 
+def _sent_among(ended: list[tuple[Any, str]], batches: RequestBatches[str, Any]) -> int:
+    """How many of the requests that ``ended`` (``(waiter, service)`` each) were sent: not
+    those still gathered, which never go (`send_batches` leaves them out)."""
+    if not batches:
+        return len(ended)
+    unsent = batches.waiters()
+    return sum(waiter not in unsent for waiter, _service in ended)
+
+
 class Job:
     """One request plan in flight (or a `QuickRequest`, until it becomes one), and what to
     tell its outcome (once): ``finish(key, value, error)``."""
@@ -355,7 +364,7 @@ class Pipelined:
     def _expire(self) -> None:
         overdue = self.outstanding.expired(time.monotonic())
         if overdue:
-            self.engine.stats.add("request", "errors", len(overdue))
+            self.engine.stats.add("request", "errors", _sent_among(overdue, self._batches))
         for job, service in overdue:
             self.resume(job, None, MeshTimeoutError(f"request to {service!r} timed out"))
 
@@ -378,7 +387,7 @@ class Pipelined:
             sock.close(0)
             lost = self.outstanding.lost(provider_id)
             if lost:
-                self.engine.stats.add("request", "errors", len(lost))
+                self.engine.stats.add("request", "errors", _sent_among(lost, self._batches))
             for job, service in lost:
                 self.resume(job, None, PeerLostError(
                     f"provider {provider_id[:8]} of {service!r} left before replying", provider_id))

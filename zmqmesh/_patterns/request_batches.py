@@ -123,6 +123,10 @@ class RequestBatches(Generic[Key, Waiter]):
             batch.waiters = [batch.waiters[k] for k in kept]
         return removed
 
+    def waiters(self) -> set[Waiter]:
+        """The waiters of the requests gathered (those not sent yet)."""
+        return {waiter for batch in (*self._full, *self._open.values()) for _, waiter in batch.waiters}
+
     @property
     def ready(self) -> bool:
         """Whether a batch is full: to send now, before the pause (`take` with ``full_only``)."""

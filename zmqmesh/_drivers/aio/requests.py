@@ -183,12 +183,14 @@ class LoopRequester:
     def _expire(self) -> None:
         self._timer, self._timer_at = None, math.inf
         errors = abandoned = 0
-        for future, service in self.outstanding.expired(time.monotonic()):
+        overdue = self.outstanding.expired(time.monotonic())
+        unsent = self._batches.waiters() if overdue and self._batches else ()  # (gathered: they never go)
+        for future, service in overdue:
             if not future.done():
-                errors += 1
+                errors += future not in unsent
                 future.set_exception(MeshTimeoutError(f"request to {service!r} timed out"))
             else:
-                abandoned += 1  # (not swept yet: `abandon`)
+                abandoned += future not in unsent  # (not swept yet: `abandon`)
         counters = self.engine.stats.pattern["request"]
         counters["errors"] += errors
         counters["abandoned"] += abandoned
@@ -267,12 +269,14 @@ class LoopRequester:
         if sock is not None:  # (a frame answers one request or more: bounded by those waiting)
             self._read(sock, peer_id, len(self.outstanding) + 1)
         errors = abandoned = 0
-        for future, _service in self.outstanding.lost(peer_id):
+        lost = self.outstanding.lost(peer_id)
+        unsent = self._batches.waiters() if lost and self._batches else ()  # (gathered: they never go)
+        for future, _service in lost:
             if not future.done():
-                errors += 1  # (counted as the threads' requesters count theirs)
+                errors += future not in unsent  # (counted as the threads' requesters count theirs)
                 future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
             else:
-                abandoned += 1  # (not swept yet: `abandon`)
+                abandoned += future not in unsent  # (not swept yet: `abandon`)
         counters = self.engine.stats.pattern["request"]
         counters["errors"] += errors
         counters["abandoned"] += abandoned
