@@ -336,3 +336,44 @@ def test_pipelined_requests_that_end_before_their_batch_went_are_not_counted_as_
                                           for e in outcomes), outcomes
         counts = node.stats()["request"]
     assert (counts["sent"], counts["errors"]) == (1, 1), counts
+
+
+@pytest.mark.parametrize("call", ["request", "request_many"])
+def test_a_blocking_call_interrupted_by_a_signal_counts_its_requests_as_abandoned(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], call: str) -> None:
+    """A blocking call interrupted while its requests wait (a Ctrl-C's KeyboardInterrupt):
+    they were counted as sent and then nowhere (sent 1 + n, received 1, nothing else)."""
+    import signal
+
+    provider, _release = held
+    main = threading.main_thread().ident
+    assert main is not None
+    caught = threading.Event()
+    n = 1 if call == "request" else 2
+
+    def interrupt() -> None:  # (again each second: one that lands in a weakref callback is dropped)
+        wait_until(lambda: provider.stats()["service"]["received"] == 1 + n, 10, "the requests to arrive")
+        while not caught.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+            caught.wait(1.0)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with zmqmesh.Node("caller", **mesh) as node:
+            node.wait_for_service("held", timeout=10)
+            assert node.request("echo", 0) == 0
+            interrupter = threading.Thread(target=interrupt)
+            interrupter.start()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    if call == "request":
+                        node.request("held", 1, timeout=30)
+                    else:
+                        node.request_many("held", [1, 2], timeout=30)
+            finally:
+                caught.set()
+                interrupter.join()
+            counts = node.stats()["request"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (counts["sent"], counts["received"], counts["errors"], counts["abandoned"]) == (1 + n, 1, 0, n), counts

@@ -112,7 +112,16 @@ class ThreadRequester:
                         raise send_failure(exc, provider.id, engine, step.service) from exc
                     raise
                 engine.stats.count_sent(self.tally, 1)
-                return self._wait(sock, request_id, provider, step.service, step.deadline)
+                try:
+                    return self._wait(sock, request_id, provider, step.service, step.deadline)
+                except ZmqMeshError:  # (counted by `_wait`, which decided it)
+                    raise
+                except zmq.ZMQError:  # (`BlockingRunner` says what it means: the node stopped, or ZeroMQ failed)
+                    engine.stats.add("request", "errors")
+                    raise
+                except BaseException:  # interrupted (a signal's KeyboardInterrupt): its caller no longer waits
+                    engine.stats.add("request", "abandoned")
+                    raise
         finally:
             self.after_call()
 
@@ -161,12 +170,6 @@ class ThreadRequester:
                     raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying",
                                         provider.id) from None
                 continue
-            except zmq.ZMQError:  # (`BlockingRunner` says what it means: the node stopped, or ZeroMQ failed)
-                engine.stats.add("request", "errors")
-                raise
-            except BaseException:  # interrupted (a signal's KeyboardInterrupt): its caller no longer waits
-                engine.stats.add("request", "abandoned")
-                raise
             reply = wire.parse_reply(frames)
             if reply is None or reply[0] != request_id:
                 engine.stats.add("request", "dropped")  # a late reply
