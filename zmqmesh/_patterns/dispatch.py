@@ -461,8 +461,8 @@ class Dispatcher:
             items = self.codec.decode_batch(body)
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids
-        if kind == "sub" and known and sequence is not None and sender_uuid is not None:
-            lost = self.gaps.missed(sender_uuid, name_b, sequence, len(items))
+        if kind == "sub" and sequence is not None and sender_uuid is not None:
+            lost = self.gaps.missed(sender_uuid, name_b, sequence, len(items), known)
             if lost is None:  # late, behind a newer frame: counted as dropped when that one came
                 return
             if lost:

@@ -381,7 +381,8 @@ class GapCounter:
     makes room by forgetting the publishers that left (one that leaves and comes back is
     still counted, while there is room), then takes the place of the oldest topic of the
     publisher met first (that topic's next frame starts counting afresh: one jump there
-    goes uncounted). A frame numbered below one counted already is late: dropped (`missed`).
+    goes uncounted). A frame numbered below one counted already is late: dropped (`missed`),
+    also once its publisher left, while its numbers are kept.
     """
 
     def __init__(self, directory: Directory) -> None:
@@ -393,7 +394,7 @@ class GapCounter:
     def __len__(self) -> int:
         return self._tracked
 
-    def missed(self, uuid: bytes, topic: bytes, sequence: int, count: int) -> int | None:
+    def missed(self, uuid: bytes, topic: bytes, sequence: int, count: int, member: bool = True) -> int | None:
         """How many messages before these ``count`` (numbered from ``sequence``) were lost;
         None if they are late: numbered below a frame counted already, they come from a
         connection to the publisher made again (the subscriber was taken for gone, frozen
@@ -402,13 +403,23 @@ class GapCounter:
         messages of a publisher stay in order and the drops counted are those missing.
         (Taken as a new start, each turn between the two connections counted the whole
         jump again: 88 million drops for 85,000 messages.) A numbering that restarts
-        begins at 0 (a publisher of a version before) or past a jump over `_MAX_GAP`: a new start."""
+        begins at 0 (a publisher of a version before) or past a jump over `_MAX_GAP`: a new start.
+
+        A sender that is not a ``member`` (any more) is counted against the numbers kept of
+        it, but gets no new ones (0: a stranger could claim any number of ids): the old
+        connection of a publisher that left still delivers what it held, and those frames
+        are late all the same. (Passed as a stranger's, they were handled out of order once
+        its goodbye came, and counted lost at the jump as well.)"""
         topics = self._expected.get(uuid)
         if topics is None:
+            if not member:
+                return 0
             topics = self._expected[uuid] = {}
         expected = topics.get(topic)
         lost = 0
         if expected is None:
+            if not member:
+                return 0
             if self._tracked >= _MAX_TRACKED_STREAMS:
                 self._make_room(uuid)
                 topics = self._expected.setdefault(uuid, topics)  # (evicting may have emptied it)
