@@ -241,3 +241,43 @@ def test_a_waker_wakes_a_poll_once_per_clear_from_any_thread_until_closed() -> N
     waker.close()
     waker.close()  # (twice: no error)
     assert waker.fd == -1
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copied", "uncopied"])
+def test_a_message_interrupted_between_its_frames_still_goes_whole(copy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal's ``KeyboardInterrupt`` raised in the main thread between two frames of a
+    message (as the first frame's send returns) left the socket in the middle of it: the
+    next message sent on the socket went onto its end, and the receiver got one message
+    of both (a request then came to its provider malformed, and its caller waited out its
+    timeout). The message is finished before the interruption goes on."""
+    import zmq
+    from helpers import wait_until
+
+    from zmqmesh._io import sockets
+
+    sent = sockets._send
+    sends = [0]
+
+    def send_then_interrupt(sock: Any, frame: Any, flags: int, copy: bool) -> Any:
+        sent(sock, frame, flags, copy)
+        sends[0] += 1
+        if sends[0] == 1:  # (Python runs a pending signal's handler as a call returns)
+            raise KeyboardInterrupt
+
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        pull.bind("inproc://interrupted")
+        push.connect("inproc://interrupted")
+        big = b"x" * (zmq.COPY_THRESHOLD + 1)
+        monkeypatch.setattr(sockets, "_send", send_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            sockets.send_frames(push, [b"a", b"b", big], copy=copy)
+        sockets.send_frames(push, [b"next", b"message"], copy=copy)
+        wait_until(lambda: sockets.has_input(pull), 2.0, "the first message")
+        assert sockets.recv_frames(pull, wait=True) == [b"a", b"b", big]
+        assert sockets.recv_frames(pull, wait=True) == [b"next", b"message"]
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()

@@ -122,14 +122,29 @@ def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -
     meanwhile), and the smaller ones beside them are copied: pyzmq would copy them
     anyway, after looking at their size, at about half as much again as a copy costs.
     """
-    if copy:
-        for frame in frames[:-1]:
-            _send(sock, frame, _MORE_NOBLOCK, True)
-        _send(sock, frames[-1], _NOBLOCK, True)
-        return
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        _send(sock, frame, _MORE_NOBLOCK if i < last else _NOBLOCK, len(frame) < _COPY_THRESHOLD)
+    sent = 0  # (counted before each send: an exception raised as one returns finds it counted)
+    try:
+        if copy:
+            for frame in frames[:-1]:
+                sent += 1
+                _send(sock, frame, _MORE_NOBLOCK, True)
+            sent += 1
+            _send(sock, frames[-1], _NOBLOCK, True)
+            return
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            sent += 1
+            _send(sock, frame, _MORE_NOBLOCK if i < last else _NOBLOCK, len(frame) < _COPY_THRESHOLD)
+    except zmq.ZMQError:  # (the first frame's: nothing went)
+        raise
+    except BaseException:
+        # raised between two frames (a signal's KeyboardInterrupt, in the main thread): the
+        # message is finished, or the socket's next one would be sent onto its end
+        if 0 < sent < len(frames):
+            for frame in frames[sent:-1]:
+                _send(sock, frame, _MORE_NOBLOCK, True)
+            _send(sock, frames[-1], _NOBLOCK, True)
+        raise
 
 
 def send_tracked(sock: zmq.Socket[Any], frames: list[bytes]) -> zmq.MessageTracker:
