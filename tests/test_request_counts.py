@@ -377,3 +377,36 @@ def test_a_blocking_call_interrupted_by_a_signal_counts_its_requests_as_abandone
     finally:
         signal.signal(signal.SIGINT, previous)
     assert (counts["sent"], counts["received"], counts["errors"], counts["abandoned"]) == (1 + n, 1, 0, n), counts
+
+
+@pytest.mark.parametrize("call", ASYNC_CALLS)
+def test_async_requests_given_up_before_their_batch_went_count_as_nothing(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], call: str) -> None:
+    """Requests given up in the pass that gathered them (a call cancelled, its provider
+    busy with another; a request_many whose next item cannot be encoded): the batch
+    leaves them out, so they never go, but they stayed in the table all the same, and
+    the sweep of given-up calls counted them as abandoned (abandoned 1, or 2 for the
+    two items of a request_many, beside sent 1 and received 1)."""
+    provider, release = held
+
+    async def main() -> dict[str, int]:
+        async with zmqmesh.AsyncNode("caller", **mesh) as node:
+            await node.wait_for_service("held", timeout=10)
+            first = asyncio.ensure_future(node.request("held", 0, timeout=10))
+            await asyncio.sleep(0)  # (it went alone: its provider is busy now)
+            if call == "request":
+                later = asyncio.ensure_future(node.request("held", 1, timeout=10))
+                await asyncio.sleep(0)  # (its request gathered, to go at the end of this pass)
+                later.cancel()
+                assert isinstance((await asyncio.gather(later, return_exceptions=True))[0], asyncio.CancelledError)
+            else:  # (two gathered, then the third item cannot be made: the window gives them up)
+                with pytest.raises(TypeError):
+                    await node.request_many("held", [1, 2, object()], timeout=10)
+            await asyncio.sleep(0.1)  # (the sweep of those given up, within `_SWEEP_S`)
+            release.set()
+            assert await first == 0
+            return node.stats()["request"]
+
+    counts = asyncio.run(main())
+    assert provider.stats()["service"]["received"] == 1
+    assert (counts["sent"], counts["received"], counts["errors"], counts["abandoned"]) == (1, 1, 0, 0), counts

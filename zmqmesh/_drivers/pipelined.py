@@ -107,9 +107,11 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                  tally: RequestTally | None = None) -> int:
     """Send the batches gathered since the last call, each on its provider's socket; how
     many requests went. A request no longer waited for is left out: forgotten (its
-    caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``;
-    it was counted as sent under its service when it was gathered (unless a built-in
-    service's), and ``tally`` (the driver's) takes that back.
+    caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``
+    (then withdrawn from ``outstanding`` too: never sent, it must not be counted as
+    abandoned when its caller's sweep comes); it was counted as sent under its service
+    when it was gathered (unless a built-in service's), and ``tally`` (the driver's)
+    takes that back.
     ``fail(waiter, error)`` hears of each request of a batch that could not be sent (its
     count under its name taken back in ``tally`` too):
     `MeshTimeoutError` when the provider takes no more, `NodeClosedError` or `ZmqMeshError`
@@ -123,8 +125,9 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
         for batch in taken:
             sock = sockets.get(batch.key)
             left_out = batch.keep(outstanding.ids, gave_up)
-            if left_out and tally is not None:
-                for service_b in left_out:
+            for service_b, request_id, _body in left_out:  # (they never go: in flight no more either)
+                outstanding.withdraw(request_id)
+                if tally is not None:
                     take_back_sent(tally, service_b)
             if sock is None or not batch.items:
                 continue

@@ -47,9 +47,10 @@ class Batch(Generic[Key, Waiter]):
         self.waiters: list[tuple[bytes, Waiter]] = []
         self.size = 1
 
-    def keep(self, waiting: Container[bytes], gave_up: Callable[[Waiter], bool] | None = None) -> list[bytes]:
+    def keep(self, waiting: Container[bytes], gave_up: Callable[[Waiter], bool] | None = None
+             ) -> list[tuple[bytes, bytes, bytes]]:
         """Keep only the requests still ``waiting`` (by id) whose waiter has not ``gave_up``;
-        the services (as bytes) of those left out, one per request."""
+        the items of those left out: ``(service, request id, body)``, as bytes."""
         if gave_up is None:
             kept = [k for k, (request_id, _) in enumerate(self.waiters) if request_id in waiting]
         else:
@@ -58,7 +59,7 @@ class Batch(Generic[Key, Waiter]):
         if len(kept) == len(self.waiters):
             return []
         keeping = set(kept)
-        left_out = [item[0] for k, item in enumerate(self.items) if k not in keeping]
+        left_out = [item for k, item in enumerate(self.items) if k not in keeping]
         self.items = [self.items[k] for k in kept]
         self.waiters = [self.waiters[k] for k in kept]
         return left_out
