@@ -981,7 +981,7 @@ class NodeBase:
             if inbox.waits_for_caller():
                 chain = (*chain, engine.directory.node_id)[-MAX_CHAIN:]
                 blocked = frozenset(chain)
-            elif blocking and inbox.service_waits_for_caller(service):  # (this node only: it serves its other services)
+            elif blocking and inbox.async_handlers and inbox.service_waits_for_caller(service):  # (this node only)
                 blocked |= {engine.directory.node_id}
         # what plain calls share depends only on these: made once, not per call
         key = (service, timeout, peer) if not blocked and headers is None and type(peer) in _PLAIN_PEERS and \

@@ -147,6 +147,9 @@ class Inbox(Protocol):
     """What the engine needs of the driver that runs handlers (`ThreadInbox`, `LoopInbox`)."""
 
     stopping: bool
+    async_handlers: bool
+    """Whether ``async def`` handlers run (a blocking call from one may hold their loop:
+    `service_waits_for_caller`, looked at only then)."""
 
     def start(self) -> None: ...
     def discard(self) -> None: ...

@@ -125,6 +125,8 @@ class LoopInbox(Dispatcher):
         except RuntimeError:  # no running loop on this thread
             return False
 
+    async_handlers = False  # (they run on the node's own loop, where calls are awaited)
+
     def service_waits_for_caller(self, service: str) -> bool:
         """Always False: a handler of an `AsyncNode` awaits its calls, never blocks its loop."""
         return False

@@ -96,6 +96,7 @@ class ThreadInbox(Dispatcher):
         self._fetcher = ThreadFetcher(engine, self.post_page, self.replays.wanted)
         self._waker = Waker()
         self._resubscribe = True
+        self.async_handlers = False  # (an event loop runs ``async def`` handlers: `_run_on_loop`)
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
         concurrency = engine.config.handler_concurrency
         self._pool_threads: set[int] = set()
@@ -331,6 +332,7 @@ class ThreadInbox(Dispatcher):
                 )
 
                 self._async_loop = HandlerLoop(f"zmqmesh-async-{self.name}")
+                self.async_handlers = True
             handler_loop = self._async_loop
         try:
             future = handler_loop.submit(run_async(call))
