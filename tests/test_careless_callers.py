@@ -677,6 +677,35 @@ def test_an_async_handler_blocking_on_its_own_nodes_async_service_fails_at_once_
             assert outcomes["request async-inner"] == ["there", 1]  # (never to itself, which waits)
 
 
+def test_an_async_handler_blocking_on_its_own_nodes_async_service_one_at_a_time_is_told_to_await(
+        mesh: dict[str, Any]) -> None:
+    """With ``handler_concurrency=1`` the same call is refused as a call of a handler's own
+    node: raising handler_concurrency alone, as that refusal said, only met the next one
+    (`test_an_async_handler_blocking_on_its_own_nodes_async_service_fails_at_once_or_goes_
+    elsewhere`): it now says to await the call as well."""
+    refused: list[BaseException] = []
+    node = zmqmesh.Node("node", handler_concurrency=1, **mesh)
+
+    @node.service("async-inner")
+    async def async_inner(msg: Any) -> Any:
+        return msg.data
+
+    @node.pull("jobs")
+    async def job(msg: Any) -> None:
+        try:
+            node.request("async-inner", 1, timeout=20)
+        except zmqmesh.ZmqMeshError as exc:
+            refused.append(exc)
+
+    with node:
+        node.wait_for_service("async-inner")
+        node.wait_for_pullers("jobs")
+        node.push("jobs", None)
+        wait_until(lambda: refused, 15, "the job handled")
+    assert isinstance(refused[0], zmqmesh.ConfigError), refused
+    assert "handler_concurrency" in str(refused[0]) and "node.submit" in str(refused[0]), refused
+
+
 def test_a_node_without_async_handlers_asks_nothing_more_per_request_for_them(
         mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Whether an ``async def`` handler calls its own node's ``async def`` service (`test_an_

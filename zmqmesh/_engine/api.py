@@ -1041,9 +1041,15 @@ class NodeBase:
                     "caller. Await it instead (await asyncio.wrap_future(node.submit(...))), or call the function "
                     "directly")
         if set(offered) == {node_id}:
+            inbox = self._engine.inbox
+            # (an async def handler calling an async def service: raising handler_concurrency alone
+            # meets the refusal above, the blocking call holding the loop both share)
+            awaited = inbox is not None and inbox.async_handlers and inbox.service_waits_for_caller(service)
             return (f"the service {service!r} is offered only by this node, whose handler is calling it: with "
                     f"handler_concurrency={self.config.handler_concurrency} the call would wait for its own caller. "
-                    "Call the function directly, or raise handler_concurrency")
+                    "Call the function directly, or raise handler_concurrency" +
+                    (" and await the call (await asyncio.wrap_future(node.submit(...))): the blocking request holds "
+                     "the one event loop of the async def handlers" if awaited else ""))
         names = " -> ".join(i[:8] for i in (*chain, offered[0]))
         return (f"a call cycle ({names}): every provider of {service!r} waits, up this chain of requests, for "
                 "this very call, and runs one handler at a time. Raise handler_concurrency on the nodes of the "
