@@ -258,6 +258,8 @@ elif how == "fails":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
 elif how == "ignores":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+elif how == "says-143":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 print("up", flush=True)
 time.sleep(120)
 """
@@ -267,11 +269,13 @@ time.sleep(120)
 @pytest.mark.parametrize(("second", "status", "said"), [("handles", 0, "stopped cleanly"),
                                                         ("dies", 0, "stopped by SIGTERM"),
                                                         ("fails", 1, "stopped with status 3"),
+                                                        ("says-143", 0, "stopped with status 143"),
                                                         ("ignores", 1, "killed: it did not stop in time")])
 def test_launch_stopped_by_sigterm_exits_0_only_when_every_process_stopped_cleanly(
         tmp_path: Any, second: str, status: int, said: str) -> None:
     """A supervisor stopping `zmqmesh launch` with SIGTERM learns from its status whether
-    its processes stopped cleanly (before, 0 even when one had to be killed or failed)."""
+    its processes stopped cleanly (before, 0 even when one had to be killed or failed);
+    143 is how shells and JVMs say they ended on a SIGTERM."""
     (tmp_path / "stops.py").write_text(STOPS_AS_TOLD)
     proc = _launcher(tmp_path, 'stop_timeout_s = 1\n'
                                '[[process]]\nname = "meek"\ncommand = ["python3", "stops.py", "handles"]\n'

@@ -37,7 +37,8 @@ REQUEST_OUTCOMES = ("received", "errors", "abandoned")
 """The request pattern's counters of how each request sent ended, once each: a reply
 reached its caller (``received``); none will (``errors``: it timed out, its provider left,
 the node stopped); its caller stopped waiting first (``abandoned``: a coroutine cancelled,
-the requests of a ``request_many`` still in flight when one of its items failed). ``sent``
+a blocking call interrupted by a signal, the requests of a ``request_many`` still in
+flight when one of its items failed). ``sent``
 is their sum, plus the requests in flight. (``dropped`` counts replies that reached
 nobody: a late reply, one to an abandoned request; not requests.)"""
 TALLY_FOLD_AT = 256

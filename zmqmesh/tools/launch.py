@@ -23,8 +23,8 @@ adopts it, `orphans`);
 after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
 its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
 exits 141, as a command that SIGPIPE ends; after SIGTERM it exits 0 if every process
-stopped cleanly (status 0, or ended by the SIGTERM) and nothing had to be killed, 1
-otherwise. Without restarts,
+stopped cleanly (status 0 or 143, or ended by the SIGTERM) and nothing had to be
+killed, 1 otherwise (or if one had ended by itself with another status than 0). Without restarts,
 it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay.
 """
 
@@ -298,6 +298,12 @@ class Launcher:
                 if not self.procs and not self._leftovers and not self._orphans:
                     return status
                 self._stopping.wait(0.1)
+            for name, proc in self.procs.items():  # ended by themselves, not told yet (or their last lines being read)
+                code = proc.poll()
+                if code is not None and name not in pending_restart:
+                    self.say(name, f"exited with status {code}")
+                    if code != 0 and by_name[name].restart == "never":
+                        status = 1
             clean = self._stop_all()
             if signal.SIGINT in interrupted:  # Ctrl-C: as every command
                 return 130
@@ -370,7 +376,7 @@ class Launcher:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
                 self.say(name, _ended(proc.returncode))
-                clean = clean and proc.returncode in (0, -signal.SIGTERM)
+                clean = clean and proc.returncode in _STOPPED_CLEANLY
             except subprocess.TimeoutExpired:
                 pass
         # what the processes started, in their groups or left outside them: it stops by the
@@ -408,6 +414,9 @@ class Launcher:
 
 
 _LEFT_KILLED = "killed what it left running: it did not stop in time"
+_STOPPED_CLEANLY = (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+"""How a process told to stop may end for a clean stop: status 0, the SIGTERM sent, or
+status 143 (128 + SIGTERM, as a shell or a JVM reports it)."""
 
 
 def _signal_group(group: int, sig: int) -> bool:
