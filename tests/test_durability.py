@@ -764,6 +764,26 @@ def test_a_start_that_fails_on_a_full_disk_lets_the_store_go(small_disk: Path, m
     assert inspect_store(store)["handled"]["q"] <= 11  # (trimmed at the start: "about" the window)
 
 
+def test_a_store_on_a_read_only_filesystem_is_a_store_error_naming_it(small_disk: Path, mesh: dict[str, Any]) -> None:
+    """A store on a filesystem mounted read-only cannot be opened: `StoreError` naming the
+    store and the cause, as for any store that cannot be opened (before, `ConfigError`, from
+    its lock file, or from the directory it could not make), and the node does not start."""
+    made = small_disk / "made"
+    with zmqmesh.Node("pusher", store=str(made), **mesh) as pusher:
+        pusher.push("q", 1, durable=True)
+    if subprocess.run(["mount", "-o", "remount,ro", str(small_disk)]).returncode != 0:
+        pytest.skip("this machine does not let the test remount its tmpfs read-only")
+    for store in (made, small_disk / "missing"):
+        node = zmqmesh.Node("pusher", store=str(store), **mesh)
+        with pytest.raises(zmqmesh.StoreError) as raised:
+            node.start()
+        assert not isinstance(raised.value, zmqmesh.ConfigError), repr(raised.value)
+        assert str(store) in str(raised.value) and "Read-only file system" in str(raised.value), raised.value
+        assert not node.running
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert inspect_store(made)["queues"]["q"]["messages"] == 1  # (nothing of it was touched)
+
+
 @pytest.mark.timeout(60)
 def test_ids_a_full_disk_keeps_a_dedupe_puller_from_recording_are_counted_and_logged_once(
         small_disk: Path, tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io.inherited import point_at_null
-from ..errors import ConfigError, StoreError, StoreLockedError
+from ..errors import StoreError, StoreLockedError
 from .schema import not_plain
 
 __all__ = ["StoreHold", "held_here", "CLOSING_WAIT_S", "LOCK_FILE"]
@@ -40,8 +40,8 @@ class StoreHold:
     then the database file itself, taken at once, held until `release`.
 
     Raises `StoreLockedError` when another node (of this process or another) uses the
-    store or its database, `StoreError` for a database that is not a plain file,
-    `ConfigError` when the lock file cannot be opened.
+    store or its database, `StoreError` for a database that is not a plain file or a
+    lock file that cannot be opened (a read-only filesystem).
     """
 
     def __init__(self, directory: Path, path: Path) -> None:
@@ -66,7 +66,8 @@ class StoreHold:
         try:
             handle = open(lock_path, "a+")  # noqa: SIM115 - held for the store's lifetime
         except OSError as exc:
-            raise ConfigError(f"cannot open {lock_path}: {exc}") from exc
+            raise StoreError(f"cannot open the store {self.directory}: its lock file {lock_path} "
+                             f"cannot be opened for writing: {exc}") from exc
         if _try_lock(handle):
             return handle
         info = os.fstat(handle.fileno())

@@ -95,7 +95,9 @@ class Store:
     subscriptions' cursors (`cursors`) and a dedupe puller's handled ids (`handled`).
 
     Raises `StoreLockedError` if another process holds the store, `StoreError` for a
-    file that is not a zmqmesh store or is damaged, `ConfigError` for bad options.
+    file that is not a zmqmesh store or is damaged, or a store that cannot be opened
+    (its directory cannot be made, its lock file cannot be written: a read-only
+    filesystem), `ConfigError` for bad options.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int = 1 << 30,
@@ -111,7 +113,7 @@ class Store:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the store directory {self.directory}: {exc}") from exc
+            raise StoreError(f"cannot open the store {self.directory}: the directory cannot be made: {exc}") from exc
         self._hold = StoreHold(self.directory, self.path)
         self.parks = True
         """Whether the store keeps the table of parked queues (`park`): False only when it
