@@ -1219,7 +1219,10 @@ def test_the_pieces_of_next_are_kept_until_the_page_that_completes_them_is_taken
 
 @pytest.mark.parametrize("damage", ["UPDATE cursors SET seq = 'abc' WHERE topic = 'logs.a'",
                                     "UPDATE cursors SET upto = x'00', pos = 1.5 WHERE topic = 'logs.a'",
-                                    "UPDATE cursors SET topic = x'00' WHERE topic = 'logs.a'"])
+                                    "UPDATE cursors SET topic = x'00' WHERE topic = 'logs.a'",
+                                    "UPDATE cursors SET topic = CAST(x'ff6c6f6773' AS TEXT) WHERE topic = 'logs.a'",
+                                    "UPDATE cursors SET stream = x'00' WHERE topic = 'logs.a'",
+                                    "UPDATE cursors SET stream = CAST(x'ff00' AS TEXT) WHERE topic = 'logs.a'"])
 def test_a_durable_subscription_whose_stored_place_is_damaged_replays_it_and_says_so(
         tmp_path: Path, mesh: dict[str, Any], damage: str) -> None:
     """A row of a durable subscription's place whose values are of the wrong type (damage on
@@ -1227,8 +1230,12 @@ def test_a_durable_subscription_whose_stored_place_is_damaged_replays_it_and_say
     publishers' histories failed' (a TypeError) on every frame, and 0 of the 60 messages
     published since were delivered. Such a row is now reported (logged, counted in
     ``rejected["store_damaged"]``) and taken as no place at all: that topic is read again
-    from the start of the history; the others resume where they were (a row whose topic
-    cannot be read is left out: the stream resumes from the place of its other topics)."""
+    from the start of the history; the others resume where they were. A row whose topic
+    (or stream) cannot be read is so too, for the topics of its stream (of every stream)
+    that have no other row: before, it was left out and the stream resumed from the place
+    of its other topics, where logs.a's first message reported a false gap of 10 (its
+    earlier messages were still kept); and a topic of text that is no UTF-8 made the load
+    fail, and nothing more was delivered (0 of 60)."""
     got: list[tuple[str, int, bool]] = []
     publisher = zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"logs.": 1000}, **mesh)
 
@@ -1249,15 +1256,46 @@ def test_a_durable_subscription_whose_stored_place_is_damaged_replays_it_and_say
         for i in range(20, 80):
             publisher.publish(("logs.a", "logs.b")[i % 2], i)
         with subscriber() as node:
-            wait_until(lambda: {n for _t, n, _r in got} >= set(range(20, 80)), 20, "the 60 published since")
-            damaged = node.stats()["rejected"].get("store_damaged", 0)
-    assert damaged == 1
+            wait_until(lambda: {n for _t, n, _r in got} >= set(range(0, 80, 2)) | set(range(21, 80, 2)), 20,
+                       "the 60 published since, and logs.a read again")
+            stats = node.stats()
+    assert stats["rejected"].get("store_damaged", 0) == 1
+    assert stats["pubsub"].get("gap", 0) == 0, "no message was missed"
     assert [n for t, n, _r in got if t == "logs.b"] == list(range(21, 80, 2)), "logs.b resumes where it was"
-    again = sorted(n for t, n, _r in got if t == "logs.a")
-    if "topic =" in damage:  # (a row named by no topic it can read: the stream resumes from its place)
-        assert again[-30:] == list(range(20, 80, 2))
-    else:
-        assert again == list(range(0, 80, 2)), "logs.a read again whole"
+    assert [n for t, n, _r in got if t == "logs.a"] == list(range(0, 80, 2)), "logs.a read again whole"
+
+
+def test_a_durable_subscription_whose_one_place_in_a_stream_names_no_topic_reads_it_again(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A stream whose only stored place names a topic that cannot be read (a single-topic
+    publisher): the stream is not new to the durable subscription, whatever its ``replay``
+    says. Before, it was followed afresh as ``replay="new"`` says: the 40 messages published
+    while the subscriber was away were skipped, with no gap said (``store_damaged`` 1 alone).
+    Now it is read again from the start of the history, as any damaged place is."""
+    got: list[int] = []
+    publisher = zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"logs.": 1000}, **mesh)
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("sub", store=str(tmp_path / "sub"), **mesh)
+        node.subscribe("logs.", lambda m: got.append(m.data), durable_name="reader")  # (replay="new")
+        return node
+
+    with publisher:
+        with subscriber():
+            publisher.wait_for_peers(1)
+            for i in range(20):
+                publisher.publish("logs.a", i)
+            wait_until(lambda: len(got) == 20, 20, "the first 20")
+        with sqlite3.connect(tmp_path / "sub" / "zmqmesh.db") as db:
+            assert db.execute("UPDATE cursors SET topic = x'00'").rowcount == 1
+        got.clear()
+        for i in range(20, 60):
+            publisher.publish("logs.a", i)
+        with subscriber() as node:
+            wait_until(lambda: set(got) >= set(range(20, 60)), 20, "the 40 published while it was away")
+            stats = node.stats()
+    assert got == list(range(60)), "read again from the start of the history, in order"
+    assert stats["rejected"].get("store_damaged", 0) == 1 and stats["pubsub"].get("gap", 0) == 0
 
 
 @pytest.mark.parametrize("damage", ["UPDATE history_topics SET next = 'x'",

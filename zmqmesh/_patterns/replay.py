@@ -540,7 +540,9 @@ class Replays:
             self.stats.reject("durable_streams_full")
             return None
         stored = self._stored(options.durable_name, stream)
-        cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or bool(stored))
+        # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
+        resumed = bool(stored) or (name is not None and stream in self._durable.get(name, {}))
+        cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or resumed)
         self.cursors[(key, stream)] = cursor
         if stored:
             for topic, (seq, upto, _pos) in stored.items():
@@ -551,8 +553,8 @@ class Replays:
         if options.durable_name is not None:
             cursor.run = self._runs.get(options.durable_name, {}).get(stream)
         self._check_run(key, cursor, node_id, calls)
-        if stored or options.replay != "new":
-            self._catch_up(key, options, cursor, first=not stored)
+        if resumed or options.replay != "new":
+            self._catch_up(key, options, cursor, first=not resumed)
         return cursor
 
     def _make_room(self) -> bool:
@@ -1046,7 +1048,8 @@ class Replays:
             if damaged:  # (once per name and start: no flood)
                 self.stats.reject("store_damaged", damaged)
                 log.error("durable subscription %r: %d stored place(s) damaged (counted in "
-                          "rejected.store_damaged): those topics are read again from the start of the history",
+                          "rejected.store_damaged): those topics are read again from the start of the history "
+                          "(a place whose topic or stream cannot be read: the streams it may be of)",
                           name, damaged)
             self._runs[name] = self.store.cursors.load_runs(name)
             self._followed[name] = dict.fromkeys([*self._durable[name], *self._runs[name]])

@@ -25,32 +25,64 @@ class Cursors:
     def load_counting(self, name: str) -> tuple[dict[str, dict[str, tuple[int, int, int]]], int]:
         """Where the durable subscription ``name`` is: ``{stream: {topic: (seq, upto, pos)}}``,
         and how many of its rows were damaged (values of the wrong type, which SQLite's
-        check does not see). A damaged row of a stream and topic that can be read is taken
-        as no place in that topic (``(-1, -1, 0)``: read again from the start of the
-        history); one whose stream or topic cannot be read is left out. Raises `StoreError`."""
+        check does not see, or text that is no UTF-8).
+
+        A damaged row of a stream and topic that can be read is taken as no place in that
+        topic (``(-1, -1, 0)``: read again from the start of the history). A row whose
+        topic cannot be read is taken as no place in a topic of its stream that cannot be
+        named: that stream is read again from the start of its history (every position of
+        it 0; it is listed, with no topic, if no other row of it can be read), its other
+        topics resuming after their numbers. A row whose stream cannot be read does so for
+        every stream the name has a place in or followed a run of (``cursor_runs``).
+        Raises `StoreError`."""
         with self._db.lock:
-            rows = self._db.read("SELECT stream, topic, seq, upto, pos FROM cursors WHERE name = ?", (name,))
+            rows = self._db.read(f"SELECT {_readable('stream')}, {_readable('topic')}, seq, upto, pos "
+                                 "FROM cursors WHERE name = ?", (name,))
+            followed: list[Any] = []
+            if any(_text(row[0], row[1]) is None for row in rows):
+                followed = self._db.read(f"SELECT {_readable('stream')} FROM cursor_runs WHERE name = ?", (name,))
         found: dict[str, dict[str, tuple[int, int, int]]] = {}
+        from_start: set[str] = set()
+        every_stream = False
         damaged = 0
-        for stream, topic, seq, upto, pos in rows:
-            if type(stream) is not str or type(topic) is not str:
+        for stream_type, stream_bytes, topic_type, topic_bytes, seq, upto, pos in rows:
+            stream, topic = _text(stream_type, stream_bytes), _text(topic_type, topic_bytes)
+            if stream is None or topic is None:
                 damaged += 1
+                if stream is None:
+                    every_stream = True
+                else:
+                    from_start.add(stream)
                 continue
             if not (type(seq) is int and type(upto) is int and type(pos) is int and seq >= -1 and upto >= -1
                     and pos >= 0):
                 damaged += 1
                 seq, upto, pos = -1, -1, 0
             found.setdefault(stream, {})[topic] = (seq, upto, pos)
+        if every_stream:
+            from_start.update(found)
+            from_start.update(s for s in (_text(*row) for row in followed) if s is not None)
+        for stream in from_start:
+            topics = found.setdefault(stream, {})
+            for topic, (seq, upto, _pos) in topics.items():
+                topics[topic] = (seq, upto, 0)
         return found, damaged
 
     def load_runs(self, name: str) -> dict[str, str]:
         """The publisher run the durable subscription ``name`` last followed, per stream
-        (see `Store.runs`); a damaged one (not text) as a run no publisher names (the
-        stream is then read again whole, as for a publisher restored from a copy). Raises
-        `StoreError`."""
+        (see `Store.runs`); a damaged one (not text, or no UTF-8) as a run no publisher
+        names (the stream is then read again whole, as for a publisher restored from a
+        copy); a row whose stream cannot be read is left out. Raises `StoreError`."""
         with self._db.lock:
-            rows = self._db.read("SELECT stream, run FROM cursor_runs WHERE name = ?", (name,))
-        return {stream: run if type(run) is str else "" for stream, run in rows if type(stream) is str}
+            rows = self._db.read(f"SELECT {_readable('stream')}, {_readable('run')} FROM cursor_runs WHERE name = ?",
+                                 (name,))
+        runs: dict[str, str] = {}
+        for stream_type, stream_bytes, run_type, run_bytes in rows:
+            stream = _text(stream_type, stream_bytes)
+            if stream is not None:
+                run = _text(run_type, run_bytes)
+                runs[stream] = "" if run is None else run
+        return runs
 
     def save(self, rows: Sequence[tuple[str, str, str, int, int, int]],
              runs: Sequence[tuple[str, str, str]] = ()) -> None:
@@ -80,3 +112,20 @@ class Cursors:
             params = [(name, stream) for stream in streams]
             self._db.write([("DELETE FROM cursors WHERE name = ? AND stream = ?", params),
                             ("DELETE FROM cursor_runs WHERE name = ? AND stream = ?", params)])
+
+
+def _readable(column: str) -> str:
+    """The SQL that selects a text ``column`` as its type and its bytes (`_text`): selected as
+    itself, text that is no UTF-8 (damage) made the whole read fail."""
+    return f"typeof({column}), CAST({column} AS BLOB)"
+
+
+def _text(kind: Any, raw: Any) -> str | None:
+    """The text a column selected by `_readable` holds, or None if it is damaged: of
+    another type than text, or no UTF-8."""
+    if kind != "text" or not isinstance(raw, bytes):
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
