@@ -468,6 +468,10 @@ class Replays:
             self._hold(cursor, frame)
             return
         expected = cursor.next.get(frame.topic)
+        if expected is not None and frame.seq < expected and not settled:
+            # (a frame on its way while a read of the history took it, or a numbering that went
+            # back: the publisher is asked where it is, `_ahead`; a busy one is never quiet)
+            self._look_at((key, cursor.stream), 0.0, True)
         if expected is None and (frame.seq == 0 or not cursor.from_start):
             expected = frame.seq  # a topic that starts now (or a subscription that starts now)
         if (expected is None or frame.seq > expected) and frame.meta is not None:
@@ -722,16 +726,69 @@ class Replays:
                 self._starts(cursor, page.get("start") or {})
                 if fetch.request.get("n") == 0 and reached is not None and not rows and not more:
                     self._forget_topics(cursor, reached)  # (all its topics, and no row)
+                ahead = self._ahead(cursor, reached) if reached is not None else {}
             except Exception as exc:  # a malformed page: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
             else:
                 if reached is not None:  # (kept until the page was taken: a malformed one is asked for again whole)
                     cursor.forget_map()
+                if ahead:
+                    self._gone_back(fetch.key, cursor, ahead)  # (this page's rows are read again with the rest)
+                    return
                 self._paging.append([fetch, page, rows, more, 0])
                 self.deliver_pages(calls)
                 return
         self._page_read(fetch, cursor, page, error, False, calls)
+
+    @staticmethod
+    def _ahead(cursor: Cursor, reached: dict[str, Any]) -> dict[str, int]:
+        """The topics in which the cursor expects a number its publisher has not reached
+        (``reached``: the number of its next message in each topic, as a page says): ``{topic:
+        reached}``. A publisher commits each message to its history before it sends it, so
+        no cursor can be past it, but for a place recorded that was damaged (a huge number),
+        or a publisher whose numbering went back under a run the cursor followed (its kept
+        topics emptied by hand, or its store put back from a copy taken while it ran):
+        everything it numbers from there up to where the cursor is would be skipped."""
+        ahead: dict[str, int] = {}
+        for topic, expected in cursor.next.items():
+            nxt = reached.get(topic)
+            if type(nxt) is int and nxt < expected:
+                ahead[topic] = nxt
+        return ahead
+
+    def _gone_back(self, key: Key, cursor: Cursor, ahead: dict[str, int]) -> None:
+        """The cursor is past its publisher in the topics ``ahead`` (`_ahead`, which says
+        where the publisher is in each): those topics are read again from the start of the
+        history, what the publisher numbered in them so far marked ``redelivered`` (it may
+        be what was handled under the same numbers before; what it numbers later is new),
+        the other topics resuming after their numbers; the live frames held are held on.
+        Logged and counted (``stats()["pubsub"]["rewound"]``, as for `_rewind`); a durable
+        subscription records it at once."""
+        self.stats.add("pubsub", "rewound")
+        shown = ", ".join(f"{t!r} at {cursor.next[t]} of {n}" for t, n in list(ahead.items())[:3])
+        log.warning("stream %s: this subscription is past its publisher in %d topic(s) (%s%s): a damaged place, or "
+                    "a numbering that went back; reading them again from the start of the history, what the "
+                    "publisher numbered in them so far marked redelivered", cursor.stream[:8], len(ahead), shown,
+                    ", ..." if len(ahead) > 3 else "")
+        name = cursor.options.durable_name if self.store is not None else None
+        for topic, nxt in ahead.items():
+            del cursor.next[topic]
+            if nxt > 0:
+                cursor.upto[topic] = nxt - 1
+            else:
+                cursor.upto.pop(topic, None)
+            if name is not None:
+                mark = (name, cursor.stream, topic)
+                self._pending.pop(mark, None)  # (their finishes no longer move the place)
+                self._finished.pop(mark, None)
+                self._dirty[mark] = [-1, nxt - 1, 0]
+        cursor.pos, cursor.from_start = 0, True
+        cursor.tidying = False
+        cursor.forget_map()
+        if name is not None:
+            self.flush()
+        self._read(cursor, Fetch(cursor.node_id, key, cursor.stream, {"p": key[0], "a": 0, "t": ""}))
 
     def _map_piece(self, fetch: Fetch, cursor: Cursor, page: Any) -> dict[str, Any] | None:
         """The numbers the publisher's topics reached (``next``), once whole: a publisher
