@@ -719,6 +719,9 @@ class Replays:
                 if type(rows) is not list:
                     raise TypeError(f"rows of type {type(rows).__name__}")
                 reached = self._map_piece(fetch, cursor, page)
+                # (this page's piece of the numbers alone, read with its rows: a piece read before
+                # is older than the rows of the pages delivered since)
+                ahead = self._ahead(cursor, page.get("next") or {})
                 if reached is not None:
                     page = {**page, "next": reached}  # (whole: `_page_read` looks at it)
                     if not cursor.tidying:
@@ -726,12 +729,11 @@ class Replays:
                 self._starts(cursor, page.get("start") or {})
                 if fetch.request.get("n") == 0 and reached is not None and not rows and not more:
                     self._forget_topics(cursor, reached)  # (all its topics, and no row)
-                ahead = self._ahead(cursor, reached) if reached is not None else {}
             except Exception as exc:  # a malformed page: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
             else:
-                if reached is not None:  # (kept until the page was taken: a malformed one is asked for again whole)
+                if reached is not None or ahead:  # (kept until the page was taken: a malformed one is asked for again whole)
                     cursor.forget_map()
                 if ahead:
                     self._gone_back(fetch.key, cursor, ahead)  # (this page's rows are read again with the rest)
@@ -744,8 +746,8 @@ class Replays:
     @staticmethod
     def _ahead(cursor: Cursor, reached: dict[str, Any]) -> dict[str, int]:
         """The topics in which the cursor expects a number its publisher has not reached
-        (``reached``: the number of its next message in each topic, as a page says): ``{topic:
-        reached}``. A publisher commits each message to its history before it sends it, so
+        (``reached``: the number of its next message in each topic, as a page says, read
+        after what the cursor delivered): ``{topic: reached}``. A publisher commits each message to its history before it sends it, so
         no cursor can be past it, but for a place recorded that was damaged (a huge number),
         or a publisher whose numbering went back under a run the cursor followed (its kept
         topics emptied by hand, or its store put back from a copy taken while it ran):
@@ -766,14 +768,14 @@ class Replays:
         Logged and counted (``stats()["pubsub"]["rewound"]``, as for `_rewind`); a durable
         subscription records it at once."""
         self.stats.add("pubsub", "rewound")
-        shown = ", ".join(f"{t!r} at {cursor.next[t]} of {n}" for t, n in list(ahead.items())[:3])
+        shown = ", ".join(f"{t!r} at {cursor.next.get(t)} of {n}" for t, n in list(ahead.items())[:3])
         log.warning("stream %s: this subscription is past its publisher in %d topic(s) (%s%s): a damaged place, or "
                     "a numbering that went back; reading them again from the start of the history, what the "
                     "publisher numbered in them so far marked redelivered", cursor.stream[:8], len(ahead), shown,
                     ", ..." if len(ahead) > 3 else "")
         name = cursor.options.durable_name if self.store is not None else None
         for topic, nxt in ahead.items():
-            del cursor.next[topic]
+            cursor.next.pop(topic, None)
             if nxt > 0:
                 cursor.upto[topic] = nxt - 1
             else:
