@@ -153,13 +153,14 @@ class Fetch(NamedTuple):
 class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
-    __slots__ = ("stream", "node_id", "options", "catching_up", "next", "pos", "held", "held_count", "held_bytes",
+    __slots__ = ("stream", "node_id", "earlier", "options", "catching_up", "next", "pos", "held", "held_count", "held_bytes",
                  "upto", "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since",
                  "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
         self.stream = stream
         self.node_id = node_id
+        self.earlier: tuple[str, ...] = ()  # the nodes it followed before, the last few (`Replays._stream_left`)
         self.options = options  # those of the subscription it was made for (a subscription made again is new)
         self.catching_up = False
         self.next: dict[str, int] = {}  # topic -> the number expected next
@@ -182,6 +183,13 @@ class Cursor:
         self.tidying = False  # the look at the numbers read is for `tidy_at` (not to catch up: `_page_read`)
         self.map_from: str | None = None  # the topic from which the pieces of ``next`` being read go on
         self.map_part: dict[str, int] = {}  # the pieces of ``next`` read so far (`_map_piece`)
+
+    def follow(self, node_id: str) -> None:
+        """Follow the stream as the node ``node_id`` publishes it (a restarted publisher has
+        a new id): the one followed until now is remembered, for its frames still coming."""
+        if node_id != self.node_id:
+            self.earlier = (*self.earlier[-3:], self.node_id)
+            self.node_id = node_id
 
     def take_held(self, more: bool = True) -> deque[_Frame] | None:
         """The live frames held (None: more came than could be), and hold afresh from none;
@@ -238,6 +246,8 @@ class Replays:
         # frames of senders not known yet: sender id -> (first seen, frames)
         self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
         self._unknown_bytes = 0  # the bytes of those frames (`UNKNOWN_MAX_BYTES`)
+        # sender id of a publisher no longer a peer -> (the directory's epoch, its stream or ""): `_stream_left`
+        self._left: dict[str, tuple[int, str]] = {}
         # cursors to look at the history of again: when, and whether for its numbers alone
         # (one entry per stream followed: bounded as the cursors are)
         self._tails: dict[tuple[Key, str], tuple[float, bool]] = {}
@@ -314,7 +324,7 @@ class Replays:
             return cursor.node_id
         for node_id, (stream, _prefixes) in self.directory.streams.items():
             if stream == cursor.stream and node_id in alive:
-                cursor.node_id = node_id
+                cursor.follow(node_id)
                 return node_id
         return None
 
@@ -329,7 +339,8 @@ class Replays:
                     if cursor is not None:
                         self._check_run(key, cursor, node_id, calls)
                     if cursor is not None and cursor.away:  # (the streams are those of present peers)
-                        cursor.away, cursor.node_id = False, node_id
+                        cursor.away = False
+                        cursor.follow(node_id)
                         if not cursor.catching_up:
                             self._look_at((key, stream), 0.0, True)
 
@@ -380,7 +391,8 @@ class Replays:
         cursor.catching_up, cursor.reading, cursor.tidying = False, None, False  # (a page on its way is stale)
         cursor.forget_map()
         cursor.failures, cursor.failing_since = 0, None
-        cursor.node_id, cursor.away = node_id, False
+        cursor.away = False
+        cursor.follow(node_id)
         if cursor.run is not None:
             cursor.left_runs = (*cursor.left_runs[-(_LEFT_RUNS - 1):], cursor.run)
         place = (key, cursor.stream)
@@ -415,8 +427,11 @@ class Replays:
         does the same subscription made anew since (a new one: the frame was matched to the
         one before).
         """
+        left = None  # (the stream of a publisher that left, whose frames are still coming: `_stream_left`)
+        if seq is not None and sender_id is not None and sender_id not in self.directory.alive_ids:
+            left = self._stream_left(sender_id)
         if wait and seq is not None and sender_id is not None and (
-                sender_id not in self.directory.alive_ids or sender_id in self._unknown):
+                (sender_id not in self.directory.alive_ids and left is None) or sender_id in self._unknown):
             since, frames = self._unknown.setdefault(sender_id, (time.monotonic(), deque()))
             frames.append((topic, seq, items, origin, subscriptions, meta, size))  # (behind those waiting: in order)
             self._unknown_bytes += size
@@ -429,11 +444,17 @@ class Replays:
         for key, options in subscriptions:
             if replays.get(key) is not options:  # dropped (or made anew) since the frame was matched to it
                 continue
-            if stream is not None and seq is not None:
+            if left is not None and seq is not None:
+                cursor = self.cursors.get((key, left))
+                if cursor is not None and cursor.options is options:  # (none is made for a publisher gone)
+                    self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
+                               calls)
+                    continue
+            elif stream is not None and seq is not None:
                 cursor = self._cursor(key, options, stream, sender_id, calls)  # type: ignore[arg-type]
                 if cursor is not None:
                     if cursor.node_id != sender_id or cursor.run is None:  # (a restarted publisher: a new id)
-                        cursor.node_id = sender_id  # type: ignore[assignment]
+                        cursor.follow(sender_id)  # type: ignore[arg-type]
                         self._check_run(key, cursor, sender_id, calls)  # type: ignore[arg-type]
                     self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
                                calls)
@@ -442,6 +463,25 @@ class Replays:
             for index, data in enumerate(items):
                 calls.append(Call(key[1], Message("pubsub", topic, data, sender_id, self.directory.lookup_peer,
                                                   origin, index), None, "pubsub"))
+
+    def _stream_left(self, sender_id: str) -> str | None:
+        """The stream of the publisher ``sender_id``, which is no peer any more (it left, was
+        killed, or was taken for gone), as a cursor that follows it names it (or followed it
+        until the node of its restart came): the frames it sent that are still coming are its
+        stream's, to be sequenced as its others (taken for a stranger's, they waited 2 s and
+        went plainly, under ids of its node, and came again from its history under its
+        stream's). None if no cursor follows it. (Remembered per sender while the peers stay
+        as they are: a publisher killed mid-stream leaves thousands of frames behind it, and
+        a cursor follows another node only once that one is a peer.)"""
+        epoch = self.directory.epoch
+        known = self._left.get(sender_id)
+        if known is not None and known[0] == epoch:
+            return known[1] or None
+        found = next((c.stream for c in self.cursors.values() if c.node_id == sender_id or sender_id in c.earlier), "")
+        if len(self._left) >= _MAX_UNKNOWN:
+            self._left.clear()
+        self._left[sender_id] = (epoch, found)
+        return found or None
 
     def release_unknown(self, calls: list[Call], now_for: str | None = None) -> None:
         """Take the frames that waited for their sender: those of senders now known, of
