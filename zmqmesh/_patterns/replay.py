@@ -453,11 +453,17 @@ class Replays:
             elif stream is not None and seq is not None:
                 cursor = self._cursor(key, options, stream, sender_id, calls)  # type: ignore[arg-type]
                 if cursor is not None:
-                    if cursor.node_id != sender_id or cursor.run is None:  # (a restarted publisher: a new id)
+                    moved = cursor.node_id != sender_id
+                    if moved or cursor.run is None:  # (a restarted publisher: a new id)
                         cursor.follow(sender_id)  # type: ignore[arg-type]
                         self._check_run(key, cursor, sender_id, calls)  # type: ignore[arg-type]
                     self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
                                calls)
+                    if moved and not cursor.catching_up:
+                        # its numbers may have gone back under the run followed (a store put back from
+                        # a copy taken while it ran): asked where it is now (`_ahead`), not once it is
+                        # quiet, which a busy publisher never is
+                        self._catch_up(key, options, cursor, numbers_only=True)
                     continue
             # the publisher keeps no history of it (or too many streams are followed): plain delivery
             for index, data in enumerate(items):
@@ -508,10 +514,6 @@ class Replays:
             self._hold(cursor, frame)
             return
         expected = cursor.next.get(frame.topic)
-        if expected is not None and frame.seq < expected and not settled:
-            # (a frame on its way while a read of the history took it, or a numbering that went
-            # back: the publisher is asked where it is, `_ahead`; a busy one is never quiet)
-            self._look_at((key, cursor.stream), 0.0, True)
         if expected is None and (frame.seq == 0 or not cursor.from_start):
             expected = frame.seq  # a topic that starts now (or a subscription that starts now)
         if (expected is None or frame.seq > expected) and frame.meta is not None:
