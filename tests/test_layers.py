@@ -1157,6 +1157,40 @@ def test_a_live_frame_that_says_where_its_topic_began_spares_a_read_of_the_histo
     assert calls[-1].arg.data == 60 and len(fetches) == 2, "a start past the frame's number: the history is read"
 
 
+@pytest.mark.timeout(30)
+def test_a_killed_publishers_node_still_present_beside_its_restart_is_not_followed_nor_a_rewind() -> None:
+    """A publisher killed with SIGKILL and restarted on its store before it was taken for
+    gone (its link dropped, within ``disconnect_grace_s``; its host lost, within
+    ``peer_timeout_s``): its old node, still a peer, and the new one publish the same
+    stream, and the old one's frames still come among the new one's. A frame of the old
+    node made the cursor follow it again, and its run, which the new node's store names as
+    an older one, looked unknown: a rewind (the whole history read again, from the dead
+    node, and delivered again marked redelivered); so did a look at the peers (`sync`)
+    once the cursor had taken the new node's run. The old node's frames are its stream's
+    (taken, not followed), and no numbering went back."""
+    old, new = history_publisher("bb"), history_publisher("cc")
+    old.headers[frames.HEADER["runs"]] = "0a"
+    new.headers[frames.HEADER["runs"]] = "0b,0a"  # (its store: the old node's, opened again)
+    replays, fetches, directory, stats = replaying(old)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.on_page(fetches[-1], history_page(0, 10), None, calls)
+    replays.live("t.x", 10, [10], None, old.id, subscriptions, calls)
+    directory.rebuild({}, [old, new])  # the restart came; the old node is not taken for gone yet
+    replays.sync(calls)
+    replays.sync(calls)  # (the peers looked at again: another came, say)
+    assert stats.snapshot()["pubsub"].get("rewound", 0) == 0, "a look at the peers: no rewind"
+    replays.live("t.x", 12, [12], None, new.id, subscriptions, calls)  # (11, the old node's, still on its way)
+    replays.live("t.x", 11, [11], None, old.id, subscriptions, calls)
+    replays.live("t.x", 13, [13], None, new.id, subscriptions, calls)
+    assert fetches[-1].node_id == new.id, "the history read from the new node"
+    replays.on_page(fetches[-1], history_page(11, 2), None, calls)  # (what it had when asked)
+    replays.deliver_pages(calls)
+    assert stats.snapshot()["pubsub"].get("rewound", 0) == 0, "no numbering went back"
+    assert [(c.arg.data, c.arg.redelivered) for c in calls] == [(n, False) for n in range(14)], "each once, in order"
+
+
 class NumberingPublisher:
     """A kept-topics publisher's numbering, as `History` keeps it: a topic numbered afresh
     begins at the floor (saying so on its first frame, which has headers), and a topic

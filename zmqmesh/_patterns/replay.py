@@ -358,6 +358,8 @@ class Replays:
         runs = self.directory.runs.get(node_id)
         if not runs or cursor.run == runs[0] or runs[0] in cursor.left_runs:
             return  # (the last: a node of a run left, still taken for present)
+        if self._superseded(cursor, node_id):
+            return  # (a node of an older run, killed and still taken for present: `_superseded`)
         if cursor.run is None or cursor.run in runs:
             self._follow_run(cursor, runs[0])
             return
@@ -454,6 +456,13 @@ class Replays:
                 cursor = self._cursor(key, options, stream, sender_id, calls)  # type: ignore[arg-type]
                 if cursor is not None:
                     moved = cursor.node_id != sender_id
+                    if moved and self._superseded(cursor, sender_id):  # type: ignore[arg-type]
+                        # a node the stream had before the one followed, killed and not yet found
+                        # gone: what it sent is still coming, its stream's (as once it left), and
+                        # followed, it made its run look unknown (`_rewind`: its whole history again)
+                        self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
+                                   calls)
+                        continue
                     if moved or cursor.run is None:  # (a restarted publisher: a new id)
                         cursor.follow(sender_id)  # type: ignore[arg-type]
                         self._check_run(key, cursor, sender_id, calls)  # type: ignore[arg-type]
@@ -469,6 +478,20 @@ class Replays:
             for index, data in enumerate(items):
                 calls.append(Call(key[1], Message("pubsub", topic, data, sender_id, self.directory.lookup_peer,
                                                   origin, index), None, "pubsub"))
+
+    def _superseded(self, cursor: Cursor, node_id: str) -> bool:
+        """Whether the node ``node_id``, a peer publishing the cursor's stream, is one the
+        stream had before: the cursor followed it before another, or it runs a run that the
+        store of the node running the run followed names as an older one (``X-ZMQMESH-RUNS``).
+        Only a publisher killed and restarted on its store before it was taken for gone
+        leaves two such peers."""
+        if node_id in cursor.earlier:
+            return True
+        runs = self.directory.runs
+        theirs, followed = runs.get(node_id), cursor.run
+        if not theirs or followed is None or theirs[0] == followed:
+            return False
+        return any(lineage[0] == followed and theirs[0] in lineage for lineage in runs.values())
 
     def _stream_left(self, sender_id: str) -> str | None:
         """The stream of the publisher ``sender_id``, which is no peer any more (it left, was
