@@ -1191,6 +1191,37 @@ def test_a_killed_publishers_node_still_present_beside_its_restart_is_not_follow
     assert [(c.arg.data, c.arg.redelivered) for c in calls] == [(n, False) for n in range(14)], "each once, in order"
 
 
+@pytest.mark.timeout(30)
+def test_frames_of_a_topic_its_publisher_does_not_keep_go_plainly_still_once_it_left() -> None:
+    """A publisher that keeps some topics under a replaying subscription's prefix ("t.k."
+    under "t.") publishes others too, which go plainly (no history has them). Once it left
+    (its goodbye, or killed), the frames of such a topic a subscriber behind it took were
+    made its stream's (a8d3622): new to the cursor past 0, a gap to fill from the history,
+    which it has not. So the stream's frames were held while its history was asked of the
+    publisher gone (30 s, `AWAY_HOLD_S`), then the frame went with a false gap (gap 5,
+    replay_failed 1, its 5 before delivered); the publisher back, the history read answered
+    without it, the frame was a gap again: read again and again, never delivered. They go
+    plainly, as while the publisher was a peer; those of a topic it keeps are its stream's."""
+    publisher = history_publisher("bb")
+    publisher.groups = {frames.OFFER_PREFIXES["history"] + "t.k."}
+    replays, fetches, directory, stats = replaying(publisher)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {}}, None, calls)
+    for n in range(5):
+        replays.live("t.plain", n, [n], None, publisher.id, subscriptions, calls)
+    replays.live("t.k.x", 0, [100], None, publisher.id, subscriptions, calls)
+    directory.rebuild({}, [])  # it leaves: what it sent still comes
+    replays.live("t.plain", 5, [5], None, publisher.id, subscriptions, calls)
+    replays.live("t.k.x", 1, [101], None, publisher.id, subscriptions, calls)
+    assert [(c.arg.data, c.arg.gap) for c in calls] == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (100, 0), (5, 0),
+                                                         (101, 0)]
+    assert len(fetches) == 1, "no history asked of the publisher gone"
+    assert calls[-1].arg.id.startswith("s1/t.k.x/") and not calls[-2].arg.id.startswith("s1/"), \
+        "the kept topic's ids its stream's, the other's its node's, as before it left"
+
+
 class NumberingPublisher:
     """A kept-topics publisher's numbering, as `History` keeps it: a topic numbered afresh
     begins at the floor (saying so on its first frame, which has headers), and a topic

@@ -153,7 +153,7 @@ class Fetch(NamedTuple):
 class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
-    __slots__ = ("stream", "node_id", "earlier", "options", "catching_up", "next", "pos", "held", "held_count", "held_bytes",
+    __slots__ = ("stream", "node_id", "earlier", "kept", "options", "catching_up", "next", "pos", "held", "held_count", "held_bytes",
                  "upto", "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since",
                  "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
 
@@ -161,6 +161,7 @@ class Cursor:
         self.stream = stream
         self.node_id = node_id
         self.earlier: tuple[str, ...] = ()  # the nodes it followed before, the last few (`Replays._stream_left`)
+        self.kept: tuple[str, ...] = ()  # the prefixes its node keeps, as it announced them last (`Replays.live`)
         self.options = options  # those of the subscription it was made for (a subscription made again is new)
         self.catching_up = False
         self.next: dict[str, int] = {}  # topic -> the number expected next
@@ -343,6 +344,8 @@ class Replays:
                         cursor.follow(node_id)
                         if not cursor.catching_up:
                             self._look_at((key, stream), 0.0, True)
+                    if cursor is not None and cursor.node_id == node_id:
+                        cursor.kept = prefixes
 
     # -- a publisher's numbering going back ----------------------------------------------------
 
@@ -448,7 +451,10 @@ class Replays:
                 continue
             if left is not None and seq is not None:
                 cursor = self.cursors.get((key, left))
-                if cursor is not None and cursor.options is options:  # (none is made for a publisher gone)
+                # (none is made for a publisher gone; a topic it does not keep went plainly while it
+                # was a peer, and has no history: followed, its first frame was a gap to fill from
+                # the history, read again and again once the publisher was back)
+                if cursor is not None and cursor.options is options and topic.startswith(cursor.kept):
                     self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
                                calls)
                     continue
@@ -612,6 +618,7 @@ class Replays:
         # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
         resumed = bool(stored) or (name is not None and stream in self._durable.get(name, {}))
         cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or resumed)
+        cursor.kept = self.directory.streams.get(node_id, (stream, ()))[1]
         self.cursors[(key, stream)] = cursor
         if stored:
             for topic, (seq, upto, _pos) in stored.items():
