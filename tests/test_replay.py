@@ -705,6 +705,35 @@ def test_a_publisher_put_back_from_a_copy_taken_while_it_ran_is_seen_by_its_numb
     assert all(r for n, r, _g in again if n < 1000), "what it had before: marked, it may have been handled"
 
 
+@contextlib.contextmanager
+def _reader_back_after_damage(tmp_path: Path, mesh: dict[str, Any], damage: str,
+                              ) -> Iterator[tuple[zmqmesh.Node, zmqmesh.Node, list[tuple[str, int, bool]]]]:
+    """A durable subscriber of ``logs.`` (``replay="all"``, named "reader") that handled 20
+    messages of logs.a and logs.b and stopped; its store then changed by the SQL
+    ``damage`` and 60 more published: yields the publisher and the subscriber started
+    again, with what it got since, ``(topic, data, redelivered)``."""
+    got: list[tuple[str, int, bool]] = []
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("sub", store=str(tmp_path / "sub"), **mesh)
+        node.subscribe("logs.", lambda m: got.append((m.topic, m.data, m.redelivered)), replay="all",
+                       durable_name="reader")
+        return node
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"logs.": 1000}, **mesh) as publisher:
+        for i in range(20):
+            publisher.publish(("logs.a", "logs.b")[i % 2], i)
+        with subscriber():
+            wait_until(lambda: len(got) == 20, 20, "the first 20")
+        with sqlite3.connect(tmp_path / "sub" / "zmqmesh.db") as db:
+            db.execute(damage)
+        got.clear()
+        for i in range(20, 80):
+            publisher.publish(("logs.a", "logs.b")[i % 2], i)
+        with subscriber() as node:
+            yield publisher, node, got
+
+
 def test_a_durable_subscription_whose_place_is_past_its_publisher_reads_the_topic_again(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A place recorded past anything its publisher numbered (a number damaged on disk, of
@@ -713,30 +742,12 @@ def test_a_durable_subscription_whose_place_is_past_its_publisher_reads_the_topi
     show it: the topic is read again from the start of the history, marked redelivered up
     to what the publisher had numbered (its messages may have been handled); logged, counted
     in ``rewound``; the other topics resume where they were."""
-    got: list[tuple[str, int, bool]] = []
-    publisher = zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"logs.": 1000}, **mesh)
-
-    def subscriber() -> zmqmesh.Node:
-        node = zmqmesh.Node("sub", store=str(tmp_path / "sub"), **mesh)
-        node.subscribe("logs.", lambda m: got.append((m.topic, m.data, m.redelivered)), replay="all",
-                       durable_name="reader")
-        return node
-
-    with publisher:
-        for i in range(20):
-            publisher.publish(("logs.a", "logs.b")[i % 2], i)
-        with subscriber():
-            wait_until(lambda: len(got) == 20, 20, "the first 20")
-        with sqlite3.connect(tmp_path / "sub" / "zmqmesh.db") as db:
-            db.execute("UPDATE cursors SET seq = 1000000000000, upto = 1000000000000 WHERE topic = 'logs.a'")
-        got.clear()
-        for i in range(20, 80):
-            publisher.publish(("logs.a", "logs.b")[i % 2], i)
-        with subscriber() as node:
-            wait_until(lambda: {n for _t, n, _r in got} >= set(range(20, 80)), 20, "the 60 published since")
-            publisher.publish("logs.a", 80)  # (after the look: new, not marked)
-            wait_until(lambda: any(n == 80 for _t, n, _r in got), 20, "a message published after")
-            stats = node.stats()["pubsub"]
+    damage = "UPDATE cursors SET seq = 1000000000000, upto = 1000000000000 WHERE topic = 'logs.a'"
+    with _reader_back_after_damage(tmp_path, mesh, damage) as (publisher, node, got):
+        wait_until(lambda: {n for _t, n, _r in got} >= set(range(20, 80)), 20, "the 60 published since")
+        publisher.publish("logs.a", 80)  # (after the look: new, not marked)
+        wait_until(lambda: any(n == 80 for _t, n, _r in got), 20, "a message published after")
+        stats = node.stats()["pubsub"]
     assert stats.get("rewound") == 1 and stats.get("gap", 0) == 0
     assert [n for t, n, _r in got if t == "logs.b"] == list(range(21, 80, 2)), "logs.b resumes where it was"
     assert [(n, r) for t, n, r in got if t == "logs.a"] == [(n, n < 80) for n in range(0, 81, 2)]
@@ -1370,29 +1381,10 @@ def test_a_durable_subscription_whose_stored_place_is_damaged_replays_it_and_say
     of its other topics, where logs.a's first message reported a false gap of 10 (its
     earlier messages were still kept); and a topic of text that is no UTF-8 made the load
     fail, and nothing more was delivered (0 of 60)."""
-    got: list[tuple[str, int, bool]] = []
-    publisher = zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"logs.": 1000}, **mesh)
-
-    def subscriber() -> zmqmesh.Node:
-        node = zmqmesh.Node("sub", store=str(tmp_path / "sub"), **mesh)
-        node.subscribe("logs.", lambda m: got.append((m.topic, m.data, m.redelivered)), replay="all",
-                       durable_name="reader")
-        return node
-
-    with publisher:
-        for i in range(20):
-            publisher.publish(("logs.a", "logs.b")[i % 2], i)
-        with subscriber():
-            wait_until(lambda: len(got) == 20, 20, "the first 20")
-        with sqlite3.connect(tmp_path / "sub" / "zmqmesh.db") as db:
-            db.execute(damage)
-        got.clear()
-        for i in range(20, 80):
-            publisher.publish(("logs.a", "logs.b")[i % 2], i)
-        with subscriber() as node:
-            wait_until(lambda: {n for _t, n, _r in got} >= set(range(0, 80, 2)) | set(range(21, 80, 2)), 20,
-                       "the 60 published since, and logs.a read again")
-            stats = node.stats()
+    with _reader_back_after_damage(tmp_path, mesh, damage) as (_publisher, node, got):
+        wait_until(lambda: {n for _t, n, _r in got} >= set(range(0, 80, 2)) | set(range(21, 80, 2)), 20,
+                   "the 60 published since, and logs.a read again")
+        stats = node.stats()
     assert stats["rejected"].get("store_damaged", 0) == 1
     assert stats["pubsub"].get("gap", 0) == 0, "no message was missed"
     assert [n for t, n, _r in got if t == "logs.b"] == list(range(21, 80, 2)), "logs.b resumes where it was"
