@@ -1035,21 +1035,20 @@ class NodeBase:
 
     def _cycle_message(self, service: str, chain: tuple[str, ...], offered: tuple[str, ...]) -> str:
         node_id = self._engine.directory.node_id
-        if set(offered) == {node_id} and node_id not in chain:
-            return (f"the service {service!r} is offered only by this node, whose async def handlers all run on one "
-                    "event loop, which this blocking call from one of them holds: the call would wait for its own "
-                    "caller. Await it instead (await asyncio.wrap_future(node.submit(...))), or call the function "
-                    "directly")
         if set(offered) == {node_id}:
             inbox = self._engine.inbox
-            # (an async def handler calling an async def service: raising handler_concurrency alone
-            # meets the refusal above, the blocking call holding the loop both share)
-            awaited = inbox is not None and inbox.async_handlers and inbox.service_waits_for_caller(service)
-            return (f"the service {service!r} is offered only by this node, whose handler is calling it: with "
-                    f"handler_concurrency={self.config.handler_concurrency} the call would wait for its own caller. "
-                    "Call the function directly, or raise handler_concurrency" +
-                    (" and await the call (await asyncio.wrap_future(node.submit(...))): the blocking request holds "
-                     "the one event loop of the async def handlers" if awaited else ""))
+            reasons, remedies = [], []
+            if node_id in chain:  # (`waits_for_caller`)
+                reasons.append(f"runs one handler at a time (handler_concurrency={self.config.handler_concurrency})")
+                remedies.append("raise handler_concurrency")
+            if inbox is not None and inbox.service_waits_for_caller(service):
+                reasons.append("runs its async def handlers on one event loop, which this blocking call from one of "
+                               "them holds")
+                remedies.append("await the call (await asyncio.wrap_future(node.submit(...)))")
+            if reasons:
+                return (f"the service {service!r} is offered only by this node, whose handler is calling it, and "
+                        f"which {' and '.join(reasons)}: the call would wait for its own caller. Call the function "
+                        f"directly, or {' and '.join(remedies)}")
         names = " -> ".join(i[:8] for i in (*chain, offered[0]))
         return (f"a call cycle ({names}): every provider of {service!r} waits, up this chain of requests, for "
                 "this very call, and runs one handler at a time. Raise handler_concurrency on the nodes of the "
