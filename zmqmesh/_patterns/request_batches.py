@@ -58,8 +58,13 @@ class Batch(Generic[Key, Waiter]):
                     if request_id in waiting and not gave_up(waiter)]
         if len(kept) == len(self.waiters):
             return []
+        return [item for item, _waiter in self.keep_at(kept)]
+
+    def keep_at(self, kept: list[int]) -> list[tuple[tuple[bytes, bytes, bytes], tuple[bytes, Waiter]]]:
+        """Keep the requests at the indices ``kept`` (in order); the item and the waiter of
+        each of the others."""
         keeping = set(kept)
-        left_out = [item for k, item in enumerate(self.items) if k not in keeping]
+        left_out = [(item, self.waiters[k]) for k, item in enumerate(self.items) if k not in keeping]
         self.items = [self.items[k] for k in kept]
         self.waiters = [self.waiters[k] for k in kept]
         return left_out
@@ -115,13 +120,8 @@ class RequestBatches(Generic[Key, Waiter]):
         removed: list[tuple[bytes, Waiter, bytes]] = []
         for batch in [*self._full, *self._open.values()]:
             kept = [k for k, (_, waiter) in enumerate(batch.waiters) if remove is not None and not remove(waiter)]
-            if len(kept) == len(batch.waiters):
-                continue
-            keeping = set(kept)
-            removed.extend((request_id, waiter, batch.items[k][0])
-                           for k, (request_id, waiter) in enumerate(batch.waiters) if k not in keeping)
-            batch.items = [batch.items[k] for k in kept]
-            batch.waiters = [batch.waiters[k] for k in kept]
+            if len(kept) < len(batch.waiters):
+                removed.extend((request_id, waiter, item[0]) for item, (request_id, waiter) in batch.keep_at(kept))
         return removed
 
     def waiters(self) -> set[Waiter]:

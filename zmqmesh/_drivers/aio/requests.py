@@ -8,6 +8,7 @@ import contextlib
 import math
 import operator
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
@@ -182,21 +183,28 @@ class LoopRequester:
 
     def _expire(self) -> None:
         self._timer, self._timer_at = None, math.inf
-        errors = abandoned = 0
-        overdue = self.outstanding.expired(time.monotonic())
-        unsent = self._batches.waiters() if overdue and self._batches else ()  # (gathered: they never go)
-        for future, service in overdue:
-            if not future.done():
-                errors += future not in unsent
-                future.set_exception(MeshTimeoutError(f"request to {service!r} timed out"))
-            else:
-                abandoned += future not in unsent  # (not swept yet: `abandon`)
-        counters = self.engine.stats.pattern["request"]
-        counters["errors"] += errors
-        counters["abandoned"] += abandoned
+        self._end(self.outstanding.expired(time.monotonic()),
+                  lambda service: MeshTimeoutError(f"request to {service!r} timed out"))
         deadline = self.outstanding.next_deadline()
         if deadline is not None:
             self._arm(deadline)
+
+    def _end(self, ended: list[tuple[Any, str]], error: Callable[[str], BaseException]) -> None:
+        """Fail the requests that ``ended`` (taken out of the table: ``(waiter, service)``
+        each) with ``error(service)``, if still waited for. Those sent count as errors, or
+        as abandoned once their callers gave up (not swept yet: `abandon`); those still
+        gathered never go, and count as nothing."""
+        unsent = self._batches.waiters() if ended and self._batches else ()
+        errors = abandoned = 0
+        for future, service in ended:
+            if not future.done():
+                errors += future not in unsent
+                future.set_exception(error(service))
+            else:
+                abandoned += future not in unsent
+        counters = self.engine.stats.pattern["request"]
+        counters["errors"] += errors
+        counters["abandoned"] += abandoned
 
     def _socket(self, provider: Provider) -> zmq.Socket[Any]:
         sock = self.sockets.get(provider.id)
@@ -268,18 +276,8 @@ class LoopRequester:
         sock = self.sockets.get(peer_id)
         if sock is not None:  # (a frame answers one request or more: bounded by those waiting)
             self._read(sock, peer_id, len(self.outstanding) + 1)
-        errors = abandoned = 0
-        lost = self.outstanding.lost(peer_id)
-        unsent = self._batches.waiters() if lost and self._batches else ()  # (gathered: they never go)
-        for future, _service in lost:
-            if not future.done():
-                errors += future not in unsent  # (counted as the threads' requesters count theirs)
-                future.set_exception(PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
-            else:
-                abandoned += future not in unsent  # (not swept yet: `abandon`)
-        counters = self.engine.stats.pattern["request"]
-        counters["errors"] += errors
-        counters["abandoned"] += abandoned
+        self._end(self.outstanding.lost(peer_id),  # (counted as the threads' requesters count theirs)
+                  lambda _service: PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
         sock = self.sockets.pop(peer_id, None)
         self._known.pop(peer_id, None)
         if sock is not None:
