@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Stats", "RequestTally", "LogThrottle", "PATTERNS", "REQUEST_OUTCOMES", "TALLY_FOLD_AT"]
+__all__ = ["Stats", "RequestTally", "LogThrottle", "PATTERNS", "TALLY_FOLD_AT"]
 
 PATTERNS = ("pubsub", "pipeline", "request", "service", "zre")
 _FIELDS = ("sent", "received", "dropped", "errors")
@@ -87,7 +87,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.pattern: dict[str, dict[str, int]] = {p: dict.fromkeys(_FIELDS, 0) for p in PATTERNS}
-        self.pattern["request"]["abandoned"] = 0  # (see `REQUEST_OUTCOMES`)
+        self.pattern["request"].update(dict.fromkeys(REQUEST_OUTCOMES, 0))
         self.peer_received: defaultdict[str, int] = defaultdict(int)
         self.rejected: defaultdict[str, int] = defaultdict(int)
         self.membership: defaultdict[str, int] = defaultdict(int)

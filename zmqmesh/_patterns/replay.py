@@ -432,11 +432,10 @@ class Replays:
         does the same subscription made anew since (a new one: the frame was matched to the
         one before).
         """
-        left = None  # (the stream of a publisher that left, whose frames are still coming: `_stream_left`)
-        if seq is not None and sender_id is not None and sender_id not in self.directory.alive_ids:
-            left = self._stream_left(sender_id)
-        if wait and seq is not None and sender_id is not None and (
-                (sender_id not in self.directory.alive_ids and left is None) or sender_id in self._unknown):
+        gone = seq is not None and sender_id is not None and sender_id not in self.directory.alive_ids
+        left = self._stream_left(sender_id) if gone else None  # type: ignore[arg-type]
+        # (`left`: the stream of a publisher that left, whose frames are still coming: `_stream_left`)
+        if wait and seq is not None and sender_id is not None and ((gone and left is None) or sender_id in self._unknown):
             since, frames = self._unknown.setdefault(sender_id, (time.monotonic(), deque()))
             frames.append((topic, seq, items, origin, subscriptions, meta, size))  # (behind those waiting: in order)
             self._unknown_bytes += size

@@ -173,7 +173,7 @@ class StoreHold:
         """Whether the lock file says a store was made here (`mark`)."""
         try:
             self._lock_file.seek(0)
-            return bool(self._lock_file.read(len(_MARK)))
+            return bool(self._lock_file.read(len(_MARK)) == _MARK)
         except (OSError, ValueError):  # (unreadable: taken as unmarked, as before marks)
             return False
 
