@@ -19,12 +19,12 @@ from ..._patterns.in_order import InOrder
 from ..._patterns.reqrep import Exchange, QuickRequest
 from ..._patterns.request_batches import EARLY_ITEMS
 from ...errors import ZmqMeshError
+from ..room import room_waits
 from .requests import LoopRequester
 
 __all__ = ["AsyncRunner", "check_loop", "LoopCommits", "Window", "WindowSlot", "wait_until", "wait_for_room"]
 
 
-_ROOM_SLICE_S = 0.1
 _LONE_PASSES = 16
 
 
@@ -428,27 +428,16 @@ def _resolve(future: asyncio.Future[bool], value: bool) -> None:
 
 async def wait_for_room(engine: Engine, full: Callable[[], bool], deadline: float) -> bool:
     """Await while ``full()`` holds (back-pressure): True once there is room, False at
-    ``deadline``. Raises `NodeClosedError` if the node stops, and `CancelledError` at once
-    when the awaiting task is cancelled.
-
-    It wakes the loop's flush at first, and again after each `_ROOM_SLICE_S` with no
-    flush: not after a flush woke it (that one just sent what it could, and a queue it
-    could not empty is tried again by its own retry), or each flush would start the next
-    and spin the loop for as long as the queue stays full."""
+    ``deadline`` (`room_waits`). Raises `NodeClosedError` if the node stops, and
+    `CancelledError` at once when the awaiting task is cancelled."""
     space = engine.space
     if not isinstance(space.event, _RoomSignal):
         space.event = _RoomSignal()
     signal: _RoomSignal = space.event
     loop = engine.loop
     assert isinstance(loop, asyncio.AbstractEventLoop)
-    flushed = False
-    while full():
-        engine.ensure_running()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        if not flushed:
-            engine.outbound.wake()  # type: ignore[union-attr]
-        flushed = await signal.wait(loop, min(remaining, _ROOM_SLICE_S))
-    engine.ensure_running()  # (a stop empties the queues: that room is no place for a message)
-    return True
+    waits = room_waits(engine, full, deadline)
+    finished, step = advance(waits, None, None)
+    while not finished:
+        finished, step = advance(waits, await signal.wait(loop, step), None)
+    return bool(step)

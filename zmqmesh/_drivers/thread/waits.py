@@ -11,11 +11,12 @@ from typing import Any
 
 import zmq
 
-from ..._engine.api import OnLoop
+from ..._engine.api import OnLoop, advance
 from ..._engine.engine import Engine
 from ..._mesh.waiters import Room, Until
 from ...errors import ZmqMeshError
 from ..failures import closed_or_failed
+from ..room import room_waits
 
 __all__ = ["POLL_SLICE_S", "LATE_LOOP_S", "carry_out", "wait_until", "wait_for_room"]
 
@@ -23,7 +24,6 @@ __all__ = ["POLL_SLICE_S", "LATE_LOOP_S", "carry_out", "wait_until", "wait_for_r
 POLL_SLICE_S = 0.05
 """The longest a calling thread (or the inbox's) blocks in one poll or future wait before it
 looks again (whether the node stops, a deadline passed)."""
-_ROOM_SLICE_S = 0.1
 LATE_LOOP_S = 1.0
 """How long past a deadline a calling thread still waits for the loop to answer (a loop that
 is late), and the least a stop waits for the loop's thread to end."""
@@ -61,25 +61,18 @@ def wait_until(engine: Engine, predicate: Callable[[], bool], deadline: float | 
 
 def wait_for_room(engine: Engine, full: Callable[[], bool], deadline: float) -> bool:
     """Block while ``full()`` holds (back-pressure): True once there is room, False at
-    ``deadline``. Raises `NodeClosedError` if the node stops."""
+    ``deadline`` (`room_waits`). Raises `NodeClosedError` if the node stops."""
     space = engine.space
-    flushed = False  # (woken by a flush: it just sent what it could; waking the next one at
-    # once made each flush start another, 30,000 a second for as long as the queue was full)
+    waits = room_waits(engine, full, deadline)
     with space.condition:
         space.waiting += 1
         try:
-            while full():
-                engine.ensure_running()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                if not flushed:
-                    engine.outbound.wake()  # type: ignore[union-attr]
-                flushed = space.condition.wait(min(remaining, _ROOM_SLICE_S))
+            finished, step = advance(waits, None, None)
+            while not finished:
+                finished, step = advance(waits, space.condition.wait(step), None)
+            return bool(step)
         finally:
             space.waiting -= 1
-    engine.ensure_running()  # (a stop empties the queues: that room is no place for a message)
-    return True
 
 
 def carry_out(engine: Engine, step: Any) -> tuple[Any, BaseException | None]:
