@@ -78,6 +78,17 @@ def test_run_forever_wants_the_main_thread(mesh: dict[str, Any]) -> None:
     assert not node.running
 
 
+async def _serve_refused(node: Any, outcome: list[Any]) -> None:
+    """``node.serve_forever()`` expected to be refused: what it raised, then whether the
+    node runs, into ``outcome``; the node stopped after."""
+    try:
+        await node.serve_forever()
+    except BaseException as exc:
+        outcome.append(exc)
+    outcome.append(node.running)
+    await node.stop()
+
+
 def test_serve_forever_on_a_loop_without_signal_handlers_leaves_nothing_running(mesh: dict[str, Any]) -> None:
     """A loop that cannot take signal handlers (``add_signal_handler`` raises
     NotImplementedError: Windows' loops, say): `AsyncNode.serve_forever` raises
@@ -95,17 +106,9 @@ def test_serve_forever_on_a_loop_without_signal_handlers_leaves_nothing_running(
     outcome: list[Any] = []
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    async def main() -> None:
-        try:
-            await node.serve_forever()
-        except BaseException as exc:
-            outcome.append(exc)
-        outcome.append(node.running)
-        await node.stop()
-
     loop = NoSignals()  # (not asyncio.Runner's loop_factory: Python 3.10 has none)
     try:
-        loop.run_until_complete(main())
+        loop.run_until_complete(_serve_refused(node, outcome))
     finally:
         loop.close()
     assert len(outcome) == 2 and type(outcome[0]) is zmqmesh.ZmqMeshError and outcome[1] is False, outcome
@@ -126,15 +129,7 @@ def test_serve_forever_wants_the_main_thread_too(mesh: dict[str, Any]) -> None:
     outcome: list[Any] = []
 
     def run() -> None:
-        async def main() -> None:
-            try:
-                await node.serve_forever()
-            except BaseException as exc:
-                outcome.append(exc)
-            outcome.append(node.running)
-            await node.stop()
-
-        asyncio.run(main())
+        asyncio.run(_serve_refused(node, outcome))
 
     t = threading.Thread(target=run)
     t.start()
