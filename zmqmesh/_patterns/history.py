@@ -173,11 +173,11 @@ class History:
             return
         log.info("forgot the numbering of %d topic(s) of which nothing was kept any more (past %d such "
                  "topics); numbered again, they begin at %d", len(forgotten), MAX_EMPTY_TOPICS, floor)
-        self.stats.add("pubsub", "history_topics_forgotten", len(forgotten))
         for topic in forgotten:
             key = topic.encode()
             self._next.pop(key, None)
             self._first.pop(key, None)
+        self.stats.add("pubsub", "history_topics_forgotten", len(forgotten))
 
     def page(self, prefix: str, after_pos: int, since_ts: float | None, max_bytes: int,
              max_rows: int = PAGE_ROWS, next_from: str | None = None) -> dict[str, Any]:
