@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from typing import Any
@@ -285,14 +286,18 @@ def test_stop_is_idempotent_and_bounded_with_dead_peers(spawn: Any, mesh: dict[s
 
 
 @pytest.mark.lets_nodes_go  # (the node must be collected: see conftest)
-def test_unstopped_node_warns_when_collected(mesh: dict[str, Any]) -> None:
+def test_unstopped_node_warns_when_collected(mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A node collected while it runs warns (a `ResourceWarning`), and says so in the log
+    too: Python shows no ResourceWarning by default, and what it had not sent may be lost."""
     import gc
 
     node = zmqmesh.Node("forgotten", **mesh).start()
     core = node._engine
-    with pytest.warns(ResourceWarning):
+    with pytest.warns(ResourceWarning), caplog.at_level(logging.WARNING, "zmqmesh.node"):
         del node
         gc.collect()
+    assert any("node forgotten was garbage-collected while it ran, never stopped" in r.getMessage()
+               for r in caplog.records), caplog.text
     # clean up what the test leaked on purpose
     import threading
 

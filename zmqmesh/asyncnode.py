@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+from ._drivers import at_exit
 from ._drivers.aio import AsyncRunner, LoopInbox, LoopRequester, check_loop, stop_async
 from ._engine.api import (
     NodeBase,
@@ -35,6 +36,7 @@ log = logging.getLogger("zmqmesh.aio")
 __all__ = ["AsyncNode"]
 
 _RUN_POLL_S = 0.5  # how often serve_forever looks whether the node was stopped meanwhile
+_EXIT_STOP_TIMEOUT_S = 5.0  # the stop's timeout for a node still running at the interpreter's exit (`stop`'s default)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -122,7 +124,33 @@ class AsyncNode(NodeBase):
         except Exception as exc:
             self._mark_stopped()
             raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
+        at_exit.running(self, AsyncNode._stop_at_exit, _EXIT_STOP_TIMEOUT_S + 2 * self.config.linger_s + 2.0)
         return self
+
+    def _stop_at_exit(self) -> None:
+        """At the interpreter's exit, for a node that still runs then (`at_exit`): stop it on
+        its event loop if that one still runs (on another thread) or can be run; say what
+        it had not sent, when its loop has ended (`asyncio.run` returned). Never raises."""
+        loop = self._engine.loop
+        if not self.running or not isinstance(loop, asyncio.AbstractEventLoop):
+            return
+        queued = self._engine.counters()["gauges"]["queued"]
+        if loop.is_closed():  # (nothing can stop it now: said once, here, not again as it is collected)
+            self._mark_stopped()
+            log.warning("node %s was never stopped, and its event loop has ended%s; stop it in the program "
+                        "(`async with node:`, or `await node.stop()`)", self.name,
+                        f": {queued} message(s) it had not sent yet are lost" if queued else "")
+            return
+        log.warning("node %s still runs as the interpreter exits: stopping it, so that what it queued goes out "
+                    "(%d message(s) not sent yet); stop it in the program (`async with node:`, or "
+                    "`await node.stop()`)", self.name, queued)
+        try:
+            if loop.is_running():
+                asyncio.run_coroutine_threadsafe(self.stop(_EXIT_STOP_TIMEOUT_S), loop).result()
+            else:
+                loop.run_until_complete(self.stop(_EXIT_STOP_TIMEOUT_S))
+        except Exception as exc:
+            log.warning("node %s: its stop at exit failed: %s", self.name, exc)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Drain queued sends, say goodbye, close everything. Idempotent and bounded; raises
@@ -136,8 +164,11 @@ class AsyncNode(NodeBase):
         returns once the stop began: the stop waits for that handler. Awaited on another
         event loop than the node's, it hands the stop to the node's loop while that one
         runs, and waits for it there (at most ``timeout``, twice ``linger_s`` and a second
-        more, the stop's own bound; past that it logs a warning and returns)."""
+        more, the stop's own bound; past that it logs a warning and returns). A node still
+        running at the interpreter's exit is stopped then, if its loop still runs or can
+        be run, after a warning in the log."""
         timeout = check_timeout(timeout)
+        at_exit.stopped(self)
         if self._forked():  # (after a fork the sockets, and the stop under way, are the parent's)
             self._mark_stopped()
             return

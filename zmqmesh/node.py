@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from ._drivers import at_exit
 from ._drivers.thread import (
     BlockingRunner,
     ThreadInbox,
@@ -41,6 +42,7 @@ __all__ = ["Node"]
 log = logging.getLogger("zmqmesh.node")
 
 _STOP_WAIT_S = 10.0  # past linger_s: how long run_forever waits for a stop begun by another thread
+_EXIT_STOP_TIMEOUT_S = 5.0  # the stop's timeout for a node still running at the interpreter's exit (`stop`'s default)
 
 
 class Node(NodeBase):
@@ -109,7 +111,19 @@ class Node(NodeBase):
         if interrupted is not None:
             threading.Thread(target=self._stop_after_start, name=f"zmqmesh-stop-{self.name}", daemon=True).start()
             raise interrupted
+        at_exit.running(self, Node._stop_at_exit, self.config.linger_s + _EXIT_STOP_TIMEOUT_S + 2.0)
         return self
+
+    def _stop_at_exit(self) -> None:
+        """Stop the node at the interpreter's exit, when it still runs then (`at_exit`),
+        after a warning saying what it has not sent yet. Never raises but what `stop` does."""
+        if not self.running:
+            return
+        queued = self._engine.counters()["gauges"]["queued"]
+        log.warning("node %s still runs as the interpreter exits: stopping it, so that what it queued goes out "
+                    "(%d message(s) not sent yet); stop it in the program (`with node:`, or `node.stop()`)",
+                    self.name, queued)
+        self.stop(_EXIT_STOP_TIMEOUT_S)
 
     def _stop_after_start(self) -> None:
         """Stop a node whose start was interrupted, once the loop is past that start (the
@@ -146,9 +160,11 @@ class Node(NodeBase):
         one of this node's own handlers, or from a done-callback of a future of `submit`,
         it returns at once (waiting there would wait for the caller itself). Raises
         `ZmqMeshError` only when called on the node's own I/O thread, `ConfigError` for a
-        ``timeout`` that is not a finite number >= 0.
+        ``timeout`` that is not a finite number >= 0. A node still running at the
+        interpreter's exit is stopped then, after a warning in the log.
         """
         timeout = check_timeout(timeout)
+        at_exit.stopped(self)
         if self._forked():  # the sockets and threads are the parent's: leave them alone
             self._mark_stopped()
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import sys
 import threading
@@ -51,6 +52,8 @@ from ..errors import (
 )
 from ..message import Message, Peer
 from .engine import RESERVED_GROUP_PREFIX, Engine, InboxFactory, RequestsFactory
+
+log = logging.getLogger("zmqmesh.node")
 
 if TYPE_CHECKING:
     from .._patterns.durable import Ticket
@@ -666,9 +669,17 @@ class NodeBase:
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
-        if engine is not None and engine.started and not getattr(self, "_stopped", True):
-            warnings.warn(f"zmqmesh node {engine.name!r} was garbage-collected without stop()",
-                          ResourceWarning, stacklevel=2)
+        if engine is None or not engine.started or getattr(self, "_stopped", True) or self._forked():
+            return
+        warnings.warn(f"zmqmesh node {engine.name!r} was garbage-collected without stop()",
+                      ResourceWarning, stacklevel=2)
+        try:  # (also said in the log: Python shows no ResourceWarning by default, and this one may lose messages)
+            queued = engine.counters()["gauges"]["queued"]
+            log.warning("node %s was garbage-collected while it ran, never stopped: what it had not sent yet (%d "
+                        "message(s)) may be lost; keep a running node referenced, and stop it (`with node:`, or "
+                        "`stop()`)", engine.name, queued)
+        except Exception:  # (the interpreter is shutting down)
+            pass
 
     # the calls, as plans (the node kinds run them) -----------------------------------------------
 

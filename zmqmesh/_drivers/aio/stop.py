@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..._engine.api import advance
@@ -39,10 +41,10 @@ async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
             elif step.where == INBOX:
                 await inbox.stop(*step.args)
             elif step.where == CALLER:  # (it blocks: never on the loop)
-                await asyncio.get_running_loop().run_in_executor(None, step.fn)
+                await _off_the_loop(step.fn)
             elif step.where == AFTER_LOOP:
                 bound = engine.config.linger_s + 1  # the lingers were set within linger_s
-                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, step.fn), bound)
+                await asyncio.wait_for(_off_the_loop(step.fn), bound)
             else:
                 await asyncio.sleep(step.args[0])
         except asyncio.CancelledError:
@@ -52,3 +54,33 @@ async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
                 uncancel()
         except Exception as exc:
             log.warning("node %s: %s failed while stopping: %s", engine.name, step.what, exc)
+
+
+async def _off_the_loop(fn: Callable[[], Any]) -> Any:
+    """``fn()``, run on another thread than the loop's: the loop's default executor, or a
+    thread of its own once that executor takes no more work (the interpreter exits: a
+    node still running then is stopped, `at_exit`)."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(None, fn)
+    except RuntimeError:  # ("cannot schedule new futures after interpreter shutdown")
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if done.done():  # (cancelled: the stop went on without it)
+                return
+            if error is None:
+                done.set_result(result)
+            else:
+                done.set_exception(error)
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        threading.Thread(target=run, name="zmqmesh-stop-step", daemon=True).start()
+        return await done
