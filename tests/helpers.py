@@ -34,6 +34,30 @@ def free_tcp_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_outside_ephemeral_range() -> int:
+    """A TCP port nobody on this host uses right now, below the kernel's range of ports
+    for outgoing connections: for an endpoint that something dials before anything
+    listens there. (Dialled again and again with nothing listening, a port within that
+    range is now and then given to the dialler itself, which then connects to itself,
+    TCP's simultaneous open, and holds the port: a bind there fails, EADDRINUSE.)"""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lowest = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest = 32768
+    for _ in range(200):
+        port = random.randrange(10_000, max(lowest, 10_001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
+
+
 @contextlib.contextmanager
 def gateway_process(mesh: dict[str, Any], token: str | None = None) -> Iterator[str]:
     """A `zmqmesh gateway` process on loopback in ``mesh`` (with ``token`` from the

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 import zmq
-from helpers import fake_zre_peer, free_tcp_port, send_as, wait_until
+from helpers import (
+    fake_zre_peer,
+    free_port_outside_ephemeral_range,
+    free_tcp_port,
+    send_as,
+    wait_until,
+)
 
 import zmqmesh
 from zmqmesh._wire import zre
@@ -165,7 +171,7 @@ def test_a_peer_whose_endpoint_comes_up_within_the_grace_is_kept(
                                        "disconnect_grace_s": 2.0})
     node.on_join(lambda peer: events.append("join"))
     node.on_leave(lambda peer: events.append("leave"))
-    port = free_tcp_port()
+    port = free_port_outside_ephemeral_range()  # (dialled before it listens: see there)
     with node:
         unused, dealer, _ = fake_zre_peer(ctx, node.endpoints["mailbox"])
         unused.close(0)  # the peer claims another endpoint, where nothing listens yet

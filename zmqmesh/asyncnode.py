@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from ._drivers import at_exit
@@ -103,6 +103,7 @@ class AsyncNode(NodeBase):
         super().__init__(name, NodeConfig.from_options(config, **options), LoopInbox, LoopRequester)
         self._runner = AsyncRunner(self._engine)
         self._stopping: asyncio.Future[None] | None = None  # the stop under way (see `stop`)
+        self._loop_end: AsyncIterator[None] | None = None  # (see `_stop_as_loop_ends`)
 
     async def start(self) -> AsyncNode:
         """Bind, start discovery and handlers on the running loop; returns the node.
@@ -125,7 +126,28 @@ class AsyncNode(NodeBase):
             self._mark_stopped()
             raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
         at_exit.running(self, AsyncNode._stop_at_exit, _EXIT_STOP_TIMEOUT_S + 2 * self.config.linger_s + 2.0)
+        self._loop_end = self._stop_as_loop_ends()
+        await self._loop_end.__anext__()  # (its first step: the loop now holds it, `_stop_as_loop_ends`)
         return self
+
+    async def _stop_as_loop_ends(self) -> AsyncIterator[None]:
+        """Held open from the start on: the event loop closes it as it shuts down
+        (``asyncio.run`` does when its coroutine returns or raises: ``shutdown_asyncgens``),
+        or when the node is collected, and a node still running then is stopped on the
+        loop, after a warning. (Left running, its loop's end cut it off: what it had not
+        sent was lost, and peers waited ``peer_timeout_s`` to take it for gone.)"""
+        try:
+            yield
+        finally:
+            try:
+                on_its_loop = asyncio.get_running_loop() is self._engine.loop
+            except RuntimeError:  # (closed with no loop running: nothing to stop it on)
+                on_its_loop = False
+            if on_its_loop and self.running:
+                log.warning("node %s still runs as its event loop ends: stopping it, so that what it queued goes "
+                            "out (%d message(s) not sent yet); stop it in the program (`async with node:`, or "
+                            "`await node.stop()`)", self.name, self._engine.counters()["gauges"]["queued"])
+                await self.stop(_EXIT_STOP_TIMEOUT_S)
 
     def _stop_at_exit(self) -> None:
         """At the interpreter's exit, for a node that still runs then (`at_exit`): stop it on
