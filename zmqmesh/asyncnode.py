@@ -152,7 +152,8 @@ class AsyncNode(NodeBase):
     def _stop_at_exit(self) -> None:
         """At the interpreter's exit, for a node that still runs then (`at_exit`): stop it on
         its event loop if that one still runs (on another thread) or can be run; say what
-        it had not sent, when its loop has ended (`asyncio.run` returned). Never raises."""
+        it had not sent, when its loop was closed under it (``loop.close()`` without the
+        shutdown that `_stop_as_loop_ends` stops it in). Never raises."""
         loop = self._engine.loop
         if not self.running or not isinstance(loop, asyncio.AbstractEventLoop):
             return
