@@ -1294,6 +1294,14 @@ def test_a_ctrl_c_during_the_start_leaves_no_node_running(mesh: dict[str, Any], 
         node.start()
 
 
+def _assert_collected_while_running(stderr: str) -> None:
+    """The `ABANDONED_*` programs test what becomes of a node collected while it runs:
+    that it was, and not stopped (an `AsyncNode` left running as ``asyncio.run`` ends is
+    stopped on its loop: those programs close their loop without its shutdown)."""
+    assert "was garbage-collected while it ran, never stopped" in stderr, stderr[-1500:]
+    assert "still runs as its event loop ends" not in stderr, stderr[-1500:]
+
+
 ABANDONED_WHILE_RUNNING = """
 import asyncio, gc, os, sys, time, zmqmesh
 def fds():
@@ -1304,7 +1312,9 @@ async def main():
     node.service("echo", lambda msg: msg.data)
     await node.start()
     await node.wait_for_peers(1, timeout=10)
-asyncio.run(main())  # (its loop ends with the node running: never stopped)
+loop = asyncio.new_event_loop()  # (not asyncio.run: its shutdown would stop the node)
+loop.run_until_complete(main())
+loop.close()  # (its loop ends with the node running, without a shutdown: never stopped)
 print("loop ended", flush=True)
 started = time.monotonic()
 gc.collect()
@@ -1340,6 +1350,7 @@ def test_an_async_node_whose_loop_ended_while_it_ran_is_collected_without_a_hang
     lines = out.splitlines()
     assert lines[:2] == ["loop ended", "collected"], f"hung: {out!r} {err[-1500:]}"
     assert proc.returncode == 0, err[-1500:]
+    _assert_collected_while_running(err)
     left = int(lines[2].split()[-1])
     assert left <= 2, f"{left} descriptors left open"
 
@@ -1351,7 +1362,9 @@ async def first():
     node = zmqmesh.AsyncNode("abandoned", store=store, mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
     await node.start()
     await node.push("later", "kept", durable=True)
-asyncio.run(first())  # (its loop ends with the node running: never stopped)
+loop = asyncio.new_event_loop()  # (not asyncio.run: its shutdown would stop the node)
+loop.run_until_complete(first())
+loop.close()  # (its loop ends with the node running, without a shutdown: never stopped)
 gc.collect()
 async def second():
     deadline = time.monotonic() + 5
@@ -1383,6 +1396,7 @@ def test_the_store_of_an_async_node_whose_loop_ended_while_it_ran_is_let_go_when
                              mesh["mesh"], str(mesh["beacon_port"]), str(tmp_path / "store")],
                             capture_output=True, text=True, timeout=45)
     assert result.returncode == 0, result.stderr[-1500:]
+    _assert_collected_while_running(result.stderr)
     assert result.stdout.startswith("opened"), result.stdout + result.stderr[-1500:]
 
 
@@ -1399,7 +1413,9 @@ with zmqmesh.Node("client", **mesh) as client:
         await node.start()
         reply = await asyncio.get_running_loop().run_in_executor(None, lambda: client.request("echo", 5, timeout=10))
         assert reply == 5
-    asyncio.run(main())  # (its loop ends with the node running: never stopped)
+    loop = asyncio.new_event_loop()  # (not asyncio.run: its shutdown would stop the node)
+    loop.run_until_complete(main())
+    loop.close()  # (its loop ends with the node running, without a shutdown: never stopped)
     gc.collect()
     deadline = time.monotonic() + 10
     while (fds() > before + 2 or any(t.name.startswith("zmqmesh-handler") for t in threading.enumerate())) \\
@@ -1426,6 +1442,7 @@ def test_an_async_node_whose_loop_ended_after_a_def_handler_ran_is_collected_too
                              mesh["mesh"], str(mesh["beacon_port"]), str(tmp_path / "store")],
                             capture_output=True, text=True, timeout=45)
     assert result.returncode == 0, result.stderr[-1500:]
+    _assert_collected_while_running(result.stderr)
     lines = result.stdout.splitlines()
     assert len(lines) == 2 and int(lines[0].split()[-1]) <= 2 and lines[1] == "threads left []", \
         result.stdout + result.stderr[-1500:]
@@ -1436,7 +1453,9 @@ import asyncio, gc, sys, time, zmqmesh
 mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2]), "metrics_port": int(sys.argv[3])}
 async def first():
     await zmqmesh.AsyncNode("abandoned", **mesh).start()
-asyncio.run(first())  # (its loop ends with the node running: never stopped)
+loop = asyncio.new_event_loop()  # (not asyncio.run: its shutdown would stop the node)
+loop.run_until_complete(first())
+loop.close()  # (its loop ends with the node running, without a shutdown: never stopped)
 gc.collect()
 async def second():
     deadline = time.monotonic() + 5
@@ -1471,6 +1490,7 @@ def test_the_metrics_port_of_an_async_node_whose_loop_ended_while_it_ran_is_let_
                              mesh["mesh"], str(mesh["beacon_port"]), str(free_tcp_port())],
                             capture_output=True, text=True, timeout=45)
     assert result.returncode == 0, result.stderr[-1500:]
+    _assert_collected_while_running(result.stderr)
     assert result.stdout.startswith("served"), result.stdout + result.stderr[-1500:]
 
 
@@ -1479,7 +1499,9 @@ import asyncio, gc, os, socket, stat, sys, time, zmqmesh
 mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2]), "metrics_port": int(sys.argv[3])}
 async def first():
     await zmqmesh.AsyncNode("abandoned", **mesh).start()
-asyncio.run(first())  # (its loop ends with the node running: never stopped)
+loop = asyncio.new_event_loop()  # (not asyncio.run: its shutdown would stop the node)
+loop.run_until_complete(first())
+loop.close()  # (its loop ends with the node running, without a shutdown: never stopped)
 gc.collect()
 mine = socket.socket()
 deadline = time.monotonic() + 10
@@ -1515,6 +1537,7 @@ def test_a_forked_child_keeps_a_programs_socket_on_a_port_an_abandoned_node_had(
                              mesh["mesh"], str(mesh["beacon_port"]), str(free_tcp_port())],
                             capture_output=True, text=True, timeout=45)
     assert result.returncode == 0, result.stderr[-1500:]
+    _assert_collected_while_running(result.stderr)
     assert result.stdout.strip() == "kept", result.stdout + result.stderr[-1500:]
 
 
