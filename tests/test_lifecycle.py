@@ -1696,3 +1696,137 @@ def test_an_async_node_whose_loop_was_closed_under_it_is_reported_once_at_exit(m
     _got, stderr = _run_left_running(mesh, "AsyncNode-loop-closed", 10, 100)
     assert stderr.count("node left-running was never stopped, and its event loop has ended") == 1, stderr[-2000:]
     assert "garbage-collected" not in stderr, stderr[-2000:]
+
+
+def _exit_script(script: str, *args: str, timeout: float = 60) -> tuple[float, str, str]:
+    """Run ``script`` (python -c) to its end: how long it took, its stdout and stderr."""
+    import subprocess
+    import sys
+
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    return time.monotonic() - began, result.stdout, result.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_child_forked_while_another_thread_held_the_at_exit_lock_still_exits() -> None:
+    """A child forked while another thread of the parent was in `at_exit` (a node
+    starting or stopping) inherited its lock held, and hung for ever in its exit
+    (sys.exit: 69 of 200 children, with a thread calling stop() meanwhile)."""
+    script = """
+import os, sys, threading, time, zmqmesh
+from zmqmesh._drivers import at_exit
+zmqmesh.Node("first", discovery=False).start().stop()  # (the exit's handler is in place)
+held, done = threading.Event(), threading.Event()
+def hold():
+    with at_exit._LOCK:
+        held.set(); done.wait()
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)
+done.set()
+deadline = time.monotonic() + 10
+while not os.waitpid(pid, os.WNOHANG)[0]:
+    if time.monotonic() > deadline:
+        os.kill(pid, 9); os.waitpid(pid, 0); print("hung"); break
+    time.sleep(0.01)
+else:
+    print("exited")
+"""
+    _took, out, err = _exit_script(script)
+    assert out == "exited\n", out + err[-2000:]
+
+
+@pytest.mark.timeout(90)
+def test_async_nodes_sharing_an_idle_loop_are_all_stopped_at_exit(mesh: dict[str, Any]) -> None:
+    """Two `AsyncNode`s left on one idle, open loop: each at-exit stop ran that loop
+    (run_until_complete); the second handed its stop to it while the first ran it, and
+    waited for ever once the first stopped it: the exit waited the whole bound (47 s
+    with linger_s=20), the second node's stop unfinished."""
+    script = """
+import asyncio, sys, zmqmesh
+mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2])}
+loop = asyncio.new_event_loop()
+nodes = [zmqmesh.AsyncNode(f"idle{i}", linger_s=5, **mesh) for i in range(3)]
+async def main():
+    for node in nodes:
+        await node.start()
+loop.run_until_complete(main())  # (the loop is left idle, open)
+"""
+    took, _out, err = _exit_script(script, mesh["mesh"], str(mesh["beacon_port"]))
+    assert err.count("still runs as the interpreter exits: stopping it") == 3, err[-2000:]
+    assert "did not end within" not in err and "failed" not in err, err[-2000:]
+    assert took < 8, (took, err[-2000:])
+
+
+@pytest.mark.timeout(90)
+def test_the_exit_waits_for_stops_that_do_not_end_all_at_once(mesh: dict[str, Any]) -> None:
+    """Nodes whose stops at exit do not end (their loops blocked) are waited for all at
+    once, each within its bound from the start: the bounds were waited one after the
+    other (3 nodes of an 8 s bound: 24 s)."""
+    script = """
+import asyncio, sys, threading, time, zmqmesh
+mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2])}
+nodes = []
+for i in range(3):
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    node = zmqmesh.AsyncNode(f"blocked{i}", linger_s=0.5, **mesh)  # (bound: 5 + 2 * 0.5 + 2 = 8 s)
+    asyncio.run_coroutine_threadsafe(node.start(), loop).result(10)
+    nodes.append(node)
+    loop.call_soon_threadsafe(time.sleep, 3600)  # (a handler blocking its loop)
+"""
+    took, _out, err = _exit_script(script, mesh["mesh"], str(mesh["beacon_port"]))
+    assert err.count("did not end within 8.0 s") == 3, err[-2000:]
+    assert took < 14, (took, err[-2000:])
+
+
+def test_a_stop_step_raising_runtime_error_runs_once() -> None:
+    """`_off_the_loop` fell back to a thread of its own on a RuntimeError of the step
+    itself too (not only of the executor refusing it), and ran the step a second time."""
+    from zmqmesh._drivers.aio.stop import _off_the_loop
+
+    calls: list[int] = []
+
+    def step() -> None:
+        calls.append(1)
+        raise RuntimeError("the step failed")
+
+    with pytest.raises(RuntimeError, match="the step failed"):
+        asyncio.run(_off_the_loop(step))
+    assert calls == [1]
+
+
+STOPPED_IN_ITS_HANDLER = """
+import sys, time, zmqmesh
+mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2])}
+kind, count, size = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+node = zmqmesh.Node("left-running", linger_s=20, **mesh)
+@node.subscribe("go")
+def go(msg):
+    node.push_many("work", [bytes([i % 256]) * size for i in range(count)])
+    node.stop()  # (from its own handler: returns at once, the stop runs on a daemon thread)
+node.start()
+node.wait_for_pullers("work", timeout=10)
+node.publish("go", 1)
+while node.running:
+    time.sleep(0.01)
+print("pushed", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_stop_begun_in_a_handler_is_waited_for_at_exit(mesh: dict[str, Any], monkeypatch: Any) -> None:
+    """A node stopped from its own handler stops on a daemon thread; a program ending
+    meanwhile (its node no longer `running`) cut the drain short, and nothing said so
+    (1,186 of 2,000 pushes of 30 KB delivered). The exit waits for that stop."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "LEFT_RUNNING_AT_EXIT", STOPPED_IN_ITS_HANDLER)
+    got, stderr = _run_left_running(mesh, "Node", 2000, 30_000)
+    assert len(got) == 2000, f"{len(got)} of 2000 delivered; {stderr[-2000:]}"
+    assert "node left-running is still stopping as the interpreter exits" in stderr, stderr[-2000:]

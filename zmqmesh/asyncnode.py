@@ -82,6 +82,9 @@ class _ServingHandlers:
                 signal.signal(sig, previous)
 
 
+_EXIT_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # idle loops run at exit (`_stop_at_exit`)
+_EXIT_LOOPS_LOCK = threading.Lock()
+
 _SERVING_ON: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ServingHandlers] = weakref.WeakKeyDictionary()
 
 
@@ -168,10 +171,20 @@ class AsyncNode(NodeBase):
                     "(%d message(s) not sent yet); stop it in the program (`async with node:`, or "
                     "`await node.stop()`)", self.name, queued)
         try:
-            if loop.is_running():
-                asyncio.run_coroutine_threadsafe(self.stop(_EXIT_STOP_TIMEOUT_S), loop).result()
-            else:
-                loop.run_until_complete(self.stop(_EXIT_STOP_TIMEOUT_S))
+            with _EXIT_LOOPS_LOCK:
+                if not loop.is_running() and loop not in _EXIT_LOOPS:
+                    # An idle loop is run here on a thread of its own, and left running: the
+                    # other nodes of that loop, stopped at exit on threads of their own, hand
+                    # their stops to it too. (Each running it with run_until_complete, the
+                    # second found it running and handed its stop to a loop the first then
+                    # stopped: it waited for ever, and its node was not stopped.)
+                    try:
+                        threading.Thread(target=loop.run_forever, name="zmqmesh-loop-at-exit", daemon=True).start()
+                    except RuntimeError:  # (no new thread now: run here, one node after another)
+                        loop.run_until_complete(self.stop(_EXIT_STOP_TIMEOUT_S))
+                        return
+                    _EXIT_LOOPS.add(loop)
+            asyncio.run_coroutine_threadsafe(self.stop(_EXIT_STOP_TIMEOUT_S), loop).result()
         except Exception as exc:
             log.warning("node %s: its stop at exit failed: %s", self.name, exc)
 

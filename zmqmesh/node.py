@@ -125,6 +125,16 @@ class Node(NodeBase):
                     self.name, queued)
         self.stop(_EXIT_STOP_TIMEOUT_S)
 
+    def _finish_stop_at_exit(self) -> None:
+        """At the interpreter's exit, wait for a stop begun in one of the node's handlers
+        that has not ended yet (it runs on a daemon thread), after a warning. Never raises."""
+        stopper = self._stopper
+        if stopper is None or not stopper.is_alive():
+            return
+        log.warning("node %s is still stopping as the interpreter exits (a stop begun in one of its handlers): "
+                    "waiting for it, so that what it queued goes out", self.name)
+        stopper.join()
+
     def _stop_after_start(self) -> None:
         """Stop a node whose start was interrupted, once the loop is past that start (the
         stop needs what it made). Never raises."""
@@ -192,6 +202,10 @@ class Node(NodeBase):
                 (isinstance(requests, ThreadRequesters) and requests.on_submit_thread()):
             # (a handler, or a done-callback of a submitted request, does not wait: the stop
             # waits for the handlers, and for the submit thread to end)
+            if stopper is not None and stopper.daemon and stopper is not threading.current_thread():
+                # (that stop runs on a daemon thread: a program ending meanwhile cut its drain
+                # short, unsaid; the exit waits for it instead)
+                at_exit.running(self, Node._finish_stop_at_exit, self.config.linger_s + timeout + 2.0)
             return
         stopper.join()  # (also a second call: it waits for the first's stop)
 

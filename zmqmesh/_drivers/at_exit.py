@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +27,17 @@ log = logging.getLogger("zmqmesh.node")
 _RUNNING: weakref.WeakKeyDictionary[Any, tuple[Callable[[Any], None], float]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 _REGISTERED = [False]
+
+
+def _forget_in_child() -> None:
+    # (a forked child: its parent's nodes are not its own to stop, and a lock another thread
+    # of the parent held at the fork would stay held for ever: the child's exit hung on it)
+    global _RUNNING, _LOCK
+    _RUNNING = weakref.WeakKeyDictionary()
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def running(node: Any, stop: Callable[[Any], None], bound_s: float) -> None:
@@ -53,6 +66,7 @@ def _stop_running() -> None:
     if not left:
         return
     waits = []
+    began = time.monotonic()
     for node, (stop, bound_s) in left:
         thread = threading.Thread(target=_stop_one, args=(node, stop), name="zmqmesh-stop-at-exit", daemon=True)
         try:
@@ -62,8 +76,8 @@ def _stop_running() -> None:
             _stop_one(node, stop)
             continue
         waits.append((thread, bound_s, node))
-    for thread, bound_s, node in waits:
-        thread.join(bound_s)
+    for thread, bound_s, node in waits:  # (all at once: each bound counts from the start, not from the last join)
+        thread.join(max(0.0, began + bound_s - time.monotonic()))
         if thread.is_alive():
             log.warning("node %s: its stop at exit did not end within %.1f s; exiting without it",
                         getattr(node, "name", node), bound_s)

@@ -62,25 +62,28 @@ async def _off_the_loop(fn: Callable[[], Any]) -> Any:
     node still running then is stopped, `at_exit`)."""
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(None, fn)
+        handed = loop.run_in_executor(None, fn)
     except RuntimeError:  # ("cannot schedule new futures after interpreter shutdown")
-        done: asyncio.Future[Any] = loop.create_future()
+        handed = None  # (not around the await: a RuntimeError of fn's own would run it twice)
+    if handed is not None:
+        return await handed
+    done: asyncio.Future[Any] = loop.create_future()
 
-        def settle(result: Any, error: BaseException | None) -> None:
-            if done.done():  # (cancelled: the stop went on without it)
-                return
-            if error is None:
-                done.set_result(result)
-            else:
-                done.set_exception(error)
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():  # (cancelled: the stop went on without it)
+            return
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
 
-        def run() -> None:
-            try:
-                result = fn()
-            except BaseException as exc:
-                loop.call_soon_threadsafe(settle, None, exc)
-            else:
-                loop.call_soon_threadsafe(settle, result, None)
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
 
-        threading.Thread(target=run, name="zmqmesh-stop-step", daemon=True).start()
-        return await done
+    threading.Thread(target=run, name="zmqmesh-stop-step", daemon=True).start()
+    return await done
