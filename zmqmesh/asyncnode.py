@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable
@@ -129,8 +130,9 @@ class AsyncNode(NodeBase):
             self._mark_stopped()
             raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
         at_exit.running(self, AsyncNode._stop_at_exit, _EXIT_STOP_TIMEOUT_S + 2 * self.config.linger_s + 2.0)
-        self._loop_end = self._stop_as_loop_ends()
-        await self._loop_end.__anext__()  # (its first step: the loop now holds it, `_stop_as_loop_ends`)
+        if sys.get_asyncgen_hooks().finalizer is not None:  # (a loop that closes what it holds: asyncio's do)
+            self._loop_end = self._stop_as_loop_ends()
+            await self._loop_end.__anext__()  # (its first step: the loop now holds it, `_stop_as_loop_ends`)
         return self
 
     async def _stop_as_loop_ends(self) -> AsyncIterator[None]:
@@ -147,9 +149,10 @@ class AsyncNode(NodeBase):
             except RuntimeError:  # (closed with no loop running: nothing to stop it on)
                 on_its_loop = False
             if on_its_loop and self.running:
-                log.warning("node %s still runs as its event loop ends: stopping it, so that what it queued goes "
-                            "out (%d message(s) not sent yet); stop it in the program (`async with node:`, or "
-                            "`await node.stop()`)", self.name, self._engine.counters()["gauges"]["queued"])
+                log.warning("node %s was left running (its event loop ends, or nothing refers to it any more): "
+                            "stopping it, so that what it queued goes out (%d message(s) not sent yet); stop it in "
+                            "the program (`async with node:`, or `await node.stop()`)", self.name,
+                            self._engine.counters()["gauges"]["queued"])
                 await self.stop(_EXIT_STOP_TIMEOUT_S)
 
     def _stop_at_exit(self) -> None:
