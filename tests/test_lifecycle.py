@@ -1860,3 +1860,21 @@ def test_an_async_node_on_a_loop_without_async_generator_hooks_is_collected_quie
     assert result.returncode == 0 and result.stdout == "ended\n", result.stdout + result.stderr[-1500:]
     assert "ignored GeneratorExit" not in result.stderr, result.stderr[-1500:]
     assert "was garbage-collected while it ran, never stopped" in result.stderr, result.stderr[-1500:]
+
+
+def test_a_stopped_async_node_used_from_another_loop_says_it_stopped(mesh: dict[str, Any]) -> None:
+    """A stopped `AsyncNode` used from a second ``asyncio.run`` raised `ZmqMeshError`
+    "runs on another event loop", as if it ran: `NodeClosedError`, as on its own loop."""
+    async def first() -> zmqmesh.AsyncNode:
+        async with zmqmesh.AsyncNode("once", **mesh) as node:
+            return node
+
+    node = asyncio.run(first())
+
+    async def second() -> None:
+        with pytest.raises(zmqmesh.NodeClosedError):
+            await node.publish("t", 1)
+        with pytest.raises(zmqmesh.NodeClosedError):
+            await node.request("s", 1, timeout=1)
+
+    asyncio.run(second())

@@ -30,12 +30,13 @@ _LONE_PASSES = 16
 
 def check_loop(engine: Engine) -> None:
     """Raises `ZmqMeshError` when called from another event loop than the node's: its
-    sockets and futures belong to that one loop."""
+    sockets and futures belong to that one loop (`NodeClosedError` once it stopped)."""
     # (asked of asyncio every call, though on Python 3.11 its answer costs a getpid() system
     # call, some 0.3 us of a request's 7 in flight: no cheaper check is exact, since a
     # node's loop may be run again on another thread, or set aside by a bridge that runs
     # another loop on its thread)
     if engine.started and asyncio.get_running_loop() is not engine.loop:
+        engine.ensure_running()  # (stopped: that is what to say, wherever it is called from)
         raise ZmqMeshError("this AsyncNode runs on another event loop; use it from the loop that "
                            "started it (or start a node per loop)")
 
