@@ -1878,3 +1878,38 @@ def test_a_stopped_async_node_used_from_another_loop_says_it_stopped(mesh: dict[
             await node.request("s", 1, timeout=1)
 
     asyncio.run(second())
+
+
+def test_an_async_node_on_a_loop_set_aside_is_stopped_on_that_loop_from_another(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """An `AsyncNode` started on a loop that was then set aside (neither running nor
+    closed), stopped from another loop: the stop ran on the caller's loop, waited its whole
+    timeout for the owner loop's tasks (20 s here), and left them pending ("Task was
+    destroyed but it is pending!"). It runs on the owner loop, which is idle again after."""
+    import gc
+
+    left: list[str] = []
+    with zmqmesh.Node("watcher", **mesh) as watcher:
+        watcher.on_leave(lambda peer: left.append(peer.name))
+        node = zmqmesh.AsyncNode("set-aside", **mesh)
+        owner = asyncio.new_event_loop()
+        try:
+            owner.run_until_complete(node.start())
+            owner.run_until_complete(node.wait_for_peers(1, timeout=10))
+
+            async def seen() -> None:  # (the owner loop runs meanwhile: the node greets the watcher)
+                while not watcher.peers():
+                    await asyncio.sleep(0.05)
+
+            owner.run_until_complete(asyncio.wait_for(seen(), 10))
+            began = time.monotonic()
+            with caplog.at_level(logging.ERROR, "asyncio"):
+                asyncio.run(node.stop(timeout=20))
+                gc.collect()
+            assert time.monotonic() - began < 10, "the stop waited out its timeout"
+            assert not node.running
+            wait_until(lambda: left == ["set-aside"], 5, "the goodbye")
+            owner.run_until_complete(asyncio.sleep(0))  # (idle again: usable by its program)
+        finally:
+            owner.close()
+    assert "Task was destroyed but it is pending" not in caplog.text, caplog.text

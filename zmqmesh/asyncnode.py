@@ -86,6 +86,17 @@ class _ServingHandlers:
 _EXIT_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # idle loops run at exit (`_stop_at_exit`)
 _EXIT_LOOPS_LOCK = threading.Lock()
 
+def _stop_on_idle(owner: asyncio.AbstractEventLoop, node: AsyncNode, timeout: float, bound: float) -> None:
+    """Run ``node``'s stop on its loop ``owner``, set aside (neither running nor closed),
+    from this thread; if another thread runs it meanwhile, hand the stop to that one."""
+    stopping = node.stop(timeout)
+    try:
+        owner.run_until_complete(stopping)
+    except RuntimeError:  # (running now, on another thread)
+        stopping.close()
+        asyncio.run_coroutine_threadsafe(node.stop(timeout), owner).result(bound)
+
+
 _SERVING_ON: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ServingHandlers] = weakref.WeakKeyDictionary()
 
 
@@ -201,8 +212,9 @@ class AsyncNode(NodeBase):
         never began the stop: the node still runs.) A second call waits for the first's
         stop to end. Awaited in one of this node's handlers (or a task one made), it
         returns once the stop began: the stop waits for that handler. Awaited on another
-        event loop than the node's, it hands the stop to the node's loop while that one
-        runs, and waits for it there (at most ``timeout``, twice ``linger_s`` and a second
+        event loop than the node's, it hands the stop to the node's loop (run for it on a
+        thread of its own if it was set aside, neither running nor closed), and waits for
+        it there (at most ``timeout``, twice ``linger_s`` and a second
         more, the stop's own bound; past that it logs a warning and returns). A node still
         running at the interpreter's exit is stopped then, if its loop still runs or can
         be run, after a warning in the log."""
@@ -213,7 +225,7 @@ class AsyncNode(NodeBase):
             return
         owner = self._engine.loop
         if isinstance(owner, asyncio.AbstractEventLoop) and owner is not asyncio.get_running_loop() \
-                and owner.is_running():
+                and not owner.is_closed():
             await self._stop_on(owner, timeout)
             return
         inbox = self._engine.inbox
@@ -228,9 +240,14 @@ class AsyncNode(NodeBase):
         await asyncio.shield(stopping)
 
     async def _stop_on(self, owner: asyncio.AbstractEventLoop, timeout: float) -> None:
-        # (every step of a stop touches the owner loop's sockets, readers and tasks)
-        handed = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(timeout), owner))
+        # (every step of a stop touches the owner loop's sockets, readers and tasks; a loop set
+        # aside, neither running nor closed, is run for it on a thread of its own: awaited here,
+        # the stop ran on this loop, and waited its whole timeout for the owner's tasks)
         bound = timeout + 2 * self._engine.config.linger_s + 1.0  # (draining, handlers, the context's end)
+        if owner.is_running():
+            handed = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(timeout), owner))
+        else:
+            handed = asyncio.ensure_future(asyncio.to_thread(_stop_on_idle, owner, self, timeout, bound))
         try:
             await asyncio.wait_for(asyncio.shield(handed), bound)
         except asyncio.TimeoutError:
