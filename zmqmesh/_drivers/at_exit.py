@@ -4,7 +4,7 @@ A script that pushes or publishes and returns without `stop()` lost what its nod
 sent yet, and said nothing: a warning of a node collected while running is a
 `ResourceWarning`, which Python does not show by default, and at the interpreter's exit
 nothing is collected (2,000 pushes of 30 KB from a script that returned at once: 0 to 74
-delivered in 4 runs). Each node kind registers its running nodes here (`running`) with
+delivered in 5 runs). Each node kind registers its running nodes here (`running`) with
 the way to stop it; at exit every node still running is stopped, all at once, each
 within its own bound, after a logged warning naming it.
 """
