@@ -1832,6 +1832,42 @@ def test_a_stop_begun_in_a_handler_is_waited_for_at_exit(mesh: dict[str, Any], m
     assert "node left-running is still stopping as the interpreter exits" in stderr, stderr[-2000:]
 
 
+ASYNC_STOPPED_IN_ITS_HANDLER = """
+import asyncio, sys, zmqmesh
+mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2])}
+kind, count, size = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+node = zmqmesh.AsyncNode("left-running", linger_s=20, **mesh)
+done = asyncio.Event()
+@node.subscribe("go")
+async def go(msg):
+    await node.push_many("work", [bytes([i % 256]) * size for i in range(count)])
+    await node.stop()  # (from its own handler: returns once the stop began, which goes on in a task)
+    done.set()
+async def main():
+    await node.start()
+    await node.wait_for_pullers("work", timeout=10)
+    await node.publish("go", 1)
+    await done.wait()
+loop = asyncio.new_event_loop()
+loop.run_until_complete(main())  # (the loop is set aside, the stop's task still pending, and the program ends)
+print("pushed", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_an_async_stop_begun_in_a_handler_is_waited_for_at_exit(mesh: dict[str, Any], monkeypatch: Any) -> None:
+    """The `AsyncNode` twin of the test above: stopped from its own handler, its stop goes
+    on in a task of its loop; a program that then set that loop aside and ended cut the
+    stop short, and nothing said so (400 of 2,000 pushes of 30 KB delivered). The exit
+    waits for that stop, on its loop."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "LEFT_RUNNING_AT_EXIT", ASYNC_STOPPED_IN_ITS_HANDLER)
+    got, stderr = _run_left_running(mesh, "AsyncNode", 2000, 30_000)
+    assert len(got) == 2000, f"{len(got)} of 2000 delivered; {stderr[-2000:]}"
+    assert "node left-running is still stopping as the interpreter exits" in stderr, stderr[-2000:]
+
+
 WITHOUT_ASYNCGEN_HOOKS = """
 import asyncio, gc, sys, zmqmesh
 async def main():

@@ -184,6 +184,24 @@ class AsyncNode(NodeBase):
         log.warning("node %s still runs as the interpreter exits: stopping it, so that what it queued goes out "
                     "(%d message(s) not sent yet); stop it in the program (`async with node:`, or "
                     "`await node.stop()`)", self.name, queued)
+        self._stop_on_at_exit(loop)
+
+    def _finish_stop_at_exit(self) -> None:
+        """At the interpreter's exit, wait for a stop begun in one of the node's handlers
+        that has not ended yet (a task of its loop, which may have been set aside since,
+        or run on another thread), after a warning, on that loop as `_stop_at_exit` does.
+        Never raises."""
+        stopping, loop = self._stopping, self._engine.loop
+        if stopping is None or stopping.done() or not isinstance(loop, asyncio.AbstractEventLoop) \
+                or loop.is_closed():
+            return
+        log.warning("node %s is still stopping as the interpreter exits (a stop begun in one of its handlers): "
+                    "waiting for it, so that what it queued goes out", self.name)
+        self._stop_on_at_exit(loop)
+
+    def _stop_on_at_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        """`stop` on ``loop`` (the node's, not closed), at the interpreter's exit, from this
+        thread: handed to it if it runs, else run for it on a thread of its own. Never raises."""
         try:
             with _EXIT_LOOPS_LOCK:
                 if not loop.is_running() and loop not in _EXIT_LOOPS:
@@ -235,7 +253,12 @@ class AsyncNode(NodeBase):
                 return
             self._stopping = asyncio.ensure_future(stop_async(self._engine, inbox, timeout))
         stopping = self._stopping
-        if stopping is None or stopping.done() or (isinstance(inbox, LoopInbox) and inbox.runs_caller()):
+        if stopping is None or stopping.done():
+            return
+        if isinstance(inbox, LoopInbox) and inbox.runs_caller():
+            # (the stop goes on in a task of the loop: a program that set the loop aside and
+            # ended meanwhile cut it short, unsaid; the exit waits for it instead)
+            at_exit.running(self, AsyncNode._finish_stop_at_exit, timeout + 2 * self.config.linger_s + 2.0)
             return
         await asyncio.shield(stopping)
 
