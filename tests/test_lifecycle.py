@@ -1898,6 +1898,37 @@ def test_an_async_node_on_a_loop_without_async_generator_hooks_is_collected_quie
     assert "was garbage-collected while it ran, never stopped" in result.stderr, result.stderr[-1500:]
 
 
+DROPPED_WHILE_ITS_LOOP_RUNS = """
+import asyncio, gc, sys, zmqmesh
+async def main():
+    node = zmqmesh.AsyncNode("dropped", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    await node.start()
+    del node
+    gc.collect()
+    for _ in range(100):  # (its stop, on this loop)
+        await asyncio.sleep(0.05)
+asyncio.run(main())
+print("ended", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_async_node_dropped_while_its_loop_runs_is_stopped_and_the_log_says_only_that(
+        mesh: dict[str, Any]) -> None:
+    """An `AsyncNode` dropped while its loop runs is stopped on that loop (its loop closes
+    `_stop_as_loop_ends` as it is collected): the log said that, and, just before, that it
+    was "never stopped" and what it had not sent "may be lost"."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", "-c", DROPPED_WHILE_ITS_LOOP_RUNS,
+                             mesh["mesh"], str(mesh["beacon_port"])], capture_output=True, text=True, timeout=45)
+    assert result.returncode == 0 and result.stdout == "ended\n", result.stdout + result.stderr[-1500:]
+    assert result.stderr.count("node dropped was left running (its event loop ends, or nothing refers to it any "
+                               "more): stopping it") == 1, result.stderr[-1500:]
+    assert "never stopped" not in result.stderr and "interpreter exits" not in result.stderr, result.stderr[-1500:]
+
+
 def test_a_stopped_async_node_used_from_another_loop_says_it_stopped(mesh: dict[str, Any]) -> None:
     """A stopped `AsyncNode` used from a second ``asyncio.run`` raised `ZmqMeshError`
     "runs on another event loop", as if it ran: `NodeClosedError`, as on its own loop."""

@@ -166,6 +166,11 @@ class AsyncNode(NodeBase):
                             self._engine.counters()["gauges"]["queued"])
                 await self.stop(_EXIT_STOP_TIMEOUT_S)
 
+    def _stopped_as_collected(self) -> bool:
+        # (its loop, running, closes `_stop_as_loop_ends` as the node is collected: that stops it)
+        loop = self._engine.loop
+        return self._loop_end is not None and isinstance(loop, asyncio.AbstractEventLoop) and loop.is_running()
+
     def _stop_at_exit(self) -> None:
         """At the interpreter's exit, for a node that still runs then (`at_exit`): stop it on
         its event loop if that one still runs (on another thread) or can be run; say what

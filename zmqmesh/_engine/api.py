@@ -667,12 +667,19 @@ class NodeBase:
         self._check_process()
         self._engine.ensure_running()
 
+    def _stopped_as_collected(self) -> bool:
+        """Whether this node, collected while it runs, is stopped then by its node kind
+        (which says so in the log). Never raises."""
+        return False
+
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
         if engine is None or not engine.started or getattr(self, "_stopped", True) or self._forked():
             return
         warnings.warn(f"zmqmesh node {engine.name!r} was garbage-collected without stop()",
                       ResourceWarning, stacklevel=2)
+        if self._stopped_as_collected():  # (its own warning says so: not told it "may lose" what it stops to send)
+            return
         try:  # (also said in the log: Python shows no ResourceWarning by default, and this one may lose messages)
             queued = engine.counters()["gauges"]["queued"]
             log.warning("node %s was garbage-collected while it ran, never stopped: what it had not sent yet (%d "
