@@ -1751,7 +1751,7 @@ def test_async_nodes_sharing_an_idle_loop_are_all_stopped_at_exit(mesh: dict[str
 import asyncio, sys, zmqmesh
 mesh = {"mesh": sys.argv[1], "beacon_port": int(sys.argv[2])}
 loop = asyncio.new_event_loop()
-nodes = [zmqmesh.AsyncNode(f"idle{i}", linger_s=5, **mesh) for i in range(3)]
+nodes = [zmqmesh.AsyncNode(f"idle{i}", linger_s=1, **mesh) for i in range(3)]  # (bound: 5 + 2 * 1 + 2 = 9 s)
 async def main():
     for node in nodes:
         await node.start()
