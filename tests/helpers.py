@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -40,15 +41,15 @@ def free_port_outside_ephemeral_range() -> int:
     listens there. (Dialled again and again with nothing listening, a port within that
     range is now and then given to the dialler itself, which then connects to itself,
     TCP's simultaneous open, and holds the port: a bind there fails, EADDRINUSE.)"""
-    import random
-
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             lowest = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         lowest = 32768
+    if lowest <= 1025:
+        raise RuntimeError(f"the ephemeral range begins at {lowest}: no port below it to take")
     for _ in range(200):
-        port = random.randrange(10_000, max(lowest, 10_001))
+        port = random.randrange(max(1024, min(10_000, lowest // 2)), lowest)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

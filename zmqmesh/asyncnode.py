@@ -37,7 +37,6 @@ log = logging.getLogger("zmqmesh.aio")
 __all__ = ["AsyncNode"]
 
 _RUN_POLL_S = 0.5  # how often serve_forever looks whether the node was stopped meanwhile
-_EXIT_STOP_TIMEOUT_S = 5.0  # the stop's timeout for a node still running at the interpreter's exit (`stop`'s default)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -86,16 +85,6 @@ class _ServingHandlers:
 _EXIT_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # idle loops run at exit (`_stop_at_exit`)
 _EXIT_LOOPS_LOCK = threading.Lock()
 
-def _stop_on_idle(owner: asyncio.AbstractEventLoop, node: AsyncNode, timeout: float, bound: float) -> None:
-    """Run ``node``'s stop on its loop ``owner``, set aside (neither running nor closed),
-    from this thread; if another thread runs it meanwhile, hand the stop to that one."""
-    stopping = node.stop(timeout)
-    try:
-        owner.run_until_complete(stopping)
-    except RuntimeError:  # (running now, on another thread)
-        stopping.close()
-        asyncio.run_coroutine_threadsafe(node.stop(timeout), owner).result(bound)
-
 
 _SERVING_ON: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ServingHandlers] = weakref.WeakKeyDictionary()
 
@@ -140,8 +129,8 @@ class AsyncNode(NodeBase):
         except Exception as exc:
             self._mark_stopped()
             raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
-        at_exit.running(self, AsyncNode._stop_at_exit, _EXIT_STOP_TIMEOUT_S + 2 * self.config.linger_s + 2.0)
-        if sys.get_asyncgen_hooks().finalizer is not None:  # (a loop that closes what it holds: asyncio's do)
+        at_exit.running(self, AsyncNode._stop_at_exit, at_exit.STOP_TIMEOUT_S + 2 * self.config.linger_s + 2.0)
+        if sys.get_asyncgen_hooks().finalizer is not None:  # (the loop closes async generators: asyncio's loops do)
             self._loop_end = self._stop_as_loop_ends()
             await self._loop_end.__anext__()  # (its first step: the loop now holds it, `_stop_as_loop_ends`)
         return self
@@ -164,7 +153,7 @@ class AsyncNode(NodeBase):
                             "stopping it, so that what it queued goes out (%d message(s) not sent yet); stop it in "
                             "the program (`async with node:`, or `await node.stop()`)", self.name,
                             self._engine.counters()["gauges"]["queued"])
-                await self.stop(_EXIT_STOP_TIMEOUT_S)
+                await self.stop(at_exit.STOP_TIMEOUT_S)
 
     def _stopped_as_collected(self) -> bool:
         # (its loop, running, closes `_stop_as_loop_ends` as the node is collected: that stops it)
@@ -186,9 +175,7 @@ class AsyncNode(NodeBase):
                         "(`async with node:`, or `await node.stop()`)", self.name,
                         f": {queued} message(s) it had not sent yet are lost" if queued else "")
             return
-        log.warning("node %s still runs as the interpreter exits: stopping it, so that what it queued goes out "
-                    "(%d message(s) not sent yet); stop it in the program (`async with node:`, or "
-                    "`await node.stop()`)", self.name, queued)
+        at_exit.say_stopping(self.name, queued, "`async with node:`, or `await node.stop()`")
         self._stop_on_at_exit(loop)
 
     def _finish_stop_at_exit(self) -> None:
@@ -200,8 +187,7 @@ class AsyncNode(NodeBase):
         if stopping is None or stopping.done() or not isinstance(loop, asyncio.AbstractEventLoop) \
                 or loop.is_closed():
             return
-        log.warning("node %s is still stopping as the interpreter exits (a stop begun in one of its handlers): "
-                    "waiting for it, so that what it queued goes out", self.name)
+        at_exit.say_still_stopping(self.name)
         self._stop_on_at_exit(loop)
 
     def _stop_on_at_exit(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -218,10 +204,10 @@ class AsyncNode(NodeBase):
                     try:
                         threading.Thread(target=loop.run_forever, name="zmqmesh-loop-at-exit", daemon=True).start()
                     except RuntimeError:  # (no new thread now: run here, one node after another)
-                        loop.run_until_complete(self.stop(_EXIT_STOP_TIMEOUT_S))
+                        loop.run_until_complete(self.stop(at_exit.STOP_TIMEOUT_S))
                         return
                     _EXIT_LOOPS.add(loop)
-            asyncio.run_coroutine_threadsafe(self.stop(_EXIT_STOP_TIMEOUT_S), loop).result()
+            asyncio.run_coroutine_threadsafe(self.stop(at_exit.STOP_TIMEOUT_S), loop).result()
         except Exception as exc:
             log.warning("node %s: its stop at exit failed: %s", self.name, exc)
 
@@ -236,7 +222,8 @@ class AsyncNode(NodeBase):
         stop to end. Awaited in one of this node's handlers (or a task one made), it
         returns once the stop began: the stop waits for that handler. Awaited on another
         event loop than the node's, it hands the stop to the node's loop (run for it on a
-        thread of its own if it was set aside, neither running nor closed), and waits for
+        thread of its own if it was set aside, neither running nor closed: meanwhile its own
+        thread cannot run it, and what else waits on it runs there too), and waits for
         it there (at most ``timeout``, twice ``linger_s`` and a second
         more, the stop's own bound; past that it logs a warning and returns). A node still
         running at the interpreter's exit is stopped then, if its loop still runs or can
@@ -445,3 +432,18 @@ class AsyncNode(NodeBase):
     async def wait_for_keepers(self, queue: str, n: int = 1, timeout: float = 10.0) -> None:
         """Wait until ``n`` nodes keep ``queue`` (see `keep`). Raises `MeshTimeoutError`."""
         await self._runner.run(self._offer_plan("keepers", queue, n, timeout))
+
+
+def _stop_on_idle(owner: asyncio.AbstractEventLoop, node: AsyncNode, timeout: float, bound: float) -> None:
+    """Run ``node``'s stop on its loop ``owner``, set aside (neither running nor closed),
+    from this thread; if another thread runs it meanwhile, hand the stop to that one (and
+    if it was closed meanwhile, there is nothing left to stop it on). Raises nothing but
+    what the hand-over's wait does."""
+    stopping = node.stop(timeout)
+    try:
+        owner.run_until_complete(stopping)
+        return
+    except RuntimeError:  # (running now, on another thread; or closed)
+        stopping.close()
+    if owner.is_running():
+        asyncio.run_coroutine_threadsafe(node.stop(timeout), owner).result(bound)

@@ -42,7 +42,6 @@ __all__ = ["Node"]
 log = logging.getLogger("zmqmesh.node")
 
 _STOP_WAIT_S = 10.0  # past linger_s: how long run_forever waits for a stop begun by another thread
-_EXIT_STOP_TIMEOUT_S = 5.0  # the stop's timeout for a node still running at the interpreter's exit (`stop`'s default)
 
 
 class Node(NodeBase):
@@ -111,7 +110,7 @@ class Node(NodeBase):
         if interrupted is not None:
             threading.Thread(target=self._stop_after_start, name=f"zmqmesh-stop-{self.name}", daemon=True).start()
             raise interrupted
-        at_exit.running(self, Node._stop_at_exit, self.config.linger_s + _EXIT_STOP_TIMEOUT_S + 2.0)
+        at_exit.running(self, Node._stop_at_exit, self.config.linger_s + at_exit.STOP_TIMEOUT_S + 2.0)
         return self
 
     def _stop_at_exit(self) -> None:
@@ -119,11 +118,8 @@ class Node(NodeBase):
         after a warning saying what it has not sent yet. Never raises but what `stop` does."""
         if not self.running:
             return
-        queued = self._engine.counters()["gauges"]["queued"]
-        log.warning("node %s still runs as the interpreter exits: stopping it, so that what it queued goes out "
-                    "(%d message(s) not sent yet); stop it in the program (`with node:`, or `node.stop()`)",
-                    self.name, queued)
-        self.stop(_EXIT_STOP_TIMEOUT_S)
+        at_exit.say_stopping(self.name, self._engine.counters()["gauges"]["queued"], "`with node:`, or `node.stop()`")
+        self.stop(at_exit.STOP_TIMEOUT_S)
 
     def _finish_stop_at_exit(self) -> None:
         """At the interpreter's exit, wait for a stop begun in one of the node's handlers
@@ -131,8 +127,7 @@ class Node(NodeBase):
         stopper = self._stopper
         if stopper is None or not stopper.is_alive():
             return
-        log.warning("node %s is still stopping as the interpreter exits (a stop begun in one of its handlers): "
-                    "waiting for it, so that what it queued goes out", self.name)
+        at_exit.say_still_stopping(self.name)
         stopper.join()
 
     def _stop_after_start(self) -> None:
@@ -174,8 +169,8 @@ class Node(NodeBase):
         interpreter's exit is stopped then, after a warning in the log.
         """
         timeout = check_timeout(timeout)
-        at_exit.stopped(self)
         if self._forked():  # the sockets and threads are the parent's: leave them alone
+            at_exit.stopped(self)
             self._mark_stopped()
             return
         with self._lock:
@@ -195,6 +190,7 @@ class Node(NodeBase):
                 self._stopper.start()
             self._mark_stopped()
             stopper = self._stopper
+        at_exit.stopped(self)  # (once its stop began: one refused on the I/O thread leaves it to the exit)
         inbox = self._engine.inbox
         requests = self._engine.requests
         if stopper is None or stopper is threading.current_thread() or \

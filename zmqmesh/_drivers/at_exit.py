@@ -20,7 +20,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["running", "stopped"]
+__all__ = ["running", "stopped", "STOP_TIMEOUT_S", "say_stopping", "say_still_stopping"]
+
+STOP_TIMEOUT_S = 5.0
+"""The stop's timeout for a node still running at the interpreter's exit (`stop`'s default)."""
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -57,6 +60,19 @@ def stopped(node: Any) -> None:
     """``node`` was stopped: nothing to do for it at exit. Never raises."""
     with _LOCK:
         _RUNNING.pop(node, None)
+
+
+def say_stopping(name: str, queued: int, how: str) -> None:
+    """Log that node ``name`` still runs as the interpreter exits and is stopped now, with
+    the ``queued`` messages it had not sent, and ``how`` to stop it in the program."""
+    log.warning("node %s still runs as the interpreter exits: stopping it, so that what it queued goes out "
+                "(%d message(s) not sent yet); stop it in the program (%s)", name, queued, how)
+
+
+def say_still_stopping(name: str) -> None:
+    """Log that node ``name``'s stop, begun in one of its handlers, is waited for at exit."""
+    log.warning("node %s is still stopping as the interpreter exits (a stop begun in one of its handlers): "
+                "waiting for it, so that what it queued goes out", name)
 
 
 def _stop_running() -> None:
