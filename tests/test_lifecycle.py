@@ -1628,7 +1628,8 @@ print("pushed", flush=True)
 def _run_left_running(mesh: dict[str, Any], kind: str, count: int, size: int) -> tuple[list[int], str]:
     """Run `LEFT_RUNNING_AT_EXIT` (a node of ``kind`` pushes ``count`` payloads of ``size``
     bytes and the program ends without stopping it) beside a puller; what the puller got
-    (the first byte of each), once nothing more came for 2 s, and the program's stderr."""
+    (the first byte of each), once all came or nothing more came for 10 s (a loaded host
+    pauses), and the program's stderr."""
     import subprocess
     import sys
 
@@ -1644,7 +1645,7 @@ def _run_left_running(mesh: dict[str, Any], kind: str, count: int, size: int) ->
                                  kind, str(count), str(size)], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and result.stdout == "pushed\n", result.stdout + result.stderr[-2000:]
         seen, since = -1, time.monotonic()
-        while len(got) < count and time.monotonic() - since < 2.0:
+        while len(got) < count and time.monotonic() - since < 10.0:
             if len(got) != seen:
                 seen, since = len(got), time.monotonic()
             time.sleep(0.05)
