@@ -1981,3 +1981,26 @@ def test_an_async_node_on_a_loop_set_aside_is_stopped_on_that_loop_from_another(
         finally:
             owner.close()
     assert "Task was destroyed but it is pending" not in caplog.text, caplog.text
+
+
+def test_async_nodes_on_a_loop_set_aside_stopped_together_from_another_loop_are_both_stopped(
+        mesh: dict[str, Any]) -> None:
+    """Two `AsyncNode`s on one loop set aside, stopped together from another loop: each
+    stop ran that loop on a thread of its own, the second handed its stop to the loop the
+    first ran, and the first, ending, stopped the loop under it: it waited its whole bound
+    (23 s here). The stops on one loop take turns."""
+    nodes = [zmqmesh.AsyncNode(f"aside{i}", **mesh) for i in range(2)]
+    owner = asyncio.new_event_loop()
+    try:
+        for node in nodes:
+            owner.run_until_complete(node.start())
+        began = time.monotonic()
+
+        async def stop_both() -> None:
+            await asyncio.gather(*(node.stop(timeout=20) for node in nodes))
+
+        asyncio.run(stop_both())
+        assert time.monotonic() - began < 10, "a stop waited out its bound"
+        assert not any(node.running for node in nodes)
+    finally:
+        owner.close()

@@ -82,8 +82,8 @@ class _ServingHandlers:
                 signal.signal(sig, previous)
 
 
-_EXIT_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # idle loops run at exit (`_stop_at_exit`)
-_EXIT_LOOPS_LOCK = threading.Lock()
+_LOOP_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, threading.Lock] = weakref.WeakKeyDictionary()
+_LOOP_LOCKS_LOCK = threading.Lock()  # (`_stop_on_its_loop`: a lock per loop, made under this one)
 
 
 _SERVING_ON: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _ServingHandlers] = weakref.WeakKeyDictionary()
@@ -192,22 +192,9 @@ class AsyncNode(NodeBase):
 
     def _stop_on_at_exit(self, loop: asyncio.AbstractEventLoop) -> None:
         """`stop` on ``loop`` (the node's, not closed), at the interpreter's exit, from this
-        thread: handed to it if it runs, else run for it on a thread of its own. Never raises."""
+        thread (`_stop_on_its_loop`; `at_exit` bounds the wait). Never raises."""
         try:
-            with _EXIT_LOOPS_LOCK:
-                if not loop.is_running() and loop not in _EXIT_LOOPS:
-                    # An idle loop is run here on a thread of its own, and left running: the
-                    # other nodes of that loop, stopped at exit on threads of their own, hand
-                    # their stops to it too. (Each running it with run_until_complete, the
-                    # second found it running and handed its stop to a loop the first then
-                    # stopped: it waited for ever, and its node was not stopped.)
-                    try:
-                        threading.Thread(target=loop.run_forever, name="zmqmesh-loop-at-exit", daemon=True).start()
-                    except RuntimeError:  # (no new thread now: run here, one node after another)
-                        loop.run_until_complete(self.stop(at_exit.STOP_TIMEOUT_S))
-                        return
-                    _EXIT_LOOPS.add(loop)
-            asyncio.run_coroutine_threadsafe(self.stop(at_exit.STOP_TIMEOUT_S), loop).result()
+            _stop_on_its_loop(loop, self, at_exit.STOP_TIMEOUT_S, None)
         except Exception as exc:
             log.warning("node %s: its stop at exit failed: %s", self.name, exc)
 
@@ -259,10 +246,7 @@ class AsyncNode(NodeBase):
         # aside, neither running nor closed, is run for it on a thread of its own: awaited here,
         # the stop ran on this loop, and waited its whole timeout for the owner's tasks)
         bound = timeout + 2 * self._engine.config.linger_s + 1.0  # (draining, handlers, the context's end)
-        if owner.is_running():
-            handed = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(timeout), owner))
-        else:
-            handed = asyncio.ensure_future(asyncio.to_thread(_stop_on_idle, owner, self, timeout, bound))
+        handed = asyncio.ensure_future(asyncio.to_thread(_stop_on_its_loop, owner, self, timeout, bound))
         try:
             await asyncio.wait_for(asyncio.shield(handed), bound)
         except asyncio.TimeoutError:
@@ -434,16 +418,23 @@ class AsyncNode(NodeBase):
         await self._runner.run(self._offer_plan("keepers", queue, n, timeout))
 
 
-def _stop_on_idle(owner: asyncio.AbstractEventLoop, node: AsyncNode, timeout: float, bound: float) -> None:
-    """Run ``node``'s stop on its loop ``owner``, set aside (neither running nor closed),
-    from this thread; if another thread runs it meanwhile, hand the stop to that one (and
-    if it was closed meanwhile, there is nothing left to stop it on). Raises nothing but
-    what the hand-over's wait does."""
-    stopping = node.stop(timeout)
-    try:
-        owner.run_until_complete(stopping)
-        return
-    except RuntimeError:  # (running now, on another thread; or closed)
-        stopping.close()
+def _stop_on_its_loop(owner: asyncio.AbstractEventLoop, node: AsyncNode, timeout: float, bound: float | None) -> None:
+    """Run ``node``'s stop on its loop ``owner`` from this thread (not the loop's): handed to
+    it if another thread runs it, else run here until the stop ends (the loop is idle
+    again after; if its own thread runs it meanwhile, handed to that one; if it was closed
+    meanwhile, nothing is left to stop it on). The stops run here on one loop take turns:
+    run together, the first to end stopped the loop under the others, which then waited
+    their whole bound unfinished. Raises what waiting ``bound`` for a hand-over raises
+    (None: no bound)."""
+    with _LOOP_LOCKS_LOCK:
+        turn = _LOOP_LOCKS.setdefault(owner, threading.Lock())
+    with turn:
+        if not owner.is_running():
+            stopping = node.stop(timeout)
+            try:
+                owner.run_until_complete(stopping)
+                return
+            except RuntimeError:  # (running now, on its own thread; or closed)
+                stopping.close()
     if owner.is_running():
         asyncio.run_coroutine_threadsafe(node.stop(timeout), owner).result(bound)
