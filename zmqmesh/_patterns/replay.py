@@ -403,14 +403,7 @@ class Replays:
         place = (key, cursor.stream)
         self._tails.pop(place, None)
         self._retries.pop(place, None)
-        name = cursor.options.durable_name
-        if name is not None and self.store is not None:
-            self._stored(name, cursor.stream)  # (loaded, if it was not)
-            for topic, upto in cursor.upto.items():
-                mark = (name, cursor.stream, topic)
-                self._pending.pop(mark, None)  # (those handled meanwhile no longer move the place)
-                self._finished.pop(mark, None)
-                self._dirty[mark] = [-1, upto, 0]  # (into `_durable` too at the flush below)
+        self._record_from_start(cursor, cursor.upto)
         self._follow_run(cursor, run)
         self.flush()
         self._catch_up(key, cursor.options, cursor)
@@ -818,8 +811,8 @@ class Replays:
     def _ahead(cursor: Cursor, reached: dict[str, Any]) -> dict[str, int]:
         """The topics in which the cursor expects a number its publisher has not reached
         (``reached``: the number of its next message in each topic, as a page says, read
-        after what the cursor delivered): ``{topic: reached}``. A publisher commits each message to its history before it sends it, so
-        no cursor can be past it, but for a place recorded that was damaged (a huge number),
+        after what the cursor delivered): ``{topic: reached}``. A publisher commits each
+        message to its history before it sends it, so no cursor can be past it, but for a place recorded that was damaged (a huge number),
         or a publisher whose numbering went back under a run the cursor followed (its kept
         topics emptied by hand, or its store put back from a copy taken while it ran):
         everything it numbers from there up to where the cursor is would be skipped."""
@@ -844,24 +837,34 @@ class Replays:
                     "a numbering that went back; reading them again from the start of the history, what the "
                     "publisher numbered in them so far marked redelivered", cursor.stream[:8], len(ahead), shown,
                     ", ..." if len(ahead) > 3 else "")
-        name = cursor.options.durable_name if self.store is not None else None
         for topic, nxt in ahead.items():
             cursor.next.pop(topic, None)
             if nxt > 0:
                 cursor.upto[topic] = nxt - 1
             else:
                 cursor.upto.pop(topic, None)
-            if name is not None:
-                mark = (name, cursor.stream, topic)
-                self._pending.pop(mark, None)  # (their finishes no longer move the place)
-                self._finished.pop(mark, None)
-                self._dirty[mark] = [-1, nxt - 1, 0]
         cursor.pos, cursor.from_start = 0, True
         cursor.tidying = False
         cursor.forget_map()
-        if name is not None:
+        if self._record_from_start(cursor, {topic: nxt - 1 for topic, nxt in ahead.items()}):
             self.flush()
         self._read(cursor, Fetch(cursor.node_id, key, cursor.stream, {"p": key[0], "a": 0, "t": ""}))
+
+    def _record_from_start(self, cursor: Cursor, uptos: dict[str, int]) -> bool:
+        """For a durable subscription (True; False for another), record that it reads the
+        topics of ``uptos`` of the cursor's stream again from the start of the history,
+        what is numbered up to each marked redelivered: its finishes still pending no
+        longer move those places (written at the next `flush`)."""
+        name = cursor.options.durable_name
+        if name is None or self.store is None:
+            return False
+        self._stored(name, cursor.stream)  # (loaded, if it was not)
+        for topic, upto in uptos.items():
+            mark = (name, cursor.stream, topic)
+            self._pending.pop(mark, None)
+            self._finished.pop(mark, None)
+            self._dirty[mark] = [-1, upto, 0]  # (into `_durable` too at the flush)
+        return True
 
     def _map_piece(self, fetch: Fetch, cursor: Cursor, page: Any) -> dict[str, Any] | None:
         """The numbers the publisher's topics reached (``next``), once whole: a publisher
