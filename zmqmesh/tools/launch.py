@@ -280,7 +280,7 @@ class Launcher:
                         continue
                     del draining[name]
                     spec = by_name[name]
-                    wants = spec.restart == "always" or (spec.restart == "on-failure" and code != 0)
+                    wants = _wants_restart(spec.restart, code)
                     self.say(name, f"exited with status {code}" + ("; restarting" if wants else ""))
                     if wants:
                         self.restarts[name] += 1
@@ -302,7 +302,7 @@ class Launcher:
                 code = proc.poll()
                 if code is not None and name not in pending_restart:
                     self.say(name, f"exited with status {code}")
-                    if code != 0 and by_name[name].restart == "never":
+                    if code != 0 and not _wants_restart(by_name[name].restart, code):
                         status = 1
             clean = self._stop_all()
             if signal.SIGINT in interrupted:  # Ctrl-C: as every command
@@ -414,6 +414,13 @@ class Launcher:
 
 
 _LEFT_KILLED = "killed what it left running: it did not stop in time"
+
+
+def _wants_restart(restart: str, code: int) -> bool:
+    """Whether a process that ended by itself with status ``code`` is to be started again,
+    by its ``restart`` setting (``always``, ``on-failure``, ``never``); one that is not,
+    with another status than 0, makes the launcher's status 1."""
+    return restart == "always" or (restart == "on-failure" and code != 0)
 _STOPPED_CLEANLY = (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 """How a process told to stop may end for a clean stop: status 0, the SIGTERM sent, or
 status 143 (128 + SIGTERM, as a shell or a JVM reports it)."""
