@@ -153,8 +153,8 @@ class Fetch(NamedTuple):
 class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
-    __slots__ = ("stream", "node_id", "earlier", "kept", "options", "catching_up", "next", "pos", "held", "held_count", "held_bytes",
-                 "upto", "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since",
+    __slots__ = ("stream", "node_id", "earlier", "kept", "options", "catching_up", "next", "pos", "held",
+                 "held_count", "held_bytes", "upto", "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since",
                  "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
