@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import threading
 import tracemalloc
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,22 @@ def test_messages_stored_marked_redelivered_are_read_back_and_moved_so_marked(tm
     damage(tmp_path, seq, msgpack.packb([["id-a", 1.0, None, b"a", True, True]]), count=1)
     store = Store(tmp_path)
     assert store.pending("other")[0].damaged
+    store.close()
+
+
+def test_parking_queues_binds_its_placeholders_as_every_supported_python_takes_them(tmp_path: Path) -> None:
+    """Parking a queue (alone, and as segments are stored) keeps its first place and
+    warns of nothing: Python 3.12 warned that its numbered placeholders were bound from a
+    sequence (a `DeprecationWarning` on every park), which Python 3.14 refuses."""
+    store = Store(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ((first, _count),) = store.append([("q", entries("a", "b"))], park={"q"})
+        store.park("q", first + 10, first + 20)
+        store.append([("q", entries("c"))], park={"q"})
+        assert store.parked("q") == (first, first + 2)  # (a queue parked already keeps its first)
+        store.park("r", 5, 9)
+        assert store.parked("r") == (5, 9)
     store.close()
 
 

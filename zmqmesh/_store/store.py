@@ -86,7 +86,9 @@ however large)."""
 _CHUNK_BYTES = 8 * SEGMENT_BYTES
 _ROWS_PER_FETCH = 16  # segments read at a time without a byte budget (a few are mostly enough)
 _PARK = ("INSERT OR REPLACE INTO parked (queue, first, last) "
-         "VALUES (?1, coalesce((SELECT first FROM parked WHERE queue = ?1), ?2), ?3)")
+         "VALUES (:queue, coalesce((SELECT first FROM parked WHERE queue = :queue), :first), :last)")
+"""Parks a queue (`Store.park`): its parameters a mapping, as SQLite's named placeholders
+want them (Python 3.12 warns of numbered ones bound from a sequence, and 3.14 refuses them)."""
 
 
 class Store:
@@ -235,7 +237,7 @@ class Store:
             first = self._next_seq
             rows: list[tuple[int, str, int, float, bytes]] = []
             marks: list[tuple[int, int]] = []
-            parked: list[tuple[str, int, int]] = []
+            parked: list[dict[str, Any]] = []
             for queue, entries in calls:
                 start = first
                 for part in cut(entries):
@@ -243,7 +245,7 @@ class Store:
                     marks.extend((first + i, e[4]) for i, e in enumerate(part) if e[4])
                     first += len(part)
                 if queue in park:
-                    parked.append((queue, start, rows[-1][0]))
+                    parked.append({"queue": queue, "first": start, "last": rows[-1][0]})
             statements: list[tuple[str, Any]] = [
                 ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)]
             if marks:
@@ -285,7 +287,7 @@ class Store:
         """Note that the node holds nothing in memory of ``queue``, whose rows from sequence
         number ``first`` on (at most ``last``, the first of its last segment) are still to
         deal (a queue already parked keeps its ``first``)."""
-        self._db.write([(_PARK, (queue, first, last))])
+        self._db.write([(_PARK, {"queue": queue, "first": first, "last": last})])
 
     def parked(self, queue: str) -> tuple[int, int] | None:
         """``(first, last)`` as `park` noted them for ``queue``, if it is parked."""
