@@ -40,23 +40,29 @@ def test_every_option_is_documented_with_its_default() -> None:
 
 
 def test_the_package_loads_what_a_process_uses_on_first_use() -> None:
+    # without the site module, as an installed package is imported: this environment's
+    # site loads some of these modules first (an editable install's finder does)
+    path = os.pathsep.join(p for p in sys.path if p)
+
+    def run(code: str) -> str:
+        return subprocess.run([sys.executable, "-S", "-c", code], check=True, timeout=60, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": path}).stdout
+
+    # (what start-up would pay for and a node without a store, a key file, metrics, a
+    # handler or pipelined requests does not use; less what pyzmq and msgpack load
+    # themselves in this Python: pyzmq's extension imports inspect on 3.12)
+    unused = {"asyncio", "sqlite3", "zmqmesh._store.store", "inspect", "dataclasses", "ipaddress", "pathlib",
+              "zmqmesh._patterns.durable", "zmqmesh._patterns.history", "zmqmesh._observe.prometheus",
+              "zmqmesh._drivers.pipelined", "fcntl", "concurrent.futures.thread"}
+    theirs = set(run("import sys, zmq, msgpack; print(*sys.modules)").split())
     code = ("import sys, zmqmesh\n"
             "assert not {'zmq', 'msgpack', 'zmqmesh.node'} & set(sys.modules), sorted(sys.modules)\n"
             "zmqmesh.Node\n"
             "assert 'zmq' in sys.modules\n"
-            # (what start-up would pay for and a node without a store, a key file, metrics, a
-            # handler or pipelined requests does not use)
-            "assert not {'asyncio', 'sqlite3', 'zmqmesh._store.store', 'inspect', 'dataclasses', 'ipaddress', "
-            "'pathlib', 'zmqmesh._patterns.durable', 'zmqmesh._patterns.history', 'zmqmesh._observe.prometheus', "
-            "'zmqmesh._drivers.pipelined', 'fcntl', "
-            "'concurrent.futures.thread'} & set(sys.modules), sorted(sys.modules)\n"
+            f"assert not set({sorted(unused - theirs)!r}) & set(sys.modules), sorted(sys.modules)\n"
             "from zmqmesh import AsyncNode\n"
             "assert 'asyncio' in sys.modules\n")
-    # without the site module, as an installed package is imported: this environment's
-    # site loads some of these modules first (an editable install's finder does)
-    path = os.pathsep.join(p for p in sys.path if p)
-    subprocess.run([sys.executable, "-S", "-c", code], check=True, timeout=60, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": path})
+    run(code)
 
 
 def test_a_config_is_a_frozen_checked_record() -> None:
