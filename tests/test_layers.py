@@ -720,6 +720,7 @@ def test_a_cancelled_async_request_is_forgotten(mesh: dict[str, Any]) -> None:
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(caller.request("slow", timeout=30), 0.2)
             requester: Any = caller._engine.requests
+            await asyncio.sleep(0)  # (forgotten at the end of the pass: Python 3.12's wait_for gives none)
             assert len(requester.outstanding) == 0
             # a gather of many, cancelled at once: every one forgotten (in one sweep)
             many = asyncio.gather(*(caller.request("slow", i, timeout=30) for i in range(2000)))
