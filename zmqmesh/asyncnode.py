@@ -14,6 +14,7 @@ import sys
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any
 
 from ._drivers import at_exit
@@ -160,11 +161,13 @@ class AsyncNode(NodeBase):
         loop = self._engine.loop
         return self._loop_end is not None and isinstance(loop, asyncio.AbstractEventLoop) and loop.is_running()
 
-    def _stop_at_exit(self) -> None:
+    def _stop_at_exit(self, bound: float | None) -> None:
         """At the interpreter's exit, for a node that still runs then (`at_exit`): stop it on
         its event loop if that one still runs (on another thread) or can be run; say what
         it had not sent, when its loop was closed under it (``loop.close()`` without the
-        shutdown that `_stop_as_loop_ends` stops it in). Never raises."""
+        shutdown that `_stop_as_loop_ends` stops it in). A stop handed to a loop another
+        thread runs is waited for ``bound`` seconds at most (None: until it ends). Raises
+        only ``TimeoutError`` (`concurrent.futures`'), when it did not end within ``bound``."""
         loop = self._engine.loop
         if not self.running or not isinstance(loop, asyncio.AbstractEventLoop):
             return
@@ -176,25 +179,28 @@ class AsyncNode(NodeBase):
                         f": {queued} message(s) it had not sent yet are lost" if queued else "")
             return
         at_exit.say_stopping(self.name, queued, "`async with node:`, or `await node.stop()`")
-        self._stop_on_at_exit(loop)
+        self._stop_on_at_exit(loop, bound)
 
-    def _finish_stop_at_exit(self) -> None:
+    def _finish_stop_at_exit(self, bound: float | None) -> None:
         """At the interpreter's exit, wait for a stop begun in one of the node's handlers
         that has not ended yet (a task of its loop, which may have been set aside since,
-        or run on another thread), after a warning, on that loop as `_stop_at_exit` does.
-        Never raises."""
+        or run on another thread), after a warning, on that loop as `_stop_at_exit` does
+        (and within ``bound`` as it does; raises what it raises)."""
         stopping, loop = self._stopping, self._engine.loop
         if stopping is None or stopping.done() or not isinstance(loop, asyncio.AbstractEventLoop) \
                 or loop.is_closed():
             return
         at_exit.say_still_stopping(self.name)
-        self._stop_on_at_exit(loop)
+        self._stop_on_at_exit(loop, bound)
 
-    def _stop_on_at_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _stop_on_at_exit(self, loop: asyncio.AbstractEventLoop, bound: float | None) -> None:
         """`stop` on ``loop`` (the node's, not closed), at the interpreter's exit, from this
-        thread (`_stop_on_its_loop`; `at_exit` bounds the wait). Never raises."""
+        thread (`_stop_on_its_loop`; a hand-over waited for ``bound`` seconds at most).
+        Raises only ``TimeoutError`` (`concurrent.futures`'), when that ran out."""
         try:
-            _stop_on_its_loop(loop, self, at_exit.STOP_TIMEOUT_S, None)
+            _stop_on_its_loop(loop, self, at_exit.STOP_TIMEOUT_S, bound)
+        except (TimeoutError, FutureTimeoutError):  # (the two differ before Python 3.11)
+            raise
         except Exception as exc:
             log.warning("node %s: its stop at exit failed: %s", self.name, exc)
 

@@ -113,22 +113,27 @@ class Node(NodeBase):
         at_exit.running(self, Node._stop_at_exit, self.config.linger_s + at_exit.STOP_TIMEOUT_S + 2.0)
         return self
 
-    def _stop_at_exit(self) -> None:
+    def _stop_at_exit(self, bound: float | None) -> None:
         """Stop the node at the interpreter's exit, when it still runs then (`at_exit`),
-        after a warning saying what it has not sent yet. Never raises but what `stop` does."""
+        after a warning saying what it has not sent yet (``bound`` unused: the stop bounds
+        each of its steps). Never raises but what `stop` does."""
         if not self.running:
             return
         at_exit.say_stopping(self.name, self._engine.counters()["gauges"]["queued"], "`with node:`, or `node.stop()`")
         self.stop(at_exit.STOP_TIMEOUT_S)
 
-    def _finish_stop_at_exit(self) -> None:
+    def _finish_stop_at_exit(self, bound: float | None) -> None:
         """At the interpreter's exit, wait for a stop begun in one of the node's handlers
-        that has not ended yet (it runs on a daemon thread), after a warning. Never raises."""
+        that has not ended yet (it runs on a daemon thread), after a warning, for ``bound``
+        seconds at most (None: until it ends). Raises ``TimeoutError`` when it did not end
+        within ``bound``."""
         stopper = self._stopper
         if stopper is None or not stopper.is_alive():
             return
         at_exit.say_still_stopping(self.name)
-        stopper.join()
+        stopper.join(bound)
+        if stopper.is_alive():
+            raise TimeoutError(f"the stop of node {self.name} did not end within {bound} s")
 
     def _stop_after_start(self) -> None:
         """Stop a node whose start was interrupted, once the loop is past that start (the
@@ -184,10 +189,14 @@ class Node(NodeBase):
                 assert isinstance(inbox, ThreadInbox)
                 # The stop runs on a thread of its own: a caller interrupted while it waits (a
                 # second Ctrl-C) leaves it to close the sockets and threads all the same.
-                self._stopper = threading.Thread(
-                    target=stop_blocking, args=(self._engine, inbox, self._loop, self._thread, timeout),
-                    name=f"zmqmesh-stop-{self.name}", daemon=inbox.runs_handlers_here())
-                self._stopper.start()
+                stop_args = (self._engine, inbox, self._loop, self._thread, timeout)
+                self._stopper = threading.Thread(target=stop_blocking, args=stop_args,
+                                                 name=f"zmqmesh-stop-{self.name}", daemon=inbox.runs_handlers_here())
+                try:
+                    self._stopper.start()
+                except RuntimeError:  # (Python 3.12.0 and 3.12.1 start no thread at exit: stopped right here)
+                    self._stopper = None
+                    stop_blocking(*stop_args)
             self._mark_stopped()
             stopper = self._stopper
         at_exit.stopped(self)  # (once its stop began: one refused on the I/O thread leaves it to the exit)

@@ -59,7 +59,8 @@ async def stop_async(engine: Engine, inbox: LoopInbox, timeout: float) -> None:
 async def _off_the_loop(fn: Callable[[], Any]) -> Any:
     """``fn()``, run on another thread than the loop's: the loop's default executor, or a
     thread of its own once that executor takes no more work (the interpreter exits: a
-    node still running then is stopped, `at_exit`)."""
+    node still running then is stopped, `at_exit`), or on the loop's own thread when no
+    thread can be started then (Python 3.12.0 and 3.12.1)."""
     loop = asyncio.get_running_loop()
     try:
         handed = loop.run_in_executor(None, fn)
@@ -85,5 +86,8 @@ async def _off_the_loop(fn: Callable[[], Any]) -> Any:
         else:
             loop.call_soon_threadsafe(settle, result, None)
 
-    threading.Thread(target=run, name="zmqmesh-stop-step", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="zmqmesh-stop-step", daemon=True).start()
+    except RuntimeError:  # (Python 3.12.0 and 3.12.1 start no thread at exit: run here, the loop held meanwhile)
+        return fn()
     return await done
