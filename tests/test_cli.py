@@ -289,6 +289,29 @@ def test_launch_stopped_by_sigterm_exits_0_only_when_every_process_stopped_clean
     assert proc.returncode == status, (out, err)
 
 
+@pytest.mark.timeout(120)
+def test_launch_hung_up_stops_every_process_as_sigterm_does(tmp_path: Any) -> None:
+    # the terminal closed (SIGHUP to the launcher alone: each process has a session of its
+    # own): the launcher died of it, status -1, and left every process running for ever
+    (tmp_path / "stops.py").write_text(STOPS_AS_TOLD)
+    proc = _launcher(tmp_path, 'stop_timeout_s = 5\n[[process]]\nname = "meek"\ncount = 2\n'
+                               'command = ["python3", "stops.py", "handles"]\n')
+    pids: list[int] = []
+    try:
+        with lines_of(proc) as (out, err):
+            wait_until(lambda: sum("] up" in line for line in out) == 2, 60, "both processes up")
+            pids = [int(m.group(1)) for line in out if (m := re.search(r"started \(pid (\d+)\)", line))]
+            proc.send_signal(signal.SIGHUP)
+            proc.wait(30)
+        assert sum("stopped cleanly" in line for line in out) == 2, (out, err)
+        assert proc.returncode == 0, (out, err)
+        assert len(pids) == 2 and not any(pid_alive(pid) for pid in pids)
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 STARTS_A_GRANDCHILD = """
 import subprocess, sys, time
 grandchild = subprocess.Popen([sys.executable, "-c", "import os, signal, time; "

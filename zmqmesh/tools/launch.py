@@ -16,13 +16,14 @@ The file::
     store = "state/worker"       # optional: a durable store per process (state/worker-1, ...)
 
 Each process runs in a process group of its own, and what it starts stays in that group:
-Ctrl-C or SIGTERM stops every group (SIGTERM, then SIGKILL after ``stop_timeout_s``),
+Ctrl-C, SIGTERM or SIGHUP (its terminal closed) stops every group (SIGTERM, then SIGKILL
+after ``stop_timeout_s``),
 and what a process that ended left running in its group is stopped the same way; so is,
 on Linux, what it left running outside its group (``setsid()``, a daemon: the launcher
 adopts it, `orphans`);
 after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
 its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
-exits 141, as a command that SIGPIPE ends; after SIGTERM it exits 0 if every process
+exits 141, as a command that SIGPIPE ends; after SIGTERM or SIGHUP it exits 0 if every process
 stopped cleanly (status 0 or 143, or ended by the SIGTERM) and nothing had to be
 killed, 1 otherwise (or if one had ended by itself with another status than 0). Without restarts,
 it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay.
@@ -257,7 +258,7 @@ class Launcher:
             interrupted.append(signum)
             self._stopping.set()
 
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
         adopting = adopt_orphans()
         status = 0
         try:
@@ -421,6 +422,12 @@ def _wants_restart(restart: str, code: int) -> bool:
     by its ``restart`` setting (``always``, ``on-failure``, ``never``); one that is not,
     with another status than 0, makes the launcher's status 1."""
     return restart == "always" or (restart == "on-failure" and code != 0)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+"""The signals that stop the launcher and every process: Ctrl-C, SIGTERM, and the hangup of
+its terminal (its processes, each in a session of its own, get none of their own)."""
+
 _STOPPED_CLEANLY = (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 """How a process told to stop may end for a clean stop: status 0, the SIGTERM sent, or
 status 143 (128 + SIGTERM, as a shell or a JVM reports it)."""
