@@ -249,6 +249,41 @@ def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_pat
     assert not pid_alive(child)
 
 
+def _running_with(token: str) -> list[int]:
+    """The processes whose command line holds ``token``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if token.encode() in f.read() and pid_alive(int(entry)):
+                        found.append(int(entry))
+    return found
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_launch_stops_everything_when_its_output_cannot_be_written(tmp_path: Any) -> None:
+    # output to a full disk (or a terminal that closed, EIO): the launcher's first line
+    # failed, it exited 1 on the error and left the process it had started running
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(120)\n")
+    token = f"sleeper-{os.getpid()}-{time.monotonic_ns()}"
+    with open("/dev/full", "w") as full:
+        proc = _launcher(tmp_path, 'stop_timeout_s = 5\n[[process]]\nname = "sleeper"\n'
+                                   f'command = ["python3", "sleeper.py", "{token}"]\n', stdout=full)
+    try:
+        _, err = proc.communicate(timeout=60)
+        left = _running_with(token)
+        assert not left, (left, err)
+        assert proc.returncode == 1 and "cannot write the output" in err, (proc.returncode, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _running_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
 STOPS_AS_TOLD = """
 import signal, sys, time
 how = sys.argv[1]

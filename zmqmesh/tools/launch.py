@@ -23,7 +23,8 @@ on Linux, what it left running outside its group (``setsid()``, a daemon: the la
 adopts it, `orphans`);
 after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
 its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
-exits 141, as a command that SIGPIPE ends; after SIGTERM or SIGHUP it exits 0 if every process
+exits 141, as a command that SIGPIPE ends (1 when its output fails otherwise, a full
+disk, a closed terminal: logged); after SIGTERM or SIGHUP it exits 0 if every process
 stopped cleanly (status 0 or 143, or ended by the SIGTERM) and nothing had to be
 killed, 1 otherwise (or if one had ended by itself with another status than 0). Without restarts,
 it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay.
@@ -31,6 +32,7 @@ it ends when every process has ended: status 0 if all exited 0. A crashed proces
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shlex
@@ -54,6 +56,8 @@ from .orphans import MARK, adopt_orphans, children, orphans, reap_ended, reaped
 from .pipes import PIPE_CLOSED, write_nowhere
 
 __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
+
+log = logging.getLogger("zmqmesh.launch")
 
 _RESTARTS = ("never", "on-failure", "always")
 _LONGEST_STOP_S = 3600
@@ -197,6 +201,7 @@ class Launcher:
         self._lock = threading.Lock()
         self._width = max(len(s.name) for s in specs)
         self.out_gone = False  # (the reader of ``out`` went away: nothing is printed, all stop)
+        self.out_failed: OSError | None = None  # (or ``out`` failed otherwise: a full disk, a closed terminal)
         self.killed = 0  # (processes SIGKILLed because they did not stop in time: groups, or pids outside them)
         # process groups whose leader ended while others of the group ran on (what it
         # started): group id -> (name, when to SIGKILL them if they are still there)
@@ -210,15 +215,18 @@ class Launcher:
 
     def say(self, name: str, line: str) -> None:
         """Print one line prefixed with the process name. When the reader of the output
-        has gone, print nothing more and stop everything (children still have their
-        output read, so that none blocks on a full pipe meanwhile)."""
+        has gone, or the output cannot be written (a full disk, a terminal closed), print
+        nothing more and stop everything (children still have their output read, so that
+        none blocks on a full pipe meanwhile)."""
         with self._lock:
             if self.out_gone:
                 return
             try:
                 self.out.write(f"[{name:<{self._width}}] {line}\n")
                 self.out.flush()
-            except BrokenPipeError:
+            except OSError as exc:
+                if not isinstance(exc, BrokenPipeError):
+                    self.out_failed = exc
                 self.out_gone = True
                 self._stopping.set()
                 write_nowhere(self.out)
@@ -308,6 +316,9 @@ class Launcher:
             clean = self._stop_all()
             if signal.SIGINT in interrupted:  # Ctrl-C: as every command
                 return 130
+            if self.out_failed is not None:
+                log.error("cannot write the output (%s): every process stopped", self.out_failed.strerror)
+                return 1
             if self.out_gone:
                 return PIPE_CLOSED
             return status if clean else 1
