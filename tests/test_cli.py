@@ -416,6 +416,20 @@ def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any)
         assert mine[-2:] == [f"[{name}] LAST", f"[{name}] exited with status 0"]  # in order
 
 
+@pytest.mark.timeout(120)
+def test_launch_writes_what_a_process_wrote_that_is_not_utf8(tmp_path: Any) -> None:
+    # a byte that is not UTF-8 ended the thread copying the process's output (a traceback
+    # on stderr), the process then blocked on its full pipe, and the launcher never ended
+    (tmp_path / "binary.py").write_text("import sys\nsys.stdout.buffer.write(b'\\xff\\xfe raw\\n')\n"
+                                        "sys.stdout.write(''.join(f'n {i}\\n' for i in range(20000)) + 'LAST\\n')\n")
+    proc = _launcher(tmp_path, '[[process]]\nname = "a"\ncommand = ["python3", "binary.py"]\n')
+    with lines_of(proc) as (out, err):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+    assert "[a] \\xff\\xfe raw" in out and out[-2:] == ["[a] LAST", "[a] exited with status 0"], (out[-3:], err)
+    assert proc.returncode == 0 and "Traceback" not in "\n".join(err), err
+
+
 def _children(pid: int) -> list[int]:
     from pathlib import Path
 

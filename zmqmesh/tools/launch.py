@@ -241,7 +241,8 @@ class Launcher:
         try:
             proc = subprocess.Popen(
                 spec.command, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="backslashreplace",
+                start_new_session=True,
             )
         except OSError as exc:
             raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
