@@ -430,6 +430,21 @@ def test_launch_writes_what_a_process_wrote_that_is_not_utf8(tmp_path: Any) -> N
     assert proc.returncode == 0 and "Traceback" not in "\n".join(err), err
 
 
+@pytest.mark.timeout(120)
+def test_launch_writes_output_with_no_line_end_in_pieces(tmp_path: Any) -> None:
+    # output with no line end was held whole until its end came: 300 MB of it took the
+    # launcher to 1.4 GB, and output that never ends a line grew it without a bound
+    (tmp_path / "endless.py").write_text("import sys\nfor _ in range(64):\n    sys.stdout.write('x' * 65536)\n"
+                                         "sys.stdout.write('\\nLAST\\n')\n")
+    proc = _launcher(tmp_path, '[[process]]\nname = "a"\ncommand = ["python3", "endless.py"]\n')
+    with lines_of(proc) as (out, err):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+    pieces = [line[4:] for line in out if line.startswith("[a] x")]
+    assert proc.returncode == 0 and out[-2:] == ["[a] LAST", "[a] exited with status 0"], (out[-2:], err)
+    assert sum(map(len, pieces)) == 64 * 65536 and max(map(len, pieces)) <= 65536, sorted(map(len, pieces))[-3:]
+
+
 def _children(pid: int) -> list[int]:
     from pathlib import Path
 

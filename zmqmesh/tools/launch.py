@@ -59,6 +59,9 @@ __all__ = ["LaunchError", "ProcessSpec", "load_launch_file", "Launcher"]
 
 log = logging.getLogger("zmqmesh.launch")
 
+_LINE_CHARS = 65536
+"""The longest line of a process's output written as one: a longer one (output with no
+line end, however long) is written in pieces of this many characters, never held whole."""
 _RESTARTS = ("never", "on-failure", "always")
 _LONGEST_STOP_S = 3600
 def _mesh_keys() -> dict[str, str]:
@@ -255,7 +258,7 @@ class Launcher:
 
     def _pump(self, name: str, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
+        while line := proc.stdout.readline(_LINE_CHARS):
             self.say(name, line.rstrip("\n"))
         proc.stdout.close()
 
