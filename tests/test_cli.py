@@ -647,6 +647,22 @@ def test_a_process_the_launcher_cannot_start_is_named(tmp_path: Any, entry: str,
                                                   if error.startswith("process") else f"zmqmesh: error: {error}"]
 
 
+@pytest.mark.parametrize(("text", "error"), [
+    ('[[process]]\nname = "a"\ncommand = "echo \'unclosed"\n',
+     "process #1 (a): 'command' cannot be split as a shell would: No closing quotation"),
+    ('[[process]]\nname = "a"\ncommand = "echo \\\\"\n',
+     "process #1 (a): 'command' cannot be split as a shell would: No escaped character"),
+], ids=["a-quote-not-closed", "a-lone-backslash"])
+def test_a_launch_file_with_a_mistake_is_a_bad_file_named(tmp_path: Any, text: str, error: str) -> None:
+    """A command string with a quote not closed ended ``zmqmesh launch`` with "zmqmesh:
+    error: No closing quotation", status 1: no file, no process named, and the status of a
+    process that failed. It is a bad launch file, named, status 2, nothing started."""
+    launch_file = tmp_path / "bad.toml"
+    launch_file.write_text(text)
+    result = run("launch", str(launch_file), timeout=30)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, f"zmqmesh: error: {launch_file}: {error}", "")
+
+
 @pytest.mark.parametrize("command", ["publish", "push", "request"])
 def test_a_payload_nested_too_deeply_is_a_bad_payload(mesh: dict[str, Any], command: str) -> None:
     """A JSON payload of 10,000 nested arrays (20 kB) ended the command with "internal

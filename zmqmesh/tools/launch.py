@@ -140,7 +140,10 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         if not isinstance(name, str) or not name:
             raise LaunchError(f"{where}: 'name' must be a non-empty string")
         if isinstance(command, str):
-            command = shlex.split(command)
+            try:
+                command = shlex.split(command)
+            except ValueError as exc:  # (a quote not closed, a lone backslash at the end)
+                raise LaunchError(f"{where} ({name}): 'command' cannot be split as a shell would: {exc}") from None
         if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
             raise LaunchError(f"{where} ({name}): 'command' must be a string or a list of strings")
         count = entry.get("count", 1)
