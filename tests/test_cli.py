@@ -652,11 +652,17 @@ def test_a_process_the_launcher_cannot_start_is_named(tmp_path: Any, entry: str,
      "process #1 (a): 'command' cannot be split as a shell would: No closing quotation"),
     ('[[process]]\nname = "a"\ncommand = "echo \\\\"\n',
      "process #1 (a): 'command' cannot be split as a shell would: No escaped character"),
-], ids=["a-quote-not-closed", "a-lone-backslash"])
+    ('stop_timeout = 60\n[[process]]\nname = "a"\ncommand = "true"\n',
+     "unknown key(s) stop_timeout (known: mesh, process, stop_timeout_s)"),
+    ('[[process]]\nname = "a"\ncommand = "true"\n[[processes]]\nname = "b"\ncommand = "true"\n',
+     "unknown key(s) processes (known: mesh, process, stop_timeout_s)"),
+], ids=["a-quote-not-closed", "a-lone-backslash", "a-misspelt-stop-timeout", "a-misspelt-process-table"])
 def test_a_launch_file_with_a_mistake_is_a_bad_file_named(tmp_path: Any, text: str, error: str) -> None:
     """A command string with a quote not closed ended ``zmqmesh launch`` with "zmqmesh:
     error: No closing quotation", status 1: no file, no process named, and the status of a
-    process that failed. It is a bad launch file, named, status 2, nothing started."""
+    process that failed; a misspelt key at the top of the file (``stop_timeout``,
+    ``[[processes]]``) was ignored, the file run without it. Each is a bad launch file,
+    named, status 2, nothing started."""
     launch_file = tmp_path / "bad.toml"
     launch_file.write_text(text)
     result = run("launch", str(launch_file), timeout=30)

@@ -112,6 +112,9 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         raise LaunchError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise LaunchError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"mesh", "process", "stop_timeout_s"}
+    if unknown:  # (a misspelt stop_timeout_s, or [[processes]], would be taken as absent)
+        raise LaunchError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: mesh, process, stop_timeout_s)")
     mesh = data.get("mesh", {})
     if not isinstance(mesh, dict):
         raise LaunchError(f"{path}: [mesh] must be a table")
