@@ -452,9 +452,11 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.timeout(120)
-def test_demo_stops_its_processes_on_sigterm_and_wants_a_count_of_orders() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_demo_stops_its_processes_on_sigterm_and_wants_a_count_of_orders(stop: int) -> None:
     # SIGTERM (from `timeout`, a supervisor, kill) ended the demo's conductor at once and
-    # left its four node processes running for ever; --orders 0 or -1 waited 20 s to fail
+    # left its four node processes running for ever, and so did SIGHUP sent to it alone;
+    # --orders 0 or -1 waited 20 s to fail
     for bad in ("0", "-1", "x"):
         result = run("demo", "--orders", bad)
         assert result.returncode == 2 and "--orders" in result.stderr and "Traceback" not in result.stderr
@@ -467,7 +469,7 @@ def test_demo_stops_its_processes_on_sigterm_and_wants_a_count_of_orders() -> No
         try:
             wait_until(lambda: any(" joined from " in line for line in out), 60, "the demo's mesh")
             children = _children(proc.pid)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(stop)
             proc.wait(60)
             wait_until(lambda: all(not pid_alive(c) for c in children), 15, "the demo's processes to be gone")
         finally:

@@ -124,11 +124,12 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     code = 1
 
-    def terminated(*_: object) -> None:  # SIGTERM stops the demo as Ctrl-C does: its processes too
+    def terminated(*_: object) -> None:  # SIGTERM or SIGHUP stops the demo as Ctrl-C does: its processes too
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() \
-        else None
+    stops = (signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+    previous = {sig: signal.signal(sig, terminated) for sig in stops} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         with node:
             try:
@@ -167,8 +168,8 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
                     _say("conductor", f"my counters: pipeline {stats['pipeline']}, requests {stats['request']}")
                     code = 0
             finally:
-                if previous is not None:  # (a second SIGTERM now would leave the processes running)
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                for sig in previous:  # (a second SIGTERM now would leave the processes running)
+                    signal.signal(sig, signal.SIG_IGN)
                 for proc in reversed(procs):
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGTERM)
@@ -182,8 +183,8 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
                 while node.peers() and time.monotonic() < deadline:
                     time.sleep(0.05)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _say("conductor", "demo finished, every process stopped" if code == 0 else "demo FAILED")
     return code
 
