@@ -731,6 +731,19 @@ def test_what_peers_name_reaches_the_terminal_escaped(mesh: dict[str, Any]) -> N
         assert "\x1b" not in out and not any(line.startswith("FORGED") for line in out.splitlines()), repr(out)
 
 
+def test_store_inspect_writes_what_the_store_names_escaped(tmp_path: Any, mesh: dict[str, Any]) -> None:
+    """`zmqmesh store inspect` wrote the names of queues and kept topics raw: a queue
+    named with an escape and a newline drove the terminal and forged a row of the table."""
+    store = tmp_path / "store"
+    with zmqmesh.Node("pusher", store=str(store), history={"t": 10}, **mesh) as node:
+        node.push("q" + FORGED, 1, durable=True)
+        node.publish("t" + FORGED, 1)
+    result = run("store", "inspect", str(store), timeout=30)
+    assert result.returncode == 0, result
+    assert "q\\x1b[2J\\x0aFORGED" in result.stdout and "t\\x1b[2J\\x0aFORGED" in result.stdout, result.stdout
+    assert "\x1b" not in result.stdout and not any(line.startswith("FORGED") for line in result.stdout.splitlines())
+
+
 def test_a_remote_failure_is_one_line_on_the_terminal(mesh: dict[str, Any]) -> None:
     """`zmqmesh request` says a failure in one line: a remote handler's message, the
     provider's text, was printed raw (its escapes driving the terminal, its newlines

@@ -355,12 +355,13 @@ def _store(args: argparse.Namespace) -> int:
         if args.json:
             print(dumps(info, indent=2))
             return 0
-        print(f"{info['path']}: {info['bytes']} bytes, schema {info['schema']}")
+        # (what the store names, written escaped: a name with a newline would forge a row)
+        print(f"{shown(info['path'])}: {info['bytes']} bytes, schema {info['schema']}")
         now = time.time()
-        queues = [(name + (" (dead letters)" if name.endswith(".dead") else ""), str(q["messages"]),
+        queues = [(shown(name) + (" (dead letters)" if name.endswith(".dead") else ""), str(q["messages"]),
                    str(q["bytes"]), f"{max(0.0, now - q['oldest']):.0f}s ago") for name, q in info["queues"].items()]
         print(_columns(("QUEUE", "MESSAGES", "BYTES", "OLDEST"), queues) if queues else "no messages stored")
-        topics = [(name, str(t["messages"]), str(t["bytes"]), f"{max(0.0, now - t['oldest']):.0f}s ago",
+        topics = [(shown(name), str(t["messages"]), str(t["bytes"]), f"{max(0.0, now - t['oldest']):.0f}s ago",
                    f"{t['first_seq']}..{t['next_seq'] - 1}") for name, t in info["topics"].items()]
         if topics:
             print(_columns(("KEPT TOPIC", "MESSAGES", "BYTES", "OLDEST", "NUMBERS"), topics))
