@@ -744,6 +744,27 @@ def test_store_inspect_writes_what_the_store_names_escaped(tmp_path: Any, mesh: 
     assert "\x1b" not in result.stdout and not any(line.startswith("FORGED") for line in result.stdout.splitlines())
 
 
+@pytest.mark.timeout(120)
+def test_a_durable_push_that_ends_early_leaves_no_temporary_store_behind(tmp_path: Any, mesh: dict[str, Any]) -> None:
+    """`zmqmesh push --durable` without --store makes a temporary store: a node that could
+    not start (an unknown --interface) or a Ctrl-C while it waited for a taker left it
+    behind, empty and unnamed, one more directory in $TMPDIR at each such push."""
+    where = ["--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]), "--wait", "0"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    failed = subprocess.run([sys.executable, "-m", "zmqmesh", "push", "q", "1", "--durable", "--interface", "nosuch0",
+                             *where], capture_output=True, text=True, timeout=60, env=env)
+    assert failed.returncode == 1 and "nosuch0" in failed.stderr, failed
+    assert list(tmp_path.glob("zmqmesh-push-*")) == []
+    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "push", "q", "1", "--durable", "--timeout", "60", *where],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with lines_of(proc) as (out, err):
+        wait_until(lambda: list(tmp_path.glob("zmqmesh-push-*/zmqmesh.db")), 60, "the push's store")
+        proc.send_signal(signal.SIGINT)  # (while it waits for a taker: nothing pushed yet)
+        proc.wait(30)
+    assert proc.returncode == 130, (out, err)
+    assert list(tmp_path.glob("zmqmesh-push-*")) == []
+
+
 def test_a_remote_failure_is_one_line_on_the_terminal(mesh: dict[str, Any]) -> None:
     """`zmqmesh request` says a failure in one line: a remote handler's message, the
     provider's text, was printed raw (its escapes driving the terminal, its newlines

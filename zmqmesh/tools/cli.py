@@ -313,14 +313,24 @@ def _taker_present(node: Node, queue: str) -> bool:
 
 def _push_durable(args: argparse.Namespace, data: Any) -> int:
     """Commit, then deliver to a puller or hand to a keeper before exiting; a message that
-    neither took stays in the store (a temporary one is kept, and named)."""
+    neither took stays in the store (a temporary one is kept, and named). A temporary store
+    is removed when the command ends holding nothing in it, whatever ended it (a node that
+    could not start, Ctrl-C)."""
     store = args.store or tempfile.mkdtemp(prefix="zmqmesh-push-")
-    with _node(args, "zmqmesh-push", store=store) as node:
-        deadline = time.monotonic() + args.timeout
-        while not _taker_present(node, args.queue) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        node.push(args.queue, data, durable=True)
-        mesh = node.config.mesh
+    try:
+        with _node(args, "zmqmesh-push", store=store) as node:
+            deadline = time.monotonic() + args.timeout
+            while not _taker_present(node, args.queue) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            node.push(args.queue, data, durable=True)
+            mesh = node.config.mesh
+    except BaseException:
+        if not args.store:
+            if _holds_messages(store):
+                print(f"zmqmesh: the message is kept in the store {store}", file=sys.stderr)
+            else:
+                shutil.rmtree(store, ignore_errors=True)
+        raise
     left = inspect_store(store)["queues"].get(args.queue, {"messages": 0})["messages"]
     if left:
         raise CliError(f"no puller or keeper of {args.queue!r} took the message within {args.timeout} s in mesh "
@@ -329,6 +339,15 @@ def _push_durable(args: argparse.Namespace, data: Any) -> int:
         shutil.rmtree(store, ignore_errors=True)
     print(f"pushed to {args.queue!r} (durable)")
     return 0
+
+
+def _holds_messages(store: str) -> bool:
+    """Whether the store in ``store`` holds messages (False where none was made, or it
+    cannot be read)."""
+    try:
+        return bool(inspect_store(store)["queues"])
+    except ZmqMeshError:
+        return False
 
 
 def _keep(args: argparse.Namespace) -> int:
