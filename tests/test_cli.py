@@ -765,6 +765,31 @@ def test_a_durable_push_that_ends_early_leaves_no_temporary_store_behind(tmp_pat
     assert list(tmp_path.glob("zmqmesh-push-*")) == []
 
 
+@pytest.mark.parametrize("action", ["--retry", "--drop"])
+def test_dead_letters_damaged_on_disk_are_named_when_left(tmp_path: Any, mesh: dict[str, Any], action: str) -> None:
+    """A dead letter damaged on disk is neither moved nor deleted (the store keeps it for an
+    operator): `store dead-letters --retry` said "moved 2" and `--drop` "dropped 0", status
+    0, the damaged one left behind without a word (and `inspect` still counting it)."""
+    import sqlite3
+
+    store = tmp_path / "store"
+    with zmqmesh.Node("pusher", store=str(store), **mesh) as node:
+        for i in range(3):
+            node.push("q.dead", i, durable=True)
+    with sqlite3.connect(store / "zmqmesh.db") as db:  # (the store's layout: a test may know it)
+        segments = [seq for (seq,) in db.execute("SELECT seq FROM outbox WHERE queue = 'q.dead' ORDER BY seq")]
+        db.execute("UPDATE outbox SET items = x'c1c1c1' WHERE seq = ?", (segments[-1],))
+    assert len(segments) == 3
+    result = run("store", "dead-letters", str(store), "q", action, timeout=30)
+    done = "moved 2 dead letter(s)" if action == "--retry" else "dropped 2 dead letter(s)"
+    assert result.returncode == 1 and done in result.stdout, result
+    assert result.stderr.strip() == ("zmqmesh: error: 1 dead letter(s) left in 'q.dead': damaged on disk, they cannot "
+                                     "be read; the store keeps them for an operator"), result
+    assert "1 dead letter(s) in 'q.dead'" in run("store", "dead-letters", str(store), "q", timeout=30).stdout
+    itself = run("store", "dead-letters", str(store), "q", "--dead-letter", "q", "--retry", timeout=30)
+    assert itself.returncode == 1 and "is 'q' itself" in itself.stderr, itself
+
+
 def test_a_remote_failure_is_one_line_on_the_terminal(mesh: dict[str, Any]) -> None:
     """`zmqmesh request` says a failure in one line: a remote handler's message, the
     provider's text, was printed raw (its escapes driving the terminal, its newlines

@@ -67,15 +67,17 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
     """Move every dead letter of ``queue`` (the queue ``dead_letter``, default
-    ``"<queue>.dead"``) back to the end of ``queue``; how many moved. The store must not be
-    in use: raises `StoreLockedError` while its node runs, `StoreError` if there is none."""
+    ``"<queue>.dead"``) back to the end of ``queue``; how many moved. Those damaged on disk
+    (segments that cannot be read) stay where they are, still counted by `inspect_store`.
+    The store must not be in use: raises `StoreLockedError` while its node runs,
+    `StoreError` if there is none."""
     with _existing(directory) as store:
         return store.requeue(dead_letter or f"{queue}.dead", queue)
 
 
 def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
-    """Delete every dead letter of ``queue``; how many there were. Raises as
-    `retry_dead_letters` does."""
+    """Delete every dead letter of ``queue``; how many there were. Those damaged on disk
+    stay, as `retry_dead_letters` leaves them. Raises as `retry_dead_letters` does."""
     with _existing(directory) as store:
         return store.drop_queue(dead_letter or f"{queue}.dead")
 

@@ -390,10 +390,18 @@ def _store(args: argparse.Namespace) -> int:
             print(f"durable subscription {name!r}: its place in {count} publisher topic(s)")
         return 0
     dead = args.dead_letter or f"{args.queue}.dead"
-    if args.retry:
-        print(f"moved {retry_dead_letters(args.dir, args.queue, dead)} dead letter(s) back to {args.queue!r}")
-    elif args.drop:
-        print(f"dropped {drop_dead_letters(args.dir, args.queue, dead)} dead letter(s) of {args.queue!r}")
+    if args.retry and dead == args.queue:
+        raise CliError(f"the dead-letter queue is {args.queue!r} itself: nothing to move back")
+    if args.retry or args.drop:
+        if args.retry:
+            print(f"moved {retry_dead_letters(args.dir, args.queue, dead)} dead letter(s) back to {args.queue!r}")
+        else:
+            print(f"dropped {drop_dead_letters(args.dir, args.queue, dead)} dead letter(s) of {args.queue!r}")
+        # (what is left there, its node stopped, are segments damaged on disk: the store keeps them)
+        left = inspect_store(args.dir)["queues"].get(dead, {"messages": 0})["messages"]
+        if left:
+            raise CliError(f"{left} dead letter(s) left in {dead!r}: damaged on disk, they cannot be read; "
+                           "the store keeps them for an operator")
     else:
         count = inspect_store(args.dir)["queues"].get(dead, {"messages": 0})["messages"]
         print(f"{count} dead letter(s) in {dead!r}")
