@@ -671,6 +671,21 @@ def test_a_launch_file_with_a_mistake_is_a_bad_file_named(tmp_path: Any, text: s
     assert (result.returncode, result.stderr.strip(), result.stdout) == (2, f"zmqmesh: error: {launch_file}: {error}", "")
 
 
+def test_a_launch_file_that_never_ends_is_refused_in_bounded_memory() -> None:
+    """`zmqmesh launch /dev/zero` read the file whole before parsing it: 3 GB resident
+    after 10 s, growing until the memory ran out. The file is read to 16 MiB at most now.
+    (The launcher runs here within 1 GiB of address space: before, a MemoryError.)"""
+    import resource
+
+    def within_1_gib() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+
+    result = subprocess.run([sys.executable, "-m", "zmqmesh", "launch", "/dev/zero"], capture_output=True, text=True,
+                            timeout=60, preexec_fn=within_1_gib)
+    assert (result.returncode, result.stderr.strip()) == (
+        2, "zmqmesh: error: /dev/zero: longer than 16 MiB: not a launch file"), result
+
+
 @pytest.mark.parametrize("command", ["publish", "push", "request"])
 def test_a_payload_nested_too_deeply_is_a_bad_payload(mesh: dict[str, Any], command: str) -> None:
     """A JSON payload of 10,000 nested arrays (20 kB) ended the command with "internal

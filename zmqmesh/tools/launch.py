@@ -64,6 +64,7 @@ _LINE_CHARS = 65536
 line end, however long) is written in pieces of this many characters, never held whole."""
 _RESTARTS = ("never", "on-failure", "always")
 _LONGEST_STOP_S = 3600
+_LONGEST_FILE = 16 * 2**20
 def _mesh_keys() -> dict[str, str]:
     from zmqmesh import NodeConfig
 
@@ -105,7 +106,11 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        with path.open("rb") as file:
+            text = file.read(_LONGEST_FILE + 1)
+        if len(text) > _LONGEST_FILE:  # (/dev/zero, say: read whole, it would fill the memory)
+            raise LaunchError(f"{path}: longer than {_LONGEST_FILE // 2**20} MiB: not a launch file")
+        data = tomllib.loads(text.decode())
     except FileNotFoundError:
         raise LaunchError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
