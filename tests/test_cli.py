@@ -805,6 +805,17 @@ def test_dead_letters_damaged_on_disk_are_named_when_left(tmp_path: Any, mesh: d
     assert itself.returncode == 1 and "is 'q' itself" in itself.stderr, itself
 
 
+def test_an_empty_dead_letter_queue_is_a_bad_argument(tmp_path: Any, mesh: dict[str, Any]) -> None:
+    """`--dead-letter "$DLQ"` with DLQ unset: the empty name was taken as none given, and
+    `--drop` deleted the dead letters of QUEUE.dead, status 0. It is a bad argument now."""
+    store = tmp_path / "store"
+    with zmqmesh.Node("pusher", store=str(store), **mesh) as node:
+        node.push("q.dead", 1, durable=True)
+    result = run("store", "dead-letters", str(store), "q", "--dead-letter", "", "--drop", timeout=30)
+    assert result.returncode == 2 and "--dead-letter: must not be empty" in result.stderr, result
+    assert "1 dead letter(s) in 'q.dead'" in run("store", "dead-letters", str(store), "q", timeout=30).stdout
+
+
 def test_a_remote_failure_is_one_line_on_the_terminal(mesh: dict[str, Any]) -> None:
     """`zmqmesh request` says a failure in one line: a remote handler's message, the
     provider's text, was printed raw (its escapes driving the terminal, its newlines

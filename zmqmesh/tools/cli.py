@@ -111,6 +111,13 @@ def _seconds_or_zero(text: str) -> float:
     return _seconds(text, zero_ok=True)
 
 
+def _name(text: str) -> str:
+    """An argparse type: a name that is not empty (an unset shell variable gives one)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _count(text: str) -> int:
     """An argparse type: a whole number, 1 or more."""
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
@@ -196,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     dead = store_sub.add_parser("dead-letters", help="show, retry or drop the dead letters of a queue")
     dead.add_argument("dir")
     dead.add_argument("queue")
-    dead.add_argument("--dead-letter", default=None, help="the dead-letter queue (default QUEUE.dead)")
+    dead.add_argument("--dead-letter", type=_name, default=None, help="the dead-letter queue (default QUEUE.dead)")
     action = dead.add_mutually_exclusive_group()
     action.add_argument("--retry", action="store_true", help="move them back to QUEUE (the node must be stopped)")
     action.add_argument("--drop", action="store_true", help="delete them (the node must be stopped)")
