@@ -7,7 +7,9 @@ SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
        "block_s": seconds a handler named "block" sleeps, "groups": [zre groups],
        "foreign_stats": true to answer the built-in stats service as another version might,
        "invented_names": N to answer it with N topics and N services more than a node keeps,
-       "claims": {"id": ..., "name": ...} to answer it in another node's id and name}
+       "claims": {"id": ..., "name": ...} to answer it in another node's id and name,
+       "stats_latency": {service: histogram} to answer it with these latency histograms,
+       "latency_buckets": N to answer it with a latency histogram of N buckets and +Inf}
 
 It prints one line per event, flushed at once:
   READY <id> | JOIN <name> <id> | LEAVE <name> <id> | SUB <topic> <json> |
@@ -102,6 +104,14 @@ def main() -> None:
                                    for i in range(invented)}
             return counters
         node._engine.describe = describe  # type: ignore[method-assign]
+    if "stats_latency" in spec or spec.get("latency_buckets"):  # plays a stranger whose latency histograms
+        latency, buckets, told = spec.get("stats_latency"), int(spec.get("latency_buckets", 0)), node._engine.describe
+
+        def timed() -> dict:  # are shaped as given, or have as many buckets as given
+            many = [[i / 1000, 1] for i in range(buckets)] + [["+Inf", buckets]]
+            return {**told(), "latency": latency if latency is not None else
+                    {"s": {"buckets": many, "sum": 0.5, "count": buckets}}}
+        node._engine.describe = timed  # type: ignore[method-assign]
     if spec.get("claims"):  # plays a stranger that answers the stats service in another node's name
         claimed, described = spec["claims"], node._engine.describe
         node._engine.describe = lambda: {**described(), **claimed, "pubsub": {"sent": 999_999}}  # type: ignore[method-assign]

@@ -132,6 +132,61 @@ def test_a_peer_that_claims_100_000_names_adds_no_series_to_the_gateways_metrics
     assert len(json.dumps(stats)) < 100_000
 
 
+@pytest.mark.timeout(90)
+def test_a_peers_histograms_without_buckets_or_of_100_000_buckets_are_left_out_of_the_gateways_metrics(
+        gateway: str, spawn: Any) -> None:
+    """A stranger's answer to the stats service timing a service in a histogram without
+    buckets made every scrape of the gateway's /metrics a 500 (prometheus_client's
+    IndexError), the whole mesh's counters gone while it stayed; one timing it in 100,000
+    buckets made 100,031 series of every scrape (13 MB), past the 4,096 samples a node's
+    counters were bounded by (a histogram counted as one). Both are left out whole, and
+    counted; the other nodes' stay."""
+    pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    import json
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from zmqmesh._observe.prometheus import MAX_SAMPLES
+
+    spawn("worker")
+    spawn("bucketless", stats_latency={"s": {"buckets": [], "sum": 0, "count": 0}})
+    spawn("bucketed", latency_buckets=100_000)
+
+    def names() -> set[str]:
+        with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
+            return {p["name"] for p in json.loads(answer.read())}
+
+    wait_until(lambda: {"worker", "bucketless", "bucketed"} <= names(), 15, "the nodes at the gateway")
+    with urllib.request.urlopen(gateway + "/metrics", timeout=30) as scrape:
+        text = scrape.read().decode()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    nodes = {s.labels.get("node") for s in samples}
+    assert "worker" in nodes and "bucketless" not in nodes and "bucketed" not in nodes
+    assert len(samples) < MAX_SAMPLES
+    assert [s.value for s in samples if s.name == "zmqmesh_gateway_events_total"
+            and s.labels["event"] == "unreadable_stats"][0] >= 2
+
+
+@pytest.mark.parametrize("buckets", [[], [["x", 1], ["+Inf", 1]], [[0.1, 1]], [[0.5, 1], [0.1, 1], ["+Inf", 1]],
+                                     [["nan", 1], ["+Inf", 1]], [["1" * 2000, 1], ["+Inf", 1]]])
+def test_a_histogram_prometheus_client_cannot_read_leaves_out_its_node_alone(buckets: list[Any]) -> None:
+    """Histograms without buckets, with a bound that is no number, none ``+Inf``, bounds
+    that do not increase, or a bound past a label's length: their node is left out and
+    told, the scrape of the others made (prometheus_client raised out of the scrape for
+    the first two)."""
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    from zmqmesh._observe.prometheus import metrics_text
+
+    told: list[Exception] = []
+    good = {"id": "a", "name": "good", "latency": {"s": {"buckets": [[0.1, 1], ["+Inf", 2]], "sum": 0.1, "count": 2}}}
+    bad = {"id": "b", "name": "bad", "latency": {"s": {"buckets": buckets, "sum": 0.0, "count": 1}}}
+    text = metrics_text([good, bad], unreadable=lambda snap, exc: told.append(exc)).decode()
+    assert 'node="good"' in text and 'node="bad"' not in text
+    assert len(told) == 1 and isinstance(told[0], ValueError)
+
+
 def test_topics_of_invalid_utf8_that_read_alike_keep_their_counts(mesh: dict[str, Any]) -> None:
     """A topic is counted under its bytes and shown as text, the undecodable bytes as
     U+FFFD: two topics that read alike so (``t\\xff``, ``t\\xfe``) showed the count of

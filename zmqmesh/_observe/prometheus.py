@@ -40,12 +40,13 @@ CONNECTION_LIMIT_S = 30.0
 trickles its request or takes the answer (`IDLE_TIMEOUT_S` bounds each wait only: a byte
 sent more often held a slot for good, and `MAX_CONNECTIONS` such strangers every one)."""
 
-MAX_SAMPLES = 4096
-"""Samples the counters of one node may make in a scrape (a node of this version makes
-some 2,500 at most: 256 names per pattern and direction, as many services
-timed, a backlog per queue pushed to); counters that would make more are left out whole,
-as those of another shape are (`families`): a stranger's answer to ``\\x00stats`` may
-name a million topics, each a series of every scrape."""
+MAX_SAMPLES = 8192
+"""Samples the counters of one node may make in a scrape, a histogram's buckets, sum and
+count each one (a node of this version makes some 7,000 at most: 257 names per pattern
+and direction, 257 services timed, of 19 samples each, and a backlog per queue pushed
+to, 512 at most); counters that would make more are left out whole, as those of another shape are
+(`families`): a stranger's answer to ``\\x00stats`` may name a million topics, or time a
+service in a million buckets, each a series of every scrape."""
 MAX_LABEL_CHARS = 1024
 """Characters of a label value (a node's name, a topic, queue or service, an event);
 counters with a longer one are left out whole (a name a node keeps is 255 bytes at most)."""
@@ -127,7 +128,9 @@ def _rows(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
     shape) for counters of another shape, ``ValueError`` for more than `MAX_SAMPLES`
     samples or a label value past `MAX_LABEL_CHARS`, before any sample is added (the
     caller lists them all first)."""
-    for made, row in enumerate(_samples(snap), 1):
+    made = 0
+    for row in _samples(snap):
+        made += len(row[2][0]) + 2 if row[0] == "latency" else 1  # (a histogram: its buckets, sum and count)
         if made > MAX_SAMPLES:
             raise ValueError(f"counters of more than {MAX_SAMPLES} samples")
         if any(len(value) > MAX_LABEL_CHARS for value in row[1]):
@@ -150,12 +153,7 @@ def _samples(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
     for event, count in (snap.get("membership") or {}).items():
         yield "membership", [*node, str(event)], _number(count)
     for service, histogram in (snap.get("latency") or {}).items():
-        cumulative: int | float = 0
-        buckets = []
-        for bound, count in histogram["buckets"]:
-            cumulative += _number(count)
-            buckets.append((str(bound), cumulative))
-        yield "latency", [*node, str(service)], (buckets, _number(histogram["sum"]))
+        yield "latency", [*node, str(service)], (_buckets(histogram["buckets"]), _number(histogram["sum"]))
     gauges = snap.get("gauges") or {}
     yield "peers", node, _number(gauges.get("peers", 0))
     yield "queued", node, _number(gauges.get("queued", 0))
@@ -164,6 +162,31 @@ def _samples(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
     for family, key in (("send_queue_bytes", "send_queue_bytes"), ("durable_buffered", "durable_buffered_bytes")):
         if key in gauges:  # (a node of a version that reports none has no sample, not a 0 it never told)
             yield family, node, _number(gauges[key])
+
+
+def _buckets(given: Any) -> list[tuple[str, int | float]]:
+    """The buckets of a histogram given as ``[[bound, count], ...]`` (as `Node.stats` makes
+    them), as prometheus_client takes them: ``(bound as text, cumulative count)``. Raises
+    ``ValueError`` unless there is one at least, their bounds numbers that increase, the
+    last ``+Inf`` (prometheus_client reads the first bound as a number and the last count
+    as the histogram's; one of a stranger's histograms without them failed the scrape
+    of every node), ``TypeError`` for a count that is not a number."""
+    cumulative: int | float = 0
+    buckets: list[tuple[str, int | float]] = []
+    below = float("-inf")
+    for bound, count in given:
+        text = str(bound)
+        if len(text) > MAX_LABEL_CHARS:  # (a bound is the label ``le`` of its bucket)
+            raise ValueError(f"a histogram bound of more than {MAX_LABEL_CHARS} characters")
+        at = float(text)
+        if not at > below:  # (NaN too)
+            raise ValueError(f"histogram bounds that do not increase: {text[:32]!r}")
+        below = at
+        cumulative += _number(count)
+        buckets.append((text, cumulative))
+    if below != float("inf"):
+        raise ValueError("a histogram without its +Inf bucket")
+    return buckets
 
 
 def _number(value: Any) -> int | float:
