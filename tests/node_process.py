@@ -9,7 +9,8 @@ SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
        "invented_names": N to answer it with N topics and N services more than a node keeps,
        "claims": {"id": ..., "name": ...} to answer it in another node's id and name,
        "stats_latency": {service: histogram} to answer it with these latency histograms,
-       "latency_buckets": N to answer it with a latency histogram of N buckets and +Inf}
+       "latency_buckets": N to answer it with a latency histogram of N buckets and +Inf,
+       "stats_answer": any JSON value to answer it with}
 
 It prints one line per event, flushed at once:
   READY <id> | JOIN <name> <id> | LEAVE <name> <id> | SUB <topic> <json> |
@@ -112,6 +113,8 @@ def main() -> None:
             return {**told(), "latency": latency if latency is not None else
                     {"s": {"buckets": many, "sum": 0.5, "count": buckets}}}
         node._engine.describe = timed  # type: ignore[method-assign]
+    if "stats_answer" in spec:  # plays a stranger that answers the stats service with what it likes
+        node._engine.describe = lambda: spec["stats_answer"]  # type: ignore[method-assign]
     if spec.get("claims"):  # plays a stranger that answers the stats service in another node's name
         claimed, described = spec["claims"], node._engine.describe
         node._engine.describe = lambda: {**described(), **claimed, "pubsub": {"sent": 999_999}}  # type: ignore[method-assign]

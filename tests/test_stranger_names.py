@@ -187,6 +187,32 @@ def test_a_histogram_prometheus_client_cannot_read_leaves_out_its_node_alone(buc
     assert len(told) == 1 and isinstance(told[0], ValueError)
 
 
+def test_a_peers_stats_answer_that_is_not_a_map_is_a_decode_error(mesh: dict[str, Any], spawn: Any) -> None:
+    """`node_stats` returns a peer's counters, a dict: a stranger's answer of another
+    type (a number, a list, text, nil) came back as it was, for the caller's first
+    ``["pubsub"]`` to fail with a TypeError far from its cause. It is a `DecodeError`,
+    from `Node` and `AsyncNode` alike; a map of any shape still comes back."""
+    import asyncio
+
+    strangers = [spawn(f"odd{i}", stats_answer=answer) for i, answer in enumerate((5, [1, 2], "counters", None))]
+    spawn("mapped", stats_answer={"pubsub": "elsewhere"})
+
+    async def asked(peer: str) -> Any:
+        async with zmqmesh.AsyncNode("asker", **mesh) as node:
+            await node.wait_for_peers(6, timeout=15)
+            return await node.node_stats(peer)
+
+    with zmqmesh.Node("target", **mesh) as node:
+        by_name = {p.name: p for p in node.wait_for_peers(5, timeout=15)}
+        for stranger in strangers:
+            with pytest.raises(zmqmesh.DecodeError, match="not a map"):
+                node.node_stats(by_name[stranger.name])
+        assert node.node_stats(by_name["mapped"]) == {"pubsub": "elsewhere"}
+        with pytest.raises(zmqmesh.DecodeError, match="not a map"):
+            asyncio.run(asked(by_name["odd0"].id))
+        assert asyncio.run(asked(by_name["mapped"].id)) == {"pubsub": "elsewhere"}
+
+
 def test_topics_of_invalid_utf8_that_read_alike_keep_their_counts(mesh: dict[str, Any]) -> None:
     """A topic is counted under its bytes and shown as text, the undecodable bytes as
     U+FFFD: two topics that read alike so (``t\\xff``, ``t\\xfe``) showed the count of

@@ -25,10 +25,8 @@ from ._engine.api import (
     check_group,
     check_timeout,
     check_window,
-    peer_id_of,
 )
 from ._io.serving import served, serving
-from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
@@ -367,9 +365,9 @@ class AsyncNode(NodeBase):
         return await self._runner.run_many(self._request_calls(service, items, timeout, peer, headers), window)
 
     async def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
-        """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there."""
-        result: dict[str, Any] = await self._runner.run(
-            self._request_plan(STATS_SERVICE, None, timeout, peer_id_of(peer)))
+        """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there.
+        Raises as `Node.node_stats` does."""
+        result: dict[str, Any] = await self._runner.run(self._node_stats_plan(peer, timeout))
         return result
 
     async def whisper(self, peer_id: str, *frames: bytes | str) -> None:

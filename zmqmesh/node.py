@@ -27,12 +27,10 @@ from ._engine.api import (
     check_group,
     check_timeout,
     check_window,
-    peer_id_of,
 )
 from ._io.reactor import Reactor, run_on
 from ._io.serving import served, serving
 from ._io.stop_flag import StopFlag
-from ._wire.frames import STATS_SERVICE
 from .config import NodeConfig
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
@@ -407,9 +405,9 @@ class Node(NodeBase):
     def node_stats(self, peer: str | Peer, timeout: float = 5.0) -> dict[str, Any]:
         """Ask a zmqmesh peer (or this node) for its counters, as `stats` returns them there.
 
-        Raises as `request` does.
+        Raises as `request` does, and `DecodeError` for an answer that is not a map.
         """
-        result: dict[str, Any] = self._runner.run(self._request_plan(STATS_SERVICE, None, timeout, peer_id_of(peer)))
+        result: dict[str, Any] = self._runner.run(self._node_stats_plan(peer, timeout))
         return result
 
     def whisper(self, peer_id: str, *frames: bytes | str) -> None:

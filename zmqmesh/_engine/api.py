@@ -45,6 +45,7 @@ from .._wire.frames import (
 from ..config import LONGEST_WAIT_S, NodeConfig
 from ..errors import (
     ConfigError,
+    DecodeError,
     MeshTimeoutError,
     NodeClosedError,
     NoProviderError,
@@ -271,6 +272,15 @@ def _traced_plan(plan: Plan, span: Any) -> Plan:
         raise
     finally:
         span.end()
+
+
+def _counters_answer(plan: Plan) -> Plan:
+    """``plan``, a call of the built-in stats service, whose answer must be a map (of any
+    shape: another version's counters are its own). Raises `DecodeError` for another."""
+    answer = yield from plan
+    if not isinstance(answer, dict):
+        raise DecodeError(f"the counters a peer answered are not a map but {type(answer).__name__}")
+    return answer
 
 
 class NodeBase:
@@ -944,6 +954,10 @@ class NodeBase:
         """Call ``service`` (see `Node.request` for what it raises)."""
         body = self._encode_call(data)  # (first: a call raises what its data does before the rest)
         return self._plan_call(self._prepare_calls(service, timeout, peer, headers), body)
+
+    def _node_stats_plan(self, peer: str | Peer, timeout: float) -> Plan:
+        """Ask ``peer`` for its counters (see `Node.node_stats` for what it raises)."""
+        return _counters_answer(self._request_plan(STATS_SERVICE, None, timeout, peer_id_of(peer)))
 
     def _request_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
                       headers: dict[str, str] | None = None, blocking: bool = True) -> Plan | QuickRequest:
