@@ -318,3 +318,62 @@ def test_a_strangers_connection_does_not_outlive_the_node(mesh: dict[str, Any]) 
         assert ended, "the connection outlived the node"
     finally:
         stranger.close()
+
+
+def _accepted_connections(port: int) -> int:
+    """The connections to ``port`` on 127.0.0.1 that this host still holds open on the
+    accepting side (established, or closed by the far end and not yet by the acceptor),
+    from the kernel's table."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        return sum(1 for line in list(table)[1:] if line.split()[1] == local and line.split()[3] in ("01", "08"))
+
+
+def test_service_sent_never_goes_down_when_a_batch_caller_leaves_while_its_replies_wait(
+        mesh: dict[str, Any], ctx: Any) -> None:
+    """The replies to a batch of requests wait for the quick handlers of the batch, and
+    were counted in ``service.sent`` as they began to wait: a caller gone meanwhile made
+    them unroutable, and ``sent`` went down again (41, then 40), which Prometheus takes
+    for a counter reset (``increase()`` then counts the whole counter again). They are
+    counted as they go; those that cannot go, as dropped."""
+    import threading
+
+    import msgpack
+    import zmq
+
+    from zmqmesh._wire import frames as wire
+
+    entered, release = threading.Event(), threading.Event()
+
+    def echo(msg: zmqmesh.Message) -> Any:
+        if msg.data == "slow":  # (the last of the batch: the reply before it waits for it)
+            entered.set()
+            release.wait(30)
+        return msg.data
+
+    with zmqmesh.Node("provider", **mesh) as node:
+        node.service("echo", echo)
+        endpoint = node.endpoints["service"]
+        port = int(endpoint.rsplit(":", 1)[1])
+        caller = ctx.socket(zmq.DEALER)
+        caller.setsockopt(zmq.LINGER, 0)
+        caller.connect(endpoint)
+        try:
+            for i in range(40):  # quick on each of its last runs: a reply waits for it
+                caller.send_multipart([b"echo", b"w%d" % i, msgpack.packb(i)])
+                assert caller.poll(10_000), "no reply"
+                caller.recv_multipart()
+            caller.send(wire.request_batch([(b"echo", b"r1", msgpack.packb("fast")),
+                                            (b"echo", b"r2", msgpack.packb("slow"))]))
+            assert entered.wait(10), "the batch's second handler never ran"
+            before = node.stats()["service"]
+        finally:
+            caller.close()
+        try:
+            wait_until(lambda: _accepted_connections(port) == 0, 10, "the caller's connection gone at the provider")
+        finally:
+            release.set()
+        wait_until(lambda: node.stats()["service"]["dropped"] >= 2, 10, "the replies to the gone caller dropped")
+        after = node.stats()["service"]
+        assert after["sent"] >= before["sent"], (before, after)
+        assert (after["sent"], after["dropped"]) == (40, 2)

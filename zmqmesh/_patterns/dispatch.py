@@ -918,9 +918,8 @@ class Dispatcher:
         are held (`replies_held`), a small one to a caller that sent a batch waits to go
         back in a batch. Held replies go with the first reply to a later frame of that
         caller's, if they are `EARLY_ITEMS` or more (the caller refills its window meanwhile,
-        and small frames still merge), or when the batch is full or the burst ends."""
-        if answer:  # (counted before it goes, as a caller may have it at once; taken back if it cannot go)
-            self.stats.pattern["service"]["sent"] += 1
+        and small frames still merge), or when the batch is full or the burst ends. An
+        answer is counted as it goes (a held one, with those held with it: `_send_held`)."""
         held = self._held
         size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
         if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
@@ -939,6 +938,8 @@ class Dispatcher:
                 entry[2] = caller
                 entry[3] += answer
             return
+        if answer:  # (counted before it goes, as a caller may have it at once; taken back if it cannot go)
+            self.stats.pattern["service"]["sent"] += 1
         self._router_used = True
         if len(body) >= wire.LARGE_FRAME:
             if self._send_tracked_if_room(route, status, body, answer):
@@ -1061,11 +1062,14 @@ class Dispatcher:
 
     def _send_held(self, caller: bytes, replies: list[tuple[bytes, bytes, bytes]], answers: int) -> None:
         """Send the ``replies`` held for ``caller``, ``answers`` of them handlers' (counted as
-        sent: taken back, and all counted as dropped, if they cannot go)."""
+        sent as they go, not while held: a caller gone meanwhile made ``service.sent`` go
+        down, which Prometheus takes for a restart; taken back at once, and all counted as
+        dropped, if they cannot go)."""
         if len(replies) == 1:
             frame = wire.reply_frames((caller, replies[0][0]), replies[0][1], replies[0][2])[1]
         else:
             frame = wire.reply_batch(replies)
+        self.stats.pattern["service"]["sent"] += answers
         self._router_used = True
         try:
             send_frames(self.router, [caller, frame])
