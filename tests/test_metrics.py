@@ -377,3 +377,41 @@ def test_service_sent_never_goes_down_when_a_batch_caller_leaves_while_its_repli
         after = node.stats()["service"]
         assert after["sent"] >= before["sent"], (before, after)
         assert (after["sent"], after["dropped"]) == (40, 2)
+
+
+def _get_metrics(port: int, host: str, address: str = "127.0.0.1") -> tuple[bytes, bytes]:
+    """A raw ``GET /metrics`` to ``address:port`` naming ``host`` in its ``Host`` header:
+    ``(status line, body)``."""
+    import socket
+
+    with socket.create_connection((address, port), timeout=10) as conn:
+        conn.sendall(f"GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+def test_a_loopback_metrics_server_answers_no_other_host_name(mesh: dict[str, Any]) -> None:
+    """A web page whose own name its DNS turns into 127.0.0.1 (DNS rebinding) reads what
+    it fetches from its name: a node's metrics server on loopback answered a request
+    for ``rebound.example`` with its counters, and the topics they name (200, with
+    ``payroll.alice``). It answers loopback names and its address only (403 otherwise),
+    as the gateway does."""
+    with zmqmesh.Node("scraped", **mesh, metrics_port=0) as node:
+        node.subscribe("payroll.", lambda msg: None)
+        node.publish("payroll.alice", 1)
+        wait_until(lambda: node.stats()["pubsub"]["received"] == 1, 10, "the publication, counted")
+        port = int(node.metrics_endpoint.rsplit(":", 1)[1].split("/")[0])  # type: ignore[union-attr]
+        for host in (f"rebound.example:{port}", "rebound.example", f"127.0.0.1:{port}@rebound.example",
+                     f"localhost.rebound.example:{port}"):
+            status, body = _get_metrics(port, host)
+            assert b" 403 " in status and b"payroll" not in body, (host, status)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+            status, body = _get_metrics(port, host)
+            assert b" 200 " in status and b'name="payroll.alice"' in body, (host, status)
+    with zmqmesh.Node("scraped6", **mesh, metrics_port=0, metrics_address="::1") as node:
+        port = int(node.metrics_endpoint.rsplit(":", 1)[1].split("/")[0])  # type: ignore[union-attr]
+        assert b" 200 " in _get_metrics(port, f"[::1]:{port}", "::1")[0]
+        assert b" 403 " in _get_metrics(port, f"rebound.example:{port}", "::1")[0]

@@ -12,6 +12,7 @@ several nodes (the gateway serves the whole mesh's), and the gateway's own count
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import socketserver
@@ -50,6 +51,12 @@ service in a million buckets, each a series of every scrape."""
 MAX_LABEL_CHARS = 1024
 """Characters of a label value (a node's name, a topic, queue or service, an event);
 counters with a longer one are left out whole (a name a node keeps is 255 bytes at most)."""
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+"""The ``Host`` names a metrics server on a loopback address answers, besides that address
+(`_served_hosts`): a web page whose own name its DNS turns into 127.0.0.1 (DNS rebinding)
+sends that name, and would read the counters, and the topics, queues and services they name,
+from any browser on the host."""
 
 Snapshot = dict[str, Any]
 """What `Node.stats()` returns, with ``"id"`` and ``"name"`` added (as ``\\x00stats`` answers)."""
@@ -268,8 +275,12 @@ class MetricsServer:
         client = _client()
         registry = client.CollectorRegistry(auto_describe=False)
         registry.register(_Collector(source))
+        app = client.make_wsgi_app(registry)
+        hosts = _served_hosts(address)
+        if hosts is not None:
+            app = _HostCheck(app, hosts)
         try:
-            server = _BoundedServer((address, port), client.make_wsgi_app(registry))
+            server = _BoundedServer((address, port), app)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}") from None
         self._server: _BoundedServer | None = server
@@ -294,6 +305,60 @@ class MetricsServer:
             server.server_close()
             server.end_connections(0.0)  # (none outlives the node: `service_actions` runs no more)
             self._thread.join(5)
+
+
+def _served_hosts(address: str) -> frozenset[str] | None:
+    """The ``Host`` names a metrics server listening on ``address`` answers: on a loopback
+    address, `LOOPBACK_NAMES` and the address; elsewhere None, any (whoever the network
+    lets reach it reads it: docs/security.md)."""
+    try:
+        loopback = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = address.lower() == "localhost"
+    return LOOPBACK_NAMES | {address.lower()} if loopback else None
+
+
+def _host_name(authority: str) -> str:
+    """The host of a ``Host`` header's ``host[:port]`` (IPv6 in brackets), lower-cased;
+    anything else whole, which names no host served (as the gateway reads it)."""
+    authority = authority.strip().lower()
+    if authority.startswith("[") and "]" in authority:
+        end = authority.index("]")
+        host, port = authority[1:end], authority[end + 1:]
+    elif authority.count(":") == 1:
+        host, _, digits = authority.partition(":")
+        port = ":" + digits
+    else:  # (no port, or an IPv6 address without brackets)
+        return authority
+    digits = port[1:]
+    if port and not (port.startswith(":") and (digits == "" or (digits.isascii() and digits.isdigit()))):
+        return authority
+    return host
+
+
+class _HostCheck:
+    """A WSGI application: ``app``'s answer to a request whose ``Host`` is one of ``hosts``
+    (or that names none: browsers always do), 403 to another (logged at most every 10 s)."""
+
+    def __init__(self, app: Callable[..., Any], hosts: frozenset[str]) -> None:
+        self.app = app
+        self.hosts = hosts
+        self._refused_log = LogThrottle()
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        host = environ.get("HTTP_HOST")
+        if host is None or _host_name(host) in self.hosts:
+            return self.app(environ, start_response)  # type: ignore[no-any-return]
+        with self._lock:
+            refused = self._refused_log.due()
+        if refused:
+            log.warning("metrics: refused %d request(s) for a host this loopback server is not (the last %r): "
+                        "DNS rebinding, or a scraper that names the host otherwise (said at most every %g s)",
+                        refused, host[:64], self._refused_log.every_s)
+        start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"this metrics server on a loopback address answers only for localhost, 127.0.0.1, ::1 "
+                b"and its own address\n"]
 
 
 class _SilentHandler(WSGIRequestHandler):
