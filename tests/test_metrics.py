@@ -415,3 +415,31 @@ def test_a_loopback_metrics_server_answers_no_other_host_name(mesh: dict[str, An
         port = int(node.metrics_endpoint.rsplit(":", 1)[1].split("/")[0])  # type: ignore[union-attr]
         assert b" 200 " in _get_metrics(port, f"[::1]:{port}", "::1")[0]
         assert b" 403 " in _get_metrics(port, f"rebound.example:{port}", "::1")[0]
+
+
+def test_node_stats_from_a_caller_that_takes_less_gets_the_counters_without_names(mesh: dict[str, Any]) -> None:
+    """A node's stats answer went out whatever the caller's ``max_message_bytes``: past
+    it (and its frame margin), 152,700 bytes to a caller that takes 64 KiB, the frame
+    ended the caller's connection and `node_stats` waited out its timeout (5 s, then
+    MeshTimeoutError; between the two, a DecodeError). The answer leaves the names out
+    for such a caller (``names_omitted``), as for one too large for the node itself."""
+    long = "x" * 190
+    provider = zmqmesh.Node("provider", **mesh)
+    provider.subscribe("", lambda msg: None)
+    for i in range(260):
+        provider.service(f"s{i:03d}-{long}", lambda msg: 1)
+    caller = zmqmesh.Node("caller", max_message_bytes=65536, **mesh)
+    with provider, caller:
+        caller.wait_for_peers(1, timeout=15)
+        wait_until(lambda: len(caller.providers(f"s259-{long}")) == 1, 15, "the provider's services")
+        caller.wait_for_subscribers("t", 1, timeout=15)
+        for i in range(260):  # names the provider counts: calls received, publications received and sent
+            caller.request(f"s{i:03d}-{long}", i)
+            caller.publish(f"t{i:03d}-{long}", i)
+            provider.publish(f"p{i:03d}-{long}", i)
+        wait_until(lambda: provider.stats()["pubsub"]["received"] >= 260, 15, "the publications")
+        counters = caller.node_stats(provider.id, timeout=10)
+        assert counters["names_omitted"] is True and counters["names"] == {}
+        assert counters["service"]["received"] >= 260 and counters["id"] == provider.id
+        assert "s000-" + long in provider.stats()["names"]["service"]["received"]  # (it keeps them)
+        assert "names_omitted" not in provider.node_stats(provider.id)  # (a caller that takes them all)

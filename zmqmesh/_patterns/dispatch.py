@@ -59,6 +59,15 @@ __all__ = ["Dispatcher", "PrefixIndex"]
 log = logging.getLogger("zmqmesh.inbox")
 
 
+def _within(body: bytes, limit: int | None) -> bytes:
+    """``body``, if it is ``limit`` bytes at most (None: any size). Raises
+    `MessageTooLargeError` otherwise: a reply past the ``max_message_bytes`` its caller
+    announced ends the caller's connection, and the caller waits out its timeout."""
+    if limit is not None and len(body) > limit:
+        raise MessageTooLargeError(f"the reply is {len(body)} bytes; the caller's max_message_bytes is {limit}")
+    return body
+
+
 def _utf8_text(text: str) -> str:
     """``text`` as msgpack can carry it: a lone surrogate (from bytes decoded with
     ``surrogateescape``, say) escaped."""
@@ -730,16 +739,17 @@ class Dispatcher:
             self._serve_history(route, body)
             return True
         if service == wire.STATS_SERVICE:  # built in: every node reports its counters
+            limit = self._callers_limit(route[0])
             try:
                 described = self.describe()
                 try:
-                    body = self.codec.encode(described)
-                except MessageTooLargeError:  # more names than a message holds: the rest still goes
+                    body = _within(self.codec.encode(described), limit)
+                except MessageTooLargeError:  # more names than a message (or the caller) holds: the rest still goes
                     described["names"], described["names_omitted"] = {}, True
-                    body = self.codec.encode(described)
+                    body = _within(self.codec.encode(described), limit)
                 self.send_reply(route, wire.STATUS_OK, body)
             except Exception as exc:  # the caller must hear of it, never wait out its timeout
-                self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc))
+                self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc, "", limit))
             return True
         return False
 
@@ -887,10 +897,7 @@ class Dispatcher:
             try:
                 body = self.codec.encode(result)
                 if self.directory.narrower:  # (callers that take less than this node sends: rarely any)
-                    limit = self._callers_limit(route[0])
-                    if limit is not None and len(body) > limit:
-                        raise MessageTooLargeError(f"the reply is {len(body)} bytes; the caller's "
-                                                   f"max_message_bytes is {limit}")
+                    body = _within(body, self._callers_limit(route[0]))
             except Exception as exc:  # unencodable, or too large for its caller: the handler's failure
                 self.stats.pattern["service"]["errors"] += 1
                 self._reply_error(route, exc)
