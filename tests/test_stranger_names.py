@@ -245,6 +245,37 @@ def test_a_peers_stats_answer_that_is_not_a_map_is_a_decode_error(mesh: dict[str
         assert asyncio.run(asked(by_name["mapped"].id)) == {"pubsub": "elsewhere"}
 
 
+@pytest.mark.timeout(90)
+def test_a_peers_stats_answer_that_is_not_a_map_is_counted_unreadable_by_the_gateway(gateway: str, spawn: Any) -> None:
+    """The gateway counts (``unreadable_stats``) and logs the nodes whose counters it
+    leaves out of /metrics and the dashboard: one that answered the stats service with
+    what is not a map at all (a number) was left out silently, counted nowhere (0 after
+    three scrapes, where a node answering a map of another shape counted 1 a scrape)."""
+    pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    import json
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    spawn("worker")
+    spawn("five", stats_answer=5)
+
+    def names() -> set[str]:
+        with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
+            return {p["name"] for p in json.loads(answer.read())}
+
+    def unreadable() -> float:
+        with urllib.request.urlopen(gateway + "/metrics", timeout=30) as scrape:
+            text = scrape.read().decode()
+        assert 'node="worker"' in text and 'node="five"' not in text
+        return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                    if s.name == "zmqmesh_gateway_events_total" and s.labels["event"] == "unreadable_stats")
+
+    wait_until(lambda: {"worker", "five"} <= names(), 15, "both nodes at the gateway")
+    wait_until(lambda: unreadable() >= 1, 15, "the node that answered a number, counted unreadable")
+
+
 def test_topics_of_invalid_utf8_that_read_alike_keep_their_counts(mesh: dict[str, Any]) -> None:
     """A topic is counted under its bytes and shown as text, the undecodable bytes as
     U+FFFD: two topics that read alike so (``t\\xff``, ``t\\xfe``) showed the count of

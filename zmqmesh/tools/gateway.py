@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 from zmqmesh import (
     AsyncNode,
     ConfigError,
+    DecodeError,
     MeshTimeoutError,
     NoProviderError,
     Peer,
@@ -535,8 +536,9 @@ class Gateway:
                 # once a collection, not once a scrape: scrapes are not bounded by MAX_IN_FLIGHT,
                 # and as many as there are connections may wait on one collection, then be answered
                 # back to back (a mesh of 64 nodes with 100 names each: 43 ms a text)
-                unread: list[tuple[Any, Exception]] = []
-                made = self._metrics = (snapshots, metrics_text(snapshots, unreadable=lambda s, e: unread.append((s, e))),
+                unread: list[tuple[Any, Exception]] = [(s, s.error) for s in snapshots if type(s) is _Unanswered]
+                readable = [s for s in snapshots if type(s) is not _Unanswered]
+                made = self._metrics = (snapshots, metrics_text(readable, unreadable=lambda s, e: unread.append((s, e))),
                                         unread)
             for snap, exc in made[2]:  # (counted at each scrape, as before)
                 self._unreadable(snap, exc)
@@ -564,7 +566,8 @@ class Gateway:
 
     async def mesh_stats(self) -> list[dict[str, Any]]:
         """The counters of every zmqmesh node that answers within a second, the gateway's
-        first, read at most `STATS_MAX_AGE_S` before this call: one collection at a time,
+        first (an answer that is not a map at all, an `_Unanswered` in its place), read at
+        most `STATS_MAX_AGE_S` before this call: one collection at a time,
         shared by every caller while it is in flight and for `STATS_MAX_AGE_S` from its
         start (a flood of scrapes asks each node once a second, not once a scrape). The
         list is shared: not to be changed. Raises what the collection raised."""
@@ -594,7 +597,8 @@ class Gateway:
         results = await asyncio.gather(*(self.node.node_stats(p, timeout=1.0) for p in peers), return_exceptions=True)
         me = self.node.as_peer()
         return [{"id": me.id, "name": me.name, **self.node.stats()},
-                *({**r, "id": p.id, "name": p.name} for p, r in zip(peers, results) if isinstance(r, dict))]
+                *({**r, "id": p.id, "name": p.name} if isinstance(r, dict) else _Unanswered(p, r)
+                  for p, r in zip(peers, results) if isinstance(r, (dict, DecodeError)))]
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """GET /: the dashboard page."""
@@ -650,6 +654,8 @@ class Gateway:
                 stats: dict[str, Any] = {}
                 for snap in await self.mesh_stats():
                     try:
+                        if type(snap) is _Unanswered:
+                            raise snap.error
                         stats[str(snap["id"])] = _dashboard_view(snap)
                     except Exception as exc:
                         self._unreadable(snap, exc)
@@ -666,6 +672,17 @@ class Gateway:
             self._warned.add(name)
             log.warning("the counters of node %r cannot be shown (%s: %s); left out of the dashboard and "
                         "/metrics", name, type(exc).__name__, exc)
+
+
+class _Unanswered(dict[str, Any]):
+    """In a collection of the nodes' counters (`Gateway.mesh_stats`), the place of a node
+    whose answer was not a map at all (`DecodeError`: a stranger's): its id and name, and
+    the ``error``, for it to be counted and logged as unreadable (``unreadable_stats``)
+    where those of another shape are. (Left out silently, it was counted nowhere.)"""
+
+    def __init__(self, peer: Peer, error: Exception) -> None:
+        super().__init__(id=peer.id, name=peer.name)
+        self.error = error
 
 
 MAX_VIEW_ENTRIES = 2048
