@@ -48,7 +48,8 @@ def test_a_node_serves_its_counters_and_they_move(mesh: dict[str, Any]) -> None:
         assert a.metrics_endpoint is not None and a.metrics_endpoint.startswith("http://127.0.0.1:")
         assert b.metrics_endpoint is None
         a.wait_for_service("add", timeout=10)
-        before = scrape(a.metrics_endpoint)
+        url = a.metrics_endpoint
+        before = scrape(url)
         assert value(before, "zmqmesh_peers", node="scraped") == 1
         for i in range(20):
             assert a.request("add", i, timeout=5) == i + 1
@@ -71,8 +72,9 @@ def test_a_node_serves_its_counters_and_they_move(mesh: dict[str, Any]) -> None:
         assert ("zmqmesh_queued_messages", (("node", "scraped"), ("node_id", a.id))) in after
         for gauge in ("zmqmesh_send_queue_bytes", "zmqmesh_durable_buffered_bytes"):  # (nothing waits now)
             assert after[(gauge, (("node", "scraped"), ("node_id", a.id)))] == 0, gauge
+    assert a.metrics_endpoint is None
     with pytest.raises(urllib.error.URLError):  # stopped with its node
-        scrape(a.metrics_endpoint)
+        scrape(url)
 
 
 def test_a_metrics_port_in_use_fails_the_start_with_a_clear_error(mesh: dict[str, Any]) -> None:
@@ -443,3 +445,15 @@ def test_node_stats_from_a_caller_that_takes_less_gets_the_counters_without_name
         assert counters["service"]["received"] >= 260 and counters["id"] == provider.id
         assert "s000-" + long in provider.stats()["names"]["service"]["received"]  # (it keeps them)
         assert "names_omitted" not in provider.node_stats(provider.id)  # (a caller that takes them all)
+
+
+def test_a_stopped_node_names_no_metrics_endpoint(mesh: dict[str, Any]) -> None:
+    """``metrics_endpoint`` is None when the node serves no metrics: once it stopped, it
+    still named the URL of its closed server (a scraper told of it found nothing there,
+    and the port may be another program's by then)."""
+    node = zmqmesh.Node("scraped", **mesh, metrics_port=0)
+    assert node.metrics_endpoint is None  # (not started: nothing served yet)
+    with node:
+        url = node.metrics_endpoint
+        assert url is not None and value(scrape(url), "zmqmesh_peers", node="scraped") == 0
+    assert node.metrics_endpoint is None

@@ -361,9 +361,9 @@ class NodeBase:
     @property
     def metrics_endpoint(self) -> str | None:
         """Where this node serves Prometheus metrics (``metrics_port``): the URL of its
-        ``/metrics``, or None when it serves none."""
+        ``/metrics``, or None when it serves none (none was asked for, or the node stopped)."""
         server = self._engine.metrics
-        if server is None:
+        if server is None or server.closed:
             return None
         address = self.config.metrics_address
         host = f"[{address}]" if ":" in address else address  # (an IPv6 address, as a URL writes it)

@@ -296,6 +296,11 @@ class MetricsServer:
         self._lock = threading.Lock()
         log.info("metrics on http://%s:%d/metrics", address, self.port)
 
+    @property
+    def closed(self) -> bool:
+        """Whether it was closed (serves no more)."""
+        return self._server is None
+
     def close(self) -> None:
         """Stop serving (idempotent, bounded)."""
         with self._lock:
