@@ -16,12 +16,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ScriptProcess, rss_bytes, wait_until
+from helpers import ScriptProcess, rejected, rss_bytes, wait_until
 
 import zmqmesh
 import zmqmesh._patterns.history
@@ -1442,3 +1442,100 @@ def test_a_publisher_whose_kept_numbering_is_damaged_is_refused_with_a_store_err
     for _ in range(2):  # (let go: the second start is refused for the same reason, not as locked)
         with pytest.raises(zmqmesh.StoreError, match=f"{tmp_path}.*damaged"):
             zmqmesh.Node("publisher", store=str(tmp_path), history={"logs.": 100}, **mesh).start()
+
+
+def _lying_pages(monkeypatch: pytest.MonkeyPatch, liar: str, lie: Callable[[dict[str, Any]], None]) -> None:
+    """Make the publisher whose store is the directory named ``liar`` serve pages of history
+    changed by ``lie`` (a peer whose word is false); other publishers serve theirs."""
+    real = zmqmesh._patterns.history.History.page
+
+    def page(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        served: dict[str, Any] = real(self, *args, **kwargs)
+        if self.store.directory.name == liar:
+            served = {**served, "rows": [list(row) for row in served["rows"]]}
+            lie(served)
+        return served
+
+    monkeypatch.setattr(zmqmesh._patterns.history.History, "page", page)
+
+
+@pytest.mark.parametrize("field", [0, 2])  # (its position; its number)
+def test_a_page_numbered_past_what_a_store_holds_is_malformed_and_costs_no_other_stream_its_place(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        field: int) -> None:
+    """A publisher whose pages of history give a row a position or a number past 2**63 - 1
+    (a lie: no store numbers so far), replayed by a durable subscription. Before, the row was
+    delivered, and every record of the subscription's places that held its topic failed
+    ('Python int too large to convert to SQLite INTEGER', logged once per burst: 400 times
+    for 400 live messages), with the places in every other stream written in the same
+    transaction: restarted, the subscriber got an honest publisher's messages again, not
+    marked redelivered (6 of them). Such a row is now malformed (counted in
+    ``rejected["history_malformed"]``), and every place is recorded."""
+    def lie(page: dict[str, Any]) -> None:
+        if page["rows"]:
+            page["rows"][-1][field] = 1 << 63
+
+    _lying_pages(monkeypatch, "liar", lie)
+    got: list[tuple[str, int]] = []
+    caplog.set_level(logging.ERROR, logger="zmqmesh.replay")
+    with zmqmesh.Node("liar", store=str(tmp_path / "liar"), history={"app.": 100}, **mesh) as liar, \
+            zmqmesh.Node("honest", store=str(tmp_path / "honest"), history={"app.": 100}, **mesh) as honest:
+        for i in range(10):
+            liar.publish("app.liar", {"n": i})
+            honest.publish("app.honest", {"n": i})
+        subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "sub"), **mesh)
+        subscriber.subscribe("app.", lambda m: got.append((m.topic, m.data["n"])), replay="all", durable_name="c")
+        with subscriber:
+            wait_until(lambda: ("app.honest", 9) in got, 20, "the honest history")
+            honest.wait_for_peers(2)
+            for i in range(10, 20):
+                honest.publish("app.honest", {"n": i})
+            wait_until(lambda: ("app.honest", 19) in got, 20, "the honest publisher's messages")
+            malformed = rejected(subscriber, "history_malformed")
+    assert malformed >= 1
+    assert [n for t, n in got if t == "app.honest"] == list(range(20))
+    assert ("app.liar", 9) not in got, "the row that lies is not delivered"
+    assert not [r for r in caplog.records if "cannot record" in r.getMessage()]
+    with sqlite3.connect(tmp_path / "sub" / "zmqmesh.db") as db:
+        assert db.execute("SELECT seq FROM cursors WHERE topic = 'app.honest'").fetchall() == [(19,)]
+
+
+def _forging(monkeypatch: pytest.MonkeyPatch, liar: zmqmesh.Node, numbers: dict[int, int]) -> None:
+    """Make ``liar`` send its frames numbered ``seq`` as ``numbers[seq]`` instead (a peer
+    whose word is false); other publishers number theirs as they are."""
+    import zmqmesh._patterns.pubsub as pubsub
+
+    real, uuid_bytes = pubsub.pub_sender, bytes.fromhex(liar.id)
+    monkeypatch.setattr(pubsub, "pub_sender",
+                        lambda u, seq: real(u, numbers.get(seq, seq) if u == uuid_bytes else seq))
+
+
+def test_a_live_frame_numbered_past_what_a_store_holds_is_malformed(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A publisher that numbers a live frame of a kept topic past 2**63 - 1 (a lie), to a
+    durable subscription following it from now on (``replay="new"``). Before, the frame was
+    delivered, and every record of the subscription's places failed from then on ('Python
+    int too large to convert to SQLite INTEGER'), an honest publisher's with it. Now it is
+    malformed (counted in ``rejected["pubsub_malformed"]``), and every place is recorded."""
+    got: list[tuple[str, int]] = []
+    caplog.set_level(logging.ERROR, logger="zmqmesh.replay")
+    with zmqmesh.Node("liar", store=str(tmp_path / "liar"), history={"app.": 100}, **mesh) as liar, \
+            zmqmesh.Node("honest", store=str(tmp_path / "honest"), history={"app.": 100}, **mesh) as honest:
+        _forging(monkeypatch, liar, {0: (1 << 63) - 1})
+        subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "sub"), **mesh)
+        subscriber.subscribe("app.", lambda m: got.append((m.topic, m.data["n"])), durable_name="c")
+        with subscriber:
+            liar.wait_for_subscribers("app.liar", 1, timeout=10)
+            honest.wait_for_subscribers("app.honest", 1, timeout=10)
+            liar.publish("app.liar", {"n": 0})
+            wait_until(lambda: got or rejected(subscriber, "pubsub_malformed"), 20, "the lie taken")
+            for i in range(10):
+                honest.publish("app.honest", {"n": i})
+            wait_until(lambda: ("app.honest", 9) in got, 20, "the honest publisher's messages")
+            malformed = rejected(subscriber, "pubsub_malformed")
+    assert malformed == 1
+    assert got == [("app.honest", n) for n in range(10)]
+    assert not [r for r in caplog.records if "cannot record" in r.getMessage()]
+    with sqlite3.connect(tmp_path / "sub" / "zmqmesh.db") as db:
+        assert db.execute("SELECT topic, seq FROM cursors").fetchall() == [("app.honest", 9)]

@@ -124,6 +124,7 @@ FORGET_RETRY_S = 1.0
 how long new streams past the bound are delivered plainly before it is asked again (not
 once per frame: a frame of such a stream asks for room each time)."""
 _LEFT_RUNS = 16  # runs a cursor remembers having left at a rewind
+_MAX_NUMBER = (1 << 63) - 1  # the largest position or number a store holds (SQLite's INTEGER)
 _NEVER = float("inf")
 PAGE_BURST = 256
 """Messages of the pages read delivered at a time (`Replays.deliver_pages`), the driver
@@ -528,7 +529,12 @@ class Replays:
         unless the history was read before those messages were kept. ``final``: there is
         no history to be had (a failed fetch): report at once. A frame that says where
         its topic's numbering began (`_said_start`) is taken as a page's ``"start"``. A
-        cursor that reaches `tidy_at` topics asks its publisher which it still numbers."""
+        cursor that reaches `tidy_at` topics asks its publisher which it still numbers. A
+        frame numbered past what a store holds is malformed: dropped, counted
+        (``rejected["pubsub_malformed"]``)."""
+        if not _storable(frame.seq + len(frame.items)):  # (numbers no store gives: `_storable`)
+            self.stats.reject("pubsub_malformed")
+            return
         cursor.live_seen = True
         self._look_at((key, cursor.stream), time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
         if cursor.catching_up:
@@ -568,7 +574,7 @@ class Replays:
             start = self.codec.decode(meta).get("s")
         except Exception:  # (a meta frame that is no map: read as a frame's when received)
             return None
-        return start if type(start) is int and 0 <= start <= seq else None
+        return start if _storable(start) and start <= seq else None
 
     def _hold(self, cursor: Cursor, frame: _Frame) -> None:
         """Hold a live frame while the cursor catches up; past `MAX_HELD` messages or
@@ -877,6 +883,8 @@ class Replays:
         piece = page.get("next") or {}
         if type(piece) is not dict:
             raise TypeError(f"next of type {type(piece).__name__}")
+        if not all(_storable(n) for n in piece.values()):
+            raise ValueError("a number of next that no store gives")
         rest = page.get("next_from")
         if rest is None and bool(page["more"]) and cursor.map_from is not None:
             return None  # (rows kept since the last piece, more of them: the piece comes after them)
@@ -1023,8 +1031,8 @@ class Replays:
         numbering the history dropped before the subscription read it cannot be counted:
         the publisher no longer knows how much that was.)"""
         for topic, start in starts.items():
-            if type(start) is not int:
-                raise TypeError(f"a start of type {type(start).__name__}")
+            if not _storable(start):
+                raise ValueError(f"a start of {start!r}")
             expected = cursor.next.get(topic)
             if expected is None:
                 if cursor.from_start:
@@ -1113,13 +1121,17 @@ class Replays:
         pos, topic, seq, count, ts, payload, meta = row
         if not isinstance(topic, str) or not topic.startswith(key[0]):
             return
-        cursor.pos = max(cursor.pos, int(pos))
+        if not (_storable(pos) and _storable(seq) and type(count) is int):
+            raise ValueError(f"a row at position {pos!r} numbered {seq!r} ({count!r} messages), which no store gives")
+        cursor.pos = max(cursor.pos, pos)
         expected = cursor.next.get(topic)
         if expected is None:
             expected = 0 if cursor.from_start else seq
         if seq + count <= expected:
             return  # replayed already
         items = self.codec.decode_batch(payload)
+        if not _storable(seq + len(items)):
+            raise ValueError(f"a row of {len(items)} messages numbered from {seq!r}, which no store gives")
         headers = None
         if meta:
             try:  # (checked as a live frame's: what a peer's history holds is a stranger's word)
@@ -1257,3 +1269,11 @@ class Replays:
             self.store.cursors.save(rows, runs)
         except Exception as exc:  # the subscription resumes from an older place: redeliveries, no loss
             log.error("cannot record where durable subscriptions are: %s", exc)
+
+
+def _storable(value: Any) -> bool:
+    """Whether ``value`` is a position or number a store holds (an int from 0 to 2**63 - 1).
+    No publisher gives one past it: in a peer's page or frame it is a lie, and taken as a
+    durable subscription's place it made every record of its places fail, those of other
+    streams with it."""
+    return type(value) is int and 0 <= value <= _MAX_NUMBER
