@@ -123,6 +123,9 @@ FORGET_RETRY_S = 1.0
 """After a store refused to forget the places of streams gone (`Replays._durable_room`),
 how long new streams past the bound are delivered plainly before it is asked again (not
 once per frame: a frame of such a stream asks for room each time)."""
+UNKEPT_LOG_S = 10.0
+"""Live frames a publisher's history never reached (`Replays._unkept`) are logged at most
+this often."""
 _LEFT_RUNS = 16  # runs a cursor remembers having left at a rewind
 _MAX_NUMBER = (1 << 63) - 1  # the largest position or number a store holds (SQLite's INTEGER)
 _NEVER = float("inf")
@@ -213,6 +216,7 @@ class _Frame(NamedTuple):
     sender_id: str | None
     meta: bytes | None  # its meta frame, read for ``"s"`` only when its number is not the one expected
     size: int = 0  # the bytes it came in (`MAX_HELD_BYTES`)
+    read_since: bool = False  # held while a read of the history asked for after it came was made
 
 
 class Replays:
@@ -241,6 +245,7 @@ class Replays:
         self._forgotten_log = LogThrottle(FORGOTTEN_LOG_S)  # (`_durable_room`)
         self._forget_refused_log = LogThrottle(FORGOTTEN_LOG_S)
         self._forget_refused_until = 0.0  # (monotonic: the store refused to forget streams, `_durable_room`)
+        self._unkept_log = LogThrottle(UNKEPT_LOG_S)  # (`_unkept`)
         # durable: the numbers handed out and not yet handled, in order; and of those, the ones
         # handled ahead of the first (how many times each: `handled`)
         self._pending: dict[tuple[str, str, str], deque[int]] = {}
@@ -526,8 +531,9 @@ class Replays:
               settled: bool = False, final: bool = False) -> None:
         """A live frame for a cursor. A jump in the numbers makes the cursor catch up from
         the history; once it has (``settled``), what is still missing is reported instead,
-        unless the history was read before those messages were kept. ``final``: there is
-        no history to be had (a failed fetch): report at once. A frame that says where
+        unless the history was read before those messages were kept; a frame past what
+        the history reached, read after the frame came, is dropped (`_unkept`). ``final``:
+        there is no history to be had (a failed fetch): report at once. A frame that says where
         its topic's numbering began (`_said_start`) is taken as a page's ``"start"``. A
         cursor that reaches `tidy_at` topics asks its publisher which it still numbers. A
         frame numbered past what a store holds is malformed: dropped, counted
@@ -552,7 +558,12 @@ class Replays:
         if expected is None or frame.seq > expected:
             # missed some: the history may have them, unless it was just read up to past them
             if not settled or (not final and frame.seq > cursor.kept_next.get(frame.topic, 0)):
-                self._hold(cursor, frame)
+                if settled and frame.read_since:
+                    self._unkept(cursor, frame)
+                    return
+                # (a read already on its way when the frame came may have been served before the
+                # frame was kept: the one asked for now is after it)
+                self._hold(cursor, _Frame(*frame[:-1], read_since=True))
                 self._catch_up(key, options, cursor)
                 return
             missed = frame.seq - (expected or 0)
@@ -565,6 +576,20 @@ class Replays:
             cursor.tidy_at = max(CURSOR_TOPICS, 2 * len(cursor.next))
             cursor.tidying = True
             self._catch_up(key, options, cursor, numbers_only=True)
+
+    def _unkept(self, cursor: Cursor, frame: _Frame) -> None:
+        """Drop a live frame numbered past what its publisher's history reached, as read
+        after the frame came: a publisher keeps each frame before it sends it, so its
+        number is a lie (or of a numbering its store went back from). Read again and again,
+        the history never reached it. Counted per message (``rejected["replay_unkept"]``),
+        logged at most every `UNKEPT_LOG_S`; the cursor goes on from where it was."""
+        self.stats.reject("replay_unkept", len(frame.items))
+        said = self._unkept_log.due(len(frame.items))
+        if said:
+            log.warning("stream %s, topic %r: a live frame numbered %d, past what its publisher's history reached "
+                        "(%d), dropped; %d message(s) so since the last such line (counted in "
+                        "rejected.replay_unkept; said again at most every %g s)", cursor.stream[:8], frame.topic,
+                        frame.seq, cursor.kept_next.get(frame.topic, 0), said, UNKEPT_LOG_S)
 
     def _said_start(self, meta: bytes, seq: int) -> int | None:
         """Where the numbering of a frame's topic began, as its meta frame says (``"s"``: on
