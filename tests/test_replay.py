@@ -1579,3 +1579,37 @@ def test_a_live_frame_its_publishers_history_never_reaches_is_dropped_and_counte
     assert got == list(range(13))
     assert read < 10, f"{read} pages read for one message"
     assert stats["pubsub"].get("gap", 0) == 0
+
+
+def test_a_page_with_more_to_follow_that_goes_no_further_is_malformed(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publisher whose pages of history always say more follow (a lie: the last one has
+    no row left). Before, the subscription asked again from the same position for good:
+    7,238 pages in 3 s, and still going. Such a page, with no row past the position asked
+    from, is now malformed (``rejected["history_malformed"]``): its read fails as any, tried
+    again a few times, then given up (``replay_failed``); what came before it is delivered,
+    and the live messages go on."""
+    served: list[int] = []
+
+    def lie(page: dict[str, Any]) -> None:
+        served.append(1)
+        page["more"] = True
+        page.pop("next", None)
+
+    _lying_pages(monkeypatch, "liar", lie)
+    got: list[tuple[int, int]] = []
+    with zmqmesh.Node("liar", store=str(tmp_path / "liar"), history={"app.": 100}, **mesh) as liar:
+        for i in range(10):
+            liar.publish("app.a", {"n": i})
+        subscriber = zmqmesh.Node("subscriber", **mesh)
+        subscriber.subscribe("app.", lambda m: got.append((m.data["n"], m.gap)), replay="all")
+        with subscriber:
+            wait_until(lambda: subscriber.stats()["pubsub"].get("replay_failed"), 20, "the read given up")
+            read = len(served)
+            liar.wait_for_subscribers("app.a", 1, timeout=10)
+            liar.publish("app.a", {"n": 10})
+            wait_until(lambda: len(got) == 11, 20, "the live message")
+            malformed = rejected(subscriber, "history_malformed")
+    assert got == [(n, 0) for n in range(11)]
+    assert malformed >= 1
+    assert read < 10, f"{read} pages read"

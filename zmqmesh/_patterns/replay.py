@@ -931,7 +931,8 @@ class Replays:
         """Deliver the rows of the pages taken, in order, into ``calls``: a burst of at most
         `PAGE_BURST` messages (a frame is never cut: one that would take the burst past it
         waits for the next, unless it is the burst's first); a page delivered whole is then
-        done with (`_page_read`)."""
+        done with (`_page_read`). A page with more to follow that took the cursor no further
+        is malformed (``rejected["history_malformed"]``): its read failed."""
         start = len(calls)
         limit = start + PAGE_BURST
         paging = self._paging
@@ -957,6 +958,11 @@ class Replays:
                 entry[4] = index
                 return
             paging.popleft()
+            if error is None and more and cursor.pos <= fetch.request["a"]:
+                # (a publisher's page with more to follow has a row past the position asked from:
+                # one with none was asked for again and again, thousands of times a second)
+                error = ValueError(f"a page with more to follow that goes no further than position {cursor.pos}")
+                self.stats.reject("history_malformed")
             self._page_read(fetch, cursor, page, error, more, calls)
 
     def _reader(self, fetch: Fetch) -> Cursor | None:
