@@ -1613,3 +1613,25 @@ def test_a_page_with_more_to_follow_that_goes_no_further_is_malformed(
     assert got == [(n, 0) for n in range(11)]
     assert malformed >= 1
     assert read < 10, f"{read} pages read"
+
+
+def test_a_store_too_full_to_record_durable_places_is_counted_and_logged_in_bounds(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A durable subscriber whose store fills (``store_max_bytes``, a place per topic of
+    20,000): each record of its places the store refuses is counted
+    (``pubsub["durable_record_failed"]``) and logged at most every 10 s. Before, it was not
+    counted, and logged once per burst of handlers: 92 errors in about 2 s."""
+    got: list[int] = []
+    caplog.set_level(logging.ERROR, logger="zmqmesh.replay")
+    with zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"app.": 10}, **mesh) as publisher:
+        subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "sub"), store_max_bytes=1 << 20, **mesh)
+        subscriber.subscribe("app.", lambda m: got.append(m.data), durable_name="c")
+        with subscriber:
+            publisher.wait_for_subscribers("app.0", 1, timeout=10)
+            for i in range(20_000):
+                publisher.publish(f"app.{i}", i)
+            wait_until(lambda: len(got) == 20_000, 60, "every message")
+            failed = subscriber.stats()["pubsub"].get("durable_record_failed", 0)
+    said = [r for r in caplog.records if "cannot record" in r.getMessage()]
+    assert failed > 0
+    assert 1 <= len(said) <= 3, f"{len(said)} lines"

@@ -126,6 +126,9 @@ once per frame: a frame of such a stream asks for room each time)."""
 UNKEPT_LOG_S = 10.0
 """Live frames a publisher's history never reached (`Replays._unkept`) are logged at most
 this often."""
+RECORD_FAILED_LOG_S = 10.0
+"""A store that refuses to record where durable subscriptions are (full: ``store_max_bytes``
+or the disk) is logged at most this often (each refusal is counted all the same)."""
 _LEFT_RUNS = 16  # runs a cursor remembers having left at a rewind
 _MAX_NUMBER = (1 << 63) - 1  # the largest position or number a store holds (SQLite's INTEGER)
 _NEVER = float("inf")
@@ -246,6 +249,7 @@ class Replays:
         self._forget_refused_log = LogThrottle(FORGOTTEN_LOG_S)
         self._forget_refused_until = 0.0  # (monotonic: the store refused to forget streams, `_durable_room`)
         self._unkept_log = LogThrottle(UNKEPT_LOG_S)  # (`_unkept`)
+        self._record_failed_log = LogThrottle(RECORD_FAILED_LOG_S)  # (`_save`)
         # durable: the numbers handed out and not yet handled, in order; and of those, the ones
         # handled ahead of the first (how many times each: `handled`)
         self._pending: dict[tuple[str, str, str], deque[int]] = {}
@@ -1294,12 +1298,25 @@ class Replays:
         return [seq, upto, pos]
 
     def _save(self, rows: list[tuple[str, str, str, int, int, int]], runs: list[tuple[str, str, str]]) -> None:
+        """Record ``rows`` and ``runs`` (`Cursors.save`). A store that refuses (full, failing)
+        is counted (``stats()["pubsub"]["durable_record_failed"]``) and logged at most every
+        `RECORD_FAILED_LOG_S` (before, once per burst of handlers: 92 errors in 2 s for a
+        store full at 20,000 topics): a subscriber restarted then resumes from the place
+        recorded before, and gets again what it handled since, not all of it marked
+        ``redelivered`` (the highest numbers reached were not recorded either); nothing is
+        skipped."""
         if self.store is None:
             return
         try:
             self.store.cursors.save(rows, runs)
-        except Exception as exc:  # the subscription resumes from an older place: redeliveries, no loss
-            log.error("cannot record where durable subscriptions are: %s", exc)
+        except Exception as exc:
+            self.stats.add("pubsub", "durable_record_failed")
+            said = self._record_failed_log.due()
+            if said:
+                log.error("cannot record where durable subscriptions are (%d time(s) since the last such line; "
+                          "counted in pubsub.durable_record_failed; said again at most every %g s): %s; restarted, "
+                          "a subscriber gets again what it handled since its place was last recorded",
+                          said, RECORD_FAILED_LOG_S, exc)
 
 
 def _storable(value: Any) -> bool:
