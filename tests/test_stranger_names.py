@@ -24,6 +24,15 @@ def _raw_lines(records: list[logging.LogRecord]) -> list[str]:
             or "\x1b" in r.getMessage()]
 
 
+def _gateway_peer_names(gateway: str) -> set[str]:
+    """The names of the nodes the gateway at ``gateway`` lists (``/peers``)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
+        return {p["name"] for p in json.loads(answer.read())}
+
+
 def test_a_peers_name_reaches_the_log_escaped(mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="zmqmesh")
     with zmqmesh.Node("target", **mesh) as target:
@@ -145,11 +154,7 @@ def test_a_peer_that_claims_100_000_names_adds_no_series_to_the_gateways_metrics
     spawn("worker")
     spawn("inventor", invented_names=100_000)
 
-    def names() -> set[str]:
-        with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
-            return {p["name"] for p in json.loads(answer.read())}
-
-    wait_until(lambda: {"worker", "inventor"} <= names(), 15, "both nodes at the gateway")
+    wait_until(lambda: {"worker", "inventor"} <= _gateway_peer_names(gateway), 15, "both nodes at the gateway")
     with urllib.request.urlopen(gateway + "/metrics", timeout=30) as scrape:
         text = scrape.read().decode()
     assert 'node="worker"' in text
@@ -175,7 +180,6 @@ def test_a_peers_histograms_without_buckets_or_of_100_000_buckets_are_left_out_o
     counted; the other nodes' stay."""
     pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
     pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
-    import json
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -186,11 +190,7 @@ def test_a_peers_histograms_without_buckets_or_of_100_000_buckets_are_left_out_o
     spawn("bucketless", stats_latency={"s": {"buckets": [], "sum": 0, "count": 0}})
     spawn("bucketed", latency_buckets=100_000)
 
-    def names() -> set[str]:
-        with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
-            return {p["name"] for p in json.loads(answer.read())}
-
-    wait_until(lambda: {"worker", "bucketless", "bucketed"} <= names(), 15, "the nodes at the gateway")
+    wait_until(lambda: {"worker", "bucketless", "bucketed"} <= _gateway_peer_names(gateway), 15, "the nodes at the gateway")
     with urllib.request.urlopen(gateway + "/metrics", timeout=30) as scrape:
         text = scrape.read().decode()
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
@@ -253,17 +253,12 @@ def test_a_peers_stats_answer_that_is_not_a_map_is_counted_unreadable_by_the_gat
     three scrapes, where a node answering a map of another shape counted 1 a scrape)."""
     pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
     pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
-    import json
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     spawn("worker")
     spawn("five", stats_answer=5)
-
-    def names() -> set[str]:
-        with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
-            return {p["name"] for p in json.loads(answer.read())}
 
     def unreadable() -> float:
         with urllib.request.urlopen(gateway + "/metrics", timeout=30) as scrape:
@@ -272,7 +267,7 @@ def test_a_peers_stats_answer_that_is_not_a_map_is_counted_unreadable_by_the_gat
         return next(s.value for family in text_string_to_metric_families(text) for s in family.samples
                     if s.name == "zmqmesh_gateway_events_total" and s.labels["event"] == "unreadable_stats")
 
-    wait_until(lambda: {"worker", "five"} <= names(), 15, "both nodes at the gateway")
+    wait_until(lambda: {"worker", "five"} <= _gateway_peer_names(gateway), 15, "both nodes at the gateway")
     wait_until(lambda: unreadable() >= 1, 15, "the node that answered a number, counted unreadable")
 
 
@@ -314,7 +309,6 @@ def test_a_peer_answering_for_another_node_is_shown_as_itself(gateway: str, spaw
     Counters are shown under the id and name of the node that was asked."""
     pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
     pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
-    import json
     import urllib.request
 
     from helpers import next_event
@@ -322,11 +316,7 @@ def test_a_peer_answering_for_another_node_is_shown_as_itself(gateway: str, spaw
     worker = spawn("worker")
     liar = spawn("liar", claims={"id": worker.id, "name": "worker"})
 
-    def names() -> set[str]:
-        with urllib.request.urlopen(gateway + "/peers", timeout=10) as answer:
-            return {p["name"] for p in json.loads(answer.read())}
-
-    wait_until(lambda: {"worker", "liar"} <= names(), 15, "both nodes at the gateway")
+    wait_until(lambda: {"worker", "liar"} <= _gateway_peer_names(gateway), 15, "both nodes at the gateway")
     with urllib.request.urlopen(gateway + "/metrics", timeout=30) as scrape:
         text = scrape.read().decode()
     sent = [line for line in text.splitlines()
