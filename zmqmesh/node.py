@@ -176,6 +176,7 @@ class Node(NodeBase):
             at_exit.stopped(self)
             self._mark_stopped()
             return
+        run_here: tuple[Any, ...] | None = None
         with self._lock:
             for flag in self._serving:
                 flag.set()
@@ -192,12 +193,15 @@ class Node(NodeBase):
                                                  name=f"zmqmesh-stop-{self.name}", daemon=inbox.runs_handlers_here())
                 try:
                     self._stopper.start()
-                except RuntimeError:  # (Python 3.12.0 and 3.12.1 start no thread at exit: stopped right here)
+                except RuntimeError:  # (Python 3.12.0 and 3.12.1 start no thread at exit: stopped below)
                     self._stopper = None
-                    stop_blocking(*stop_args)
+                    run_here = stop_args
             self._mark_stopped()
             stopper = self._stopper
         at_exit.stopped(self)  # (once its stop began: one refused on the I/O thread leaves it to the exit)
+        if run_here is not None:  # (on this thread, the lock let go: a handler calling stop() meanwhile returns)
+            stop_blocking(*run_here)
+            return
         inbox = self._engine.inbox
         requests = self._engine.requests
         if stopper is None or stopper is threading.current_thread() or \
