@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 __all__ = ["frozen_record", "fields_of", "replaced"]
 
@@ -21,9 +21,11 @@ _FIELDS = "__record_fields__"
 _DEFAULTS = "__record_defaults__"
 _HIDDEN = "__record_hidden__"  # (a class's names of fields its repr shows as <hidden>, unless None: secrets)
 
-if sys.version_info >= (3, 11):
+if TYPE_CHECKING:  # (the decorator only informs type checkers: on every Python they read it from here)
+    from typing_extensions import dataclass_transform
+elif sys.version_info >= (3, 11):
     from typing import dataclass_transform
-else:  # (type checkers read the branch above: the decorator only informs them)
+else:
     def dataclass_transform(**_: Any) -> Callable[[_T], _T]:
         return lambda decorated: decorated
 
