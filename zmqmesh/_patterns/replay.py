@@ -51,7 +51,10 @@ Everything here runs on the inbox's thread; the drivers only carry out the fetch
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
@@ -161,7 +164,8 @@ class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
     __slots__ = ("stream", "node_id", "earlier", "kept", "options", "catching_up", "next", "pos", "held",
-                 "held_count", "held_bytes", "upto", "from_start", "kept_next", "live_seen", "tail_looks", "away", "failures", "failing_since",
+                 "held_count", "held_bytes", "held_topics", "left_to_live", "upto", "from_start", "kept_next",
+                 "live_seen", "tail_looks", "away", "failures", "failing_since",
                  "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
@@ -176,6 +180,8 @@ class Cursor:
         self.held: deque[_Frame] | None = deque()  # None: too many held, refetch instead
         self.held_count = 0
         self.held_bytes = 0  # the bytes of the frames held (`MAX_HELD_BYTES`)
+        self.held_topics: dict[str, list[_Frame]] = {}  # the frames held, by topic, in order
+        self.left_to_live: int | None = None  # the position before the first row left to live frames (`_replay_row`)
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
         self.from_start = from_start  # a topic seen first mid-stream has missed its start
         self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
@@ -204,6 +210,7 @@ class Cursor:
         ``more`` False: hold none any more (the history has them)."""
         held = self.held
         self.held, self.held_count, self.held_bytes = deque() if more else None, 0, 0
+        self.held_topics = {}
         return held
 
     def forget_map(self) -> None:
@@ -220,6 +227,9 @@ class _Frame(NamedTuple):
     meta: bytes | None  # its meta frame, read for ``"s"`` only when its number is not the one expected
     size: int = 0  # the bytes it came in (`MAX_HELD_BYTES`)
     read_since: bool = False  # held while a read of the history asked for after it came was made
+
+
+_seq_of = operator.attrgetter("seq")
 
 
 class Replays:
@@ -401,7 +411,7 @@ class Replays:
             cursor.upto[topic] = max(cursor.upto.get(topic, -1), nxt - 1)
         cursor.next.clear()
         cursor.kept_next.clear()
-        cursor.pos, cursor.from_start = 0, True
+        cursor.pos, cursor.from_start, cursor.left_to_live = 0, True, None
         cursor.take_held()
         cursor.catching_up, cursor.reading, cursor.tidying = False, None, False  # (a page on its way is stale)
         cursor.forget_map()
@@ -611,6 +621,7 @@ class Replays:
         if cursor.held is None:
             return  # already too many: the history has them
         cursor.held.append(frame)
+        cursor.held_topics.setdefault(frame.topic, []).append(frame)
         cursor.held_count += len(frame.items)
         cursor.held_bytes += frame.size
         if cursor.held_count > MAX_HELD or cursor.held_bytes > MAX_HELD_BYTES:
@@ -1010,6 +1021,8 @@ class Replays:
             cursor.tidying = False
             self._look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
         cursor.catching_up, cursor.reading = False, None
+        if cursor.left_to_live is not None:  # (rows left to live frames: read again by a later catch-up, if they never came)
+            cursor.pos, cursor.left_to_live = min(cursor.pos, cursor.left_to_live), None
         held = cursor.take_held()
         if held is None:  # more came live than could be held: fetch them too
             if error is None:
@@ -1164,6 +1177,12 @@ class Replays:
             expected = 0 if cursor.from_start else seq
         if seq + count <= expected:
             return  # replayed already
+        if expected < seq and cursor.held_topics.get(topic):
+            expected = self._fill_from_held(key, options, cursor, topic, seq, pos, calls)
+            if expected < 0:
+                return  # (left to the live frames)
+            if seq + count <= expected:
+                return
         items = self.codec.decode_batch(payload)
         if not _storable(seq + len(items)):
             raise ValueError(f"a row of {len(items)} messages numbered from {seq!r}, which no store gives")
@@ -1178,6 +1197,34 @@ class Replays:
         counters = self.stats.pattern["pubsub"]  # (written by the inbox's thread only)
         counters["replayed"] = counters.get("replayed", 0) + len(items)
         self._deliver(key, options, cursor, topic, seq, items, origin, cursor.node_id, missed, int(pos), calls)
+
+    def _fill_from_held(self, key: Key, options: SubscribeOptions, cursor: Cursor, topic: str, seq: int, pos: int,
+                        calls: list[Call]) -> int:
+        """A page's row of ``topic`` numbered from ``seq``, past the number the cursor
+        expects: the history dropped what lies between since (it keeps a few), but what of
+        it came live is held. Those held frames go first (their messages delivered now,
+        each the same message as from the history; let go later, they are taken as
+        delivered), a number missing before one of them counted missed. If the frames held
+        end before ``seq``, those after them were sent live after them and are coming (still
+        in the socket: the page came first); the row is left to them (-1), and the
+        position before it is read again by a later catch-up (`left_to_live`), in case they
+        never came. Otherwise the number now expected."""
+        expected = cursor.next.get(topic, 0)
+        frames = cursor.held_topics[topic]  # (in the order they came: by number)
+        last = frames[-1]
+        if last.seq + len(last.items) > expected:  # (some not delivered yet: from the one holding the number expected)
+            for frame in itertools.islice(frames, max(0, bisect.bisect_right(frames, expected, key=_seq_of) - 1), None):
+                if frame.seq >= seq:
+                    break
+                if frame.seq + len(frame.items) <= expected:
+                    continue
+                self._deliver(key, options, cursor, topic, frame.seq, frame.items, frame.origin, frame.sender_id,
+                              max(0, frame.seq - expected), None, calls)
+                expected = cursor.next.get(topic, expected)
+        if last.seq + len(last.items) < seq:
+            cursor.left_to_live = pos - 1 if cursor.left_to_live is None else min(cursor.left_to_live, pos - 1)
+            return -1
+        return expected
 
     # -- delivering -------------------------------------------------------------------------
 
