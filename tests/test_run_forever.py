@@ -392,16 +392,18 @@ async def main():
     node = zmqmesh.AsyncNode("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
     for given_up in ("asyncio.timeout", "task.cancel"):
         try:
-            if given_up == "asyncio.timeout":
+            if given_up == "asyncio.timeout" and hasattr(asyncio, "timeout"):
                 async with asyncio.timeout(0.3):
                     await node.serve_forever()
+            elif given_up == "asyncio.timeout":  # (Python 3.10 has no asyncio.timeout)
+                await asyncio.wait_for(node.serve_forever(), 0.3)
             else:
                 serving = asyncio.ensure_future(zmqmesh.AsyncNode("other", mesh=sys.argv[1],
                                                                    beacon_port=int(sys.argv[2])).serve_forever())
                 await asyncio.sleep(0.3)
                 serving.cancel()
                 await serving
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError):
             pass
         print(given_up, signal.getsignal(signal.SIGINT) is before, signal.getsignal(signal.SIGTERM) is own_sigterm,
               node.running, flush=True)
