@@ -1270,9 +1270,9 @@ def test_a_cursor_forgets_the_topics_its_publisher_forgot_and_delivers_every_mes
     published again is a new topic (no gap, not renumbered). Race: a topic forgotten by
     the publisher before it answered and published again before the answer is applied
     gets its new message once (its frame is held meanwhile)."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import cursor as cursor_module
 
-    monkeypatch.setattr(replay, "CURSOR_TOPICS", 100, raising=False)  # (raising: a version before it)
+    monkeypatch.setattr(cursor_module, "CURSOR_TOPICS", 100)
     peer = history_publisher("bb")
     replays, fetches, _directory, stats = replaying(peer)
     publisher = NumberingPublisher(replays, peer)
@@ -1317,7 +1317,7 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     dropped at a high-water mark shows no gap either: once the publisher has been quiet
     for `QUIET_LOOK_S`, the subscription asks for the numbers its topics reached (a page of
     no rows) and, behind, reads what followed."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import replays as replays_module
 
     publisher = history_publisher("bb")
     replays, fetches, *_ = replaying(publisher)
@@ -1331,7 +1331,7 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     assert [call.arg.data for call in calls] == list(range(10))
     replays.look_again(calls)
     assert len(fetches) == 1 and replays.waiting()  # not yet: in a moment
-    time.sleep(replay.TAIL_LOOKS_S[0] + 0.05)
+    time.sleep(replays_module.TAIL_LOOKS_S[0] + 0.05)
     replays.look_again(calls)
     assert len(fetches) == 2 and fetches[-1].request["a"] == 10  # from where the first read ended
     calls.clear()
@@ -1340,10 +1340,10 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     calls.clear()
     replays.live("t.x", 15, [15], None, publisher.id, subscriptions, calls)
     assert [call.arg.data for call in calls] == [15]  # live: the subscription reaches the publisher
-    time.sleep(replay.TAIL_LOOKS_S[1] + 0.05)
+    time.sleep(replays_module.TAIL_LOOKS_S[1] + 0.05)
     replays.look_again(calls)
     assert len(fetches) == 2  # so no more looks of the catch-up; and 16, 17 are dropped on the way
-    time.sleep(replay.QUIET_LOOK_S - replay.TAIL_LOOKS_S[1] + 0.05)
+    time.sleep(replays_module.QUIET_LOOK_S - replays_module.TAIL_LOOKS_S[1] + 0.05)
     replays.look_again(calls)
     assert len(fetches) == 3 and fetches[-1].request["n"] == 0  # quiet for a while: the numbers alone
     calls.clear()
@@ -1355,7 +1355,7 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     assert not replays.waiting()  # one look per quiet spell
     # a look that finds the publisher where the subscription is reads nothing more
     replays.live("t.x", 18, [18], None, publisher.id, subscriptions, calls)
-    time.sleep(replay.QUIET_LOOK_S + 0.05)
+    time.sleep(replays_module.QUIET_LOOK_S + 0.05)
     replays.look_again(calls)
     replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 19}}, None, calls)
     assert len(fetches) == 5 and not replays.waiting()
@@ -1367,7 +1367,7 @@ def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live
     the next), the driver handling each burst before it asks for the next; the page is
     done with (live frames released, the next read asked for) only once its last row is
     delivered."""
-    from zmqmesh._patterns.replay import PAGE_BURST
+    from zmqmesh._patterns.replay.replays import PAGE_BURST
 
     publisher = history_publisher("bb")
     replays, fetches, *_ = replaying(publisher)
@@ -1488,6 +1488,7 @@ def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of
     number is then pending twice, and handled twice, in any order. Its place must still
     move on with what is handled, and never back."""
     from zmqmesh._mesh.registry import SubscribeOptions
+    from zmqmesh._patterns.replay.places import DurablePlaces
     from zmqmesh._store.store import Store
 
     publisher = history_publisher("bb")
@@ -1497,7 +1498,7 @@ def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of
     registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
     store = Store(str(tmp_path))
     try:
-        replays.store = store
+        replays.places = DurablePlaces(store, replays.stats)
         first: list[Any] = []
         replays.sync(first)
         replays.on_page(fetches[-1], history_page(0, 5), None, first)
@@ -1530,10 +1531,10 @@ def test_a_look_at_the_numbers_that_finds_a_frame_lost_reads_it_before_the_frame
     frame is held, and the look finds the history further than the subscription. What
     followed is read before the frame held is let go: let go first, it would take the
     message the history still has for missed."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import replays as replays_module
 
     now = [1000.0]
-    monkeypatch.setattr(replay.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(replays_module.time, "monotonic", lambda: now[0])
     publisher = history_publisher("bb")
     replays, fetches, _directory, stats = replaying(publisher)
     subscriptions = list(replays.registry.replays.items())
@@ -1541,7 +1542,7 @@ def test_a_look_at_the_numbers_that_finds_a_frame_lost_reads_it_before_the_frame
     replays.sync(calls)
     replays.on_page(fetches[-1], {"rows": [], "more": False, "next": {"t.x": 0}}, None, calls)  # none kept yet
     replays.live("t.x", 0, [0], None, publisher.id, subscriptions, calls)
-    now[0] += replay.QUIET_LOOK_S + 0.1
+    now[0] += replays_module.QUIET_LOOK_S + 0.1
     replays.look_again(calls)
     assert fetches[-1].request.get("n") == 0  # a look at the numbers alone
     replays.live("t.x", 2, [2], None, publisher.id, subscriptions, calls)  # (1 was lost on the way)
@@ -1559,9 +1560,9 @@ def test_past_the_streams_a_node_follows_the_frames_of_another_are_delivered_pla
     frames still reach the subscription, unsequenced, as those of a publisher without a
     history do, and are counted under their own reason (they were counted as malformed,
     dropped, and a look at the publishers stopped at the first one past it)."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import replays as replays_module
 
-    monkeypatch.setattr(replay, "_MAX_CURSORS", 1)
+    monkeypatch.setattr(replays_module, "_MAX_CURSORS", 1)
     first, second = history_publisher("b1"), history_publisher("b2")
     second.headers = {frames.HEADER["stream"]: "s2"}
     replays, fetches, _directory, stats = replaying(first, second)
@@ -1581,9 +1582,9 @@ def test_a_stream_still_catching_up_never_makes_way_for_a_new_one(monkeypatch: p
     cursor of one whose publisher left, but never one still reading its history: the live
     frames it holds until then would be lost (they are delivered once the read ends), and
     the new stream's frames are delivered plainly meanwhile. Once read, it makes way."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import replays as replays_module
 
-    monkeypatch.setattr(replay, "_MAX_CURSORS", 1)
+    monkeypatch.setattr(replays_module, "_MAX_CURSORS", 1)
     first, second = history_publisher("b1"), history_publisher("b2")
     second.headers = {frames.HEADER["stream"]: "s2"}
     replays, fetches, directory, stats = replaying(first)
@@ -1611,11 +1612,12 @@ def _durable_and_read(replays: Any, store: Any, fetches: list[Any]) -> list[Any]
     and have it read its first publisher's history of 3: the calls handed out for them (the
     store holds the place they reach as upto)."""
     from zmqmesh._mesh.registry import SubscribeOptions
+    from zmqmesh._patterns.replay.places import DurablePlaces
 
     registry = replays.registry
     (key, _options), = registry.replays.items()
     registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
-    replays.store = store
+    replays.places = DurablePlaces(store, replays.stats)
     handed: list[Any] = []
     replays.sync(handed)
     replays.on_page(fetches[-1], history_page(0, 3), None, handed)
@@ -1632,10 +1634,10 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
     stream's frames are then delivered plainly, counted ``durable_streams_full``). Once
     forgotten, its places and run go from memory and the store, and what its handlers
     finished before, or the run it followed since (neither flushed yet), is not written back."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import places as places_module
     from zmqmesh._store.store import Store
 
-    monkeypatch.setattr(replay, "MAX_DURABLE_STREAMS", 1)
+    monkeypatch.setattr(places_module, "MAX_DURABLE_STREAMS", 1)
     publishers = []
     for id_byte, stream, run in (("b1", "s1", "a1"), ("b2", "s2", "a2"), ("b3", "s3", "a3")):
         peer = history_publisher(id_byte)
@@ -1663,11 +1665,11 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
         replays.flush()
         assert store.cursors.load("d") == {}, "what was handled of the first not written back (none of the second)"
         assert store.cursors.load_runs("d") == {"s2": "a2"}
-        assert replays._durable["d"] == {} and set(replays._runs["d"]) == {"s2"}
+        assert replays.places.streams("d") == {} and set(replays.places.runs("d")) == {"s2"}
         second.headers = {**second.headers, frames.HEADER["runs"]: "b2,a2"}  # its store opened again
         directory.rebuild({}, [second])
         replays.sync(calls)  # (the run followed now: recorded at the next flush, after it is forgotten)
-        assert replays._dirty_runs == {("d", "s2"): "b2"}
+        assert replays.places.runs_to_write() == {("d", "s2"): "b2"}
         directory.rebuild({}, [third])  # the second gone while its cursor reads its history
         replays.sync(calls)
         assert stats.rejected["durable_streams_full"] == 3 and [place[1] for place in replays.cursors] == ["s2"]
@@ -1677,7 +1679,7 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
         assert stats.rejected["durable_streams_forgotten"] == 2
         assert [place[1] for place in replays.cursors] == ["s3"]
         replays.flush()
-        assert store.cursors.load_runs("d") == {"s3": "a3"} and set(replays._followed["d"]) == {"s3"}
+        assert store.cursors.load_runs("d") == {"s3": "a3"} and set(replays.places.followed("d")) == {"s3"}
     finally:
         store.close()
 
@@ -1690,11 +1692,11 @@ def test_a_store_that_refuses_to_forget_streams_is_logged_once_not_per_frame(
     delivered plainly, each counted; the error was logged for each of them, at the
     message rate (50 frames, 51 lines), and the store asked again for each. It is logged at
     most every `FORGOTTEN_LOG_S` now, and asked again after `FORGET_RETRY_S`."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import places as places_module
     from zmqmesh._store.store import Store
     from zmqmesh.errors import StoreFullError
 
-    monkeypatch.setattr(replay, "MAX_DURABLE_STREAMS", 1)
+    monkeypatch.setattr(places_module, "MAX_DURABLE_STREAMS", 1)
     first, second = history_publisher("b1"), history_publisher("b2")
     second.headers = {frames.HEADER["stream"]: "s2"}
     replays, fetches, directory, stats = replaying(first)
@@ -1723,7 +1725,7 @@ def test_a_store_that_refuses_to_forget_streams_is_logged_once_not_per_frame(
         said = [r for r in caplog.records if "cannot forget where the durable subscription" in r.getMessage()]
         assert len(said) == 1, f"{len(said)} lines for 50 frames"
         monkeypatch.setattr(store.cursors, "forget_streams", forget)  # the store takes writes again:
-        time.sleep(replay.FORGET_RETRY_S)  # (asked again once the retry is due)
+        time.sleep(places_module.FORGET_RETRY_S)  # (asked again once the retry is due)
         replays.live("t.x", 50, [50], None, second.id, subs, plain)
         assert stats.rejected["durable_streams_forgotten"] == 1
         assert [place[1] for place in replays.cursors] == ["s2"] and store.cursors.load("d") == {}
@@ -1736,10 +1738,10 @@ def test_each_followed_stream_is_read_again_when_due_however_the_others_were_put
     """The streams to read again are walked only once the first may be due, not on every
     drain: a stream planned earlier than the others, or put off by a live frame, must
     still be read again on time."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import replays as replays_module
 
     now = [1000.0]
-    monkeypatch.setattr(replay.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(replays_module.time, "monotonic", lambda: now[0])
     publishers = [history_publisher(b) for b in ("b1", "b2", "b3")]
     for i, peer in enumerate(publishers):
         peer.headers = {frames.HEADER["stream"]: f"s{i}"}
@@ -1763,9 +1765,9 @@ def test_each_followed_stream_is_read_again_when_due_however_the_others_were_put
         replays.on_page(fetch, {"rows": [], "more": False, "next": {}}, None, calls)
     replays.live("t.x", 0, ["live"], None, publishers[0].id, subscriptions, calls)  # s0 reaches its publisher
     assert read(0.3) == []
-    assert read(replay.TAIL_LOOKS_S[0] + 0.01) == ["s1", "s2"]  # s0 put off by its live frame
-    assert read(replay.TAIL_LOOKS_S[0] + replay.TAIL_LOOKS_S[1] + 0.02) == ["s1", "s2"]  # (before s0's quiet look)
-    assert read(replay.QUIET_LOOK_S + 0.01) == ["s0"]  # quiet since its frame: its numbers are asked for
+    assert read(replays_module.TAIL_LOOKS_S[0] + 0.01) == ["s1", "s2"]  # s0 put off by its live frame
+    assert read(replays_module.TAIL_LOOKS_S[0] + replays_module.TAIL_LOOKS_S[1] + 0.02) == ["s1", "s2"]  # (before s0's quiet look)
+    assert read(replays_module.QUIET_LOOK_S + 0.01) == ["s0"]  # quiet since its frame: its numbers are asked for
     assert fetches[-1].request.get("n") == 0
 
 
@@ -1776,11 +1778,11 @@ def test_a_replay_whose_publisher_fails_or_leaves_mid_read_holds_on_and_reads_on
     back, under a new id if it restarted (`AWAY_HOLD_S`), the live frames held: nothing is
     reported missed that its history holds. A quiet spell's look that finds the publisher
     gone is made once it is back. Past the retries, the held frames go, the gap reported."""
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns.replay import replays as replays_module
 
-    monkeypatch.setattr(replay, "FETCH_RETRIES_S", (0.01, 0.01))
-    monkeypatch.setattr(replay, "QUIET_LOOK_S", 0.01)
-    monkeypatch.setattr(replay, "_AWAY_LOOK_S", 0.01)
+    monkeypatch.setattr(replays_module, "FETCH_RETRIES_S", (0.01, 0.01))
+    monkeypatch.setattr(replays_module, "QUIET_LOOK_S", 0.01)
+    monkeypatch.setattr(replays_module, "_AWAY_LOOK_S", 0.01)
     first, restarted = history_publisher("bb"), history_publisher("cc")
     replays, fetches, directory, stats = replaying(first)
     subscriptions = list(replays.registry.replays.items())
@@ -1826,7 +1828,7 @@ def test_a_replay_whose_publisher_fails_or_leaves_mid_read_holds_on_and_reads_on
 
     calls.clear()  # a publisher that keeps failing: past the retries, the gap is reported
     replays.live("t.x", 17, [17], None, restarted.id, subscriptions, calls)
-    for _ in range(len(replay.FETCH_RETRIES_S)):
+    for _ in range(len(replays_module.FETCH_RETRIES_S)):
         replays.on_page(fetches[-1], None, zmqmesh.MeshTimeoutError("request timed out"), calls)
         look_after(0.02, calls)
     replays.on_page(fetches[-1], None, zmqmesh.MeshTimeoutError("request timed out"), calls)

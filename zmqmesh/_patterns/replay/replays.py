@@ -1,53 +1,8 @@
-"""Replaying subscriptions, the subscriber's side: a publisher's kept history first, then
-its live messages, with no gap and no duplicate, in order per publisher.
-
-A subscription that replays (``replay="all"`` or a number of seconds) or resumes
-(``durable_name``) follows each publisher that keeps its topics (``history=``) with a
-`Cursor`: the next number it expects per topic. While the cursor catches up it fetches
-pages of the history (the built-in service ``\\x00history``) and holds the live frames
-that arrive meanwhile; once the history is exhausted, the held frames are released (those
-already replayed are skipped). If none came, the history is read again a few times
-(`TAIL_LOOKS_S`) until one does: what was published before the live subscription reached
-the publisher, and after the history was read, arrives no other way. Live, a frame
-whose numbers jump is a gap: the missing messages are fetched from the history, and what
-the history no longer holds is reported on the next message (``msg.gap``) and counted
-(``stats()["pubsub"]["gap"]``). A topic new to the cursor whose first number is past 0
-(numbered after its publisher forgot topics: see `_patterns.history`) is no gap: its
-first live frame says where its numbering began if it has a meta frame (``"s"``), or
-else a page of the history does (``"start"``). A gap shows only with a next frame, so once a
-publisher has been quiet for `QUIET_LOOK_S`, the subscription asks it for the numbers
-its topics have reached (a page of no rows) and catches up if it is behind: a last frame
-dropped at a high-water mark is not missed for good. A read of the history that fails is tried again
-(`FETCH_RETRIES_S`), or, if its publisher left, made again once the publisher is back
-(`AWAY_HOLD_S`), the live frames held meanwhile.
-
-A cursor keeps an entry per topic it met, and a publisher of a topic per order id meets
-it with ever-new ones: a cursor forgets the topics its publisher no longer numbers
-(`_forget_topics`), as a look at the numbers (a page of no rows) shows, made once the
-publisher is quiet (`QUIET_LOOK_S`) or once the cursor follows `CURSOR_TOPICS` topics
-(twice as many as it kept at its last look, if more). A publisher forgets a topic only
-once nothing of it is kept, and numbers it again past every number it gave (its floor:
-see `_patterns.history`), so nothing of a topic forgotten on both sides can come again
-under its old numbers, and a message published on it later is a new topic's.
-
-A publisher of many kept topics sends the numbers they reached (``next``) in pieces, each
-within what the reader takes in a message; a cursor collects them and applies them once
-it has them all (`_map_piece`).
-
-A durable subscription keeps, in the node's store, the last number handled per publisher
-stream and topic, so that a restarted subscriber resumes right after it. Before a burst
-is handled the highest number it reaches is recorded too: after a crash, messages up to
-it are delivered again marked ``redelivered`` (they may have been handled). A name keeps
-its places in at most `MAX_DURABLE_STREAMS` streams: past them, those in the streams of
-publishers gone make way for a new one (`Replays._durable_room`).
-
-A publisher names the runs (openings) of its store (``X-ZMQMESH-RUNS``); a cursor that
-finds the run it followed last missing from them reads the history again, since the
-numbers may have gone back (a store restored from an older copy): `_rewind`.
-
-Everything here runs on the inbox's thread; the drivers only carry out the fetches
-(`Fetch`) and post their outcome back.
-"""
+"""`Replays`: the replaying subscriptions of one node, following each publisher that keeps
+its topics with a `Cursor` per stream: live frames taken in order or held while the cursor
+catches up, pages of history read and delivered, gaps filled or reported, and the
+histories read again when a stream is quiet, behind, or its read failed (the package's
+docstring tells the whole story)."""
 
 from __future__ import annotations
 
@@ -58,29 +13,28 @@ import operator
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from .._mesh.directory import Directory
-from .._mesh.registry import Registry, SubscribeOptions
-from .._stats import LogThrottle, Stats
-from .._wire.codec import Codec
-from .._wire.frames import parse_meta
-from ..errors import DecodeError, PeerLostError
-from ..message import Message, Origin
-from .calls import Call, CursorMark
+from ..._mesh.directory import Directory
+from ..._mesh.registry import Registry, SubscribeOptions
+from ..._stats import LogThrottle, Stats
+from ..._wire.codec import Codec
+from ..._wire.frames import parse_meta
+from ...errors import DecodeError, PeerLostError
+from ...message import Message, Origin
+from ..calls import Call, CursorMark
+from .awaiting import AwaitingHello
+from .cursor import Cursor, Fetch, HeldFrame, Key, storable
+from .places import DurablePlaces
+from .rereads import Rereads
 
 if TYPE_CHECKING:
-    from .._store.store import Store
+    from ..._store.store import Store
 
-__all__ = ["Replays", "Fetch", "CursorMark", "MAX_HELD", "PAGE_BURST"]
+__all__ = ["AWAY_HOLD_S", "FETCH_RETRIES_S", "PAGE_BURST", "QUIET_LOOK_S", "TAIL_LOOKS_S", "UNKEPT_LOG_S", "Replays"]
 
 log = logging.getLogger("zmqmesh.replay")
 
-MAX_HELD = 100_000
-"""Live messages a catching-up cursor holds; past it, they are fetched from the history."""
-MAX_HELD_BYTES = 64 << 20
-"""Bytes of live frames a catching-up cursor holds; past them, as past `MAX_HELD`, they
-are fetched from the history (100,000 messages of 1 MiB were 100 GiB)."""
 QUIET_LOOK_S = 2.0
 """After a publisher's live frame, if no other frame of it came for this long, the
 subscription asks it for the numbers its topics reached (a page of no rows, ``"n": 0``)
@@ -106,128 +60,16 @@ publisher that leaves and comes back meanwhile is asked where its topics are, so
 what it published last, if dropped on the way, is read from its history."""
 _AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publisher is back
 _MAX_CURSORS = 65_536
-CURSOR_TOPICS = 65_536
-"""Topics a cursor follows before it asks its publisher which of them it still numbers (a
-page of no rows) and forgets the others (`Replays._forget_topics`); it asks again once it
-follows twice as many as it kept, if that is more. (A quiet publisher is asked anyway:
-`QUIET_LOOK_S`.) So a cursor follows at most about twice what its publisher numbers, which
-the publisher bounds (``MAX_EMPTY_TOPICS`` of the topics of which nothing is kept)."""
-MAX_DURABLE_STREAMS = 4_096
-"""Publisher streams a durable subscription name keeps its places in (in memory and in its
-store). A new stream past them makes the places in the streams of publishers not present
-go, least recently followed first (`Replays._durable_room`): each run of a publisher on a
-fresh store is a new stream, and a long-lived subscriber kept every one it met for good
-(10 runs left 10 streams' places, 20 left 20). If too few can go, the new stream's frames
-are delivered plainly, counted (``rejected["durable_streams_full"]``)."""
-FORGOTTEN_LOG_S = 10.0
-"""Streams whose places a durable subscription forgot are logged at most this often (and
-so is a store's refusal to forget them)."""
-FORGET_RETRY_S = 1.0
-"""After a store refused to forget the places of streams gone (`Replays._durable_room`),
-how long new streams past the bound are delivered plainly before it is asked again (not
-once per frame: a frame of such a stream asks for room each time)."""
 UNKEPT_LOG_S = 10.0
 """Live frames a publisher's history never reached (`Replays._unkept`) are logged at most
 this often."""
-RECORD_FAILED_LOG_S = 10.0
-"""A store that refuses to record where durable subscriptions are (full: ``store_max_bytes``
-or the disk) is logged at most this often (each refusal is counted all the same)."""
 _LEFT_RUNS = 16  # runs a cursor remembers having left at a rewind
-_MAX_NUMBER = (1 << 63) - 1  # the largest position or number a store holds (SQLite's INTEGER)
-_NEVER = float("inf")
+_MAX_LEFT = 1024  # publishers gone whose streams are remembered (`Replays._stream_left`)
 PAGE_BURST = 256
 """Messages of the pages read delivered at a time (`Replays.deliver_pages`), the driver
 handling them before it asks for more: a page of small messages holds tens of thousands,
 and as many calls alive at once made the interpreter's garbage collector scan them over
 and over."""
-_UNKNOWN_WAIT_S = 2.0  # how long frames wait for their sender's HELLO
-_MAX_UNKNOWN = 1024  # senders whose frames may wait at once
-UNKNOWN_MAX_BYTES = 64 << 20
-"""Bytes of frames that wait for their senders' HELLO, in all: past it, the frames of the
-sender whose frame took them past it go at once (as those of a sender waited for long
-enough). A stranger that sent 1 MB frames under an id no HELLO names grew a node with a
-replaying subscription by 2.2 GiB in 4 s, where the count of frames alone bounded them."""
-
-Key = tuple[str, Callable[..., Any]]
-
-
-class Fetch(NamedTuple):
-    """A page of history to fetch from ``node_id``, for the cursor ``(key, stream)``."""
-
-    node_id: str
-    key: Key
-    stream: str
-    request: dict[str, Any]
-
-
-class Cursor:
-    """One replaying subscription's place in one publisher's stream."""
-
-    __slots__ = ("stream", "node_id", "earlier", "kept", "options", "catching_up", "next", "pos", "held",
-                 "held_count", "held_bytes", "held_topics", "left_to_live", "upto", "from_start", "kept_next",
-                 "live_seen", "tail_looks", "away", "failures", "failing_since",
-                 "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
-
-    def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
-        self.stream = stream
-        self.node_id = node_id
-        self.earlier: tuple[str, ...] = ()  # the nodes it followed before, the last few (`Replays._stream_left`)
-        self.kept: tuple[str, ...] = ()  # the prefixes its node keeps, as it announced them last (`Replays.live`)
-        self.options = options  # those of the subscription it was made for (a subscription made again is new)
-        self.catching_up = False
-        self.next: dict[str, int] = {}  # topic -> the number expected next
-        self.pos = 0  # the history position replayed last
-        self.held: deque[_Frame] | None = deque()  # None: too many held, refetch instead
-        self.held_count = 0
-        self.held_bytes = 0  # the bytes of the frames held (`MAX_HELD_BYTES`)
-        self.held_topics: dict[str, list[_Frame]] = {}  # the frames held, by topic, in order
-        self.left_to_live: int | None = None  # the position before the first row left to live frames (`_replay_row`)
-        self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
-        self.from_start = from_start  # a topic seen first mid-stream has missed its start
-        self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
-        self.live_seen = False  # a live message came: the subscription reaches the publisher
-        self.tail_looks = 0  # the history read again since a catch-up (`TAIL_LOOKS_S`)
-        self.away = False  # its publisher was found gone: once back, it is asked where it is
-        self.failures = 0  # reads of its history failed in a row while the publisher was present
-        self.failing_since: float | None = None  # when the first read of those failed
-        self.reading: Fetch | None = None  # the read its catch-up waits on: a page of any other is stale
-        self.run: str | None = None  # the publisher's run (store opening) followed last, if it names its runs
-        self.left_runs: tuple[str, ...] = ()  # runs left at a rewind: a node still running one is stale
-        self.tidy_at = CURSOR_TOPICS  # topics followed at which the publisher is asked which it still numbers
-        self.tidying = False  # the look at the numbers read is for `tidy_at` (not to catch up: `_page_read`)
-        self.map_from: str | None = None  # the topic from which the pieces of ``next`` being read go on
-        self.map_part: dict[str, int] = {}  # the pieces of ``next`` read so far (`_map_piece`)
-
-    def follow(self, node_id: str) -> None:
-        """Follow the stream as the node ``node_id`` publishes it (a restarted publisher has
-        a new id): the one followed until now is remembered, for its frames still coming."""
-        if node_id != self.node_id:
-            self.earlier = (*self.earlier[-3:], self.node_id)
-            self.node_id = node_id
-
-    def take_held(self, more: bool = True) -> deque[_Frame] | None:
-        """The live frames held (None: more came than could be), and hold afresh from none;
-        ``more`` False: hold none any more (the history has them)."""
-        held = self.held
-        self.held, self.held_count, self.held_bytes = deque() if more else None, 0, 0
-        self.held_topics = {}
-        return held
-
-    def forget_map(self) -> None:
-        """Let go of the pieces of ``next`` read so far (`Replays._map_piece`)."""
-        self.map_from, self.map_part = None, {}
-
-
-class _Frame(NamedTuple):
-    topic: str
-    seq: int
-    items: list[Any]
-    origin: Origin | None
-    sender_id: str | None
-    meta: bytes | None  # its meta frame, read for ``"s"`` only when its number is not the one expected
-    size: int = 0  # the bytes it came in (`MAX_HELD_BYTES`)
-    read_since: bool = False  # held while a read of the history asked for after it came was made
-
 
 _seq_of = operator.attrgetter("seq")
 
@@ -245,36 +87,17 @@ class Replays:
         self.directory = directory
         self.codec = codec
         self.stats = stats
-        self.store = store
         self.fetch = fetch
         self.cursors: dict[tuple[Key, str], Cursor] = {}
-        self._durable: dict[str, dict[str, dict[str, tuple[int, int, int]]]] = {}  # name -> stored cursors
-        self._dirty: dict[tuple[str, str, str], list[int]] = {}  # (name, stream, topic) -> [seq, upto, pos]
-        self._runs: dict[str, dict[str, str]] = {}  # name -> stream -> the publisher run followed last (stored)
-        self._dirty_runs: dict[tuple[str, str], str] = {}
-        # name -> the streams it keeps places in (stored, written, or followed), least recently
-        # followed first: those loaded from the store, then in the order last written or followed
-        self._followed: dict[str, dict[str, None]] = {}
-        self._forgotten_log = LogThrottle(FORGOTTEN_LOG_S)  # (`_durable_room`)
-        self._forget_refused_log = LogThrottle(FORGOTTEN_LOG_S)
-        self._forget_refused_until = 0.0  # (monotonic: the store refused to forget streams, `_durable_room`)
+        self.places = DurablePlaces(store, stats) if store is not None else None
+        """Where the durable subscriptions are (None without a store: none is made then)."""
+        self.awaiting = AwaitingHello()
+        """The frames of senders whose HELLO is still on its way (`live`)."""
+        self.rereads = Rereads()
+        """The reads of histories planned for later (`look_again`)."""
         self._unkept_log = LogThrottle(UNKEPT_LOG_S)  # (`_unkept`)
-        self._record_failed_log = LogThrottle(RECORD_FAILED_LOG_S)  # (`_save`)
-        # durable: the numbers handed out and not yet handled, in order; and of those, the ones
-        # handled ahead of the first (how many times each: `handled`)
-        self._pending: dict[tuple[str, str, str], deque[int]] = {}
-        self._finished: dict[tuple[str, str, str], dict[int, int]] = {}
-        # frames of senders not known yet: sender id -> (first seen, frames)
-        self._unknown: dict[str, tuple[float, deque[tuple[Any, ...]]]] = {}
-        self._unknown_bytes = 0  # the bytes of those frames (`UNKNOWN_MAX_BYTES`)
         # sender id of a publisher no longer a peer -> (the directory's epoch, its stream or ""): `_stream_left`
         self._left: dict[str, tuple[int, str]] = {}
-        # cursors to look at the history of again: when, and whether for its numbers alone
-        # (one entry per stream followed: bounded as the cursors are)
-        self._tails: dict[tuple[Key, str], tuple[float, bool]] = {}
-        self._tails_due = _NEVER  # none is due before this (a later frame may have put the first off)
-        # history reads to try again (`FETCH_RETRIES_S`, `AWAY_HOLD_S`): when, and the read
-        self._retries: dict[tuple[Key, str], tuple[float, Fetch]] = {}
         # pages whose rows are being delivered (`deliver_pages`): [fetch, page, rows, more, next row]
         # (one read at a time per cursor: bounded as the cursors are, with the pages of cursors
         # forgotten meanwhile, left once they reach the front)
@@ -287,38 +110,17 @@ class Replays:
         """Whether frames wait for their sender (see `live`), or a history is to be read
         again (`TAIL_LOOKS_S`, `QUIET_LOOK_S`, `FETCH_RETRIES_S`): the driver then calls
         `look_again` now and then."""
-        return bool(self._unknown or self._tails or self._retries)
+        return bool(self.awaiting or self.rereads)
 
     def look_again(self, calls: list[Call]) -> None:
         """Take the frames that waited long enough for their sender (`release_unknown`),
         read again the histories due (`TAIL_LOOKS_S`, `QUIET_LOOK_S`), unless their
         publisher left (then it is asked once it is back: `sync`), and try again the reads
         that failed (`FETCH_RETRIES_S`, `AWAY_HOLD_S`)."""
-        if self._unknown:
+        if self.awaiting:
             self.release_unknown(calls)
         now = time.monotonic()
-        if now >= self._tails_due:
-            self._look_at_tails(now)
-        for place, (due, fetch) in list(self._retries.items()):
-            if due > now:
-                continue
-            del self._retries[place]
-            cursor = self._waiting_on(fetch)
-            if cursor is None or not self._still_made(place[0], cursor):
-                continue
-            node_id = self._publisher(cursor)
-            if node_id is None:  # still away
-                self.on_page(fetch, None, PeerLostError("the publisher is away", fetch.node_id), calls)
-            else:
-                self._read(cursor, Fetch(node_id, fetch.key, fetch.stream, fetch.request))
-
-    def _look_at_tails(self, now: float) -> None:
-        """Read again the histories due (`look_again`): a walk of every stream followed,
-        made only once the first of them may be due (not on every drain)."""
-        for place, (due, numbers_only) in list(self._tails.items()):
-            if due > now:
-                continue
-            del self._tails[place]
+        for place, numbers_only in self.rereads.looks_due(now):
             cursor = self.cursors.get(place)
             if cursor is None or not self._still_made(place[0], cursor):
                 continue
@@ -328,14 +130,15 @@ class Replays:
             if not numbers_only:
                 cursor.tail_looks += 1
             self._catch_up(place[0], cursor.options, cursor, numbers_only=numbers_only)
-        self._tails_due = min([due for due, _numbers_only in self._tails.values()], default=_NEVER)
-
-    def _look_at(self, place: tuple[Key, str], due: float, numbers_only: bool) -> None:
-        """Read the history of the stream at ``place`` again at ``due`` (`look_again`),
-        instead of when planned before; for its numbers alone if ``numbers_only``."""
-        self._tails[place] = (due, numbers_only)
-        if due < self._tails_due:
-            self._tails_due = due
+        for place, fetch in self.rereads.retries_due(now):
+            cursor = self._waiting_on(fetch)
+            if cursor is None or not self._still_made(place[0], cursor):
+                continue
+            node_id = self._publisher(cursor)
+            if node_id is None:  # still away
+                self.on_page(fetch, None, PeerLostError("the publisher is away", fetch.node_id), calls)
+            else:
+                self._read(cursor, Fetch(node_id, fetch.key, fetch.stream, fetch.request))
 
     def _publisher(self, cursor: Cursor) -> str | None:
         """The id of the node publishing the cursor's stream now (a restarted publisher
@@ -363,7 +166,7 @@ class Replays:
                         cursor.away = False
                         cursor.follow(node_id)
                         if not cursor.catching_up:
-                            self._look_at((key, stream), 0.0, True)
+                            self.rereads.look_at((key, stream), 0.0, True)
                     if cursor is not None and cursor.node_id == node_id:
                         cursor.kept = prefixes
 
@@ -391,8 +194,8 @@ class Replays:
     def _follow_run(self, cursor: Cursor, run: str) -> None:
         cursor.run = run
         name = cursor.options.durable_name
-        if name is not None and self.store is not None:
-            self._dirty_runs[(name, cursor.stream)] = run
+        if name is not None and self.places is not None:
+            self.places.follow_run(name, cursor.stream, run)
 
     def _rewind(self, key: Key, cursor: Cursor, node_id: str, run: str, calls: list[Call]) -> None:
         """The publisher of ``cursor``'s stream (``node_id``) now runs ``run`` on a store that never saw
@@ -421,8 +224,7 @@ class Replays:
         if cursor.run is not None:
             cursor.left_runs = (*cursor.left_runs[-(_LEFT_RUNS - 1):], cursor.run)
         place = (key, cursor.stream)
-        self._tails.pop(place, None)
-        self._retries.pop(place, None)
+        self.rereads.forget(place)
         self._record_from_start(cursor, cursor.upto)
         self._follow_run(cursor, run)
         self.flush()
@@ -437,10 +239,10 @@ class Replays:
         (``meta``: its meta frame, if it has one; ``size``: the bytes it came in).
 
         A frame from a sender not known yet (its HELLO, which says whether it keeps a
-        history, is still on its way) waits for it, up to `_UNKNOWN_WAIT_S` (``wait``);
+        history, is still on its way) waits for it, up to `UNKNOWN_WAIT_S` (``wait``);
         delivered plainly at once, it would come again in the replay of that history.
-        Frames wait so for at most `_MAX_UNKNOWN` senders, `MAX_HELD` frames of one, and
-        `UNKNOWN_MAX_BYTES` in all; past them, the sender's frames go at once. A
+        Frames wait so for at most `MAX_UNKNOWN` senders, `MAX_HELD` frames of one, and
+        `UNKNOWN_MAX_BYTES` in all (`AwaitingHello`); past them, the sender's frames go at once. A
         subscription dropped since the frame was matched to it does not get it, and neither
         does the same subscription made anew since (a new one: the frame was matched to the
         one before).
@@ -448,12 +250,11 @@ class Replays:
         gone = seq is not None and sender_id is not None and sender_id not in self.directory.alive_ids
         left = self._stream_left(sender_id) if gone else None  # type: ignore[arg-type]
         # (`left`: the stream of a publisher that left, whose frames are still coming: `_stream_left`)
-        if wait and seq is not None and sender_id is not None and ((gone and left is None) or sender_id in self._unknown):
-            since, frames = self._unknown.setdefault(sender_id, (time.monotonic(), deque()))
-            frames.append((topic, seq, items, origin, subscriptions, meta, size))  # (behind those waiting: in order)
-            self._unknown_bytes += size
-            if sender_id in self.directory.alive_ids or len(frames) > MAX_HELD or \
-                    len(self._unknown) > _MAX_UNKNOWN or self._unknown_bytes > UNKNOWN_MAX_BYTES:
+        awaiting = self.awaiting
+        if wait and seq is not None and sender_id is not None and ((gone and left is None) or sender_id in awaiting):
+            # (behind those waiting: in order)
+            over = awaiting.add(sender_id, (topic, seq, items, origin, subscriptions, meta, size), size)
+            if over or sender_id in self.directory.alive_ids:
                 self.release_unknown(calls, sender_id)
             return
         stream = self.directory.stream_of(sender_id, topic) if sender_id is not None else None
@@ -467,7 +268,7 @@ class Replays:
                 # was a peer, and has no history: followed, its first frame was a gap to fill from
                 # the history, read again and again once the publisher was back)
                 if cursor is not None and cursor.options is options and topic.startswith(cursor.kept):
-                    self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
+                    self._take(key, options, cursor, HeldFrame(topic, seq, items, origin, sender_id, meta, size),
                                calls)
                     continue
             elif stream is not None and seq is not None:
@@ -478,17 +279,17 @@ class Replays:
                         # a node the stream had before the one followed, killed and not yet found
                         # gone: what it sent is still coming, its stream's (as once it left), and
                         # followed, it made its run look unknown (`_rewind`: its whole history again)
-                        self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
+                        self._take(key, options, cursor, HeldFrame(topic, seq, items, origin, sender_id, meta, size),
                                    calls)
                         continue
                     if moved or cursor.run is None:  # (a restarted publisher: a new id)
                         cursor.follow(sender_id)  # type: ignore[arg-type]
                         self._check_run(key, cursor, sender_id, calls)  # type: ignore[arg-type]
-                    self._take(key, options, cursor, _Frame(topic, seq, items, origin, sender_id, meta, size),
+                    self._take(key, options, cursor, HeldFrame(topic, seq, items, origin, sender_id, meta, size),
                                calls)
                     if moved and not cursor.catching_up:
                         # its numbers may have gone back under the run followed (a store put back from
-                        # a copy taken while it ran): asked where it is now (`_ahead`), not once it is
+                        # a copy taken while it ran): asked where it is now (`Cursor.ahead`), not once it is
                         # quiet, which a busy publisher never is
                         self._catch_up(key, options, cursor, numbers_only=True)
                     continue
@@ -525,7 +326,7 @@ class Replays:
         if known is not None and known[0] == epoch:
             return known[1] or None
         found = next((c.stream for c in self.cursors.values() if c.node_id == sender_id or sender_id in c.earlier), "")
-        if len(self._left) >= _MAX_UNKNOWN:
+        if len(self._left) >= _MAX_LEFT:
             self._left.clear()
         self._left[sender_id] = (epoch, found)
         return found or None
@@ -533,15 +334,11 @@ class Replays:
     def release_unknown(self, calls: list[Call], now_for: str | None = None) -> None:
         """Take the frames that waited for their sender: those of senders now known, of
         senders waited for long enough (delivered plainly), and of ``now_for``."""
-        deadline = time.monotonic() - _UNKNOWN_WAIT_S
-        for sender_id, (since, frames) in list(self._unknown.items()):
-            if sender_id == now_for or sender_id in self.directory.alive_ids or since < deadline:
-                del self._unknown[sender_id]
-                for topic, seq, items, origin, subscriptions, meta, size in frames:
-                    self._unknown_bytes -= size
-                    self.live(topic, seq, items, origin, sender_id, subscriptions, calls, meta, wait=False, size=size)
+        for sender_id, frames in self.awaiting.release(self.directory.alive_ids, now_for):
+            for topic, seq, items, origin, subscriptions, meta, size in frames:
+                self.live(topic, seq, items, origin, sender_id, subscriptions, calls, meta, wait=False, size=size)
 
-    def _take(self, key: Key, options: SubscribeOptions, cursor: Cursor, frame: _Frame, calls: list[Call],
+    def _take(self, key: Key, options: SubscribeOptions, cursor: Cursor, frame: HeldFrame, calls: list[Call],
               settled: bool = False, final: bool = False) -> None:
         """A live frame for a cursor. A jump in the numbers makes the cursor catch up from
         the history; once it has (``settled``), what is still missing is reported instead,
@@ -552,13 +349,13 @@ class Replays:
         cursor that reaches `tidy_at` topics asks its publisher which it still numbers. A
         frame numbered past what a store holds is malformed: dropped, counted
         (``rejected["pubsub_malformed"]``)."""
-        if not _storable(frame.seq + len(frame.items)):  # (numbers no store gives: `_storable`)
+        if not storable(frame.seq + len(frame.items)):  # (numbers no store gives: `storable`)
             self.stats.reject("pubsub_malformed")
             return
         cursor.live_seen = True
-        self._look_at((key, cursor.stream), time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
+        self.rereads.look_at((key, cursor.stream), time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
         if cursor.catching_up:
-            self._hold(cursor, frame)
+            cursor.hold(frame)
             return
         expected = cursor.next.get(frame.topic)
         if expected is None and (frame.seq == 0 or not cursor.from_start):
@@ -577,7 +374,7 @@ class Replays:
                     return
                 # (a read already on its way when the frame came may have been served before the
                 # frame was kept: the one asked for now is after it)
-                self._hold(cursor, _Frame(*frame[:-1], read_since=True))
+                cursor.hold(HeldFrame(*frame[:-1], read_since=True))
                 self._catch_up(key, options, cursor)
                 return
             missed = frame.seq - (expected or 0)
@@ -587,11 +384,11 @@ class Replays:
             # (asked again only past twice these, whatever comes of it: an answer that forgets
             # nothing, from a publisher before this look, or none at all, must not make every
             # frame ask: `_forget_topics` sets it from what is kept)
-            cursor.tidy_at = max(CURSOR_TOPICS, 2 * len(cursor.next))
+            cursor.plan_tidy()
             cursor.tidying = True
             self._catch_up(key, options, cursor, numbers_only=True)
 
-    def _unkept(self, cursor: Cursor, frame: _Frame) -> None:
+    def _unkept(self, cursor: Cursor, frame: HeldFrame) -> None:
         """Drop a live frame numbered past what its publisher's history reached, as read
         after the frame came: a publisher keeps each frame before it sends it, so its
         number is a lie (or of a numbering its store went back from). Read again and again,
@@ -613,21 +410,7 @@ class Replays:
             start = self.codec.decode(meta).get("s")
         except Exception:  # (a meta frame that is no map: read as a frame's when received)
             return None
-        return start if _storable(start) and start <= seq else None
-
-    def _hold(self, cursor: Cursor, frame: _Frame) -> None:
-        """Hold a live frame while the cursor catches up; past `MAX_HELD` messages or
-        `MAX_HELD_BYTES`, none is held any more (`held` None): the history has them."""
-        if cursor.held is None:
-            return  # already too many: the history has them
-        cursor.held.append(frame)
-        cursor.held_topics.setdefault(frame.topic, []).append(frame)
-        cursor.held_count += len(frame.items)
-        cursor.held_bytes += frame.size
-        if cursor.held_count > MAX_HELD or cursor.held_bytes > MAX_HELD_BYTES:
-            cursor.take_held(more=False)
-            log.info("a replay of stream %s holds over %d live messages or %d MiB of them: they will come from "
-                     "the history", cursor.stream[:8], MAX_HELD, MAX_HELD_BYTES >> 20)
+        return start if storable(start) and start <= seq else None
 
     # -- catching up ------------------------------------------------------------------------
 
@@ -638,7 +421,7 @@ class Replays:
         (`_make_room`); None if none can: counted (``rejected["replay_streams_full"]``),
         and that stream's frames are delivered plainly, as a publisher without a history's.
         So too, counted as ``rejected["durable_streams_full"]``, past the streams a durable
-        subscription's name keeps places in (`_durable_room`)."""
+        subscription's name keeps places in (`DurablePlaces.room`)."""
         cursor = self.cursors.get((key, stream))
         if cursor is not None:
             if cursor.options is options:
@@ -648,13 +431,16 @@ class Replays:
             self.stats.reject("replay_streams_full")
             return None
         # (after the table had room: what a durable name forgets is gone from its store too)
-        name = options.durable_name
-        if name is not None and self.store is not None and not self._durable_room(name, stream):
-            self.stats.reject("durable_streams_full")
-            return None
-        stored = self._stored(options.durable_name, stream)
-        # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
-        resumed = bool(stored) or (name is not None and stream in self._durable.get(name, {}))
+        name, places = options.durable_name, self.places
+        stored: dict[str, tuple[int, int, int]] = {}
+        resumed = False
+        if name is not None and places is not None:
+            if not places.room(name, stream, self._present_streams(), self.cursors, self._forget):
+                self.stats.reject("durable_streams_full")
+                return None
+            stored = places.stored(name, stream)
+            # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
+            resumed = bool(stored) or places.known(name, stream)
         cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or resumed)
         cursor.kept = self.directory.streams.get(node_id, (stream, ()))[1]
         self.cursors[(key, stream)] = cursor
@@ -664,8 +450,8 @@ class Replays:
                 if upto > seq:
                     cursor.upto[topic] = upto
             cursor.pos = min(pos for _s, _u, pos in stored.values())
-        if options.durable_name is not None:
-            cursor.run = self._runs.get(options.durable_name, {}).get(stream)
+        if name is not None and places is not None:
+            cursor.run = places.run(name, stream)
         self._check_run(key, cursor, node_id, calls)
         if resumed or options.replay != "new":
             self._catch_up(key, options, cursor, first=not resumed)
@@ -689,87 +475,13 @@ class Replays:
         """The streams of the publishers present now."""
         return {stream for stream, _prefixes in self.directory.streams.values()}
 
-    def _durable_room(self, name: str, stream: str) -> bool:
-        """Whether the durable subscription ``name`` may follow ``stream`` (it then counts as
-        followed last), within `MAX_DURABLE_STREAMS` streams: for a new one past them, the
-        places in as many streams as it takes go, least recently followed first (streams
-        loaded from the store and not followed since are the oldest), of those whose
-        publisher is not present, that no cursor of ``name`` is reading (catching up), and
-        with no message being handled. They go from memory, with their cursors, and from
-        the store, in one transaction; counted (``rejected["durable_streams_forgotten"]``)
-        and logged at most every `FORGOTTEN_LOG_S`. A publisher of one that comes back is
-        followed as a new stream, as the subscription's ``replay`` says. False, nothing
-        forgotten, if too few can go or the store refuses (logged at most every
-        `FORGOTTEN_LOG_S`, and not asked again for `FORGET_RETRY_S`). Raises `StoreError`
-        if the places of ``name`` cannot be loaded."""
-        self._stored(name, stream)  # (loaded, if they were not)
-        followed = self._followed.setdefault(name, {})
-        over = len(followed) + 1 - MAX_DURABLE_STREAMS
-        if stream in followed or over <= 0:
-            self._touch(name, stream)
-            return True
-        if time.monotonic() < self._forget_refused_until:
-            return False  # (the store refused a moment ago: not asked again per frame)
-        present = self._present_streams()
-        handling = {s for n, s, _topic in self._pending if n == name}
-        candidates = [s for s in followed if s not in present and s not in handling]
-        if len(candidates) < over:
-            return False
-        reading: set[str] = set()
-        places: dict[str, list[tuple[Key, str]]] = {}
-        for place, cursor in self.cursors.items():
-            if cursor.options.durable_name == name:
-                if cursor.catching_up:
-                    reading.add(place[1])
-                else:
-                    places.setdefault(place[1], []).append(place)
-        doomed = [s for s in candidates if s not in reading][:over]
-        if len(doomed) < over:
-            return False
-        try:
-            self.store.cursors.forget_streams(name, doomed)  # type: ignore[union-attr]
-        except Exception as exc:  # (kept, in memory too: the new stream is delivered plainly)
-            self._forget_refused_until = time.monotonic() + FORGET_RETRY_S
-            refused = self._forget_refused_log.due()
-            if refused:
-                log.error("cannot forget where the durable subscription %r was in streams of publishers gone: %s "
-                          "(%d time(s); said again at most every %g s)", name, exc, refused, FORGOTTEN_LOG_S)
-            return False
-        gone = set(doomed)
-        stored, runs = self._durable.get(name, {}), self._runs.get(name, {})
-        for s in doomed:
-            del followed[s]
-            stored.pop(s, None)
-            runs.pop(s, None)
-            for place in places.get(s, ()):
-                self._forget(place)
-        for mark in [m for m in self._dirty if m[0] == name and m[1] in gone]:  # (never written back)
-            del self._dirty[mark]
-        for place_run in [p for p in self._dirty_runs if p[0] == name and p[1] in gone]:
-            del self._dirty_runs[place_run]
-        self.stats.reject("durable_streams_forgotten", len(doomed))
-        said = self._forgotten_log.due(len(doomed))
-        if said:
-            log.warning("forgot where durable subscriptions were in %d stream(s) of publishers not present (the last "
-                        "of %r, past its %d streams; counted in rejected.durable_streams_forgotten, said again at "
-                        "most every %g s): a publisher of one that comes back is followed afresh, as replay says",
-                        said, name, MAX_DURABLE_STREAMS, FORGOTTEN_LOG_S)
-        followed[stream] = None
-        return True
-
-    def _touch(self, name: str, stream: str) -> None:
-        """Count ``stream`` as the one the durable subscription ``name`` followed last."""
-        followed = self._followed.setdefault(name, {})
-        followed.pop(stream, None)
-        followed[stream] = None
-
     def _catch_up(self, key: Key, options: SubscribeOptions, cursor: Cursor, first: bool = False,
                   numbers_only: bool = False) -> None:
         if cursor.catching_up:
             return
         cursor.catching_up = True
         cursor.forget_map()
-        request: dict[str, Any] = {"p": key[0], "a": cursor.pos, "t": ""}  # (``next`` in pieces: `_map_piece`)
+        request: dict[str, Any] = {"p": key[0], "a": cursor.pos, "t": ""}  # (``next`` in pieces: `Cursor.map_piece`)
         if numbers_only:
             request["n"] = 0  # (a publisher before this field sends a whole page: read as such)
         if first and not isinstance(options.replay, str):  # replay the last N seconds
@@ -812,8 +524,7 @@ class Replays:
 
     def _forget(self, place: tuple[Key, str]) -> None:
         del self.cursors[place]
-        self._tails.pop(place, None)
-        self._retries.pop(place, None)
+        self.rereads.forget(place)
 
     def on_page(self, fetch: Fetch, page: Any, error: BaseException | None, calls: list[Call]) -> None:
         """Apply one page of history (or the failure to get it) to its cursor: its rows
@@ -828,10 +539,10 @@ class Replays:
                 rows, more = page["rows"], bool(page["more"])
                 if type(rows) is not list:
                     raise TypeError(f"rows of type {type(rows).__name__}")
-                reached = self._map_piece(fetch, cursor, page)
+                reached = cursor.map_piece(fetch.request, page)
                 # (this page's piece of the numbers alone, read with its rows: a piece read before
                 # is older than the rows of the pages delivered since)
-                ahead = self._ahead(cursor, page.get("next") or {})
+                ahead = cursor.ahead(page.get("next") or {})
                 if reached is not None:
                     page = {**page, "next": reached}  # (whole: `_page_read` looks at it)
                     if not cursor.tidying:
@@ -853,24 +564,8 @@ class Replays:
                 return
         self._page_read(fetch, cursor, page, error, False, calls)
 
-    @staticmethod
-    def _ahead(cursor: Cursor, reached: dict[str, Any]) -> dict[str, int]:
-        """The topics in which the cursor expects a number its publisher has not reached
-        (``reached``: the number of its next message in each topic, as a page says, read
-        after what the cursor delivered): ``{topic: reached}``. A publisher commits each
-        message to its history before it sends it, so no cursor can be past it, but for a place recorded that was damaged (a huge number),
-        or a publisher whose numbering went back under a run the cursor followed (its kept
-        topics emptied by hand, or its store put back from a copy taken while it ran):
-        everything it numbers from there up to where the cursor is would be skipped."""
-        ahead: dict[str, int] = {}
-        for topic, expected in cursor.next.items():
-            nxt = reached.get(topic)
-            if type(nxt) is int and nxt < expected:
-                ahead[topic] = nxt
-        return ahead
-
     def _gone_back(self, key: Key, cursor: Cursor, ahead: dict[str, int]) -> None:
-        """The cursor is past its publisher in the topics ``ahead`` (`_ahead`, which says
+        """The cursor is past its publisher in the topics ``ahead`` (`Cursor.ahead`, which says
         where the publisher is in each): those topics are read again from the start of the
         history, what the publisher numbered in them so far marked ``redelivered`` (it may
         be what was handled under the same numbers before; what it numbers later is new),
@@ -898,44 +593,13 @@ class Replays:
 
     def _record_from_start(self, cursor: Cursor, uptos: dict[str, int]) -> bool:
         """For a durable subscription (True; False for another), record that it reads the
-        topics of ``uptos`` of the cursor's stream again from the start of the history,
-        what is numbered up to each marked redelivered: its finishes still pending no
-        longer move those places (written at the next `flush`)."""
+        topics of ``uptos`` of the cursor's stream again from the start of the history
+        (`DurablePlaces.from_start`)."""
         name = cursor.options.durable_name
-        if name is None or self.store is None:
+        if name is None or self.places is None:
             return False
-        self._stored(name, cursor.stream)  # (loaded, if it was not)
-        for topic, upto in uptos.items():
-            mark = (name, cursor.stream, topic)
-            self._pending.pop(mark, None)
-            self._finished.pop(mark, None)
-            self._dirty[mark] = [-1, upto, 0]  # (into `_durable` too at the flush)
+        self.places.from_start(name, cursor.stream, uptos)
         return True
-
-    def _map_piece(self, fetch: Fetch, cursor: Cursor, page: Any) -> dict[str, Any] | None:
-        """The numbers the publisher's topics reached (``next``), once whole: a publisher
-        that has many sends them in pieces, in topic order, each but the last with
-        ``"next_from"``, the topic the next piece begins at; the cursor collects them
-        (`map_part`) and asks for the rest (`_page_read`), with the rows kept since (a
-        page of them with ``more`` has no piece). None while more follow. A publisher
-        before pieces sends ``next`` whole. Raises `TypeError`, `ValueError`
-        for a malformed piece (one that does not go on past where it was asked from)."""
-        piece = page.get("next") or {}
-        if type(piece) is not dict:
-            raise TypeError(f"next of type {type(piece).__name__}")
-        if not all(_storable(n) for n in piece.values()):
-            raise ValueError("a number of next that no store gives")
-        rest = page.get("next_from")
-        if rest is None and bool(page["more"]) and cursor.map_from is not None:
-            return None  # (rows kept since the last piece, more of them: the piece comes after them)
-        if rest is None:  # (the pieces are let go once the page is taken whole: `on_page`)
-            return {**cursor.map_part, **piece} if cursor.map_part else piece
-        asked = fetch.request.get("t")
-        if type(rest) is not str or type(asked) is not str or rest <= asked or bool(page["more"]):
-            raise ValueError(f"a piece of next that goes on from {rest!r}, asked from {asked!r}")
-        cursor.map_part.update(piece)
-        cursor.map_from = rest
-        return None
 
     def delivering(self) -> bool:
         """Whether rows of pages wait to be delivered: the driver then calls
@@ -1003,8 +667,8 @@ class Replays:
             cursor.forget_map()
         else:
             cursor.failures, cursor.failing_since = 0, None
-            if cursor.map_from is not None:  # (the rest of ``next``, and the rows kept meanwhile: `_map_piece`)
-                self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, self._rest_of_map(fetch, cursor)))
+            if cursor.map_from is not None:  # (the rest of ``next``, and the rows kept meanwhile: `Cursor.map_piece`)
+                self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, cursor.rest_of_map(fetch.request)))
                 return
             # a look at the numbers alone that finds the history further than the cursor (a
             # frame lost on the way) reads what followed before the frames held are let go:
@@ -1012,14 +676,14 @@ class Replays:
             # (not a look for `tidy_at`: frames kept coming, and those on their way would
             # make the history look further every time, read again for nothing)
             more = more or (fetch.request.get("n") == 0 and not cursor.tidying
-                            and self._behind(cursor, page.get("next") or {}))
+                            and cursor.behind(page.get("next") or {}))
         if more:
             request = {"p": fetch.key[0], "a": cursor.pos, "t": ""}
             self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, request))
             return
         if cursor.tidying:  # (a look at the numbers once the publisher is quiet, as ever: `QUIET_LOOK_S`)
             cursor.tidying = False
-            self._look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
+            self.rereads.look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
         cursor.catching_up, cursor.reading = False, None
         if cursor.left_to_live is not None:  # (rows left to live frames: read again by a later catch-up, if they never came)
             cursor.pos, cursor.left_to_live = min(cursor.pos, cursor.left_to_live), None
@@ -1031,19 +695,7 @@ class Replays:
         while held:
             self._take(fetch.key, cursor.options, cursor, held.popleft(), calls, settled=True, final=error is not None)
         if error is None and not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
-            self._look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
-
-    @staticmethod
-    def _rest_of_map(fetch: Fetch, cursor: Cursor) -> dict[str, Any]:
-        """The request for the next piece of ``next`` after the page of ``fetch``. A look
-        at the numbers alone (``"n": 0``) goes on as one: if pieces read later are further
-        than the cursor, it reads what followed (`_behind`). Otherwise the rows kept since
-        are read with the piece, in one hold of the store, so that no piece is further than
-        the rows the cursor has (a later live frame would take what lies between for
-        missed); ``"s"`` stays, as no row may have come yet."""
-        request = {key: value for key, value in fetch.request.items() if key in ("p", "n", "s")}
-        request["a"], request["t"] = cursor.pos, cursor.map_from
-        return request
+            self.rereads.look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
 
     def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
         """Whether a failed read of a history is to be tried again (`FETCH_RETRIES_S` while
@@ -1066,7 +718,7 @@ class Replays:
             log.info("reading the history of stream %s failed (%s): trying again in %.1f s",
                      fetch.stream[:8], error, delay)
         cursor.failing_since = since
-        self._retries[(fetch.key, fetch.stream)] = (now + delay, fetch)
+        self.rereads.retry_at((fetch.key, fetch.stream), now + delay, fetch)
         return True
 
     def _starts(self, cursor: Cursor, starts: dict[str, Any]) -> None:
@@ -1079,7 +731,7 @@ class Replays:
         numbering the history dropped before the subscription read it cannot be counted:
         the publisher no longer knows how much that was.)"""
         for topic, start in starts.items():
-            if not _storable(start):
+            if not storable(start):
                 raise ValueError(f"a start of {start!r}")
             expected = cursor.next.get(topic)
             if expected is None:
@@ -1116,60 +768,21 @@ class Replays:
         for topic in [t for t in cursor.kept_next if t not in numbered]:
             del cursor.kept_next[topic]
         name = cursor.options.durable_name
-        if gone and name is not None and self.store is not None:
-            gone = self._forget_stored(name, cursor, gone)
+        if gone and name is not None and self.places is not None:
+            gone = self.places.forget_topics(name, cursor.stream, gone, cursor.pos)
         for topic in gone:
             cursor.next.pop(topic, None)
             cursor.upto.pop(topic, None)
-        cursor.tidy_at = max(CURSOR_TOPICS, 2 * len(cursor.next))
+        cursor.plan_tidy()
         if gone:
             self.stats.add("pubsub", "cursor_topics_forgotten", len(gone))
-
-    def _forget_stored(self, name: str, cursor: Cursor, topics: list[str]) -> list[str]:
-        """Forget the stored places of the durable subscription ``name`` in ``topics``
-        (`_forget_topics`); the topics forgotten."""
-        stream = cursor.stream
-        self.flush()
-        topics = [t for t in topics if (name, stream, t) not in self._pending]
-        stored = self._durable.get(name, {}).get(stream, {})
-        doomed = {t for t in topics if t in stored}
-        left = [pos for t, (_seq, _upto, pos) in stored.items() if t not in doomed]
-        if doomed and (not left or min(left) > cursor.pos):  # (the stream's place stays)
-            keep = max(doomed, key=lambda t: stored[t][2])
-            doomed.discard(keep)
-            topics.remove(keep)
-            seq, upto, pos = stored[keep]
-            if pos > cursor.pos:
-                self._dirty[(name, stream, keep)] = [seq, upto, cursor.pos]
-                self.flush()
-        if doomed:
-            try:
-                self.store.cursors.forget(name, stream, sorted(doomed))  # type: ignore[union-attr]
-            except Exception as exc:  # (kept, in memory too: forgotten at a later look)
-                log.error("cannot forget where durable subscriptions were in topics no longer numbered: %s", exc)
-                return [t for t in topics if t not in doomed]
-            for topic in doomed:
-                del stored[topic]
-        return topics
-
-    @staticmethod
-    def _behind(cursor: Cursor, reached: dict[str, Any]) -> bool:
-        """Whether the publisher's topics reached further than ``cursor`` delivered (a topic
-        it never saw counts only if the cursor follows its topics from their start)."""
-        for topic, upto in reached.items():
-            expected = cursor.next.get(topic)
-            if expected is None and not cursor.from_start:
-                continue
-            if isinstance(upto, int) and upto > (expected or 0):
-                return True
-        return False
 
     def _replay_row(self, key: Key, options: SubscribeOptions, cursor: Cursor, row: list[Any],
                     calls: list[Call]) -> None:
         pos, topic, seq, count, ts, payload, meta = row
         if not isinstance(topic, str) or not topic.startswith(key[0]):
             return
-        if not (_storable(pos) and _storable(seq) and type(count) is int):
+        if not (storable(pos) and storable(seq) and type(count) is int):
             raise ValueError(f"a row at position {pos!r} numbered {seq!r} ({count!r} messages), which no store gives")
         cursor.pos = max(cursor.pos, pos)
         expected = cursor.next.get(topic)
@@ -1184,7 +797,7 @@ class Replays:
             if seq + count <= expected:
                 return
         items = self.codec.decode_batch(payload)
-        if not _storable(seq + len(items)):
+        if not storable(seq + len(items)):
             raise ValueError(f"a row of {len(items)} messages numbered from {seq!r}, which no store gives")
         headers = None
         if meta:
@@ -1242,6 +855,9 @@ class Replays:
         if origin is None or origin.stem != stem or origin.first != seq:
             origin = Origin(stem, seq, origin.timestamp if origin else None, origin.headers if origin else None)
         name = options.durable_name
+        pending = None
+        if name is not None and self.places is not None and skip < len(items):
+            pending = self.places.pending(name, cursor.stream, topic)
         upto = cursor.upto.get(topic, -1)
         lookup = self.directory.lookup_peer
         for index in range(skip, len(items)):
@@ -1252,12 +868,12 @@ class Replays:
             if number <= upto:
                 msg.redelivered = True  # perhaps handled before a crash
             mark = None
-            if name is not None:
+            if pending is not None:
                 # the history position to resume from once this message is handled: its row's
                 # (the one before, while the row has more after it); a live message, the last replayed
                 at = cursor.pos if pos is None else (pos if index == len(items) - 1 else pos - 1)
-                mark = CursorMark(name, cursor.stream, topic, number, at)
-                self._pending.setdefault((name, cursor.stream, topic), deque()).append(number)
+                mark = CursorMark(name, cursor.stream, topic, number, at)  # type: ignore[arg-type]
+                pending.append(number)
             calls.append(Call(key[1], msg, mark, "pubsub"))
         if skip >= len(items):
             return  # all had been delivered
@@ -1267,108 +883,19 @@ class Replays:
 
     # -- durable subscriptions ----------------------------------------------------------------
 
-    def _stored(self, name: str | None, stream: str) -> dict[str, tuple[int, int, int]]:
-        if name is None or self.store is None:
-            return {}
-        if name not in self._durable:
-            self._durable[name], damaged = self.store.cursors.load_counting(name)
-            if damaged:  # (once per name and start: no flood)
-                self.stats.reject("store_damaged", damaged)
-                log.error("durable subscription %r: %d stored place(s) damaged (counted in "
-                          "rejected.store_damaged): those topics are read again from the start of the history "
-                          "(a place whose topic or stream cannot be read: the streams it may be of)",
-                          name, damaged)
-            self._runs[name] = self.store.cursors.load_runs(name)
-            self._followed[name] = dict.fromkeys([*self._durable[name], *self._runs[name]])
-        return self._durable[name].get(stream, {})
-
     def before_handling(self, calls: list[Call]) -> None:
         """Record, before a burst is handled, the highest number each durable subscription
-        reaches in it (a crash then redelivers up to there, marked)."""
-        reached: dict[tuple[str, str, str], int] = {}
-        for call in calls:
-            mark = call.route
-            if isinstance(mark, CursorMark):
-                reached[(mark.name, mark.stream, mark.topic)] = mark.seq
-        if not reached:
-            return
-        for key, seq in reached.items():
-            state = self._dirty.get(key) or self._saved(*key)
-            state[1] = max(state[1], seq)  # (the position moves only with what was handled)
-            self._dirty[key] = state
-        self.flush()
+        reaches in it (a crash then redelivers up to there, marked: `DurablePlaces`)."""
+        if self.places is not None:
+            self.places.before_handling(calls)
 
     def handled(self, mark: CursorMark) -> None:
         """A durable subscription's handler finished with a message (whatever the outcome)."""
-        key = (mark.name, mark.stream, mark.topic)
-        pending = self._pending.get(key)
-        if not pending:
-            return
-        # handlers may finish out of order (a pool), and a number may be pending twice: handed
-        # out again by a cursor made anew (a subscription dropped and made again) while the
-        # first delivery was being handled. So finishes are counted, each taking one entry,
-        # and the place recorded never goes back.
-        finished = self._finished.setdefault(key, {})
-        finished[mark.seq] = finished.get(mark.seq, 0) + 1
-        last = None
-        while pending and pending[0] in finished:
-            last = pending.popleft()
-            if finished[last] == 1:
-                del finished[last]
-            else:
-                finished[last] -= 1
-        if not pending:  # (each number finished took its entry: none is left over)
-            del self._pending[key], self._finished[key]
-        if last is not None:
-            state = self._dirty.get(key) or self._saved(*key)
-            state[0], state[2] = max(state[0], last), max(state[2], mark.pos)
-            self._dirty[key] = state
+        if self.places is not None:
+            self.places.handled(mark)
 
     def flush(self) -> None:
         """Commit what the durable subscriptions handled since the last flush."""
-        if not self._dirty and not self._dirty_runs:
-            return
-        dirty, self._dirty = self._dirty, {}
-        runs, self._dirty_runs = self._dirty_runs, {}
-        for (name, stream), run in runs.items():
-            self._runs.setdefault(name, {})[stream] = run
-        rows = []
-        for (name, stream, topic), (seq, upto, pos) in dirty.items():
-            rows.append((name, stream, topic, seq, max(upto, seq), pos))
-            self._durable.setdefault(name, {}).setdefault(stream, {})[topic] = (seq, max(upto, seq), pos)
-        for name, stream in {*runs, *((name, stream) for name, stream, _topic in dirty)}:  # (once a stream)
-            self._touch(name, stream)
-        self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()])
+        if self.places is not None:
+            self.places.flush()
 
-    def _saved(self, name: str, stream: str, topic: str) -> list[int]:
-        seq, upto, pos = self._durable.get(name, {}).get(stream, {}).get(topic, (-1, -1, 0))
-        return [seq, upto, pos]
-
-    def _save(self, rows: list[tuple[str, str, str, int, int, int]], runs: list[tuple[str, str, str]]) -> None:
-        """Record ``rows`` and ``runs`` (`Cursors.save`). A store that refuses (full, failing)
-        is counted (``stats()["pubsub"]["durable_record_failed"]``) and logged at most every
-        `RECORD_FAILED_LOG_S` (before, once per burst of handlers: 92 errors in 2 s for a
-        store full at 20,000 topics): a subscriber restarted then resumes from the place
-        recorded before, and gets again what it handled since, not all of it marked
-        ``redelivered`` (the highest numbers reached were not recorded either); nothing is
-        skipped."""
-        if self.store is None:
-            return
-        try:
-            self.store.cursors.save(rows, runs)
-        except Exception as exc:
-            self.stats.add("pubsub", "durable_record_failed")
-            said = self._record_failed_log.due()
-            if said:
-                log.error("cannot record where durable subscriptions are (%d time(s) since the last such line; "
-                          "counted in pubsub.durable_record_failed; said again at most every %g s): %s; restarted, "
-                          "a subscriber gets again what it handled since its place was last recorded",
-                          said, RECORD_FAILED_LOG_S, exc)
-
-
-def _storable(value: Any) -> bool:
-    """Whether ``value`` is a position or number a store holds (an int from 0 to 2**63 - 1).
-    No publisher gives one past it: in a peer's page or frame it is a lie, and taken as a
-    durable subscription's place it made every record of its places fail, those of other
-    streams with it."""
-    return type(value) is int and 0 <= value <= _MAX_NUMBER

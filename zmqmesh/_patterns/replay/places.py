@@ -1,0 +1,333 @@
+"""Where durable subscriptions are, per name, publisher stream and topic: loaded from the
+node's store, moved as handlers finish, and written back (`DurablePlaces`).
+
+A durable subscription keeps, in the node's store, the last number handled per publisher
+stream and topic, so that a restarted subscriber resumes right after it. Before a burst
+is handled the highest number it reaches is recorded too: after a crash, messages up to
+it are delivered again marked ``redelivered`` (they may have been handled). A name keeps
+its places in at most `MAX_DURABLE_STREAMS` streams: past them, those in the streams of
+publishers gone make way for a new one (`DurablePlaces.room`). It also keeps the run
+(store opening) of each stream's publisher it followed last (`Replays._check_run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from ..._stats import LogThrottle, Stats
+from ..calls import Call, CursorMark
+from .cursor import Cursor, Key
+
+if TYPE_CHECKING:
+    from ..._store.store import Store
+
+__all__ = ["DurablePlaces", "FORGET_RETRY_S", "FORGOTTEN_LOG_S", "MAX_DURABLE_STREAMS", "RECORD_FAILED_LOG_S"]
+
+log = logging.getLogger("zmqmesh.replay")
+
+MAX_DURABLE_STREAMS = 4_096
+"""Publisher streams a durable subscription name keeps its places in (in memory and in its
+store). A new stream past them makes the places in the streams of publishers not present
+go, least recently followed first (`DurablePlaces.room`): each run of a publisher on a
+fresh store is a new stream, and a long-lived subscriber kept every one it met for good
+(10 runs left 10 streams' places, 20 left 20). If too few can go, the new stream's frames
+are delivered plainly, counted (``rejected["durable_streams_full"]``)."""
+FORGOTTEN_LOG_S = 10.0
+"""Streams whose places a durable subscription forgot are logged at most this often (and
+so is a store's refusal to forget them)."""
+FORGET_RETRY_S = 1.0
+"""After a store refused to forget the places of streams gone (`DurablePlaces.room`),
+how long new streams past the bound are delivered plainly before it is asked again (not
+once per frame: a frame of such a stream asks for room each time)."""
+RECORD_FAILED_LOG_S = 10.0
+"""A store that refuses to record where durable subscriptions are (full: ``store_max_bytes``
+or the disk) is logged at most this often (each refusal is counted all the same)."""
+
+Place = tuple[int, int, int]  # (the last number handled, the highest perhaps handled, the history position)
+Mark = tuple[str, str, str]  # (name, stream, topic)
+
+
+class DurablePlaces:
+    """The places of the durable subscriptions of one node, over its store (the inbox's
+    thread only)."""
+
+    def __init__(self, store: Store, stats: Stats) -> None:
+        self.store = store
+        self.stats = stats
+        self._places: dict[str, dict[str, dict[str, Place]]] = {}  # name -> stream -> topic -> place (as stored)
+        self._dirty: dict[Mark, list[int]] = {}  # -> [seq, upto, pos], to be written at the next `flush`
+        self._runs: dict[str, dict[str, str]] = {}  # name -> stream -> the publisher run followed last (stored)
+        self._dirty_runs: dict[tuple[str, str], str] = {}
+        # name -> the streams it keeps places in (stored, written, or followed), least recently
+        # followed first: those loaded from the store, then in the order last written or followed
+        self._followed: dict[str, dict[str, None]] = {}
+        self._forgotten_log = LogThrottle(FORGOTTEN_LOG_S)  # (`room`)
+        self._forget_refused_log = LogThrottle(FORGOTTEN_LOG_S)
+        self._forget_refused_until = 0.0  # (monotonic: the store refused to forget streams, `room`)
+        self._record_failed_log = LogThrottle(RECORD_FAILED_LOG_S)  # (`_save`)
+        # the numbers handed out and not yet handled, in order; and of those, the ones handled
+        # ahead of the first (how many times each: `handled`)
+        self._pending: dict[Mark, deque[int]] = {}
+        self._finished: dict[Mark, dict[int, int]] = {}
+
+    # -- reading --------------------------------------------------------------------------
+
+    def stored(self, name: str, stream: str) -> dict[str, Place]:
+        """The places of ``name`` in ``stream``, per topic, as last written (loaded from the
+        store the first time ``name`` is asked for; damaged rows are counted,
+        ``rejected["store_damaged"]``, and logged once). Raises `StoreError` if they cannot
+        be loaded."""
+        if name not in self._places:
+            self._places[name], damaged = self.store.cursors.load_counting(name)
+            if damaged:  # (once per name and start: no flood)
+                self.stats.reject("store_damaged", damaged)
+                log.error("durable subscription %r: %d stored place(s) damaged (counted in "
+                          "rejected.store_damaged): those topics are read again from the start of the history "
+                          "(a place whose topic or stream cannot be read: the streams it may be of)",
+                          name, damaged)
+            self._runs[name] = self.store.cursors.load_runs(name)
+            self._followed[name] = dict.fromkeys([*self._places[name], *self._runs[name]])
+        return self._places[name].get(stream, {})
+
+    def known(self, name: str, stream: str) -> bool:
+        """Whether ``name`` has a record of ``stream`` (loaded by `stored` first), if only a
+        stream listed with no place in any topic (its rows were damaged:
+        `Cursors.load_counting`)."""
+        return stream in self._places.get(name, {})
+
+    def run(self, name: str, stream: str) -> str | None:
+        """The run of the publisher of ``stream`` that ``name`` followed last, as written."""
+        return self._runs.get(name, {}).get(stream)
+
+    def streams(self, name: str) -> dict[str, dict[str, Place]]:
+        """The places of ``name`` in memory, per stream and topic (as last written)."""
+        return self._places.get(name, {})
+
+    def runs(self, name: str) -> dict[str, str]:
+        """The run followed last in each stream of ``name``, in memory (as last written)."""
+        return self._runs.get(name, {})
+
+    def followed(self, name: str) -> list[str]:
+        """The streams ``name`` keeps places in, least recently followed first."""
+        return list(self._followed.get(name, {}))
+
+    def runs_to_write(self) -> dict[tuple[str, str], str]:
+        """The runs followed since the last `flush`, per (name, stream): written by it."""
+        return dict(self._dirty_runs)
+
+    # -- what a stream of a name is at ---------------------------------------------------------
+
+    def follow_run(self, name: str, stream: str, run: str) -> None:
+        """Record, at the next `flush`, that ``name`` follows ``run`` of ``stream``'s publisher."""
+        self._dirty_runs[(name, stream)] = run
+
+    def touch(self, name: str, stream: str) -> None:
+        """Count ``stream`` as the one the durable subscription ``name`` followed last."""
+        followed = self._followed.setdefault(name, {})
+        followed.pop(stream, None)
+        followed[stream] = None
+
+    def room(self, name: str, stream: str, present: set[str], cursors: Mapping[tuple[Key, str], Cursor],
+             forget: Callable[[tuple[Key, str]], None]) -> bool:
+        """Whether the durable subscription ``name`` may follow ``stream`` (it then counts as
+        followed last), within `MAX_DURABLE_STREAMS` streams: for a new one past them, the
+        places in as many streams as it takes go, least recently followed first (streams
+        loaded from the store and not followed since are the oldest), of those whose
+        publisher is not ``present``, that no cursor of ``name`` is reading (catching up:
+        ``cursors``, all of the node's), and with no message being handled. They go from
+        memory, with their cursors (``forget``), and from the store, in one transaction;
+        counted (``rejected["durable_streams_forgotten"]``) and logged at most every
+        `FORGOTTEN_LOG_S`. A publisher of one that comes back is followed as a new stream,
+        as the subscription's ``replay`` says. False, nothing forgotten, if too few can go
+        or the store refuses (logged at most every `FORGOTTEN_LOG_S`, and not asked again
+        for `FORGET_RETRY_S`). Raises `StoreError` if the places of ``name`` cannot be
+        loaded."""
+        self.stored(name, stream)  # (loaded, if they were not)
+        followed = self._followed.setdefault(name, {})
+        over = len(followed) + 1 - MAX_DURABLE_STREAMS
+        if stream in followed or over <= 0:
+            self.touch(name, stream)
+            return True
+        if time.monotonic() < self._forget_refused_until:
+            return False  # (the store refused a moment ago: not asked again per frame)
+        handling = {s for n, s, _topic in self._pending if n == name}
+        candidates = [s for s in followed if s not in present and s not in handling]
+        if len(candidates) < over:
+            return False
+        reading: set[str] = set()
+        places: dict[str, list[tuple[Key, str]]] = {}
+        for place, cursor in cursors.items():
+            if cursor.options.durable_name == name:
+                if cursor.catching_up:
+                    reading.add(place[1])
+                else:
+                    places.setdefault(place[1], []).append(place)
+        doomed = [s for s in candidates if s not in reading][:over]
+        if len(doomed) < over:
+            return False
+        try:
+            self.store.cursors.forget_streams(name, doomed)
+        except Exception as exc:  # (kept, in memory too: the new stream is delivered plainly)
+            self._forget_refused_until = time.monotonic() + FORGET_RETRY_S
+            refused = self._forget_refused_log.due()
+            if refused:
+                log.error("cannot forget where the durable subscription %r was in streams of publishers gone: %s "
+                          "(%d time(s); said again at most every %g s)", name, exc, refused, FORGOTTEN_LOG_S)
+            return False
+        gone = set(doomed)
+        stored, runs = self._places.get(name, {}), self._runs.get(name, {})
+        for s in doomed:
+            del followed[s]
+            stored.pop(s, None)
+            runs.pop(s, None)
+            for place in places.get(s, ()):
+                forget(place)
+        for mark in [m for m in self._dirty if m[0] == name and m[1] in gone]:  # (never written back)
+            del self._dirty[mark]
+        for place_run in [p for p in self._dirty_runs if p[0] == name and p[1] in gone]:
+            del self._dirty_runs[place_run]
+        self.stats.reject("durable_streams_forgotten", len(doomed))
+        said = self._forgotten_log.due(len(doomed))
+        if said:
+            log.warning("forgot where durable subscriptions were in %d stream(s) of publishers not present (the last "
+                        "of %r, past its %d streams; counted in rejected.durable_streams_forgotten, said again at "
+                        "most every %g s): a publisher of one that comes back is followed afresh, as replay says",
+                        said, name, MAX_DURABLE_STREAMS, FORGOTTEN_LOG_S)
+        followed[stream] = None
+        return True
+
+    def from_start(self, name: str, stream: str, uptos: dict[str, int]) -> None:
+        """Record that ``name`` reads the topics of ``uptos`` of ``stream`` again from the
+        start of the history, what is numbered up to each marked redelivered: its finishes
+        still pending no longer move those places (written at the next `flush`)."""
+        self.stored(name, stream)  # (loaded, if it was not)
+        for topic, upto in uptos.items():
+            mark = (name, stream, topic)
+            self._pending.pop(mark, None)
+            self._finished.pop(mark, None)
+            self._dirty[mark] = [-1, upto, 0]  # (into `_places` too at the flush)
+
+    def forget_topics(self, name: str, stream: str, topics: list[str], pos: int) -> list[str]:
+        """Forget the stored places of ``name`` in ``topics`` of ``stream`` (the cursor,
+        at history position ``pos``, forgets them: `Replays._forget_topics`), flushed
+        first; the topics forgotten. Those with messages still being handled stay (their
+        place still moves), and so does one that holds the stream's place if no other row
+        would (its position lowered to ``pos`` if past it): a restarted subscription reads
+        on from the lowest position kept, and a stream with no row left would start
+        afresh. A store that refuses is logged: the topics stay, forgotten at a later look."""
+        self.flush()
+        topics = [t for t in topics if (name, stream, t) not in self._pending]
+        stored = self._places.get(name, {}).get(stream, {})
+        doomed = {t for t in topics if t in stored}
+        left = [place for t, (_seq, _upto, place) in stored.items() if t not in doomed]
+        if doomed and (not left or min(left) > pos):  # (the stream's place stays)
+            keep = max(doomed, key=lambda t: stored[t][2])
+            doomed.discard(keep)
+            topics.remove(keep)
+            seq, upto, at = stored[keep]
+            if at > pos:
+                self._dirty[(name, stream, keep)] = [seq, upto, pos]
+                self.flush()
+        if doomed:
+            try:
+                self.store.cursors.forget(name, stream, sorted(doomed))
+            except Exception as exc:  # (kept, in memory too: forgotten at a later look)
+                log.error("cannot forget where durable subscriptions were in topics no longer numbered: %s", exc)
+                return [t for t in topics if t not in doomed]
+            for topic in doomed:
+                del stored[topic]
+        return topics
+
+    # -- handling -------------------------------------------------------------------------
+
+    def pending(self, name: str, stream: str, topic: str) -> deque[int]:
+        """The numbers of ``topic`` handed to ``name``'s handler and not yet `handled`, in
+        order: the caller appends each it hands out (its place moves once it and those
+        before it are handled)."""
+        return self._pending.setdefault((name, stream, topic), deque())
+
+    def before_handling(self, calls: Iterable[Call]) -> None:
+        """Record, before a burst is handled, the highest number each durable subscription
+        reaches in it (a crash then redelivers up to there, marked)."""
+        reached: dict[Mark, int] = {}
+        for call in calls:
+            mark = call.route
+            if isinstance(mark, CursorMark):
+                reached[(mark.name, mark.stream, mark.topic)] = mark.seq
+        if not reached:
+            return
+        for key, seq in reached.items():
+            state = self._dirty.get(key) or self._saved(*key)
+            state[1] = max(state[1], seq)  # (the position moves only with what was handled)
+            self._dirty[key] = state
+        self.flush()
+
+    def handled(self, mark: CursorMark) -> None:
+        """A durable subscription's handler finished with a message (whatever the outcome)."""
+        key = (mark.name, mark.stream, mark.topic)
+        pending = self._pending.get(key)
+        if not pending:
+            return
+        # handlers may finish out of order (a pool), and a number may be pending twice: handed
+        # out again by a cursor made anew (a subscription dropped and made again) while the
+        # first delivery was being handled. So finishes are counted, each taking one entry,
+        # and the place recorded never goes back.
+        finished = self._finished.setdefault(key, {})
+        finished[mark.seq] = finished.get(mark.seq, 0) + 1
+        last = None
+        while pending and pending[0] in finished:
+            last = pending.popleft()
+            if finished[last] == 1:
+                del finished[last]
+            else:
+                finished[last] -= 1
+        if not pending:  # (each number finished took its entry: none is left over)
+            del self._pending[key], self._finished[key]
+        if last is not None:
+            state = self._dirty.get(key) or self._saved(*key)
+            state[0], state[2] = max(state[0], last), max(state[2], mark.pos)
+            self._dirty[key] = state
+
+    def flush(self) -> None:
+        """Commit what the durable subscriptions handled, and the runs they followed, since
+        the last flush (a store that refuses: `_save`)."""
+        if not self._dirty and not self._dirty_runs:
+            return
+        dirty, self._dirty = self._dirty, {}
+        runs, self._dirty_runs = self._dirty_runs, {}
+        for (name, stream), run in runs.items():
+            self._runs.setdefault(name, {})[stream] = run
+        rows = []
+        for (name, stream, topic), (seq, upto, pos) in dirty.items():
+            rows.append((name, stream, topic, seq, max(upto, seq), pos))
+            self._places.setdefault(name, {}).setdefault(stream, {})[topic] = (seq, max(upto, seq), pos)
+        for name, stream in {*runs, *((name, stream) for name, stream, _topic in dirty)}:  # (once a stream)
+            self.touch(name, stream)
+        self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()])
+
+    def _saved(self, name: str, stream: str, topic: str) -> list[int]:
+        seq, upto, pos = self._places.get(name, {}).get(stream, {}).get(topic, (-1, -1, 0))
+        return [seq, upto, pos]
+
+    def _save(self, rows: list[tuple[str, str, str, int, int, int]], runs: list[tuple[str, str, str]]) -> None:
+        """Record ``rows`` and ``runs`` (`Cursors.save`). A store that refuses (full, failing)
+        is counted (``stats()["pubsub"]["durable_record_failed"]``) and logged at most every
+        `RECORD_FAILED_LOG_S` (before, once per burst of handlers: 92 errors in 2 s for a
+        store full at 20,000 topics): a subscriber restarted then resumes from the place
+        recorded before, and gets again what it handled since, not all of it marked
+        ``redelivered`` (the highest numbers reached were not recorded either); nothing is
+        skipped."""
+        try:
+            self.store.cursors.save(rows, runs)
+        except Exception as exc:
+            self.stats.add("pubsub", "durable_record_failed")
+            said = self._record_failed_log.due()
+            if said:
+                log.error("cannot record where durable subscriptions are (%d time(s) since the last such line; "
+                          "counted in pubsub.durable_record_failed; said again at most every %g s): %s; restarted, "
+                          "a subscriber gets again what it handled since its place was last recorded",
+                          said, RECORD_FAILED_LOG_S, exc)
