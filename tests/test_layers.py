@@ -1087,9 +1087,10 @@ def history_publisher(id_byte: str) -> PeerState:
     return peer
 
 
-def replaying(*present: PeerState) -> tuple[Any, list[Any], Directory, Stats]:
+def replaying(*present: PeerState, store: Any = None) -> tuple[Any, list[Any], Directory, Stats]:
     """The replays of one subscription to "t." (``replay="all"``) of a node that sees
-    ``present``: ``(replays, the fetches they ask for, the directory, the stats)``."""
+    ``present`` (and has ``store``, if given): ``(replays, the fetches they ask for, the
+    directory, the stats)``."""
     from zmqmesh._mesh.registry import Registry, SubscribeOptions
     from zmqmesh._patterns import replay
 
@@ -1104,7 +1105,7 @@ def replaying(*present: PeerState) -> tuple[Any, list[Any], Directory, Stats]:
     registry.set_subscribe_options("t.", handle, SubscribeOptions(replay="all"))
     fetches: list[replay.Fetch] = []
     replays = replay.Replays(registry=registry, directory=directory, codec=_HISTORY_CODEC, stats=stats,
-                             store=None, fetch=fetches.append)
+                             store=store, fetch=fetches.append)
     return replays, fetches, directory, stats
 
 
@@ -1488,17 +1489,15 @@ def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of
     number is then pending twice, and handled twice, in any order. Its place must still
     move on with what is handled, and never back."""
     from zmqmesh._mesh.registry import SubscribeOptions
-    from zmqmesh._patterns.replay.places import DurablePlaces
     from zmqmesh._store.store import Store
 
     publisher = history_publisher("bb")
-    replays, fetches, *_ = replaying(publisher)
+    store = Store(str(tmp_path))
+    replays, fetches, *_ = replaying(publisher, store=store)
     registry = replays.registry
     (key, _options), = registry.replays.items()
     registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
-    store = Store(str(tmp_path))
     try:
-        replays.places = DurablePlaces(store, replays.stats)
         first: list[Any] = []
         replays.sync(first)
         replays.on_page(fetches[-1], history_page(0, 5), None, first)
@@ -1608,16 +1607,15 @@ def test_a_stream_still_catching_up_never_makes_way_for_a_new_one(monkeypatch: p
 
 
 def _durable_and_read(replays: Any, store: Any, fetches: list[Any]) -> list[Any]:
-    """Make the one replaying subscription of ``replays`` durable (name ``d``) in ``store``,
-    and have it read its first publisher's history of 3: the calls handed out for them (the
-    store holds the place they reach as upto)."""
+    """Make the one replaying subscription of ``replays`` (made with ``store``) durable
+    (name ``d``), and have it read its first publisher's history of 3: the calls handed out
+    for them (the store holds the place they reach as upto)."""
     from zmqmesh._mesh.registry import SubscribeOptions
-    from zmqmesh._patterns.replay.places import DurablePlaces
 
+    assert replays.places is not None and replays.places.store is store
     registry = replays.registry
     (key, _options), = registry.replays.items()
     registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
-    replays.places = DurablePlaces(store, replays.stats)
     handed: list[Any] = []
     replays.sync(handed)
     replays.on_page(fetches[-1], history_page(0, 3), None, handed)
@@ -1644,9 +1642,9 @@ def test_a_durable_subscription_forgets_only_streams_gone_idle_and_never_writes_
         peer.headers = {frames.HEADER["stream"]: stream, frames.HEADER["runs"]: run}
         publishers.append(peer)
     first, second, third = publishers
-    replays, fetches, directory, stats = replaying(first)
-    registry = replays.registry
     store = Store(str(tmp_path))
+    replays, fetches, directory, stats = replaying(first, store=store)
+    registry = replays.registry
     try:
         handed = _durable_and_read(replays, store, fetches)
         assert set(store.cursors.load("d")) == {"s1"} and store.cursors.load_runs("d") == {"s1": "a1"}
@@ -1699,9 +1697,9 @@ def test_a_store_that_refuses_to_forget_streams_is_logged_once_not_per_frame(
     monkeypatch.setattr(places_module, "MAX_DURABLE_STREAMS", 1)
     first, second = history_publisher("b1"), history_publisher("b2")
     second.headers = {frames.HEADER["stream"]: "s2"}
-    replays, fetches, directory, stats = replaying(first)
-    registry = replays.registry
     store = Store(str(tmp_path))
+    replays, fetches, directory, stats = replaying(first, store=store)
+    registry = replays.registry
     try:
         handed = _durable_and_read(replays, store, fetches)
         for call in handed:

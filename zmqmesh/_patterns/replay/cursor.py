@@ -78,7 +78,7 @@ class Cursor:
         self.held_count = 0
         self.held_bytes = 0  # the bytes of the frames held (`MAX_HELD_BYTES`)
         self.held_topics: dict[str, list[HeldFrame]] = {}  # the frames held, by topic, in order
-        self.left_to_live: int | None = None  # the position before the first row left to live frames (`_replay_row`)
+        self.left_to_live: int | None = None  # the position before the first row left to live frames (`Delivery.row`)
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
         self.from_start = from_start  # a topic seen first mid-stream has missed its start
         self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
