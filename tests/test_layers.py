@@ -1362,6 +1362,46 @@ def test_a_replay_reads_the_history_again_until_a_live_message_comes_and_once_a_
     assert len(fetches) == 5 and not replays.waiting()
 
 
+def test_live_messages_of_a_topic_still_coming_while_a_small_history_is_read_are_not_taken_for_missed() -> None:
+    """A subscriber catching up holds the live frames of a publisher's topic "t.y" (10 to 19),
+    while those of its topic "t.x" (10 to 19 too) are still on their way; the page read
+    meanwhile has only the last 5 of each (its history keeps 5 a topic). "t.x"'s rows, past
+    the number expected and published after a message that came live, are left to the live
+    frames: all 10 of each topic are delivered, 10 of each counted missed (published before
+    the subscriber came, and dropped from the history). (Before, "t.x"'s rows were
+    delivered, the 15 before them counted missed, and its live frames 10 to 14 dropped as
+    delivered when they came: one churn run in 34 counted 647 live messages missed so.)"""
+    publisher = history_publisher("bb")
+    replays, fetches, _directory, stats = replaying(publisher)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+    replays.sync(calls)
+    for n in range(10, 20):
+        replays.live("t.y", n, [f"y{n}"], None, publisher.id, subscriptions, calls)
+    assert not calls and len(fetches) == 1, "held while the first page is read"
+    rows = []
+    for n in range(15, 20):  # (in the order they were published: a position each)
+        for topic in ("t.y", "t.x"):
+            rows.append([len(rows) + 31, topic, n, 1, time.time(), _HISTORY_CODEC.encode(f"{topic[-1]}{n}"), None])
+    page = {"rows": rows, "more": False, "next": {"t.x": 20, "t.y": 20}}
+    replays.on_page(fetches[-1], page, None, calls)
+    while replays.delivering():
+        replays.deliver_pages(calls)
+    for n in range(10, 20):  # the frames on their way come
+        replays.live("t.x", n, [f"x{n}"], None, publisher.id, subscriptions, calls)
+    for fetch in fetches[1:]:  # (read again from before the rows left to them)
+        assert fetch.request["a"] < rows[1][0]
+        replays.on_page(fetch, {"rows": [r for r in rows if r[0] > fetch.request["a"]], "more": False,
+                                "next": {"t.x": 20, "t.y": 20}}, None, calls)
+        while replays.delivering():
+            replays.deliver_pages(calls)
+    got = [(call.arg.topic, call.arg.data, call.arg.gap) for call in calls]
+    assert [(t, d) for t, d, _gap in got if t == "t.y"] == [("t.y", f"y{n}") for n in range(10, 20)]
+    assert [(t, d) for t, d, _gap in got if t == "t.x"] == [("t.x", f"x{n}") for n in range(10, 20)], got
+    assert [(t, gap) for t, _d, gap in got if gap] == [("t.y", 10), ("t.x", 10)]
+    assert stats.snapshot()["pubsub"].get("gap") == 20
+
+
 def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live_frames_after_it() -> None:
     """A page may hold tens of thousands of messages: they go into the calls at most
     `PAGE_BURST` at a time, a frame never cut (one that would take a burst past it opens

@@ -61,7 +61,7 @@ class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
     __slots__ = ("stream", "node_id", "earlier", "kept", "options", "catching_up", "next", "pos", "held",
-                 "held_count", "held_bytes", "held_topics", "left_to_live", "upto", "from_start", "kept_next",
+                 "held_count", "held_bytes", "held_topics", "live_pos", "left_to_live", "upto", "from_start", "kept_next",
                  "live_seen", "tail_looks", "away", "failures", "failing_since",
                  "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
 
@@ -78,7 +78,10 @@ class Cursor:
         self.held_count = 0
         self.held_bytes = 0  # the bytes of the frames held (`MAX_HELD_BYTES`)
         self.held_topics: dict[str, list[HeldFrame]] = {}  # the frames held, by topic, in order
-        self.left_to_live: int | None = None  # the position before the first row left to live frames (`Delivery.row`)
+        # the position of the first row of the pages read in this catch-up that holds a message
+        # held live (published after the subscription reached the publisher: `Delivery.row`)
+        self.live_pos: int | None = None
+        self.left_to_live: int | None = None  # the position before the first row left to live frames (`leave_to_live`)
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
         self.from_start = from_start  # a topic seen first mid-stream has missed its start
         self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
@@ -127,8 +130,14 @@ class Cursor:
         ``more`` False: hold none any more (the history has them)."""
         held = self.held
         self.held, self.held_count, self.held_bytes = deque() if more else None, 0, 0
-        self.held_topics = {}
+        self.held_topics, self.live_pos = {}, None
         return held
+
+    def leave_to_live(self, pos: int) -> None:
+        """Leave the row at history position ``pos`` to the live frames, which are coming
+        with it: once the catch-up ends, the cursor's position goes back to before it, so
+        that a later catch-up reads it again in case they never came."""
+        self.left_to_live = pos - 1 if self.left_to_live is None else min(self.left_to_live, pos - 1)
 
     def forget_map(self) -> None:
         """Let go of the pieces of ``next`` read so far (`map_piece`)."""

@@ -40,12 +40,15 @@ class Delivery:
         self.directory = directory
         self.places = places
 
-    def row(self, key: Key, options: SubscribeOptions, cursor: Cursor, row: list[Any],
-                    calls: list[Call]) -> None:
+    def row(self, key: Key, options: SubscribeOptions, cursor: Cursor, row: list[Any], calls: list[Call]) -> None:
         """Deliver a page's ``row`` (``[pos, topic, seq, count, ts, payload, meta]``) of
         the subscription ``key``: the messages of it the cursor has not had, the held live
         frames of its topic that come before it first (`_fill_from_held`); a row of another
-        prefix is passed over. Raises `ValueError` for a row numbered past what a store
+        prefix is passed over. A row past the number expected, of a topic of which no live
+        frame is held, published after a message that came live (`Cursor.live_pos`), is
+        left to the live frames: it comes live too, as do those of its topic before it
+        that the history dropped (they were in the socket while the page was read: taken
+        for missed, they were counted so, and dropped as delivered once they came). Raises `ValueError` for a row numbered past what a store
         gives, `DecodeError` for a payload that is no batch (the page is malformed)."""
         pos, topic, seq, count, ts, payload, meta = row
         if not isinstance(topic, str) or not topic.startswith(key[0]):
@@ -56,14 +59,20 @@ class Delivery:
         expected = cursor.next.get(topic)
         if expected is None:
             expected = 0 if cursor.from_start else seq
+        held = cursor.held_topics.get(topic)
+        if held and seq + count > held[0].seq and (cursor.live_pos is None or pos < cursor.live_pos):
+            cursor.live_pos = pos  # (it holds a message that came live)
         if seq + count <= expected:
             return  # replayed already
-        if expected < seq and cursor.held_topics.get(topic):
+        if expected < seq and held:
             expected = self._fill_from_held(key, options, cursor, topic, seq, pos, calls)
             if expected < 0:
                 return  # (left to the live frames)
             if seq + count <= expected:
                 return
+        elif expected < seq and cursor.live_pos is not None and pos > cursor.live_pos:
+            cursor.leave_to_live(pos)
+            return
         items = self.codec.decode_batch(payload)
         if not storable(seq + len(items)):
             raise ValueError(f"a row of {len(items)} messages numbered from {seq!r}, which no store gives")
@@ -100,10 +109,10 @@ class Delivery:
                 if frame.seq + len(frame.items) <= expected:
                     continue
                 self.frame(key, options, cursor, topic, frame.seq, frame.items, frame.origin, frame.sender_id,
-                              max(0, frame.seq - expected), None, calls)
+                           max(0, frame.seq - expected), None, calls)
                 expected = cursor.next.get(topic, expected)
         if last.seq + len(last.items) < seq:
-            cursor.left_to_live = pos - 1 if cursor.left_to_live is None else min(cursor.left_to_live, pos - 1)
+            cursor.leave_to_live(pos)
             return -1
         return expected
 
