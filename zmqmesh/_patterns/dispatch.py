@@ -40,12 +40,14 @@ from .._store.messages import Entry
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..config import NodeConfig
-from ..errors import DecodeError, MessageTooLargeError, NodeClosedError, ZmqMeshError
+from ..errors import DecodeError, NodeClosedError, ZmqMeshError
 from ..message import Message, Origin, frame_deliveries
+from .builtin_services import HistoryPages, StatsService
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
 from .intake import AckedIntake
 from .pubsub import GapCounter
 from .replay import Fetch, Replays
+from .reply_bodies import callers_limit, error_body, within
 from .reqrep import MAX_CHAIN
 from .request_batches import EARLY_ITEMS
 from .unsent import MAX_CALLERS, UnsentReplies
@@ -57,25 +59,6 @@ if TYPE_CHECKING:
 __all__ = ["Dispatcher", "PrefixIndex"]
 
 log = logging.getLogger("zmqmesh.inbox")
-
-
-def _within(body: bytes, limit: int | None) -> bytes:
-    """``body``, if it is ``limit`` bytes at most (None: any size). Raises
-    `MessageTooLargeError` otherwise: a reply past the ``max_message_bytes`` its caller
-    announced ends the caller's connection, and the caller waits out its timeout."""
-    if limit is not None and len(body) > limit:
-        raise MessageTooLargeError(f"the reply is {len(body)} bytes; the caller's max_message_bytes is {limit}")
-    return body
-
-
-def _utf8_text(text: str) -> str:
-    """``text`` as msgpack can carry it: a lone surrogate (from bytes decoded with
-    ``surrogateescape``, say) escaped."""
-    try:
-        text.encode()
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode()
 
 
 _BURST = 256
@@ -106,8 +89,6 @@ _UNSENT_IN_ALL = 16
 a caller that reads its replies has them written out at once, but the provider cannot
 tell it from one that does not, and a caller with as much in flight on a loaded machine
 (where the trackers are told late) was refused at 64 MiB."""
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # (a history position SQLite can hold)
-_TOO_LARGE_LOG_S = 10.0  # a page of history too large for its reader is logged at most this often
 _LOST_LOG_S = 10.0  # publications lost at a high-water mark (a gap in a topic's numbers) are logged at most this often
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 _UNREAD_FRAMES_MAX = 65_536
@@ -186,8 +167,8 @@ class Dispatcher:
                                  refused_by_stop=self.refused_by_stop)
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
-        self.history = history
-        self._too_large_log = LogThrottle(_TOO_LARGE_LOG_S)  # (`_page_too_large`)
+        self.stats_service = StatsService(describe=describe, codec=codec, directory=directory, reply=self.send_reply)
+        self.history_pages = HistoryPages(history=history, codec=codec, stats=stats, reply=self.send_reply)
         self._lost_log = LogThrottle(_LOST_LOG_S)  # (`_lost_at_a_mark`)
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
         self._events_lost_log = LogThrottle(_LOST_LOG_S)  # (`post`: the loop's thread)
@@ -736,123 +717,14 @@ class Dispatcher:
             self.acked.keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
             return True
         if service == wire.HISTORY_SERVICE:
-            self._serve_history(route, body)
+            self.history_pages.serve(route, body)
             return True
         if service == wire.STATS_SERVICE:  # built in: every node reports its counters
-            limit = self._callers_limit(route[0])
-            try:
-                described = self.describe()
-                try:
-                    body = _within(self.codec.encode(described), limit)
-                except MessageTooLargeError:  # more names than a message (or the caller) holds: the rest still goes
-                    described["names"], described["names_omitted"] = {}, True
-                    body = _within(self.codec.encode(described), limit)
-                self.send_reply(route, wire.STATUS_OK, body)
-            except Exception as exc:  # the caller must hear of it, never wait out its timeout
-                self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc, "", limit))
+            self.stats_service.serve(route)
             return True
         return False
 
-    def _serve_history(self, route: tuple[bytes, bytes], body: bytes) -> None:
-        """One page of a replay: ``{"p": prefix, "a": after position, "s": since (epoch
-        seconds) or absent, "n": rows at most (0: ``next`` alone) or absent, "b": the bytes
-        of rows the reader takes in a page (half its ``max_message_bytes``) or absent, "t":
-        the topic from which ``next`` goes on, for a reader that takes it in pieces, or
-        absent}``; see `History.page`. A page holds at most 1 MiB of rows, half this node's
-        ``max_message_bytes``, and the reader's ``"b"``, and so does a piece of ``next``.
-        A request whose fields are of the wrong types, or whose position SQLite cannot
-        hold (past 64 bits, its position or time), is malformed: answered ``0x03`` and counted
-        (``rejected["history_malformed"]``). A page too large to send, or one with the whole
-        of ``next`` too large for the reader to take (past twice its ``"b"``: it would end
-        the reader's connection), is answered ``0x01`` instead (`_page_too_large`); the rows
-        of such a page go without ``next``, ``"more"`` set, so that only ``next`` is refused.
-        (A frame past ``"b"`` still comes alone in a page, with a piece of ``next``.)"""
-        if self.history is None:
-            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
-            return
-        from .history import PAGE_ROWS  # (loaded with the node's History)
-
-        try:
-            request = self.codec.decode(body)
-            prefix, after, since = request["p"], request.get("a", 0), request.get("s")
-            rows, budget, next_from = request.get("n", PAGE_ROWS), request.get("b", 1 << 20), request.get("t")
-            if not isinstance(prefix, str) or type(after) is not int or not _INT64_MIN <= after <= _INT64_MAX or \
-                    (since is not None and (not isinstance(since, (int, float)) or
-                                            type(since) is int and not _INT64_MIN <= since <= _INT64_MAX)) or \
-                    not isinstance(rows, int) or isinstance(rows, bool) or \
-                    type(budget) is not int or budget <= 0 or (next_from is not None and type(next_from) is not str):
-                raise ValueError("bad field types")
-        except Exception:
-            self.stats.reject("history_malformed")
-            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
-            return
-        page: dict[str, Any] = {}
-        try:
-            most = min(1 << 20, self.codec.max_message_bytes // 2, budget)
-            page = self.history.page(prefix, after, since, most, rows, next_from)
-            reply = self.codec.encode(page)
-            if "b" in request and next_from is None and "next" in page and len(reply) > 2 * budget:
-                if not page["rows"]:
-                    raise MessageTooLargeError(f"a page of {len(reply)} bytes, past the reader's max_message_bytes")
-                # (its rows still go, without the numbers: the reader asks again from the last,
-                # and only the numbers are refused; refused with them, those rows never came)
-                page = {key: value for key, value in page.items() if key != "next"}
-                page["more"] = True
-                reply = self.codec.encode(page)
-        except MessageTooLargeError as exc:
-            self._page_too_large(route, exc, next_from is None and "next" in page)
-        except Exception as exc:
-            log.error("cannot serve a page of history: %s", exc)
-            self.send_reply(route, wire.STATUS_ERROR, self._error_body(exc))
-        else:
-            self.send_reply(route, wire.STATUS_OK, reply)
-
-    def _page_too_large(self, route: tuple[bytes, bytes], exc: MessageTooLargeError, whole_next: bool) -> None:
-        """Answer ``0x01`` for a page of history too large for its reader (``exc``), which
-        would end the reader's connection, and count it
-        (``stats()["pubsub"]["history_page_too_large"]``); logged at most every
-        `_TOO_LARGE_LOG_S`. ``whole_next``: the page carries the whole of ``next`` (the
-        numbers of many kept topics), which a reader before pieces cannot take in fewer."""
-        self.stats.add("pubsub", "history_page_too_large")
-        why = (" with the numbers of every kept topic under its prefix (a subscriber of this version or later "
-               "takes them in pieces)") if whole_next else ""
-        if self._too_large_log.due():
-            log.warning("a page of history too large for its reader%s: not sent (counted in "
-                        "pubsub.history_page_too_large; said again at most every %g s): %s",
-                        why, _TOO_LARGE_LOG_S, exc)
-        self.send_reply(route, wire.STATUS_ERROR, self._error_body(MessageTooLargeError(f"{exc}{why}")))
-
     # -- replying ---------------------------------------------------------------------------
-
-    def _error_body(self, error: BaseException, traceback_text: str = "", limit: int | None = None) -> bytes:
-        """The body of a ``0x01`` reply: what failed, as protocol.md says, within ``limit``
-        bytes if given (the caller's `_callers_limit`). Never raises: a message whose
-        ``str()`` raises, text UTF-8 cannot encode (a lone surrogate) or text too long for
-        a reply is described, escaped or cut instead (the caller must hear of the failure,
-        never wait out its timeout)."""
-        try:
-            message = str(error)
-        except Exception:
-            message = f"<str() of the {type(error).__name__} raised>"
-        kind = NodeClosedError if isinstance(error, CutShort) else type(error)  # (the public name)
-        name, message, traceback_text = (_utf8_text(kind.__name__), _utf8_text(message),
-                                         _utf8_text(traceback_text))
-        most = self.codec.max_message_bytes if limit is None else limit
-        try:
-            body = self.codec.encode({"type": name, "message": message, "traceback": traceback_text})
-            if len(body) <= most:
-                return body
-        except Exception:  # too large for this node (as below)
-            pass
-        # too large: cut to what a reply carries
-        room = max(most // 16, 64)  # (characters: up to 4 bytes each, 2 texts)
-        cut = " ...(cut)"
-        message = message if len(message) <= room else message[:room] + cut
-        traceback_text = traceback_text if len(traceback_text) <= room else traceback_text[-room:] + cut
-        try:
-            return self.codec.encode({"type": name[:200], "message": message, "traceback": traceback_text})
-        except Exception:
-            return self.codec.encode({"type": name[:200], "message": "", "traceback": ""})
 
     def complete(self, call: Call, result: Any, error: BaseException | None) -> None:
         """Account for a finished call and send the reply of a request (owner thread only).
@@ -879,16 +751,6 @@ class Dispatcher:
         if isinstance(route, CursorMark) and not (error is not None and self.abandoned()):
             self.replays.handled(route)  # (not one a stop cut short: it comes again after a restart)
 
-    def _callers_limit(self, caller: bytes) -> int | None:
-        """The ``max_message_bytes`` the node of ``caller`` (a routing id) announced, if below
-        this node's (None otherwise: it takes what this node sends). A reply body past it
-        would end the caller's connection: the caller would wait out its timeout, and the
-        requests in flight beside it would be lost with it."""
-        if not self.directory.narrower:  # (callers that take less than this node sends: rarely any)
-            return None
-        sender = wire.sender_of_requester(caller)
-        return self.directory.narrower.get(sender) if sender is not None else None
-
     def answer(self, route: tuple[bytes, bytes], result: Any, error: BaseException | None) -> None:
         """Reply to the request of ``route`` with what its handler returned or raised, and
         count it (owner thread only). A result msgpack cannot encode, or larger than the
@@ -897,7 +759,7 @@ class Dispatcher:
             try:
                 body = self.codec.encode(result)
                 if self.directory.narrower:  # (callers that take less than this node sends: rarely any)
-                    body = _within(body, self._callers_limit(route[0]))
+                    body = within(body, callers_limit(self.directory, route[0]))
             except Exception as exc:  # unencodable, or too large for its caller: the handler's failure
                 self.stats.pattern["service"]["errors"] += 1
                 self._reply_error(route, exc)
@@ -916,7 +778,7 @@ class Dispatcher:
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         except Exception:  # (a broken exception object: the reply goes all the same)
             text = ""
-        body = self._error_body(error, text, self._callers_limit(route[0]))
+        body = error_body(self.codec, error, text, callers_limit(self.directory, route[0]))
         self.send_reply(route, wire.STATUS_ERROR, body, True)
 
     def send_reply(self, route: tuple[bytes, bytes], status: bytes, body: bytes, answer: bool = False) -> None:
@@ -979,7 +841,7 @@ class Dispatcher:
     def _refused_reply(self, size: int) -> bytes:
         """The body of the error reply sent in place of a large reply of ``size`` bytes
         its caller had no room for."""
-        return self._error_body(ZmqMeshError(
+        return error_body(self.codec, ZmqMeshError(
             f"the reply ({size} bytes) was not sent: its provider holds {self.unsent.held} bytes "
             f"of large replies not yet written out (at most {self.unsent.per_caller} for one caller, "
             f"{self.unsent.total} in all: the provider's send_queue_max_bytes times {_UNSENT_PER_CALLER} "
