@@ -45,6 +45,7 @@ from ..message import Message, Origin, frame_deliveries
 from .builtin_services import HistoryPages, StatsService
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
 from .intake import AckedIntake
+from .left_at_stop import LeftAtStop
 from .pubsub import GapCounter
 from .replay import Fetch, Replays
 from .reply_bodies import callers_limit, error_body, within
@@ -91,30 +92,6 @@ tell it from one that does not, and a caller with as much in flight on a loaded 
 (where the trackers are told late) was refused at 64 MiB."""
 _LOST_LOG_S = 10.0  # publications lost at a high-water mark (a gap in a topic's numbers) are logged at most this often
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
-_UNREAD_FRAMES_MAX = 65_536
-"""Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
-unhandled (bounded: a peer may still be sending)."""
-_UNREAD_COUNT_S = 0.1  # ... whose messages it counts one by one for this long (decoding each frame)
-_LEFT_AT_STOP = {
-    "pushed": "pushed message(s) not handled, dropped",
-    "at-least-once": "at-least-once message(s) not handled (delivered again, here or elsewhere)",
-    "published": "publication(s) not handled, dropped",
-    "durable-subscription": "publication(s) of durable subscriptions not handled (delivered again after a restart)",
-    "requests": "request(s) not answered (their callers are told the provider left)",
-    "requests cut short": "request(s) whose handler was cut short (their callers got NodeClosedError)",
-}
-
-
-def _left_kind(pattern: str, route: Any) -> str:
-    """Under which of `_LEFT_AT_STOP`'s kinds a message of ``pattern`` with ``route`` a stop
-    left unhandled is named."""
-    if pattern == "service":
-        return "requests"
-    if pattern == "pubsub":
-        return "durable-subscription" if isinstance(route, CursorMark) else "published"
-    return "at-least-once" if isinstance(route, BatchAck) else "pushed"
-
-
 class _RepliesHeld:
     """`Dispatcher.replies_held`: ``enter()`` on entering, ``leave()`` on leaving."""
 
@@ -161,9 +138,10 @@ class Dispatcher:
                  keeper: Callable[[str, list[Entry]], None] | None = None,
                  history: History | None = None, node_closed: Callable[[], bool] | None = None) -> None:
         self._node_closed = node_closed  # whether the node refuses work: its stop has begun
+        self.left_at_stop = LeftAtStop(stats, self.abandoned)
         self.acked = AckedIntake(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                  keeper=keeper, reply=self.send_reply, in_place=self.runs_in_place,
-                                 abandoned=self.abandoned, left_at_stop=self._left_unhandled,
+                                 abandoned=self.abandoned, left_at_stop=self.left_at_stop.count,
                                  refused_by_stop=self.refused_by_stop)
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
@@ -200,8 +178,6 @@ class Dispatcher:
         self._prefixes = PrefixIndex({})  # the registry's topic prefixes, as of `_cache_version`
         self.stopping = False
         self._deadline: float | None = None
-        self._left_at_stop: dict[str, int] = {}  # what the stop left unhandled, by `_LEFT_AT_STOP`'s kinds
-        self._reported_as: str | None = None  # (the node's name, once `report_left_at_stop` was called)
         # caller: [bytes, replies, frame's caller, how many are answers] (`send_reply`)
         self._held: dict[bytes, list[Any]] | None = None
         self.unsent = UnsentReplies(_UNSENT_PER_CALLER * config.send_queue_max_bytes,
@@ -497,7 +473,7 @@ class Dispatcher:
                 handler = handlers[0]
                 for msg in messages:
                     if self.stopping and self.abandoned():
-                        self._left_unhandled(pattern, None, 1 + sum(1 for _ in messages))
+                        self.left_at_stop.count(pattern, None, 1 + sum(1 for _ in messages))
                         break
                     try:
                         handler(msg)
@@ -506,7 +482,7 @@ class Dispatcher:
             else:
                 for msg in messages:
                     if self.stopping and self.abandoned():
-                        self._left_unhandled(pattern, None, 1 + sum(1 for _ in messages))
+                        self.left_at_stop.count(pattern, None, 1 + sum(1 for _ in messages))
                         break
                     for handler in handlers:
                         try:
@@ -541,7 +517,7 @@ class Dispatcher:
         errors to count (raises it again if it must end the program: `handler_failure`)."""
         handler_failure(exc)
         if self.refused_by_stop(exc):
-            self._left_unhandled(pattern, None, 1)
+            self.left_at_stop.count(pattern, None, 1)
             return 0
         return handler_raised(handler)
 
@@ -767,7 +743,7 @@ class Dispatcher:
                 self.send_reply(route, wire.STATUS_OK, body, True)
             return
         if isinstance(error, CutShort):  # (left at the stop, as the requests not begun: its caller is told)
-            self._left_unhandled("service", route, 1, "requests cut short")
+            self.left_at_stop.count("service", route, 1, "requests cut short")
         else:
             self.stats.pattern["service"]["errors"] += 1  # (it goes back to its caller: not logged here)
         self._reply_error(route, error)
@@ -949,59 +925,18 @@ class Dispatcher:
     def drop(self, call: Call) -> None:
         """Count a call abandoned at a stop's deadline, or cut short by it (owner thread,
         or once the owner is done)."""
-        self._left_unhandled(call.pattern, call.route, 1)
-
-    def _left_unhandled(self, pattern: str, route: Any, count: int, kind: str | None = None) -> None:
-        """Count ``count`` messages of ``pattern`` a stop left unhandled, for its warning under
-        ``kind`` (one of `_LEFT_AT_STOP`'s; by default told from the pattern and route)."""
-        self.stats.pattern[pattern]["dropped"] += count
-        kind = kind or _left_kind(pattern, route)
-        self._left_at_stop[kind] = self._left_at_stop.get(kind, 0) + count
+        self.left_at_stop.count(call.pattern, call.route, 1)
 
     def report_left_at_stop(self, name: str) -> None:
         """Log what the stop left unhandled (counted as dropped where it happened); what a
         handler still running then leaves is logged when the sockets close after it."""
-        self._reported_as = name
-        if self._left_at_stop:
-            left, self._left_at_stop = self._left_at_stop, {}
-            # (publications that came after the last drain of a stop on time: a subscriber
-            # that leaves misses what is published as it goes; said, but no warning)
-            level = logging.WARNING if self.abandoned() or left.keys() - {"published"} else logging.INFO
-            log.log(level, "node %s: the stop's timeout passed, or messages came after the last drain: %s", name,
-                    "; ".join(f"{count} {_LEFT_AT_STOP[kind]}" for kind, count in left.items()))
-
-    def _count_unread(self) -> None:
-        """Count the messages still unread in the PULL and SUB sockets (peers sent them
-        after the last drain, or the stop's timeout passed first) as dropped: the messages
-        of the frames read within `_UNREAD_COUNT_S`, then a frame as one (a lower bound)."""
-        counting_until = time.monotonic() + _UNREAD_COUNT_S
-        one_by_one = True
-        for sock, kind in ((self.pull, "pull"), (self.sub, "sub")):
-            for i in range(_UNREAD_FRAMES_MAX):
-                try:
-                    frames = recv_frames(sock)
-                except zmq.ZMQError:
-                    break
-                if one_by_one and i % 64 == 0 and time.monotonic() >= counting_until:
-                    one_by_one = False
-                self._left_unhandled(_PATTERN_OF[kind], None, self._items_in(frames) if one_by_one else 1,
-                                     "durable-subscription" if kind == "sub" and
-                                     self._for_durable_subscriptions_only(frames) else None)
+        self.left_at_stop.report(name)
 
     def _for_durable_subscriptions_only(self, frames: list[bytes]) -> bool:
         """Whether a publication's topic goes to durable subscriptions only: left unread at
         a stop, it comes again after a restart (the subscriptions read it from the history)."""
         _topic, handlers, replaying = self._topic_handlers(frames[0])
         return not handlers and any(options.durable_name is not None for _key, options in replaying)
-
-    def _items_in(self, frames: list[bytes]) -> int:
-        """How many messages a frame of a stream carries (one, if it cannot be read)."""
-        if len(frames) not in (3, 4) or (not frames[2] and len(frames) == 4):
-            return 1
-        try:
-            return len(self.codec.decode_batch(frames[2]))
-        except Exception:
-            return 1
 
     def apply_subscriptions(self) -> None:
         """Bring the SUB socket's subscriptions in line with the registry (owner thread only)."""
@@ -1050,12 +985,12 @@ class Dispatcher:
         since (a handler that outlived it) is reported now."""
         if self.stopping:
             try:
-                self._count_unread()
+                self.left_at_stop.count_unread(self.pull, self.sub, self.codec,
+                                               self._for_durable_subscriptions_only)
             except zmq.ZMQError:  # (closed already)
                 pass
         for sock, _kind in self.sockets:
             sock.close(_REPLY_LINGER_MS if sock is self.router else 0)
-        if self._reported_as is not None:
-            self.report_left_at_stop(self._reported_as)
+        self.left_at_stop.report_late()
 
 
