@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -46,11 +46,11 @@ from .builtin_services import HistoryPages, StatsService
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
 from .intake import AckedIntake
 from .left_at_stop import LeftAtStop
-from .pubsub import GapCounter
 from .replay import Fetch, Replays
 from .reply_bodies import callers_limit, error_body, within
 from .reqrep import MAX_CHAIN
 from .request_batches import EARLY_ITEMS
+from .subscriptions import PrefixIndex, Subscriptions
 from .unsent import MAX_CALLERS, UnsentReplies
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ _UNSENT_IN_ALL = 16
 a caller that reads its replies has them written out at once, but the provider cannot
 tell it from one that does not, and a caller with as much in flight on a loaded machine
 (where the trackers are told late) was refused at 64 MiB."""
-_LOST_LOG_S = 10.0  # publications lost at a high-water mark (a gap in a topic's numbers) are logged at most this often
+_LOST_LOG_S = 10.0  # messages dropped past a bound (own publications, WHISPERs and SHOUTs, a queue no longer pulled) are logged at most this often
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 class _RepliesHeld:
     """`Dispatcher.replies_held`: ``enter()`` on entering, ``leave()`` on leaving."""
@@ -105,26 +105,6 @@ class _RepliesHeld:
 
     def __exit__(self, *exc: object) -> None:
         self._leave()
-
-
-class PrefixIndex:
-    """The prefixes of a node's subscriptions, by length: the prefixes a topic name starts
-    with are found with a lookup per distinct length, not a look at each subscription
-    (a subscriber of thousands of prefixes meets a new topic name at that cost)."""
-
-    def __init__(self, prefixes: Iterable[str]) -> None:
-        self._order = {prefix: i for i, prefix in enumerate(prefixes)}
-        by_length: dict[int, set[str]] = {}
-        for prefix in self._order:
-            by_length.setdefault(len(prefix), set()).add(prefix)
-        self._by_length = sorted(by_length.items())
-
-    def matching(self, topic: str) -> list[str]:
-        """The prefixes ``topic`` starts with, in the order they were given."""
-        found = [head for length, prefixes in self._by_length if (head := topic[:length]) in prefixes]
-        if len(found) > 1:
-            found.sort(key=self._order.__getitem__)
-        return found
 
 
 class Dispatcher:
@@ -147,7 +127,6 @@ class Dispatcher:
                                fetch=self.fetch_history)
         self.stats_service = StatsService(describe=describe, codec=codec, directory=directory, reply=self.send_reply)
         self.history_pages = HistoryPages(history=history, codec=codec, stats=stats, reply=self.send_reply)
-        self._lost_log = LogThrottle(_LOST_LOG_S)  # (`_lost_at_a_mark`)
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
         self._events_lost_log = LogThrottle(_LOST_LOG_S)  # (`post`: the loop's thread)
         self._unpulled_log = LogThrottle(_LOST_LOG_S)  # (`_decode_stream`: messages of a queue no longer pulled)
@@ -171,11 +150,10 @@ class Dispatcher:
         self.events: deque[Call] = deque()
         self.event_bytes = 0  # WHISPER and SHOUT frames waiting in ``events``
         self._event_lock = threading.Lock()
-        self.gaps = GapCounter(directory)
-        self.subscribed: set[str] = set()
-        self._topic_cache: dict[bytes, tuple[str, list[Callable[..., Any]], list[tuple[Any, Any]]]] = {}
-        self._cache_version = -1
-        self._prefixes = PrefixIndex({})  # the registry's topic prefixes, as of `_cache_version`
+        self.subscriptions = Subscriptions(registry, directory, stats)
+        self.gaps = self.subscriptions.gaps
+        # (bound once: looked up per frame of a publication, as a method of this class was)
+        self._topic_handlers = self.subscriptions.handlers
         self.stopping = False
         self._deadline: float | None = None
         # caller: [bytes, replies, frame's caller, how many are answers] (`send_reply`)
@@ -432,7 +410,7 @@ class Dispatcher:
             if lost is None:  # late, behind a newer frame: counted as dropped when that one came
                 return
             if lost:
-                self._lost_at_a_mark(lost, name_b, sender_uuid)
+                self.subscriptions.lost(lost, name_b, sender_uuid)
         counters["received"] += len(items)
         if known:
             stats.peer_received[sender_id] += len(items)  # type: ignore[index]
@@ -496,21 +474,6 @@ class Dispatcher:
                       for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin)
                       for handler in handlers])
 
-    def _lost_at_a_mark(self, lost: int, name_b: bytes, sender: bytes) -> None:
-        """Count ``lost`` publications of topic ``name_b`` from ``sender`` (a uuid) that never came
-        (a gap in the topic's numbers: dropped at a high-water mark, the publisher's or this
-        node's) in ``pubsub.dropped``, and log them at most every `_LOST_LOG_S`; not those
-        of a topic only replaying subscriptions take (they read them from the history)."""
-        self.stats.pattern["pubsub"]["dropped"] += lost
-        if not self._topic_handlers(name_b)[1]:
-            return
-        said = self._lost_log.due(lost)
-        if said:
-            log.warning("%d publication(s) lost at a high-water mark since the last such line (this subscriber "
-                        "fell behind its publishers: handlers too slow, or pub_hwm/recv_hwm too low), the last of "
-                        "%r from %s; counted in pubsub.dropped; said again at most every %g s",
-                        said, name_b.decode("utf-8", "replace"), sender.hex()[:8], _LOST_LOG_S)
-
     def _failed_in_place(self, handler: Callable[..., Any], exc: BaseException, pattern: str) -> int:
         """A handler run in place on a stream raised ``exc`` (call in its ``except``): left
         at the stop if its stopping node refused it (`refused_by_stop`), else logged; the
@@ -543,27 +506,6 @@ class Dispatcher:
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Whether these handlers may be called directly while draining (see the drivers)."""
         return False
-
-    def _topic_handlers(self, name_b: bytes) -> tuple[str, list[Callable[..., Any]], list[tuple[Any, Any]]]:
-        """``(topic, handlers, replaying subscriptions)`` for a topic (cached until the
-        registry changes): replaying subscriptions are sequenced by `Replays`, not here."""
-        registry = self.registry
-        if self._cache_version != registry.version:
-            self._topic_cache.clear()
-            self._prefixes = PrefixIndex(registry.topics)
-            self._cache_version = registry.version
-        elif len(self._topic_cache) > 4096:
-            self._topic_cache.clear()
-        hit = self._topic_cache.get(name_b)
-        if hit is None:
-            topic = name_b.decode("utf-8", "replace")
-            replays = registry.replays
-            topics = registry.topics
-            handlers = [h for prefix in self._prefixes.matching(topic) for h in topics[prefix]
-                        if (prefix, h) not in replays]
-            replaying = [(key, options) for key, options in replays.items() if topic.startswith(key[0])]
-            hit = self._topic_cache[name_b] = (topic, handlers, replaying)
-        return hit
 
     def _decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
         if len(frames) == 2 and wire.is_batch(frames[1]):
@@ -932,25 +874,10 @@ class Dispatcher:
         handler still running then leaves is logged when the sockets close after it."""
         self.left_at_stop.report(name)
 
-    def _for_durable_subscriptions_only(self, frames: list[bytes]) -> bool:
-        """Whether a publication's topic goes to durable subscriptions only: left unread at
-        a stop, it comes again after a restart (the subscriptions read it from the history)."""
-        _topic, handlers, replaying = self._topic_handlers(frames[0])
-        return not handlers and any(options.durable_name is not None for _key, options in replaying)
-
     def apply_subscriptions(self) -> None:
         """Bring the SUB socket's subscriptions in line with the registry (owner thread only)."""
-        wanted = set(self.registry.topics)
-        added = wanted - self.subscribed
-        for prefix in added:
-            self.sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-        if added:  # (a gap in their numbers since they were last received is no loss)
-            self.gaps.forget_topics([p.encode() for p in added], [p.encode() for p in wanted & self.subscribed])
-        for prefix in self.subscribed - wanted:
-            self.sub.setsockopt(zmq.UNSUBSCRIBE, prefix.encode())
-        if wanted != self.subscribed:
+        if self.subscriptions.apply(self.sub):
             self._sub_used = True
-        self.subscribed = wanted
 
     def _events_read(self, sock: zmq.Socket[Any]) -> None:
         """``sock``'s events were just read, after its use so far (replies sent, those sent
@@ -986,7 +913,7 @@ class Dispatcher:
         if self.stopping:
             try:
                 self.left_at_stop.count_unread(self.pull, self.sub, self.codec,
-                                               self._for_durable_subscriptions_only)
+                                               self.subscriptions.durable_only)
             except zmq.ZMQError:  # (closed already)
                 pass
         for sock, _kind in self.sockets:
