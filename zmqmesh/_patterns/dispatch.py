@@ -22,7 +22,6 @@ and traceback travel back to the caller. Undecodable input is counted and droppe
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import traceback
 from collections import deque
@@ -44,6 +43,7 @@ from ..errors import DecodeError, NodeClosedError, ZmqMeshError
 from ..message import Message, Origin, frame_deliveries
 from .builtin_services import HistoryPages, StatsService
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
+from .events import EventCallbacks
 from .intake import AckedIntake
 from .left_at_stop import LeftAtStop
 from .replay import Fetch, Replays
@@ -63,7 +63,6 @@ log = logging.getLogger("zmqmesh.inbox")
 
 
 _BURST = 256
-_EVENT_BYTES = 64 * 1024 * 1024
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 HOLD_LIMIT_S = 0.0005
 """A handler that returns sooner is quick: replies may wait for it (`Dispatcher.replies_held`)."""
@@ -90,7 +89,7 @@ _UNSENT_IN_ALL = 16
 a caller that reads its replies has them written out at once, but the provider cannot
 tell it from one that does not, and a caller with as much in flight on a loaded machine
 (where the trackers are told late) was refused at 64 MiB."""
-_LOST_LOG_S = 10.0  # messages dropped past a bound (own publications, WHISPERs and SHOUTs, a queue no longer pulled) are logged at most this often
+_LOST_LOG_S = 10.0  # messages dropped past a bound (own publications, a queue no longer pulled) are logged at most this often
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
 class _RepliesHeld:
     """`Dispatcher.replies_held`: ``enter()`` on entering, ``leave()`` on leaving."""
@@ -128,7 +127,6 @@ class Dispatcher:
         self.stats_service = StatsService(describe=describe, codec=codec, directory=directory, reply=self.send_reply)
         self.history_pages = HistoryPages(history=history, codec=codec, stats=stats, reply=self.send_reply)
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
-        self._events_lost_log = LogThrottle(_LOST_LOG_S)  # (`post`: the loop's thread)
         self._unpulled_log = LogThrottle(_LOST_LOG_S)  # (`_decode_stream`: messages of a queue no longer pulled)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
         self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
@@ -147,9 +145,8 @@ class Dispatcher:
         self._router_used = False  # (since `used_with_input` last looked: replies sent)
         self._received: list[bytes] | None = None  # a message taken from the router, for `drain`
         self._sub_used = False  # (subscriptions set)
-        self.events: deque[Call] = deque()
-        self.event_bytes = 0  # WHISPER and SHOUT frames waiting in ``events``
-        self._event_lock = threading.Lock()
+        self.event_callbacks = EventCallbacks(config, stats)
+        self.events = self.event_callbacks.events  # (the same deque: looked at in every `gather`)
         self.subscriptions = Subscriptions(registry, directory, stats)
         self.gaps = self.subscriptions.gaps
         # (bound once: looked up per frame of a publication, as a method of this class was)
@@ -185,13 +182,8 @@ class Dispatcher:
         """Queue the pending event callbacks, this node's own publications and the pages of
         history fetched, then a burst from each of the ``active`` ``(socket, kind)`` pairs,
         into ``calls``; returns the pairs that may hold more."""
-        events = self.events
-        while events:
-            call = events.popleft()
-            if isinstance(call.arg, Message) and call.arg.pattern in ("whisper", "shout"):
-                with self._event_lock:  # (posted on the loop's thread, taken on this one)
-                    self.event_bytes -= sum(len(f) for f in call.arg.data)
-            calls.append(call)
+        if self.events:
+            self.event_callbacks.take(calls)
         if self.streams_changed:
             self.streams_changed = False
             self.replays.forget_dropped()
@@ -291,26 +283,11 @@ class Dispatcher:
             self.replays.flush()
 
     def post(self, calls: list[Call]) -> None:
-        """Queue event callbacks (joins, leaves, whispers) to run in order with messages.
-        WHISPERs and SHOUTs past a backlog of `recv_hwm` events or about `_EVENT_BYTES`
-        (twice ``max_message_bytes`` if larger) are dropped, counted and logged (at most every
-        `_LOST_LOG_S`); joins and leaves are never dropped (a peer makes only one of each at
-        a time)."""
-        if calls and isinstance(calls[0].arg, Message) and calls[0].arg.pattern in ("whisper", "shout"):
-            size = sum(len(f) for f in calls[0].arg.data)
-            most_bytes = max(_EVENT_BYTES, 2 * self.config.max_message_bytes)
-            if len(self.events) >= self.config.recv_hwm or self.event_bytes + size > most_bytes:
-                self.stats.add("zre", "dropped", len(calls))
-                said = self._events_lost_log.due(len(calls))
-                if said:
-                    log.warning("%d WHISPER or SHOUT callback(s) dropped since the last such line: their handlers "
-                                "fell behind (recv_hwm=%d events or %d bytes waiting); counted in zre.dropped; "
-                                "said again at most every %g s", said, self.config.recv_hwm, most_bytes, _LOST_LOG_S)
-                return
-            with self._event_lock:
-                self.event_bytes += size * len(calls)
-        self.events.extend(calls)
-        self.wake()
+        """Queue event callbacks (joins, leaves, whispers) to run in order with messages;
+        WHISPERs and SHOUTs past their bounds are dropped, counted and logged instead
+        (`EventCallbacks.post`)."""
+        if self.event_callbacks.post(calls):
+            self.wake()
 
     def wake(self) -> None:
         """Make the driver look at its queues (the drivers say how)."""
