@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .._io.sockets import has_input, recv_frames, send_frames, send_tracked, with_input
+from .._io.sockets import has_input, recv_frames, send_frames, with_input
 from .._mesh.directory import Directory
 from .._mesh.registry import Registry
 from .._observe import tracing
@@ -39,19 +39,19 @@ from .._store.messages import Entry
 from .._wire import frames as wire
 from .._wire.codec import Codec
 from ..config import NodeConfig
-from ..errors import DecodeError, NodeClosedError, ZmqMeshError
+from ..errors import DecodeError, NodeClosedError
 from ..message import Message, Origin, frame_deliveries
 from .builtin_services import HistoryPages, StatsService
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
 from .events import EventCallbacks
 from .intake import AckedIntake
+from .large_replies import LargeReplies
 from .left_at_stop import LeftAtStop
 from .replay import Fetch, Replays
 from .reply_bodies import callers_limit, error_body, within
 from .reqrep import MAX_CHAIN
 from .request_batches import EARLY_ITEMS
 from .subscriptions import PrefixIndex, Subscriptions
-from .unsent import MAX_CALLERS, UnsentReplies
 
 if TYPE_CHECKING:
     from .._store.store import Store
@@ -82,15 +82,10 @@ lets its I/O thread read one more in: an `AsyncNode` pulling messages of 1 MiB h
 of them in a burst on top of the pipe's (with ``queue_hwm`` 100, 346 MiB resident against
 130 MiB with this bound; tests/test_drain_bytes_bound.py, with 50: grew by 291 MiB against
 54)."""
-_UNSENT_PER_CALLER = 4  # (times ``send_queue_max_bytes``: see `_UNSENT_IN_ALL`)
-_UNSENT_IN_ALL = 16
-"""Large replies a provider holds not yet written out (`UnsentReplies`): this many times
-``send_queue_max_bytes`` for one caller (256 MiB by default), and in all (1 GiB). Generous:
-a caller that reads its replies has them written out at once, but the provider cannot
-tell it from one that does not, and a caller with as much in flight on a loaded machine
-(where the trackers are told late) was refused at 64 MiB."""
 _LOST_LOG_S = 10.0  # messages dropped past a bound (own publications, a queue no longer pulled) are logged at most this often
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
+
+
 class _RepliesHeld:
     """`Dispatcher.replies_held`: ``enter()`` on entering, ``leave()`` on leaving."""
 
@@ -155,8 +150,8 @@ class Dispatcher:
         self._deadline: float | None = None
         # caller: [bytes, replies, frame's caller, how many are answers] (`send_reply`)
         self._held: dict[bytes, list[Any]] | None = None
-        self.unsent = UnsentReplies(_UNSENT_PER_CALLER * config.send_queue_max_bytes,
-                                    _UNSENT_IN_ALL * config.send_queue_max_bytes)
+        self.large_replies = LargeReplies(router, config, codec, stats)
+        self._send_large = self.large_replies.send_if_room  # (bound once: `send_reply` calls it per large reply)
         self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
         self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
 
@@ -706,42 +701,15 @@ class Dispatcher:
             self.stats.pattern["service"]["sent"] += 1
         self._router_used = True
         if len(body) >= wire.LARGE_FRAME:
-            if self._send_tracked_if_room(route, status, body, answer):
+            if self._send_large(route, status, body, answer):
                 return
-            status, body = wire.STATUS_ERROR, self._refused_reply(len(body))  # (the caller hears of it at once)
+            status, body = wire.STATUS_ERROR, self.large_replies.refused_body(len(body))  # (the caller hears of it at once)
         try:
             send_frames(self.router, wire.reply_frames(route, status, body))
         except zmq.ZMQError:
             counters = self.stats.pattern["service"]
             counters["dropped"] += 1
             counters["sent"] -= answer
-
-    def _send_tracked_if_room(self, route: tuple[bytes, bytes], status: bytes, body: bytes, answer: bool) -> bool:
-        """Send a reply of `LARGE_FRAME` bytes or more uncopied and tracked (`UnsentReplies`)
-        if its caller has room for it; False, counted in ``service.reply_refused``, if not.
-        One that cannot go is counted as dropped (and no longer as sent, if an ``answer``)."""
-        caller = bytes(route[0])
-        if not self.unsent.room(caller, len(body)):
-            self.stats.add("service", "reply_refused")
-            return False
-        try:
-            tracker = send_tracked(self.router, wire.reply_frames(route, status, body))
-        except zmq.ZMQError:
-            self.stats.pattern["service"]["dropped"] += 1
-            self.stats.pattern["service"]["sent"] -= answer
-            return True
-        self.unsent.sent(caller, tracker, len(body))
-        return True
-
-    def _refused_reply(self, size: int) -> bytes:
-        """The body of the error reply sent in place of a large reply of ``size`` bytes
-        its caller had no room for."""
-        return error_body(self.codec, ZmqMeshError(
-            f"the reply ({size} bytes) was not sent: its provider holds {self.unsent.held} bytes "
-            f"of large replies not yet written out (at most {self.unsent.per_caller} for one caller, "
-            f"{self.unsent.total} in all: the provider's send_queue_max_bytes times {_UNSENT_PER_CALLER} "
-            f"and {_UNSENT_IN_ALL}, or {MAX_CALLERS} callers); a caller "
-            f"with more than that in flight can be refused even while it reads"))
 
     def replies_held(self) -> _RepliesHeld:
         """Hold the replies to batches of requests while the drivers run handlers in place,
