@@ -44,6 +44,7 @@ from ..message import Message, Origin, frame_deliveries
 from .builtin_services import HistoryPages, StatsService
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
 from .events import EventCallbacks
+from .handler_times import HOLD_LIMIT_S, HandlerTimes
 from .intake import AckedIntake
 from .large_replies import LargeReplies
 from .left_at_stop import LeftAtStop
@@ -57,18 +58,13 @@ if TYPE_CHECKING:
     from .._store.store import Store
     from .history import History
 
-__all__ = ["Dispatcher", "PrefixIndex"]
+__all__ = ["Dispatcher", "HOLD_LIMIT_S", "PrefixIndex"]
 
 log = logging.getLogger("zmqmesh.inbox")
 
 
 _BURST = 256
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
-HOLD_LIMIT_S = 0.0005
-"""A handler that returns sooner is quick: replies may wait for it (`Dispatcher.replies_held`)."""
-QUICK_RUNS = 8
-"""Runs in a row a handler must have been quick in before replies wait for it."""
-_MAX_TIMED_HANDLERS = 4096
 _MAX_CALLS = 256
 """Calls one drain gathers before they run, give or take a frame from each socket (a frame
 is never cut, and every socket with input gives one at least, so that a stream on one
@@ -152,7 +148,11 @@ class Dispatcher:
         self._held: dict[bytes, list[Any]] | None = None
         self.large_replies = LargeReplies(router, config, codec, stats)
         self._send_large = self.large_replies.send_if_room  # (bound once: `send_reply` calls it per large reply)
-        self._quick: dict[Any, int] = {}  # handler: how many of its last runs in a row were quick
+        self.handler_times = HandlerTimes()
+        self._quick_handlers = self.handler_times.quick  # (the same set: looked at before each handler while held)
+        self.handler_finished = self.handler_times.finished
+        """`finished`, for ``handler`` without its `Call` (`HandlerTimes.finished`, bound once:
+        called after each service handler)."""
         self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
 
     def abandoned(self) -> bool:
@@ -757,7 +757,7 @@ class Dispatcher:
         """`starting`, for ``handler`` (a service's if ``timed``) without its `Call`."""
         if self._held:
             try:
-                quick = self._quick.get(handler, 0) >= QUICK_RUNS
+                quick = handler in self._quick_handlers
             except TypeError:  # an unhashable callable: never timed
                 quick = False
             if not quick:
@@ -774,23 +774,6 @@ class Dispatcher:
     def finished(self, call: Call, started: float) -> None:
         """The handler of ``call``, started at ``started`` (`starting`), returned."""
         self.handler_finished(call.handler, started)
-
-    def handler_finished(self, handler: Callable[..., Any], started: float) -> None:
-        """`finished`, for ``handler`` without its `Call`."""
-        if not started:
-            return
-        quick = self._quick
-        if len(quick) >= _MAX_TIMED_HANDLERS:  # bounded: callables made per call would grow it
-            quick.clear()
-        try:
-            if time.monotonic() - started < HOLD_LIMIT_S:
-                runs = quick.get(handler, 0)
-                if runs < QUICK_RUNS:
-                    quick[handler] = runs + 1
-            else:
-                quick[handler] = 0
-        except TypeError:  # an unhashable callable: never held for
-            pass
 
     def _send_held(self, caller: bytes, replies: list[tuple[bytes, bytes, bytes]], answers: int) -> None:
         """Send the ``replies`` held for ``caller``, ``answers`` of them handlers' (counted as
