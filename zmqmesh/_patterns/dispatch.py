@@ -2,9 +2,16 @@
 received, hand each message to its handler, and send replies and acknowledgements.
 
 The sockets are drained in bounded bursts; each message is decoded once and handed to its
-handler in place (no task and no thread hand-off per message). `Dispatcher` holds every
-rule (at-least-once batches and the keeper's intake in `intake`); the drivers (`ThreadInbox` for `Node`, `LoopInbox` for `AsyncNode`) only decide
-where and when handlers run:
+handler in place (no task and no thread hand-off per message). `Dispatcher` is what the
+drivers talk to: it keeps the message loops (decode, hand to handler, reply or
+acknowledge) and the replies held for batches, and gives each other job to a collaborator
+it makes: at-least-once batches and the keeper's intake (`intake`), replaying
+subscriptions (`replay`), the topics subscribed to and their gaps (`subscriptions`), the
+event callbacks posted (`events`), the built-in services (`builtin_services`), large
+replies (`large_replies`), the bodies of error replies (`reply_bodies`), which handlers
+are quick (`handler_times`) and what a stop leaves unhandled (`left_at_stop`). The
+drivers (`ThreadInbox` for `Node`, `LoopInbox` for `AsyncNode`) only decide where and
+when handlers run:
 
 * `ThreadInbox`: a dedicated thread owns the sockets and calls ``def`` handlers
   directly; ``async def`` handlers run on an asyncio loop of their own.
@@ -99,7 +106,8 @@ class _RepliesHeld:
 
 class Dispatcher:
     """Decoding, dispatch and replies, shared by both inbox drivers; owns the three inbound
-    sockets. ``describe`` gives the built-in stats service its answer."""
+    sockets and the collaborators named in the module's docstring. ``describe`` gives the
+    built-in stats service its answer."""
 
     def __init__(self, *, config: NodeConfig, registry: Registry, directory: Directory, codec: Codec,
                  stats: Stats, describe: Callable[[], dict[str, Any]],
