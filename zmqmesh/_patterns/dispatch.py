@@ -3,15 +3,16 @@ received, hand each message to its handler, and send replies and acknowledgement
 
 The sockets are drained in bounded bursts; each message is decoded once and handed to its
 handler in place (no task and no thread hand-off per message). `Dispatcher` is what the
-drivers talk to: it keeps the message loops (decode, hand to handler, reply or
-acknowledge) and the replies held for batches, and gives each other job to a collaborator
-it makes: at-least-once batches and the keeper's intake (`intake`), replaying
-subscriptions (`replay`), the topics subscribed to and their gaps (`subscriptions`), the
-event callbacks posted (`events`), the built-in services (`builtin_services`), large
-replies (`large_replies`), the bodies of error replies (`reply_bodies`), which handlers
-are quick (`handler_times`) and what a stop leaves unhandled (`left_at_stop`). The
-drivers (`ThreadInbox` for `Node`, `LoopInbox` for `AsyncNode`) only decide where and
-when handlers run:
+drivers talk to: it drains the sockets, keeps the message loops of the streams (decode,
+hand to handler), runs and answers requests and holds their replies for batches, and
+gives each other job to a collaborator it makes: the requests received and the built-in
+services (`service_intake`, `builtin_services`), at-least-once batches and the keeper's
+intake (`intake`), replaying subscriptions (`replay`), the topics subscribed to and their
+gaps (`subscriptions`), the event callbacks posted (`events`), large replies
+(`large_replies`), the bodies of error replies (`reply_bodies`), which handlers are quick
+(`handler_times`) and what a stop leaves unhandled (`left_at_stop`). The drivers
+(`ThreadInbox` for `Node`, `LoopInbox` for `AsyncNode`) only decide where and when
+handlers run:
 
 * `ThreadInbox`: a dedicated thread owns the sockets and calls ``def`` handlers
   directly; ``async def`` handlers run on an asyncio loop of their own.
@@ -48,7 +49,6 @@ from .._wire.codec import Codec
 from ..config import NodeConfig
 from ..errors import DecodeError, NodeClosedError
 from ..message import Message, Origin, frame_deliveries
-from .builtin_services import HistoryPages, StatsService
 from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
 from .events import EventCallbacks
 from .handler_times import HOLD_LIMIT_S, HandlerTimes
@@ -57,8 +57,8 @@ from .large_replies import LargeReplies
 from .left_at_stop import LeftAtStop
 from .replay import Fetch, Replays
 from .reply_bodies import callers_limit, error_body, within
-from .reqrep import MAX_CHAIN
 from .request_batches import EARLY_ITEMS
+from .service_intake import ServiceIntake
 from .subscriptions import PrefixIndex, Subscriptions
 
 if TYPE_CHECKING:
@@ -123,8 +123,6 @@ class Dispatcher:
                                  refused_by_stop=self.refused_by_stop)
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
-        self.stats_service = StatsService(describe=describe, codec=codec, directory=directory, reply=self.send_reply)
-        self.history_pages = HistoryPages(history=history, codec=codec, stats=stats, reply=self.send_reply)
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
         self._unpulled_log = LogThrottle(_LOST_LOG_S)  # (`_decode_stream`: messages of a queue no longer pulled)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
@@ -135,7 +133,11 @@ class Dispatcher:
         self.directory = directory
         self.codec = codec
         self.stats = stats
-        self._received_names = {p: stats.names(p, "received") for p in ("pubsub", "pipeline", "service")}
+        self._received_names = {p: stats.names(p, "received") for p in ("pubsub", "pipeline")}
+        self.service_intake = ServiceIntake(registry=registry, directory=directory, codec=codec, stats=stats,
+                                            acked=self.acked, describe=describe, history=history, reply=self.send_reply,
+                                            in_place=self.runs_in_place, serve_in_place=self._serve_in_place)
+        self._decode_request = self.service_intake.decode  # (bound once: `_take` calls it per frame of requests)
         self.describe = describe
         self.sub = sub
         self.pull = pull
@@ -326,7 +328,7 @@ class Dispatcher:
 
     def _take(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
         """Decode a message received from the ``kind`` socket into ``calls`` (a request
-        may be served at once: `_serve_in_place`); a malformed one is dropped and counted."""
+        may be served at once: `ServiceIntake`); a malformed one is dropped and counted."""
         try:
             if kind == "req":
                 self._decode_request(frames, calls)
@@ -487,107 +489,6 @@ class Dispatcher:
         """Whether these handlers may be called directly while draining (see the drivers)."""
         return False
 
-    def _decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
-        if len(frames) == 2 and wire.is_batch(frames[1]):
-            self._decode_batch(wire.BatchCaller(frames[0]), wire.parse_request_batch(frames[1]), calls)
-            return
-        request = wire.parse_request(frames)
-        if request is None:
-            raise DecodeError("malformed request envelope")
-        self._decode_one_request(*request, calls)
-
-    def _decode_batch(self, caller: wire.BatchCaller, requests: list[tuple[bytes, bytes, bytes]],
-                      calls: list[Call]) -> None:
-        """The requests of a batch, from one caller: what `_decode_one_request` does for
-        each, with what they share (their sender, their service's handler) looked up once.
-        A request that is not plainly one to a handler of this node takes the long way."""
-        sender_id = wire.sender_of_requester(caller)
-        services, decode, lookup = self.registry.services, self.codec.decode, self.directory.lookup_peer
-        names = self._received_names["service"]
-        last_b, service, handler, here = b"", "", None, False
-        taken = taken_before = 0  # (the requests taken for one service in a row are counted at once)
-        # the hot path, as for streams: with nothing gathered before them (the order holds),
-        # the handler is called right here as each request is decoded, no Call, no hand-off
-        # (and no spans: with traces on, each run goes through serve_as like any other)
-        in_place = tracing.active is None  # (the driver holds the replies meanwhile: `replies_held`)
-        for service_b, request_id, body in requests:
-            if service_b != last_b:
-                if taken > taken_before:
-                    names.add(last_b, taken - taken_before)
-                    taken_before = taken
-                last_b, service = service_b, service_b.decode("utf-8", "replace")
-                handler = services.get(service) if service[:1] != "\x00" else None
-                here = in_place and handler is not None and self.runs_in_place([handler])
-            if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
-                self._decode_one_request((caller, request_id), service_b, body, None, calls)
-                continue
-            try:
-                data = decode(body)
-            except DecodeError:
-                self._decode_one_request((caller, request_id), service_b, body, None, calls)
-                continue
-            route = (caller, request_id)
-            msg = Message("request", service, data, sender_id, lookup, route=route)
-            taken += 1
-            if here and not calls:
-                self._serve_in_place(handler, msg, route)
-            else:
-                calls.append(Call(handler, msg, route, "service"))
-        if taken > taken_before:
-            names.add(last_b, taken - taken_before)
-        self.stats.pattern["service"]["received"] += taken
-        if taken and sender_id in self.directory.alive_ids:  # (still: it may have left while its handlers ran)
-            self.stats.peer_received[sender_id] += taken
-
-    def _decode_one_request(self, route: tuple[bytes, bytes], service_b: bytes, body: bytes, meta: bytes | None,
-                            calls: list[Call]) -> None:
-        counters = self.stats.pattern["service"]
-        if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
-            counters["errors"] += 1
-            self.stats.reject("service_malformed")
-            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
-            return
-        service = service_b.decode("utf-8", "replace")
-        sender_id = wire.sender_of_requester(route[0])
-        if service[:1] == "\x00" and self._serve_builtin(service, route, body, sender_id, calls):
-            return
-        handler = self.registry.services.get(service)
-        counters["received"] += 1
-        if handler is not None:
-            self._received_names["service"].add(service_b, 1)
-        if sender_id is not None and sender_id in self.directory.alive_ids:  # (members only, as for streams)
-            self.stats.peer_received[sender_id] += 1
-        if handler is None:
-            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
-            return
-        try:
-            data = self.codec.decode(body)
-        except DecodeError:
-            counters["errors"] += 1
-            self.stats.reject("service_malformed")
-            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
-            return
-        msg = Message("request", service, data, sender_id, self.directory.lookup_peer, route=route)
-        if meta is not None:
-            try:
-                info = self.codec.decode(meta)
-                msg.headers = wire.check_headers(info.get("h") or {})
-                msg.timestamp = wire.sent_at(info.get("t"))
-                via = info.get("v") or []
-                if not isinstance(via, list) or len(via) > MAX_CHAIN or \
-                        not all(isinstance(v, str) and len(v) <= 64 for v in via):
-                    raise DecodeError("a bad chain of waiting nodes")
-                msg.via = tuple(via)
-            except Exception:
-                counters["errors"] += 1
-                self.stats.reject("service_malformed")
-                self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
-                return
-        if meta is None and not calls and tracing.active is None and self.runs_in_place([handler]):
-            self._serve_in_place(handler, msg, route)
-            return
-        calls.append(Call(handler, msg, route, "service"))
-
     def _serve_in_place(self, handler: Callable[..., Any], msg: Message, route: tuple[bytes, bytes]) -> None:
         """Run a request's sync ``handler`` right where it was decoded and answer it: what
         `starting`, `run_sync`, `finished` and `complete` do for its `Call`, without one.
@@ -603,24 +504,6 @@ class Dispatcher:
                 error = CutShort(str(error))
         self.handler_finished(handler, started)
         self.answer(route, result, error)
-
-    def _serve_builtin(self, service: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
-                       calls: list[Call]) -> bool:
-        """Serve a request to a built-in service (their names begin with ``\\x00``); False
-        if ``service`` names none of them."""
-        if service.startswith(wire.QUEUE_SERVICE_PREFIX):
-            self.acked.decode(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
-            return True
-        if service.startswith(wire.KEEP_SERVICE_PREFIX):
-            self.acked.keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
-            return True
-        if service == wire.HISTORY_SERVICE:
-            self.history_pages.serve(route, body)
-            return True
-        if service == wire.STATS_SERVICE:  # built in: every node reports its counters
-            self.stats_service.serve(route)
-            return True
-        return False
 
     # -- replying ---------------------------------------------------------------------------
 
@@ -690,7 +573,7 @@ class Dispatcher:
         held = self._held
         size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
         if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
-            caller = route[0]  # (one object per frame received: see `_decode_request`)
+            caller = route[0]  # (one object per frame received: see `ServiceIntake.decode`)
             entry = held.get(caller)
             if entry is not None and ((entry[2] is not caller and len(entry[1]) >= EARLY_ITEMS) or
                                       wire.batch_full(entry[0], len(entry[1]), size)):

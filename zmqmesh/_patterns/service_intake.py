@@ -1,0 +1,181 @@
+"""Requests in: what a provider's service ROUTER received, decoded into calls of the
+service handlers, on the inbox's owner thread.
+
+A frame holds one request or a batch of them from one caller. A request that needs no
+handler is answered at once: malformed (``0x03``), to no service of this node (``0x02``),
+or to a built-in service (their names begin with ``\\x00``: at-least-once batches and
+the keeper's intake go to `AckedIntake`, stats and history pages to `builtin_services`).
+A request whose sync handler the driver lets run as it is decoded, with nothing gathered
+before it, is served right there (``serve_in_place``: no `Call`, no hand-off); the rest
+become calls, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .._mesh.directory import Directory
+from .._mesh.registry import Registry
+from .._observe import tracing
+from .._stats import Stats
+from .._wire import frames as wire
+from .._wire.codec import Codec
+from ..errors import DecodeError
+from ..message import Message
+from .builtin_services import HistoryPages, StatsService
+from .calls import Call
+from .intake import AckedIntake
+from .reqrep import MAX_CHAIN
+
+if TYPE_CHECKING:
+    from .history import History
+
+__all__ = ["ServiceIntake"]
+
+
+class ServiceIntake:
+    """Decodes the requests a provider received into calls (`decode`), answering at once
+    those that need no handler, through ``reply`` ``(route, status, body)``; ``in_place``
+    says whether the driver lets handlers run as they are decoded, and ``serve_in_place``
+    ``(handler, message, route)`` runs one and answers it."""
+
+    def __init__(self, *, registry: Registry, directory: Directory, codec: Codec, stats: Stats,
+                 acked: AckedIntake, describe: Callable[[], dict[str, Any]], history: History | None,
+                 reply: Callable[[tuple[bytes, bytes], bytes, bytes], None],
+                 in_place: Callable[[list[Callable[..., Any]]], bool],
+                 serve_in_place: Callable[[Callable[..., Any], Message, tuple[bytes, bytes]], None]) -> None:
+        self.registry = registry
+        self.directory = directory
+        self.codec = codec
+        self.stats = stats
+        self.acked = acked
+        self.send_reply = reply
+        self.in_place = in_place
+        self.serve_in_place = serve_in_place
+        self._received_names = stats.names("service", "received")  # (its one writer: the inbox's owner thread)
+        self.stats_service = StatsService(describe=describe, codec=codec, directory=directory, reply=reply)
+        self.history_pages = HistoryPages(history=history, codec=codec, stats=stats, reply=reply)
+
+    def decode(self, frames: list[bytes], calls: list[Call]) -> None:
+        """Decode what the router received from a caller (``frames``: a request, or a batch
+        of them) into ``calls``, serving in place or answering at once what it may (see the
+        class). Raises `DecodeError` (or whatever the wire's parsers raise) for a frame
+        that is no request at all: the caller of this counts it as malformed."""
+        if len(frames) == 2 and wire.is_batch(frames[1]):
+            self._decode_batch(wire.BatchCaller(frames[0]), wire.parse_request_batch(frames[1]), calls)
+            return
+        request = wire.parse_request(frames)
+        if request is None:
+            raise DecodeError("malformed request envelope")
+        self._decode_one_request(*request, calls)
+
+    def _decode_batch(self, caller: wire.BatchCaller, requests: list[tuple[bytes, bytes, bytes]],
+                      calls: list[Call]) -> None:
+        """The requests of a batch, from one caller: what `_decode_one_request` does for
+        each, with what they share (their sender, their service's handler) looked up once.
+        A request that is not plainly one to a handler of this node takes the long way."""
+        sender_id = wire.sender_of_requester(caller)
+        services, decode, lookup = self.registry.services, self.codec.decode, self.directory.lookup_peer
+        names = self._received_names
+        last_b, service, handler, here = b"", "", None, False
+        taken = taken_before = 0  # (the requests taken for one service in a row are counted at once)
+        # the hot path, as for streams: with nothing gathered before them (the order holds),
+        # the handler is called right here as each request is decoded, no Call, no hand-off
+        # (and no spans: with traces on, each run goes through serve_as like any other)
+        in_place = tracing.active is None  # (the driver holds the replies meanwhile: `replies_held`)
+        for service_b, request_id, body in requests:
+            if service_b != last_b:
+                if taken > taken_before:
+                    names.add(last_b, taken - taken_before)
+                    taken_before = taken
+                last_b, service = service_b, service_b.decode("utf-8", "replace")
+                handler = services.get(service) if service[:1] != "\x00" else None
+                here = in_place and handler is not None and self.in_place([handler])
+            if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
+                self._decode_one_request((caller, request_id), service_b, body, None, calls)
+                continue
+            try:
+                data = decode(body)
+            except DecodeError:
+                self._decode_one_request((caller, request_id), service_b, body, None, calls)
+                continue
+            route = (caller, request_id)
+            msg = Message("request", service, data, sender_id, lookup, route=route)
+            taken += 1
+            if here and not calls:
+                self.serve_in_place(handler, msg, route)
+            else:
+                calls.append(Call(handler, msg, route, "service"))
+        if taken > taken_before:
+            names.add(last_b, taken - taken_before)
+        self.stats.pattern["service"]["received"] += taken
+        if taken and sender_id in self.directory.alive_ids:  # (still: it may have left while its handlers ran)
+            self.stats.peer_received[sender_id] += taken
+
+    def _decode_one_request(self, route: tuple[bytes, bytes], service_b: bytes, body: bytes, meta: bytes | None,
+                            calls: list[Call]) -> None:
+        counters = self.stats.pattern["service"]
+        if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
+            counters["errors"] += 1
+            self.stats.reject("service_malformed")
+            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+            return
+        service = service_b.decode("utf-8", "replace")
+        sender_id = wire.sender_of_requester(route[0])
+        if service[:1] == "\x00" and self._serve_builtin(service, route, body, sender_id, calls):
+            return
+        handler = self.registry.services.get(service)
+        counters["received"] += 1
+        if handler is not None:
+            self._received_names.add(service_b, 1)
+        if sender_id is not None and sender_id in self.directory.alive_ids:  # (members only, as for streams)
+            self.stats.peer_received[sender_id] += 1
+        if handler is None:
+            self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
+            return
+        try:
+            data = self.codec.decode(body)
+        except DecodeError:
+            counters["errors"] += 1
+            self.stats.reject("service_malformed")
+            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+            return
+        msg = Message("request", service, data, sender_id, self.directory.lookup_peer, route=route)
+        if meta is not None:
+            try:
+                info = self.codec.decode(meta)
+                msg.headers = wire.check_headers(info.get("h") or {})
+                msg.timestamp = wire.sent_at(info.get("t"))
+                via = info.get("v") or []
+                if not isinstance(via, list) or len(via) > MAX_CHAIN or \
+                        not all(isinstance(v, str) and len(v) <= 64 for v in via):
+                    raise DecodeError("a bad chain of waiting nodes")
+                msg.via = tuple(via)
+            except Exception:
+                counters["errors"] += 1
+                self.stats.reject("service_malformed")
+                self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+                return
+        if meta is None and not calls and tracing.active is None and self.in_place([handler]):
+            self.serve_in_place(handler, msg, route)
+            return
+        calls.append(Call(handler, msg, route, "service"))
+
+    def _serve_builtin(self, service: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
+                       calls: list[Call]) -> bool:
+        """Serve a request to a built-in service (their names begin with ``\\x00``); False
+        if ``service`` names none of them."""
+        if service.startswith(wire.QUEUE_SERVICE_PREFIX):
+            self.acked.decode(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
+            return True
+        if service.startswith(wire.KEEP_SERVICE_PREFIX):
+            self.acked.keep(service[len(wire.KEEP_SERVICE_PREFIX):], route, body)
+            return True
+        if service == wire.HISTORY_SERVICE:
+            self.history_pages.serve(route, body)
+            return True
+        if service == wire.STATS_SERVICE:  # built in: every node reports its counters
+            self.stats_service.serve(route)
+            return True
+        return False
