@@ -789,7 +789,9 @@ def test_ids_a_full_disk_keeps_a_dedupe_puller_from_recording_are_counted_and_lo
         small_disk: Path, tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A dedupe puller whose store is full handles and acknowledges what comes, and cannot
     record the ids: each is counted (`pipeline.dedupe_unrecorded`), and the log says so
-    once, not once a message (before: 3,000 messages, 3,000 error lines and no counter)."""
+    once, not once a message (before: 3,000 messages, 3,000 error lines and no counter).
+    (A few commits may still fit in pages the store had already: under load, 30 to 70 of
+    the 2,000 ids were recorded. Each id is either recorded or counted.)"""
     import logging
 
     caplog.set_level(logging.ERROR, logger="zmqmesh")
@@ -801,8 +803,10 @@ def test_ids_a_full_disk_keeps_a_dedupe_puller_from_recording_are_counted_and_lo
         pusher.push_many("q", list(range(2000)), durable=True)
         wait_until(lambda: len(got) == 2000, 30, "2000 messages handled")
         wait_until(lambda: stored(tmp_path / "pusher") == 0, 20, "every message acknowledged")
-        assert node.stats()["pipeline"]["dedupe_unrecorded"] == 2000
+        unrecorded = node.stats()["pipeline"]["dedupe_unrecorded"]
         filler.unlink()
+    recorded = inspect_store(small_disk / "store")["handled"].get("q", 0)
+    assert unrecorded + recorded == 2000 and unrecorded >= 1000, (unrecorded, recorded)
     lines = [r for r in caplog.records if "as handled" in r.getMessage()]
     assert len(lines) == 1, f"{len(lines)} log lines for the ids unrecorded"
 
