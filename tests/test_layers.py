@@ -1051,7 +1051,7 @@ def test_late_frames_of_a_publisher_that_left_are_dropped_not_handled_out_of_ord
     connection's last message, though counted lost at the jump (tests/test_replay.py's
     frozen subscriber: 516 and 1,883 of them in two runs that failed)."""
     from zmqmesh._mesh.registry import Registry
-    from zmqmesh._patterns.dispatch import Dispatcher
+    from zmqmesh._patterns.inbound import Dispatcher
     from zmqmesh.config import NodeConfig
 
     publisher = PeerState(bytes.fromhex("bb" * 16), "tcp://127.0.0.1:1", "127.0.0.1")
@@ -1960,7 +1960,7 @@ def test_a_topic_name_finds_the_prefixes_it_starts_with_in_the_order_they_were_g
     prefixes (the empty one, nested ones, longer than the name) in any number."""
     import random
 
-    from zmqmesh._patterns.dispatch import PrefixIndex
+    from zmqmesh._patterns.inbound import PrefixIndex
 
     rng = random.Random(11)
     alphabet = "ab."

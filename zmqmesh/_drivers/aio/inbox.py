@@ -29,7 +29,7 @@ from ..._patterns.calls import (
     serve_as,
     served,
 )
-from ..._patterns.dispatch import HOLD_LIMIT_S, Dispatcher
+from ..._patterns.inbound import HOLD_LIMIT_S, Dispatcher
 from ..._patterns.replay import Fetch
 from .runner import AsyncRunner
 

@@ -1,7 +1,7 @@
 """The thread driver of `Node`: blocking waits, requests from threads, and the inbox thread.
 
 Everything here only waits; the logic it waits for lives below (plans in `_engine.api`
-and `_patterns.reqrep`, decoding in `_patterns.dispatch`, the stop plan in
+and `_patterns.reqrep`, decoding in `_patterns.inbound`, the stop plan in
 `_engine.stop`). Its asyncio twin is `_drivers.aio`, module for module but for `waits`
 (there, in its `runner`):
 

@@ -23,7 +23,7 @@ from ..._engine.engine import Engine
 from ..._io.sockets import with_input
 from ..._io.waker import Waker
 from ..._patterns.calls import Call, CutShort, is_async, run_async, run_sync
-from ..._patterns.dispatch import Dispatcher
+from ..._patterns.inbound import Dispatcher
 from ..._patterns.replay import Fetch
 from ...errors import NodeClosedError
 

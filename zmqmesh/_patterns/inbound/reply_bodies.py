@@ -10,11 +10,11 @@ node's would lose its connection to a larger reply (`callers_limit`, `within`).
 
 from __future__ import annotations
 
-from .._mesh.directory import Directory
-from .._wire import frames as wire
-from .._wire.codec import Codec
-from ..errors import MessageTooLargeError, NodeClosedError
-from .calls import CutShort
+from ..._mesh.directory import Directory
+from ..._wire import frames as wire
+from ..._wire.codec import Codec
+from ...errors import MessageTooLargeError, NodeClosedError
+from ..calls import CutShort
 
 __all__ = ["callers_limit", "error_body", "within"]
 

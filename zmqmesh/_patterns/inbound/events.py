@@ -14,10 +14,10 @@ import logging
 import threading
 from collections import deque
 
-from .._stats import LogThrottle, Stats
-from ..config import NodeConfig
-from ..message import Message
-from .calls import Call
+from ..._stats import LogThrottle, Stats
+from ...config import NodeConfig
+from ...message import Message
+from ..calls import Call
 
 __all__ = ["EventCallbacks"]
 

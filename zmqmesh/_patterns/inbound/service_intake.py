@@ -15,21 +15,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._mesh.directory import Directory
-from .._mesh.registry import Registry
-from .._observe import tracing
-from .._stats import Stats
-from .._wire import frames as wire
-from .._wire.codec import Codec
-from ..errors import DecodeError
-from ..message import Message
+from ..._mesh.directory import Directory
+from ..._mesh.registry import Registry
+from ..._observe import tracing
+from ..._stats import Stats
+from ..._wire import frames as wire
+from ..._wire.codec import Codec
+from ...errors import DecodeError
+from ...message import Message
+from ..calls import Call
+from ..intake import AckedIntake
+from ..reqrep import MAX_CHAIN
 from .builtin_services import HistoryPages, StatsService
-from .calls import Call
-from .intake import AckedIntake
-from .reqrep import MAX_CHAIN
 
 if TYPE_CHECKING:
-    from .history import History
+    from ..history import History
 
 __all__ = ["ServiceIntake"]
 

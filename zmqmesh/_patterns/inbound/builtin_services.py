@@ -11,15 +11,15 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._mesh.directory import Directory
-from .._stats import LogThrottle, Stats
-from .._wire import frames as wire
-from .._wire.codec import Codec
-from ..errors import MessageTooLargeError
+from ..._mesh.directory import Directory
+from ..._stats import LogThrottle, Stats
+from ..._wire import frames as wire
+from ..._wire.codec import Codec
+from ...errors import MessageTooLargeError
 from .reply_bodies import callers_limit, error_body, within
 
 if TYPE_CHECKING:
-    from .history import History
+    from ..history import History
 
 __all__ = ["HistoryPages", "StatsService"]
 
@@ -88,7 +88,7 @@ class HistoryPages:
         if self.history is None:
             self.reply(route, wire.STATUS_NO_SERVICE, b"")
             return
-        from .history import PAGE_ROWS  # (loaded with the node's History)
+        from ..history import PAGE_ROWS  # (loaded with the node's History)
 
         try:
             request = self.codec.decode(body)

@@ -17,10 +17,10 @@ from typing import Any
 
 import zmq
 
-from .._io.sockets import recv_frames
-from .._stats import Stats
-from .._wire.codec import Codec
-from .calls import BatchAck, CursorMark
+from ..._io.sockets import recv_frames
+from ..._stats import Stats
+from ..._wire.codec import Codec
+from ..calls import BatchAck, CursorMark
 
 __all__ = ["LeftAtStop"]
 

@@ -7,7 +7,7 @@ drivers talk to: it drains the sockets, keeps the message loops of the streams (
 hand to handler), runs and answers requests and holds their replies for batches, and
 gives each other job to a collaborator it makes: the requests received and the built-in
 services (`service_intake`, `builtin_services`), at-least-once batches and the keeper's
-intake (`intake`), replaying subscriptions (`replay`), the topics subscribed to and their
+intake (`_patterns.intake`), replaying subscriptions (`_patterns.replay`), the topics subscribed to and their
 gaps (`subscriptions`), the event callbacks posted (`events`), large replies
 (`large_replies`), the bodies of error replies (`reply_bodies`), which handlers are quick
 (`handler_times`) and what a stop leaves unhandled (`left_at_stop`). The drivers
@@ -38,32 +38,39 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .._io.sockets import has_input, recv_frames, send_frames, with_input
-from .._mesh.directory import Directory
-from .._mesh.registry import Registry
-from .._observe import tracing
-from .._stats import LogThrottle, Stats
-from .._store.messages import Entry
-from .._wire import frames as wire
-from .._wire.codec import Codec
-from ..config import NodeConfig
-from ..errors import DecodeError, NodeClosedError
-from ..message import Message, Origin, frame_deliveries
-from .calls import BatchAck, Call, CursorMark, CutShort, handler_failure, handler_raised
+from ..._io.sockets import has_input, recv_frames, send_frames, with_input
+from ..._mesh.directory import Directory
+from ..._mesh.registry import Registry
+from ..._observe import tracing
+from ..._stats import LogThrottle, Stats
+from ..._store.messages import Entry
+from ..._wire import frames as wire
+from ..._wire.codec import Codec
+from ...config import NodeConfig
+from ...errors import DecodeError, NodeClosedError
+from ...message import Message, Origin, frame_deliveries
+from ..calls import (
+    BatchAck,
+    Call,
+    CursorMark,
+    CutShort,
+    handler_failure,
+    handler_raised,
+)
+from ..intake import AckedIntake
+from ..replay import Fetch, Replays
+from ..request_batches import EARLY_ITEMS
 from .events import EventCallbacks
 from .handler_times import HOLD_LIMIT_S, HandlerTimes
-from .intake import AckedIntake
 from .large_replies import LargeReplies
 from .left_at_stop import LeftAtStop
-from .replay import Fetch, Replays
 from .reply_bodies import callers_limit, error_body, within
-from .request_batches import EARLY_ITEMS
 from .service_intake import ServiceIntake
 from .subscriptions import PrefixIndex, Subscriptions
 
 if TYPE_CHECKING:
-    from .._store.store import Store
-    from .history import History
+    from ..._store.store import Store
+    from ..history import History
 
 __all__ = ["Dispatcher", "HOLD_LIMIT_S", "PrefixIndex"]
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import zmq
 
-from .._io.sockets import send_tracked
-from .._stats import Stats
-from .._wire import frames as wire
-from .._wire.codec import Codec
-from ..config import NodeConfig
-from ..errors import ZmqMeshError
+from ..._io.sockets import send_tracked
+from ..._stats import Stats
+from ..._wire import frames as wire
+from ..._wire.codec import Codec
+from ...config import NodeConfig
+from ...errors import ZmqMeshError
+from ..unsent import MAX_CALLERS, UnsentReplies
 from .reply_bodies import error_body
-from .unsent import MAX_CALLERS, UnsentReplies
 
 __all__ = ["LargeReplies"]
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import zmq
 
-from .._mesh.directory import Directory
-from .._mesh.registry import Registry
-from .._stats import LogThrottle, Stats
-from .pubsub import GapCounter
+from ..._mesh.directory import Directory
+from ..._mesh.registry import Registry
+from ..._stats import LogThrottle, Stats
+from ..pubsub import GapCounter
 
 __all__ = ["PrefixIndex", "Subscriptions"]
 
