@@ -132,6 +132,18 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _listen_address(text: str) -> str:
+    """An argparse type: where the gateway listens, ``host:port`` (``[::1]:port`` for an
+    IPv6 address), the port from 0 (any free one) to 65535. (`run_gateway` checks the
+    same for a caller of its own.)"""
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"must be host:port with a port from 0 to 65535, got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     mesh = argparse.ArgumentParser(add_help=False)
     group = mesh.add_argument_group("mesh")
@@ -155,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--orders", type=_count, default=8, help="orders to push through the mesh")
 
     gateway = sub.add_parser("gateway", parents=[mesh], help="serve HTTP (JSON routes, SSE, dashboard) for the mesh")
-    gateway.add_argument("--listen", default="127.0.0.1:8080", help="host:port (default 127.0.0.1:8080)")
+    gateway.add_argument("--listen", type=_listen_address, default="127.0.0.1:8080", help="host:port (default 127.0.0.1:8080)")
     gateway.add_argument("--token", default=None, help="bearer token (required off loopback; or ZMQMESH_GATEWAY_TOKEN)")
     gateway.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                          help="a Host name to answer besides loopback and the listen host (repeatable)")
