@@ -629,6 +629,29 @@ def test_a_launch_file_whose_mesh_option_is_no_string_is_a_bad_file(tmp_path: An
     assert result.stdout == ""
 
 
+def test_a_launch_file_hands_true_and_false_to_its_processes_as_it_writes_them(tmp_path: Any) -> None:
+    """``env = { DEBUG = true }`` reached the process as ``DEBUG=True`` (Python's spelling,
+    which a program testing for "true" takes as false), and so did a [mesh] option; a date
+    in [mesh] was handed on as text though the launcher names it no value it takes. True
+    and false now reach it as the file writes them, numbers in decimal; a date is a bad file."""
+    (tmp_path / "show.py").write_text("import os\nfor k in ('A', 'B', 'N', 'F', 'ZMQMESH_DISCOVERY'):\n"
+                                      "    print(f'{k}={os.environ.get(k)!r}')\n")
+    launch_file = tmp_path / "env.toml"
+    launch_file.write_text('[mesh]\ndiscovery = false\n[[process]]\nname = "a"\ncommand = ["python3", "show.py"]\n'
+                           'env = { A = true, B = false, N = 8080, F = 1.5 }\n')
+    result = run("launch", str(launch_file), timeout=30)
+    assert result.returncode == 0, result
+    assert [line for line in result.stdout.splitlines() if "=" in line] == [
+        "[a] A='true'", "[a] B='false'", "[a] N='8080'", "[a] F='1.5'", "[a] ZMQMESH_DISCOVERY='false'"]
+    for table in ("[mesh]\nname = 1979-05-27\n", ""):
+        entry = "" if table else "env = { D = 1979-05-27 }\n"
+        launch_file.write_text(f'{table}[[process]]\nname = "a"\ncommand = ["true"]\n{entry}')
+        result = run("launch", str(launch_file), timeout=30)
+        said = ("mesh.name must be a string, a number, true or false, or a list of strings" if table
+                else "process #1 (a): 'env' must be a table of strings, numbers, true or false")
+        assert (result.returncode, result.stderr.strip(), result.stdout) == (2, f"zmqmesh: error: {launch_file}: {said}", "")
+
+
 @pytest.mark.parametrize(("entry", "error"), [
     ('cwd = 5', "process #1 (a): 'cwd' must name a directory, got 5"),
     ('cwd = "no-such-dir"', "process #1 (a): 'cwd' must name a directory, got 'no-such-dir'"),

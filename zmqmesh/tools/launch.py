@@ -11,7 +11,7 @@ The file::
     command = ["python3", "examples/order_processing.py", "worker"]   # or one string
     count = 2                    # optional, default 1
     restart = "on-failure"       # "never" (default), "on-failure" or "always"
-    env = { LOG_LEVEL = "info" } # optional
+    env = { LOG_LEVEL = "info" } # optional: strings, numbers, true/false (given as written)
     cwd = "."                    # optional, relative to the file
     store = "state/worker"       # optional: a durable store per process (state/worker-1, ...)
 
@@ -99,6 +99,20 @@ def _is_directory(path: Path) -> bool:
         return False
 
 
+def _is_scalar(value: object) -> bool:
+    """Whether a launch file's value can be an environment variable's: a string, a number,
+    true or false (not a table, a list, a date or a time)."""
+    return isinstance(value, (str, int, float, bool))
+
+
+def _env_text(value: str | float | bool) -> str:
+    """A launch file's value as an environment variable holds it: true and false as the
+    file writes them (not Python's ``True``), a number in decimal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
     """Parse and check a launch file; returns the processes and the stop timeout.
 
@@ -129,9 +143,9 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
             raise LaunchError(f"{path}: a store serves one node: give 'store' per [[process]], not in [mesh]")
         if key not in _MESH_KEYS:
             raise LaunchError(f"{path}: unknown key mesh.{key} (known: name and every node option)")
-        if isinstance(value, dict) or (isinstance(value, list) and not all(isinstance(v, str) for v in value)):
+        if not (_is_scalar(value) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise LaunchError(f"{path}: mesh.{key} must be a string, a number, true or false, or a list of strings")
-        base_env[f"ZMQMESH_{_MESH_KEYS[key]}"] = ",".join(value) if isinstance(value, list) else str(value)
+        base_env[f"ZMQMESH_{_MESH_KEYS[key]}"] = ",".join(value) if isinstance(value, list) else _env_text(value)
     entries = data.get("process")
     if not isinstance(entries, list) or not entries:
         raise LaunchError(f"{path}: no [[process]] entries")
@@ -161,8 +175,8 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
             raise LaunchError(f"{where} ({name}): 'count' must be an integer 1..1000")
         if restart not in _RESTARTS:
             raise LaunchError(f"{where} ({name}): 'restart' must be one of {', '.join(_RESTARTS)}")
-        if not isinstance(env, dict) or not all(isinstance(v, (str, int, float, bool)) for v in env.values()):
-            raise LaunchError(f"{where} ({name}): 'env' must be a table of strings")
+        if not isinstance(env, dict) or not all(_is_scalar(v) for v in env.values()):
+            raise LaunchError(f"{where} ({name}): 'env' must be a table of strings, numbers, true or false")
         cwd = entry.get("cwd", ".")
         if not isinstance(cwd, str) or "\0" in cwd or not _is_directory(path.parent / cwd):
             raise LaunchError(f"{where} ({name}): 'cwd' must name a directory, got {cwd!r}")
@@ -180,7 +194,7 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
                     name=name if count == 1 else f"{name}-{k + 1}",
                     command=[sys.executable if c in ("python", "python3") and j == 0 else c for j, c in enumerate(command)],
                     restart=restart,
-                    env={**base_env, **stored, **{k2: str(v) for k2, v in env.items()}},
+                    env={**base_env, **stored, **{k2: _env_text(v) for k2, v in env.items()}},
                     cwd=cwd,
                 )
             )
