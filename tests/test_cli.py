@@ -392,6 +392,31 @@ def test_launch_leaves_nothing_running_that_its_processes_started(tmp_path: Any,
 
 
 @pytest.mark.timeout(120)
+def test_launch_tries_again_a_process_it_cannot_start_again_while_the_others_run_on(tmp_path: Any) -> None:
+    # the executable of a process that crashed was deleted before its restart: the
+    # launcher ended with status 2 ("cannot start"), stopping every other process with it
+    (tmp_path / "gone.sh").write_text("#!/bin/sh\necho up\nwhile [ ! -e go ]; do sleep 0.05; done\nexit 3\n")
+    (tmp_path / "gone.sh").chmod(0o755)
+    (tmp_path / "stops.py").write_text(STOPS_AS_TOLD)
+    proc = _launcher(tmp_path, 'stop_timeout_s = 5\n[[process]]\nname = "gone"\ncommand = ["./gone.sh"]\n'
+                               'restart = "on-failure"\n'
+                               '[[process]]\nname = "stays"\ncommand = ["python3", "stops.py", "handles"]\n')
+    with lines_of(proc) as (out, err):
+        wait_until(lambda: "[gone ] up" in out and "[stays] up" in out, 60, "both processes up")
+        (tmp_path / "gone.sh").unlink()
+        (tmp_path / "go").touch()
+        wait_until(lambda: proc.poll() is not None or sum("cannot start './gone.sh'" in line for line in out) >= 2, 60,
+                   "two failed starts")
+        assert proc.poll() is None, (out, err)  # (before: status 2, "zmqmesh: error: gone: cannot start ...")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    failed = [line for line in out if "cannot start" in line]
+    assert failed[:2] == ["[gone ] cannot start './gone.sh': No such file or directory; trying again in 1 s",
+                          "[gone ] cannot start './gone.sh': No such file or directory; trying again in 2 s"], out
+    assert "[stays] stopped cleanly" in out and proc.returncode == 0, (out, err)
+
+
+@pytest.mark.timeout(120)
 def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any) -> None:
     # the launcher said "exited" and returned as soon as a process ended, while the
     # threads that copy its output had lines still to write: behind a slow reader,

@@ -27,7 +27,9 @@ exits 141, as a command that SIGPIPE ends (1 when its output fails otherwise, a 
 disk, a closed terminal: logged); after SIGTERM or SIGHUP it exits 0 if every process
 stopped cleanly (status 0 or 143, or ended by the SIGTERM) and nothing had to be
 killed, 1 otherwise (or if one had ended by itself with another status than 0). Without restarts,
-it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay.
+it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay;
+a restart that cannot start it (its command deleted meanwhile) is said, and tried again
+the same way, while the others run on.
 """
 
 from __future__ import annotations
@@ -264,7 +266,9 @@ class Launcher:
         its place in the file, and its restarts so far."""
         return f"{self._place[name]}.{self.restarts[name]}"
 
-    def _start(self, spec: ProcessSpec) -> None:
+    def _start(self, spec: ProcessSpec) -> str | None:
+        """Start one process and the thread copying its output; None, or why it could not
+        be started (its command or its ``cwd`` gone, its environment refused)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env, MARK: f"{self._mark}/{self._tag(spec.name)}"}
         try:
             proc = subprocess.Popen(
@@ -273,13 +277,14 @@ class Launcher:
                 start_new_session=True,
             )
         except OSError as exc:
-            raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc.strerror or exc}") from None
+            return f"cannot start {spec.command[0]!r}: {exc.strerror or exc}"
         except ValueError as exc:  # (a NUL in its command or environment, an environment name with '=')
-            raise LaunchError(f"{spec.name}: cannot start {spec.command[0]!r}: {exc}") from None
+            return f"cannot start {spec.command[0]!r}: {exc}"
         self.procs[spec.name] = proc
         self._pumps[spec.name] = pump = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
         pump.start()
         self.say(spec.name, f"started (pid {proc.pid})")
+        return None
 
     def _pump(self, name: str, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
@@ -300,7 +305,8 @@ class Launcher:
         status = 0
         try:
             for spec in self.specs:
-                self._start(spec)
+                if (failed := self._start(spec)) is not None:  # (the file names a command that cannot start)
+                    raise LaunchError(f"{spec.name}: {failed}")
             by_name = {s.name: s for s in self.specs}
             pending_restart: dict[str, float] = {}
             draining: dict[str, float] = {}  # (ended; their last lines still being read: since when)
@@ -322,7 +328,7 @@ class Launcher:
                     self.say(name, f"exited with status {code}" + ("; restarting" if wants else ""))
                     if wants:
                         self.restarts[name] += 1
-                        pending_restart[name] = now + min(0.5 * 2 ** min(self.restarts[name] - 1, 5), 10.0)
+                        pending_restart[name] = now + _restart_delay(self.restarts[name])
                     else:
                         del self.procs[name]
                         if code != 0:
@@ -330,7 +336,13 @@ class Launcher:
                 for name, when in list(pending_restart.items()):
                     if now >= when:
                         del pending_restart[name]
-                        self._start(by_name[name])
+                        # one that cannot start again (its command deleted, its cwd gone) is a
+                        # failed start: tried again as a crash would be, while the others run on
+                        if (failed := self._start(by_name[name])) is not None:
+                            self.restarts[name] += 1
+                            delay = _restart_delay(self.restarts[name])
+                            self.say(name, f"{failed}; trying again in {delay:g} s")
+                            pending_restart[name] = now + delay
                 self._sweep_leftovers(now)
                 self._sweep_orphans(now, now + self.stop_timeout_s)
                 if not self.procs and not self._leftovers and not self._orphans:
@@ -455,6 +467,11 @@ class Launcher:
 
 
 _LEFT_KILLED = "killed what it left running: it did not stop in time"
+
+
+def _restart_delay(restarts: int) -> float:
+    """Seconds before the start after ``restarts`` crashes or failed starts: 0.5, doubling, 10 at most."""
+    return min(0.5 * 2.0 ** min(restarts - 1, 5), 10.0)
 
 
 def _wants_restart(restart: str, code: int) -> bool:
