@@ -251,6 +251,47 @@ def test_launch_stops_everything_when_the_reader_of_its_output_goes_away(tmp_pat
     assert not pid_alive(child)
 
 
+@pytest.mark.timeout(120)
+def test_launch_stops_in_bounded_time_when_the_reader_of_its_output_takes_nothing(tmp_path: Any) -> None:
+    # stdout to a pipe nobody reads, a chatty process: the launcher's write blocked for
+    # ever, so did its SIGTERM stop (still running 15 s later with stop_timeout_s = 2),
+    # and the process ran on with it
+    import fcntl
+    import termios
+
+    (tmp_path / "chatty.py").write_text("while True:\n    print('line ' * 10, flush=True)\n")
+    read_end, write_end = os.pipe()
+    try:
+        proc = _launcher(tmp_path, 'stop_timeout_s = 2\n[[process]]\nname = "chatty"\ncommand = ["python3", "chatty.py"]\n',
+                         stdout=write_end)
+        os.close(write_end)
+        capacity = fcntl.fcntl(read_end, 1032)  # (F_GETPIPE_SZ)
+
+        def waiting() -> int:
+            buf = bytearray(4)
+            fcntl.ioctl(read_end, termios.FIONREAD, buf)
+            return int.from_bytes(buf, sys.byteorder)
+
+        try:
+            wait_until(lambda: waiting() >= capacity // 2 and _children(proc.pid), 60, "the pipe filling")
+            child = _children(proc.pid)[0]
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(60)
+            assert proc.poll() is not None, "the launcher did not stop"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+    finally:
+        os.close(read_end)
+    assert not pid_alive(child)
+    assert proc.returncode == 0, err
+    assert "lines of output not written: its reader did not take them in time" in err and "Traceback" not in err, err
+
+
 def _running_with(token: str) -> list[int]:
     """The processes whose command line holds ``token``."""
     found = []

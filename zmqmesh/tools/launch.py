@@ -26,7 +26,9 @@ its output goes away (``zmqmesh launch f.toml | head``), it stops them all the s
 exits 141, as a command that SIGPIPE ends (1 when its output fails otherwise, a full
 disk, a closed terminal: logged); after SIGTERM or SIGHUP it exits 0 if every process
 stopped cleanly (status 0 or 143, or ended by the SIGTERM) and nothing had to be
-killed, 1 otherwise (or if one had ended by itself with another status than 0). Without restarts,
+killed, 1 otherwise (or if one had ended by itself with another status than 0). A stop
+is bounded whatever the reader of its output does: a reader that takes nothing loses
+the lines queued for it (`_Output`: counted, said on stderr). Without restarts,
 it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay;
 a restart that cannot start it (its command deleted meanwhile) is said, and tried again
 the same way, while the others run on.
@@ -43,6 +45,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -64,6 +68,13 @@ log = logging.getLogger("zmqmesh.launch")
 _LINE_CHARS = 65536
 """The longest line of a process's output written as one: a longer one (output with no
 line end, however long) is written in pieces of this many characters, never held whole."""
+_QUEUED_CHARS = 2**20
+"""Output the launcher holds for its reader, in characters: past it, while the processes
+run, a process's next line waits for room (and the process, its pipe full, for the
+line); during a stop it is dropped, counted (`_Output`). The launcher's own lines may
+take as much again."""
+_WRITE_CHARS = 65536
+"""The most output written to the reader at once."""
 _RESTARTS = ("never", "on-failure", "always")
 _LONGEST_STOP_S = 3600
 _LONGEST_FILE = 16 * 2**20
@@ -210,6 +221,118 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
     return specs, float(timeout)
 
 
+class _Output:
+    """The launcher's output, written by a thread of its own, so that a reader that takes
+    nothing (a full pipe nobody reads, a stopped terminal) holds up neither the launcher
+    nor its stop: lines wait in a queue of `_QUEUED_CHARS` at most. While the processes
+    run, a process's line waits for room in it (`put` with ``wait``); once `hurry` is
+    called (a stop), no line waits and one with no room is dropped, counted; `close`
+    gives what is still queued a bounded time and counts what is left. ``on_gone`` is
+    called, from the writing thread, when the output's reader went away or it cannot be
+    written (then `gone`, and `failed` but for a reader gone): nothing is written from
+    then on, and nothing counted."""
+
+    def __init__(self, out: TextIO, on_gone: Callable[[], None]) -> None:
+        self.out = out
+        self.gone = False
+        self.failed: OSError | None = None
+        self.dropped = 0
+        self._on_gone = on_gone
+        self._lines: deque[str] = deque()
+        self._chars = 0  # (queued, with those being written)
+        self._writing = 0  # (lines taken from the queue and not yet written)
+        self._hurry = False
+        self._closed = False
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._write_all, name="zmqmesh-launch-output", daemon=True)
+
+    def start(self) -> None:
+        """Start writing (what was put before is written first)."""
+        self._thread.start()
+
+    def put(self, text: str, wait: bool) -> None:
+        """Queue ``text`` to be written; with ``wait`` (a process's line), wait for room
+        until `hurry`. Without room, the line is dropped and counted. Raises nothing."""
+        with self._ready:
+            room = _QUEUED_CHARS if wait else 2 * _QUEUED_CHARS
+            while wait and not (self._hurry or self.gone) and self._chars >= room:
+                self._ready.wait()
+            if self.gone:
+                return
+            if self._closed or self._chars >= room:
+                self.dropped += 1
+                return
+            self._lines.append(text)
+            self._chars += len(text)
+            self._ready.notify_all()
+
+    def hurry(self) -> None:
+        """A stop has begun: no line waits for room from now on."""
+        with self._ready:
+            self._hurry = True
+            self._ready.notify_all()
+
+    def close(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for what is queued to be written, then write
+        nothing more; how many lines were not written (dropped, or left). Idempotent: 0
+        after the first."""
+        with self._ready:
+            if self._closed:
+                return 0
+            self._hurry = True
+            self._ready.notify_all()
+            if self._thread.is_alive():
+                self._ready.wait_for(lambda: self.gone or not (self._lines or self._writing), timeout)
+            self._closed = True
+            lost = 0 if self.gone else self.dropped + len(self._lines) + self._writing
+            self._lines.clear()
+            self._ready.notify_all()
+            return lost
+
+    def _write_all(self) -> None:
+        try:
+            self.out.flush()  # (what was written to it before, first)
+            fd: int | None = self.out.fileno()
+        except (OSError, ValueError):  # (an ``out`` without a file of its own: written to as it is)
+            fd = None
+        encoding = getattr(self.out, "encoding", None) or "utf-8"
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: self._lines or self._closed)
+                if not self._lines:
+                    return
+                batch = [self._lines.popleft()]
+                size = len(batch[0])
+                while self._lines and size + len(self._lines[0]) <= _WRITE_CHARS:
+                    batch.append(self._lines.popleft())
+                    size += len(batch[-1])
+                self._writing = len(batch)
+            text = "".join(batch)
+            try:
+                if fd is None:
+                    self.out.write(text)
+                    self.out.flush()
+                else:  # (not through ``out``'s buffer: its lock, held in a write that never ends, would stall the exit)
+                    data = memoryview(text.encode(encoding, "backslashreplace"))
+                    while data:
+                        data = data[os.write(fd, data):]
+            except OSError as exc:
+                with self._ready:
+                    self.gone = True
+                    if not isinstance(exc, BrokenPipeError):
+                        self.failed = exc
+                    self._lines.clear()
+                    self._writing = 0
+                    self._ready.notify_all()
+                write_nowhere(self.out)
+                self._on_gone()
+                return
+            with self._ready:
+                self._writing = 0
+                self._chars -= size
+                self._ready.notify_all()
+
+
 class Launcher:
     """Runs the processes of a launch file and multiplexes their output."""
 
@@ -224,14 +347,12 @@ class Launcher:
         the program exits."""
         self.stop_timeout_s = stop_timeout_s
         self.out = out
+        self._output = _Output(out, self._stopping_for_output)
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.restarts: dict[str, int] = {s.name: 0 for s in specs}
         self._place = {s.name: i for i, s in enumerate(specs)}  # (a process's place in the file: `_tag`)
         self._stopping = StopFlag()  # (raised by a signal handler: no threading.Event, see StopFlag)
-        self._lock = threading.Lock()
         self._width = max(len(s.name) for s in specs)
-        self.out_gone = False  # (the reader of ``out`` went away: nothing is printed, all stop)
-        self.out_failed: OSError | None = None  # (or ``out`` failed otherwise: a full disk, a closed terminal)
         self.killed = 0  # (processes SIGKILLed because they did not stop in time: groups, or pids outside them)
         # process groups whose leader ended while others of the group ran on (what it
         # started): group id -> (name, when to SIGKILL them if they are still there)
@@ -243,23 +364,28 @@ class Launcher:
         self._mark = f"{os.getpid()}.{secrets.token_hex(8)}"
         self._pumps: dict[str, threading.Thread] = {}  # (each process's output reader)
 
-    def say(self, name: str, line: str) -> None:
-        """Print one line prefixed with the process name. When the reader of the output
-        has gone, or the output cannot be written (a full disk, a terminal closed), print
-        nothing more and stop everything (children still have their output read, so that
-        none blocks on a full pipe meanwhile)."""
-        with self._lock:
-            if self.out_gone:
-                return
-            try:
-                self.out.write(f"[{name:<{self._width}}] {line}\n")
-                self.out.flush()
-            except OSError as exc:
-                if not isinstance(exc, BrokenPipeError):
-                    self.out_failed = exc
-                self.out_gone = True
-                self._stopping.set()
-                write_nowhere(self.out)
+    @property
+    def out_gone(self) -> bool:
+        """Whether the reader of the output went away, or it could not be written (then
+        nothing more is written, and every process stops)."""
+        return self._output.gone
+
+    @property
+    def out_failed(self) -> OSError | None:
+        """Why the output could not be written (a full disk, a closed terminal), if it could not."""
+        return self._output.failed
+
+    def _stopping_for_output(self) -> None:
+        self._stopping.set()
+
+    def say(self, name: str, line: str, *, wait: bool = False) -> None:
+        """Write one line prefixed with the process name, by the thread that writes the
+        output: a process's lines (``wait``) wait for room while the processes run; none
+        waits during a stop, and one with no room is dropped, counted (`_Output`). When
+        the reader of the output has gone, or the output cannot be written (a full disk,
+        a terminal closed), nothing more is written and everything stops (children
+        still have their output read, so that none blocks on a full pipe meanwhile)."""
+        self._output.put(f"[{name:<{self._width}}] {line}\n", wait)
 
     def _tag(self, name: str) -> str:
         """Which start of which process the mark of what it starts ends with (``MARK=mark/tag``):
@@ -289,7 +415,7 @@ class Launcher:
     def _pump(self, name: str, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         while line := proc.stdout.readline(_LINE_CHARS):
-            self.say(name, line.rstrip("\n"))
+            self.say(name, line.rstrip("\n"), wait=True)
         proc.stdout.close()
 
     def run(self) -> int:
@@ -303,6 +429,7 @@ class Launcher:
         previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
         adopting = adopt_orphans()
         status = 0
+        self._output.start()
         try:
             for spec in self.specs:
                 if (failed := self._start(spec)) is not None:  # (the file names a command that cannot start)
@@ -346,8 +473,10 @@ class Launcher:
                 self._sweep_leftovers(now)
                 self._sweep_orphans(now, now + self.stop_timeout_s)
                 if not self.procs and not self._leftovers and not self._orphans:
+                    self._finish_output()
                     return status
                 self._stopping.wait(0.1)
+            self._output.hurry()  # (a stop is bounded, whatever the output's reader does)
             for name, proc in self.procs.items():  # ended by themselves, not told yet (or their last lines being read)
                 code = proc.poll()
                 if code is not None and name not in pending_restart:
@@ -355,6 +484,7 @@ class Launcher:
                     if code != 0 and not _wants_restart(by_name[name].restart, code):
                         status = 1
             clean = self._stop_all()
+            self._finish_output()
             if signal.SIGINT in interrupted:  # Ctrl-C: as every command
                 return 130
             if self.out_failed is not None:
@@ -365,10 +495,19 @@ class Launcher:
             return status if clean else 1
         finally:
             self._stop_all()
+            self._finish_output()
             if adopting:
                 adopt_orphans(False)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _finish_output(self) -> None:
+        """Give the output still queued ``stop_timeout_s`` to be written, and say on stderr
+        how many lines its reader did not take (dropped during a stop, or left)."""
+        lost = self._output.close(self.stop_timeout_s)
+        if lost:
+            log.error("%d line%s of output not written: its reader did not take %s in time",
+                      lost, "" if lost == 1 else "s", "it" if lost == 1 else "them")
 
     def _stop_leftovers(self, name: str, proc: subprocess.Popen[str], now: float) -> None:
         """``proc`` ended: SIGTERM what it left running in its group (its number stays
