@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -457,6 +458,42 @@ def test_launch_tries_again_a_process_it_cannot_start_again_while_the_others_run
     assert "[stays] stopped cleanly" in out and proc.returncode == 0, (out, err)
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not yet collected, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watch reads /proc (Linux)")
+def test_launch_killed_leaves_nothing_running_that_it_started(tmp_path: Any) -> None:
+    # SIGKILL to the launcher (the OOM killer, kill -9, a supervisor's last resort) left
+    # its processes, and what they started, running for good
+    (tmp_path / "starter.py").write_text(STARTS_A_GRANDCHILD)
+    proc = _launcher(tmp_path, 'stop_timeout_s = 1\n[[process]]\nname = "starter"\n'
+                               'command = ["python3", "starter.py", "detached", "stay"]\n')
+    pids: list[int] = []
+    try:
+        with lines_of(proc) as (out, err):
+            line = wait_until(lambda: next((x for x in out if "] grandchild " in x and "up" not in x), None), 60,
+                              "the grandchild")
+            pids = [int(str(line).split()[-1]), *(int(m.group(1)) for x in out if (m := re.search(r"pid (\d+)", x)))]
+            watch = [pid for pid in _children(proc.pid) if b"_launch_watch" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            proc.kill()
+            proc.wait(30)
+            wait_until(lambda: not any(_running(pid) for pid in pids), 60, "the child and the grandchild to be gone")
+            wait_until(lambda: not any(_running(pid) for pid in watch), 60, "the watch to be gone")
+    finally:
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert len(pids) == 2 and len(watch) == 1, (pids, watch, out)
+    assert any("stopped 2" in x for x in err), err  # (the watch writes to the launcher's stderr)
+
+
 @pytest.mark.timeout(120)
 def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any) -> None:
     # the launcher said "exited" and returned as soon as a process ended, while the
@@ -514,8 +551,6 @@ def test_launch_writes_output_with_no_line_end_in_pieces(tmp_path: Any) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    from pathlib import Path
-
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 

@@ -20,7 +20,8 @@ Ctrl-C, SIGTERM or SIGHUP (its terminal closed) stops every group (SIGTERM, then
 after ``stop_timeout_s``),
 and what a process that ended left running in its group is stopped the same way; so is,
 on Linux, what it left running outside its group (``setsid()``, a daemon: the launcher
-adopts it, `orphans`);
+adopts it, `orphans`); should the launcher be killed, a watch process stops them all
+(`_launch_watch`, Linux);
 after Ctrl-C the launcher exits 130, as every zmqmesh command does; when the reader of
 its output goes away (``zmqmesh launch f.toml | head``), it stops them all the same and
 exits 141, as a command that SIGPIPE ends (1 when its output fails otherwise, a full
@@ -363,6 +364,7 @@ class Launcher:
         self._orphans: dict[int, float] = {}
         self._mark = f"{os.getpid()}.{secrets.token_hex(8)}"
         self._pumps: dict[str, threading.Thread] = {}  # (each process's output reader)
+        self._watch: subprocess.Popen[bytes] | None = None  # (what stops them should the launcher be killed)
 
     @property
     def out_gone(self) -> bool:
@@ -431,6 +433,7 @@ class Launcher:
         status = 0
         self._output.start()
         try:
+            self._watch = _start_watch(f"{MARK}={self._mark}/", self.stop_timeout_s)
             for spec in self.specs:
                 if (failed := self._start(spec)) is not None:  # (the file names a command that cannot start)
                     raise LaunchError(f"{spec.name}: {failed}")
@@ -495,6 +498,7 @@ class Launcher:
             return status if clean else 1
         finally:
             self._stop_all()
+            _end_watch(self._watch)
             self._finish_output()
             if adopting:
                 adopt_orphans(False)
@@ -535,7 +539,7 @@ class Launcher:
         whole program, `whole_program`.)"""
         # (what one left outside its group waits for its end)
         running = {self._tag(name) for name, proc in self.procs.items() if proc.poll() is None}
-        own = {proc.pid for proc in self.procs.values()}
+        own = {proc.pid for proc in self.procs.values()} | ({self._watch.pid} if self._watch else set())
         adopted = children()
         for pid, tag in orphans(self._mark, own, adopted).items():
             if pid not in self._orphans and (every or tag not in running) and _signal(pid, signal.SIGTERM):
@@ -606,6 +610,36 @@ class Launcher:
 
 
 _LEFT_KILLED = "killed what it left running: it did not stop in time"
+
+
+def _start_watch(token: str, stop_timeout_s: float) -> subprocess.Popen[bytes] | None:
+    """Start the process that stops what carries ``token`` should the launcher be killed
+    (`_launch_watch`; Linux only, where ``/proc`` shows each process's environment):
+    started, not forked from a process that runs threads, and in a session of its own, so
+    that no signal to the launcher's group reaches it. None where it cannot run."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("_launch_watch.py")), token,
+                                 repr(stop_timeout_s)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError as exc:
+        log.error("cannot start the watch that stops the processes should the launcher be killed: %s", exc)
+        return None
+
+
+def _end_watch(watch: subprocess.Popen[bytes] | None) -> None:
+    """Tell the watch the launcher stopped its processes itself, and collect it."""
+    if watch is None or watch.returncode is not None:
+        return
+    try:
+        assert watch.stdin is not None
+        watch.stdin.write(b"done\n")
+        watch.stdin.close()
+        watch.wait(5)
+    except (OSError, subprocess.TimeoutExpired):  # (it ended, or hangs: nothing of ours runs by now)
+        watch.kill()
+        watch.wait()
 
 
 def _restart_delay(restarts: int) -> float:

@@ -1,0 +1,75 @@
+"""What stops a launcher's processes when the launcher itself is killed (Linux).
+
+``zmqmesh launch`` runs this file as a script of its own (``python -I _launch_watch.py
+TOKEN STOP_TIMEOUT_S``: standard library only, so no package import), in a session of
+its own, its standard input a pipe of which the launcher holds the only write end. That
+pipe ends when the launcher ends, however it ends (SIGKILL, the OOM killer included).
+Told ``done`` first (the launcher stopped its processes itself), the watcher exits;
+otherwise it stops every process whose environment carries ``TOKEN``
+(``ZMQMESH_LAUNCHED_BY=mark/``, inherited by whatever the launcher's processes start, in
+their process groups or outside them): SIGTERM, then SIGKILL to those still there
+``STOP_TIMEOUT_S`` later. A process that cleared or replaced its environment is not
+found, and nothing is stopped if the watcher is killed too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+__all__ = ["marked", "watch"]
+
+
+def marked(token: bytes) -> list[int]:
+    """The processes alive whose environment holds a variable starting with ``token``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as file:
+                environment = file.read()
+        except OSError:  # (gone meanwhile, or not ours to read)
+            continue
+        if any(variable.startswith(token) for variable in environment.split(b"\0")):
+            found.append(int(entry))
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def watch(token: bytes, stop_timeout_s: float) -> int:
+    """Wait for standard input to end; unless it said ``done``, stop what carries ``token``.
+    Returns how many processes were found to stop."""
+    if sys.stdin.buffer.read().strip() == b"done":
+        return 0
+    told: set[int] = set()
+    deadline = time.monotonic() + stop_timeout_s
+    while time.monotonic() < deadline:
+        left = marked(token)
+        if not left:
+            break
+        for pid in set(left) - told:  # (and what they start as they stop)
+            _signal(pid, signal.SIGTERM)
+            told.add(pid)
+        time.sleep(0.05)
+    for pid in marked(token):
+        _signal(pid, signal.SIGKILL)
+    if told:
+        try:
+            print(f"zmqmesh launch: the launcher ended without stopping its processes: stopped {len(told)}",
+                  file=sys.stderr, flush=True)
+        except OSError:  # (nobody reads its standard error any more)
+            pass
+    return len(told)
+
+
+if __name__ == "__main__":
+    watch(os.fsencode(sys.argv[1]), float(sys.argv[2]))
