@@ -166,6 +166,27 @@ def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mes
     assert result.returncode == 1 and "mesh 'nobody-here'" in result.stderr and "0 peers" in result.stderr
 
 
+@pytest.mark.timeout(120)
+def test_gateway_on_any_free_port_says_the_port_it_listens_on(mesh: dict[str, Any]) -> None:
+    """``--listen 127.0.0.1:0`` (any free port, as the argument allows) said "gateway
+    listening on http://127.0.0.1:0": no address a client could use."""
+    import urllib.request
+
+    pytest.importorskip("aiohttp")
+    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "gateway", "--listen", "127.0.0.1:0", "--mesh",
+                             mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]), "--wait", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with lines_of(proc) as (out, err):
+        line = str(wait_until(lambda: out[0] if out else proc.poll() is not None and "ended", 60, "the gateway"))
+        url = line.removeprefix("gateway listening on ")
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url) and not url.endswith(":0"), (line, err)
+        with urllib.request.urlopen(f"{url}/peers", timeout=30) as reply:
+            assert reply.status == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0, err
+
+
 def test_every_command_exits_130_on_ctrl_c_and_launch_says_how_children_ended(tmp_path: Any, mesh: dict[str, Any]) -> None:
     (tmp_path / "sleeper.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(60)\n")
     toml = tmp_path / "one.toml"

@@ -940,7 +940,8 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
                       tracebacks: bool = False, *, max_connections: int = MAX_CONNECTIONS,
                       idle_timeout_s: float = IDLE_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
                       **node_options: Any) -> None:
-    """Join the mesh and serve HTTP on ``listen`` (``host:port``) until cancelled. Without a
+    """Join the mesh and serve HTTP on ``listen`` (``host:port``; port 0: any free one)
+    until cancelled, calling ``ready`` with its base URL (the port bound) once it listens. Without a
     token, it answers the loopback names, the listen host and ``hosts``. At most
     ``max_connections`` are open at once; one idle (or sending its head) for
     ``idle_timeout_s`` is closed, a body slower than ``body_timeout_s`` answered 408.
@@ -969,9 +970,11 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
             await runner.cleanup()
             raise GatewayError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         stats_task = asyncio.create_task(gateway.poll_stats())
-        log.info("gateway on http://%s (mesh %r)", listen, node.config.mesh)
+        # (the port bound, not the one asked: port 0 is any free one)
+        url = f"http://{listen.rpartition(':')[0]}:{runner.addresses[0][1]}"
+        log.info("gateway on %s (mesh %r)", url, node.config.mesh)
         if ready is not None:
-            ready(f"http://{listen}")
+            ready(url)
         try:
             await asyncio.Event().wait()
         finally:
