@@ -349,6 +349,25 @@ def test_launch_stops_everything_when_its_output_cannot_be_written(tmp_path: Any
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(120)
+def test_launch_with_its_standard_output_closed_stops_everything_and_says_why(tmp_path: Any) -> None:
+    # `zmqmesh launch f.toml >&-`: sys.stdout is None; the launcher ended with "internal
+    # error: AttributeError: 'NoneType' object has no attribute 'write'", status 70
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(120)\n")
+    token = f"sleeper-{os.getpid()}-{time.monotonic_ns()}"
+    (tmp_path / "run.toml").write_text(f'stop_timeout_s = 5\n[[process]]\nname = "sleeper"\n'
+                                       f'command = ["python3", "sleeper.py", "{token}"]\n')
+    try:
+        result = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "zmqmesh", "launch",
+                                 str(tmp_path / "run.toml")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert not _running_with(token)
+        assert (result.returncode, result.stderr.strip()) == (
+            1, "zmqmesh.launch: cannot write the output (no standard output): every process stopped"), result
+    finally:
+        for pid in _running_with(token):
+            os.kill(pid, signal.SIGKILL)
+
+
 STOPS_AS_TOLD = """
 import signal, sys, time
 how = sys.argv[1]

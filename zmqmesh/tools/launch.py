@@ -37,6 +37,7 @@ the same way, while the others run on.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -233,7 +234,7 @@ class _Output:
     written (then `gone`, and `failed` but for a reader gone): nothing is written from
     then on, and nothing counted."""
 
-    def __init__(self, out: TextIO, on_gone: Callable[[], None]) -> None:
+    def __init__(self, out: TextIO | None, on_gone: Callable[[], None]) -> None:
         self.out = out
         self.gone = False
         self.failed: OSError | None = None
@@ -291,12 +292,16 @@ class _Output:
             return lost
 
     def _write_all(self) -> None:
+        out = self.out
+        if out is None:  # (sys.stdout of a command started with its standard output closed)
+            self._fail(OSError(errno.EBADF, "no standard output"))
+            return
         try:
-            self.out.flush()  # (what was written to it before, first)
-            fd: int | None = self.out.fileno()
+            out.flush()  # (what was written to it before, first)
+            fd: int | None = out.fileno()
         except (OSError, ValueError):  # (an ``out`` without a file of its own: written to as it is)
             fd = None
-        encoding = getattr(self.out, "encoding", None) or "utf-8"
+        encoding = getattr(out, "encoding", None) or "utf-8"
         while True:
             with self._ready:
                 self._ready.wait_for(lambda: self._lines or self._closed)
@@ -311,27 +316,32 @@ class _Output:
             text = "".join(batch)
             try:
                 if fd is None:
-                    self.out.write(text)
-                    self.out.flush()
+                    out.write(text)
+                    out.flush()
                 else:  # (not through ``out``'s buffer: its lock, held in a write that never ends, would stall the exit)
                     data = memoryview(text.encode(encoding, "backslashreplace"))
                     while data:
                         data = data[os.write(fd, data):]
             except OSError as exc:
-                with self._ready:
-                    self.gone = True
-                    if not isinstance(exc, BrokenPipeError):
-                        self.failed = exc
-                    self._lines.clear()
-                    self._writing = 0
-                    self._ready.notify_all()
-                write_nowhere(self.out)
-                self._on_gone()
+                self._fail(exc)
                 return
             with self._ready:
                 self._writing = 0
                 self._chars -= size
                 self._ready.notify_all()
+
+    def _fail(self, exc: OSError) -> None:
+        """The output's reader went away (`BrokenPipeError`), or it cannot be written."""
+        with self._ready:
+            self.gone = True
+            if not isinstance(exc, BrokenPipeError):
+                self.failed = exc
+            self._lines.clear()
+            self._writing = 0
+            self._ready.notify_all()
+        if self.out is not None:
+            write_nowhere(self.out)
+        self._on_gone()
 
 
 class Launcher:
