@@ -153,6 +153,10 @@ def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mes
         # (each exited 1, as a failure, where docs/cli.md says bad arguments exit 2)
         result = run("gateway", "--listen", bad, *where)
         assert result.returncode == 2 and "argument --listen: must be host:port" in result.stderr, (bad, result.stderr)
+    for option in ("--token", "--allow-host"):
+        # (`--token "$TOKEN"`, the variable unset: the gateway ran on loopback with no token at all)
+        result = run("gateway", "--listen", "127.0.0.1:0", f"{option}=", *where, timeout=30)
+        assert result.returncode == 2 and f"argument {option}: must not be empty" in result.stderr, (option, result)
     with zmqmesh.Node("offers-other-things", **mesh) as node:
         node.service("svc", lambda msg: msg.data)
         assert json.loads(run("request", "svc", "[1]", *where, "--wait", "1").stdout) == [1]

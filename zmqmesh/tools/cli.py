@@ -168,8 +168,8 @@ def _parser() -> argparse.ArgumentParser:
 
     gateway = sub.add_parser("gateway", parents=[mesh], help="serve HTTP (JSON routes, SSE, dashboard) for the mesh")
     gateway.add_argument("--listen", type=_listen_address, default="127.0.0.1:8080", help="host:port (default 127.0.0.1:8080)")
-    gateway.add_argument("--token", default=None, help="bearer token (required off loopback; or ZMQMESH_GATEWAY_TOKEN)")
-    gateway.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+    gateway.add_argument("--token", type=_name, default=None, help="bearer token (required off loopback; or ZMQMESH_GATEWAY_TOKEN)")
+    gateway.add_argument("--allow-host", type=_name, action="append", default=[], metavar="NAME",
                          help="a Host name to answer besides loopback and the listen host (repeatable)")
     gateway.add_argument("--tracebacks", action="store_true",
                          help="send the remote handler's traceback with a 500 (default: only to the log)")
