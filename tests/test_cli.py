@@ -539,12 +539,14 @@ def test_launch_killed_leaves_nothing_running_that_it_started(tmp_path: Any) -> 
 
 
 @pytest.mark.timeout(120)
-def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any) -> None:
+@pytest.mark.parametrize("stop_timeout", ["", "stop_timeout_s = 0.01\n"], ids=["default", "a-short-stop-timeout"])
+def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any, stop_timeout: str) -> None:
     # the launcher said "exited" and returned as soon as a process ended, while the
     # threads that copy its output had lines still to write: behind a slow reader,
-    # thousands of a process's last lines were lost
+    # thousands of a process's last lines were lost (and, with a short stop_timeout_s,
+    # after the output got a thread of its own)
     (tmp_path / "burst.py").write_text("import sys\nsys.stdout.write(''.join(f'n {i}\\n' for i in range(8000)) + 'LAST\\n')\n")
-    proc = _launcher(tmp_path, '[[process]]\nname = "a"\ncommand = ["python3", "burst.py"]\n'
+    proc = _launcher(tmp_path, stop_timeout + '[[process]]\nname = "a"\ncommand = ["python3", "burst.py"]\n'
                                '[[process]]\nname = "b"\ncommand = ["python3", "burst.py"]\n', stderr=subprocess.DEVNULL)
     chunks: list[bytes] = []
     try:

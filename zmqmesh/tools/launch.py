@@ -229,7 +229,8 @@ class _Output:
     nor its stop: lines wait in a queue of `_QUEUED_CHARS` at most. While the processes
     run, a process's line waits for room in it (`put` with ``wait``); once `hurry` is
     called (a stop), no line waits and one with no room is dropped, counted; `close`
-    gives what is still queued a bounded time and counts what is left. ``on_gone`` is
+    waits for what is still queued while the reader takes some (for a bounded time at
+    most, after a stop) and counts what is left. ``on_gone`` is
     called, from the writing thread, when the output's reader went away or it cannot be
     written (then `gone`, and `failed` but for a reader gone): nothing is written from
     then on, and nothing counted."""
@@ -245,6 +246,7 @@ class _Output:
         self._writing = 0  # (lines taken from the queue and not yet written)
         self._hurry = False
         self._closed = False
+        self._written = 0  # (batches written so far: whether the reader takes any)
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._write_all, name="zmqmesh-launch-output", daemon=True)
 
@@ -274,22 +276,46 @@ class _Output:
             self._hurry = True
             self._ready.notify_all()
 
-    def close(self, timeout: float) -> int:
-        """Wait up to ``timeout`` seconds for what is queued to be written, then write
-        nothing more; how many lines were not written (dropped, or left). Idempotent: 0
-        after the first."""
+    def close(self, stalled_s: float, most_s: float | None = None) -> int:
+        """Wait for what is queued to be written, while its reader takes some at least
+        every ``stalled_s`` seconds (and for ``most_s`` at most), then write nothing more;
+        how many lines were not written (dropped, or left). Idempotent: 0 after the first."""
         with self._ready:
             if self._closed:
                 return 0
             self._hurry = True
             self._ready.notify_all()
             if self._thread.is_alive():
-                self._ready.wait_for(lambda: self.gone or not (self._lines or self._writing), timeout)
+                self._wait_written(stalled_s, most_s)
             self._closed = True
             lost = 0 if self.gone else self.dropped + len(self._lines) + self._writing
             self._lines.clear()
             self._ready.notify_all()
             return lost
+
+    def written_while_taken(self, stalled_s: float, running: Callable[[], bool]) -> None:
+        """Wait while ``running()`` (checked every 0.1 s: those who put lines still run)
+        and the reader takes some of the output at least every ``stalled_s`` seconds."""
+        with self._ready:
+            seen, since = self._written, time.monotonic()
+            while running() and not self.gone:
+                self._ready.wait(0.1)
+                if self._written != seen:  # (not an empty queue: a pump held open, by what escaped, puts nothing)
+                    seen, since = self._written, time.monotonic()
+                elif time.monotonic() - since >= stalled_s:
+                    return
+
+    def _wait_written(self, stalled_s: float, most_s: float | None) -> None:
+        end = None if most_s is None else time.monotonic() + most_s
+
+        def done() -> bool:
+            return self.gone or not (self._lines or self._writing)
+
+        while not done():
+            seen = self._written
+            wait = stalled_s if end is None else min(stalled_s, end - time.monotonic())
+            if wait <= 0 or not self._ready.wait_for(lambda: done() or self._written != seen, wait):  # noqa: B023
+                return  # (its reader took nothing for ``stalled_s``, or the time is up)
 
     def _write_all(self) -> None:
         out = self.out
@@ -328,6 +354,7 @@ class _Output:
             with self._ready:
                 self._writing = 0
                 self._chars -= size
+                self._written += 1
                 self._ready.notify_all()
 
     def _fail(self, exc: OSError) -> None:
@@ -486,7 +513,7 @@ class Launcher:
                 self._sweep_leftovers(now)
                 self._sweep_orphans(now, now + self.stop_timeout_s)
                 if not self.procs and not self._leftovers and not self._orphans:
-                    self._finish_output()
+                    self._finish_output(stopping=False)
                     return status
                 self._stopping.wait(0.1)
             self._output.hurry()  # (a stop is bounded, whatever the output's reader does)
@@ -515,10 +542,15 @@ class Launcher:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _finish_output(self) -> None:
-        """Give the output still queued ``stop_timeout_s`` to be written, and say on stderr
-        how many lines its reader did not take (dropped during a stop, or left)."""
-        lost = self._output.close(self.stop_timeout_s)
+    def _finish_output(self, stopping: bool = True) -> None:
+        """Write what is left of the output while its reader takes some at least every
+        ``stop_timeout_s`` (1 s at least): after a stop, for that long at most; when every
+        process ended by itself, all of it, each process's last lines too. Then say on
+        stderr how many lines its reader did not take (dropped during a stop, or left)."""
+        stalled_s = max(self.stop_timeout_s, 1.0)
+        if not stopping:  # (a process's last lines may wait for room still)
+            self._output.written_while_taken(stalled_s, lambda: any(p.is_alive() for p in self._pumps.values()))
+        lost = self._output.close(stalled_s, None if not stopping else stalled_s)
         if lost:
             log.error("%d line%s of output not written: its reader did not take %s in time",
                       lost, "" if lost == 1 else "s", "it" if lost == 1 else "them")
