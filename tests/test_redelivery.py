@@ -124,6 +124,43 @@ def test_a_stuck_handler_is_seen_while_the_pullers_other_handlers_keep_acknowled
                 pushing.join(10)
 
 
+def test_a_puller_stuck_on_one_message_fails_none_of_the_others_and_leaves_them_to_a_healthy_one(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """One handler stuck for good on its first message (handler_concurrency=1), a healthy
+    puller beside it. The stuck puller's batches time out one after another, and what it
+    is dealt afterwards waits behind the message it is stuck on: never reached, so never
+    a failed delivery. (Before: each message dealt to it alone after a time-out counted an
+    attempt: 23 of 399 messages never handled were dead-lettered, and the 399 took 78 s,
+    each batch it held timing out in turn.)"""
+    release = threading.Event()
+    stuck_seen: list[Any] = []
+    healthy_seen: set[Any] = set()
+    options: dict[str, Any] = {"at_least_once": True, "ack_timeout_s": 0.2, "max_deliveries": 2}
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        stuck = zmqmesh.Node("stuck", **mesh)
+
+        @stuck.pull("jobs", **options)
+        def hang(msg: zmqmesh.Message) -> None:
+            stuck_seen.append(msg.data)
+            release.wait(60)
+
+        healthy = zmqmesh.Node("healthy", **mesh)
+        healthy.pull("jobs", lambda msg: healthy_seen.add(msg.data), **options)
+        try:
+            with stuck, healthy:
+                pusher.wait_for_pullers("jobs", 2, timeout=10)
+                pusher.push("jobs", "stuck", durable=True)
+                wait_until(lambda: stuck_seen or "stuck" in healthy_seen, 10, "the first message handled")
+                pusher.push_many("jobs", list(range(200)), durable=True)
+                wait_until(lambda: len(healthy_seen) >= 201 - len(stuck_seen)
+                           or pusher.stats()["pipeline"].get("dead_lettered", 0), 60, "every message handled")
+                release.set()
+        finally:
+            release.set()
+        assert pusher.stats()["pipeline"].get("dead_lettered", 0) == 0
+        assert healthy_seen | set(stuck_seen) == {"stuck", *range(200)}
+
+
 def test_a_puller_stopped_cleanly_again_and_again_fails_none_of_its_messages(tmp_path: Path,
                                                                               mesh: dict[str, Any]) -> None:
     """A healthy puller, stopped (cleanly) with messages in its window, twice, with

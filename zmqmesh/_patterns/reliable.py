@@ -72,6 +72,9 @@ TIMED_BATCH_ITEMS = 8
 """The most messages in a batch to a puller with an ack timeout for the queue. A batch has
 ``ack_timeout_s`` per message once it heads its puller's line (`_redeal_expired`), so a
 stuck handler is seen within eight times ``ack_timeout_s`` at most."""
+_GHOSTS_KEPT = 1024
+"""Batches that timed out and were not answered since, remembered per puller and queue at most
+(`ReliableSender._ghosts`): a puller dealt nothing more while it handles them keeps a few."""
 
 
 class Failure(NamedTuple):
@@ -281,6 +284,16 @@ class ReliableSender:
         # queue -> the ids of the objects held aside at its last flush, too large for every
         # puller there (`_hold`); they wait in `redeliver`, first
         self._held: dict[str, frozenset[int]] = {}
+        # (puller, queue) -> the batches of that line that timed out and that the puller has not
+        # answered since (it may still be handling them, and then has not reached what it was
+        # dealt after them), by id, with the ids of their durable messages (`_behind`)
+        self._ghosts: dict[tuple[str, str], dict[bytes, frozenset[str]]] = {}
+        # lines whose puller answered nothing of the queue since one of them was taken back: it
+        # may be stuck on that one (`_behind`)
+        self._quiet: set[tuple[str, str]] = set()
+        # quiet lines where a batch timed out behind such a batch: the puller is stuck there;
+        # dealt nothing more until it answers one of its batches of the queue
+        self._wedged: set[tuple[str, str]] = set()
 
     def pending(self, pulled: Callable[[str], object]) -> int:
         """Messages sent but not yet acknowledged, plus those waiting to be resent: of these,
@@ -358,7 +371,7 @@ class ReliableSender:
                 share = max(1, (len(q) + len(dealt_again)) // len(pullers))
                 most = 1 if probing else TIMED_BATCH_ITEMS if directory.ack_timeout_s(queue, puller) else MAX_BATCH_ITEMS
                 n = min(room, share, most)
-                if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES:
+                if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES or (puller, queue) in self._wedged:
                     continue
                 items: list[Any] = []
                 parts: list[bytes] = []
@@ -453,7 +466,13 @@ class ReliableSender:
             reply = parse_reply(frames)
             batch = self.inflight.pop(reply[0], None) if reply is not None else None
             if batch is None or reply is None:
-                continue  # late: the batch timed out and went to another puller
+                # late: the batch timed out and went to another puller (its puller moves on)
+                if reply is not None and self._ghosts and self._answered_late(puller, reply[0]):
+                    freed = True
+                continue
+            if self._quiet:
+                self._quiet.discard((batch.puller, batch.queue))
+                self._wedged.discard((batch.puller, batch.queue))
             self.inflight_count[batch.puller] -= len(batch.items)
             self.inflight_bytes[batch.puller] -= batch.size
             self._left_line(batch)
@@ -520,16 +539,83 @@ class ReliableSender:
         for batch in expired:
             log.warning("puller %s did not acknowledge %d message(s) of %r in time: redelivering",
                         batch.puller[:8], len(batch.items), batch.queue)
-            self._put_back(batch.queue, self._failed(batch, "ack timeout", held[batch.puller] == 1))
+            line = (batch.puller, batch.queue)
+            behind = self._behind(line)
+            again = self._failed(batch, "ack timeout", held[batch.puller] == 1, behind)
+            self._unanswered(line, batch)
+            if behind is not None:  # stuck on a batch before: what else the line holds waits behind it too
+                self._wedged.add(line)
+                # (to another puller at once; with none, left to time out in turn: taken back, it would
+                # be handled twice, by this one unstuck and again once dealt to it)
+                stuck = self._take_line(line) if self._other_puller(line) else []
+                for other in reversed(stuck):
+                    self._put_back(other.queue, self._failed(other, "ack timeout", False, behind))
+                for other in stuck:
+                    self._unanswered(line, other)
+            self._put_back(batch.queue, again)
         if expired:
             self.wake()
 
-    def _failed(self, batch: _Batch, why: str, alone: bool) -> list[Any]:
+    def _other_puller(self, line: tuple[str, str]) -> bool:
+        """Whether the queue of ``line`` has a puller besides that of ``line`` not stuck on it."""
+        puller, queue = line
+        return any(other != puller and (other, queue) not in self._wedged
+                   for other in self.directory.providers("ackqueues", queue))
+
+    def _take_line(self, line: tuple[str, str]) -> list[_Batch]:
+        """Take back what is in flight on ``line`` (a puller and a queue), oldest first."""
+        return self._take_inflight(lambda b: (b.puller, b.queue) == line)
+
+    def _unanswered(self, line: tuple[str, str], batch: _Batch) -> None:
+        """``batch`` of ``line`` was taken back unanswered: its puller may still handle it."""
+        ghosts = self._ghosts.setdefault(line, {})
+        if len(ghosts) < _GHOSTS_KEPT:
+            ghosts[batch.id] = frozenset(item.id for item in batch.items if type(item) is StoredMessage)
+        self._quiet.add(line)
+
+    def _behind(self, line: tuple[str, str]) -> frozenset[str] | None:
+        """The ids of the durable messages of the batches of ``line`` that timed out and that
+        its puller has not answered since, if it answered nothing of the queue since the
+        last of them (it may be stuck on them: with handlers to spare it would have); None
+        if there are none, or it did."""
+        ghosts = self._ghosts.get(line)
+        return frozenset().union(*ghosts.values()) if ghosts and line in self._quiet else None
+
+    def _answered_late(self, puller: str, batch_id: bytes) -> bool:
+        """``puller`` answered ``batch_id`` after it timed out: whether it was a batch its
+        line still waited on (the line is then no longer stuck; a batch past `_GHOSTS_KEPT`,
+        of a line not known, frees every line of the puller)."""
+        lines = [line for line in self._ghosts if line[0] == puller]
+        for line in lines:
+            ghosts = self._ghosts[line]
+            if ghosts.pop(batch_id, None) is not None:
+                if not ghosts:
+                    del self._ghosts[line]
+                self._quiet.discard(line)
+                self._wedged.discard(line)
+                return True
+        self._quiet.difference_update(lines)
+        self._wedged.difference_update(lines)
+        return bool(lines)
+
+    def _failed(self, batch: _Batch, why: str, alone: bool, behind: frozenset[str] | None = None) -> list[Any]:
         """The items of a batch nobody acknowledged, to deal again. The message of a probe,
         or the one message its puller had (``alone``), has one more attempt counted (so a
         message that keeps killing its pullers, or keeps its handler stuck, is
         dead-lettered); the others have none counted (the puller may never have reached
-        them) and are dealt alone next, one at a time (`_suspects`)."""
+        them) and are dealt alone next, one at a time (`_suspects`). ``behind``: the ids of
+        the messages of batches its puller had not answered after they timed out: then it
+        may never have reached this one either, and only a message dealt again behind
+        itself (its handler still stuck on it) has an attempt counted."""
+        if behind is not None:
+            own = [item for item in batch.items if type(item) is StoredMessage and item.id in behind]
+            rest = [item for item in self._named(batch) if not (type(item) is StoredMessage and item.id in behind)]
+            self._suspects.update(item.id for item in rest if type(item) is StoredMessage)
+            if not own:
+                return rest
+            alone_behind = _Batch(batch.id, batch.queue, batch.puller, own, batch.sent_at, batch.sent_wall, batch.size,
+                                  batch.service, batch.probe)
+            return self._settle(alone_behind, [Failure(i, None, why) for i in range(len(own))], own) + rest
         if not (batch.probe or (alone and len(batch.items) == 1)):
             self._suspects.update(item.id for item in batch.items if type(item) is StoredMessage)
             return self._named(batch)
@@ -608,10 +694,15 @@ class ReliableSender:
         that said goodbye (a stop) failed none of them."""
         lost = self._take_inflight(lambda b: b.puller == puller)
         for batch in reversed(lost):
-            self._put_back(batch.queue, self._failed(batch, "the puller left", len(lost) == 1) if failed
+            self._put_back(batch.queue, self._failed(batch, "the puller left", len(lost) == 1,
+                                                     self._behind((puller, batch.queue))) if failed
                            else self._named(batch))
         for line in [line for line in self._line_moved if line[0] == puller]:
             del self._line_moved[line]
+        for line in [line for line in self._ghosts if line[0] == puller]:
+            del self._ghosts[line]
+        self._quiet = {line for line in self._quiet if line[0] != puller}
+        self._wedged = {line for line in self._wedged if line[0] != puller}
         if lost:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
                         puller[:8], sum(len(b.items) for b in lost))
