@@ -289,3 +289,43 @@ def test_a_dedupe_puller_running_handlers_at_once_never_runs_a_redelivery_beside
     assert redelivered >= 1, "the ack timeout dealt them again"
     assert started == {0: 1, 1: 1}, f"handler calls per message: {dict(started)}"
     assert deduplicated >= 1
+
+
+def test_a_dedupe_puller_of_many_queues_never_runs_a_redelivery_beside_the_first(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """The guard that makes a redelivery wait for the first delivery still running is one
+    per handler and queue; past 1,024 of them they were all dropped at once, that of a
+    delivery in progress with them, and the redelivery ran beside it (1,100 dedupe queues:
+    a message handled twice at once). Here the redelivery comes from the pusher restarted
+    on its store while the first delivery runs, after 1,099 other queues were handled."""
+    queues = 1100
+    runs: Counter[str] = Counter()
+    lock = threading.Lock()
+    puller = zmqmesh.Node("puller", store=str(tmp_path / "puller"), handler_concurrency=4, **mesh)
+
+    beside = threading.Event()
+
+    def handle(msg: zmqmesh.Message) -> None:
+        with lock:
+            runs[msg.id] += 1
+            if runs[msg.id] > 1:
+                beside.set()
+        if msg.data == "slow":  # runs until a redelivery runs beside it (3 s at most)
+            beside.wait(3)
+
+    for i in range(queues):
+        puller.pull(f"q{i}", handle, at_least_once=True, dedupe=True)
+    with puller:
+        with zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), linger_s=0.2, **mesh) as pusher:
+            pusher.wait_for_pullers(f"q{queues - 1}", 1, timeout=20)
+            pusher.push("q0", "slow", durable=True)
+            wait_until(lambda: runs, 10, "the first delivery")
+            for i in range(1, queues):
+                pusher.push(f"q{i}", "fast", durable=True)
+            wait_until(lambda: len(runs) == queues, 30, "every other queue's message handled")
+        assert inspect_store(tmp_path / "pusher")["queues"], "the first delivery not yet acknowledged"
+        with zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), **mesh):  # deals it again
+            wait_until(lambda: not inspect_store(tmp_path / "pusher")["queues"], 30, "acknowledged")
+        deduplicated = puller.stats()["pipeline"].get("deduplicated", 0)
+    assert [n for n in runs.values() if n > 1] == []
+    assert deduplicated == 1

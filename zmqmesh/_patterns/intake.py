@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._mesh.directory import Directory
-from .._mesh.registry import PullOptions, Registry
+from .._mesh.registry import MAX_OFFERS, PullOptions, Registry
 from .._observe import tracing
 from .._stats import LogThrottle, Stats
 from .._store.messages import Entry
@@ -41,7 +41,7 @@ _TRIM_EVERY = 10_000  # remembered ids between trims of a dedupe window
 UNRECORDED_LOG_S = 10.0
 """At most one log line per this many seconds for the handled ids the store could not
 record (a full store refuses every one: a line per message flooded the log)."""
-_MAX_GUARDS = 1024
+_MAX_GUARDS = MAX_OFFERS  # (more than the queues a registry holds: past it, only guards of pulls gone are)
 _DEFAULT_WINDOW = PullOptions().dedupe_window  # (of a queue whose pull was dropped meanwhile)
 
 
@@ -156,8 +156,10 @@ class AckedIntake:
         key = (handler, queue)
         guard = self._guards.get(key)
         if guard is None:
-            if len(self._guards) >= _MAX_GUARDS:
-                self._guards.clear()
+            if len(self._guards) >= _MAX_GUARDS:  # those of pulls dropped or replaced go; never one of a
+                # pull there (a delivery may run under it: a new guard would let its redelivery run beside it)
+                queues = self.registry.queues
+                self._guards = {k: g for k, g in self._guards.items() if queues.get(k[1]) is k[0]}
             guard = self._guards[key] = self._make_once(handler, queue)
         return guard
 
