@@ -1294,6 +1294,40 @@ def test_a_ctrl_c_during_the_start_leaves_no_node_running(mesh: dict[str, Any], 
         node.start()
 
 
+
+@pytest.mark.timeout(60)
+def test_a_stop_after_a_ctrl_c_during_the_start_returns_once_the_node_let_go_of_everything(
+        mesh: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program that catches a Ctrl-C during start() and calls stop() (as `zmqmesh push
+    --durable` does before it removes its temporary store) must find, once stop() returns,
+    the node's thread ended and its store let go. The stop of the interrupted start ran on a
+    thread of its own, and stop() did not wait for it: it returned while the start still
+    ran, the I/O thread alive and the store held (a command's temporary store was left
+    behind, now and then, under load)."""
+    import zmqmesh.node
+
+    real_run_on = zmqmesh.node.run_on
+    node = zmqmesh.Node("interrupted", store=str(tmp_path), **mesh)
+
+    def slow_start(fn: Any, *args: Any) -> None:
+        time.sleep(1.0)
+        fn(*args)
+
+    def interrupted(loop: Any, fn: Any, *args: Any, timeout: float | None = None) -> Any:
+        if fn != node._engine.start:
+            return real_run_on(loop, fn, *args, timeout=timeout)
+        loop.call_soon_threadsafe(slow_start, fn, *args)  # (the start on its way, and slow)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zmqmesh.node, "run_on", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        node.start()
+    monkeypatch.undo()
+    node.stop()
+    assert not any(t.name == "zmqmesh-io-interrupted" for t in threading.enumerate()), "the I/O thread ended"
+    with zmqmesh.Node("again", store=str(tmp_path), **mesh) as again:  # (the store let go)
+        assert again.running
+
 def _assert_collected_while_running(stderr: str) -> None:
     """The `ABANDONED_*` programs test what becomes of a node collected while it runs:
     that it was, and not stopped (an `AsyncNode` left running as ``asyncio.run`` ends is

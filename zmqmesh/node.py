@@ -74,6 +74,7 @@ class Node(NodeBase):
         self._lock = threading.Lock()
         self._serving: list[StopFlag] = []  # what run_forever waits on: stop() raises them
         self._stopper: threading.Thread | None = None  # the thread running the stop (see `stop`)
+        self._after_start: threading.Thread | None = None  # the one stopping a start interrupted (`start`)
 
     def start(self) -> Node:
         """Bind, start discovery and handlers; returns the node.
@@ -81,7 +82,8 @@ class Node(NodeBase):
         Raises `ZmqMeshError` (or `ConfigError`) on failure, `NodeClosedError` for a node
         that was stopped. Interrupted while it waits (a Ctrl-C), it stops the node before
         the interrupt goes on: the start, already handed to the I/O thread, is not left
-        running with nothing to stop it.
+        running with nothing to stop it (that stop runs on a thread of its own: `stop`
+        waits for it).
         """
         self._check_process()
         interrupted: BaseException | None = None
@@ -106,7 +108,9 @@ class Node(NodeBase):
             except BaseException as exc:  # (KeyboardInterrupt, SystemExit from a signal handler)
                 interrupted = exc
         if interrupted is not None:
-            threading.Thread(target=self._stop_after_start, name=f"zmqmesh-stop-{self.name}", daemon=True).start()
+            self._after_start = threading.Thread(target=self._stop_after_start, name=f"zmqmesh-stop-{self.name}",
+                                                 daemon=True)
+            self._after_start.start()
             raise interrupted
         at_exit.running(self, Node._stop_at_exit, self.config.linger_s + at_exit.STOP_TIMEOUT_S + 2.0)
         return self
@@ -169,13 +173,18 @@ class Node(NodeBase):
         it returns at once (waiting there would wait for the caller itself). Raises
         `ZmqMeshError` only when called on the node's own I/O thread, `ConfigError` for a
         ``timeout`` that is not a finite number >= 0. A node still running at the
-        interpreter's exit is stopped then, after a warning in the log.
+        interpreter's exit is stopped then, after a warning in the log. After a start
+        interrupted (a Ctrl-C: see `start`), it waits for the stop that the start began
+        (bounded by the start's 30 s and a stop's).
         """
         timeout = check_timeout(timeout)
         if self._forked():  # the sockets and threads are the parent's: leave them alone
             at_exit.stopped(self)
             self._mark_stopped()
             return
+        after_start = self._after_start
+        if after_start is not None and after_start is not threading.current_thread():
+            after_start.join()  # (it stops the node once the start it waits for is over)
         run_here: tuple[Any, ...] | None = None
         with self._lock:
             for flag in self._serving:

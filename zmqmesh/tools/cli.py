@@ -336,8 +336,10 @@ def _push_durable(args: argparse.Namespace, data: Any) -> int:
     is removed when the command ends holding nothing in it, whatever ended it (a node that
     could not start, Ctrl-C)."""
     store = args.store or tempfile.mkdtemp(prefix="zmqmesh-push-")
+    node: Node | None = None
     try:
-        with _node(args, "zmqmesh-push", store=store) as node:
+        node = _node(args, "zmqmesh-push", store=store)
+        with node:
             deadline = time.monotonic() + args.timeout
             while not _taker_present(node, args.queue) and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -345,6 +347,8 @@ def _push_durable(args: argparse.Namespace, data: Any) -> int:
             mesh = node.config.mesh
     except BaseException:
         if not args.store:
+            if node is not None:
+                node.stop()  # (a start interrupted goes on stopping: the store is let go once it ends)
             if _holds_messages(store):
                 print(f"zmqmesh: the message is kept in the store {store}", file=sys.stderr)
             else:
