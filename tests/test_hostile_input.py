@@ -615,11 +615,11 @@ def test_sweeps_that_find_the_mailbox_unread_queue_one_read_of_it_not_one_each(t
     no read of its own beside the one already waiting: each sweep that found the mailbox
     unread used to, and each read that finds more queues itself again, so a mailbox kept
     full (a stranger's flood) gained one chain of reads a sweep. At most one read waits."""
-    from zmqmesh._membership.engine import Membership
+    from zmqmesh._membership.mailbox import Mailbox
 
     engine = target._engine
     membership, loop = engine.membership, engine.loop
-    reads = {Membership._on_mailbox, getattr(Membership, "_queued_read", None)} - {None}
+    reads = {Mailbox.on_readable, Mailbox.on_queued_read}
     stranger = ctx.socket(zmq.DEALER)
     stranger.setsockopt(zmq.LINGER, 0)
     stranger.setsockopt(zmq.IDENTITY, b"\x01" + os.urandom(16))
@@ -628,7 +628,7 @@ def test_sweeps_that_find_the_mailbox_unread_queue_one_read_of_it_not_one_each(t
     def sweeps_with_the_mailbox_unread() -> tuple[int, int]:
         for _ in range(8):  # (on the loop: nothing else reads the mailbox meanwhile)
             stranger.send(b"junk")
-        assert membership._mailbox.poll(5000, zmq.POLLIN), "the stranger's messages never came"
+        assert membership.mailbox.poll(5000, zmq.POLLIN), "the stranger's messages never came"
         for _ in range(4):
             membership._sweep()
         queued = sum(1 for callback, _args in loop._ready if getattr(callback, "__func__", None) in reads)

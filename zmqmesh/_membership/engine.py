@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from .._io.beacon import BeaconSocket
-from .._io.curve import KeyPair, make_server
-from .._io.reactor import EventLoop, TimerLike
-from .._io.sockets import CONTROL_HWM, LISTEN_BACKLOG, has_input, new_socket
+from .._io.curve import KeyPair
+from .._io.reactor import EventLoop
 from .._stats import Stats
 from .._wire import zre
 from .._wire.codec import Codec
-from .._wire.frames import FRAME_HEADROOM, HEADER
+from .._wire.frames import HEADER
 from .._wire.zre import Command, ZreMessage
 from ..config import NodeConfig
 from ..errors import MessageTooLargeError, ZmqMeshError
@@ -39,7 +37,9 @@ from .detector import FailureDetector
 from .discovery import Beacons, Seeds
 from .events import MembershipEvents
 from .links import Links
+from .mailbox import Mailbox
 from .peer import PeerState
+from .timers import Timers
 
 __all__ = ["Membership", "MAX_GROUP_BYTES"]
 
@@ -64,9 +64,6 @@ _GOSSIP_HEARTBEATS = 10
 others it has proven: two peers that lost each other while a third still hears from both
 meet again. (In a mesh of seeds no beacon brings them back; gossip went only to newcomers.)"""
 
-_MAILBOX_BURST = 512
-_SWEEP_READS = 4
-"""Bursts of the mailbox a sweep reads before it judges who fell silent (2,048 messages)."""
 MAX_PEERS = 1024
 """Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted.
 (Each costs some 2 to 8 file descriptors: ``ulimit -n`` must leave room for them.)"""
@@ -85,7 +82,6 @@ take about 10 MiB); past it, a HELLO or JOIN that would add to them is refused, 
 (``zre_groups_over_budget``): a crowd of fat peers costs a bounded share of memory, where
 the bound per peer alone let 1,024 of them hold 1 GiB of names (and the tables made
 of them, about 25 times as much)."""
-_MAX_TIMERS = 64
 _SEED_RETRY_S = 1.0
 
 
@@ -121,6 +117,8 @@ class Membership:
         self.advertise_address = advertise_address
         self.keys = keys
         self.loopback_only = advertise_address.startswith("127.")
+        self.timers = Timers(loop)
+        self.router = Mailbox(loop=loop, ctx=ctx, config=config, keys=keys, stats=stats)
         self.admission = Admission(
             mesh=config.mesh, accept_plain_zre=config.accept_plain_zre,
             keys_public=keys.public if keys else None, allowed=allowed,
@@ -130,11 +128,11 @@ class Membership:
         self.links = Links(ctx=ctx, loop=loop, config=config, uuid=uuid, keys=keys, stats=stats, on_link=self._on_link)
         self.beacons = None if beacon is None else Beacons(
             loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
-            interval_s=config.beacon_interval_s, later=self._later, on_beacon=self._on_beacon,
+            interval_s=config.beacon_interval_s, later=self.timers.later, on_beacon=self._on_beacon,
             rest_s=self._beacon_rest,
         )
         self.seeds = Seeds(seeds=config.seeds, links=self.links, hello=self._hello,
-                           later=self._later, retry_s=_SEED_RETRY_S)
+                           later=self.timers.later, retry_s=_SEED_RETRY_S)
         self.peers: dict[bytes, PeerState] = {}
         self._group_chars = 0  # the characters of every peer's group names together (`MAX_GROUP_BYTES_ALL`)
         self.groups: set[str] = set()
@@ -142,11 +140,6 @@ class Membership:
         self.headers: dict[str, str] = {}
         self.endpoint = ""
         self.port = 0
-        self._mailbox: zmq.Socket[Any] | None = None
-        self._read_queued = False  # a read of the mailbox waits on the loop (`_read_soon`)
-        self._timers: list[TimerLike] = []
-        self._timers_bound = _MAX_TIMERS
-        self._closed = False
         self._leaving = False  # (said goodbye: greets no one new)
         self._gossip_turn = 0
         self._changed_at = loop.time()  # (when a peer last came or went)
@@ -156,51 +149,26 @@ class Membership:
     def bind(self) -> None:
         """Bind the mailbox ROUTER to ``mailbox_port``, or to a random port in 0xC000-0xFFFF
         (as ZRE asks). Raises `ZmqMeshError` if it cannot."""
-        mailbox = new_socket(self.ctx, zmq.ROUTER, {
-            zmq.RCVHWM: CONTROL_HWM,
-            zmq.MAXMSGSIZE: self.config.max_message_bytes + FRAME_HEADROOM,
-            # a peer reconnecting after a cut link takes over its routing id at once,
-            # instead of being shut out by its own half-open previous connection
-            zmq.ROUTER_HANDOVER: 1,
-            zmq.BACKLOG: LISTEN_BACKLOG,  # (every peer connects at once when this node starts)
-        })
-        if self.keys is not None:
-            make_server(mailbox, self.keys)
-        try:
-            if self.config.mailbox_port:
-                mailbox.bind(f"tcp://{self.bind_address}:{self.config.mailbox_port}")
-                self.port = self.config.mailbox_port
-            else:
-                try:
-                    self.port = mailbox.bind_to_random_port(
-                        f"tcp://{self.bind_address}", min_port=0xC000, max_port=0xFFFF, max_tries=200
-                    )
-                except zmq.ZMQBindError:
-                    self.port = _bind_ephemeral(mailbox, self.bind_address)
-        except zmq.ZMQError as exc:
-            mailbox.close(0)
-            raise ZmqMeshError(f"cannot bind the mailbox on {self.bind_address}: {exc}") from exc
+        self.port = self.router.bind(self.bind_address)
         self.endpoint = f"tcp://{self.advertise_address}:{self.port}"
-        self._mailbox = mailbox
 
     @property
     def mailbox(self) -> zmq.Socket[Any]:
         """The mailbox ROUTER (bound by `bind`), for the node to watch its handshakes."""
-        assert self._mailbox is not None, "bind() first"
-        return self._mailbox
+        assert self.router.socket is not None, "bind() first"
+        return self.router.socket
 
     def start(self, headers: dict[str, str], groups: set[str]) -> None:
         """Start reading the mailbox and beacons, beaconing, heartbeating, and greeting seeds."""
-        assert self._mailbox is not None, "bind() first"
         self.headers = headers
         self.groups = set(groups)
-        self.loop.add_reader(self._mailbox.FD, self._on_mailbox)
+        self.router.start(self._handle)
         if self.beacons is not None:
             self.beacons.start(self.port)  # the first beacon goes out at once
         self._sweep()
-        self._later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
+        self.timers.later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
         self.seeds.start(self.endpoint, lambda endpoint: any(p.endpoint == endpoint for p in self.peers.values()))
-        self._read_soon()
+        self.router.read_soon()
 
     def say_goodbye(self) -> None:
         """Tell everyone we leave: ``bye`` to zmqmesh peers, a port-0 beacon to everyone, and
@@ -223,21 +191,15 @@ class Membership:
 
         The links keep ``linger_ms`` to deliver what is still queued (the goodbyes).
         """
-        if self._closed:
+        if self.timers.closed:
             return
-        self._closed = True
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        self.timers.close()
         for peer in list(self.peers.values()):
             self.links.close(peer, linger_ms)
         self.peers.clear()
         self._group_chars = 0
         self.seeds.close(linger_ms)
-        if self._mailbox is not None:
-            self._remove_reader(self._mailbox.FD)
-            self._mailbox.close(0)
-            self._mailbox = None
+        self.router.close()
         if self.beacons is not None:
             self.beacons.close()
 
@@ -420,13 +382,6 @@ class Membership:
             return _BUSY_REST_S
         return _SETTLED_REST_S
 
-    def _later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
-        if not self._closed:
-            self._timers.append(self.loop.call_later(delay, fn, *args))
-            if len(self._timers) > self._timers_bound:  # (pruned when it doubled: a look per timer at most)
-                self._timers = [t for t in self._timers if not t.cancelled() and t.when() > self.loop.time()]
-                self._timers_bound = max(_MAX_TIMERS, 2 * len(self._timers))
-
     # -- incoming -------------------------------------------------------------------------
 
     def _on_beacon(self, uuid: bytes, endpoint: str | None, key: str | None, source: str) -> None:
@@ -450,59 +405,6 @@ class Membership:
             # the link prove (they clear link_up within peer_timeout_s). Together they spare
             # a PING per peer per second.
             peer.touch()
-
-    def _on_mailbox(self) -> None:
-        if self._read_burst():
-            self._read_soon()  # more may be waiting: yield, then go on
-
-    def _read_burst(self) -> bool:
-        """Handle the messages waiting in the mailbox, up to `_MAILBOX_BURST`; whether the
-        burst filled (more may wait, and the descriptor will not say so again)."""
-        mailbox = self._mailbox
-        if mailbox is None:
-            return False
-        for _ in range(_MAILBOX_BURST):
-            try:
-                frames = mailbox.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return False
-            except zmq.ZMQError as exc:
-                log.debug("mailbox receive failed: %s", exc)
-                return False
-            try:
-                self._handle(frames)
-            except Exception:  # never let one message take the node down
-                self.stats.reject("zre_handler_error")
-                log.exception("error handling a ZRE message")
-        return True
-
-    def _read_before_verdicts(self) -> None:
-        """Before a sweep judges who fell silent, read what waits in the mailbox, up to
-        `_SWEEP_READS` bursts: a peer's words may be there, left unread by a loop busy
-        with others (in a launch of 128 nodes on 2 CPUs, half the peers declared gone
-        were declared so by a node with its mailbox unread). ZeroMQ hands the messages
-        of the peers out in turn, so a stranger's flood does not stand before them."""
-        mailbox = self._mailbox
-        if mailbox is None or not has_input(mailbox):
-            return
-        for _ in range(_SWEEP_READS):
-            if not self._read_burst():
-                return
-        self._read_soon()  # (more waits, and the looks may have taken the descriptor's signal)
-
-    def _read_soon(self) -> None:
-        """Read the mailbox at the next turn of the loop, unless a read waits there already:
-        one at a time, however many ask (each read that finds more asks again, and a sweep
-        that finds messages waiting asks too: queued beside a read already waiting, each
-        became a chain of reads of its own, and a mailbox kept full took a share of the loop
-        that grew by one chain a sweep)."""
-        if not self._read_queued:
-            self._read_queued = True
-            self.loop.call_soon(self._queued_read)
-
-    def _queued_read(self) -> None:
-        self._read_queued = False
-        self._on_mailbox()
 
     def _handle(self, frames: list[bytes]) -> None:
         identity = frames[0]
@@ -658,7 +560,7 @@ class Membership:
                 if not peer.silence_check:  # (one at a time: a peer's HELLOs may come by the thousand)
                     peer.silence_check = True
                     self._ping(peer)
-                    self._later(self._quiet_s, self._greet_if_silent, peer)
+                    self.timers.later(self._quiet_s, self._greet_if_silent, peer)
             else:
                 self._greet_again(peer, msg.endpoint)
         peer.in_sequence = msg.sequence
@@ -700,7 +602,7 @@ class Membership:
         """Greet a ready peer again if it sent nothing but HELLOs since the one that crossed
         ours (`_on_hello`), not even the answer to our PING: it lost us, and waits for one."""
         peer.silence_check = False
-        if self._closed or self._leaving or self.peers.get(peer.uuid) is not peer or not peer.ready:
+        if self.timers.closed or self._leaving or self.peers.get(peer.uuid) is not peer or not peer.ready:
             return
         if not peer.spoke and time.monotonic() - peer.greeted_at >= self._quiet_s:
             self._greet_again(peer, peer.endpoint)
@@ -723,9 +625,9 @@ class Membership:
 
     def _gossip_round(self) -> None:
         """Gossip to the next proven zmqmesh peer in turn, and again `_GOSSIP_HEARTBEATS` later."""
-        if self._closed:
+        if self.timers.closed:
             return
-        self._later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
+        self.timers.later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
         told = [p for p in self.peers.values() if p.proven and p.link_up and p.is_zmqmesh]
         if len(told) >= 2 and not self._leaving:
             self._gossip_turn += 1
@@ -769,7 +671,7 @@ class Membership:
             self.detector.link_up(peer)
             self._check_proof(peer)
         elif self.detector.link_down(peer, time.monotonic()):
-            self._later(self.config.disconnect_grace_s, self._check_disconnected, peer)
+            self.timers.later(self.config.disconnect_grace_s, self._check_disconnected, peer)
 
     def _check_disconnected(self, peer: PeerState) -> None:
         if not self.detector.still_disconnected(peer):
@@ -782,11 +684,11 @@ class Membership:
     # -- timers ---------------------------------------------------------------------------
 
     def _sweep(self) -> None:
-        if self._closed:
+        if self.timers.closed:
             return
         was_late = self.detector.slack > 0
-        self._read_before_verdicts()
-        if self._closed:
+        self.router.read_before_verdicts()
+        if self.timers.closed:
             return
         now = time.monotonic()
         sweep = self.detector.sweep(list(self.peers.values()), now)
@@ -804,13 +706,8 @@ class Membership:
         for peer in sweep.ping:
             self._ping(peer)
         self.seeds.regreet_silent(now, self.detector.timeout_s)  # (seeds get the same slack as peers)
-        self._later(self.detector.sweep_interval_s, self._sweep)
+        self.timers.later(self.detector.sweep_interval_s, self._sweep)
 
-    def _remove_reader(self, fd: int) -> None:
-        try:
-            self.loop.remove_reader(fd)
-        except Exception:
-            pass
 
 MAX_GROUP_BYTES = 255
 """Longest ZRE group name, in UTF-8 bytes (a ZRE string: its length in one byte)."""
@@ -819,9 +716,3 @@ MAX_GROUP_BYTES = 255
 def _check_group(group: str) -> None:
     if not group or len(group.encode()) > MAX_GROUP_BYTES:
         raise ValueError(f"a group name must be 1 to {MAX_GROUP_BYTES} bytes of UTF-8")
-
-
-def _bind_ephemeral(sock: zmq.Socket[Any], address: str) -> int:
-    sock.bind(f"tcp://{address}:*")
-    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    return int(endpoint.rsplit(":", 1)[1])
