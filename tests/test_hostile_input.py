@@ -555,10 +555,10 @@ def test_the_group_names_of_all_peers_together_are_bounded(mesh: dict[str, Any],
     tables made of them. Past the budget (here two fat peers' worth and 100 characters) a
     HELLO or a JOIN that would add to them is refused and counted; a peer that leaves
     gives its share back."""
-    from zmqmesh._membership import engine as membership_engine
+    from zmqmesh._membership import peer_groups
 
     fat = [f"{i:05d}" + "g" * 250 for i in range(4100)]  # 1,045,500 characters each
-    monkeypatch.setattr(membership_engine, "MAX_GROUP_BYTES_ALL", 2 * 1_045_500 + 100)
+    monkeypatch.setattr(peer_groups, "MAX_GROUP_BYTES_ALL", 2 * 1_045_500 + 100)
     with zmqmesh.Node("target", **mesh) as node:
         strangers = [fake_zre_peer(ctx, node.endpoints["mailbox"]) for _ in range(3)]
         try:

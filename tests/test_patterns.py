@@ -142,14 +142,14 @@ def test_a_subscriber_whose_announcement_was_refused_still_gets_publications(
     """A peer whose JOIN of its subscription's group the publisher refused (past the group
     budget of a peer) subscribes all the same: the publisher connects to it anyway, as it
     cannot tell (a node before connecting only to announced subscribers did so to every peer)."""
-    from zmqmesh._membership import engine as membership_engine
+    from zmqmesh._membership import peer_groups
 
     got: list[Any] = []
     with zmqmesh.Node("pub", **mesh) as publisher, zmqmesh.Node("sub", **mesh) as subscriber:
         publisher.wait_for_peers(1, timeout=10)
         subscriber.wait_for_peers(1, timeout=10)
         known = sum(map(len, publisher.peers()[0].groups))
-        monkeypatch.setattr(membership_engine, "MAX_HELLO_GROUP_BYTES", known + 200)
+        monkeypatch.setattr(peer_groups, "MAX_HELLO_GROUP_BYTES", known + 200)
         subscriber.join("f" * 200)  # (the budget, full)
         subscriber.subscribe("t.", lambda msg: got.append(msg.data))
         wait_until(lambda: publisher.stats()["rejected"].get("zre_too_many_groups", 0) >= 1, 10,

@@ -39,6 +39,7 @@ from .events import MembershipEvents
 from .links import Links
 from .mailbox import Mailbox
 from .peer import PeerState
+from .peer_groups import PeerGroups
 from .timers import Timers
 
 __all__ = ["Membership", "MAX_GROUP_BYTES"]
@@ -74,14 +75,6 @@ MAX_UNPROVEN_PEERS = 128
 they claim, over a link that came up): strangers past it make way for each other."""
 MAX_HELLO_HEADER_BYTES = 64 * 1024
 """What a peer's HELLO headers may hold in all (zmqmesh's own take under 1 KiB)."""
-MAX_HELLO_GROUP_BYTES = 1024 * 1024
-"""What a peer's HELLO group names may hold in all (2,000 offers take about 150 KiB)."""
-MAX_GROUP_BYTES_ALL = 32 * 1024 * 1024
-"""What the group names of every peer together may hold (128 peers of 2,000 offers each
-take about 10 MiB); past it, a HELLO or JOIN that would add to them is refused, counted
-(``zre_groups_over_budget``): a crowd of fat peers costs a bounded share of memory, where
-the bound per peer alone let 1,024 of them hold 1 GiB of names (and the tables made
-of them, about 25 times as much)."""
 _SEED_RETRY_S = 1.0
 
 
@@ -118,6 +111,7 @@ class Membership:
         self.keys = keys
         self.loopback_only = advertise_address.startswith("127.")
         self.timers = Timers(loop)
+        self.peer_groups = PeerGroups(stats=stats, events=events)
         self.router = Mailbox(loop=loop, ctx=ctx, config=config, keys=keys, stats=stats)
         self.admission = Admission(
             mesh=config.mesh, accept_plain_zre=config.accept_plain_zre,
@@ -134,7 +128,6 @@ class Membership:
         self.seeds = Seeds(seeds=config.seeds, links=self.links, hello=self._hello,
                            later=self.timers.later, retry_s=_SEED_RETRY_S)
         self.peers: dict[bytes, PeerState] = {}
-        self._group_chars = 0  # the characters of every peer's group names together (`MAX_GROUP_BYTES_ALL`)
         self.groups: set[str] = set()
         self.status = 0
         self.headers: dict[str, str] = {}
@@ -197,7 +190,7 @@ class Membership:
         for peer in list(self.peers.values()):
             self.links.close(peer, linger_ms)
         self.peers.clear()
-        self._group_chars = 0
+        self.peer_groups.clear()
         self.seeds.close(linger_ms)
         self.router.close()
         if self.beacons is not None:
@@ -367,7 +360,7 @@ class Membership:
         if self.peers.get(peer.uuid) is not peer:
             return False
         del self.peers[peer.uuid]
-        self._group_chars -= peer.group_chars
+        self.peer_groups.release(peer)
         self._changed_at = self.loop.time()
         self.links.close(peer)
         return True
@@ -458,24 +451,7 @@ class Membership:
                 self.stats.pattern["zre"]["received"] += 1
                 self.events.zre_message("shout", peer, msg.group, msg.content)
         elif cmd in (Command.JOIN, Command.LEAVE):
-            if msg.status != (peer.status + 1) % 256:
-                self.stats.reject("zre_status_mismatch")
-            peer.status = msg.status
-            had = peer.group_chars
-            if cmd == Command.JOIN:
-                if msg.group not in peer.groups and self._group_chars + len(msg.group) > MAX_GROUP_BYTES_ALL:
-                    self.stats.reject("zre_groups_over_budget")
-                    self._group_refused(peer)
-                    return
-                if not peer.join(msg.group, MAX_HELLO_GROUP_BYTES):
-                    self.stats.reject("zre_too_many_groups")  # (bounded as a HELLO's groups are)
-                    self._group_refused(peer)
-                    return
-            else:
-                peer.leave(msg.group)
-            self._group_chars += peer.group_chars - had
-            peer.changed()
-            self.events.peer_groups_changed(peer)
+            self.peer_groups.on_join_or_leave(peer, msg)
         elif cmd == Command.PING:
             self.links.send(peer, ZreMessage(Command.PING_OK, 0))
             self.stats.membership["pings_answered"] += 1
@@ -486,14 +462,6 @@ class Membership:
                 self._check_proof(peer)
         elif cmd == Command.GOODBYE:
             self.remove(peer, "left (goodbye)")
-
-    def _group_refused(self, peer: PeerState) -> None:
-        """A JOIN of ``peer`` was refused: its groups as known here may lack an offer of it,
-        a subscription among them (the publisher then connects to it all the same, as it
-        cannot tell: `Publisher.sync_connections`). Said once, until a HELLO of it is taken."""
-        if not peer.groups_refused:
-            peer.groups_refused = True
-            self.events.peer_groups_changed(peer)
 
     def _hello_refused(self, peer: PeerState | None, msg: ZreMessage, reason: str) -> None:
         """A HELLO was refused (a bound): a ready peer that sent it is dropped now, as one
@@ -524,11 +492,11 @@ class Membership:
             return
         group_chars = sum(len(g) for g in msg.groups)
         if sum(len(k) + len(v) for k, v in msg.headers.items()) > MAX_HELLO_HEADER_BYTES or \
-                group_chars > MAX_HELLO_GROUP_BYTES:
+                self.peer_groups.too_many_for_one(group_chars):
             self.stats.reject("zre_hello_too_large")  # never kept: a stranger's megabytes stay his
             self._hello_refused(peer, msg, "its HELLO was too large")
             return
-        if self._group_chars - (peer.group_chars if peer is not None else 0) + group_chars > MAX_GROUP_BYTES_ALL:
+        if self.peer_groups.past_budget(peer, group_chars):
             self.stats.reject("zre_groups_over_budget")  # (never kept either: those of the peers known stay)
             self._hello_refused(peer, msg, "its HELLO's groups were past the budget of all peers")
             return
@@ -568,9 +536,7 @@ class Membership:
         peer.hello_endpoint = msg.endpoint  # (it may differ from where we heard of it: an advertised address)
         peer.name = msg.name
         peer.headers = dict(msg.headers)
-        self._group_chars -= peer.group_chars
-        peer.set_groups(msg.groups)
-        self._group_chars += peer.group_chars
+        self.peer_groups.set_groups(peer, msg.groups)
         peer.status = msg.status
         peer.is_zmqmesh = is_zmqmesh
         peer.touch()
