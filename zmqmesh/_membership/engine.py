@@ -40,39 +40,18 @@ from .links import Links
 from .mailbox import Mailbox
 from .peer import PeerState
 from .peer_groups import PeerGroups
+from .roster import MAX_PEERS, MAX_UNPROVEN_PEERS, ZMQ_SOCKETS_PER_PEER, Roster
 from .timers import Timers
 
-__all__ = ["Membership", "MAX_GROUP_BYTES"]
+__all__ = ["Membership", "MAX_GROUP_BYTES", "MAX_PEERS", "MAX_UNPROVEN_PEERS", "ZMQ_SOCKETS_PER_PEER"]
 
 log = logging.getLogger("zmqmesh.membership")
-
-_CROWD = 16
-"""Peers from which a node reads beacons in batches, resting between reads (see `Beacons`):
-in a smaller mesh each is read at once, so that a newcomer is met without delay."""
-_BUSY_REST_S = 0.1
-"""The rest between two reads of beacons while peers come and go: a newcomer of a launch
-is met within it."""
-_SETTLED_REST_S = 0.5
-"""The rest once no peer came or went for `_SETTLE_S`: a newcomer is met within it, or
-sooner, when it hears a beacon of ours first and greets us. Each read wakes the loop: 32
-idle nodes on loopback took 0.46-0.48 % of a CPU each with this rest, 0.68-0.91 % with
-the busy one."""
-_SETTLE_S = 10.0
-"""How long after a peer came or went the membership counts as settled."""
 
 _GOSSIP_HEARTBEATS = 10
 """Every so many heartbeat intervals, a node tells one proven peer (each in turn) of the
 others it has proven: two peers that lost each other while a third still hears from both
 meet again. (In a mesh of seeds no beacon brings them back; gossip went only to newcomers.)"""
 
-MAX_PEERS = 1024
-"""Peers a node keeps at most (ready or greeted); past it, newcomers are refused, counted.
-(Each costs some 2 to 8 file descriptors: ``ulimit -n`` must leave room for them.)"""
-ZMQ_SOCKETS_PER_PEER = 3
-"""ZeroMQ sockets a peer costs: its link, the link's monitor and libzmq's end of it."""
-MAX_UNPROVEN_PEERS = 128
-"""Peers kept that have not yet proven themselves (answered a PING sent to the endpoint
-they claim, over a link that came up): strangers past it make way for each other."""
 MAX_HELLO_HEADER_BYTES = 64 * 1024
 """What a peer's HELLO headers may hold in all (zmqmesh's own take under 1 KiB)."""
 _SEED_RETRY_S = 1.0
@@ -120,22 +99,23 @@ class Membership:
         )
         self.detector = FailureDetector(config.heartbeat_interval_s, config.peer_timeout_s, config.disconnect_grace_s)
         self.links = Links(ctx=ctx, loop=loop, config=config, uuid=uuid, keys=keys, stats=stats, on_link=self._on_link)
-        self.beacons = None if beacon is None else Beacons(
-            loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
-            interval_s=config.beacon_interval_s, later=self.timers.later, on_beacon=self._on_beacon,
-            rest_s=self._beacon_rest,
-        )
         self.seeds = Seeds(seeds=config.seeds, links=self.links, hello=self._hello,
                            later=self.timers.later, retry_s=_SEED_RETRY_S)
-        self.peers: dict[bytes, PeerState] = {}
+        self.roster = Roster(loop=loop, uuid=uuid, secure=keys is not None, admission=self.admission, stats=stats,
+                             events=events, links=self.links, seeds=self.seeds, peer_groups=self.peer_groups,
+                             hello=self._hello)
+        self.peers = self.roster.peers
+        self.beacons = None if beacon is None else Beacons(
+            loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
+            interval_s=config.beacon_interval_s, later=self.timers.later, on_beacon=self.roster.on_beacon,
+            rest_s=self.roster.beacon_rest,
+        )
         self.groups: set[str] = set()
         self.status = 0
         self.headers: dict[str, str] = {}
         self.endpoint = ""
         self.port = 0
-        self._leaving = False  # (said goodbye: greets no one new)
         self._gossip_turn = 0
-        self._changed_at = loop.time()  # (when a peer last came or went)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -160,7 +140,7 @@ class Membership:
             self.beacons.start(self.port)  # the first beacon goes out at once
         self._sweep()
         self.timers.later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
-        self.seeds.start(self.endpoint, lambda endpoint: any(p.endpoint == endpoint for p in self.peers.values()))
+        self.seeds.start(self.endpoint, self.roster.endpoint_known)
         self.router.read_soon()
 
     def say_goodbye(self) -> None:
@@ -169,7 +149,7 @@ class Membership:
         not heard from yet may still take our HELLO in: Zyre's GOODBYE follows it on the
         same link. From now on no one new is greeted: a peer greeted after the goodbyes
         would list this node until its silent timeout."""
-        self._leaving = True
+        self.roster.leaving = True
         for peer in list(self.peers.values()):
             if peer.ready and peer.is_zmqmesh:
                 self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=control.bye(self.codec)))
@@ -187,10 +167,7 @@ class Membership:
         if self.timers.closed:
             return
         self.timers.close()
-        for peer in list(self.peers.values()):
-            self.links.close(peer, linger_ms)
-        self.peers.clear()
-        self.peer_groups.clear()
+        self.roster.close(linger_ms)
         self.seeds.close(linger_ms)
         self.router.close()
         if self.beacons is not None:
@@ -200,7 +177,7 @@ class Membership:
 
     def ready_peers(self) -> list[PeerState]:
         """Peers that completed their greeting."""
-        return [p for p in self.peers.values() if p.ready]
+        return self.roster.ready()
 
     def join(self, group: str) -> None:
         """Join a ZRE group and tell every peer (JOIN with the new status).
@@ -227,7 +204,7 @@ class Membership:
     def whisper(self, peer_id: str, frames: list[bytes]) -> None:
         """Send a WHISPER to one ready peer. Raises `ZmqMeshError` if it is unknown or its
         send buffer is full, `MessageTooLargeError` past ``max_message_bytes``."""
-        peer = self._ready_peer(peer_id)
+        peer = self.roster.ready_peer(peer_id)
         self._check_size(frames)
         if not self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=frames)):
             raise ZmqMeshError(f"peer {peer_id} is not accepting messages (send buffer full)")
@@ -255,15 +232,6 @@ class Membership:
         if sum(len(f) for f in frames) > self.config.max_message_bytes:
             raise MessageTooLargeError("whisper/shout content exceeds max_message_bytes")
 
-    def _ready_peer(self, peer_id: str) -> PeerState:
-        try:
-            peer = self.peers.get(bytes.fromhex(peer_id))
-        except ValueError:
-            peer = None
-        if peer is None or not peer.ready:
-            raise ZmqMeshError(f"no such peer: {peer_id}")
-        return peer
-
     # -- peers coming and going -------------------------------------------------------------
 
     def _hello(self) -> ZreMessage:
@@ -272,132 +240,11 @@ class Membership:
             status=self.status, name=self.name, headers=self.headers,
         )
 
-    def _learn(self, uuid: bytes, endpoint: str, key: str | None = None, *, answered: bool = False
-               ) -> PeerState | None:
-        """Start greeting a peer heard of; None if it must be ignored. ``answered``: it sent
-        a HELLO over a connection of its own (not a beacon or gossip, which anyone can forge
-        at no cost, and which are rate-limited per address)."""
-        if uuid == self.uuid or uuid in self.peers or self.admission.is_foreign(uuid) or self._leaving:
-            return None
-        if not self.admission.key_allowed(key):
-            self.stats.reject("curve_key_not_allowed" if self.keys else "secure_peer_ignored")
-            return None
-        address = self.admission.endpoint_ok(endpoint)
-        if address is None:
-            return None
-        seed = self.seeds.adopt(endpoint, key)
-        if seed is not None:  # a seed we already greet: its link becomes the peer's
-            seed.uuid = uuid
-            seed.id = uuid.hex()
-            seed.touch()
-            self.peers[uuid] = seed
-            self._changed_at = self.loop.time()
-            return seed
-        if not answered and not self.admission.may_greet(address):
-            return None
-        if not self._make_room():
-            return None
-        peer = PeerState(uuid, endpoint, address)
-        peer.key = key
-        try:
-            self.links.open(peer, self._hello())
-        except zmq.ZMQError as exc:
-            self.stats.reject("link_failed")
-            log.warning("cannot open a link to %s: %s", endpoint, exc)
-            return None
-        self.peers[uuid] = peer
-        self._changed_at = self.loop.time()
-        return peer
-
-    def _places_left(self) -> int:
-        """How many more peers may be kept without one making way: within
-        `MAX_UNPROVEN_PEERS` not yet proven and `MAX_PEERS` in all."""
-        unproven = sum(1 for p in self.peers.values() if not p.proven)
-        return min(MAX_UNPROVEN_PEERS - unproven, MAX_PEERS - len(self.peers))
-
-    def _make_room(self) -> bool:
-        """Room for one more peer: past `MAX_UNPROVEN_PEERS` not yet proven (or `MAX_PEERS`
-        in all), the oldest unproven peer makes way: first one that never answered our
-        greeting and whose link never came up, then one that never answered, then one whose
-        link never came up, then any. A real peer proves itself within a round trip, so
-        strangers crowd out only each other. False (counted) when every peer is proven and
-        there are `MAX_PEERS`."""
-        if self._places_left() > 0:
-            return True
-        unproven = [p for p in self.peers.values() if not p.proven]
-        if not unproven:
-            self.stats.reject("too_many_peers")
-            return False
-        # the oldest of those that never answered our greeting, whose link never came up first
-        victim = min(unproven, key=lambda p: (p.ready, p.link_up))
-        self.stats.reject("unproven_peer_evicted")
-        self._drop(victim, "made way: it never answered at its endpoint")
-        return True
-
     def remove(self, peer: PeerState, reason: str) -> None:
         """Forget a peer, close its link, and report it gone if it had been ready."""
-        if not self._forget(peer):
-            return
-        if peer.ready:
-            self.stats.membership["left"] += 1
-            log.info("peer %r (%s) gone: %s", peer.name, peer.id[:8], reason)
-            try:
-                self.events.peer_gone(peer, reason)
-            except Exception:
-                log.exception("error while handling the departure of %s", peer.id)
-        self.seeds.peer_left(peer.endpoint)
-
-    def _drop(self, peer: PeerState, reason: str) -> None:
-        """Remove a ready peer (reported), or forget one still being greeted (not reported)."""
-        if peer.ready:
-            self.remove(peer, reason)
-        else:
-            self._forget(peer)
-
-    def _forget(self, peer: PeerState) -> bool:
-        """Take ``peer`` out of the table, its groups out of the budget, and close its link;
-        False if it was not there (already replaced or forgotten)."""
-        if self.peers.get(peer.uuid) is not peer:
-            return False
-        del self.peers[peer.uuid]
-        self.peer_groups.release(peer)
-        self._changed_at = self.loop.time()
-        self.links.close(peer)
-        return True
-
-    def _beacon_rest(self) -> float:
-        """How long the beacon socket rests unwatched once read dry (`Beacons`): not at all
-        below `_CROWD` peers; `_BUSY_REST_S` within `_SETTLE_S` of a peer coming or going
-        (a launch, a restart); `_SETTLED_REST_S` after that."""
-        if len(self.peers) < _CROWD:
-            return 0.0
-        if self.loop.time() - self._changed_at < _SETTLE_S:
-            return _BUSY_REST_S
-        return _SETTLED_REST_S
+        self.roster.remove(peer, reason)
 
     # -- incoming -------------------------------------------------------------------------
-
-    def _on_beacon(self, uuid: bytes, endpoint: str | None, key: str | None, source: str) -> None:
-        peer = self.peers.get(uuid)
-        if endpoint is None:
-            if peer is None:
-                return
-            # anyone can send a beacon under any uuid (the peers' beacons make them public),
-            # from any address on a LAN: a zmqmesh peer's goodbye comes over its link (a
-            # "bye"), so a goodbye beacon is not taken from one; a plain ZRE peer's counts
-            # only from its address (else its link's GOODBYE, or its silence, tells)
-            if source != peer.address:
-                self.stats.reject("beacon_goodbye_ignored")  # (a routine one, from its address, is not counted)
-            elif not peer.is_zmqmesh:
-                self.remove(peer, "left (goodbye beacon)")
-            return
-        if peer is None:
-            self._learn(uuid, endpoint, key)
-        elif peer.ready and peer.link_up and peer.endpoint == endpoint:
-            # A beacon proves the process runs; that its link works, the ZMTP heartbeats on
-            # the link prove (they clear link_up within peer_timeout_s). Together they spare
-            # a PING per peer per second.
-            peer.touch()
 
     def _handle(self, frames: list[bytes]) -> None:
         identity = frames[0]
@@ -428,7 +275,7 @@ class Membership:
                 "sequence gap from %s (expected %d, got %d): dropping the peer",
                 peer.id[:8], expected, msg.sequence,
             )
-            self.remove(peer, "sequence gap")
+            self.roster.remove(peer, "sequence gap")
             return
         peer.in_sequence = msg.sequence
         peer.spoke = True
@@ -461,7 +308,7 @@ class Membership:
                 peer.answered = True
                 self._check_proof(peer)
         elif cmd == Command.GOODBYE:
-            self.remove(peer, "left (goodbye)")
+            self.roster.remove(peer, "left (goodbye)")
 
     def _hello_refused(self, peer: PeerState | None, msg: ZreMessage, reason: str) -> None:
         """A HELLO was refused (a bound): a ready peer that sent it is dropped now, as one
@@ -470,7 +317,7 @@ class Membership:
         with groups as known here that its HELLO may have changed). Not a HELLO that
         `_claims_live_peer`: a stranger's, under a peer's public uuid, drops nobody."""
         if peer is not None and peer.ready and not self._claims_live_peer(peer, msg.endpoint):
-            self.remove(peer, reason)
+            self.roster.remove(peer, reason)
 
     def _claims_live_peer(self, peer: PeerState, endpoint: str) -> bool:
         """Whether a HELLO from ``endpoint`` under a ready ``peer``'s uuid claims it from
@@ -480,7 +327,7 @@ class Membership:
             time.monotonic() - peer.last_rx < self._quiet_s
 
     def _on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
-        if uuid == self.uuid or self.admission.is_foreign(uuid) or self._leaving:
+        if uuid == self.uuid or self.admission.is_foreign(uuid) or self.roster.leaving:
             return  # (leaving: greeted back, a peer that had our goodbye would list us again)
         if self.admission.endpoint_ok(msg.endpoint) is None:
             return
@@ -488,7 +335,7 @@ class Membership:
         if not welcome:
             self.admission.remember_foreign(uuid)
             if peer is not None:
-                self._drop(peer, "moved to another mesh")
+                self.roster.drop(peer, "moved to another mesh")
             return
         group_chars = sum(len(g) for g in msg.groups)
         if sum(len(k) + len(v) for k, v in msg.headers.items()) > MAX_HELLO_HEADER_BYTES or \
@@ -504,7 +351,7 @@ class Membership:
             self.stats.reject("zre_hello_sequence")
         key = msg.headers.get(HEADER["key"]) if self.keys is not None else None
         if peer is None:
-            peer = self._learn(uuid, msg.endpoint, key, answered=True)
+            peer = self.roster.learn(uuid, msg.endpoint, key, answered=True)
             if peer is None:
                 return
         elif peer.ready:
@@ -545,7 +392,7 @@ class Membership:
             self.events.peer_groups_changed(peer)
             return
         for ghost in self.admission.ghosts(peer, list(self.peers.values()), self._quiet_s):
-            self.remove(ghost, "replaced by a restarted node")
+            self.roster.remove(ghost, "replaced by a restarted node")
         peer.ready = True
         self._ping(peer)  # answered over a link that came up, it proves the peer
         self.stats.membership["joined"] += 1
@@ -568,7 +415,7 @@ class Membership:
         """Greet a ready peer again if it sent nothing but HELLOs since the one that crossed
         ours (`_on_hello`), not even the answer to our PING: it lost us, and waits for one."""
         peer.silence_check = False
-        if self.timers.closed or self._leaving or self.peers.get(peer.uuid) is not peer or not peer.ready:
+        if self.timers.closed or self.roster.leaving or self.peers.get(peer.uuid) is not peer or not peer.ready:
             return
         if not peer.spoke and time.monotonic() - peer.greeted_at >= self._quiet_s:
             self._greet_again(peer, peer.endpoint)
@@ -595,7 +442,7 @@ class Membership:
             return
         self.timers.later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
         told = [p for p in self.peers.values() if p.proven and p.link_up and p.is_zmqmesh]
-        if len(told) >= 2 and not self._leaving:
+        if len(told) >= 2 and not self.roster.leaving:
             self._gossip_turn += 1
             self._gossip_to(told[self._gossip_turn % len(told)], proven_only=True)
 
@@ -604,18 +451,18 @@ class Membership:
         if parsed is None:
             self.stats.reject("control_malformed")
         elif parsed[0] == "bye":
-            self.remove(peer, "left")
+            self.roster.remove(peer, "left")
         elif parsed[0] == "peers":
             # a peer's word about others: as many new ones as there are places left, none
             # making way for another (a list of 10,000 strangers at 10,000 addresses opened
             # and closed as many links in one turn of the loop: seconds)
             entries = parsed[1]
-            room = self._places_left()  # (counted down here: each count walks every peer)
+            room = self.roster.places_left()  # (counted down here: each count walks every peer)
             for at, (uuid, endpoint, key) in enumerate(entries):
                 if room <= 0:
                     self.stats.reject("gossip_past_bound", len(entries) - at)
                     break
-                if self._learn(uuid, endpoint, key) is not None:  # (a place taken: never one made)
+                if self.roster.learn(uuid, endpoint, key) is not None:  # (a place taken: never one made)
                     room -= 1
         else:
             self.stats.reject("control_unknown")
@@ -643,7 +490,7 @@ class Membership:
         if not self.detector.still_disconnected(peer):
             return
         if self.peers.get(peer.uuid) is peer:
-            self._drop(peer, "connection lost")
+            self.roster.drop(peer, "connection lost")
         else:  # not (or no longer) a peer, e.g. a seed not yet answered: should it become
             self.detector.forget_disconnect(peer)  # one, its link's next failure counts anew
 
@@ -668,7 +515,7 @@ class Membership:
             log.info("node %s: its event loop runs on time again; peers are declared gone after %.1f s of silence",
                      self.name, self.detector.timeout_s)
         for peer, reason in sweep.expired:
-            self._drop(peer, reason)
+            self.roster.drop(peer, reason)
         for peer in sweep.ping:
             self._ping(peer)
         self.seeds.regreet_silent(now, self.detector.timeout_s)  # (seeds get the same slack as peers)
