@@ -630,7 +630,7 @@ def test_sweeps_that_find_the_mailbox_unread_queue_one_read_of_it_not_one_each(t
             stranger.send(b"junk")
         assert membership.mailbox.poll(5000, zmq.POLLIN), "the stranger's messages never came"
         for _ in range(4):
-            membership._sweep()
+            membership.liveness.sweep()
         queued = sum(1 for callback, _args in loop._ready if getattr(callback, "__func__", None) in reads)
         return queued, engine.stats.rejected["zre_malformed"]
 

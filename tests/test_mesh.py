@@ -567,7 +567,7 @@ def test_a_peer_whose_words_wait_unread_is_not_declared_gone(mesh: dict[str, Any
             talker.whisper(judge.id, b"still here")  # (the judge's loop is held: nothing reads it)
             assert membership.mailbox.poll(5000, zmq.POLLIN), "the talker's words never came"
             membership.peers[talker_uuid].last_rx -= 100  # silent for 100 s, as far as the judge has read
-            membership._sweep()
+            membership.liveness.sweep()
             return talker_uuid in membership.peers
 
         assert engine.call_on_loop(sweep_with_its_words_unread)

@@ -37,6 +37,7 @@ from .detector import FailureDetector
 from .discovery import Beacons, Seeds
 from .events import MembershipEvents
 from .links import Links
+from .liveness import Liveness, check_proof
 from .mailbox import Mailbox
 from .peer import PeerState
 from .peer_groups import PeerGroups
@@ -105,6 +106,9 @@ class Membership:
                              events=events, links=self.links, seeds=self.seeds, peer_groups=self.peer_groups,
                              hello=self._hello)
         self.peers = self.roster.peers
+        self.liveness = Liveness(detector=self.detector, links=self.links, roster=self.roster, seeds=self.seeds,
+                                 stats=stats, timers=self.timers, disconnect_grace_s=config.disconnect_grace_s,
+                                 read_first=self.router.read_before_verdicts, name=name)
         self.beacons = None if beacon is None else Beacons(
             loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
             interval_s=config.beacon_interval_s, later=self.timers.later, on_beacon=self.roster.on_beacon,
@@ -138,7 +142,7 @@ class Membership:
         self.router.start(self._handle)
         if self.beacons is not None:
             self.beacons.start(self.port)  # the first beacon goes out at once
-        self._sweep()
+        self.liveness.sweep()
         self.timers.later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
         self.seeds.start(self.endpoint, self.roster.endpoint_known)
         self.router.read_soon()
@@ -306,7 +310,7 @@ class Membership:
             if peer.pings_out:
                 peer.pings_out -= 1
                 peer.answered = True
-                self._check_proof(peer)
+                check_proof(peer)
         elif cmd == Command.GOODBYE:
             self.roster.remove(peer, "left (goodbye)")
 
@@ -374,7 +378,7 @@ class Membership:
                 self.stats.membership["hellos_crossed"] += 1
                 if not peer.silence_check:  # (one at a time: a peer's HELLOs may come by the thousand)
                     peer.silence_check = True
-                    self._ping(peer)
+                    self.liveness.ping(peer)
                     self.timers.later(self._quiet_s, self._greet_if_silent, peer)
             else:
                 self._greet_again(peer, msg.endpoint)
@@ -394,7 +398,7 @@ class Membership:
         for ghost in self.admission.ghosts(peer, list(self.peers.values()), self._quiet_s):
             self.roster.remove(ghost, "replaced by a restarted node")
         peer.ready = True
-        self._ping(peer)  # answered over a link that came up, it proves the peer
+        self.liveness.ping(peer)  # answered over a link that came up, it proves the peer
         self.stats.membership["joined"] += 1
         log.info("peer %r (%s) joined from %s", peer.name, peer.id[:8], peer.endpoint)
         self.events.peer_ready(peer)
@@ -409,7 +413,7 @@ class Membership:
         self.stats.membership["regreeted"] += 1
         if not peer.proven:  # (what it owed on the old link is lost with it)
             peer.pings_out = 0
-            self._ping(peer)
+            self.liveness.ping(peer)
 
     def _greet_if_silent(self, peer: PeerState) -> None:
         """Greet a ready peer again if it sent nothing but HELLOs since the one that crossed
@@ -467,59 +471,9 @@ class Membership:
         else:
             self.stats.reject("control_unknown")
 
-    def _ping(self, peer: PeerState) -> None:
-        if self.links.send(peer, ZreMessage(Command.PING, 0)):
-            peer.pings_out += 1
-            self.stats.membership["pings_sent"] += 1
-
-    @staticmethod
-    def _check_proof(peer: PeerState) -> None:
-        """A peer is proven once our link to the endpoint it claims came up and it answered
-        a PING sent over that link (as far as ZRE can tell, the endpoint is its own)."""
-        if peer.answered and peer.link_up:
-            peer.proven = True
-
     def _on_link(self, peer: PeerState, up: bool) -> None:
-        if up:
-            self.detector.link_up(peer)
-            self._check_proof(peer)
-        elif self.detector.link_down(peer, time.monotonic()):
-            self.timers.later(self.config.disconnect_grace_s, self._check_disconnected, peer)
-
-    def _check_disconnected(self, peer: PeerState) -> None:
-        if not self.detector.still_disconnected(peer):
-            return
-        if self.peers.get(peer.uuid) is peer:
-            self.roster.drop(peer, "connection lost")
-        else:  # not (or no longer) a peer, e.g. a seed not yet answered: should it become
-            self.detector.forget_disconnect(peer)  # one, its link's next failure counts anew
-
-    # -- timers ---------------------------------------------------------------------------
-
-    def _sweep(self) -> None:
-        if self.timers.closed:
-            return
-        was_late = self.detector.slack > 0
-        self.router.read_before_verdicts()
-        if self.timers.closed:
-            return
-        now = time.monotonic()
-        sweep = self.detector.sweep(list(self.peers.values()), now)
-        if sweep.late_s:
-            self.stats.membership["late_sweeps"] += 1
-            if not was_late:
-                log.warning("node %s: its event loop ran %.1f s late (a starved host or a stopped process); that time "
-                            "is not counted as its peers' silence, and they get more time to answer (%.0f s for now)",
-                            self.name, sweep.late_s, self.detector.timeout_s)
-        elif was_late and not self.detector.slack:
-            log.info("node %s: its event loop runs on time again; peers are declared gone after %.1f s of silence",
-                     self.name, self.detector.timeout_s)
-        for peer, reason in sweep.expired:
-            self.roster.drop(peer, reason)
-        for peer in sweep.ping:
-            self._ping(peer)
-        self.seeds.regreet_silent(now, self.detector.timeout_s)  # (seeds get the same slack as peers)
-        self.timers.later(self.detector.sweep_interval_s, self._sweep)
+        """The links report to `Liveness`, which is made after them (it sends over them)."""
+        self.liveness.on_link(peer, up)
 
 
 MAX_GROUP_BYTES = 255
