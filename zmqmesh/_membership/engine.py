@@ -36,6 +36,7 @@ from .admission import Admission
 from .detector import FailureDetector
 from .discovery import Beacons, Seeds
 from .events import MembershipEvents
+from .gossip import Gossip
 from .links import Links
 from .liveness import Liveness, check_proof
 from .mailbox import Mailbox
@@ -47,11 +48,6 @@ from .timers import Timers
 __all__ = ["Membership", "MAX_GROUP_BYTES", "MAX_PEERS", "MAX_UNPROVEN_PEERS", "ZMQ_SOCKETS_PER_PEER"]
 
 log = logging.getLogger("zmqmesh.membership")
-
-_GOSSIP_HEARTBEATS = 10
-"""Every so many heartbeat intervals, a node tells one proven peer (each in turn) of the
-others it has proven: two peers that lost each other while a third still hears from both
-meet again. (In a mesh of seeds no beacon brings them back; gossip went only to newcomers.)"""
 
 MAX_HELLO_HEADER_BYTES = 64 * 1024
 """What a peer's HELLO headers may hold in all (zmqmesh's own take under 1 KiB)."""
@@ -109,6 +105,8 @@ class Membership:
         self.liveness = Liveness(detector=self.detector, links=self.links, roster=self.roster, seeds=self.seeds,
                                  stats=stats, timers=self.timers, disconnect_grace_s=config.disconnect_grace_s,
                                  read_first=self.router.read_before_verdicts, name=name)
+        self.gossip = Gossip(codec=codec, links=self.links, roster=self.roster, stats=stats, timers=self.timers,
+                             heartbeat_interval_s=config.heartbeat_interval_s)
         self.beacons = None if beacon is None else Beacons(
             loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
             interval_s=config.beacon_interval_s, later=self.timers.later, on_beacon=self.roster.on_beacon,
@@ -119,7 +117,6 @@ class Membership:
         self.headers: dict[str, str] = {}
         self.endpoint = ""
         self.port = 0
-        self._gossip_turn = 0
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -143,7 +140,7 @@ class Membership:
         if self.beacons is not None:
             self.beacons.start(self.port)  # the first beacon goes out at once
         self.liveness.sweep()
-        self.timers.later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
+        self.gossip.start()
         self.seeds.start(self.endpoint, self.roster.endpoint_known)
         self.router.read_soon()
 
@@ -403,7 +400,7 @@ class Membership:
         log.info("peer %r (%s) joined from %s", peer.name, peer.id[:8], peer.endpoint)
         self.events.peer_ready(peer)
         if peer.is_zmqmesh:
-            self._gossip_to(peer)
+            self.gossip.tell(peer)
 
     def _greet_again(self, peer: PeerState, endpoint: str) -> None:
         """Restart our link to a ready peer that lost us, at ``endpoint``, with a HELLO."""
@@ -429,27 +426,6 @@ class Membership:
         """Longer than a live peer stays silent: it pings at least every heartbeat."""
         return 1.5 * self.config.heartbeat_interval_s
 
-    def _gossip_to(self, peer: PeerState, proven_only: bool = False) -> None:
-        """Tell ``peer`` of the other ready peers, in as many WHISPERs as `max_message_bytes`
-        needs; ``proven_only``: of those proven to be where they say. (A newcomer hears of
-        every one, those that came a moment before it too, still being proven; the rounds,
-        of proven ones only: a stranger that greeted this node alone, claiming an endpoint
-        it does not own, would have the mesh greet that endpoint every round.)"""
-        known = [[p.id, p.endpoint, p.key or ""] for p in self.peers.values()
-                 if p.ready and p is not peer and (p.proven and p.link_up or not proven_only)]
-        for part in control.gossip(self.codec, known):
-            self.links.send(peer, ZreMessage(Command.WHISPER, 0, content=part))
-
-    def _gossip_round(self) -> None:
-        """Gossip to the next proven zmqmesh peer in turn, and again `_GOSSIP_HEARTBEATS` later."""
-        if self.timers.closed:
-            return
-        self.timers.later(_GOSSIP_HEARTBEATS * self.config.heartbeat_interval_s, self._gossip_round)
-        told = [p for p in self.peers.values() if p.proven and p.link_up and p.is_zmqmesh]
-        if len(told) >= 2 and not self.roster.leaving:
-            self._gossip_turn += 1
-            self._gossip_to(told[self._gossip_turn % len(told)], proven_only=True)
-
     def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
         parsed = control.parse(self.codec, content, {p.id for p in self.peers.values()})
         if parsed is None:
@@ -457,17 +433,7 @@ class Membership:
         elif parsed[0] == "bye":
             self.roster.remove(peer, "left")
         elif parsed[0] == "peers":
-            # a peer's word about others: as many new ones as there are places left, none
-            # making way for another (a list of 10,000 strangers at 10,000 addresses opened
-            # and closed as many links in one turn of the loop: seconds)
-            entries = parsed[1]
-            room = self.roster.places_left()  # (counted down here: each count walks every peer)
-            for at, (uuid, endpoint, key) in enumerate(entries):
-                if room <= 0:
-                    self.stats.reject("gossip_past_bound", len(entries) - at)
-                    break
-                if self.roster.learn(uuid, endpoint, key) is not None:  # (a place taken: never one made)
-                    room -= 1
+            self.gossip.take(parsed[1])
         else:
             self.stats.reject("control_unknown")
 
