@@ -16,7 +16,6 @@ event loop.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import zmq
@@ -27,7 +26,6 @@ from .._io.reactor import EventLoop
 from .._stats import Stats
 from .._wire import zre
 from .._wire.codec import Codec
-from .._wire.frames import HEADER
 from .._wire.zre import Command, ZreMessage
 from ..config import NodeConfig
 from ..errors import MessageTooLargeError, ZmqMeshError
@@ -37,6 +35,7 @@ from .detector import FailureDetector
 from .discovery import Beacons, Seeds
 from .events import MembershipEvents
 from .gossip import Gossip
+from .greeting import Greeter
 from .links import Links
 from .liveness import Liveness, check_proof
 from .mailbox import Mailbox
@@ -49,8 +48,6 @@ __all__ = ["Membership", "MAX_GROUP_BYTES", "MAX_PEERS", "MAX_UNPROVEN_PEERS", "
 
 log = logging.getLogger("zmqmesh.membership")
 
-MAX_HELLO_HEADER_BYTES = 64 * 1024
-"""What a peer's HELLO headers may hold in all (zmqmesh's own take under 1 KiB)."""
 _SEED_RETRY_S = 1.0
 
 
@@ -107,6 +104,10 @@ class Membership:
                                  read_first=self.router.read_before_verdicts, name=name)
         self.gossip = Gossip(codec=codec, links=self.links, roster=self.roster, stats=stats, timers=self.timers,
                              heartbeat_interval_s=config.heartbeat_interval_s)
+        self.greeter = Greeter(uuid=uuid, secure=keys is not None, admission=self.admission, stats=stats,
+                               events=events, links=self.links, roster=self.roster, peer_groups=self.peer_groups,
+                               timers=self.timers, heartbeat_interval_s=config.heartbeat_interval_s,
+                               hello=self._hello, ping=self.liveness.ping, gossip_to=self.gossip.tell)
         self.beacons = None if beacon is None else Beacons(
             loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
             interval_s=config.beacon_interval_s, later=self.timers.later, on_beacon=self.roster.on_beacon,
@@ -261,7 +262,7 @@ class Membership:
         uuid = identity[1:]
         peer = self.peers.get(uuid)
         if msg.command == Command.HELLO:
-            self._on_hello(uuid, peer, msg)
+            self.greeter.on_hello(uuid, peer, msg)
             return
         if peer is None or not peer.ready:
             self.stats.reject("zre_before_hello")
@@ -310,121 +311,6 @@ class Membership:
                 check_proof(peer)
         elif cmd == Command.GOODBYE:
             self.roster.remove(peer, "left (goodbye)")
-
-    def _hello_refused(self, peer: PeerState | None, msg: ZreMessage, reason: str) -> None:
-        """A HELLO was refused (a bound): a ready peer that sent it is dropped now, as one
-        that greets us first would not be taken. Its sequence began afresh with that HELLO,
-        so kept, it would be dropped at its next message anyway, for a sequence gap (and
-        with groups as known here that its HELLO may have changed). Not a HELLO that
-        `_claims_live_peer`: a stranger's, under a peer's public uuid, drops nobody."""
-        if peer is not None and peer.ready and not self._claims_live_peer(peer, msg.endpoint):
-            self.roster.remove(peer, reason)
-
-    def _claims_live_peer(self, peer: PeerState, endpoint: str) -> bool:
-        """Whether a HELLO from ``endpoint`` under a ready ``peer``'s uuid claims it from
-        elsewhere while it is still heard from over its link: anyone can send one (its
-        beacons make the uuid public), and it is no word of the peer's."""
-        return endpoint not in (peer.endpoint, peer.hello_endpoint) and peer.link_up and \
-            time.monotonic() - peer.last_rx < self._quiet_s
-
-    def _on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
-        if uuid == self.uuid or self.admission.is_foreign(uuid) or self.roster.leaving:
-            return  # (leaving: greeted back, a peer that had our goodbye would list us again)
-        if self.admission.endpoint_ok(msg.endpoint) is None:
-            return
-        welcome, is_zmqmesh = self.admission.mesh_of(msg.headers)
-        if not welcome:
-            self.admission.remember_foreign(uuid)
-            if peer is not None:
-                self.roster.drop(peer, "moved to another mesh")
-            return
-        group_chars = sum(len(g) for g in msg.groups)
-        if sum(len(k) + len(v) for k, v in msg.headers.items()) > MAX_HELLO_HEADER_BYTES or \
-                self.peer_groups.too_many_for_one(group_chars):
-            self.stats.reject("zre_hello_too_large")  # never kept: a stranger's megabytes stay his
-            self._hello_refused(peer, msg, "its HELLO was too large")
-            return
-        if self.peer_groups.past_budget(peer, group_chars):
-            self.stats.reject("zre_groups_over_budget")  # (never kept either: those of the peers known stay)
-            self._hello_refused(peer, msg, "its HELLO's groups were past the budget of all peers")
-            return
-        if msg.sequence != 1:
-            self.stats.reject("zre_hello_sequence")
-        key = msg.headers.get(HEADER["key"]) if self.keys is not None else None
-        if peer is None:
-            peer = self.roster.learn(uuid, msg.endpoint, key, answered=True)
-            if peer is None:
-                return
-        elif peer.ready:
-            # The peer greeted us again: it had lost us. Restart our side of the link so
-            # that our sequence starts afresh too. Not at another endpoint while it is still
-            # heard from over its link: anyone can claim a peer's uuid (its beacons make it
-            # public), and the peer's traffic would go to the claimant.
-            now = time.monotonic()
-            if self._claims_live_peer(peer, msg.endpoint):
-                self.stats.reject("zre_hello_conflict")
-                log.warning("a HELLO claims peer %r (%s) at %s, while it is heard from at %s: ignored",
-                            peer.name, peer.id[:8], msg.endpoint, peer.endpoint)
-                return
-            if now - peer.greeted_at < self._quiet_s:
-                # Ours went out less than a heartbeat and a half ago: this one crossed it or
-                # answers it. Answering at once would have two peers that hold each other as
-                # ready trade HELLOs and links for good. A PING tells them apart: a peer that
-                # holds us as ready answers it; one that lost us again waits for our HELLO
-                # and takes nothing else, so it gets the HELLO if it stays silent.
-                self.stats.membership["hellos_crossed"] += 1
-                if not peer.silence_check:  # (one at a time: a peer's HELLOs may come by the thousand)
-                    peer.silence_check = True
-                    self.liveness.ping(peer)
-                    self.timers.later(self._quiet_s, self._greet_if_silent, peer)
-            else:
-                self._greet_again(peer, msg.endpoint)
-        peer.in_sequence = msg.sequence
-        peer.spoke = False
-        peer.hello_endpoint = msg.endpoint  # (it may differ from where we heard of it: an advertised address)
-        peer.name = msg.name
-        peer.headers = dict(msg.headers)
-        self.peer_groups.set_groups(peer, msg.groups)
-        peer.status = msg.status
-        peer.is_zmqmesh = is_zmqmesh
-        peer.touch()
-        peer.changed()
-        if peer.ready:
-            self.events.peer_groups_changed(peer)
-            return
-        for ghost in self.admission.ghosts(peer, list(self.peers.values()), self._quiet_s):
-            self.roster.remove(ghost, "replaced by a restarted node")
-        peer.ready = True
-        self.liveness.ping(peer)  # answered over a link that came up, it proves the peer
-        self.stats.membership["joined"] += 1
-        log.info("peer %r (%s) joined from %s", peer.name, peer.id[:8], peer.endpoint)
-        self.events.peer_ready(peer)
-        if peer.is_zmqmesh:
-            self.gossip.tell(peer)
-
-    def _greet_again(self, peer: PeerState, endpoint: str) -> None:
-        """Restart our link to a ready peer that lost us, at ``endpoint``, with a HELLO."""
-        self.links.close(peer)
-        peer.endpoint = endpoint
-        self.links.open(peer, self._hello())
-        self.stats.membership["regreeted"] += 1
-        if not peer.proven:  # (what it owed on the old link is lost with it)
-            peer.pings_out = 0
-            self.liveness.ping(peer)
-
-    def _greet_if_silent(self, peer: PeerState) -> None:
-        """Greet a ready peer again if it sent nothing but HELLOs since the one that crossed
-        ours (`_on_hello`), not even the answer to our PING: it lost us, and waits for one."""
-        peer.silence_check = False
-        if self.timers.closed or self.roster.leaving or self.peers.get(peer.uuid) is not peer or not peer.ready:
-            return
-        if not peer.spoke and time.monotonic() - peer.greeted_at >= self._quiet_s:
-            self._greet_again(peer, peer.endpoint)
-
-    @property
-    def _quiet_s(self) -> float:
-        """Longer than a live peer stays silent: it pings at least every heartbeat."""
-        return 1.5 * self.config.heartbeat_interval_s
 
     def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
         parsed = control.parse(self.codec, content, {p.id for p in self.peers.values()})

@@ -31,7 +31,7 @@ class PeerState:
         self.out_sequence = 0
         self.greeted_at = float("-inf")  # when our link last sent it a HELLO (time.monotonic)
         self.spoke = False  # it sent more than a HELLO since its last one
-        self.silence_check = False  # a crossed HELLO of its awaits `Membership._greet_if_silent`
+        self.silence_check = False  # a crossed HELLO of its awaits `Greeter._greet_if_silent`
         self.in_sequence = 0
         self.ready = False
         self.name = ""
