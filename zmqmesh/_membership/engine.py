@@ -11,6 +11,20 @@ It knows nothing of what the groups mean to the patterns above it: it reports th
 `MembershipEvents`. Hostile or malformed input is counted in `Stats.rejected` and
 dropped; a sequence gap drops the peer as RFC 36 requires. Nothing here raises into the
 event loop.
+
+`Membership` is what the node talks to: it keeps what this node says of itself (its
+HELLO: endpoint, groups, status, headers), sends what the node asks, and composes the
+parts that do the rest, one job each:
+
+* `Mailbox` (mailbox.py): the mailbox ROUTER, bound and read in bursts;
+* `Commands` (commands.py): each command the mailbox receives, checked and handled;
+* `Greeter` (greeting.py): the HELLOs taken in, and peers greeted again;
+* `Roster` (roster.py): the peers kept, within bounds, and those declared gone;
+* `PeerGroups` (peer_groups.py): the peers' groups, within a budget of memory;
+* `Liveness` (liveness.py): PINGs, proofs, link events and the sweep (`FailureDetector`);
+* `Gossip` (gossip.py): peers told of the others, and what they tell taken in;
+* `Links`, `Beacons`, `Seeds`, `Admission`, `Timers`: the links to peers, discovery,
+  who may become a peer, and the timers cancelled at `Membership.close`.
 """
 
 from __future__ import annotations
@@ -24,20 +38,20 @@ from .._io.beacon import BeaconSocket
 from .._io.curve import KeyPair
 from .._io.reactor import EventLoop
 from .._stats import Stats
-from .._wire import zre
 from .._wire.codec import Codec
 from .._wire.zre import Command, ZreMessage
 from ..config import NodeConfig
 from ..errors import MessageTooLargeError, ZmqMeshError
 from . import control
 from .admission import Admission
+from .commands import Commands
 from .detector import FailureDetector
 from .discovery import Beacons, Seeds
 from .events import MembershipEvents
 from .gossip import Gossip
 from .greeting import Greeter
 from .links import Links
-from .liveness import Liveness, check_proof
+from .liveness import Liveness
 from .mailbox import Mailbox
 from .peer import PeerState
 from .peer_groups import PeerGroups
@@ -52,7 +66,11 @@ _SEED_RETRY_S = 1.0
 
 
 class Membership:
-    """The ZRE engine of one node. Create, `bind`, `start`, and `close` on the node's loop."""
+    """The ZRE engine of one node. Create, `bind`, `start`, and `close` on the node's loop.
+
+    It wires its parts together (see the module) and keeps this node's own side: its
+    groups and status, told to every peer, and the HELLO its links send first.
+    """
 
     def __init__(
         self,
@@ -108,12 +126,15 @@ class Membership:
                                events=events, links=self.links, roster=self.roster, peer_groups=self.peer_groups,
                                timers=self.timers, heartbeat_interval_s=config.heartbeat_interval_s,
                                hello=self._hello, ping=self.liveness.ping, gossip_to=self.gossip.tell)
+        self.groups: set[str] = set()
+        self.commands = Commands(codec=codec, stats=stats, events=events, links=self.links, roster=self.roster,
+                                 own_groups=self.groups, peer_groups=self.peer_groups,
+                                 on_hello=self.greeter.on_hello, take_gossip=self.gossip.take)
         self.beacons = None if beacon is None else Beacons(
             loop=loop, sock=beacon, uuid=uuid, key=keys.public_bytes() if keys else None, stats=stats,
             interval_s=config.beacon_interval_s, later=self.timers.later, on_beacon=self.roster.on_beacon,
             rest_s=self.roster.beacon_rest,
         )
-        self.groups: set[str] = set()
         self.status = 0
         self.headers: dict[str, str] = {}
         self.endpoint = ""
@@ -136,8 +157,10 @@ class Membership:
     def start(self, headers: dict[str, str], groups: set[str]) -> None:
         """Start reading the mailbox and beacons, beaconing, heartbeating, and greeting seeds."""
         self.headers = headers
-        self.groups = set(groups)
-        self.router.start(self._handle)
+        own = set(groups)
+        self.groups.clear()  # (the same set for good: `Commands` reads it)
+        self.groups.update(own)
+        self.router.start(self.commands.handle)
         if self.beacons is not None:
             self.beacons.start(self.port)  # the first beacon goes out at once
         self.liveness.sweep()
@@ -234,9 +257,10 @@ class Membership:
         if sum(len(f) for f in frames) > self.config.max_message_bytes:
             raise MessageTooLargeError("whisper/shout content exceeds max_message_bytes")
 
-    # -- peers coming and going -------------------------------------------------------------
+    # -- what its parts ask of it -----------------------------------------------------------
 
     def _hello(self) -> ZreMessage:
+        """The HELLO a new link sends first: this node's endpoint, groups, status, name, headers."""
         return ZreMessage(
             Command.HELLO, 0, endpoint=self.endpoint, groups=sorted(self.groups),
             status=self.status, name=self.name, headers=self.headers,
@@ -245,83 +269,6 @@ class Membership:
     def remove(self, peer: PeerState, reason: str) -> None:
         """Forget a peer, close its link, and report it gone if it had been ready."""
         self.roster.remove(peer, reason)
-
-    # -- incoming -------------------------------------------------------------------------
-
-    def _handle(self, frames: list[bytes]) -> None:
-        identity = frames[0]
-        if len(identity) != 17 or identity[0] != 1:
-            self.stats.reject("zre_bad_identity")
-            return
-        try:
-            msg = zre.decode_command(frames[1:])
-        except zre.ZreError as exc:
-            self.stats.reject("zre_malformed")
-            log.debug("malformed ZRE message: %s", exc)
-            return
-        uuid = identity[1:]
-        peer = self.peers.get(uuid)
-        if msg.command == Command.HELLO:
-            self.greeter.on_hello(uuid, peer, msg)
-            return
-        if peer is None or not peer.ready:
-            self.stats.reject("zre_before_hello")
-            return
-        expected = zre.next_sequence(peer.in_sequence)
-        if msg.sequence != expected and not (
-            # pyre wraps its sequence at 65535 instead of 65536: tolerate that from plain peers
-            not peer.is_zmqmesh and peer.in_sequence == 65534 and msg.sequence == 0
-        ):
-            self.stats.reject("zre_sequence_gap")
-            log.warning(
-                "sequence gap from %s (expected %d, got %d): dropping the peer",
-                peer.id[:8], expected, msg.sequence,
-            )
-            self.roster.remove(peer, "sequence gap")
-            return
-        peer.in_sequence = msg.sequence
-        peer.spoke = True
-        peer.touch()
-        cmd = msg.command
-        if cmd not in Command.NAMES:  # e.g. Zyre's leader election: not ours, but in sequence
-            self.stats.reject("zre_unknown_command")
-            return
-        if cmd == Command.WHISPER:
-            if control.is_control(msg.content):
-                if peer.is_zmqmesh:
-                    self._on_control(peer, msg.content)
-                else:
-                    self.stats.reject("control_from_plain_peer")
-            else:
-                self.stats.pattern["zre"]["received"] += 1
-                self.events.zre_message("whisper", peer, "", msg.content)
-        elif cmd == Command.SHOUT:
-            if msg.group in self.groups:
-                self.stats.pattern["zre"]["received"] += 1
-                self.events.zre_message("shout", peer, msg.group, msg.content)
-        elif cmd in (Command.JOIN, Command.LEAVE):
-            self.peer_groups.on_join_or_leave(peer, msg)
-        elif cmd == Command.PING:
-            self.links.send(peer, ZreMessage(Command.PING_OK, 0))
-            self.stats.membership["pings_answered"] += 1
-        elif cmd == Command.PING_OK:
-            if peer.pings_out:
-                peer.pings_out -= 1
-                peer.answered = True
-                check_proof(peer)
-        elif cmd == Command.GOODBYE:
-            self.roster.remove(peer, "left (goodbye)")
-
-    def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
-        parsed = control.parse(self.codec, content, {p.id for p in self.peers.values()})
-        if parsed is None:
-            self.stats.reject("control_malformed")
-        elif parsed[0] == "bye":
-            self.roster.remove(peer, "left")
-        elif parsed[0] == "peers":
-            self.gossip.take(parsed[1])
-        else:
-            self.stats.reject("control_unknown")
 
     def _on_link(self, peer: PeerState, up: bool) -> None:
         """The links report to `Liveness`, which is made after them (it sends over them)."""
