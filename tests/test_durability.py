@@ -811,6 +811,44 @@ def test_ids_a_full_disk_keeps_a_dedupe_puller_from_recording_are_counted_and_lo
     assert len(lines) == 1, f"{len(lines)} log lines for the ids unrecorded"
 
 
+
+def test_a_dedupe_window_trim_that_fails_counts_no_id_unrecorded_and_is_tried_again(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A dedupe puller trims its window of handled ids now and then; a trim the store
+    refused (full) was counted as the id it came after being unrecorded, though that id was
+    recorded (`dedupe_unrecorded` 1 for each failed trim, none unrecorded), and the next trim
+    waited a whole round more. Now a failed trim is logged (at most every 10 s) and tried
+    again with the next id remembered."""
+    import logging
+
+    import zmqmesh._patterns.intake
+    from zmqmesh._store.handled import Handled
+
+    caplog.set_level(logging.ERROR, logger="zmqmesh")
+    monkeypatch.setattr(zmqmesh._patterns.intake, "_TRIM_EVERY", 10)
+    real_trim, refusing = Handled.trim, [False]  # (not at the start, which trims too: the start would fail)
+
+    def trim(self: Handled, queue: str, keep: int) -> None:
+        if refusing[0]:
+            raise zmqmesh.StoreFullError("the store is full (a test)")
+        real_trim(self, queue, keep)
+
+    monkeypatch.setattr(Handled, "trim", trim)
+    got: list[int] = []
+    node = zmqmesh.Node("puller", store=str(tmp_path / "puller"), **mesh)
+    node.pull("q", lambda msg: got.append(msg.data), at_least_once=True, dedupe=True, dedupe_window=5)
+    with node, zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), **mesh) as pusher:
+        refusing[0] = True
+        pusher.push_many("q", list(range(30)), durable=True)
+        wait_until(lambda: len(got) == 30, 30, "30 messages handled")
+        assert node.stats()["pipeline"].get("dedupe_unrecorded", 0) == 0, "every id was recorded"
+        assert inspect_store(tmp_path / "puller")["handled"]["q"] == 30, "not trimmed: the store refused"
+        refusing[0] = False
+        pusher.push("q", 30, durable=True)
+        wait_until(lambda: len(got) == 31, 30, "the next message handled")
+        wait_until(lambda: inspect_store(tmp_path / "puller")["handled"]["q"] <= 6, 10, "the window trimmed")
+    assert len([r for r in caplog.records if "cannot trim" in r.getMessage()]) == 1
+
 def test_messages_handled_while_the_disk_is_full_are_forgotten_once_it_has_room(
         small_disk: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """The write that forgets handled messages fails on a full disk: it is tried again, so

@@ -75,6 +75,7 @@ class AckedIntake:
         # constant time; a dict's first key is found past every slot deleted before it)
         self._handled: dict[str, OrderedDict[str, None]] = {}
         self._unrecorded_log = LogThrottle(UNRECORDED_LOG_S)  # (`_unrecorded`)
+        self._trim_failed_log = LogThrottle(UNRECORDED_LOG_S)  # (`_remember`)
 
     def forget_unpulled(self) -> None:
         """Forget the ids this run remembered for the queues no longer pulled (call when
@@ -271,14 +272,24 @@ class AckedIntake:
                 handled.popitem(last=False)
         try:
             self.store.handled.remember(queue, [msg_id])
-            with self._remember_lock:
-                count = self._remembered[queue] = self._remembered.get(queue, 0) + 1
-                if count >= _TRIM_EVERY:
-                    self._remembered[queue] = 0
-            if count >= _TRIM_EVERY:
-                self.store.handled.trim(queue, window)
         except Exception as exc:
             self._unrecorded(queue, msg_id, exc)
+            return
+        with self._remember_lock:
+            count = self._remembered[queue] = self._remembered.get(queue, 0) + 1
+        if count < _TRIM_EVERY:
+            return
+        try:
+            self.store.handled.trim(queue, window)
+        except Exception as exc:  # (the id is recorded all the same: the trim is tried again with the next)
+            said = self._trim_failed_log.due()
+            if said:
+                log.error("cannot trim the ids remembered of %r to its dedupe_window (%d time(s) since the last "
+                          "such line; tried again with each id remembered, said again at most every %g s): %s",
+                          queue, said, UNRECORDED_LOG_S, exc)
+        else:
+            with self._remember_lock:
+                self._remembered[queue] = 0
 
     def _unrecorded(self, queue: str, msg_id: str, exc: Exception) -> None:
         """Count a handled id the store could not record (this run still skips it; after a
