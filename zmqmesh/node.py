@@ -174,8 +174,8 @@ class Node(NodeBase):
         `ZmqMeshError` only when called on the node's own I/O thread, `ConfigError` for a
         ``timeout`` that is not a finite number >= 0. A node still running at the
         interpreter's exit is stopped then, after a warning in the log. After a start
-        interrupted (a Ctrl-C: see `start`), it waits for the stop that the start began
-        (bounded by the start's 30 s and a stop's).
+        interrupted (a Ctrl-C: see `start`), it waits for the stop that the start began,
+        within the same bound (that stop goes on if the start is not over by then).
         """
         timeout = check_timeout(timeout)
         if self._forked():  # the sockets and threads are the parent's: leave them alone
@@ -184,7 +184,13 @@ class Node(NodeBase):
             return
         after_start = self._after_start
         if after_start is not None and after_start is not threading.current_thread():
-            after_start.join()  # (it stops the node once the start it waits for is over)
+            if threading.current_thread() is self._thread:
+                raise ZmqMeshError("stop() cannot be called from the node's own I/O thread")
+            inbox = self._engine.inbox
+            if not (isinstance(inbox, ThreadInbox) and inbox.runs_handlers_here()):  # (a handler does not wait)
+                after_start.join(self.config.linger_s + timeout)  # (it stops the node once the start is over)
+            if after_start.is_alive():
+                return
         run_here: tuple[Any, ...] | None = None
         with self._lock:
             for flag in self._serving:
