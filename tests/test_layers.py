@@ -1401,31 +1401,6 @@ def test_live_messages_of_a_topic_still_coming_while_a_small_history_is_read_are
     assert [(t, gap) for t, _d, gap in got if gap] == [("t.y", 10), ("t.x", 10)]
     assert stats.snapshot()["pubsub"].get("gap") == 20
 
-def test_live_frames_that_waited_for_their_publishers_hello_are_held_before_its_history_is_read() -> None:
-    """Frames of a publisher whose HELLO has not come yet wait for it (`AwaitingHello`); the
-    HELLO makes the subscription's cursor, which reads the history at once. They waited on
-    until a later frame of that publisher came, or a look at them was due: a page read
-    meanwhile, past their numbers (a small history), was delivered, what it skipped counted
-    missed, and the frames then dropped as delivered. Now they are taken as the cursor is
-    made, held while it catches up, and go first: all 10 delivered."""
-    publisher = history_publisher("bb")
-    replays, fetches, directory, stats = replaying()
-    subscriptions = list(replays.registry.replays.items())
-    calls: list[Any] = []
-    for n in range(10, 20):  # (before its HELLO: they wait for it)
-        replays.live("t.x", n, [f"x{n}"], None, publisher.id, subscriptions, calls)
-    assert not calls and not fetches
-    directory.rebuild({}, [publisher])  # its HELLO
-    replays.sync(calls)
-    assert len(fetches) == 1
-    rows = [[31 + i, "t.x", n, 1, time.time(), _HISTORY_CODEC.encode(f"x{n}"), None] for i, n in enumerate(range(15, 20))]
-    replays.on_page(fetches[-1], {"rows": rows, "more": False, "next": {"t.x": 20}}, None, calls)
-    while replays.delivering():
-        replays.deliver_pages(calls)
-    replays.look_again(calls)
-    assert [(call.arg.data, call.arg.gap) for call in calls] == [(f"x{n}", 10 if n == 10 else 0) for n in range(10, 20)]
-    assert stats.snapshot()["pubsub"].get("gap") == 10
-
 
 def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live_frames_after_it() -> None:
     """A page may hold tens of thousands of messages: they go into the calls at most

@@ -48,9 +48,8 @@ class Delivery:
         frame is held, published after a message that came live (`Cursor.live_pos`), is
         left to the live frames: it comes live too, as do those of its topic before it
         that the history dropped (they were in the socket while the page was read: taken
-        for missed, they were counted so, and dropped as delivered once they came). Raises
-        `ValueError` for a row numbered past what a store gives, `DecodeError` for a payload
-        that is no batch (the page is malformed)."""
+        for missed, they were counted so, and dropped as delivered once they came). Raises `ValueError` for a row numbered past what a store
+        gives, `DecodeError` for a payload that is no batch (the page is malformed)."""
         pos, topic, seq, count, ts, payload, meta = row
         if not isinstance(topic, str) or not topic.startswith(key[0]):
             return

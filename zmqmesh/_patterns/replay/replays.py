@@ -155,10 +155,7 @@ class Replays:
     def sync(self, calls: list[Call]) -> None:
         """Follow every publisher that keeps topics a replaying subscription wants (after
         a subscription or a peer came): a new cursor starts catching up at once; one whose
-        publisher was found gone and is back asks it where its topics are (`QUIET_LOOK_S`).
-        The frames of a publisher that waited for its HELLO (`live`) are taken then, held
-        while its cursor catches up (left waiting, they came after a page read meanwhile,
-        past them, and were dropped as delivered)."""
+        publisher was found gone and is back asks it where its topics are (`QUIET_LOOK_S`)."""
         for key, options in list(self.registry.replays.items()):
             for node_id, (stream, prefixes) in list(self.directory.streams.items()):
                 if any(p.startswith(key[0]) or key[0].startswith(p) for p in prefixes):
@@ -172,8 +169,6 @@ class Replays:
                             self.rereads.look_at((key, stream), 0.0, True)
                     if cursor is not None and cursor.node_id == node_id:
                         cursor.kept = prefixes
-        if self.awaiting:
-            self.release_unknown(calls)
 
     # -- a publisher's numbering going back ----------------------------------------------------
 
