@@ -75,6 +75,11 @@ stuck handler is seen within eight times ``ack_timeout_s`` at most."""
 _GHOSTS_KEPT = 1024
 """Batches that timed out and were not answered since, remembered per puller and queue at most
 (`ReliableSender._ghosts`): a puller dealt nothing more while it handles them keeps a few."""
+WEDGED_S = 10.0
+"""A puller taken for stuck on a queue (a batch timed out behind one it has not answered) is
+dealt nothing of it until it answers, or for this long at most: then one batch again, which,
+timing out behind them too, takes it for stuck again, and which it answers if the batches it
+did not answer were lost rather than being handled (its queue would otherwise wait for good)."""
 
 
 class Failure(NamedTuple):
@@ -292,8 +297,10 @@ class ReliableSender:
         # may be stuck on that one (`_behind`)
         self._quiet: set[tuple[str, str]] = set()
         # quiet lines where a batch timed out behind such a batch: the puller is stuck there;
-        # dealt nothing more until it answers one of its batches of the queue
-        self._wedged: set[tuple[str, str]] = set()
+        # dealt nothing more until it answers one of its batches of the queue, or for
+        # `WEDGED_S` at most (until when: then one batch again, in case those it did not
+        # answer were lost, not being handled)
+        self._wedged: dict[tuple[str, str], float] = {}
 
     def pending(self, pulled: Callable[[str], object]) -> int:
         """Messages sent but not yet acknowledged, plus those waiting to be resent: of these,
@@ -371,7 +378,8 @@ class ReliableSender:
                 share = max(1, (len(q) + len(dealt_again)) // len(pullers))
                 most = 1 if probing else TIMED_BATCH_ITEMS if directory.ack_timeout_s(queue, puller) else MAX_BATCH_ITEMS
                 n = min(room, share, most)
-                if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES or (puller, queue) in self._wedged:
+                if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES or \
+                        (self._wedged and self._is_wedged((puller, queue))):
                     continue
                 items: list[Any] = []
                 parts: list[bytes] = []
@@ -472,7 +480,7 @@ class ReliableSender:
                 continue
             if self._quiet:
                 self._quiet.discard((batch.puller, batch.queue))
-                self._wedged.discard((batch.puller, batch.queue))
+                self._wedged.pop((batch.puller, batch.queue), None)
             self.inflight_count[batch.puller] -= len(batch.items)
             self.inflight_bytes[batch.puller] -= batch.size
             self._left_line(batch)
@@ -544,7 +552,8 @@ class ReliableSender:
             again = self._failed(batch, "ack timeout", held[batch.puller] == 1, behind)
             self._unanswered(line, batch)
             if behind is not None:  # stuck on a batch before: what else the line holds waits behind it too
-                self._wedged.add(line)
+                self._wedged[line] = now + WEDGED_S
+                self.loop.call_later(WEDGED_S, self.wake)  # (then dealt again: nothing else may flush)
                 # (to another puller at once; with none, left to time out in turn: taken back, it would
                 # be handled twice, by this one unstuck and again once dealt to it)
                 stuck = self._take_line(line) if self._other_puller(line) else []
@@ -556,10 +565,20 @@ class ReliableSender:
         if expired:
             self.wake()
 
+    def _is_wedged(self, line: tuple[str, str]) -> bool:
+        """Whether the puller of ``line`` is taken for stuck on its queue now (`_wedged`)."""
+        until = self._wedged.get(line)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._wedged[line]  # (dealt again: a batch that times out behind the others takes it for stuck again)
+        return False
+
     def _other_puller(self, line: tuple[str, str]) -> bool:
         """Whether the queue of ``line`` has a puller besides that of ``line`` not stuck on it."""
         puller, queue = line
-        return any(other != puller and (other, queue) not in self._wedged
+        return any(other != puller and not self._is_wedged((other, queue))
                    for other in self.directory.providers("ackqueues", queue))
 
     def _take_line(self, line: tuple[str, str]) -> list[_Batch]:
@@ -592,10 +611,11 @@ class ReliableSender:
                 if not ghosts:
                     del self._ghosts[line]
                 self._quiet.discard(line)
-                self._wedged.discard(line)
+                self._wedged.pop(line, None)
                 return True
         self._quiet.difference_update(lines)
-        self._wedged.difference_update(lines)
+        for line in lines:
+            self._wedged.pop(line, None)
         return bool(lines)
 
     def _failed(self, batch: _Batch, why: str, alone: bool, behind: frozenset[str] | None = None) -> list[Any]:
@@ -702,7 +722,7 @@ class ReliableSender:
         for line in [line for line in self._ghosts if line[0] == puller]:
             del self._ghosts[line]
         self._quiet = {line for line in self._quiet if line[0] != puller}
-        self._wedged = {line for line in self._wedged if line[0] != puller}
+        self._wedged = {line: until for line, until in self._wedged.items() if line[0] != puller}
         if lost:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
                         puller[:8], sum(len(b.items) for b in lost))
