@@ -878,6 +878,21 @@ def test_stats_count_per_peer(mesh: dict[str, Any]) -> None:
         assert b.stats()["pipeline"]["received"] == 20
 
 
+
+def test_a_node_is_not_among_the_peers_its_stats_count(mesh: dict[str, Any]) -> None:
+    """`stats()["peers"]` counts per present peer (docs/operations.md); a node handling its
+    own publications, pushes and requests counted itself there too, for good."""
+    got: list[int] = []
+    with zmqmesh.Node("alone", **mesh) as node:
+        node.subscribe("t", lambda msg: got.append(msg.data))
+        node.pull("q", lambda msg: got.append(msg.data))
+        node.service("echo", lambda msg: msg.data)
+        node.publish("t", 1)
+        node.push("q", 2)
+        assert node.request("echo", 3, timeout=10) == 3
+        wait_until(lambda: sorted(got) == [1, 2], 10, "its own publication and push handled")
+        assert node.stats()["peers"] == {}, node.stats()["peers"]
+
 def test_request_to_a_chosen_provider_and_providers_list(mesh: dict[str, Any]) -> None:
     with zmqmesh.Node("a", **mesh) as a, zmqmesh.Node("b", **mesh) as b, zmqmesh.Node("c", **mesh) as c:
         a.service("who", lambda m: "a")

@@ -696,7 +696,8 @@ class Engine:
         return {"id": self.node_id, "name": self.name, **self.counters()}
 
     def counters(self) -> dict[str, Any]:
-        """The counters (`Stats.snapshot`) and, under ``"gauges"``, the levels of now: the
+        """The counters (`Stats.snapshot`, but for what the node sent itself under
+        ``"peers"``) and, under ``"gauges"``, the levels of now: the
         peers present, the messages not yet sent or not yet acknowledged (``queued``), and
         per queue the messages waiting in its send queue (``queue_backlog``), the bytes
         waiting in the send queues together (``send_queue_bytes``, which
@@ -705,7 +706,9 @@ class Engine:
         pusher = self.pusher
         backlog = {name: len(q) for name, q in list(pusher.queues.items())} if pusher is not None else {}
         outbound = self.outbound
-        return {**self.stats.snapshot(), "gauges": {
+        counted = self.stats.snapshot()
+        counted["peers"].pop(self.node_id, None)  # (what it sent itself: no peer's)
+        return {**counted, "gauges": {
             "peers": self.directory.peer_count(),
             "queued": outbound.queued() if outbound is not None and not self.closed else 0,
             "queue_backlog": backlog,
