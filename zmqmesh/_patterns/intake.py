@@ -275,21 +275,22 @@ class AckedIntake:
         except Exception as exc:
             self._unrecorded(queue, msg_id, exc)
             return
-        with self._remember_lock:
+        with self._remember_lock:  # (one handler's thread trims: the count starts again as it does)
             count = self._remembered[queue] = self._remembered.get(queue, 0) + 1
+            if count >= _TRIM_EVERY:
+                self._remembered[queue] = 0
         if count < _TRIM_EVERY:
             return
         try:
             self.store.handled.trim(queue, window)
         except Exception as exc:  # (the id is recorded all the same: the trim is tried again with the next)
+            with self._remember_lock:
+                self._remembered[queue] = max(self._remembered.get(queue, 0), _TRIM_EVERY - 1)
             said = self._trim_failed_log.due()
             if said:
                 log.error("cannot trim the ids remembered of %r to its dedupe_window (%d time(s) since the last "
                           "such line; tried again with each id remembered, said again at most every %g s): %s",
                           queue, said, UNRECORDED_LOG_S, exc)
-        else:
-            with self._remember_lock:
-                self._remembered[queue] = 0
 
     def _unrecorded(self, queue: str, msg_id: str, exc: Exception) -> None:
         """Count a handled id the store could not record (this run still skips it; after a
