@@ -1,8 +1,8 @@
 """What stops a launcher's processes when the launcher itself is killed (Linux).
 
 ``zmqmesh launch`` runs this file as a script of its own (``python -I _launch_watch.py
-TOKEN STOP_TIMEOUT_S``: standard library only, so no package import), in a session of
-its own, its standard input a pipe of which the launcher holds the only write end. That
+TOKEN STOP_TIMEOUT_S``: the standard library and its sibling `orphans` only, no package
+import), in a session of its own, its standard input a pipe of which the launcher holds the only write end. That
 pipe ends when the launcher ends, however it ends (SIGKILL, the OOM killer included).
 Told ``done`` first (the launcher stopped its processes itself), the watcher exits;
 otherwise it stops every process whose environment carries ``TOKEN``
@@ -19,23 +19,20 @@ import signal
 import sys
 import time
 
+if __name__ == "__main__":  # (run as a script, isolated: its sibling is read from its own folder)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from orphans import carrying
+else:
+    from .orphans import carrying
+
 __all__ = ["marked", "watch"]
 
 
 def marked(token: bytes) -> list[int]:
-    """The processes alive whose environment holds a variable starting with ``token``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as file:
-                environment = file.read()
-        except OSError:  # (gone meanwhile, or not ours to read)
-            continue
-        if any(variable.startswith(token) for variable in environment.split(b"\0")):
-            found.append(int(entry))
-    return found
+    """The processes alive (but this one) whose environment holds a variable starting with
+    ``token`` (`orphans.carrying`)."""
+    own = os.getpid()
+    return list(carrying(token, (int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != own)))
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Container, Iterable
 from pathlib import Path
 
-__all__ = ["MARK", "adopt_orphans", "children", "orphans", "reaped", "reap_ended"]
+__all__ = ["MARK", "adopt_orphans", "carrying", "children", "orphans", "reaped", "reap_ended"]
 
 MARK = "ZMQMESH_LAUNCHED_BY"
 """The environment variable a launcher's processes carry, naming the launcher (`orphans`)."""
@@ -43,18 +43,22 @@ def orphans(mark: str, own: Container[int], among: Iterable[int]) -> dict[int, s
     ``own``, whose environment carries ``MARK=mark/tag``, each with its ``tag`` (which of
     the launcher's processes it comes from): processes a launcher's processes started and
     left, adopted."""
-    token = f"{MARK}={mark}/".encode()
+    found = carrying(f"{MARK}={mark}/".encode(), (pid for pid in among if pid not in own))
+    return {pid: rest.decode("ascii", "replace") for pid, rest in found.items()}
+
+
+def carrying(token: bytes, among: Iterable[int]) -> dict[int, bytes]:
+    """Of the processes ``among``, those alive whose environment holds a variable starting
+    with ``token``, each with the rest of that variable (from ``/proc``: none elsewhere)."""
     found = {}
     for pid in among:
-        if pid in own:
-            continue
         try:
             environment = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:  # (gone meanwhile, or not ours to read)
             continue
         for variable in environment.split(b"\0"):
             if variable.startswith(token):
-                found[pid] = variable[len(token):].decode("ascii", "replace")
+                found[pid] = variable[len(token):]
                 break
     return found
 
