@@ -120,6 +120,12 @@ def _is_scalar(value: object) -> bool:
     return isinstance(value, (str, int, float, bool))
 
 
+def _is_env_name(name: str) -> bool:
+    """Whether ``name`` can name an environment variable: not empty, and holding neither
+    ``=`` (where the name ends) nor NUL (where the entry ends)."""
+    return bool(name) and "=" not in name and "\0" not in name
+
+
 def _env_text(value: str | float | bool) -> str:
     """A launch file's value as an environment variable holds it: true and false as the
     file writes them (not Python's ``True``), a number in decimal."""
@@ -192,6 +198,9 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
             raise LaunchError(f"{where} ({name}): 'restart' must be one of {', '.join(_RESTARTS)}")
         if not isinstance(env, dict) or not all(_is_scalar(v) for v in env.values()):
             raise LaunchError(f"{where} ({name}): 'env' must be a table of strings, numbers, true or false")
+        if (bad := next((k for k in env if not _is_env_name(k)), None)) is not None:
+            raise LaunchError(f"{where} ({name}): 'env' name {bad!r} cannot name an environment variable"
+                              " (empty, or holding '=' or NUL)")
         cwd = entry.get("cwd", ".")
         if not isinstance(cwd, str) or "\0" in cwd or not _is_directory(path.parent / cwd):
             raise LaunchError(f"{where} ({name}): 'cwd' must name a directory, got {cwd!r}")
