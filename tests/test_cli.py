@@ -722,6 +722,49 @@ def test_launch_lets_a_daemon_run_while_the_process_that_made_it_runs(tmp_path: 
     assert proc.returncode == 130, (out, err)
 
 
+CRASHES_BY_ITS_START = """#!/bin/sh
+n=$(cat starts 2>/dev/null || echo 0); n=$((n + 1)); echo $n > starts
+case $n in
+  4) sleep 3; exit 3 ;;         # a healthy run (longer than the launcher is told a healthy run is)
+  6) exec sleep 60 ;;           # runs on until the launcher stops it
+  *) exit 3 ;;                  # a crash at once
+esac
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_restart_delay_starts_again_after_a_healthy_run(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restart delay doubled at each crash and never came down: a process that
+    crashed once a day waited the longest delay (10 s) after a day's healthy run, as one
+    crashing in a loop. A run of `_HEALTHY_RUN_S` (10 s; 2 s here) starts it again from
+    0.5 s; each restart line says its delay."""
+    import io
+
+    from zmqmesh.tools import launch as launch_module
+
+    monkeypatch.setattr(launch_module, "_HEALTHY_RUN_S", 2.0)
+    (tmp_path / "crashes.sh").write_text(CRASHES_BY_ITS_START)
+    (tmp_path / "crashes.sh").chmod(0o755)
+    out = io.StringIO()
+    launcher = launch_module.Launcher(
+        [launch_module.ProcessSpec("c", ["./crashes.sh"], restart="on-failure", cwd=str(tmp_path))], 5.0, out)
+
+    def stop_at_the_sixth_start() -> None:
+        wait_until(lambda: out.getvalue().count("] started") >= 6, 60, "the sixth start")
+        launcher._stopping.set()
+
+    stopper = threading.Thread(target=stop_at_the_sixth_start, daemon=True)
+    stopper.start()
+    try:
+        launcher.run()
+    finally:
+        launcher._stopping.set()
+        stopper.join(60)
+    said = [line.partition("; ")[2] for line in out.getvalue().splitlines() if "exited with status 3" in line]
+    assert said == ["restarting in 0.5 s", "restarting in 1 s", "restarting in 2 s",
+                    "restarting in 0.5 s", "restarting in 1 s"], out.getvalue()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="orphans are adopted on Linux only")
 @pytest.mark.timeout(60)
 def test_a_launcher_collects_no_orphan_it_still_tracks_outside_its_own_look(monkeypatch: pytest.MonkeyPatch) -> None:

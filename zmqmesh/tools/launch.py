@@ -30,7 +30,8 @@ stopped cleanly (status 0 or 143, or ended by the SIGTERM) and nothing had to be
 killed, 1 otherwise (or if one had ended by itself with another status than 0). A stop
 is bounded whatever the reader of its output does: a reader that takes nothing loses
 the lines queued for it (`_Output`: counted, said on stderr). Without restarts,
-it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay;
+it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay
+(from its first step again after a healthy run, `_HEALTHY_RUN_S`);
 a restart that cannot start it (its command deleted meanwhile) is said, and tried again
 the same way, while the others run on.
 """
@@ -397,6 +398,9 @@ class Launcher:
         self._output = _Output(out, self._stopping_for_output)
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.restarts: dict[str, int] = {s.name: 0 for s in specs}
+        # (crashes and failed starts since a run of `_HEALTHY_RUN_S`: the restart delay's step)
+        self._quick_ends: dict[str, int] = {s.name: 0 for s in specs}
+        self._started: dict[str, float] = {}  # (when each process last started: monotonic)
         self._place = {s.name: i for i, s in enumerate(specs)}  # (a process's place in the file: `_tag`)
         self._stopping = StopFlag()  # (raised by a signal handler: no threading.Event, see StopFlag)
         self._width = max(len(s.name) for s in specs)
@@ -455,6 +459,7 @@ class Launcher:
         except ValueError as exc:  # (a NUL in its command or environment, an environment name with '=')
             return f"cannot start {spec.command[0]!r}: {exc}"
         self.procs[spec.name] = proc
+        self._started[spec.name] = time.monotonic()
         self._pumps[spec.name] = pump = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
         pump.start()
         self.say(spec.name, f"started (pid {proc.pid})")
@@ -498,14 +503,17 @@ class Launcher:
                     # its output to the end first (what it left running may hold the pipe, until killed)
                     if self._pumps[name].is_alive() and now < draining[name] + self.stop_timeout_s + 1.0:
                         continue
-                    del draining[name]
+                    ended = draining.pop(name)
                     spec = by_name[name]
-                    wants = _wants_restart(spec.restart, code)
-                    self.say(name, f"exited with status {code}" + ("; restarting" if wants else ""))
-                    if wants:
+                    if _wants_restart(spec.restart, code):
                         self.restarts[name] += 1
-                        pending_restart[name] = now + _restart_delay(self.restarts[name])
+                        healthy = ended - self._started[name] >= _HEALTHY_RUN_S
+                        self._quick_ends[name] = 1 if healthy else self._quick_ends[name] + 1
+                        delay = _restart_delay(self._quick_ends[name])
+                        self.say(name, f"exited with status {code}; restarting in {delay:g} s")
+                        pending_restart[name] = now + delay
                     else:
+                        self.say(name, f"exited with status {code}")
                         del self.procs[name]
                         if code != 0:
                             status = 1
@@ -516,7 +524,8 @@ class Launcher:
                         # failed start: tried again as a crash would be, while the others run on
                         if (failed := self._start(by_name[name])) is not None:
                             self.restarts[name] += 1
-                            delay = _restart_delay(self.restarts[name])
+                            self._quick_ends[name] += 1
+                            delay = _restart_delay(self._quick_ends[name])
                             self.say(name, f"{failed}; trying again in {delay:g} s")
                             pending_restart[name] = now + delay
                 self._sweep_leftovers(now)
@@ -693,9 +702,18 @@ def _end_watch(watch: subprocess.Popen[bytes] | None) -> None:
         watch.wait()
 
 
-def _restart_delay(restarts: int) -> float:
-    """Seconds before the start after ``restarts`` crashes or failed starts: 0.5, doubling, 10 at most."""
-    return min(0.5 * 2.0 ** min(restarts - 1, 5), 10.0)
+def _restart_delay(quick_ends: int) -> float:
+    """Seconds before the start after ``quick_ends`` crashes or failed starts in a row (since
+    a run of `_HEALTHY_RUN_S` at least): 0.5, doubling, `_LONGEST_RESTART_DELAY_S` at most."""
+    return min(0.5 * 2.0 ** min(quick_ends - 1, 5), _LONGEST_RESTART_DELAY_S)
+
+
+_LONGEST_RESTART_DELAY_S = 10.0
+_HEALTHY_RUN_S = _LONGEST_RESTART_DELAY_S
+"""How long a process must have run, when it ends, for its restart to wait the first delay
+(0.5 s) again, its crashes before forgotten (one that crashes once a day is not held up
+for the longest delay). As long as the longest delay: a process that ends after such runs
+is restarted no more often than one that ends at once and waits the longest delay."""
 
 
 def _wants_restart(restart: str, code: int) -> bool:
