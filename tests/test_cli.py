@@ -170,6 +170,23 @@ def test_numbers_are_checked_and_a_missing_service_is_named_at_once_with_its_mes
     assert result.returncode == 1 and "mesh 'nobody-here'" in result.stderr and "0 peers" in result.stderr
 
 
+@pytest.mark.timeout(60)
+def test_an_empty_gateway_token_variable_is_a_bad_argument(mesh: dict[str, Any]) -> None:
+    """``ZMQMESH_GATEWAY_TOKEN=$TOKEN zmqmesh gateway``, the shell variable unset, served
+    on loopback with no token at all, saying nothing (as ``--token ""`` did before it was
+    made a bad argument). It is a bad argument now too, naming the variable: status 2."""
+    where = ("--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"]))
+    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "gateway", "--listen", "127.0.0.1:0", *where],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ZMQMESH_GATEWAY_TOKEN": ""})
+    with lines_of(proc) as (out, err):
+        wait_until(lambda: proc.poll() is not None or any("gateway listening on" in line for line in out), 30,
+                   "the gateway to end or to listen")
+        served = proc.poll() is None
+    assert not served and (proc.returncode, err, out) == (
+        2, ["zmqmesh: error: ZMQMESH_GATEWAY_TOKEN is set but empty: give it a token, or unset it"], []), (out, err)
+
+
 @pytest.mark.timeout(120)
 def test_gateway_on_any_free_port_says_the_port_it_listens_on(mesh: dict[str, Any]) -> None:
     """``--listen 127.0.0.1:0`` (any free port, as the argument allows) said "gateway

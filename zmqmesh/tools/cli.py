@@ -55,6 +55,11 @@ class CliError(Exception):
     """A user-facing error: printed as one line."""
 
 
+class UsageError(CliError):
+    """Arguments the command refuses that the parser cannot see alone (an environment
+    variable, a combination of options): one line, status 2, as a bad argument."""
+
+
 _stdout_gone = [False]
 
 
@@ -468,7 +473,9 @@ def _gateway(args: argparse.Namespace) -> int:
             options[key] = getattr(args, key)
     if args.seed:
         options["seeds"] = tuple(args.seed)
-    token = args.token or os.environ.get("ZMQMESH_GATEWAY_TOKEN")
+    token = args.token if args.token is not None else os.environ.get("ZMQMESH_GATEWAY_TOKEN")
+    if token == "":  # (as `--token ""`: an unset shell variable, say, would serve with no token at all)
+        raise UsageError("ZMQMESH_GATEWAY_TOKEN is set but empty: give it a token, or unset it")
     if not args.verbose:  # (what it drops and what fails are its reports: they stay in the log)
         logging.getLogger("zmqmesh.gateway").setLevel(logging.WARNING)
 
@@ -533,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # (stdout's reader went away: nothing to say, and nobody to say it to)
         _lose_stdout()
         code = PIPE_CLOSED
+    except UsageError as exc:
+        print(f"zmqmesh: error: {exc}", file=sys.stderr)
+        code = 2
     except (CliError, ZmqMeshError, OSError, ValueError) as exc:
         message = str(exc) or type(exc).__name__  # (a remote handler's, among them: a provider's text)
         print(f"zmqmesh: error: {shown(message)}", file=sys.stderr)
