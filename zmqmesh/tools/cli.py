@@ -464,7 +464,7 @@ def _gateway(args: argparse.Namespace) -> int:
     import os
 
     try:
-        from .gateway import GatewayError, run_gateway
+        from .gateway import GatewayArgumentError, GatewayError, run_gateway
     except ImportError as exc:
         raise CliError(str(exc)) from None
     options: dict[str, Any] = {"name": "gateway"}
@@ -496,6 +496,8 @@ def _gateway(args: argparse.Namespace) -> int:
         asyncio.run(serve())
     except asyncio.CancelledError:
         pass
+    except GatewayArgumentError as exc:  # (a --listen off loopback without a token: as the other refused arguments)
+        raise UsageError(str(exc)) from None
     except GatewayError as exc:
         raise CliError(str(exc)) from None
     return 0

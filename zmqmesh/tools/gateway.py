@@ -70,7 +70,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError("the gateway needs aiohttp: pip install 'zmqmesh[gateway]'") from exc
 
-__all__ = ["create_app", "run_gateway", "GatewayError"]
+__all__ = ["create_app", "run_gateway", "GatewayError", "GatewayArgumentError"]
 
 log = logging.getLogger("zmqmesh.gateway")
 
@@ -145,6 +145,11 @@ connection closed at once past ``max_connections``; 413; 408; 401; 403; 415."""
 
 class GatewayError(ValueError):
     """The gateway cannot start as asked (e.g. a public address without a token)."""
+
+
+class GatewayArgumentError(GatewayError):
+    """The gateway's arguments are refused before anything starts: a ``listen`` that is
+    not ``host:port``, or one off loopback without a token (``zmqmesh gateway``: status 2)."""
 
 
 def _error(status: int, kind: str, message: str, **extra: Any) -> web.Response:
@@ -945,13 +950,14 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
     token, it answers the loopback names, the listen host and ``hosts``. At most
     ``max_connections`` are open at once; one idle (or sending its head) for
     ``idle_timeout_s`` is closed, a body slower than ``body_timeout_s`` answered 408.
-    Raises `GatewayError` for a bad address or one it cannot listen on."""
+    Raises `GatewayArgumentError` for a bad address, or one off loopback without a
+    token; `GatewayError` for one it cannot listen on."""
     host, _, port_text = listen.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:8080
     if not host or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
-        raise GatewayError(f"--listen must be host:port with a port from 0 to 65535, got {listen!r}")
+        raise GatewayArgumentError(f"--listen must be host:port with a port from 0 to 65535, got {listen!r}")
     if not _is_loopback(host) and not token:
-        raise GatewayError(f"listening on {host} (not loopback) needs a bearer token (--token or ZMQMESH_GATEWAY_TOKEN)")
+        raise GatewayArgumentError(f"listening on {host} (not loopback) needs a bearer token (--token or ZMQMESH_GATEWAY_TOKEN)")
     async with AsyncNode(node_options.pop("name", "gateway"), **node_options) as node:
         app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(h) for h in (host, *hosts)},
                                   tracebacks=tracebacks, body_timeout_s=body_timeout_s)
