@@ -278,6 +278,36 @@ def test_public_listen_address_needs_a_token(mesh: dict[str, Any]) -> None:
            "ZMQMESH_GATEWAY_TOKEN)", ""), result
 
 
+@pytest.mark.timeout(60)
+def test_an_empty_token_is_refused_not_served(mesh: dict[str, Any]) -> None:
+    """``run_gateway(listen, token="")`` served on loopback with the ``Host`` check off (made
+    only without a token) and the empty token letting every request in: GET /peers with
+    ``Host: evil.example`` (DNS rebinding) was answered 200, where without a token it is
+    403. An empty token is refused now, before anything starts."""
+    import asyncio
+    import contextlib
+
+    from zmqmesh.tools.gateway import GatewayArgumentError, run_gateway
+
+    async def attempt() -> tuple[bool, BaseException | None]:
+        served = asyncio.Event()
+        task = asyncio.ensure_future(run_gateway("127.0.0.1:0", "", ready=lambda _url: served.set(),
+                                                 mesh=mesh["mesh"], beacon_port=mesh["beacon_port"]))
+        waiter = asyncio.ensure_future(served.wait())
+        await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return True, None
+        return False, task.exception()
+
+    served, error = asyncio.run(attempt())
+    assert not served and isinstance(error, GatewayArgumentError), (served, error)
+    assert str(error) == "the token is empty: give one, or None for no token"
+
+
 def test_token_is_enforced(mesh: dict[str, Any]) -> None:
     with gateway_process(mesh, token="s3cret") as base:
         url = f"{base}/peers"

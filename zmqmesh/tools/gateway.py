@@ -829,7 +829,9 @@ def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 
                request_timeout_s: float = 10.0, hosts: frozenset[str] = LOOPBACK_HOSTS,
                tracebacks: bool = False, body_timeout_s: float = BODY_TIMEOUT_S) -> tuple[web.Application, Gateway]:
     """The aiohttp application of a gateway on a running ``node``: it answers the ``Host``
-    names ``hosts`` (without a token), and sends remote tracebacks only with ``tracebacks``."""
+    names ``hosts`` (without a token), and sends remote tracebacks only with ``tracebacks``.
+    Raises `GatewayArgumentError` for an empty ``token`` (`_check_token`)."""
+    _check_token(token)
     gateway = Gateway(node, token, request_timeout_s, max_body_bytes, hosts, tracebacks, body_timeout_s)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[gateway.errors])
     app.router.add_post("/request/{service}", gateway.request)
@@ -934,6 +936,13 @@ def _host_of(authority: str) -> str:
     return host
 
 
+def _check_token(token: str | None) -> None:
+    """Raise `GatewayArgumentError` for an empty token: taken as a token, it would turn the
+    ``Host`` check off (made only without one) and let in every request, which all carry it."""
+    if token == "":
+        raise GatewayArgumentError("the token is empty: give one, or None for no token")
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -951,13 +960,14 @@ async def run_gateway(listen: str, token: str | None = None, ready: Any = None, 
     ``max_connections`` are open at once; one idle (or sending its head) for
     ``idle_timeout_s`` is closed, a body slower than ``body_timeout_s`` answered 408.
     Raises `GatewayArgumentError` for a bad address, or one off loopback without a
-    token; `GatewayError` for one it cannot listen on."""
+    token, or an empty token; `GatewayError` for one it cannot listen on."""
     host, _, port_text = listen.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:8080
     if not host or not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
         raise GatewayArgumentError(f"--listen must be host:port with a port from 0 to 65535, got {listen!r}")
     if not _is_loopback(host) and not token:
         raise GatewayArgumentError(f"listening on {host} (not loopback) needs a bearer token (--token or ZMQMESH_GATEWAY_TOKEN)")
+    _check_token(token)
     async with AsyncNode(node_options.pop("name", "gateway"), **node_options) as node:
         app, gateway = create_app(node, token, hosts=LOOPBACK_HOSTS | {_host_of(h) for h in (host, *hosts)},
                                   tracebacks=tracebacks, body_timeout_s=body_timeout_s)
