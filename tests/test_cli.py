@@ -585,6 +585,22 @@ def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any,
 
 
 @pytest.mark.timeout(120)
+def test_launch_says_a_process_started_before_its_first_line(tmp_path: Any) -> None:
+    """The thread reading a process's output was started before the launcher said
+    ``started``: a process that writes at once had its first line written first (measured:
+    85 to 95 of 300 ``echo`` processes, each run). ``started`` comes first now."""
+    launch_file = tmp_path / "echo.toml"
+    launch_file.write_text('[[process]]\nname = "e"\ncommand = ["echo", "hi"]\ncount = 50\n')
+    result = run("launch", str(launch_file), timeout=100)
+    assert result.returncode == 0, result
+    first: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        name, _, said = line.partition("] ")
+        first.setdefault(name.strip("[ "), said)
+    assert len(first) == 50 and all(said.startswith("started (pid ") for said in first.values()), first
+
+
+@pytest.mark.timeout(120)
 def test_launch_writes_what_a_process_wrote_that_is_not_utf8(tmp_path: Any) -> None:
     # a byte that is not UTF-8 ended the thread copying the process's output (a traceback
     # on stderr), the process then blocked on its full pipe, and the launcher never ended

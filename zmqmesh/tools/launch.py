@@ -460,9 +460,9 @@ class Launcher:
             return f"cannot start {spec.command[0]!r}: {exc}"
         self.procs[spec.name] = proc
         self._started[spec.name] = time.monotonic()
+        self.say(spec.name, f"started (pid {proc.pid})")  # (before its first line: said before it is read)
         self._pumps[spec.name] = pump = threading.Thread(target=self._pump, args=(spec.name, proc), daemon=True)
         pump.start()
-        self.say(spec.name, f"started (pid {proc.pid})")
         return None
 
     def _pump(self, name: str, proc: subprocess.Popen[str]) -> None:
