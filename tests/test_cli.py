@@ -335,6 +335,55 @@ def test_launch_stops_in_bounded_time_when_the_reader_of_its_output_takes_nothin
     assert "lines of output not written: its reader did not take them in time" in err and "Traceback" not in err, err
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fills the pipe through /proc/self/fd (Linux)")
+def test_launch_stops_in_bounded_time_when_its_output_and_stderr_share_a_pipe_nobody_reads(tmp_path: Any) -> None:
+    """``zmqmesh launch f.toml 2>&1 | reader``, the reader taking nothing: the stop dropped
+    the output's lines as it should, then said so on stderr, the same full pipe, and that
+    write blocked for ever (measured: 3 runs of 4 still running 30 s after SIGTERM, blocked
+    in the "lines of output not written" log line). Its own stderr lines are written by a
+    thread of their own now, and given ``stop_timeout_s`` at most, as its output's."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    proc = None
+    try:
+        proc = _launcher(tmp_path, 'stop_timeout_s = 1\n[[process]]\nname = "sleeper"\ncommand = ["sleep", "60"]\n',
+                         stdout=write_end, stderr=write_end)
+        # (an open file of its own on the pipe, not a copy of the launcher's: non-blocking
+        # alone, to fill the pipe to its last byte)
+        filler = os.open(f"/proc/self/fd/{write_end}", os.O_WRONLY | os.O_NONBLOCK)
+        os.close(write_end)
+        try:
+            def started() -> bool:
+                with contextlib.suppress(OSError):  # (a child that ended meanwhile)
+                    return any(b"sleep" in Path(f"/proc/{c}/cmdline").read_bytes() for c in _children(proc.pid))
+                return False
+
+            wait_until(started, 60, "the process started")
+            for size in (4096, 1):
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        os.write(filler, b"x" * size)
+            assert fcntl.fcntl(filler, fcntl.F_GETFL) & os.O_NONBLOCK
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(60)
+            stopped = proc.poll() is not None
+        finally:
+            os.close(filler)
+        assert stopped, "the launcher did not stop within 60 s of SIGTERM"
+        assert proc.returncode == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            for pid in _children(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+        os.close(read_end)
+
+
 def _running_with(token: str) -> list[int]:
     """The processes whose command line holds ``token``."""
     found = []

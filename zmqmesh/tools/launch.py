@@ -29,7 +29,8 @@ disk, a closed terminal: logged); after SIGTERM or SIGHUP it exits 0 if every pr
 stopped cleanly (status 0 or 143, or ended by the SIGTERM) and nothing had to be
 killed, 1 otherwise (or if one had ended by itself with another status than 0). A stop
 is bounded whatever the reader of its output does: a reader that takes nothing loses
-the lines queued for it (`_Output`: counted, said on stderr). Without restarts,
+the lines queued for it (`_Output`: counted, said on stderr; the launcher's own lines on
+stderr are bounded the same way, `_Logged`). Without restarts,
 it ends when every process has ended: status 0 if all exited 0. A crashed process that asks for it is restarted, with a growing delay
 (from its first step again after a healthy run, `_HEALTHY_RUN_S`);
 a restart that cannot start it (its command deleted meanwhile) is said, and tried again
@@ -381,6 +382,23 @@ class _Output:
         self._on_gone()
 
 
+class _Logged(logging.Handler):
+    """The launcher's log records (`log`), formatted as the handler they would reach
+    otherwise formats them, and queued on an `_Output` of their own for its stderr: a
+    stderr nobody reads (or the output's own full pipe, ``2>&1``) holds up no stop."""
+
+    def __init__(self, output: _Output, formatter: logging.Formatter | None) -> None:
+        super().__init__()
+        self.output = output
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.output.put(self.format(record) + "\n", wait=False)
+        except Exception:  # (as every handler: a record that cannot be formatted)
+            self.handleError(record)
+
+
 class Launcher:
     """Runs the processes of a launch file and multiplexes their output."""
 
@@ -396,6 +414,8 @@ class Launcher:
         self.stop_timeout_s = stop_timeout_s
         self.out = out
         self._output = _Output(out, self._stopping_for_output)
+        # (its own lines, `_Logged`, when the process's stderr is its own: `whole_program`)
+        self._errors = _Output(sys.stderr, lambda: None)
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.restarts: dict[str, int] = {s.name: 0 for s in specs}
         # (crashes and failed starts since a run of `_HEALTHY_RUN_S`: the restart delay's step)
@@ -483,6 +503,8 @@ class Launcher:
         adopting = adopt_orphans()
         status = 0
         self._output.start()
+        propagates = log.propagate
+        logged = self._log_on_stderr() if self.whole_program else None
         try:
             self._watch = _start_watch(f"{MARK}={self._mark}/", self.stop_timeout_s)
             for spec in self.specs:
@@ -559,6 +581,21 @@ class Launcher:
                 adopt_orphans(False)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if logged is not None:
+                log.removeHandler(logged)
+                log.propagate = propagates
+                stalled_s = max(self.stop_timeout_s, 1.0)
+                self._errors.close(stalled_s, stalled_s)  # (what its reader did not take: lost, with nobody to tell)
+
+    def _log_on_stderr(self) -> _Logged:
+        """Write what the launcher logs to stderr by a thread of its own (`_Logged`), in the
+        format of the handler it would reach otherwise, until `run` ends."""
+        handlers = [h for logger in (log, logging.getLogger("zmqmesh"), logging.getLogger()) for h in logger.handlers]
+        logged = _Logged(self._errors, next((h.formatter for h in handlers), None))
+        self._errors.start()
+        log.addHandler(logged)
+        log.propagate = False
+        return logged
 
     def _finish_output(self, stopping: bool = True) -> None:
         """Write what is left of the output while its reader takes some at least every
