@@ -1676,3 +1676,64 @@ def test_live_messages_that_came_while_a_small_history_was_read_are_delivered_no
     assert [n for n, _gap in got] == list(range(100, 2100)), (len(got), got[:3])
     assert got[0][1] == 100 and not any(gap for _n, gap in got[1:])
     assert stats["pubsub"].get("gap") == 100
+
+
+@pytest.mark.timeout(60)
+def test_a_kept_frame_with_headers_says_where_its_history_keeps_it_and_one_without_stays_three_frames(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A publisher's frame of a kept topic that has a meta frame (headers) says there where
+    its history keeps it (``"p"``, the position a page of history gives its row), across a
+    restart too (positions go on, as the history's do): a replaying subscriber holding it
+    knows that every frame kept after it comes live (`Cursor.live_pos`). A frame without
+    headers stays the three frames of protocol 1. (A bare SUB socket reads the frames.)"""
+    import msgpack
+    import zmq
+
+    store = tmp_path / "publisher"
+    said: dict[tuple[str, int], int] = {}
+    plain: list[int] = []
+    context = zmq.Context()
+    try:
+        for run in range(2):
+            with zmqmesh.Node("publisher", store=str(store), history={"app.": 1000}, **mesh) as node:
+                sub = context.socket(zmq.SUB)
+                sub.connect(node.endpoints["pub"])
+                sub.setsockopt(zmq.SUBSCRIBE, b"app.")
+                try:
+                    node.wait_for_subscribers("app.x", 1, timeout=10)
+                    for i in range(20):
+                        node.publish("app.x", i, headers={"run": str(run)})
+                        node.publish("app.y", i)
+                    node.publish_many("app.x", range(20, 30), headers={"run": str(run)})
+                    node.publish("app.y", "last")
+                    deadline = time.monotonic() + 20
+                    received = 0
+                    while received < 51 and time.monotonic() < deadline:  # (30 of app.x, 21 of app.y)
+                        if not sub.poll(100):
+                            continue
+                        frames = sub.recv_multipart()
+                        topic, seq = frames[0].decode(), int.from_bytes(frames[1][16:], "big")
+                        if topic == "app.y":
+                            assert len(frames) == 3, "no meta frame without headers"
+                            plain.append(seq)
+                            received += 1
+                        else:
+                            said[(topic, seq)] = msgpack.unpackb(frames[3])["p"]
+                            received += sum(1 for _ in _objects(frames[2]))
+                finally:
+                    sub.close(0)
+    finally:
+        context.term()
+    kept = {(topic, seq): pos for pos, topic, seq in read_only(store, "SELECT pos, topic, seq FROM history")}
+    assert said and all(kept[place] == pos for place, pos in said.items()), (said, kept)
+    assert sorted(plain) == list(range(42)), "every app.y frame, three frames each"
+    assert max(p for (_t, s), p in said.items() if s < 30) < min(p for (_t, s), p in said.items() if s >= 30)
+
+
+def _objects(batch: bytes) -> Iterator[Any]:
+    """The msgpack objects of a batch frame."""
+    import msgpack
+
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(batch)
+    yield from unpacker

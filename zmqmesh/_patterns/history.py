@@ -65,7 +65,10 @@ class History:
         except Exception as exc:  # (a full disk: forgotten at the next expiry instead)
             log.warning("cannot forget the numbering of topics no longer kept: %s", exc)
             self._floor = store.history.floor()
-        self._rows: list[tuple[str, int, int, float, bytes, bytes | None]] = []
+        self._rows: list[tuple[int, str, int, int, float, bytes, bytes | None]] = []
+        self.upcoming = store.history.last_position() + 1
+        """The history position the next frame `record` keeps is given (its publisher says
+        it on the frame's meta frame, ``"p"``, built before the frame is kept)."""
         self.began = False
         """Set by `number` when it numbered a topic afresh from a floor above 0, for its
         publisher to say so on the topic's first frame (and to clear)."""
@@ -97,31 +100,38 @@ class History:
         return seq
 
     def record(self, topic: bytes, seq: int, count: int, payload: bytes, meta: bytes | None) -> None:
-        """Keep a frame about to be sent (committed by `commit`, before it is sent)."""
-        self._rows.append((topic.decode("utf-8", "replace"), seq, count, time.time(), payload, meta))
+        """Keep a frame about to be sent (committed by `commit`, before it is sent), at the
+        position `upcoming`, which then goes on to the next."""
+        self._rows.append((self.upcoming, topic.decode("utf-8", "replace"), seq, count, time.time(), payload, meta))
+        self.upcoming += 1
 
     def commit(self) -> bool:
         """Store the recorded frames in one transaction, then trim what grew past its
         limit. False if the store refused them (full, failing): then their numbers are
-        taken back, and they must not be sent (logged, counted as ``history_failed``), so
-        that no subscriber ever sees a message its publisher's history lacks. A topic they
-        began is numbered afresh again, and says so on its next first frame."""
+        taken back, and so are their positions, and they must not be sent (logged, counted
+        as ``history_failed``), so that no subscriber ever sees a message its publisher's
+        history lacks. A topic they began is numbered afresh again, and says so on its next
+        first frame."""
         rows, self._rows = self._rows, []
         fresh, self._fresh = self._fresh, set()
         if not rows:
             return True
         try:
-            self.store.history.keep(rows)
+            self.store.history.keep_placed(rows)
         except Exception as exc:
-            for topic, seq, *_rest in rows:
+            try:  # (as the store has it: a position given meanwhile by another writer is not given again)
+                self.upcoming = max(rows[0][0], self.store.history.last_position() + 1)
+            except Exception:
+                self.upcoming = rows[0][0]
+            for _pos, topic, seq, *_rest in rows:
                 key = topic.encode()
                 if key in fresh:
                     self._next.pop(key, None)
                 else:
                     self._next[key] = min(self._next.get(key, seq), seq)
-            self._failed(sum(r[2] for r in rows), exc)
+            self._failed(sum(r[3] for r in rows), exc)
             return False
-        for topic in {r[0] for r in rows}:
+        for topic in {r[1] for r in rows}:
             self._trim(topic.encode())
         return True
 

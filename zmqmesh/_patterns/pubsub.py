@@ -7,7 +7,8 @@ per publisher. This node's own subscriptions get its publications directly (``lo
 never through a socket: none is lost while a subscription would still be on its way.
 Frames of kept topics (``history=``) are numbered by the history and committed to it
 before they are sent; the first frame of a topic numbered afresh past the history's
-floor says where its numbering begins if it has a meta frame (`start_meta`).
+floor says where its numbering begins if it has a meta frame (`start_meta`), and every
+frame with a meta frame says its history position (``"p"``).
 """
 
 from __future__ import annotations
@@ -49,19 +50,20 @@ _MAX_GAP = 1 << 32  # a larger jump is a restarted or lying sequence, not a coun
 _XPUB_BURST = 1024
 
 
-def meta_frame(bodies: list[Headed], first: int | None = None) -> bytes:
+def meta_frame(bodies: list[Headed], first: int | None = None, position: int | None = None) -> bytes:
     """The fourth frame of a batch of messages with headers: the msgpack map ``{"h":
     [headers map per message], "t": the first one's send time}`` (and ``"n": first``, the
-    number of the batch's first message, on pipelines)."""
+    number of the batch's first message, on pipelines; ``"p": position``, the batch's
+    position in its publisher's history, on a kept topic)."""
     timestamp = bodies[0].timestamp
     parts = [b.headers for b in bodies]
     count = len(parts)
     array = bytes([0x90 | count]) if count < 16 else b"\xdc" + count.to_bytes(2, "big")
     entries: bytes = b"\xa1h" + array + b"".join(parts) + b"\xa1t" + msgpack.packb(timestamp)
-    if first is None:
+    if first is None and position is None:
         return b"\x82" + entries
-    number: bytes = msgpack.packb(first)
-    return b"\x83" + entries + b"\xa1n" + number
+    field: bytes = b"\xa1n" + msgpack.packb(first) if position is None else b"\xa1p" + msgpack.packb(position)
+    return b"\x83" + entries + field
 
 
 def start_meta(meta: bytes, start: int) -> bytes:
@@ -239,9 +241,12 @@ class Publisher:
                 bodies.append(more)
                 size = grown
             payload = body if len(bodies) == 1 else b"".join(bodies)
-            meta = meta_frame(bodies) if headed else None  # type: ignore[arg-type]
             here, elsewhere = self._route(topic)
             keeps = history is not None and history.policy(topic) is not None
+            # (a kept frame's meta frame says where the frame is kept: a replaying subscriber
+            # then knows where its live stream began, `Cursor.hold`)
+            place = history.upcoming if keeps else None  # type: ignore[union-attr]
+            meta = meta_frame(bodies, None, place) if headed else None  # type: ignore[arg-type]
             if keeps:
                 seq = history.number(topic, len(bodies))  # type: ignore[union-attr]
                 history.record(topic, seq, len(bodies), payload, meta)  # type: ignore[union-attr]

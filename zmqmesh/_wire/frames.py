@@ -17,7 +17,9 @@ big-endian sequence number of the first message in ``body``. ``body`` is one or 
 concatenated msgpack objects (a batch of at most `MAX_BATCH_ITEMS`), except in requests
 and replies (exactly one). A batch some of whose messages carry headers has a fourth
 frame, ``meta``: a msgpack map ``{"h": [headers or nil per message], "t": wall clock,
-"n": number of the first message}`` (``n`` on pipelines only); so has a request with
+"n": number of the first message}`` (``n`` on pipelines only; on a kept topic, ``"p"``:
+where the publisher's history keeps the batch, and ``"s"`` on the first frame of a topic
+numbered afresh); so has a request with
 headers: ``{"h": headers, "t": wall clock}``. Without headers the frames are exactly
 those of protocol 1, so a client written for it keeps working.
 """

@@ -78,8 +78,10 @@ class Cursor:
         self.held_count = 0
         self.held_bytes = 0  # the bytes of the frames held (`MAX_HELD_BYTES`)
         self.held_topics: dict[str, list[HeldFrame]] = {}  # the frames held, by topic, in order
-        # the position of the first row of the pages read in this catch-up that holds a message
-        # held live (published after the subscription reached the publisher: `Delivery.row`)
+        # the lowest history position known to be past where the live stream began for this
+        # catch-up: that of a frame held which said it (`hold`), or of the first row of the pages
+        # read that holds a message held live (published after the subscription reached the
+        # publisher: `Delivery.row`)
         self.live_pos: int | None = None
         self.left_to_live: int | None = None  # the position before the first row left to live frames (`leave_to_live`)
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
@@ -110,12 +112,17 @@ class Cursor:
         the topics it follows now, or `CURSOR_TOPICS` if that is more (`tidy_at`)."""
         self.tidy_at = max(CURSOR_TOPICS, 2 * len(self.next))
 
-    def hold(self, frame: HeldFrame) -> None:
+    def hold(self, frame: HeldFrame, position: int | None = None) -> None:
         """Hold a live frame while the cursor catches up; past `MAX_HELD` messages or
-        `MAX_HELD_BYTES`, none is held any more (`held` None): the history has them."""
+        `MAX_HELD_BYTES`, none is held any more (`held` None): the history has them.
+        ``position``: where its publisher's history keeps it, if the frame says so (its
+        meta frame's ``"p"``): every frame kept past it was sent after it, and comes live
+        too (`live_pos`)."""
         held = self.held
         if held is None:
             return  # already too many: the history has them
+        if position is not None and (self.live_pos is None or position < self.live_pos):
+            self.live_pos = position
         held.append(frame)
         self.held_topics.setdefault(frame.topic, []).append(frame)
         self.held_count += len(frame.items)

@@ -45,11 +45,13 @@ class Delivery:
         the subscription ``key``: the messages of it the cursor has not had, the held live
         frames of its topic that come before it first (`_fill_from_held`); a row of another
         prefix is passed over. A row past the number expected, of a topic of which no live
-        frame is held, published after a message that came live (`Cursor.live_pos`), is
-        left to the live frames: it comes live too, as do those of its topic before it
-        that the history dropped (they were in the socket while the page was read: taken
-        for missed, they were counted so, and dropped as delivered once they came). Raises `ValueError` for a row numbered past what a store
-        gives, `DecodeError` for a payload that is no batch (the page is malformed)."""
+        frame is held, published after a message that came live (`Cursor.live_pos`: a
+        held frame that said its position, or a row holding a message held), is left to
+        the live frames: it comes live too, as do those of its topic before it that the
+        history dropped (they were in the socket while the page was read: taken for
+        missed, they were counted so, and dropped as delivered once they came). Raises
+        `ValueError` for a row numbered past what a store gives, `DecodeError` for a
+        payload that is no batch (the page is malformed)."""
         pos, topic, seq, count, ts, payload, meta = row
         if not isinstance(topic, str) or not topic.startswith(key[0]):
             return

@@ -355,7 +355,7 @@ class Replays:
         cursor.live_seen = True
         self.rereads.look_at((key, cursor.stream), time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
         if cursor.catching_up:
-            cursor.hold(frame)
+            cursor.hold(frame, self._said_position(frame.meta))
             return
         expected = cursor.next.get(frame.topic)
         if expected is None and (frame.seq == 0 or not cursor.from_start):
@@ -374,7 +374,7 @@ class Replays:
                     return
                 # (a read already on its way when the frame came may have been served before the
                 # frame was kept: the one asked for now is after it)
-                cursor.hold(HeldFrame(*frame[:-1], read_since=True))
+                cursor.hold(HeldFrame(*frame[:-1], read_since=True), self._said_position(frame.meta))
                 self._catch_up(key, options, cursor)
                 return
             missed = frame.seq - (expected or 0)
@@ -401,6 +401,18 @@ class Replays:
                         "(%d), dropped; %d message(s) so since the last such line (counted in "
                         "rejected.replay_unkept; said again at most every %g s)", cursor.stream[:8], frame.topic,
                         frame.seq, cursor.kept_next.get(frame.topic, 0), said, UNKEPT_LOG_S)
+
+    def _said_position(self, meta: bytes | None) -> int | None:
+        """Where its publisher's history keeps a live frame, as its meta frame says (``"p"``,
+        on a kept topic); None if it says nothing of it (no meta frame, a publisher before
+        this field), or a position no store gives."""
+        if meta is None:
+            return None
+        try:
+            position = self.codec.decode(meta).get("p")
+        except Exception:  # (a meta frame that is no map: read as a frame's when received)
+            return None
+        return position if storable(position) else None
 
     def _said_start(self, meta: bytes, seq: int) -> int | None:
         """Where the numbering of a frame's topic began, as its meta frame says (``"s"``: on
