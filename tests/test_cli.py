@@ -929,20 +929,48 @@ def test_a_launch_file_hands_true_and_false_to_its_processes_as_it_writes_them(t
     ('cwd = "no-such-dir"', "process #1 (a): 'cwd' must name a directory, got 'no-such-dir'"),
     (f'cwd = "{"d" * 300}"', f"process #1 (a): 'cwd' must name a directory, got '{'d' * 300}'"),  # (too long a name)
     ('store = "s\\u0000"', "process #1 (a): 'store' must be a directory name"),
-    ('env = { A = "x\\u0000" }', "a: cannot start 'true': embedded null byte"),
+    ('env = { A = "x\\u0000" }', "process #1 (a): 'env' value of 'A' holds a NUL character, which no environment "
+                                "variable can"),
 ])
 def test_a_process_the_launcher_cannot_start_is_named(tmp_path: Any, entry: str, error: str) -> None:
     """A process entry the launcher could not hand to a process ended ``zmqmesh launch``
     with an "internal error" (``cwd = 5``: TypeError, status 70), an error naming nothing
     ("embedded null byte", "illegal environment variable name", status 1), or one blaming
     the command for a missing ``cwd`` ("cannot start 'true': No such file or directory").
-    Each is one line naming the process and what is wrong with it now, status 2."""
+    Each is one line naming the process and what is wrong with it now, status 2; a NUL in
+    an env value (refused as the process started, naming no file) is a bad launch file
+    too, nothing started."""
     launch_file = tmp_path / "bad.toml"
     launch_file.write_text(f'[[process]]\nname = "a"\ncommand = ["true"]\n{entry}\n')
     result = run("launch", str(launch_file), timeout=30)
     assert result.returncode == 2, result
     assert result.stderr.strip().splitlines() == [f"zmqmesh: error: {launch_file}: {error}"
                                                   if error.startswith("process") else f"zmqmesh: error: {error}"]
+
+
+@pytest.mark.parametrize("command", ['["echo", "x\\u0000"]', '"echo x\\u0000"'], ids=["a-list", "a-string"])
+def test_a_command_holding_a_nul_is_a_bad_launch_file(tmp_path: Any, command: str) -> None:
+    """A NUL in a process's command was refused only as it started ("cannot start
+    'echo': embedded null byte"), naming no file: now a bad launch file, status 2."""
+    launch_file = tmp_path / "bad.toml"
+    launch_file.write_text(f'[[process]]\nname = "a"\ncommand = {command}\n')
+    result = run("launch", str(launch_file), timeout=30)
+    said = "process #1 (a): 'command' holds a NUL character, which no program argument can"
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, f"zmqmesh: error: {launch_file}: {said}", "")
+
+
+@pytest.mark.parametrize("mesh", ['name = "a\\u0000b"', 'seeds = ["tcp://127.0.0.1:1", "x\\u0000"]'],
+                         ids=["a-string", "a-list"])
+def test_a_mesh_value_holding_a_nul_is_a_bad_launch_file(tmp_path: Any, mesh: str) -> None:
+    """A NUL in a [mesh] value was refused only as the processes started ("cannot start
+    'true': embedded null byte"), naming neither the file nor the key: now a bad launch
+    file, named, status 2, nothing started."""
+    key = mesh.partition(" ")[0]
+    launch_file = tmp_path / "bad.toml"
+    launch_file.write_text(f'[mesh]\n{mesh}\n[[process]]\nname = "a"\ncommand = ["true"]\n')
+    result = run("launch", str(launch_file), timeout=30)
+    said = f"mesh.{key} holds a NUL character, which no environment variable can"
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, f"zmqmesh: error: {launch_file}: {said}", "")
 
 
 @pytest.mark.parametrize("key", ['""', '"A=B"', '"A\\u0000B"'], ids=["empty", "with-equals", "with-nul"])

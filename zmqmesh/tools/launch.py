@@ -168,7 +168,10 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
             raise LaunchError(f"{path}: unknown key mesh.{key} (known: name and every node option)")
         if not (_is_scalar(value) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise LaunchError(f"{path}: mesh.{key} must be a string, a number, true or false, or a list of strings")
-        base_env[f"ZMQMESH_{_MESH_KEYS[key]}"] = ",".join(value) if isinstance(value, list) else _env_text(value)
+        value_text = ",".join(value) if isinstance(value, list) else _env_text(value)
+        if "\0" in value_text:  # (else refused only as the processes start, naming no file)
+            raise LaunchError(f"{path}: mesh.{key} holds a NUL character, which no environment variable can")
+        base_env[f"ZMQMESH_{_MESH_KEYS[key]}"] = value_text
     entries = data.get("process")
     if not isinstance(entries, list) or not entries:
         raise LaunchError(f"{path}: no [[process]] entries")
@@ -191,6 +194,8 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
                 raise LaunchError(f"{where} ({name}): 'command' cannot be split as a shell would: {exc}") from None
         if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
             raise LaunchError(f"{where} ({name}): 'command' must be a string or a list of strings")
+        if any("\0" in c for c in command):
+            raise LaunchError(f"{where} ({name}): 'command' holds a NUL character, which no program argument can")
         count = entry.get("count", 1)
         restart = entry.get("restart", "never")
         env = entry.get("env", {})
@@ -203,6 +208,9 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         if (bad := next((k for k in env if not _is_env_name(k)), None)) is not None:
             raise LaunchError(f"{where} ({name}): 'env' name {bad!r} cannot name an environment variable"
                               " (empty, or holding '=' or NUL)")
+        if (bad := next((k for k, v in env.items() if "\0" in _env_text(v)), None)) is not None:
+            raise LaunchError(f"{where} ({name}): 'env' value of {bad!r} holds a NUL character, which no environment"
+                              " variable can")
         cwd = entry.get("cwd", ".")
         if not isinstance(cwd, str) or "\0" in cwd or not _is_directory(path.parent / cwd):
             raise LaunchError(f"{where} ({name}): 'cwd' must name a directory, got {cwd!r}")
