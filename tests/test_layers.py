@@ -1453,6 +1453,105 @@ def test_live_messages_of_a_topic_still_coming_behind_a_frame_that_said_its_posi
     assert stats.snapshot()["pubsub"].get("gap") == 11
 
 
+@pytest.mark.timeout(30)
+def test_live_messages_without_headers_still_coming_behind_another_topic_are_not_taken_for_missed_once_marked(
+) -> None:
+    """The publisher alternates "t.x" and "t.y", a position each (t.x n at 30 + 2n, t.y n
+    at 31 + 2n), keeps 5 a topic, and sends no headers: no frame says its position. A
+    subscriber's first read of its history waits for the answer to its replay marker: 51,
+    so t.x 10 (at 50) was sent before the subscription came, and everything from t.y 10
+    on comes live. The first live frame is t.y 10; t.x 11 to 19 are still in the socket
+    behind it. The page, read after, begins with t.x 15 (at 60): no frame of t.x is held,
+    and no row before it holds one held, but 60 is past the marker's 51: it comes live,
+    and so do t.x 11 to 14. Every live message is delivered; missed are only t.x 0 to 10
+    and t.y 0 to 9, published before the subscription reached the publisher and dropped
+    from the history. (Without the marker, t.x 15 was delivered, t.x 0 to 14 counted
+    missed, and t.x 11 to 14 dropped as delivered once they came: a churn run in 24
+    counted 2,064 live messages missed so.)"""
+    publisher = history_publisher("bb")
+    publisher.headers[frames.HEADER["protocol"]] = str(frames.MARKER_PROTOCOL)
+    replays, fetches, _directory, stats = replaying(publisher)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+
+    def row(topic: str, n: int) -> list[Any]:
+        return [30 + 2 * n + (topic == "t.y"), topic, n, 1, time.time(), _HISTORY_CODEC.encode(f"{topic[-1]}{n}"), None]
+
+    def live(topic: str, n: int) -> None:
+        replays.live(topic, n, [f"{topic[-1]}{n}"], None, publisher.id, subscriptions, calls)
+
+    def read(fetch: Any, rows: list[list[Any]]) -> None:
+        page = {"rows": [r for r in rows if r[0] > fetch.request["a"]], "more": False, "next": {"t.x": 20, "t.y": 20}}
+        replays.on_page(fetch, page, None, calls)
+        while replays.delivering():
+            replays.deliver_pages(calls)
+
+    replays.sync(calls)
+    assert not fetches, "the first read waits for the marker's answer"
+    replays.marked(*subscriptions[0], publisher.id, 51)
+    assert len(fetches) == 1
+    live("t.y", 10)
+    kept = [row(t, n) for n in range(15, 20) for t in ("t.x", "t.y")]
+    read(fetches[0], kept)
+    for n in range(11, 20):  # the frames behind it come (in the order published)
+        live("t.x", n)
+        live("t.y", n)
+    for fetch in fetches[1:]:  # (read again from before the rows left to them)
+        read(fetch, kept)
+    got = [(call.arg.topic, call.arg.data, call.arg.gap) for call in calls]
+    assert [d for t, d, _gap in got if t == "t.y"] == [f"y{n}" for n in range(10, 20)], got
+    assert [d for t, d, _gap in got if t == "t.x"] == [f"x{n}" for n in range(11, 20)], got
+    assert [(t, d, gap) for t, d, gap in got if gap] == [("t.y", "y10", 10), ("t.x", "x11", 11)]
+    assert stats.snapshot()["pubsub"].get("gap") == 21
+
+
+@pytest.mark.timeout(30)
+def test_a_first_read_waits_for_the_replay_marker_only_from_a_publisher_that_answers_them_and_only_so_long(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publisher that announces no marker support (a protocol before 6) is read at once,
+    as before markers. One that announces it is read once it answers; if it does not within
+    `MARKER_WAIT_S`, the read goes without the answer (the live frames held meanwhile are
+    kept), and an answer after that, or a second one, changes nothing. An answer with a
+    position no store gives is malformed (`ValueError`), and one for a subscription no
+    longer made is let go."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+    from zmqmesh._patterns.replay import replays as replays_module
+
+    old = history_publisher("bb")
+    replays, fetches, _directory, _stats = replaying(old)
+    replays.sync([])
+    assert len(fetches) == 1, "no marker support announced: read at once"
+
+    monkeypatch.setattr(replays_module, "MARKER_WAIT_S", 0.2)
+    publisher = history_publisher("cc")
+    publisher.headers[frames.HEADER["protocol"]] = str(frames.MARKER_PROTOCOL)
+    replays, fetches, _directory, stats = replaying(publisher)
+    subscription = next(iter(replays.registry.replays.items()))
+    calls: list[Any] = []
+    replays.sync(calls)
+    replays.live("t.x", 3, ["x3"], None, publisher.id, [subscription], calls)
+    assert not fetches and not calls, "waiting for the answer, the live frame held"
+    deadline = time.monotonic() + 10
+    while not fetches and time.monotonic() < deadline:
+        assert replays.waiting()
+        replays.look_again(calls)
+        time.sleep(0.02)
+    assert len(fetches) == 1 and fetches[0].request["a"] == 0, "read without the answer, past the wait"
+    replays.marked(*subscription, publisher.id, 7)
+    replays.marked(*subscription, publisher.id, 9)
+    assert len(fetches) == 1, "a late answer changes nothing"
+    replays.on_page(fetches[0], history_page(0, 3), None, calls)
+    while replays.delivering():
+        replays.deliver_pages(calls)
+    assert [call.arg.data for call in calls] == [0, 1, 2, "x3"] and not stats.snapshot()["pubsub"].get("gap")
+    with pytest.raises(ValueError):
+        replays.marked(*subscription, publisher.id, -1)
+    with pytest.raises(ValueError):
+        replays.marked(*subscription, publisher.id, "7")
+    replays.marked(subscription[0], SubscribeOptions(replay="all"), publisher.id, 7)
+    assert len(fetches) == 1
+
+
 def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live_frames_after_it() -> None:
     """A page may hold tens of thousands of messages: they go into the calls at most
     `PAGE_BURST` at a time, a frame never cut (one that would take a burst past it opens

@@ -1739,3 +1739,78 @@ def _objects(batch: bytes) -> Iterator[Any]:
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(batch)
     yield from unpacker
+
+
+@pytest.mark.timeout(60)
+def test_a_replaying_subscriber_gets_its_publishers_answer_to_its_replay_marker_which_no_handler_sees_nor_counts(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A publisher that keeps topics answers a replay marker subscribed after a prefix with
+    one frame on exactly the marker's topic, numbered with the position its history gives
+    the next frame it keeps (the ``"p"`` the next frame with headers says), its body empty
+    (a bare SUB reads it). A replaying subscriber's own marker is answered so: its
+    first read goes at the answer (no line says it went without one), and the answer never
+    reaches a handler, not even one of every topic, nor counts as a message received, by
+    name, or malformed. An answer that comes again, or one to another node's marker, is
+    let go; a malformed one (a body) is counted (``rejected["pubsub_malformed"]``)."""
+    import msgpack
+    import zmq
+
+    from zmqmesh._wire import frames as wire
+
+    caplog.set_level(logging.INFO, logger="zmqmesh.replay")
+    context = zmq.Context()
+    replayed: list[Any] = []
+    everything: list[str] = []
+    try:
+        with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"app.": 1000}, **mesh) as pub:
+            for i in range(10):
+                pub.publish("app.x", i)
+            sub = context.socket(zmq.SUB)
+            try:
+                sub.connect(pub.endpoints["pub"])
+                marker = wire.replay_marker("ab" * 16, 1)
+                sub.setsockopt(zmq.SUBSCRIBE, b"app.")
+                sub.setsockopt(zmq.SUBSCRIBE, marker)
+                assert sub.poll(10_000), "the marker is answered"
+                answer = sub.recv_multipart()
+                assert answer[0] == marker and answer[1][:16] == bytes.fromhex(pub.id) and answer[2:] == [b""]
+                position = int.from_bytes(answer[1][16:], "big")
+                pub.publish("app.x", 10, headers={"after": "marker"})
+                assert sub.poll(10_000)
+                after = sub.recv_multipart()
+                assert after[0] == b"app.x" and msgpack.unpackb(after[3])["p"] == position
+            finally:
+                sub.close(0)
+            with zmqmesh.Node("subscriber", **mesh) as node:
+                node.subscribe("app.", lambda msg: replayed.append(msg.data), replay="all")
+                node.subscribe("", lambda msg: everything.append(msg.topic))
+                wait_until(lambda: len(replayed) == 11, 20, "the history replayed")
+                pub.wait_for_subscribers("app.x", 1, timeout=10)
+                for i in range(11, 20):
+                    pub.publish("app.x", i)
+                wait_until(lambda: len(replayed) == 20 and len(everything) == 9, 20, "the live messages")
+                stats = node.stats()
+                # a stranger answering: again (let go), another node's marker (let go), malformed (counted)
+                own = wire.replay_marker(node.id, 1)  # (its one replaying subscription's)
+                stranger = context.socket(zmq.XPUB)
+                try:
+                    stranger.connect(node.endpoints["sub"])
+                    seen: set[bytes] = set()
+                    while own not in seen:
+                        assert stranger.poll(10_000), "the subscriber's subscriptions reach the stranger"
+                        seen.add(stranger.recv()[1:])
+                    sender = wire.pub_sender(bytes.fromhex(pub.id), 5)
+                    stranger.send_multipart([own, sender, b""])
+                    stranger.send_multipart([wire.replay_marker("cd" * 16, 1), sender, b""])
+                    stranger.send_multipart([own, sender, b"\x01"])
+                    wait_until(lambda: node.stats()["rejected"].get("pubsub_malformed") == 1, 10, "the malformed one")
+                    after_stranger = node.stats()
+                finally:
+                    stranger.close(0)
+    finally:
+        context.term()
+    assert replayed == list(range(20)) and everything == ["app.x"] * 9
+    assert stats["pubsub"].get("received") == 9 and not stats["pubsub"].get("gap")
+    assert set(stats["names"]["pubsub"]["received"]) == {"app.x"} and not stats["rejected"], stats
+    assert not [r.getMessage() for r in caplog.records if "marker" in r.getMessage()]
+    assert after_stranger["pubsub"].get("received") == 9 and after_stranger["rejected"] == {"pubsub_malformed": 1}

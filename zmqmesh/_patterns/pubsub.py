@@ -8,11 +8,14 @@ never through a socket: none is lost while a subscription would still be on its 
 Frames of kept topics (``history=``) are numbered by the history and committed to it
 before they are sent; the first frame of a topic numbered afresh past the history's
 floor says where its numbering begins if it has a meta frame (`start_meta`), and every
-frame with a meta frame says its history position (``"p"``).
+frame with a meta frame says its history position (``"p"``). A replay marker subscribed
+(`MARKER_PREFIX`) is answered at once with the position the history gives next
+(`Publisher.answer_marker`), never counted as a subscription.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from bisect import bisect_right
 from collections import Counter, deque
@@ -31,6 +34,7 @@ from .._stats import Stats
 from .._wire.frames import (
     BATCH_BYTES,
     LARGE_FRAME,
+    MARKER_PREFIX,
     MAX_BATCH_ITEMS,
     MAX_NAME_BYTES,
     Headed,
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
     from .history import History
 
 __all__ = ["Publisher", "GapCounter", "meta_frame", "start_meta", "fit_within"]
+
+log = logging.getLogger("zmqmesh.pubsub")
 
 _MAX_TRACKED_TOPICS = 65_536
 _MAX_TRACKED_STREAMS = 65_536
@@ -332,6 +338,10 @@ class Publisher:
             prefix = event[1:]
             if len(prefix) > MAX_NAME_BYTES:
                 continue  # longer than any topic: it can match nothing we publish
+            if prefix.startswith(MARKER_PREFIX):
+                if event[0] == 1:
+                    self.answer_marker(prefix)
+                continue
             if event[0] == 1:
                 counts[prefix] += 1
             elif event[0] == 0:
@@ -344,6 +354,28 @@ class Publisher:
         if changed:
             self._routes = {}
             self.on_subscriptions()
+
+    def answer_marker(self, marker: bytes) -> None:
+        """Answer a replay marker a subscriber just subscribed (`MARKER_PREFIX`), with one
+        frame on exactly that topic, its sender frame numbered with the position the
+        history gives the next frame it keeps (`History.upcoming`), its body empty (no
+        message: a reader before markers that subscribes to every topic drops it as
+        malformed, never hands it to a handler). The XPUB applied the subscriptions the
+        subscriber sent before the marker already, and every frame kept before that
+        position was sent already (positions are given in `flush`, which sends what it
+        built before it returns): that subscriber has had, before this frame, every frame
+        it subscribes to that was sent since its subscription came, and gets every one kept
+        from there after it. Nothing without a history (nothing to replay). Kept nowhere: a
+        subscriber that subscribes many markers gets as many frames, one per subscription
+        event the XPUB passes on (bounded as any subscriptions are: by the XPUB's
+        ``rcvhwm`` and `_XPUB_BURST` per turn)."""
+        history = self.history
+        if history is None:
+            return
+        try:
+            send_frames(self.xpub, [marker, pub_sender(self.uuid, history.upcoming), b""])
+        except zmq.ZMQError as exc:  # (the subscriber catches up without it, as from a publisher before markers)
+            log.debug("cannot answer a replay marker: %s", exc)
 
     def subscribers_ready(self, topic: str, n: int) -> bool:
         """True once ``n`` subscribers matching ``topic`` have their subscription at the XPUB.

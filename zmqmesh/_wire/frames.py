@@ -69,6 +69,9 @@ __all__ = [
     "may_compact",
     "BatchCaller",
     "BATCH_PROTOCOL",
+    "MARKER_PROTOCOL",
+    "MARKER_PREFIX",
+    "replay_marker",
     "RAW_PUSH_PROTOCOL",
     "BATCH_MARK",
     "REQUEST_ITEM_BYTES",
@@ -126,15 +129,27 @@ HISTORY_SERVICE_BYTES = HISTORY_SERVICE.encode()
 CONTROL_MAGIC = b"\x00zmqmesh-control"
 """First frame of the WHISPERs zmqmesh nodes exchange among themselves (never sent to plain ZRE peers)."""
 
-PROTOCOL = 5
+PROTOCOL = 6
 """The wire protocol this package speaks: 2 adds headers, ids and durable items to 1;
 3 adds the one-frame form of requests and replies (`request_frames`); 4 adds batches of
 them, several requests or replies in one frame (`request_batch`); 5 adds a large pushed
-payload in a frame of its own (`RawPayload`)."""
+payload in a frame of its own (`RawPayload`); 6 adds the answer of a publisher that keeps
+topics to a replay marker (`MARKER_PREFIX`)."""
 BATCH_PROTOCOL = 4
 """The protocol from which a provider reads batches of requests."""
 RAW_PUSH_PROTOCOL = 5
 """The protocol from which a puller reads a pushed payload in a frame of its own."""
+MARKER_PROTOCOL = 6
+"""The protocol from which a publisher that keeps topics answers a replay marker (`MARKER_PREFIX`)."""
+MARKER_PREFIX = b"\xffmarker/"
+"""The topic prefix of a replay marker: a subscriber catching up on a publisher's history
+subscribes, right after its prefix, to ``MARKER_PREFIX + <its node id> + "/" + <a number
+of its own>``; a publisher that keeps topics answers the subscription with one frame on
+exactly that topic: its sender frame numbered with the position its history gives the
+next frame it keeps (`pub_sender`), its body empty (no message). No UTF-8 topic begins
+with the byte 0xFF: no publication matches a marker, and ZeroMQ sends a SUB's
+subscriptions to a new connection in byte order, so a marker always goes after the
+prefixes it follows."""
 BATCH_MARK = b"\x00"
 """First byte of a batch frame: a one-frame request never starts with it (it would name
 the empty service), nor does a one-frame reply to a zmqmesh node (its ids are 8 bytes)."""
@@ -186,6 +201,11 @@ _REQUESTER_SUFFIX = 4
 def pub_sender(uuid: bytes, sequence: int) -> bytes:
     """The sender frame of a pub/sub message: UUID plus the sequence of its first message."""
     return uuid + sequence.to_bytes(8, "big")
+
+
+def replay_marker(node_id: str, number: int) -> bytes:
+    """The replay marker topic numbered ``number`` of the node ``node_id`` (`MARKER_PREFIX`)."""
+    return MARKER_PREFIX + f"{node_id}/{number}".encode()
 
 
 def parse_sender(frame: bytes) -> tuple[bytes | None, int | None]:

@@ -381,6 +381,9 @@ class Dispatcher:
             raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
         sender_uuid, sequence = wire.parse_sender(sender_b)
         sender_id = sender_uuid.hex() if sender_uuid is not None else None
+        if kind == "sub" and name_b.startswith(wire.MARKER_PREFIX):
+            self._marker(frames, sender_id, sequence)
+            return
         if not body and len(frames) == 4 and kind == "pull":  # a large payload as it is (protocol 5)
             if len(frames[3]) > self.codec.max_message_bytes:
                 raise DecodeError(f"a payload of {len(frames[3])} bytes exceeds max_message_bytes")
@@ -462,6 +465,21 @@ class Dispatcher:
         calls.extend([Call(handler, msg, None, pattern)
                       for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin)
                       for handler in handlers])
+
+    def _marker(self, frames: list[bytes], sender_id: str | None, position: int | None) -> None:
+        """A publisher's answer to a replay marker (`MARKER_PREFIX`; ``position``, the
+        number of its sender frame): for the replaying subscription that subscribed it, the
+        position from which everything the publisher keeps comes live (`Replays.marked`).
+        Never a message: no handler sees it and no counter counts it as received; a marker
+        of another node's (a subscription to every topic takes them) or of a subscription
+        no longer made is let go. Raises `DecodeError` (or `ValueError`) for a malformed
+        one (counted by the caller)."""
+        followed = self.subscriptions.markers.get(frames[0])
+        if followed is None:
+            return
+        if len(frames) != 3 or frames[2] or sender_id is None or position is None:
+            raise DecodeError("a replay marker's answer not of a numbered sender frame and an empty body")
+        self.replays.marked(followed[0], followed[1], sender_id, position)
 
     def _failed_in_place(self, handler: Callable[..., Any], exc: BaseException, pattern: str) -> int:
         """A handler run in place on a stream raised ``exc`` (call in its ``except``): left

@@ -4,7 +4,10 @@ socket takes, the handlers each topic name reaches, and the publications lost on
 
 The handlers of a topic name are looked up once and cached until the registry changes
 (`Subscriptions.handlers`, called per frame received); replaying subscriptions are
-named apart, for `Replays` sequences their messages.
+named apart, for `Replays` sequences their messages. Each replaying subscription also
+subscribes a replay marker of its own right after its prefix (`Subscriptions.markers`):
+each publisher that keeps topics answers it with the position from which everything it
+keeps comes live (`MARKER_PREFIX`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Any
 import zmq
 
 from ..._mesh.directory import Directory
-from ..._mesh.registry import Registry
+from ..._mesh.registry import Registry, SubscribeOptions
 from ..._stats import LogThrottle, Stats
+from ..._wire.frames import replay_marker
 from ..pubsub import GapCounter
 
 __all__ = ["PrefixIndex", "Subscriptions"]
@@ -66,6 +70,11 @@ class Subscriptions:
         self._cache_version = -1
         self._prefixes = PrefixIndex({})  # the registry's topic prefixes, as of `_cache_version`
         self._lost_log = LogThrottle(_LOST_LOG_S)  # (`lost`)
+        self.markers: dict[bytes, tuple[tuple[str, Callable[..., Any]], SubscribeOptions]] = {}
+        """The replay markers the SUB socket takes, as of the last `apply`: the replaying
+        subscription (its key and options) each follows."""
+        self._node_id = directory.node_id
+        self._numbered = 0  # the markers made so far (each new one is numbered past them)
 
     def apply(self, sub: zmq.Socket[Any]) -> bool:
         """Bring the subscriptions of ``sub`` in line with the registry; whether they changed
@@ -81,6 +90,28 @@ class Subscriptions:
             sub.setsockopt(zmq.UNSUBSCRIBE, prefix.encode())
         changed = wanted != self.subscribed
         self.subscribed = wanted
+        return self._apply_markers(sub) or changed
+
+    def _apply_markers(self, sub: zmq.Socket[Any]) -> bool:
+        """Subscribe a replay marker of its own for each replaying subscription new since
+        the last call, after its prefix (the SUB sends it to each publisher after it), and
+        unsubscribe those of the subscriptions dropped or made anew; whether any changed."""
+        replays = self.registry.replays
+        followed = {key: (options, marker) for marker, (key, options) in self.markers.items()}
+        changed = False
+        for marker, (key, options) in list(self.markers.items()):
+            if replays.get(key) is not options:
+                sub.setsockopt(zmq.UNSUBSCRIBE, marker)
+                del self.markers[marker]
+                changed = True
+        for key, options in replays.items():
+            known = followed.get(key)
+            if known is None or known[0] is not options:
+                self._numbered += 1
+                marker = replay_marker(self._node_id, self._numbered)
+                sub.setsockopt(zmq.SUBSCRIBE, marker)
+                self.markers[marker] = (key, options)
+                changed = True
         return changed
 
     def handlers(self, name_b: bytes) -> TopicHandlers:

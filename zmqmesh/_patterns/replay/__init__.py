@@ -6,7 +6,13 @@ A subscription that replays (``replay="all"`` or a number of seconds) or resumes
 `Cursor`: the next number it expects per topic. While the cursor catches up it fetches
 pages of the history (the built-in service ``\\x00history``) and holds the live frames
 that arrive meanwhile; once the history is exhausted, the held frames are released (those
-already replayed are skipped). If none came, the history is read again a few times
+already replayed are skipped). A page's row numbered past what the cursor expects, of a
+topic of which no live frame is held, may have come live after all (still in the socket):
+the cursor leaves it to the live frames if it was kept after a message that came live
+(`Cursor.live_pos`), which it knows from a held frame's row, a held frame that says its
+position (``"p"``), or, for the first read of a publisher's history, the publisher's
+answer to the subscription's replay marker (`Replays.marked`): that read waits for it, up
+to `MARKER_WAIT_S`. If no live frame came, the history is read again a few times
 (`TAIL_LOOKS_S`) until one does: what was published before the live subscription reached
 the publisher, and after the history was read, arrives no other way. Live, a frame
 whose numbers jump is a gap: the missing messages are fetched from the history, and what

@@ -62,7 +62,7 @@ class Cursor:
 
     __slots__ = ("stream", "node_id", "earlier", "kept", "options", "catching_up", "next", "pos", "held",
                  "held_count", "held_bytes", "held_topics", "live_pos", "left_to_live", "upto", "from_start", "kept_next",
-                 "live_seen", "tail_looks", "away", "failures", "failing_since",
+                 "live_seen", "tail_looks", "away", "awaits_marker", "failures", "failing_since",
                  "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
@@ -84,6 +84,7 @@ class Cursor:
         # publisher: `Delivery.row`)
         self.live_pos: int | None = None
         self.left_to_live: int | None = None  # the position before the first row left to live frames (`leave_to_live`)
+        self.awaits_marker = False  # its first read waits for its publisher's answer to the replay marker (`live_from`)
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
         self.from_start = from_start  # a topic seen first mid-stream has missed its start
         self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
@@ -131,6 +132,16 @@ class Cursor:
             self.take_held(more=False)
             log.info("a replay of stream %s holds over %d live messages or %d MiB of them: they will come from "
                      "the history", self.stream[:8], MAX_HELD, MAX_HELD_BYTES >> 20)
+
+    def live_from(self, position: int) -> None:
+        """Its publisher answered the subscription's replay marker: ``position`` is the
+        position its history gives the first frame it keeps after the answer, every such
+        frame comes live after it, and every frame sent since the subscription reached the
+        publisher came before it (held: `hold`). So a row from there on, of a topic of
+        which no frame is held, comes live (`live_pos`); one before it, of a topic of which
+        no frame is held, was published before the subscription reached the publisher."""
+        if self.live_pos is None or position - 1 < self.live_pos:
+            self.live_pos = position - 1
 
     def take_held(self, more: bool = True) -> deque[HeldFrame] | None:
         """The live frames held (None: more came than could be), and hold afresh from none;

@@ -17,6 +17,7 @@ from ..._mesh.directory import Directory
 from ..._mesh.registry import Registry, SubscribeOptions
 from ..._stats import LogThrottle, Stats
 from ..._wire.codec import Codec
+from ..._wire.frames import MARKER_PROTOCOL
 from ...errors import PeerLostError
 from ...message import Message, Origin
 from ..calls import Call, CursorMark
@@ -29,7 +30,7 @@ from .rereads import Rereads
 if TYPE_CHECKING:
     from ..._store.store import Store
 
-__all__ = ["AWAY_HOLD_S", "FETCH_RETRIES_S", "PAGE_BURST", "QUIET_LOOK_S", "TAIL_LOOKS_S", "UNKEPT_LOG_S", "Replays"]
+__all__ = ["AWAY_HOLD_S", "FETCH_RETRIES_S", "MARKER_WAIT_S", "PAGE_BURST", "QUIET_LOOK_S", "TAIL_LOOKS_S", "UNKEPT_LOG_S", "Replays"]
 
 log = logging.getLogger("zmqmesh.replay")
 
@@ -56,6 +57,11 @@ from it, and reads on from where it was as soon as the stream is back (under the
 node id or a new one); past this long, the held frames go and the gap is reported. A
 publisher that leaves and comes back meanwhile is asked where its topics are, so that
 what it published last, if dropped on the way, is read from its history."""
+MARKER_WAIT_S = 2.0
+"""A new cursor's first read of a publisher that answers replay markers (protocol 6) waits
+for the answer to its subscription's marker (`Replays.marked`), the live frames held
+meanwhile, at most this long; past it, the read goes without it, as for a publisher
+before markers (logged)."""
 _AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publisher is back
 _MAX_CURSORS = 65_536
 UNKEPT_LOG_S = 10.0
@@ -103,6 +109,9 @@ class Replays:
         # forgotten meanwhile, left once they reach the front)
         self._paging: deque[list[Any]] = deque()
         self._replays_seen: dict[Key, SubscribeOptions] | None = None  # the table `forget_dropped` last saw
+        # (subscription, publisher id) -> (its options, the position it answered the marker with), for
+        # a cursor not made yet (`marked`); bounded as the cursors are
+        self._marks: dict[tuple[Key, str], tuple[SubscribeOptions, int]] = {}
 
     # -- which subscriptions ----------------------------------------------------------------
 
@@ -217,6 +226,7 @@ class Replays:
         cursor.pos, cursor.from_start, cursor.left_to_live = 0, True, None
         cursor.take_held()
         cursor.catching_up, cursor.reading, cursor.tidying = False, None, False  # (a page on its way is stale)
+        cursor.awaits_marker = False  # (read now, from the start: nothing held to tell apart)
         cursor.forget_map()
         cursor.failures, cursor.failing_since = 0, None
         cursor.away = False
@@ -465,8 +475,10 @@ class Replays:
         if name is not None and places is not None:
             cursor.run = places.run(name, stream)
         self._check_run(key, cursor, node_id, calls)
+        mark = self._marks.pop((key, node_id), None)
         if resumed or options.replay != "new":
-            self._catch_up(key, options, cursor, first=not resumed)
+            self._catch_up(key, options, cursor, first=not resumed,
+                           marked=mark[1] if mark is not None and mark[0] is options else -1)
         return cursor
 
     def _make_room(self) -> bool:
@@ -488,7 +500,12 @@ class Replays:
         return {stream for stream, _prefixes in self.directory.streams.values()}
 
     def _catch_up(self, key: Key, options: SubscribeOptions, cursor: Cursor, first: bool = False,
-                  numbers_only: bool = False) -> None:
+                  numbers_only: bool = False, marked: int | None = None) -> None:
+        """Begin a catch-up: read the cursor's publisher's history from the cursor's
+        position. ``marked``, for the first catch-up of a new cursor: the position its
+        publisher answered the subscription's replay marker with (`Cursor.live_from`), or
+        -1 if it has not yet; then, from a publisher that answers markers, the read waits
+        for it, up to `MARKER_WAIT_S` (`marked`)."""
         if cursor.catching_up:
             return
         cursor.catching_up = True
@@ -498,12 +515,49 @@ class Replays:
             request["n"] = 0  # (a publisher before this field sends a whole page: read as such)
         if first and not isinstance(options.replay, str):  # replay the last N seconds
             request["s"] = time.time() - float(options.replay)
-        self._read(cursor, Fetch(cursor.node_id, key, cursor.stream, request))
+        fetch = Fetch(cursor.node_id, key, cursor.stream, request)
+        if marked is not None and marked >= 0:
+            cursor.live_from(marked)
+        elif marked is not None and self.directory.speaks(cursor.node_id, MARKER_PROTOCOL):
+            cursor.reading, cursor.awaits_marker = fetch, True  # (read at the answer, or at the deadline: `look_again`)
+            self.rereads.retry_at((key, cursor.stream), time.monotonic() + MARKER_WAIT_S, fetch)
+            return
+        self._read(cursor, fetch)
 
     def _read(self, cursor: Cursor, fetch: Fetch) -> None:
         """Ask for the page ``fetch`` names, the one ``cursor`` now waits on."""
+        if cursor.awaits_marker:
+            cursor.awaits_marker = False
+            log.info("stream %s: its publisher did not answer the replay marker within %g s: catching up without "
+                     "it", cursor.stream[:8], MARKER_WAIT_S)
         cursor.reading = fetch
         self.fetch(fetch)
+
+    def marked(self, key: Key, options: SubscribeOptions, sender_id: str, position: Any) -> None:
+        """The publisher ``sender_id`` answered the replay marker of the subscription ``key``
+        (made with ``options``) with ``position``: the position its history gives the first
+        frame it keeps after the answer (`Cursor.live_from`). The cursor's first read, which
+        waited for it, goes now; a cursor not made yet takes it when it is (bounded as the
+        cursors are). A later answer (ZeroMQ subscribes again on a connection made again),
+        or one that came after the read went without it, is let go. Raises `ValueError` for
+        a position no store gives (the frame is malformed)."""
+        if not storable(position) or position < 1:
+            raise ValueError(f"a replay marker answered with position {position!r}")
+        if self.registry.replays.get(key) is not options:
+            return  # (a subscription dropped or made anew since: its marker is another)
+        found = self.directory.streams.get(sender_id)
+        cursor = self.cursors.get((key, found[0])) if found is not None else None
+        if cursor is None or cursor.options is not options:
+            if len(self._marks) >= _MAX_CURSORS:
+                self._marks.clear()
+            self._marks[(key, sender_id)] = (options, position)
+            return
+        fetch = cursor.reading
+        if not cursor.awaits_marker or fetch is None or fetch.node_id != sender_id:
+            return
+        cursor.awaits_marker = False
+        cursor.live_from(position)
+        self._read(cursor, Fetch(*fetch))  # (a new read: the one planned at the deadline is stale)
 
     def wanted(self, fetch: Fetch) -> bool:
         """Whether a cursor still waits on the page of ``fetch`` (any thread: a driver asks
@@ -528,6 +582,7 @@ class Replays:
         self._replays_seen = replays
         for place in [place for place, cursor in self.cursors.items() if not self._still_made(place[0], cursor)]:
             self._forget(place)
+        self._marks = {place: mark for place, mark in self._marks.items() if replays.get(place[0]) is mark[0]}
 
     def _still_made(self, key: Key, cursor: Cursor) -> bool:
         """Whether the subscription ``cursor`` was made for is still made (not dropped, nor
@@ -670,6 +725,7 @@ class Replays:
     def _page_read(self, fetch: Fetch, cursor: Cursor, page: Any, error: BaseException | None, more: bool,
                    calls: list[Call]) -> None:
         """A page delivered, or failed: read the next one, or end the catch-up."""
+        cursor.awaits_marker = False  # (a read planned without it failed: the publisher is away)
         if error is not None:
             if self._retry(fetch, cursor, error):
                 return  # (still catching up: the live frames are held on)
