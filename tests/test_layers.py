@@ -1402,6 +1402,21 @@ def test_live_messages_of_a_topic_still_coming_while_a_small_history_is_read_are
     assert stats.snapshot()["pubsub"].get("gap") == 20
 
 
+def _alternating_row(topic: str, n: int) -> list[Any]:
+    """A page row of a publisher that alternates "t.x" and "t.y", a position each (t.x n
+    at 30 + 2n, t.y n at 31 + 2n)."""
+    return [30 + 2 * n + (topic == "t.y"), topic, n, 1, time.time(), _HISTORY_CODEC.encode(f"{topic[-1]}{n}"), None]
+
+
+def _read_page(replays: Any, calls: list[Any], fetch: Any, rows: list[list[Any]]) -> None:
+    """Answer ``fetch`` with the ``rows`` past its position (both topics next at 20), and
+    deliver the page."""
+    page = {"rows": [r for r in rows if r[0] > fetch.request["a"]], "more": False, "next": {"t.x": 20, "t.y": 20}}
+    replays.on_page(fetch, page, None, calls)
+    while replays.delivering():
+        replays.deliver_pages(calls)
+
+
 def test_live_messages_of_a_topic_still_coming_behind_a_frame_that_said_its_position_are_not_taken_for_missed(
 ) -> None:
     """The publisher alternates "t.x" and "t.y", a position each (t.x n at 30 + 2n, t.y n
@@ -1421,31 +1436,22 @@ def test_live_messages_of_a_topic_still_coming_behind_a_frame_that_said_its_posi
     subscriptions = list(replays.registry.replays.items())
     calls: list[Any] = []
 
-    def row(topic: str, n: int) -> list[Any]:
-        return [30 + 2 * n + (topic == "t.y"), topic, n, 1, time.time(), _HISTORY_CODEC.encode(f"{topic[-1]}{n}"), None]
-
     def live(topic: str, n: int) -> None:
         meta = _HISTORY_CODEC.encode({"h": [None], "p": 30 + 2 * n + (topic == "t.y")})
         replays.live(topic, n, [f"{topic[-1]}{n}"], None, publisher.id, subscriptions, calls, meta)
 
-    def read(fetch: Any, rows: list[list[Any]]) -> None:
-        page = {"rows": [r for r in rows if r[0] > fetch.request["a"]], "more": False, "next": {"t.x": 20, "t.y": 20}}
-        replays.on_page(fetch, page, None, calls)
-        while replays.delivering():
-            replays.deliver_pages(calls)
-
     replays.sync(calls)
-    read(fetches[0], [row(t, n) for n in range(5) for t in ("t.x", "t.y")])
+    _read_page(replays, calls, fetches[0], [_alternating_row(t, n) for n in range(5) for t in ("t.x", "t.y")])
     assert len(calls) == 10 and not replays.delivering()
     live("t.y", 10)
     assert len(fetches) == 2, "a jump: the history is read, the frame held meanwhile"
-    kept = [row(t, n) for n in range(15, 20) for t in ("t.x", "t.y")]
-    read(fetches[1], kept)
+    kept = [_alternating_row(t, n) for n in range(15, 20) for t in ("t.x", "t.y")]
+    _read_page(replays, calls, fetches[1], kept)
     for n in range(11, 20):  # the frames behind it come (in the order published)
         live("t.x", n)
         live("t.y", n)
     for fetch in fetches[2:]:  # (read again from before the rows left to them)
-        read(fetch, kept)
+        _read_page(replays, calls, fetch, kept)
     got = [(call.arg.topic, call.arg.data, call.arg.gap) for call in calls[10:]]
     assert [d for t, d, _gap in got if t == "t.y"] == [f"y{n}" for n in range(10, 20)], got
     assert [d for t, d, _gap in got if t == "t.x"] == [f"x{n}" for n in range(11, 20)], got
@@ -1474,30 +1480,21 @@ def test_live_messages_without_headers_still_coming_behind_another_topic_are_not
     subscriptions = list(replays.registry.replays.items())
     calls: list[Any] = []
 
-    def row(topic: str, n: int) -> list[Any]:
-        return [30 + 2 * n + (topic == "t.y"), topic, n, 1, time.time(), _HISTORY_CODEC.encode(f"{topic[-1]}{n}"), None]
-
     def live(topic: str, n: int) -> None:
         replays.live(topic, n, [f"{topic[-1]}{n}"], None, publisher.id, subscriptions, calls)
-
-    def read(fetch: Any, rows: list[list[Any]]) -> None:
-        page = {"rows": [r for r in rows if r[0] > fetch.request["a"]], "more": False, "next": {"t.x": 20, "t.y": 20}}
-        replays.on_page(fetch, page, None, calls)
-        while replays.delivering():
-            replays.deliver_pages(calls)
 
     replays.sync(calls)
     assert not fetches, "the first read waits for the marker's answer"
     replays.marked(*subscriptions[0], publisher.id, 51)
     assert len(fetches) == 1
     live("t.y", 10)
-    kept = [row(t, n) for n in range(15, 20) for t in ("t.x", "t.y")]
-    read(fetches[0], kept)
+    kept = [_alternating_row(t, n) for n in range(15, 20) for t in ("t.x", "t.y")]
+    _read_page(replays, calls, fetches[0], kept)
     for n in range(11, 20):  # the frames behind it come (in the order published)
         live("t.x", n)
         live("t.y", n)
     for fetch in fetches[1:]:  # (read again from before the rows left to them)
-        read(fetch, kept)
+        _read_page(replays, calls, fetch, kept)
     got = [(call.arg.topic, call.arg.data, call.arg.gap) for call in calls]
     assert [d for t, d, _gap in got if t == "t.y"] == [f"y{n}" for n in range(10, 20)], got
     assert [d for t, d, _gap in got if t == "t.x"] == [f"x{n}" for n in range(11, 20)], got
