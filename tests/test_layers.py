@@ -1549,6 +1549,39 @@ def test_a_first_read_waits_for_the_replay_marker_only_from_a_publisher_that_ans
     assert len(fetches) == 1
 
 
+def test_replay_marker_answers_no_cursor_will_take_are_let_go() -> None:
+    """Every publisher that keeps topics answers a replaying subscription's marker, also one
+    that keeps nothing under its prefix (and each run of it, under a new id): such an
+    answer is let go, whether it comes after the publisher's HELLO or before it (then once
+    the HELLO came, at `Replays.sync`), where each was kept for the subscription's life
+    (65,536 in all, then all let go, those still awaited with them). An answer of a
+    publisher that keeps the prefix, come before its HELLO, is still taken by its cursor
+    (read at once, from the position answered)."""
+    def keeping(id_byte: str, prefix: str, stream: str) -> PeerState:
+        peer = history_publisher(id_byte)
+        peer.headers = {frames.HEADER["stream"]: stream, frames.HEADER["protocol"]: str(frames.MARKER_PROTOCOL)}
+        peer.groups = {frames.OFFER_PREFIXES["history"] + prefix}
+        return peer
+
+    others = [keeping(f"{i:02x}", "u.", f"s-other-{i}") for i in range(16, 20)]
+    replays, fetches, directory, _stats = replaying(*others[:2])
+    subscription = next(iter(replays.registry.replays.items()))
+    replays.sync([])
+    assert not replays.cursors and not fetches
+    for peer in others[:2]:  # (known: their HELLO came)
+        replays.marked(*subscription, peer.id, 5)
+    assert not replays._marks, "no cursor follows a publisher that keeps nothing under the prefix"
+    kept = keeping("cc", "t.", "s1")
+    for peer in [*others[2:], kept]:  # (answers come before their HELLO)
+        replays.marked(*subscription, peer.id, 9)
+    assert len(replays._marks) == 3
+    directory.rebuild({}, [*others, kept])
+    replays.sync([])
+    assert not replays._marks, "their HELLO came: the answers no cursor took are let go"
+    assert len(fetches) == 1 and fetches[0].node_id == kept.id, "the cursor of the one that keeps t. read at once"
+    assert replays.cursors[(subscription[0], "s1")].live_pos == 8
+
+
 def test_a_page_of_history_is_delivered_a_burst_at_a_time_in_order_with_the_live_frames_after_it() -> None:
     """A page may hold tens of thousands of messages: they go into the calls at most
     `PAGE_BURST` at a time, a frame never cut (one that would take a burst past it opens

@@ -78,6 +78,11 @@ and over."""
 _seq_of = operator.attrgetter("seq")
 
 
+def _overlaps(prefix: str, kept: tuple[str, ...]) -> bool:
+    """Whether a subscription to ``prefix`` takes a topic under one of the ``kept`` prefixes."""
+    return any(p.startswith(prefix) or prefix.startswith(p) for p in kept)
+
+
 class Replays:
     """The replaying subscriptions of one node (the inbox's thread only).
 
@@ -110,7 +115,8 @@ class Replays:
         self._paging: deque[list[Any]] = deque()
         self._replays_seen: dict[Key, SubscribeOptions] | None = None  # the table `forget_dropped` last saw
         # (subscription, publisher id) -> (its options, the position it answered the marker with), for
-        # a cursor not made yet (`marked`); bounded as the cursors are
+        # a cursor not made yet (`marked`): of publishers whose HELLO has not come yet (`sync` lets
+        # go of the others); bounded as the cursors are
         self._marks: dict[tuple[Key, str], tuple[SubscribeOptions, int]] = {}
 
     # -- which subscriptions ----------------------------------------------------------------
@@ -167,7 +173,7 @@ class Replays:
         publisher was found gone and is back asks it where its topics are (`QUIET_LOOK_S`)."""
         for key, options in list(self.registry.replays.items()):
             for node_id, (stream, prefixes) in list(self.directory.streams.items()):
-                if any(p.startswith(key[0]) or key[0].startswith(p) for p in prefixes):
+                if _overlaps(key[0], prefixes):
                     cursor = self._cursor(key, options, stream, node_id, calls)
                     if cursor is not None:
                         self._check_run(key, cursor, node_id, calls)
@@ -178,6 +184,9 @@ class Replays:
                             self.rereads.look_at((key, stream), 0.0, True)
                     if cursor is not None and cursor.node_id == node_id:
                         cursor.kept = prefixes
+        if self._marks:  # (those of publishers now known: their cursors took theirs, if any is ever made)
+            streams = self.directory.streams
+            self._marks = {place: mark for place, mark in self._marks.items() if place[1] not in streams}
 
     # -- a publisher's numbering going back ----------------------------------------------------
 
@@ -537,8 +546,10 @@ class Replays:
         """The publisher ``sender_id`` answered the replay marker of the subscription ``key``
         (made with ``options``) with ``position``: the position its history gives the first
         frame it keeps after the answer (`Cursor.live_from`). The cursor's first read, which
-        waited for it, goes now; a cursor not made yet takes it when it is (bounded as the
-        cursors are). A later answer (ZeroMQ subscribes again on a connection made again),
+        waited for it, goes now; a cursor not made yet takes it when it is (`sync`, which
+        lets go of the answers of the publishers it knows: their cursors, if any, took
+        theirs); one of a publisher that keeps nothing under the subscription's prefix is
+        let go. A later answer (ZeroMQ subscribes again on a connection made again),
         or one that came after the read went without it, is let go. Raises `ValueError` for
         a position no store gives (the frame is malformed)."""
         if not storable(position) or position < 1:
@@ -546,6 +557,8 @@ class Replays:
         if self.registry.replays.get(key) is not options:
             return  # (a subscription dropped or made anew since: its marker is another)
         found = self.directory.streams.get(sender_id)
+        if found is not None and not _overlaps(key[0], found[1]):
+            return  # (it keeps nothing the subscription takes: no cursor follows it)
         cursor = self.cursors.get((key, found[0])) if found is not None else None
         if cursor is None or cursor.options is not options:
             if len(self._marks) >= _MAX_CURSORS:
