@@ -537,8 +537,10 @@ class Replays:
         """Ask for the page ``fetch`` names, the one ``cursor`` now waits on."""
         if cursor.awaits_marker:
             cursor.awaits_marker = False
-            log.info("stream %s: its publisher did not answer the replay marker within %g s: catching up without "
-                     "it", cursor.stream[:8], MARKER_WAIT_S)
+            # (no answer came, or one of the publisher's next run, which a read planned against
+            # the run before cannot take: that run's frames may still be on their way)
+            log.info("stream %s: no answer to the replay marker taken within %g s: catching up without it",
+                     cursor.stream[:8], MARKER_WAIT_S)
         cursor.reading = fetch
         self.fetch(fetch)
 
