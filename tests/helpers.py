@@ -72,10 +72,11 @@ def gateway_url_and_process(mesh: dict[str, Any], token: str | None = None) -> I
     """`gateway_process`, with the process beside its base URL, for a test that signals it,
     waits for it or reads its output (stdout and stderr in one pipe, its first line read
     already); on exit, unless it has ended, it is stopped (SIGTERM, then killed)."""
-    port = free_tcp_port()
     env = {**os.environ, **({"ZMQMESH_GATEWAY_TOKEN": token} if token else {})}
+    # (port 0: the gateway binds a port of the system's choosing and says which; a port
+    # found free beforehand could be taken by another socket before the gateway binds it)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zmqmesh", "gateway", "--listen", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "zmqmesh", "gateway", "--listen", "127.0.0.1:0",
          "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
@@ -83,7 +84,9 @@ def gateway_url_and_process(mesh: dict[str, Any], token: str | None = None) -> I
     try:
         line = proc.stdout.readline()
         assert "gateway listening on" in line, line + proc.stdout.read()
-        yield f"http://127.0.0.1:{port}", proc
+        url = line.split("gateway listening on", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0"), line
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

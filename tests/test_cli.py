@@ -302,7 +302,8 @@ def test_launch_stops_in_bounded_time_when_the_reader_of_its_output_takes_nothin
     import fcntl
     import termios
 
-    (tmp_path / "chatty.py").write_text("while True:\n    print('line ' * 10, flush=True)\n")
+    # (in bursts of 2,000 lines: more than the pipe holds is queued by the launcher at once)
+    (tmp_path / "chatty.py").write_text("while True:\n    print(('line ' * 10 + '\\n') * 2000, end='', flush=True)\n")
     read_end, write_end = os.pipe()
     try:
         proc = _launcher(tmp_path, 'stop_timeout_s = 2\n[[process]]\nname = "chatty"\ncommand = ["python3", "chatty.py"]\n',
@@ -316,7 +317,10 @@ def test_launch_stops_in_bounded_time_when_the_reader_of_its_output_takes_nothin
             return int.from_bytes(buf, sys.byteorder)
 
         try:
-            wait_until(lambda: waiting() >= capacity // 2 and _children(proc.pid), 60, "the pipe filling")
+            # (the pipe all but full, its writer stuck, the launcher queuing what the process
+            # prints on: a stop sooner could find the queue empty, all of it written (seen
+            # once in a loaded CI run: no line lost, none said))
+            wait_until(lambda: waiting() >= capacity - 8192 and _children(proc.pid), 60, "the pipe filling")
             child = _children(proc.pid)[0]
             proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
