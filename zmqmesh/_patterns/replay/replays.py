@@ -374,7 +374,7 @@ class Replays:
         cursor.live_seen = True
         self.rereads.look_at((key, cursor.stream), time.monotonic() + QUIET_LOOK_S, True)  # (a later frame puts it off)
         if cursor.catching_up:
-            cursor.hold(frame, self._said_position(frame.meta))
+            cursor.hold(frame, self._said_position(frame.meta) if cursor.live_pos is None else None)
             return
         expected = cursor.next.get(frame.topic)
         if expected is None and (frame.seq == 0 or not cursor.from_start):
@@ -424,7 +424,9 @@ class Replays:
     def _said_position(self, meta: bytes | None) -> int | None:
         """Where its publisher's history keeps a live frame, as its meta frame says (``"p"``,
         on a kept topic); None if it says nothing of it (no meta frame, a publisher before
-        this field), or a position no store gives."""
+        this field), or a position no store gives. (Asked only while the cursor does not
+        know where its live stream began: a publisher's frames come in the order it keeps
+        them, so a later one's position is past it.)"""
         if meta is None:
             return None
         try:
