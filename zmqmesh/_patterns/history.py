@@ -119,10 +119,7 @@ class History:
         try:
             self.store.history.keep_placed(rows)
         except Exception as exc:
-            try:  # (as the store has it: a position given meanwhile by another writer is not given again)
-                self.upcoming = max(rows[0][0], self.store.history.last_position() + 1)
-            except Exception:
-                self.upcoming = rows[0][0]
+            self.upcoming = rows[0][0]  # (the transaction gave none of them: the store is this node's alone)
             for _pos, topic, seq, *_rest in rows:
                 key = topic.encode()
                 if key in fresh:
