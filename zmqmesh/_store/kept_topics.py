@@ -72,31 +72,27 @@ class KeptTopics:
         return piece, None
 
     def keep(self, rows: Sequence[tuple[str, int, int, float, bytes, bytes | None]]) -> None:
-        """Keep frames a publisher sent, ``(topic, seq, count, ts, payload, meta)``, at the
-        positions next, and the numbering of their topics (a topic numbered anew begins at
-        its first frame's seq), in one transaction. Raises `StoreFullError`, `StoreError`."""
-        self._keep("INSERT INTO history (topic, seq, count, ts, payload, meta) VALUES (?, ?, ?, ?, ?, ?)", rows, 0)
+        """`keep_placed` at the positions next (`last_position`), ``(topic, seq, count, ts,
+        payload, meta)`` each. Raises `StoreFullError`, `StoreError`."""
+        first = self.last_position() + 1
+        self.keep_placed([(first + i, *row) for i, row in enumerate(rows)])
 
     def keep_placed(self, rows: Sequence[tuple[int, str, int, int, float, bytes, bytes | None]]) -> None:
-        """`keep`, each frame at the position it names first, ``(pos, topic, seq, count, ts,
-        payload, meta)``: each past every position given before (`last_position`), as its
-        publisher said where the frame is before it sent it. Raises `StoreFullError`,
-        `StoreError` (a position given before among them)."""
-        self._keep("INSERT INTO history (pos, topic, seq, count, ts, payload, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   rows, 1)
-
-    def _keep(self, sql: str, rows: Sequence[tuple[Any, ...]], at: int) -> None:
-        """Insert ``rows`` with ``sql`` and the numbering of their topics (``row[at]`` is the
-        topic, the seq and the count follow), in one transaction."""
+        """Keep frames a publisher sent, each at the position it names first, ``(pos, topic,
+        seq, count, ts, payload, meta)``: each past every position given before
+        (`last_position`), as its publisher said where the frame is before it sent it; and
+        the numbering of their topics (a topic numbered anew begins at its first frame's
+        seq), in one transaction. Raises `StoreFullError`, `StoreError` (a position given
+        before among them)."""
         span: dict[str, list[int]] = {}
-        for row in rows:
-            topic, seq, count = row[at:at + 3]
+        for _pos, topic, seq, count, *_rest in rows:
             found = span.get(topic)
             if found is None:
                 span[topic] = [seq, seq + count]
             else:
                 found[0], found[1] = min(found[0], seq), max(found[1], seq + count)
-        self._db.write([(sql, list(rows)),
+        self._db.write([("INSERT INTO history (pos, topic, seq, count, ts, payload, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         list(rows)),
                         ("INSERT INTO history_topics (topic, next, start) VALUES (?, ?, ?) "
                          "ON CONFLICT (topic) DO UPDATE SET next = max(next, excluded.next), emptied = NULL",
                          [(t, nxt, first) for t, (first, nxt) in span.items()])])
