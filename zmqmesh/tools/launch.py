@@ -208,7 +208,8 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         if (bad := next((k for k in env if not _is_env_name(k)), None)) is not None:
             raise LaunchError(f"{where} ({name}): 'env' name {bad!r} cannot name an environment variable"
                               " (empty, or holding '=' or NUL)")
-        if (bad := next((k for k, v in env.items() if "\0" in _env_text(v)), None)) is not None:
+        env_text = {k: _env_text(v) for k, v in env.items()}
+        if (bad := next((k for k, v in env_text.items() if "\0" in v), None)) is not None:
             raise LaunchError(f"{where} ({name}): 'env' value of {bad!r} holds a NUL character, which no environment"
                               " variable can")
         cwd = entry.get("cwd", ".")
@@ -228,7 +229,7 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
                     name=name if count == 1 else f"{name}-{k + 1}",
                     command=[sys.executable if c in ("python", "python3") and j == 0 else c for j, c in enumerate(command)],
                     restart=restart,
-                    env={**base_env, **stored, **{k2: _env_text(v) for k2, v in env.items()}},
+                    env={**base_env, **stored, **env_text},
                     cwd=cwd,
                 )
             )
