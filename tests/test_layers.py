@@ -1486,7 +1486,7 @@ def test_live_messages_without_headers_still_coming_behind_another_topic_are_not
     replays.sync(calls)
     assert not fetches, "the first read waits for the marker's answer"
     replays.marked(*subscriptions[0], publisher.id, 51)
-    assert len(fetches) == 1
+    assert len(fetches) == 1 and not stats.snapshot()["pubsub"].get("replay_unmarked")
     live("t.y", 10)
     kept = [_alternating_row(t, n) for n in range(15, 20) for t in ("t.x", "t.y")]
     _read_page(replays, calls, fetches[0], kept)
@@ -1508,7 +1508,8 @@ def test_a_first_read_waits_for_the_replay_marker_only_from_a_publisher_that_ans
     """A publisher that announces no marker support (a protocol before 6) is read at once,
     as before markers. One that announces it is read once it answers; if it does not within
     `MARKER_WAIT_S`, the read goes without the answer (the live frames held meanwhile are
-    kept), and an answer after that, or a second one, changes nothing. An answer with a
+    kept), counted in ``pubsub.replay_unmarked`` (an answer the publisher's XPUB dropped is
+    seen nowhere else), and an answer after that, or a second one, changes nothing. An answer with a
     position no store gives is malformed (`ValueError`), and one for a subscription no
     longer made is let go."""
     from zmqmesh._mesh.registry import SubscribeOptions
@@ -1534,6 +1535,7 @@ def test_a_first_read_waits_for_the_replay_marker_only_from_a_publisher_that_ans
         replays.look_again(calls)
         time.sleep(0.02)
     assert len(fetches) == 1 and fetches[0].request["a"] == 0, "read without the answer, past the wait"
+    assert stats.snapshot()["pubsub"].get("replay_unmarked") == 1
     replays.marked(*subscription, publisher.id, 7)
     replays.marked(*subscription, publisher.id, 9)
     assert len(fetches) == 1, "a late answer changes nothing"

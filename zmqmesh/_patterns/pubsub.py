@@ -367,8 +367,10 @@ class Publisher:
         it subscribes to that was sent since its subscription came, and gets every one kept
         from there after it. Nothing without a history (nothing to replay). Kept nowhere: a
         subscriber that subscribes many markers gets as many frames, one per subscription
-        event the XPUB passes on (bounded as any subscriptions are: by the XPUB's
-        ``rcvhwm`` and `_XPUB_BURST` per turn)."""
+        event the XPUB passes on (at most `_XPUB_BURST` events a turn of the loop; ZeroMQ
+        queues the events themselves as it does every subscription's). An answer the XPUB
+        drops (the subscriber's pipe at its ``pub_hwm``) is not known here: the subscriber
+        reads without it after its wait, and counts that (`pubsub.replay_unmarked`)."""
         history = self.history
         if history is None:
             return

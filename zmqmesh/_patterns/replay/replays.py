@@ -536,11 +536,13 @@ class Replays:
         self._read(cursor, fetch)
 
     def _read(self, cursor: Cursor, fetch: Fetch) -> None:
-        """Ask for the page ``fetch`` names, the one ``cursor`` now waits on."""
+        """Ask for the page ``fetch`` names, the one ``cursor`` now waits on (one that waited
+        for its replay marker's answer goes without it: counted, ``pubsub.replay_unmarked``)."""
         if cursor.awaits_marker:
             cursor.awaits_marker = False
             # (no answer came, or one of the publisher's next run, which a read planned against
             # the run before cannot take: that run's frames may still be on their way)
+            self.stats.add("pubsub", "replay_unmarked")
             log.info("stream %s: no answer to the replay marker taken within %g s: catching up without it",
                      cursor.stream[:8], MARKER_WAIT_S)
         cursor.reading = fetch
