@@ -609,6 +609,50 @@ def test_launch_killed_leaves_nothing_running_that_it_started(tmp_path: Any) -> 
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watch reads /proc (Linux)")
+def test_the_watch_of_a_killed_launcher_ends_though_its_stderr_is_a_full_pipe_nobody_reads(tmp_path: Any) -> None:
+    # the launcher's stderr a pipe kept open but unread, and full: SIGKILL to the launcher,
+    # and its watch stopped the processes, then blocked for good writing its one line
+    # about it (an idle process left behind, holding the pipe)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    watch: list[int] = []
+    child = 0
+    try:
+        proc = _launcher(tmp_path, 'stop_timeout_s = 1\n[[process]]\nname = "sleeper"\n'
+                                   'command = ["python3", "-c", "import time; time.sleep(600)"]\n',
+                         stdout=subprocess.DEVNULL, stderr=write_end)
+        os.close(write_end)
+        write_end = -1
+
+        def found() -> bool:
+            nonlocal watch, child
+            kids = _children(proc.pid)
+            watch = [pid for pid in kids if b"_launch_watch" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            child = next((pid for pid in kids if b"time.sleep(600)" in Path(f"/proc/{pid}/cmdline").read_bytes()), 0)
+            return bool(watch and child)
+
+        wait_until(found, 60, "the watch and the process")
+        proc.kill()
+        proc.wait(30)
+        wait_until(lambda: not _running(child), 60, "the process to be stopped")
+        wait_until(lambda: not any(_running(pid) for pid in watch), 30, "the watch to end")  # (before: it never did)
+    finally:
+        for pid in [*watch, child]:
+            if pid and _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if write_end >= 0:
+            os.close(write_end)
+        os.close(read_end)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("stop_timeout", ["", "stop_timeout_s = 0.01\n"], ids=["default", "a-short-stop-timeout"])
 def test_launch_writes_every_line_a_process_wrote_before_it_ended(tmp_path: Any, stop_timeout: str) -> None:
     # the launcher said "exited" and returned as soon as a process ended, while the

@@ -8,8 +8,10 @@ Told ``done`` first (the launcher stopped its processes itself), the watcher exi
 otherwise it stops every process whose environment carries ``TOKEN``
 (``ZMQMESH_LAUNCHED_BY=mark/``, inherited by whatever the launcher's processes start, in
 their process groups or outside them): SIGTERM, then SIGKILL to those still there
-``STOP_TIMEOUT_S`` later. A process that cleared or replaced its environment is not
-found, and nothing is stopped if the watcher is killed too.
+``STOP_TIMEOUT_S`` later, and says so on its standard error (the launcher's), giving
+that line up after a second rather than waiting for good on a pipe nobody reads. A process
+that cleared or replaced its environment is not found, and nothing is stopped if the
+watcher is killed too.
 """
 
 from __future__ import annotations
@@ -60,12 +62,30 @@ def watch(token: bytes, stop_timeout_s: float) -> int:
     for pid in marked(token):
         _signal(pid, signal.SIGKILL)
     if told:
-        try:
-            print(f"zmqmesh launch: the launcher ended without stopping its processes: stopped {len(told)}",
-                  file=sys.stderr, flush=True)
-        except OSError:  # (nobody reads its standard error any more)
-            pass
+        _say(f"zmqmesh launch: the launcher ended without stopping its processes: stopped {len(told)}\n")
     return len(told)
+
+
+class _Unwritten(Exception):
+    """The line could not be written in time."""
+
+
+def _say(line: str, within_s: float = 1.0) -> None:
+    """Write ``line`` to standard error, giving up after ``within_s`` (the launcher's stderr
+    may be a full pipe that its reader keeps open and never reads: the write would block
+    for good, and the watch never end), or if nobody reads it any more."""
+    def give_up(_signum: int, _frame: object) -> None:
+        raise _Unwritten
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.setitimer(signal.ITIMER_REAL, within_s)
+    try:
+        os.write(2, line.encode(errors="replace"))
+    except (OSError, _Unwritten):
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 if __name__ == "__main__":
