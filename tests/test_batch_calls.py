@@ -88,3 +88,21 @@ def test_the_async_twins_do_the_same(mesh: dict[str, Any]) -> None:
 
     asyncio.run(main())
     assert pulled == list(range(N)) and heard == list(range(N))
+
+
+def test_push_many_sends_large_bytes_as_push_does(mesh: dict[str, Any]) -> None:
+    """``push_many`` pushes each item as `push` does: ``bytes`` of 64 KiB or more travel as
+    they are, so a ``zero_copy`` puller gets them as views, the small ones as ``bytes``.
+    (They were encoded as msgpack: copied once more, and handed over as ``bytes``.)"""
+    import os
+
+    kept: list[Any] = []
+    blobs = [os.urandom(100_000), b"small", os.urandom(64 * 1024), {"a": 1}, os.urandom(300_000)]
+    with zmqmesh.Node("receiver", **mesh) as receiver, zmqmesh.Node("sender", **mesh) as sender:
+        receiver.pull("views", kept.append, zero_copy=True)
+        sender.wait_for_pullers("views", timeout=10)
+        sender.push_many("views", blobs, timeout=10)
+        sender.push_many("views", iter(blobs[:1]), timeout=10)
+        wait_until(lambda: len(kept) == len(blobs) + 1, 30, "every item")
+    assert [type(m.data) for m in kept] == [memoryview, bytes, memoryview, dict, memoryview, memoryview]
+    assert [bytes(m.data) if isinstance(m.data, memoryview) else m.data for m in kept] == blobs + blobs[:1]

@@ -804,7 +804,8 @@ class NodeBase:
                      ) -> list[Any]:
         """Every item encoded (carrying ``headers``, and the trace context of one span for
         them all) before any is sent: one that cannot be encoded fails the call, and
-        nothing of it is sent. Raises as `_encode` does."""
+        nothing of it is sent. A push's large ``bytes`` without headers stay as they are,
+        as `_push_now` leaves them (`Codec.encode_pushes`). Raises as `_encode` does."""
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, operation, name, headers)
@@ -812,7 +813,10 @@ class NodeBase:
             encode = self._encode
             return [encode(data, headers) for data in items]
         items = items if type(items) is list else list(items)
-        return self._ready().codec.encode_many(items) if items else []
+        if not items:
+            return []
+        codec = self._ready().codec
+        return codec.encode_pushes(items) if operation == "push" else codec.encode_many(items)
 
     def _encode_publications(self, topic: str, items: Iterable[Any], headers: dict[str, str] | None,
                              ) -> list[tuple[bytes, Any]]:

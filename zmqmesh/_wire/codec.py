@@ -20,7 +20,13 @@ from typing import Any
 import msgpack
 
 from ..errors import DecodeError, MessageTooLargeError
-from .frames import FRAME_HEADROOM, MAX_BATCH_ITEMS, RawPayload, msgpack_bin
+from .frames import (
+    FRAME_HEADROOM,
+    LARGE_FRAME,
+    MAX_BATCH_ITEMS,
+    RawPayload,
+    msgpack_bin,
+)
 
 __all__ = ["Codec", "durable_item", "durable_items", "DURABLE_ITEM_FIELDS"]
 
@@ -126,12 +132,27 @@ class Codec:
         """Every item encoded, as `encode` encodes each, with one lookup of this thread's
         packer for them all (a third less time a small item). Raises what `encode` raises,
         for the first item that fails."""
+        return self._encode_all(items, self.encode)
+
+    def encode_pushes(self, items: Iterable[Any]) -> list[bytes | RawPayload]:
+        """Every item as a push without headers sends it: encoded as `encode_many` encodes
+        it, but ``bytes`` of `LARGE_FRAME` or more, which `raw` makes ready to travel as
+        they are (a pull with ``zero_copy=True`` gets them as views, as it gets those of
+        single pushes). Raises what `encode_many` raises, for the first item that fails."""
+        return self._encode_all(items, self._push_bytes)
+
+    def _push_bytes(self, data: bytes) -> bytes | RawPayload:
+        """``data`` (``bytes`` of at least `_small`) as a push sends it: `raw` from `LARGE_FRAME`."""
+        return self.raw(data) if len(data) >= LARGE_FRAME else self.encode(data)
+
+    def _encode_all(self, items: Iterable[Any], encode: Callable[[bytes], Any]) -> list[Any]:
+        """`encode_many`, with ``encode`` for the ``bytes`` that are not short (`_small`)."""
         short = self._short_bytes(items)
         if short is not None:
             return short
-        bin8, small, limit, encode = _BIN8, self._small, self.max_message_bytes, self.encode
+        bin8, small, limit = _BIN8, self._small, self.max_message_bytes
         pack = self._packer().pack
-        bodies: list[bytes] = []
+        bodies: list[Any] = []
         add = bodies.append
         for data in items:
             if type(data) is bytes:
