@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from typing import Any
 
@@ -17,7 +18,13 @@ from helpers import fake_zre_peer, rejected, wait_until
 
 import zmqmesh
 from zmqmesh._wire import zre
-from zmqmesh._wire.frames import STATUS_NO_SERVICE
+from zmqmesh._wire.frames import (
+    STATUS_BAD_REQUEST,
+    STATUS_NO_SERVICE,
+    STATUS_OK,
+    parse_reply,
+    parse_reply_batch,
+)
 from zmqmesh._wire.zre import Command, ZreMessage
 
 
@@ -661,3 +668,47 @@ def test_a_refused_hello_under_a_live_peers_uuid_does_not_drop_that_peer(
         assert node.request("balance", None, timeout=5) == 100
         dealer.close(0)
         inbox.close(0)
+
+
+def test_a_malformed_at_least_once_batch_in_a_batch_of_requests_costs_only_itself(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A request to ``\\x00queue/<name>`` whose body is no batch of items is answered
+    ``0x03`` and counted, alone or in a batch of requests, whose other requests are served
+    and counted as if they had come one by one. (It escaped the batch: the requests after
+    it were never answered, and those before it never counted as received.)"""
+    def item(service: bytes, request_id: bytes, body: bytes) -> bytes:
+        return bytes([len(service)]) + service + bytes([len(request_id)]) + request_id + \
+            struct.pack(">I", len(body)) + body
+
+    with zmqmesh.Node("target", **mesh) as node:
+        node.service("echo", lambda msg: msg.data)
+        node.pull("acked", lambda msg: None, at_least_once=True)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(node.endpoints["service"])
+        replies: list[tuple[bytes, bytes]] = []
+
+        def read(count: int) -> None:
+            while len(replies) < count:
+                assert dealer.poll(10_000), f"{len(replies)} replies of {count}"
+                frames = dealer.recv_multipart()
+                if frames[0][:1] == b"\x00":
+                    replies.extend((r[0], r[1]) for r in parse_reply_batch(frames[0]) or [])
+                else:
+                    reply = parse_reply(frames)
+                    assert reply is not None
+                    replies.append(reply[:2])
+
+        for bad in (b"\xc1", msgpack.packb([1, 2, 3])):  # undecodable; items that are none
+            replies.clear()
+            received = node.stats()["service"]["received"]
+            dealer.send(b"\x00" + item(b"echo", b"r1", msgpack.packb(1)) + item(b"\x00queue/acked", b"rq", bad)
+                        + item(b"echo", b"r2", msgpack.packb(2)))
+            read(3)
+            assert sorted(replies) == [(b"r1", STATUS_OK), (b"r2", STATUS_OK), (b"rq", STATUS_BAD_REQUEST)]
+            assert node.stats()["service"]["received"] == received + 2
+            replies.clear()
+            dealer.send_multipart([b"\x00queue/acked", b"alone", bad])
+            read(1)
+            assert replies == [(b"alone", STATUS_BAD_REQUEST)]
+        assert rejected(node, "service_malformed") == 4
+        dealer.close(0)

@@ -123,8 +123,15 @@ class ServiceIntake:
             return
         service = service_b.decode("utf-8", "replace")
         sender_id = wire.sender_of_requester(route[0])
-        if service[:1] == "\x00" and self._serve_builtin(service, route, body, sender_id, calls):
-            return
+        if service[:1] == "\x00":
+            try:
+                if self._serve_builtin(service, route, body, sender_id, calls):
+                    return
+            except DecodeError:  # a batch of messages that is none: refused, and said, as an undecodable body
+                counters["errors"] += 1
+                self.stats.reject("service_malformed")
+                self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+                return
         handler = self.registry.services.get(service)
         counters["received"] += 1
         if handler is not None:
@@ -165,7 +172,8 @@ class ServiceIntake:
     def _serve_builtin(self, service: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
                        calls: list[Call]) -> bool:
         """Serve a request to a built-in service (their names begin with ``\\x00``); False
-        if ``service`` names none of them."""
+        if ``service`` names none of them. Raises `DecodeError` for a body that is no batch of
+        at-least-once or durable items (``\\x00queue/``, ``\\x00keep/``), before any is taken."""
         if service.startswith(wire.QUEUE_SERVICE_PREFIX):
             self.acked.decode(service[len(wire.QUEUE_SERVICE_PREFIX):], route, body, sender_id, calls)
             return True
