@@ -712,3 +712,24 @@ def test_a_malformed_at_least_once_batch_in_a_batch_of_requests_costs_only_itsel
             assert replies == [(b"alone", STATUS_BAD_REQUEST)]
         assert rejected(node, "service_malformed") == 4
         dealer.close(0)
+
+
+def test_a_publication_on_a_topic_beginning_0xff_is_dropped_and_counted(mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """No UTF-8 topic begins with the byte 0xFF (docs/protocol.md: a reader of every topic
+    skips one): a stranger's publication on one is malformed, dropped and counted, never
+    handed to a handler under a topic of replacement characters (as it was)."""
+    heard: list[tuple[str, Any]] = []
+    with zmqmesh.Node("target", **mesh) as node:
+        node.subscribe("", lambda msg: heard.append((msg.topic, msg.data)))
+        xpub = ctx.socket(zmq.XPUB)
+        xpub.connect(node.endpoints["sub"])
+        try:
+            assert xpub.poll(10_000) and xpub.recv() == b"\x01", "the node's subscription to every topic"
+            xpub.send_multipart([b"\xff\xfe", b"", msgpack.packb("mangled")])
+            xpub.send_multipart([b"\xffmarkerless", os.urandom(16) + bytes(8), msgpack.packb("mangled")])
+            xpub.send_multipart([b"after", b"", msgpack.packb("ok")])
+            wait_until(lambda: heard[-1:] == [("after", "ok")], 10, "the good publication after the bad ones")
+            assert heard == [("after", "ok")]
+            assert rejected(node, "pubsub_malformed") == 2
+        finally:
+            xpub.close(0)

@@ -381,7 +381,9 @@ class Dispatcher:
             raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
         sender_uuid, sequence = wire.parse_sender(sender_b)
         sender_id = sender_uuid.hex() if sender_uuid is not None else None
-        if kind == "sub" and name_b.startswith(wire.MARKER_PREFIX):
+        if kind == "sub" and name_b[:1] == b"\xff":  # no UTF-8 topic begins so: a replay marker's answer, or nothing
+            if not name_b.startswith(wire.MARKER_PREFIX):
+                raise DecodeError("a topic beginning 0xFF that names no replay marker")
             self._marker(frames, sender_id, sequence)
             return
         if not body and len(frames) == 4 and kind == "pull":  # a large payload as it is (protocol 5)
