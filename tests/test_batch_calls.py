@@ -49,6 +49,20 @@ def test_push_many_and_publish_many_deliver_everything_in_order(mesh: dict[str, 
         assert len(pulled) == N + 1 and len(heard) == N + 1
         sender.push_many("jobs", [], timeout=10)  # nothing to do, at once
         sender.publish_many("t.x", [])
+        # ... but what a call with items would raise, it raises (before: nothing, at all)
+        for bad in ("x" * 300, "\udc80"):
+            with pytest.raises(ValueError):
+                sender.push_many(bad, [], timeout=10)
+            with pytest.raises(ValueError):
+                sender.push_many(bad, ["one"], timeout=10)
+            with pytest.raises(ValueError):
+                sender.publish_many(bad, [])
+            with pytest.raises(ValueError):
+                sender.publish_many(bad, ["one"])
+    with pytest.raises(zmqmesh.NodeClosedError):
+        sender.push_many("jobs", [], timeout=10)
+    with pytest.raises(zmqmesh.NodeClosedError):
+        sender.publish_many("t.x", [])
 
 
 def test_a_flush_gives_the_loop_back_after_its_slice_and_sends_the_rest_at_its_next_turn(

@@ -806,15 +806,17 @@ class NodeBase:
         them all) before any is sent: one that cannot be encoded fails the call, and
         nothing of it is sent. A push's large ``bytes`` without headers stay as they are,
         as `_push_now` leaves them (`Codec.encode_pushes`). Raises as `_encode` does."""
+        items = items if type(items) is list else list(items)
+        if not items:  # (nothing to send: the call still raises what one with items would)
+            self._ready()
+            check_name("queue" if operation == "push" else "topic", name)
+            return []
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, operation, name, headers)
         if headers:
             encode = self._encode
             return [encode(data, headers) for data in items]
-        items = items if type(items) is list else list(items)
-        if not items:
-            return []
         codec = self._ready().codec
         return codec.encode_pushes(items) if operation == "push" else codec.encode_many(items)
 
