@@ -1030,8 +1030,7 @@ class NodeBase:
                 return known
         service_b = self._service_name(service)
         seconds = self.config.request_timeout_s if timeout is None else check_timeout(timeout)
-        if seconds == 0:  # (sent, it would run on the provider for a caller already gone)
-            engine.stats.add("request", "errors")
+        if seconds == 0:  # (sent, it would run on the provider for a caller already gone. Not sent: counted nowhere)
             raise MeshTimeoutError(f"request to {service!r} timed out: timeout=0 leaves no time for a reply, "
                                    "so it was not sent")
         only = peer_id_of(peer)
