@@ -335,8 +335,8 @@ class Pipelined:
             self.engine.stats.add("request", "errors" if self.engine.closed else "abandoned", forgotten)
 
     def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> None:
-        received = dropped = 0
         answer_all, tally = self.outstanding.answer_all, self._tally
+        counts = tally.counts
         for i in range(burst):
             if i == 1 and not self.outstanding and not has_input(sock):  # (as `LoopRequester._on_readable`)
                 break
@@ -345,8 +345,12 @@ class Pipelined:
             except zmq.Again:
                 break
             answered, unanswered = answer_all(frames, provider_id)
-            dropped += unanswered  # late replies (their requests timed out), or ones nobody asked for
-            received += len(answered)
+            # counted before their callers hear of them: a submitted request's future wakes
+            # its caller (another thread) at once, and the counters must add up by then
+            if answered:
+                counts["received"] = counts.get("received", 0) + len(answered)
+            if unanswered:  # late replies (their requests timed out), or ones nobody asked for
+                counts["dropped"] = counts.get("dropped", 0) + unanswered
             now = time.monotonic()  # (when the frame came: the time its replies were waited for)
             for job, status, body in answered:
                 plan = job.plan
@@ -359,10 +363,6 @@ class Pipelined:
                     job.finish(job.key, None, exc)
                 else:
                     job.finish(job.key, value, None)
-        counts = tally.counts
-        counts["received"] = counts.get("received", 0) + received
-        if dropped:
-            counts["dropped"] = counts.get("dropped", 0) + dropped
 
     def _expire(self) -> None:
         overdue = self.outstanding.expired(time.monotonic())
