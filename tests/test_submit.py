@@ -599,3 +599,47 @@ def test_async_request_many_refills_its_window_as_replies_come(mesh: dict[str, A
     with zmqmesh.Node("provider", **mesh) as provider:  # (its own threads: replies come while the client reads)
         provider.service("echo", lambda msg: msg.data)
         asyncio.run(main())
+
+
+def test_a_request_larger_than_its_provider_takes_fails_at_once_and_loses_nothing_beside_it(
+        mesh: dict[str, Any]) -> None:
+    """A provider announces its ``max_message_bytes``; a request body past it ends the
+    connection that carried it (ZeroMQ's MAXMSGSIZE), for good, with the requests in
+    flight on it. It was sent all the same: the call waited out its timeout
+    (MeshTimeoutError), and so did every request sent after it on that connection (3
+    rounds of 4 submitted, the large one and 4 more: all 8 beside it lost in the second and third;
+    both neighbours of a request_many's large item). Now it is not sent:
+    `MessageTooLargeError` at once, counted in no request counter, the others answered;
+    a provider that takes it is picked over one that does not."""
+    big = b"x" * 200_000
+    narrow = zmqmesh.Node("narrow", max_message_bytes=100_000, handler_concurrency=4, **mesh)
+    narrow.service("size", lambda msg: len(msg.data) if isinstance(msg.data, bytes) else msg.data)
+
+    async def from_async_node() -> None:
+        async with zmqmesh.AsyncNode("async-caller", **mesh) as node:
+            await node.wait_for_service("size", timeout=10)
+            beside = asyncio.ensure_future(node.request_many("size", list(range(4)), timeout=10))
+            await asyncio.sleep(0)  # (its requests went)
+            with pytest.raises(zmqmesh.MessageTooLargeError):
+                await node.request("size", big, timeout=5)
+            assert await beside == [0, 1, 2, 3]
+
+    with narrow.start(), zmqmesh.Node("caller", **mesh) as caller:
+        caller.wait_for_service("size", timeout=10)
+        beside = [caller.submit("size", n, timeout=10) for n in range(4)]
+        with pytest.raises(zmqmesh.MessageTooLargeError):
+            caller.submit("size", big, timeout=5).result(10)
+        assert [f.result(10) for f in beside] == [0, 1, 2, 3]
+        with pytest.raises(zmqmesh.MessageTooLargeError):
+            caller.request_many("size", [1, big, 2], timeout=5)
+        with pytest.raises(zmqmesh.MessageTooLargeError):
+            caller.request("size", big, timeout=5)
+        assert caller.request_many("size", [1, 2], timeout=10) == [1, 2]
+        counts = caller.stats()["request"]
+        assert counts["sent"] == counts["received"] and counts["errors"] == 0, counts
+        asyncio.run(from_async_node())
+        with zmqmesh.Node("wide", **mesh) as wide:
+            wide.service("size", lambda msg: len(msg.data))
+            caller.wait_for_service("size", 2, timeout=10)
+            assert caller.request_many("size", [big] * 4, timeout=10) == [200_000] * 4
+            assert caller.submit("size", big, timeout=10).result(10) == 200_000

@@ -349,7 +349,9 @@ class Node(NodeBase):
         nothing is sent, and it raises `MeshTimeoutError` at once. Raises
         `NoProviderError` (nobody offers it), `MeshTimeoutError`, `PeerLostError` (the
         provider left mid-request, raised as soon as that is known), `RemoteError` (the
-        handler raised), `TypeError` for unencodable data.
+        handler raised), `TypeError` for unencodable data, `MessageTooLargeError` for data
+        larger than this node's ``max_message_bytes`` or than every provider announced it
+        takes (a provider that takes it is picked over one that does not).
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")

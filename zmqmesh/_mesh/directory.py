@@ -53,6 +53,7 @@ def no_provider(service: str, only: str | None) -> NoProviderError:
     return NoProviderError(f"no node offers the service {service!r}")
 
 
+_NO_IDS: frozenset[str] = frozenset()
 _MAX_RUNS = 64
 _HEX = frozenset("0123456789abcdef")
 
@@ -229,6 +230,15 @@ class Directory:
         limit = small_number(announced, 12)
         own = self.max_message_bytes
         return limit if limit is not None and own is not None and limit < own else None
+
+    def refusing(self, size: int) -> frozenset[str]:
+        """The peers that announced a ``max_message_bytes`` below ``size``: a payload of
+        ``size`` bytes they refuse, and the frame carrying it would end its connection (a
+        DEALER's, for good: the requests in flight on it with it). Empty in the common case."""
+        narrower = self.narrower
+        if not narrower:
+            return _NO_IDS
+        return frozenset(node_id for node_id, limit in narrower.items() if limit < size)
 
     def widest_limit(self, ids: Iterable[str]) -> int | None:
         """The largest payload some node of ``ids`` takes, if each of them announced a limit

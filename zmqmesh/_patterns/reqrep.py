@@ -28,7 +28,13 @@ from .._mesh.waiters import Until
 from .._stats import RequestTally, Stats
 from .._wire import frames as wire
 from .._wire.codec import Codec
-from ..errors import DecodeError, MeshTimeoutError, PeerLostError, RemoteError
+from ..errors import (
+    DecodeError,
+    MeshTimeoutError,
+    MessageTooLargeError,
+    PeerLostError,
+    RemoteError,
+)
 
 __all__ = ["MAX_CHAIN", "Calling", "Exchange", "QuickRequest", "RetryElsewhere", "decode_reply", "request_plan",
            "RequestPlan"]
@@ -101,10 +107,12 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
 
     Picks a provider (waiting for one), exchanges with it, and decodes the reply. A
     provider that no longer offers the service is skipped for a moment and another tried;
-    one that is lost mid-request is retried elsewhere only for idempotent services. A
+    one that is lost mid-request is retried elsewhere only for idempotent services. One
+    that announced a ``max_message_bytes`` below the body's size is never picked (the
+    frame would end the connection, and the requests in flight on it with it). A
     provider of protocol 1 gets the request without its headers (counted in ``stats``).
     Raises `NoProviderError`, `PeerLostError`, `MeshTimeoutError`, `RemoteError`,
-    `DecodeError`.
+    `DecodeError`, `MessageTooLargeError` (every provider refuses a body that large).
 
     ``first``: the provider already picked (the round robin moved on); ``sent``: its
     request went already, counted as sent, and the driver gives the outcome of the plan's
@@ -115,9 +123,16 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
     compactable = wire.may_compact(service_b, body, meta)
     counted = sent
     while True:
-        provider = directory.pick_provider(service, only, avoid) if first is None else first
+        refusing = directory.refusing(len(body))  # (looked at again each time: nodes come and go)
+        if first is None or first.id in refusing:
+            provider = directory.pick_provider(service, only, avoid | refusing if refusing else avoid)
+        else:
+            provider = first
         first = None
         if provider is None:
+            if refusing and directory.pick_provider(service, only, avoid) is not None:
+                raise MessageTooLargeError(f"the request is {len(body)} bytes, more than any provider of "
+                                           f"{service!r} takes (the max_message_bytes it announced)")
             try:
                 yield Until(lambda: directory.pick_provider(service, only, avoid) is not None, deadline,
                             f"a provider of {service!r}")
@@ -171,8 +186,8 @@ class Calling(NamedTuple):
 
 class QuickRequest:
     """One call of `request_plan`'s common case, carried out without the plan while all
-    goes well: a provider of protocol 4 or later at hand, a body small enough to batch,
-    and an OK reply.
+    goes well: a provider of protocol 4 or later at hand that takes the body, a body small
+    enough to batch, and an OK reply.
 
     The driver calls `begin` (or `advance` with None; or `pick`, then sends the request
     itself: gathered into a batch, or alone as `exchange`), then `advance` with the reply
@@ -213,8 +228,12 @@ class QuickRequest:
         if len(self.body) >= wire.LARGE_FRAME:
             return None
         service = calling.service
-        provider = self.provider = calling.directory.pick_provider(service, calling.only)
+        directory = calling.directory
+        provider = self.provider = directory.pick_provider(service, calling.only)
         if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
+            return None
+        narrower = directory.narrower  # (a provider that takes less than the body: the plan picks another)
+        if narrower and narrower.get(provider.id, len(self.body)) < len(self.body):
             return None
         self.sent = True
         sent = tally.sent
