@@ -979,6 +979,42 @@ def test_a_keeper_keeps_the_attempts_and_the_redelivered_mark_of_what_it_is_hand
     assert got == [(n, f"order-{n}", 2 if n % 3 == 2 else 0, n % 3 != 0, {"k": "v"}) for n in range(6)]
 
 
+@pytest.mark.parametrize("stamp", [float("inf"), -float("inf"), 1700000000.0], ids=["inf", "-inf", "finite"])
+def test_a_kept_message_whose_clock_is_no_finite_number_is_dealt_again_when_its_handler_fails(
+        tmp_path: Path, mesh: dict[str, Any], ctx: Any, stamp: float) -> None:
+    """A stranger's hand-over (docs/protocol.md) of a durable item whose timestamp is an
+    infinity: the keeper stores it, and its puller's handler sees no timestamp. The puller
+    took a message without one for no durable item: a failure of its handler went back to
+    nobody (the batch was acknowledged as handled, and the keeper forgot the message: its
+    store empty, no dead letter), and a dedupe puller recorded no id of it."""
+    keeper = zmqmesh.Node("keeper", store=str(tmp_path / "keeper"), **mesh)
+    keeper.keep("orders")
+    tries: list[tuple[float | None, int]] = []
+
+    def fail_once(msg: zmqmesh.Message) -> None:
+        tries.append((msg.timestamp, msg.attempts))
+        if msg.attempts == 0:
+            raise ValueError("refused")
+
+    with keeper:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(keeper.endpoints["service"])
+        dealer.send_multipart([b"\x00keep/orders", b"h", msgpack.packb([False, {"n": 1}, "order-1", stamp, None, 0])])
+        assert dealer.poll(5000)
+        assert dealer.recv_multipart() == [b"h", b"\x00", b""]
+        dealer.close(0)
+        puller = zmqmesh.Node("puller", store=str(tmp_path / "puller"), **mesh)
+        puller.pull("orders", fail_once, at_least_once=True, dedupe=True)
+        with puller:
+            wait_until(lambda: stored(tmp_path / "keeper") == 0 and keeper.stats()["pipeline"]["sent"] > 0, 20,
+                       "the keeper's message settled")
+            wait_until(lambda: len(tries) == 2, 20, "the message dealt again")
+    shown = None if stamp != 1700000000.0 else stamp
+    assert tries == [(shown, 0), (shown, 1)]
+    assert inspect_store(tmp_path / "puller")["handled"] == {"orders": 1}
+
+
 def test_a_keeper_whose_store_refuses_a_hand_over_leaves_it_to_another_or_to_the_pusher(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A keeper that cannot store what it is handed (its store fills) says so; what it

@@ -23,9 +23,11 @@ log = logging.getLogger("zmqmesh.inbox")
 class BatchAck:
     """Acknowledges an at-least-once batch once every message of it has been handled,
     naming the durable items whose handler failed (``failures``). A batch a stop cut short
-    (``cut_short``) is never acknowledged: its pusher deals it again."""
+    (``cut_short``) is never acknowledged: its pusher deals it again. ``unstamped``: the
+    positions of durable items whose sender's clock was no finite number (their messages
+    show no timestamp, yet a failure of theirs goes back to the pusher as any durable one's)."""
 
-    __slots__ = ("route", "remaining", "queue", "options", "failures", "cut_short")
+    __slots__ = ("route", "remaining", "queue", "options", "failures", "cut_short", "unstamped")
 
     def __init__(self, route: tuple[bytes, bytes], remaining: int, queue: str = "",
                  options: PullOptions | None = None) -> None:
@@ -35,6 +37,7 @@ class BatchAck:
         self.options = options or PullOptions(at_least_once=True)
         self.failures: list[list[Any]] = []
         self.cut_short = False
+        self.unstamped: set[int] | None = None
 
 
 class CutShort(NodeClosedError):

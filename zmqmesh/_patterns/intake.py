@@ -114,9 +114,15 @@ class AckedIntake:
         # stop's deadline cuts it short
         in_place = seen is None and tracing.active is None and self.in_place([handler])
         for index, item in enumerate(items):
-            if len(item) == DURABLE_ITEM_FIELDS:
-                msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], wire.sent_at(item[3]), item[4] or {},
-                                       item[5], item[0])
+            durable = len(item) == DURABLE_ITEM_FIELDS
+            if durable:
+                stamp = wire.sent_at(item[3])
+                msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], stamp, item[4] or {}, item[5],
+                                       item[0])
+                if stamp is None:  # (a stranger's clock: durable all the same, see `_settle`)
+                    if ack.unstamped is None:
+                        ack.unstamped = set()
+                    ack.unstamped.add(index)
                 if seen is not None and msg.id in seen:  # handled before (its ack was lost): effectively once
                     counters = self.stats.pattern["pipeline"]
                     counters["deduplicated"] = counters.get("deduplicated", 0) + 1
@@ -145,7 +151,7 @@ class AckedIntake:
                 else:
                     ack.remaining -= 1
                 continue
-            guarded = self._once(handler, queue) if seen is not None and msg.timestamp is not None else handler
+            guarded = self._once(handler, queue) if seen is not None and durable else handler
             calls.append(Call(guarded, msg, ack, "pipeline").in_batch(index))
         if ack.remaining == 0:
             self._acknowledge(ack)
@@ -321,9 +327,10 @@ class AckedIntake:
 
     def _settle(self, ack: BatchAck, msg: Message, index: int, error: BaseException | None) -> None:
         """Account for the handled message ``index`` of a batch (``error``: its handler's)."""
-        # a durable item (it has a timestamp): a failure goes back to the pusher (a success of
-        # a dedupe puller was remembered by its guard, `_once`, as the handler returned)
-        if error is not None and msg.timestamp is not None:
+        # a durable item (it has a timestamp, or is noted among those whose clock was none):
+        # a failure goes back to the pusher (a success of a dedupe puller was remembered by
+        # its guard, `_once`, as the handler returned)
+        if error is not None and (msg.timestamp is not None or (ack.unstamped is not None and index in ack.unstamped)):
             attempts = msg.attempts + 1
             dead = ack.options.dead_letter_queue(ack.queue) if attempts >= ack.options.max_deliveries else None
             ack.failures.append([index, dead, f"{type(error).__name__}: {error}"])
