@@ -1310,6 +1310,43 @@ def test_a_message_larger_than_its_puller_takes_is_held_counted_and_goes_to_one_
     assert sum(TOO_LARGE_LOG in r.getMessage() for r in caplog.records) == 1, "logged once"
 
 
+@pytest.mark.parametrize("taker", ["puller", "keeper"])
+def test_a_stop_does_not_wait_out_linger_s_for_a_durable_message_no_taker_there_takes(
+        tmp_path: Path, mesh: dict[str, Any], taker: str) -> None:
+    """A durable message larger than every puller (or keeper) there takes is held, and
+    stays in the store: nothing there will take it. The stop counted it among what was
+    still to send (the gauge ``queued`` said 1) or to hand over, and so waited all of
+    linger_s for it (or the stop's timeout, if less: measured with linger_s=5, 5.01 s with a
+    puller or with a keeper; after, 0.02 s), the store keeping it all the same."""
+    got: list[int] = []
+    other = zmqmesh.Node(taker, store=str(tmp_path / "keeper"), max_message_bytes=1 << 20, **mesh)
+    if taker == "keeper":
+        other.keep("jobs")
+    else:
+        other.pull("jobs", lambda msg: got.append(msg.data["n"]), at_least_once=True)
+    with other:
+        pusher = zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), max_message_bytes=8 << 20, linger_s=30,
+                              **mesh).start()
+        try:
+            (pusher.wait_for_keepers if taker == "keeper" else pusher.wait_for_pullers)("jobs")
+            pusher.push("jobs", {"n": -1, "large": b"x" * (2 << 20)}, durable=True)
+            pusher.push_many("jobs", [{"n": n} for n in range(10)], durable=True)
+            if taker == "puller":
+                wait_until(lambda: len(got) == 10 and pusher.stats()["pipeline"].get("held_too_large") == 1, 20,
+                           "the small messages handled, the large one held")
+                wait_until(lambda: stored(tmp_path / "pusher") == 1, 10, "the small ones acknowledged")
+                assert pusher.stats()["gauges"]["queued"] == 0, "a held message counted as still to send"
+            stopping = threading.Thread(target=pusher.stop, kwargs={"timeout": 60})  # (past linger_s)
+            stopping.start()
+            stopping.join(20)  # (a bound: before, the stop waited the 30 s of linger_s)
+            assert not stopping.is_alive(), "the stop waited out linger_s for the held message"
+        finally:
+            pusher.stop(timeout=1)
+        assert stored(tmp_path / "pusher") == 1, "the held message kept in the pusher's store"
+        if taker == "keeper":
+            assert stored(tmp_path / "keeper") == 10
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("durable", [True, False], ids=["durable", "at_least_once"])
 def test_messages_too_large_for_every_puller_are_held_in_bounded_memory(

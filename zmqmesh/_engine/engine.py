@@ -476,9 +476,9 @@ class Engine:
 
     def _unsettled(self, queue: str, buffer: Any) -> bool:
         """Whether durable messages of ``queue`` wait: in ``buffer`` (its), in flight, or to
-        be dealt again."""
+        be dealt again (but for those held aside, which no puller or keeper there takes)."""
         assert self.reliable is not None
-        return bool(buffer or self.reliable.redeliver.get(queue) or self.reliable.in_flight(queue))
+        return bool(buffer or self.reliable.to_deal_again(queue) or self.reliable.in_flight(queue))
 
     def _kept_queues(self) -> set[str]:
         """The queues another node keeps (see `Node.keep`)."""

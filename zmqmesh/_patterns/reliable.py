@@ -289,6 +289,7 @@ class ReliableSender:
         # queue -> the ids of the objects held aside at its last flush, too large for every
         # puller there (`_hold`); they wait in `redeliver`, first
         self._held: dict[str, frozenset[int]] = {}
+        self._held_stored: dict[str, int] = {}  # queue -> how many of those are durable (they stay stored)
         # (puller, queue) -> the batches of that line that timed out and that the puller has not
         # answered since (it may still be handling them, and then has not reached what it was
         # dealt after them), by id, with the ids of their durable messages (`_behind`)
@@ -307,8 +308,17 @@ class ReliableSender:
         durable ones count only for the queues ``pulled(queue)`` is true of (the others stay
         stored, for a puller or a keeper to come). Safe to ask from any thread: the loop's
         tables are copied, in C, before they are read."""
+        held = self._held_stored
         return sum(len(b.items) for b in list(self.inflight.values())) + \
-            sum(len(q) if pulled(name) else _in_memory(q) for name, q in list(self.redeliver.items()))
+            sum(len(q) - held.get(name, 0) if pulled(name) else _in_memory(q) for name, q in list(self.redeliver.items()))
+
+    def to_deal_again(self, queue: str) -> int:
+        """How many messages of ``queue`` wait to be dealt again, but for the durable ones
+        held aside, too large for every puller (or keeper) there: those stay stored, for
+        one that takes them, and nothing there will take them meanwhile (a stop does not
+        wait for them). Loop only."""
+        again = self.redeliver.get(queue)
+        return len(again) - self._held_stored.get(queue, 0) if again else 0
 
     def take_in_memory(self, queue: str) -> list[Any]:
         """Take, in order, the in-memory messages of ``queue`` waiting to be dealt again
@@ -440,9 +450,11 @@ class ReliableSender:
         puller there (``widest``: the most one takes): those newly held are counted in
         ``pipeline.held_too_large`` and logged, once each however many flushes hold them."""
         before = self._held.pop(queue, frozenset())
+        self._held_stored.pop(queue, None)
         if not aside:
             return
         held = self._held[queue] = frozenset(map(id, aside))  # (the same objects while they are held)
+        self._held_stored[queue] = sum(1 for item in aside if type(item) is StoredMessage)
         fresh = [item for item in aside if id(item) not in before]
         if not fresh:
             return
