@@ -640,6 +640,30 @@ def test_a_dead_letter_of_a_message_with_all_the_headers_it_may_carry_is_deliver
     assert puller.stats()["rejected"].get("service_malformed", 0) == 0
 
 
+def test_a_dead_letter_queue_that_is_the_queue_itself_is_refused(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """pull(..., dead_letter=<the queue itself>) was accepted: a message given up on moved
+    to the end of the queue it failed in, with its attempts reset, and was dealt again
+    without end (measured: a poison message with max_deliveries=1 ran 4,004 times in 2 s,
+    dead_lettered 4,003, a store write and a warning each). `zmqmesh store dead-letters`
+    refuses such a move already."""
+    runs: list[int] = []
+
+    def poison(msg: zmqmesh.Message) -> None:
+        runs.append(msg.attempts)
+        raise ValueError("poison")
+
+    puller = zmqmesh.Node("puller", **mesh)
+    with pytest.raises(zmqmesh.ConfigError, match="dead_letter"):
+        puller.pull("jobs", poison, at_least_once=True, max_deliveries=1, dead_letter="jobs")
+    puller.pull("jobs", poison, at_least_once=True, max_deliveries=1, dead_letter="jobs.poison")
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.wait_for_pullers("jobs")
+        pusher.push("jobs", {"n": 1}, durable=True)
+        wait_until(lambda: inspect_store(tmp_path)["queues"].get("jobs.poison", {}).get("messages") == 1, 20,
+                   "the dead letter")
+    assert runs == [0] and stored(tmp_path) == 1
+
+
 def test_a_poison_message_in_a_batch_is_dead_lettered_alone(tmp_path: Path, mesh: dict[str, Any]) -> None:
     """One message of a `push_many` batch (stored together) moves to the dead letters; the
     others are handled once, and a restart of the pusher delivers nothing again."""

@@ -497,8 +497,8 @@ class NodeBase:
         ``bytes(msg.data)`` makes the copy when one is needed (to keep, pickle or compare it).
 
         Raises `ValueError` if this node already pulls ``queue`` with another handler,
-        `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store),
-        `NodeClosedError` once the node was stopped.
+        `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store, a
+        ``dead_letter`` that is ``queue`` itself), `NodeClosedError` once the node was stopped.
         """
         check_name("queue", queue)
         _check_not_reserved("queue", queue)
@@ -515,6 +515,9 @@ class NodeBase:
             raise ConfigError(f"max_deliveries must be a whole number >= 1, got {max_deliveries!r}")
         if dead_letter is not None:
             check_name("queue", dead_letter)
+            if dead_letter == queue:  # (a message given up on would go back to the end of its queue, for ever)
+                raise ConfigError(f"dead_letter must name another queue than {queue!r}: a message given up on "
+                                  "would be moved to the end of the queue it failed in, and dealt again without end")
         if dedupe and self.config.store is None:
             raise ConfigError("dedupe=True needs a store: Node(..., store='path/dir')")
         if not isinstance(dedupe_window, int) or isinstance(dedupe_window, bool) or not 1 <= dedupe_window < 1 << 62:
