@@ -54,8 +54,10 @@ class AckedIntake:
                  in_place: Callable[[list[Callable[..., Any]]], bool] = lambda handlers: False,
                  left_at_stop: Callable[[str, Any, int], None],
                  abandoned: Callable[[], bool] = lambda: False,
-                 refused_by_stop: Callable[[BaseException], bool] = lambda error: False) -> None:
+                 refused_by_stop: Callable[[BaseException], bool] = lambda error: False,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.registry = registry
+        self.stopping = stopping  # whether the node's stop has begun: it keeps nothing more (`keep`)
         self.refused_by_stop = refused_by_stop  # whether a handler's error is its stopping node refusing it
         self.in_place = in_place  # whether the driver lets these handlers run as they are decoded
         self.abandoned = abandoned  # whether a stop's deadline passed (what is left is not handled)
@@ -242,8 +244,10 @@ class AckedIntake:
     def keep(self, queue: str, route: tuple[bytes, bytes], body: bytes) -> None:
         """A stopping pusher hands over durable messages of a queue this node keeps: store
         them (committed) before acknowledging; they are then this node's to deliver (those
-        handed over marked redelivered stay so marked)."""
-        if queue not in self.registry.keeps or self.keeper is None:
+        handed over marked redelivered stay so marked). A keeper whose own stop has begun
+        takes none (the pusher keeps them, or hands them to another keeper): it would hand
+        them on in turn, and two keepers stopping at once passed them back and forth."""
+        if queue not in self.registry.keeps or self.keeper is None or self.stopping():
             self.reply(route, wire.STATUS_NO_SERVICE, b"")
             return
         items = self.codec.decode_batch(body)

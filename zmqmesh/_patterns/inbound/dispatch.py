@@ -127,7 +127,8 @@ class Dispatcher:
         self.acked = AckedIntake(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                  keeper=keeper, reply=self.send_reply, in_place=self.runs_in_place,
                                  abandoned=self.abandoned, left_at_stop=self.left_at_stop.count,
-                                 refused_by_stop=self.refused_by_stop)
+                                 refused_by_stop=self.refused_by_stop,
+                                 stopping=node_closed if node_closed is not None else lambda: False)
         self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
                                fetch=self.fetch_history)
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
