@@ -664,6 +664,31 @@ def test_a_dead_letter_queue_that_is_the_queue_itself_is_refused(tmp_path: Path,
     assert runs == [0] and stored(tmp_path) == 1
 
 
+def test_a_queue_whose_dead_letter_queue_could_not_be_named_asks_for_one(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """The dead letters of a queue go to "<queue>.dead" by default: for a queue name of 196
+    to 200 bytes, a name past the 200 bytes pull() takes. pull(at_least_once=True) took such
+    a queue, and its dead letters went where no puller could take them (measured: the
+    poison message of a 200-byte queue in "q...q.dead", and pull("q...q.dead") raised
+    ValueError); it now asks for dead_letter=."""
+    queue = "q" * 200
+    dead: list[Any] = []
+
+    def poison(msg: zmqmesh.Message) -> None:
+        raise ValueError("poison")
+
+    puller = zmqmesh.Node("puller", **mesh)
+    with pytest.raises(zmqmesh.ConfigError, match="dead_letter="):
+        puller.pull(queue, poison, at_least_once=True)
+    puller.pull("q" * 195, print, at_least_once=True)  # ("q" * 195 + ".dead" is 200 bytes: a name)
+    puller.pull(queue, poison, at_least_once=True, max_deliveries=1, dead_letter="long.dead")
+    puller.pull("long.dead", lambda msg: dead.append(msg.headers["x-original-queue"]), at_least_once=True)
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.wait_for_pullers(queue)
+        pusher.push(queue, {"n": 1}, durable=True)
+        wait_until(lambda: dead, 20, "the dead letter")
+    assert dead == [queue]
+
+
 def test_a_poison_message_in_a_batch_is_dead_lettered_alone(tmp_path: Path, mesh: dict[str, Any]) -> None:
     """One message of a `push_many` batch (stored together) moves to the dead letters; the
     others are handled once, and a restart of the pusher delivers nothing again."""

@@ -498,7 +498,8 @@ class NodeBase:
 
         Raises `ValueError` if this node already pulls ``queue`` with another handler,
         `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store, a
-        ``dead_letter`` that is ``queue`` itself), `NodeClosedError` once the node was stopped.
+        ``dead_letter`` that is ``queue`` itself, or none for a ``queue`` whose ``".dead"``
+        name would pass the bound of a name), `NodeClosedError` once the node was stopped.
         """
         check_name("queue", queue)
         _check_not_reserved("queue", queue)
@@ -518,6 +519,10 @@ class NodeBase:
             if dead_letter == queue:  # (a message given up on would go back to the end of its queue, for ever)
                 raise ConfigError(f"dead_letter must name another queue than {queue!r}: a message given up on "
                                   "would be moved to the end of the queue it failed in, and dealt again without end")
+        elif at_least_once and len(queue.encode()) + len(".dead") > MAX_NAME_BYTES:
+            raise ConfigError(f"the dead letters of a queue of {len(queue.encode())} bytes would go to "
+                              f"'<queue>.dead', past the {MAX_NAME_BYTES} bytes of a queue's name, which no "
+                              "puller could pull: give dead_letter=")
         if dedupe and self.config.store is None:
             raise ConfigError("dedupe=True needs a store: Node(..., store='path/dir')")
         if not isinstance(dedupe_window, int) or isinstance(dedupe_window, bool) or not 1 <= dedupe_window < 1 << 62:
