@@ -1064,6 +1064,27 @@ def test_a_kept_message_whose_clock_is_no_finite_number_is_dealt_again_when_its_
     assert inspect_store(tmp_path / "puller")["handled"] == {"orders": 1}
 
 
+def test_kept_queues_count_among_a_nodes_offers(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """Each kept queue is a ZRE group in the node's HELLO, as each topic, queue and service
+    is, and a peer takes at most 10,000 groups in a HELLO; the bound of names a node offers
+    (MAX_OFFERS) left keep() out. Measured: a keeper of 10,500 queues: keep() took them
+    all, and every peer refused its HELLO (rejected zre_malformed), so no peer ever saw it
+    (wait_for_peers timed out): it kept nothing. keep() now counts in the bound."""
+    most = zmqmesh._mesh.registry.MAX_OFFERS
+    keeper = zmqmesh.Node("keeper", store=str(tmp_path / "keeper"), **mesh)
+    for i in range(most - 1):
+        keeper.keep(f"q{i}")
+    keeper.pull("last", print, at_least_once=True)
+    with pytest.raises(zmqmesh.ConfigError, match="kept queues"):
+        keeper.keep("one-more")
+    with pytest.raises(zmqmesh.ConfigError, match="kept queues"):
+        keeper.pull("another", print)
+    keeper.keep("q0")  # (one kept already: no more names)
+    with keeper, zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), **mesh) as pusher:
+        pusher.wait_for_keepers(f"q{most - 2}", timeout=20)
+        pusher.wait_for_pullers("last")
+
+
 def test_a_keeper_whose_stop_has_begun_takes_no_hand_over(tmp_path: Path, mesh: dict[str, Any], ctx: Any) -> None:
     """A keeper that stops hands what it keeps to the other keepers; one whose stop has
     begun took hand-overs all the same, so two keepers stopping at once passed their

@@ -562,8 +562,9 @@ class NodeBase:
         """Become a keeper of ``queue``: a pusher that stops with durable messages of it not
         yet delivered hands them to a keeper (within its stop deadline), which stores them
         and delivers them to pullers when they appear. Several keepers may run; each
-        message is kept by one. Raises `ConfigError` without a store, `NodeClosedError`
-        once the node was stopped, `ZmqMeshError` in a process forked after it was built."""
+        message is kept by one. Raises `ConfigError` without a store, or past 2,000 names
+        offered (topics, queues, services and kept queues in all), `NodeClosedError` once
+        the node was stopped, `ZmqMeshError` in a process forked after it was built."""
         if self.config.store is None:
             raise ConfigError("keep() needs a store: Node(..., store='path/dir')")
         queue = check_name("queue", queue)

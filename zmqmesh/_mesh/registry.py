@@ -81,12 +81,18 @@ class Registry:
             "history": self.kept_topics,
         }
 
+    def _check_room(self) -> None:
+        """Raise `ConfigError` if this node offers `MAX_OFFERS` names already (topics, queues,
+        services and the queues it keeps)."""
+        if len(self.topics) + len(self.queues) + len(self.services) + len(self.keeps) >= MAX_OFFERS:
+            raise ConfigError(f"a node offers at most {MAX_OFFERS} topics, queues, services and kept queues in "
+                              "all (each is a ZRE group its peers must take in one HELLO)")
+
     def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
         """Register ``handler`` for a topic prefix, queue or service. Raises `ValueError` on a
         clash, `ConfigError` past `MAX_OFFERS` names (peers could not take the HELLO)."""
-        if name not in getattr(self, kind) and len(self.topics) + len(self.queues) + len(self.services) >= MAX_OFFERS:
-            raise ConfigError(f"a node offers at most {MAX_OFFERS} topics, queues and services in all "
-                              "(each is a ZRE group its peers must take in one HELLO)")
+        if name not in getattr(self, kind):
+            self._check_room()
         if kind == "topics":
             topics = dict(self.topics)
             topics[name] = [*topics.get(name, []), handler]
@@ -123,7 +129,10 @@ class Registry:
         self.zero_copy_queues = self.zero_copy_queues | {queue} if zero_copy else self.zero_copy_queues - {queue}
 
     def keep(self, queue: str) -> None:
-        """Keep the durable messages of ``queue`` that stopping pushers hand over."""
+        """Keep the durable messages of ``queue`` that stopping pushers hand over. Raises
+        `ConfigError` past `MAX_OFFERS` names, as `add` does."""
+        if queue not in self.keeps:
+            self._check_room()
         self.keeps = self.keeps | {queue}
         self.version += 1
 
