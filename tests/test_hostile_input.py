@@ -733,3 +733,36 @@ def test_a_publication_on_a_topic_beginning_0xff_is_dropped_and_counted(mesh: di
             assert rejected(node, "pubsub_malformed") == 2
         finally:
             xpub.close(0)
+
+
+@pytest.mark.parametrize("named", ["q", "d" * 201, "\x00stats"], ids=["the-queue-itself", "201-bytes", "reserved"])
+def test_a_dead_letter_queue_no_pull_could_take_named_by_a_puller_is_replaced_by_the_default(
+        named: str, tmp_path: Any, mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """The pusher moves a durable message given up on to the dead-letter queue its puller
+    names. `pull` refuses a ``dead_letter`` that is the queue itself or no queue's name,
+    but a node before that check, or a stranger, still named one: the pusher took it as
+    it came (measured, a puller naming the queue itself, max_deliveries=1: its handler ran
+    2,806 times in 2 s, dead_lettered 2,762, and the message never left; a 100,000-byte
+    name, or "\\x00stats", became a queue in the store no pull can take). Such a name is
+    now replaced by "<queue>.dead", counted."""
+    service = ctx.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        try:
+            _stranger_hello(dealer, endpoint, mesh, groups=["zmqmesh/ackqueue/q"],
+                            headers={"X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
+            node.wait_for_pullers("q", 1, timeout=5)
+            node.push("q", {"n": 1}, durable=True)
+            assert service.poll(10_000), "the batch"
+            routing, _name, batch_id, _body = service.recv_multipart()
+            service.send_multipart([routing, batch_id, STATUS_OK, msgpack.packb([[0, named, "ValueError: poison"]])])
+            wait_until(lambda: node.stats()["pipeline"].get("dead_lettered", 0) >= 1, 10, "the dead letter")
+            queues = zmqmesh.inspect_store(tmp_path)["queues"]
+            assert {name: q["messages"] for name, q in queues.items() if q["messages"]} == {"q.dead": 1}
+            assert rejected(node, "dead_letter_refused") == 1
+            assert not service.poll(200), "dealt again"
+        finally:
+            for sock in (dealer, inbox):
+                sock.close(0)
+    service.close(0)

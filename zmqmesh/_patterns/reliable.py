@@ -44,6 +44,7 @@ from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,
     MAX_BATCH_ITEMS,
+    MAX_NAME_BYTES,
     STATUS_ERROR,
     STATUS_OK,
     Headed,
@@ -89,6 +90,14 @@ class Failure(NamedTuple):
     position: int
     dead_letter: str | None
     error: str
+
+
+def _may_dead_letter_to(dead_letter: str, queue: str) -> bool:
+    """Whether the messages of ``queue`` given up on may move to ``dead_letter``: a queue a
+    pull can take (`MAX_NAME_BYTES` of UTF-8 at most, not a built-in's name), not ``queue``
+    itself (a message moved there would be dealt again without end)."""
+    return dead_letter != queue and not dead_letter.startswith("\x00") and \
+        len(dead_letter.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
 
 
 class _Batch(NamedTuple):
@@ -503,7 +512,7 @@ class ReliableSender:
                                                     _FAILED_REST_S if reply[1] == STATUS_ERROR else None)
                 self.loop.call_later(rest, self.wake)
                 continue
-            failures = self._failures(reply[2], len(batch.items))
+            failures = self._failures(reply[2], batch.queue, len(batch.items))
             if failures:
                 self.stats.pattern["pipeline"]["errors"] += len(failures)
             retry = self._settle(batch, failures, [])
@@ -512,7 +521,12 @@ class ReliableSender:
         if freed:
             self.wake()
 
-    def _failures(self, body: bytes, count: int) -> list[Failure]:
+    def _failures(self, body: bytes, queue: str, count: int) -> list[Failure]:
+        """The failures a puller of ``queue`` named in the acknowledgement ``body`` of a
+        batch of ``count`` items. A dead-letter queue no pull could take (the queue
+        itself, a name past `MAX_NAME_BYTES` or beginning ``\\x00``: an older node's or a
+        stranger's; `pull` refuses them) is replaced by ``"<queue>.dead"``, counted
+        (``rejected["dead_letter_refused"]``)."""
         if not body:
             return []
         try:
@@ -521,7 +535,16 @@ class ReliableSender:
         except Exception:
             self.stats.reject("ack_malformed")
             return []
-        return [f for f in failures if 0 <= f.position < count]
+        failures = [f for f in failures if 0 <= f.position < count]
+        default = f"{queue}.dead"
+        refused = {f.position for f in failures
+                   if f.dead_letter and f.dead_letter != default and not _may_dead_letter_to(f.dead_letter, queue)}
+        if refused:
+            self.stats.reject("dead_letter_refused", len(refused))
+            log.warning("a puller of %r named %d dead-letter queue(s) no pull could take (the queue itself, or no "
+                        "queue's name): those dead letters go to %r", queue, len(refused), default)
+            failures = [Failure(f.position, default, f.error) if f.position in refused else f for f in failures]
+        return failures
 
     def _put_back(self, queue: str, items: list[Any]) -> None:
         self.redeliver.setdefault(queue, deque()).extendleft(reversed(items))
