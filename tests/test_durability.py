@@ -1416,6 +1416,47 @@ def test_a_message_larger_than_its_puller_takes_is_held_counted_and_goes_to_one_
     assert sum(TOO_LARGE_LOG in r.getMessage() for r in caplog.records) == 1, "logged once"
 
 
+def test_a_held_message_stays_held_once_when_a_timed_out_one_is_put_back_in_front_of_it(
+        tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A durable message too large for every puller is held at the front of what is dealt
+    again; a delivery that timed out goes back in front of it. The next flush found no
+    large message at the front and forgot the one it held (out of step with what it
+    dealt again: counted again among what a stop waits for), and once the other was dealt,
+    held it as new: counted twice in held_too_large, and logged twice (measured: 2 for one
+    message, in this test and with a batch of 6 timing out at a stuck puller beside another)."""
+    caplog.set_level(logging.WARNING, logger="zmqmesh.reliable")
+    got: list[int] = []
+    stuck = threading.Event()
+    release = threading.Event()
+
+    def stuck_once(msg: zmqmesh.Message) -> None:
+        if msg.data == 0 and not stuck.is_set():
+            stuck.set()
+            release.wait(20)
+        got.append(msg.data)
+
+    puller = zmqmesh.Node("puller", max_message_bytes=1 << 20, handler_concurrency=2, **mesh)
+    puller.pull("jobs", stuck_once, at_least_once=True, ack_timeout_s=0.2)
+    try:
+        with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+            pusher.wait_for_pullers("jobs")
+            pusher.push("jobs", b"x" * (2 << 20), durable=True)
+            wait_until(lambda: pusher.stats()["pipeline"].get("held_too_large") == 1, 10, "the large one held")
+            pusher.push_many("jobs", [0, 2], durable=True)  # (one batch: put back whole when it times out)
+            wait_until(stuck.is_set, 10, "the handler stuck on it")
+            wait_until(lambda: pusher.stats()["pipeline"].get("redelivered", 0) >= 2, 10,
+                       "the batch timed out, put back in front of the held one")
+            release.set()
+            wait_until(lambda: stored(tmp_path) == 1, 20, "both acknowledged, dealt again or not")
+            pusher.push("jobs", 1, durable=True)  # (a flush with the held one at the front again)
+            wait_until(lambda: 1 in got and stored(tmp_path) == 1, 10, "a message after it")
+            counters = pusher.stats()["pipeline"]
+    finally:
+        release.set()
+    assert counters["held_too_large"] == 1, "the held message counted again"
+    assert sum(TOO_LARGE_LOG in r.getMessage() for r in caplog.records) == 1, "logged again"
+
+
 @pytest.mark.parametrize("taker", ["puller", "keeper"])
 def test_a_stop_does_not_wait_out_linger_s_for_a_durable_message_no_taker_there_takes(
         tmp_path: Path, mesh: dict[str, Any], taker: str) -> None:

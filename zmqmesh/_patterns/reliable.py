@@ -446,7 +446,12 @@ class ReliableSender:
         # takes them wakes the flush)
         waiting = bool(q or again) and not (widest is not None and _blocked(q, again, widest))
         if aside or queue in self._held:
-            self._hold(queue, aside, widest)
+            was_held = self._held.get(queue)
+            still: list[Any] = []
+            if was_held and widest is not None and not was_held <= {id(item) for item in aside}:
+                # (held before, and now behind messages put back in front of them since: held all the same)
+                still = [item for item in again if id(item) in was_held and payload_size(item) > widest]
+            self._hold(queue, aside, widest, still)
             again.extendleft(reversed(aside))
         if again:  # (no entry for a queue with nothing to deal again: one a name pushed to stayed for good)
             self.redeliver[queue] = again
@@ -454,16 +459,19 @@ class ReliableSender:
             self.redeliver.pop(queue, None)
         return waiting
 
-    def _hold(self, queue: str, aside: list[Any], widest: int | None) -> None:
+    def _hold(self, queue: str, aside: list[Any], widest: int | None, still: Sequence[Any] = ()) -> None:
         """Note the messages of ``queue`` held aside by this flush, too large for every
-        puller there (``widest``: the most one takes): those newly held are counted in
-        ``pipeline.held_too_large`` and logged, once each however many flushes hold them."""
+        puller there (``widest``: the most one takes), and those held before that are
+        ``still`` to deal again, behind messages put back in front of them since: those
+        newly held are counted in ``pipeline.held_too_large`` and logged, once each however
+        many flushes hold them."""
         before = self._held.pop(queue, frozenset())
         self._held_stored.pop(queue, None)
-        if not aside:
+        if not aside and not still:
             return
-        held = self._held[queue] = frozenset(map(id, aside))  # (the same objects while they are held)
-        self._held_stored[queue] = sum(1 for item in aside if type(item) is StoredMessage)
+        both = [*aside, *still] if still else aside
+        held = self._held[queue] = frozenset(map(id, both))  # (the same objects while they are held)
+        self._held_stored[queue] = sum(1 for item in both if type(item) is StoredMessage)
         fresh = [item for item in aside if id(item) not in before]
         if not fresh:
             return
