@@ -1068,16 +1068,21 @@ def test_waits_and_windows_check_their_counts_and_names(mesh: dict[str, Any]) ->
 
 def test_a_request_with_no_time_for_a_reply_is_not_sent(mesh: dict[str, Any]) -> None:
     """``timeout=0`` leaves no time for a reply: the call times out at once and the
-    provider never runs it (it ran, for a caller already gone)."""
+    provider never runs it (it ran, for a caller already gone). Never sent, it counts in no
+    request counter (docs/operations.md): each was counted an error, 3 beside sent 1 on a
+    `Node`, 2 beside 1 on an `AsyncNode`."""
     provider = zmqmesh.Node("provider", **mesh)
     provider.service("echo", lambda msg: msg.data)
 
-    async def from_async_node() -> None:
+    async def from_async_node() -> dict[str, int]:
         async with zmqmesh.AsyncNode("async-caller", **mesh) as caller:
             await caller.wait_for_service("echo", timeout=10)
             with pytest.raises(zmqmesh.MeshTimeoutError):
                 await caller.request("echo", 1, timeout=0)
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                await caller.request_many("echo", [1, 2], timeout=0)
             assert await caller.request("echo", 2, timeout=10) == 2
+            return caller.stats()["request"]
 
     with provider, zmqmesh.Node("caller", **mesh) as caller:
         caller.wait_for_service("echo", timeout=10)
@@ -1088,10 +1093,11 @@ def test_a_request_with_no_time_for_a_reply_is_not_sent(mesh: dict[str, Any]) ->
         with pytest.raises(zmqmesh.MeshTimeoutError):
             caller.submit("echo", 1, timeout=0).result(10)
         assert caller.request("echo", 2, timeout=10) == 2  # (after those on the same socket, had they gone)
-        asyncio.run(from_async_node())
+        async_counts = asyncio.run(from_async_node())
         assert provider.stats()["service"]["received"] == 2
         counts = caller.stats()["request"]  # (none of the three went: they count in none)
-        assert (counts["sent"], counts["received"], counts["errors"]) == (1, 1, 0), counts
+    for got in (counts, async_counts):
+        assert (got["sent"], got["received"], got["errors"], got["abandoned"]) == (1, 1, 0, 0), got
 
 
 @pytest.mark.timeout(120)

@@ -412,40 +412,6 @@ def test_async_requests_given_up_before_their_batch_went_count_as_nothing(
     assert (counts["sent"], counts["received"], counts["errors"], counts["abandoned"]) == (1, 1, 0, 0), counts
 
 
-def test_a_request_with_no_time_for_a_reply_counts_in_none(
-        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event]) -> None:
-    """``timeout=0`` raises `MeshTimeoutError` at once and sends nothing: it counts in no
-    request counter (docs/operations.md), as `NoProviderError` does not. Each was counted
-    as an error of a request never sent: errors 3 beside sent 1 for the three calls of a
-    `Node` and a request that went; 2 beside 1 for the two of an `AsyncNode`."""
-    provider, _release = held
-
-    async def from_async_node() -> dict[str, int]:
-        async with zmqmesh.AsyncNode("async-caller", **mesh) as node:
-            await node.wait_for_service("echo", timeout=10)
-            with pytest.raises(zmqmesh.MeshTimeoutError):
-                await node.request("echo", 1, timeout=0)
-            with pytest.raises(zmqmesh.MeshTimeoutError):
-                await node.request_many("echo", [1, 2], timeout=0)
-            assert await node.request("echo", 2, timeout=10) == 2
-            return node.stats()["request"]
-
-    with zmqmesh.Node("caller", **mesh) as node:
-        node.wait_for_service("echo", timeout=10)
-        with pytest.raises(zmqmesh.MeshTimeoutError):
-            node.request("echo", 1, timeout=0)
-        with pytest.raises(zmqmesh.MeshTimeoutError):
-            node.request_many("echo", [1, 2], timeout=0)
-        with pytest.raises(zmqmesh.MeshTimeoutError):
-            node.submit("echo", 1, timeout=0).result(10)
-        assert node.request("echo", 2, timeout=10) == 2
-        counts = node.stats()["request"]
-    async_counts = asyncio.run(from_async_node())
-    assert provider.stats()["service"]["received"] == 2
-    for got in (counts, async_counts):
-        assert (got["sent"], got["received"], got["errors"], got["abandoned"]) == (1, 1, 0, 0), got
-
-
 def test_a_submitted_requests_reply_is_counted_before_its_future_completes(
         mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event]) -> None:
     """A `Node.submit` future completes once its request is counted as ended: what a
