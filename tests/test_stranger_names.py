@@ -138,6 +138,36 @@ def test_a_node_named_with_255_bytes_meets_its_peers(mesh: dict[str, Any]) -> No
 
 
 @pytest.mark.timeout(90)
+def test_a_node_whose_groups_pass_what_a_peer_takes_in_a_hello_says_so(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The names a node offers are bounded by their count (2,000), not their length: 1,000
+    at-least-once queues of 200-byte names (three groups each) before the start, and 700
+    more after it, take its groups past the 1 MiB of names a peer takes in a HELLO. Every
+    peer refuses that HELLO and never sees the node; the node said nothing of it (the
+    review's finding: 1,999 such queues, no peer, nothing at the node). Now it logs an
+    error and counts it once, ``zre.groups_past_hello``."""
+    def queue(i: int) -> str:
+        return f"{i:05d}" + "q" * 195
+
+    fat = zmqmesh.Node("fat", **mesh)
+    for i in range(1000):
+        fat.pull(queue(i), lambda msg: None, at_least_once=True, ack_timeout_s=1.0, dead_letter="dead")
+    with caplog.at_level(logging.ERROR, logger="zmqmesh.membership"), fat, zmqmesh.Node("peer", **mesh):
+        fat.wait_for_peers(1, timeout=20)  # (within the bound yet: the peer sees it)
+        assert not fat.stats()["zre"].get("groups_past_hello")
+        for i in range(1000, 1700):
+            fat.pull(queue(i), lambda msg: None, at_least_once=True, ack_timeout_s=1.0, dead_letter="dead")
+        wait_until(lambda: fat.stats()["zre"].get("groups_past_hello") == 1, 30, "the node to say it")
+        fresh = zmqmesh.Node("fresh", **mesh).start()  # (one that greets it from now on refuses its HELLO)
+        try:
+            wait_until(lambda: fresh.stats()["rejected"].get("zre_hello_too_large", 0) >= 1, 30, "the refusal")
+        finally:
+            fresh.stop()
+    said = [r for r in caplog.records if "past the 1048576 a peer takes in a HELLO" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.timeout(90)
 def test_a_peer_that_claims_100_000_names_adds_no_series_to_the_gateways_metrics(gateway: str, spawn: Any) -> None:
     """The gateway's /metrics and dashboard show each node's counters as it answers for
     them: a stranger's answer naming 100,000 topics and 100,000 services made as many

@@ -54,7 +54,7 @@ from .links import Links
 from .liveness import Liveness
 from .mailbox import Mailbox
 from .peer import PeerState
-from .peer_groups import PeerGroups
+from .peer_groups import MAX_HELLO_GROUP_BYTES, PeerGroups
 from .roster import MAX_PEERS, MAX_UNPROVEN_PEERS, ZMQ_SOCKETS_PER_PEER, Roster
 from .timers import Timers
 
@@ -127,6 +127,8 @@ class Membership:
                                timers=self.timers, heartbeat_interval_s=config.heartbeat_interval_s,
                                hello=self._hello, ping=self.liveness.ping, gossip_to=self.gossip.tell)
         self.groups: set[str] = set()
+        self._group_chars = 0  # (of `groups`, as a peer counts them: `MAX_HELLO_GROUP_BYTES`)
+        self._groups_past_hello = False
         self.commands = Commands(codec=codec, stats=stats, events=events, links=self.links, roster=self.roster,
                                  own_groups=self.groups, peer_groups=self.peer_groups,
                                  on_hello=self.greeter.on_hello, take_gossip=self.gossip.take)
@@ -160,6 +162,8 @@ class Membership:
         own = set(groups)
         self.groups.clear()  # (the same set for good: `Commands` reads it)
         self.groups.update(own)
+        self._group_chars = sum(map(len, own))
+        self._check_group_chars()
         self.router.start(self.commands.handle)
         if self.beacons is not None:
             self.beacons.start(self.port)  # the first beacon goes out at once
@@ -213,6 +217,8 @@ class Membership:
             return
         _check_group(group)
         self.groups.add(group)
+        self._group_chars += len(group)
+        self._check_group_chars()
         self.status = (self.status + 1) % 256
         for peer in list(self.peers.values()):
             self.links.send(peer, ZreMessage(Command.JOIN, 0, group=group, status=self.status))
@@ -222,6 +228,8 @@ class Membership:
         if group not in self.groups:
             return
         self.groups.discard(group)
+        self._group_chars -= len(group)
+        self._check_group_chars()
         self.status = (self.status + 1) % 256
         for peer in list(self.peers.values()):
             self.links.send(peer, ZreMessage(Command.LEAVE, 0, group=group, status=self.status))
@@ -256,6 +264,20 @@ class Membership:
     def _check_size(self, frames: list[bytes]) -> None:
         if sum(len(f) for f in frames) > self.config.max_message_bytes:
             raise MessageTooLargeError("whisper/shout content exceeds max_message_bytes")
+
+    def _check_group_chars(self) -> None:
+        """Say it, once each time it happens, when this node's groups pass what a peer takes
+        in a HELLO (`MAX_HELLO_GROUP_BYTES`): a peer refuses that HELLO, and the JOINs past it,
+        so no peer that greets it from then on sees the node (nor what it offers past that).
+        Logged as an error and counted (``stats()["zre"]["groups_past_hello"]``): the names
+        a node offers are bounded by their count (`MAX_OFFERS`), not by their length."""
+        past = self._group_chars > MAX_HELLO_GROUP_BYTES
+        if past and not self._groups_past_hello:
+            self.stats.add("zre", "groups_past_hello")
+            log.error("this node's ZRE groups take %d characters, past the %d a peer takes in a HELLO: peers "
+                      "refuse it, and do not see this node; offer fewer or shorter names",
+                      self._group_chars, MAX_HELLO_GROUP_BYTES)
+        self._groups_past_hello = past
 
     # -- what its parts ask of it -----------------------------------------------------------
 
