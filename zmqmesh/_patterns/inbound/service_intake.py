@@ -117,9 +117,7 @@ class ServiceIntake:
                             calls: list[Call]) -> None:
         counters = self.stats.pattern["service"]
         if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
-            counters["errors"] += 1
-            self.stats.reject("service_malformed")
-            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+            self._refuse(route)
             return
         service = service_b.decode("utf-8", "replace")
         sender_id = wire.sender_of_requester(route[0])
@@ -128,9 +126,7 @@ class ServiceIntake:
                 if self._serve_builtin(service, route, body, sender_id, calls):
                     return
             except DecodeError:  # a batch of messages that is none: refused, and said, as an undecodable body
-                counters["errors"] += 1
-                self.stats.reject("service_malformed")
-                self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+                self._refuse(route)
                 return
         handler = self.registry.services.get(service)
         counters["received"] += 1
@@ -144,9 +140,7 @@ class ServiceIntake:
         try:
             data = self.codec.decode(body)
         except DecodeError:
-            counters["errors"] += 1
-            self.stats.reject("service_malformed")
-            self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+            self._refuse(route)
             return
         msg = Message("request", service, data, sender_id, self.directory.lookup_peer, route=route)
         if meta is not None:
@@ -160,14 +154,19 @@ class ServiceIntake:
                     raise DecodeError("a bad chain of waiting nodes")
                 msg.via = tuple(via)
             except Exception:
-                counters["errors"] += 1
-                self.stats.reject("service_malformed")
-                self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
+                self._refuse(route)
                 return
         if meta is None and not calls and tracing.active is None and self.in_place([handler]):
             self.serve_in_place(handler, msg, route)
             return
         calls.append(Call(handler, msg, route, "service"))
+
+    def _refuse(self, route: tuple[bytes, bytes]) -> None:
+        """Answer a request that cannot be read 0x03 (its caller never waits for it), and
+        count it malformed."""
+        self.stats.pattern["service"]["errors"] += 1
+        self.stats.reject("service_malformed")
+        self.send_reply(route, wire.STATUS_BAD_REQUEST, b"")
 
     def _serve_builtin(self, service: str, route: tuple[bytes, bytes], body: bytes, sender_id: str | None,
                        calls: list[Call]) -> bool:
