@@ -40,6 +40,7 @@ from .._wire.frames import (
     Headed,
     RawPayload,
     check_headers,
+    dead_letter_queue,
     wire_size,
 )
 from ..config import LONGEST_WAIT_S, NodeConfig
@@ -519,7 +520,7 @@ class NodeBase:
             if dead_letter == queue:  # (a message given up on would go back to the end of its queue, for ever)
                 raise ConfigError(f"dead_letter must name another queue than {queue!r}: a message given up on "
                                   "would be moved to the end of the queue it failed in, and dealt again without end")
-        elif at_least_once and len(queue.encode()) + len(".dead") > MAX_NAME_BYTES:
+        elif at_least_once and len(dead_letter_queue(queue).encode()) > MAX_NAME_BYTES:
             raise ConfigError(f"the dead letters of a queue of {len(queue.encode())} bytes would go to "
                               f"'<queue>.dead', past the {MAX_NAME_BYTES} bytes of a queue's name, which no "
                               "puller could pull: give dead_letter=")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .._wire.frames import dead_letter_queue
 from ..errors import ConfigError
 
 __all__ = ["Registry", "PullOptions", "SubscribeOptions", "EVENTS", "MAX_OFFERS"]
@@ -27,7 +28,7 @@ class PullOptions(NamedTuple):
 
     def dead_letter_queue(self, queue: str) -> str:
         """Where messages of ``queue`` that used up their deliveries go."""
-        return self.dead_letter or f"{queue}.dead"
+        return dead_letter_queue(queue, self.dead_letter)
 
 
 class SubscribeOptions(NamedTuple):

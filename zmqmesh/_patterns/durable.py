@@ -779,7 +779,7 @@ class DurableQueues:
             "x-attempts": str(item.attempts + 1),
             "x-last-error": failure.error[:_MAX_ERROR_CHARS],
         })
-        dead = failure.dead_letter or f"{queue}.dead"
+        dead = wire.dead_letter_queue(queue, failure.dead_letter)
         self._bring_in(dead)
         moved = self.store.move(item, dead, self.codec.encode(headers))
         self._overflowed(dead, moved)

@@ -49,6 +49,7 @@ from .._wire.frames import (
     STATUS_OK,
     Headed,
     RawPayload,
+    dead_letter_queue,
     keep_service,
     parse_reply,
     queue_service,
@@ -544,7 +545,7 @@ class ReliableSender:
             self.stats.reject("ack_malformed")
             return []
         failures = [f for f in failures if 0 <= f.position < count]
-        default = f"{queue}.dead"
+        default = dead_letter_queue(queue)
         refused = {f.position for f in failures
                    if f.dead_letter and f.dead_letter != default and not _may_dead_letter_to(f.dead_letter, queue)}
         if refused:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .._wire.frames import dead_letter_queue
 from ..errors import StoreError
 from .holds import held_here
 from .kept_topics import topic_summary
@@ -72,14 +73,14 @@ def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_lette
     The store must not be in use: raises `StoreLockedError` while its node runs,
     `StoreError` if there is none."""
     with _existing(directory) as store:
-        return store.requeue(dead_letter or f"{queue}.dead", queue)
+        return store.requeue(dead_letter_queue(queue, dead_letter), queue)
 
 
 def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
     """Delete every dead letter of ``queue``; how many there were. Those damaged on disk
     stay, as `retry_dead_letters` leaves them. Raises as `retry_dead_letters` does."""
     with _existing(directory) as store:
-        return store.drop_queue(dead_letter or f"{queue}.dead")
+        return store.drop_queue(dead_letter_queue(queue, dead_letter))
 
 
 @contextlib.contextmanager

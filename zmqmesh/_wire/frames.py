@@ -33,6 +33,7 @@ from ..errors import DecodeError
 
 __all__ = [
     "parse_meta",
+    "dead_letter_queue",
     "UUID_SIZE",
     "STATUS_OK",
     "STATUS_ERROR",
@@ -196,6 +197,12 @@ OFFER_PREFIXES = {
 """A node announces what it offers by joining the ZRE group ``prefix + name``."""
 
 _REQUESTER_SUFFIX = 4
+
+
+def dead_letter_queue(queue: str, named: str | None = None) -> str:
+    """The queue the dead letters of ``queue`` go to: ``named``, or by default
+    ``"<queue>.dead"`` (which passes `MAX_NAME_BYTES` for a queue of more than 195 bytes)."""
+    return named or f"{queue}.dead"
 
 
 def pub_sender(uuid: bytes, sequence: int) -> bytes:
