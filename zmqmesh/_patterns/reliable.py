@@ -101,6 +101,10 @@ def _may_dead_letter_to(dead_letter: str, queue: str) -> bool:
         len(dead_letter.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
 
 
+_NOT_HELD: tuple[frozenset[int], int] = (frozenset(), 0)
+"""What `ReliableSender._held` holds for a queue with nothing held aside."""
+
+
 class _Batch(NamedTuple):
     id: bytes
     queue: str
@@ -297,9 +301,9 @@ class ReliableSender:
         # queue (a probe), where a failure is its own and counts
         self._suspects: set[str] = set()
         # queue -> the ids of the objects held aside at its last flush, too large for every
-        # puller there (`_hold`); they wait in `redeliver`, first
-        self._held: dict[str, frozenset[int]] = {}
-        self._held_stored: dict[str, int] = {}  # queue -> how many of those are durable (they stay stored)
+        # puller there (`_hold`), which wait in `redeliver`, and how many of them are durable
+        # (they stay stored)
+        self._held: dict[str, tuple[frozenset[int], int]] = {}
         # (puller, queue) -> the batches of that line that timed out and that the puller has not
         # answered since (it may still be handling them, and then has not reached what it was
         # dealt after them), by id, with the ids of their durable messages (`_behind`)
@@ -318,9 +322,10 @@ class ReliableSender:
         durable ones count only for the queues ``pulled(queue)`` is true of (the others stay
         stored, for a puller or a keeper to come). Safe to ask from any thread: the loop's
         tables are copied, in C, before they are read."""
-        held = self._held_stored
+        held = dict(self._held)
         return sum(len(b.items) for b in list(self.inflight.values())) + \
-            sum(len(q) - held.get(name, 0) if pulled(name) else _in_memory(q) for name, q in list(self.redeliver.items()))
+            sum(len(q) - held.get(name, _NOT_HELD)[1] if pulled(name) else _in_memory(q)
+                for name, q in list(self.redeliver.items()))
 
     def to_deal_again(self, queue: str) -> int:
         """How many messages of ``queue`` wait to be dealt again, but for the durable ones
@@ -328,7 +333,7 @@ class ReliableSender:
         one that takes them, and nothing there will take them meanwhile (a stop does not
         wait for them). Loop only."""
         again = self.redeliver.get(queue)
-        return len(again) - self._held_stored.get(queue, 0) if again else 0
+        return len(again) - self._held.get(queue, _NOT_HELD)[1] if again else 0
 
     def take_in_memory(self, queue: str) -> list[Any]:
         """Take, in order, the in-memory messages of ``queue`` waiting to be dealt again
@@ -447,7 +452,7 @@ class ReliableSender:
         # takes them wakes the flush)
         waiting = bool(q or again) and not (widest is not None and _blocked(q, again, widest))
         if aside or queue in self._held:
-            was_held = self._held.get(queue)
+            was_held = self._held.get(queue, _NOT_HELD)[0]
             still: list[Any] = []
             if was_held and widest is not None and not was_held <= {id(item) for item in aside}:
                 # (held before, and now behind messages put back in front of them since: held all the same)
@@ -466,13 +471,12 @@ class ReliableSender:
         ``still`` to deal again, behind messages put back in front of them since: those
         newly held are counted in ``pipeline.held_too_large`` and logged, once each however
         many flushes hold them."""
-        before = self._held.pop(queue, frozenset())
-        self._held_stored.pop(queue, None)
+        before = self._held.pop(queue, _NOT_HELD)[0]
         if not aside and not still:
             return
         both = [*aside, *still] if still else aside
-        held = self._held[queue] = frozenset(map(id, both))  # (the same objects while they are held)
-        self._held_stored[queue] = sum(1 for item in both if type(item) is StoredMessage)
+        held = frozenset(map(id, both))  # (the same objects while they are held)
+        self._held[queue] = (held, sum(1 for item in both if type(item) is StoredMessage))
         fresh = [item for item in aside if id(item) not in before]
         if not fresh:
             return
