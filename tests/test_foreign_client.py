@@ -36,7 +36,7 @@ def test_a_program_written_from_the_protocol_document_takes_part_in_the_mesh(
         _, sequence, name, headers = lines(foreign, "HELLO ")[0].split(" ", 3)
         assert (sequence, name) == ("1", "native")
         announced = json.loads(headers)
-        assert announced["X-ZMQMESH-MESH"] == mesh["mesh"] and announced["X-ZMQMESH-PROTOCOL"] == "6"
+        assert announced["X-ZMQMESH-MESH"] == mesh["mesh"] and announced["X-ZMQMESH-PROTOCOL"] == "7"
         assert {"X-ZMQMESH-PUB", "X-ZMQMESH-SUB", "X-ZMQMESH-PULL", "X-ZMQMESH-SERVICE"} <= announced.keys()
 
         # the node sees a zmqmesh peer offering "echo" and pulling "jobs"

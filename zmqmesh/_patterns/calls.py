@@ -23,11 +23,13 @@ log = logging.getLogger("zmqmesh.inbox")
 class BatchAck:
     """Acknowledges an at-least-once batch once every message of it has been handled,
     naming the durable items whose handler failed (``failures``). A batch a stop cut short
-    (``cut_short``) is never acknowledged: its pusher deals it again. ``unstamped``: the
-    positions of durable items whose sender's clock was no finite number (their messages
-    show no timestamp, yet a failure of theirs goes back to the pusher as any durable one's)."""
+    (``cut_short``) is never acknowledged whole: ``left`` holds the positions of the items the
+    stop left unhandled (`AckedIntake.leave`), which are all its pusher deals again.
+    ``unstamped``: the positions of durable items whose sender's clock was no finite number
+    (their messages show no timestamp, yet a failure of theirs goes back to the pusher as any
+    durable one's). ``sender``: the pusher's node id, if it named itself."""
 
-    __slots__ = ("route", "remaining", "queue", "options", "failures", "cut_short", "unstamped")
+    __slots__ = ("route", "remaining", "queue", "options", "failures", "cut_short", "unstamped", "left", "sender")
 
     def __init__(self, route: tuple[bytes, bytes], remaining: int, queue: str = "",
                  options: PullOptions | None = None) -> None:
@@ -38,6 +40,8 @@ class BatchAck:
         self.failures: list[list[Any]] = []
         self.cut_short = False
         self.unstamped: set[int] | None = None
+        self.left: list[int] | None = None
+        self.sender: str | None = None
 
 
 class CutShort(NodeClosedError):

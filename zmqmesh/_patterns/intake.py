@@ -4,7 +4,8 @@ A batch dealt to this node becomes one call per message (or, for a sync handler 
 driver runs in place, a call of the handler as each is decoded), with a `BatchAck` that
 answers the pusher once every message of the batch was handled, naming the durable
 items whose handler failed (and the dead-letter queue of those that used up their
-deliveries). A dedupe puller skips what it already handled and commits each id as its
+deliveries); a batch a stop cut short is answered, as the sockets close, naming the items
+left unhandled (`AckedIntake.answer_left`). A dedupe puller skips what it already handled and commits each id as its
 handler returns. A keeper stores what a stopping pusher hands over before acknowledging
 it.
 """
@@ -16,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._mesh.directory import Directory
@@ -78,6 +79,7 @@ class AckedIntake:
         self._handled: dict[str, OrderedDict[str, None]] = {}
         self._unrecorded_log = LogThrottle(UNRECORDED_LOG_S)  # (`_unrecorded`)
         self._trim_failed_log = LogThrottle(UNRECORDED_LOG_S)  # (`_remember`)
+        self._cut: list[BatchAck] = []  # batches a stop cut short, to answer as the sockets close (`leave`)
 
     def forget_unpulled(self) -> None:
         """Forget the ids this run remembered for the queues no longer pulled (call when
@@ -104,6 +106,7 @@ class AckedIntake:
             self.stats.peer_received[sender_id] += len(items)
         options = self.registry.pull_options.get(queue) or PullOptions(at_least_once=True)
         ack = BatchAck(route, len(items), queue, options)
+        ack.sender = sender_id
         seen: set[str] | None = None
         if options.dedupe and self.store is not None:
             seen = self.store.handled.seen(queue, [i[2] for i in items if len(i) == DURABLE_ITEM_FIELDS])
@@ -141,12 +144,14 @@ class AckedIntake:
             if in_place:
                 if self.abandoned():  # (as the driver drops the calls reached after the deadline)
                     self.left_at_stop("pipeline", ack, len(items) - index)
+                    self.leave(ack, range(index, len(items)))
                     return
                 try:
                     handler(msg)
                 except Exception as exc:
-                    if self.refused_by_stop(exc):  # (the stop's doing: the batch is left, dealt again)
+                    if self.refused_by_stop(exc):  # (the stop's doing: the rest is left, dealt again)
                         self.left_at_stop("pipeline", ack, len(items) - index)
+                        self.leave(ack, range(index, len(items)))
                         return
                     self.stats.pattern["pipeline"]["errors"] += handler_raised(handler)
                     self._settle(ack, msg, index, exc)
@@ -323,11 +328,35 @@ class AckedIntake:
         that failed once a stop's deadline passed was cut short by it: its batch is never
         acknowledged, and so dealt again."""
         if error is not None and self.abandoned():
-            ack.cut_short = True
+            self.leave(ack, (call.index,))
             return
         self._settle(ack, call.arg, call.index, error)
         if ack.remaining == 0 and not ack.cut_short:
             self._acknowledge(ack)
+
+    def leave(self, ack: BatchAck, positions: Iterable[int]) -> None:
+        """Note the items of ``ack``'s batch at ``positions`` as left unhandled by the stop
+        (never acknowledged as handled: `answer_left` names them to the pusher)."""
+        left = list(positions)
+        ack.cut_short = True  # (the items still running, answered later, acknowledge nothing)
+        if ack.left is None:
+            ack.left = []
+            self._cut.append(ack)
+        ack.left += left
+        ack.remaining -= len(left)
+
+    def answer_left(self) -> None:
+        """Answer the batches a stop cut short (call on the inbox's owner thread, as the stop
+        closes the sockets): one whose other items were all handled goes back
+        `STATUS_PARTLY_HANDLED`, naming the items left (its pusher deals only those again, no
+        attempt counted) and the failures of those handled, to a pusher that reads it
+        (`PARTIAL_ACK_PROTOCOL`). A batch with a handler still running (past the stop's
+        timeout), or of an older pusher, stays unanswered: it is dealt again whole."""
+        cut, self._cut = self._cut, []
+        for ack in cut:
+            if ack.remaining == 0 and ack.left and ack.sender is not None \
+                    and self.directory.speaks(ack.sender, wire.PARTIAL_ACK_PROTOCOL):
+                self.reply(ack.route, wire.STATUS_PARTLY_HANDLED, self.codec.encode([sorted(ack.left), ack.failures]))
 
     def _settle(self, ack: BatchAck, msg: Message, index: int, error: BaseException | None) -> None:
         """Account for the handled message ``index`` of a batch (``error``: its handler's)."""

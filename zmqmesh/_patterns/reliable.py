@@ -18,7 +18,10 @@ Frames: request ``["\\x00queue/<name>", batch_id, body]`` where ``body`` is a ba
 msgpack arrays ``[redelivered, data]`` or ``[redelivered, data, id, timestamp, headers,
 attempts]``; reply ``[batch_id, status, body]`` (status as for requests; 0x02 means the
 node no longer pulls the queue). ``body`` is empty, or lists the items whose handler
-failed: ``[[index, dead_letter_queue or nil, error], ...]``.
+failed: ``[[index, dead_letter_queue or nil, error], ...]``. A stopping puller answers a
+batch it handled part of with status 0x04 (`STATUS_PARTLY_HANDLED`, protocol 7) and the
+body ``[[index of an item left unhandled, ...], failures as above]``: only those left are
+dealt again.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from .._wire.frames import (
     MAX_NAME_BYTES,
     STATUS_ERROR,
     STATUS_OK,
+    STATUS_PARTLY_HANDLED,
     Headed,
     RawPayload,
     dead_letter_queue,
@@ -115,6 +119,12 @@ class _Batch(NamedTuple):
     size: int  # its bytes on the wire
     service: str  # what it was sent to: the queue's pullers, or its keepers (`flush`)
     probe: bool = False  # one message under suspicion, dealt alone (`_suspects`)
+
+
+def _with_items(batch: _Batch, items: list[Any]) -> _Batch:
+    """``batch`` with only ``items`` of it (to settle part of it)."""
+    return _Batch(batch.id, batch.queue, batch.puller, items, batch.sent_at, batch.sent_wall, batch.size,
+                  batch.service, batch.probe)
 
 
 def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
@@ -519,6 +529,9 @@ class ReliableSender:
             self.inflight_bytes[batch.puller] -= batch.size
             self._left_line(batch)
             freed = True
+            if reply[1] == STATUS_PARTLY_HANDLED:
+                self._partly_handled(batch, reply[2])
+                continue
             if reply[1] != STATUS_OK:  # the puller stopped pulling, or the keeper's store failed: deal
                 self._put_back(batch.queue, self._named(batch))  # them again, to others first
                 rest = self.directory.skip_provider(batch.service, batch.puller,
@@ -534,16 +547,49 @@ class ReliableSender:
         if freed:
             self.wake()
 
+    def _partly_handled(self, batch: _Batch, body: bytes) -> None:
+        """A stopping puller handled part of ``batch`` (`STATUS_PARTLY_HANDLED`): settle
+        what it handled, its failures as any acknowledgement's, and deal the items it left
+        again, marked redelivered, with no attempt counted. A body that cannot be read
+        (counted, ``rejected["ack_malformed"]``) deals the whole batch again, as a stop did
+        before."""
+        named = self._named(batch)
+        try:
+            left_positions, entries = self.codec.decode(body)
+            left = {int(i) for i in left_positions}
+        except Exception:
+            left = None
+        if not left or not left <= set(range(len(batch.items))):
+            self.stats.reject("ack_malformed")
+            self._put_back(batch.queue, named)
+            return
+        handled = [i for i in range(len(batch.items)) if i not in left]
+        place = {position: at for at, position in enumerate(handled)}
+        failures = [Failure(place[f.position], f.dead_letter, f.error)
+                    for f in self._failures_of(entries, batch.queue, len(batch.items)) if f.position in place]
+        retry = self._settle(_with_items(batch, [batch.items[i] for i in handled]), failures, [])
+        self._put_back(batch.queue, [named[i] for i in sorted(left)] + retry)
+
     def _failures(self, body: bytes, queue: str, count: int) -> list[Failure]:
         """The failures a puller of ``queue`` named in the acknowledgement ``body`` of a
-        batch of ``count`` items. A dead-letter queue no pull could take (the queue
-        itself, a name past `MAX_NAME_BYTES` or beginning ``\\x00``: an older node's or a
-        stranger's; `pull` refuses them) is replaced by ``"<queue>.dead"``, counted
-        (``rejected["dead_letter_refused"]``)."""
+        batch of ``count`` items (`_failures_of`)."""
         if not body:
             return []
         try:
             entries = self.codec.decode(body)
+        except Exception:
+            self.stats.reject("ack_malformed")
+            return []
+        return self._failures_of(entries, queue, count)
+
+    def _failures_of(self, entries: Any, queue: str, count: int) -> list[Failure]:
+        """The failures ``entries`` (``[[index, dead_letter_queue or nil, error], ...]``, as
+        decoded) name, of a batch of ``count`` items of ``queue``; none if malformed
+        (counted, ``rejected["ack_malformed"]``). A dead-letter queue no pull could take
+        (the queue itself, a name past `MAX_NAME_BYTES` or beginning ``\\x00``: an older
+        node's or a stranger's; `pull` refuses them) is replaced by ``"<queue>.dead"``,
+        counted (``rejected["dead_letter_refused"]``)."""
+        try:
             failures = [Failure(int(i), dl if isinstance(dl, str) else None, str(err)) for i, dl, err in entries]
         except Exception:
             self.stats.reject("ack_malformed")
@@ -681,9 +727,7 @@ class ReliableSender:
             self._suspects.update(item.id for item in rest if type(item) is StoredMessage)
             if not own:
                 return rest
-            alone_behind = _Batch(batch.id, batch.queue, batch.puller, own, batch.sent_at, batch.sent_wall, batch.size,
-                                  batch.service, batch.probe)
-            return self._settle(alone_behind, [Failure(i, None, why) for i in range(len(own))], own) + rest
+            return self._settle(_with_items(batch, own), [Failure(i, None, why) for i in range(len(own))], own) + rest
         if not (batch.probe or (alone and len(batch.items) == 1)):
             self._suspects.update(item.id for item in batch.items if type(item) is StoredMessage)
             return self._named(batch)
@@ -759,7 +803,10 @@ class ReliableSender:
         """Put back what a departed puller had not acknowledged, marked as redelivered.
         ``failed``: it vanished (a crash, silence), so its messages failed as `_failed`
         says (one it held alone counts an attempt, the others become suspects); a puller
-        that said goodbye (a stop) failed none of them."""
+        that said goodbye (a stop) failed none of them, and its answers that came before
+        the goodbye are read first (those of the batches its stop cut short among them)."""
+        if not failed and puller in self.sockets:
+            self._on_acks(puller)
         lost = self._take_inflight(lambda b: b.puller == puller)
         for batch in reversed(lost):
             self._put_back(batch.queue, self._failed(batch, "the puller left", len(lost) == 1,

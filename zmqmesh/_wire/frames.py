@@ -39,6 +39,8 @@ __all__ = [
     "STATUS_ERROR",
     "STATUS_NO_SERVICE",
     "STATUS_BAD_REQUEST",
+    "STATUS_PARTLY_HANDLED",
+    "PARTIAL_ACK_PROTOCOL",
     "MAX_NAME_BYTES",
     "MAX_REQUEST_ID_BYTES",
     "MAX_BATCH_ITEMS",
@@ -115,6 +117,10 @@ STATUS_OK = b"\x00"
 STATUS_ERROR = b"\x01"
 STATUS_NO_SERVICE = b"\x02"
 STATUS_BAD_REQUEST = b"\x03"
+STATUS_PARTLY_HANDLED = b"\x04"
+"""A stopping puller's answer to an at-least-once batch it handled only part of: the body
+names the items it left unhandled (dealt again, no attempt counted) and the failures of
+those it handled (`PARTIAL_ACK_PROTOCOL`)."""
 
 STATS_SERVICE = "\x00stats"
 """The built-in service every node answers with its counters."""
@@ -130,18 +136,21 @@ HISTORY_SERVICE_BYTES = HISTORY_SERVICE.encode()
 CONTROL_MAGIC = b"\x00zmqmesh-control"
 """First frame of the WHISPERs zmqmesh nodes exchange among themselves (never sent to plain ZRE peers)."""
 
-PROTOCOL = 6
+PROTOCOL = 7
 """The wire protocol this package speaks: 2 adds headers, ids and durable items to 1;
 3 adds the one-frame form of requests and replies (`request_frames`); 4 adds batches of
 them, several requests or replies in one frame (`request_batch`); 5 adds a large pushed
 payload in a frame of its own (`RawPayload`); 6 adds the answer of a publisher that keeps
-topics to a replay marker (`MARKER_PREFIX`)."""
+topics to a replay marker (`MARKER_PREFIX`); 7 adds a stopping puller's answer to a batch
+it handled part of (`STATUS_PARTLY_HANDLED`)."""
 BATCH_PROTOCOL = 4
 """The protocol from which a provider reads batches of requests."""
 RAW_PUSH_PROTOCOL = 5
 """The protocol from which a puller reads a pushed payload in a frame of its own."""
 MARKER_PROTOCOL = 6
 """The protocol from which a publisher that keeps topics answers a replay marker (`MARKER_PREFIX`)."""
+PARTIAL_ACK_PROTOCOL = 7
+"""The protocol from which a pusher reads `STATUS_PARTLY_HANDLED` (a puller sends it to no other)."""
 MARKER_PREFIX = b"\xffmarker/"
 """The topic prefix of a replay marker: a subscriber catching up on a publisher's history
 subscribes, right after its prefix, to ``MARKER_PREFIX + <its node id> + "/" + <a number

@@ -43,6 +43,10 @@ _REPLY_FLUSH_S = 0.005
 """While a burst is handed to the handler pool, the replies of the handlers that returned
 go out at least this often (held, they are sent a batch per caller)."""
 _IDLE_LOOK_MS = 500  # (the inbox comes round this often with nothing to wake it: what waits, `has_waiting`)
+_RUNNING_GRACE_S = 0.25
+"""How long past a stop's deadline the inbox waits for the pool's handlers still running
+(within the half second the stop waits for it), so that their batches are answered:
+what they handled is acknowledged, and only what was left is dealt again."""
 
 
 class ThreadFetcher:
@@ -229,6 +233,9 @@ class ThreadInbox(Dispatcher):
             while self._pool_busy() and not self.abandoned():  # ... and what the pool's handlers still run
                 self._wait_for_pool(poller, waker)
                 self._drain_all(calls, self.sockets)  # (answering them, and taking what came meanwhile)
+            if self._pool is not None and self._pool_busy():  # the deadline passed: what has not begun is left
+                self._pool.shutdown(wait=False, cancel_futures=True)  # (counted here, as left: `_submit`)
+                self._let_running_return(poller, waker)
         except Exception:
             log.exception("inbox thread failed")
         finally:
@@ -257,6 +264,15 @@ class ThreadInbox(Dispatcher):
         assert self._deadline is not None
         remaining = self._deadline - time.monotonic()
         if remaining > 0:
+            for fd, _event in poller.poll(min(remaining, POLL_SLICE_S) * 1000):
+                if fd == waker:
+                    self._waker.clear()
+
+    def _let_running_return(self, poller: select.poll, waker: int) -> None:
+        """Wait up to `_RUNNING_GRACE_S` for the pool's handlers still running past the
+        stop's deadline (they are answered as the thread ends)."""
+        until = time.monotonic() + _RUNNING_GRACE_S
+        while self._pool_busy() and (remaining := until - time.monotonic()) > 0:
             for fd, _event in poller.poll(min(remaining, POLL_SLICE_S) * 1000):
                 if fd == waker:
                     self._waker.clear()

@@ -715,6 +715,8 @@ class Dispatcher:
         """Count a call abandoned at a stop's deadline, or cut short by it (owner thread,
         or once the owner is done)."""
         self.left_at_stop.count(call.pattern, call.route, 1)
+        if type(call.route) is BatchAck:  # (its pusher is told which items were left: `AckedIntake.answer_left`)
+            self.acked.leave(call.route, (call.index,))
 
     def report_left_at_stop(self, name: str) -> None:
         """Log what the stop left unhandled (counted as dropped where it happened); what a
@@ -753,11 +755,13 @@ class Dispatcher:
 
     def close_sockets(self) -> None:
         """Close the three sockets (owner thread only); the replies not yet gone get
-        `_REPLY_LINGER_MS` to go. A stopping node first counts the messages left unread in
+        `_REPLY_LINGER_MS` to go. A stopping node first answers the at-least-once batches
+        its stop cut short (`AckedIntake.answer_left`), and counts the messages left unread in
         the PULL and SUB sockets as dropped (a request left in the router is not read: its
         caller hears that its provider left); if the stop already reported, what was left
         since (a handler that outlived it) is reported now."""
         if self.stopping:
+            self.acked.answer_left()
             try:
                 self.left_at_stop.count_unread(self.pull, self.sub, self.codec,
                                                self.subscriptions.durable_only)
