@@ -196,6 +196,34 @@ def test_a_puller_stopped_cleanly_again_and_again_fails_none_of_its_messages(tmp
     assert handled == set(range(600))
 
 
+def test_a_lone_puller_whose_handler_outlasts_the_ack_timeout_is_not_dealt_its_message_behind_itself(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """One puller, handlers run in place, 1 s a message against ack_timeout_s=0.2,
+    max_deliveries=3. While its handler is still on a message that timed out, the message
+    is not dealt to it again (it would wait behind its own delivery and time out there in
+    turn): the handler runs 3 times, each delivery counted once, and the dead letter says
+    x-attempts 4, max_deliveries + 1 as for any message whose deliveries all timed out.
+    (Before: the copies dealt behind its own delivery timed out too and counted:
+    x-attempts 7, 'no acknowledgement after 6 deliveries', the handler run 3 times.)"""
+    attempts_seen: list[int] = []
+    dead: list[zmqmesh.Message] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        puller = zmqmesh.Node("puller", **mesh)
+
+        @puller.pull("jobs", at_least_once=True, ack_timeout_s=0.2, max_deliveries=3)
+        def slow(msg: zmqmesh.Message) -> None:
+            attempts_seen.append(msg.attempts)
+            time.sleep(1.0)
+
+        puller.pull("jobs.dead", dead.append, at_least_once=True)
+        with puller:
+            pusher.wait_for_pullers("jobs", 1, timeout=10)
+            pusher.push("jobs", "slow", durable=True)
+            wait_until(lambda: dead, 30, "the dead letter")
+    assert attempts_seen == [0, 1, 2]
+    assert dead[0].headers["x-attempts"] == "4", dead[0].headers
+
+
 @pytest.mark.parametrize("kind", ["def", "async def", "def, 4 at once"])
 def test_a_puller_stopped_mid_batch_acknowledges_what_it_handled_and_only_the_rest_goes_elsewhere(
         tmp_path: Path, mesh: dict[str, Any], kind: str) -> None:

@@ -326,6 +326,11 @@ class ReliableSender:
         # `WEDGED_S` at most (until when: then one batch again, in case those it did not
         # answer were lost, not being handled)
         self._wedged: dict[tuple[str, str], float] = {}
+        # lines with batches that timed out unanswered (`_ghosts`): until when the messages
+        # of those batches are dealt to any puller but that line's (`_take_own`), which may
+        # still be handling them (dealt to it, they waited behind its own delivery, timed
+        # out there in turn and each counted an attempt)
+        self._withheld: dict[tuple[str, str], float] = {}
 
     def pending(self, pulled: Callable[[str], object]) -> int:
         """Messages sent but not yet acknowledged, plus those waiting to be resent: of these,
@@ -420,13 +425,16 @@ class ReliableSender:
                 parts: list[bytes] = []
                 wrap = self._wrap if directory.speaks(puller, 2) else _wrap_two_fields
                 limit = narrow.get(puller) if narrow else None
+                own = self._take_own((puller, queue), dealt_again) if self._withheld else []
                 size = fill_batch(dealt_again, items, parts, n, 0, True, wrap, limit)  # first what is dealt again
                 if not dealt_again or limit is None or payload_size(dealt_again[0]) <= limit:  # (in order)
                     size = fill_batch(q, items, parts, n, size, False, wrap, limit)
+                if own:
+                    dealt_again.extendleft(reversed(own))
                 if not items:
-                    if limit is None:
+                    if limit is None and not own:
                         break
-                    continue  # (the next is too large for this puller: another takes it)
+                    continue  # (the next is too large for this puller, or its own: another takes it)
                 if wrap is _wrap_two_fields:
                     stripped = sum(1 for i in items if type(i) in (Headed, StoredMessage) and i.headers)
                     if stripped:
@@ -645,6 +653,8 @@ class ReliableSender:
             behind = self._behind(line)
             again = self._failed(batch, "ack timeout", held[batch.puller] == 1, behind)
             self._unanswered(line, batch)
+            self._withheld[line] = now + WEDGED_S
+            self.loop.call_later(WEDGED_S, self.wake)  # (then dealt to it again: nothing else may flush)
             if behind is not None:  # stuck on a batch before: what else the line holds waits behind it too
                 self._wedged[line] = now + WEDGED_S
                 self.loop.call_later(WEDGED_S, self.wake)  # (then dealt again: nothing else may flush)
@@ -658,6 +668,27 @@ class ReliableSender:
             self._put_back(batch.queue, again)
         if expired:
             self.wake()
+
+    def _take_own(self, line: tuple[str, str], again: deque[Any]) -> list[Any]:
+        """Take out of ``again``, in order, the durable messages of the batches of ``line``
+        that timed out and that its puller has not answered (`_ghosts`), for up to
+        `WEDGED_S` after the last of them timed out: its handler may still be on them, so
+        they go to other pullers; dealt to it, they would wait behind its own delivery.
+        The caller puts them back after that puller's turn."""
+        until = self._withheld.get(line)
+        if until is None or not again:
+            return []
+        ghosts = self._ghosts.get(line)
+        if not ghosts or time.monotonic() >= until:
+            del self._withheld[line]  # (answered, or past the bound: dealt to it again, in case its answer was lost)
+            return []
+        own = frozenset().union(*ghosts.values())
+        taken = [item for item in again if type(item) is StoredMessage and item.id in own]
+        if taken:
+            kept = [item for item in again if not (type(item) is StoredMessage and item.id in own)]
+            again.clear()
+            again.extend(kept)
+        return taken
 
     def _is_wedged(self, line: tuple[str, str]) -> bool:
         """Whether the puller of ``line`` is taken for stuck on its queue now (`_wedged`)."""
@@ -704,6 +735,7 @@ class ReliableSender:
             if ghosts.pop(batch_id, None) is not None:
                 if not ghosts:
                     del self._ghosts[line]
+                    self._withheld.pop(line, None)
                 self._quiet.discard(line)
                 self._wedged.pop(line, None)
                 return True
@@ -818,6 +850,7 @@ class ReliableSender:
             del self._ghosts[line]
         self._quiet = {line for line in self._quiet if line[0] != puller}
         self._wedged = {line: until for line, until in self._wedged.items() if line[0] != puller}
+        self._withheld = {line: until for line, until in self._withheld.items() if line[0] != puller}
         if lost:
             log.warning("puller %s left with %d unacknowledged message(s): redelivering",
                         puller[:8], sum(len(b.items) for b in lost))
