@@ -645,7 +645,8 @@ def test_a_dead_letter_queue_that_is_the_queue_itself_is_refused(tmp_path: Path,
     to the end of the queue it failed in, with its attempts reset, and was dealt again
     without end (measured: a poison message with max_deliveries=1 ran 4,004 times in 2 s,
     dead_lettered 4,003, a store write and a warning each). `zmqmesh store dead-letters`
-    refuses such a move already."""
+    refuses such a move already. A dead-letter queue named as a built-in (beginning
+    ``\\x00``) was taken too, where every pusher sends such dead letters to "jobs.dead"."""
     runs: list[int] = []
 
     def poison(msg: zmqmesh.Message) -> None:
@@ -655,6 +656,9 @@ def test_a_dead_letter_queue_that_is_the_queue_itself_is_refused(tmp_path: Path,
     puller = zmqmesh.Node("puller", **mesh)
     with pytest.raises(zmqmesh.ConfigError, match="dead_letter"):
         puller.pull("jobs", poison, at_least_once=True, max_deliveries=1, dead_letter="jobs")
+    # nor a built-in's name, which pull took though its pushers send such dead letters to "jobs.dead"
+    with pytest.raises(ValueError, match="reserved"):
+        puller.pull("jobs", poison, at_least_once=True, max_deliveries=1, dead_letter="\x00stats")
     puller.pull("jobs", poison, at_least_once=True, max_deliveries=1, dead_letter="jobs.poison")
     with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
         pusher.wait_for_pullers("jobs")

@@ -35,12 +35,14 @@ from .._wire.frames import (
     HISTORY_SERVICE_BYTES,
     LARGE_FRAME,
     MAX_NAME_BYTES,
+    RESERVED_NAME_PREFIX,
     STATS_SERVICE,
     STATS_SERVICE_BYTES,
     Headed,
     RawPayload,
     check_headers,
     dead_letter_queue,
+    pullable,
     wire_size,
 )
 from ..config import LONGEST_WAIT_S, NodeConfig
@@ -215,7 +217,7 @@ def _check_not_reserved(kind: str, name: str) -> None:
     """Raises `ValueError` for a name of the built-in services (they begin with ``\\x00``):
     a handler registered under one would never be called, and its callers would be
     refused by the built-in."""
-    if name.startswith("\x00"):
+    if name.startswith(RESERVED_NAME_PREFIX):
         raise ValueError(f"a {kind} name may not begin with \\x00 (reserved for built-in services): {name!r}")
 
 
@@ -500,7 +502,9 @@ class NodeBase:
         Raises `ValueError` if this node already pulls ``queue`` with another handler,
         `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store, a
         ``dead_letter`` that is ``queue`` itself, or none for a ``queue`` whose ``".dead"``
-        name would pass the bound of a name), `NodeClosedError` once the node was stopped.
+        name would pass the bound of a name), `ValueError` for a name no pull could take
+        (``queue`` or ``dead_letter`` past 200 bytes of UTF-8, or beginning ``\\x00``),
+        `NodeClosedError` once the node was stopped.
         """
         check_name("queue", queue)
         _check_not_reserved("queue", queue)
@@ -517,10 +521,11 @@ class NodeBase:
             raise ConfigError(f"max_deliveries must be a whole number >= 1, got {max_deliveries!r}")
         if dead_letter is not None:
             check_name("queue", dead_letter)
+            _check_not_reserved("dead-letter queue", dead_letter)  # (a pusher would take "<queue>.dead" instead)
             if dead_letter == queue:  # (a message given up on would go back to the end of its queue, for ever)
                 raise ConfigError(f"dead_letter must name another queue than {queue!r}: a message given up on "
                                   "would be moved to the end of the queue it failed in, and dealt again without end")
-        elif at_least_once and len(dead_letter_queue(queue).encode()) > MAX_NAME_BYTES:
+        elif at_least_once and not pullable(dead_letter_queue(queue)):
             raise ConfigError(f"the dead letters of a queue of {len(queue.encode())} bytes would go to "
                               f"'<queue>.dead', past the {MAX_NAME_BYTES} bytes of a queue's name, which no "
                               "puller could pull: give dead_letter=")

@@ -47,7 +47,6 @@ from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,
     MAX_BATCH_ITEMS,
-    MAX_NAME_BYTES,
     STATUS_ERROR,
     STATUS_OK,
     STATUS_PARTLY_HANDLED,
@@ -56,6 +55,7 @@ from .._wire.frames import (
     dead_letter_queue,
     keep_service,
     parse_reply,
+    pullable,
     queue_service,
     wrap_item,
 )
@@ -99,10 +99,9 @@ class Failure(NamedTuple):
 
 def _may_dead_letter_to(dead_letter: str, queue: str) -> bool:
     """Whether the messages of ``queue`` given up on may move to ``dead_letter``: a queue a
-    pull can take (`MAX_NAME_BYTES` of UTF-8 at most, not a built-in's name), not ``queue``
-    itself (a message moved there would be dealt again without end)."""
-    return dead_letter != queue and not dead_letter.startswith("\x00") and \
-        len(dead_letter.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+    pull can take (`pullable`: the rule `pull` applies), not ``queue`` itself (a message
+    moved there would be dealt again without end)."""
+    return dead_letter != queue and pullable(dead_letter)
 
 
 _NOT_HELD: tuple[frozenset[int], int] = (frozenset(), 0)

@@ -42,6 +42,8 @@ __all__ = [
     "STATUS_PARTLY_HANDLED",
     "PARTIAL_ACK_PROTOCOL",
     "MAX_NAME_BYTES",
+    "RESERVED_NAME_PREFIX",
+    "pullable",
     "MAX_REQUEST_ID_BYTES",
     "MAX_BATCH_ITEMS",
     "BATCH_BYTES",
@@ -206,6 +208,22 @@ OFFER_PREFIXES = {
 """A node announces what it offers by joining the ZRE group ``prefix + name``."""
 
 _REQUESTER_SUFFIX = 4
+
+
+RESERVED_NAME_PREFIX = "\x00"
+"""How the built-ins' names begin (`STATS_SERVICE`, the at-least-once queues' services):
+no user's topic, queue or service may begin so."""
+
+
+def pullable(queue: str) -> bool:
+    """Whether ``queue`` is a name `pull` takes for a queue: text UTF-8 can encode, of 1
+    to `MAX_NAME_BYTES` bytes, not beginning `RESERVED_NAME_PREFIX`."""
+    if not queue or queue.startswith(RESERVED_NAME_PREFIX):
+        return False
+    try:
+        return len(queue.encode()) <= MAX_NAME_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 def dead_letter_queue(queue: str, named: str | None = None) -> str:
