@@ -5,11 +5,13 @@ counted; the provider and the caller's way to it keep working."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from typing import Any
 
 import pytest
+from helpers import rejected
 
 import zmqmesh
 
@@ -102,6 +104,44 @@ def test_a_reply_past_the_callers_limit_does_not_cut_it_off_from_the_provider(me
             time.sleep(0.3)
             assert call(5) == 5, f"{name}: the provider is still reachable"
         assert caller.stats()["rejected"].get("request_link_dropped", 0) >= 3
+
+
+@pytest.mark.timeout(90)
+def test_a_connection_clogged_with_requests_a_stopped_provider_never_read_is_said_to_be_so(
+        spawn: Any, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Requests given up on (timed out) that a provider stopped by SIGSTOP never read fill
+    their connection; the next request, refused by it, goes on a new one, counted and
+    logged as a provider that stopped reading, from `submit` and from `request` alike.
+    (They were counted as ``request_link_dropped`` and logged as a connection dropped, "a
+    reply larger than max_message_bytes", or stuck.)"""
+    patient = {"peer_timeout_s": 60.0, "heartbeat_interval_s": 20.0}  # (stopped, it is still there)
+    provider = spawn("stopped", service=["echo"], options=patient)
+    big = b"z" * (1 << 20)  # (a few of them fill the loopback connection's buffers)
+    with zmqmesh.Node("caller", **{**mesh, **patient}, send_hwm=4) as caller:
+        caller.wait_for_service("echo", timeout=10)
+        assert caller.request("echo", 1, timeout=5) == {"echo": 1, "by": "stopped"}
+        provider.signal(signal.SIGSTOP)
+        try:
+            for future in [caller.submit("echo", big, timeout=1) for _ in range(40)]:
+                with pytest.raises(zmqmesh.MeshTimeoutError):
+                    future.result(15)
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                caller.submit("echo", 2, timeout=0.5).result(15)  # (on a new connection, to the stopped provider)
+            assert rejected(caller, "request_link_stalled") == 1
+            for _ in range(60):  # blocking requests, one at a time, until the socket refuses one
+                with pytest.raises(zmqmesh.MeshTimeoutError):
+                    caller.request("echo", big, timeout=0.2)
+                if rejected(caller, "request_link_stalled") == 2:
+                    break
+            assert rejected(caller, "request_link_stalled") == 2
+        finally:
+            provider.signal(signal.SIGCONT)
+        assert rejected(caller, "request_link_dropped") == 0, "no connection was dropped"
+        assert caller.submit("echo", 3, timeout=10).result(15) == {"echo": 3, "by": "stopped"}
+        assert caller.request("echo", 4, timeout=10) == {"echo": 4, "by": "stopped"}
+    said = [r.getMessage() for r in caplog.records if "stopped reading" in r.getMessage()]
+    assert len(said) == 2, said
+    assert not any("max_message_bytes" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.usefixtures("limits_unannounced")

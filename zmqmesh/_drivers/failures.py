@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .._engine.engine import Engine
     from .._stats import RequestTally
 
-__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "report_link_dropped", "send_failure",
+__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "report_link_replaced", "send_failure",
            "take_back_sent"]
 
 log = logging.getLogger("zmqmesh.node")
@@ -36,11 +36,26 @@ def closed_or_failed(engine: Engine, exc: zmq.ZMQError) -> ZmqMeshError:
     return ZmqMeshError(f"ZeroMQ failed: {exc}")
 
 
-def report_link_dropped(engine: Engine, provider_id: str) -> None:
-    """Count and log a request socket taken for one whose connection was dropped."""
+def report_link_replaced(engine: Engine, provider_id: str, unanswered: int) -> None:
+    """Count and log a request socket replaced because it refused a request (``zmq.Again``)
+    though too few requests waited on it to fill it, by what filled it instead. Its
+    ``unanswered`` requests (sent on it, no reply since: given up on, timed out or abandoned
+    by their callers, or still waited for), as many as ``send_hwm`` or more, clog it: the
+    provider stopped reading (``request_link_stalled``). Fewer could not fill it: ZeroMQ
+    dropped its connection (``request_link_dropped``: it ends one that carried a frame past
+    ``MAXMSGSIZE``, a reply larger than this node's ``max_message_bytes``, and never
+    connects it again)."""
+    if unanswered >= engine.config.send_hwm:
+        engine.stats.reject("request_link_stalled")
+        log.warning("the connection to provider %s is full of %d requests it never answered, given up on (timed "
+                    "out or abandoned) or still waited for: it stopped reading them (a process stopped, frozen or "
+                    "overloaded); they are thrown away with the connection, and a new one is made",
+                    provider_id[:8], unanswered)
+        return
     engine.stats.reject("request_link_dropped")
-    log.warning("the connection to provider %s refuses requests with few waiting: dropped (a reply larger "
-                "than max_message_bytes ends a connection) or stuck; reconnecting", provider_id[:8])
+    log.warning("the connection to provider %s refuses requests though %d unanswered could not fill it: ZeroMQ "
+                "dropped it (a reply larger than max_message_bytes ends a connection for good); reconnecting",
+                provider_id[:8], unanswered)
 
 
 def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: str | None = None) -> ZmqMeshError:

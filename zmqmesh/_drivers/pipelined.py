@@ -44,7 +44,7 @@ from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
 from .failures import (
     CLOSED,
     closed_or_failed,
-    report_link_dropped,
+    report_link_replaced,
     send_failure,
     take_back_sent,
 )
@@ -64,15 +64,20 @@ _BUSY_POLL_S = 0.1  # with requests in flight: how often providers that left are
 _WAIT_THREADS = 4
 
 
-def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine) -> bool:
-    """Whether a DEALER that refused a request (``zmq.Again``) lost its connection for
-    good rather than filled up: fewer requests than ``send_hwm`` wait on it. (ZeroMQ ends
-    a connection that carried a frame past ``MAXMSGSIZE``, a reply larger than this
-    node's ``max_message_bytes``, and never reconnects it: the socket then refuses every
-    send.) Counted and logged."""
-    if outstanding.waiting_on(provider_id) > engine.config.send_hwm:
+def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine, refused: int = 1) -> bool:
+    """Whether a DEALER that refused a frame of ``refused`` requests (``zmq.Again``) is to
+    be replaced rather than waited for: it did not fill up with requests still waited for
+    (fewer than ``send_hwm`` wait on it), but with requests given up on that its provider
+    never read (it stopped reading), or ZeroMQ dropped its connection for good (it ends
+    one that carried a frame past ``MAXMSGSIZE``, a reply larger than this node's
+    ``max_message_bytes``, and never connects it again: the socket then refuses every
+    send). Counted and logged by cause (`report_link_replaced`); what was given up on goes
+    with the old socket."""
+    waiting = outstanding.waiting_on(provider_id) - refused
+    if waiting >= engine.config.send_hwm:
         return False
-    report_link_dropped(engine, provider_id)
+    report_link_replaced(engine, provider_id, outstanding.given_up_on(provider_id) + waiting)
+    outstanding.renewed(provider_id)
     return True
 
 
@@ -135,7 +140,7 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                 try:
                     send_frames(sock, [batch.frame()])
                 except zmq.Again:
-                    if renew is None or not link_dropped(outstanding, batch.key, engine):
+                    if renew is None or not link_dropped(outstanding, batch.key, engine, len(batch.items)):
                         raise
                     send_frames(renew(batch.key), [batch.frame()])
                 sent += len(batch.items)

@@ -43,6 +43,7 @@ class Outstanding(Generic[Waiter]):
         self._heap: list[tuple[float, bytes]] = []  # the others
         self._ids = itertools.count(1)
         self._per_provider: dict[str, int] = {}  # provider id: requests waiting (none: absent)
+        self._given_up: dict[str, int] = {}  # provider id: requests given up on, unanswered (see `given_up_on`)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -58,6 +59,22 @@ class Outstanding(Generic[Waiter]):
     def waiting_on(self, provider_id: str) -> int:
         """How many requests to ``provider_id`` wait for their reply."""
         return self._per_provider.get(provider_id, 0)
+
+    def given_up_on(self, provider_id: str) -> int:
+        """How many requests to ``provider_id`` were given up on (timed out, or forgotten:
+        their callers stopped waiting) without a reply coming since (a late one takes one
+        off), since its connection was made (`renewed`): at most that many may still wait,
+        unread by the provider, in the connection (a few gathered and never sent count too)."""
+        return self._given_up.get(provider_id, 0)
+
+    def renewed(self, provider_id: str) -> None:
+        """``provider_id``'s connection was replaced: what was given up on went with the old one."""
+        self._given_up.pop(provider_id, None)
+
+    def _gave_up(self, provider_id: str, count: int) -> None:
+        """``count`` requests to ``provider_id`` no longer wait, given up on."""
+        self._answered(provider_id, count)
+        self._given_up[provider_id] = self._given_up.get(provider_id, 0) + count
 
     def busy(self, provider_id: str) -> bool:
         """Whether a request to ``provider_id`` waits for its reply."""
@@ -125,7 +142,17 @@ class Outstanding(Generic[Waiter]):
             self._answered(provider_id, len(found))
             if len(self._queued) + len(self._heap) > 2 * len(pending) + _SLACK:  # (`_tidy`'s test, per frame)
                 self._tidy()
-        return found, len(replies) - len(found)
+        late = len(replies) - len(found)
+        if late and provider_id in self._given_up:  # (the provider read those: they no longer clog its connection)
+            self._replied_late(provider_id, late)
+        return found, late
+
+    def _replied_late(self, provider_id: str, count: int) -> None:
+        left = self._given_up[provider_id] - count
+        if left > 0:
+            self._given_up[provider_id] = left
+        else:
+            del self._given_up[provider_id]
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of a request still waiting; None when none waits."""
@@ -151,7 +178,7 @@ class Outstanding(Generic[Waiter]):
             entry = pending.pop(request_id, None)
             if entry is not None:
                 overdue.append((entry[0], entry[2]))
-                self._answered(entry[1], 1)
+                self._gave_up(entry[1], 1)
         return overdue
 
     def forget_where(self, given_up: Callable[[Waiter], bool]) -> int:
@@ -159,7 +186,7 @@ class Outstanding(Generic[Waiter]):
         up); how many. One pass for any number of them."""
         gone = [rid for rid, entry in self._pending.items() if given_up(entry[0])]
         for request_id in gone:
-            self._answered(self._pending.pop(request_id)[1], 1)
+            self._gave_up(self._pending.pop(request_id)[1], 1)
         if gone:
             self._tidy()
         return len(gone)
@@ -168,6 +195,7 @@ class Outstanding(Generic[Waiter]):
         """Take the requests that ``provider_id`` was to answer: ``(waiter, service)`` each."""
         gone = [rid for rid, entry in self._pending.items() if entry[1] == provider_id]
         self._per_provider.pop(provider_id, None)
+        self._given_up.pop(provider_id, None)
         taken = [(entry[0], entry[2]) for entry in (self._pending.pop(rid) for rid in gone)]
         if taken:
             self._tidy()
@@ -180,4 +208,5 @@ class Outstanding(Generic[Waiter]):
         self._queued.clear()
         self._heap.clear()
         self._per_provider.clear()
+        self._given_up.clear()
         return waiters

@@ -22,7 +22,7 @@ from ..._wire import frames as wire
 from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
 from ..failures import (
     SUBMIT_THREAD_REFUSAL,
-    report_link_dropped,
+    report_link_replaced,
     send_failure,
     take_back_sent,
 )
@@ -55,6 +55,7 @@ class ThreadRequester:
         self._ids = itertools.count(1)
         self._membership_epoch = -1
         self._slices: dict[str, int] = {}  # provider id: the RCVTIMEO its socket has (see `_wait`)
+        self._given_up: dict[str, int] = {}  # provider id: requests on its socket given up on, unanswered since
         self._pipelined: Pipelined | None = None
         self.tally = RequestTally()
         """What this thread's calls count: added to the stats every `TALLY_FOLD_AT` requests
@@ -99,11 +100,11 @@ class ThreadRequester:
                     try:
                         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
                     except zmq.Again:
-                        # one request of this thread in flight at most: a DEALER that refuses one lost
-                        # its connection for good (see `link_dropped`), and a new one takes it
-                        report_link_dropped(engine, provider.id)
-                        self._slices.pop(provider.id, None)
-                        self.sockets.pop(provider.id).close(0)
+                        # one request of this thread in flight at most: a DEALER that refuses one is
+                        # clogged with requests given up on or lost its connection for good (see
+                        # `link_dropped`), and a new one takes it
+                        report_link_replaced(engine, provider.id, self._given_up.get(provider.id, 0))
+                        self._forget_socket(provider.id)
                         sock = self._connect(provider)
                         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
                 except BaseException as exc:  # it did not go (nor will it): not sent, under its name either
@@ -114,6 +115,9 @@ class ThreadRequester:
                 engine.stats.count_sent(self.tally, 1)
                 try:
                     return self._wait(sock, request_id, provider, step.service, step.deadline)
+                except MeshTimeoutError:  # (counted by `_wait`, which decided it)
+                    self._gave_up(provider.id)
+                    raise
                 except ZmqMeshError:  # (counted by `_wait`, which decided it)
                     raise
                 except zmq.ZMQError:  # (`BlockingRunner` says what it means: the node stopped, or ZeroMQ failed)
@@ -121,6 +125,7 @@ class ThreadRequester:
                     raise
                 except BaseException:  # interrupted (a signal's KeyboardInterrupt): its caller no longer waits
                     engine.stats.add("request", "abandoned")
+                    self._gave_up(provider.id)
                     raise
         finally:
             self.after_call()
@@ -173,12 +178,32 @@ class ThreadRequester:
             reply = wire.parse_reply(frames)
             if reply is None or reply[0] != request_id:
                 engine.stats.add("request", "dropped")  # a late reply
+                self._replied_late(provider.id)
                 continue
             counts = self.tally.counts
             counts["received"] = counts.get("received", 0) + 1
             return reply[1], reply[2]
 
+    def _gave_up(self, provider_id: str) -> None:
+        """A request on ``provider_id``'s socket was given up on: it may stay there, unread."""
+        self._given_up[provider_id] = self._given_up.get(provider_id, 0) + 1
+
+    def _replied_late(self, provider_id: str) -> None:
+        """A late reply came: the provider read one of those given up on."""
+        left = self._given_up.get(provider_id, 0) - 1
+        if left > 0:
+            self._given_up[provider_id] = left
+        else:
+            self._given_up.pop(provider_id, None)
+
+    def _forget_socket(self, provider_id: str) -> None:
+        """Close ``provider_id``'s socket, and forget what went with it."""
+        self._slices.pop(provider_id, None)
+        self._given_up.pop(provider_id, None)
+        self.sockets.pop(provider_id).close(0)
+
     def _connect(self, provider: Provider) -> zmq.Socket[Any]:
+        self._given_up.pop(provider.id, None)
         sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
         return sock
 
@@ -188,8 +213,7 @@ class ThreadRequester:
         self._membership_epoch = directory.epoch
         alive = directory.alive_ids
         for pid in [p for p in self.sockets if p not in alive]:
-            self._slices.pop(pid, None)
-            self.sockets.pop(pid).close(0)
+            self._forget_socket(pid)
         if self._pipelined is not None:
             self._pipelined.prune()
 
@@ -202,6 +226,7 @@ class ThreadRequester:
         try:
             self.closed = True
             self._slices.clear()
+            self._given_up.clear()
             if self._pipelined is not None:
                 self._pipelined.close()
             for sock in self.sockets.values():
