@@ -366,7 +366,9 @@ class Node(NodeBase):
         provider (no thread per request); each is sent as soon as there is room, and round
         robin spreads them over the providers (from a sequence of items, those that go to
         one provider together travel in batches). Each request waits up to ``timeout``
-        (default ``request_timeout_s``) from when it is sent. Raises what `request` raises,
+        (default ``request_timeout_s``) from when it is sent; a window past what the socket
+        to a provider holds (``send_hwm`` frames it has not read) waits for room, each
+        request within its timeout (back-pressure). Raises what `request` raises,
         for the first item (in order) that failed: once one failed no more are sent, and
         the items before it are waited for; the requests still in flight are then
         forgotten (their late replies are dropped and counted). An item that cannot be

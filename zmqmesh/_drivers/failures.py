@@ -59,11 +59,13 @@ def report_link_replaced(engine: Engine, provider_id: str, unanswered: int) -> N
 
 
 def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: str | None = None) -> ZmqMeshError:
-    """What a failed send of a request means: the provider takes no more
-    (`MeshTimeoutError`), or the socket failed (`closed_or_failed`)."""
+    """What a failed send of a request means: the provider takes no more, its socket's
+    ``send_hwm`` frames queued (`MeshTimeoutError`), or the socket failed
+    (`closed_or_failed`)."""
     if isinstance(exc, zmq.Again):
         of = f" of {service!r}" if service is not None else ""
-        return MeshTimeoutError(f"provider {provider_id[:8]}{of} is not accepting requests")
+        return MeshTimeoutError(f"provider {provider_id[:8]}{of} is not accepting requests: its connection "
+                                f"holds send_hwm frames it has not read")
     return closed_or_failed(engine, exc)
 
 
