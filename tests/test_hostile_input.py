@@ -766,3 +766,32 @@ def test_a_dead_letter_queue_no_pull_could_take_named_by_a_puller_is_replaced_by
             for sock in (dealer, inbox):
                 sock.close(0)
     service.close(0)
+
+
+def test_dead_letter_queues_refused_on_every_acknowledgement_are_logged_at_most_every_10_s(
+        tmp_path: Any, mesh: dict[str, Any], ctx: zmq.Context, caplog: pytest.LogCaptureFixture) -> None:
+    """A stranger that names a dead-letter queue no pull could take in each of its
+    acknowledgements has each replaced and counted, but logged in one line every 10 s at
+    most, with how many since the last (it was a line per acknowledgement: 20 for 20)."""
+    service = ctx.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        try:
+            _stranger_hello(dealer, endpoint, mesh, groups=["zmqmesh/ackqueue/q"],
+                            headers={"X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
+            node.wait_for_pullers("q", 1, timeout=5)
+            for n in range(20):
+                node.push("q", {"n": n}, durable=True)
+                assert service.poll(10_000), "the batch"
+                routing, _name, batch_id, body = service.recv_multipart()
+                failures = [[i, "q", "ValueError: poison"] for i in range(len(msgpack.unpackb(body)))]
+                service.send_multipart([routing, batch_id, STATUS_OK, msgpack.packb(failures)])
+                wait_until(lambda n=n: node.stats()["pipeline"].get("dead_lettered", 0) >= n + 1, 10, "the dead letter")
+            assert rejected(node, "dead_letter_refused") == 20
+        finally:
+            for sock in (dealer, inbox):
+                sock.close(0)
+    service.close(0)
+    said = [r.getMessage() for r in caplog.records if "dead-letter queue" in r.getMessage()]
+    assert len(said) == 1, said

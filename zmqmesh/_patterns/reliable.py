@@ -41,7 +41,7 @@ import zmq
 from .._io.reactor import EventLoop
 from .._io.sockets import close_watched, has_input, new_socket, send_frames
 from .._mesh.directory import Directory
-from .._stats import Stats
+from .._stats import LogThrottle, Stats
 from .._store.messages import StoredMessage, wire_of
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
@@ -71,6 +71,9 @@ _FAILED_REST_S = 0.05
 none of the queue; one that refused it (``0x02``: it no longer pulls or keeps it) rests
 `Directory.skip_provider`'s 2 s. A stopping pusher has about a second (``linger_s``) to
 hand its messages over, and a store may fail once."""
+_REFUSED_LOG_S = 10.0
+"""Dead-letter queues refused in acknowledgements (`ReliableSender._failures_of`) are
+logged at most this often: a stranger may name one in every acknowledgement."""
 WINDOW_BYTES = 16 << 20
 """The bytes a puller has in flight at most, besides ``ack_window``'s messages (a batch
 past it still goes to a puller with nothing in flight)."""
@@ -279,6 +282,7 @@ class ReliableSender:
         self.loop = loop
         self.stats = stats
         self._sent_names = stats.names("pipeline", "sent")  # (written on the loop only)
+        self._refused_log = LogThrottle(_REFUSED_LOG_S)  # (`_failures_of`)
         self.uuid = uuid
         # a requester's routing id, fresh for each connection to a puller (from the node's random
         # serial: unguessable). Not one for all: a puller taken for gone (silent past the peer
@@ -595,7 +599,7 @@ class ReliableSender:
         (counted, ``rejected["ack_malformed"]``). A dead-letter queue no pull could take
         (the queue itself, a name past `MAX_NAME_BYTES` or beginning ``\\x00``: an older
         node's or a stranger's; `pull` refuses them) is replaced by ``"<queue>.dead"``,
-        counted (``rejected["dead_letter_refused"]``)."""
+        counted (``rejected["dead_letter_refused"]``) and logged at most every `_REFUSED_LOG_S`."""
         try:
             failures = [Failure(int(i), dl if isinstance(dl, str) else None, str(err)) for i, dl, err in entries]
         except Exception:
@@ -607,8 +611,12 @@ class ReliableSender:
                    if f.dead_letter and f.dead_letter != default and not _may_dead_letter_to(f.dead_letter, queue)}
         if refused:
             self.stats.reject("dead_letter_refused", len(refused))
-            log.warning("a puller of %r named %d dead-letter queue(s) no pull could take (the queue itself, or no "
-                        "queue's name): those dead letters go to %r", queue, len(refused), default)
+            said = self._refused_log.due(len(refused))
+            if said:
+                log.warning("pullers named %d dead-letter queue(s) no pull could take (the queue itself, or no "
+                            "queue's name) since the last such line, the last a puller of %r: those dead letters go "
+                            "to '<queue>.dead', here %r (counted in rejected.dead_letter_refused; said again at most "
+                            "every %g s)", said, queue, default, _REFUSED_LOG_S)
             failures = [Failure(f.position, default, f.error) if f.position in refused else f for f in failures]
         return failures
 
