@@ -665,3 +665,26 @@ def test_requests_past_send_hwm_wait_for_room_instead_of_failing(mesh: dict[str,
         counts = client.stats()["request"]
         assert counts["errors"] == counts["abandoned"] == 0, counts
         assert not [r for r in client.stats()["rejected"] if r.startswith("request_link")]
+
+
+def test_async_request_many_past_send_hwm_waits_for_room_instead_of_failing(mesh: dict[str, Any]) -> None:
+    """`AsyncNode.request_many`'s twin of the above: what the socket refuses waits on the
+    loop for room, in order, each request within its timeout. (With ``send_hwm=100`` and
+    ``window=3000``, from an iterator or with items of 70 KB, it failed in 0.12-0.18 s with
+    MeshTimeoutError "not accepting requests", and a socket with 99 requests waiting on it
+    was replaced, as if its connection had been dropped.)"""
+    async def main() -> None:
+        async with zmqmesh.AsyncNode("echo", **mesh) as provider, \
+                zmqmesh.AsyncNode("client", **mesh, send_hwm=10) as client:
+            provider.service("echo", lambda msg: msg.data)
+            await client.wait_for_service("echo", timeout=10)
+            small, large = list(range(3000)), [bytes([i % 256]) * 70_000 for i in range(300)]
+            for items in (small, large):
+                assert await client.request_many("echo", items, timeout=20, window=3000) == items
+                assert await client.request_many("echo", iter(items), timeout=20, window=3000) == items
+                assert await asyncio.gather(*(client.request("echo", item, timeout=20) for item in items)) == items
+            counts = client.stats()["request"]
+            assert counts["errors"] == counts["abandoned"] == 0, counts
+            assert not [r for r in client.stats()["rejected"] if r.startswith("request_link")]
+
+    asyncio.run(main())

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
@@ -49,7 +49,7 @@ from .failures import (
     take_back_sent,
 )
 
-__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "run_many", "send_on", "send_request", "send_batches",
+__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "run_many", "FullSocket", "send_on", "send_request", "send_batches",
            "withdraw_gathered"]
 
 log = logging.getLogger("zmqmesh.node")
@@ -81,42 +81,52 @@ def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine
     return True
 
 
-RoomWait = Callable[[zmq.Socket[Any], str, float], bool]
-"""How a driver waits for a provider's socket to take a frame again: ``wait(sock,
-provider_id, deadline)``, True once it does, False if ``deadline`` passed first (or the
-node stopped, or the provider left)."""
+class FullSocket(Protocol):
+    """What a driver does with the frames that a provider's socket refused (``zmq.Again``,
+    its ``send_hwm`` frames unread) while other requests still wait on it: back-pressure,
+    each driver in its own way of waiting."""
+
+    def queued(self, provider_id: str) -> bool:
+        """Whether frames to ``provider_id`` wait for room already: the next go behind them
+        (`take` then takes them)."""
+
+    def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
+             copy: bool) -> bool:
+        """Send ``frames`` on ``sock`` once it has room, before the earliest deadline of
+        ``request_ids`` (True), or give up on them: False, they did not go."""
 
 
 def send_on(outstanding: Outstanding[Any], sock: zmq.Socket[Any], provider_id: str, frames: list[bytes],
-            engine: Engine, refused: int = 1, renew: Callable[[str], zmq.Socket[Any]] | None = None,
-            wait_room: RoomWait | None = None, deadline: float = 0.0, copy: bool = True) -> None:
-    """Send ``frames``, carrying ``refused`` requests that wait in ``outstanding``, on
-    ``provider_id``'s socket ``sock``. When the socket refuses them (``zmq.Again``, its
-    ``send_hwm`` frames queued) while other requests still wait on it, a driver that can
-    wait (``wait_room``) waits for room until ``deadline`` (back-pressure: the provider
-    reads more slowly than the caller sends); a socket that none still waited for fills
-    is replaced (``renew``: `link_dropped`); without either, or when the wait ran out,
-    raises ``zmq.Again`` as any other ``zmq.ZMQError``."""
-    while True:
-        try:
-            send_frames(sock, frames, copy=copy)
-            return
-        except zmq.Again:
-            if renew is None:
-                raise
-            if wait_room is not None and outstanding.waiting_on(provider_id) > refused:
-                if not wait_room(sock, provider_id, deadline):
-                    raise
-                continue
-            if not link_dropped(outstanding, provider_id, engine, refused):
-                raise
-        send_frames(renew(provider_id), frames, copy=copy)
+            request_ids: list[bytes], engine: Engine, renew: Callable[[str], zmq.Socket[Any]] | None = None,
+            full: FullSocket | None = None, copy: bool = True) -> None:
+    """Send ``frames``, carrying the requests ``request_ids`` that wait in ``outstanding``,
+    on ``provider_id``'s socket ``sock``. When the socket refuses them (``zmq.Again``) while
+    other requests still wait on it, the driver takes them (``full``: back-pressure, the
+    provider reads more slowly than the caller sends); a socket that none still waited for
+    fills is replaced (``renew``: `link_dropped`). Without either, or when the driver
+    gave up on them, raises ``zmq.Again`` as any other ``zmq.ZMQError``."""
+    if full is not None and full.queued(provider_id):
+        full.take(sock, provider_id, frames, request_ids, copy)
         return
+    try:
+        send_frames(sock, frames, copy=copy)
+        return
+    except zmq.Again:
+        refused = len(request_ids)
+        if renew is None:
+            raise
+        if full is not None and outstanding.waiting_on(provider_id) > refused:
+            if full.take(sock, provider_id, frames, request_ids, copy):
+                return
+            raise
+        if not link_dropped(outstanding, provider_id, engine, refused):
+            raise
+    send_frames(renew(provider_id), frames, copy=copy)
 
 
 def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[Any], step: Exchange,
                  engine: Engine, batches: RequestBatches[str, Any] | None = None,
-                 renew: Callable[[str], zmq.Socket[Any]] | None = None, wait_room: RoomWait | None = None) -> bool:
+                 renew: Callable[[str], zmq.Socket[Any]] | None = None, full: FullSocket | None = None) -> bool:
     """Send ``step``'s request on ``sock`` (True), with ``waiter`` waiting for it in
     ``outstanding``, or gather it in ``batches`` to go with `send_batches` (False); a full
     socket is waited for or replaced as `send_on` says. Raises `MeshTimeoutError` when the
@@ -127,8 +137,8 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
     if batches is not None and batches.add(step.provider.id, request_id, waiter, step, busy):
         return False
     try:
-        send_on(outstanding, sock, step.provider.id, step.frames(request_id), engine, 1, renew, wait_room,
-                step.deadline, len(step.body) < wire.LARGE_FRAME)
+        send_on(outstanding, sock, step.provider.id, step.frames(request_id), [request_id], engine, renew, full,
+                len(step.body) < wire.LARGE_FRAME)
     except zmq.ZMQError as exc:
         outstanding.withdraw(request_id)
         raise send_failure(exc, step.provider.id, engine, step.service) from (None if isinstance(exc, zmq.Again) else exc)
@@ -139,7 +149,7 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                  outstanding: Outstanding[Any], engine: Engine,
                  fail: Callable[[Any, BaseException], None], gave_up: Callable[[Any], bool] | None = None,
                  full_only: bool = False, renew: Callable[[str], zmq.Socket[Any]] | None = None,
-                 tally: RequestTally | None = None, wait_room: RoomWait | None = None) -> int:
+                 tally: RequestTally | None = None, full: FullSocket | None = None) -> int:
     """Send the batches gathered since the last call, each on its provider's socket; how
     many requests went. A request no longer waited for is left out: forgotten (its
     caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``
@@ -152,8 +162,7 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
     `MeshTimeoutError` when the provider takes no more, `NodeClosedError` or `ZmqMeshError`
     when the socket failed. Requests gathered meanwhile (by ``fail``) go too. ``full_only``:
     only the batches already full (`RequestBatches.ready`), before the pause. A full socket
-    is waited for (until the earliest deadline of the batch's requests) or replaced as
-    `send_on` says."""
+    is left to the driver (``full``) or replaced as `send_on` says."""
     sent = 0
     while True:
         taken = batches.take(full_only)  # (without full_only, also when empty: a pause begins a new pass)
@@ -169,9 +178,8 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             if sock is None or not batch.items:
                 continue
             try:
-                deadline = outstanding.earliest_deadline(request_id for request_id, _waiter in batch.waiters)
-                send_on(outstanding, sock, batch.key, [batch.frame()], engine, len(batch.items), renew, wait_room,
-                        deadline)
+                send_on(outstanding, sock, batch.key, [batch.frame()], [request_id for request_id, _ in batch.waiters],
+                        engine, renew, full)
                 sent += len(batch.items)
                 continue
             except zmq.ZMQError as exc:
@@ -267,7 +275,7 @@ class Pipelined:
                 return
             try:
                 went = send_request(self.outstanding, job, self._socket(step.provider), step, self.engine,
-                                    self._batches, self._renew, self._wait_room)
+                                    self._batches, self._renew, self)
             except Exception as exc:  # the plan decides what a failed send means
                 take_back_sent(self._tally, step.service)
                 value, error = None, exc
@@ -323,18 +331,29 @@ class Pipelined:
         old.close(0)
         return self._socket(self._known[provider_id])
 
-    def _wait_room(self, sock: zmq.Socket[Any], provider_id: str, deadline: float) -> bool:
-        """Wait, blocking this thread, until ``sock`` takes a frame again (True), or until
-        ``deadline``, the node's stop or the provider's departure (False): the back-pressure
-        of a provider that reads requests more slowly than this thread sends them (replies
-        wait meanwhile in the socket, up to ``recv_hwm`` frames)."""
+    def queued(self, provider_id: str) -> bool:
+        """Never: a socket that refused frames is waited for at once (`take`)."""
+        return False
+
+    def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
+             copy: bool) -> bool:
+        """Send ``frames`` once ``sock`` takes them, waiting for room (blocking this thread),
+        until the earliest deadline of ``request_ids`` (True); False if that passed first,
+        the node stopped, or the provider left: the back-pressure of a provider that reads
+        requests more slowly than this thread sends them (replies wait meanwhile in the
+        socket, up to ``recv_hwm`` frames). A `FullSocket`'s."""
         engine = self.engine
+        deadline = self.outstanding.earliest_deadline(request_ids)
         while not engine.closed and provider_id in engine.directory.alive_ids:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             if sock.poll(int(min(remaining, _BUSY_POLL_S) * 1000) + 1, zmq.POLLOUT):
-                return True
+                try:
+                    send_frames(sock, frames, copy=copy)
+                    return True
+                except zmq.Again:
+                    continue
         return False
 
     def pump(self, timeout_s: float | None, burst: int = _READ_BURST) -> list[tuple[Any, int]]:
@@ -369,7 +388,7 @@ class Pipelined:
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self._sockets, self.outstanding, self.engine,
                             lambda job, error: self.resume(job, None, error), full_only=full_only, renew=self._renew,
-                            tally=self._tally, wait_room=self._wait_room)
+                            tally=self._tally, full=self)
         if sent:
             self.engine.stats.count_sent(self._tally, sent)
 

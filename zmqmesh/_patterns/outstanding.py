@@ -64,7 +64,8 @@ class Outstanding(Generic[Waiter]):
         """How many requests to ``provider_id`` were given up on (timed out, or forgotten:
         their callers stopped waiting) without a reply coming since (a late one takes one
         off), since its connection was made (`renewed`): at most that many may still wait,
-        unread by the provider, in the connection (a few gathered and never sent count too)."""
+        unread by the provider, in the connection (those gathered, or kept aside for room, and
+        never sent count too)."""
         return self._given_up.get(provider_id, 0)
 
     def renewed(self, provider_id: str) -> None:

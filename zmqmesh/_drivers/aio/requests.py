@@ -8,13 +8,14 @@ import contextlib
 import math
 import operator
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
 
 from ..._engine.engine import Engine
-from ..._io.sockets import close_watched, has_input, recv_frames
+from ..._io.sockets import close_watched, has_input, recv_frames, send_frames
 from ..._mesh.directory import Provider
 from ..._patterns.outstanding import Outstanding
 from ..._patterns.reqrep import Exchange, QuickRequest
@@ -30,6 +31,7 @@ __all__ = ["LoopRequester", "ReplyWaiter"]
 _READ_BURST = 1024
 _SWEEP_SHARE = 16  # abandoned requests are swept at once when they are this share of those in flight
 _SWEEP_S = 0.05  # ... and otherwise within this long
+_PARKED_CHECK_S = 0.005  # while frames wait for room in a socket: how often it is tried again
 
 
 class ReplyWaiter(Protocol):
@@ -72,6 +74,10 @@ class LoopRequester:
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._abandoned = 0  # requests abandoned since the last sweep (`abandon`)
         self._batches: RequestBatches[str, Any] = RequestBatches()
+        # provider id: the frames its socket refused, full of requests still waited for, in
+        # order, each with the ids of its requests (`take`); sent as it takes them again
+        self._parked: dict[str, deque[tuple[list[bytes], list[bytes], bool]]] = {}
+        self._parked_timer: asyncio.TimerHandle | None = None
         self.tally = RequestTally()
         """What the loop's coroutines' requests count: added to the stats every
         `TALLY_FOLD_AT` requests sent (`Stats.count_sent`), and meanwhile counted by
@@ -88,7 +94,7 @@ class LoopRequester:
         sock = None
         try:
             sock = self._socket(step.provider)
-            sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches, self._renew)
+            sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches, self._renew, self)
         except Exception:  # a send that failed may have taken the signal of a reply with it, too
             take_back_sent(self.tally, step.service)
             with contextlib.suppress(zmq.ZMQError):  # (a stop under way: what failed is said as it is)
@@ -235,11 +241,59 @@ class LoopRequester:
 
     def _send_batches(self, full_only: bool = False) -> None:
         sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
-                            _done, full_only=full_only, renew=self._renew, tally=self.tally)
+                            _done, full_only=full_only, renew=self._renew, tally=self.tally, full=self)
         if sent:
             self.engine.stats.count_sent(self.tally, sent)
 
+    def queued(self, provider_id: str) -> bool:
+        """Whether frames to ``provider_id`` wait for room in its socket (a `FullSocket`'s)."""
+        return provider_id in self._parked
+
+    def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
+             copy: bool) -> bool:
+        """Keep ``frames`` to send once ``provider_id``'s socket has room, behind those kept
+        before them (tried again every `_PARKED_CHECK_S` and when the socket signals): the
+        back-pressure of a provider that reads requests more slowly than the loop sends
+        them; its requests wait as if sent, and time out as they would. A `FullSocket`'s."""
+        self._parked.setdefault(provider_id, deque()).append((frames, request_ids, copy))
+        if self._parked_timer is None:
+            self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
+        return True
+
+    def _send_all_parked(self) -> None:
+        self._parked_timer = None
+        for provider_id in list(self._parked):
+            self._send_parked(provider_id)
+            sock = self.sockets.get(provider_id)
+            with contextlib.suppress(zmq.ZMQError):  # (what went may have swallowed the signal of a reply)
+                if sock is not None and has_input(sock):
+                    self._on_readable(provider_id)
+        if self._parked:
+            self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
+
+    def _send_parked(self, provider_id: str) -> None:
+        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them;
+        one whose requests none waits for any more (timed out, abandoned) is dropped."""
+        parked = self._parked.get(provider_id)
+        sock = self.sockets.get(provider_id)
+        if parked is None:
+            return
+        waiting = self.outstanding.ids
+        while parked and sock is not None:
+            frames, request_ids, copy = parked[0]
+            if any(request_id in waiting for request_id in request_ids):
+                try:
+                    send_frames(sock, frames, copy=copy)
+                except zmq.Again:
+                    return
+                except zmq.ZMQError:  # (closed under a stop: what waits fails with it)
+                    break
+            parked.popleft()
+        del self._parked[provider_id]
+
     def _on_readable(self, provider_id: str) -> None:
+        if provider_id in self._parked:
+            self._send_parked(provider_id)
         sock = self.sockets.get(provider_id)
         if sock is not None and self._read(sock, provider_id, _READ_BURST):
             self.engine.loop.call_soon(self._on_readable, provider_id)
@@ -280,6 +334,7 @@ class LoopRequester:
                   lambda _service: PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
         sock = self.sockets.pop(peer_id, None)
         self._known.pop(peer_id, None)
+        self._parked.pop(peer_id, None)
         if sock is not None:
             close_watched(self.engine.loop, sock)
 
@@ -293,6 +348,10 @@ class LoopRequester:
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
+        if self._parked_timer is not None:
+            self._parked_timer.cancel()
+            self._parked_timer = None
+        self._parked.clear()
         closed = "the node stopped while a request was outstanding"
         for future in withdraw_gathered(self._batches, self.outstanding, self.tally):
             _fail_future(future, NodeClosedError(closed))
