@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from .._engine.engine import Engine
     from .._stats import RequestTally
 
-__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "report_link_replaced", "send_failure",
-           "take_back_sent"]
+__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "fewest_frames_that_fill", "report_link_replaced",
+           "send_failure", "take_back_sent"]
 
 log = logging.getLogger("zmqmesh.node")
 
@@ -36,26 +36,33 @@ def closed_or_failed(engine: Engine, exc: zmq.ZMQError) -> ZmqMeshError:
     return ZmqMeshError(f"ZeroMQ failed: {exc}")
 
 
-def report_link_replaced(engine: Engine, provider_id: str, unanswered: int) -> None:
+def fewest_frames_that_fill(send_hwm: int) -> int:
+    """The fewest unread frames with which a socket of ``send_hwm`` may refuse a send:
+    ZeroMQ hears of the frames its I/O thread took only every ``send_hwm - lwm`` of them,
+    ``lwm`` being half the mark, or the mark less 1,024 past 2,048 (libzmq's pipe.cpp), so
+    its pipe may look full with up to ``lwm - 1`` frames taken already."""
+    lwm = send_hwm - 1024 if send_hwm > 2048 else (send_hwm + 1) // 2
+    return send_hwm - lwm + 1
+
+
+def report_link_replaced(engine: Engine, provider_id: str, given_up: int) -> None:
     """Count and log a request socket replaced because it refused a request (``zmq.Again``)
-    though too few requests waited on it to fill it, by what filled it instead. Its
-    ``unanswered`` requests (sent on it, no reply since: given up on, timed out or abandoned
-    by their callers, or still waited for), as many as ``send_hwm`` or more, clog it: the
-    provider stopped reading (``request_link_stalled``). Fewer could not fill it: ZeroMQ
-    dropped its connection (``request_link_dropped``: it ends one that carried a frame past
-    ``MAXMSGSIZE``, a reply larger than this node's ``max_message_bytes``, and never
-    connects it again)."""
-    if unanswered >= engine.config.send_hwm:
+    though no other request waited on it, by what filled it. Its ``given_up`` requests
+    (timed out, or abandoned by their callers, with no reply since), enough to fill it
+    (`fewest_frames_that_fill`), clog it: the provider stopped reading
+    (``request_link_stalled``). Fewer could not fill it: ZeroMQ dropped its connection
+    (``request_link_dropped``: it ends one that carried a frame past ``MAXMSGSIZE``, a
+    reply larger than this node's ``max_message_bytes``, and never connects it again)."""
+    if given_up >= fewest_frames_that_fill(engine.config.send_hwm):
         engine.stats.reject("request_link_stalled")
-        log.warning("the connection to provider %s is full of %d requests it never answered, given up on (timed "
-                    "out or abandoned) or still waited for: it stopped reading them (a process stopped, frozen or "
-                    "overloaded); they are thrown away with the connection, and a new one is made",
-                    provider_id[:8], unanswered)
+        log.warning("the connection to provider %s is full of %d requests given up on (timed out or abandoned) "
+                    "that it never answered: it stopped reading them (a process stopped, frozen or overloaded); "
+                    "they are thrown away with the connection, and a new one is made", provider_id[:8], given_up)
         return
     engine.stats.reject("request_link_dropped")
-    log.warning("the connection to provider %s refuses requests though %d unanswered could not fill it: ZeroMQ "
-                "dropped it (a reply larger than max_message_bytes ends a connection for good); reconnecting",
-                provider_id[:8], unanswered)
+    log.warning("the connection to provider %s refuses requests though the %d given up on could not fill it: "
+                "ZeroMQ dropped it (a reply larger than max_message_bytes ends a connection for good); "
+                "reconnecting", provider_id[:8], given_up)
 
 
 def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: str | None = None) -> ZmqMeshError:

@@ -64,21 +64,16 @@ _BUSY_POLL_S = 0.1  # with requests in flight: how often providers that left are
 _WAIT_THREADS = 4
 
 
-def link_dropped(outstanding: Outstanding[Any], provider_id: str, engine: Engine, refused: int = 1) -> bool:
-    """Whether a DEALER that refused a frame of ``refused`` requests (``zmq.Again``) is to
-    be replaced rather than waited for: it did not fill up with requests still waited for
-    (fewer than ``send_hwm`` wait on it), but with requests given up on that its provider
-    never read (it stopped reading), or ZeroMQ dropped its connection for good (it ends
-    one that carried a frame past ``MAXMSGSIZE``, a reply larger than this node's
-    ``max_message_bytes``, and never connects it again: the socket then refuses every
-    send). Counted and logged by cause (`report_link_replaced`); what was given up on goes
-    with the old socket."""
-    waiting = outstanding.waiting_on(provider_id) - refused
-    if waiting >= engine.config.send_hwm:
-        return False
-    report_link_replaced(engine, provider_id, outstanding.given_up_on(provider_id) + waiting)
+def replace_link(outstanding: Outstanding[Any], provider_id: str, engine: Engine) -> None:
+    """Count and log, by its cause (`report_link_replaced`), a DEALER to ``provider_id``
+    about to be replaced: it refused a frame (``zmq.Again``) though no other request waited
+    on it. Requests given up on that the provider never read fill it (it stopped reading),
+    or ZeroMQ dropped its connection for good (it ends one that carried a frame past
+    ``MAXMSGSIZE``, a reply larger than this node's ``max_message_bytes``, and never
+    connects it again: the socket then refuses every send). What was given up on goes with
+    the old socket."""
+    report_link_replaced(engine, provider_id, outstanding.given_up_on(provider_id))
     outstanding.renewed(provider_id)
-    return True
 
 
 class FullSocket(Protocol):
@@ -102,9 +97,9 @@ def send_on(outstanding: Outstanding[Any], sock: zmq.Socket[Any], provider_id: s
     """Send ``frames``, carrying the requests ``request_ids`` that wait in ``outstanding``,
     on ``provider_id``'s socket ``sock``. When the socket refuses them (``zmq.Again``) while
     other requests still wait on it, the driver takes them (``full``: back-pressure, the
-    provider reads more slowly than the caller sends); a socket that none still waited for
-    fills is replaced (``renew``: `link_dropped`). Without either, or when the driver
-    gave up on them, raises ``zmq.Again`` as any other ``zmq.ZMQError``."""
+    provider reads more slowly than the caller sends); one that refuses them with no
+    other waiting on it is replaced (``renew``: `replace_link`). Without either, or when
+    the driver gave up on them, raises ``zmq.Again`` as any other ``zmq.ZMQError``."""
     if full is not None and full.queued(provider_id):
         full.take(sock, provider_id, frames, request_ids, copy)
         return
@@ -112,15 +107,13 @@ def send_on(outstanding: Outstanding[Any], sock: zmq.Socket[Any], provider_id: s
         send_frames(sock, frames, copy=copy)
         return
     except zmq.Again:
-        refused = len(request_ids)
         if renew is None:
             raise
-        if full is not None and outstanding.waiting_on(provider_id) > refused:
-            if full.take(sock, provider_id, frames, request_ids, copy):
+        if outstanding.waiting_on(provider_id) > len(request_ids):  # full of requests waited for: not stale
+            if full is not None and full.take(sock, provider_id, frames, request_ids, copy):
                 return
             raise
-        if not link_dropped(outstanding, provider_id, engine, refused):
-            raise
+        replace_link(outstanding, provider_id, engine)
     send_frames(renew(provider_id), frames, copy=copy)
 
 

@@ -102,7 +102,7 @@ class ThreadRequester:
                     except zmq.Again:
                         # one request of this thread in flight at most: a DEALER that refuses one is
                         # clogged with requests given up on or lost its connection for good (see
-                        # `link_dropped`), and a new one takes it
+                        # `pipelined.replace_link`), and a new one takes it
                         report_link_replaced(engine, provider.id, self._given_up.get(provider.id, 0))
                         self._forget_socket(provider.id)
                         sock = self._connect(provider)
