@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any, Protocol
@@ -81,9 +81,11 @@ class FullSocket(Protocol):
     its ``send_hwm`` frames unread) while other requests still wait on it: back-pressure,
     each driver in its own way of waiting."""
 
-    def queued(self, provider_id: str) -> bool:
-        """Whether frames to ``provider_id`` wait for room already: the next go behind them
-        (`take` then takes them)."""
+    @property
+    def waiting_for_room(self) -> Container[str]:
+        """The ids of the providers whose frames wait for room already: the next go behind
+        them (`take` then takes them). (An attribute where implemented, not a method: it is
+        asked per request sent.)"""
 
     def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
              copy: bool) -> bool:
@@ -100,7 +102,7 @@ def send_on(outstanding: Outstanding[Any], sock: zmq.Socket[Any], provider_id: s
     provider reads more slowly than the caller sends); one that refuses them with no
     other waiting on it is replaced (``renew``: `replace_link`). Without either, or when
     the driver gave up on them, raises ``zmq.Again`` as any other ``zmq.ZMQError``."""
-    if full is not None and full.queued(provider_id):
+    if full is not None and provider_id in full.waiting_for_room:
         full.take(sock, provider_id, frames, request_ids, copy)
         return
     try:
@@ -324,9 +326,8 @@ class Pipelined:
         old.close(0)
         return self._socket(self._known[provider_id])
 
-    def queued(self, provider_id: str) -> bool:
-        """Never: a socket that refused frames is waited for at once (`take`)."""
-        return False
+    waiting_for_room: Container[str] = frozenset()
+    """None: a socket that refused frames is waited for at once (`take`)."""
 
     def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
              copy: bool) -> bool:

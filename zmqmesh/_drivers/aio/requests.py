@@ -74,9 +74,10 @@ class LoopRequester:
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._abandoned = 0  # requests abandoned since the last sweep (`abandon`)
         self._batches: RequestBatches[str, Any] = RequestBatches()
-        # provider id: the frames its socket refused, full of requests still waited for, in
-        # order, each with the ids of its requests (`take`); sent as it takes them again
-        self._parked: dict[str, deque[tuple[list[bytes], list[bytes], bool]]] = {}
+        self.waiting_for_room: dict[str, deque[tuple[list[bytes], list[bytes], bool]]] = {}
+        """Provider id: the frames its socket refused, full of requests still waited for, in
+        order, each with the ids of its requests (`take`); sent as it takes them again (a
+        `FullSocket`'s)."""
         self._parked_timer: asyncio.TimerHandle | None = None
         self.tally = RequestTally()
         """What the loop's coroutines' requests count: added to the stats every
@@ -245,36 +246,32 @@ class LoopRequester:
         if sent:
             self.engine.stats.count_sent(self.tally, sent)
 
-    def queued(self, provider_id: str) -> bool:
-        """Whether frames to ``provider_id`` wait for room in its socket (a `FullSocket`'s)."""
-        return provider_id in self._parked
-
     def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
              copy: bool) -> bool:
         """Keep ``frames`` to send once ``provider_id``'s socket has room, behind those kept
         before them (tried again every `_PARKED_CHECK_S` and when the socket signals): the
         back-pressure of a provider that reads requests more slowly than the loop sends
         them; its requests wait as if sent, and time out as they would. A `FullSocket`'s."""
-        self._parked.setdefault(provider_id, deque()).append((frames, request_ids, copy))
+        self.waiting_for_room.setdefault(provider_id, deque()).append((frames, request_ids, copy))
         if self._parked_timer is None:
             self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
         return True
 
     def _send_all_parked(self) -> None:
         self._parked_timer = None
-        for provider_id in list(self._parked):
+        for provider_id in list(self.waiting_for_room):
             self._send_parked(provider_id)
             sock = self.sockets.get(provider_id)
             with contextlib.suppress(zmq.ZMQError):  # (what went may have swallowed the signal of a reply)
                 if sock is not None and has_input(sock):
                     self._on_readable(provider_id)
-        if self._parked:
+        if self.waiting_for_room:
             self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
 
     def _send_parked(self, provider_id: str) -> None:
         """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them;
         one whose requests none waits for any more (timed out, abandoned) is dropped."""
-        parked = self._parked.get(provider_id)
+        parked = self.waiting_for_room.get(provider_id)
         sock = self.sockets.get(provider_id)
         if parked is None:
             return
@@ -289,10 +286,10 @@ class LoopRequester:
                 except zmq.ZMQError:  # (closed under a stop: what waits fails with it)
                     break
             parked.popleft()
-        del self._parked[provider_id]
+        del self.waiting_for_room[provider_id]
 
     def _on_readable(self, provider_id: str) -> None:
-        if provider_id in self._parked:
+        if provider_id in self.waiting_for_room:
             self._send_parked(provider_id)
         sock = self.sockets.get(provider_id)
         if sock is not None and self._read(sock, provider_id, _READ_BURST):
@@ -334,7 +331,7 @@ class LoopRequester:
                   lambda _service: PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
         sock = self.sockets.pop(peer_id, None)
         self._known.pop(peer_id, None)
-        self._parked.pop(peer_id, None)
+        self.waiting_for_room.pop(peer_id, None)
         if sock is not None:
             close_watched(self.engine.loop, sock)
 
@@ -351,7 +348,7 @@ class LoopRequester:
         if self._parked_timer is not None:
             self._parked_timer.cancel()
             self._parked_timer = None
-        self._parked.clear()
+        self.waiting_for_room.clear()
         closed = "the node stopped while a request was outstanding"
         for future in withdraw_gathered(self._batches, self.outstanding, self.tally):
             _fail_future(future, NodeClosedError(closed))
