@@ -387,9 +387,11 @@ class NodeBase:
     # registration ---------------------------------------------------------------------------
 
     def _register(self, kind: str, name: str, handler: Callable[..., Any] | None,
-                  then: Callable[[Callable[..., Any]], None] | None = None) -> Any:
-        """Register ``handler`` (or return a decorator that does); ``then(handler)`` records
-        its options, only once the registration succeeded (a failed one leaves nothing).
+                  then: Callable[[Callable[..., Any]], None] | None = None,
+                  check: Callable[[Callable[..., Any]], None] | None = None) -> Any:
+        """Register ``handler`` (or return a decorator that does); ``check(handler)`` first
+        (it raises to refuse it), and ``then(handler)`` records its options, only once the
+        registration succeeded (a failed one leaves nothing).
         Raises `TypeError` for a handler that cannot be called, `NodeClosedError` once the
         node was stopped, `ZmqMeshError` in a process forked after it was built (nothing
         would ever call it)."""
@@ -399,6 +401,8 @@ class NodeBase:
             self._check_process()  # (before the lock: a parent's thread may have held it at the fork)
             with self._stop_lock:
                 self._refuse_if_stopped()
+                if check is not None:
+                    check(fn)
                 self._registry.add(kind, name, fn)
                 if then is not None:
                     then(fn)
@@ -439,9 +443,12 @@ class NodeBase:
 
         What fell out of a publisher's history before it could be replayed is reported on
         the next message (``msg.gap``, the number missed) and in ``stats()["pubsub"]["gap"]``.
+        A ``durable_name`` names one subscription: another subscription of this node whose
+        prefix shares topics with this one (one prefix starts with the other) cannot take it.
+
         Raises `ValueError` for a prefix longer than 200 bytes, `ConfigError` for a bad
-        ``replay`` or a ``durable_name`` without a store, `NodeClosedError` once the node
-        was stopped.
+        ``replay``, a ``durable_name`` without a store or taken by another subscription of
+        this node that shares topics with it, `NodeClosedError` once the node was stopped.
         """
         check_name("topic", prefix)
         if not (replay in ("new", "all") or (isinstance(replay, (int, float)) and not isinstance(replay, bool)
@@ -456,7 +463,8 @@ class NodeBase:
                 raise ConfigError("durable_name needs a store: Node(..., store='path/dir')")
         options = SubscribeOptions(replay, durable_name)
         return self._register("topics", prefix, handler,
-                              lambda fn: self._registry.set_subscribe_options(prefix, fn, options))
+                              lambda fn: self._registry.set_subscribe_options(prefix, fn, options),
+                              lambda fn: self._registry.check_durable_name(prefix, fn, options))
 
     @overload
     def pull(self, queue: str, handler: None = None, *, at_least_once: bool = False,

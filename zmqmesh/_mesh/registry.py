@@ -107,6 +107,21 @@ class Registry:
             setattr(self, kind, table)
         self.version += 1
 
+    def check_durable_name(self, prefix: str, handler: Callable[..., Any], options: SubscribeOptions) -> None:
+        """Raise `ConfigError` if another subscription of this node (not ``handler`` on
+        ``prefix``) has the durable name of ``options`` and a prefix that shares topics with
+        ``prefix``: a name keeps one place per publisher stream and topic, and two
+        subscriptions moving it skipped, after a restart, what the slower one had not
+        handled yet."""
+        name = options.durable_name
+        if name is None:
+            return
+        for (other, other_handler), other_options in self.replays.items():
+            if other_options.durable_name == name and (other, other_handler) != (prefix, handler) and \
+                    (other.startswith(prefix) or prefix.startswith(other)):
+                raise ConfigError(f"the durable_name {name!r} is taken by this node's subscription to {other!r}, "
+                                  f"whose topics {prefix!r} shares: give each subscription a name of its own")
+
     def set_subscribe_options(self, prefix: str, handler: Callable[..., Any], options: SubscribeOptions) -> None:
         """How ``handler`` subscribes to ``prefix`` (only replaying subscriptions are listed)."""
         replays = {k: v for k, v in self.replays.items() if k != (prefix, handler)}
