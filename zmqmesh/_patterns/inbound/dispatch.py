@@ -286,13 +286,15 @@ class Dispatcher:
         return [calls[i:i + _BURST] for i in range(0, len(calls), _BURST)]
 
     def before_handling(self, calls: list[Call]) -> None:
-        """Called before a burst of calls is handled (durable subscriptions record it)."""
-        if self.registry.replays:
+        """Called before a burst of calls is handled (durable subscriptions record it, also
+        those dropped since the burst was gathered: `Replays.recording`)."""
+        if self.registry.replays or self.replays.recording():
             self.replays.before_handling(calls)
 
     def after_handling(self) -> None:
-        """Called after a burst was handled (durable subscriptions commit where they are)."""
-        if self.registry.replays:
+        """Called after a burst was handled (durable subscriptions commit where they are,
+        also one that its handler or another thread dropped meanwhile)."""
+        if self.registry.replays or self.replays.recording():
             self.replays.flush()
 
     def post(self, calls: list[Call]) -> None:

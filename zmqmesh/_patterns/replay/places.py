@@ -244,6 +244,10 @@ class DurablePlaces:
 
     # -- handling -------------------------------------------------------------------------
 
+    def unwritten(self) -> bool:
+        """Whether numbers handed out wait to be handled, or places to be written (`flush`)."""
+        return bool(self._pending or self._dirty or self._dirty_runs)
+
     def pending(self, name: str, stream: str, topic: str) -> deque[int]:
         """The numbers of ``topic`` handed to ``name``'s handler and not yet `handled`, in
         order: the caller appends each it hands out (its place moves once it and those

@@ -872,6 +872,12 @@ class Replays:
         if self.places is not None:
             self.places.before_handling(calls)
 
+    def recording(self) -> bool:
+        """Whether durable subscriptions have messages handed out and not yet handled, or
+        places not yet written: then `before_handling` and `flush` have work, even once
+        every replaying subscription was dropped (the calls already gathered still run)."""
+        return self.places is not None and self.places.unwritten()
+
     def handled(self, mark: CursorMark) -> None:
         """A durable subscription's handler finished with a message (whatever the outcome)."""
         if self.places is not None:
