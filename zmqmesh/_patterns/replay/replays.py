@@ -594,13 +594,17 @@ class Replays:
         hold and their plans to read again (call when the subscriptions may have changed).
         The same subscription made again starts a cursor of its own: it replays as its
         ``replay`` says, or, durable, resumes from the place recorded under its name. A page
-        still on its way for a forgotten cursor is left (see `_reader`)."""
+        still on its way for a forgotten cursor is left (see `_reader`). The places of the
+        durable names no subscription takes any more are let go from memory
+        (`DurablePlaces.release`)."""
         replays = self.registry.replays
         if replays is self._replays_seen:  # (the registry makes a new table on each change)
             return
         self._replays_seen = replays
         for place in [place for place, cursor in self.cursors.items() if not self._still_made(place[0], cursor)]:
             self._forget(place)
+        if self.places is not None:
+            self.places.release({o.durable_name for o in replays.values() if o.durable_name is not None})
         self._marks = {place: mark for place, mark in self._marks.items() if replays.get(place[0]) is mark[0]}
 
     def _still_made(self, key: Key, cursor: Cursor) -> bool:
