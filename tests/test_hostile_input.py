@@ -795,3 +795,46 @@ def test_dead_letter_queues_refused_on_every_acknowledgement_are_logged_at_most_
     service.close(0)
     said = [r.getMessage() for r in caplog.records if "dead-letter queue" in r.getMessage()]
     assert len(said) == 1, said
+
+
+def test_a_stranger_coming_and_going_again_queues_no_join_or_leave_without_bound(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A stranger may greet and say GOODBYE again and again, each HELLO with a MiB of
+    groups: while the join callbacks wait (here a handler held), each leave withdraws
+    its join still waiting, and neither is called (counted, ``zre.unseen_peers``). Before,
+    every join and leave waited with its peer's groups (1,225 HELLOs of 256 KiB in 8 s:
+    +525 MiB); a real peer that stays is still reported."""
+    import threading
+
+    release = threading.Event()
+    joined: list[str] = []
+    left: list[str] = []
+    node = zmqmesh.Node("target", **mesh)
+
+    @node.on_join
+    def held(peer: zmqmesh.Peer) -> None:
+        release.wait(30)
+        joined.append(peer.name)
+
+    node.on_leave(lambda peer: left.append(peer.name))
+    churns = 200
+    with node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        groups = [f"g{i:04d}" for i in range(100)]
+        try:
+            for _ in range(churns):
+                dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=endpoint, name="churn", groups=groups))
+                dealer.send_multipart(zre_frames(Command.GOODBYE, 2))
+            wait_until(lambda: node.stats()["membership"]["left"] == churns, 20, "the stranger's comings and goings")
+            with zmqmesh.Node("real", **mesh) as real:
+                wait_until(lambda: any(p.id == real.id for p in node.peers()), 10, "the real peer")
+                unseen = node.stats()["zre"].get("unseen_peers", 0)
+                assert unseen >= churns - 1, "joins and leaves of a stranger gone waited for the callbacks"
+                release.set()
+                wait_until(lambda: "real" in joined, 10, "the real peer reported")
+            assert joined.count("churn") + unseen == churns
+            wait_until(lambda: left.count("churn") == joined.count("churn"), 10, "a leave for every join seen")
+        finally:
+            release.set()
+            inbox.close(0)
+            dealer.close(0)

@@ -154,6 +154,7 @@ class Inbox(Protocol):
     def start(self) -> None: ...
     def discard(self) -> None: ...
     def post(self, calls: list[Call]) -> None: ...
+    def post_peer_event(self, joined: bool, peer_id: str, calls: list[Call]) -> None: ...
     def post_frames(self, frames: list[bytes], count: int) -> None: ...
     def waits_for_caller(self) -> bool: ...
     def service_waits_for_caller(self, service: str) -> bool: ...
@@ -736,7 +737,7 @@ class Engine:
         if self.reliable is not None:
             self.reliable.peer_gone(peer.id, failed=not reason.startswith("left"))  # (a goodbye: no failure)
         self.stats.forget_peer(peer.id)
-        self._post("leave", snapshot)
+        self._post_peer_event(False, snapshot)
 
     def peer_groups_changed(self, peer: PeerState) -> None:
         """A peer's offers may have changed: rebuild once per loop turn, not per JOIN."""
@@ -760,13 +761,22 @@ class Engine:
         if not self.closed:
             self._rebuild()
             for peer in joined:
-                self._post("join", self.directory.snapshot(peer))
+                self._post_peer_event(True, self.directory.snapshot(peer))
 
     def _post(self, event: str, arg: Any) -> None:
         callbacks = self.registry.callbacks[event]
         if callbacks and not self.inbox_stopped():
             assert self.inbox is not None
             self.inbox.post([Call(cb, arg, None, "zre") for cb in callbacks])
+
+    def _post_peer_event(self, joined: bool, peer: Peer) -> None:
+        """Hand the inbox a peer's join or leave, also with no handler for it: a leave
+        may withdraw the join still waiting (a stranger coming and going again and again
+        queued them without bound)."""
+        if not self.inbox_stopped():
+            assert self.inbox is not None
+            callbacks = self.registry.callbacks["join" if joined else "leave"]
+            self.inbox.post_peer_event(joined, peer.id, [Call(cb, peer, None, "zre") for cb in callbacks])
 
     def inbox_stopped(self) -> bool:
         """True once the inbox no longer takes work."""

@@ -304,6 +304,12 @@ class Dispatcher:
         if self.event_callbacks.post(calls):
             self.wake()
 
+    def post_peer_event(self, joined: bool, peer_id: str, calls: list[Call]) -> None:
+        """Queue the callbacks of a peer's join or leave (``calls``, none if no handler);
+        past a backlog, a leave withdraws the join still waiting (`EventCallbacks.post_peer_event`)."""
+        if self.event_callbacks.post_peer_event(joined, peer_id, calls):
+            self.wake()
+
     def wake(self) -> None:
         """Make the driver look at its queues (the drivers say how)."""
         raise NotImplementedError

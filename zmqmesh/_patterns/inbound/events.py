@@ -2,10 +2,14 @@
 a SHOUT came), waiting to run in order with its messages; bounded where a peer can make
 them grow.
 
-A peer makes only one join and one leave at a time: those are never dropped. WHISPERs and
-SHOUTs come at a peer's rate: past a backlog of ``recv_hwm`` callbacks or about
-`_EVENT_BYTES` of frames (twice ``max_message_bytes`` if larger), they are dropped,
-counted in ``zre.dropped`` and logged at most every `_LOST_LOG_S`.
+A join or a leave is never dropped alone, but a stranger can come and go again and
+again (a HELLO and a GOODBYE, over one connection or fresh ones), each time with up to a
+MiB of groups: a peer's leave withdraws its join still waiting, and neither is called
+(counted in ``zre.unseen_peers``). So the joins waiting are at most the peers present,
+and the leaves those of peers whose joins were taken. WHISPERs and SHOUTs come at a
+peer's rate: past a backlog of ``recv_hwm`` callbacks or about `_EVENT_BYTES` of frames
+(twice ``max_message_bytes`` if larger), they are dropped, counted in ``zre.dropped``
+and logged at most every `_LOST_LOG_S`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class EventCallbacks:
         """The bytes of the WHISPER and SHOUT frames waiting in ``events``."""
         self._lock = threading.Lock()  # (``event_bytes``: posted on the loop's thread, taken on the owner's)
         self._lost_log = LogThrottle(_LOST_LOG_S)  # (`post`: the loop's thread)
+        self._joins_waiting: dict[str, list[Call]] = {}  # peer id -> its join's callbacks in ``events``
 
     def post(self, calls: list[Call]) -> bool:
         """Queue the callbacks of one event (``calls``: one per handler); False if it was
@@ -59,8 +64,39 @@ class EventCallbacks:
         self.events.extend(calls)
         return True
 
+    def post_peer_event(self, joined: bool, peer_id: str, calls: list[Call]) -> bool:
+        """Queue the callbacks of a peer's join (``joined``) or leave (``calls``: one per
+        handler, none if there are none); False if nothing was queued: no handler, or a
+        leave that withdrew the join of the same peer still waiting (neither is called
+        then; counted in ``zre.unseen_peers``)."""
+        if joined:
+            if calls:
+                self._joins_waiting[peer_id] = calls
+        else:
+            waiting = self._joins_waiting.pop(peer_id, None)
+            if waiting is not None:
+                self._withdraw(waiting)
+                self.stats.add("zre", "unseen_peers")
+                return False
+        if not calls:
+            return False
+        self.events.extend(calls)
+        return True
+
+    def _withdraw(self, calls: list[Call]) -> None:
+        """Take ``calls``, queued together, out of ``events``: looked for from the newest
+        end, where a peer that came and went at once has its join."""
+        events = self.events
+        for at_end, call in enumerate(reversed(events)):
+            if call is calls[-1]:
+                first = len(events) - at_end - len(calls)
+                for _ in calls:
+                    del events[first]
+                return
+
     def take(self, calls: list[Call]) -> None:
         """Move every callback waiting into ``calls``, in order."""
+        self._joins_waiting.clear()
         events = self.events
         while events:
             call = events.popleft()
