@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
@@ -804,8 +805,6 @@ def test_a_stranger_coming_and_going_again_queues_no_join_or_leave_without_bound
     its join still waiting, and neither is called (counted, ``zre.unseen_peers``). Before,
     every join and leave waited with its peer's groups (1,225 HELLOs of 256 KiB in 8 s:
     +525 MiB); a real peer that stays is still reported."""
-    import threading
-
     release = threading.Event()
     joined: list[str] = []
     left: list[str] = []
@@ -838,3 +837,58 @@ def test_a_stranger_coming_and_going_again_queues_no_join_or_leave_without_bound
             release.set()
             inbox.close(0)
             dealer.close(0)
+
+
+def _loopback_queues_empty(port: int) -> bool:
+    """Whether every TCP connection to or from ``port`` has nothing left in the kernel's
+    send and receive queues (what was sent over it has reached ZeroMQ's pipes)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in list(table)[1:]]
+    ours = [r for r in rows if int(r[1].split(":")[1], 16) == port or int(r[2].split(":")[1], 16) == port]
+    return bool(ours) and all(r[4] == "00000000:00000000" for r in ours)
+
+
+def test_a_burst_of_the_mailbox_reads_a_bounded_share_of_a_strangers_fat_hellos(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """What a mailbox message costs the loop grows with its size (a HELLO of 10,000 short
+    groups, 100 KB, about 8 ms), and a burst read up to 512 of them, four before a sweep's
+    verdicts: one stranger's flood held the loop 16 s, and the node's own calls (a join)
+    timed out meanwhile. A burst now reads about a MiB at most, then lets the loop go on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with zmqmesh.Node("target", **mesh) as node:
+        engine = node._engine
+        router = engine.membership.router
+        port = int(node.endpoints["mailbox"].rsplit(":", 1)[1])
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        hello = zre_frames(Command.HELLO, 2, endpoint=endpoint, name="fat",  # (2: each one counted)
+                           groups=[f"g{i:05d}" for i in range(10_000)])
+        count = 60
+        held, sent = threading.Event(), threading.Event()
+
+        def bursts() -> list[int]:
+            """On the loop, which reads nothing else meanwhile: the HELLOs handled by each
+            burst, once they all wait in the mailbox."""
+            held.set()
+            assert sent.wait(10)
+            wait_until(lambda: _loopback_queues_empty(port), 10, "the HELLOs to reach the mailbox")
+            sizes: list[int] = []
+            handled = 0
+            while handled < count:
+                router._read_burst()
+                now = engine.stats.rejected["zre_hello_sequence"]
+                sizes.append(now - handled)
+                handled = now
+            return sizes
+
+        with ThreadPoolExecutor(1) as pool:
+            measured = pool.submit(engine.call_on_loop, bursts, timeout=30)
+            assert held.wait(10)
+            for _ in range(count):
+                dealer.send_multipart(hello)
+            sent.set()
+            sizes = measured.result(40)
+        assert max(sizes) <= 16, f"HELLOs of {len(hello[0])} bytes handled a burst: {sizes}"  # (a MiB: 11)
+        node.join("still-answering")
+        inbox.close(0)
+        dealer.close(0)

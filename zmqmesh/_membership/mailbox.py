@@ -21,8 +21,13 @@ __all__ = ["Mailbox"]
 log = logging.getLogger("zmqmesh.membership")
 
 _MAILBOX_BURST = 512
+_MAILBOX_BURST_BYTES = 1 << 20
+"""Bytes of messages a burst of the mailbox reads at most (a message at least): what a
+message costs the loop grows with its size (a HELLO of 10,000 one-character groups, 110 KB,
+about 8 ms), and a stranger's 512 fat HELLOs held the loop for seconds a burst (a sweep
+reads up to four), where every call of the node's users waits."""
 _SWEEP_READS = 4
-"""Bursts of the mailbox a sweep reads before it judges who fell silent (2,048 messages)."""
+"""Bursts of the mailbox a sweep reads before it judges who fell silent (2,048 messages, 4 MiB of them at most)."""
 
 
 class Mailbox:
@@ -94,12 +99,16 @@ class Mailbox:
             self.read_soon()  # more may be waiting: yield, then go on
 
     def _read_burst(self) -> bool:
-        """Handle the messages waiting in the mailbox, up to `_MAILBOX_BURST`; whether the
-        burst filled (more may wait, and the descriptor will not say so again)."""
+        """Handle the messages waiting in the mailbox, up to `_MAILBOX_BURST` or
+        `_MAILBOX_BURST_BYTES`; whether the burst filled (more may wait, and the descriptor
+        will not say so again)."""
         mailbox, on_message = self.socket, self._on_message
         if mailbox is None or on_message is None:
             return False
+        read = 0
         for _ in range(_MAILBOX_BURST):
+            if read >= _MAILBOX_BURST_BYTES:
+                return True
             try:
                 frames = mailbox.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -107,6 +116,7 @@ class Mailbox:
             except zmq.ZMQError as exc:
                 log.debug("mailbox receive failed: %s", exc)
                 return False
+            read += sum(map(len, frames))
             try:
                 on_message(frames)
             except Exception:  # never let one message take the node down
