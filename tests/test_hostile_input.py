@@ -6,6 +6,7 @@ The node never crashes or hangs and keeps answering a service throughout.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import threading
@@ -892,3 +893,35 @@ def test_a_burst_of_the_mailbox_reads_a_bounded_share_of_a_strangers_fat_hellos(
         node.join("still-answering")
         inbox.close(0)
         dealer.close(0)
+
+
+def test_a_strangers_replay_of_a_frozen_peers_beacons_does_not_keep_it_listed(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    """A peer's beacon is public and its source address is forged at will on a host: a
+    stranger replaying a SIGSTOPped peer's beacons kept it listed without end (its requests
+    timing out), where it is gone after ``peer_timeout_s`` without them. A beacon counts
+    as a sign of life only within `BEACON_TRUST_TIMEOUTS` timeouts of the peer's last word
+    over its link; an idle peer that is alive is PINGed then, and stays."""
+    mesh["peer_timeout_s"] = 1.0
+    frozen = spawn("frozen")
+    node = zmqmesh.Node("observer", **mesh)
+    left: list[str] = []
+    node.on_leave(lambda peer: left.append(peer.name))
+    with node, zmqmesh.Node("idle", **mesh):
+        node.wait_for_peers(2, timeout=10)
+        port = int(frozen.mailbox.rsplit(":", 1)[1])
+        replay = zre.encode_beacon(bytes.fromhex(frozen.id), port)
+        frozen.signal(signal.SIGSTOP)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+
+                def gone_while_replayed() -> bool:
+                    sock.sendto(replay, ("127.255.255.255", mesh["beacon_port"]))
+                    return "frozen" in left
+
+                wait_until(gone_while_replayed, 15 * mesh["peer_timeout_s"],  # (10 timeouts of trust, then one)
+                           "the frozen peer to be gone", every=0.25)
+        finally:
+            frozen.signal(signal.SIGCONT)
+        assert left == ["frozen"], "the idle peer, alive, was dropped"

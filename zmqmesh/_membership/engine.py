@@ -115,7 +115,7 @@ class Membership:
                            later=self.timers.later, retry_s=_SEED_RETRY_S)
         self.roster = Roster(loop=loop, uuid=uuid, secure=keys is not None, admission=self.admission, stats=stats,
                              events=events, links=self.links, seeds=self.seeds, peer_groups=self.peer_groups,
-                             hello=self._hello)
+                             hello=self._hello, peer_timeout_s=config.peer_timeout_s)
         self.peers = self.roster.peers
         self.liveness = Liveness(detector=self.detector, links=self.links, roster=self.roster, seeds=self.seeds,
                                  stats=stats, timers=self.timers, disconnect_grace_s=config.disconnect_grace_s,

@@ -41,6 +41,7 @@ class PeerState:
         self.groups_refused = False  # a JOIN of it was refused (a budget): `groups` may lack some of its offers
         self.status = 0
         self.last_rx = time.monotonic()
+        self.last_word = self.last_rx  # its last command over its link (`last_rx`: beacons too)
         self.last_seen = time.time()
         self.ping_sent: float | None = None
         self.link_up = False
@@ -52,7 +53,13 @@ class PeerState:
         self.version = 0
 
     def touch(self) -> None:
-        """Record traffic from the peer (a sign of life)."""
+        """Record a command from the peer over its link (its word: a sign of life)."""
+        self.seen()
+        self.last_word = self.last_rx
+
+    def seen(self) -> None:
+        """Record a sign of life that is not the peer's word: its beacon, which anyone can
+        send under its uuid."""
         self.last_rx = time.monotonic()
         self.last_seen = time.time()
         self.ping_sent = None

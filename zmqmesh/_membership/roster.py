@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import zmq
@@ -18,7 +19,7 @@ from .links import Links
 from .peer import PeerState
 from .peer_groups import PeerGroups
 
-__all__ = ["Roster", "MAX_PEERS", "MAX_UNPROVEN_PEERS", "ZMQ_SOCKETS_PER_PEER"]
+__all__ = ["Roster", "MAX_PEERS", "MAX_UNPROVEN_PEERS", "ZMQ_SOCKETS_PER_PEER", "BEACON_TRUST_TIMEOUTS"]
 
 log = logging.getLogger("zmqmesh.membership")
 
@@ -31,6 +32,13 @@ MAX_UNPROVEN_PEERS = 128
 """Peers kept that have not yet proven themselves (answered a PING sent to the endpoint
 they claim, over a link that came up): strangers past it make way for each other."""
 
+BEACON_TRUST_TIMEOUTS = 10
+"""A beacon counts as a ready peer's sign of life (sparing it a PING) only within so many
+``peer_timeout_s`` of its last word over its link: anyone can send its beacon (its uuid
+and port are public, a source address is forged at will on one host), and replayed by a
+stranger every quarter second, it kept a SIGSTOPped peer listed without end (15 s watched,
+against 2.3 s without), its requests timing out. Past it, an idle peer is PINGed as a
+silent one is: one PING each way per peer every ~30 s by default."""
 _CROWD = 16
 """Peers from which a node reads beacons in batches, resting between reads (see `Beacons`):
 in a smaller mesh each is read at once, so that a newcomer is met without delay."""
@@ -58,7 +66,7 @@ class Roster:
 
     def __init__(self, *, loop: EventLoop, uuid: bytes, secure: bool, admission: Admission, stats: Stats,
                  events: MembershipEvents, links: Links, seeds: Seeds, peer_groups: PeerGroups,
-                 hello: Callable[[], ZreMessage]) -> None:
+                 hello: Callable[[], ZreMessage], peer_timeout_s: float) -> None:
         self.loop = loop
         self.uuid = uuid
         self.secure = secure
@@ -69,6 +77,7 @@ class Roster:
         self.seeds = seeds
         self.peer_groups = peer_groups
         self.hello = hello
+        self.beacon_trust_s = BEACON_TRUST_TIMEOUTS * peer_timeout_s
         self.peers: dict[bytes, PeerState] = {}
         self.leaving = False
         """Said goodbye: takes in no one new."""
@@ -212,11 +221,13 @@ class Roster:
             return
         if peer is None:
             self.learn(uuid, endpoint, key)
-        elif peer.ready and peer.link_up and peer.endpoint == endpoint:
-            # A beacon proves the process runs; that its link works, the ZMTP heartbeats on
-            # the link prove (they clear link_up within peer_timeout_s). Together they spare
-            # a PING per peer per second.
-            peer.touch()
+        elif peer.ready and peer.link_up and peer.endpoint == endpoint and \
+                time.monotonic() - peer.last_word <= self.beacon_trust_s:
+            # A beacon says the process runs; that its link works, the kernel's probes on
+            # the link say (they clear link_up within peer_timeout_s). Together they spare
+            # a PING per peer per second; that it still answers, only its word over the
+            # link says (`BEACON_TRUST_TIMEOUTS`).
+            peer.seen()
 
     def beacon_rest(self) -> float:
         """How long the beacon socket rests unwatched once read dry (`Beacons`): not at all
