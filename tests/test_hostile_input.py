@@ -925,3 +925,19 @@ def test_a_strangers_replay_of_a_frozen_peers_beacons_does_not_keep_it_listed(
         finally:
             frozen.signal(signal.SIGCONT)
         assert left == ["frozen"], "the idle peer, alive, was dropped"
+
+
+def test_a_hello_under_the_nodes_own_uuid_is_counted_and_ignored(target: zmqmesh.Node, ctx: zmq.Context) -> None:
+    """A node never greets itself: a HELLO under its own (public) uuid is a stranger's,
+    dropped and counted (it was dropped unseen; every other command under it is counted)."""
+    inbox = ctx.socket(zmq.ROUTER)
+    port = inbox.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + bytes.fromhex(target.id))
+    dealer.connect(target.endpoints["mailbox"])
+    dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=f"tcp://127.0.0.1:{port}", name="me"))
+    wait_until(lambda: rejected(target, "zre_own_uuid") == 1, 5, "the HELLO counted")
+    assert target.peers() == []
+    still_serving(target)
+    dealer.close(0)
+    inbox.close(0)

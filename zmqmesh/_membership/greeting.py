@@ -62,7 +62,10 @@ class Greeter:
     def on_hello(self, uuid: bytes, peer: PeerState | None, msg: ZreMessage) -> None:
         """A HELLO from ``uuid`` (``peer``: the one kept under it, if any): taken in, a
         known peer refreshed or greeted again, or refused (counted, see the class)."""
-        if uuid == self.uuid or self.admission.is_foreign(uuid) or self.roster.leaving:
+        if uuid == self.uuid:  # (this node never greets itself: a stranger's, under its public uuid)
+            self.stats.reject("zre_own_uuid")
+            return
+        if self.admission.is_foreign(uuid) or self.roster.leaving:
             return  # (leaving: greeted back, a peer that had our goodbye would list us again)
         if self.admission.endpoint_ok(msg.endpoint) is None:
             return
