@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import random
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -2320,3 +2321,44 @@ def test_a_log_throttle_says_at_most_a_line_per_interval_with_what_came_since() 
     throttle.every_s = 0  # (the interval has passed)
     assert throttle.due(2) == 8
     assert throttle.due() == 1
+
+
+def test_a_peers_join_taken_while_its_leave_is_posted_keeps_its_leave() -> None:
+    """The loop's thread posts joins and leaves while the inbox's owner takes them: a leave
+    withdraws its peer's join only while that join still waits. Unlocked, a join taken
+    between the leave's look and its change left the leave withdrawn (a join reported, its
+    leave never), and the look, iterating the queue as the owner emptied it, could raise
+    "deque mutated during iteration" on the loop's thread."""
+    from zmqmesh._patterns.calls import Call
+    from zmqmesh._patterns.inbound.events import EventCallbacks
+
+    events = EventCallbacks(zmqmesh.NodeConfig(), Stats())
+    rounds = 20_000
+    taken: list[Call] = []
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def owner() -> None:
+        while not done.is_set() or events.events:
+            events.take(taken)
+
+    def cb(peer: str) -> None: ...
+
+    thread = threading.Thread(target=owner)
+    thread.start()
+    try:
+        for n in range(rounds):
+            peer_id = f"p{n}"
+            events.post_peer_event(True, peer_id, [Call(cb, ("join", peer_id), None, "zre")])
+            events.post_peer_event(False, peer_id, [Call(cb, ("leave", peer_id), None, "zre")])
+    except BaseException as exc:  # (the loop's thread would have failed so)
+        failures.append(exc)
+    finally:
+        done.set()
+        thread.join(30)
+    assert not failures
+    seen = [call.arg for call in taken]
+    joins = {peer for kind, peer in seen if kind == "join"}
+    leaves = {peer for kind, peer in seen if kind == "leave"}
+    assert joins == leaves, f"{len(joins - leaves)} joins reported without their leave"
+    assert events.stats.snapshot()["zre"].get("unseen_peers", 0) + len(joins) == rounds

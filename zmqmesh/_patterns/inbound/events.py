@@ -41,7 +41,7 @@ class EventCallbacks:
         self.events: deque[Call] = deque()
         self.event_bytes = 0
         """The bytes of the WHISPER and SHOUT frames waiting in ``events``."""
-        self._lock = threading.Lock()  # (``event_bytes``: posted on the loop's thread, taken on the owner's)
+        self._lock = threading.Lock()  # (``event_bytes``, the joins waiting: posted on the loop's thread, taken on the owner's)
         self._lost_log = LogThrottle(_LOST_LOG_S)  # (`post`: the loop's thread)
         self._joins_waiting: dict[str, list[Call]] = {}  # peer id -> its join's callbacks in ``events``
 
@@ -69,23 +69,24 @@ class EventCallbacks:
         handler, none if there are none); False if nothing was queued: no handler, or a
         leave that withdrew the join of the same peer still waiting (neither is called
         then; counted in ``zre.unseen_peers``)."""
-        if joined:
-            if calls:
-                self._joins_waiting[peer_id] = calls
-        else:
-            waiting = self._joins_waiting.pop(peer_id, None)
-            if waiting is not None:
-                self._withdraw(waiting)
-                self.stats.add("zre", "unseen_peers")
+        with self._lock:  # (`take`, on the owner's thread, must not run between the look and the change)
+            if joined:
+                if calls:
+                    self._joins_waiting[peer_id] = calls
+            else:
+                waiting = self._joins_waiting.pop(peer_id, None)
+                if waiting is not None:
+                    self._withdraw(waiting)
+                    self.stats.add("zre", "unseen_peers")
+                    return False
+            if not calls:
                 return False
-        if not calls:
-            return False
-        self.events.extend(calls)
-        return True
+            self.events.extend(calls)
+            return True
 
     def _withdraw(self, calls: list[Call]) -> None:
         """Take ``calls``, queued together, out of ``events``: looked for from the newest
-        end, where a peer that came and went at once has its join."""
+        end, where a peer that came and went at once has its join. (With ``_lock`` held.)"""
         events = self.events
         for at_end, call in enumerate(reversed(events)):
             if call is calls[-1]:
@@ -96,11 +97,13 @@ class EventCallbacks:
 
     def take(self, calls: list[Call]) -> None:
         """Move every callback waiting into ``calls``, in order."""
-        self._joins_waiting.clear()
-        events = self.events
-        while events:
-            call = events.popleft()
-            if isinstance(call.arg, Message) and call.arg.pattern in ("whisper", "shout"):
-                with self._lock:
+        # (under the lock: a join taken here is no longer waiting, so that its peer's leave,
+        # posted meanwhile on the loop's thread, is queued, not taken for one withdrawing it)
+        with self._lock:
+            self._joins_waiting.clear()
+            events = self.events
+            while events:
+                call = events.popleft()
+                if isinstance(call.arg, Message) and call.arg.pattern in ("whisper", "shout"):
                     self.event_bytes -= sum(len(f) for f in call.arg.data)
-            calls.append(call)
+                calls.append(call)
