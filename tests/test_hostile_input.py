@@ -5,12 +5,14 @@ The node never crashes or hangs and keeps answering a service throughout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -372,19 +374,31 @@ def test_a_strangers_odd_numbers_break_neither_the_directory_nor_its_callers(
     router.close(0)
 
 
+@contextlib.contextmanager
+def _stranger_pulling_at_least_once(ctx: zmq.Context, mesh: dict[str, Any], node: zmqmesh.Node,
+                                    queue: str = "q") -> Iterator[zmq.Socket]:
+    """A stranger that pulls ``queue`` at least once: yields its service socket (a ROUTER,
+    from which the test answers the batches dealt to it) once ``node`` sees it pull."""
+    service = ctx.socket(zmq.ROUTER)
+    port = service.bind_to_random_port("tcp://127.0.0.1")
+    inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+    try:
+        _stranger_hello(dealer, endpoint, mesh, groups=[f"zmqmesh/ackqueue/{queue}"],
+                        headers={"X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
+        node.wait_for_pullers(queue, 1, timeout=5)
+        yield service
+    finally:
+        for sock in (dealer, inbox, service):
+            sock.close(0)
+
+
 def test_a_puller_that_refuses_every_batch_is_rested_not_dealt_to_in_a_loop(
         mesh: dict[str, Any], ctx: zmq.Context) -> None:
     """A puller that answers at-least-once batches with "no such queue" (one that stopped
     pulling, before its LEAVE arrives; or a stranger) is left out of the dealing for a
     moment, as a provider that refuses a service is: the pusher dealt the batch straight
     back to it, 7,547 times in 2 s, at a whole CPU."""
-    service = ctx.socket(zmq.ROUTER)
-    port = service.bind_to_random_port("tcp://127.0.0.1")
-    with zmqmesh.Node("pusher", **mesh) as node:
-        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
-        _stranger_hello(dealer, endpoint, mesh, groups=["zmqmesh/ackqueue/q"],
-                        headers={"X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
-        node.wait_for_pullers("q", 1, timeout=5)
+    with zmqmesh.Node("pusher", **mesh) as node, _stranger_pulling_at_least_once(ctx, mesh, node) as service:
         node.push("q", 1)
         dealt = 0
         deadline = time.monotonic() + 2.5
@@ -396,9 +410,6 @@ def test_a_puller_that_refuses_every_batch_is_rested_not_dealt_to_in_a_loop(
         assert 1 <= dealt <= 3, f"dealt {dealt} times in 2.5 s"
         wait_until(lambda: node.stats()["pipeline"].get("redelivered", 0) >= dealt, 5, "the last refusal taken")
         assert node.stats()["pipeline"]["redelivered"] == dealt
-        for sock in (dealer, inbox):
-            sock.close(0)
-    service.close(0)
 
 
 def test_a_flood_of_hellos_from_a_ready_peer_costs_one_check_at_a_time(mesh: dict[str, Any], ctx: zmq.Context) -> None:
@@ -747,27 +758,17 @@ def test_a_dead_letter_queue_no_pull_could_take_named_by_a_puller_is_replaced_by
     2,806 times in 2 s, dead_lettered 2,762, and the message never left; a 100,000-byte
     name, or "\\x00stats", became a queue in the store no pull can take). Such a name is
     now replaced by "<queue>.dead", counted."""
-    service = ctx.socket(zmq.ROUTER)
-    port = service.bind_to_random_port("tcp://127.0.0.1")
-    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node:
-        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
-        try:
-            _stranger_hello(dealer, endpoint, mesh, groups=["zmqmesh/ackqueue/q"],
-                            headers={"X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
-            node.wait_for_pullers("q", 1, timeout=5)
-            node.push("q", {"n": 1}, durable=True)
-            assert service.poll(10_000), "the batch"
-            routing, _name, batch_id, _body = service.recv_multipart()
-            service.send_multipart([routing, batch_id, STATUS_OK, msgpack.packb([[0, named, "ValueError: poison"]])])
-            wait_until(lambda: node.stats()["pipeline"].get("dead_lettered", 0) >= 1, 10, "the dead letter")
-            queues = zmqmesh.inspect_store(tmp_path)["queues"]
-            assert {name: q["messages"] for name, q in queues.items() if q["messages"]} == {"q.dead": 1}
-            assert rejected(node, "dead_letter_refused") == 1
-            assert not service.poll(200), "dealt again"
-        finally:
-            for sock in (dealer, inbox):
-                sock.close(0)
-    service.close(0)
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node, \
+            _stranger_pulling_at_least_once(ctx, mesh, node) as service:
+        node.push("q", {"n": 1}, durable=True)
+        assert service.poll(10_000), "the batch"
+        routing, _name, batch_id, _body = service.recv_multipart()
+        service.send_multipart([routing, batch_id, STATUS_OK, msgpack.packb([[0, named, "ValueError: poison"]])])
+        wait_until(lambda: node.stats()["pipeline"].get("dead_lettered", 0) >= 1, 10, "the dead letter")
+        queues = zmqmesh.inspect_store(tmp_path)["queues"]
+        assert {name: q["messages"] for name, q in queues.items() if q["messages"]} == {"q.dead": 1}
+        assert rejected(node, "dead_letter_refused") == 1
+        assert not service.poll(200), "dealt again"
 
 
 def test_dead_letter_queues_refused_on_every_acknowledgement_are_logged_at_most_every_10_s(
@@ -775,26 +776,16 @@ def test_dead_letter_queues_refused_on_every_acknowledgement_are_logged_at_most_
     """A stranger that names a dead-letter queue no pull could take in each of its
     acknowledgements has each replaced and counted, but logged in one line every 10 s at
     most, with how many since the last (it was a line per acknowledgement: 20 for 20)."""
-    service = ctx.socket(zmq.ROUTER)
-    port = service.bind_to_random_port("tcp://127.0.0.1")
-    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node:
-        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
-        try:
-            _stranger_hello(dealer, endpoint, mesh, groups=["zmqmesh/ackqueue/q"],
-                            headers={"X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{port}"})
-            node.wait_for_pullers("q", 1, timeout=5)
-            for n in range(20):
-                node.push("q", {"n": n}, durable=True)
-                assert service.poll(10_000), "the batch"
-                routing, _name, batch_id, body = service.recv_multipart()
-                failures = [[i, "q", "ValueError: poison"] for i in range(len(msgpack.unpackb(body)))]
-                service.send_multipart([routing, batch_id, STATUS_OK, msgpack.packb(failures)])
-                wait_until(lambda n=n: node.stats()["pipeline"].get("dead_lettered", 0) >= n + 1, 10, "the dead letter")
-            assert rejected(node, "dead_letter_refused") == 20
-        finally:
-            for sock in (dealer, inbox):
-                sock.close(0)
-    service.close(0)
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as node, \
+            _stranger_pulling_at_least_once(ctx, mesh, node) as service:
+        for n in range(20):
+            node.push("q", {"n": n}, durable=True)
+            assert service.poll(10_000), "the batch"
+            routing, _name, batch_id, body = service.recv_multipart()
+            failures = [[i, "q", "ValueError: poison"] for i in range(len(msgpack.unpackb(body)))]
+            service.send_multipart([routing, batch_id, STATUS_OK, msgpack.packb(failures)])
+            wait_until(lambda n=n: node.stats()["pipeline"].get("dead_lettered", 0) >= n + 1, 10, "the dead letter")
+        assert rejected(node, "dead_letter_refused") == 20
     said = [r.getMessage() for r in caplog.records if "dead-letter queue" in r.getMessage()]
     assert len(said) == 1, said
 

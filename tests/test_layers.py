@@ -7,12 +7,14 @@ are pure logic; here they are driven directly, as the engine and the drivers dri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1705,21 +1707,33 @@ def test_the_cursors_of_dropped_subscriptions_are_forgotten_with_the_frames_they
     assert replays.cursors == {} and not replays.waiting()
 
 
+@contextlib.contextmanager
+def durable_replaying(tmp_path: Path) -> Iterator[tuple[Any, list[Any], Any, Any, Any, Any]]:
+    """`replaying` one subscription made durable under the name "d", with a store in
+    ``tmp_path``: ``(replays, fetches, registry, key, publisher, store)``; the store closed after."""
+    from zmqmesh._mesh.registry import SubscribeOptions
+    from zmqmesh._store.store import Store
+
+    publisher = history_publisher("bb")
+    store = Store(str(tmp_path))
+    try:
+        replays, fetches, *_ = replaying(publisher, store=store)
+        registry = replays.registry
+        (key, _options), = registry.replays.items()
+        registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
+        yield replays, fetches, registry, key, publisher, store
+    finally:
+        store.close()
+
+
 def test_the_places_of_a_durable_name_no_subscription_takes_are_let_go_from_memory(tmp_path: Path) -> None:
     """A durable name's places were held in memory for good once loaded: a node that
     subscribed under ever-new names and dropped each grew by about 10 KB a name (20 MB for
     2,000 names of 50 topics). Dropped, a name's places are written and let go (not while
     a message it handed out is still being handled); made again, it resumes from the store."""
     from zmqmesh._mesh.registry import SubscribeOptions
-    from zmqmesh._store.store import Store
 
-    publisher = history_publisher("bb")
-    store = Store(str(tmp_path))
-    replays, fetches, *_ = replaying(publisher, store=store)
-    registry = replays.registry
-    (key, _options), = registry.replays.items()
-    registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
-    try:
+    with durable_replaying(tmp_path) as (replays, fetches, registry, key, publisher, store):
         calls: list[Any] = []
         replays.sync(calls)
         replays.on_page(fetches[-1], history_page(0, 5), None, calls)
@@ -1740,8 +1754,6 @@ def test_the_places_of_a_durable_name_no_subscription_takes_are_let_go_from_memo
         replays.sync(again)
         replays.on_page(fetches[-1], history_page(0, 8), None, again)
         assert [c.route.seq for c in again] == [5, 6, 7], "resumed from the store"
-    finally:
-        store.close()
 
 
 def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of_order_keeps_its_place(
@@ -1751,15 +1763,8 @@ def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of
     number is then pending twice, and handled twice, in any order. Its place must still
     move on with what is handled, and never back."""
     from zmqmesh._mesh.registry import SubscribeOptions
-    from zmqmesh._store.store import Store
 
-    publisher = history_publisher("bb")
-    store = Store(str(tmp_path))
-    replays, fetches, *_ = replaying(publisher, store=store)
-    registry = replays.registry
-    (key, _options), = registry.replays.items()
-    registry.set_subscribe_options(*key, SubscribeOptions(replay="all", durable_name="d"))
-    try:
+    with durable_replaying(tmp_path) as (replays, fetches, registry, key, publisher, store):
         first: list[Any] = []
         replays.sync(first)
         replays.on_page(fetches[-1], history_page(0, 5), None, first)
@@ -1782,8 +1787,6 @@ def test_a_durable_subscription_made_again_while_its_messages_are_handled_out_of
             replays.handled(call.route)
         replays.flush()
         assert store.cursors.load("d")["s1"]["t.x"][0] == 49, "the place moves on with what is handled"
-    finally:
-        store.close()
 
 
 def test_a_look_at_the_numbers_that_finds_a_frame_lost_reads_it_before_the_frames_held_go(
