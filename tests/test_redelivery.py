@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import ScriptProcess, wait_until
 
 import zmqmesh
 from zmqmesh import inspect_store
+
+HOSTILE_PULLER = Path(__file__).resolve().parent / "hostile_puller.py"
 
 
 def test_handlers_quicker_than_the_ack_timeout_never_time_out_in_a_backlog(tmp_path: Path,
@@ -436,3 +438,43 @@ def test_a_dedupe_puller_of_many_queues_never_runs_a_redelivery_beside_the_first
         deduplicated = puller.stats()["pipeline"].get("deduplicated", 0)
     assert [n for n in runs.values() if n > 1] == []
     assert deduplicated == 1
+
+
+def test_an_answer_to_a_batch_dealt_to_another_puller_is_dropped_and_nothing_is_lost(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """A stranger pulling the queue acknowledges, beside its own batches, every batch id
+    below them: those dealt to a puller whose handler is stuck on its first message. Its
+    answers to batches it was never dealt are dropped, counted
+    (``rejected["ack_not_dealt"]``): once that puller stops, what it held goes to another,
+    and every message is handled. (Before: the stranger's answers settled them, and 25 of
+    40 messages were never handled by anyone.)"""
+    gate = threading.Event()
+    held: list[int] = []
+    later: list[int] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        stuck = zmqmesh.Node("stuck", **mesh)
+
+        @stuck.pull("jobs", at_least_once=True)
+        def wait(msg: zmqmesh.Message) -> None:
+            held.append(msg.data)
+            gate.wait(20)
+
+        try:
+            with stuck:
+                pusher.wait_for_pullers("jobs", 1, timeout=10)
+                pusher.push_many("jobs", list(range(20)), durable=True)
+                wait_until(lambda: held, 10, "the stuck puller's first message")
+                hostile = ScriptProcess(HOSTILE_PULLER, mesh["mesh"], mesh["beacon_port"], "steal")
+                procs.append(hostile)
+                pusher.wait_for_pullers("jobs", 2, timeout=10)
+                pusher.push_many("jobs", list(range(20, 40)), durable=True)
+                wait_until(lambda: pusher.stats()["rejected"].get("ack_not_dealt"), 10, "the stolen answers dropped")
+                hostile.kill()
+                stuck.stop(timeout=0.2)
+        finally:
+            gate.set()
+        dealt_to_hostile = sum(int(line.split()[2]) for line in hostile.lines if line.startswith("BATCH"))
+        other = zmqmesh.Node("other", **mesh)
+        other.pull("jobs", lambda msg: later.append(msg.data), at_least_once=True)
+        with other:
+            wait_until(lambda: len(set(held) | set(later)) + dealt_to_hostile >= 40, 20, "every message handled")

@@ -519,6 +519,9 @@ class ReliableSender:
         return sock
 
     def _on_acks(self, puller: str) -> None:
+        """Read the answers ``puller`` sent to the batches dealt to it. An answer naming a
+        batch dealt to another puller is dropped, counted (``rejected["ack_not_dealt"]``):
+        taken, it settled messages that puller still held, lost if it then died."""
         sock = self.sockets.get(puller)
         freed = False
         while sock is not None:
@@ -527,7 +530,12 @@ class ReliableSender:
             except zmq.ZMQError:
                 break
             reply = parse_reply(frames)
-            batch = self.inflight.pop(reply[0], None) if reply is not None else None
+            batch = self.inflight.get(reply[0]) if reply is not None else None
+            if batch is not None and batch.puller != puller:  # (a batch dealt to another: not its to answer)
+                self.stats.reject("ack_not_dealt")
+                continue
+            if batch is not None:
+                del self.inflight[batch.id]
             if batch is None or reply is None:
                 # late: the batch timed out and went to another puller (its puller moves on)
                 if reply is not None and self._ghosts and self._answered_late(puller, reply[0]):

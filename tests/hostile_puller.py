@@ -1,0 +1,112 @@
+"""A hostile at-least-once puller of "jobs", written from docs/protocol.md (reusing the ZRE
+helpers of foreign_client.py). Run as
+
+    python hostile_puller.py MESH BEACON_PORT MODE
+
+It becomes a zmqmesh peer announcing protocol 7 and pulling "jobs" at least once; for each
+batch dealt to it (it prints "BATCH <id> <items>") it answers as MODE says:
+
+- ``steal``: its own batch acknowledged, and every batch id below it too (batches dealt to
+  other pullers: it was never dealt them);
+- ``partial:<json body>``: its own batch answered 0x04 with that body (as msgpack).
+
+It ends on the node's bye, or after 40 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+import msgpack
+import zmq
+from foreign_client import (
+    CONTROL,
+    HELLO,
+    PING,
+    PING_OK,
+    WHISPER,
+    command,
+    hello_body,
+    parse_hello,
+    say,
+)
+
+MESH, BEACON_PORT, MODE = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+
+def find_mailbox() -> str:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    udp.bind(("", BEACON_PORT))
+    udp.settimeout(10)
+    try:
+        while True:
+            data, (address, _) = udp.recvfrom(64)
+            if len(data) == 22 and data[:4] == b"ZRE\x01" and struct.unpack("!H", data[20:])[0]:
+                return f"tcp://{address}:{struct.unpack('!H', data[20:])[0]}"
+    finally:
+        udp.close()
+
+
+def answer(service: zmq.Socket, frames: list[bytes]) -> None:
+    routing_id, name, batch_id, body = frames[:4]
+    if name != b"\x00queue/jobs":
+        service.send_multipart([routing_id, batch_id, b"\x02", b""])
+        return
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(body)
+    items = list(unpacker)
+    say("BATCH", int.from_bytes(batch_id, "big"), len(items))
+    if MODE == "steal":
+        for other in range(1, int.from_bytes(batch_id, "big") + 1):
+            service.send_multipart([routing_id, other.to_bytes(8, "big"), b"\x00", b""])
+    elif MODE.startswith("partial:"):
+        service.send_multipart([routing_id, batch_id, b"\x04", msgpack.packb(json.loads(MODE[8:]))])
+
+
+def main() -> None:
+    mailbox = find_mailbox()
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.ROUTER)
+    inbox_port = inbox.bind_to_random_port("tcp://127.0.0.1")
+    service = ctx.socket(zmq.ROUTER)
+    service_port = service.bind_to_random_port("tcp://127.0.0.1")
+    link = ctx.socket(zmq.DEALER)
+    link.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
+    link.connect(mailbox)
+    out_sequence = 1
+    link.send(command(HELLO, out_sequence, hello_body(
+        f"tcp://127.0.0.1:{inbox_port}", ["zmqmesh/ackqueue/jobs"], 2, "hostile",
+        {"X-ZMQMESH-MESH": MESH, "X-ZMQMESH-PROTOCOL": "7",
+         "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{service_port}"})))
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    poller.register(service, zmq.POLLIN)
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        for sock, _ in poller.poll(100):
+            if sock is inbox:
+                frames = inbox.recv_multipart()
+                cmd = frames[1][2]
+                if cmd == HELLO:
+                    say("HELLO", parse_hello(frames[1])[1])
+                elif cmd == PING:
+                    out_sequence = (out_sequence + 1) % 65536
+                    link.send(command(PING_OK, out_sequence))
+                elif cmd == WHISPER and frames[2] == CONTROL and msgpack.unpackb(frames[3]).get("t") == "bye":
+                    say("BYE")
+                    ctx.destroy(linger=0)
+                    return
+            else:
+                answer(service, service.recv_multipart())
+    ctx.destroy(linger=0)
+
+
+if __name__ == "__main__":
+    main()
