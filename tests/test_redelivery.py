@@ -478,3 +478,28 @@ def test_an_answer_to_a_batch_dealt_to_another_puller_is_dropped_and_nothing_is_
         other.pull("jobs", lambda msg: later.append(msg.data), at_least_once=True)
         with other:
             wait_until(lambda: len(set(held) | set(later)) + dealt_to_hostile >= 40, 20, "every message handled")
+
+
+def test_a_puller_that_answers_part_of_a_batch_is_dealt_no_more_of_the_queue_for_a_while(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """A stranger answers every batch 0x04 (a stopping puller's answer), naming an item the
+    batch does not have. Each is counted (``rejected["ack_malformed"]``) and the batch dealt
+    again, to others first: like a puller that refused the queue (0x02), it gets none of it
+    for 2 s, so the messages go to the honest puller that comes. (Before: they went straight
+    back to it: alone, some 8,000 round trips a second, the pusher at 65 % of a core; here
+    74 refused answers before the honest puller had the five.)"""
+    handled: list[int] = []
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        hostile = ScriptProcess(HOSTILE_PULLER, mesh["mesh"], mesh["beacon_port"], "partial:[[999], []]")
+        procs.append(hostile)
+        pusher.wait_for_pullers("jobs", 1, timeout=10)
+        pusher.push_many("jobs", list(range(5)), durable=True)
+        wait_until(lambda: pusher.stats()["rejected"].get("ack_malformed"), 10, "the stranger's answer")
+        honest = zmqmesh.Node("honest", **mesh)
+        honest.pull("jobs", lambda msg: handled.append(msg.data), at_least_once=True)
+        with honest:
+            wait_until(lambda: len(handled) == 5, 10, "the messages at the honest puller")
+            refused = pusher.stats()["rejected"]["ack_malformed"]
+        hostile.kill()
+    assert sorted(handled) == list(range(5))
+    assert refused <= 3, refused

@@ -548,11 +548,11 @@ class ReliableSender:
             self.inflight_bytes[batch.puller] -= batch.size
             self._left_line(batch)
             freed = True
-            if reply[1] == STATUS_PARTLY_HANDLED:
-                self._partly_handled(batch, reply[2])
-                continue
-            if reply[1] != STATUS_OK:  # the puller stopped pulling, or the keeper's store failed: deal
-                self._put_back(batch.queue, self._named(batch))  # them again, to others first
+            if reply[1] != STATUS_OK:  # the puller stops, stopped pulling, or the keeper's store failed: deal
+                if reply[1] == STATUS_PARTLY_HANDLED:  # them (what it left of them) again, to others first
+                    self._partly_handled(batch, reply[2])
+                else:
+                    self._put_back(batch.queue, self._named(batch))
                 rest = self.directory.skip_provider(batch.service, batch.puller,
                                                     _FAILED_REST_S if reply[1] == STATUS_ERROR else None)
                 self.loop.call_later(rest, self.wake)
