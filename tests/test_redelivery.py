@@ -503,3 +503,38 @@ def test_a_puller_that_answers_part_of_a_batch_is_dealt_no_more_of_the_queue_for
         hostile.kill()
     assert sorted(handled) == list(range(5))
     assert refused <= 3, refused
+
+
+def test_the_failures_a_stopping_puller_names_in_its_partial_answer_are_counted_as_errors(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A puller (0.05 s a message) whose handler raises for message 0 is stopped in the
+    middle of its first batch: its partial answer (0x04) names that failure, and the pusher
+    counts it in ``pipeline.errors`` as it counts those of a whole acknowledgement; the
+    message is dealt again, with its attempt counted. (Before: the failure was settled but
+    not counted: ``pipeline.errors`` 0.)"""
+    attempts: dict[int, int] = {}
+    by_stopping: list[int] = []
+
+    def slow(msg: zmqmesh.Message) -> None:
+        time.sleep(0.05)
+        if msg.data == 0:
+            raise RuntimeError("the first one fails")
+        by_stopping.append(msg.data)
+
+    def other_handler(msg: zmqmesh.Message) -> None:
+        attempts[msg.data] = msg.attempts
+
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        stopping = zmqmesh.Node("stopping", **mesh)
+        stopping.pull("jobs", slow, at_least_once=True)
+        stopping.start()
+        pusher.wait_for_pullers("jobs", 1, timeout=10)
+        pusher.push_many("jobs", list(range(100)), durable=True)
+        wait_until(lambda: len(by_stopping) >= 5, 10, "the stopping puller at work")
+        with zmqmesh.Node("other", **mesh) as other:
+            other.pull("jobs", other_handler, at_least_once=True)
+            stopping.stop(0.3)
+            wait_until(lambda: not inspect_store(tmp_path)["queues"], 30, "everything acknowledged")
+        errors = pusher.stats()["pipeline"]["errors"]
+    assert attempts[0] == 1
+    assert errors == 1

@@ -557,10 +557,7 @@ class ReliableSender:
                                                     _FAILED_REST_S if reply[1] == STATUS_ERROR else None)
                 self.loop.call_later(rest, self.wake)
                 continue
-            failures = self._failures(reply[2], batch.queue, len(batch.items))
-            if failures:
-                self.stats.pattern["pipeline"]["errors"] += len(failures)
-            retry = self._settle(batch, failures, [])
+            retry = self._settle_answered(batch, self._failures(reply[2], batch.queue, len(batch.items)))
             if retry:
                 self._put_back(batch.queue, retry)
         if freed:
@@ -586,8 +583,15 @@ class ReliableSender:
         place = {position: at for at, position in enumerate(handled)}
         failures = [Failure(place[f.position], f.dead_letter, f.error)
                     for f in self._failures_of(entries, batch.queue, len(batch.items)) if f.position in place]
-        retry = self._settle(_with_items(batch, [batch.items[i] for i in handled]), failures, [])
+        retry = self._settle_answered(_with_items(batch, [batch.items[i] for i in handled]), failures)
         self._put_back(batch.queue, [named[i] for i in sorted(left)] + retry)
+
+    def _settle_answered(self, batch: _Batch, failures: list[Failure]) -> list[Any]:
+        """Settle ``batch`` as its puller answered it, ``failures`` (its handlers' that
+        raised, counted in ``pipeline.errors``) among its items: what to deal again."""
+        if failures:
+            self.stats.pattern["pipeline"]["errors"] += len(failures)
+        return self._settle(batch, failures, [])
 
     def _failures(self, body: bytes, queue: str, count: int) -> list[Failure]:
         """The failures a puller of ``queue`` named in the acknowledgement ``body`` of a
