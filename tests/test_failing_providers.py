@@ -8,6 +8,7 @@ import asyncio
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -258,3 +259,46 @@ def test_an_async_node_counts_requests_lost_with_their_provider(mesh: dict[str, 
     finally:
         release.set()
         provider.stop(1.0)
+
+
+@pytest.mark.timeout(90)
+def test_submits_to_a_healthy_provider_go_on_while_those_to_a_stopped_one_wait_for_room(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    """Submits to a provider stopped by SIGSTOP fill their connection (``send_hwm=4``, 1 MiB
+    each) and wait for room; a submit to another, healthy provider meanwhile is answered at
+    once, and a `request_many` over an iterator raises as soon as its first request times
+    out. (Before: the submit thread waited for room on the stopped provider's connection,
+    up to the timeout of the request it held, and the healthy provider's request, behind
+    it, timed out unsent: MeshTimeoutError after 2 s; the iterator's call raised half a
+    second past the deadline of its first request.)"""
+    patient = {"peer_timeout_s": 60.0, "heartbeat_interval_s": 20.0}  # (stopped, it is still there)
+    stopped = spawn("stopped", service=["echo"], options=patient)
+    with zmqmesh.Node("healthy", **{**mesh, **patient}) as healthy, \
+            zmqmesh.Node("caller", **{**mesh, **patient}, send_hwm=4) as caller:
+        healthy.service("double", lambda msg: msg.data * 2)
+        caller.wait_for_service("echo", timeout=10)
+        caller.wait_for_service("double", timeout=10)
+        stopped.signal(signal.SIGSTOP)
+        try:
+            waiting = [caller.submit("echo", b"z" * (1 << 20), timeout=3) for _ in range(40)]
+            assert caller.submit("double", 21, timeout=2).result(15) == 42
+            assert not any(future.done() for future in waiting), "the stopped provider answered"
+            for future in waiting:
+                with pytest.raises(zmqmesh.MeshTimeoutError):
+                    future.result(15)
+
+            first_sent: list[float] = []
+
+            def slowly() -> Iterator[bytes]:
+                for _ in range(40):
+                    first_sent.append(time.monotonic())
+                    yield b"z" * (1 << 20)
+                    time.sleep(0.05)
+
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                caller.request_many("echo", slowly(), timeout=1, window=100)
+            assert len(first_sent) < 40, "the call went on past its first request's deadline"
+        finally:
+            stopped.signal(signal.SIGCONT)
+        counts = caller.stats()["request"]
+        assert counts["sent"] == counts["received"] + counts["errors"] + counts["abandoned"], counts

@@ -243,6 +243,10 @@ class Pipelined:
         requests sent (`Stats.count_sent`), and meanwhile counted by the stats' snapshots."""
         engine.stats.track(self._tally)
         self._batches: RequestBatches[str, Job] = RequestBatches()
+        self.waiting_for_room: dict[str, deque[tuple[list[bytes], list[bytes], bool]]] = {}
+        """The frames each provider's socket refused (its ``send_hwm`` frames unread), in
+        order, with the ids of their requests: sent as `pump` finds the socket writable
+        (`take`)."""
 
     def __len__(self) -> int:
         return len(self.outstanding)
@@ -326,29 +330,59 @@ class Pipelined:
         old.close(0)
         return self._socket(self._known[provider_id])
 
-    waiting_for_room: Container[str] = frozenset()
-    """None: a socket that refused frames is waited for at once (`take`)."""
-
     def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
              copy: bool) -> bool:
-        """Send ``frames`` once ``sock`` takes them, waiting for room (blocking this thread),
-        until the earliest deadline of ``request_ids`` (True); False if that passed first,
-        the node stopped, or the provider left: the back-pressure of a provider that reads
-        requests more slowly than this thread sends them (replies wait meanwhile in the
-        socket, up to ``recv_hwm`` frames). A `FullSocket`'s."""
-        engine = self.engine
-        deadline = self.outstanding.earliest_deadline(request_ids)
-        while not engine.closed and provider_id in engine.directory.alive_ids:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            if sock.poll(int(min(remaining, _BUSY_POLL_S) * 1000) + 1, zmq.POLLOUT):
+        """Keep ``frames`` to send once ``provider_id``'s socket ``sock`` has room, behind
+        those kept before them (`pump` sends them as the socket becomes writable): the
+        back-pressure of a provider that reads requests more slowly than this thread sends
+        them. Its requests wait as if sent, and time out as they would; meanwhile this
+        thread goes on reading replies and sending to the other providers (before, it
+        waited here, holding up every other request of the thread: a `submit` to a healthy
+        provider timed out behind one to a stalled provider). A `FullSocket`'s: True."""
+        parked = self.waiting_for_room.get(provider_id)
+        if parked is None:
+            parked = self.waiting_for_room[provider_id] = deque()
+            self.poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
+        parked.append((frames, request_ids, copy))
+        return True
+
+    def _send_parked(self, provider_id: str) -> None:
+        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes
+        them; those whose requests none waits for any more (timed out, forgotten) are
+        dropped."""
+        parked = self.waiting_for_room.get(provider_id)
+        sock = self._sockets.get(provider_id)
+        if parked is None or sock is None:
+            return
+        waiting = self.outstanding.ids
+        while parked:
+            frames, request_ids, copy = parked[0]
+            if any(request_id in waiting for request_id in request_ids):
                 try:
                     send_frames(sock, frames, copy=copy)
-                    return True
                 except zmq.Again:
-                    continue
-        return False
+                    return
+            parked.popleft()
+        self._unpark(provider_id)
+
+    def _drop_unwaited(self) -> None:
+        """Drop the frames kept for room whose requests none waits for any more (they timed
+        out, or their callers gave up): a provider that stopped reading would otherwise
+        have them kept as long as it lives."""
+        waiting = self.outstanding.ids
+        for provider_id, parked in list(self.waiting_for_room.items()):
+            kept = deque(entry for entry in parked if any(request_id in waiting for request_id in entry[1]))
+            if kept:
+                self.waiting_for_room[provider_id] = kept
+            else:
+                self._unpark(provider_id)
+
+    def _unpark(self, provider_id: str) -> None:
+        """Nothing waits for room on ``provider_id``'s socket any more."""
+        del self.waiting_for_room[provider_id]
+        sock = self._sockets.get(provider_id)
+        if sock is not None:
+            self.poller.modify(sock, zmq.POLLIN)
 
     def pump(self, timeout_s: float | None, burst: int = _READ_BURST) -> list[tuple[Any, int]]:
         """Wait up to ``timeout_s`` (None: until something is ready; less if a request falls
@@ -363,9 +397,13 @@ class Pipelined:
             timeout_s = due if timeout_s is None else min(timeout_s, due)
         try:
             ready = self.poller.poll(None if timeout_s is None else int(timeout_s * 1000) + (1 if timeout_s > 0 else 0))
-            for sock, _event in ready:
+            for sock, event in ready:
                 provider_id = self._providers.get(sock)
-                if provider_id is not None:
+                if provider_id is None:
+                    continue
+                if event & zmq.POLLOUT:
+                    self._send_parked(provider_id)
+                if event & zmq.POLLIN:
                     self._read(sock, provider_id, burst)
         except zmq.ZMQError as exc:
             raise closed_or_failed(self.engine, exc) from exc
@@ -374,6 +412,11 @@ class Pipelined:
         self._expire()
         self.prune()
         return ready
+
+    def overdue(self) -> bool:
+        """Whether a request in flight has passed its deadline (`pump` fails it)."""
+        deadline = self.outstanding.next_deadline()
+        return deadline is not None and deadline <= time.monotonic()
 
     def send_gathered(self) -> None:
         """Send the requests gathered since the last pump (`RequestBatches`) now."""
@@ -394,6 +437,8 @@ class Pipelined:
         forgotten = self.outstanding.forget_where(jobs.__contains__)
         if forgotten:
             self.engine.stats.add("request", "errors" if self.engine.closed else "abandoned", forgotten)
+            if self.waiting_for_room:
+                self._drop_unwaited()
 
     def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> None:
         answer_all, tally = self.outstanding.answer_all, self._tally
@@ -429,6 +474,8 @@ class Pipelined:
         overdue = self.outstanding.expired(time.monotonic())
         if overdue:
             self.engine.stats.add("request", "errors", _sent_among(overdue, self._batches))
+            if self.waiting_for_room:
+                self._drop_unwaited()
         for job, service in overdue:
             self.resume(job, None, MeshTimeoutError(f"request to {service!r} timed out"))
 
@@ -444,6 +491,7 @@ class Pipelined:
         for provider_id in [p for p in self._sockets if p not in alive]:
             with contextlib.suppress(zmq.ZMQError):  # (the context ending under it: the requests fail below)
                 self._read(self._sockets[provider_id], provider_id, len(self.outstanding) + 1)
+            self.waiting_for_room.pop(provider_id, None)
             sock = self._sockets.pop(provider_id)
             self.poller.unregister(sock)
             del self._providers[sock]
@@ -464,6 +512,7 @@ class Pipelined:
         if sent:
             self.engine.stats.add("request", "errors", len(sent))
         jobs.extend(sent)
+        self.waiting_for_room.clear()
         for sock in self._sockets.values():
             self.poller.unregister(sock)
             sock.close(0)
@@ -662,6 +711,8 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window:
             if not jobs:
                 break
             pipelined.start_many(jobs)
+            if not at_hand and pipelined.overdue():  # (items come one by one: a request fell due meanwhile)
+                pipelined.pump(0, burst)
             while calls.free() < refill and not calls.failures:
                 pipelined.pump(_BUSY_POLL_S, burst)
         while calls.waiting():

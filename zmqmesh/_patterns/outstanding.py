@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable, KeysView
+from collections.abc import Callable, KeysView
 from typing import Generic, TypeVar
 
 from .._wire import frames as wire
@@ -155,10 +155,6 @@ class Outstanding(Generic[Waiter]):
         else:
             del self._given_up[provider_id]
 
-    def earliest_deadline(self, request_ids: Iterable[bytes]) -> float:
-        """The earliest deadline of those of ``request_ids`` that still wait (0.0 if none does)."""
-        pending = self._pending
-        return min((pending[rid][3] for rid in request_ids if rid in pending), default=0.0)
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of a request still waiting; None when none waits."""
