@@ -1675,6 +1675,53 @@ def test_a_page_with_more_to_follow_that_goes_no_further_is_malformed(
     assert read < 10, f"{read} pages read"
 
 
+def test_pieces_of_numbers_that_never_end_are_refused_in_bounds_and_live_messages_go_on(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A publisher whose pieces of ``next`` always say more follow, each naming topics
+    further on (a lie: an honest one's end). Before, the subscriber collected them for
+    as long as they came: a crafted publisher grew it by 1,009 MB in 10 s (6.96 million
+    topics), without end. Past `MAP_MAX_TOPICS` topics (lowered here) the read is refused:
+    counted (``rejected["history_numbers_refused"]``), logged, not tried again; what came
+    before it is delivered, and the live messages go on, that history no longer read."""
+    from zmqmesh._patterns.replay import cursor
+
+    monkeypatch.setattr(cursor, "MAP_MAX_TOPICS", 20_000)
+    pieces: list[int] = []
+    real = zmqmesh._patterns.history.History.page
+
+    def page(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        served: dict[str, Any] = real(self, *args, **kwargs)
+        if self.store.directory.name == "liar" and "next" in served:
+            first = len(pieces) * 1000
+            pieces.append(1)
+            served = {**served, "next": {f"app.z{first + i:09d}": 1 for i in range(1000)},
+                      "next_from": f"app.z{first + 1000:09d}"}
+        return served
+
+    monkeypatch.setattr(zmqmesh._patterns.history.History, "page", page)
+    got: list[tuple[int, int]] = []
+    caplog.set_level(logging.WARNING, logger="zmqmesh.replay")
+    with zmqmesh.Node("liar", store=str(tmp_path / "liar"), history={"app.": 100}, **mesh) as liar:
+        for i in range(10):
+            liar.publish("app.a", {"n": i})
+        subscriber = zmqmesh.Node("subscriber", **mesh)
+        subscriber.subscribe("app.", lambda m: got.append((m.data["n"], m.gap)), replay="all")
+        with subscriber:
+            wait_until(lambda: rejected(subscriber, "history_numbers_refused"), 20, "the pieces refused")
+            liar.wait_for_subscribers("app.a", 1, timeout=10)
+            for i in range(10, 20):
+                liar.publish("app.a", {"n": i})
+            wait_until(lambda: len(got) == 20, 20, "the live messages")
+            stats = subscriber.stats()
+    assert got == [(n, 0) for n in range(20)]
+    assert stats["rejected"]["history_numbers_refused"] == 1
+    assert stats["rejected"].get("history_malformed", 0) == 0
+    assert stats["pubsub"]["replay_failed"] == 1
+    assert len(pieces) <= 21, f"{len(pieces)} pieces read"
+    assert [r for r in caplog.records if "20,000 topics" in r.getMessage()]
+
+
 def test_a_store_too_full_to_record_durable_places_is_counted_and_logged_in_bounds(
         tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """A durable subscriber whose store fills (``store_max_bytes``, a place per topic of

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 from ..._mesh.registry import SubscribeOptions
 from ...message import Origin
 
-__all__ = ["CURSOR_TOPICS", "MAX_HELD", "MAX_HELD_BYTES", "Cursor", "Fetch", "HeldFrame", "Key", "storable"]
+__all__ = ["CURSOR_TOPICS", "MAP_MAX_NAME_CHARS", "MAP_MAX_TOPICS", "MAX_HELD", "MAX_HELD_BYTES", "Cursor", "Fetch",
+           "HeldFrame", "Key", "NumbersTooMany", "storable"]
 
 log = logging.getLogger("zmqmesh.replay")
 
@@ -28,6 +29,14 @@ page of no rows) and forgets the others (`Replays._forget_topics`); it asks agai
 follows twice as many as it kept, if that is more. (A quiet publisher is asked anyway:
 `QUIET_LOOK_S`.) So a cursor follows at most about twice what its publisher numbers, which
 the publisher bounds (``MAX_EMPTY_TOPICS`` of the topics of which nothing is kept)."""
+MAP_MAX_TOPICS = 1 << 20
+"""Topics the pieces of a publisher's numbers (``next``: `Cursor.map_piece`) may name in
+one read, 1,048,576: an honest publisher of 400,000 kept topics sends them in 21 pieces.
+Past it, or past `MAP_MAX_NAME_CHARS`, the read is refused (`NumbersTooMany`): a peer that
+sent pieces for ever grew a subscriber by about 100 MB a second, without end (1 GB in 10 s)."""
+MAP_MAX_NAME_CHARS = 64 << 20
+"""Characters of topic names the pieces of a publisher's numbers may hold in one read
+(`MAP_MAX_TOPICS`): 64 Mi, 64 a topic of `MAP_MAX_TOPICS` (a topic has 200 bytes at most)."""
 _MAX_NUMBER = (1 << 63) - 1  # the largest position or number a store holds (SQLite's INTEGER)
 
 Key = tuple[str, Callable[..., Any]]
@@ -57,13 +66,20 @@ class HeldFrame(NamedTuple):
     read_since: bool = False  # held while a read of the history asked for after it came was made
 
 
+class NumbersTooMany(ValueError):
+    """The pieces of a publisher's numbers name more topics than a cursor takes in one read
+    (`MAP_MAX_TOPICS`, `MAP_MAX_NAME_CHARS`): its history is not read again for that
+    cursor while the same node publishes its stream (`Cursor.refused_by`)."""
+
+
 class Cursor:
     """One replaying subscription's place in one publisher's stream."""
 
     __slots__ = ("stream", "node_id", "earlier", "kept", "options", "catching_up", "next", "pos", "held",
                  "held_count", "held_bytes", "held_topics", "live_pos", "left_to_live", "upto", "from_start", "kept_next",
                  "live_seen", "tail_looks", "away", "awaits_marker", "failures", "failing_since",
-                 "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part")
+                 "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part", "map_chars",
+                 "refused_by")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
         self.stream = stream
@@ -100,6 +116,10 @@ class Cursor:
         self.tidying = False  # the look at the numbers read is for `tidy_at` (not to catch up: `_page_read`)
         self.map_from: str | None = None  # the topic from which the pieces of ``next`` being read go on
         self.map_part: dict[str, int] = {}  # the pieces of ``next`` read so far (`map_piece`)
+        self.map_chars = 0  # the characters of the topic names in ``map_part`` (`MAP_MAX_NAME_CHARS`)
+        # the node whose numbers came in more pieces than a read takes (`NumbersTooMany`): its
+        # history is not read again (`history_refused`); a restarted publisher's is
+        self.refused_by: str | None = None
 
     def follow(self, node_id: str) -> None:
         """Follow the stream as the node ``node_id`` publishes it (a restarted publisher has
@@ -159,7 +179,13 @@ class Cursor:
 
     def forget_map(self) -> None:
         """Let go of the pieces of ``next`` read so far (`map_piece`)."""
-        self.map_from, self.map_part = None, {}
+        self.map_from, self.map_part, self.map_chars = None, {}, 0
+
+    def history_refused(self) -> bool:
+        """Whether the history of the node followed now is not to be read (its numbers came in
+        more pieces than a read takes: `NumbersTooMany`); what comes live is delivered, a gap
+        reported at once."""
+        return self.refused_by is not None and self.refused_by == self.node_id
 
     def map_piece(self, request: dict[str, Any], page: Any) -> dict[str, Any] | None:
         """The numbers the publisher's topics reached (``next``), once whole, from the page
@@ -169,7 +195,9 @@ class Cursor:
         the rows kept since (a page of them with ``more`` has no piece). None while more
         follow. A publisher before pieces sends ``next`` whole. The pieces are let go by
         `forget_map`, once the page is taken whole. Raises `TypeError`, `ValueError` for a
-        malformed piece (one that does not go on past where it was asked from)."""
+        malformed piece (one that does not go on past where it was asked from), and
+        `NumbersTooMany` once the pieces name more than `MAP_MAX_TOPICS` topics or
+        `MAP_MAX_NAME_CHARS` characters of them (the node is then `refused_by`)."""
         piece = page.get("next") or {}
         if type(piece) is not dict:
             raise TypeError(f"next of type {type(piece).__name__}")
@@ -179,13 +207,28 @@ class Cursor:
         if rest is None and bool(page["more"]) and self.map_from is not None:
             return None  # (rows kept since the last piece, more of them: the piece comes after them)
         if rest is None:
-            return {**self.map_part, **piece} if self.map_part else piece
+            if not self.map_part:
+                return piece
+            self._count_piece(piece)
+            return {**self.map_part, **piece}
         asked = request.get("t")
         if type(rest) is not str or type(asked) is not str or rest <= asked or bool(page["more"]):
             raise ValueError(f"a piece of next that goes on from {rest!r}, asked from {asked!r}")
+        self._count_piece(piece)
         self.map_part.update(piece)
         self.map_from = rest
         return None
+
+    def _count_piece(self, piece: dict[str, Any]) -> None:
+        """Count ``piece`` against the bounds of a read's pieces, before it joins them; past
+        them, refuse the node's history (`refused_by`) and raise `NumbersTooMany`."""
+        topics = len(self.map_part) + len(piece)
+        self.map_chars += sum(map(len, piece))
+        if topics > MAP_MAX_TOPICS or self.map_chars > MAP_MAX_NAME_CHARS:
+            self.refused_by = self.node_id
+            raise NumbersTooMany(f"its numbers came in pieces naming over {MAP_MAX_TOPICS:,} topics or "
+                                 f"{MAP_MAX_NAME_CHARS >> 20} Mi characters of names ({topics:,} topics, "
+                                 f"{self.map_chars:,} characters so far)")
 
     def rest_of_map(self, request: dict[str, Any]) -> dict[str, Any]:
         """The request for the next piece of ``next`` after the page read for ``request``. A

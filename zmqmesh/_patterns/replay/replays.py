@@ -22,7 +22,7 @@ from ...errors import PeerLostError
 from ...message import Message, Origin
 from ..calls import Call, CursorMark
 from .awaiting import AwaitingHello
-from .cursor import Cursor, Fetch, HeldFrame, Key, storable
+from .cursor import Cursor, Fetch, HeldFrame, Key, NumbersTooMany, storable
 from .delivery import Delivery
 from .places import DurablePlaces
 from .rereads import Rereads
@@ -141,6 +141,8 @@ class Replays:
                 continue
             if self._publisher(cursor) is None:
                 cursor.away = True
+                continue
+            if cursor.history_refused():
                 continue
             if not numbers_only:
                 cursor.tail_looks += 1
@@ -385,6 +387,8 @@ class Replays:
                 self._starts(cursor, {frame.topic: start})
                 expected = cursor.next.get(frame.topic, expected)
         missed = 0
+        if cursor.history_refused():
+            settled = final = True  # (no history to be had: `NumbersTooMany`)
         if expected is None or frame.seq > expected:
             # missed some: the history may have them, unless it was just read up to past them
             if not settled or (not final and frame.seq > cursor.kept_next.get(frame.topic, 0)):
@@ -399,7 +403,7 @@ class Replays:
             missed = frame.seq - (expected or 0)
         self.delivery.frame(key, options, cursor, frame.topic, frame.seq, frame.items, frame.origin, frame.sender_id,
                       missed, None, calls)
-        if len(cursor.next) >= cursor.tidy_at:  # (a busy publisher is never quiet: asked now)
+        if len(cursor.next) >= cursor.tidy_at and not cursor.history_refused():  # (a busy publisher is never quiet: asked now)
             # (asked again only past twice these, whatever comes of it: an answer that forgets
             # nothing, from a publisher before this look, or none at all, must not make every
             # frame ask: `_forget_topics` sets it from what is kept)
@@ -517,7 +521,7 @@ class Replays:
         publisher answered the subscription's replay marker with (`Cursor.live_from`), or
         -1 if it has not yet; then, from a publisher that answers markers, the read waits
         for it, up to `MARKER_WAIT_S` (`marked`)."""
-        if cursor.catching_up:
+        if cursor.catching_up or cursor.history_refused():
             return
         cursor.catching_up = True
         cursor.forget_map()
@@ -640,6 +644,9 @@ class Replays:
                 self._starts(cursor, page.get("start") or {})
                 if fetch.request.get("n") == 0 and reached is not None and not rows and not more:
                     self._forget_topics(cursor, reached)  # (all its topics, and no row)
+            except NumbersTooMany as exc:  # (its history is not read again: `Cursor.history_refused`)
+                error = exc
+                self.stats.reject("history_numbers_refused")
             except Exception as exc:  # a malformed page: what is held is released as it is
                 error = exc
                 self.stats.reject("history_malformed")
@@ -750,7 +757,7 @@ class Replays:
         """A page delivered, or failed: read the next one, or end the catch-up."""
         cursor.awaits_marker = False  # (a read planned without it failed: the publisher is away)
         if error is not None:
-            if self._retry(fetch, cursor, error):
+            if not isinstance(error, NumbersTooMany) and self._retry(fetch, cursor, error):
                 return  # (still catching up: the live frames are held on)
             log.warning("cannot replay stream %s from %s: %s", fetch.stream[:8], fetch.node_id[:8], error)
             self.stats.add("pubsub", "replay_failed")
