@@ -1202,6 +1202,59 @@ def test_an_empty_dead_letter_queue_is_a_bad_argument(tmp_path: Any, mesh: dict[
     assert "1 dead letter(s) in 'q.dead'" in run("store", "dead-letters", str(store), "q", timeout=30).stdout
 
 
+@pytest.mark.timeout(120)
+def test_store_subscriptions_lists_durable_names_and_forgets_one_with_its_node_stopped(
+        tmp_path: Any, mesh: dict[str, Any]) -> None:
+    """A store keeps a durable name's places for good (about 3 KB a name of 50 topics), and
+    there was no way to let one go: `store subscriptions` was no command (status 2). It
+    lists the durable names (streams, topics), works while the node runs, and forgets one
+    with ``--forget`` (refused while the node runs, as `dead-letters --drop` is): a
+    subscription that takes the name again begins afresh, as its ``replay`` says."""
+    sub_store = str(tmp_path / "sub")
+    got: dict[str, list[int]] = {"alpha": [], "beta": []}
+
+    def subscriber(replay: str = "new") -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=sub_store, **mesh)
+        for name, prefix in (("alpha", "app.a"), ("beta", "app.b")):
+            node.subscribe(prefix, lambda m, name=name: got[name].append(m.data), replay=replay, durable_name=name)
+        return node
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "pub"), history={"app.": 100}, **mesh) as publisher:
+        for i in range(3):
+            for topic in ("app.a1", "app.a2", "app.b1"):
+                publisher.publish(topic, i)
+        with subscriber(replay="all"):
+            wait_until(lambda: len(got["alpha"]) == 6 and len(got["beta"]) == 3, 30, "the history")
+        listed = run("store", "subscriptions", sub_store, timeout=30)
+        assert listed.returncode == 0, listed
+        assert listed.stdout.split("\n")[0].split() == ["DURABLE", "NAME", "STREAMS", "TOPICS"], listed.stdout
+        assert [line.split() for line in listed.stdout.splitlines()[1:]] == [["alpha", "1", "2"], ["beta", "1", "1"]]
+        as_json = run("store", "subscriptions", sub_store, "--json", timeout=30)
+        assert json.loads(as_json.stdout) == {"alpha": {"streams": 1, "topics": 2}, "beta": {"streams": 1, "topics": 1}}
+        with subscriber():  # (its node runs: listed, never forgotten under it)
+            one = run("store", "subscriptions", sub_store, "beta", "--json", timeout=30)
+            assert json.loads(one.stdout) == {"beta": {"streams": 1, "topics": 1}}, one
+            locked = run("store", "subscriptions", sub_store, "beta", "--forget", timeout=30)
+            assert locked.returncode == 1 and "in use" in locked.stderr, locked
+        assert "beta" in zmqmesh.durable_subscriptions(sub_store)
+        forgot = run("store", "subscriptions", sub_store, "beta", "--forget", timeout=30)
+        assert forgot.returncode == 0, forgot
+        assert forgot.stdout.strip() == "forgot durable subscription 'beta': its place in 1 topic(s) of 1 publisher " \
+                                        "stream(s)", forgot.stdout
+        assert zmqmesh.durable_subscriptions(sub_store) == {"alpha": {"streams": 1, "topics": 2}}
+        assert zmqmesh.inspect_store(sub_store)["subscriptions"] == {"alpha": 2}
+        again = run("store", "subscriptions", sub_store, "beta", "--forget", timeout=30)
+        assert again.returncode == 1 and "no durable subscription 'beta'" in again.stderr, again
+        unnamed = run("store", "subscriptions", sub_store, "--forget", timeout=30)
+        assert unnamed.returncode == 2 and "needs the NAME" in unnamed.stderr, unnamed
+        with subscriber(replay="all"):  # (alpha resumes where it was; beta, forgotten, replays its history)
+            wait_until(lambda: len(got["beta"]) == 6, 30, "beta's history again")
+            publisher.wait_for_subscribers("app.a1", 1, timeout=10)
+            publisher.publish("app.a1", 3)
+            wait_until(lambda: len(got["alpha"]) == 7, 30, "alpha's next message")
+    assert got == {"alpha": [0, 0, 1, 1, 2, 2, 3], "beta": [0, 1, 2, 0, 1, 2]}
+
+
 def test_a_remote_failure_is_one_line_on_the_terminal(mesh: dict[str, Any]) -> None:
     """`zmqmesh request` says a failure in one line: a remote handler's message, the
     provider's text, was printed raw (its escapes driving the terminal, its newlines

@@ -35,7 +35,13 @@ if typing.TYPE_CHECKING:
     )
     from ._io.stop_flag import StopFlag
     from ._observe.prometheus import metrics_text
-    from ._store.tools import drop_dead_letters, inspect_store, retry_dead_letters
+    from ._store.tools import (
+        drop_dead_letters,
+        durable_subscriptions,
+        forget_durable_subscription,
+        inspect_store,
+        retry_dead_letters,
+    )
     from .asyncnode import AsyncNode
     from .config import NodeConfig
     from .message import Message, Peer
@@ -67,6 +73,8 @@ __all__ = [
     "inspect_store",
     "retry_dead_letters",
     "drop_dead_letters",
+    "durable_subscriptions",
+    "forget_durable_subscription",
     "metrics_text",
     "StopFlag",
 ]
@@ -85,6 +93,8 @@ _LAZY = {
     "inspect_store": "._store.tools",
     "retry_dead_letters": "._store.tools",
     "drop_dead_letters": "._store.tools",
+    "durable_subscriptions": "._store.tools",
+    "forget_durable_subscription": "._store.tools",
     "metrics_text": "._observe.prometheus",
 }
 """Where each public name lives. They are imported on first use (PEP 562): ``import

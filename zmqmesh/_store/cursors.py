@@ -104,6 +104,18 @@ class Cursors:
             self._db.write([("DELETE FROM cursors WHERE name = ? AND stream = ? AND topic = ?",
                              [(name, stream, topic) for topic in topics])])
 
+    def forget_name(self, name: str) -> dict[str, int]:
+        """Forget the durable subscription ``name``: every place and run it has, in one
+        transaction; what it had, ``{"streams": publisher streams, "topics": places}``.
+        Raises `StoreFullError`, `StoreError`."""
+        with self._db.lock:
+            (streams, topics), = self._db.read(
+                "SELECT count(DISTINCT stream), ifnull(sum(place), 0) FROM (SELECT stream, 1 AS place FROM cursors "
+                "WHERE name = ? UNION ALL SELECT stream, 0 FROM cursor_runs WHERE name = ?)", (name, name))
+            self._db.write_locked([("DELETE FROM cursors WHERE name = ?", [(name,)]),
+                                   ("DELETE FROM cursor_runs WHERE name = ?", [(name,)])])
+        return {"streams": streams, "topics": topics}
+
     def forget_streams(self, name: str, streams: Sequence[str]) -> None:
         """Forget where the durable subscription ``name`` is in ``streams``, every topic,
         and the runs it followed of them (`Replays` bounds the streams a name keeps), in one

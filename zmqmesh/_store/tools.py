@@ -1,10 +1,12 @@
 """The operator's tools over a store a node is not running on (the ``zmqmesh store``
-commands): what it holds, and its dead letters moved back or deleted."""
+commands): what it holds, its dead letters moved back or deleted, and its durable
+subscriptions listed or forgotten."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ from .kept_topics import topic_summary
 from .schema import INSPECTED_FROM, SCHEMA_VERSION, check_sqlite_file, schema_version
 from .store import DB_FILE, Store, queue_summary
 
-__all__ = ["inspect_store", "retry_dead_letters", "drop_dead_letters"]
+__all__ = ["inspect_store", "retry_dead_letters", "drop_dead_letters", "durable_subscriptions",
+           "forget_durable_subscription"]
 
 
 def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -27,33 +30,11 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     Raises `StoreError` if there is no zmqmesh store there, or it cannot be read: one of
     schema 4 or older until a node opens it (and upgrades it), one a newer zmqmesh wrote.
     """
-    path = Path(directory) / DB_FILE
-    if not path.exists():
-        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
-    if not held_here(path):  # (one a node of this process holds is its store: never opened here, see `StoreHold`)
-        check_sqlite_file(path)
-    import sqlite3
-
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read the store {path}: {exc}") from exc
-    try:
-        schema = schema_version(db, path)
-        if schema > SCHEMA_VERSION:
-            raise StoreError(f"the store {path} was written by a newer zmqmesh (schema {schema}, "
-                             f"this one reads up to {SCHEMA_VERSION})")
-        if schema < INSPECTED_FROM:
-            raise StoreError(f"the store {path} was written by an older zmqmesh (schema {schema}): "
-                             "a node opening it upgrades it")
+    with _reading(directory) as (db, path, schema):
         queues = queue_summary(db)
         topics = topic_summary(db)
         handled = dict(db.execute("SELECT queue, count(*) FROM handled GROUP BY queue").fetchall())
         subscriptions = dict(db.execute("SELECT name, count(*) FROM cursors GROUP BY name").fetchall())
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read the store {path}: {exc}") from exc
-    finally:
-        db.close()
     size = sum(os.path.getsize(str(path) + s) for s in ("", "-wal") if os.path.exists(str(path) + s))
     return {
         "path": str(path),
@@ -81,6 +62,59 @@ def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter
     stay, as `retry_dead_letters` leaves them. Raises as `retry_dead_letters` does."""
     with _existing(directory) as store:
         return store.drop_queue(dead_letter_queue(queue, dead_letter))
+
+
+def durable_subscriptions(directory: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
+    """The durable subscriptions whose places a store keeps, read without taking it (the
+    node using it may run): ``{name: {"streams": publisher streams, "topics": places}}``,
+    by name (a stream followed whose topics have no place yet counts among the streams).
+    Raises as `inspect_store` does."""
+    with _reading(directory) as (db, _path, _schema):
+        rows = db.execute("SELECT name, count(DISTINCT stream), sum(place) FROM (SELECT name, stream, 1 AS place "
+                          "FROM cursors UNION ALL SELECT name, stream, 0 FROM cursor_runs) "
+                          "GROUP BY name ORDER BY name").fetchall()
+    return {name: {"streams": streams, "topics": topics} for name, streams, topics in rows}
+
+
+def forget_durable_subscription(directory: str | os.PathLike[str], name: str) -> dict[str, int]:
+    """Forget the durable subscription ``name``: every place it has in the store and the
+    publisher runs it followed, in one transaction; what it had, as `durable_subscriptions`
+    lists it (``{"streams": 0, "topics": 0}``: the store had none of that name). A
+    subscription that takes the name again begins afresh, as its ``replay`` says. The
+    store must not be in use: raises `StoreLockedError` while its node runs, `StoreError`
+    if there is none."""
+    with _existing(directory) as store:
+        return store.cursors.forget_name(name)
+
+
+@contextlib.contextmanager
+def _reading(directory: str | os.PathLike[str]) -> Iterator[tuple[sqlite3.Connection, Path, int]]:
+    """A read-only connection to the store in ``directory``, without taking it, with its
+    path and schema: ``(db, path, schema)``, closed after use. Raises `StoreError` if
+    there is no zmqmesh store there, if it cannot be read (a failing read in the block
+    too), or if its schema is one `inspect_store` does not read."""
+    path = Path(directory) / DB_FILE
+    if not path.exists():
+        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    if not held_here(path):  # (one a node of this process holds is its store: never opened here, see `StoreHold`)
+        check_sqlite_file(path)
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the store {path}: {exc}") from exc
+    try:
+        schema = schema_version(db, path)
+        if schema > SCHEMA_VERSION:
+            raise StoreError(f"the store {path} was written by a newer zmqmesh (schema {schema}, "
+                             f"this one reads up to {SCHEMA_VERSION})")
+        if schema < INSPECTED_FROM:
+            raise StoreError(f"the store {path} was written by an older zmqmesh (schema {schema}): "
+                             "a node opening it upgrades it")
+        yield db, path, schema
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the store {path}: {exc}") from exc
+    finally:
+        db.close()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@
     zmqmesh keep QUEUE... --store DIR      keep durable messages that stopping pushers hand over
     zmqmesh store inspect DIR              what a node's store holds
     zmqmesh store dead-letters DIR QUEUE [--retry | --drop]
+    zmqmesh store subscriptions DIR [NAME --forget]
     zmqmesh keygen NAME [--dir DIR]        write a CURVE key pair (secret file mode 600)
     zmqmesh --version
 
@@ -41,6 +42,8 @@ from zmqmesh import (
     ZmqMeshError,
     __version__,
     drop_dead_letters,
+    durable_subscriptions,
+    forget_durable_subscription,
     inspect_store,
     retry_dead_letters,
 )
@@ -224,6 +227,12 @@ def _parser() -> argparse.ArgumentParser:
     action = dead.add_mutually_exclusive_group()
     action.add_argument("--retry", action="store_true", help="move them back to QUEUE (the node must be stopped)")
     action.add_argument("--drop", action="store_true", help="delete them (the node must be stopped)")
+    subscriptions = store_sub.add_parser("subscriptions", help="list the durable subscriptions, or forget one")
+    subscriptions.add_argument("dir")
+    subscriptions.add_argument("name", nargs="?", type=_name, default=None, help="one durable subscription's name")
+    subscriptions.add_argument("--forget", action="store_true",
+                               help="forget NAME: its places go from the store (the node must be stopped)")
+    subscriptions.add_argument("--json", action="store_true", help="print JSON")
 
     request = sub.add_parser("request", parents=[mesh], help="call a service and print the reply")
     request.add_argument("service")
@@ -397,6 +406,8 @@ def _columns(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
 
 
 def _store(args: argparse.Namespace) -> int:
+    if args.store_command == "subscriptions":
+        return _subscriptions(args)
     if args.store_command == "inspect":
         info = inspect_store(args.dir)
         if args.json:
@@ -433,6 +444,36 @@ def _store(args: argparse.Namespace) -> int:
     else:
         count = inspect_store(args.dir)["queues"].get(dead, {"messages": 0})["messages"]
         print(f"{count} dead letter(s) in {dead!r}")
+    return 0
+
+
+def _subscriptions(args: argparse.Namespace) -> int:
+    """``store subscriptions``: list the durable subscriptions (all, or NAME's), or forget
+    NAME (``--forget``). A NAME the store has no place of is an error (status 1)."""
+    if args.forget and args.name is None:
+        raise UsageError("--forget needs the NAME of the durable subscription to forget")
+    if args.forget:
+        gone = forget_durable_subscription(args.dir, args.name)
+        if not gone["streams"]:
+            raise CliError(f"no durable subscription {args.name!r} in {args.dir}")
+        if args.json:
+            print(dumps({"forgot": args.name, **gone}, indent=2))
+        else:
+            print(f"forgot durable subscription {args.name!r}: its place in {gone['topics']} topic(s) "
+                  f"of {gone['streams']} publisher stream(s)")
+        return 0
+    found = durable_subscriptions(args.dir)
+    if args.name is not None:
+        if args.name not in found:
+            raise CliError(f"no durable subscription {args.name!r} in {args.dir}")
+        found = {args.name: found[args.name]}
+    if args.json:
+        print(dumps(found, indent=2))
+    elif found:
+        rows = [(shown(name), str(s["streams"]), str(s["topics"])) for name, s in found.items()]
+        print(_columns(("DURABLE NAME", "STREAMS", "TOPICS"), rows))
+    else:
+        print("no durable subscriptions")
     return 0
 
 
