@@ -202,6 +202,73 @@ def test_async_node_publishes_and_subscribes_with_async_handlers(spawn: Any, mes
     assert [int(line.split()[2]) for line in sub.with_prefix("SUB a.1")] == list(range(100))
 
 
+UNSUBSCRIBE_CASES = [("Node", "def", 1), ("Node", "def", 4), ("Node", "async", 1),
+                     ("AsyncNode", "def", 1), ("AsyncNode", "async", 1), ("AsyncNode", "async", 4)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("kind", "handler_kind", "concurrency"), UNSUBSCRIBE_CASES)
+def test_a_handler_is_not_called_once_its_unsubscribe_returned(
+        mesh: dict[str, Any], kind: str, handler_kind: str, concurrency: int) -> None:
+    """A handler that unsubscribes itself at its 2,500th message of a stream of 10,000. The
+    messages already gathered for it still reached it after `unsubscribe` returned: 60 of
+    them (2,500 to 2,559, the rest of the frame it was in). Now none does: they are counted
+    in ``stats()["pubsub"]["after_unsubscribe"]``, whatever the driver, handler and
+    ``handler_concurrency``."""
+    late: list[int] = []
+    handled: list[int] = []
+    gone, marked = threading.Event(), threading.Event()
+    owner: list[Any] = []  # (the subscriber, made in the event loop for an AsyncNode)
+
+    def on_message(msg: zmqmesh.Message) -> None:
+        if gone.is_set():
+            late.append(msg.data)
+            return
+        handled.append(msg.data)
+        if len(handled) == 2500:
+            owner[0].unsubscribe("t.", handler)
+            gone.set()
+
+    if handler_kind == "def":
+        handler: Any = on_message
+    else:
+        async def handler(msg: zmqmesh.Message) -> None:
+            on_message(msg)
+
+    def subscribe(node: Any) -> None:
+        owner.append(node)
+        node.subscribe("t.", handler)
+        node.subscribe("marker", lambda msg: marked.set())
+
+    def publish_all(publisher: zmqmesh.Node) -> None:
+        publisher.wait_for_subscribers("t.x", 1, timeout=10)
+        publisher.wait_for_subscribers("marker", 1, timeout=10)
+        for i in range(10_000):
+            publisher.publish("t.x", i)
+        wait_until(gone.is_set, 30, "the unsubscribe")
+        publisher.publish("marker", None)  # (after the rest of the stream: handled once they were)
+        wait_until(marked.is_set, 30, "the marker")
+
+    options = {**mesh, "handler_concurrency": concurrency}
+    with zmqmesh.Node("publisher", **mesh) as publisher:
+        if kind == "Node":
+            subscriber = zmqmesh.Node("subscriber", **options)
+            subscribe(subscriber)
+            with subscriber:
+                publish_all(publisher)
+                stats = subscriber.stats()["pubsub"]
+        else:
+            async def scenario() -> dict[str, Any]:
+                async with zmqmesh.AsyncNode("subscriber", **options) as node:
+                    subscribe(node)
+                    await asyncio.to_thread(publish_all, publisher)
+                    return dict(node.stats()["pubsub"])
+
+            stats = asyncio.run(scenario())
+    assert late == [], f"{len(late)} messages handled after unsubscribe returned: {late[:3]}..."
+    assert len(handled) + stats.get("after_unsubscribe", 0) <= stats["received"]
+
+
 # -- push/pull -------------------------------------------------------------------------------------
 
 

@@ -264,6 +264,47 @@ def test_a_durable_subscription_dropped_by_its_handler_records_what_it_handled(
     assert got == [(n, False) for n in range(50, 55)], "resumed right after what was handled"
 
 
+def test_a_durable_subscription_dropped_mid_burst_gets_what_it_never_handled_when_taken_again(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A handler that drops its durable subscription at the 26th of 50 replayed messages:
+    the rest of its burst (24 messages) still reached it after `unsubscribe` returned, and
+    was recorded as handled. Now none does (counted in ``pubsub["after_unsubscribe"]``), its
+    place stays after what it handled, and the subscription taken again gets those 24,
+    marked redelivered (its node had reached them), then what is new."""
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"logs.": 1000}, **mesh) as publisher:
+        publish_all(publisher, ["logs.x"], 0, 50)
+        got: list[tuple[int, bool]] = []
+        late: list[int] = []
+        gone = threading.Event()
+        subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+
+        def handle_then_leave(msg: zmqmesh.Message) -> None:
+            if gone.is_set():
+                late.append(msg.data["n"])
+                return
+            got.append((msg.data["n"], msg.redelivered))
+            if msg.data["n"] == 25:
+                subscriber.unsubscribe("logs.", handle_then_leave)
+                gone.set()
+
+        subscriber.subscribe("logs.", handle_then_leave, replay="all", durable_name="reader")
+        with subscriber:
+            wait_until(gone.is_set, 20, "the unsubscribe")
+            wait_until(lambda: subscriber.stats()["pubsub"].get("after_unsubscribe", 0) == 24, 20, "the rest passed over")
+        assert late == []
+        assert got == [(n, False) for n in range(26)]
+        got.clear()
+        again = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+        again.subscribe("logs.", lambda m: got.append((m.data["n"], m.redelivered)), replay="all",
+                        durable_name="reader")
+        with again:
+            wait_until(lambda: len(got) >= 24, 20, "what was never handled")
+            again.wait_for_peers(1)
+            publish_all(publisher, ["logs.x"], 50, 5)
+            wait_until(lambda: got and got[-1][0] == 54, 20, "the live messages")
+    assert got == [(n, True) for n in range(26, 50)] + [(n, False) for n in range(50, 55)]
+
+
 def test_what_fell_out_of_the_history_is_reported_as_a_gap(tmp_path: Path, mesh: dict[str, Any]) -> None:
     got: list[tuple[int, int]] = []
     recent: list[tuple[int, int]] = []

@@ -591,7 +591,9 @@ class NodeBase:
     def unsubscribe(self, prefix: str, handler: Callable[..., Any] | None = None) -> bool:
         """Stop handling ``prefix`` (one handler, or all of them); True if anything was removed
         (in any state of the node: a removal on a stopped node holds for its next start).
-        Never raises."""
+        Once it returns, the handler is called with no more publications of ``prefix``, not
+        even those already received for it (counted in ``stats()["pubsub"]["after_unsubscribe"]``);
+        a call already running finishes. Never raises."""
         return self._unregister("topics", prefix, handler)
 
     def unpull(self, queue: str) -> bool:

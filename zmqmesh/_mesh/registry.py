@@ -66,6 +66,9 @@ class Registry:
         # (prefix, handler) -> options, for the subscriptions that replay
         self.replays: dict[tuple[str, Callable[..., Any]], SubscribeOptions] = {}
         self.version = 0
+        self.on_topic_removed: Callable[[], None] | None = None
+        """Called, on the thread that removed it, once a topic's handler was removed (`remove`):
+        the dispatcher then looks at the calls it gathered before (`Dispatcher.unsubscribed`)."""
 
     def offers(self) -> dict[str, frozenset[str]]:
         """What this node offers, by kind (the kinds of `OFFER_KINDS`)."""
@@ -190,6 +193,8 @@ class Registry:
             else:
                 self.idempotent = self.idempotent - {name}
         self.version += 1
+        if kind == "topics" and self.on_topic_removed is not None:
+            self.on_topic_removed()
         return True
 
     def remove_handler(self, handler: Callable[..., Any]) -> bool:

@@ -8,13 +8,13 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from .._mesh.registry import PullOptions
 from .._observe import tracing
 from ..errors import NodeClosedError
 
-__all__ = ["Call", "BatchAck", "CursorMark", "CutShort", "is_async", "handler_failure", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served",
+__all__ = ["Call", "BatchAck", "CursorMark", "CutShort", "Heeding", "PassedOver", "is_async", "handler_failure", "run_sync", "run_async", "run_batch", "serving_chain", "serve_as", "served",
            "handler_raised"]
 
 log = logging.getLogger("zmqmesh.inbox")
@@ -51,6 +51,25 @@ class CutShort(NodeClosedError):
     is counted as left at the stop (``dropped``, named in the stop's warning; at least
     once, it is dealt again), not as the handler's failure; a request is also answered
     with it (as `NodeClosedError`)."""
+
+
+class PassedOver(Exception):
+    """What a call not run leaves as its outcome: its subscription's handler was removed
+    (``unsubscribe``) after the call was gathered (`Heeding.unsubscribed`). Counted in
+    ``stats()["pubsub"]["after_unsubscribe"]``; neither the handler's failure nor a message
+    lost (a durable subscription's place stays before it)."""
+
+
+class Heeding(Protocol):
+    """What `run_batch` asks of the inbox before each call: ``watching`` (a stop began, or a
+    subscription's handler was removed, since the calls were gathered) and, only then,
+    whether a stop's deadline passed and whether the call's handler was removed."""
+
+    watching: bool
+
+    def abandoned(self) -> bool: ...
+
+    def unsubscribed(self, call: Call) -> bool: ...
 
 
 class CursorMark(NamedTuple):
@@ -173,16 +192,25 @@ async def run_async(call: Call) -> tuple[Any, BaseException | None]:
         served(token, error)
 
 
-def run_batch(batch: list[Call], abandoned: Callable[[], bool], started: list[Call],
+def run_batch(batch: list[Call], inbox: Heeding, started: list[Call],
               outcomes: list[tuple[Any, BaseException | None]], slice_s: float = math.inf) -> None:
-    """Call the sync handlers of a burst in order (on a worker thread), until ``abandoned()``
-    says a stop's deadline passed, or, once one has returned, ``slice_s`` seconds have
-    passed since this began (the caller then answers those and hands the rest over again):
-    each call goes into ``started`` as it begins, and its outcome into ``outcomes`` as it
-    returns (what a caller that stopped waiting can tell of the worker's progress)."""
+    """Call the sync handlers of a burst in order (on a worker thread), until
+    ``inbox.abandoned()`` says a stop's deadline passed, or, once one has returned,
+    ``slice_s`` seconds have passed since this began (the caller then answers those and
+    hands the rest over again): each call goes into ``started`` as it begins, and its
+    outcome into ``outcomes`` as it returns (what a caller that stopped waiting can tell of
+    the worker's progress). A call whose handler was unsubscribed since it was gathered
+    (``inbox.unsubscribed``) is not run: its outcome is a `PassedOver`."""
     until = time.monotonic() + slice_s  # (from here: the hand-over to this thread may have taken longer)
     for call in batch:
-        if abandoned() or (outcomes and time.monotonic() >= until):
+        if inbox.watching:  # (a stop, or a handler removed: nothing else is read per call)
+            if inbox.abandoned():
+                break
+            if inbox.unsubscribed(call):
+                started.append(call)
+                outcomes.append((None, PassedOver("unsubscribed")))
+                continue
+        if outcomes and time.monotonic() >= until:
             break
         started.append(call)
         outcomes.append(run_sync(call))

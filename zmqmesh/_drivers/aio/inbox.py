@@ -303,7 +303,7 @@ class LoopInbox(Dispatcher):
             started: list[Call] = []
             outcomes: list[tuple[Any, BaseException | None]] = []  # (the worker's, as each call returns)
             try:
-                await self.loop.run_in_executor(self._worker, run_batch, batch, self.abandoned, started, outcomes,
+                await self.loop.run_in_executor(self._worker, run_batch, batch, self, started, outcomes,
                                                 _SYNC_SLICE_S)
             except asyncio.CancelledError:  # a stop's: the worker begins no call past its deadline
                 begun, done = len(started), len(outcomes)  # (in this order: done <= begun)
@@ -325,6 +325,10 @@ class LoopInbox(Dispatcher):
                     return
                 self.release_held()  # (the replies of this slice go before the rest runs)
 
+    def handling_elsewhere(self) -> bool:
+        """Whether tasks of this inbox run (handlers of ``handler_concurrency``, reads of histories)."""
+        return bool(self._tasks)
+
     def _one_ended(self, call: Call, begun: list[bool], task: asyncio.Task[None]) -> None:
         """A task of `_run_one` ended. One cancelled before its first step (a stop's
         cancellation, in the pass the drain made it) never ran its body: its call is
@@ -340,7 +344,9 @@ class LoopInbox(Dispatcher):
         begun.append(True)
         _HANDLING.set(self)
         try:
-            if is_async(call.handler):
+            if self.watching and self.unsubscribed(call):  # (its handler unsubscribed since the task was made)
+                self.pass_over(call)
+            elif is_async(call.handler):
                 try:
                     result, error = await run_async(call)
                 except asyncio.CancelledError as exc:

@@ -22,7 +22,7 @@ from ..._engine.api import fetch_plan
 from ..._engine.engine import Engine
 from ..._io.sockets import with_input
 from ..._io.waker import Waker
-from ..._patterns.calls import Call, CutShort, is_async, run_async, run_sync
+from ..._patterns.calls import Call, CutShort, PassedOver, is_async, run_async, run_sync
 from ..._patterns.inbound import Dispatcher
 from ..._patterns.replay import Fetch
 from ...errors import NodeClosedError
@@ -253,6 +253,18 @@ class ThreadInbox(Dispatcher):
             if on_exit is not None:
                 on_exit()
 
+    def _run_pooled(self, runner: Callable[[Call], tuple[Any, BaseException | None]],
+                    call: Call) -> tuple[Any, BaseException | None]:
+        """Run ``call`` with ``runner`` on a thread of the pool, unless its handler was
+        unsubscribed while it waited there (its outcome is then a `PassedOver`)."""
+        if self.watching and self.unsubscribed(call):
+            return None, PassedOver("unsubscribed")
+        return runner(call)
+
+    def handling_elsewhere(self) -> bool:
+        """Whether calls handed to the pool have not all returned."""
+        return self._pool is not None and self._pool_busy()
+
     def _pool_busy(self) -> bool:
         """Whether handlers handed to the pool have not yet all returned."""
         with self._exit_lock:
@@ -396,7 +408,7 @@ class ThreadInbox(Dispatcher):
         with self._exit_lock:
             self._in_pool += 1
         try:
-            self._pool.submit(runner, call).add_done_callback(finished)
+            self._pool.submit(self._run_pooled, runner, call).add_done_callback(finished)
         except RuntimeError:  # shutting down
             with self._exit_lock:
                 self._in_pool -= 1

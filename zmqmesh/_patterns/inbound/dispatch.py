@@ -33,7 +33,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -54,6 +54,7 @@ from ..calls import (
     Call,
     CursorMark,
     CutShort,
+    PassedOver,
     handler_failure,
     handler_raised,
 )
@@ -162,6 +163,15 @@ class Dispatcher:
         self._topic_handlers = self.subscriptions.handlers
         self.stopping = False
         self._deadline: float | None = None
+        self.watching = False
+        """Set when a stop begins, or when a subscription's handler is removed (on the thread
+        that removes it: `Registry.on_topic_removed`), and cleared as the next calls are
+        gathered once no stop is on: while it is, each call is looked at before it runs (a
+        stop's deadline, `unsubscribed`); read instead of the deadline, it costs nothing
+        per message otherwise."""
+        self._subscribed: dict[tuple[str, int], bool] = {}  # (`subscribed`, for the registry's `_subscribed_at`)
+        self._subscribed_at = -1
+        registry.on_topic_removed = self._topic_handler_removed
         # caller: [bytes, replies, frame's caller, how many are answers] (`send_reply`)
         self._held: dict[bytes, list[Any]] | None = None
         self.large_replies = LargeReplies(router, config, codec, stats)
@@ -188,6 +198,48 @@ class Dispatcher:
         """Take no new work; what has arrived may still be handled for ``timeout`` seconds."""
         self._deadline = time.monotonic() + timeout
         self.stopping = True
+        self.watching = True
+
+    # -- handlers removed while their calls wait --------------------------------------------
+
+    def _topic_handler_removed(self) -> None:
+        """A subscription's handler was removed (any thread, before ``unsubscribe`` returns):
+        the calls gathered before are looked at before they run (`watching`)."""
+        self.watching = True
+
+    def subscribed(self, topic: str, handler: Callable[..., Any]) -> bool:
+        """Whether ``handler`` is still subscribed to a prefix of ``topic`` (any thread);
+        looked up once per topic and handler for each version of the registry."""
+        registry = self.registry
+        version = registry.version
+        if version != self._subscribed_at:
+            self._subscribed, self._subscribed_at = {}, version
+        key = (topic, id(handler))  # (the calls hold their handlers: an id is not reused meanwhile)
+        found = self._subscribed.get(key)
+        if found is None:
+            found = self._subscribed[key] = any(
+                topic.startswith(prefix) and any(h is handler for h in handlers)
+                for prefix, handlers in registry.topics.items())
+        return found
+
+    def handling_elsewhere(self) -> bool:
+        """Whether calls gathered before may still wait to run elsewhere than in the drain (a
+        pool's, tasks of their own): `watching` holds on for them (the drivers say)."""
+        return False
+
+    def unsubscribed(self, call: Call) -> bool:
+        """Whether ``call`` delivers a publication to a handler no longer subscribed to its
+        topic (``unsubscribe`` returned after the call was gathered): it is not to run
+        (`pass_over`). Any thread; looked at only while `watching`."""
+        return call.pattern == "pubsub" and not self.subscribed(call.arg.topic, call.handler)
+
+    def pass_over(self, call: Call) -> None:
+        """Account for ``call``, not run (`unsubscribed`): counted in
+        ``stats()["pubsub"]["after_unsubscribe"]``; a durable subscription's place stays
+        before it (a subscription that takes its name again gets it, marked redelivered)."""
+        self.stats.add("pubsub", "after_unsubscribe")
+        if isinstance(call.route, CursorMark):
+            self.replays.passed_over(call.route)
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -195,6 +247,9 @@ class Dispatcher:
         """Queue the pending event callbacks, this node's own publications and the pages of
         history fetched, then a burst from each of the ``active`` ``(socket, kind)`` pairs,
         into ``calls``; returns the pairs that may hold more."""
+        if self.watching and not self.stopping and not self.handling_elsewhere():  # (those gathered before all ran)
+            self.watching = False
+            self._subscribed = {}
         if self.events:
             self.event_callbacks.take(calls)
         if self.streams_changed:
@@ -453,8 +508,7 @@ class Dispatcher:
             if len(handlers) == 1:  # (a queue's one handler, a topic's usual one: no inner loop per message)
                 handler = handlers[0]
                 for msg in messages:
-                    if self.stopping and self.abandoned():
-                        self.left_at_stop.count(pattern, None, 1 + sum(1 for _ in messages))
+                    if self.watching and self._still_in_place(pattern, topic, handlers, messages) is None:
                         break
                     try:
                         handler(msg)
@@ -462,10 +516,10 @@ class Dispatcher:
                         errors += self._failed_in_place(handler, exc, pattern)
             else:
                 for msg in messages:
-                    if self.stopping and self.abandoned():
-                        self.left_at_stop.count(pattern, None, 1 + sum(1 for _ in messages))
+                    called = self._still_in_place(pattern, topic, handlers, messages) if self.watching else handlers
+                    if called is None:
                         break
-                    for handler in handlers:
+                    for handler in called:
                         try:
                             handler(msg)
                         except BaseException as exc:
@@ -476,6 +530,26 @@ class Dispatcher:
         calls.extend([Call(handler, msg, None, pattern)
                       for msg in frame_deliveries(pattern, topic, items, sender_id, lookup, origin)
                       for handler in handlers])
+
+    def _still_in_place(self, pattern: str, topic: str, handlers: list[Callable[..., Any]],
+                        messages: Iterator[Message]) -> list[Callable[..., Any]] | None:
+        """While `watching`, before a message of a frame whose ``handlers`` run in place: those
+        to call for it, the others unsubscribed since the frame came (counted as `pass_over`
+        counts); or None, the frame's deliveries ending here: the stop's deadline passed
+        (the rest of ``messages`` counted as left at the stop), or, for a publication, every
+        one of ``handlers`` was unsubscribed (the rest counted as not run)."""
+        if self.stopping and self.abandoned():
+            self.left_at_stop.count(pattern, None, 1 + sum(1 for _ in messages))
+            return None
+        if pattern != "pubsub":
+            return handlers
+        kept = [h for h in handlers if self.subscribed(topic, h)]
+        if kept:
+            if len(kept) < len(handlers):
+                self.stats.add("pubsub", "after_unsubscribe", len(handlers) - len(kept))
+            return kept
+        self.stats.add("pubsub", "after_unsubscribe", len(handlers) * (1 + sum(1 for _ in messages)))
+        return None
 
     def _marker(self, frames: list[bytes], sender_id: str | None, position: int | None) -> None:
         """A publisher's answer to a replay marker (`MARKER_PREFIX`; ``position``, the
@@ -555,6 +629,9 @@ class Dispatcher:
             self.answer(route, result, error)  # type: ignore[arg-type]
             return
         if error is not None:
+            if type(error) is PassedOver:  # (not run: `run_batch`)
+                self.pass_over(call)
+                return
             if isinstance(error, CutShort):  # (a batch it belongs to is then never acknowledged)
                 self.drop(call)
                 if isinstance(route, BatchAck):
@@ -663,8 +740,12 @@ class Dispatcher:
         remaining = iter(calls)
         try:
             for call in remaining:
-                if self._deadline is not None and self.abandoned():  # (no clock read before a stop)
+                if not self.watching:  # (no stop, no handler removed: nothing else is read per call)
+                    yield call
+                elif self._deadline is not None and self.abandoned():
                     self.drop(call)
+                elif self.unsubscribed(call):
+                    self.pass_over(call)
                 else:
                     yield call
         finally:

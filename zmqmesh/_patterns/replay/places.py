@@ -296,6 +296,19 @@ class DurablePlaces:
             state[0], state[2] = max(state[0], last), max(state[2], mark.pos)
             self._dirty[key] = state
 
+    def passed_over(self, mark: CursorMark) -> None:
+        """A message handed out to a durable subscription was not handled (its handler was
+        unsubscribed first): it no longer waits to be (`pending`), and its place does not
+        move past it (those after it were not handled either), so that a subscription that
+        takes the name again gets it, marked redelivered (`before_handling` reached it)."""
+        key = (mark.name, mark.stream, mark.topic)
+        pending = self._pending.get(key)
+        if pending and mark.seq in pending:
+            pending.remove(mark.seq)
+            if not pending:
+                del self._pending[key]
+                self._finished.pop(key, None)
+
     def release(self, in_use: set[str]) -> None:
         """Let go of the places held in memory for the names no subscription uses now (not
         in ``in_use``) and with no message handed out and not yet handled, once written

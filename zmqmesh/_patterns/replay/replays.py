@@ -894,6 +894,12 @@ class Replays:
         if self.places is not None:
             self.places.handled(mark)
 
+    def passed_over(self, mark: CursorMark) -> None:
+        """A durable subscription's message was not handed to its handler, unsubscribed
+        meanwhile (`DurablePlaces.passed_over`)."""
+        if self.places is not None:
+            self.places.passed_over(mark)
+
     def flush(self) -> None:
         """Commit what the durable subscriptions handled since the last flush."""
         if self.places is not None:
