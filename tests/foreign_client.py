@@ -77,23 +77,28 @@ def parse_hello(data: bytes) -> tuple[str, list[str], str, dict[str, str]]:
     return endpoint, groups, name, headers
 
 
-def main() -> None:
-    # 1. Find the node: its beacon, on the beacon port (broadcast on loopback here).
+def find_mailbox() -> str:
+    """The mailbox of the first node whose beacon comes to the beacon port (broadcast on
+    loopback here)."""
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     udp.bind(("", BEACON_PORT))
     udp.settimeout(10)
-    while True:
-        data, (address, _) = udp.recvfrom(64)
-        if len(data) == 22 and data[:4] == b"ZRE\x01" and struct.unpack("!H", data[20:])[0]:
-            mailbox = f"tcp://{address}:{struct.unpack('!H', data[20:])[0]}"
-            break
-    udp.close()
-    say("BEACON", mailbox)
+    try:
+        while True:
+            data, (address, _) = udp.recvfrom(64)
+            if len(data) == 22 and data[:4] == b"ZRE\x01" and struct.unpack("!H", data[20:])[0]:
+                return f"tcp://{address}:{struct.unpack('!H', data[20:])[0]}"
+    finally:
+        udp.close()
 
-    # 2. Become a ZRE peer: a mailbox of our own, a DEALER to theirs, HELLO first.
-    ctx = zmq.Context()
+
+def become_peer(ctx: zmq.Context, mailbox: str, groups: list[str], protocol: str,
+                name: str) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
+    """Become a ZRE peer of MESH (and so a zmqmesh node announcing ``protocol``): a mailbox
+    of our own, a service socket, and a DEALER to the node's ``mailbox``, on which our HELLO
+    (sequence 1) goes first; ``(inbox, service, link)``."""
     inbox = ctx.socket(zmq.ROUTER)
     inbox_port = inbox.bind_to_random_port("tcp://127.0.0.1")
     service = ctx.socket(zmq.ROUTER)
@@ -101,11 +106,22 @@ def main() -> None:
     link = ctx.socket(zmq.DEALER)
     link.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
     link.connect(mailbox)
-    out_sequence = 1
-    link.send(command(HELLO, out_sequence, hello_body(
-        f"tcp://127.0.0.1:{inbox_port}", ["zmqmesh/ackqueue/jobs", "zmqmesh/svc/echo"], 2, "foreign",
-        {"X-ZMQMESH-MESH": MESH, "X-ZMQMESH-PROTOCOL": "2",
+    link.send(command(HELLO, 1, hello_body(
+        f"tcp://127.0.0.1:{inbox_port}", groups, 2, name,
+        {"X-ZMQMESH-MESH": MESH, "X-ZMQMESH-PROTOCOL": protocol,
          "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{service_port}"})))
+    return inbox, service, link
+
+
+def main() -> None:
+    # 1. Find the node: its beacon, on the beacon port.
+    mailbox = find_mailbox()
+    say("BEACON", mailbox)
+
+    # 2. Become a ZRE peer: a mailbox of our own, a DEALER to theirs, HELLO first.
+    ctx = zmq.Context()
+    inbox, service, link = become_peer(ctx, mailbox, ["zmqmesh/ackqueue/jobs", "zmqmesh/svc/echo"], "2", "foreign")
+    out_sequence = 1
 
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)

@@ -16,9 +16,6 @@ It ends on the node's bye, or after 40 s.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import struct
 import sys
 import time
 
@@ -30,28 +27,14 @@ from foreign_client import (
     PING,
     PING_OK,
     WHISPER,
+    become_peer,
     command,
-    hello_body,
+    find_mailbox,
     parse_hello,
     say,
 )
 
 MESH, BEACON_PORT, MODE = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-
-
-def find_mailbox() -> str:
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    udp.bind(("", BEACON_PORT))
-    udp.settimeout(10)
-    try:
-        while True:
-            data, (address, _) = udp.recvfrom(64)
-            if len(data) == 22 and data[:4] == b"ZRE\x01" and struct.unpack("!H", data[20:])[0]:
-                return f"tcp://{address}:{struct.unpack('!H', data[20:])[0]}"
-    finally:
-        udp.close()
 
 
 def answer(service: zmq.Socket, frames: list[bytes]) -> None:
@@ -71,20 +54,9 @@ def answer(service: zmq.Socket, frames: list[bytes]) -> None:
 
 
 def main() -> None:
-    mailbox = find_mailbox()
     ctx = zmq.Context()
-    inbox = ctx.socket(zmq.ROUTER)
-    inbox_port = inbox.bind_to_random_port("tcp://127.0.0.1")
-    service = ctx.socket(zmq.ROUTER)
-    service_port = service.bind_to_random_port("tcp://127.0.0.1")
-    link = ctx.socket(zmq.DEALER)
-    link.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(16))
-    link.connect(mailbox)
+    inbox, service, link = become_peer(ctx, find_mailbox(), ["zmqmesh/ackqueue/jobs"], "7", "hostile")
     out_sequence = 1
-    link.send(command(HELLO, out_sequence, hello_body(
-        f"tcp://127.0.0.1:{inbox_port}", ["zmqmesh/ackqueue/jobs"], 2, "hostile",
-        {"X-ZMQMESH-MESH": MESH, "X-ZMQMESH-PROTOCOL": "7",
-         "X-ZMQMESH-SERVICE": f"tcp://127.0.0.1:{service_port}"})))
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     poller.register(service, zmq.POLLIN)

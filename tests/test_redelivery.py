@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,25 @@ def test_a_lone_puller_whose_handler_outlasts_the_ack_timeout_is_not_dealt_its_m
     assert dead[0].headers["x-attempts"] == "4", dead[0].headers
 
 
+def stop_a_puller_mid_batch(tmp_path: Path, mesh: dict[str, Any], pusher: zmqmesh.Node,
+                            slow: Callable[[zmqmesh.Message], Any], other: Callable[[zmqmesh.Message], Any],
+                            handled: Callable[[], int], n: int, concurrency: int = 1, **pull: Any) -> None:
+    """With ``pusher`` running (its store in ``tmp_path``), a puller of "jobs" handling with
+    ``slow`` is dealt ``n`` durable messages (0 to ``n`` - 1) and stopped with timeout=0.3
+    once it handled 5 (``handled()``), while another pulls with ``other`` (both pulls with
+    ``pull``'s options); returns once the store holds nothing more."""
+    stopping = zmqmesh.Node("stopping", handler_concurrency=concurrency, **mesh)
+    stopping.pull("jobs", slow, at_least_once=True, **pull)
+    stopping.start()
+    pusher.wait_for_pullers("jobs", 1, timeout=10)
+    pusher.push_many("jobs", list(range(n)), durable=True)
+    wait_until(lambda: handled() >= 5, 10, "the stopping puller at work")
+    with zmqmesh.Node("other", **mesh) as taking:
+        taking.pull("jobs", other, at_least_once=True, **pull)
+        stopping.stop(0.3)
+        wait_until(lambda: not inspect_store(tmp_path)["queues"], 30, "everything acknowledged")
+
+
 @pytest.mark.parametrize("kind", ["def", "async def", "def, 4 at once"])
 def test_a_puller_stopped_mid_batch_acknowledges_what_it_handled_and_only_the_rest_goes_elsewhere(
         tmp_path: Path, mesh: dict[str, Any], kind: str) -> None:
@@ -244,26 +264,17 @@ def test_a_puller_stopped_mid_batch_acknowledges_what_it_handled_and_only_the_re
             if stopping:
                 by_stopping.append(msg.data)
 
+    if kind != "async def":
+        def slow(msg: zmqmesh.Message) -> None:
+            time.sleep(0.05)
+            count(msg, True)
+    else:
+        async def slow(msg: zmqmesh.Message) -> None:  # type: ignore[misc]
+            await asyncio.sleep(0.05)
+            count(msg, True)
     with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
-        stopping = zmqmesh.Node("stopping", handler_concurrency=4 if "at once" in kind else 1, **mesh)
-        if kind != "async def":
-            def slow(msg: zmqmesh.Message) -> None:
-                time.sleep(0.05)
-                count(msg, True)
-        else:
-            async def slow(msg: zmqmesh.Message) -> None:  # type: ignore[misc]
-                await asyncio.sleep(0.05)
-                count(msg, True)
-        stopping.pull("jobs", slow, at_least_once=True, max_deliveries=1)
-        stopping.start()
-        pusher.wait_for_pullers("jobs", 1, timeout=10)
-        pusher.push_many("jobs", list(range(300)), durable=True)
-        wait_until(lambda: len(by_stopping) >= 5, 10, "the stopping puller at work")
-        other = zmqmesh.Node("other", **mesh)
-        other.pull("jobs", lambda msg: count(msg, False), at_least_once=True, max_deliveries=1)
-        with other:
-            stopping.stop(0.3)
-            wait_until(lambda: not inspect_store(tmp_path)["queues"], 30, "everything acknowledged")
+        stop_a_puller_mid_batch(tmp_path, mesh, pusher, slow, lambda msg: count(msg, False), lambda: len(by_stopping),
+                                300, concurrency=4 if "at once" in kind else 1, max_deliveries=1)
         dead_lettered = pusher.stats()["pipeline"].get("dead_lettered", 0)
     assert set(runs) == set(range(300))
     assert len(by_stopping) < 300, "the stop cut a batch short"
@@ -291,16 +302,8 @@ def test_a_puller_stopped_mid_batch_answers_a_pusher_of_protocol_6_as_before(
         announcing.setattr(engine_module, "PROTOCOL", 6)
         pusher.start()
     with pusher:
-        stopping = zmqmesh.Node("stopping", **mesh)
-        stopping.pull("jobs", slow, at_least_once=True)
-        stopping.start()
-        pusher.wait_for_pullers("jobs", 1, timeout=10)
-        pusher.push_many("jobs", list(range(100)), durable=True)
-        wait_until(lambda: len(by_stopping) >= 5, 10, "the stopping puller at work")
-        with zmqmesh.Node("other", **mesh) as other:
-            other.pull("jobs", lambda msg: runs.update([msg.data]), at_least_once=True)
-            stopping.stop(0.3)
-            wait_until(lambda: not inspect_store(tmp_path)["queues"], 30, "everything acknowledged")
+        stop_a_puller_mid_batch(tmp_path, mesh, pusher, slow, lambda msg: runs.update([msg.data]),
+                                lambda: len(by_stopping), 100)
     assert set(runs) == set(range(100))
     assert all(runs[m] == 2 for m in by_stopping), "what the stopping puller handled went again"
 
@@ -525,16 +528,7 @@ def test_the_failures_a_stopping_puller_names_in_its_partial_answer_are_counted_
         attempts[msg.data] = msg.attempts
 
     with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
-        stopping = zmqmesh.Node("stopping", **mesh)
-        stopping.pull("jobs", slow, at_least_once=True)
-        stopping.start()
-        pusher.wait_for_pullers("jobs", 1, timeout=10)
-        pusher.push_many("jobs", list(range(100)), durable=True)
-        wait_until(lambda: len(by_stopping) >= 5, 10, "the stopping puller at work")
-        with zmqmesh.Node("other", **mesh) as other:
-            other.pull("jobs", other_handler, at_least_once=True)
-            stopping.stop(0.3)
-            wait_until(lambda: not inspect_store(tmp_path)["queues"], 30, "everything acknowledged")
+        stop_a_puller_mid_batch(tmp_path, mesh, pusher, slow, other_handler, lambda: len(by_stopping), 100)
         errors = pusher.stats()["pipeline"]["errors"]
     assert attempts[0] == 1
     assert errors == 1

@@ -1560,6 +1560,21 @@ def _lying_pages(monkeypatch: pytest.MonkeyPatch, liar: str, lie: Callable[[dict
     monkeypatch.setattr(zmqmesh._patterns.history.History, "page", page)
 
 
+@contextlib.contextmanager
+def _replaying_from_a_liar(tmp_path: Path, mesh: dict[str, Any],
+                           handler: Callable[[zmqmesh.Message], Any]) -> Iterator[tuple[zmqmesh.Node, zmqmesh.Node]]:
+    """A publisher whose store is the directory named "liar" (`_lying_pages`), with 10
+    messages of "app.a" kept ({"n": 0} to {"n": 9}), and a node subscribed to "app." with
+    ``handler``, replaying them all: ``(liar, subscriber)``, both running."""
+    with zmqmesh.Node("liar", store=str(tmp_path / "liar"), history={"app.": 100}, **mesh) as liar:
+        for i in range(10):
+            liar.publish("app.a", {"n": i})
+        subscriber = zmqmesh.Node("subscriber", **mesh)
+        subscriber.subscribe("app.", handler, replay="all")
+        with subscriber:
+            yield liar, subscriber
+
+
 @pytest.mark.parametrize("field", [0, 2])  # (its position; its number)
 def test_a_page_numbered_past_what_a_store_holds_is_malformed_and_costs_no_other_stream_its_place(
         tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -1659,24 +1674,19 @@ def test_a_live_frame_its_publishers_history_never_reaches_is_dropped_and_counte
 
     monkeypatch.setattr(zmqmesh._patterns.history.History, "page", page)
     got: list[int] = []
-    with zmqmesh.Node("liar", store=str(tmp_path / "liar"), history={"app.": 100}, **mesh) as liar:
-        for i in range(10):
-            liar.publish("app.a", {"n": i})
-        subscriber = zmqmesh.Node("subscriber", **mesh)
-        subscriber.subscribe("app.", lambda m: got.append(m.data["n"]), replay="all")
-        with subscriber:
-            wait_until(lambda: len(got) == 10, 20, "the history")
-            liar.wait_for_subscribers("app.a", 1, timeout=10)
-            _forging(monkeypatch, liar, {10: 10 + (1 << 40)})
-            liar.publish("app.a", {"n": 10})
-            wait_until(lambda: rejected(subscriber, "replay_unkept") == 1, 20, "the frame dropped")
-            liar.publish("app.a", {"n": 11})
-            wait_until(lambda: len(got) == 12, 20, "the message under its true number, and the next")
-            before = len(served)
-            liar.publish("app.a", {"n": 12})
-            wait_until(lambda: len(got) == 13, 20, "one more")
-            read = len(served) - before
-            stats = subscriber.stats()
+    with _replaying_from_a_liar(tmp_path, mesh, lambda m: got.append(m.data["n"])) as (liar, subscriber):
+        wait_until(lambda: len(got) == 10, 20, "the history")
+        liar.wait_for_subscribers("app.a", 1, timeout=10)
+        _forging(monkeypatch, liar, {10: 10 + (1 << 40)})
+        liar.publish("app.a", {"n": 10})
+        wait_until(lambda: rejected(subscriber, "replay_unkept") == 1, 20, "the frame dropped")
+        liar.publish("app.a", {"n": 11})
+        wait_until(lambda: len(got) == 12, 20, "the message under its true number, and the next")
+        before = len(served)
+        liar.publish("app.a", {"n": 12})
+        wait_until(lambda: len(got) == 13, 20, "one more")
+        read = len(served) - before
+        stats = subscriber.stats()
     assert got == list(range(13))
     assert read < 10, f"{read} pages read for one message"
     assert stats["pubsub"].get("gap", 0) == 0
@@ -1699,18 +1709,13 @@ def test_a_page_with_more_to_follow_that_goes_no_further_is_malformed(
 
     _lying_pages(monkeypatch, "liar", lie)
     got: list[tuple[int, int]] = []
-    with zmqmesh.Node("liar", store=str(tmp_path / "liar"), history={"app.": 100}, **mesh) as liar:
-        for i in range(10):
-            liar.publish("app.a", {"n": i})
-        subscriber = zmqmesh.Node("subscriber", **mesh)
-        subscriber.subscribe("app.", lambda m: got.append((m.data["n"], m.gap)), replay="all")
-        with subscriber:
-            wait_until(lambda: subscriber.stats()["pubsub"].get("replay_failed"), 20, "the read given up")
-            read = len(served)
-            liar.wait_for_subscribers("app.a", 1, timeout=10)
-            liar.publish("app.a", {"n": 10})
-            wait_until(lambda: len(got) == 11, 20, "the live message")
-            malformed = rejected(subscriber, "history_malformed")
+    with _replaying_from_a_liar(tmp_path, mesh, lambda m: got.append((m.data["n"], m.gap))) as (liar, subscriber):
+        wait_until(lambda: subscriber.stats()["pubsub"].get("replay_failed"), 20, "the read given up")
+        read = len(served)
+        liar.wait_for_subscribers("app.a", 1, timeout=10)
+        liar.publish("app.a", {"n": 10})
+        wait_until(lambda: len(got) == 11, 20, "the live message")
+        malformed = rejected(subscriber, "history_malformed")
     assert got == [(n, 0) for n in range(11)]
     assert malformed >= 1
     assert read < 10, f"{read} pages read"
@@ -1729,32 +1734,24 @@ def test_pieces_of_numbers_that_never_end_are_refused_in_bounds_and_live_message
 
     monkeypatch.setattr(cursor, "MAP_MAX_TOPICS", 20_000)
     pieces: list[int] = []
-    real = zmqmesh._patterns.history.History.page
 
-    def page(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        served: dict[str, Any] = real(self, *args, **kwargs)
-        if self.store.directory.name == "liar" and "next" in served:
+    def lie(page: dict[str, Any]) -> None:  # (each piece of numbers names 1,000 topics more, and more to come)
+        if "next" in page:
             first = len(pieces) * 1000
             pieces.append(1)
-            served = {**served, "next": {f"app.z{first + i:09d}": 1 for i in range(1000)},
-                      "next_from": f"app.z{first + 1000:09d}"}
-        return served
+            page["next"] = {f"app.z{first + i:09d}": 1 for i in range(1000)}
+            page["next_from"] = f"app.z{first + 1000:09d}"
 
-    monkeypatch.setattr(zmqmesh._patterns.history.History, "page", page)
+    _lying_pages(monkeypatch, "liar", lie)
     got: list[tuple[int, int]] = []
     caplog.set_level(logging.WARNING, logger="zmqmesh.replay")
-    with zmqmesh.Node("liar", store=str(tmp_path / "liar"), history={"app.": 100}, **mesh) as liar:
-        for i in range(10):
+    with _replaying_from_a_liar(tmp_path, mesh, lambda m: got.append((m.data["n"], m.gap))) as (liar, subscriber):
+        wait_until(lambda: rejected(subscriber, "history_numbers_refused"), 20, "the pieces refused")
+        liar.wait_for_subscribers("app.a", 1, timeout=10)
+        for i in range(10, 20):
             liar.publish("app.a", {"n": i})
-        subscriber = zmqmesh.Node("subscriber", **mesh)
-        subscriber.subscribe("app.", lambda m: got.append((m.data["n"], m.gap)), replay="all")
-        with subscriber:
-            wait_until(lambda: rejected(subscriber, "history_numbers_refused"), 20, "the pieces refused")
-            liar.wait_for_subscribers("app.a", 1, timeout=10)
-            for i in range(10, 20):
-                liar.publish("app.a", {"n": i})
-            wait_until(lambda: len(got) == 20, 20, "the live messages")
-            stats = subscriber.stats()
+        wait_until(lambda: len(got) == 20, 20, "the live messages")
+        stats = subscriber.stats()
     assert got == [(n, 0) for n in range(20)]
     assert stats["rejected"]["history_numbers_refused"] == 1
     assert stats["rejected"].get("history_malformed", 0) == 0

@@ -49,7 +49,7 @@ from .failures import (
     take_back_sent,
 )
 
-__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "run_many", "FullSocket", "send_on", "send_request", "send_batches",
+__all__ = ["Pipelined", "Submitter", "MAX_SUBMITTED", "run_many", "FullSocket", "WaitingForRoom", "send_on", "send_request", "send_batches",
            "withdraw_gathered"]
 
 log = logging.getLogger("zmqmesh.node")
@@ -91,6 +91,60 @@ class FullSocket(Protocol):
              copy: bool) -> bool:
         """Send ``frames`` on ``sock`` once it has room, before the earliest deadline of
         ``request_ids`` (True), or give up on them: False, they did not go."""
+
+
+Parked = tuple[list[bytes], list[bytes], bool]
+"""Frames a socket refused, the ids of the requests they carry, and whether to copy them."""
+
+
+class WaitingForRoom(dict[str, deque[Parked]]):
+    """The frames each provider's socket refused (its ``send_hwm`` frames unread), in order,
+    by provider id (a `FullSocket`'s ``waiting_for_room``): sent as the socket takes them
+    again, when the driver finds it may (each in its own way of waiting: a poll for room, a
+    timer on the loop); those whose requests none waits for any more go. (A dict: asked
+    per request sent, ``in`` costs no Python call.)"""
+
+    def keep(self, provider_id: str, frames: list[bytes], request_ids: list[bytes], copy: bool) -> bool:
+        """Keep ``frames`` behind those kept for ``provider_id`` before them; True if they are
+        the first (the driver then watches its socket for room)."""
+        parked = self.get(provider_id)
+        if parked is None:
+            self[provider_id] = deque([(frames, request_ids, copy)])
+            return True
+        parked.append((frames, request_ids, copy))
+        return False
+
+    def send(self, provider_id: str, sock: zmq.Socket[Any], waiting: Container[bytes]) -> bool:
+        """Send the frames kept for ``provider_id`` on ``sock`` as far as it takes them, those
+        of requests none of ``waiting`` waits for dropped; True once none is kept for it any
+        more. Raises `zmq.ZMQError` (not `zmq.Again`) for a socket that failed."""
+        parked = self.get(provider_id)
+        if parked is None:
+            return True
+        while parked:
+            frames, request_ids, copy = parked[0]
+            if any(request_id in waiting for request_id in request_ids):
+                try:
+                    send_frames(sock, frames, copy=copy)
+                except zmq.Again:
+                    return False
+            parked.popleft()
+        del self[provider_id]
+        return True
+
+    def drop_unwaited(self, waiting: Container[bytes]) -> list[str]:
+        """Drop the frames whose requests none of ``waiting`` waits for any more (they timed
+        out, or their callers gave up: a provider that stopped reading would have them kept
+        as long as it lives); the providers with none kept any more."""
+        emptied: list[str] = []
+        for provider_id, parked in list(self.items()):
+            kept = deque(entry for entry in parked if any(request_id in waiting for request_id in entry[1]))
+            if kept:
+                self[provider_id] = kept
+            else:
+                del self[provider_id]
+                emptied.append(provider_id)
+        return emptied
 
 
 def send_on(outstanding: Outstanding[Any], sock: zmq.Socket[Any], provider_id: str, frames: list[bytes],
@@ -243,10 +297,8 @@ class Pipelined:
         requests sent (`Stats.count_sent`), and meanwhile counted by the stats' snapshots."""
         engine.stats.track(self._tally)
         self._batches: RequestBatches[str, Job] = RequestBatches()
-        self.waiting_for_room: dict[str, deque[tuple[list[bytes], list[bytes], bool]]] = {}
-        """The frames each provider's socket refused (its ``send_hwm`` frames unread), in
-        order, with the ids of their requests: sent as `pump` finds the socket writable
-        (`take`)."""
+        self.waiting_for_room = WaitingForRoom()
+        """What each provider's socket refused: sent as `pump` finds it writable (`take`)."""
 
     def __len__(self) -> int:
         return len(self.outstanding)
@@ -339,50 +391,22 @@ class Pipelined:
         thread goes on reading replies and sending to the other providers (before, it
         waited here, holding up every other request of the thread: a `submit` to a healthy
         provider timed out behind one to a stalled provider). A `FullSocket`'s: True."""
-        parked = self.waiting_for_room.get(provider_id)
-        if parked is None:
-            parked = self.waiting_for_room[provider_id] = deque()
+        if self.waiting_for_room.keep(provider_id, frames, request_ids, copy):
             self.poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
-        parked.append((frames, request_ids, copy))
         return True
 
     def _send_parked(self, provider_id: str) -> None:
-        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes
-        them; those whose requests none waits for any more (timed out, forgotten) are
-        dropped."""
-        parked = self.waiting_for_room.get(provider_id)
+        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them."""
         sock = self._sockets.get(provider_id)
-        if parked is None or sock is None:
-            return
-        waiting = self.outstanding.ids
-        while parked:
-            frames, request_ids, copy = parked[0]
-            if any(request_id in waiting for request_id in request_ids):
-                try:
-                    send_frames(sock, frames, copy=copy)
-                except zmq.Again:
-                    return
-            parked.popleft()
-        self._unpark(provider_id)
+        if sock is not None and self.waiting_for_room.send(provider_id, sock, self.outstanding.ids):
+            self.poller.modify(sock, zmq.POLLIN)
 
     def _drop_unwaited(self) -> None:
-        """Drop the frames kept for room whose requests none waits for any more (they timed
-        out, or their callers gave up): a provider that stopped reading would otherwise
-        have them kept as long as it lives."""
-        waiting = self.outstanding.ids
-        for provider_id, parked in list(self.waiting_for_room.items()):
-            kept = deque(entry for entry in parked if any(request_id in waiting for request_id in entry[1]))
-            if kept:
-                self.waiting_for_room[provider_id] = kept
-            else:
-                self._unpark(provider_id)
-
-    def _unpark(self, provider_id: str) -> None:
-        """Nothing waits for room on ``provider_id``'s socket any more."""
-        del self.waiting_for_room[provider_id]
-        sock = self._sockets.get(provider_id)
-        if sock is not None:
-            self.poller.modify(sock, zmq.POLLIN)
+        """Drop the frames kept for room whose requests none waits for any more."""
+        for provider_id in self.waiting_for_room.drop_unwaited(self.outstanding.ids):
+            sock = self._sockets.get(provider_id)
+            if sock is not None:
+                self.poller.modify(sock, zmq.POLLIN)
 
     def pump(self, timeout_s: float | None, burst: int = _READ_BURST) -> list[tuple[Any, int]]:
         """Wait up to ``timeout_s`` (None: until something is ready; less if a request falls

@@ -8,14 +8,13 @@ import contextlib
 import math
 import operator
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
 
 from ..._engine.engine import Engine
-from ..._io.sockets import close_watched, has_input, recv_frames, send_frames
+from ..._io.sockets import close_watched, has_input, recv_frames
 from ..._mesh.directory import Provider
 from ..._patterns.outstanding import Outstanding
 from ..._patterns.reqrep import Exchange, QuickRequest
@@ -23,7 +22,7 @@ from ..._patterns.request_batches import RequestBatches
 from ..._stats import RequestTally
 from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError
 from ..failures import take_back_sent
-from ..pipelined import send_batches, send_request, withdraw_gathered
+from ..pipelined import WaitingForRoom, send_batches, send_request, withdraw_gathered
 
 __all__ = ["LoopRequester", "ReplyWaiter"]
 
@@ -74,10 +73,9 @@ class LoopRequester:
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._abandoned = 0  # requests abandoned since the last sweep (`abandon`)
         self._batches: RequestBatches[str, Any] = RequestBatches()
-        self.waiting_for_room: dict[str, deque[tuple[list[bytes], list[bytes], bool]]] = {}
-        """Provider id: the frames its socket refused, full of requests still waited for, in
-        order, each with the ids of its requests (`take`); sent as it takes them again (a
-        `FullSocket`'s)."""
+        self.waiting_for_room = WaitingForRoom()
+        """What each provider's socket refused: tried again every `_PARKED_CHECK_S` and as
+        the socket signals (`take`)."""
         self._parked_timer: asyncio.TimerHandle | None = None
         self.tally = RequestTally()
         """What the loop's coroutines' requests count: added to the stats every
@@ -252,7 +250,7 @@ class LoopRequester:
         before them (tried again every `_PARKED_CHECK_S` and when the socket signals): the
         back-pressure of a provider that reads requests more slowly than the loop sends
         them; its requests wait as if sent, and time out as they would. A `FullSocket`'s."""
-        self.waiting_for_room.setdefault(provider_id, deque()).append((frames, request_ids, copy))
+        self.waiting_for_room.keep(provider_id, frames, request_ids, copy)
         if self._parked_timer is None:
             self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
         return True
@@ -269,24 +267,15 @@ class LoopRequester:
             self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
 
     def _send_parked(self, provider_id: str) -> None:
-        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them;
-        one whose requests none waits for any more (timed out, abandoned) is dropped."""
-        parked = self.waiting_for_room.get(provider_id)
+        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them."""
         sock = self.sockets.get(provider_id)
-        if parked is None:
-            return
-        waiting = self.outstanding.ids
-        while parked and sock is not None:
-            frames, request_ids, copy = parked[0]
-            if any(request_id in waiting for request_id in request_ids):
-                try:
-                    send_frames(sock, frames, copy=copy)
-                except zmq.Again:
-                    return
-                except zmq.ZMQError:  # (closed under a stop: what waits fails with it)
-                    break
-            parked.popleft()
-        del self.waiting_for_room[provider_id]
+        try:
+            if sock is not None:
+                self.waiting_for_room.send(provider_id, sock, self.outstanding.ids)
+                return
+        except zmq.ZMQError:  # (closed under a stop: what waits fails with it)
+            pass
+        self.waiting_for_room.pop(provider_id, None)
 
     def _on_readable(self, provider_id: str) -> None:
         if provider_id in self.waiting_for_room:
