@@ -269,6 +269,52 @@ def test_a_handler_is_not_called_once_its_unsubscribe_returned(
     assert len(handled) + stats.get("after_unsubscribe", 0) <= stats["received"]
 
 
+@pytest.mark.timeout(60)
+def test_the_look_at_handlers_still_subscribed_stays_bounded_while_a_busy_pool_keeps_it_on(
+        mesh: dict[str, Any]) -> None:
+    """After an unsubscribe, while a ``handler_concurrency`` pool stays busy, every
+    publication is looked at before it runs (`Dispatcher.watching`), the answer kept per
+    topic and handler. Kept without a bound, a subscriber of ever-new topics grew by one
+    entry per topic while its pool was busy (6,000 topics: 6,000 entries, 56,580 in a run of
+    60,000 under load); now it starts afresh past the bound of the topics' cache."""
+    from zmqmesh._patterns.inbound.subscriptions import MAX_CACHED_TOPICS
+
+    release, first_begun = threading.Event(), threading.Event()
+    handled: list[int] = []
+    topics = MAX_CACHED_TOPICS + 2000
+
+    def on_message(msg: zmqmesh.Message) -> None:
+        if msg.topic == "t.first":  # (holds one thread of the pool: it stays busy throughout)
+            first_begun.set()
+            release.wait(30)
+            return
+        handled.append(msg.data)
+
+    def other(msg: zmqmesh.Message) -> None:
+        pass
+
+    with zmqmesh.Node("publisher", **mesh) as publisher, \
+            zmqmesh.Node("subscriber", handler_concurrency=4, **mesh) as subscriber:
+        subscriber.subscribe("t.", on_message)
+        subscriber.subscribe("o.", other)
+        publisher.wait_for_subscribers("t.x", 1, timeout=10)
+        inbox: Any = subscriber._engine.inbox
+        try:
+            publisher.publish("t.first", None)
+            wait_until(first_begun.is_set, 10, "the first handler running")
+            subscriber.unsubscribe("o.", other)  # (the pool busy: the look stays on)
+            for i in range(topics):
+                publisher.publish(f"t.{i}", i)
+                if i % 500 == 499:  # (at the pace of the pool, none dropped at a high-water mark)
+                    wait_until(lambda n=i: len(handled) > n - 100, 20, "the handlers keeping up")
+            wait_until(lambda: len(handled) == topics, 20, "every publication handled")
+            assert inbox.watching, "the look at each call stayed on (the pool busy)"
+            assert len(inbox._subscribed) <= MAX_CACHED_TOPICS
+        finally:
+            release.set()
+
+
+
 # -- push/pull -------------------------------------------------------------------------------------
 
 

@@ -67,7 +67,7 @@ from .large_replies import LargeReplies
 from .left_at_stop import LeftAtStop
 from .reply_bodies import callers_limit, error_body, within
 from .service_intake import ServiceIntake
-from .subscriptions import PrefixIndex, Subscriptions
+from .subscriptions import MAX_CACHED_TOPICS, PrefixIndex, Subscriptions
 
 if TYPE_CHECKING:
     from ..._store.store import Store
@@ -95,6 +95,18 @@ of them in a burst on top of the pipe's (with ``queue_hwm`` 100, 346 MiB residen
 54)."""
 _LOST_LOG_S = 10.0  # messages dropped past a bound (own publications, a queue no longer pulled) are logged at most this often
 _REPLY_LINGER_MS = 200  # at a stop, for replies the handlers just sent (to a peer that may be gone: bounded)
+
+
+class _Looks(dict[tuple[str, int], bool]):
+    """`Dispatcher.subscribed`'s answers, by topic and handler id, for one ``version`` of the
+    registry: one object, so that a thread that found it current stores its answer there,
+    never in the table of a later version (where it could be stale)."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, version: int) -> None:
+        super().__init__()
+        self.version = version
 
 
 class _RepliesHeld:
@@ -169,8 +181,7 @@ class Dispatcher:
         gathered once no stop is on: while it is, each call is looked at before it runs (a
         stop's deadline, `unsubscribed`); read instead of the deadline, it costs nothing
         per message otherwise."""
-        self._subscribed: dict[tuple[str, int], bool] = {}  # (`subscribed`, for the registry's `_subscribed_at`)
-        self._subscribed_at = -1
+        self._subscribed = _Looks(-1)  # (`subscribed`)
         registry.on_topic_removed = self._topic_handler_removed
         # caller: [bytes, replies, frame's caller, how many are answers] (`send_reply`)
         self._held: dict[bytes, list[Any]] | None = None
@@ -209,15 +220,18 @@ class Dispatcher:
 
     def subscribed(self, topic: str, handler: Callable[..., Any]) -> bool:
         """Whether ``handler`` is still subscribed to a prefix of ``topic`` (any thread);
-        looked up once per topic and handler for each version of the registry."""
+        looked up once per topic and handler for each version of the registry, for up to
+        `MAX_CACHED_TOPICS` of them (past it, looked up afresh: a busy pool keeps `watching`
+        on, and a subscriber of ever-new topics grew by one answer per topic)."""
         registry = self.registry
         version = registry.version
-        if version != self._subscribed_at:
-            self._subscribed, self._subscribed_at = {}, version
+        looks = self._subscribed
+        if looks.version != version or len(looks) >= MAX_CACHED_TOPICS:
+            looks = self._subscribed = _Looks(version)
         key = (topic, id(handler))  # (the calls hold their handlers: an id is not reused meanwhile)
-        found = self._subscribed.get(key)
+        found = looks.get(key)
         if found is None:
-            found = self._subscribed[key] = any(
+            found = looks[key] = any(
                 topic.startswith(prefix) and any(h is handler for h in handlers)
                 for prefix, handlers in registry.topics.items())
         return found
@@ -249,7 +263,7 @@ class Dispatcher:
         into ``calls``; returns the pairs that may hold more."""
         if self.watching and not self.stopping and not self.handling_elsewhere():  # (those gathered before all ran)
             self.watching = False
-            self._subscribed = {}
+            self._subscribed = _Looks(-1)
         if self.events:
             self.event_callbacks.take(calls)
         if self.streams_changed:

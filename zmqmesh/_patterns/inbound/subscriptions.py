@@ -24,12 +24,12 @@ from ..._stats import LogThrottle, Stats
 from ..._wire.frames import replay_marker
 from ..pubsub import GapCounter
 
-__all__ = ["PrefixIndex", "Subscriptions"]
+__all__ = ["MAX_CACHED_TOPICS", "PrefixIndex", "Subscriptions"]
 
 log = logging.getLogger("zmqmesh.inbox")
 
 _LOST_LOG_S = 10.0  # publications lost at a high-water mark (a gap in a topic's numbers) are logged at most this often
-_MAX_CACHED_TOPICS = 4096  # topic names whose handlers are cached (past it, the cache starts afresh)
+MAX_CACHED_TOPICS = 4096  # topic names whose handlers are cached (past it, the cache starts afresh)
 
 TopicHandlers = tuple[str, list[Callable[..., Any]], list[tuple[Any, Any]]]
 """``(topic, handlers, replaying subscriptions)``: see `Subscriptions.handlers`."""
@@ -122,7 +122,7 @@ class Subscriptions:
             self._topic_cache.clear()
             self._prefixes = PrefixIndex(registry.topics)
             self._cache_version = registry.version
-        elif len(self._topic_cache) > _MAX_CACHED_TOPICS:
+        elif len(self._topic_cache) > MAX_CACHED_TOPICS:
             self._topic_cache.clear()
         hit = self._topic_cache.get(name_b)
         if hit is None:
