@@ -107,6 +107,49 @@ def test_a_reply_past_the_callers_limit_does_not_cut_it_off_from_the_provider(me
         assert caller.stats()["rejected"].get("request_link_dropped", 0) >= 3
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("limits_unannounced")
+@pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
+def test_a_connection_dropped_under_steady_requests_is_replaced(mesh: dict[str, Any], kind: str) -> None:
+    """A connection ZeroMQ dropped (a reply past the caller's limit) refuses every frame;
+    the requests sent on it wait out their timeouts, and the frames refused meanwhile are
+    kept aside for room. Under steady traffic some always waited, so the socket was never
+    replaced: of 1,020 submits over 5 s, none was answered, and nothing was counted. Now,
+    once no request sent on it waits any more (only those kept aside), it is replaced, as
+    a refusing socket on which none waits is (`request_link_dropped`)."""
+    provider = zmqmesh.Node("provider", **mesh)  # 16 MiB: replies larger than the caller takes
+    provider.service("big", lambda m: b"z" * (3 << 20) if m.data == 0 else m.data)
+
+    def dropped(caller: Any) -> int:
+        return int(rejected(caller, "request_link_dropped"))
+
+    with provider:
+        if kind == "Node":
+            with zmqmesh.Node("caller", **mesh, max_message_bytes=1 << 20) as caller:
+                caller.wait_for_service("big", timeout=10)
+                kept = [caller.submit("big", x, timeout=0.5) for x in [0] + [7] * 10]  # (0 drops the connection)
+                deadline = time.monotonic() + 10
+                while not dropped(caller) and time.monotonic() < deadline:  # steady traffic
+                    kept.append(caller.submit("big", 7, timeout=0.5))
+                    time.sleep(0.02)
+                assert dropped(caller) == 1, "the dropped connection was replaced"
+                assert caller.submit("big", 5, timeout=5).result(10) == 5
+        else:
+            async def main() -> None:
+                async with zmqmesh.AsyncNode("caller", **mesh, max_message_bytes=1 << 20) as caller:
+                    await caller.wait_for_service("big", timeout=10)
+                    kept = [asyncio.ensure_future(caller.request("big", x, timeout=0.5)) for x in [0] + [7] * 10]
+                    deadline = time.monotonic() + 10
+                    while not dropped(caller) and time.monotonic() < deadline:
+                        kept.append(asyncio.ensure_future(caller.request("big", 7, timeout=0.5)))
+                        await asyncio.sleep(0.02)
+                    await asyncio.gather(*kept, return_exceptions=True)
+                    assert dropped(caller) == 1, "the dropped connection was replaced"
+                    assert await caller.request("big", 5, timeout=5) == 5
+
+            asyncio.run(main())
+
+
 @pytest.mark.timeout(90)
 def test_a_connection_clogged_with_requests_a_stopped_provider_never_read_is_said_to_be_so(
         spawn: Any, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .._engine.engine import Engine
     from .._stats import RequestTally
 
-__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "fewest_frames_that_fill", "report_link_replaced",
+__all__ = ["CLOSED", "SUBMIT_THREAD_REFUSAL", "closed_or_failed", "clogged", "fewest_frames_that_fill", "report_link_replaced",
            "send_failure", "take_back_sent"]
 
 log = logging.getLogger("zmqmesh.node")
@@ -45,6 +45,13 @@ def fewest_frames_that_fill(send_hwm: int) -> int:
     return send_hwm - lwm + 1
 
 
+def clogged(engine: Engine, given_up: int) -> bool:
+    """Whether ``given_up`` requests (given up on, unanswered) on a socket that refuses a
+    frame may fill it (`fewest_frames_that_fill` its ``send_hwm``): its provider stopped
+    reading them. Fewer could not: ZeroMQ dropped its connection."""
+    return given_up >= fewest_frames_that_fill(engine.config.send_hwm)
+
+
 def report_link_replaced(engine: Engine, provider_id: str, given_up: int) -> None:
     """Count and log a request socket replaced because it refused a request (``zmq.Again``)
     though no other request waited on it, by what filled it. Its ``given_up`` requests
@@ -53,7 +60,7 @@ def report_link_replaced(engine: Engine, provider_id: str, given_up: int) -> Non
     (``request_link_stalled``). Fewer could not fill it: ZeroMQ dropped its connection
     (``request_link_dropped``: it ends one that carried a frame past ``MAXMSGSIZE``, a
     reply larger than this node's ``max_message_bytes``, and never connects it again)."""
-    if given_up >= fewest_frames_that_fill(engine.config.send_hwm):
+    if clogged(engine, given_up):
         engine.stats.reject("request_link_stalled")
         log.warning("the connection to provider %s is full of %d requests given up on (timed out or abandoned) "
                     "that it never answered: it stopped reading them (a process stopped, frozen or overloaded); "

@@ -43,6 +43,7 @@ from .._wire import frames as wire
 from ..errors import MeshTimeoutError, NodeClosedError, PeerLostError
 from .failures import (
     CLOSED,
+    clogged,
     closed_or_failed,
     report_link_replaced,
     send_failure,
@@ -131,6 +132,29 @@ class WaitingForRoom(dict[str, deque[Parked]]):
             parked.popleft()
         del self[provider_id]
         return True
+
+    def send_or_replace(self, provider_id: str, sock: zmq.Socket[Any], outstanding: Outstanding[Any],
+                        engine: Engine, renew: Callable[[str], zmq.Socket[Any]]) -> bool:
+        """`send` the frames kept for ``provider_id``; True once none is kept. A socket that
+        refuses them while no request sent on it waits any more (only those kept aside: no
+        reply will make room), and whose requests given up on could not fill it
+        (`clogged`), was dropped by ZeroMQ: it is replaced (`replace_link`, ``renew``) and
+        they go on the new one. (Else, under steady traffic, some always waited aside, and
+        a dropped connection was never replaced: every request to its provider timed out.)
+        One full of them waits on: its provider stopped reading. Raises `zmq.ZMQError`
+        (not `zmq.Again`) for a socket that failed."""
+        if self.send(provider_id, sock, outstanding.ids):
+            return True
+        if outstanding.waiting_on(provider_id) > self.waited(provider_id, outstanding.ids) or \
+                clogged(engine, outstanding.given_up_on(provider_id)):
+            return False  # (requests sent on it wait, or fill it: room comes as the provider reads them)
+        replace_link(outstanding, provider_id, engine)
+        return self.send(provider_id, renew(provider_id), outstanding.ids)
+
+    def waited(self, provider_id: str, waiting: Container[bytes]) -> int:
+        """How many requests of the frames kept for ``provider_id`` are still waited for."""
+        return sum(request_id in waiting for _frames, request_ids, _copy in self.get(provider_id, ())
+                   for request_id in request_ids)
 
     def drop_unwaited(self, waiting: Container[bytes]) -> list[str]:
         """Drop the frames whose requests none of ``waiting`` waits for any more (they timed
@@ -396,17 +420,26 @@ class Pipelined:
         return True
 
     def _send_parked(self, provider_id: str) -> None:
-        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them."""
+        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them
+        (a socket no request sent on waits for any more is replaced: `send_or_replace`)."""
         sock = self._sockets.get(provider_id)
-        if sock is not None and self.waiting_for_room.send(provider_id, sock, self.outstanding.ids):
-            self.poller.modify(sock, zmq.POLLIN)
+        if sock is None:
+            return
+        if self.waiting_for_room.send_or_replace(provider_id, sock, self.outstanding, self.engine, self._renew):
+            self.poller.modify(self._sockets[provider_id], zmq.POLLIN)
+        elif self._sockets[provider_id] is not sock:  # (replaced, and full already)
+            self.poller.modify(self._sockets[provider_id], zmq.POLLIN | zmq.POLLOUT)
 
     def _drop_unwaited(self) -> None:
-        """Drop the frames kept for room whose requests none waits for any more."""
+        """Drop the frames kept for room whose requests none waits for any more; then try
+        those left: the requests sent on their socket may all have ended (`_send_parked`)."""
         for provider_id in self.waiting_for_room.drop_unwaited(self.outstanding.ids):
             sock = self._sockets.get(provider_id)
             if sock is not None:
                 self.poller.modify(sock, zmq.POLLIN)
+        for provider_id in list(self.waiting_for_room):
+            with contextlib.suppress(zmq.ZMQError):  # (a socket that failed: the next poll says so)
+                self._send_parked(provider_id)
 
     def pump(self, timeout_s: float | None, burst: int = _READ_BURST) -> list[tuple[Any, int]]:
         """Wait up to ``timeout_s`` (None: until something is ready; less if a request falls

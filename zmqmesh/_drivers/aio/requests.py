@@ -270,8 +270,8 @@ class LoopRequester:
         """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them."""
         sock = self.sockets.get(provider_id)
         try:
-            if sock is not None:
-                self.waiting_for_room.send(provider_id, sock, self.outstanding.ids)
+            if sock is not None:  # (a socket no request sent on waits for any more is replaced)
+                self.waiting_for_room.send_or_replace(provider_id, sock, self.outstanding, self.engine, self._renew)
                 return
         except zmq.ZMQError:  # (closed under a stop: what waits fails with it)
             pass
