@@ -89,9 +89,10 @@ class FullSocket(Protocol):
         asked per request sent.)"""
 
     def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
-             copy: bool) -> bool:
-        """Send ``frames`` on ``sock`` once it has room, before the earliest deadline of
-        ``request_ids`` (True), or give up on them: False, they did not go."""
+             copy: bool) -> None:
+        """Keep ``frames`` (carrying ``request_ids``) to send on ``sock`` once it has room,
+        behind those kept before them; their requests wait as if sent, and time out as they
+        would (`WaitingForRoom`)."""
 
 
 Parked = tuple[list[bytes], list[bytes], bool]
@@ -178,8 +179,8 @@ def send_on(outstanding: Outstanding[Any], sock: zmq.Socket[Any], provider_id: s
     on ``provider_id``'s socket ``sock``. When the socket refuses them (``zmq.Again``) while
     other requests still wait on it, the driver takes them (``full``: back-pressure, the
     provider reads more slowly than the caller sends); one that refuses them with no
-    other waiting on it is replaced (``renew``: `replace_link`). Without either, or when
-    the driver gave up on them, raises ``zmq.Again`` as any other ``zmq.ZMQError``."""
+    other waiting on it is replaced (``renew``: `replace_link`). Without either, raises
+    ``zmq.Again`` as any other ``zmq.ZMQError``."""
     if full is not None and provider_id in full.waiting_for_room:
         full.take(sock, provider_id, frames, request_ids, copy)
         return
@@ -190,9 +191,10 @@ def send_on(outstanding: Outstanding[Any], sock: zmq.Socket[Any], provider_id: s
         if renew is None:
             raise
         if outstanding.waiting_on(provider_id) > len(request_ids):  # full of requests waited for: not stale
-            if full is not None and full.take(sock, provider_id, frames, request_ids, copy):
-                return
-            raise
+            if full is None:
+                raise
+            full.take(sock, provider_id, frames, request_ids, copy)
+            return
         replace_link(outstanding, provider_id, engine)
     send_frames(renew(provider_id), frames, copy=copy)
 
@@ -407,17 +409,16 @@ class Pipelined:
         return self._socket(self._known[provider_id])
 
     def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
-             copy: bool) -> bool:
+             copy: bool) -> None:
         """Keep ``frames`` to send once ``provider_id``'s socket ``sock`` has room, behind
         those kept before them (`pump` sends them as the socket becomes writable): the
         back-pressure of a provider that reads requests more slowly than this thread sends
         them. Its requests wait as if sent, and time out as they would; meanwhile this
         thread goes on reading replies and sending to the other providers (before, it
         waited here, holding up every other request of the thread: a `submit` to a healthy
-        provider timed out behind one to a stalled provider). A `FullSocket`'s: True."""
+        provider timed out behind one to a stalled provider). A `FullSocket`'s."""
         if self.waiting_for_room.keep(provider_id, frames, request_ids, copy):
             self.poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
-        return True
 
     def _send_parked(self, provider_id: str) -> None:
         """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them

@@ -26,12 +26,31 @@ from typing import Generic, TypeVar
 
 from .._wire import frames as wire
 
-__all__ = ["Outstanding"]
+__all__ = ["GivenUp", "Outstanding"]
 
 Waiter = TypeVar("Waiter")
 
 _SLACK = 1024
 _CHECK_EVERY = 64  # requests between two looks at the entries left behind
+
+
+class GivenUp(dict[str, int]):
+    """By provider id: how many requests on its socket were given up on (timed out, or
+    forgotten: their callers stopped waiting) with no reply coming since; absent: none.
+    At most that many may still wait in the socket, unread by the provider (what
+    `failures.report_link_replaced` judges a refusing socket by)."""
+
+    def add(self, provider_id: str, count: int = 1) -> None:
+        """``count`` requests to ``provider_id`` were given up on."""
+        self[provider_id] = self.get(provider_id, 0) + count
+
+    def replied_late(self, provider_id: str, count: int = 1) -> None:
+        """``count`` late replies came from ``provider_id``: it read as many of them."""
+        left = self.get(provider_id, 0) - count
+        if left > 0:
+            self[provider_id] = left
+        else:
+            self.pop(provider_id, None)
 
 
 class Outstanding(Generic[Waiter]):
@@ -43,7 +62,7 @@ class Outstanding(Generic[Waiter]):
         self._heap: list[tuple[float, bytes]] = []  # the others
         self._ids = itertools.count(1)
         self._per_provider: dict[str, int] = {}  # provider id: requests waiting (none: absent)
-        self._given_up: dict[str, int] = {}  # provider id: requests given up on, unanswered (see `given_up_on`)
+        self._given_up = GivenUp()  # (see `given_up_on`)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -75,7 +94,7 @@ class Outstanding(Generic[Waiter]):
     def _gave_up(self, provider_id: str, count: int) -> None:
         """``count`` requests to ``provider_id`` no longer wait, given up on."""
         self._answered(provider_id, count)
-        self._given_up[provider_id] = self._given_up.get(provider_id, 0) + count
+        self._given_up.add(provider_id, count)
 
     def busy(self, provider_id: str) -> bool:
         """Whether a request to ``provider_id`` waits for its reply."""
@@ -145,16 +164,8 @@ class Outstanding(Generic[Waiter]):
                 self._tidy()
         late = len(replies) - len(found)
         if late and provider_id in self._given_up:  # (the provider read those: they no longer clog its connection)
-            self._replied_late(provider_id, late)
+            self._given_up.replied_late(provider_id, late)
         return found, late
-
-    def _replied_late(self, provider_id: str, count: int) -> None:
-        left = self._given_up[provider_id] - count
-        if left > 0:
-            self._given_up[provider_id] = left
-        else:
-            del self._given_up[provider_id]
-
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of a request still waiting; None when none waits."""

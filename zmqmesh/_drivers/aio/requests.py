@@ -245,7 +245,7 @@ class LoopRequester:
             self.engine.stats.count_sent(self.tally, sent)
 
     def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
-             copy: bool) -> bool:
+             copy: bool) -> None:
         """Keep ``frames`` to send once ``provider_id``'s socket has room, behind those kept
         before them (tried again every `_PARKED_CHECK_S` and when the socket signals): the
         back-pressure of a provider that reads requests more slowly than the loop sends
@@ -253,7 +253,6 @@ class LoopRequester:
         self.waiting_for_room.keep(provider_id, frames, request_ids, copy)
         if self._parked_timer is None:
             self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
-        return True
 
     def _send_all_parked(self) -> None:
         self._parked_timer = None

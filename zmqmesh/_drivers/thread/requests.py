@@ -16,6 +16,7 @@ import zmq
 from ..._engine.engine import Engine
 from ..._io.sockets import recv_frames, send_frames
 from ..._mesh.directory import Provider
+from ..._patterns.outstanding import GivenUp
 from ..._patterns.reqrep import Exchange
 from ..._stats import RequestTally
 from ..._wire import frames as wire
@@ -55,7 +56,7 @@ class ThreadRequester:
         self._ids = itertools.count(1)
         self._membership_epoch = -1
         self._slices: dict[str, int] = {}  # provider id: the RCVTIMEO its socket has (see `_wait`)
-        self._given_up: dict[str, int] = {}  # provider id: requests on its socket given up on, unanswered since
+        self._given_up = GivenUp()  # (the requests on each provider's socket given up on, unanswered since)
         self._pipelined: Pipelined | None = None
         self.tally = RequestTally()
         """What this thread's calls count: added to the stats every `TALLY_FOLD_AT` requests
@@ -116,7 +117,7 @@ class ThreadRequester:
                 try:
                     return self._wait(sock, request_id, provider, step.service, step.deadline)
                 except MeshTimeoutError:  # (counted by `_wait`, which decided it)
-                    self._gave_up(provider.id)
+                    self._given_up.add(provider.id)
                     raise
                 except ZmqMeshError:  # (counted by `_wait`, which decided it)
                     raise
@@ -125,7 +126,7 @@ class ThreadRequester:
                     raise
                 except BaseException:  # interrupted (a signal's KeyboardInterrupt): its caller no longer waits
                     engine.stats.add("request", "abandoned")
-                    self._gave_up(provider.id)
+                    self._given_up.add(provider.id)
                     raise
         finally:
             self.after_call()
@@ -178,23 +179,11 @@ class ThreadRequester:
             reply = wire.parse_reply(frames)
             if reply is None or reply[0] != request_id:
                 engine.stats.add("request", "dropped")  # a late reply
-                self._replied_late(provider.id)
+                self._given_up.replied_late(provider.id)
                 continue
             counts = self.tally.counts
             counts["received"] = counts.get("received", 0) + 1
             return reply[1], reply[2]
-
-    def _gave_up(self, provider_id: str) -> None:
-        """A request on ``provider_id``'s socket was given up on: it may stay there, unread."""
-        self._given_up[provider_id] = self._given_up.get(provider_id, 0) + 1
-
-    def _replied_late(self, provider_id: str) -> None:
-        """A late reply came: the provider read one of those given up on."""
-        left = self._given_up.get(provider_id, 0) - 1
-        if left > 0:
-            self._given_up[provider_id] = left
-        else:
-            self._given_up.pop(provider_id, None)
 
     def _forget_socket(self, provider_id: str) -> None:
         """Close ``provider_id``'s socket, and forget what went with it."""
