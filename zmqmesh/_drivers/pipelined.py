@@ -146,9 +146,9 @@ class WaitingForRoom(dict[str, deque[Parked]]):
         (not `zmq.Again`) for a socket that failed."""
         if self.send(provider_id, sock, outstanding.ids):
             return True
-        if outstanding.waiting_on(provider_id) > self.waited(provider_id, outstanding.ids) or \
-                clogged(engine, outstanding.given_up_on(provider_id)):
-            return False  # (requests sent on it wait, or fill it: room comes as the provider reads them)
+        if clogged(engine, outstanding.given_up_on(provider_id)) or \
+                outstanding.waiting_on(provider_id) > self.waited(provider_id, outstanding.ids):
+            return False  # (requests given up on fill it, or those sent on it wait: room comes as they are read)
         replace_link(outstanding, provider_id, engine)
         return self.send(provider_id, renew(provider_id), outstanding.ids)
 
@@ -420,13 +420,19 @@ class Pipelined:
         if self.waiting_for_room.keep(provider_id, frames, request_ids, copy):
             self.poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
 
-    def _send_parked(self, provider_id: str) -> None:
-        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them
-        (a socket no request sent on waits for any more is replaced: `send_or_replace`)."""
+    def _send_parked(self, provider_id: str, replace: bool = False) -> None:
+        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them;
+        ``replace``: as requests ended, a socket that refuses them while none sent on it
+        waits any more is replaced (`WaitingForRoom.send_or_replace`)."""
         sock = self._sockets.get(provider_id)
         if sock is None:
             return
-        if self.waiting_for_room.send_or_replace(provider_id, sock, self.outstanding, self.engine, self._renew):
+        waiting, outstanding = self.waiting_for_room, self.outstanding
+        if replace:
+            done = waiting.send_or_replace(provider_id, sock, outstanding, self.engine, self._renew)
+        else:
+            done = waiting.send(provider_id, sock, outstanding.ids)
+        if done:
             self.poller.modify(self._sockets[provider_id], zmq.POLLIN)
         elif self._sockets[provider_id] is not sock:  # (replaced, and full already)
             self.poller.modify(self._sockets[provider_id], zmq.POLLIN | zmq.POLLOUT)
@@ -440,7 +446,7 @@ class Pipelined:
                 self.poller.modify(sock, zmq.POLLIN)
         for provider_id in list(self.waiting_for_room):
             with contextlib.suppress(zmq.ZMQError):  # (a socket that failed: the next poll says so)
-                self._send_parked(provider_id)
+                self._send_parked(provider_id, replace=True)
 
     def pump(self, timeout_s: float | None, burst: int = _READ_BURST) -> list[tuple[Any, int]]:
         """Wait up to ``timeout_s`` (None: until something is ready; less if a request falls

@@ -177,7 +177,10 @@ class LoopRequester:
             self._sweep_timer.cancel()
             self._sweep_timer = None
         withdraw_gathered(self._batches, self.outstanding, self.tally, _done)  # (not sent: nor counted)
-        self.engine.stats.pattern["request"]["abandoned"] += self.outstanding.forget_where(_done)
+        forgotten = self.outstanding.forget_where(_done)
+        self.engine.stats.pattern["request"]["abandoned"] += forgotten
+        if forgotten:
+            self._requests_ended()
 
     def _arm(self, deadline: float) -> None:
         if self._timer is not None:
@@ -190,6 +193,7 @@ class LoopRequester:
         self._timer, self._timer_at = None, math.inf
         self._end(self.outstanding.expired(time.monotonic()),
                   lambda service: MeshTimeoutError(f"request to {service!r} timed out"))
+        self._requests_ended()
         deadline = self.outstanding.next_deadline()
         if deadline is not None:
             self._arm(deadline)
@@ -254,6 +258,12 @@ class LoopRequester:
         if self._parked_timer is None:
             self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
 
+    def _requests_ended(self) -> None:
+        """Requests stopped waiting (timed out, forgotten): those sent on a socket whose
+        frames wait for room may all have ended (`_send_parked`, ``replace``)."""
+        for provider_id in list(self.waiting_for_room):
+            self._send_parked(provider_id, replace=True)
+
     def _send_all_parked(self) -> None:
         self._parked_timer = None
         for provider_id in list(self.waiting_for_room):
@@ -265,12 +275,17 @@ class LoopRequester:
         if self.waiting_for_room:
             self._parked_timer = self.engine.loop.call_later(_PARKED_CHECK_S, self._send_all_parked)
 
-    def _send_parked(self, provider_id: str) -> None:
-        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them."""
+    def _send_parked(self, provider_id: str, replace: bool = False) -> None:
+        """Send the frames kept for ``provider_id`` (`take`) as far as its socket takes them;
+        ``replace``: as requests ended, a socket that refuses them while none sent on it
+        waits any more is replaced (`WaitingForRoom.send_or_replace`)."""
         sock = self.sockets.get(provider_id)
         try:
-            if sock is not None:  # (a socket no request sent on waits for any more is replaced)
+            if sock is not None and replace:
                 self.waiting_for_room.send_or_replace(provider_id, sock, self.outstanding, self.engine, self._renew)
+                return
+            if sock is not None:
+                self.waiting_for_room.send(provider_id, sock, self.outstanding.ids)
                 return
         except zmq.ZMQError:  # (closed under a stop: what waits fails with it)
             pass
