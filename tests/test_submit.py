@@ -636,7 +636,10 @@ def test_a_request_larger_than_its_provider_takes_fails_at_once_and_loses_nothin
             caller.request("size", big, timeout=5)
         assert caller.request_many("size", [1, 2], timeout=10) == [1, 2]
         counts = caller.stats()["request"]
-        assert counts["sent"] == counts["received"] and counts["errors"] == 0, counts
+        # (the 2 after the large item may have gone in one frame with the 1 before it: once the
+        # call raised, it is forgotten, abandoned, and its reply dropped if it comes later)
+        assert counts["sent"] == counts["received"] + counts.get("abandoned", 0) and counts["errors"] == 0, counts
+        assert counts.get("abandoned", 0) <= 1, counts
         asyncio.run(from_async_node())
         with zmqmesh.Node("wide", **mesh) as wide:
             wide.service("size", lambda msg: len(msg.data))

@@ -371,7 +371,9 @@ class Node(NodeBase):
         request within its timeout (back-pressure). Raises what `request` raises,
         for the first item (in order) that failed: once one failed no more are sent, and
         the items before it are waited for; the requests still in flight are then
-        forgotten (their late replies are dropped and counted). An item that cannot be
+        forgotten (their late replies are dropped and counted), those after it that
+        had already gone with the items before it too (items at hand go in batches, which
+        may leave before the failing item is found unable to go). An item that cannot be
         encoded raises `TypeError` as soon as its turn comes, without waiting: the requests
         in flight are forgotten, and those not sent yet never go. `ConfigError` (a
         `ValueError`) for a ``window`` that is not an int >= 1.
