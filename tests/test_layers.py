@@ -2365,3 +2365,34 @@ def test_a_peers_join_taken_while_its_leave_is_posted_keeps_its_leave() -> None:
     leaves = {peer for kind, peer in seen if kind == "leave"}
     assert joins == leaves, f"{len(joins - leaves)} joins reported without their leave"
     assert events.stats.snapshot()["zre"].get("unseen_peers", 0) + len(joins) == rounds
+
+
+def test_a_pullers_own_timed_out_messages_are_looked_for_only_as_far_as_its_turn_takes() -> None:
+    """A puller that let batches time out is not dealt their messages again while it has
+    not answered them (its handler may still be on them). Looking for them through the
+    whole of what is dealt again cost 0.8 ms a turn with 20,000 messages there, up to 125
+    turns a flush: the look now ends once as many others as the turn takes lead (the
+    messages further back stay as they are, and are looked at as they come forward)."""
+    import zmq
+
+    from zmqmesh._patterns.reliable import ReliableSender
+    from zmqmesh._store.messages import StoredMessage
+
+    loop = asyncio.new_event_loop()
+    ctx = zmq.Context()
+    try:
+        sender = ReliableSender(ctx=ctx, loop=loop, config=zmqmesh.NodeConfig(), stats=Stats(), uuid=b"u" * 16,
+                                directory=directory(), codec=Codec(1 << 20), routing_id=lambda: b"r",
+                                connect=lambda sock, endpoint, key: None, wake=lambda: None)
+        line = ("puller", "jobs")
+        mine = {"m3", "m5", "m15000"}
+        sender._ghosts[line] = {b"batch": frozenset(mine)}
+        sender._withheld[line] = time.monotonic() + 10
+        again = deque(StoredMessage(n, "jobs", f"m{n}", 0.0, None, b"", 1, n) for n in range(20_000))
+        taken = sender._take_own(line, again, 8)
+        assert [m.id for m in taken] == ["m3", "m5"]
+        assert [m.id for m in list(again)[:8]] == [f"m{n}" for n in (0, 1, 2, 4, 6, 7, 8, 9)], "the turn's 8, in order"
+        assert len(again) == 19_998 and any(m.id == "m15000" for m in again), "further back: not looked at"
+    finally:
+        loop.close()
+        ctx.term()

@@ -428,7 +428,7 @@ class ReliableSender:
                 parts: list[bytes] = []
                 wrap = self._wrap if directory.speaks(puller, 2) else _wrap_two_fields
                 limit = narrow.get(puller) if narrow else None
-                own = self._take_own((puller, queue), dealt_again) if self._withheld else []
+                own = self._take_own((puller, queue), dealt_again, n) if self._withheld else []
                 size = fill_batch(dealt_again, items, parts, n, 0, True, wrap, limit)  # first what is dealt again
                 if not dealt_again or limit is None or payload_size(dealt_again[0]) <= limit:  # (in order)
                     size = fill_batch(q, items, parts, n, size, False, wrap, limit)
@@ -688,12 +688,14 @@ class ReliableSender:
         if expired:
             self.wake()
 
-    def _take_own(self, line: tuple[str, str], again: deque[Any]) -> list[Any]:
-        """Take out of ``again``, in order, the durable messages of the batches of ``line``
-        that timed out and that its puller has not answered (`_ghosts`), for up to
-        `WEDGED_S` after the last of them timed out: its handler may still be on them, so
-        they go to other pullers; dealt to it, they would wait behind its own delivery.
-        The caller puts them back after that puller's turn."""
+    def _take_own(self, line: tuple[str, str], again: deque[Any], n: int) -> list[Any]:
+        """Take out of the front of ``again``, in order, the durable messages of the batches
+        of ``line`` that timed out and that its puller has not answered (`_ghosts`), until
+        ``n`` others lead it (what that puller's turn takes at most), for up to `WEDGED_S`
+        after the last of them timed out: its handler may still be on them, so they go to
+        other pullers; dealt to it, they would wait behind its own delivery. The caller puts
+        them back after that puller's turn. (Looking at the whole of ``again`` cost 0.8 ms a
+        turn with 20,000 messages in it, up to 125 turns a flush.)"""
         until = self._withheld.get(line)
         if until is None or not again:
             return []
@@ -702,11 +704,12 @@ class ReliableSender:
             del self._withheld[line]  # (answered, or past the bound: dealt to it again, in case its answer was lost)
             return []
         own = frozenset().union(*ghosts.values())
-        taken = [item for item in again if type(item) is StoredMessage and item.id in own]
-        if taken:
-            kept = [item for item in again if not (type(item) is StoredMessage and item.id in own)]
-            again.clear()
-            again.extend(kept)
+        taken: list[Any] = []
+        others: list[Any] = []
+        while again and len(others) < n:
+            item = again.popleft()
+            (taken if type(item) is StoredMessage and item.id in own else others).append(item)
+        again.extendleft(reversed(others))
         return taken
 
     def _is_wedged(self, line: tuple[str, str]) -> bool:
