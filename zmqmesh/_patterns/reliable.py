@@ -673,10 +673,8 @@ class ReliableSender:
             again = self._failed(batch, "ack timeout", held[batch.puller] == 1, behind)
             self._unanswered(line, batch)
             self._withheld[line] = now + WEDGED_S
-            self.loop.call_later(WEDGED_S, self.wake)  # (then dealt to it again: nothing else may flush)
             if behind is not None:  # stuck on a batch before: what else the line holds waits behind it too
                 self._wedged[line] = now + WEDGED_S
-                self.loop.call_later(WEDGED_S, self.wake)  # (then dealt again: nothing else may flush)
                 # (to another puller at once; with none, left to time out in turn: taken back, it would
                 # be handled twice, by this one unstuck and again once dealt to it)
                 stuck = self._take_line(line) if self._other_puller(line) else []
@@ -687,6 +685,8 @@ class ReliableSender:
             self._put_back(batch.queue, again)
         if expired:
             self.wake()
+            # (the lines withheld or wedged now are dealt to again then: nothing else may flush)
+            self.loop.call_later(WEDGED_S, self.wake)
 
     def _take_own(self, line: tuple[str, str], again: deque[Any], n: int) -> list[Any]:
         """Take out of the front of ``again``, in order, the durable messages of the batches
