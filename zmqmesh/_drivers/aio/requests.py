@@ -280,16 +280,16 @@ class LoopRequester:
         ``replace``: as requests ended, a socket that refuses them while none sent on it
         waits any more is replaced (`WaitingForRoom.send_or_replace`)."""
         sock = self.sockets.get(provider_id)
+        if sock is None:
+            self.waiting_for_room.pop(provider_id, None)
+            return
         try:
-            if sock is not None and replace:
+            if replace:
                 self.waiting_for_room.send_or_replace(provider_id, sock, self.outstanding, self.engine, self._renew)
-                return
-            if sock is not None:
+            else:
                 self.waiting_for_room.send(provider_id, sock, self.outstanding.ids)
-                return
         except zmq.ZMQError:  # (closed under a stop: what waits fails with it)
-            pass
-        self.waiting_for_room.pop(provider_id, None)
+            self.waiting_for_room.pop(provider_id, None)
 
     def _on_readable(self, provider_id: str) -> None:
         if provider_id in self.waiting_for_room:

@@ -192,7 +192,6 @@ class ThreadRequester:
         self.sockets.pop(provider_id).close(0)
 
     def _connect(self, provider: Provider) -> zmq.Socket[Any]:
-        self._given_up.pop(provider.id, None)
         sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
         return sock
 
