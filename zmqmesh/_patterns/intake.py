@@ -143,15 +143,13 @@ class AckedIntake:
                 msg.redelivered = item[0]
             if in_place:
                 if self.abandoned():  # (as the driver drops the calls reached after the deadline)
-                    self.left_at_stop("pipeline", ack, len(items) - index)
-                    self.leave(ack, range(index, len(items)))
+                    self._cut_at(ack, index, len(items))
                     return
                 try:
                     handler(msg)
                 except Exception as exc:
                     if self.refused_by_stop(exc):  # (the stop's doing: the rest is left, dealt again)
-                        self.left_at_stop("pipeline", ack, len(items) - index)
-                        self.leave(ack, range(index, len(items)))
+                        self._cut_at(ack, index, len(items))
                         return
                     self.stats.pattern["pipeline"]["errors"] += handler_raised(handler)
                     self._settle(ack, msg, index, exc)
@@ -333,6 +331,13 @@ class AckedIntake:
         self._settle(ack, call.arg, call.index, error)
         if ack.remaining == 0 and not ack.cut_short:
             self._acknowledge(ack)
+
+    def _cut_at(self, ack: BatchAck, index: int, count: int) -> None:
+        """The stop left the items of ``ack``'s batch of ``count`` from ``index`` on
+        unhandled (handlers run in place): counted as left at the stop, and named to the
+        pusher (`leave`)."""
+        self.left_at_stop("pipeline", ack, count - index)
+        self.leave(ack, range(index, count))
 
     def leave(self, ack: BatchAck, positions: Iterable[int]) -> None:
         """Note the items of ``ack``'s batch at ``positions`` as left unhandled by the stop

@@ -231,7 +231,8 @@ class ThreadInbox(Dispatcher):
                     break
             self._drain_all(calls, self.sockets)  # stopping: finish what has arrived, within the deadline
             while self._pool_busy() and not self.abandoned():  # ... and what the pool's handlers still run
-                self._wait_for_pool(poller, waker)
+                assert self._deadline is not None  # (set by the stop)
+                self._wait_for_pool(poller, waker, self._deadline)
                 self._drain_all(calls, self.sockets)  # (answering them, and taking what came meanwhile)
             if self._pool is not None and self._pool_busy():  # the deadline passed: what has not begun is left
                 self._pool.shutdown(wait=False, cancel_futures=True)  # (counted here, as left: `_submit`)
@@ -270,11 +271,10 @@ class ThreadInbox(Dispatcher):
         with self._exit_lock:
             return self._in_pool > 0
 
-    def _wait_for_pool(self, poller: select.poll, waker: int) -> None:
+    def _wait_for_pool(self, poller: select.poll, waker: int, until: float) -> None:
         """Sleep until a handler of the pool returns (it wakes this thread), a slice passes,
-        or the stop's deadline does, whichever comes first."""
-        assert self._deadline is not None
-        remaining = self._deadline - time.monotonic()
+        or ``until`` does (monotonic), whichever comes first."""
+        remaining = until - time.monotonic()
         if remaining > 0:
             for fd, _event in poller.poll(min(remaining, POLL_SLICE_S) * 1000):
                 if fd == waker:
@@ -284,10 +284,8 @@ class ThreadInbox(Dispatcher):
         """Wait up to `_RUNNING_GRACE_S` for the pool's handlers still running past the
         stop's deadline (they are answered as the thread ends)."""
         until = time.monotonic() + _RUNNING_GRACE_S
-        while self._pool_busy() and (remaining := until - time.monotonic()) > 0:
-            for fd, _event in poller.poll(min(remaining, POLL_SLICE_S) * 1000):
-                if fd == waker:
-                    self._waker.clear()
+        while self._pool_busy() and time.monotonic() < until:
+            self._wait_for_pool(poller, waker, until)
 
     def after_exit(self, fn: Callable[[], None]) -> bool:
         """Have the inbox thread call ``fn`` once it has closed its sockets (True): for a
