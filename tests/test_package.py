@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,6 +193,36 @@ def test_decorators_give_a_type_checker_the_handler_back(tmp_path: Path) -> None
                         '"def (msg: zmqmesh.message.Message) -> typing.Coroutine[Any, Any, None]"',
                         '"def (msg: zmqmesh.message.Message) -> str"'], result.stdout
     assert result.returncode == 0, result.stdout  # and strict mypy finds nothing else to say
+
+
+NOT_FOR_A_PLAIN_NODE = {
+    "CURVE": {"zmqmesh._io.curve", "zmq.utils.z85"},
+}
+"""What a node that uses no CURVE key (nor each other feature named) loads only once it does:
+the import of each costs every process's cold start."""
+
+
+@pytest.mark.parametrize("kind", ["Node", "AsyncNode"])
+def test_a_plain_node_started_and_stopped_loads_none_of_the_features_it_does_not_use(
+        kind: str, mesh: dict[str, Any]) -> None:
+    path = os.pathsep.join(p for p in sys.path if p)
+    run = ("node = zmqmesh.Node('plain', **options).start()\nnode.stop()\n" if kind == "Node" else
+           "import asyncio\n"
+           "async def main() -> None:\n"
+           "    node = zmqmesh.AsyncNode('plain', **options)\n"
+           "    await node.start()\n"
+           "    await node.stop()\n"
+           "asyncio.run(main())\n")
+    code = (f"import json, sys, zmqmesh\noptions = {mesh!r}\n{run}"
+            f"print(json.dumps(sorted(sys.modules)))")
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.splitlines()[-1]))
+    assert "zmqmesh._engine.engine" in loaded  # (it ran a node)
+    wrong = {feature: sorted(modules & loaded) for feature, modules in NOT_FOR_A_PLAIN_NODE.items()
+             if modules & loaded}
+    assert not wrong, f"a plain {kind} loaded modules of features it does not use: {wrong}"
 
 
 def test_a_sync_node_does_not_import_asyncio() -> None:

@@ -33,14 +33,6 @@ import zmq
 
 from .._io import inherited
 from .._io.beacon import BeaconSocket
-from .._io.curve import (
-    KeyPair,
-    ZapHandler,
-    check_key,
-    connect,
-    make_server,
-    read_secret_key,
-)
 from .._io.netif import (
     LOOPBACK_ADDRESS,
     LOOPBACK_BROADCAST,
@@ -77,6 +69,7 @@ from ..message import Message, Peer
 from .outbound import Outbound
 
 if TYPE_CHECKING:
+    from .._io.curve import KeyPair, ZapHandler
     from .._observe.prometheus import MetricsServer
     from .._patterns.durable import DurableQueues
     from .._patterns.history import History
@@ -174,6 +167,27 @@ InboxFactory = Callable[["Engine", zmq.Socket[Any], zmq.Socket[Any], zmq.Socket[
 RequestsFactory = Callable[["Engine"], Requests]
 
 
+
+def _curve_keys(cfg: NodeConfig) -> tuple[KeyPair | None, frozenset[str]]:
+    """This node's CURVE keys (None: a plain node) and the public keys it admits, from
+    ``cfg``. The CURVE module is loaded only for a node whose configuration names a key.
+    Raises `ConfigError` for a malformed key or an unreadable key file."""
+    if cfg.curve_secret_key is None and cfg.curve_key_file is None and not cfg.curve_allow \
+            and not any(seed[40:41] == "@" for seed in cfg.seeds):
+        return None, frozenset()
+    from .._io.curve import KeyPair, check_key, read_secret_key
+
+    secret = cfg.curve_secret_key
+    if cfg.curve_key_file is not None:
+        secret = read_secret_key(cfg.curve_key_file)
+    keys = KeyPair.from_secret(secret) if secret is not None else None
+    allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
+    for seed in cfg.seeds:
+        if seed[40:41] == "@":
+            check_key(seed[:40], f"public key of seed {seed!r}")
+    return keys, allowed
+
+
 class Engine:
     """State and sockets of one node, driven by one event loop.
 
@@ -248,14 +262,7 @@ class Engine:
             raise ConfigError("advertise_address must be an address peers can reach, not 0.0.0.0")
         self._advertise = advertise
         self.directory.loopback_only = advertise.startswith("127.")
-        secret = cfg.curve_secret_key
-        if cfg.curve_key_file is not None:
-            secret = read_secret_key(cfg.curve_key_file)
-        self.keys = KeyPair.from_secret(secret) if secret is not None else None
-        allowed = frozenset(check_key(k, "public key in curve_allow") for k in cfg.curve_allow)
-        for seed in cfg.seeds:
-            if seed[40:41] == "@":
-                check_key(seed[:40], f"public key of seed {seed!r}")
+        self.keys, allowed = _curve_keys(cfg)
         if cfg.store is not None:  # first: a locked or foreign store stops the start cleanly
             # (imported here: a node without a store never loads the store's module)
             from .._store.store import Store
@@ -291,6 +298,9 @@ class Engine:
             # (libzmq's default of 1,023 sockets ran out at about 340 peers, long before MAX_PEERS)
             self.ctx.set(zmq.MAX_SOCKETS, ZMQ_SOCKETS_PER_PEER * MAX_PEERS + 1024)
             if self.keys is not None:  # the ZAP handler must exist before any socket binds
+                # (a secure node only: `_curve_keys` loaded it)
+                from .._io.curve import ZapHandler
+
                 self._zap = ZapHandler(self.ctx, loop, self.keys, allowed, self.stats)
             sockets = self._open_sockets(bind_address)
             self.outbound = Outbound(loop, self.loop_thread, self.directory, self.space)
@@ -417,6 +427,9 @@ class Engine:
                 options[zmq.XPUB_VERBOSER] = 1
             sock = new_socket(self.ctx, kind, options)
             if self.keys is not None:
+                # (a secure node only)
+                from .._io.curve import make_server
+
                 make_server(sock, self.keys)
             if self._zap is not None:
                 self._zap.watch(sock)
@@ -449,6 +462,12 @@ class Engine:
 
     def connect(self, sock: zmq.Socket[Any], endpoint: str, peer_key: str | None) -> None:
         """Connect ``sock``, as a CURVE client of ``peer_key`` when this node is secure."""
+        if self.keys is None:
+            sock.connect(endpoint)
+            return
+        # (a secure node only: a plain one never loads CURVE)
+        from .._io.curve import connect
+
         connect(sock, endpoint, self.keys, peer_key)
 
     # The stop plan (see `stop_plan`): each step runs where it belongs, and the node kinds

@@ -9,7 +9,6 @@ import logging
 from collections.abc import Callable
 
 import zmq
-from zmq.utils import z85
 
 from .._io.beacon import BeaconSocket
 from .._io.reactor import EventLoop
@@ -23,6 +22,10 @@ from .peer import PeerState
 __all__ = ["Beacons", "Seeds"]
 
 log = logging.getLogger("zmqmesh.membership")
+
+
+def _no_key(raw: bytes) -> str:
+    raise AssertionError("a plain node handles no beacon with a key")  # (`_handle` refuses them first)
 
 
 class Beacons:
@@ -55,6 +58,11 @@ class Beacons:
         self.rest_s = rest_s
         self.port = 0
         self._closed = False
+        self._key_text = _no_key
+        if key is not None:  # (a secure node: a plain one, which hears no keys, never loads z85)
+            from zmq.utils import z85
+
+            self._key_text = lambda raw: z85.encode(raw).decode()
 
     def start(self, port: int) -> None:
         """Listen, and beacon mailbox ``port`` now and every interval."""
@@ -126,7 +134,7 @@ class Beacons:
         if (beacon.key is None) != (self.key is None):
             self.stats.reject("beacon_other_security")  # secure and plain nodes don't mix
             return
-        key = z85.encode(beacon.key).decode() if beacon.key is not None else None
+        key = self._key_text(beacon.key) if beacon.key is not None else None
         self.on_beacon(beacon.uuid, f"tcp://{source}:{beacon.port}" if beacon.port else None, key, source)
 
 

@@ -30,12 +30,11 @@ parts that do the rest, one job each:
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from .._io.beacon import BeaconSocket
-from .._io.curve import KeyPair
 from .._io.reactor import EventLoop
 from .._stats import Stats
 from .._wire.codec import Codec
@@ -57,6 +56,9 @@ from .peer import PeerState
 from .peer_groups import MAX_HELLO_GROUP_BYTES, PeerGroups
 from .roster import MAX_PEERS, MAX_UNPROVEN_PEERS, ZMQ_SOCKETS_PER_PEER, Roster
 from .timers import Timers
+
+if TYPE_CHECKING:
+    from .._io.curve import KeyPair
 
 __all__ = ["Membership", "MAX_GROUP_BYTES", "MAX_PEERS", "MAX_UNPROVEN_PEERS", "ZMQ_SOCKETS_PER_PEER"]
 

@@ -6,11 +6,10 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .._io.curve import KeyPair, make_client
 from .._io.reactor import EventLoop
 from .._io.sockets import CONTROL_HWM, new_socket
 from .._stats import Stats
@@ -19,6 +18,9 @@ from .._wire.frames import link_id
 from .._wire.zre import ZreMessage
 from ..config import NodeConfig
 from .peer import PeerState
+
+if TYPE_CHECKING:
+    from .._io.curve import KeyPair
 
 __all__ = ["Links", "link_liveness", "monitor_event"]
 
@@ -90,6 +92,9 @@ class Links:
             peer.monitor = link.get_monitor_socket(_MONITOR_EVENTS)
             if self.keys is not None:
                 assert peer.key is not None, "secure links need the peer's key"
+                # (a secure node only: a plain one never loads CURVE)
+                from .._io.curve import make_client
+
                 make_client(link, self.keys, peer.key)
             link.connect(peer.endpoint)
         except zmq.ZMQError:

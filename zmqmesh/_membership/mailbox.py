@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .._io.curve import KeyPair, make_server
 from .._io.reactor import EventLoop
 from .._io.sockets import CONTROL_HWM, LISTEN_BACKLOG, has_input, new_socket
 from .._stats import Stats
 from .._wire.frames import FRAME_HEADROOM
 from ..config import NodeConfig
 from ..errors import ZmqMeshError
+
+if TYPE_CHECKING:
+    from .._io.curve import KeyPair
 
 __all__ = ["Mailbox"]
 
@@ -59,6 +61,9 @@ class Mailbox:
             zmq.BACKLOG: LISTEN_BACKLOG,  # (every peer connects at once when this node starts)
         })
         if self.keys is not None:
+            # (a secure node only: a plain one never loads CURVE)
+            from .._io.curve import make_server
+
             make_server(mailbox, self.keys)
         try:
             if self.config.mailbox_port:
