@@ -27,7 +27,6 @@ from .._mesh.waiters import Room, Until
 from .._observe import tracing
 from .._patterns.calls import serving_chain
 from .._patterns.pubsub import Publisher
-from .._patterns.replay import Fetch
 from .._patterns.reqrep import MAX_CHAIN, Calling, Exchange, QuickRequest, request_plan
 from .._stats import RequestTally
 from .._wire.frames import (
@@ -61,6 +60,7 @@ log = logging.getLogger("zmqmesh.node")
 
 if TYPE_CHECKING:
     from .._patterns.durable import Ticket
+    from .._patterns.replay import Fetch
 
 __all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window", "peer_id_of", "as_frames", "check_group"]
 

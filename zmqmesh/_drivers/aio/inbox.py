@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -30,8 +30,10 @@ from ..._patterns.calls import (
     served,
 )
 from ..._patterns.inbound import HOLD_LIMIT_S, Dispatcher
-from ..._patterns.replay import Fetch
 from .runner import AsyncRunner
+
+if TYPE_CHECKING:
+    from ..._patterns.replay import Fetch
 
 __all__ = ["LoopInbox"]
 
@@ -152,7 +154,7 @@ class LoopInbox(Dispatcher):
         task.add_done_callback(self._tasks.discard)
 
     async def _fetch(self, fetch: Fetch) -> None:
-        if not self.replays.wanted(fetch):  # (a subscription dropped meanwhile)
+        if not self.wanted(fetch):  # (a subscription dropped meanwhile)
             return
         try:
             page = await AsyncRunner(self.engine).run(fetch_plan(self.engine, fetch))

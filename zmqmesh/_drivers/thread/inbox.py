@@ -24,11 +24,12 @@ from ..._io.sockets import with_input
 from ..._io.waker import Waker
 from ..._patterns.calls import Call, CutShort, PassedOver, is_async, run_async, run_sync
 from ..._patterns.inbound import Dispatcher
-from ..._patterns.replay import Fetch
 from ...errors import NodeClosedError
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
+
+    from ..._patterns.replay import Fetch
 
 
 from .runner import BlockingRunner
@@ -97,7 +98,7 @@ class ThreadInbox(Dispatcher):
     def __init__(self, engine: Engine, sub: zmq.Socket[Any], pull: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
         super().__init__(sub=sub, pull=pull, router=router, **engine.inbox_options())
         self.name = engine.name
-        self._fetcher = ThreadFetcher(engine, self.post_page, self.replays.wanted)
+        self._fetcher = ThreadFetcher(engine, self.post_page, self.wanted)
         self._waker = Waker()
         self._resubscribe = True
         self.async_handlers = False  # (an event loop runs ``async def`` handlers: `_run_on_loop`)

@@ -59,7 +59,6 @@ from ..calls import (
     handler_raised,
 )
 from ..intake import AckedIntake
-from ..replay import Fetch, Replays
 from ..request_batches import EARLY_ITEMS
 from .events import EventCallbacks
 from .handler_times import HOLD_LIMIT_S, HandlerTimes
@@ -72,6 +71,7 @@ from .subscriptions import MAX_CACHED_TOPICS, PrefixIndex, Subscriptions
 if TYPE_CHECKING:
     from ..._store.store import Store
     from ..history import History
+    from ..replay import Fetch, Replays
 
 __all__ = ["Dispatcher", "HOLD_LIMIT_S", "PrefixIndex"]
 
@@ -142,8 +142,8 @@ class Dispatcher:
                                  abandoned=self.abandoned, left_at_stop=self.left_at_stop.count,
                                  refused_by_stop=self.refused_by_stop,
                                  stopping=node_closed if node_closed is not None else lambda: False)
-        self.replays = Replays(registry=registry, directory=directory, codec=codec, stats=stats, store=store,
-                               fetch=self.fetch_history)
+        self.replays: Replays | None = None  # (made by `replaying` for the first subscription that replays)
+        self._replays_store = store
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
         self._unpulled_log = LogThrottle(_LOST_LOG_S)  # (`_decode_stream`: messages of a queue no longer pulled)
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
@@ -253,7 +253,7 @@ class Dispatcher:
         before it (a subscription that takes its name again gets it, marked redelivered)."""
         self.stats.add("pubsub", "after_unsubscribe")
         if isinstance(call.route, CursorMark):
-            self.replays.passed_over(call.route)
+            self.replaying().passed_over(call.route)
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -268,16 +268,18 @@ class Dispatcher:
             self.event_callbacks.take(calls)
         if self.streams_changed:
             self.streams_changed = False
-            self.replays.forget_dropped()
+            if self.replays is not None:
+                self.replays.forget_dropped()
             self.acked.forget_unpulled()
             if self.registry.replays:
                 try:
-                    self.replays.sync(calls)
+                    self.replaying().sync(calls)
                 except Exception:  # e.g. a failing store: the subscriptions stay live, the inbox runs on
                     log.exception("following the publishers' histories failed")
-        if self.replays.waiting():
+        replays = self.replays
+        if replays is not None and replays.waiting():
             try:
-                self.replays.look_again(calls)
+                replays.look_again(calls)
             except Exception:
                 log.exception("delivering frames that waited for their sender, or reading a history again, failed")
         local = self.local_frames
@@ -287,7 +289,8 @@ class Dispatcher:
                 self._decode_stream("sub", frames, calls)
             except Exception:
                 log.exception("delivering a publication of this node failed")
-        replays = self.replays
+        if replays is None:  # (no subscription ever replayed here: no page to deliver)
+            return [(sock, kind) for sock, kind in active if self.drain(sock, kind, calls)]
         if replays.delivering():  # (the rest of a page first: in order)
             try:
                 replays.deliver_pages(calls)
@@ -306,13 +309,14 @@ class Dispatcher:
     def has_posted(self) -> bool:
         """Whether events, own publications or history pages wait to be gathered, or the
         rest of a page to be delivered."""
-        return bool(self.events or self.local_frames or self.pages) or self.replays.delivering()
+        return bool(self.events or self.local_frames or self.pages) or (self.replays is not None
+                                                                         and self.replays.delivering())
 
     def has_waiting(self) -> bool:
         """Whether frames wait for their sender to be known, or a history is to be read
         again (see `Replays.waiting`): the driver looks again now and then (a timer, its
         poll's timeout)."""
-        return self.replays.waiting()
+        return self.replays is not None and self.replays.waiting()
 
     def post_frames(self, frames: list[bytes], count: int) -> None:
         """A publication of this node (a frame of ``count`` messages) for its own
@@ -329,6 +333,22 @@ class Dispatcher:
             return
         self.local_frames.append(frames)
         self.wake()
+
+    def replaying(self) -> Replays:
+        """What moves the replaying subscriptions' cursors (`Replays`), made when the first
+        subscription that replays needs it: a node whose subscriptions only take what is
+        live never loads the replay package (owner thread only)."""
+        replays = self.replays
+        if replays is None:
+            from ..replay import Replays
+
+            replays = self.replays = Replays(registry=self.registry, directory=self.directory, codec=self.codec,
+                                             stats=self.stats, store=self._replays_store, fetch=self.fetch_history)
+        return replays
+
+    def wanted(self, fetch: Fetch) -> bool:
+        """Whether ``fetch`` is still awaited by a replaying subscription (any thread)."""
+        return self.replays is not None and self.replays.wanted(fetch)
 
     def post_page(self, fetch: Fetch, page: Any, error: BaseException | None) -> None:
         """The outcome of a history fetch (any thread)."""
@@ -357,14 +377,14 @@ class Dispatcher:
     def before_handling(self, calls: list[Call]) -> None:
         """Called before a burst of calls is handled (durable subscriptions record it, also
         those dropped since the burst was gathered: `Replays.recording`)."""
-        if self.registry.replays or self.replays.recording():
-            self.replays.before_handling(calls)
+        if self.registry.replays or (self.replays is not None and self.replays.recording()):
+            self.replaying().before_handling(calls)
 
     def after_handling(self) -> None:
         """Called after a burst was handled (durable subscriptions commit where they are,
         also one that its handler or another thread dropped meanwhile)."""
-        if self.registry.replays or self.replays.recording():
-            self.replays.flush()
+        if self.registry.replays or (self.replays is not None and self.replays.recording()):
+            self.replaying().flush()
 
     def post(self, calls: list[Call]) -> None:
         """Queue event callbacks (joins, leaves, whispers) to run in order with messages;
@@ -492,8 +512,8 @@ class Dispatcher:
             origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
             if replaying:
                 meta = frames[3] if len(frames) == 4 else None
-                self.replays.live(topic, sequence, items, origin, sender_id, replaying, calls, meta,
-                                  size=len(body) + (len(meta) if meta is not None else 0))
+                self.replaying().live(topic, sequence, items, origin, sender_id, replaying, calls, meta,
+                                      size=len(body) + (len(meta) if meta is not None else 0))
             if not handlers:  # (only replaying subscriptions: they have the frame)
                 return
         else:
@@ -578,7 +598,7 @@ class Dispatcher:
             return
         if len(frames) != 3 or frames[2] or sender_id is None or position is None:
             raise DecodeError("a replay marker's answer not of a numbered sender frame and an empty body")
-        self.replays.marked(followed[0], followed[1], sender_id, position)
+        self.replaying().marked(followed[0], followed[1], sender_id, position)
 
     def _failed_in_place(self, handler: Callable[..., Any], exc: BaseException, pattern: str) -> int:
         """A handler run in place on a stream raised ``exc`` (call in its ``except``): left
@@ -657,7 +677,7 @@ class Dispatcher:
             self.acked.complete(call, route, error)
             return
         if isinstance(route, CursorMark) and not (error is not None and self.abandoned()):
-            self.replays.handled(route)  # (not one a stop cut short: it comes again after a restart)
+            self.replaying().handled(route)  # (not one a stop cut short: it comes again after a restart)
 
     def answer(self, route: tuple[bytes, bytes], result: Any, error: BaseException | None) -> None:
         """Reply to the request of ``route`` with what its handler returned or raised, and
