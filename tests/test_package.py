@@ -198,6 +198,7 @@ def test_decorators_give_a_type_checker_the_handler_back(tmp_path: Path) -> None
 NOT_FOR_A_PLAIN_NODE = {
     "CURVE": {"zmqmesh._io.curve", "zmq.utils.z85"},
     "replay": {"zmqmesh._patterns.replay", "zmqmesh._patterns.replay.replays", "zmqmesh._patterns.replay.cursor"},
+    "durable queues": {"zmqmesh._patterns.durable", "zmqmesh._store.store", "sqlite3"},
 }
 """What a node loads only once it uses the feature (a CURVE key, a subscription that
 replays, ...): each import costs every process's cold start."""

@@ -9,18 +9,20 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..._engine.api import OnLoop, Plan, advance
 from ..._engine.engine import Engine
 from ..._mesh.waiters import Room, Until
-from ..._patterns.durable import Ticket
 from ..._patterns.in_order import InOrder
 from ..._patterns.reqrep import Exchange, QuickRequest
 from ..._patterns.request_batches import EARLY_ITEMS
 from ...errors import ZmqMeshError
 from ..room import room_waits
 from .requests import LoopRequester
+
+if TYPE_CHECKING:
+    from ..._patterns.durable import Ticket
 
 __all__ = ["AsyncRunner", "check_loop", "LoopCommits", "Window", "WindowSlot", "wait_until", "wait_for_room"]
 
