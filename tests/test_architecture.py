@@ -17,7 +17,7 @@ PACKAGE = ROOT / "zmqmesh"
 
 # Lowest first: a module may import from its own layer and the layers before it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("zmqmesh._version", "zmqmesh._addresses", "zmqmesh._record", "zmqmesh.errors", "zmqmesh.config", "zmqmesh.message", "zmqmesh._stats")),
+    ("foundation", ("zmqmesh._version", "zmqmesh._addresses", "zmqmesh._ids", "zmqmesh._record", "zmqmesh.errors", "zmqmesh.config", "zmqmesh.message", "zmqmesh._stats")),
     ("observe", ("zmqmesh._observe",)),
     ("wire", ("zmqmesh._wire",)),
     ("io", ("zmqmesh._io",)),

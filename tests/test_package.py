@@ -199,6 +199,7 @@ NOT_FOR_A_PLAIN_NODE = {
     "CURVE": {"zmqmesh._io.curve", "zmq.utils.z85"},
     "replay": {"zmqmesh._patterns.replay", "zmqmesh._patterns.replay.replays", "zmqmesh._patterns.replay.cursor"},
     "durable queues": {"zmqmesh._patterns.durable", "zmqmesh._store.store", "sqlite3"},
+    "uuid (zmqmesh._ids makes the node's and the messages' ids)": {"uuid", "_uuid"},
 }
 """What a node loads only once it uses the feature (a CURVE key, a subscription that
 replays, ...): each import costs every process's cold start."""
@@ -225,6 +226,20 @@ def test_a_plain_node_started_and_stopped_loads_none_of_the_features_it_does_not
     wrong = {feature: sorted(modules & loaded) for feature, modules in NOT_FOR_A_PLAIN_NODE.items()
              if modules & loaded}
     assert not wrong, f"a plain {kind} loaded modules of features it does not use: {wrong}"
+
+
+def test_the_ids_made_without_the_uuid_module_are_version_4_uuids() -> None:
+    import uuid
+
+    from zmqmesh._ids import uuid4_bytes, uuid4_hex
+
+    made = {uuid4_hex() for _ in range(1000)}
+    assert len(made) == 1000
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert parsed.hex == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    raw = uuid.UUID(bytes=uuid4_bytes())
+    assert raw.version == 4 and raw.variant == uuid.RFC_4122
 
 
 def test_a_sync_node_does_not_import_asyncio() -> None:

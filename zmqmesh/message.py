@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping
 from itertools import repeat, starmap
 from types import MappingProxyType
 from typing import Any
 
+from ._ids import uuid4_hex
 from ._record import frozen_record
 
 __all__ = ["Peer", "Message", "Origin"]
@@ -141,7 +141,7 @@ class Message:
             elif origin is not None and origin.stem is not None:
                 found = f"{origin.stem}{origin.first + self._index}"
             else:
-                found = uuid.uuid4().hex
+                found = uuid4_hex()
             self._id = found
         return found
 

@@ -23,7 +23,6 @@ import os
 import socket
 import threading
 import time
-import uuid as uuid_module
 import weakref
 from collections.abc import Callable
 from concurrent import futures
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
+from .._ids import uuid4_bytes
 from .._io import inherited
 from .._io.beacon import BeaconSocket
 from .._io.netif import (
@@ -197,7 +197,7 @@ class Engine:
 
     def __init__(self, name: str, config: NodeConfig, registry: Registry,
                  inbox_factory: InboxFactory, requests_factory: RequestsFactory) -> None:
-        self.uuid = uuid_module.uuid4().bytes
+        self.uuid = uuid4_bytes()
         self.node_id = self.uuid.hex()
         self.name = name or f"node-{self.node_id[:6]}"
         self.config = config

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .._ids import uuid4_hex
 from .._mesh.directory import Directory
 from .._mesh.registry import MAX_OFFERS, PullOptions, Registry
 from .._observe import tracing
@@ -260,7 +260,7 @@ class AckedIntake:
         now = time.time()
         entries = [
             (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1]), i[5], i[0])
-            if len(i) == DURABLE_ITEM_FIELDS else (uuid.uuid4().hex, now, None, encode(i[1]), 0, i[0])
+            if len(i) == DURABLE_ITEM_FIELDS else (uuid4_hex(), now, None, encode(i[1]), 0, i[0])
             for i in items
         ]
         try:
