@@ -201,6 +201,9 @@ NOT_FOR_A_PLAIN_NODE = {
     "durable queues": {"zmqmesh._patterns.durable", "zmqmesh._store.store", "sqlite3"},
     "uuid (zmqmesh._ids makes the node's and the messages' ids)": {"uuid", "_uuid"},
 }
+NOT_FOR_A_PLAIN_SYNC_NODE = {
+    "queue (the history fetcher makes its queue with its thread)": {"queue"},  # (asyncio's executor loads it)
+}
 """What a node loads only once it uses the feature (a CURVE key, a subscription that
 replays, ...): each import costs every process's cold start."""
 
@@ -223,8 +226,8 @@ def test_a_plain_node_started_and_stopped_loads_none_of_the_features_it_does_not
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout.splitlines()[-1]))
     assert "zmqmesh._engine.engine" in loaded  # (it ran a node)
-    wrong = {feature: sorted(modules & loaded) for feature, modules in NOT_FOR_A_PLAIN_NODE.items()
-             if modules & loaded}
+    features = {**NOT_FOR_A_PLAIN_NODE, **(NOT_FOR_A_PLAIN_SYNC_NODE if kind == "Node" else {})}
+    wrong = {feature: sorted(modules & loaded) for feature, modules in features.items() if modules & loaded}
     assert not wrong, f"a plain {kind} loaded modules of features it does not use: {wrong}"
 
 

@@ -6,7 +6,6 @@ without them never loads asyncio). Pages of history are fetched on a thread of t
 from __future__ import annotations
 
 import logging
-import queue
 import select
 import threading
 import time
@@ -27,6 +26,7 @@ from ..._patterns.inbound import Dispatcher
 from ...errors import NodeClosedError
 
 if TYPE_CHECKING:
+    import queue
     from concurrent.futures import ThreadPoolExecutor
 
     from ..._patterns.replay import Fetch
@@ -59,27 +59,36 @@ class ThreadFetcher:
         self.engine = engine
         self.post = post
         self.wanted = wanted  # (a fetch no longer wanted when its turn comes is not made)
-        self._queue: queue.SimpleQueue[Fetch | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Fetch | None] | None = None  # (made with the thread)
         self._thread: threading.Thread | None = None
+        self._stopped = False
         self._lock = threading.Lock()
 
     def submit(self, fetch: Fetch) -> None:
-        """Queue a fetch (any thread)."""
+        """Queue a fetch (any thread); none once stopped."""
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"zmqmesh-fetch-{self.engine.name}",
-                                                daemon=True)
+            if self._stopped:
+                return
+            if self._queue is None:
+                import queue  # (here: a node whose subscriptions never replay never loads it)
+
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,),
+                                                name=f"zmqmesh-fetch-{self.engine.name}", daemon=True)
                 self._thread.start()
-        self._queue.put(fetch)
+            self._queue.put(fetch)
 
     def stop(self) -> None:
         """Let the thread end after the fetch it is in (bounded by its timeout)."""
-        self._queue.put(None)
+        with self._lock:
+            self._stopped = True
+            if self._queue is not None:
+                self._queue.put(None)
 
-    def _run(self) -> None:
+    def _run(self, fetches: queue.SimpleQueue[Fetch | None]) -> None:
         runner = BlockingRunner(self.engine)
         while True:
-            fetch = self._queue.get()
+            fetch = fetches.get()
             if fetch is None or self.engine.closed:
                 return
             if not self.wanted(fetch):
