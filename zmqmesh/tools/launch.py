@@ -187,6 +187,8 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         command = entry.get("command")
         if not isinstance(name, str) or not name:
             raise LaunchError(f"{where}: 'name' must be a non-empty string")
+        if not name.isprintable():  # (it prefixes every line of the output: an escape there drives the terminal)
+            raise LaunchError(f"{where}: 'name' {name!r} holds a control character (an escape, a newline, ...)")
         if isinstance(command, str):
             try:
                 command = shlex.split(command)
