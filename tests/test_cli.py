@@ -1087,6 +1087,25 @@ def test_a_process_name_holding_a_control_character_is_a_bad_launch_file(tmp_pat
     assert (result.returncode, result.stderr.strip(), result.stdout) == (2, f"zmqmesh: error: {launch_file}: {said}", "")
 
 
+def test_a_launch_file_of_too_many_processes_is_refused_before_any_is_made(tmp_path: Any) -> None:
+    """2,000 entries of ``count = 1000`` (100 kB of text) made 2 M processes to start:
+    7 s and 840 MB resident before the first start, and a file of 16 MiB would take
+    hundreds of GB. More than 1,000 processes in all is a bad launch file now, refused as
+    the entry that passes the bound is read. (The launcher runs here within 1 GiB of
+    address space: before, a MemoryError or the time out.)"""
+    import resource
+
+    def within_1_gib() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+
+    launch_file = tmp_path / "many.toml"
+    launch_file.write_text("".join(f'[[process]]\nname = "p{i}"\ncommand = "true"\ncount = 1000\n' for i in range(2000)))
+    result = subprocess.run([sys.executable, "-m", "zmqmesh", "launch", str(launch_file)], capture_output=True,
+                            text=True, timeout=60, preexec_fn=within_1_gib)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (
+        2, f"zmqmesh: error: {launch_file}: process #2 (p1): more than 1000 processes in all", ""), result
+
+
 @pytest.mark.parametrize("command", ["publish", "push", "request"])
 def test_a_payload_nested_too_deeply_is_a_bad_payload(mesh: dict[str, Any], command: str) -> None:
     """A JSON payload of 10,000 nested arrays (20 kB) ended the command with "internal
