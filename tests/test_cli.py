@@ -1179,6 +1179,29 @@ def test_store_inspect_writes_what_the_store_names_escaped(tmp_path: Any, mesh: 
     assert "\x1b" not in result.stdout and not any(line.startswith("FORGED") for line in result.stdout.splitlines())
 
 
+def test_store_inspect_lists_a_store_with_a_name_damaged_on_disk(tmp_path: Any, mesh: dict[str, Any]) -> None:
+    """A queue whose name on disk is not UTF-8 (bytes damaged) made `zmqmesh store
+    inspect`, with or without --json, and `store subscriptions` fail whole, status 1:
+    "Could not decode to UTF-8 column 'queue'", nothing of the rest of the store shown.
+    The damaged name is listed with its bytes escaped now, beside the others."""
+    import sqlite3
+
+    store = tmp_path / "store"
+    with zmqmesh.Node("pusher", store=str(store), **mesh) as node:
+        node.push("sound", 1, durable=True)
+        node.push("damaged", 2, durable=True)
+    with contextlib.closing(sqlite3.connect(store / "zmqmesh.db")) as db, db:
+        db.execute("UPDATE outbox SET queue = CAST(x'64616dff6765' AS TEXT) WHERE queue = 'damaged'")
+    result = run("store", "inspect", str(store), timeout=30)
+    assert result.returncode == 0, result
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:]}
+    assert rows == {"sound": "1", "dam\\xffge": "1"}, result.stdout
+    result = run("store", "inspect", "--json", str(store), timeout=30)
+    assert result.returncode == 0, result
+    assert sorted(json.loads(result.stdout)["queues"]) == ["dam\\xffge", "sound"]
+    assert run("store", "subscriptions", str(store), timeout=30).returncode == 0
+
+
 @pytest.mark.timeout(120)
 def test_a_durable_push_that_ends_early_leaves_no_temporary_store_behind(tmp_path: Any, mesh: dict[str, Any]) -> None:
     """`zmqmesh push --durable` without --store makes a temporary store: a node that could

@@ -90,7 +90,8 @@ def forget_durable_subscription(directory: str | os.PathLike[str], name: str) ->
 @contextlib.contextmanager
 def _reading(directory: str | os.PathLike[str]) -> Iterator[tuple[sqlite3.Connection, Path, int]]:
     """A read-only connection to the store in ``directory``, without taking it, with its
-    path and schema: ``(db, path, schema)``, closed after use. Raises `StoreError` if
+    path and schema: ``(db, path, schema)``, closed after use; text that is not UTF-8 is
+    read with its bytes escaped (`_damaged_text_escaped`). Raises `StoreError` if
     there is no zmqmesh store there, if it cannot be read (a failing read in the block
     too), or if its schema is one `inspect_store` does not read."""
     path = Path(directory) / DB_FILE
@@ -102,6 +103,7 @@ def _reading(directory: str | os.PathLike[str]) -> Iterator[tuple[sqlite3.Connec
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read the store {path}: {exc}") from exc
+    db.text_factory = _damaged_text_escaped
     try:
         schema = schema_version(db, path)
         if schema > SCHEMA_VERSION:
@@ -115,6 +117,13 @@ def _reading(directory: str | os.PathLike[str]) -> Iterator[tuple[sqlite3.Connec
         raise StoreError(f"cannot read the store {path}: {exc}") from exc
     finally:
         db.close()
+
+
+def _damaged_text_escaped(raw: bytes) -> str:
+    """A text column as a tool reads it: UTF-8, what is not (a name damaged on disk) with
+    its bytes escaped (``\\xff``), so that one such name costs the reading of no other.
+    Raises nothing."""
+    return raw.decode("utf-8", "backslashreplace")
 
 
 @contextlib.contextmanager
