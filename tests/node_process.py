@@ -10,6 +10,7 @@ SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
        "claims": {"id": ..., "name": ...} to answer it in another node's id and name,
        "stats_latency": {service: histogram} to answer it with these latency histograms,
        "latency_buckets": N to answer it with a latency histogram of N buckets and +Inf,
+       "fat_names": [N, L] to answer it with N topics of L characters each (within a node's bounds),
        "stats_answer": any JSON value to answer it with}
 
 It prints one line per event, flushed at once:
@@ -113,6 +114,12 @@ def main() -> None:
             return {**told(), "latency": latency if latency is not None else
                     {"s": {"buckets": many, "sum": 0.5, "count": buckets}}}
         node._engine.describe = timed  # type: ignore[method-assign]
+    if spec.get("fat_names"):  # plays a stranger whose counters are as large as a node's may be
+        (count, length), told = spec["fat_names"], node._engine.describe
+
+        def fat() -> dict:
+            return {**told(), "names": {"pubsub": {"received": {f"{i:08d}".ljust(length, "t"): 1 for i in range(count)}}}}
+        node._engine.describe = fat  # type: ignore[method-assign]
     if "stats_answer" in spec:  # plays a stranger that answers the stats service with what it likes
         node._engine.describe = lambda: spec["stats_answer"]  # type: ignore[method-assign]
     if spec.get("claims"):  # plays a stranger that answers the stats service in another node's name

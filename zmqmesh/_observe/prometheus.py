@@ -48,6 +48,15 @@ and direction, 257 services timed, of 19 samples each, and a backlog per queue p
 to, 512 at most); counters that would make more are left out whole, as those of another shape are
 (`families`): a stranger's answer to ``\\x00stats`` may name a million topics, or time a
 service in a million buckets, each a series of every scrape."""
+MAX_SCRAPE_CHARS = 32 * 2**20
+"""Characters the counters of all the nodes of one scrape may make together, about (their
+label values, and `_SAMPLE_CHARS` for each sample's name, label names and value): the
+nodes whose counters are the smallest go in first, and one that would take the scrape
+past it is left out whole, told as one of another shape is (`families`). Each node's
+counters are bounded (`MAX_SAMPLES`, `MAX_LABEL_CHARS`: some 9 MB of text), not the
+nodes of a mesh: the gateway's scrape of 16 strangers at those bounds was 145 MB of
+text, 650 MB resident, and up to 1,024 peers would make 9 GB."""
+_SAMPLE_CHARS = 64
 MAX_LABEL_CHARS = 1024
 """Characters of a label value (a node's name, a topic, queue or service, an event);
 counters with a longer one are left out whole (a name a node keeps is 255 bytes at most)."""
@@ -85,9 +94,10 @@ def _client() -> Any:
 def families(snapshots: Iterable[Snapshot],
              unreadable: Callable[[Snapshot, Exception], None] | None = None) -> list[Any]:
     """The metric families of the nodes whose counters are ``snapshots``. A snapshot of
-    another shape (another version's, or a stranger's answer to ``\\x00stats``) is left
-    out whole, and told to ``unreadable(snapshot, error)`` (by default, logged): one odd
-    node must not cost the scrape of the others."""
+    another shape (another version's, or a stranger's answer to ``\\x00stats``), or one
+    past the bounds of a node's counters or of a scrape (`MAX_SCRAPE_CHARS`: the smallest
+    go in first), is left out whole, and told to ``unreadable(snapshot, error)`` (by
+    default, logged): one odd node must not cost the scrape of the others."""
     core = _client().core
     labels = ["node", "node_id"]
     made = {
@@ -112,21 +122,41 @@ def families(snapshots: Iterable[Snapshot],
         "durable_buffered": core.GaugeMetricFamily("zmqmesh_durable_buffered_bytes", "Bytes of durable messages "
                                                    "held in memory, ready to send, about", labels=labels),
     }
-    for snap in snapshots:
+    def leave_out(snap: Snapshot, exc: Exception) -> None:
+        if unreadable is not None:
+            unreadable(snap, exc)
+        else:
+            log.warning("left the counters of a node out of the metrics (%s: %s)", type(exc).__name__, exc)
+
+    sized: list[tuple[int, Snapshot]] = []
+    for snap in snapshots:  # (their sizes first, each node's rows made and let go: held together, they could be GBs)
         try:
-            rows = list(_rows(snap))
+            sized.append((_scrape_chars(snap), snap))
         except (AttributeError, TypeError, KeyError, ValueError) as exc:
-            if unreadable is not None:
-                unreadable(snap, exc)
-            else:
-                log.warning("left the counters of a node out of the metrics (%s: %s)", type(exc).__name__, exc)
+            leave_out(snap, exc)
+    taken = 0
+    for size, snap in sorted(sized, key=lambda sized_snap: sized_snap[0]):
+        if taken + size > MAX_SCRAPE_CHARS:
+            leave_out(snap, ValueError(f"counters of {size} characters, past the {MAX_SCRAPE_CHARS} of a scrape "
+                                       f"with those of {taken} characters of other nodes"))
             continue
-        for key, values, sample in rows:
+        taken += size
+        for key, values, sample in _rows(snap):
             if key == "latency":
                 made[key].add_metric(values, *sample)
             else:
                 made[key].add_metric(values, sample)
     return list(made.values())
+
+
+def _scrape_chars(snap: Snapshot) -> int:
+    """About how many characters the counters ``snap`` make in a scrape (`MAX_SCRAPE_CHARS`).
+    Raises as `_rows` does."""
+    chars = 0
+    for key, values, sample in _rows(snap):
+        each = sum(map(len, values)) + _SAMPLE_CHARS
+        chars += each * (len(sample[0]) + 2) if key == "latency" else each
+    return chars
 
 
 def _rows(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
