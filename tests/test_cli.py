@@ -482,6 +482,31 @@ def test_launch_stopped_by_sigterm_exits_0_only_when_every_process_stopped_clean
     assert proc.returncode == status, (out, err)
 
 
+def test_launch_stopped_while_its_processes_start_starts_none_more(tmp_path: Any) -> None:
+    """Ctrl-C as the first of 1,000 processes started let the launcher start all 1,000
+    (1.4 s), then stop them. It starts none more once a stop is asked: the few started
+    are stopped, status 130, nothing left running."""
+    launch_file = tmp_path / "many.toml"
+    launch_file.write_text('stop_timeout_s = 5\n[[process]]\nname = "w"\ncommand = ["sleep", "60"]\ncount = 1000\n')
+    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "launch", str(launch_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert "started (pid" in first, first
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    started = [int(p) for p in re.findall(r"started \(pid (\d+)\)", first + out)]
+    assert proc.returncode == 130, err
+    assert len(started) < 100, len(started)  # (a handful: those started before the signal came)
+    assert (first + out).count("stopped by SIGTERM") == len(started), first + out
+    assert not [pid for pid in started if pid_alive(pid)]
+
+
 @pytest.mark.timeout(120)
 def test_launch_hung_up_stops_every_process_as_sigterm_does(tmp_path: Any) -> None:
     # the terminal closed (SIGHUP to the launcher alone: each process has a session of its

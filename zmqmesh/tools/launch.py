@@ -527,6 +527,8 @@ class Launcher:
         try:
             self._watch = _start_watch(f"{MARK}={self._mark}/", self.stop_timeout_s)
             for spec in self.specs:
+                if self._stopping.is_set():  # (Ctrl-C while a thousand start: none more)
+                    break
                 if (failed := self._start(spec)) is not None:  # (the file names a command that cannot start)
                     raise LaunchError(f"{spec.name}: {failed}")
             by_name = {s.name: s for s in self.specs}
