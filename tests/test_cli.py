@@ -1112,6 +1112,20 @@ def test_a_process_name_holding_a_control_character_is_a_bad_launch_file(tmp_pat
     assert (result.returncode, result.stderr.strip(), result.stdout) == (2, f"zmqmesh: error: {launch_file}: {said}", "")
 
 
+@pytest.mark.parametrize("value", ["[" * 100_000 + "]" * 100_000, "{b=" * 100_000 + "1" + "}" * 100_000],
+                         ids=["arrays", "inline-tables"])
+def test_a_launch_file_nested_too_deeply_is_a_bad_file(tmp_path: Any, value: str) -> None:
+    """A launch file holding 100,000 nested arrays or inline tables (200 kB) ended
+    ``zmqmesh launch`` with "internal error: RecursionError: maximum recursion depth
+    exceeded (run with -v and report it)", status 70: a bad file, reported as a bug. It
+    is a bad launch file now, one line, status 2."""
+    launch_file = tmp_path / "deep.toml"
+    launch_file.write_text(f"a = {value}\n")
+    result = run("launch", str(launch_file), timeout=60)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (
+        2, f"zmqmesh: error: {launch_file}: nested too deeply: not a launch file", "")
+
+
 def test_a_launch_file_of_too_many_processes_is_refused_before_any_is_made(tmp_path: Any) -> None:
     """2,000 entries of ``count = 1000`` (100 kB of text) made 2 M processes to start:
     7 s and 840 MB resident before the first start, and a file of 16 MiB would take

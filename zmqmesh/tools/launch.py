@@ -160,6 +160,8 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         raise LaunchError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise LaunchError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # (tomllib reads a nested array or table by recursion: 1,000 levels, a 2 kB file)
+        raise LaunchError(f"{path}: nested too deeply: not a launch file") from None
     unknown = set(data) - {"mesh", "process", "stop_timeout_s"}
     if unknown:  # (a misspelt stop_timeout_s, or [[processes]], would be taken as absent)
         raise LaunchError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: mesh, process, stop_timeout_s)")
