@@ -1287,6 +1287,26 @@ def test_dead_letters_damaged_on_disk_are_named_when_left(tmp_path: Any, mesh: d
     assert itself.returncode == 1 and "is 'q' itself" in itself.stderr, itself
 
 
+def test_dead_letters_go_back_only_to_a_queue_a_node_can_pull(tmp_path: Any, mesh: dict[str, Any]) -> None:
+    """`zmqmesh store dead-letters DIR "$Q" --retry` with Q unset took the messages of the
+    queue ".dead" (the dead letters of "") and moved them to the queue "", which no node
+    may pull: "moved 1 dead letter(s) back to ''", status 0, the message stranded (and
+    `--drop` deleted them). An empty QUEUE is a bad argument now (status 2), and
+    `retry_dead_letters` and `drop_dead_letters` refuse a queue no pull can name
+    (`ConfigError`); nothing is moved."""
+    store = tmp_path / "store"
+    with zmqmesh.Node("pusher", store=str(store), **mesh) as node:
+        node.push(".dead", 1, durable=True)
+    for action in ("--retry", "--drop"):
+        result = run("store", "dead-letters", str(store), "", action, timeout=30)
+        assert result.returncode == 2 and "argument queue: must not be empty" in result.stderr, result
+    for queue in ("", "q" * 201):
+        for move in (zmqmesh.retry_dead_letters, zmqmesh.drop_dead_letters):
+            with pytest.raises(zmqmesh.ConfigError, match="a queue must be a string"):
+                move(str(store), queue, ".dead")
+    assert zmqmesh.inspect_store(str(store))["queues"].keys() == {".dead"}
+
+
 def test_an_empty_dead_letter_queue_is_a_bad_argument(tmp_path: Any, mesh: dict[str, Any]) -> None:
     """`--dead-letter "$DLQ"` with DLQ unset: the empty name was taken as none given, and
     `--drop` deleted the dead letters of QUEUE.dead, status 0. It is a bad argument now."""

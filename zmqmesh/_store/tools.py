@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._wire.frames import dead_letter_queue
-from ..errors import StoreError
+from .._wire.frames import MAX_NAME_BYTES, dead_letter_queue
+from ..errors import ConfigError, StoreError
 from .holds import held_here
 from .kept_topics import topic_summary
 from .schema import INSPECTED_FROM, SCHEMA_VERSION, check_sqlite_file, schema_version
@@ -52,7 +52,9 @@ def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_lette
     ``"<queue>.dead"``) back to the end of ``queue``; how many moved. Those damaged on disk
     (segments that cannot be read) stay where they are, still counted by `inspect_store`.
     The store must not be in use: raises `StoreLockedError` while its node runs,
-    `StoreError` if there is none."""
+    `StoreError` if there is none, `ConfigError` for a ``queue`` no node can pull (empty,
+    or past 200 bytes of UTF-8: they would be moved where nothing takes them)."""
+    _pullable(queue)
     with _existing(directory) as store:
         return store.requeue(dead_letter_queue(queue, dead_letter), queue)
 
@@ -60,8 +62,22 @@ def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_lette
 def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
     """Delete every dead letter of ``queue``; how many there were. Those damaged on disk
     stay, as `retry_dead_letters` leaves them. Raises as `retry_dead_letters` does."""
+    _pullable(queue)
     with _existing(directory) as store:
         return store.drop_queue(dead_letter_queue(queue, dead_letter))
+
+
+def _pullable(queue: str) -> None:
+    """Raise `ConfigError` unless ``queue`` can name a queue a node pulls (1 to
+    `MAX_NAME_BYTES` bytes of UTF-8, as a pull checks it): an empty one, a shell variable
+    unset, named the dead letters of ``".dead"``, and took them back to ``""``."""
+    try:
+        size = len(queue.encode()) if isinstance(queue, str) else 0
+    except UnicodeEncodeError:
+        size = 0
+    if not 0 < size <= MAX_NAME_BYTES:
+        raise ConfigError(f"a queue must be a string (text UTF-8 can encode) of at most {MAX_NAME_BYTES} bytes, "
+                          f"not empty, got {queue!r:.80}")
 
 
 def durable_subscriptions(directory: str | os.PathLike[str]) -> dict[str, dict[str, int]]:

@@ -222,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     dead = store_sub.add_parser("dead-letters", help="show, retry or drop the dead letters of a queue")
     dead.add_argument("dir")
-    dead.add_argument("queue")
+    dead.add_argument("queue", type=_name)
     dead.add_argument("--dead-letter", type=_name, default=None, help="the dead-letter queue (default QUEUE.dead)")
     action = dead.add_mutually_exclusive_group()
     action.add_argument("--retry", action="store_true", help="move them back to QUEUE (the node must be stopped)")
