@@ -31,7 +31,11 @@ from .builtin_services import HistoryPages, StatsService
 if TYPE_CHECKING:
     from ..history import History
 
-__all__ = ["ServiceIntake"]
+__all__ = ["MAX_KNOWN_SERVICES", "ServiceIntake"]
+
+MAX_KNOWN_SERVICES = 256
+"""Service names whose handler `ServiceIntake.service_of` keeps looked up (bounded: a caller
+may name any service)."""
 
 
 class ServiceIntake:
@@ -54,6 +58,9 @@ class ServiceIntake:
         self.in_place = in_place
         self.serve_in_place = serve_in_place
         self._received_names = stats.names("service", "received")  # (its one writer: the inbox's owner thread)
+        self._counters = stats.pattern["service"]  # (the same dict for the node's life)
+        self._services: dict[str, Callable[..., Any]] = {}  # the registry's table `_known` was looked up in
+        self._known: dict[bytes, tuple[str, Callable[..., Any] | None]] = {}  # (`service_of`)
         self.stats_service = StatsService(describe=describe, codec=codec, directory=directory, reply=reply)
         self.history_pages = HistoryPages(history=history, codec=codec, stats=stats, reply=reply)
 
@@ -76,7 +83,7 @@ class ServiceIntake:
         each, with what they share (their sender, their service's handler) looked up once.
         A request that is not plainly one to a handler of this node takes the long way."""
         sender_id = wire.sender_of_requester(caller)
-        services, decode, lookup = self.registry.services, self.codec.decode, self.directory.lookup_peer
+        decode, lookup = self.codec.decode, self.directory.lookup_peer
         names = self._received_names
         last_b, service, handler, here = b"", "", None, False
         taken = taken_before = 0  # (the requests taken for one service in a row are counted at once)
@@ -89,8 +96,8 @@ class ServiceIntake:
                 if taken > taken_before:
                     names.add(last_b, taken - taken_before)
                     taken_before = taken
-                last_b, service = service_b, service_b.decode("utf-8", "replace")
-                handler = services.get(service) if service[:1] != "\x00" else None
+                last_b = service_b
+                service, handler = self.service_of(service_b)
                 here = in_place and handler is not None and self.in_place([handler])
             if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
                 self._decode_one_request((caller, request_id), service_b, body, None, calls)
@@ -101,7 +108,7 @@ class ServiceIntake:
                 self._decode_one_request((caller, request_id), service_b, body, None, calls)
                 continue
             route = (caller, request_id)
-            msg = Message("request", service, data, sender_id, lookup, route=route)
+            msg = Message("request", service, data, sender_id, lookup, None, 0, route)  # (positional: no dict of keywords)
             taken += 1
             if here and not calls:
                 self.serve_in_place(handler, msg, route)
@@ -109,27 +116,25 @@ class ServiceIntake:
                 calls.append(Call(handler, msg, route, "service"))
         if taken > taken_before:
             names.add(last_b, taken - taken_before)
-        self.stats.pattern["service"]["received"] += taken
+        self._counters["received"] += taken
         if taken and sender_id in self.directory.alive_ids:  # (still: it may have left while its handlers ran)
             self.stats.peer_received[sender_id] += taken
 
     def _decode_one_request(self, route: tuple[bytes, bytes], service_b: bytes, body: bytes, meta: bytes | None,
                             calls: list[Call]) -> None:
-        counters = self.stats.pattern["service"]
         if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
             self._refuse(route)
             return
-        service = service_b.decode("utf-8", "replace")
+        service, handler = self.service_of(service_b)
         sender_id = wire.sender_of_requester(route[0])
-        if service[:1] == "\x00":
+        if handler is None and service[:1] == "\x00":
             try:
                 if self._serve_builtin(service, route, body, sender_id, calls):
                     return
             except DecodeError:  # a batch of messages that is none: refused, and said, as an undecodable body
                 self._refuse(route)
                 return
-        handler = self.registry.services.get(service)
-        counters["received"] += 1
+        self._counters["received"] += 1
         if handler is not None:
             self._received_names.add(service_b, 1)
         if sender_id is not None and sender_id in self.directory.alive_ids:  # (members only, as for streams)
@@ -142,7 +147,7 @@ class ServiceIntake:
         except DecodeError:
             self._refuse(route)
             return
-        msg = Message("request", service, data, sender_id, self.directory.lookup_peer, route=route)
+        msg = Message("request", service, data, sender_id, self.directory.lookup_peer, None, 0, route)  # (positional)
         if meta is not None:
             try:
                 info = self.codec.decode(meta)
@@ -160,6 +165,25 @@ class ServiceIntake:
             self.serve_in_place(handler, msg, route)
             return
         calls.append(Call(handler, msg, route, "service"))
+
+    def service_of(self, service_b: bytes) -> tuple[str, Callable[..., Any] | None]:
+        """The name a request's ``service_b`` gives (UTF-8, errors replaced) and this node's
+        handler for it (None: no service of this node's, or a built-in one: the name begins
+        with ``\\x00``); looked up once per name for each table of the registry's services
+        (a table is replaced, never changed: a new one empties what was looked up), for up
+        to `MAX_KNOWN_SERVICES` names (callers may send any: then looked up afresh)."""
+        services = self.registry.services
+        known = self._known
+        if self._services is not services:
+            self._services = services
+            known.clear()
+        found = known.get(service_b)
+        if found is None:
+            service = service_b.decode("utf-8", "replace")
+            found = (service, services.get(service) if service[:1] != "\x00" else None)
+            if len(known) < MAX_KNOWN_SERVICES:
+                known[service_b] = found
+        return found
 
     def _refuse(self, route: tuple[bytes, bytes]) -> None:
         """Answer a request that cannot be read 0x03 (its caller never waits for it), and
