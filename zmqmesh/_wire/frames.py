@@ -353,7 +353,7 @@ def reply_frames(route: tuple[bytes, bytes], status: bytes, body: bytes) -> list
     after the routing id, ``[len(request_id)] request_id status body``, to a caller that
     asked in one frame (a `CompactCaller`)."""
     if type(route[0]) in _ONE_FRAME_CALLERS:
-        return [route[0], bytes((len(route[1]),)) + route[1] + status + body]
+        return [route[0], b"".join((_BYTE[len(route[1])], route[1], status, body))]
     return [route[0], route[1], status, body]
 
 

@@ -154,6 +154,7 @@ class Dispatcher:
         self.directory = directory
         self.codec = codec
         self.stats = stats
+        self._service_counters = stats.pattern["service"]  # (the same dict for the node's life: counted per reply)
         self._received_names = {p: stats.names(p, "received") for p in ("pubsub", "pipeline")}
         self.service_intake = ServiceIntake(registry=registry, directory=directory, codec=codec, stats=stats,
                                             acked=self.acked, describe=describe, history=history, reply=self.send_reply,
@@ -638,7 +639,7 @@ class Dispatcher:
         `starting`, `run_sync`, `finished` and `complete` do for its `Call`, without one.
         Only with nothing gathered before it (the order holds), handlers run one at a time,
         no headers (no chain of waiting nodes to serve as) and no tracing."""
-        started = self.handler_starting(handler, True)
+        started = self.handler_starting(handler, True) if self._held else time.monotonic()  # (none held: no look)
         error: BaseException | None
         try:
             result, error = handler(msg), None
@@ -718,8 +719,8 @@ class Dispatcher:
         and small frames still merge), or when the batch is full or the burst ends. An
         answer is counted as it goes (a held one, with those held with it: `_send_held`)."""
         held = self._held
-        size = len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES
-        if held is not None and type(route[0]) is wire.BatchCaller and size < wire.BATCH_BYTES:
+        if held is not None and type(route[0]) is wire.BatchCaller and \
+                (size := len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES) < wire.BATCH_BYTES:
             caller = route[0]  # (one object per frame received: see `ServiceIntake.decode`)
             entry = held.get(caller)
             if entry is not None and ((entry[2] is not caller and len(entry[1]) >= EARLY_ITEMS) or
@@ -735,8 +736,9 @@ class Dispatcher:
                 entry[2] = caller
                 entry[3] += answer
             return
+        counters = self._service_counters
         if answer:  # (counted before it goes, as a caller may have it at once; taken back if it cannot go)
-            self.stats.pattern["service"]["sent"] += 1
+            counters["sent"] += 1
         self._router_used = True
         if len(body) >= wire.LARGE_FRAME:
             if self._send_large(route, status, body, answer):
@@ -745,7 +747,6 @@ class Dispatcher:
         try:
             send_frames(self.router, wire.reply_frames(route, status, body))
         except zmq.ZMQError:
-            counters = self.stats.pattern["service"]
             counters["dropped"] += 1
             counters["sent"] -= answer
 
