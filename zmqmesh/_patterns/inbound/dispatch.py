@@ -869,6 +869,9 @@ class Dispatcher:
         the descriptors calls this before it sleeps, and drains what it names."""
         if not (self._router_used or self._sub_used):
             return []
+        if not self._sub_used:  # (the common case, after a request served: the router alone)
+            self._router_used = False
+            return [self.sockets[0]] if has_input(self.router) else []
         used = []
         if self._router_used:
             used.append((self.router, "req"))
