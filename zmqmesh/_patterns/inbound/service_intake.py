@@ -75,7 +75,8 @@ class ServiceIntake:
         request = wire.parse_request(frames)
         if request is None:
             raise DecodeError("malformed request envelope")
-        self._decode_one_request(*request, calls)
+        route, service_b, body, meta = request  # (a plain call, not one with *request: a frame less to build)
+        self._decode_one_request(route, service_b, body, meta, calls)
 
     def _decode_batch(self, caller: wire.BatchCaller, requests: list[tuple[bytes, bytes, bytes]],
                       calls: list[Call]) -> None:
