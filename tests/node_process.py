@@ -10,7 +10,7 @@ SPEC: {"name": str, "options": {NodeConfig fields}, "subscribe": [prefix...],
        "claims": {"id": ..., "name": ...} to answer it in another node's id and name,
        "stats_latency": {service: histogram} to answer it with these latency histograms,
        "latency_buckets": N to answer it with a latency histogram of N buckets and +Inf,
-       "fat_names": [N, L] to answer it with N topics of L characters each (within a node's bounds),
+       "fat_names": [N, L] to answer it with N topics of L characters each, its name first (within a node's bounds),
        "stats_answer": any JSON value to answer it with}
 
 It prints one line per event, flushed at once:
@@ -118,7 +118,8 @@ def main() -> None:
         (count, length), told = spec["fat_names"], node._engine.describe
 
         def fat() -> dict:
-            return {**told(), "names": {"pubsub": {"received": {f"{i:08d}".ljust(length, "t"): 1 for i in range(count)}}}}
+            return {**told(), "names": {"pubsub": {"received": {f"{spec['name']}-{i:08d}".ljust(length, "t"): 1
+                                                              for i in range(count)}}}}
         node._engine.describe = fat  # type: ignore[method-assign]
     if "stats_answer" in spec:  # plays a stranger that answers the stats service with what it likes
         node._engine.describe = lambda: spec["stats_answer"]  # type: ignore[method-assign]

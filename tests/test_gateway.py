@@ -594,6 +594,75 @@ def gateway_samples(url: str) -> dict[str, float]:
     return found
 
 
+@pytest.mark.timeout(120)
+def test_the_nodes_answers_the_gateway_holds_stay_within_its_budget_the_smallest_kept(
+        mesh: dict[str, Any], spawn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway held every node's whole answer to its stats service, each up to 16 MiB
+    from up to 1,024 peers (32 strangers' answers of 8 MB: 275 MB held, 728 MB resident).
+    Now an answer past what a node's counters may hold is refused as it comes, and the
+    answers together are held within MAX_STATS_BYTES, the largest let go first: honest
+    nodes (a busy one too) still appear in /metrics; what is left out is counted."""
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    from zmqmesh.tools import gateway as gateway_module
+
+    budget = 12 * 1024 * 1024  # (3 of the 4 middling strangers' answers, some 3.4 MB each)
+    monkeypatch.setattr(gateway_module, "MAX_STATS_BYTES", budget)
+    huge, middling = ["huge"], [f"middling{i}" for i in range(4)]
+    spawn("huge", fat_names=[8000, 1000])  # (some 9.7 MB held: past what a node's counters may hold)
+    for name in middling:
+        spawn(name, fat_names=[3000, 1000])
+    spawn("busy", fat_names=[256, 255])  # (as many names as a node counts per pattern and direction)
+    spawn("worker")
+    with gateway_in_process(mesh) as (url, _connect):
+        expected = {"worker", "busy", *huge, *middling}
+        wait_until(lambda: expected <= {p["name"] for p in call(url + "/peers")[1]}, 30, "the nodes at the gateway")
+        with urllib.request.urlopen(url + "/metrics", timeout=60) as scrape:
+            text = scrape.read().decode()
+        shown = {name for name in expected if f'node="{name}"' in text}
+        samples = gateway_samples(url)
+    assert {"worker", "busy"} <= shown and "huge" not in shown, shown
+    assert len(shown & set(middling)) == 3, shown
+    assert 0 < samples["zmqmesh_gateway_stats_bytes"] <= budget, samples
+    assert samples["zmqmesh_gateway_events_total{unreadable_stats}"] >= 2, samples
+
+
+def test_a_node_at_its_counters_bounds_fits_what_the_gateway_holds_of_one_and_a_refused_answer_is_let_go() -> None:
+    """The counters of a node of this version at their bounds (257 names of 255 bytes per
+    pattern and direction, 1,024 peers, 257 services timed, 512 queues) fit in
+    MAX_NODE_STATS_BYTES; a larger answer is refused, and nothing of it is kept: the error
+    told in its place has no traceback (whose frames held the answer: 16 refused answers
+    of 9 MB kept 145 MB)."""
+    from zmqmesh import Peer
+    from zmqmesh.tools.gateway import (
+        MAX_NODE_STATS_BYTES,
+        _Answers,
+        _held_bytes,
+        _Unanswered,
+    )
+
+    def name(i: int, kind: str) -> str:
+        return f"{kind}{i:06d}".ljust(255, "n")
+
+    patterns = ("pubsub", "pipeline", "request", "service", "zre")
+    busiest = {
+        **{p: dict.fromkeys(("sent", "received", "dropped", "errors", "abandoned"), 10**12) for p in patterns},
+        "names": {p: {d: {name(i, p + d): 10**12 for i in range(257)} for d in ("sent", "received")} for p in patterns},
+        "peers": {f"{i:032x}": {"received": 10**12} for i in range(1024)},
+        "rejected": {f"reason{i}": 10**12 for i in range(40)},
+        "membership": {f"event{i}": 10**12 for i in range(10)},
+        "latency": {name(i, "service"): {"buckets": [[0.1 * b, 10**12] for b in range(1, 17)] + [["+Inf", 10**12]],
+                                         "sum": 1.5, "count": 10**12} for i in range(257)},
+        "gauges": {"peers": 1024, "queued": 10**6, "queue_backlog": {name(i, "queue"): 10**6 for i in range(512)}},
+    }
+    assert _held_bytes(busiest, MAX_NODE_STATS_BYTES) <= MAX_NODE_STATS_BYTES
+    answers = _Answers()
+    peer = Peer(id="f" * 32, name="fat", address="127.0.0.1", endpoint="tcp://127.0.0.1:1")
+    answers.add(peer, {"names": {"pubsub": {"received": {f"{i:08d}".ljust(1000, "t"): 1 for i in range(8000)}}}})
+    [told] = answers.collected([peer])
+    assert type(told) is _Unanswered and answers.bytes == 0, told
+    assert told.error.__traceback__ is None and told.error.__context__ is None
+
+
 def test_malformed_http_is_answered_400_and_logged_in_a_counted_line(mesh: dict[str, Any],
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """A client sending requests aiohttp cannot parse gets 400 each; the log gets one line

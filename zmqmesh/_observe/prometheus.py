@@ -78,6 +78,7 @@ _GATEWAY_GAUGES = {
     "event_streams": "Event streams (/events) open",
     "hung_up_calls": "Calls into the mesh still running whose callers hung up",
     "connections": "HTTP connections open",
+    "stats_bytes": "Bytes the gateway holds of the nodes' answers to its last collection of their counters, about",
 }
 """The gauges a gateway's counters may hold, each a family ``zmqmesh_gateway_<key>``, with its help."""
 

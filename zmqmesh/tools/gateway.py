@@ -80,6 +80,24 @@ STATS_MAX_AGE_S = 1.0
 collection that began less than this long ago (done or still in flight) is shared, so
 the mesh is asked at most once a second whatever the scrapes, and what a scrape shows
 was read at most this long before it began."""
+MAX_STATS_BYTES = 64 * 1024 * 1024
+"""Bytes the gateway holds of the nodes' answers to one collection of their counters,
+together, about (sized as `_held_bytes`): the smallest go in first, and while they pass it
+the largest is let go, counted and logged as unreadable (``unreadable_stats``). Each
+answer may be up to ``max_message_bytes`` (16 MiB) from each of up to 1,024 peers: the
+answers of 32 strangers at a node's bounds were 275 MB held, 728 MB resident, and grew
+with every one more."""
+MAX_NODE_STATS_BYTES = 4 * 1024 * 1024
+"""Bytes of one node's answer the gateway holds, about (`_held_bytes`); a larger one is
+refused as it arrives, counted and logged as unreadable (a node of this version answers
+some 2.2 MiB at most: 257 names of 255 bytes per pattern and direction, 1,024 peers, 257
+services timed, 512 queues)."""
+STATS_ASKS_AT_ONCE = 8
+"""Nodes a collection of the counters asks at once (each answers within a second, or is
+left out): every answer in flight is held whole, in ZeroMQ's buffers then decoded, before
+it can be sized; asked all at once, 32 strangers' answers of 8 MB took the gateway to
+395 MB resident, though it kept none of them (171 MB 8 at a time). (A collection of N
+nodes that never answer takes N / 8 seconds.)"""
 MAX_TIMEOUT_S = 300.0
 """The longest ``?timeout=`` a request may ask for."""
 MAX_IN_FLIGHT = 256
@@ -183,6 +201,7 @@ class Gateway:
         self.server: web.Server | None = None  # (set by `run_gateway`: its connections are counted)
         self._warned: set[str] = set()  # nodes whose unreadable counters were logged (bounded)
         self._stats: list[dict[str, Any]] | None = None  # the last collection's (`mesh_stats`)
+        self._stats_bytes = 0  # what the last collection's answers hold, about (`MAX_STATS_BYTES`)
         self._stats_began = 0.0  # when the last collection began
         self._collecting: asyncio.Future[list[dict[str, Any]]] | None = None  # the one in flight
         # the text of the last collection's counters (`metrics`), and the snapshots it could not read
@@ -558,11 +577,12 @@ class Gateway:
         ``refused`` (`REFUSALS`), counts since it started; ``gauges``, what is in flight or
         open now: ``requests_in_flight`` (streams and scrapes aside; calls whose callers hung up
         included), ``in_flight_body_bytes``, ``arriving_body_bytes`` (declared by the bodies
-        being read, with their requests' heads), ``event_streams``, ``hung_up_calls``, and ``connections`` when served
+        being read, with their requests' heads), ``event_streams``, ``hung_up_calls``, ``stats_bytes`` (what the
+        last collection of the nodes' answers holds, about: `MAX_STATS_BYTES`), and ``connections`` when served
         by `run_gateway`."""
         gauges = {"requests_in_flight": self.in_flight, "in_flight_body_bytes": self.body_bytes,
                   "arriving_body_bytes": self.reading_bytes, "event_streams": len(self.listeners),
-                  "hung_up_calls": len(self._orphans)}
+                  "hung_up_calls": len(self._orphans), "stats_bytes": self._stats_bytes}
         if self.server is not None:
             gauges["connections"] = len(self.server.connections)
         me = self.node.as_peer()
@@ -594,16 +614,35 @@ class Gateway:
         self._collecting = None
         failed = collection.cancelled() or collection.exception() is not None
         self._stats = None if failed else collection.result()  # (a failed one: the next caller collects anew)
+        if self._metrics is not None and self._metrics[0] is not self._stats:
+            self._metrics = None  # (the text of a collection before, which it would keep alive)
 
     async def _collect(self) -> list[dict[str, Any]]:
         """Ask every zmqmesh node for its counters (a second at most), the gateway's first,
-        each under the id and name of the node asked (an answer may claim another's)."""
+        each under the id and name of the node asked (an answer may claim another's); the
+        answers held within `MAX_STATS_BYTES` (`_Answers`)."""
         peers = [p for p in self.node.peers() if p.is_zmqmesh]
-        results = await asyncio.gather(*(self.node.node_stats(p, timeout=1.0) for p in peers), return_exceptions=True)
+        answers = _Answers()
+        asking = asyncio.Semaphore(STATS_ASKS_AT_ONCE)
+        await asyncio.gather(*(self._ask(peer, answers, asking) for peer in peers))
+        self._stats_bytes = answers.bytes
         me = self.node.as_peer()
-        return [{"id": me.id, "name": me.name, **self.node.stats()},
-                *({**r, "id": p.id, "name": p.name} if isinstance(r, dict) else _Unanswered(p, r)
-                  for p, r in zip(peers, results) if isinstance(r, (dict, DecodeError)))]
+        return [{"id": me.id, "name": me.name, **self.node.stats()}, *answers.collected(peers)]
+
+    async def _ask(self, peer: Peer, answers: _Answers, asking: asyncio.Semaphore) -> None:
+        """Ask ``peer`` for its counters once ``asking`` lets it (`STATS_ASKS_AT_ONCE`), its
+        answer sized and kept (or let go) before the next node is asked: answers are never
+        held unsized, whatever their number. A node that does not answer in time, or
+        leaves, is not listed."""
+        async with asking:
+            try:
+                answer = await self.node.node_stats(peer, timeout=1.0)
+            except DecodeError as exc:  # (not a map at all: a stranger's)
+                answers.refuse(peer, exc)
+            except Exception:  # (timed out, lost, the gateway stops)
+                return
+            else:
+                answers.add(peer, answer)
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """GET /: the dashboard page."""
@@ -677,6 +716,73 @@ class Gateway:
             self._warned.add(name)
             log.warning("the counters of node %r cannot be shown (%s: %s); left out of the dashboard and "
                         "/metrics", name, type(exc).__name__, exc)
+
+
+class _Answers:
+    """The nodes' answers to one collection of their counters, held within
+    `MAX_STATS_BYTES` together: one past `MAX_NODE_STATS_BYTES` is refused as it comes,
+    and while they pass the budget the largest is let go, so that the smallest are kept
+    whatever the order they came in. Each refused or let go is told in its node's place
+    (`collected`), as an `_Unanswered` with why."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._kept: dict[str, tuple[int, dict[str, Any]]] = {}  # by peer id: (size, answer)
+        self._refused: dict[str, Exception] = {}  # by peer id
+
+    def add(self, peer: Peer, answer: dict[str, Any]) -> None:
+        """Keep ``answer``, ``peer``'s, if it fits (see the class)."""
+        try:
+            size = _held_bytes(answer, MAX_NODE_STATS_BYTES)
+        except ValueError as exc:
+            self.refuse(peer, exc)
+            return
+        self._kept[peer.id] = (size, answer)
+        self.bytes += size
+        while self.bytes > MAX_STATS_BYTES:
+            largest = max(self._kept, key=lambda peer_id: self._kept[peer_id][0])
+            size = self._kept.pop(largest)[0]
+            self.bytes -= size
+            self._refused[largest] = ValueError(
+                f"counters of about {size} bytes, past the {MAX_STATS_BYTES} the gateway holds of all nodes' "
+                f"with those of {self.bytes} bytes of others")
+
+    def refuse(self, peer: Peer, error: Exception) -> None:
+        """Hold none of ``peer``'s answer: told in its place, with ``error`` (without its
+        traceback, whose frames hold the answer: kept, 16 refused answers of 9 MB held 145 MB)."""
+        error.__traceback__ = error.__context__ = error.__cause__ = None
+        self._refused[peer.id] = error
+
+    def collected(self, peers: list[Peer]) -> list[dict[str, Any]]:
+        """The answers kept, in the order of ``peers``, each under the id and name of the node
+        asked; an `_Unanswered` for each refused; nothing for a node that did not answer."""
+        made: list[dict[str, Any]] = []
+        for peer in peers:
+            if peer.id in self._kept:
+                made.append({**self._kept[peer.id][1], "id": peer.id, "name": peer.name})
+            elif peer.id in self._refused:
+                made.append(_Unanswered(peer, self._refused[peer.id]))
+        return made
+
+
+def _held_bytes(value: Any, limit: int) -> int:
+    """About how many bytes ``value`` (a decoded answer: maps, lists, text, numbers) holds:
+    the `sys.getsizeof` of each of its objects, a key or an object met twice counted each
+    time. Raises ``ValueError`` once past ``limit`` (the walk stops there: its cost is
+    bounded by ``limit``, not by the answer; any depth of nesting)."""
+    size = 0
+    waiting = [value]
+    while waiting:
+        item = waiting.pop()
+        size += sys.getsizeof(item)
+        if size > limit:
+            raise ValueError(f"counters of more than {limit} bytes, past what a node's may hold")
+        if type(item) is dict:
+            waiting.extend(item.keys())
+            waiting.extend(item.values())
+        elif type(item) in (list, tuple):
+            waiting.extend(item)
+    return size
 
 
 class _Unanswered(dict[str, Any]):
