@@ -15,13 +15,13 @@ from typing import Any
 
 import msgpack
 import pytest
-from helpers import wait_until
+from helpers import ScriptProcess, wait_until
 
 import zmqmesh
 from zmqmesh import drop_dead_letters, inspect_store, retry_dead_letters
 from zmqmesh._patterns.history import PAGE_ROWS, History
 from zmqmesh._stats import Stats
-from zmqmesh._store.checkpointer import BACKSTOP_PAGES
+from zmqmesh._store.checkpointer import BACKSTOP_PAGES, LOG_LIMIT_BYTES
 from zmqmesh._store.runs import RUNS_KEPT
 from zmqmesh._store.schema import SCHEMA_VERSION
 from zmqmesh._store.segments import SEGMENT_BYTES, SEGMENT_MAX
@@ -535,6 +535,27 @@ def test_a_drop_goes_chunk_by_chunk_past_a_damaged_segment(tmp_path: Path) -> No
     store.close()
 
 
+def produce_and_acknowledge(store: Store, commits: int) -> tuple[int, list[tuple[int, int]]]:
+    """Commit ``commits`` appends of 4 messages of 2 KB to ``store``, forgetting them 16
+    segments at a time, as a producer and its acknowledgements write; the largest the
+    ``-wal`` file was (looked at every 20 commits), and the segments not forgotten."""
+    wal, largest, open_segments = store.path.with_name(store.path.name + "-wal"), 0, []
+    body = msgpack.packb(b"x" * 2000)
+    for k in range(commits):
+        open_segments += store.append([("q", [(f"id-{k}-{i}", 1.0, None, body, 0, False) for i in range(4)])])
+        if len(open_segments) >= 16:
+            store.forget(open_segments)
+            open_segments = []
+        if k % 20 == 0:
+            largest = max(largest, wal.stat().st_size)
+    return largest, open_segments
+
+
+def page_bytes(directory: Path) -> int:
+    with contextlib.closing(sqlite3.connect(directory / "zmqmesh.db")) as db:
+        return int(db.execute("PRAGMA page_size").fetchone()[0])
+
+
 def test_checkpoints_are_a_thread_of_the_stores_and_the_log_stays_bounded(tmp_path: Path) -> None:
     """A commit leaves the checkpoint (the copy of the write-ahead log into the database,
     and its syncs) to the store's own thread, a moment later. Under commits without a
@@ -549,24 +570,42 @@ def test_checkpoints_are_a_thread_of_the_stores_and_the_log_stays_bounded(tmp_pa
     assert threads() == before + 1
     store.append([("kept", entries("a", "b"))])
     wait_until(lambda: store.checkpoints >= 1, timeout=10)
-    wal, largest, open_segments = tmp_path / "zmqmesh.db-wal", 0, []
-    body = msgpack.packb(b"x" * 2000)
-    for k in range(7500):  # about 5 backstops of frames through the log, as a producer and its acks write
-        open_segments += store.append([("q", [(f"id-{k}-{i}", 1.0, None, body, 0, False) for i in range(4)])])
-        if len(open_segments) >= 16:
-            store.forget(open_segments)
-            open_segments = []
-        if k % 20 == 0:
-            largest = max(largest, wal.stat().st_size)
-    with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db:
-        page = db.execute("PRAGMA page_size").fetchone()[0]
-    assert largest <= 2 * BACKSTOP_PAGES * (page + 24) + 32  # (a frame: a page and its header)
+    largest, open_segments = produce_and_acknowledge(store, 7500)  # (about 5 backstops of frames through the log)
+    assert largest <= 2 * BACKSTOP_PAGES * (page_bytes(tmp_path) + 24) + 32  # (a frame: a page and its header)
     assert store.checkpoints >= 2
     store.close()
     assert threads() == before
     store = Store(tmp_path)
     assert live(store, "kept") == [("a", 0), ("b", 0)]
     assert sum(len(s.messages) for s in store.pending("q", limit=100_000)) == 4 * len(open_segments)
+    store.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_log_stays_bounded_under_a_writer_without_pause_beside_a_reader_that_never_stops(
+        tmp_path: Path, procs: list[ScriptProcess]) -> None:
+    """Readers of another process, always one of them on some snapshot (``zmqmesh store
+    inspect`` of a large store, run in a loop), leave SQLite no moment to start the log
+    over, however often it is copied: the ``-wal`` file grew without end (here past
+    100 MiB; 2 GiB in 30 s of a node's durable pushes). A commit starts it over (RESTART)
+    once its file is past `LOG_LIMIT_BYTES`, waiting a moment for the readers: it stays
+    under twice that, is cut back to it when started over, and nothing stored is lost."""
+    store = Store(tmp_path)
+    store.append([("kept", entries("a"))])
+    reader = ScriptProcess(Path(__file__).parent / "store_reader.py", tmp_path, 0.03, 2)
+    procs.append(reader)
+    reader.wait_for("reading")
+    largest, open_segments = produce_and_acknowledge(store, 40_000)  # (about 8 times the bound through the log)
+    reader.close()
+    assert largest <= 2 * LOG_LIMIT_BYTES
+    assert store.log_restarts >= 1
+    store.append([("kept", entries("b"))])  # (a commit after the last restart cuts the file back)
+    wait_until(lambda: (tmp_path / "zmqmesh.db-wal").stat().st_size <= LOG_LIMIT_BYTES,
+               timeout=10, what="the log cut back to its limit")
+    store.close()
+    store = Store(tmp_path)
+    assert sum(len(s.messages) for s in store.pending("q", limit=100_000)) == 4 * len(open_segments)
+    assert live(store, "kept") == [("a", 0), ("b", 0)]
     store.close()
 
 

@@ -19,15 +19,15 @@ __all__ = ["Database"]
 
 class Database:
     """The connection ``connection`` to the store in ``directory`` (bounded at ``max_bytes``),
-    used under `lock`; ``written`` is told of each transaction committed (the store's
-    checkpoints follow them).
+    used under `lock`; ``written`` is told of each transaction committed, with the
+    connection, `lock` held (the store's checkpoints follow them).
 
     Thread-safe as its callers use it: a method named ``..._locked``, `read` and `rows`
     expect `lock` held; the others take it.
     """
 
     def __init__(self, connection: sqlite3.Connection, directory: Path, max_bytes: int,
-                 written: Callable[[], None]) -> None:
+                 written: Callable[[sqlite3.Connection], None]) -> None:
         self.connection = connection
         self.directory = directory
         self.max_bytes = max_bytes
@@ -66,7 +66,7 @@ class Database:
                 db.execute("BEGIN IMMEDIATE")
                 work(db)
                 db.execute("COMMIT")
-            self._written()
+            self._written(db)
         except BaseException as exc:
             if db.in_transaction:  # whatever went wrong, the next write starts clean
                 try:

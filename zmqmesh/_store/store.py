@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from ..errors import ConfigError, StoreError
-from .checkpointer import BACKSTOP_PAGES, Checkpointer
+from .checkpointer import BACKSTOP_PAGES, COMMIT_WAIT_S, LOG_LIMIT_BYTES, Checkpointer
 from .cursors import Cursors
 from .database import Database
 from .handled import Handled
@@ -167,7 +167,7 @@ class Store:
         import sqlite3  # (loaded with the first store: a node without one never pays for it)
 
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=COMMIT_WAIT_S)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         try:
@@ -184,6 +184,7 @@ class Store:
             page_size = db.execute("PRAGMA page_size").fetchone()[0]
             db.execute(f"PRAGMA max_page_count = {max(max_bytes // page_size, 16)}")
             db.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")  # (a `Checkpointer` does them)
+            db.execute(f"PRAGMA journal_size_limit = {LOG_LIMIT_BYTES}")  # (the log's file, once started over)
             if fresh:
                 db.execute("BEGIN IMMEDIATE")
                 for statement in SCHEMA:
@@ -540,6 +541,12 @@ class Store:
     def checkpoints(self) -> int:
         """Checkpoints of the write-ahead log done so far by the store's own thread."""
         return self._checkpointer.checkpoints
+
+    @property
+    def log_restarts(self) -> int:
+        """RESTART checkpoints, made by commits that found the write-ahead log's file past
+        `LOG_LIMIT_BYTES`, that started the log over."""
+        return self._checkpointer.restarts
 
     def close(self) -> None:
         """Close the database and release the lock (idempotent)."""
