@@ -488,18 +488,26 @@ def test_launch_stopped_while_its_processes_start_starts_none_more(tmp_path: Any
     are stopped, status 130, nothing left running."""
     launch_file = tmp_path / "many.toml"
     launch_file.write_text('stop_timeout_s = 5\n[[process]]\nname = "w"\ncommand = ["sleep", "60"]\ncount = 1000\n')
-    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "launch", str(launch_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "launch", str(launch_file)], stdout=subprocess.PIPE,
+                                stderr=err_file, text=True)
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert "started (pid" in first, first
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        # (read on from the same reader: `communicate` reads the pipe beneath it, and would
+        # miss the lines its buffer took with the first)
+        out = proc.stdout.read()
+        proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    err = errors.read_text()
     started = [int(p) for p in re.findall(r"started \(pid (\d+)\)", first + out)]
     assert proc.returncode == 130, err
     assert len(started) < 100, len(started)  # (a handful: those started before the signal came)
