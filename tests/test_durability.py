@@ -105,12 +105,16 @@ def test_a_child_forked_while_a_store_is_open_does_not_hold_it_after_the_stop(
 
 ORPHANING_PARENT = """
 import multiprocessing, sys, time, zmqmesh
-def nap():
+def nap(running):
+    running.set()
     time.sleep(30)
 if __name__ == "__main__":
     node = zmqmesh.Node("parent", store=sys.argv[1], mesh=sys.argv[2], beacon_port=int(sys.argv[3])).start()
-    child = multiprocessing.get_context("fork").Process(target=nap)
+    ctx = multiprocessing.get_context("fork")
+    running = ctx.Event()  # (set by the child's own code: past the handlers run at its fork)
+    child = ctx.Process(target=nap, args=(running,))
     child.start()
+    running.wait(30)
     print(child.pid, flush=True)
     time.sleep(60)
 """
