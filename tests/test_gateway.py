@@ -29,6 +29,8 @@ from helpers import (
     wait_until,
 )
 
+import zmqmesh
+
 pytest.importorskip("aiohttp", reason="the gateway extra (aiohttp) is not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -624,6 +626,55 @@ def test_the_nodes_answers_the_gateway_holds_stay_within_its_budget_the_smallest
     assert len(shown & set(middling)) == 3, shown
     assert 0 < samples["zmqmesh_gateway_stats_bytes"] <= budget, samples
     assert samples["zmqmesh_gateway_events_total{unreadable_stats}"] >= 2, samples
+
+
+@pytest.mark.timeout(60)
+def test_a_collection_of_the_counters_asks_no_node_past_its_second_those_that_answered_first(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes that do not answer (busy in a handler, stopped) each held one of the
+    STATS_ASKS_AT_ONCE turns of a collection a whole second: 24 of them made every scrape
+    3 s (1 s before the asks were bounded), 80 would pass Prometheus's 10 s scrape timeout,
+    1,024 peers 128 s. A collection now asks no node once its second is over, and asks
+    the nodes that answered the last one first: one turn here, three nodes that never
+    answer in it, one that does; a scrape asks one of those three, not all of them, and
+    the node that answers is shown."""
+    pytest.importorskip("prometheus_client", reason="the metrics extra is not installed")
+    import threading
+
+    from zmqmesh.tools import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "STATS_ASKS_AT_ONCE", 1)
+    asked, answer = [0], threading.Event()
+
+    def busy() -> dict[str, Any]:  # (its node's thread held past the gateway's second)
+        asked[0] += 1
+        answer.wait(3.0)
+        return {}
+
+    nodes = []
+    try:
+        for i in range(3):
+            node = zmqmesh.Node(f"busy{i}", **mesh)
+            node._engine.describe = busy  # type: ignore[method-assign]
+            nodes.append(node.start())
+        nodes.append(zmqmesh.Node("worker", **mesh).start())
+        with gateway_in_process(mesh) as (url, _connect):
+            names = {"busy0", "busy1", "busy2", "worker"}
+            wait_until(lambda: names <= {p["name"] for p in call(url + "/peers")[1]}, 30, "the nodes at the gateway")
+            with urllib.request.urlopen(url + "/metrics", timeout=30):
+                pass
+            assert asked[0] == 1, asked  # (before: 3, the collection waited a second for each)
+
+            def worker_shown() -> bool:
+                with urllib.request.urlopen(url + "/metrics", timeout=30) as scrape:
+                    return 'node="worker"' in scrape.read().decode()
+
+            wait_until(worker_shown, 20, "the node that answers, shown", every=0.2)
+            answer.set()
+    finally:
+        answer.set()
+        for node in nodes:
+            node.stop()
 
 
 def test_a_node_at_its_counters_bounds_fits_what_the_gateway_holds_of_one_and_a_refused_answer_is_let_go() -> None:

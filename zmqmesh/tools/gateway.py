@@ -96,8 +96,12 @@ STATS_ASKS_AT_ONCE = 8
 """Nodes a collection of the counters asks at once (each answers within a second, or is
 left out): every answer in flight is held whole, in ZeroMQ's buffers then decoded, before
 it can be sized; asked all at once, 32 strangers' answers of 8 MB took the gateway to
-395 MB resident, though it kept none of them (171 MB 8 at a time). (A collection of N
-nodes that never answer takes N / 8 seconds.)"""
+395 MB resident, though it kept none of them (171 MB 8 at a time)."""
+STATS_COLLECTION_S = 1.0
+"""The longest a collection of the counters asks for: a node not asked by then is left
+out of it, as one that does not answer in time is (`Gateway._collect`). Nodes that never
+answer (busy in a handler, stopped) each held one of the `STATS_ASKS_AT_ONCE` turns a
+whole second: 24 of them made each scrape 3 s, 1,024 would make it 128 s."""
 MAX_TIMEOUT_S = 300.0
 """The longest ``?timeout=`` a request may ask for."""
 MAX_IN_FLIGHT = 256
@@ -202,6 +206,7 @@ class Gateway:
         self._warned: set[str] = set()  # nodes whose unreadable counters were logged (bounded)
         self._stats: list[dict[str, Any]] | None = None  # the last collection's (`mesh_stats`)
         self._stats_bytes = 0  # what the last collection's answers hold, about (`MAX_STATS_BYTES`)
+        self._unanswered: set[str] = set()  # ids of the nodes asked in vain, since they last answered (`_collect`)
         self._stats_began = 0.0  # when the last collection began
         self._collecting: asyncio.Future[list[dict[str, Any]]] | None = None  # the one in flight
         # the text of the last collection's counters (`metrics`), and the snapshots it could not read
@@ -618,31 +623,42 @@ class Gateway:
             self._metrics = None  # (the text of a collection before, which it would keep alive)
 
     async def _collect(self) -> list[dict[str, Any]]:
-        """Ask every zmqmesh node for its counters (a second at most), the gateway's first,
-        each under the id and name of the node asked (an answer may claim another's); the
-        answers held within `MAX_STATS_BYTES` (`_Answers`)."""
-        peers = [p for p in self.node.peers() if p.is_zmqmesh]
+        """Ask every zmqmesh node for its counters (`STATS_COLLECTION_S` at most), the
+        gateway's first, each under the id and name of the node asked (an answer may claim
+        another's); the answers held within `MAX_STATS_BYTES` (`_Answers`). The nodes asked
+        in vain since they last answered are asked last: each holds a turn to its end, and
+        would keep the others out."""
+        peers = sorted((p for p in self.node.peers() if p.is_zmqmesh), key=lambda p: p.id in self._unanswered)
         answers = _Answers()
-        asking = asyncio.Semaphore(STATS_ASKS_AT_ONCE)
-        await asyncio.gather(*(self._ask(peer, answers, asking) for peer in peers))
+        asking = asyncio.Semaphore(STATS_ASKS_AT_ONCE)  # (its waiters go in turn: the order of ``peers``)
+        deadline = time.monotonic() + STATS_COLLECTION_S
+        in_vain = await asyncio.gather(*(self._ask(peer, answers, asking, deadline) for peer in peers))
+        self._unanswered = {peer.id for peer, unanswered in zip(peers, in_vain)
+                            if unanswered or (unanswered is None and peer.id in self._unanswered)}
         self._stats_bytes = answers.bytes
         me = self.node.as_peer()
         return [{"id": me.id, "name": me.name, **self.node.stats()}, *answers.collected(peers)]
 
-    async def _ask(self, peer: Peer, answers: _Answers, asking: asyncio.Semaphore) -> None:
-        """Ask ``peer`` for its counters once ``asking`` lets it (`STATS_ASKS_AT_ONCE`), its
-        answer sized and kept (or let go) before the next node is asked: answers are never
-        held unsized, whatever their number. A node that does not answer in time, or
-        leaves, is not listed."""
+    async def _ask(self, peer: Peer, answers: _Answers, asking: asyncio.Semaphore, deadline: float) -> bool | None:
+        """Ask ``peer`` for its counters once ``asking`` lets it (`STATS_ASKS_AT_ONCE`), until
+        ``deadline`` (`time.monotonic`) at most, its answer sized and kept (or let go) before
+        the next node is asked: answers are never held unsized, whatever their number. A
+        node not asked by the deadline, one that does not answer in time, or leaves, is not
+        listed. True if ``peer`` was asked in vain, False if it answered, None if it was
+        not asked."""
         async with asking:
+            left = deadline - time.monotonic()
+            if left <= 0:  # (the collection's time is over: not asked)
+                return None
             try:
-                answer = await self.node.node_stats(peer, timeout=1.0)
+                answer = await self.node.node_stats(peer, timeout=min(1.0, left))
             except DecodeError as exc:  # (not a map at all: a stranger's)
                 answers.refuse(peer, exc)
             except Exception:  # (timed out, lost, the gateway stops)
-                return
+                return True
             else:
                 answers.add(peer, answer)
+            return False
 
     async def dashboard(self, request: web.Request) -> web.Response:
         """GET /: the dashboard page."""
