@@ -50,7 +50,8 @@ to, 512 at most); counters that would make more are left out whole, as those of 
 service in a million buckets, each a series of every scrape."""
 MAX_SCRAPE_CHARS = 32 * 2**20
 """Characters the counters of all the nodes of one scrape may make together, about (their
-label values, and `_SAMPLE_CHARS` for each sample's name, label names and value): the
+label values as written, escaped: `_label_chars`; and `_SAMPLE_CHARS` for each sample's
+name, label names and value): the
 nodes whose counters are the smallest go in first, and one that would take the scrape
 past it is left out whole, told as one of another shape is (`families`). Each node's
 counters are bounded (`MAX_SAMPLES`, `MAX_LABEL_CHARS`: some 9 MB of text), not the
@@ -151,13 +152,19 @@ def families(snapshots: Iterable[Snapshot],
 
 
 def _scrape_chars(snap: Snapshot) -> int:
-    """About how many characters the counters ``snap`` make in a scrape (`MAX_SCRAPE_CHARS`).
-    Raises as `_rows` does."""
+    """About how many characters the counters ``snap`` make in a scrape (`MAX_SCRAPE_CHARS`),
+    their label values as the text writes them (`_label_chars`). Raises as `_rows` does."""
     chars = 0
     for key, values, sample in _rows(snap):
-        each = sum(map(len, values)) + _SAMPLE_CHARS
+        each = sum(map(_label_chars, values)) + _SAMPLE_CHARS
         chars += each * (len(sample[0]) + 2) if key == "latency" else each
     return chars
+
+
+def _label_chars(value: str) -> int:
+    """The characters of label ``value`` in the text: a backslash, a newline and a double
+    quote are written escaped, two characters each (a label of them all is twice as long)."""
+    return len(value) + value.count("\\") + value.count("\n") + value.count('"')
 
 
 def _rows(snap: Snapshot) -> Iterator[tuple[str, list[str], Any]]:
