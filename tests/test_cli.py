@@ -1105,18 +1105,23 @@ def test_a_launch_file_that_never_ends_is_refused_in_bounded_memory() -> None:
         2, "zmqmesh: error: /dev/zero: longer than 16 MiB: not a launch file"), result
 
 
-@pytest.mark.parametrize("name", ["a\\u001b[2J\\u001b]0;title\\u0007", "a\\nb", "a\\u009bm"],
-                         ids=["escapes", "a-newline", "a-c1-control"])
+@pytest.mark.parametrize("name", ["a\\u001b[2J\\u001b]0;title\\u0007", "a\\nb", "a\\u009bm", "a\\u00a0b",
+                                  "a\\u200db", "a\\u202eb"],
+                         ids=["escapes", "a-newline", "a-c1-control", "a-no-break-space", "a-joiner", "a-bidi-override"])
 def test_a_process_name_holding_a_control_character_is_a_bad_launch_file(tmp_path: Any, name: str) -> None:
     """A process named ``"a\\u001b[2J"`` had its escape written raw to the terminal, as the
     prefix of each of its lines (the screen cleared, the window retitled) and in the
     launch file's errors; one with a newline forged a line of another process. It is a
-    bad launch file now, the name shown escaped, status 2, nothing started."""
+    bad launch file now, the name shown escaped, status 2, nothing started; so is one of
+    any character that is not printable (a no-break space, a joiner, a bidi override:
+    seen as another name, or not seen), and the error says so (it said "a control
+    character" of them too)."""
     launch_file = tmp_path / "bad.toml"
     launch_file.write_text(f'[[process]]\nname = "{name}"\ncommand = ["true"]\n')
     result = run("launch", str(launch_file), timeout=30)
     text = json.loads(f'"{name}"')
-    said = f"process #1: 'name' {text!r} holds a control character (an escape, a newline, ...)"
+    said = (f"process #1: 'name' {text!r} holds a character that is not printable (a control one: an escape, "
+            "a newline; or one not seen: a format character, a space other than ' ')")
     assert (result.returncode, result.stderr.strip(), result.stdout) == (2, f"zmqmesh: error: {launch_file}: {said}", "")
 
 

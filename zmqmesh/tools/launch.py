@@ -196,7 +196,8 @@ def load_launch_file(path: str | Path) -> tuple[list[ProcessSpec], float]:
         if not isinstance(name, str) or not name:
             raise LaunchError(f"{where}: 'name' must be a non-empty string")
         if not name.isprintable():  # (it prefixes every line of the output: an escape there drives the terminal)
-            raise LaunchError(f"{where}: 'name' {name!r} holds a control character (an escape, a newline, ...)")
+            raise LaunchError(f"{where}: 'name' {name!r} holds a character that is not printable (a control one: "
+                              "an escape, a newline; or one not seen: a format character, a space other than ' ')")
         if isinstance(command, str):
             try:
                 command = shlex.split(command)
