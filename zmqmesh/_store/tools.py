@@ -11,7 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._wire.frames import MAX_NAME_BYTES, dead_letter_queue
+from .._wire.frames import (
+    MAX_NAME_BYTES,
+    RESERVED_NAME_PREFIX,
+    dead_letter_queue,
+    pullable,
+)
 from ..errors import ConfigError, StoreError
 from .holds import held_here
 from .kept_topics import topic_summary
@@ -53,7 +58,8 @@ def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_lette
     (segments that cannot be read) stay where they are, still counted by `inspect_store`.
     The store must not be in use: raises `StoreLockedError` while its node runs,
     `StoreError` if there is none, `ConfigError` for a ``queue`` no node can pull (empty,
-    or past 200 bytes of UTF-8: they would be moved where nothing takes them)."""
+    past 200 bytes of UTF-8, or a built-in's name: they would be moved where nothing takes
+    them)."""
     _pullable(queue)
     with _existing(directory) as store:
         return store.requeue(dead_letter_queue(queue, dead_letter), queue)
@@ -68,16 +74,12 @@ def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter
 
 
 def _pullable(queue: str) -> None:
-    """Raise `ConfigError` unless ``queue`` can name a queue a node pulls (1 to
-    `MAX_NAME_BYTES` bytes of UTF-8, as a pull checks it): an empty one, a shell variable
-    unset, named the dead letters of ``".dead"``, and took them back to ``""``."""
-    try:
-        size = len(queue.encode()) if isinstance(queue, str) else 0
-    except UnicodeEncodeError:
-        size = 0
-    if not 0 < size <= MAX_NAME_BYTES:
-        raise ConfigError(f"a queue must be a string (text UTF-8 can encode) of at most {MAX_NAME_BYTES} bytes, "
-                          f"not empty, got {queue!r:.80}")
+    """Raise `ConfigError` unless ``queue`` names a queue a node can pull (`pullable`, the
+    rule `pull` keeps): an empty one, a shell variable unset, named the dead letters of
+    ``".dead"``, and took them back to ``""``."""
+    if not isinstance(queue, str) or not pullable(queue):
+        raise ConfigError(f"a queue must be a string (text UTF-8 can encode) of 1 to {MAX_NAME_BYTES} bytes, "
+                          f"not beginning {RESERVED_NAME_PREFIX!r}, got {queue!r:.80}")
 
 
 def durable_subscriptions(directory: str | os.PathLike[str]) -> dict[str, dict[str, int]]:
