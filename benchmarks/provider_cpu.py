@@ -58,8 +58,6 @@ def provider(beacon_port: int, mesh: str) -> None:
 
     profile_to = os.environ.get("PROVIDER_CPU_PROFILE")  # (a file: yappi's calls of the inbox thread, from SIGUSR1)
     if profile_to:
-        import signal
-
         import yappi
 
         yappi.set_clock_type("cpu")
