@@ -9,7 +9,8 @@ CPU time (``schedstat``, in ns), per round, over ``--n`` requests; or, with
 collected only while the measured requests run, per thread): the inbox thread's
 instructions per request, repeatable whatever the machine's load. ``--provider
 async_provider`` measures an `AsyncNode` with an ``async def`` handler instead (its
-loop's thread). With ``PROVIDER_CPU_PROFILE=<file>`` set, yappi's profile (CPU clock) of
+loop's thread), ``--provider async_sync_provider`` one with a ``def`` handler (run on its
+worker thread: callgrind counts the busiest thread, the loop's). With ``PROVIDER_CPU_PROFILE=<file>`` set, yappi's profile (CPU clock) of
 the inbox thread over the measured requests is written there.
 
     PYTHONPATH=. python3 benchmarks/provider_cpu.py --mode sync --n 20000 --rounds 3
@@ -74,23 +75,40 @@ def provider(beacon_port: int, mesh: str) -> None:
                     out=f, columns={0: ("name", 60), 1: ("ncall", 10), 2: ("tsub", 8), 3: ("ttot", 8)})
 
 
-def async_provider(beacon_port: int, mesh: str) -> None:
+def async_provider(beacon_port: int, mesh: str, sync_handler: bool = False) -> None:
     """The echo provider on an `AsyncNode` (an ``async def`` handler, awaited on the loop,
-    whose thread owns the sockets: the main thread's CPU is measured); as `provider`."""
+    whose thread owns the sockets: the main thread's CPU is measured; or, ``sync_handler``,
+    a ``def`` one, run on the node's worker thread); as `provider`. With
+    ``PROVIDER_CPU_PROFILE`` set, cProfile's profile of the loop's thread is written there."""
     import asyncio
 
     import zmqmesh
 
+    profile_to = os.environ.get("PROVIDER_CPU_PROFILE")
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
+
     async def main() -> None:
         node = zmqmesh.AsyncNode("cpu-provider", beacon_port=beacon_port, mesh=mesh)
 
-        @node.service(SERVICE)
-        async def echo(msg: Any) -> Any:
-            return msg.data
+        if sync_handler:
+            @node.service(SERVICE)
+            def echo(msg: Any) -> Any:
+                return msg.data
+        else:
+            @node.service(SERVICE)
+            async def echo(msg: Any) -> Any:
+                return msg.data
 
         async with node:
             _say(f"ready {os.getpid()} {threading.main_thread().native_id}")
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+            if profile_to:
+                profiler.disable()
+                profiler.dump_stats(profile_to)
 
     asyncio.run(main())
 
@@ -217,10 +235,11 @@ def _inbox_instructions(out_dir: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=["orchestrator", "provider", "async_provider", "client"],
+    parser.add_argument("--role", choices=["orchestrator", "provider", "async_provider", "async_sync_provider", "client"],
                         default="orchestrator")
-    parser.add_argument("--provider", choices=["provider", "async_provider"], default="provider",
-                        help="the provider's role: a sync Node (the default) or an AsyncNode")
+    parser.add_argument("--provider", choices=["provider", "async_provider", "async_sync_provider"],
+                        default="provider", help="the provider's role: a sync Node (the default), or an "
+                        "AsyncNode with an async def handler or a def one")
     parser.add_argument("--beacon-port", type=int, default=0)
     parser.add_argument("--mesh", default="")
     parser.add_argument("--mode", choices=["sync", "many"], default="sync")
@@ -233,8 +252,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "provider":
         provider(args.beacon_port, args.mesh)
-    elif args.role == "async_provider":
-        async_provider(args.beacon_port, args.mesh)
+    elif args.role in ("async_provider", "async_sync_provider"):
+        async_provider(args.beacon_port, args.mesh, sync_handler=args.role == "async_sync_provider")
     elif args.role == "client":
         client(args.beacon_port, args.mesh, args.mode, args.n, args.window, args.warm, args.timeout)
     else:
