@@ -68,6 +68,8 @@ class LoopInbox(Dispatcher):
         self._in_turn = False  # (the drain runs handlers itself, one at a time: `_execute_in_turn`)
         self._again = False
         self._look: asyncio.TimerHandle | None = None  # the one pending look at what waits (`has_waiting`)
+        self._hold_timer: asyncio.TimerHandle | None = None  # (`_held_since`)
+        self._handler_began: float | None = None  # the loop's time the handler running in turn began, replies held
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False  # (the sockets: a drain woken later finds nothing to read)
         # the sockets to look at in the next drain: those whose descriptor signalled, and
@@ -241,6 +243,37 @@ class LoopInbox(Dispatcher):
             handling.close()  # (cancelled by a stop: the calls not reached are counted as dropped)
 
     async def _execute_in_turn(self, handling: Generator[Call, None, None]) -> None:
+        try:
+            await self._execute_held(handling)
+        finally:
+            self._handler_began = None
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()
+                self._hold_timer = None
+
+    def _held_since(self, began: float) -> None:
+        """A handler that began at ``began`` (loop time) runs while replies are held: they
+        go once it has run `HOLD_LIMIT_S`. One timer serves the handlers of a burst in
+        turn (`_hold_expired`): one per handler cost a timer made, pushed on the loop's heap
+        and cancelled for each request."""
+        self._handler_began = began
+        if self._hold_timer is None:
+            self._hold_timer = self.loop.call_at(began + HOLD_LIMIT_S, self._hold_expired)
+
+    def _hold_expired(self) -> None:
+        """The hold timer is due: the replies held go if the handler running now began
+        `HOLD_LIMIT_S` ago; for a handler that began later, it waits until that one's time."""
+        self._hold_timer = None
+        began = self._handler_began
+        if began is None:  # (no handler runs: the next one arms it again)
+            return
+        due = began + HOLD_LIMIT_S
+        if self.loop.time() >= due:
+            self.release_held()
+        else:
+            self._hold_timer = self.loop.call_at(due, self._hold_expired)
+
+    async def _execute_held(self, handling: Generator[Call, None, None]) -> None:
         batch: list[Call] = []  # sync handlers in a row: run together, on the worker
         with self.replies_held():
             for call in handling:
@@ -271,8 +304,8 @@ class LoopInbox(Dispatcher):
                 started = self.starting(call)
                 token = serve_as(call)
                 error: BaseException | None = None
-                # held replies wait for a quick handler, yet never past HOLD_LIMIT_S
-                release = self.loop.call_later(HOLD_LIMIT_S, self.release_held) if self.holding() else None
+                if self.holding():  # held replies wait for a quick handler, yet never past HOLD_LIMIT_S
+                    self._held_since(self.loop.time())
                 try:
                     result, error = await call.handler(call.arg), None
                 except Exception as exc:
@@ -286,8 +319,7 @@ class LoopInbox(Dispatcher):
                     result, error = None, handler_failure(exc)
                 finally:
                     served(token, error)
-                    if release is not None:
-                        release.cancel()
+                    self._handler_began = None
                 self.finished(call, started)
                 if call.route is None and error is None:
                     continue  # nothing to reply or count
