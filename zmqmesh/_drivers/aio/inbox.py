@@ -5,7 +5,6 @@ the loop (`LoopInbox`)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import logging
@@ -40,6 +39,7 @@ __all__ = ["LoopInbox"]
 log = logging.getLogger("zmqmesh.aio")
 
 _WAITING_LOOK_S = 0.5
+_EVENTS = int(zmq.EVENTS)  # (`_readable`: read once a wake-up, a plain int rather than the enum's attribute)
 _CANCELLED_WAIT_S = 0.1  # at a stop, for the handler tasks its timeout cancelled to end
 _SYNC_SLICE_S = 0.005
 """How long the worker runs a burst's sync handlers before the replies of those that
@@ -94,8 +94,10 @@ class LoopInbox(Dispatcher):
         a descriptor left readable would call this back on every pass of the loop (one
         message arriving meanwhile spun the loop at a full CPU until the handler returned).
         The socket is looked at by the drain all the same (`_fired`)."""
-        with contextlib.suppress(zmq.ZMQError):  # (closed meanwhile: nothing to rearm)
-            pair[0].getsockopt(zmq.EVENTS)
+        try:
+            pair[0].getsockopt(_EVENTS)
+        except zmq.ZMQError:  # (closed meanwhile: nothing to rearm)
+            pass
         self._signalled(pair)
 
     def _signalled(self, pair: tuple[zmq.Socket[Any], str]) -> None:
@@ -239,17 +241,12 @@ class LoopInbox(Dispatcher):
                     await self._execute_in_turn(handling)
                 finally:
                     self._in_turn = False
+                    self._handler_began = None
+                    if self._hold_timer is not None:
+                        self._hold_timer.cancel()
+                        self._hold_timer = None
         finally:
             handling.close()  # (cancelled by a stop: the calls not reached are counted as dropped)
-
-    async def _execute_in_turn(self, handling: Generator[Call, None, None]) -> None:
-        try:
-            await self._execute_held(handling)
-        finally:
-            self._handler_began = None
-            if self._hold_timer is not None:
-                self._hold_timer.cancel()
-                self._hold_timer = None
 
     def _held_since(self, began: float) -> None:
         """A handler that began at ``began`` (loop time) runs while replies are held: they
@@ -273,7 +270,7 @@ class LoopInbox(Dispatcher):
         else:
             self._hold_timer = self.loop.call_at(due, self._hold_expired)
 
-    async def _execute_held(self, handling: Generator[Call, None, None]) -> None:
+    async def _execute_in_turn(self, handling: Generator[Call, None, None]) -> None:
         batch: list[Call] = []  # sync handlers in a row: run together, on the worker
         with self.replies_held():
             for call in handling:
