@@ -5,10 +5,11 @@ messages it held, and a message that kills its pullers is dead-lettered alone.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,31 +58,41 @@ def test_a_handler_stuck_at_the_head_of_a_backlog_is_seen_within_eight_ack_timeo
     """The time a batch gets grows with its messages, so a puller with an ack timeout gets
     small batches: a handler stuck on the first of a backlog of 100 (ack_timeout_s=0.5)
     loses its message to another puller within 8 x 0.5 s and a moment, not 100 x 0.5 s."""
-    release = threading.Event()
-    seen: list[tuple[str, Any]] = []
-    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
-        stuck = zmqmesh.Node("stuck", **mesh)
-
-        @stuck.pull("jobs", at_least_once=True, ack_timeout_s=0.5)
-        def hang(msg: zmqmesh.Message) -> None:
-            seen.append(("stuck", msg.data))
-            release.wait(20)
-
-        try:
-            with stuck:
-                pusher.wait_for_pullers("jobs", 1, timeout=10)
-                pusher.push_many("jobs", list(range(100)), durable=True)
-                wait_until(lambda: seen, 10, "the stuck handler to start")
-                started = time.monotonic()
-                healthy = zmqmesh.Node("healthy", **mesh)
-                healthy.pull("jobs", lambda msg: seen.append(("healthy", msg.data)), at_least_once=True,
-                             ack_timeout_s=0.5)
-                with healthy:
-                    wait_until(lambda: ("healthy", seen[0][1]) in seen, 15, "the stuck message at the other puller")
-                    took = time.monotonic() - started
-        finally:
-            release.set()
+    seen: list[Any] = []  # (what the healthy puller handled)
+    with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher, \
+            _stuck_puller(mesh, pusher, 100, ack_timeout_s=0.5) as (_stuck, held):
+        started = time.monotonic()
+        healthy = zmqmesh.Node("healthy", **mesh)
+        healthy.pull("jobs", lambda msg: seen.append(msg.data), at_least_once=True, ack_timeout_s=0.5)
+        with healthy:
+            wait_until(lambda: held[0] in seen, 15, "the stuck message at the other puller")
+            took = time.monotonic() - started
     assert took < 8 * 0.5 + 3.0, f"the stuck handler was seen after {took:.1f} s"
+
+
+@contextlib.contextmanager
+def _stuck_puller(mesh: dict[str, Any], pusher: zmqmesh.Node, count: int,
+                  **options: Any) -> Iterator[tuple[zmqmesh.Node, list[Any]]]:
+    """A running node ``stuck`` pulling ``jobs`` at least once (with ``options``), whose
+    handler is stuck on the first of ``count`` durable messages ``pusher`` pushed; with
+    what it took. Its handler is let go on leaving."""
+    release = threading.Event()
+    held: list[Any] = []
+    stuck = zmqmesh.Node("stuck", **mesh)
+
+    @stuck.pull("jobs", at_least_once=True, **options)
+    def hang(msg: zmqmesh.Message) -> None:
+        held.append(msg.data)
+        release.wait(20)
+
+    try:
+        with stuck:
+            pusher.wait_for_pullers("jobs", 1, timeout=10)
+            pusher.push_many("jobs", list(range(count)), durable=True)
+            wait_until(lambda: held, 10, "the stuck handler to start")
+            yield stuck, held
+    finally:
+        release.set()
 
 
 def test_a_stuck_handler_is_seen_while_the_pullers_other_handlers_keep_acknowledging(
@@ -451,31 +462,16 @@ def test_an_answer_to_a_batch_dealt_to_another_puller_is_dropped_and_nothing_is_
     (``rejected["ack_not_dealt"]``): once that puller stops, what it held goes to another,
     and every message is handled. (Before: the stranger's answers settled them, and 25 of
     40 messages were never handled by anyone.)"""
-    gate = threading.Event()
-    held: list[int] = []
     later: list[int] = []
     with zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
-        stuck = zmqmesh.Node("stuck", **mesh)
-
-        @stuck.pull("jobs", at_least_once=True)
-        def wait(msg: zmqmesh.Message) -> None:
-            held.append(msg.data)
-            gate.wait(20)
-
-        try:
-            with stuck:
-                pusher.wait_for_pullers("jobs", 1, timeout=10)
-                pusher.push_many("jobs", list(range(20)), durable=True)
-                wait_until(lambda: held, 10, "the stuck puller's first message")
-                hostile = ScriptProcess(HOSTILE_PULLER, mesh["mesh"], mesh["beacon_port"], "steal")
-                procs.append(hostile)
-                pusher.wait_for_pullers("jobs", 2, timeout=10)
-                pusher.push_many("jobs", list(range(20, 40)), durable=True)
-                wait_until(lambda: pusher.stats()["rejected"].get("ack_not_dealt"), 10, "the stolen answers dropped")
-                hostile.kill()
-                stuck.stop(timeout=0.2)
-        finally:
-            gate.set()
+        with _stuck_puller(mesh, pusher, 20) as (stuck, held):
+            hostile = ScriptProcess(HOSTILE_PULLER, mesh["mesh"], mesh["beacon_port"], "steal")
+            procs.append(hostile)
+            pusher.wait_for_pullers("jobs", 2, timeout=10)
+            pusher.push_many("jobs", list(range(20, 40)), durable=True)
+            wait_until(lambda: pusher.stats()["rejected"].get("ack_not_dealt"), 10, "the stolen answers dropped")
+            hostile.kill()
+            stuck.stop(timeout=0.2)
         dealt_to_hostile = sum(int(line.split()[2]) for line in hostile.lines if line.startswith("BATCH"))
         other = zmqmesh.Node("other", **mesh)
         other.pull("jobs", lambda msg: later.append(msg.data), at_least_once=True)
