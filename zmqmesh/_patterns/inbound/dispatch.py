@@ -378,14 +378,24 @@ class Dispatcher:
     def before_handling(self, calls: list[Call]) -> None:
         """Called before a burst of calls is handled (durable subscriptions record it, also
         those dropped since the burst was gathered: `Replays.recording`)."""
-        if self.registry.replays or (self.replays is not None and self.replays.recording()):
-            self.replaying().before_handling(calls)
+        replays = self._recording()
+        if replays is not None:
+            replays.before_handling(calls)
 
     def after_handling(self) -> None:
         """Called after a burst was handled (durable subscriptions commit where they are,
         also one that its handler or another thread dropped meanwhile)."""
-        if self.registry.replays or (self.replays is not None and self.replays.recording()):
-            self.replaying().flush()
+        replays = self._recording()
+        if replays is not None:
+            replays.flush()
+
+    def _recording(self) -> Replays | None:
+        """The `Replays` that record a burst: while subscriptions replay, or while one
+        dropped since still has places to write (`Replays.recording`); None otherwise."""
+        if self.registry.replays:
+            return self.replaying()
+        replays = self.replays
+        return replays if replays is not None and replays.recording() else None
 
     def post(self, calls: list[Call]) -> None:
         """Queue event callbacks (joins, leaves, whispers) to run in order with messages;
