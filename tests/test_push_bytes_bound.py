@@ -74,3 +74,36 @@ def test_a_full_bytes_bound_costs_the_loop_nothing_while_nothing_changes(mesh: d
             release.set()
     finally:
         release.set()
+
+
+@pytest.mark.timeout(60)
+def test_what_a_queue_dropped_no_longer_counts_against_the_bytes_bound(mesh: dict[str, Any]) -> None:
+    """Messages dropped from one queue (its pullers left, none came back within
+    ``push_timeout_s``) while another queue still held some: the node's count of the
+    bytes its queues hold kept them (50 MiB of 64 KiB payloads no longer queued, here: 75 MiB counted, 25 MiB queued)
+    until every queue was empty, holding callers back by bytes that were gone."""
+    release = threading.Event()
+    stays, leaves = zmqmesh.Node("stays", **mesh), zmqmesh.Node("leaves", **mesh)
+    stays.pull("a", lambda m: release.wait(30))
+    leaves.pull("b", lambda m: release.wait(30))
+    payload = bytes(64 * 1024)
+    try:
+        with stays, zmqmesh.Node("pusher", **{**mesh, "push_timeout_s": 1.0, "send_queue_max_bytes": 256 * MIB}) as node:
+            leaves.start()
+            node.wait_for_pullers("a", timeout=10)
+            node.wait_for_pullers("b", timeout=10)
+            node.push_many("a", [payload] * 600, timeout=10)  # (more than ZeroMQ's buffers and the puller's take)
+            node.push_many("b", [payload] * 600, timeout=10)
+            leaves.stop(timeout=0)
+            deadline = time.monotonic() + 20
+            while node.stats()["pipeline"]["dropped"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert node.stats()["pipeline"]["dropped"] > 100
+            time.sleep(0.3)  # (a flush after the drop)
+            held, really = node._engine.pusher.held_bytes, _queued_bytes(node)
+            assert really > 0, "queue a emptied: the test needs it to hold messages"
+            assert held - really < 2 * len(payload), (held, really)
+            release.set()
+    finally:
+        release.set()
+        leaves.stop(timeout=0)

@@ -144,14 +144,17 @@ class Pusher:
     each flush, so a count two threads raced on is set right at the next.
 
     Their bytes are bounded the same way (`held_bytes`, below `max_bytes`: a message of
-    1 MiB weighs as much as 16,000 of 64 B), but the loop does not take off what it sends,
-    which would cost every frame a sum: `held_bytes` only grows, over many flushes, until
-    the queues are empty (then it is 0) or it reaches `max_bytes`: then, after a flush,
-    the loop counts it exactly (the queues hold few large messages, or are long and
-    waiting for their sockets anyway), again only once something was added or taken off.
-    So callers may be held back only by bytes that are really queued. A ``push_many``
-    measures the room, takes it and counts it in one step (`take`), so that callers
-    together go past the bounds by a message each at most.
+    1 MiB weighs as much as 16,000 of 64 B): callers add what they append, and after a
+    flush the loop takes off what it sent or dropped (each frame's size is known once
+    it is cut: no sum per frame), sets it to 0 once the queues are empty, and counts it
+    exactly if it still reached `max_bytes`, again only once something was added or
+    taken off. (Counting at every flush of queues full of 64 KiB payloads, 1,000 of
+    them, was about a third of the loop's time a message.) The count sets right what
+    the loop does not take off (the messages of at-least-once queues, which `Reliable`
+    takes, and a message re-encoded on its way); so callers may be held back only by
+    bytes that are really queued. A ``push_many`` measures the
+    room, takes it and counts it in one step (`take`), so that callers together go past
+    the bounds by a message each at most.
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
@@ -174,6 +177,7 @@ class Pusher:
         """The bytes every send queue holds, headers included, at least (callers add, the loop counts again: `count_held`)."""
         self.max_bytes: int = config.send_queue_max_bytes
         self._counted: tuple[int, int] | None = None  # (`held`, `held_bytes`) when last counted exactly
+        self._taken_off = 0  # (loop only: the bytes sent or dropped since `count_held`)
         self._taking = threading.Lock()  # (`take`: two that measured the room at once each took all of it)
         self._gauge = (0, -_GAUGE_MAX_AGE_S)  # (`queued_bytes` as last counted, and when)
         self._queue_max = config.send_queue_max
@@ -225,16 +229,20 @@ class Pusher:
 
     def count_held(self) -> None:
         """Recount `held` (loop only, after a flush): what the callers added, less what went;
-        and `held_bytes` when they are empty or it reached `max_bytes`, unless nothing was
-        added or taken off since it was last counted (the queues wait for their sockets,
-        and the loop retries every few ms: counting 90,000 messages at each retry took half
-        a core)."""
+        take off `held_bytes` what went, and count it when the queues are empty or it still
+        reaches `max_bytes`, unless nothing was added or taken off since it was last counted
+        (the queues wait for their sockets, and the loop retries every few ms: counting
+        90,000 messages at each retry took half a core)."""
         queues = list(self.queues.values())
         self.held = held = sum(map(len, queues))
+        taken_off, self._taken_off = self._taken_off, 0
         if not held:
             self.held_bytes = 0
             self._counted = None
-        elif self.held_bytes >= self.max_bytes and (held, self.held_bytes) != self._counted:
+            return
+        if taken_off:
+            self.held_bytes -= taken_off  # (no call between the read and the write: see `Publisher`)
+        if self.held_bytes >= self.max_bytes and (held, self.held_bytes) != self._counted:
             # (one appended after `held` was summed makes the next count differ, and recount)
             counted = bytes_queued(queues)
             self.held_bytes = counted
@@ -370,6 +378,7 @@ class Pusher:
                     log.error("push to %r failed: %s", queue, exc)
                 return True
             drop_front(q, n)  # (sent: taken off the queue now, not before: `next_batch`)
+            self._taken_off += size
             self._sequence += n
             counters["sent"] += n
             self._sent_names.add(queue, n)
@@ -390,6 +399,7 @@ class Pusher:
         dropped = n - len(kept)
         if not dropped:
             return 0
+        self._taken_off += sum(wire_size(body) for body in front if len(body) > most)
         self.stats.add("pipeline", "dropped", dropped)
         self.stats.add("pipeline", "dropped_too_large", dropped)
         said = self._too_large_log.due(dropped)
@@ -414,7 +424,7 @@ class Pusher:
         del self._unpulled[queue]
         dropped = 0
         while q:  # (a caller's thread may append meanwhile, from what it read before they left)
-            q.popleft()
+            self._taken_off += wire_size(q.popleft())
             dropped += 1
         self.stats.pattern["pipeline"]["dropped"] += dropped
         log.warning("dropped %d message(s) queued for %r: its pullers left and none came back within %.1f s",
