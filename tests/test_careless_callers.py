@@ -2096,3 +2096,66 @@ def test_a_forked_child_keeps_a_programs_socket_on_a_nodes_port_number_at_anothe
                 os._exit(0 if stat.S_ISSOCK(os.fstat(mine.fileno()).st_mode) else 1)
             _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child let go of the program's own socket"
+
+
+def _push_to_own_queue_until_refused(push: Any) -> tuple[int, Any]:
+    """Push to a queue until a push is refused: how many went, and what refused it."""
+    sent = 0
+    while True:
+        try:
+            push(sent)
+        except zmqmesh.ZmqMeshError as exc:
+            return sent, exc
+        sent += 1
+
+
+def test_a_handler_pushing_to_a_queue_only_its_own_node_pulls_is_refused_at_once_when_it_is_full(
+        mesh: dict[str, Any]) -> None:
+    got: list[int] = []
+    outcome: list[tuple[int, Any]] = []
+    node = zmqmesh.Node("looping", send_queue_max=100, **mesh)
+    node.pull("own", lambda m: got.append(m.data))
+
+    @node.service("fill")
+    def fill(msg: zmqmesh.Message) -> str:
+        outcome.append(_push_to_own_queue_until_refused(lambda i: node.push("own", i, timeout=15)))
+        return "done"
+
+    with node:
+        started = time.monotonic()
+        assert node.request("fill", None, timeout=60) == "done"
+        assert time.monotonic() - started < 10, "at once, not after the push's timeout"
+        sent, refused = outcome[0]
+        assert isinstance(refused, zmqmesh.MeshTimeoutError) and "handler_concurrency" in str(refused)
+        wait_until(lambda: len(got) >= sent, 30, "every push before the refused one")
+        assert got == list(range(sent)), "none lost"
+        assert node.stats()["pipeline"]["refused_queue_full"] == 1
+
+
+def test_an_async_handler_pushing_to_a_queue_only_its_own_async_node_pulls_is_refused_at_once_when_it_is_full(
+        mesh: dict[str, Any]) -> None:
+    got: list[int] = []
+
+    async def main() -> tuple[int, Any]:
+        async with zmqmesh.AsyncNode("looping", send_queue_max=100, **mesh) as node:
+            node.pull("own", lambda m: got.append(m.data))
+
+            @node.service("fill")
+            async def fill(msg: zmqmesh.Message) -> list[Any]:
+                sent = 0
+                while True:
+                    try:
+                        await node.push("own", sent, timeout=15)
+                    except zmqmesh.ZmqMeshError as exc:
+                        return [sent, type(exc).__name__, str(exc)]
+                    sent += 1
+
+            sent, kind, text = await node.request("fill", None, timeout=60)
+            await asyncio.wait_for(until(lambda: len(got) >= sent), 30)
+            return sent, (kind, text)
+
+    started = time.monotonic()
+    sent, (kind, text) = asyncio.run(main())
+    assert time.monotonic() - started < 10, "at once, not after the push's timeout"
+    assert kind == "MeshTimeoutError" and "handler_concurrency" in text
+    assert got == list(range(sent)), "none lost"

@@ -965,6 +965,7 @@ class NodeBase:
             yield OnLoop(self._ensure_push_socket, (queue,))
             q = pusher.queue_of(queue)
         if pusher.full(q):
+            self._refuse_if_own_caller_holds_up(queue, q)
             room = yield Room(functools.partial(pusher.full, q), deadline)
             if pusher.queue_of(queue) is not q or not engine.directory.offers["queues"].get(queue):
                 # its pullers left, and what waited is being dropped (the room seen may be the
@@ -975,6 +976,23 @@ class NodeBase:
                 engine.stats.add("pipeline", counter)
                 raise refused
         return q
+
+    def _refuse_if_own_caller_holds_up(self, queue: str, q: deque[Any]) -> None:
+        """Raises `MeshTimeoutError` at once (counted ``pipeline.refused_queue_full``) when
+        the full send queue ``q`` of ``queue`` can only empty into this node, whose handler
+        is the caller and which runs one handler at a time: the room would come only once
+        the caller returned, so the push waited its whole timeout (10 s by default) in vain."""
+        engine = self._engine
+        inbox = engine.inbox
+        if len(q) < self.config.send_queue_max or inbox is None or not inbox.waits_for_caller() \
+                or engine.directory.providers("queues", queue) != (engine.directory.node_id,):
+            return
+        engine.stats.add("pipeline", "refused_queue_full")
+        raise MeshTimeoutError(
+            f"send queue of {queue!r} full ({len(q)} messages, send_queue_max={self.config.send_queue_max}), and "
+            "only this node pulls it, whose handler is pushing and which runs one handler at a time "
+            f"(handler_concurrency={self.config.handler_concurrency}): it takes nothing until the push returns. "
+            "Raise handler_concurrency, or push fewer from one handler")
 
     def _ensure_push_socket(self, queue: str) -> None:
         self._engine.ensure_running()
