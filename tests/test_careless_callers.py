@@ -1046,6 +1046,14 @@ def test_count_options_refuse_fractions(option: str) -> None:
         zmqmesh.NodeConfig(**{option: 2.5})
 
 
+@pytest.mark.parametrize("node_class", [zmqmesh.Node, zmqmesh.AsyncNode])
+@pytest.mark.parametrize("options", [{}, {"handler_concurrency": 2}])
+def test_a_config_that_is_no_node_config_is_a_config_error(node_class: type, options: dict[str, Any],
+                                                           mesh: dict[str, Any]) -> None:
+    with pytest.raises(zmqmesh.ConfigError, match="config must be a NodeConfig"):
+        node_class("n", config=dict(mesh), **options)
+
+
 def test_waits_and_windows_check_their_counts_and_names(mesh: dict[str, Any]) -> None:
     node = zmqmesh.Node("n", **mesh)
     node.service("svc", lambda m: m.data)

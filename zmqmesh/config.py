@@ -390,8 +390,12 @@ class NodeConfig:
         environment variable ``ZMQMESH_<FIELD>`` (e.g. ``ZMQMESH_MESH``,
         ``ZMQMESH_BEACON_PORT``, ``ZMQMESH_SEEDS`` as a comma-separated list); this is how
         ``zmqmesh launch`` and deployments configure nodes without code changes.
-        Raises `ConfigError` for an unknown option name or an unparsable variable.
+        Raises `ConfigError` for an unknown option name or an unparsable variable, or a
+        ``config`` that is not a `NodeConfig` (a dict given as one failed deep inside with
+        a bare ``AttributeError``).
         """
+        if config is not None and not isinstance(config, cls):
+            raise ConfigError(f"config must be a NodeConfig (options go as keywords), got {type(config).__name__}")
         known = cls.fields()
         unknown = sorted(set(options) - set(known))
         if unknown:
