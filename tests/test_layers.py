@@ -337,6 +337,34 @@ def test_a_batch_frame_cut_anywhere_inside_its_last_object_is_refused_as_truncat
                 codec.decode_batch(whole[:cut])
 
 
+def test_a_refused_batch_leaves_nothing_behind_for_the_next_frame_decoded() -> None:
+    """Batches are decoded by a thread's kept Unpacker: a frame refused part-way (truncated,
+    malformed, too many messages, a map keyed by an array, a message past the limit) must
+    not leave a byte or a half-read object to the next frame, on any thread."""
+    codec = Codec(1000)
+    good = [None, "s", *[b"x" * 64] * 200, {"a": [1, 2]}]
+    frame = b"".join(msgpack.packb(item) for item in good)
+    refused = [frame[:-1], frame[:70], msgpack.packb(1) + b"\xc1" + frame,
+               msgpack.packb(1) * (frames.MAX_BATCH_ITEMS + 1), msgpack.packb(1) + msgpack.packb(b"x" * 1001)]
+    for bad in refused:
+        with pytest.raises(zmqmesh.DecodeError):
+            codec.decode_batch(bad)
+        assert codec.decode_batch(frame) == good
+    assert codec.decode_batch(msgpack.packb(1) + msgpack.packb({(1, 2): 3})) == [1, {(1, 2): 3}]
+    assert codec.decode_batch(frame) == good
+    decoded: list[bool] = []
+
+    def decode_many() -> None:
+        decoded.append(all(codec.decode_batch(frame) == good for _ in range(200)))
+
+    threads = [threading.Thread(target=decode_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert decoded == [True] * 4
+
+
 def test_a_frame_decodes_each_message_within_max_message_bytes_on_either_side_of_the_limit() -> None:
     """A frame no longer than ``max_message_bytes`` is decoded without the limits said (its
     own length bounds each message); a longer one, up to `FRAME_HEADROOM` more, with them:

@@ -21,6 +21,7 @@ import msgpack
 
 from ..errors import DecodeError, MessageTooLargeError
 from .frames import (
+    BATCH_BYTES,
     FRAME_HEADROOM,
     LARGE_FRAME,
     MAX_BATCH_ITEMS,
@@ -66,6 +67,7 @@ _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, b
 _LARGE_BIN = 16 * 1024  # from here on, `Codec.encode` makes a bin itself (`msgpack_bin`)
 
 _DECODE_ERRORS = (ValueError, TypeError, msgpack.UnpackException, OverflowError, RecursionError)
+_KEPT_UNPACKER_BYTES = BATCH_BYTES  # (a batch's frame at most: decoded by its thread's Unpacker, `Codec._take_unpacker`)
 _WITHIN_LIMITS = {"raw": False, "strict_map_key": False}  # (`decode_batch`: a frame no longer than the limit)
 
 
@@ -257,7 +259,9 @@ class Codec:
         return self._decode_many(frame, max_items, {**self._limits, "object_pairs_hook": _map_of_frozen_keys})
 
     def _decode_many(self, frame: bytes, max_items: int, limits: dict[str, Any]) -> list[Any]:
-        unpacker = msgpack.Unpacker(max_buffer_size=len(frame) + 1, **limits)
+        kept = limits is self._limits and len(frame) <= _KEPT_UNPACKER_BYTES
+        unpacker = self._take_unpacker() if kept else msgpack.Unpacker(max_buffer_size=len(frame) + 1, **limits)
+        start = unpacker.tell()
         try:
             unpacker.feed(frame)
             items = list(islice(unpacker, max_items + 1))
@@ -271,9 +275,23 @@ class Codec:
         # as a lone nil, right at the frame's end.
         try:
             unpacker.feed(_NIL)
-            whole = unpacker.unpack() is None and unpacker.tell() == len(frame) + 1
+            whole = unpacker.unpack() is None and unpacker.tell() - start == len(frame) + 1
         except _DECODE_ERRORS:
             whole = False
         if not whole:
             raise DecodeError("truncated msgpack batch")
+        if kept:  # (it read a whole frame and the nil after it: empty again, for the next frame)
+            self._local.unpacker = unpacker
         return items
+
+    def _take_unpacker(self) -> msgpack.Unpacker:
+        """This thread's Unpacker for batches of up to `_KEPT_UNPACKER_BYTES`, taken from it:
+        `_decode_many` gives it back only after it decoded a whole frame, so one left part-way
+        by a malformed frame is never used again (a new one is made). A new Unpacker costs
+        a frame 1.1 us (it zeroes its 40 KiB stack), 4 ns a message of a 256-message batch."""
+        local = self._local
+        unpacker: msgpack.Unpacker | None = getattr(local, "unpacker", None)
+        if unpacker is None:
+            return msgpack.Unpacker(max_buffer_size=_KEPT_UNPACKER_BYTES + 1, **self._limits)
+        local.unpacker = None
+        return unpacker
