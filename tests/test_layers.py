@@ -365,6 +365,19 @@ def test_a_refused_batch_leaves_nothing_behind_for_the_next_frame_decoded() -> N
     assert decoded == [True] * 4
 
 
+def test_frames_beginning_with_short_bytes_decode_alone_or_as_batches_as_any_other() -> None:
+    """A frame whose first object is short bytes (msgpack's bin 8) is taken for a batch at
+    a glance when more follows: it decodes, or is refused, as any frame is."""
+    codec = Codec(1 << 20)
+    for first in (b"", b"x", b"y" * 255):
+        alone = msgpack.packb(first)
+        assert codec.decode_batch(alone) == [first]
+        assert codec.decode_batch(alone + msgpack.packb({"a": 1}) + alone) == [first, {"a": 1}, first]
+        for bad in (alone + b"\xc1", alone + b"\xc4\x05ab", alone[:-1] if first else b"\xc4"):
+            with pytest.raises(zmqmesh.DecodeError):
+                codec.decode_batch(bad)
+
+
 def test_a_frame_decodes_each_message_within_max_message_bytes_on_either_side_of_the_limit() -> None:
     """A frame no longer than ``max_message_bytes`` is decoded without the limits said (its
     own length bounds each message); a longer one, up to `FRAME_HEADROOM` more, with them:
