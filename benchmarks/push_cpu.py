@@ -2,7 +2,9 @@
 
 A pusher `Node` sends ``--n`` messages of 64 bare bytes with ``push_many(QUEUE, [b] * 256)``
 in a loop to a puller `Node` in another process, whose ``@pull`` ``def`` handler (in
-memory, not zero_copy) counts them: the figure ``push_many_bare`` of ``bench.py``.
+memory, not zero_copy) counts them: the figure ``push_many_bare`` of ``bench.py``. With
+``--size`` (64 KiB or more: ``push_64k`` and ``push_1m``), one ``push`` per message of that
+many random bytes, pulled ``zero_copy=True``.
 Reported per round: every thread's CPU per message (``/proc/<pid>/task/<tid>/schedstat``,
 in ns) of both processes, by thread name, from the first measured message to the last
 one handled; with ``--callgrind pusher|puller``, that process runs under ``valgrind
@@ -11,6 +13,7 @@ instructions per message are reported per thread (their numbers in callgrind's d
 
     PYTHONPATH=. python3 benchmarks/push_cpu.py --n 2000000 --rounds 3
     PYTHONPATH=. python3 benchmarks/push_cpu.py --n 200000 --callgrind puller
+    PYTHONPATH=. python3 benchmarks/push_cpu.py --size 65536 --n 30000 --warm 2000 --rounds 3
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _threads() -> str:
     return ",".join(f"{t.native_id}={t.name.replace(' ', '_')}" for t in threading.enumerate())
 
 
-def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
+def puller(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
     """Says ``ready <pid>``, ``warm <threads>`` after ``warm`` messages, ``done`` after ``n`` more."""
     import zmqmesh
 
@@ -63,7 +66,7 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
             mark = warm + n if mark == warm else 1 << 62
 
     node = zmqmesh.Node("cpu-puller", beacon_port=beacon_port, mesh=mesh)
-    node.pull(QUEUE, handler)
+    node.pull(QUEUE, handler, zero_copy=bool(size))
     with node:
         _say(f"ready {os.getpid()}")
         warmed.wait()
@@ -87,12 +90,18 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
         sys.stdin.read()
 
 
-def pusher(beacon_port: int, mesh: str, warm: int, n: int) -> None:
+def pusher(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
     """Says ``ready <pid>``; pushes ``warm`` messages, says ``warm <threads>``; on a line,
     pushes ``n`` more and says ``sent``; leaves when stdin closes."""
     import zmqmesh
 
+    blob = os.urandom(size)
+
     def give(count: int) -> None:
+        if size:
+            for _ in range(count):
+                node.push(QUEUE, blob)
+            return
         for start in range(0, count, BATCH):
             node.push_many(QUEUE, [BARE] * (min(start + BATCH, count) - start))
 
@@ -146,7 +155,7 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                           f"--callgrind-out-file={out_dir}/cg.out"]
             procs[role] = subprocess.Popen(
                 [*prefix, sys.executable, me, "--role", role, "--beacon-port", str(beacon_port), "--mesh", mesh,
-                 "--n", str(args.n), "--warm", str(args.warm)],
+                 "--n", str(args.n), "--warm", str(args.warm), "--size", str(args.size)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 stderr=subprocess.DEVNULL if args.callgrind == role else None)
         pids = {role: int(_expect(p, "ready")[1]) for role, p in procs.items()}
@@ -206,13 +215,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2_000_000)
     parser.add_argument("--warm", type=int, default=20_480)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--size", type=int, default=0,
+                        help="bytes a message, one push each, pulled zero_copy (default: push_many of 64 bare bytes)")
     parser.add_argument("--callgrind", choices=["pusher", "puller"], default=None)
     parser.add_argument("--keep", action="store_true", help="keep callgrind's dumps (their directory is printed)")
     args = parser.parse_args()
     if args.role == "pusher":
-        pusher(args.beacon_port, args.mesh, args.warm, args.n)
+        pusher(args.beacon_port, args.mesh, args.warm, args.n, args.size)
     elif args.role == "puller":
-        puller(args.beacon_port, args.mesh, args.warm, args.n)
+        puller(args.beacon_port, args.mesh, args.warm, args.n, args.size)
     else:
         for _ in range(args.rounds):
             r = one_round(args)
