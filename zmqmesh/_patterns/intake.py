@@ -118,31 +118,33 @@ class AckedIntake:
         # the batch is acknowledged as it would be once its calls ran, and not at all if a
         # stop's deadline cuts it short
         in_place = seen is None and tracing.active is None and self.in_place([handler])
+        # (looked up once a batch, not once a message)
+        sent_at, abandoned, max_deliveries = wire.sent_at, self.abandoned, options.max_deliveries
         for index, item in enumerate(items):
             durable = len(item) == DURABLE_ITEM_FIELDS
             if durable:
-                stamp = wire.sent_at(item[3])
+                stamp = sent_at(item[3])
                 msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], stamp, item[4] or {}, item[5],
                                        item[0])
                 if stamp is None:  # (a stranger's clock: durable all the same, see `_settle`)
                     if ack.unstamped is None:
                         ack.unstamped = set()
                     ack.unstamped.add(index)
-                if seen is not None and msg.id in seen:  # handled before (its ack was lost): effectively once
+                if seen is not None and item[2] in seen:  # (its id) handled before (its ack was lost): effectively once
                     counters = self.stats.pattern["pipeline"]
                     counters["deduplicated"] = counters.get("deduplicated", 0) + 1
                     ack.remaining -= 1
                     continue
-                if msg.attempts >= options.max_deliveries:  # e.g. it timed out every time
+                if item[5] >= max_deliveries:  # (its `attempts`) e.g. it timed out every time
                     ack.failures.append([index, options.dead_letter_queue(queue),
-                                         f"no acknowledgement after {msg.attempts} deliveries"])
+                                         f"no acknowledgement after {item[5]} deliveries"])
                     ack.remaining -= 1
                     continue
             else:
                 msg = Message("pipeline", queue, item[1], sender_id, lookup, origin, index)
                 msg.redelivered = item[0]
             if in_place:
-                if self.abandoned():  # (as the driver drops the calls reached after the deadline)
+                if abandoned():  # (as the driver drops the calls reached after the deadline)
                     self._cut_at(ack, index, len(items))
                     return
                 try:
