@@ -275,11 +275,12 @@ def frame_deliveries(pattern: str, topic: str, items: list[Any], sender_id: str 
 
 
 def durable_delivery(queue: str, data: Any, sender_id: str | None, lookup: Callable[[str], Peer | None] | None,
-                     msg_id: str, timestamp: float | None, headers: dict[str, str], attempts: int,
+                     msg_id: str, timestamp: float | None, headers: dict[str, str] | None, attempts: int,
                      redelivered: bool) -> Message:
     """A `Message` delivering a durable queue's message, with the id, clock, headers and
     failed deliveries its pusher stored: made in one step, where setting each field would
-    cost a call each (a puller makes one per message). Raises nothing."""
+    cost a call each (a puller makes one per message). ``headers`` None: none (the
+    empty dict `Message.headers` gives is made when it is read). Raises nothing."""
     msg = Message.__new__(Message)
     msg.pattern = "pipeline"
     msg.topic = queue
@@ -289,6 +290,7 @@ def durable_delivery(queue: str, data: Any, sender_id: str | None, lookup: Calla
     msg.redelivered = redelivered
     msg._id = msg_id
     msg._timestamp = timestamp
-    msg._headers = headers
+    if headers is not None:
+        msg._headers = headers
     msg._attempts = attempts
     return msg

@@ -124,7 +124,7 @@ class AckedIntake:
             durable = len(item) == DURABLE_ITEM_FIELDS
             if durable:
                 stamp = sent_at(item[3])
-                msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], stamp, item[4] or {}, item[5],
+                msg = durable_delivery(queue, item[1], sender_id, lookup, item[2], stamp, item[4], item[5],
                                        item[0])
                 if stamp is None:  # (a stranger's clock: durable all the same, see `_settle`)
                     if ack.unstamped is None:
