@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 from .messages import Entry, StoredMessage
 
-__all__ = ["SEGMENT_MAX", "SEGMENT_BYTES", "COUNT_SQL", "StoredSegment", "stored", "cut", "columns", "sane_count",
-           "sane_attempts", "stored_size", "span"]
+__all__ = ["SEGMENT_MAX", "SEGMENT_BYTES", "COUNT_SQL", "StoredSegment", "stored", "attempted", "cut", "columns",
+           "sane_count", "sane_attempts", "stored_size", "span"]
 
 SEGMENT_MAX = 1024
 """Messages in one stored segment at most: a larger call is stored as several."""
@@ -25,6 +25,7 @@ _STORED_FIELDS = operator.itemgetter(slice(0, 4))
 """What a segment keeps of an `Entry`: ``(id, timestamp, headers, body)`` (attempts apart),
 and ``True`` after them for one marked redelivered (`stored`)."""
 _MARKED = operator.itemgetter(5)
+_ATTEMPTS = operator.itemgetter(4)
 
 
 def stored(part: Sequence[Entry]) -> list[Any]:
@@ -32,6 +33,14 @@ def stored(part: Sequence[Entry]) -> list[Any]:
     if not any(map(_MARKED, part)):  # (the common case, without a Python step per message)
         return list(map(_STORED_FIELDS, part))
     return [(*e[:4], True) if e[5] else e[:4] for e in part]
+
+
+def attempted(first: int, part: Sequence[Entry]) -> list[tuple[int, int]]:
+    """``(sequence number, failed deliveries)`` of the entries of ``part`` that have any
+    counted, numbered on from ``first`` (as `Store.append` numbers a segment's messages)."""
+    if not any(map(_ATTEMPTS, part)):  # (the common case, without a Python step per message)
+        return []
+    return [(first + i, e[4]) for i, e in enumerate(part) if e[4]]
 
 
 def cut(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:

@@ -60,6 +60,7 @@ from .segments import (
     SEGMENT_BYTES,
     SEGMENT_MAX,
     StoredSegment,
+    attempted,
     columns,
     cut,
     sane_attempts,
@@ -243,7 +244,7 @@ class Store:
                 start = first
                 for part in cut(entries):
                     rows.append((first, queue, len(part), part[0][1], msgpack.packb(stored(part))))
-                    marks.extend((first + i, e[4]) for i, e in enumerate(part) if e[4])
+                    marks += attempted(first, part)
                     first += len(part)
                 if queue in park:
                     parked.append({"queue": queue, "first": start, "last": rows[-1][0]})
