@@ -162,9 +162,7 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
         items += taken
         # (wrapped once cut: a large payload is copied for the batch that takes it only)
         parts += wires[:count] if wires is not None else map(_FIRST_DELIVERY.__add__, taken)
-        popleft = source.popleft
-        for _ in range(count):
-            popleft()
+        _drop_oldest(source, count)
         size = sizes[count]
         if count < len(head):
             return size
@@ -186,6 +184,13 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
         parts.append(part)
         size += len(part)
     return size
+
+
+def _drop_oldest(source: deque[Any], count: int) -> None:
+    """Take the ``count`` oldest items off ``source`` (it holds as many at least), with no
+    Python step per item: ``popleft`` called by C code (``starmap``), its results let go
+    by a deque of no length."""
+    deque(itertools.starmap(source.popleft, itertools.repeat((), count)), 0)
 
 
 _FIRST_DELIVERY = wrap_item(b"", False)
