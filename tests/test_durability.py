@@ -1539,3 +1539,21 @@ def test_messages_too_large_for_every_puller_are_held_in_bounded_memory(
         with big:
             wait_until(lambda: len(got) == pushed, 60, "every message at a puller that takes it")
     assert got == list(range(pushed))
+
+
+def test_a_durable_message_pushed_without_headers_has_empty_headers_and_one_with_them_its_own(
+        mesh: dict[str, Any], tmp_path: Path) -> None:
+    """A puller leaves the empty headers of a durable message pushed without any to be made
+    as they are read (`durable_delivery`): they read as an empty dict all the same, the same
+    one each time, and headed messages beside them keep theirs."""
+    got: list[zmqmesh.Message] = []
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("orders", got.append, at_least_once=True)
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path / "store"), **mesh) as pusher:
+        pusher.wait_for_pullers("orders")
+        pusher.push("orders", 1, durable=True)
+        pusher.push_many("orders", [2, 3], durable=True, headers={"h": "v"})
+        wait_until(lambda: len(got) == 3, 10, "the three deliveries")
+    plain, *headed = got
+    assert plain.data == 1 and plain.headers == {} and plain.headers is plain.headers
+    assert [(m.data, m.headers) for m in headed] == [(2, {"h": "v"}), (3, {"h": "v"})]
