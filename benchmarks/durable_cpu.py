@@ -1,0 +1,314 @@
+"""Durable batches' CPU per message, per process and thread, without wall time.
+
+A sync `Node` pusher (``store=`` a temporary directory) sends ``push_many(QUEUE, 256
+dicts of 64 B, durable=True)`` (``--flavor durable_batch``) or ``push`` in memory
+(``--flavor alo``) to a sync `Node`'s at-least-once ``def`` handler in another process,
+as bench.py's ``durable/batch_vs_memory``. After a warm-up, each thread's CPU
+(``/proc/<pid>/task/<tid>/schedstat``, ns) is read before and after ``--n`` messages (the
+puller has handled the last one, and the pusher has forgotten them all) and reported per
+message, in ns (and the system part of it, in clock ticks' worth), for the threads that
+used any. ``--callgrind``: both run under ``valgrind --tool=callgrind``, instrumented only
+over the measured messages: instructions per message per thread (numbered as callgrind
+numbers them; the pipeline's batching under valgrind is not the same as without).
+With ``DURABLE_CPU_PROFILE=<dir>``, each process writes yappi's profile (CPU clock) of
+its busiest threads over the measured messages there; with
+``DURABLE_CPU_MAIN_PROFILE=<file>``, the pusher writes cProfile's (thread CPU time) of
+its pushing thread.
+
+    PYTHONPATH=. python3 benchmarks/durable_cpu.py --n 200000 --rounds 3 --flavor durable_batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+QUEUE = "jobs"
+PAYLOAD = "x" * 45  # {"id": i, "payload": PAYLOAD} packs to 62-64 bytes, as in bench.py
+BATCH = 256
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _names() -> str:
+    return ",".join(f"{t.native_id}={t.name}" for t in threading.enumerate())
+
+
+def _profiling() -> Any:
+    """yappi, started on SIGUSR1 and stopped on SIGUSR2 (dumped to DURABLE_CPU_PROFILE/<role>)."""
+    out = os.environ.get("DURABLE_CPU_PROFILE")
+    if not out:
+        return None
+    import yappi
+
+    yappi.set_clock_type("cpu")
+    signal.signal(signal.SIGUSR1, lambda *_: yappi.start(builtins=True))
+    signal.signal(signal.SIGUSR2, lambda *_: yappi.stop())
+    return out
+
+
+def _dump_profile(out: str | None, role: str) -> None:
+    if not out:
+        return
+    import yappi
+
+    yappi.stop()
+    with open(os.path.join(out, role + ".txt"), "w") as f:
+        for thread in yappi.get_thread_stats():
+            stats = yappi.get_func_stats(filter={"ctx_id": thread.id})
+            total = sum(s.tsub for s in stats)
+            if total < 0.05:
+                continue
+            f.write(f"=== thread {thread.name} {thread.tid} total tsub {total:.3f}s\n")
+            stats.sort("tsub").print_all(out=f, columns={0: ("name", 90), 1: ("ncall", 10), 2: ("tsub", 8),
+                                                         3: ("ttot", 8)})
+
+
+def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
+    """Counts messages; says ``warm`` after ``warm`` of them, ``done`` after ``n`` more."""
+    import zmqmesh
+
+    out = _profiling()
+    seen = [0]
+    warmed, done = threading.Event(), threading.Event()
+
+    def handle(msg: Any) -> None:
+        seen[0] += 1
+        if seen[0] == warm:
+            warmed.set()
+        elif seen[0] == warm + n:
+            done.set()
+
+    node = zmqmesh.Node("cpu-pull", beacon_port=beacon_port, mesh=mesh)
+    node.pull(QUEUE, handle, at_least_once=True)
+    with node:
+        _say(f"ready {os.getpid()}")
+        warmed.wait(120)
+        _say(f"warm {_names()}")
+        done.wait(600)
+        _say("done")
+        sys.stdin.readline()
+        _dump_profile(out, "puller")
+
+
+def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
+    """Pushes ``warm`` messages, then on a line ``n`` more; says ``sent`` and, once the store
+    holds none of them (durable), ``forgotten``."""
+    import zmqmesh
+
+    out = _profiling()
+    store = tempfile.TemporaryDirectory(prefix="durable-cpu-") if flavor == "durable_batch" else None
+    options = {"store": store.name} if store is not None else {}
+    node = zmqmesh.Node("cpu-push", beacon_port=beacon_port, mesh=mesh, **options)
+    with node:
+        node.wait_for_pullers(QUEUE, 1, timeout=60)
+
+        def give(lo: int, hi: int) -> None:
+            if flavor == "durable_batch":
+                for start in range(lo, hi, BATCH):
+                    node.push_many(QUEUE, [{"id": i, "payload": PAYLOAD} for i in range(start, min(start + BATCH, hi))],
+                                   durable=True)
+            else:
+                push = node.push
+                for i in range(lo, hi):
+                    push(QUEUE, {"id": i, "payload": PAYLOAD})
+
+        give(0, warm)
+        _say(f"ready {os.getpid()} {_names()}")
+        sys.stdin.readline()
+        main_profile = os.environ.get("DURABLE_CPU_MAIN_PROFILE")  # (cProfile of the pushing thread, to this file)
+        if main_profile:
+            import cProfile
+
+            profiler = cProfile.Profile(time.thread_time)  # (CPU: not the waits for the GIL or a lock)
+            profiler.enable()
+        give(warm, warm + n)
+        if main_profile:
+            profiler.disable()
+            profiler.dump_stats(main_profile)
+        _say(f"sent {_names()}")
+        sys.stdin.readline()
+        _dump_profile(out, "pusher")
+    if store is not None:
+        store.cleanup()
+
+
+def _threads(pid: int) -> dict[int, tuple[str, int, int]]:
+    """tid -> (comm, CPU ns, system CPU in clock ticks) of each thread of ``pid``."""
+    found = {}
+    for tid_s in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid_s}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid_s}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid_s}/stat") as f:
+                system = int(f.read().rsplit(")", 1)[1].split()[12])
+        except OSError:
+            continue
+        found[int(tid_s)] = (comm, ns, system)
+    return found
+
+
+def _expect(proc: subprocess.Popen[str], word: str) -> list[str]:
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"process ended before saying {word!r}")
+        parts = line.split()
+        if parts and parts[0] == word:
+            return parts
+
+
+def _line(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def _named(pid: int, names: str) -> dict[int, str]:
+    table = dict(item.split("=", 1) for item in names.split(",") if "=" in item)
+    return {int(k): v for k, v in table.items()}
+
+
+def one_round(args: argparse.Namespace) -> dict[str, float]:
+    beacon_port, mesh = _free_udp_port(), f"dcpu-{os.getpid()}-{time.monotonic_ns()}"
+    me = os.path.abspath(__file__)
+    common = ["--beacon-port", str(beacon_port), "--mesh", mesh, "--warm", str(args.warm), "--n", str(args.n)]
+    out_dir = tempfile.mkdtemp(prefix="durable-cpu-cg-") if args.callgrind else ""
+
+    def under(role: str) -> list[str]:
+        if not args.callgrind:
+            return []
+        return ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                f"--callgrind-out-file={out_dir}/{role}.out"]
+
+    pull = subprocess.Popen([*under("pull"), sys.executable, me, "--role", "puller", *common], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL if args.callgrind else None)
+    push = None
+    try:
+        pull_pid = int(_expect(pull, "ready")[1])
+        push = subprocess.Popen([*under("push"), sys.executable, me, "--role", "pusher", "--flavor", args.flavor,
+                                 *common], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                stderr=subprocess.DEVNULL if args.callgrind else None)
+        _, push_pid_s, push_names = _expect(push, "ready")
+        push_pid = int(push_pid_s)
+        pull_names = _expect(pull, "warm")[1]
+        time.sleep(0.3)  # (the warm-up's acknowledgements settle)
+        if os.environ.get("DURABLE_CPU_PROFILE"):
+            os.kill(push_pid, signal.SIGUSR1)
+            os.kill(pull_pid, signal.SIGUSR1)
+            time.sleep(0.2)
+        if args.callgrind:
+            _callgrind_control("-i", "on", push_pid)
+            _callgrind_control("-i", "on", pull_pid)
+        before = {"push": _threads(push_pid), "pull": _threads(pull_pid)}
+        _line(push)
+        push_names = _expect(push, "sent")[1]
+        _expect(pull, "done")
+        time.sleep(1.0 if args.callgrind else 0.15)  # (the pusher forgets what was acknowledged within 50 ms)
+        after = {"push": _threads(push_pid), "pull": _threads(pull_pid)}
+        if args.callgrind:
+            _callgrind_control("-d", push_pid)
+            _callgrind_control("-d", pull_pid)
+        names = {"push": _named(push_pid, push_names), "pull": _named(pull_pid, pull_names)}
+        result: dict[str, float] = {}
+        for side in ("push", "pull"):
+            total = 0
+            tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
+            for tid, (comm, ns, system) in after[side].items():
+                was = before[side].get(tid, (comm, 0, 0))
+                used = ns - was[1]
+                if used <= 0:
+                    continue
+                total += used
+                label = f"{side}:{names[side].get(tid, comm)}"
+                result[label] = result.get(label, 0.0) + used / args.n
+                result[label + " (sys)"] = result.get(label + " (sys)", 0.0) + (system - was[2]) * tick_ns / args.n
+            result[f"{side}:TOTAL"] = total / args.n
+        _line(push)
+        _line(pull)
+        push.wait(120)
+        pull.wait(120)
+        if args.callgrind:
+            for side in ("push", "pull"):
+                counts = _instructions(out_dir, side)
+                for number, count in counts.items():
+                    result[f"{side}:instr thread {number}"] = count / args.n
+                result[f"{side}:instr TOTAL"] = sum(counts.values()) / args.n
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return result
+    finally:
+        for proc in (push, pull):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _callgrind_control(*command: str | int) -> None:
+    done = subprocess.run(["callgrind_control", *(str(c) for c in command)], capture_output=True, text=True, check=True)
+    if "OK." not in done.stdout:  # (it says so, and returns 0, when it finds no such run)
+        raise RuntimeError(f"callgrind_control {command}: {done.stdout} {done.stderr}")
+
+
+def _instructions(out_dir: str, role: str) -> dict[str, int]:
+    """Thread number -> the instructions callgrind counted on it over the measured messages."""
+    counts = {}
+    for path in glob.glob(f"{out_dir}/{role}.out.1-*"):
+        with open(path) as f:
+            total = sum(int(line.split()[1]) for line in f if line.startswith("summary:"))
+        if total:
+            counts[path.rsplit("-", 1)[1]] = total
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", default="main", choices=["main", "puller", "pusher"])
+    parser.add_argument("--beacon-port", type=int, default=0)
+    parser.add_argument("--mesh", default="")
+    parser.add_argument("--flavor", default="durable_batch", choices=["durable_batch", "alo"])
+    parser.add_argument("--n", type=int, default=200_000)
+    parser.add_argument("--warm", type=int, default=20_480)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--callgrind", action="store_true", help="run both under valgrind --tool=callgrind: "
+                        "instructions per message, per thread (numbered as callgrind numbers them)")
+    args = parser.parse_args()
+    if args.role == "puller":
+        puller(args.beacon_port, args.mesh, args.warm, args.n)
+        return
+    if args.role == "pusher":
+        pusher(args.beacon_port, args.mesh, args.warm, args.n, args.flavor)
+        return
+    rounds = [one_round(args) for _ in range(args.rounds)]
+    labels = sorted({k for r in rounds for k in r}, key=lambda k: (k.split(":")[0], -max(r.get(k, 0) for r in rounds)))
+    for label in labels:
+        values = sorted(r.get(label, 0.0) for r in rounds)
+        if values[-1] < 20:
+            continue
+        unit = "instr/msg" if "instr" in label else "ns/msg"
+        _say(f"{label:45s} median {values[len(values) // 2]:8.0f} {unit:9s} rounds {' '.join(f'{v:.0f}' for v in values)}")
+
+
+if __name__ == "__main__":
+    main()
