@@ -1,0 +1,172 @@
+"""A caller's CPU per request, measured without wall time (a shared machine): the
+twin of `provider_cpu.py` for the side that asks.
+
+A sync `Node` with an echo ``@node.service`` (`provider_cpu.provider`) serves an
+`AsyncNode` client in another process: ``inflight`` (``--window`` coroutines, each
+``await node.request(...)`` in a loop: bench.py's ``req_inflight``), ``amany`` (one
+``await node.request_many(...)`` with ``--window`` in flight) or ``single`` (one
+coroutine's round trips: ``req_async``). Reported: the client loop thread's user and
+system CPU per request and its CPU time (``schedstat``) over ``--n`` requests; or, with
+``--callgrind``, the client runs under ``valgrind --tool=callgrind`` (instructions
+collected only while the measured requests run, per thread): the loop thread's
+instructions per request. With ``CALLER_CPU_PROFILE=<file>`` set, cProfile's profile of
+the measured requests is written there; with ``CALLER_CPU_KEEP=<dir>``, callgrind's
+dumps are kept there (for ``callgrind_annotate``).
+
+    PYTHONPATH=. python3 benchmarks/caller_cpu.py --mode inflight --n 2000 --callgrind --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from provider_cpu import (
+    PAYLOAD,
+    SERVICE,
+    _callgrind_control,
+    _expect,
+    _free_udp_port,
+    _inbox_instructions,
+    _say,
+    _thread_cpu,
+)
+
+
+def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: int, timeout: float) -> None:
+    """Waits for the provider, warms up, says ``warm <pid> <loop tid>``; on a line, runs
+    ``n`` requests and says ``done``; on another, leaves."""
+    import zmqmesh
+
+    profile_to = os.environ.get("CALLER_CPU_PROFILE")
+
+    async def run(node: zmqmesh.AsyncNode, count: int) -> Any:
+        items = iter([{"id": i, "payload": PAYLOAD} for i in range(count)])
+        if mode == "amany":
+            return (await node.request_many(SERVICE, list(items), timeout=timeout, window=window))[-1]
+        last: list[Any] = [None]
+        request = node.request
+
+        async def worker() -> None:
+            for item in items:
+                last[0] = await request(SERVICE, item, timeout=timeout)
+
+        await asyncio.gather(*(worker() for _ in range(1 if mode == "single" else window)))
+        return last[0]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with zmqmesh.AsyncNode("cpu-client", beacon_port=beacon_port, mesh=mesh) as node:
+            await node.wait_for_service(SERVICE, timeout=60)
+            await run(node, warm)
+            _say(f"warm {os.getpid()} {threading.get_native_id()}")
+            await loop.run_in_executor(None, sys.stdin.readline)
+            profiler = None
+            if profile_to:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+            reply = await run(node, n)
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(profile_to)
+            assert isinstance(reply, dict) and reply["payload"] == PAYLOAD, reply
+            _say("done")
+            await loop.run_in_executor(None, sys.stdin.readline)
+
+    asyncio.run(main())
+
+
+def one_round(args: argparse.Namespace) -> dict[str, float]:
+    """Start a provider and a client, measure the client's loop over ``args.n`` requests."""
+    beacon_port, mesh = _free_udp_port(), f"ccpu-{os.getpid()}-{time.monotonic_ns()}"
+    here = os.path.dirname(os.path.abspath(__file__))
+    out_dir = tempfile.mkdtemp(prefix="caller-cpu-")
+    prefix: list[str] = []
+    if args.callgrind:
+        prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                  f"--callgrind-out-file={out_dir}/cg.out"]
+    prov = subprocess.Popen([sys.executable, os.path.join(here, "provider_cpu.py"), "--role", "provider",
+                             "--beacon-port", str(beacon_port), "--mesh", mesh],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cli = None
+    try:
+        _expect(prov, "ready")
+        timeout = 120.0 if args.callgrind else 20.0
+        cli = subprocess.Popen([*prefix, sys.executable, os.path.abspath(__file__), "--role", "client",
+                                "--beacon-port", str(beacon_port), "--mesh", mesh, "--mode", args.mode,
+                                "--n", str(args.n), "--window", str(args.window), "--warm", str(args.warm),
+                                "--timeout", str(timeout)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               stderr=subprocess.DEVNULL if args.callgrind else None)
+        _, pid_s, tid_s = _expect(cli, "warm")
+        pid, tid = int(pid_s), int(tid_s)
+        if args.callgrind:
+            _callgrind_control("-i", "on", pid)
+        before = _thread_cpu(pid, tid)
+        assert cli.stdin is not None
+        cli.stdin.write("go\n")
+        cli.stdin.flush()
+        _expect(cli, "done")
+        after = _thread_cpu(pid, tid)
+        if args.callgrind:
+            _callgrind_control("-d", pid)
+        cli.stdin.write("bye\n")
+        cli.stdin.flush()
+        cli.wait(60)
+    finally:
+        if cli is not None and cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        if prov.stdin is not None:
+            prov.stdin.close()
+        try:
+            prov.wait(60)
+        except subprocess.TimeoutExpired:
+            prov.kill()
+            prov.wait()
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    result = {"user_us": (after[0] - before[0]) * tick_us / args.n, "sys_us": (after[1] - before[1]) * tick_us / args.n,
+              "cpu_us": (after[2] - before[2]) / 1e3 / args.n}
+    if args.callgrind:
+        result["instr"] = _inbox_instructions(out_dir) / args.n  # (the busiest thread: the loop's)
+    keep = os.environ.get("CALLER_CPU_KEEP")  # (a directory: callgrind's dumps are moved there, for callgrind_annotate)
+    if keep and args.callgrind:
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.move(out_dir, keep)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=["orchestrator", "client"], default="orchestrator")
+    parser.add_argument("--beacon-port", type=int, default=0)
+    parser.add_argument("--mesh", default="")
+    parser.add_argument("--mode", choices=["inflight", "amany", "single"], default="inflight")
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--warm", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--callgrind", action="store_true")
+    args = parser.parse_args()
+    if args.role == "client":
+        client(args.beacon_port, args.mesh, args.mode, args.n, args.window, args.warm, args.timeout)
+    else:
+        for _ in range(args.rounds):
+            r = one_round(args)
+            print(" ".join(f"{k}={v:.2f}" if k != "instr" else f"{k}={v:,.0f}" for k, v in r.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
