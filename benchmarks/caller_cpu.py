@@ -10,7 +10,8 @@ system CPU per request and its CPU time (``schedstat``) over ``--n`` requests; o
 ``--callgrind``, the client runs under ``valgrind --tool=callgrind`` (instructions
 collected only while the measured requests run, per thread): the loop thread's
 instructions per request. With ``CALLER_CPU_PROFILE=<file>`` set, cProfile's profile of
-the measured requests is written there; with ``CALLER_CPU_KEEP=<dir>``, callgrind's
+the measured requests is written there. ``--opcodes`` counts the Python bytecodes run a
+request on the loop's thread instead (a trace function: repeatable too); with ``CALLER_CPU_KEEP=<dir>``, callgrind's
 dumps are kept there (for ``callgrind_annotate``).
 
     PYTHONPATH=. python3 benchmarks/caller_cpu.py --mode inflight --n 2000 --callgrind --rounds 3
@@ -27,6 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from provider_cpu import (
@@ -41,9 +45,25 @@ from provider_cpu import (
 )
 
 
-def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: int, timeout: float) -> None:
+def _opcode_counter(opcodes: Counter[str]) -> Callable[..., Any]:
+    """A trace function (this thread's) that counts the bytecodes run, per function."""
+
+    def trace(frame: FrameType, event: str, _arg: Any) -> Callable[..., Any]:
+        if event == "call":
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            code = frame.f_code
+            opcodes[f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"] += 1
+        return trace
+
+    return trace
+
+
+def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: int, timeout: float,
+           count_opcodes: bool = False) -> None:
     """Waits for the provider, warms up, says ``warm <pid> <loop tid>``; on a line, runs
-    ``n`` requests and says ``done``; on another, leaves."""
+    ``n`` requests and says ``done`` (with the Python bytecodes run a request on the loop's
+    thread, when ``count_opcodes``); on another, leaves."""
     import zmqmesh
 
     profile_to = os.environ.get("CALLER_CPU_PROFILE")
@@ -69,6 +89,9 @@ def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: in
             await run(node, warm)
             _say(f"warm {os.getpid()} {threading.get_native_id()}")
             await loop.run_in_executor(None, sys.stdin.readline)
+            opcodes: Counter[str] = Counter()
+            if count_opcodes:
+                sys.settrace(_opcode_counter(opcodes))
             profiler = None
             if profile_to:
                 import cProfile
@@ -76,11 +99,14 @@ def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: in
                 profiler = cProfile.Profile()
                 profiler.enable()
             reply = await run(node, n)
+            sys.settrace(None)
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(profile_to)
             assert isinstance(reply, dict) and reply["payload"] == PAYLOAD, reply
-            _say("done")
+            _say(f"done {sum(opcodes.values()) / n:.1f}")
+            for name, count in opcodes.most_common(int(os.environ.get("CALLER_CPU_OPCODES_TOP", "0"))):
+                _say(f"# {count / n:7.1f} {name}")
             await loop.run_in_executor(None, sys.stdin.readline)
 
     asyncio.run(main())
@@ -105,7 +131,7 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
         cli = subprocess.Popen([*prefix, sys.executable, os.path.abspath(__file__), "--role", "client",
                                 "--beacon-port", str(beacon_port), "--mesh", mesh, "--mode", args.mode,
                                 "--n", str(args.n), "--window", str(args.window), "--warm", str(args.warm),
-                                "--timeout", str(timeout)],
+                                "--timeout", str(timeout), *(["--opcodes"] if args.opcodes else [])],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                stderr=subprocess.DEVNULL if args.callgrind else None)
         _, pid_s, tid_s = _expect(cli, "warm")
@@ -116,7 +142,7 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
         assert cli.stdin is not None
         cli.stdin.write("go\n")
         cli.stdin.flush()
-        _expect(cli, "done")
+        done = _expect(cli, "done")
         after = _thread_cpu(pid, tid)
         if args.callgrind:
             _callgrind_control("-d", pid)
@@ -139,6 +165,8 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
               "cpu_us": (after[2] - before[2]) / 1e3 / args.n}
     if args.callgrind:
         result["instr"] = _inbox_instructions(out_dir) / args.n  # (the busiest thread: the loop's)
+    if args.opcodes:
+        result["opcodes"] = float(done[1])
     keep = os.environ.get("CALLER_CPU_KEEP")  # (a directory: callgrind's dumps are moved there, for callgrind_annotate)
     if keep and args.callgrind:
         shutil.rmtree(keep, ignore_errors=True)
@@ -159,9 +187,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--opcodes", action="store_true", help="count the Python bytecodes run a request on the "
+                        "client loop's thread (sys.settrace; CALLER_CPU_OPCODES_TOP=k: the k functions that run most)")
     args = parser.parse_args()
     if args.role == "client":
-        client(args.beacon_port, args.mesh, args.mode, args.n, args.window, args.warm, args.timeout)
+        client(args.beacon_port, args.mesh, args.mode, args.n, args.window, args.warm, args.timeout, args.opcodes)
     else:
         for _ in range(args.rounds):
             r = one_round(args)
