@@ -97,10 +97,10 @@ class RequestBatches(Generic[Key, Waiter]):
         self.gather(key, request_id, waiter, step.service_b, step.body)
         return True
 
-    def gather(self, key: Key, request_id: bytes, waiter: Waiter, service_b: bytes, body: bytes) -> None:
+    def gather(self, key: Key, request_id: bytes, waiter: Waiter, service_b: bytes, body: bytes) -> bool:
         """Gather a request that a batch can carry (`add` says which; `QuickRequest.pick`
         gives only those) to send on ``key`` at the next pause, or before it once its batch
-        is full (`ready`)."""
+        is full; whether a batch is full now (`ready`)."""
         size = len(service_b) + len(request_id) + len(body) + wire.REQUEST_ITEM_BYTES
         batch = self._open.get(key)
         if batch is not None and batch.size + size > wire.BATCH_BYTES:  # (it holds fewer than EARLY_ITEMS: never
@@ -113,6 +113,7 @@ class RequestBatches(Generic[Key, Waiter]):
         batch.size += size
         if len(batch.items) >= EARLY_ITEMS:
             self._full.append(self._open.pop(key))
+        return bool(self._full)
 
     def remove_where(self, remove: Callable[[Waiter], bool] | None = None) -> list[tuple[bytes, Waiter, bytes]]:
         """Take out of the batches gathered the requests whose waiter ``remove`` says yes

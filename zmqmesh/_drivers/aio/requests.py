@@ -108,7 +108,7 @@ class LoopRequester:
             if has_input(sock):
                 self._on_readable(step.provider.id)
             return future
-        self._gathered(step.provider.id)
+        self._gathered(step.provider.id, self._batches.ready)
         return future
 
     def gather(self, provider: Provider, quick: QuickRequest, waiter: ReplyWaiter) -> None:
@@ -117,16 +117,17 @@ class LoopRequester:
         many at hand; ``waiter`` is told its outcome as a future would be. It goes with the
         batches of this pass of the loop, or at once with a batch that fills up."""
         provider_id, calling, deadline = provider.id, quick.calling, quick.deadline
-        try:
-            self._socket(provider)
-        except Exception:  # (it will not go)
-            take_back_sent(self.tally, calling.service)
-            raise
+        if provider_id not in self.sockets:  # (a look, not a call: on the path of every request)
+            try:
+                self._socket(provider)
+            except Exception:  # (it will not go)
+                take_back_sent(self.tally, calling.service)
+                raise
         request_id = self.outstanding.add(waiter, provider_id, calling.service, deadline)
-        self._batches.gather(provider_id, request_id, waiter, calling.service_b, quick.body)
+        full = self._batches.gather(provider_id, request_id, waiter, calling.service_b, quick.body)
         if deadline < self._timer_at:
             self._arm(deadline)
-        self._gathered(provider_id)
+        self._gathered(provider_id, full)
 
     def gathered(self, provider: Provider, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]]:
         """`gather` the request of a quick way with a future to wait for its reply, as
@@ -135,8 +136,9 @@ class LoopRequester:
         self.gather(provider, quick, future)
         return future
 
-    def _gathered(self, provider_id: str) -> None:
-        if self._batches.ready:  # a full batch goes now (its waiters fail if it cannot)
+    def _gathered(self, provider_id: str, full: bool) -> None:
+        """A request to ``provider_id`` was gathered; ``full``: a batch is full (`RequestBatches.ready`)."""
+        if full:  # a full batch goes now (its waiters fail if it cannot)
             self._send_batches(full_only=True)
         if not self._unchecked:
             self.engine.loop.call_soon(self._check_sent)
@@ -313,14 +315,17 @@ class LoopRequester:
             except zmq.ZMQError:
                 return False
             answered, unanswered = answer_all(frames, provider_id)
-            counters["dropped"] += unanswered  # late replies, or ones nobody asked for
+            given_up = 0
             for future, status, body in answered:
                 if future.done():  # its caller gave up (not swept yet: `abandon`)
-                    counters["dropped"] += 1
-                    counters["abandoned"] += 1
+                    given_up += 1
                 else:
-                    counters["received"] += 1
                     future.set_result((status, body))
+            # (counted once a frame: a batch answers many requests)
+            counters["received"] += len(answered) - given_up
+            if unanswered or given_up:
+                counters["dropped"] += unanswered + given_up  # late replies, or ones nobody asked for
+                counters["abandoned"] += given_up
         return True
 
     def peer_gone(self, peer_id: str) -> None:

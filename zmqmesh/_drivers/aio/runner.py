@@ -99,11 +99,12 @@ class AsyncRunner:
         plan from where the quick way left it."""
         if not isinstance(call, QuickRequest):
             return await self.run(call)
-        future = self.send_quick(call)
-        if future is None:  # (the quick way ended before the request went)
-            return await self.run(call)
+        check_loop(self.engine)
         requester = self.engine.requests
         assert isinstance(requester, LoopRequester), "the node is not started"
+        future = self.send_quick(call, requester)
+        if future is None:  # (the quick way ended before the request went)
+            return await self.run(call)
         try:
             reply = await future
         except asyncio.CancelledError:
@@ -116,16 +117,13 @@ class AsyncRunner:
             return result if finished else await self.run(call, value=reply)
         return await self.run(call, error=error)
 
-    def send_quick(self, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]] | None:
-        """Send a request the quick way (`QuickRequest.pick`): alone and at once to a
-        provider that has none of this loop's requests in flight (`LoopRequester.exchange`),
-        otherwise gathered into its batch (`LoopRequester.gathered`). The future of its
-        reply ``(status, body)``, failed if the request could not be sent; None when the
-        quick way ends before it (`request` goes on). Raises `ZmqMeshError` on another
-        event loop."""
-        check_loop(self.engine)
-        requester = self.engine.requests
-        assert isinstance(requester, LoopRequester), "the node is not started"
+    def send_quick(self, quick: QuickRequest, requester: LoopRequester) -> asyncio.Future[tuple[bytes, bytes]] | None:
+        """Send a request the quick way (`QuickRequest.pick`) with the node's ``requester``:
+        alone and at once to a provider that has none of this loop's requests in flight
+        (`LoopRequester.exchange`), otherwise gathered into its batch
+        (`LoopRequester.gathered`). The future of its reply ``(status, body)``, failed if
+        the request could not be sent; None when the quick way ends before it (`request`
+        goes on). Called on the node's loop (`check_loop`)."""
         provider = quick.pick(requester.tally)
         if provider is None:
             return None
