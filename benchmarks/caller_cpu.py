@@ -106,7 +106,7 @@ def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: in
             assert isinstance(reply, dict) and reply["payload"] == PAYLOAD, reply
             _say(f"done {sum(opcodes.values()) / n:.1f}")
             for name, count in opcodes.most_common(int(os.environ.get("CALLER_CPU_OPCODES_TOP", "0"))):
-                _say(f"# {count / n:7.1f} {name}")
+                sys.stderr.write(f"# {count / n:7.1f} {name}\n")
             await loop.run_in_executor(None, sys.stdin.readline)
 
     asyncio.run(main())
