@@ -2140,6 +2140,33 @@ def test_a_handler_pushing_to_a_queue_only_its_own_node_pulls_is_refused_at_once
         assert node.stats()["pipeline"]["refused_queue_full"] == 1
 
 
+def test_a_handler_bursting_into_a_queue_only_its_own_node_pulls_is_not_refused_while_zeromq_takes_it(
+        mesh: dict[str, Any]) -> None:
+    """A ``push_many`` fills the send queue in one step, before the loop hands it to
+    ZeroMQ, whose pipes to this node's own puller hold far more: a handler's push_many of
+    1,000 with ``send_queue_max=100`` was refused at once after 100 (the send queue
+    full for an instant), where it all went before that refusal existed."""
+    got: list[int] = []
+    outcome: list[Any] = []
+    node = zmqmesh.Node("bursting", send_queue_max=100, **mesh)
+    node.pull("own", lambda m: got.append(m.data))
+
+    @node.service("fill")
+    def fill(msg: zmqmesh.Message) -> str:
+        try:
+            node.push_many("own", list(range(1000)), timeout=15)
+        except zmqmesh.ZmqMeshError as exc:
+            outcome.append(exc)
+        return "done"
+
+    with node:
+        assert node.request("fill", None, timeout=60) == "done"
+        assert outcome == []
+        wait_until(lambda: len(got) >= 1000, 30, "every message pushed")
+        assert got == list(range(1000))
+        assert node.stats()["pipeline"].get("refused_queue_full", 0) == 0
+
+
 def test_an_async_handler_pushing_to_a_queue_only_its_own_async_node_pulls_is_refused_at_once_when_it_is_full(
         mesh: dict[str, Any]) -> None:
     got: list[int] = []

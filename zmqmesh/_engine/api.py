@@ -124,6 +124,10 @@ def advance_call(call: Plan | QuickRequest, value: Any, error: BaseException | N
     return (call, *advance(call, value, error))
 
 
+_OWN_PULLER_GRACE_S = 0.25
+"""How long a push from a handler into a full send queue only its own node pulls waits for
+room before it is refused (`NodeBase._own_caller_holds_up`): the loop's next flushes may
+still hand ZeroMQ what a burst queued (a ``push_many`` fills the send queue in one step)."""
 _FORKS = [0]  # how many forks this process descends from, since zmqmesh was imported
 os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
 
@@ -965,7 +969,13 @@ class NodeBase:
             yield OnLoop(self._ensure_push_socket, (queue,))
             q = pusher.queue_of(queue)
         if pusher.full(q):
-            self._refuse_if_own_caller_holds_up(queue, q)
+            if self._own_caller_holds_up(queue, q):
+                # (a burst may have filled it before the loop flushed it into ZeroMQ, which may
+                # still take it: refused only if no room comes within a short while)
+                grace = min(deadline, time.monotonic() + _OWN_PULLER_GRACE_S)
+                if not (yield Room(functools.partial(pusher.full, q), grace)) and self._own_caller_holds_up(queue, q):
+                    engine.stats.add("pipeline", "refused_queue_full")
+                    raise self._own_caller_holds_up_error(queue, q)
             room = yield Room(functools.partial(pusher.full, q), deadline)
             if pusher.queue_of(queue) is not q or not engine.directory.offers["queues"].get(queue):
                 # its pullers left, and what waited is being dropped (the room seen may be the
@@ -977,18 +987,19 @@ class NodeBase:
                 raise refused
         return q
 
-    def _refuse_if_own_caller_holds_up(self, queue: str, q: deque[Any]) -> None:
-        """Raises `MeshTimeoutError` at once (counted ``pipeline.refused_queue_full``) when
-        the full send queue ``q`` of ``queue`` can only empty into this node, whose handler
-        is the caller and which runs one handler at a time: the room would come only once
-        the caller returned, so the push waited its whole timeout (10 s by default) in vain."""
+    def _own_caller_holds_up(self, queue: str, q: deque[Any]) -> bool:
+        """Whether the full send queue ``q`` of ``queue`` can only empty into this node,
+        whose handler is the caller and which runs one handler at a time: once ZeroMQ holds
+        what it can, the room comes only when the caller returned, so a push waited its
+        whole timeout (10 s by default) in vain."""
         engine = self._engine
         inbox = engine.inbox
-        if len(q) < self.config.send_queue_max or inbox is None or not inbox.waits_for_caller() \
-                or engine.directory.providers("queues", queue) != (engine.directory.node_id,):
-            return
-        engine.stats.add("pipeline", "refused_queue_full")
-        raise MeshTimeoutError(
+        return len(q) >= self.config.send_queue_max and inbox is not None and inbox.waits_for_caller() \
+            and engine.directory.providers("queues", queue) == (engine.directory.node_id,)
+
+    def _own_caller_holds_up_error(self, queue: str, q: deque[Any]) -> MeshTimeoutError:
+        """The error of a push refused as `_own_caller_holds_up` says."""
+        return MeshTimeoutError(
             f"send queue of {queue!r} full ({len(q)} messages, send_queue_max={self.config.send_queue_max}), and "
             "only this node pulls it, whose handler is pushing and which runs one handler at a time "
             f"(handler_concurrency={self.config.handler_concurrency}): it takes nothing until the push returns. "
