@@ -2140,6 +2140,35 @@ def test_a_handler_pushing_to_a_queue_only_its_own_node_pulls_is_refused_at_once
         assert node.stats()["pipeline"]["refused_queue_full"] == 1
 
 
+def test_a_handler_pushing_to_a_queue_only_its_own_node_pulls_is_refused_soon_at_the_bytes_bound_too(
+        mesh: dict[str, Any]) -> None:
+    """Payloads past 6.7 KB fill ``send_queue_max_bytes`` (64 MiB) before ``send_queue_max``
+    (10,000): a handler pushing 64 KiB payloads to its own queue waited its whole timeout
+    (5.01 s with timeout=5, after 1,224) and was told the receivers were not keeping up,
+    as if only the queue's own bound could be met."""
+    got: list[int] = []
+    outcome: list[tuple[int, Any]] = []
+    payload = bytes(64 * 1024)
+    node = zmqmesh.Node("looping", send_queue_max_bytes=1 << 20, queue_hwm=10, **mesh)
+    node.pull("own", lambda m: got.append(len(m.data)))
+
+    @node.service("fill")
+    def fill(msg: zmqmesh.Message) -> str:
+        outcome.append(_push_to_own_queue_until_refused(lambda i: node.push("own", payload, timeout=15)))
+        return "done"
+
+    with node:
+        started = time.monotonic()
+        assert node.request("fill", None, timeout=60) == "done"
+        assert time.monotonic() - started < 10, "soon, not after the push's timeout"
+        sent, refused = outcome[0]
+        assert isinstance(refused, zmqmesh.MeshTimeoutError), refused
+        assert "handler_concurrency" in str(refused) and "send_queue_max_bytes" in str(refused), str(refused)
+        wait_until(lambda: len(got) >= sent, 30, "every push before the refused one")
+        assert got == [len(payload)] * sent, "none lost"
+        assert node.stats()["pipeline"]["refused_node_full"] == 1
+
+
 def test_a_handler_bursting_into_a_queue_only_its_own_node_pulls_is_not_refused_while_zeromq_takes_it(
         mesh: dict[str, Any]) -> None:
     """A ``push_many`` fills the send queue in one step, before the loop hands it to

@@ -974,8 +974,9 @@ class NodeBase:
                 # still take it: refused only if no room comes within a short while)
                 grace = min(deadline, time.monotonic() + _OWN_PULLER_GRACE_S)
                 if not (yield Room(functools.partial(pusher.full, q), grace)) and self._own_caller_holds_up(queue, q):
-                    engine.stats.add("pipeline", "refused_queue_full")
-                    raise self._own_caller_holds_up_error(queue, q)
+                    counter, bound = pusher.bound_met(queue, q)
+                    engine.stats.add("pipeline", counter)
+                    raise self._own_caller_holds_up_error(queue, bound, counter == "refused_node_full")
             room = yield Room(functools.partial(pusher.full, q), deadline)
             if pusher.queue_of(queue) is not q or not engine.directory.offers["queues"].get(queue):
                 # its pullers left, and what waited is being dropped (the room seen may be the
@@ -989,19 +990,27 @@ class NodeBase:
 
     def _own_caller_holds_up(self, queue: str, q: deque[Any]) -> bool:
         """Whether the full send queue ``q`` of ``queue`` can only empty into this node,
-        whose handler is the caller and which runs one handler at a time: once ZeroMQ holds
-        what it can, the room comes only when the caller returned, so a push waited its
-        whole timeout (10 s by default) in vain."""
+        whose handler is the caller and which runs one handler at a time (and, when all
+        send queues together are full, so can every one that holds messages): once ZeroMQ
+        holds what it can, the room comes only when the caller returned, so a push waited
+        its whole timeout (10 s by default) in vain."""
         engine = self._engine
-        inbox = engine.inbox
-        return len(q) >= self.config.send_queue_max and inbox is not None and inbox.waits_for_caller() \
-            and engine.directory.providers("queues", queue) == (engine.directory.node_id,)
+        inbox, pusher = engine.inbox, engine.pusher
+        if inbox is None or pusher is None or not inbox.waits_for_caller() or not self._only_this_node_pulls(queue):
+            return False
+        return len(q) >= self.config.send_queue_max or all(
+            self._only_this_node_pulls(name) for name, held in list(pusher.queues.items()) if held)
 
-    def _own_caller_holds_up_error(self, queue: str, q: deque[Any]) -> MeshTimeoutError:
-        """The error of a push refused as `_own_caller_holds_up` says."""
+    def _only_this_node_pulls(self, queue: str) -> bool:
+        directory = self._engine.directory
+        return directory.providers("queues", queue) == (directory.node_id,)
+
+    def _own_caller_holds_up_error(self, queue: str, bound: str, together: bool) -> MeshTimeoutError:
+        """The error of a push to ``queue`` refused as `_own_caller_holds_up` says; ``bound``:
+        what is full (`Pusher.bound_met`), all send queues ``together`` or that of ``queue``."""
+        pulled = f"{queue!r} and every other queue holding messages" if together else repr(queue)
         return MeshTimeoutError(
-            f"send queue of {queue!r} full ({len(q)} messages, send_queue_max={self.config.send_queue_max}), and "
-            "only this node pulls it, whose handler is pushing and which runs one handler at a time "
+            f"{bound}, and only this node pulls {pulled}, whose handler is pushing and which runs one handler at a time "
             f"(handler_concurrency={self.config.handler_concurrency}): it takes nothing until the push returns. "
             "Raise handler_concurrency, or push fewer from one handler")
 

@@ -256,16 +256,20 @@ class Pusher:
     def refusal(self, queue: str, q: deque[Any]) -> tuple[str, MeshTimeoutError]:
         """For a push to ``queue`` (send queue ``q``) that found no room in time: the
         ``pipeline`` counter to count it in, and the error naming the bound it met."""
+        counter, bound = self.bound_met(queue, q)
+        return counter, MeshTimeoutError(f"{bound}: the receivers are not keeping up")
+
+    def bound_met(self, queue: str, q: deque[Any]) -> tuple[str, str]:
+        """For a push to ``queue`` (send queue ``q``) that finds no room: the ``pipeline``
+        counter of the bound it met (``refused_queue_full``: ``q``'s own; else
+        ``refused_node_full``), and what is full, naming the option."""
         if len(q) >= self._queue_max:
-            return "refused_queue_full", MeshTimeoutError(
-                f"send queue of {queue!r} full ({len(q)} messages, send_queue_max={self._queue_max}): "
-                "the receivers are not keeping up")
+            return "refused_queue_full", f"send queue of {queue!r} full ({len(q)} messages, send_queue_max={self._queue_max})"
         if self.held_bytes >= self.max_bytes:
             held = f"{self.held_bytes} bytes together (send_queue_max_bytes={self.max_bytes})"
         else:
             held = f"{self.held} messages together (send_queue_total_max={self.held_max})"
-        return "refused_node_full", MeshTimeoutError(
-            f"send queues full: this node's queues hold {held}; the receivers are not keeping up")
+        return "refused_node_full", f"send queues full, this node's queues hold {held}"
 
     def ensure_socket(self, queue: str) -> None:
         """Create and connect the PUSH socket of ``queue``. Past `MAX_PUSH_SOCKETS`, the
