@@ -60,6 +60,7 @@ from .._wire.frames import (
     wrap_item,
 )
 from ..config import NodeConfig
+from .pipeline import drop_front
 
 __all__ = ["ReliableSender", "Failure", "fill_batch", "payload_size", "wire_form"]
 
@@ -162,7 +163,7 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
         items += taken
         # (wrapped once cut: a large payload is copied for the batch that takes it only)
         parts += wires[:count] if wires is not None else map(_FIRST_DELIVERY.__add__, taken)
-        _drop_oldest(source, count)
+        drop_front(source, count)  # (no Python step per item)
         size = sizes[count]
         if count < len(head):
             return size
@@ -184,13 +185,6 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
         parts.append(part)
         size += len(part)
     return size
-
-
-def _drop_oldest(source: deque[Any], count: int) -> None:
-    """Take the ``count`` oldest items off ``source`` (it holds as many at least), with no
-    Python step per item: ``popleft`` called by C code (``starmap``), its results let go
-    by a deque of no length."""
-    deque(itertools.starmap(source.popleft, itertools.repeat((), count)), 0)
 
 
 _FIRST_DELIVERY = wrap_item(b"", False)
