@@ -301,9 +301,9 @@ class Node(NodeBase):
         Waits up to ``timeout`` (default ``push_timeout_s``) for a puller to exist and for
         room in the send queue. ``headers`` (a ``dict[str, str]``) travel with it. Raises
         `NoProviderError` if nobody pulls ``queue``, `MeshTimeoutError` if the pullers do
-        not keep up (within 0.25 s from a handler of this node when only this node pulls
-        ``queue`` and it runs one handler at a time: nothing would take the queue's
-        messages until the push returned), `TypeError` for unencodable data or headers, `ValueError` for headers past
+        not keep up (from a handler of this node when only this node pulls ``queue`` and
+        it runs one handler at a time, as soon as ZeroMQ holds all it takes: nothing
+        would take the queue's messages until the push returned), `TypeError` for unencodable data or headers, `ValueError` for headers past
         their bounds (64 of them, 16 KiB in all).
 
         With ``durable=True`` (needs a store) the message is committed to this node's

@@ -124,10 +124,6 @@ def advance_call(call: Plan | QuickRequest, value: Any, error: BaseException | N
     return (call, *advance(call, value, error))
 
 
-_OWN_PULLER_GRACE_S = 0.25
-"""How long a push from a handler into a full send queue only its own node pulls waits for
-room before it is refused (`NodeBase._own_caller_holds_up`): the loop's next flushes may
-still hand ZeroMQ what a burst queued (a ``push_many`` fills the send queue in one step)."""
 _FORKS = [0]  # how many forks this process descends from, since zmqmesh was imported
 os.register_at_fork(after_in_child=lambda: _FORKS.__setitem__(0, _FORKS[0] + 1))
 
@@ -971,9 +967,10 @@ class NodeBase:
         if pusher.full(q):
             if self._own_caller_holds_up(queue, q):
                 # (a burst may have filled it before the loop flushed it into ZeroMQ, which may
-                # still take it: refused only if no room comes within a short while)
-                grace = min(deadline, time.monotonic() + _OWN_PULLER_GRACE_S)
-                if not (yield Room(functools.partial(pusher.full, q), grace)) and self._own_caller_holds_up(queue, q):
+                # still take it: refused only once ZeroMQ took all it takes, if no room came)
+                held_up = functools.partial(self._held_up_by_own_caller, queue, q)
+                yield Room(lambda: pusher.full(q) and not held_up(), deadline)
+                if held_up():
                     counter, bound = pusher.bound_met(queue, q)
                     engine.stats.add("pipeline", counter)
                     raise self._own_caller_holds_up_error(queue, bound, counter == "refused_node_full")
@@ -1000,6 +997,18 @@ class NodeBase:
             return False
         return len(q) >= self.config.send_queue_max or all(
             self._only_this_node_pulls(name) for name, held in list(pusher.queues.items()) if held)
+
+    def _held_up_by_own_caller(self, queue: str, q: deque[Any]) -> bool:
+        """Whether a push to ``queue`` (send queue ``q``) is held up for good by its own
+        caller (`_own_caller_holds_up`): the bound it meets is still met, and ZeroMQ took
+        all it takes of the queues that would make room (`Pusher.stalled`: it refused their
+        last frame), so nothing will until the caller returns."""
+        pusher = self._engine.pusher
+        if pusher is None or not pusher.full(q) or not self._own_caller_holds_up(queue, q):
+            return False
+        if len(q) >= self.config.send_queue_max:
+            return queue in pusher.stalled
+        return all(name in pusher.stalled for name, held in list(pusher.queues.items()) if held)
 
     def _only_this_node_pulls(self, queue: str) -> bool:
         directory = self._engine.directory

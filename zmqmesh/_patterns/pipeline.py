@@ -178,6 +178,9 @@ class Pusher:
         self.max_bytes: int = config.send_queue_max_bytes
         self._counted: tuple[int, int] | None = None  # (`held`, `held_bytes`) when last counted exactly
         self._taken_off = 0  # (loop only: the bytes sent or dropped since `count_held`)
+        self.stalled: set[str] = set()
+        """The queues whose socket refused their last frame: ZeroMQ holds all it takes for
+        their pullers (written on the loop: a frame refused adds it, one taken removes it)."""
         self._taking = threading.Lock()  # (`take`: two that measured the room at once each took all of it)
         self._gauge = (0, -_GAUGE_MAX_AGE_S)  # (`queued_bytes` as last counted, and when)
         self._queue_max = config.send_queue_max
@@ -300,6 +303,7 @@ class Pusher:
         close_watched(self.loop, self._sockets.pop(queue), 0)
         del self._connected[queue]
         del self.queues[queue]
+        self.stalled.discard(queue)
         self._unpulled.pop(queue, None)
 
     def pulled(self, queue: str) -> None:
@@ -378,9 +382,13 @@ class Pusher:
             try:
                 send_frames(sock, frames, copy=size < LARGE_FRAME)
             except zmq.ZMQError as exc:  # (what it held is still at the front of ``q``, in order)
-                if not isinstance(exc, zmq.Again):
+                if isinstance(exc, zmq.Again):
+                    self.stalled.add(queue)
+                else:
                     log.error("push to %r failed: %s", queue, exc)
                 return True
+            if self.stalled:
+                self.stalled.discard(queue)
             drop_front(q, n)  # (sent: taken off the queue now, not before: `next_batch`)
             self._taken_off += size
             self._sequence += n
