@@ -151,10 +151,9 @@ class Pusher:
     taken off. (Counting at every flush of queues full of 64 KiB payloads, 1,000 of
     them, was about a third of the loop's time a message.) The count sets right what
     the loop does not take off (the messages of at-least-once queues, which `Reliable`
-    takes, and a message re-encoded on its way); so callers may be held back only by
-    bytes that are really queued. A ``push_many`` measures the
-    room, takes it and counts it in one step (`take`), so that callers together go past
-    the bounds by a message each at most.
+    takes); so callers may be held back only by bytes that are really queued. A
+    ``push_many`` measures the room, takes it and counts it in one step (`take`), so that
+    callers together go past the bounds by a message each at most.
     """
 
     def __init__(self, *, ctx: zmq.Context[Any], loop: EventLoop, config: NodeConfig, stats: Stats,
