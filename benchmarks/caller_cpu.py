@@ -7,6 +7,9 @@ A sync `Node` with an echo ``@node.service`` (`provider_cpu.provider`) serves an
 ``await node.request_many(...)`` with ``--window`` in flight) or ``single`` (one
 coroutine's round trips: ``req_async``). Reported: the client loop thread's user and
 system CPU per request and its CPU time (``schedstat``) over ``--n`` requests; or, with
+``--client sync``: a sync `Node` client instead, its calling thread measured: ``single``
+(a `Node.request` loop: bench.py's ``req_sync``) or ``many`` (one `Node.request_many`
+with ``--window`` in flight). With
 ``--callgrind``, the client runs under ``valgrind --tool=callgrind`` (instructions
 collected only while the measured requests run, per thread): the loop thread's
 instructions per request. With ``CALLER_CPU_PROFILE=<file>`` set, cProfile's profile of
@@ -15,6 +18,7 @@ request on the loop's thread instead (a trace function: repeatable too); with ``
 dumps are kept there (for ``callgrind_annotate``).
 
     PYTHONPATH=. python3 benchmarks/caller_cpu.py --mode inflight --n 2000 --callgrind --rounds 3
+    PYTHONPATH=. python3 benchmarks/caller_cpu.py --client sync --mode single --n 2000 --callgrind
 """
 
 from __future__ import annotations
@@ -57,6 +61,38 @@ def _opcode_counter(opcodes: Counter[str]) -> Callable[..., Any]:
         return trace
 
     return trace
+
+
+def sync_client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: int, timeout: float,
+                count_opcodes: bool = False) -> None:
+    """`client`'s twin for a sync `Node` (``single``: a `Node.request` loop; ``many``: one
+    `Node.request_many`), the calling thread (the main one) measured: the same lines."""
+    import zmqmesh
+
+    def run(node: zmqmesh.Node, count: int) -> Any:
+        items = [{"id": i, "payload": PAYLOAD} for i in range(count)]
+        if mode == "many":
+            return node.request_many(SERVICE, items, timeout=timeout, window=window)[-1]
+        request, last = node.request, None
+        for item in items:
+            last = request(SERVICE, item, timeout=timeout)
+        return last
+
+    with zmqmesh.Node("cpu-client", beacon_port=beacon_port, mesh=mesh) as node:
+        node.wait_for_service(SERVICE, timeout=60)
+        run(node, warm)
+        _say(f"warm {os.getpid()} {threading.get_native_id()}")
+        sys.stdin.readline()
+        opcodes: Counter[str] = Counter()
+        if count_opcodes:
+            sys.settrace(_opcode_counter(opcodes))
+        reply = run(node, n)
+        sys.settrace(None)
+        assert isinstance(reply, dict) and reply["payload"] == PAYLOAD, reply
+        _say(f"done {sum(opcodes.values()) / n:.1f}")
+        for name, count in opcodes.most_common(int(os.environ.get("CALLER_CPU_OPCODES_TOP", "0"))):
+            sys.stderr.write(f"# {count / n:7.1f} {name}\n")
+        sys.stdin.readline()
 
 
 def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: int, timeout: float,
@@ -129,7 +165,7 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
         _expect(prov, "ready")
         timeout = 120.0 if args.callgrind else 20.0
         cli = subprocess.Popen([*prefix, sys.executable, os.path.abspath(__file__), "--role", "client",
-                                "--beacon-port", str(beacon_port), "--mesh", mesh, "--mode", args.mode,
+                                "--beacon-port", str(beacon_port), "--mesh", mesh, "--mode", args.mode, "--client", args.client,
                                 "--n", str(args.n), "--window", str(args.window), "--warm", str(args.warm),
                                 "--timeout", str(timeout), *(["--opcodes"] if args.opcodes else [])],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -180,7 +216,10 @@ def main() -> None:
     parser.add_argument("--role", choices=["orchestrator", "client"], default="orchestrator")
     parser.add_argument("--beacon-port", type=int, default=0)
     parser.add_argument("--mesh", default="")
-    parser.add_argument("--mode", choices=["inflight", "amany", "single"], default="inflight")
+    parser.add_argument("--mode", choices=["inflight", "amany", "single", "many"], default="inflight",
+                        help="async: inflight, amany, single; sync: single, many")
+    parser.add_argument("--client", choices=["async", "sync"], default="async",
+                        help="the client: an AsyncNode (the default) or a sync Node")
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--warm", type=int, default=500)
@@ -190,7 +229,11 @@ def main() -> None:
     parser.add_argument("--opcodes", action="store_true", help="count the Python bytecodes run a request on the "
                         "client loop's thread (sys.settrace; CALLER_CPU_OPCODES_TOP=k: the k functions that run most)")
     args = parser.parse_args()
-    if args.role == "client":
+    if args.mode not in (("single", "many") if args.client == "sync" else ("inflight", "amany", "single")):
+        parser.error(f"--mode {args.mode} is not one of the {args.client} client's")
+    if args.role == "client" and args.client == "sync":
+        sync_client(args.beacon_port, args.mesh, args.mode, args.n, args.window, args.warm, args.timeout, args.opcodes)
+    elif args.role == "client":
         client(args.beacon_port, args.mesh, args.mode, args.n, args.window, args.warm, args.timeout, args.opcodes)
     else:
         for _ in range(args.rounds):
