@@ -415,6 +415,16 @@ class Directory:
                 return provider
         return None
 
+    def sole_provider(self, service: str, only: str | None = None) -> Provider | None:
+        """The provider `pick_provider` (without ``avoid``) answers for ``service`` every
+        time until the tables next change (`epoch`): the one node that offers it (``only``,
+        if it does), whatever the round robin and the skips. None when several offer it,
+        or none (with a usable endpoint)."""
+        ids = self._pick[0].get(service, ())
+        if only is not None:
+            ids = (only,) if only in ids else ()
+        return self.pick_provider(service, only) if len(ids) == 1 else None
+
     def skip_provider(self, service: str, node_id: str, rest_s: float | None = None) -> float:
         """Avoid ``node_id`` for ``service`` for ``rest_s`` (`_SKIP_S` by default: it said it
         no longer offers it, or could not take a call); returns how long."""

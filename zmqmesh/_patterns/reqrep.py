@@ -172,16 +172,38 @@ def request_plan(directory: Directory, codec: Codec, service: str, service_b: by
                         raise no_provider(service, only) from None
 
 
-class Calling(NamedTuple):
+class Calling:
     """What the calls of one service share when they may go the quick way (`QuickRequest`):
-    no headers, no chain of waiting nodes, not a built-in service."""
+    no headers, no chain of waiting nodes, not a built-in service; and, while the offer
+    tables stay as they are, the one provider those calls go to when there is only one
+    (`sole`)."""
 
-    directory: Directory
-    codec: Codec
-    stats: Stats
-    service: str
-    service_b: bytes
-    only: str | None  # the provider asked for, if any
+    __slots__ = ("directory", "codec", "stats", "service", "service_b", "only", "sole")
+
+    def __init__(self, directory: Directory, codec: Codec, stats: Stats, service: str, service_b: bytes,
+                 only: str | None) -> None:
+        self.directory = directory
+        self.codec = codec
+        self.stats = stats
+        self.service = service
+        self.service_b = service_b
+        self.only = only  # the provider asked for, if any
+        self.sole: tuple[int, Provider | None] = (-1, None)
+        """``(the directory's epoch, the provider)``: the provider `QuickRequest.pick` takes
+        for these calls without asking the directory, while its epoch is that one: the
+        only one offering the service (so the round robin and the skips cannot choose
+        another), of protocol 4 or later, that takes any body this node sends. None: there
+        is no such one in that epoch (several providers, or none): each call asks."""
+
+    def sole_provider(self) -> tuple[int, Provider | None]:
+        """`sole` as of now (the epoch read first: the tables changing meanwhile leave it
+        out of date, to be looked at again by the next call)."""
+        directory = self.directory
+        epoch = directory.epoch
+        provider = directory.sole_provider(self.service, self.only)
+        if provider is None or provider.protocol < wire.BATCH_PROTOCOL or provider.id in directory.narrower:
+            provider = None
+        return epoch, provider
 
 
 class QuickRequest:
@@ -229,12 +251,17 @@ class QuickRequest:
             return None
         service = calling.service
         directory = calling.directory
-        provider = self.provider = directory.pick_provider(service, calling.only)
-        if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
-            return None
-        narrower = directory.narrower  # (a provider that takes less than the body: the plan picks another)
-        if narrower and narrower.get(provider.id, len(self.body)) < len(self.body):
-            return None
+        sole = calling.sole
+        if sole[0] != directory.epoch:  # (the tables changed: a provider came, went or changed its offers)
+            sole = calling.sole = calling.sole_provider()
+        provider = self.provider = sole[1]
+        if provider is None:  # several providers (or none): the round robin and the skips choose
+            provider = self.provider = directory.pick_provider(service, calling.only)
+            if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
+                return None
+            narrower = directory.narrower  # (a provider that takes less than the body: the plan picks another)
+            if narrower and narrower.get(provider.id, len(self.body)) < len(self.body):
+                return None
         self.sent = True
         sent = tally.sent
         sent[service] = sent.get(service, 0) + 1
