@@ -483,67 +483,74 @@ class Dispatcher:
         stats = self.stats
         pattern = _PATTERN_OF[kind]
         counters = stats.pattern[pattern]
-        if len(frames) not in (3, 4):
+        if len(frames) == 4:
+            name_b, sender_b, body, meta = frames
+        elif len(frames) == 3:
+            name_b, sender_b, body = frames
+            meta = None
+        else:
             raise DecodeError(f"{len(frames)} frames, expected 3 or 4")
-        name_b, sender_b, body = frames[:3]
         if len(name_b) > wire.MAX_NAME_BYTES:  # no sender may use one; it would bloat the caches
             raise DecodeError(f"a {len(name_b)}-byte topic or queue name")
         sender_uuid, sequence = wire.parse_sender(sender_b)
         sender_id = sender_uuid.hex() if sender_uuid is not None else None
-        if kind == "sub" and name_b[:1] == b"\xff":  # no UTF-8 topic begins so: a replay marker's answer, or nothing
-            if not name_b.startswith(wire.MARKER_PREFIX):
-                raise DecodeError("a topic beginning 0xFF that names no replay marker")
-            self._marker(frames, sender_id, sequence)
-            return
-        if not body and len(frames) == 4 and kind == "pull":  # a large payload as it is (protocol 5)
-            if len(frames[3]) > self.codec.max_message_bytes:
-                raise DecodeError(f"a payload of {len(frames[3])} bytes exceeds max_message_bytes")
-            raw: bytes | memoryview = frames[3]  # (from `LARGE_FRAME` bytes, a view of ZeroMQ's buffer: see `drain`)
-            if isinstance(raw, memoryview) and name_b.decode("utf-8", "replace") in self.registry.zero_copy_queues:
-                items: list[Any] = [raw.toreadonly()]
-            else:
-                items = [bytes(raw)]
-            frames = frames[:3]  # (no meta frame)
+        if kind == "sub":
+            if name_b[:1] == b"\xff":  # no UTF-8 topic begins so: a replay marker's answer, or nothing
+                if not name_b.startswith(wire.MARKER_PREFIX):
+                    raise DecodeError("a topic beginning 0xFF that names no replay marker")
+                self._marker(frames, sender_id, sequence)
+                return
+            topic = ""  # (the subscriptions name it, below)
+        else:
+            topic = name_b.decode("utf-8", "replace")
+        if meta is not None and not body and kind == "pull":  # a large payload as it is (protocol 5)
+            if len(meta) > self.codec.max_message_bytes:
+                raise DecodeError(f"a payload of {len(meta)} bytes exceeds max_message_bytes")
+            # (from `LARGE_FRAME` bytes, a view of ZeroMQ's buffer, see `drain`: handed over as it is if zero_copy)
+            items: list[Any] = [meta.toreadonly() if isinstance(meta, memoryview)
+                                and topic in self.registry.zero_copy_queues else bytes(meta)]
+            meta = None  # (no meta frame)
         else:
             items = self.codec.decode_batch(body)
+        count = len(items)
         # only members are counted per sender: a stranger could claim any number of ids
         known = sender_id is not None and sender_id in self.directory.alive_ids
         if kind == "sub" and sequence is not None and sender_uuid is not None:
-            lost = self.gaps.missed(sender_uuid, name_b, sequence, len(items), known)
+            lost = self.gaps.missed(sender_uuid, name_b, sequence, count, known)
             if lost is None:  # late, behind a newer frame: counted as dropped when that one came
                 return
             if lost:
                 self.subscriptions.lost(lost, name_b, sender_uuid)
-        counters["received"] += len(items)
+        counters["received"] += count
         if known:
-            stats.peer_received[sender_id] += len(items)  # type: ignore[index]
+            stats.peer_received[sender_id] += count  # type: ignore[index]
         if kind == "sub":
             topic, handlers, replaying = self._topic_handlers(name_b)
-            self._received_names[pattern].add(name_b, len(items))
-            origin = self._origin(kind, frames, sender_id, sequence, topic, len(items))
+            self._received_names[pattern].add(name_b, count)
+            # (the sender said nothing of the frame without a meta frame or a sequence: no call)
+            origin = self._origin(kind, meta, sender_id, sequence, topic, count) \
+                if meta is not None or sequence is not None else None
             if replaying:
-                meta = frames[3] if len(frames) == 4 else None
                 self.replaying().live(topic, sequence, items, origin, sender_id, replaying, calls, meta,
                                       size=len(body) + (len(meta) if meta is not None else 0))
             if not handlers:  # (only replaying subscriptions: they have the frame)
                 return
         else:
-            topic = name_b.decode("utf-8", "replace")
             handler = self.registry.queues.get(topic)
-            handlers = [handler] if handler is not None else []
-            if not handlers:
-                counters["dropped"] += len(items)
-                stats.reject("pipeline_no_handler", len(items))
+            if handler is None:
+                counters["dropped"] += count
+                stats.reject("pipeline_no_handler", count)
                 # (at most a line every few seconds: pushers that have not yet heard of the
                 # unpull send at their rate, and a line per frame flooded the log)
-                said = self._unpulled_log.due(len(items))
+                said = self._unpulled_log.due(count)
                 if said:
                     log.warning("%d message(s) for a queue this node no longer pulls since the last such line, the "
                                 "last for %r; counted in pipeline.dropped (rejected: pipeline_no_handler); said "
                                 "again at most every %g s", said, topic, _LOST_LOG_S)
                 return
-            self._received_names[pattern].add(topic, len(items))  # (by name, as at-least-once counts)
-            origin = self._origin(kind, frames, sender_id, None, topic, len(items))
+            handlers = [handler]
+            self._received_names[pattern].add(topic, count)  # (by name, as at-least-once counts)
+            origin = self._origin(kind, meta, sender_id, None, topic, count) if meta is not None else None
         lookup = self.directory.lookup_peer
         if self.runs_in_place(handlers) and tracing.active is None:
             # the hot path: call the handlers right here, no Call objects, no hand-off (and no
@@ -621,13 +628,13 @@ class Dispatcher:
             return 0
         return handler_raised(handler)
 
-    def _origin(self, kind: str, frames: list[bytes], sender_id: str | None, sequence: int | None, topic: str,
+    def _origin(self, kind: str, meta: bytes | None, sender_id: str | None, sequence: int | None, topic: str,
                 count: int) -> Origin | None:
         """What the sender said of a frame's ``count`` messages: their numbers (pub/sub
-        sequence, or the meta frame's), clock and headers; None when it said nothing."""
+        sequence, or the ``meta`` frame's), clock and headers; None when it said nothing."""
         headers = timestamp = first = None
-        if len(frames) == 4:
-            headers, timestamp, first = wire.parse_meta(self.codec.decode(frames[3]), count)
+        if meta is not None:
+            headers, timestamp, first = wire.parse_meta(self.codec.decode(meta), count)
         if sequence is not None:
             first = sequence
         if headers is None and first is None:
