@@ -110,18 +110,23 @@ class _Looks(dict[tuple[str, int], bool]):
 
 
 class _RepliesHeld:
-    """`Dispatcher.replies_held`: ``enter()`` on entering, ``leave()`` on leaving."""
+    """`Dispatcher.replies_held`: on entering, replies are held (an empty table); on leaving,
+    those held are sent and none are held any more (entered once a drain: it sets the
+    fields itself, where calling the dispatcher's methods cost three calls more)."""
 
-    __slots__ = ("_enter", "_leave")
+    __slots__ = ("_dispatcher",)
 
-    def __init__(self, enter: Callable[[], None], leave: Callable[[], None]) -> None:
-        self._enter, self._leave = enter, leave
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
 
     def __enter__(self) -> None:
-        self._enter()
+        self._dispatcher._held = {}
 
     def __exit__(self, *exc: object) -> None:
-        self._leave()
+        dispatcher = self._dispatcher
+        if dispatcher._held:
+            dispatcher.release_held()
+        dispatcher._held = None
 
 
 class Dispatcher:
@@ -193,7 +198,7 @@ class Dispatcher:
         self.handler_finished = self.handler_times.finished
         """`finished`, for ``handler`` without its `Call` (`HandlerTimes.finished`, bound once:
         called after each service handler)."""
-        self._replies_held = _RepliesHeld(self._hold, self._stop_holding)
+        self._replies_held = _RepliesHeld(self)
 
     def abandoned(self) -> bool:
         """True once a stop's deadline has passed: work still queued is then dropped."""
@@ -284,12 +289,13 @@ class Dispatcher:
             except Exception:
                 log.exception("delivering frames that waited for their sender, or reading a history again, failed")
         local = self.local_frames
-        for _ in range(min(len(local), _BURST)):
-            frames = local.popleft()
-            try:
-                self._decode_stream("sub", frames, calls)
-            except Exception:
-                log.exception("delivering a publication of this node failed")
+        if local:
+            for _ in range(min(len(local), _BURST)):
+                frames = local.popleft()
+                try:
+                    self._decode_stream("sub", frames, calls)
+                except Exception:
+                    log.exception("delivering a publication of this node failed")
         if replays is None:  # (no subscription ever replayed here: no page to deliver)
             return [(sock, kind) for sock, kind in active if self.drain(sock, kind, calls)]
         if replays.delivering():  # (the rest of a page first: in order)
@@ -385,6 +391,8 @@ class Dispatcher:
     def after_handling(self) -> None:
         """Called after a burst was handled (durable subscriptions commit where they are,
         also one that its handler or another thread dropped meanwhile)."""
+        if self.replays is None and not self.registry.replays:  # (no subscription ever replayed: nothing to commit)
+            return
         replays = self._recording()
         if replays is not None:
             replays.flush()
@@ -777,13 +785,6 @@ class Dispatcher:
         `HOLD_LIMIT_S` even then: `release_held`). (A context manager made once: one is
         entered for every burst of calls.)"""
         return self._replies_held
-
-    def _hold(self) -> None:
-        self._held = {}
-
-    def _stop_holding(self) -> None:
-        self.release_held()
-        self._held = None
 
     def to_handle(self, calls: list[Call]) -> Generator[Call, None, None]:
         """``calls``, in order, but those reached after the stop's deadline: dropped and
