@@ -37,16 +37,15 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from provider_cpu import (
-    PAYLOAD,
-    SERVICE,
-    _callgrind_control,
-    _expect,
-    _free_udp_port,
-    _inbox_instructions,
-    _say,
-    _thread_cpu,
+from _cpu_harness import (
+    callgrind_control,
+    end_pair,
+    expect,
+    free_udp_port,
+    say,
+    thread_cpu,
 )
+from provider_cpu import PAYLOAD, SERVICE, _inbox_instructions
 
 
 def _opcode_counter(opcodes: Counter[str]) -> Callable[..., Any]:
@@ -81,7 +80,7 @@ def sync_client(beacon_port: int, mesh: str, mode: str, n: int, window: int, war
     with zmqmesh.Node("cpu-client", beacon_port=beacon_port, mesh=mesh) as node:
         node.wait_for_service(SERVICE, timeout=60)
         run(node, warm)
-        _say(f"warm {os.getpid()} {threading.get_native_id()}")
+        say(f"warm {os.getpid()} {threading.get_native_id()}")
         sys.stdin.readline()
         opcodes: Counter[str] = Counter()
         if count_opcodes:
@@ -89,7 +88,7 @@ def sync_client(beacon_port: int, mesh: str, mode: str, n: int, window: int, war
         reply = run(node, n)
         sys.settrace(None)
         assert isinstance(reply, dict) and reply["payload"] == PAYLOAD, reply
-        _say(f"done {sum(opcodes.values()) / n:.1f}")
+        say(f"done {sum(opcodes.values()) / n:.1f}")
         for name, count in opcodes.most_common(int(os.environ.get("CALLER_CPU_OPCODES_TOP", "0"))):
             sys.stderr.write(f"# {count / n:7.1f} {name}\n")
         sys.stdin.readline()
@@ -123,7 +122,7 @@ def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: in
         async with zmqmesh.AsyncNode("cpu-client", beacon_port=beacon_port, mesh=mesh) as node:
             await node.wait_for_service(SERVICE, timeout=60)
             await run(node, warm)
-            _say(f"warm {os.getpid()} {threading.get_native_id()}")
+            say(f"warm {os.getpid()} {threading.get_native_id()}")
             await loop.run_in_executor(None, sys.stdin.readline)
             opcodes: Counter[str] = Counter()
             if count_opcodes:
@@ -140,7 +139,7 @@ def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: in
                 profiler.disable()
                 profiler.dump_stats(profile_to)
             assert isinstance(reply, dict) and reply["payload"] == PAYLOAD, reply
-            _say(f"done {sum(opcodes.values()) / n:.1f}")
+            say(f"done {sum(opcodes.values()) / n:.1f}")
             for name, count in opcodes.most_common(int(os.environ.get("CALLER_CPU_OPCODES_TOP", "0"))):
                 sys.stderr.write(f"# {count / n:7.1f} {name}\n")
             await loop.run_in_executor(None, sys.stdin.readline)
@@ -150,7 +149,7 @@ def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: in
 
 def one_round(args: argparse.Namespace) -> dict[str, float]:
     """Start a provider and a client, measure the client's loop over ``args.n`` requests."""
-    beacon_port, mesh = _free_udp_port(), f"ccpu-{os.getpid()}-{time.monotonic_ns()}"
+    beacon_port, mesh = free_udp_port(), f"ccpu-{os.getpid()}-{time.monotonic_ns()}"
     here = os.path.dirname(os.path.abspath(__file__))
     out_dir = tempfile.mkdtemp(prefix="caller-cpu-")
     prefix: list[str] = []
@@ -162,7 +161,7 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     cli = None
     try:
-        _expect(prov, "ready")
+        expect(prov, "ready")
         timeout = 120.0 if args.callgrind else 20.0
         cli = subprocess.Popen([*prefix, sys.executable, os.path.abspath(__file__), "--role", "client",
                                 "--beacon-port", str(beacon_port), "--mesh", mesh, "--mode", args.mode, "--client", args.client,
@@ -170,32 +169,23 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                                 "--timeout", str(timeout), *(["--opcodes"] if args.opcodes else [])],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                stderr=subprocess.DEVNULL if args.callgrind else None)
-        _, pid_s, tid_s = _expect(cli, "warm")
+        _, pid_s, tid_s = expect(cli, "warm")
         pid, tid = int(pid_s), int(tid_s)
         if args.callgrind:
-            _callgrind_control("-i", "on", pid)
-        before = _thread_cpu(pid, tid)
+            callgrind_control("-i", "on", pid)
+        before = thread_cpu(pid, tid)
         assert cli.stdin is not None
         cli.stdin.write("go\n")
         cli.stdin.flush()
-        done = _expect(cli, "done")
-        after = _thread_cpu(pid, tid)
+        done = expect(cli, "done")
+        after = thread_cpu(pid, tid)
         if args.callgrind:
-            _callgrind_control("-d", pid)
+            callgrind_control("-d", pid)
         cli.stdin.write("bye\n")
         cli.stdin.flush()
         cli.wait(60)
     finally:
-        if cli is not None and cli.poll() is None:
-            cli.kill()
-            cli.wait()
-        if prov.stdin is not None:
-            prov.stdin.close()
-        try:
-            prov.wait(60)
-        except subprocess.TimeoutExpired:
-            prov.kill()
-            prov.wait()
+        end_pair(cli, prov)
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     result = {"user_us": (after[0] - before[0]) * tick_us / args.n, "sys_us": (after[1] - before[1]) * tick_us / args.n,
               "cpu_us": (after[2] - before[2]) / 1e3 / args.n}

@@ -21,11 +21,9 @@ its pushing thread.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,20 +31,19 @@ import threading
 import time
 from typing import Any
 
+from _cpu_harness import (
+    callgrind_control,
+    callgrind_counts,
+    expect,
+    free_udp_port,
+    say,
+)
+
 QUEUE = "jobs"
 PAYLOAD = "x" * 45  # {"id": i, "payload": PAYLOAD} packs to 62-64 bytes, as in bench.py
 BATCH = 256
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _names() -> str:
@@ -101,11 +98,11 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
     node = zmqmesh.Node("cpu-pull", beacon_port=beacon_port, mesh=mesh)
     node.pull(QUEUE, handle, at_least_once=True)
     with node:
-        _say(f"ready {os.getpid()}")
+        say(f"ready {os.getpid()}")
         warmed.wait(120)
-        _say(f"warm {_names()}")
+        say(f"warm {_names()}")
         done.wait(600)
-        _say("done")
+        say("done")
         sys.stdin.readline()
         _dump_profile(out, "puller")
 
@@ -133,7 +130,7 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
                     push(QUEUE, {"id": i, "payload": PAYLOAD})
 
         give(0, warm)
-        _say(f"ready {os.getpid()} {_names()}")
+        say(f"ready {os.getpid()} {_names()}")
         sys.stdin.readline()
         main_profile = os.environ.get("DURABLE_CPU_MAIN_PROFILE")  # (cProfile of the pushing thread, to this file)
         if main_profile:
@@ -145,7 +142,7 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
         if main_profile:
             profiler.disable()
             profiler.dump_stats(main_profile)
-        _say(f"sent {_names()}")
+        say(f"sent {_names()}")
         sys.stdin.readline()
         _dump_profile(out, "pusher")
     if store is not None:
@@ -169,16 +166,6 @@ def _threads(pid: int) -> dict[int, tuple[str, int, int]]:
     return found
 
 
-def _expect(proc: subprocess.Popen[str], word: str) -> list[str]:
-    assert proc.stdout is not None
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"process ended before saying {word!r}")
-        parts = line.split()
-        if parts and parts[0] == word:
-            return parts
-
 
 def _line(proc: subprocess.Popen[str]) -> None:
     assert proc.stdin is not None
@@ -192,7 +179,7 @@ def _named(pid: int, names: str) -> dict[int, str]:
 
 
 def one_round(args: argparse.Namespace) -> dict[str, float]:
-    beacon_port, mesh = _free_udp_port(), f"dcpu-{os.getpid()}-{time.monotonic_ns()}"
+    beacon_port, mesh = free_udp_port(), f"dcpu-{os.getpid()}-{time.monotonic_ns()}"
     me = os.path.abspath(__file__)
     common = ["--beacon-port", str(beacon_port), "--mesh", mesh, "--warm", str(args.warm), "--n", str(args.n)]
     out_dir = tempfile.mkdtemp(prefix="durable-cpu-cg-") if args.callgrind else ""
@@ -207,30 +194,30 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                             stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL if args.callgrind else None)
     push = None
     try:
-        pull_pid = int(_expect(pull, "ready")[1])
+        pull_pid = int(expect(pull, "ready")[1])
         push = subprocess.Popen([*under("push"), sys.executable, me, "--role", "pusher", "--flavor", args.flavor,
                                  *common], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 stderr=subprocess.DEVNULL if args.callgrind else None)
-        _, push_pid_s, push_names = _expect(push, "ready")
+        _, push_pid_s, push_names = expect(push, "ready")
         push_pid = int(push_pid_s)
-        pull_names = _expect(pull, "warm")[1]
+        pull_names = expect(pull, "warm")[1]
         time.sleep(0.3)  # (the warm-up's acknowledgements settle)
         if os.environ.get("DURABLE_CPU_PROFILE"):
             os.kill(push_pid, signal.SIGUSR1)
             os.kill(pull_pid, signal.SIGUSR1)
             time.sleep(0.2)
         if args.callgrind:
-            _callgrind_control("-i", "on", push_pid)
-            _callgrind_control("-i", "on", pull_pid)
+            callgrind_control("-i", "on", push_pid)
+            callgrind_control("-i", "on", pull_pid)
         before = {"push": _threads(push_pid), "pull": _threads(pull_pid)}
         _line(push)
-        push_names = _expect(push, "sent")[1]
-        _expect(pull, "done")
+        push_names = expect(push, "sent")[1]
+        expect(pull, "done")
         time.sleep(1.0 if args.callgrind else 0.15)  # (the pusher forgets what was acknowledged within 50 ms)
         after = {"push": _threads(push_pid), "pull": _threads(pull_pid)}
         if args.callgrind:
-            _callgrind_control("-d", push_pid)
-            _callgrind_control("-d", pull_pid)
+            callgrind_control("-d", push_pid)
+            callgrind_control("-d", pull_pid)
         names = {"push": _named(push_pid, push_names), "pull": _named(pull_pid, pull_names)}
         result: dict[str, float] = {}
         for side in ("push", "pull"):
@@ -265,21 +252,10 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                 proc.wait()
 
 
-def _callgrind_control(*command: str | int) -> None:
-    done = subprocess.run(["callgrind_control", *(str(c) for c in command)], capture_output=True, text=True, check=True)
-    if "OK." not in done.stdout:  # (it says so, and returns 0, when it finds no such run)
-        raise RuntimeError(f"callgrind_control {command}: {done.stdout} {done.stderr}")
-
 
 def _instructions(out_dir: str, role: str) -> dict[str, int]:
     """Thread number -> the instructions callgrind counted on it over the measured messages."""
-    counts = {}
-    for path in glob.glob(f"{out_dir}/{role}.out.1-*"):
-        with open(path) as f:
-            total = sum(int(line.split()[1]) for line in f if line.startswith("summary:"))
-        if total:
-            counts[path.rsplit("-", 1)[1]] = total
-    return counts
+    return callgrind_counts(f"{out_dir}/{role}.out.1-*")
 
 
 def main() -> None:
@@ -307,7 +283,7 @@ def main() -> None:
         if values[-1] < 20:
             continue
         unit = "instr/msg" if "instr" in label else "ns/msg"
-        _say(f"{label:45s} median {values[len(values) // 2]:8.0f} {unit:9s} rounds {' '.join(f'{v:.0f}' for v in values)}")
+        say(f"{label:45s} median {values[len(values) // 2]:8.0f} {unit:9s} rounds {' '.join(f'{v:.0f}' for v in values)}")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ the inbox thread over the measured requests is written there.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,19 +30,20 @@ import threading
 import time
 from typing import Any
 
+from _cpu_harness import (
+    callgrind_control,
+    callgrind_counts,
+    end_pair,
+    expect,
+    free_udp_port,
+    say,
+    thread_cpu,
+)
+
 SERVICE = "echo"
 PAYLOAD = "x" * 45  # {"id": i, "payload": PAYLOAD} packs to 62-64 bytes, as in bench.py
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def provider(beacon_port: int, mesh: str) -> None:
@@ -65,7 +64,7 @@ def provider(beacon_port: int, mesh: str) -> None:
         signal.signal(signal.SIGUSR1, lambda *_: yappi.start(builtins=True))
     with node:
         inbox = next(t for t in threading.enumerate() if t.name.startswith("zmqmesh-inbox-"))
-        _say(f"ready {os.getpid()} {inbox.native_id}")
+        say(f"ready {os.getpid()} {inbox.native_id}")
         sys.stdin.read()
         if profile_to:
             yappi.stop()
@@ -104,7 +103,7 @@ def async_provider(beacon_port: int, mesh: str, sync_handler: bool = False) -> N
                 return msg.data
 
         async with node:
-            _say(f"ready {os.getpid()} {threading.main_thread().native_id}")
+            say(f"ready {os.getpid()} {threading.main_thread().native_id}")
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
             if profile_to:
                 profiler.disable()
@@ -124,7 +123,7 @@ def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: in
             node.request(SERVICE, {"id": i, "payload": PAYLOAD}, timeout=timeout)
         node.request_many(SERVICE, [{"id": i, "payload": PAYLOAD} for i in range(warm)], timeout=timeout,
                           window=window)
-        _say("warm")
+        say("warm")
         sys.stdin.readline()
         items = [{"id": i, "payload": PAYLOAD} for i in range(n)]
         if mode == "sync":
@@ -134,33 +133,15 @@ def client(beacon_port: int, mesh: str, mode: str, n: int, window: int, warm: in
         else:
             reply = node.request_many(SERVICE, items, timeout=timeout, window=window)[-1]
         assert reply == items[-1], reply
-        _say("done")
+        say("done")
         sys.stdin.readline()
 
 
-def _thread_cpu(pid: int, tid: int) -> tuple[int, int, int]:
-    """(user ticks, system ticks, CPU ns) of one thread."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-        ns = int(f.read().split()[0])
-    return int(fields[11]), int(fields[12]), ns
-
-
-def _expect(proc: subprocess.Popen[str], word: str) -> list[str]:
-    assert proc.stdout is not None
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"process ended before saying {word!r}")
-        parts = line.split()
-        if parts and parts[0] == word:
-            return parts
 
 
 def one_round(args: argparse.Namespace) -> dict[str, float]:
     """Start a provider and a client, measure the provider over ``args.n`` requests."""
-    beacon_port, mesh = _free_udp_port(), f"cpu-{os.getpid()}-{time.monotonic_ns()}"
+    beacon_port, mesh = free_udp_port(), f"cpu-{os.getpid()}-{time.monotonic_ns()}"
     me = os.path.abspath(__file__)
     out_dir = tempfile.mkdtemp(prefix="provider-cpu-")
     prefix: list[str] = []
@@ -172,41 +153,32 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                             stderr=subprocess.DEVNULL if args.callgrind else None)
     cli = None
     try:
-        _, pid_s, tid_s = _expect(prov, "ready")
+        _, pid_s, tid_s = expect(prov, "ready")
         pid, tid = int(pid_s), int(tid_s)
         timeout = 120.0 if args.callgrind else 20.0
         cli = subprocess.Popen([sys.executable, me, "--role", "client", "--beacon-port", str(beacon_port),
                                 "--mesh", mesh, "--mode", args.mode, "--n", str(args.n), "--window", str(args.window),
                                 "--warm", str(args.warm), "--timeout", str(timeout)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        _expect(cli, "warm")
+        expect(cli, "warm")
         if args.callgrind:
-            _callgrind_control("-i", "on", pid)  # (instruments from here: the run so far cost no counts)
+            callgrind_control("-i", "on", pid)  # (instruments from here: the run so far cost no counts)
         if os.environ.get("PROVIDER_CPU_PROFILE"):
             os.kill(pid, signal.SIGUSR1)
             time.sleep(0.2)
-        before = _thread_cpu(pid, tid)
+        before = thread_cpu(pid, tid)
         assert cli.stdin is not None
         cli.stdin.write("go\n")
         cli.stdin.flush()
-        _expect(cli, "done")
-        after = _thread_cpu(pid, tid)
+        expect(cli, "done")
+        after = thread_cpu(pid, tid)
         if args.callgrind:
-            _callgrind_control("-d", pid)  # (dumped as cg.out.1-<thread>: what the requests cost)
+            callgrind_control("-d", pid)  # (dumped as cg.out.1-<thread>: what the requests cost)
         cli.stdin.write("bye\n")
         cli.stdin.flush()
         cli.wait(30)
     finally:
-        if cli is not None and cli.poll() is None:
-            cli.kill()
-            cli.wait()
-        if prov.stdin is not None:
-            prov.stdin.close()
-        try:
-            prov.wait(60)
-        except subprocess.TimeoutExpired:
-            prov.kill()
-            prov.wait()
+        end_pair(cli, prov)
     tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     result = {"user_us": (after[0] - before[0]) * tick_us / args.n, "sys_us": (after[1] - before[1]) * tick_us / args.n,
               "cpu_us": (after[2] - before[2]) / 1e3 / args.n}
@@ -216,21 +188,11 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
-def _callgrind_control(*command: str | int) -> None:
-    done = subprocess.run(["callgrind_control", *(str(c) for c in command)], capture_output=True,
-                          text=True, check=True)
-    if "OK." not in done.stdout:  # (it says so, and returns 0, when it finds no such run)
-        raise RuntimeError(f"callgrind_control {command}: {done.stdout} {done.stderr}")
-
 
 def _inbox_instructions(out_dir: str) -> int:
     """The instructions callgrind counted on the inbox thread while the requests ran (the
     dump names threads by number: the inbox is the busiest of them)."""
-    counts = []
-    for path in glob.glob(f"{out_dir}/cg.out.1-*"):
-        with open(path) as f:
-            counts.extend(int(line.split()[1]) for line in f if line.startswith("summary:"))
-    return max(counts)
+    return max(callgrind_counts(f"{out_dir}/cg.out.1-*").values())
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ import argparse
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,20 +29,19 @@ import threading
 import time
 from typing import Any
 
+from _cpu_harness import (
+    callgrind_control,
+    callgrind_counts,
+    expect,
+    free_udp_port,
+    say,
+)
+
 QUEUE = "jobs"
 BARE = b"x" * 64
 BATCH = 256
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _threads() -> str:
@@ -68,7 +66,7 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
     node = zmqmesh.Node("cpu-puller", beacon_port=beacon_port, mesh=mesh)
     node.pull(QUEUE, handler, zero_copy=bool(size))
     with node:
-        _say(f"ready {os.getpid()}")
+        say(f"ready {os.getpid()}")
         warmed.wait()
         profile_to = os.environ.get("PUSH_CPU_PROFILE")  # (a file: yappi's profile of the inbox thread)
         if profile_to:
@@ -76,7 +74,7 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
 
             yappi.set_clock_type("cpu")
             yappi.start(builtins=True)
-        _say(f"warm {_threads()}")
+        say(f"warm {_threads()}")
         done.wait()
         if profile_to:
             yappi.stop()
@@ -86,7 +84,7 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
                     f.write(f"{t.name} {t.id} {t.ttot}\n")
                 yappi.get_func_stats(ctx_id=inbox.id).sort("tsub").print_all(
                     out=f, columns={0: ("name", 70), 1: ("ncall", 10), 2: ("tsub", 8), 3: ("ttot", 8)})
-        _say("done")
+        say("done")
         sys.stdin.read()
 
 
@@ -106,13 +104,13 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
             node.push_many(QUEUE, [BARE] * (min(start + BATCH, count) - start))
 
     with zmqmesh.Node("cpu-pusher", beacon_port=beacon_port, mesh=mesh) as node:
-        _say(f"ready {os.getpid()}")
+        say(f"ready {os.getpid()}")
         node.wait_for_pullers(QUEUE, 1, timeout=60)
         give(warm)
-        _say(f"warm {_threads()}")
+        say(f"warm {_threads()}")
         sys.stdin.readline()
         give(n)
-        _say("sent")
+        say("sent")
         sys.stdin.read()
 
 
@@ -127,23 +125,13 @@ def _thread_ns(pid: int) -> dict[int, int]:
     return out
 
 
-def _expect(proc: subprocess.Popen[str], word: str) -> list[str]:
-    assert proc.stdout is not None
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"process ended before saying {word!r}")
-        parts = line.split()
-        if parts and parts[0] == word:
-            return parts
-
 
 def _names(parts: list[str]) -> dict[int, str]:
     return {int(tid): name for tid, name in (p.split("=", 1) for p in parts[1].split(","))} if len(parts) > 1 else {}
 
 
 def one_round(args: argparse.Namespace) -> dict[str, float]:
-    beacon_port, mesh = _free_udp_port(), f"cpu-{os.getpid()}-{time.monotonic_ns()}"
+    beacon_port, mesh = free_udp_port(), f"cpu-{os.getpid()}-{time.monotonic_ns()}"
     me = os.path.abspath(__file__)
     out_dir = tempfile.mkdtemp(prefix="push-cpu-")
     procs: dict[str, subprocess.Popen[str]] = {}
@@ -158,19 +146,19 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                  "--n", str(args.n), "--warm", str(args.warm), "--size", str(args.size)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 stderr=subprocess.DEVNULL if args.callgrind == role else None)
-        pids = {role: int(_expect(p, "ready")[1]) for role, p in procs.items()}
-        names = {role: _names(_expect(procs[role], "warm")) for role in ("pusher", "puller")}
+        pids = {role: int(expect(p, "ready")[1]) for role, p in procs.items()}
+        names = {role: _names(expect(procs[role], "warm")) for role in ("pusher", "puller")}
         if args.callgrind:
-            _callgrind_control("-i", "on", pids[args.callgrind])
+            callgrind_control("-i", "on", pids[args.callgrind])
         before = {role: _thread_ns(pid) for role, pid in pids.items()}
         pusher_proc = procs["pusher"]
         assert pusher_proc.stdin is not None
         pusher_proc.stdin.write("go\n")
         pusher_proc.stdin.flush()
-        _expect(procs["puller"], "done")
+        expect(procs["puller"], "done")
         after = {role: _thread_ns(pid) for role, pid in pids.items()}
         if args.callgrind:
-            _callgrind_control("-d", pids[args.callgrind])
+            callgrind_control("-d", pids[args.callgrind])
     finally:
         for proc in procs.values():
             if proc.stdin is not None:
@@ -188,23 +176,14 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
             if spent >= 1:
                 result[f"{role}:{names[role].get(tid, tid)}"] = spent
     if args.callgrind:
-        for path in sorted(glob.glob(f"{out_dir}/cg.out.1-*")):
-            with open(path) as f:
-                for line in f:
-                    if line.startswith("summary:"):
-                        result[f"instr:{args.callgrind}:{path.rsplit('-', 1)[1]}"] = int(line.split()[1]) / args.n
+        for thread, count in sorted(callgrind_counts(f"{out_dir}/cg.out.1-*").items()):
+            result[f"instr:{args.callgrind}:{thread}"] = count / args.n
     if args.keep:
         result["kept:" + out_dir] = 1
     else:
         shutil.rmtree(out_dir, ignore_errors=True)
     return result
 
-
-def _callgrind_control(*command: str | int) -> None:
-    done = subprocess.run(["callgrind_control", *(str(c) for c in command)], capture_output=True, text=True,
-                          check=True)
-    if "OK." not in done.stdout:
-        raise RuntimeError(f"callgrind_control {command}: {done.stdout} {done.stderr}")
 
 
 def main() -> None:

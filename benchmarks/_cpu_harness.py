@@ -1,0 +1,82 @@
+"""What the CPU harnesses share (provider_cpu.py, caller_cpu.py, push_cpu.py,
+durable_cpu.py): their processes' line protocol on stdin/stdout, a free beacon port,
+per-thread CPU from /proc, and callgrind's control and counts."""
+
+from __future__ import annotations
+
+import glob
+import socket
+import subprocess
+import sys
+
+__all__ = ["free_udp_port", "say", "expect", "thread_cpu", "callgrind_control", "callgrind_counts", "end_pair"]
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing holds now (a beacon port for one round)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def say(line: str) -> None:
+    """Tell the orchestrator ``line`` (a role's stdout, flushed at once)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def expect(proc: subprocess.Popen[str], word: str) -> list[str]:
+    """The words of the first line ``proc`` says that begins with ``word`` (the lines
+    before it are skipped); raises `RuntimeError` if it ends first."""
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"process ended before saying {word!r}")
+        parts = line.split()
+        if parts and parts[0] == word:
+            return parts
+
+
+def thread_cpu(pid: int, tid: int) -> tuple[int, int, int]:
+    """(user ticks, system ticks, CPU ns) of one thread."""
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        ns = int(f.read().split()[0])
+    return int(fields[11]), int(fields[12]), ns
+
+
+def callgrind_control(*command: str | int) -> None:
+    """Run ``callgrind_control`` with ``command``; raises `RuntimeError` unless it says OK."""
+    done = subprocess.run(["callgrind_control", *(str(c) for c in command)], capture_output=True,
+                          text=True, check=True)
+    if "OK." not in done.stdout:  # (it says so, and returns 0, when it finds no such run)
+        raise RuntimeError(f"callgrind_control {command}: {done.stdout} {done.stderr}")
+
+
+def callgrind_counts(pattern: str) -> dict[str, int]:
+    """Thread number (as callgrind numbers its dumps, ``<file>.1-<thread>``) -> the
+    instructions it counted, for the dumps matching ``pattern``; threads with none left out."""
+    counts = {}
+    for path in glob.glob(pattern):
+        with open(path) as f:
+            total = sum(int(line.split()[1]) for line in f if line.startswith("summary:"))
+        if total:
+            counts[path.rsplit("-", 1)[1]] = total
+    return counts
+
+
+def end_pair(client: subprocess.Popen[str] | None, server: subprocess.Popen[str]) -> None:
+    """End a round's processes: ``client`` killed if it still runs, ``server`` told by
+    its stdin closing, and killed if it has not ended within a minute."""
+    if client is not None and client.poll() is None:
+        client.kill()
+        client.wait()
+    if server.stdin is not None:
+        server.stdin.close()
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
