@@ -135,7 +135,11 @@ class Outbound:
                 if queue in at_least_once:
                     kept.add(queue)
                     pusher.pulled(queue)
-                    blocked |= reliable.flush(queue, q)
+                    if reliable.flush(queue, q):  # (its pullers' windows took all they take now: marked as ZeroMQ's refusal is)
+                        blocked = True
+                        pusher.stalled.add(queue)
+                    else:
+                        pusher.stalled.discard(queue)
                     continue
                 again = reliable.redeliver.get(queue)
                 if again and self.directory.providers("queues", queue):

@@ -179,7 +179,9 @@ class Pusher:
         self._taken_off = 0  # (loop only: the bytes sent or dropped since `count_held`)
         self.stalled: set[str] = set()
         """The queues whose socket refused their last frame: ZeroMQ holds all it takes for
-        their pullers (written on the loop: a frame refused adds it, one taken removes it)."""
+        their pullers (written on the loop: a frame refused adds it, one taken removes it);
+        and the at-least-once queues whose flush left messages waiting, their pullers'
+        windows (or sockets) full (`Outbound.flush`)."""
         self._taking = threading.Lock()  # (`take`: two that measured the room at once each took all of it)
         self._gauge = (0, -_GAUGE_MAX_AGE_S)  # (`queued_bytes` as last counted, and when)
         self._queue_max = config.send_queue_max
