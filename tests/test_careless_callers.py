@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from helpers import until, wait_until
+from helpers import hold_loop, until, wait_until
 
 import zmqmesh
 import zmqmesh._mesh.registry
@@ -2198,6 +2198,55 @@ def test_a_handler_bursting_into_a_queue_only_its_own_node_pulls_is_not_refused_
         wait_until(lambda: len(got) >= 1000, 30, "every message pushed")
         assert got == list(range(1000))
         assert node.stats()["pipeline"].get("refused_queue_full", 0) == 0
+
+
+def test_a_handler_pushing_to_a_queue_only_its_own_node_pulls_waits_for_the_loop_when_zeromq_has_room_again(
+        mesh: dict[str, Any]) -> None:
+    """ZeroMQ refused the queue's frames (its puller's handler held up), then that puller
+    took all ZeroMQ held while the loop was kept from trying again: a handler's push into
+    the full send queue was refused at once (the refusal's mark, older than the push,
+    taken for its answer), where the loop, 0.5 s later, hands ZeroMQ the queue and the push."""
+    gate, entered = threading.Event(), threading.Event()
+    got: list[Any] = []
+    outcome: list[Any] = []
+
+    def pulled(msg: zmqmesh.Message) -> None:
+        if msg.data == b"block":
+            entered.set()
+            gate.wait(30)
+        got.append(msg.data)
+
+    node = zmqmesh.Node("looping", send_queue_max=100, queue_hwm=2, **mesh)
+    node.pull("own", pulled)
+
+    @node.service("fill")
+    def fill(msg: zmqmesh.Message) -> str:
+        try:
+            node.push("own", b"from the handler", timeout=15)
+        except zmqmesh.ZmqMeshError as exc:
+            outcome.append(exc)
+        return "done"
+
+    release = threading.Event()
+    with node:
+        node.push("own", b"block")
+        assert entered.wait(10)
+        sent = 0
+        with pytest.raises(zmqmesh.MeshTimeoutError):  # (ZeroMQ full, then the send queue: 100 held)
+            while True:
+                node.push("own", bytes(64 * 1024), timeout=0.3)
+                sent += 1
+        try:
+            hold_loop(node, release, 30)
+            gate.set()
+            wait_until(lambda: len(got) >= 1 + sent - 100, 20, "the puller to take all ZeroMQ held")
+            threading.Timer(0.5, release.set).start()
+            assert node.request("fill", None, timeout=30) == "done"
+        finally:
+            release.set()
+        assert outcome == []
+        wait_until(lambda: len(got) >= sent + 2, 20, "every message")
+        assert got[-1] == b"from the handler" and len(got) == sent + 2
 
 
 def test_an_async_handler_pushing_to_a_queue_only_its_own_async_node_pulls_is_refused_at_once_when_it_is_full(

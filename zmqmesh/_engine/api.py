@@ -968,7 +968,7 @@ class NodeBase:
             if self._own_caller_holds_up(queue, q):
                 # (a burst may have filled it before the loop flushed it into ZeroMQ, which may
                 # still take it: refused only once ZeroMQ took all it takes, if no room came)
-                held_up = functools.partial(self._held_up_by_own_caller, queue, q)
+                held_up = functools.partial(self._held_up_by_own_caller, queue, q, pusher.refusals)
                 yield Room(lambda: pusher.full(q) and not held_up(), deadline)
                 if held_up():
                     counter, bound = pusher.bound_met(queue, q)
@@ -998,17 +998,19 @@ class NodeBase:
         return len(q) >= self.config.send_queue_max or all(
             self._only_this_node_pulls(name) for name, held in list(pusher.queues.items()) if held)
 
-    def _held_up_by_own_caller(self, queue: str, q: deque[Any]) -> bool:
+    def _held_up_by_own_caller(self, queue: str, q: deque[Any], since: int) -> bool:
         """Whether a push to ``queue`` (send queue ``q``) is held up for good by its own
         caller (`_own_caller_holds_up`): the bound it meets is still met, and ZeroMQ took
         all it takes of the queues that would make room (`Pusher.stalled`: it refused their
-        last frame), so nothing will until the caller returns."""
+        last frame after the push began to wait, when `Pusher.refusals` was ``since``), so
+        nothing will until the caller returns."""
         pusher = self._engine.pusher
         if pusher is None or not pusher.full(q) or not self._own_caller_holds_up(queue, q):
             return False
         if len(q) >= self.config.send_queue_max:
-            return queue in pusher.stalled
-        return all(name in pusher.stalled for name, held in list(pusher.queues.items()) if held)
+            return pusher.stalled.get(queue, 0) > since
+        stalled = pusher.stalled
+        return all(stalled.get(name, 0) > since for name, held in list(pusher.queues.items()) if held)
 
     def _only_this_node_pulls(self, queue: str) -> bool:
         directory = self._engine.directory

@@ -137,9 +137,9 @@ class Outbound:
                     pusher.pulled(queue)
                     if reliable.flush(queue, q):  # (its pullers' windows took all they take now: marked as ZeroMQ's refusal is)
                         blocked = True
-                        pusher.stalled.add(queue)
+                        pusher.refused(queue)
                     else:
-                        pusher.stalled.discard(queue)
+                        pusher.stalled.pop(queue, None)
                     continue
                 again = reliable.redeliver.get(queue)
                 if again and self.directory.providers("queues", queue):

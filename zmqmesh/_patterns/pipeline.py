@@ -177,11 +177,14 @@ class Pusher:
         self.max_bytes: int = config.send_queue_max_bytes
         self._counted: tuple[int, int] | None = None  # (`held`, `held_bytes`) when last counted exactly
         self._taken_off = 0  # (loop only: the bytes sent or dropped since `count_held`)
-        self.stalled: set[str] = set()
+        self.stalled: dict[str, int] = {}
         """The queues whose socket refused their last frame: ZeroMQ holds all it takes for
         their pullers (written on the loop: a frame refused adds it, one taken removes it);
         and the at-least-once queues whose flush left messages waiting, their pullers'
-        windows (or sockets) full (`Outbound.flush`)."""
+        windows (or sockets) full (`Outbound.flush`). Each with the `refusals` count of its
+        last refusal: a mark older than a wait for room is no answer to it (the pullers
+        may have taken everything since, the loop not yet having tried again)."""
+        self.refusals = 0  # (loop only: how many refusals `refused` marked)
         self._taking = threading.Lock()  # (`take`: two that measured the room at once each took all of it)
         self._gauge = (0, -_GAUGE_MAX_AGE_S)  # (`queued_bytes` as last counted, and when)
         self._queue_max = config.send_queue_max
@@ -304,8 +307,13 @@ class Pusher:
         close_watched(self.loop, self._sockets.pop(queue), 0)
         del self._connected[queue]
         del self.queues[queue]
-        self.stalled.discard(queue)
+        self.stalled.pop(queue, None)
         self._unpulled.pop(queue, None)
+
+    def refused(self, queue: str) -> None:
+        """Mark ``queue`` `stalled`: its pullers took all they take for now (loop only)."""
+        self.refusals += 1
+        self.stalled[queue] = self.refusals
 
     def pulled(self, queue: str) -> None:
         """``queue`` has pullers now (those `flush` does not see: at-least-once ones)."""
@@ -384,12 +392,12 @@ class Pusher:
                 send_frames(sock, frames, copy=size < LARGE_FRAME)
             except zmq.ZMQError as exc:  # (what it held is still at the front of ``q``, in order)
                 if isinstance(exc, zmq.Again):
-                    self.stalled.add(queue)
+                    self.refused(queue)
                 else:
                     log.error("push to %r failed: %s", queue, exc)
                 return True
             if self.stalled:
-                self.stalled.discard(queue)
+                self.stalled.pop(queue, None)
             drop_front(q, n)  # (sent: taken off the queue now, not before: `next_batch`)
             self._taken_off += size
             self._sequence += n
