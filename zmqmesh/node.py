@@ -302,7 +302,8 @@ class Node(NodeBase):
         room in the send queue. ``headers`` (a ``dict[str, str]``) travel with it. Raises
         `NoProviderError` if nobody pulls ``queue``, `MeshTimeoutError` if the pullers do
         not keep up (from a handler of this node when only this node pulls ``queue`` and
-        it runs one handler at a time, as soon as ZeroMQ holds all it takes: nothing
+        it runs one handler at a time, as soon as ZeroMQ holds all it takes, or an
+        at-least-once queue's window of unacknowledged messages is full: nothing
         would take the queue's messages until the push returned), `TypeError` for unencodable data or headers, `ValueError` for headers past
         their bounds (64 of them, 16 KiB in all).
 
