@@ -40,7 +40,7 @@ def first(mesh: dict[str, Any]) -> Iterator[zmqmesh.Node]:
 def test_an_async_caller_takes_a_provider_that_joins_from_the_next_request(
         mesh: dict[str, Any], first: zmqmesh.Node) -> None:
     """p1 alone serves 40 requests (64 in flight at most: its provider kept); p2 offers
-    the service too: of the next four requests in turn, p2 serves some."""
+    the service too: of the next eight requests in turn, p2 serves some (the round robin alternates; eight leave room for a lookup between two of them)."""
 
     async def scenario() -> None:
         async with zmqmesh.AsyncNode("client", **mesh) as client:
@@ -49,7 +49,7 @@ def test_an_async_caller_takes_a_provider_that_joins_from_the_next_request(
             second = _provider("p2", mesh)
             try:
                 await asyncio.to_thread(wait_until, lambda: _offering(client, 2), 10, "p2 to be seen")
-                served = [await client.request("who", timeout=10) for _ in range(4)]
+                served = [await client.request("who", timeout=10) for _ in range(8)]
                 assert set(served) == {"p1", "p2"}, served
             finally:
                 second.stop()
@@ -68,9 +68,9 @@ def test_a_sync_caller_takes_a_provider_that_joins_from_the_next_request(
         second = _provider("p2", mesh)
         try:
             wait_until(lambda: _offering(client, 2), 10, "p2 to be seen")
-            assert {client.request("who", timeout=10) for _ in range(4)} == {"p1", "p2"}
-            assert set(client.request_many("who", [None] * 4, timeout=10, window=1)) == {"p1", "p2"}
-            assert {client.submit("who", timeout=10).result(10) for _ in range(4)} == {"p1", "p2"}
+            assert {client.request("who", timeout=10) for _ in range(8)} == {"p1", "p2"}
+            assert set(client.request_many("who", [None] * 8, timeout=10, window=1)) == {"p1", "p2"}
+            assert {client.submit("who", timeout=10).result(10) for _ in range(8)} == {"p1", "p2"}
         finally:
             second.stop()
 
