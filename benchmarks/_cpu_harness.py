@@ -5,11 +5,15 @@ per-thread CPU from /proc, and callgrind's control and counts."""
 from __future__ import annotations
 
 import glob
+import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["free_udp_port", "say", "expect", "thread_cpu", "callgrind_control", "callgrind_counts", "end_pair"]
+__all__ = ["free_udp_port", "say", "expect", "thread_cpu", "callgrind_control", "callgrind_counts", "end_pair",
+           "measure_client", "print_rounds"]
 
 
 def free_udp_port() -> int:
@@ -80,3 +84,33 @@ def end_pair(client: subprocess.Popen[str] | None, server: subprocess.Popen[str]
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+
+
+def measure_client(cli: subprocess.Popen[str], pid: int, tid: int, n: int, callgrind: bool
+                   ) -> tuple[dict[str, float], list[str]]:
+    """One measured run of a client process that waits for ``go`` and says ``done`` after
+    its ``n`` requests, then leaves on ``bye``: the thread ``tid`` of process ``pid`` (the
+    one measured) per request, user and system CPU (in us, from clock ticks) and its CPU
+    time (``schedstat``, us), with callgrind's counts dumped if it runs under it; and the
+    words of the client's ``done`` line."""
+    before = thread_cpu(pid, tid)
+    assert cli.stdin is not None
+    cli.stdin.write("go\n")
+    cli.stdin.flush()
+    done = expect(cli, "done")
+    after = thread_cpu(pid, tid)
+    if callgrind:
+        callgrind_control("-d", pid)  # (dumped as <file>.1-<thread>: what the requests cost)
+    cli.stdin.write("bye\n")
+    cli.stdin.flush()
+    cli.wait(60)
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    return {"user_us": (after[0] - before[0]) * tick_us / n, "sys_us": (after[1] - before[1]) * tick_us / n,
+            "cpu_us": (after[2] - before[2]) / 1e3 / n}, done
+
+
+def print_rounds(rounds: int, one_round: Callable[[Any], dict[str, float]], args: Any) -> None:
+    """Run ``one_round(args)`` ``rounds`` times, printing each one's figures on a line."""
+    for _ in range(rounds):
+        r = one_round(args)
+        print(" ".join(f"{k}={v:.2f}" if k != "instr" else f"{k}={v:,.0f}" for k, v in r.items()), flush=True)

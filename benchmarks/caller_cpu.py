@@ -42,8 +42,9 @@ from _cpu_harness import (
     end_pair,
     expect,
     free_udp_port,
+    measure_client,
+    print_rounds,
     say,
-    thread_cpu,
 )
 from provider_cpu import PAYLOAD, SERVICE, _inbox_instructions
 
@@ -173,22 +174,9 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
         pid, tid = int(pid_s), int(tid_s)
         if args.callgrind:
             callgrind_control("-i", "on", pid)
-        before = thread_cpu(pid, tid)
-        assert cli.stdin is not None
-        cli.stdin.write("go\n")
-        cli.stdin.flush()
-        done = expect(cli, "done")
-        after = thread_cpu(pid, tid)
-        if args.callgrind:
-            callgrind_control("-d", pid)
-        cli.stdin.write("bye\n")
-        cli.stdin.flush()
-        cli.wait(60)
+        result, done = measure_client(cli, pid, tid, args.n, args.callgrind)
     finally:
         end_pair(cli, prov)
-    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
-    result = {"user_us": (after[0] - before[0]) * tick_us / args.n, "sys_us": (after[1] - before[1]) * tick_us / args.n,
-              "cpu_us": (after[2] - before[2]) / 1e3 / args.n}
     if args.callgrind:
         result["instr"] = _inbox_instructions(out_dir) / args.n  # (the busiest thread: the loop's)
     if args.opcodes:
@@ -226,9 +214,7 @@ def main() -> None:
     elif args.role == "client":
         client(args.beacon_port, args.mesh, args.mode, args.n, args.window, args.warm, args.timeout, args.opcodes)
     else:
-        for _ in range(args.rounds):
-            r = one_round(args)
-            print(" ".join(f"{k}={v:.2f}" if k != "instr" else f"{k}={v:,.0f}" for k, v in r.items()), flush=True)
+        print_rounds(args.rounds, one_round, args)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ from _cpu_harness import (
     end_pair,
     expect,
     free_udp_port,
+    measure_client,
+    print_rounds,
     say,
-    thread_cpu,
 )
 
 SERVICE = "echo"
@@ -166,22 +167,9 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
         if os.environ.get("PROVIDER_CPU_PROFILE"):
             os.kill(pid, signal.SIGUSR1)
             time.sleep(0.2)
-        before = thread_cpu(pid, tid)
-        assert cli.stdin is not None
-        cli.stdin.write("go\n")
-        cli.stdin.flush()
-        expect(cli, "done")
-        after = thread_cpu(pid, tid)
-        if args.callgrind:
-            callgrind_control("-d", pid)  # (dumped as cg.out.1-<thread>: what the requests cost)
-        cli.stdin.write("bye\n")
-        cli.stdin.flush()
-        cli.wait(30)
+        result, _ = measure_client(cli, pid, tid, args.n, args.callgrind)
     finally:
         end_pair(cli, prov)
-    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
-    result = {"user_us": (after[0] - before[0]) * tick_us / args.n, "sys_us": (after[1] - before[1]) * tick_us / args.n,
-              "cpu_us": (after[2] - before[2]) / 1e3 / args.n}
     if args.callgrind:
         result["instr"] = _inbox_instructions(out_dir) / args.n
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -219,9 +207,7 @@ def main() -> None:
     elif args.role == "client":
         client(args.beacon_port, args.mesh, args.mode, args.n, args.window, args.warm, args.timeout)
     else:
-        for _ in range(args.rounds):
-            r = one_round(args)
-            print(" ".join(f"{k}={v:.2f}" if k != "instr" else f"{k}={v:,.0f}" for k, v in r.items()), flush=True)
+        print_rounds(args.rounds, one_round, args)
 
 
 if __name__ == "__main__":
