@@ -447,13 +447,7 @@ class Dispatcher:
             except zmq.ZMQError as exc:
                 log.debug("receive failed: %s", exc)
                 return False
-            if views_from:  # (a stream's message: decoded here, a call fewer than `_take`'s)
-                try:
-                    self._decode_stream(kind, frames, calls)
-                except Exception as exc:  # malformed input from the wire
-                    self._malformed(kind, exc)
-            else:
-                self._take(kind, frames, calls)
+            self._take(kind, frames, calls)
         return True
 
     def _take(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
@@ -465,13 +459,9 @@ class Dispatcher:
             else:
                 self._decode_stream(kind, frames, calls)
         except Exception as exc:  # malformed input from the wire
-            self._malformed(kind, exc)
-
-    def _malformed(self, kind: str, exc: Exception) -> None:
-        """Count and drop a malformed message received from the ``kind`` socket."""
-        self.stats.pattern[_PATTERN_OF[kind]]["errors"] += 1
-        self.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
-        log.debug("dropping a malformed %s message: %s", kind, exc)
+            self.stats.pattern[_PATTERN_OF[kind]]["errors"] += 1
+            self.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
+            log.debug("dropping a malformed %s message: %s", kind, exc)
 
     def serve_lone_request(self, calls: list[Call]) -> bool:
         """When the router alone signalled, and nothing else waits (no event, publication
