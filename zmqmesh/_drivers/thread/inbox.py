@@ -171,7 +171,7 @@ class ThreadInbox(Dispatcher):
 
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Sync handlers, one at a time: called on this thread as messages are decoded."""
-        if self._pool is not None or (self._deadline is not None and self.abandoned()):
+        if self._pool is not None or self.abandoned():
             return False
         if len(handlers) == 1:  # (a queue's one handler, a topic's usual one: checked per frame)
             return not is_async(handlers[0])
@@ -223,8 +223,7 @@ class ThreadInbox(Dispatcher):
         ready: list[tuple[zmq.Socket[Any], str]] = list(self.sockets)  # (each looked at once first)
         try:
             while not self.stopping:
-                if self._done:
-                    self._complete_done()
+                self._complete_done()
                 self._drain_all(calls, ready)  # (it applies a subscription made meanwhile first)
                 ready = self.used_with_input()
                 while not ready:
@@ -316,7 +315,7 @@ class ThreadInbox(Dispatcher):
         joins in: a stream that never pauses must not hold up requests, publications or a
         new subscription until it does.
         """
-        while self._deadline is None or not self.abandoned():
+        while not self.abandoned():
             if self._resubscribe:
                 self._resubscribe = False
                 self.apply_subscriptions()
@@ -328,8 +327,7 @@ class ThreadInbox(Dispatcher):
                         self._execute(burst)
                         self.after_handling()
                     calls.clear()
-            if self._done:
-                self._complete_done()
+            self._complete_done()
             self.after_handling()
             if not active and not self.has_posted():
                 return

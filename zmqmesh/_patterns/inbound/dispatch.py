@@ -391,8 +391,6 @@ class Dispatcher:
     def after_handling(self) -> None:
         """Called after a burst was handled (durable subscriptions commit where they are,
         also one that its handler or another thread dropped meanwhile)."""
-        if self.replays is None and not self.registry.replays:  # (no subscription ever replayed: nothing to commit)
-            return
         replays = self._recording()
         if replays is not None:
             replays.flush()
