@@ -2117,6 +2117,22 @@ def _push_to_own_queue_until_refused(push: Any) -> tuple[int, Any]:
         sent += 1
 
 
+def _fill_from_a_handler(node: zmqmesh.Node, push: Any) -> tuple[int, Any, float]:
+    """Offer ``fill`` on the running ``node``, a service whose handler pushes with
+    ``push(i)`` until one is refused (`_push_to_own_queue_until_refused`), and call it:
+    how many went, what refused the next, and how long the call took."""
+    outcome: list[tuple[int, Any]] = []
+
+    @node.service("fill")
+    def fill(msg: zmqmesh.Message) -> str:
+        outcome.append(_push_to_own_queue_until_refused(push))
+        return "done"
+
+    started = time.monotonic()
+    assert node.request("fill", None, timeout=60) == "done"
+    return *outcome[0], time.monotonic() - started
+
+
 @pytest.mark.parametrize("at_least_once", [False, True])
 def test_a_handler_pushing_to_a_queue_only_its_own_node_pulls_is_refused_at_once_when_it_is_full(
         mesh: dict[str, Any], at_least_once: bool) -> None:
@@ -2124,20 +2140,11 @@ def test_a_handler_pushing_to_a_queue_only_its_own_node_pulls_is_refused_at_once
     acknowledgement comes while the handler runs): with ZeroMQ's refusal alone marking a
     queue held up, such a push waited out its whole timeout (5.06 s of timeout=5)."""
     got: list[int] = []
-    outcome: list[tuple[int, Any]] = []
     node = zmqmesh.Node("looping", send_queue_max=100, **mesh)
     node.pull("own", lambda m: got.append(m.data), at_least_once=at_least_once)
-
-    @node.service("fill")
-    def fill(msg: zmqmesh.Message) -> str:
-        outcome.append(_push_to_own_queue_until_refused(lambda i: node.push("own", i, timeout=15)))
-        return "done"
-
     with node:
-        started = time.monotonic()
-        assert node.request("fill", None, timeout=60) == "done"
-        assert time.monotonic() - started < 10, "at once, not after the push's timeout"
-        sent, refused = outcome[0]
+        sent, refused, took = _fill_from_a_handler(node, lambda i: node.push("own", i, timeout=15))
+        assert took < 10, "at once, not after the push's timeout"
         assert isinstance(refused, zmqmesh.MeshTimeoutError) and "handler_concurrency" in str(refused)
         wait_until(lambda: len(got) >= sent, 30, "every push before the refused one")
         assert got == list(range(sent)), "none lost"
@@ -2151,21 +2158,12 @@ def test_a_handler_pushing_to_a_queue_only_its_own_node_pulls_is_refused_soon_at
     (5.01 s with timeout=5, after 1,224) and was told the receivers were not keeping up,
     as if only the queue's own bound could be met."""
     got: list[int] = []
-    outcome: list[tuple[int, Any]] = []
     payload = bytes(64 * 1024)
     node = zmqmesh.Node("looping", send_queue_max_bytes=1 << 20, queue_hwm=10, **mesh)
     node.pull("own", lambda m: got.append(len(m.data)))
-
-    @node.service("fill")
-    def fill(msg: zmqmesh.Message) -> str:
-        outcome.append(_push_to_own_queue_until_refused(lambda i: node.push("own", payload, timeout=15)))
-        return "done"
-
     with node:
-        started = time.monotonic()
-        assert node.request("fill", None, timeout=60) == "done"
-        assert time.monotonic() - started < 10, "soon, not after the push's timeout"
-        sent, refused = outcome[0]
+        sent, refused, took = _fill_from_a_handler(node, lambda i: node.push("own", payload, timeout=15))
+        assert took < 10, "soon, not after the push's timeout"
         assert isinstance(refused, zmqmesh.MeshTimeoutError), refused
         assert "handler_concurrency" in str(refused) and "send_queue_max_bytes" in str(refused), str(refused)
         wait_until(lambda: len(got) >= sent, 30, "every push before the refused one")
