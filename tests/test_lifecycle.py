@@ -329,6 +329,33 @@ def test_what_a_handler_outliving_the_stop_leaves_is_counted_when_it_returns(mes
 
 
 @pytest.mark.timeout(60)
+def test_requests_left_by_many_handlers_outliving_the_stop_are_logged_in_one_line(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """A provider stopped while its whole pool of handlers runs past the timeout: each
+    request they leave unanswered is counted as dropped when its handler returns, and the
+    lot is named in one line when the last returns (one line a handler before: 16 lines of
+    "1 request(s) not answered" here, 64 at ``handler_concurrency=64``)."""
+    concurrency = 16
+    release = threading.Event()
+    provider = zmqmesh.Node("provider", handler_concurrency=concurrency, **mesh)
+    provider.service("slow", lambda m: release.wait(20))
+    with zmqmesh.Node("client", **mesh) as client:
+        provider.start()
+        client.wait_for_service("slow", timeout=10)
+        futures = [client.submit("slow", i, timeout=20) for i in range(concurrency)]
+        wait_until(lambda: provider.stats()["service"]["received"] == concurrency, 10, "every request to arrive")
+        provider.stop(timeout=0.2)
+        release.set()
+        wait_until(lambda: provider.stats()["service"]["dropped"] == concurrency, 10, "the requests counted as left")
+        for future in futures:
+            with pytest.raises(zmqmesh.ZmqMeshError):
+                future.result(20)
+    wait_until(lambda: "request(s) not answered" in caplog.text, 5, "the line")
+    lines = [r.getMessage() for r in caplog.records if "request(s) not answered" in r.getMessage()]
+    assert len(lines) == 1 and f"{concurrency} request(s) not answered" in lines[0], lines
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("returns_in_time, opener", [(True, "Node"), (False, "Node"), (True, "AsyncNode")])
 def test_a_store_a_handler_outliving_the_stop_holds_is_waited_for_when_opened_again(
         mesh: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, returns_in_time: bool,

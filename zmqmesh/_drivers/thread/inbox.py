@@ -402,16 +402,18 @@ class ThreadInbox(Dispatcher):
             self._slots.release()  # type: ignore[union-attr]
             with self._exit_lock:  # (its outcome is in `_done` as it leaves the count: a stop waits for both)
                 self._in_pool -= 1
-                if not self._exited and not fut.cancelled():
+                if fut.cancelled():  # never run: the stop's timeout passed first
+                    self.drop(call)
+                    return
+                if not self._exited:
                     self._done.append((call, *fut.result()))
                     self.wake()
                     return
-            if fut.cancelled():  # never run: the stop's timeout passed first
-                self.drop(call)
-                return
-            if call.route is not None:  # returned after the inbox ended: unanswered, unacknowledged, unrecorded
-                self.drop(call)
-                self.report_left_at_stop(self.name)
+                if call.route is None:
+                    return
+                self.drop(call)  # returned after the inbox ended: unanswered, unacknowledged, unrecorded
+                last = self._in_pool == 0  # (under the lock: the last to leave the pool reports all before it)
+            self.left_at_stop.report_late(last)
 
         with self._exit_lock:
             self._in_pool += 1

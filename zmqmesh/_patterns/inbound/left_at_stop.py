@@ -30,6 +30,9 @@ _UNREAD_FRAMES_MAX = 65_536
 """Frames a stopping node reads from its PULL and SUB sockets to count what it leaves
 unhandled (bounded: a peer may still be sending)."""
 _UNREAD_COUNT_S = 0.1  # ... whose messages it counts one by one for this long (decoding each frame)
+_LATE_REPORT_S = 10.0
+"""Least time between two lines for what handlers that outlived a stop left, while others
+still run (the last to return reports at once)."""
 _LEFT_AT_STOP = {
     "pushed": "pushed message(s) not handled, dropped",
     "at-least-once": "at-least-once message(s) not handled (delivered again, here or elsewhere)",
@@ -71,6 +74,7 @@ class LeftAtStop:
         self._counts: dict[str, int] = {}  # by `_LEFT_AT_STOP`'s kinds, since the last report
         self.reported_as: str | None = None
         """The node's name, once `report` was called."""
+        self._late_reported_at = float("-inf")
 
     def count(self, pattern: str, route: Any, count: int, kind: str | None = None) -> None:
         """Count ``count`` messages of ``pattern`` a stop left unhandled: in the pattern's
@@ -87,16 +91,23 @@ class LeftAtStop:
         came after the last drain of a stop on time (a subscriber that leaves misses what
         is published as it goes)."""
         self.reported_as = name
+        self._late_reported_at = time.monotonic()
         if self._counts:
             left, self._counts = self._counts, {}
             level = logging.WARNING if self.abandoned() or left.keys() - {"published"} else logging.INFO
             log.log(level, "node %s: the stop's timeout passed, or messages came after the last drain: %s", name,
                     "; ".join(f"{count} {_LEFT_AT_STOP[kind]}" for kind, count in left.items()))
 
-    def report_late(self) -> None:
-        """If the stop already reported, log what was left since (a handler that outlived
-        it); else nothing: the stop's own report says it."""
-        if self.reported_as is not None:
+    def report_late(self, last: bool = True) -> None:
+        """If the stop already reported, log what was left since (by handlers that outlived
+        it): now if this is the ``last`` of them, else at most once every `_LATE_REPORT_S`
+        (one line for many, not one each); if the stop has not reported, nothing: its own
+        report says it."""
+        if self.reported_as is None:
+            return
+        now = time.monotonic()
+        if last or now - self._late_reported_at >= _LATE_REPORT_S:
+            self._late_reported_at = now
             self.report(self.reported_as)
 
     def count_unread(self, pull: zmq.Socket[Any], sub: zmq.Socket[Any], codec: Codec,
