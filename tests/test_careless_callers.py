@@ -1333,6 +1333,17 @@ def test_numbers_from_the_environment_may_have_spaces_around_them(
     assert getattr(zmqmesh.NodeConfig.from_options(), name) == expected
 
 
+@pytest.mark.parametrize("option", ["discovery", "accept_plain_zre"])
+@pytest.mark.parametrize("bad", ["no", "false", 0, None, 1.0])
+def test_a_switch_that_is_no_bool_is_a_config_error(option: str, bad: Any) -> None:
+    """``NodeConfig(discovery="no")`` made a config whose switch a truth test read as on:
+    a caller turning discovery off by a string got a node beaconing. A switch takes True
+    or False only (the environment's "no"/"0" are read as False before), else `ConfigError`."""
+    with pytest.raises(zmqmesh.ConfigError, match=f"{option} must be True or False"):
+        zmqmesh.NodeConfig(**{option: bad})
+    assert getattr(zmqmesh.NodeConfig(**{option: False}), option) is False
+
+
 def test_advertising_0_0_0_0_is_a_config_error_as_the_config_is_made() -> None:
     """``advertise_address="0.0.0.0"`` (documented: never 0.0.0.0) made a config, and then
     failed the node's start with a plain `ZmqMeshError`, where an option zmqmesh cannot

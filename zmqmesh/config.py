@@ -261,6 +261,9 @@ class NodeConfig:
             # (None or "" listened on every interface, where the default keeps to loopback)
             raise ConfigError(f"metrics_address must name the address to listen on ('0.0.0.0' for every "
                               f"interface), got {self.metrics_address!r}")
+        for name in ("discovery", "accept_plain_zre"):  # (a truth test took "no" for yes)
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("seeds", "curve_allow"):
             value = getattr(self, name)
             if isinstance(value, (list, str)):
