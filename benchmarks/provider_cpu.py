@@ -45,8 +45,6 @@ SERVICE = "echo"
 PAYLOAD = "x" * 45  # {"id": i, "payload": PAYLOAD} packs to 62-64 bytes, as in bench.py
 
 
-
-
 def provider(beacon_port: int, mesh: str) -> None:
     """The echo provider: says ``ready <pid> <inbox tid>``, serves until stdin closes."""
     import zmqmesh
