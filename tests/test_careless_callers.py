@@ -945,8 +945,8 @@ def test_an_async_nodes_group_calls_refuse_what_a_nodes_do(mesh: dict[str, Any])
 
 
 def test_the_twins_refuse_a_bad_group_or_frame_first_even_when_not_running(mesh: dict[str, Any]) -> None:
-    """Node and AsyncNode answer a bad group or frame alike, running or not: ValueError
-    or TypeError (the arguments are checked first). (Before: a Node not running raised
+    """Node and AsyncNode answer a bad group or frame alike, running or not: ConfigError (a
+    ValueError) or EncodeError (a TypeError) (the arguments are checked first). (Before: a Node not running raised
     ValueError/TypeError, an AsyncNode NodeClosedError, though its docstrings say it
     raises as Node's do.)"""
     node = zmqmesh.Node("sync-twin", **mesh)
@@ -966,7 +966,7 @@ def test_the_twins_refuse_a_bad_group_or_frame_first_even_when_not_running(mesh:
             found["AsyncNode"].append(type(caught.value).__name__)
 
     asyncio.run(main())
-    assert found["Node"] == ["ValueError", "ValueError", "TypeError", "TypeError"]
+    assert found["Node"] == ["ConfigError", "ConfigError", "EncodeError", "EncodeError"]
     assert found["AsyncNode"] == found["Node"]
 
 

@@ -12,8 +12,10 @@ import typing
 
 from ._version import __version__
 from .errors import (
+    ArgumentTypeError,
     ConfigError,
     DecodeError,
+    EncodeError,
     MeshTimeoutError,
     MessageTooLargeError,
     NodeClosedError,
@@ -56,6 +58,8 @@ __all__ = [
     "Peer",
     "ZmqMeshError",
     "ConfigError",
+    "ArgumentTypeError",
+    "EncodeError",
     "DecodeError",
     "MeshTimeoutError",
     "MessageTooLargeError",

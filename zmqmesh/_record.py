@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .errors import ArgumentTypeError
+
 __all__ = ["frozen_record", "fields_of", "replaced"]
 
 _T = TypeVar("_T")
@@ -39,8 +41,9 @@ def frozen_record(cls: type[_T]) -> type[_T]:
     ``__hash__``, ``__repr__``, ``__match_args__``, ``__setattr__`` and ``__delattr__``
     (the last two raise `AttributeError`); records copy as plain objects do. The fields
     the class names in ``__record_hidden__`` (secrets) are shown as ``<hidden>`` unless
-    None. Construction raises `TypeError` for an unknown, repeated or missing argument;
-    the decorator raises it for a field without a default after one with a default."""
+    None. Construction raises `ArgumentTypeError` (a ``TypeError``) for an unknown,
+    repeated or missing argument; the decorator raises ``TypeError`` for a field without a
+    default after one with a default."""
     names = tuple(cls.__dict__.get("__annotations__", {}))
     defaulted = False
     for name in names:
@@ -71,11 +74,11 @@ def fields_of(record: Any) -> tuple[str, ...]:
 
 def replaced(record: _T, **changes: Any) -> _T:
     """A copy of ``record`` with ``changes`` (checked by its class as at construction).
-    Raises `TypeError` for a name that is not a field."""
+    Raises `ArgumentTypeError` (a ``TypeError``) for a name that is not a field."""
     values = {name: getattr(record, name) for name in fields_of(record)}
     unknown = changes.keys() - values.keys()
     if unknown:
-        raise TypeError(f"{type(record).__name__} has no field(s) {', '.join(sorted(unknown))}")
+        raise ArgumentTypeError(f"{type(record).__name__} has no field(s) {', '.join(sorted(unknown))}")
     return type(record)(**{**values, **changes})
 
 
@@ -84,14 +87,14 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     names: tuple[str, ...] = getattr(cls, _FIELDS)
     defaults: dict[str, Any] = getattr(cls, _DEFAULTS)
     if len(args) > len(names):
-        raise TypeError(f"{cls.__name__}() takes {len(names)} arguments, got {len(args)}")
+        raise ArgumentTypeError(f"{cls.__name__}() takes {len(names)} arguments, got {len(args)}")
     given = dict(zip(names, args))
     unknown = kwargs.keys() - set(names)
     if unknown:
-        raise TypeError(f"{cls.__name__}() got unexpected argument(s) {', '.join(sorted(unknown))}")
+        raise ArgumentTypeError(f"{cls.__name__}() got unexpected argument(s) {', '.join(sorted(unknown))}")
     twice = given.keys() & kwargs.keys()
     if twice:
-        raise TypeError(f"{cls.__name__}() got argument(s) {', '.join(sorted(twice))} twice")
+        raise ArgumentTypeError(f"{cls.__name__}() got argument(s) {', '.join(sorted(twice))} twice")
     given.update(kwargs)
     for name in names:
         if name in given:
@@ -99,7 +102,7 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
         elif name in defaults:
             value = defaults[name]
         else:
-            raise TypeError(f"{cls.__name__}() is missing the argument {name!r}")
+            raise ArgumentTypeError(f"{cls.__name__}() is missing the argument {name!r}")
         object.__setattr__(self, name, value)
     post_init = getattr(self, "__post_init__", None)
     if post_init is not None:

@@ -23,6 +23,7 @@ from ._engine.api import (
     NodeBase,
     as_frames,
     check_group,
+    check_peer_id,
     check_timeout,
     check_window,
 )
@@ -372,7 +373,7 @@ class AsyncNode(NodeBase):
 
     async def whisper(self, peer_id: str, *frames: bytes | str) -> None:
         """Send a ZRE WHISPER to one peer (see `Node.whisper`). Raises as `Node.whisper` does."""
-        raw = as_frames(frames)  # (the arguments first, as `Node`'s twin checks them)
+        peer_id, raw = check_peer_id(peer_id), as_frames(frames)  # (the arguments first, as `Node`'s twin)
         self._check_loop()
         self._check_open()
         self._engine.whisper(peer_id, raw)

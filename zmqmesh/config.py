@@ -76,7 +76,7 @@ class NodeConfig:
 
     A config is immutable; ``config.replace(**options)`` makes a changed copy, and
     ``NodeConfig.fields()`` names the fields. Building one raises `ConfigError` for a
-    value out of range, `TypeError` for an unknown field.
+    value out of range, `ArgumentTypeError` (a ``TypeError``) for an unknown field.
 
     Discovery and membership:
         mesh: name of the mesh; nodes of different meshes ignore each other even on one
@@ -415,7 +415,7 @@ class NodeConfig:
 
     def replace(self, **options: Any) -> NodeConfig:
         """A copy of this config with ``options`` changed. Raises `ConfigError` for a value
-        out of range, `TypeError` for an unknown option."""
+        out of range, `ArgumentTypeError` (a ``TypeError``) for an unknown option."""
         return replaced(self, **options)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 __all__ = [
     "ZmqMeshError",
     "ConfigError",
+    "ArgumentTypeError",
+    "EncodeError",
     "NodeClosedError",
     "MeshTimeoutError",
     "NoProviderError",
@@ -27,7 +29,19 @@ class ZmqMeshError(Exception):
 
 
 class ConfigError(ZmqMeshError, ValueError):
-    """An option has a value zmqmesh cannot use (wrong type, out of range, unknown interface)."""
+    """An option or argument has a value zmqmesh cannot use (out of range, unknown interface,
+    a name no topic, queue, service or group can have, a second handler for one name)."""
+
+
+class ArgumentTypeError(ZmqMeshError, TypeError):
+    """An argument of a type zmqmesh cannot use: a handler or callback that cannot be
+    called, a peer that is neither a `Peer` nor a node id, items that are not iterable."""
+
+
+class EncodeError(ZmqMeshError, TypeError):
+    """Data, headers or frames that cannot be encoded (msgpack has no form for an object,
+    an int past 64 bits, nesting past its limit; a header that is not text). Nothing of
+    the call was sent; the message says what failed and where."""
 
 
 class NodeClosedError(ZmqMeshError):

@@ -25,6 +25,7 @@ from ._engine.api import (
     NodeBase,
     as_frames,
     check_group,
+    check_peer_id,
     check_timeout,
     check_window,
 )
@@ -283,8 +284,9 @@ class Node(NodeBase):
         """Publish ``data`` on ``topic`` to every node subscribed to a prefix of it (this one too).
 
         Returns once queued; order per publisher is kept. ``headers`` (a ``dict[str, str]``,
-        at most 64 of them, 16 KiB in all) travel with it. Raises `TypeError` for data msgpack
-        cannot encode or bad headers, `ValueError` for headers past those bounds,
+        at most 64 of them, 16 KiB in all) travel with it. Raises `EncodeError` (a
+        ``TypeError``) for data msgpack cannot encode or bad headers, `ConfigError` (a
+        ``ValueError``) for headers past those bounds or a bad topic,
         `MessageTooLargeError`, `NodeClosedError` if the node is not running,
         `MeshTimeoutError` if the publish queue stays full (``send_queue_max`` messages, or
         ``send_queue_max_bytes``: the node sends more slowly than its callers publish) for
@@ -304,8 +306,9 @@ class Node(NodeBase):
         not keep up (from a handler of this node when only this node pulls ``queue`` and
         it runs one handler at a time, as soon as ZeroMQ holds all it takes, or an
         at-least-once queue's window of unacknowledged messages is full: nothing
-        would take the queue's messages until the push returned), `TypeError` for unencodable data or headers, `ValueError` for headers past
-        their bounds (64 of them, 16 KiB in all).
+        would take the queue's messages until the push returned), `EncodeError` (a
+        ``TypeError``) for unencodable data or headers, `ConfigError` (a ``ValueError``)
+        for headers past their bounds (64 of them, 16 KiB in all) or a bad queue name.
 
         With ``durable=True`` (needs a store) the message is committed to this node's
         store before ``push`` returns and delivered at least once to an at-least-once
@@ -324,8 +327,10 @@ class Node(NodeBase):
         """`push` each of ``items``, in order, much faster than one `push` each: all are
         encoded first (one that cannot be encoded fails the call before any is sent), then
         queued as room allows. With ``durable=True`` all of them are committed in one
-        transaction before this returns, or none is. Raises as `push` does; a timeout
-        part-way leaves the items before it sent."""
+        transaction before this returns, or none is. Raises as `push` does (`EncodeError`
+        names the item that cannot be encoded by its index), `ArgumentTypeError` (a
+        ``TypeError``) for ``items`` that cannot be iterated; a timeout part-way leaves the
+        items before it sent."""
         if durable:
             self._commit_durable(queue, items, headers)
             return
@@ -334,7 +339,8 @@ class Node(NodeBase):
     def publish_many(self, topic: str, items: Iterable[Any], *, headers: dict[str, str] | None = None) -> None:
         """`publish` each of ``items`` on ``topic``, in order, much faster than one `publish`
         each: all are encoded first (one that cannot be encoded fails the call before any
-        is sent), then queued as room allows. Raises as `publish` does; a timeout part-way
+        is sent), then queued as room allows. Raises as `publish` does (and as `push_many`
+        does for the items); a timeout part-way
         (the queue held ``send_queue_max`` messages or ``send_queue_max_bytes`` for
         ``push_timeout_s``) leaves the items before it sent."""
         self._runner.run(self._publish_many_plan(self._encode_publications(topic, items, headers)))
@@ -352,7 +358,10 @@ class Node(NodeBase):
         nothing is sent, and it raises `MeshTimeoutError` at once. Raises
         `NoProviderError` (nobody offers it), `MeshTimeoutError`, `PeerLostError` (the
         provider left mid-request, raised as soon as that is known), `RemoteError` (the
-        handler raised), `TypeError` for unencodable data, `MessageTooLargeError` for data
+        handler raised), `EncodeError` (a ``TypeError``) for unencodable data or headers,
+        `ConfigError` (a ``ValueError``) for a bad service name or headers past their bounds,
+        `ArgumentTypeError` (a ``TypeError``) for a ``peer`` that is neither a `Peer` nor an
+        id, `MessageTooLargeError` for data
         larger than this node's ``max_message_bytes`` or than every provider announced it
         takes (a provider that takes it is picked over one that does not).
         """
@@ -377,9 +386,10 @@ class Node(NodeBase):
         forgotten (their late replies are dropped and counted), those after it that
         had already gone with the items before it too (items at hand go in batches, which
         may leave before the failing item is found unable to go). An item that cannot be
-        encoded raises `TypeError` as soon as its turn comes, without waiting: the requests
-        in flight are forgotten, and those not sent yet never go. `ConfigError` (a
-        `ValueError`) for a ``window`` that is not an int >= 1.
+        encoded raises `EncodeError` (naming its index) as soon as its turn comes, without
+        waiting: the requests in flight are forgotten, and those not sent yet never go.
+        `ConfigError` (a `ValueError`) for a ``window`` that is not an int >= 1,
+        `ArgumentTypeError` (a ``TypeError``) for ``items`` that cannot be iterated.
         """
         check_window(window)
         if self._engine.on_loop_thread():
@@ -410,7 +420,7 @@ class Node(NodeBase):
         the replies, so many requests are in flight without a thread each. At most
         `MAX_SUBMITTED` (4,096) are in flight: past that, the call waits for room, within
         ``timeout``. A submitted request cannot be cancelled. Raises at once
-        `NodeClosedError`, `TypeError` for unencodable data, and `MeshTimeoutError` when no
+        `NodeClosedError`, `EncodeError` (a ``TypeError``) for unencodable data, and `MeshTimeoutError` when no
         room freed up in time.
 
         The futures complete on that thread of the node, so their done-callbacks run
@@ -441,26 +451,29 @@ class Node(NodeBase):
     def whisper(self, peer_id: str, *frames: bytes | str) -> None:
         """Send a ZRE WHISPER (raw frames) to one peer, zmqmesh or plain ZRE.
 
-        Raises `ZmqMeshError` for an unknown peer or a full send buffer, `ValueError` for no
-        frame, `TypeError` for a frame that is not bytes or str.
+        Raises `ZmqMeshError` for an unknown peer or a full send buffer, `ConfigError` (a
+        ``ValueError``) for no frame, `EncodeError` (a ``TypeError``) for a frame that is
+        not bytes or str, `ArgumentTypeError` (a ``TypeError``) for a ``peer_id`` that is
+        no str.
         """
-        self._call(self._engine.whisper, peer_id, as_frames(frames))
+        self._call(self._engine.whisper, check_peer_id(peer_id), as_frames(frames))
 
     def shout(self, group: str, *frames: bytes | str) -> int:
         """Send a ZRE SHOUT (raw frames) to every peer in ``group``; returns how many got it.
-        Raises `ValueError` for a group name no group has (`check_group`: text of 1 to 255
-        bytes, not beginning with ``zmqmesh/``) or no frame, `TypeError` for a frame that is
+        Raises `ConfigError` (a ``ValueError``) for a group name no group has (`check_group`:
+        text of 1 to 255 bytes, not beginning with ``zmqmesh/``) or no frame, `EncodeError`
+        (a ``TypeError``) for a frame that is
         not bytes or str, `NodeClosedError` unless the node runs."""
         return int(self._call(self._engine.shout, check_group(group), as_frames(frames)))
 
     def join(self, group: str) -> None:
-        """Join a ZRE group (to receive its shouts). Raises `ValueError` for a reserved or
+        """Join a ZRE group (to receive its shouts). Raises `ConfigError` (a ``ValueError``) for a reserved or
         bad name (as `shout`), `NodeClosedError` unless the node runs."""
         self._call(self._engine.join_group, check_group(group))
 
     def leave(self, group: str) -> None:
         """Leave a ZRE group (nothing happens if this node is not in it). Raises
-        `ValueError` for a reserved or bad name (as `shout`), `NodeClosedError` unless the
+        `ConfigError` (a ``ValueError``) for a reserved or bad name (as `shout`), `NodeClosedError` unless the
         node runs."""
         self._call(self._engine.leave_group, check_group(group))
 

@@ -46,8 +46,10 @@ from .._wire.frames import (
 )
 from ..config import LONGEST_WAIT_S, NodeConfig
 from ..errors import (
+    ArgumentTypeError,
     ConfigError,
     DecodeError,
+    EncodeError,
     MeshTimeoutError,
     NodeClosedError,
     NoProviderError,
@@ -62,7 +64,8 @@ if TYPE_CHECKING:
     from .._patterns.durable import Ticket
     from .._patterns.replay import Fetch
 
-__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window", "peer_id_of", "as_frames", "check_group"]
+__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window", "peer_id_of",
+           "check_peer_id", "as_frames", "check_group", "check_items"]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -175,10 +178,11 @@ def check_count(n: Any, what: str = "n") -> int:
 
 
 def check_name(kind: str, name: str) -> str:
-    """``name`` if it is a valid topic, queue or service name. Raises `ValueError`."""
+    """``name`` if it is a valid topic, queue or service name. Raises `ConfigError` (a
+    ``ValueError``)."""
     size = _utf8_size(name) if isinstance(name, str) else None
     if size is None or size > MAX_NAME_BYTES or (kind != "topic" and not name):
-        raise ValueError(f"a {kind} must be a string (text UTF-8 can encode) of at most {MAX_NAME_BYTES} bytes"
+        raise ConfigError(f"a {kind} must be a string (text UTF-8 can encode) of at most {MAX_NAME_BYTES} bytes"
                          + ("" if kind == "topic" else ", not empty"))
     return name
 
@@ -186,13 +190,13 @@ def check_name(kind: str, name: str) -> str:
 def check_group(group: object) -> str:
     """``group`` if it can name a user's ZRE group: text of 1 to `MAX_GROUP_BYTES` bytes in
     UTF-8, not beginning with ``zmqmesh/`` (zmqmesh's own groups: leaving one would withdraw
-    this node's offer from its peers behind its back). Raises `ValueError`."""
+    this node's offer from its peers behind its back). Raises `ConfigError` (a ``ValueError``)."""
     size = _utf8_size(group) if isinstance(group, str) else None
     if not isinstance(group, str) or not size or size > MAX_GROUP_BYTES:
-        raise ValueError(f"a group must be a string (text UTF-8 can encode) of 1 to {MAX_GROUP_BYTES} bytes, "
+        raise ConfigError(f"a group must be a string (text UTF-8 can encode) of 1 to {MAX_GROUP_BYTES} bytes, "
                          f"got {f'{group!r}'[:60]}")
     if group.startswith(RESERVED_GROUP_PREFIX):
-        raise ValueError(f"group names beginning with {RESERVED_GROUP_PREFIX!r} are reserved: {group!r}")
+        raise ConfigError(f"group names beginning with {RESERVED_GROUP_PREFIX!r} are reserved: {group!r}")
     return group
 
 
@@ -214,11 +218,11 @@ def check_node_name(name: object) -> str | None:
 
 
 def _check_not_reserved(kind: str, name: str) -> None:
-    """Raises `ValueError` for a name of the built-in services (they begin with ``\\x00``):
+    """Raises `ConfigError` (a ``ValueError``) for a name of the built-in services (they begin with ``\\x00``):
     a handler registered under one would never be called, and its callers would be
     refused by the built-in."""
     if name.startswith(RESERVED_NAME_PREFIX):
-        raise ValueError(f"a {kind} name may not begin with \\x00 (reserved for built-in services): {name!r}")
+        raise ConfigError(f"a {kind} name may not begin with \\x00 (reserved for built-in services): {name!r}")
 
 
 def _utf8_size(text: str) -> int | None:
@@ -231,29 +235,49 @@ def _utf8_size(text: str) -> int | None:
 
 
 def peer_id_of(peer: str | Peer | None) -> str | None:
-    """The id of a `Peer`, or the id given. Raises `TypeError` for anything else."""
+    """The id of a `Peer`, or the id given. Raises `ArgumentTypeError` (a ``TypeError``)
+    for anything else."""
     if isinstance(peer, Peer):
         return peer.id
     if peer is not None and not isinstance(peer, str):
-        raise TypeError(f"peer must be a Peer or a node id (str), got {type(peer).__name__}")
+        raise ArgumentTypeError(f"peer must be a Peer or a node id (str), got {type(peer).__name__}")
     return peer
+
+
+def check_peer_id(peer_id: object) -> str:
+    """``peer_id`` if it can name the peer of a whisper: a node id (str; an unknown one is
+    refused where it is looked up). Raises `ArgumentTypeError` (a ``TypeError``) otherwise."""
+    if not isinstance(peer_id, str):
+        raise ArgumentTypeError(f"peer_id must be a node id (str), got {type(peer_id).__name__}")
+    return peer_id
 
 
 def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
     """Raw ZRE frames from bytes (or a bytes-like object) or str (in UTF-8). Raises
-    `ValueError` for none, `TypeError` for a frame of another type (``bytes(5)`` would
-    have made five zero bytes of an int)."""
+    `ConfigError` (a ``ValueError``) for none or for text UTF-8 cannot encode (a lone
+    surrogate: a ``UnicodeEncodeError`` before), `EncodeError` (a ``TypeError``) for a
+    frame of another type (``bytes(5)`` would have made five zero bytes of an int)."""
     if not frames:
-        raise ValueError("at least one frame is needed")
+        raise ConfigError("at least one frame is needed")
     out = []
-    for frame in frames:
+    for index, frame in enumerate(frames):
         if isinstance(frame, str):
-            out.append(frame.encode())
+            try:
+                out.append(frame.encode())
+            except UnicodeEncodeError as exc:
+                raise ConfigError(f"frame {index}: text UTF-8 cannot encode: {exc}") from exc
         elif isinstance(frame, (bytes, bytearray, memoryview)):
             out.append(bytes(frame))
         else:
-            raise TypeError(f"a frame must be bytes or str, got {type(frame).__name__}")
+            raise EncodeError(f"frame {index} must be bytes or str, got {type(frame).__name__}")
     return out
+
+
+def check_items(items: object) -> None:
+    """Raises `ArgumentTypeError` (a ``TypeError``) unless ``items`` can be iterated (the
+    items of a batch call)."""
+    if not isinstance(items, Iterable):
+        raise ArgumentTypeError(f"items must be an iterable of payloads, got {type(items).__name__}")
 
 
 def _sent_traced(active: Any, operation: str, name: str, headers: dict[str, str] | None) -> dict[str, str]:
@@ -392,12 +416,12 @@ class NodeBase:
         """Register ``handler`` (or return a decorator that does); ``check(handler)`` first
         (it raises to refuse it), and ``then(handler)`` records its options, only once the
         registration succeeded (a failed one leaves nothing).
-        Raises `TypeError` for a handler that cannot be called, `NodeClosedError` once the
-        node was stopped, `ZmqMeshError` in a process forked after it was built (nothing
+        Raises `ArgumentTypeError` (a ``TypeError``) for a handler that cannot be called,
+        `NodeClosedError` once the node was stopped, `ZmqMeshError` in a process forked after it was built (nothing
         would ever call it)."""
         def decorate(fn: Handler) -> Handler:
             if not callable(fn):
-                raise TypeError("a handler must be callable")
+                raise ArgumentTypeError(f"a handler must be callable, got {type(fn).__name__}")
             self._check_process()  # (before the lock: a parent's thread may have held it at the fork)
             with self._stop_lock:
                 self._refuse_if_stopped()
@@ -446,7 +470,7 @@ class NodeBase:
         A ``durable_name`` names one subscription: another subscription of this node whose
         prefix shares topics with this one (one prefix starts with the other) cannot take it.
 
-        Raises `ValueError` for a prefix longer than 200 bytes, `ConfigError` for a bad
+        Raises `ConfigError` (a ``ValueError``) for a prefix longer than 200 bytes, a bad
         ``replay``, a ``durable_name`` without a store or taken by another subscription of
         this node that shares topics with it, `NodeClosedError` once the node was stopped.
         """
@@ -507,11 +531,11 @@ class NodeBase:
         the payload (write it out, hash it, parse it), it spares one copy per message;
         ``bytes(msg.data)`` makes the copy when one is needed (to keep, pickle or compare it).
 
-        Raises `ValueError` if this node already pulls ``queue`` with another handler,
-        `ConfigError` for an option that does not fit (e.g. ``dedupe`` without a store, a
-        ``dead_letter`` that is ``queue`` itself, or none for a ``queue`` whose ``".dead"``
-        name would pass the bound of a name), `ValueError` for a name no pull could take
-        (``queue`` or ``dead_letter`` past 200 bytes of UTF-8, or beginning ``\\x00``),
+        Raises `ConfigError` (a ``ValueError``) if this node already pulls ``queue`` with
+        another handler, for an option that does not fit (e.g. ``dedupe`` without a store,
+        a ``dead_letter`` that is ``queue`` itself, or none for a ``queue`` whose ``".dead"``
+        name would pass the bound of a name), for a name no pull could take (``queue`` or
+        ``dead_letter`` past 200 bytes of UTF-8, or beginning ``\\x00``),
         `NodeClosedError` once the node was stopped.
         """
         check_name("queue", queue)
@@ -564,7 +588,7 @@ class NodeBase:
 
         ``idempotent=True`` declares that running a request twice is harmless: a caller
         whose provider dies mid-request then retries on another provider instead of
-        raising `PeerLostError`. Raises `ValueError` if this node already offers ``name``
+        raising `PeerLostError`. Raises `ConfigError` (a ``ValueError``) if this node already offers ``name``
         with another handler, `NodeClosedError` once the node was stopped.
         """
         check_name("service", name)
@@ -633,11 +657,12 @@ class NodeBase:
         return removed
 
     def _callback(self, event: str, handler: Any) -> Any:
-        """Register ``handler`` for ``event``; raises `TypeError` if it cannot be called,
+        """Register ``handler`` for ``event``; raises `ArgumentTypeError` (a ``TypeError``)
+        if it cannot be called,
         `ZmqMeshError` in a process forked after the node was built, `NodeClosedError` once
         the node was stopped."""
         if not callable(handler):
-            raise TypeError("a callback must be callable")
+            raise ArgumentTypeError(f"a callback must be callable, got {type(handler).__name__}")
         self._check_process()
         with self._stop_lock:
             self._refuse_if_stopped()
@@ -646,22 +671,26 @@ class NodeBase:
 
     def on_join(self, handler: Handler) -> Handler:
         """Call ``handler(peer)`` when a peer joins the mesh (decorator).
-        Raises `TypeError` if it cannot be called, `NodeClosedError` once the node was stopped."""
+        Raises `ArgumentTypeError` (a ``TypeError``) if it cannot be called,
+        `NodeClosedError` once the node was stopped."""
         return self._callback("join", handler)  # type: ignore[no-any-return]
 
     def on_leave(self, handler: Handler) -> Handler:
         """Call ``handler(peer)`` when a peer leaves, crashes or goes silent (decorator).
-        Raises `TypeError` if it cannot be called, `NodeClosedError` once the node was stopped."""
+        Raises `ArgumentTypeError` (a ``TypeError``) if it cannot be called,
+        `NodeClosedError` once the node was stopped."""
         return self._callback("leave", handler)  # type: ignore[no-any-return]
 
     def on_whisper(self, handler: Handler) -> Handler:
         """Call ``handler(msg)`` for each ZRE WHISPER; ``msg.data`` is the list of frames.
-        Raises `TypeError` if it cannot be called, `NodeClosedError` once the node was stopped."""
+        Raises `ArgumentTypeError` (a ``TypeError``) if it cannot be called,
+        `NodeClosedError` once the node was stopped."""
         return self._callback("whisper", handler)  # type: ignore[no-any-return]
 
     def on_shout(self, handler: Handler) -> Handler:
         """Call ``handler(msg)`` for each ZRE SHOUT to a joined group (``msg.group``, ``msg.data`` frames).
-        Raises `TypeError` if it cannot be called, `NodeClosedError` once the node was stopped."""
+        Raises `ArgumentTypeError` (a ``TypeError``) if it cannot be called,
+        `NodeClosedError` once the node was stopped."""
         return self._callback("shout", handler)  # type: ignore[no-any-return]
 
     # views -------------------------------------------------------------------------------------
@@ -677,7 +706,7 @@ class NodeBase:
 
     def providers(self, service: str) -> list[Peer]:
         """The nodes offering ``service`` now, this one included (for scatter-gather).
-        Raises `ValueError` for a name no service can have (as `request` does)."""
+        Raises `ConfigError` (a ``ValueError``) for a name no service can have (as `request` does)."""
         check_name("service", service)
         directory = self._engine.directory
         found = (directory.lookup_peer(i) for i in directory.providers("services", service))
@@ -726,8 +755,8 @@ class NodeBase:
     # the calls, as plans (the node kinds run them) -----------------------------------------------
 
     def _headed(self, body: bytes, headers: dict[str, str]) -> Headed:
-        """``body`` carrying ``headers`` (checked), an id and the time. Raises `TypeError`,
-        `ValueError` for bad headers."""
+        """``body`` carrying ``headers`` (checked), an id and the time. Raises `EncodeError`,
+        `ConfigError` for bad headers."""
         headed = Headed(body)
         headed.headers = self._engine.codec.encode(check_headers(headers))
         headed.id = self._next_id()
@@ -738,8 +767,8 @@ class NodeBase:
                      ) -> tuple[bytes, bytes] | None:
         """Encode ``data`` and queue it on the publish queue if that has room right now:
         None then; otherwise ``(topic, body)``, for the caller to queue once there is room
-        (`_publish_many_plan`). Raises `NodeClosedError`, `TypeError`, `MessageTooLargeError`,
-        `ValueError` for a bad topic or headers."""
+        (`_publish_many_plan`). Raises `NodeClosedError`, `EncodeError`, `MessageTooLargeError`,
+        `ConfigError` for a bad topic or headers."""
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "publish", topic, headers)
@@ -760,7 +789,7 @@ class NodeBase:
 
     def _encode(self, data: Any, headers: dict[str, str] | None) -> bytes:
         """``data`` encoded (carrying ``headers``, if any) by a running node. Raises
-        `NodeClosedError`, `TypeError`, `MessageTooLargeError`, `ValueError`."""
+        `NodeClosedError`, `EncodeError`, `MessageTooLargeError`, `ConfigError`."""
         body = self._ready().codec.encode(data)
         return self._headed(body, headers) if headers else body
 
@@ -777,7 +806,7 @@ class NodeBase:
         """Encode ``data`` (large bytes: as they are, a `RawPayload`) and queue it on the
         send queue of ``queue`` if that takes it right now: None then; otherwise the body,
         for the caller to queue once `_push_plan` got it the socket, a puller or room.
-        Raises `NodeClosedError`, `TypeError`, `MessageTooLargeError`, `ValueError` for
+        Raises `NodeClosedError`, `EncodeError`, `MessageTooLargeError`, `ConfigError` for
         bad headers, then `ConfigError` for a bad ``timeout``."""
         active = tracing.active
         if active is not None:
@@ -830,8 +859,12 @@ class NodeBase:
         """Every item encoded (carrying ``headers``, and the trace context of one span for
         them all) before any is sent: one that cannot be encoded fails the call, and
         nothing of it is sent. A push's large ``bytes`` without headers stay as they are,
-        as `_push_now` leaves them (`Codec.encode_pushes`). Raises as `_encode` does."""
-        items = items if type(items) is list else list(items)
+        as `_push_now` leaves them (`Codec.encode_pushes`). Raises as `_encode` does (an
+        item that cannot be encoded named by its index), `ArgumentTypeError` for ``items``
+        that cannot be iterated."""
+        if type(items) is not list:
+            check_items(items)
+            items = list(items)
         if not items:  # (nothing to send: the call still raises what one with items would)
             self._ready()
             check_name("queue" if operation == "push" else "topic", name)
@@ -839,10 +872,10 @@ class NodeBase:
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, operation, name, headers)
-        if headers:
-            encode = self._encode
-            return [encode(data, headers) for data in items]
         codec = self._ready().codec
+        if headers:
+            headed = self._headed
+            return [headed(body, headers) for body in codec.encode_many(items)]
         return codec.encode_pushes(items) if operation == "push" else codec.encode_many(items)
 
     def _encode_publications(self, topic: str, items: Iterable[Any], headers: dict[str, str] | None,
@@ -857,8 +890,9 @@ class NodeBase:
         items). The facades then commit it in turn with the calls of other threads or
         tasks (a group commit), and the loop delivers them when a puller is there.
 
-        Raises `ConfigError` without a store, `TypeError` for unencodable data or headers,
-        `MessageTooLargeError`, `NodeClosedError`.
+        Raises `ConfigError` without a store, `EncodeError` for unencodable data or headers,
+        `MessageTooLargeError`, `NodeClosedError`, `ArgumentTypeError` for ``items`` that
+        cannot be iterated.
         """
         engine = self._engine
         self._check_process()
@@ -866,6 +900,7 @@ class NodeBase:
         if engine.durable is None:
             raise ConfigError("durable=True needs a store: Node(..., store='path/dir')")
         check_name("queue", queue)
+        check_items(items)
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
@@ -1053,14 +1088,22 @@ class NodeBase:
                        headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
         """The calls of ``service`` once per item (as `_request_call`), made as they are
         asked for: what the calls share is checked once, with the first item, after its
-        data is encoded (each item raises what `_request_plan` raises, in the same order)."""
+        data is encoded (each item raises what `_request_plan` raises, in the same order;
+        an item that cannot be encoded is named by its index). Raises `ArgumentTypeError`
+        at once for ``items`` that cannot be iterated."""
+        check_items(items)
+        return self._item_calls(service, items, timeout, peer, headers)
+
+    def _item_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
+                    headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
+        """`_request_calls`, made as they are asked for."""
         engine = self._engine
         encode = engine.codec.encode
         calls = None
-        for data in items:
+        for index, data in enumerate(items):
             # `_encode_call`, its checks made inline (once per item): only a forked or stopped
             # node goes through it, to raise what it must
-            body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else encode(data)
+            body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else encode(data, index)
             if calls is None:
                 calls = self._prepare_calls(service, timeout, peer, headers)
             yield self._quick_or_plan(calls, body)
@@ -1073,7 +1116,7 @@ class NodeBase:
 
     def _encode_call(self, data: Any) -> bytes:
         """``data`` encoded for a call of this running node, in this process. Raises
-        `ZmqMeshError`, `NodeClosedError`, ``TypeError``, `MessageTooLargeError`."""
+        `ZmqMeshError`, `NodeClosedError`, `EncodeError`, `MessageTooLargeError`."""
         self._check_process()
         self._engine.ensure_running()
         return self._engine.codec.encode(data)
@@ -1081,7 +1124,7 @@ class NodeBase:
     def _prepare_calls(self, service: str, timeout: float | None, peer: str | Peer | None,
                        headers: dict[str, str] | None, blocking: bool = True) -> _Calls:
         """What calls of ``service`` from this thread share (``blocking``: the thread
-        blocks while they are made). Raises ``ValueError`` for a bad service name,
+        blocks while they are made). Raises `ConfigError` for a bad service name,
         `ConfigError` for a bad timeout."""
         engine = self._engine
         # the nodes whose handlers wait for this call and serve nothing until it returns: up
@@ -1120,7 +1163,7 @@ class NodeBase:
     def _plan_call(self, calls: _Calls, body: bytes) -> Plan:
         """The plan of one of ``calls`` with the encoded ``body``; its time begins now.
         Raises `ConfigError` when every provider waits for this very call (a cycle),
-        ``TypeError`` or ``ValueError`` for bad headers."""
+        `EncodeError` or `ConfigError` for bad headers."""
         engine = self._engine
         headers, chain, service = calls.headers, calls.chain, calls.service
         if calls.blocked:  # (calls made from handlers only: who provides may have changed)

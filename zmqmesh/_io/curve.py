@@ -21,7 +21,7 @@ import zmq
 from zmq.utils import z85
 
 from .._stats import LogThrottle
-from ..errors import ConfigError
+from ..errors import ArgumentTypeError, ConfigError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -104,17 +104,22 @@ def write_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
 
     Returns both paths. Refuses to overwrite existing files or to write through a link
     (raises `FileExistsError`, having written neither), and a ``name`` that is empty,
-    blank, starts with a dot or holds a path separator (raises `ValueError`: it named
-    hidden files such as ``.key``, or files outside ``directory``). Raises `OSError` when
-    the directory cannot be made or written to, leaving no half of the pair behind.
+    blank, starts with a dot or holds a path separator or a NUL (raises `ConfigError`, a
+    ``ValueError``: it named hidden files such as ``.key``, or files outside
+    ``directory``), or is no ``str`` (`ArgumentTypeError`, a ``TypeError``). Raises
+    `OSError` when the directory cannot be made or written to, leaving no half of the pair
+    behind.
     """
     from pathlib import Path  # (here: only writing key files needs it, not a node)
 
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"a key pair's name must be a str, got {type(name).__name__}")
     if not name.strip():
-        raise ValueError(f"a key pair's name must not be empty, got {name!r}")
-    if name.startswith(".") or "/" in name or (os.altsep is not None and os.altsep in name) or os.sep in name:
-        raise ValueError(f"a key pair's name is a file name in the directory given, without a path or a "
-                         f"leading dot, got {name!r}")
+        raise ConfigError(f"a key pair's name must not be empty, got {name!r}")
+    if name.startswith(".") or "/" in name or (os.altsep is not None and os.altsep in name) or os.sep in name \
+            or "\x00" in name:
+        raise ConfigError(f"a key pair's name is a file name in the directory given, without a path, a NUL "
+                          f"or a leading dot, got {name!r}")
     keys = generate_keypair()
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from .._stats import Stats
 from .._wire.codec import Codec
 from .._wire.zre import Command, ZreMessage
 from ..config import NodeConfig
-from ..errors import MessageTooLargeError, ZmqMeshError
+from ..errors import ConfigError, MessageTooLargeError, ZmqMeshError
 from . import control
 from .admission import Admission
 from .commands import Commands
@@ -213,7 +213,7 @@ class Membership:
     def join(self, group: str) -> None:
         """Join a ZRE group and tell every peer (JOIN with the new status).
 
-        Raises `ValueError` for a name that is empty or longer than 255 bytes.
+        Raises `ConfigError` (a ``ValueError``) for a name that is empty or longer than 255 bytes.
         """
         if group in self.groups:
             return
@@ -305,4 +305,4 @@ MAX_GROUP_BYTES = 255
 
 def _check_group(group: str) -> None:
     if not group or len(group.encode()) > MAX_GROUP_BYTES:
-        raise ValueError(f"a group name must be 1 to {MAX_GROUP_BYTES} bytes of UTF-8")
+        raise ConfigError(f"a group name must be 1 to {MAX_GROUP_BYTES} bytes of UTF-8")

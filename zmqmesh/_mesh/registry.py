@@ -93,8 +93,8 @@ class Registry:
                               "all (each is a ZRE group its peers must take in one HELLO)")
 
     def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
-        """Register ``handler`` for a topic prefix, queue or service. Raises `ValueError` on a
-        clash, `ConfigError` past `MAX_OFFERS` names (peers could not take the HELLO)."""
+        """Register ``handler`` for a topic prefix, queue or service. Raises `ConfigError` (a
+        ``ValueError``) on a clash, or past `MAX_OFFERS` names (peers could not take the HELLO)."""
         if name not in getattr(self, kind):
             self._check_room()
         if kind == "topics":
@@ -105,7 +105,7 @@ class Registry:
             table = dict(getattr(self, kind))
             if name in table and table[name] is not handler:
                 what = "queue" if kind == "queues" else "service"
-                raise ValueError(f"this node already has a handler for the {what} {name!r}")
+                raise ConfigError(f"this node already has a handler for the {what} {name!r}")
             table[name] = handler
             setattr(self, kind, table)
         self.version += 1

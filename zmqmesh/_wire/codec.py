@@ -2,8 +2,8 @@
 
 Payloads may be anything msgpack represents: None, bool, int, float, str, bytes, lists
 (tuples are sent as lists) and dicts. ``bytes`` stay ``bytes`` (bin type), ``str`` stay
-``str``. An object msgpack cannot represent raises ``TypeError`` in the caller, before
-anything is sent.
+``str``. An object msgpack cannot represent raises `EncodeError` (a ``TypeError``) in the
+caller, before anything is sent.
 
 One frame may carry a *batch*: several msgpack objects concatenated back to back. A
 frame holding a single object is the batch of one, so a sender never has to batch.
@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from ..errors import DecodeError, MessageTooLargeError
+from ..errors import DecodeError, EncodeError, MessageTooLargeError
 from .frames import (
     BATCH_BYTES,
     FRAME_HEADROOM,
@@ -66,6 +66,7 @@ def durable_items(ids: Sequence[str], stamps: Sequence[float], headers: Sequence
 _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, by the length it heads
 _LARGE_BIN = 16 * 1024  # from here on, `Codec.encode` makes a bin itself (`msgpack_bin`)
 
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError)  # (msgpack's, for what it cannot pack)
 _DECODE_ERRORS = (ValueError, TypeError, msgpack.UnpackException, OverflowError, RecursionError)
 _KEPT_UNPACKER_BYTES = BATCH_BYTES  # (a batch's frame at most: decoded by its thread's Unpacker, `Codec._take_unpacker`)
 _WITHIN_LIMITS = {"raw": False, "strict_map_key": False}  # (`decode_batch`: a frame no longer than the limit)
@@ -93,6 +94,13 @@ def _several(frame: bytes) -> bool:
     return len(frame) > 2 and frame[0] == 0xC4 and len(frame) > 2 + frame[1]
 
 
+def _unencodable(data: Any, exc: BaseException, item: int | None = None) -> EncodeError:
+    """The error for ``data`` msgpack refused with ``exc`` (a packer empties its buffer on
+    failure), naming its type and, for the ``item``-th of a batch (from 0), its place."""
+    where = "the payload" if item is None else f"item {item} (from 0) of the batch"
+    return EncodeError(f"{where} ({type(data).__name__}) cannot be encoded as msgpack: {exc}")
+
+
 class Codec:
     """Encodes payloads to msgpack bytes and decodes them within fixed limits.
 
@@ -118,8 +126,10 @@ class Codec:
         )
         self._local = threading.local()  # a Packer per thread: Packer.pack is ~3x packb
 
-    def encode(self, data: Any) -> bytes:
-        """Encode one payload. Raises `TypeError` for unencodable data, `MessageTooLargeError` if too big."""
+    def encode(self, data: Any, item: int | None = None) -> bytes:
+        """Encode one payload (``item``: its index in the caller's batch, for the error).
+        Raises `EncodeError` (a ``TypeError``) for unencodable data, `MessageTooLargeError`
+        if too big."""
         if type(data) is bytes:
             size = len(data)
             if size < self._small:
@@ -133,8 +143,8 @@ class Codec:
             packer = self._packer()
         try:
             body: bytes = packer.pack(data)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise self._unencodable(exc) from exc
+        except _ENCODE_ERRORS as exc:
+            raise _unencodable(data, exc, item) from exc
         if len(body) > self.max_message_bytes:
             raise self._too_large(len(body))
         return body
@@ -142,7 +152,7 @@ class Codec:
     def encode_many(self, items: Iterable[Any]) -> list[bytes]:
         """Every item encoded, as `encode` encodes each, with one lookup of this thread's
         packer for them all (a third less time a small item). Raises what `encode` raises,
-        for the first item that fails."""
+        for the first item that fails, naming its index."""
         return self._encode_all(items, self.encode)
 
     def encode_pushes(self, items: Iterable[Any]) -> list[bytes | RawPayload]:
@@ -171,8 +181,8 @@ class Codec:
                 continue
             try:
                 body = pack(data)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise self._unencodable(exc) from exc
+            except _ENCODE_ERRORS as exc:
+                raise _unencodable(data, exc, len(bodies)) from exc
             if len(body) > limit:
                 raise self._too_large(len(body))
             add(body)
@@ -201,18 +211,13 @@ class Codec:
             packer = self._local.packer = msgpack.Packer(use_bin_type=True)
         return packer
 
-    @staticmethod
-    def _unencodable(exc: Exception) -> TypeError:
-        """The error for data the packer refused (a packer empties its buffer on failure)."""
-        return TypeError(f"payload cannot be encoded as msgpack: {exc}")
-
     def _too_large(self, size: int) -> MessageTooLargeError:
         return MessageTooLargeError(f"payload is {size} bytes; max_message_bytes is {self.max_message_bytes}")
 
     def raw(self, data: bytes) -> RawPayload:
         """``data`` (`LARGE_FRAME` bytes or more) to travel as it is, in a frame of its own
         where the receiver reads that (see `RawPayload`). Raises `MessageTooLargeError`
-        if it is too big, `TypeError` past 4 GiB."""
+        if it is too big, `EncodeError` past 4 GiB."""
         self._check_bin(len(data))  # (as msgpack: some pullers get it so)
         return RawPayload(data)
 
@@ -221,7 +226,7 @@ class Codec:
         if size + header_size > self.max_message_bytes:
             raise self._too_large(size + header_size)
         if size > 0xFFFFFFFF:
-            raise TypeError("payload cannot be encoded as msgpack: bytes over 4 GiB")
+            raise EncodeError("the payload cannot be encoded as msgpack: bytes over 4 GiB")
 
     def decode(self, frame: bytes) -> Any:
         """Decode a frame holding exactly one object. Raises `DecodeError`."""

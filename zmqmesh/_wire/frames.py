@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 
 from .._addresses import parse_tcp_endpoint
-from ..errors import DecodeError
+from ..errors import ConfigError, DecodeError, EncodeError
 
 __all__ = [
     "parse_meta",
@@ -501,23 +501,31 @@ MAX_HEADER_BYTES = 16 * 1024
 
 def check_headers(headers: object) -> dict[str, str]:
     """``headers`` if it is a ``dict[str, str]`` within `MAX_HEADERS` and
-    `MAX_HEADER_BYTES`. Raises `ValueError` past them, `TypeError` for a wrong type or a
-    string that UTF-8 cannot encode (a lone surrogate), as for unencodable data."""
+    `MAX_HEADER_BYTES`. Raises `ConfigError` (a ``ValueError``) past them, `EncodeError`
+    (a ``TypeError``) for a wrong type or a string that UTF-8 cannot encode (a lone
+    surrogate), as for unencodable data."""
     if not isinstance(headers, dict):
-        raise TypeError(f"headers must be a dict of str to str, not {type(headers).__name__}")
+        raise EncodeError(f"headers must be a dict of str to str, not {type(headers).__name__}")
     if len(headers) > MAX_HEADERS:
-        raise ValueError(f"{len(headers)} headers; at most {MAX_HEADERS}")
+        raise ConfigError(f"{len(headers)} headers; at most {MAX_HEADERS}")
     size = 0
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError("headers must be a dict of str to str")
+            raise EncodeError(f"headers must be a dict of str to str; header {_shown(key)}: a "
+                              f"{type(key).__name__} name, a {type(value).__name__} value")
         try:
             size += len(key.encode()) + len(value.encode())
         except UnicodeEncodeError as exc:
-            raise TypeError(f"a header UTF-8 cannot encode: {exc}") from None
+            raise EncodeError(f"header {_shown(key)}: text UTF-8 cannot encode: {exc}") from exc
     if size > MAX_HEADER_BYTES:
-        raise ValueError(f"headers of {size} bytes; at most {MAX_HEADER_BYTES}")
+        raise ConfigError(f"headers of {size} bytes; at most {MAX_HEADER_BYTES}")
     return headers
+
+
+def _shown(key: object) -> str:
+    """A header's name for an error message: quoted, at most 40 characters of it."""
+    shown = repr(key)
+    return shown if len(shown) <= 42 else shown[:39] + "..."
 
 
 def parse_meta(meta: object, count: int) -> tuple[list[dict[str, str] | None], float | None, int | None]:
