@@ -270,3 +270,19 @@ def test_a_config_with_an_unknown_option_is_a_zmqmesh_error() -> None:
     with pytest.raises(TypeError) as caught:
         zmqmesh.NodeConfig().replace(nope=1)
     assert isinstance(caught.value, ArgumentTypeError)
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda: zmqmesh.inspect_store(5), id="inspect_store"),
+    pytest.param(lambda: zmqmesh.durable_subscriptions(None), id="durable_subscriptions"),
+    pytest.param(lambda: zmqmesh.retry_dead_letters(5, "q"), id="retry_dead_letters"),
+    pytest.param(lambda: zmqmesh.drop_dead_letters(5, "q"), id="drop_dead_letters"),
+    pytest.param(lambda: zmqmesh.forget_durable_subscription(5, "x"), id="forget_durable_subscription"),
+    pytest.param(lambda: zmqmesh.StopFlag().wait("1"), id="StopFlag.wait"),
+    pytest.param(lambda: zmqmesh.metrics_text(5), id="metrics_text"),  # type: ignore[arg-type]
+])
+def test_the_tools_refuse_an_argument_of_the_wrong_type_with_a_zmqmesh_error(call: Callable[[], Any]) -> None:
+    """(Before: the bare TypeError of os.fspath, of a comparison, of iterating an int.)"""
+    with pytest.raises(TypeError) as caught:
+        call()
+    assert isinstance(caught.value, ArgumentTypeError)

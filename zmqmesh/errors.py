@@ -35,7 +35,8 @@ class ConfigError(ZmqMeshError, ValueError):
 
 class ArgumentTypeError(ZmqMeshError, TypeError):
     """An argument of a type zmqmesh cannot use: a handler or callback that cannot be
-    called, a peer that is neither a `Peer` nor a node id, items that are not iterable."""
+    called, a peer that is neither a `Peer` nor a node id, items that are not iterable, a
+    directory or timeout of the wrong type."""
 
 
 class EncodeError(ZmqMeshError, TypeError):

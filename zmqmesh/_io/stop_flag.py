@@ -16,6 +16,8 @@ import select
 import time
 import weakref
 
+from ..errors import ArgumentTypeError
+
 __all__ = ["StopFlag"]
 
 _LONGEST_MS = 3_600_000  # one poll at most (an hour): poll() takes a C int of milliseconds
@@ -90,11 +92,16 @@ class StopFlag:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Return True once the flag is raised, or False after ``timeout`` seconds (None or
-        infinity: no limit; NaN, like 0, looks once). Raises `TypeError` for a timeout that
-        is not a number."""
+        infinity: no limit; NaN, like 0, looks once). Raises `ArgumentTypeError` (a
+        ``TypeError``) for a timeout that is not a number."""
         if self._raised:
             return True
-        if timeout is not None and not timeout >= 0:  # (NaN: no wait, as threading.Event's)
+        try:
+            negative = timeout is not None and not timeout >= 0  # (NaN: no wait, as threading.Event's)
+        except TypeError as exc:
+            raise ArgumentTypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}") \
+                from exc
+        if negative:
             timeout = 0.0
         deadline = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
         # a poll object per call (one serves one thread at a time); poll, not select: beside

@@ -23,7 +23,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from .._stats import PATTERNS, LogThrottle
-from ..errors import ConfigError
+from ..errors import ArgumentTypeError, ConfigError
 
 __all__ = ["MetricsServer", "families", "gateway_families", "metrics_text"]
 
@@ -296,7 +296,10 @@ def metrics_text(snapshots: Iterable[Snapshot] | None, gateway: Snapshot | None 
     the gateway's families alone (no node family at all, not even its HELP: the text of
     the nodes made apart, once, may go before it).
 
-    Raises `ConfigError` without ``prometheus_client``."""
+    Raises `ConfigError` without ``prometheus_client``, `ArgumentTypeError` (a
+    ``TypeError``) for ``snapshots`` that cannot be iterated."""
+    if snapshots is not None and not isinstance(snapshots, Iterable):
+        raise ArgumentTypeError(f"snapshots must be an iterable of counters or None, got {type(snapshots).__name__}")
     client = _client()
     registry = client.CollectorRegistry(auto_describe=False)
     registry.register(_Collector(lambda: None if snapshots is None else list(snapshots), gateway, unreadable))

@@ -17,7 +17,7 @@ from .._wire.frames import (
     dead_letter_queue,
     pullable,
 )
-from ..errors import ConfigError, StoreError
+from ..errors import ArgumentTypeError, ConfigError, StoreError
 from .holds import held_here
 from .kept_topics import topic_summary
 from .schema import INSPECTED_FROM, SCHEMA_VERSION, check_sqlite_file, schema_version
@@ -33,7 +33,8 @@ def inspect_store(directory: str | os.PathLike[str]) -> dict[str, Any]:
     "topics": {topic: {messages, bytes, oldest, first_seq, next_seq}}, "subscriptions": {name: cursors}}``.
 
     Raises `StoreError` if there is no zmqmesh store there, or it cannot be read: one of
-    schema 4 or older until a node opens it (and upgrades it), one a newer zmqmesh wrote.
+    schema 4 or older until a node opens it (and upgrades it), one a newer zmqmesh wrote;
+    `ArgumentTypeError` (a ``TypeError``) for a ``directory`` that is no path.
     """
     with _reading(directory) as (db, path, schema):
         queues = queue_summary(db)
@@ -59,7 +60,7 @@ def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_lette
     The store must not be in use: raises `StoreLockedError` while its node runs,
     `StoreError` if there is none, `ConfigError` for a ``queue`` no node can pull (empty,
     past 200 bytes of UTF-8, or a built-in's name: they would be moved where nothing takes
-    them)."""
+    them), `ArgumentTypeError` (a ``TypeError``) for a ``directory`` that is no path."""
     _pullable(queue)
     with _existing(directory) as store:
         return store.requeue(dead_letter_queue(queue, dead_letter), queue)
@@ -100,7 +101,8 @@ def forget_durable_subscription(directory: str | os.PathLike[str], name: str) ->
     lists it (``{"streams": 0, "topics": 0}``: the store had none of that name). A
     subscription that takes the name again begins afresh, as its ``replay`` says. The
     store must not be in use: raises `StoreLockedError` while its node runs, `StoreError`
-    if there is none."""
+    if there is none, `ArgumentTypeError` (a ``TypeError``) for a ``directory`` that is no
+    path."""
     with _existing(directory) as store:
         return store.cursors.forget_name(name)
 
@@ -111,10 +113,9 @@ def _reading(directory: str | os.PathLike[str]) -> Iterator[tuple[sqlite3.Connec
     path and schema: ``(db, path, schema)``, closed after use; text that is not UTF-8 is
     read with its bytes escaped (`_damaged_text_escaped`). Raises `StoreError` if
     there is no zmqmesh store there, if it cannot be read (a failing read in the block
-    too), or if its schema is one `inspect_store` does not read."""
-    path = Path(directory) / DB_FILE
-    if not path.exists():
-        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    too), or if its schema is one `inspect_store` does not read; as `_db_path` for a
+    ``directory`` that is no path."""
+    path = _db_path(directory)
     if not held_here(path):  # (one a node of this process holds is its store: never opened here, see `StoreHold`)
         check_sqlite_file(path)
     try:
@@ -137,6 +138,19 @@ def _reading(directory: str | os.PathLike[str]) -> Iterator[tuple[sqlite3.Connec
         db.close()
 
 
+def _db_path(directory: str | os.PathLike[str]) -> Path:
+    """The database file of the store in ``directory``. Raises `StoreError` if there is
+    none (a path with a NUL names none), `ArgumentTypeError` (a ``TypeError``) for a
+    ``directory`` that is no path."""
+    try:
+        path = Path(directory) / DB_FILE
+    except TypeError as exc:
+        raise ArgumentTypeError(f"a store's directory must be a path, got {type(directory).__name__}") from exc
+    if not path.exists():
+        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    return path
+
+
 def _damaged_text_escaped(raw: bytes) -> str:
     """A text column as a tool reads it: UTF-8, what is not (a name damaged on disk) with
     its bytes escaped (``\\xff``), so that one such name costs the reading of no other.
@@ -146,9 +160,9 @@ def _damaged_text_escaped(raw: bytes) -> str:
 
 @contextlib.contextmanager
 def _existing(directory: str | os.PathLike[str]) -> Iterator[Store]:
-    """The store in ``directory``, which must exist (never created here), closed after use."""
-    if not (Path(directory) / DB_FILE).exists():
-        raise StoreError(f"no zmqmesh store in {directory} (no {DB_FILE})")
+    """The store in ``directory``, which must exist (never created here), closed after use.
+    Raises as `_db_path` does."""
+    _db_path(directory)
     store = Store(directory, new_run=False)
     try:
         yield store
