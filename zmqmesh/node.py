@@ -340,9 +340,8 @@ class Node(NodeBase):
         """`publish` each of ``items`` on ``topic``, in order, much faster than one `publish`
         each: all are encoded first (one that cannot be encoded fails the call before any
         is sent), then queued as room allows. Raises as `publish` does (and as `push_many`
-        does for the items); a timeout part-way
-        (the queue held ``send_queue_max`` messages or ``send_queue_max_bytes`` for
-        ``push_timeout_s``) leaves the items before it sent."""
+        does for the items); a timeout part-way (the queue held ``send_queue_max`` messages
+        or ``send_queue_max_bytes`` for ``push_timeout_s``) leaves the items before it sent."""
         self._runner.run(self._publish_many_plan(self._encode_publications(topic, items, headers)))
 
     def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
@@ -361,9 +360,9 @@ class Node(NodeBase):
         handler raised), `EncodeError` (a ``TypeError``) for unencodable data or headers,
         `ConfigError` (a ``ValueError``) for a bad service name or headers past their bounds,
         `ArgumentTypeError` (a ``TypeError``) for a ``peer`` that is neither a `Peer` nor an
-        id, `MessageTooLargeError` for data
-        larger than this node's ``max_message_bytes`` or than every provider announced it
-        takes (a provider that takes it is picked over one that does not).
+        id, `MessageTooLargeError` for data larger than this node's ``max_message_bytes``
+        or than every provider announced it takes (a provider that takes it is picked over
+        one that does not).
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
@@ -420,8 +419,8 @@ class Node(NodeBase):
         the replies, so many requests are in flight without a thread each. At most
         `MAX_SUBMITTED` (4,096) are in flight: past that, the call waits for room, within
         ``timeout``. A submitted request cannot be cancelled. Raises at once
-        `NodeClosedError`, `EncodeError` (a ``TypeError``) for unencodable data, and `MeshTimeoutError` when no
-        room freed up in time.
+        `NodeClosedError`, `EncodeError` (a ``TypeError``) for unencodable data, and
+        `MeshTimeoutError` when no room freed up in time.
 
         The futures complete on that thread of the node, so their done-callbacks run
         there (those a stop fails may complete on another thread of the node, or on one
@@ -462,19 +461,19 @@ class Node(NodeBase):
         """Send a ZRE SHOUT (raw frames) to every peer in ``group``; returns how many got it.
         Raises `ConfigError` (a ``ValueError``) for a group name no group has (`check_group`:
         text of 1 to 255 bytes, not beginning with ``zmqmesh/``) or no frame, `EncodeError`
-        (a ``TypeError``) for a frame that is
-        not bytes or str, `NodeClosedError` unless the node runs."""
+        (a ``TypeError``) for a frame that is not bytes or str, `NodeClosedError` unless the
+        node runs."""
         return int(self._call(self._engine.shout, check_group(group), as_frames(frames)))
 
     def join(self, group: str) -> None:
-        """Join a ZRE group (to receive its shouts). Raises `ConfigError` (a ``ValueError``) for a reserved or
-        bad name (as `shout`), `NodeClosedError` unless the node runs."""
+        """Join a ZRE group (to receive its shouts). Raises `ConfigError` (a ``ValueError``)
+        for a reserved or bad name (as `shout`), `NodeClosedError` unless the node runs."""
         self._call(self._engine.join_group, check_group(group))
 
     def leave(self, group: str) -> None:
         """Leave a ZRE group (nothing happens if this node is not in it). Raises
-        `ConfigError` (a ``ValueError``) for a reserved or bad name (as `shout`), `NodeClosedError` unless the
-        node runs."""
+        `ConfigError` (a ``ValueError``) for a reserved or bad name (as `shout`),
+        `NodeClosedError` unless the node runs."""
         self._call(self._engine.leave_group, check_group(group))
 
     def _call(self, fn: Any, *args: Any) -> Any:

@@ -218,9 +218,9 @@ def check_node_name(name: object) -> str | None:
 
 
 def _check_not_reserved(kind: str, name: str) -> None:
-    """Raises `ConfigError` (a ``ValueError``) for a name of the built-in services (they begin with ``\\x00``):
-    a handler registered under one would never be called, and its callers would be
-    refused by the built-in."""
+    """Raises `ConfigError` (a ``ValueError``) for a name of the built-in services (they
+    begin with ``\\x00``): a handler registered under one would never be called, and its
+    callers would be refused by the built-in."""
     if name.startswith(RESERVED_NAME_PREFIX):
         raise ConfigError(f"a {kind} name may not begin with \\x00 (reserved for built-in services): {name!r}")
 
@@ -276,8 +276,10 @@ def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
 def check_items(items: object) -> None:
     """Raises `ArgumentTypeError` (a ``TypeError``) unless ``items`` can be iterated (the
     items of a batch call)."""
-    if not isinstance(items, Iterable):
-        raise ArgumentTypeError(f"items must be an iterable of payloads, got {type(items).__name__}")
+    try:
+        iter(items)  # type: ignore[call-overload]  # (what a for loop asks: a class with __getitem__ only passes)
+    except TypeError:
+        raise ArgumentTypeError(f"items must be an iterable of payloads, got {type(items).__name__}") from None
 
 
 def _sent_traced(active: Any, operation: str, name: str, headers: dict[str, str] | None) -> dict[str, str]:
@@ -417,8 +419,8 @@ class NodeBase:
         (it raises to refuse it), and ``then(handler)`` records its options, only once the
         registration succeeded (a failed one leaves nothing).
         Raises `ArgumentTypeError` (a ``TypeError``) for a handler that cannot be called,
-        `NodeClosedError` once the node was stopped, `ZmqMeshError` in a process forked after it was built (nothing
-        would ever call it)."""
+        `NodeClosedError` once the node was stopped, `ZmqMeshError` in a process forked
+        after it was built (nothing would ever call it)."""
         def decorate(fn: Handler) -> Handler:
             if not callable(fn):
                 raise ArgumentTypeError(f"a handler must be callable, got {type(fn).__name__}")
@@ -588,8 +590,9 @@ class NodeBase:
 
         ``idempotent=True`` declares that running a request twice is harmless: a caller
         whose provider dies mid-request then retries on another provider instead of
-        raising `PeerLostError`. Raises `ConfigError` (a ``ValueError``) if this node already offers ``name``
-        with another handler, `NodeClosedError` once the node was stopped.
+        raising `PeerLostError`. Raises `ConfigError` (a ``ValueError``) if this node
+        already offers ``name`` with another handler, `NodeClosedError` once the node was
+        stopped.
         """
         check_name("service", name)
         _check_not_reserved("service", name)
@@ -658,9 +661,8 @@ class NodeBase:
 
     def _callback(self, event: str, handler: Any) -> Any:
         """Register ``handler`` for ``event``; raises `ArgumentTypeError` (a ``TypeError``)
-        if it cannot be called,
-        `ZmqMeshError` in a process forked after the node was built, `NodeClosedError` once
-        the node was stopped."""
+        if it cannot be called, `ZmqMeshError` in a process forked after the node was
+        built, `NodeClosedError` once the node was stopped."""
         if not callable(handler):
             raise ArgumentTypeError(f"a callback must be callable, got {type(handler).__name__}")
         self._check_process()
@@ -1124,8 +1126,8 @@ class NodeBase:
     def _prepare_calls(self, service: str, timeout: float | None, peer: str | Peer | None,
                        headers: dict[str, str] | None, blocking: bool = True) -> _Calls:
         """What calls of ``service`` from this thread share (``blocking``: the thread
-        blocks while they are made). Raises `ConfigError` for a bad service name,
-        `ConfigError` for a bad timeout."""
+        blocks while they are made). Raises `ConfigError` for a bad service name or
+        timeout."""
         engine = self._engine
         # the nodes whose handlers wait for this call and serve nothing until it returns: up
         # the chain of requests made from handlers, and this node if a handler of it calls
