@@ -16,7 +16,6 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 import zmq
@@ -909,14 +908,11 @@ class NodeBase:
         codec = engine.codec
         packed = codec.encode(check_headers(headers)) if headers else None
         bodies = codec.encode_many(items)
-        n = len(bodies)
-        entries = list(zip(self._id_run(n), repeat(time.time(), n), repeat(packed, n), bodies, repeat(0, n),
-                           repeat(False, n)))
-        if not entries:
+        if not bodies:
             return None
         from .._patterns.durable import Ticket  # (only a node with a store gets here)
 
-        return Ticket(queue, entries)
+        return Ticket.of_call(queue, self._id_run(len(bodies)), time.time(), packed, bodies)
 
     def _push_deadline(self, timeout: float | None) -> float:
         """When a push given ``timeout`` (default ``push_timeout_s``) gives up. Raises

@@ -33,7 +33,7 @@ import logging
 import operator
 import threading
 from collections import deque
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from itertools import chain, compress, repeat
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ import msgpack
 
 from .._stats import Stats
 from .._store.messages import (
+    Entries,
     Entry,
     StoredMessage,
     segment_of,
@@ -114,15 +115,22 @@ def handled_by_segment(items: list[Any], failed: Container[int]) -> dict[int, li
 
 
 class Ticket:
-    """One `DurableQueues.submit` call waiting for its group commit."""
+    """One `DurableQueues.submit` call waiting for its group commit: its messages as
+    `Entries`, or rows (as a keeper is handed them)."""
 
     __slots__ = ("queue", "entries", "done", "error")
 
-    def __init__(self, queue: str, entries: list[Entry]) -> None:
+    def __init__(self, queue: str, entries: Entries | Sequence[Entry]) -> None:
         self.queue = queue
-        self.entries = entries
+        self.entries = entries if isinstance(entries, Entries) else Entries.of_rows(entries)
         self.done = False
         self.error: BaseException | None = None
+
+    @classmethod
+    def of_call(cls, queue: str, ids: Sequence[str], stamp: float, headers: bytes | None,
+                bodies: Sequence[bytes]) -> Ticket:
+        """The ticket of one push call's fresh messages (`Entries.of_call`)."""
+        return cls(queue, Entries.of_call(ids, stamp, headers, bodies))
 
 
 def held_sizes(messages: list[StoredMessage]) -> list[int]:
@@ -421,13 +429,13 @@ class DurableQueues:
             self._wake_pending = True
             self.wake_soon(_COALESCE_S)
 
-    def _commit(self, calls: list[tuple[str, list[Entry]]]) -> None:
+    def _commit(self, calls: list[tuple[str, Entries]]) -> None:
         """One transaction for the messages of ``calls``, then into their buffers. Calls
         for the same queue are stored together, in order: one segment, not one each."""
-        merged: dict[str, list[Entry]] = {}
+        merged: dict[str, list[Entries]] = {}
         for name, entries in calls:
-            merged.setdefault(name, []).extend(entries)
-        order = list(merged.items())
+            merged.setdefault(name, []).append(entries)
+        order = [(name, Entries.joined(parts)) for name, parts in merged.items()]
         known, taken = self.queues, self.taken
         park: set[str] = set()  # queues this node holds nothing of that nobody pulls: parked
         unpark: dict[str, tuple[int, int]] = {}  # parked queues that are pulled now
@@ -480,11 +488,11 @@ class DurableQueues:
         if spilled:
             self.stats.add("pipeline", "durable_spilled", spilled)
 
-    def _held(self, name: str, entries: list[Entry], parts: list[tuple[int, int]]) -> list[StoredMessage]:
+    def _held(self, name: str, entries: Entries, parts: list[tuple[int, int]]) -> list[StoredMessage]:
         """The messages ``entries`` of queue ``name``, just stored as the segments ``parts``,
         as the buffer holds them: with their wire form made here, off the loop. (Under the
         lock: `_pack` is one thread's at a time.)"""
-        ids, stamps, headers, bodies, attempts, marked = zip(*entries)
+        ids, stamps, headers, bodies, attempts, marked = entries.columns()
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
         return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, marked,
                                self._pack)

@@ -8,7 +8,7 @@ import functools
 import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any, NamedTuple
 
 import msgpack
@@ -16,11 +16,61 @@ import msgpack
 from .._wire.codec import durable_items
 from .._wire.frames import MAX_ID_CHARS, check_headers
 
-__all__ = ["Entry", "StoredMessage", "stored_messages", "seq_of", "segment_of", "wire_of", "unreadable"]
+__all__ = ["Entry", "Entries", "StoredMessage", "stored_messages", "seq_of", "segment_of", "wire_of", "unreadable"]
 
 Entry = tuple[str, float, bytes | None, bytes, int, bool]
 """A message to store: ``(id, timestamp, headers, body, attempts, redelivered)``;
 ``redelivered``: it may have been delivered already (a keeper is handed it so marked)."""
+
+
+class Entries:
+    """Messages to store, as columns: a message's `Entry` fields at one index of each
+    (its id, timestamp, headers, body, failed deliveries, and whether it is marked
+    redelivered). One object for a call's messages, not a tuple each: the garbage
+    collector counts, and runs for, every tuple made, and those of a durable call are
+    many (a store keeps them as rows, `segments.stored`, without a tuple each either)."""
+
+    __slots__ = ("ids", "stamps", "headers", "bodies", "attempts", "marked")
+
+    def __init__(self, ids: Sequence[str], stamps: Sequence[float], headers: Sequence[bytes | None],
+                 bodies: Sequence[bytes], attempts: Sequence[int], marked: Sequence[bool]) -> None:
+        self.ids = ids
+        self.stamps = stamps
+        self.headers = headers
+        self.bodies = bodies
+        self.attempts = attempts
+        self.marked = marked
+
+    @classmethod
+    def of_call(cls, ids: Sequence[str], stamp: float, headers: bytes | None, bodies: Sequence[bytes]) -> Entries:
+        """The messages of one push call: fresh, sharing its timestamp and headers."""
+        n = len(ids)
+        return cls(ids, (stamp,) * n, (headers,) * n, bodies, (0,) * n, (False,) * n)
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[Entry]) -> Entries:
+        """The messages ``rows`` (as a keeper is handed them), as columns."""
+        if not rows:
+            return cls((), (), (), (), (), ())
+        return cls(*zip(*rows))
+
+    @classmethod
+    def joined(cls, parts: Sequence[Entries]) -> Entries:
+        """The messages of ``parts``, one after another."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(*(list(chain.from_iterable(column)) for column in zip(*map(Entries.columns, parts))))
+
+    def columns(self) -> tuple[Sequence[Any], ...]:
+        """``(ids, stamps, headers, bodies, attempts, marked)``."""
+        return self.ids, self.stamps, self.headers, self.bodies, self.attempts, self.marked
+
+    def part(self, start: int, end: int) -> Entries:
+        """The messages from index ``start`` to ``end`` (not included)."""
+        return Entries(*(column[start:end] for column in self.columns()))
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class StoredMessage(NamedTuple):

@@ -3,11 +3,12 @@ row, and reads them back, checked, as a puller would need them."""
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from .messages import Entry, StoredMessage
+import msgpack
+
+from .messages import Entries, StoredMessage
 
 __all__ = ["SEGMENT_MAX", "SEGMENT_BYTES", "COUNT_SQL", "StoredSegment", "stored", "attempted", "cut", "columns",
            "sane_count", "sane_attempts", "stored_size", "span"]
@@ -21,43 +22,47 @@ COUNT_SQL = f"(CASE WHEN typeof(count) = 'integer' THEN min(max(count, 1), {SEGM
 """A segment's stored count as the store reckons with it: a healthy segment holds 1 to
 `SEGMENT_MAX` messages, and a damaged one's count may be anything (text, a fraction: 1)."""
 
-_STORED_FIELDS = operator.itemgetter(slice(0, 4))
-"""What a segment keeps of an `Entry`: ``(id, timestamp, headers, body)`` (attempts apart),
-and ``True`` after them for one marked redelivered (`stored`)."""
-_MARKED = operator.itemgetter(5)
-_ATTEMPTS = operator.itemgetter(4)
+
+def stored(part: Entries) -> bytes:
+    """What a segment keeps of the messages ``part``, packed: the msgpack array of their
+    ``[id, timestamp, headers, body]`` (attempts apart), with ``True`` after them for one
+    marked redelivered. (Each row packed as zip hands it: zip makes one tuple for them
+    all, where a list of rows would be a tuple each for the garbage collector.)"""
+    rows: Iterator[tuple[Any, ...]] = zip(part.ids, part.stamps, part.headers, part.bodies)
+    if any(part.marked):  # (rare: what a keeper was handed marked)
+        rows = ((*row, True) if mark else row for row, mark in zip(rows, part.marked))
+    packer = msgpack.Packer()
+    array: bytes = packer.pack_array_header(len(part))
+    return array + b"".join(map(packer.pack, rows))
 
 
-def stored(part: Sequence[Entry]) -> list[Any]:
-    """What a segment keeps of the entries ``part`` (see `_STORED_FIELDS`)."""
-    if not any(map(_MARKED, part)):  # (the common case, without a Python step per message)
-        return list(map(_STORED_FIELDS, part))
-    return [(*e[:4], True) if e[5] else e[:4] for e in part]
-
-
-def attempted(first: int, part: Sequence[Entry]) -> list[tuple[int, int]]:
-    """``(sequence number, failed deliveries)`` of the entries of ``part`` that have any
+def attempted(first: int, part: Entries) -> list[tuple[int, int]]:
+    """``(sequence number, failed deliveries)`` of the messages of ``part`` that have any
     counted, numbered on from ``first`` (as `Store.append` numbers a segment's messages)."""
-    if not any(map(_ATTEMPTS, part)):  # (the common case, without a Python step per message)
+    if not any(part.attempts):  # (the common case, without a Python step per message)
         return []
-    return [(first + i, e[4]) for i, e in enumerate(part) if e[4]]
+    return [(first + i, n) for i, n in enumerate(part.attempts) if n]
 
 
-def cut(entries: Sequence[Entry]) -> Iterator[Sequence[Entry]]:
+def cut(entries: Entries) -> Iterator[Entries]:
     """``entries`` cut into the segments `Store.append` stores, in order."""
+    n = len(entries)
     # (one message, or small ones: cut by count alone; a single push need not be summed)
-    if len(entries) == 1 or sum([len(e[3]) + (len(e[2]) if e[2] else 0) for e in entries]) <= SEGMENT_BYTES:
-        for start in range(0, len(entries), SEGMENT_MAX):
-            yield entries[start:start + SEGMENT_MAX]
+    if n == 1 or sum(map(len, entries.bodies)) + sum(map(len, filter(None, entries.headers))) <= SEGMENT_BYTES:
+        if n <= SEGMENT_MAX:
+            yield entries
+            return
+        for start in range(0, n, SEGMENT_MAX):
+            yield entries.part(start, start + SEGMENT_MAX)
         return
     start = size = 0
-    for i, entry in enumerate(entries):
-        grown = size + len(entry[3]) + len(entry[2] or b"")
+    for i, (body, headers) in enumerate(zip(entries.bodies, entries.headers)):
+        grown = size + len(body) + len(headers or b"")
         if i > start and (i - start >= SEGMENT_MAX or grown > SEGMENT_BYTES):
-            yield entries[start:i]
+            yield entries.part(start, i)
             start, grown = i, grown - size
         size = grown
-    yield entries[start:]
+    yield entries.part(start, n)
 
 
 _STAMP_TYPES = {float, int}

@@ -43,7 +43,7 @@ from .database import Database
 from .handled import Handled
 from .holds import LOCK_FILE, StoreHold
 from .kept_topics import KeptTopics
-from .messages import Entry, StoredMessage, stored_messages
+from .messages import Entries, Entry, StoredMessage, stored_messages
 from .runs import open_run
 from .schema import (
     APP,
@@ -228,9 +228,9 @@ class Store:
 
     # -- the durable queues ------------------------------------------------------------------
 
-    def append(self, calls: Sequence[tuple[str, Sequence[Entry]]], park: Container[str] = (),
+    def append(self, calls: Sequence[tuple[str, Entries | Sequence[Entry]]], park: Container[str] = (),
                unpark: Sequence[str] = ()) -> list[tuple[int, int]]:
-        """Store each ``(queue, entries)`` call as a segment (or several, of at most
+        """Store each ``(queue, entries)`` call (`Entries`, or rows) as a segment (or several, of at most
         `SEGMENT_MAX` messages and about `SEGMENT_BYTES`), all in one transaction; the segments as ``(first, count)``,
         in order. A message's sequence number is its segment's ``first`` plus its place in
         it. The queues named in ``park`` are parked (`park`) with what they store, those
@@ -242,8 +242,8 @@ class Store:
             parked: list[dict[str, Any]] = []
             for queue, entries in calls:
                 start = first
-                for part in cut(entries):
-                    rows.append((first, queue, len(part), part[0][1], msgpack.packb(stored(part))))
+                for part in cut(entries if isinstance(entries, Entries) else Entries.of_rows(entries)):
+                    rows.append((first, queue, len(part), part.stamps[0], stored(part)))
                     marks += attempted(first, part)
                     first += len(part)
                 if queue in park:
