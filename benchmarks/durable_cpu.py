@@ -10,7 +10,8 @@ message, in ns (and the system part of it, in clock ticks' worth), for the threa
 used any. ``--callgrind``: both run under ``valgrind --tool=callgrind``, instrumented only
 over the measured messages: instructions per message per thread (numbered as callgrind
 numbers them; the pipeline's batching under valgrind is not the same as without).
-With ``DURABLE_CPU_PROFILE=<dir>``, each process writes yappi's profile (CPU clock) of
+With ``DURABLE_CPU_GC=1``, each process tells on stderr the garbage collector's runs
+over the measured messages (by generation and thread). With ``DURABLE_CPU_PROFILE=<dir>``, each process writes yappi's profile (CPU clock) of
 its busiest threads over the measured messages there; with
 ``DURABLE_CPU_MAIN_PROFILE=<file>``, the pusher writes cProfile's (thread CPU time) of
 its pushing thread.
@@ -80,6 +81,40 @@ def _dump_profile(out: str | None, role: str) -> None:
                                                          3: ("ttot", 8)})
 
 
+class _Collections:
+    """With ``DURABLE_CPU_GC=1``: the cyclic garbage collector's runs over the measured
+    messages, by generation and thread (count, thread CPU time), told on stderr at the end."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.on = bool(os.environ.get("DURABLE_CPU_GC"))
+        self.runs: dict[tuple[int, str], list[int]] = {}  # (generation, thread) -> [count, ns]
+        self._started = 0
+        self._measuring = False
+        if self.on:
+            import gc
+
+            gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if not self._measuring:
+            return
+        if phase == "start":
+            self._started = time.thread_time_ns()
+            return
+        run = self.runs.setdefault((info["generation"], threading.current_thread().name), [0, 0])
+        run[0] += 1
+        run[1] += time.thread_time_ns() - self._started
+
+    def measure(self, on: bool) -> None:
+        self._measuring = on and self.on
+
+    def tell(self, n: int) -> None:
+        for (generation, thread), (count, ns) in sorted(self.runs.items()):
+            sys.stderr.write(f"gc {self.role}: generation {generation} on {thread}: {count} runs of {ns / count / 1e3:.0f} us,"
+                             f" {ns / n:.0f} ns/msg\n")
+
+
 def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
     """Counts messages; says ``warm`` after ``warm`` of them, ``done`` after ``n`` more."""
     import zmqmesh
@@ -87,10 +122,12 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
     out = _profiling()
     seen = [0]
     warmed, done = threading.Event(), threading.Event()
+    collections = _Collections("pull")
 
     def handle(msg: Any) -> None:
         seen[0] += 1
         if seen[0] == warm:
+            collections.measure(True)
             warmed.set()
         elif seen[0] == warm + n:
             done.set()
@@ -104,6 +141,8 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
         done.wait(600)
         say("done")
         sys.stdin.readline()
+        collections.measure(False)
+        collections.tell(n)
         _dump_profile(out, "puller")
 
 
@@ -113,6 +152,7 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
     import zmqmesh
 
     out = _profiling()
+    collections = _Collections("push")
     store = tempfile.TemporaryDirectory(prefix="durable-cpu-") if flavor == "durable_batch" else None
     options = {"store": store.name} if store is not None else {}
     node = zmqmesh.Node("cpu-push", beacon_port=beacon_port, mesh=mesh, **options)
@@ -132,6 +172,7 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
         give(0, warm)
         say(f"ready {os.getpid()} {_names()}")
         sys.stdin.readline()
+        collections.measure(True)
         main_profile = os.environ.get("DURABLE_CPU_MAIN_PROFILE")  # (cProfile of the pushing thread, to this file)
         if main_profile:
             import cProfile
@@ -144,6 +185,12 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
             profiler.dump_stats(main_profile)
         say(f"sent {_names()}")
         sys.stdin.readline()
+        collections.measure(False)
+        collections.tell(n)
+        if collections.on:
+            pipeline = node.stats()["pipeline"]
+            sys.stderr.write(f"push: durable_stored {pipeline.get('durable_stored')} durable_spilled "
+                             f"{pipeline.get('durable_spilled')} (warm-up too)\n")
         _dump_profile(out, "pusher")
     if store is not None:
         store.cleanup()
@@ -243,7 +290,10 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                 for number, count in counts.items():
                     result[f"{side}:instr thread {number}"] = count / args.n
                 result[f"{side}:instr TOTAL"] = sum(counts.values()) / args.n
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if args.keep:
+            say(f"callgrind's dumps kept in {out_dir}")
+        else:
+            shutil.rmtree(out_dir, ignore_errors=True)
         return result
     finally:
         for proc in (push, pull):
@@ -269,6 +319,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--callgrind", action="store_true", help="run both under valgrind --tool=callgrind: "
                         "instructions per message, per thread (numbered as callgrind numbers them)")
+    parser.add_argument("--keep", action="store_true", help="with --callgrind: keep the dumps (for callgrind_annotate)")
     args = parser.parse_args()
     if args.role == "puller":
         puller(args.beacon_port, args.mesh, args.warm, args.n)
