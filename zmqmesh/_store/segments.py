@@ -26,14 +26,12 @@ COUNT_SQL = f"(CASE WHEN typeof(count) = 'integer' THEN min(max(count, 1), {SEGM
 def stored(part: Entries) -> bytes:
     """What a segment keeps of the messages ``part``, packed: the msgpack array of their
     ``[id, timestamp, headers, body]`` (attempts apart), with ``True`` after them for one
-    marked redelivered. (Each row packed as zip hands it: zip makes one tuple for them
-    all, where a list of rows would be a tuple each for the garbage collector.)"""
+    marked redelivered."""
     rows: Iterator[tuple[Any, ...]] = zip(part.ids, part.stamps, part.headers, part.bodies)
     if any(part.marked):  # (rare: what a keeper was handed marked)
         rows = ((*row, True) if mark else row for row, mark in zip(rows, part.marked))
-    packer = msgpack.Packer()
-    array: bytes = packer.pack_array_header(len(part))
-    return array + b"".join(map(packer.pack, rows))
+    packed: bytes = msgpack.packb(list(rows))
+    return packed
 
 
 def attempted(first: int, part: Entries) -> list[tuple[int, int]]:
