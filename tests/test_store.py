@@ -47,6 +47,25 @@ def live(store: Store, queue: str) -> list[tuple[str, int]]:
     return [(msgpack.unpackb(m.body), m.attempts) for s in store.pending(queue, limit=10_000) for m in s.messages]
 
 
+def test_a_call_given_as_columns_is_stored_as_the_rows_a_keeper_hands_over(tmp_path: Path) -> None:
+    """A push call's messages, carried as columns (`Entries`), are stored as the same
+    segment bytes as the same messages given as rows: the msgpack array of each one's
+    ``[id, timestamp, headers, body]``, with ``True`` after those marked redelivered."""
+    from zmqmesh._store.messages import Entries
+
+    headers = msgpack.packb({"h": "1"})
+    rows = [(f"id-{i}", 1000.5, headers if i % 2 else None, msgpack.packb(i), 0, i == 3) for i in range(5)]
+    store = Store(tmp_path)
+    store.append([("rows", rows)])
+    store.append([("columns", Entries.of_rows(rows))])
+    store.append([("call", Entries.of_call([r[0] for r in rows], 1000.5, headers, [r[3] for r in rows]))])
+    store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db:
+        stored = dict(db.execute("SELECT queue, items FROM outbox").fetchall())
+    assert stored["rows"] == stored["columns"] == msgpack.packb([(*r[:4], True) if r[5] else r[:4] for r in rows])
+    assert stored["call"] == msgpack.packb([(r[0], 1000.5, headers, r[3]) for r in rows])
+
+
 def test_messages_stored_marked_redelivered_are_read_back_and_moved_so_marked(tmp_path: Path) -> None:
     """What a keeper is handed marked redelivered (a dead puller may have handled it) stays
     marked in its store: read back, across a restart, and moved to another queue."""
