@@ -1344,6 +1344,34 @@ def test_a_switch_that_is_no_bool_is_a_config_error(option: str, bad: Any) -> No
     assert getattr(zmqmesh.NodeConfig(**{option: False}), option) is False
 
 
+@pytest.mark.parametrize("bad", ["no", "false", 0, None, 1])
+def test_a_switch_of_a_call_that_is_no_bool_is_a_config_error(mesh: dict[str, Any], tmp_path: Any, bad: Any) -> None:
+    """``push(..., durable="no")`` committed the message to the store (a truth test read the
+    string as on), and ``pull(..., at_least_once="no")``, ``dedupe``, ``zero_copy`` and
+    ``service(..., idempotent="no")`` were taken the same way. Each switch takes True or
+    False only: anything else is a `ConfigError` and nothing is stored or registered."""
+    async def push_async(queue: str) -> None:
+        async with zmqmesh.AsyncNode("async-sender", store=str(tmp_path / "async"), **mesh) as sender:
+            for call in (lambda: sender.push(queue, 1, durable=bad), lambda: sender.push_many(queue, [1], durable=bad)):
+                with pytest.raises(zmqmesh.ConfigError, match="durable must be True or False"):
+                    await call()
+            assert zmqmesh.inspect_store(str(tmp_path / "async"))["queues"] == {}
+
+    with zmqmesh.Node("sender", store=str(tmp_path / "sync"), **mesh) as node:
+        for call in (lambda: node.push("q", 1, durable=bad), lambda: node.push_many("q", [1], durable=bad)):
+            with pytest.raises(zmqmesh.ConfigError, match="durable must be True or False"):
+                call()
+        for switch in ("at_least_once", "dedupe", "zero_copy"):
+            with pytest.raises(zmqmesh.ConfigError, match=f"{switch} must be True or False"):
+                node.pull("q", lambda m: None, **{switch: bad})
+        with pytest.raises(zmqmesh.ConfigError, match="idempotent must be True or False"):
+            node.service("s", lambda m: None, idempotent=bad)
+        assert node.stats()["pipeline"]["sent"] == 0 and not node.providers("s")
+        node.pull("q", lambda m: None)  # (nothing was registered: the queue is free)
+    assert zmqmesh.inspect_store(str(tmp_path / "sync"))["queues"] == {}
+    asyncio.run(push_async("q"))
+
+
 def test_advertising_0_0_0_0_is_a_config_error_as_the_config_is_made() -> None:
     """``advertise_address="0.0.0.0"`` (documented: never 0.0.0.0) made a config, and then
     failed the node's start with a plain `ZmqMeshError`, where an option zmqmesh cannot

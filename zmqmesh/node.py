@@ -313,10 +313,11 @@ class Node(NodeBase):
         With ``durable=True`` (needs a store) the message is committed to this node's
         store before ``push`` returns and delivered at least once to an at-least-once
         puller, whenever one is there, also after this node restarts. Raises
-        `StoreFullError` when the store is full, `ConfigError` without one.
+        `StoreFullError` when the store is full, `ConfigError` without one (and for a
+        ``durable`` that is neither True nor False: a truth test read ``"no"`` as on).
         """
-        if durable:
-            self._commit_durable(queue, (data,), headers)
+        if durable is not False:
+            self._commit_durable(queue, (data,), headers, durable)
             return
         body = self._push_now(queue, data, headers, timeout)
         if body is not None:  # (the queue could not take it yet)
@@ -331,8 +332,8 @@ class Node(NodeBase):
         names the item that cannot be encoded by its index), `ArgumentTypeError` (a
         ``TypeError``) for ``items`` that cannot be iterated; a timeout part-way leaves the
         items before it sent."""
-        if durable:
-            self._commit_durable(queue, items, headers)
+        if durable is not False:
+            self._commit_durable(queue, items, headers, durable)
             return
         self._runner.run(self._push_many_plan(queue, self._encode_many("push", queue, items, headers), timeout))
 
@@ -344,8 +345,9 @@ class Node(NodeBase):
         or ``send_queue_max_bytes`` for ``push_timeout_s``) leaves the items before it sent."""
         self._runner.run(self._publish_many_plan(self._encode_publications(topic, items, headers)))
 
-    def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
-        ticket = self._durable_ticket(queue, items, headers)
+    def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None,
+                        durable: object) -> None:
+        ticket = self._durable_ticket(queue, items, headers, durable)
         if ticket is not None:
             self._engine.durable.commit_in_turn(ticket)  # type: ignore[union-attr]
 

@@ -63,8 +63,8 @@ if TYPE_CHECKING:
     from .._patterns.durable import Ticket
     from .._patterns.replay import Fetch
 
-__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window", "peer_id_of",
-           "check_peer_id", "as_frames", "check_group", "check_items"]
+__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_switch", "check_window",
+           "peer_id_of", "check_peer_id", "as_frames", "check_group", "check_items"]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -157,6 +157,14 @@ def check_timeout(value: Any, name: str = "timeout") -> float:
     shown = repr(value)
     raise ConfigError(f"{name} must be a finite number of seconds >= 0, got "
                       f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
+
+
+def check_switch(value: object, name: str) -> bool:
+    """``value`` if it is True or False. Raises `ConfigError` (a ``ValueError``) otherwise:
+    a truth test read ``at_least_once="no"`` as on."""
+    if value is not True and value is not False:
+        raise ConfigError(f"{name} must be True or False, got {f'{value!r}'[:60]}")
+    return value
 
 
 def check_window(window: Any) -> int:
@@ -536,11 +544,14 @@ class NodeBase:
         another handler, for an option that does not fit (e.g. ``dedupe`` without a store,
         a ``dead_letter`` that is ``queue`` itself, or none for a ``queue`` whose ``".dead"``
         name would pass the bound of a name), for a name no pull could take (``queue`` or
-        ``dead_letter`` past 200 bytes of UTF-8, or beginning ``\\x00``),
+        ``dead_letter`` past 200 bytes of UTF-8, or beginning ``\\x00``), for a switch
+        (``at_least_once``, ``dedupe``, ``zero_copy``) that is not True or False,
         `NodeClosedError` once the node was stopped.
         """
         check_name("queue", queue)
         _check_not_reserved("queue", queue)
+        for switch, value in (("at_least_once", at_least_once), ("dedupe", dedupe), ("zero_copy", zero_copy)):
+            check_switch(value, switch)
         extras = ack_timeout_s is not None or dead_letter is not None or dedupe or max_deliveries != 5
         if extras and not at_least_once:
             raise ConfigError("ack_timeout_s, max_deliveries, dead_letter and dedupe need at_least_once=True")
@@ -590,11 +601,12 @@ class NodeBase:
         ``idempotent=True`` declares that running a request twice is harmless: a caller
         whose provider dies mid-request then retries on another provider instead of
         raising `PeerLostError`. Raises `ConfigError` (a ``ValueError``) if this node
-        already offers ``name`` with another handler, `NodeClosedError` once the node was
-        stopped.
+        already offers ``name`` with another handler or ``idempotent`` is not True or
+        False, `NodeClosedError` once the node was stopped.
         """
         check_name("service", name)
         _check_not_reserved("service", name)
+        check_switch(idempotent, "idempotent")
         return self._register("services", name, handler,
                               (lambda fn: self._registry.mark_idempotent(name)) if idempotent else None)
 
@@ -886,15 +898,18 @@ class NodeBase:
         name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
         return [(name, body) for body in bodies]
 
-    def _durable_ticket(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> Ticket | None:
+    def _durable_ticket(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None,
+                        durable: object) -> Ticket | None:
         """Durable messages encoded for the store, as one call to commit (None for no
         items). The facades then commit it in turn with the calls of other threads or
         tasks (a group commit), and the loop delivers them when a puller is there.
+        ``durable``: the call's switch, which any value but False leads here.
 
-        Raises `ConfigError` without a store, `EncodeError` for unencodable data or headers,
-        `MessageTooLargeError`, `NodeClosedError`, `ArgumentTypeError` for ``items`` that
-        cannot be iterated.
+        Raises `ConfigError` for a ``durable`` that is not True, without a store,
+        `EncodeError` for unencodable data or headers, `MessageTooLargeError`,
+        `NodeClosedError`, `ArgumentTypeError` for ``items`` that cannot be iterated.
         """
+        check_switch(durable, "durable")
         engine = self._engine
         self._check_process()
         engine.ensure_running()
