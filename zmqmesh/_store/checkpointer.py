@@ -14,14 +14,15 @@ snapshot inside it. Under commits without a pause, beside readers of another con
 of whom one is always on some snapshot (``zmqmesh store inspect`` in a loop), that moment
 never came, and the log grew without end (2 GiB in 30 s of a node's durable pushes). So a
 commit that finds the log's file past `LOG_LIMIT_BYTES` (it looks at most every
-`LOOK_EVERY_S`) makes a RESTART checkpoint before it returns: it copies what the thread
-has not, waits a moment (`RESTART_WAIT_S`) for the readers of older snapshots to finish,
-and the commit after it writes the log from its beginning, and cuts its file back to
-`LOG_LIMIT_BYTES` (the store's connection sets ``journal_size_limit``). The commit's
-thread does it, holding the store's lock (a RESTART of the thread's own, waiting for
-SQLite's lock, found it taken by the next commit every time), after the thread's
-checkpoint under way, if one is (SQLite fails a checkpoint beside another at once: the
-log grew while the thread's copied it).
+`LOOK_EVERY_S`) starts the log over before it returns, with a TRUNCATE checkpoint: it
+copies what the thread has not, waits a moment (`RESTART_WAIT_S`) for the readers of
+older snapshots to finish, and empties the file; the commit after it writes the log from
+its beginning. (A RESTART checkpoint, the same without the emptying, left the file to be
+cut back, to ``journal_size_limit``, by the commit after it: a store whose writes paused
+there kept the outgrown file.) The commit's thread does it, holding the store's lock (a
+checkpoint of the thread's own, waiting for SQLite's lock, found it taken by the next
+commit every time), after the thread's checkpoint under way, if one is (SQLite fails a
+checkpoint beside another at once: the log grew while the thread's copied it).
 """
 
 from __future__ import annotations
@@ -52,16 +53,16 @@ file is cut back once it is."""
 LOOK_EVERY_S = 0.005
 """How often, at most, a commit looks at the size of the log's file."""
 RESTART_WAIT_S = 0.02
-"""How long a RESTART checkpoint waits for readers of older snapshots (its commit waits
+"""How long a checkpoint starting the log over waits for readers of older snapshots (its commit waits
 meanwhile): past it, it gives up, and the next one (at the next look) waits twice as long,
 up to `RESTART_WAIT_MAX_S` (a reader that reads for longer would otherwise always be found
 on its snapshot; one tried only as long after it as it waited found new readers there, and
 the log grew without end again); once one starts the log over, this again."""
 RESTART_WAIT_MAX_S = 0.25
-"""The longest a RESTART checkpoint waits for readers."""
+"""The longest a checkpoint starting the log over waits for readers."""
 COMMIT_WAIT_S = 5.0
 """How long a store's commit waits for SQLite's lock (a connection of another process's)
-before it fails (its connection's busy timeout, put back after a RESTART)."""
+before it fails (its connection's busy timeout, put back after a checkpoint starting the log over)."""
 
 
 class Checkpointer:
@@ -82,7 +83,7 @@ class Checkpointer:
         self.checkpoints = 0
         """Checkpoints done (`Store.checkpoints`)."""
         self.restarts = 0
-        """RESTART checkpoints that started the log over (`Store.log_restarts`)."""
+        """Checkpoints that started the log over (`Store.log_restarts`)."""
         self._thread = threading.Thread(target=self._run, name="zmqmesh-checkpoint", daemon=True)
         self._thread.start()
 
@@ -108,15 +109,16 @@ class Checkpointer:
             return False
 
     def _restart(self, connection: sqlite3.Connection) -> None:
-        """A RESTART checkpoint on ``connection``, waiting at most the wait it has reached for
-        readers; a failure is logged (the commit before it stands, and the next one tries)."""
+        """A checkpoint on ``connection`` that starts the log over and empties its file
+        (TRUNCATE), waiting at most the wait it has reached for readers; a failure is
+        logged (the commit before it stands, and the next one tries)."""
         import sqlite3
 
         try:
             with self._checkpointing:  # (SQLite fails a checkpoint beside another at once, without waiting)
                 connection.execute(f"PRAGMA busy_timeout = {round(self._restart_wait_s * 1000)}")
                 try:
-                    busy = connection.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+                    busy = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
                 finally:
                     connection.execute(f"PRAGMA busy_timeout = {round(COMMIT_WAIT_S * 1000)}")
         except sqlite3.Error as exc:

@@ -545,8 +545,8 @@ class Store:
 
     @property
     def log_restarts(self) -> int:
-        """RESTART checkpoints, made by commits that found the write-ahead log's file past
-        `LOG_LIMIT_BYTES`, that started the log over."""
+        """Checkpoints made by commits that found the write-ahead log's file past
+        `LOG_LIMIT_BYTES` and that started the log over (and emptied its file)."""
         return self._checkpointer.restarts
 
     def close(self) -> None:
