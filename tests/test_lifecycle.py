@@ -356,6 +356,36 @@ def test_requests_left_by_many_handlers_outliving_the_stop_are_logged_in_one_lin
 
 
 @pytest.mark.timeout(60)
+def test_a_request_left_by_a_handler_returning_while_another_never_does_is_logged(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two handlers outlive a provider's stop: one returns, the other keeps running. The
+    request the first left is logged once the report's interval (shortened here) is up,
+    without waiting for the second (before: no line at all while it ran, 12 s and more,
+    though ``dropped`` counted it)."""
+    from zmqmesh._patterns.inbound import left_at_stop
+
+    monkeypatch.setattr(left_at_stop, "_LATE_REPORT_S", 1.0)
+    quick, stuck = threading.Event(), threading.Event()
+    provider = zmqmesh.Node("provider", handler_concurrency=2, **mesh)
+    provider.service("slow", lambda m: (quick if m.data == 0 else stuck).wait(30))
+    try:
+        with zmqmesh.Node("client", **mesh) as client:
+            provider.start()
+            client.wait_for_service("slow", timeout=10)
+            futures = [client.submit("slow", i, timeout=30) for i in range(2)]
+            wait_until(lambda: provider.stats()["service"]["received"] == 2, 10, "both requests to arrive")
+            provider.stop(timeout=0.2)
+            quick.set()
+            wait_until(lambda: provider.stats()["service"]["dropped"] == 1, 10, "the first request counted as left")
+            wait_until(lambda: "1 request(s) not answered" in caplog.text, 10, "its line, the other handler running")
+            assert not stuck.is_set()
+            with pytest.raises(zmqmesh.ZmqMeshError):
+                futures[0].result(20)
+    finally:
+        stuck.set()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("returns_in_time, opener", [(True, "Node"), (False, "Node"), (True, "AsyncNode")])
 def test_a_store_a_handler_outliving_the_stop_holds_is_waited_for_when_opened_again(
         mesh: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, returns_in_time: bool,

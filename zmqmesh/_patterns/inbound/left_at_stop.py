@@ -11,6 +11,7 @@ in the stop's warning, by what becomes of it (dropped, delivered again, its call
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,8 @@ unhandled (bounded: a peer may still be sending)."""
 _UNREAD_COUNT_S = 0.1  # ... whose messages it counts one by one for this long (decoding each frame)
 _LATE_REPORT_S = 10.0
 """Least time between two lines for what handlers that outlived a stop left, while others
-still run (the last to return reports at once)."""
+still run (the last to return reports at once; what one returning sooner left is
+reported when that time is up, whether or not another returns by then)."""
 _LEFT_AT_STOP = {
     "pushed": "pushed message(s) not handled, dropped",
     "at-least-once": "at-least-once message(s) not handled (delivered again, here or elsewhere)",
@@ -75,6 +77,8 @@ class LeftAtStop:
         self.reported_as: str | None = None
         """The node's name, once `report` was called."""
         self._late_reported_at = float("-inf")
+        self._late_lock = threading.Lock()  # (late reports come from the handlers' threads and a timer's)
+        self._late_timer: threading.Timer | None = None  # the report due when `_LATE_REPORT_S` is up
 
     def count(self, pattern: str, route: Any, count: int, kind: str | None = None) -> None:
         """Count ``count`` messages of ``pattern`` a stop left unhandled: in the pattern's
@@ -101,14 +105,33 @@ class LeftAtStop:
     def report_late(self, last: bool = True) -> None:
         """If the stop already reported, log what was left since (by handlers that outlived
         it): now if this is the ``last`` of them, else at most once every `_LATE_REPORT_S`
-        (one line for many, not one each); if the stop has not reported, nothing: its own
-        report says it."""
+        (one line for many, not one each; what is held back is logged when that time is
+        up, even if no other handler returns by then); if the stop has not reported,
+        nothing: its own report says it."""
         if self.reported_as is None:
             return
-        now = time.monotonic()
-        if last or now - self._late_reported_at >= _LATE_REPORT_S:
+        with self._late_lock:
+            due = self._late_reported_at + _LATE_REPORT_S
+            now = time.monotonic()
+            if not last and now < due:
+                if self._late_timer is None:
+                    self._late_timer = threading.Timer(due - now, self._report_due)
+                    self._late_timer.daemon = True
+                    self._late_timer.name = "zmqmesh-late-report"
+                    self._late_timer.start()
+                return
+            if self._late_timer is not None:
+                self._late_timer.cancel()
+                self._late_timer = None
             self._late_reported_at = now
             self.report(self.reported_as)
+
+    def _report_due(self) -> None:
+        """The late report `report_late` held back, now that its time is up."""
+        with self._late_lock:
+            self._late_timer = None
+            self._late_reported_at = time.monotonic()
+            self.report(self.reported_as)  # type: ignore[arg-type]  # (set before a timer starts)
 
     def count_unread(self, pull: zmq.Socket[Any], sub: zmq.Socket[Any], codec: Codec,
                      durable_only: Callable[[list[bytes]], bool]) -> None:
