@@ -206,6 +206,42 @@ def test_a_batch_with_an_unencodable_item_sends_none_of_it(tmp_path: Path, mesh:
         assert sorted(got) == [("kept", "next"), ("plain", "next"), ("topic", "next")]
 
 
+class _Handed:
+    """A batch that hands its items over as it is iterated (as a queue's drain does): a
+    second ``iter()`` finds none."""
+
+    def __init__(self, items: range) -> None:
+        self.items, self.iterated = list(items), 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.iterated += 1
+        items, self.items = self.items, []
+        return iter(items)
+
+
+def test_the_items_of_a_batch_call_are_iterated_once(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """The check that ``items`` can be iterated takes the iterator the call then uses
+    (before: it asked for one of its own, and the batch handing its items over sent none
+    of them: push_many, durable push_many, publish_many and request_many, 5 items each)."""
+    got: list[Any] = []
+    with zmqmesh.Node("iterated-once", store=str(tmp_path), **mesh) as n:
+        n.pull("plain", lambda m: got.append(("plain", m.data)))
+        n.pull("kept", lambda m: got.append(("kept", m.data)), at_least_once=True)
+        n.subscribe("topic", lambda m: got.append(("topic", m.data)))
+        n.service("svc", _echo)
+        n.wait_for_pullers("plain")
+        n.wait_for_pullers("kept")
+        n.wait_for_service("svc")
+        batches = [_Handed(range(5)) for _ in range(4)]
+        n.push_many("plain", batches[0], timeout=5)
+        n.push_many("kept", batches[1], durable=True)
+        n.publish_many("topic", batches[2])
+        assert list(n.request_many("svc", batches[3], timeout=5)) == list(range(5))
+        wait_until(lambda: len(got) >= 15, 10, "the 15 messages")
+        assert sorted(got) == sorted((kind, i) for kind in ("plain", "kept", "topic") for i in range(5))
+        assert [batch.iterated for batch in batches] == [1, 1, 1, 1]
+
+
 def test_an_async_node_raises_the_same_classes(mesh: dict[str, Any]) -> None:
     cases: list[tuple[str, Callable[[zmqmesh.AsyncNode], Any], type[Exception], type[ZmqMeshError]]] = [
         ("publish-data", lambda n: n.publish("t", object()), TypeError, EncodeError),

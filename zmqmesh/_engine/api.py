@@ -280,11 +280,13 @@ def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
     return out
 
 
-def check_items(items: object) -> None:
-    """Raises `ArgumentTypeError` (a ``TypeError``) unless ``items`` can be iterated (the
-    items of a batch call)."""
+def check_items(items: object) -> Iterator[Any]:
+    """The iterator over ``items`` (the items of a batch call), for the call to take them
+    from: asked for once, as a for loop asks (a second ``iter()`` of an iterable that
+    hands its items over found none). Raises `ArgumentTypeError` (a ``TypeError``) if
+    ``items`` cannot be iterated."""
     try:
-        iter(items)  # type: ignore[call-overload]  # (what a for loop asks: a class with __getitem__ only passes)
+        return iter(items)  # type: ignore[call-overload, no-any-return]  # (a class with __getitem__ only passes)
     except TypeError:
         raise ArgumentTypeError(f"items must be an iterable of payloads, got {type(items).__name__}") from None
 
@@ -876,8 +878,7 @@ class NodeBase:
         item that cannot be encoded named by its index), `ArgumentTypeError` for ``items``
         that cannot be iterated."""
         if type(items) is not list:
-            check_items(items)
-            items = list(items)
+            items = list(check_items(items))
         if not items:  # (nothing to send: the call still raises what one with items would)
             self._ready()
             check_name("queue" if operation == "push" else "topic", name)
@@ -916,7 +917,7 @@ class NodeBase:
         if engine.durable is None:
             raise ConfigError("durable=True needs a store: Node(..., store='path/dir')")
         check_name("queue", queue)
-        check_items(items)
+        items = items if type(items) is list else check_items(items)  # (a list: `encode_many`'s quick path)
         active = tracing.active
         if active is not None:
             headers = _sent_traced(active, "push", queue, headers)
@@ -1104,8 +1105,7 @@ class NodeBase:
         data is encoded (each item raises what `_request_plan` raises, in the same order;
         an item that cannot be encoded is named by its index). Raises `ArgumentTypeError`
         at once for ``items`` that cannot be iterated."""
-        check_items(items)
-        return self._item_calls(service, items, timeout, peer, headers)
+        return self._item_calls(service, check_items(items), timeout, peer, headers)
 
     def _item_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
                     headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
