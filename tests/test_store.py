@@ -67,6 +67,19 @@ def test_a_call_given_as_columns_is_stored_as_the_rows_a_keeper_hands_over(tmp_p
     assert stored["call"] == msgpack.packb([(r[0], 1000.5, headers, r[3]) for r in rows])
 
 
+def test_a_call_of_no_messages_stores_no_segment_beside_others(tmp_path: Path) -> None:
+    """A call with no messages (rows or `Entries`) stores nothing, and the calls beside it
+    are stored as ever (before: `cut` yielded the empty call as a segment, and append
+    raised IndexError, storing none of them)."""
+    from zmqmesh._store.messages import Entries
+
+    (a,) = entries("a")
+    store = Store(tmp_path)
+    assert store.append([("empty", []), ("q", [a]), ("none", Entries.of_rows([]))]) == [(1, 1)]
+    assert live(store, "q") == [("a", 0)] and store.queues().keys() == {"q"}
+    store.close()
+
+
 def test_messages_stored_marked_redelivered_are_read_back_and_moved_so_marked(tmp_path: Path) -> None:
     """What a keeper is handed marked redelivered (a dead puller may have handled it) stays
     marked in its store: read back, across a restart, and moved to another queue."""

@@ -47,7 +47,7 @@ def cut(entries: Entries) -> Iterator[Entries]:
     n = len(entries)
     # (one message, or small ones: cut by count alone; a single push need not be summed)
     if n == 1 or sum(map(len, entries.bodies)) + sum(map(len, filter(None, entries.headers))) <= SEGMENT_BYTES:
-        if n <= SEGMENT_MAX:
+        if 0 < n <= SEGMENT_MAX:  # (none: no segment, as `range` below makes none)
             yield entries
             return
         for start in range(0, n, SEGMENT_MAX):
