@@ -128,7 +128,10 @@ def _cases() -> Iterator[Any]:
         ("on_shout-not-callable", lambda n: n.on_shout(5), TypeError, ArgumentTypeError),
         ("shout-no-frame", lambda n: n.shout("g"), ValueError, ConfigError),
         ("shout-frame-int", lambda n: n.shout("g", 5), TypeError, EncodeError),
-        ("shout-frame-lone-surrogate", lambda n: n.shout("g", "\udc80"), ValueError, ConfigError),
+        # (a str.encode's UnicodeEncodeError before, and still)
+        ("shout-frame-lone-surrogate", lambda n: n.shout("g", "\udc80"), UnicodeEncodeError, ConfigError),
+        ("whisper-frame-lone-surrogate", lambda n: n.whisper(n.id, b"x", "\udc80"), UnicodeEncodeError,
+         ConfigError),
         ("whisper-no-frame", lambda n: n.whisper(n.id), ValueError, ConfigError),
         ("whisper-frame-int", lambda n: n.whisper(n.id, 5), TypeError, EncodeError),
         ("whisper-peer-int", lambda n: n.whisper(5, b"x"), TypeError, ArgumentTypeError),

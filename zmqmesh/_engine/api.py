@@ -259,11 +259,17 @@ def check_peer_id(peer_id: object) -> str:
     return peer_id
 
 
+class _UnencodableFrame(ConfigError, UnicodeEncodeError):
+    """A frame's text UTF-8 cannot encode: a `ConfigError`, still the ``UnicodeEncodeError``
+    ``str.encode`` raised (callers catching that keep working)."""
+
+
 def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
     """Raw ZRE frames from bytes (or a bytes-like object) or str (in UTF-8). Raises
     `ConfigError` (a ``ValueError``) for none or for text UTF-8 cannot encode (a lone
-    surrogate: a ``UnicodeEncodeError`` before), `EncodeError` (a ``TypeError``) for a
-    frame of another type (``bytes(5)`` would have made five zero bytes of an int)."""
+    surrogate; then also the ``UnicodeEncodeError`` it was), `EncodeError` (a
+    ``TypeError``) for a frame of another type (``bytes(5)`` would have made five zero
+    bytes of an int)."""
     if not frames:
         raise ConfigError("at least one frame is needed")
     out = []
@@ -272,7 +278,8 @@ def as_frames(frames: tuple[bytes | str, ...]) -> list[bytes]:
             try:
                 out.append(frame.encode())
             except UnicodeEncodeError as exc:
-                raise ConfigError(f"frame {index}: text UTF-8 cannot encode: {exc}") from exc
+                raise _UnencodableFrame(exc.encoding, exc.object, exc.start, exc.end,
+                                        f"frame {index}: {exc.reason}") from exc
         elif isinstance(frame, (bytes, bytearray, memoryview)):
             out.append(bytes(frame))
         else:
