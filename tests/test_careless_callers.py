@@ -1372,6 +1372,32 @@ def test_a_switch_of_a_call_that_is_no_bool_is_a_config_error(mesh: dict[str, An
     asyncio.run(push_async("q"))
 
 
+def test_a_switch_takes_a_numpy_bool(mesh: dict[str, Any], tmp_path: Any) -> None:
+    """A NumPy bool (what a mask or a comparison of arrays gives) is a switch's True or
+    False, as it was before the switches took True or False only (then: a `ConfigError`
+    for ``durable=numpy.True_``, ``pull(at_least_once=numpy.True_)`` and
+    ``NodeConfig(discovery=numpy.False_)``). ``durable=numpy.False_`` pushes as plainly as
+    False does: nothing is stored."""
+    np = pytest.importorskip("numpy")
+    assert zmqmesh.NodeConfig(discovery=np.False_).discovery is False
+    assert zmqmesh.NodeConfig(accept_plain_zre=np.True_).accept_plain_zre is True
+    got: list[Any] = []
+    with zmqmesh.Node("numpy-switches", store=str(tmp_path), **mesh) as node:
+        node.pull("kept", lambda m: got.append(("kept", m.data)), at_least_once=np.True_, dedupe=np.False_)
+        node.pull("plain", lambda m: got.append(("plain", m.data)), zero_copy=np.False_)
+        node.service("s", lambda m: m.data, idempotent=np.True_)
+        node.wait_for_pullers("kept")
+        node.wait_for_pullers("plain")
+        node.push("kept", 1, durable=np.True_)
+        node.push_many("kept", [2], durable=np.bool_(True))
+        node.push("plain", 3, durable=np.False_, timeout=5)
+        node.push_many("plain", [4], durable=np.False_, timeout=5)
+        assert node.request("s", 5, timeout=5) == 5
+        wait_until(lambda: len(got) >= 4, 10, "the four messages")
+        assert sorted(got) == [("kept", 1), ("kept", 2), ("plain", 3), ("plain", 4)]
+        assert node.stats()["pipeline"]["durable_stored"] == 2  # (3 and 4 were not stored)
+
+
 def test_advertising_0_0_0_0_is_a_config_error_as_the_config_is_made() -> None:
     """``advertise_address="0.0.0.0"`` (documented: never 0.0.0.0) made a config, and then
     failed the node's start with a plain `ZmqMeshError`, where an option zmqmesh cannot

@@ -28,7 +28,7 @@ from ._engine.api import (
     check_window,
 )
 from ._io.serving import served, serving
-from .config import NodeConfig
+from .config import NodeConfig, check_switch
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
 
@@ -321,8 +321,8 @@ class AsyncNode(NodeBase):
         waits for that commit may still be stored; any other push cancelled while it waits
         (for a puller, or for room) is not sent."""
         self._check_loop()
-        if durable is not False:
-            await self._commit_durable(queue, (data,), headers, durable)
+        if durable is not False and check_switch(durable, "durable"):  # (a NumPy False: not durable)
+            await self._commit_durable(queue, (data,), headers)
             return
         body = self._push_now(queue, data, headers, timeout)
         if body is not None:  # (the queue could not take it yet)
@@ -333,8 +333,8 @@ class AsyncNode(NodeBase):
         """`push` each of ``items``, in order, encoded first (see `Node.push_many`).
         Cancelled part-way, the items it queued before are sent, the others not."""
         self._check_loop()
-        if durable is not False:
-            await self._commit_durable(queue, items, headers, durable)
+        if durable is not False and check_switch(durable, "durable"):  # (a NumPy False: not durable)
+            await self._commit_durable(queue, items, headers)
             return
         await self._runner.run(self._push_many_plan(queue, self._encode_many("push", queue, items, headers), timeout))
 
@@ -343,9 +343,8 @@ class AsyncNode(NodeBase):
         self._check_loop()
         await self._runner.run(self._publish_many_plan(self._encode_publications(topic, items, headers)))
 
-    async def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None,
-                              durable: object) -> None:
-        ticket = self._durable_ticket(queue, items, headers, durable)
+    async def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
+        ticket = self._durable_ticket(queue, items, headers)
         if ticket is not None:
             await self._runner.commits.commit(ticket)
 

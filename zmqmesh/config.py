@@ -16,7 +16,7 @@ from ._addresses import is_ipv4, parse_tcp_endpoint
 from ._record import fields_of, frozen_record, replaced
 from .errors import ConfigError
 
-__all__ = ["NodeConfig", "DEFAULT_BEACON_PORT", "HistoryPolicy", "LONGEST_WAIT_S", "parse_history"]
+__all__ = ["NodeConfig", "DEFAULT_BEACON_PORT", "HistoryPolicy", "LONGEST_WAIT_S", "check_switch", "parse_history"]
 
 DEFAULT_BEACON_PORT = 5670
 """UDP port of ZRE discovery (ZRE-DISC, assigned by IANA)."""
@@ -262,8 +262,7 @@ class NodeConfig:
             raise ConfigError(f"metrics_address must name the address to listen on ('0.0.0.0' for every "
                               f"interface), got {self.metrics_address!r}")
         for name in ("discovery", "accept_plain_zre"):  # (a truth test took "no" for yes)
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, check_switch(getattr(self, name), name))
         for name in ("seeds", "curve_allow"):
             value = getattr(self, name)
             if isinstance(value, (list, str)):
@@ -426,6 +425,18 @@ wait or a thread's join past ``threading.TIMEOUT_MAX``, some 292 years, raises
 _LEAST_STORE_BYTES = 1 << 20  # (the least ``Store`` takes)
 _LARGEST_HWM = (1 << 31) - 1  # (ZeroMQ's high-water marks are C ints)
 _LARGEST_MESSAGE = (1 << 63) - 1 - (64 << 10)  # (ZeroMQ's MAXMSGSIZE, a 64-bit int, takes it and a frame's headroom)
+
+
+def check_switch(value: object, name: str) -> bool:
+    """``value`` as True or False: ``True``, ``False`` or a NumPy bool (``numpy.True_``,
+    what a mask or a comparison of arrays gives). Raises `ConfigError` (a ``ValueError``)
+    otherwise: a truth test read ``at_least_once="no"`` as on."""
+    if value is True or value is False:
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # (NumPy 2 and 1; not imported here)
+        return bool(value)
+    raise ConfigError(f"{name} must be True or False, got {f'{value!r}'[:60]}")
 
 
 def _from_environment(fields: tuple[str, ...], given: set[str]) -> dict[str, Any]:

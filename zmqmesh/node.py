@@ -32,7 +32,7 @@ from ._engine.api import (
 from ._io.reactor import Reactor, run_on
 from ._io.serving import served, serving
 from ._io.stop_flag import StopFlag
-from .config import NodeConfig
+from .config import NodeConfig, check_switch
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
 
@@ -316,8 +316,8 @@ class Node(NodeBase):
         `StoreFullError` when the store is full, `ConfigError` without one (and for a
         ``durable`` that is neither True nor False: a truth test read ``"no"`` as on).
         """
-        if durable is not False:
-            self._commit_durable(queue, (data,), headers, durable)
+        if durable is not False and check_switch(durable, "durable"):  # (a NumPy False: not durable)
+            self._commit_durable(queue, (data,), headers)
             return
         body = self._push_now(queue, data, headers, timeout)
         if body is not None:  # (the queue could not take it yet)
@@ -332,8 +332,8 @@ class Node(NodeBase):
         names the item that cannot be encoded by its index), `ArgumentTypeError` (a
         ``TypeError``) for ``items`` that cannot be iterated; a timeout part-way leaves the
         items before it sent."""
-        if durable is not False:
-            self._commit_durable(queue, items, headers, durable)
+        if durable is not False and check_switch(durable, "durable"):  # (a NumPy False: not durable)
+            self._commit_durable(queue, items, headers)
             return
         self._runner.run(self._push_many_plan(queue, self._encode_many("push", queue, items, headers), timeout))
 
@@ -345,9 +345,8 @@ class Node(NodeBase):
         or ``send_queue_max_bytes`` for ``push_timeout_s``) leaves the items before it sent."""
         self._runner.run(self._publish_many_plan(self._encode_publications(topic, items, headers)))
 
-    def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None,
-                        durable: object) -> None:
-        ticket = self._durable_ticket(queue, items, headers, durable)
+    def _commit_durable(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> None:
+        ticket = self._durable_ticket(queue, items, headers)
         if ticket is not None:
             self._engine.durable.commit_in_turn(ticket)  # type: ignore[union-attr]
 

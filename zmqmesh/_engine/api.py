@@ -43,7 +43,7 @@ from .._wire.frames import (
     pullable,
     wire_size,
 )
-from ..config import LONGEST_WAIT_S, NodeConfig
+from ..config import LONGEST_WAIT_S, NodeConfig, check_switch
 from ..errors import (
     ArgumentTypeError,
     ConfigError,
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from .._patterns.durable import Ticket
     from .._patterns.replay import Fetch
 
-__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_switch", "check_window",
+__all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window",
            "peer_id_of", "check_peer_id", "as_frames", "check_group", "check_items"]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -157,14 +157,6 @@ def check_timeout(value: Any, name: str = "timeout") -> float:
     shown = repr(value)
     raise ConfigError(f"{name} must be a finite number of seconds >= 0, got "
                       f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
-
-
-def check_switch(value: object, name: str) -> bool:
-    """``value`` if it is True or False. Raises `ConfigError` (a ``ValueError``) otherwise:
-    a truth test read ``at_least_once="no"`` as on."""
-    if value is not True and value is not False:
-        raise ConfigError(f"{name} must be True or False, got {f'{value!r}'[:60]}")
-    return value
 
 
 def check_window(window: Any) -> int:
@@ -559,8 +551,8 @@ class NodeBase:
         """
         check_name("queue", queue)
         _check_not_reserved("queue", queue)
-        for switch, value in (("at_least_once", at_least_once), ("dedupe", dedupe), ("zero_copy", zero_copy)):
-            check_switch(value, switch)
+        at_least_once, dedupe, zero_copy = (check_switch(value, switch) for switch, value in (
+            ("at_least_once", at_least_once), ("dedupe", dedupe), ("zero_copy", zero_copy)))
         extras = ack_timeout_s is not None or dead_letter is not None or dedupe or max_deliveries != 5
         if extras and not at_least_once:
             raise ConfigError("ack_timeout_s, max_deliveries, dead_letter and dedupe need at_least_once=True")
@@ -615,7 +607,7 @@ class NodeBase:
         """
         check_name("service", name)
         _check_not_reserved("service", name)
-        check_switch(idempotent, "idempotent")
+        idempotent = check_switch(idempotent, "idempotent")
         return self._register("services", name, handler,
                               (lambda fn: self._registry.mark_idempotent(name)) if idempotent else None)
 
@@ -906,18 +898,16 @@ class NodeBase:
         name = self._topic_names.get(topic) or self._name_bytes(self._topic_names, "topic", topic)
         return [(name, body) for body in bodies]
 
-    def _durable_ticket(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None,
-                        durable: object) -> Ticket | None:
+    def _durable_ticket(self, queue: str, items: Iterable[Any], headers: dict[str, str] | None) -> Ticket | None:
         """Durable messages encoded for the store, as one call to commit (None for no
         items). The facades then commit it in turn with the calls of other threads or
-        tasks (a group commit), and the loop delivers them when a puller is there.
-        ``durable``: the call's switch, which any value but False leads here.
+        tasks (a group commit), and the loop delivers them when a puller is there (they
+        come here for a ``durable`` switch that `check_switch` reads as on).
 
-        Raises `ConfigError` for a ``durable`` that is not True, without a store,
-        `EncodeError` for unencodable data or headers, `MessageTooLargeError`,
-        `NodeClosedError`, `ArgumentTypeError` for ``items`` that cannot be iterated.
+        Raises `ConfigError` without a store, `EncodeError` for unencodable data or
+        headers, `MessageTooLargeError`, `NodeClosedError`, `ArgumentTypeError` for
+        ``items`` that cannot be iterated.
         """
-        check_switch(durable, "durable")
         engine = self._engine
         self._check_process()
         engine.ensure_running()
