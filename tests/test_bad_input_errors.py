@@ -311,6 +311,28 @@ def test_a_config_with_an_unknown_option_is_a_zmqmesh_error() -> None:
     assert isinstance(caught.value, ArgumentTypeError)
 
 
+class _IndexedSnapshots:
+    """Snapshots a for loop iterates by ``__getitem__`` alone (no ``__iter__``: no ``Iterable``)."""
+
+    def __init__(self, snapshots: list[dict[str, Any]]) -> None:
+        self.snapshots = snapshots
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.snapshots[index]
+
+
+def test_metrics_text_takes_what_a_for_loop_iterates() -> None:
+    """``metrics_text`` refused with `ArgumentTypeError` snapshots a for loop iterates by
+    ``__getitem__`` (it asked ``isinstance(snapshots, Iterable)``), which it took before;
+    and it reads a one-shot iterable once."""
+    pytest.importorskip("prometheus_client")
+    with zmqmesh.Node("metrics-text", beacon_port=free_udp_port(), mesh=f"test-{uuid.uuid4().hex[:10]}") as n:
+        snapshot = n.stats()
+    expected = zmqmesh.metrics_text([snapshot])
+    assert zmqmesh.metrics_text(_IndexedSnapshots([snapshot])) == expected
+    assert zmqmesh.metrics_text(iter([snapshot])) == expected
+
+
 @pytest.mark.parametrize("call", [
     pytest.param(lambda: zmqmesh.inspect_store(5), id="inspect_store"),
     pytest.param(lambda: zmqmesh.durable_subscriptions(None), id="durable_subscriptions"),

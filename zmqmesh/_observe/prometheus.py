@@ -298,13 +298,24 @@ def metrics_text(snapshots: Iterable[Snapshot] | None, gateway: Snapshot | None 
 
     Raises `ConfigError` without ``prometheus_client``, `ArgumentTypeError` (a
     ``TypeError``) for ``snapshots`` that cannot be iterated."""
-    if snapshots is not None and not isinstance(snapshots, Iterable):
-        raise ArgumentTypeError(f"snapshots must be an iterable of counters or None, got {type(snapshots).__name__}")
+    items = None if snapshots is None else _iterated(snapshots)
     client = _client()
+    taken = None if items is None else list(items)  # (taken once: an iterator has them once)
     registry = client.CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(lambda: None if snapshots is None else list(snapshots), gateway, unreadable))
+    registry.register(_Collector(lambda: taken, gateway, unreadable))
     text: bytes = client.generate_latest(registry)
     return text
+
+
+def _iterated(snapshots: Iterable[Snapshot]) -> Iterator[Snapshot]:
+    """The iterator over ``snapshots``, asked for as a for loop asks (a class with
+    ``__getitem__`` only is iterable, and no ``Iterable``). Raises `ArgumentTypeError`
+    (a ``TypeError``) if they cannot be iterated."""
+    try:
+        return iter(snapshots)
+    except TypeError:
+        raise ArgumentTypeError(f"snapshots must be an iterable of counters or None, "
+                                f"got {type(snapshots).__name__}") from None
 
 
 class MetricsServer:
