@@ -551,8 +551,9 @@ class NodeBase:
         """
         check_name("queue", queue)
         _check_not_reserved("queue", queue)
-        at_least_once, dedupe, zero_copy = (check_switch(value, switch) for switch, value in (
-            ("at_least_once", at_least_once), ("dedupe", dedupe), ("zero_copy", zero_copy)))
+        at_least_once = check_switch(at_least_once, "at_least_once")
+        dedupe = check_switch(dedupe, "dedupe")
+        zero_copy = check_switch(zero_copy, "zero_copy")
         extras = ack_timeout_s is not None or dead_letter is not None or dedupe or max_deliveries != 5
         if extras and not at_least_once:
             raise ConfigError("ack_timeout_s, max_deliveries, dead_letter and dedupe need at_least_once=True")

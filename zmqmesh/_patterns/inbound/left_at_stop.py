@@ -123,14 +123,12 @@ class LeftAtStop:
             if self._late_timer is not None:
                 self._late_timer.cancel()
                 self._late_timer = None
-            self._late_reported_at = now
-            self.report(self.reported_as)
+            self.report(self.reported_as)  # (which begins the next `_LATE_REPORT_S`)
 
     def _report_due(self) -> None:
         """The late report `report_late` held back, now that its time is up."""
         with self._late_lock:
             self._late_timer = None
-            self._late_reported_at = time.monotonic()
             self.report(self.reported_as)  # type: ignore[arg-type]  # (set before a timer starts)
 
     def count_unread(self, pull: zmq.Socket[Any], sub: zmq.Socket[Any], codec: Codec,
