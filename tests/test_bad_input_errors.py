@@ -347,3 +347,17 @@ def test_the_tools_refuse_an_argument_of_the_wrong_type_with_a_zmqmesh_error(cal
     with pytest.raises(TypeError) as caught:
         call()
     assert isinstance(caught.value, ArgumentTypeError)
+
+
+@pytest.mark.parametrize("name", [5, None, b"x"])
+def test_forgetting_a_durable_subscription_by_a_name_that_is_no_str_is_refused(tmp_path: Path, mesh: dict[str, Any],
+                                                                              name: Any) -> None:
+    """``forget_durable_subscription(store, 5)`` forgot the subscription named ``"5"`` (SQLite
+    compared the int as text), and ``None`` or bytes reported that the store had none of that
+    name: no name of a subscription is anything but a str."""
+    with zmqmesh.Node("forgetful", store=str(tmp_path), **mesh):
+        pass
+    with pytest.raises(TypeError) as caught:
+        zmqmesh.forget_durable_subscription(tmp_path, name)
+    assert isinstance(caught.value, ArgumentTypeError)
+    assert zmqmesh.forget_durable_subscription(tmp_path, "5") == {"streams": 0, "topics": 0}

@@ -102,7 +102,10 @@ def forget_durable_subscription(directory: str | os.PathLike[str], name: str) ->
     subscription that takes the name again begins afresh, as its ``replay`` says. The
     store must not be in use: raises `StoreLockedError` while its node runs, `StoreError`
     if there is none, `ArgumentTypeError` (a ``TypeError``) for a ``directory`` that is no
-    path."""
+    path or a ``name`` that is no ``str`` (no subscription has one: ``5`` forgot one named
+    ``"5"``, ``None`` or bytes reported none there)."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"a durable subscription's name is a str, got {type(name).__name__}")
     with _existing(directory) as store:
         return store.cursors.forget_name(name)
 
