@@ -361,3 +361,16 @@ def test_forgetting_a_durable_subscription_by_a_name_that_is_no_str_is_refused(t
         zmqmesh.forget_durable_subscription(tmp_path, name)
     assert isinstance(caught.value, ArgumentTypeError)
     assert zmqmesh.forget_durable_subscription(tmp_path, "5") == {"streams": 0, "topics": 0}
+
+
+@pytest.mark.parametrize("tool", [zmqmesh.retry_dead_letters, zmqmesh.drop_dead_letters])
+def test_a_dead_letter_queue_named_by_no_str_is_refused(tmp_path: Path, mesh: dict[str, Any],
+                                                        tool: Callable[..., int]) -> None:
+    """``drop_dead_letters(store, "q", dead_letter=5)`` deleted the queue named ``"5"``
+    (SQLite compared the int as text), whose messages were no dead letters at all."""
+    with zmqmesh.Node("lettered", store=str(tmp_path), **mesh) as node:
+        node.push("5", "not a dead letter", durable=True)
+    with pytest.raises(TypeError) as caught:
+        tool(tmp_path, "q", dead_letter=5)
+    assert isinstance(caught.value, ArgumentTypeError)
+    assert zmqmesh.inspect_store(tmp_path)["queues"]["5"]["messages"] == 1

@@ -60,18 +60,30 @@ def retry_dead_letters(directory: str | os.PathLike[str], queue: str, dead_lette
     The store must not be in use: raises `StoreLockedError` while its node runs,
     `StoreError` if there is none, `ConfigError` for a ``queue`` no node can pull (empty,
     past 200 bytes of UTF-8, or a built-in's name: they would be moved where nothing takes
-    them), `ArgumentTypeError` (a ``TypeError``) for a ``directory`` that is no path."""
-    _pullable(queue)
+    them), `ArgumentTypeError` (a ``TypeError``) for a ``directory`` that is no path or a
+    ``dead_letter`` that is neither None nor a ``str``."""
+    dead = _dead_letters_of(queue, dead_letter)
     with _existing(directory) as store:
-        return store.requeue(dead_letter_queue(queue, dead_letter), queue)
+        return store.requeue(dead, queue)
 
 
 def drop_dead_letters(directory: str | os.PathLike[str], queue: str, dead_letter: str | None = None) -> int:
     """Delete every dead letter of ``queue``; how many there were. Those damaged on disk
     stay, as `retry_dead_letters` leaves them. Raises as `retry_dead_letters` does."""
-    _pullable(queue)
+    dead = _dead_letters_of(queue, dead_letter)
     with _existing(directory) as store:
-        return store.drop_queue(dead_letter_queue(queue, dead_letter))
+        return store.drop_queue(dead)
+
+
+def _dead_letters_of(queue: str, dead_letter: str | None) -> str:
+    """The queue of ``queue``'s dead letters (`dead_letter_queue`), both names checked:
+    raises as `_pullable` does for ``queue``, `ArgumentTypeError` for a ``dead_letter``
+    that is neither None nor a ``str`` (``5`` took the queue named ``"5"``: SQLite compares
+    an int with text as text)."""
+    _pullable(queue)
+    if dead_letter is not None and not isinstance(dead_letter, str):
+        raise ArgumentTypeError(f"dead_letter names a queue (a str) or is None, got {type(dead_letter).__name__}")
+    return dead_letter_queue(queue, dead_letter)
 
 
 def _pullable(queue: str) -> None:
