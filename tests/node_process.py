@@ -68,6 +68,8 @@ def install(node: zmqmesh.Node | zmqmesh.AsyncNode, spec: dict) -> None:
             def boom(msg: zmqmesh.Message) -> None:
                 raise ValueError(f"boom {msg.data}")
             node.service(name, boom)
+        elif name == "big":  # a reply of msg.data characters
+            node.service(name, lambda msg: "x" * int(msg.data))
         elif name == "odd":  # a reply JSON has no strict form for: keys that are not text, NaN, infinities
             node.service(name, lambda msg: {b"k": 1, 7: [float("nan"), float("-inf")], (1, 2): "x"})
         elif is_async:

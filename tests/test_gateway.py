@@ -493,6 +493,36 @@ def test_a_client_that_never_reads_its_replies_is_closed_in_bounded_time(mesh: d
                 sock.close()
 
 
+@pytest.mark.timeout(90)
+def test_answers_waiting_for_their_readers_are_bounded_in_bytes(mesh: dict[str, Any], spawn: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer is written after its request's place among those in flight is freed: the
+    answers of callers that read nothing are held together within MAX_ANSWER_BYTES_WAITING
+    (here 4 MiB; one alone whatever its size), one that would pass it dropped and answered
+    503 Busy in its place, counted; once the reader goes, answers flow again. (They were
+    held without a bound for the reply timeout: 8 callers of a service answering 15 MB
+    held 1.4 GB.)"""
+    from zmqmesh.tools import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "MAX_ANSWER_BYTES_WAITING", 4 * 1024 * 1024)
+    spawn("worker", service=["big"])
+    with gateway_in_process(mesh) as (url, connect):
+        wait_until(lambda: call(f"{url}/request/big", "POST", b"3") == (200, "xxx"), 15, "the worker at the gateway")
+        reply_chars = 12 * 1024 * 1024  # (more than the sockets' buffers hold)
+        ask = (b"POST /request/big HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%d" % (len(str(reply_chars)), reply_chars))
+        with client_that_never_reads(url, ask) as first:
+            assert first.recv(12) == b"HTTP/1.1 200"  # (its answer began: the rest waits for it)
+            with client_that_never_reads(url, ask) as second:
+                head = second.recv(12)
+                assert head == b"HTTP/1.1 503", head
+                assert gateway_samples(url)["zmqmesh_gateway_refused_total{answer_bytes_waiting}"] == 1
+                assert gateway_samples(url)["zmqmesh_gateway_waiting_answer_bytes"] > reply_chars
+        wait_until(lambda: gateway_samples(url)["zmqmesh_gateway_waiting_answer_bytes"] < 65536, 15,
+                   "the answer let go once its reader went")
+        assert call(f"{url}/request/big", "POST", str(reply_chars).encode())[1] == "x" * reply_chars
+
+
 @pytest.mark.timeout(60)
 def test_clients_that_hang_up_mid_body_or_mid_answer_log_no_traceback(mesh: dict[str, Any],
                                                                      caplog: pytest.LogCaptureFixture) -> None:
@@ -513,16 +543,18 @@ def test_clients_that_hang_up_mid_body_or_mid_answer_log_no_traceback(mesh: dict
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
 
 
-def client_that_never_reads(url: str) -> socket.socket:
+def client_that_never_reads(url: str, ask: bytes = b"GET /peers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20_000
+                            ) -> socket.socket:
     """A raw connection to the gateway at ``url``, with a small receive buffer (4 KiB),
-    that has sent 20,000 pipelined ``GET /peers``: some 20 MB of replies, more than the
-    sockets' buffers hold, which it never reads. The caller closes it (a context manager)."""
+    that has sent ``ask`` (by default 20,000 pipelined ``GET /peers``: some 20 MB of
+    replies, more than the sockets' buffers hold), whose answers it never reads. The
+    caller closes it (a context manager)."""
     sock = socket.socket()
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before the connection: its window)
         sock.settimeout(10)
         sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        sock.sendall(b"GET /peers HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20_000)
+        sock.sendall(ask)
     except BaseException:
         sock.close()
         raise

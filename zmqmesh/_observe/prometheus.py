@@ -76,6 +76,7 @@ _GATEWAY_GAUGES = {
                           "callers hung up included",
     "in_flight_body_bytes": "Bytes of the bodies of the requests being served",
     "arriving_body_bytes": "Bytes the request bodies being read declare, with their requests' heads",
+    "waiting_answer_bytes": "Bytes of the answers being written, waiting for their readers",
     "event_streams": "Event streams (/events) open",
     "hung_up_calls": "Calls into the mesh still running whose callers hung up",
     "connections": "HTTP connections open",

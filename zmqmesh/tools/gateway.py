@@ -18,7 +18,8 @@ or wrong token, 403 a foreign ``Host`` or ``Origin``, 404 unknown route, 405 wro
 408 a body slower than 10 s, 413 body too large, 415 a POST that is not
 ``application/json``, 500 the remote handler raised (its type and message; the traceback
 only with ``tracebacks=True``), 502 the provider was lost mid-request, or its reply has no
-JSON form, 503 nobody offers it (at once), too many requests or body bytes in flight, the
+JSON form, 503 nobody offers it (at once), too many requests or body bytes in flight (or
+answer bytes waiting for their readers: the answer dropped), the
 node cannot take it now, or the gateway stopped with the call in flight (`STOP_GRACE_S`
 after it began to stop), 504 timeout (a reply, or room in a full send queue).
 
@@ -129,6 +130,12 @@ STREAM_WRITE_TIMEOUT_S = 10.0
 """How long a write to an ``/events`` stream may wait for its reader; past it, the stream is closed."""
 REPLY_TIMEOUT_S = 30.0
 """How long an answer may wait for its client to take it; past it, the connection is closed."""
+MAX_ANSWER_BYTES_WAITING = 64 * 1024 * 1024
+"""Bytes of answers being written, together (one alone whatever its size, and one of up to
+`SMALL_BODY_BYTES` always: 1,024 connections at most, 64 MiB); an answer that would pass
+it is dropped and answered 503 in its place, counted (``answer_bytes_waiting``) and logged. The place among the requests in flight is freed before the answer is written,
+and a reply's JSON may be six times the reply: 8 callers of a service answering 15 MB,
+that read nothing, held 1.4 GB for `REPLY_TIMEOUT_S`, and each more held 170 MB more."""
 MAX_CONNECTIONS = 1024
 """HTTP connections open at once; past it, a new one is closed at once (logged)."""
 BODY_TIMEOUT_S = 10.0
@@ -158,10 +165,12 @@ call into the mesh ran on, a connection closed as its client took no reply withi
 `REPLY_TIMEOUT_S`, an ``/events`` stream closed as its reader took no event within
 `STREAM_WRITE_TIMEOUT_S`, an event a lagging stream lost, a node's counters the dashboard
 or ``/metrics`` could not read (each time), a 500 ``InternalError`` (a bug of the gateway's)."""
-REFUSALS = ("requests_in_flight", "body_bytes_in_flight", "body_bytes_arriving", "event_streams", "connections",
-            "body_too_large", "body_timeout", "unauthorized", "forbidden", "unsupported_media_type")
+REFUSALS = ("requests_in_flight", "body_bytes_in_flight", "body_bytes_arriving", "event_streams",
+            "answer_bytes_waiting", "connections", "body_too_large", "body_timeout", "unauthorized", "forbidden",
+            "unsupported_media_type")
 """Why the gateway refuses (`Gateway.refusals`): 503 ``Busy`` as `MAX_IN_FLIGHT`,
-`MAX_BODY_BYTES_IN_FLIGHT`, `MAX_BODY_BYTES_READING` or `MAX_LISTENERS` is reached; a
+`MAX_BODY_BYTES_IN_FLIGHT`, `MAX_BODY_BYTES_READING`, `MAX_LISTENERS` or
+`MAX_ANSWER_BYTES_WAITING` is reached (the last in place of an answer, dropped); a
 connection closed at once past ``max_connections``; 413; 408; 401; 403; 415."""
 
 
@@ -200,6 +209,7 @@ class Gateway:
         self.in_flight = 0
         self.body_bytes = 0  # of the requests in flight
         self.reading_bytes = 0  # declared by the bodies being read
+        self.answer_bytes = 0  # of the answers being written (`_send`)
         self.event_counts: dict[str, int] = dict.fromkeys(EVENTS, 0)  # since the start (`counters`)
         self.refusals: dict[str, int] = dict.fromkeys(REFUSALS, 0)  # by reason, since the start (`counters`)
         self.server: web.Server | None = None  # (set by `run_gateway`: its connections are counted)
@@ -226,9 +236,7 @@ class Gateway:
         then send the answer within `REPLY_TIMEOUT_S` (`_send`). A request the gateway's
         stop cuts off (`finish`) is answered 503 ``Stopping``."""
         if request.path == "/events":  # (a stream is ended by the stop: `end_streams`)
-            response = await self._answer(request, handler)
-            await self._send(request, response)
-            return response
+            return await self._send(request, await self._answer(request, handler))
         task = asyncio.current_task()
         assert task is not None
         self._serving.add(task)
@@ -241,17 +249,32 @@ class Gateway:
                 if sys.version_info >= (3, 11):
                     task.uncancel()  # (the cancel was the stop's, answered here: the task goes on)
                 response = _error(503, "Stopping", f"the gateway stopped; the call did not end within {STOP_GRACE_S:g} s")
-            await self._send(request, response)  # (cut off meanwhile: its connection is closed)
-            return response
+            response = self._within_answer_budget(response)  # (one dropped is let go here, before the wait)
+            return await self._send(request, response)  # (cut off meanwhile: its connection is closed)
         finally:
             self._serving.discard(task)
             self._cut.discard(task)
 
-    async def _send(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Write ``response`` out, its slot freed: a client that has not taken it within
-        `REPLY_TIMEOUT_S` (it does not read) has its connection closed, counted
-        (``slow_reader``) and logged (the first and every 1,000th), so that no reply waits
-        for its reader forever, holding a connection."""
+    def _within_answer_budget(self, response: web.StreamResponse) -> web.StreamResponse:
+        """``response``, or 503 ``Busy`` in its place if its body, over `SMALL_BODY_BYTES`,
+        would take the answers being written (`_send`) past `MAX_ANSWER_BYTES_WAITING`
+        (the answer dropped: counted, ``answer_bytes_waiting``, and logged)."""
+        size = _body_bytes(response)
+        if size <= SMALL_BODY_BYTES or not self.answer_bytes or self.answer_bytes + size <= MAX_ANSWER_BYTES_WAITING:
+            return response
+        _count_event(self.refusals, "answer_bytes_waiting", logging.WARNING,
+                     f"dropped an answer of {size} bytes: {self.answer_bytes} bytes of answers wait for their readers")
+        return _error(503, "Busy", f"the answer ({size} bytes) was dropped: {MAX_ANSWER_BYTES_WAITING} bytes of "
+                                   "answers are waiting for their readers; try again")
+
+    async def _send(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        """Write ``response`` out, its slot freed, its body's bytes counted meanwhile among
+        the answers being written (`MAX_ANSWER_BYTES_WAITING`), and return it: a client that
+        has not taken it within `REPLY_TIMEOUT_S` (it does not read) has its connection
+        closed, counted (``slow_reader``) and logged (the first and every 1,000th), so that
+        no reply waits for its reader forever, holding a connection."""
+        size = _body_bytes(response)
+        self.answer_bytes += size
         try:
             await asyncio.wait_for(self._write(request, response), REPLY_TIMEOUT_S)
         except ConnectionError:  # (the client hung up: nobody to answer)
@@ -261,6 +284,9 @@ class Gateway:
                          f"closed a connection whose client took no reply for {REPLY_TIMEOUT_S:g} s")
             if request.transport is not None:
                 request.transport.abort()
+        finally:
+            self.answer_bytes -= size
+        return response
 
     @staticmethod
     async def _write(request: web.Request, response: web.StreamResponse) -> None:
@@ -582,11 +608,13 @@ class Gateway:
         ``refused`` (`REFUSALS`), counts since it started; ``gauges``, what is in flight or
         open now: ``requests_in_flight`` (streams and scrapes aside; calls whose callers hung up
         included), ``in_flight_body_bytes``, ``arriving_body_bytes`` (declared by the bodies
-        being read, with their requests' heads), ``event_streams``, ``hung_up_calls``, ``stats_bytes`` (what the
+        being read, with their requests' heads), ``waiting_answer_bytes`` (the bodies of the
+        answers being written), ``event_streams``, ``hung_up_calls``, ``stats_bytes`` (what the
         last collection of the nodes' answers holds, about: `MAX_STATS_BYTES`), and ``connections`` when served
         by `run_gateway`."""
         gauges = {"requests_in_flight": self.in_flight, "in_flight_body_bytes": self.body_bytes,
-                  "arriving_body_bytes": self.reading_bytes, "event_streams": len(self.listeners),
+                  "arriving_body_bytes": self.reading_bytes, "waiting_answer_bytes": self.answer_bytes,
+                  "event_streams": len(self.listeners),
                   "hung_up_calls": len(self._orphans), "stats_bytes": self._stats_bytes}
         if self.server is not None:
             gauges["connections"] = len(self.server.connections)
@@ -902,6 +930,12 @@ class _BadRequest(Exception):
 
 class _Busy(Exception):
     pass
+
+
+def _body_bytes(response: web.StreamResponse) -> int:
+    """The bytes of ``response``'s body held in memory (0 for a stream's)."""
+    body = response.body if isinstance(response, web.Response) else None
+    return len(body) if isinstance(body, (bytes, bytearray)) else 0
 
 
 def _count_event(counts: dict[str, int], key: str, level: int, message: str) -> None:
