@@ -131,11 +131,12 @@ STREAM_WRITE_TIMEOUT_S = 10.0
 REPLY_TIMEOUT_S = 30.0
 """How long an answer may wait for its client to take it; past it, the connection is closed."""
 MAX_ANSWER_BYTES_WAITING = 64 * 1024 * 1024
-"""Bytes of answers being written, together (one alone whatever its size, and one of up to
-`SMALL_BODY_BYTES` always: 1,024 connections at most, 64 MiB); an answer that would pass
-it is dropped and answered 503 in its place, counted (``answer_bytes_waiting``) and logged. The place among the requests in flight is freed before the answer is written,
-and a reply's JSON may be six times the reply: 8 callers of a service answering 15 MB,
-that read nothing, held 1.4 GB for `REPLY_TIMEOUT_S`, and each more held 170 MB more."""
+"""Bytes of the answers being written, together; one answer alone goes whatever its size,
+and one of up to `SMALL_BODY_BYTES` always goes. An answer that would pass it is dropped
+and answered 503 in its place, counted (``answer_bytes_waiting``) and logged. (A request's
+place among those in flight is freed before its answer is written, and a reply's JSON may
+be six times the reply: 8 callers of a service answering 15 MB, that read nothing, held
+1.4 GB for `REPLY_TIMEOUT_S`, and each more held 170 MB more.)"""
 MAX_CONNECTIONS = 1024
 """HTTP connections open at once; past it, a new one is closed at once (logged)."""
 BODY_TIMEOUT_S = 10.0
