@@ -415,12 +415,13 @@ def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(t
     from zmqmesh._patterns.durable import DurableQueues, Ticket
     from zmqmesh._patterns.reliable import Failure
     from zmqmesh._stats import Stats
+    from zmqmesh._store.messages import Entries
     from zmqmesh._wire.codec import Codec
 
     store = Store(tmp_path)
     queues = DurableQueues(store, Codec(1 << 20), Stats(),
                            later=lambda delay, fn: None, wake_soon=lambda delay: None)
-    queues.commit_in_turn(Ticket("q", entries("a", "b", "c")))
+    queues.commit_in_turn(Ticket("q", Entries.of_rows(entries("a", "b", "c"))))
     batch = list(queues.refill()["q"])
     retry = queues.settle("q", batch[:2], [Failure(1, "q.dead", "ValueError: no")])
     assert retry == []
@@ -446,12 +447,13 @@ def test_a_pass_of_the_loop_looks_only_at_durable_queues_with_messages_to_deal(t
     gets messages again is looked at again."""
     from zmqmesh._patterns.durable import DurableQueues, Ticket
     from zmqmesh._stats import Stats
+    from zmqmesh._store.messages import Entries
     from zmqmesh._wire.codec import Codec
 
     store = Store(tmp_path)
     queues = DurableQueues(store, Codec(1 << 20), Stats(), later=lambda delay, fn: None, wake_soon=lambda delay: None)
     for i in range(500):
-        queues.commit_in_turn(Ticket(f"q{i}", entries(f"m{i}")))
+        queues.commit_in_turn(Ticket(f"q{i}", Entries.of_rows(entries(f"m{i}"))))
     buffers = queues.refill()
     assert len(buffers) == 500
     for buffer in buffers.values():
@@ -461,7 +463,7 @@ def test_a_pass_of_the_loop_looks_only_at_durable_queues_with_messages_to_deal(t
     queues.reckon(queues.refill(), busy=lambda: {"q7"})
     assert list(queues.refill(also=["q7", "not-durable"])) == ["q7"]  # (one with messages to deal again)
     assert list(queues.queues) == ["q7"]  # the others are forgotten
-    queues.commit_in_turn(Ticket("q3", entries("again")))
+    queues.commit_in_turn(Ticket("q3", Entries.of_rows(entries("again"))))
     assert [msgpack.unpackb(m.body) for m in queues.refill()["q3"]] == ["again"]
     assert sorted(queues.refill(every=True)) == ["q3", "q7"]
     queues.refill()["q3"].popleft()  # dealt

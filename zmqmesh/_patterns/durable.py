@@ -115,14 +115,13 @@ def handled_by_segment(items: list[Any], failed: Container[int]) -> dict[int, li
 
 
 class Ticket:
-    """One `DurableQueues.submit` call waiting for its group commit: its messages as
-    `Entries`, or rows (as a keeper is handed them)."""
+    """One `DurableQueues.submit` call waiting for its group commit: its messages as `Entries`."""
 
     __slots__ = ("queue", "entries", "done", "error")
 
-    def __init__(self, queue: str, entries: Entries | Sequence[Entry]) -> None:
+    def __init__(self, queue: str, entries: Entries) -> None:
         self.queue = queue
-        self.entries = entries if isinstance(entries, Entries) else Entries.of_rows(entries)
+        self.entries = entries
         self.done = False
         self.error: BaseException | None = None
 
@@ -371,7 +370,7 @@ class DurableQueues:
         """Commit ``(id, timestamp, headers, body, attempts, redelivered)`` messages to the store (any
         thread; on the loop's, the loop waits for the commit); the loop deals them. Raises
         `StoreFullError`, `StoreError`: then none of them is stored."""
-        self.commit_in_turn(Ticket(name, entries))
+        self.commit_in_turn(Ticket(name, Entries.of_rows(entries)))
 
     def commit_in_turn(self, ticket: Ticket) -> None:
         """Commit ``ticket``'s messages, blocking the calling thread until they are stored;
