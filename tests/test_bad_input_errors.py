@@ -18,7 +18,13 @@ import pytest
 from helpers import free_udp_port, wait_until
 
 import zmqmesh
-from zmqmesh import ArgumentTypeError, ConfigError, EncodeError, ZmqMeshError
+from zmqmesh import (
+    ArgumentTypeError,
+    ConfigError,
+    EncodeError,
+    MessageTooLargeError,
+    ZmqMeshError,
+)
 
 
 def _nested(depth: int) -> Any:
@@ -185,6 +191,37 @@ def test_an_unencodable_item_is_named_by_its_index_and_chained_to_msgpacks_error
         node.publish("t", object())
     with pytest.raises(EncodeError, match="header 'x'"):
         node.push("q", 1, timeout=5, headers={"x": 1})
+
+
+def test_an_item_too_large_is_named_by_its_index(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A batch's item past ``max_message_bytes`` raised "payload is N bytes", naming none:
+    now its index, whichever way it is encoded (a map; bytes msgpack's bin takes; bytes
+    that travel in their own frame); nothing of the batch is sent."""
+    limit = 100_000
+    big = {"x": "y" * limit}
+    got: list[Any] = []
+    with zmqmesh.Node("too-large", store=str(tmp_path), max_message_bytes=limit, **mesh) as n:
+        n.pull("q", lambda m: got.append(m.data))
+        n.pull("kept", lambda m: got.append(m.data), at_least_once=True)
+        n.service("svc", _echo)
+        n.wait_for_pullers("q")
+        n.wait_for_pullers("kept")
+        n.wait_for_service("svc")
+        calls: list[tuple[Callable[[list[Any]], Any], Any, str]] = [
+            (lambda items: n.push_many("q", items, timeout=5), big, "item 2"),
+            (lambda items: n.push_many("q", items, timeout=5), b"z" * (limit + 1), "item 2"),  # (own frame)
+            (lambda items: n.push_many("q", items, timeout=5, headers={"h": "v"}), b"z" * limit, "item 2"),
+            (lambda items: n.push_many("kept", items, durable=True), b"z" * limit, "item 2"),
+            (lambda items: n.publish_many("t", items), big, "item 2"),
+            (lambda items: n.request_many("svc", items, timeout=5), big, "item 2"),
+        ]
+        for call, too_large, named in calls:
+            with pytest.raises(MessageTooLargeError, match=rf"^{named} \(from 0\) of the batch is \d+ bytes"):
+                call(["a", b"b", too_large, "d"])
+        with pytest.raises(MessageTooLargeError, match=r"^the payload is \d+ bytes"):
+            n.push("q", big, timeout=5)
+        n.push("q", "next", timeout=5)
+        wait_until(lambda: got == ["next"], 10, "the next message, alone")
 
 
 def test_a_batch_with_an_unencodable_item_sends_none_of_it(tmp_path: Path, mesh: dict[str, Any]) -> None:

@@ -94,11 +94,15 @@ def _several(frame: bytes) -> bool:
     return len(frame) > 2 and frame[0] == 0xC4 and len(frame) > 2 + frame[1]
 
 
+def _which(item: int | None) -> str:
+    """How an error names the payload: "the payload", or the ``item``-th of a batch."""
+    return "the payload" if item is None else f"item {item} (from 0) of the batch"
+
+
 def _unencodable(data: Any, exc: BaseException, item: int | None = None) -> EncodeError:
     """The error for ``data`` msgpack refused with ``exc`` (a packer empties its buffer on
     failure), naming its type and, for the ``item``-th of a batch (from 0), its place."""
-    where = "the payload" if item is None else f"item {item} (from 0) of the batch"
-    return EncodeError(f"{where} ({type(data).__name__}) cannot be encoded as msgpack: {exc}")
+    return EncodeError(f"{_which(item)} ({type(data).__name__}) cannot be encoded as msgpack: {exc}")
 
 
 class Codec:
@@ -135,7 +139,7 @@ class Codec:
             if size < self._small:
                 return _BIN8[size] + data  # (msgpack's bin 8, as its Packer writes it, in half the time)
             if size >= _LARGE_BIN:  # (msgpack's Packer: 2.6x the time at 1 MiB)
-                self._check_bin(size)
+                self._check_bin(size, item)
                 return msgpack_bin(data)
         try:
             packer = self._local.packer  # (inline: one call less on the path of every payload)
@@ -146,7 +150,7 @@ class Codec:
         except _ENCODE_ERRORS as exc:
             raise _unencodable(data, exc, item) from exc
         if len(body) > self.max_message_bytes:
-            raise self._too_large(len(body))
+            raise self._too_large(len(body), item)
         return body
 
     def encode_many(self, items: Iterable[Any]) -> list[bytes]:
@@ -162,11 +166,12 @@ class Codec:
         single pushes). Raises what `encode_many` raises, for the first item that fails."""
         return self._encode_all(items, self._push_bytes)
 
-    def _push_bytes(self, data: bytes) -> bytes | RawPayload:
-        """``data`` (``bytes`` of at least `_small`) as a push sends it: `raw` from `LARGE_FRAME`."""
-        return self.raw(data) if len(data) >= LARGE_FRAME else self.encode(data)
+    def _push_bytes(self, data: bytes, item: int) -> bytes | RawPayload:
+        """``data`` (``bytes`` of at least `_small`, the ``item``-th of a batch) as a push
+        sends it: `raw` from `LARGE_FRAME`."""
+        return self.raw(data, item) if len(data) >= LARGE_FRAME else self.encode(data, item)
 
-    def _encode_all(self, items: Iterable[Any], encode: Callable[[bytes], Any]) -> list[Any]:
+    def _encode_all(self, items: Iterable[Any], encode: Callable[[bytes, int], Any]) -> list[Any]:
         """`encode_many`, with ``encode`` for the ``bytes`` that are not short (`_small`)."""
         short = self._short_bytes(items)
         if short is not None:
@@ -177,14 +182,14 @@ class Codec:
         add = bodies.append
         for data in items:
             if type(data) is bytes:
-                add(bin8[len(data)] + data if len(data) < small else encode(data))
+                add(bin8[len(data)] + data if len(data) < small else encode(data, len(bodies)))
                 continue
             try:
                 body = pack(data)
             except _ENCODE_ERRORS as exc:
                 raise _unencodable(data, exc, len(bodies)) from exc
             if len(body) > limit:
-                raise self._too_large(len(body))
+                raise self._too_large(len(body), len(bodies))
             add(body)
         return bodies
 
@@ -211,22 +216,23 @@ class Codec:
             packer = self._local.packer = msgpack.Packer(use_bin_type=True)
         return packer
 
-    def _too_large(self, size: int) -> MessageTooLargeError:
-        return MessageTooLargeError(f"payload is {size} bytes; max_message_bytes is {self.max_message_bytes}")
+    def _too_large(self, size: int, item: int | None = None) -> MessageTooLargeError:
+        return MessageTooLargeError(f"{_which(item)} is {size} bytes; max_message_bytes is {self.max_message_bytes}")
 
-    def raw(self, data: bytes) -> RawPayload:
+    def raw(self, data: bytes, item: int | None = None) -> RawPayload:
         """``data`` (`LARGE_FRAME` bytes or more) to travel as it is, in a frame of its own
-        where the receiver reads that (see `RawPayload`). Raises `MessageTooLargeError`
-        if it is too big, `EncodeError` past 4 GiB."""
-        self._check_bin(len(data))  # (as msgpack: some pullers get it so)
+        where the receiver reads that (see `RawPayload`; ``item``: its index in the caller's
+        batch, for the error). Raises `MessageTooLargeError` if it is too big, `EncodeError`
+        past 4 GiB."""
+        self._check_bin(len(data), item)  # (as msgpack: some pullers get it so)
         return RawPayload(data)
 
-    def _check_bin(self, size: int) -> None:
+    def _check_bin(self, size: int, item: int | None = None) -> None:
         header_size = 3 if size <= 0xFFFF else 5
         if size + header_size > self.max_message_bytes:
-            raise self._too_large(size + header_size)
+            raise self._too_large(size + header_size, item)
         if size > 0xFFFFFFFF:
-            raise EncodeError("the payload cannot be encoded as msgpack: bytes over 4 GiB")
+            raise EncodeError(f"{_which(item)} cannot be encoded as msgpack: bytes over 4 GiB")
 
     def decode(self, frame: bytes) -> Any:
         """Decode a frame holding exactly one object. Raises `DecodeError`."""
