@@ -38,6 +38,7 @@ __all__ = ["ThreadRequester", "ThreadRequesters"]
 
 log = logging.getLogger("zmqmesh.node")
 
+_SLICE_MS = int(POLL_SLICE_S * 1000) + 1  # (a whole slice's RCVTIMEO: `_wait`, before a deadline's last slice)
 _FREE_WAIT_S = 1.0  # (a thread in a call lets its sockets go within a poll slice of a stop)
 
 
@@ -161,7 +162,7 @@ class ThreadRequester:
             if remaining <= 0:
                 engine.stats.add("request", "errors")
                 raise MeshTimeoutError(f"request to {service!r} timed out")
-            slice_ms = int(min(remaining, POLL_SLICE_S) * 1000) + 1
+            slice_ms = _SLICE_MS if remaining >= POLL_SLICE_S else int(remaining * 1000) + 1
             if self._slices.get(provider.id) != slice_ms:  # (set when it changes: a deadline's last slice)
                 sock.setsockopt(zmq.RCVTIMEO, slice_ms)
                 self._slices[provider.id] = slice_ms
