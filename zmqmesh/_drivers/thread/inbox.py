@@ -125,6 +125,7 @@ class ThreadInbox(Dispatcher):
         self._in_pool = 0  # calls handed to the pool whose outcome is not yet in `_done` (under `_exit_lock`)
         self._flushed_at = 0.0  # when the pool's replies were last sent while a burst was handed over (`_submit`)
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{engine.name}", daemon=True)
+        self._thread_ident: int | None = None  # (`thread.ident`, set as it runs: read per request, a property's call spared)
         self._async_loop: Any = None  # a HandlerLoop, made for the first async def handler
         self._async_lock = threading.Lock()
         self._async_closed = False
@@ -148,7 +149,7 @@ class ThreadInbox(Dispatcher):
         """True on a thread that runs this node's handlers (inbox, handler pool, async handler loop)."""
         current = threading.get_ident()
         handler_loop = self._async_loop
-        return (current == self.thread.ident or current in self._pool_threads
+        return (current == self._thread_ident or current in self._pool_threads
                 or (handler_loop is not None and current == handler_loop.thread.ident))
 
     def waits_for_caller(self) -> bool:
@@ -211,6 +212,7 @@ class ThreadInbox(Dispatcher):
         # a drain ends on a socket found empty, and the sockets used since are looked at
         # before the next sleep (`used_with_input`). (A ZeroMQ poll would read the events
         # of all three sockets before it sleeps and after: two system calls each, every time.)
+        self._thread_ident = threading.get_ident()
         poller = select.poll()
         waker = self._waker.fd
         poller.register(waker, select.POLLIN)
