@@ -344,7 +344,7 @@ def request_frames(service: bytes, request_id: bytes, body: bytes, meta: bytes |
     as much per frame as per message, so one frame instead of three halves what a request
     costs on the wire (see docs/protocol.md)."""
     if compact:
-        return [bytes((len(service),)) + service + bytes((len(request_id),)) + request_id + body]
+        return [b"".join((_BYTE[len(service)], service, _BYTE[len(request_id)], request_id, body))]
     return [service, request_id, body] if meta is None else [service, request_id, body, meta]
 
 
