@@ -149,6 +149,28 @@ def test_the_gateway_refuses_foreign_hosts_cross_site_requests_and_bad_numbers(g
     assert time.monotonic() - started < 30, "an unknown service is answered at once, not after the timeout"
 
 
+def test_no_answer_of_the_gateway_may_be_sniffed_into_another_type(gateway: str) -> None:
+    """A JSON answer echoes what callers sent (a reply, an error's message): without
+    ``nosniff`` a browser may read one as HTML or a script. Every kind of answer says it:
+    the dashboard, JSON, errors the gateway makes (403, 404, 405), the metrics, a stream."""
+    pytest.importorskip("prometheus_client")
+    asked = [("/", "GET", {}), ("/peers", "GET", {}), ("/metrics", "GET", {}), ("/events", "HEAD", {}),
+             ("/nothing-here", "GET", {}), ("/peers", "POST", {"Content-Type": "application/json"}),
+             ("/peers", "GET", {"Host": "evil.example"})]
+    seen = []
+    for path, method, headers in asked:
+        request = urllib.request.Request(gateway + path, method=method, headers=headers,
+                                         data=b"1" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                status, sniffing = answer.status, answer.headers.get("X-Content-Type-Options")
+        except urllib.error.HTTPError as err:
+            status, sniffing = err.code, err.headers.get("X-Content-Type-Options")
+        seen.append((path, method, status, sniffing))
+    assert [s[2] for s in seen] == [200, 200, 200, 200, 404, 405, 403], seen
+    assert all(s[3] == "nosniff" for s in seen), seen
+
+
 def test_what_json_cannot_say_is_refused_coming_in_and_made_strict_json_going_out(gateway: str, spawn: Any) -> None:
     """A body JSON would not say in a browser (NaN, infinities), or nested past what Python
     parses, is a 400; a reply with map keys that are not text, NaN or infinities comes back

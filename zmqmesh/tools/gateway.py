@@ -998,10 +998,17 @@ def create_app(node: AsyncNode, token: str | None = None, max_body_bytes: int = 
     app.router.add_get("/events", gateway.events)
     app.router.add_get("/metrics", gateway.metrics)
     app.router.add_get("/", gateway.dashboard)
+    app.on_response_prepare.append(_no_sniffing)
     app.on_shutdown.append(gateway.finish)
     node.on_join(lambda peer: gateway.broadcast("join", peer_json(peer)))
     node.on_leave(lambda peer: gateway.broadcast("leave", peer_json(peer)))
     return app, gateway
+
+
+async def _no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer's ``Content-Type`` is the one a browser goes by: a JSON answer (which
+    may carry what a caller sent) is never sniffed and read as a page, a script or a style."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 def _bound_connections(gateway: Gateway, server: web.Server | None, limit: int) -> None:
