@@ -11,9 +11,21 @@ one handled; with ``--callgrind pusher|puller``, that process runs under ``valgr
 --tool=callgrind`` (instructions counted only while the measured messages go) and its
 instructions per message are reported per thread (their numbers in callgrind's dump).
 
+With ``--raw``, the same job done by raw pyzmq PUSH/PULL, as bench.py's ``raw_push`` and
+``raw_pull`` do it (``send(copy=False)`` of one blob, ``recv(copy=False).buffer``), for the
+same figures side by side. Also reported per process (``<role>.<name>``, per message):
+minor and major page faults, user and system CPU (ns, from clock ticks), and the CPU of all
+its threads together (``<role>:ALL``). ``PUSH_CPU_OPTIONS=queue_hwm=1000,...`` gives both
+nodes options; ``--wrap``, ``--spy`` and ``--perf`` run one role under a command
+(``strace -c -f -o F``), py-spy or ``perf record`` (``perf stat`` with ``--perf-events``)
+while the measured messages go.
+
     PYTHONPATH=. python3 benchmarks/push_cpu.py --n 2000000 --rounds 3
     PYTHONPATH=. python3 benchmarks/push_cpu.py --n 200000 --callgrind puller
     PYTHONPATH=. python3 benchmarks/push_cpu.py --size 65536 --n 30000 --warm 2000 --rounds 3
+    PYTHONPATH=. python3 benchmarks/push_cpu.py --size 1048576 --n 3000 --warm 10 --rounds 5 [--raw]
+    PYTHONPATH=. python3 benchmarks/push_cpu.py --size 1048576 --n 3000 --warm 10 --perf puller=stat.txt \
+        --perf-events page-faults,syscalls:sys_enter_madvise,syscalls:sys_enter_poll
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import argparse
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +61,12 @@ def _threads() -> str:
     return ",".join(f"{t.native_id}={t.name.replace(' ', '_')}" for t in threading.enumerate())
 
 
+def _node_options() -> dict[str, int]:
+    """Options of both nodes from ``PUSH_CPU_OPTIONS`` (``name=int,name=int``), for experiments."""
+    given = os.environ.get("PUSH_CPU_OPTIONS", "")
+    return {name: int(value) for name, value in (item.split("=", 1) for item in given.split(",") if item)}
+
+
 def puller(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
     """Says ``ready <pid>``, ``warm <threads>`` after ``warm`` messages, ``done`` after ``n`` more."""
     import zmqmesh
@@ -63,7 +82,7 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
             (warmed if mark == warm else done).set()
             mark = warm + n if mark == warm else 1 << 62
 
-    node = zmqmesh.Node("cpu-puller", beacon_port=beacon_port, mesh=mesh)
+    node = zmqmesh.Node("cpu-puller", beacon_port=beacon_port, mesh=mesh, **_node_options())
     node.pull(QUEUE, handler, zero_copy=bool(size))
     with node:
         say(f"ready {os.getpid()}")
@@ -88,6 +107,59 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
         sys.stdin.read()
 
 
+def raw_puller(warm: int, n: int, size: int) -> None:
+    """Raw pyzmq PULL, as bench.py's ``raw_pull``: ``recv(copy=False).buffer`` per large
+    message (``bare``: ``recv()``); says ``ready <pid> <endpoint>``, ``warm``, ``done``."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    say(f"ready {os.getpid()} tcp://127.0.0.1:{port}")
+
+    def take(count: int) -> None:
+        item: Any = None  # (each held until the next comes, as a raw user's loop holds it)
+        for _ in range(count):
+            item = sock.recv(copy=False).buffer if size else sock.recv()
+        del item
+
+    take(warm)
+    say(f"warm {_threads()}")
+    take(n)
+    say("done")
+    sys.stdin.read()
+    sock.close(0)
+    ctx.term()
+
+
+def raw_pusher(endpoint: str, warm: int, n: int, size: int) -> None:
+    """Raw pyzmq PUSH, as bench.py's ``raw_push``: one blob ``send(copy=False)`` per
+    message (without ``--size``: one ``send`` of 64 bytes each, where `pusher` sends
+``push_many`` of 256); the line protocol of `pusher`."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    blob = os.urandom(size) if size else BARE
+    say(f"ready {os.getpid()}")
+
+    def give(count: int) -> None:
+        for _ in range(count):
+            sock.send(blob, copy=not size)
+
+    give(warm)
+    say(f"warm {_threads()}")
+    sys.stdin.readline()
+    give(n)
+    say("sent")
+    sys.stdin.read()
+    sock.close(0)
+    ctx.term()
+
+
 def pusher(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
     """Says ``ready <pid>``; pushes ``warm`` messages, says ``warm <threads>``; on a line,
     pushes ``n`` more and says ``sent``; leaves when stdin closes."""
@@ -103,7 +175,7 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
         for start in range(0, count, BATCH):
             node.push_many(QUEUE, [BARE] * (min(start + BATCH, count) - start))
 
-    with zmqmesh.Node("cpu-pusher", beacon_port=beacon_port, mesh=mesh) as node:
+    with zmqmesh.Node("cpu-pusher", beacon_port=beacon_port, mesh=mesh, **_node_options()) as node:
         say(f"ready {os.getpid()}")
         node.wait_for_pullers(QUEUE, 1, timeout=60)
         give(warm)
@@ -126,6 +198,13 @@ def _thread_ns(pid: int) -> dict[int, int]:
 
 
 
+def _process_counts(pid: int) -> dict[str, int]:
+    """Minor and major page faults, user and system clock ticks of the whole process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return {"minflt": int(fields[7]), "majflt": int(fields[9]), "utime": int(fields[11]), "stime": int(fields[12])}
+
+
 def _names(parts: list[str]) -> dict[int, str]:
     return {int(tid): name for tid, name in (p.split("=", 1) for p in parts[1].split(","))} if len(parts) > 1 else {}
 
@@ -136,27 +215,53 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
     out_dir = tempfile.mkdtemp(prefix="push-cpu-")
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
+        endpoint = ""
+        pids: dict[str, int] = {}
         for role in ("puller", "pusher"):
             prefix: list[str] = []
-            if args.callgrind == role:
+            if args.wrap and args.wrap.split("=", 1)[0] == role:
+                prefix = args.wrap.split("=", 1)[1].split()
+            elif args.callgrind == role:
                 prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
                           f"--callgrind-out-file={out_dir}/cg.out"]
             procs[role] = subprocess.Popen(
-                [*prefix, sys.executable, me, "--role", role, "--beacon-port", str(beacon_port), "--mesh", mesh,
+                [*prefix, sys.executable, me, "--role", ("raw_" if args.raw else "") + role,
+                 "--beacon-port", str(beacon_port), "--mesh", mesh, "--endpoint", endpoint,
                  "--n", str(args.n), "--warm", str(args.warm), "--size", str(args.size)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 stderr=subprocess.DEVNULL if args.callgrind == role else None)
-        pids = {role: int(expect(p, "ready")[1]) for role, p in procs.items()}
+            ready = expect(procs[role], "ready")
+            pids[role] = int(ready[1])
+            endpoint = ready[2] if len(ready) > 2 else ""
         names = {role: _names(expect(procs[role], "warm")) for role in ("pusher", "puller")}
         if args.callgrind:
             callgrind_control("-i", "on", pids[args.callgrind])
+        spies: list[subprocess.Popen[bytes]] = []
+        if args.spy:  # (py-spy on one role for the measured messages alone)
+            spied, to = args.spy.split("=", 1)
+            spies.append(subprocess.Popen(["py-spy", "record", "--pid", str(pids[spied]), "-r", "1000", "--threads",
+                                           "--native", "--format", "raw", "-o", to], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            time.sleep(1.0)  # (its attach)
+        if args.perf:  # (perf record, or with --perf-events perf stat, on one role for the measured messages alone)
+            spied, to = args.perf.split("=", 1)
+            command = ["stat", "-e", args.perf_events, "--per-thread"] if args.perf_events else \
+                ["record", "-q", "-g", "-F", "2000", "--per-thread"]
+            spies.append(subprocess.Popen(["perf", *command, "-p", str(pids[spied]), "-o", to],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1.0)
         before = {role: _thread_ns(pid) for role, pid in pids.items()}
+        counts_before = {role: _process_counts(pid) for role, pid in pids.items()}
         pusher_proc = procs["pusher"]
         assert pusher_proc.stdin is not None
         pusher_proc.stdin.write("go\n")
         pusher_proc.stdin.flush()
         expect(procs["puller"], "done")
         after = {role: _thread_ns(pid) for role, pid in pids.items()}
+        counts_after = {role: _process_counts(pid) for role, pid in pids.items()}
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         if args.callgrind:
             callgrind_control("-d", pids[args.callgrind])
     finally:
@@ -175,6 +280,12 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
             spent = (ns - before[role].get(tid, 0)) / args.n
             if spent >= 1:
                 result[f"{role}:{names[role].get(tid, tid)}"] = spent
+        result[f"{role}:ALL"] = sum(after[role].values()) - sum(before[role].values())
+        result[f"{role}:ALL"] /= args.n
+        tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
+        for key, value in counts_after[role].items():
+            scale = tick_ns if key.endswith("time") else 1.0
+            result[f"{role}.{key}"] = (value - counts_before[role][key]) * scale / args.n
     if args.callgrind:
         for thread, count in sorted(callgrind_counts(f"{out_dir}/cg.out.1-*").items()):
             result[f"instr:{args.callgrind}:{thread}"] = count / args.n
@@ -188,7 +299,14 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=["orchestrator", "pusher", "puller"], default="orchestrator")
+    parser.add_argument("--role", choices=["orchestrator", "pusher", "puller", "raw_pusher", "raw_puller"],
+                        default="orchestrator")
+    parser.add_argument("--raw", action="store_true", help="raw pyzmq PUSH/PULL instead of zmqmesh (as bench.py's raw_*)")
+    parser.add_argument("--endpoint", default="")
+    parser.add_argument("--perf-events", default="", help="with --perf: perf stat of these events instead of a record")
+    parser.add_argument("--perf", default="", help="ROLE=FILE: perf record -g of that role while the measured messages go")
+    parser.add_argument("--spy", default="", help="ROLE=FILE: py-spy's raw samples of that role while the measured messages go")
+    parser.add_argument("--wrap", default="", help="ROLE=COMMAND: run that role under COMMAND (e.g. 'pusher=strace -c -f -o F')")
     parser.add_argument("--beacon-port", type=int, default=0)
     parser.add_argument("--mesh", default="")
     parser.add_argument("--n", type=int, default=2_000_000)
@@ -203,10 +321,15 @@ def main() -> None:
         pusher(args.beacon_port, args.mesh, args.warm, args.n, args.size)
     elif args.role == "puller":
         puller(args.beacon_port, args.mesh, args.warm, args.n, args.size)
+    elif args.role == "raw_pusher":
+        raw_pusher(args.endpoint, args.warm, args.n, args.size)
+    elif args.role == "raw_puller":
+        raw_puller(args.warm, args.n, args.size)
     else:
         for _ in range(args.rounds):
             r = one_round(args)
-            print(" ".join(f"{k}={v:.0f}" for k, v in sorted(r.items())), flush=True)
+            print(("raw " if args.raw else "zm ") + " ".join(f"{k}={v:.0f}" if v >= 10 else f"{k}={v:.2f}"
+                                                           for k, v in sorted(r.items())), flush=True)
 
 
 if __name__ == "__main__":
