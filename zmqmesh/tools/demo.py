@@ -22,9 +22,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from zmqmesh import Message, Node, Peer, RemoteError, StopFlag
+from zmqmesh import MeshTimeoutError, Message, Node, Peer, RemoteError, StopFlag
 
 __all__ = ["run_demo", "run_role"]
 
@@ -38,11 +39,70 @@ def _say(who: str, text: str) -> None:
     sys.stdout.flush()
 
 
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""What stops the demo, its processes too: Ctrl-C, SIGTERM, and the hangup of its terminal."""
+
+_LOOK_S = 0.1  # how often a wait of the conductor looks whether it was told to stop
+
+
+class _Stopped(Exception):
+    """The conductor was told to stop (a signal raised its flag) while it waited."""
+
+
+def _until(stop: StopFlag, done: Callable[[], bool], timeout: float) -> bool:
+    """Wait until ``done()`` holds (True) or ``timeout`` seconds passed (False), looking
+    every `_LOOK_S`. Raises `_Stopped` once ``stop`` is raised."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if stop.wait(min(_LOOK_S, left)):
+            raise _Stopped
+    return True
+
+
+def _sliced(stop: StopFlag, wait: Callable[[float], Any], timeout: float) -> Any:
+    """What ``wait(seconds)`` returns, called with slices of at most `_LOOK_S` until it
+    does not time out, within ``timeout`` seconds. Raises `_Stopped` once ``stop`` is
+    raised, `MeshTimeoutError` when the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if stop.is_set():
+            raise _Stopped
+        left = deadline - time.monotonic()
+        try:
+            return wait(max(0.0, min(_LOOK_S, left)))
+        except MeshTimeoutError:
+            if left <= _LOOK_S:
+                raise
+
+
+def _stop_processes(procs: list[subprocess.Popen[bytes]], at_once: bool) -> bool:
+    """SIGTERM each process and wait for it (10 s, then SIGKILL): one by one, the last
+    started first, or ``at_once``. Returns whether every one stopped without SIGKILL."""
+    if at_once:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+    clean = True
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+                clean = False
+    return clean
+
+
 def run_role(role: str, mesh: str, beacon_port: int) -> None:
     """Body of one demo process (``python -m zmqmesh.tools.demo ROLE``)."""
     stop = StopFlag()
-    signal.signal(signal.SIGTERM, stop.set)
-    signal.signal(signal.SIGINT, stop.set)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, stop.set)
     node = Node(role, mesh=mesh, beacon_port=beacon_port)
     prices: dict[str, float] = {}
 
@@ -77,7 +137,32 @@ def run_role(role: str, mesh: str, beacon_port: int) -> None:
 
 
 def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
-    """Run the whole demo; returns the process exit code (0 when everything worked)."""
+    """Run the whole demo; returns the process exit code (0 when everything worked, 130
+    when a signal stopped it).
+
+    Run from the main thread, SIGINT, SIGTERM and SIGHUP raise a flag that every wait of
+    the conductor looks at (none is longer than `_LOOK_S`): whenever one comes, the demo
+    stops its processes and returns. A flag, not an exception raised by the handler: one
+    raised while a finalizer runs (a ZeroMQ frame's, a garbage collection's) is printed
+    and lost, and the demo went on."""
+    stop = StopFlag()
+    previous = {sig: signal.signal(sig, stop.set) for sig in _STOP_SIGNALS} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        code = _conduct(stop, beacon_port, orders)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.is_set():
+        _say("conductor", "demo stopped, every process stopped" if code == 0 else "demo stopped, FAILED to stop cleanly")
+        return 130
+    _say("conductor", "demo finished, every process stopped" if code == 0 else "demo FAILED")
+    return code
+
+
+def _conduct(stop: StopFlag, beacon_port: int, orders: int) -> int:
+    """The demo itself, until its end or ``stop`` is raised; 0 when every order was filled
+    (or it was told to stop) and every process stopped cleanly, 1 otherwise."""
     mesh = f"demo-{os.getpid()}"
     _say("conductor", f"starting a mesh named {mesh!r} on loopback (beacon port {beacon_port})")
     node = Node("conductor", mesh=mesh, beacon_port=beacon_port)
@@ -123,69 +208,55 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
 
     procs: list[subprocess.Popen[bytes]] = []
     code = 1
-
-    def terminated(*_: object) -> None:  # SIGTERM or SIGHUP stops the demo as Ctrl-C does: its processes too
-        raise KeyboardInterrupt
-
-    stops = (signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
-    previous = {sig: signal.signal(sig, terminated) for sig in stops} \
-        if threading.current_thread() is threading.main_thread() else {}
-    try:
-        with node:
-            try:
-                for role in ROLES:
-                    procs.append(
-                        subprocess.Popen(
-                            [sys.executable, "-m", "zmqmesh.tools.demo", role, "--mesh", mesh, "--beacon-port", str(beacon_port),
-                             "--t0", repr(_T0[0])]
-                        )
+    with node:
+        try:
+            for role in ROLES:
+                if stop.is_set():
+                    break
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "zmqmesh.tools.demo", role, "--mesh", mesh, "--beacon-port", str(beacon_port),
+                         "--t0", repr(_T0[0])]
                     )
-                started = time.monotonic()
-                node.wait_for_peers(len(ROLES), timeout=20)
-                everyone.wait(5)  # (join callbacks run on the handler thread: let the last one speak first)
-                _say("conductor", f"full mesh of {len(ROLES) + 1} nodes formed {time.monotonic() - started:.2f}s after spawning")
-                node.wait_for_pullers("orders", 2, timeout=10)
-                node.wait_for_service("quote", timeout=10)
-                # give the quoter its first prices, then trade
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    try:
-                        quote = node.request("quote", {"pair": PAIRS[-1], "qty": 1}, timeout=2)
-                        _say("conductor", f"request quote -> {quote}")
-                        break
-                    except RemoteError as exc:  # the quoter has no price yet: expected, not a failure
-                        _say("conductor", f"request quote -> not ready yet ({exc.remote_message}); asking again")
-                        time.sleep(0.2)
-                for i in range(orders):
-                    node.push("orders", {"id": i + 1, "pair": PAIRS[i % len(PAIRS)], "qty": 100 * (i + 1)})
-                if not done.wait(20):
-                    _say("conductor", f"only {len(fills)} of {orders} orders filled")
-                else:
-                    by = {w: sum(1 for f in fills if f["filled_by"] == w) for w in ("worker-a", "worker-b")}
-                    _say("conductor", f"all {orders} orders filled; load balanced as {by}")
-                    _say("conductor", f"pub/sub: {updates[0]} price updates received so far, latest {prices}")
-                    stats = node.stats()
-                    _say("conductor", f"my counters: pipeline {stats['pipeline']}, requests {stats['request']}")
-                    code = 0
-            finally:
-                for sig in previous:  # (a second SIGTERM now would leave the processes running)
-                    signal.signal(sig, signal.SIG_IGN)
-                for proc in reversed(procs):
-                    if proc.poll() is None:
-                        proc.send_signal(signal.SIGTERM)
-                        try:
-                            proc.wait(10)
-                        except subprocess.TimeoutExpired:
-                            proc.kill()
-                            proc.wait(5)
-                            code = 1
+                )
+            started = time.monotonic()
+            _sliced(stop, lambda s: node.wait_for_peers(len(ROLES), timeout=s), 20)
+            _until(stop, everyone.is_set, 5)  # (join callbacks run on the handler thread: let the last one speak first)
+            _say("conductor", f"full mesh of {len(ROLES) + 1} nodes formed {time.monotonic() - started:.2f}s after spawning")
+            _sliced(stop, lambda s: node.wait_for_pullers("orders", 2, timeout=s), 10)
+            _sliced(stop, lambda s: node.wait_for_service("quote", timeout=s), 10)
+            # give the quoter its first prices, then trade
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not stop.is_set():
+                try:
+                    quote = node.request("quote", {"pair": PAIRS[-1], "qty": 1}, timeout=2)
+                    _say("conductor", f"request quote -> {quote}")
+                    break
+                except RemoteError as exc:  # the quoter has no price yet: expected, not a failure
+                    _say("conductor", f"request quote -> not ready yet ({exc.remote_message}); asking again")
+                    stop.wait(0.2)
+            for i in range(orders):
+                if stop.is_set():
+                    raise _Stopped
+                node.push("orders", {"id": i + 1, "pair": PAIRS[i % len(PAIRS)], "qty": 100 * (i + 1)})
+            if not _until(stop, done.is_set, 20):
+                _say("conductor", f"only {len(fills)} of {orders} orders filled")
+            else:
+                by = {w: sum(1 for f in fills if f["filled_by"] == w) for w in ("worker-a", "worker-b")}
+                _say("conductor", f"all {orders} orders filled; load balanced as {by}")
+                _say("conductor", f"pub/sub: {updates[0]} price updates received so far, latest {prices}")
+                stats = node.stats()
+                _say("conductor", f"my counters: pipeline {stats['pipeline']}, requests {stats['request']}")
+                code = 0
+        except _Stopped:
+            code = 0
+        finally:
+            if not _stop_processes(procs, at_once=stop.is_set()):
+                code = 1
+            if not stop.is_set():  # (the mesh noticing them leave, shown)
                 deadline = time.monotonic() + 3
                 while node.peers() and time.monotonic() < deadline:
                     time.sleep(0.05)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    _say("conductor", "demo finished, every process stopped" if code == 0 else "demo FAILED")
     return code
 
 
