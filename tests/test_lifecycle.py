@@ -1385,6 +1385,77 @@ def test_a_stop_after_a_ctrl_c_during_the_start_returns_once_the_node_let_go_of_
     with zmqmesh.Node("again", store=str(tmp_path), **mesh) as again:  # (the store let go)
         assert again.running
 
+@contextlib.contextmanager
+def _interrupted_at_thread_start(prefix: str, moment: str) -> Iterator[None]:
+    """Raise a KeyboardInterrupt on this thread where a signal's handler may raise it
+    within ``threading.Thread.start`` of a thread whose name starts with ``prefix``:
+    ``moment`` "before it runs" (as the call begins), or "as it runs" (the thread started,
+    `start` waiting to hear it did). A trace function (of this thread only) raises it, at
+    a function's entry as CPython runs a signal's handler there; once."""
+    import sys
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event != "call":
+            return None
+        starting = frame if moment == "before it runs" else frame.f_back
+        if starting is None or starting.f_code is not threading.Thread.start.__code__:
+            return None
+        thread = starting.f_locals.get("self")
+        if not (isinstance(thread, threading.Thread) and thread.name.startswith(prefix)):
+            return None
+        if moment == "as it runs" and frame.f_code is not threading.Event.wait.__code__:
+            return None
+        sys.settrace(None)
+        raise KeyboardInterrupt
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
+
+
+def _threads_of(name: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("zmqmesh-") and t.name.endswith(f"-{name}")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("moment", ["before it runs", "as it runs"])
+def test_a_ctrl_c_as_the_start_starts_the_io_thread_leaves_no_thread_after_the_stop(
+        mesh: dict[str, Any], moment: str) -> None:
+    """A KeyboardInterrupt inside ``Thread.start`` of the I/O thread, once that thread ran,
+    came before the node knew the thread: a stop did not stop it, and the "zmqmesh-io-"
+    thread ran for ever (8 of the 42 places a start can be interrupted at, each function
+    entry tried in turn). Now the node knows its thread before starting it, and a start
+    interrupted before the thread ran closes what the thread would have run."""
+    node = zmqmesh.Node("interrupted-io", **mesh)
+    with pytest.raises(KeyboardInterrupt), _interrupted_at_thread_start("zmqmesh-io-", moment):
+        node.start()
+    node.stop(timeout=2)
+    assert not node.running
+    wait_until(lambda: not _threads_of("interrupted-io"), 5, "the node's threads to end")
+    with pytest.raises(zmqmesh.NodeClosedError):
+        node.start()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("moment", ["before it runs", "as it runs"])
+def test_a_ctrl_c_as_the_first_submit_starts_its_thread_leaves_no_thread_after_the_stop(
+        mesh: dict[str, Any], moment: str) -> None:
+    """A KeyboardInterrupt inside ``Thread.start`` of the submit thread (the first `submit`
+    starts it), once it ran, came before the node kept the thread: the node's stop did not
+    stop it, and "zmqmesh-submit-" ran for ever. Now a start interrupted closes that
+    thread (or what it would have run), and the next `submit` starts another."""
+    provider = zmqmesh.Node("provider", **mesh)
+    provider.service("echo", lambda msg: msg.data)
+    with provider, zmqmesh.Node("interrupted-submit", **mesh) as node:
+        node.wait_for_service("echo", timeout=10)
+        with pytest.raises(KeyboardInterrupt), _interrupted_at_thread_start("zmqmesh-submit-", moment):
+            node.submit("echo", 1, timeout=5)
+        assert node.submit("echo", 2, timeout=5).result(10) == 2  # (the next one starts the thread again)
+        node.stop(timeout=2)
+        wait_until(lambda: not _threads_of("interrupted-submit"), 5, "the node's threads to end")
+
+
 def _assert_collected_while_running(stderr: str) -> None:
     """The `ABANDONED_*` programs test what becomes of a node collected while it runs:
     that it was, and not stopped (an `AsyncNode` left running as ``asyncio.run`` ends is

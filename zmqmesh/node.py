@@ -76,15 +76,16 @@ class Node(NodeBase):
         self._serving: list[StopFlag] = []  # what run_forever waits on: stop() raises them
         self._stopper: threading.Thread | None = None  # the thread running the stop (see `stop`)
         self._after_start: threading.Thread | None = None  # the one stopping a start interrupted (`start`)
+        self._began = threading.Lock()  # the I/O thread's, taken as it begins to run (`_run_loop`)
 
     def start(self) -> Node:
         """Bind, start discovery and handlers; returns the node.
 
         Raises `ZmqMeshError` (or `ConfigError`) on failure, `NodeClosedError` for a node
-        that was stopped. Interrupted while it waits (a Ctrl-C), it stops the node before
-        the interrupt goes on: the start, already handed to the I/O thread, is not left
-        running with nothing to stop it (that stop runs on a thread of its own: `stop`
-        waits for it).
+        that was stopped. Interrupted anywhere (a Ctrl-C), it stops the node before the
+        interrupt goes on: its I/O thread, and the start already handed to it, are not
+        left running with nothing to stop them (that stop runs on a thread of its own:
+        `stop` waits for it).
         """
         self._check_process()
         interrupted: BaseException | None = None
@@ -94,15 +95,17 @@ class Node(NodeBase):
             if self._thread is not None:
                 return self
             loop = Reactor()
-            thread = threading.Thread(target=self._run_loop, args=(loop,), name=f"zmqmesh-io-{self.name}", daemon=True)
-            thread.start()
-            self._loop, self._thread = loop, thread
+            began = threading.Lock()  # taken by the I/O thread as it begins, or by a start undone before it did
+            thread = threading.Thread(target=self._run_loop, args=(loop, began), name=f"zmqmesh-io-{self.name}",
+                                      daemon=True)
             try:
+                # (known before it runs: a start interrupted anywhere leaves no thread a stop cannot find)
+                self._loop, self._thread, self._began = loop, thread, began
+                thread.start()
                 run_on(loop, self._engine.start, loop, timeout=30)
             except Exception as exc:
                 self._mark_stopped()
-                loop.stop()
-                thread.join(5)
+                self._end_loop_thread()
                 if isinstance(exc, ZmqMeshError):
                     raise
                 raise ZmqMeshError(f"node {self.name!r} failed to start: {exc}") from exc
@@ -141,24 +144,40 @@ class Node(NodeBase):
     def _stop_after_start(self) -> None:
         """Stop a node whose start was interrupted, once the loop is past that start (the
         stop needs what it made). Never raises."""
-        loop, thread = self._loop, self._thread
-        assert loop is not None and thread is not None
+        loop = self._loop
+        assert loop is not None
+        if self._began.acquire(blocking=False):  # interrupted before its I/O thread ran: it never will
+            self._mark_stopped()
+            loop.close()
+            return
         try:
             run_on(loop, lambda: None, timeout=35)  # (queued behind the start, which has 30 s)
         except ZmqMeshError:
             pass
-        if self._engine.closed:  # the start failed there (and let go of what it made)
+        if self._engine.closed:  # the start failed there (and let go of what it made), or never reached it
             self._mark_stopped()
-            loop.stop()
-            thread.join(5)
+            self._end_loop_thread()
             return
         try:
             self.stop()
         except Exception as exc:
             log.warning("node %s: stopping after an interrupted start failed: %s", self.name, exc)
 
+    def _end_loop_thread(self) -> None:
+        """End the I/O thread of a start that failed or was interrupted before the engine
+        started (or close its loop, if the thread never ran). Never raises."""
+        loop, thread = self._loop, self._thread
+        assert loop is not None and thread is not None
+        if self._began.acquire(blocking=False):  # (its thread will not run the loop now: closed here)
+            loop.close()
+            return
+        loop.stop()
+        thread.join(5)
+
     @staticmethod
-    def _run_loop(loop: Reactor) -> None:
+    def _run_loop(loop: Reactor, began: threading.Lock) -> None:
+        if not began.acquire(blocking=False):  # its start was undone before this thread ran
+            return
         try:
             loop.run_forever()
         finally:

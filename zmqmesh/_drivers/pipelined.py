@@ -606,6 +606,10 @@ class Submitter:
         self._pipelined.poller.register(self._waker.fd, zmq.POLLIN)
         self._waiting = ThreadPoolExecutor(_WAIT_THREADS, thread_name_prefix=f"zmqmesh-submit-wait-{engine.name}")
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-submit-{engine.name}", daemon=True)
+        self._began = threading.Lock()  # taken by the thread as it begins, or by a close before it did
+
+    def start(self) -> None:
+        """Start the thread (once, before any `submit`)."""
         self.thread.start()
 
     def submit(self, make_plan: Callable[[], Plan | QuickRequest], deadline: float) -> Future[Any]:
@@ -699,13 +703,18 @@ class Submitter:
         self._waker.wake()
 
     def close(self) -> None:
-        """`begin_close`, and wait (a moment) for the thread to end: it closes its sockets."""
+        """`begin_close`, and wait (a moment) for the thread to end: it closes its sockets
+        (closed here if the thread never ran: its start interrupted, say)."""
         self.begin_close()
-        if threading.current_thread() is not self.thread:
+        if self._began.acquire(blocking=False):
+            self._let_go()
+        elif threading.current_thread() is not self.thread:
             self.thread.join(2.0)
         self._waiting.shutdown(wait=False)  # (what waits there finds the node closed)
 
     def _run(self) -> None:
+        if not self._began.acquire(blocking=False):  # closed before this thread ran
+            return
         pipelined, incoming, resumed, engine = self._pipelined, self._incoming, self._resumed, self.engine
         try:
             while not self._closing and not engine.closed:
@@ -735,11 +744,16 @@ class Submitter:
         except Exception:
             log.exception("the submit thread failed")
         finally:
-            self._closing = True
-            for job in pipelined.close():
-                _fail_closed(job)
-            self._fail_waiting()  # (and what comes back later, `_come_back` fails itself)
-            self._waker.close()
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Fail what is in flight or waiting with `NodeClosedError`, close the sockets (on
+        the thread, or in `close` when it never ran)."""
+        self._closing = True
+        for job in self._pipelined.close():
+            _fail_closed(job)
+        self._fail_waiting()  # (and what comes back later, `_come_back` fails itself)
+        self._waker.close()
 
 
 def _fail_closed(job: Job) -> None:

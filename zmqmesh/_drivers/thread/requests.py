@@ -247,7 +247,13 @@ class ThreadRequesters:
                 self.engine.ensure_running()
                 from ..pipelined import Submitter
 
-                self._submitter = Submitter(self.engine, functools.partial(carry_out, self.engine))
+                submitter = Submitter(self.engine, functools.partial(carry_out, self.engine))
+                try:
+                    submitter.start()
+                except BaseException:  # (a Ctrl-C in its start: not left running unknown; the next submit starts another)
+                    submitter.close()
+                    raise
+                self._submitter = submitter
             return self._submitter
 
     def on_submit_thread(self) -> bool:
