@@ -1385,6 +1385,7 @@ def test_a_stop_after_a_ctrl_c_during_the_start_returns_once_the_node_let_go_of_
     with zmqmesh.Node("again", store=str(tmp_path), **mesh) as again:  # (the store let go)
         assert again.running
 
+
 @contextlib.contextmanager
 def _interrupted_at_thread_start(prefix: str, moment: str) -> Iterator[None]:
     """Raise a KeyboardInterrupt on this thread where a signal's handler may raise it
