@@ -79,6 +79,11 @@ log = logging.getLogger("zmqmesh.inbox")
 
 
 _BURST = 256
+_HELD_VIEW_MAX = 32 * 1024 * 1024
+"""The largest frame `Dispatcher._hold_newest_view` holds: glibc serves a larger buffer
+with a mapping of its own, unmapped as it is freed (its dynamic mmap threshold rises no
+higher, on 64-bit systems), so holding it keeps nothing in the heap and only pins its
+memory (a 48 MiB payload held on after its handler: 48 MiB more resident, for good)."""
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 _MAX_CALLS = 256
 """Calls one drain gathers before they run, give or take a frame from each socket (a frame
@@ -463,10 +468,12 @@ class Dispatcher:
         raw pyzmq reader holds its last message until the next comes, likewise). Pulling
         1 MiB payloads (30 paired runs of 3,000 to 10,000): 52 page faults a message
         against 39 on average, the puller's CPU 291 us a message (sd 57) against 258 (sd
-        20). One frame is held at most, up to ``max_message_bytes``: no more than glibc
-        itself may then leave free at the top of that heap."""
+        20). One frame is held at most, of up to `_HELD_VIEW_MAX` bytes (a larger one
+        never came from that heap): until the next such frame comes, it stays resident,
+        however long that takes (while frames come, glibc itself would leave up to twice as
+        much free at the top of that heap)."""
         for frame in frames:
-            if type(frame) is memoryview:
+            if type(frame) is memoryview and len(frame) <= _HELD_VIEW_MAX:
                 self._newest_view = frame
 
     def _take(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
