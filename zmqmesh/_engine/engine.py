@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -186,6 +186,16 @@ def _curve_keys(cfg: NodeConfig) -> tuple[KeyPair | None, frozenset[str]]:
         if seed[40:41] == "@":
             check_key(seed[:40], f"public key of seed {seed!r}")
     return keys, allowed
+
+
+def _in_leaving_order(groups: Iterable[str]) -> list[str]:
+    """``groups`` in the order to leave them: an at-least-once queue's group after the
+    others. A peer takes a node in the queue's plain group alone for a plain puller: left
+    first, the at-least-once group let a pusher seeing the two leaves apart push that node
+    plainly what waited to be dealt at-least-once, lost when it stopped (1000 of 2000
+    messages, in 2 stops of 10)."""
+    ackqueue = OFFER_PREFIXES["ackqueues"]
+    return sorted(groups, key=lambda group: (group.startswith(ackqueue), group))
 
 
 class Engine:
@@ -553,7 +563,7 @@ class Engine:
         handles and answers those on their way. True if it told any peer."""
         assert self.membership is not None
         chosen = [g for g in self.membership.groups if g.startswith(_CHOSEN_BY)]
-        for group in sorted(chosen):
+        for group in _in_leaving_order(chosen):
             self.membership.leave(group)
         return bool(chosen) and bool(self.membership.ready_peers())
 
@@ -848,7 +858,7 @@ class Engine:
         assert self.membership is not None and self.inbox is not None
         wanted = self._own_groups()
         current = set(self.membership.groups)
-        for group in sorted(current - wanted):
+        for group in _in_leaving_order(current - wanted):
             self.membership.leave(group)
         for group in sorted(wanted - current):
             self.membership.join(group)
