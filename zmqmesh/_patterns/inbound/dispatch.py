@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from ..._io.sockets import has_input, recv_frames, send_frames, with_input
+from ..._io.sockets import has_input, recv_frames, recv_routed, send_frames, with_input
 from ..._mesh.directory import Directory
 from ..._mesh.registry import Registry
 from ..._observe import tracing
@@ -444,7 +444,7 @@ class Dispatcher:
             if i and (len(calls) >= _MAX_CALLS or taken >= _DRAIN_BYTES):  # (a frame from each socket at least: none waits on another's stream)
                 return True  # (the rest waits for the next burst: what one holds is bounded)
             try:
-                frames = recv_frames(sock, views_from)
+                frames = recv_routed(sock) if kind == "req" else recv_frames(sock, views_from)
                 taken += sum(map(len, frames))
                 if views_from:
                     self._hold_newest_view(frames)
@@ -502,7 +502,7 @@ class Dispatcher:
         if self.stopping or calls or self.streams_changed or self.has_posted() or self.has_waiting():
             return False
         try:
-            frames = recv_frames(self.router)
+            frames = recv_routed(self.router)
         except zmq.ZMQError:  # (Again: the signal was another's, and the router's events are read)
             self._events_read(self.router)
             return True
