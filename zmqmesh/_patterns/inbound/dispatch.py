@@ -170,6 +170,7 @@ class Dispatcher:
                                             acked=self.acked, describe=describe, history=history, reply=self.send_reply,
                                             in_place=self.runs_in_place, serve_in_place=self._serve_in_place)
         self._decode_request = self.service_intake.decode  # (bound once: `_take` calls it per frame of requests)
+        self._decode_lone_request = self.service_intake.decode_request  # (`serve_lone_request`'s, no batch)
         self.describe = describe
         self.sub = sub
         self.pull = pull
@@ -485,9 +486,13 @@ class Dispatcher:
             else:
                 self._decode_stream(kind, frames, calls)
         except Exception as exc:  # malformed input from the wire
-            self.stats.pattern[_PATTERN_OF[kind]]["errors"] += 1
-            self.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
-            log.debug("dropping a malformed %s message: %s", kind, exc)
+            self._malformed(kind, exc)
+
+    def _malformed(self, kind: str, error: Exception) -> None:
+        """Count a message from the ``kind`` socket that ``error`` found malformed (dropped)."""
+        self.stats.pattern[_PATTERN_OF[kind]]["errors"] += 1
+        self.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
+        log.debug("dropping a malformed %s message: %s", kind, error)
 
     def serve_lone_request(self, calls: list[Call]) -> bool:
         """When the router alone signalled, and nothing else waits (no event, publication
@@ -509,7 +514,10 @@ class Dispatcher:
         if len(frames) == 2 and wire.is_batch(frames[1]):
             self._received = frames
             return False
-        self._take("req", frames, calls)
+        try:  # (what `_take` does, the batch ruled out already)
+            self._decode_lone_request(frames, calls)
+        except Exception as exc:  # malformed input from the wire
+            self._malformed("req", exc)
         self._router_used = True  # (more may have come meanwhile: `used_with_input` looks)
         return not calls
 

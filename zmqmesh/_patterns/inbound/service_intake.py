@@ -72,6 +72,11 @@ class ServiceIntake:
         if len(frames) == 2 and wire.is_batch(frames[1]):
             self._decode_batch(wire.BatchCaller(frames[0]), wire.parse_request_batch(frames[1]), calls)
             return
+        self.decode_request(frames, calls)
+
+    def decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
+        """`decode`, for ``frames`` known to be no batch (a caller that looked already):
+        one request. Raises what `decode` raises."""
         request = wire.parse_request(frames)
         if request is None:
             raise DecodeError("malformed request envelope")
