@@ -141,6 +141,12 @@ def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -
     sent = 0  # (counted before each send: an exception raised as one returns finds it counted)
     try:
         if copy:
+            if len(frames) == 2:  # (a routed reply, a request: no slice of the list, no loop)
+                sent = 1
+                _send(sock, frames[0], _MORE_NOBLOCK, True)
+                sent = 2
+                _send(sock, frames[1], _NOBLOCK, True)
+                return
             for frame in frames[:-1]:
                 sent += 1
                 _send(sock, frame, _MORE_NOBLOCK, True)
