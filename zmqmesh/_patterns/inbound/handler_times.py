@@ -33,12 +33,18 @@ class HandlerTimes:
         """``handler``, started at ``started`` (`time.monotonic`; 0.0: not timed), returned."""
         if not started:
             return
+        quick = time.monotonic() - started < HOLD_LIMIT_S
+        try:
+            if quick and handler in self.quick:  # (quick again: nothing changes, a service's usual run)
+                return
+        except TypeError:  # an unhashable callable: never held for
+            return
         runs = self._runs
         if len(runs) >= _MAX_TIMED_HANDLERS:
             runs.clear()
             self.quick.clear()
         try:
-            if time.monotonic() - started < HOLD_LIMIT_S:
+            if quick:
                 count = runs.get(handler, 0)
                 if count < QUICK_RUNS:
                     runs[handler] = count + 1
