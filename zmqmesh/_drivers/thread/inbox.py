@@ -172,7 +172,7 @@ class ThreadInbox(Dispatcher):
 
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Sync handlers, one at a time: called on this thread as messages are decoded."""
-        if self._pool is not None or self.abandoned():
+        if self._pool is not None or (self.stopping and self.abandoned()):  # (no deadline before a stop)
             return False
         if len(handlers) == 1:  # (a queue's one handler, a topic's usual one: checked per frame)
             return not is_async(handlers[0])

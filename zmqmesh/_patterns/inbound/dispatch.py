@@ -323,8 +323,9 @@ class Dispatcher:
     def has_posted(self) -> bool:
         """Whether events, own publications or history pages wait to be gathered, or the
         rest of a page to be delivered."""
-        return bool(self.events or self.local_frames or self.pages) or (self.replays is not None
-                                                                         and self.replays.delivering())
+        if self.events or self.local_frames or self.pages:
+            return True
+        return self.replays is not None and self.replays.delivering()
 
     def has_waiting(self) -> bool:
         """Whether frames wait for their sender to be known, or a history is to be read
