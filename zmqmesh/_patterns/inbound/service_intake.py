@@ -31,11 +31,14 @@ from .builtin_services import HistoryPages, StatsService
 if TYPE_CHECKING:
     from ..history import History
 
-__all__ = ["MAX_KNOWN_SERVICES", "ServiceIntake"]
+__all__ = ["MAX_KNOWN_CALLERS", "MAX_KNOWN_SERVICES", "ServiceIntake"]
 
 MAX_KNOWN_SERVICES = 256
 """Service names whose handler `ServiceIntake.service_of` keeps looked up (bounded: a caller
 may name any service)."""
+MAX_KNOWN_CALLERS = 1024
+"""Routing ids of callers whose node id `ServiceIntake` keeps read (bounded: each DEALER of
+a caller has one, and a stranger may make any)."""
 
 
 class ServiceIntake:
@@ -61,6 +64,8 @@ class ServiceIntake:
         self._counters = stats.pattern["service"]  # (the same dict for the node's life)
         self._services: dict[str, Callable[..., Any]] = {}  # the registry's table `_known` was looked up in
         self._known: dict[bytes, tuple[str, Callable[..., Any] | None]] = {}  # (`service_of`)
+        self._senders: dict[bytes, str | None] = {}  # routing id: its node id (`sender_of`)
+        self._lookup_peer = directory.lookup_peer  # (bound once: each request's message holds it)
         self.stats_service = StatsService(describe=describe, codec=codec, directory=directory, reply=reply)
         self.history_pages = HistoryPages(history=history, codec=codec, stats=stats, reply=reply)
 
@@ -132,7 +137,10 @@ class ServiceIntake:
             self._refuse(route)
             return
         service, handler = self.service_of(service_b)
-        sender_id = wire.sender_of_requester(route[0])
+        try:
+            sender_id = self._senders[route[0]]
+        except KeyError:
+            sender_id = self.sender_of(route[0])
         if handler is None and service[:1] == "\x00":
             try:
                 if self._serve_builtin(service, route, body, sender_id, calls):
@@ -153,7 +161,7 @@ class ServiceIntake:
         except DecodeError:
             self._refuse(route)
             return
-        msg = Message("request", service, data, sender_id, self.directory.lookup_peer, None, 0, route)  # (positional)
+        msg = Message("request", service, data, sender_id, self._lookup_peer, None, 0, route)  # (positional)
         if meta is not None:
             try:
                 info = self.codec.decode(meta)
@@ -190,6 +198,17 @@ class ServiceIntake:
             if len(known) < MAX_KNOWN_SERVICES:
                 known[service_b] = found
         return found
+
+    def sender_of(self, caller: bytes) -> str | None:
+        """The node id in ``caller``'s routing id (`wire.sender_of_requester`), kept for up to
+        `MAX_KNOWN_CALLERS` routing ids (past it, the table starts afresh): a request read it
+        anew each time (a slice and a hex string per request)."""
+        sender_id = wire.sender_of_requester(caller)
+        senders = self._senders
+        if len(senders) >= MAX_KNOWN_CALLERS:
+            senders.clear()
+        senders[bytes(caller)] = sender_id
+        return sender_id
 
     def _refuse(self, route: tuple[bytes, bytes]) -> None:
         """Answer a request that cannot be read 0x03 (its caller never waits for it), and
