@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import zmq
 
-__all__ = ["MAX_LINGER_MS", "new_socket", "has_input", "with_input", "can_send", "recv_frames", "recv_routed",
+__all__ = ["MAX_LINGER_MS", "new_socket", "has_input", "input_probe", "with_input", "can_send", "recv_frames", "recv_routed",
            "send_frames", "send_tracked",
            "close_watched", "reconnect", "CONTROL_HWM", "LISTEN_BACKLOG"]
 
@@ -66,6 +67,13 @@ def has_input(sock: zmq.Socket[Any]) -> bool:
     signal of a message that arrived meanwhile: callers check this after sending.
     """
     return bool(_poll([(sock, _POLLIN)], 0))
+
+
+def input_probe(sock: zmq.Socket[Any]) -> Callable[[], list[Any]]:
+    """`has_input` for ``sock``, made once: a call that returns a non-empty list if a message
+    waits now (the same ``zmq_poll``, its argument built once and no Python frame per look:
+    for a socket looked at after every message it answers)."""
+    return functools.partial(_poll, [(sock, _POLLIN)], 0)
 
 
 def with_input(pairs: Sequence[tuple[zmq.Socket[Any], T]]) -> list[tuple[zmq.Socket[Any], T]]:

@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from ..._io.sockets import has_input, recv_frames, recv_routed, send_frames, with_input
+from ..._io.sockets import (
+    has_input,
+    input_probe,
+    recv_frames,
+    recv_routed,
+    send_frames,
+    with_input,
+)
 from ..._mesh.directory import Directory
 from ..._mesh.registry import Registry
 from ..._observe import tracing
@@ -176,6 +183,7 @@ class Dispatcher:
         self.pull = pull
         self.router = router
         self.sockets = ((router, "req"), (pull, "pull"), (sub, "sub"))
+        self._router_has_input = input_probe(router)  # (`used_with_input`: after every reply sent)
         self._router_used = False  # (since `used_with_input` last looked: replies sent)
         self._received: list[bytes] | None = None  # a message taken from the router, for `drain`
         self._newest_view: memoryview | None = None  # (`drain`: the newest large frame, held until the next)
@@ -924,7 +932,7 @@ class Dispatcher:
             return []
         if not self._sub_used:  # (the common case, after a request served: the router alone)
             self._router_used = False
-            return [self.sockets[0]] if has_input(self.router) else []
+            return [self.sockets[0]] if self._router_has_input() else []
         used = []
         if self._router_used:
             used.append((self.router, "req"))
