@@ -1929,6 +1929,9 @@ def test_a_reply_to_a_caller_that_left_is_counted_as_dropped_not_sent(mesh: dict
             else:
                 caller.request("s", 10, timeout=0.5)
         caller.stop()
+        # (the reply must find the caller's connection gone: the provider first sees the caller
+        # leave; released at once, on a loaded machine, the reply could still find it there)
+        wait_until(lambda: not provider.peers(), 10, "the provider to see the caller leave")
         release.set()
         count = 20 if batched else 1
         wait_until(lambda: len(served) == count and provider.stats()["service"]["dropped"] > 0, 10,
