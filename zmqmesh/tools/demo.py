@@ -22,10 +22,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-from zmqmesh import MeshTimeoutError, Message, Node, Peer, RemoteError, StopFlag
+from zmqmesh import Message, Node, Peer, RemoteError, StopFlag
+
+from ._stopping import SignalStop, Stopped, sliced, until
 
 __all__ = ["run_demo", "run_role"]
 
@@ -37,45 +38,6 @@ _T0 = [time.time()]
 def _say(who: str, text: str) -> None:
     sys.stdout.write(f"{time.time() - _T0[0]:6.2f}s  {who:<10} {text}\n")
     sys.stdout.flush()
-
-
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-"""What stops the demo, its processes too: Ctrl-C, SIGTERM, and the hangup of its terminal."""
-
-_LOOK_S = 0.1  # how often a wait of the conductor looks whether it was told to stop
-
-
-class _Stopped(Exception):
-    """The conductor was told to stop (a signal raised its flag) while it waited."""
-
-
-def _until(stop: StopFlag, done: Callable[[], bool], timeout: float) -> bool:
-    """Wait until ``done()`` holds (True) or ``timeout`` seconds passed (False), looking
-    every `_LOOK_S`. Raises `_Stopped` once ``stop`` is raised."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        if stop.wait(min(_LOOK_S, left)):
-            raise _Stopped
-    return True
-
-
-def _sliced(stop: StopFlag, wait: Callable[[float], Any], timeout: float) -> Any:
-    """What ``wait(seconds)`` returns, called with slices of at most `_LOOK_S` until it
-    does not time out, within ``timeout`` seconds. Raises `_Stopped` once ``stop`` is
-    raised, `MeshTimeoutError` when the time is up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if stop.is_set():
-            raise _Stopped
-        left = deadline - time.monotonic()
-        try:
-            return wait(max(0.0, min(_LOOK_S, left)))
-        except MeshTimeoutError:
-            if left <= _LOOK_S:
-                raise
 
 
 def _stop_processes(procs: list[subprocess.Popen[bytes]], at_once: bool) -> bool:
@@ -100,9 +62,7 @@ def _stop_processes(procs: list[subprocess.Popen[bytes]], at_once: bool) -> bool
 
 def run_role(role: str, mesh: str, beacon_port: int) -> None:
     """Body of one demo process (``python -m zmqmesh.tools.demo ROLE``)."""
-    stop = StopFlag()
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, stop.set)
+    stop = SignalStop().take().flag  # (for the whole process: it ends with the role)
     node = Node(role, mesh=mesh, beacon_port=beacon_port)
     prices: dict[str, float] = {}
 
@@ -141,18 +101,13 @@ def run_demo(beacon_port: int = 5670, orders: int = 8) -> int:
     when a signal stopped it).
 
     Run from the main thread, SIGINT, SIGTERM and SIGHUP raise a flag that every wait of
-    the conductor looks at (none is longer than `_LOOK_S`): whenever one comes, the demo
+    the conductor looks at (none is longer than `LOOK_S`): whenever one comes, the demo
     stops its processes and returns. A flag, not an exception raised by the handler: one
     raised while a finalizer runs (a ZeroMQ frame's, a garbage collection's) is printed
     and lost, and the demo went on."""
-    stop = StopFlag()
-    previous = {sig: signal.signal(sig, stop.set) for sig in _STOP_SIGNALS} \
-        if threading.current_thread() is threading.main_thread() else {}
-    try:
-        code = _conduct(stop, beacon_port, orders)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with SignalStop() as signalled:
+        code = _conduct(signalled.flag, beacon_port, orders)
+    stop = signalled.flag
     if stop.is_set():
         _say("conductor", "demo stopped, every process stopped" if code == 0 else "demo stopped, FAILED to stop cleanly")
         return 130
@@ -220,11 +175,11 @@ def _conduct(stop: StopFlag, beacon_port: int, orders: int) -> int:
                     )
                 )
             started = time.monotonic()
-            _sliced(stop, lambda s: node.wait_for_peers(len(ROLES), timeout=s), 20)
-            _until(stop, everyone.is_set, 5)  # (join callbacks run on the handler thread: let the last one speak first)
+            sliced(stop, lambda s: node.wait_for_peers(len(ROLES), timeout=s), 20)
+            until(stop, everyone.is_set, 5)  # (join callbacks run on the handler thread: let the last one speak first)
             _say("conductor", f"full mesh of {len(ROLES) + 1} nodes formed {time.monotonic() - started:.2f}s after spawning")
-            _sliced(stop, lambda s: node.wait_for_pullers("orders", 2, timeout=s), 10)
-            _sliced(stop, lambda s: node.wait_for_service("quote", timeout=s), 10)
+            sliced(stop, lambda s: node.wait_for_pullers("orders", 2, timeout=s), 10)
+            sliced(stop, lambda s: node.wait_for_service("quote", timeout=s), 10)
             # give the quoter its first prices, then trade
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not stop.is_set():
@@ -237,9 +192,9 @@ def _conduct(stop: StopFlag, beacon_port: int, orders: int) -> int:
                     stop.wait(0.2)
             for i in range(orders):
                 if stop.is_set():
-                    raise _Stopped
+                    raise Stopped
                 node.push("orders", {"id": i + 1, "pair": PAIRS[i % len(PAIRS)], "qty": 100 * (i + 1)})
-            if not _until(stop, done.is_set, 20):
+            if not until(stop, done.is_set, 20):
                 _say("conductor", f"only {len(fills)} of {orders} orders filled")
             else:
                 by = {w: sum(1 for f in fills if f["filled_by"] == w) for w in ("worker-a", "worker-b")}
@@ -248,7 +203,7 @@ def _conduct(stop: StopFlag, beacon_port: int, orders: int) -> int:
                 stats = node.stats()
                 _say("conductor", f"my counters: pipeline {stats['pipeline']}, requests {stats['request']}")
                 code = 0
-        except _Stopped:
+        except Stopped:
             code = 0
         finally:
             if not _stop_processes(procs, at_once=stop.is_set()):

@@ -62,6 +62,7 @@ else:  # pragma: no cover - Python 3.10
 
 from zmqmesh import StopFlag
 
+from ._stopping import SignalStop
 from .orphans import MARK, adopt_orphans, children, orphans, reap_ended, reaped
 from .pipes import PIPE_CLOSED, write_nowhere
 
@@ -515,13 +516,7 @@ class Launcher:
 
     def run(self) -> int:
         """Start everything and supervise until all ended or a stop is asked; returns the exit status."""
-        interrupted: list[int] = []
-
-        def stop(signum: int, _frame: object) -> None:
-            interrupted.append(signum)
-            self._stopping.set()
-
-        previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
+        signalled = SignalStop(self._stopping).take()
         adopting = adopt_orphans()
         status = 0
         self._output.start()
@@ -589,7 +584,7 @@ class Launcher:
                         status = 1
             clean = self._stop_all()
             self._finish_output()
-            if signal.SIGINT in interrupted:  # Ctrl-C: as every command
+            if signalled.interrupted:  # Ctrl-C: as every command
                 return 130
             if self.out_failed is not None:
                 log.error("cannot write the output (%s): every process stopped", self.out_failed.strerror)
@@ -603,8 +598,7 @@ class Launcher:
             self._finish_output()
             if adopting:
                 adopt_orphans(False)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            signalled.give_back()
             if logged is not None:
                 log.removeHandler(logged)
                 log.propagate = propagates
@@ -783,10 +777,6 @@ def _wants_restart(restart: str, code: int) -> bool:
     with another status than 0, makes the launcher's status 1."""
     return restart == "always" or (restart == "on-failure" and code != 0)
 
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
-"""The signals that stop the launcher and every process: Ctrl-C, SIGTERM, and the hangup of
-its terminal (its processes, each in a session of its own, get none of their own)."""
 
 _STOPPED_CLEANLY = (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 """How a process told to stop may end for a clean stop: status 0, the SIGTERM sent, or
