@@ -16,7 +16,7 @@ from typing import Any
 
 from zmqmesh import MeshTimeoutError, StopFlag
 
-__all__ = ["LOOK_S", "STOP_SIGNALS", "SignalStop", "Stopped", "sliced", "until"]
+__all__ = ["LOOK_S", "STOP_SIGNALS", "SignalStop", "Stopped", "ignore_stop_signals", "sliced", "until"]
 
 STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                                       if hasattr(signal, name))
@@ -69,6 +69,16 @@ class SignalStop:
     def _raise(self, signum: int, _frame: FrameType | None) -> None:
         self.received.append(signum)
         self.flag.set()
+
+
+def ignore_stop_signals() -> None:
+    """The process's status is decided and it only exits now: SIGINT, SIGTERM and SIGHUP
+    are ignored from here on (from the main thread; elsewhere, nothing changes). Past
+    Python's own end a handler is the system's default again, and a late signal ended
+    the process with another status (Ctrl-C: killed by SIGINT, not 130)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def until(stop: StopFlag, done: Callable[[], bool], timeout: float) -> bool:

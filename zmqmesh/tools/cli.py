@@ -22,11 +22,11 @@ with status 141, as a command that SIGPIPE ends.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -48,6 +48,7 @@ from zmqmesh import (
     retry_dead_letters,
 )
 
+from ._stopping import LOOK_S, SignalStop, ignore_stop_signals
 from .jsonview import dumps, peer_dict, shown
 from .pipes import PIPE_CLOSED, write_nowhere
 
@@ -269,9 +270,15 @@ def _table(peers: list[Peer]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def _peers(args: argparse.Namespace) -> int:
+def _stopped_status(signalled: SignalStop, code: int) -> int:
+    """The status of a command a signal may have stopped: 130 after a Ctrl-C, else ``code``
+    (a SIGTERM or a hangup is a stop asked for: the command's own status)."""
+    return 130 if signalled.interrupted else code
+
+
+def _peers(args: argparse.Namespace, signalled: SignalStop) -> int:
     node = _node(args, "zmqmesh-peers")
-    stop = StopFlag()
+    stop = signalled.flag
     if args.watch and args.json:  # one JSON object per line, nothing else on stdout
         node.on_join(lambda p: _out(dumps({"event": "join", **peer_dict(p)}), stop))
         node.on_leave(lambda p: _out(dumps({"event": "leave", **peer_dict(p)}), stop))
@@ -279,7 +286,8 @@ def _peers(args: argparse.Namespace) -> int:
         node.on_join(lambda p: _out(f"{time.strftime('%H:%M:%S')} + {shown(p.name)} {shown(p.endpoint)}", stop))
         node.on_leave(lambda p: _out(f"{time.strftime('%H:%M:%S')} - {shown(p.name)} {shown(p.endpoint)}", stop))
     with node:
-        _listen(node, args.wait)
+        if stop.wait(max(0.0, args.wait)):  # (told to stop while it listened: nothing to list)
+            return _stopped_status(signalled, 0)
         peers = sorted(node.peers(), key=lambda p: (p.name, p.id))
         if args.json:  # (watching, every peer came as a "join" line already)
             if not args.watch:
@@ -289,10 +297,9 @@ def _peers(args: argparse.Namespace) -> int:
         else:
             _out(f"no peers found in mesh {node.config.mesh!r} within {args.wait} s")
         if args.watch:
-            signal.signal(signal.SIGTERM, stop.set)
             _out("watching joins and leaves (Ctrl-C to stop)", file=sys.stderr if args.json else None)
             stop.wait(args.duration)
-    return 0 if peers or args.watch else 1
+    return _stopped_status(signalled, 0 if peers or args.watch else 1)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -307,8 +314,8 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _subscribe(args: argparse.Namespace) -> int:
-    done = StopFlag()
+def _subscribe(args: argparse.Namespace, signalled: SignalStop) -> int:
+    done = signalled.flag
     seen = [0]
     node = _node(args, "zmqmesh-subscribe")
 
@@ -320,11 +327,10 @@ def _subscribe(args: argparse.Namespace) -> int:
         if args.count is not None and seen[0] >= args.count:
             done.set()
 
-    signal.signal(signal.SIGTERM, done.set)
     with node:
         _out(f"subscribed to {args.prefix!r}")
         done.wait(args.timeout)
-    return 0
+    return _stopped_status(signalled, 0)
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -387,16 +393,14 @@ def _holds_messages(store: str) -> bool:
         return False
 
 
-def _keep(args: argparse.Namespace) -> int:
-    stop = StopFlag()
+def _keep(args: argparse.Namespace, signalled: SignalStop) -> int:
     node = _node(args, "zmqmesh-keeper", store=args.store)
     for queue in args.queues:
         node.keep(queue)
-    signal.signal(signal.SIGTERM, stop.set)
     with node:
         _out(f"keeping {', '.join(repr(q) for q in args.queues)} in {args.store} (Ctrl-C to stop)")
-        stop.wait()
-    return 0
+        signalled.flag.wait()
+    return _stopped_status(signalled, 0)
 
 
 def _columns(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
@@ -500,7 +504,7 @@ def _request(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway(args: argparse.Namespace) -> int:
+def _gateway(args: argparse.Namespace, signalled: SignalStop) -> int:
     import asyncio
     import os
 
@@ -521,43 +525,49 @@ def _gateway(args: argparse.Namespace) -> int:
         logging.getLogger("zmqmesh.gateway").setLevel(logging.WARNING)
 
     async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def stop() -> None:  # (once: a second SIGTERM would cut the stop's grace for the calls in flight short)
-            loop.add_signal_handler(signal.SIGTERM, lambda: None)
-            task.cancel()
-
-        loop.add_signal_handler(signal.SIGTERM, stop)
-        await run_gateway(args.listen, token, ready=lambda url: print(f"gateway listening on {url}", flush=True),
-                          hosts=tuple(args.allow_host), tracebacks=args.tracebacks, **options)
+        gateway = asyncio.ensure_future(run_gateway(
+            args.listen, token, ready=lambda url: print(f"gateway listening on {url}", flush=True),
+            hosts=tuple(args.allow_host), tracebacks=args.tracebacks, **options))
+        # (the flag is looked at, not waited on: the loop sleeps in its selector, which a
+        # signal handler does not wake)
+        while not signalled.flag.is_set() and not gateway.done():
+            await asyncio.wait({gateway}, timeout=LOOK_S)
+        gateway.cancel()  # (once: a second signal does not cut the stop's grace for the calls in flight short)
+        with contextlib.suppress(asyncio.CancelledError):
+            await gateway
 
     try:
         asyncio.run(serve())
-    except asyncio.CancelledError:
-        pass
     except GatewayArgumentError as exc:  # (a --listen off loopback without a token: as the other refused arguments)
         raise UsageError(str(exc)) from None
     except GatewayError as exc:
         raise CliError(str(exc)) from None
-    return 0
+    return _stopped_status(signalled, 0)
+
+
+_LONG_RUNNING = {"peers": _peers, "subscribe": _subscribe, "keep": _keep, "gateway": _gateway}
+"""The commands that run until told to stop: SIGINT, SIGTERM and SIGHUP raise a flag
+their waits look at (`SignalStop`), from the moment the command line is read to the
+process's exit."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line; exits with the command's status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("zmqmesh").setLevel(logging.ERROR)
     try:
-        if args.command == "demo":
+        parser = _parser()
+        args = parser.parse_args(argv)
+        # (left in place until the process exits: a signal after the command's stop has
+        # nothing left to stop, and must not raise in the exit's finalizers)
+        signalled = SignalStop().take() if args.command in _LONG_RUNNING else None
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+        if not args.verbose:
+            logging.getLogger("zmqmesh").setLevel(logging.ERROR)
+        if signalled is not None:
+            code = _LONG_RUNNING[args.command](args, signalled)
+        elif args.command == "demo":
             from .demo import run_demo
 
             code = run_demo(beacon_port=args.beacon_port, orders=args.orders)
-        elif args.command == "gateway":
-            code = _gateway(args)
         elif args.command == "keygen":
             from zmqmesh import read_public_key, write_keypair
 
@@ -572,9 +582,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             except LaunchError as exc:  # (a bad launch file: as bad arguments, not a process that failed)
                 print(f"zmqmesh: error: {exc}", file=sys.stderr)
                 code = 2
-        elif args.command in ("peers", "publish", "subscribe", "push", "request", "keep", "store"):
-            code = {"peers": _peers, "publish": _publish, "subscribe": _subscribe, "push": _push, "request": _request,
-                    "keep": _keep, "store": _store}[args.command](args)
+        elif args.command in ("publish", "push", "request", "store"):
+            code = {"publish": _publish, "push": _push, "request": _request, "store": _store}[args.command](args)
         else:
             parser.print_help()
             code = 2
@@ -595,4 +604,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 70
     if _stdout_gone[0] and code in (0, 130):  # (a handler lost the reader: the command ended for that)
         code = PIPE_CLOSED
+    ignore_stop_signals()
     sys.exit(code)
