@@ -424,8 +424,10 @@ class NodeBase:
                   then: Callable[[Callable[..., Any]], None] | None = None,
                   check: Callable[[Callable[..., Any]], None] | None = None) -> Any:
         """Register ``handler`` (or return a decorator that does); ``check(handler)`` first
-        (it raises to refuse it), and ``then(handler)`` records its options, only once the
-        registration succeeded (a failed one leaves nothing).
+        (it raises to refuse it), and ``then(handler)`` records its options, only if the
+        registration succeeds (a failed one leaves nothing), and before the name is offered
+        (`Registry.add`: the loop, announcing the offers, never finds a queue pulled
+        at-least-once offered as a plain one).
         Raises `ArgumentTypeError` (a ``TypeError``) for a handler that cannot be called,
         `NodeClosedError` once the node was stopped, `ZmqMeshError` in a process forked
         after it was built (nothing would ever call it)."""
@@ -437,9 +439,7 @@ class NodeBase:
                 self._refuse_if_stopped()
                 if check is not None:
                     check(fn)
-                self._registry.add(kind, name, fn)
-                if then is not None:
-                    then(fn)
+                self._registry.add(kind, name, fn, None if then is None else lambda: then(fn))
             self._engine.registry_changed()
             return fn
 

@@ -92,22 +92,28 @@ class Registry:
             raise ConfigError(f"a node offers at most {MAX_OFFERS} topics, queues, services and kept queues in "
                               "all (each is a ZRE group its peers must take in one HELLO)")
 
-    def add(self, kind: str, name: str, handler: Callable[..., Any]) -> None:
-        """Register ``handler`` for a topic prefix, queue or service. Raises `ConfigError` (a
-        ``ValueError``) on a clash, or past `MAX_OFFERS` names (peers could not take the HELLO)."""
+    def add(self, kind: str, name: str, handler: Callable[..., Any],
+            options: Callable[[], None] | None = None) -> None:
+        """Register ``handler`` for a topic prefix, queue or service; ``options``, if given,
+        records what is said of it (at-least-once, idempotent, replay) once the checks
+        passed and before the name is in its table: a reader on another thread (the loop
+        announcing this node's offers) never finds it there without them. Raises
+        `ConfigError` (a ``ValueError``) on a clash, or past `MAX_OFFERS` names (peers could
+        not take the HELLO); nothing is recorded then."""
         if name not in getattr(self, kind):
             self._check_room()
         if kind == "topics":
             topics = dict(self.topics)
             topics[name] = [*topics.get(name, []), handler]
-            self.topics = topics
         else:
             table = dict(getattr(self, kind))
             if name in table and table[name] is not handler:
                 what = "queue" if kind == "queues" else "service"
                 raise ConfigError(f"this node already has a handler for the {what} {name!r}")
             table[name] = handler
-            setattr(self, kind, table)
+        if options is not None:
+            options()
+        setattr(self, kind, topics if kind == "topics" else table)
         self.version += 1
 
     def check_durable_name(self, prefix: str, handler: Callable[..., Any], options: SubscribeOptions) -> None:
