@@ -122,12 +122,13 @@ class _Batch(NamedTuple):
     size: int  # its bytes on the wire
     service: str  # what it was sent to: the queue's pullers, or its keepers (`flush`)
     probe: bool = False  # one message under suspicion, dealt alone (`_suspects`)
+    ack_timeout_s: float | None = None  # what its puller announced for the queue when it was dealt
 
 
 def _with_items(batch: _Batch, items: list[Any]) -> _Batch:
     """``batch`` with only ``items`` of it (to settle part of it)."""
     return _Batch(batch.id, batch.queue, batch.puller, items, batch.sent_at, batch.sent_wall, batch.size,
-                  batch.service, batch.probe)
+                  batch.service, batch.probe, batch.ack_timeout_s)
 
 
 def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
@@ -418,7 +419,8 @@ class ReliableSender:
                 puller = pullers[(start + k) % len(pullers)]
                 room = self.window - self.inflight_count.get(puller, 0)
                 share = max(1, (len(q) + len(dealt_again)) // len(pullers))
-                most = 1 if probing else TIMED_BATCH_ITEMS if directory.ack_timeout_s(queue, puller) else MAX_BATCH_ITEMS
+                ack_timeout_s = directory.ack_timeout_s(queue, puller)
+                most = 1 if probing else TIMED_BATCH_ITEMS if ack_timeout_s else MAX_BATCH_ITEMS
                 n = min(room, share, most)
                 if n <= 0 or self.inflight_bytes.get(puller, 0) >= WINDOW_BYTES or \
                         (self._wedged and self._is_wedged((puller, queue))):
@@ -449,7 +451,7 @@ class ReliableSender:
                         again.appendleft(item)
                     continue
                 self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time(), size,
-                                                 service, probing)
+                                                 service, probing, ack_timeout_s)
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
                 self.inflight_bytes[puller] = self.inflight_bytes.get(puller, 0) + size
                 self.stats.pattern["pipeline"]["sent"] += len(items)
@@ -466,7 +468,7 @@ class ReliableSender:
             sock = self.sockets.get(puller)
             if sock is not None and has_input(sock):
                 self.loop.call_soon(self._on_acks, puller)
-        if self.inflight and self._timeout_check is None and directory.offers["acktimeouts"]:
+        if self.inflight and self._timeout_check is None and self._timed():
             self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
         # (not those held aside, nor what waits behind one past their bound: a puller that
         # takes them wakes the flush)
@@ -641,8 +643,23 @@ class ReliableSender:
         try:
             self._redeal_expired()
         finally:
-            if self.inflight and self.directory.offers["acktimeouts"]:
+            if self.inflight and self._timed():
                 self._timeout_check = self.loop.call_later(_TIMEOUT_CHECK_S, self._check_timeouts)
+
+    def _timed(self) -> bool:
+        """Whether a batch in flight may time out: a puller announces an ack timeout, or one
+        announced it when a batch still in flight was dealt to it (`_ack_timeout_s`)."""
+        return bool(self.directory.offers["acktimeouts"]) or \
+            any(b.ack_timeout_s is not None for b in self.inflight.values())
+
+    def _ack_timeout_s(self, batch: _Batch) -> float | None:
+        """The ack timeout ``batch`` runs under: the one its puller announces for its queue,
+        or, if it announces none now, the one it announced when the batch was dealt. (A
+        puller that unpulls leaves the queue's ack-timeout group with its others: what it
+        held of a stuck handler then never timed out, and was not dealt again while the
+        puller stayed in the mesh.)"""
+        timeout = self.directory.ack_timeout_s(batch.queue, batch.puller)
+        return batch.ack_timeout_s if timeout is None else timeout
 
     def _redeal_expired(self) -> None:
         now = time.monotonic()
@@ -658,7 +675,7 @@ class ReliableSender:
             line = (batch.puller, batch.queue)
             if heads.get(line) is not batch:
                 return False
-            timeout = self.directory.ack_timeout_s(batch.queue, batch.puller)
+            timeout = self._ack_timeout_s(batch)
             started = max(batch.sent_at, self._line_moved.get(line, 0.0))
             return timeout is not None and now - started > timeout * len(batch.items)
 
@@ -839,7 +856,7 @@ class ReliableSender:
         """``batch`` left the in-flight table: if it headed its puller's line of a queue with
         an ack timeout, the next one heads it from now (one settled behind the head moves
         nothing: a stuck head keeps its clock while later batches are acknowledged)."""
-        if self.directory.ack_timeout_s(batch.queue, batch.puller) is None:
+        if self._ack_timeout_s(batch) is None:
             return
         if all(b.id > batch.id for b in self.inflight.values() if b.puller == batch.puller and b.queue == batch.queue):
             self._line_moved[(batch.puller, batch.queue)] = time.monotonic()
