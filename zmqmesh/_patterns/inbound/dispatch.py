@@ -455,8 +455,9 @@ class Dispatcher:
                 return True  # (the rest waits for the next burst: what one holds is bounded)
             try:
                 frames = recv_routed(sock) if kind == "req" else recv_frames(sock, views_from)
-                taken += sum(map(len, frames))
-                if views_from:
+                size = sum(map(len, frames))
+                taken += size
+                if views_from and size >= views_from:  # (a message smaller holds no view)
                     self._hold_newest_view(frames)
             except zmq.Again:
                 return False
