@@ -37,13 +37,10 @@ class HandlerTimes:
         try:
             if quick and handler in self.quick:  # (quick again: nothing changes, a service's usual run)
                 return
-        except TypeError:  # an unhashable callable: never held for
-            return
-        runs = self._runs
-        if len(runs) >= _MAX_TIMED_HANDLERS:
-            runs.clear()
-            self.quick.clear()
-        try:
+            runs = self._runs
+            if len(runs) >= _MAX_TIMED_HANDLERS:
+                runs.clear()
+                self.quick.clear()
             if quick:
                 count = runs.get(handler, 0)
                 if count < QUICK_RUNS:
