@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -254,7 +255,7 @@ def test_events_stream_joins_leaves_and_counters(gateway: str, spawn: Any) -> No
 
 @pytest.mark.timeout(120)
 def test_the_dashboard_forgets_the_rows_and_figures_of_callers_and_nodes_that_left(
-        gateway: str, spawn: Any, mesh: dict[str, Any]) -> None:
+        gateway: str, spawn: Any, mesh: dict[str, Any], tmp_path: Path) -> None:
     """What the open page keeps is bounded by the mesh now, not by all it saw since it was
     opened: a service's latency row goes some seconds after no node reports calling it, a
     node's figures go with the node (before, every service ever called and every node ever
@@ -262,7 +263,7 @@ def test_the_dashboard_forgets_the_rows_and_figures_of_callers_and_nodes_that_le
     import zmqmesh
 
     spawn("pricer", service=["quote"])
-    browser = _chrome()
+    browser = _chrome(tmp_path)
     try:
         browser.get(gateway + "/")
         from selenium.webdriver.common.by import By
@@ -343,7 +344,9 @@ def test_token_is_enforced(mesh: dict[str, Any]) -> None:
         assert call(url, headers={"Authorization": "BEARER wrong"})[0] == 401
 
 
-def _chrome() -> Any:
+def _chrome(scratch: Path) -> Any:
+    """Headless Chromium whose profile and temporary files (its singleton socket's folder
+    among them) stay under ``scratch``: nothing of it is left in /tmp after the test."""
     webdriver = pytest.importorskip("selenium.webdriver")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
@@ -357,14 +360,17 @@ def _chrome() -> Any:
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--window-size=1280,800"):
         options.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver_path), options=options)
+    options.add_argument(f"--user-data-dir={scratch / 'chromium-profile'}")
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    return webdriver.Chrome(service=Service(driver_path, env=env), options=options)
 
 
 @pytest.mark.timeout(180)
-def test_dashboard_shows_nodes_join_and_leave_live(gateway: str, spawn: Any, mesh: dict[str, Any]) -> None:
+def test_dashboard_shows_nodes_join_and_leave_live(gateway: str, spawn: Any, mesh: dict[str, Any],
+                                                   tmp_path: Path) -> None:
     mesh_options = mesh
     spawn("pricer", subscribe=["prices."], service=["quote", "boom"])
-    browser = _chrome()
+    browser = _chrome(tmp_path)
     try:
         browser.get(gateway + "/")
         from selenium.webdriver.common.by import By
@@ -1076,9 +1082,9 @@ def test_an_event_stream_that_lags_loses_events_past_its_bound_and_counts_them()
 
 
 @pytest.mark.timeout(120)
-def test_the_dashboard_says_when_it_needs_a_token(mesh: dict[str, Any]) -> None:
+def test_the_dashboard_says_when_it_needs_a_token(mesh: dict[str, Any], tmp_path: Path) -> None:
     with gateway_process(mesh, token="s3cret") as base:
-        browser = _chrome()
+        browser = _chrome(tmp_path)
         try:
             from selenium.webdriver.common.by import By
 
