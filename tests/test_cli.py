@@ -262,6 +262,60 @@ def test_every_long_running_command_stops_on_ctrl_c_whenever_it_comes(
         assert "[sleeper] stopped by SIGTERM" in out, out
 
 
+_ONE_SHOT = {  # the command's arguments, and what it said it left undone when stopped
+    "publish": (["publish", "x.a", "1", "--wait", "60"], "1 message(s) not sent"),  # (listening for peers)
+    "push": (["push", "q", "1", "--timeout", "60"], "1 message(s) not sent"),  # (no puller)
+    "push-durable": (["push", "q", "1", "--durable", "--timeout", "60"], "1 message(s) not sent"),  # (no taker)
+    "request": (["request", "svc", "1", "--timeout", "60"], "no reply came"),  # (no provider)
+    "request-hung": (["request", "hung", "1", "--timeout", "60"], "no reply came"),  # (its provider never answers)
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["sigint", "sigterm", "sighup"])
+@pytest.mark.parametrize("command", list(_ONE_SHOT))
+def test_every_one_shot_command_stops_on_a_signal_while_it_waits_and_says_what_it_did_not_send(
+        tmp_path: Path, mesh: dict[str, Any], command: str, stop: int) -> None:
+    # publish, push and request were left to Python's KeyboardInterrupt: SIGTERM and SIGHUP
+    # while they waited killed them outright (status -15 and -1: no stop of their node, and a
+    # `push --durable` left its temporary store behind, 1 of 1), and neither those nor a
+    # Ctrl-C (130) said that the message had not been sent. Now the signal raises the flag
+    # that their waits look at (in slices, a request's reply included): the node stops, the
+    # message not handed over is said on stderr, status 130 after a Ctrl-C, else 1
+    args, undone = _ONE_SHOT[command]
+    where = ["--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])]
+    if "--wait" not in args:
+        where += ["--wait", "0"]
+    release = threading.Event()
+    with zmqmesh.Node("watcher", **mesh) as watcher:
+        @watcher.service("hung")
+        def hung(_msg: zmqmesh.Message) -> None:
+            release.wait(60)
+
+        asked = watcher.stats  # (the hung service's requests received: the request waits for its reply)
+        proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", *args, *where], cwd=tmp_path,
+                                env={**os.environ, "TMPDIR": str(tmp_path)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            with lines_of(proc) as (out_lines, err_lines):
+                name = "zmqmesh-" + command.split("-")[0]
+                wait_until(lambda: any(p.name == name for p in watcher.peers()), 60, f"{command} to join")
+                if command == "request-hung":
+                    wait_until(lambda: asked()["service"]["received"], 30, "the request to arrive")
+                proc.send_signal(stop)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"{command} still running 20 s after {stop!r}: {out_lines} {err_lines}")
+        finally:
+            release.set()
+    err = "\n".join(err_lines)
+    assert proc.returncode == (130 if stop == signal.SIGINT else 1), (out_lines, err)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err_lines == [f"zmqmesh: stopped: {undone}"], err
+    assert list(tmp_path.glob("zmqmesh-push-*")) == []  # (a temporary store holding nothing: removed)
+
+
 @pytest.mark.timeout(120)
 def test_a_reader_that_goes_away_ends_subscribe_and_peers_watch_quietly(mesh: dict[str, Any]) -> None:
     # `zmqmesh subscribe x. | head -1`: the handler's print failed on every message after

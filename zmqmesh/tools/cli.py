@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from zmqmesh import (
@@ -48,7 +48,7 @@ from zmqmesh import (
     retry_dead_letters,
 )
 
-from ._stopping import LOOK_S, SignalStop, ignore_stop_signals
+from ._stopping import LOOK_S, SignalStop, Stopped, ignore_stop_signals, sliced, until
 from .jsonview import dumps, peer_dict, shown
 from .pipes import PIPE_CLOSED, write_nowhere
 
@@ -254,9 +254,11 @@ def _node(args: argparse.Namespace, name: str, **options: Any) -> Node:
     return Node(name, **options)
 
 
-def _listen(node: Node, seconds: float) -> None:
-    """Give beacons time to arrive: this command's whole point is to look at the mesh."""
-    time.sleep(max(0.0, seconds))
+def _listen(stop: StopFlag, seconds: float) -> None:
+    """Give beacons time to arrive: this command's whole point is to look at the mesh.
+    Raises `Stopped` once ``stop`` is raised."""
+    if stop.wait(max(0.0, seconds)):
+        raise Stopped
 
 
 def _table(peers: list[Peer]) -> str:
@@ -276,6 +278,23 @@ def _stopped_status(signalled: SignalStop, code: int) -> int:
     return 130 if signalled.interrupted else code
 
 
+@contextlib.contextmanager
+def _saying_when_stopped(what: str) -> Iterator[None]:
+    """Say on stderr ``what`` was left undone when a signal cuts a wait of the block short
+    (`Stopped` goes on: status 1, or 130)."""
+    try:
+        yield
+    except Stopped:
+        _out(f"zmqmesh: stopped: {what}", file=sys.stderr)
+        raise
+
+
+def _not_sent(count: int) -> None:
+    """Say on stderr that a signal stopped the command before it handed ``count``
+    message(s) over: they are not sent (never lost unsaid)."""
+    _out(f"zmqmesh: stopped: {count} message(s) not sent", file=sys.stderr)
+
+
 def _peers(args: argparse.Namespace, signalled: SignalStop) -> int:
     node = _node(args, "zmqmesh-peers")
     stop = signalled.flag
@@ -287,7 +306,7 @@ def _peers(args: argparse.Namespace, signalled: SignalStop) -> int:
         node.on_leave(lambda p: _out(f"{time.strftime('%H:%M:%S')} - {shown(p.name)} {shown(p.endpoint)}", stop))
     with node:
         if stop.wait(max(0.0, args.wait)):  # (told to stop while it listened: nothing to list)
-            return _stopped_status(signalled, 0)
+            return 0
         peers = sorted(node.peers(), key=lambda p: (p.name, p.id))
         if args.json:  # (watching, every peer came as a "join" line already)
             if not args.watch:
@@ -299,18 +318,23 @@ def _peers(args: argparse.Namespace, signalled: SignalStop) -> int:
         if args.watch:
             _out("watching joins and leaves (Ctrl-C to stop)", file=sys.stderr if args.json else None)
             stop.wait(args.duration)
-    return _stopped_status(signalled, 0 if peers or args.watch else 1)
+    return 0 if peers or args.watch else 1
 
 
-def _publish(args: argparse.Namespace) -> int:
+def _publish(args: argparse.Namespace, signalled: SignalStop) -> int:
     data = _payload(args.data)
+    stop = signalled.flag
     with _node(args, "zmqmesh-publish") as node:
-        _listen(node, args.wait)
-        subscribers = sum(1 for p in node.peers() if any(args.topic.startswith(t) for t in p.topics))
-        if subscribers:
-            node.wait_for_subscribers(args.topic, subscribers, timeout=5)
+        try:
+            _listen(stop, args.wait)
+            subscribers = sum(1 for p in node.peers() if any(args.topic.startswith(t) for t in p.topics))
+            if subscribers:
+                sliced(stop, lambda s: node.wait_for_subscribers(args.topic, subscribers, timeout=s), 5)
+        except Stopped:
+            _not_sent(1)
+            return 1
         node.publish(args.topic, data)
-    print(f"published to {subscribers} subscriber(s)")
+    _out(f"published to {subscribers} subscriber(s)")
     return 0
 
 
@@ -330,16 +354,24 @@ def _subscribe(args: argparse.Namespace, signalled: SignalStop) -> int:
     with node:
         _out(f"subscribed to {args.prefix!r}")
         done.wait(args.timeout)
-    return _stopped_status(signalled, 0)
+    return 0
 
 
-def _push(args: argparse.Namespace) -> int:
+def _push(args: argparse.Namespace, signalled: SignalStop) -> int:
     data = _payload(args.data)
     if args.durable:
-        return _push_durable(args, data)
+        return _push_durable(args, data, signalled.flag)
+    stop = signalled.flag
+    deadline = time.monotonic() + args.timeout
     with _node(args, "zmqmesh-push") as node:
-        node.push(args.queue, data, timeout=args.timeout)
-    print(f"pushed to {args.queue!r}")
+        try:  # (in slices: a wait for a puller, or for room, looks at the flag every LOOK_S)
+            with contextlib.suppress(MeshTimeoutError):  # (none by the deadline: the push says so)
+                sliced(stop, lambda s: node.wait_for_pullers(args.queue, timeout=s), args.timeout)
+            sliced(stop, lambda s: node.push(args.queue, data, timeout=s), max(0.0, deadline - time.monotonic()))
+        except Stopped:
+            _not_sent(1)
+            return 1
+    _out(f"pushed to {args.queue!r}")
     return 0
 
 
@@ -350,19 +382,22 @@ def _taker_present(node: Node, queue: str) -> bool:
     return any(wanted & p.groups for p in node.peers())
 
 
-def _push_durable(args: argparse.Namespace, data: Any) -> int:
+def _push_durable(args: argparse.Namespace, data: Any, stop: StopFlag) -> int:
     """Commit, then deliver to a puller or hand to a keeper before exiting; a message that
     neither took stays in the store (a temporary one is kept, and named). A temporary store
     is removed when the command ends holding nothing in it, whatever ended it (a node that
-    could not start, Ctrl-C)."""
+    could not start, a signal while it waited for a taker: then the message is not sent,
+    and said so). A signal once it is committed lets the stop hand it over as ever."""
     store = args.store or tempfile.mkdtemp(prefix="zmqmesh-push-")
     node: Node | None = None
     try:
         node = _node(args, "zmqmesh-push", store=store)
         with node:
-            deadline = time.monotonic() + args.timeout
-            while not _taker_present(node, args.queue) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            try:
+                until(stop, lambda: _taker_present(node, args.queue), args.timeout)
+            except Stopped:
+                _not_sent(1)
+                raise
             node.push(args.queue, data, durable=True)
             mesh = node.config.mesh
     except BaseException:
@@ -400,7 +435,7 @@ def _keep(args: argparse.Namespace, signalled: SignalStop) -> int:
     with node:
         _out(f"keeping {', '.join(repr(q) for q in args.queues)} in {args.store} (Ctrl-C to stop)")
         signalled.flag.wait()
-    return _stopped_status(signalled, 0)
+    return 0
 
 
 def _columns(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
@@ -481,17 +516,22 @@ def _subscriptions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request(args: argparse.Namespace) -> int:
+def _request(args: argparse.Namespace, signalled: SignalStop) -> int:
     data = _payload(args.data)
+    stop = signalled.flag
     deadline = time.monotonic() + args.timeout
-    with _node(args, "zmqmesh-request") as node:
+
+    def provided(seconds: float) -> None:  # (in slices: each looks at the flag, `sliced`)
+        sliced(stop, lambda s: node.wait_for_service(args.service, timeout=s), seconds)
+
+    with _node(args, "zmqmesh-request") as node, _saying_when_stopped("no reply came"):
         try:  # the mesh shows itself within a beacon interval: met, and offering nothing, say so at once
-            node.wait_for_service(args.service, timeout=min(max(args.wait, 1.0), args.timeout))
+            provided(min(max(args.wait, 1.0), args.timeout))
         except MeshTimeoutError:
             peers = node.peers()
             if not peers:  # nobody met yet: the mesh may still come, within the timeout
                 try:
-                    node.wait_for_service(args.service, timeout=max(0.0, deadline - time.monotonic()))
+                    provided(max(0.0, deadline - time.monotonic()))
                 except MeshTimeoutError:
                     peers = node.peers()
             if not node.providers(args.service):
@@ -499,9 +539,24 @@ def _request(args: argparse.Namespace) -> int:
                          + (f" ({', '.join(sorted(p.name for p in peers))})" if peers else f"; {node.discovery}"))
                 raise CliError(f"no node offers the service {args.service!r} in mesh {node.config.mesh!r}: "
                                f"{found}") from None
-        reply = node.request(args.service, data, timeout=max(0.001, deadline - time.monotonic()))
-    print(dumps(reply))
+        reply = _reply(node, stop, args.service, data, max(0.001, deadline - time.monotonic()))
+    _out(dumps(reply))
     return 0
+
+
+_REPLY_GRACE_S = 5.0
+"""How long past its timeout a request's future may take to be completed by the node's
+thread (it fails it at the timeout) before the command gives up on it."""
+
+
+def _reply(node: Node, stop: StopFlag, service: str, data: Any, timeout: float) -> Any:
+    """What `Node.request` returns (and raises), waited for a look at ``stop`` every
+    `LOOK_S` (a request is sent once: the wait is sliced, not the call). Raises `Stopped`
+    once ``stop`` is raised; the node's stop fails the request then."""
+    reply = node.submit(service, data, timeout=timeout)
+    if not until(stop, reply.done, timeout + _REPLY_GRACE_S):
+        raise MeshTimeoutError(f"no reply from {service!r} within {timeout} s")
+    return reply.result()
 
 
 def _gateway(args: argparse.Namespace, signalled: SignalStop) -> int:
@@ -542,28 +597,31 @@ def _gateway(args: argparse.Namespace, signalled: SignalStop) -> int:
         raise UsageError(str(exc)) from None
     except GatewayError as exc:
         raise CliError(str(exc)) from None
-    return _stopped_status(signalled, 0)
+    return 0
 
 
-_LONG_RUNNING = {"peers": _peers, "subscribe": _subscribe, "keep": _keep, "gateway": _gateway}
-"""The commands that run until told to stop: SIGINT, SIGTERM and SIGHUP raise a flag
-their waits look at (`SignalStop`), from the moment the command line is read to the
-process's exit."""
+_ON_A_FLAG = {"peers": _peers, "subscribe": _subscribe, "keep": _keep, "gateway": _gateway,
+              "publish": _publish, "push": _push, "request": _request}
+"""The commands that run a node: SIGINT, SIGTERM and SIGHUP raise a flag their waits
+look at (`SignalStop`), from the moment the command line is read to the process's exit;
+a one-shot command stopped before it sent its message says so, status 1 (130 after a
+Ctrl-C, as every command)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line; exits with the command's status."""
+    signalled: SignalStop | None = None
     try:
         parser = _parser()
         args = parser.parse_args(argv)
         # (left in place until the process exits: a signal after the command's stop has
         # nothing left to stop, and must not raise in the exit's finalizers)
-        signalled = SignalStop().take() if args.command in _LONG_RUNNING else None
+        signalled = SignalStop().take() if args.command in _ON_A_FLAG else None
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
         if not args.verbose:
             logging.getLogger("zmqmesh").setLevel(logging.ERROR)
         if signalled is not None:
-            code = _LONG_RUNNING[args.command](args, signalled)
+            code = _ON_A_FLAG[args.command](args, signalled)
         elif args.command == "demo":
             from .demo import run_demo
 
@@ -582,13 +640,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             except LaunchError as exc:  # (a bad launch file: as bad arguments, not a process that failed)
                 print(f"zmqmesh: error: {exc}", file=sys.stderr)
                 code = 2
-        elif args.command in ("publish", "push", "request", "store"):
-            code = {"publish": _publish, "push": _push, "request": _request, "store": _store}[args.command](args)
+        elif args.command == "store":
+            code = _store(args)
         else:
             parser.print_help()
             code = 2
     except KeyboardInterrupt:
         code = 130
+    except Stopped:  # (a wait a signal cut short: the command said what it left undone)
+        code = 1
     except BrokenPipeError:  # (stdout's reader went away: nothing to say, and nobody to say it to)
         _lose_stdout()
         code = PIPE_CLOSED
@@ -602,6 +662,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:  # a bug of ours: still one line, with a hint
         print(f"zmqmesh: internal error: {type(exc).__name__}: {exc} (run with -v and report it)", file=sys.stderr)
         code = 70
+    if signalled is not None and code != PIPE_CLOSED:
+        code = _stopped_status(signalled, code)
     if _stdout_gone[0] and code in (0, 130):  # (a handler lost the reader: the command ended for that)
         code = PIPE_CLOSED
     ignore_stop_signals()
