@@ -262,6 +262,56 @@ def test_every_long_running_command_stops_on_ctrl_c_whenever_it_comes(
         assert "[sleeper] stopped by SIGTERM" in out, out
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _console_script(into: Path) -> Path:
+    """The ``zmqmesh`` script an installer writes for the project's entry point
+    (pyproject's ``[project.scripts]``), as pip writes it, in ``into``."""
+    try:
+        import tomllib
+    except ImportError:  # (Python 3.10)
+        import tomli as tomllib
+    module, function = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["zmqmesh"].split(":")
+    script = into / "zmqmesh"
+    script.write_text(f"import re\nimport sys\nfrom {module} import {function}\nif __name__ == '__main__':\n"
+                      f"    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+                      f"    sys.exit({function}())\n")
+    return script
+
+
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_while_the_installed_command_loads_exits_130_quietly(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    # the installed script imported zmqmesh.tools.cli, and zmqmesh and pyzmq with it, under
+    # Python's own SIGINT handling: a Ctrl-C then was a KeyboardInterrupt traceback, status -2
+    # (23 of 40 Ctrl-Cs sent at random in its first 0.3 s); its entry point is now a module
+    # outside the package that holds a Ctrl-C while the command loads (0 of 40)
+    script = _console_script(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, str(script), "subscribe", "x.", "--mesh", mesh["mesh"],
+                                 "--beacon-port", str(mesh["beacon_port"])], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with lines_of(proc) as (out_lines, err_lines):
+            wait_until(lambda p=proc: _loaded_pyzmq(p.pid) or p.poll() is not None, 30, "the command to load pyzmq")
+            proc.send_signal(signal.SIGINT)
+            proc.wait(20)
+        err = "\n".join(err_lines)
+        assert proc.returncode == 130, (out_lines, err)
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_importing_zmqmesh_and_its_command_leaves_the_signal_handlers_alone() -> None:
+    # (a library touches no signal handler on import: the command installs its own once it runs)
+    probe = ("import signal\n"
+             "sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)\n"
+             "before = [signal.getsignal(s) for s in sigs]\n"
+             "import zmqmesh, zmqmesh.tools.cli, _zmqmesh_cli\n"
+             "assert [signal.getsignal(s) for s in sigs] == before, before\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 _ONE_SHOT = {  # the command's arguments, and what it said it left undone when stopped
     "publish": (["publish", "x.a", "1", "--wait", "60"], "1 message(s) not sent"),  # (listening for peers)
     "push": (["push", "q", "1", "--timeout", "60"], "1 message(s) not sent"),  # (no puller)
