@@ -1129,6 +1129,42 @@ def test_a_keeper_whose_stop_has_begun_takes_no_hand_over(tmp_path: Path, mesh: 
     assert stored(tmp_path) == 0
 
 
+def test_what_a_stopping_keeper_refuses_goes_to_the_other_keeper_within_the_pushers_stop(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A keeper whose stop has begun stays in its group (zmqmesh/keep/<queue>) until its
+    goodbye, refusing hand-overs (0x02), and the pusher rests it 2 s. The other keeper must
+    get what it refused within the pusher's stop, not after it (measured: 2 keepers, one held
+    in its stop by a handler, a pusher stopping with 2,000 durable messages: the stopping
+    keeper was dealt 430-600 of them and refused them, the other kept all 2,000, none left
+    with the pusher, in 3 runs of 3: the refusal costs one round trip, not the 2 s rest)."""
+    stopping = zmqmesh.Node("keeper-stopping", store=str(tmp_path / "stopping"), handler_concurrency=2, **mesh)
+    stopping.keep("orders")
+    started, release = threading.Event(), threading.Event()
+    stopping.pull("slow", lambda msg: (started.set(), release.wait(30)))  # (holds its stop)
+    other = zmqmesh.Node("keeper-other", store=str(tmp_path / "other"), **mesh)
+    other.keep("orders")
+    stopper = threading.Thread(target=stopping.stop, kwargs={"timeout": 30})
+    try:
+        with stopping, other:
+            pusher = zmqmesh.Node("pusher", store=str(tmp_path / "pusher"), **mesh)
+            with pusher:
+                pusher.wait_for_keepers("orders", 2)
+                pusher.wait_for_pullers("slow")
+                pusher.push_many("orders", [{"n": n} for n in range(2000)], durable=True)
+                pusher.push("slow", 1)
+                assert started.wait(10)
+                stopper.start()
+                wait_until(lambda: not stopping.running, 10, "the keeper's stop begun")
+            assert stored(tmp_path / "pusher") == 0, "left with the pusher"
+            assert stored(tmp_path / "other") == 2000
+            release.set()  # (the stopping keeper's stop ends now)
+    finally:
+        release.set()
+        if stopper.is_alive():
+            stopper.join(30)
+    assert stored(tmp_path / "stopping") == 0
+
+
 def test_a_keeper_whose_store_refuses_a_hand_over_leaves_it_to_another_or_to_the_pusher(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A keeper that cannot store what it is handed (its store fills) says so; what it
