@@ -284,8 +284,8 @@ def _console_script(into: Path) -> Path:
 def test_a_ctrl_c_while_the_installed_command_loads_exits_130_quietly(tmp_path: Path, mesh: dict[str, Any]) -> None:
     # the installed script imported zmqmesh.tools.cli, and zmqmesh and pyzmq with it, under
     # Python's own SIGINT handling: a Ctrl-C then was a KeyboardInterrupt traceback, status -2
-    # (23 of 40 Ctrl-Cs sent at random in its first 0.3 s); its entry point is now a module
-    # outside the package that holds a Ctrl-C while the command loads (0 of 40)
+    # (23 of 40 Ctrl-Cs sent at random in its first 0.3 s); its entry point now holds a
+    # Ctrl-C while the command loads (0 of 40)
     script = _console_script(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     for _ in range(3):
@@ -306,7 +306,7 @@ def test_importing_zmqmesh_and_its_command_leaves_the_signal_handlers_alone() ->
     probe = ("import signal\n"
              "sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)\n"
              "before = [signal.getsignal(s) for s in sigs]\n"
-             "import zmqmesh, zmqmesh.tools.cli, _zmqmesh_cli\n"
+             "import zmqmesh, zmqmesh.tools.cli, zmqmesh.tools.console\n"
              "assert [signal.getsignal(s) for s in sigs] == before, before\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -145,12 +145,12 @@ def test_docs_build_strictly(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(600)  # (a cold mypy cache or a slow host)
 def test_lint_and_types_are_clean() -> None:
-    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "zmqmesh", "_zmqmesh_cli.py", "--select", "E,F,W,B,UP,I",
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "zmqmesh", "--select", "E,F,W,B,UP,I",
                            "--ignore", "E501,B905", "--output-format", "concise"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    types = subprocess.run([sys.executable, "-m", "mypy", "--strict", "zmqmesh", "_zmqmesh_cli.py",
-                            "--ignore-missing-imports"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    types = subprocess.run([sys.executable, "-m", "mypy", "--strict", "zmqmesh", "--ignore-missing-imports"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert types.returncode == 0, types.stdout + types.stderr
 
 

@@ -1,11 +1,12 @@
-"""The ``zmqmesh`` console script's entry point: a module of its own, outside the package.
+"""The ``zmqmesh`` console script's entry point (and ``python -m zmqmesh``'s).
 
-Loading the command (``zmqmesh`` and pyzmq, a tenth of a second or more) took place under
-Python's default SIGINT handling: a Ctrl-C meanwhile was a ``KeyboardInterrupt``
-traceback. A module inside the package could not help: importing it imports ``zmqmesh``
-first, and a library touches no signal handler on import. This one imports nothing but
-`signal`, holds a Ctrl-C while the command loads, then either exits 130 quietly (nothing
-was started) or runs the command, which handles its signals itself.
+Loading the command (pyzmq and most of ``zmqmesh``, a tenth of a second or more) under
+Python's default SIGINT handling made a Ctrl-C meanwhile a ``KeyboardInterrupt``
+traceback. This module is reached through the package's ``__init__`` alone, which loads
+its modules on first use (well under a millisecond here), and imports nothing but
+`signal`: it holds a Ctrl-C while the command loads, then either exits 130 quietly
+(nothing was started) or runs the command, which handles its signals itself. Importing
+it touches no signal handler; calling `main` does.
 """
 
 from __future__ import annotations
