@@ -46,6 +46,25 @@ def test_at_least_once_queue_survives_a_puller_killed_mid_stream(spawn: Any, mes
     assert all(len(p.with_prefix("APULL")) > 10_000 for p in pullers[1:])
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("durable", [False, True], ids=["in_memory", "durable"])
+def test_a_slow_pushers_messages_are_spread_over_every_at_least_once_puller(
+        spawn: Any, mesh: dict[str, Any], tmp_path: Any, durable: bool) -> None:
+    # one message at a time, each handled and acknowledged before the next: every flush after
+    # an acknowledgement once moved the round robin too, and one of two pullers got them all
+    pullers = [spawn(f"w{i}", ack_pull=["jobs"]) for i in range(2)]
+    store = {"store": str(tmp_path / "store")} if durable else {}
+    with zmqmesh.Node("pusher", **mesh, **store) as node:
+        node.wait_for_pullers("jobs", 2, timeout=10)
+        for i in range(40):
+            node.push("jobs", i, timeout=10, durable=durable)
+            wait_until(lambda i=i: i in handled(pullers) and not node.stats()["gauges"]["queued"], 10,
+                       f"job {i} to be handled and acknowledged")
+    shares = [len(p.with_prefix("APULL jobs")) for p in pullers]
+    assert sorted(handled(pullers)) == list(range(40))
+    assert min(shares) >= 10, f"each idle puller gets a share of the 40 jobs: {shares}"
+
+
 def test_at_least_once_messages_wait_for_a_puller_and_are_not_lost_on_its_stop(mesh: dict[str, Any]) -> None:
     got: list[Any] = []
     first = zmqmesh.Node("first", **mesh)

@@ -41,6 +41,7 @@ import zmq
 from .._io.reactor import EventLoop
 from .._io.sockets import close_watched, has_input, new_socket, send_frames
 from .._mesh.directory import Directory
+from .._mesh.turns import Turns
 from .._stats import LogThrottle, Stats
 from .._store.messages import StoredMessage, wire_of
 from .._wire.codec import Codec, durable_item
@@ -302,7 +303,9 @@ class ReliableSender:
         self.inflight_count: dict[str, int] = {}
         self.inflight_bytes: dict[str, int] = {}
         self._batch_ids = itertools.count(1)
-        self._rr = itertools.count()
+        # the puller of each queue whose turn it is: moved by a batch dealt only, not by a flush
+        # that deals nothing (one follows each acknowledgement) nor by other queues' (`flush`)
+        self._turns = Turns()
         self._timeout_check: Any = None
         # (puller, queue) -> when the head of its line last left (acknowledged or taken
         # back): the oldest batch in flight starts its ack timeout then, not when it was
@@ -398,7 +401,8 @@ class ReliableSender:
             return False
         if again is None:
             again = deque()  # (kept below only if a failed send puts messages back in it)
-        start = next(self._rr)
+        start = self._turns.get(queue, 0)
+        last = -1  # (the index of the puller dealt the last batch)
         progress = True
         probing = False
         dealt_again = again  # (what is dealt again goes first)
@@ -457,6 +461,7 @@ class ReliableSender:
                 self.stats.pattern["pipeline"]["sent"] += len(items)
                 self._sent_names.add(queue, len(items))  # (by name, as the pusher counts)
                 progress = True
+                last = (start + k) % len(pullers)
                 if self._suspects:
                     for item in items:
                         if type(item) is StoredMessage:
@@ -464,6 +469,8 @@ class ReliableSender:
                 if probing:
                     progress = False  # (one probe at a time)
                     break
+        if last >= 0:
+            self._turns.chosen(queue, last)
         for puller in pullers:  # sending may have consumed the edge that announces acks
             sock = self.sockets.get(puller)
             if sock is not None and has_input(sock):

@@ -1,0 +1,25 @@
+"""Round robins by name: whose turn it is among the candidates of a queue or a service."""
+
+from __future__ import annotations
+
+__all__ = ["Turns", "TURNS_KEPT"]
+
+TURNS_KEPT = 1024
+"""Names whose turn `Turns` remembers at most: past it, all are forgotten at once, and each
+starts again from its first candidate (a moment's unevenness, nothing lost)."""
+
+
+class Turns(dict[str, int]):
+    """For each name, the index among its candidates whose turn it is: the one after the
+    candidate last chosen for that name (``turns.get(name, 0)``, taken modulo how many
+    candidates there are now). Only a choice moves a name's turn (neither a look that
+    chose nothing nor another name's choice), so a name chosen for now and then, among
+    other work, still goes to each of its candidates in turn. (A dict: the look, on every
+    request and flush, is one C call.)"""
+
+    def chosen(self, name: str, index: int) -> None:
+        """The candidate at ``index`` (below their number) was chosen for ``name``: the next
+        one has the turn."""
+        if len(self) >= TURNS_KEPT and name not in self:
+            self.clear()
+        self[name] = index + 1
