@@ -585,6 +585,19 @@ def test_eight_threads_request_at_once(spawn: Any, mesh: dict[str, Any]) -> None
     assert set(by) == {"p1", "p2"}, "requests are spread over providers"
 
 
+def test_a_callers_requests_to_two_services_in_turn_are_spread_over_each_ones_providers(
+        spawn: Any, mesh: dict[str, Any]) -> None:
+    # one round robin for all services moved once per request: calls to "a" and "b" in turn
+    # went to one provider of each, the other two were never called
+    for name, service in (("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")):
+        spawn(name, service=[service])
+    with zmqmesh.Node("caller", **mesh) as node:
+        node.wait_for_service("a", 2, timeout=10)
+        node.wait_for_service("b", 2, timeout=10)
+        by = Counter(node.request(service, i, timeout=10)["by"] for i in range(20) for service in ("a", "b"))
+    assert set(by) == {"a1", "a2", "b1", "b2"} and min(by.values()) >= 5, f"each provider gets a share: {by}"
+
+
 def test_many_concurrent_async_requests(mesh: dict[str, Any]) -> None:
     async def scenario() -> None:
         async with zmqmesh.AsyncNode("a", **mesh) as server, zmqmesh.AsyncNode("b", **mesh) as client:

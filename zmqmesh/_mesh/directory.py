@@ -8,7 +8,6 @@ dict assignments) and pruned by the loop without iterating them in Python.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +25,7 @@ from .._wire.frames import (
 )
 from ..errors import NoProviderError
 from ..message import Peer
+from .turns import Turns
 
 __all__ = ["Directory", "Provider", "no_provider", "offers_of"]
 
@@ -109,7 +109,7 @@ class Directory:
         self._endpoints: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
         self._snapshots: dict[str, tuple[float, int, Peer]] = {}
         self._parsed: dict[str, tuple[PeerState, int, dict[str, frozenset[str]]]] = {}  # (loop only)
-        self._rr = itertools.count()
+        self._turns = Turns()  # (whose turn it is among a service's providers: `pick_provider`)
         self._skip: dict[tuple[str, str], float] = {}
         self._skip_until = 0.0  # when the last skip ends: the table is cleared then, at the next pick
         self._ack_timeouts: dict[tuple[str, str], float] = {}
@@ -403,15 +403,17 @@ class Directory:
         candidates: Sequence[str] = ids
         if self._skip:  # (a look at each provider: only while a skip lasts)
             candidates = self.unskipped(service, ids) or ids
-        start = next(self._rr)
+        start = self._turns.get(service, 0)
         for k in range(len(candidates)):
-            node_id = candidates[(start + k) % len(candidates)]
+            index = (start + k) % len(candidates)
+            node_id = candidates[index]
             if node_id in known:
                 provider = known[node_id]
             else:
                 target = self.endpoint_of(node_id, "service")
                 provider = known[node_id] = Provider(node_id, *target, self.protocol_of(node_id)) if target is not None else None
             if provider is not None:
+                self._turns.chosen(service, index)
                 return provider
         return None
 
