@@ -65,6 +65,19 @@ def test_a_slow_pushers_messages_are_spread_over_every_at_least_once_puller(
     assert min(shares) >= 10, f"each idle puller gets a share of the 40 jobs: {shares}"
 
 
+@pytest.mark.timeout(60)
+def test_a_burst_to_an_at_least_once_queue_is_split_evenly_over_its_pullers(spawn: Any, mesh: dict[str, Any]) -> None:
+    # each puller's share of the burst was counted again after each batch: of 40, 20 went to
+    # the first, 10 to the second, then 5, 3, 1, 1
+    pullers = [spawn(f"w{i}", ack_pull=["jobs"]) for i in range(2)]
+    with zmqmesh.Node("pusher", **mesh) as node:
+        node.wait_for_pullers("jobs", 2, timeout=10)
+        node.push_many("jobs", range(40), timeout=10)  # (queued at once: one flush finds all of them)
+        wait_until(lambda: len(handled(pullers)) == 40, 10, "every job to be handled")
+    shares = [len(p.with_prefix("APULL jobs")) for p in pullers]
+    assert min(shares) >= 16, f"each puller gets about half of the burst: {shares}"
+
+
 def test_at_least_once_messages_wait_for_a_puller_and_are_not_lost_on_its_stop(mesh: dict[str, Any]) -> None:
     got: list[Any] = []
     first = zmqmesh.Node("first", **mesh)

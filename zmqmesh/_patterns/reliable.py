@@ -419,10 +419,12 @@ class ReliableSender:
             if widest is not None:
                 held = _too_large_ahead(dealt_again, widest, aside, held, self.window)
                 held = _too_large_ahead(q, widest, aside, held, self.window)
+            # (an even share of what waits as the pass begins: counted again after each batch, it
+            # gave the first puller half, the next a quarter)
+            share = max(1, (len(q) + len(dealt_again)) // len(pullers))
             for k in range(len(pullers)):
                 puller = pullers[(start + k) % len(pullers)]
                 room = self.window - self.inflight_count.get(puller, 0)
-                share = max(1, (len(q) + len(dealt_again)) // len(pullers))
                 ack_timeout_s = directory.ack_timeout_s(queue, puller)
                 most = 1 if probing else TIMED_BATCH_ITEMS if ack_timeout_s else MAX_BATCH_ITEMS
                 n = min(room, share, most)
