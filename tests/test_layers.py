@@ -829,6 +829,42 @@ def test_the_at_least_once_item_check_takes_good_items_and_refuses_bad_ones_and_
         ("pipeline", "q", {"n": 1}, "peer", "id-1", 1000.5, {"k": "v"}, 2, True, 0, None, (), None)
 
 
+def _delivered(msg: Any) -> tuple[Any, ...]:
+    return (msg.pattern, msg.queue, msg.data, msg.sender_id, msg.id, msg.timestamp, msg.headers, msg.attempts,
+            msg.redelivered, msg.gap, msg.sequence, msg.via, msg.sender)
+
+
+def test_a_durable_batch_checked_as_columns_is_refused_for_any_item_the_item_check_refuses() -> None:
+    """`_durable_columns` takes a batch, without a Python step per item, only if every item
+    is one `_valid_item` takes (a durable one without headers); any other batch goes to the
+    item check. `durable_deliveries` makes what `durable_delivery` makes for each."""
+    from zmqmesh._patterns.intake import _durable_columns, _finite_floats, _valid_item
+    from zmqmesh.message import durable_deliveries, durable_delivery
+
+    good = [[False, {"n": i}, f"id-{i}", 1000.5 + i, None, i % 3] for i in range(5)]
+    columns = _durable_columns(good)
+    assert columns is not None and columns[2] == tuple(f"id-{i}" for i in range(5))
+    made = durable_deliveries("q", columns[1], "peer", None, columns[2], columns[3], columns[4], columns[5],
+                              columns[0])
+    assert list(map(_delivered, made)) == [_delivered(durable_delivery("q", i[1], "peer", None, i[2], i[3], i[4], i[5],
+                                                                       i[0])) for i in good]
+    assert _durable_columns([[False, 1, "i", 1000, None, 0]]) is not None  # (a whole-number clock is one)
+    for bad in ([False, 1, "i" * (frames.MAX_ID_CHARS + 1), 1.0, None, 0], [False, 1, "i", 1.0, None, True],
+                [False, 1, "i", 1.0, None, -1], [False, 1, "i", True, None, 0], [0, 1, "i", 1.0, None, 0],
+                [False, 1, b"i", 1.0, None, 0], [False, 1, "i", 1.0, {"k": 1}, 0], [False, 1, "i", 1.0, None],
+                (False, 1, "i", 1.0, None, 0), [False, 1, "i", "1.0", None, 0], [False, 1, "i", 1.0, None, 1.0]):
+        batch = [*good[:2], bad, *good[2:]]
+        assert _durable_columns(batch) is None and not all(map(_valid_item, batch)), bad
+    for other in ([True, b"x"], [False, 1, "i", 1.0, {"k": "v"}, 0]):  # (good, but checked item by item)
+        batch = [*good, other]
+        assert _durable_columns(batch) is None and all(map(_valid_item, batch)), other
+    assert _durable_columns([]) is None
+    assert _finite_floats((1.5, 2.0)) and not _finite_floats((1.5, 2))
+    for stamp in (float("nan"), float("inf"), -float("inf")):
+        assert not _finite_floats((1.5, stamp)), stamp
+    assert not _finite_floats((1e308, 1e308))  # (finite, but their sum is not: told no, checked one by one)
+
+
 def _stored(seq: int, segment: int, body: bytes, attempts: int = 0, recovered: bool = False,
             wire: bool = True) -> Any:
     """A durable message as a commit or a read back holds it (`stored_messages`), then
