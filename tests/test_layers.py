@@ -182,6 +182,8 @@ def test_codec_encodes_a_batch_as_it_encodes_each_item() -> None:
         fitting = [i for i in items if len(msgpack.packb(i, use_bin_type=True)) <= limit]
         assert codec.encode_many(fitting) == [codec.encode(i) for i in fitting], limit
         assert codec.encode_many(iter(fitting)) == [codec.encode(i) for i in fitting]
+        mixed = [7, *fitting]  # (a list that does not begin with bytes: one map of the packer over it all)
+        assert codec.encode_many(mixed) == [codec.encode(i) for i in mixed], limit
         plain = [i for i in fitting if type(i) is bytes]  # (a list of bytes alone: the shortcut for them all)
         assert codec.encode_many(plain) == [codec.encode(i) for i in plain], limit
         assert codec.encode_many([i for i in plain if len(i) < 200]) == [codec.encode(i) for i in plain if len(i) < 200]
@@ -192,10 +194,12 @@ def test_codec_encodes_a_batch_as_it_encodes_each_item() -> None:
         codec.encode_many([b"ok", {"k": 1}, [1, object()]])  # (the packer fails half-way through the list)
     assert codec.encode_many(items[9:12]) == [msgpack.packb(i, use_bin_type=True) for i in items[9:12]]
     big = {"k": "x" * 64}
-    with pytest.raises(zmqmesh.MessageTooLargeError):  # the first item that fails, in order, says why
+    with pytest.raises(zmqmesh.MessageTooLargeError, match="item 1 "):  # the first item that fails, in order, says why
         codec.encode_many([{"k": 1}, big, object()])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="item 1 "):
         codec.encode_many([{"k": 1}, object(), big])
+    with pytest.raises(zmqmesh.MessageTooLargeError, match="item 2 "):
+        codec.encode_many([{"k": 1}, b"x", big, {"k": 2}])
 
 
 def test_a_durable_item_is_the_msgpack_array_of_its_fields() -> None:
