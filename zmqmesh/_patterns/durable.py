@@ -58,7 +58,8 @@ if TYPE_CHECKING:
     from .._store.segments import StoredSegment
     from .._store.store import Store
 
-__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Held", "Ticket", "held_sizes", "handled_by_segment"]
+__all__ = ["DurableQueues", "Buffer", "BUFFER", "BUFFER_BYTES", "Held", "Ticket", "held_halves", "held_bytes",
+           "handled_by_segment"]
 
 log = logging.getLogger("zmqmesh.durable")
 
@@ -132,14 +133,22 @@ class Ticket:
         return cls(queue, Entries.of_call(ids, stamp, headers, bodies))
 
 
-def held_sizes(messages: list[StoredMessage]) -> list[int]:
-    """What each of ``messages`` costs held in memory, about (payload, headers, the rest;
-    a wire form holds them too, so a message that has one counts it twice)."""
+def held_halves(messages: list[StoredMessage]) -> list[int]:
+    """Half of what each of ``messages`` costs held in memory past `_HELD_OVERHEAD` (its
+    tuple, id, numbers), about (`held_bytes` adds them up): the length of its wire form,
+    which holds its payload and headers a second time; for one without a wire form, half
+    its payload and headers, rounded up. As they are committed and read back, each has a
+    wire form: then no Python step per message."""
     wires = list(map(wire_of, messages))
-    if None not in wires:  # (as they are committed and read back: one step less per message)
-        return [2 * size + _HELD_OVERHEAD for size in map(len, wires)]
-    return [2 * len(m.wire) + _HELD_OVERHEAD if m.wire else len(m.body) + (len(m.headers) if m.headers else 0)
-            + _HELD_OVERHEAD for m in messages]
+    if all(wires):  # (a wire form is never empty: `all` finds a missing one)
+        return list(map(len, wires))
+    return [len(m.wire) if m.wire else (len(m.body) + (len(m.headers) if m.headers else 0) + 1) // 2
+            for m in messages]
+
+
+def held_bytes(halves: Sequence[int]) -> int:
+    """What messages whose `held_halves` are ``halves`` cost held in memory, about."""
+    return 2 * sum(halves) + _HELD_OVERHEAD * len(halves)
 
 
 class Held:
@@ -173,25 +182,26 @@ class Buffer(deque[StoredMessage]):
     def __init__(self, held: Held | None = None) -> None:
         super().__init__()
         self._held = Held() if held is None else held  # (what every buffer of the node holds)
-        self._sizes: list[int] = []  # of the messages added, oldest first, from `_sizes_from` not yet reckoned up
+        self._sizes: list[int] = []  # `held_halves` of the messages added, oldest first, from `_sizes_from` not yet
+        # reckoned up
         self._sizes_from = 0  # (the loop's alone: only the loop drops what it reckoned up, all at once)
         self._added = 0  # messages ever added (counted after their sizes are noted)
         self._added_bytes = 0
         self._reckoned = 0  # messages taken and reckoned up (the loop's alone)
         self._reckoned_bytes = 0
 
-    def extend(self, messages: Iterable[StoredMessage], sizes: list[int] | None = None) -> None:
-        """Hold ``messages`` too, after the others (``sizes``: their `held_sizes`, if known).
+    def extend(self, messages: Iterable[StoredMessage], halves: list[int] | None = None) -> None:
+        """Hold ``messages`` too, after the others (``halves``: their `held_halves`, if known).
         Only under the `DurableQueues` lock: one writer at a time."""
         messages = messages if isinstance(messages, list) else list(messages)
-        if sizes is None:
-            sizes = held_sizes(messages)
+        if halves is None:
+            halves = held_halves(messages)
         super().extend(messages)
-        self._sizes += sizes
-        added = sum(sizes)
+        self._sizes += halves
+        added = held_bytes(halves)
         self._added_bytes += added
         self._held.added += added
-        self._added += len(sizes)
+        self._added += len(halves)
 
     def reckon(self) -> int:
         """Reckon up the sizes of the messages taken since the last call; the bytes the
@@ -201,7 +211,7 @@ class Buffer(deque[StoredMessage]):
         if taken > 0:
             start = self._sizes_from
             end = start + taken
-            reckoned = sum(self._sizes[start:end])
+            reckoned = held_bytes(self._sizes[start:end])
             self._reckoned_bytes += reckoned
             self._held.reckoned += reckoned
             self._reckoned += taken
@@ -239,7 +249,7 @@ class DurableQueues:
                  offered: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.store = store
         self.max_buffered_bytes = max_buffered_bytes
-        """What the buffers of every queue hold together at most (bytes, as `held_sizes`
+        """What the buffers of every queue hold together at most (bytes, as `held_bytes`
         counts them; a message read back alone into an empty buffer may pass it)."""
         self.offered = offered
         """The queues pullers offer now, as a table replaced whole when it changes (any
@@ -473,8 +483,8 @@ class DurableQueues:
                 spilled += len(entries)
                 continue
             stored = self._held(name, entries, parts)
-            sizes = held_sizes(stored)
-            size = sum(sizes)
+            halves = held_halves(stored)
+            size = held_bytes(halves)
             if buffer.held_at_most + size > BUFFER_BYTES or self.held.at_most + size > self.max_buffered_bytes:
                 queue.overflow = True  # (past its own bound, or what every buffer may hold together)
                 spilled += len(entries)
@@ -482,7 +492,7 @@ class DurableQueues:
                 # (a segment is noted once it is to deal: one the store only holds, when read back)
                 for first, count in parts:
                     self._segments[first] = [count, count]
-                buffer.extend(stored, sizes)
+                buffer.extend(stored, halves)
                 queue.loaded = stored[-1].seq
         if spilled:
             self.stats.add("pipeline", "durable_spilled", spilled)
@@ -589,7 +599,7 @@ class DurableQueues:
         # read without the lock (committers wait for it): while a queue overflows they
         # leave its buffer alone, and only note how far they stored
         # (reckoned by `_wants_reading`, just before; halved: a message read back holds its
-        # wire form too, twice its stored bytes, as `held_sizes` counts it); within what the
+        # wire form too, twice its stored bytes, as `held_bytes` counts it); within what the
         # buffers may hold together
         own = (BUFFER_BYTES - buffer.held_at_most) // 2
         budget = max(1, min(own, (self.max_buffered_bytes - self.held.at_most) // 2))  # (0 would read nothing,
