@@ -842,31 +842,35 @@ def test_a_durable_batch_checked_as_columns_is_refused_for_any_item_the_item_che
     """`_durable_columns` takes a batch, without a Python step per item, only if every item
     is one `_valid_item` takes (a durable one without headers); any other batch goes to the
     item check. `durable_deliveries` makes what `durable_delivery` makes for each."""
-    from zmqmesh._patterns.intake import _durable_columns, _finite_floats, _valid_item
+    from zmqmesh._patterns.intake import _durable_columns, _finite, _valid_item
     from zmqmesh.message import durable_deliveries, durable_delivery
 
     good = [[False, {"n": i}, f"id-{i}", 1000.5 + i, None, i % 3] for i in range(5)]
-    columns = _durable_columns(good)
-    assert columns is not None and columns[2] == tuple(f"id-{i}" for i in range(5))
+    checked = _durable_columns(good)
+    assert checked is not None and checked[1] and checked[0][2] == tuple(f"id-{i}" for i in range(5))
+    columns = checked[0]
     made = durable_deliveries("q", columns[1], "peer", None, columns[2], columns[3], columns[4], columns[5],
                               columns[0])
     assert list(map(_delivered, made)) == [_delivered(durable_delivery("q", i[1], "peer", None, i[2], i[3], i[4], i[5],
                                                                        i[0])) for i in good]
-    assert _durable_columns([[False, 1, "i", 1000, None, 0]]) is not None  # (a whole-number clock is one)
+    whole = _durable_columns([*good, [False, 1, "i", 1000, None, 0]])  # (a whole-number clock is one: not a float)
+    assert whole is not None and not whole[1]
     for bad in ([False, 1, "i" * (frames.MAX_ID_CHARS + 1), 1.0, None, 0], [False, 1, "i", 1.0, None, True],
                 [False, 1, "i", 1.0, None, -1], [False, 1, "i", True, None, 0], [0, 1, "i", 1.0, None, 0],
                 [False, 1, b"i", 1.0, None, 0], [False, 1, "i", 1.0, {"k": 1}, 0], [False, 1, "i", 1.0, None],
-                (False, 1, "i", 1.0, None, 0), [False, 1, "i", "1.0", None, 0], [False, 1, "i", 1.0, None, 1.0]):
+                (False, 1, "i", 1.0, None, 0), [False, 1, "i", "1.0", None, 0], [False, 1, "i", 1.0, None, 1.0],
+                [False, 1, "i", 1.0, None, 0, 7], [False, 1, None, 1.0, None, 0], [False, 1, 7, 1.0, None, 0],
+                {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6}, "abcdef", 7, None):
         batch = [*good[:2], bad, *good[2:]]
         assert _durable_columns(batch) is None and not all(map(_valid_item, batch)), bad
     for other in ([True, b"x"], [False, 1, "i", 1.0, {"k": "v"}, 0]):  # (good, but checked item by item)
         batch = [*good, other]
         assert _durable_columns(batch) is None and all(map(_valid_item, batch)), other
     assert _durable_columns([]) is None
-    assert _finite_floats((1.5, 2.0)) and not _finite_floats((1.5, 2))
+    assert _finite((1.5, 2.0))
     for stamp in (float("nan"), float("inf"), -float("inf")):
-        assert not _finite_floats((1.5, stamp)), stamp
-    assert not _finite_floats((1e308, 1e308))  # (finite, but their sum is not: told no, checked one by one)
+        assert not _finite((1.5, stamp)), stamp
+    assert not _finite((1e308, 1e308))  # (finite, but their sum is not: told no, checked one by one)
 
 
 def _stored(seq: int, segment: int, body: bytes, attempts: int = 0, recovered: bool = False,

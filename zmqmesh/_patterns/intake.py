@@ -24,7 +24,7 @@ from .._mesh.directory import Directory
 from .._mesh.registry import MAX_OFFERS, PullOptions, Registry
 from .._observe import tracing
 from .._stats import LogThrottle, Stats
-from .._store.messages import Entry
+from .._store.messages import Entry, joins
 from .._wire import frames as wire
 from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
 from ..errors import DecodeError
@@ -98,9 +98,10 @@ class AckedIntake:
             self.reply(route, wire.STATUS_NO_SERVICE, b"")  # the pusher deals them elsewhere
             return
         items = self.codec.decode_batch(body)
-        columns = _durable_columns(items)
-        if columns is None and not all(map(_valid_item, items)):
+        checked = _durable_columns(items)
+        if checked is None and not all(map(_valid_item, items)):
             raise DecodeError("malformed at-least-once batch")
+        columns, float_stamps = checked if checked is not None else (None, False)
         self.stats.pattern["pipeline"]["received"] += len(items)
         self._received_names.add(queue, len(items))
         if sender_id in self.directory.alive_ids:  # (members only: a stranger could claim any number of ids)
@@ -121,7 +122,7 @@ class AckedIntake:
         in_place = seen is None and tracing.active is None and self.in_place([handler])
         # (looked up once a batch, not once a message)
         sent_at, abandoned, max_deliveries = wire.sent_at, self.abandoned, options.max_deliveries
-        if in_place and columns is not None and _finite_floats(columns[3]) and max(columns[5]) < max_deliveries:
+        if in_place and columns is not None and float_stamps and _finite(columns[3]) and max(columns[5]) < max_deliveries:
             # (the common durable batch: every item as `sent_at` and the checks below would
             # leave it, so its messages are made in one call)
             flags, datas, ids, stamps, headers, attempts = columns
@@ -415,27 +416,30 @@ class AckedIntake:
 _STAMP_TYPES = {float, int}
 
 
-def _durable_columns(items: list[Any]) -> tuple[tuple[Any, ...], ...] | None:
+def _durable_columns(items: list[Any]) -> tuple[tuple[tuple[Any, ...], ...], bool] | None:
     """The fields of ``items`` as columns, ``(redelivered, data, id, timestamp, headers,
-    attempts)``, if each is a valid durable item without headers (as `_valid_item` checks
-    it), found with no Python step per item; else None (the batch is then checked item by
-    item: in-memory items, headers, or a malformed one)."""
-    if set(map(type, items)) != {list} or set(map(len, items)) != {DURABLE_ITEM_FIELDS}:
+    attempts)``, and whether every timestamp is a float, if each is a valid durable item
+    without headers (as `_valid_item` checks it), found with no Python step per item; else
+    None (the batch is then checked item by item: in-memory items, headers, or a malformed
+    one)."""
+    if set(map(type, items)) != {list} or max(map(len, items)) != DURABLE_ITEM_FIELDS:
         return None
     columns = tuple(zip(*items))
+    if len(columns) != DURABLE_ITEM_FIELDS:  # (zip stops at the shortest item)
+        return None
     flags, _data, ids, stamps, headers, attempts = columns
-    if set(map(type, flags)) != {bool} or set(map(type, ids)) != {str} or max(map(len, ids)) > wire.MAX_ID_CHARS \
-            or not set(map(type, stamps)) <= _STAMP_TYPES or set(map(type, attempts)) != {int} or min(attempts) < 0 \
+    stamp_types = set(map(type, stamps))
+    # (msgpack decodes no str subclass: ids that join are all of type str)
+    if set(map(type, flags)) != {bool} or not joins("", ids) or max(map(len, ids)) > wire.MAX_ID_CHARS \
+            or not stamp_types <= _STAMP_TYPES or set(map(type, attempts)) != {int} or min(attempts) < 0 \
             or headers.count(None) != len(headers):
         return None
-    return columns
+    return columns, stamp_types == {float}
 
 
-def _finite_floats(stamps: tuple[Any, ...]) -> bool:
-    """Whether every one of ``stamps`` is a finite float (which `wire.sent_at` gives back
-    as it is), told without a Python step per stamp (a sum that overflows says no too)."""
-    if set(map(type, stamps)) != {float}:
-        return False
+def _finite(stamps: tuple[float, ...]) -> bool:
+    """Whether every one of the floats ``stamps`` is finite (so `wire.sent_at` gives each
+    back as it is), told without a Python step per stamp (a sum that overflows says no too)."""
     total: float = sum(stamps)
     return total - total == 0.0  # (NaN and the infinities give NaN)
 

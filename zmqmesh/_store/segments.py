@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from .messages import Entries, StoredMessage
+from .messages import Entries, StoredMessage, joins
 
 __all__ = ["SEGMENT_MAX", "SEGMENT_BYTES", "COUNT_SQL", "StoredSegment", "stored", "attempted", "cut", "columns",
            "sane_count", "sane_attempts", "stored_size", "span"]
@@ -67,19 +67,6 @@ _STAMP_TYPES = {float, int}
 _HEADER_TYPES = {bytes, type(None)}
 
 
-def _joins(empty: str | bytes, values: Sequence[Any]) -> bool:
-    """Whether ``values`` all join to ``empty`` (all str, or all bytes): for what msgpack
-    unpacked, which makes no subclass of either nor another type with bytes' buffer, their
-    type is then exactly that, found in one C call. (It copies them: for the small bodies
-    of a segment of many messages, a third of the cost of looking at each one's type; a
-    segment's bytes are bounded, `SEGMENT_BYTES`.)"""
-    try:
-        empty.join(values)
-    except TypeError:
-        return False
-    return True
-
-
 def columns(entries: Sequence[tuple[Any, ...]]) -> tuple[Sequence[Any], ...]:
     """The stored ``(id, timestamp, headers, body)`` of ``entries``, as msgpack unpacked
     them (each with ``True`` after it if marked redelivered), as columns: ids, timestamps,
@@ -87,7 +74,7 @@ def columns(entries: Sequence[tuple[Any, ...]]) -> tuple[Sequence[Any], ...]:
     types a durable message needs (a damaged segment must not reach the wire)."""
     if set(map(len, entries)) == {4}:  # (nothing marked redelivered: the common case, no Python step per message)
         ids, stamps, headers, bodies = zip(*entries)
-        if _joins("", ids) and _joins(b"", bodies) and set(map(type, stamps)) <= _STAMP_TYPES \
+        if joins("", ids) and joins(b"", bodies) and set(map(type, stamps)) <= _STAMP_TYPES \
                 and (headers.count(None) == len(headers) or set(map(type, headers)) <= _HEADER_TYPES):
             return ids, stamps, headers, bodies, (False,) * len(entries)
     _check_entries(entries)  # (raises, or finds some marked)
