@@ -87,10 +87,14 @@ log = logging.getLogger("zmqmesh.inbox")
 
 _BURST = 256
 _HELD_VIEW_MAX = 32 * 1024 * 1024
-"""The largest frame `Dispatcher._hold_newest_view` holds: glibc serves a larger buffer
-with a mapping of its own, unmapped as it is freed (its dynamic mmap threshold rises no
-higher, on 64-bit systems), so holding it keeps nothing in the heap and only pins its
-memory (a 48 MiB payload held on after its handler: 48 MiB more resident, for good)."""
+"""The most bytes of large frames `Dispatcher._hold_newest_views` holds, and so the largest
+frame it holds: glibc serves a larger buffer with a mapping of its own, unmapped as it is
+freed (its dynamic mmap threshold rises no higher, on 64-bit systems), so holding it keeps
+nothing in the heap and only pins its memory (a 48 MiB payload held on after its handler:
+48 MiB more resident, for good)."""
+_HELD_VIEWS = 4
+"""How many of the newest large frames `Dispatcher._hold_newest_views` holds at most (within
+`_HELD_VIEW_MAX` bytes in all)."""
 _PATTERN_OF = {"sub": "pubsub", "pull": "pipeline", "req": "service"}
 _MAX_CALLS = 256
 """Calls one drain gathers before they run, give or take a frame from each socket (a frame
@@ -186,7 +190,9 @@ class Dispatcher:
         self._router_has_input = input_probe(router)  # (`used_with_input`: after every reply sent)
         self._router_used = False  # (since `used_with_input` last looked: replies sent)
         self._received: list[bytes] | None = None  # a message taken from the router, for `drain`
-        self._newest_view: memoryview | None = None  # (`drain`: the newest large frame, held until the next)
+        # (`drain`: the newest large frames, each held until `_HELD_VIEWS` newer ones came)
+        self._newest_views: deque[memoryview] = deque()
+        self._held_bytes = 0  # (of `_newest_views`)
         self._sub_used = False  # (subscriptions set)
         self.event_callbacks = EventCallbacks(config, stats)
         self.events = self.event_callbacks.events  # (the same deque: looked at in every `gather`)
@@ -458,7 +464,7 @@ class Dispatcher:
                 size = sum(map(len, frames))
                 taken += size
                 if views_from and size >= views_from:  # (a message smaller holds no view)
-                    self._hold_newest_view(frames)
+                    self._hold_newest_views(frames)
             except zmq.Again:
                 return False
             except zmq.ZMQError as exc:
@@ -467,25 +473,33 @@ class Dispatcher:
             self._take(kind, frames, calls)
         return True
 
-    def _hold_newest_view(self, frames: list[Any]) -> None:
-        """Hold the newest frame received as a view of ZeroMQ's buffer (`LARGE_FRAME`
-        bytes or more) until the next such frame comes, whatever its message became.
+    def _hold_newest_views(self, frames: list[Any]) -> None:
+        """Hold the newest frames received as views of ZeroMQ's buffers (`LARGE_FRAME` bytes
+        or more), up to `_HELD_VIEWS` of them and `_HELD_VIEW_MAX` bytes in all, each until
+        newer ones push it out, whatever its message became.
 
-        ZeroMQ's I/O thread allocates each such buffer; freeing the newest with those
-        before it let glibc hand the top of that thread's heap back to the system (once
-        more than its trim threshold, twice the largest buffer freed, lay free there), and
-        the next buffers were faulted in again, page by page. Held, the newest stays
-        between the freed ones and the top, which are then allocated again as they are (a
-        raw pyzmq reader holds its last message until the next comes, likewise). Pulling
-        1 MiB payloads (30 paired runs of 3,000 to 10,000): 52 page faults a message
-        against 39 on average, the puller's CPU 291 us a message (sd 57) against 258 (sd
-        20). One frame is held at most, of up to `_HELD_VIEW_MAX` bytes (a larger one
-        never came from that heap): until the next such frame comes, it stays resident,
-        however long that takes (while frames come, glibc itself would leave up to twice as
-        much free at the top of that heap)."""
+        ZeroMQ's I/O thread allocates each such buffer, and glibc hands the top of that
+        thread's heap back to the system once more than its trim threshold (twice the
+        largest buffer freed) lies free there: the next buffers are then faulted in again,
+        page by page, and the thread that frees pays for the ``madvise``. The further the
+        handlers fall behind, the more buffers wait at once, and the more is freed at
+        the top as they catch up. Held, the newest stay between the freed ones and the
+        top, which are then allocated again as they are. Pulling 1 MiB payloads (push_cpu.py,
+        3,000 to 10,000 a round): holding the newest alone (as a raw pyzmq reader holds its
+        last message), 39 page faults a message against 52 holding none (30 paired runs);
+        holding the four newest, 31.5-34.5 against 43-44 holding the newest alone, and the
+        puller's CPU 237-246 us a message against 259-265 (two runs of 24 rounds
+        alternated; the two newest: no better than one; the eight newest: no better than
+        four).
+        What is held stays resident until newer frames push it out, however long that
+        takes: 4 MiB here, 32 MiB at most (a larger frame never came from that heap)."""
+        held = self._newest_views
         for frame in frames:
             if type(frame) is memoryview and len(frame) <= _HELD_VIEW_MAX:
-                self._newest_view = frame
+                held.append(frame)
+                self._held_bytes += len(frame)
+                while len(held) > _HELD_VIEWS or self._held_bytes > _HELD_VIEW_MAX:
+                    self._held_bytes -= len(held.popleft())
 
     def _take(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
         """Decode a message received from the ``kind`` socket into ``calls`` (a request
@@ -958,7 +972,8 @@ class Dispatcher:
                 pass
         for sock, _kind in self.sockets:
             sock.close(_REPLY_LINGER_MS if sock is self.router else 0)
-        self._newest_view = None
+        self._newest_views.clear()
+        self._held_bytes = 0
         self.left_at_stop.report_late()
 
 
