@@ -35,3 +35,31 @@ def test_soak_with_kills() -> None:
     assert checks["departures"]["kills"] == 2 and checks["departures"]["false_departures"] == 0
     assert checks["aq_delivery"]["lost"] == 0 and checks["aq_delivery"]["pushed"] > 0
     assert checks["pubsub"]["dropped_counted"] == 0
+
+
+DURABLE_SOAK = SOAK.parent / "soak_durable.py"
+DURABLE_CHECKS = {"lost", "dedupe", "dead_letters", "stores", "health"}
+
+
+@pytest.mark.timeout(150)
+def test_durable_soak_with_kills() -> None:
+    """benchmarks/soak_durable.py, briefly: pushers, pullers and keepers SIGKILLed and
+    restarted on their stores, a pusher's clean stop handing over to the keepers, a
+    puller frozen past its ack timeout, poison messages; nothing lost, every check passes."""
+    try:
+        done = subprocess.run(
+            [sys.executable, str(DURABLE_SOAK), "--duration", "20", "--kill-every", "3", "--cycle-every", "6",
+             "--freeze-every", "7", "--poison-every", "200", "--rate", "150", "--seed", "7"],
+            capture_output=True, text=True, timeout=140,
+        )
+    except subprocess.TimeoutExpired as exc:  # the soak's children stop when its pipes close
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        pytest.fail(f"the durable soak did not finish within 140 s; output so far:\n{out[-4000:]}")
+    output = done.stdout + ("\n" + done.stderr if done.stderr else "")
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"soak"')]
+    assert done.returncode == 0 and records, f"durable soak exited {done.returncode}:\n{output[-6000:]}"
+    result = records[-1]
+    assert result["ok"] is True and DURABLE_CHECKS <= set(result), output[-6000:]
+    assert result["lost"]["lost"] == 0 and result["lost"]["pushed"] > 0
+    assert sum(result["health"]["kills"].values()) >= 4 and result["health"]["pusher_cycles"] >= 2
+    assert result["dead_letters"]["poison_dead"] == result["dead_letters"]["poison_pushed"] > 0
