@@ -47,6 +47,7 @@ from .._store.messages import StoredMessage, wire_of
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,
+    KEEP_SERVICE_PREFIX,
     MAX_BATCH_ITEMS,
     STATUS_ERROR,
     STATUS_OK,
@@ -899,7 +900,8 @@ class ReliableSender:
         self._wedged = {line: until for line, until in self._wedged.items() if line[0] != puller}
         self._withheld = {line: until for line, until in self._withheld.items() if line[0] != puller}
         if lost:
-            log.warning("puller %s left with %d unacknowledged message(s): redelivering",
+            kept = all(b.service.startswith(KEEP_SERVICE_PREFIX) for b in lost)  # (a stopping pusher's hand-over)
+            log.warning("%s %s left with %d unacknowledged message(s): redelivering", "keeper" if kept else "puller",
                         puller[:8], sum(len(b.items) for b in lost))
         self.inflight_count.pop(puller, None)
         self.inflight_bytes.pop(puller, None)
