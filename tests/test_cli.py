@@ -366,6 +366,24 @@ def test_every_one_shot_command_stops_on_a_signal_while_it_waits_and_says_what_i
     assert list(tmp_path.glob("zmqmesh-push-*")) == []  # (a temporary store holding nothing: removed)
 
 
+@pytest.mark.timeout(60)
+def test_a_requests_reply_is_taken_as_it_comes_not_at_the_commands_next_look_at_the_flag(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # `zmqmesh request` waited for its reply by looking whether it had come every LOOK_S
+    # (0.1 s): each reply, there in 0.1 ms, was printed up to 0.1 s later (100 ms a request,
+    # median of 20). Now the wait ends with the reply; the flag is still looked at every
+    # LOOK_S, made long here so that only the reply can end the wait
+    from zmqmesh.tools import _stopping, cli
+
+    monkeypatch.setattr(_stopping, "LOOK_S", 30.0)
+    with zmqmesh.Node("provider", **mesh) as provider, zmqmesh.Node("caller", **mesh) as caller:
+        provider.service("echo")(lambda msg: msg.data)
+        caller.wait_for_service("echo", timeout=20)
+        started = time.monotonic()
+        assert cli._reply(caller, zmqmesh.StopFlag(), "echo", {"n": 1}, 20.0) == {"n": 1}
+        assert time.monotonic() - started < 10, "the reply waited for the next look at the flag (30 s here)"
+
+
 @pytest.mark.timeout(120)
 def test_a_reader_that_goes_away_ends_subscribe_and_peers_watch_quietly(mesh: dict[str, Any]) -> None:
     # `zmqmesh subscribe x. | head -1`: the handler's print failed on every message after

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 from typing import Any
 
 from zmqmesh import (
@@ -550,12 +551,16 @@ thread (it fails it at the timeout) before the command gives up on it."""
 
 
 def _reply(node: Node, stop: StopFlag, service: str, data: Any, timeout: float) -> Any:
-    """What `Node.request` returns (and raises), waited for a look at ``stop`` every
-    `LOOK_S` (a request is sent once: the wait is sliced, not the call). Raises `Stopped`
-    once ``stop`` is raised; the node's stop fails the request then."""
+    """What `Node.request` returns (and raises), as soon as the reply comes, with a look at
+    ``stop`` every `LOOK_S` meanwhile (a request is sent once: the wait is sliced, not the
+    call). Raises `Stopped` once ``stop`` is raised; the node's stop fails the request then."""
     reply = node.submit(service, data, timeout=timeout)
-    if not until(stop, reply.done, timeout + _REPLY_GRACE_S):
-        raise MeshTimeoutError(f"no reply from {service!r} within {timeout} s")
+
+    def answered(seconds: float) -> None:  # (ends with the reply, not at the slice's end)
+        if futures.wait((reply,), timeout=seconds).not_done:
+            raise MeshTimeoutError(f"no reply from {service!r} within {timeout} s")
+
+    sliced(stop, answered, timeout + _REPLY_GRACE_S)
     return reply.result()
 
 
