@@ -403,7 +403,7 @@ class Directory:
         candidates: Sequence[str] = ids
         if self._skip:  # (a look at each provider: only while a skip lasts)
             candidates = self.unskipped(service, ids) or ids
-        start = self._turns.get(service, 0)
+        start = self._turns[service]
         for k in range(len(candidates)):
             index = (start + k) % len(candidates)
             node_id = candidates[index]

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import itertools
+
 __all__ = ["Turns", "TURNS_KEPT"]
 
 TURNS_KEPT = 1024
 """Names whose turn `Turns` remembers at most: past it, all are forgotten at once, and each
-starts again from its first candidate (a moment's unevenness, nothing lost)."""
+starts again from the turn given to names not remembered (`Turns.__missing__`): nothing
+lost, and a round of more names than this spread as evenly as by one counter for all."""
 
 
 class Turns(dict[str, int]):
     """For each name, the index among its candidates whose turn it is: the one after the
-    candidate last chosen for that name (``turns.get(name, 0)``, taken modulo how many
+    candidate last chosen for that name (``turns[name]``, taken modulo how many
     candidates there are now). Only a choice moves a name's turn (neither a look that
     chose nothing nor another name's choice), so a name chosen for now and then, among
-    other work, still goes to each of its candidates in turn. (A dict: the look, on every
-    request and flush, is one C call.)"""
+    other work, still goes to each of its candidates in turn. A name not remembered (new,
+    or forgotten past `TURNS_KEPT`) has the turn of a counter moved by each such look:
+    ``turns[name]``. (A dict: the look, on every request and flush, is one C call.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unknown = itertools.count()
+
+    def __missing__(self, name: str) -> int:
+        # (a fixed start, 0, sent every name of a round past TURNS_KEPT to its first candidate)
+        return next(self._unknown)
 
     def chosen(self, name: str, index: int) -> None:
         """The candidate at ``index`` (below their number) was chosen for ``name``: the next

@@ -402,7 +402,7 @@ class ReliableSender:
             return False
         if again is None:
             again = deque()  # (kept below only if a failed send puts messages back in it)
-        start = self._turns.get(queue, 0)
+        start = self._turns[queue]
         last = -1  # (the index of the puller dealt the last batch)
         progress = True
         probing = False
