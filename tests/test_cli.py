@@ -384,6 +384,28 @@ def test_a_requests_reply_is_taken_as_it_comes_not_at_the_commands_next_look_at_
         assert time.monotonic() - started < 10, "the reply waited for the next look at the flag (30 s here)"
 
 
+@pytest.mark.timeout(60)
+def test_a_durable_push_goes_as_soon_as_a_taker_is_seen_not_at_the_commands_next_look_at_the_flag(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # `push --durable` looked for a puller or keeper every LOOK_S (0.1 s), where it looked
+    # every 20 ms before it stopped on the flag: the command took 0.35 s against 0.255 s
+    # (median of 6, a puller there). It looks every 20 ms again, the flag with it; LOOK_S
+    # is made long here so that only the look for a taker can end the wait
+    from zmqmesh.tools import _stopping, cli
+
+    monkeypatch.setattr(_stopping, "LOOK_S", 30.0)
+    got: list[Any] = []
+    with zmqmesh.Node("puller", **mesh) as puller:
+        puller.pull("q", got.append, at_least_once=True)
+        args = cli._parser().parse_args(["push", "q", "1", "--durable", "--timeout", "20", "--store",
+                                         str(tmp_path / "store"), "--mesh", mesh["mesh"],
+                                         "--beacon-port", str(mesh["beacon_port"])])
+        started = time.monotonic()
+        assert cli._push_durable(args, 1, zmqmesh.StopFlag()) == 0
+        assert time.monotonic() - started < 10, "the push waited for the next look at the flag (20 s here)"
+        wait_until(lambda: len(got) == 1, 10, "the message delivered")
+
+
 @pytest.mark.timeout(120)
 def test_a_reader_that_goes_away_ends_subscribe_and_peers_watch_quietly(mesh: dict[str, Any]) -> None:
     # `zmqmesh subscribe x. | head -1`: the handler's print failed on every message after

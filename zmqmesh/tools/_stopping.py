@@ -81,15 +81,16 @@ def ignore_stop_signals() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def until(stop: StopFlag, done: Callable[[], bool], timeout: float) -> bool:
+def until(stop: StopFlag, done: Callable[[], bool], timeout: float, every: float | None = None) -> bool:
     """Wait until ``done()`` holds (True) or ``timeout`` seconds passed (False), looking
-    every `LOOK_S`. Raises `Stopped` once ``stop`` is raised."""
+    every ``every`` seconds (`LOOK_S` by default: less where the command waits for
+    ``done`` alone, as soon as it holds). Raises `Stopped` once ``stop`` is raised."""
     deadline = time.monotonic() + timeout
     while not done():
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        if stop.wait(min(LOOK_S, left)):
+        if stop.wait(min(LOOK_S if every is None else every, left)):
             raise Stopped
     return True
 

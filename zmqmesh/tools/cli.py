@@ -376,6 +376,10 @@ def _push(args: argparse.Namespace, signalled: SignalStop) -> int:
     return 0
 
 
+_TAKER_LOOK_S = 0.02
+"""How often `push --durable` looks for a puller or keeper of its queue (and at the flag)."""
+
+
 def _taker_present(node: Node, queue: str) -> bool:
     """Whether an at-least-once puller or a keeper of ``queue`` is there now (durable
     messages go to no other; the groups are those of docs/protocol.md)."""
@@ -395,7 +399,7 @@ def _push_durable(args: argparse.Namespace, data: Any, stop: StopFlag) -> int:
         node = _node(args, "zmqmesh-push", store=store)
         with node:
             try:
-                until(stop, lambda: _taker_present(node, args.queue), args.timeout)
+                until(stop, lambda: _taker_present(node, args.queue), args.timeout, _TAKER_LOOK_S)
             except Stopped:
                 _not_sent(1)
                 raise
