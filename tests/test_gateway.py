@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -255,7 +256,7 @@ def test_events_stream_joins_leaves_and_counters(gateway: str, spawn: Any) -> No
 
 @pytest.mark.timeout(120)
 def test_the_dashboard_forgets_the_rows_and_figures_of_callers_and_nodes_that_left(
-        gateway: str, spawn: Any, mesh: dict[str, Any], tmp_path: Path) -> None:
+        gateway: str, spawn: Any, mesh: dict[str, Any], chromium_scratch: Path) -> None:
     """What the open page keeps is bounded by the mesh now, not by all it saw since it was
     opened: a service's latency row goes some seconds after no node reports calling it, a
     node's figures go with the node (before, every service ever called and every node ever
@@ -263,7 +264,7 @@ def test_the_dashboard_forgets_the_rows_and_figures_of_callers_and_nodes_that_le
     import zmqmesh
 
     spawn("pricer", service=["quote"])
-    browser = _chrome(tmp_path)
+    browser = _chrome(chromium_scratch)
     try:
         browser.get(gateway + "/")
         from selenium.webdriver.common.by import By
@@ -344,9 +345,25 @@ def test_token_is_enforced(mesh: dict[str, Any]) -> None:
         assert call(url, headers={"Authorization": "BEARER wrong"})[0] == 401
 
 
+@pytest.fixture
+def chromium_scratch() -> Iterator[Path]:
+    """A folder for a headless Chromium's profile and temporary files, removed after the
+    test. Short, in /tmp, not the test's ``tmp_path``: Chromium's singleton socket goes in
+    ``$TMPDIR/org.chromium.Chromium.XXXXXX/SingletonSocket``, and a path past a unix
+    socket's 107 characters aborts it ("Socket path too long", the session not created):
+    under ``tmp_path`` it was from /tmp/pytest-of-USER/pytest-N/ of 31 characters on
+    (a user name longer than root's, or pytest-1000 on)."""
+    scratch = Path(tempfile.mkdtemp(prefix="zmqmesh-chromium-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _chrome(scratch: Path) -> Any:
     """Headless Chromium whose profile and temporary files (its singleton socket's folder
-    among them) stay under ``scratch``: nothing of it is left in /tmp after the test."""
+    among them) stay under ``scratch`` (`chromium_scratch`): nothing of it is left in /tmp
+    after the test."""
     webdriver = pytest.importorskip("selenium.webdriver")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
@@ -367,10 +384,10 @@ def _chrome(scratch: Path) -> Any:
 
 @pytest.mark.timeout(180)
 def test_dashboard_shows_nodes_join_and_leave_live(gateway: str, spawn: Any, mesh: dict[str, Any],
-                                                   tmp_path: Path) -> None:
+                                                   chromium_scratch: Path) -> None:
     mesh_options = mesh
     spawn("pricer", subscribe=["prices."], service=["quote", "boom"])
-    browser = _chrome(tmp_path)
+    browser = _chrome(chromium_scratch)
     try:
         browser.get(gateway + "/")
         from selenium.webdriver.common.by import By
@@ -1082,9 +1099,9 @@ def test_an_event_stream_that_lags_loses_events_past_its_bound_and_counts_them()
 
 
 @pytest.mark.timeout(120)
-def test_the_dashboard_says_when_it_needs_a_token(mesh: dict[str, Any], tmp_path: Path) -> None:
+def test_the_dashboard_says_when_it_needs_a_token(mesh: dict[str, Any], chromium_scratch: Path) -> None:
     with gateway_process(mesh, token="s3cret") as base:
-        browser = _chrome(tmp_path)
+        browser = _chrome(chromium_scratch)
         try:
             from selenium.webdriver.common.by import By
 
