@@ -222,7 +222,8 @@ def test_a_durable_item_is_the_msgpack_array_of_its_fields() -> None:
 def test_the_durable_items_of_a_commit_are_each_its_durable_item() -> None:
     """`durable_items` (a committed call's wire forms, made in one go when the messages
     share their time, headers and attempts) gives, item by item, what `durable_item`
-    gives; and so for entries that share nothing (merged calls, a keeper's messages)."""
+    gives, its ids packed already or not; and so for entries that share nothing (merged
+    calls, a keeper's messages)."""
     from zmqmesh._wire.codec import durable_item, durable_items
 
     pack = msgpack.Packer().pack
@@ -233,8 +234,10 @@ def test_the_durable_items_of_a_commit_are_each_its_durable_item() -> None:
     mixed = [(f"n{i}", now + i if i % 3 else 7, None if i % 2 else headers, body, i * 5) for i, body in enumerate(bodies)]
     for entries in (alike, [(i, t, None, b, 3) for i, t, _h, b, _a in alike],
                     [(i, t, h, b, 200) for i, t, h, b, _a in alike], mixed, mixed[:1]):
-        assert durable_items(*zip(*entries), pack) == [durable_item(body, False, msg_id, ts, head, tries)
-                                                       for msg_id, ts, head, body, tries in entries]
+        each = [durable_item(body, False, msg_id, ts, head, tries) for msg_id, ts, head, body, tries in entries]
+        assert durable_items(*zip(*entries), pack) == each
+        # (with the ids packed already, as a commit packs them for its segments too)
+        assert durable_items(*zip(*entries), pack, [pack(e[0]) for e in entries]) == each
 
 
 def test_a_frame_delivers_the_messages_that_message_by_message_construction_makes() -> None:

@@ -67,6 +67,41 @@ def test_a_call_given_as_columns_is_stored_as_the_rows_a_keeper_hands_over(tmp_p
     assert stored["call"] == msgpack.packb([(r[0], 1000.5, headers, r[3]) for r in rows])
 
 
+def test_a_calls_segment_joined_from_its_packed_ids_is_the_segment_msgpack_packs(tmp_path: Path) -> None:
+    """A call whose ids are packed already (`Entries.with_packed_ids`, as a durable commit
+    packs them once for its segments and its wire forms) is stored as the very bytes
+    msgpack packs for its rows, whatever its size (cut into several segments too), its
+    headers, its ids' lengths and its bodies' (bin 8, and longer ones), and is read back
+    as the same messages with the same wire forms as a call without them."""
+    from zmqmesh._store.messages import Entries
+
+    pack = msgpack.Packer().pack
+    headers = msgpack.packb({"h": "1" * 40})
+    calls: list[tuple[str, Entries]] = []
+    for n in (1, 15, 16, 17, 300, SEGMENT_MAX + 5):
+        for head in (None, headers):
+            for longest in (0, 255, 256):
+                ids = [f"id-{n}-{i}" + "\u00e9" * (i % 40) for i in range(n)]
+                bodies = [b"b" * min(i % 300, longest) for i in range(n)]
+                calls.append((f"q{len(calls)}", Entries.of_call(ids, 1000.25, head, bodies).with_packed_ids(pack)))
+    store = Store(tmp_path)
+    store.append(calls)
+    plain = Store(tmp_path / "plain")
+    plain.append([(name, Entries.of_call(e.ids, 1000.25, e.headers[0], e.bodies)) for name, e in calls])
+    with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db:
+        joined = db.execute("SELECT queue, count, items FROM outbox ORDER BY seq").fetchall()
+    for name, entries in calls:
+        segments = [(count, items) for queue, count, items in joined if queue == name]
+        rows = [(i, 1000.25, entries.headers[0], b) for i, b in zip(entries.ids, entries.bodies)]
+        assert [count for count, _ in segments] == [len(rows[at:at + SEGMENT_MAX]) for at in range(0, len(rows), SEGMENT_MAX)]
+        assert [items for _, items in segments] == [msgpack.packb(rows[at:at + SEGMENT_MAX])
+                                                    for at in range(0, len(rows), SEGMENT_MAX)]
+        assert [m for s in store.pending(name, limit=10_000) for m in s.messages] == \
+            [m for s in plain.pending(name, limit=10_000) for m in s.messages]
+    store.close()
+    plain.close()
+
+
 def test_a_call_of_no_messages_stores_no_segment_beside_others(tmp_path: Path) -> None:
     """A call with no messages (rows or `Entries`) stores nothing, and the calls beside it
     are stored as ever (before: `cut` yielded the empty call as a segment, and append

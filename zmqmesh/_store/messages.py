@@ -31,16 +31,20 @@ class Entries:
     collector counts, and runs for, every tuple made, and those of a durable call are
     many (a store keeps them as rows, `segments.stored`, without a tuple each either)."""
 
-    __slots__ = ("ids", "stamps", "headers", "bodies", "attempts", "marked")
+    __slots__ = ("ids", "stamps", "headers", "bodies", "attempts", "marked", "packed_ids")
 
     def __init__(self, ids: Sequence[str], stamps: Sequence[float], headers: Sequence[bytes | None],
-                 bodies: Sequence[bytes], attempts: Sequence[int], marked: Sequence[bool]) -> None:
+                 bodies: Sequence[bytes], attempts: Sequence[int], marked: Sequence[bool],
+                 packed_ids: Sequence[bytes] | None = None) -> None:
         self.ids = ids
         self.stamps = stamps
         self.headers = headers
         self.bodies = bodies
         self.attempts = attempts
         self.marked = marked
+        self.packed_ids = packed_ids
+        """The ids as msgpack packs them, once `with_packed_ids` made them: the segment that
+        stores the messages and their wire forms are both made with them (None: not made)."""
 
     @classmethod
     def of_call(cls, ids: Sequence[str], stamp: float, headers: bytes | None, bodies: Sequence[bytes]) -> Entries:
@@ -68,7 +72,18 @@ class Entries:
 
     def part(self, start: int, end: int) -> Entries:
         """The messages from index ``start`` to ``end`` (not included)."""
-        return Entries(*(column[start:end] for column in self.columns()))
+        part = Entries(*(column[start:end] for column in self.columns()))
+        if self.packed_ids is not None:
+            part.packed_ids = self.packed_ids[start:end]
+        return part
+
+    def with_packed_ids(self, pack: Callable[[Any], bytes]) -> Entries:
+        """These messages, their ids packed (`packed_ids`) by ``pack`` (a `msgpack.Packer`'s
+        own, of one thread at a time), in one map. Only for bodies that are bytes (as
+        encoded and as unpacked): a segment joined from them takes each body's length
+        for its bytes'."""
+        self.packed_ids = list(map(pack, self.ids))
+        return self
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -119,20 +134,22 @@ wire_of = operator.itemgetter(9)
 
 def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
                     headers: Sequence[bytes | None], bodies: Sequence[bytes], attempts: Sequence[int],
-                    marked: Sequence[bool], pack: Callable[[Any], bytes]) -> list[StoredMessage]:
+                    marked: Sequence[bool], pack: Callable[[Any], bytes],
+                    packed_ids: Sequence[bytes] | None = None) -> list[StoredMessage]:
     """The messages of ``queue`` given as columns (a message's fields at one index),
     numbered on from ``first``, each in the segment ``segments`` gives it in turn: as a
     commit or a read back holds them, with their wire form for a first delivery
     (`durable_items`), made without a Python step per message; those ``marked`` (stored
     marked redelivered) as recovered instead, and those with failed deliveries without
     it (neither is dealt as a first delivery). ``pack``: a `msgpack.Packer`'s own, of one
-    thread at a time."""
+    thread at a time; ``packed_ids``: the ids as it packs them, if they are (`Entries.packed_ids`)."""
     n = len(ids)
     # (each made by tuple.__new__ mapped over two iterables, not by the named tuple's slower
     # constructor: the caller answers for the fields' types)
     messages = list(map(tuple.__new__, repeat(StoredMessage, n),
                         zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies, attempts, segments,
-                            repeat(False, n), durable_items(ids, stamps, headers, bodies, attempts, pack))))
+                            repeat(False, n), durable_items(ids, stamps, headers, bodies, attempts, pack,
+                                                                packed_ids))))
     if any(marked) or any(attempts):  # (rare: what a keeper was handed marked, or with failed deliveries)
         messages = [m.as_recovered() if mark else m.with_attempts(m.attempts) if m.attempts else m
                     for m, mark in zip(messages, marked)]

@@ -27,11 +27,52 @@ def stored(part: Entries) -> bytes:
     """What a segment keeps of the messages ``part``, packed: the msgpack array of their
     ``[id, timestamp, headers, body]`` (attempts apart), with ``True`` after them for one
     marked redelivered."""
+    joined = _joined(part)
+    if joined is not None:
+        return joined
     rows: Iterator[tuple[Any, ...]] = zip(part.ids, part.stamps, part.headers, part.bodies)
     if any(part.marked):  # (rare: what a keeper was handed marked)
         rows = ((*row, True) if mark else row for row, mark in zip(rows, part.marked))
     packed: bytes = msgpack.packb(list(rows))
     return packed
+
+
+_ROW = b"\x94"  # msgpack's fixarray header of 4 items: a stored message's [id, timestamp, headers, body]
+_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, by the length it heads
+
+
+def _joined(part: Entries) -> bytes | None:
+    """`stored`'s bytes for ``part``, the very bytes msgpack packs, joined from its ids as
+    packed already (`Entries.packed_ids`, also used for their wire forms) without packing
+    each message again: when they share one float timestamp and their headers (the
+    messages of a push call do), none is marked and every body is shorter than 256 bytes
+    (a bin 8). None otherwise (then packed as ever)."""
+    ids, n = part.packed_ids, len(part)
+    if ids is None or not n or any(part.marked):
+        return None
+    stamp, head = part.stamps[0], part.headers[0]
+    if type(stamp) is not float or part.stamps.count(stamp) != n or part.headers.count(head) != n:
+        return None
+    lengths = list(map(len, part.bodies))
+    sizes = set(lengths)
+    if max(sizes) > 255:
+        return None
+    # what follows each packed id: the timestamp and headers, and the bin 8 header of the body after
+    after_id = msgpack.packb(stamp) + msgpack.packb(head)
+    heads = {size: after_id + _BIN8[size] for size in sizes}
+    pieces = [_ROW, b"", b"", b""] * n
+    pieces[1::4] = ids
+    pieces[2::4] = map(heads.__getitem__, lengths)
+    pieces[3::4] = part.bodies
+    pieces[0] = _array_header(n) + _ROW
+    return b"".join(pieces)
+
+
+def _array_header(n: int) -> bytes:
+    """msgpack's header of an array of ``n`` items."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
 
 
 def attempted(first: int, part: Entries) -> list[tuple[int, int]]:
