@@ -893,7 +893,8 @@ def _stored(seq: int, segment: int, body: bytes, attempts: int = 0, recovered: b
 def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_they_are() -> None:
     """`fill_batch` on every mix a queue holds: plain payloads of any size, durable messages
     fresh from a commit (their wire form made then), with failed deliveries, recovered, or
-    without a wire form. The batch takes a prefix of the queue, each item in its wire form,
+    without a wire form (told, or not, that the queue holds durable messages only). The
+    batch takes a prefix of the queue, each item in its wire form,
     marked redelivered where it must be, and stops only at ``n``, at the end of the queue,
     or before the item that would take it past `BATCH_BYTES` (a large one goes alone). For
     a puller of protocol 1, a durable message goes as its payload alone, never in the form
@@ -929,7 +930,12 @@ def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_
         items: list[Any] = [payload()] if rng.random() < 0.2 else []  # (what an earlier call took)
         parts = [wrap(i, True) for i in items]
         size_before = sum(map(len, parts))
+        if "payload" not in mix:  # (a durable queue's buffer: told so, the same batch, its types not looked at)
+            told = deque(source), list(items), list(parts)
+            told_size = fill_batch(*told[:3], n, size_before, again, wrap, stored=True)
         size = fill_batch(source, items, parts, n, size_before, again, wrap)
+        if "payload" not in mix:
+            assert told == (source, items, parts) and told_size == size, trial
         taken = items[len(items) - (len(whole) - len(source)):]
         assert len(parts) == len(items)
         assert taken == whole[:len(taken)] and list(source) == whole[len(taken):], trial
@@ -990,13 +996,16 @@ def _check_handled_by_segment(items: list[Any], failed: set[int], trial: int) ->
             expected.setdefault(item.segment, []).append(item.seq)
     got = handled_by_segment(items, failed)
     assert got == expected and list(got) == list(expected), trial
+    if not any(isinstance(item, bytes) for item in items):  # (a batch dealt from a durable buffer alone, told so)
+        told = handled_by_segment(items, failed, stored=True)
+        assert told == expected and list(told) == list(expected), trial
 
 
 @pytest.mark.timeout(60)
 def test_settled_durable_messages_are_sorted_out_by_segment_in_order() -> None:
     """`handled_by_segment`: the sequence numbers of the durable messages of a batch that
     were handled (not at a failed position), by segment, in batch order, whether the batch
-    is all durable and of a few segments or not."""
+    is all durable and of a few segments or not, and whether it is told it is all durable."""
     import random
 
     rng = random.Random(5)

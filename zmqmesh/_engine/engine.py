@@ -540,7 +540,7 @@ class Engine:
         for queue, buffer in durable.refill(every=True).items():  # (a stop: every queue, in flight ones too)
             if queue not in kept:
                 continue
-            reliable.flush(queue, buffer, to_keepers=True)
+            reliable.flush(queue, buffer, to_keepers=True, stored=True)
             busy = busy or self._unsettled(queue, buffer)
         return busy
 

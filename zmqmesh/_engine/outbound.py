@@ -166,7 +166,7 @@ class Outbound:
                 buffers = {}
             for queue, buffer in buffers.items():
                 try:
-                    if (buffer or reliable.redeliver.get(queue)) and reliable.flush(queue, buffer):
+                    if (buffer or reliable.redeliver.get(queue)) and reliable.flush(queue, buffer, stored=True):
                         blocked |= bool(self.directory.providers("ackqueues", queue))
                 except Exception:
                     log.exception("sending durable queue %r failed", queue)

@@ -86,11 +86,12 @@ def _retry_delay(failures: int) -> float:
     return min(_RETRY_MOST_S, _RETRY_FIRST_S * float(2 ** min(failures - 1, 16)))  # (capped: 2 ** 1,100 is no float)
 
 
-def handled_by_segment(items: list[Any], failed: Container[int]) -> dict[int, list[int]]:
+def handled_by_segment(items: list[Any], failed: Container[int], stored: bool = False) -> dict[int, list[int]]:
     """The sequence numbers of the durable messages among ``items`` that are not at a
     position in ``failed``, by segment, in order. A batch all durable and all handled, of
-    a few segments (mostly one or two), is sorted out with no Python step per message."""
-    if not failed and set(map(type, items)) == {StoredMessage}:
+    a few segments (mostly one or two), is sorted out with no Python step per message
+    (``stored``: ``items`` are known to be all durable, `StoredMessage`: not looked at)."""
+    if not failed and items and (stored or set(map(type, items)) == {StoredMessage}):
         segments = list(map(segment_of, items))
         distinct = dict.fromkeys(segments)
         if len(distinct) <= _FEW_SEGMENTS:
@@ -642,13 +643,14 @@ class DurableQueues:
         why = unreadable(segment.messages)
         return None if why is None else f"damaged segment {segment.first} ({segment.size} messages): {why}"
 
-    def settle(self, queue: str, items: list[Any], failures: list[Failure]) -> list[Any]:
+    def settle(self, queue: str, items: list[Any], failures: list[Failure], stored: bool = False) -> list[Any]:
         """A puller answered for a batch: forget what it handled, dead-letter what it gave
-        up on, count an attempt on the rest and return them to be dealt again."""
+        up on, count an attempt on the rest and return them to be dealt again (``stored``:
+        its items are all durable, `StoredMessage`)."""
         failed = {f.position: f for f in failures}
         retry: list[Any] = []
         attempted: list[int] = []
-        for segment, seqs in handled_by_segment(items, failed).items():
+        for segment, seqs in handled_by_segment(items, failed, stored).items():
             self._settle_in(segment, seqs)
         for index, failure in failed.items():
             item = items[index]

@@ -125,23 +125,26 @@ class _Batch(NamedTuple):
     service: str  # what it was sent to: the queue's pullers, or its keepers (`flush`)
     probe: bool = False  # one message under suspicion, dealt alone (`_suspects`)
     ack_timeout_s: float | None = None  # what its puller announced for the queue when it was dealt
+    stored: bool = False  # its items are all durable (`StoredMessage`), from a durable queue's buffer
 
 
 def _with_items(batch: _Batch, items: list[Any]) -> _Batch:
     """``batch`` with only ``items`` of it (to settle part of it)."""
     return _Batch(batch.id, batch.queue, batch.puller, items, batch.sent_at, batch.sent_wall, batch.size,
-                  batch.service, batch.probe, batch.ack_timeout_s)
+                  batch.service, batch.probe, batch.ack_timeout_s, batch.stored)
 
 
 def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int, size: int, again: bool,
-               wrap: Callable[[Any, bool], bytes], limit: int | None = None) -> int:
+               wrap: Callable[[Any, bool], bytes], limit: int | None = None, stored: bool = False) -> int:
     """Move items from ``source`` to ``items``, and their wire form (``wrap(item,
     redelivered)``) to ``parts``, while there are fewer than ``n`` and the batch stays
     within `BATCH_BYTES` (a single large item goes alone); the batch's size after.
     ``again``: they are dealt again (marked redelivered); so is a durable message with
     failed deliveries counted, or one stored before this node started. ``limit``: the
     puller's ``max_message_bytes``, when it is below this node's: the items stop before
-    the first whose payload is larger (`payload_size`), which it would refuse."""
+    the first whose payload is larger (`payload_size`), which it would refuse. ``stored``:
+    ``source`` holds durable messages only (`StoredMessage`: a durable queue's buffer), so
+    their types need no look."""
     look = _FIRST_LOOK
     # (items of a batch of several are within `BATCH_BYTES` each: only a limit below it
     # needs a look at each, and above it only an item that goes alone)
@@ -150,7 +153,7 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
         # costs no Python step per item, and a batch cut short by large payloads looks at
         # a few past it only
         head = list(itertools.islice(source, min(n - len(items), len(source), look)))
-        fresh = _fresh_sizes(head, wrap is not _wrap_two_fields)
+        fresh = _fresh_sizes(head, wrap is not _wrap_two_fields, stored)
         if fresh is None:
             break  # (the loop below takes any mix)
         lengths, wires = fresh
@@ -201,13 +204,15 @@ def payload_size(item: Any) -> int:
     return len(item.body) if type(item) is StoredMessage else len(item)
 
 
-def _fresh_sizes(head: list[Any], stored_wire: bool) -> tuple[Iterable[int], list[bytes] | None] | None:
+def _fresh_sizes(head: list[Any], stored_wire: bool, stored: bool = False,
+                 ) -> tuple[Iterable[int], list[bytes] | None] | None:
     """The sizes of the wire forms of a first delivery of ``head``, when each is known
     without a Python step per item, with those forms if they are made already: plain
     in-memory payloads (their forms are not: `_FIRST_DELIVERY` and the payload), or
     (``stored_wire``: the puller reads the form made as they were committed) durable
-    messages never delivered before, each with that form. None for any other mix."""
-    kinds = set(map(type, head))
+    messages never delivered before, each with that form. None for any other mix.
+    ``stored``: ``head`` is known to hold durable messages only (their types are not looked at)."""
+    kinds = _STORED_ONLY if stored else set(map(type, head))
     if kinds == {bytes}:
         return map(_FIRST_DELIVERY_BYTES.__add__, map(len, head)), None
     if not stored_wire or kinds != {StoredMessage}:
@@ -219,6 +224,9 @@ def _fresh_sizes(head: list[Any], stored_wire: bool) -> tuple[Iterable[int], lis
     if not all(wires):
         return None
     return map(len, wires), wires
+
+
+_STORED_ONLY = frozenset({StoredMessage})  # (the kinds `_fresh_sizes` takes a durable buffer's items for)
 
 
 def wire_form(item: Any, redelivered: bool, pack: Callable[[Any], bytes]) -> bytes:
@@ -297,7 +305,9 @@ class ReliableSender:
         self.connect = connect
         self.wake = wake
         self.window = config.ack_window
-        self.settle: Callable[[str, list[Any], list[Failure]], list[Any]] | None = None
+        self.settle: Callable[[str, list[Any], list[Failure], bool], list[Any]] | None = None
+        """The durable queues' `settle` of a batch with durable items: ``(queue, items,
+        failures, stored)``, ``stored``: its items are all durable ones."""
         self.redeliver: dict[str, deque[Any]] = {}
         self.sockets: dict[str, zmq.Socket[Any]] = {}
         self.inflight: dict[bytes, _Batch] = {}
@@ -380,12 +390,15 @@ class ReliableSender:
         return sum(_in_memory(b.items) for b in list(self.inflight.values())) + \
             sum(map(_in_memory, list(self.redeliver.values())))
 
-    def flush(self, queue: str, q: deque[Any], to_keepers: bool = False) -> bool:
+    def flush(self, queue: str, q: deque[Any], to_keepers: bool = False, stored: bool = False) -> bool:
         """Deal what is queued to pullers with room in their window; True if some had to wait
         for room (False while every puller rests after refusing a batch: a timer wakes the
         flush when that ends).
 
         ``to_keepers``: deal to the keepers of ``queue`` instead (a stopping node's hand-over).
+        ``stored``: ``q`` holds durable messages only (`StoredMessage`: a durable queue's
+        buffer); a batch dealt from it alone is noted so (`_Batch.stored`), and neither its
+        dealing nor its settling looks at its items' types.
         """
         directory = self.directory
         kind, name = ("keepers", keep_service(queue)) if to_keepers else ("ackqueues", queue_service(queue))
@@ -438,8 +451,9 @@ class ReliableSender:
                 limit = narrow.get(puller) if narrow else None
                 own = self._take_own((puller, queue), dealt_again, n) if self._withheld else []
                 size = fill_batch(dealt_again, items, parts, n, 0, True, wrap, limit)  # first what is dealt again
+                all_stored = stored and not items  # (none dealt again: all from ``q``, if any)
                 if not dealt_again or limit is None or payload_size(dealt_again[0]) <= limit:  # (in order)
-                    size = fill_batch(q, items, parts, n, size, False, wrap, limit)
+                    size = fill_batch(q, items, parts, n, size, False, wrap, limit, stored)
                 if own:
                     dealt_again.extendleft(reversed(own))
                 if not items:
@@ -458,7 +472,7 @@ class ReliableSender:
                         again.appendleft(item)
                     continue
                 self.inflight[batch_id] = _Batch(batch_id, queue, puller, items, time.monotonic(), time.time(), size,
-                                                 service, probing, ack_timeout_s)
+                                                 service, probing, ack_timeout_s, all_stored)
                 self.inflight_count[puller] = self.inflight_count.get(puller, 0) + len(items)
                 self.inflight_bytes[puller] = self.inflight_bytes.get(puller, 0) + size
                 self.stats.pattern["pipeline"]["sent"] += len(items)
@@ -832,10 +846,10 @@ class ReliableSender:
         """What of ``batch`` to deal again after its outcome: the durable queues decide for a
         batch with durable items, ``otherwise`` is the answer for the others; a failure to
         settle deals the whole batch again rather than strand it."""
-        if self.settle is None or not any(isinstance(i, StoredMessage) for i in batch.items):
+        if self.settle is None or not (batch.stored or any(isinstance(i, StoredMessage) for i in batch.items)):
             return otherwise
         try:
-            retry = self.settle(batch.queue, batch.items, failures)
+            retry = self.settle(batch.queue, batch.items, failures, batch.stored)
         except Exception:
             log.exception("settling a batch of %r failed", batch.queue)
             return batch.items
