@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import pytest
 from helpers import NodeProcess, ScriptProcess, free_udp_port, gateway_process
+
+
+def _ignored_here(_signum: int, _frame: FrameType | None) -> None:
+    """What pytest does with a stop signal it was started ignoring: nothing, as before."""
+
+
+def _children_start_with_default_stop_signals() -> None:
+    """Processes the tests start take each stop signal as a terminal's command would, even
+    when pytest was started ignoring it (a script's background job ignores SIGINT, nohup
+    SIGHUP): an ignored signal is inherited by a child, and the commands leave ignored
+    signals ignored. pytest keeps ignoring it, by a handler that does nothing (a handler,
+    unlike SIG_IGN, is not inherited)."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, _ignored_here)
+
+
+_children_start_with_default_stop_signals()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -306,6 +306,27 @@ def test_a_signal_while_the_installed_command_loads_exits_quietly(tmp_path: Path
         assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
+@pytest.mark.timeout(90)
+def test_a_signal_the_command_was_started_ignoring_stays_ignored(tmp_path: Path, mesh: dict[str, Any]) -> None:
+    # every command put its own handler on SIGINT, SIGTERM and SIGHUP, ignored or not: under
+    # nohup (SIGHUP ignored) a hangup stopped `keep`, `subscribe`... all the same, status 0
+    def ignore_hangups() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-m", "zmqmesh", "keep", "q", "--store", str(tmp_path / "store"),
+                             "--mesh", mesh["mesh"], "--beacon-port", str(mesh["beacon_port"])], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_hangups)
+    with lines_of(proc) as (out_lines, err_lines):
+        wait_until(lambda: any("keeping" in line for line in out_lines) or proc.poll() is not None, 60, "keep up")
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1.5)  # (a hangup heeded stops it within a tenth of a second)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    assert proc.returncode == 0, (out_lines, err_lines)
+    assert "Traceback" not in "\n".join(err_lines), err_lines
+
+
 def test_importing_zmqmesh_and_its_command_leaves_the_signal_handlers_alone() -> None:
     # (a library touches no signal handler on import: the command installs its own once it runs)
     probe = ("import signal\n"

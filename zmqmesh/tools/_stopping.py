@@ -48,10 +48,14 @@ class SignalStop:
         return signal.SIGINT in self.received
 
     def take(self) -> SignalStop:
-        """Put the handlers in place (from the main thread; elsewhere, none); returns self."""
+        """Put the handlers in place (from the main thread; elsewhere, none); returns self.
+        A signal the process was started ignoring stays ignored (``nohup`` ignores SIGHUP, a
+        shell script's background job SIGINT: the command outlives its terminal, or the
+        script's Ctrl-C, as asked)."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
-                self._previous.setdefault(sig, signal.signal(sig, self._raise))
+                if sig not in self._previous and signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._raise)
         return self
 
     def give_back(self) -> None:

@@ -27,7 +27,8 @@ def main() -> None:
     def hold(signum: int, _frame: FrameType | None) -> None:
         came.append(signum)
 
-    held = [sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN]  # (ignored, as by nohup: left so)
     previous = [signal.signal(sig, hold) for sig in held]
     try:
         from zmqmesh.tools.cli import main as run_command
