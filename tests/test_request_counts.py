@@ -428,3 +428,30 @@ def test_a_submitted_requests_reply_is_counted_before_its_future_completes(
             assert future.result(10) == n
             wait_until(lambda n=n: len(seen) == n + 1, 10, "the done-callback")  # (it may run on this thread)
     assert seen == [(n + 1, n + 1) for n in range(20)], seen
+
+
+def test_a_request_many_interrupted_once_its_batch_went_counts_those_requests_as_sent(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C's KeyboardInterrupt right after a batch of a request_many went (the socket
+    took it; the count was to come after): its requests were then counted as abandoned,
+    never as sent (sent 1, received 1, abandoned 3: 3 more ended than went; 8,319 more in
+    30,000 request_many calls interrupted at random, 8,807 times)."""
+    real_send_on = pipelined.send_on
+    interrupts = [1]
+
+    def send_on_then_interrupted(*args: Any, **kwargs: Any) -> None:
+        real_send_on(*args, **kwargs)
+        if interrupts[0]:
+            interrupts[0] -= 1
+            raise KeyboardInterrupt
+
+    with zmqmesh.Node("caller", **mesh) as node:
+        node.wait_for_service("held", timeout=10)
+        assert node.request("echo", 0) == 0
+        monkeypatch.setattr(pipelined, "send_on", send_on_then_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            node.request_many("held", [1, 2, 3], timeout=30)
+        assert interrupts == [0]
+        counts = node.stats()["request"]
+        assert node.request_many("echo", [4, 5], timeout=10) == [4, 5]  # (the node serves on)
+    assert (counts["sent"], counts["received"], counts["abandoned"]) == (4, 1, 3), counts

@@ -83,11 +83,15 @@ def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: s
     return closed_or_failed(engine, exc)
 
 
-def take_back_sent(tally: RequestTally, service: str | bytes) -> None:
+def take_back_sent(tally: RequestTally, service: str | bytes, counted: bool = False) -> None:
     """Take back, in the driver's ``tally``, a request that did not go (its send failed,
     or its caller gave up before it went): it was counted as sent under its service's name
     when its provider was picked (`QuickRequest.pick`, `request_plan`), unless it calls a
-    built-in service (never counted there)."""
+    built-in service (never counted there); ``counted``: in the requests sent too
+    (`send_batches` counts them before they go)."""
+    if counted:
+        counts = tally.counts
+        counts["sent"] = counts.get("sent", 0) - 1
     if isinstance(service, bytes):
         if service[:1] == b"\x00":
             return

@@ -226,7 +226,9 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                  full_only: bool = False, renew: Callable[[str], zmq.Socket[Any]] | None = None,
                  tally: RequestTally | None = None, full: FullSocket | None = None) -> int:
     """Send the batches gathered since the last call, each on its provider's socket; how
-    many requests went. A request no longer waited for is left out: forgotten (its
+    many requests went (counted as sent in ``tally``, the driver's, before they go: a
+    Ctrl-C once a batch went must not leave its requests uncounted, to be counted as
+    abandoned; one that does not go is taken back). A request no longer waited for is left out: forgotten (its
     caller gave up, its time ran out, its provider left) or one whose waiter ``gave_up``
     (then withdrawn from ``outstanding`` too: never sent, it must not be counted as
     abandoned when its caller's sweep comes); it was counted as sent under its service
@@ -243,13 +245,15 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
         taken = batches.take(full_only)  # (without full_only, also when empty: a pause begins a new pass)
         if not taken:
             return sent
+        if tally is not None:
+            engine.stats.count_sent(tally, sum(len(batch.items) for batch in taken))
         for batch in taken:
             sock = sockets.get(batch.key)
             left_out = batch.keep(outstanding.ids, gave_up)
             for service_b, request_id, _body in left_out:  # (they never go: in flight no more either)
                 outstanding.withdraw(request_id)
                 if tally is not None:
-                    take_back_sent(tally, service_b)
+                    take_back_sent(tally, service_b, counted=True)
             if sock is None or not batch.items:
                 continue
             try:
@@ -261,7 +265,7 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                 error = send_failure(exc, batch.key, engine)
             for (request_id, waiter), item in zip(batch.waiters, batch.items):
                 if tally is not None:
-                    take_back_sent(tally, item[0])
+                    take_back_sent(tally, item[0], counted=True)
                 if outstanding.withdraw(request_id):
                     fail(waiter, error)
 
@@ -487,11 +491,9 @@ class Pipelined:
         self._send_batches()
 
     def _send_batches(self, full_only: bool = False) -> None:
-        sent = send_batches(self._batches, self._sockets, self.outstanding, self.engine,
-                            lambda job, error: self.resume(job, None, error), full_only=full_only, renew=self._renew,
-                            tally=self._tally, full=self)
-        if sent:
-            self.engine.stats.count_sent(self._tally, sent)
+        send_batches(self._batches, self._sockets, self.outstanding, self.engine,
+                     lambda job, error: self.resume(job, None, error), full_only=full_only, renew=self._renew,
+                     tally=self._tally, full=self)  # (counted there)
 
     def forget(self, jobs: set[Job]) -> None:
         """Forget the requests of ``jobs`` (their caller gave up, or the node stopped under

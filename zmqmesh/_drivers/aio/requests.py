@@ -245,10 +245,8 @@ class LoopRequester:
                 self._on_readable(provider_id)
 
     def _send_batches(self, full_only: bool = False) -> None:
-        sent = send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
-                            _done, full_only=full_only, renew=self._renew, tally=self.tally, full=self)
-        if sent:
-            self.engine.stats.count_sent(self.tally, sent)
+        send_batches(self._batches, self.sockets, self.outstanding, self.engine, _fail_future,
+                     _done, full_only=full_only, renew=self._renew, tally=self.tally, full=self)  # (counted there)
 
     def take(self, sock: zmq.Socket[Any], provider_id: str, frames: list[bytes], request_ids: list[bytes],
              copy: bool) -> None:
