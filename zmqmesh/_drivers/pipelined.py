@@ -600,7 +600,13 @@ class Submitter:
         self._carry_out = carry_out
         self._incoming: deque[Job] = deque()
         self._resumed: deque[tuple[Job, Any, BaseException | None]] = deque()
-        self._room = threading.BoundedSemaphore(MAX_SUBMITTED)
+        # Room (at most MAX_SUBMITTED in flight) is counted from what this thread took in and
+        # finished, and what waits in `_incoming`: a submit takes room only by its append, one
+        # step, so a Ctrl-C anywhere in it takes none that is never given back (`_in_flight`).
+        self._room = threading.Condition()  # (guards a submit's look for room and its append)
+        self._room_waiters = 0  # (submits waiting for room: `_finish` wakes one)
+        self._taken_in = 0  # jobs this thread took from `_incoming` (written by it alone)
+        self._finished = 0  # jobs finished (by this thread, but for those a stop fails)
         self._idle = False
         self._closing = False
         self._waker = Waker()
@@ -621,17 +627,15 @@ class Submitter:
         if self._closing:
             raise NodeClosedError("the node is not running")
         # (on this thread, room frees up only once the caller returns: never wait for it)
-        wait = 0.0 if threading.current_thread() is self.thread else max(deadline - time.monotonic(), 0.0)
-        if not self._room.acquire(timeout=wait):
-            raise MeshTimeoutError(f"{MAX_SUBMITTED} submitted requests are still in flight: none finished in time")
-        try:
-            plan = make_plan()
-        except BaseException:
-            self._room.release()
-            raise
-        future: Future[Any] = Future()
-        future.set_running_or_notify_cancel()  # (a request once sent cannot be taken back)
-        self._incoming.append(Job(plan, self._finish, future))
+        wait_room = threading.current_thread() is not self.thread
+        with self._room:
+            if not self._wait_for_room(deadline if wait_room else 0.0):
+                if self._closing:
+                    raise NodeClosedError("the node is not running")
+                raise MeshTimeoutError(f"{MAX_SUBMITTED} submitted requests are still in flight: none finished in time")
+            future: Future[Any] = Future()
+            future.set_running_or_notify_cancel()  # (a request once sent cannot be taken back)
+            self._incoming.append(Job(make_plan(), self._finish, future))  # (the one step that takes room)
         if self._closing:
             self._fail_waiting()  # the thread may have ended before it could see this one
         elif self._idle:
@@ -640,7 +644,10 @@ class Submitter:
 
     def _finish(self, future: Future[Any], value: Any, error: BaseException | None) -> None:
         """A submitted request's outcome: into its future (a `Job`'s ``finish``)."""
-        self._room.release()
+        self._finished += 1
+        if self._room_waiters:
+            with self._room:
+                self._room.notify()
         try:  # (this runs the future's done-callbacks, on this thread)
             if error is None:
                 future.set_result(value)
@@ -648,6 +655,28 @@ class Submitter:
                 future.set_exception(error)
         except BaseException:  # a callback's SystemExit or KeyboardInterrupt must not end the thread
             log.exception("a done-callback of a submitted request raised")
+
+    def _in_flight(self) -> int:
+        """Submitted requests not finished yet: those waiting in `_incoming` too (this
+        thread counts one taken in before it takes it)."""
+        return len(self._incoming) + self._taken_in - self._finished
+
+    def _wait_for_room(self, deadline: float) -> bool:
+        """Whether there is room for one more request, waiting until ``deadline`` (holding
+        `_room`). Waits in slices: a wake-up lost to a Ctrl-C in another waiter costs a
+        slice at most."""
+        if self._in_flight() < MAX_SUBMITTED:
+            return True
+        self._room_waiters += 1
+        try:
+            while self._in_flight() >= MAX_SUBMITTED:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    return False
+                self._room.wait(min(remaining, _BUSY_POLL_S))
+            return True
+        finally:
+            self._room_waiters -= 1
 
     def _fail_waiting(self) -> None:
         """Fail the jobs no thread will take any more: submitted, or back from a wait."""
@@ -721,12 +750,14 @@ class Submitter:
         try:
             while not self._closing and not engine.closed:
                 while incoming or resumed:
-                    try:
-                        job = incoming.popleft()
-                    except IndexError:
-                        pass
-                    else:
-                        pipelined.start(job)
+                    if incoming:
+                        self._taken_in += 1  # (first: counted in flight all along, `_in_flight`)
+                        try:
+                            job = incoming.popleft()
+                        except IndexError:  # (a stop failed it meanwhile)
+                            pass
+                        else:
+                            pipelined.start(job)
                     try:
                         job, value, error = resumed.popleft()
                     except IndexError:
