@@ -1593,3 +1593,45 @@ def test_a_durable_message_pushed_without_headers_has_empty_headers_and_one_with
     plain, *headed = got
     assert plain.data == 1 and plain.headers == {} and plain.headers is plain.headers
     assert [(m.data, m.headers) for m in headed] == [(2, {"h": "v"}), (3, {"h": "v"})]
+
+
+def _interrupt_once_stored(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Arm (``armed[0] = 1``, before a call) a Ctrl-C's KeyboardInterrupt on the main
+    thread right after the store's next transaction there committed (as a signal's
+    handler may raise it once the C call returned); it is raised once (``armed[0]`` back
+    to 0). Patches the store's checkpointer: call before the node with the store is made."""
+    from zmqmesh._store.checkpointer import Checkpointer
+
+    real_written = Checkpointer.written
+    armed = [0]
+
+    def written_then_interrupted(self: Checkpointer, db: Any) -> None:
+        real_written(self, db)
+        if armed[0] and threading.current_thread() is threading.main_thread():
+            armed[0] = 0
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "written", written_then_interrupted)
+    return armed
+
+
+def test_a_durable_push_interrupted_once_its_message_was_stored_leaves_later_ones_storable(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C's KeyboardInterrupt after the store committed a durable push, before the
+    store noted the sequence numbers it gave: every later durable push failed, StoreError
+    (UNIQUE constraint failed: outbox.seq), on the first interrupt that landed there (the
+    first of 2,378 in 20,000 durable pushes interrupted at random)."""
+    got: list[int] = []
+    armed = _interrupt_once_stored(monkeypatch)
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.wait_for_pullers("q", timeout=10)
+        pusher.push("q", 0, durable=True)
+        armed[0] = 1
+        with pytest.raises(KeyboardInterrupt):
+            pusher.push("q", 1, durable=True)
+        assert armed == [0]
+        pusher.push("q", 2, durable=True)
+        pusher.push_many("q", [3, 4], durable=True)
+        wait_until(lambda: {0, 2, 3, 4} <= set(got), 20, "the pushes after the interrupt")

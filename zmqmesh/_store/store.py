@@ -257,11 +257,25 @@ class Store:
             if unpark:
                 statements.append(("DELETE FROM parked WHERE queue = ?", [(q,) for q in unpark]))
             if len(statements) == 1 and len(rows) == 1:
-                self._db.commit(lambda db: db.execute(statements[0][0], rows[0]), single=True)
+                self._numbered(first, lambda: self._db.commit(lambda db: db.execute(statements[0][0], rows[0]),
+                                                              single=True))
             else:
-                self._db.write_locked(statements)
-            self._next_seq = first
+                self._numbered(first, lambda: self._db.write_locked(statements))
         return [(r[0], r[2]) for r in rows]
+
+    def _numbered(self, next_seq: int, write: Callable[[], None]) -> None:
+        """Run ``write``, which stores rows numbered below ``next_seq`` (lock held). The
+        numbers count as given before it runs: a Ctrl-C's KeyboardInterrupt once its
+        transaction committed must not give them again (every later write would fail, a
+        UNIQUE constraint), and one before leaves a gap, as other queues' rows do. A
+        write that fails (nothing stored) gives them back."""
+        given = self._next_seq
+        self._next_seq = next_seq
+        try:
+            write()
+        except Exception:
+            self._next_seq = given
+            raise
 
     def forget(self, segments: Iterable[tuple[int, int]], settled: Iterable[tuple[int, int]] = ()) -> None:
         """Delete whole segments, given as ``(first, count)``, with what was marked of
@@ -345,8 +359,7 @@ class Store:
                                (new, queue, message.timestamp, items))
                     db.execute("INSERT OR REPLACE INTO settled (lo, hi) VALUES (?, ?)", (message.seq, message.seq))
 
-            self._db.commit(run)
-            self._next_seq = new + 1
+            self._numbered(new + 1, lambda: self._db.commit(run))
         return new
 
     def drop_queue(self, queue: str, chunk: int = CHUNK_MESSAGES) -> int:
@@ -401,12 +414,11 @@ class Store:
                                             else (m.id, m.timestamp, m.headers, m.body) for m in segment.messages])))
                 first += len(segment.messages)
         spans = [(s.first, s.first + s.size - 1) for s in segments]
-        self._db.write_locked([
+        self._numbered(first, lambda: self._db.write_locked([
             ("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", spans),
             ("DELETE FROM attempts WHERE seq BETWEEN ? AND ?", spans),
             ("DELETE FROM settled WHERE lo BETWEEN ? AND ?", spans),
-            ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)])
-        self._next_seq = first
+            ("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, ?, ?, ?)", rows)]))
         return sum(r[2] for r in rows)
 
     def _drop_locked(self, segments: list[StoredSegment]) -> int:
