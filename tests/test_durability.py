@@ -1635,3 +1635,27 @@ def test_a_durable_push_interrupted_once_its_message_was_stored_leaves_later_one
         pusher.push("q", 2, durable=True)
         pusher.push_many("q", [3, 4], durable=True)
         wait_until(lambda: {0, 2, 3, 4} <= set(got), 20, "the pushes after the interrupt")
+
+
+def test_a_durable_push_interrupted_once_its_message_was_stored_delivers_it_in_this_run(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C's KeyboardInterrupt after the store committed a durable push, before the
+    message reached its queue's buffer: it stayed in the store, neither delivered nor
+    counted as stored, until the node started again (1,644 messages of 20,000 durable
+    pushes, 2,079 of them interrupted at random, with an at-least-once puller there).
+    Now the loop reads back from the store what such a commit stored."""
+    got: list[int] = []
+    armed = _interrupt_once_stored(monkeypatch)
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.wait_for_pullers("q", timeout=10)
+        pusher.push("q", 0, durable=True)
+        wait_until(lambda: got == [0] and stored(tmp_path) == 0, 20, "the first push handled")
+        armed[0] = 1
+        with pytest.raises(KeyboardInterrupt):
+            pusher.push("q", 1, durable=True)
+        wait_until(lambda: 1 in got, 20, "the interrupted push, stored, delivered")
+        wait_until(lambda: stored(tmp_path) == 0, 20, "the store emptied")
+        assert pusher.stats()["pipeline"]["durable_stored"] == 2
+    assert sorted(got) == [0, 1]

@@ -311,10 +311,14 @@ class DurableQueues:
     def _overflowed(self, name: str, upto: int) -> None:
         """The store holds messages of ``name`` up to ``upto`` not in its buffer."""
         with self._lock:
-            queue = self._queue(name)
-            queue.overflow = True
-            queue.committed = max(queue.committed, upto)
-            self._active.add(name)
+            self._overflowed_locked(name, upto)
+
+    def _overflowed_locked(self, name: str, upto: int, first: int = 0) -> None:
+        """`_overflowed`, under the lock; ``first`` as `_queue` takes it."""
+        queue = self._queue(name, first)
+        queue.overflow = True
+        queue.committed = max(queue.committed, upto)
+        self._active.add(name)
 
     def _unparked(self, name: str, parked: tuple[int, int]) -> _Queue:
         """Make the queue ``name`` that was parked with ``parked`` (`Store.parked`): what
@@ -397,6 +401,8 @@ class DurableQueues:
                 gathered, group = self._gathered, []
                 while gathered:  # only the turn's holder takes from it
                     group.append(gathered.popleft())
+                if ticket not in group:  # (taken by a turn that a Ctrl-C cut short before its commit)
+                    group.append(ticket)
                 self._commit_group(group)
         if ticket.error is not None:
             raise ticket.error
@@ -412,22 +418,18 @@ class DurableQueues:
     def _commit_group(self, group: list[Ticket]) -> None:
         # the lock is held around the commit and the buffer: the order of sequence numbers
         # and the buffer (and the loop's refill) can then never disagree
+        given = self.store.last_seq()  # (the group's numbers come after it)
+        interrupted: BaseException | None = None
         try:
             self._commit([(t.queue, t.entries) for t in group])
             commits = 1
         except BaseException as exc:
             commits = 0
-            if len(group) > 1:
-                log.debug("a group commit of %d calls failed (%s); committing them one by one", len(group), exc)
-            for ticket in group:  # each alone: one call's error is never another's
-                try:
-                    if len(group) > 1:
-                        self._commit([(ticket.queue, ticket.entries)])
-                        commits += 1
-                    else:
-                        ticket.error = exc
-                except BaseException as alone:
-                    ticket.error = alone
+            if not isinstance(exc, Exception):  # a Ctrl-C's KeyboardInterrupt, anywhere in the commit
+                interrupted = exc
+                commits = self._after_interrupted_commit(group, given)
+            if not commits:  # (none of it stored)
+                commits = self._commit_each_alone(group, exc)
         for ticket in group:
             ticket.done = True
         if commits:
@@ -438,6 +440,39 @@ class DurableQueues:
             # producer that commits one at a time would otherwise get batches of one
             self._wake_pending = True
             self.wake_soon(_COALESCE_S)
+        if interrupted is not None:
+            raise interrupted
+
+    def _commit_each_alone(self, group: list[Ticket], exc: BaseException) -> int:
+        """After ``group``'s commit failed with ``exc``, each ticket tried alone: one call's
+        error is never another's; how many commits stored (under the lock)."""
+        if len(group) == 1:
+            group[0].error = exc
+            return 0
+        log.debug("a group commit of %d calls failed (%s); committing them one by one", len(group), exc)
+        commits = 0
+        for ticket in group:
+            try:
+                self._commit([(ticket.queue, ticket.entries)])
+                commits += 1
+            except BaseException as alone:
+                ticket.error = alone
+        return commits
+
+    def _after_interrupted_commit(self, group: list[Ticket], given: int) -> int:
+        """After a commit of ``group`` interrupted (its numbers come after ``given``):
+        what its transaction stored, if it committed, the loop reads back from the store
+        (it may not have reached the buffers: left there, it would wait for a restart);
+        1 if it committed, else 0 (under the lock)."""
+        try:
+            upto = self.store.last_seq()
+            stored = self.store.next_segment_bytes(group[0].queue, given) is not None
+        except Exception as exc:  # (the store failed: what it holds is read back at the next refill)
+            log.warning("after an interrupted durable commit, the store cannot be read: %s", exc)
+            return 0
+        for name in {t.queue for t in group}:
+            self._overflowed_locked(name, upto, given + 1)
+        return 1 if stored else 0
 
     def _commit(self, calls: list[tuple[str, Entries]]) -> None:
         """One transaction for the messages of ``calls``, then into their buffers. Calls
