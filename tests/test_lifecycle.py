@@ -2201,3 +2201,19 @@ def test_async_nodes_on_a_loop_set_aside_stopped_together_from_another_loop_are_
         assert not any(node.running for node in nodes)
     finally:
         owner.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("moment", ["before it runs", "as it runs"])
+def test_a_ctrl_c_as_the_stop_starts_its_thread_still_stops_the_node(mesh: dict[str, Any], moment: str) -> None:
+    """A KeyboardInterrupt inside ``Thread.start`` of the thread that runs the stop, before
+    that thread ran: the node was marked stopped with no thread to stop it, its I/O thread
+    ran on, and a second ``stop()`` raised RuntimeError (cannot join thread before it is
+    started): 1 of 1,500 starts and stops interrupted at random. Now the stop begins again
+    before the interrupt goes on, and a second ``stop()`` waits for it."""
+    node = zmqmesh.Node("interrupted-stop", **mesh).start()
+    with pytest.raises(KeyboardInterrupt), _interrupted_at_thread_start("zmqmesh-stop-", moment):
+        node.stop()
+    node.stop(timeout=2)
+    assert not node.running
+    wait_until(lambda: not _threads_of("interrupted-stop"), 5, "the node's threads to end")

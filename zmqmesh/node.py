@@ -75,6 +75,9 @@ class Node(NodeBase):
         self._lock = threading.Lock()
         self._serving: list[StopFlag] = []  # what run_forever waits on: stop() raises them
         self._stopper: threading.Thread | None = None  # the thread running the stop (see `stop`)
+        self._stop_args: tuple[Any, ...] | None = None  # what it runs with (`stop_blocking`), once a stop began
+        self._stop_handed = False  # whether it was handed to `_stopper`, or to the caller (`_begin_stop`)
+        self._stopper_began = threading.Lock()  # taken by `_stopper` as it begins, or by a stop beginning another
         self._after_start: threading.Thread | None = None  # the one stopping a start interrupted (`start`)
         self._began = threading.Lock()  # the I/O thread's, taken as it begins to run (`_run_loop`)
 
@@ -218,19 +221,17 @@ class Node(NodeBase):
             if not (self._stopped or self._loop is None or self._thread is None):
                 if threading.current_thread() is self._thread:
                     raise ZmqMeshError("stop() cannot be called from the node's own I/O thread")
-                self._mark_stopped()  # (first: a handler registered from now on is refused, not left uncalled)
                 inbox = self._engine.inbox
                 assert isinstance(inbox, ThreadInbox)
                 # The stop runs on a thread of its own: a caller interrupted while it waits (a
                 # second Ctrl-C) leaves it to close the sockets and threads all the same.
-                stop_args = (self._engine, inbox, self._loop, self._thread, timeout)
-                self._stopper = threading.Thread(target=stop_blocking, args=stop_args,
-                                                 name=f"zmqmesh-stop-{self.name}", daemon=inbox.runs_handlers_here())
-                try:
-                    self._stopper.start()
-                except RuntimeError:  # (Python 3.12.0 and 3.12.1 start no thread at exit: stopped below)
-                    self._stopper = None
-                    run_here = stop_args
+                # (Known before the node is marked stopped: a stop interrupted from then on is
+                # begun again, `_stop_undone`.)
+                self._stop_args = (self._engine, inbox, self._loop, self._thread, timeout)
+                self._mark_stopped()  # (first: a handler registered from now on is refused, not left uncalled)
+                run_here = self._begin_stop_once_more_if_interrupted()
+            elif self._stop_undone():  # (one whose thread a Ctrl-C kept from running)
+                run_here = self._begin_stop_once_more_if_interrupted()
             self._mark_stopped()
             stopper = self._stopper
         at_exit.stopped(self)  # (once its stop began: one refused on the I/O thread leaves it to the exit)
@@ -250,6 +251,44 @@ class Node(NodeBase):
                 at_exit.running(self, Node._finish_stop_at_exit, self.config.linger_s + timeout + 2.0)
             return
         stopper.join()  # (also a second call: it waits for the first's stop)
+
+    def _begin_stop_once_more_if_interrupted(self) -> tuple[Any, ...] | None:
+        """`_begin_stop`; interrupted (a Ctrl-C) before its thread ran, it begins the stop
+        once more before the interrupt goes on (under `_lock`)."""
+        try:
+            return self._begin_stop()
+        except BaseException:
+            if self._stop_undone():
+                self._begin_stop()
+            raise
+
+    def _begin_stop(self) -> tuple[Any, ...] | None:
+        """Start the thread that runs the stop, `_stopper` (under `_lock`); None, or the
+        arguments of `stop_blocking` for the caller to run it itself (Python 3.12.0 and
+        3.12.1 start no thread at the interpreter's exit)."""
+        inbox = self._engine.inbox
+        began = self._stopper_began = threading.Lock()
+        self._stopper = threading.Thread(target=self._run_stop, args=(began, self._stop_args),
+                                         name=f"zmqmesh-stop-{self.name}",
+                                         daemon=isinstance(inbox, ThreadInbox) and inbox.runs_handlers_here())
+        try:
+            self._stopper.start()
+        except RuntimeError:
+            self._stopper = None
+            self._stop_handed = True
+            return self._stop_args
+        self._stop_handed = True
+        return None
+
+    def _stop_undone(self) -> bool:
+        """Whether a stop began whose thread an interrupt (a Ctrl-C) kept from running: it
+        never will now (under `_lock`; `_begin_stop` begins it again)."""
+        return self._stop_args is not None and not self._stop_handed and self._stopper_began.acquire(blocking=False)
+
+    @staticmethod
+    def _run_stop(began: threading.Lock, stop_args: tuple[Any, ...]) -> None:
+        if began.acquire(blocking=False):  # (else a stop whose start was interrupted began another)
+            stop_blocking(*stop_args)
 
     def run_forever(self) -> None:
         """Start the node (if it is not running) and serve until SIGINT or SIGTERM, or until
