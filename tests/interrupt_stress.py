@@ -193,7 +193,8 @@ def main() -> None:
     print("  state:", state, flush=True)
     st = caller.stats()
     r = st["request"]
-    print("  request counts:", {k: r.get(k) for k in ("sent", "received", "errors", "abandoned", "dropped")}, flush=True)
+    print("  request counts:", {k: r.get(k) for k in ("sent", "received", "errors", "abandoned", "dropped")},
+          "provider's service received:", provider.stats()["service"].get("received"), flush=True)
     if r.get("sent", 0) != r.get("received", 0) + r.get("errors", 0) + r.get("abandoned", 0):
         problems.append(f"request counts do not add up: {r}")
     if sub is not None and sub._in_flight() != 0:

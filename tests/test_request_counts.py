@@ -455,3 +455,32 @@ def test_a_request_many_interrupted_once_its_batch_went_counts_those_requests_as
         counts = node.stats()["request"]
         assert node.request_many("echo", [4, 5], timeout=10) == [4, 5]  # (the node serves on)
     assert (counts["sent"], counts["received"], counts["abandoned"]) == (4, 1, 3), counts
+
+
+def test_a_request_interrupted_as_it_went_counts_as_sent_and_abandoned(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C's KeyboardInterrupt as a blocking request's frames went (raised once the
+    send returned): the request was taken back as never sent, while its provider had it
+    (30,000 requests interrupted at random 9,310 times: the caller counted 27,250 sent,
+    its provider 30,005 received: 2,755 sent but uncounted, their replies dropped)."""
+    provider, _release = held
+    real_send_frames = thread_requests.send_frames
+    interrupts = [1]
+
+    def send_frames_then_interrupted(*args: Any, **kwargs: Any) -> None:
+        real_send_frames(*args, **kwargs)
+        if interrupts[0]:
+            interrupts[0] -= 1
+            raise KeyboardInterrupt
+
+    with zmqmesh.Node("caller", **mesh) as node:
+        node.wait_for_service("held", timeout=10)
+        assert node.request("echo", 0) == 0
+        monkeypatch.setattr(thread_requests, "send_frames", send_frames_then_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            node.request("held", 1, timeout=30)
+        assert interrupts == [0]
+        wait_until(lambda: provider.stats()["service"]["received"] == 2, 10, "the interrupted request to arrive")
+        assert node.request("echo", 2, timeout=10) == 2  # (the node serves on)
+        counts = node.stats()["request"]
+    assert (counts["sent"], counts["received"], counts["abandoned"]) == (3, 2, 1), counts

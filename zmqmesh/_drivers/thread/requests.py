@@ -89,6 +89,7 @@ class ThreadRequester:
         """Send one request and wait for its reply: ``(status, body)``. Raises
         `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`. What it counts goes into
         `tally`."""
+        sending = False  # (from the send on, an interrupt finds the request gone: `send_frames` ends what it began)
         try:
             with self.in_use:
                 engine = self.engine
@@ -99,17 +100,26 @@ class ThreadRequester:
                         self._prune()
                     sock = self.sockets.get(provider.id) or self._connect(provider)
                     request_id = next(self._ids).to_bytes(8, "big")
+                    sending = True
                     try:
                         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
                     except zmq.Again:
+                        sending = False
                         # one request of this thread in flight at most: a DEALER that refuses one is
                         # clogged with requests given up on or lost its connection for good (see
                         # `pipelined.replace_link`), and a new one takes it
                         report_link_replaced(engine, provider.id, self._given_up.get(provider.id, 0))
                         self._forget_socket(provider.id)
                         sock = self._connect(provider)
+                        sending = True
                         send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
-                except BaseException as exc:  # it did not go (nor will it): not sent, under its name either
+                except BaseException as exc:
+                    if sending and not isinstance(exc, Exception):  # interrupted (a Ctrl-C) as it went: gone,
+                        engine.stats.count_sent(self.tally, 1)  # and its caller no longer waits
+                        engine.stats.add("request", "abandoned")
+                        self._given_up.add(provider.id)
+                        raise
+                    # it did not go (nor will it): not sent, under its name either
                     take_back_sent(self.tally, step.service)
                     if isinstance(exc, zmq.ZMQError):
                         raise send_failure(exc, provider.id, engine, step.service) from exc
