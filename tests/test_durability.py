@@ -1659,3 +1659,38 @@ def test_a_durable_push_interrupted_once_its_message_was_stored_delivers_it_in_t
         wait_until(lambda: stored(tmp_path) == 0, 20, "the store emptied")
         assert pusher.stats()["pipeline"]["durable_stored"] == 2
     assert sorted(got) == [0, 1]
+
+
+def test_a_durable_push_interrupted_once_its_message_was_buffered_delivers_it_once(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C's KeyboardInterrupt once a durable push's message reached its queue's
+    buffer, before the queue noted how far its buffer goes (`_Queue.loaded`): the loop
+    read it back from the store all the same, and the puller got it twice in this run
+    (got [0, 1, 1, 2]). Now what the buffer already holds is not read back."""
+    from zmqmesh._patterns.durable import Buffer
+
+    real_extend = Buffer.extend
+    armed = [0]
+
+    def extend_then_interrupted(self: Buffer, messages: Any, halves: list[int] | None = None) -> None:
+        real_extend(self, messages, halves)
+        if armed[0] and threading.current_thread() is threading.main_thread():
+            armed[0] = 0
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Buffer, "extend", extend_then_interrupted)
+    got: list[int] = []
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.wait_for_pullers("q", timeout=10)
+        pusher.push("q", 0, durable=True)
+        wait_until(lambda: got == [0], 20, "the first push handled")
+        armed[0] = 1
+        with pytest.raises(KeyboardInterrupt):
+            pusher.push("q", 1, durable=True)
+        assert armed == [0]
+        pusher.push("q", 2, durable=True)
+        wait_until(lambda: 2 in got and stored(tmp_path) == 0, 20, "the pushes handled, the store emptied")
+        assert pusher.stats()["pipeline"]["durable_stored"] == 3
+    assert got == [0, 1, 2]

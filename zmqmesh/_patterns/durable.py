@@ -472,7 +472,19 @@ class DurableQueues:
             return 0
         for name in {t.queue for t in group}:
             self._overflowed_locked(name, upto, given + 1)
+            self._loaded_as_buffered(self.queues[name])
         return 1 if stored else 0
+
+    @staticmethod
+    def _loaded_as_buffered(queue: _Queue) -> None:
+        """Bring ``queue.loaded`` up to the last message its buffer holds: a commit
+        interrupted between its buffer's ``extend`` and noting it leaves ``loaded`` short,
+        and the loop would read those messages back and deal them twice (under the lock)."""
+        try:
+            last = queue.buffer[-1].seq
+        except IndexError:  # (empty, or emptied by the loop's sender meanwhile)
+            return
+        queue.loaded = max(queue.loaded, last)
 
     def _commit(self, calls: list[tuple[str, Entries]]) -> None:
         """One transaction for the messages of ``calls``, then into their buffers. Calls
