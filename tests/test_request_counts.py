@@ -484,3 +484,33 @@ def test_a_request_interrupted_as_it_went_counts_as_sent_and_abandoned(
         assert node.request("echo", 2, timeout=10) == 2  # (the node serves on)
         counts = node.stats()["request"]
     assert (counts["sent"], counts["received"], counts["abandoned"]) == (3, 2, 1), counts
+
+
+def test_a_request_interrupted_before_its_frames_went_counts_as_never_sent(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C's KeyboardInterrupt while a blocking request's frames were made, before
+    any went: it was counted as sent and abandoned, and its provider never had it (sent
+    3, received 2, abandoned 1; the provider received 2). It did not go: not counted."""
+    from zmqmesh._patterns.reqrep import Exchange
+
+    provider, _release = held
+    real_frames = Exchange.frames
+    interrupts = [1]
+
+    def frames_interrupted(self: Exchange, request_id: bytes) -> list[bytes]:
+        if interrupts[0]:
+            interrupts[0] -= 1
+            raise KeyboardInterrupt
+        return real_frames(self, request_id)
+
+    with zmqmesh.Node("caller", **mesh) as node:
+        node.wait_for_service("echo", timeout=10)
+        assert node.request("echo", 0) == 0
+        monkeypatch.setattr(Exchange, "frames", frames_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            node.request("echo", 1, timeout=30)
+        assert interrupts == [0]
+        assert node.request("echo", 2, timeout=10) == 2  # (the node serves on)
+        counts = node.stats()["request"]
+        received = provider.stats()["service"]["received"]
+    assert (counts["sent"], counts["received"], counts.get("abandoned", 0), received) == (2, 2, 0, 2), (counts, received)

@@ -100,9 +100,10 @@ class ThreadRequester:
                         self._prune()
                     sock = self.sockets.get(provider.id) or self._connect(provider)
                     request_id = next(self._ids).to_bytes(8, "big")
+                    frames = step.frames(request_id)  # (made before: an interrupt meanwhile sent nothing)
                     sending = True
                     try:
-                        send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
+                        send_frames(sock, frames, copy=len(step.body) < wire.LARGE_FRAME)
                     except zmq.Again:
                         sending = False
                         # one request of this thread in flight at most: a DEALER that refuses one is
@@ -112,7 +113,7 @@ class ThreadRequester:
                         self._forget_socket(provider.id)
                         sock = self._connect(provider)
                         sending = True
-                        send_frames(sock, step.frames(request_id), copy=len(step.body) < wire.LARGE_FRAME)
+                        send_frames(sock, frames, copy=len(step.body) < wire.LARGE_FRAME)  # (none of them went)
                 except BaseException as exc:
                     if sending and not isinstance(exc, Exception):  # interrupted (a Ctrl-C) as it went: gone,
                         engine.stats.count_sent(self.tally, 1)  # and its caller no longer waits
