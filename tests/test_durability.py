@@ -1694,3 +1694,38 @@ def test_a_durable_push_interrupted_once_its_message_was_buffered_delivers_it_on
         wait_until(lambda: 2 in got and stored(tmp_path) == 0, 20, "the pushes handled, the store emptied")
         assert pusher.stats()["pipeline"]["durable_stored"] == 3
     assert got == [0, 1, 2]
+
+
+def test_a_durable_push_interrupted_before_its_transaction_leaves_later_ones_to_the_buffer(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C's KeyboardInterrupt before a durable push's transaction (nothing stored):
+    its queue was marked as holding more in the store than in its buffer all the same,
+    and stayed so, held in memory: the next push went to the store only, to be read back
+    (durable_spilled 1). Now a commit that stored nothing leaves its queues as they were."""
+    from zmqmesh._store.database import Database
+
+    real_commit = Database.commit
+    armed = [0]
+
+    def interrupted_commit(self: Database, work: Any, single: bool = False) -> None:
+        if armed[0] and threading.current_thread() is threading.main_thread():
+            armed[0] = 0
+            raise KeyboardInterrupt
+        real_commit(self, work, single)
+
+    monkeypatch.setattr(Database, "commit", interrupted_commit)
+    got: list[int] = []
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.wait_for_pullers("q", timeout=10)
+        pusher.push("q", 0, durable=True)
+        wait_until(lambda: got == [0], 20, "the first push handled")
+        armed[0] = 1
+        with pytest.raises(KeyboardInterrupt):
+            pusher.push("q", 1, durable=True)
+        assert armed == [0]
+        pusher.push("q", 2, durable=True)
+        wait_until(lambda: got == [0, 2] and stored(tmp_path) == 0, 20, "the push after handled, the store emptied")
+        pipeline = pusher.stats()["pipeline"]
+    assert (pipeline["durable_stored"], pipeline.get("durable_spilled", 0)) == (2, 0), pipeline

@@ -470,10 +470,12 @@ class DurableQueues:
         except Exception as exc:  # (the store failed: what it holds is read back at the next refill)
             log.warning("after an interrupted durable commit, the store cannot be read: %s", exc)
             return 0
+        if not stored:  # (nothing to read back: a queue marked overflowed would stay so, its next push spilled)
+            return 0
         for name in {t.queue for t in group}:
             self._overflowed_locked(name, upto, given + 1)
             self._loaded_as_buffered(self.queues[name])
-        return 1 if stored else 0
+        return 1
 
     @staticmethod
     def _loaded_as_buffered(queue: _Queue) -> None:
