@@ -422,6 +422,9 @@ def _durable_columns(items: list[Any]) -> tuple[tuple[tuple[Any, ...], ...], boo
     without headers (as `_valid_item` checks it), found with no Python step per item; else
     None (the batch is then checked item by item: in-memory items, headers, or a malformed
     one)."""
+    first = items[0] if items else None
+    if type(first) is not list or len(first) != DURABLE_ITEM_FIELDS:  # (an in-memory batch: no look at all of it)
+        return None
     if set(map(type, items)) != {list} or max(map(len, items)) != DURABLE_ITEM_FIELDS:
         return None
     columns = tuple(zip(*items))
