@@ -78,7 +78,7 @@ def test_a_calls_segment_joined_from_its_packed_ids_is_the_segment_msgpack_packs
     pack = msgpack.Packer().pack
     headers = msgpack.packb({"h": "1" * 40})
     calls: list[tuple[str, Entries]] = []
-    for n in (1, 15, 16, 17, 300, SEGMENT_MAX + 5):
+    for n in (1, 15, 16, 17, 31, 32, 33, 300, SEGMENT_MAX + 5):
         for head in (None, headers):
             for longest in (0, 255, 256):
                 ids = [f"id-{n}-{i}" + "\u00e9" * (i % 40) for i in range(n)]

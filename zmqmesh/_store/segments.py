@@ -37,6 +37,9 @@ def stored(part: Entries) -> bytes:
     return packed
 
 
+_JOINED_FROM = 32
+"""The fewest messages `_joined` joins: below, `packb` is quicker (one message 0.8 us
+against 1.8 us joined; 16 messages 2.7 against 3.1 us; 256: 30.8 against 20.2 us)."""
 _ROW = b"\x94"  # msgpack's fixarray header of 4 items: a stored message's [id, timestamp, headers, body]
 _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, by the length it heads
 
@@ -46,9 +49,9 @@ def _joined(part: Entries) -> bytes | None:
     packed already (`Entries.packed_ids`, also used for their wire forms) without packing
     each message again: when they share one float timestamp and their headers (the
     messages of a push call do), none is marked and every body is shorter than 256 bytes
-    (a bin 8). None otherwise (then packed as ever)."""
+    (a bin 8), and they are `_JOINED_FROM` or more. None otherwise (then packed as ever)."""
     ids, n = part.packed_ids, len(part)
-    if ids is None or not n or any(part.marked):
+    if ids is None or n < _JOINED_FROM or any(part.marked):
         return None
     stamp, head = part.stamps[0], part.headers[0]
     if type(stamp) is not float or part.stamps.count(stamp) != n or part.headers.count(head) != n:
@@ -64,15 +67,8 @@ def _joined(part: Entries) -> bytes | None:
     pieces[1::4] = ids
     pieces[2::4] = map(heads.__getitem__, lengths)
     pieces[3::4] = part.bodies
-    pieces[0] = _array_header(n) + _ROW
+    pieces[0] = b"\xdc" + n.to_bytes(2, "big") + _ROW  # (msgpack's array 16: `_JOINED_FROM` to `SEGMENT_MAX` items)
     return b"".join(pieces)
-
-
-def _array_header(n: int) -> bytes:
-    """msgpack's header of an array of ``n`` items."""
-    if n < 16:
-        return bytes((0x90 | n,))
-    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
 
 
 def attempted(first: int, part: Entries) -> list[tuple[int, int]]:
