@@ -517,3 +517,75 @@ def test_a_second_signal_during_an_async_stop_does_not_cut_it_short(mesh: dict[s
             proc.wait()
     assert proc.returncode == 0 and out.splitlines()[:1] == ["stopped False"], f"{proc.returncode}: {out!r} {err[-1500:]}"
     assert "Traceback" not in err, err[-1500:]
+
+
+SERVING_IGNORING = """
+import asyncio, signal, sys, zmqmesh
+
+def dispositions(msg):
+    return [str(signal.getsignal(sig)) for sig in (signal.SIGINT, signal.SIGTERM)]
+
+def run_forever():
+    node = zmqmesh.Node("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    node.service("dispositions", dispositions)
+    node.service("ping", lambda msg: "pong")
+    print("serving", flush=True)
+    node.run_forever()
+    return node
+
+async def serve_forever():
+    node = zmqmesh.AsyncNode("server", mesh=sys.argv[1], beacon_port=int(sys.argv[2]))
+    node.service("dispositions", dispositions)
+    node.service("ping", lambda msg: "pong")
+    print("serving", flush=True)
+    await node.serve_forever()
+    return node
+
+node = run_forever() if sys.argv[3] == "Node.run_forever" else asyncio.run(serve_forever())
+print("stopped", node.running, *dispositions(None), flush=True)
+"""
+
+STARTED_IGNORING = """
+import os, signal, sys
+signal.signal(int(sys.argv[1]), signal.SIG_IGN)  # (a parent that ignores it, as a shell does for a script's background job's SIGINT)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+@pytest.mark.parametrize("serve", ["Node.run_forever", "AsyncNode.serve_forever"])
+@pytest.mark.parametrize(("ignored", "other"), [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)],
+                         ids=["SIGTERM ignored", "SIGINT ignored"])
+def test_a_signal_ignored_when_serving_began_stays_ignored(serve: str, ignored: int, other: int,
+                                                           mesh: dict[str, Any]) -> None:
+    """A process started with SIGTERM or SIGINT ignored (by a parent that ignored it: a
+    shell script's background job ignores SIGINT) kept it ignored until it served: `Node.run_forever` and
+    `AsyncNode.serve_forever` put their handler in place for it anyway, and that signal
+    stopped the node (in 0.03 s) against what the one who started the process asked. It
+    stays ignored while the node serves and after; the other signal still ends it."""
+    import zmqmesh
+
+    proc = subprocess.Popen([sys.executable, "-c", STARTED_IGNORING, str(int(ignored)), "-c", SERVING_IGNORING,
+                             mesh["mesh"], str(mesh["beacon_port"]), serve],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ignoring = str(signal.SIG_IGN)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "serving"
+        with zmqmesh.Node("client", **mesh) as client:
+            client.wait_for_service("dispositions", timeout=15)
+            serving = client.request("dispositions", timeout=10)
+            assert serving[[signal.SIGINT, signal.SIGTERM].index(ignored)] == ignoring, serving
+            assert serving[[signal.SIGINT, signal.SIGTERM].index(other)] != ignoring, serving
+            proc.send_signal(ignored)  # (dropped by the system: the process ignores it)
+            assert client.request("ping", timeout=10) == "pong"
+            assert proc.poll() is None
+            proc.send_signal(other)
+            out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-1500:]
+    stopped = out.split()
+    assert stopped[:2] == ["stopped", "False"] and ignoring in stopped[2:], out + err[-1500:]
+    assert "Traceback" not in err, err[-1500:]

@@ -27,7 +27,7 @@ from ._engine.api import (
     check_timeout,
     check_window,
 )
-from ._io.serving import served, serving
+from ._io.serving import not_ignored, served, serving
 from .config import NodeConfig, check_switch
 from .errors import NodeClosedError, ZmqMeshError
 from .message import Peer
@@ -45,17 +45,18 @@ class _ServingHandlers:
     (`AsyncNode.serve_forever`). A loop holds one handler per signal, so the first node
     to serve puts in place one that wakes every node serving there (each node's own
     replaced the one before: a signal reached only the last, and the others served on);
-    the last to end takes it away and puts back what it replaced."""
+    the last to end takes it away and puts back what it replaced. A signal the process
+    ignores gets none (`not_ignored`): it stays ignored."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         """Put the handlers in place on ``loop``. Raises `ZmqMeshError` for a loop that
         cannot take them (``add_signal_handler`` unsupported), with none left in place."""
         self.loop = loop
         self.woken: list[asyncio.Event] = []  # one per node serving
-        self.replaced = {sig: signal.getsignal(sig) for sig in _SIGNALS}
-        placed: list[signal.Signals] = []
+        self.replaced = {sig: signal.getsignal(sig) for sig in not_ignored(_SIGNALS)}
+        placed: list[int] = []
         try:
-            for sig in _SIGNALS:
+            for sig in self.replaced:
                 loop.add_signal_handler(sig, self._wake)
                 placed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError) as exc:
@@ -72,9 +73,9 @@ class _ServingHandlers:
         SIGINT one, a program's own): removed, a loop's leaves Python's default handler,
         or the system's. One that a loop's ``add_signal_handler`` had put in place went
         with the handler it stood for: the default stays."""
-        self._take_away(_SIGNALS)
+        self._take_away(self.replaced)
 
-    def _take_away(self, signals: Iterable[signal.Signals]) -> None:
+    def _take_away(self, signals: Iterable[int]) -> None:
         for sig in signals:
             self.loop.remove_signal_handler(sig)
             previous = self.replaced[sig]
@@ -267,8 +268,10 @@ class AsyncNode(NodeBase):
         are back (asyncio.run's SIGINT handler, say; not one that the loop's
         ``add_signal_handler`` had put in place: that one is removed). A child forked
         meanwhile gets the previous ones back, and no longer hands its signals to this
-        loop. Raises `ZmqMeshError` on a loop that another thread than the main one
-        runs, or on one that cannot take them (``add_signal_handler`` unsupported), before
+        loop. A signal ignored when the first of them is called (inherited from a parent
+        that ignored SIGTERM or SIGINT: a shell script's background job ignores SIGINT)
+        stays ignored: only the other one, or a `stop`, ends them. Raises `ZmqMeshError`
+        on a loop that another thread than the main one runs, or on one that cannot take them (``add_signal_handler`` unsupported), before
         it starts anything; and what `start` raises.
         """
         if threading.current_thread() is not threading.main_thread():
@@ -279,7 +282,7 @@ class AsyncNode(NodeBase):
             handlers = _SERVING_ON[loop] = _ServingHandlers(loop)
         signalled = asyncio.Event()
         handlers.woken.append(signalled)
-        serving({sig: (signal.getsignal(sig), handlers.replaced[sig]) for sig in _SIGNALS}, wakeup_fd=True)
+        serving({sig: (signal.getsignal(sig), replaced) for sig, replaced in handlers.replaced.items()}, wakeup_fd=True)
         try:
             await self.start()
             while self.running and not signalled.is_set():

@@ -30,7 +30,7 @@ from ._engine.api import (
     check_window,
 )
 from ._io.reactor import Reactor, run_on
-from ._io.serving import served, serving
+from ._io.serving import not_ignored, served, serving
 from ._io.stop_flag import StopFlag
 from .config import NodeConfig, check_switch
 from .errors import NodeClosedError, ZmqMeshError
@@ -298,6 +298,9 @@ class Node(NodeBase):
         (a signal then only asks for the stop, once), and restores the previous ones
         after (a child forked meanwhile gets the previous ones back); so it must be called
         from the main thread: raises `ZmqMeshError` from any other, and what `start` raises.
+        A signal ignored when it is called (inherited from a parent that ignored SIGTERM
+        or SIGINT: a shell script's background job ignores SIGINT) stays ignored: only
+        the other one, or a `stop` from another thread, ends it.
         """
         if threading.current_thread() is not threading.main_thread():
             raise ZmqMeshError("run_forever() handles SIGINT and SIGTERM: call it from the main thread")
@@ -305,7 +308,7 @@ class Node(NodeBase):
 
         stop = StopFlag()  # (not a threading.Event: see StopFlag)
         handler = stop.set
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.getsignal(sig) for sig in not_ignored((signal.SIGINT, signal.SIGTERM))}
         serving({sig: (handler, replaced) for sig, replaced in previous.items()})  # (put back in a forked child)
         try:
             for sig in previous:

@@ -1,6 +1,6 @@
 """The SIGINT and SIGTERM handlers a serving node (`Node.run_forever`,
 `AsyncNode.serve_forever`) puts in place for the time it serves, taken back in a child
-forked meanwhile.
+forked meanwhile; none for a signal the process ignores (`not_ignored`).
 
 A forked child inherits its parent's signal handlers, and those of a serving node only ask
 the parent's node to stop: the child would ignore SIGINT and SIGTERM (``Process.terminate()``
@@ -11,16 +11,26 @@ the parent, through which the child's signals would reach the parent's loop.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["serving", "served"]
+__all__ = ["not_ignored", "serving", "served"]
 
 # signal number -> (the handler a serving node put in place, the handler it replaced), while
 # it serves
 _IN_PLACE: dict[int, tuple[Any, Any]] = {}
 _WAKEUP_FD = [False]  # whether asyncio set a wake-up descriptor for them
 _SERVING = [0]  # how many nodes serve (AsyncNodes on one loop may serve together)
+
+
+def not_ignored(signals: Iterable[int]) -> tuple[int, ...]:
+    """Of ``signals``, those the process does not ignore: a serving node handles only
+    these. One ignored (``SIG_IGN``, inherited from a parent that ignored it: a shell
+    script's background job ignores SIGINT) stays ignored, as the one who started the
+    process asked. Call from the main thread. Never raises."""
+    import signal  # (already loaded by the caller, which handles the others with it)
+
+    return tuple(sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN)
 
 
 def serving(handlers: Mapping[int, tuple[Any, Any]], wakeup_fd: bool = False) -> None:
