@@ -41,44 +41,27 @@ import json
 import logging
 import os
 import random
-import signal
 import sys
 import threading
 import time
 from typing import Any
 
+from _soak_common import Control, Pace, run_node, say
+
 import zmqmesh
-from zmqmesh import StopFlag
-
-_OUT = threading.Lock()
 
 
-def say(*parts: object) -> None:
-    line = " ".join(str(p) for p in parts) + "\n"
-    with _OUT:  # handlers and the pushing thread print concurrently: one write per line
-        sys.stdout.write(line)
-        sys.stdout.flush()
-
-
-def control(quiesce: threading.Event, stop: StopFlag, burst: list[int]) -> None:
-    for line in sys.stdin:
-        word, _, arg = line.strip().partition(" ")
-        if word == "QUIESCE":
-            quiesce.set()
-        elif word == "BURSTSTOP":
-            burst.append(int(arg))
-            break
-        elif word == "STOP":
-            break
-    quiesce.set()
-    stop.set()
+def burst_asked(control: Control) -> int | None:
+    """How many a ``BURSTSTOP N`` line asked to push before the stop (None: no such line)."""
+    word, _, arg = (control.ended_by or "").partition(" ")
+    return int(arg) if word == "BURSTSTOP" else None
 
 
 def push_numbered(node: zmqmesh.Node, spec: dict[str, Any], quiesce: threading.Event, nxt: list[int]) -> None:
     """Push until ``quiesce``, paced at spec["rate"]; ``nxt[0]`` is the next number to push."""
     name, queue, rate, batch = spec["name"], spec["queue"], float(spec["rate"]), int(spec["batch"])
     rng = random.Random()
-    due = time.monotonic()
+    pace = Pace(rate, quiesce)
     while not quiesce.is_set():
         n = rng.choice((1, rng.randint(1, batch)))
         first = nxt[0]
@@ -94,12 +77,7 @@ def push_numbered(node: zmqmesh.Node, spec: dict[str, Any], quiesce: threading.E
             continue
         nxt[0] = first + n
         say("PUSHED", first, first + n)
-        due += n / rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            quiesce.wait(delay)
-        elif delay < -1.0:
-            due = time.monotonic()
+        pace.after(n)
 
 
 def build(spec: dict[str, Any]) -> zmqmesh.Node:
@@ -135,11 +113,8 @@ def main() -> None:
                             datefmt="%H:%M:%S")
     born = time.monotonic()
     max_life = float(spec.get("max_life", 900))
-    stop = StopFlag()  # (set by the SIGTERM handler: a threading.Event there can deadlock)
-    signal.signal(signal.SIGTERM, stop.set)
-    quiesce = threading.Event()
-    burst: list[int] = []
-    threading.Thread(target=control, args=(quiesce, stop, burst), name="soak-control", daemon=True).start()
+    control = Control(enders=("STOP", "BURSTSTOP"))
+    stop, quiesce = control.stop, control.quiesce
 
     node = build(spec)
     node.start()
@@ -169,11 +144,12 @@ def main() -> None:
     quiesce.set()
     if pushing is not None:
         pushing.join(30.0)
-        if burst:
+        burst = burst_asked(control)
+        if burst is not None:
             first = nxt[0]
-            node.push_many(spec["queue"], [{"p": spec["name"], "i": i} for i in range(first, first + burst[0])],
+            node.push_many(spec["queue"], [{"p": spec["name"], "i": i} for i in range(first, first + burst)],
                            durable=True)
-            say("PUSHED", first, first + burst[0])
+            say("PUSHED", first, first + burst)
     node.stop(timeout=5.0)
     stats = node.stats()
     say("STOPPED", json.dumps({"pipeline": stats["pipeline"], "rejected": stats.get("rejected", {})},
@@ -183,8 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # make the reason visible to the harness
-        say("ERROR", type(exc).__name__, str(exc).replace("\n", " "))
-        raise
+    run_node(main)

@@ -39,22 +39,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import time
 
+from _soak_common import Control, Pace, run_node, say
+
 import zmqmesh
-from zmqmesh import StopFlag
-
-_OUT = threading.Lock()
-
-
-def say(*parts: object) -> None:
-    line = " ".join(str(p) for p in parts) + "\n"
-    with _OUT:  # handlers and traffic threads print concurrently: one write per line
-        sys.stdout.write(line)
-        sys.stdout.flush()
 
 
 def now() -> str:
@@ -97,18 +88,12 @@ def paced(rate: float, quiesce: threading.Event, step) -> None:
     """Call ``step(i)`` ``rate`` times a second until ``quiesce``; never bursts to catch up."""
     if rate <= 0:
         return
-    period = 1.0 / rate
-    nxt = time.monotonic()
+    pace = Pace(rate, quiesce)
     i = 0
     while not quiesce.is_set():
         step(i)
         i += 1
-        nxt += period
-        delay = nxt - time.monotonic()
-        if delay > 0:
-            quiesce.wait(delay)
-        elif delay < -1.0:
-            nxt = time.monotonic()
+        pace.after()
 
 
 def main() -> None:
@@ -120,21 +105,8 @@ def main() -> None:
     born = time.monotonic()
     max_life = float(spec.get("max_life", 600))
 
-    stop = StopFlag()  # (set by the SIGTERM handler: a threading.Event there can deadlock)
-    quiesce = threading.Event()
-    signal.signal(signal.SIGTERM, stop.set)
-
-    def control() -> None:
-        for line in sys.stdin:
-            word = line.strip()
-            if word == "QUIESCE":
-                quiesce.set()
-            elif word == "STOP":
-                break
-        quiesce.set()
-        stop.set()
-
-    threading.Thread(target=control, name="soak-control", daemon=True).start()
+    control = Control()
+    stop, quiesce = control.stop, control.quiesce
 
     counters = Counters()
     node = zmqmesh.Node(name, **spec["options"])
@@ -306,8 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # make the reason visible to the harness
-        say("ERROR", type(exc).__name__, str(exc).replace("\n", " "))
-        raise
+    run_node(main)

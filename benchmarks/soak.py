@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -57,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from _bench_proc import free_udp_port
+from _soak_common import HarnessError, NodeProcess
 
 HERE = Path(__file__).resolve().parent
 NODE = HERE / "_soak_node.py"
@@ -68,7 +68,7 @@ def note(text: str) -> None:
     sys.stdout.flush()
 
 
-class Instance:
+class Instance(NodeProcess):
     """One node process (a victim restarted is a new Instance), read line by line."""
 
     def __init__(self, name: str, role: str, serial: int, spec: dict[str, Any]) -> None:
@@ -77,13 +77,6 @@ class Instance:
         self.serial = serial
         self.label = f"{name}#{serial}"
         self.started = time.time()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", str(NODE), json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=env, start_new_session=True,
-        )
-        self.pid = self.proc.pid
         self.id: str | None = None
         self.ready_t: float | None = None
         self.traffic_t: float | None = None
@@ -100,24 +93,15 @@ class Instance:
         self.quiesced: dict[str, Any] | None = None
         self.final: dict[str, Any] | None = None
         self.stopped_line = False
-        self.problems: list[str] = []
         self.stderr_tail: deque[str] = deque(maxlen=40)
         self.tracebacks: list[str] = []
         self.rss: list[tuple[float, int]] = []
-        self._out = threading.Thread(target=self._read_stdout, daemon=True)
+        super().__init__(NODE, spec, stderr=subprocess.PIPE)
+        self.pid = self.proc.pid
         self._err = threading.Thread(target=self._read_stderr, daemon=True)
-        self._out.start()
         self._err.start()
 
     # -- reading -----------------------------------------------------------------------------
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self._parse(line.rstrip("\n"))
-            except Exception as exc:  # a torn line from a killed process: keep reading
-                self.problems.append(f"unparsable line {line[:120]!r}: {exc}")
 
     def _parse(self, line: str) -> None:
         word, _, rest = line.partition(" ")
@@ -173,17 +157,6 @@ class Instance:
 
     # -- control -----------------------------------------------------------------------------
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, word: str) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(word + "\n")
-            self.proc.stdin.flush()
-        except (OSError, ValueError):
-            pass
-
     def kill(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -206,7 +179,7 @@ class Instance:
             pass
 
     def join_readers(self, timeout: float) -> None:
-        self._out.join(timeout)
+        self.join_stdout(timeout)
         self._err.join(max(0.1, timeout / 2))
 
     def end_of_life(self) -> float:
@@ -353,12 +326,7 @@ class Soak:
             if inst.alive():
                 inst.kill()
         for inst in self.instances:
-            for stream in (inst.proc.stdin, inst.proc.stdout, inst.proc.stderr):
-                try:
-                    if stream is not None:
-                        stream.close()
-                except OSError:
-                    pass
+            inst.close_pipes()
 
     # -- analysis ----------------------------------------------------------------------------
 
@@ -555,10 +523,6 @@ class Soak:
             "restart_to_traffic_s_max": round(max(rejoin), 2) if rejoin else None,
             "problems": problems[:8],
         }
-
-
-class HarnessError(Exception):
-    """The soak could not be run (as opposed to a check failing)."""
 
 
 def summary_line(name: str, r: dict[str, Any]) -> str:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -58,7 +57,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -67,6 +65,7 @@ from typing import Any
 
 import msgpack
 from _bench_proc import free_udp_port
+from _soak_common import HarnessError, NodeProcess
 
 import zmqmesh
 
@@ -82,11 +81,7 @@ def note(text: str) -> None:
     sys.stdout.flush()
 
 
-class HarnessError(Exception):
-    """The soak could not be run (as opposed to a check failing)."""
-
-
-class Instance:
+class Instance(NodeProcess):
     """One node process (a restart is a new Instance), its stdout read line by line."""
 
     def __init__(self, name: str, role: str, serial: int, spec: dict[str, Any], log: Path) -> None:
@@ -94,11 +89,6 @@ class Instance:
         self.label = f"{name}#{serial}"
         self.log = log
         self._err = open(log, "w")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", str(NODE), json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-        )
         self.ready = False
         self.pushed: list[tuple[int, int]] = []
         self.push_errors: list[str] = []
@@ -108,19 +98,9 @@ class Instance:
         self.quiesced: int | None = None
         self.stopped: dict[str, Any] | None = None
         self.stats: dict[str, Any] = {}
-        self.problems: list[str] = []
         self.killed_at: float | None = None
         self.stop_sent: float | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self._parse(line.rstrip("\n"))
-            except Exception as exc:  # a torn line from a killed process: keep reading
-                self.problems.append(f"unparsable line {line[:120]!r}: {exc}")
+        super().__init__(NODE, spec, stderr=self._err)
 
     def _parse(self, line: str) -> None:
         word, _, rest = line.partition(" ")
@@ -148,31 +128,20 @@ class Instance:
         elif word in ("ERROR", "WATCHDOG") or line.strip():
             self.problems.append(line[:300])
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, line: str) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-        except (OSError, ValueError):
-            pass
-
     def kill(self) -> None:
         """SIGKILL, then read what it printed to the end (its last numbers count)."""
         if self.proc.poll() is None:
             self.killed_at = time.time()
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-        self._reader.join(5)
+        self.join_stdout(5)
 
     def wait_exit(self, timeout: float) -> bool:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return False
-        self._reader.join(5)
+        self.join_stdout(5)
         return True
 
     def next_number(self) -> int:
@@ -186,12 +155,7 @@ class Instance:
         return [chunk[:600] for chunk in text.split("Traceback")[1:] if "RuntimeError: poison" not in chunk]
 
     def close(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
+        self.close_pipes()
         self._err.close()
 
 
