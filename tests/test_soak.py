@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,18 +14,24 @@ SOAK = Path(__file__).resolve().parent.parent / "benchmarks" / "soak.py"
 CHECKS = {"departures", "aq_delivery", "requests", "pubsub", "pushes", "rss", "health"}
 
 
-@pytest.mark.timeout(120)
-def test_soak_with_kills() -> None:
+def run_soak(script: Path, args: list[str], timeout: float) -> tuple[subprocess.CompletedProcess[str], str,
+                                                                    list[dict[str, Any]]]:
+    """Run the soak ``script`` with ``args`` for at most ``timeout`` seconds (past them the
+    test fails, with the output so far): the finished process, its output (stdout, then
+    stderr) and its JSON records (its lines starting ``{"soak"``)."""
     try:
-        done = subprocess.run(
-            [sys.executable, str(SOAK), "--duration", "20", "--kill-every", "7"],
-            capture_output=True, text=True, timeout=110,
-        )
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:  # the soak's children stop when its pipes close
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        pytest.fail(f"the soak did not finish within 110 s; output so far:\n{out[-4000:]}")
+        pytest.fail(f"{script.name} did not finish within {timeout:g} s; output so far:\n{out[-4000:]}")
     output = done.stdout + ("\n" + done.stderr if done.stderr else "")
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"soak"')]
+    return done, output, records
+
+
+@pytest.mark.timeout(120)
+def test_soak_with_kills() -> None:
+    done, output, records = run_soak(SOAK, ["--duration", "20", "--kill-every", "7"], timeout=110)
     checks = {r["check"]: r for r in records if r.get("soak") == "check"}
     summary = [r for r in records if r.get("soak") == "summary"]
     assert done.returncode == 0, f"soak exited {done.returncode}:\n{output[-6000:]}"
@@ -46,17 +53,9 @@ def test_durable_soak_with_kills() -> None:
     """benchmarks/soak_durable.py, briefly: pushers, pullers and keepers SIGKILLed and
     restarted on their stores, a pusher's clean stop handing over to the keepers, a
     puller frozen past its ack timeout, poison messages; nothing lost, every check passes."""
-    try:
-        done = subprocess.run(
-            [sys.executable, str(DURABLE_SOAK), "--duration", "20", "--kill-every", "3", "--cycle-every", "6",
-             "--freeze-every", "7", "--poison-every", "200", "--rate", "150", "--seed", "7"],
-            capture_output=True, text=True, timeout=140,
-        )
-    except subprocess.TimeoutExpired as exc:  # the soak's children stop when its pipes close
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        pytest.fail(f"the durable soak did not finish within 140 s; output so far:\n{out[-4000:]}")
-    output = done.stdout + ("\n" + done.stderr if done.stderr else "")
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"soak"')]
+    done, output, records = run_soak(DURABLE_SOAK, ["--duration", "20", "--kill-every", "3", "--cycle-every", "6",
+                                                    "--freeze-every", "7", "--poison-every", "200", "--rate", "150",
+                                                    "--seed", "7"], timeout=140)
     assert done.returncode == 0 and records, f"durable soak exited {done.returncode}:\n{output[-6000:]}"
     result = records[-1]
     assert result["ok"] is True and DURABLE_CHECKS <= set(result), output[-6000:]
