@@ -723,6 +723,33 @@ def test_a_poison_message_in_a_batch_is_dead_lettered_alone(tmp_path: Path, mesh
     assert dead == ["poison"]
 
 
+def test_durable_batches_of_any_size_reach_an_in_place_handler_as_the_same_messages(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """Below 16 items a durable batch is made into messages item by item, from 16 as columns
+    (`_COLUMNS_FROM`): on both sides of that line a handler run in place gets the same
+    messages, with their ids, timestamps, attempts and marks, one batch at a time."""
+    got: list[zmqmesh.Message] = []
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("orders", got.append, at_least_once=True)
+    sizes = (1, 2, 15, 16, 17, 40)
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        pusher.wait_for_pullers("orders", 1, timeout=10)
+        for size in sizes:
+            before, pushed_at = len(got), time.time()
+            pusher.push_many("orders", [{"size": size, "n": n} for n in range(size)], durable=True)
+            wait_until(lambda size=size, before=before: len(got) == before + size, 20, f"a batch of {size}")
+            batch = got[before:]
+            assert [m.data for m in batch] == [{"size": size, "n": n} for n in range(size)]
+            for msg in batch:
+                assert (msg.pattern, msg.queue, msg.redelivered, msg.attempts, msg.headers) == \
+                    ("pipeline", "orders", False, 0, {}), size
+                assert msg.sender is not None and msg.sender.name == "pusher"
+                assert type(msg.timestamp) is float and pushed_at - 1 <= msg.timestamp <= time.time() + 1, size
+            assert len({m.id for m in batch}) == size and all(m.id for m in batch), size
+        wait_until(lambda: stored(tmp_path) == 0, 20, "every batch acknowledged")
+    assert len({m.id for m in got}) == sum(sizes)
+
+
 def test_a_poison_message_the_full_store_cannot_dead_letter_waits_and_moves_once_there_is_room(
         tmp_path: Path, mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     """The store is full, so the move of a message given up on to its dead-letter queue

@@ -98,7 +98,7 @@ class AckedIntake:
             self.reply(route, wire.STATUS_NO_SERVICE, b"")  # the pusher deals them elsewhere
             return
         items = self.codec.decode_batch(body)
-        checked = _durable_columns(items)
+        checked = _durable_columns(items) if len(items) >= _COLUMNS_FROM else None
         if checked is None and not all(map(_valid_item, items)):
             raise DecodeError("malformed at-least-once batch")
         columns, float_stamps = checked if checked is not None else (None, False)
@@ -414,6 +414,12 @@ class AckedIntake:
 
 
 _STAMP_TYPES = {float, int}
+_COLUMNS_FROM = 16
+"""The fewest items of a batch `AckedIntake.decode` checks and makes into messages as
+columns (`_durable_columns`, `durable_deliveries`): below, item by item is quicker (the
+check and the messages of one item 3.2 us as columns against 0.8 us item by item, 8: 5.3
+against 4.1, 16: 7.3 against 7.4, 256: 69 against 103), and a durable push a commit, one
+item a batch, paid the difference on every message."""
 
 
 def _durable_columns(items: list[Any]) -> tuple[tuple[tuple[Any, ...], ...], bool] | None:
