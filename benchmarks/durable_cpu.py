@@ -1,8 +1,8 @@
 """Durable batches' CPU per message, per process and thread, without wall time.
 
 A sync `Node` pusher (``store=`` a temporary directory) sends ``push_many(QUEUE, 256
-dicts of 64 B, durable=True)`` (``--flavor durable_batch``) or ``push`` in memory
-(``--flavor alo``) to a sync `Node`'s at-least-once ``def`` handler in another process,
+dicts of 64 B, durable=True)`` (``--flavor durable_batch``), ``push(..., durable=True)``
+of one (``--flavor durable``: a commit each) or ``push`` in memory (``--flavor alo``) to a sync `Node`'s at-least-once ``def`` handler in another process,
 as bench.py's ``durable/batch_vs_memory``. After a warm-up, each thread's CPU
 (``/proc/<pid>/task/<tid>/schedstat``, ns) is read before and after ``--n`` messages (the
 puller has handled the last one, and the pusher has forgotten them all) and reported per
@@ -22,6 +22,7 @@ its pushing thread.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -153,7 +154,7 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
 
     out = _profiling()
     collections = _Collections("push")
-    store = tempfile.TemporaryDirectory(prefix="durable-cpu-") if flavor == "durable_batch" else None
+    store = tempfile.TemporaryDirectory(prefix="durable-cpu-") if flavor != "alo" else None
     options = {"store": store.name} if store is not None else {}
     node = zmqmesh.Node("cpu-push", beacon_port=beacon_port, mesh=mesh, **options)
     with node:
@@ -165,7 +166,7 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
                     node.push_many(QUEUE, [{"id": i, "payload": PAYLOAD} for i in range(start, min(start + BATCH, hi))],
                                    durable=True)
             else:
-                push = node.push
+                push = functools.partial(node.push, durable=True) if flavor == "durable" else node.push
                 for i in range(lo, hi):
                     push(QUEUE, {"id": i, "payload": PAYLOAD})
 
@@ -313,7 +314,7 @@ def main() -> None:
     parser.add_argument("--role", default="main", choices=["main", "puller", "pusher"])
     parser.add_argument("--beacon-port", type=int, default=0)
     parser.add_argument("--mesh", default="")
-    parser.add_argument("--flavor", default="durable_batch", choices=["durable_batch", "alo"])
+    parser.add_argument("--flavor", default="durable_batch", choices=["durable_batch", "durable", "alo"])
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--warm", type=int, default=20_480)
     parser.add_argument("--rounds", type=int, default=3)
