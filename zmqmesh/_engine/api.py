@@ -924,9 +924,7 @@ class NodeBase:
         bodies = codec.encode_many(items)
         if not bodies:
             return None
-        from .._patterns.durable import Ticket  # (only a node with a store gets here)
-
-        return Ticket.of_call(queue, self._id_run(len(bodies)), time.time(), packed, bodies)
+        return engine.durable.ticket(queue, self._id_run(len(bodies)), time.time(), packed, bodies)
 
     def _push_deadline(self, timeout: float | None) -> float:
         """When a push given ``timeout`` (default ``push_timeout_s``) gives up. Raises

@@ -387,6 +387,14 @@ class DurableQueues:
         `StoreFullError`, `StoreError`: then none of them is stored."""
         self.commit_in_turn(Ticket(name, Entries.of_rows(entries)))
 
+    @staticmethod
+    def ticket(queue: str, ids: Sequence[str], stamp: float, headers: bytes | None, bodies: Sequence[bytes]) -> Ticket:
+        """The `Ticket` of one push call's fresh messages, to commit (`commit_in_turn`,
+        `submit`). (Asked of the node's queues: a function-level import of `Ticket` cost a
+        durable push 0.56 us, an AttributeError raised and caught by Python 3.11's import
+        of a name from a module.) Raises nothing."""
+        return Ticket.of_call(queue, ids, stamp, headers, bodies)
+
     def commit_in_turn(self, ticket: Ticket) -> None:
         """Commit ``ticket``'s messages, blocking the calling thread until they are stored;
         raises what kept them out (`StoreFullError`, `StoreError`).
