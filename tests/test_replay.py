@@ -511,6 +511,47 @@ def test_a_durable_subscriber_killed_while_it_reads_the_history_redelivers_at_mo
     publisher.close()
 
 
+def test_a_durable_subscribers_burst_cut_by_a_kill_and_trimmed_from_the_history_is_reported_as_a_gap(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """A subscriber killed while it handled a burst (100 messages, 40 handled) resumes after
+    its recorded place; the history, which keeps 20, has dropped that burst meanwhile, so
+    it cannot come again marked redelivered: it is counted missed in ``msg.gap``, the 40
+    handled with the 60 not (the subscriber cannot tell them apart), and nothing is skipped
+    unreported. (Found by benchmarks/soak_replay.py: "193 false gaps" over 11 lives of a
+    subscriber of histories of 300 a topic; docs/durability.md promised only that such a
+    burst comes again.)"""
+    out = tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+
+    def handled() -> list[tuple[int, int]]:
+        lines = out.read_text().split("\n")[:-1] if out.exists() else []  # (whole lines only)
+        return [(int(line.split()[1]), int(line.split()[3])) for line in lines]
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"app.": 20}, **mesh) as publisher:
+        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 0.02)
+        procs.append(subscriber)
+        subscriber.wait_for("ready")
+        publisher.wait_for_subscribers("app.0", 1)
+        publisher.publish_many("app.0", [{"n": i} for i in range(100)])
+        wait_until(lambda: len(handled()) >= 40, 30, "40 messages handled")
+        subscriber.kill()
+        before = handled()
+        publisher.publish_many("app.0", [{"n": i} for i in range(100, 200)])
+        wait_until(lambda: inspect_store(tmp_path / "publisher")["topics"]["app.0"]["first_seq"] >= 100, 10,
+                   "the first 100 trimmed")
+        again = worker("subscriber", tmp_path / "subscriber", name, port, out)
+        procs.append(again)
+        wait_until(lambda: handled() and handled()[-1][0] == 199, 30, "the rest")
+        after = handled()[len(before):]
+    first, gap = after[0]
+    reported = set(range(first - gap, first))
+    assert all(g == 0 for _n, g in before) and all(g == 0 for _n, g in after[1:])
+    assert first >= 100 and [n for n, _g in after] == list(range(first, 200))
+    assert {n for n, _g in before} | reported | {n for n, _g in after} == set(range(200)), "nothing unreported"
+    assert {n for n, _g in before} <= reported, "the burst the kill cut short, handled or not, is counted missed"
+    again.close()
+
+
 def _last_line_is(out: Path, n: int) -> bool:
     lines = out.read_text().split("\n")[:-1]  # (whole lines only: a write may be under way)
     return bool(lines) and int(lines[-1].split()[1]) == n

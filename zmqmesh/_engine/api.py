@@ -469,7 +469,8 @@ class NodeBase:
         * ``durable_name="name"`` (needs a store): the subscription remembers, per
           publisher and topic, the last message handled, and after a restart resumes right
           after it (a first start follows ``replay``). Messages that may have been handled
-          just before a crash come again with ``msg.redelivered`` set.
+          just before a crash come again with ``msg.redelivered`` set (those the history
+          dropped meanwhile are counted in ``msg.gap``, handled or not).
 
         A replaying subscription made again (after `unsubscribe`, or by a second call for
         the same prefix and handler) is a new one: it replays as its ``replay`` says; a
