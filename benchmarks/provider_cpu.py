@@ -7,7 +7,8 @@ inbox thread's user and system CPU per request (``/proc/<pid>/task/<tid>/stat``)
 CPU time (``schedstat``, in ns), per round, over ``--n`` requests; or, with
 ``--callgrind``, the provider runs under ``valgrind --tool=callgrind`` (instructions
 collected only while the measured requests run, per thread): the inbox thread's
-instructions per request, repeatable whatever the machine's load. ``--provider
+instructions per request, repeatable whatever the machine's load; with
+``PROVIDER_CPU_KEEP=<dir>``, callgrind's dumps are kept there (for ``callgrind_annotate``). ``--provider
 async_provider`` measures an `AsyncNode` with an ``async def`` handler instead (its
 loop's thread), ``--provider async_sync_provider`` one with a ``def`` handler (run on its
 worker thread: callgrind counts the busiest thread, the loop's). With ``PROVIDER_CPU_PROFILE=<file>`` set, yappi's profile (CPU clock) of
@@ -170,6 +171,10 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
         end_pair(cli, prov)
     if args.callgrind:
         result["instr"] = _inbox_instructions(out_dir) / args.n
+    keep = os.environ.get("PROVIDER_CPU_KEEP")  # (a directory: callgrind's dumps are moved there, for callgrind_annotate)
+    if keep and args.callgrind:
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.move(out_dir, keep)
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
 
