@@ -100,3 +100,35 @@ def test_bare_publisher_reaches_a_subscription_handler(ctx: zmq.Context, mesh: d
         wait_until(lambda: got, 10, "the bare publication")
         assert got == [("topic", b"raw", None)]
         pub.close(0)
+
+
+def test_one_frame_requests_from_more_callers_than_a_provider_keeps_are_each_answered_in_one_frame(
+        ctx: zmq.Context, mesh: dict[str, Any], monkeypatch: Any) -> None:
+    """A provider keeps the caller its one-frame requests name by routing id for up to
+    MAX_KNOWN_CALLERS of them (made 2 here), then starts afresh: each caller, kept or
+    made again, is answered in one frame, under its own request id."""
+    import zmqmesh
+    from zmqmesh._patterns.inbound import service_intake
+
+    monkeypatch.setattr(service_intake, "MAX_KNOWN_CALLERS", 2)
+    with zmqmesh.Node("provider", **mesh) as node:
+
+        @node.service("echo")
+        def echo(msg: Any) -> Any:
+            return msg.data
+
+        dealers = []
+        for k in range(5):
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.IDENTITY, b"caller-%d" % k)
+            dealer.connect(node.endpoints["service"])
+            dealers.append(dealer)
+        for round_ in range(2):
+            for k, dealer in enumerate(dealers):
+                request_id = b"r%d.%d" % (k, round_)
+                dealer.send(b"\x04echo" + bytes([len(request_id)]) + request_id + msgpack.packb([k, round_]))
+                assert dealer.poll(10_000), f"caller {k} got no reply"
+                reply = dealer.recv_multipart()
+                assert reply == [bytes([len(request_id)]) + request_id + b"\x00" + msgpack.packb([k, round_])]
+        for dealer in dealers:
+            dealer.close(0)

@@ -27,6 +27,7 @@ those of protocol 1, so a client written for it keeps working.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 
 from .._addresses import parse_tcp_endpoint
 from ..errors import ConfigError, DecodeError, EncodeError
@@ -357,11 +358,13 @@ def reply_frames(route: tuple[bytes, bytes], status: bytes, body: bytes) -> list
     return [route[0], route[1], status, body]
 
 
-def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, bytes, bytes | None] | None:
+def parse_request(frames: list[bytes], callers: Mapping[bytes, CompactCaller] | None = None
+                  ) -> tuple[tuple[bytes, bytes], bytes, bytes, bytes | None] | None:
     """``(route, service, body, meta)`` of a request as the ROUTER receives it (``meta``:
     the optional frame with headers and timestamp), or None if it is not one. (A request
     id past `MAX_REQUEST_ID_BYTES` is the receiver's to refuse: it can still answer it.)
-    A request in one frame gives a `CompactCaller` as the route's routing id."""
+    A request in one frame gives a `CompactCaller` as the route's routing id: ``callers``'s
+    for that routing id when given (a table that keeps those it made), else a new one."""
     count = len(frames)
     if count == 2:
         envelope = frames[1]
@@ -371,7 +374,8 @@ def parse_request(frames: list[bytes]) -> tuple[tuple[bytes, bytes], bytes, byte
         body_at = id_at + 1 + envelope[id_at]
         if len(envelope) < body_at:
             return None
-        return (CompactCaller(frames[0]), envelope[id_at + 1:body_at]), envelope[1:id_at], envelope[body_at:], None
+        caller = CompactCaller(frames[0]) if callers is None else callers[frames[0]]
+        return (caller, envelope[id_at + 1:body_at]), envelope[1:id_at], envelope[body_at:], None
     if count not in (4, 5):
         return None
     routing_id, service, request_id, body = frames[:4]

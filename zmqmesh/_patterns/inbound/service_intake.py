@@ -37,8 +37,26 @@ MAX_KNOWN_SERVICES = 256
 """Service names whose handler `ServiceIntake.service_of` keeps looked up (bounded: a caller
 may name any service)."""
 MAX_KNOWN_CALLERS = 1024
-"""Routing ids of callers whose node id `ServiceIntake` keeps read (bounded: each DEALER of
-a caller has one, and a stranger may make any)."""
+"""Routing ids of callers whose node id `ServiceIntake` keeps read, and of those whose
+`CompactCaller` it keeps made (bounded: each DEALER of a caller has one, and a stranger may
+make any)."""
+
+
+class _CompactCallers(dict[bytes, wire.CompactCaller]):
+    """Routing id: the `CompactCaller` that stands for it in the routes of its one-frame
+    requests (`wire.parse_request`), made at its first request and kept for up to
+    `MAX_KNOWN_CALLERS` routing ids (past it, the table starts afresh). One made per
+    request cost a copy of the routing id, and a hash of it again in the table of senders
+    (`ServiceIntake.sender_of`); one kept has its hash kept with it. (A caller is bytes,
+    never changed: one object may stand in any number of routes.)"""
+
+    __slots__ = ()
+
+    def __missing__(self, routing_id: bytes) -> wire.CompactCaller:
+        if len(self) >= MAX_KNOWN_CALLERS:
+            self.clear()
+        caller = self[routing_id] = wire.CompactCaller(routing_id)
+        return caller
 
 
 class ServiceIntake:
@@ -65,6 +83,7 @@ class ServiceIntake:
         self._services: dict[str, Callable[..., Any]] = {}  # the registry's table `_known` was looked up in
         self._known: dict[bytes, tuple[str, Callable[..., Any] | None]] = {}  # (`service_of`)
         self._senders: dict[bytes, str | None] = {}  # routing id: its node id (`sender_of`)
+        self._callers = _CompactCallers()  # (`decode_request`)
         self._lookup_peer = directory.lookup_peer  # (bound once: each request's message holds it)
         self.stats_service = StatsService(describe=describe, codec=codec, directory=directory, reply=reply)
         self.history_pages = HistoryPages(history=history, codec=codec, stats=stats, reply=reply)
@@ -82,7 +101,7 @@ class ServiceIntake:
     def decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
         """`decode`, for ``frames`` known to be no batch (a caller that looked already):
         one request. Raises what `decode` raises."""
-        request = wire.parse_request(frames)
+        request = wire.parse_request(frames, self._callers)
         if request is None:
             raise DecodeError("malformed request envelope")
         route, service_b, body, meta = request  # (a plain call, not one with *request: a frame less to build)
