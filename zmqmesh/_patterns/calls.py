@@ -127,9 +127,9 @@ _SERVING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("zmqm
 context variable: per thread, and per task on an event loop)."""
 
 
-def serving_chain() -> tuple[str, ...]:
-    """The nodes whose handlers wait, up the chain, for the request being served here."""
-    return _SERVING.get()
+serving_chain: Callable[[], tuple[str, ...]] = _SERVING.get
+"""The nodes whose handlers wait, up the chain, for the request being served here: the
+context variable's own ``get`` (asked by every call a node makes: no Python frame)."""
 
 
 def handler_raised(handler: Callable[..., Any]) -> int:
