@@ -678,6 +678,31 @@ def test_the_request_plan_waits_retries_idempotent_calls_and_decodes_replies() -
         failing.send((frames.STATUS_ERROR, info))
 
 
+@pytest.mark.parametrize("count", [1, 4, 7, 8, 9, 256, 300])
+def test_a_tallys_latencies_land_in_the_buckets_of_their_bounds_whatever_their_number(count: int) -> None:
+    """Each latency counts in the first bucket whose bound it does not pass (one on a bound
+    counts there, one past the last in +Inf), whether a tally adds few (one by one) or many
+    (sorted first: `_IN_ORDER_FROM`), and as `Stats.observe_request` adds one."""
+    from zmqmesh._stats import LATENCY_BOUNDS
+
+    edges = [0.0, *LATENCY_BOUNDS, *(b * 1.000001 for b in LATENCY_BOUNDS), 1e9]
+    rng = random.Random(count)
+    samples = [rng.choice(edges) if rng.random() < 0.5 else rng.uniform(0, 12) for _ in range(count)]
+    expected = [0] * (len(LATENCY_BOUNDS) + 1)
+    for seconds in samples:
+        expected[next((i for i, b in enumerate(LATENCY_BOUNDS) if seconds <= b), len(LATENCY_BOUNDS))] += 1
+    stats = Stats()
+    tally = RequestTally()
+    tally.waited["svc"] = list(samples)
+    stats.add_tally(tally)
+    for seconds in samples:
+        stats.observe_request("one", seconds)
+    for service in ("svc", "one"):
+        shown = stats.snapshot()["latency"][service]
+        assert [c for _bound, c in shown["buckets"]] == expected, service
+        assert shown["count"] == count and shown["sum"] == pytest.approx(sum(samples))
+
+
 def test_a_quick_request_takes_the_plans_shortest_path_and_hands_over_to_it() -> None:
     d = directory()
     codec = Codec(1 << 20)

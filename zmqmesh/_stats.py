@@ -41,6 +41,11 @@ a blocking call interrupted by a signal, the requests of a ``request_many`` stil
 flight when one of its items failed). ``sent``
 is their sum, plus the requests in flight. (``dropped`` counts replies that reached
 nobody: a late reply, one to an abandoned request; not requests.)"""
+_IN_ORDER_FROM = 8
+"""Samples from which `_observe` sorts them and counts each bucket's share by one bisection
+of them (`_count_in_order`), rather than one bisection of the bounds per sample: five
+comparisons of Python floats each (a tally's 256: 1,500 instructions a sample, 330 in
+order; below 5 samples, one by one is the cheaper)."""
 TALLY_FOLD_AT = 256
 """Requests a calling thread's tally gathers before its driver adds them to the stats
 (`Stats.add_tally`; added after each request, they took 10 us of a 200 us round trip
@@ -245,8 +250,24 @@ def _observe(latency: dict[str, list[float]], service: str, waited: Sequence[flo
         if len(latency) >= MAX_NAMES:
             service = OTHER
         buckets = latency.setdefault(service, [0.0] * (len(LATENCY_BOUNDS) + 3))
-    bucket_of, bounds = bisect.bisect_left, LATENCY_BOUNDS  # (one sample a request: names looked up once)
-    for seconds in waited:
-        buckets[bucket_of(bounds, seconds)] += 1
+    if len(waited) < _IN_ORDER_FROM:
+        bucket_of, bounds = bisect.bisect_left, LATENCY_BOUNDS  # (names looked up once)
+        for seconds in waited:
+            buckets[bucket_of(bounds, seconds)] += 1
+    else:
+        _count_in_order(buckets, sorted(waited))
     buckets[-2] += sum(waited)
     buckets[-1] += len(waited)
+
+
+def _count_in_order(buckets: list[float], ordered: list[float]) -> None:
+    """Add the samples ``ordered`` (sorted) to ``buckets``: each bucket's share is one
+    bisection of them, from where the bucket before ended, up to the bucket of the longest."""
+    placed, count = 0, len(ordered)
+    for i, bound in enumerate(LATENCY_BOUNDS):
+        if placed == count:
+            return
+        upto = bisect.bisect_right(ordered, bound, placed)  # (a bucket holds what is <= its bound)
+        buckets[i] += upto - placed
+        placed = upto
+    buckets[len(LATENCY_BOUNDS)] += count - placed  # (+Inf)
