@@ -170,9 +170,14 @@ class ThreadInbox(Dispatcher):
     def _pool_thread_started(self) -> None:
         self._pool_threads.add(threading.get_ident())
 
+    def runs_sync_in_place(self) -> bool:
+        """Sync handlers run one at a time (no pool), and no stop's deadline has passed:
+        they are called on this thread as messages are decoded."""
+        return self._pool is None and not (self.stopping and self.abandoned())  # (no deadline before a stop)
+
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Sync handlers, one at a time: called on this thread as messages are decoded."""
-        if self._pool is not None or (self.stopping and self.abandoned()):  # (no deadline before a stop)
+        if self._pool is not None or (self.stopping and self.abandoned()):  # (`runs_sync_in_place`, inline: per frame)
             return False
         if len(handlers) == 1:  # (a queue's one handler, a topic's usual one: checked per frame)
             return not is_async(handlers[0])

@@ -179,7 +179,8 @@ class Dispatcher:
         self._received_names = {p: stats.names(p, "received") for p in ("pubsub", "pipeline")}
         self.service_intake = ServiceIntake(registry=registry, directory=directory, codec=codec, stats=stats,
                                             acked=self.acked, describe=describe, history=history, reply=self.send_reply,
-                                            in_place=self.runs_in_place, serve_in_place=self._serve_in_place)
+                                            sync_in_place=self.runs_sync_in_place,
+                                            serve_in_place=self._serve_in_place)
         self._decode_request = self.service_intake.decode  # (bound once: `_take` calls it per frame of requests)
         self._decode_lone_request = self.service_intake.decode_request  # (`serve_lone_request`'s, no batch)
         self.describe = describe
@@ -715,6 +716,11 @@ class Dispatcher:
 
     def runs_in_place(self, handlers: list[Callable[..., Any]]) -> bool:
         """Whether these handlers may be called directly while draining (see the drivers)."""
+        return False
+
+    def runs_sync_in_place(self) -> bool:
+        """Whether sync handlers may be called directly while draining, now: `runs_in_place`
+        for handlers known to be sync (a service's, known once per name: `ServiceIntake`)."""
         return False
 
     def _serve_in_place(self, handler: Callable[..., Any], msg: Message, route: tuple[bytes, bytes]) -> None:

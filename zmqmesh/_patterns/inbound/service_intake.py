@@ -5,9 +5,9 @@ A frame holds one request or a batch of them from one caller. A request that nee
 handler is answered at once: malformed (``0x03``), to no service of this node (``0x02``),
 or to a built-in service (their names begin with ``\\x00``: at-least-once batches and
 the keeper's intake go to `AckedIntake`, stats and history pages to `builtin_services`).
-A request whose sync handler the driver lets run as it is decoded, with nothing gathered
-before it, is served right there (``serve_in_place``: no `Call`, no hand-off); the rest
-become calls, in order.
+A request whose sync handler the driver lets run as it is decoded (``sync_in_place``), with
+nothing gathered before it, is served right there (``serve_in_place``: no `Call`, no
+hand-off); the rest become calls, in order.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..._wire import frames as wire
 from ..._wire.codec import Codec
 from ...errors import DecodeError
 from ...message import Message
-from ..calls import Call
+from ..calls import Call, is_async
 from ..intake import AckedIntake
 from ..reqrep import MAX_CHAIN
 from .builtin_services import HistoryPages, StatsService
@@ -61,14 +61,14 @@ class _CompactCallers(dict[bytes, wire.CompactCaller]):
 
 class ServiceIntake:
     """Decodes the requests a provider received into calls (`decode`), answering at once
-    those that need no handler, through ``reply`` ``(route, status, body)``; ``in_place``
-    says whether the driver lets handlers run as they are decoded, and ``serve_in_place``
-    ``(handler, message, route)`` runs one and answers it."""
+    those that need no handler, through ``reply`` ``(route, status, body)``;
+    ``sync_in_place`` says whether the driver lets sync handlers run as they are decoded,
+    now, and ``serve_in_place`` ``(handler, message, route)`` runs one and answers it."""
 
     def __init__(self, *, registry: Registry, directory: Directory, codec: Codec, stats: Stats,
                  acked: AckedIntake, describe: Callable[[], dict[str, Any]], history: History | None,
                  reply: Callable[[tuple[bytes, bytes], bytes, bytes], None],
-                 in_place: Callable[[list[Callable[..., Any]]], bool],
+                 sync_in_place: Callable[[], bool],
                  serve_in_place: Callable[[Callable[..., Any], Message, tuple[bytes, bytes]], None]) -> None:
         self.registry = registry
         self.directory = directory
@@ -76,12 +76,12 @@ class ServiceIntake:
         self.stats = stats
         self.acked = acked
         self.send_reply = reply
-        self.in_place = in_place
+        self.sync_in_place = sync_in_place
         self.serve_in_place = serve_in_place
         self._received_names = stats.names("service", "received")  # (its one writer: the inbox's owner thread)
         self._counters = stats.pattern["service"]  # (the same dict for the node's life)
         self._services: dict[str, Callable[..., Any]] = {}  # the registry's table `_known` was looked up in
-        self._known: dict[bytes, tuple[str, Callable[..., Any] | None]] = {}  # (`service_of`)
+        self._known: dict[bytes, tuple[str, Callable[..., Any] | None, bool]] = {}  # (`service_of`)
         self._senders: dict[bytes, str | None] = {}  # routing id: its node id (`sender_of`)
         self._callers = _CompactCallers()  # (`decode_request`)
         self._lookup_peer = directory.lookup_peer  # (bound once: each request's message holds it)
@@ -127,8 +127,8 @@ class ServiceIntake:
                     names.add(last_b, taken - taken_before)
                     taken_before = taken
                 last_b = service_b
-                service, handler = self.service_of(service_b)
-                here = in_place and handler is not None and self.in_place([handler])
+                service, handler, sync = self.service_of(service_b)
+                here = in_place and sync and self.sync_in_place()
             if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
                 self._decode_one_request((caller, request_id), service_b, body, None, calls)
                 continue
@@ -155,7 +155,7 @@ class ServiceIntake:
         if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
             self._refuse(route)
             return
-        service, handler = self.service_of(service_b)
+        service, handler, sync = self.service_of(service_b)
         try:
             sender_id = self._senders[route[0]]
         except KeyError:
@@ -194,17 +194,18 @@ class ServiceIntake:
             except Exception:
                 self._refuse(route)
                 return
-        if meta is None and not calls and tracing.active is None and self.in_place([handler]):
+        if meta is None and not calls and sync and tracing.active is None and self.sync_in_place():
             self.serve_in_place(handler, msg, route)
             return
         calls.append(Call(handler, msg, route, "service"))
 
-    def service_of(self, service_b: bytes) -> tuple[str, Callable[..., Any] | None]:
-        """The name a request's ``service_b`` gives (UTF-8, errors replaced) and this node's
+    def service_of(self, service_b: bytes) -> tuple[str, Callable[..., Any] | None, bool]:
+        """The name a request's ``service_b`` gives (UTF-8, errors replaced), this node's
         handler for it (None: no service of this node's, or a built-in one: the name begins
-        with ``\\x00``); looked up once per name for each table of the registry's services
-        (a table is replaced, never changed: a new one empties what was looked up), for up
-        to `MAX_KNOWN_SERVICES` names (callers may send any: then looked up afresh)."""
+        with ``\\x00``) and whether that is a sync one (not `is_async`); looked up once per
+        name for each table of the registry's services (a table is replaced, never changed: a
+        new one empties what was looked up), for up to `MAX_KNOWN_SERVICES` names (callers may
+        send any: then looked up afresh)."""
         services = self.registry.services
         known = self._known
         if self._services is not services:
@@ -213,7 +214,8 @@ class ServiceIntake:
         found = known.get(service_b)
         if found is None:
             service = service_b.decode("utf-8", "replace")
-            found = (service, services.get(service) if service[:1] != "\x00" else None)
+            handler = services.get(service) if service[:1] != "\x00" else None
+            found = (service, handler, handler is not None and not is_async(handler))
             if len(known) < MAX_KNOWN_SERVICES:
                 known[service_b] = found
         return found
