@@ -46,7 +46,7 @@ import threading
 import time
 from typing import Any
 
-from _soak_common import Control, Pace, run_node, say
+from _soak_common import Control, Pace, run_node, say, serve
 
 import zmqmesh
 
@@ -111,10 +111,7 @@ def main() -> None:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
                             format="%(asctime)s.%(msecs)03d %(threadName)s %(name)s %(levelname)s %(message)s",
                             datefmt="%H:%M:%S")
-    born = time.monotonic()
-    max_life = float(spec.get("max_life", 900))
     control = Control(enders=("STOP", "BURSTSTOP"))
-    stop, quiesce = control.stop, control.quiesce
 
     node = build(spec)
     node.start()
@@ -122,28 +119,14 @@ def main() -> None:
     nxt = [int(spec.get("first", 0))]
     pushing = None
     if spec["role"] == "pusher":
-        pushing = threading.Thread(target=push_numbered, args=(node, spec, quiesce, nxt), name="soak-push",
+        pushing = threading.Thread(target=push_numbered, args=(node, spec, control.quiesce, nxt), name="soak-push",
                                    daemon=True)
         pushing.start()
 
-    quiesced = False
-    next_stats = time.monotonic()
-    while not stop.is_set():
-        if time.monotonic() - born > max_life:
-            say("WATCHDOG")
-            os._exit(3)
-        if pushing is not None and quiesce.is_set() and not quiesced:
-            pushing.join(30.0)
-            quiesced = True
-            say("QUIESCED", nxt[0])
-        if time.monotonic() >= next_stats:
-            next_stats += 2.0
-            say("STATS", json.dumps(node.stats()["pipeline"], separators=(",", ":")))
-        stop.wait(0.1)
-
-    quiesce.set()
+    serve(control, float(spec.get("max_life", 900)),
+          lambda: json.dumps(node.stats()["pipeline"], separators=(",", ":")),
+          workers=[pushing] if pushing is not None else [], quiesced=lambda: (nxt[0],))
     if pushing is not None:
-        pushing.join(30.0)
         burst = burst_asked(control)
         if burst is not None:
             first = nxt[0]

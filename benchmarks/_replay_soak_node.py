@@ -41,34 +41,14 @@ import json
 import logging
 import os
 import random
-import signal
 import sys
 import threading
 import time
 from typing import Any
 
+from _soak_common import Control, Pace, run_node, say, serve
+
 import zmqmesh
-from zmqmesh import StopFlag
-
-_OUT = threading.Lock()
-
-
-def say(*parts: object) -> None:
-    line = " ".join(str(p) for p in parts) + "\n"
-    with _OUT:  # handlers and the publishing thread print concurrently: one write per line
-        sys.stdout.write(line)
-        sys.stdout.flush()
-
-
-def control(quiesce: threading.Event, stop: StopFlag) -> None:
-    for line in sys.stdin:
-        word = line.strip()
-        if word == "QUIESCE":
-            quiesce.set()
-        elif word == "STOP":
-            break
-    quiesce.set()
-    stop.set()
 
 
 def numbers_kept(store: str, topics: list[str]) -> dict[str, int]:
@@ -85,7 +65,7 @@ def publish_numbered(node: zmqmesh.Node, spec: dict[str, Any], nxt: dict[str, in
     name, topics, rate = spec["name"], list(spec["topics"]), float(spec["rate"])
     many, batch = spec["mode"] == "many", int(spec.get("batch", 1))
     rng = random.Random()
-    due = time.monotonic()
+    pace = Pace(rate, quiesce)
     turn = 0
     while not quiesce.is_set():
         topic = rng.choice(topics) if many else topics[turn % len(topics)]
@@ -104,12 +84,7 @@ def publish_numbered(node: zmqmesh.Node, spec: dict[str, Any], nxt: dict[str, in
             continue
         nxt[topic] = first + count
         say("PUB", topic, first, first + count)
-        due += count / rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            quiesce.wait(delay)
-        elif delay < -1.0:
-            due = time.monotonic()
+        pace.after(count)
 
 
 def subscribe(node: zmqmesh.Node, spec: dict[str, Any]) -> None:
@@ -135,12 +110,7 @@ def main() -> None:
     logging.basicConfig(level=logging.DEBUG if spec.get("verbose") else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s.%(msecs)03d %(threadName)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    born = time.monotonic()
-    max_life = float(spec.get("max_life", 900))
-    stop = StopFlag()  # (set by the SIGTERM handler: a threading.Event there can deadlock)
-    signal.signal(signal.SIGTERM, stop.set)
-    quiesce = threading.Event()
-    threading.Thread(target=control, args=(quiesce, stop), name="soak-control", daemon=True).start()
+    control = Control()
 
     publisher = spec["role"] == "publisher"
     nxt = numbers_kept(spec["store"], spec["topics"]) if publisher else {}
@@ -149,32 +119,15 @@ def main() -> None:
         subscribe(node, spec)
     node.start()
     say("READY", node.id, os.getpid())
-    publishing = None
+    workers: list[threading.Thread] = []
     if publisher:
         for topic, n in nxt.items():
             say("FIRST", topic, n)
-        publishing = threading.Thread(target=publish_numbered, args=(node, spec, nxt, quiesce), name="soak-publish",
-                                      daemon=True)
-        publishing.start()
+        workers.append(threading.Thread(target=publish_numbered, args=(node, spec, nxt, control.quiesce),
+                                        name="soak-publish", daemon=True))
+        workers[0].start()
 
-    quiesced = False
-    next_stats = time.monotonic()
-    while not stop.is_set():
-        if time.monotonic() - born > max_life:
-            say("WATCHDOG")
-            os._exit(3)
-        if publishing is not None and quiesce.is_set() and not quiesced:
-            publishing.join(30.0)
-            quiesced = True
-            say("QUIESCED")
-        if time.monotonic() >= next_stats:
-            next_stats += 2.0
-            say("STATS", counters(node))
-        stop.wait(0.1)
-
-    quiesce.set()
-    if publishing is not None:
-        publishing.join(30.0)
+    serve(control, float(spec.get("max_life", 900)), lambda: counters(node), workers=workers)
     node.stop(timeout=5.0)
     say("STOPPED", counters(node))
     sys.stdout.flush()
@@ -182,8 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # make the reason visible to the harness
-        say("ERROR", type(exc).__name__, str(exc).replace("\n", " "))
-        raise
+    run_node(main)

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 
-from _soak_common import Control, Pace, run_node, say
+from _soak_common import Control, Pace, run_node, say, serve
 
 import zmqmesh
 
@@ -102,7 +102,6 @@ def main() -> None:
     role: str = spec["role"]
     nodes: int = int(spec["nodes"])
     rates: dict = spec["rates"]
-    born = time.monotonic()
     max_life = float(spec.get("max_life", 600))
 
     control = Control()
@@ -244,28 +243,13 @@ def main() -> None:
         keep["mine"] = counters.totals()
         return json.dumps(keep, separators=(",", ":"))
 
-    quiesced = False
-    next_stats = time.monotonic()
-    while not stop.is_set():
-        if time.monotonic() - born > max_life:
-            say("WATCHDOG", now())
-            os._exit(3)
-        if quiesce.is_set() and not quiesced:
-            for t in threads:
-                if t.ident is not None:
-                    t.join(12.0)  # a push or request in progress ends within its 5 s timeout
-            quiesced = True
-            say("QUIESCED", now(), json.dumps({**counters.totals(), "alive": [t.name for t in threads if t.is_alive()]},
-                                              separators=(",", ":")))
-        if time.monotonic() >= next_stats:
-            next_stats += 1.0
-            say("STATS", now(), stats_line())
-        stop.wait(0.1)
+    def quiesced() -> tuple[str]:
+        alive = [t.name for t in threads if t.is_alive()]
+        return (json.dumps({**counters.totals(), "alive": alive}, separators=(",", ":")),)
 
-    quiesce.set()
-    for t in threads:
-        if t.ident is not None:
-            t.join(6.0)
+    # a push or request in progress ends within its 5 s timeout
+    serve(control, max_life, stats_line, workers=threads, quiesced=quiesced, stats_every_s=1.0, join_s=12.0,
+          stamp=lambda: (now(),))
     node.stop(timeout=5.0)
     with counters.lock:
         detail = {src: list(v) for src, v in counters.subs.items()}

@@ -54,7 +54,6 @@ import random
 import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +64,7 @@ from typing import Any
 
 import msgpack
 from _bench_proc import free_udp_port
-from _soak_common import HarnessError, NodeProcess
+from _soak_common import HarnessError, NodeProcess, wait_ready
 
 import zmqmesh
 
@@ -87,8 +86,6 @@ class Instance(NodeProcess):
     def __init__(self, name: str, role: str, serial: int, spec: dict[str, Any], log: Path) -> None:
         self.name, self.role, self.serial = name, role, serial
         self.label = f"{name}#{serial}"
-        self.log = log
-        self._err = open(log, "w")  # noqa: SIM115 (closed in close())
         self.ready = False
         self.pushed: list[tuple[int, int]] = []
         self.push_errors: list[str] = []
@@ -100,7 +97,7 @@ class Instance(NodeProcess):
         self.stats: dict[str, Any] = {}
         self.killed_at: float | None = None
         self.stop_sent: float | None = None
-        super().__init__(NODE, spec, stderr=self._err)
+        super().__init__(NODE, spec, stderr=log)
 
     def _parse(self, line: str) -> None:
         word, _, rest = line.partition(" ")
@@ -130,33 +127,16 @@ class Instance(NodeProcess):
 
     def kill(self) -> None:
         """SIGKILL, then read what it printed to the end (its last numbers count)."""
-        if self.proc.poll() is None:
+        if self.alive():
             self.killed_at = time.time()
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.join_stdout(5)
-
-    def wait_exit(self, timeout: float) -> bool:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        self.join_stdout(5)
-        return True
+        super().kill()
 
     def next_number(self) -> int:
         return max((end for _f, end in self.pushed), default=-1)
 
     def tracebacks(self) -> list[str]:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
-        return [chunk[:600] for chunk in text.split("Traceback")[1:] if "RuntimeError: poison" not in chunk]
-
-    def close(self) -> None:
-        self.close_pipes()
-        self._err.close()
+        chunks = self.log_text().split("Traceback")[1:]
+        return [chunk[:600] for chunk in chunks if "RuntimeError: poison" not in chunk]
 
 
 class Soak:
@@ -217,15 +197,6 @@ class Soak:
         if inst.role == "pusher":
             self.next_number[inst.name] = max(self.next_number[inst.name], inst.next_number())
 
-    def wait_ready(self, insts: list[Instance], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not all(i.ready for i in insts):
-            dead = [i for i in insts if not i.alive() and not i.ready]
-            if dead or time.monotonic() > deadline:
-                raise HarnessError("did not start: " + "; ".join(
-                    f"{i.label} alive={i.alive()} problems={i.problems[-2:]} log={i.log}" for i in insts if not i.ready))
-            time.sleep(0.05)
-
     def kill_and_restart(self, name: str) -> None:
         victim = self.current[name]
         stopping = self.stopping.pop(name, None) is not None
@@ -268,8 +239,8 @@ class Soak:
              f"{len(self.keepers)} keepers; {args.duration:g} s, a kill every {args.kill_every / 2:g}-{args.kill_every:g} s, "
              f"a pusher cycled every {args.cycle_every:g} s; mesh {self.mesh}, beacon port {self.port}, dir {self.root}")
         first = [self.spawn(n) for n in self.keepers + self.pullers]
-        self.wait_ready(first, args.startup_timeout)
-        self.wait_ready([self.spawn(n) for n in self.pushers], args.startup_timeout)
+        wait_ready(first, args.startup_timeout)
+        wait_ready([self.spawn(n) for n in self.pushers], args.startup_timeout)
         self.t0 = time.time()
         end = self.t0 + args.duration
         next_kill = self.t0 + self.rng.uniform(args.kill_every / 2, args.kill_every)
@@ -306,7 +277,7 @@ class Soak:
     def freeze(self, inst: Instance) -> None:
         """SIGSTOP a puller for --freeze-s (a stuck handler, a pause): its ack timeouts run out."""
         if inst.alive():
-            inst.proc.send_signal(signal.SIGSTOP)
+            inst.signal(signal.SIGSTOP)
             self.frozen = (inst, time.time() + self.args.freeze_s)
             self.freezes += 1
             note(f"t={time.time() - self.t0:6.1f}s SIGSTOP {inst.label} for {self.args.freeze_s:g} s")
@@ -315,7 +286,7 @@ class Soak:
         if self.frozen is not None:
             inst, _until = self.frozen
             if inst.alive():
-                inst.proc.send_signal(signal.SIGCONT)
+                inst.signal(signal.SIGCONT)
             self.frozen = None
 
     def drain(self) -> None:
@@ -327,7 +298,7 @@ class Soak:
             time.sleep(0.05)
         note(f"chaos over: {sum(self.kills.values())} kills {dict(self.kills)}, {self.cycles} pusher cycles, "
              f"{self.freezes} freezes; draining")
-        self.wait_ready(list(self.current.values()), args.startup_timeout)
+        wait_ready(list(self.current.values()), args.startup_timeout)
         for name in self.pushers:
             self.current[name].send("QUIESCE")
         deadline = time.monotonic() + 40

@@ -68,22 +68,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from _bench_proc import free_udp_port
+from _soak_common import HarnessError, NodeProcess, wait_ready
 
 import zmqmesh
 
@@ -106,10 +104,6 @@ def note(text: str) -> None:
     sys.stdout.flush()
 
 
-class HarnessError(Exception):
-    """The soak could not be run (as opposed to a check failing)."""
-
-
 @dataclass(frozen=True)
 class Handling:
     """One handler call, as a subscriber printed it."""
@@ -124,48 +118,24 @@ class Handling:
     redelivered: bool
 
 
-@dataclass
-class Life:
+class Life(NodeProcess):
     """One process of a node (a restart is a new life), its stdout read line by line."""
 
-    name: str
-    role: str
-    serial: int
-    spec: dict[str, Any]
-    log: Path
-    proc: subprocess.Popen[str] = field(init=False)
-    ready: bool = False
-    first: dict[str, int] = field(default_factory=dict)  # publisher: its first number per topic
-    published_end: dict[str, int] = field(default_factory=dict)  # publisher: past its last returned publish
-    published: int = 0
-    publish_errors: list[str] = field(default_factory=list)
-    handled: list[Handling] = field(default_factory=list)
-    counters: dict[str, Any] = field(default_factory=dict)
-    stopped: dict[str, Any] | None = None
-    quiesced: bool = False
-    problems: list[str] = field(default_factory=list)
-    killed: bool = False
+    def __init__(self, name: str, role: str, serial: int, spec: dict[str, Any], log: Path) -> None:
+        self.name, self.role, self.serial, self.spec = name, role, serial, spec
+        self.label = f"{name}#{serial}"
+        self.ready = False
+        self.first: dict[str, int] = {}  # publisher: its first number per topic
+        self.published_end: dict[str, int] = {}  # publisher: past its last returned publish
+        self.published = 0
+        self.publish_errors: list[str] = []
+        self.handled: list[Handling] = []
+        self.counters: dict[str, Any] = {}
+        self.stopped: dict[str, Any] | None = None
+        self.quiesced = False
+        super().__init__(NODE, spec, stderr=log)
 
-    def __post_init__(self) -> None:
-        self.label = f"{self.name}#{self.serial}"
-        self._err = open(self.log, "w")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", str(NODE), json.dumps(self.spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"read-{self.label}")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self._take(line.rstrip("\n"))
-            except Exception as exc:  # a torn last line of a killed process: keep reading
-                self.problems.append(f"unparsable line {line[:120]!r}: {exc}")
-
-    def _take(self, line: str) -> None:
+    def _parse(self, line: str) -> None:
         word, _, rest = line.partition(" ")
         if word == "H":
             msg_id, topic, seq, publisher, number, gap, red = rest.split()
@@ -194,60 +164,15 @@ class Life:
         elif line.strip():  # ERROR, WATCHDOG, anything unforeseen
             self.problems.append(line[:300])
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, line: str) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(line + "\n")
-            self.proc.stdin.flush()
-        except (OSError, ValueError):
-            pass
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        """SIGKILL (also when stopped), then read what it printed to the end."""
-        self.killed = True
-        self.signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(5)
-
-    def wait_exit(self, timeout: float) -> bool:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        self._reader.join(5)
-        return True
-
     def log_problems(self) -> list[str]:
         """Tracebacks and ERROR/CRITICAL log lines in its stderr."""
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return []
+        text = self.log_text()
         found = [f"traceback: {chunk[:500]}" for chunk in text.split("Traceback")[1:]]
         found += [line[:300] for line in text.splitlines() if " ERROR " in line or " CRITICAL " in line]
         return found
 
     def warnings(self) -> int:
-        try:
-            return sum(" WARNING " in line for line in self.log.read_text(errors="replace").splitlines())
-        except OSError:
-            return 0
-
-    def close(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        self._err.close()
+        return sum(" WARNING " in line for line in self.log_text().splitlines())
 
 
 class Soak:
@@ -307,16 +232,6 @@ class Soak:
     def current(self, name: str) -> Life:
         return self.lives[name][-1]
 
-    def wait_ready(self, lives: list[Life], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not all(life.ready for life in lives):
-            dead = [life for life in lives if not life.alive() and not life.ready]
-            if dead or time.monotonic() > deadline:
-                raise HarnessError("did not start: " + "; ".join(
-                    f"{life.label} alive={life.alive()} problems={life.problems[-2:]} log={life.log}"
-                    for life in lives if not life.ready))
-            time.sleep(0.05)
-
     # chaos --------------------------------------------------------------------------------------
 
     def kill_and_restart(self, name: str) -> None:
@@ -349,8 +264,8 @@ class Soak:
         note(f"replay soak: publishers p0 (publish) and p1 (publish_many), subscribers d0, d1 (durable) and r0 "
              f"(replay='all'); {args.seconds:g} s, a kill every {args.kill_every / 2:g}-{args.kill_every:g} s, "
              f"a freeze every {args.freeze_every:g} s; mesh {self.mesh}, beacon port {self.port}, dir {self.root}")
-        self.wait_ready([self.spawn(n) for n in sorted(self.subscribers)], args.startup_timeout)
-        self.wait_ready([self.spawn(n) for n in sorted(self.topics)], args.startup_timeout)
+        wait_ready([self.spawn(n) for n in sorted(self.subscribers)], args.startup_timeout)
+        wait_ready([self.spawn(n) for n in sorted(self.topics)], args.startup_timeout)
         self.t0 = time.time()
         end = self.t0 + args.seconds
         next_kill = self.t0 + self.rng.uniform(args.kill_every / 2, args.kill_every)
@@ -367,7 +282,7 @@ class Soak:
                 next_freeze = time.time() + self.rng.uniform(args.freeze_every / 2, args.freeze_every)
             time.sleep(0.05)
         self.thaw()
-        self.wait_ready([self.current(n) for n in self.names], args.startup_timeout)
+        wait_ready([self.current(n) for n in self.names], args.startup_timeout)
         self.drain()
         self.stop_all()
         self.read_stores()
