@@ -2014,11 +2014,14 @@ def test_replay_soak_with_kills() -> None:
     publish, one with publish_many), durable subscribers and a replay="all" one, SIGKILLed
     and restarted on their stores, a subscriber frozen; every check passes: every message
     kept is handled by the durable subscribers, in order, again only after their own
-    restart and marked so; the replay="all" one sees no gap and no duplicate in a life."""
+    restart and marked so; the replay="all" one sees no gap and no duplicate in a life. (Its
+    histories outlast any absence here, 30 s against a freeze of at most 4 s and a restart:
+    a shorter one may trim what a subscriber held back by a freeze on a busy machine had not
+    caught up on, a gap the docs allow, which the soak then counts without failing.)"""
     try:
         done = subprocess.run(
             [sys.executable, str(REPLAY_SOAK), "--seconds", "20", "--kill-every", "3", "--freeze-every", "7",
-             "--history", "1000", "--max-age", "8", "--seed", "7"],
+             "--history", "5000", "--max-age", "30", "--seed", "7"],
             capture_output=True, text=True, timeout=140,
         )
     except subprocess.TimeoutExpired as exc:  # the soak's children stop when its pipes close
