@@ -132,3 +132,47 @@ def test_one_frame_requests_from_more_callers_than_a_provider_keeps_are_each_ans
                 assert reply == [bytes([len(request_id)]) + request_id + b"\x00" + msgpack.packb([k, round_])]
         for dealer in dealers:
             dealer.close(0)
+
+
+def test_a_service_replaced_or_withdrawn_is_served_as_its_table_now_says_from_the_next_request(
+        ctx: zmq.Context, mesh: dict[str, Any]) -> None:
+    """A provider keeps each service name's handler, and whether it is sync (served in place
+    as the request is decoded), looked up once per table of its services: a handler
+    replaced by an ``async def`` one, withdrawn, or offered again answers the very next
+    request as the table now says (the new handler's reply, awaited, not a coroutine
+    called in place; ``0x02`` once withdrawn), never from what was looked up before."""
+    import zmqmesh
+
+    def sync_handler(msg: Any) -> Any:
+        return ["sync", msg.data]
+
+    async def async_handler(msg: Any) -> Any:
+        return ["async", msg.data]
+
+    with zmqmesh.Node("provider", **mesh) as node:
+        node.service("svc", sync_handler)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(node.endpoints["service"])
+        asked = [0]
+
+        def ask() -> tuple[bytes, Any]:
+            asked[0] += 1
+            request_id = b"r%d" % asked[0]
+            dealer.send(b"\x03svc" + bytes([len(request_id)]) + request_id + msgpack.packb(asked[0]))
+            assert dealer.poll(10_000), f"request {asked[0]} got no reply"
+            reply = dealer.recv()
+            assert reply[1:1 + reply[0]] == request_id
+            status, body = reply[1 + reply[0]:2 + reply[0]], reply[2 + reply[0]:]
+            return status, msgpack.unpackb(body) if status == b"\x00" else body
+
+        try:
+            assert ask() == (b"\x00", ["sync", 1])
+            assert node.unservice("svc")
+            node.service("svc", async_handler)
+            assert ask() == (b"\x00", ["async", 2])
+            assert node.unservice("svc")
+            assert ask() == (b"\x02", b"")
+            node.service("svc", sync_handler)
+            assert ask() == (b"\x00", ["sync", 4])
+        finally:
+            dealer.close(0)
