@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["free_udp_port", "say", "expect", "thread_cpu", "callgrind_control", "callgrind_counts", "end_pair",
-           "measure_client", "print_rounds"]
+__all__ = ["free_udp_port", "say", "expect", "thread_cpu", "callgrind_control", "callgrind_counts",
+           "end_callgrind_round", "end_pair", "measure_client", "print_rounds"]
 
 
 def free_udp_port() -> int:
@@ -69,6 +70,17 @@ def callgrind_counts(pattern: str) -> dict[str, int]:
         if total:
             counts[path.rsplit("-", 1)[1]] = total
     return counts
+
+
+def end_callgrind_round(out_dir: str, keep_variable: str, callgrind: bool) -> None:
+    """Remove a round's temporary ``out_dir``; with ``callgrind`` and the environment
+    variable ``keep_variable`` naming a directory, callgrind's dumps are moved there first
+    (for ``callgrind_annotate``; what it held before is removed: the last round's stay)."""
+    keep = os.environ.get(keep_variable)
+    if keep and callgrind:
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.move(out_dir, keep)
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def end_pair(client: subprocess.Popen[str] | None, server: subprocess.Popen[str]) -> None:

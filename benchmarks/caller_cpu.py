@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from typing import Any
 
 from _cpu_harness import (
     callgrind_control,
+    end_callgrind_round,
     end_pair,
     expect,
     free_udp_port,
@@ -181,11 +181,7 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
         result["instr"] = _inbox_instructions(out_dir) / args.n  # (the busiest thread: the loop's)
     if args.opcodes:
         result["opcodes"] = float(done[1])
-    keep = os.environ.get("CALLER_CPU_KEEP")  # (a directory: callgrind's dumps are moved there, for callgrind_annotate)
-    if keep and args.callgrind:
-        shutil.rmtree(keep, ignore_errors=True)
-        shutil.move(out_dir, keep)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    end_callgrind_round(out_dir, "CALLER_CPU_KEEP", args.callgrind)
     return result
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 from _cpu_harness import (
     callgrind_control,
     callgrind_counts,
+    end_callgrind_round,
     end_pair,
     expect,
     free_udp_port,
@@ -171,11 +171,7 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
         end_pair(cli, prov)
     if args.callgrind:
         result["instr"] = _inbox_instructions(out_dir) / args.n
-    keep = os.environ.get("PROVIDER_CPU_KEEP")  # (a directory: callgrind's dumps are moved there, for callgrind_annotate)
-    if keep and args.callgrind:
-        shutil.rmtree(keep, ignore_errors=True)
-        shutil.move(out_dir, keep)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    end_callgrind_round(out_dir, "PROVIDER_CPU_KEEP", args.callgrind)
     return result
 
 
