@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,25 +35,32 @@ asyncio.run(main())
 """
 
 
+@contextlib.contextmanager
+def serving_process(*argv: str) -> Iterator[subprocess.Popen[str]]:
+    """The Python process ``python argv...``, its output piped as text, once it printed
+    "serving" (its node about to serve); killed at the end if it still runs."""
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "serving"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("code", [SYNC, ASYNC], ids=["Node.run_forever", "AsyncNode.serve_forever"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serving_ends_cleanly_on_a_signal(code: str, sig: int, mesh: dict[str, Any]) -> None:
     import zmqmesh
 
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), mesh["mesh"], str(mesh["beacon_port"])],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "serving"
-        with zmqmesh.Node("client", **mesh) as client:
-            assert client.request("ping", timeout=10) == "pong"
-            proc.send_signal(sig)
-            out, err = proc.communicate(timeout=20)
-            wait_until(lambda: not client.peers(), 5, "the server's goodbye")  # it left politely
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with serving_process("-c", textwrap.dedent(code), mesh["mesh"], str(mesh["beacon_port"])) as proc, \
+            zmqmesh.Node("client", **mesh) as client:
+        assert client.request("ping", timeout=10) == "pong"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+        wait_until(lambda: not client.peers(), 5, "the server's goodbye")  # it left politely
     assert proc.returncode == 0, err
     assert "stopped False" in out
     assert "Traceback" not in err
@@ -446,25 +455,17 @@ def test_async_nodes_serving_together_all_end_on_one_signal(sig: int, mesh: dict
     a KeyboardInterrupt traceback). One signal ends them all, cleanly."""
     import zmqmesh
 
-    proc = subprocess.Popen([sys.executable, "-c", SERVING_TOGETHER, mesh["mesh"], str(mesh["beacon_port"])],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "serving"
-        with zmqmesh.Node("client", **mesh) as client:
-            for name in ("a", "b", "c"):
-                client.wait_for_service("ping-" + name, timeout=15)
-            proc.send_signal(sig)
-            try:
-                out, err = proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(sig)  # (a second one, as a user would)
-                out, err = proc.communicate(timeout=15)
-            wait_until(lambda: not client.peers(), 5, "the goodbyes")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with serving_process("-c", SERVING_TOGETHER, mesh["mesh"], str(mesh["beacon_port"])) as proc, \
+            zmqmesh.Node("client", **mesh) as client:
+        for name in ("a", "b", "c"):
+            client.wait_for_service("ping-" + name, timeout=15)
+        proc.send_signal(sig)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(sig)  # (a second one, as a user would)
+            out, err = proc.communicate(timeout=15)
+        wait_until(lambda: not client.peers(), 5, "the goodbyes")
     assert proc.returncode == 0 and out.splitlines()[:1] == ["stopped False False False"], \
         f"exit status {proc.returncode}: {out!r} {err[-1500:]}"
 
@@ -501,20 +502,12 @@ def test_a_second_signal_during_an_async_stop_does_not_cut_it_short(mesh: dict[s
     `Node.run_forever` does: a second signal only asks again."""
     import zmqmesh
 
-    proc = subprocess.Popen([sys.executable, "-c", SERVING_SIGNALLED_TWICE, mesh["mesh"], str(mesh["beacon_port"])],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "serving"
-        with zmqmesh.Node("client", **mesh) as client:
-            client.wait_for_service("slow", timeout=15)
-            reply = client.submit("slow", None, timeout=15)
-            out, err = proc.communicate(timeout=20)
-            assert reply.result(10) == "done"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with serving_process("-c", SERVING_SIGNALLED_TWICE, mesh["mesh"], str(mesh["beacon_port"])) as proc, \
+            zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("slow", timeout=15)
+        reply = client.submit("slow", None, timeout=15)
+        out, err = proc.communicate(timeout=20)
+        assert reply.result(10) == "done"
     assert proc.returncode == 0 and out.splitlines()[:1] == ["stopped False"], f"{proc.returncode}: {out!r} {err[-1500:]}"
     assert "Traceback" not in err, err[-1500:]
 
@@ -564,27 +557,18 @@ def test_a_signal_ignored_when_serving_began_stays_ignored(serve: str, ignored: 
     stays ignored while the node serves and after; the other signal still ends it."""
     import zmqmesh
 
-    proc = subprocess.Popen([sys.executable, "-c", STARTED_IGNORING, str(int(ignored)), "-c", SERVING_IGNORING,
-                             mesh["mesh"], str(mesh["beacon_port"]), serve],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ignoring = str(signal.SIG_IGN)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "serving"
-        with zmqmesh.Node("client", **mesh) as client:
-            client.wait_for_service("dispositions", timeout=15)
-            serving = client.request("dispositions", timeout=10)
-            assert serving[[signal.SIGINT, signal.SIGTERM].index(ignored)] == ignoring, serving
-            assert serving[[signal.SIGINT, signal.SIGTERM].index(other)] != ignoring, serving
-            proc.send_signal(ignored)  # (dropped by the system: the process ignores it)
-            assert client.request("ping", timeout=10) == "pong"
-            assert proc.poll() is None
-            proc.send_signal(other)
-            out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with serving_process("-c", STARTED_IGNORING, str(int(ignored)), "-c", SERVING_IGNORING, mesh["mesh"],
+                         str(mesh["beacon_port"]), serve) as proc, zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("dispositions", timeout=15)
+        serving = client.request("dispositions", timeout=10)
+        assert serving[[signal.SIGINT, signal.SIGTERM].index(ignored)] == ignoring, serving
+        assert serving[[signal.SIGINT, signal.SIGTERM].index(other)] != ignoring, serving
+        proc.send_signal(ignored)  # (dropped by the system: the process ignores it)
+        assert client.request("ping", timeout=10) == "pong"
+        assert proc.poll() is None
+        proc.send_signal(other)
+        out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err[-1500:]
     stopped = out.split()
     assert stopped[:2] == ["stopped", "False"] and ignoring in stopped[2:], out + err[-1500:]
