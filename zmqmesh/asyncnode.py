@@ -271,8 +271,9 @@ class AsyncNode(NodeBase):
         loop. A signal ignored when the first of them is called (inherited from a parent
         that ignored SIGTERM or SIGINT: a shell script's background job ignores SIGINT)
         stays ignored: only the other one, or a `stop`, ends them. Raises `ZmqMeshError`
-        on a loop that another thread than the main one runs, or on one that cannot take them (``add_signal_handler`` unsupported), before
-        it starts anything; and what `start` raises.
+        on a loop that another thread than the main one runs, or on one that cannot take
+        them (``add_signal_handler`` unsupported), before it starts anything; and what
+        `start` raises.
         """
         if threading.current_thread() is not threading.main_thread():
             raise ZmqMeshError("serve_forever() handles SIGINT and SIGTERM: run it on a loop of the main thread")
