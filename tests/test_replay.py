@@ -101,6 +101,43 @@ def test_publishers_that_left_for_good_make_way_for_new_streams_to_replay(
     assert got == [(run, n) for run in range(4) for n in range(3)]
 
 
+@pytest.mark.timeout(90)
+def test_a_long_lived_subscriber_keeps_the_cursors_of_few_publishers_gone(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived replaying subscriber among publishers that come and go, each run on a
+    fresh store (a new stream): it keeps the cursors of at most `MAX_CURSORS_GONE` streams
+    whose publisher is gone (here 2), those found gone first forgotten, counted; a
+    publisher of a stream still kept that comes back on its store goes on where it was.
+    (Before, every stream's cursor stayed up to 65,536, ~2 kB each: churn of 3,000
+    short-lived publishers left 3,000 cursors after they all left; here 6 runs left 6.)"""
+    from zmqmesh._patterns.replay import replays
+
+    monkeypatch.setattr(replays, "MAX_CURSORS_GONE", 2, raising=False)
+    runs = 6
+    history = {"kept.": 100}
+    got: list[tuple[int, int]] = []
+    subscriber = zmqmesh.Node("subscriber", **mesh)
+    subscriber.subscribe("kept.", lambda m: got.append((m.data["run"], m.data["n"])), replay="all")
+
+    def publisher_run(run: int, numbers: range) -> None:
+        with zmqmesh.Node(f"publisher{run}", store=str(tmp_path / f"run{run}"), history=history, **mesh) as publisher:
+            publisher.wait_for_subscribers("kept.", 1)
+            for n in numbers:
+                publisher.publish("kept.x", {"run": run, "n": n})
+            wait_until(lambda: (run, numbers[-1]) in got, 10, f"run {run} delivered")
+        wait_until(lambda: not subscriber.peers(), 10, "the publisher gone")
+
+    with subscriber:
+        for run in range(runs):
+            publisher_run(run, range(3))
+        cursors = subscriber._engine.inbox.replays.cursors
+        wait_until(lambda: len(cursors) <= 2, 10, f"at most 2 cursors of publishers gone, not {len(cursors)}")
+        publisher_run(runs - 1, range(3, 5))  # (its cursor kept: on from where it was, nothing again)
+        forgotten = subscriber.stats()["rejected"].get("replay_streams_forgotten")
+    assert forgotten == runs - 2
+    assert got == [(run, n) for run in range(runs) for n in range(3)] + [(runs - 1, 3), (runs - 1, 4)]
+
+
 def read_only(store: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
     """The rows ``sql`` selects in the store ``store``, read-only (while its node runs, too)."""
     db = sqlite3.connect(f"file:{store / 'zmqmesh.db'}?mode=ro", uri=True)

@@ -64,6 +64,12 @@ meanwhile, at most this long; past it, the read goes without it, as for a publis
 before markers (logged)."""
 _AWAY_LOOK_S = 0.5  # how often a subscription looks whether a departed publisher is back
 _MAX_CURSORS = 65_536
+MAX_CURSORS_GONE = 1_024
+"""Cursors kept of streams whose publisher is not present (`Replays._forget_gone`): past
+them, those of the streams whose publisher was found gone first are forgotten, counted
+(``rejected["replay_streams_forgotten"]``). Kept up to `_MAX_CURSORS`, each publisher run
+on a fresh store (a worker with a temporary store directory) left its cursors (~2 kB each)
+for good: 3,000 short-lived publishers, 3,000 cursors."""
 UNKEPT_LOG_S = 10.0
 """Live frames a publisher's history never reached (`Replays._unkept`) are logged at most
 this often."""
@@ -98,6 +104,8 @@ class Replays:
         self.stats = stats
         self.fetch = fetch
         self.cursors: dict[tuple[Key, str], Cursor] = {}
+        # the cursors whose stream's publisher was not present at a `sync`, those found so first first
+        self._gone: dict[tuple[Key, str], None] = {}
         self.places = DurablePlaces(store, stats) if store is not None else None
         """Where the durable subscriptions are (None without a store: none is made then)."""
         self.delivery = Delivery(codec, stats, directory, self.places)
@@ -189,6 +197,29 @@ class Replays:
         if self._marks:  # (those of publishers now known: their cursors took theirs, if any is ever made)
             streams = self.directory.streams
             self._marks = {place: mark for place, mark in self._marks.items() if place[1] not in streams}
+        self._forget_gone()
+
+    def _forget_gone(self) -> None:
+        """Keep the cursors of at most `MAX_CURSORS_GONE` streams whose publisher is not
+        present: past them, forget those whose publisher was found gone first (and that are
+        not catching up: the live frames they hold wait for their read), counted
+        (``rejected["replay_streams_forgotten"]``). A publisher of a forgotten stream that
+        comes back on its store is followed afresh, as its ``replay`` says (a durable
+        subscription resumes from the place stored)."""
+        present, gone = self._present_streams(), self._gone
+        for place in self.cursors:
+            if place[1] in present:
+                gone.pop(place, None)
+            elif place not in gone:
+                gone[place] = None
+        excess = len(gone) - MAX_CURSORS_GONE
+        if excess <= 0:
+            return
+        doomed = [place for place in gone if not self.cursors[place].catching_up][:excess]
+        for place in doomed:
+            self._forget(place)
+        if doomed:
+            self.stats.reject("replay_streams_forgotten", len(doomed))
 
     # -- a publisher's numbering going back ----------------------------------------------------
 
@@ -618,6 +649,7 @@ class Replays:
 
     def _forget(self, place: tuple[Key, str]) -> None:
         del self.cursors[place]
+        self._gone.pop(place, None)
         self.rereads.forget(place)
 
     def on_page(self, fetch: Fetch, page: Any, error: BaseException | None, calls: list[Call]) -> None:
