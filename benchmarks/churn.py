@@ -175,13 +175,43 @@ def process_sizes() -> dict[str, int]:
     return dict(sizes)
 
 
+def traced_lines(top: int = 200) -> dict[str, int]:
+    """With `tracemalloc` tracing (``--tracemalloc``): the bytes Python allocated and still
+    holds per line of code, for the ``top`` lines holding most (else nothing)."""
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        return {}
+    stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
+    return {f"{s.traceback[0].filename.split('/zmqmesh/')[-1]}:{s.traceback[0].lineno}": s.size for s in stats}
+
+
+STUCK_FETCHES = 25
+"""Live history fetches (`Fetch`) past which the hub's replays are taken for stuck: every
+thread's stack is printed, once (three runs of 300-420 s saw them pile up and stay after the peers left)."""
+_stacks_printed: list[bool] = []
+
+
+def print_stacks_if_stuck(objects: dict[str, int]) -> None:
+    """Print every thread's stack, once, when the hub holds more than `STUCK_FETCHES` fetches."""
+    import faulthandler
+
+    if objects.get("zmqmesh._patterns.replay.cursor.Fetch", 0) > STUCK_FETCHES and not _stacks_printed:
+        _stacks_printed.append(True)
+        print(f"more than {STUCK_FETCHES} history fetches alive: every thread's stack", flush=True)
+        faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+
+
 def sample(hub: Any, store_dir: str, peers_seen: int, label: str) -> dict[str, Any]:
     """One sample of the hub."""
     sizes, held = container_sizes({"node": hub})
+    objects = live_objects()
+    print_stacks_if_stuck(objects)
     return {
         "label": label, "t": time.monotonic(), "peers_seen": peers_seen, "peers_present": len(hub.peers()),
         "process": process_sizes(), "containers": sizes, "bytes": held,
-        "objects": live_objects(), "stats": stats_sizes(hub.stats()), "store": store_rows(store_dir),
+        "objects": objects, "stats": stats_sizes(hub.stats()), "store": store_rows(store_dir),
+        "traced": traced_lines(),
     }
 
 
@@ -301,10 +331,11 @@ def grown(samples: list[dict[str, Any]], section: str, min_growth: int) -> list[
 
 
 def rss_per_thousand(samples: list[dict[str, Any]]) -> float:
-    """The RSS (MB) the hub's process grew by per 1,000 peer ids, from the first sample
-    taken with peers churning to the last."""
+    """The RSS (MB) the hub's process grew by per 1,000 peer ids, from the sample a third
+    of the way through the churn (past the first minute's warm-up: the allocator's and
+    SQLite's caches, the dedupe window filling) to the last taken with peers churning."""
     churning = [s for s in samples if s["label"] != "after"]
-    first, last = churning[0], churning[-1]
+    first, last = churning[len(churning) // 3], churning[-1]
     ids = last["peers_seen"] - first["peers_seen"]
     grew_kb = last["process"]["rss_kb"] - first["process"]["rss_kb"]
     return grew_kb / 1024 / ids * 1000 if ids else 0.0
@@ -325,10 +356,16 @@ def main() -> None:
     parser.add_argument("--dedupe-window", type=int, default=100_000,
                         help="the hub's dedupe_window for 'orders' (default 100,000: its ids fill memory with "
                              "the messages handled, not the peers; a small one shows the rest)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="trace Python's allocations and report the lines whose memory grew (slower)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", help="write every sample here as JSON")
     args = parser.parse_args()
 
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start()
     rng = random.Random(args.seed)
     mesh = {"beacon_port": free_udp_port(), "mesh": f"churn-{uuid.uuid4().hex[:10]}"}
     work = tempfile.mkdtemp(prefix="churn-")
@@ -413,10 +450,11 @@ def main() -> None:
     print(f"\npeer ids: {peers_seen()} in {time.monotonic() - begin:.0f} s; processes: "
           f"{len(finished)} ({kills} SIGKILLed)")
     print("peers seen at each sample:", seen)
-    print("RSS per 1,000 peer ids seen (first churn sample -> last): "
+    print("RSS per 1,000 peer ids seen (from a third of the churn on): "
           f"{rss_per_thousand(samples):.2f} MB")
-    for section in ("process", "containers", "bytes", "objects", "stats", "store"):
-        least = {"process": 1, "bytes": 20 * args.min_growth}.get(section, args.min_growth)
+    for section in ("process", "containers", "bytes", "objects", "stats", "store", "traced"):
+        least = {"process": 1, "bytes": 20 * args.min_growth, "traced": 500 * args.min_growth}.get(
+            section, args.min_growth)
         rows = grown(samples, section, least)
         print(f"\n{section}: {len(rows)} grew (first churn sample -> last churn sample ... after)")
         for path, values in rows:
