@@ -2039,3 +2039,23 @@ def test_a_replaying_subscriber_gets_its_publishers_answer_to_its_replay_marker_
     assert set(stats["names"]["pubsub"]["received"]) == {"app.x"} and not stats["rejected"], stats
     assert not [r.getMessage() for r in caplog.records if "marker" in r.getMessage()]
     assert after_stranger["pubsub"].get("received") == 9 and after_stranger["rejected"] == {"pubsub_malformed": 1}
+
+
+@pytest.mark.timeout(30)
+def test_a_history_read_from_a_publisher_not_present_fails_at_once(mesh: dict[str, Any]) -> None:
+    """A read of a publisher's history while it is not present fails at once
+    (`NoProviderError`), instead of waiting out its timeout for it to come: a sync node
+    reads pages one at a time, so each read of a publisher gone held every other
+    subscription's for 10 s (benchmarks/churn.py: with short-lived publishers leaving mid
+    catch-up, 325 reads waited in line and replaying subscriptions stalled for minutes).
+    The subscription itself looks again while the publisher is away (`Replays._retry`).
+    Asked here with a timeout of 120 s: before, the read waited all of it."""
+    from zmqmesh._drivers.thread.runner import BlockingRunner
+    from zmqmesh._engine.api import fetch_plan
+    from zmqmesh._patterns.replay import Fetch
+
+    with zmqmesh.Node("subscriber", **mesh) as node:
+        engine = node._engine
+        gone = Fetch("ab" * 16, ("app.", print), "cd" * 16, {"p": "app.", "a": 0, "t": ""})
+        with pytest.raises(zmqmesh.NoProviderError):
+            BlockingRunner(engine).run(fetch_plan(engine, gone, timeout=120))

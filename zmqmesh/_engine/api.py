@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 import zmq
 
 from .._membership.engine import MAX_GROUP_BYTES
+from .._mesh.directory import no_provider
 from .._mesh.registry import PullOptions, Registry, SubscribeOptions
 from .._mesh.waiters import Room, Until
 from .._observe import tracing
@@ -134,7 +135,12 @@ def fetch_plan(engine: Engine, fetch: Fetch, timeout: float = 10.0) -> Plan:
     """Ask a publisher for a page of its history, for a replaying subscription (see
     `_patterns.replay`), of no more rows than this node takes in one message (``"b"``:
     half its ``max_message_bytes``, the rest left for the page's numbers). Raises as
-    `request` does."""
+    `request` does; `NoProviderError` at once for a publisher not present (a request waits
+    out its timeout for a provider to come: a sync node reads pages one at a time, and
+    each read of a publisher gone held every other subscription's for 10 s; its
+    subscription looks again for it while it is away: `Replays._retry`)."""
+    if fetch.node_id not in engine.directory.alive_ids:
+        raise no_provider(HISTORY_SERVICE, fetch.node_id)
     body = engine.codec.encode({**fetch.request, "b": max(1, engine.codec.max_message_bytes // 2)})
     return request_plan(engine.directory, engine.codec, HISTORY_SERVICE, HISTORY_SERVICE_BYTES, body,
                         time.monotonic() + timeout, fetch.node_id, None, engine.stats)
