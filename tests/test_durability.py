@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1688,6 +1688,27 @@ def test_a_durable_push_interrupted_once_its_message_was_stored_delivers_it_in_t
     assert sorted(got) == [0, 1]
 
 
+def _three_durable_pushes_the_second_interrupted(store: Path, mesh: dict[str, Any], armed: list[int],
+                                                 done: Callable[[list[int]], bool]) -> tuple[list[int], dict[str, Any]]:
+    """Durable pushes of 0, 1 and 2 to an at-least-once puller, ``armed`` set for the push
+    of 1 (which must raise the KeyboardInterrupt the patch armed raises, once); waits until
+    the puller's list makes ``done`` true and the store is empty. What the puller got, and
+    the pusher's pipeline stats then."""
+    got: list[int] = []
+    puller = zmqmesh.Node("puller", **mesh)
+    puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
+    with puller, zmqmesh.Node("pusher", store=str(store), **mesh) as pusher:
+        pusher.wait_for_pullers("q", timeout=10)
+        pusher.push("q", 0, durable=True)
+        wait_until(lambda: got == [0], 20, "the first push handled")
+        armed[0] = 1
+        with pytest.raises(KeyboardInterrupt):
+            pusher.push("q", 1, durable=True)
+        assert armed == [0]
+        pusher.push("q", 2, durable=True)
+        wait_until(lambda: done(got) and stored(store) == 0, 20, "the pushes handled, the store emptied")
+        return got, pusher.stats()["pipeline"]
+
 def test_a_durable_push_interrupted_once_its_message_was_buffered_delivers_it_once(
         tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C's KeyboardInterrupt once a durable push's message reached its queue's
@@ -1706,20 +1727,8 @@ def test_a_durable_push_interrupted_once_its_message_was_buffered_delivers_it_on
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Buffer, "extend", extend_then_interrupted)
-    got: list[int] = []
-    puller = zmqmesh.Node("puller", **mesh)
-    puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
-    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
-        pusher.wait_for_pullers("q", timeout=10)
-        pusher.push("q", 0, durable=True)
-        wait_until(lambda: got == [0], 20, "the first push handled")
-        armed[0] = 1
-        with pytest.raises(KeyboardInterrupt):
-            pusher.push("q", 1, durable=True)
-        assert armed == [0]
-        pusher.push("q", 2, durable=True)
-        wait_until(lambda: 2 in got and stored(tmp_path) == 0, 20, "the pushes handled, the store emptied")
-        assert pusher.stats()["pipeline"]["durable_stored"] == 3
+    got, pipeline = _three_durable_pushes_the_second_interrupted(tmp_path, mesh, armed, lambda got: 2 in got)
+    assert pipeline["durable_stored"] == 3
     assert got == [0, 1, 2]
 
 
@@ -1741,18 +1750,5 @@ def test_a_durable_push_interrupted_before_its_transaction_leaves_later_ones_to_
         real_commit(self, work, single)
 
     monkeypatch.setattr(Database, "commit", interrupted_commit)
-    got: list[int] = []
-    puller = zmqmesh.Node("puller", **mesh)
-    puller.pull("q", lambda msg: got.append(msg.data), at_least_once=True)
-    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
-        pusher.wait_for_pullers("q", timeout=10)
-        pusher.push("q", 0, durable=True)
-        wait_until(lambda: got == [0], 20, "the first push handled")
-        armed[0] = 1
-        with pytest.raises(KeyboardInterrupt):
-            pusher.push("q", 1, durable=True)
-        assert armed == [0]
-        pusher.push("q", 2, durable=True)
-        wait_until(lambda: got == [0, 2] and stored(tmp_path) == 0, 20, "the push after handled, the store emptied")
-        pipeline = pusher.stats()["pipeline"]
+    _got, pipeline = _three_durable_pushes_the_second_interrupted(tmp_path, mesh, armed, lambda got: got == [0, 2])
     assert (pipeline["durable_stored"], pipeline.get("durable_spilled", 0)) == (2, 0), pipeline

@@ -430,21 +430,27 @@ def test_a_submitted_requests_reply_is_counted_before_its_future_completes(
     assert seen == [(n + 1, n + 1) for n in range(20)], seen
 
 
+def _interrupted_once_after(real: Callable[..., Any]) -> tuple[Callable[..., None], list[int]]:
+    """``real``, followed the first time by a Ctrl-C's KeyboardInterrupt (once it returned:
+    what it did was done), and the interrupts left to raise (``[1]``, then ``[0]``)."""
+    interrupts = [1]
+
+    def then_interrupted(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        if interrupts[0]:
+            interrupts[0] -= 1
+            raise KeyboardInterrupt
+
+    return then_interrupted, interrupts
+
+
 def test_a_request_many_interrupted_once_its_batch_went_counts_those_requests_as_sent(
         mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event], monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C's KeyboardInterrupt right after a batch of a request_many went (the socket
     took it; the count was to come after): its requests were then counted as abandoned,
     never as sent (sent 1, received 1, abandoned 3: 3 more ended than went; 8,319 more in
     30,000 request_many calls interrupted at random, 8,807 times)."""
-    real_send_on = pipelined.send_on
-    interrupts = [1]
-
-    def send_on_then_interrupted(*args: Any, **kwargs: Any) -> None:
-        real_send_on(*args, **kwargs)
-        if interrupts[0]:
-            interrupts[0] -= 1
-            raise KeyboardInterrupt
-
+    send_on_then_interrupted, interrupts = _interrupted_once_after(pipelined.send_on)
     with zmqmesh.Node("caller", **mesh) as node:
         node.wait_for_service("held", timeout=10)
         assert node.request("echo", 0) == 0
@@ -464,15 +470,7 @@ def test_a_request_interrupted_as_it_went_counts_as_sent_and_abandoned(
     (30,000 requests interrupted at random 9,310 times: the caller counted 27,250 sent,
     its provider 30,005 received: 2,755 sent but uncounted, their replies dropped)."""
     provider, _release = held
-    real_send_frames = thread_requests.send_frames
-    interrupts = [1]
-
-    def send_frames_then_interrupted(*args: Any, **kwargs: Any) -> None:
-        real_send_frames(*args, **kwargs)
-        if interrupts[0]:
-            interrupts[0] -= 1
-            raise KeyboardInterrupt
-
+    send_frames_then_interrupted, interrupts = _interrupted_once_after(thread_requests.send_frames)
     with zmqmesh.Node("caller", **mesh) as node:
         node.wait_for_service("held", timeout=10)
         assert node.request("echo", 0) == 0
