@@ -489,22 +489,22 @@ def test_a_request_interrupted_before_its_frames_went_counts_as_never_sent(
     """A Ctrl-C's KeyboardInterrupt while a blocking request's frames were made, before
     any went: it was counted as sent and abandoned, and its provider never had it (sent
     3, received 2, abandoned 1; the provider received 2). It did not go: not counted."""
-    from zmqmesh._patterns.reqrep import Exchange
+    from zmqmesh._wire import frames as wire
 
     provider, _release = held
-    real_frames = Exchange.frames
+    real_frames = wire.request_frames
     interrupts = [1]
 
-    def frames_interrupted(self: Exchange, request_id: bytes) -> list[bytes]:
+    def frames_interrupted(*args: Any) -> list[bytes]:
         if interrupts[0]:
             interrupts[0] -= 1
             raise KeyboardInterrupt
-        return real_frames(self, request_id)
+        return real_frames(*args)
 
     with zmqmesh.Node("caller", **mesh) as node:
         node.wait_for_service("echo", timeout=10)
         assert node.request("echo", 0) == 0
-        monkeypatch.setattr(Exchange, "frames", frames_interrupted)
+        monkeypatch.setattr(wire, "request_frames", frames_interrupted)
         with pytest.raises(KeyboardInterrupt):
             node.request("echo", 1, timeout=30)
         assert interrupts == [0]

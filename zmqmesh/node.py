@@ -28,6 +28,7 @@ from ._engine.api import (
     check_peer_id,
     check_timeout,
     check_window,
+    quick_calling,
 )
 from ._io.reactor import Reactor, run_on
 from ._io.serving import not_ignored, served, serving
@@ -428,7 +429,11 @@ class Node(NodeBase):
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
-        return self._runner.run(self._request_call(service, data, timeout, peer, headers))
+        calls, body = self._encoded_call(service, data, timeout, peer, headers)
+        calling = quick_calling(calls)
+        if calling is not None:
+            return self._runner.request(calling, body, calls.seconds)
+        return self._runner.run(self._plan_call(calls, body))
 
     def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
                      peer: str | Peer | None = None, *, window: int = 64,

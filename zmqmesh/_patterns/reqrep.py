@@ -205,6 +205,33 @@ class Calling:
             provider = None
         return epoch, provider
 
+    def at_hand(self, body: bytes) -> Provider | None:
+        """The provider a quick call with ``body`` goes to without a choice: the sole one
+        (`sole`, looked at again when the directory's epoch moved on). None when the call
+        must choose (several providers, or none) or cannot go the quick way (a body of
+        `wire.LARGE_FRAME` or more)."""
+        if len(body) >= wire.LARGE_FRAME:
+            return None
+        sole = self.sole
+        if sole[0] != self.directory.epoch:  # (the tables changed: a provider came, went or changed its offers)
+            sole = self.sole = self.sole_provider()
+        return sole[1]
+
+    def count_sent(self, tally: RequestTally) -> None:
+        """Count a quick call as sent in its driver's ``tally``."""
+        sent = tally.sent
+        sent[self.service] = sent.get(self.service, 0) + 1
+
+    def result(self, body: bytes, tally: RequestTally, started: float, now: float | None = None) -> Any:
+        """The result of a quick call's OK reply ``body``, and how long its caller waited
+        for it, from ``started`` until ``now`` (default: the monotonic clock now), into
+        ``tally``. Raises `DecodeError` when it cannot be decoded."""
+        waited = tally.waited.get(self.service)
+        if waited is None:
+            waited = tally.waited[self.service] = []
+        waited.append((time.monotonic() if now is None else now) - started)
+        return self.codec.decode(body)
+
 
 class QuickRequest:
     """One call of `request_plan`'s common case, carried out without the plan while all
@@ -221,13 +248,14 @@ class QuickRequest:
 
     __slots__ = ("calling", "body", "deadline", "started", "provider", "sent")
 
-    def __init__(self, calling: Calling, body: bytes, deadline: float, started: float) -> None:
+    def __init__(self, calling: Calling, body: bytes, deadline: float, started: float,
+                 sent_to: Provider | None = None) -> None:
         self.calling = calling
         self.body = body
         self.deadline = deadline
         self.started = started
-        self.provider: Provider | None = None  # (picked: the plan goes on with it)
-        self.sent = False
+        self.provider: Provider | None = sent_to  # (picked: the plan goes on with it)
+        self.sent = sent_to is not None  # (``sent_to``: its driver sent it there already, counted as sent)
 
     def begin(self, tally: RequestTally) -> Exchange | None:
         """The exchange to send, counted as sent in the driver's ``tally``; None when the
@@ -247,24 +275,19 @@ class QuickRequest:
         ``calling.service_b``, `body`, `deadline`), counted as sent in ``tally``; None when
         the quick way ends before it: go on with `plan`."""
         calling = self.calling
-        if len(self.body) >= wire.LARGE_FRAME:
-            return None
-        service = calling.service
-        directory = calling.directory
-        sole = calling.sole
-        if sole[0] != directory.epoch:  # (the tables changed: a provider came, went or changed its offers)
-            sole = calling.sole = calling.sole_provider()
-        provider = self.provider = sole[1]
+        provider = self.provider = calling.at_hand(self.body)
         if provider is None:  # several providers (or none): the round robin and the skips choose
-            provider = self.provider = directory.pick_provider(service, calling.only)
+            if len(self.body) >= wire.LARGE_FRAME:
+                return None
+            directory = calling.directory
+            provider = self.provider = directory.pick_provider(calling.service, calling.only)
             if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
                 return None
             narrower = directory.narrower  # (a provider that takes less than the body: the plan picks another)
             if narrower and narrower.get(provider.id, len(self.body)) < len(self.body):
                 return None
         self.sent = True
-        sent = tally.sent
-        sent[service] = sent.get(service, 0) + 1
+        calling.count_sent(tally)
         return provider
 
     def advance(self, reply: tuple[bytes, bytes] | None, tally: RequestTally) -> tuple[bool, Any]:
@@ -282,11 +305,7 @@ class QuickRequest:
         """The result of an OK reply's ``body``, and how long the caller waited for it until
         ``now`` (default: the monotonic clock now), into ``tally``. Raises `DecodeError`
         when it cannot be decoded."""
-        waited = tally.waited.get(self.calling.service)
-        if waited is None:
-            waited = tally.waited[self.calling.service] = []
-        waited.append((time.monotonic() if now is None else now) - self.started)
-        return self.calling.codec.decode(body)
+        return self.calling.result(body, tally, self.started, now)
 
     def plan(self) -> RequestPlan:
         """The call's plan, where the quick way left it: from its beginning (with the

@@ -17,7 +17,6 @@ from ..._engine.engine import Engine
 from ..._io.sockets import recv_frames, send_frames
 from ..._mesh.directory import Provider
 from ..._patterns.outstanding import GivenUp
-from ..._patterns.reqrep import Exchange
 from ..._stats import RequestTally
 from ..._wire import frames as wire
 from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError, ZmqMeshError
@@ -85,25 +84,26 @@ class ThreadRequester:
             pipelined = self._pipelined = Pipelined(self.engine, lambda job, step: pipelined.resume(job, *carry(step)))
         return self._pipelined
 
-    def exchange(self, step: Exchange) -> tuple[bytes, bytes]:
-        """Send one request and wait for its reply: ``(status, body)``. Raises
-        `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`. What it counts goes into
-        `tally`."""
+    def exchange(self, provider: Provider, service: str, service_b: bytes, body: bytes, deadline: float,
+                 meta: bytes | None = None, compact: bool = False) -> tuple[bytes, bytes]:
+        """Send one request (an `Exchange`'s fields, in its order) and wait for its reply:
+        ``(status, body)``. Raises `MeshTimeoutError`, `PeerLostError`, `NodeClosedError`.
+        What it counts goes into `tally`."""
         sending = False  # (from the send on, an interrupt finds the request gone: `send_frames` ends what it began)
         try:
             with self.in_use:
                 engine = self.engine
-                provider = step.provider
                 try:
                     self.check_open()
                     if engine.directory.epoch != self._membership_epoch:
                         self._prune()
                     sock = self.sockets.get(provider.id) or self._connect(provider)
                     request_id = next(self._ids).to_bytes(8, "big")
-                    frames = step.frames(request_id)  # (made before: an interrupt meanwhile sent nothing)
+                    # (made before: an interrupt meanwhile sent nothing)
+                    frames = wire.request_frames(service_b, request_id, body, meta, compact)
                     sending = True
                     try:
-                        send_frames(sock, frames, copy=len(step.body) < wire.LARGE_FRAME)
+                        send_frames(sock, frames, copy=len(body) < wire.LARGE_FRAME)
                     except zmq.Again:
                         sending = False
                         # one request of this thread in flight at most: a DEALER that refuses one is
@@ -113,7 +113,7 @@ class ThreadRequester:
                         self._forget_socket(provider.id)
                         sock = self._connect(provider)
                         sending = True
-                        send_frames(sock, frames, copy=len(step.body) < wire.LARGE_FRAME)  # (none of them went)
+                        send_frames(sock, frames, copy=len(body) < wire.LARGE_FRAME)  # (none of them went)
                 except BaseException as exc:
                     if sending and not isinstance(exc, Exception):  # interrupted (a Ctrl-C) as it went: gone,
                         engine.stats.count_sent(self.tally, 1)  # and its caller no longer waits
@@ -121,13 +121,13 @@ class ThreadRequester:
                         self._given_up.add(provider.id)
                         raise
                     # it did not go (nor will it): not sent, under its name either
-                    take_back_sent(self.tally, step.service)
+                    take_back_sent(self.tally, service)
                     if isinstance(exc, zmq.ZMQError):
-                        raise send_failure(exc, provider.id, engine, step.service) from exc
+                        raise send_failure(exc, provider.id, engine, service) from exc
                     raise
                 engine.stats.count_sent(self.tally, 1)
                 try:
-                    return self._wait(sock, request_id, provider, step.service, step.deadline)
+                    return self._wait(sock, request_id, provider, service, deadline)
                 except MeshTimeoutError:  # (counted by `_wait`, which decided it)
                     self._given_up.add(provider.id)
                     raise

@@ -3,13 +3,14 @@ well) by blocking the calling thread."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import zmq
 
 from ..._engine.api import Plan, advance
 from ..._engine.engine import Engine
-from ..._patterns.reqrep import Exchange, QuickRequest
+from ..._patterns.reqrep import Calling, Exchange, QuickRequest
 from ..._wire import frames as wire
 from ..failures import closed_or_failed
 from .requests import ThreadRequester, ThreadRequesters
@@ -25,22 +26,21 @@ class BlockingRunner:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def run(self, call: Plan | QuickRequest) -> Any:
+    def run(self, call: Plan | QuickRequest, value: Any = None, error: BaseException | None = None,
+            requester: ThreadRequester | None = None) -> Any:
         """Carry out ``call``, a plan or a request's `QuickRequest` (`advance_call`), and
         return its result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`
         (`NodeClosedError` once the node stopped). The calling thread's requester carries
         out its exchanges and counts what they do in its tally. Interrupted (a signal's
-        `KeyboardInterrupt`), it closes the plan, which lets go of what it holds."""
-        value: Any = None
-        error: BaseException | None = None
-        requester = None
+        `KeyboardInterrupt`), it closes the plan, which lets go of what it holds.
+        ``value``, ``error``: the outcome of the plan's step taken already (`request`)."""
         if isinstance(call, QuickRequest):
             # its quick way, as `advance_call` takes it, spared the steps: the exchange, and
             # the result of an OK reply; otherwise the plan goes on from there, with the outcome
             quick, requester = call, self._requester()
             step = quick.begin(requester.tally)
             if step is not None:
-                value, error = self._exchange_outcome(requester, step)
+                value, error = self._exchange_outcome(requester, *step)
                 if error is None and value[0] == wire.STATUS_OK:  # (`QuickRequest.advance`'s way, spared its call)
                     return quick.result(value[1], requester.tally)
             call = quick.plan()
@@ -54,16 +54,37 @@ class BlockingRunner:
                     continue
                 if requester is None:
                     requester = self._requester()
-                value, error = self._exchange_outcome(requester, step)
+                value, error = self._exchange_outcome(requester, *step)
             except BaseException:  # interrupted (a signal's KeyboardInterrupt): the plan lets go of what it holds
                 call.close()
                 raise
 
-    def _exchange_outcome(self, requester: ThreadRequester, step: Exchange) -> tuple[Any, BaseException | None]:
-        """Carry out an exchange on the calling thread's ``requester``: ``(reply, None)``,
-        or ``(None, the error)``."""
+    def request(self, calling: Calling, body: bytes, seconds: float) -> Any:
+        """Carry out a call that may go the quick way (`Calling`), of the encoded ``body``,
+        within ``seconds`` from now, and return its result; raises what `run` raises. To
+        the sole provider at hand (`Calling.at_hand`), the calling thread's requester
+        sends it and waits for the reply itself, with no `QuickRequest` and no plan made
+        unless the quick way ends there (a reply not OK, a failure: the plan goes on with
+        that outcome); otherwise the call goes as its `QuickRequest` (`run`)."""
+        started = time.monotonic()
+        deadline = started + seconds
+        provider = calling.at_hand(body)
+        if provider is None:
+            return self.run(QuickRequest(calling, body, deadline, started))
+        requester = self._requester()
+        tally = requester.tally
+        calling.count_sent(tally)
+        value, error = self._exchange_outcome(requester, provider, calling.service, calling.service_b, body,
+                                              deadline, None, True)
+        if error is None and value[0] == wire.STATUS_OK:
+            return calling.result(value[1], tally, started)
+        return self.run(QuickRequest(calling, body, deadline, started, provider).plan(), value, error, requester)
+
+    def _exchange_outcome(self, requester: ThreadRequester, *exchange: Any) -> tuple[Any, BaseException | None]:
+        """Carry out an exchange (an `Exchange`'s fields) on the calling thread's
+        ``requester``: ``(reply, None)``, or ``(None, the error)``."""
         try:
-            return requester.exchange(step), None
+            return requester.exchange(*exchange), None
         except zmq.ZMQError as exc:
             return None, closed_or_failed(self.engine, exc)
         except Exception as exc:
