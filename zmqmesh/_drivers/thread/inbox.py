@@ -113,7 +113,10 @@ class ThreadInbox(Dispatcher):
         self.async_handlers = False  # (an event loop runs ``async def`` handlers: `_run_on_loop`)
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
         concurrency = engine.config.handler_concurrency
-        self._pool_threads: set[int] = set()
+        self._handler_threads: set[int] = set()
+        """The idents of the threads that run this node's handlers, each added as it comes: the
+        inbox's (as it starts), the pool's (as each starts) and the async handler loop's (as it
+        is made). A thread is one of them from its start on, and never becomes one later."""
         self._pool: ThreadPoolExecutor | None = None
         if concurrency > 1:
             # (imported here: a node running one handler at a time, the default, never loads it)
@@ -125,7 +128,6 @@ class ThreadInbox(Dispatcher):
         self._in_pool = 0  # calls handed to the pool whose outcome is not yet in `_done` (under `_exit_lock`)
         self._flushed_at = 0.0  # when the pool's replies were last sent while a burst was handed over (`_submit`)
         self.thread = threading.Thread(target=self._run, name=f"zmqmesh-inbox-{engine.name}", daemon=True)
-        self._thread_ident: int | None = None  # (`thread.ident`, set as it runs: read per request, a property's call spared)
         self._async_loop: Any = None  # a HandlerLoop, made for the first async def handler
         self._async_lock = threading.Lock()
         self._async_closed = False
@@ -147,10 +149,7 @@ class ThreadInbox(Dispatcher):
 
     def runs_handlers_here(self) -> bool:
         """True on a thread that runs this node's handlers (inbox, handler pool, async handler loop)."""
-        current = threading.get_ident()
-        handler_loop = self._async_loop
-        return (current == self._thread_ident or current in self._pool_threads
-                or (handler_loop is not None and current == handler_loop.thread.ident))
+        return threading.get_ident() in self._handler_threads
 
     def waits_for_caller(self) -> bool:
         """True when the calling thread runs one of this node's handlers and they run one
@@ -168,7 +167,7 @@ class ThreadInbox(Dispatcher):
         return handler is not None and is_async(handler)
 
     def _pool_thread_started(self) -> None:
-        self._pool_threads.add(threading.get_ident())
+        self._handler_threads.add(threading.get_ident())
 
     def runs_sync_in_place(self) -> bool:
         """Sync handlers run one at a time (no pool), and no stop's deadline has passed:
@@ -217,7 +216,7 @@ class ThreadInbox(Dispatcher):
         # a drain ends on a socket found empty, and the sockets used since are looked at
         # before the next sleep (`used_with_input`). (A ZeroMQ poll would read the events
         # of all three sockets before it sleeps and after: two system calls each, every time.)
-        self._thread_ident = threading.get_ident()
+        self._handler_threads.add(threading.get_ident())
         poller = select.poll()
         waker = self._waker.fd
         poller.register(waker, select.POLLIN)
@@ -375,6 +374,7 @@ class ThreadInbox(Dispatcher):
                 )
 
                 self._async_loop = HandlerLoop(f"zmqmesh-async-{self.name}")
+                self._handler_threads.add(self._async_loop.thread.ident)  # (started: it has its ident)
                 self.async_handlers = True
             handler_loop = self._async_loop
         try:
