@@ -149,6 +149,9 @@ def send_frames(sock: zmq.Socket[Any], frames: list[bytes], copy: bool = True) -
     sent = 0  # (counted before each send: an exception raised as one returns finds it counted)
     try:
         if copy:
+            if len(frames) == 1:  # (a request in one frame: nothing to finish)
+                _send(sock, frames[0], _NOBLOCK, True)
+                return
             if len(frames) == 2:  # (a routed reply, a request: no slice of the list, no loop)
                 sent = 1
                 _send(sock, frames[0], _MORE_NOBLOCK, True)
