@@ -143,3 +143,22 @@ def test_a_provider_that_leaves_while_requests_run_is_not_sent_the_next_one(mesh
     finally:
         p1.stop()
         p2.stop()
+
+
+def test_a_sync_request_its_sole_provider_no_longer_serves_fails_with_no_provider_counted_once(
+        mesh: dict[str, Any], first: zmqmesh.Node) -> None:
+    """A blocking request sent straight to the one provider (`BlockingRunner.request`)
+    just after it withdrew ``who`` (before the caller sees the withdrawal, as a rule):
+    answered that it is no longer offered, the call goes on as its plan (no other
+    provider: `NoProviderError`), and it is counted once: as many requests sent as the
+    caller received replies and the provider received requests."""
+    with zmqmesh.Node("client", **mesh) as client:
+        client.wait_for_service("who", timeout=10)
+        assert client.request("who", timeout=2) == "p1"
+        assert first.unservice("who")
+        with pytest.raises(zmqmesh.NoProviderError):
+            client.request("who", timeout=2)
+        counts = client.stats()["request"]
+        received = first.stats()["service"]["received"]
+    assert counts["sent"] == counts["received"] == received, (counts, received)
+    assert counts["sent"] in (1, 2), counts  # (2: it went before the withdrawal was seen)
