@@ -28,7 +28,6 @@ from ._engine.api import (
     check_peer_id,
     check_timeout,
     check_window,
-    quick_calling,
 )
 from ._io.reactor import Reactor, run_on
 from ._io.serving import not_ignored, served, serving
@@ -429,8 +428,7 @@ class Node(NodeBase):
         """
         if self._engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
-        calls, body = self._encoded_call(service, data, timeout, peer, headers)
-        calling = quick_calling(calls)
+        calls, body, calling = self._encoded_call(service, data, timeout, peer, headers)
         if calling is not None:
             return self._runner.request(calling, body, calls.seconds)
         return self._runner.run(self._plan_call(calls, body))

@@ -530,7 +530,7 @@ class Pipelined:
                     self.resume(job, (status, body), None)
                     continue
                 try:  # (`resume`'s way for the common reply, spared its steps)
-                    value = plan.result(body, tally, now)
+                    value = plan.calling.result(body, tally, plan.started, now)
                 except Exception as exc:
                     job.finish(job.key, None, exc)
                 else:

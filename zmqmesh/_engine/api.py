@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from .._patterns.replay import Fetch
 
 __all__ = ["NodeBase", "OnLoop", "Plan", "advance", "advance_call", "check_name", "check_window",
-           "peer_id_of", "check_peer_id", "as_frames", "check_group", "check_items", "quick_calling"]
+           "peer_id_of", "check_peer_id", "as_frames", "check_group", "check_items"]
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -88,12 +88,6 @@ class _Calls(NamedTuple):
     blocked: frozenset[str]
     headers: dict[str, str] | None
     calling: Calling | None  # when the calls may go the quick way (`QuickRequest`)
-
-
-def quick_calling(calls: _Calls) -> Calling | None:
-    """What ``calls`` share when each may go the quick way now (`QuickRequest`), else None
-    (each is a plan: `NodeBase._plan_call`)."""
-    return calls.calling if tracing.active is None else None  # (a traced call has its span, and headers)
 
 
 class OnLoop(NamedTuple):
@@ -1102,18 +1096,21 @@ class NodeBase:
         """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
         every driver: `BlockingRunner`, `Pipelined`, `AsyncRunner`). ``blocking=False``:
         the caller does not block while the call is made (`Node.submit`)."""
-        calls, body = self._encoded_call(service, data, timeout, peer, headers, blocking)
+        calls, body, _quick = self._encoded_call(service, data, timeout, peer, headers, blocking)
         return self._quick_or_plan(calls, body)
 
     def _encoded_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
-                      headers: dict[str, str] | None = None, blocking: bool = True) -> tuple[_Calls, bytes]:
-        """What a call of ``service`` shares with the others alike (`_prepare_calls`), and
-        its ``data`` encoded: made into a call by `_quick_or_plan` (or, `quick_calling`,
-        by a driver itself). Raises what `_request_plan` raises, in its order."""
+                      headers: dict[str, str] | None = None, blocking: bool = True
+                      ) -> tuple[_Calls, bytes, Calling | None]:
+        """What a call of ``service`` shares with the others alike (`_prepare_calls`), its
+        ``data`` encoded, and the `Calling` it may go the quick way with now (None: it is
+        a plan, `_plan_call`): made into a call by `_quick_or_plan`, or by a driver
+        itself. Raises what `_request_plan` raises, in its order."""
         engine = self._engine
         # `_encode_call`, its checks made inline: only a forked or stopped node goes through it
         body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else engine.codec.encode(data)
-        return self._prepare_calls(service, timeout, peer, headers, blocking), body
+        calls = self._prepare_calls(service, timeout, peer, headers, blocking)
+        return calls, body, calls.calling if tracing.active is None else None  # (as `_quick_or_plan`)
 
     def _request_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
                        headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
@@ -1139,10 +1136,9 @@ class NodeBase:
             yield self._quick_or_plan(calls, body)
 
     def _quick_or_plan(self, calls: _Calls, body: bytes) -> Plan | QuickRequest:
-        calling = quick_calling(calls)
-        if calling is not None:
+        if calls.calling is not None and tracing.active is None:  # (a traced call has its span, and headers)
             now = time.monotonic()
-            return QuickRequest(calling, body, now + calls.seconds, now)
+            return QuickRequest(calls.calling, body, now + calls.seconds, now)
         return self._plan_call(calls, body)
 
     def _encode_call(self, data: Any) -> bytes:

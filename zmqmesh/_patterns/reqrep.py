@@ -205,22 +205,32 @@ class Calling:
             provider = None
         return epoch, provider
 
-    def at_hand(self, body: bytes) -> Provider | None:
-        """The provider a quick call with ``body`` goes to without a choice: the sole one
-        (`sole`, looked at again when the directory's epoch moved on). None when the call
-        must choose (several providers, or none) or cannot go the quick way (a body of
-        `wire.LARGE_FRAME` or more)."""
-        if len(body) >= wire.LARGE_FRAME:
-            return None
+    def choose(self, body: bytes, tally: RequestTally) -> tuple[Provider | None, bool]:
+        """The provider a call of these with ``body`` goes to the quick way, and whether it
+        may: ``(provider, True)``, counted as sent in its driver's ``tally``: the sole one
+        (`sole`, looked at again when the directory's epoch moved on), or the one the round
+        robin and the skips choose. ``(provider, False)``, nothing counted: the one they
+        chose is of a protocol before 4, or takes less than the body (the call's plan goes
+        on with it: the round robin moved on); ``(None, False)``: no provider, or a body of
+        `wire.LARGE_FRAME` or more (the plan chooses)."""
+        size = len(body)
+        if size >= wire.LARGE_FRAME:
+            return None, False
+        directory = self.directory
         sole = self.sole
-        if sole[0] != self.directory.epoch:  # (the tables changed: a provider came, went or changed its offers)
+        if sole[0] != directory.epoch:  # (the tables changed: a provider came, went or changed its offers)
             sole = self.sole = self.sole_provider()
-        return sole[1]
-
-    def count_sent(self, tally: RequestTally) -> None:
-        """Count a quick call as sent in its driver's ``tally``."""
+        provider = sole[1]
+        if provider is None:  # several providers (or none): the round robin and the skips choose
+            provider = directory.pick_provider(self.service, self.only)
+            if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
+                return provider, False
+            narrower = directory.narrower  # (a provider that takes less than the body: the plan picks another)
+            if narrower and narrower.get(provider.id, size) < size:
+                return provider, False
         sent = tally.sent
         sent[self.service] = sent.get(self.service, 0) + 1
+        return provider, True
 
     def result(self, body: bytes, tally: RequestTally, started: float, now: float | None = None) -> Any:
         """The result of a quick call's OK reply ``body``, and how long its caller waited
@@ -249,13 +259,13 @@ class QuickRequest:
     __slots__ = ("calling", "body", "deadline", "started", "provider", "sent")
 
     def __init__(self, calling: Calling, body: bytes, deadline: float, started: float,
-                 sent_to: Provider | None = None) -> None:
+                 provider: Provider | None = None, sent: bool = False) -> None:
         self.calling = calling
         self.body = body
         self.deadline = deadline
         self.started = started
-        self.provider: Provider | None = sent_to  # (picked: the plan goes on with it)
-        self.sent = sent_to is not None  # (``sent_to``: its driver sent it there already, counted as sent)
+        self.provider = provider  # (picked: the plan goes on with it)
+        self.sent = sent  # (to it, counted as sent: `plan` waits for its outcome first)
 
     def begin(self, tally: RequestTally) -> Exchange | None:
         """The exchange to send, counted as sent in the driver's ``tally``; None when the
@@ -273,22 +283,10 @@ class QuickRequest:
         """`begin` for a driver that sends the request itself (gathered into a batch, or
         alone as `exchange`): the provider to send it to (the request goes as
         ``calling.service_b``, `body`, `deadline`), counted as sent in ``tally``; None when
-        the quick way ends before it: go on with `plan`."""
-        calling = self.calling
-        provider = self.provider = calling.at_hand(self.body)
-        if provider is None:  # several providers (or none): the round robin and the skips choose
-            if len(self.body) >= wire.LARGE_FRAME:
-                return None
-            directory = calling.directory
-            provider = self.provider = directory.pick_provider(calling.service, calling.only)
-            if provider is None or provider.protocol < wire.BATCH_PROTOCOL:
-                return None
-            narrower = directory.narrower  # (a provider that takes less than the body: the plan picks another)
-            if narrower and narrower.get(provider.id, len(self.body)) < len(self.body):
-                return None
-        self.sent = True
-        calling.count_sent(tally)
-        return provider
+        the quick way ends before it: go on with `plan` (`Calling.choose`)."""
+        provider, self.sent = self.calling.choose(self.body, tally)
+        self.provider = provider  # (picked: the plan goes on with it)
+        return provider if self.sent else None
 
     def advance(self, reply: tuple[bytes, bytes] | None, tally: RequestTally) -> tuple[bool, Any]:
         """Begin (``reply`` None): ``(False, the exchange to send)`` (`begin`). Given the
@@ -299,13 +297,7 @@ class QuickRequest:
             return False, self.begin(tally)
         if reply[0] != wire.STATUS_OK:
             return False, None
-        return True, self.result(reply[1], tally)
-
-    def result(self, body: bytes, tally: RequestTally, now: float | None = None) -> Any:
-        """The result of an OK reply's ``body``, and how long the caller waited for it until
-        ``now`` (default: the monotonic clock now), into ``tally``. Raises `DecodeError`
-        when it cannot be decoded."""
-        return self.calling.result(body, tally, self.started, now)
+        return True, self.calling.result(reply[1], tally, self.started)
 
     def plan(self) -> RequestPlan:
         """The call's plan, where the quick way left it: from its beginning (with the

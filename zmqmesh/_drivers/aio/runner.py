@@ -115,7 +115,7 @@ class AsyncRunner:
             error = exc  # (the plan goes on outside this handler: what it raises is not chained to this)
         else:
             if reply[0] == wire.STATUS_OK:  # (`QuickRequest.advance`'s way for the common reply, spared its call)
-                return call.result(reply[1], requester.tally)
+                return call.calling.result(reply[1], requester.tally, call.started)
             return await self.run(call, value=reply)
         return await self.run(call, error=error)
 
@@ -190,7 +190,8 @@ class WindowSlot:
             window.carry_on(self.index, self.quick, reply, None)
             return
         try:
-            result = self.quick.result(reply[1], window.requester.tally)
+            quick = self.quick
+            result = quick.calling.result(reply[1], window.requester.tally, quick.started)
         except Exception as exc:
             window.end(self.index, None, exc)
             return

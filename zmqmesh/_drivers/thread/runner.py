@@ -1,5 +1,5 @@
 """`BlockingRunner`: carries out a plan's steps (and a request the quick way while all goes
-well) by blocking the calling thread."""
+well: `request`) by blocking the calling thread."""
 
 from __future__ import annotations
 
@@ -20,30 +20,20 @@ __all__ = ["BlockingRunner"]
 
 
 class BlockingRunner:
-    """Runs plans (and requests that go the quick way, `QuickRequest`) on the calling
-    thread (never the loop's), blocking where they wait."""
+    """Runs plans (and requests that go the quick way: `request`) on the calling thread
+    (never the loop's), blocking where they wait."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def run(self, call: Plan | QuickRequest, value: Any = None, error: BaseException | None = None,
+    def run(self, call: Plan, value: Any = None, error: BaseException | None = None,
             requester: ThreadRequester | None = None) -> Any:
-        """Carry out ``call``, a plan or a request's `QuickRequest` (`advance_call`), and
-        return its result; raises what it raises. A raw ZeroMQ error becomes `ZmqMeshError`
-        (`NodeClosedError` once the node stopped). The calling thread's requester carries
-        out its exchanges and counts what they do in its tally. Interrupted (a signal's
-        `KeyboardInterrupt`), it closes the plan, which lets go of what it holds.
-        ``value``, ``error``: the outcome of the plan's step taken already (`request`)."""
-        if isinstance(call, QuickRequest):
-            # its quick way, as `advance_call` takes it, spared the steps: the exchange, and
-            # the result of an OK reply; otherwise the plan goes on from there, with the outcome
-            quick, requester = call, self._requester()
-            step = quick.begin(requester.tally)
-            if step is not None:
-                value, error = self._exchange_outcome(requester, *step)
-                if error is None and value[0] == wire.STATUS_OK:  # (`QuickRequest.advance`'s way, spared its call)
-                    return quick.result(value[1], requester.tally)
-            call = quick.plan()
+        """Carry out the plan ``call`` and return its result; raises what it raises. A raw
+        ZeroMQ error becomes `ZmqMeshError` (`NodeClosedError` once the node stopped). The
+        calling thread's requester carries out its exchanges and counts what they do in its
+        tally. Interrupted (a signal's `KeyboardInterrupt`), it closes the plan, which lets
+        go of what it holds. ``value``, ``error``: the outcome of the step it took already
+        (`request`)."""
         while True:
             finished, step = advance(call, value, error)
             if finished:
@@ -60,25 +50,25 @@ class BlockingRunner:
                 raise
 
     def request(self, calling: Calling, body: bytes, seconds: float) -> Any:
-        """Carry out a call that may go the quick way (`Calling`), of the encoded ``body``,
-        within ``seconds`` from now, and return its result; raises what `run` raises. To
-        the sole provider at hand (`Calling.at_hand`), the calling thread's requester
-        sends it and waits for the reply itself, with no `QuickRequest` and no plan made
-        unless the quick way ends there (a reply not OK, a failure: the plan goes on with
-        that outcome); otherwise the call goes as its `QuickRequest` (`run`)."""
+        """Carry out a call that may go the quick way (`Calling`, `QuickRequest`'s way), of
+        the encoded ``body``, within ``seconds`` from now, and return its result; raises
+        what `run` raises. The calling thread's requester sends it to the provider
+        `Calling.choose` gives and waits for the reply itself: no `QuickRequest` and no
+        plan are made unless the quick way ends (no provider it may go to, a reply not OK,
+        a failure), and then the call's plan goes on from there, with that outcome."""
         started = time.monotonic()
         deadline = started + seconds
-        provider = calling.at_hand(body)
-        if provider is None:
-            return self.run(QuickRequest(calling, body, deadline, started))
         requester = self._requester()
         tally = requester.tally
-        calling.count_sent(tally)
-        value, error = self._exchange_outcome(requester, provider, calling.service, calling.service_b, body,
-                                              deadline, None, True)
-        if error is None and value[0] == wire.STATUS_OK:
-            return calling.result(value[1], tally, started)
-        return self.run(QuickRequest(calling, body, deadline, started, provider).plan(), value, error, requester)
+        provider, sent = calling.choose(body, tally)
+        value: Any = None
+        error: BaseException | None = None
+        if sent:
+            value, error = self._exchange_outcome(requester, provider, calling.service, calling.service_b, body,
+                                                  deadline, None, True)
+            if error is None and value[0] == wire.STATUS_OK:
+                return calling.result(value[1], tally, started)
+        return self.run(QuickRequest(calling, body, deadline, started, provider, sent).plan(), value, error, requester)
 
     def _exchange_outcome(self, requester: ThreadRequester, *exchange: Any) -> tuple[Any, BaseException | None]:
         """Carry out an exchange (an `Exchange`'s fields) on the calling thread's
