@@ -86,7 +86,7 @@ def send_failure(exc: zmq.ZMQError, provider_id: str, engine: Engine, service: s
 def take_back_sent(tally: RequestTally, service: str | bytes, counted: bool = False) -> None:
     """Take back, in the driver's ``tally``, a request that did not go (its send failed,
     or its caller gave up before it went): it was counted as sent under its service's name
-    when its provider was picked (`QuickRequest.pick`, `request_plan`), unless it calls a
+    when its provider was picked (`Calling.choose`, `request_plan`), unless it calls a
     built-in service (never counted there); ``counted``: in the requests sent too
     (`send_batches` counts them before they go)."""
     if counted:

@@ -13,7 +13,9 @@ them out, blocking a thread or awaiting.
 plan is a generator, resumed twice per call through a few layers, and with many requests
 in flight that bookkeeping cost several times what sending, receiving and decoding did
 (`benchmarks/bench.py`, ``req_inflight``). At the first thing the quick way does not
-cover, the call becomes its plan, picked up where the quick way left it.
+cover, the call becomes its plan, picked up where the quick way left it. Its steps are
+`Calling`'s (`choose`, `result`): a blocking thread, which waits for its one request
+itself, takes them without a `QuickRequest` (`BlockingRunner.request`).
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ class Calling:
         self.service_b = service_b
         self.only = only  # the provider asked for, if any
         self.sole: tuple[int, Provider | None] = (-1, None)
-        """``(the directory's epoch, the provider)``: the provider `QuickRequest.pick` takes
+        """``(the directory's epoch, the provider)``: the provider `choose` takes
         for these calls without asking the directory, while its epoch is that one: the
         only one offering the service (so the round robin and the skips cannot choose
         another), of protocol 4 or later, that takes any body this node sends. None: there
