@@ -25,6 +25,7 @@ from helpers import free_udp_port
 import zmqmesh
 from zmqmesh._io.beacon import RECEIVE_BUFFER, BeaconSocket
 from zmqmesh._membership import control
+from zmqmesh._membership.admission import Admission
 from zmqmesh._membership.detector import MAX_SLACK, FailureDetector
 from zmqmesh._membership.peer import PeerState
 from zmqmesh._mesh.directory import Directory, Provider, offers_of
@@ -105,6 +106,28 @@ def test_the_failure_detector_pings_then_expires_and_waits_out_a_dropped_link() 
     assert detector.link_down(linked, now + 0.1) is False  # one check per drop
     detector.link_up(linked)
     assert not detector.still_disconnected(linked)
+
+
+def test_a_newcomer_replaces_only_the_ghosts_of_itself_among_many_peers() -> None:
+    """`Admission.ghosts`: a ready peer at the newcomer's endpoint that is no longer heard
+    from, or one of its name on its host whose link dropped, is replaced; a peer at its
+    endpoint still heard from over a live link, peers not ready, and all the others are not."""
+    host = frames.HEADER["host"]
+    newcomer = peer(200, set())
+    newcomer.ready, newcomer.name, newcomer.headers = False, "worker", {host: "h1"}
+    crowd = [peer(n, set()) for n in range(1, 101)]
+    for p in crowd:
+        p.name, p.headers, p.last_seen = f"n{p.uuid[0]}", {host: "h1"}, time.time()
+    silent_same_endpoint, live_same_endpoint, dropped_same_node, dropped_other_host, not_ready = crowd[10:15]
+    for p in (silent_same_endpoint, live_same_endpoint, not_ready):
+        p.endpoint = newcomer.endpoint
+    silent_same_endpoint.last_seen -= 10
+    for p in (dropped_same_node, dropped_other_host):
+        p.name, p.disconnected_at, p.endpoint = "worker", time.monotonic(), "tcp://127.0.0.1:9"
+    dropped_other_host.headers = {host: "h2"}
+    not_ready.ready, not_ready.last_seen = False, time.time() - 10
+    crowd[50].disconnected_at = time.monotonic()  # another node whose link dropped: not the newcomer's
+    assert Admission.ghosts(newcomer, [*crowd, newcomer], quiet_s=1.5) == [silent_same_endpoint, dropped_same_node]
 
 
 def test_a_late_sweep_counts_none_of_its_lateness_as_silence_and_gives_peers_more_time() -> None:
