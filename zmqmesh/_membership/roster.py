@@ -151,8 +151,8 @@ class Roster:
         link never came up, then any. A real peer proves itself within a round trip, so
         strangers crowd out only each other. False (counted) when every peer is proven and
         there are `MAX_PEERS`."""
-        if self.places_left() > 0:
-            return True
+        if len(self.peers) < MAX_UNPROVEN_PEERS or self.places_left() > 0:
+            return True  # (fewer peers than that: places left without counting, peer by peer, the unproven)
         unproven = [p for p in self.peers.values() if not p.proven]
         if not unproven:
             self.stats.reject("too_many_peers")
