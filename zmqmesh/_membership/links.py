@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .._io.reactor import EventLoop
-from .._io.sockets import CONTROL_HWM, new_socket
+from .._io.sockets import CONTROL_HWM, new_socket, recv_frames, send_frames
 from .._stats import Stats
 from .._wire import zre
 from .._wire.frames import link_id
@@ -134,7 +134,7 @@ class Links:
             return False
         msg.sequence = zre.next_sequence(peer.out_sequence)
         try:
-            peer.link.send_multipart(zre.encode_command(msg), zmq.NOBLOCK)
+            send_frames(peer.link, zre.encode_command(msg))
         except zmq.Again:
             self.stats.membership["send_blocked"] += 1
             return False
@@ -148,7 +148,7 @@ class Links:
         monitor = peer.monitor
         while monitor is not None:
             try:
-                frames = monitor.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(monitor)
             except zmq.ZMQError:
                 return
             event = monitor_event(frames)
