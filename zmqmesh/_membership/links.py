@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from .._io.reactor import EventLoop
-from .._io.sockets import CONTROL_HWM, new_socket, recv_frames, send_frames
+from .._io.sockets import CONTROL_HWM, has_input, new_socket, recv_frames, send_frames
 from .._stats import Stats
 from .._wire import zre
 from .._wire.frames import link_id
@@ -145,8 +145,11 @@ class Links:
         return True
 
     def _on_monitor(self, peer: PeerState) -> None:
-        monitor = peer.monitor
+        monitor, first = peer.monitor, True
         while monitor is not None:
+            if not first and not has_input(monitor):  # (one event the common case: no Again raised after it)
+                return
+            first = False
             try:
                 frames = recv_frames(monitor)
             except zmq.ZMQError:
