@@ -115,7 +115,7 @@ class Commands:
 
     def _on_control(self, peer: PeerState, content: list[bytes]) -> None:
         """A zmqmesh peer's control WHISPER: its ``bye``, or its word about others."""
-        parsed = control.parse(self.codec, content, {p.id for p in self.peers.values()})
+        parsed = control.parse(self.codec, content, self.roster.ids)
         if parsed is None:
             self.stats.reject("control_malformed")
         elif parsed[0] == "bye":

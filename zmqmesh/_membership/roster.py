@@ -79,6 +79,9 @@ class Roster:
         self.hello = hello
         self.beacon_trust_s = BEACON_TRUST_TIMEOUTS * peer_timeout_s
         self.peers: dict[bytes, PeerState] = {}
+        self.ids: set[str] = set()
+        """The ids (hex) of ``peers``, kept with it: a peer's gossip is checked against them
+        (a newcomer hears a list of the mesh from every peer it meets)."""
         self.leaving = False
         """Said goodbye: takes in no one new."""
         self._changed_at = loop.time()  # (when a peer last came or went)
@@ -120,6 +123,7 @@ class Roster:
             seed.id = uuid.hex()
             seed.touch()
             self.peers[uuid] = seed
+            self.ids.add(seed.id)
             self._changed_at = self.loop.time()
             return seed
         if not answered and not self.admission.may_greet(address):
@@ -135,6 +139,7 @@ class Roster:
             log.warning("cannot open a link to %s: %s", endpoint, exc)
             return None
         self.peers[uuid] = peer
+        self.ids.add(peer.id)
         self._changed_at = self.loop.time()
         return peer
 
@@ -189,6 +194,7 @@ class Roster:
         if self.peers.get(peer.uuid) is not peer:
             return False
         del self.peers[peer.uuid]
+        self.ids.discard(peer.id)
         self.peer_groups.release(peer)
         self._changed_at = self.loop.time()
         self.links.close(peer)
@@ -200,6 +206,7 @@ class Roster:
         for peer in list(self.peers.values()):
             self.links.close(peer, linger_ms)
         self.peers.clear()
+        self.ids.clear()
         self.peer_groups.clear()
 
     def on_beacon(self, uuid: bytes, endpoint: str | None, key: str | None, source: str) -> None:
