@@ -76,18 +76,18 @@ class Links:
         self.keys = keys
         self.stats = stats
         self.on_link = on_link
-
-    def open(self, peer: PeerState, hello: ZreMessage) -> None:
-        """Connect a link to ``peer.endpoint`` and send ``hello`` first. Raises `zmq.ZMQError`."""
-        cfg = self.config
-        link = new_socket(self.ctx, zmq.DEALER, {
-            zmq.ROUTING_ID: link_id(self.uuid),
+        self._options: dict[int, int | bytes] = {  # (the same for every link: made once, not at each join)
+            zmq.ROUTING_ID: link_id(uuid),
             zmq.SNDHWM: CONTROL_HWM,
             zmq.SNDTIMEO: 0,
             zmq.RECONNECT_IVL: 100,
             zmq.RECONNECT_IVL_MAX: 1000,
-            **link_liveness(cfg.peer_timeout_s),
-        })
+            **link_liveness(config.peer_timeout_s),
+        }
+
+    def open(self, peer: PeerState, hello: ZreMessage) -> None:
+        """Connect a link to ``peer.endpoint`` and send ``hello`` first. Raises `zmq.ZMQError`."""
+        link = new_socket(self.ctx, zmq.DEALER, self._options)
         try:
             peer.monitor = link.get_monitor_socket(_MONITOR_EVENTS)
             if self.keys is not None:
