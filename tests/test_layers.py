@@ -463,7 +463,7 @@ def test_request_batches_send_alone_to_an_idle_provider_and_gather_for_a_busy_on
     assert not batches.add(new.id, b"4", 4, step(new, compact=False), True)  # headers, or a large body
     assert batches.add(new.id, b"5", 5, step(new), True) and batches.add(new.id, b"6", 6, step(new), True)
     (batch,) = batches.take()
-    assert batch.key == new.id and batch.waiters == [(b"5", 5), (b"6", 6)]
+    assert batch.key == new.id and batch.ids == [b"5", b"6"] and batch.waiters == [5, 6]
     assert frames.parse_request_batch(batch.frame()) == [(b"svc", b"5", b"\x01"), (b"svc", b"6", b"\x01")]
     assert not batches and batches.take() == []
     assert not batches.add(new.id, b"7", 7, step(new), False)  # idle again: at once
@@ -473,7 +473,7 @@ def test_request_batches_send_alone_to_an_idle_provider_and_gather_for_a_busy_on
     for n in range(600):  # past EARLY_ITEMS requests, and past 64 KiB: several frames, in order
         batches.add(new.id, n.to_bytes(8, "big"), n, step(new, b"x" * (200 if n < 300 else 5000)), True)
     taken = batches.take()
-    assert [w for b in taken for w, _ in b.waiters] == [n.to_bytes(8, "big") for n in range(600)]
+    assert [i for b in taken for i in b.ids] == [n.to_bytes(8, "big") for n in range(600)]
     assert any(len(b.items) < EARLY_ITEMS for b in taken[:-1])  # (cut by bytes: 5000 B each)
     for b in taken:
         assert len(b.items) <= EARLY_ITEMS and len(b.frame()) <= frames.BATCH_BYTES + 1
@@ -482,7 +482,7 @@ def test_request_batches_send_alone_to_an_idle_provider_and_gather_for_a_busy_on
     (left, *_) = batches.take()
     left.keep({n.to_bytes(8, "big") for n in range(300) if n % 3}, lambda n: n % 2 == 0)  # the others: they never go
     kept = [n for n in range(EARLY_ITEMS) if n % 3 and n % 2]  # (still waiting, and not given up)
-    assert [w for _, w in left.waiters] == kept
+    assert left.waiters == kept and left.ids == [n.to_bytes(8, "big") for n in kept]
     assert frames.parse_request_batch(left.frame()) == [(b"svc", n.to_bytes(8, "big"), b"\x01") for n in kept]
 
 
@@ -495,10 +495,10 @@ def test_a_request_batch_that_fills_up_is_ready_before_the_pause() -> None:
     assert batches.add(new.id, b"last", EARLY_ITEMS, step, True) and batches.ready
     assert batches.add(new.id, b"next", EARLY_ITEMS + 1, step, True)
     (full,) = batches.take(full_only=True)
-    assert [n for _, n in full.waiters] == list(range(1, EARLY_ITEMS + 1)) and not batches.ready
+    assert full.waiters == list(range(1, EARLY_ITEMS + 1)) and not batches.ready
     assert batches.add(new.id, b"again", 0, step, True)  # the pass goes on: gathered
     (rest,) = batches.take()
-    assert [w for w, _ in rest.waiters] == [b"next", b"again"]
+    assert rest.ids == [b"next", b"again"]
     assert not batches.add(new.id, b"after", 0, step, False)  # nothing in flight: alone
 
 
@@ -1115,7 +1115,7 @@ def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -
         assert all(isinstance(error, zmqmesh.MeshTimeoutError) for _, error in failed)
         assert len(outstanding) == 3 and not batches.ready
         (rest,) = batches.take()
-        assert [n for _, n in rest.waiters] == [EARLY_ITEMS, EARLY_ITEMS + 1, EARLY_ITEMS + 2]
+        assert rest.waiters == [EARLY_ITEMS, EARLY_ITEMS + 1, EARLY_ITEMS + 2]
     finally:
         sock.close(0)
         ctx.term()

@@ -257,13 +257,12 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
             if sock is None or not batch.items:
                 continue
             try:
-                send_on(outstanding, sock, batch.key, [batch.frame()], [request_id for request_id, _ in batch.waiters],
-                        engine, renew, full)
+                send_on(outstanding, sock, batch.key, [batch.frame()], batch.ids, engine, renew, full)
                 sent += len(batch.items)
                 continue
             except zmq.ZMQError as exc:
                 error = send_failure(exc, batch.key, engine)
-            for (request_id, waiter), item in zip(batch.waiters, batch.items):
+            for request_id, waiter, item in zip(batch.ids, batch.waiters, batch.items):
                 if tally is not None:
                     take_back_sent(tally, item[0], counted=True)
                 if outstanding.withdraw(request_id):

@@ -37,35 +37,36 @@ Waiter = TypeVar("Waiter")
 
 
 class Batch(Generic[Key, Waiter]):
-    """Requests to send in one frame on ``key``'s socket: their ids and waiters, and the frame."""
+    """Requests to send in one frame on ``key``'s socket: their items, ids and waiters (in
+    step), and the frame."""
 
-    __slots__ = ("key", "items", "waiters", "size")
+    __slots__ = ("key", "items", "ids", "waiters", "size")
 
     def __init__(self, key: Key) -> None:
         self.key = key
-        self.items: list[tuple[bytes, bytes, bytes]] = []
-        self.waiters: list[tuple[bytes, Waiter]] = []
+        self.items: list[tuple[bytes, bytes, bytes]] = []  # (service, request id, body)
+        self.ids: list[bytes] = []
+        self.waiters: list[Waiter] = []
         self.size = 1
 
     def keep(self, waiting: Container[bytes], gave_up: Callable[[Waiter], bool] | None = None
              ) -> list[tuple[bytes, bytes, bytes]]:
         """Keep only the requests still ``waiting`` (by id) whose waiter has not ``gave_up``;
         the items of those left out: ``(service, request id, body)``, as bytes."""
-        if gave_up is None:
-            kept = [k for k, (request_id, _) in enumerate(self.waiters) if request_id in waiting]
-        else:
-            kept = [k for k, (request_id, waiter) in enumerate(self.waiters)
-                    if request_id in waiting and not gave_up(waiter)]
-        if len(kept) == len(self.waiters):
+        # (the common case, every one kept, looked at without a bytecode per request)
+        if all(map(waiting.__contains__, self.ids)) and (gave_up is None or not any(map(gave_up, self.waiters))):
             return []
+        kept = [k for k, (request_id, waiter) in enumerate(zip(self.ids, self.waiters))
+                if request_id in waiting and (gave_up is None or not gave_up(waiter))]
         return [item for item, _waiter in self.keep_at(kept)]
 
-    def keep_at(self, kept: list[int]) -> list[tuple[tuple[bytes, bytes, bytes], tuple[bytes, Waiter]]]:
+    def keep_at(self, kept: list[int]) -> list[tuple[tuple[bytes, bytes, bytes], Waiter]]:
         """Keep the requests at the indices ``kept`` (in order); the item and the waiter of
         each of the others."""
         keeping = set(kept)
         left_out = [(item, self.waiters[k]) for k, item in enumerate(self.items) if k not in keeping]
         self.items = [self.items[k] for k in kept]
+        self.ids = [self.ids[k] for k in kept]
         self.waiters = [self.waiters[k] for k in kept]
         return left_out
 
@@ -109,7 +110,8 @@ class RequestBatches(Generic[Key, Waiter]):
         if batch is None:
             batch = self._open[key] = Batch(key)
         batch.items.append((service_b, request_id, body))
-        batch.waiters.append((request_id, waiter))
+        batch.ids.append(request_id)
+        batch.waiters.append(waiter)
         batch.size += size
         if len(batch.items) >= EARLY_ITEMS:
             self._full.append(self._open.pop(key))
@@ -120,14 +122,14 @@ class RequestBatches(Generic[Key, Waiter]):
         to (every one: None); they will not go. Their ids, waiters and services (as bytes)."""
         removed: list[tuple[bytes, Waiter, bytes]] = []
         for batch in [*self._full, *self._open.values()]:
-            kept = [k for k, (_, waiter) in enumerate(batch.waiters) if remove is not None and not remove(waiter)]
+            kept = [k for k, waiter in enumerate(batch.waiters) if remove is not None and not remove(waiter)]
             if len(kept) < len(batch.waiters):
-                removed.extend((request_id, waiter, item[0]) for item, (request_id, waiter) in batch.keep_at(kept))
+                removed.extend((item[1], waiter, item[0]) for item, waiter in batch.keep_at(kept))
         return removed
 
     def waiters(self) -> set[Waiter]:
         """The waiters of the requests gathered (those not sent yet)."""
-        return {waiter for batch in (*self._full, *self._open.values()) for _, waiter in batch.waiters}
+        return {waiter for batch in (*self._full, *self._open.values()) for waiter in batch.waiters}
 
     @property
     def ready(self) -> bool:
