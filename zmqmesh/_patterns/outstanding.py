@@ -61,7 +61,9 @@ class Outstanding(Generic[Waiter]):
         self._queued: deque[tuple[float, bytes]] = deque()  # deadlines that came in order
         self._heap: list[tuple[float, bytes]] = []  # the others
         self._ids = itertools.count(1)
-        self._per_provider: dict[str, int] = {}  # provider id: requests waiting (none: absent)
+        self.busy_with: dict[str, int] = {}
+        """By provider id: how many requests to it wait for their reply (none: absent). Read
+        only, for a driver that asks `busy` on the path of every request without a call."""
         self._given_up = GivenUp()  # (see `given_up_on`)
 
     def __len__(self) -> int:
@@ -77,7 +79,7 @@ class Outstanding(Generic[Waiter]):
 
     def waiting_on(self, provider_id: str) -> int:
         """How many requests to ``provider_id`` wait for their reply."""
-        return self._per_provider.get(provider_id, 0)
+        return self.busy_with.get(provider_id, 0)
 
     def given_up_on(self, provider_id: str) -> int:
         """How many requests to ``provider_id`` were given up on (timed out, or forgotten:
@@ -98,14 +100,14 @@ class Outstanding(Generic[Waiter]):
 
     def busy(self, provider_id: str) -> bool:
         """Whether a request to ``provider_id`` waits for its reply."""
-        return provider_id in self._per_provider
+        return provider_id in self.busy_with
 
     def add(self, waiter: Waiter, provider_id: str, service: str, deadline: float) -> bytes:
         """Register a request about to be sent; its id (the frame that the reply echoes)."""
         number = next(self._ids)
         request_id = number.to_bytes(8, "big")
         self._pending[request_id] = (waiter, provider_id, service, deadline)
-        per_provider = self._per_provider
+        per_provider = self.busy_with
         per_provider[provider_id] = per_provider.get(provider_id, 0) + 1
         queued = self._queued
         if not queued or deadline >= queued[-1][0]:
@@ -133,11 +135,11 @@ class Outstanding(Generic[Waiter]):
 
     def _answered(self, provider_id: str, count: int) -> None:
         """``count`` requests to ``provider_id`` no longer wait."""
-        left = self._per_provider[provider_id] - count
+        left = self.busy_with[provider_id] - count
         if left:
-            self._per_provider[provider_id] = left
+            self.busy_with[provider_id] = left
         else:
-            del self._per_provider[provider_id]
+            del self.busy_with[provider_id]
 
     def answer_all(self, frames: list[bytes], provider_id: str) -> tuple[list[tuple[Waiter, bytes, bytes]], int]:
         """What a message from ``provider_id`` answers, one reply or a batch of them
@@ -207,7 +209,7 @@ class Outstanding(Generic[Waiter]):
     def lost(self, provider_id: str) -> list[tuple[Waiter, str]]:
         """Take the requests that ``provider_id`` was to answer: ``(waiter, service)`` each."""
         gone = [rid for rid, entry in self._pending.items() if entry[1] == provider_id]
-        self._per_provider.pop(provider_id, None)
+        self.busy_with.pop(provider_id, None)
         self._given_up.pop(provider_id, None)
         taken = [(entry[0], entry[2]) for entry in (self._pending.pop(rid) for rid in gone)]
         if taken:
@@ -220,6 +222,6 @@ class Outstanding(Generic[Waiter]):
         self._pending.clear()
         self._queued.clear()
         self._heap.clear()
-        self._per_provider.clear()
+        self.busy_with.clear()
         self._given_up.clear()
         return waiters

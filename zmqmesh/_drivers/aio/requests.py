@@ -111,11 +111,34 @@ class LoopRequester:
         self._gathered(step.provider.id, self._batches.ready)
         return future
 
-    def gather(self, provider: Provider, quick: QuickRequest, waiter: ReplyWaiter) -> None:
+    def send_quick(self, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]] | None:
+        """Send a request the quick way (`QuickRequest.pick`): alone and at once to a
+        provider that has none of this loop's requests in flight (`exchange`), otherwise
+        gathered into its batch (`gather`). The future of its reply ``(status, body)``,
+        failed if the request could not be sent; None when the quick way ends before it
+        (its plan goes on). Called on the node's loop."""
+        provider = quick.pick(self.tally)
+        if provider is None:
+            return None
+        if provider.id in self.outstanding.busy_with:  # (`Outstanding.busy`, asked without a call)
+            future: asyncio.Future[tuple[bytes, bytes]] = self.gather(provider, quick)
+            return future
+        try:
+            return self.exchange(quick.exchange(provider))
+        except Exception as exc:
+            failed: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
+            failed.set_exception(exc)
+            return failed
+
+    def gather(self, provider: Provider, quick: QuickRequest, waiter: ReplyWaiter | None = None) -> Any:
         """Gather the request of a quick way to ``provider`` (`QuickRequest.pick`: one a
         batch can carry) into its batch, whether or not the provider is busy, as one of
-        many at hand; ``waiter`` is told its outcome as a future would be. It goes with the
-        batches of this pass of the loop, or at once with a batch that fills up."""
+        many at hand; ``waiter`` is told its outcome as a future would be (None: a future
+        made here). It goes with the batches of this pass of the loop, or at once with a
+        batch that fills up. Returns the waiter; raises what making a socket to the
+        provider raises."""
+        if waiter is None:
+            waiter = self.engine.loop.create_future()
         provider_id, calling, deadline = provider.id, quick.calling, quick.deadline
         if provider_id not in self.sockets:  # (a look, not a call: on the path of every request)
             try:
@@ -128,13 +151,7 @@ class LoopRequester:
         if deadline < self._timer_at:
             self._arm(deadline)
         self._gathered(provider_id, full)
-
-    def gathered(self, provider: Provider, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]]:
-        """`gather` the request of a quick way with a future to wait for its reply, as
-        `exchange`'s; it fails as theirs do."""
-        future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-        self.gather(provider, quick, future)
-        return future
+        return waiter
 
     def _gathered(self, provider_id: str, full: bool) -> None:
         """A request to ``provider_id`` was gathered; ``full``: a batch is full (`RequestBatches.ready`)."""

@@ -56,13 +56,13 @@ class AsyncRunner:
         """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
         error becomes `ZmqMeshError`, and so does a call from another event loop. A plan
         begun elsewhere goes on with the outcome of its last step: ``value`` or ``error``;
-        a request whose quick way ended (`send_quick`), as its plan, from where that left it."""
+        a request whose quick way ended (`LoopRequester.send_quick`), as its plan, from where that left it."""
         try:
             check_loop(self.engine)
         except ZmqMeshError:
             plan.close()
             raise
-        if isinstance(plan, QuickRequest):  # (its quick way ended: `send_quick`)
+        if isinstance(plan, QuickRequest):  # (its quick way ended: `LoopRequester.send_quick`)
             plan = plan.plan()
         while True:
             finished, step = advance(plan, value, error)
@@ -96,14 +96,14 @@ class AsyncRunner:
     async def request(self, call: Plan | QuickRequest) -> Any:
         """Carry out a request (`NodeBase._request_call`) and return its result; raises what
         `run` raises. One that may go the quick way (`QuickRequest`) does while all goes
-        well (`send_quick`), its reply's future awaited here, and otherwise goes on as its
+        well (`LoopRequester.send_quick`), its reply's future awaited here, and otherwise goes on as its
         plan from where the quick way left it."""
         if not isinstance(call, QuickRequest):
             return await self.run(call)
         check_loop(self.engine)
         requester = self.engine.requests
         assert isinstance(requester, LoopRequester), "the node is not started"
-        future = self.send_quick(call, requester)
+        future = requester.send_quick(call)
         if future is None:  # (the quick way ended before the request went)
             return await self.run(call)
         try:
@@ -118,25 +118,6 @@ class AsyncRunner:
                 return call.calling.result(reply[1], requester.tally, call.started)
             return await self.run(call, value=reply)
         return await self.run(call, error=error)
-
-    def send_quick(self, quick: QuickRequest, requester: LoopRequester) -> asyncio.Future[tuple[bytes, bytes]] | None:
-        """Send a request the quick way (`QuickRequest.pick`) with the node's ``requester``:
-        alone and at once to a provider that has none of this loop's requests in flight
-        (`LoopRequester.exchange`), otherwise gathered into its batch
-        (`LoopRequester.gathered`). The future of its reply ``(status, body)``, failed if
-        the request could not be sent; None when the quick way ends before it (`request`
-        goes on). Called on the node's loop (`check_loop`)."""
-        provider = quick.pick(requester.tally)
-        if provider is None:
-            return None
-        if requester.outstanding.busy(provider.id):
-            return requester.gathered(provider, quick)
-        try:
-            return requester.exchange(quick.exchange(provider))
-        except Exception as exc:
-            failed: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-            failed.set_exception(exc)
-            return failed
 
     async def run_many(self, calls: Iterable[Plan | QuickRequest], window: int) -> list[Any]:
         """Carry out ``calls`` (made one by one as there is room) with at most ``window`` in
