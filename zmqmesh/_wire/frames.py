@@ -265,6 +265,10 @@ class Headed(bytes):
 _BYTE = [bytes((i,)) for i in range(256)]
 _u32 = struct.Struct(">I").pack
 _read_u32 = struct.Struct(">I").unpack_from
+_read_reply_head = struct.Struct(">x8scI").unpack_from
+"""The head of a reply of a batch to a request id of 8 bytes (as `Outstanding` makes them),
+past its length byte: the id, the status and the body's length, read in one call."""
+_REPLY_HEAD_BYTES = 14
 
 
 class RawPayload:
@@ -398,9 +402,10 @@ def request_batch(requests: list[tuple[bytes, bytes, bytes]]) -> bytes:
     `may_compact` allows): `BATCH_MARK`, then per request ``[len(service)] service
     [len(request_id)] request_id [len(body), 4 bytes big-endian] body``."""
     parts = [BATCH_MARK]
-    for service, request_id, body in requests:
-        parts.append(b"".join((_BYTE[len(service)], service, _BYTE[len(request_id)], request_id,
-                               _u32(len(body)), body)))
+    add = parts.extend
+    byte, u32 = _BYTE, _u32
+    for service, request_id, body in requests:  # (one join for the whole frame, none per request)
+        add((byte[len(service)], service, byte[len(request_id)], request_id, u32(len(body)), body))
     return b"".join(parts)
 
 
@@ -447,20 +452,24 @@ def parse_reply_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]] | None:
     if len(frame) > BATCH_BYTES:
         return None
     replies: list[tuple[bytes, bytes, bytes]] = []
+    append = replies.append
     at, end = 1, len(frame)
-    while at < end:
-        if len(replies) == MAX_BATCH_ITEMS:
-            return None
-        status_at = at + 1 + frame[at]
-        body_at = status_at + 5
-        if body_at > end:
-            return None
-        body_end = body_at + _read_u32(frame, status_at + 1)[0]
+    while at < end:  # (bounded by the frame's size: its count is looked at once, after)
+        if frame[at] == 8 and at + _REPLY_HEAD_BYTES <= end:  # (an id of 8 bytes, the head whole: one read)
+            request_id, status, size = _read_reply_head(frame, at)
+            body_at = at + _REPLY_HEAD_BYTES
+        else:
+            status_at = at + 1 + frame[at]
+            body_at = status_at + 5
+            if body_at > end:
+                return None
+            request_id, status, size = frame[at + 1:status_at], _BYTE[frame[status_at]], _read_u32(frame, status_at + 1)[0]
+        body_end = body_at + size
         if body_end > end:
             return None
-        replies.append((frame[at + 1:status_at], _BYTE[frame[status_at]], frame[body_at:body_end]))
+        append((request_id, status, frame[body_at:body_end]))
         at = body_end
-    return replies or None
+    return replies if 0 < len(replies) <= MAX_BATCH_ITEMS else None
 
 
 def parse_reply(frames: list[bytes]) -> tuple[bytes, bytes, bytes] | None:
