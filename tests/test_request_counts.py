@@ -166,6 +166,47 @@ def test_an_async_nodes_requests_pending_when_it_stops_are_counted_as_errors(
     assert (counts["sent"], counts["received"], counts["errors"]) == (4, 1, 3), counts
 
 
+def test_requests_gathered_into_one_batch_each_end_their_own_way(
+        mesh: dict[str, Any], held: tuple[zmqmesh.Node, threading.Event]) -> None:
+    """Five coroutines of an AsyncNode call in one pass of its loop: the first goes alone
+    (nothing else in flight), the four others together, in one batch. Each ends its own
+    way: the one with a short timeout times out alone (its batch's others answered or
+    still waiting), the one cancelled is forgotten alone, the quick ones are answered,
+    and the held one is answered once released; each counted once."""
+    provider, release = held
+
+    async def main() -> tuple[list[Any], zmqmesh.AsyncNode]:
+        node = zmqmesh.AsyncNode("caller", **mesh)
+        await node.start()
+        try:
+            await node.wait_for_service("held", timeout=10)
+            assert await node.request("echo", 0) == 0
+            calls = [asyncio.ensure_future(node.request("held", 0, timeout=20)),  # (alone: the provider was idle)
+                     asyncio.ensure_future(node.request("held", 1, timeout=0.5)),
+                     asyncio.ensure_future(node.request("echo", 2, timeout=20)),
+                     asyncio.ensure_future(node.request("held", 3, timeout=20)),
+                     asyncio.ensure_future(node.request("echo", 4, timeout=20))]
+            assert await asyncio.wait_for(asyncio.gather(calls[2], calls[4]), 10) == [2, 4]
+            await asyncio.wait_for(until(lambda: provider.stats()["service"]["received"] == 6), 10)
+            calls[3].cancel()
+            with pytest.raises(zmqmesh.MeshTimeoutError):
+                await asyncio.wait_for(calls[1], 10)
+            assert not calls[0].done()  # (held: neither the timeout nor the cancellation ended it)
+            release.set()
+            outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+            await asyncio.wait_for(until(lambda: node.stats()["request"]["dropped"] == 2), 10)  # (the late replies)
+        finally:
+            await node.stop()
+        return outcomes, node
+
+    outcomes, node = asyncio.run(main())
+    assert outcomes[0] == 0 and outcomes[2] == 2 and outcomes[4] == 4, outcomes
+    assert isinstance(outcomes[1], zmqmesh.MeshTimeoutError), outcomes
+    assert isinstance(outcomes[3], asyncio.CancelledError), outcomes
+    counts = node.stats()["request"]
+    assert (counts["sent"], counts["received"], counts["errors"], counts["abandoned"]) == (6, 4, 1, 1), counts
+
+
 def _slow(msg: zmqmesh.Message) -> None:
     if msg.data < 0:
         raise ValueError("refused")
