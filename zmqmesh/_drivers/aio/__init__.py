@@ -7,7 +7,7 @@ lives below. Kept apart so that a process using only the sync `Node` never impor
 asyncio.
 
 * `runner`: `AsyncRunner` carries out a plan's steps by awaiting them, and a request the
-  quick way while all goes well (`request`, `LoopRequester.send_quick`); waits for a condition or room.
+  quick way while all goes well (`request`); waits for a condition or room.
 * `requests`: `LoopRequester`, DEALERs owned by the event loop, a future per request.
 * `inbox`: `LoopInbox`, ``async def`` handlers awaited in place; ``def`` handlers run on a
   worker thread, a burst at a time, so they never block the loop.

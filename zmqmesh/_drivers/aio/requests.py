@@ -111,25 +111,6 @@ class LoopRequester:
         self._gathered(step.provider.id, self._batches.ready)
         return future
 
-    def send_quick(self, quick: QuickRequest) -> asyncio.Future[tuple[bytes, bytes]] | None:
-        """Send a request the quick way (`QuickRequest.pick`): alone and at once to a
-        provider that has none of this loop's requests in flight (`exchange`), otherwise
-        gathered into its batch (`gather`). The future of its reply ``(status, body)``,
-        failed if the request could not be sent; None when the quick way ends before it
-        (its plan goes on). Called on the node's loop."""
-        provider = quick.pick(self.tally)
-        if provider is None:
-            return None
-        if provider.id in self.outstanding.busy_with:  # (`Outstanding.busy`, asked without a call)
-            future: asyncio.Future[tuple[bytes, bytes]] = self.gather(provider, quick)
-            return future
-        try:
-            return self.exchange(quick.exchange(provider))
-        except Exception as exc:
-            failed: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-            failed.set_exception(exc)
-            return failed
-
     def gather(self, provider: Provider, quick: QuickRequest, waiter: ReplyWaiter | None = None) -> Any:
         """Gather the request of a quick way to ``provider`` (`QuickRequest.pick`: one a
         batch can carry) into its batch, whether or not the provider is busy, as one of

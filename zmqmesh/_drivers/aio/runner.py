@@ -56,13 +56,13 @@ class AsyncRunner:
         """Carry out ``plan`` and return its result; raises what it raises. A raw ZeroMQ
         error becomes `ZmqMeshError`, and so does a call from another event loop. A plan
         begun elsewhere goes on with the outcome of its last step: ``value`` or ``error``;
-        a request whose quick way ended (`LoopRequester.send_quick`), as its plan, from where that left it."""
+        a request whose quick way ended (`request`), as its plan, from where that left it."""
         try:
             check_loop(self.engine)
         except ZmqMeshError:
             plan.close()
             raise
-        if isinstance(plan, QuickRequest):  # (its quick way ended: `LoopRequester.send_quick`)
+        if isinstance(plan, QuickRequest):  # (its quick way ended: `request`)
             plan = plan.plan()
         while True:
             finished, step = advance(plan, value, error)
@@ -96,16 +96,28 @@ class AsyncRunner:
     async def request(self, call: Plan | QuickRequest) -> Any:
         """Carry out a request (`NodeBase._request_call`) and return its result; raises what
         `run` raises. One that may go the quick way (`QuickRequest`) does while all goes
-        well (`LoopRequester.send_quick`), its reply's future awaited here, and otherwise goes on as its
-        plan from where the quick way left it."""
+        well: alone and at once to a provider that has none of this loop's requests in
+        flight (`LoopRequester.exchange`), otherwise gathered into its batch
+        (`LoopRequester.gather`), its reply's future awaited here; otherwise, and when the
+        quick way ends, it goes on as its plan from where the quick way left it."""
         if not isinstance(call, QuickRequest):
             return await self.run(call)
         check_loop(self.engine)
         requester = self.engine.requests
         assert isinstance(requester, LoopRequester), "the node is not started"
-        future = requester.send_quick(call)
-        if future is None:  # (the quick way ended before the request went)
+        tally = requester.tally
+        provider = call.pick(tally)
+        if provider is None:  # (the quick way ended before the request went)
             return await self.run(call)
+        future: asyncio.Future[tuple[bytes, bytes]]
+        if provider.id in requester.outstanding.busy_with:  # (`Outstanding.busy`, asked without a call)
+            future = requester.gather(provider, call)
+        else:
+            try:
+                future = requester.exchange(call.exchange(provider))
+            except Exception as exc:
+                future = self.engine.loop.create_future()
+                future.set_exception(exc)
         try:
             reply = await future
         except asyncio.CancelledError:
@@ -115,7 +127,7 @@ class AsyncRunner:
             error = exc  # (the plan goes on outside this handler: what it raises is not chained to this)
         else:
             if reply[0] == wire.STATUS_OK:  # (`QuickRequest.advance`'s way for the common reply, spared its call)
-                return call.calling.result(reply[1], requester.tally, call.started)
+                return call.calling.result(reply[1], tally, call.started)
             return await self.run(call, value=reply)
         return await self.run(call, error=error)
 
