@@ -262,9 +262,9 @@ def send_batches(batches: RequestBatches[str, Any], sockets: dict[str, zmq.Socke
                 continue
             except zmq.ZMQError as exc:
                 error = send_failure(exc, batch.key, engine)
-            for request_id, waiter, item in zip(batch.ids, batch.waiters, batch.items):
+            for waiter, (service_b, request_id, _body) in zip(batch.waiters, batch.items):
                 if tally is not None:
-                    take_back_sent(tally, item[0], counted=True)
+                    take_back_sent(tally, service_b, counted=True)
                 if outstanding.withdraw(request_id):
                     fail(waiter, error)
 

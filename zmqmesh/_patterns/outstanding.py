@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import struct
 from collections import deque
 from collections.abc import Callable, KeysView
 from typing import Generic, TypeVar
@@ -31,6 +32,7 @@ __all__ = ["GivenUp", "Outstanding"]
 Waiter = TypeVar("Waiter")
 
 _SLACK = 1024
+_request_id = struct.Struct(">Q").pack  # (a request's number as its 8-byte id: `int.to_bytes(8, "big")`, in one call)
 _CHECK_EVERY = 64  # requests between two looks at the entries left behind
 
 
@@ -105,7 +107,7 @@ class Outstanding(Generic[Waiter]):
     def add(self, waiter: Waiter, provider_id: str, service: str, deadline: float) -> bytes:
         """Register a request about to be sent; its id (the frame that the reply echoes)."""
         number = next(self._ids)
-        request_id = number.to_bytes(8, "big")
+        request_id = _request_id(number)
         self._pending[request_id] = (waiter, provider_id, service, deadline)
         per_provider = self.busy_with
         per_provider[provider_id] = per_provider.get(provider_id, 0) + 1

@@ -19,6 +19,7 @@ in when they pause.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Container
 from typing import Generic, TypeVar
 
@@ -32,32 +33,40 @@ EARLY_ITEMS = 32
 the most requests per second with 64 in flight to one provider, in benchmarks/bench.py)."""
 assert EARLY_ITEMS <= wire.MAX_BATCH_ITEMS
 
+_ITEM_BYTES, _BATCH_BYTES = wire.REQUEST_ITEM_BYTES, wire.BATCH_BYTES  # (read on the path of every request)
+_id_of_item = operator.itemgetter(1)  # (an item's request id)
+
 Key = TypeVar("Key")
 Waiter = TypeVar("Waiter")
 
 
 class Batch(Generic[Key, Waiter]):
-    """Requests to send in one frame on ``key``'s socket: their items, ids and waiters (in
-    step), and the frame."""
+    """Requests to send in one frame on ``key``'s socket: their items and waiters (in step),
+    and the frame."""
 
-    __slots__ = ("key", "items", "ids", "waiters", "size")
+    __slots__ = ("key", "items", "waiters", "size")
 
     def __init__(self, key: Key) -> None:
         self.key = key
         self.items: list[tuple[bytes, bytes, bytes]] = []  # (service, request id, body)
-        self.ids: list[bytes] = []
         self.waiters: list[Waiter] = []
         self.size = 1
+
+    @property
+    def ids(self) -> list[bytes]:
+        """The ids of its requests, in order (taken from the items without a bytecode each)."""
+        return list(map(_id_of_item, self.items))
 
     def keep(self, waiting: Container[bytes], gave_up: Callable[[Waiter], bool] | None = None
              ) -> list[tuple[bytes, bytes, bytes]]:
         """Keep only the requests still ``waiting`` (by id) whose waiter has not ``gave_up``;
         the items of those left out: ``(service, request id, body)``, as bytes."""
         # (the common case, every one kept, looked at without a bytecode per request)
-        if all(map(waiting.__contains__, self.ids)) and (gave_up is None or not any(map(gave_up, self.waiters))):
+        if all(map(waiting.__contains__, map(_id_of_item, self.items))) and \
+                (gave_up is None or not any(map(gave_up, self.waiters))):
             return []
-        kept = [k for k, (request_id, waiter) in enumerate(zip(self.ids, self.waiters))
-                if request_id in waiting and (gave_up is None or not gave_up(waiter))]
+        kept = [k for k, (item, waiter) in enumerate(zip(self.items, self.waiters))
+                if item[1] in waiting and (gave_up is None or not gave_up(waiter))]
         return [item for item, _waiter in self.keep_at(kept)]
 
     def keep_at(self, kept: list[int]) -> list[tuple[tuple[bytes, bytes, bytes], Waiter]]:
@@ -66,7 +75,6 @@ class Batch(Generic[Key, Waiter]):
         keeping = set(kept)
         left_out = [(item, self.waiters[k]) for k, item in enumerate(self.items) if k not in keeping]
         self.items = [self.items[k] for k in kept]
-        self.ids = [self.ids[k] for k in kept]
         self.waiters = [self.waiters[k] for k in kept]
         return left_out
 
@@ -102,15 +110,14 @@ class RequestBatches(Generic[Key, Waiter]):
         """Gather a request that a batch can carry (`add` says which; `QuickRequest.pick`
         gives only those) to send on ``key`` at the next pause, or before it once its batch
         is full; whether a batch is full now (`ready`)."""
-        size = len(service_b) + len(request_id) + len(body) + wire.REQUEST_ITEM_BYTES
+        size = len(service_b) + len(request_id) + len(body) + _ITEM_BYTES
         batch = self._open.get(key)
-        if batch is not None and batch.size + size > wire.BATCH_BYTES:  # (it holds fewer than EARLY_ITEMS: never
+        if batch is not None and batch.size + size > _BATCH_BYTES:  # (it holds fewer than EARLY_ITEMS: never
             self._full.append(batch)                                    # too many, `wire.batch_full`'s other limit)
             batch = None
         if batch is None:
             batch = self._open[key] = Batch(key)
         batch.items.append((service_b, request_id, body))
-        batch.ids.append(request_id)
         batch.waiters.append(waiter)
         batch.size += size
         if len(batch.items) >= EARLY_ITEMS:
