@@ -20,7 +20,7 @@ from helpers import hold_loop, until, wait_until
 import zmqmesh
 import zmqmesh._mesh.registry
 from zmqmesh._drivers.pipelined import MAX_SUBMITTED
-from zmqmesh._drivers.thread import ThreadRequesters
+from zmqmesh._drivers.thread import ThreadInbox, ThreadRequesters
 
 BAD_TIMEOUTS = [math.nan, math.inf, -1, -0.5, "5", True, None, 10**400]
 
@@ -125,6 +125,46 @@ def test_a_handler_calling_its_own_node_fails_at_once_or_goes_elsewhere(mesh: di
             node.wait_for_service("inner", 2)
             for _ in range(4):  # never this node, whatever the round-robin says
                 assert node.request("outer", None, timeout=30) == "from the helper"
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_thread_started_after_a_stopped_nodes_handler_threads_ended_is_not_taken_for_one(
+        mesh: dict[str, Any], concurrency: int) -> None:
+    """The handler threads (`ThreadInbox.runs_handlers_here`: the inbox's, the pool's, the
+    async handler loop's) end with the node's stop, and a thread started later may get the
+    ident one of them had: it is not one of them (taken for one, its own `stop()` of a
+    node still stopping returned at once, as a handler's does, instead of waiting).
+    Before: 1 to 2 of 64 such threads were taken for handler threads."""
+    node = zmqmesh.Node("stopped", **mesh, handler_concurrency=concurrency)
+    node.service("echo", lambda m: m.data)
+
+    async def echo_async(msg: zmqmesh.Message) -> Any:
+        return msg.data
+
+    node.service("echo_async", echo_async)
+    with node:
+        with zmqmesh.Node("caller", **mesh) as caller:
+            caller.wait_for_service("echo_async", timeout=10)
+            for n in range(4 * concurrency):  # (every pool thread and the handler loop started)
+                assert caller.request("echo", n, timeout=10) == n
+                assert caller.request("echo_async", n, timeout=10) == n
+    inbox = node._engine.inbox
+    assert isinstance(inbox, ThreadInbox)
+    count = 64
+    barrier = threading.Barrier(count)  # (all alive at once: each takes a stack, and ident, ended before)
+    taken: list[int] = []
+
+    def look() -> None:
+        barrier.wait(timeout=10)
+        if inbox.runs_handlers_here():
+            taken.append(threading.get_ident())
+
+    threads = [threading.Thread(target=look) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert taken == [], f"{len(taken)} of {count} new threads taken for the node's handler threads"
 
 
 def test_an_async_handler_calling_its_own_node_fails_at_once(mesh: dict[str, Any]) -> None:

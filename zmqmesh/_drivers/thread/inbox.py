@@ -113,10 +113,11 @@ class ThreadInbox(Dispatcher):
         self.async_handlers = False  # (an event loop runs ``async def`` handlers: `_run_on_loop`)
         self._done: deque[tuple[Call, Any, BaseException | None]] = deque()
         concurrency = engine.config.handler_concurrency
-        self._handler_threads: set[int] = set()
-        """The idents of the threads that run this node's handlers, each added as it comes: the
+        self._handler_threads: dict[int, threading.Thread] = {}
+        """The threads that run this node's handlers, by ident, each added as it comes: the
         inbox's (as it starts), the pool's (as each starts) and the async handler loop's (as it
-        is made). A thread is one of them from its start on, and never becomes one later."""
+        is made). A thread is one of them from its start on, and never becomes one later; once
+        they end (the node stopped), a thread started after may get the ident one of them had."""
         self._pool: ThreadPoolExecutor | None = None
         if concurrency > 1:
             # (imported here: a node running one handler at a time, the default, never loads it)
@@ -149,7 +150,8 @@ class ThreadInbox(Dispatcher):
 
     def runs_handlers_here(self) -> bool:
         """True on a thread that runs this node's handlers (inbox, handler pool, async handler loop)."""
-        return threading.get_ident() in self._handler_threads
+        thread = self._handler_threads.get(threading.get_ident())
+        return thread is not None and thread is threading.current_thread()  # (not a later thread of its ident)
 
     def waits_for_caller(self) -> bool:
         """True when the calling thread runs one of this node's handlers and they run one
@@ -167,7 +169,7 @@ class ThreadInbox(Dispatcher):
         return handler is not None and is_async(handler)
 
     def _pool_thread_started(self) -> None:
-        self._handler_threads.add(threading.get_ident())
+        self._handler_threads[threading.get_ident()] = threading.current_thread()
 
     def runs_sync_in_place(self) -> bool:
         """Sync handlers run one at a time (no pool), and no stop's deadline has passed:
@@ -216,7 +218,7 @@ class ThreadInbox(Dispatcher):
         # a drain ends on a socket found empty, and the sockets used since are looked at
         # before the next sleep (`used_with_input`). (A ZeroMQ poll would read the events
         # of all three sockets before it sleeps and after: two system calls each, every time.)
-        self._handler_threads.add(threading.get_ident())
+        self._handler_threads[threading.get_ident()] = threading.current_thread()
         poller = select.poll()
         waker = self._waker.fd
         poller.register(waker, select.POLLIN)
@@ -374,7 +376,8 @@ class ThreadInbox(Dispatcher):
                 )
 
                 self._async_loop = HandlerLoop(f"zmqmesh-async-{self.name}")
-                self._handler_threads.add(self._async_loop.thread.ident)  # (started: it has its ident)
+                loop_thread = self._async_loop.thread
+                self._handler_threads[loop_thread.ident] = loop_thread  # (started: it has its ident)
                 self.async_handlers = True
             handler_loop = self._async_loop
         try:
