@@ -156,7 +156,7 @@ def test_a_thread_started_after_a_stopped_nodes_handler_threads_ended_is_not_tak
 
     def look() -> None:
         barrier.wait(timeout=10)
-        if inbox.runs_handlers_here():
+        if inbox.runs_handlers_here() or inbox.service_waits_for_caller("echo_async"):
             taken.append(threading.get_ident())
 
     threads = [threading.Thread(target=look) for _ in range(count)]

@@ -163,7 +163,7 @@ class ThreadInbox(Dispatcher):
         them serves ``service`` here: they all run on one event loop, which a blocking call
         from one of them holds until it returns, whatever ``handler_concurrency``."""
         handler_loop = self._async_loop
-        if handler_loop is None or threading.get_ident() != handler_loop.thread.ident:
+        if handler_loop is None or threading.current_thread() is not handler_loop.thread:  # (not its ident: reused)
             return False
         handler = self.registry.services.get(service)
         return handler is not None and is_async(handler)
