@@ -145,11 +145,8 @@ class Links:
         return True
 
     def _on_monitor(self, peer: PeerState) -> None:
-        monitor, first = peer.monitor, True
+        monitor = peer.monitor
         while monitor is not None:
-            if not first and not has_input(monitor):  # (one event the common case: no Again raised after it)
-                return
-            first = False
             try:
                 frames = recv_frames(monitor)
             except zmq.ZMQError:
@@ -166,3 +163,5 @@ class Links:
                 # through) no DISCONNECTED ever comes, so this is how it is seen down.
                 self.on_link(peer, False)
             monitor = peer.monitor
+            if monitor is not None and not has_input(monitor):  # (one event the common case: no Again raised after it)
+                return
