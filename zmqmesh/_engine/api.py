@@ -1096,8 +1096,8 @@ class NodeBase:
         """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
         every driver: `BlockingRunner`, `Pipelined`, `AsyncRunner`). ``blocking=False``:
         the caller does not block while the call is made (`Node.submit`)."""
-        calls, body, _quick = self._encoded_call(service, data, timeout, peer, headers, blocking)
-        return self._quick_or_plan(calls, body)
+        calls, body, calling = self._encoded_call(service, data, timeout, peer, headers, blocking)
+        return self._quick_or_plan(calls, body, calling)
 
     def _encoded_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
                       headers: dict[str, str] | None = None, blocking: bool = True
@@ -1110,7 +1110,7 @@ class NodeBase:
         # `_encode_call`, its checks made inline: only a forked or stopped node goes through it
         body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else engine.codec.encode(data)
         calls = self._prepare_calls(service, timeout, peer, headers, blocking)
-        return calls, body, calls.calling if tracing.active is None else None  # (as `_quick_or_plan`)
+        return calls, body, calls.calling if tracing.active is None else None  # (a traced call has its span, and headers)
 
     def _request_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
                        headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
@@ -1133,12 +1133,14 @@ class NodeBase:
             body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else encode(data, index)
             if calls is None:
                 calls = self._prepare_calls(service, timeout, peer, headers)
-            yield self._quick_or_plan(calls, body)
+            yield self._quick_or_plan(calls, body, calls.calling if tracing.active is None else None)  # (as `_encoded_call`)
 
-    def _quick_or_plan(self, calls: _Calls, body: bytes) -> Plan | QuickRequest:
-        if calls.calling is not None and tracing.active is None:  # (a traced call has its span, and headers)
+    def _quick_or_plan(self, calls: _Calls, body: bytes, calling: Calling | None) -> Plan | QuickRequest:
+        """The call of ``calls`` with ``body``: its `QuickRequest` with ``calling`` (what
+        `_encoded_call` gives), or, without one, its plan."""
+        if calling is not None:
             now = time.monotonic()
-            return QuickRequest(calls.calling, body, now + calls.seconds, now)
+            return QuickRequest(calling, body, now + calls.seconds, now)
         return self._plan_call(calls, body)
 
     def _encode_call(self, data: Any) -> bytes:
