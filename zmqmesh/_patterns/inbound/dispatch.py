@@ -182,7 +182,6 @@ class Dispatcher:
                                             sync_in_place=self.runs_sync_in_place,
                                             serve_in_place=self._serve_in_place)
         self._decode_request = self.service_intake.decode  # (bound once: `_take` calls it per frame of requests)
-        self._decode_lone_request = self.service_intake.decode_request  # (`serve_lone_request`'s, no batch)
         self.describe = describe
         self.sub = sub
         self.pull = pull
@@ -217,9 +216,6 @@ class Dispatcher:
         self._send_large = self.large_replies.send_if_room  # (bound once: `send_reply` calls it per large reply)
         self.handler_times = HandlerTimes()
         self._quick_handlers = self.handler_times.quick  # (the same set: looked at before each handler while held)
-        self.handler_finished = self.handler_times.finished
-        """`finished`, for ``handler`` without its `Call` (`HandlerTimes.finished`, bound once:
-        called after each service handler)."""
         self._replies_held = _RepliesHeld(self)
 
     def abandoned(self) -> bool:
@@ -540,7 +536,7 @@ class Dispatcher:
             self._received = frames
             return False
         try:  # (what `_take` does, the batch ruled out already)
-            self._decode_lone_request(frames, calls)
+            self.service_intake.decode_request(frames, calls)
         except Exception as exc:  # malformed input from the wire
             self._malformed("req", exc)
         self._router_used = True  # (more may have come meanwhile: `used_with_input` looks)
@@ -736,7 +732,7 @@ class Dispatcher:
             result, error = None, handler_failure(exc)
             if self.refused_by_stop(error):
                 error = CutShort(str(error))
-        self.handler_finished(handler, started)
+        self.handler_times.finished(handler, started)
         self.answer(route, result, error)
 
     # -- replying ---------------------------------------------------------------------------
@@ -898,7 +894,7 @@ class Dispatcher:
 
     def finished(self, call: Call, started: float) -> None:
         """The handler of ``call``, started at ``started`` (`starting`), returned."""
-        self.handler_finished(call.handler, started)
+        self.handler_times.finished(call.handler, started)
 
     def _send_held(self, caller: bytes, replies: list[tuple[bytes, bytes, bytes]], answers: int) -> None:
         """Send the ``replies`` held for ``caller``, ``answers`` of them handlers' (counted as

@@ -98,22 +98,15 @@ class ServiceIntake:
             return
         self.decode_request(frames, calls)
 
-    def decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
-        """`decode`, for ``frames`` known to be no batch (a caller that looked already):
-        one request. Raises what `decode` raises."""
-        request = wire.parse_request(frames, self._callers)
-        if request is None:
-            raise DecodeError("malformed request envelope")
-        route, service_b, body, meta = request  # (a plain call, not one with *request: a frame less to build)
-        self._decode_one_request(route, service_b, body, meta, calls)
 
     def _decode_batch(self, caller: wire.BatchCaller, requests: list[tuple[bytes, bytes, bytes]],
                       calls: list[Call]) -> None:
-        """The requests of a batch, from one caller: what `_decode_one_request` does for
-        each, with what they share (their sender, their service's handler) looked up once.
-        A request that is not plainly one to a handler of this node takes the long way."""
+        """The requests of a batch, from one caller: what `decode_request` does for each,
+        with what they share (their sender, their service's handler) looked up once. A
+        request that is not plainly one to a handler of this node takes the long way (as
+        the frames of a request on its own)."""
         sender_id = wire.sender_of_requester(caller)
-        decode, lookup = self.codec.decode, self.directory.lookup_peer
+        decode, lookup, serve = self.codec.decode, self.directory.lookup_peer, self.serve_in_place
         names = self._received_names
         last_b, service, handler, here = b"", "", None, False
         taken = taken_before = 0  # (the requests taken for one service in a row are counted at once)
@@ -130,18 +123,18 @@ class ServiceIntake:
                 service, handler, sync = self.service_of(service_b)
                 here = in_place and sync and self.sync_in_place()
             if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
-                self._decode_one_request((caller, request_id), service_b, body, None, calls)
+                self.decode_request([caller, service_b, request_id, body], calls)
                 continue
             try:
                 data = decode(body)
             except DecodeError:
-                self._decode_one_request((caller, request_id), service_b, body, None, calls)
+                self.decode_request([caller, service_b, request_id, body], calls)
                 continue
             route = (caller, request_id)
             msg = Message("request", service, data, sender_id, lookup, None, 0, route)  # (positional: no dict of keywords)
             taken += 1
             if here and not calls:
-                self.serve_in_place(handler, msg, route)
+                serve(handler, msg, route)
             else:
                 calls.append(Call(handler, msg, route, "service"))
         if taken > taken_before:
@@ -150,8 +143,13 @@ class ServiceIntake:
         if taken and sender_id in self.directory.alive_ids:  # (still: it may have left while its handlers ran)
             self.stats.peer_received[sender_id] += taken
 
-    def _decode_one_request(self, route: tuple[bytes, bytes], service_b: bytes, body: bytes, meta: bytes | None,
-                            calls: list[Call]) -> None:
+    def decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
+        """`decode`, for ``frames`` known to be no batch (a caller that looked already):
+        one request. Raises what `decode` raises."""
+        request = wire.parse_request(frames, self._callers)
+        if request is None:
+            raise DecodeError("malformed request envelope")
+        route, service_b, body, meta = request
         if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
             self._refuse(route)
             return
