@@ -365,15 +365,16 @@ def reply_frames(route: tuple[bytes, bytes], status: bytes, body: bytes) -> list
 def parse_request(frames: list[bytes], callers: Mapping[bytes, CompactCaller] | None = None
                   ) -> tuple[tuple[bytes, bytes], bytes, bytes, bytes | None] | None:
     """``(route, service, body, meta)`` of a request as the ROUTER receives it (``meta``:
-    the optional frame with headers and timestamp), or None if it is not one. (A request
-    id past `MAX_REQUEST_ID_BYTES` is the receiver's to refuse: it can still answer it.)
-    A request in one frame gives a `CompactCaller` as the route's routing id: ``callers``'s
-    for that routing id when given (a table that keeps those it made), else a new one."""
+    the optional frame with headers and timestamp), or None if it is not one: a one-frame
+    batch of them (`is_batch`: it would name the empty service) is not. (A request id past
+    `MAX_REQUEST_ID_BYTES` is the receiver's to refuse: it can still answer it.) A request
+    in one frame gives a `CompactCaller` as the route's routing id: ``callers``'s for that
+    routing id when given (a table that keeps those it made), else a new one."""
     count = len(frames)
     if count == 2:
         envelope = frames[1]
         id_at = 1 + (envelope[0] if envelope else 0)
-        if len(envelope) <= id_at:
+        if id_at == 1 or len(envelope) <= id_at:  # (empty, or `BATCH_MARK`: no service named)
             return None
         body_at = id_at + 1 + envelope[id_at]
         if len(envelope) < body_at:

@@ -532,11 +532,10 @@ class Dispatcher:
         except zmq.ZMQError:  # (Again: the signal was another's, and the router's events are read)
             self._events_read(self.router)
             return True
-        if len(frames) == 2 and wire.is_batch(frames[1]):
-            self._received = frames
-            return False
-        try:  # (what `_take` does, the batch ruled out already)
-            self.service_intake.decode_request(frames, calls)
+        try:  # (what `_take` does, but for a batch: the drain takes it)
+            if not self.service_intake.decode_request(frames, calls):
+                self._received = frames
+                return False
         except Exception as exc:  # malformed input from the wire
             self._malformed("req", exc)
         self._router_used = True  # (more may have come meanwhile: `used_with_input` looks)

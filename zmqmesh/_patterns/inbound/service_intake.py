@@ -93,10 +93,8 @@ class ServiceIntake:
         of them) into ``calls``, serving in place or answering at once what it may (see the
         class). Raises `DecodeError` (or whatever the wire's parsers raise) for a frame
         that is no request at all: the caller of this counts it as malformed."""
-        if len(frames) == 2 and wire.is_batch(frames[1]):
+        if not self.decode_request(frames, calls):
             self._decode_batch(wire.BatchCaller(frames[0]), wire.parse_request_batch(frames[1]), calls)
-            return
-        self.decode_request(frames, calls)
 
 
     def _decode_batch(self, caller: wire.BatchCaller, requests: list[tuple[bytes, bytes, bytes]],
@@ -143,16 +141,18 @@ class ServiceIntake:
         if taken and sender_id in self.directory.alive_ids:  # (still: it may have left while its handlers ran)
             self.stats.peer_received[sender_id] += taken
 
-    def decode_request(self, frames: list[bytes], calls: list[Call]) -> None:
-        """`decode`, for ``frames`` known to be no batch (a caller that looked already):
-        one request. Raises what `decode` raises."""
+    def decode_request(self, frames: list[bytes], calls: list[Call]) -> bool:
+        """`decode` for one request: False, with nothing done, if ``frames`` are a batch of
+        them. Raises what `decode` raises."""
         request = wire.parse_request(frames, self._callers)
         if request is None:
+            if len(frames) == 2 and wire.is_batch(frames[1]):
+                return False
             raise DecodeError("malformed request envelope")
         route, service_b, body, meta = request
         if len(route[1]) > wire.MAX_REQUEST_ID_BYTES:  # refused, and said: the caller never waits
             self._refuse(route)
-            return
+            return True
         service, handler, sync = self.service_of(service_b)
         try:
             sender_id = self._senders[route[0]]
@@ -161,10 +161,10 @@ class ServiceIntake:
         if handler is None and service[:1] == "\x00":
             try:
                 if self._serve_builtin(service, route, body, sender_id, calls):
-                    return
+                    return True
             except DecodeError:  # a batch of messages that is none: refused, and said, as an undecodable body
                 self._refuse(route)
-                return
+                return True
         self._counters["received"] += 1
         if handler is not None:
             self._received_names.add(service_b, 1)
@@ -172,12 +172,12 @@ class ServiceIntake:
             self.stats.peer_received[sender_id] += 1
         if handler is None:
             self.send_reply(route, wire.STATUS_NO_SERVICE, b"")
-            return
+            return True
         try:
             data = self.codec.decode(body)
         except DecodeError:
             self._refuse(route)
-            return
+            return True
         msg = Message("request", service, data, sender_id, self._lookup_peer, None, 0, route)  # (positional)
         if meta is not None:
             try:
@@ -191,11 +191,12 @@ class ServiceIntake:
                 msg.via = tuple(via)
             except Exception:
                 self._refuse(route)
-                return
+                return True
         if meta is None and not calls and sync and tracing.active is None and self.sync_in_place():
             self.serve_in_place(handler, msg, route)
-            return
+            return True
         calls.append(Call(handler, msg, route, "service"))
+        return True
 
     def service_of(self, service_b: bytes) -> tuple[str, Callable[..., Any] | None, bool]:
         """The name a request's ``service_b`` gives (UTF-8, errors replaced), this node's
