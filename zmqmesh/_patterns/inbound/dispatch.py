@@ -153,7 +153,7 @@ class Dispatcher:
     # (slots: with its drivers' fields, past the 30 names CPython 3.11 keeps an instance's
     # attributes inline for, every ``self.method()`` looked the method up anew, ~250
     # instructions each, several per request served; a driver's own fields stay in its dict)
-    __slots__ = ("_deadline", "_decode_request", "_held", "_held_bytes", "_newest_views", "_node_closed",
+    __slots__ = ("_deadline", "_held", "_held_bytes", "_newest_views", "_node_closed",
                  "_own_lost_log", "_quick_handlers", "_received", "_received_names", "_replays_store",
                  "_replies_held", "_router_has_input", "_router_used", "_send_large", "_service_counters",
                  "_sub_used", "_subscribed", "_topic_handlers", "_unpulled_log", "acked", "codec", "config",
@@ -191,9 +191,7 @@ class Dispatcher:
         self._received_names = {p: stats.names(p, "received") for p in ("pubsub", "pipeline")}
         self.service_intake = ServiceIntake(registry=registry, directory=directory, codec=codec, stats=stats,
                                             acked=self.acked, describe=describe, history=history, reply=self.send_reply,
-                                            sync_in_place=self.runs_sync_in_place,
-                                            serve_in_place=self._serve_in_place)
-        self._decode_request = self.service_intake.decode  # (bound once: `_take` calls it per frame of requests)
+                                            driver=self)
         self.describe = describe
         self.sub = sub
         self.pull = pull
@@ -515,7 +513,7 @@ class Dispatcher:
         may be served at once: `ServiceIntake`); a malformed one is dropped and counted."""
         try:
             if kind == "req":
-                self._decode_request(frames, calls)
+                self.service_intake.decode(frames, calls)
             else:
                 self._decode_stream(kind, frames, calls)
         except Exception as exc:  # malformed input from the wire
@@ -730,7 +728,7 @@ class Dispatcher:
         for handlers known to be sync (a service's, known once per name: `ServiceIntake`)."""
         return False
 
-    def _serve_in_place(self, handler: Callable[..., Any], msg: Message, route: tuple[bytes, bytes]) -> None:
+    def serve_in_place(self, handler: Callable[..., Any], msg: Message, route: tuple[bytes, bytes]) -> None:
         """Run a request's sync ``handler`` right where it was decoded and answer it: what
         `starting`, `run_sync`, `finished` and `complete` do for its `Call`, without one.
         Only with nothing gathered before it (the order holds), handlers run one at a time,

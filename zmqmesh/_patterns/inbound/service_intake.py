@@ -5,7 +5,7 @@ A frame holds one request or a batch of them from one caller. A request that nee
 handler is answered at once: malformed (``0x03``), to no service of this node (``0x02``),
 or to a built-in service (their names begin with ``\\x00``: at-least-once batches and
 the keeper's intake go to `AckedIntake`, stats and history pages to `builtin_services`).
-A request whose sync handler the driver lets run as it is decoded (``sync_in_place``), with
+A request whose sync handler the driver lets run as it is decoded (`InPlace`), with
 nothing gathered before it, is served right there (``serve_in_place``: no `Call`, no
 hand-off); the rest become calls, in order.
 """
@@ -13,7 +13,7 @@ hand-off); the rest become calls, in order.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..._mesh.directory import Directory
 from ..._mesh.registry import Registry
@@ -31,7 +31,7 @@ from .builtin_services import HistoryPages, StatsService
 if TYPE_CHECKING:
     from ..history import History
 
-__all__ = ["MAX_KNOWN_CALLERS", "MAX_KNOWN_SERVICES", "ServiceIntake"]
+__all__ = ["MAX_KNOWN_CALLERS", "MAX_KNOWN_SERVICES", "InPlace", "ServiceIntake"]
 
 MAX_KNOWN_SERVICES = 256
 """Service names whose handler `ServiceIntake.service_of` keeps looked up (bounded: a caller
@@ -59,25 +59,34 @@ class _CompactCallers(dict[bytes, wire.CompactCaller]):
         return caller
 
 
+class InPlace(Protocol):
+    """The driver's side of serving requests as they are decoded (the dispatcher)."""
+
+    def runs_sync_in_place(self) -> bool:
+        """Whether the driver lets sync handlers run as they are decoded, now."""
+
+    def serve_in_place(self, handler: Callable[..., Any], msg: Message, route: tuple[bytes, bytes]) -> None:
+        """Run a request's sync ``handler`` right here and answer it."""
+
+
 class ServiceIntake:
     """Decodes the requests a provider received into calls (`decode`), answering at once
-    those that need no handler, through ``reply`` ``(route, status, body)``;
-    ``sync_in_place`` says whether the driver lets sync handlers run as they are decoded,
-    now, and ``serve_in_place`` ``(handler, message, route)`` runs one and answers it."""
+    those that need no handler, through ``reply`` ``(route, status, body)``; ``driver``
+    says whether sync handlers may run as they are decoded, now, and runs one and answers
+    it (`InPlace`: an object, not two bound methods kept as attributes, which CPython 3.11
+    looks up anew at every call)."""
 
     def __init__(self, *, registry: Registry, directory: Directory, codec: Codec, stats: Stats,
                  acked: AckedIntake, describe: Callable[[], dict[str, Any]], history: History | None,
                  reply: Callable[[tuple[bytes, bytes], bytes, bytes], None],
-                 sync_in_place: Callable[[], bool],
-                 serve_in_place: Callable[[Callable[..., Any], Message, tuple[bytes, bytes]], None]) -> None:
+                 driver: InPlace) -> None:
         self.registry = registry
         self.directory = directory
         self.codec = codec
         self.stats = stats
         self.acked = acked
         self.send_reply = reply
-        self.sync_in_place = sync_in_place
-        self.serve_in_place = serve_in_place
+        self.driver = driver
         self._received_names = stats.names("service", "received")  # (its one writer: the inbox's owner thread)
         self._counters = stats.pattern["service"]  # (the same dict for the node's life)
         self._services: dict[str, Callable[..., Any]] = {}  # the registry's table `_known` was looked up in
@@ -104,7 +113,7 @@ class ServiceIntake:
         request that is not plainly one to a handler of this node takes the long way (as
         the frames of a request on its own)."""
         sender_id = wire.sender_of_requester(caller)
-        decode, lookup, serve = self.codec.decode, self.directory.lookup_peer, self.serve_in_place
+        decode, lookup, serve = self.codec.decode, self.directory.lookup_peer, self.driver.serve_in_place
         names = self._received_names
         last_b, service, handler, here = b"", "", None, False
         taken = taken_before = 0  # (the requests taken for one service in a row are counted at once)
@@ -119,7 +128,7 @@ class ServiceIntake:
                     taken_before = taken
                 last_b = service_b
                 service, handler, sync = self.service_of(service_b)
-                here = in_place and sync and self.sync_in_place()
+                here = in_place and sync and self.driver.runs_sync_in_place()
             if handler is None or len(request_id) > wire.MAX_REQUEST_ID_BYTES:
                 self.decode_request([caller, service_b, request_id, body], calls)
                 continue
@@ -192,8 +201,8 @@ class ServiceIntake:
             except Exception:
                 self._refuse(route)
                 return True
-        if meta is None and not calls and sync and tracing.active is None and self.sync_in_place():
-            self.serve_in_place(handler, msg, route)
+        if meta is None and not calls and sync and tracing.active is None and self.driver.runs_sync_in_place():
+            self.driver.serve_in_place(handler, msg, route)
             return True
         calls.append(Call(handler, msg, route, "service"))
         return True
