@@ -1169,6 +1169,69 @@ def test_the_directory_applies_what_changed_and_ends_where_a_whole_rebuild_would
             assert all(d.ack_timeout_s(queue, i) is not None for i in ids)
 
 
+def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_rebuild_does() -> None:
+    """The engine tells the directory only of the peers that came, changed or went
+    (`Directory.update`); after each of 400 random changes (groups, a refused JOIN, the
+    limits, streams and runs their headers announce, a plain ZRE peer, a peer come back
+    under its id as another object) every table and set holds what a directory made
+    afresh from every present peer holds."""
+    rng = random.Random(17)
+    names = [f"n{i}" for i in range(8)]
+    me = "me" * 16
+
+    def random_peer(n: int) -> PeerState:
+        state = peer(n, set())
+        state.set_groups({f"zmqmesh/{rng.choice(('svc', 'sub', 'queue', 'hist'))}/{rng.choice(names)}"
+                          for _ in range(rng.randrange(0, 4))})
+        state.is_zmqmesh = rng.random() < 0.9
+        if rng.random() < 0.5:
+            state.headers[frames.HEADER["max_message_bytes"]] = str(rng.choice((1000, 2000, 10**9)))
+        if rng.random() < 0.5:
+            state.headers[frames.HEADER["stream"]] = f"s{n}"
+            state.headers[frames.HEADER["runs"]] = rng.choice(("ab,cd", "", "XYZ"))
+        state.groups_refused = rng.random() < 0.2
+        state.changed()
+        return state
+
+    def seen(d: Directory) -> dict[str, Any]:
+        return {"offers": {kind: {name: set(ids) for name, ids in table.items()} for kind, table in d.offers.items()},
+                "peers": {i: d.peer_state(i) for i in d.alive_ids}, "alive": d.alive_ids, "narrower": d.narrower,
+                "subscribers": d.subscribers, "unannounced": d.unannounced, "streams": d.streams, "runs": d.runs}
+
+    d = Directory(me, Stats(), lambda: None, True, 1500)  # type: ignore[arg-type,return-value]
+    present: dict[str, PeerState] = {}
+    own: dict[str, frozenset[str]] = {}
+    for _step in range(400):
+        changed: list[PeerState] = []
+        gone: list[str] = []
+        for _ in range(rng.randrange(1, 4)):
+            action = rng.random()
+            if action < 0.35 and len(present) < 12:
+                state = random_peer(rng.randrange(1, 30))  # (one present under that id comes back anew)
+                present[state.id] = state
+                changed.append(state)
+            elif action < 0.55 and present:
+                node_id = rng.choice(list(present))
+                del present[node_id]
+                changed = [c for c in changed if c.id != node_id]
+                gone.append(node_id)
+            elif action < 0.85 and present:
+                state = present[rng.choice(list(present))]
+                state.set_groups({f"zmqmesh/{rng.choice(('svc', 'sub'))}/{rng.choice(names)}"})
+                state.groups_refused = rng.random() < 0.3
+                state.changed()
+                changed.append(state)
+            else:
+                own = {"services": frozenset(rng.sample(names, rng.randrange(0, 3)))}
+        d.update(own, changed, gone)
+        fresh = Directory(me, Stats(), lambda: None, True, 1500)  # type: ignore[arg-type,return-value]
+        fresh.rebuild(own, list(present.values()))
+        assert seen(d) == seen(fresh)
+        for table in d.offers.values():
+            for ids in table.values():
+                assert len(ids) == len(set(ids)) and (me not in ids or ids[0] == me)
+
+
 def test_gap_counting_makes_room_with_the_publishers_that_left_and_never_forgets_everyone_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The table of numbers expected next is bounded. Full, it made room by forgetting

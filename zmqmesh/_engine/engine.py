@@ -245,6 +245,7 @@ class Engine:
         self._user_groups: set[str] = set()
         self._rebuild_pending = False
         self._joined: list[PeerState] = []  # peers ready whose join waits for the pending rebuild
+        self._changed: dict[str, PeerState] = {}  # peers come or changed, by id, not yet in the tables
         self._registry_pending = False  # an `_apply_registry` is queued on the loop
         self._zap: ZapHandler | None = None
         # routing ids no stranger can guess (os.urandom: the OS's CSPRNG, which secrets wraps,
@@ -760,7 +761,9 @@ class Engine:
         if self._joined:  # (the joins before it are told first, in order)
             self._deferred_rebuild()
         snapshot = self.directory.snapshot(peer)
-        self._rebuild()
+        if self._changed.get(peer.id) is peer:
+            del self._changed[peer.id]
+        self._rebuild((peer.id,))
         if self.requests is not None:
             self.requests.peer_gone(peer.id)
         if self.reliable is not None:
@@ -770,6 +773,7 @@ class Engine:
 
     def peer_groups_changed(self, peer: PeerState) -> None:
         """A peer's offers may have changed: rebuild once per loop turn, not per JOIN."""
+        self._changed[peer.id] = peer
         if not self._rebuild_pending:
             self._rebuild_pending = True
             self.loop.call_soon(self._deferred_rebuild)
@@ -811,10 +815,11 @@ class Engine:
         """True once the inbox no longer takes work."""
         return self.inbox is None or self.inbox.stopping
 
-    def _rebuild(self) -> None:
-        """Recompute the offer tables and connections after any membership or registry change."""
-        assert self.membership is not None
-        self.directory.rebuild(self.registry.offers(), self.membership.ready_peers())
+    def _rebuild(self, gone: tuple[str, ...] = ()) -> None:
+        """Bring the offer tables and connections up to date after any membership or registry
+        change: the peers come or changed since the last time, and those ``gone``."""
+        changed, self._changed = self._changed, {}
+        self.directory.update(self.registry.offers(), changed.values(), gone)
         if self.publisher is not None:
             self.publisher.sync_connections()
         if self.pusher is not None:
