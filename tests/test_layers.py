@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import zmq
 from helpers import free_udp_port
 
 import zmqmesh
@@ -1174,13 +1175,17 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
     (`Directory.update`); after each of 400 random changes (groups, a refused JOIN, the
     limits, streams and runs their headers announce, a plain ZRE peer, a peer come back
     under its id as another object) every table and set holds what a directory made
-    afresh from every present peer holds."""
+    afresh from every present peer holds; and a publisher told of those peers only is
+    connected where one that looks at every peer is (peers share SUB endpoints, as a
+    restarted node and its ghost do)."""
+    from zmqmesh._patterns.pubsub import Publisher
+
     rng = random.Random(17)
     names = [f"n{i}" for i in range(8)]
     me = "me" * 16
 
     def random_peer(n: int) -> PeerState:
-        state = peer(n, set())
+        state = peer(n, set(), sub_endpoint=f"tcp://127.0.0.1:{6000 + rng.randrange(4)}")
         state.set_groups({f"zmqmesh/{rng.choice(('svc', 'sub', 'queue', 'hist'))}/{rng.choice(names)}"
                           for _ in range(rng.randrange(0, 4))})
         state.is_zmqmesh = rng.random() < 0.9
@@ -1199,6 +1204,14 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
                 "subscribers": d.subscribers, "unannounced": d.unannounced, "streams": d.streams, "runs": d.runs}
 
     d = Directory(me, Stats(), lambda: None, True, 1500)  # type: ignore[arg-type,return-value]
+    ctx = zmq.Context()
+    publishers = []
+    for _ in range(2):
+        publishers.append(Publisher(
+            loop=None, stats=Stats(), uuid=b"m" * 16, xpub=ctx.socket(zmq.XPUB), directory=d,  # type: ignore[arg-type]
+            connect=lambda sock, endpoint, key: None, on_subscriptions=lambda: None, local=lambda frames, n: None,
+            own_prefixes=lambda: (), queue_max=8, max_bytes=1 << 20))
+    told, looking = publishers
     present: dict[str, PeerState] = {}
     own: dict[str, frozenset[str]] = {}
     for _step in range(400):
@@ -1230,6 +1243,14 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
         for table in d.offers.values():
             for ids in table.values():
                 assert len(ids) == len(set(ids)) and (me not in ids or ids[0] == me)
+        assert d.touched == {*gone, *(c.id for c in changed)}
+        told.sync_connections(d.touched)
+        looking.sync_connections()
+        assert told._connected == looking._connected
+        assert told._connected == {told._reached[i][0] for i in told._reached}
+    for publisher in publishers:
+        publisher.xpub.close(0)
+    ctx.term()
 
 
 def test_gap_counting_makes_room_with_the_publishers_that_left_and_never_forgets_everyone_at_once(

@@ -751,8 +751,8 @@ class Engine:
 
     def peer_ready(self, peer: PeerState) -> None:
         """A peer joined: update the tables and connections once per loop turn, however
-        many joined in it (a mesh forming brings many HELLOs at once, and each rebuild
-        reads every peer), then tell the join callbacks, which find the tables updated."""
+        many joined in it (a mesh forming brings many HELLOs at once, and each update
+        looks at the connections of every subscriber and puller), then tell the join callbacks, which find the tables updated."""
         self._joined.append(peer)
         self.peer_groups_changed(peer)
 
@@ -821,7 +821,7 @@ class Engine:
         changed, self._changed = self._changed, {}
         self.directory.update(self.registry.offers(), changed.values(), gone)
         if self.publisher is not None:
-            self.publisher.sync_connections()
+            self.publisher.sync_connections(self.directory.touched)
         if self.pusher is not None:
             self.pusher.sync_connections()
         if self.outbound is not None:

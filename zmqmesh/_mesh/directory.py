@@ -155,6 +155,8 @@ class Directory:
         self.runs: dict[str, tuple[str, ...]] = {}  # peer id -> the runs of its store, newest first (`_runs_of`)
         self._pick: tuple[dict[str, tuple[str, ...]], dict[str, Provider | None]] = ({}, {})
         self._contributions: dict[str, dict[str, frozenset[str]]] = {}  # node id -> its offers in the tables
+        self.touched: frozenset[str] = frozenset()
+        """The ids of the peers the last `update` was told of (come, changed or gone)."""
         self.subscribers: frozenset[str] = frozenset()
         """The peers (this node not among them) that subscribe to some topic."""
         self.narrower: dict[str, int] = {}
@@ -233,7 +235,9 @@ class Directory:
                 if table is None:
                     table = dict(tables[kind])
                 for name in was - now:
-                    ids = tuple(i for i in table[name] if i != node_id)
+                    ids = table[name]
+                    at = ids.index(node_id)  # (once in it: a node's offers are a set)
+                    ids = ids[:at] + ids[at + 1:]
                     if ids:
                         table[name] = ids
                     else:
@@ -270,6 +274,7 @@ class Directory:
         self.streams = _edited(self.streams, {i: None if e is None else e.stream for i, e in entries.items()})
         self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
         self.offers = tables
+        self.touched = frozenset(entries)
         if came_or_went:
             self.alive_ids = frozenset(peers) | {self.node_id}
         self.epoch += 1

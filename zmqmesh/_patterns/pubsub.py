@@ -147,7 +147,9 @@ class Publisher:
         self._fresh_from = 0  # where a topic not in `_sequences` is numbered from
         self._sub_counts: Counter[bytes] = Counter()
         self._connected: set[str] = set()
-        self._connected_ids: frozenset[str] = frozenset()  # (the peers of `_connected`)
+        self._reached: dict[str, tuple[str, str | None]] = {}  # peer id -> its SUB endpoint and key, connected to
+        self._users: dict[str, set[str]] = {}  # endpoint -> the ids of `_reached` there (a restarted node's too)
+        self._unreached: set[str] = set()  # ids whose endpoint could not be connected: looked at again each time
         self._routes: dict[bytes, tuple[bool, bool]] = {}  # topic -> (subscribed here, subscribed elsewhere)
         self._routes_key: Any = None
 
@@ -203,7 +205,7 @@ class Publisher:
             self.held_bytes = counted
             self._counted = (len(items), counted)
 
-    def sync_connections(self) -> None:
+    def sync_connections(self, changed: Iterable[str] | None = None) -> None:
         """Connect to the SUB endpoint of every zmqmesh peer that subscribes to a topic,
         and stay connected while it is present (its subscriptions may change: a peer
         that swaps them loses nothing between its LEAVE and its JOIN). A peer that
@@ -211,21 +213,48 @@ class Publisher:
         handshakes: two of the four a pair of nodes made at every join. A peer a JOIN of
         which was refused here (a group budget: `Directory.unannounced`) may subscribe
         unannounced: it is connected too, so that its subscriptions reach the XPUB as before.
-        Looks at those peers only, not at every peer (it runs at every join)."""
+
+        Looks at the peers ``changed`` (ids: come, changed or gone since the last call,
+        `Directory.touched`) and those it could not connect to before, not at every
+        subscriber (it runs at every join: 80-100 us at 127 subscribing peers); at every
+        peer it may connect to if None."""
         directory = self.directory
-        candidates = directory.subscribers | directory.unannounced | self._connected_ids
-        wanted: dict[str, str | None] = {}
-        ids: dict[str, str] = {}
-        for node_id in candidates:
-            peer = directory.peer_state(node_id)
-            if peer is None or not peer.is_zmqmesh:
-                continue
-            endpoint = directory.peer_endpoints(peer).get("sub")
-            if endpoint is not None:
-                wanted[endpoint] = peer.key
-                ids[endpoint] = node_id
-        reconnect(self.xpub, self._connected, wanted, self.connect)
-        self._connected_ids = frozenset(ids[e] for e in self._connected if e in ids)
+        if changed is None:
+            look = set().union(directory.subscribers, directory.unannounced, self._reached, self._unreached)
+        else:
+            look = self._unreached.union(changed)
+        targets = {node_id: self._target(node_id) for node_id in look}
+        endpoints: dict[str, str | None] = {}  # the endpoints concerned -> the key to connect with
+        for node_id, target in targets.items():
+            old = self._reached.pop(node_id, None)
+            if old is not None:
+                endpoints.setdefault(old[0], old[1])
+                users = self._users[old[0]]
+                users.discard(node_id)
+                if not users:
+                    del self._users[old[0]]
+            if target is not None:
+                endpoints[target[0]] = target[1]
+                self._reached[node_id] = target
+                self._users.setdefault(target[0], set()).add(node_id)
+        connected = {e for e in endpoints if e in self._connected}
+        reconnect(self.xpub, connected, {e: k for e, k in endpoints.items() if e in self._users}, self.connect)
+        self._connected.difference_update(endpoints)
+        self._connected.update(connected)
+        self._unreached = {i for e in endpoints if e in self._users and e not in connected for i in self._users[e]}
+
+    def _target(self, node_id: str) -> tuple[str, str | None] | None:
+        """The SUB endpoint (and CURVE key) of the peer ``node_id`` if this node's XPUB is to
+        be connected to it (see `sync_connections`), else None."""
+        directory = self.directory
+        if node_id not in directory.subscribers and node_id not in directory.unannounced and \
+                node_id not in self._reached:
+            return None
+        peer = directory.peer_state(node_id)
+        if peer is None or not peer.is_zmqmesh:
+            return None
+        endpoint = directory.peer_endpoints(peer).get("sub")
+        return (endpoint, peer.key) if endpoint is not None else None
 
     def flush(self, until: float) -> None:
         """Send what is queued, until the monotonic clock reads ``until`` (a frame at least;
