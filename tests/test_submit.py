@@ -736,3 +736,26 @@ def test_submits_interrupted_by_a_ctrl_c_leave_their_room_to_later_ones(
                 client.submit("echo", 1, timeout=10)
         futures = [client.submit("echo", i, timeout=2) for i in range(2, 6)]
         assert [f.result(10)["echo"] for f in futures] == [2, 3, 4, 5]
+
+
+def test_replies_keyed_by_anything_msgpack_carries_decode_as_they_did(mesh: dict[str, Any]) -> None:
+    """Replies are decoded with msgpack's defaults first (maps keyed by str or bytes), and
+    again as before when those refuse them: maps keyed by ints, floats, None or arrays (as
+    tuples) come back whole; a reply that is not msgpack is a `DecodeError`."""
+    replies: dict[str, Any] = {
+        "str": {"a": 1, "b": [1, {"c": b"x"}]},
+        "bytes": {b"k": "v"},
+        "int": {1: "one", -2: {3: "three"}},
+        "mixed": {1.5: None, None: 2, True: "t", "s": {4: 4}},
+        "array": {(1, 2): "pair"},
+    }
+    with zmqmesh.Node("provider", **mesh) as provider, zmqmesh.Node("caller", **mesh) as caller:
+        provider.service("reply", lambda msg: replies[msg.data])
+        caller.wait_for_service("reply", timeout=10)
+        for name, reply in replies.items():
+            assert caller.request("reply", name, timeout=10) == reply, name
+        assert caller.request_many("reply", list(replies), timeout=10) == list(replies.values())
+    codec = caller._engine.codec
+    for frame in (b"\xc1", b"\x01\x02", b"\x81\x91\x01"):
+        with pytest.raises(zmqmesh.DecodeError):
+            codec.decode(frame)
