@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import zmq
 
 from ..._engine.engine import Engine
-from ..._io.sockets import close_watched, has_input, recv_frames
+from ..._io.sockets import close_watched, has_input, input_probe, recv_frames
 from ..._mesh.directory import Provider
 from ..._patterns.outstanding import Outstanding
 from ..._patterns.reqrep import Exchange, QuickRequest
@@ -27,7 +27,7 @@ from ..pipelined import WaitingForRoom, send_batches, send_request, withdraw_gat
 __all__ = ["LoopRequester", "ReplyWaiter"]
 
 
-_READ_BURST = 1024
+_READ_BURST = range(1024)  # (frames read at most per look at a socket: a range made once, not per read)
 _SWEEP_SHARE = 16  # abandoned requests are swept at once when they are this share of those in flight
 _SWEEP_S = 0.05  # ... and otherwise within this long
 _PARKED_CHECK_S = 0.005  # while frames wait for room in a socket: how often it is tried again
@@ -64,6 +64,9 @@ class LoopRequester:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sockets: dict[str, zmq.Socket[Any]] = {}
+        self._has_input: dict[str, Callable[[], list[Any]]] = {}
+        """By provider id: `has_input` for its socket in `sockets` (`input_probe`: looked at
+        after each request sent alone, and after each lone reply read)."""
         self._known: dict[str, Provider] = {}  # (to connect again: `_renew`)
         self.outstanding: Outstanding[Any] = Outstanding()  # (`ReplyWaiter`s)
         self._timer: asyncio.TimerHandle | None = None
@@ -104,8 +107,8 @@ class LoopRequester:
             self._arm(step.deadline)
         if sent:  # sent alone: whether that swallowed the signal of a reply, looked at now
             self.engine.stats.count_sent(self.tally, 1)
-            sock = self.sockets.get(step.provider.id, sock)  # (renewed, if its connection was dropped)
-            if has_input(sock):
+            probe = self._has_input.get(step.provider.id)  # (its socket's now: renewed, if its connection was dropped)
+            if probe is not None and probe():
                 self._on_readable(step.provider.id)
             return future
         self._gathered(step.provider.id, self._batches.ready)
@@ -219,6 +222,7 @@ class LoopRequester:
         sock = self.sockets.get(provider.id)
         if sock is None:
             sock = self.sockets[provider.id] = self.engine.dealer_to(provider)
+            self._has_input[provider.id] = input_probe(sock)
             self._known[provider.id] = provider
             self.engine.loop.add_reader(sock.FD, self._on_readable, provider.id)
             self.engine.loop.call_soon(self._on_readable, provider.id)
@@ -296,15 +300,15 @@ class LoopRequester:
         if sock is not None and self._read(sock, provider_id, _READ_BURST):
             self.engine.loop.call_soon(self._on_readable, provider_id)
 
-    def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: int) -> bool:
-        # True if it read the whole burst (more may wait)
+    def _read(self, sock: zmq.Socket[Any], provider_id: str, burst: range) -> bool:
+        # True if it read the whole burst (more may wait); ``sock``: ``provider_id``'s in `sockets`
         counters = self.engine.stats.pattern["request"]
         outstanding = self.outstanding
         answer_all = outstanding.answer_all
-        for i in range(burst):
+        for i in burst:
             # a lone reply (nothing else waited for): a check, not a raised Again; with requests
             # in flight, replies tend to queue, and a check would be spent on most frames
-            if i == 1 and not outstanding and not has_input(sock):
+            if i == 1 and not outstanding and not self._has_input[provider_id]():
                 return False
             try:
                 frames = recv_frames(sock)
@@ -330,10 +334,11 @@ class LoopRequester:
         socket."""
         sock = self.sockets.get(peer_id)
         if sock is not None:  # (a frame answers one request or more: bounded by those waiting)
-            self._read(sock, peer_id, len(self.outstanding) + 1)
+            self._read(sock, peer_id, range(len(self.outstanding) + 1))
         self._end(self.outstanding.lost(peer_id),  # (counted as the threads' requesters count theirs)
                   lambda _service: PeerLostError(f"provider {peer_id[:8]} left before replying", peer_id))
         sock = self.sockets.pop(peer_id, None)
+        self._has_input.pop(peer_id, None)
         self._known.pop(peer_id, None)
         self.waiting_for_room.pop(peer_id, None)
         if sock is not None:
@@ -366,6 +371,7 @@ class LoopRequester:
         counters = self.engine.stats.pattern["request"]
         counters["errors"] += errors
         counters["abandoned"] += abandoned
+        self._has_input.clear()
         for pid in list(self.sockets):
             close_watched(self.engine.loop, self.sockets.pop(pid))
 
