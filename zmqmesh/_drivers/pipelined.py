@@ -21,14 +21,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import islice
 from typing import Any, Protocol
 
 import zmq
 
-from .._engine.api import Plan, advance_call
+from .._engine.api import ItemCalls, Plan, advance_call
 from .._engine.engine import Engine
 from .._io.sockets import has_input, recv_frames, send_frames
 from .._io.waker import Waker
@@ -793,16 +792,17 @@ def _fail_closed(job: Job) -> None:
     job.finish(job.key, None, NodeClosedError(CLOSED))
 
 
-def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window: int, at_hand: bool = False) -> list[Any]:
-    """Carry out ``plans`` (made one by one as there is room) with at most ``window`` in
-    flight; their results in order. Raises the error of the first plan (in order) that
+def run_many(pipelined: Pipelined, plans: ItemCalls, window: int, at_hand: bool = False) -> list[Any]:
+    """Carry out ``plans`` (made as there is room: `ItemCalls.take`) with at most ``window``
+    in flight; their results in order. Raises the error of the first plan (in order) that
     failed: once one failed, no more are made, and those before it are waited for; the
-    requests still in flight then are forgotten.
+    requests still in flight then are forgotten. What making a plan raises is raised once
+    those made before it are begun (not sent: forgotten too).
 
     ``at_hand``: making the next plan never waits (its data is in a sequence), so the
     requests of several go in one batch; otherwise each goes before the next is made."""
     calls: InOrder[Job] = InOrder(window)  # (this call's: a nested call on the same thread has its own)
-    made = iter(plans)
+    take = plans.take
     # at hand: room is filled a batch's worth at a time, with the rest of the window still in
     # flight, reading a reply frame per pump: both sides work at once and frames stay whole
     # (3 clients x 64 in flight, bench.py req_clients: 21 k/s refilling by the reply, 42-51 k
@@ -814,10 +814,13 @@ def run_many(pipelined: Pipelined, plans: Iterable[Plan | QuickRequest], window:
                 pipelined.send_gathered()  # (the next item may be long in coming)
             jobs: list[Job] = []
             # (there is room here, and no failure: the loops around see to both)
-            for plan in islice(made, calls.free() if at_hand else 1):  # at hand: as many as there is room for
+            made, failed = take(calls.free() if at_hand else 1)  # at hand: as many as there is room for
+            for plan in made:
                 job = Job(plan, calls.end, len(calls.results))
                 calls.begin(job)
                 jobs.append(job)
+            if failed is not None:
+                raise failed
             if not jobs:
                 break
             pipelined.start_many(jobs)

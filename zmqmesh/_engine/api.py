@@ -16,6 +16,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, overload
 
 import zmq
@@ -88,6 +89,69 @@ class _Calls(NamedTuple):
     blocked: frozenset[str]
     headers: dict[str, str] | None
     calling: Calling | None  # when the calls may go the quick way (`QuickRequest`)
+
+
+class ItemCalls:
+    """The calls of a batch call's items (`NodeBase._request_calls`), made as its driver has
+    room for them (`take`), several at once: the items of a list or a tuple (read ahead
+    without a side effect) are encoded by one map of the codec's packer (`Codec.packed`),
+    with no Python step per item; those of any other iterable are taken and encoded one by
+    one, none before its turn. Either way each item raises what it raises in its turn."""
+
+    def __init__(self, node: NodeBase, service: str, items: Iterable[Any], timeout: float | None,
+                 peer: str | Peer | None, headers: dict[str, str] | None) -> None:
+        self._items = check_items(items)
+        self._listed = items if type(items) is list or type(items) is tuple else None
+        self._at = 0  # (the index of the next item)
+        self._node = node
+        self._call = (service, timeout, peer, headers)
+        self._calls: _Calls | None = None
+
+    def take(self, count: int) -> tuple[list[Plan | QuickRequest], Exception | None]:
+        """The calls of the next ``count`` items (fewer: the items ran out), and what making
+        the one after them raised, if anything: the error to raise once those are begun
+        (none is made after it)."""
+        made: list[Plan | QuickRequest] = []
+        try:
+            if self._calls is None:  # the first item: what its data raises comes before the rest
+                self._one_by_one(1, made)
+                count -= len(made)
+            listed, calls, node = self._listed, self._calls, self._node
+            if not count or calls is None:
+                return made, None
+            if listed is None or not node.running:  # (a forked or stopped node: `_encode_call` raises what it must)
+                self._one_by_one(count, made)
+                return made, None
+            chunk = listed[self._at:self._at + count]
+            if not chunk:
+                return made, None
+            bodies = node._engine.codec.packed(chunk)
+            if bodies is None:  # one of them cannot be encoded (or is too large): which, and where, said in its turn
+                self._one_by_one(count, made)
+                return made, None
+            self._at += len(bodies)
+            quick_or_plan, calling = node._quick_or_plan, calls.calling if tracing.active is None else None
+            for body in bodies:
+                made.append(quick_or_plan(calls, body, calling))
+        except Exception as exc:
+            return made, exc
+        return made, None
+
+    def _one_by_one(self, count: int, made: list[Plan | QuickRequest]) -> None:
+        """Make the calls of the next ``count`` items into ``made``, each item taken and
+        encoded in its turn; raises what the first that fails raises."""
+        node, listed, at = self._node, self._listed, self._at
+        engine = node._engine
+        encode = engine.codec.encode
+        for data in (islice(self._items, count) if listed is None else listed[at:at + count]):
+            # `_encode_call`, its checks made inline (once per item): only a forked or stopped
+            # node goes through it, to raise what it must
+            body = node._encode_call(data) if node._forks != _FORKS[0] or engine.closed else encode(data, self._at)
+            self._at += 1
+            calls = self._calls
+            if calls is None:
+                calls = self._calls = node._prepare_calls(*self._call)
+            made.append(node._quick_or_plan(calls, body, calls.calling if tracing.active is None else None))  # (as `_encoded_call`)
 
 
 class OnLoop(NamedTuple):
@@ -1113,27 +1177,13 @@ class NodeBase:
         return calls, body, calls.calling if tracing.active is None else None  # (a traced call has its span, and headers)
 
     def _request_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
-                       headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
+                       headers: dict[str, str] | None) -> ItemCalls:
         """The calls of ``service`` once per item (as `_request_call`), made as they are
-        asked for: what the calls share is checked once, with the first item, after its
-        data is encoded (each item raises what `_request_plan` raises, in the same order;
-        an item that cannot be encoded is named by its index). Raises `ArgumentTypeError`
-        at once for ``items`` that cannot be iterated."""
-        return self._item_calls(service, check_items(items), timeout, peer, headers)
-
-    def _item_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
-                    headers: dict[str, str] | None) -> Iterator[Plan | QuickRequest]:
-        """`_request_calls`, made as they are asked for."""
-        engine = self._engine
-        encode = engine.codec.encode
-        calls = None
-        for index, data in enumerate(items):
-            # `_encode_call`, its checks made inline (once per item): only a forked or stopped
-            # node goes through it, to raise what it must
-            body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else encode(data, index)
-            if calls is None:
-                calls = self._prepare_calls(service, timeout, peer, headers)
-            yield self._quick_or_plan(calls, body, calls.calling if tracing.active is None else None)  # (as `_encoded_call`)
+        asked for (`ItemCalls.take`): what the calls share is checked once, with the first
+        item, after its data is encoded (each item raises what `_request_plan` raises, in
+        the same order; an item that cannot be encoded is named by its index). Raises
+        `ArgumentTypeError` at once for ``items`` that cannot be iterated."""
+        return ItemCalls(self, service, items, timeout, peer, headers)
 
     def _quick_or_plan(self, calls: _Calls, body: bytes, calling: Calling | None) -> Plan | QuickRequest:
         """The call of ``calls`` with ``body``: its `QuickRequest` with ``calling`` (what

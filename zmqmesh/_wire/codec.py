@@ -161,16 +161,17 @@ class Codec:
         packer for them all (a third less time a small item). Raises what `encode` raises,
         for the first item that fails, naming its index."""
         if type(items) is list and items and type(items[0]) is not bytes:  # (a list of bytes: `_short_bytes`)
-            bodies = self._packed(items)
+            bodies = self.packed(items)
             if bodies is not None:
                 return bodies
         return self._encode_all(items, self.encode)
 
-    def _packed(self, items: list[Any]) -> list[bytes] | None:
-        """``items`` encoded as `encode` encodes each, by one map of this thread's packer
-        over them, with no Python step per item (a quarter fewer instructions a small map;
-        the packer writes ``bytes`` as `encode` does, each as a msgpack bin); None if one
-        cannot be encoded or is too large (`_encode_all` then names the first that fails)."""
+    def packed(self, items: Sequence[Any]) -> list[bytes] | None:
+        """``items`` (one or more) encoded as `encode` encodes each, by one map of this
+        thread's packer over them, with no Python step per item (a quarter fewer
+        instructions a small map; the packer writes ``bytes`` as `encode` does, each as a
+        msgpack bin); None if one cannot be encoded or is too large (`encode`, item by item,
+        then says which, as `_encode_all` does)."""
         try:
             bodies = list(map(self._packer().pack, items))
         except _ENCODE_ERRORS:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..._engine.api import OnLoop, Plan, advance
+from ..._engine.api import ItemCalls, OnLoop, Plan, advance
 from ..._engine.engine import Engine
 from ..._mesh.waiters import Room, Until
 from ..._patterns.in_order import InOrder
@@ -131,9 +130,9 @@ class AsyncRunner:
             return await self.run(call, value=reply)
         return await self.run(call, error=error)
 
-    async def run_many(self, calls: Iterable[Plan | QuickRequest], window: int) -> list[Any]:
-        """Carry out ``calls`` (made one by one as there is room) with at most ``window`` in
-        flight, and return their results in order; the rules of `_drivers.pipelined.run_many`
+    async def run_many(self, calls: ItemCalls, window: int) -> list[Any]:
+        """Carry out ``calls`` (made as there is room: `ItemCalls.take`) with at most ``window``
+        in flight, and return their results in order; the rules of `_drivers.pipelined.run_many`
         (`InOrder`): raises the error of the first call, in order, that failed, and what
         making a call raises. The requests still in flight when it raises, or when it is
         cancelled, are forgotten.
@@ -146,7 +145,7 @@ class AsyncRunner:
         requester = self.engine.requests
         assert isinstance(requester, LoopRequester), "the node is not started"
         check_loop(self.engine)
-        window_ = Window(self, requester, InOrder(window), iter(calls), min(EARLY_ITEMS, window))
+        window_ = Window(self, requester, InOrder(window), calls, min(EARLY_ITEMS, window))
         try:
             window_.fill()
             while not window_.finished():
@@ -202,7 +201,7 @@ class Window:
     they came to."""
 
     def __init__(self, runner: AsyncRunner, requester: LoopRequester, calls: InOrder[Any],
-                 made: Iterator[Plan | QuickRequest], refill: int) -> None:
+                 made: ItemCalls, refill: int) -> None:
         self.runner = runner
         self.requester = requester
         self.calls = calls
@@ -220,15 +219,17 @@ class Window:
         free = calls.free()
         if not self._more or free < self._refill or calls.failures or self.error is not None:
             return
-        started = 0
         try:
-            for call in islice(self._made, free):
+            made, failed = self._made.take(free)
+            for call in made:
                 self.start(call)
-                started += 1
         except Exception as exc:
             self.error, self._more = exc, False
             return
-        self._more = started == free
+        if failed is not None:
+            self.error, self._more = failed, False
+            return
+        self._more = len(made) == free
 
     def finished(self) -> bool:
         """Whether nothing is left to wait for: every call ended (or one failed, and
