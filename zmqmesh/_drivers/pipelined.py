@@ -59,6 +59,7 @@ MAX_SUBMITTED = 4096
 (within its timeout): back-pressure instead of a queue that grows with the caller."""
 
 _READ_BURST = 1024
+_POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)  # (ints: ``event & zmq.POLLIN`` runs the flag enum's Python ``__and__``)
 _REFILL_BURST = 1  # (request_many at hand: reply frames read per pump; see `run_many`)
 _BUSY_POLL_S = 0.1  # with requests in flight: how often providers that left are looked for
 _WAIT_THREADS = 4
@@ -467,9 +468,9 @@ class Pipelined:
                 provider_id = self._providers.get(sock)
                 if provider_id is None:
                     continue
-                if event & zmq.POLLOUT:
+                if event & _POLLOUT:
                     self._send_parked(provider_id)
-                if event & zmq.POLLIN:
+                if event & _POLLIN:
                     self._read(sock, provider_id, burst)
         except zmq.ZMQError as exc:
             raise closed_or_failed(self.engine, exc) from exc
