@@ -207,16 +207,19 @@ def send_request(outstanding: Outstanding[Any], waiter: Any, sock: zmq.Socket[An
     socket is waited for or replaced as `send_on` says. Raises `MeshTimeoutError` when the
     provider takes no more requests, `NodeClosedError` or `ZmqMeshError` when the socket
     fails (nothing is then left waiting)."""
-    busy = outstanding.busy(step.provider.id)
-    request_id = outstanding.add(waiter, step.provider.id, step.service, step.deadline)
-    if batches is not None and batches.add(step.provider.id, request_id, waiter, step, busy):
+    # (each field read once: a named tuple's cost a generic lookup per read)
+    provider, service, _service_b, body, deadline, _meta, _compact = step
+    provider_id = provider.id
+    busy = provider_id in outstanding.busy_with  # (`Outstanding.busy`, asked without a call)
+    request_id = outstanding.add(waiter, provider_id, service, deadline)
+    if batches is not None and batches.add(provider_id, request_id, waiter, step, busy):
         return False
     try:
-        send_on(outstanding, sock, step.provider.id, step.frames(request_id), [request_id], engine, renew, full,
-                len(step.body) < wire.LARGE_FRAME)
+        send_on(outstanding, sock, provider_id, step.frames(request_id), [request_id], engine, renew, full,
+                len(body) < wire.LARGE_FRAME)
     except zmq.ZMQError as exc:
         outstanding.withdraw(request_id)
-        raise send_failure(exc, step.provider.id, engine, step.service) from (None if isinstance(exc, zmq.Again) else exc)
+        raise send_failure(exc, provider_id, engine, service) from (None if isinstance(exc, zmq.Again) else exc)
     return True
 
 

@@ -78,17 +78,23 @@ _PLAIN_TIMEOUTS = (type(None), int, float)
 _NO_NODES: frozenset[str] = frozenset()
 
 
-class _Calls(NamedTuple):
-    """What the calls of one service from one thread share (`NodeBase._prepare_calls`)."""
+class _Calls:
+    """What the calls of one service from one thread share (`NodeBase._prepare_calls`).
+    (Slots, not a named tuple: its fields are read on the path of every request, and a
+    named tuple's cost a generic lookup each.)"""
 
-    service: str
-    service_b: bytes
-    seconds: float  # each call's timeout
-    only: str | None  # the provider asked for, if any
-    chain: tuple[str, ...]  # the nodes that wait for these calls (see `serving_chain`)
-    blocked: frozenset[str]
-    headers: dict[str, str] | None
-    calling: Calling | None  # when the calls may go the quick way (`QuickRequest`)
+    __slots__ = ("service", "service_b", "seconds", "only", "chain", "blocked", "headers", "calling")
+
+    def __init__(self, service: str, service_b: bytes, seconds: float, only: str | None, chain: tuple[str, ...],
+                 blocked: frozenset[str], headers: dict[str, str] | None, calling: Calling | None) -> None:
+        self.service = service
+        self.service_b = service_b
+        self.seconds = seconds  # each call's timeout
+        self.only = only  # the provider asked for, if any
+        self.chain = chain  # the nodes that wait for these calls (see `serving_chain`)
+        self.blocked = blocked
+        self.headers = headers
+        self.calling = calling  # when the calls may go the quick way (`QuickRequest`)
 
 
 class ItemCalls:

@@ -63,7 +63,8 @@ class Exchange(NamedTuple):
 
     def frames(self, request_id: bytes) -> list[bytes]:
         """The frames of this request under ``request_id``."""
-        return wire.request_frames(self.service_b, request_id, self.body, self.meta, self.compact)
+        _provider, _service, service_b, body, _deadline, meta, compact = self  # (one read: a field's costs a generic lookup)
+        return wire.request_frames(service_b, request_id, body, meta, compact)
 
 
 _exchange: Callable[[tuple[Provider, str, bytes, bytes, float, bytes | None, bool]], Exchange] = \

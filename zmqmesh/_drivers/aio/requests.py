@@ -93,25 +93,29 @@ class LoopRequester:
         more requests, for one that was gathered), `PeerLostError` or `NodeClosedError`; a
         send made at once raises `MeshTimeoutError` when the provider takes no more requests."""
         future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
-        sock = None
+        provider = step.provider  # (a named tuple's fields, read once each: a generic lookup per read)
+        provider_id = provider.id
+        sock = self.sockets.get(provider_id)  # (a look, not a call: on the path of every request)
         try:
-            sock = self._socket(step.provider)
+            if sock is None:
+                sock = self._socket(provider)
             sent = send_request(self.outstanding, future, sock, step, self.engine, self._batches, self._renew, self)
         except Exception:  # a send that failed may have taken the signal of a reply with it, too
             take_back_sent(self.tally, step.service)
             with contextlib.suppress(zmq.ZMQError):  # (a stop under way: what failed is said as it is)
                 if sock is not None and not sock.closed and has_input(sock):
-                    self.engine.loop.call_soon(self._on_readable, step.provider.id)
+                    self.engine.loop.call_soon(self._on_readable, provider_id)
             raise
-        if step.deadline < self._timer_at:
-            self._arm(step.deadline)
+        deadline = step.deadline
+        if deadline < self._timer_at:
+            self._arm(deadline)
         if sent:  # sent alone: whether that swallowed the signal of a reply, looked at now
             self.engine.stats.count_sent(self.tally, 1)
-            probe = self._has_input.get(step.provider.id)  # (its socket's now: renewed, if its connection was dropped)
+            probe = self._has_input.get(provider_id)  # (its socket's now: renewed, if its connection was dropped)
             if probe is not None and probe():
-                self._on_readable(step.provider.id)
+                self._on_readable(provider_id)
             return future
-        self._gathered(step.provider.id, self._batches.ready)
+        self._gathered(provider_id, self._batches.ready)
         return future
 
     def gather(self, provider: Provider, quick: QuickRequest, waiter: ReplyWaiter | None = None) -> Any:
