@@ -234,8 +234,8 @@ class Window:
     def finished(self) -> bool:
         """Whether nothing is left to wait for: every call ended (or one failed, and
         those before it ended), and no more are to be made."""
-        calls = self.calls
-        return self.error is not None or (not calls.waiting() and (not self._more or bool(calls.failures)))
+        calls = self.calls  # (asked after every reply: whether calls still wait, only once no more are to be made)
+        return self.error is not None or ((not self._more or bool(calls.failures)) and not calls.waiting())
 
     def start(self, call: Plan | QuickRequest) -> None:
         """Begin ``call``, for the next item."""
