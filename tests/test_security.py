@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import wait_until
+from helpers import free_tcp_port, wait_until
 
 import zmqmesh
 from zmqmesh import generate_keypair, read_public_key, read_secret_key
@@ -451,3 +451,65 @@ def test_a_key_pair_shows_no_secret_key() -> None:
     assert keys.secret not in repr(KeyPair.from_secret(keys.secret)) and keys.secret not in repr([keys])
     public, secret = keys
     assert (public, secret) == (keys.public, keys.secret) == tuple(keys)  # (the value itself is unchanged)
+
+
+def test_a_publisher_reaches_a_node_restarted_with_new_keys_at_the_sub_endpoint_its_ghost_announced(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A node restarted with new keys, its SUB bound at the port of the one before (the
+    kernel gave it again), while the one before is still listed: once that one is gone,
+    the publisher is connected to the endpoint with the new node's key. (It stayed
+    connected with the old key, its handshake failing for good: the new node got no
+    publication of this node.) Two peers are played over their own CURVE links; the one
+    before changes its subscriptions while both are listed."""
+    from zmqmesh._wire import zre
+    from zmqmesh._wire.frames import HEADER, OFFER_PREFIXES
+    from zmqmesh._wire.zre import Command, ZreMessage
+
+    own, old, new = generate_keypair(), generate_keypair(), generate_keypair()
+    sub_endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    sockets: list[zmq.Socket[Any]] = []
+
+    def secure(kind: int, keys: Any, server_key: str | None = None) -> zmq.Socket[Any]:
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_publickey, sock.curve_secretkey = keys.public.encode(), keys.secret.encode()
+        if server_key is None:
+            sock.curve_server = True
+        else:
+            sock.curve_serverkey = server_key.encode()
+        sockets.append(sock)
+        return sock
+
+    with zmqmesh.Node("publisher", **{**mesh, "peer_timeout_s": 30.0}, curve_secret_key=own.secret,
+                      curve_allow=(old.public, new.public)) as node:
+        def play(keys: Any) -> tuple[str, zmq.Socket[Any]]:
+            uuid = os.urandom(16)
+            link = secure(zmq.ROUTER, keys)  # (where the node's link to it connects)
+            endpoint = f"tcp://127.0.0.1:{link.bind_to_random_port('tcp://127.0.0.1')}"
+            dealer = secure(zmq.DEALER, keys, own.public)
+            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + uuid)
+            dealer.connect(node.endpoints["mailbox"])
+            dealer.send_multipart(zre.encode_command(ZreMessage(
+                Command.HELLO, 1, endpoint=endpoint, name="played", groups=[OFFER_PREFIXES["topics"] + "news."],
+                headers={HEADER["mesh"]: mesh["mesh"], HEADER["key"]: keys.public, HEADER["sub"]: sub_endpoint})))
+            wait_until(lambda: any(p.id == uuid.hex() for p in node.peers()), 10, "the played peer to be known")
+            return uuid.hex(), dealer
+
+        before_id, before = play(old)
+        play(new)
+        before.send_multipart(zre.encode_command(ZreMessage(  # (the one before changes while both are listed)
+            Command.JOIN, 2, group=OFFER_PREFIXES["topics"] + "more.", status=1)))
+        wait_until(lambda: any(p.id == before_id and "more." in p.topics for p in node.peers()), 10, "its JOIN")
+        before.send_multipart(zre.encode_command(ZreMessage(Command.GOODBYE, 3)))
+        wait_until(lambda: all(p.id != before_id for p in node.peers()), 10, "the node before to be gone")
+        sub = secure(zmq.SUB, new)  # the new node's SUB, at the endpoint both announced
+        sub.bind(sub_endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"news.")
+        deadline = time.monotonic() + 10
+        received = False
+        while not received and time.monotonic() < deadline:
+            node.publish("news.today", 1)
+            received = bool(sub.poll(100))
+        assert received, "the publisher never reached the new node's SUB"
+    for sock in sockets:
+        sock.close(0)

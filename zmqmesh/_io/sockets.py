@@ -207,19 +207,24 @@ def close_watched(loop: Any, sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
     sock.close(min(linger_ms, MAX_LINGER_MS))
 
 
-def reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: Mapping[str, str | None],
+def reconnect(sock: zmq.Socket[Any], connected: dict[str, str | None], wanted: Mapping[str, str | None],
               connect: Callable[[zmq.Socket[Any], str, str | None], None],
               linger_ms: Callable[[str], int] | None = None) -> None:
-    """Make ``sock`` connected to exactly the ``wanted`` endpoints (endpoint -> CURVE key).
+    """Make ``sock`` connected to exactly the ``wanted`` endpoints, each with its CURVE key
+    (endpoint -> key).
 
-    ``connected`` is the caller's record of what ``sock`` is connected to; it is updated.
+    ``connected`` is the caller's record of what ``sock`` is connected to, and with which
+    key; it is updated. An endpoint connected with another key than the one wanted (a node
+    restarted there with new keys while the record of the one before lasted) is connected
+    anew: kept, the connection would fail its handshake with the node there for good.
     An endpoint that cannot be connected is logged and left out (tried again next time).
     A connection let go drops what ZeroMQ still holds for it, unless ``linger_ms`` gives
-    its endpoint a linger: it then sends that on for up to so many milliseconds (the
-    linger a disconnect takes is the socket's at that moment; at most `MAX_LINGER_MS`).
+    its endpoint a linger (not one connected anew): it then sends that on for up to so many
+    milliseconds (the linger a disconnect takes is the socket's at that moment; at most
+    `MAX_LINGER_MS`).
     """
-    for endpoint in connected - set(wanted):
-        linger = min(linger_ms(endpoint), MAX_LINGER_MS) if linger_ms is not None else 0
+    for endpoint in [e for e, key in connected.items() if e not in wanted or wanted[e] != key]:
+        linger = min(linger_ms(endpoint), MAX_LINGER_MS) if linger_ms is not None and endpoint not in wanted else 0
         try:
             if linger:
                 sock.setsockopt(zmq.LINGER, linger)
@@ -230,12 +235,12 @@ def reconnect(sock: zmq.Socket[Any], connected: set[str], wanted: Mapping[str, s
                     sock.setsockopt(zmq.LINGER, 0)
         except zmq.ZMQError:
             pass
-        connected.discard(endpoint)
+        del connected[endpoint]
     for endpoint, key in wanted.items():
         if endpoint in connected:
             continue
         try:
             connect(sock, endpoint, key)
-            connected.add(endpoint)
+            connected[endpoint] = key
         except zmq.ZMQError as exc:
             log.warning("cannot connect to %s: %s", endpoint, exc)

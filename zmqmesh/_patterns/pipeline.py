@@ -190,7 +190,7 @@ class Pusher:
         self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
-        self._connected: dict[str, set[str]] = {}
+        self._connected: dict[str, dict[str, str | None]] = {}
         # queues whose messages wait with nobody pulling (their pullers left after they were
         # queued): until when they wait for one to come (`push_timeout_s`)
         self._unpulled: dict[str, float] = {}
@@ -292,7 +292,7 @@ class Pusher:
                                    "messages waiting; push to fewer queue names")
         sock = new_socket(self.ctx, zmq.PUSH, {zmq.SNDHWM: self.config.queue_hwm})
         self._sockets[queue] = sock
-        self._connected[queue] = set()
+        self._connected[queue] = {}
         self.queues[queue] = deque()
         self._sync(queue, sock)
         self.loop.add_reader(sock.FD, self._on_socket, sock)

@@ -146,9 +146,9 @@ class Publisher:
         self._sequences: dict[bytes, int] = {}
         self._fresh_from = 0  # where a topic not in `_sequences` is numbered from
         self._sub_counts: Counter[bytes] = Counter()
-        self._connected: set[str] = set()
+        self._connected: dict[str, str | None] = {}  # endpoint -> the CURVE key it is connected with
         self._reached: dict[str, tuple[str, str | None]] = {}  # peer id -> its SUB endpoint and key, connected to
-        self._users: dict[str, set[str]] = {}  # endpoint -> the ids of `_reached` there (a restarted node's too)
+        self._users: dict[str, dict[str, None]] = {}  # endpoint -> the ids of `_reached` there, as they came (a restarted node's too)
         self._unreached: set[str] = set()  # ids whose endpoint could not be connected: looked at again each time
         self._routes: dict[bytes, tuple[bool, bool]] = {}  # topic -> (subscribed here, subscribed elsewhere)
         self._routes_key: Any = None
@@ -224,24 +224,26 @@ class Publisher:
         else:
             look = self._unreached.union(changed)
         targets = {node_id: self._target(node_id) for node_id in look}
-        endpoints: dict[str, str | None] = {}  # the endpoints concerned -> the key to connect with
+        concerned: set[str] = set()  # the endpoints of those peers, before and now
         for node_id, target in targets.items():
             old = self._reached.pop(node_id, None)
             if old is not None:
-                endpoints.setdefault(old[0], old[1])
-                users = self._users[old[0]]
-                users.discard(node_id)
-                if not users:
-                    del self._users[old[0]]
+                concerned.add(old[0])
+                if target is None or target[0] != old[0]:
+                    users = self._users[old[0]]
+                    del users[node_id]
+                    if not users:
+                        del self._users[old[0]]
             if target is not None:
-                endpoints[target[0]] = target[1]
+                concerned.add(target[0])
                 self._reached[node_id] = target
-                self._users.setdefault(target[0], set()).add(node_id)
-        connected = {e for e in endpoints if e in self._connected}
-        reconnect(self.xpub, connected, {e: k for e, k in endpoints.items() if e in self._users}, self.connect)
-        self._connected.difference_update(endpoints)
+                self._users.setdefault(target[0], {})[node_id] = None  # (one there already keeps its place)
+        # an endpoint two peers announce (a node restarted at its ghost's port) is the newest one's: its key
+        wanted = {e: self._reached[next(reversed(self._users[e]))][1] for e in concerned if e in self._users}
+        connected = {e: self._connected.pop(e) for e in concerned if e in self._connected}
+        reconnect(self.xpub, connected, wanted, self.connect)
         self._connected.update(connected)
-        self._unreached = {i for e in endpoints if e in self._users and e not in connected for i in self._users[e]}
+        self._unreached = {i for e in wanted if e not in connected for i in self._users[e]}
 
     def _target(self, node_id: str) -> tuple[str, str | None] | None:
         """The SUB endpoint (and CURVE key) of the peer ``node_id`` if this node's XPUB is to
