@@ -453,18 +453,23 @@ def test_a_key_pair_shows_no_secret_key() -> None:
     assert (public, secret) == (keys.public, keys.secret) == tuple(keys)  # (the value itself is unchanged)
 
 
-def test_a_publisher_reaches_a_node_restarted_with_new_keys_at_the_sub_endpoint_its_ghost_announced(
-        mesh: dict[str, Any], ctx: zmq.Context) -> None:
-    """A node restarted with new keys, its SUB bound at the port of the one before (the
-    kernel gave it again), while the one before is still listed: once that one is gone,
-    the publisher is connected to the endpoint with the new node's key. (It stayed
-    connected with the old key, its handshake failing for good: the new node got no
-    publication of this node.) Two peers are played over their own CURVE links; the one
-    before changes its subscriptions while both are listed."""
+@pytest.mark.parametrize("pattern", ["pubsub", "pipeline"])
+def test_a_sender_reaches_a_node_restarted_with_new_keys_at_the_endpoint_its_ghost_announced(
+        mesh: dict[str, Any], ctx: zmq.Context, pattern: str) -> None:
+    """A node restarted with new keys, its SUB (or PULL) bound at the port of the one before
+    (the kernel gave it again), while the one before is still listed: once that one is
+    gone, the XPUB (the queue's PUSH) is connected to the endpoint with the new node's key.
+    (It stayed connected with the old key, its handshake failing for good: the new node got
+    no publication, no message, of this node.) Two peers are played over their own CURVE
+    links; the one before changes its offers while both are listed."""
     from zmqmesh._wire import zre
     from zmqmesh._wire.frames import HEADER, OFFER_PREFIXES
     from zmqmesh._wire.zre import Command, ZreMessage
 
+    kind, offer, header, sending = {
+        "pubsub": (zmq.SUB, "topics", "sub", lambda: node.publish("news.today", 1)),
+        "pipeline": (zmq.PULL, "queues", "pull", lambda: node.push("news.", 1, timeout=5)),
+    }[pattern]
     own, old, new = generate_keypair(), generate_keypair(), generate_keypair()
     sub_endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     sockets: list[zmq.Socket[Any]] = []
@@ -490,26 +495,29 @@ def test_a_publisher_reaches_a_node_restarted_with_new_keys_at_the_sub_endpoint_
             dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + uuid)
             dealer.connect(node.endpoints["mailbox"])
             dealer.send_multipart(zre.encode_command(ZreMessage(
-                Command.HELLO, 1, endpoint=endpoint, name="played", groups=[OFFER_PREFIXES["topics"] + "news."],
-                headers={HEADER["mesh"]: mesh["mesh"], HEADER["key"]: keys.public, HEADER["sub"]: sub_endpoint})))
+                Command.HELLO, 1, endpoint=endpoint, name="played", groups=[OFFER_PREFIXES[offer] + "news."],
+                headers={HEADER["mesh"]: mesh["mesh"], HEADER["key"]: keys.public, HEADER[header]: sub_endpoint})))
             wait_until(lambda: any(p.id == uuid.hex() for p in node.peers()), 10, "the played peer to be known")
             return uuid.hex(), dealer
 
         before_id, before = play(old)
+        sending()  # (the queue's PUSH is made, connected to the one there)
         play(new)
         before.send_multipart(zre.encode_command(ZreMessage(  # (the one before changes while both are listed)
-            Command.JOIN, 2, group=OFFER_PREFIXES["topics"] + "more.", status=1)))
-        wait_until(lambda: any(p.id == before_id and "more." in p.topics for p in node.peers()), 10, "its JOIN")
+            Command.JOIN, 2, group=OFFER_PREFIXES[offer] + "more.", status=1)))
+        wait_until(lambda: any(p.id == before_id and "more." in (p.topics if pattern == "pubsub" else p.queues)
+                               for p in node.peers()), 10, "its JOIN")
         before.send_multipart(zre.encode_command(ZreMessage(Command.GOODBYE, 3)))
         wait_until(lambda: all(p.id != before_id for p in node.peers()), 10, "the node before to be gone")
-        sub = secure(zmq.SUB, new)  # the new node's SUB, at the endpoint both announced
+        sub = secure(kind, new)  # the new node's socket, at the endpoint both announced
         sub.bind(sub_endpoint)
-        sub.setsockopt(zmq.SUBSCRIBE, b"news.")
+        if kind == zmq.SUB:
+            sub.setsockopt(zmq.SUBSCRIBE, b"news.")
         deadline = time.monotonic() + 10
         received = False
         while not received and time.monotonic() < deadline:
-            node.publish("news.today", 1)
+            sending()
             received = bool(sub.poll(100))
-        assert received, "the publisher never reached the new node's SUB"
+        assert received, "this node never reached the new node's socket"
     for sock in sockets:
         sock.close(0)
