@@ -191,39 +191,15 @@ class Directory:
         held the loop 3 s). A table that changes is copied first: readers on other threads
         keep a whole one.
         """
-        before = self._contributions
-        contributions = before
-        kept_own = before.get(self.node_id)
-        touched = [self.node_id]  # (this node first: a provider choice that can stay here does)
-        if kept_own != own_offers:
-            contributions = {**before, self.node_id: own_offers}
-        peers = self._peers
-        entries: dict[str, _Entry | None] = {}
-        for node_id in gone:
-            entries[node_id] = None
+        entries: dict[str, _Entry | None] = dict.fromkeys(gone)
         for peer in changed:
             entries[peer.id] = self._entry(peer)
-        for node_id, entry in entries.items():
-            if entry is None:
-                if node_id not in peers:
-                    continue
-                if peers is self._peers:
-                    peers = dict(peers)
-                del peers[node_id]
-            elif peers.get(node_id) is not entry.peer:
-                if peers is self._peers:
-                    peers = dict(peers)
-                peers[node_id] = entry.peer
-            offers = entry.offers if entry is not None else None
-            if offers is not before.get(node_id):
-                if contributions is before:
-                    contributions = dict(before)
-                if offers is None:
-                    del contributions[node_id]
-                else:
-                    contributions[node_id] = offers
-                touched.append(node_id)
-        changed_ids = [i for i in touched if before.get(i) is not contributions.get(i)]
+        peers = _edited(self._peers, {i: None if e is None else e.peer for i, e in entries.items()})
+        before = self._contributions
+        contributions = _edited(before, {self.node_id: own_offers,
+                                         **{i: None if e is None else e.offers for i, e in entries.items()}})
+        # (this node first: a provider choice that can stay here does)
+        changed_ids = [i for i in (self.node_id, *entries) if before.get(i) is not contributions.get(i)]
         tables = dict(self.offers)
         for kind in OFFER_KINDS:
             table: dict[str, tuple[str, ...]] | None = None
