@@ -96,6 +96,11 @@ class _Calls:
         self.headers = headers
         self.calling = calling  # when the calls may go the quick way (`QuickRequest`)
 
+    def quick(self) -> Calling | None:
+        """What a call of these goes the quick way with now (`QuickRequest`): `calling`, but
+        none while traces are on (a traced call has its span, and headers)."""
+        return self.calling if tracing.active is None else None
+
 
 class ItemCalls:
     """The calls of a batch call's items (`NodeBase._request_calls`), made as its driver has
@@ -136,7 +141,7 @@ class ItemCalls:
                 self._one_by_one(count, made)
                 return made, None
             self._at += len(bodies)
-            quick_or_plan, calling = node._quick_or_plan, calls.calling if tracing.active is None else None
+            quick_or_plan, calling = node._quick_or_plan, calls.quick()
             for body in bodies:
                 made.append(quick_or_plan(calls, body, calling))
         except Exception as exc:
@@ -147,17 +152,15 @@ class ItemCalls:
         """Make the calls of the next ``count`` items into ``made``, each item taken and
         encoded in its turn; raises what the first that fails raises."""
         node, listed, at = self._node, self._listed, self._at
-        engine = node._engine
-        encode = engine.codec.encode
+        encode = node._engine.codec.encode
         for data in (islice(self._items, count) if listed is None else listed[at:at + count]):
-            # `_encode_call`, its checks made inline (once per item): only a forked or stopped
-            # node goes through it, to raise what it must
-            body = node._encode_call(data) if node._forks != _FORKS[0] or engine.closed else encode(data, self._at)
+            # (a forked or stopped node: `_encode_call` raises what it must)
+            body = encode(data, self._at) if node.running else node._encode_call(data)
             self._at += 1
             calls = self._calls
             if calls is None:
                 calls = self._calls = node._prepare_calls(*self._call)
-            made.append(node._quick_or_plan(calls, body, calls.calling if tracing.active is None else None))  # (as `_encoded_call`)
+            made.append(node._quick_or_plan(calls, body, calls.quick()))
 
 
 class OnLoop(NamedTuple):
@@ -1180,7 +1183,7 @@ class NodeBase:
         # `_encode_call`, its checks made inline: only a forked or stopped node goes through it
         body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else engine.codec.encode(data)
         calls = self._prepare_calls(service, timeout, peer, headers, blocking)
-        return calls, body, calls.calling if tracing.active is None else None  # (a traced call has its span, and headers)
+        return calls, body, calls.quick()
 
     def _request_calls(self, service: str, items: Iterable[Any], timeout: float | None, peer: str | Peer | None,
                        headers: dict[str, str] | None) -> ItemCalls:
