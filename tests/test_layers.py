@@ -1328,12 +1328,13 @@ def history_publisher(id_byte: str) -> PeerState:
     return peer
 
 
-def replaying(*present: PeerState, store: Any = None) -> tuple[Any, list[Any], Directory, Stats]:
-    """The replays of one subscription to "t." (``replay="all"``) of a node that sees
-    ``present`` (and has ``store``, if given): ``(replays, the fetches they ask for, the
-    directory, the stats)``."""
+def replaying(*present: PeerState, store: Any = None, replay: str | float = "all") -> tuple[Any, list[Any], Directory,
+                                                                                         Stats]:
+    """The replays of one subscription to "t." (``replay="all"`` unless ``replay`` says
+    otherwise) of a node that sees ``present`` (and has ``store``, if given): ``(replays,
+    the fetches they ask for, the directory, the stats)``."""
     from zmqmesh._mesh.registry import Registry, SubscribeOptions
-    from zmqmesh._patterns import replay
+    from zmqmesh._patterns import replay as replay_module
 
     stats = Stats()
     directory = Directory("aa" * 16, stats, lambda: None, True)  # type: ignore[arg-type,return-value]
@@ -1343,9 +1344,9 @@ def replaying(*present: PeerState, store: Any = None) -> tuple[Any, list[Any], D
         raise AssertionError("the calls are only gathered")
 
     registry = Registry()
-    registry.set_subscribe_options("t.", handle, SubscribeOptions(replay="all"))
-    fetches: list[replay.Fetch] = []
-    replays = replay.Replays(registry=registry, directory=directory, codec=_HISTORY_CODEC, stats=stats,
+    registry.set_subscribe_options("t.", handle, SubscribeOptions(replay=replay))
+    fetches: list[replay_module.Fetch] = []
+    replays = replay_module.Replays(registry=registry, directory=directory, codec=_HISTORY_CODEC, stats=stats,
                              store=store, fetch=fetches.append)
     return replays, fetches, directory, stats
 
@@ -1358,6 +1359,50 @@ def history_page(start: int, count: int) -> dict[str, Any]:
     rows = [[start + i + 1, "t.x", start + i, 1, time.time(), _HISTORY_CODEC.encode(start + i), None]
             for i in range(count)]
     return {"rows": rows, "more": False, "next": {"t.x": start + count}}
+
+
+@pytest.mark.timeout(30)
+def test_a_subscription_replaying_seconds_misses_nothing_of_a_topic_begun_after_its_first_read() -> None:
+    """``replay=3600``: the first read of the history (from an hour ago) finds "t.x" 0 to 2
+    and the numbers of "t.x" and of "t.old", whose messages are all older than the hour.
+    Then "t.c" comes live numbered from 22: its first 22 were published after the read and
+    before the live subscription reached the publisher (or dropped at a high-water mark),
+    and the history has them: they are read and delivered before it, with no gap. "t.old"
+    comes live at 100, where the read said it was: delivered, nothing missed, nothing read.
+    (Before, "t.c" 22 was taken as where the topic began for this subscription: 0 to 21
+    were never delivered nor reported, as a durable subscriber of the replay soak found.)"""
+    publisher = history_publisher("bb")
+    replays, fetches, _directory, stats = replaying(publisher, replay=3600.0)
+    subscriptions = list(replays.registry.replays.items())
+    calls: list[Any] = []
+
+    def row(pos: int, topic: str, n: int) -> list[Any]:
+        return [pos, topic, n, 1, time.time(), _HISTORY_CODEC.encode(f"{topic[2:]}{n}"), None]
+
+    def page(fetch: Any, rows: list[list[Any]], reached: dict[str, int]) -> None:
+        replays.on_page(fetch, {"rows": [r for r in rows if r[0] > fetch.request["a"]], "more": False,
+                                "next": reached}, None, calls)
+        while replays.delivering():
+            replays.deliver_pages(calls)
+
+    def live(topic: str, n: int) -> None:
+        replays.live(topic, n, [f"{topic[2:]}{n}"], None, publisher.id, subscriptions, calls)
+
+    replays.sync(calls)
+    assert len(fetches) == 1 and fetches[0].request["s"] < time.time() - 3500
+    kept = [row(200 + n, "t.x", n) for n in range(3)]
+    page(fetches[0], kept, {"t.x": 3, "t.old": 100})
+    live("t.old", 100)
+    assert len(fetches) == 1, "t.old is where the read said: nothing to read"
+    live("t.c", 22)
+    assert len(fetches) == 2, "t.c began after the read: its start is read"
+    kept += [row(203 + n, "t.c", n) for n in range(23)]
+    page(fetches[1], kept, {"t.x": 3, "t.old": 101, "t.c": 23})
+    live("t.x", 3)
+    got = [(call.arg.topic, call.arg.data, call.arg.gap) for call in calls]
+    assert got == [*((t, f"{t[2:]}{n}", 0) for t, n in [("t.x", 0), ("t.x", 1), ("t.x", 2), ("t.old", 100)]),
+                   *(("t.c", f"c{n}", 0) for n in range(23)), ("t.x", "x3", 0)], got
+    assert not stats.snapshot()["pubsub"].get("gap")
 
 
 @pytest.mark.timeout(30)

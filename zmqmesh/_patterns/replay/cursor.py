@@ -102,7 +102,9 @@ class Cursor:
         self.left_to_live: int | None = None  # the position before the first row left to live frames (`leave_to_live`)
         self.awaits_marker = False  # its first read waits for its publisher's answer to the replay marker (`live_from`)
         self.upto: dict[str, int] = {}  # durable: numbers perhaps handled before a restart
-        self.from_start = from_start  # a topic seen first mid-stream has missed its start
+        # a topic seen first mid-stream has missed its start (so every cursor, once it read
+        # the history through: `Replays._read_through`)
+        self.from_start = from_start
         self.kept_next: dict[str, int] = {}  # per topic, the next number the history had when last read
         self.live_seen = False  # a live message came: the subscription reaches the publisher
         self.tail_looks = 0  # the history read again since a catch-up (`TAIL_LOOKS_S`)

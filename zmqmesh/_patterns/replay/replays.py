@@ -815,6 +815,8 @@ class Replays:
             cursor.tidying = False
             self.rereads.look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
         cursor.catching_up, cursor.reading = False, None
+        if error is None and not cursor.from_start:
+            self._read_through(cursor, page.get("next"))
         if cursor.left_to_live is not None:  # (rows left to live frames: read again by a later catch-up, if they never came)
             cursor.pos, cursor.left_to_live = min(cursor.pos, cursor.left_to_live), None
         held = cursor.take_held()
@@ -826,6 +828,26 @@ class Replays:
             self._take(fetch.key, cursor.options, cursor, held.popleft(), calls, settled=True, final=error is not None)
         if error is None and not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
             self.rereads.look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
+
+    @staticmethod
+    def _read_through(cursor: Cursor, reached: Any) -> None:
+        """A cursor that began mid-stream (``replay`` in seconds, or a durable subscription's
+        first start without ``"all"``) has read its publisher's history through, up to
+        ``reached`` (the page's ``next``: the number every topic had reached): from now on
+        it follows every topic from its start (`Cursor.from_start`). A topic it got no row
+        of is expected where the read found it (what came before was older than it
+        replays); one begun since, or missing from the numbers, is expected from its start,
+        so a live frame numbered past it is a jump the history fills. (Before, such a frame
+        was taken for where the topic began: what was published of it after the read and
+        before the live subscription reached the publisher, or dropped at a high-water mark,
+        was neither delivered nor reported.) A page without ``next`` (a read that failed
+        over, malformed) leaves the cursor as it was."""
+        if type(reached) is not dict:
+            return
+        for topic, number in reached.items():
+            if topic not in cursor.next and storable(number):
+                cursor.next[topic] = number
+        cursor.from_start = True
 
     def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
         """Whether a failed read of a history is to be tried again (`FETCH_RETRIES_S` while
