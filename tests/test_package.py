@@ -254,3 +254,42 @@ def test_a_sync_node_does_not_import_asyncio() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_every_attribute_a_slots_class_sets_on_itself_is_one_of_its_slots() -> None:
+    """A class with ``__slots__`` keeps its attributes in them, but one assigned on ``self``
+    and left out of them goes, unnoticed, to the ``__dict__`` of a subclass that has one (the
+    inbox drivers subclass the `Dispatcher`): correct, but every method looked up on the
+    object then takes CPython's slow path (a sync provider's inbox, past 30 attributes, cost
+    ~250 instructions a call so). Every ``self.<name> = ...`` in the methods of such a class
+    must name a slot (or a settable descriptor) of the class or its bases."""
+    import ast
+    import importlib
+
+    missing: list[str] = []
+    checked = 0
+    for path in sorted((ROOT / "zmqmesh").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef) or not any(
+                    isinstance(s, ast.Assign) and any(getattr(t, "id", None) == "__slots__" for t in s.targets)
+                    for s in node.body):
+                continue
+            cls = getattr(importlib.import_module(module), node.name, None)
+            if not isinstance(cls, type):
+                continue  # (a class made inside a function)
+            checked += 1
+            for sub in ast.walk(node):
+                if not isinstance(sub, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                    continue
+                targets = sub.targets if isinstance(sub, ast.Assign) else [sub.target]
+                for target in targets:
+                    for leaf in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                        if (isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name)
+                                and leaf.value.id == "self"):
+                            found = next((k.__dict__[leaf.attr] for k in cls.__mro__ if leaf.attr in k.__dict__), None)
+                            if not hasattr(type(found), "__set__"):
+                                missing.append(f"{module}.{node.name}.{leaf.attr}")
+    assert checked >= 20, checked
+    assert not missing, missing
