@@ -442,8 +442,10 @@ def reply_batch(replies: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """One frame holding ``replies`` (``(request_id, status, body)`` each): `BATCH_MARK`,
     then per reply ``[len(request_id)] request_id status [len(body), 4 bytes] body``."""
     parts = [BATCH_MARK]
-    for request_id, status, body in replies:
-        parts.append(b"".join((_BYTE[len(request_id)], request_id, status, _u32(len(body)), body)))
+    add = parts.extend
+    byte, u32 = _BYTE, _u32
+    for request_id, status, body in replies:  # (one join for the whole frame, none per reply)
+        add((byte[len(request_id)], request_id, status, u32(len(body)), body))
     return b"".join(parts)
 
 
