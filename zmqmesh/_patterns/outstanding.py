@@ -9,8 +9,9 @@ overdue and which ones a departed provider leaves unanswered is decided here.
 
 Deadlines are kept in order, not in a timer per request: a driver wakes at
 `next_deadline`. Calls with the same timeout fall due in the order they were made, so
-deadlines that come in order join a queue (a deque: no heap operation per request), and
-only one earlier than the last queued (a shorter timeout) goes into a heap beside it. A
+deadlines that come in order join a queue (a deque of request ids, each one's deadline
+read from its entry: no heap operation, nor a tuple, per request), and only one earlier
+than the last queued (a shorter timeout) goes into a heap beside it. A
 request answered in time (or forgotten, or lost with its provider) leaves its entry
 behind, dropped when it reaches the front or when both are rebuilt (they never hold more
 than twice the requests outstanding, plus `_SLACK` and `_CHECK_EVERY`).
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import operator
 import struct
 from collections import deque
 from collections.abc import Callable, KeysView
@@ -34,6 +37,12 @@ Waiter = TypeVar("Waiter")
 _SLACK = 1024
 _request_id = struct.Struct(">Q").pack  # (a request's number as its 8-byte id: `int.to_bytes(8, "big")`, in one call)
 _CHECK_EVERY = 64  # requests between two looks at the entries left behind
+_id_of = operator.itemgetter(0)  # (of a request's ``(id, entry)``)
+
+
+def _deadline_of(item: tuple[bytes, tuple[object, str, str, float]]) -> float:
+    """The deadline of a request's ``(id, entry)``."""
+    return item[1][3]
 
 
 class GivenUp(dict[str, int]):
@@ -60,8 +69,9 @@ class Outstanding(Generic[Waiter]):
 
     def __init__(self) -> None:
         self._pending: dict[bytes, tuple[Waiter, str, str, float]] = {}
-        self._queued: deque[tuple[float, bytes]] = deque()  # deadlines that came in order
-        self._heap: list[tuple[float, bytes]] = []  # the others
+        self._queued: deque[bytes] = deque()  # the requests whose deadlines came in order
+        self._last_queued = -math.inf  # (the deadline of the last one queued)
+        self._heap: list[tuple[float, bytes]] = []  # the others, with their deadlines
         self._ids = itertools.count(1)
         self.busy_with: dict[str, int] = {}
         """By provider id: how many requests to it wait for their reply (none: absent). Read
@@ -111,9 +121,9 @@ class Outstanding(Generic[Waiter]):
         self._pending[request_id] = (waiter, provider_id, service, deadline)
         per_provider = self.busy_with
         per_provider[provider_id] = per_provider.get(provider_id, 0) + 1
-        queued = self._queued
-        if not queued or deadline >= queued[-1][0]:
-            queued.append((deadline, request_id))
+        if deadline >= self._last_queued or not self._queued:
+            self._queued.append(request_id)
+            self._last_queued = deadline
         else:
             heapq.heappush(self._heap, (deadline, request_id))
         if not number % _CHECK_EVERY:
@@ -124,7 +134,9 @@ class Outstanding(Generic[Waiter]):
         """Rebuild the deadlines from the requests still waiting once the entries that others
         left behind are too many (more than twice those waiting, plus `_SLACK`)."""
         if len(self._queued) + len(self._heap) > 2 * len(self._pending) + _SLACK:
-            self._queued = deque(sorted((entry[3], rid) for rid, entry in self._pending.items()))
+            in_order = sorted(self._pending.items(), key=_deadline_of)
+            self._queued = deque(map(_id_of, in_order))
+            self._last_queued = in_order[-1][1][3] if in_order else -math.inf
             self._heap = []
 
     def withdraw(self, request_id: bytes) -> bool:
@@ -174,20 +186,26 @@ class Outstanding(Generic[Waiter]):
     def next_deadline(self) -> float | None:
         """The earliest deadline of a request still waiting; None when none waits."""
         queued, heap, pending = self._queued, self._heap, self._pending
-        while queued and queued[0][1] not in pending:
+        while queued and queued[0] not in pending:
             queued.popleft()
         while heap and heap[0][1] not in pending:
             heapq.heappop(heap)
         if not heap:
-            return queued[0][0] if queued else None
-        return min(heap[0][0], queued[0][0]) if queued else heap[0][0]
+            return pending[queued[0]][3] if queued else None
+        return min(heap[0][0], pending[queued[0]][3]) if queued else heap[0][0]
 
     def expired(self, now: float) -> list[tuple[Waiter, str]]:
         """Take the requests whose deadline has passed: ``(waiter, service)`` each."""
         queued, heap, pending = self._queued, self._heap, self._pending
         due = []
-        while queued and queued[0][0] <= now:
-            due.append(queued.popleft()[1])
+        while queued:
+            entry = pending.get(queued[0])
+            if entry is None:  # (no longer waiting: dropped on the way)
+                queued.popleft()
+            elif entry[3] > now:
+                break
+            else:
+                due.append(queued.popleft())
         while heap and heap[0][0] <= now:
             due.append(heapq.heappop(heap)[1])
         overdue = []
@@ -223,6 +241,7 @@ class Outstanding(Generic[Waiter]):
         waiters = [entry[0] for entry in self._pending.values()]
         self._pending.clear()
         self._queued.clear()
+        self._last_queued = -math.inf
         self._heap.clear()
         self.busy_with.clear()
         self._given_up.clear()
