@@ -355,7 +355,10 @@ class AsyncNode(NodeBase):
     async def request(self, service: str, data: Any = None, timeout: float | None = None,
                       peer: str | Peer | None = None, *, headers: dict[str, str] | None = None) -> Any:
         """Call ``service`` on one provider and return its reply (see `Node.request`)."""
-        return await self._runner.request(self._request_call(service, data, timeout, peer, headers))
+        calls, body, calling = self._encoded_call(service, data, timeout, peer, headers)  # (as `Node.request`)
+        if calling is not None:
+            return await self._runner.request(calling, body, calls.seconds)
+        return await self._runner.run(self._plan_call(calls, body))
 
     async def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,
                            peer: str | Peer | None = None, *, window: int = 64,

@@ -1166,8 +1166,9 @@ class NodeBase:
 
     def _request_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
                       headers: dict[str, str] | None = None, blocking: bool = True) -> Plan | QuickRequest:
-        """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for
-        every driver: `BlockingRunner`, `Pipelined`, `AsyncRunner`). ``blocking=False``:
+        """`_request_plan`, or its `QuickRequest` when the call may go the quick way (for a
+        driver that keeps it while the call is made: `Pipelined`; `Node.request` and
+        `AsyncNode.request` carry out `_encoded_call`'s parts themselves). ``blocking=False``:
         the caller does not block while the call is made (`Node.submit`)."""
         calls, body, calling = self._encoded_call(service, data, timeout, peer, headers, blocking)
         return self._quick_or_plan(calls, body, calling)

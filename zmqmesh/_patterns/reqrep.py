@@ -14,8 +14,9 @@ plan is a generator, resumed twice per call through a few layers, and with many 
 in flight that bookkeeping cost several times what sending, receiving and decoding did
 (`benchmarks/bench.py`, ``req_inflight``). At the first thing the quick way does not
 cover, the call becomes its plan, picked up where the quick way left it. Its steps are
-`Calling`'s (`choose`, `result`): a blocking thread, which waits for its one request
-itself, takes them without a `QuickRequest` (`BlockingRunner.request`).
+`Calling`'s (`choose`, `exchange`, `result`): a blocking thread, which waits for its
+one request itself, takes them without a `QuickRequest` (`BlockingRunner.request`), and
+so does a coroutine awaiting its one request (`AsyncRunner.request`).
 """
 
 from __future__ import annotations
@@ -235,6 +236,11 @@ class Calling:
         sent[self.service] = sent.get(self.service, 0) + 1
         return provider, True
 
+    def exchange(self, provider: Provider, body: bytes, deadline: float) -> Exchange:
+        """The exchange that sends a call of these with ``body`` alone to ``provider`` (one
+        `choose` gave), waiting until ``deadline``."""
+        return _exchange((provider, self.service, self.service_b, body, deadline, None, True))
+
     def result(self, body: bytes, tally: RequestTally, started: float, now: float | None = None) -> Any:
         """The result of a quick call's OK reply ``body``, and how long its caller waited
         for it, from ``started`` until ``now`` (default: the monotonic clock now), into
@@ -252,7 +258,7 @@ class QuickRequest:
     enough to batch, and an OK reply.
 
     The driver calls `begin` (or `advance` with None; or `pick`, then sends the request
-    itself: gathered into a batch, or alone as `exchange`), then `advance` with the reply
+    itself: gathered into a batch, or alone as `Calling.exchange`), then `advance` with the reply
     ``(status, body)``. When it answers None or ``(False, None)``, or when the send or the
     wait fails, the quick way ends: `plan` makes the call's plan, picked up where the
     quick way left it, and the driver goes on with that, giving it the same reply or
@@ -275,16 +281,11 @@ class QuickRequest:
         quick way ends before it (no provider of protocol 4 at hand, or a large body): go
         on with `plan`."""
         provider = self.pick(tally)
-        return None if provider is None else self.exchange(provider)
-
-    def exchange(self, provider: Provider) -> Exchange:
-        """The exchange that sends this request alone to ``provider``, picked by `pick`."""
-        calling = self.calling
-        return _exchange((provider, calling.service, calling.service_b, self.body, self.deadline, None, True))
+        return None if provider is None else self.calling.exchange(provider, self.body, self.deadline)
 
     def pick(self, tally: RequestTally) -> Provider | None:
         """`begin` for a driver that sends the request itself (gathered into a batch, or
-        alone as `exchange`): the provider to send it to (the request goes as
+        alone as `Calling.exchange`): the provider to send it to (the request goes as
         ``calling.service_b``, `body`, `deadline`), counted as sent in ``tally``; None when
         the quick way ends before it: go on with `plan` (`Calling.choose`)."""
         provider, self.sent = self.calling.choose(self.body, tally)

@@ -17,7 +17,7 @@ from ..._engine.engine import Engine
 from ..._io.sockets import close_watched, has_input, input_probe, recv_frames
 from ..._mesh.directory import Provider
 from ..._patterns.outstanding import Outstanding
-from ..._patterns.reqrep import Exchange, QuickRequest
+from ..._patterns.reqrep import Calling, Exchange
 from ..._patterns.request_batches import RequestBatches
 from ..._stats import RequestTally
 from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError
@@ -118,16 +118,17 @@ class LoopRequester:
         self._gathered(provider_id, self._batches.ready)
         return future
 
-    def gather(self, provider: Provider, quick: QuickRequest, waiter: ReplyWaiter | None = None) -> Any:
-        """Gather the request of a quick way to ``provider`` (`QuickRequest.pick`: one a
-        batch can carry) into its batch, whether or not the provider is busy, as one of
-        many at hand; ``waiter`` is told its outcome as a future would be (None: a future
-        made here). It goes with the batches of this pass of the loop, or at once with a
-        batch that fills up. Returns the waiter; raises what making a socket to the
-        provider raises."""
+    def gather(self, provider: Provider, calling: Calling, body: bytes, deadline: float,
+               waiter: ReplyWaiter | None = None) -> Any:
+        """Gather a call of ``calling`` with ``body`` that goes the quick way to ``provider``
+        (`Calling.choose`: one a batch can carry), waiting until ``deadline``, into its
+        batch, whether or not the provider is busy, as one of many at hand; ``waiter`` is
+        told its outcome as a future would be (None: a future made here). It goes with the
+        batches of this pass of the loop, or at once with a batch that fills up. Returns
+        the waiter; raises what making a socket to the provider raises."""
         if waiter is None:
             waiter = self.engine.loop.create_future()
-        provider_id, calling, deadline = provider.id, quick.calling, quick.deadline
+        provider_id = provider.id
         if provider_id not in self.sockets:  # (a look, not a call: on the path of every request)
             try:
                 self._socket(provider)
@@ -135,7 +136,7 @@ class LoopRequester:
                 take_back_sent(self.tally, calling.service)
                 raise
         request_id = self.outstanding.add(waiter, provider_id, calling.service, deadline)
-        full = self._batches.gather(provider_id, request_id, waiter, calling.service_b, quick.body)
+        full = self._batches.gather(provider_id, request_id, waiter, calling.service_b, body)
         if deadline < self._timer_at:
             self._arm(deadline)
         self._gathered(provider_id, full)

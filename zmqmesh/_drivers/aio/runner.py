@@ -14,7 +14,7 @@ from ..._engine.api import ItemCalls, OnLoop, Plan, advance
 from ..._engine.engine import Engine
 from ..._mesh.waiters import Room, Until
 from ..._patterns.in_order import InOrder
-from ..._patterns.reqrep import Exchange, QuickRequest
+from ..._patterns.reqrep import Calling, Exchange, QuickRequest
 from ..._patterns.request_batches import EARLY_ITEMS
 from ..._wire import frames as wire
 from ...errors import ZmqMeshError
@@ -92,28 +92,32 @@ class AsyncRunner:
             except Exception as exc:
                 error = exc
 
-    async def request(self, call: Plan | QuickRequest) -> Any:
-        """Carry out a request (`NodeBase._request_call`) and return its result; raises what
-        `run` raises. One that may go the quick way (`QuickRequest`) does while all goes
-        well: alone and at once to a provider that has none of this loop's requests in
-        flight (`LoopRequester.exchange`), otherwise gathered into its batch
-        (`LoopRequester.gather`), its reply's future awaited here; otherwise, and when the
-        quick way ends, it goes on as its plan from where the quick way left it."""
-        if not isinstance(call, QuickRequest):
-            return await self.run(call)
+    async def request(self, calling: Calling, body: bytes, seconds: float) -> Any:
+        """Carry out a call that may go the quick way (`Calling`, `QuickRequest`'s way), of
+        the encoded ``body``, within ``seconds`` from now, and return its result; raises
+        what `run` raises (the twin of `BlockingRunner.request`). While all goes well it
+        goes to the provider `Calling.choose` gives: alone and at once if that one has
+        none of this loop's requests in flight (`LoopRequester.exchange`), otherwise
+        gathered into its batch (`LoopRequester.gather`), its reply's future awaited here.
+        No `QuickRequest` and no plan are made unless the quick way ends (no provider it
+        may go to, a reply not OK, a failure); then the call's plan goes on from there,
+        with that outcome."""
+        started = time.monotonic()
+        deadline = started + seconds
         check_loop(self.engine)
         requester = self.engine.requests
         assert isinstance(requester, LoopRequester), "the node is not started"
         tally = requester.tally
-        provider = call.pick(tally)
-        if provider is None:  # (the quick way ended before the request went)
-            return await self.run(call)
+        provider, sent = calling.choose(body, tally)
+        if not sent:  # (the quick way ended before the request went)
+            return await self.run(QuickRequest(calling, body, deadline, started, provider, sent))
+        assert provider is not None
         future: asyncio.Future[tuple[bytes, bytes]]
         if provider.id in requester.outstanding.busy_with:  # (`Outstanding.busy`, asked without a call)
-            future = requester.gather(provider, call)
+            future = requester.gather(provider, calling, body, deadline)
         else:
             try:
-                future = requester.exchange(call.exchange(provider))
+                future = requester.exchange(calling.exchange(provider, body, deadline))
             except Exception as exc:
                 future = self.engine.loop.create_future()
                 future.set_exception(exc)
@@ -126,9 +130,9 @@ class AsyncRunner:
             error = exc  # (the plan goes on outside this handler: what it raises is not chained to this)
         else:
             if reply[0] == wire.STATUS_OK:  # (`QuickRequest.advance`'s way for the common reply, spared its call)
-                return call.calling.result(reply[1], tally, call.started)
-            return await self.run(call, value=reply)
-        return await self.run(call, error=error)
+                return calling.result(reply[1], tally, started)
+            return await self.run(QuickRequest(calling, body, deadline, started, provider, sent), value=reply)
+        return await self.run(QuickRequest(calling, body, deadline, started, provider, sent), error=error)
 
     async def run_many(self, calls: ItemCalls, window: int) -> list[Any]:
         """Carry out ``calls`` (made as there is room: `ItemCalls.take`) with at most ``window``
@@ -246,7 +250,7 @@ class Window:
                 slot = WindowSlot(self, len(calls.results), call)
                 calls.begin(slot)
                 try:
-                    self.requester.gather(provider, call, slot)
+                    self.requester.gather(provider, call.calling, call.body, call.deadline, slot)
                 except Exception as exc:  # (no socket to the provider: the plan decides)
                     slot.set_exception(exc)
                 return
