@@ -417,10 +417,9 @@ def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
     if len(frame) > BATCH_BYTES:
         raise DecodeError(f"a batch of {len(frame)} bytes")
     requests: list[tuple[bytes, bytes, bytes]] = []
+    append = requests.append
     at, end = 1, len(frame)
-    while at < end:
-        if len(requests) == MAX_BATCH_ITEMS:
-            raise DecodeError(f"a batch of more than {MAX_BATCH_ITEMS} requests")
+    while at < end:  # (bounded by the frame's size: its count is looked at once, after)
         id_at = at + 1 + frame[at]
         if id_at >= end:
             raise DecodeError("a request of a batch is cut short")
@@ -431,10 +430,12 @@ def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
         body_end = body_at + _read_u32(frame, size_at)[0]
         if body_end > end:
             raise DecodeError("a request of a batch is cut short")
-        requests.append((frame[at + 1:id_at], frame[id_at + 1:size_at], frame[body_at:body_end]))
+        append((frame[at + 1:id_at], frame[id_at + 1:size_at], frame[body_at:body_end]))
         at = body_end
     if not requests:
         raise DecodeError("an empty batch of requests")
+    if len(requests) > MAX_BATCH_ITEMS:
+        raise DecodeError(f"a batch of more than {MAX_BATCH_ITEMS} requests")
     return requests
 
 
