@@ -78,8 +78,9 @@ class RequestTally:
     __slots__ = ("sent", "waited", "counts")
 
     def __init__(self) -> None:
-        self.sent: dict[str, int] = {}
-        self.waited: dict[str, list[float]] = {}
+        # (defaultdicts: a request adds to its service's entry without a `get` first)
+        self.sent: defaultdict[str, int] = defaultdict(int)
+        self.waited: defaultdict[str, list[float]] = defaultdict(list)
         self.counts: dict[str, int] = {}
 
     def __bool__(self) -> bool:

@@ -232,8 +232,7 @@ class Calling:
             narrower = directory.narrower  # (a provider that takes less than the body: the plan picks another)
             if narrower and narrower.get(provider.id, size) < size:
                 return provider, False
-        sent = tally.sent
-        sent[self.service] = sent.get(self.service, 0) + 1
+        tally.sent[self.service] += 1
         return provider, True
 
     def exchange(self, provider: Provider, body: bytes, deadline: float) -> Exchange:
@@ -245,10 +244,7 @@ class Calling:
         """The result of a quick call's OK reply ``body``, and how long its caller waited
         for it, from ``started`` until ``now`` (default: the monotonic clock now), into
         ``tally``. Raises `DecodeError` when it cannot be decoded."""
-        waited = tally.waited.get(self.service)
-        if waited is None:
-            waited = tally.waited[self.service] = []
-        waited.append((time.monotonic() if now is None else now) - started)
+        tally.waited[self.service].append((time.monotonic() if now is None else now) - started)
         return self.codec.decode(body)
 
 
