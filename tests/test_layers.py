@@ -1174,11 +1174,15 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
     """The engine tells the directory only of the peers that came, changed or went
     (`Directory.update`); after each of 400 random changes (groups, a refused JOIN, the
     limits, streams and runs their headers announce, a plain ZRE peer, a peer come back
-    under its id as another object) every table and set holds what a directory made
-    afresh from every present peer holds; and a publisher told of those peers only is
-    connected where one that looks at every peer is (peers share SUB endpoints, as a
-    restarted node and its ghost do)."""
+    under its id as another object, one greeted again at other endpoints) every table and set holds what a directory made
+    afresh from every present peer holds; and a publisher, and a pusher, told of those
+    peers only are connected where ones that look at every peer are (peers share SUB and
+    PULL endpoints, as a restarted node and its ghost do), the pusher's sockets to the
+    PULL endpoints of their queue's pullers."""
+    from zmqmesh._io.reactor import Reactor
+    from zmqmesh._patterns.pipeline import Pusher
     from zmqmesh._patterns.pubsub import Publisher
+    from zmqmesh.config import NodeConfig
 
     rng = random.Random(17)
     names = [f"n{i}" for i in range(8)]
@@ -1186,6 +1190,7 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
 
     def random_peer(n: int) -> PeerState:
         state = peer(n, set(), sub_endpoint=f"tcp://127.0.0.1:{6000 + rng.randrange(4)}")
+        state.headers[frames.HEADER["pull"]] = f"tcp://127.0.0.1:{6100 + rng.randrange(4)}"
         state.set_groups({f"zmqmesh/{rng.choice(('svc', 'sub', 'queue', 'hist'))}/{rng.choice(names)}"
                           for _ in range(rng.randrange(0, 4))})
         state.is_zmqmesh = rng.random() < 0.9
@@ -1212,6 +1217,14 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
             connect=lambda sock, endpoint, key: None, on_subscriptions=lambda: None, local=lambda frames, n: None,
             own_prefixes=lambda: (), queue_max=8, max_bytes=1 << 20))
     told, looking = publishers
+    d.own_endpoints["pull"] = "inproc://me-pull"
+    loop = Reactor()
+    pushers = [Pusher(ctx=ctx, loop=loop, config=NodeConfig(), stats=Stats(), uuid=b"m" * 16, directory=d,
+                      connect=lambda sock, endpoint, key: None, wake=lambda: None) for _ in range(2)]
+    for pusher in pushers:
+        for name in names[:4]:
+            pusher.ensure_socket(name)
+    pushing, pushing_all = pushers
     present: dict[str, PeerState] = {}
     own: dict[str, frozenset[str]] = {}
     for _step in range(400):
@@ -1234,8 +1247,14 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
                 state.groups_refused = rng.random() < 0.3
                 state.changed()
                 changed.append(state)
+            elif action < 0.93 and present:  # greeted again: its endpoints anew, its offers the same
+                state = present[rng.choice(list(present))]
+                state.headers = {**state.headers, frames.HEADER["sub"]: f"tcp://127.0.0.1:{6000 + rng.randrange(4)}",
+                                 frames.HEADER["pull"]: f"tcp://127.0.0.1:{6100 + rng.randrange(4)}"}
+                state.changed()
+                changed.append(state)
             else:
-                own = {"services": frozenset(rng.sample(names, rng.randrange(0, 3)))}
+                own = {kind: frozenset(rng.sample(names, rng.randrange(0, 3))) for kind in ("services", "queues")}
         d.update(own, changed, gone)
         fresh = Directory(me, Stats(), lambda: None, True, 1500)  # type: ignore[arg-type,return-value]
         fresh.rebuild(own, list(present.values()))
@@ -1246,10 +1265,20 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
         assert d.touched == {*gone, *(c.id for c in changed)}
         told.sync_connections(d.touched)
         looking.sync_connections()
-        assert told._connected == looking._connected
-        assert set(told._connected) == {told._reached[i][0] for i in told._reached}
+        connections = told._subscribers
+        assert connections.connected == looking._subscribers.connected
+        assert set(connections.connected) == {connections.reached[i][0] for i in connections.reached}
+        pushing.sync_connections(d.touched)
+        pushing_all.sync_connections()
+        for name in names[:4]:
+            pulls = {target[0] for i in d.providers("queues", name) if (target := d.endpoint_of(i, "pull"))}
+            assert set(pushing._pullers[name].connected) == set(pushing_all._pullers[name].connected) == pulls
     for publisher in publishers:
         publisher.xpub.close(0)
+    for pusher in pushers:
+        for sock in pusher._sockets.values():
+            sock.close(0)
+    loop.close()
     ctx.term()
 
 

@@ -823,7 +823,7 @@ class Engine:
         if self.publisher is not None:
             self.publisher.sync_connections(self.directory.touched)
         if self.pusher is not None:
-            self.pusher.sync_connections()
+            self.pusher.sync_connections(self.directory.touched)
         if self.outbound is not None:
             self.outbound.wake()  # waiting durable or redelivered messages may have a puller now
         if self.inbox is not None:

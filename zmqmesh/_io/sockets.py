@@ -11,7 +11,7 @@ import zmq
 
 __all__ = ["MAX_LINGER_MS", "new_socket", "has_input", "input_probe", "with_input", "can_send", "recv_frames", "recv_routed",
            "send_frames", "send_tracked",
-           "close_watched", "reconnect", "CONTROL_HWM", "LISTEN_BACKLOG"]
+           "close_watched", "reconnect", "PeerConnections", "CONTROL_HWM", "LISTEN_BACKLOG"]
 
 T = TypeVar("T")
 
@@ -244,3 +244,51 @@ def reconnect(sock: zmq.Socket[Any], connected: dict[str, str | None], wanted: M
             connected[endpoint] = key
         except zmq.ZMQError as exc:
             log.warning("cannot connect to %s: %s", endpoint, exc)
+
+
+class PeerConnections:
+    """One socket's connections to some peers' endpoints, kept in step peer by peer: `update`
+    is told of the peers whose target (endpoint and CURVE key) may have changed, and
+    connects or disconnects only what their change asks (see `reconnect`; ``linger_ms`` as
+    there). An endpoint two peers announce (a node restarted at its ghost's port) is the
+    newest one's: its key.
+
+    ``reached``: peer id -> its endpoint and key, as last told (connected, or `unreached`);
+    ``connected``: endpoint -> the key it is connected with; ``unreached``: the ids whose
+    endpoint could not be connected (the caller tells of them again, at its next update).
+    """
+
+    def __init__(self, sock: zmq.Socket[Any], connect: Callable[[zmq.Socket[Any], str, str | None], None],
+                 linger_ms: Callable[[str], int] | None = None) -> None:
+        self.sock = sock
+        self.connect = connect
+        self.linger_ms = linger_ms
+        self.connected: dict[str, str | None] = {}
+        self.reached: dict[str, tuple[str, str | None]] = {}
+        self.unreached: set[str] = set()
+        self._users: dict[str, dict[str, None]] = {}  # endpoint -> the ids of `reached` there, as they came
+
+    def update(self, targets: Mapping[str, tuple[str, str | None] | None]) -> None:
+        """Connect to each peer of ``targets`` (id -> its endpoint and key now, None: not to be
+        reached), and no longer to what those of them were reached at before; the peers not
+        in ``targets`` stay as they are."""
+        concerned: set[str] = set()  # the endpoints of those peers, before and now
+        for node_id, target in targets.items():
+            old = self.reached.pop(node_id, None)
+            if old is not None:
+                concerned.add(old[0])
+                if target is None or target[0] != old[0]:
+                    users = self._users[old[0]]
+                    del users[node_id]
+                    if not users:
+                        del self._users[old[0]]
+            if target is not None:
+                concerned.add(target[0])
+                self.reached[node_id] = target
+                self._users.setdefault(target[0], {})[node_id] = None  # (one there already keeps its place)
+        wanted = {e: self.reached[next(reversed(self._users[e]))][1] for e in concerned if e in self._users}
+        connected = {e: self.connected.pop(e) for e in concerned if e in self.connected}
+        reconnect(self.sock, connected, wanted, self.connect, self.linger_ms)
+        self.connected.update(connected)
+        self.unreached = {i for e in wanted if e not in connected for i in self._users[e]} | \
+            (self.unreached - targets.keys())

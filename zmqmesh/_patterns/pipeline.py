@@ -18,7 +18,13 @@ from typing import Any
 import zmq
 
 from .._io.reactor import EventLoop
-from .._io.sockets import can_send, close_watched, new_socket, reconnect, send_frames
+from .._io.sockets import (
+    PeerConnections,
+    can_send,
+    close_watched,
+    new_socket,
+    send_frames,
+)
 from .._mesh.directory import Directory
 from .._stats import LogThrottle, Stats
 from .._wire.frames import (
@@ -190,7 +196,8 @@ class Pusher:
         self._queue_max = config.send_queue_max
         self._sequence = 0  # numbers the messages this node pushes (their ids)
         self._sockets: dict[str, zmq.Socket[Any]] = {}
-        self._connected: dict[str, dict[str, str | None]] = {}
+        self._pullers: dict[str, PeerConnections] = {}  # queue -> its socket's connections to its pullers
+        self._synced: dict[str, tuple[str, ...]] = {}  # queue -> its pullers when its connections were last synced
         # queues whose messages wait with nobody pulling (their pullers left after they were
         # queued): until when they wait for one to come (`push_timeout_s`)
         self._unpulled: dict[str, float] = {}
@@ -292,9 +299,9 @@ class Pusher:
                                    "messages waiting; push to fewer queue names")
         sock = new_socket(self.ctx, zmq.PUSH, {zmq.SNDHWM: self.config.queue_hwm})
         self._sockets[queue] = sock
-        self._connected[queue] = {}
+        self._pullers[queue] = PeerConnections(sock, self.connect, self._drain_ms)
         self.queues[queue] = deque()
-        self._sync(queue, sock)
+        self._sync(queue, None)
         self.loop.add_reader(sock.FD, self._on_socket, sock)
         self.wake()
 
@@ -305,7 +312,8 @@ class Pusher:
         if q is None or q or self.directory.providers("queues", queue):
             return
         close_watched(self.loop, self._sockets.pop(queue), 0)
-        del self._connected[queue]
+        del self._pullers[queue]
+        del self._synced[queue]
         del self.queues[queue]
         self.stalled.pop(queue, None)
         self._unpulled.pop(queue, None)
@@ -320,15 +328,34 @@ class Pusher:
         if self._unpulled:
             self._unpulled.pop(queue, None)
 
-    def sync_connections(self) -> None:
-        """Connect every queue's socket to that queue's pullers, and only to them."""
-        for queue, sock in self._sockets.items():
-            self._sync(queue, sock)
+    def sync_connections(self, changed: Iterable[str] | None = None) -> None:
+        """Connect every queue's socket to that queue's pullers, and only to them.
 
-    def _sync(self, queue: str, sock: zmq.Socket[Any]) -> None:
-        targets = (self.directory.endpoint_of(i, "pull") for i in self.directory.providers("queues", queue))
-        reconnect(sock, self._connected[queue], dict(t for t in targets if t is not None), self.connect,
-                  self._drain_ms)
+        With ``changed`` (ids: the peers come, changed or gone since the last call,
+        `Directory.touched`), only the pullers that came or went since the last sync are
+        looked at, those among ``changed`` (an endpoint or key may be new) and those that
+        could not be connected; every puller if None. (Each join looked at every puller of
+        every queue: 166 us at 127 peers pulling two queues.)"""
+        look = None if changed is None else set(changed)
+        for queue in self._sockets:
+            self._sync(queue, look)
+
+    def _sync(self, queue: str, changed: set[str] | None) -> None:
+        pullers = self.directory.providers("queues", queue)
+        connections = self._pullers[queue]
+        if changed is not None and self._synced[queue] == pullers and not connections.unreached and \
+                changed.isdisjoint(pullers):
+            return
+        now = set(pullers)
+        if changed is None:
+            look = connections.reached.keys() | now
+        elif self._synced[queue] == pullers:
+            look = changed & now
+        else:
+            look = (connections.reached.keys() ^ now) | (changed & now)
+        self._synced[queue] = pullers
+        endpoint_of = self.directory.endpoint_of
+        connections.update({i: endpoint_of(i, "pull") if i in now else None for i in look | connections.unreached})
 
     def _drain_ms(self, endpoint: str) -> int:
         """How long a connection to ``endpoint`` that this node lets go sends on what ZeroMQ

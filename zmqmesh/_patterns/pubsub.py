@@ -28,7 +28,7 @@ import msgpack
 import zmq
 
 from .._io.reactor import EventLoop
-from .._io.sockets import close_watched, has_input, reconnect, send_frames
+from .._io.sockets import PeerConnections, close_watched, has_input, send_frames
 from .._mesh.directory import Directory
 from .._stats import Stats
 from .._wire.frames import (
@@ -146,10 +146,7 @@ class Publisher:
         self._sequences: dict[bytes, int] = {}
         self._fresh_from = 0  # where a topic not in `_sequences` is numbered from
         self._sub_counts: Counter[bytes] = Counter()
-        self._connected: dict[str, str | None] = {}  # endpoint -> the CURVE key it is connected with
-        self._reached: dict[str, tuple[str, str | None]] = {}  # peer id -> its SUB endpoint and key, connected to
-        self._users: dict[str, dict[str, None]] = {}  # endpoint -> the ids of `_reached` there, as they came (a restarted node's too)
-        self._unreached: set[str] = set()  # ids whose endpoint could not be connected: looked at again each time
+        self._subscribers = PeerConnections(xpub, connect)  # (the SUB endpoints it is connected to)
         self._routes: dict[bytes, tuple[bool, bool]] = {}  # topic -> (subscribed here, subscribed elsewhere)
         self._routes_key: Any = None
 
@@ -219,38 +216,20 @@ class Publisher:
         subscriber (it runs at every join: 80-100 us at 127 subscribing peers); at every
         peer it may connect to if None."""
         directory = self.directory
+        reached = self._subscribers.reached
+        unreached = self._subscribers.unreached
         if changed is None:
-            look = set().union(directory.subscribers, directory.unannounced, self._reached, self._unreached)
+            look = set().union(directory.subscribers, directory.unannounced, reached, unreached)
         else:
-            look = self._unreached.union(changed)
-        targets = {node_id: self._target(node_id) for node_id in look}
-        concerned: set[str] = set()  # the endpoints of those peers, before and now
-        for node_id, target in targets.items():
-            old = self._reached.pop(node_id, None)
-            if old is not None:
-                concerned.add(old[0])
-                if target is None or target[0] != old[0]:
-                    users = self._users[old[0]]
-                    del users[node_id]
-                    if not users:
-                        del self._users[old[0]]
-            if target is not None:
-                concerned.add(target[0])
-                self._reached[node_id] = target
-                self._users.setdefault(target[0], {})[node_id] = None  # (one there already keeps its place)
-        # an endpoint two peers announce (a node restarted at its ghost's port) is the newest one's: its key
-        wanted = {e: self._reached[next(reversed(self._users[e]))][1] for e in concerned if e in self._users}
-        connected = {e: self._connected.pop(e) for e in concerned if e in self._connected}
-        reconnect(self.xpub, connected, wanted, self.connect)
-        self._connected.update(connected)
-        self._unreached = {i for e in wanted if e not in connected for i in self._users[e]}
+            look = unreached.union(changed)
+        self._subscribers.update({node_id: self._target(node_id) for node_id in look})
 
     def _target(self, node_id: str) -> tuple[str, str | None] | None:
         """The SUB endpoint (and CURVE key) of the peer ``node_id`` if this node's XPUB is to
         be connected to it (see `sync_connections`), else None."""
         directory = self.directory
         if node_id not in directory.subscribers and node_id not in directory.unannounced and \
-                node_id not in self._reached:
+                node_id not in self._subscribers.reached:
             return None
         peer = directory.peer_state(node_id)
         if peer is None or not peer.is_zmqmesh:
