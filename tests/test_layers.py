@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from helpers import free_udp_port
+from helpers import free_udp_port, wait_until
 
 import zmqmesh
 from zmqmesh._io.beacon import RECEIVE_BUFFER, BeaconSocket
@@ -846,6 +847,53 @@ def test_a_cancelled_async_request_is_forgotten(mesh: dict[str, Any]) -> None:
             assert len(requester.outstanding) == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("failing", ["tables", "publisher"])
+def test_peers_whose_application_to_the_tables_raised_are_applied_with_the_next_change(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """The engine applies the peers that came or changed to its tables and connections once
+    per loop turn (`Directory.update`, then the syncs of its publisher and pusher). If that
+    raises partway (here reading the peer "b" for the tables, or for the publisher's
+    connections, once: nothing a peer sends does, as far as is known), the change stays
+    pending, and the next one applies it with its own: once a third peer came, "a" finds
+    b's service, is told of b's join, and b gets what "a" publishes and pushes. (Before,
+    b's offers, its join, or the publisher's connection to it stayed lost until b changed
+    its offers.)"""
+    from zmqmesh._patterns.pubsub import Publisher
+
+    failed: list[str] = []
+    joined: list[str] = []
+    owner, name = (Directory, "_entry") if failing == "tables" else (Publisher, "_target")
+    real = getattr(owner, name)
+
+    def failing_once(self: Any, peer: Any) -> Any:  # (`Directory._entry(peer)`, `Publisher._target(peer id)`)
+        directory, node_id = (self, peer.id) if failing == "tables" else (self.directory, peer)
+        if node_id == b.id and directory.node_id == a.id and not failed:
+            failed.append(node_id)
+            raise RuntimeError("reading b failed (a test's)")
+        return real(self, peer)
+
+    monkeypatch.setattr(owner, name, failing_once)
+    got: queue.Queue[tuple[str, Any]] = queue.Queue()
+    a = zmqmesh.Node("a", **mesh)
+    a.on_join(lambda peer: joined.append(peer.name))
+    b = zmqmesh.Node("b", **mesh)
+    b.service("echo", lambda msg: msg.data)
+    b.subscribe("t", lambda msg: got.put(("sub", msg.data)))
+    b.pull("jobs", lambda msg: got.put(("pull", msg.data)))
+    with a, b:
+        wait_until(lambda: failed, 10, "b's entry to fail")
+        with zmqmesh.Node("c", **mesh):
+            a.wait_for_peers(2)
+            a.wait_for_service("echo", timeout=5)
+            assert a.request("echo", "hi", timeout=5) == "hi"
+            a.wait_for_subscribers("t", 1, timeout=5)
+            a.wait_for_pullers("jobs", 1, timeout=5)
+            a.publish("t", 1)
+            a.push("jobs", 2)
+            assert sorted([got.get(timeout=5), got.get(timeout=5)]) == [("pull", 2), ("sub", 1)]
+            wait_until(lambda: sorted(joined) == ["b", "c"], 5, "the joins told")
 
 
 def test_requests_from_short_lived_threads_do_not_keep_sockets(mesh: dict[str, Any]) -> None:

@@ -246,6 +246,8 @@ class Engine:
         self._rebuild_pending = False
         self._joined: list[PeerState] = []  # peers ready whose join waits for the pending rebuild
         self._changed: dict[str, PeerState] = {}  # peers come or changed, by id, not yet in the tables
+        self._gone: set[str] = set()  # ids of peers gone, not yet out of the tables
+        self._unsynced: set[str] = set()  # ids the tables took in, the connections not yet
         self._registry_pending = False  # an `_apply_registry` is queued on the loop
         self._zap: ZapHandler | None = None
         # routing ids no stranger can guess (os.urandom: the OS's CSPRNG, which secrets wraps,
@@ -788,13 +790,15 @@ class Engine:
 
     def _deferred_rebuild(self) -> None:
         # (called early, by `peer_gone` or `zre_message`, the call still queued on the loop
-        # finds no joins, and only rebuilds)
+        # finds no joins, and only rebuilds; a rebuild that raised leaves the joins for the next)
         self._rebuild_pending = False
-        joined, self._joined = self._joined, []
         if not self.closed:
             self._rebuild()
+            joined, self._joined = self._joined, []
             for peer in joined:
                 self._post_peer_event(True, self.directory.snapshot(peer))
+        else:
+            self._joined = []
 
     def _post(self, event: str, arg: Any) -> None:
         callbacks = self.registry.callbacks[event]
@@ -817,13 +821,17 @@ class Engine:
 
     def _rebuild(self, gone: tuple[str, ...] = ()) -> None:
         """Bring the offer tables and connections up to date after any membership or registry
-        change: the peers come or changed since the last time, and those ``gone``."""
-        changed, self._changed = self._changed, {}
-        self.directory.update(self.registry.offers(), changed.values(), gone)
+        change: the peers come or changed since the last time, and those ``gone``. What an
+        update that raised did not apply stays pending, and the next one applies it."""
+        self._gone.update(gone)
+        self.directory.update(self.registry.offers(), self._changed.values(), self._gone)
+        self._changed, self._gone = {}, set()
+        self._unsynced.update(self.directory.touched)
         if self.publisher is not None:
-            self.publisher.sync_connections(self.directory.touched)
+            self.publisher.sync_connections(self._unsynced)
         if self.pusher is not None:
-            self.pusher.sync_connections(self.directory.touched)
+            self.pusher.sync_connections(self._unsynced)
+        self._unsynced = set()
         if self.outbound is not None:
             self.outbound.wake()  # waiting durable or redelivered messages may have a puller now
         if self.inbox is not None:

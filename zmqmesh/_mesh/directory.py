@@ -224,9 +224,36 @@ class Directory:
                     table[name] = (node_id, *ids) if own else (*ids, node_id)
             if table is not None:
                 tables[kind] = table
-        self._contributions = contributions
+        ack_timeouts = self._ack_timeouts
+        if tables["acktimeouts"] is not self.offers["acktimeouts"]:
+            ack_timeouts = {}
+            # "<milliseconds>/<queue>": peers' checked (`_offers_of_peer`), this node's made so (`Registry.offers`)
+            for name, ids in tables["acktimeouts"].items():
+                millis, _, queue = name.partition("/")
+                ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
+        subscribing = {i: bool(contributions.get(i, _NO_OFFERS).get("topics")) for i in changed_ids if i != self.node_id}
+        subscribers = _edited_set(self.subscribers, subscribing)
+        unannounced = _edited_set(self.unannounced, {i: e is not None and e.refused for i, e in entries.items()})
+        narrower = _edited(self.narrower, {i: None if e is None else e.limit for i, e in entries.items()})
+        runs = _edited(self.runs, {i: None if e is None else e.runs for i, e in entries.items()})
+        streams = _edited(self.streams, {i: None if e is None else e.stream for i, e in entries.items()})
+        # (all computed first, then taken on: an update that raised changed nothing, and the
+        # engine tells the next one of its peers again)
         came_or_went = peers is not self._peers
+        self._contributions = contributions
         self._peers = peers
+        self._ack_timeouts = ack_timeouts
+        self.subscribers = subscribers
+        self.unannounced = unannounced
+        self.narrower = narrower
+        self.runs = runs  # (the runs before the streams: a reader that finds a stream finds its runs)
+        self.streams = streams
+        self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
+        self.offers = tables
+        self.touched = frozenset(entries)
+        if came_or_went:
+            self.alive_ids = frozenset(peers) | {self.node_id}
+        self.epoch += 1
         if any(entry is None for entry in entries.values()):  # (set operations in C: other threads add keys)
             for left in self._endpoints.keys() - peers.keys():
                 self._endpoints.pop(left, None)
@@ -234,26 +261,6 @@ class Directory:
                 self._snapshots.pop(left, None)
             for left in self._parsed.keys() - peers.keys():
                 del self._parsed[left]
-        if tables["acktimeouts"] is not self.offers["acktimeouts"]:
-            ack_timeouts: dict[tuple[str, str], float] = {}
-            # "<milliseconds>/<queue>": peers' checked (`_offers_of_peer`), this node's made so (`Registry.offers`)
-            for name, ids in tables["acktimeouts"].items():
-                millis, _, queue = name.partition("/")
-                ack_timeouts.update(((queue, i), int(millis) / 1000) for i in ids)
-            self._ack_timeouts = ack_timeouts
-        subscribing = {i: bool(contributions.get(i, _NO_OFFERS).get("topics")) for i in changed_ids if i != self.node_id}
-        self.subscribers = _edited_set(self.subscribers, subscribing)
-        self.unannounced = _edited_set(self.unannounced, {i: e is not None and e.refused for i, e in entries.items()})
-        self.narrower = _edited(self.narrower, {i: None if e is None else e.limit for i, e in entries.items()})
-        # (the runs before the streams: a reader that finds a stream finds its runs)
-        self.runs = _edited(self.runs, {i: None if e is None else e.runs for i, e in entries.items()})
-        self.streams = _edited(self.streams, {i: None if e is None else e.stream for i, e in entries.items()})
-        self._pick = (tables["services"], {})  # what a provider choice reads, swapped as one
-        self.offers = tables
-        self.touched = frozenset(entries)
-        if came_or_went:
-            self.alive_ids = frozenset(peers) | {self.node_id}
-        self.epoch += 1
 
     def _entry(self, peer: PeerState) -> _Entry:
         """What the tables hold of a ready peer, read from its headers and groups."""
