@@ -54,6 +54,8 @@ class Gossip:
         as many new ones are taken in as there are places left, none making way for another
         (a list of 10,000 strangers at 10,000 addresses opened and closed as many links in
         one turn of the loop: seconds)."""
+        if not entries:  # (every one known already: the common case once a mesh formed)
+            return
         room = self.roster.places_left()  # (counted down here: each count walks every peer)
         for at, (uuid, endpoint, key) in enumerate(entries):
             if room <= 0:

@@ -129,7 +129,7 @@ class Greeter:
         if peer.ready:
             self.events.peer_groups_changed(peer)
             return
-        for ghost in self.admission.ghosts(peer, list(self.roster.peers.values()), self.quiet_s):
+        for ghost in self.admission.ghosts(peer, self.roster.peers.values(), self.quiet_s):  # (listed before any is removed)
             self.roster.remove(ghost, "replaced by a restarted node")
         peer.ready = True
         self.ping(peer)  # answered over a link that came up, it proves the peer
