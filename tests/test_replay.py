@@ -1073,6 +1073,103 @@ def test_a_topic_numbered_afresh_past_the_floor_says_so_live_and_no_page_is_read
                        for i in range(200) for n in (2 * i, 2 * i + 1)], "each once, in order, no gap"
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_topic_begun_after_the_first_read_of_a_subscription_replaying_seconds_is_not_missed_when_dropped_live(
+        tmp_path: Path, mesh: dict[str, Any], durable: bool) -> None:
+    """``replay=3600``: the subscription reads the history (of "t.x"), then its handler
+    blocks while its publisher floods it with a topic it does not keep ("t.f", a frame of
+    60 kB each, past ``pub_hwm=1`` and ``recv_hwm=1``): the first 22 messages of a new kept
+    topic ("t.c"), sent among them, are dropped at the high-water mark. Once the handler
+    goes on, "t.c" 22 comes live: its 0 to 21 come from the history before it, none
+    missed, no gap. Before 98f92f9, "t.c" 22 was taken for where the topic began: 0 to 21
+    were neither delivered nor reported (the replay soak's durable subscriber d1 lost a new
+    topic's first 22 so). (Fails before it: "t.c" delivered from 15 or 22.)"""
+    got: list[tuple[str, Any, int]] = []
+    blocked, go_on = threading.Event(), threading.Event()
+
+    def handle(m: zmqmesh.Message) -> None:
+        if m.topic == "t.f" and not blocked.is_set():
+            blocked.set()
+            go_on.wait(30)
+        got.append((m.topic, None if m.topic == "t.f" else m.data, m.gap))
+
+    history = {"t.c": 1000, "t.x": 1000}
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history=history, pub_hwm=1, **mesh) as publisher:
+        for n in range(3):
+            publisher.publish("t.x", n)
+        subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber") if durable else None,
+                                  recv_hwm=1, **mesh)
+        subscriber.subscribe("t.", handle, replay=3600, **({"durable_name": "d1"} if durable else {}))
+        with subscriber:
+            publisher.wait_for_peers(1)
+            wait_until(lambda: len(got) == 3, 20, "the history read")
+            publisher.publish("t.x", 3)
+            wait_until(lambda: len(got) == 4, 20, "a live message: the subscription reached the publisher")
+            big = b"f" * 60_000
+            for _ in range(300):
+                publisher.publish("t.f", big)
+            wait_until(blocked.is_set, 20, "the handler to block")
+            time.sleep(0.5)  # (the pipes full)
+            for _ in range(50):
+                publisher.publish("t.f", big)
+            for n in range(22):
+                publisher.publish("t.c", n)
+                for _ in range(5):
+                    publisher.publish("t.f", big)
+            time.sleep(0.5)
+            go_on.set()
+            seen = [-1]
+
+            def settled() -> bool:  # (nothing more came in 0.3 s: the flood that got through is handled)
+                before, seen[0] = seen[0], len(got)
+                return before == seen[0]
+
+            wait_until(settled, 20, "the flood that got through", every=0.3)
+            publisher.publish("t.c", 22)
+            wait_until(lambda: ("t.c", 22, 0) in got, 20, "t.c 22")
+            stats = subscriber.stats()["pubsub"]
+    assert stats["dropped"] > 0, "the flood was dropped at the high-water mark"
+    assert [(t, n, g) for t, n, g in got if t != "t.f"] == [*(("t.x", n, 0) for n in range(4)),
+                                                         *(("t.c", n, 0) for n in range(23))]
+    assert stats.get("gap", 0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_durable_subscription_new_to_a_restarted_publishers_topic_gets_every_message_of_it(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A durable subscription's first start with ``replay="new"`` follows a topic from its
+    first live message (it never read the history). Its publisher, restarted on its store
+    (a new node), sends "t.a" 10 and then 300 messages of "t.b", a topic the subscription
+    never met: at the first frame of the new node it asks where the topics are (a look at
+    the numbers alone), and holds the frames that come meanwhile. Every one of "t.b" is
+    delivered, once, in order. With 98f92f9 alone, the look's numbers made it expect "t.b"
+    past the frames held (they were published before it was answered): all 300 were
+    dropped as delivered, unreported (fails so)."""
+    got: list[tuple[str, int, int]] = []
+    subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+    subscriber.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), durable_name="d")
+    with subscriber:
+        for life in range(2):
+            with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 10_000},
+                              **mesh) as publisher:
+                publisher.wait_for_peers(1)
+                time.sleep(0.5)  # (its subscription in place at the publisher)
+                if life == 0:
+                    for n in range(10):
+                        publisher.publish("t.a", n)
+                    wait_until(lambda: len(got) == 10, 20, "t.a")
+                else:
+                    publisher.publish("t.a", 10)
+                    for n in range(300):
+                        publisher.publish("t.b", n)
+                    wait_until(lambda: len(got) == 311, 20, "t.a 10 and t.b")
+                    time.sleep(0.5)  # (nothing more)
+        stats = subscriber.stats()["pubsub"]
+    assert got == [*(("t.a", n, 0) for n in range(11)), *(("t.b", n, 0) for n in range(300))]
+    assert stats.get("gap", 0) == 0
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("durable", [False, True])
 def test_a_subscriber_forgets_the_topics_its_publisher_forgot_and_gets_every_message_once(

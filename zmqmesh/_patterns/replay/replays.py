@@ -816,7 +816,7 @@ class Replays:
             self.rereads.look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
         cursor.catching_up, cursor.reading = False, None
         if error is None and not cursor.from_start:
-            self._read_through(cursor, page.get("next"))
+            self._read_through(cursor, fetch.request, page.get("next"))
         if cursor.left_to_live is not None:  # (rows left to live frames: read again by a later catch-up, if they never came)
             cursor.pos, cursor.left_to_live = min(cursor.pos, cursor.left_to_live), None
         held = cursor.take_held()
@@ -830,19 +830,25 @@ class Replays:
             self.rereads.look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
 
     @staticmethod
-    def _read_through(cursor: Cursor, reached: Any) -> None:
+    def _read_through(cursor: Cursor, request: dict[str, Any], reached: Any) -> None:
         """A cursor that began mid-stream (``replay`` in seconds, or a durable subscription's
         first start without ``"all"``) has read its publisher's history through, up to
-        ``reached`` (the page's ``next``: the number every topic had reached): from now on
-        it follows every topic from its start (`Cursor.from_start`). A topic it got no row
-        of is expected where the read found it (what came before was older than it
-        replays); one begun since, or missing from the numbers, is expected from its start,
-        so a live frame numbered past it is a jump the history fills. (Before, such a frame
-        was taken for where the topic began: what was published of it after the read and
-        before the live subscription reached the publisher, or dropped at a high-water mark,
-        was neither delivered nor reported.) A page without ``next`` (a read that failed
-        over, malformed) leaves the cursor as it was."""
-        if type(reached) is not dict:
+        ``reached`` (the page's ``next``: the number every topic had reached), by the read
+        ``request``: from now on it follows every topic from its start (`Cursor.from_start`).
+        A topic it got no row of is expected where the read found it (what came before was
+        older than it replays); one begun since, or missing from the numbers, is expected
+        from its start, so a live frame numbered past it is a jump the history fills.
+        (Before, such a frame was taken for where the topic began: what was published of it
+        after the read and before the live subscription reached the publisher, or dropped
+        at a high-water mark, was neither delivered nor reported.) A page without ``next``
+        (a read that failed over, malformed) leaves the cursor as it was, and so does a
+        look at the numbers alone (``"n": 0``, no rows): the live frames held while it was
+        read, of topics the cursor has no number for, may have been published before it
+        was answered, numbered below what it says and not in it as rows; expected from
+        there, they were dropped as delivered (a durable subscription's first start with
+        ``replay="new"``, asked at a restarted publisher's first frame, lost the 300
+        messages of a topic it had not met that came right after, unreported)."""
+        if type(reached) is not dict or request.get("n") == 0:
             return
         for topic, number in reached.items():
             if topic not in cursor.next and storable(number):
