@@ -1136,6 +1136,44 @@ def test_a_topic_begun_after_the_first_read_of_a_subscription_replaying_seconds_
 
 
 @pytest.mark.timeout(60)
+def test_a_durable_subscription_replaying_seconds_restarted_reports_no_gap_for_a_topic_older_than_its_seconds(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A durable subscription's first start with ``replay=2`` reads none of "t.old" (all 10
+    older than 2 s) and takes "t.x" live. Stopped, "t.old" 10 is published; restarted on its
+    store, it gets "t.old" 10, with no gap: 0 to 9 were older than it replays. Before, its
+    places named "t.old" not, so it followed "t.old" from its start: 10 reported missed
+    (``msg.gap`` 10, ``pubsub.gap`` 10) though it never was to have them (fails so at
+    98f92f9); or, its place in "t.x" (taken live) at position 0, it read the whole history
+    again and got "t.old" 0 to 9 (fails so at 1bcd8f3, where a look again at the history
+    after the first read, no live message having come yet, also read it all from 0 in the
+    first life, and gave "t.old" 0 to 9 then)."""
+    got: list[tuple[int, str, int, int]] = []
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("t.old", n)
+        time.sleep(2.5)  # (older than the subscription replays)
+        gaps = 0
+        for life in range(2):
+            subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+            subscriber.subscribe("t.", lambda m, life=life: got.append((life, m.topic, m.data, m.gap)), replay=2.0,
+                                 durable_name="d")
+            with subscriber:
+                publisher.wait_for_peers(1)
+                if life == 0:
+                    time.sleep(0.5)  # (the history read, its subscription in place at the publisher)
+                    publisher.publish("t.x", 0)
+                    wait_until(lambda: (0, "t.x", 0, 0) in got, 20, "t.x")
+                else:
+                    wait_until(lambda: any(g[:3] == (1, "t.old", 10) for g in got), 20, "t.old 10")
+                    time.sleep(0.3)  # (nothing more)
+                gaps += subscriber.stats()["pubsub"].get("gap", 0)
+            if life == 0:
+                publisher.publish("t.old", 10)
+    assert got == [(0, "t.x", 0, 0), (1, "t.old", 10, 0)]
+    assert gaps == 0
+
+
+@pytest.mark.timeout(60)
 def test_a_durable_subscription_new_to_a_restarted_publishers_topic_gets_every_message_of_it(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A durable subscription's first start with ``replay="new"`` follows a topic from its

@@ -211,6 +211,18 @@ class DurablePlaces:
             self._finished.pop(mark, None)
             self._dirty[mark] = [-1, upto, 0]  # (into `_places` too at the flush)
 
+    def begun_at(self, name: str, stream: str, numbers: dict[str, int], pos: int) -> None:
+        """Record that ``name`` follows the topics of ``numbers`` of ``stream`` from those
+        numbers on, at history position ``pos``: it began mid-stream and read the history
+        through, and had no message of them (all older than it replays:
+        `Replays._read_through`). Not a topic it has a place in or messages of handed out
+        (written at the next `flush`)."""
+        stored = self.stored(name, stream)  # (loaded, if it was not)
+        for topic, number in numbers.items():
+            mark = (name, stream, topic)
+            if topic not in stored and mark not in self._dirty and mark not in self._pending:
+                self._dirty[mark] = [number - 1, number - 1, pos]
+
     def forget_topics(self, name: str, stream: str, topics: list[str], pos: int) -> list[str]:
         """Forget the stored places of ``name`` in ``topics`` of ``stream`` (the cursor,
         at history position ``pos``, forgets them: `Replays._forget_topics`), flushed

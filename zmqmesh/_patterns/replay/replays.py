@@ -829,8 +829,7 @@ class Replays:
         if error is None and not cursor.live_seen and cursor.tail_looks < len(TAIL_LOOKS_S):
             self.rereads.look_at((fetch.key, fetch.stream), time.monotonic() + TAIL_LOOKS_S[cursor.tail_looks], False)
 
-    @staticmethod
-    def _read_through(cursor: Cursor, request: dict[str, Any], reached: Any) -> None:
+    def _read_through(self, cursor: Cursor, request: dict[str, Any], reached: Any) -> None:
         """A cursor that began mid-stream (``replay`` in seconds, or a durable subscription's
         first start without ``"all"``) has read its publisher's history through, up to
         ``reached`` (the page's ``next``: the number every topic had reached), by the read
@@ -840,20 +839,30 @@ class Replays:
         from its start, so a live frame numbered past it is a jump the history fills.
         (Before, such a frame was taken for where the topic began: what was published of it
         after the read and before the live subscription reached the publisher, or dropped
-        at a high-water mark, was neither delivered nor reported.) A page without ``next``
-        (a read that failed over, malformed) leaves the cursor as it was, and so does a
-        look at the numbers alone (``"n": 0``, no rows): the live frames held while it was
-        read, of topics the cursor has no number for, may have been published before it
-        was answered, numbered below what it says and not in it as rows; expected from
-        there, they were dropped as delivered (a durable subscription's first start with
-        ``replay="new"``, asked at a restarted publisher's first frame, lost the 300
-        messages of a topic it had not met that came right after, unreported)."""
+        at a high-water mark, was neither delivered nor reported.) A durable subscription
+        records where it expects those topics (`DurablePlaces.begun_at`): restarted, it
+        resumes from where it handled its messages, and took a topic it had no place in
+        for one to follow from its start (a message of a topic all older than the seconds
+        it replays, published while it was down, came with all those older ones counted
+        missed in ``msg.gap``).
+
+        A page without ``next`` (a read that failed over, malformed) leaves the cursor as it
+        was, and so does a look at the numbers alone (``"n": 0``, no rows): the live frames
+        held while it was read, of topics the cursor has no number for, may have been
+        published before it was answered, numbered below what it says and not in it as
+        rows; expected from there, they were dropped as delivered (a durable subscription's
+        first start with ``replay="new"``, asked at a restarted publisher's first frame, lost
+        the 300 messages of a topic it had not met that came right after, unreported)."""
         if type(reached) is not dict or request.get("n") == 0:
             return
-        for topic, number in reached.items():
-            if topic not in cursor.next and storable(number):
-                cursor.next[topic] = number
+        begun = {topic: number for topic, number in reached.items() if topic not in cursor.next and storable(number)}
+        cursor.next.update(begun)
         cursor.from_start = True
+        name = cursor.options.durable_name
+        begun = {topic: number for topic, number in begun.items() if number > 0}  # (0: the start, as from no place)
+        if begun and name is not None and self.places is not None:
+            self.places.begun_at(name, cursor.stream, begun, cursor.pos)
+            self.flush()
 
     def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
         """Whether a failed read of a history is to be tried again (`FETCH_RETRIES_S` while
