@@ -815,10 +815,10 @@ class Replays:
             cursor.tidying = False
             self.rereads.look_at((fetch.key, fetch.stream), time.monotonic() + QUIET_LOOK_S, True)
         cursor.catching_up, cursor.reading = False, None
-        if error is None and not cursor.from_start:
-            self._read_through(cursor, fetch.request, page.get("next"))
         if cursor.left_to_live is not None:  # (rows left to live frames: read again by a later catch-up, if they never came)
             cursor.pos, cursor.left_to_live = min(cursor.pos, cursor.left_to_live), None
+        if error is None and not cursor.from_start:
+            self._read_through(cursor, fetch.request, page.get("next"))
         held = cursor.take_held()
         if held is None:  # more came live than could be held: fetch them too
             if error is None:
