@@ -1330,6 +1330,45 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
     ctx.term()
 
 
+def test_a_queue_socket_made_while_restarted_pullers_ghosts_are_listed_is_connected_with_the_newest_keys() -> None:
+    """16 nodes pulling "jobs" restarted with new CURVE keys, each at its PULL port of the
+    one before (the kernel gave it again), while the one before is still listed (not yet
+    gone): a PUSH socket made for "jobs" then (this node's first push to it) connects each
+    endpoint with the newest node's key, as the queue's table lists them in the order they
+    came. (Its whole sync connected each with the key of whichever came first out of a set:
+    about half of them with the one before's, whose handshake fails with the node there
+    until the one before is gone.)"""
+    from zmqmesh._io.reactor import Reactor
+    from zmqmesh._patterns.pipeline import Pusher
+    from zmqmesh.config import NodeConfig
+
+    d = directory()
+    for restarted in (False, True):
+        states = []
+        for i in range(16):
+            state = peer(1 + i + 16 * restarted, {"zmqmesh/queue/jobs"})
+            state.headers[frames.HEADER["pull"]] = f"tcp://127.0.0.1:{6100 + i}"
+            state.key = f"{'new' if restarted else 'old'}{i}"
+            states.append(state)
+        d.update({}, states, ())
+    connected: dict[str, str | None] = {}
+
+    def connect(sock: zmq.Socket[Any], endpoint: str, key: str | None) -> None:
+        connected[endpoint] = key
+
+    ctx, loop = zmq.Context(), Reactor()
+    pusher = Pusher(ctx=ctx, loop=loop, config=NodeConfig(), stats=Stats(), uuid=b"m" * 16, directory=d,
+                    connect=connect, wake=lambda: None)
+    try:
+        pusher.ensure_socket("jobs")
+        assert connected == {f"tcp://127.0.0.1:{6100 + i}": f"new{i}" for i in range(16)}
+    finally:
+        for sock in pusher._sockets.values():
+            sock.close(0)
+        loop.close()
+        ctx.term()
+
+
 def test_gap_counting_makes_room_with_the_publishers_that_left_and_never_forgets_everyone_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The table of numbers expected next is bounded. Full, it made room by forgetting

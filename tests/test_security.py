@@ -521,3 +521,70 @@ def test_a_sender_reaches_a_node_restarted_with_new_keys_at_the_endpoint_its_gho
         assert received, "this node never reached the new node's socket"
     for sock in sockets:
         sock.close(0)
+
+
+def test_a_first_push_while_restarted_pullers_ghosts_are_listed_reaches_the_new_nodes(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """Four nodes pulling "jobs", restarted with new keys, each PULL bound at the port of
+    the one before, while the ones before are still listed: this node's first push to
+    "jobs" makes its PUSH socket then, connected to each endpoint with the new node's key,
+    and every new node gets messages while the ones before are still listed. (The socket's
+    first sync took each endpoint's key from whichever of the two came first out of a set:
+    a new node given the old key got nothing until the one before was gone.) Peers played
+    over their own CURVE links, as in the test above."""
+    from zmqmesh._wire import zre
+    from zmqmesh._wire.frames import HEADER, OFFER_PREFIXES
+    from zmqmesh._wire.zre import Command, ZreMessage
+
+    own = generate_keypair()
+    pairs = [(generate_keypair(), generate_keypair(), f"tcp://127.0.0.1:{free_tcp_port()}") for _ in range(4)]
+    sockets: list[zmq.Socket[Any]] = []
+
+    def secure(kind: int, keys: Any, server_key: str | None = None) -> zmq.Socket[Any]:
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_publickey, sock.curve_secretkey = keys.public.encode(), keys.secret.encode()
+        if server_key is None:
+            sock.curve_server = True
+        else:
+            sock.curve_serverkey = server_key.encode()
+        sockets.append(sock)
+        return sock
+
+    allowed = tuple(k.public for old, new, _ in pairs for k in (old, new))
+    with zmqmesh.Node("pusher", **{**mesh, "peer_timeout_s": 30.0}, curve_secret_key=own.secret,
+                      curve_allow=allowed) as node:
+        def play(keys: Any, pull_endpoint: str) -> str:
+            uuid = os.urandom(16)
+            link = secure(zmq.ROUTER, keys)  # (where the node's link to it connects)
+            endpoint = f"tcp://127.0.0.1:{link.bind_to_random_port('tcp://127.0.0.1')}"
+            dealer = secure(zmq.DEALER, keys, own.public)
+            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + uuid)
+            dealer.connect(node.endpoints["mailbox"])
+            dealer.send_multipart(zre.encode_command(ZreMessage(
+                Command.HELLO, 1, endpoint=endpoint, name="played", groups=[OFFER_PREFIXES["queues"] + "jobs"],
+                headers={HEADER["mesh"]: mesh["mesh"], HEADER["key"]: keys.public, HEADER["pull"]: pull_endpoint})))
+            wait_until(lambda: any(p.id == uuid.hex() for p in node.peers()), 10, "the played peer to be known")
+            return uuid.hex()
+
+        before = [play(old, endpoint) for old, _, endpoint in pairs]
+        for _, new, endpoint in pairs:
+            play(new, endpoint)
+        pulls = []
+        for _, new, endpoint in pairs:
+            pull = secure(zmq.PULL, new)  # the new node's socket, at the endpoint both announced
+            pull.bind(endpoint)
+            pulls.append(pull)
+        reached: set[int] = set()
+        deadline = time.monotonic() + 10
+        while len(reached) < len(pulls) and time.monotonic() < deadline:
+            node.push("jobs", 1, timeout=5)
+            for n, pull in enumerate(pulls):
+                while pull.poll(0):
+                    pull.recv_multipart()
+                    reached.add(n)
+            time.sleep(0.01)
+        assert reached == set(range(len(pulls))), "a new node's socket was never reached"
+        assert {p.id for p in node.peers()} >= set(before), "the ones before are still listed"
+    for sock in sockets:
+        sock.close(0)
