@@ -111,6 +111,7 @@ MAX_BATCH_ITEMS = 256
 bound, one 64 KiB frame of one-byte objects would make 65,536 handler calls."""
 BATCH_BYTES = 64 * 1024
 """A batch is closed before it passes this size (a larger message travels alone)."""
+_BATCH_TURNS = range(MAX_BATCH_ITEMS)  # (a batch's requests read at most: `parse_request_batch`)
 FRAME_HEADROOM = 64 * 1024
 """What a frame may carry past ``max_message_bytes``: the wrapping of one message of the
 largest size (its item form, headers of up to 16 KiB, the meta frame). Sockets refuse
@@ -419,7 +420,9 @@ def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
     requests: list[tuple[bytes, bytes, bytes]] = []
     append = requests.append
     at, end = 1, len(frame)
-    while at < end:  # (bounded by the frame's size: its count is looked at once, after)
+    for _ in _BATCH_TURNS:  # (no count looked at per request; one past the limit is not read)
+        if at >= end:
+            break
         id_at = at + 1 + frame[at]
         if id_at >= end:
             raise DecodeError("a request of a batch is cut short")
@@ -432,10 +435,11 @@ def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
             raise DecodeError("a request of a batch is cut short")
         append((frame[at + 1:id_at], frame[id_at + 1:size_at], frame[body_at:body_end]))
         at = body_end
+    else:
+        if at < end:
+            raise DecodeError(f"a batch of more than {MAX_BATCH_ITEMS} requests")
     if not requests:
         raise DecodeError("an empty batch of requests")
-    if len(requests) > MAX_BATCH_ITEMS:
-        raise DecodeError(f"a batch of more than {MAX_BATCH_ITEMS} requests")
     return requests
 
 
