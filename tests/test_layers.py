@@ -902,6 +902,45 @@ def test_peers_whose_application_to_the_tables_raised_are_applied_with_the_next_
             wait_until(lambda: sorted(joined) == ["b", "c"], 5, "the joins told")
 
 
+@pytest.mark.timeout(60)
+def test_a_peer_whose_entry_never_can_be_worked_out_costs_the_node_no_other_peer(
+        mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """If what the tables hold of the peer "b" can never be worked out (`Directory._entry`
+    raises at "a" every time: a bug, nothing a peer sends is known to do it), "a" still
+    takes in every other peer: "c" comes, its service is found and answers, and its leave
+    is told; "b" is read again at each change, logged at most every 10 s. (With b's change
+    kept pending as a whole, every later update raised: "a" saw c neither come nor go.)"""
+    real = Directory._entry
+    ids: dict[str, str] = {}
+    failures: list[str] = []
+
+    def always_failing_for_b(self: Any, peer: Any) -> Any:
+        if peer.id == ids.get("b") and self.node_id == ids.get("a"):
+            failures.append(peer.id)
+            raise RuntimeError("reading b failed (a test's)")
+        return real(self, peer)
+
+    monkeypatch.setattr(Directory, "_entry", always_failing_for_b)
+    joined: list[str] = []
+    left: list[str] = []
+    a = zmqmesh.Node("a", **mesh)
+    ids["a"] = a.id
+    a.on_join(lambda peer: joined.append(peer.name))
+    a.on_leave(lambda peer: left.append(peer.name))
+    b = zmqmesh.Node("b", **mesh)
+    ids["b"] = b.id
+    with a, b:
+        wait_until(lambda: failures, 10, "b's entry to fail")
+        c = zmqmesh.Node("c", **mesh)
+        c.service("echo", lambda msg: msg.data)
+        with c:
+            a.wait_for_service("echo", timeout=10)
+            assert a.request("echo", "hi", timeout=5) == "hi"
+        wait_until(lambda: "c" in left, 10, "c's leave told")
+        assert "c" in joined
+        assert len(failures) >= 2, "b read again at the next change"
+
+
 def test_requests_from_short_lived_threads_do_not_keep_sockets(mesh: dict[str, Any]) -> None:
     import threading
 

@@ -51,7 +51,7 @@ from .._patterns.calls import Call
 from .._patterns.pipeline import Pusher
 from .._patterns.pubsub import Publisher
 from .._patterns.reliable import ReliableSender
-from .._stats import Stats
+from .._stats import LogThrottle, Stats
 from .._version import __version__ as _version
 from .._wire.codec import Codec
 from .._wire.frames import (
@@ -248,6 +248,7 @@ class Engine:
         self._changed: dict[str, PeerState] = {}  # peers come or changed, by id, not yet in the tables
         self._gone: set[str] = set()  # ids of peers gone, not yet out of the tables
         self._unsynced: set[str] = set()  # ids the tables took in, the connections not yet
+        self._rebuild_log = LogThrottle(10.0)  # (`_rebuild`: an update or a sync that raised)
         self._registry_pending = False  # an `_apply_registry` is queued on the loop
         self._zap: ZapHandler | None = None
         # routing ids no stranger can guess (os.urandom: the OS's CSPRNG, which secrets wraps,
@@ -790,7 +791,7 @@ class Engine:
 
     def _deferred_rebuild(self) -> None:
         # (called early, by `peer_gone` or `zre_message`, the call still queued on the loop
-        # finds no joins, and only rebuilds; a rebuild that raised leaves the joins for the next)
+        # finds no joins, and only rebuilds)
         self._rebuild_pending = False
         if not self.closed:
             self._rebuild()
@@ -821,17 +822,25 @@ class Engine:
 
     def _rebuild(self, gone: tuple[str, ...] = ()) -> None:
         """Bring the offer tables and connections up to date after any membership or registry
-        change: the peers come or changed since the last time, and those ``gone``. What an
-        update that raised did not apply stays pending, and the next one applies it."""
+        change: the peers come or changed since the last time, and those ``gone``. What was
+        not applied (a peer whose entry could not be worked out, an update or a sync that
+        raised: bugs, logged) stays pending, and the next change applies it; the rest goes
+        on (a leave still fails the requests of the peer gone)."""
         self._gone.update(gone)
-        self.directory.update(self.registry.offers(), self._changed.values(), self._gone)
-        self._changed, self._gone = {}, set()
-        self._unsynced.update(self.directory.touched)
-        if self.publisher is not None:
-            self.publisher.sync_connections(self._unsynced)
-        if self.pusher is not None:
-            self.pusher.sync_connections(self._unsynced)
-        self._unsynced = set()
+        try:
+            unread = self.directory.update(self.registry.offers(), self._changed.values(), self._gone)
+            self._changed, self._gone = {peer.id: peer for peer in unread}, set()
+            self._unsynced.update(self.directory.touched)
+            if self.publisher is not None:
+                self.publisher.sync_connections(self._unsynced)
+            if self.pusher is not None:
+                self.pusher.sync_connections(self._unsynced)
+            self._unsynced = set()
+        except Exception:
+            said = self._rebuild_log.due()
+            if said:
+                log.error("applying the peers' changes to the tables and connections failed (%d times since the "
+                          "last line): kept for the next change", said, exc_info=True)
         if self.outbound is not None:
             self.outbound.wake()  # waiting durable or redelivered messages may have a puller now
         if self.inbox is not None:

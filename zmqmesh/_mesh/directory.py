@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, TypeVar
 
 from .._membership.peer import PeerState
-from .._stats import Stats
+from .._stats import LogThrottle, Stats
 from .._wire.frames import (
     ENDPOINT_KEYS,
     HEADER,
@@ -138,6 +138,7 @@ class Directory:
         self._own_limit = None if max_message_bytes is None else str(max_message_bytes)  # (as peers announce it)
         self.stats = stats
         self.self_peer = self_peer
+        self._unread_log = LogThrottle(10.0)  # (`update`: peers whose entry could not be worked out)
         self.loopback_only = loopback_only
         self.own_endpoints: dict[str, str] = {}
         self.offers: dict[str, dict[str, tuple[str, ...]]] = {k: {} for k in OFFER_KINDS}
@@ -180,9 +181,14 @@ class Directory:
         self.update(own_offers, ready, [node_id for node_id in self._peers if node_id not in present])
 
     def update(self, own_offers: dict[str, frozenset[str]], changed: Iterable[PeerState] = (),
-               gone: Iterable[str] = ()) -> None:
+               gone: Iterable[str] = ()) -> list[PeerState]:
         """Bring every table up to date with this node's offers, the ready peers ``changed``
         (come, greeted again, or their groups changed) and the ids of those ``gone``.
+        Returns the peers of ``changed`` whose entry could not be worked out (a bug: nothing
+        a peer sends is known to make `_entry` raise; logged, at most every 10 s): the
+        tables hold them as they were, and the caller tells of them again with its next
+        change. (One such peer, kept pending by the engine, made every later update raise:
+        the node saw no peer come or go after it.)
 
         Only those are looked at, and only what they changed is applied (each join walked
         every peer: 33 us at 127 peers, 120 us a join in a 48-node mesh running; earlier,
@@ -192,8 +198,16 @@ class Directory:
         keep a whole one.
         """
         entries: dict[str, _Entry | None] = dict.fromkeys(gone)
+        unread: list[PeerState] = []
         for peer in changed:
-            entries[peer.id] = self._entry(peer)
+            try:
+                entries[peer.id] = self._entry(peer)
+            except Exception:  # (it stays as it was; one gone, then back under its id, stays gone)
+                unread.append(peer)
+                said = self._unread_log.due()
+                if said:
+                    log.error("cannot work out what the tables hold of peer %s (%d such since the last line): "
+                              "left as it was, read again at the next change", peer.id[:8], said, exc_info=True)
         peers = _edited(self._peers, {i: None if e is None else e.peer for i, e in entries.items()})
         before = self._contributions
         contributions = _edited(before, {self.node_id: own_offers,
@@ -261,6 +275,7 @@ class Directory:
                 self._snapshots.pop(left, None)
             for left in self._parsed.keys() - peers.keys():
                 del self._parsed[left]
+        return unread
 
     def _entry(self, peer: PeerState) -> _Entry:
         """What the tables hold of a ready peer, read from its headers and groups."""
