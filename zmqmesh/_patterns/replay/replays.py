@@ -855,7 +855,9 @@ class Replays:
         the 300 messages of a topic it had not met that came right after, unreported)."""
         if type(reached) is not dict or request.get("n") == 0:
             return
-        begun = {topic: number for topic, number in reached.items() if topic not in cursor.next and storable(number)}
+        prefix = request["p"]  # (a topic outside it, or no str, is a stranger's word: not kept as a place)
+        begun = {topic: number for topic, number in reached.items()
+                 if type(topic) is str and topic.startswith(prefix) and topic not in cursor.next and storable(number)}
         cursor.next.update(begun)
         cursor.from_start = True
         name = cursor.options.durable_name
