@@ -453,6 +453,45 @@ def test_a_key_pair_shows_no_secret_key() -> None:
     assert (public, secret) == (keys.public, keys.secret) == tuple(keys)  # (the value itself is unchanged)
 
 
+def _curve_socket(ctx: zmq.Context, sockets: list[zmq.Socket[Any]], kind: int, keys: Any,
+                  server_key: str | None = None) -> zmq.Socket[Any]:
+    """A socket of ``kind`` with the CURVE ``keys``: a server, or a client of ``server_key``
+    (kept in ``sockets``, for the test to close)."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_publickey, sock.curve_secretkey = keys.public.encode(), keys.secret.encode()
+    if server_key is None:
+        sock.curve_server = True
+    else:
+        sock.curve_serverkey = server_key.encode()
+    sockets.append(sock)
+    return sock
+
+
+def _played_peer(node: zmqmesh.Node, ctx: zmq.Context, sockets: list[zmq.Socket[Any]], node_key: str, keys: Any,
+                 offer: str, header: str, endpoint: str, mesh_name: str) -> tuple[str, zmq.Socket[Any]]:
+    """A peer played over its own CURVE link (``keys``) to ``node`` (whose public key is
+    ``node_key``): its HELLO offers "<offer>" under ``offer``'s prefix and announces
+    ``endpoint`` under ``header``. Returns its id once ``node`` knows it, and the DEALER it
+    speaks to the node's mailbox through."""
+    from zmqmesh._wire import zre
+    from zmqmesh._wire.frames import HEADER, OFFER_PREFIXES
+    from zmqmesh._wire.zre import Command, ZreMessage
+
+    kind, group = offer.split(":")
+    uuid = os.urandom(16)
+    link = _curve_socket(ctx, sockets, zmq.ROUTER, keys)  # (where the node's link to it connects)
+    link_endpoint = f"tcp://127.0.0.1:{link.bind_to_random_port('tcp://127.0.0.1')}"
+    dealer = _curve_socket(ctx, sockets, zmq.DEALER, keys, node_key)
+    dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + uuid)
+    dealer.connect(node.endpoints["mailbox"])
+    dealer.send_multipart(zre.encode_command(ZreMessage(
+        Command.HELLO, 1, endpoint=link_endpoint, name="played", groups=[OFFER_PREFIXES[kind] + group],
+        headers={HEADER["mesh"]: mesh_name, HEADER["key"]: keys.public, HEADER[header]: endpoint})))
+    wait_until(lambda: any(p.id == uuid.hex() for p in node.peers()), 10, "the played peer to be known")
+    return uuid.hex(), dealer
+
+
 @pytest.mark.parametrize("pattern", ["pubsub", "pipeline"])
 def test_a_sender_reaches_a_node_restarted_with_new_keys_at_the_endpoint_its_ghost_announced(
         mesh: dict[str, Any], ctx: zmq.Context, pattern: str) -> None:
@@ -463,7 +502,7 @@ def test_a_sender_reaches_a_node_restarted_with_new_keys_at_the_endpoint_its_gho
     no publication, no message, of this node.) Two peers are played over their own CURVE
     links; the one before changes its offers while both are listed."""
     from zmqmesh._wire import zre
-    from zmqmesh._wire.frames import HEADER, OFFER_PREFIXES
+    from zmqmesh._wire.frames import OFFER_PREFIXES
     from zmqmesh._wire.zre import Command, ZreMessage
 
     kind, offer, header, sending = {
@@ -474,31 +513,11 @@ def test_a_sender_reaches_a_node_restarted_with_new_keys_at_the_endpoint_its_gho
     sub_endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     sockets: list[zmq.Socket[Any]] = []
 
-    def secure(kind: int, keys: Any, server_key: str | None = None) -> zmq.Socket[Any]:
-        sock = ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.curve_publickey, sock.curve_secretkey = keys.public.encode(), keys.secret.encode()
-        if server_key is None:
-            sock.curve_server = True
-        else:
-            sock.curve_serverkey = server_key.encode()
-        sockets.append(sock)
-        return sock
-
     with zmqmesh.Node("publisher", **{**mesh, "peer_timeout_s": 30.0}, curve_secret_key=own.secret,
                       curve_allow=(old.public, new.public)) as node:
         def play(keys: Any) -> tuple[str, zmq.Socket[Any]]:
-            uuid = os.urandom(16)
-            link = secure(zmq.ROUTER, keys)  # (where the node's link to it connects)
-            endpoint = f"tcp://127.0.0.1:{link.bind_to_random_port('tcp://127.0.0.1')}"
-            dealer = secure(zmq.DEALER, keys, own.public)
-            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + uuid)
-            dealer.connect(node.endpoints["mailbox"])
-            dealer.send_multipart(zre.encode_command(ZreMessage(
-                Command.HELLO, 1, endpoint=endpoint, name="played", groups=[OFFER_PREFIXES[offer] + "news."],
-                headers={HEADER["mesh"]: mesh["mesh"], HEADER["key"]: keys.public, HEADER[header]: sub_endpoint})))
-            wait_until(lambda: any(p.id == uuid.hex() for p in node.peers()), 10, "the played peer to be known")
-            return uuid.hex(), dealer
+            return _played_peer(node, ctx, sockets, own.public, keys, f"{offer}:news.", header, sub_endpoint,
+                                mesh["mesh"])
 
         before_id, before = play(old)
         sending()  # (the queue's PUSH is made, connected to the one there)
@@ -509,7 +528,7 @@ def test_a_sender_reaches_a_node_restarted_with_new_keys_at_the_endpoint_its_gho
                                for p in node.peers()), 10, "its JOIN")
         before.send_multipart(zre.encode_command(ZreMessage(Command.GOODBYE, 3)))
         wait_until(lambda: all(p.id != before_id for p in node.peers()), 10, "the node before to be gone")
-        sub = secure(kind, new)  # the new node's socket, at the endpoint both announced
+        sub = _curve_socket(ctx, sockets, kind, new)  # the new node's socket, at the endpoint both announced
         sub.bind(sub_endpoint)
         if kind == zmq.SUB:
             sub.setsockopt(zmq.SUBSCRIBE, b"news.")
@@ -532,47 +551,22 @@ def test_a_first_push_while_restarted_pullers_ghosts_are_listed_reaches_the_new_
     first sync took each endpoint's key from whichever of the two came first out of a set:
     a new node given the old key got nothing until the one before was gone.) Peers played
     over their own CURVE links, as in the test above."""
-    from zmqmesh._wire import zre
-    from zmqmesh._wire.frames import HEADER, OFFER_PREFIXES
-    from zmqmesh._wire.zre import Command, ZreMessage
-
     own = generate_keypair()
     pairs = [(generate_keypair(), generate_keypair(), f"tcp://127.0.0.1:{free_tcp_port()}") for _ in range(4)]
     sockets: list[zmq.Socket[Any]] = []
-
-    def secure(kind: int, keys: Any, server_key: str | None = None) -> zmq.Socket[Any]:
-        sock = ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.curve_publickey, sock.curve_secretkey = keys.public.encode(), keys.secret.encode()
-        if server_key is None:
-            sock.curve_server = True
-        else:
-            sock.curve_serverkey = server_key.encode()
-        sockets.append(sock)
-        return sock
-
     allowed = tuple(k.public for old, new, _ in pairs for k in (old, new))
     with zmqmesh.Node("pusher", **{**mesh, "peer_timeout_s": 30.0}, curve_secret_key=own.secret,
                       curve_allow=allowed) as node:
         def play(keys: Any, pull_endpoint: str) -> str:
-            uuid = os.urandom(16)
-            link = secure(zmq.ROUTER, keys)  # (where the node's link to it connects)
-            endpoint = f"tcp://127.0.0.1:{link.bind_to_random_port('tcp://127.0.0.1')}"
-            dealer = secure(zmq.DEALER, keys, own.public)
-            dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + uuid)
-            dealer.connect(node.endpoints["mailbox"])
-            dealer.send_multipart(zre.encode_command(ZreMessage(
-                Command.HELLO, 1, endpoint=endpoint, name="played", groups=[OFFER_PREFIXES["queues"] + "jobs"],
-                headers={HEADER["mesh"]: mesh["mesh"], HEADER["key"]: keys.public, HEADER["pull"]: pull_endpoint})))
-            wait_until(lambda: any(p.id == uuid.hex() for p in node.peers()), 10, "the played peer to be known")
-            return uuid.hex()
+            return _played_peer(node, ctx, sockets, own.public, keys, "queues:jobs", "pull", pull_endpoint,
+                                mesh["mesh"])[0]
 
         before = [play(old, endpoint) for old, _, endpoint in pairs]
         for _, new, endpoint in pairs:
             play(new, endpoint)
         pulls = []
         for _, new, endpoint in pairs:
-            pull = secure(zmq.PULL, new)  # the new node's socket, at the endpoint both announced
+            pull = _curve_socket(ctx, sockets, zmq.PULL, new)  # the new node's socket, at the endpoint both announced
             pull.bind(endpoint)
             pulls.append(pull)
         reached: set[int] = set()
