@@ -1375,24 +1375,27 @@ def test_the_directory_updated_with_the_peers_that_changed_holds_what_a_whole_re
     ctx.term()
 
 
-def test_a_queue_socket_made_while_restarted_pullers_ghosts_are_listed_is_connected_with_the_newest_keys() -> None:
-    """16 nodes pulling "jobs" restarted with new CURVE keys, each at its PULL port of the
-    one before (the kernel gave it again), while the one before is still listed (not yet
-    gone): a PUSH socket made for "jobs" then (this node's first push to it) connects each
-    endpoint with the newest node's key, as the queue's table lists them in the order they
-    came. (Its whole sync connected each with the key of whichever came first out of a set:
-    about half of them with the one before's, whose handshake fails with the node there
-    until the one before is gone.)"""
+@pytest.mark.parametrize("side", ["pusher", "publisher"])
+def test_a_socket_connected_while_restarted_peers_ghosts_are_listed_is_connected_with_the_newest_keys(side: str) -> None:
+    """16 nodes pulling "jobs" (or subscribing to "t") restarted with new CURVE keys, each at
+    its PULL (SUB) port of the one before (the kernel gave it again), while the one before
+    is still listed (not yet gone): a PUSH socket made for "jobs" then (this node's first
+    push to it), or a publisher's whole sync then, connects each endpoint with the newest
+    node's key, the peers told in the order they joined. (A whole sync told them in a set's
+    order: about half of the endpoints were connected with the key of the one before, whose
+    handshake fails with the node there until the one before is gone.)"""
     from zmqmesh._io.reactor import Reactor
     from zmqmesh._patterns.pipeline import Pusher
+    from zmqmesh._patterns.pubsub import Publisher
     from zmqmesh.config import NodeConfig
 
     d = directory()
+    offer, port = ("zmqmesh/queue/jobs", "pull") if side == "pusher" else ("zmqmesh/sub/t", "sub")
     for restarted in (False, True):
         states = []
         for i in range(16):
-            state = peer(1 + i + 16 * restarted, {"zmqmesh/queue/jobs"})
-            state.headers[frames.HEADER["pull"]] = f"tcp://127.0.0.1:{6100 + i}"
+            state = peer(1 + i + 16 * restarted, {offer})
+            state.headers[frames.HEADER[port]] = f"tcp://127.0.0.1:{6100 + i}"
             state.key = f"{'new' if restarted else 'old'}{i}"
             states.append(state)
         d.update({}, states, ())
@@ -1402,13 +1405,22 @@ def test_a_queue_socket_made_while_restarted_pullers_ghosts_are_listed_is_connec
         connected[endpoint] = key
 
     ctx, loop = zmq.Context(), Reactor()
-    pusher = Pusher(ctx=ctx, loop=loop, config=NodeConfig(), stats=Stats(), uuid=b"m" * 16, directory=d,
-                    connect=connect, wake=lambda: None)
+    sockets: list[zmq.Socket[Any]] = []
     try:
-        pusher.ensure_socket("jobs")
+        if side == "pusher":
+            pusher = Pusher(ctx=ctx, loop=loop, config=NodeConfig(), stats=Stats(), uuid=b"m" * 16, directory=d,
+                            connect=connect, wake=lambda: None)
+            pusher.ensure_socket("jobs")
+            sockets.extend(pusher._sockets.values())
+        else:
+            sockets.append(ctx.socket(zmq.XPUB))
+            publisher = Publisher(loop=None, stats=Stats(), uuid=b"m" * 16, xpub=sockets[0],  # type: ignore[arg-type]
+                                  directory=d, connect=connect, on_subscriptions=lambda: None,
+                                  local=lambda frames, n: None, own_prefixes=lambda: (), queue_max=8, max_bytes=1 << 20)
+            publisher.sync_connections()
         assert connected == {f"tcp://127.0.0.1:{6100 + i}": f"new{i}" for i in range(16)}
     finally:
-        for sock in pusher._sockets.values():
+        for sock in sockets:
             sock.close(0)
         loop.close()
         ctx.term()

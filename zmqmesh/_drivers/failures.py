@@ -98,5 +98,4 @@ def take_back_sent(tally: RequestTally, service: str | bytes, counted: bool = Fa
         service = service.decode()
     elif service[:1] == "\x00":
         return
-    sent = tally.sent
-    sent[service] = sent.get(service, 0) - 1
+    tally.sent[service] -= 1

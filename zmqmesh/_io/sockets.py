@@ -250,8 +250,9 @@ class PeerConnections:
     """One socket's connections to some peers' endpoints, kept in step peer by peer: `update`
     is told of the peers whose target (endpoint and CURVE key) may have changed, and
     connects or disconnects only what their change asks (see `reconnect`; ``linger_ms`` as
-    there). An endpoint two peers announce (a node restarted at its ghost's port) is the
-    newest one's: its key.
+    there). An endpoint two peers announce (a node restarted at its ghost's port) is
+    connected with the key of the one that came to it last: the caller tells of the peers
+    in the order they joined (`Directory.in_joined_order`).
 
     ``reached``: peer id -> its endpoint and key, as last told (connected, or `unreached`);
     ``connected``: endpoint -> the key it is connected with; ``unreached``: the ids whose

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import NamedTuple, TypeVar
 
 from .._membership.peer import PeerState
@@ -352,6 +353,15 @@ class Directory:
     def peer_state(self, node_id: str) -> PeerState | None:
         """The ready peer ``node_id`` as of the last rebuild (the loop's own record), or None."""
         return self._peers.get(node_id)
+
+    def in_joined_order(self, ids: AbstractSet[str]) -> list[str]:
+        """``ids`` in the order their peers joined: those not in the table first (gone, or
+        this node), then the present ones as the table lists them, the newest last (a node
+        restarted at its ghost's endpoint comes after the ghost)."""
+        if len(ids) < 2:
+            return list(ids)
+        peers = self._peers
+        return [*(i for i in ids if i not in peers), *(i for i in peers if i in ids)]
 
     def peer_count(self) -> int:
         """How many peers are present."""

@@ -354,12 +354,10 @@ class Pusher:
         else:
             look = (connections.reached.keys() ^ now) | (changed & now)
         self._synced[queue] = pullers
-        told = look | connections.unreached
-        # (told in the order they came to pull it, as the table lists them: an endpoint two
-        # announce, a restarted node's and its ghost's, is the newest one's, with its key)
-        in_order = told if len(told) < 2 else [*(i for i in told if i not in now), *(i for i in pullers if i in told)]
-        endpoint_of = self.directory.endpoint_of
-        connections.update({i: endpoint_of(i, "pull") if i in now else None for i in in_order})
+        directory = self.directory
+        endpoint_of = directory.endpoint_of
+        connections.update({i: endpoint_of(i, "pull") if i in now else None
+                            for i in directory.in_joined_order(look | connections.unreached)})
 
     def _drain_ms(self, endpoint: str) -> int:
         """How long a connection to ``endpoint`` that this node lets go sends on what ZeroMQ

@@ -109,30 +109,30 @@ class AsyncRunner:
         assert isinstance(requester, LoopRequester), "the node is not started"
         tally = requester.tally
         provider, sent = calling.choose(body, tally)
-        if not sent:  # (the quick way ended before the request went)
-            return await self.run(QuickRequest(calling, body, deadline, started, provider, sent))
-        assert provider is not None
-        future: asyncio.Future[tuple[bytes, bytes]]
-        if provider.id in requester.outstanding.busy_with:  # (`Outstanding.busy`, asked without a call)
-            future = requester.gather(provider, calling, body, deadline)
-        else:
+        reply: tuple[bytes, bytes] | None = None
+        error: Exception | None = None
+        if sent:  # (else the quick way ended before the request went)
+            assert provider is not None
+            future: asyncio.Future[tuple[bytes, bytes]]
+            if provider.id in requester.outstanding.busy_with:  # (`Outstanding.busy`, asked without a call)
+                future = requester.gather(provider, calling, body, deadline)
+            else:
+                try:
+                    future = requester.exchange(calling.exchange(provider, body, deadline))
+                except Exception as exc:
+                    future = self.engine.loop.create_future()
+                    future.set_exception(exc)
             try:
-                future = requester.exchange(calling.exchange(provider, body, deadline))
+                reply = await future
+            except asyncio.CancelledError:
+                requester.abandon(future)
+                raise
             except Exception as exc:
-                future = self.engine.loop.create_future()
-                future.set_exception(exc)
-        try:
-            reply = await future
-        except asyncio.CancelledError:
-            requester.abandon(future)
-            raise
-        except Exception as exc:
-            error = exc  # (the plan goes on outside this handler: what it raises is not chained to this)
-        else:
-            if reply[0] == wire.STATUS_OK:  # (`QuickRequest.advance`'s way for the common reply, spared its call)
-                return calling.result(reply[1], tally, started)
-            return await self.run(QuickRequest(calling, body, deadline, started, provider, sent), value=reply)
-        return await self.run(QuickRequest(calling, body, deadline, started, provider, sent), error=error)
+                error = exc  # (the plan goes on outside this handler: what it raises is not chained to this)
+            else:
+                if reply[0] == wire.STATUS_OK:  # (`QuickRequest.advance`'s way for the common reply, spared its call)
+                    return calling.result(reply[1], tally, started)
+        return await self.run(QuickRequest(calling, body, deadline, started, provider, sent), value=reply, error=error)
 
     async def run_many(self, calls: ItemCalls, window: int) -> list[Any]:
         """Carry out ``calls`` (made as there is room: `ItemCalls.take`) with at most ``window``
