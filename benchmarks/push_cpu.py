@@ -4,7 +4,9 @@ A pusher `Node` sends ``--n`` messages of 64 bare bytes with ``push_many(QUEUE, 
 in a loop to a puller `Node` in another process, whose ``@pull`` ``def`` handler (in
 memory, not zero_copy) counts them: the figure ``push_many_bare`` of ``bench.py``. With
 ``--size`` (64 KiB or more: ``push_64k`` and ``push_1m``), one ``push`` per message of that
-many random bytes, pulled ``zero_copy=True``.
+many random bytes, pulled ``zero_copy=True``. With ``--each bare`` or ``--each dict``, one
+``push`` per message of the 64 bare bytes or of bench.py's small dict (``{"id": i,
+"payload": 45 x}``, msgpack), pulled in memory: bench.py's ``push_bare`` and ``push``.
 Reported per round: every thread's CPU per message (``/proc/<pid>/task/<tid>/schedstat``,
 in ns) of both processes, by thread name, from the first measured message to the last
 one handled; with ``--callgrind pusher|puller``, that process runs under ``valgrind
@@ -53,6 +55,7 @@ from _cpu_harness import (
 QUEUE = "jobs"
 BARE = b"x" * 64
 BATCH = 256
+PAYLOAD = "x" * 45  # (as bench.py's: {"id": i, "payload": PAYLOAD} packs to 62-64 bytes)
 
 
 
@@ -161,7 +164,7 @@ def raw_pusher(endpoint: str, warm: int, n: int, size: int) -> None:
     ctx.term()
 
 
-def pusher(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
+def pusher(beacon_port: int, mesh: str, warm: int, n: int, size: int, each: str) -> None:
     """Says ``ready <pid>``; pushes ``warm`` messages, says ``warm <threads>``; on a line,
     pushes ``n`` more and says ``sent``; leaves when stdin closes."""
     import zmqmesh
@@ -172,6 +175,15 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, size: int) -> None:
         if size:
             for _ in range(count):
                 node.push(QUEUE, blob)
+            return
+        push = node.push  # (as bench.py's zm_push calls it)
+        if each == "bare":
+            for _ in range(count):
+                push(QUEUE, BARE)
+            return
+        if each == "dict":
+            for i in range(count):
+                push(QUEUE, {"id": i, "payload": PAYLOAD})
             return
         for start in range(0, count, BATCH):
             node.push_many(QUEUE, [BARE] * (min(start + BATCH, count) - start))
@@ -228,7 +240,7 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
             procs[role] = subprocess.Popen(
                 [*prefix, sys.executable, me, "--role", ("raw_" if args.raw else "") + role,
                  "--beacon-port", str(beacon_port), "--mesh", mesh, "--endpoint", endpoint,
-                 "--n", str(args.n), "--warm", str(args.warm), "--size", str(args.size)],
+                 "--n", str(args.n), "--warm", str(args.warm), "--size", str(args.size), "--each", args.each],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 stderr=subprocess.DEVNULL if args.callgrind == role else None)
             ready = expect(procs[role], "ready")
@@ -317,11 +329,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--size", type=int, default=0,
                         help="bytes a message, one push each, pulled zero_copy (default: push_many of 64 bare bytes)")
+    parser.add_argument("--each", choices=["", "bare", "dict"], default="",
+                        help="one push per message of 64 bare bytes or of a small dict (default: push_many; "
+                        "not with --raw, whose pusher sends 64 bare bytes one send each)")
     parser.add_argument("--callgrind", choices=["pusher", "puller"], default=None)
     parser.add_argument("--keep", action="store_true", help="keep callgrind's dumps (their directory is printed)")
     args = parser.parse_args()
     if args.role == "pusher":
-        pusher(args.beacon_port, args.mesh, args.warm, args.n, args.size)
+        pusher(args.beacon_port, args.mesh, args.warm, args.n, args.size, args.each)
     elif args.role == "puller":
         puller(args.beacon_port, args.mesh, args.warm, args.n, args.size)
     elif args.role == "raw_pusher":
