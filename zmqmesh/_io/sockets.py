@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import zmq
+
+from .._stats import LogThrottle
 
 __all__ = ["MAX_LINGER_MS", "new_socket", "has_input", "input_probe", "with_input", "can_send", "recv_frames", "recv_routed",
            "send_frames", "send_tracked",
@@ -268,6 +270,26 @@ class PeerConnections:
         self.reached: dict[str, tuple[str, str | None]] = {}
         self.unreached: set[str] = set()
         self._users: dict[str, dict[str, None]] = {}  # endpoint -> the ids of `reached` there, as they came
+        self._failed_log = LogThrottle(10.0)  # (`update_from`: peers whose target could not be worked out)
+
+    def update_from(self, ids: Iterable[str], target_of: Callable[[str], tuple[str, str | None] | None]) -> None:
+        """`update` with the peers ``ids`` (in the order they joined), each at its target
+        ``target_of(id)``. A peer whose target cannot be worked out (``target_of`` raised: a
+        bug, logged at most every 10 s) stays as it was and is counted `unreached`, told of
+        again at the next update; the others are connected meanwhile."""
+        targets: dict[str, tuple[str, str | None] | None] = {}
+        failed: list[str] = []
+        for node_id in ids:
+            try:
+                targets[node_id] = target_of(node_id)
+            except Exception:
+                failed.append(node_id)
+                said = self._failed_log.due()
+                if said:
+                    log.error("cannot work out where to connect peer %s (%d such since the last line): left as it "
+                              "was, tried again at the next change", node_id[:8], said, exc_info=True)
+        self.update(targets)
+        self.unreached.update(failed)
 
     def update(self, targets: Mapping[str, tuple[str, str | None] | None]) -> None:
         """Connect to each peer of ``targets`` (id -> its endpoint and key now, None: not to be

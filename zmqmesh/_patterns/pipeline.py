@@ -356,8 +356,8 @@ class Pusher:
         self._synced[queue] = pullers
         directory = self.directory
         endpoint_of = directory.endpoint_of
-        connections.update({i: endpoint_of(i, "pull") if i in now else None
-                            for i in directory.in_joined_order(look | connections.unreached)})
+        connections.update_from(directory.in_joined_order(look | connections.unreached),
+                                lambda i: endpoint_of(i, "pull") if i in now else None)
 
     def _drain_ms(self, endpoint: str) -> int:
         """How long a connection to ``endpoint`` that this node lets go sends on what ZeroMQ

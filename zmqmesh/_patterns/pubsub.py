@@ -222,7 +222,7 @@ class Publisher:
             look = set().union(directory.subscribers, directory.unannounced, reached, unreached)
         else:
             look = unreached.union(changed)
-        self._subscribers.update({node_id: self._target(node_id) for node_id in directory.in_joined_order(look)})
+        self._subscribers.update_from(directory.in_joined_order(look), self._target)
 
     def _target(self, node_id: str) -> tuple[str, str | None] | None:
         """The SUB endpoint (and CURVE key) of the peer ``node_id`` if this node's XPUB is to
