@@ -565,6 +565,56 @@ def test_an_at_least_once_puller_withdrawing_leaves_its_plain_queue_group_first(
     assert ours == ["zmqmesh/queue/jobs", "zmqmesh/ackqueue/jobs"], left
 
 
+@pytest.mark.timeout(60)
+def test_a_timed_puller_announces_its_ack_timeout_before_its_queue_and_withdraws_it_after(mesh: dict[str, Any]) -> None:
+    """A puller with ``ack_timeout_s`` announces it in a group of its own, beside the queue's
+    at-least-once and plain groups. It joined the at-least-once group first: a pusher that
+    saw the joins apart took it, between them, for a puller with no timeout, and a batch it
+    dealt it then had none once the puller left the timeout's group (unpulling, its handler
+    stuck): it stayed with it (test_what_a_stuck_puller_held_is_dealt_again_after_it_unpulls,
+    2 runs of 40). The timeout's group is joined first and left last, and the pusher never
+    sees the puller pull the queue without its timeout."""
+    joined: list[str] = []
+    left: list[str] = []
+    seen: list[float | None] = []  # the puller's timeout, each time the pusher's tables list it as a puller
+    with zmqmesh.Node("pusher", **mesh) as pusher, zmqmesh.Node("puller", **mesh) as puller:
+        pusher.wait_for_peers(1, timeout=10)
+        puller.wait_for_peers(1, timeout=10)
+        membership = puller._engine.membership
+        join, leave = membership.join, membership.leave
+
+        def recorded_join(group: str) -> None:  # (the real join and leave, their order written down)
+            joined.append(group)
+            join(group)
+
+        def recorded_leave(group: str) -> None:
+            left.append(group)
+            leave(group)
+
+        directory = pusher._engine.directory
+        update = directory.update
+
+        def watched_update(*args: Any, **kwargs: Any) -> Any:  # (the real update, what it left looked at)
+            unread = update(*args, **kwargs)
+            if puller.id in directory.providers("ackqueues", "jobs"):
+                seen.append(directory.ack_timeout_s("jobs", puller.id))
+            return unread
+
+        membership.join, membership.leave = recorded_join, recorded_leave
+        directory.update = watched_update
+        puller.pull("jobs", lambda msg: None, at_least_once=True, ack_timeout_s=0.3)
+        pusher.wait_for_pullers("jobs", timeout=10)
+        assert directory.ack_timeout_s("jobs", puller.id) == 0.3
+        assert puller.unpull("jobs")
+        wait_until(lambda: not directory.providers("queues", "jobs") and not directory.offers["acktimeouts"], 10,
+                   "the pusher to see the puller leave the queue's groups")
+    assert [group for group in joined if group.endswith("/jobs")] == \
+        ["zmqmesh/ackto/300/jobs", "zmqmesh/ackqueue/jobs", "zmqmesh/queue/jobs"]
+    assert [group for group in left if group.endswith("/jobs")] == \
+        ["zmqmesh/queue/jobs", "zmqmesh/ackqueue/jobs", "zmqmesh/ackto/300/jobs"]
+    assert seen and set(seen) == {0.3}, seen
+
+
 class _WatchedRegistry(Registry):
     """The real registry, writing down what it offers each time a table of handlers is
     replaced (what the loop, reading it from its own thread, may find at that moment)."""
@@ -603,7 +653,9 @@ def test_what_a_stuck_puller_held_is_dealt_again_after_it_unpulls(mesh: dict[str
     in the mesh: it leaves the queue's ack-timeout group with its others, and the pusher,
     finding no timeout for it any longer, never timed out what it held (the stuck message
     did not reach the other puller within 8 s in 4 runs of 4, while it did in 2.4-4.8 s
-    without the unpull). A batch keeps the timeout under which it was dealt."""
+    without the unpull). A batch keeps the timeout under which it was dealt. (It failed 2 runs
+    in 40 while a pusher could see a puller pull before it saw its timeout, and deal it a
+    batch without one: test_a_timed_puller_announces_its_ack_timeout_before_its_queue_and_withdraws_it_after.)"""
     release = threading.Event()
     stuck: list[int] = []
     elsewhere: list[int] = []

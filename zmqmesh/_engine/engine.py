@@ -188,14 +188,37 @@ def _curve_keys(cfg: NodeConfig) -> tuple[KeyPair | None, frozenset[str]]:
     return keys, allowed
 
 
+_ANNOUNCED_FIRST = (OFFER_PREFIXES["acktimeouts"], OFFER_PREFIXES["ackqueues"])
+"""The groups a node joins before its others, in this order, and leaves after them, in the
+reverse order (`_in_joining_order`, `_in_leaving_order`)."""
+
+
+def _announcing_rank(group: str) -> int:
+    """Where ``group`` comes among a node's joins: its place in `_ANNOUNCED_FIRST`, or after them."""
+    for rank, prefix in enumerate(_ANNOUNCED_FIRST):
+        if group.startswith(prefix):
+            return rank
+    return len(_ANNOUNCED_FIRST)
+
+
+def _in_joining_order(groups: Iterable[str]) -> list[str]:
+    """``groups`` in the order to join them: the queues' ack timeouts first, then their
+    at-least-once groups, then the others (a queue's plain group among them);
+    `_in_leaving_order` is the reverse. A peer applies a node's JOINs and LEAVEs as they
+    come, so it sees a puller as announced so far: in a queue's plain group alone, it took
+    it for a plain puller (the at-least-once group left first, a stopping puller was pushed
+    plainly what waited to be dealt at-least-once: 1000 of 2000 messages lost, in 2 stops
+    of 10); in the at-least-once group without its timeout, for a puller with none (the
+    timeout joined after it, a pusher dealt batches without one in between, which, the
+    puller unpulling while its handler was stuck, never timed out: the stuck message stayed
+    with the puller, 2 runs in 40 of a test)."""
+    return sorted(groups, key=lambda group: (_announcing_rank(group), group))
+
+
 def _in_leaving_order(groups: Iterable[str]) -> list[str]:
-    """``groups`` in the order to leave them: an at-least-once queue's group after the
-    others. A peer takes a node in the queue's plain group alone for a plain puller: left
-    first, the at-least-once group let a pusher seeing the two leaves apart push that node
-    plainly what waited to be dealt at-least-once, lost when it stopped (1000 of 2000
-    messages, in 2 stops of 10)."""
-    ackqueue = OFFER_PREFIXES["ackqueues"]
-    return sorted(groups, key=lambda group: (group.startswith(ackqueue), group))
+    """``groups`` in the order to leave them: the reverse of `_in_joining_order` (a queue's
+    plain group, then its at-least-once group, then its ack timeout)."""
+    return sorted(groups, key=lambda group: (-_announcing_rank(group), group))
 
 
 class Engine:
@@ -882,7 +905,7 @@ class Engine:
         current = set(self.membership.groups)
         for group in _in_leaving_order(current - wanted):
             self.membership.leave(group)
-        for group in sorted(wanted - current):
+        for group in _in_joining_order(wanted - current):
             self.membership.join(group)
         self.inbox.registry_changed()
         self._rebuild()
