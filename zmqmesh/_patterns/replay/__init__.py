@@ -21,10 +21,14 @@ the history no longer holds is reported on the next message (``msg.gap``) and co
 (numbered after its publisher forgot topics: see `_patterns.history`) is no gap: its
 first live frame says where its numbering began if it has a meta frame (``"s"``), or
 else a page of the history does (``"start"``). A cursor that began mid-stream
-(``replay`` in seconds) follows every topic from its start once it read the history
-through, each where the read found it (`Replays._read_through`; a durable subscription
-records where, to resume there: `DurablePlaces.begun_at`): a topic begun later is no
-exception. A gap shows only with a next frame, so once a
+(``replay`` in seconds, or a durable subscription's first start with ``replay="new"``)
+reads from where it began, every read until one read the history through (`Cursor.request`:
+that many seconds ago, or, for ``"new"``, the position its publisher answered the replay
+marker with, `Cursor.live_from`, and before the answer the time the cursor was made), and
+from then on follows every topic from its start, each where the read found it, or from its
+first live frame held if before (`Replays._read_through`, `Cursor.met_at`; a durable
+subscription records where, to resume there: `DurablePlaces.begun_at`): a topic begun
+later is no exception. A gap shows only with a next frame, so once a
 publisher has been quiet for `QUIET_LOOK_S`, the subscription asks it for the numbers
 its topics have reached (a page of no rows) and catches up if it is behind: a last frame
 dropped at a high-water mark is not missed for good. A read of the history that fails is tried again

@@ -79,9 +79,10 @@ class Cursor:
                  "held_count", "held_bytes", "held_topics", "live_pos", "left_to_live", "upto", "from_start", "kept_next",
                  "live_seen", "tail_looks", "away", "awaits_marker", "failures", "failing_since",
                  "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part", "map_chars",
-                 "refused_by")
+                 "refused_by", "since")
 
-    def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool) -> None:
+    def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool,
+                 since: float | None = None) -> None:
         self.stream = stream
         self.node_id = node_id
         self.earlier: tuple[str, ...] = ()  # the nodes it followed before, the last few (`Replays._stream_left`)
@@ -122,6 +123,9 @@ class Cursor:
         # the node whose numbers came in more pieces than a read takes (`NumbersTooMany`): its
         # history is not read again (`history_refused`); a restarted publisher's is
         self.refused_by: str | None = None
+        # a cursor that began mid-stream: the time (epoch seconds, read against its publisher's
+        # timestamps) from which its reads go until it read the history through (`request`)
+        self.since = since
 
     def follow(self, node_id: str) -> None:
         """Follow the stream as the node ``node_id`` publishes it (a restarted publisher has
@@ -161,9 +165,39 @@ class Cursor:
         frame comes live after it, and every frame sent since the subscription reached the
         publisher came before it (held: `hold`). So a row from there on, of a topic of
         which no frame is held, comes live (`live_pos`); one before it, of a topic of which
-        no frame is held, was published before the subscription reached the publisher."""
+        no frame is held, was published before the subscription reached the publisher.
+        A cursor that begins where its subscription did (a durable subscription's first
+        start with ``replay="new"``) reads from there on (`pos`), no longer from the time it
+        was made (`since`): what its publisher kept before was published before it."""
         if self.live_pos is None or position - 1 < self.live_pos:
             self.live_pos = position - 1
+        if not self.from_start and self.options.replay == "new":
+            self.pos, self.since = max(self.pos, position - 1), None
+
+    def request(self, prefix: str, numbers_only: bool = False) -> dict[str, Any]:
+        """The request for a page of the history under ``prefix`` from the cursor's position
+        (``next`` in pieces from the first topic: `map_piece`); ``numbers_only``, a look at
+        the numbers alone (``"n": 0``). A cursor that began mid-stream reads from the time
+        it began (`since`: ``replay`` in seconds, or the making of a durable subscription's
+        first start with ``replay="new"`` until its marker is answered) until it read the
+        history through (`from_start`), every read, not the first alone: a read after one
+        that failed went from the start of the history, and delivered what was older."""
+        request: dict[str, Any] = {"p": prefix, "a": self.pos, "t": ""}
+        if numbers_only:
+            request["n"] = 0  # (a publisher before this field sends a whole page: read as such)
+        if self.since is not None and not self.from_start:
+            request["s"] = self.since
+        return request
+
+    def met_at(self, topic: str, number: int) -> int:
+        """The number from which a cursor that began mid-stream (not `from_start`) follows
+        ``topic``, which it has no number for, met at ``number`` (its first row of a read,
+        or the number the read found it at): there, or at its first live frame held, if
+        that is before (it came live: published after the subscription reached the
+        publisher, if before the first row the read took, by the time its reads go from:
+        `since`, `live_from`)."""
+        held = self.held_topics.get(topic)
+        return min(number, held[0].seq) if held else number
 
     def take_held(self, more: bool = True) -> deque[HeldFrame] | None:
         """The live frames held (None: more came than could be), and hold afresh from none;

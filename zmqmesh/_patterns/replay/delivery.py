@@ -60,14 +60,14 @@ class Delivery:
         cursor.pos = max(cursor.pos, pos)
         expected = cursor.next.get(topic)
         if expected is None:
-            expected = 0 if cursor.from_start else seq
+            expected = 0 if cursor.from_start else cursor.met_at(topic, seq)
         held = cursor.held_topics.get(topic)
         if held and seq + count > held[0].seq and (cursor.live_pos is None or pos < cursor.live_pos):
             cursor.live_pos = pos  # (it holds a message that came live)
         if seq + count <= expected:
             return  # replayed already
         if expected < seq and held:
-            expected = self._fill_from_held(key, options, cursor, topic, seq, pos, calls)
+            expected = self._fill_from_held(key, options, cursor, topic, seq, pos, expected, calls)
             if expected < 0:
                 return  # (left to the live frames)
             if seq + count <= expected:
@@ -91,7 +91,7 @@ class Delivery:
         self.frame(key, options, cursor, topic, seq, items, origin, cursor.node_id, missed, int(pos), calls)
 
     def _fill_from_held(self, key: Key, options: SubscribeOptions, cursor: Cursor, topic: str, seq: int, pos: int,
-                        calls: list[Call]) -> int:
+                        expected: int, calls: list[Call]) -> int:
         """A page's row of ``topic`` numbered from ``seq``, past the number the cursor
         expects: the history dropped what lies between since (it keeps a few), but what of
         it came live is held. Those held frames go first (their messages delivered now,
@@ -100,8 +100,7 @@ class Delivery:
         end before ``seq``, those after them were sent live after them and are coming (still
         in the socket: the page came first); the row is left to them (-1), and the
         position before it is read again by a later catch-up (`left_to_live`), in case they
-        never came. Otherwise the number now expected."""
-        expected = cursor.next.get(topic, 0)
+        never came. Otherwise the number now expected (``expected``: before them)."""
         frames = cursor.held_topics[topic]  # (in the order they came: by number)
         last = frames[-1]
         if last.seq + len(last.items) > expected:  # (some not delivered yet: from the one holding the number expected)

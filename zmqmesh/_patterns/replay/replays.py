@@ -154,7 +154,7 @@ class Replays:
                 continue
             if not numbers_only:
                 cursor.tail_looks += 1
-            self._catch_up(place[0], cursor.options, cursor, numbers_only=numbers_only)
+            self._catch_up(place[0], cursor, numbers_only=numbers_only)
         for place, fetch in self.rereads.retries_due(now):
             cursor = self._waiting_on(fetch)
             if cursor is None or not self._still_made(place[0], cursor):
@@ -280,7 +280,7 @@ class Replays:
         self._record_from_start(cursor, cursor.upto)
         self._follow_run(cursor, run)
         self.flush()
-        self._catch_up(key, cursor.options, cursor)
+        self._catch_up(key, cursor)
 
     # -- live frames ------------------------------------------------------------------------
 
@@ -343,7 +343,7 @@ class Replays:
                         # its numbers may have gone back under the run followed (a store put back from
                         # a copy taken while it ran): asked where it is now (`Cursor.ahead`), not once it is
                         # quiet, which a busy publisher never is
-                        self._catch_up(key, options, cursor, numbers_only=True)
+                        self._catch_up(key, cursor, numbers_only=True)
                     continue
             # the publisher keeps no history of it (or too many streams are followed): plain delivery
             for index, data in enumerate(items):
@@ -429,7 +429,7 @@ class Replays:
                 # (a read already on its way when the frame came may have been served before the
                 # frame was kept: the one asked for now is after it)
                 cursor.hold(HeldFrame(*frame[:-1], read_since=True), self._said_position(frame.meta))
-                self._catch_up(key, options, cursor)
+                self._catch_up(key, cursor)
                 return
             missed = frame.seq - (expected or 0)
         self.delivery.frame(key, options, cursor, frame.topic, frame.seq, frame.items, frame.origin, frame.sender_id,
@@ -440,7 +440,7 @@ class Replays:
             # frame ask: `_forget_topics` sets it from what is kept)
             cursor.plan_tidy()
             cursor.tidying = True
-            self._catch_up(key, options, cursor, numbers_only=True)
+            self._catch_up(key, cursor, numbers_only=True)
 
     def _unkept(self, cursor: Cursor, frame: HeldFrame) -> None:
         """Drop a live frame numbered past what its publisher's history reached, as read
@@ -509,7 +509,10 @@ class Replays:
             stored = places.stored(name, stream)
             # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
             resumed = bool(stored) or places.known(name, stream)
-        cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or resumed)
+        since = None  # (a first start that begins mid-stream: from that many seconds ago, or from now)
+        if not resumed and options.replay != "all":
+            since = time.time() - (0.0 if options.replay == "new" else float(options.replay))
+        cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or resumed, since=since)
         cursor.kept = self.directory.streams.get(node_id, (stream, ()))[1]
         self.cursors[(key, stream)] = cursor
         if stored:
@@ -522,9 +525,7 @@ class Replays:
             cursor.run = places.run(name, stream)
         self._check_run(key, cursor, node_id, calls)
         mark = self._marks.pop((key, node_id), None)
-        if resumed or options.replay != "new":
-            self._catch_up(key, options, cursor, first=not resumed,
-                           marked=mark[1] if mark is not None and mark[0] is options else -1)
+        self._catch_up(key, cursor, marked=mark[1] if mark is not None and mark[0] is options else -1)
         return cursor
 
     def _make_room(self) -> bool:
@@ -545,26 +546,21 @@ class Replays:
         """The streams of the publishers present now."""
         return {stream for stream, _prefixes in self.directory.streams.values()}
 
-    def _catch_up(self, key: Key, options: SubscribeOptions, cursor: Cursor, first: bool = False,
-                  numbers_only: bool = False, marked: int | None = None) -> None:
+    def _catch_up(self, key: Key, cursor: Cursor, numbers_only: bool = False,
+                  marked: int | None = None) -> None:
         """Begin a catch-up: read the cursor's publisher's history from the cursor's
-        position. ``marked``, for the first catch-up of a new cursor: the position its
-        publisher answered the subscription's replay marker with (`Cursor.live_from`), or
-        -1 if it has not yet; then, from a publisher that answers markers, the read waits
-        for it, up to `MARKER_WAIT_S` (`marked`)."""
+        position (`Cursor.request`). ``marked``, for the first catch-up of a new cursor: the
+        position its publisher answered the subscription's replay marker with
+        (`Cursor.live_from`), or -1 if it has not yet; then, from a publisher that answers
+        markers, the read waits for it, up to `MARKER_WAIT_S` (`marked`)."""
         if cursor.catching_up or cursor.history_refused():
             return
         cursor.catching_up = True
         cursor.forget_map()
-        request: dict[str, Any] = {"p": key[0], "a": cursor.pos, "t": ""}  # (``next`` in pieces: `Cursor.map_piece`)
-        if numbers_only:
-            request["n"] = 0  # (a publisher before this field sends a whole page: read as such)
-        if first and not isinstance(options.replay, str):  # replay the last N seconds
-            request["s"] = time.time() - float(options.replay)
-        fetch = Fetch(cursor.node_id, key, cursor.stream, request)
         if marked is not None and marked >= 0:
-            cursor.live_from(marked)
-        elif marked is not None and self.directory.speaks(cursor.node_id, MARKER_PROTOCOL):
+            cursor.live_from(marked)  # (before the request: it may say where the read goes from)
+        fetch = Fetch(cursor.node_id, key, cursor.stream, cursor.request(key[0], numbers_only))
+        if marked is not None and marked < 0 and self.directory.speaks(cursor.node_id, MARKER_PROTOCOL):
             cursor.reading, cursor.awaits_marker = fetch, True  # (read at the answer, or at the deadline: `look_again`)
             self.rereads.retry_at((key, cursor.stream), time.monotonic() + MARKER_WAIT_S, fetch)
             return
@@ -611,7 +607,8 @@ class Replays:
             return
         cursor.awaits_marker = False
         cursor.live_from(position)
-        self._read(cursor, Fetch(*fetch))  # (a new read: the one planned at the deadline is stale)
+        # (a new read, from where the answer says, if it does: the one planned at the deadline is stale)
+        self._read(cursor, Fetch(fetch.node_id, fetch.key, fetch.stream, cursor.request(fetch.key[0])))
 
     def wanted(self, fetch: Fetch) -> bool:
         """Whether a cursor still waits on the page of ``fetch`` (any thread: a driver asks
@@ -718,7 +715,7 @@ class Replays:
         cursor.forget_map()
         if self._record_from_start(cursor, {topic: nxt - 1 for topic, nxt in ahead.items()}):
             self.flush()
-        self._read(cursor, Fetch(cursor.node_id, key, cursor.stream, {"p": key[0], "a": 0, "t": ""}))
+        self._read(cursor, Fetch(cursor.node_id, key, cursor.stream, cursor.request(key[0])))
 
     def _record_from_start(self, cursor: Cursor, uptos: dict[str, int]) -> bool:
         """For a durable subscription (True; False for another), record that it reads the
@@ -808,8 +805,7 @@ class Replays:
             more = more or (fetch.request.get("n") == 0 and not cursor.tidying
                             and cursor.behind(page.get("next") or {}))
         if more:
-            request = {"p": fetch.key[0], "a": cursor.pos, "t": ""}
-            self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, request))
+            self._read(cursor, Fetch(cursor.node_id, fetch.key, cursor.stream, cursor.request(fetch.key[0])))
             return
         if cursor.tidying:  # (a look at the numbers once the publisher is quiet, as ever: `QUIET_LOOK_S`)
             cursor.tidying = False
@@ -822,7 +818,7 @@ class Replays:
         held = cursor.take_held()
         if held is None:  # more came live than could be held: fetch them too
             if error is None:
-                self._catch_up(fetch.key, cursor.options, cursor)
+                self._catch_up(fetch.key, cursor)
             return
         while held:
             self._take(fetch.key, cursor.options, cursor, held.popleft(), calls, settled=True, final=error is not None)
@@ -831,12 +827,15 @@ class Replays:
 
     def _read_through(self, cursor: Cursor, request: dict[str, Any], reached: Any) -> None:
         """A cursor that began mid-stream (``replay`` in seconds, or a durable subscription's
-        first start without ``"all"``) has read its publisher's history through, up to
+        first start without ``"all"``: its reads went from where it began, `Cursor.request`)
+        has read its publisher's history through, up to
         ``reached`` (the page's ``next``: the number every topic had reached), by the read
         ``request``: from now on it follows every topic from its start (`Cursor.from_start`).
         A topic it got no row of is expected where the read found it (what came before was
-        older than it replays); one begun since, or missing from the numbers, is expected
-        from its start, so a live frame numbered past it is a jump the history fills.
+        older than it replays), or from its first live frame held, if before (`Cursor.met_at`:
+        it came live, published after the subscription reached the publisher); one begun
+        since, or missing from the numbers, is expected from its start, so a live frame
+        numbered past it is a jump the history fills.
         (Before, such a frame was taken for where the topic began: what was published of it
         after the read and before the live subscription reached the publisher, or dropped
         at a high-water mark, was neither delivered nor reported.) A durable subscription
@@ -856,7 +855,7 @@ class Replays:
         if type(reached) is not dict or request.get("n") == 0:
             return
         prefix = request["p"]  # (a topic outside it, or no str, is a stranger's word: not kept as a place)
-        begun = {topic: number for topic, number in reached.items()
+        begun = {topic: cursor.met_at(topic, number) for topic, number in reached.items()
                  if type(topic) is str and topic.startswith(prefix) and topic not in cursor.next and storable(number)}
         cursor.next.update(begun)
         cursor.from_start = True
