@@ -30,8 +30,8 @@ names a dead-letter queue when it used up its deliveries, and the message moves 
 from __future__ import annotations
 
 import logging
-import operator
 import threading
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from itertools import chain, compress, repeat
@@ -93,17 +93,22 @@ def handled_by_segment(items: list[Any], failed: Container[int], stored: bool = 
     (``stored``: ``items`` are known to be all durable, `StoredMessage`: not looked at)."""
     if not failed and items and (stored or set(map(type, items)) == {StoredMessage}):
         segments = list(map(segment_of, items))
+        n = len(segments)
+        # the runs of one segment each, as a batch dealt in order holds them (its segments
+        # ascending): found by bisection, not by hashing each message's segment, then checked
+        # (whatever the order): each run holds its segment's messages only, and all of them
+        starts = [0]
+        while starts[-1] < n and len(starts) <= _FEW_SEGMENTS:
+            starts.append(bisect_right(segments, segments[starts[-1]], starts[-1]))
+        if starts[-1] == n and all(segments[start:end].count(segments[start]) == end - start
+                                   == segments.count(segments[start]) for start, end in zip(starts, starts[1:])):
+            seqs = list(map(seq_of, items))
+            if len(starts) == 2:
+                return {segments[0]: seqs}
+            return {segments[start]: seqs[start:end] for start, end in zip(starts, starts[1:])}
         distinct = dict.fromkeys(segments)
         if len(distinct) <= _FEW_SEGMENTS:
             seqs = list(map(seq_of, items))
-            if len(distinct) == 1:
-                return {segments[0]: seqs}
-            # where each segment's messages begin; each in one run of its own (as dealt in order)
-            # when a segment's count is the distance to the next one's beginning: counted from the
-            # last segment back, none has a message outside its run then
-            starts = [*map(segments.index, distinct), len(segments)]
-            if list(map(segments.count, distinct)) == list(map(operator.sub, starts[1:], starts)):
-                return {segment: seqs[start:end] for segment, start, end in zip(distinct, starts, starts[1:])}
             return {segment: list(compress(seqs, map(segment.__eq__, segments))) for segment in distinct}
     handled: dict[int, list[int]] = {}
     for i, item in enumerate(items):
