@@ -1083,7 +1083,7 @@ def _stored(seq: int, segment: int, body: bytes, attempts: int = 0, recovered: b
     from zmqmesh._store.messages import stored_messages
 
     message = stored_messages("q", seq, [segment], [f"id-{seq}"], [1000.5], [None], [body], [attempts], [False],
-                              msgpack.Packer().pack)[0]
+                              msgpack.Packer().pack)[0][0]
     if recovered:
         message = message.as_recovered()
     return message._replace(wire=message.wire if wire else None)

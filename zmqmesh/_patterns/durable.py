@@ -139,12 +139,15 @@ class Ticket:
         return cls(queue, Entries.of_call(ids, stamp, headers, bodies))
 
 
-def held_halves(messages: list[StoredMessage]) -> list[int]:
+def held_halves(messages: list[StoredMessage], wire_sizes: list[int] | None = None) -> list[int]:
     """Half of what each of ``messages`` costs held in memory past `_HELD_OVERHEAD` (its
     tuple, id, numbers), about (`held_bytes` adds them up): the length of its wire form,
     which holds its payload and headers a second time; for one without a wire form, half
     its payload and headers, rounded up. As they are committed and read back, each has a
-    wire form: then no Python step per message."""
+    wire form: then no Python step per message, and no look at any with ``wire_sizes``,
+    the lengths of those forms as `stored_messages` made them."""
+    if wire_sizes is not None:
+        return wire_sizes
     wires = list(map(wire_of, messages))
     if all(wires):  # (a wire form is never empty: `all` finds a missing one)
         return list(map(len, wires))
@@ -546,8 +549,8 @@ class DurableQueues:
                 queue.overflow = True  # (the loop reads them back as the buffer empties, once pulled)
                 spilled += len(entries)
                 continue
-            stored = self._held(name, entries, parts)
-            halves = held_halves(stored)
+            stored, wire_sizes = self._held(name, entries, parts)
+            halves = held_halves(stored, wire_sizes)
             size = held_bytes(halves)
             if buffer.held_at_most + size > BUFFER_BYTES or self.held.at_most + size > self.max_buffered_bytes:
                 queue.overflow = True  # (past its own bound, or what every buffer may hold together)
@@ -561,10 +564,12 @@ class DurableQueues:
         if spilled:
             self.stats.add("pipeline", "durable_spilled", spilled)
 
-    def _held(self, name: str, entries: Entries, parts: list[tuple[int, int]]) -> list[StoredMessage]:
+    def _held(self, name: str, entries: Entries, parts: list[tuple[int, int]],
+              ) -> tuple[list[StoredMessage], list[int] | None]:
         """The messages ``entries`` of queue ``name``, just stored as the segments ``parts``,
-        as the buffer holds them: with their wire form made here, off the loop. (Under the
-        lock: `_pack` is one thread's at a time.)"""
+        as the buffer holds them: with their wire form made here, off the loop; and the
+        lengths of those forms (`stored_messages`). (Under the lock: `_pack` is one thread's
+        at a time.)"""
         ids, stamps, headers, bodies, attempts, marked = entries.columns()
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
         return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, marked,
@@ -686,7 +691,7 @@ class DurableQueues:
                         if not segment.messages:  # all settled, only not yet forgotten
                             self._forget_segment(segment.first)
                     if segment.first > recovered:  # (the common case: stored by this run)
-                        buffer.extend(segment.messages)
+                        buffer.extend(segment.messages, held_halves(segment.messages, segment.wire_sizes))
                     else:
                         buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
                 queue.loaded = segment.first + segment.size - 1

@@ -135,25 +135,27 @@ wire_of = operator.itemgetter(9)
 def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
                     headers: Sequence[bytes | None], bodies: Sequence[bytes], attempts: Sequence[int],
                     marked: Sequence[bool], pack: Callable[[Any], bytes],
-                    packed_ids: Sequence[bytes] | None = None) -> list[StoredMessage]:
+                    packed_ids: Sequence[bytes] | None = None) -> tuple[list[StoredMessage], list[int] | None]:
     """The messages of ``queue`` given as columns (a message's fields at one index),
     numbered on from ``first``, each in the segment ``segments`` gives it in turn: as a
     commit or a read back holds them, with their wire form for a first delivery
     (`durable_items`), made without a Python step per message; those ``marked`` (stored
     marked redelivered) as recovered instead, and those with failed deliveries without
-    it (neither is dealt as a first delivery). ``pack``: a `msgpack.Packer`'s own, of one
-    thread at a time; ``packed_ids``: the ids as it packs them, if they are (`Entries.packed_ids`)."""
+    it (neither is dealt as a first delivery). With them, the lengths of their wire forms
+    when each has one (None otherwise): what a buffer reckons their sizes by (`held_halves`),
+    without looking each form up again. ``pack``: a `msgpack.Packer`'s own, of one thread
+    at a time; ``packed_ids``: the ids as it packs them, if they are (`Entries.packed_ids`)."""
     n = len(ids)
+    wires = durable_items(ids, stamps, headers, bodies, attempts, pack, packed_ids)
     # (each made by tuple.__new__ mapped over two iterables, not by the named tuple's slower
     # constructor: the caller answers for the fields' types)
     messages = list(map(tuple.__new__, repeat(StoredMessage, n),
                         zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies, attempts, segments,
-                            repeat(False, n), durable_items(ids, stamps, headers, bodies, attempts, pack,
-                                                                packed_ids))))
+                            repeat(False, n), wires)))
     if any(marked) or any(attempts):  # (rare: what a keeper was handed marked, or with failed deliveries)
-        messages = [m.as_recovered() if mark else m.with_attempts(m.attempts) if m.attempts else m
-                    for m, mark in zip(messages, marked)]
-    return messages
+        return [m.as_recovered() if mark else m.with_attempts(m.attempts) if m.attempts else m
+                for m, mark in zip(messages, marked)], None
+    return messages, list(map(len, wires))
 
 
 def joins(empty: str | bytes, values: Sequence[Any]) -> bool:

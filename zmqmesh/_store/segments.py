@@ -147,6 +147,8 @@ class StoredSegment(NamedTuple):
     messages: list[StoredMessage]
     damaged: str | None = None
     """Why its messages cannot be read (then none are given); the segment stays stored."""
+    wire_sizes: list[int] | None = None
+    """The lengths of its messages' wire forms, when each has one (`stored_messages`)."""
 
 
 def sane_count(count: object) -> int:

@@ -483,15 +483,16 @@ class Store:
                 if len(entries) != count:
                     raise ValueError(f"{len(entries)} messages where {count} were stored")
                 ids, stamps, headers, bodies, marked = columns(entries)
-                messages = stored_messages(queue, first, repeat(first), ids, stamps, headers, bodies,
-                                           (0,) * count, marked, pack)
+                messages, wire_sizes = stored_messages(queue, first, repeat(first), ids, stamps, headers, bodies,
+                                                       (0,) * count, marked, pack)
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
                     messages = [m.with_attempts(attempts[m.seq]) if m.seq in attempts else m
                                 for m in messages if m.seq not in settled]
+                    wire_sizes = None
             except Exception as exc:
                 segments.append(self._damaged(queue, rows, index, exc))
                 continue
-            segments.append(StoredSegment(first, count, messages))
+            segments.append(StoredSegment(first, count, messages, None, wire_sizes))
         return segments
 
     def _damaged(self, queue: str, rows: list[Any], index: int, why: Exception) -> StoredSegment:
