@@ -1184,26 +1184,26 @@ def test_a_durable_buffer_reckons_the_bytes_it_still_holds_however_messages_come
 
 def _check_handled_by_segment(items: list[Any], failed: set[int], trial: int) -> None:
     """Check `handled_by_segment` on the batch ``items`` (durable messages and in-memory
-    payloads) with the positions ``failed``: it must give the sequence numbers of the
-    durable messages not at a failed position, by segment, the segments and their numbers
-    in batch order. ``trial`` names the case in a failure."""
+    payloads) with the positions ``failed``: it must give the durable messages not at a
+    failed position, by segment, the segments and their messages in batch order. ``trial`` names the case in a failure."""
     from zmqmesh._patterns.durable import handled_by_segment
 
     expected: dict[int, list[int]] = {}
     for position, item in enumerate(items):
         if not isinstance(item, bytes) and position not in failed:
             expected.setdefault(item.segment, []).append(item.seq)
-    got = handled_by_segment(items, failed)
+    got = {segment: [m.seq for m in messages] for segment, messages in handled_by_segment(items, failed).items()}
     assert got == expected and list(got) == list(expected), trial
     if not any(isinstance(item, bytes) for item in items):  # (a batch dealt from a durable buffer alone, told so)
-        told = handled_by_segment(items, failed, stored=True)
+        told = {segment: [m.seq for m in messages]
+                for segment, messages in handled_by_segment(items, failed, stored=True).items()}
         assert told == expected and list(told) == list(expected), trial
 
 
 @pytest.mark.timeout(60)
 def test_settled_durable_messages_are_sorted_out_by_segment_in_order() -> None:
-    """`handled_by_segment`: the sequence numbers of the durable messages of a batch that
-    were handled (not at a failed position), by segment, in batch order, whether the batch
+    """`handled_by_segment`: the durable messages of a batch that were handled (not at a
+    failed position), by segment, in batch order, whether the batch
     is all durable and of a few segments or not, and whether it is told it is all durable."""
     import random
 

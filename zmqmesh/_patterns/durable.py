@@ -86,11 +86,13 @@ def _retry_delay(failures: int) -> float:
     return min(_RETRY_MOST_S, _RETRY_FIRST_S * float(2 ** min(failures - 1, 16)))  # (capped: 2 ** 1,100 is no float)
 
 
-def handled_by_segment(items: list[Any], failed: Container[int], stored: bool = False) -> dict[int, list[int]]:
-    """The sequence numbers of the durable messages among ``items`` that are not at a
-    position in ``failed``, by segment, in order. A batch all durable and all handled, of
-    a few segments (mostly one or two), is sorted out with no Python step per message
-    (``stored``: ``items`` are known to be all durable, `StoredMessage`: not looked at)."""
+def handled_by_segment(items: list[Any], failed: Container[int], stored: bool = False,
+                       ) -> dict[int, list[StoredMessage]]:
+    """The durable messages among ``items`` that are not at a position in ``failed``, by
+    segment, in order. A batch all durable and all handled, of a few segments (mostly one
+    or two), is sorted out with no Python step per message (``stored``: ``items`` are
+    known to be all durable, `StoredMessage`: not looked at); their sequence numbers are
+    looked up only for a segment that stays open (`DurableQueues._settle_in`)."""
     if not failed and items and (stored or set(map(type, items)) == {StoredMessage}):
         segments = list(map(segment_of, items))
         n = len(segments)
@@ -102,22 +104,20 @@ def handled_by_segment(items: list[Any], failed: Container[int], stored: bool = 
             starts.append(bisect_right(segments, segments[starts[-1]], starts[-1]))
         if starts[-1] == n and all(segments[start:end].count(segments[start]) == end - start
                                    == segments.count(segments[start]) for start, end in zip(starts, starts[1:])):
-            seqs = list(map(seq_of, items))
             if len(starts) == 2:
-                return {segments[0]: seqs}
-            return {segments[start]: seqs[start:end] for start, end in zip(starts, starts[1:])}
+                return {segments[0]: items}
+            return {segments[start]: items[start:end] for start, end in zip(starts, starts[1:])}
         distinct = dict.fromkeys(segments)
         if len(distinct) <= _FEW_SEGMENTS:
-            seqs = list(map(seq_of, items))
-            return {segment: list(compress(seqs, map(segment.__eq__, segments))) for segment in distinct}
-    handled: dict[int, list[int]] = {}
+            return {segment: list(compress(items, map(segment.__eq__, segments))) for segment in distinct}
+    handled: dict[int, list[StoredMessage]] = {}
     for i, item in enumerate(items):
         if type(item) is StoredMessage and i not in failed:
             of_segment = handled.get(item.segment)
             if of_segment is None:
-                handled[item.segment] = [item.seq]
+                handled[item.segment] = [item]
             else:
-                of_segment.append(item.seq)
+                of_segment.append(item)
     return handled
 
 
@@ -717,8 +717,8 @@ class DurableQueues:
         failed = {f.position: f for f in failures}
         retry: list[Any] = []
         attempted: list[int] = []
-        for segment, seqs in handled_by_segment(items, failed, stored).items():
-            self._settle_in(segment, seqs)
+        for segment, messages in handled_by_segment(items, failed, stored).items():
+            self._settle_in(segment, messages)
         for index, failure in failed.items():
             item = items[index]
             if not isinstance(item, StoredMessage):
@@ -729,7 +729,7 @@ class DurableQueues:
                     continue
                 try:
                     self._dead_letter(queue, item, failure)  # (the move marks it settled in the store)
-                    self._settle_in(item.segment, [item.seq], marked=True)
+                    self._settle_in(item.segment, [item], marked=True)
                 except Exception as exc:  # e.g. a full store: the move is tried again later
                     self._dead_letters.append((queue, item, failure))
                     self._dead_letter_failed(exc)
@@ -747,18 +747,18 @@ class DurableQueues:
             self._ack_timer = self.later(_ACK_DELAY_S, self.flush_acknowledged)
         return retry
 
-    def _settle_in(self, first: int, seqs: list[int], marked: bool = False) -> None:
-        """Messages ``seqs`` of the segment ``first`` are settled (``marked``: the store
+    def _settle_in(self, first: int, messages: list[StoredMessage], marked: bool = False) -> None:
+        """The ``messages`` of the segment ``first`` are settled (``marked``: the store
         already says so)."""
         segment = self._segments.get(first)
         if segment is None:  # settled before (a late answer)
             return
-        segment[1] -= len(seqs)
-        self._unflushed += len(seqs)
+        segment[1] -= len(messages)
+        self._unflushed += len(messages)
         if segment[1] <= 0:
             self._forget_segment(first)
-        elif not marked:
-            self._settled.setdefault(first, []).extend(seqs)
+        elif not marked:  # (their numbers, to mark in the store: only for a segment still open)
+            self._settled.setdefault(first, []).extend(map(seq_of, messages))
 
     def _dead_letter_failed(self, exc: Exception) -> None:
         """A move to a dead-letter queue failed: the messages given up on wait in
@@ -785,7 +785,7 @@ class DurableQueues:
                 self._dead_letters = waiting[at:] + self._dead_letters
                 self._dead_letter_failed(exc)
                 return
-            self._settle_in(item.segment, [item.seq], marked=True)
+            self._settle_in(item.segment, [item], marked=True)
         self._dead_letter_failures = 0
         self.wake_soon(0.0)  # (the dead letters are to deal: nothing else wakes the loop's sender now)
         if self._unflushed and self._ack_timer is None:
