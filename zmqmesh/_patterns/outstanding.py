@@ -25,7 +25,7 @@ import math
 import operator
 import struct
 from collections import deque
-from collections.abc import Callable, KeysView
+from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 from .._wire import frames as wire
@@ -85,9 +85,11 @@ class Outstanding(Generic[Waiter]):
         return request_id in self._pending
 
     @property
-    def ids(self) -> KeysView[bytes]:
-        """The ids of the requests waiting (a live view: membership tests at C speed)."""
-        return self._pending.keys()
+    def ids(self) -> Mapping[bytes, object]:
+        """The ids of the requests waiting, for membership tests (``in``): the table itself,
+        read only (not a keys view of it, whose ``__contains__`` map() calls through a slot
+        wrapper: `Batch.keep` asks it of every request of a batch)."""
+        return self._pending
 
     def waiting_on(self, provider_id: str) -> int:
         """How many requests to ``provider_id`` wait for their reply."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import operator
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -44,7 +43,11 @@ class ReplyWaiter(Protocol):
     def set_exception(self, error: BaseException) -> None: ...
 
 
-_done = operator.methodcaller("done")  # (a `ReplyWaiter`'s)
+def _done(waiter: ReplyWaiter) -> bool:
+    """Whether ``waiter``'s outcome is known (or its caller gave up). (A function, not an
+    ``operator.methodcaller``, which looks the method up and calls it through a generic
+    call each time: asked of every request of a batch as it goes, `Batch.keep`.)"""
+    return waiter.done()
 
 
 def _fail_future(future: Any, error: BaseException) -> None:
