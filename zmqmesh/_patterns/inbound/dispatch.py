@@ -86,6 +86,7 @@ log = logging.getLogger("zmqmesh.inbox")
 
 
 _BURST = 256
+_BatchCaller, _REPLY_ITEM_BYTES, _BATCH_BYTES = wire.BatchCaller, wire.REPLY_ITEM_BYTES, wire.BATCH_BYTES  # (per reply)
 _HELD_VIEW_MAX = 32 * 1024 * 1024
 """The most bytes of large frames `Dispatcher._hold_newest_views` holds, and so the largest
 frame it holds: glibc serves a larger buffer with a mapping of its own, unmapped as it is
@@ -813,22 +814,25 @@ class Dispatcher:
         and small frames still merge), or when the batch is full or the burst ends. An
         answer is counted as it goes (a held one, with those held with it: `_send_held`)."""
         held = self._held
-        if held is not None and type(route[0]) is wire.BatchCaller and \
-                (size := len(body) + len(route[1]) + wire.REPLY_ITEM_BYTES) < wire.BATCH_BYTES:
-            caller = route[0]  # (one object per frame received: see `ServiceIntake.decode`)
+        caller, request_id = route  # (caller: one object per frame received, see `ServiceIntake.decode`)
+        if held is not None and type(caller) is _BatchCaller and \
+                (size := len(body) + len(request_id) + _REPLY_ITEM_BYTES) < _BATCH_BYTES:
             entry = held.get(caller)
-            if entry is not None and ((entry[2] is not caller and len(entry[1]) >= EARLY_ITEMS) or
-                                      wire.batch_full(entry[0], len(entry[1]), size)):
-                _size, replies, _frame, answers = held.pop(caller)
-                self._send_held(caller, replies, answers)
-                entry = None
+            if entry is not None:
+                replies = entry[1]
+                if (entry[2] is not caller and len(replies) >= EARLY_ITEMS) or \
+                        wire.batch_full(entry[0], len(replies), size):
+                    del held[caller]
+                    self._send_held(caller, replies, entry[3])
+                    entry = None
+                else:
+                    entry[0] += size
+                    replies.append((request_id, status, body))
+                    entry[2] = caller
+                    if answer:
+                        entry[3] += 1
             if entry is None:  # (1: the batch's mark)
-                held[caller] = [1 + size, [(route[1], status, body)], caller, int(answer)]
-            else:
-                entry[0] += size
-                entry[1].append((route[1], status, body))
-                entry[2] = caller
-                entry[3] += answer
+                held[caller] = [1 + size, [(request_id, status, body)], caller, int(answer)]
             return
         counters = self._service_counters
         if answer:  # (counted before it goes, as a caller may have it at once; taken back if it cannot go)
