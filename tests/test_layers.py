@@ -453,6 +453,20 @@ def test_batches_of_requests_and_replies_round_trip_and_refuse_what_runs_past_th
     replies = [(b"12345678", frames.STATUS_OK, b"\x01"), (b"abc", frames.STATUS_NO_SERVICE, b"")]
     frame = frames.reply_batch(replies)
     assert frames.parse_reply_batch(frame) == replies
+
+
+def test_a_batch_whose_requests_repeat_a_head_parses_each_as_it_was_made() -> None:
+    # a request whose head begins as the one before it (its service, an id of 8 bytes) is
+    # read in one go: one that differs anywhere in it is read as any other, cut short or not
+    requests = [(b"svc", b"1234567\x01", b"\x01"), (b"svc", b"1234567\x02", b"\x92\x01\x02"),
+                (b"svc", b"123", b""), (b"svc", b"456", b"\x06"), (b"svc", b"1234567\x03", b"b" * 300), (b"svd", b"1234567\x04", b"\x03"),
+                (b"sv", b"c1234567", b"\x04"), (b"svd", b"1234567\x05", b""), (b"", b"12345678", b"\x05")]
+    frame = frames.request_batch(requests)
+    assert frames.parse_request_batch(frame) == requests
+    one = frames.request_batch(requests[:1])
+    for cut in range(len(one) + 1, 2 * len(one) - 1):  # a second request alike, cut short anywhere
+        with pytest.raises(zmqmesh.DecodeError, match="cut short"):
+            frames.parse_request_batch(frames.request_batch(requests[:2])[:cut])
     assert frames.parse_reply_batch(frame[:-1]) is None and frames.parse_reply_batch(b"\x00") is None
     assert frames.parse_reply_batch(frames.reply_batch([(b"i", b"\x00", b"")] * 257)) is None
     assert not frames.is_batch(frames.request_frames(b"svc", b"12345678", b"\x01", None, True)[0])

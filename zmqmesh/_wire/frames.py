@@ -267,6 +267,7 @@ _BYTE = [bytes((i,)) for i in range(256)]
 _u32 = struct.Struct(">I").pack
 _read_u32 = struct.Struct(">I").unpack_from
 _read_reply_head = struct.Struct(">x8scI").unpack_from
+_read_id8_size = struct.Struct(">8sI").unpack_from  # (a request's id of 8 bytes and its body's size)
 """The head of a reply of a batch to a request id of 8 bytes (as `Outstanding` makes them),
 past its length byte: the id, the status and the body's length, read in one call."""
 _REPLY_HEAD_BYTES = 14
@@ -420,20 +421,29 @@ def parse_request_batch(frame: bytes) -> list[tuple[bytes, bytes, bytes]]:
     requests: list[tuple[bytes, bytes, bytes]] = []
     append = requests.append
     at, end = 1, len(frame)
+    # a request whose head begins as the one before it (its service, and an id of 8 bytes: a
+    # batch's usual run) is read in one go, its service the same object: two slices, two
+    # indexings and four additions fewer a request
+    head, head_bytes, service = b"", 0, b""
     for _ in _BATCH_TURNS:  # (no count looked at per request; one past the limit is not read)
         if at >= end:
             break
-        id_at = at + 1 + frame[at]
-        if id_at >= end:
-            raise DecodeError("a request of a batch is cut short")
-        size_at = id_at + 1 + frame[id_at]
-        body_at = size_at + 4
-        if body_at > end:
-            raise DecodeError("a request of a batch is cut short")
-        body_end = body_at + _read_u32(frame, size_at)[0]
+        if head and frame.startswith(head, at) and (body_at := at + head_bytes) <= end:
+            request_id, size = _read_id8_size(frame, body_at - 12)
+        else:
+            id_at = at + 1 + frame[at]
+            if id_at >= end:
+                raise DecodeError("a request of a batch is cut short")
+            size_at = id_at + 1 + frame[id_at]
+            body_at = size_at + 4
+            if body_at > end:
+                raise DecodeError("a request of a batch is cut short")
+            service, request_id, size = frame[at + 1:id_at], frame[id_at + 1:size_at], _read_u32(frame, size_at)[0]
+            head, head_bytes = (frame[at:id_at + 1], body_at - at) if size_at - id_at == 9 else (b"", 0)
+        body_end = body_at + size
         if body_end > end:
             raise DecodeError("a request of a batch is cut short")
-        append((frame[at + 1:id_at], frame[id_at + 1:size_at], frame[body_at:body_end]))
+        append((service, request_id, frame[body_at:body_end]))
         at = body_end
     else:
         if at < end:
