@@ -221,7 +221,7 @@ class Dispatcher:
         per message otherwise."""
         self._subscribed = _Looks(-1)  # (`subscribed`)
         registry.on_topic_removed = self._topic_handler_removed
-        # caller: [bytes, replies, frame's caller, how many are answers] (`send_reply`)
+        # caller: [bytes, replies, frame's caller, how many are no handler's answer] (`send_reply`)
         self._held: dict[bytes, list[Any]] | None = None
         self.large_replies = LargeReplies(router, config, codec, stats)
         self._send_large = self.large_replies.send_if_room  # (bound once: `send_reply` calls it per large reply)
@@ -823,16 +823,16 @@ class Dispatcher:
                 if (entry[2] is not caller and len(replies) >= EARLY_ITEMS) or \
                         wire.batch_full(entry[0], len(replies), size):
                     del held[caller]
-                    self._send_held(caller, replies, entry[3])
+                    self._send_held(caller, replies, len(replies) - entry[3])
                     entry = None
                 else:
                     entry[0] += size
                     replies.append((request_id, status, body))
                     entry[2] = caller
-                    if answer:
+                    if not answer:  # (the replies that are no handler's answer are counted: the rare ones)
                         entry[3] += 1
             if entry is None:  # (1: the batch's mark)
-                held[caller] = [1 + size, [(request_id, status, body)], caller, int(answer)]
+                held[caller] = [1 + size, [(request_id, status, body)], caller, int(not answer)]
             return
         counters = self._service_counters
         if answer:  # (counted before it goes, as a caller may have it at once; taken back if it cannot go)
@@ -902,8 +902,8 @@ class Dispatcher:
         """Send the replies held so far, and go on holding (before handlers that may be slow)."""
         if self._held:
             held, self._held = self._held, {}
-            for caller, (_size, replies, _frame, answers) in held.items():
-                self._send_held(caller, replies, answers)
+            for caller, (_size, replies, _frame, others) in held.items():
+                self._send_held(caller, replies, len(replies) - others)
 
     def finished(self, call: Call, started: float) -> None:
         """The handler of ``call``, started at ``started`` (`starting`), returned."""
