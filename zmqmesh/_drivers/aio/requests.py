@@ -149,9 +149,11 @@ class LoopRequester:
         """A request to ``provider_id`` was gathered; ``full``: a batch is full (`RequestBatches.ready`)."""
         if full:  # a full batch goes now (its waiters fail if it cannot)
             self._send_batches(full_only=True)
-        if not self._unchecked:
-            self.engine.loop.call_soon(self._check_sent)
-        self._unchecked.add(provider_id)
+        unchecked = self._unchecked
+        if provider_id not in unchecked:  # (the first request to it this pass: the rest add nothing)
+            if not unchecked:
+                self.engine.loop.call_soon(self._check_sent)
+            unchecked.add(provider_id)
 
     def abandon(self, future: Any) -> None:
         """Forget the request of ``future`` (cancelled with its caller; None: the slots of a
