@@ -1321,6 +1321,45 @@ def test_a_durable_subscription_replaying_new_of_a_publisher_of_many_kept_topics
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("replay", ["new", 1.0])
+def test_a_durable_subscription_whose_first_read_found_nothing_kept_resumes_after_a_restart(
+        tmp_path: Path, mesh: dict[str, Any], replay: str | float) -> None:
+    """A durable subscription's first start (``replay="new"``, or in seconds) reads its
+    publisher's history through while it keeps nothing under the subscription's prefix: no
+    topic to record a place in. Stopped, it misses "t.a" 0 to 4 (older than the seconds it
+    replays when it is back); restarted, it gets them, then 5 live, no gap. Before, the
+    stream had no record and the restart was a first start again: 0 to 4 were lost, and 5
+    came with no gap reported (fails so at a6107c2). It now records the publisher's run once
+    its first read went through (`Replays._read_through`), and a stream with a run recorded
+    is resumed (`DurablePlaces.known`)."""
+    got: list[tuple[str, int, int]] = []
+    subscriber_store = str(tmp_path / "subscriber")
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=subscriber_store, **mesh)
+        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), durable_name="d", replay=replay)
+        return node
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
+        publisher.publish("other", 0)  # (a store with a run, keeping nothing under "t.")
+        with subscriber() as node:
+            publisher.wait_for_peers(1)
+            time.sleep(2.5)  # (its subscription in place at the publisher, its first read done)
+        for n in range(5):
+            publisher.publish("t.a", n)
+        time.sleep(1.5)  # (older than the seconds it replays)
+        with subscriber() as node:
+            publisher.wait_for_peers(1)
+            wait_until(lambda: len(got) >= 5, 20, "what was published while it was stopped")
+            publisher.publish("t.a", 5)
+            wait_until(lambda: len(got) >= 6, 20, "t.a 5")
+            time.sleep(0.5)  # (nothing more)
+            gaps = node.stats()["pubsub"].get("gap", 0)
+    assert got == [("t.a", n, 0) for n in range(6)]
+    assert gaps == 0
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("durable", [False, True])
 def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_older_later(
         tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, durable: bool) -> None:

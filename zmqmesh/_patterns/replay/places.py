@@ -96,8 +96,9 @@ class DurablePlaces:
     def known(self, name: str, stream: str) -> bool:
         """Whether ``name`` has a record of ``stream`` (loaded by `stored` first), if only a
         stream listed with no place in any topic (its rows were damaged:
-        `Cursors.load_counting`)."""
-        return stream in self._places.get(name, {})
+        `Cursors.load_counting`) or the run of its publisher it followed (recorded once it
+        followed every topic from its start: `Replays._follow_run`)."""
+        return stream in self._places.get(name, {}) or stream in self._runs.get(name, {})
 
     def run(self, name: str, stream: str) -> str | None:
         """The run of the publisher of ``stream`` that ``name`` followed last, as written."""

@@ -243,9 +243,14 @@ class Replays:
         self._rewind(key, cursor, node_id, runs[0], calls)
 
     def _follow_run(self, cursor: Cursor, run: str) -> None:
+        """The cursor follows its publisher's ``run``; a durable subscription records it
+        (`DurablePlaces.follow_run`) once the cursor follows every topic from its start
+        (`Cursor.from_start`; one that began mid-stream, once it read the history through:
+        `_read_through`): a stream recorded is resumed, not begun again as ``replay`` says
+        (`DurablePlaces.known`)."""
         cursor.run = run
         name = cursor.options.durable_name
-        if name is not None and self.places is not None:
+        if name is not None and self.places is not None and cursor.from_start:
             self.places.follow_run(name, cursor.stream, run)
 
     def _rewind(self, key: Key, cursor: Cursor, node_id: str, run: str, calls: list[Call]) -> None:
@@ -843,7 +848,11 @@ class Replays:
         resumes from where it handled its messages, and took a topic it had no place in
         for one to follow from its start (a message of a topic all older than the seconds
         it replays, published while it was down, came with all those older ones counted
-        missed in ``msg.gap``).
+        missed in ``msg.gap``), and the run it follows (`_follow_run`): a stream of which
+        it had nothing to record (no topic kept under its prefix yet) is resumed all the
+        same, from the start of the history (before, restarted, it began again as its
+        ``replay`` said: with ``"new"``, what was published while it was down was lost,
+        unreported).
 
         A page without ``next`` (a read that failed over, malformed) leaves the cursor as it
         was, and so does a look at the numbers alone (``"n": 0``, no rows): the live frames
@@ -857,12 +866,18 @@ class Replays:
         prefix = request["p"]  # (a topic outside it, or no str, is a stranger's word: not kept as a place)
         begun = {topic: cursor.met_at(topic, number) for topic, number in reached.items()
                  if type(topic) is str and topic.startswith(prefix) and topic not in cursor.next and storable(number)}
+        met = bool(cursor.next)  # (topics it has messages of: their places go with them, before they are handled)
         cursor.next.update(begun)
         cursor.from_start = True
+        if cursor.run is not None:
+            self._follow_run(cursor, cursor.run)
         name = cursor.options.durable_name
         begun = {topic: number for topic, number in begun.items() if number > 0}  # (0: the start, as from no place)
-        if begun and name is not None and self.places is not None:
+        if name is None or self.places is None:
+            return
+        if begun:
             self.places.begun_at(name, cursor.stream, begun, cursor.pos)
+        if begun or not met:
             self.flush()
 
     def _retry(self, fetch: Fetch, cursor: Cursor, error: BaseException) -> bool:
