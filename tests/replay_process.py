@@ -4,10 +4,10 @@ at will) for the replay tests.
     python replay_process.py publisher STORE MESH PORT TOTAL RATE
         publish TOTAL messages {"n": i} on the topics app.0 .. app.2 (round robin), RATE
         per second, keeping them (history=), then print "published" and wait
-    python replay_process.py subscriber STORE MESH PORT OUT [HANDLER_S]
-        subscribe to "app." with replay="all" and durable_name="collector"; append
-        "<topic> <n> <redelivered 0|1> <gap>" per message to OUT (then take HANDLER_S
-        seconds, default 0)
+    python replay_process.py subscriber STORE MESH PORT OUT [HANDLER_S [REPLAY]]
+        subscribe to "app." with replay=REPLAY ("all", the default, or seconds) and
+        durable_name="collector"; append "<topic> <n> <redelivered 0|1> <gap>" per
+        message to OUT (then take HANDLER_S seconds, default 0)
 
     python replay_process.py bursting_publisher STORE MESH PORT TOTAL
         keep "logs." (history=) with a send high-water mark of 5; once a peer is present
@@ -51,11 +51,11 @@ def bursting_publisher(store: str, mesh: str, port: int, total: int) -> None:
         sys.stdin.read()
 
 
-def subscriber(store: str, mesh: str, port: int, out: str, handler_s: float = 0.0) -> None:
+def subscriber(store: str, mesh: str, port: int, out: str, handler_s: float = 0.0, replay: str | float = "all") -> None:
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     node = zmqmesh.Node("subscriber", mesh=mesh, beacon_port=port, store=store)
 
-    @node.subscribe("app.", replay="all", durable_name="collector")
+    @node.subscribe("app.", replay=replay, durable_name="collector")
     def collect(msg: zmqmesh.Message) -> None:
         os.write(fd, f"{msg.topic} {msg.data['n']} {int(msg.redelivered)} {msg.gap}\n".encode())
         if handler_s:
@@ -73,4 +73,5 @@ if __name__ == "__main__":
     elif role == "bursting_publisher":
         bursting_publisher(args[0], args[1], int(args[2]), int(args[3]))
     else:
-        subscriber(args[0], args[1], int(args[2]), args[3], float(args[4]) if len(args) > 4 else 0.0)
+        subscriber(args[0], args[1], int(args[2]), args[3], float(args[4]) if len(args) > 4 else 0.0,
+                   "all" if len(args) < 6 or args[5] == "all" else float(args[5]))

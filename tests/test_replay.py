@@ -1359,6 +1359,41 @@ def test_a_durable_subscription_whose_first_read_found_nothing_kept_resumes_afte
     assert gaps == 0
 
 
+@pytest.mark.timeout(90)
+def test_a_durable_subscriber_killed_while_it_handles_its_first_message_of_a_topic_gets_nothing_older_again(
+        tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """A durable subscription replaying 2 s (in its own process): "app.0" 0 to 9 are older
+    than that, 10 and 11 are not. Its first read hands it 10, and it is killed while it
+    handles it; restarted, it gets 10 and 11, marked ``redelivered``, and nothing of 0 to 9
+    (never handed to it: older than it replays). Before, the place recorded before the
+    burst was handled was the topic's start (no place yet: ``-1``), and the restart got 0 to
+    9 too, marked ``redelivered`` (fails so at a6107c2). Now a
+    topic with no place is placed just before the first number handed out of it
+    (`DurablePlaces.before_handling`)."""
+    out = tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+
+    def lines() -> list[str]:
+        return out.read_text().splitlines() if out.exists() else []
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"app.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("app.0", {"n": n})
+        time.sleep(2.5)  # (older than the subscription replays)
+        publisher.publish("app.0", {"n": 10})
+        publisher.publish("app.0", {"n": 11})
+        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 30.0, 2.0)
+        procs.append(subscriber)
+        wait_until(lambda: len(lines()) >= 1, 30, "10 being handled")
+        subscriber.kill()
+        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 0.0, 2.0)
+        procs.append(subscriber)
+        wait_until(lambda: any(line.startswith("app.0 11 ") for line in lines()), 30, "11 handled")
+        time.sleep(0.5)  # (nothing more)
+        subscriber.close()
+    assert lines() == ["app.0 10 0 0", "app.0 10 1 0", "app.0 11 1 0"]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("durable", [False, True])
 def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_older_later(

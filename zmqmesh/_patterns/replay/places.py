@@ -269,16 +269,26 @@ class DurablePlaces:
 
     def before_handling(self, calls: Iterable[Call]) -> None:
         """Record, before a burst is handled, the highest number each durable subscription
-        reaches in it (a crash then redelivers up to there, marked)."""
+        reaches in it (a crash then redelivers up to there, marked). A topic it has no
+        place in yet is placed just before the first number it gets of it (from position
+        0: that message's row is read again): restarted, it resumes there, not from the
+        topic's start (before, a subscription that began mid-stream, killed while it
+        handled its first message of a topic, got that topic's older messages after the
+        restart, marked ``redelivered``, never handed out before)."""
         reached: dict[Mark, int] = {}
+        first: dict[Mark, int] = {}
         for call in calls:
             mark = call.route
             if isinstance(mark, CursorMark):
-                reached[(mark.name, mark.stream, mark.topic)] = mark.seq
+                key = (mark.name, mark.stream, mark.topic)
+                reached[key] = mark.seq
+                first.setdefault(key, mark.seq)
         if not reached:
             return
         for key, seq in reached.items():
             state = self._dirty.get(key) or self._saved(*key)
+            if state[0] < 0 and state[1] < 0:  # (no place yet)
+                state[0] = first[key] - 1
             state[1] = max(state[1], seq)  # (the position moves only with what was handled)
             self._dirty[key] = state
         self.flush()
