@@ -453,6 +453,9 @@ def test_batches_of_requests_and_replies_round_trip_and_refuse_what_runs_past_th
     replies = [(b"12345678", frames.STATUS_OK, b"\x01"), (b"abc", frames.STATUS_NO_SERVICE, b"")]
     frame = frames.reply_batch(replies)
     assert frames.parse_reply_batch(frame) == replies
+    assert frames.parse_reply_batch(frame[:-1]) is None and frames.parse_reply_batch(b"\x00") is None
+    assert frames.parse_reply_batch(frames.reply_batch([(b"i", b"\x00", b"")] * 257)) is None
+    assert not frames.is_batch(frames.request_frames(b"svc", b"12345678", b"\x01", None, True)[0])
 
 
 def test_a_batch_whose_requests_repeat_a_head_parses_each_as_it_was_made() -> None:
@@ -467,9 +470,6 @@ def test_a_batch_whose_requests_repeat_a_head_parses_each_as_it_was_made() -> No
     for cut in range(len(one) + 1, 2 * len(one) - 1):  # a second request alike, cut short anywhere
         with pytest.raises(zmqmesh.DecodeError, match="cut short"):
             frames.parse_request_batch(frames.request_batch(requests[:2])[:cut])
-    assert frames.parse_reply_batch(frame[:-1]) is None and frames.parse_reply_batch(b"\x00") is None
-    assert frames.parse_reply_batch(frames.reply_batch([(b"i", b"\x00", b"")] * 257)) is None
-    assert not frames.is_batch(frames.request_frames(b"svc", b"12345678", b"\x01", None, True)[0])
 
 
 def test_request_batches_send_alone_to_an_idle_provider_and_gather_for_a_busy_one() -> None:

@@ -267,9 +267,10 @@ _BYTE = [bytes((i,)) for i in range(256)]
 _u32 = struct.Struct(">I").pack
 _read_u32 = struct.Struct(">I").unpack_from
 _read_reply_head = struct.Struct(">x8scI").unpack_from
-_read_id8_size = struct.Struct(">8sI").unpack_from  # (a request's id of 8 bytes and its body's size)
 """The head of a reply of a batch to a request id of 8 bytes (as `Outstanding` makes them),
 past its length byte: the id, the status and the body's length, read in one call."""
+_read_id8_size = struct.Struct(">8sI").unpack_from
+"""A request's id of 8 bytes and its body's length, in a batch (`parse_request_batch`)."""
 _REPLY_HEAD_BYTES = 14
 
 
