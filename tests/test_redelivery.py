@@ -573,9 +573,11 @@ def test_a_timed_puller_announces_its_ack_timeout_before_its_queue_and_withdraws
     dealt it then had none once the puller left the timeout's group (unpulling, its handler
     stuck): it stayed with it (test_what_a_stuck_puller_held_is_dealt_again_after_it_unpulls,
     2 runs of 40). The timeout's group is joined first and left last, and the pusher never
-    sees the puller pull the queue without its timeout."""
+    sees the puller pull the queue without its timeout; nor when the queue is pulled again
+    with another timeout (the new one's group joined before the old one's is left)."""
     joined: list[str] = []
     left: list[str] = []
+    both: list[tuple[str, str]] = []
     seen: list[float | None] = []  # the puller's timeout, each time the pusher's tables list it as a puller
     with zmqmesh.Node("pusher", **mesh) as pusher, zmqmesh.Node("puller", **mesh) as puller:
         pusher.wait_for_peers(1, timeout=10)
@@ -585,10 +587,12 @@ def test_a_timed_puller_announces_its_ack_timeout_before_its_queue_and_withdraws
 
         def recorded_join(group: str) -> None:  # (the real join and leave, their order written down)
             joined.append(group)
+            both.append(("join", group))
             join(group)
 
         def recorded_leave(group: str) -> None:
             left.append(group)
+            both.append(("leave", group))
             leave(group)
 
         directory = pusher._engine.directory
@@ -602,17 +606,24 @@ def test_a_timed_puller_announces_its_ack_timeout_before_its_queue_and_withdraws
 
         membership.join, membership.leave = recorded_join, recorded_leave
         directory.update = watched_update
-        puller.pull("jobs", lambda msg: None, at_least_once=True, ack_timeout_s=0.3)
+        def handler(msg: zmqmesh.Message) -> None:
+            pass
+
+        puller.pull("jobs", handler, at_least_once=True, ack_timeout_s=0.3)
         pusher.wait_for_pullers("jobs", timeout=10)
         assert directory.ack_timeout_s("jobs", puller.id) == 0.3
+        puller.pull("jobs", handler, at_least_once=True, ack_timeout_s=0.5)  # (the same handler, another timeout)
+        wait_until(lambda: list(directory.offers["acktimeouts"]) == ["500/jobs"], 10, "the pusher to see the new timeout")
+        assert directory.ack_timeout_s("jobs", puller.id) == 0.5
         assert puller.unpull("jobs")
         wait_until(lambda: not directory.providers("queues", "jobs") and not directory.offers["acktimeouts"], 10,
                    "the pusher to see the puller leave the queue's groups")
     assert [group for group in joined if group.endswith("/jobs")] == \
-        ["zmqmesh/ackto/300/jobs", "zmqmesh/ackqueue/jobs", "zmqmesh/queue/jobs"]
+        ["zmqmesh/ackto/300/jobs", "zmqmesh/ackqueue/jobs", "zmqmesh/queue/jobs", "zmqmesh/ackto/500/jobs"]
     assert [group for group in left if group.endswith("/jobs")] == \
-        ["zmqmesh/queue/jobs", "zmqmesh/ackqueue/jobs", "zmqmesh/ackto/300/jobs"]
-    assert seen and set(seen) == {0.3}, seen
+        ["zmqmesh/ackto/300/jobs", "zmqmesh/queue/jobs", "zmqmesh/ackqueue/jobs", "zmqmesh/ackto/500/jobs"]
+    assert both.index(("join", "zmqmesh/ackto/500/jobs")) < both.index(("leave", "zmqmesh/ackto/300/jobs"))
+    assert seen and None not in seen and set(seen) <= {0.3, 0.5}, seen
 
 
 class _WatchedRegistry(Registry):

@@ -1249,7 +1249,7 @@ def test_a_durable_subscription_replaying_new_gets_nothing_published_before_it_w
         subscriber.subscribe("t.", handle, durable_name="d")
         with subscriber:
             publisher.wait_for_peers(1)
-            time.sleep(0.5)  # (its subscription in place at the publisher)
+            publisher.wait_for_subscribers("t.a", 1, timeout=10)
             for n in range(5):
                 publisher.publish("t.a", n)
             wait_until(lambda: len(got) == 5, 20, "t.a 0 to 4")
@@ -1258,7 +1258,7 @@ def test_a_durable_subscription_replaying_new_gets_nothing_published_before_it_w
                 _published_out_of_the_mesh(store, history, mesh, "t.a", range(5, 10))
                 with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
                     publisher.wait_for_peers(1)
-                    time.sleep(0.5)  # (its subscription in place at the publisher)
+                    publisher.wait_for_subscribers("t.a", 1, timeout=10)
                     publisher.publish("t.a", 10)
                     wait_until(lambda: ("t.a", 10) in [(t, n) for t, n, _g in got], 20, "t.a 10")
                     time.sleep(0.5)  # (nothing more)
@@ -1304,7 +1304,8 @@ def test_a_durable_subscription_replaying_new_of_a_publisher_of_many_kept_topics
                    20, "the history kept")
         with subscriber() as node:
             publisher.wait_for_peers(1)
-            time.sleep(1.0)  # (its subscription in place at the publisher, its first read done)
+            publisher.wait_for_subscribers(topics[1], 1, timeout=10)
+            time.sleep(1.0)  # (its first read done)
             publisher.publish(topics[1], {"n": 3000})
             wait_until(lambda: len(got) >= 1, 20, "the live message")
             time.sleep(0.5)  # (nothing more)
@@ -1344,7 +1345,8 @@ def test_a_durable_subscription_whose_first_read_found_nothing_kept_resumes_afte
         publisher.publish("other", 0)  # (a store with a run, keeping nothing under "t.")
         with subscriber() as node:
             publisher.wait_for_peers(1)
-            time.sleep(2.5)  # (its subscription in place at the publisher, its first read done)
+            publisher.wait_for_subscribers("t.a", 1, timeout=10)
+            time.sleep(2.5)  # (its first read done)
         for n in range(5):
             publisher.publish("t.a", n)
         time.sleep(1.5)  # (older than the seconds it replays)
@@ -1439,7 +1441,7 @@ def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_
             _published_out_of_the_mesh(store, history, mesh, "t.a", range(1, 5))
             with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
                 publisher.wait_for_peers(1)
-                time.sleep(0.5)  # (its subscription in place at the publisher)
+                publisher.wait_for_subscribers("t.a", 1, timeout=10)
                 publisher.publish("t.a", 5)
                 wait_until(lambda: ("t.a", 5) in [(t, n) for t, n, _g in got], 20, "t.a 5")
                 time.sleep(0.5)  # (nothing more)
