@@ -1218,6 +1218,23 @@ def _published_out_of_the_mesh(store: Path, history: dict[str, int], mesh: dict[
             publisher.publish(topic, n)
 
 
+def _restarted_after(store: Path, history: dict[str, int], mesh: dict[str, Any], topic: str, meanwhile: range,
+                     subscriber: zmqmesh.Node, got: list[tuple[str, int, int]]) -> int:
+    """``meanwhile``'s numbers of ``topic`` published by the stopped publisher out of the
+    mesh, then the publisher restarted on its ``store`` and the next number published live:
+    once ``subscriber`` (whose handler appends to ``got``) got it, the gaps it counted."""
+    _published_out_of_the_mesh(store, history, mesh, topic, meanwhile)
+    last = meanwhile.stop
+    with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
+        publisher.wait_for_peers(1)
+        publisher.wait_for_subscribers(topic, 1, timeout=10)
+        publisher.publish(topic, last)
+        wait_until(lambda: (topic, last) in [(t, n) for t, n, _g in got], 20, f"{topic} {last}")
+        time.sleep(0.5)  # (nothing more)
+        gaps: int = subscriber.stats()["pubsub"].get("gap", 0)
+        return gaps
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("restarted", ["publisher", "subscriber"])
 def test_a_durable_subscription_replaying_new_gets_nothing_published_before_it_when_it_reads_the_history(
@@ -1255,14 +1272,7 @@ def test_a_durable_subscription_replaying_new_gets_nothing_published_before_it_w
             wait_until(lambda: len(got) == 5, 20, "t.a 0 to 4")
             if restarted == "publisher":
                 publisher.stop()
-                _published_out_of_the_mesh(store, history, mesh, "t.a", range(5, 10))
-                with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
-                    publisher.wait_for_peers(1)
-                    publisher.wait_for_subscribers("t.a", 1, timeout=10)
-                    publisher.publish("t.a", 10)
-                    wait_until(lambda: ("t.a", 10) in [(t, n) for t, n, _g in got], 20, "t.a 10")
-                    time.sleep(0.5)  # (nothing more)
-                    gaps = subscriber.stats()["pubsub"].get("gap", 0)
+                gaps = _restarted_after(store, history, mesh, "t.a", range(5, 10), subscriber, got)
         if restarted == "subscriber":
             for n in range(5, 10):
                 publisher.publish("t.a", n)
@@ -1438,14 +1448,7 @@ def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_
             publisher.publish("t.a", 0)
             wait_until(lambda: len(got) >= 1, 20, "t.a 0")
             publisher.stop()
-            _published_out_of_the_mesh(store, history, mesh, "t.a", range(1, 5))
-            with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
-                publisher.wait_for_peers(1)
-                publisher.wait_for_subscribers("t.a", 1, timeout=10)
-                publisher.publish("t.a", 5)
-                wait_until(lambda: ("t.a", 5) in [(t, n) for t, n, _g in got], 20, "t.a 5")
-                time.sleep(0.5)  # (nothing more)
-                gaps = subscriber.stats()["pubsub"].get("gap", 0)
+            gaps = _restarted_after(store, history, mesh, "t.a", range(1, 5), subscriber, got)
     assert got == [("t.a", n, 0) for n in range(6)]
     assert gaps == 0
 
