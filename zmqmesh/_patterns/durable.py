@@ -98,12 +98,14 @@ def handled_by_segment(items: list[Any], failed: Container[int], stored: bool = 
         n = len(segments)
         # the runs of one segment each, as a batch dealt in order holds them (its segments
         # ascending): found by bisection, not by hashing each message's segment, then checked
-        # (whatever the order): each run holds its segment's messages only, and all of them
+        # (whatever the order): each run holds its segment's messages only. (A run found so
+        # ends where a greater segment begins: runs that each hold one segment hold ascending
+        # ones, so each holds all of its segment's.)
         starts = [0]
         while starts[-1] < n and len(starts) <= _FEW_SEGMENTS:
             starts.append(bisect_right(segments, segments[starts[-1]], starts[-1]))
         if starts[-1] == n and all(segments[start:end].count(segments[start]) == end - start
-                                   == segments.count(segments[start]) for start, end in zip(starts, starts[1:])):
+                                   for start, end in zip(starts, starts[1:])):
             if len(starts) == 2:
                 return {segments[0]: items}
             return {segments[start]: items[start:end] for start, end in zip(starts, starts[1:])}
