@@ -12,7 +12,9 @@ thread (named by its process's Python threads, ZeroMQ's by their ``comm``) the c
 round trip. ``--trace`` runs ``perf trace -s`` over both processes while the measured
 round trips run (then the wall times are not comparable): the system calls per round
 trip of each thread, by kind. ``--trace strace`` runs ``strace -f -c`` instead (all
-threads of a process together; much slower). ``--sched`` runs ``perf sched record`` over
+threads of a process together; much slower). ``--spin-us`` has the raw pair's threads
+busy that long before each send (each side): what the round trip costs per microsecond
+of CPU on its critical path, with the hops unchanged. ``--sched`` runs ``perf sched record`` over
 ``--sched-s`` of the measured round trips (``--n`` must outlast it): per thread, the
 median delay from being woken to running (``delay``: an idle CPU's wake-up is most of
 it), the median run per wake-up (``run``), and for the threads that send (a process's
@@ -66,7 +68,14 @@ def zm_server(beacon_port: int, mesh: str, _endpoint_file: str) -> None:
         sys.stdin.read()
 
 
-def raw_server(_beacon_port: int, _mesh: str, _endpoint_file: str) -> None:
+def _spin(seconds: float) -> None:
+    """Busy this thread ``seconds`` (``--spin-us``)."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+def raw_server(_beacon_port: int, _mesh: str, _endpoint_file: str, spin_s: float = 0.0) -> None:
     """bench.py's raw ROUTER echo (`_bench_roles.raw_router`'s loop): says ``ready <pid>
     <endpoint>``, serves until stdin closes."""
     import msgpack
@@ -95,6 +104,8 @@ def raw_server(_beacon_port: int, _mesh: str, _endpoint_file: str) -> None:
         except zmq.Again:
             continue
         body = recv()
+        if spin_s:
+            _spin(spin_s)
         send(ident, more)
         send(packb(unpackb(body)))
     sock.close(0)
@@ -130,7 +141,7 @@ def zm_client(beacon_port: int, mesh: str, _endpoint: str, n: int, warm: int) ->
         _client_loop(lambda data: request(SERVICE, data, timeout=10), n, warm)
 
 
-def raw_client(_beacon_port: int, _mesh: str, endpoint: str, n: int, warm: int) -> None:
+def raw_client(_beacon_port: int, _mesh: str, endpoint: str, n: int, warm: int, spin_s: float = 0.0) -> None:
     """A blocking DEALER, packb/unpackb (bench.py's ``raw_req_sync``)."""
     import msgpack
     import zmq
@@ -143,6 +154,8 @@ def raw_client(_beacon_port: int, _mesh: str, endpoint: str, n: int, warm: int) 
     send, recv, packb, unpackb = sock.send, sock.recv, msgpack.packb, msgpack.unpackb
 
     def request(data: Any) -> Any:
+        if spin_s:
+            _spin(spin_s)
         send(packb(data))
         return unpackb(recv())
 
@@ -250,13 +263,14 @@ def one_round(args: argparse.Namespace) -> None:
     beacon_port, mesh = free_udp_port(), f"rtt-{os.getpid()}-{time.monotonic_ns()}"
     me = os.path.abspath(__file__)
     srv = subprocess.Popen([sys.executable, me, "--role", f"{args.pair}_server", "--beacon-port", str(beacon_port),
-                            "--mesh", mesh], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            "--mesh", mesh, "--spin-us", str(args.spin_us)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     cli = tracer = None
     try:
         _, spid_s, endpoint = expect(srv, "ready")
         spid = int(spid_s)
         cli = subprocess.Popen([sys.executable, me, "--role", f"{args.pair}_client", "--beacon-port", str(beacon_port),
-                                "--mesh", mesh, "--endpoint", endpoint, "--n", str(args.n), "--warm", str(args.warm)],
+                                "--mesh", mesh, "--endpoint", endpoint, "--n", str(args.n), "--warm", str(args.warm),
+                                "--spin-us", str(args.spin_us)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         warm = expect(cli, "warm")
         cpid = int(warm[1])
@@ -325,7 +339,7 @@ def one_round(args: argparse.Namespace) -> None:
         sched = _sched_summary(sched_file, io_threads)
         os.unlink(sched_file)
     n = args.n
-    print(f"{args.pair}: median {done[1]} us (p10 {done[2]}, p90 {done[3]})"
+    print(f"{args.pair}{f' (spin {args.spin_us:g} us)' if args.spin_us else ''}: median {done[1]} us (p10 {done[2]}, p90 {done[3]})"
           + (" [traced: wall time not comparable]" if args.trace else ""), flush=True)
     totals: dict[str, float] = defaultdict(float)
     for pid, side in ((cpid, "client"), (spid, "server")):
@@ -368,16 +382,18 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--trace", choices=["perf", "strace"], default=None)
+    parser.add_argument("--spin-us", type=float, default=0.0, help="raw pair: busy this long before each send")
     parser.add_argument("--sched", action="store_true", help="perf sched record: wake-up delays, runs, time to send")
     parser.add_argument("--sched-s", type=float, default=0.3)
     args = parser.parse_args()
-    roles = {"zm_server": zm_server, "raw_server": raw_server}
-    if args.role in roles:
-        roles[args.role](args.beacon_port, args.mesh, args.endpoint)
+    if args.role == "zm_server":
+        zm_server(args.beacon_port, args.mesh, args.endpoint)
+    elif args.role == "raw_server":
+        raw_server(args.beacon_port, args.mesh, args.endpoint, args.spin_us / 1e6)
     elif args.role == "zm_client":
         zm_client(args.beacon_port, args.mesh, args.endpoint, args.n, args.warm)
     elif args.role == "raw_client":
-        raw_client(args.beacon_port, args.mesh, args.endpoint, args.n, args.warm)
+        raw_client(args.beacon_port, args.mesh, args.endpoint, args.n, args.warm, args.spin_us / 1e6)
     else:
         for _ in range(args.rounds):
             one_round(args)
