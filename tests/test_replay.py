@@ -1453,6 +1453,163 @@ def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_
     assert gaps == 0
 
 
+def _failing_pages(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make every publisher's `History.page` fail (a store's I/O error) while the event
+    returned is set (it is at first), and a failed read be tried again once, 0.2 s later:
+    a subscription's first read of a history is given up (``replay_failed``) soon."""
+    import zmqmesh._patterns.replay.replays as replays
+
+    monkeypatch.setattr(replays, "FETCH_RETRIES_S", (0.2,))
+    failing = threading.Event()
+    failing.set()
+    real = zmqmesh._patterns.history.History.page
+
+    def page(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if failing.is_set():
+            raise zmqmesh.StoreError("disk I/O error (the test's)")
+        served: dict[str, Any] = real(self, *args, **kwargs)
+        return served
+
+    monkeypatch.setattr(zmqmesh._patterns.history.History, "page", page)
+    return failing
+
+
+def _first_read_given_up(node: zmqmesh.Node, failing: threading.Event) -> None:
+    """Wait until ``node``'s first read of a history was given up, then let pages be read."""
+    wait_until(lambda: node.stats()["pubsub"].get("replay_failed"), 20, "the first read given up")
+    failing.clear()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("replay", ["new", 2.0])
+def test_a_durable_subscription_restarted_before_its_first_read_went_through_resumes_from_where_it_began(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, replay: str | float) -> None:
+    """A durable subscription's first start mid-stream (``replay="new"``, or 2 s: "t.old"
+    0 to 9 published before it, or older than its seconds): its first read of the history
+    fails until it is given up, then "t.a" 0 comes live and is handled. Stopped, "t.old" 10
+    and "t.a" 1 are published; restarted, it gets those two, no gap, nothing older. Before,
+    it had recorded where it began in no topic it had not met: restarted, it read the
+    history from the start (2 s: "t.old" 0 to 9 came, older than its seconds) or from
+    where it began ("new": "t.old" 10 came with ``msg.gap`` 10, messages published before
+    it subscribed). Now it records that it began mid-stream, and where, until a read goes
+    through, and a restart resumes mid-stream from there."""
+    failing = _failing_pages(monkeypatch)
+    got: list[tuple[str, int, int]] = []
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=replay, durable_name="d")
+        return node
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("t.old", n)
+        time.sleep(2.5)  # (older than the seconds it replays)
+        with subscriber() as node:
+            _first_read_given_up(node, failing)
+            publisher.wait_for_peers(1)
+            publisher.wait_for_subscribers("t.a", 1, timeout=10)
+            publisher.publish("t.a", 0)
+            wait_until(lambda: len(got) >= 1, 20, "t.a 0")
+        publisher.publish("t.old", 10)
+        publisher.publish("t.a", 1)
+        with subscriber() as node:
+            wait_until(lambda: len(got) >= 3, 20, "what was published while it was stopped")
+            time.sleep(0.5)  # (nothing more)
+            gaps = node.stats()["pubsub"].get("gap", 0)
+    assert got == [("t.a", 0, 0), ("t.old", 10, 0), ("t.a", 1, 0)]
+    assert gaps == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("replay", ["new", 2.0])
+def test_a_durable_subscription_restarted_before_its_first_read_went_through_sees_its_publisher_put_back(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, replay: str | float) -> None:
+    """A durable subscription's first start mid-stream, its first read given up: it handles
+    "t.a" 0 to 2 live. Stopped, its publisher's store is put back from a copy taken before
+    them, which numbers "t.a" 10 to 14 from 0 again; restarted, the subscription sees the
+    publisher's run it followed missing (``rewound``), reads the history again, and gets
+    every new message, those numbered up to 2 marked ``redelivered``. Before, a cursor that
+    began mid-stream recorded its publisher's run only once a read went through: restarted,
+    it had none to miss, and took "t.a" 10 to 12 for 0 to 2, handled (never delivered)."""
+    failing = _failing_pages(monkeypatch)
+    store, copy = tmp_path / "publisher", tmp_path / "copy"
+    history = {"t.": 1000}
+    got: list[tuple[str, int, bool]] = []
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.redelivered)), replay=replay,
+                       durable_name="d")
+        return node
+
+    with zmqmesh.Node("publisher", store=str(store), history=history, **mesh):
+        pass  # (a run, nothing kept)
+    shutil.copytree(store, copy)  # (the publisher stopped: a consistent copy)
+    with zmqmesh.Node("publisher", store=str(store), history=history, **mesh) as publisher:
+        with subscriber() as node:
+            _first_read_given_up(node, failing)
+            publisher.wait_for_peers(1)
+            publisher.wait_for_subscribers("t.a", 1, timeout=10)
+            for n in range(3):
+                publisher.publish("t.a", n)
+            wait_until(lambda: len(got) >= 3, 20, "t.a 0 to 2")
+    shutil.rmtree(store)
+    copy.rename(store)  # the store put back from the copy: "t.a" numbered from 0 again
+    _published_out_of_the_mesh(store, history, mesh, "t.a", range(10, 15))
+    with zmqmesh.Node("publisher", store=str(store), history=history, **mesh):
+        with subscriber() as node:
+            wait_until(lambda: len(got) >= 8, 20, "t.a 10 to 14")
+            time.sleep(0.5)  # (nothing more)
+            stats = node.stats()["pubsub"]
+    assert got == [*(("t.a", n, False) for n in range(3)), *(("t.a", n, n <= 12) for n in range(10, 15))]
+    assert stats.get("rewound") == 1
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("replay", ["new", 2.0])
+def test_a_durable_subscription_of_a_store_an_older_zmqmesh_wrote_gets_nothing_older_than_it_replays(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, replay: str | float) -> None:
+    """A subscriber store as the previous version left it (schema 6) after a durable
+    subscription's first start mid-stream whose first read never went through: it recorded
+    the publisher's run at the start (before any read), and no place. Restarted on this
+    version, the subscription gets nothing published before it began ("t.old" 0 to 9,
+    published before it, or older than its seconds), and "t.a" 0 live. Before, a stream
+    with a run recorded was taken for one read through (`DurablePlaces.known`), resumed
+    from the start of the history: "t.old" 0 to 9 came. The upgrade reads such a run with
+    no place as the previous version did: no record of the stream, a first start again."""
+    failing = _failing_pages(monkeypatch)
+    publisher_store, subscriber_store = tmp_path / "publisher", tmp_path / "subscriber"
+    got: list[tuple[str, int, int]] = []
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=str(subscriber_store), **mesh)
+        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=replay, durable_name="d")
+        return node
+
+    with zmqmesh.Node("publisher", store=str(publisher_store), history={"t.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("t.old", n)
+        time.sleep(2.5)  # (older than the seconds it replays)
+        with subscriber() as node:
+            _first_read_given_up(node, failing)
+        run = str(read_only(publisher_store, "SELECT value FROM meta WHERE key = 'runs'")[0][0]).split(",")[0]
+        with contextlib.closing(sqlite3.connect(subscriber_store / "zmqmesh.db")) as db, db:  # as 6 left it
+            db.execute("DROP TABLE IF EXISTS cursor_began")
+            db.execute("DELETE FROM cursors")
+            db.execute("DELETE FROM cursor_runs")
+            db.execute("INSERT INTO cursor_runs VALUES ('d', ?, ?)", (stream_of(publisher_store), run))
+            db.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+        with subscriber() as node:
+            publisher.wait_for_peers(1)
+            publisher.wait_for_subscribers("t.a", 1, timeout=10)
+            time.sleep(1.0)  # (its first read done)
+            publisher.publish("t.a", 0)
+            wait_until(lambda: len(got) >= 1, 20, "t.a 0")
+            time.sleep(0.5)  # (nothing more)
+    assert got == [("t.a", 0, 0)]
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("durable", [False, True])
 def test_a_subscriber_forgets_the_topics_its_publisher_forgot_and_gets_every_message_once(

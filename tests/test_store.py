@@ -969,7 +969,7 @@ def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path
     store.close()
     with sqlite3.connect(tmp_path / "zmqmesh.db") as db:  # as schema 4 left it
         db.executescript("""
-            DROP TABLE cursor_runs; DROP INDEX history_topics_emptied;
+            DROP TABLE cursor_runs; DROP TABLE cursor_began; DROP INDEX history_topics_emptied;
             CREATE TABLE topics_4 AS SELECT topic, next FROM history_topics; DROP TABLE history_topics;
             CREATE TABLE history_topics (topic TEXT PRIMARY KEY, next INTEGER NOT NULL) WITHOUT ROWID;
             INSERT INTO history_topics SELECT * FROM topics_4; DROP TABLE topics_4;
@@ -980,7 +980,48 @@ def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path
     store.cursors.save([], [("d", "s1", "abc")])
     assert store.cursors.load_runs("d") == {"s1": "abc"} and len(store.runs) == 1
     store.close()
-    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 6
+    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 7
+
+
+def test_a_store_of_schema_6_is_upgraded_its_runs_read_as_then_and_an_older_zmqmesh_refuses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store as schema 6 left it: durable subscriptions' places and the publisher runs
+    they followed, one stream ("s2") with a run and no place. Schema 6 recorded a run at a
+    subscription's first start, before any read of the history went through (mid-stream:
+    ``replay="new"`` or in seconds), and took a stream with no place for one never met.
+    Upgraded to 7, such a run goes (the stream is begun again as ``replay`` says, as then:
+    kept, it was resumed from the start of the history, the whole of it under the prefix
+    delivered once); a stream with places keeps its run. The new table records where a
+    subscription began mid-stream until a read goes through; an older zmqmesh (schema 6)
+    refuses the store, as any newer one, and read-only tools still read a schema 6 store as
+    it is."""
+    store = Store(tmp_path)
+    store.cursors.save([("d", "s1", "t.x", 7, 9, 3)], [("d", "s1", "r1"), ("d", "s2", "r2"), ("e", "s3", "r3")])
+    store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db, db:  # as schema 6 left it
+        db.execute("DROP TABLE cursor_began")
+        db.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    assert inspect_store(tmp_path)["schema"] == 6
+    assert zmqmesh.durable_subscriptions(tmp_path) == {"d": {"streams": 2, "topics": 1},
+                                                       "e": {"streams": 1, "topics": 0}}
+    store = Store(tmp_path)
+    assert store.cursors.load("d") == {"s1": {"t.x": (7, 9, 3)}}
+    assert store.cursors.load_runs("d") == {"s1": "r1"} and store.cursors.load_runs("e") == {}
+    store.cursors.save([], [], [("d", "s4", 5, 1.5), ("d", "s5", 0, None)])
+    assert store.cursors.load_began("d") == {"s4": (5, 1.5), "s5": (0, None)}
+    store.cursors.save([], [], [], [("d", "s4")])
+    assert store.cursors.load_began("d") == {"s5": (0, None)}
+    store.close()
+    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 7
+    assert zmqmesh.durable_subscriptions(tmp_path) == {"d": {"streams": 2, "topics": 1}}  # (s1, and s5 begun)
+    import zmqmesh._store.store as store_module
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 6)  # (the check of a zmqmesh of schema 6)
+    with pytest.raises(zmqmesh.StoreError, match="newer zmqmesh"):
+        Store(tmp_path)
+    monkeypatch.undo()
+    assert zmqmesh.forget_durable_subscription(tmp_path, "d") == {"streams": 2, "topics": 1}
+    assert zmqmesh.durable_subscriptions(tmp_path) == {}
 
 
 def test_the_numbering_of_topics_with_nothing_kept_goes_past_a_cap_and_the_floor_rises_past_it(

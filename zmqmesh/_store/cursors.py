@@ -1,5 +1,6 @@
-"""Durable subscriptions' cursors: where each is in each publisher stream's topics, and
-the publisher run it last followed, in the store (`Store.cursors`)."""
+"""Durable subscriptions' cursors: where each is in each publisher stream's topics, the
+publisher run it last followed, and where it began in a stream it began mid-stream and
+has not yet read through, in the store (`Store.cursors`)."""
 
 from __future__ import annotations
 
@@ -84,16 +85,42 @@ class Cursors:
                 runs[stream] = "" if run is None else run
         return runs
 
+    def load_began(self, name: str) -> dict[str, tuple[int, float | None]]:
+        """Where the durable subscription ``name`` began, per stream it began mid-stream and
+        has not yet read through: ``{stream: (pos, since)}``, the history position and the
+        time (None: none) its reads go from. A damaged row (a stream that cannot be read, a
+        position or time of the wrong type) is left out: that stream is resumed as its
+        places say, or begun again as ``replay`` says if it has none. Raises `StoreError`."""
+        with self._db.lock:
+            rows = self._db.read(f"SELECT {_readable('stream')}, pos, since FROM cursor_began WHERE name = ?",
+                                 (name,))
+        began: dict[str, tuple[int, float | None]] = {}
+        for stream_type, stream_bytes, pos, since in rows:
+            stream = _text(stream_type, stream_bytes)
+            if (stream is not None and type(pos) is int and pos >= 0
+                    and (since is None or type(since) in (int, float))):
+                began[stream] = (pos, None if since is None else float(since))
+        return began
+
     def save(self, rows: Sequence[tuple[str, str, str, int, int, int]],
-             runs: Sequence[tuple[str, str, str]] = ()) -> None:
-        """Record ``(name, stream, topic, seq, upto, pos)`` cursors, and ``(name, stream,
-        run)`` runs followed, in one transaction."""
+             runs: Sequence[tuple[str, str, str]] = (),
+             began: Sequence[tuple[str, str, int, float | None]] = (),
+             read_through: Sequence[tuple[str, str]] = ()) -> None:
+        """Record ``(name, stream, topic, seq, upto, pos)`` cursors, ``(name, stream, run)``
+        runs followed, ``(name, stream, pos, since)`` where subscriptions began mid-stream
+        (`load_began`), and forget where ``(name, stream)`` of ``read_through`` began (a read
+        went through), in one transaction."""
         statements: list[tuple[str, Any]] = []
         if rows:
             statements.append(("INSERT OR REPLACE INTO cursors (name, stream, topic, seq, upto, pos) "
                                "VALUES (?, ?, ?, ?, ?, ?)", list(rows)))
         if runs:
             statements.append(("INSERT OR REPLACE INTO cursor_runs (name, stream, run) VALUES (?, ?, ?)", list(runs)))
+        if began:
+            statements.append(("INSERT OR REPLACE INTO cursor_began (name, stream, pos, since) VALUES (?, ?, ?, ?)",
+                               list(began)))
+        if read_through:
+            statements.append(("DELETE FROM cursor_began WHERE name = ? AND stream = ?", list(read_through)))
         if statements:
             self._db.write(statements)
 
@@ -105,25 +132,28 @@ class Cursors:
                              [(name, stream, topic) for topic in topics])])
 
     def forget_name(self, name: str) -> dict[str, int]:
-        """Forget the durable subscription ``name``: every place and run it has, in one
-        transaction; what it had, ``{"streams": publisher streams, "topics": places}``.
+        """Forget the durable subscription ``name``: every place, run and beginning it has,
+        in one transaction; what it had, ``{"streams": publisher streams, "topics": places}``.
         Raises `StoreFullError`, `StoreError`."""
         with self._db.lock:
             (streams, topics), = self._db.read(
                 "SELECT count(DISTINCT stream), ifnull(sum(place), 0) FROM (SELECT stream, 1 AS place FROM cursors "
-                "WHERE name = ? UNION ALL SELECT stream, 0 FROM cursor_runs WHERE name = ?)", (name, name))
+                "WHERE name = ? UNION ALL SELECT stream, 0 FROM cursor_runs WHERE name = ? "
+                "UNION ALL SELECT stream, 0 FROM cursor_began WHERE name = ?)", (name, name, name))
             self._db.write_locked([("DELETE FROM cursors WHERE name = ?", [(name,)]),
-                                   ("DELETE FROM cursor_runs WHERE name = ?", [(name,)])])
+                                   ("DELETE FROM cursor_runs WHERE name = ?", [(name,)]),
+                                   ("DELETE FROM cursor_began WHERE name = ?", [(name,)])])
         return {"streams": streams, "topics": topics}
 
     def forget_streams(self, name: str, streams: Sequence[str]) -> None:
         """Forget where the durable subscription ``name`` is in ``streams``, every topic,
-        and the runs it followed of them (`Replays` bounds the streams a name keeps), in one
-        transaction. Raises `StoreFullError`, `StoreError`."""
+        the runs it followed of them and where it began in them (`Replays` bounds the
+        streams a name keeps), in one transaction. Raises `StoreFullError`, `StoreError`."""
         if streams:
             params = [(name, stream) for stream in streams]
             self._db.write([("DELETE FROM cursors WHERE name = ? AND stream = ?", params),
-                            ("DELETE FROM cursor_runs WHERE name = ? AND stream = ?", params)])
+                            ("DELETE FROM cursor_runs WHERE name = ? AND stream = ?", params),
+                            ("DELETE FROM cursor_began WHERE name = ? AND stream = ?", params)])
 
 
 def _readable(column: str) -> str:

@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA_VERSION", "INSPECTED_FROM", "APP", "OUTBOX", "PARKED", "HISTORY", "SCHEMA", "schema_version",
            "migrate", "check_sqlite_file", "check_log", "not_plain"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 INSPECTED_FROM = 5
-"""The oldest schema `inspect_store` reads as it is: 5 has the tables of 6 (6 only marks
-the stores whose segments may hold entries marked redelivered)."""
+"""The oldest schema `inspect_store` reads as it is: 5 and 6 have the tables of 7 but
+``cursor_began`` (6 only marks the stores whose segments may hold entries marked
+redelivered)."""
 APP = "zmqmesh"
 """What meta 'app' says in every zmqmesh store."""
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -70,6 +71,14 @@ HISTORY_5 = (  # (added by schema 5)
     "CREATE TABLE cursor_runs (name TEXT NOT NULL, stream TEXT NOT NULL, run TEXT NOT NULL,"
     " PRIMARY KEY (name, stream)) WITHOUT ROWID",
 )
+HISTORY_7 = (  # (added by schema 7)
+    # a durable subscription that began mid-stream (``replay="new"`` or in seconds) in a
+    # publisher stream and has not yet read that history through: the bound its reads go
+    # from, the history position ``pos`` and, if any, the time ``since`` (epoch seconds,
+    # read against the publisher's timestamps); gone once a read goes through
+    "CREATE TABLE cursor_began (name TEXT NOT NULL, stream TEXT NOT NULL, pos INTEGER NOT NULL, since REAL,"
+    " PRIMARY KEY (name, stream)) WITHOUT ROWID",
+)
 HISTORY = (
     # what a publisher keeps of its topics (``history=``): a row per frame it sent, the
     # messages ``seq`` .. ``seq + count - 1`` of ``topic``, as they travelled (the payload
@@ -95,6 +104,7 @@ HISTORY = (
     " pos INTEGER NOT NULL,"
     " PRIMARY KEY (name, stream, topic)) WITHOUT ROWID",
     *HISTORY_5,
+    *HISTORY_7,
 )
 SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -151,8 +161,21 @@ def migrate(db: sqlite3.Connection, version: int) -> None:
     if version in (3, 4):  # the publisher runs durable subscriptions followed
         for statement in HISTORY_5:
             db.execute(statement)
-    # (from 5, nothing to change: a segment may now hold entries marked redelivered, which
-    # an older zmqmesh would take for damage; the new version makes it refuse the store)
+    # (from 5, nothing to change for 6: a segment may now hold entries marked redelivered,
+    # which an older zmqmesh would take for damage; the new version makes it refuse the store)
+    if 3 <= version <= 6:
+        # where durable subscriptions began mid-stream. A zmqmesh of schema 5 or 6 recorded
+        # a publisher's run at a subscription's first start, before any read of its history
+        # went through, and took a stream with a run but no place for one never met (a
+        # first start again, as ``replay`` says); read now as a stream resumed from the start
+        # of its history, such a row gave the whole history under the prefix once. It is
+        # read as the version that wrote it read it: the run goes (a stream of which no
+        # place was recorded is begun again as ``replay`` says). A stream with places keeps
+        # its run: resumed from them as before.
+        for statement in HISTORY_7:
+            db.execute(statement)
+        db.execute("DELETE FROM cursor_runs WHERE NOT EXISTS (SELECT 1 FROM cursors WHERE cursors.name = "
+                   "cursor_runs.name AND cursors.stream = cursor_runs.stream)")
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     db.execute("COMMIT")
 

@@ -100,9 +100,10 @@ def durable_subscriptions(directory: str | os.PathLike[str]) -> dict[str, dict[s
     node using it may run): ``{name: {"streams": publisher streams, "topics": places}}``,
     by name (a stream followed whose topics have no place yet counts among the streams).
     Raises as `inspect_store` does."""
-    with _reading(directory) as (db, _path, _schema):
+    with _reading(directory) as (db, _path, schema):
+        began = " UNION ALL SELECT name, stream, 0 FROM cursor_began" if schema >= 7 else ""  # (read as it is)
         rows = db.execute("SELECT name, count(DISTINCT stream), sum(place) FROM (SELECT name, stream, 1 AS place "
-                          "FROM cursors UNION ALL SELECT name, stream, 0 FROM cursor_runs) "
+                          f"FROM cursors UNION ALL SELECT name, stream, 0 FROM cursor_runs{began}) "
                           "GROUP BY name ORDER BY name").fetchall()
     return {name: {"streams": streams, "topics": topics} for name, streams, topics in rows}
 

@@ -28,7 +28,8 @@ marker with, `Cursor.live_from`, and before the answer the time the cursor was m
 from then on follows every topic from its start, each where the read found it, or from its
 first live frame held if before (`Replays._read_through`, `Cursor.met_at`; a durable
 subscription records where, to resume there: `DurablePlaces.begun_at`): a topic begun
-later is no exception. A gap shows only with a next frame, so once a
+later is no exception. A durable subscription records where it began mid-stream until
+then (`DurablePlaces.began_mid_stream`): restarted before, it resumes from there. A gap shows only with a next frame, so once a
 publisher has been quiet for `QUIET_LOOK_S`, the subscription asks it for the numbers
 its topics have reached (a page of no rows) and catches up if it is behind: a last frame
 dropped at a high-water mark is not missed for good. A read of the history that fails is tried again

@@ -79,10 +79,10 @@ class Cursor:
                  "held_count", "held_bytes", "held_topics", "live_pos", "left_to_live", "upto", "from_start", "kept_next",
                  "live_seen", "tail_looks", "away", "awaits_marker", "failures", "failing_since",
                  "reading", "run", "left_runs", "tidy_at", "tidying", "map_from", "map_part", "map_chars",
-                 "refused_by", "since")
+                 "refused_by", "since", "resumed")
 
     def __init__(self, stream: str, node_id: str, options: SubscribeOptions, from_start: bool,
-                 since: float | None = None) -> None:
+                 since: float | None = None, resumed: bool = False) -> None:
         self.stream = stream
         self.node_id = node_id
         self.earlier: tuple[str, ...] = ()  # the nodes it followed before, the last few (`Replays._stream_left`)
@@ -126,6 +126,9 @@ class Cursor:
         # a cursor that began mid-stream: the time (epoch seconds, read against its publisher's
         # timestamps) from which its reads go until it read the history through (`request`)
         self.since = since
+        # a durable subscription's cursor resumed from its store (where it was, or where it began
+        # mid-stream: `DurablePlaces.began`), not begun where the subscription was made (`live_from`)
+        self.resumed = resumed
 
     def follow(self, node_id: str) -> None:
         """Follow the stream as the node ``node_id`` publishes it (a restarted publisher has
@@ -168,10 +171,11 @@ class Cursor:
         no frame is held, was published before the subscription reached the publisher.
         A cursor that begins where its subscription did (a durable subscription's first
         start with ``replay="new"``) reads from there on (`pos`), no longer from the time it
-        was made (`since`): what its publisher kept before was published before it."""
+        was made (`since`): what its publisher kept before was published before it. (Not
+        one `resumed`: it goes from where it began, before it was stopped.)"""
         if self.live_pos is None or position - 1 < self.live_pos:
             self.live_pos = position - 1
-        if not self.from_start and self.options.replay == "new":
+        if not self.from_start and not self.resumed and self.options.replay == "new":
             self.pos, self.since = max(self.pos, position - 1), None
 
     def request(self, prefix: str, numbers_only: bool = False) -> dict[str, Any]:
@@ -181,7 +185,9 @@ class Cursor:
         it began (`since`: ``replay`` in seconds, or the making of a durable subscription's
         first start with ``replay="new"`` until its marker is answered) until it read the
         history through (`from_start`), every read, not the first alone: a read after one
-        that failed went from the start of the history, and delivered what was older."""
+        that failed went from the start of the history, and delivered what was older. So
+        does a durable subscription's cursor restarted before that, from the position and
+        time it began at (`resumed` from `DurablePlaces.began`)."""
         request: dict[str, Any] = {"p": prefix, "a": self.pos, "t": ""}
         if numbers_only:
             request["n"] = 0  # (a publisher before this field sends a whole page: read as such)

@@ -7,7 +7,10 @@ is handled the highest number it reaches is recorded too: after a crash, message
 it are delivered again marked ``redelivered`` (they may have been handled). A name keeps
 its places in at most `MAX_DURABLE_STREAMS` streams: past them, those in the streams of
 publishers gone make way for a new one (`DurablePlaces.room`). It also keeps the run
-(store opening) of each stream's publisher it followed last (`Replays._check_run`).
+(store opening) of each stream's publisher it followed last (`Replays._check_run`), and,
+in a stream it began mid-stream (``replay="new"`` or in seconds) and has not yet read
+through, where it began (`DurablePlaces.began_mid_stream`): restarted, it resumes
+mid-stream from there, not from the start of the history.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ RECORD_FAILED_LOG_S = 10.0
 or the disk) is logged at most this often (each refusal is counted all the same)."""
 
 Place = tuple[int, int, int]  # (the last number handled, the highest perhaps handled, the history position)
+Began = tuple[int, float | None]  # (the history position, the time: where the reads of a cursor that began mid-stream go from)
 Mark = tuple[str, str, str]  # (name, stream, topic)
 
 
@@ -62,6 +66,8 @@ class DurablePlaces:
         self._dirty: dict[Mark, list[int]] = {}  # -> [seq, upto, pos], to be written at the next `flush`
         self._runs: dict[str, dict[str, str]] = {}  # name -> stream -> the publisher run followed last (stored)
         self._dirty_runs: dict[tuple[str, str], str] = {}
+        self._began: dict[str, dict[str, Began]] = {}  # name -> stream -> where it began mid-stream (stored)
+        self._dirty_began: dict[tuple[str, str], Began | None] = {}  # (None: forgotten, a read went through)
         # name -> the streams it keeps places in (stored, written, or followed), least recently
         # followed first: those loaded from the store, then in the order last written or followed
         self._followed: dict[str, dict[str, None]] = {}
@@ -90,15 +96,23 @@ class DurablePlaces:
                           "(a place whose topic or stream cannot be read: the streams it may be of)",
                           name, damaged)
             self._runs[name] = self.store.cursors.load_runs(name)
-            self._followed[name] = dict.fromkeys([*self._places[name], *self._runs[name]])
+            self._began[name] = self.store.cursors.load_began(name)
+            self._followed[name] = dict.fromkeys([*self._places[name], *self._runs[name], *self._began[name]])
         return self._places[name].get(stream, {})
 
     def known(self, name: str, stream: str) -> bool:
         """Whether ``name`` has a record of ``stream`` (loaded by `stored` first), if only a
         stream listed with no place in any topic (its rows were damaged:
-        `Cursors.load_counting`) or the run of its publisher it followed (recorded once it
-        followed every topic from its start: `Replays._follow_run`)."""
-        return stream in self._places.get(name, {}) or stream in self._runs.get(name, {})
+        `Cursors.load_counting`), the run of its publisher it followed (`Replays._follow_run`)
+        or where it began mid-stream (`began`)."""
+        return (stream in self._places.get(name, {}) or stream in self._runs.get(name, {})
+                or stream in self._began.get(name, {}))
+
+    def began(self, name: str, stream: str) -> Began | None:
+        """Where ``name`` began in ``stream`` (loaded by `stored` first), if it began
+        mid-stream there and has not yet read its history through, as written:
+        ``(pos, since)``, the history position and the time (or None) its reads go from."""
+        return self._began.get(name, {}).get(stream)
 
     def run(self, name: str, stream: str) -> str | None:
         """The run of the publisher of ``stream`` that ``name`` followed last, as written."""
@@ -125,6 +139,24 @@ class DurablePlaces:
     def follow_run(self, name: str, stream: str, run: str) -> None:
         """Record, at the next `flush`, that ``name`` follows ``run`` of ``stream``'s publisher."""
         self._dirty_runs[(name, stream)] = run
+
+    def began_mid_stream(self, name: str, stream: str, pos: int, since: float | None) -> None:
+        """Record, at the next `flush`, that ``name`` began mid-stream in ``stream`` (its
+        first start there, ``replay="new"`` or in seconds) and reads its history from
+        position ``pos`` and the time ``since`` (None: none) until a read goes through
+        (`read_through`): restarted before, it resumes mid-stream from there in every topic
+        it has no place in (`began`), not from the start of the history."""
+        self._dirty_began[(name, stream)] = (pos, since)
+
+    def read_through(self, name: str, stream: str) -> bool:
+        """Record, at the next `flush`, that ``name`` follows every topic of ``stream`` from
+        its start now (a read of its history went through, or it reads it all again):
+        where it began mid-stream is forgotten. Whether it had such a record."""
+        mark = (name, stream)
+        if stream not in self._began.get(name, {}) and self._dirty_began.get(mark) is None:
+            return False
+        self._dirty_began[mark] = None
+        return True
 
     def touch(self, name: str, stream: str) -> None:
         """Count ``stream`` as the one the durable subscription ``name`` followed last."""
@@ -180,17 +212,20 @@ class DurablePlaces:
                           "(%d time(s); said again at most every %g s)", name, exc, refused, FORGOTTEN_LOG_S)
             return False
         gone = set(doomed)
-        stored, runs = self._places.get(name, {}), self._runs.get(name, {})
+        stored, runs, began = self._places.get(name, {}), self._runs.get(name, {}), self._began.get(name, {})
         for s in doomed:
             del followed[s]
             stored.pop(s, None)
             runs.pop(s, None)
+            began.pop(s, None)
             for place in places.get(s, ()):
                 forget(place)
         for mark in [m for m in self._dirty if m[0] == name and m[1] in gone]:  # (never written back)
             del self._dirty[mark]
         for place_run in [p for p in self._dirty_runs if p[0] == name and p[1] in gone]:
             del self._dirty_runs[place_run]
+        for place_began in [p for p in self._dirty_began if p[0] == name and p[1] in gone]:
+            del self._dirty_began[place_began]
         self.stats.reject("durable_streams_forgotten", len(doomed))
         said = self._forgotten_log.due(len(doomed))
         if said:
@@ -259,7 +294,7 @@ class DurablePlaces:
 
     def unwritten(self) -> bool:
         """Whether numbers handed out wait to be handled, or places to be written (`flush`)."""
-        return bool(self._pending or self._dirty or self._dirty_runs)
+        return bool(self._pending or self._dirty or self._dirty_runs or self._dirty_began)
 
     def pending(self, name: str, stream: str, topic: str) -> deque[int]:
         """The numbers of ``topic`` handed to ``name``'s handler and not yet `handled`, in
@@ -345,31 +380,42 @@ class DurablePlaces:
         for name in [n for n in {*self._places, *self._runs, *self._followed} if n not in in_use and n not in busy]:
             self._places.pop(name, None)
             self._runs.pop(name, None)
+            self._began.pop(name, None)
             self._followed.pop(name, None)
 
     def flush(self) -> bool:
-        """Commit what the durable subscriptions handled, and the runs they followed, since
-        the last flush; False if the store refused (`_save`)."""
-        if not self._dirty and not self._dirty_runs:
+        """Commit what the durable subscriptions handled, the runs they followed, and where
+        they began mid-stream (or read through), since the last flush; False if the store
+        refused (`_save`)."""
+        if not self._dirty and not self._dirty_runs and not self._dirty_began:
             return True
         dirty, self._dirty = self._dirty, {}
         runs, self._dirty_runs = self._dirty_runs, {}
+        began, self._dirty_began = self._dirty_began, {}
         for (name, stream), run in runs.items():
             self._runs.setdefault(name, {})[stream] = run
+        for (name, stream), bound in began.items():
+            if bound is None:
+                self._began.get(name, {}).pop(stream, None)
+            else:
+                self._began.setdefault(name, {})[stream] = bound
         rows = []
         for (name, stream, topic), (seq, upto, pos) in dirty.items():
             rows.append((name, stream, topic, seq, max(upto, seq), pos))
             self._places.setdefault(name, {}).setdefault(stream, {})[topic] = (seq, max(upto, seq), pos)
-        for name, stream in {*runs, *((name, stream) for name, stream, _topic in dirty)}:  # (once a stream)
+        for name, stream in {*runs, *began, *((name, stream) for name, stream, _topic in dirty)}:  # (once a stream)
             self.touch(name, stream)
-        return self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()])
+        return self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()],
+                          [(name, stream, *bound) for (name, stream), bound in began.items() if bound is not None],
+                          [mark for mark, bound in began.items() if bound is None])
 
     def _saved(self, name: str, stream: str, topic: str) -> list[int]:
         seq, upto, pos = self._places.get(name, {}).get(stream, {}).get(topic, (-1, -1, 0))
         return [seq, upto, pos]
 
-    def _save(self, rows: list[tuple[str, str, str, int, int, int]], runs: list[tuple[str, str, str]]) -> bool:
-        """Record ``rows`` and ``runs`` (`Cursors.save`); whether it could. A store that refuses (full, failing)
+    def _save(self, rows: list[tuple[str, str, str, int, int, int]], runs: list[tuple[str, str, str]],
+              began: list[tuple[str, str, int, float | None]], read_through: list[tuple[str, str]]) -> bool:
+        """Record ``rows``, ``runs``, ``began`` and ``read_through`` (`Cursors.save`); whether it could. A store that refuses (full, failing)
         is counted (``stats()["pubsub"]["durable_record_failed"]``) and logged at most every
         `RECORD_FAILED_LOG_S` (before, once per burst of handlers: 92 errors in 2 s for a
         store full at 20,000 topics): a subscriber restarted then resumes from the place
@@ -377,7 +423,7 @@ class DurablePlaces:
         ``redelivered`` (the highest numbers reached were not recorded either); nothing is
         skipped."""
         try:
-            self.store.cursors.save(rows, runs)
+            self.store.cursors.save(rows, runs, began, read_through)
         except Exception as exc:
             self.stats.add("pubsub", "durable_record_failed")
             said = self._record_failed_log.due()

@@ -244,14 +244,31 @@ class Replays:
 
     def _follow_run(self, cursor: Cursor, run: str) -> None:
         """The cursor follows its publisher's ``run``; a durable subscription records it
-        (`DurablePlaces.follow_run`) once the cursor follows every topic from its start
-        (`Cursor.from_start`; one that began mid-stream, once it read the history through:
-        `_read_through`): a stream recorded is resumed, not begun again as ``replay`` says
-        (`DurablePlaces.known`)."""
+        (`DurablePlaces.follow_run`): a stream recorded is resumed, not begun again as
+        ``replay`` says (`DurablePlaces.known`), and a publisher found restored from an
+        older copy then (`_check_run`). One that began mid-stream records where it began
+        too (`_record_began`), in the same transaction: resumed before it read the history
+        through, it goes on from there, not from the start of the history. (Before, its run
+        was recorded only once it had read the history through: restarted before, it had
+        none to miss from a publisher put back from a copy.)"""
         cursor.run = run
         name = cursor.options.durable_name
-        if name is not None and self.places is not None and cursor.from_start:
+        if name is not None and self.places is not None:
             self.places.follow_run(name, cursor.stream, run)
+
+    def _record_began(self, cursor: Cursor) -> None:
+        """A durable subscription's cursor that began mid-stream here (a first start with
+        ``replay="new"`` or in seconds: not `Cursor.from_start`, not `Cursor.resumed`)
+        records where its reads go from (`Cursor.pos`, `Cursor.since`), written at once
+        (`DurablePlaces.began_mid_stream`): until a read goes through (`_read_through`),
+        a restart resumes mid-stream from there in every topic it has no place in. (Before,
+        restarted after a first read that failed, it read the history of those topics from
+        their start, or from where it began with what came before counted in ``msg.gap``.)"""
+        name = cursor.options.durable_name
+        if name is None or self.places is None or cursor.from_start or cursor.resumed:
+            return
+        self.places.began_mid_stream(name, cursor.stream, cursor.pos, cursor.since)
+        self.flush()
 
     def _rewind(self, key: Key, cursor: Cursor, node_id: str, run: str, calls: list[Call]) -> None:
         """The publisher of ``cursor``'s stream (``node_id``) now runs ``run`` on a store that never saw
@@ -507,6 +524,7 @@ class Replays:
         name, places = options.durable_name, self.places
         stored: dict[str, tuple[int, int, int]] = {}
         resumed = False
+        began = None  # (where a durable subscription began mid-stream, not yet read through: resumed from there)
         if name is not None and places is not None:
             if not places.room(name, stream, self._present_streams(), self.cursors, self._forget):
                 self.stats.reject("durable_streams_full")
@@ -514,10 +532,14 @@ class Replays:
             stored = places.stored(name, stream)
             # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
             resumed = bool(stored) or places.known(name, stream)
+            began = places.began(name, stream) if options.replay != "all" else None
         since = None  # (a first start that begins mid-stream: from that many seconds ago, or from now)
-        if not resumed and options.replay != "all":
+        if began is not None:
+            since = began[1]
+        elif not resumed and options.replay != "all":
             since = time.time() - (0.0 if options.replay == "new" else float(options.replay))
-        cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or resumed, since=since)
+        cursor = Cursor(stream, node_id, options, from_start=options.replay == "all" or (resumed and began is None),
+                        since=since, resumed=resumed)
         cursor.kept = self.directory.streams.get(node_id, (stream, ()))[1]
         self.cursors[(key, stream)] = cursor
         if stored:
@@ -526,9 +548,12 @@ class Replays:
                 if upto > seq:
                     cursor.upto[topic] = upto
             cursor.pos = min(pos for _s, _u, pos in stored.values())
+        if began is not None:
+            cursor.pos = min(cursor.pos, began[0]) if stored else began[0]
         if name is not None and places is not None:
             cursor.run = places.run(name, stream)
         self._check_run(key, cursor, node_id, calls)
+        self._record_began(cursor)
         mark = self._marks.pop((key, node_id), None)
         self._catch_up(key, cursor, marked=mark[1] if mark is not None and mark[0] is options else -1)
         return cursor
@@ -564,6 +589,7 @@ class Replays:
         cursor.forget_map()
         if marked is not None and marked >= 0:
             cursor.live_from(marked)  # (before the request: it may say where the read goes from)
+            self._record_began(cursor)
         fetch = Fetch(cursor.node_id, key, cursor.stream, cursor.request(key[0], numbers_only))
         if marked is not None and marked < 0 and self.directory.speaks(cursor.node_id, MARKER_PROTOCOL):
             cursor.reading, cursor.awaits_marker = fetch, True  # (read at the answer, or at the deadline: `look_again`)
@@ -612,6 +638,7 @@ class Replays:
             return
         cursor.awaits_marker = False
         cursor.live_from(position)
+        self._record_began(cursor)
         # (a new read, from where the answer says, if it does: the one planned at the deadline is stale)
         self._read(cursor, Fetch(fetch.node_id, fetch.key, fetch.stream, cursor.request(fetch.key[0])))
 
@@ -725,11 +752,13 @@ class Replays:
     def _record_from_start(self, cursor: Cursor, uptos: dict[str, int]) -> bool:
         """For a durable subscription (True; False for another), record that it reads the
         topics of ``uptos`` of the cursor's stream again from the start of the history
-        (`DurablePlaces.from_start`)."""
+        (`DurablePlaces.from_start`), and every topic from its start (`Cursor.from_start`):
+        where it began mid-stream, if it did, is forgotten (`DurablePlaces.read_through`)."""
         name = cursor.options.durable_name
         if name is None or self.places is None:
             return False
         self.places.from_start(name, cursor.stream, uptos)
+        self.places.read_through(name, cursor.stream)
         return True
 
     def delivering(self) -> bool:
@@ -848,11 +877,13 @@ class Replays:
         resumes from where it handled its messages, and took a topic it had no place in
         for one to follow from its start (a message of a topic all older than the seconds
         it replays, published while it was down, came with all those older ones counted
-        missed in ``msg.gap``), and the run it follows (`_follow_run`): a stream of which
-        it had nothing to record (no topic kept under its prefix yet) is resumed all the
-        same, from the start of the history (before, restarted, it began again as its
-        ``replay`` said: with ``"new"``, what was published while it was down was lost,
-        unreported).
+        missed in ``msg.gap``), and forgets where it began mid-stream
+        (`DurablePlaces.read_through`, written with the places of the topics it met, or at
+        once if it met none): restarted, it follows every topic from its start, and a
+        stream of which it had nothing to record (no topic kept under its prefix yet) is
+        resumed all the same by the run it followed (`_follow_run`), from the start of the
+        history (before, restarted, it began again as its ``replay`` said: with ``"new"``,
+        what was published while it was down was lost, unreported).
 
         A page without ``next`` (a read that failed over, malformed) leaves the cursor as it
         was, and so does a look at the numbers alone (``"n": 0``, no rows): the live frames
@@ -869,12 +900,11 @@ class Replays:
         met = bool(cursor.next)  # (topics it has messages of: their places go with them, before they are handled)
         cursor.next.update(begun)
         cursor.from_start = True
-        if cursor.run is not None:
-            self._follow_run(cursor, cursor.run)
         name = cursor.options.durable_name
         begun = {topic: number for topic, number in begun.items() if number > 0}  # (0: the start, as from no place)
         if name is None or self.places is None:
             return
+        self.places.read_through(name, cursor.stream)  # (where it began goes with the places of the topics met)
         if begun:
             self.places.begun_at(name, cursor.stream, begun, cursor.pos)
         if begun or not met:
