@@ -1523,6 +1523,46 @@ def test_a_durable_subscription_restarted_before_its_first_read_went_through_res
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("replay", ["new", 2.0])
+def test_a_durable_subscription_stopped_before_its_first_read_went_through_gets_what_was_published_meanwhile(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, replay: str | float) -> None:
+    """A durable subscription's first start mid-stream ("t.old" 0 to 9 published before it,
+    or older than its seconds), its first read given up, nothing handled. Stopped, "t.a" 0
+    to 2 are published (older than its seconds once it is back); restarted, it gets them,
+    then 3 live, no gap, nothing of "t.old". Before, it had no record of the stream (no
+    place, and its run was recorded only once a read went through): restarted, it began
+    again as ``replay`` says, and "t.a" 0 to 2 were lost, unreported (fails so at
+    e832448: timed out waiting for them)."""
+    failing = _failing_pages(monkeypatch)
+    got: list[tuple[str, int, int]] = []
+
+    def subscriber() -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=replay, durable_name="d")
+        return node
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("t.old", n)
+        time.sleep(2.5)  # (older than the seconds it replays)
+        with subscriber() as node:
+            _first_read_given_up(node, failing)
+        for n in range(3):
+            publisher.publish("t.a", n)
+        time.sleep(2.5)  # (older than the seconds it replays, once it is back)
+        with subscriber() as node:
+            wait_until(lambda: len(got) >= 3, 20, "what was published while it was stopped")
+            publisher.wait_for_peers(1)
+            publisher.wait_for_subscribers("t.a", 1, timeout=10)
+            publisher.publish("t.a", 3)
+            wait_until(lambda: len(got) >= 4, 20, "t.a 3")
+            time.sleep(0.5)  # (nothing more)
+            gaps = node.stats()["pubsub"].get("gap", 0)
+    assert got == [("t.a", n, 0) for n in range(4)]
+    assert gaps == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("replay", ["new", 2.0])
 def test_a_durable_subscription_restarted_before_its_first_read_went_through_sees_its_publisher_put_back(
         tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, replay: str | float) -> None:
     """A durable subscription's first start mid-stream, its first read given up: it handles

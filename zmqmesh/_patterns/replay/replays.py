@@ -532,7 +532,10 @@ class Replays:
             stored = places.stored(name, stream)
             # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
             resumed = bool(stored) or places.known(name, stream)
-            began = places.began(name, stream) if options.replay != "all" else None
+            began = places.began(name, stream)
+            if began is not None and options.replay == "all":  # (the name taken again to follow every topic from its start)
+                places.read_through(name, stream)
+                began = None
         since = None  # (a first start that begins mid-stream: from that many seconds ago, or from now)
         if began is not None:
             since = began[1]
