@@ -7,9 +7,13 @@ as bench.py's ``durable/batch_vs_memory``. After a warm-up, each thread's CPU
 (``/proc/<pid>/task/<tid>/schedstat``, ns) is read before and after ``--n`` messages (the
 puller has handled the last one, and the pusher has forgotten them all) and reported per
 message, in ns (and the system part of it, in clock ticks' worth), for the threads that
-used any. ``--callgrind``: both run under ``valgrind --tool=callgrind``, instrumented only
-over the measured messages: instructions per message per thread (numbered as callgrind
-numbers them; the pipeline's batching under valgrind is not the same as without).
+used any, and how many of every 1,000 messages stored over them spilled (stayed in the
+store only, to be read back: ``durable_spilled``). ``--stall-ms``: the puller is stopped
+(SIGSTOP) that long as the measured pushes begin, as a busy machine may hold it up;
+``--pace-ms``: the pusher sleeps that long after each ``push_many``. ``--callgrind``: both
+run under ``valgrind --tool=callgrind``, instrumented only over the measured messages:
+instructions per message per thread (numbered as callgrind numbers them; the pipeline's
+batching under valgrind is not the same as without).
 With ``DURABLE_CPU_GC=1``, each process tells on stderr the garbage collector's runs
 over the measured messages (by generation and thread). With ``DURABLE_CPU_PROFILE=<dir>``, each process writes yappi's profile (CPU clock) of
 its busiest threads over the measured messages there; with
@@ -147,7 +151,7 @@ def puller(beacon_port: int, mesh: str, warm: int, n: int) -> None:
         _dump_profile(out, "puller")
 
 
-def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
+def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str, pace_ms: float = 0.0) -> None:
     """Pushes ``warm`` messages, then on a line ``n`` more; says ``sent`` and, once the store
     holds none of them (durable), ``forgotten``."""
     import zmqmesh
@@ -165,6 +169,8 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
                 for start in range(lo, hi, BATCH):
                     node.push_many(QUEUE, [{"id": i, "payload": PAYLOAD} for i in range(start, min(start + BATCH, hi))],
                                    durable=True)
+                    if pace_ms:
+                        time.sleep(pace_ms / 1e3)
             else:
                 push = functools.partial(node.push, durable=True) if flavor == "durable" else node.push
                 for i in range(lo, hi):
@@ -180,6 +186,7 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
 
             profiler = cProfile.Profile(time.thread_time)  # (CPU: not the waits for the GIL or a lock)
             profiler.enable()
+        stats_before = node.stats()["pipeline"]
         give(warm, warm + n)
         if main_profile:
             profiler.disable()
@@ -187,6 +194,9 @@ def pusher(beacon_port: int, mesh: str, warm: int, n: int, flavor: str) -> None:
         say(f"sent {_names()}")
         sys.stdin.readline()
         collections.measure(False)
+        stats_after = node.stats()["pipeline"]
+        say("stored " + " ".join(str(stats_after.get(k, 0) - stats_before.get(k, 0))
+                                 for k in ("durable_stored", "durable_spilled")))
         collections.tell(n)
         if collections.on:
             pipeline = node.stats()["pipeline"]
@@ -244,8 +254,8 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
     try:
         pull_pid = int(expect(pull, "ready")[1])
         push = subprocess.Popen([*under("push"), sys.executable, me, "--role", "pusher", "--flavor", args.flavor,
-                                 *common], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                stderr=subprocess.DEVNULL if args.callgrind else None)
+                                 "--pace-ms", str(args.pace_ms), *common], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL if args.callgrind else None)
         _, push_pid_s, push_names = expect(push, "ready")
         push_pid = int(push_pid_s)
         pull_names = expect(pull, "warm")[1]
@@ -259,6 +269,10 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
             callgrind_control("-i", "on", pull_pid)
         before = {"push": _threads(push_pid), "pull": _threads(pull_pid)}
         _line(push)
+        if args.stall_ms:  # (the puller stopped a while as the measured pushes begin: the pusher gets ahead)
+            os.kill(pull_pid, signal.SIGSTOP)
+            time.sleep(args.stall_ms / 1e3)
+            os.kill(pull_pid, signal.SIGCONT)
         push_names = expect(push, "sent")[1]
         expect(pull, "done")
         time.sleep(1.0 if args.callgrind else 0.15)  # (the pusher forgets what was acknowledged within 50 ms)
@@ -282,6 +296,8 @@ def one_round(args: argparse.Namespace) -> dict[str, float]:
                 result[label + " (sys)"] = result.get(label + " (sys)", 0.0) + (system - was[2]) * tick_ns / args.n
             result[f"{side}:TOTAL"] = total / args.n
         _line(push)
+        _, stored_s, spilled_s = expect(push, "stored")
+        result["push:spilled (of 1000 msgs)"] = 1000 * int(spilled_s) / max(1, int(stored_s))
         _line(pull)
         push.wait(120)
         pull.wait(120)
@@ -318,6 +334,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--warm", type=int, default=20_480)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stall-ms", type=float, default=0.0, help="stop the puller (SIGSTOP) this long as the "
+                        "measured pushes begin, as a busy machine may: the pusher gets ahead of it")
+    parser.add_argument("--pace-ms", type=float, default=0.0, help="durable_batch: sleep this long after each "
+                        "push_many (a steady producer slower than its puller)")
     parser.add_argument("--callgrind", action="store_true", help="run both under valgrind --tool=callgrind: "
                         "instructions per message, per thread (numbered as callgrind numbers them)")
     parser.add_argument("--keep", action="store_true", help="with --callgrind: keep the dumps (for callgrind_annotate)")
@@ -326,15 +346,15 @@ def main() -> None:
         puller(args.beacon_port, args.mesh, args.warm, args.n)
         return
     if args.role == "pusher":
-        pusher(args.beacon_port, args.mesh, args.warm, args.n, args.flavor)
+        pusher(args.beacon_port, args.mesh, args.warm, args.n, args.flavor, args.pace_ms)
         return
     rounds = [one_round(args) for _ in range(args.rounds)]
     labels = sorted({k for r in rounds for k in r}, key=lambda k: (k.split(":")[0], -max(r.get(k, 0) for r in rounds)))
     for label in labels:
         values = sorted(r.get(label, 0.0) for r in rounds)
-        if values[-1] < 20:
+        if values[-1] < 20 and "spilled" not in label:
             continue
-        unit = "instr/msg" if "instr" in label else "ns/msg"
+        unit = "instr/msg" if "instr" in label else "" if "spilled" in label else "ns/msg"
         say(f"{label:45s} median {values[len(values) // 2]:8.0f} {unit:9s} rounds {' '.join(f'{v:.0f}' for v in values)}")
 
 
