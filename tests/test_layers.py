@@ -36,6 +36,7 @@ from zmqmesh._patterns.pipeline import cut_frames, next_batch
 from zmqmesh._patterns.reqrep import Calling, Exchange, QuickRequest, request_plan
 from zmqmesh._patterns.request_batches import EARLY_ITEMS, RequestBatches
 from zmqmesh._stats import LogThrottle, RequestTally, Stats
+from zmqmesh._store.messages import SEGMENT, SEQ, WIRE
 from zmqmesh._wire import frames
 from zmqmesh._wire.codec import Codec
 
@@ -1092,15 +1093,15 @@ def test_a_durable_batch_checked_as_columns_is_refused_for_any_item_the_item_che
 def _stored(seq: int, segment: int, body: bytes, attempts: int = 0, recovered: bool = False,
             wire: bool = True) -> Any:
     """A durable message as a commit or a read back holds it (`stored_messages`), then
-    marked as asked: recovered as `StoredMessage.as_recovered` marks it (its wire form
-    gone, as with failed deliveries)."""
-    from zmqmesh._store.messages import stored_messages
+    marked as asked: recovered as `as_recovered` marks it (its wire form gone, as with
+    failed deliveries)."""
+    from zmqmesh._store.messages import as_recovered, stored_messages
 
     message = stored_messages("q", seq, [segment], [f"id-{seq}"], [1000.5], [None], [body], [attempts], [False],
                               msgpack.Packer().pack)[0][0]
     if recovered:
-        message = message.as_recovered()
-    return message._replace(wire=message.wire if wire else None)
+        message = as_recovered(message)
+    return message if wire else (*message[:WIRE], None)
 
 
 def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_they_are() -> None:
@@ -1116,7 +1117,7 @@ def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_
     import random
 
     from zmqmesh._patterns.reliable import _wrap_two_fields, fill_batch, wire_form
-    from zmqmesh._store.messages import StoredMessage
+    from zmqmesh._store.messages import ATTEMPTS, RECOVERED, STORED
 
     full_form = functools.partial(wire_form, pack=msgpack.Packer().pack)
     rng = random.Random(7)
@@ -1152,7 +1153,7 @@ def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_
         taken = items[len(items) - (len(whole) - len(source)):]
         assert len(parts) == len(items)
         assert taken == whole[:len(taken)] and list(source) == whole[len(taken):], trial
-        marked = [again or (type(i) is StoredMessage and (i.attempts > 0 or i.recovered)) for i in taken]
+        marked = [again or (type(i) is STORED and (i[ATTEMPTS] > 0 or i[RECOVERED])) for i in taken]
         assert parts[len(parts) - len(taken):] == [wrap(i, m) for i, m in zip(taken, marked)], trial
         assert size == sum(map(len, parts)), trial
         assert size <= frames.BATCH_BYTES or len(items) == 1, trial
@@ -1161,12 +1162,15 @@ def test_an_at_least_once_batch_takes_items_in_order_within_its_limits_whatever_
 
 
 def test_the_getters_of_a_stored_messages_fields_read_the_fields_they_name() -> None:
-    from zmqmesh._store.messages import segment_of, seq_of, wire_of
+    from zmqmesh._store.messages import segment_of, seq_of, stored_message, wire_of
 
     message = _stored(5, 3, b"abc")
-    assert (seq_of(message), segment_of(message), wire_of(message)) == (5, 3, message.wire) and message.wire
-    assert [type(message)._fields[i] for i in (0, 7, 9)] == ["seq", "segment", "wire"]  # (the indices they read)
+    assert (seq_of(message), segment_of(message), wire_of(message)) == (5, 3, message[WIRE]) and message[WIRE]
     assert wire_of(_stored(5, 3, b"abc", wire=False)) is None
+    named = stored_message(seq=1, queue="q", msg_id="i", timestamp=2.0, headers=None, body=b"b", attempts=3, segment=4,
+                           recovered=True, wire=b"w")
+    assert (named[SEQ], named[SEGMENT], named[WIRE]) == (1, 4, b"w")  # (the indices name the fields)
+    assert type(message) is type(named) is tuple, "plain tuples, which the garbage collector stops tracking"
 
 
 def test_a_durable_buffer_reckons_the_bytes_it_still_holds_however_messages_come_and_go() -> None:
@@ -1192,7 +1196,7 @@ def test_a_durable_buffer_reckons_the_bytes_it_still_holds_however_messages_come
     while buffer:
         buffer.popleft()
     assert buffer.reckon() == 0
-    assert held_bytes(held_halves([_stored(1, 1, b"abc")])) == 2 * len(_stored(1, 1, b"abc").wire) + 200
+    assert held_bytes(held_halves([_stored(1, 1, b"abc")])) == 2 * len(_stored(1, 1, b"abc")[WIRE]) + 200
     assert held_bytes(held_halves([_stored(1, 1, b"abc", wire=False)])) == 4 + 200  # (3 bytes, halved rounded up)
 
 
@@ -1205,11 +1209,11 @@ def _check_handled_by_segment(items: list[Any], failed: set[int], trial: int) ->
     expected: dict[int, list[int]] = {}
     for position, item in enumerate(items):
         if not isinstance(item, bytes) and position not in failed:
-            expected.setdefault(item.segment, []).append(item.seq)
-    got = {segment: [m.seq for m in messages] for segment, messages in handled_by_segment(items, failed).items()}
+            expected.setdefault(item[SEGMENT], []).append(item[SEQ])
+    got = {segment: [m[SEQ] for m in messages] for segment, messages in handled_by_segment(items, failed).items()}
     assert got == expected and list(got) == list(expected), trial
     if not any(isinstance(item, bytes) for item in items):  # (a batch dealt from a durable buffer alone, told so)
-        told = {segment: [m.seq for m in messages]
+        told = {segment: [m[SEQ] for m in messages]
                 for segment, messages in handled_by_segment(items, failed, stored=True).items()}
         assert told == expected and list(told) == list(expected), trial
 
@@ -1251,8 +1255,8 @@ def test_a_batch_dealt_in_order_is_sorted_out_by_segment_in_runs_or_not() -> Non
 def test_a_stored_message_with_failed_deliveries_holds_no_first_delivery_form() -> None:
     """A message committed with failed deliveries counted (a keeper's) is held without a
     wire form, as one that failed here is: `fill_batch` tells fresh ones by their forms."""
-    assert _stored(1, 1, b"x", attempts=2).wire is None
-    assert _stored(1, 1, b"x").wire is not None
+    assert _stored(1, 1, b"x", attempts=2)[WIRE] is None
+    assert _stored(1, 1, b"x")[WIRE] is not None
 
 
 def test_a_full_request_batch_that_cannot_go_fails_each_of_its_requests_once() -> None:
@@ -2903,7 +2907,7 @@ def test_a_pullers_own_timed_out_messages_are_looked_for_only_as_far_as_its_turn
     import zmq
 
     from zmqmesh._patterns.reliable import ReliableSender
-    from zmqmesh._store.messages import StoredMessage
+    from zmqmesh._store.messages import ID, stored_message
 
     loop = asyncio.new_event_loop()
     ctx = zmq.Context()
@@ -2915,11 +2919,11 @@ def test_a_pullers_own_timed_out_messages_are_looked_for_only_as_far_as_its_turn
         mine = {"m3", "m5", "m15000"}
         sender._ghosts[line] = {b"batch": frozenset(mine)}
         sender._withheld[line] = time.monotonic() + 10
-        again = deque(StoredMessage(n, "jobs", f"m{n}", 0.0, None, b"", 1, n) for n in range(20_000))
+        again = deque(stored_message(n, "jobs", f"m{n}", 0.0, None, b"", 1, n) for n in range(20_000))
         taken = sender._take_own(line, again, 8)
-        assert [m.id for m in taken] == ["m3", "m5"]
-        assert [m.id for m in list(again)[:8]] == [f"m{n}" for n in (0, 1, 2, 4, 6, 7, 8, 9)], "the turn's 8, in order"
-        assert len(again) == 19_998 and any(m.id == "m15000" for m in again), "further back: not looked at"
+        assert [m[ID] for m in taken] == ["m3", "m5"]
+        assert [m[ID] for m in list(again)[:8]] == [f"m{n}" for n in (0, 1, 2, 4, 6, 7, 8, 9)], "the turn's 8, in order"
+        assert len(again) == 19_998 and any(m[ID] == "m15000" for m in again), "further back: not looked at"
     finally:
         loop.close()
         ctx.term()

@@ -24,6 +24,17 @@ from zmqmesh._patterns.history import PAGE_ROWS, History
 from zmqmesh._stats import Stats
 from zmqmesh._store import checkpointer
 from zmqmesh._store.checkpointer import BACKSTOP_PAGES, LOG_LIMIT_BYTES
+from zmqmesh._store.messages import (
+    ATTEMPTS,
+    BODY,
+    HEADERS,
+    ID,
+    RECOVERED,
+    SEGMENT,
+    SEQ,
+    TIMESTAMP,
+    WIRE,
+)
 from zmqmesh._store.runs import RUNS_KEPT
 from zmqmesh._store.schema import SCHEMA_VERSION
 from zmqmesh._store.segments import SEGMENT_BYTES, SEGMENT_MAX
@@ -46,7 +57,7 @@ def damage(directory: Path, seq: int, items: bytes = b"\xc1", count: int | None 
 
 
 def live(store: Store, queue: str) -> list[tuple[str, int]]:
-    return [(msgpack.unpackb(m.body), m.attempts) for s in store.pending(queue, limit=10_000) for m in s.messages]
+    return [(msgpack.unpackb(m[BODY]), m[ATTEMPTS]) for s in store.pending(queue, limit=10_000) for m in s.messages]
 
 
 def test_a_call_given_as_columns_is_stored_as_the_rows_a_keeper_hands_over(tmp_path: Path) -> None:
@@ -126,11 +137,11 @@ def test_messages_stored_marked_redelivered_are_read_back_and_moved_so_marked(tm
 
     store = Store(tmp_path)
     (segment,) = store.pending("q")
-    assert [(msgpack.unpackb(m.body), m.recovered) for m in segment.messages] == [("a", False), ("b", True),
+    assert [(msgpack.unpackb(m[BODY]), m[RECOVERED]) for m in segment.messages] == [("a", False), ("b", True),
                                                                                   ("c", False)]
-    assert segment.messages[1].wire is None  # (dealt marked, not in the form of a first delivery)
+    assert segment.messages[1][WIRE] is None  # (dealt marked, not in the form of a first delivery)
     assert store.requeue("q", "other") == 3
-    assert [(msgpack.unpackb(m.body), m.recovered) for m in store.pending("other")[0].messages] == [
+    assert [(msgpack.unpackb(m[BODY]), m[RECOVERED]) for m in store.pending("other")[0].messages] == [
         ("a", False), ("b", True), ("c", False)]
     store.close()
     with sqlite3.connect(tmp_path / "zmqmesh.db") as db:  # (a sixth field is damage, not a mark)
@@ -170,9 +181,9 @@ def test_a_restart_reads_back_only_what_was_not_settled_with_the_attempts_counte
     assert live(store, "orders") == [("c", 2), ("e", 0)]
     (segment,) = store.pending("orders")
     c, e = segment.messages
-    assert (c.seq, c.segment, c.id) == (first + 2, first, "id-c")
+    assert (c[SEQ], c[SEGMENT], c[ID]) == (first + 2, first, "id-c")
     # read back with the form a first delivery sends; one with failed deliveries goes marked
-    assert e.wire == durable_item(e.body, False, "id-e", 1004.0, None, 0) and c.wire is None
+    assert e[WIRE] == durable_item(e[BODY], False, "id-e", 1004.0, None, 0) and c[WIRE] is None
     store.move(c, "orders.dead", msgpack.packb({"x-attempts": "3"}))  # out of a segment of five
     store.close()
 
@@ -180,7 +191,7 @@ def test_a_restart_reads_back_only_what_was_not_settled_with_the_attempts_counte
     store = Store(tmp_path)
     assert live(store, "orders") == [("e", 0)]
     (dead,) = store.pending("orders.dead")[0].messages
-    assert (msgpack.unpackb(dead.body), msgpack.unpackb(dead.headers), dead.attempts) == ("c", {"x-attempts": "3"}, 0)
+    assert (msgpack.unpackb(dead[BODY]), msgpack.unpackb(dead[HEADERS]), dead[ATTEMPTS]) == ("c", {"x-attempts": "3"}, 0)
     store.forget([(first, 5)])  # the whole segment: its marks go with it
     assert live(store, "orders") == []
     assert store.requeue("orders.dead", "orders") == 1
@@ -221,7 +232,7 @@ def test_large_messages_close_a_segment_by_bytes_and_reads_stop_at_a_byte_budget
     assert store.pending("q", limit=1000, max_bytes=1, at_least_one=False) == []
     read = store.pending("q", limit=1000, max_bytes=2 * SEGMENT_BYTES)  # only the segments that fit
     assert [len(s.messages) for s in read] == [2, 2, 1]
-    everything = [m.body for s in store.pending("q", limit=1000) for m in s.messages]
+    everything = [m[BODY] for s in store.pending("q", limit=1000) for m in s.messages]
     assert everything == [e[3] for e in big + huge + entries("a", "b")]
     store.close()
 
@@ -243,7 +254,7 @@ def test_a_store_written_by_schema_1_is_upgraded_in_place(tmp_path: Path) -> Non
     store = Store(tmp_path)
     assert live(store, "orders") == [("a", 0), ("b", 2)]
     b = store.pending("orders")[1].messages[0]
-    assert (b.seq, b.id, b.timestamp, msgpack.unpackb(b.headers)) == (9, "id-b", 2.0, {"k": "v"})
+    assert (b[SEQ], b[ID], b[TIMESTAMP], msgpack.unpackb(b[HEADERS])) == (9, "id-b", 2.0, {"k": "v"})
     ((first, _),) = store.append([("orders", entries("c"))])
     assert first == 10  # numbering goes on after the old rows
     store.close()
@@ -270,7 +281,7 @@ def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_pa
     store = Store(tmp_path)
     damaged, good = store.pending("q")
     assert damaged.messages == [] and "damaged segment 1 (2 messages)" in (damaged.damaged or "")
-    assert [msgpack.unpackb(m.body) for m in good.messages] == ["c"]
+    assert [msgpack.unpackb(m[BODY]) for m in good.messages] == ["c"]
     store.close()
     assert inspect_store(tmp_path)["queues"]["q"]["messages"] == 3  # still there for an operator
 
@@ -375,7 +386,7 @@ def test_a_wrong_count_is_bounded_wherever_the_store_reads_one(tmp_path: Path) -
     what was settled before it nor lifts the read's limit; queue tails stay below the
     next number, so a new message is never numbered inside a damaged span."""
     def described(segments: list[Any]) -> list[tuple[int, int, bool, list[str]]]:
-        return [(s.first, s.size, bool(s.damaged), [msgpack.unpackb(m.body) for m in s.messages]) for s in segments]
+        return [(s.first, s.size, bool(s.damaged), [msgpack.unpackb(m[BODY]) for m in s.messages]) for s in segments]
 
     one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
     store = Store(one)
@@ -466,12 +477,12 @@ def test_a_batch_with_a_dead_letter_and_an_ack_keeps_the_rest_across_a_restart(t
 
     store = Store(tmp_path)
     assert live(store, "q") == [("c", 0)]
-    assert [msgpack.unpackb(m.body) for s in store.pending("q.dead") for m in s.messages] == ["b"]
+    assert [msgpack.unpackb(m[BODY]) for s in store.pending("q.dead") for m in s.messages] == ["b"]
     assert {q: v["messages"] for q, v in store.queues().items()} == {"q": 1, "q.dead": 1}
     recovered = DurableQueues(store, Codec(1 << 20), Stats(),
                               later=lambda delay, fn: None, wake_soon=lambda delay: None)
     assert recovered.recover() == 2
-    assert [msgpack.unpackb(m.body) for m in recovered.refill()["q"]] == ["c"]
+    assert [msgpack.unpackb(m[BODY]) for m in recovered.refill()["q"]] == ["c"]
     store.close()
 
 
@@ -500,7 +511,7 @@ def test_a_pass_of_the_loop_looks_only_at_durable_queues_with_messages_to_deal(t
     assert list(queues.refill(also=["q7", "not-durable"])) == ["q7"]  # (one with messages to deal again)
     assert list(queues.queues) == ["q7"]  # the others are forgotten
     queues.commit_in_turn(Ticket("q3", Entries.of_rows(entries("again"))))
-    assert [msgpack.unpackb(m.body) for m in queues.refill()["q3"]] == ["again"]
+    assert [msgpack.unpackb(m[BODY]) for m in queues.refill()["q3"]] == ["again"]
     assert sorted(queues.refill(every=True)) == ["q3", "q7"]
     queues.refill()["q3"].popleft()  # dealt
     queues.reckon(queues.refill())
@@ -527,7 +538,7 @@ def test_a_backlog_behind_a_large_settled_segment_is_read_in_one_refill(tmp_path
     store = Store(tmp_path)
     queues = DurableQueues(store, Codec(1 << 20), Stats(), later=lambda delay, fn: None, wake_soon=lambda delay: None)
     assert queues.recover() == 10
-    assert [msgpack.unpackb(m.body) for m in queues.refill()["q"]] == [f"b{i}" for i in range(10)]
+    assert [msgpack.unpackb(m[BODY]) for m in queues.refill()["q"]] == [f"b{i}" for i in range(10)]
     store.close()
 
 
@@ -570,7 +581,7 @@ def test_a_whole_queue_is_moved_or_dropped_one_chunk_in_memory_at_a_time(tmp_pat
     assert done == 48 * 256
     assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.1f} MiB held at once"
     assert store.pending("jobs.dead") == []
-    ids = [m.id for s in store.pending("jobs", limit=20_000) for m in s.messages]
+    ids = [m[ID] for s in store.pending("jobs", limit=20_000) for m in s.messages]
     assert ids == ([f"id-{k}-{i}" for k in range(48) for i in range(256)] if operation == "requeue" else [])
     store.close()
 
@@ -588,7 +599,7 @@ def test_a_read_with_a_byte_budget_holds_about_that_budget(tmp_path: Path) -> No
     finally:
         tracemalloc.stop()
     assert [s.first for s in segments] == [1, 2]
-    assert [m.body[:1] for s in segments for m in s.messages] == [b"\x00", b"\x01"]
+    assert [m[BODY][:1] for s in segments for m in s.messages] == [b"\x00", b"\x01"]
     assert peak < 8 * (1 << 20), f"{peak / 2**20:.1f} MiB held at once"
     store.close()
 
@@ -1103,7 +1114,7 @@ def test_a_queue_parked_while_its_offer_was_gone_is_read_back_when_the_offer_is_
     for _ in range(3):
         buffers = queues.refill()
         for buffer in buffers.values():
-            dealt += [msgpack.unpackb(message.body) for message in buffer]
+            dealt += [msgpack.unpackb(message[BODY]) for message in buffer]
             buffer.clear()
         queues.reckon(buffers)
     assert dealt == ["m1"], dealt

@@ -41,14 +41,24 @@ import msgpack
 
 from .._stats import Stats
 from .._store.messages import (
+    ATTEMPTS,
+    BODY,
+    HEADERS,
+    ID,
+    SEGMENT,
+    SEQ,
+    STORED,
+    WIRE,
     Entries,
     Entry,
     StoredMessage,
+    as_recovered,
     segment_of,
     seq_of,
     stored_messages,
     unreadable,
     wire_of,
+    with_attempt,
 )
 from .._wire import frames as wire
 from .._wire.codec import Codec
@@ -93,7 +103,7 @@ def handled_by_segment(items: list[Any], failed: Container[int], stored: bool = 
     or two), is sorted out with no Python step per message (``stored``: ``items`` are
     known to be all durable, `StoredMessage`: not looked at); their sequence numbers are
     looked up only for a segment that stays open (`DurableQueues._settle_in`)."""
-    if not failed and items and (stored or set(map(type, items)) == {StoredMessage}):
+    if not failed and items and (stored or set(map(type, items)) == {STORED}):
         segments = list(map(segment_of, items))
         n = len(segments)
         # the runs of one segment each, as a batch dealt in order holds them (its segments
@@ -114,10 +124,10 @@ def handled_by_segment(items: list[Any], failed: Container[int], stored: bool = 
             return {segment: list(compress(items, map(segment.__eq__, segments))) for segment in distinct}
     handled: dict[int, list[StoredMessage]] = {}
     for i, item in enumerate(items):
-        if type(item) is StoredMessage and i not in failed:
-            of_segment = handled.get(item.segment)
+        if type(item) is STORED and i not in failed:
+            of_segment = handled.get(item[SEGMENT])
             if of_segment is None:
-                handled[item.segment] = [item]
+                handled[item[SEGMENT]] = [item]
             else:
                 of_segment.append(item)
     return handled
@@ -153,8 +163,7 @@ def held_halves(messages: list[StoredMessage], wire_sizes: list[int] | None = No
     wires = list(map(wire_of, messages))
     if all(wires):  # (a wire form is never empty: `all` finds a missing one)
         return list(map(len, wires))
-    return [len(m.wire) if m.wire else (len(m.body) + (len(m.headers) if m.headers else 0) + 1) // 2
-            for m in messages]
+    return [len(form) if (form := m[WIRE]) else (len(m[BODY]) + len(m[HEADERS] or b"") + 1) // 2 for m in messages]
 
 
 def held_bytes(halves: Sequence[int]) -> int:
@@ -501,7 +510,7 @@ class DurableQueues:
         interrupted between its buffer's ``extend`` and noting it leaves ``loaded`` short,
         and the loop would read those messages back and deal them twice (under the lock)."""
         try:
-            last = queue.buffer[-1].seq
+            last = queue.buffer[-1][SEQ]
         except IndexError:  # (empty, or emptied by the loop's sender meanwhile)
             return
         queue.loaded = max(queue.loaded, last)
@@ -562,7 +571,7 @@ class DurableQueues:
                 for first, count in parts:
                     self._segments[first] = [count, count]
                 buffer.extend(stored, halves)
-                queue.loaded = stored[-1].seq
+                queue.loaded = stored[-1][SEQ]
         if spilled:
             self.stats.add("pipeline", "durable_spilled", spilled)
 
@@ -695,7 +704,7 @@ class DurableQueues:
                     if segment.first > recovered:  # (the common case: stored by this run)
                         buffer.extend(segment.messages, held_halves(segment.messages, segment.wire_sizes))
                     else:
-                        buffer.extend(m.as_recovered() if m.seq <= recovered else m for m in segment.messages)
+                        buffer.extend(as_recovered(m) if m[SEQ] <= recovered else m for m in segment.messages)
                 queue.loaded = segment.first + segment.size - 1
                 queue.too_large = False
             if queue.committed <= queue.loaded:
@@ -723,7 +732,7 @@ class DurableQueues:
             self._settle_in(segment, messages)
         for index, failure in failed.items():
             item = items[index]
-            if not isinstance(item, StoredMessage):
+            if type(item) is not STORED:
                 continue
             if failure.dead_letter:
                 if self._dead_letters:  # (the store failed the last move: this one waits its turn)
@@ -731,13 +740,13 @@ class DurableQueues:
                     continue
                 try:
                     self._dead_letter(queue, item, failure)  # (the move marks it settled in the store)
-                    self._settle_in(item.segment, [item], marked=True)
+                    self._settle_in(item[SEGMENT], [item], marked=True)
                 except Exception as exc:  # e.g. a full store: the move is tried again later
                     self._dead_letters.append((queue, item, failure))
                     self._dead_letter_failed(exc)
                 continue
-            attempted.append(item.seq)
-            retry.append(item.with_attempt())
+            attempted.append(item[SEQ])
+            retry.append(with_attempt(item))
         if attempted:
             try:
                 self.store.count_attempt(attempted)
@@ -787,7 +796,7 @@ class DurableQueues:
                 self._dead_letters = waiting[at:] + self._dead_letters
                 self._dead_letter_failed(exc)
                 return
-            self._settle_in(item.segment, [item], marked=True)
+            self._settle_in(item[SEGMENT], [item], marked=True)
         self._dead_letter_failures = 0
         self.wake_soon(0.0)  # (the dead letters are to deal: nothing else wakes the loop's sender now)
         if self._unflushed and self._ack_timer is None:
@@ -857,15 +866,16 @@ class DurableQueues:
 
     def _dead_letter(self, queue: str, item: StoredMessage, failure: Failure) -> None:
         headers: dict[str, str] = {}
-        if item.headers:
+        msg_id, attempts = item[ID], item[ATTEMPTS]
+        if item[HEADERS]:
             try:
-                decoded = self.codec.decode(item.headers)
+                decoded = self.codec.decode(item[HEADERS])
                 headers = decoded if isinstance(decoded, dict) else {}
             except Exception:
                 headers = {}
-        headers = _dead_letter_headers(item.id, headers, {
+        headers = _dead_letter_headers(msg_id, headers, {
             "x-original-queue": queue,
-            "x-attempts": str(item.attempts + 1),
+            "x-attempts": str(attempts + 1),
             "x-last-error": failure.error[:_MAX_ERROR_CHARS],
         })
         dead = wire.dead_letter_queue(queue, failure.dead_letter)
@@ -875,7 +885,7 @@ class DurableQueues:
         counters = self.stats.pattern["pipeline"]
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1
         log.warning("message %r of %r dead-lettered to %r after %d attempt(s): %r",
-                    item.id[:12], queue, dead, item.attempts + 1, failure.error[:200])
+                    msg_id[:12], queue, dead, attempts + 1, failure.error[:200])
 
 
 def _dead_letter_headers(msg_id: str, headers: dict[str, str], reasons: dict[str, str]) -> dict[str, str]:

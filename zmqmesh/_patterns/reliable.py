@@ -43,7 +43,17 @@ from .._io.sockets import close_watched, has_input, new_socket, send_frames
 from .._mesh.directory import Directory
 from .._mesh.turns import Turns
 from .._stats import LogThrottle, Stats
-from .._store.messages import StoredMessage, wire_of
+from .._store.messages import (
+    ATTEMPTS,
+    BODY,
+    HEADERS,
+    ID,
+    RECOVERED,
+    STORED,
+    TIMESTAMP,
+    WIRE,
+    wire_of,
+)
 from .._wire.codec import Codec, durable_item
 from .._wire.frames import (
     BATCH_BYTES,
@@ -176,14 +186,14 @@ def fill_batch(source: deque[Any], items: list[Any], parts: list[bytes], n: int,
         look *= 2
     while len(items) < n and source:
         item = source[0]
-        stored = type(item) is StoredMessage
-        if items and size + len(item.body if stored else item) > BATCH_BYTES:
+        stored = type(item) is STORED
+        if items and size + len(item[BODY] if stored else item) > BATCH_BYTES:
             break  # (its payload alone does not fit: no need to wrap it to know)
         if limit is not None and payload_size(item) > limit:
             break
         if type(item) is RawPayload:  # (at-least-once items are msgpack)
             item = item.encoded()
-        part = wrap(item, again or (stored and (item.attempts > 0 or item.recovered)))
+        part = wrap(item, again or (stored and (item[ATTEMPTS] > 0 or item[RECOVERED])))
         if items and size + len(part) > BATCH_BYTES:
             break
         source.popleft()
@@ -201,7 +211,7 @@ _FIRST_LOOK = 32  # (fresh items looked at in the first run of `fill_batch`)
 def payload_size(item: Any) -> int:
     """The bytes of an item's encoded payload, which a puller's ``max_message_bytes``
     bounds (its headers, id and the batch around it are within `FRAME_HEADROOM`)."""
-    return len(item.body) if type(item) is StoredMessage else len(item)
+    return len(item[BODY]) if type(item) is STORED else len(item)
 
 
 def _fresh_sizes(head: list[Any], stored_wire: bool, stored: bool = False,
@@ -215,27 +225,28 @@ def _fresh_sizes(head: list[Any], stored_wire: bool, stored: bool = False,
     kinds = _STORED_ONLY if stored else set(map(type, head))
     if kinds == {bytes}:
         return map(_FIRST_DELIVERY_BYTES.__add__, map(len, head)), None
-    if not stored_wire or kinds != {StoredMessage}:
+    if not stored_wire or kinds != _STORED_ONLY:
         return None
     wires = list(map(wire_of, head))
     # (a message marked recovered or with failed deliveries counted has no wire form,
-    # `StoredMessage.wire`; a form is never empty, so `all` finds a missing one, where
+    # `StoredMessage`'s `WIRE`; a form is never empty, so `all` finds a missing one, where
     # `in` would compare each)
     if not all(wires):
         return None
     return map(len, wires), wires
 
 
-_STORED_ONLY = frozenset({StoredMessage})  # (the kinds `_fresh_sizes` takes a durable buffer's items for)
+_STORED_ONLY = frozenset({STORED})  # (the kinds `_fresh_sizes` takes a durable buffer's items for)
 
 
 def wire_form(item: Any, redelivered: bool, pack: Callable[[Any], bytes]) -> bytes:
     """An item in the form a puller of protocol 2 or later reads (``pack``: a
     `msgpack.Packer`'s own, of one thread at a time)."""
-    if type(item) is StoredMessage:
-        if item.wire is not None and not redelivered:  # (made as it was committed)
-            return item.wire
-        return durable_item(item.body, redelivered, item.id, item.timestamp, item.headers, item.attempts, pack)
+    if type(item) is STORED:
+        form: bytes | None = item[WIRE]
+        if form is not None and not redelivered:  # (made as it was committed)
+            return form
+        return durable_item(item[BODY], redelivered, item[ID], item[TIMESTAMP], item[HEADERS], item[ATTEMPTS], pack)
     if type(item) is Headed:  # carries headers: the item form that has room for them
         return durable_item(item, redelivered, item.id, item.timestamp, item.headers, 0, pack)
     return wrap_item(item, redelivered)
@@ -275,7 +286,7 @@ def _in_memory(items: Iterable[Any]) -> int:
 
 def _wrap_two_fields(item: Any, redelivered: bool) -> bytes:
     """An item in the form a puller of protocol 1 reads: its payload only (no headers, id or clock)."""
-    return wrap_item(item if isinstance(item, bytes) else item.body, redelivered)
+    return wrap_item(item if isinstance(item, bytes) else item[BODY], redelivered)
 
 
 class ReliableSender:
@@ -376,9 +387,9 @@ class ReliableSender:
             return []
         # (a payload named for its redelivery, without headers, goes plain: a plain puller names its own)
         taken = [bytes(item) if type(item) is Headed and not item.headers else item
-                 for item in again if type(item) is not StoredMessage]
+                 for item in again if type(item) is not STORED]
         if taken:
-            kept = deque(item for item in again if type(item) is StoredMessage)
+            kept = deque(item for item in again if type(item) is STORED)
             if kept:
                 self.redeliver[queue] = kept
             else:
@@ -420,8 +431,8 @@ class ReliableSender:
         progress = True
         probing = False
         dealt_again = again  # (what is dealt again goes first)
-        if self._suspects and not to_keepers and again and type(again[0]) is StoredMessage \
-                and again[0].id in self._suspects:
+        if self._suspects and not to_keepers and again and type(again[0]) is STORED \
+                and again[0][ID] in self._suspects:
             if any(b.probe and b.queue == queue for b in self.inflight.values()):
                 dealt_again = deque()  # (a probe of this queue is out: the suspects wait for its outcome, fresh ones go)
             else:
@@ -461,7 +472,8 @@ class ReliableSender:
                         break
                     continue  # (the next is too large for this puller, or its own: another takes it)
                 if wrap is _wrap_two_fields:
-                    stripped = sum(1 for i in items if type(i) in (Headed, StoredMessage) and i.headers)
+                    stripped = sum(1 for i in items if (type(i) is Headed and i.headers)
+                                   or (type(i) is STORED and i[HEADERS]))
                     if stripped:
                         self.stats.reject("headers_not_carried", stripped)
                 batch_id = next(self._batch_ids).to_bytes(8, "big")
@@ -481,8 +493,8 @@ class ReliableSender:
                 last = (start + k) % len(pullers)
                 if self._suspects:
                     for item in items:
-                        if type(item) is StoredMessage:
-                            self._suspects.discard(item.id)
+                        if type(item) is STORED:
+                            self._suspects.discard(item[ID])
                 if probing:
                     progress = False  # (one probe at a time)
                     break
@@ -522,7 +534,7 @@ class ReliableSender:
             return
         both = [*aside, *still] if still else aside
         held = frozenset(map(id, both))  # (the same objects while they are held)
-        self._held[queue] = (held, sum(1 for item in both if type(item) is StoredMessage))
+        self._held[queue] = (held, sum(1 for item in both if type(item) is STORED))
         fresh = [item for item in aside if id(item) not in before]
         if not fresh:
             return
@@ -748,7 +760,7 @@ class ReliableSender:
         others: list[Any] = []
         while again and len(others) < n:
             item = again.popleft()
-            (taken if type(item) is StoredMessage and item.id in own else others).append(item)
+            (taken if type(item) is STORED and item[ID] in own else others).append(item)
         again.extendleft(reversed(others))
         return taken
 
@@ -776,7 +788,7 @@ class ReliableSender:
         """``batch`` of ``line`` was taken back unanswered: its puller may still handle it."""
         ghosts = self._ghosts.setdefault(line, {})
         if len(ghosts) < _GHOSTS_KEPT:
-            ghosts[batch.id] = frozenset(item.id for item in batch.items if type(item) is StoredMessage)
+            ghosts[batch.id] = frozenset(item[ID] for item in batch.items if type(item) is STORED)
         self._quiet.add(line)
 
     def _behind(self, line: tuple[str, str]) -> frozenset[str] | None:
@@ -816,17 +828,17 @@ class ReliableSender:
         may never have reached this one either, and only a message dealt again behind
         itself (its handler still stuck on it) has an attempt counted."""
         if behind is not None:
-            own = [item for item in batch.items if type(item) is StoredMessage and item.id in behind]
-            rest = [item for item in self._named(batch) if not (type(item) is StoredMessage and item.id in behind)]
-            self._suspects.update(item.id for item in rest if type(item) is StoredMessage)
+            own = [item for item in batch.items if type(item) is STORED and item[ID] in behind]
+            rest = [item for item in self._named(batch) if not (type(item) is STORED and item[ID] in behind)]
+            self._suspects.update(item[ID] for item in rest if type(item) is STORED)
             if not own:
                 return rest
             return self._settle(_with_items(batch, own), [Failure(i, None, why) for i in range(len(own))], own) + rest
         if not (batch.probe or (alone and len(batch.items) == 1)):
-            self._suspects.update(item.id for item in batch.items if type(item) is StoredMessage)
+            self._suspects.update(item[ID] for item in batch.items if type(item) is STORED)
             return self._named(batch)
         if batch.probe:  # (probed again: the messages behind it wait, not dealt beside it)
-            self._suspects.update(item.id for item in batch.items if type(item) is StoredMessage)
+            self._suspects.update(item[ID] for item in batch.items if type(item) is STORED)
         return self._settle(batch, [Failure(i, None, why) for i in range(len(batch.items))], self._named(batch))
 
     def _named(self, batch: _Batch) -> list[Any]:
@@ -846,7 +858,7 @@ class ReliableSender:
         """What of ``batch`` to deal again after its outcome: the durable queues decide for a
         batch with durable items, ``otherwise`` is the answer for the others; a failure to
         settle deals the whole batch again rather than strand it."""
-        if self.settle is None or not (batch.stored or any(isinstance(i, StoredMessage) for i in batch.items)):
+        if self.settle is None or not (batch.stored or any(type(i) is STORED for i in batch.items)):
             return otherwise
         try:
             retry = self.settle(batch.queue, batch.items, failures, batch.stored)
@@ -854,7 +866,7 @@ class ReliableSender:
             log.exception("settling a batch of %r failed", batch.queue)
             return batch.items
         # a batch may mix in-memory items with durable ones: those go by ``otherwise``
-        return retry + [i for i in otherwise if not isinstance(i, StoredMessage)]
+        return retry + [i for i in otherwise if type(i) is not STORED]
 
     def busy_queues(self) -> set[str]:
         """The queues with messages in flight or to deal again (loop only)."""

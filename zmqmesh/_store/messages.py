@@ -9,15 +9,16 @@ import operator
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain, repeat
-from typing import Any, NamedTuple
+from typing import Any, Final
 
 import msgpack
 
 from .._wire.codec import durable_items
 from .._wire.frames import MAX_ID_CHARS, check_headers
 
-__all__ = ["Entry", "Entries", "StoredMessage", "stored_messages", "seq_of", "segment_of", "wire_of", "unreadable",
-           "joins"]
+__all__ = ["Entry", "Entries", "StoredMessage", "STORED", "SEQ", "QUEUE", "ID", "TIMESTAMP", "HEADERS", "BODY",
+           "ATTEMPTS", "SEGMENT", "RECOVERED", "WIRE", "stored_message", "as_recovered", "with_attempt", "with_attempts",
+           "stored_messages", "seq_of", "segment_of", "wire_of", "unreadable", "joins"]
 
 Entry = tuple[str, float, bytes | None, bytes, int, bool]
 """A message to store: ``(id, timestamp, headers, body, attempts, redelivered)``;
@@ -89,47 +90,68 @@ class Entries:
         return len(self.ids)
 
 
-class StoredMessage(NamedTuple):
-    """One durable message as stored: its place in the outbox and what travels. (A named
-    tuple: made once per message on the hot path, where a frozen dataclass costs over 3x.)"""
+StoredMessage = tuple[int, str, str, float, bytes | None, bytes, int, int, bool, bytes | None]
+"""One durable message as stored: its place in the outbox and what travels, as a plain
+tuple of its fields, by these indexes:
 
-    seq: int
-    queue: str
-    id: str
-    timestamp: float
-    headers: bytes | None
-    body: bytes
-    attempts: int
-    segment: int
-    """The sequence number of the first message of its segment (see `Store.append`)."""
-    recovered: bool = False
-    """It may have been delivered already: stored before this node started, or stored
-    marked redelivered (a keeper handed it so). Dealt marked redelivered."""
-    wire: bytes | None = None
-    """Its form on the wire for a first delivery (`durable_items`), made with the message
-    as it was committed or read back: the loop sends it as it is. None for a message
-    marked redelivered or with failed deliveries counted (`fill_batch` relies on it for
-    the latter)."""
+- `SEQ`: its sequence number; `QUEUE`; `ID`; `TIMESTAMP`; `HEADERS`; `BODY`;
+- `ATTEMPTS`: its failed deliveries;
+- `SEGMENT`: the sequence number of the first message of its segment (see `Store.append`);
+- `RECOVERED`: it may have been delivered already: stored before this node started, or
+  stored marked redelivered (a keeper handed it so). Dealt marked redelivered;
+- `WIRE`: its form on the wire for a first delivery (`durable_items`), made with the
+  message as it was committed or read back: the loop sends it as it is. None for a
+  message marked redelivered or with failed deliveries counted (`fill_batch` relies on it
+  for the latter).
 
-    def as_recovered(self) -> StoredMessage:
-        """This message, marked as stored before this node started."""
-        return self._replace(recovered=True, wire=None)
+A plain tuple, its type exactly `STORED`, which nothing else a queue holds is (encoded
+payloads are bytes, `Headed`, `RawPayload`): the garbage collector stops tracking a tuple
+of atoms at the first collection it survives, never an instance of a subclass of tuple.
+As a named tuple, every message buffered or in flight stayed tracked, and each collection
+of an older generation went over all of them again: a durable pusher's collections took
+349-438 ns a message (benchmarks/durable_cpu.py, 1 M messages), 88-143 as plain tuples."""
 
-    def with_attempt(self) -> StoredMessage:
-        """This message with one more failed delivery counted."""
-        return self.with_attempts(self.attempts + 1)
+STORED: Final = tuple
+"""The type of a `StoredMessage` (``type(item) is STORED``: a durable message)."""
+SEQ: Final = 0
+QUEUE: Final = 1
+ID: Final = 2
+TIMESTAMP: Final = 3
+HEADERS: Final = 4
+BODY: Final = 5
+ATTEMPTS: Final = 6
+SEGMENT: Final = 7
+RECOVERED: Final = 8
+WIRE: Final = 9
 
-    def with_attempts(self, attempts: int) -> StoredMessage:
-        """This message with ``attempts`` failed deliveries counted."""
-        return self._replace(attempts=attempts, wire=None)
+
+def stored_message(seq: int, queue: str, msg_id: str, timestamp: float, headers: bytes | None, body: bytes,
+                   attempts: int, segment: int, recovered: bool = False, wire: bytes | None = None) -> StoredMessage:
+    """A `StoredMessage` of these fields."""
+    return seq, queue, msg_id, timestamp, headers, body, attempts, segment, recovered, wire
+
+
+def as_recovered(message: StoredMessage) -> StoredMessage:
+    """``message``, marked as stored before this node started (no wire form)."""
+    seq, queue, msg_id, timestamp, headers, body, attempts, segment, _, _ = message
+    return seq, queue, msg_id, timestamp, headers, body, attempts, segment, True, None
+
+
+def with_attempt(message: StoredMessage) -> StoredMessage:
+    """``message`` with one more failed delivery counted."""
+    return with_attempts(message, message[ATTEMPTS] + 1)
+
+
+def with_attempts(message: StoredMessage, attempts: int) -> StoredMessage:
+    """``message`` with ``attempts`` failed deliveries counted (no wire form)."""
+    seq, queue, msg_id, timestamp, headers, body, _, segment, recovered, _ = message
+    return seq, queue, msg_id, timestamp, headers, body, attempts, segment, recovered, None
 
 
 # getters of a StoredMessage's fields, to map over many messages: no Python step per message
-# (by their index, in the order of its fields: a getter by name looks each up through the
-# named tuple's type, 52 of 339 instructions a message in a map of it)
-seq_of = operator.itemgetter(0)
-segment_of = operator.itemgetter(7)
-wire_of = operator.itemgetter(9)
+seq_of = operator.itemgetter(SEQ)
+segment_of = operator.itemgetter(SEGMENT)
+wire_of = operator.itemgetter(WIRE)
 
 
 def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
@@ -147,13 +169,11 @@ def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequen
     at a time; ``packed_ids``: the ids as it packs them, if they are (`Entries.packed_ids`)."""
     n = len(ids)
     wires = durable_items(ids, stamps, headers, bodies, attempts, pack, packed_ids)
-    # (each made by tuple.__new__ mapped over two iterables, not by the named tuple's slower
-    # constructor: the caller answers for the fields' types)
-    messages = list(map(tuple.__new__, repeat(StoredMessage, n),
-                        zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies, attempts, segments,
-                            repeat(False, n), wires)))
+    # (each the tuple zip makes: the caller answers for the fields' types)
+    messages: list[StoredMessage] = list(zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies,
+                                             attempts, segments, repeat(False, n), wires))
     if any(marked) or any(attempts):  # (rare: what a keeper was handed marked, or with failed deliveries)
-        return [m.as_recovered() if mark else m.with_attempts(m.attempts) if m.attempts else m
+        return [as_recovered(m) if mark else with_attempts(m, m[ATTEMPTS]) if m[ATTEMPTS] else m
                 for m, mark in zip(messages, marked)], None
     return messages, list(map(len, wires))
 
@@ -185,9 +205,9 @@ def unreadable(messages: Sequence[StoredMessage]) -> str | None:
     each time it is dealt. Costs a decoding of each body (about 0.3 us for a small one)."""
     if not messages:
         return None
-    if max(len(m.id) for m in messages) > MAX_ID_CHARS:
+    if max(len(m[ID]) for m in messages) > MAX_ID_CHARS:
         return f"an id of more than {MAX_ID_CHARS} characters"
-    bodies = [m.body for m in messages]
+    bodies = [m[BODY] for m in messages]
     try:
         deque(map(_unpack_body, bodies), 0)  # (a C call a body, no Python step: extra data or a cut one raises)
     except _UNREADABLE:
@@ -200,9 +220,9 @@ def unreadable(messages: Sequence[StoredMessage]) -> str | None:
             except _UNREADABLE as exc:
                 return f"a body that is no msgpack object: {exc}"
     for message in messages:
-        if message.headers is not None:
+        if message[HEADERS] is not None:
             try:
-                check_headers(msgpack.unpackb(message.headers, raw=False))
+                check_headers(msgpack.unpackb(message[HEADERS], raw=False))
             except _UNREADABLE as exc:
                 return f"headers that are not headers: {exc}"
     return None

@@ -43,7 +43,19 @@ from .database import Database
 from .handled import Handled
 from .holds import LOCK_FILE, StoreHold
 from .kept_topics import KeptTopics
-from .messages import Entries, Entry, StoredMessage, stored_messages
+from .messages import (
+    BODY,
+    HEADERS,
+    ID,
+    RECOVERED,
+    SEQ,
+    TIMESTAMP,
+    Entries,
+    Entry,
+    StoredMessage,
+    stored_messages,
+    with_attempts,
+)
 from .runs import open_run
 from .schema import (
     APP,
@@ -345,19 +357,20 @@ class Store:
         """Move a message to the end of another queue (a dead-letter queue), with new
         headers and no attempts; its new sequence number. A message alone in its segment
         moves in place (a full store can still do that)."""
-        items = msgpack.packb([[message.id, message.timestamp, headers, message.body]])
+        seq, msg_id, timestamp = message[SEQ], message[ID], message[TIMESTAMP]
+        items = msgpack.packb([[msg_id, timestamp, headers, message[BODY]]])
         with self._db.lock:
             new = self._next_seq
 
             def run(db: sqlite3.Connection) -> None:
                 moved = db.execute("UPDATE outbox SET seq = ?, queue = ?, items = ? WHERE seq = ? AND count = 1",
-                                   (new, queue, items, message.seq)).rowcount
+                                   (new, queue, items, seq)).rowcount
                 if moved:
-                    db.execute("DELETE FROM attempts WHERE seq = ?", (message.seq,))
+                    db.execute("DELETE FROM attempts WHERE seq = ?", (seq,))
                 else:
                     db.execute("INSERT INTO outbox (seq, queue, count, ts, items) VALUES (?, ?, 1, ?, ?)",
-                               (new, queue, message.timestamp, items))
-                    db.execute("INSERT OR REPLACE INTO settled (lo, hi) VALUES (?, ?)", (message.seq, message.seq))
+                               (new, queue, timestamp, items))
+                    db.execute("INSERT OR REPLACE INTO settled (lo, hi) VALUES (?, ?)", (seq, seq))
 
             self._numbered(new + 1, lambda: self._db.commit(run))
         return new
@@ -409,9 +422,9 @@ class Store:
         rows = []
         for segment in segments:
             if segment.messages:
-                rows.append((first, target, len(segment.messages), segment.messages[0].timestamp,
-                             msgpack.packb([(m.id, m.timestamp, m.headers, m.body, True) if m.recovered
-                                            else (m.id, m.timestamp, m.headers, m.body) for m in segment.messages])))
+                rows.append((first, target, len(segment.messages), segment.messages[0][TIMESTAMP],
+                             msgpack.packb([(m[ID], m[TIMESTAMP], m[HEADERS], m[BODY], True) if m[RECOVERED]
+                                            else (m[ID], m[TIMESTAMP], m[HEADERS], m[BODY]) for m in segment.messages])))
                 first += len(segment.messages)
         spans = [(s.first, s.first + s.size - 1) for s in segments]
         self._numbered(first, lambda: self._db.write_locked([
@@ -486,8 +499,8 @@ class Store:
                 messages, wire_sizes = stored_messages(queue, first, repeat(first), ids, stamps, headers, bodies,
                                                        (0,) * count, marked, pack)
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)
-                    messages = [m.with_attempts(attempts[m.seq]) if m.seq in attempts else m
-                                for m in messages if m.seq not in settled]
+                    messages = [with_attempts(m, attempts[m[SEQ]]) if m[SEQ] in attempts else m
+                                for m in messages if m[SEQ] not in settled]
                     wire_sizes = None
             except Exception as exc:
                 segments.append(self._damaged(queue, rows, index, exc))
