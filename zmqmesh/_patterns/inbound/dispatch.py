@@ -742,8 +742,9 @@ class Dispatcher:
             result, error = None, handler_failure(exc)
             if self.refused_by_stop(error):
                 error = CutShort(str(error))
-        self.handler_times.finished(handler, started)
-        self.answer(route, result, error)
+        ended = time.monotonic()
+        self.answer(route, result, error)  # (first: the handler's time is kept once its caller has the reply)
+        self.handler_times.finished(handler, started, ended)
 
     # -- replying ---------------------------------------------------------------------------
 

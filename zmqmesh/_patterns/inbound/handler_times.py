@@ -29,11 +29,12 @@ class HandlerTimes:
         """The handlers quick on each of their last `QUICK_RUNS` runs (look with ``in``,
         which raises `TypeError` for an unhashable callable)."""
 
-    def finished(self, handler: Callable[..., Any], started: float) -> None:
-        """``handler``, started at ``started`` (`time.monotonic`; 0.0: not timed), returned."""
+    def finished(self, handler: Callable[..., Any], started: float, ended: float | None = None) -> None:
+        """``handler``, started at ``started`` (`time.monotonic`; 0.0: not timed), returned
+        at ``ended`` (default: now)."""
         if not started:
             return
-        quick = time.monotonic() - started < HOLD_LIMIT_S
+        quick = (time.monotonic() if ended is None else ended) - started < HOLD_LIMIT_S
         try:
             if quick and handler in self.quick:  # (quick again: nothing changes, a service's usual run)
                 return
