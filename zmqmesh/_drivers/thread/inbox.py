@@ -235,10 +235,11 @@ class ThreadInbox(Dispatcher):
                 self._drain_all(calls, ready)  # (it applies a subscription made meanwhile first)
                 ready = self.used_with_input()
                 while not ready:
+                    lone = self.nothing_else_waits(calls)  # (looked at before the sleep, off a caller's wait)
                     found = poller.poll(_IDLE_LOOK_MS)
                     # the router alone, with nothing else to do: a lone request, served without a drain
-                    if len(found) == 1 and found[0][0] == router_fd and not self._done and not self._resubscribe \
-                            and self.serve_lone_request(calls):
+                    if lone and len(found) == 1 and found[0][0] == router_fd and not self._done \
+                            and not self._resubscribe and self.serve_lone_request(calls):
                         ready = self.used_with_input()
                         continue
                     for fd, _event in found:

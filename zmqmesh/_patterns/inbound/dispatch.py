@@ -526,18 +526,23 @@ class Dispatcher:
         self.stats.reject(f"{_PATTERN_OF[kind]}_malformed")
         log.debug("dropping a malformed %s message: %s", kind, error)
 
+    def nothing_else_waits(self, calls: list[Call]) -> bool:
+        """Whether nothing but requests may wait to be taken: no event, publication of this
+        node or page of history posted, no sender or history to look at again, no stop
+        begun, nothing gathered in ``calls``. A driver looks before it sleeps (off a
+        caller's wait): what is posted or begun meanwhile wakes it too (`wake`), and it
+        then drains as usual (`serve_lone_request`)."""
+        return not (self.stopping or calls or self.streams_changed or self.has_posted() or self.has_waiting())
+
     def serve_lone_request(self, calls: list[Call]) -> bool:
-        """When the router alone signalled, and nothing else waits (no event, publication
-        of this node or page of history posted, no sender or history to look at again, no
-        stop begun): receive one message from it and, if it is a request that may be
-        served in place, answer it at once, without a drain (True). False when the driver
-        is to drain the router as usual: something else waits (nothing was received), or
-        the message needs the drain, which takes it first: a batch (its replies merge with
-        those to the frames after it) or a call for a handler (it joins ``calls``). (A lone
-        caller's round trip is this node's wake-up, its handler and its reply: a drain's
-        look at every queue first was a tenth of it.)"""
-        if self.stopping or calls or self.streams_changed or self.has_posted() or self.has_waiting():
-            return False
+        """When the router alone woke the driver, and nothing else waited as it went to sleep
+        (`nothing_else_waits`): receive one message from the router and, if it is a request
+        that may be served in place, answer it at once, without a drain (True). False when
+        the driver is to drain the router as usual: the message needs the drain, which
+        takes it first: a batch (its replies merge with those to the frames after it) or a
+        call for a handler (it joins ``calls``). (A lone caller's round trip is this node's
+        wake-up, its handler and its reply: a drain's look at every queue first was a tenth
+        of it.)"""
         try:
             frames = recv_routed(self.router)
         except zmq.ZMQError:  # (Again: the signal was another's, and the router's events are read)
