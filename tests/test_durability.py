@@ -613,6 +613,53 @@ def test_a_poison_message_lands_in_the_dead_letter_queue(tmp_path: Path, mesh: d
 
 
 @pytest.mark.timeout(60)
+def test_a_dead_letter_moved_while_a_thread_pushes_to_its_queue_is_still_delivered(
+        tmp_path: Path, mesh: dict[str, Any]) -> None:
+    """A message given up on is moved to "jobs.dead" (in the store) on the pusher's I/O
+    thread while another thread pushes durably to "jobs.dead" itself, the push committing
+    just after the move: both reach the puller of "jobs.dead". The real `Store.move` is
+    wrapped to hold the I/O thread right after it, until the push either committed or
+    waits for its turn. (Before: the move was noted only after it, in a second hold of the
+    queues' lock; the push committed in between went to the buffer with a later number,
+    the queue was taken for read up to it, and the moved message was never read back:
+    "direct" delivered, "poison" left in the store until a restart.)"""
+    dead: list[Any] = []
+    puller = zmqmesh.Node("puller", **mesh)
+
+    @puller.pull("jobs", at_least_once=True, max_deliveries=1)
+    def handle(msg: zmqmesh.Message) -> None:
+        raise ValueError("no")
+
+    puller.pull("jobs.dead", lambda msg: dead.append(msg.data), at_least_once=True)
+    moved, pushed = threading.Event(), threading.Event()
+    with puller, zmqmesh.Node("pusher", store=str(tmp_path), **mesh) as pusher:
+        durable = pusher._engine.durable  # (the node's own queues and store: nothing public reaches the move)
+        real_move = durable.store.move
+
+        def move(*args: Any) -> int:
+            new = real_move(*args)
+            if not moved.is_set():
+                moved.set()
+                # until the push committed, or waits for the queues' lock (held here, mended)
+                deadline = time.monotonic() + 10
+                while not pushed.is_set() and not (durable._gathered and durable._lock.locked()) \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            return int(new)
+
+        durable.store.move = move
+        pusher.wait_for_pullers("jobs", 1, timeout=10)
+        pusher.wait_for_pullers("jobs.dead", 1, timeout=10)
+        pusher.push("jobs", "poison", durable=True)
+        wait_until(moved.is_set, 20, "the move to the dead-letter queue")
+        pusher.push("jobs.dead", "direct", durable=True)
+        pushed.set()
+        wait_until(lambda: "direct" in dead, 20, "the message pushed to the dead-letter queue")
+        wait_until(lambda: "poison" in dead, 10, "the dead letter moved before it")
+        wait_until(lambda: stored(tmp_path) == 0, 20, "nothing left stored")
+    assert sorted(dead) == ["direct", "poison"]
+
+
 def test_a_dead_letter_of_a_message_with_all_the_headers_it_may_carry_is_delivered(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A message with 64 headers, or 16 KiB of them, dead-lettered: its x- headers fit in

@@ -854,15 +854,14 @@ class DurableQueues:
         """Hold the queue ``name`` in memory before a message is moved to its end: if it
         was parked, it reads back from where its parked messages begin; if not, from the
         message moved on (`reckon` parks it again if nobody pulls it). Raises what the
-        store raised: then nothing is moved."""
-        with self._lock:
-            if name in self.queues:
-                return
-            parked = self.store.unpark(name) if self._parked else None
-            if parked is None:
-                self._queue(name, self.store.last_seq() + 1)
-            else:
-                self._unparked(name, parked)
+        store raised: then nothing is moved (under the lock)."""
+        if name in self.queues:
+            return
+        parked = self.store.unpark(name) if self._parked else None
+        if parked is None:
+            self._queue(name, self.store.last_seq() + 1)
+        else:
+            self._unparked(name, parked)
 
     def _dead_letter(self, queue: str, item: StoredMessage, failure: Failure) -> None:
         headers: dict[str, str] = {}
@@ -879,9 +878,12 @@ class DurableQueues:
             "x-last-error": failure.error[:_MAX_ERROR_CHARS],
         })
         dead = wire.dead_letter_queue(queue, failure.dead_letter)
-        self._bring_in(dead)
-        moved = self.store.move(item, dead, self.codec.encode(headers))
-        self._overflowed(dead, moved)
+        encoded = self.codec.encode(headers)
+        # the move and its note in one hold of the lock: a commit to ``dead`` in between would
+        # buffer messages numbered after the moved one, and `_read_back` reads only past them
+        with self._lock:
+            self._bring_in(dead)
+            self._overflowed_locked(dead, self.store.move(item, dead, encoded))
         counters = self.stats.pattern["pipeline"]
         counters["dead_lettered"] = counters.get("dead_lettered", 0) + 1
         log.warning("message %r of %r dead-lettered to %r after %d attempt(s): %r",
