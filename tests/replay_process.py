@@ -5,7 +5,7 @@ at will) for the replay tests.
         publish TOTAL messages {"n": i} on the topics app.0 .. app.2 (round robin), RATE
         per second, keeping them (history=), then print "published" and wait
     python replay_process.py subscriber STORE MESH PORT OUT [HANDLER_S [REPLAY]]
-        subscribe to "app." with replay=REPLAY ("all", the default, or seconds) and
+        subscribe to "app." with replay=REPLAY ("all", the default, "new" or seconds) and
         durable_name="collector"; append "<topic> <n> <redelivered 0|1> <gap>" per
         message to OUT (then take HANDLER_S seconds, default 0)
 
@@ -74,4 +74,4 @@ if __name__ == "__main__":
         bursting_publisher(args[0], args[1], int(args[2]), int(args[3]))
     else:
         subscriber(args[0], args[1], int(args[2]), args[3], float(args[4]) if len(args) > 4 else 0.0,
-                   "all" if len(args) < 6 or args[5] == "all" else float(args[5]))
+                   "all" if len(args) < 6 or args[5] == "all" else "new" if args[5] == "new" else float(args[5]))

@@ -1406,6 +1406,43 @@ def test_a_durable_subscriber_killed_while_it_handles_its_first_message_of_a_top
     assert lines() == ["app.0 10 0 0", "app.0 10 1 0", "app.0 11 1 0"]
 
 
+@pytest.mark.timeout(90)
+def test_a_durable_subscriber_killed_while_it_handles_a_live_message_before_a_read_went_through_gets_nothing_older(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, procs: list[ScriptProcess]) -> None:
+    """A durable subscription's first start with ``replay="new"`` (in its own process):
+    "app.0" 0 to 9 were published before it. Its first read of the history fails until it
+    is given up; "app.1" 0 comes live, and it is killed while it handles it. Restarted, it
+    gets "app.1" 0 again (marked ``redelivered``) and 1, nothing of "app.0". Before, the
+    place written before that message was handled (position 0: `before_handling`) took the
+    restarted cursor's reads below where it began mid-stream (the lowest of its places and
+    that bound), and with no time to bound them ("new", its marker answered), "app.0" 0 to
+    9 came, published before it subscribed."""
+    failing = _failing_pages(monkeypatch)  # (the publisher's, in this process: the subscriber tries its own way)
+    out = tmp_path / "out"
+    port, name = mesh["beacon_port"], mesh["mesh"]
+
+    def lines() -> list[str]:
+        return out.read_text().splitlines() if out.exists() else []
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"app.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("app.0", {"n": n})
+        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 30.0, "new")
+        procs.append(subscriber)
+        publisher.wait_for_subscribers("app.1", 1, timeout=20)
+        publisher.publish("app.1", {"n": 0})  # (held while the read fails, handed out once it is given up)
+        wait_until(lambda: len(lines()) >= 1, 30, "app.1 0 being handled")
+        subscriber.kill()
+        failing.clear()
+        publisher.publish("app.1", {"n": 1})
+        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 0.0, "new")
+        procs.append(subscriber)
+        wait_until(lambda: any(line.startswith("app.1 1 ") for line in lines()), 30, "app.1 1 handled")
+        time.sleep(0.5)  # (nothing more)
+        subscriber.close()
+    assert lines() == ["app.1 0 0 0", "app.1 0 1 0", "app.1 1 0 0"]
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("durable", [False, True])
 def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_older_later(

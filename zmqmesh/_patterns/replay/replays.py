@@ -552,7 +552,9 @@ class Replays:
                     cursor.upto[topic] = upto
             cursor.pos = min(pos for _s, _u, pos in stored.values())
         if began is not None:
-            cursor.pos = min(cursor.pos, began[0]) if stored else began[0]
+            # (what it handled before was published after where it began: a place below it is
+            # one placed before its topic's first message was handled, `before_handling`)
+            cursor.pos = began[0]
         if name is not None and places is not None:
             cursor.run = places.run(name, stream)
         self._check_run(key, cursor, node_id, calls)
