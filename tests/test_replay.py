@@ -1443,6 +1443,72 @@ def test_a_durable_subscriber_killed_while_it_handles_a_live_message_before_a_re
     assert lines() == ["app.1 0 0 0", "app.1 0 1 0", "app.1 1 0 0"]
 
 
+@pytest.mark.timeout(90)
+def test_durable_subscriptions_whose_store_refused_where_they_began_record_it_once_the_store_takes_it(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 durable subscriptions replaying 2 s ("t.old" 0 to 9 older than that) made while
+    their node's store is full (its own history of "f.", 1 KB messages, past
+    ``store_max_bytes``): the records of where they began need pages the store has not, and
+    are refused (``durable_record_failed``). Their first read fails until given up; the
+    "f." messages expire, and "t.a" 0 comes live and is handled (places recorded: the
+    store takes writes again). Restarted, each gets "t.old" 10 and "t.a" 1, published while
+    it was stopped, nothing older than its seconds. Before, where a subscription began was
+    written once, at its first start, and lost when refused: restarted with a place and no
+    such record, those it was lost for read the history from its start: "t.old" 0 to 9."""
+    failing = _failing_pages(monkeypatch)
+    names = [f"{i:02d}" + "d" * 198 for i in range(30)]  # (long: their records take pages)
+    got: dict[str, list[tuple[str, int, int]]] = {name: [] for name in names}
+    sub_store = str(tmp_path / "subscriber")
+
+    def subscribe(node: zmqmesh.Node) -> None:
+        for name in names:
+            node.subscribe("t.", lambda m, name=name: got[name].append((m.topic, m.data, m.gap)), replay=2.0,
+                           durable_name=name)
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("t.old", n)
+        time.sleep(2.5)  # (older than the seconds it replays)
+        node = zmqmesh.Node("subscriber", store=sub_store, store_max_bytes=1 << 20,
+                            history={"f.": {"max_messages": 1_000_000, "max_age_s": 5.0}}, **mesh)
+        with node:
+            full = lambda: node.stats()["pubsub"].get("history_failed", 0)  # noqa: E731
+            for n in range(3000):  # (the store holds about half)
+                node.publish("f.x", {"n": n, "pad": "x" * 1000})
+                if n % 50 == 49:
+                    wait_until(lambda: full() or inspect_store(sub_store)["topics"].get("f.x"), 10, "kept")
+                    if full():
+                        break
+            kept = lambda: inspect_store(sub_store)["topics"].get("f.y", {}).get("next_seq", 0)  # noqa: E731
+            for n in range(3000):  # (then one at a time, until one is refused: no page left)
+                before, numbered = full(), kept()
+                node.publish("f.y", {"n": n, "pad": "x" * 1000})
+                wait_until(lambda b=before, k=numbered: full() > b or kept() > k, 10, "kept or refused")
+                if full() > before:
+                    break
+            subscribe(node)
+            _first_read_given_up(node, failing)
+            assert node.stats()["pubsub"].get("durable_record_failed", 0) >= 1
+            wait_until(lambda: not {"f.x", "f.y"} & inspect_store(sub_store)["topics"].keys(), 20,
+                       "the f. messages expired")
+            publisher.wait_for_peers(1)
+            publisher.wait_for_subscribers("t.a", 1, timeout=10)
+            refused = node.stats()["pubsub"].get("durable_record_failed", 0)
+            publisher.publish("t.a", 0)
+            wait_until(lambda: all(got.values()), 20, "t.a 0")
+            node.stop()
+            assert node.stats()["pubsub"].get("durable_record_failed", 0) == refused  # (the store took them)
+        publisher.publish("t.old", 10)
+        publisher.publish("t.a", 1)
+        node = zmqmesh.Node("subscriber", store=sub_store, **mesh)
+        subscribe(node)
+        with node:
+            wait_until(lambda: all(len(g) >= 3 for g in got.values()), 20, "what was published while it was stopped")
+            time.sleep(0.5)  # (nothing more)
+    wrong = {name[:2]: g for name, g in got.items() if sorted(g) != [("t.a", 0, 0), ("t.a", 1, 0), ("t.old", 10, 0)]}
+    assert not wrong
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("durable", [False, True])
 def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_older_later(

@@ -288,6 +288,7 @@ class DurablePlaces:
                 return [t for t in topics if t not in doomed]
             for topic in doomed:
                 del stored[topic]
+                self._dirty.pop((name, stream, topic), None)  # (a flush refused before: not to be written back)
         return topics
 
     # -- handling -------------------------------------------------------------------------
@@ -405,9 +406,22 @@ class DurablePlaces:
             self._places.setdefault(name, {}).setdefault(stream, {})[topic] = (seq, max(upto, seq), pos)
         for name, stream in {*runs, *began, *((name, stream) for name, stream, _topic in dirty)}:  # (once a stream)
             self.touch(name, stream)
-        return self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()],
-                          [(name, stream, *bound) for (name, stream), bound in began.items() if bound is not None],
-                          [mark for mark, bound in began.items() if bound is None])
+        if self._save(rows, [(name, stream, run) for (name, stream), run in runs.items()],
+                      [(name, stream, *bound) for (name, stream), bound in began.items() if bound is not None],
+                      [mark for mark, bound in began.items() if bound is None]):
+            return True
+        # refused: all of it is written with the next flush, but what was set again since.
+        # Where a subscription began mid-stream, the run it follows, a read through and the
+        # places it found (`begun_at`) are set once, not again as messages are handled (before,
+        # lost: restarted with places recorded later and none of those, it read the history
+        # of the topics it had not met from their start, or took their next for a gap)
+        for mark, state in dirty.items():
+            self._dirty.setdefault(mark, state)
+        for run_mark, run in runs.items():
+            self._dirty_runs.setdefault(run_mark, run)
+        for began_mark, bound in began.items():
+            self._dirty_began.setdefault(began_mark, bound)
+        return False
 
     def _saved(self, name: str, stream: str, topic: str) -> list[int]:
         seq, upto, pos = self._places.get(name, {}).get(stream, {}).get(topic, (-1, -1, 0))
@@ -421,7 +435,7 @@ class DurablePlaces:
         store full at 20,000 topics): a subscriber restarted then resumes from the place
         recorded before, and gets again what it handled since, not all of it marked
         ``redelivered`` (the highest numbers reached were not recorded either); nothing is
-        skipped."""
+        skipped. What was refused is written with the next flush (`flush`)."""
         try:
             self.store.cursors.save(rows, runs, began, read_through)
         except Exception as exc:
