@@ -1625,6 +1625,41 @@ def test_a_durable_subscription_restarted_before_its_first_read_went_through_res
 
 
 @pytest.mark.timeout(90)
+def test_a_durable_name_taken_again_with_replay_all_before_a_read_went_through_gets_every_topic_from_its_start(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A durable subscription's first start with ``replay="new"`` ("t.old" 0 to 9 published
+    before it): its first read fails until given up, and "t.a" 0 comes live and is handled.
+    Stopped, "t.old" 10 is published; the name taken again with ``replay="all"`` follows
+    every topic from its start: it gets "t.old" 0 to 10, no gap. Before, it read the history
+    from its place in "t.a" (where the first start began, after "t.old" 0 to 9), and "t.old"
+    10 came with ``msg.gap`` 10: messages the history still holds counted missed."""
+    failing = _failing_pages(monkeypatch)
+    got: list[tuple[str, int, int]] = []
+
+    def subscriber(replay: str) -> zmqmesh.Node:
+        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=replay, durable_name="d")
+        return node
+
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("t.old", n)
+        with subscriber("new") as node:
+            _first_read_given_up(node, failing)
+            publisher.wait_for_peers(1)
+            publisher.wait_for_subscribers("t.a", 1, timeout=10)
+            publisher.publish("t.a", 0)
+            wait_until(lambda: len(got) >= 1, 20, "t.a 0")
+        publisher.publish("t.old", 10)
+        with subscriber("all") as node:
+            wait_until(lambda: ("t.old", 10, 0) in got or ("t.old", 10, 10) in got, 20, "t.old 10")
+            time.sleep(0.5)  # (nothing more)
+            gaps = node.stats()["pubsub"].get("gap", 0)
+    assert got == [("t.a", 0, 0), *[("t.old", n, 0) for n in range(11)]]
+    assert gaps == 0
+
+
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("replay", ["new", 2.0])
 def test_a_durable_subscription_stopped_before_its_first_read_went_through_gets_what_was_published_meanwhile(
         tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, replay: str | float) -> None:

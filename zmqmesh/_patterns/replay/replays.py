@@ -523,7 +523,7 @@ class Replays:
         # (after the table had room: what a durable name forgets is gone from its store too)
         name, places = options.durable_name, self.places
         stored: dict[str, tuple[int, int, int]] = {}
-        resumed = False
+        resumed = all_again = False
         began = None  # (where a durable subscription began mid-stream, not yet read through: resumed from there)
         if name is not None and places is not None:
             if not places.room(name, stream, self._present_streams(), self.cursors, self._forget):
@@ -533,7 +533,10 @@ class Replays:
             # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
             resumed = bool(stored) or places.known(name, stream)
             began = places.began(name, stream)
-            if began is not None and options.replay == "all":  # (the name taken again to follow every topic from its start)
+            # (the name taken again to follow every topic from its start: from the start of the
+            # history, not from its places, which are past where it began mid-stream)
+            all_again = began is not None and options.replay == "all"
+            if all_again:
                 places.read_through(name, stream)
                 began = None
         since = None  # (a first start that begins mid-stream: from that many seconds ago, or from now)
@@ -550,7 +553,7 @@ class Replays:
                 cursor.next[topic] = seq + 1
                 if upto > seq:
                     cursor.upto[topic] = upto
-            cursor.pos = min(pos for _s, _u, pos in stored.values())
+            cursor.pos = 0 if all_again else min(pos for _s, _u, pos in stored.values())
         if began is not None:
             # (what it handled before was published after where it began: a place below it is
             # one placed before its topic's first message was handled, `before_handling`)
