@@ -1371,6 +1371,11 @@ def test_a_durable_subscription_whose_first_read_found_nothing_kept_resumes_afte
     assert gaps == 0
 
 
+def _lines_of(out: Path) -> list[str]:
+    """The lines a subscriber process wrote to ``out`` so far."""
+    return out.read_text().splitlines() if out.exists() else []
+
+
 @pytest.mark.timeout(90)
 def test_a_durable_subscriber_killed_while_it_handles_its_first_message_of_a_topic_gets_nothing_older_again(
         tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
@@ -1385,9 +1390,6 @@ def test_a_durable_subscriber_killed_while_it_handles_its_first_message_of_a_top
     out = tmp_path / "out"
     port, name = mesh["beacon_port"], mesh["mesh"]
 
-    def lines() -> list[str]:
-        return out.read_text().splitlines() if out.exists() else []
-
     with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"app.": 1000}, **mesh) as publisher:
         for n in range(10):
             publisher.publish("app.0", {"n": n})
@@ -1396,14 +1398,14 @@ def test_a_durable_subscriber_killed_while_it_handles_its_first_message_of_a_top
         publisher.publish("app.0", {"n": 11})
         subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 30.0, 2.0)
         procs.append(subscriber)
-        wait_until(lambda: len(lines()) >= 1, 30, "10 being handled")
+        wait_until(lambda: len(_lines_of(out)) >= 1, 30, "10 being handled")
         subscriber.kill()
         subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 0.0, 2.0)
         procs.append(subscriber)
-        wait_until(lambda: any(line.startswith("app.0 11 ") for line in lines()), 30, "11 handled")
+        wait_until(lambda: any(line.startswith("app.0 11 ") for line in _lines_of(out)), 30, "11 handled")
         time.sleep(0.5)  # (nothing more)
         subscriber.close()
-    assert lines() == ["app.0 10 0 0", "app.0 10 1 0", "app.0 11 1 0"]
+    assert _lines_of(out) == ["app.0 10 0 0", "app.0 10 1 0", "app.0 11 1 0"]
 
 
 @pytest.mark.timeout(90)
@@ -1421,9 +1423,6 @@ def test_a_durable_subscriber_killed_while_it_handles_a_live_message_before_a_re
     out = tmp_path / "out"
     port, name = mesh["beacon_port"], mesh["mesh"]
 
-    def lines() -> list[str]:
-        return out.read_text().splitlines() if out.exists() else []
-
     with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"app.": 1000}, **mesh) as publisher:
         for n in range(10):
             publisher.publish("app.0", {"n": n})
@@ -1431,16 +1430,16 @@ def test_a_durable_subscriber_killed_while_it_handles_a_live_message_before_a_re
         procs.append(subscriber)
         publisher.wait_for_subscribers("app.1", 1, timeout=20)
         publisher.publish("app.1", {"n": 0})  # (held while the read fails, handed out once it is given up)
-        wait_until(lambda: len(lines()) >= 1, 30, "app.1 0 being handled")
+        wait_until(lambda: len(_lines_of(out)) >= 1, 30, "app.1 0 being handled")
         subscriber.kill()
         failing.clear()
         publisher.publish("app.1", {"n": 1})
         subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 0.0, "new")
         procs.append(subscriber)
-        wait_until(lambda: any(line.startswith("app.1 1 ") for line in lines()), 30, "app.1 1 handled")
+        wait_until(lambda: any(line.startswith("app.1 1 ") for line in _lines_of(out)), 30, "app.1 1 handled")
         time.sleep(0.5)  # (nothing more)
         subscriber.close()
-    assert lines() == ["app.1 0 0 0", "app.1 0 1 0", "app.1 1 0 0"]
+    assert _lines_of(out) == ["app.1 0 0 0", "app.1 0 1 0", "app.1 1 0 0"]
 
 
 @pytest.mark.timeout(90)
@@ -1520,20 +1519,7 @@ def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_
     it gets "t.a" 1 to 5, nothing of "t.old", no gap. Before, that read (and every one after
     the first) went without the first's time bound, from the start of the history: "t.old"
     0 to 9 came, older than the seconds asked."""
-    import zmqmesh._patterns.replay.replays as replays
-
-    monkeypatch.setattr(replays, "FETCH_RETRIES_S", (0.2,))
-    failing = threading.Event()
-    failing.set()
-    real = zmqmesh._patterns.history.History.page
-
-    def page(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if failing.is_set():
-            raise zmqmesh.StoreError("disk I/O error (the test's)")
-        served: dict[str, Any] = real(self, *args, **kwargs)
-        return served
-
-    monkeypatch.setattr(zmqmesh._patterns.history.History, "page", page)
+    failing = _failing_pages(monkeypatch)
     got: list[tuple[str, int, int]] = []
     history = {"t.": 1000}
     store = tmp_path / "publisher"
@@ -1545,8 +1531,7 @@ def test_a_subscription_replaying_seconds_whose_first_read_failed_reads_nothing_
         subscriber.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=2.0,
                              **({"durable_name": "d"} if durable else {}))
         with subscriber:
-            wait_until(lambda: subscriber.stats()["pubsub"].get("replay_failed"), 20, "the first read given up")
-            failing.clear()
+            _first_read_given_up(subscriber, failing)
             publisher.wait_for_peers(1)
             publisher.publish("t.a", 0)
             wait_until(lambda: len(got) >= 1, 20, "t.a 0")
@@ -1583,6 +1568,25 @@ def _first_read_given_up(node: zmqmesh.Node, failing: threading.Event) -> None:
     failing.clear()
 
 
+def _t_subscriber(tmp_path: Path, mesh: dict[str, Any], got: list[tuple[str, int, int]],
+                  replay: str | float) -> zmqmesh.Node:
+    """The durable subscription "d" of "t." on the store ``tmp_path / "subscriber"``,
+    recording ``(topic, data, gap)`` in ``got``."""
+    node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+    node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=replay, durable_name="d")
+    return node
+
+
+def _handles_live_after_its_first_read_failed(publisher: zmqmesh.Node, node: zmqmesh.Node, failing: threading.Event,
+                                             got: list[Any]) -> None:
+    """``node``'s first read of ``publisher``'s history given up, "t.a" 0 comes live and is handled."""
+    _first_read_given_up(node, failing)
+    publisher.wait_for_peers(1)
+    publisher.wait_for_subscribers("t.a", 1, timeout=10)
+    publisher.publish("t.a", 0)
+    wait_until(lambda: len(got) >= 1, 20, "t.a 0")
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("replay", ["new", 2.0])
 def test_a_durable_subscription_restarted_before_its_first_read_went_through_resumes_from_where_it_began(
@@ -1599,24 +1603,15 @@ def test_a_durable_subscription_restarted_before_its_first_read_went_through_res
     failing = _failing_pages(monkeypatch)
     got: list[tuple[str, int, int]] = []
 
-    def subscriber() -> zmqmesh.Node:
-        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
-        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=replay, durable_name="d")
-        return node
-
     with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
         for n in range(10):
             publisher.publish("t.old", n)
         time.sleep(2.5)  # (older than the seconds it replays)
-        with subscriber() as node:
-            _first_read_given_up(node, failing)
-            publisher.wait_for_peers(1)
-            publisher.wait_for_subscribers("t.a", 1, timeout=10)
-            publisher.publish("t.a", 0)
-            wait_until(lambda: len(got) >= 1, 20, "t.a 0")
+        with _t_subscriber(tmp_path, mesh, got, replay) as node:
+            _handles_live_after_its_first_read_failed(publisher, node, failing, got)
         publisher.publish("t.old", 10)
         publisher.publish("t.a", 1)
-        with subscriber() as node:
+        with _t_subscriber(tmp_path, mesh, got, replay) as node:
             wait_until(lambda: len(got) >= 3, 20, "what was published while it was stopped")
             time.sleep(0.5)  # (nothing more)
             gaps = node.stats()["pubsub"].get("gap", 0)
@@ -1636,22 +1631,13 @@ def test_a_durable_name_taken_again_with_replay_all_before_a_read_went_through_g
     failing = _failing_pages(monkeypatch)
     got: list[tuple[str, int, int]] = []
 
-    def subscriber(replay: str) -> zmqmesh.Node:
-        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
-        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=replay, durable_name="d")
-        return node
-
     with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
         for n in range(10):
             publisher.publish("t.old", n)
-        with subscriber("new") as node:
-            _first_read_given_up(node, failing)
-            publisher.wait_for_peers(1)
-            publisher.wait_for_subscribers("t.a", 1, timeout=10)
-            publisher.publish("t.a", 0)
-            wait_until(lambda: len(got) >= 1, 20, "t.a 0")
+        with _t_subscriber(tmp_path, mesh, got, "new") as node:
+            _handles_live_after_its_first_read_failed(publisher, node, failing, got)
         publisher.publish("t.old", 10)
-        with subscriber("all") as node:
+        with _t_subscriber(tmp_path, mesh, got, "all") as node:
             wait_until(lambda: ("t.old", 10, 0) in got or ("t.old", 10, 10) in got, 20, "t.old 10")
             time.sleep(0.5)  # (nothing more)
             gaps = node.stats()["pubsub"].get("gap", 0)
@@ -1673,21 +1659,16 @@ def test_a_durable_subscription_stopped_before_its_first_read_went_through_gets_
     failing = _failing_pages(monkeypatch)
     got: list[tuple[str, int, int]] = []
 
-    def subscriber() -> zmqmesh.Node:
-        node = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
-        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), replay=replay, durable_name="d")
-        return node
-
     with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
         for n in range(10):
             publisher.publish("t.old", n)
         time.sleep(2.5)  # (older than the seconds it replays)
-        with subscriber() as node:
+        with _t_subscriber(tmp_path, mesh, got, replay) as node:
             _first_read_given_up(node, failing)
         for n in range(3):
             publisher.publish("t.a", n)
         time.sleep(2.5)  # (older than the seconds it replays, once it is back)
-        with subscriber() as node:
+        with _t_subscriber(tmp_path, mesh, got, replay) as node:
             wait_until(lambda: len(got) >= 3, 20, "what was published while it was stopped")
             publisher.wait_for_peers(1)
             publisher.wait_for_subscribers("t.a", 1, timeout=10)
