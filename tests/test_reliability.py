@@ -384,3 +384,29 @@ def test_a_peers_announced_limit_counts_only_when_below_this_nodes() -> None:
     assert directory.widest_limit(["b", "c"]) == 2 << 20
     assert directory.widest_limit(["b", "old"]) is None  # (one takes anything: nothing is held)
     assert directory.widest_limit(["b"]) == 1 << 20
+
+
+@pytest.mark.timeout(60)
+def test_a_large_in_memory_message_held_for_want_of_a_puller_that_takes_it_is_counted_dropped_at_the_stop(
+        mesh: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """An at-least-once push of 2 MiB (a large payload: its own frame) to a queue whose only
+    puller takes 1 MiB is held at the pusher, never dealt; stopped, the pusher counts it
+    dropped and says so (``pipeline.dropped``, "stopped with 1 queued message(s) unsent").
+    Before, what a stop counted as in memory only was the items that were bytes: a large
+    payload held so was no bytes, and went unreported."""
+    caplog.set_level(logging.WARNING, logger="zmqmesh")
+    got: list[Any] = []
+    small = zmqmesh.Node("small", max_message_bytes=1 << 20, **mesh)
+    small.pull("jobs", lambda msg: got.append(msg.data), at_least_once=True)
+    with small:
+        pusher = zmqmesh.Node("pusher", linger_s=0.5, **mesh)
+        with pusher:
+            pusher.wait_for_pullers("jobs")
+            pusher.push("jobs", b"x" * (2 << 20))
+            pusher.push("jobs", 1)
+            wait_until(lambda: got == [1], 20, "the small message")
+            wait_until(lambda: pusher.stats()["pipeline"].get("held_too_large") == 1, 10, "the large one held")
+        dropped = pusher.stats()["pipeline"].get("dropped", 0)
+    assert got == [1]
+    assert dropped == 1
+    assert any("stopped with 1 queued message(s) unsent" in r.getMessage() for r in caplog.records)

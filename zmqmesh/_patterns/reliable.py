@@ -279,9 +279,11 @@ def _blocked(q: deque[Any], again: deque[Any], widest: int) -> bool:
 
 
 def _in_memory(items: Iterable[Any]) -> int:
-    """How many of ``items`` (messages sent or to send again) live only in memory: the
-    in-memory ones, not the durable ones (`StoredMessage`), which stay stored."""
-    return sum(1 for item in list(items) if isinstance(item, bytes))
+    """How many of ``items`` (messages sent or to send again) live only in memory: all but
+    the durable ones (`StoredMessage`), which stay stored. (Not only the bytes: a large
+    payload held aside for want of a puller that takes it is a `RawPayload`, and went
+    uncounted at a stop.)"""
+    return sum(1 for item in list(items) if type(item) is not STORED)
 
 
 def _wrap_two_fields(item: Any, redelivered: bool) -> bytes:
