@@ -1376,6 +1376,18 @@ def _lines_of(out: Path) -> list[str]:
     return out.read_text().splitlines() if out.exists() else []
 
 
+def _restarted_until_it_handles(tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess], out: Path,
+                                replay: str | float, line_start: str) -> None:
+    """The durable subscriber process (`worker`, its handler quick) started again until it
+    handled the message whose line in ``out`` starts with ``line_start``, and a moment more
+    (nothing else comes), then closed."""
+    subscriber = worker("subscriber", tmp_path / "subscriber", mesh["mesh"], mesh["beacon_port"], out, 0.0, replay)
+    procs.append(subscriber)
+    wait_until(lambda: any(line.startswith(line_start) for line in _lines_of(out)), 30, f"{line_start}handled")
+    time.sleep(0.5)  # (nothing more)
+    subscriber.close()
+
+
 @pytest.mark.timeout(90)
 def test_a_durable_subscriber_killed_while_it_handles_its_first_message_of_a_topic_gets_nothing_older_again(
         tmp_path: Path, mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
@@ -1400,11 +1412,7 @@ def test_a_durable_subscriber_killed_while_it_handles_its_first_message_of_a_top
         procs.append(subscriber)
         wait_until(lambda: len(_lines_of(out)) >= 1, 30, "10 being handled")
         subscriber.kill()
-        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 0.0, 2.0)
-        procs.append(subscriber)
-        wait_until(lambda: any(line.startswith("app.0 11 ") for line in _lines_of(out)), 30, "11 handled")
-        time.sleep(0.5)  # (nothing more)
-        subscriber.close()
+        _restarted_until_it_handles(tmp_path, mesh, procs, out, 2.0, "app.0 11 ")
     assert _lines_of(out) == ["app.0 10 0 0", "app.0 10 1 0", "app.0 11 1 0"]
 
 
@@ -1434,11 +1442,7 @@ def test_a_durable_subscriber_killed_while_it_handles_a_live_message_before_a_re
         subscriber.kill()
         failing.clear()
         publisher.publish("app.1", {"n": 1})
-        subscriber = worker("subscriber", tmp_path / "subscriber", name, port, out, 0.0, "new")
-        procs.append(subscriber)
-        wait_until(lambda: any(line.startswith("app.1 1 ") for line in _lines_of(out)), 30, "app.1 1 handled")
-        time.sleep(0.5)  # (nothing more)
-        subscriber.close()
+        _restarted_until_it_handles(tmp_path, mesh, procs, out, "new", "app.1 1 ")
     assert _lines_of(out) == ["app.1 0 0 0", "app.1 0 1 0", "app.1 1 0 0"]
 
 
