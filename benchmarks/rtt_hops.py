@@ -41,7 +41,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from _cpu_harness import expect, free_udp_port, say
+from _cpu_harness import end_pair, expect, free_udp_port, say
 from provider_cpu import PAYLOAD, SERVICE
 
 
@@ -322,16 +322,7 @@ def one_round(args: argparse.Namespace) -> None:
     finally:
         if tracer is not None and tracer.poll() is None:
             tracer.kill()
-        if cli is not None and cli.poll() is None:
-            cli.kill()
-            cli.wait()
-        if srv.stdin is not None:
-            srv.stdin.close()
-        try:
-            srv.wait(30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        end_pair(cli, srv)
     sched: dict[int, tuple[float, float, float | None]] = {}
     if args.sched:
         io_threads = {pid: next(tid for tid, row in before[pid].items() if row[0].startswith("ZMQbg/IO"))
