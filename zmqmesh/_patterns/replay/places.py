@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..._stats import LogThrottle, Stats
 from ..calls import Call, CursorMark
@@ -220,12 +220,9 @@ class DurablePlaces:
             began.pop(s, None)
             for place in places.get(s, ()):
                 forget(place)
-        for mark in [m for m in self._dirty if m[0] == name and m[1] in gone]:  # (never written back)
-            del self._dirty[mark]
-        for place_run in [p for p in self._dirty_runs if p[0] == name and p[1] in gone]:
-            del self._dirty_runs[place_run]
-        for place_began in [p for p in self._dirty_began if p[0] == name and p[1] in gone]:
-            del self._dirty_began[place_began]
+        for unwritten in self._unwritten_tables():  # (never written back)
+            for mark in [m for m in unwritten if m[0] == name and m[1] in gone]:
+                del unwritten[mark]
         self.stats.reject("durable_streams_forgotten", len(doomed))
         said = self._forgotten_log.due(len(doomed))
         if said:
@@ -295,7 +292,7 @@ class DurablePlaces:
 
     def unwritten(self) -> bool:
         """Whether numbers handed out wait to be handled, or places to be written (`flush`)."""
-        return bool(self._pending or self._dirty or self._dirty_runs or self._dirty_began)
+        return bool(self._pending) or any(self._unwritten_tables())
 
     def pending(self, name: str, stream: str, topic: str) -> deque[int]:
         """The numbers of ``topic`` handed to ``name``'s handler and not yet `handled`, in
@@ -388,7 +385,7 @@ class DurablePlaces:
         """Commit what the durable subscriptions handled, the runs they followed, and where
         they began mid-stream (or read through), since the last flush; False if the store
         refused (`_save`)."""
-        if not self._dirty and not self._dirty_runs and not self._dirty_began:
+        if not any(self._unwritten_tables()):
             return True
         dirty, self._dirty = self._dirty, {}
         runs, self._dirty_runs = self._dirty_runs, {}
@@ -415,13 +412,15 @@ class DurablePlaces:
         # places it found (`begun_at`) are set once, not again as messages are handled (before,
         # lost: restarted with places recorded later and none of those, it read the history
         # of the topics it had not met from their start, or took their next for a gap)
-        for mark, state in dirty.items():
-            self._dirty.setdefault(mark, state)
-        for run_mark, run in runs.items():
-            self._dirty_runs.setdefault(run_mark, run)
-        for began_mark, bound in began.items():
-            self._dirty_began.setdefault(began_mark, bound)
+        refused_tables: tuple[dict[Any, Any], ...] = (dirty, runs, began)  # (in `_unwritten_tables`' order)
+        for unwritten, refused in zip(self._unwritten_tables(), refused_tables):
+            for mark, value in refused.items():
+                unwritten.setdefault(mark, value)
         return False
+
+    def _unwritten_tables(self) -> tuple[dict[Any, Any], ...]:
+        """What waits for the next `flush`: places, runs followed, where names began mid-stream."""
+        return self._dirty, self._dirty_runs, self._dirty_began
 
     def _saved(self, name: str, stream: str, topic: str) -> list[int]:
         seq, upto, pos = self._places.get(name, {}).get(stream, {}).get(topic, (-1, -1, 0))
