@@ -906,13 +906,14 @@ class Engine:
         joining = _in_joining_order(wanted - current)
         # (a queue's new ack timeout joined before its old one is left: a pull made again with
         # another timeout is never seen without one)
-        timeouts = [group for group in joining if group.startswith(_ANNOUNCED_FIRST[0])]
-        for group in timeouts:
-            self.membership.join(group)
+        for group in joining:
+            if _announcing_rank(group) == 0:
+                self.membership.join(group)
         for group in _in_leaving_order(current - wanted):
             self.membership.leave(group)
-        for group in joining[len(timeouts):]:
-            self.membership.join(group)
+        for group in joining:
+            if _announcing_rank(group) > 0:
+                self.membership.join(group)
         self.inbox.registry_changed()
         self._rebuild()
 
