@@ -1135,6 +1135,17 @@ def test_a_topic_begun_after_the_first_read_of_a_subscription_replaying_seconds_
     assert stats.get("gap", 0) == 0
 
 
+@contextlib.contextmanager
+def _publisher_with_old_messages(tmp_path: Path, mesh: dict[str, Any]) -> Iterator[zmqmesh.Node]:
+    """A publisher keeping "t." (its store ``tmp_path / "publisher"``) whose "t.old" 0 to 9
+    are older than 2 s (the seconds the subscriptions of these tests replay)."""
+    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
+        for n in range(10):
+            publisher.publish("t.old", n)
+        time.sleep(2.5)
+        yield publisher
+
+
 @pytest.mark.timeout(60)
 def test_a_durable_subscription_replaying_seconds_restarted_reports_no_gap_for_a_topic_older_than_its_seconds(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
@@ -1148,10 +1159,7 @@ def test_a_durable_subscription_replaying_seconds_restarted_reports_no_gap_for_a
     after the first read, no live message having come yet, also read it all from 0 in the
     first life, and gave "t.old" 0 to 9 then)."""
     got: list[tuple[int, str, int, int]] = []
-    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
-        for n in range(10):
-            publisher.publish("t.old", n)
-        time.sleep(2.5)  # (older than the subscription replays)
+    with _publisher_with_old_messages(tmp_path, mesh) as publisher:
         gaps = 0
         for life in range(2):
             subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
@@ -1344,31 +1352,32 @@ def test_a_durable_subscription_whose_first_read_found_nothing_kept_resumes_afte
     its first read went through (`Replays._read_through`), and a stream with a run recorded
     is resumed (`DurablePlaces.known`)."""
     got: list[tuple[str, int, int]] = []
-    subscriber_store = str(tmp_path / "subscriber")
-
-    def subscriber() -> zmqmesh.Node:
-        node = zmqmesh.Node("subscriber", store=subscriber_store, **mesh)
-        node.subscribe("t.", lambda m: got.append((m.topic, m.data, m.gap)), durable_name="d", replay=replay)
-        return node
-
     with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
         publisher.publish("other", 0)  # (a store with a run, keeping nothing under "t.")
-        with subscriber() as node:
+        with _t_subscriber(tmp_path, mesh, got, replay) as node:
             publisher.wait_for_peers(1)
             publisher.wait_for_subscribers("t.a", 1, timeout=10)
             time.sleep(2.5)  # (its first read done)
         for n in range(5):
             publisher.publish("t.a", n)
         time.sleep(1.5)  # (older than the seconds it replays)
-        with subscriber() as node:
-            publisher.wait_for_peers(1)
-            wait_until(lambda: len(got) >= 5, 20, "what was published while it was stopped")
-            publisher.publish("t.a", 5)
-            wait_until(lambda: len(got) >= 6, 20, "t.a 5")
-            time.sleep(0.5)  # (nothing more)
-            gaps = node.stats()["pubsub"].get("gap", 0)
+        with _t_subscriber(tmp_path, mesh, got, replay) as node:
+            gaps = _caught_up_then_one_live(publisher, node, got, 5)
     assert got == [("t.a", n, 0) for n in range(6)]
     assert gaps == 0
+
+
+def _caught_up_then_one_live(publisher: zmqmesh.Node, node: zmqmesh.Node, got: list[Any], n: int) -> int:
+    """``node`` got the ``n`` messages of "t.a" published while it was stopped, then "t.a"
+    ``n`` comes live and is handled, and a moment more (nothing else comes): the gaps it counted."""
+    wait_until(lambda: len(got) >= n, 20, "what was published while it was stopped")
+    publisher.wait_for_peers(1)
+    publisher.wait_for_subscribers("t.a", 1, timeout=10)
+    publisher.publish("t.a", n)
+    wait_until(lambda: len(got) >= n + 1, 20, f"t.a {n}")
+    time.sleep(0.5)  # (nothing more)
+    gaps: int = node.stats()["pubsub"].get("gap", 0)
+    return gaps
 
 
 def _lines_of(out: Path) -> list[str]:
@@ -1468,10 +1477,7 @@ def test_durable_subscriptions_whose_store_refused_where_they_began_record_it_on
             node.subscribe("t.", lambda m, name=name: got[name].append((m.topic, m.data, m.gap)), replay=2.0,
                            durable_name=name)
 
-    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
-        for n in range(10):
-            publisher.publish("t.old", n)
-        time.sleep(2.5)  # (older than the seconds it replays)
+    with _publisher_with_old_messages(tmp_path, mesh) as publisher:
         node = zmqmesh.Node("subscriber", store=sub_store, store_max_bytes=1 << 20,
                             history={"f.": {"max_messages": 1_000_000, "max_age_s": 5.0}}, **mesh)
         with node:
@@ -1607,10 +1613,7 @@ def test_a_durable_subscription_restarted_before_its_first_read_went_through_res
     failing = _failing_pages(monkeypatch)
     got: list[tuple[str, int, int]] = []
 
-    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
-        for n in range(10):
-            publisher.publish("t.old", n)
-        time.sleep(2.5)  # (older than the seconds it replays)
+    with _publisher_with_old_messages(tmp_path, mesh) as publisher:
         with _t_subscriber(tmp_path, mesh, got, replay) as node:
             _handles_live_after_its_first_read_failed(publisher, node, failing, got)
         publisher.publish("t.old", 10)
@@ -1663,23 +1666,14 @@ def test_a_durable_subscription_stopped_before_its_first_read_went_through_gets_
     failing = _failing_pages(monkeypatch)
     got: list[tuple[str, int, int]] = []
 
-    with zmqmesh.Node("publisher", store=str(tmp_path / "publisher"), history={"t.": 1000}, **mesh) as publisher:
-        for n in range(10):
-            publisher.publish("t.old", n)
-        time.sleep(2.5)  # (older than the seconds it replays)
+    with _publisher_with_old_messages(tmp_path, mesh) as publisher:
         with _t_subscriber(tmp_path, mesh, got, replay) as node:
             _first_read_given_up(node, failing)
         for n in range(3):
             publisher.publish("t.a", n)
         time.sleep(2.5)  # (older than the seconds it replays, once it is back)
         with _t_subscriber(tmp_path, mesh, got, replay) as node:
-            wait_until(lambda: len(got) >= 3, 20, "what was published while it was stopped")
-            publisher.wait_for_peers(1)
-            publisher.wait_for_subscribers("t.a", 1, timeout=10)
-            publisher.publish("t.a", 3)
-            wait_until(lambda: len(got) >= 4, 20, "t.a 3")
-            time.sleep(0.5)  # (nothing more)
-            gaps = node.stats()["pubsub"].get("gap", 0)
+            gaps = _caught_up_then_one_live(publisher, node, got, 3)
     assert got == [("t.a", n, 0) for n in range(4)]
     assert gaps == 0
 
