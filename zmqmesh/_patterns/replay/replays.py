@@ -548,16 +548,16 @@ class Replays:
                         since=since, resumed=resumed)
         cursor.kept = self.directory.streams.get(node_id, (stream, ()))[1]
         self.cursors[(key, stream)] = cursor
-        if stored:
-            for topic, (seq, upto, _pos) in stored.items():
-                cursor.next[topic] = seq + 1
-                if upto > seq:
-                    cursor.upto[topic] = upto
-            cursor.pos = 0 if all_again else min(pos for _s, _u, pos in stored.values())
+        for topic, (seq, upto, _pos) in stored.items():
+            cursor.next[topic] = seq + 1
+            if upto > seq:
+                cursor.upto[topic] = upto
         if began is not None:
             # (what it handled before was published after where it began: a place below it is
             # one placed before its topic's first message was handled, `before_handling`)
             cursor.pos = began[0]
+        elif stored and not all_again:  # (taken again with "all": from the start, 0)
+            cursor.pos = min(pos for _s, _u, pos in stored.values())
         if name is not None and places is not None:
             cursor.run = places.run(name, stream)
         self._check_run(key, cursor, node_id, calls)
