@@ -2758,3 +2758,95 @@ def test_a_history_read_from_a_publisher_not_present_fails_at_once(mesh: dict[st
         gone = Fetch("ab" * 16, ("app.", print), "cd" * 16, {"p": "app.", "a": 0, "t": ""})
         with pytest.raises(zmqmesh.NoProviderError):
             BlockingRunner(engine).run(fetch_plan(engine, gone, timeout=120))
+
+
+@contextlib.contextmanager
+def _lone_requests_to(provider: zmqmesh.Node, mesh: dict[str, Any], every_s: tuple[float, float]) -> Iterator[list[int]]:
+    """A caller node that sends ``provider``'s "echo" one request at a time, each after a
+    pause of ``every_s`` (at random, within it), until the block ends; yields the replies
+    received so far (each request's number)."""
+    import random
+
+    replies: list[int] = []
+    done = threading.Event()
+    caller = zmqmesh.Node("caller", **mesh)
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        n = 0
+        while not done.is_set():
+            try:
+                replies.append(caller.request("echo", n, timeout=5, peer=provider.id))
+            except BaseException as exc:  # (asserted on below: a reply missing is part of what fails)
+                failures.append(exc)
+                return
+            n += 1
+            done.wait(random.uniform(*every_s))
+
+    with caller:
+        caller.wait_for_service("echo", timeout=10)
+        thread = threading.Thread(target=call, name="lone-requests", daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: replies or failures, 10, "the first reply")
+            yield replies
+        finally:
+            done.set()
+            thread.join(10)
+    assert not failures, failures
+    assert replies == list(range(len(replies)))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("serving", ["publisher", "subscriber", "subscriber retrying its first read"])
+def test_a_replay_goes_through_while_lone_requests_keep_coming_faster_than_the_inbox_looks_round(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch, serving: str) -> None:
+    """A node's inbox serves a lone request in place, without a drain, and otherwise looks
+    round when its poll times out (every 500 ms): a replay must go on while requests come
+    every 10-50 ms, from before the two nodes meet, to the publisher (its pages of history),
+    or to the replaying subscriber: its reads, and its read tried again after the first
+    failed (the publisher's store failed a page once), which only a look round starts
+    (`Dispatcher.has_waiting`)."""
+    pages_failed: list[bool] = []
+    if serving == "subscriber retrying its first read":
+        from zmqmesh._patterns.replay import replays
+
+        failing = _failing_pages(monkeypatch)
+        monkeypatch.setattr(replays, "FETCH_RETRIES_S", (0.5, 1.0, 2.0))  # (the defaults: 0.5 s to the next read)
+        failing_page = zmqmesh._patterns.history.History.page
+
+        def fails_once(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            pages_failed.append(failing.is_set())
+            try:
+                page: dict[str, Any] = failing_page(self, *args, **kwargs)
+                return page
+            finally:
+                failing.clear()
+
+        monkeypatch.setattr(zmqmesh._patterns.history.History, "page", fails_once)
+    topics = ["t.a", "t.b", "t.c"]
+    history = {"t.": 100_000}
+    store = str(tmp_path / "publisher")
+    alone = {**mesh, "mesh": f"{mesh['mesh']}-alone"}
+    with zmqmesh.Node("alone", store=store, history=history, **alone) as publisher:
+        for i in range(6000):  # (three pages of history and more, out of the subscriber's mesh)
+            publisher.publish(topics[i % 3], i)
+    got: list[tuple[str, int]] = []
+    publisher = zmqmesh.Node("publisher", store=store, history=history, **mesh)
+    subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+    subscriber.subscribe("t.", lambda m: got.append((m.topic, m.data)), replay="all", durable_name="d")
+    provider, other = (publisher, subscriber) if serving == "publisher" else (subscriber, publisher)
+    provider.service("echo")(lambda msg: msg.data)
+    with provider, _lone_requests_to(provider, mesh, (0.01, 0.05)) as replies:
+        with other:
+            wait_until(lambda: len(got) >= 6000, 30, "the whole history replayed")
+            publisher.wait_for_subscribers("t.", 1, timeout=10)
+            for i in range(6000, 6010):
+                publisher.publish(topics[i % 3], i)
+            wait_until(lambda: len(got) >= 6010, 10, "the live messages after the replay")
+        assert len(replies) > 1
+        failed = subscriber.stats()["pubsub"].get("replay_failed", 0)
+    assert failed == 0
+    assert pages_failed.count(True) == (serving == "subscriber retrying its first read")
+    assert [n for _topic, n in got] == list(range(6010))
+    assert all(topic == topics[n % 3] for topic, n in got)
