@@ -216,6 +216,52 @@ def test_a_durable_subscription_forgets_the_streams_of_publishers_gone_past_its_
         "every message of every run, once, and run 0's again as a new stream's"
 
 
+@pytest.mark.timeout(60)
+def test_a_stream_delivered_plainly_at_the_bound_marks_what_it_delivered_redelivered_once_followed(
+        tmp_path: Path, mesh: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A durable subscription's name at its bound of streams (here 2), every one of a
+    publisher present: a third publisher's messages come plainly, counted and logged; once
+    a publisher left, that stream is followed (``replay="all"``: its history from the
+    start), and the messages it delivered plainly come again marked ``redelivered``.
+    (Before, nothing was logged, and they came again unmarked: duplicates no handler could
+    tell.)"""
+    from zmqmesh._patterns.replay import places, replays
+
+    monkeypatch.setattr(places, "MAX_DURABLE_STREAMS", 2)
+    monkeypatch.setattr(replays, "TAIL_LOOKS_S", ())
+    got: list[tuple[str, int, bool]] = []
+    subscriber = zmqmesh.Node("subscriber", store=str(tmp_path / "subscriber"), **mesh)
+    subscriber.subscribe("kept.", lambda m: got.append((m.data["p"], m.data["n"], m.redelivered)),
+                         replay="all", durable_name="d")
+    publishers: dict[str, zmqmesh.Node] = {}
+
+    def publish(name: str, numbers: range) -> None:
+        if name not in publishers:
+            publishers[name] = zmqmesh.Node(name, store=str(tmp_path / name), history={"kept.": 100}, **mesh).start()
+            publishers[name].wait_for_subscribers("kept.", 1, timeout=10)
+        for n in numbers:
+            publishers[name].publish("kept.x", {"p": name, "n": n})
+        wait_until(lambda: (name, numbers[-1]) in {(p, n) for p, n, _r in got}, 10, f"{name} {numbers[-1]}")
+
+    with subscriber, caplog.at_level(logging.WARNING, logger="zmqmesh.replay"):
+        try:
+            publish("a", range(3))
+            publish("b", range(3))
+            publish("c", range(3))  # (past the bound, a and b present: plainly)
+            assert subscriber.stats()["rejected"].get("durable_streams_full", 0) > 0
+            publishers.pop("a").stop()
+            wait_until(lambda: len(subscriber.peers()) == 2, 10, "a gone")
+            publish("c", range(3, 6))  # (a's places make way: c's history from its start)
+            wait_until(lambda: len([1 for p, _n, _r in got if p == "c"]) >= 9, 10, "c's history")
+        finally:
+            for publisher in publishers.values():
+                publisher.stop()
+    assert got[:9] == [(p, n, False) for p in "abc" for n in range(3)]
+    assert got[9:] == [("c", n, n < 3) for n in range(6)], "what came plainly comes again marked redelivered"
+    assert any("past its 2 streams" in r.getMessage() and "plainly" in r.getMessage() for r in caplog.records)
+
+
 def test_a_subscription_dropped_and_made_again_replays_the_whole_history_again(
         tmp_path: Path, mesh: dict[str, Any]) -> None:
     """A replaying subscription made again is a new one: it replays from the start, as
@@ -2850,3 +2896,24 @@ def test_a_replay_goes_through_while_lone_requests_keep_coming_faster_than_the_i
     assert pages_failed.count(True) == (serving == "subscriber retrying its first read")
     assert [n for _topic, n in got] == list(range(6010))
     assert all(topic == topics[n % 3] for topic, n in got)
+
+
+def test_what_went_plainly_is_noted_for_a_bounded_number_of_streams_and_topics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`PlainlyDelivered` keeps the streams noted last (the oldest go first) and a bounded
+    number of topics each; what it leaves out is counted, never held."""
+    from zmqmesh._patterns.replay import plain
+    from zmqmesh._stats import Stats
+
+    monkeypatch.setattr(plain, "MAX_STREAMS", 2)
+    monkeypatch.setattr(plain, "MAX_TOPICS", 2)
+    stats = Stats()
+    noted = plain.PlainlyDelivered(stats)
+    key, options = ("t.", print), object()
+    for stream in ("s1", "s2", "s3"):
+        noted.note(key, options, stream, "t.a", 5)
+    for topic in ("t.a", "t.b", "t.c"):
+        noted.note(key, options, "s3", topic, 7)
+    assert noted.take(key, options, "s1") == {}, "the oldest stream made way"
+    assert noted.take(key, object(), "s2") == {}, "a subscription made anew has its own"
+    assert noted.take(key, options, "s3") == {"t.a": 7, "t.b": 7}
+    assert stats.snapshot()["rejected"]["replay_plain_unnoted"] == 2  # (s1's one topic, as it made way; t.c)

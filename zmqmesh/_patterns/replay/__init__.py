@@ -63,6 +63,7 @@ Everything here runs on the inbox's thread; the drivers only carry out the fetch
 * `replays`: `Replays`, which moves the cursors: live frames, pages, gaps, looks again;
 * `places`: where durable subscriptions are, in the store;
 * `awaiting`: live frames of senders whose HELLO is still on its way;
+* `plain`: what went plainly of streams no cursor could follow, marked redelivered once one does;
 * `rereads`: when each stream's history is to be read again.
 """
 

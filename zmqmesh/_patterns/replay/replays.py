@@ -21,10 +21,12 @@ from ..._wire.frames import MARKER_PROTOCOL
 from ...errors import PeerLostError
 from ...message import Message, Origin
 from ..calls import Call, CursorMark
+from . import places as places_module
 from .awaiting import AwaitingHello
 from .cursor import Cursor, Fetch, HeldFrame, Key, NumbersTooMany, storable
 from .delivery import Delivery
 from .places import DurablePlaces
+from .plain import PlainlyDelivered
 from .rereads import Rereads
 
 if TYPE_CHECKING:
@@ -115,6 +117,9 @@ class Replays:
         self.rereads = Rereads()
         """The reads of histories planned for later (`look_again`)."""
         self._unkept_log = LogThrottle(UNKEPT_LOG_S)  # (`_unkept`)
+        self._streams_full_log = LogThrottle(UNKEPT_LOG_S)  # (`_cursor`: a durable name past its streams)
+        self.plain = PlainlyDelivered(stats)
+        """What went plainly of streams no cursor could follow, marked redelivered once one does."""
         # sender id of a publisher no longer a peer -> (the directory's epoch, its stream or ""): `_stream_left`
         self._left: dict[str, tuple[int, str]] = {}
         # pages whose rows are being delivered (`deliver_pages`): [fetch, page, rows, more, next row]
@@ -367,6 +372,7 @@ class Replays:
                         # quiet, which a busy publisher never is
                         self._catch_up(key, cursor, numbers_only=True)
                     continue
+                self.plain.note(key, options, stream, topic, seq + len(items) - 1)  # (too many streams followed)
             # the publisher keeps no history of it (or too many streams are followed): plain delivery
             for index, data in enumerate(items):
                 calls.append(Call(key[1], Message("pubsub", topic, data, sender_id, self.directory.lookup_peer,
@@ -510,8 +516,10 @@ class Replays:
         Past `_MAX_CURSORS`, the cursor of a stream whose publisher left makes way
         (`_make_room`); None if none can: counted (``rejected["replay_streams_full"]``),
         and that stream's frames are delivered plainly, as a publisher without a history's.
-        So too, counted as ``rejected["durable_streams_full"]``, past the streams a durable
-        subscription's name keeps places in (`DurablePlaces.room`)."""
+        So too, counted as ``rejected["durable_streams_full"]`` and logged, past the streams a
+        durable subscription's name keeps places in (`DurablePlaces.room`). What a stream
+        delivered plainly so is noted (`PlainlyDelivered`), and comes again marked
+        ``redelivered`` once a cursor follows it."""
         cursor = self.cursors.get((key, stream))
         if cursor is not None:
             if cursor.options is options:
@@ -528,6 +536,14 @@ class Replays:
         if name is not None and places is not None:
             if not places.room(name, stream, self._present_streams(), self.cursors, self._forget):
                 self.stats.reject("durable_streams_full")
+                said = self._streams_full_log.due()
+                if said:
+                    log.warning("durable subscription %r: past its %d streams, and none of a publisher gone to make "
+                                "way: stream %s (and others, %d frame(s) since the last such line) delivered plainly, "
+                                "unsequenced, counted in rejected.durable_streams_full; followed once a publisher "
+                                "leaves, what came plainly then comes again marked redelivered; said again at most "
+                                "every %g s", name, places_module.MAX_DURABLE_STREAMS, stream[:8], said,
+                                UNKEPT_LOG_S)
                 return None
             stored = places.stored(name, stream)
             # (a stream listed with no place in any topic: its rows were damaged, `Cursors.load_counting`)
@@ -552,6 +568,8 @@ class Replays:
             cursor.next[topic] = seq + 1
             if upto > seq:
                 cursor.upto[topic] = upto
+        for topic, last in self.plain.take(key, options, stream).items():  # (what came plainly comes again marked)
+            cursor.upto[topic] = max(cursor.upto.get(topic, -1), last)
         if began is not None:
             # (what it handled before was published after where it began: a place below it is
             # one placed before its topic's first message was handled, `before_handling`)
@@ -675,6 +693,7 @@ class Replays:
         self._replays_seen = replays
         for place in [place for place, cursor in self.cursors.items() if not self._still_made(place[0], cursor)]:
             self._forget(place)
+        self.plain.forget_unless(lambda key, options: replays.get(key) is options)
         if self.places is not None:
             self.places.release({o.durable_name for o in replays.values() if o.durable_name is not None})
         self._marks = {place: mark for place, mark in self._marks.items() if replays.get(place[0]) is mark[0]}
