@@ -426,11 +426,17 @@ class Node(NodeBase):
         or than every provider announced it takes (a provider that takes it is picked over
         one that does not).
         """
-        if self._engine.on_loop_thread():
+        engine = self._engine
+        if engine.on_loop_thread():
             raise ZmqMeshError("Node.request would block the node's own I/O thread")
-        calls, body, calling = self._encoded_call(service, data, timeout, peer, headers)
+        # the thread's requester, once it made one, is looked up once for the whole call: its
+        # packer encodes the data (else the codec looks the thread's up), and it sends the request
+        requests = engine.requests
+        requester = getattr(requests.here, "requester", None) if type(requests) is ThreadRequesters else None
+        calls, body, calling = self._encoded_call(service, data, timeout, peer, headers, True,
+                                                  None if requester is None else requester.packer)
         if calling is not None:
-            return self._runner.request(calling, body, calls.seconds)
+            return self._runner.request(calling, body, calls.seconds, requester)
         return self._runner.run(self._plan_call(calls, body))
 
     def request_many(self, service: str, items: Iterable[Any], timeout: float | None = None,

@@ -62,6 +62,8 @@ from .engine import RESERVED_GROUP_PREFIX, Engine, InboxFactory, RequestsFactory
 log = logging.getLogger("zmqmesh.node")
 
 if TYPE_CHECKING:
+    import msgpack
+
     from .._patterns.durable import Ticket
     from .._patterns.replay import Fetch
 
@@ -1174,15 +1176,17 @@ class NodeBase:
         return self._quick_or_plan(calls, body, calling)
 
     def _encoded_call(self, service: str, data: Any, timeout: float | None, peer: str | Peer | None,
-                      headers: dict[str, str] | None = None, blocking: bool = True
-                      ) -> tuple[_Calls, bytes, Calling | None]:
+                      headers: dict[str, str] | None = None, blocking: bool = True,
+                      packer: msgpack.Packer | None = None) -> tuple[_Calls, bytes, Calling | None]:
         """What a call of ``service`` shares with the others alike (`_prepare_calls`), its
-        ``data`` encoded, and the `Calling` it may go the quick way with now (None: it is
-        a plan, `_plan_call`): made into a call by `_quick_or_plan`, or by a driver
-        itself. Raises what `_request_plan` raises, in its order."""
+        ``data`` encoded (with ``packer``, the calling thread's `Codec.thread_packer`, if
+        given), and the `Calling` it may go the quick way with now (None: it is a plan,
+        `_plan_call`): made into a call by `_quick_or_plan`, or by a driver itself. Raises
+        what `_request_plan` raises, in its order."""
         engine = self._engine
         # `_encode_call`, its checks made inline: only a forked or stopped node goes through it
-        body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else engine.codec.encode(data)
+        body = self._encode_call(data) if self._forks != _FORKS[0] or engine.closed else \
+            engine.codec.encode(data, None, packer)
         calls = self._prepare_calls(service, timeout, peer, headers, blocking)
         return calls, body, calls.quick()
 

@@ -133,10 +133,11 @@ class Codec:
         )
         self._local = threading.local()  # a Packer per thread: Packer.pack is ~3x packb
 
-    def encode(self, data: Any, item: int | None = None) -> bytes:
-        """Encode one payload (``item``: its index in the caller's batch, for the error).
-        Raises `EncodeError` (a ``TypeError``) for unencodable data, `MessageTooLargeError`
-        if too big."""
+    def encode(self, data: Any, item: int | None = None, packer: msgpack.Packer | None = None) -> bytes:
+        """Encode one payload (``item``: its index in the caller's batch, for the error;
+        ``packer``: the calling thread's `thread_packer`, from a caller that keeps it, which
+        spares looking it up). Raises `EncodeError` (a ``TypeError``) for unencodable
+        data, `MessageTooLargeError` if too big."""
         if type(data) is bytes:
             size = len(data)
             if size < self._small:
@@ -144,10 +145,11 @@ class Codec:
             if size >= _LARGE_BIN:  # (msgpack's Packer: 2.6x the time at 1 MiB)
                 self._check_bin(size, item)
                 return msgpack_bin(data)
-        try:
-            packer = self._local.packer  # (inline: one call less on the path of every payload)
-        except AttributeError:
-            packer = self._packer()
+        if packer is None:
+            try:
+                packer = self._local.packer  # (inline: one call less on the path of every payload)
+            except AttributeError:
+                packer = self.thread_packer()
         try:
             body: bytes = packer.pack(data)
         except _ENCODE_ERRORS as exc:
@@ -173,7 +175,7 @@ class Codec:
         msgpack bin); None if one cannot be encoded or is too large (`encode`, item by item,
         then says which, as `_encode_all` does)."""
         try:
-            bodies = list(map(self._packer().pack, items))
+            bodies = list(map(self.thread_packer().pack, items))
         except _ENCODE_ERRORS:
             return None
         return bodies if max(map(len, bodies)) <= self.max_message_bytes else None
@@ -196,7 +198,7 @@ class Codec:
         if short is not None:
             return short
         bin8, small, limit = _BIN8, self._small, self.max_message_bytes
-        pack = self._packer().pack
+        pack = self.thread_packer().pack
         bodies: list[Any] = []
         add = bodies.append
         for data in items:
@@ -227,8 +229,9 @@ class Codec:
         except IndexError:
             return None
 
-    def _packer(self) -> msgpack.Packer:
-        """This thread's packer (`Packer.pack` is ~3x ``packb``)."""
+    def thread_packer(self) -> msgpack.Packer:
+        """The calling thread's packer (`Packer.pack` is ~3x ``packb``), for it alone: made
+        on its first use."""
         try:
             packer: msgpack.Packer = self._local.packer
         except AttributeError:

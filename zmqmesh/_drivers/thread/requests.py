@@ -62,6 +62,9 @@ class ThreadRequester:
         """What this thread's calls count: added to the stats every `TALLY_FOLD_AT` requests
         sent (`Stats.count_sent`), and meanwhile counted by the stats' snapshots."""
         engine.stats.track(self.tally)
+        self.packer = engine.codec.thread_packer()
+        """Its thread's `Codec.thread_packer`: `Node.request` encodes with it, as it looks up
+        the thread's requester, and not its packer too."""
         self.in_use = threading.RLock()
         """Held by the thread while it uses the sockets: `exchange` takes it, and so must a
         caller of `pipelined` (`Node.request_many`), then `check_open`, and call
@@ -246,7 +249,9 @@ class ThreadRequesters:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._local = threading.local()
+        self.here = threading.local()
+        """The calling thread's requester, as ``here.requester``, once `current` made it (read
+        where a call must not cost another: `Node.request`)."""
         self._all: list[ThreadRequester] = []
         self._lock = threading.Lock()
         self._submitter: Submitter | None = None
@@ -276,12 +281,12 @@ class ThreadRequesters:
         """The calling thread's requester (created on first use). Raises `ZmqMeshError` on
         the thread that completes `Node.submit`'s futures: a request waited for there (from
         a done-callback) would hold up every submitted request."""
-        requester: ThreadRequester | None = getattr(self._local, "requester", None)
+        requester: ThreadRequester | None = getattr(self.here, "requester", None)
         if requester is None and self.on_submit_thread():
             raise ZmqMeshError(SUBMIT_THREAD_REFUSAL)
         if requester is None:
             requester = ThreadRequester(self.engine)
-            self._local.requester = requester
+            self.here.requester = requester
             with self._lock:
                 for ended in [r for r in self._all if not r.owner.is_alive()]:
                     # its thread is gone: only `peer_gone` may hold its sockets a moment (then

@@ -49,16 +49,18 @@ class BlockingRunner:
                 call.close()
                 raise
 
-    def request(self, calling: Calling, body: bytes, seconds: float) -> Any:
+    def request(self, calling: Calling, body: bytes, seconds: float, requester: ThreadRequester | None = None) -> Any:
         """Carry out a call that may go the quick way (`Calling`, `QuickRequest`'s way), of
         the encoded ``body``, within ``seconds`` from now, and return its result; raises
-        what `run` raises. The calling thread's requester sends it to the provider
-        `Calling.choose` gives and waits for the reply itself: no `QuickRequest` and no
-        plan are made unless the quick way ends (no provider it may go to, a reply not OK,
-        a failure), and then the call's plan goes on from there, with that outcome."""
+        what `run` raises. The calling thread's requester (``requester``, if the caller
+        has it) sends it to the provider `Calling.choose` gives and waits for the reply
+        itself: no `QuickRequest` and no plan are made unless the quick way ends (no
+        provider it may go to, a reply not OK, a failure), and then the call's plan goes on
+        from there, with that outcome."""
         started = time.monotonic()
         deadline = started + seconds
-        requester = self._requester()
+        if requester is None:
+            requester = self._requester()
         tally = requester.tally
         provider, sent = calling.choose(body, tally)
         value: Any = None
