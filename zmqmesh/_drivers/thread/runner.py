@@ -10,6 +10,7 @@ import zmq
 
 from ..._engine.api import Plan, advance
 from ..._engine.engine import Engine
+from ..._mesh.directory import Provider
 from ..._patterns.reqrep import Calling, Exchange, QuickRequest
 from ..._wire import frames as wire
 from ..failures import closed_or_failed
@@ -66,17 +67,21 @@ class BlockingRunner:
         value: Any = None
         error: BaseException | None = None
         if sent:
+            assert provider is not None  # (sent: to the one chosen)
             value, error = self._exchange_outcome(requester, provider, calling.service, calling.service_b, body,
                                                   deadline, None, True)
             if error is None and value[0] == wire.STATUS_OK:
                 return calling.result(value[1], tally, started)
         return self.run(QuickRequest(calling, body, deadline, started, provider, sent).plan(), value, error, requester)
 
-    def _exchange_outcome(self, requester: ThreadRequester, *exchange: Any) -> tuple[Any, BaseException | None]:
-        """Carry out an exchange (an `Exchange`'s fields) on the calling thread's
-        ``requester``: ``(reply, None)``, or ``(None, the error)``."""
+    def _exchange_outcome(self, requester: ThreadRequester, provider: Provider, service: str, service_b: bytes,
+                          body: bytes, deadline: float, meta: bytes | None, compact: bool
+                          ) -> tuple[Any, BaseException | None]:
+        """Carry out an exchange (an `Exchange`'s fields, each its own parameter: no tuple
+        packed and unpacked a call) on the calling thread's ``requester``: ``(reply,
+        None)``, or ``(None, the error)``."""
         try:
-            return requester.exchange(*exchange), None
+            return requester.exchange(provider, service, service_b, body, deadline, meta, compact), None
         except zmq.ZMQError as exc:
             return None, closed_or_failed(self.engine, exc)
         except Exception as exc:
