@@ -914,11 +914,15 @@ class NodeBase:
         codec = engine.codec
         body: bytes | RawPayload
         extra = 0  # (the headers' bytes: they wait in the send queue with the payload)
-        if headers or type(data) is not bytes or len(data) < LARGE_FRAME:
+        if headers or type(data) is not bytes:
             body = codec.encode(data)
             if headers:
                 headed = self._headed(body, headers)
                 body, extra = headed, len(headed.headers)
+        elif len(data) < len(codec.short_bins):  # (as `Codec.encode` encodes it, spared its call per message)
+            body = codec.short_bins[len(data)] + data
+        elif len(data) < LARGE_FRAME:
+            body = codec.encode(data)
         else:
             body = codec.raw(data)  # travels uncopied
         if timeout is not None:

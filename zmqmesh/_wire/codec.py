@@ -115,13 +115,15 @@ class Codec:
     map decoded from a frame; deeper nesting than msgpack's own stack limit is refused.
     """
 
-    __slots__ = ("max_message_bytes", "_limits", "_local", "_small", "_small_bins")
+    __slots__ = ("max_message_bytes", "short_bins", "_limits", "_local", "_small")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
         # bytes shorter than this take msgpack's bin 8 form, its 2-byte header within the limit
         self._small = min(256, max_message_bytes - 1)
-        self._small_bins = _BIN8[:self._small]  # (the bin 8 headers of those bytes, by their length)
+        self.short_bins: list[bytes] = _BIN8[:self._small]
+        """The header `encode` puts before ``bytes`` shorter than ``len(short_bins)`` (msgpack's
+        bin 8), by their length: such a payload's encoding is ``short_bins[len(data)] + data``."""
         self._limits = dict(
             raw=False,
             strict_map_key=False,
@@ -223,7 +225,7 @@ class Codec:
         if type(items) is not list or not items or type(items[0]) is not bytes or len(items[0]) >= self._small \
                 or set(map(type, items)) != {bytes}:
             return None
-        bins = self._small_bins  # (as long as `_small`: a longer item raises IndexError)
+        bins = self.short_bins  # (as long as `_small`: a longer item raises IndexError)
         try:
             return [bins[len(data)] + data for data in items]
         except IndexError:
