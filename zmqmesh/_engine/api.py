@@ -930,8 +930,11 @@ class NodeBase:
         # (`_push_queue`, inline: per message, its call cost more than the node-wide bound's
         # compare and count together)
         pusher = engine.pusher
-        q = pusher.queues.get(queue)  # type: ignore[union-attr]
-        if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max \
+        try:
+            q = pusher.queues[queue]  # type: ignore[union-attr]
+        except KeyError:
+            return body
+        if queue not in engine.directory.offers["queues"] or len(q) >= self.config.send_queue_max \
                 or pusher.held >= pusher.held_max or pusher.held_bytes >= pusher.max_bytes:  # type: ignore[union-attr]
             return body
         size = len(body) + extra  # (weighed first: a `RawPayload`'s len is a call, where another thread
@@ -950,7 +953,7 @@ class NodeBase:
         engine = self._engine
         pusher = engine.pusher
         q = pusher.queues.get(queue)  # type: ignore[union-attr]  # (`Pusher.queue_of`, spared its call)
-        if q is None or not engine.directory.offers["queues"].get(queue) or len(q) >= self.config.send_queue_max \
+        if q is None or queue not in engine.directory.offers["queues"] or len(q) >= self.config.send_queue_max \
                 or pusher.held >= pusher.held_max or pusher.held_bytes >= pusher.max_bytes:  # type: ignore[union-attr]
             return None  # (`Pusher.full`, spared its call)
         return q

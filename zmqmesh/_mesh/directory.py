@@ -143,6 +143,8 @@ class Directory:
         self.loopback_only = loopback_only
         self.own_endpoints: dict[str, str] = {}
         self.offers: dict[str, dict[str, tuple[str, ...]]] = {k: {} for k in OFFER_KINDS}
+        """Kind -> name -> the ids of the nodes that offer it (this node first); a name is
+        listed only while some node offers it (``name in offers[kind]`` says whether one does)."""
         self.alive_ids: frozenset[str] = frozenset({node_id})
         self.epoch = 0
         self._peers: dict[str, PeerState] = {}
