@@ -919,12 +919,14 @@ class NodeBase:
             if headers:
                 headed = self._headed(body, headers)
                 body, extra = headed, len(headed.headers)
-        elif len(data) < len(codec.short_bins):  # (as `Codec.encode` encodes it, spared its call per message)
-            body = codec.short_bins[len(data)] + data
-        elif len(data) < LARGE_FRAME:
-            body = codec.encode(data)
         else:
-            body = codec.raw(data)  # travels uncopied
+            length, bins = len(data), codec.short_bins
+            if length < len(bins):  # (as `Codec.encode` encodes it, spared its call per message)
+                body = bins[length] + data
+            elif length < LARGE_FRAME:
+                body = codec.encode(data)
+            else:
+                body = codec.raw(data)  # travels uncopied
         if timeout is not None:
             check_timeout(timeout)
         # (`_push_queue`, inline: per message, its call cost more than the node-wide bound's
