@@ -76,6 +76,8 @@ from .service_intake import ServiceIntake
 from .subscriptions import MAX_CACHED_TOPICS, PrefixIndex, Subscriptions
 
 if TYPE_CHECKING:
+    import msgpack
+
     from ..._store.store import Store
     from ..history import History
     from ..replay import Fetch, Replays
@@ -155,7 +157,7 @@ class Dispatcher:
     # attributes inline for, every ``self.method()`` looked the method up anew, ~250
     # instructions each, several per request served; a driver's own fields stay in its dict)
     __slots__ = ("_deadline", "_held", "_held_bytes", "_newest_views", "_node_closed",
-                 "_own_lost_log", "_quick_handlers", "_received", "_received_names", "_replays_store",
+                 "_own_lost_log", "_packer", "_quick_handlers", "_received", "_received_names", "_replays_store",
                  "_replies_held", "_router_has_input", "_router_used", "_send_large", "_service_counters",
                  "_sub_used", "_subscribed", "_topic_handlers", "_unpulled_log", "acked", "codec", "config",
                  "describe", "directory", "event_callbacks", "events", "gaps", "handler_times", "large_replies",
@@ -187,6 +189,7 @@ class Dispatcher:
         self.registry = registry
         self.directory = directory
         self.codec = codec
+        self._packer: msgpack.Packer | None = None  # (the owner thread's, once it began: `owner_started`)
         self.stats = stats
         self._service_counters = stats.pattern["service"]  # (the same dict for the node's life: counted per reply)
         self._received_names = {p: stats.names(p, "received") for p in ("pubsub", "pipeline")}
@@ -781,13 +784,19 @@ class Dispatcher:
         if isinstance(route, CursorMark) and not (error is not None and self.abandoned()):
             self.replaying().handled(route)  # (not one a stop cut short: it comes again after a restart)
 
+    def owner_started(self) -> None:
+        """Called by the driver on its owner thread as that begins its work: the replies'
+        bodies are encoded with that thread's packer, held here (`answer`, owner thread only),
+        not looked up in the codec's thread-local store each time (~400 instructions a reply)."""
+        self._packer = self.codec.thread_packer()
+
     def answer(self, route: tuple[bytes, bytes], result: Any, error: BaseException | None) -> None:
         """Reply to the request of ``route`` with what its handler returned or raised, and
         count it (owner thread only). A result msgpack cannot encode, or larger than the
         ``max_message_bytes`` its caller announced, is the handler's failure: answered ``0x01``."""
         if error is None:
             try:
-                body = self.codec.encode(result)
+                body = self.codec.encode(result, None, self._packer)
                 if self.directory.narrower:  # (callers that take less than this node sends: rarely any)
                     body = within(body, callers_limit(self.directory, route[0]))
             except Exception as exc:  # unencodable, or too large for its caller: the handler's failure
