@@ -10,15 +10,18 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from helpers import fake_zre_peer, rejected, wait_until
+from helpers import ScriptProcess, fake_zre_peer, rejected, wait_until
 
 import zmqmesh
 from zmqmesh._wire import zre
@@ -932,3 +935,54 @@ def test_a_hello_under_the_nodes_own_uuid_is_counted_and_ignored(target: zmqmesh
     still_serving(target)
     dealer.close(0)
     inbox.close(0)
+
+
+HOSTILE_PROVIDER = Path(__file__).resolve().parent / "hostile_provider.py"
+
+STOPPED_UNDER_A_FLOOD_OF_REPLIES = r"""
+import logging, sys, threading, time
+import zmqmesh
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+node = zmqmesh.Node("victim", mesh=sys.argv[1], beacon_port=int(sys.argv[2])).start()
+node.wait_for_service("slow", timeout=20)
+ended = []
+
+def call():
+    try:
+        node.request("slow", 1, timeout=30)
+    except zmqmesh.ZmqMeshError as exc:
+        ended.append(type(exc).__name__)
+
+caller = threading.Thread(target=call)
+caller.start()
+deadline = time.monotonic() + 20
+while node.stats()["request"]["dropped"] < 20 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("dropped", node.stats()["request"]["dropped"], flush=True)
+node.stop()
+caller.join(40)
+print("ended", *ended, flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_request_flooded_with_replies_to_nothing_sees_the_stop_and_lets_its_socket_go(
+        mesh: dict[str, Any], procs: list[ScriptProcess]) -> None:
+    """A provider that never answers a request but sends its caller, every few
+    milliseconds, a reply to an id the caller never sent (`hostile_provider.py`): each is
+    dropped and counted (``request.dropped``), and a stop of the caller's node ends the
+    request with `NodeClosedError` at the next of them, the thread letting go of its socket
+    before the stop closes it. (Before: a blocked request looked for the stop only when a
+    poll slice passed with nothing read, which the flood never let happen; the stop waited
+    1 s for the thread, logged that it still used its request sockets, and closed them
+    under its receive: in 1 run of 3 the process aborted, ZeroMQ's
+    ``Assertion failed: pfd.revents & POLLIN (src/signaler.cpp:238)``.)"""
+    hostile = ScriptProcess(HOSTILE_PROVIDER, mesh["mesh"], mesh["beacon_port"])
+    procs.append(hostile)
+    victim = subprocess.run([sys.executable, "-c", STOPPED_UNDER_A_FLOOD_OF_REPLIES, mesh["mesh"],
+                             str(mesh["beacon_port"])], capture_output=True, text=True, timeout=80)
+    said = victim.stdout + victim.stderr[-3000:]
+    assert "REQUEST" in hostile.lines, said
+    assert victim.returncode == 0, said
+    assert "ended NodeClosedError" in victim.stdout, said
+    assert "still uses its request sockets" not in victim.stderr, said

@@ -167,9 +167,10 @@ class ThreadRequester:
 
     def _wait(self, sock: zmq.Socket[Any], request_id: bytes, provider: Provider, service: str,
               deadline: float) -> tuple[bytes, bytes]:
-        # a receive that waits in slices (the socket's RCVTIMEO): between them, whether the
-        # node stopped (its stop closes these sockets once this call lets go of them:
-        # `close`) or the provider left
+        # a receive that waits in slices (the socket's RCVTIMEO): between them, and after
+        # each reply that answers nothing (a provider sending those without a pause never
+        # lets a slice pass), whether the node stopped (its stop closes these sockets once
+        # this call lets go of them: `close`) or the provider left
         engine = self.engine
         while True:
             remaining = deadline - time.monotonic()
@@ -183,22 +184,29 @@ class ThreadRequester:
             try:
                 frames = recv_frames(sock, wait=True)
             except zmq.Again:  # the slice passed
-                if engine.closed:
-                    engine.stats.add("request", "errors")
-                    raise NodeClosedError("the node stopped while a request was outstanding") from None
-                if provider.id not in engine.directory.alive_ids:
-                    engine.stats.add("request", "errors")
-                    raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying",
-                                        provider.id) from None
+                self._check_awaited(provider, service)
                 continue
             reply = wire.parse_reply(frames)
             if reply is None or reply[0] != request_id:
                 engine.stats.add("request", "dropped")  # a late reply
                 self._given_up.replied_late(provider.id)
+                self._check_awaited(provider, service)
                 continue
             counts = self.tally.counts
             counts["received"] = counts.get("received", 0) + 1
             return reply[1], reply[2]
+
+    def _check_awaited(self, provider: Provider, service: str) -> None:
+        """Raises `NodeClosedError` once the node stopped, `PeerLostError` once
+        ``provider`` left: a request to ``service`` it was to answer no longer waits (counted
+        in ``request.errors``)."""
+        engine = self.engine
+        if engine.closed:
+            engine.stats.add("request", "errors")
+            raise NodeClosedError("the node stopped while a request was outstanding") from None
+        if provider.id not in engine.directory.alive_ids:
+            engine.stats.add("request", "errors")
+            raise PeerLostError(f"provider {provider.id[:8]} of {service!r} left before replying", provider.id) from None
 
     def _forget_socket(self, provider_id: str) -> None:
         """Close ``provider_id``'s socket, and forget what went with it."""
