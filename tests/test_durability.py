@@ -1110,14 +1110,17 @@ def test_a_keeper_keeps_the_attempts_and_the_redelivered_mark_of_what_it_is_hand
     assert got == [(n, f"order-{n}", 2 if n % 3 == 2 else 0, n % 3 != 0, {"k": "v"}) for n in range(6)]
 
 
-@pytest.mark.parametrize("stamp", [float("inf"), -float("inf"), 1700000000.0], ids=["inf", "-inf", "finite"])
+@pytest.mark.parametrize("stamp", [float("inf"), -float("inf"), float("nan"), 1700000000.0],
+                         ids=["inf", "-inf", "nan", "finite"])
 def test_a_kept_message_whose_clock_is_no_finite_number_is_dealt_again_when_its_handler_fails(
         tmp_path: Path, mesh: dict[str, Any], ctx: Any, stamp: float) -> None:
     """A stranger's hand-over (docs/protocol.md) of a durable item whose timestamp is an
-    infinity: the keeper stores it, and its puller's handler sees no timestamp. The puller
-    took a message without one for no durable item: a failure of its handler went back to
-    nobody (the batch was acknowledged as handled, and the keeper forgot the message: its
-    store empty, no dead letter), and a dedupe puller recorded no id of it."""
+    infinity or NaN: the keeper stores it, and its puller's handler sees no timestamp. The
+    puller took a message without one for no durable item: a failure of its handler went
+    back to nobody (the batch was acknowledged as handled, and the keeper forgot the
+    message: its store empty, no dead letter), and a dedupe puller recorded no id of it.
+    (A NaN, which SQLite stores as NULL, failed the keeper's store write: answered 0x01, as
+    a full store is, and logged as an error, each time.)"""
     keeper = zmqmesh.Node("keeper", store=str(tmp_path / "keeper"), **mesh)
     keeper.keep("orders")
     tries: list[tuple[float | None, int]] = []
@@ -1144,6 +1147,32 @@ def test_a_kept_message_whose_clock_is_no_finite_number_is_dealt_again_when_its_
     shown = None if stamp != 1700000000.0 else stamp
     assert tries == [(shown, 0), (shown, 1)]
     assert inspect_store(tmp_path / "puller")["handled"] == {"orders": 1}
+
+
+@pytest.mark.parametrize("attempts", [2**63, 2**64 - 1])
+def test_a_hand_over_whose_attempts_no_store_holds_is_malformed_not_a_store_failure(
+        tmp_path: Path, mesh: dict[str, Any], ctx: Any, caplog: pytest.LogCaptureFixture, attempts: int) -> None:
+    """A stranger hands a keeper a durable item counting more attempts than SQLite's
+    INTEGER holds (msgpack carries up to 2**64 - 1): the batch is no batch of durable items,
+    answered 0x03 and counted (``rejected["service_malformed"]``), and nothing is stored.
+    (Before: the keeper's store write failed on it, answered 0x01, as a full store is, so
+    a pusher would rest the keeper and try again, and each such hand-over logged an error.)"""
+    keeper = zmqmesh.Node("keeper", store=str(tmp_path), **mesh)
+    keeper.keep("orders")
+    with keeper:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(keeper.endpoints["service"])
+        dealer.send_multipart([b"\x00keep/orders", b"h",
+                               msgpack.packb([False, {"n": 1}, "order-1", 1700000000.0, None, attempts])])
+        assert dealer.poll(5000)
+        answer = dealer.recv_multipart()
+        dealer.close(0)
+        malformed = keeper.stats()["rejected"].get("service_malformed", 0)
+    assert answer == [b"h", b"\x03", b""]
+    assert malformed == 1
+    assert stored(tmp_path) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_kept_queues_count_among_a_nodes_offers(tmp_path: Path, mesh: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ it.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -44,6 +45,7 @@ UNRECORDED_LOG_S = 10.0
 record (a full store refuses every one: a line per message flooded the log)."""
 _MAX_GUARDS = MAX_OFFERS  # (more than the queues a registry holds: past it, only guards of pulls gone are)
 _DEFAULT_WINDOW = PullOptions().dedupe_window  # (of a queue whose pull was dropped meanwhile)
+_MOST_ATTEMPTS = (1 << 63) - 1  # (a durable item's attempts: what a store's INTEGER holds)
 
 
 class AckedIntake:
@@ -297,7 +299,7 @@ class AckedIntake:
         encode = self.codec.encode
         now = time.time()
         entries = [
-            (i[2], float(i[3]), encode(i[4]) if i[4] else None, encode(i[1]), i[5], i[0])
+            (i[2], _storable_clock(i[3]), encode(i[4]) if i[4] else None, encode(i[1]), i[5], i[0])
             if len(i) == DURABLE_ITEM_FIELDS else (uuid4_hex(), now, None, encode(i[1]), 0, i[0])
             for i in items
         ]
@@ -455,15 +457,16 @@ def _finite(stamps: tuple[float, ...]) -> bool:
 
 def _valid_item(item: Any) -> bool:
     """An at-least-once item: ``[redelivered, data]`` or the durable
-    ``[redelivered, data, id, timestamp, headers, attempts]``. (Exact types, as msgpack
-    decodes them: a bool is no number here.)"""
+    ``[redelivered, data, id, timestamp, headers, attempts]``, its attempts a count a store
+    holds (0 to `_MOST_ATTEMPTS`). (Exact types, as msgpack decodes them: a bool is no
+    number here.)"""
     if type(item) is not list or not item or type(item[0]) is not bool:
         return False
     if len(item) != DURABLE_ITEM_FIELDS:
         return len(item) == 2
     _flag, _data, msg_id, timestamp, headers, attempts = item
     if type(msg_id) is not str or len(msg_id) > wire.MAX_ID_CHARS or type(timestamp) not in (float, int) \
-            or type(attempts) is not int or attempts < 0:
+            or type(attempts) is not int or not 0 <= attempts <= _MOST_ATTEMPTS:
         return False
     if headers is not None:
         try:
@@ -471,3 +474,11 @@ def _valid_item(item: Any) -> bool:
         except (TypeError, ValueError):
             return False
     return True
+
+
+def _storable_clock(stamp: float) -> float:
+    """A durable item's timestamp as a keeper stores it: NaN, which SQLite would store as
+    NULL (refused: the hand-over failed as if the store had), is kept as an infinity; its
+    handler gets None for either, as for any clock that is no finite number (`sent_at`)."""
+    stamp = float(stamp)
+    return math.inf if stamp != stamp else stamp
