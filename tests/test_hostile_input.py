@@ -986,3 +986,49 @@ def test_a_request_flooded_with_replies_to_nothing_sees_the_stop_and_lets_its_so
     assert victim.returncode == 0, said
     assert "ended NodeClosedError" in victim.stdout, said
     assert "still uses its request sockets" not in victim.stderr, said
+
+
+def test_a_stranger_claiming_the_nodes_own_sub_endpoint_makes_it_handle_no_publication_twice(
+        mesh: dict[str, Any], ctx: zmq.Context) -> None:
+    """A stranger announces a subscription (``zmqmesh/sub/t.``) with the node's own SUB
+    endpoint for its own: the node's XPUB connects to its own SUB, and its publications,
+    which reach its own subscriptions directly, came back through that socket as well, each
+    handled twice (measured: 5 published, 10 handled, ``pubsub.received`` 10). A frame under
+    the node's own id on its SUB is none of its peers': dropped, counted
+    (``rejected["pubsub_own_uuid"]``)."""
+    got: list[int] = []
+    node = zmqmesh.Node("mirrored", **mesh)
+    node.subscribe("t.", lambda msg: got.append(msg.data))
+    answering = threading.Event()
+
+    with node:
+        inbox, dealer, endpoint = fake_zre_peer(ctx, node.endpoints["mailbox"])
+        dealer.send_multipart(zre_frames(Command.HELLO, 1, endpoint=endpoint, name="mirror", groups=["zmqmesh/sub/t."],
+                                         headers={"X-ZMQMESH-MESH": mesh["mesh"], "X-ZMQMESH-PROTOCOL": "7",
+                                                  "X-ZMQMESH-SUB": node.endpoints["sub"]}))
+
+        def answer_pings() -> None:  # (the stranger's sockets are this thread's from here on)
+            sequence = 1
+            while answering.is_set():
+                if inbox.poll(20) and zre.decode_command(inbox.recv_multipart()[1:]).command == Command.PING:
+                    sequence += 1
+                    dealer.send_multipart(zre_frames(Command.PING_OK, sequence))
+
+        answering.set()
+        pings = threading.Thread(target=answer_pings, daemon=True)
+        pings.start()
+        try:
+            node.wait_for_subscribers("t.x", 2)  # (its own subscription, and its SUB's through the claim)
+            for i in range(5):
+                node.publish("t.x", i)
+            wait_until(lambda: node.stats()["pubsub"]["received"] + rejected(node, "pubsub_own_uuid") >= 10, 10,
+                       "each publication handled, and come back through the socket")
+            time.sleep(0.2)  # (anything more that would come)
+            came_back = rejected(node, "pubsub_own_uuid")
+        finally:
+            answering.clear()
+            pings.join(5)
+            inbox.close(0)
+            dealer.close(0)
+    assert got == [0, 1, 2, 3, 4]
+    assert came_back == 5

@@ -156,9 +156,9 @@ class Dispatcher:
     # (slots: with its drivers' fields, past the 30 names CPython 3.11 keeps an instance's
     # attributes inline for, every ``self.method()`` looked the method up anew, ~250
     # instructions each, several per request served; a driver's own fields stay in its dict)
-    __slots__ = ("_deadline", "_held", "_held_bytes", "_newest_views", "_node_closed",
-                 "_own_lost_log", "_packer", "_quick_handlers", "_received", "_received_names", "_replays_store",
-                 "_replies_held", "_router_has_input", "_router_used", "_send_large", "_service_counters",
+    __slots__ = ("_deadline", "_held", "_held_bytes", "_newest_views", "_node_closed", "_own_back_log",
+                 "_own_id", "_own_lost_log", "_packer", "_quick_handlers", "_received", "_received_names",
+                 "_replays_store", "_replies_held", "_router_has_input", "_router_used", "_send_large", "_service_counters",
                  "_sub_used", "_subscribed", "_topic_handlers", "_unpulled_log", "acked", "codec", "config",
                  "describe", "directory", "event_callbacks", "events", "gaps", "handler_times", "large_replies",
                  "left_at_stop", "local_frames", "pages", "pull", "registry", "replays", "router",
@@ -182,6 +182,8 @@ class Dispatcher:
         self._replays_store = store
         self._own_lost_log = LogThrottle(_LOST_LOG_S)  # (`post_frames`: the loop's thread)
         self._unpulled_log = LogThrottle(_LOST_LOG_S)  # (`_decode_stream`: messages of a queue no longer pulled)
+        self._own_back_log = LogThrottle(_LOST_LOG_S)  # (`_decode_stream`: this node's publications come back)
+        self._own_id = directory.node_id
         self.local_frames: deque[list[bytes]] = deque()  # this node's own publications, for its subscriptions
         self.pages: deque[tuple[Fetch, Any, BaseException | None]] = deque()
         self.streams_changed = True
@@ -325,7 +327,7 @@ class Dispatcher:
             for _ in range(min(len(local), _BURST)):
                 frames = local.popleft()
                 try:
-                    self._decode_stream("sub", frames, calls)
+                    self._decode_stream("sub", frames, calls, own=True)
                 except Exception:
                     log.exception("delivering a publication of this node failed")
         if replays is None:  # (no subscription ever replayed here: no page to deliver)
@@ -560,7 +562,24 @@ class Dispatcher:
         self._router_used = True  # (more may have come meanwhile: `used_with_input` looks)
         return not calls
 
-    def _decode_stream(self, kind: str, frames: list[bytes], calls: list[Call]) -> None:
+    def _came_back(self, topic: bytes, count: int) -> None:
+        """A frame of ``count`` of this node's own publications came to its SUB: they reach
+        its own subscriptions directly, never through a socket, so a peer announced this
+        node's SUB endpoint for its own, and the XPUB connected to it (or a stranger sent it
+        under this node's id). Dropped (handled, each would be handled twice), counted
+        (``rejected["pubsub_own_uuid"]``) and logged at most every `_LOST_LOG_S`."""
+        self.stats.reject("pubsub_own_uuid", count)
+        said = self._own_back_log.due(count)
+        if said:
+            log.warning("%d of this node's own publications came back to its SUB socket since the last such line, "
+                        "the last on %r: a peer announces this node's SUB endpoint for its own; dropped (counted in "
+                        "rejected.pubsub_own_uuid; said again at most every %g s)",
+                        said, topic.decode("utf-8", "replace"), _LOST_LOG_S)
+
+    def _decode_stream(self, kind: str, frames: list[bytes], calls: list[Call], own: bool = False) -> None:
+        """Decode a frame of the ``kind`` socket (``own``: one of this node's publications,
+        posted for its own subscriptions, `post_frames`) into ``calls``, or handle it in place.
+        Raises `DecodeError` for a malformed one."""
         stats = self.stats
         pattern = _PATTERN_OF[kind]
         counters = stats.pattern[pattern]
@@ -580,6 +599,9 @@ class Dispatcher:
                 if not name_b.startswith(wire.MARKER_PREFIX):
                     raise DecodeError("a topic beginning 0xFF that names no replay marker")
                 self._marker(frames, sender_id, sequence)
+                return
+            if sender_id == self._own_id and not own:
+                self._came_back(name_b, len(self.codec.decode_batch(body)))
                 return
             topic = ""  # (the subscriptions name it, below)
         else:
