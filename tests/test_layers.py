@@ -2849,6 +2849,121 @@ def test_tasks_waiting_for_room_wake_in_the_order_they_began_to_wait() -> None:
     assert asyncio.run(main()) == list(range(200))
 
 
+def test_tasks_awaiting_reply_futures_wake_in_one_pass_in_the_order_their_replies_came() -> None:
+    """`Wakes`: the tasks awaiting the futures (`ReplyFuture`) done in a pass of the loop run in one
+    callback, in the order the futures were done, seeing `Wakes.waking` while they run
+    (their requests go together once all ran: ``after``, called once for the pass); a lone
+    task is woken with `waking` off, and ``after`` is not called for it."""
+    from zmqmesh._drivers.aio.wakes import Wakes
+
+    async def main() -> tuple[list[tuple[int, str, bool]], list[int], bool]:
+        loop = asyncio.get_running_loop()
+        woken: list[tuple[int, str, bool]] = []
+        passes: list[int] = []
+        wakes = Wakes(loop, lambda: passes.append(len(woken)))
+
+        async def waiter(i: int, future: asyncio.Future[str]) -> None:
+            woken.append((i, await future, wakes.waking))
+
+        futures = [wakes.future() for _ in range(50)]
+        tasks = [asyncio.create_task(waiter(i, future)) for i, future in enumerate(futures)]
+        await asyncio.sleep(0)  # (each awaits its future now)
+        for i in reversed(range(1, 50)):
+            futures[i].set_result(f"reply {i}")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        futures[0].set_result("reply 0")
+        await asyncio.gather(*tasks)
+        return woken, passes, wakes.waking
+
+    woken, passes, waking = asyncio.run(main())
+    assert woken == [(i, f"reply {i}", True) for i in reversed(range(1, 50))] + [(0, "reply 0", False)]
+    assert passes == [49]
+    assert not waking
+
+
+def test_a_task_awaiting_a_reply_future_is_cancelled_and_failed_as_with_any_future() -> None:
+    """A `ReplyFuture` behaves as an asyncio future to the task awaiting it: cancelling the
+    task cancels the future and raises `CancelledError` in it, an exception set is raised
+    there, and a callback added once it is done still runs; a callback that raises is
+    reported to the loop's exception handler, and the others of its pass still run."""
+    from zmqmesh._drivers.aio.wakes import Wakes
+
+    async def main() -> tuple[list[Any], list[dict[str, Any]]]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        wakes = Wakes(loop, lambda: None)
+        seen: list[Any] = []
+
+        async def waiter(future: asyncio.Future[str]) -> None:
+            try:
+                seen.append(await future)
+            except BaseException as exc:
+                seen.append(type(exc).__name__)
+                raise
+
+        cancelled, failed, answered = wakes.future(), wakes.future(), wakes.future()
+        tasks = [asyncio.create_task(waiter(future)) for future in (cancelled, failed, answered)]
+        await asyncio.sleep(0)
+
+        def broken(_future: asyncio.Future[str]) -> None:
+            raise ValueError("a broken callback")
+
+        failed.add_done_callback(broken)
+        tasks[0].cancel()
+        failed.set_exception(LookupError("no reply"))
+        answered.set_result("reply")
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        late: list[str] = []
+        answered.add_done_callback(lambda future: late.append(future.result()))
+        await asyncio.sleep(0)
+        return [cancelled.cancelled(), *seen, [type(o).__name__ for o in outcomes], late], reported
+
+    seen, reported = asyncio.run(main())
+    assert seen == [True, "CancelledError", "LookupError", "reply", ["CancelledError", "LookupError", "NoneType"],
+                    ["reply"]]
+    assert [type(context["exception"]) for context in reported] == [ValueError]
+
+
+def test_a_wake_up_pass_interrupted_wakes_the_rest_in_the_next_pass() -> None:
+    """A KeyboardInterrupt raised by one callback of a `Wakes` pass leaves the loop, as it
+    would from any callback; the callbacks after it are not lost: they run in the next pass
+    (before those of futures done since), and the pass's ``after`` still comes."""
+    from zmqmesh._drivers.aio.wakes import Wakes
+
+    loop = asyncio.new_event_loop()
+    try:
+        ran: list[int] = []
+        afters: list[int] = []
+        wakes = Wakes(loop, lambda: afters.append(len(ran)))
+
+        def note(i: int) -> Any:
+            def callback(_future: asyncio.Future[None]) -> None:
+                ran.append(i)
+                if i == 1:
+                    raise KeyboardInterrupt
+            return callback
+
+        futures = [wakes.future() for _ in range(4)]
+        for i, future in enumerate(futures):
+            future.add_done_callback(note(i))
+        for future in futures:
+            future.set_result(None)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.sleep(0))
+        assert ran == [0, 1]
+        later = wakes.future()
+        later.add_done_callback(note(4))
+        later.set_result(None)
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert ran == [0, 1, 2, 3, 4]
+        assert afters == [5, 5]  # (the pass of the rest, then the interrupted one's)
+    finally:
+        loop.close()
+
+
 def test_a_log_throttle_says_at_most_a_line_per_interval_with_what_came_since() -> None:
     """`LogThrottle`: the first event is said at once; those within the interval after it
     are only counted, and said together with the next that is due."""

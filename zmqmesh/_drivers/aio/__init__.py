@@ -9,6 +9,8 @@ asyncio.
 * `runner`: `AsyncRunner` carries out a plan's steps by awaiting them, and a request the
   quick way while all goes well (`request`); waits for a condition or room.
 * `requests`: `LoopRequester`, DEALERs owned by the event loop, a future per request.
+* `wakes`: `ReplyFuture`, the future of a request's reply, whose awaiting task is woken
+  by `Wakes` together with those of the other replies read in a pass of the loop.
 * `inbox`: `LoopInbox`, ``async def`` handlers awaited in place; ``def`` handlers run on a
   worker thread, a burst at a time, so they never block the loop.
 * `stop`: `stop_async`, the stop plan's steps awaited.

@@ -22,6 +22,7 @@ from ..._stats import RequestTally
 from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError
 from ..failures import take_back_sent
 from ..pipelined import WaitingForRoom, send_batches, send_request, withdraw_gathered
+from .wakes import ReplyFuture, Wakes
 
 __all__ = ["LoopRequester", "ReplyWaiter"]
 
@@ -88,14 +89,17 @@ class LoopRequester:
         `TALLY_FOLD_AT` requests sent (`Stats.count_sent`), and meanwhile counted by
         the stats' snapshots."""
         engine.stats.track(self.tally)
+        self.wakes = Wakes(engine.loop, self._check_sent)
+        """Wakes the tasks whose replies came, those of a pass together; the requests they
+        make meanwhile are gathered (`waking`), and go once they all ran (`_check_sent`)."""
 
-    def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
+    def exchange(self, step: Exchange) -> ReplyFuture:
         """Send one request (or gather it, to go at the end of this pass of the loop, or
         with a batch that fills up: `RequestBatches`); the future of its reply ``(status,
         body)``. The future fails with `MeshTimeoutError` (also when the provider takes no
         more requests, for one that was gathered), `PeerLostError` or `NodeClosedError`; a
         send made at once raises `MeshTimeoutError` when the provider takes no more requests."""
-        future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
+        future = self.wakes.future()
         provider = step.provider  # (a named tuple's fields, read once each: a generic lookup per read)
         provider_id = provider.id
         sock = self.sockets.get(provider_id)  # (a look, not a call: on the path of every request)
@@ -130,7 +134,7 @@ class LoopRequester:
         batches of this pass of the loop, or at once with a batch that fills up. Returns
         the waiter; raises what making a socket to the provider raises."""
         if waiter is None:
-            waiter = self.engine.loop.create_future()
+            waiter = self.wakes.future()
         provider_id = provider.id
         if provider_id not in self.sockets:  # (a look, not a call: on the path of every request)
             try:
@@ -151,7 +155,7 @@ class LoopRequester:
             self._send_batches(full_only=True)
         unchecked = self._unchecked
         if provider_id not in unchecked:  # (the first request to it this pass: the rest add nothing)
-            if not unchecked:
+            if not unchecked and not self.wakes.waking:  # (a wake-up pass checks them once its tasks ran)
                 self.engine.loop.call_soon(self._check_sent)
             unchecked.add(provider_id)
 

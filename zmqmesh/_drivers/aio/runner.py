@@ -97,7 +97,8 @@ class AsyncRunner:
         the encoded ``body``, within ``seconds`` from now, and return its result; raises
         what `run` raises (the twin of `BlockingRunner.request`). While all goes well it
         goes to the provider `Calling.choose` gives: alone and at once if that one has
-        none of this loop's requests in flight (`LoopRequester.exchange`), otherwise
+        none of this loop's requests in flight (`LoopRequester.exchange`), otherwise, or
+        when made by one of several tasks that replies woke together (`Wakes.waking`),
         gathered into its batch (`LoopRequester.gather`), its reply's future awaited here.
         No `QuickRequest` and no plan are made unless the quick way ends (no provider it
         may go to, a reply not OK, a failure); then the call's plan goes on from there,
@@ -114,7 +115,9 @@ class AsyncRunner:
         if sent:  # (else the quick way ended before the request went)
             assert provider is not None
             future: asyncio.Future[tuple[bytes, bytes]]
-            if provider.id in requester.outstanding.busy_with:  # (`Outstanding.busy`, asked without a call)
+            # (gathered when the provider is busy (`Outstanding.busy`, asked without a call), or
+            # while the tasks woken by replies run: theirs go together once they all ran)
+            if provider.id in requester.outstanding.busy_with or requester.wakes.waking:
                 future = requester.gather(provider, calling, body, deadline)
             else:
                 try:
