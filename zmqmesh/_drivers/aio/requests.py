@@ -146,7 +146,8 @@ class LoopRequester:
         full = self._batches.gather(provider_id, request_id, waiter, calling.service_b, body)
         if deadline < self._timer_at:
             self._arm(deadline)
-        self._gathered(provider_id, full)
+        if full or provider_id not in self._unchecked:  # (`_gathered` has nothing to do for the rest)
+            self._gathered(provider_id, full)
         return waiter
 
     def _gathered(self, provider_id: str, full: bool) -> None:
