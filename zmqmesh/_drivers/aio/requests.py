@@ -22,7 +22,7 @@ from ..._stats import RequestTally
 from ...errors import MeshTimeoutError, NodeClosedError, PeerLostError
 from ..failures import take_back_sent
 from ..pipelined import WaitingForRoom, send_batches, send_request, withdraw_gathered
-from .wakes import ReplyFuture, Wakes
+from .wakes import Wakes
 
 __all__ = ["LoopRequester", "ReplyWaiter"]
 
@@ -90,16 +90,17 @@ class LoopRequester:
         the stats' snapshots."""
         engine.stats.track(self.tally)
         self.wakes = Wakes(engine.loop, self._check_sent)
-        """Wakes the tasks whose replies came, those of a pass together; the requests they
-        make meanwhile are gathered (`waking`), and go once they all ran (`_check_sent`)."""
+        """Wakes the tasks whose gathered requests' replies came, those of a pass together;
+        the requests they make meanwhile are gathered (`waking`), and go once they all ran
+        (`_check_sent`)."""
 
-    def exchange(self, step: Exchange) -> ReplyFuture:
+    def exchange(self, step: Exchange) -> asyncio.Future[tuple[bytes, bytes]]:
         """Send one request (or gather it, to go at the end of this pass of the loop, or
         with a batch that fills up: `RequestBatches`); the future of its reply ``(status,
         body)``. The future fails with `MeshTimeoutError` (also when the provider takes no
         more requests, for one that was gathered), `PeerLostError` or `NodeClosedError`; a
         send made at once raises `MeshTimeoutError` when the provider takes no more requests."""
-        future = self.wakes.future()
+        future: asyncio.Future[tuple[bytes, bytes]] = self.engine.loop.create_future()
         provider = step.provider  # (a named tuple's fields, read once each: a generic lookup per read)
         provider_id = provider.id
         sock = self.sockets.get(provider_id)  # (a look, not a call: on the path of every request)
@@ -132,7 +133,8 @@ class LoopRequester:
         batch, whether or not the provider is busy, as one of many at hand; ``waiter`` is
         told its outcome as a future would be (None: a future made here). It goes with the
         batches of this pass of the loop, or at once with a batch that fills up. Returns
-        the waiter; raises what making a socket to the provider raises."""
+        the waiter (a future made here is a `ReplyFuture`, woken with the others of its
+        pass: `wakes`); raises what making a socket to the provider raises."""
         if waiter is None:
             waiter = self.wakes.future()
         provider_id = provider.id

@@ -1,6 +1,6 @@
-"""Futures of the replies a loop's requests wait for (`ReplyFuture`), whose awaiting tasks
-are woken together: one callback of the loop for all the replies read in a pass, not one
-each (`Wakes`).
+"""Futures of the replies that a loop's gathered requests wait for (`ReplyFuture`), whose
+awaiting tasks are woken together: one callback of the loop for all the replies read in a
+pass, not one each (`Wakes`).
 
 An asyncio future schedules a callback of the loop for each task that awaits it (a
 handle made, queued and run: some 5,000 instructions a reply, with 64 coroutines each
@@ -9,7 +9,8 @@ cancellation are the base class's) whose awaiting task is woken by `Wakes`: the 
 of every reply set since the last pass of the loop run in one callback, in the order
 their replies came, and once they all ran (each until it awaits again), `Wakes` tells
 its owner (``after``): the requests those tasks made meanwhile were gathered, to go out
-together then (`waking`).
+together then (`waking`). (A request sent alone, at once, waits on a plain asyncio
+future: the waking of a lone task, through the task's own path, costs less.)
 """
 
 from __future__ import annotations
