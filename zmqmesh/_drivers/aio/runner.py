@@ -98,7 +98,7 @@ class AsyncRunner:
         what `run` raises (the twin of `BlockingRunner.request`). While all goes well it
         goes to the provider `Calling.choose` gives: alone and at once if that one has
         none of this loop's requests in flight (`LoopRequester.exchange`), otherwise, or
-        when made by one of several tasks that replies woke together (`Wakes.waking`),
+        while tasks that replies woke together run or wait to (`Wakes.waking`, `Wakes.due`),
         gathered into its batch (`LoopRequester.gather`), its reply's future awaited here.
         No `QuickRequest` and no plan are made unless the quick way ends (no provider it
         may go to, a reply not OK, a failure); then the call's plan goes on from there,
@@ -116,8 +116,9 @@ class AsyncRunner:
             assert provider is not None
             future: asyncio.Future[tuple[bytes, bytes]]
             # (gathered when the provider is busy (`Outstanding.busy`, asked without a call), or
-            # while the tasks woken by replies run: theirs go together once they all ran)
-            if provider.id in requester.outstanding.busy_with or requester.wakes.waking:
+            # while tasks woken by replies run or wait to: theirs go together once they all ran)
+            wakes = requester.wakes
+            if provider.id in requester.outstanding.busy_with or wakes.waking or wakes.due:
                 future = requester.gather(provider, calling, body, deadline)
             else:
                 try:
