@@ -263,8 +263,6 @@ def test_the_durable_items_of_a_commit_are_each_its_durable_item() -> None:
                     [(i, t, h, b, 200) for i, t, h, b, _a in alike], mixed, mixed[:1]):
         each = [durable_item(body, False, msg_id, ts, head, tries) for msg_id, ts, head, body, tries in entries]
         assert durable_items(*zip(*entries), pack) == each
-        # (with the ids packed already, as a commit packs them for its segments too)
-        assert durable_items(*zip(*entries), pack, [pack(e[0]) for e in entries]) == each
 
 
 def test_a_frame_delivers_the_messages_that_message_by_message_construction_makes() -> None:

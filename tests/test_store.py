@@ -60,58 +60,93 @@ def live(store: Store, queue: str) -> list[tuple[str, int]]:
     return [(msgpack.unpackb(m[BODY]), m[ATTEMPTS]) for s in store.pending(queue, limit=10_000) for m in s.messages]
 
 
-def test_a_call_given_as_columns_is_stored_as_the_rows_a_keeper_hands_over(tmp_path: Path) -> None:
-    """A push call's messages, carried as columns (`Entries`), are stored as the same
-    segment bytes as the same messages given as rows: the msgpack array of each one's
-    ``[id, timestamp, headers, body]``, with ``True`` after those marked redelivered."""
+def test_a_call_is_stored_as_columns_and_other_messages_as_the_rows_a_keeper_hands_over(tmp_path: Path) -> None:
+    """A push call's messages (one timestamp, one headers) are stored as columns, the
+    msgpack array ``[1, ids, timestamp, headers, bodies]``; messages that differ in either,
+    or are marked redelivered, as rows, the msgpack array of each one's ``[id, timestamp,
+    headers, body]`` with ``True`` after those marked, the same bytes whether given as
+    rows or as columns (`Entries`)."""
     from zmqmesh._store.messages import Entries
 
     headers = msgpack.packb({"h": "1"})
     rows = [(f"id-{i}", 1000.5, headers if i % 2 else None, msgpack.packb(i), 0, i == 3) for i in range(5)]
+    marked = [(*r[:5], i == 3) for i, r in enumerate(rows)]
     store = Store(tmp_path)
     store.append([("rows", rows)])
     store.append([("columns", Entries.of_rows(rows))])
+    store.append([("marked", [(r[0], 1000.5, None, r[3], 0, r[5]) for r in marked])])
     store.append([("call", Entries.of_call([r[0] for r in rows], 1000.5, headers, [r[3] for r in rows]))])
     store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db:
         stored = dict(db.execute("SELECT queue, items FROM outbox").fetchall())
     assert stored["rows"] == stored["columns"] == msgpack.packb([(*r[:4], True) if r[5] else r[:4] for r in rows])
-    assert stored["call"] == msgpack.packb([(r[0], 1000.5, headers, r[3]) for r in rows])
+    assert stored["marked"] == msgpack.packb([(r[0], 1000.5, None, r[3], True) if r[5] else (r[0], 1000.5, None, r[3])
+                                              for r in marked])
+    assert stored["call"] == msgpack.packb([1, [r[0] for r in rows], 1000.5, headers, [r[3] for r in rows]])
 
 
-def test_a_calls_segment_joined_from_its_packed_ids_is_the_segment_msgpack_packs(tmp_path: Path) -> None:
-    """A call whose ids are packed already (`Entries.with_packed_ids`, as a durable commit
-    packs them once for its segments and its wire forms) is stored as the very bytes
-    msgpack packs for its rows, whatever its size (cut into several segments too), its
-    headers, its ids' lengths and its bodies' (bin 8, and longer ones), and is read back
-    as the same messages with the same wire forms as a call without them."""
+def test_a_call_stored_as_columns_is_read_back_as_the_messages_it_stored(tmp_path: Path) -> None:
+    """A call is stored as columns whatever its size (cut into several segments too), its
+    headers, its ids' lengths and its bodies', and read back as the messages it stored,
+    each with its wire form for a first delivery, as a store of rows read them back."""
     from zmqmesh._store.messages import Entries
 
-    pack = msgpack.Packer().pack
     headers = msgpack.packb({"h": "1" * 40})
     calls: list[tuple[str, Entries]] = []
-    for n in (1, 15, 16, 17, 31, 32, 33, 300, SEGMENT_MAX + 5):
+    for n in (1, 2, 33, 300, SEGMENT_MAX + 5):
         for head in (None, headers):
-            for longest in (0, 255, 256):
+            for longest in (0, 255, 256, 70_000):
                 ids = [f"id-{n}-{i}" + "\u00e9" * (i % 40) for i in range(n)]
-                bodies = [b"b" * min(i % 300, longest) for i in range(n)]
-                calls.append((f"q{len(calls)}", Entries.of_call(ids, 1000.25, head, bodies).with_packed_ids(pack)))
+                bodies = [b"b" * min(i * 997 % 80_000, longest) for i in range(n)]
+                calls.append((f"q{len(calls)}", Entries.of_call(ids, 1000.25, head, bodies)))
     store = Store(tmp_path)
     store.append(calls)
-    plain = Store(tmp_path / "plain")
-    plain.append([(name, Entries.of_call(e.ids, 1000.25, e.headers[0], e.bodies)) for name, e in calls])
     with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db:
-        joined = db.execute("SELECT queue, count, items FROM outbox ORDER BY seq").fetchall()
+        segments = db.execute("SELECT queue, seq, count, items FROM outbox ORDER BY seq").fetchall()
     for name, entries in calls:
-        segments = [(count, items) for queue, count, items in joined if queue == name]
-        rows = [(i, 1000.25, entries.headers[0], b) for i, b in zip(entries.ids, entries.bodies)]
-        assert [count for count, _ in segments] == [len(rows[at:at + SEGMENT_MAX]) for at in range(0, len(rows), SEGMENT_MAX)]
-        assert [items for _, items in segments] == [msgpack.packb(rows[at:at + SEGMENT_MAX])
-                                                    for at in range(0, len(rows), SEGMENT_MAX)]
-        assert [m for s in store.pending(name, limit=10_000) for m in s.messages] == \
-            [m for s in plain.pending(name, limit=10_000) for m in s.messages]
+        expected_items, expected = [], []
+        at = 0
+        for queue, first, count, _ in segments:
+            if queue != name:
+                continue
+            ids, bodies = entries.ids[at:at + count], entries.bodies[at:at + count]
+            expected_items.append(msgpack.packb([1, ids, 1000.25, entries.headers[0], bodies]))
+            expected += [(first + i, name, msg_id, 1000.25, entries.headers[0], body, 0, first, False,
+                          durable_item(body, False, msg_id, 1000.25, entries.headers[0], 0))
+                         for i, (msg_id, body) in enumerate(zip(ids, bodies))]
+            at += count
+        assert at == len(entries)
+        assert [items for queue, _, _, items in segments if queue == name] == expected_items
+        assert [m for s in store.pending(name, limit=10_000) for m in s.messages] == expected
     store.close()
-    plain.close()
+
+
+def test_a_store_of_schema_7_is_read_as_it_stored_and_an_older_zmqmesh_refuses_it_upgraded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store as schema 7 left it, its segments all rows, is read back as it stored them
+    once upgraded to 8 (which stores calls as columns beside them); a zmqmesh of schema 7,
+    which would take columns for damage, refuses it then."""
+    from zmqmesh._store.messages import Entries
+
+    store = Store(tmp_path)
+    store.append([("q", Entries.of_call(["id-a", "id-b"], 1000.5, None, [msgpack.packb("a"), msgpack.packb("b")]))])
+    store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "zmqmesh.db")) as db, db:  # as schema 7 left it
+        db.execute("UPDATE outbox SET items = ? WHERE seq = 1",
+                   (msgpack.packb([["id-a", 1000.5, None, msgpack.packb("a")], ["id-b", 1000.5, None, msgpack.packb("b")]]),))
+        db.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    assert inspect_store(tmp_path)["schema"] == 7
+    store = Store(tmp_path)
+    store.append([("q", Entries.of_call(["id-c"], 1001.5, None, [msgpack.packb("c")]))])
+    assert [(m[ID], m[TIMESTAMP], msgpack.unpackb(m[BODY])) for s in store.pending("q") for m in s.messages] == [
+        ("id-a", 1000.5, "a"), ("id-b", 1000.5, "b"), ("id-c", 1001.5, "c")]
+    store.close()
+    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 8
+    import zmqmesh._store.store as store_module
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 7)  # (the check of a zmqmesh of schema 7)
+    with pytest.raises(zmqmesh.StoreError, match="newer zmqmesh"):
+        Store(tmp_path)
 
 
 def test_a_call_of_no_messages_stores_no_segment_beside_others(tmp_path: Path) -> None:
@@ -270,8 +305,19 @@ def test_a_store_written_by_schema_1_is_upgraded_in_place(tmp_path: Path) -> Non
     msgpack.packb([["id-1", 1.0, None, b"x"], ["id-2", "soon", None, b"x"]]),  # a time that is no number
     msgpack.packb([[7, 1.0, None, b"x"], ["id-2", 1.0, None, b"x"]]),  # an id that is no string
     msgpack.packb([["id-1", 1.0, {"h": "v"}, b"x"], ["id-2", 1.0, None, b"x"]]),  # headers not encoded
+    # stored as columns (schema 8):
+    msgpack.packb([1, ["id-1", "id-2"], 1.0, None]),  # no bodies
+    msgpack.packb([2, ["id-1", "id-2"], 1.0, None, [b"x", b"y"]]),  # not columns
+    msgpack.packb([1, ["id-1"], 1.0, None, [b"x", b"y"]]),  # one id for two bodies
+    msgpack.packb([1, ["id-1", "id-2"], 1.0, None, [b"x"]]),  # one body for two ids
+    msgpack.packb([1, "ab", 1.0, None, [b"x", b"y"]]),  # ids that are no array (a string of two)
+    msgpack.packb([1, ["id-1", "id-2"], 1.0, None, [b"x", "text"]]),  # a body that is no bytes
+    msgpack.packb([1, ["id-1", "id-2"], "soon", None, [b"x", b"y"]]),  # a time that is no number
+    msgpack.packb([1, ["id-1", 7], 1.0, None, [b"x", b"y"]]),  # an id that is no string
+    msgpack.packb([1, ["id-1", "id-2"], 1.0, {"h": "v"}, [b"x", b"y"]]),  # headers not encoded
 ], ids=["not-msgpack", "short-entries", "not-arrays", "short-segment", "text-body", "text-time", "int-id",
-        "raw-headers"])
+        "raw-headers", "columns-short", "columns-tag", "columns-few-ids", "columns-few-bodies", "columns-ids-text",
+        "columns-text-body", "columns-text-time", "columns-int-id", "columns-raw-headers"])
 def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_path: Path, items: bytes) -> None:
     store = Store(tmp_path)
     store.append([("q", entries("a", "b"))])
@@ -297,8 +343,13 @@ def test_a_damaged_segment_is_reported_and_kept_and_the_others_still_read(tmp_pa
     msgpack.packb([["id-1", 1.0, msgpack.packb([1]), b"x"], ["id-2", 1.0, None, b"x"]]),  # headers no map
     msgpack.packb([["id-1", 1.0, msgpack.packb({f"h{i}": "v" for i in range(65)}), b"x"],
                    ["id-2", 1.0, None, b"x"]]),  # too many headers
+    # stored as columns (schema 8):
+    msgpack.packb([1, ["id-1", "id-2"], 1.0, None, [b"x", "text"]]),
+    msgpack.packb([1, ["id-1", "id-2"], 1.0, None, [b"\xc1", b"x"]]),
+    msgpack.packb([1, ["i" * 129, "id-2"], 1.0, None, [b"x", b"x"]]),
+    msgpack.packb([1, ["id-1", "id-2"], 1.0, msgpack.packb([1]), [b"x", b"x"]]),
 ], ids=["not-msgpack", "text-body", "body-not-msgpack", "body-of-two", "body-bad-utf8", "long-id", "headers-no-map",
-        "too-many-headers"])
+        "too-many-headers", "columns-text-body", "columns-body-not-msgpack", "columns-long-id", "columns-headers-no-map"])
 def test_a_node_delivers_around_a_damaged_segment_and_counts_it(tmp_path: Path, mesh: dict[str, Any],
                                                                 items: bytes) -> None:
     """(A body, id or headers a puller would refuse, inside well-formed entries: before, read
@@ -991,7 +1042,7 @@ def test_a_store_of_schema_4_is_upgraded_with_its_durable_cursors(tmp_path: Path
     store.cursors.save([], [("d", "s1", "abc")])
     assert store.cursors.load_runs("d") == {"s1": "abc"} and len(store.runs) == 1
     store.close()
-    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 7
+    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 8
 
 
 def test_a_store_of_schema_6_is_upgraded_its_runs_read_as_then_and_an_older_zmqmesh_refuses_it(
@@ -1023,7 +1074,7 @@ def test_a_store_of_schema_6_is_upgraded_its_runs_read_as_then_and_an_older_zmqm
     store.cursors.save([], [], [], [("d", "s4")])
     assert store.cursors.load_began("d") == {"s5": (0, None)}
     store.close()
-    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 7
+    assert inspect_store(tmp_path)["schema"] == SCHEMA_VERSION == 8
     assert zmqmesh.durable_subscriptions(tmp_path) == {"d": {"streams": 2, "topics": 1}}  # (s1, and s5 begun)
     import zmqmesh._store.store as store_module
 

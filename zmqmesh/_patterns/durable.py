@@ -521,8 +521,7 @@ class DurableQueues:
         merged: dict[str, list[Entries]] = {}
         for name, entries in calls:
             merged.setdefault(name, []).append(entries)
-        # (their ids packed once, here under the lock: for the segments and the wire forms both)
-        order = [(name, Entries.joined(parts).with_packed_ids(self._pack)) for name, parts in merged.items()]
+        order = [(name, Entries.joined(parts)) for name, parts in merged.items()]
         known, taken = self.queues, self.taken
         park: set[str] = set()  # queues this node holds nothing of that nobody pulls: parked
         unpark: dict[str, tuple[int, int]] = {}  # parked queues that are pulled now
@@ -583,8 +582,7 @@ class DurableQueues:
         at a time.)"""
         ids, stamps, headers, bodies, attempts, marked = entries.columns()
         segments = chain.from_iterable(repeat(first, size) for first, size in parts)
-        return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, marked,
-                               self._pack, entries.packed_ids)
+        return stored_messages(name, parts[0][0], segments, ids, stamps, headers, bodies, attempts, marked, self._pack)
 
     def refill(self, also: Iterable[str] = (), every: bool = False) -> dict[str, Buffer]:
         """Top up from the store the buffers of queues it holds more of; the buffers of the

@@ -30,22 +30,18 @@ class Entries:
     (its id, timestamp, headers, body, failed deliveries, and whether it is marked
     redelivered). One object for a call's messages, not a tuple each: the garbage
     collector counts, and runs for, every tuple made, and those of a durable call are
-    many (a store keeps them as rows, `segments.stored`, without a tuple each either)."""
+    many (a store keeps those of one call as columns too, `segments.stored`)."""
 
-    __slots__ = ("ids", "stamps", "headers", "bodies", "attempts", "marked", "packed_ids")
+    __slots__ = ("ids", "stamps", "headers", "bodies", "attempts", "marked")
 
     def __init__(self, ids: Sequence[str], stamps: Sequence[float], headers: Sequence[bytes | None],
-                 bodies: Sequence[bytes], attempts: Sequence[int], marked: Sequence[bool],
-                 packed_ids: Sequence[bytes] | None = None) -> None:
+                 bodies: Sequence[bytes], attempts: Sequence[int], marked: Sequence[bool]) -> None:
         self.ids = ids
         self.stamps = stamps
         self.headers = headers
         self.bodies = bodies
         self.attempts = attempts
         self.marked = marked
-        self.packed_ids = packed_ids
-        """The ids as msgpack packs them, once `with_packed_ids` made them: the segment that
-        stores the messages and their wire forms are both made with them (None: not made)."""
 
     @classmethod
     def of_call(cls, ids: Sequence[str], stamp: float, headers: bytes | None, bodies: Sequence[bytes]) -> Entries:
@@ -73,18 +69,7 @@ class Entries:
 
     def part(self, start: int, end: int) -> Entries:
         """The messages from index ``start`` to ``end`` (not included)."""
-        part = Entries(*(column[start:end] for column in self.columns()))
-        if self.packed_ids is not None:
-            part.packed_ids = self.packed_ids[start:end]
-        return part
-
-    def with_packed_ids(self, pack: Callable[[Any], bytes]) -> Entries:
-        """These messages, their ids packed (`packed_ids`) by ``pack`` (a `msgpack.Packer`'s
-        own, of one thread at a time), in one map. Only for bodies that are bytes (as
-        encoded and as unpacked): a segment joined from them takes each body's length
-        for its bytes'."""
-        self.packed_ids = list(map(pack, self.ids))
-        return self
+        return Entries(*(column[start:end] for column in self.columns()))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -156,8 +141,7 @@ wire_of = operator.itemgetter(WIRE)
 
 def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequence[str], stamps: Sequence[float],
                     headers: Sequence[bytes | None], bodies: Sequence[bytes], attempts: Sequence[int],
-                    marked: Sequence[bool], pack: Callable[[Any], bytes],
-                    packed_ids: Sequence[bytes] | None = None) -> tuple[list[StoredMessage], list[int] | None]:
+                    marked: Sequence[bool], pack: Callable[[Any], bytes]) -> tuple[list[StoredMessage], list[int] | None]:
     """The messages of ``queue`` given as columns (a message's fields at one index),
     numbered on from ``first``, each in the segment ``segments`` gives it in turn: as a
     commit or a read back holds them, with their wire form for a first delivery
@@ -166,9 +150,9 @@ def stored_messages(queue: str, first: int, segments: Iterable[int], ids: Sequen
     it (neither is dealt as a first delivery). With them, the lengths of their wire forms
     when each has one (None otherwise): what a buffer reckons their sizes by (`held_halves`),
     without looking each form up again. ``pack``: a `msgpack.Packer`'s own, of one thread
-    at a time; ``packed_ids``: the ids as it packs them, if they are (`Entries.packed_ids`)."""
+    at a time."""
     n = len(ids)
-    wires = durable_items(ids, stamps, headers, bodies, attempts, pack, packed_ids)
+    wires = durable_items(ids, stamps, headers, bodies, attempts, pack)
     # (each the tuple zip makes: the caller answers for the fields' types)
     messages: list[StoredMessage] = list(zip(range(first, first + n), repeat(queue, n), ids, stamps, headers, bodies,
                                              attempts, segments, repeat(False, n), wires))

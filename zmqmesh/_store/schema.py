@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA_VERSION", "INSPECTED_FROM", "APP", "OUTBOX", "PARKED", "HISTORY", "SCHEMA", "schema_version",
            "migrate", "check_sqlite_file", "check_log", "not_plain"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 INSPECTED_FROM = 5
-"""The oldest schema `inspect_store` reads as it is: 5 and 6 have the tables of 7 but
-``cursor_began`` (6 only marks the stores whose segments may hold entries marked
-redelivered)."""
+"""The oldest schema `inspect_store` reads as it is: 5 and 6 have the tables of 7 and 8
+but ``cursor_began`` (6 only marks the stores whose segments may hold entries marked
+redelivered, 8 those whose segments may be stored as columns)."""
 APP = "zmqmesh"
 """What meta 'app' says in every zmqmesh store."""
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -176,6 +176,8 @@ def migrate(db: sqlite3.Connection, version: int) -> None:
             db.execute(statement)
         db.execute("DELETE FROM cursor_runs WHERE NOT EXISTS (SELECT 1 FROM cursors WHERE cursors.name = "
                    "cursor_runs.name AND cursors.stream = cursor_runs.stream)")
+    # (from 7, nothing to change for 8: a segment may now be stored as columns, which an
+    # older zmqmesh would take for damage; the new version makes it refuse the store)
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     db.execute("COMMIT")
 

@@ -10,7 +10,7 @@ import msgpack
 
 from .messages import Entries, StoredMessage, joins
 
-__all__ = ["SEGMENT_MAX", "SEGMENT_BYTES", "COUNT_SQL", "StoredSegment", "stored", "attempted", "cut", "columns",
+__all__ = ["SEGMENT_MAX", "SEGMENT_BYTES", "COUNT_SQL", "COLUMNS", "StoredSegment", "stored", "attempted", "cut", "columns",
            "sane_count", "sane_attempts", "stored_size", "span"]
 
 SEGMENT_MAX = 1024
@@ -23,52 +23,27 @@ COUNT_SQL = f"(CASE WHEN typeof(count) = 'integer' THEN min(max(count, 1), {SEGM
 `SEGMENT_MAX` messages, and a damaged one's count may be anything (text, a fraction: 1)."""
 
 
+COLUMNS = 1
+"""The first item of a segment stored as columns (`stored`); a segment of rows begins with
+its first row, an array."""
+
+
 def stored(part: Entries) -> bytes:
-    """What a segment keeps of the messages ``part``, packed: the msgpack array of their
-    ``[id, timestamp, headers, body]`` (attempts apart), with ``True`` after them for one
-    marked redelivered."""
-    joined = _joined(part)
-    if joined is not None:
-        return joined
+    """What a segment keeps of the messages ``part``, packed (attempts apart). The messages
+    of one call (one timestamp, one headers, none marked redelivered: most segments) as
+    columns, the msgpack array ``[COLUMNS, ids, timestamp, headers, bodies]`` (schema 8:
+    no row nor timestamp a message to pack, or to unpack and take apart again when read
+    back); others as rows, the array of their ``[id, timestamp, headers, body]``, with
+    ``True`` after them for one marked redelivered."""
+    n, stamp, head = len(part), part.stamps[0], part.headers[0]
+    if not any(part.marked) and part.stamps.count(stamp) == n and part.headers.count(head) == n:
+        columns: bytes = msgpack.packb((COLUMNS, part.ids, stamp, head, part.bodies))
+        return columns
     rows: Iterator[tuple[Any, ...]] = zip(part.ids, part.stamps, part.headers, part.bodies)
     if any(part.marked):  # (rare: what a keeper was handed marked)
         rows = ((*row, True) if mark else row for row, mark in zip(rows, part.marked))
     packed: bytes = msgpack.packb(list(rows))
     return packed
-
-
-_JOINED_FROM = 32
-"""The fewest messages `_joined` joins: below, `packb` is quicker (one message 0.8 us
-against 1.8 us joined; 16 messages 2.7 against 3.1 us; 256: 30.8 against 20.2 us)."""
-_ROW = b"\x94"  # msgpack's fixarray header of 4 items: a stored message's [id, timestamp, headers, body]
-_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]  # msgpack's bin 8 header, by the length it heads
-
-
-def _joined(part: Entries) -> bytes | None:
-    """`stored`'s bytes for ``part``, the very bytes msgpack packs, joined from its ids as
-    packed already (`Entries.packed_ids`, also used for their wire forms) without packing
-    each message again: when they share one float timestamp and their headers (the
-    messages of a push call do), none is marked and every body is shorter than 256 bytes
-    (a bin 8), and they are `_JOINED_FROM` or more. None otherwise (then packed as ever)."""
-    ids, n = part.packed_ids, len(part)
-    if ids is None or n < _JOINED_FROM or any(part.marked):
-        return None
-    stamp, head = part.stamps[0], part.headers[0]
-    if type(stamp) is not float or part.stamps.count(stamp) != n or part.headers.count(head) != n:
-        return None
-    lengths = list(map(len, part.bodies))
-    sizes = set(lengths)
-    if max(sizes) > 255:
-        return None
-    # what follows each packed id: the timestamp and headers, and the bin 8 header of the body after
-    after_id = msgpack.packb(stamp) + msgpack.packb(head)
-    heads = {size: after_id + _BIN8[size] for size in sizes}
-    pieces = [_ROW, b"", b"", b""] * n
-    pieces[1::4] = ids
-    pieces[2::4] = map(heads.__getitem__, lengths)
-    pieces[3::4] = part.bodies
-    pieces[0] = b"\xdc" + n.to_bytes(2, "big") + _ROW  # (msgpack's array 16: `_JOINED_FROM` to `SEGMENT_MAX` items)
-    return b"".join(pieces)
 
 
 def attempted(first: int, part: Entries) -> list[tuple[int, int]]:
@@ -104,19 +79,33 @@ _STAMP_TYPES = {float, int}
 _HEADER_TYPES = {bytes, type(None)}
 
 
-def columns(entries: Sequence[tuple[Any, ...]]) -> tuple[Sequence[Any], ...]:
-    """The stored ``(id, timestamp, headers, body)`` of ``entries``, as msgpack unpacked
-    them (each with ``True`` after it if marked redelivered), as columns: ids, timestamps,
-    headers, bodies, and whether each is marked. Raises `ValueError` unless each has the
+def columns(unpacked: Any, count: int) -> tuple[Sequence[Any], ...]:
+    """The messages of a segment stored with ``count`` of them, as msgpack unpacked its
+    bytes (`stored`, its arrays as tuples): their ids, timestamps, headers, bodies, and
+    whether each is marked redelivered. Raises `ValueError` (or `TypeError`, `IndexError`
+    for bytes `stored` never packs) unless it holds ``count`` messages, each with the
     types a durable message needs (a damaged segment must not reach the wire)."""
-    if set(map(len, entries)) == {4}:  # (nothing marked redelivered: the common case, no Python step per message)
-        ids, stamps, headers, bodies = zip(*entries)
+    if count < 1:
+        raise ValueError("a segment of no message")
+    if type(unpacked[0]) is not tuple:  # (not a row: stored as columns, or damaged)
+        tag, ids, stamp, head, bodies = unpacked
+        if tag != COLUMNS or type(ids) is not tuple or type(bodies) is not tuple or len(ids) != count \
+                or len(bodies) != count:
+            raise ValueError(f"no columns of {count} messages")
+        if not (joins("", ids) and joins(b"", bodies) and type(stamp) in _STAMP_TYPES
+                and (head is None or type(head) is bytes)):
+            raise ValueError(f"columns of the wrong types: {type(stamp).__name__}, {type(head).__name__}")
+        return ids, (stamp,) * count, (head,) * count, bodies, (False,) * count
+    if len(unpacked) != count:
+        raise ValueError(f"{len(unpacked)} messages where {count} were stored")
+    if set(map(len, unpacked)) == {4}:  # (nothing marked redelivered: no Python step per message)
+        ids, stamps, headers, bodies = zip(*unpacked)
         if joins("", ids) and joins(b"", bodies) and set(map(type, stamps)) <= _STAMP_TYPES \
                 and (headers.count(None) == len(headers) or set(map(type, headers)) <= _HEADER_TYPES):
-            return ids, stamps, headers, bodies, (False,) * len(entries)
-    _check_entries(entries)  # (raises, or finds some marked)
-    ids, stamps, headers, bodies = zip(*(e[:4] for e in entries))
-    return ids, stamps, headers, bodies, [len(e) == 5 for e in entries]
+            return ids, stamps, headers, bodies, (False,) * count
+    _check_entries(unpacked)  # (raises, or finds some marked)
+    ids, stamps, headers, bodies = zip(*(e[:4] for e in unpacked))
+    return ids, stamps, headers, bodies, [len(e) == 5 for e in unpacked]
 
 
 def _check_entries(entries: Sequence[tuple[Any, ...]]) -> None:

@@ -490,12 +490,7 @@ class Store:
         pack = msgpack.Packer().pack  # (this read's own, for the wire forms)
         for index, (first, count, items) in enumerate(rows):
             try:
-                entries = msgpack.unpackb(items, raw=False, use_list=False)
-                if count < 1:
-                    raise ValueError("a segment of no message")
-                if len(entries) != count:
-                    raise ValueError(f"{len(entries)} messages where {count} were stored")
-                ids, stamps, headers, bodies, marked = columns(entries)
+                ids, stamps, headers, bodies, marked = columns(msgpack.unpackb(items, raw=False, use_list=False), count)
                 messages, wire_sizes = stored_messages(queue, first, repeat(first), ids, stamps, headers, bodies,
                                                        (0,) * count, marked, pack)
                 if attempts or settled:  # (rare: only failed deliveries and acknowledgements in a segment)

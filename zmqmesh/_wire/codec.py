@@ -50,19 +50,16 @@ def durable_item(body: bytes, redelivered: bool, msg_id: str, timestamp: float, 
 
 
 def durable_items(ids: Sequence[str], stamps: Sequence[float], headers: Sequence[bytes | None],
-                  bodies: Sequence[bytes], attempts: Sequence[int], pack: Callable[[Any], bytes],
-                  packed_ids: Sequence[bytes] | None = None) -> list[bytes]:
+                  bodies: Sequence[bytes], attempts: Sequence[int], pack: Callable[[Any], bytes]) -> list[bytes]:
     """`durable_item` of each message given as columns (its id, timestamp, headers, body
     and attempts at one index), not redelivered: alike to calling it for each, and made
     without a Python step per item when they share their timestamp, headers and attempts
-    (the messages of one call do). ``pack``: a `msgpack.Packer`'s own, of one thread at a time;
-    ``packed_ids``: the ids as it packs them, if they are already (not packed again)."""
+    (the messages of one call do). ``pack``: a `msgpack.Packer`'s own, of one thread at a time."""
     n, stamp, head, tries = len(ids), stamps[0], headers[0], attempts[0]
     if type(stamp) is float and 0 <= tries < 128 and stamps.count(stamp) == n and headers.count(head) == n \
             and attempts.count(tries) == n:
         tail = _FLOAT64(0xCB, stamp) + (head or _NIL) + _FIXINT[tries]
-        packed = map(pack, ids) if packed_ids is None else packed_ids
-        return list(map(b"".join, zip(repeat(_ARRAY6 + _FALSE, n), bodies, packed, repeat(tail, n))))
+        return list(map(b"".join, zip(repeat(_ARRAY6 + _FALSE, n), bodies, map(pack, ids), repeat(tail, n))))
     return [durable_item(body, False, msg_id, ts, head, tries, pack)
             for msg_id, ts, head, body, tries in zip(ids, stamps, headers, bodies, attempts)]
 
