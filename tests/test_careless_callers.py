@@ -463,6 +463,73 @@ def test_an_async_node_refuses_a_later_event_loop_on_its_own_thread(mesh: dict[s
         loop_a.close()
 
 
+class _SlowItems(dict):  # type: ignore[type-arg]
+    """A map whose encoding lets other threads run (msgpack calls ``items`` of a dict subclass)."""
+
+    def items(self) -> Any:
+        time.sleep(0.002)
+        return super().items()
+
+
+def test_an_async_providers_replies_stay_whole_while_the_thread_that_started_it_encodes(
+        mesh: dict[str, Any]) -> None:
+    """An AsyncNode provider started on a loop run by the main thread, its loop then run on
+    another thread, while the main thread calls it from loops of its own (refused, once the
+    data is encoded): every reply reaches its caller whole. The provider's replies were
+    encoded with the packer of the thread that started it, held (as it began: ``Dispatcher.owner_started``),
+    which that thread's own encodings used too: 166 of 3,000 replies came malformed
+    (``DecodeError``) in a probe, and the test failed 3 of 3 runs."""
+    loop_a = asyncio.new_event_loop()
+    provider: zmqmesh.AsyncNode | None = None
+    moved: threading.Thread | None = None
+    try:
+        async def start() -> zmqmesh.AsyncNode:
+            node = await zmqmesh.AsyncNode("provider", **mesh).start()
+
+            async def reply(msg: zmqmesh.Message) -> Any:
+                return {"k": "v" * 50, "n": msg.data}
+            node.service("r", reply)
+            return node
+
+        provider = loop_a.run_until_complete(start())
+        moved = threading.Thread(target=loop_a.run_forever, daemon=True)
+        moved.start()
+        finished = threading.Event()
+        replies: list[Any] = []
+
+        def call() -> None:
+            try:
+                with zmqmesh.Node("caller", **mesh) as caller:
+                    caller.wait_for_service("r", timeout=10)
+                    for i in range(600):
+                        try:
+                            replies.append(caller.request("r", i, timeout=5) == {"k": "v" * 50, "n": i})
+                        except zmqmesh.ZmqMeshError as exc:
+                            replies.append(exc)
+            finally:
+                finished.set()
+
+        async def from_loop_b() -> None:
+            assert provider is not None
+            with pytest.raises(zmqmesh.ZmqMeshError, match="another event loop"):
+                await provider.request("r", _SlowItems(a="x" * 40), timeout=1)
+
+        caller_thread = threading.Thread(target=call)
+        caller_thread.start()
+        while not finished.is_set():  # (on the thread that started the provider)
+            asyncio.run(from_loop_b())
+        caller_thread.join(30)
+        assert len(replies) == 600
+        assert [r for r in replies if r is not True] == []
+    finally:
+        if moved is not None:
+            if provider is not None:
+                asyncio.run_coroutine_threadsafe(provider.stop(), loop_a).result(20)
+            loop_a.call_soon_threadsafe(loop_a.stop)
+            moved.join(10)
+        loop_a.close()
+
+
 @pytest.mark.parametrize("many", [False, True], ids=["request", "request_many"])
 def test_stop_while_threads_wait_in_requests_raises_only_typed_errors(mesh: dict[str, Any], many: bool,
                                                                       caplog: pytest.LogCaptureFixture) -> None:

@@ -29,7 +29,7 @@ from .frames import (
     msgpack_bin,
 )
 
-__all__ = ["Codec", "durable_item", "durable_items", "DURABLE_ITEM_FIELDS"]
+__all__ = ["Codec", "durable_item", "durable_items", "DURABLE_ITEM_FIELDS", "new_packer"]
 
 DURABLE_ITEM_FIELDS = 6
 """A durable queue item: ``[redelivered, data, id, timestamp, headers, attempts]``; an
@@ -105,6 +105,13 @@ def _unencodable(data: Any, exc: BaseException, item: int | None = None) -> Enco
     return EncodeError(f"{_which(item)} ({type(data).__name__}) cannot be encoded as msgpack: {exc}")
 
 
+def new_packer() -> msgpack.Packer:
+    """A packer that writes as `Codec.encode` does (``bytes`` as msgpack bin), for one user
+    at a time: a packer fills one buffer per call, so two threads packing at once with it
+    mix their bodies."""
+    return msgpack.Packer(use_bin_type=True)
+
+
 class Codec:
     """Encodes payloads to msgpack bytes and decodes them within fixed limits.
 
@@ -134,9 +141,9 @@ class Codec:
 
     def encode(self, data: Any, item: int | None = None, packer: msgpack.Packer | None = None) -> bytes:
         """Encode one payload (``item``: its index in the caller's batch, for the error;
-        ``packer``: the calling thread's `thread_packer`, from a caller that keeps it, which
-        spares looking it up). Raises `EncodeError` (a ``TypeError``) for unencodable
-        data, `MessageTooLargeError` if too big."""
+        ``packer``: one the caller keeps, which spares looking up the thread's: the calling
+        thread's `thread_packer`, or a `new_packer` that caller alone uses). Raises
+        `EncodeError` (a ``TypeError``) for unencodable data, `MessageTooLargeError` if too big."""
         if type(data) is bytes:
             size = len(data)
             if size < self._small:
@@ -236,7 +243,7 @@ class Codec:
         try:
             packer: msgpack.Packer = self._local.packer
         except AttributeError:
-            packer = self._local.packer = msgpack.Packer(use_bin_type=True)
+            packer = self._local.packer = new_packer()
         return packer
 
     def _too_large(self, size: int, item: int | None = None) -> MessageTooLargeError:

@@ -82,8 +82,7 @@ class LoopInbox(Dispatcher):
         self._worker.shutdown(wait=False)
 
     def start(self) -> None:
-        """Watch the sockets' descriptors (on the loop's thread, which owns them)."""
-        self.owner_started()
+        """Watch the sockets' descriptors."""
         self.apply_subscriptions()
         for pair in self.sockets:
             self.loop.add_reader(pair[0].FD, self._readable, pair)

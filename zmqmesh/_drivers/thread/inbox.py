@@ -219,7 +219,6 @@ class ThreadInbox(Dispatcher):
         # before the next sleep (`used_with_input`). (A ZeroMQ poll would read the events
         # of all three sockets before it sleeps and after: two system calls each, every time.)
         self._handler_threads[threading.get_ident()] = threading.current_thread()
-        self.owner_started()
         poller = select.poll()
         waker = self._waker.fd
         poller.register(waker, select.POLLIN)

@@ -52,7 +52,7 @@ from ..._observe import tracing
 from ..._stats import LogThrottle, Stats
 from ..._store.messages import Entry
 from ..._wire import frames as wire
-from ..._wire.codec import Codec
+from ..._wire.codec import Codec, new_packer
 from ...config import NodeConfig
 from ...errors import DecodeError, NodeClosedError
 from ...message import Message, Origin, frame_deliveries
@@ -191,7 +191,12 @@ class Dispatcher:
         self.registry = registry
         self.directory = directory
         self.codec = codec
-        self._packer: msgpack.Packer | None = None  # (the owner thread's, once it began: `owner_started`)
+        self._packer: msgpack.Packer = new_packer()
+        """Encodes the replies (`answer`, on the owner thread): its own, not a thread's
+        (`Codec.thread_packer`), spared that lookup each reply (~400 instructions). Not the
+        thread's it begins on either: a loop inbox's loop may go on on another thread, and
+        the one it began on then packs with the codec at once (a call from another loop
+        refused only once its data was encoded), mixing the two bodies."""
         self.stats = stats
         self._service_counters = stats.pattern["service"]  # (the same dict for the node's life: counted per reply)
         self._received_names = {p: stats.names(p, "received") for p in ("pubsub", "pipeline")}
@@ -805,12 +810,6 @@ class Dispatcher:
             return
         if isinstance(route, CursorMark) and not (error is not None and self.abandoned()):
             self.replaying().handled(route)  # (not one a stop cut short: it comes again after a restart)
-
-    def owner_started(self) -> None:
-        """Called by the driver on its owner thread as that begins its work: the replies'
-        bodies are encoded with that thread's packer, held here (`answer`, owner thread only),
-        not looked up in the codec's thread-local store each time (~400 instructions a reply)."""
-        self._packer = self.codec.thread_packer()
 
     def answer(self, route: tuple[bytes, bytes], result: Any, error: BaseException | None) -> None:
         """Reply to the request of ``route`` with what its handler returned or raised, and
