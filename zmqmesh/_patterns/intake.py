@@ -25,7 +25,7 @@ from .._mesh.directory import Directory
 from .._mesh.registry import MAX_OFFERS, PullOptions, Registry
 from .._observe import tracing
 from .._stats import LogThrottle, Stats
-from .._store.messages import Entry, joins
+from .._store.messages import INTEGER_MAX, Entry, joins
 from .._wire import frames as wire
 from .._wire.codec import DURABLE_ITEM_FIELDS, Codec
 from ..errors import DecodeError
@@ -45,7 +45,6 @@ UNRECORDED_LOG_S = 10.0
 record (a full store refuses every one: a line per message flooded the log)."""
 _MAX_GUARDS = MAX_OFFERS  # (more than the queues a registry holds: past it, only guards of pulls gone are)
 _DEFAULT_WINDOW = PullOptions().dedupe_window  # (of a queue whose pull was dropped meanwhile)
-_MOST_ATTEMPTS = (1 << 63) - 1  # (a durable item's attempts: what a store's INTEGER holds)
 
 
 class AckedIntake:
@@ -458,7 +457,7 @@ def _finite(stamps: tuple[float, ...]) -> bool:
 def _valid_item(item: Any) -> bool:
     """An at-least-once item: ``[redelivered, data]`` or the durable
     ``[redelivered, data, id, timestamp, headers, attempts]``, its attempts a count a store
-    holds (0 to `_MOST_ATTEMPTS`). (Exact types, as msgpack decodes them: a bool is no
+    holds (0 to `INTEGER_MAX`). (Exact types, as msgpack decodes them: a bool is no
     number here.)"""
     if type(item) is not list or not item or type(item[0]) is not bool:
         return False
@@ -466,7 +465,7 @@ def _valid_item(item: Any) -> bool:
         return len(item) == 2
     _flag, _data, msg_id, timestamp, headers, attempts = item
     if type(msg_id) is not str or len(msg_id) > wire.MAX_ID_CHARS or type(timestamp) not in (float, int) \
-            or type(attempts) is not int or not 0 <= attempts <= _MOST_ATTEMPTS:
+            or type(attempts) is not int or not 0 <= attempts <= INTEGER_MAX:
         return False
     if headers is not None:
         try:

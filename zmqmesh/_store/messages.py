@@ -16,9 +16,13 @@ import msgpack
 from .._wire.codec import durable_items
 from .._wire.frames import MAX_ID_CHARS, check_headers
 
-__all__ = ["Entry", "Entries", "StoredMessage", "STORED", "SEQ", "QUEUE", "ID", "TIMESTAMP", "HEADERS", "BODY",
+__all__ = ["INTEGER_MAX", "Entry", "Entries", "StoredMessage", "STORED", "SEQ", "QUEUE", "ID", "TIMESTAMP", "HEADERS", "BODY",
            "ATTEMPTS", "SEGMENT", "RECOVERED", "WIRE", "stored_message", "as_recovered", "with_attempt", "with_attempts",
            "stored_messages", "seq_of", "segment_of", "wire_of", "unreadable", "joins"]
+
+INTEGER_MAX: Final = (1 << 63) - 1
+"""The largest integer a store holds (SQLite's INTEGER): bounds the numbers, positions and
+attempts a stranger may hand over to be stored."""
 
 Entry = tuple[str, float, bytes | None, bytes, int, bool]
 """A message to store: ``(id, timestamp, headers, body, attempts, redelivered)``;

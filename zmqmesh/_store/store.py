@@ -47,6 +47,7 @@ from .messages import (
     BODY,
     HEADERS,
     ID,
+    INTEGER_MAX,
     RECOVERED,
     SEQ,
     TIMESTAMP,
@@ -91,7 +92,7 @@ log = logging.getLogger("zmqmesh.store")
 
 DB_FILE = "zmqmesh.db"
 _PAGE_SIZE = 4096
-_SEQ_MAX = (1 << 63) - 1  # (SQLite's largest integer: a bound that bounds nothing)
+_SEQ_MAX = INTEGER_MAX  # (a bound that bounds nothing)
 CHUNK_MESSAGES = 16 * SEGMENT_MAX
 """About how many messages `Store.requeue` moves, or `Store.drop_queue` deletes, per
 transaction: whole segments, and no more than 8 MiB of them (though always one segment,

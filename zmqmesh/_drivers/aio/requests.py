@@ -251,7 +251,8 @@ class LoopRequester:
         return self._socket(self._known[provider_id])
 
     def _check_sent(self) -> None:
-        """At the end of a pass of the loop that gathered requests: send the batches
+        """At the end of a pass of the loop that gathered requests, or of a wake-up pass that
+        woke several tasks (`Wakes.after`): send the batches
         (`RequestBatches`), then read the sockets sent on that hold replies: sending may
         have swallowed the descriptor's signal (once per pass, not per request; a request
         sent alone is looked after by `exchange`, at once). The requests gathered while it

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..._mesh.directory import Directory
 from ..._stats import LogThrottle, Stats
+from ..._store.messages import INTEGER_MAX
 from ..._wire import frames as wire
 from ..._wire.codec import Codec
 from ...errors import MessageTooLargeError
@@ -25,7 +26,7 @@ __all__ = ["HistoryPages", "StatsService"]
 
 log = logging.getLogger("zmqmesh.inbox")
 
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # (a history position SQLite can hold)
+_INT64_MIN, _INT64_MAX = -INTEGER_MAX - 1, INTEGER_MAX  # (a history position SQLite can hold)
 _TOO_LARGE_LOG_S = 10.0  # a page of history too large for its reader is logged at most this often
 
 Reply = Callable[[tuple[bytes, bytes], bytes, bytes], None]

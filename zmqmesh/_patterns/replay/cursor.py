@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ..._mesh.registry import SubscribeOptions
+from ..._store.messages import INTEGER_MAX
 from ...message import Origin
 
 __all__ = ["CURSOR_TOPICS", "MAP_MAX_NAME_CHARS", "MAP_MAX_TOPICS", "MAX_HELD", "MAX_HELD_BYTES", "Cursor", "Fetch",
@@ -37,7 +38,6 @@ sent pieces for ever grew a subscriber by about 100 MB a second, without end (1 
 MAP_MAX_NAME_CHARS = 64 << 20
 """Characters of topic names the pieces of a publisher's numbers may hold in one read
 (`MAP_MAX_TOPICS`): 64 Mi, 64 a topic of `MAP_MAX_TOPICS` (a topic has 200 bytes at most)."""
-_MAX_NUMBER = (1 << 63) - 1  # the largest position or number a store holds (SQLite's INTEGER)
 
 Key = tuple[str, Callable[..., Any]]
 """A subscription: its prefix and its handler."""
@@ -316,4 +316,4 @@ def storable(value: Any) -> bool:
     No publisher gives one past it: in a peer's page or frame it is a lie, and taken as a
     durable subscription's place it made every record of its places fail, those of other
     streams with it."""
-    return type(value) is int and 0 <= value <= _MAX_NUMBER
+    return type(value) is int and 0 <= value <= INTEGER_MAX
