@@ -113,6 +113,28 @@ def become_peer(ctx: zmq.Context, mailbox: str, groups: list[str], protocol: str
     return inbox, service, link
 
 
+class PingAnswers:
+    """Answers the node's PINGs on the ``link`` of a peer made by `become_peer` with
+    PING_OK, numbered on from its HELLO (sequence 1)."""
+
+    def __init__(self, link: zmq.Socket) -> None:
+        self.link = link
+        self.sequence = 1
+
+    def answer(self) -> None:
+        """Send the next PING_OK."""
+        self.sequence = (self.sequence + 1) % 65536
+        self.link.send(command(PING_OK, self.sequence))
+
+
+def poller_of(*sockets: zmq.Socket) -> zmq.Poller:
+    """A poller of ``sockets``' input."""
+    poller = zmq.Poller()
+    for sock in sockets:
+        poller.register(sock, zmq.POLLIN)
+    return poller
+
+
 def main() -> None:
     # 1. Find the node: its beacon, on the beacon port.
     mailbox = find_mailbox()
@@ -121,11 +143,8 @@ def main() -> None:
     # 2. Become a ZRE peer: a mailbox of our own, a DEALER to theirs, HELLO first.
     ctx = zmq.Context()
     inbox, service, link = become_peer(ctx, mailbox, ["zmqmesh/ackqueue/jobs", "zmqmesh/svc/echo"], "2", "foreign")
-    out_sequence = 1
-
-    poller = zmq.Poller()
-    poller.register(inbox, zmq.POLLIN)
-    poller.register(service, zmq.POLLIN)
+    pings = PingAnswers(link)
+    poller = poller_of(inbox, service)
     headers: dict[str, str] = {}
     caller = sub = None
     deadline = time.monotonic() + 40
@@ -139,8 +158,7 @@ def main() -> None:
                     say("HELLO", sequence, name, json.dumps(headers, sort_keys=True))
                     caller, sub = use_the_node(ctx, headers, poller)
                 elif cmd == PING:
-                    out_sequence = (out_sequence + 1) % 65536
-                    link.send(command(PING_OK, out_sequence))
+                    pings.answer()
                 elif cmd == WHISPER and frames[2] == CONTROL:
                     if msgpack.unpackb(frames[3]).get("t") == "bye":
                         say("BYE")

@@ -16,7 +16,7 @@ import time
 
 import msgpack
 import zmq
-from foreign_client import PING, PING_OK, become_peer, command, find_mailbox, say
+from foreign_client import PING, PingAnswers, become_peer, find_mailbox, poller_of, say
 
 MESH, BEACON_PORT = sys.argv[1], int(sys.argv[2])
 NEVER_SENT = b"never-sent"
@@ -25,19 +25,16 @@ NEVER_SENT = b"never-sent"
 def main() -> None:
     ctx = zmq.Context()
     inbox, service, link = become_peer(ctx, find_mailbox(), ["zmqmesh/svc/slow"], "7", "hostile")
-    out_sequence = 1
+    pings = PingAnswers(link)
     callers: list[bytes] = []
-    poller = zmq.Poller()
-    poller.register(inbox, zmq.POLLIN)
-    poller.register(service, zmq.POLLIN)
+    poller = poller_of(inbox, service)
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         for sock, _ in poller.poll(5):
             if sock is inbox:
                 frames = inbox.recv_multipart()
                 if frames[1][2] == PING:
-                    out_sequence = (out_sequence + 1) % 65536
-                    link.send(command(PING_OK, out_sequence))
+                    pings.answer()
             else:
                 caller = service.recv_multipart()[0]
                 if caller not in callers:

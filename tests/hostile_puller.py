@@ -25,12 +25,12 @@ from foreign_client import (
     CONTROL,
     HELLO,
     PING,
-    PING_OK,
     WHISPER,
+    PingAnswers,
     become_peer,
-    command,
     find_mailbox,
     parse_hello,
+    poller_of,
     say,
 )
 
@@ -56,10 +56,8 @@ def answer(service: zmq.Socket, frames: list[bytes]) -> None:
 def main() -> None:
     ctx = zmq.Context()
     inbox, service, link = become_peer(ctx, find_mailbox(), ["zmqmesh/ackqueue/jobs"], "7", "hostile")
-    out_sequence = 1
-    poller = zmq.Poller()
-    poller.register(inbox, zmq.POLLIN)
-    poller.register(service, zmq.POLLIN)
+    pings = PingAnswers(link)
+    poller = poller_of(inbox, service)
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         for sock, _ in poller.poll(100):
@@ -69,8 +67,7 @@ def main() -> None:
                 if cmd == HELLO:
                     say("HELLO", parse_hello(frames[1])[1])
                 elif cmd == PING:
-                    out_sequence = (out_sequence + 1) % 65536
-                    link.send(command(PING_OK, out_sequence))
+                    pings.answer()
                 elif cmd == WHISPER and frames[2] == CONTROL and msgpack.unpackb(frames[3]).get("t") == "bye":
                     say("BYE")
                     ctx.destroy(linger=0)
